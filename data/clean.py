@@ -1,0 +1,356 @@
+"""Document cleaning: quality filters, a word-list filter and PII redaction.
+
+``Cleaner(clean_config())`` runs a fixed chain of filters over each document; the first filter that
+rejects a document names the reason, is counted, and keeps a few examples for the report. Surviving
+documents have PII replaced by placeholders (``<EMAIL>``, ``<PHONE>``, ``<IP>``, ``<CARD>``,
+``<ID>``). Thresholds follow the Gopher rules (Rae et al. 2021, appendix A) unless a comment says
+otherwise.
+
+Text without spaces (Chinese, Japanese, Korean) is handled by counting each CJK character as one
+word: "word" counts, n-gram repetition and stop words then mean the same thing in both scripts.
+Mean word length is measured on non-CJK words only (a CJK "word" is one character by construction).
+The language check is a script check (Han, Latin, Cyrillic, ...) plus stop words for English; it is
+not a statistical language-ID model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import unicodedata
+from collections import Counter
+
+import ml_collections
+import numpy as np
+
+RESOURCES = os.path.join(os.path.dirname(__file__), "resources")
+MAX_EXAMPLES = 3  # removed-document examples kept per reason (first 200 characters each)
+
+# Scripts written without spaces: every character is a word.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+# CJK punctuation and full-width forms are not words.
+_CJK_PUNCT = "\u3000-\u303f\uff00-\uffef"
+_WORD_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}{_CJK_PUNCT}]+")
+_CJK_RE = re.compile(rf"[{_CJK}]")
+_SCRIPTS = {  # name → regex of its letters (Latin includes accented letters)
+    "latin": re.compile(r"[A-Za-z\u00c0-\u024f]"),
+    "han": re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"),
+    "kana": re.compile(r"[\u3040-\u30ff]"),
+    "hangul": re.compile(r"[\uac00-\ud7af]"),
+    "cyrillic": re.compile(r"[\u0400-\u04ff]"),
+    "greek": re.compile(r"[\u0370-\u03ff]"),
+    "arabic": re.compile(r"[\u0600-\u06ff]"),
+    "devanagari": re.compile(r"[\u0900-\u097f]"),
+}
+STOP_WORDS = {  # Gopher's English list; frequent Chinese function characters
+    "en": {"the", "be", "to", "of", "and", "that", "have", "with"},
+    "zh": set("的了是在和有不这也就都我他们"),
+}
+_BULLETS = ("•", "●", "◦", "▪", "‣", "-", "*", "·", "–")
+_ELLIPSES = ("...", "…", "。。。")
+
+
+def clean_config() -> ml_collections.ConfigDict:
+    """Default cleaning thresholds (a ``clean`` config section)."""
+    c = ml_collections.ConfigDict()
+    c.min_words = 50  # fewer words (CJK: characters) → "too_short"
+    c.max_words = 100_000  # more words → "too_long"
+    c.min_mean_word_len = 3.0  # mean length of non-CJK words below → "mean_word_len"
+    c.max_mean_word_len = 10.0  # ... or above
+    c.max_symbol_ratio = 0.1  # ('#' + ellipses) per word above → "symbol_ratio"
+    c.max_bullet_lines = 0.9  # fraction of lines starting with a bullet above → "bullet_lines"
+    c.max_ellipsis_lines = 0.3  # fraction of lines ending in an ellipsis above → "ellipsis_lines"
+    c.max_dup_line_frac = 0.3  # fraction of duplicated lines above → "repetition"
+    c.max_dup_para_frac = 0.3  # fraction of duplicated paragraphs above → "repetition"
+    c.max_dup_line_char_frac = 0.2  # characters in duplicated lines above → "repetition"
+    c.max_dup_para_char_frac = 0.2  # characters in duplicated paragraphs above → "repetition"
+    # Characters covered by the most frequent n-gram, for n = 2, 3, 4 (Gopher: .20 .18 .16).
+    c.max_top_ngram_char_frac = (0.20, 0.18, 0.16)
+    # Characters covered by any repeated n-gram, for n = 5..10 (Gopher: .15 down to .10).
+    c.max_dup_ngram_char_frac = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)
+    c.min_alpha_words = 0.8  # fraction of words with a letter (CJK counts) below → "alpha_ratio"
+    c.min_stop_words = 2  # distinct stop words of the detected language below → "stop_words"
+    c.scripts = ("latin", "han")  # dominant script must be one of these → else "script"
+    c.toxic_lists = "default"  # comma-separated word-list files; "default" = bundled; "" = off
+    c.max_toxic_hits = 0  # word-list hits above → "toxic"
+    c.redact_pii = True  # replace emails, phones, IPs, card and ID numbers by placeholders
+    return c
+
+
+class DocStats:
+    """Per-document measurements, computed lazily and shared by all filters."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    @functools.cached_property
+    def words(self) -> list[str]:
+        return _WORD_RE.findall(self.text.lower())
+
+    @functools.cached_property
+    def lines(self) -> list[str]:
+        return [ln.strip() for ln in self.text.split("\n") if ln.strip()]
+
+    @functools.cached_property
+    def paragraphs(self) -> list[str]:
+        return [p.strip() for p in re.split(r"\n\s*\n", self.text) if p.strip()]
+
+    @functools.cached_property
+    def script(self) -> str:
+        counts = {name: len(rx.findall(self.text)) for name, rx in _SCRIPTS.items()}
+        if counts["kana"] and counts["kana"] >= 0.05 * counts["han"]:
+            counts["kana"] += counts.pop("han")  # Japanese mixes kanji with kana
+        best = max(counts, key=counts.get)
+        return best if counts[best] else "none"
+
+    @functools.cached_property
+    def language(self) -> str:
+        """'zh' for Han text, 'en' for Latin text (stop words then judge), else the script."""
+        return {"han": "zh", "latin": "en"}.get(self.script, self.script)
+
+
+def count_words(text: str) -> int:
+    """Words as the filters count them: CJK characters one each, other runs by whitespace."""
+    return len(_WORD_RE.findall(text))
+
+
+def _dup_frac(items: list[str]) -> tuple[float, float]:
+    """(fraction of items that repeat an earlier one, fraction of characters in them)."""
+    if not items:
+        return 0.0, 0.0
+    seen: set[str] = set()
+    dup_n = dup_chars = 0
+    for it in items:
+        if it in seen:
+            dup_n += 1
+            dup_chars += len(it)
+        seen.add(it)
+    return dup_n / len(items), dup_chars / max(1, sum(len(i) for i in items))
+
+
+def _ngram_fracs(words: list[str], top_ns, dup_ns) -> tuple[list[float], list[float]]:
+    """Gopher n-gram repetition: chars in the top n-gram, chars covered by repeated n-grams."""
+    # Python's hash is salted per process, but only equality within this document matters here.
+    h = np.fromiter((hash(w) for w in words), np.int64, len(words)).astype(np.uint64)
+    wlen = np.fromiter((len(w) for w in words), np.int64, len(words))
+    total = max(1, int(wlen.sum()))
+    mult = np.uint64(0x9E3779B97F4A7C15)
+    tops, dups = [], []
+    for n in sorted(set(top_ns) | set(dup_ns)):
+        if len(words) < n:
+            tops.append(0.0) if n in top_ns else dups.append(0.0)
+            continue
+        g = h[: len(h) - n + 1].copy()  # rolling combination of n word hashes
+        for k in range(1, n):
+            g = g * mult + h[k : len(h) - n + 1 + k]
+        uniq, inv, cnt = np.unique(g, return_inverse=True, return_counts=True)
+        if n in top_ns:
+            best = int(np.argmax(cnt))
+            if cnt[best] > 1:
+                start = int(np.flatnonzero(inv == best)[0])
+                tops.append(int(wlen[start : start + n].sum()) * int(cnt[best]) / total)
+            else:
+                tops.append(0.0)
+        if n in dup_ns:
+            starts = np.flatnonzero(cnt[inv] > 1)  # every occurrence of a repeated n-gram
+            cover = np.zeros(len(words) + 1, np.int64)
+            np.add.at(cover, starts, 1)
+            np.add.at(cover, starts + n, -1)
+            covered = np.cumsum(cover[:-1]) > 0
+            dups.append(int(wlen[covered].sum()) / total)
+    return tops, dups
+
+
+@functools.lru_cache(maxsize=8)
+def load_word_list(spec: str) -> tuple[frozenset[str], re.Pattern | None]:
+    """Word-list files → (set of non-CJK words, regex of CJK entries matched as substrings)."""
+    if not spec:
+        return frozenset(), None
+    if spec == "default":
+        spec = ",".join(os.path.join(RESOURCES, f) for f in ("toxic_en.txt", "toxic_zh.txt"))
+    words: set[str] = set()
+    cjk: list[str] = []
+    for path in spec.split(","):
+        with open(path.strip(), encoding="utf-8") as f:
+            for line in f:
+                w = line.split("#", 1)[0].strip().lower()
+                if w and _CJK_RE.search(w):
+                    cjk.append(w)
+                elif w:
+                    words.add(w)
+    rx = re.compile("|".join(map(re.escape, sorted(cjk, key=len, reverse=True)))) if cjk else None
+    return frozenset(words), rx
+
+
+def toxic_hits(text: str, spec: str = "default") -> int:
+    """Occurrences of list entries: whole words for spaced scripts, substrings for CJK."""
+    words, rx = load_word_list(spec)
+    hits = sum(1 for w in re.findall(r"[^\W\d_]+", text.lower()) if w in words)
+    return hits + (len(rx.findall(text)) if rx is not None else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# PII. Order matters: longer number patterns first, so a card number is not read as a phone.
+
+_NB = r"(?<![\dA-Za-z])"  # "not inside a number/word"; \b fails next to CJK (also \w)
+_NA = r"(?![\dA-Za-z])"
+_PII = [
+    ("EMAIL", re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")),
+    (
+        "IP",
+        re.compile(
+            r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\d|\.\d)"
+            r"|(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![:\w])"
+            r"|(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6}(?![:\w])"
+        ),
+    ),
+    # Chinese resident ID: 6-digit region, birth date, 3 digits, check digit or X.
+    (
+        "ID",
+        re.compile(
+            _NB
+            + r"[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
+            + _NA
+        ),
+    ),
+    ("CARD", re.compile(_NB + r"\d(?:[ -]?\d){12,18}" + _NA)),  # kept only if Luhn-valid
+    ("ID", re.compile(_NB + r"(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}" + _NA)),  # SSN
+    ("PHONE", re.compile(_NB + r"(?:\+?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}" + _NA)),  # CN mobile
+    (
+        "PHONE",
+        re.compile(
+            r"(?<![\dA-Za-z+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
+            r"\d{3,4}[ .-]?\d{3,4}" + _NA
+        ),
+    ),
+]
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def redact_pii(text: str) -> tuple[str, Counter]:
+    """Replaces PII with ``<KIND>`` placeholders; returns the text and counts per kind."""
+    counts: Counter = Counter()
+    for kind, rx in _PII:
+
+        def sub(m, kind=kind):
+            if kind == "CARD" and not _luhn_ok(re.sub(r"\D", "", m.group())):
+                return m.group()
+            counts[kind] += 1
+            return f"<{kind}>"
+
+        text = rx.sub(sub, text)
+    return text, counts
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_text(text: str) -> str:
+    """NFC, unified newlines, control characters (other than tab/newline) removed."""
+    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+
+
+def first_failure(s: DocStats, c: ml_collections.ConfigDict) -> str | None:
+    """The reason the first failing filter gives, or None if the document passes all."""
+    n = len(s.words)
+    if n < c.min_words:
+        return "too_short"
+    if n > c.max_words:
+        return "too_long"
+    if c.scripts and s.script not in c.scripts:
+        return "script"
+    spaced = [w for w in s.words if not _CJK_RE.match(w)]
+    if spaced and len(spaced) >= 0.5 * n:  # mostly spaced text: word length is meaningful
+        mean = sum(map(len, spaced)) / len(spaced)
+        if not c.min_mean_word_len <= mean <= c.max_mean_word_len:
+            return "mean_word_len"
+    symbols = s.text.count("#") + sum(s.text.count(e) for e in _ELLIPSES)
+    if symbols / n > c.max_symbol_ratio:
+        return "symbol_ratio"
+    if s.lines:
+        if sum(ln.startswith(_BULLETS) for ln in s.lines) / len(s.lines) > c.max_bullet_lines:
+            return "bullet_lines"
+        if sum(ln.endswith(_ELLIPSES) for ln in s.lines) / len(s.lines) > c.max_ellipsis_lines:
+            return "ellipsis_lines"
+    line_frac, line_chars = _dup_frac(s.lines)
+    para_frac, para_chars = _dup_frac(s.paragraphs)
+    if (
+        line_frac > c.max_dup_line_frac
+        or para_frac > c.max_dup_para_frac
+        or line_chars > c.max_dup_line_char_frac
+        or para_chars > c.max_dup_para_char_frac
+    ):
+        return "repetition"
+    top_ns = range(2, 2 + len(c.max_top_ngram_char_frac))
+    dup_ns = range(5, 5 + len(c.max_dup_ngram_char_frac))
+    tops, dups = _ngram_fracs(s.words, tuple(top_ns), tuple(dup_ns))
+    if any(f > t for f, t in zip(tops, c.max_top_ngram_char_frac)) or any(
+        f > t for f, t in zip(dups, c.max_dup_ngram_char_frac)
+    ):
+        return "repetition"
+    if sum(any(ch.isalpha() for ch in w) for w in s.words) / n < c.min_alpha_words:
+        return "alpha_ratio"
+    stops = STOP_WORDS.get(s.language)
+    if stops is not None and len(stops.intersection(s.words)) < c.min_stop_words:
+        return "stop_words"
+    if c.toxic_lists and toxic_hits(s.text, c.toxic_lists) > c.max_toxic_hits:
+        return "toxic"
+    return None
+
+
+@dataclasses.dataclass
+class Cleaner:
+    """Applies the filter chain and redaction; counts and keeps examples per reason.
+
+    ``__call__(text)`` returns the cleaned text, or None (the reason is counted in ``removed``).
+    Counters can be merged across workers with ``merge``.
+    """
+
+    cfg: ml_collections.ConfigDict = dataclasses.field(default_factory=clean_config)
+    seen: int = 0
+    removed: Counter = dataclasses.field(default_factory=Counter)
+    examples: dict = dataclasses.field(default_factory=dict)
+    pii: Counter = dataclasses.field(default_factory=Counter)
+
+    def __call__(self, text: str, loc: str = "") -> str | None:
+        self.seen += 1
+        text = normalize_text(text)
+        reason = first_failure(DocStats(text), self.cfg)
+        if reason is not None:
+            self.removed[reason] += 1
+            ex = self.examples.setdefault(reason, [])
+            if len(ex) < MAX_EXAMPLES:
+                ex.append(f"{loc}: {text[:200]!r}" if loc else repr(text[:200]))
+            return None
+        if self.cfg.redact_pii:
+            text, counts = redact_pii(text)
+            self.pii.update(counts)
+        return text
+
+    def merge(self, other: Cleaner) -> None:
+        self.seen += other.seen
+        self.removed.update(other.removed)
+        self.pii.update(other.pii)
+        for k, v in other.examples.items():
+            self.examples.setdefault(k, []).extend(v[: MAX_EXAMPLES - len(self.examples[k])])
+
+    def report(self) -> dict:
+        return {
+            "in": self.seen,
+            "out": self.seen - sum(self.removed.values()),
+            "removed": dict(self.removed),
+            "examples": self.examples,
+            "pii_redacted": dict(self.pii),
+        }

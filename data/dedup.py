@@ -1,0 +1,268 @@
+"""Deduplication: exact (normalized-text hash), near-duplicate (MinHash + LSH), decontamination.
+
+Rules, chosen so that one machine (``Deduper``, streaming) and many (``flaxlm.data.beam``,
+group-by-key) keep exactly the same documents:
+
+* exact: documents with the same normalized text form a cluster; the earliest (smallest
+  ``Document.key``) survives.
+* near: a document is a near-duplicate when one of its LSH band keys was produced by an earlier
+  document (earlier among those that reached this stage, kept or not). With the banding chosen
+  for the Jaccard threshold, a shared band key means "estimated Jaccard above the threshold" with
+  the probability of the LSH S-curve; the tests measure the resulting precision and recall.
+* decontamination: a document sharing any ``decontam_ngram``-gram (13 words by default; CJK
+  characters count as words) with the evaluation sets is dropped or flagged.
+
+Shingles are word n-grams (CJK characters are words), hashed deterministically (crc32 per word,
+combined polynomially in uint64), so signatures agree across processes and machines. MinHash
+uses multiply-shift hashing over numpy arrays (``method="numpy"``); ``method="datasketch"`` runs
+the datasketch library instead. bench/data_throughput.py measures both (numbers in
+bench/RESULTS.md); numpy is the default because it was the faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import unicodedata
+import zlib
+from collections import Counter
+
+import ml_collections
+import numpy as np
+from flaxlm.data.clean import _WORD_RE
+
+_HIGH = 1 if sys.byteorder == "little" else 0  # index of the high uint32 in a uint64
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier for polynomial combination
+
+
+def dedup_config() -> ml_collections.ConfigDict:
+    """Default deduplication settings (a ``dedup`` config section)."""
+    c = ml_collections.ConfigDict()
+    c.exact = True  # drop documents whose normalized text was seen before
+    c.near = True  # drop near-duplicates (MinHash + LSH)
+    c.ngram = 5  # shingle size in words (CJK: characters)
+    c.num_perm = 128  # MinHash permutations (signature length)
+    c.threshold = 0.8  # Jaccard similarity at which documents count as near-duplicates
+    c.bands = 0  # LSH bands; 0 = pick bands/rows minimising FP+FN area for `threshold`
+    c.seed = 0  # seed of the MinHash permutations (same seed → same signatures everywhere)
+    c.method = "numpy"  # "numpy" (vectorised multiply-shift) or "datasketch"
+    c.decontam_paths = ""  # comma-separated eval files (jsonl/txt/parquet) to decontaminate against
+    c.decontam_field = "text"  # text field of jsonl/parquet eval files
+    c.decontam_ngram = 13  # shared n-gram length (words; CJK characters) that flags a document
+    c.decontam_mode = "drop"  # "drop" the document, or "flag" it (counted, kept)
+    return c
+
+
+def normalize(text: str) -> str:
+    """NFKC, case-folded, whitespace collapsed: what "the same text" means for exact dedup."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def exact_key(text: str) -> bytes:
+    return hashlib.blake2b(normalize(text).encode("utf-8"), digest_size=12).digest()
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads the polynomial hash over all 64 bits."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def shingles(text: str, n: int) -> np.ndarray:
+    """Deterministic uint64 hashes of the word n-grams of ``text`` (unique, sorted).
+
+    Shorter texts give one shingle of all their words; an empty text gives none.
+    """
+    words = _WORD_RE.findall(text.lower())
+    if not words:
+        return np.zeros(0, np.uint64)
+    h = np.fromiter((zlib.crc32(w.encode()) for w in words), np.uint64, len(words))
+    m = max(1, len(h) - n + 1)
+    g = h[:m].copy()
+    for k in range(1, min(n, len(h))):
+        g = g * _MIX + h[k : k + m]
+    with np.errstate(over="ignore"):
+        return np.unique(_mix64(g))
+
+
+def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) with bands*rows <= num_perm minimising false-positive + false-negative area.
+
+    P(candidate | Jaccard s) = 1 - (1 - s^rows)^bands; FP area is its integral below the threshold,
+    FN area the integral of its complement above it (equal weights).
+    """
+    s = np.linspace(0, 1, 1001)
+    best, best_err = (1, num_perm), np.inf
+    for b in range(1, num_perm + 1):
+        r = num_perm // b
+        p = 1 - (1 - s**r) ** b
+        err = np.trapezoid(np.where(s < threshold, p, 0), s) + np.trapezoid(
+            np.where(s >= threshold, 1 - p, 0), s
+        )
+        if err < best_err:
+            best, best_err = (b, r), err
+    return best
+
+
+class MinHasher:
+    """MinHash signatures (uint32[num_perm]) by multiply-shift hashing, vectorised over docs."""
+
+    def __init__(self, num_perm: int = 128, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.num_perm = num_perm
+        self.a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+
+    def signatures(self, shingle_sets: list[np.ndarray], chunk: int = 1 << 20) -> np.ndarray:
+        """(N, num_perm) uint32; a document without shingles gets all-0xFFFFFFFF."""
+        out = np.full((len(shingle_sets), self.num_perm), np.uint32(0xFFFFFFFF), np.uint32)
+        i = 0
+        while i < len(shingle_sets):  # group documents so each matmul-like step is ~chunk cells
+            j, cells = i, 0
+            while j < len(shingle_sets) and (
+                j == i or cells + len(shingle_sets[j]) * self.num_perm <= chunk
+            ):
+                cells += len(shingle_sets[j]) * self.num_perm
+                j += 1
+            group = shingle_sets[i:j]
+            lens = np.array([len(s) for s in group])
+            nz = np.flatnonzero(lens)
+            if len(nz):
+                x = np.concatenate([group[k] for k in nz])
+                hv = np.multiply.outer(x, self.a)  # (S, P) uint64, wraps mod 2^64
+                hv += self.b
+                hi = hv.view(np.uint32)[:, _HIGH::2]  # multiply-shift: keep the high 32 bits
+                starts = np.concatenate([[0], np.cumsum(lens[nz])[:-1]])
+                out[i + nz] = np.minimum.reduceat(hi, starts, axis=0)
+            i = j
+        return out
+
+
+def datasketch_signatures(texts: list[str], n: int, num_perm: int, seed: int = 0) -> np.ndarray:
+    """The same shingles fed to datasketch's MinHash (sha1 per shingle); for comparison."""
+    from datasketch import MinHash
+
+    out = np.empty((len(texts), num_perm), np.uint32)
+    for i, t in enumerate(texts):
+        words = _WORD_RE.findall(t.lower())
+        grams = {" ".join(words[k : k + n]).encode() for k in range(max(1, len(words) - n + 1))}
+        m = MinHash(num_perm=num_perm, seed=seed)
+        m.update_batch(list(grams))
+        out[i] = m.hashvalues.astype(np.uint32)
+    return out
+
+
+def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(N, bands) uint64 keys: hash of each band's rows, salted with the band index."""
+    n = sigs.shape[0]
+    x = sigs[:, : bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = np.zeros((n, bands), np.uint64) + np.arange(bands, dtype=np.uint64)
+        for r in range(rows):
+            h = h * _MIX + x[:, :, r]
+        return _mix64(h)
+
+
+class Decontaminator:
+    """Flags documents sharing an ``n``-gram with evaluation texts."""
+
+    def __init__(self, eval_texts, n: int = 13):
+        self.n = n
+        grams = [_ngrams_exact(t, n) for t in eval_texts]
+        self.table = np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
+
+    def hits(self, text: str) -> int:
+        if not len(self.table):
+            return 0
+        g = _ngrams_exact(text, self.n)
+        return int(np.isin(g, self.table, assume_unique=False).sum())
+
+
+def _ngrams_exact(text: str, n: int) -> np.ndarray:
+    """Only full n-grams (unlike ``shingles``, a text shorter than n gives none)."""
+    words = _WORD_RE.findall(text.lower())
+    if len(words) < n:
+        return np.zeros(0, np.uint64)
+    return shingles(text, n)
+
+
+class Deduper:
+    """Streaming dedup for one machine: ``keep(text)`` → bool; counts per reason.
+
+    Memory grows with the number of documents (12 bytes per exact key, ``bands`` ints per
+    document for LSH), never with their text. For corpora beyond one machine use
+    ``flaxlm.data.beam``, which applies the same rules with group-by-key.
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict | None = None, eval_texts=()):
+        self.cfg = cfg = cfg if cfg is not None else dedup_config()
+        self.bands, self.rows = lsh_params(cfg)
+        self.hasher = MinHasher(cfg.num_perm, cfg.seed)
+        self.decontam = Decontaminator(eval_texts, cfg.decontam_ngram) if eval_texts else None
+        self._exact: set[bytes] = set()
+        self._bands: set[int] = set()
+        self.seen = 0
+        self.removed: Counter = Counter()
+        self.flagged = 0
+        self.examples: dict[str, list[str]] = {}
+
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        if self.cfg.method == "datasketch":
+            return datasketch_signatures(texts, self.cfg.ngram, self.cfg.num_perm, self.cfg.seed)
+        if self.cfg.method != "numpy":
+            raise ValueError(f"dedup.method must be numpy|datasketch, got {self.cfg.method!r}")
+        return self.hasher.signatures([shingles(t, self.cfg.ngram) for t in texts])
+
+    def keep_batch(self, texts: list[str], locs: list[str] | None = None) -> list[bool]:
+        """Decisions for documents in order (batched so MinHash is vectorised over them)."""
+        locs = locs or [""] * len(texts)
+        out = [True] * len(texts)
+        survivors = []
+        for i, t in enumerate(texts):
+            self.seen += 1
+            reason = None
+            if self.cfg.exact:
+                k = exact_key(t)
+                reason = "exact_duplicate" if k in self._exact else None
+                self._exact.add(k)
+            if reason is None and self.decontam is not None and self.decontam.hits(t):
+                if self.cfg.decontam_mode == "drop":
+                    reason = "contaminated"
+                else:
+                    self.flagged += 1
+            if reason is None:
+                survivors.append(i)
+            else:
+                self._drop(reason, locs[i], t)
+                out[i] = False
+        if self.cfg.near and survivors:
+            keys = band_keys(self.signatures([texts[i] for i in survivors]), self.bands, self.rows)
+            for i, row in zip(survivors, keys.tolist()):
+                if any(k in self._bands for k in row):
+                    self._drop("near_duplicate", locs[i], texts[i])
+                    out[i] = False
+                self._bands.update(row)
+        return out
+
+    def _drop(self, reason: str, loc: str, text: str) -> None:
+        self.removed[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < 3:
+            ex.append(f"{loc}: {text[:200]!r}")
+
+    def report(self) -> dict:
+        return {
+            "in": self.seen,
+            "out": self.seen - sum(self.removed.values()),
+            "removed": dict(self.removed),
+            "examples": self.examples,
+            "flagged_contaminated": self.flagged,
+            "lsh": {"bands": self.bands, "rows": self.rows, "threshold": self.cfg.threshold},
+        }
+
+
+def lsh_params(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+    if cfg.bands:
+        return cfg.bands, cfg.num_perm // cfg.bands
+    return optimal_bands(cfg.threshold, cfg.num_perm)

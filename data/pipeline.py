@@ -1,0 +1,323 @@
+"""Pretraining batches with grain: read → shuffle → epochs → shard → tokenize → mix → pack → batch.
+
+``make_pretrain_iterator(data_cfg, seq_len=..., global_batch=..., seed=...)`` returns this
+process's iterator; each ``next()`` gives ``global_batch // process_count`` rows::
+
+    tokens      int32   (b, seq_len)  input ids
+    targets     int32   (b, seq_len)  next token of the same document (already shifted)
+    loss_mask   float32 (b, seq_len)  1 where the target counts, 0 on padding
+    segment_ids int32   (b, seq_len)  1, 2, ... per packed piece; 0 = padding
+    positions   int32   (b, seq_len)  0, 1, ... restarting in every piece
+
+Documents are ``[bos] + ids + [eos]`` (each configurable); a document of n+1 tokens contributes n
+(input, target) pairs, so the EOS is predicted from the last token and no target ever crosses a
+document. ``pack_mode="split"`` fills rows completely: a document that does not fit the rest of a
+row is cut there and continues in the next row as a new piece (new segment id, positions from 0).
+``pack_mode="pad"`` starts a document in a fresh row instead (only documents longer than a row are
+cut). Either way every pair of every document appears exactly once per epoch.
+
+Order of operations per source: grain ``MapDataset`` → ``shuffle(seed)`` (re-shuffled every
+epoch) → ``repeat(num_epochs)`` → ``[process_index::process_count]`` → tokenize. Sources are then
+interleaved by ``MapDataset.mix`` in proportion to their weights (counted in documents). Every
+step is index arithmetic, so the whole state is the next document index plus the packer's
+position inside the document it was cutting: ``get_state()`` returns a small JSON dict and
+``set_state`` resumes exactly (the tests check it in a fresh process).
+
+With no ``sources`` the built-in corpus is used: a function registered with
+``register_builtin_corpus`` returns its documents, and a small tokenizer is trained on them once
+and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+from flaxlm.data import sources as S
+from flaxlm.data.tokenizer import Tokenizer, train_or_load
+
+STATE_VERSION = 1
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """Defaults of the ``data`` config section (configs/common.py imports this)."""
+    c = ml_collections.ConfigDict()
+    # Comma-separated "PATTERN[:WEIGHT]" entries: jsonl, parquet, text files or ArrayRecord shard
+    # directories from flaxlm.data.preprocess. "" = the built-in corpus.
+    c.sources = ""
+    c.text_field = "text"  # jsonl/parquet field that holds the document
+    c.txt_mode = "file"  # plain text: one document per "file", "line" or "blank"-separated block
+    c.tokenizer = ""  # SentencePiece .model; "" = the shards' own, or one trained on built-in text
+    c.builtin_vocab_size = 2048  # vocab of the tokenizer trained for the built-in corpus
+    c.cache_dir = "~/.cache/flaxlm"  # where that tokenizer is cached
+    c.add_bos = True  # start every document with BOS
+    c.add_eos = True  # end every document with EOS (so the model learns to stop)
+    c.pack_mode = "split"  # "split": rows full, documents may continue in the next row; "pad"
+    c.num_epochs = 0  # passes over each source; 0 = repeat forever
+    c.shuffle = True  # shuffle documents (by the run's seed), differently every epoch
+    c.read_threads = 4  # grain threads that read and tokenize
+    c.prefetch = 256  # documents grain reads ahead
+    c.strict = False  # True: bad input raises with file:line; False: counted, logged, skipped
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in corpus hook (data/synthetic.py registers itself; tests register their own).
+
+_BUILTIN: Callable[[], Sequence[str]] | None = None
+
+
+def register_builtin_corpus(fn: Callable[[], Sequence[str]] | None) -> None:
+    """Sets the function that returns the built-in documents (used when ``sources`` is empty)."""
+    global _BUILTIN
+    _BUILTIN = fn
+
+
+def builtin_corpus() -> list[str]:
+    if _BUILTIN is None:
+        raise RuntimeError(
+            "data.sources is empty and no built-in corpus is registered: set "
+            "--config.data.sources=PATH or call flaxlm.data.pipeline.register_builtin_corpus(fn)"
+        )
+    return list(_BUILTIN())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+    """ "a/*.jsonl:0.7,b:0.3" → [("a/*.jsonl", 0.7), ("b", 0.3)]; weight defaults to 1."""
+    out = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        path, _, w = entry.rpartition(":")
+        try:
+            out.append((path, float(w)) if path else (entry, 1.0))
+        except ValueError:
+            out.append((entry, 1.0))  # a ':' that is part of the path
+    for path, w in out:
+        if w <= 0:
+            raise ValueError(f"data.sources: weight of {path!r} must be > 0, got {w}")
+    return out
+
+
+def load_tokenizer(data_cfg: ml_collections.ConfigDict, docs: Sequence[str] | None = None):
+    """The tokenizer the config implies (see ``data_config``'s ``tokenizer`` comment)."""
+    if data_cfg.tokenizer:
+        return Tokenizer.load(os.path.expanduser(data_cfg.tokenizer))
+    for pattern, _ in parse_sources(data_cfg.sources):
+        for path in S.expand_paths(pattern)[:1]:
+            meta = S.shard_meta(path)
+            tok_path = os.path.join(os.path.dirname(path), meta.get("tokenizer", ""))
+            if meta.get("format") == "tokens" and os.path.isfile(tok_path):
+                return Tokenizer.load(tok_path)
+    if data_cfg.sources:
+        raise ValueError("data.tokenizer is empty and the sources carry no tokenizer.model")
+    docs = builtin_corpus() if docs is None else docs
+    digest = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
+    cache = os.path.expanduser(data_cfg.cache_dir)
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, f"builtin-{digest}-{data_cfg.builtin_vocab_size}.model")
+    return train_or_load(path, docs, data_cfg.builtin_vocab_size)
+
+
+class _Tokenize(grain.transforms.Map):
+    """str → int32 ids with BOS/EOS; pre-tokenized arrays only get BOS/EOS added."""
+
+    def __init__(self, tok: Tokenizer, bos: bool, eos: bool):
+        self.tok, self.bos, self.eos = tok, bos, eos
+
+    def map(self, doc):
+        ids = self.tok.encode(doc) if isinstance(doc, str) else doc
+        parts = [[self.tok.bos_id]] if self.bos else []
+        parts.append(ids)
+        if self.eos:
+            parts.append([self.tok.eos_id])
+        return np.concatenate([np.asarray(p, np.int32) for p in parts])
+
+
+class PackedBatchIterator:
+    """Packs token documents into fixed rows and batches them; exact ``get_state``/``set_state``.
+
+    The state is the document iterator's state *before* the document being cut was read, plus
+    how many of its (input, target) pairs are already in earlier rows.
+    """
+
+    def __init__(self, docs, *, seq_len: int, batch: int, pad_id: int, mode: str = "split"):
+        if mode not in ("split", "pad"):
+            raise ValueError(f"pack_mode must be split|pad, got {mode!r}")
+        self._docs, self.seq_len, self.batch, self.pad_id, self.mode = (
+            docs,
+            seq_len,
+            batch,
+            pad_id,
+            mode,
+        )
+        self._carry: np.ndarray | None = None  # document being placed
+        self._carry_state: dict | None = None  # doc iterator state before it was read
+        self._offset = 0  # pairs of _carry already placed
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def _fetch(self) -> bool:
+        state = self._docs.get_state()
+        for doc in self._docs:
+            if len(doc) >= 2:  # fewer than 2 tokens make no (input, target) pair
+                self._carry, self._carry_state, self._offset = doc, state, 0
+                return True
+            state = self._docs.get_state()
+        self._done = True
+        return False
+
+    def _row(self, out: dict, r: int) -> bool:
+        """Fills row ``r`` of ``out``; False if no document was left to start it."""
+        fill, seg = 0, 0
+        while fill < self.seq_len:
+            if self._carry is None and (self._done or not self._fetch()):
+                break
+            doc, off = self._carry, self._offset
+            remaining = len(doc) - 1 - off
+            space = self.seq_len - fill
+            if remaining > space and self.mode == "pad" and fill > 0:
+                break  # pad: start this document in the next row
+            n = min(remaining, space)
+            seg += 1
+            sl = slice(fill, fill + n)
+            out["tokens"][r, sl] = doc[off : off + n]
+            out["targets"][r, sl] = doc[off + 1 : off + n + 1]
+            out["segment_ids"][r, sl] = seg
+            out["positions"][r, sl] = np.arange(n)
+            fill += n
+            if n == remaining:
+                self._carry = None
+            else:
+                self._offset += n
+        out["loss_mask"][r, :fill] = 1.0
+        return fill > 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b, t = self.batch, self.seq_len
+        out = {
+            "tokens": np.full((b, t), self.pad_id, np.int32),
+            "targets": np.full((b, t), self.pad_id, np.int32),
+            "loss_mask": np.zeros((b, t), np.float32),
+            "segment_ids": np.zeros((b, t), np.int32),
+            "positions": np.zeros((b, t), np.int32),
+        }
+        rows = 0
+        while rows < b and self._row(out, rows):
+            rows += 1
+        if rows == 0:
+            raise StopIteration  # end of the last epoch; a partial last batch keeps zero rows
+        return out
+
+    def get_state(self) -> dict:
+        carrying = self._carry is not None
+        docs_state = self._carry_state if carrying else self._docs.get_state()
+        return {
+            "version": STATE_VERSION,
+            "docs": docs_state,
+            "carry": carrying,
+            "offset": self._offset if carrying else 0,
+        }
+
+    def set_state(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data iterator state version {state.get('version')} unsupported")
+        self._docs.set_state(state["docs"])
+        self._carry, self._done, self._offset = None, False, 0
+        if state["carry"]:
+            if not self._fetch():
+                raise ValueError("data iterator state points past the end of the data")
+            self._offset = state["offset"]
+
+
+def _source_dataset(pattern: str, data_cfg, log: S.BadInputLog, builtin: Sequence[str] | None):
+    src = S.ListSource(builtin) if builtin is not None else None
+    if src is None:
+        src = S.open_source(
+            pattern, text_field=data_cfg.text_field, txt_mode=data_cfg.txt_mode, log=log
+        )
+    if len(src) == 0:
+        raise S.DataError(f"data source {pattern or '<built-in>'} has no documents")
+    return src
+
+
+def make_pretrain_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    vocab_size: int | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> PackedBatchIterator:
+    """This process's iterator of packed batches (see the module docstring).
+
+    Args:
+      data_cfg: the ``data`` section (``data_config()`` has every key).
+      seq_len: row length T.
+      global_batch: rows per step over all processes; must divide by ``process_count``.
+      seed: shuffling seed (the run's seed; same seed → same batches).
+      process_index, process_count: default to ``jax.process_index()/process_count()``.
+      vocab_size: the model's vocab; the tokenizer must fit it.
+      tokenizer: use this instead of the one ``data_cfg`` implies.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch % process_count:
+        raise ValueError(f"global_batch {global_batch} does not divide over {process_count} hosts")
+    entries = parse_sources(data_cfg.sources) or [("", 1.0)]
+    builtin = builtin_corpus() if not data_cfg.sources else None
+    tok = tokenizer or load_tokenizer(data_cfg, builtin)
+    if vocab_size is not None:
+        tok.check_fits(vocab_size)
+    log = S.BadInputLog(strict=data_cfg.strict)
+    datasets = []
+    for i, (pattern, _) in enumerate(entries):
+        src = _source_dataset(pattern, data_cfg, log, builtin)
+        meta = getattr(src, "meta", {})
+        if meta.get("format") == "tokens" and meta.get("tokenizer_sha256") != tok.sha256:
+            raise S.DataError(
+                f"{pattern}: shards were tokenized with tokenizer sha256 "
+                f"{meta.get('tokenizer_sha256')}, but {tok.name} is {tok.sha256}"
+            )
+        ds = grain.MapDataset.source(src)
+        if data_cfg.shuffle:
+            ds = ds.shuffle(seed=seed * 1000 + i)
+        ds = ds.repeat(data_cfg.num_epochs or None)
+        ds = ds[process_index::process_count]
+        datasets.append(ds.map(_Tokenize(tok, data_cfg.add_bos, data_cfg.add_eos)))
+    if log.total:
+        logging.warning("data: skipped %d bad records: %s", log.total, log.to_dict())
+    weights = [w for _, w in entries]
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    read = grain.ReadOptions(
+        num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.prefetch
+    )
+    it = PackedBatchIterator(
+        iter(ds.to_iter_dataset(read)),
+        seq_len=seq_len,
+        batch=global_batch // process_count,
+        pad_id=tok.pad_id,
+        mode=data_cfg.pack_mode,
+    )
+    it.tokenizer, it.bad_input = tok, log  # for the trainer's logs and generation
+    return it
+
+
+def make_global(batch: dict[str, np.ndarray], sharding) -> dict:
+    """Process-local rows → global ``jax.Array``s laid out by ``sharding`` (batch over data)."""
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

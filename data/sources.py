@@ -1,0 +1,387 @@
+"""Readers for raw and prepared text: jsonl, plain text, parquet and ArrayRecord.
+
+Two access patterns share one error policy:
+
+* ``iter_documents`` streams documents in a fixed order (sorted files, then record order); the
+  preprocess CLI and the Beam pipeline use it, so memory does not grow with the input.
+* ``open_source`` gives random access (``len`` + ``__getitem__``) for grain's ``MapDataset``; the
+  loader uses it to shuffle, shard and resume by index.
+
+Bad input (malformed JSON, invalid UTF-8, a missing or non-string text field, an empty document)
+is never dropped silently. In lenient mode (the default) it is counted per reason in a
+``BadInputLog`` with a few ``file:line`` examples for the report; with ``strict=True`` the first
+bad record raises ``DataError`` naming ``file:line``.
+
+ArrayRecord shards written by ``flaxlm.data.preprocess`` hold either UTF-8 text or int32 token ids
+(little-endian bytes, no BOS/EOS); a ``meta.json`` beside the shards says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+META_FILE = "meta.json"
+MAX_EXAMPLES = 5  # bad-input examples kept per reason for the report
+
+
+class DataError(ValueError):
+    """Bad input; the message starts with ``file:line``."""
+
+
+@dataclasses.dataclass
+class Document:
+    text: str
+    loc: str  # "path:line" (1-based line or record number), for reports and errors
+    key: tuple[int, int]  # (file index, record index): a total, deterministic order
+
+
+@dataclasses.dataclass
+class BadInputLog:
+    """Counts bad records per reason; raises on the first one when ``strict``."""
+
+    strict: bool = False
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str, loc: str, detail: str = "") -> None:
+        msg = f"{loc}: {reason}" + (f" ({detail})" if detail else "")
+        if self.strict:
+            raise DataError(msg)
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < MAX_EXAMPLES:
+            ex.append(msg)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(self.counts), "examples": dict(self.examples)}
+
+
+def expand_paths(patterns: str | Sequence[str]) -> list[str]:
+    """Globs (``*``, ``**``) and directories → sorted files; an unmatched pattern is an error."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out: list[str] = []
+    for pat in patterns:
+        if os.path.isdir(pat):
+            hits = sorted(
+                os.path.join(pat, f)
+                for f in os.listdir(pat)
+                if f != META_FILE and os.path.isfile(os.path.join(pat, f))
+            )
+        else:
+            hits = sorted(glob.glob(pat, recursive=True))
+        if not hits:
+            raise FileNotFoundError(f"no files match {pat!r}")
+        out.extend(hits)
+    return out
+
+
+def file_format(path: str) -> str:
+    """'jsonl' | 'text' | 'parquet' | 'arrayrecord' from the file name."""
+    name = path.lower()
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if ".arrayrecord" in name or name.endswith(".array_record"):
+        return "arrayrecord"
+    return "text"
+
+
+def shard_meta(path: str) -> dict:
+    """The ``meta.json`` beside an ArrayRecord shard, or ``{"format": "text"}`` if there is none."""
+    meta_path = os.path.join(os.path.dirname(path), META_FILE)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return json.load(f)
+    return {"format": "text"}
+
+
+def _check_text(text, loc: str, log: BadInputLog) -> bool:
+    if text is None:
+        log.add("missing_field", loc)
+        return False
+    if not isinstance(text, str):
+        log.add("missing_field", loc, f"not a string: {type(text).__name__}")
+        return False
+    if not text.strip():
+        log.add("empty", loc)
+        return False
+    return True
+
+
+def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        log.add("invalid_utf8", loc, str(e)[:80])
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        log.add("malformed_json", loc, str(e)[:80])
+        return None
+    text = obj.get(field) if isinstance(obj, dict) else None
+    if isinstance(obj, dict) and field not in obj:
+        log.add("missing_field", loc, f"no {field!r}")
+        return None
+    return text if _check_text(text, loc, log) else None
+
+
+def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
+    fmt = file_format(path)
+    if fmt == "jsonl":
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f):
+                if not raw.strip():  # blank separator lines are not records
+                    continue
+                loc = f"{path}:{i + 1}"
+                text = _parse_jsonl_line(raw, loc, field, log)
+                yield i, loc, text
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column {field!r} (columns: {pf.schema_arrow.names})")
+        row = 0
+        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                loc = f"{path}:{row + 1}"
+                yield row, loc, (text if _check_text(text, loc, log) else None)
+                row += 1
+    elif fmt == "arrayrecord":
+        if shard_meta(path).get("format") != "text":
+            raise DataError(f"{path}: holds token ids, not text; read it with the loader")
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        reader = ArrayRecordReader(path)
+        try:
+            for i in range(reader.num_records()):
+                loc = f"{path}:{i + 1}"
+                text = _decode(reader.read([i])[0], loc, log)
+                yield i, loc, (text if text is not None and _check_text(text, loc, log) else None)
+        finally:
+            reader.close()
+    else:
+        yield from _iter_text_file(path, txt_mode, log)
+
+
+def _decode(raw: bytes, loc: str, log: BadInputLog) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        log.add("invalid_utf8", loc, str(e)[:80])
+        return None
+
+
+def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
+    """Plain text: one document per file, per line, or per blank-line-separated block."""
+    if txt_mode == "file":
+        with open(path, "rb") as f:
+            loc = f"{path}:1"
+            text = _decode(f.read(), loc, log)
+        yield 0, loc, (text if text is not None and _check_text(text, loc, log) else None)
+        return
+    if txt_mode not in ("line", "blank"):
+        raise ValueError(f"txt_mode must be file|line|blank, got {txt_mode!r}")
+    block: list[str] = []
+    start, bad = None, False  # first line of the current block; whether it had invalid UTF-8
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            line = _decode(raw, f"{path}:{i + 1}", log)
+            if txt_mode == "line":
+                if line is None or line.strip():  # empty lines are separators, not documents
+                    yield i, f"{path}:{i + 1}", (None if line is None else line.rstrip("\n"))
+                continue
+            if line is not None and not line.strip():
+                if start is not None:
+                    yield start, f"{path}:{start + 1}", (None if bad else "".join(block).strip())
+                block, start, bad = [], None, False
+                continue
+            start = i if start is None else start
+            if line is None:
+                bad = True  # the whole block is dropped, counted once as invalid_utf8
+            else:
+                block.append(line)
+    if start is not None:
+        yield start, f"{path}:{start + 1}", (None if bad else "".join(block).strip())
+
+
+def iter_documents(
+    patterns: str | Sequence[str],
+    *,
+    text_field: str = "text",
+    txt_mode: str = "file",
+    log: BadInputLog | None = None,
+    file_index_offset: int = 0,
+) -> Iterator[Document]:
+    """Streams good documents in a deterministic order; bad records go to ``log``.
+
+    Every record read is either yielded or counted in ``log`` (or raises when ``log.strict``).
+    """
+    log = log if log is not None else BadInputLog()
+    for fi, path in enumerate(expand_paths(patterns)):
+        for ri, loc, text in _iter_file(path, fi, text_field, txt_mode, log):
+            if text is not None:
+                yield Document(text=text, loc=loc, key=(fi + file_index_offset, ri))
+
+
+# ---------------------------------------------------------------------------------------------
+# Random access for the loader.
+
+
+class JsonlSource:
+    """Random access to a jsonl file through a byte-offset index of its good lines.
+
+    The index is built in one pass that also validates every line (so bad lines are reported once,
+    at open time, and never reach training); only 8 bytes per document stay in memory.
+    """
+
+    def __init__(self, path: str, text_field: str, log: BadInputLog):
+        self.path, self.text_field = path, text_field
+        offsets = []
+        with open(path, "rb") as f:
+            pos = 0
+            for i, raw in enumerate(f):
+                if raw.strip() and _parse_jsonl_line(raw, f"{path}:{i + 1}", text_field, log):
+                    offsets.append(pos)
+                pos += len(raw)
+        self._offsets = np.asarray(offsets, np.int64)
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: int) -> str:
+        # One handle per process; pread keeps concurrent reads from grain's threads independent.
+        if self._file is None:
+            self._file = os.open(self.path, os.O_RDONLY)
+        off = int(self._offsets[i])
+        chunk = b""
+        while not chunk.endswith(b"\n"):
+            more = os.pread(self._file, 1 << 16, off + len(chunk))
+            if not more:
+                break
+            chunk += more
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                chunk = chunk[: nl + 1]
+        return json.loads(chunk)[self.text_field]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+
+class ParquetSource:
+    """Random access to one text column of a parquet file (held as an Arrow array, not objects)."""
+
+    def __init__(self, path: str, text_field: str, log: BadInputLog):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
+        col = table.column(text_field)
+        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+            raise DataError(f"{path}: column {text_field!r} has type {col.type}, not string")
+        ok = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False)
+        for row in np.flatnonzero(~np.asarray(ok)):
+            reason = "missing_field" if col[int(row)].as_py() is None else "empty"
+            log.add(reason, f"{path}:{row + 1}")
+        self._col = col.filter(ok).combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self._col)
+
+    def __getitem__(self, i: int) -> str:
+        return self._col[i].as_py()
+
+
+class ArrayRecordSource:
+    """Shards written by preprocess: records decode to ``str`` or ``np.int32`` token arrays."""
+
+    def __init__(self, paths: list[str]):
+        import grain
+
+        metas = {json.dumps(shard_meta(p), sort_keys=True) for p in paths}
+        if len(metas) != 1:
+            raise DataError(f"shards {paths[0]}... mix formats/tokenizers: {sorted(metas)}")
+        self.meta = shard_meta(paths[0])
+        self.tokens = self.meta.get("format") == "tokens"
+        self._src = grain.sources.ArrayRecordDataSource(paths)
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def __getitem__(self, i: int):
+        raw = self._src[i]
+        return np.frombuffer(raw, np.int32) if self.tokens else raw.decode("utf-8")
+
+
+class ListSource:
+    """In-memory documents (the built-in corpus, tests, plain text files)."""
+
+    def __init__(self, docs: Sequence):
+        self._docs = list(docs)
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __getitem__(self, i: int):
+        return self._docs[i]
+
+
+class ConcatSource:
+    """Several random-access sources seen as one."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self._ends = np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        return self.parts[k][i - (int(self._ends[k - 1]) if k else 0)]
+
+
+def open_source(
+    patterns: str | Sequence[str],
+    *,
+    text_field: str = "text",
+    txt_mode: str = "file",
+    log: BadInputLog | None = None,
+):
+    """Random-access source over matching files; bad records are reported to ``log`` at open."""
+    log = log if log is not None else BadInputLog()
+    paths = expand_paths(patterns)
+    fmts = {file_format(p) for p in paths}
+    if fmts == {"arrayrecord"}:
+        return ArrayRecordSource(paths)
+    parts = []
+    for p in paths:
+        fmt = file_format(p)
+        if fmt == "jsonl":
+            parts.append(JsonlSource(p, text_field, log))
+        elif fmt == "parquet":
+            parts.append(ParquetSource(p, text_field, log))
+        elif fmt == "text":
+            docs = iter_documents(p, txt_mode=txt_mode, log=log)
+            parts.append(ListSource([d.text for d in docs]))
+        else:
+            raise DataError(f"{p}: ArrayRecord shards cannot be mixed with {fmts - {fmt}} here")
+    return parts[0] if len(parts) == 1 else ConcatSource(parts)

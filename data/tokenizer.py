@@ -1,0 +1,181 @@
+"""SentencePiece tokenizer: train our own, or load any ``.model`` (e.g. a Llama tokenizer.model).
+
+Special ids are read from the model file, never assumed: ``pad_id``, ``bos_id``, ``eos_id``,
+``unk_id``. A model without a pad piece (Llama's) pads with ``unk_id``; padded positions carry
+``segment_ids == 0`` and ``loss_mask == 0``, so the value only has to be a valid id.
+
+Tokenizers we train reserve ``pad=0, unk=1, bos=2, eos=3``, use byte fallback (no unknown
+characters, Chinese included), split digits, and include the chat tokens ``<|system|>``,
+``<|user|>``, ``<|assistant|>``, ``<|end|>`` as user-defined pieces (always one token each).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+class Tokenizer:
+    """A loaded SentencePiece model with batch encode/decode."""
+
+    def __init__(self, model_proto: bytes, name: str = "<memory>"):
+        self.proto = model_proto
+        self.name = name
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.sha256 = hashlib.sha256(model_proto).hexdigest()
+
+    @classmethod
+    def load(cls, path: str) -> Tokenizer:
+        with open(path, "rb") as f:
+            return cls(f.read(), name=path)
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(self.proto)
+
+    def __getstate__(self):  # pickles as the model bytes (Beam workers, grain processes)
+        return {"proto": self.proto, "name": self.name}
+
+    def __setstate__(self, st):
+        self.__init__(st["proto"], st["name"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        """The model's pad id, or ``unk_id`` when the model declares none (Llama)."""
+        p = self.sp.pad_id()
+        return p if p >= 0 else self.unk_id
+
+    def special_ids(self) -> dict[str, int]:
+        """pad/bos/eos/unk and the chat tokens the model has (missing ones are left out)."""
+        out = {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id, "unk": self.unk_id}
+        for t in CHAT_TOKENS:
+            i = self.sp.piece_to_id(t)
+            if i != self.unk_id:
+                out[t] = i
+        return out
+
+    def token_id(self, piece: str) -> int:
+        """Id of a single piece (e.g. a chat token); a missing piece is an error."""
+        i = self.sp.piece_to_id(piece)
+        if i == self.unk_id and piece != self.sp.id_to_piece(self.unk_id):
+            raise KeyError(f"{self.name}: no piece {piece!r}")
+        return i
+
+    def check_fits(self, vocab_size: int) -> None:
+        """Raises if token ids could reach past the model's embedding table."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(
+                f"tokenizer {self.name} has {self.vocab_size} pieces but the model's vocab_size is "
+                f"{vocab_size}: ids up to {self.vocab_size - 1} would index past the embedding. "
+                f"Set model vocab_size >= {self.vocab_size}."
+            )
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(
+        self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, num_threads: int = 0
+    ) -> list[list[int]]:
+        """Encodes many texts in SentencePiece's own thread pool (0 = all cores)."""
+        if not texts:
+            return []
+        return self.sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in np.asarray(ids).ravel()])
+
+    def decode_batch(self, batch) -> list[str]:
+        return self.sp.decode([[int(i) for i in np.asarray(r).ravel()] for r in batch])
+
+
+def train(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    user_defined_symbols: Sequence[str] = CHAT_TOKENS,
+    character_coverage: float = 0.9995,
+    max_sentence_length: int = 16384,
+    input_sentence_size: int = 1_000_000,
+    num_threads: int = 2,
+    model_path: str | None = None,
+) -> Tokenizer:
+    """Trains a SentencePiece model (BPE or unigram) on ``texts``; saves it if ``model_path``.
+
+    Documents are split into lines for training (SentencePiece's unit is a sentence);
+    ``input_sentence_size`` caps the sample (SentencePiece samples it deterministically).
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be bpe|unigram, got {model_type!r}")
+
+    def lines():
+        for t in texts:
+            for ln in t.split("\n"):
+                if ln.strip():
+                    yield ln[:max_sentence_length]
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        user_defined_symbols=list(user_defined_symbols),
+        character_coverage=character_coverage,
+        max_sentence_length=max_sentence_length,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,  # keep code/indentation intact
+        normalization_rule_name="identity",
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        num_threads=num_threads,
+        hard_vocab_limit=False,  # a tiny corpus may not support the full size
+        minloglevel=2,
+    )
+    tok = Tokenizer(buf.getvalue(), name=model_path or f"<trained {model_type} {vocab_size}>")
+    if model_path:
+        tok.save(model_path)
+    return tok
+
+
+def train_or_load(path: str, texts: Iterable[str], vocab_size: int, **kw) -> Tokenizer:
+    """Loads ``path`` if it exists, else trains on ``texts`` and saves there (atomic rename)."""
+    if os.path.exists(path):
+        return Tokenizer.load(path)
+    tok = train(texts, vocab_size, **kw)
+    tmp = f"{path}.tmp{os.getpid()}"
+    tok.save(tmp)
+    os.replace(tmp, path)
+    tok.name = path
+    return tok
