@@ -221,8 +221,9 @@ _PII = [
     (
         "PHONE",
         re.compile(
-            r"(?<![\dA-Za-z+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
-            r"\d{3,4}[ .-]?\d{3,4}" + _NA
+            # Not part of a longer digit-group run (e.g. a Luhn-invalid 16-digit number).
+            r"(?<![\dA-Za-z+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
+            r"\d{3,4}[ .-]?\d{3,4}(?![\dA-Za-z]|[ .-]\d)"
         ),
     ),
 ]

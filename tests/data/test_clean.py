@@ -1,0 +1,170 @@
+"""Cleaning filters and PII redaction, each with English and Chinese examples."""
+
+import pytest
+from flaxlm.data import clean
+
+EN = (
+    "The river runs past the old mill and into the valley, where farmers have grown wheat for "
+    "centuries. In spring the water rises with snow from the mountains, and the village gathers "
+    "to watch the first boats of the season. Children learn to swim in the shallow bend below the "
+    "bridge, and their grandparents remember when the mill still turned. Visitors come for the "
+    "market on Saturdays and stay for the bread that is baked with flour from the valley."
+)
+ZH = (
+    "春天到了，河水从山上流下来，流过老磨坊，一直流进山谷。农民们在这里种小麦已经有几百年了。"
+    "每年这个时候，村里的人都会来到河边，看第一条船出发。孩子们在桥下的浅水里学游泳，"
+    "老人们还记得磨坊转动的样子。周末有集市，游客们也喜欢这里用本地面粉做的面包。"
+)
+
+
+def fails(text, **overrides):
+    cfg = clean.clean_config()
+    cfg.update(overrides)
+    return clean.first_failure(clean.DocStats(clean.normalize_text(text)), cfg)
+
+
+def test_good_english_and_chinese_pass():
+    assert fails(EN) is None
+    assert fails(ZH) is None
+
+
+def test_cjk_word_counts():
+    # Each Han character is a word; CJK punctuation is not; spaced words count whole.
+    assert clean.count_words("我们在北京 hello world, 你好！") == 5 + 2 + 2
+    assert clean.count_words(ZH) == sum(1 for ch in ZH if "\u4e00" <= ch <= "\u9fff")
+    assert clean.count_words(EN) == len(EN.split())
+
+
+@pytest.mark.parametrize("text", [EN[:120], ZH[:30]])
+def test_too_short(text):
+    assert fails(text) == "too_short"
+
+
+def test_too_long_counts_cjk_characters():
+    assert fails(ZH, max_words=100) == "too_long"  # ~140 characters, no spaces at all
+    assert fails(ZH, max_words=1000) is None
+
+
+def test_mean_word_length():
+    long_words = " ".join(w * 3 for w in EN.split())
+    assert fails(long_words) == "mean_word_len"
+    assert fails("a b c d e f g h " * 20 + EN, max_dup_ngram_char_frac=(1,) * 6) == "mean_word_len"
+    assert fails(ZH) is None  # Chinese characters are exempt, not "1 character long words"
+
+
+def test_symbol_ratio_en_zh():
+    assert fails(EN + " #tag" * 15) == "symbol_ratio"
+    assert fails(ZH + "……" * 20) == "symbol_ratio"
+
+
+def test_bullet_and_ellipsis_lines():
+    bullets = "\n".join(f"• item {w} of the list and the rest" for w in EN.split()[:30])
+    assert fails(bullets) == "bullet_lines"
+    trailing = "\n".join(s.strip() + "..." for s in EN.split(".") if s.strip())
+    assert fails(trailing) == "ellipsis_lines"
+    zh_trailing = "\n".join(s + "……" for s in ZH.split("。") if s)
+    assert fails(zh_trailing, max_symbol_ratio=1.0) == "ellipsis_lines"
+
+
+def test_repetition_lines_paragraphs_ngrams():
+    assert fails("\n".join([EN] + ["Buy cheap watches online today now."] * 5)) == "repetition"
+    assert fails("\n\n".join([ZH, ZH[:60], ZH[:60], ZH[:60]])) == "repetition"
+    spam_en = EN + " " + "click here to win a free prize " * 12
+    assert fails(spam_en) == "repetition"
+    spam_zh = ZH + "点击这里领取免费大奖" * 12  # no spaces: characters are the n-gram units
+    assert fails(spam_zh) == "repetition"
+
+
+def test_alpha_ratio():
+    numbers = EN + " " + " ".join(str(i) for i in range(100, 180))
+    assert fails(numbers) == "alpha_ratio"
+    zh_numbers = ZH + " ".join(str(i) for i in range(100, 160))
+    assert fails(zh_numbers, max_symbol_ratio=1.0) == "alpha_ratio"
+
+
+def test_stop_words_en_zh():
+    no_stop = "Quarterly revenue grew strongly across regions. " * 1 + " ".join(
+        f"Product{i} shipped quickly everywhere" for i in range(15)
+    )
+    assert fails(no_stop, max_dup_ngram_char_frac=(1,) * 6, max_top_ngram_char_frac=(1,) * 3) == (
+        "stop_words"
+    )
+    # Chinese without function characters (a list of place names).
+    names = "北京上海广州深圳杭州南京成都重庆武汉西安天津苏州长沙郑州青岛沈阳大连厦门宁波合肥昆明"
+    assert (
+        fails(
+            names * 2,
+            max_dup_ngram_char_frac=(1,) * 6,
+            max_top_ngram_char_frac=(1,) * 3,
+            max_dup_line_frac=1,
+            max_dup_line_char_frac=1,
+        )
+        == "stop_words"
+    )
+
+
+def test_script_check():
+    russian = (
+        "Река течёт мимо старой мельницы в долину, где крестьяне веками выращивали пшеницу. " * 5
+    )
+    assert fails(russian) == "script"
+    assert fails(russian, scripts=("latin", "han", "cyrillic")) != "script"
+    japanese = (
+        "春になると、川の水は山から流れてきて、古い水車小屋のそばを通り、谷へと流れていきます。" * 2
+    )
+    assert clean.DocStats(japanese).script == "kana"
+    assert clean.DocStats(ZH).language == "zh" and clean.DocStats(EN).language == "en"
+
+
+def test_toxic_word_list_en_zh(tmp_path):
+    assert fails(EN + " What an idiot.") == "toxic"
+    assert fails(ZH + "你这个笨蛋。") == "toxic"
+    assert fails(EN + " A moron and an idiot.", max_toxic_hits=2) is None
+    # Whole words only for spaced scripts: "scumbagging" and "idiotic" are not list entries.
+    assert clean.toxic_hits("idiotic idiots scumbagging") == 1
+    custom = tmp_path / "list.txt"
+    custom.write_text("# my list\nriver\n磨坊\n", encoding="utf-8")
+    assert fails(EN, toxic_lists=str(custom)) == "toxic"
+    assert fails(ZH, toxic_lists=str(custom)) == "toxic"
+    assert fails(EN, toxic_lists="") is None
+
+
+@pytest.mark.parametrize(
+    "text,kinds",
+    [
+        ("Write to jane.doe+news@mail.example.co.uk today.", {"EMAIL": 1}),
+        ("Call (415) 555-2671 or +44 20 7946 0958.", {"PHONE": 2}),
+        ("Servers 10.0.0.1 and 2001:db8::1 and fe80:0:0:0:0:0:0:1 are down.", {"IP": 3}),
+        ("Card 4111 1111 1111 1111, SSN 123-45-6789.", {"CARD": 1, "ID": 1}),
+        ("请拨打13812345678或座机010-12345678联系我。", {"PHONE": 2}),
+        ("我的邮箱是zhangsan@qq.com，身份证号110101199003074514。", {"EMAIL": 1, "ID": 1}),
+        ("服务器地址192.168.1.20已经上线。", {"IP": 1}),
+    ],
+)
+def test_pii_redaction(text, kinds):
+    out, counts = clean.redact_pii(text)
+    assert dict(counts) == kinds
+    for k in kinds:
+        assert f"<{k}>" in out
+
+
+def test_pii_leaves_ordinary_numbers():
+    text = (
+        "In 2023 the team scored 3.14 points per game; version 1.2.3.4.5; at 10:30:45 on day 12345."
+    )
+    out, counts = clean.redact_pii(text)
+    assert out == text and not counts
+    # A 16-digit number failing the Luhn check is not a card.
+    assert clean.redact_pii("order 4111 1111 1111 1112")[1] == {}
+
+
+def test_cleaner_counts_reasons_and_examples():
+    c = clean.Cleaner()
+    docs = [EN, ZH, "short", ZH[:20], EN + " idiot", EN + " mail me: a@b.org"]
+    kept = [c(d, loc=f"f:{i + 1}") for i, d in enumerate(docs)]
+    rep = c.report()
+    assert rep["in"] == 6 and rep["out"] == 3
+    assert rep["removed"] == {"too_short": 2, "toxic": 1}
+    assert rep["in"] == rep["out"] + sum(rep["removed"].values())
+    assert rep["examples"]["too_short"][0].startswith("f:3:")
+    assert "<EMAIL>" in kept[5] and rep["pii_redacted"] == {"EMAIL": 1}
