@@ -1,0 +1,87 @@
+"""SentencePiece training/loading, special and chat tokens, batch encode, vocab fit check."""
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from flaxlm.data import tokenizer as T
+
+EN = [
+    f"the {a} river flows past mill number {i} into the {b} valley"
+    for i, (a, b) in enumerate(
+        zip(["old", "wide", "cold", "quiet"] * 50, ["green", "deep", "long"] * 70)
+    )
+]
+ZH = [f"第{i}天，河水从山上流下来，流过老磨坊，一直流进山谷。" for i in range(100)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return T.train(EN + ZH, 400)
+
+
+def test_special_ids_come_from_the_model(tok):
+    ids = tok.special_ids()
+    assert (ids["pad"], ids["unk"], ids["bos"], ids["eos"]) == (0, 1, 2, 3)
+    assert [ids[t] for t in T.CHAT_TOKENS] == [4, 5, 6, 7]
+    assert tok.sp.id_to_piece(tok.eos_id) == "</s>"
+
+
+def test_chat_tokens_are_single_pieces(tok):
+    ids = tok.encode("<|user|>hi<|end|><|assistant|>")
+    pieces = [tok.sp.id_to_piece(i) for i in ids]
+    assert pieces.count("<|user|>") == pieces.count("<|end|>") == pieces.count("<|assistant|>") == 1
+    with pytest.raises(KeyError):
+        tok.token_id("<|nope|>")
+
+
+def test_round_trip_byte_fallback_and_batch(tok):
+    texts = ["the old river", "河水流进山谷", "emoji 🙂 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 never seen", ""]
+    batch = tok.encode_batch(texts, bos=True, eos=True)
+    assert all(b[0] == tok.bos_id and b[-1] == tok.eos_id for b in batch)
+    assert [tok.decode(b) for b in batch] == texts  # byte fallback: nothing becomes <unk>
+    assert tok.unk_id not in sum(batch, [])
+    assert tok.decode_batch([np.array(b) for b in batch]) == texts
+    assert batch == [tok.encode(t, bos=True, eos=True) for t in texts]
+
+
+def test_training_is_deterministic_and_unigram_works(tmp_path):
+    a = T.train(EN + ZH, 450)
+    b = T.train(EN + ZH, 450, model_path=str(tmp_path / "b.model"))
+    assert a.sha256 == b.sha256 and T.Tokenizer.load(str(tmp_path / "b.model")).sha256 == a.sha256
+    u = T.train(EN + ZH, 450, model_type="unigram")
+    assert u.decode(u.encode(ZH[3])) == ZH[3] and u.eos_id == 3
+
+
+def test_check_fits(tok):
+    tok.check_fits(tok.vocab_size)
+    with pytest.raises(ValueError, match=r"vocab_size is 100"):
+        tok.check_fits(100)
+
+
+def test_load_foreign_model_without_pad(tmp_path):
+    """A Llama-style model (unk=0, bos=1, eos=2, no pad) keeps its ids; pad falls back to unk."""
+    prefix = str(tmp_path / "llama")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(EN),
+        model_prefix=prefix,
+        vocab_size=400,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        minloglevel=2,
+        hard_vocab_limit=False,
+    )
+    t = T.Tokenizer.load(prefix + ".model")
+    assert (t.unk_id, t.bos_id, t.eos_id, t.pad_id) == (0, 1, 2, 0)
+    assert "<|user|>" not in t.special_ids()
+    assert t.decode(t.encode("the old river")) == "the old river"
+
+
+def test_train_or_load_caches(tmp_path):
+    path = str(tmp_path / "tok.model")
+    a = T.train_or_load(path, EN, 400)
+    b = T.train_or_load(path, ["completely different text"], 400)
+    assert a.sha256 == b.sha256
