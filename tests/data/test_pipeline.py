@@ -1,0 +1,298 @@
+"""Packed grain batches: format, no cross-document targets, no token lost over an epoch,
+mixture proportions, per-process sharding, exact resume in a fresh process, built-in fallback."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flaxlm.data import pipeline
+from flaxlm.data import tokenizer as T
+from flaxlm.data.sources import DataError
+
+WORDS = "the river runs past old mill into green valley where farmers grow wheat".split()
+
+
+def corpus(seed, n, lo=3, hi=120, prefix=""):
+    rng = np.random.default_rng(seed)
+    return [prefix + " ".join(rng.choice(WORDS, rng.integers(lo, hi))) + f" {i}." for i in range(n)]
+
+
+def write_jsonl(path, docs):
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok") / "tok.model")
+    T.train(corpus(0, 300) + ["apple banana"] * 20, 400, model_path=path)
+    return path
+
+
+def cfg_for(sources, tok, **kw):
+    c = pipeline.data_config()
+    c.sources, c.tokenizer = sources, tok
+    c.read_threads = 2
+    c.update(kw)
+    return c
+
+
+def make(cfg, pi=0, pc=1, seq_len=64, batch=4, seed=0):
+    return pipeline.make_pretrain_iterator(
+        cfg,
+        seq_len=seq_len,
+        global_batch=batch * pc,
+        seed=seed,
+        process_index=pi,
+        process_count=pc,
+    )
+
+
+def check_row_invariants(b, bos, eos):
+    """Targets are the next token within a piece; positions restart; padding only at the end."""
+    tok, tgt, seg, pos, m = (
+        b[k] for k in ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+    )
+    assert tok.dtype == tgt.dtype == seg.dtype == pos.dtype == np.int32
+    assert m.dtype == np.float32
+    for r in range(tok.shape[0]):
+        n = int((seg[r] > 0).sum())
+        if n == 0:  # an all-padding row (the last batch of a finite epoch)
+            assert (m[r] == 0).all()
+            continue
+        assert (seg[r, n:] == 0).all() and (m[r, :n] == 1).all() and (m[r, n:] == 0).all()
+        assert (np.diff(seg[r, :n]) >= 0).all() and (np.diff(seg[r, :n]) <= 1).all()
+        same = seg[r, 1:n] == seg[r, : n - 1]
+        # Inside a piece, the target of t is the input at t+1: nothing is predicted across pieces.
+        assert (tgt[r, : n - 1][same] == tok[r, 1:n][same]).all()
+        assert (pos[r, 1:n][same] == pos[r, : n - 1][same] + 1).all()
+        assert (pos[r, 1:n][~same] == 0).all() and (n == 0 or pos[r, 0] == 0)
+        # BOS is only ever an input at a document start; EOS only ever a target.
+        assert bos not in tgt[r, :n] and eos not in tok[r, :n]
+
+
+def collect_documents(batches, eos):
+    """Rebuilds (input, target) sequences of whole documents from packed rows."""
+    docs, cur = [], []
+    for b in batches:
+        for r in range(b["tokens"].shape[0]):
+            seg = b["segment_ids"][r]
+            for s in range(1, int(seg.max()) + 1):
+                sel = seg == s
+                cur.extend(zip(b["tokens"][r][sel].tolist(), b["targets"][r][sel].tolist()))
+                if cur[-1][1] == eos:
+                    docs.append(tuple(cur))
+                    cur = []
+    assert cur == []
+    return docs
+
+
+def expected_documents(texts, tokpath):
+    t = T.Tokenizer.load(tokpath)
+    out = []
+    for ids in t.encode_batch(texts, bos=True, eos=True):
+        out.append(tuple(zip(ids[:-1], ids[1:])))
+    return out
+
+
+def test_batch_format_and_shift(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", corpus(1, 200))
+    it = make(cfg_for(path, tok))
+    t = it.tokenizer
+    for _ in range(10):
+        b = next(it)
+        assert set(b) == {"tokens", "targets", "loss_mask", "segment_ids", "positions"}
+        assert all(v.shape == (4, 64) for v in b.values())
+        assert (b["segment_ids"] > 0).all()  # split mode: rows are full
+        check_row_invariants(b, t.bos_id, t.eos_id)
+
+
+@pytest.mark.parametrize("mode", ["split", "pad"])
+def test_epoch_loses_and_duplicates_nothing(tmp_path, tok, mode):
+    texts = corpus(2, 150, hi=200)  # some documents longer than a row
+    path = write_jsonl(tmp_path / "a.jsonl", texts)
+    cfg = cfg_for(path, tok, num_epochs=1, pack_mode=mode)
+    got = []
+    for pi in range(2):  # two processes share the epoch
+        batches = list(make(cfg, pi=pi, pc=2, seq_len=48, batch=3))
+        eos = T.Tokenizer.load(tok).eos_id
+        for b in batches:
+            check_row_invariants(b, T.Tokenizer.load(tok).bos_id, eos)
+            assert b["tokens"].shape == (3, 48)
+            if mode == "pad":  # mid-row pieces are whole documents: they start with BOS
+                mid = (b["positions"] == 0) & (b["segment_ids"] > 1)
+                assert (b["tokens"][mid] == T.Tokenizer.load(tok).bos_id).all()
+        got += collect_documents(batches, eos)
+    assert sorted(got) == sorted(expected_documents(texts, tok))
+
+
+def test_mixture_proportions(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", [f"apple {'apple ' * (i % 7)}" for i in range(300)])
+    b = write_jsonl(tmp_path / "b.jsonl", [f"banana {'banana ' * (i % 5)}" for i in range(50)])
+    # pad mode keeps these short documents whole, so each piece names its source.
+    it = make(cfg_for(f"{a}:0.75,{b}:0.25", tok, pack_mode="pad"), seq_len=128, batch=8)
+    t = it.tokenizer
+    apple, banana = t.encode("apple")[-1], t.encode("banana")[-1]
+    counts = collections.Counter()
+    for _ in range(40):
+        x = next(it)
+        for r in range(8):
+            for s in range(1, int(x["segment_ids"][r].max()) + 1):
+                toks = set(x["tokens"][r][x["segment_ids"][r] == s].tolist())
+                counts["a" if apple in toks else "b" if banana in toks else "?"] += 1
+    total = counts["a"] + counts["b"]
+    assert total > 800 and counts["?"] == 0
+    assert abs(counts["a"] / total - 0.75) < 0.02, counts
+
+
+def test_processes_get_disjoint_documents(tmp_path, tok):
+    texts = corpus(3, 120)
+    path = write_jsonl(tmp_path / "a.jsonl", texts)
+    cfg = cfg_for(path, tok, num_epochs=1)
+    eos = T.Tokenizer.load(tok).eos_id
+    per = [set(collect_documents(list(make(cfg, pi=i, pc=3)), eos)) for i in range(3)]
+    assert not (per[0] & per[1]) and not (per[1] & per[2]) and not (per[0] & per[2])
+    assert abs(len(per[0]) - len(per[2])) <= 1
+
+
+def test_seed_determinism(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", corpus(4, 100))
+    a, b, c = (make(cfg_for(path, tok), seed=s) for s in (1, 1, 2))
+    xa, xb, xc = next(a), next(b), next(c)
+    assert all(np.array_equal(xa[k], xb[k]) for k in xa)
+    assert not np.array_equal(xa["tokens"], xc["tokens"])
+
+
+RESUME_SCRIPT = r"""
+import json, sys
+import numpy as np
+from flaxlm.data import pipeline
+cfg = pipeline.data_config()
+cfg.update(json.loads(sys.argv[1]))
+it = pipeline.make_pretrain_iterator(cfg, seq_len=40, global_batch=6, seed=5, process_index=1,
+                                     process_count=2)
+mode, path = sys.argv[2], sys.argv[3]
+if mode == "save":
+    for _ in range(7):
+        next(it)
+    json.dump(it.get_state(), open(path, "w"))
+else:
+    it.set_state(json.load(open(path)))
+    batches = [next(it) for _ in range(6)]
+    np.savez(path + ".npz", **{f"{i}_{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+"""
+
+
+def test_resume_in_fresh_process_equals_uninterrupted(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", corpus(5, 80, hi=150))
+    b = write_jsonl(tmp_path / "b.jsonl", corpus(6, 30, prefix="apple "))
+    over = {"sources": f"{a}:2,{b}:1", "tokenizer": tok, "num_epochs": 0, "read_threads": 2}
+    cfg = cfg_for(over["sources"], tok)
+    ref = make(cfg, pi=1, pc=2, seq_len=40, batch=3, seed=5)
+    ref_batches = [next(ref) for _ in range(13)][7:]
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    state = str(tmp_path / "state.json")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for mode in ("save", "load"):
+        subprocess.run(
+            [sys.executable, str(script), json.dumps(over), mode, state],
+            check=True,
+            env=env,
+            timeout=120,
+        )
+    st = json.load(open(state))
+    assert st["carry"] and st["offset"] > 0  # resumes mid-document
+    got = np.load(state + ".npz")
+    for i, rb in enumerate(ref_batches):
+        for k, v in rb.items():
+            np.testing.assert_array_equal(got[f"{i}_{k}"], v, err_msg=f"batch {i} {k}")
+
+
+def test_state_is_json_and_resumes_across_epoch_boundary(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", corpus(7, 20))
+    cfg = cfg_for(path, tok, num_epochs=3)
+    ref = list(make(cfg))
+    it = make(cfg)
+    for _ in range(len(ref) // 2):
+        next(it)
+    st = json.loads(json.dumps(it.get_state()))
+    fresh = make(cfg)
+    fresh.set_state(st)
+    rest = list(fresh)
+    assert len(rest) == len(ref) - len(ref) // 2
+    for x, y in zip(rest, ref[len(ref) // 2 :]):
+        assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def test_bad_input_strict_and_lenient(tmp_path, tok):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok doc here"}\n{"text": broken\n{"text": "another ok"}\n')
+    it = make(cfg_for(str(path), tok))
+    assert it.bad_input.counts == {"malformed_json": 1}
+    next(it)
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed_json"):
+        make(cfg_for(str(path), tok, strict=True))
+
+
+def test_vocab_fit_and_global_batch_checks(tmp_path, tok):
+    path = write_jsonl(tmp_path / "a.jsonl", corpus(8, 10))
+    with pytest.raises(ValueError, match="vocab_size is 64"):
+        pipeline.make_pretrain_iterator(
+            cfg_for(path, tok),
+            seq_len=8,
+            global_batch=2,
+            seed=0,
+            process_index=0,
+            process_count=1,
+            vocab_size=64,
+        )
+    with pytest.raises(ValueError, match="does not divide"):
+        pipeline.make_pretrain_iterator(
+            cfg_for(path, tok), seq_len=8, global_batch=4, seed=0, process_index=0, process_count=3
+        )
+
+
+def test_builtin_corpus_fallback(tmp_path):
+    cfg = pipeline.data_config()
+    cfg.cache_dir, cfg.builtin_vocab_size = str(tmp_path), 300
+    pipeline.register_builtin_corpus(None)
+    with pytest.raises(RuntimeError, match="register_builtin_corpus"):
+        make(cfg)
+    pipeline.register_builtin_corpus(lambda: corpus(9, 100))
+    try:
+        it = make(cfg)
+        b = next(it)
+        check_row_invariants(b, it.tokenizer.bos_id, it.tokenizer.eos_id)
+        assert len(os.listdir(tmp_path)) == 1  # the trained tokenizer is cached
+        assert make(cfg).tokenizer.sha256 == it.tokenizer.sha256
+    finally:
+        pipeline.register_builtin_corpus(None)
+
+
+def test_make_global_over_8_devices(tmp_path, tok):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    path = write_jsonl(tmp_path / "a.jsonl", corpus(10, 50))
+    it = make(cfg_for(path, tok), batch=8, seq_len=16)
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    g = pipeline.make_global(next(it), NamedSharding(mesh, PartitionSpec("data")))
+    assert g["tokens"].shape == (8, 16) and len(g["tokens"].addressable_shards) == 8
+
+
+def test_parse_sources():
+    assert pipeline.parse_sources("a/*.jsonl:0.7, b:0.3,c") == [
+        ("a/*.jsonl", 0.7),
+        ("b", 0.3),
+        ("c", 1.0),
+    ]
+    assert pipeline.parse_sources("") == []
+    with pytest.raises(ValueError, match="must be > 0"):
+        pipeline.parse_sources("a:0")
