@@ -1,0 +1,334 @@
+"""Preprocess CLI: raw text → clean → dedup → tokenize → ArrayRecord shards + report.
+
+    python -m flaxlm.data.preprocess --input 'raw/*.jsonl' more.parquet --output out/ \\
+        [--config my_cfg.py] [--config.clean.min_words=20] [--config.tokenizer=tok.model]
+
+Output layout::
+
+    out/tokens/shard-00000.arrayrecord ... + meta.json   int32 ids (when there is a tokenizer)
+    out/text/shard-00000.arrayrecord ...   + meta.json   cleaned text (no tokenizer, or training)
+    out/tokenizer.model                                   the tokenizer the ids belong to
+    out/report.json, out/report.md                        documents in/out per stage and reason
+
+The loader reads ``out/tokens`` directly (``--config.data.sources=out/tokens``).
+
+It streams: documents flow through in batches of ``batch_docs``, so memory holds one batch of text
+plus the dedup tables (bytes per document, not text). With ``train_tokenizer_vocab > 0`` and no
+tokenizer, the first pass writes cleaned text shards and keeps a bounded reservoir sample to train
+SentencePiece on; a second pass tokenizes the text shards. ``workers > 1`` cleans in a process pool
+(order is preserved; dedup and writing stay in this process because they are sequential).
+
+Every document read ends up either in the output or in exactly one "removed" reason:
+``documents_in == documents_out + sum(removed)`` is checked before the report is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import multiprocessing as mp
+import os
+import random
+import runpy
+import shutil
+import sys
+import time
+
+import ml_collections
+import numpy as np
+from flaxlm.data import sources as S
+from flaxlm.data.clean import Cleaner, clean_config
+from flaxlm.data.dedup import Deduper, dedup_config
+from flaxlm.data.tokenizer import Tokenizer, train
+
+
+def preprocess_config() -> ml_collections.ConfigDict:
+    """Defaults for the CLI (``--config FILE.py`` returns one from ``get_config()``)."""
+    c = ml_collections.ConfigDict()
+    c.text_field = "text"  # jsonl/parquet field holding the document
+    c.txt_mode = "file"  # plain text: one document per "file", "line" or "blank"-separated block
+    c.strict = False  # True: the first bad record raises with file:line
+    c.clean = clean_config()  # quality filters + PII (see flaxlm.data.clean)
+    c.do_clean = True  # False: skip the filters (dedup/tokenize only)
+    c.dedup = dedup_config()  # exact/near dedup + decontamination (see flaxlm.data.dedup)
+    c.tokenizer = ""  # SentencePiece .model to tokenize with; "" = train one or write text only
+    c.train_tokenizer_vocab = 0  # > 0 and no tokenizer: train a tokenizer of this size
+    c.tokenizer_model_type = "bpe"  # "bpe" or "unigram" when training
+    c.tokenizer_sample_docs = 200_000  # reservoir sample (documents) to train the tokenizer on
+    c.shard_docs = 100_000  # documents per ArrayRecord shard
+    c.batch_docs = 512  # documents per processing batch (memory is bounded by one batch)
+    c.workers = 1  # processes for cleaning
+    c.seed = 0  # reservoir sampling seed
+    return c
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """``--config.a.b=v`` → ``cfg.a.b = v`` typed like the default; unknown keys are errors."""
+    for ov in overrides:
+        if not ov.startswith("--config.") or "=" not in ov:
+            raise SystemExit(f"unrecognised argument {ov!r} (expected --config.KEY=VALUE)")
+        key, raw = ov[len("--config.") :].split("=", 1)
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            if p not in node:
+                raise SystemExit(f"unknown config key {key!r}")
+            node = node[p]
+        if leaf not in node:
+            raise SystemExit(f"unknown config key {key!r}")
+        old = node[leaf]
+        if isinstance(old, str):
+            val = raw
+        elif isinstance(old, bool):
+            val = raw.lower() in ("1", "true", "yes")
+        else:
+            val = ast.literal_eval(raw)
+            val = type(old)(val) if isinstance(old, (int, float, tuple)) else val
+        node[leaf] = val
+
+
+class ShardWriter:
+    """Writes records into numbered ArrayRecord shards plus a ``meta.json`` describing them."""
+
+    def __init__(self, out_dir: str, per_shard: int, meta: dict):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self._cls, self.dir, self.per_shard = ArrayRecordWriter, out_dir, per_shard
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, S.META_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
+        self.paths: list[str] = []
+        self._w, self._n = None, 0
+
+    def write(self, record: bytes) -> None:
+        if self._w is None or self._n == self.per_shard:
+            self._close_current()
+            self.paths.append(os.path.join(self.dir, f"shard-{len(self.paths):05d}.arrayrecord"))
+            self._w, self._n = self._cls(self.paths[-1], "group_size:1"), 0
+        self._w.write(record)
+        self._n += 1
+
+    def _close_current(self):
+        if self._w is not None:
+            self._w.close()
+
+    def close(self) -> list[str]:
+        self._close_current()
+        self._w = None
+        return self.paths
+
+
+def _clean_batch(args):
+    cfg, batch = args
+    c = Cleaner(cfg)
+    return [c(d.text, d.loc) for d in batch], c
+
+
+def _batches(it, n):
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _stage(name, seconds, rep):
+    return {"stage": name, "seconds": round(seconds, 3), **rep}
+
+
+def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict:
+    """Runs the whole pipeline; returns (and writes) the report."""
+    t_start = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    log = S.BadInputLog(strict=cfg.strict)
+    cleaner = Cleaner(cfg.clean)
+    eval_texts = []
+    if cfg.dedup.decontam_paths:
+        eval_texts = [
+            d.text
+            for d in S.iter_documents(
+                cfg.dedup.decontam_paths.split(","), text_field=cfg.dedup.decontam_field
+            )
+        ]
+    deduper = Deduper(cfg.dedup, eval_texts)
+    tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    training = tok is None and cfg.train_tokenizer_vocab > 0
+    if tok is None:  # text shards: the output, or the input of the second (tokenizing) pass
+        text_out = ShardWriter(os.path.join(out_dir, "text"), cfg.shard_docs, {"format": "text"})
+    else:
+        text_out, tok_out = None, _token_writer(out_dir, tok, cfg)
+    reservoir, rng, n_res = [], random.Random(cfg.seed), 0
+    times = {"read": 0.0, "clean": 0.0, "dedup": 0.0, "tokenize": 0.0}
+    counts = {"read_records": 0, "bytes_in": 0, "tokens": 0, "out": 0}
+    pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
+
+    docs = S.iter_documents(inputs, text_field=cfg.text_field, txt_mode=cfg.txt_mode, log=log)
+    batches = _batches(docs, cfg.batch_docs)
+    group = max(1, cfg.workers) * 2  # batches in flight per pool round
+    while True:
+        t0 = time.time()
+        round_batches = [b for _, b in zip(range(group), batches)]
+        times["read"] += time.time() - t0
+        if not round_batches:
+            break
+        t0 = time.time()
+        if not cfg.do_clean:
+            cleaned = [([d.text for d in b], None) for b in round_batches]
+        elif pool is not None:
+            cleaned = pool.map(_clean_batch, [(cfg.clean, b) for b in round_batches])
+        else:
+            cleaned = [_clean_batch((cfg.clean, b)) for b in round_batches]
+        for _, part in cleaned:
+            if part is not None:
+                cleaner.merge(part)
+        times["clean"] += time.time() - t0
+        for batch, (texts, _) in zip(round_batches, cleaned):
+            counts["bytes_in"] += sum(len(d.text.encode()) for d in batch)
+            kept = [(d, t) for d, t in zip(batch, texts) if t is not None]
+            t0 = time.time()
+            keep = deduper.keep_batch([t for _, t in kept], [d.loc for d, _ in kept])
+            survivors = [t for (_, t), k in zip(kept, keep) if k]
+            times["dedup"] += time.time() - t0
+            counts["out"] += len(survivors)
+            if text_out is not None:
+                for t in survivors:
+                    text_out.write(t.encode("utf-8"))
+                for t in survivors if training else ():
+                    n_res += 1  # reservoir sampling (Algorithm R): bounded, uniform
+                    if len(reservoir) < cfg.tokenizer_sample_docs:
+                        reservoir.append(t)
+                    elif (j := rng.randrange(n_res)) < cfg.tokenizer_sample_docs:
+                        reservoir[j] = t
+            else:
+                t0 = time.time()
+                counts["tokens"] += _write_tokens(tok_out, tok, survivors)
+                times["tokenize"] += time.time() - t0
+    if pool is not None:
+        pool.close()
+    shards = text_out.close() if text_out is not None else tok_out.close()
+
+    if training:  # second pass: train on the sample, tokenize the text shards
+        t0 = time.time()
+        tok = train(
+            reservoir,
+            cfg.train_tokenizer_vocab,
+            model_type=cfg.tokenizer_model_type,
+            model_path=os.path.join(out_dir, "tokenizer.model"),
+        )
+        del reservoir
+        tok_out = _token_writer(out_dir, tok, cfg)
+        for batch in _batches(S.iter_documents(os.path.join(out_dir, "text")), cfg.batch_docs):
+            counts["tokens"] += _write_tokens(tok_out, tok, [d.text for d in batch])
+        shards = tok_out.close()
+        times["tokenize"] += time.time() - t0
+
+    read_in = log.total
+    n_in = counts["out"] + sum(deduper.removed.values()) + sum(cleaner.removed.values())
+    stages = [
+        _stage("read", times["read"], {"in": n_in + read_in, "out": n_in, **log.to_dict()}),
+        _stage("clean", times["clean"], cleaner.report()),
+        _stage("dedup", times["dedup"], deduper.report()),
+        _stage("tokenize", times["tokenize"], {"tokens": counts["tokens"]}),
+    ]
+    removed = {**log.counts, **cleaner.removed, **deduper.removed}
+    report = {
+        "inputs": S.expand_paths(inputs),
+        "output": out_dir,
+        "documents_in": n_in + read_in,
+        "documents_out": counts["out"],
+        "removed": removed,
+        "bytes_in": counts["bytes_in"],
+        "tokens": counts["tokens"],
+        "tokenizer": tok.name if tok is not None else None,
+        "shards": [os.path.relpath(p, out_dir) for p in shards],
+        "seconds": round(time.time() - t_start, 3),
+        "stages": stages,
+    }
+    if report["documents_in"] != report["documents_out"] + sum(removed.values()):
+        raise AssertionError(f"document accounting does not add up: {report}")
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(format_report(report))
+    return report
+
+
+def _token_writer(out_dir: str, tok: Tokenizer, cfg) -> ShardWriter:
+    model_path = os.path.join(out_dir, "tokenizer.model")
+    if not os.path.exists(model_path) or Tokenizer.load(model_path).sha256 != tok.sha256:
+        tok.save(model_path)
+    meta = {
+        "format": "tokens",
+        "dtype": "int32",
+        "bos_eos": False,  # ids only; the loader adds BOS/EOS
+        "tokenizer": "../tokenizer.model",
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+    }
+    return ShardWriter(os.path.join(out_dir, "tokens"), cfg.shard_docs, meta)
+
+
+def _write_tokens(writer: ShardWriter, tok: Tokenizer, texts: list[str]) -> int:
+    n = 0
+    for ids in tok.encode_batch(texts):
+        writer.write(np.asarray(ids, np.int32).tobytes())
+        n += len(ids)
+    return n
+
+
+def format_report(r: dict) -> str:
+    """A human-readable summary of ``report.json``."""
+    lines = [
+        "# Preprocess report",
+        "",
+        f"inputs: {len(r['inputs'])} file(s) · output: {r['output']} · {r['seconds']:.1f} s",
+        f"documents: {r['documents_in']} in → {r['documents_out']} out · "
+        f"{r['bytes_in'] / 1e6:.2f} MB kept text in · {r['tokens']} tokens out"
+        + (f" ({r['tokenizer']})" if r["tokenizer"] else ""),
+        "",
+        "| stage | in | out | removed (reason: count) | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for s in r["stages"]:
+        removed = s.get("removed", s.get("counts", {}))
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(removed.items())) or "-"
+        lines.append(
+            f"| {s['stage']} | {s.get('in', '')} | {s.get('out', '')} | {why} | "
+            f"{s['seconds']:.2f} |"
+        )
+    lines += ["", "## Examples of removed documents", ""]
+    for s in r["stages"]:
+        for reason, exs in sorted(s.get("examples", {}).items()):
+            lines.append(f"- **{s['stage']} / {reason}**")
+            lines += [f"  - {e}" for e in exs]
+    pii = next((s.get("pii_redacted") for s in r["stages"] if s["stage"] == "clean"), None)
+    if pii:
+        lines += ["", "PII redacted: " + ", ".join(f"{k}: {v}" for k, v in sorted(pii.items()))]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
+    ap.add_argument("--output", required=True, help="output directory")
+    ap.add_argument("--config", help="python file whose get_config() returns the settings")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args, rest = ap.parse_known_args(argv)
+    cfg = runpy.run_path(args.config)["get_config"]() if args.config else preprocess_config()
+    apply_overrides(cfg, rest)
+    if os.path.exists(os.path.join(args.output, "report.json")):
+        if not args.overwrite:
+            raise SystemExit(f"{args.output} already holds a preprocess run (use --overwrite)")
+        for sub in ("text", "tokens"):
+            shutil.rmtree(os.path.join(args.output, sub), ignore_errors=True)
+    report = run(args.input, args.output, cfg)
+    sys.stdout.write(format_report(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

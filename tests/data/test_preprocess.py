@@ -1,0 +1,161 @@
+"""Preprocess CLI: mixed inputs → shards + report; accounting adds up; shards load; strict mode."""
+
+import json
+import string
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from flaxlm.data import pipeline, preprocess
+from flaxlm.data.sources import DataError
+from flaxlm.data.tokenizer import Tokenizer
+
+STOP = ["the", "of", "and", "to", "that", "with", "have", "be"]
+
+
+def en_doc(rng, n=120):
+    letters = np.array(list(string.ascii_lowercase))
+    words = ["".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(n)]
+    for i in range(0, n, 6):
+        words[i] = STOP[i % len(STOP)]
+    return " ".join(words).capitalize() + "."
+
+
+def zh_doc(rng, n=150):
+    han = [chr(c) for c in range(0x4E00, 0x4E00 + 200)]
+    chars = list(rng.choice(han, n))
+    for i in range(0, n, 7):
+        chars[i] = "的是在了"[i % 4]
+    return "".join(chars) + "。"
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    en = [en_doc(rng) for _ in range(40)]
+    zh = [zh_doc(rng) for _ in range(10)]
+    near = en[0].split()
+    near[30], near[31] = near[31], near[30]
+    rows = [{"text": t} for t in en + zh] + [
+        {"text": en[1].upper()},  # exact duplicate after normalisation
+        {"text": " ".join(near)},  # near duplicate (one swap)
+        {"text": "too short"},
+        {"text": en_doc(rng) + " You idiot."},  # toxic
+        {"text": en_doc(rng) + " Mail jane@example.com or call 415-555-2671."},  # PII, kept
+        {"body": "no text field"},
+    ]
+    j = tmp_path / "in.jsonl"
+    j.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n{broken\n")
+    txt = tmp_path / "doc.txt"
+    txt.write_text(en_doc(rng))
+    pqf = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": [en_doc(rng), zh_doc(rng), None]}), str(pqf))
+    return [str(j), str(txt), str(pqf)], en
+
+
+def test_cli_end_to_end_with_trained_tokenizer(tmp_path, inputs):
+    paths, en = inputs
+    out = str(tmp_path / "out")
+    rep = preprocess.main(
+        [
+            "--input",
+            *paths,
+            "--output",
+            out,
+            "--config.train_tokenizer_vocab=600",
+            "--config.shard_docs=20",
+            "--config.batch_docs=16",
+        ]
+    )
+    # 56 + 1 broken jsonl lines, 1 text file, 3 parquet rows = 61 records read.
+    assert rep["documents_in"] == 61
+    assert rep["removed"] == {
+        "malformed_json": 1,
+        "missing_field": 2,
+        "too_short": 1,
+        "toxic": 1,
+        "exact_duplicate": 1,
+        "near_duplicate": 1,
+    }
+    assert rep["documents_out"] == 61 - 7
+    assert rep["documents_in"] == rep["documents_out"] + sum(rep["removed"].values())
+    clean = next(s for s in rep["stages"] if s["stage"] == "clean")
+    assert clean["pii_redacted"] == {"EMAIL": 1, "PHONE": 1}
+    assert len(rep["shards"]) == 3 and rep["tokens"] > 5000
+    md = open(f"{out}/report.md").read()
+    assert "| dedup |" in md and "near_duplicate: 1" in md and "in.jsonl:" in md
+    assert json.load(open(f"{out}/report.json"))["documents_out"] == 54
+
+    # The loader reads the token shards (tokenizer found beside them) ...
+    cfg = pipeline.data_config()
+    cfg.sources, cfg.num_epochs, cfg.shuffle, cfg.read_threads = f"{out}/tokens", 1, False, 1
+    it = pipeline.make_pretrain_iterator(
+        cfg, seq_len=256, global_batch=2, seed=0, process_index=0, process_count=1
+    )
+    tok = it.tokenizer
+    assert tok.sha256 == Tokenizer.load(f"{out}/tokenizer.model").sha256
+    stream = np.concatenate([b["targets"][b["loss_mask"] > 0] for b in it])
+    # ... and the ids are those of the cleaned text shards, first document first.
+    cfg.sources, cfg.tokenizer = f"{out}/text", f"{out}/tokenizer.model"
+    text_it = pipeline.make_pretrain_iterator(
+        cfg, seq_len=256, global_batch=2, seed=0, process_index=0, process_count=1
+    )
+    np.testing.assert_array_equal(
+        stream, np.concatenate([b["targets"][b["loss_mask"] > 0] for b in text_it])
+    )
+    first = tok.encode(en[0]) + [tok.eos_id]
+    np.testing.assert_array_equal(stream[: len(first)], first)
+    assert "<EMAIL>" in "".join(tok.decode_batch([stream]))
+
+
+def test_given_tokenizer_single_pass_and_overwrite(tmp_path, inputs):
+    paths, _ = inputs
+    out = str(tmp_path / "o1")
+    preprocess.main(["--input", *paths, "--output", out, "--config.train_tokenizer_vocab=500"])
+    out2 = str(tmp_path / "o2")
+    rep = preprocess.main(
+        [
+            "--input",
+            paths[0],
+            "--output",
+            out2,
+            f"--config.tokenizer={out}/tokenizer.model",
+            "--config.dedup.near=False",
+            "--config.clean.min_words=1",
+        ]
+    )
+    assert "near_duplicate" not in rep["removed"] and "too_short" not in rep["removed"]
+    assert rep["shards"] == ["tokens/shard-00000.arrayrecord"]
+    with pytest.raises(SystemExit, match="already holds"):
+        preprocess.main(["--input", paths[0], "--output", out2])
+    with pytest.raises(SystemExit, match="unknown config key 'clean.nope'"):
+        preprocess.main(
+            ["--input", paths[0], "--output", out2, "--overwrite", "--config.clean.nope=1"]
+        )
+
+
+def test_strict_raises_with_file_line(tmp_path, inputs):
+    paths, _ = inputs
+    with pytest.raises(DataError, match=r"in\.jsonl:56: missing_field"):
+        preprocess.main(
+            ["--input", paths[0], "--output", str(tmp_path / "s"), "--config.strict=True"]
+        )
+
+
+def test_decontamination_and_workers(tmp_path, inputs):
+    paths, en = inputs
+    evalf = tmp_path / "eval.jsonl"
+    evalf.write_text(json.dumps({"text": " ".join(en[5].split()[10:30])}) + "\n")
+    rep = preprocess.main(
+        [
+            "--input",
+            paths[0],
+            "--output",
+            str(tmp_path / "d"),
+            f"--config.dedup.decontam_paths={evalf}",
+            "--config.workers=2",
+        ]
+    )
+    assert rep["removed"]["contaminated"] == 1
+    assert rep["documents_in"] == rep["documents_out"] + sum(rep["removed"].values())
