@@ -296,6 +296,8 @@ def format_report(r: dict) -> str:
     for s in r["stages"]:
         removed = s.get("removed", s.get("counts", {}))
         why = ", ".join(f"{k}: {v}" for k, v in sorted(removed.items())) or "-"
+        if s["stage"] == "tokenize":
+            why = f"{s['tokens']} tokens written"
         lines.append(
             f"| {s['stage']} | {s.get('in', '')} | {s.get('out', '')} | {why} | "
             f"{s['seconds']:.2f} |"

@@ -1,0 +1,366 @@
+"""The preprocess stages on Apache Beam, for corpora one machine cannot handle.
+
+    python -m flaxlm.data.beam --input 'raw/*.jsonl' --output out/ \\
+        [--config.tokenizer=tok.model] [--runner DirectRunner | DataflowRunner | FlinkRunner ...]
+
+The same stage functions as ``flaxlm.data.preprocess`` (readers, ``Cleaner``, ``exact_key``,
+``shingles``/``MinHasher``/``band_keys``, ``Decontaminator``, ``Tokenizer``) run inside Beam
+transforms; where the streaming CLI keeps a table, Beam groups by key instead:
+
+* exact dedup: group by normalized-text hash, keep the smallest document key;
+* near dedup: emit (band key → document key); in every band group all but the smallest key are
+  duplicates; a document is dropped if any group marks it. This is exactly the streaming rule
+  ("a band key already produced by an earlier document"), so both keep the same documents.
+
+Document keys are (file index in the sorted input list, record index), the same as
+``Document.key``. Output shards are ``shard-XXXXX-of-YYYYY.arrayrecord`` (documents assigned by a
+hash of their key, sorted by key inside a shard) plus ``meta.json``, ``report.json`` and
+``report.md`` as the CLI writes them; on a cluster ``--output`` must be a filesystem every worker
+can write (ArrayRecord writes local paths). Tokenizer training is not done here: pass a tokenizer
+(e.g. one the CLI trained on a sample), or get cleaned text shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zlib
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindows
+from flaxlm.data import preprocess as P
+from flaxlm.data import sources as S
+from flaxlm.data.clean import Cleaner
+from flaxlm.data.dedup import Decontaminator, Deduper, band_keys, exact_key, lsh_params
+from flaxlm.data.tokenizer import Tokenizer
+
+MAX_EXAMPLES = 5
+
+
+def merge_stats(a: dict, b: dict) -> dict:
+    """Adds numbers, merges dicts, concatenates example lists (sorted, capped) — recursively."""
+    out = dict(a)
+    for k, v in b.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = merge_stats(out[k], v)
+        elif isinstance(v, list):
+            out[k] = sorted(out[k] + v)[:MAX_EXAMPLES]
+        else:
+            out[k] = out[k] + v
+    return out
+
+
+class _MergeStats(beam.CombineFn):
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, x):
+        return merge_stats(acc, x)
+
+    def merge_accumulators(self, accs):
+        out = {}
+        for a in accs:
+            out = merge_stats(out, a)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _stats(x: dict):
+    return beam.pvalue.TaggedOutput("stats", x)
+
+
+class _ReadFile(beam.DoFn):
+    """(file index, path) → (key, loc, text) documents; bad records go to the stats output."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def process(self, item):
+        fi, path = item
+        log = S.BadInputLog(strict=self.cfg.strict)
+        n, nbytes = 0, 0
+        for ri, loc, text in S._iter_file(path, fi, self.cfg.text_field, self.cfg.txt_mode, log):
+            if text is not None:
+                n += 1
+                nbytes += len(text.encode())
+                yield (fi, ri), loc, text
+        yield _stats({"read": {"in": n + log.total, "out": n, "bytes": nbytes, **log.to_dict()}})
+
+
+class _Clean(beam.DoFn):
+    """One ``Cleaner`` per bundle; its counters leave as one stats record per bundle."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def start_bundle(self):
+        self.cleaner = Cleaner(self.cfg)
+
+    def process(self, doc):
+        key, loc, text = doc
+        out = self.cleaner(text, loc)
+        if out is not None:
+            yield key, loc, out
+
+    def finish_bundle(self):
+        rep = self.cleaner.report()
+        yield beam.pvalue.TaggedOutput("stats", GlobalWindows.windowed_value({"clean": rep}))
+
+
+def _first_of_group(item):
+    """Exact dedup: the smallest key of a normalized-text group survives."""
+    _, docs = item
+    docs = sorted(docs)
+    yield docs[0]
+    for key, loc, text in docs[1:]:
+        yield _stats(_removed("exact_duplicate", loc, text))
+
+
+def _removed(reason, loc, text):
+    return {"dedup": {"removed": {reason: 1}, "examples": {reason: [f"{loc}: {text[:200]!r}"]}}}
+
+
+class _Decontaminate(beam.DoFn):
+    def __init__(self, cfg, eval_texts):
+        self.cfg, self.eval_texts = cfg, eval_texts
+
+    def setup(self):
+        self.d = Decontaminator(self.eval_texts, self.cfg.decontam_ngram)
+
+    def process(self, doc):
+        key, loc, text = doc
+        if self.d.hits(text):
+            if self.cfg.decontam_mode == "drop":
+                yield _stats(_removed("contaminated", loc, text))
+                return
+            yield _stats({"dedup": {"flagged_contaminated": 1}})
+        yield doc
+
+
+class _BandKeys(beam.DoFn):
+    """doc → (band key, doc key) for each LSH band, with the streaming Deduper's signatures."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def setup(self):
+        self.dd = Deduper(self.cfg)
+
+    def process(self, doc):
+        key, _, text = doc
+        sig = self.dd.signatures([text])
+        # int64 view: Beam's integer coder takes signed 64-bit values.
+        for k in band_keys(sig, self.dd.bands, self.dd.rows)[0].view(np.int64).tolist():
+            yield k, key
+
+
+def _later_members(item):
+    _, keys = item
+    keys = sorted(set(keys))
+    for k in keys[1:]:
+        yield k, True
+
+
+def _drop_marked(item):
+    key, groups = item
+    docs, marks = groups["doc"], groups["dup"]
+    for loc, text in docs:
+        if marks:
+            yield _stats(_removed("near_duplicate", loc, text))
+        else:
+            yield key, loc, text
+
+
+class _Tokenize(beam.DoFn):
+    def __init__(self, tok: Tokenizer | None):
+        self.tok = tok
+
+    def process(self, doc):
+        key, _, text = doc
+        if self.tok is None:
+            yield key, text.encode("utf-8")
+            return
+        ids = self.tok.encode(text)
+        yield _stats({"tokens": len(ids)})
+        yield key, np.asarray(ids, np.int32).tobytes()
+
+
+def _write_shard(item, out_dir, num_shards):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    shard, records = item
+    path = os.path.join(out_dir, f"shard-{shard:05d}-of-{num_shards:05d}.arrayrecord")
+    w = ArrayRecordWriter(path, "group_size:1")
+    for _, rec in sorted(records):
+        w.write(rec)
+    w.close()
+    return path
+
+
+def _dedup_stage(docs, cfg, eval_texts):
+    """Exact → decontaminate → near, by group-by-key; returns (survivors, [stats pcollections])."""
+    stats = []
+    if cfg.exact:
+        res = (
+            docs
+            | "ExactKey" >> beam.Map(lambda d: (exact_key(d[2]), d))
+            | "ExactGroup" >> beam.GroupByKey()
+            | "ExactFirst" >> beam.FlatMap(_first_of_group).with_outputs("stats", main="docs")
+        )
+        docs = res.docs
+        stats.append(res.stats)
+    if eval_texts:
+        res = docs | "Decontam" >> beam.ParDo(_Decontaminate(cfg, eval_texts)).with_outputs(
+            "stats", main="docs"
+        )
+        docs = res.docs
+        stats.append(res.stats)
+    if cfg.near:
+        dups = (
+            docs
+            | "BandKeys" >> beam.ParDo(_BandKeys(cfg))
+            | "BandGroup" >> beam.GroupByKey()
+            | "LaterMembers" >> beam.FlatMap(_later_members)
+            | "DistinctDups" >> beam.CombinePerKey(lambda marks: True)
+        )
+        keyed = docs | "ByKey" >> beam.Map(lambda d: (d[0], (d[1], d[2])))
+        res = (
+            {"doc": keyed, "dup": dups}
+            | "Join" >> beam.CoGroupByKey()
+            | "DropDups" >> beam.FlatMap(_drop_marked).with_outputs("stats", main="docs")
+        )
+        docs = res.docs
+        stats.append(res.stats)
+    return docs, stats
+
+
+def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int):
+    """Adds the preprocess graph to pipeline ``p``; stats land in ``out_dir/_stats.json``."""
+    files = S.expand_paths(inputs)
+    tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    eval_texts = []
+    if cfg.dedup.decontam_paths:
+        paths = cfg.dedup.decontam_paths.split(",")
+        eval_texts = [d.text for d in S.iter_documents(paths, text_field=cfg.dedup.decontam_field)]
+    read = (
+        p
+        | "Files" >> beam.Create(list(enumerate(files)))
+        | "Read" >> beam.ParDo(_ReadFile(cfg)).with_outputs("stats", main="docs")
+    )
+    stats = [read.stats]
+    docs = read.docs
+    if cfg.do_clean:
+        cleaned = docs | "Clean" >> beam.ParDo(_Clean(cfg.clean)).with_outputs("stats", main="docs")
+        docs = cleaned.docs
+        stats.append(cleaned.stats)
+    docs, dedup_stats = _dedup_stage(docs, cfg.dedup, eval_texts)
+    stats += dedup_stats
+    stats.append(docs | "One" >> beam.Map(lambda _: {"out": 1}))
+    records = docs | "Tokenize" >> beam.ParDo(_Tokenize(tok)).with_outputs("stats", main="r")
+    stats.append(records.stats)
+    _ = (
+        records.r
+        | "Shard" >> beam.Map(lambda kr: (zlib.crc32(repr(kr[0]).encode()) % num_shards, kr))
+        | "ShardGroup" >> beam.GroupByKey()
+        | "Write"
+        >> beam.Map(_write_shard, os.path.join(out_dir, "tokens" if tok else "text"), num_shards)
+    )
+    _ = (
+        stats
+        | "AllStats" >> beam.Flatten()
+        | "Merge" >> beam.CombineGlobally(_MergeStats())
+        | "Save" >> beam.Map(_save_json, os.path.join(out_dir, "_stats.json"))
+    )
+    return tok
+
+
+def _save_json(x, path):
+    with open(path, "w") as f:
+        json.dump(x, f)
+
+
+def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=()) -> dict:
+    """Runs the pipeline (DirectRunner unless ``beam_args`` say otherwise); returns the report."""
+    t0 = time.time()
+    tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    sub = "tokens" if tok else "text"
+    os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    if tok is not None:
+        P._token_writer(out_dir, tok, cfg).close()  # writes meta.json and tokenizer.model
+    else:
+        P.ShardWriter(os.path.join(out_dir, sub), 1, {"format": "text"}).close()
+    with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
+        build(p, inputs, out_dir, cfg, num_shards)
+    with open(os.path.join(out_dir, "_stats.json")) as f:
+        st = json.load(f)
+    os.remove(os.path.join(out_dir, "_stats.json"))
+    read = st.get("read", {})
+    empty = {"in": 0, "out": 0, "removed": {}, "examples": {}, "pii_redacted": {}}
+    clean = merge_stats(empty, st["clean"]) if "clean" in st else {**empty, "in": read["out"]}
+    clean["out"] = clean["in"] - sum(clean["removed"].values())
+    dedup_in = clean["in"] - sum(clean["removed"].values())
+    dedup = merge_stats(
+        {"removed": {}, "examples": {}, "flagged_contaminated": 0}, st.get("dedup", {})
+    )
+    dedup = {"in": dedup_in, "out": st.get("out", 0), **dedup}
+    bands, rows = lsh_params(cfg.dedup)
+    dedup["lsh"] = {"bands": bands, "rows": rows, "threshold": cfg.dedup.threshold}
+    removed = {**read.get("counts", {}), **clean["removed"], **dedup["removed"]}
+    shards = sorted(f for f in os.listdir(os.path.join(out_dir, sub)) if f.endswith(".arrayrecord"))
+    report = {
+        "inputs": S.expand_paths(inputs),
+        "output": out_dir,
+        "runner": "beam",
+        "documents_in": read.get("in", 0),
+        "documents_out": st.get("out", 0),
+        "removed": removed,
+        "bytes_in": read.get("bytes", 0),
+        "tokens": st.get("tokens", 0),
+        "tokenizer": tok.name if tok is not None else None,
+        "shards": [f"{sub}/{s}" for s in shards],
+        "seconds": round(time.time() - t0, 3),
+        "stages": [
+            {"stage": "read", "seconds": 0.0, **{k: v for k, v in read.items() if k != "bytes"}},
+            {"stage": "clean", "seconds": 0.0, **clean},
+            {"stage": "dedup", "seconds": 0.0, **dedup},
+            {"stage": "tokenize", "seconds": 0.0, "tokens": st.get("tokens", 0)},
+        ],
+    }
+    if report["documents_in"] != report["documents_out"] + sum(removed.values()):
+        raise AssertionError(f"document accounting does not add up: {report}")
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(P.format_report(report))
+    return report
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description="flaxlm preprocess on Apache Beam")
+    ap.add_argument("--input", nargs="+", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--config", help="python file whose get_config() returns the settings")
+    ap.add_argument("--num_shards", type=int, default=8)
+    args, rest = ap.parse_known_args(argv)
+    import runpy
+
+    cfg = runpy.run_path(args.config)["get_config"]() if args.config else P.preprocess_config()
+    ours = [a for a in rest if a.startswith("--config.")]
+    P.apply_overrides(cfg, ours)
+    beam_args = [a for a in rest if not a.startswith("--config.")]
+    report = run(args.input, args.output, cfg, num_shards=args.num_shards, beam_args=beam_args)
+    sys.stdout.write(P.format_report(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The preprocess stages on Beam's DirectRunner keep exactly what the streaming CLI keeps."""
+
+import json
+import string
+
+import numpy as np
+import pytest
+from flaxlm.data import preprocess, sources
+from flaxlm.data.tokenizer import train
+
+beam_mod = pytest.importorskip("flaxlm.data.beam")  # apache-beam is in install_requires
+
+STOP = ["the", "of", "and", "to", "that", "with", "have", "be"]
+
+
+def en_doc(rng, n=100):
+    letters = np.array(list(string.ascii_lowercase))
+    words = ["".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(n)]
+    for i in range(0, n, 6):
+        words[i] = STOP[i % len(STOP)]
+    return " ".join(words)
+
+
+def test_beam_matches_streaming_cli(tmp_path):
+    rng = np.random.default_rng(0)
+    base = [en_doc(rng) for _ in range(60)]
+    rows = []
+    for i, d in enumerate(base):
+        rows.append({"text": d})
+        w = d.split()
+        if i % 5 == 0:  # near duplicate: one swap
+            w[10], w[11] = w[11], w[10]
+            rows.append({"text": " ".join(w)})
+        if i % 7 == 0:
+            rows.append({"text": d.upper()})  # exact duplicate
+        if i % 11 == 0:
+            rows.append({"text": d + " call 415-555-2671 you idiot"})  # toxic
+    rows.append({"text": "short"})
+    for k in range(2):  # two files, so keys span files
+        with open(tmp_path / f"in{k}.jsonl", "w") as f:
+            for r in rows[k::2]:
+                f.write(json.dumps(r) + "\n")
+            f.write("{oops\n")
+    evalf = tmp_path / "eval.jsonl"
+    evalf.write_text(json.dumps({"text": " ".join(base[3].split()[20:40])}) + "\n")
+    tok = str(tmp_path / "tok.model")
+    train(base, 500, model_path=tok)
+    inputs = [str(tmp_path / "in*.jsonl")]
+    over = [f"--config.tokenizer={tok}", f"--config.dedup.decontam_paths={evalf}"]
+    ref = preprocess.main(["--input", *inputs, "--output", str(tmp_path / "cli"), *over])
+    got = beam_mod.main(
+        [
+            "--input",
+            *inputs,
+            "--output",
+            str(tmp_path / "beam"),
+            *over,
+            "--num_shards=3",
+            "--runner=DirectRunner",
+        ]
+    )
+    for k in ("documents_in", "documents_out", "removed", "tokens"):
+        assert got[k] == ref[k], k
+    assert set(ref["removed"]) >= {
+        "exact_duplicate",
+        "near_duplicate",
+        "toxic",
+        "contaminated",
+        "malformed_json",
+        "too_short",
+    }
+    assert len(got["shards"]) == 3
+    for a, b in zip(got["stages"][:3], ref["stages"][:3]):
+        assert (a["stage"], a["in"], a["out"]) == (b["stage"], b["in"], b["out"])
+
+    def docs(d):
+        src = sources.open_source(str(tmp_path / d / "tokens"))
+        return sorted(src[i].tobytes() for i in range(len(src)))
+
+    assert docs("beam") == docs("cli")
+    assert "| dedup |" in open(tmp_path / "beam" / "report.md").read()
