@@ -121,7 +121,7 @@ def _first_of_group(item):
     _, docs = item
     docs = sorted(docs)
     yield docs[0]
-    for key, loc, text in docs[1:]:
+    for _key, loc, text in docs[1:]:
         yield _stats(_removed("exact_duplicate", loc, text))
 
 
