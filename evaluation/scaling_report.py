@@ -1,0 +1,265 @@
+"""From a table of sweep runs to a scaling-law report: every fit, intervals, prediction, plots.
+
+A run table has one row per finished run with the columns the sweep collects (``RUN_COLUMNS``):
+total and non-embedding parameters, training tokens, exact training FLOPs, final train loss and
+held-out loss. It can be a list of dicts, or a ``.csv``, ``.json`` (a list of rows, or
+``{"runs": [...]}``) or ``.jsonl`` file. ``fit_report`` fits
+
+* Kaplan-style ``L(N)``, ``L(D)`` on the best loss per size / per token count, and ``L(C)`` on the
+  compute frontier (runs no cheaper run beats);
+* the parametric ``L(N, D)`` with bootstrap intervals, and the compute-optimal allocation it
+  implies;
+* IsoFLOP minima, when the sweep has budgets with >= 3 sizes each;
+* optionally the prediction for a held-out target run (a bigger model) against its actual loss,
+
+and writes ``scaling_report.json`` plus PNG plots to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flaxlm.evaluation import scaling_plots
+from flaxlm.evaluation.scaling import (
+    HUBER_DELTA,
+    compute_optimal,
+    envelope,
+    fit_parametric,
+    fit_power_law,
+    pareto_frontier,
+    predict_parametric,
+)
+from flaxlm.evaluation.scaling_bootstrap import bootstrap_parametric
+from flaxlm.evaluation.scaling_isoflop import fit_isoflop, group_by_compute
+
+RUN_COLUMNS = ("n_params", "n_params_nonembed", "tokens", "flops", "final_loss", "heldout_loss")
+
+
+def _read_rows(source) -> tuple[list[Mapping], list[str]]:
+    """Rows of a run table and a location label per row for error messages."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        name = os.path.basename(path)
+        if path.endswith(".csv"):
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            return rows, [f"{path}:{i + 2}" for i in range(len(rows))]  # line 1 is the header
+        if path.endswith(".jsonl"):
+            with open(path) as f:
+                lines = [(i, ln) for i, ln in enumerate(f, 1) if ln.strip()]
+            return [json.loads(ln) for _, ln in lines], [f"{path}:{i}" for i, _ in lines]
+        if path.endswith(".json"):
+            with open(path) as f:
+                data = json.load(f)
+            rows = data["runs"] if isinstance(data, dict) and "runs" in data else data
+            if not isinstance(rows, list):
+                raise ValueError(f"{path}: expected a list of runs or {{'runs': [...]}}")
+            return rows, [f"{name} run {i}" for i in range(len(rows))]
+        raise ValueError(f"{path}: run table must be .csv, .json or .jsonl")
+    rows = list(source)
+    return rows, [f"runs[{i}]" for i in range(len(rows))]
+
+
+def load_runs(source, *, required: Sequence[str] = RUN_COLUMNS) -> dict[str, np.ndarray]:
+    """Read a run table into float columns.
+
+    Args:
+      source: list of dicts, or path to a .csv / .json / .jsonl file.
+      required: columns every row must have (a clear error names the row and column).
+
+    Returns:
+      {column: float array} for the required columns and every other ``RUN_COLUMNS`` column that
+      all rows have.
+    """
+    rows, where = _read_rows(source)
+    if not rows:
+        raise ValueError("run table is empty")
+    out = {}
+    for col in dict.fromkeys([*required, *RUN_COLUMNS]):
+        values = []
+        for row, loc in zip(rows, where):
+            v = row.get(col) if isinstance(row, Mapping) else None
+            if v is None or v == "":
+                if col in required:
+                    raise ValueError(f"{loc}: missing column {col!r}")
+                break
+            try:
+                values.append(float(v))
+            except (TypeError, ValueError):
+                raise ValueError(f"{loc}: column {col!r} = {v!r} is not a number") from None
+        else:
+            out[col] = np.asarray(values, dtype=np.float64)
+    return out
+
+
+def _jsonable(x):
+    """Plain Python numbers/lists/dicts, so the report can be written with json.dump."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _power_laws(N, D, C, loss) -> dict:
+    """Kaplan-style one-variable laws, each on the runs that bound loss for that variable."""
+    # Kaplan et al. fit L(N) on models trained to convergence and L(C) on the compute frontier;
+    # a finite sweep can only offer the best run per size (its longest) and the frontier runs.
+    # On an IsoFLOP sweep every size is distinct, so L(N) and L(D) then mix budgets: read them
+    # with that in mind (``fitted_on`` says what was used).
+    frontier = pareto_frontier(C, loss)
+    subsets = {
+        "N": (*envelope(N, loss), "best loss per distinct N"),
+        "D": (*envelope(D, loss), "best loss per distinct D"),
+        "C": (C[frontier], loss[frontier], "runs on the compute frontier"),
+    }
+    out = {}
+    for name, (x, y, fitted_on) in subsets.items():
+        if np.unique(x).size < 4:
+            out[name] = {"skipped": f"{np.unique(x).size} distinct {name} values; need >= 4"}
+            continue
+        out[name] = {
+            **fit_power_law(x, y),
+            "fitted_on": fitted_on,
+            "x": x.tolist(),
+            "loss": y.tolist(),
+        }
+    return out
+
+
+def fit_report(
+    runs,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    n_key: str = "n_params_nonembed",
+    loss_key: str = "heldout_loss",
+    compute: str = "6nd",
+    target: Mapping | None = None,
+    n_boot: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Fit every scaling law to a run table; optionally predict a target run; write plots.
+
+    Args:
+      runs: a run table (see ``load_runs``).
+      out_dir: where ``scaling_report.json`` and the PNGs go; None writes nothing.
+      n_key: the parameter count to fit on (non-embedding as in Kaplan et al., or ``n_params``
+        as in Hoffmann et al.).
+      loss_key: which loss column to fit.
+      compute: ``"6nd"`` (C = 6 N D, the convention of the compute-optimal formulas) or a column
+        name such as ``"flops"`` for the exact count; used for L(C) and IsoFLOP budgets.
+      target: a run (same column names) to predict, e.g. a model 4x larger than any fitted; its
+        ``loss_key`` value, if present, is the actual loss to compare against.
+      n_boot: bootstrap resamples for the parametric intervals (0: none).
+      level, seed: bootstrap interval coverage and seed.
+
+    Returns:
+      JSON-serialisable dict: ``settings``, ``n_runs``, ``power_laws``, ``parametric``,
+      ``parametric_intervals``, ``compute_optimal``, ``isoflop``, ``prediction`` (if target),
+      ``plots`` (paths).
+    """
+    required = [n_key, "tokens", loss_key] + ([] if compute == "6nd" else [compute])
+    cols = load_runs(runs, required=required)
+    N, D, loss = cols[n_key], cols["tokens"], cols[loss_key]
+    C = 6.0 * N * D if compute == "6nd" else cols[compute]
+
+    point = None
+    if target is not None:
+        for key in (n_key, "tokens"):
+            if key not in target:
+                raise ValueError(f"target: missing {key!r}")
+        point = (float(target[n_key]), float(target["tokens"]))
+    if n_boot > 0:
+        boot = bootstrap_parametric(
+            N, D, loss, predict_at=[point] if point else [], n_boot=n_boot, level=level, seed=seed
+        )
+        fit, intervals = boot["fit"], boot["intervals"]
+        n_failed = boot["n_failed"]
+    else:
+        fit, intervals, n_failed = fit_parametric(N, D, loss), {}, 0
+
+    budgets = [float(np.exp(np.log(C[g]).mean())) for g in group_by_compute(C)]
+    report = {
+        "settings": {
+            "n_key": n_key,
+            "loss_key": loss_key,
+            "compute": compute,
+            "huber_delta": HUBER_DELTA,
+            "n_boot": n_boot,
+            "bootstrap_failed": n_failed,
+            "level": level,
+            "seed": seed,
+        },
+        "n_runs": int(N.shape[0]),
+        "power_laws": _power_laws(N, D, C, loss),
+        "parametric": fit,
+        "parametric_intervals": intervals,
+        "isoflop": fit_isoflop(N, D, loss, C),
+    }
+    try:
+        opt = compute_optimal(fit, np.asarray(budgets))
+        report["compute_optimal"] = {
+            "a": opt["a"],
+            "b": opt["b"],
+            "G": opt["G"],
+            "at_budgets": [
+                {"C": c, "N": n, "D": d, "loss": lo}
+                for c, n, d, lo in zip(budgets, opt["N"], opt["D"], opt["loss"])
+            ],
+        }
+    except ValueError as e:  # an exponent at 0: no finite optimum
+        report["compute_optimal"] = {"skipped": str(e)}
+
+    if point is not None:
+        pred = float(predict_parametric(fit, *point))
+        prediction = {"N": point[0], "D": point[1], "predicted": pred}
+        if n_boot > 0:
+            ci = boot["predictions"][0]
+            prediction.update(lo=ci["lo"], hi=ci["hi"])
+        if target.get(loss_key) is not None:
+            actual = float(target[loss_key])
+            prediction.update(actual=actual, rel_error=pred / actual - 1.0)
+        report["prediction"] = prediction
+
+    report["plots"] = {}
+    if out_dir is not None:
+        report["plots"] = _write_plots(report, N, D, C, loss, fit, out_dir, compute)
+    report = _jsonable(report)
+    if out_dir is not None:
+        with open(os.path.join(out_dir, "scaling_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def _write_plots(report, N, D, C, loss, fit, out_dir, compute) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    law_c = report["power_laws"]["C"]
+    paths = {
+        "loss_vs_compute": scaling_plots.plot_loss_vs_compute(
+            N,
+            D,
+            loss,
+            os.path.join(out_dir, "loss_vs_compute.png"),
+            C=None if compute == "6nd" else C,
+            fit=fit,
+            power_law_c=law_c if "alpha" in law_c else None,
+        )
+    }
+    if report["isoflop"]["budgets"]:
+        paths["isoflop"] = scaling_plots.plot_isoflop(
+            N, loss, report["isoflop"], os.path.join(out_dir, "isoflop.png")
+        )
+    if "prediction" in report:
+        paths["prediction"] = scaling_plots.plot_prediction(
+            N, D, loss, fit, report["prediction"], os.path.join(out_dir, "prediction.png")
+        )
+    return paths
