@@ -16,7 +16,7 @@ $(STAMP): setup.py pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m flaxlm.train.demo --workdir runs/demo
+	$(PY) -m flaxlm.demo --workdir runs/demo
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)

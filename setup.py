@@ -36,6 +36,7 @@ setup(
         "safetensors",
         "tokenizers",
         "pyarrow",
+        "threadpoolctl",
         "array-record>=0.5",  # ArrayRecord shards (data/preprocess.py, data/sources.py)
         # Distributed preprocess (data/beam.py); installs beside jax/numpy 2 (pulls protobuf 6).
         "apache-beam>=2.60",

@@ -1,0 +1,83 @@
+"""Shared pieces of config files: argument parsing, the model section, the trainer sections.
+
+A config file exposes `get_config(arg)` returning a locked ConfigDict and, optionally,
+`sweep(add, arg)`. `arg` is big_vision's "k=v,k2=v2" string (`configs/pretrain.py:variant=tiny`),
+parsed against typed defaults so a typo fails loudly. `runlocal=True` shrinks a config to run on a
+laptop CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from flaxlm.models.config import ModelConfig, get_variant
+from flaxlm.train.optim import opt_config
+from flaxlm.train.step import guard_config
+
+
+def _convert(value: str, like):
+    if isinstance(like, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    return value
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses "k=v,k2=v2" into a ConfigDict typed like `defaults`; unknown keys are errors."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise KeyError(f"config arg: unknown key {key!r} in {arg!r}; known: {sorted(defaults)}")
+        if not sep:  # bare "runlocal" means runlocal=True
+            value = "true"
+        try:
+            out[key] = _convert(value.strip(), defaults[key])
+        except ValueError as e:
+            raise ValueError(f"config arg {key}={value!r}: {e}") from None
+    return out
+
+
+def model_config(variant: str, **overrides) -> ml_collections.ConfigDict:
+    """The `model` section: every ModelConfig field, starting from a named variant.
+
+    Field meanings are documented on `flaxlm.models.config.ModelConfig`.
+    """
+    return ml_collections.ConfigDict(dataclasses.asdict(get_variant(variant, **overrides)))
+
+
+def to_model_config(section) -> ModelConfig:
+    return ModelConfig.from_dict(section.to_dict() if hasattr(section, "to_dict") else section)
+
+
+def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collections.ConfigDict:
+    """Keys every task shares: length, batch, mesh, optimizer, guard, logging, checkpoints."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameter init and data order
+    c.total_steps = total_steps  # optimizer steps of the run (the schedule decays over them)
+    c.batch_size = batch_size  # global batch in rows (all processes together)
+    c.seq_len = seq_len  # tokens per row
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
+    c.sharding = "fsdp"  # logical→mesh rules preset: dp | fsdp | fsdp_tp
+    c.opt = opt_config()  # optimizer and schedule (train/optim.py)
+    c.guard = guard_config()  # NaN / spike handling (train/step.py)
+    c.log_every = 10  # steps between metric fetches / log lines (the only host syncs)
+    c.eval_every = 200  # steps between held-out evaluations (0 = never)
+    c.eval_at_start = True  # also evaluate the initial model (a baseline for the curves)
+    c.ckpt_every = 500  # steps between checkpoints, and at the last step (0 = none but on SIGTERM)
+    c.keep_ckpts = 3  # checkpoints kept on disk
+    c.async_ckpt = True  # write checkpoints in the background
+    c.init_from = ""  # a run directory whose latest params start this run ("" = fresh init)
+    c.progress_bar = True  # tqdm bar on stderr
+    c.peak_tflops = 0.0  # per-chip peak for MFU when the device is not in the built-in table
+    return c

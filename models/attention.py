@@ -1,0 +1,204 @@
+"""Rotary embeddings, attention masks and grouped-query attention (xla or cuDNN kernels).
+
+Shape legend: B batch, T query length, S key length, N query heads, K kv heads, G = N // K
+query heads per kv head, H head dim, D model dim.
+
+Masking works on three per-token arrays that every call carries:
+  * segment ids — packed documents have ids 1, 2, ...; 0 marks padding. A query only sees keys
+    of its own (non-zero) segment, so packed documents never attend to each other.
+  * slots — where a token sits in the key/value buffer (its index in the row, or its cache slot
+    while decoding); causality is `key slot <= query slot`.
+  * positions — the token's position inside its document, used by RoPE and by the sliding
+    window (`query pos - key pos < window`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.models.config import ModelConfig
+from flaxlm.models.layers import Proj
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies θ^(-2i/H), with optional linear or Llama-3 style scaling."""
+    H = cfg.head_dim_
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and the band in
+        # between interpolated smoothly in 1/wavelength.
+        factor, lo, hi = (
+            cfg.rope_scaling_factor,
+            cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor,
+        )
+        old_len = cfg.rope_original_max_len
+        wavelen = 2 * math.pi / inv_freq
+        low_freq_wavelen, high_freq_wavelen = old_len / lo, old_len / hi
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(medium, blended, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of position × frequency, (B, T, H/2), float32."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
+    """Rotates pairs (x[i], x[i + H/2]) — the "rotate half" layout HF checkpoints use."""
+    dtype = x_BTNH.dtype
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    cos, sin = cos_BTh[:, :, None, :], sin_BTh[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+
+
+def attention_mask(
+    q_segment_BT, kv_segment_BS, q_slot_BT, kv_slot_BS, q_pos_BT, kv_pos_BS, window: int = 0
+) -> jax.Array:
+    """Boolean (B, 1, T, S): True where query t may attend to key s."""
+    q_seg, kv_seg = q_segment_BT[:, :, None], kv_segment_BS[:, None, :]
+    mask = (q_seg == kv_seg) & (q_seg != 0)
+    mask &= kv_slot_BS[:, None, :] <= q_slot_BT[:, :, None]
+    if window:
+        mask &= (q_pos_BT[:, :, None] - kv_pos_BS[:, None, :]) < window
+    return mask[:, None, :, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS) -> jax.Array:
+    """Plain einsum attention with grouped query heads; softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH).astype(jnp.float32) / math.sqrt(H)
+    # Masked logits get a large finite negative, not -inf: a fully masked row (a padding query)
+    # then yields a finite average instead of NaN; its output is never used.
+    big_neg = jnp.finfo(jnp.float32).min
+    scores = jnp.where(mask_B1TS[:, :, None], scores, big_neg)  # (B, K, G, T, S)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    return out.reshape(B, T, N, H)
+
+
+def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0) -> jax.Array:
+    """cuDNN flash attention (NVIDIA GPUs). Pure causal rows take the fast CAUSAL mask type."""
+    local = (window - 1, 0) if window else None
+    if mask_B1TS is None:
+        return jax.nn.dot_product_attention(
+            q_BTNH,
+            k_BSKH,
+            v_BSKH,
+            is_causal=True,
+            local_window_size=local,
+            implementation="cudnn",
+        )
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, implementation="cudnn"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Module
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query self-attention with RoPE and an optional cache.
+
+    `ctx` holds what every layer shares (computed once per forward in transformer.py):
+    rope `cos`/`sin`, the boolean `mask` (None = plain causal rows, no packing), and while
+    decoding the cache write `index`. `layer_cache` is {"k": (B,S,K,H), "v": (B,S,K,H)} or None.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, ctx, layer_cache=None):
+        cfg = self.cfg
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_
+        bias = cfg.qkv_bias
+        q = Proj(
+            (D, N, H),
+            ("embed", "q_heads", "head_dim"),
+            cfg,
+            use_bias=bias,
+            name="q",
+            remat_name="qkv",
+        )(x_BTD)
+        k = Proj(
+            (D, K, H),
+            ("embed", "kv_heads", "head_dim"),
+            cfg,
+            use_bias=bias,
+            name="k",
+            remat_name="qkv",
+        )(x_BTD)
+        v = Proj(
+            (D, K, H),
+            ("embed", "kv_heads", "head_dim"),
+            cfg,
+            use_bias=bias,
+            name="v",
+            remat_name="qkv",
+        )(x_BTD)
+        q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
+        q = apply_rope(q, ctx["cos"], ctx["sin"])
+        k = apply_rope(k, ctx["cos"], ctx["sin"])
+
+        if layer_cache is not None:
+            # Write this chunk's keys/values at the cache index, attend over the whole buffer.
+            idx = ctx["index"]
+            ck = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, idx, 0, 0)
+            )
+            cv = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, idx, 0, 0)
+            )
+            layer_cache = {"k": ck, "v": cv}
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+
+        if cfg.attention_impl == "cudnn" and layer_cache is None:
+            out = cudnn_attention(q, k, v, ctx["mask"], cfg.sliding_window)
+        else:
+            mask = ctx["mask"]
+            if mask is None:  # plain causal rows: build the mask the kernel would imply
+                T, S = q.shape[1], k.shape[1]
+                mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
+                if cfg.sliding_window:
+                    mask &= (jnp.arange(T)[:, None] - jnp.arange(S)[None, :]) < cfg.sliding_window
+                mask = mask[None, None]
+            out = xla_attention(q, k, v, mask)
+        out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", "head_dim"))
+        out = Proj(
+            (N, H, D),
+            ("q_heads", "head_dim", "embed"),
+            cfg,
+            n_in=2,
+            name="o",
+            remat_name="attn_out",
+        )(out)
+        return out, layer_cache

@@ -1,0 +1,210 @@
+"""Model configuration: one frozen dataclass for the whole Llama family, plus named variants.
+
+A `ModelConfig` describes the architecture (and its numerics) completely; checkpoints store it
+as JSON next to the weights, and HF import/export translates it to and from `config.json`.
+Configs files hold the same fields as a `ConfigDict` (`config.model`), so every field can be
+overridden from the command line (`--config.model.n_layers=4`).
+
+Sentinels instead of None (0 = "derived"/"off") keep the fields typed for ConfigDict overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Llama-family decoder-only Transformer (covers Llama 1/2/3, Mistral, Qwen2, TinyLlama)."""
+
+    vocab_size: int = 256  # rows of the embedding table (>= the tokenizer's vocab)
+    d_model: int = 64  # residual stream width D
+    n_layers: int = 2  # number of Transformer blocks L
+    n_heads: int = 4  # query heads N
+    n_kv_heads: int = 4  # key/value heads K (N = MHA, 1 = MQA, else GQA); divides n_heads
+    head_dim: int = 0  # H; 0 = d_model // n_heads
+    d_ff: int = 256  # hidden width of the gated MLP
+    max_seq_len: int = 2048  # longest sequence the model is meant for (RoPE tables, decoding)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base frequency
+    rope_scaling: str = "none"  # none | linear | llama3
+    rope_scaling_factor: float = 1.0  # context extension factor for linear / llama3
+    rope_low_freq_factor: float = 1.0  # llama3 scaling: long wavelengths are fully scaled
+    rope_high_freq_factor: float = 4.0  # llama3 scaling: short wavelengths are kept
+    rope_original_max_len: int = 8192  # llama3 scaling: pretraining context length
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    tie_embeddings: bool = False  # LM head reuses the embedding table
+    mlp_activation: str = "silu"  # silu (SwiGLU) | gelu (GeGLU)
+    sliding_window: int = 0  # Mistral-style local attention window; 0 = full causal attention
+    dtype: str = "float32"  # activation / matmul dtype (bfloat16 on accelerators)
+    param_dtype: str = "float32"  # parameter storage dtype (float32 master weights by default)
+    attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention on NVIDIA GPUs)
+    remat_policy: str = "none"  # none | full | dots | dots_no_batch | save_proj (see transformer)
+    scan_layers: bool = False  # nn.scan over blocks: compile time O(1) in depth
+    init_std: float = 0.02  # std of the normal initialiser of every weight matrix
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig: n_heads={self.n_heads} is not a multiple of "
+                f"n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim == 0 and self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "set head_dim explicitly"
+            )
+        choices = {
+            "rope_scaling": ("none", "linear", "llama3"),
+            "mlp_activation": ("silu", "gelu"),
+            "attention_impl": ("xla", "cudnn"),
+            "remat_policy": ("none", "full", "dots", "dots_no_batch", "save_proj"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {allowed}"
+                )
+        if self.head_dim_ % 2:
+            raise ValueError(f"ModelConfig: head_dim={self.head_dim_} must be even for RoPE")
+
+    # --- derived quantities -------------------------------------------------------------------
+    @property
+    def head_dim_(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d) -> ModelConfig:
+        """Builds a config from a dict/ConfigDict; unknown keys are an error naming the key."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise KeyError(f"ModelConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    # --- sizes and FLOPs (DESIGN.md convention) -------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts: total, embedding table, non-embedding, and matmul weights.
+
+        `matmul` is PaLM's N for the FLOP count: every weight that takes part in a matmul,
+        i.e. everything but the embedding lookup and norm scales; the LM head is included
+        (also when tied, since the tied table is then used as a matmul weight).
+        """
+        D, H, N, K, F, V, L = (
+            self.d_model,
+            self.head_dim_,
+            self.n_heads,
+            self.n_kv_heads,
+            self.d_ff,
+            self.vocab_size,
+            self.n_layers,
+        )
+        attn = D * N * H + 2 * D * K * H + N * H * D
+        bias = (N * H + 2 * K * H) if self.qkv_bias else 0
+        mlp = 3 * D * F
+        norms = 2 * D
+        per_layer = attn + bias + mlp + norms
+        embed = V * D
+        head = 0 if self.tie_embeddings else V * D
+        total = embed + head + L * per_layer + D
+        matmul = L * (attn + mlp) + V * D
+        return {
+            "total": total,
+            "embedding": embed,
+            "non_embedding": total - embed,
+            "matmul": matmul,
+        }
+
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
+        """Training FLOPs per token: 6·N_matmul + 12·L·d_attn·T (PaLM, appendix B).
+
+        Attention is counted non-causal by default (PaLM); `causal=True` halves the attention
+        term, the count a FlashAttention-style kernel actually performs.
+        """
+        attn = 12 * self.n_layers * self.n_heads * self.head_dim_ * seq_len
+        if causal:
+            attn /= 2
+        return 6 * self.param_counts()["matmul"] + attn
+
+
+# Named variants. `tiny` is for tests; `125m` is GPT-3-small sized; `1b` is the TinyLlama-1.1B
+# shape (GQA 32/4); `7b` is the Llama-2-7B shape.
+VARIANTS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=256
+    ),
+    "mini": ModelConfig(
+        vocab_size=2048,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=384,
+        max_seq_len=512,
+    ),
+    "small": ModelConfig(
+        vocab_size=2048,
+        d_model=256,
+        n_layers=6,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=768,
+        max_seq_len=512,
+    ),
+    "125m": ModelConfig(
+        vocab_size=32000,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=12,
+        d_ff=2048,
+        max_seq_len=2048,
+    ),
+    "1b": ModelConfig(
+        vocab_size=32000,
+        d_model=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        d_ff=5632,
+        max_seq_len=2048,
+    ),
+    "7b": ModelConfig(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        d_ff=11008,
+        max_seq_len=4096,
+    ),
+}
+
+
+def get_variant(name: str, **overrides) -> ModelConfig:
+    """Returns the named variant with field overrides; an unknown name lists the known ones."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown model variant {name!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[name].replace(**overrides)

@@ -1,0 +1,120 @@
+"""Building blocks of the Llama family: projections, RMSNorm, embeddings, gated MLP.
+
+Every parameter is declared with logical axis names (see models/sharding.py), stored in
+`param_dtype` and cast to the compute `dtype` where it is used (fp32 master weights, bf16 math).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from flaxlm.models.config import ModelConfig
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class Proj(nn.Module):
+    """y = x·W (+ b), contracting the last `n_in` axes of x with the first ones of W.
+
+    `shape` is the kernel's shape and `axes` its logical names, e.g. a query projection has
+    shape (D, N, H) and axes ("embed", "q_heads", "head_dim").
+    """
+
+    shape: Sequence[int]
+    axes: Sequence[str]
+    cfg: ModelConfig
+    n_in: int = 1
+    use_bias: bool = False
+    remat_name: str | None = None  # names the output for the `save_proj` remat policy
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_normal(cfg.init_std), tuple(self.axes)),
+            tuple(self.shape),
+            cfg.weight_dtype,
+        )
+        kernel = kernel.astype(cfg.compute_dtype)
+        x = x.astype(cfg.compute_dtype)
+        n_out = len(self.shape) - self.n_in
+        contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
+        y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(self.n_in))), ((), ())))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[-n_out:])),
+                tuple(self.shape[-n_out:]),
+                cfg.weight_dtype,
+            )
+            y = y + bias.astype(cfg.compute_dtype)
+        if self.remat_name:
+            y = checkpoint_name(y, self.remat_name)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · scale, computed in float32 (as HF Llama does) and returned in compute dtype."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x.shape[-1],),
+            self.cfg.weight_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        # Match HF: normalise in fp32, cast back, then multiply by the weight.
+        return x32.astype(self.cfg.compute_dtype) * scale.astype(self.cfg.compute_dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table (V, D); `attend` reuses it as the LM head when tied."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(_normal(self.cfg.init_std), ("vocab", "embed")),
+            (self.cfg.vocab_size, self.cfg.d_model),
+            self.cfg.weight_dtype,
+        )
+
+    def __call__(self, tokens):
+        # A gather (not a one-hot matmul): cheap, and excluded from the FLOP count.
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.compute_dtype)
+
+    def attend(self, x):
+        return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.cfg.compute_dtype))
+
+
+class MLP(nn.Module):
+    """Gated MLP: wo(act(x·W_gate) ⊙ x·W_up) — SwiGLU with silu, GeGLU with gelu."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        shape, axes = (cfg.d_model, cfg.d_ff), ("embed", "mlp")
+        gate = Proj(shape, axes, cfg, name="gate", remat_name="mlp_in")(x)
+        up = Proj(shape, axes, cfg, name="up", remat_name="mlp_in")(x)
+        act = nn.silu if cfg.mlp_activation == "silu" else nn.gelu
+        h = act(gate) * up
+        h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
+        return Proj(
+            (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down", remat_name="mlp_out"
+        )(h)

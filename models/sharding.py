@@ -1,0 +1,132 @@
+"""Device meshes and logical-axis sharding rules.
+
+Every parameter and the main activations carry *logical* axis names (`embed`, `mlp`,
+`act_batch`, ...). A preset turns those into mesh axes (`data`, `fsdp`, `tensor`), so configs
+choose a parallelism strategy by name instead of pasting tables (t5x's rules-as-code idea):
+
+    dp       pure data parallelism: parameters replicated, batch split over data×fsdp
+    fsdp     ZeRO-3 style: parameters split along `embed` over fsdp, batch over data×fsdp
+    fsdp_tp  fsdp plus Megatron tensor parallelism of heads / mlp / vocab over `tensor`
+
+Logical names used by the model:
+    parameters:  vocab, embed, q_heads, kv_heads, head_dim, mlp, norm, layers
+    activations: act_batch, act_len, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+_COMMON = (
+    ("act_batch", BATCH_AXES),
+    ("act_len", None),
+    ("layers", None),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+RULE_PRESETS: dict[str, tuple] = {
+    "dp": _COMMON,
+    "fsdp": _COMMON + (("embed", "fsdp"),),
+    "fsdp_tp": _COMMON
+    + (
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("mlp", "tensor"),
+        ("q_heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
+    ),
+}
+
+
+def logical_axis_rules(preset: str) -> tuple:
+    """The logical→mesh rule table for a named preset (dp | fsdp | fsdp_tp)."""
+    if preset not in RULE_PRESETS:
+        raise KeyError(f"unknown sharding preset {preset!r}; known: {sorted(RULE_PRESETS)}")
+    return RULE_PRESETS[preset]
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
+    """Fills one -1 entry with the devices left over; checks the product equals n_devices."""
+    unknown = [k for k in shape if k not in MESH_AXES]
+    if unknown:
+        raise KeyError(f"mesh: unknown axis {unknown}; axes are {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(shape)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"mesh {dict(shape)}: {n_devices} devices not divisible by {known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"mesh {dict(shape)} needs {math.prod(sizes)} devices, have {n_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all (or the given) devices, with Auto axis types.
+
+    Auto axes keep sharding decisions in the compiler (GSPMD) guided by our constraints; JAX's
+    default for `jax.make_mesh` is Explicit sharding-in-types, which linen does not use.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(shape or {"data": -1}, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == jax.device_count():
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=auto)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a batch array: leading dim over data×fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's slice of the global batch into global sharded arrays.
+
+    On one process this is a plain device_put; with several processes every process passes
+    its own rows and the result is one global array (no process sees the others' data).
+    """
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        sharding = batch_sharding(mesh, v.ndim) if v.ndim else replicated(mesh)
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """The global batch must be a multiple of this (the data×fsdp device count)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules):
+    """Context in which model code is traced: the mesh plus the logical→mesh rules.
+
+    `with_logical_constraint` inside the model reads both at trace time; outside this context
+    the constraints are no-ops. (`jax.set_mesh` replaces the deprecated `with mesh:`.)
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

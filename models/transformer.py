@@ -1,0 +1,198 @@
+"""The decoder-only Transformer: embeddings → L pre-norm blocks → final norm → LM head.
+
+Call: `Transformer(cfg).apply({"params": p}, tokens, positions, segment_ids, cache=None)`.
+  * tokens, positions, segment_ids: (B, T) int32. `positions=None` means 0..T-1;
+    `segment_ids=None` means one unpadded document per row, which lets the cuDNN kernel use its
+    fast causal mode; packed rows pass segment ids (0 = padding) and never attend across.
+  * cache: None for training / scoring. For decoding, a dict from `init_cache` holding the
+    key/value buffers, the segment ids and positions of the cached slots and the write `index`;
+    the call then returns `(logits, new_cache)`.
+`Transformer.backbone` returns the final normed hidden states (B, T, D) instead of logits (used
+by the reward model and critic heads, which never need the vocabulary projection).
+
+Layers are unrolled or `nn.scan`-ned (`cfg.scan_layers`), optionally rematerialised with a named
+policy (`cfg.remat_policy`):
+    none           keep every activation (fastest, most memory)
+    full           keep only block inputs, recompute everything in the backward pass
+    dots           keep all matmul outputs (jax checkpoint_dots)
+    dots_no_batch  keep matmul outputs without batch dims, i.e. the weight matmuls
+    save_proj      keep the q/k/v, attention-output and MLP projections (named checkpoints)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxlm.models.attention import Attention, attention_mask, rope_tables
+from flaxlm.models.config import ModelConfig
+from flaxlm.models.layers import MLP, Embed, Proj, RMSNorm
+
+ACT = ("act_batch", "act_len", "act_embed")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, ctx, layer_cache=None):
+        x = nn.with_logical_constraint(x, ACT)
+        h = RMSNorm(self.cfg, name="attn_norm")(x)
+        a, layer_cache = Attention(self.cfg, name="attn")(h, ctx, layer_cache)
+        x = x + a
+        h = RMSNorm(self.cfg, name="mlp_norm")(x)
+        x = x + MLP(self.cfg, name="mlp")(h)
+        return nn.with_logical_constraint(x, ACT), layer_cache
+
+
+def remat_policy(name: str):
+    cp = jax.checkpoint_policies
+    return {
+        "full": cp.nothing_saveable,
+        "dots": cp.checkpoint_dots,
+        "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+        "save_proj": cp.save_only_these_names("qkv", "attn_out", "mlp_in", "mlp_out"),
+    }[name]
+
+
+def block_class(cfg: ModelConfig):
+    if cfg.remat_policy == "none":
+        return Block
+    # prevent_cse is only needed outside scan (scan already stops CSE across iterations).
+    return nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = Embed(cfg, name="embed")
+        block = block_class(cfg)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, 0),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        self.final_norm = RMSNorm(cfg, name="final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = Proj(
+                (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, name="lm_head"
+            )
+
+    def _context(self, tokens, positions, segment_ids, cache):
+        """Per-forward values shared by all layers: rope tables, mask, cache bookkeeping."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rope_tables(self.cfg, positions)
+        window = self.cfg.sliding_window
+        if cache is not None:
+            idx = cache["index"]
+            seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+            kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], seg, (0, idx))
+            kv_pos = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, idx))
+            S = kv_seg.shape[1]
+            q_slot = jnp.broadcast_to(idx + jnp.arange(T, dtype=jnp.int32), (B, T))
+            kv_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+            mask = attention_mask(seg, kv_seg, q_slot, kv_slot, positions, kv_pos, window)
+            new_meta = {"segment_ids": kv_seg, "positions": kv_pos, "index": idx + T}
+            return {"cos": cos, "sin": sin, "mask": mask, "index": idx}, new_meta
+        if segment_ids is None:
+            mask = None  # one unpadded document per row: the kernels' plain causal mode
+        else:
+            slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            mask = attention_mask(
+                segment_ids, segment_ids, slot, slot, positions, positions, window
+            )
+        return {"cos": cos, "sin": sin, "mask": mask, "index": None}, None
+
+    def backbone(self, tokens, positions=None, segment_ids=None, cache=None, input_embeds=None):
+        """Final normed hidden states (B, T, D), and the updated cache when one is given.
+
+        `input_embeds` (B, T, D) replaces the embedding lookup (soft prompts; gradient tests).
+        """
+        ctx, new_meta = self._context(tokens, positions, segment_ids, cache)
+        x = self.embed(tokens) if input_embeds is None else input_embeds
+        x = nn.with_logical_constraint(x, ACT)
+        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        if self.cfg.scan_layers:
+            x, kv = self.layers(x, ctx, kv)
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}
+                x, layer_kv = layer(x, ctx, layer_kv)
+                if layer_kv is not None:
+                    new_k.append(layer_kv["k"])
+                    new_v.append(layer_kv["v"])
+            kv = None if kv is None else {"k": new_k, "v": new_v}
+        x = self.final_norm(x)
+        if cache is None:
+            return x, None
+        return x, {**kv, **new_meta}
+
+    def logits(self, x):
+        if self.cfg.tie_embeddings:
+            out = self.embed.attend(x)
+        else:
+            out = self.lm_head(x)
+        return nn.with_logical_constraint(out, ("act_batch", "act_len", "act_vocab"))
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, input_embeds=None):
+        x, new_cache = self.backbone(tokens, positions, segment_ids, cache, input_embeds)
+        logits = self.logits(x)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """Empty decoding cache for `batch` rows of up to `max_len` tokens.
+
+    Key/value buffers are a list per layer when layers are unrolled (each updated in place by
+    XLA inside a decode loop) and stacked (L, ...) arrays when layers are scanned.
+    """
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim_)
+    if cfg.scan_layers:
+        k = jnp.zeros((cfg.n_layers, *shape), dtype)
+        v = jnp.zeros((cfg.n_layers, *shape), dtype)
+    else:
+        k = [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        v = [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+    return {
+        "k": k,
+        "v": v,
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),  # 0 = empty slot
+        "positions": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def stack_layers(params, n_layers: int):
+    """Unrolled params (layers_0 … layers_{L-1}) → scanned layout (one `layers` subtree with a
+    leading L axis). Lets a checkpoint trained one way be used the other way."""
+    layers = [params[f"layers_{i}"] for i in range(n_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params, n_layers: int):
+    """Scanned layout → unrolled params (the inverse of `stack_layers`)."""
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(n_layers):
+        rest[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return rest
+
+
+def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
+    """Logits (B, T, V) of a parameter pytree — the functional entry point for notebooks."""
+    return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)

@@ -1,0 +1,74 @@
+"""Every config file builds, is locked, and its sweep expands; typos fail naming the key."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_FILES = sorted(
+    f
+    for f in glob.glob(os.path.join(REPO, "configs", "*.py"))
+    if not os.path.basename(f).startswith(("_", "common"))
+)
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _has_key(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_config_builds_locks_and_sweeps(path):
+    mod = _load(path)
+    for arg in (None, "runlocal=True"):
+        c = mod.get_config(arg)
+        assert c.is_locked
+        with pytest.raises(AttributeError):
+            c.definitely_not_a_key = 1
+    runs = []
+    if hasattr(mod, "sweep"):
+        mod.sweep(lambda **kw: runs.append(kw), None)
+        assert runs, "sweep() added no runs"
+        c = mod.get_config(None)
+        for run in runs:
+            for key in run:
+                assert _has_key(c, key), f"sweep key {key} is not in the config"
+
+
+def test_misspelt_override_names_the_key(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "flaxlm.train.main",
+        "--config",
+        os.path.join(REPO, "configs", "pretrain.py") + ":variant=tiny",
+        "--workdir",
+        str(tmp_path),
+        "--config.opt.lrr=0.01",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "lrr" in out.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_config_arg_names_the_key():
+    mod = _load(os.path.join(REPO, "configs", "pretrain.py"))
+    with pytest.raises(KeyError, match="varaint"):
+        mod.get_config("varaint=tiny")
+    with pytest.raises(ValueError, match="runlocal"):
+        mod.get_config("runlocal=maybe")

@@ -1,0 +1,83 @@
+"""Meshes, rule presets, and identical training results across mesh shapes."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from flaxlm.configs import pretrain as pretrain_config
+from flaxlm.models.sharding import (
+    logical_axis_rules,
+    make_mesh,
+    resolve_mesh_shape,
+    shard_batch,
+    use_mesh,
+)
+from flaxlm.train import pretrain
+from flaxlm.train.optim import make_optimizer
+from flaxlm.train.state import create_train_state
+from flaxlm.train.step import jit_train_step
+
+
+def test_resolve_mesh_shape():
+    assert resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1)
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        resolve_mesh_shape({"data": 2, "fsdp": 2}, 8)
+    with pytest.raises(KeyError, match="pipeline"):
+        resolve_mesh_shape({"pipeline": 2}, 8)
+    with pytest.raises(KeyError, match="unknown sharding preset"):
+        logical_axis_rules("zero3")
+
+
+def _setup(mesh_shape, preset, devices=None):
+    config = pretrain_config.get_config("variant=tiny,runlocal=True")
+    with config.unlocked():
+        config.mesh = mesh_shape
+        config.sharding = preset
+        config.opt.warmup_steps = 0
+    mesh = make_mesh(mesh_shape, devices=devices)
+    rules = logical_axis_rules(preset)
+    task = pretrain.build_task(config, mesh)
+    tx, sched = make_optimizer(config.opt, config.total_steps)
+    with use_mesh(mesh, rules):
+        state, shardings = create_train_state(task.init_params, tx, mesh, rules, seed=0)
+        step = jit_train_step(task.loss_fn, tx, sched, config.guard, 1, shardings, mesh)
+    return config, mesh, rules, task, state, shardings, step
+
+
+def _train(mesh_shape, preset, n_steps=3, devices=None):
+    config, mesh, rules, task, state, _, step = _setup(mesh_shape, preset, devices)
+    losses = []
+    with use_mesh(mesh, rules):
+        for _ in range(n_steps):
+            state, m = step(state, shard_batch(next(task.train_batches), mesh))
+            losses.append(float(m["loss"]))
+    return losses, jax.device_get(state.params)
+
+
+def test_same_training_on_one_device_and_on_a_2x2x2_mesh():
+    one_loss, one_params = _train({"data": 1}, "dp", devices=jax.devices()[:1])
+    mesh_loss, mesh_params = _train({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")
+    np.testing.assert_allclose(mesh_loss, one_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(mesh_params)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_parameter_shardings_follow_the_rules():
+    _, mesh, _, _, state, shardings, _ = _setup({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")
+    p = shardings.params
+    assert p["layers_0"]["mlp"]["gate"]["kernel"].spec == P("fsdp", "tensor")
+    assert p["layers_0"]["mlp"]["down"]["kernel"].spec == P("tensor", "fsdp")
+    assert p["layers_0"]["attn"]["q"]["kernel"].spec == P("fsdp", "tensor", None)
+    assert p["embed"]["embedding"].spec == P("tensor", "fsdp")
+    assert p["final_norm"]["scale"].spec == P(None)
+    # The arrays really are laid out that way, and Adam's moments follow their parameter.
+    kernel = state.params["layers_0"]["mlp"]["gate"]["kernel"]
+    assert kernel.sharding.spec == P("fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (64 // 2, 128 // 2)
+    mu = state.opt_state[1][0].mu["layers_0"]["mlp"]["gate"]["kernel"]
+    assert mu.sharding.spec == P("fsdp", "tensor")
+    # dp replicates parameters.
+    _, _, _, _, _, dp_shardings, _ = _setup({"data": -1}, "dp")
+    assert dp_shardings.params["layers_0"]["mlp"]["gate"]["kernel"].spec == P(None, None)

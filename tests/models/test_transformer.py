@@ -1,0 +1,153 @@
+"""Model behaviour: causality, packing isolation, cache decoding, layouts, parameter metadata."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxlm.models.config import VARIANTS, get_variant
+from flaxlm.models.transformer import (
+    Transformer,
+    init_cache,
+    stack_layers,
+    unstack_layers,
+)
+
+
+def _init(cfg, B=2, T=16, seed=0):
+    model = Transformer(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(seed + 1), (B, T), 0, cfg.vocab_size)
+    params = model.init(jax.random.PRNGKey(seed), tokens)["params"]
+    return model, nn.meta.unbox(params), tokens
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"scan_layers": True, "remat_policy": "full"}, {"sliding_window": 4}]
+)
+def test_gradient_wrt_future_positions_is_zero(kw):
+    cfg = get_variant("tiny", **kw)
+    model, params, tokens = _init(cfg)
+    embeds = model.apply({"params": params}, tokens, method=lambda m, t: m.embed(t))
+    t = 7
+
+    def logit_sum_at_t(e):
+        out = model.apply({"params": params}, tokens, input_embeds=e)
+        return out[:, t].sum()
+
+    g = jax.grad(logit_sum_at_t)(embeds)
+    assert jnp.all(g[:, t + 1 :] == 0), "position t depends on a later position"
+    assert jnp.any(g[:, : t + 1] != 0)
+
+
+def test_packed_documents_do_not_see_each_other():
+    cfg = get_variant("tiny")
+    model, params, tokens = _init(cfg, B=1, T=16)
+    seg = jnp.asarray([[1] * 6 + [2] * 7 + [0] * 3])
+    pos = jnp.asarray([list(range(6)) + list(range(7)) + [0] * 3])
+    base = model.apply({"params": params}, tokens, pos, seg)
+    # Change only document 1: document 2's logits must not move, and vice versa.
+    changed1 = tokens.at[0, 2].set((tokens[0, 2] + 1) % cfg.vocab_size)
+    out1 = model.apply({"params": params}, changed1, pos, seg)
+    np.testing.assert_array_equal(out1[0, 6:13], base[0, 6:13])
+    assert not np.allclose(out1[0, 2:6], base[0, 2:6])
+    changed2 = tokens.at[0, 8].set((tokens[0, 8] + 1) % cfg.vocab_size)
+    out2 = model.apply({"params": params}, changed2, pos, seg)
+    np.testing.assert_array_equal(out2[0, :6], base[0, :6])
+    # A packed document gives the same logits as the same document alone in its row.
+    alone = model.apply({"params": params}, tokens[:, 6:13])
+    np.testing.assert_allclose(base[0, 6:13], alone[0], atol=1e-5)
+
+
+def test_sliding_window_limits_context():
+    cfg = get_variant("tiny", sliding_window=4)
+    model, params, tokens = _init(cfg, B=1, T=12)
+    base = model.apply({"params": params}, tokens)
+    changed = tokens.at[0, 0].set((tokens[0, 0] + 1) % cfg.vocab_size)
+    out = model.apply({"params": params}, changed)
+    # With 2 layers a token reaches back 2·(window−1) = 6 positions; position 7+ is unaffected.
+    np.testing.assert_array_equal(out[0, 7:], base[0, 7:])
+    assert not np.allclose(out[0, 1:4], base[0, 1:4])
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"scan_layers": True}, {"n_kv_heads": 1}, {"tie_embeddings": True, "qkv_bias": True}]
+)
+def test_cached_decoding_matches_full_forward(kw):
+    cfg = get_variant("tiny", **kw)
+    model, params, tokens = _init(cfg, B=2, T=12)
+    full = model.apply({"params": params}, tokens)
+    cache = init_cache(cfg, 2, 16)
+    logits, cache = model.apply({"params": params}, tokens[:, :5], cache=cache)
+    steps = [logits]
+    for t in range(5, 12):
+        lg, cache = model.apply(
+            {"params": params}, tokens[:, t : t + 1], jnp.full((2, 1), t, jnp.int32), cache=cache
+        )
+        steps.append(lg)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+    assert int(cache["index"]) == 12
+
+
+def test_scan_and_unrolled_layouts_agree():
+    cfg = get_variant("tiny")
+    model, params, tokens = _init(cfg)
+    scan_cfg = cfg.replace(scan_layers=True, remat_policy="dots")
+    stacked = stack_layers(params, cfg.n_layers)
+    out_unrolled = model.apply({"params": params}, tokens)
+    out_scan = Transformer(scan_cfg).apply({"params": stacked}, tokens)
+    np.testing.assert_allclose(out_scan, out_unrolled, atol=1e-5)
+    back = unstack_layers(stacked, cfg.n_layers)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), back, params))
+
+
+def test_every_parameter_has_logical_axes():
+    for kw in ({}, {"scan_layers": True}, {"qkv_bias": True}):
+        cfg = get_variant("tiny", **kw)
+        boxed = jax.eval_shape(
+            lambda r, cfg=cfg: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)),
+            jax.random.PRNGKey(0),
+        )["params"]
+        leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+        for box in leaves:
+            assert len(box.names) == len(box.value.shape)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_param_count_matches_initialised_model(name):
+    cfg = VARIANTS[name]
+    shapes = jax.eval_shape(
+        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)), jax.random.PRNGKey(0)
+    )
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+    assert n == cfg.param_counts()["total"]
+
+
+def test_flops_convention():
+    cfg = VARIANTS["1b"]
+    c = cfg.param_counts()
+    assert 1.0e9 < c["total"] < 1.2e9  # TinyLlama-1.1B
+    T = 2048
+    expected = 6 * c["matmul"] + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim_ * T
+    assert cfg.flops_per_token(T) == expected
+    assert cfg.flops_per_token(T, causal=True) == expected - 6 * 22 * 2048 * T
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        get_variant("tiny", n_kv_heads=3)
+    with pytest.raises(ValueError, match="attention_impl"):
+        get_variant("tiny", attention_impl="flash")
+    with pytest.raises(KeyError, match="unknown model variant"):
+        get_variant("13b")
+
+
+def test_bf16_compute_with_fp32_params():
+    cfg = get_variant("tiny", dtype="bfloat16")
+    model, params, tokens = _init(cfg)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    out = model.apply({"params": params}, tokens)
+    assert out.dtype == jnp.bfloat16
+    ref = Transformer(cfg.replace(dtype="float32")).apply({"params": params}, tokens)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1

@@ -1,0 +1,129 @@
+"""Optimizer factory, schedules, masks, gradient accumulation and the token losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flaxlm.train.losses import cross_entropy, masked_mean
+from flaxlm.train.optim import make_optimizer, make_schedule, opt_config
+from flaxlm.train.step import loss_and_grads
+
+
+def _cfg(**kw):
+    c = opt_config()
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
+def test_schedules_warm_up_then_decay_to_the_final_fraction(schedule):
+    c = _cfg(lr=1.0, warmup_steps=10, schedule=schedule, final_lr_frac=0.1, wsd_decay_frac=0.2)
+    s = make_schedule(c, 100)
+    assert float(s(0)) == 0.0
+    assert float(s(5)) == pytest.approx(0.5)
+    assert float(s(10)) == pytest.approx(1.0)
+    end = 1.0 if schedule == "constant" else 0.1
+    assert float(s(100)) == pytest.approx(end, abs=1e-6)
+    if schedule == "wsd":
+        assert float(s(80)) == pytest.approx(1.0)  # stable until the last 20% of steps
+        assert float(s(90)) == pytest.approx(0.55, abs=0.02)
+
+
+def test_unknown_optimizer_and_schedule_are_named():
+    with pytest.raises(ValueError, match="opt.name='adam'"):
+        make_optimizer(_cfg(name="adam"), 10)
+    with pytest.raises(ValueError, match="opt.schedule='cos'"):
+        make_schedule(_cfg(schedule="cos"), 10)
+
+
+def test_weight_decay_skips_vectors():
+    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+    tx, _ = make_optimizer(
+        _cfg(
+            name="sgd",
+            lr=0.1,
+            b1=0.0,
+            weight_decay=0.5,
+            warmup_steps=0,
+            schedule="constant",
+            clip_norm=0.0,
+        ),
+        10,
+    )
+    zero = jax.tree.map(jnp.zeros_like, params)
+    upd, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(upd["w"], -0.05 * np.ones((2, 2)))
+    np.testing.assert_allclose(upd["scale"], 0.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor", "sgd"])
+def test_every_optimizer_reduces_a_quadratic(name):
+    params = {"w": jnp.full((4, 4), 3.0), "b": jnp.full((4,), -2.0)}
+    tx, _ = make_optimizer(
+        _cfg(name=name, lr=0.05, warmup_steps=0, schedule="constant", weight_decay=0.0), 200
+    )
+    state = tx.init(params)
+    loss = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))  # noqa: E731
+    first = float(loss(params))
+    for _ in range(100):
+        g = jax.grad(loss)(params)
+        upd, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, upd)
+    assert float(loss(params)) < 0.2 * first
+
+
+def test_trainable_mask_freezes_and_drops_state():
+    params = {"base": jnp.ones((64, 64)), "adapter": jnp.ones((64, 2))}
+    mask = {"base": False, "adapter": True}
+    tx, _ = make_optimizer(_cfg(warmup_steps=0), 10, trainable_mask=mask)
+    state = tx.init(params)
+    g = jax.tree.map(jnp.ones_like, params)
+    upd, _ = tx.update(g, state, params)
+    assert float(jnp.abs(upd["base"]).max()) == 0.0
+    assert float(jnp.abs(upd["adapter"]).max()) > 0.0
+    n_state = sum(x.size for x in jax.tree.leaves(state))
+    full_tx, _ = make_optimizer(_cfg(warmup_steps=0), 10)
+    n_full = sum(x.size for x in jax.tree.leaves(full_tx.init(params)))
+    assert n_state < 0.05 * n_full  # only the adapter's moments are kept
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, size=(2, 5))
+    mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
+    loss, m = cross_entropy(
+        jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), z_loss=1e-2
+    )
+    lse = np.log(np.exp(logits).sum(-1))
+    nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    ref_nll = (nll * mask).sum() / mask.sum()
+    ref_z = (lse**2 * mask).sum() / mask.sum()
+    assert float(m["nll"]) == pytest.approx(ref_nll, rel=1e-5)
+    assert float(loss) == pytest.approx(ref_nll + 1e-2 * ref_z, rel=1e-5)
+    assert float(m["weight"]) == mask.sum()
+    assert float(masked_mean(jnp.asarray(nll), jnp.asarray(mask))) == pytest.approx(
+        ref_nll, rel=1e-5
+    )
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    rng = np.random.default_rng(1)
+    W = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+        "mask": jnp.asarray(rng.random((8,)) > 0.4, jnp.float32),
+    }
+
+    def loss_fn(w, b, rng):
+        per = jnp.sum((b["x"] @ w) ** 2, axis=-1)
+        return masked_mean(per, b["mask"]), {"weight": jnp.sum(b["mask"])}
+
+    l1, _, g1 = loss_and_grads(W, batch, jax.random.PRNGKey(0), loss_fn, 1)
+    l4, m4, g4 = loss_and_grads(W, batch, jax.random.PRNGKey(0), loss_fn, 4)
+    assert float(l4) == pytest.approx(float(l1), rel=1e-5)
+    np.testing.assert_allclose(g4, g1, rtol=1e-5)
+    assert float(m4["weight"]) == float(batch["mask"].sum())

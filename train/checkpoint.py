@@ -1,0 +1,150 @@
+"""Checkpoints: orbax CheckpointManager over `WORKDIR/checkpoints/<step>/`.
+
+Each step directory holds three items:
+    state  the TrainState (params, optimizer state, step, base RNG, guard counters), sharded
+    data   the data iterator's state (JSON), so a resumed run sees exactly the next batches
+    meta   JSON: the run's config, the model config and the flaxlm version — a checkpoint
+           describes itself, so notebooks and `init_from` need nothing else
+Saves are asynchronous (training continues while the write finishes) and atomic (orbax writes a
+temporary directory and renames it), so a killed process never leaves a half checkpoint that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from flaxlm import __version__
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read; the message names the directory and the cause."""
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, every: int = 0):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep or None,
+            enable_async_checkpointing=async_save,
+            create=True,
+            save_interval_steps=1,
+        )
+        self.every = every
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict | None = None, meta: dict | None = None):
+        """Starts an (async) save of `state` at `step`; returns immediately.
+
+        Saving a step that is already saved (a preemption right after a periodic save) is a
+        no-op.
+        """
+        if step in self.manager.all_steps():
+            return
+        meta = {"flaxlm_version": __version__, **(meta or {})}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state or {}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, target) -> tuple[Any, dict, dict]:
+        """Restores (state, data_state, meta) at `step` into `target`'s structure and shardings.
+
+        `target` is a pytree of `jax.ShapeDtypeStruct`s with shardings (train/state.py's
+        `abstract_state`), so arrays land directly in their shards on any mesh shape.
+        """
+        path = os.path.join(self.directory, str(step))
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # orbax raises many types; name the directory for the user
+            raise CheckpointError(
+                f"cannot restore checkpoint {path}: {type(e).__name__}: {e}. The directory may "
+                "be corrupt or come from a different model/optimizer configuration; delete it "
+                "to resume from an earlier step."
+            ) from e
+        return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of a run's checkpoint without loading arrays (latest step by default)."""
+    mgr = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(ckpt_dir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "data", "meta"),
+    )
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint under {ckpt_dir}/checkpoints")
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    mgr.close()
+    return step, dict(meta)
+
+
+def load_params(run_dir: str, target_params, step: int | None = None):
+    """Parameters of another run's checkpoint (for `init_from` and notebooks).
+
+    `target_params` is a pytree of ShapeDtypeStructs (with shardings) of the parameters; only
+    the `params` subtree of the saved state is read.
+    """
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    mgr = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=("state", "data", "meta"),
+    )
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"init_from: no checkpoint under {directory}")
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), target_params
+    )
+    try:
+        out = mgr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={"params": target_params},
+                    restore_args={"params": restore_args},
+                    partial_restore=True,
+                )
+            ),
+        )
+    except Exception as e:
+        raise CheckpointError(
+            f"init_from: cannot read params of {directory}/{step}: {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        mgr.close()
+    return out["state"]["params"]

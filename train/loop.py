@@ -1,0 +1,281 @@
+"""The one training loop. Every task (pretraining, SFT, reward model, DPO, PPO, GRPO) is a
+`Task` — parameters, a loss and a batch source — run by `run(config, workdir, task)`.
+
+What the loop does, so tasks never do it again:
+  * builds the mesh, the optimizer and the sharded TrainState; resumes from the latest checkpoint
+    in the workdir (state and data-iterator position), or starts from `config.init_from`;
+  * dispatches step N before reading step N−1's metrics and fetches metrics only every
+    `log_every` steps, so the host never stalls the device; `jax_transfer_guard` is set to
+    "disallow" around the step so an accidental host↔device copy is an error;
+  * logs metrics.jsonl / TensorBoard with tokens/s and MFU, runs `task.eval_fn` every
+    `eval_every` steps, checkpoints every `ckpt_every` steps (async);
+  * rolls back to the last checkpoint after `guard.max_bad_in_row` skipped steps in a row (the
+    data iterator keeps going, so the offending batches are skipped, as PaLM did);
+  * on SIGTERM (preemption) saves a checkpoint and returns cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+from flaxlm.train import checkpoint as ckpt_lib
+from flaxlm.train.metrics import MetricWriter, Throughput, peak_memory_gb, tokens_in_batch
+from flaxlm.train.optim import make_optimizer
+from flaxlm.train.state import abstract_state, create_train_state, state_shardings
+from flaxlm.train.step import jit_train_step
+
+log = logging.getLogger("flaxlm")
+
+KILL_ENV = "FLAXLM_KILL_AT_STEP"  # fault injection for tests: SIGKILL self at this step
+
+
+@dataclasses.dataclass
+class Task:
+    """What a training task plugs into the loop.
+
+    Attributes:
+      name: shown in logs and checkpoints.
+      init_params: rng -> parameter pytree with logical partitioning (linen `init`).
+      loss_fn: (params, batch, rng) -> (loss, metrics); metrics["weight"] = loss denominator.
+      train_batches: iterator of per-process batch slices with get_state()/set_state().
+      eval_fn: optional params -> dict of held-out metrics (prefixed "eval/" in the logs).
+      flops_per_token / flops_per_token_causal: training FLOPs per token for MFU (0 = skip).
+      trainable_mask: optional pytree/function of bools; False leaves are frozen (LoRA).
+      init_from_transform: (loaded_params, fresh_params) -> params, when `init_from` loads a
+        checkpoint of a different structure (a reward model from an SFT model). It receives
+        the loaded params as returned by `load_init_params`.
+      load_init_params: optional (run_dir, fresh_params_abstract) -> loaded params; defaults
+        to reading the whole params tree of the same structure.
+      before_step: optional hook called with the current state before each batch is drawn
+        (PPO/GRPO refresh their rollouts with the current policy here).
+      model_meta: JSON-able description stored in every checkpoint (e.g. the model config).
+    """
+
+    name: str
+    init_params: Callable[[jax.Array], Any]
+    loss_fn: Callable
+    train_batches: Iterator[dict]
+    eval_fn: Callable[[Any], dict] | None = None
+    flops_per_token: float = 0.0
+    flops_per_token_causal: float = 0.0
+    trainable_mask: Any = None
+    init_from_transform: Callable[[Any, Any], Any] | None = None
+    load_init_params: Callable[[str, Any], Any] | None = None
+    before_step: Callable[[Any], None] | None = None
+    model_meta: dict = dataclasses.field(default_factory=dict)
+
+
+def itstime(step: int, every: int, total: int | None = None, first: bool = False) -> bool:
+    """True on multiples of `every` (and at the last step); big_vision's cadence helper."""
+    if every <= 0:
+        return False
+    return step % every == 0 or (total is not None and step == total) or (first and step == 0)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread (e.g. a notebook worker): no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _summarise(window: list[dict]) -> dict:
+    """Averages a window of per-step metric dicts fetched from the device."""
+    out = {}
+    for key in window[-1]:
+        vals = np.asarray([float(np.asarray(m[key])) for m in window])
+        if key == "skipped":
+            out[key] = float(vals.sum())
+        elif key in ("bad_in_row", "lr"):
+            out[key] = float(vals[-1])
+        else:
+            out[key] = float(vals.mean())
+    return out
+
+
+def _init_or_resume(config, task, ckpt, tx, mesh, rules):
+    shardings = state_shardings(task.init_params, tx, mesh, rules)
+    latest = ckpt.latest_step() if ckpt else None
+    if latest is not None:
+        target = abstract_state(task.init_params, tx, shardings)
+        state, data_state, _ = ckpt.restore(latest, target)
+        if data_state and hasattr(task.train_batches, "set_state"):
+            task.train_batches.set_state(data_state)
+        log.info("resumed from %s/%d", ckpt.directory, latest)
+        return state, shardings, latest
+    state, shardings = create_train_state(task.init_params, tx, mesh, rules, config.seed)
+    if config.get("init_from"):
+        target = jax.tree.map(
+            lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+            state.params,
+            shardings.params,
+        )
+        loader = task.load_init_params or ckpt_lib.load_params
+        loaded = loader(config.init_from, target)
+        if task.init_from_transform is not None:
+            loaded = task.init_from_transform(loaded, state.params)
+        loaded = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded, shardings.params)
+        state = state.replace(params=loaded)
+        log.info("initialised params from %s", config.init_from)
+    return state, shardings, 0
+
+
+def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
+    """Trains `task` for `config.total_steps` steps in `workdir`. Returns (state, summary)."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh or make_mesh(dict(config.mesh))
+    rules = logical_axis_rules(config.sharding)
+    total = int(config.total_steps)
+    tx, schedule = make_optimizer(config.opt, total, task.trainable_mask)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_ckpts, async_save=config.async_ckpt)
+    meta = {"task": task.name, "config": config.to_dict(), **task.model_meta}
+
+    with use_mesh(mesh, rules):
+        state, shardings, start = _init_or_resume(config, task, ckpt, tx, mesh, rules)
+        step_fn = jit_train_step(
+            task.loss_fn, tx, schedule, config.guard, config.opt.grad_accum, shardings, mesh
+        )
+        writer = MetricWriter(workdir, resume_step=start if start else None)
+        meter = Throughput(
+            task.flops_per_token, task.flops_per_token_causal, config.get("peak_tflops", 0.0)
+        )
+        summary = _loop(
+            config,
+            task,
+            state,
+            step_fn,
+            ckpt,
+            writer,
+            meter,
+            start,
+            total,
+            meta,
+            shardings,
+            tx,
+            mesh,
+        )
+        writer.close()
+    ckpt.close()
+    return summary.pop("state"), summary
+
+
+def _maybe_eval(task, state, step, writer, summary):
+    if task.eval_fn is None:
+        return
+    t0 = time.perf_counter()
+    ev = {f"eval/{k}": v for k, v in task.eval_fn(state.params).items()}
+    ev["eval/time_s"] = time.perf_counter() - t0
+    writer.write(step, ev)
+    summary["eval"] = ev
+    log.info("step %d eval %s", step, {k: round(float(v), 4) for k, v in ev.items()})
+
+
+def _loop(
+    config, task, state, step_fn, ckpt, writer, meter, start, total, meta, shardings, tx, mesh
+):
+    kill_at = int(os.environ.get(KILL_ENV, "-1"))
+    window: list = []
+    summary: dict = {"train": {}, "eval": {}, "rollbacks": 0, "preempted": False}
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=task.name,
+        disable=not config.progress_bar,
+        dynamic_ncols=True,
+    )
+    step = start
+    if start == 0 and config.get("eval_at_start", False):
+        _maybe_eval(task, state, 0, writer, summary)
+    with _Preemption() as preempt:
+        while step < total:
+            if preempt.requested:
+                ckpt.save(step, state, _data_state(task), meta)
+                ckpt.wait()
+                summary["preempted"] = True
+                log.warning("SIGTERM: saved checkpoint at step %d and stopping", step)
+                break
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if task.before_step is not None:
+                task.before_step(state)
+            batch = next(task.train_batches)
+            meter.add(tokens_in_batch(batch))
+            batch = shard_batch(batch, mesh)
+            with jax.transfer_guard("disallow"):
+                state, metrics = step_fn(state, batch)
+            window.append(metrics)
+            step += 1
+            bar.update(1)
+
+            if itstime(step, config.log_every, total):
+                rec = _summarise(jax.device_get(window))
+                window = []
+                rec.update(meter.measure())
+                rec["n_skipped"] = int(jax.device_get(state.guard["n_skipped"]))
+                mem = peak_memory_gb()
+                if mem is not None:
+                    rec["peak_mem_gb"] = mem
+                writer.write(step, rec)
+                summary["train"] = rec
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+                if rec["bad_in_row"] >= config.guard.max_bad_in_row:
+                    state, step = _rollback(ckpt, state, step, task, tx, shardings, summary)
+                    bar.n = step
+            if itstime(step, config.eval_every, total):
+                _maybe_eval(task, state, step, writer, summary)
+            if itstime(step, config.ckpt_every, total):
+                ckpt.save(step, state, _data_state(task), meta)
+    bar.close()
+    ckpt.wait()
+    summary["state"] = state
+    summary["step"] = step
+    return summary
+
+
+def _data_state(task) -> dict:
+    get = getattr(task.train_batches, "get_state", None)
+    return get() if get else {}
+
+
+def _rollback(ckpt, state, step, task, tx, shardings, summary):
+    """Restores the last checkpoint's model and optimizer; the data iterator keeps its place."""
+    ckpt.wait()
+    last = ckpt.latest_step()
+    if last is None:
+        raise RuntimeError(
+            f"step {step}: {int(state.guard['bad_in_row'])} bad steps in a row (NaN/Inf or loss "
+            "spikes) and no checkpoint to roll back to; lower the learning rate or check the data"
+        )
+    target = abstract_state(task.init_params, tx, shardings)
+    restored, _, _ = ckpt.restore(last, target)
+    summary["rollbacks"] += 1
+    log.warning(
+        "step %d: rolled back to checkpoint %d, skipping the batches in between", step, last
+    )
+    return restored, int(jax.device_get(restored.step))

@@ -1,0 +1,70 @@
+"""Command line: run any task from a config file.
+
+    python -m flaxlm.train.main --config configs/pretrain.py:variant=tiny,runlocal=True \
+        --workdir runs/pt [--config.opt.lr=1e-3 ...]
+
+Re-running the same command resumes from the latest checkpoint in --workdir. Multi-host: launch
+one process per host with the same command; with --distributed (or when a cluster environment
+is detected by jax), `jax.distributed.initialize()` connects them. On CPU, pass
+--coordinator/--num_processes/--process_id explicitly (tests do this with gloo collectives).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (path.py:arg).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_COORD = flags.DEFINE_string("coordinator", "", "host:port of process 0 (multi-process).")
+_NPROC = flags.DEFINE_integer("num_processes", 1, "Number of processes.")
+_PID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+
+# task name → module with `run(config, workdir)`
+TASKS = {
+    "pretrain": "flaxlm.train.pretrain",
+    "sft": "flaxlm.alignment.sft",
+    "reward": "flaxlm.alignment.reward",
+    "dpo": "flaxlm.alignment.dpo",
+    "ppo": "flaxlm.alignment.ppo",
+    "grpo": "flaxlm.alignment.grpo",
+}
+
+
+def init_distributed(
+    coordinator: str = "", num_processes: int = 1, process_id: int = 0, auto: bool = False
+):
+    """Connects the processes of a multi-host run (no-op for a single process)."""
+    import jax
+
+    if coordinator:
+        # CPU processes need a collectives implementation to talk to each other.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif auto:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    del argv
+    logging.getLogger("flaxlm").setLevel(logging.INFO)
+    init_distributed(_COORD.value, _NPROC.value, _PID.value, _DISTRIBUTED.value)
+    config = _CONFIG.value
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    module = TASKS.get(config.task)
+    if module is None:
+        raise app.UsageError(f"config.task={config.task!r}; known tasks: {sorted(TASKS)}")
+    _, summary = importlib.import_module(module).run(config, _WORKDIR.value)
+    print({k: v for k, v in summary.items() if k in ("step", "train", "eval", "preempted")})
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

@@ -1,0 +1,117 @@
+"""The one optimizer factory every task shares: optimizer, learning-rate schedule, clipping.
+
+    tx, schedule = make_optimizer(config.opt, total_steps)
+
+Optimizers: adamw | lion | adafactor | sgd. Schedules (after a linear warmup from 0):
+    cosine    cosine decay to lr·final_lr_frac at total_steps
+    linear    linear decay to lr·final_lr_frac
+    wsd       warmup-stable-decay: constant, then a linear decay over the last decay_frac of steps
+    constant  no decay
+Weight decay applies to matrices only (ndim ≥ 2): norm scales and biases are never decayed.
+Gradient accumulation is not an optax wrapper: train/step.py scans over micro-batches, so one
+call is one optimizer update and memory holds one micro-batch of activations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def opt_config() -> ml_collections.ConfigDict:
+    """Defaults of the `opt` config section; every key is what experiments vary."""
+    c = ml_collections.ConfigDict()
+    c.name = "adamw"  # adamw | lion | adafactor | sgd
+    c.lr = 3e-4  # peak learning rate
+    c.schedule = "cosine"  # cosine | linear | wsd | constant (after warmup)
+    c.warmup_steps = 100  # linear warmup from 0 to lr
+    c.final_lr_frac = 0.1  # cosine/linear/wsd end at lr·final_lr_frac
+    c.wsd_decay_frac = 0.2  # wsd: fraction of steps spent in the final decay
+    c.b1 = 0.9  # first-moment decay (adamw, lion)
+    c.b2 = 0.95  # second-moment decay (adamw, lion)
+    c.eps = 1e-8  # adamw epsilon
+    c.weight_decay = 0.1  # decoupled weight decay on matrices
+    c.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+    c.grad_accum = 1  # micro-batches per optimizer step (the batch is split, not repeated)
+    c.mu_dtype = ""  # adamw first-moment dtype ("" = param dtype; "bfloat16" saves memory)
+    return c
+
+
+def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+    lr, warmup = cfg.lr, min(cfg.warmup_steps, max(total_steps - 1, 0))
+    final = lr * cfg.final_lr_frac
+    rest = max(total_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, rest, alpha=cfg.final_lr_frac)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(lr, final, rest)
+    elif cfg.schedule == "wsd":
+        decay = min(max(int(total_steps * cfg.wsd_decay_frac), 1), rest)
+        after = optax.join_schedules(
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, final, decay)], [rest - decay]
+        )
+    elif cfg.schedule == "constant":
+        after = optax.constant_schedule(lr)
+    else:
+        raise ValueError(
+            f"opt.schedule={cfg.schedule!r}; expected cosine | linear | wsd | constant"
+        )
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def decay_mask(params):
+    """True for the leaves weight decay applies to: matrices, not norm scales or biases."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(cfg, total_steps: int, trainable_mask=None):
+    """Builds (tx, schedule) from the `opt` config section.
+
+    Args:
+      cfg: the `opt` section (see `opt_config`).
+      total_steps: length of the run, which the schedule decays over.
+      trainable_mask: optional pytree of bools (or a function params -> pytree); False leaves
+        get no update and no optimizer state (LoRA, frozen backbones).
+    """
+    schedule = make_schedule(cfg, total_steps)
+    name = cfg.name
+    if name == "adamw":
+        mu_dtype = jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None
+        base = optax.adamw(
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            mu_dtype=mu_dtype,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    elif name == "lion":
+        base = optax.lion(
+            schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
+        )
+    elif name == "adafactor":
+        base = optax.adafactor(
+            schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask
+        )
+    elif name == "sgd":
+        base = optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+            optax.sgd(schedule, momentum=cfg.b1),
+        )
+    else:
+        raise ValueError(f"opt.name={name!r}; expected adamw | lion | adafactor | sgd")
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    tx = optax.chain(*parts, base)
+    if trainable_mask is not None:
+
+        def labels(params):
+            mask = trainable_mask(params) if callable(trainable_mask) else trainable_mask
+            return jax.tree.map(lambda t: "train" if t else "freeze", mask)
+
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx, schedule

@@ -1,0 +1,152 @@
+"""TrainState and its sharded initialisation.
+
+The state is a plain pytree (params are unboxed arrays, easy to use in notebooks); shardings are
+computed once from the parameters' logical axis names:
+
+    eval_shape(init) → logical partition specs → mesh shardings → jit(init, out_shardings)
+
+so parameters are created directly in their shards (a 7B model never materialises on one chip).
+Optimizer-state leaves that mirror a parameter (Adam's mu/nu, ...) take that parameter's
+sharding; other leaves (counters, Adafactor's factored rows/columns) are replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken (including skipped ones)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 base key; the step's key is fold_in(rng, step), so resume is exact
+    guard: dict  # loss statistics and counters of the trouble guard (see train/step.py)
+
+
+def unbox(tree):
+    """Strips partitioning metadata boxes (no sharding constraint, unlike `nn.meta.unbox`,
+    which would need a traced context)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box
+    )
+
+
+def new_guard() -> dict:
+    return {
+        "loss_mean": jnp.zeros((), jnp.float32),  # EMA of accepted losses
+        "loss_var": jnp.zeros((), jnp.float32),  # EMA of their squared deviation
+        "n_accepted": jnp.zeros((), jnp.int32),
+        "n_skipped": jnp.zeros((), jnp.int32),  # total skipped updates (NaN/Inf or spikes)
+        "bad_in_row": jnp.zeros((), jnp.int32),  # current run of skipped updates
+    }
+
+
+def _path_key(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh: Mesh):
+    """Shardings for optimizer state: a leaf mirroring a parameter shares its sharding."""
+    by_path = {}
+    for (path, p), s in zip(
+        jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+        jax.tree.leaves(param_shardings),
+    ):
+        by_path[_path_key(path)] = (p.shape, s)
+    longest = max((len(k) for k in by_path), default=0)
+
+    def pick(path, leaf):
+        key = _path_key(path)
+        for n in range(min(longest, len(key)), 0, -1):
+            hit = by_path.get(key[-n:])
+            if hit is not None and hit[0] == getattr(leaf, "shape", None):
+                return hit[1]
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def param_shardings(init_params: Callable, rng, mesh: Mesh, rules):
+    """(abstract unboxed params, their NamedShardings) from a boxed init function."""
+    boxed = jax.eval_shape(init_params, rng)
+    specs = nn.get_partition_spec(boxed)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return unbox(boxed), shardings
+
+
+def create_train_state(
+    init_params: Callable,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules,
+    seed: int,
+) -> tuple[TrainState, TrainState]:
+    """Initialises a sharded TrainState.
+
+    Args:
+      init_params: rng -> params pytree with logical partitioning metadata (a linen
+        `model.init(...)["params"]`).
+      tx: the optimizer.
+      mesh, rules: device mesh and logical→mesh axis rules.
+      seed: integer seed for the parameters and the state's base RNG.
+
+    Returns: (state, state_shardings).
+    """
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    shardings = state_shardings(init_params, tx, mesh, rules, init_rng)
+
+    def init(rng):
+        params = unbox(init_params(rng))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=state_rng,
+            guard=new_guard(),
+        )
+
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)(init_rng)
+    return state, shardings
+
+
+def state_shardings(init_params: Callable, tx, mesh: Mesh, rules, rng=None) -> TrainState:
+    """The NamedSharding of every TrainState leaf (also used to restore checkpoints)."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    abstract_params, p_shard = param_shardings(init_params, rng, mesh, rules)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    rep = NamedSharding(mesh, P())
+    return TrainState(
+        step=rep,
+        params=p_shard,
+        opt_state=opt_state_shardings(abstract_opt, abstract_params, p_shard, mesh),
+        rng=rep,
+        guard=jax.tree.map(lambda _: rep, new_guard()),
+    )
+
+
+def abstract_state(init_params: Callable, tx, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs with shardings for every TrainState leaf (a restore target)."""
+    rng = jax.random.PRNGKey(0)
+
+    def init(rng):
+        params = unbox(init_params(rng))
+        return TrainState(
+            jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0), new_guard()
+        )
+
+    shapes = jax.eval_shape(init, rng)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )

@@ -1,0 +1,177 @@
+"""The pure train and eval steps every task shares, and their jitted, sharded wrappers.
+
+`train_step(state, batch, *, loss_fn, tx, schedule, guard, grad_accum)` is a module-level pure
+function (tests call it directly). It
+
+  1. computes loss and gradients, scanning over `grad_accum` micro-batches and weighting each by
+     its target count (`metrics["weight"]`), so accumulation equals one big batch exactly;
+  2. applies the optimizer;
+  3. runs the trouble guard: if the loss or the gradient norm is NaN/Inf, or the loss is a spike
+     (far above the running mean of recent accepted losses), the update is discarded —
+     params and optimizer state stay as they were — and counted in `state.guard`.
+
+The loop reads `guard["bad_in_row"]` when it logs and rolls back to the last checkpoint after too
+many bad steps in a row.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from flaxlm.train.state import TrainState
+
+
+def guard_config() -> ml_collections.ConfigDict:
+    """Defaults of the `guard` section: what counts as a bad step and what happens then."""
+    c = ml_collections.ConfigDict()
+    c.skip_nonfinite = True  # discard updates whose loss or gradient norm is NaN/Inf
+    c.spike_zscore = 0.0  # discard updates with loss > mean + z·std of recent losses (0 = off)
+    c.spike_min_rel = 0.1  # ...and loss > (1 + this)·mean, so tiny variance cannot trigger it
+    c.ema_decay = 0.98  # decay of the running loss mean/variance (≈ a 50-step window)
+    c.warmup_steps = 50  # accepted steps before spike detection starts
+    c.max_bad_in_row = 5  # roll back to the last checkpoint after this many bad steps in a row
+    return c
+
+
+def _split_micro(batch, n: int):
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} micro-batches")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1):
+    """(loss, metrics, grads), averaged over micro-batches weighted by metrics['weight']."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        (loss, metrics), grads = grad_fn(params, batch, rng)
+        return loss, metrics, grads
+
+    micro = _split_micro(batch, grad_accum)
+    rngs = jax.random.split(rng, grad_accum)
+
+    def body(carry, xs):
+        mb, r = xs
+        (loss, metrics), grads = grad_fn(params, mb, r)
+        w = metrics.get("weight", jnp.ones((), jnp.float32))
+        acc_g, acc_l, acc_m, acc_w = carry
+        acc_g = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), acc_g, grads)
+        acc_m = jax.tree.map(lambda a, m: a + w * m, acc_m, metrics)
+        return (acc_g, acc_l + w * loss, acc_m, acc_w + w), None
+
+    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros_m = jax.eval_shape(
+        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rngs[0])[0][1]
+    )
+    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_m)
+    init = (zeros_g, jnp.zeros((), jnp.float32), zeros_m, jnp.zeros((), jnp.float32))
+    (g, loss, metrics, w), _ = jax.lax.scan(body, init, (micro, rngs))
+    w = jnp.maximum(w, 1e-8)
+    grads = jax.tree.map(lambda gi, p: (gi / w).astype(p.dtype), g, params)
+    metrics = jax.tree.map(lambda m: m / w, metrics)
+    if "weight" in metrics:
+        metrics["weight"] = w
+    return loss / w, metrics, grads
+
+
+def _guard_verdict(guard: dict, loss, grad_norm, cfg) -> jax.Array:
+    """True when the update should be applied."""
+    ok = jnp.ones((), bool)
+    if cfg.skip_nonfinite:
+        ok &= jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if cfg.spike_zscore > 0:
+        mean, std = guard["loss_mean"], jnp.sqrt(guard["loss_var"])
+        spike = (
+            (guard["n_accepted"] >= cfg.warmup_steps)
+            & (loss > mean + cfg.spike_zscore * std)
+            & (loss > (1.0 + cfg.spike_min_rel) * mean)
+        )
+        ok &= ~spike
+    return ok
+
+
+def _update_guard(guard: dict, loss, ok, decay: float) -> dict:
+    first = guard["n_accepted"] == 0
+    d = jnp.where(first, 0.0, decay)
+    mean = d * guard["loss_mean"] + (1 - d) * loss
+    var = d * guard["loss_var"] + (1 - d) * jnp.square(loss - guard["loss_mean"]) * (1 - first)
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    return {
+        "loss_mean": keep(mean, guard["loss_mean"]),
+        "loss_var": keep(var, guard["loss_var"]),
+        "n_accepted": guard["n_accepted"] + ok.astype(jnp.int32),
+        "n_skipped": guard["n_skipped"] + (~ok).astype(jnp.int32),
+        "bad_in_row": jnp.where(ok, 0, guard["bad_in_row"] + 1),
+    }
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    guard,
+    grad_accum: int = 1,
+) -> tuple[TrainState, dict]:
+    """One optimizer step (see the module docstring). Returns (new_state, metrics)."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss, metrics, grads = loss_and_grads(state.params, batch, rng, loss_fn, grad_accum)
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    ok = _guard_verdict(state.guard, loss, grad_norm, guard)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        guard=_update_guard(state.guard, loss, ok, guard.ema_decay),
+    )
+    metrics = {
+        **metrics,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "param_norm": optax.tree.norm(new_state.params),
+        "lr": schedule(state.step),
+        "skipped": (~ok).astype(jnp.float32),
+        "bad_in_row": new_state.guard["bad_in_row"],
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch, rng, *, loss_fn: Callable) -> dict:
+    """Loss metrics of one batch, without an update."""
+    loss, metrics = loss_fn(params, batch, rng)
+    return {**metrics, "loss": loss}
+
+
+def jit_train_step(loss_fn, tx, schedule, guard, grad_accum, state_shardings, mesh):
+    """The jitted step: state sharded as given and donated, batch as it arrives, metrics
+    replicated. The loss function, optimizer and config are closed over (never hashed)."""
+    step = functools.partial(
+        train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, guard=guard, grad_accum=grad_accum
+    )
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(loss_fn, param_shardings, mesh):
+    step = functools.partial(eval_step, loss_fn=loss_fn)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, in_shardings=(param_shardings, None, rep), out_shardings=rep)
