@@ -148,3 +148,38 @@ def load_params(run_dir: str, target_params, step: int | None = None):
     finally:
         mgr.close()
     return out["state"]["params"]
+
+
+def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None):
+    """(ModelConfig, params, meta) of a run's checkpoint — for notebooks, eval and generation.
+
+    The model config comes from the checkpoint's meta, so nothing else is needed. Params are
+    placed replicated on one device unless a mesh (and logical-axis rules) is given.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from flaxlm.models.config import ModelConfig
+    from flaxlm.models.transformer import Transformer
+    from flaxlm.train.state import unbox
+
+    step, meta = read_meta(run_dir, step)
+    if "model_config" not in meta:
+        raise CheckpointError(
+            f"{run_dir}: checkpoint meta has no model_config (task "
+            f"{meta.get('task')!r}); use load_params with an explicit target"
+        )
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    boxed = jax.eval_shape(
+        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
+        jax.random.PRNGKey(0),
+    )
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: dev, unbox(boxed))
+    else:
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unbox(boxed), shardings
+    )
+    return cfg, load_params(run_dir, target, step), meta

@@ -171,3 +171,17 @@ def test_corrupt_checkpoint_error_names_the_directory(tmp_path):
     with pytest.raises(Exception, match=str(tmp_path / "checkpoints" / "2")):
         pretrain.run(c, str(tmp_path))
     json.dumps({})  # keep json import used for debugging output
+
+
+def test_load_model_reads_config_and_params_from_the_checkpoint(tmp_path):
+    from flaxlm.models.transformer import forward
+    from flaxlm.train.checkpoint import load_model
+
+    c = _config(total_steps=3, ckpt_every=3, eval_every=0)
+    state, _ = pretrain.run(c, str(tmp_path))
+    cfg, params, meta = load_model(str(tmp_path))
+    assert cfg.d_model == c.model.d_model and meta["task"] == "pretrain"
+    tokens = np.zeros((1, 5), np.int32)
+    np.testing.assert_allclose(
+        forward(cfg, params, tokens), forward(cfg, jax.device_get(state.params), tokens), atol=1e-6
+    )
