@@ -4,7 +4,9 @@
         --workdir runs/pt --config.opt.lr=1e-3
 
 arg keys: variant (a model variant: tiny | mini | small | 125m | 1b | 7b), runlocal (shrink to a
-CPU-sized run), steps (0 = the variant's default).
+CPU-sized run), steps (0 = the variant's default), data (text: the grain text pipeline over
+`data.sources`, or the built-in world when empty | markov: a synthetic chain with known entropy,
+no tokenizer — tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from flaxlm.configs import common
+from flaxlm.data.pipeline import data_config
 
 # (steps, global batch, seq_len, lr) per variant for a real run; runlocal shrinks them.
 _SIZES = {
@@ -25,7 +28,7 @@ _SIZES = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, variant="tiny", runlocal=False, steps=0)
+    a = common.parse_arg(arg, variant="tiny", runlocal=False, steps=0, data="text")
     steps, batch, seq, lr = _SIZES[a.variant]
     if a.runlocal:
         steps, batch, seq = min(steps, 200), min(batch, 16), min(seq, 128)
@@ -38,10 +41,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.opt.warmup_steps = max(steps // 20, 1) if a.runlocal else min(2000, steps // 20)
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient (1e-4 stabilises bf16 runs)
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "markov"  # markov (synthetic chain with known entropy)
-    c.data.markov_branching = 4  # successors per token of the synthetic chain
+    c.data = data_config()  # text pipeline keys (data/pipeline.py documents each)
+    c.data.kind = a.data  # text | markov
+    c.data.markov_branching = 4  # markov: successors per token of the synthetic chain
+    c.data.eval_sources = ""  # held-out text for eval loss ("" = the built-in world's held-out)
     c.data.eval_batches = 4  # held-out batches per evaluation
+    if a.data == "text" and a.variant in ("tiny", "mini", "small"):
+        c.model.vocab_size = c.data.builtin_vocab_size  # the built-in tokenizer's vocab
     c.eval_every = max(c.total_steps // 4, 1) if a.runlocal else 1000
     c.ckpt_every = c.total_steps // 2 if a.runlocal else 1000
     c.log_every = 10

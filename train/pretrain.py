@@ -1,11 +1,16 @@
 """Pretraining task: next-token loss on packed batches, held-out loss/perplexity as eval.
 
-`build_task(config, mesh)` returns the loop's Task; `run(config, workdir)` trains it.
+`build_task(config, mesh, workdir)` returns the loop's Task; `run(config, workdir)` trains it.
+Data (`config.data.kind`): "text" — the grain pipeline (data/pipeline.py) over `data.sources`,
+or the built-in world's corpus when no source is given; "markov" — a synthetic chain with known
+entropy (tests, benchmarks). With text data the tokenizer is copied into the workdir and named
+in every checkpoint's meta, so a checkpoint alone is enough to generate from it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -32,10 +37,17 @@ def model_fns(cfg):
     return init_params, apply
 
 
-def make_batches(config, mesh, *, seed: int):
-    """The training batch iterator named by `config.data.source`."""
+def _builtin_world_texts(split: str = "pretrain") -> list[str]:
+    from flaxlm.data import synthetic
+
+    world = synthetic.build_world("demo", seed=0)
+    return [d["text"] for d in getattr(world, split)]
+
+
+def make_batches(config, *, seed: int, tokenizer=None):
+    """The training batch iterator named by `config.data.kind`."""
     d = config.data
-    if d.source == "markov":
+    if d.kind == "markov":
         from flaxlm.data.markov import MarkovStream
 
         return MarkovStream(
@@ -48,13 +60,60 @@ def make_batches(config, mesh, *, seed: int):
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-    raise ValueError(f"config.data.source={d.source!r}; expected 'markov'")
+    if d.kind == "text":
+        from flaxlm.data import pipeline
+
+        if not d.sources and pipeline._BUILTIN is None:
+            pipeline.register_builtin_corpus(_builtin_world_texts)
+        return pipeline.make_pretrain_iterator(
+            d,
+            seq_len=config.seq_len,
+            global_batch=config.batch_size,
+            seed=seed,
+            vocab_size=config.model.vocab_size,
+            tokenizer=tokenizer,
+        )
+    raise ValueError(f"config.data.kind={d.kind!r}; expected 'text' or 'markov'")
 
 
-def make_eval_fn(config, mesh, loss_fn):
-    """Held-out loss over a fixed set of batches drawn with a different seed."""
-    it = make_batches(config, mesh, seed=config.seed + 10_000)
-    batches = [shard_batch(next(it), mesh) for _ in range(config.data.eval_batches)]
+def _text_eval_batches(config, tokenizer) -> list[dict]:
+    """Held-out text packed into at most `eval_batches` global batches (this process's rows)."""
+    import grain
+
+    from flaxlm.data import pipeline, sources
+
+    d = config.data
+    if d.eval_sources:
+        texts = []
+        for pattern, _ in pipeline.parse_sources(d.eval_sources):
+            src = sources.open_source(pattern, text_field=d.text_field, txt_mode=d.txt_mode)
+            texts += [src[i] for i in range(len(src))]
+    else:
+        texts = _builtin_world_texts("heldout_text")
+    tok = pipeline._Tokenize(tokenizer, d.add_bos, d.add_eos)
+    docs = grain.MapDataset.source([tok.map(t) for t in texts]).to_iter_dataset()
+    packer = pipeline.PackedBatchIterator(
+        iter(docs), seq_len=config.seq_len, batch=config.batch_size, pad_id=tokenizer.pad_id
+    )
+    rows = config.batch_size // jax.process_count()
+    lo = jax.process_index() * rows
+    out = []
+    for batch in packer:
+        out.append({k: v[lo : lo + rows] for k, v in batch.items()})
+        if len(out) == d.eval_batches:
+            break
+    return out
+
+
+def make_eval_fn(config, mesh, loss_fn, tokenizer=None):
+    """Held-out loss over a fixed set of batches (text: held-out documents; markov: the same
+    chain, a different seed)."""
+    if config.data.kind == "text":
+        host_batches = _text_eval_batches(config, tokenizer)
+    else:
+        it = make_batches(config, seed=config.seed + 10_000)
+        host_batches = [next(it) for _ in range(config.data.eval_batches)]
+    batches = [shard_batch(b, mesh) for b in host_batches]
     step = jax.jit(lambda p, b: eval_step(p, b, None, loss_fn=loss_fn))
 
     def eval_fn(params):
@@ -73,7 +132,8 @@ def make_eval_fn(config, mesh, loss_fn):
     return eval_fn
 
 
-def build_task(config, mesh) -> loop.Task:
+def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
+    """The pretraining Task; with a workdir the text tokenizer is saved there for the meta."""
     cfg = to_model_config(config.model)
     if config.batch_size % batch_divisor(mesh):
         raise ValueError(
@@ -81,18 +141,26 @@ def build_task(config, mesh) -> loop.Task:
         )
     init_params, apply = model_fns(cfg)
     loss_fn = lm_loss_fn(apply, z_loss=config.loss.z_loss)
+    batches = make_batches(config, seed=config.seed)
+    tokenizer = getattr(batches, "tokenizer", None)
+    meta = {"model_config": cfg.to_dict()}
+    if tokenizer is not None and workdir is not None:
+        path = os.path.join(os.path.abspath(workdir), "tokenizer.model")
+        if jax.process_index() == 0:
+            tokenizer.save(path)
+        meta["tokenizer"] = path
     return loop.Task(
         name="pretrain",
         init_params=init_params,
         loss_fn=loss_fn,
-        train_batches=make_batches(config, mesh, seed=config.seed),
-        eval_fn=make_eval_fn(config, mesh, loss_fn) if config.eval_every else None,
+        train_batches=batches,
+        eval_fn=make_eval_fn(config, mesh, loss_fn, tokenizer) if config.eval_every else None,
         flops_per_token=cfg.flops_per_token(config.seq_len),
         flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True),
-        model_meta={"model_config": cfg.to_dict()},
+        model_meta=meta,
     )
 
 
 def run(config, workdir: str):
     mesh = make_mesh(dict(config.mesh))
-    return loop.run(config, workdir, build_task(config, mesh), mesh=mesh)
+    return loop.run(config, workdir, build_task(config, mesh, workdir), mesh=mesh)

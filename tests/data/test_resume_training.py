@@ -24,7 +24,7 @@ from flaxlm.models.sharding import make_mesh
 from flaxlm.train import loop, pretrain
 
 corpus, tok, workdir = sys.argv[1:4]
-c = pretrain_config.get_config("variant=tiny,runlocal=True")
+c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
 with c.unlocked():
     c.progress_bar = False
     c.eval_at_start = False

@@ -31,7 +31,7 @@ def test_resolve_mesh_shape():
 
 
 def _setup(mesh_shape, preset, devices=None):
-    config = pretrain_config.get_config("variant=tiny,runlocal=True")
+    config = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
     with config.unlocked():
         config.mesh = mesh_shape
         config.sharding = preset

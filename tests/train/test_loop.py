@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _config(**overrides):
-    c = pretrain_config.get_config("variant=tiny,runlocal=True")
+    c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
     with c.unlocked():
         c.progress_bar = False
         c.eval_at_start = False
@@ -43,7 +43,7 @@ def _main(workdir, *overrides, env=None, **popen):
         "-m",
         "flaxlm.train.main",
         "--config",
-        os.path.join(REPO, "configs/pretrain.py") + ":variant=tiny,runlocal=True",
+        os.path.join(REPO, "configs/pretrain.py") + ":variant=tiny,runlocal=True,data=markov",
         "--workdir",
         str(workdir),
         "--config.progress_bar=False",

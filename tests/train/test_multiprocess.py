@@ -24,7 +24,7 @@ def _cmd(workdir, extra=()):
         "-m",
         "flaxlm.train.main",
         "--config",
-        os.path.join(REPO, "configs/pretrain.py") + ":variant=tiny,runlocal=True",
+        os.path.join(REPO, "configs/pretrain.py") + ":variant=tiny,runlocal=True,data=markov",
         "--workdir",
         str(workdir),
         "--config.progress_bar=False",
