@@ -1,0 +1,226 @@
+"""What every alignment task (SFT, reward model, DPO, ...) needs besides its loss.
+
+  * `records(spec, data_cfg, report)`: chat / preference records from jsonl or parquet files, or
+    from the built-in world ("builtin:sft_train", "builtin:preferences_heldout", ...);
+  * `resolve_tokenizer` / `resolve_model_config`: from the config, the `init_from` checkpoint's
+    meta (where pretraining records its tokenizer), an HF directory, or the built-in world;
+  * `load_lm_params(source, target)`: a language model's params from a flaxlm run (plain, LoRA —
+    merged — or the backbone of a scalar-head run) or from an HF checkpoint ("hf:DIR");
+  * `init_hooks(kind, lora_spec)`: the loop Task's `load_init_params` / `init_from_transform`
+    that put those params into the task's own param tree ({"transformer", "head"}, LoRA's
+    {"base", "lora"}); `load_policy(run_dir)`: (cfg, plain params, meta) of any LM run.
+
+`init_from` is a flaxlm run directory, or "hf:DIR" for an imported HF checkpoint
+(flaxlm.models.hf.load_pretrained).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flaxlm.configs.common import to_model_config
+from flaxlm.data import formats as F
+from flaxlm.data.tokenizer import Tokenizer
+from flaxlm.models import lora as lora_lib
+from flaxlm.models.config import ModelConfig
+from flaxlm.train import checkpoint as ckpt_lib
+
+HF_PREFIX = "hf:"
+_WORLDS: dict = {}
+
+
+def data_config(train: str, eval_: str) -> ml_collections.ConfigDict:
+    """The `data` section shared by alignment configs."""
+    c = ml_collections.ConfigDict()
+    c.train = train  # comma-separated jsonl/parquet globs, or builtin:<world split>
+    c.eval = eval_  # held-out records in the same form ("" = no held-out eval)
+    c.world = "demo"  # built-in world preset used by builtin:<split> (data/synthetic.py)
+    c.world_seed = 0  # ...and its seed (pretraining on the built-in corpus uses demo/0)
+    c.tokenizer = ""  # .model path; "" = init_from's tokenizer, else the built-in one
+    c.builtin_vocab_size = 2048  # vocab of the tokenizer trained on the built-in corpus
+    c.cache_dir = "~/.cache/flaxlm"  # where that tokenizer is cached
+    c.fields = F.fields_config()  # record field names (data/formats.py)
+    c.overlength = "truncate_left"  # truncate_left (cut oldest prompt tokens) | drop
+    c.strict = False  # True: the first bad record raises with file:line
+    c.shuffle = True  # reshuffle training examples every epoch
+    return c
+
+
+def world(preset: str, seed: int):
+    """The built-in world (cached per process)."""
+    from flaxlm.data import synthetic
+
+    key = (preset, seed)
+    if key not in _WORLDS:
+        _WORLDS[key] = synthetic.build_world(preset, seed=seed)
+    return _WORLDS[key]
+
+
+def records(spec: str, data_cfg, report: F.DataReport) -> list[tuple[dict, str]]:
+    """(record, location) pairs of every source in `spec` (see `data_config`)."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part.startswith("builtin:"):
+            name = part.split(":", 1)[1]
+            w = world(data_cfg.world, data_cfg.world_seed)
+            if not isinstance(getattr(w, name, None), list):
+                raise ValueError(f"data: {part!r} is not a record split of the built-in world")
+            rows = getattr(w, name)
+            report.read += len(rows)
+            out += [(r, f"{part}:{i + 1}") for i, r in enumerate(rows)]
+        else:
+            out += list(F.read_records(part, report))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer, model config
+
+
+def source_meta(init_from: str) -> dict:
+    """The checkpoint meta of a flaxlm run ({} for no source or an HF directory)."""
+    if not init_from or init_from.startswith(HF_PREFIX):
+        return {}
+    return ckpt_lib.read_meta(init_from)[1]
+
+
+def resolve_tokenizer(config, meta: dict):
+    """data.tokenizer, else the init_from run's tokenizer, else HF's, else the built-in one."""
+    d = config.data
+    if d.tokenizer:
+        return Tokenizer.load(os.path.expanduser(d.tokenizer))
+    if meta.get("tokenizer"):
+        if not os.path.exists(meta["tokenizer"]):
+            raise FileNotFoundError(
+                f"init_from={config.init_from}: its tokenizer {meta['tokenizer']} is gone; "
+                "set data.tokenizer"
+            )
+        return Tokenizer.load(meta["tokenizer"])
+    if config.init_from.startswith(HF_PREFIX):
+        from flaxlm.models import hf
+
+        return hf.load_tokenizer(config.init_from[len(HF_PREFIX) :])
+    from flaxlm.data import pipeline
+
+    texts = [r["text"] for r in world(d.world, d.world_seed).pretrain]
+    pcfg = pipeline.data_config()
+    pcfg.builtin_vocab_size, pcfg.cache_dir = d.builtin_vocab_size, d.cache_dir
+    return pipeline.load_tokenizer(pcfg, docs=texts)
+
+
+def resolve_model_config(config, meta: dict) -> ModelConfig:
+    """The init_from checkpoint's architecture (its meta, or HF config.json), else config.model."""
+    if meta.get("model_config"):
+        return ModelConfig.from_dict(meta["model_config"])
+    if config.init_from.startswith(HF_PREFIX):
+        from flaxlm.models import hf
+
+        return hf.load_config(config.init_from[len(HF_PREFIX) :])
+    return to_model_config(config.model)
+
+
+def save_tokenizer(tok, workdir: str | None) -> str:
+    """Copies the tokenizer into the workdir (process 0) and returns its path ("" if none)."""
+    if workdir is None or not hasattr(tok, "save"):
+        return getattr(tok, "name", "")
+    path = os.path.join(os.path.abspath(workdir), "tokenizer.model")
+    if jax.process_index() == 0:
+        tok.save(path)
+    return path
+
+
+def write_report(workdir: str, report: dict) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "data_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading language-model params into a task's tree
+
+
+def _replicated_like(abstract, tree):
+    s = jax.tree.leaves(tree)[0].sharding
+    rep = NamedSharding(s.mesh, P()) if isinstance(s, NamedSharding) else s
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
+
+
+def _select(full, target, where: str):
+    """The subtree of `full` with `target`'s keys (HF params may carry more, e.g. lm_head)."""
+    if not isinstance(target, dict):
+        if tuple(full.shape) != tuple(target.shape):
+            raise ValueError(f"{where}: shape {full.shape} != expected {target.shape}")
+        return jnp.asarray(full, target.dtype)
+    missing = sorted(set(target) - set(full))
+    if missing:
+        raise KeyError(f"{where}: params lack {missing}")
+    return {k: _select(full[k], target[k], f"{where}/{k}") for k in target}
+
+
+def load_lm_params(source: str, target, step: int | None = None):
+    """Language-model params shaped like `target` (ShapeDtypeStructs with shardings).
+
+    `source` is "hf:DIR" or a flaxlm run: a plain LM run, a LoRA run (adapters merged), or a
+    scalar-head run (its "transformer" backbone; then `target` must lack `lm_head`).
+    """
+    if source.startswith(HF_PREFIX):
+        from flaxlm.models import hf
+
+        _, params = hf.load_pretrained(source[len(HF_PREFIX) :])
+        return _select(params, target, source)
+    meta = ckpt_lib.read_meta(source, step)[1]
+    scalar = meta.get("head") == "scalar"
+    inner = {"transformer": target} if scalar else target
+    spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
+    if spec is None:
+        loaded = ckpt_lib.load_params(source, inner, step)
+    else:
+        adapters = _replicated_like(lora_lib.abstract_adapters(inner, spec), target)
+        both = ckpt_lib.load_params(source, {"base": inner, "lora": adapters}, step)
+        loaded = lora_lib.merge(both, spec)
+    return loaded["transformer"] if scalar else loaded
+
+
+def init_hooks(kind: str, spec: lora_lib.LoraSpec | None):
+    """(load_init_params, init_from_transform) for a task whose params are an LM ("lm") or a
+    scalar-head model ("scalar"), with or without LoRA."""
+
+    def backbone(tree):
+        tree = tree["base"] if spec else tree
+        return tree["transformer"] if kind == "scalar" else tree
+
+    def load(source, target):
+        return load_lm_params(source, backbone(target))
+
+    def transform(loaded, fresh):
+        inner = fresh["base"] if spec else fresh
+        inner = {**inner, "transformer": loaded} if kind == "scalar" else loaded
+        return {"base": inner, "lora": fresh["lora"]} if spec else inner
+
+    return load, transform
+
+
+def load_policy(run_dir: str, step: int | None = None):
+    """(ModelConfig, plain LM params (LoRA merged), meta) of a pretrain/SFT run, on one device."""
+    from flaxlm.models.transformer import Transformer
+    from flaxlm.train.state import unbox
+
+    _, meta = ckpt_lib.read_meta(run_dir, step)
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    abstract = unbox(
+        jax.eval_shape(
+            lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
+            jax.random.PRNGKey(0),
+        )
+    )
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), abstract)
+    return cfg, load_lm_params(run_dir, target, step), meta

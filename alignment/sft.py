@@ -1,0 +1,237 @@
+"""Supervised fine-tuning: next-token loss on assistant tokens only, through the shared loop.
+
+    python -m flaxlm.train.main --config configs/sft.py:runlocal=True \
+        --config.init_from=runs/pt --workdir runs/sft
+
+The loss is pretraining's (`train/losses.py` `lm_loss_fn`); SFT differs only in its data: chat
+conversations rendered with the template of `data/formats.py`, whose `loss_mask` covers the
+assistant's answers (and their `<|end|>`), packed into rows without cross-example attention.
+
+Start: `init_from` = a flaxlm run (pretraining, or an earlier SFT, LoRA or not) or "hf:DIR" (an
+imported HF checkpoint); the architecture and tokenizer come from that source (`config.model`
+is only used for a fresh model). With `lora.rank > 0` only adapters train (models/lora.py).
+
+Evaluation (every `eval_every` steps, and at step 0 for the starting model's baseline):
+  * `loss`/`nll`/`accuracy`: held-out answer-token loss on `data.eval`;
+  * `<set>/accuracy`, `<set>/judge`, `<set>/stopped`: greedy generation on each `eval_gen.sets`
+    conversation's prompt, scored by the built-in world's judge when the record carries its
+    meta (exact match of "The answer is X."), else by exact match with the reference answer;
+    `stopped` is the fraction of answers that ended with `<|end|>` within `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import ml_collections
+import numpy as np
+
+from flaxlm.alignment import common
+from flaxlm.data import formats as F
+from flaxlm.models import lora as lora_lib
+from flaxlm.models.sharding import batch_divisor, logical_axis_rules, make_mesh, shard_batch
+from flaxlm.train import loop
+from flaxlm.train.losses import lm_loss_fn
+from flaxlm.train.pretrain import model_fns
+from flaxlm.train.step import eval_step
+
+
+def eval_gen_config(sets: str) -> ml_collections.ConfigDict:
+    """The `eval_gen` section: generation-based accuracy."""
+    c = ml_collections.ConfigDict()
+    c.sets = sets  # comma-separated record sources (as data.train) to answer; "" = none
+    c.examples = 200  # conversations per set (the first ones, a fixed subset)
+    c.max_new_tokens = 24  # answer budget; answers that do not stop by then count as wrong
+    c.batch = 64  # prompts per generate call
+    c.max_prompt_len = 256  # prompts are cut from the left (BOS kept) beyond this
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def score(meta: dict, response: str, reference: str) -> tuple[float, float]:
+    """(exact-match correctness, judge score) of a response; the world's judge when the record
+    carries its meta, else exact match with the reference (judge = correctness)."""
+    if meta.get("task") and "answer" in meta:
+        from flaxlm.data import synthetic
+
+        return float(synthetic.is_correct(meta, response)), float(synthetic.judge(meta, response))
+    ok = float(response.strip() == reference.strip())
+    return ok, ok
+
+
+def generate_answers(cfg, params, prompts, template, *, max_new_tokens, batch, mesh=None,
+                     rules=None) -> tuple[list[str], list[bool]]:  # fmt: skip
+    """Greedy answers (decoded, stop token removed) and whether each one stopped."""
+    from flaxlm.models.decode import generate
+
+    stops = set(template.stop_tokens)
+    texts, stopped = [], []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        out = generate(
+            cfg, params, chunk + [chunk[-1]] * (batch - len(chunk)),  # fixed shape: 1 compile
+            max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(0), temperature=0.0,
+            stop_tokens=template.stop_tokens, pad_id=max(template.tok.pad_id, 0),
+            mesh=mesh, rules=rules,
+        )  # fmt: skip
+        toks, lengths = jax.device_get((out.tokens, out.lengths))
+        for row, n in zip(toks[: len(chunk)], lengths[: len(chunk)]):
+            ids = [int(t) for t in row[:n]]
+            ended = bool(ids) and ids[-1] in stops
+            texts.append(template.tok.decode(ids[:-1] if ended else ids))
+            stopped.append(ended)
+    return texts, stopped
+
+
+def generation_eval(cfg, params, examples, template, gen_cfg, mesh=None, rules=None) -> dict:
+    """Accuracy, mean judge score, stop rate (and accuracy per world task) on `examples`."""
+    prompts, refs = [], []
+    for ex in examples:
+        ids, _ = F.render_prompt(ex["messages"], template, gen_cfg.max_prompt_len)
+        prompts.append(ids)
+        refs.append(ex["messages"][-1]["content"])
+    texts, stopped = generate_answers(
+        cfg, params, prompts, template, max_new_tokens=gen_cfg.max_new_tokens,
+        batch=gen_cfg.batch, mesh=mesh, rules=rules,
+    )  # fmt: skip
+    by_task = collections.defaultdict(list)
+    acc, jud = [], []
+    for ex, text, ref in zip(examples, texts, refs):
+        ok, j = score(ex["meta"], text, ref)
+        acc.append(ok)
+        jud.append(j)
+        if ex["meta"].get("task"):
+            by_task[ex["meta"]["task"]].append(ok)
+    out = {"accuracy": np.mean(acc), "judge": np.mean(jud), "stopped": np.mean(stopped)}
+    out.update({f"acc_{t}": np.mean(v) for t, v in sorted(by_task.items())})
+    return {k: float(v) for k, v in out.items()}
+
+
+def loss_eval_batches(examples, config, pad_id) -> list[dict]:
+    """Held-out examples packed into global batches (this process's rows), one pass."""
+    it = F.SFTBatches(
+        examples, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
+        pad_id=pad_id, shuffle=False, num_epochs=1, process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )  # fmt: skip
+    return list(it)
+
+
+def make_eval_fn(config, mesh, cfg, loss_fn, template, heldout, gen_sets, spec):
+    """params -> held-out loss metrics and generation metrics per set."""
+    batches = [
+        shard_batch(b, mesh) for b in loss_eval_batches(heldout, config, template.tok.pad_id)
+    ]
+    step = jax.jit(lambda p, b: eval_step(p, b, None, loss_fn=loss_fn))
+    rules = logical_axis_rules(config.sharding)
+
+    def eval_fn(params):
+        out, sums, weight = {}, collections.Counter(), 0.0
+        for b in batches:
+            m = jax.device_get(step(params, b))
+            w = float(m["weight"])
+            weight += w
+            for k in ("loss", "nll", "accuracy"):
+                sums[k] += w * float(m[k])
+        out.update({k: v / max(weight, 1.0) for k, v in sums.items()})
+        plain = lora_lib.merge(params, spec) if spec else params
+        for name, examples in gen_sets.items():
+            res = generation_eval(cfg, plain, examples, template, config.eval_gen, mesh, rules)
+            out.update({f"{name}/{k}": v for k, v in res.items()})
+        return out
+
+    return eval_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Task
+
+
+def load_examples(spec: str, config, template, report: F.DataReport) -> list[dict]:
+    d = config.data
+    recs = common.records(spec, d, report)
+    return F.render_sft(
+        recs, template, config.seq_len, fields=d.fields, overlength=d.overlength, report=report
+    )
+
+
+def gen_sets(config, template) -> dict[str, list[dict]]:
+    """{set name: examples} for generation eval (a name is the source's last path part)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in config.eval_gen.sets.split(","))):
+        report = F.DataReport(strict=config.data.strict)
+        examples = load_examples(part, config, template, report)[: config.eval_gen.examples]
+        name = part.split(":")[-1].rsplit("/", 1)[-1].split(".")[0]
+        out[name] = examples
+    return out
+
+
+def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
+    """The SFT Task (see the module docstring); writes data_report.json into `workdir`."""
+    if config.batch_size % batch_divisor(mesh):
+        raise ValueError(
+            f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
+        )
+    meta = common.source_meta(config.init_from)
+    tok = common.resolve_tokenizer(config, meta)
+    cfg = common.resolve_model_config(config, meta)
+    tok.check_fits(cfg.vocab_size)
+    template = F.ChatTemplate(tok)
+    report = F.DataReport(strict=config.data.strict)
+    train = load_examples(config.data.train, config, template, report)
+    if not train:
+        raise ValueError(
+            f"data.train={config.data.train!r}: no usable examples ({report.to_dict()})"
+        )
+    eval_report = F.DataReport(strict=config.data.strict)
+    heldout = (
+        load_examples(config.data.eval, config, template, eval_report) if config.data.eval else []
+    )
+    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
+    if workdir:
+        common.write_report(workdir, data_report)
+
+    init_params, apply = model_fns(cfg)
+    spec = lora_lib.spec_from_config(config.lora)
+    if spec:
+        init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
+    loss_fn = lm_loss_fn(apply, z_loss=config.loss.z_loss)
+    batches = F.SFTBatches(
+        train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
+        pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )  # fmt: skip
+    eval_fn = None
+    if config.eval_every and (heldout or config.eval_gen.sets):
+        eval_fn = make_eval_fn(
+            config, mesh, cfg, loss_fn, template, heldout, gen_sets(config, template), spec
+        )
+    load, transform = common.init_hooks("lm", spec)
+    return loop.Task(
+        name="sft",
+        init_params=init_params,
+        loss_fn=loss_fn,
+        train_batches=batches,
+        eval_fn=eval_fn,
+        flops_per_token=cfg.flops_per_token(config.seq_len),
+        flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True),
+        trainable_mask=(lambda p: lora_lib.trainable_mask(p, spec)) if spec else None,
+        load_init_params=load,
+        init_from_transform=transform,
+        model_meta={
+            "model_config": cfg.to_dict(),
+            "tokenizer": common.save_tokenizer(tok, workdir),
+            "head": "lm",
+            "lora": spec.to_dict() if spec else {},
+            "data_report": data_report,
+        },
+    )
+
+
+def run(config, workdir: str):
+    mesh = make_mesh(dict(config.mesh))
+    return loop.run(config, workdir, build_task(config, mesh, workdir), mesh=mesh)

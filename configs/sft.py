@@ -1,0 +1,64 @@
+"""Supervised fine-tuning (instruction tuning) of a pretrained model.
+
+    python -m flaxlm.train.main --config configs/sft.py:runlocal=True \
+        --config.init_from=runs/pt --workdir runs/sft
+    # LoRA: --config.lora.rank=8     an HF checkpoint: --config.init_from=hf:/path/to/model
+
+arg keys: variant (architecture of a fresh model when init_from is empty; otherwise the
+checkpoint's own architecture is used), runlocal (a CPU-sized run), steps (0 = default),
+lora (adapter rank; 0 = full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from flaxlm.alignment import common as align
+from flaxlm.alignment.sft import eval_gen_config
+from flaxlm.configs import common
+from flaxlm.models.lora import lora_config
+
+# (steps, global batch, seq_len, lr) per variant; runlocal shrinks them.
+_SIZES = {
+    "tiny": (300, 32, 128, 1e-3),
+    "mini": (600, 32, 128, 1e-3),
+    "small": (1000, 64, 256, 5e-4),
+    "125m": (2000, 64, 1024, 1e-4),
+    "1b": (3000, 128, 2048, 2e-5),
+    "7b": (3000, 128, 4096, 1e-5),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = common.parse_arg(arg, variant="tiny", runlocal=False, steps=0, lora=0)
+    steps, batch, seq, lr = _SIZES[a.variant]
+    if a.runlocal:
+        steps, batch, seq = min(steps, 40), min(batch, 16), min(seq, 128)
+    c = common.trainer_config(a.steps or steps, batch, seq)
+    c.task = "sft"  # which task main.py runs
+    c.model = common.model_config(a.variant)  # architecture of a fresh model (no init_from)
+    c.data = align.data_config("builtin:sft_train", "builtin:sft_heldout")
+    if a.variant in ("tiny", "mini", "small"):
+        c.model.vocab_size = c.data.builtin_vocab_size  # the built-in tokenizer's vocab
+    c.loss = ml_collections.ConfigDict()
+    c.loss.z_loss = 0.0  # PaLM z-loss coefficient
+    c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
+    c.eval_gen = eval_gen_config("builtin:sft_heldout,builtin:heldout_facts")
+    c.opt.lr = lr * (10 if a.lora else 1)  # adapters start at zero and need a larger step
+    c.opt.warmup_steps = max(c.total_steps // 20, 1)
+    c.opt.weight_decay = 0.0  # fine-tuning: stay near the pretrained weights by few steps
+    c.eval_every = c.total_steps // 2 if a.runlocal else 200
+    c.ckpt_every = c.total_steps if a.runlocal else 500
+    if a.runlocal:
+        c.eval_gen.examples = 16
+        c.eval_gen.batch = 16
+        c.eval_gen.max_new_tokens = 12
+    c.lock()
+    return c
+
+
+def sweep(add, arg=None):
+    """Learning rate × full fine-tuning vs LoRA."""
+    for lr in (3e-4, 1e-3):
+        for rank in (0, 8):
+            add(**{"opt.lr": lr * (10 if rank else 1), "lora.rank": rank})

@@ -1,0 +1,543 @@
+"""Chat template, loss masks, SFT packing and preference pairs — the data side of alignment.
+
+The template (token ids, not text, so no merge ever crosses a boundary):
+
+    [BOS] <|system|> system <|end|> <|user|> question <|end|> <|assistant|> answer <|end|> ... [EOS]
+
+  * BOS opens every conversation, as it opens every pretraining document.
+  * Each turn is its role token, the content (SentencePiece-encoded on its own) and `<|end|>`.
+  * Loss: on assistant content and the assistant's `<|end|>` only — `<|end|>` is how the model
+    learns to stop, and it is the generation stop token (`ChatTemplate.stop_tokens`). Role tokens,
+    system and user turns are never targets; every assistant turn of a multi-turn conversation is.
+  * EOS closes the rendered conversation and is never a target (nothing is predicted after a
+    conversation). Its job: the last *input* token of a conversation is then the final `<|end|>`,
+    which is where a reward model reads its score (models/heads.py), the same place a generated
+    response that stopped at `<|end|>` ends.
+  * `add_generation_prompt=True` renders the prompt up to and including `<|assistant|>`, no EOS.
+  * Tokenizers without the chat tokens (an imported Llama tokenizer) fall back to text headers
+    ("<|user|>\\n" encoded as text) with EOS as the end-of-turn (stop) token.
+
+`render_chat` returns (ids, loss_mask) aligned with ids: `loss_mask[i] = 1` when `ids[i]` is a
+target. A row then holds `tokens = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]`.
+
+Overlength (a conversation of n ids needs n − 1 <= seq_len): policy "truncate_left" keeps BOS
+and the final assistant turn whole and drops tokens from the left of what precedes it (oldest
+context first); if the final turn alone does not fit, or with policy "drop", the example is
+dropped. Truncations and drops are counted in the `DataReport` with file:line examples; a drop
+is bad input (raises in strict mode), a truncation is the stated policy.
+
+SFT examples are packed first-fit into fixed rows (segment ids 1, 2, ... per example, positions
+restarting at 0, no example split across rows), so attention never crosses examples. Preference
+pairs are one pair per row: `chosen_*` and `rejected_*` fields plus `margin` (B,) and `valid`
+(B,); both responses share the prompt, truncated identically.
+
+Records come from jsonl or parquet (`read_records`), with configurable field names
+(`fields_config`): `messages` (a list of {role, content}), or `prompt` (text or messages) plus
+`completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+
+import ml_collections
+import numpy as np
+
+from flaxlm.data import sources as S
+from flaxlm.data.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+OVERLENGTH = ("truncate_left", "drop")
+
+
+def fields_config() -> ml_collections.ConfigDict:
+    """Field names of chat/preference records (the `data.fields` config section)."""
+    c = ml_collections.ConfigDict()
+    c.messages = "messages"  # list of {role, content} (a whole conversation)
+    c.prompt = "prompt"  # text (one user turn) or a list of messages
+    c.completion = "completion"  # assistant answer to `prompt` (when there is no `messages`)
+    c.chosen = "chosen"  # preferred answer (text or a list of assistant-ending messages)
+    c.rejected = "rejected"  # dispreferred answer
+    c.margin = "margin"  # optional per-pair margin (number); absent = 0
+    c.meta = "meta"  # optional dict carried along for evaluation (the world's judge)
+    c.role = "role"  # key of a message's role
+    c.content = "content"  # key of a message's content
+    return c
+
+
+class ChatTemplate:
+    """Token ids of the template for one tokenizer (see the module docstring)."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.bos_id, self.eos_id = tok, tok.bos_id, tok.eos_id
+        ids = tok.special_ids()
+        names = {r: f"<|{r}|>" for r in ROLES}
+        self.special = all(n in ids for n in (*names.values(), "<|end|>"))
+        if self.special:
+            self.headers = {r: [ids[n]] for r, n in names.items()}
+            self.end_id = ids["<|end|>"]
+        else:
+            self.headers = {r: tok.encode(f"{n}\n") for r, n in names.items()}
+            self.end_id = self.eos_id
+
+    @property
+    def stop_tokens(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys((self.end_id, self.eos_id)))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+
+class FormatError(S.DataError):
+    """A record that does not fit the chat format; `reason` is the report's counter name."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _messages(value, fields, what: str) -> list[dict]:
+    """Validates a list of messages into [{"role", "content"}] (roles/contents checked)."""
+    if not isinstance(value, list) or not value:
+        raise FormatError("bad_messages", f"{what} is not a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or fields.role not in m or fields.content not in m:
+            raise FormatError(
+                "bad_messages", f"{what}[{i}] lacks {fields.role!r}/{fields.content!r}"
+            )
+        role, content = m[fields.role], m[fields.content]
+        if role not in ROLES:
+            raise FormatError("unknown_role", f"{what}[{i}] has unknown role {role!r}")
+        if not isinstance(content, str):
+            raise FormatError("bad_messages", f"{what}[{i}] content is not a string")
+        if role == "system" and i > 0:
+            raise FormatError("bad_messages", f"{what}[{i}]: a system message must come first")
+        if role == "assistant" and not content.strip():
+            raise FormatError("empty_assistant", f"{what}[{i}] is an empty assistant turn")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def render_chat(
+    messages: Sequence[dict], template: ChatTemplate | Tokenizer, add_generation_prompt=False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32, loss_mask float32) of a conversation; see the module docstring.
+
+    Raises FormatError on unknown roles, empty assistant turns, a conversation with no assistant
+    turn (without `add_generation_prompt`) or one ending in an assistant turn (with it).
+    """
+    t = template if isinstance(template, ChatTemplate) else ChatTemplate(template)
+    msgs = _messages(list(messages), fields_config(), "messages")
+    ids, mask = [t.bos_id], [0.0]
+    for m in msgs:
+        body = t.encode(m["content"]) + [t.end_id]
+        train = 1.0 if m["role"] == "assistant" else 0.0
+        ids += t.headers[m["role"]] + body
+        mask += [0.0] * len(t.headers[m["role"]]) + [train] * len(body)
+    if add_generation_prompt:
+        if msgs[-1]["role"] == "assistant":
+            raise FormatError("bad_messages", "generation prompt after an assistant turn")
+        ids += t.headers["assistant"]
+        mask += [0.0] * len(t.headers["assistant"])
+    else:
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise FormatError("no_assistant_turn", "conversation has no assistant turn")
+        ids.append(t.eos_id)
+        mask.append(0.0)
+    return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
+
+
+def _get(obj: dict, key: str, what: str):
+    if key not in obj or obj[key] is None:
+        raise FormatError("missing_field", f"no {what} field {key!r}")
+    return obj[key]
+
+
+def _as_prompt(value, fields) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise FormatError("empty", "empty prompt")
+        return [{"role": "user", "content": value}]
+    return _messages(value, fields, "prompt")
+
+
+def sft_messages(obj, fields) -> list[dict]:
+    """The conversation of an SFT record: `messages`, or `prompt` + `completion`."""
+    if not isinstance(obj, dict):
+        raise FormatError("bad_record", "record is not a JSON object")
+    if fields.messages in obj:
+        return _messages(obj[fields.messages], fields, fields.messages)
+    prompt = _as_prompt(_get(obj, fields.prompt, "prompt"), fields)
+    completion = _get(obj, fields.completion, "completion")
+    if not isinstance(completion, str) or not completion.strip():
+        raise FormatError("empty_assistant", "completion is empty or not a string")
+    return prompt + [{"role": "assistant", "content": completion}]
+
+
+def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], float]:
+    """(prompt messages, chosen turns, rejected turns, margin) of a preference record.
+
+    `chosen`/`rejected` are answer texts, or message lists (then the prompt may be absent and
+    the longest common prefix of the two lists is the prompt)."""
+    if not isinstance(obj, dict):
+        raise FormatError("bad_record", "record is not a JSON object")
+    sides = []
+    for key in (fields.chosen, fields.rejected):
+        v = _get(obj, key, key)
+        if isinstance(v, str):
+            if not v.strip():
+                raise FormatError("empty_assistant", f"{key} is empty")
+            v = [{"role": "assistant", "content": v}]
+        sides.append(_messages(v, fields, key))
+    prompt = _as_prompt(obj[fields.prompt], fields) if obj.get(fields.prompt) else []
+    if not prompt:  # full conversations: split off their common prefix
+        n = 0
+        while n < min(map(len, sides)) - 1 and sides[0][n] == sides[1][n]:
+            n += 1
+        prompt, sides = sides[0][:n], [s[n:] for s in sides]
+    for key, s in zip((fields.chosen, fields.rejected), sides):
+        if s[-1]["role"] != "assistant":
+            raise FormatError("no_assistant_turn", f"{key} does not end with an assistant turn")
+    if not prompt:
+        raise FormatError("missing_field", f"no prompt field {fields.prompt!r}")
+    margin = obj.get(fields.margin, 0.0)
+    if margin is None or isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise FormatError("bad_margin", f"{fields.margin}={margin!r} is not a number")
+    return prompt, sides[0], sides[1], float(margin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and the data report
+
+
+class DataReport:
+    """Counts of what happened to every record: used, truncated, dropped (bad input, by
+    reason, with file:line examples). Strict mode raises on the first bad record."""
+
+    def __init__(self, strict: bool = False):
+        self.log = S.BadInputLog(strict=strict)
+        self.read = self.used = self.truncated = 0
+        self.truncated_examples: list[str] = []
+        self.tokens = self.loss_tokens = 0
+
+    def bad(self, reason: str, loc: str, detail: str = "") -> None:
+        self.log.add(reason, loc, detail)
+
+    def truncation(self, loc: str, n_cut: int) -> None:
+        self.truncated += 1
+        if len(self.truncated_examples) < S.MAX_EXAMPLES:
+            self.truncated_examples.append(f"{loc}: {n_cut} prompt tokens cut from the left")
+
+    def to_dict(self) -> dict:
+        return {
+            "records": self.read,
+            "used": self.used,
+            "truncated": self.truncated,
+            "truncated_examples": self.truncated_examples,
+            "dropped": self.log.total,
+            "bad_input": self.log.to_dict(),
+            "tokens": self.tokens,
+            "loss_tokens": self.loss_tokens,
+        }
+
+
+def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[tuple[dict, str]]:
+    """(record, "file:line") from jsonl / parquet files; malformed lines go to the report."""
+    for path in S.expand_paths(patterns):
+        fmt = S.file_format(path)
+        if fmt == "jsonl":
+            with open(path, "rb") as f:
+                for i, raw in enumerate(f):
+                    if not raw.strip():
+                        continue
+                    loc = f"{path}:{i + 1}"
+                    report.read += 1
+                    try:
+                        yield json.loads(raw.decode("utf-8")), loc
+                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                        report.bad("malformed_json", loc, str(e)[:80])
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            for i, row in enumerate(pq.read_table(path).to_pylist()):
+                report.read += 1
+                yield row, f"{path}:{i + 1}"
+        else:
+            raise S.DataError(f"{path}: chat/preference data must be .jsonl or .parquet")
+
+
+def fit_length(ids, mask, keep_from: int, budget: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Cuts tokens from the left of ids[1:keep_from] (BOS and ids[keep_from:] stay) until
+    len(ids) <= budget. Returns (ids, mask, n_cut); n_cut = -1 when it cannot fit."""
+    over = len(ids) - budget
+    if over <= 0:
+        return ids, mask, 0
+    if over > keep_from - 1:
+        return ids, mask, -1
+    keep = np.r_[0, np.arange(1 + over, len(ids))]
+    return ids[keep], mask[keep], over
+
+
+def _final_len(t: ChatTemplate, msgs: list[dict]) -> int:
+    """Ids of the trailing assistant turns of `msgs` (header + content + end each) + EOS."""
+    n, i = 1, len(msgs) - 1
+    while i >= 0 and msgs[i]["role"] == "assistant":
+        n += len(t.headers["assistant"]) + len(t.encode(msgs[i]["content"])) + 1
+        i -= 1
+    return n
+
+
+def render_sft(
+    records: Iterable[tuple[dict, str]],
+    template: ChatTemplate,
+    seq_len: int,
+    *,
+    fields=None,
+    overlength: str = "truncate_left",
+    report: DataReport | None = None,
+) -> list[dict]:
+    """Rendered SFT examples {"ids", "mask", "meta", "loc"}, each fitting one row of seq_len."""
+    if overlength not in OVERLENGTH:
+        raise ValueError(f"overlength={overlength!r}; expected one of {OVERLENGTH}")
+    fields = fields or fields_config()
+    report = report if report is not None else DataReport()
+    out = []
+    for obj, loc in records:
+        try:
+            msgs = sft_messages(obj, fields)
+            ids, mask = render_chat(msgs, template)
+        except FormatError as e:
+            report.bad(e.reason, loc, str(e))
+            continue
+        if overlength == "drop" and len(ids) - 1 > seq_len:
+            report.bad("too_long", loc, f"{len(ids) - 1} tokens > seq_len {seq_len}")
+            continue
+        keep_from = len(ids) - _final_len(template, msgs)
+        ids, mask, cut = fit_length(ids, mask, keep_from, seq_len + 1)
+        if cut < 0:
+            report.bad("too_long", loc, f"final answer alone exceeds seq_len {seq_len}")
+            continue
+        if cut:
+            report.truncation(loc, cut)
+        report.used += 1
+        report.tokens += len(ids) - 1
+        report.loss_tokens += int(mask[1:].sum())
+        meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
+        out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": msgs})
+    return out
+
+
+def render_prompt(
+    messages: Sequence[dict], template: ChatTemplate, max_len: int
+) -> tuple[np.ndarray, int]:
+    """Generation-prompt ids of a conversation (its last assistant turn, if any, removed),
+    truncated from the left (BOS kept) to at most `max_len`. Returns (ids, n_cut)."""
+    msgs = list(messages)
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    ids, mask = render_chat(msgs, template, add_generation_prompt=True)
+    keep_from = len(ids) - len(template.headers["assistant"])
+    ids, _, cut = fit_length(ids, mask, keep_from, max_len)
+    if cut < 0:
+        raise FormatError("too_long", f"prompt header alone exceeds {max_len} tokens")
+    return ids, cut
+
+
+def render_preferences(
+    records: Iterable[tuple[dict, str]],
+    template: ChatTemplate,
+    seq_len: int,
+    *,
+    fields=None,
+    overlength: str = "truncate_left",
+    report: DataReport | None = None,
+) -> list[dict]:
+    """Rendered pairs {"chosen": (ids, mask), "rejected": (ids, mask), "margin", "meta", "loc"};
+    both sides share the prompt, cut by the same number of tokens when too long."""
+    if overlength not in OVERLENGTH:
+        raise ValueError(f"overlength={overlength!r}; expected one of {OVERLENGTH}")
+    fields = fields or fields_config()
+    report = report if report is not None else DataReport()
+    out = []
+    for obj, loc in records:
+        try:
+            prompt, chosen, rejected, margin = preference_parts(obj, fields)
+            sides = [render_chat(prompt + s, template) for s in (chosen, rejected)]
+        except FormatError as e:
+            report.bad(e.reason, loc, str(e))
+            continue
+        longest = max(len(ids) for ids, _ in sides) - 1
+        if overlength == "drop" and longest > seq_len:
+            report.bad("too_long", loc, f"{longest} tokens > seq_len {seq_len}")
+            continue
+        over = longest - seq_len
+        finals = [_final_len(template, prompt + s) for s in (chosen, rejected)]
+        fitted = []
+        for (ids, mask), n_final in zip(sides, finals):
+            budget = len(ids) - max(over, 0)
+            fitted.append(fit_length(ids, mask, len(ids) - n_final, budget))
+        if any(cut < 0 for _, _, cut in fitted):
+            report.bad("too_long", loc, f"an answer alone exceeds seq_len {seq_len}")
+            continue
+        if over > 0:
+            report.truncation(loc, over)
+        report.used += 1
+        for ids, mask, _ in fitted:
+            report.tokens += len(ids) - 1
+            report.loss_tokens += int(mask[1:].sum())
+        meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
+        out.append({
+            "chosen": fitted[0][:2], "rejected": fitted[1][:2], "margin": margin,
+            "meta": meta, "loc": loc, "prompt": prompt,
+        })  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+def empty_rows(b: int, t: int, pad_id: int, prefix: str = "") -> dict[str, np.ndarray]:
+    return {
+        f"{prefix}tokens": np.full((b, t), pad_id, np.int32),
+        f"{prefix}targets": np.full((b, t), pad_id, np.int32),
+        f"{prefix}loss_mask": np.zeros((b, t), np.float32),
+        f"{prefix}segment_ids": np.zeros((b, t), np.int32),
+        f"{prefix}positions": np.zeros((b, t), np.int32),
+    }
+
+
+def place(out: dict, r: int, start: int, seg: int, ids, mask, prefix: str = "") -> int:
+    """Writes one example's (tokens, targets, mask) at row r from `start`; returns its length."""
+    n = len(ids) - 1
+    sl = slice(start, start + n)
+    out[f"{prefix}tokens"][r, sl] = ids[:-1]
+    out[f"{prefix}targets"][r, sl] = ids[1:]
+    out[f"{prefix}loss_mask"][r, sl] = mask[1:]
+    out[f"{prefix}segment_ids"][r, sl] = seg
+    out[f"{prefix}positions"][r, sl] = np.arange(n)
+    return n
+
+
+class _EpochOrder:
+    """This process's examples in a per-epoch shuffled order; state is (epoch, position)."""
+
+    def __init__(self, n, *, seed, shuffle, num_epochs, process_index, process_count):
+        self.idx = np.arange(process_index, n, process_count)
+        if len(self.idx) == 0:
+            raise ValueError(f"no examples for process {process_index} of {process_count}")
+        self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
+        self.epoch, self.pos = 0, 0
+        self._order = self._make(0)
+
+    def _make(self, epoch):
+        if not self.shuffle:
+            return self.idx
+        return np.random.default_rng([self.seed, epoch]).permutation(self.idx)
+
+    def peek(self) -> int | None:
+        if self.pos == len(self._order):
+            if self.num_epochs and self.epoch + 1 >= self.num_epochs:
+                return None
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._make(self.epoch)
+        return int(self._order[self.pos])
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def set_state(self, st: dict) -> None:
+        self.epoch, self.pos = int(st["epoch"]), int(st["pos"])
+        self._order = self._make(self.epoch)
+
+
+class SFTBatches:
+    """Packed SFT batches (first-fit, examples never split) with exact get_state/set_state.
+
+    Each `next()` gives `batch` rows; a row is closed when the next example fits no open row.
+    `num_epochs=0` repeats forever; otherwise StopIteration after the last (partial) batch.
+    """
+
+    def __init__(self, examples, *, seq_len, batch, pad_id, seed=0, shuffle=True,
+                 num_epochs=0, process_index=0, process_count=1):  # fmt: skip
+        self.examples, self.seq_len, self.batch, self.pad_id = examples, seq_len, batch, pad_id
+        longest = max((len(ex["ids"]) - 1 for ex in examples), default=0)
+        if longest > seq_len:
+            raise ValueError(
+                f"an example has {longest} tokens > seq_len {seq_len}; render_sft fits"
+            )
+        self.order = _EpochOrder(
+            len(examples), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+            process_index=process_index, process_count=process_count,
+        )  # fmt: skip
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        out = empty_rows(self.batch, self.seq_len, self.pad_id)
+        fill = np.zeros(self.batch, np.int64)
+        segs = np.zeros(self.batch, np.int64)
+        placed = 0
+        while (i := self.order.peek()) is not None:
+            ex = self.examples[i]
+            n = len(ex["ids"]) - 1
+            rows = np.flatnonzero(fill + n <= self.seq_len)
+            if len(rows) == 0:
+                break
+            r = rows[0]
+            segs[r] += 1
+            fill[r] += place(out, r, fill[r], segs[r], ex["ids"], ex["mask"])
+            self.order.pos += 1
+            placed += 1
+        if placed == 0:
+            raise StopIteration
+        return out
+
+    def get_state(self) -> dict:
+        return self.order.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.order.set_state(state)
+
+
+class PreferenceBatches:
+    """One preference pair per row: `chosen_*`, `rejected_*` (B, T), `margin` and `valid` (B,).
+    Exact get_state/set_state; a final partial batch has `valid = 0` rows (eval)."""
+
+    def __init__(self, pairs, *, seq_len, batch, pad_id, seed=0, shuffle=True,
+                 num_epochs=0, process_index=0, process_count=1):  # fmt: skip
+        self.pairs, self.seq_len, self.batch, self.pad_id = pairs, seq_len, batch, pad_id
+        self.order = _EpochOrder(
+            len(pairs), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+            process_index=process_index, process_count=process_count,
+        )  # fmt: skip
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        b, t = self.batch, self.seq_len
+        out = {**empty_rows(b, t, self.pad_id, "chosen_"), **empty_rows(b, t, self.pad_id,
+               "rejected_")}  # fmt: skip
+        out["margin"] = np.zeros(b, np.float32)
+        out["valid"] = np.zeros(b, np.float32)
+        r = 0
+        while r < b and (i := self.order.peek()) is not None:
+            p = self.pairs[i]
+            place(out, r, 0, 1, *p["chosen"], prefix="chosen_")
+            place(out, r, 0, 1, *p["rejected"], prefix="rejected_")
+            out["margin"][r], out["valid"][r] = p["margin"], 1.0
+            self.order.pos += 1
+            r += 1
+        if r == 0:
+            raise StopIteration
+        return out
+
+    def get_state(self) -> dict:
+        return self.order.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.order.set_state(state)

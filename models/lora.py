@@ -1,0 +1,220 @@
+"""LoRA (Hu et al., 2021) as a transform over parameter pytrees — no change to any model module.
+
+    spec = LoraSpec(rank=8, alpha=16, targets="attn/(q|v)")
+    init = with_lora(init_params, spec)    # rng -> {"base": params, "lora": adapters}
+    apply = lora_apply(apply, spec)         # same call as before, on the {"base", "lora"} tree
+    tx, _ = make_optimizer(cfg.opt, steps, trainable_mask=lambda p: trainable_mask(p, spec))
+    plain = merge(params, spec)             # export: the base tree with the adapters folded in
+
+Targets are kernels whose *module path* (the param path without "/kernel", e.g.
+"layers_3/attn/q" or "transformer/layers/mlp/up") matches the regex `targets` (`re.search`).
+
+Kernels are `Proj` kernels of any rank: a query kernel is (D, N, H), the attention output
+(N, H, D), MLP kernels (D, F) / (F, D). A kernel is split into input dims (contracted with the
+activations: the first `IN_DIMS.get(name, 1)` dims) and output dims (the rest); scanned layers
+(a "layers" path component) add a leading L dim. The adapter pair for a kernel with input dims
+I and output dims O is
+
+    a: (L?, prod(I), r)   normal(1/sqrt(prod(I)))      — the paper's Aᵀ
+    b: (L?, r, prod(O))   zeros (so training starts at the base model)  — the paper's Bᵀ
+
+and the effective kernel is W + (alpha / r) · reshape(a @ b, I + O), i.e. the paper's
+W₀x + (α/r)·BAx in our x·W layout. `lora_apply` folds the adapters in at every call (a few
+r·(I+O)-sized matmuls, negligible next to the activations) and stops gradients through the
+frozen base weights, so no base gradient is computed; `trainable_mask` gives the optimizer
+adapters only (plus base params matching `train_extra`, e.g. a reward head), so optimizer
+state holds only what trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# Kernels whose first two dims are inputs ((N, H) -> D of the attention output projection).
+IN_DIMS = {"o": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    rank: int = 0  # adapter rank r; 0 = LoRA off
+    alpha: float = 16.0  # scale alpha; the update is (alpha / rank) · a @ b
+    targets: str = "attn/(q|v)"  # regex over module paths of the kernels to adapt
+    train_extra: str = ""  # regex over base param paths that also train (e.g. "^head/")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lora_config(rank: int = 0) -> ml_collections.ConfigDict:
+    """The `lora` config section of SFT / reward / DPO configs."""
+    c = ml_collections.ConfigDict()
+    c.rank = rank  # adapter rank r; 0 = LoRA off (full fine-tuning)
+    c.alpha = 16.0  # the update is (alpha / rank) · a @ b
+    c.targets = "attn/(q|v)"  # regex over kernel module paths, e.g. "attn/(q|k|v|o)|mlp"
+    c.train_extra = ""  # regex over base param paths that train too (reward models: "^head/")
+    return c
+
+
+def spec_from_config(section) -> LoraSpec | None:
+    """The `lora` config section → LoraSpec, or None when rank == 0."""
+    d = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+    spec = LoraSpec(**d)
+    if spec.rank < 0:
+        raise ValueError(f"lora.rank={spec.rank} must be >= 0")
+    return spec if spec.rank > 0 else None
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def _unbox(tree):
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, tree, is_leaf=_is_box
+    )
+
+
+def kernel_layout(path: str, shape) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(leading, input, output) dims of the kernel at param path `path` (".../name/kernel")."""
+    parts = path.split("/")
+    n_lead = 1 if "layers" in parts else 0
+    n_in = IN_DIMS.get(parts[-2] if len(parts) > 1 else "", 1)
+    shape = tuple(shape)
+    if len(shape) < n_lead + n_in + 1:
+        raise ValueError(f"lora: kernel {path} of shape {shape} has no output dims")
+    return shape[:n_lead], shape[n_lead : n_lead + n_in], shape[n_lead + n_in :]
+
+
+def target_paths(params, spec: LoraSpec) -> dict[str, tuple]:
+    """{param path: kernel shape} of the kernels `spec.targets` selects (an error if none)."""
+    pat = re.compile(spec.targets)
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(_unbox(params))[0]:
+        p = _path_str(path)
+        module, _, name = p.rpartition("/")
+        if name == "kernel" and jnp.ndim(leaf) >= 2 and pat.search(module):
+            out[p] = tuple(leaf.shape)
+    if not out:
+        raise ValueError(f"lora.targets={spec.targets!r} matches no kernel of the model")
+    return out
+
+
+def _nest(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        *head, last = path.split("/")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = v
+    return tree
+
+
+def _get(tree, path: str):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def init_adapters(rng, params, spec: LoraSpec, boxed: bool = False) -> dict:
+    """Adapters for the targeted kernels of `params`: {path...: {"a", "b"}} (see module doc)."""
+    flat = {}
+    dtypes = {
+        _path_str(p): leaf.dtype for p, leaf in jax.tree_util.tree_flatten_with_path(
+            _unbox(params))[0]
+    }  # fmt: skip
+    for i, (path, shape) in enumerate(sorted(target_paths(params, spec).items())):
+        lead, ins, outs = kernel_layout(path, shape)
+        d_in, d_out = math.prod(ins), math.prod(outs)
+        a = jax.random.normal(jax.random.fold_in(rng, i), (*lead, d_in, spec.rank), dtypes[path])
+        a = a / math.sqrt(d_in)
+        b = jnp.zeros((*lead, spec.rank, d_out), dtypes[path])
+        if boxed:  # adapters are small: replicated on every device
+            a = nn.LogicallyPartitioned(a, (None,) * a.ndim)
+            b = nn.LogicallyPartitioned(b, (None,) * b.ndim)
+        flat[path] = {"a": a, "b": b}
+    return _nest(flat)
+
+
+def with_lora(init_params, spec: LoraSpec):
+    """rng -> {"base": boxed base params, "lora": boxed adapters}, for the loop's Task."""
+
+    def init(rng):
+        base = init_params(rng)
+        return {"base": base, "lora": init_adapters(jax.random.fold_in(rng, 1), base, spec, True)}
+
+    return init
+
+
+def delta(path: str, kernel_shape, adapter: dict, spec: LoraSpec):
+    """(alpha/r) · a @ b reshaped to the kernel's shape."""
+    lead, ins, outs = kernel_layout(path, kernel_shape)
+    return (spec.scale * jnp.matmul(adapter["a"], adapter["b"])).reshape(*lead, *ins, *outs)
+
+
+def merge(params, spec: LoraSpec, freeze_base: bool = False):
+    """The base tree with every adapter folded into its kernel.
+
+    With `freeze_base`, gradients stop at base params that do not train (all but those
+    matching `spec.train_extra`), so the backward pass never computes base gradients.
+    Adapters whose kernel is absent from the base tree (a partial load) are ignored.
+    """
+    base, lora = params["base"], params["lora"]
+    extra = re.compile(spec.train_extra) if spec.train_extra else None
+    adapters = {_path_str(p[:-1]): None for p, _ in jax.tree_util.tree_flatten_with_path(lora)[0]}
+
+    def fold(path, w):
+        p = _path_str(path)
+        if freeze_base and not (extra and extra.search(p)):
+            w = jax.lax.stop_gradient(w)
+        if p in adapters:
+            w = w + delta(p, w.shape, _get(lora, p), spec).astype(w.dtype)
+        return w
+
+    return jax.tree_util.tree_map_with_path(fold, base)
+
+
+def lora_apply(apply_fn, spec: LoraSpec):
+    """Wraps `apply_fn(params, *args)` to take {"base", "lora"} params (see module doc)."""
+
+    def apply(params, *args, **kwargs):
+        return apply_fn(merge(params, spec, freeze_base=True), *args, **kwargs)
+
+    return apply
+
+
+def trainable_mask(params, spec: LoraSpec):
+    """Bools for make_optimizer: every adapter, and base params matching `train_extra`."""
+    extra = re.compile(spec.train_extra) if spec.train_extra else None
+    base = jax.tree_util.tree_map_with_path(
+        lambda p, _: bool(extra and extra.search(_path_str(p))), params["base"]
+    )
+    return {"base": base, "lora": jax.tree.map(lambda _: True, params["lora"])}
+
+
+def count_params(tree, mask=None) -> int:
+    """Number of scalars in `tree` (only where `mask` is True, if given)."""
+    leaves = jax.tree.leaves(_unbox(tree))
+    if mask is None:
+        return sum(math.prod(jnp.shape(x)) for x in leaves)
+    return sum(math.prod(jnp.shape(x)) for x, m in zip(leaves, jax.tree.leaves(mask)) if m)
+
+
+def abstract_adapters(abstract_params, spec: LoraSpec) -> dict:
+    """ShapeDtypeStructs of the adapters `init_adapters` would create (a checkpoint target)."""
+    return jax.eval_shape(lambda: init_adapters(jax.random.PRNGKey(0), abstract_params, spec))
