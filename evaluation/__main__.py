@@ -1,0 +1,104 @@
+"""Command line: evaluate a checkpoint on tasks, print a table, write JSON.
+
+    python -m flaxlm.evaluation --checkpoint runs/pt --world runs/demo/world \
+        --tasks mc_facts_heldout,gen_facts_heldout,ppl_heldout_text --out runs/pt/eval.json
+
+Tasks are names of the built-in world's tasks (with --world), registered names, or paths to JSON
+spec files (evaluation/tasks.py). The tokenizer is --tokenizer or the checkpoint's
+meta["tokenizer"]. --num_fewshot and --chat override every task's setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="run directory (holds checkpoints/)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names or spec .json")
+    p.add_argument("--world", default="", help="built-in world directory (its manifest.json)")
+    p.add_argument("--tokenizer", default="", help="SentencePiece .model (default: from meta)")
+    p.add_argument("--out", default="", help="write results JSON here")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--num_fewshot", type=int, default=None, help="shots for every task")
+    p.add_argument("--chat", action="store_true", help="chat-template prompts for every task")
+    p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per scoring batch")
+    p.add_argument("--samples", action="store_true", help="include per-example outputs in JSON")
+    return p
+
+
+def _tokenizer_path(arg: str, meta: dict, run_dir: str) -> str:
+    path = arg or meta.get("tokenizer", "")
+    if not path:
+        raise SystemExit(
+            f"no tokenizer: checkpoint meta of {run_dir} has no 'tokenizer'; pass --tokenizer"
+        )
+    if not os.path.exists(path) and os.path.exists(os.path.join(run_dir, path)):
+        path = os.path.join(run_dir, path)
+    if not os.path.exists(path):
+        raise SystemExit(f"tokenizer {path!r} not found")
+    return path
+
+
+def format_table(results: dict) -> str:
+    """One line per (task, metric)."""
+    lines = [f"{'task':<28} {'type':<16} {'n':>6}  {'metric':<14} {'value':>10}"]
+    for name, r in results.items():
+        first = True
+        for k, v in r["metrics"].items():
+            if k == "n":
+                continue
+            head = f"{name:<28} {r['type']:<16} {r['n']:>6}" if first else " " * 52
+            val = f"{v:>10.4f}" if isinstance(v, float) else f"{v:>10}"
+            lines.append(f"{head}  {k:<14} {val}")
+            first = False
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    from flaxlm.data.tokenizer import Tokenizer
+    from flaxlm.evaluation.harness import Evaluator
+    from flaxlm.evaluation.tasks import resolve_tasks
+    from flaxlm.train.checkpoint import load_model, read_meta
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    specs = resolve_tasks(names, args.world or None)
+    overrides = {}
+    if args.num_fewshot is not None:
+        overrides["num_fewshot"] = args.num_fewshot
+    if args.chat:
+        overrides["chat"] = True
+    specs = [s.replace(**overrides) for s in specs]
+
+    step, meta = read_meta(args.checkpoint, args.step)
+    tok_path = _tokenizer_path(args.tokenizer, meta, args.checkpoint)
+    tok = Tokenizer.load(tok_path)
+    cfg, params, _ = load_model(args.checkpoint, step)
+    ev = Evaluator(cfg, params, tok, batch_tokens=args.batch_tokens)
+
+    results = {}
+    for spec in specs:
+        r = ev.run(spec, limit=args.limit)
+        if not args.samples:
+            r.pop("samples")
+        results[spec.name] = r
+        print(f"[eval] {spec.name}: {r['n']} examples in {r['seconds']:.1f}s", file=sys.stderr)
+    print(format_table(results))
+    out = {"checkpoint": os.path.abspath(args.checkpoint), "step": step,
+           "tokenizer": tok_path, "tasks": results}  # fmt: skip
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1, ensure_ascii=False)
+    return out
+
+
+if __name__ == "__main__":
+    main()

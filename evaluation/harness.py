@@ -1,0 +1,113 @@
+"""Runs task specs against one model: the library behind `python -m flaxlm.evaluation`.
+
+cfg, params, meta = load_model("runs/pt")
+ev = Evaluator(cfg, params, Tokenizer.load("runs/tok.model"))
+for spec in resolve_tasks(["mc_facts_heldout", "ppl_heldout_text"], world_dir="runs/world"):
+    print(spec.name, ev.run(spec, limit=100)["metrics"])
+"""
+
+from __future__ import annotations
+
+import time
+
+from flaxlm.evaluation import generate_tasks, loglik
+from flaxlm.evaluation.prompts import choice_text, encode_prompt, select_shots
+from flaxlm.evaluation.tasks import TaskSpec, read_examples
+
+
+class Evaluator:
+    """One model + tokenizer; `run(spec)` evaluates a task.
+
+    Args:
+      cfg, params: the model.
+      tok: a data/tokenizer.py Tokenizer whose ids fit the model's vocabulary.
+      batch_tokens: tokens per log-likelihood forward batch.
+      generate_fn: overrides the decoder (generate_tasks.GenerateFn); built lazily otherwise.
+      bos: prepend BOS to every sequence (as training documents are).
+      gen_batch_size: prompts per generation batch.
+    """
+
+    def __init__(
+        self,
+        cfg,
+        params,
+        tok,
+        *,
+        batch_tokens: int = 8192,
+        generate_fn: generate_tasks.GenerateFn | None = None,
+        bos: bool = True,
+        gen_batch_size: int = 32,
+        seed: int = 0,
+    ):
+        tok.check_fits(cfg.vocab_size)
+        self.cfg, self.params, self.tok = cfg, params, tok
+        self.scorer = loglik.LoglikScorer(cfg, params, batch_tokens=batch_tokens, pad_id=tok.pad_id)
+        self.bos = bos
+        self.stop_tokens = tuple(
+            i for k, i in tok.special_ids().items() if k in ("eos", "<|end|>") and i >= 0
+        )
+        self._generate_fn, self._gen_batch, self._seed = generate_fn, gen_batch_size, seed
+
+    @property
+    def generate_fn(self) -> generate_tasks.GenerateFn:
+        if self._generate_fn is None:
+            self._generate_fn = generate_tasks.make_generate_fn(
+                self.cfg,
+                self.params,
+                batch_size=self._gen_batch,
+                seed=self._seed,
+                stop_tokens=self.stop_tokens,
+                pad_id=self.tok.pad_id,
+            )
+        return self._generate_fn
+
+    def run(self, spec: TaskSpec, limit: int | None = None) -> dict:
+        """{"metrics", "samples", "n", "seconds", "spec"} of one task (first `limit` rows)."""
+        t0 = time.perf_counter()
+        examples = read_examples(spec, limit=limit)
+        pool = read_examples(spec, fewshot=True) if spec.num_fewshot else []
+        if spec.type == "perplexity":
+            texts = [ex.fields["text"] for ex in examples]
+            metrics = loglik.perplexity(
+                self.scorer, self.tok, texts, max_len=spec.max_len, stride=spec.stride, bos=self.bos
+            )
+            return self._result(spec, examples, metrics, [], t0)
+        prompts = [encode_prompt(spec, ex, select_shots(spec, ex, pool), self.tok, bos=self.bos)
+                   for ex in examples]  # fmt: skip
+        if spec.type == "multiple_choice":
+            choices, requests = [], []
+            for ex, (text, ids) in zip(examples, prompts):
+                chs = [choice_text(spec, ex.fields, i) for i in range(len(ex.fields["choices"]))]
+                if spec.chat:  # the reply is encoded on its own after the assistant header
+                    chs = [c.strip() for c in chs]
+                    requests.append([(ids, self.tok.encode(c)) for c in chs])
+                else:
+                    requests.append([loglik.split_continuation(self.tok, text, c, bos=self.bos)
+                                     for c in chs])  # fmt: skip
+                choices.append(chs)
+            answers = [ex.fields["answer"] for ex in examples]
+            metrics, samples = loglik.multiple_choice(self.scorer, requests, choices, answers)
+            for s, ex, (text, _) in zip(samples, examples, prompts):
+                s.update(source=ex.source, prompt=text)
+        else:
+            metrics, samples = generate_tasks.generation(
+                spec,
+                examples,
+                prompts,
+                self.generate_fn,
+                self.tok,
+                max_prompt_len=max(1, self.cfg.max_seq_len - spec.max_new_tokens),
+                stop_tokens=self.stop_tokens,
+            )
+        return self._result(spec, examples, metrics, samples, t0)
+
+    @staticmethod
+    def _result(spec, examples, metrics, samples, t0) -> dict:
+        return {
+            "type": spec.type,
+            "n": len(examples),
+            "metrics": metrics,
+            "samples": samples,
+            "seconds": time.perf_counter() - t0,
+            "spec": spec.to_dict(),
+        }

@@ -1,0 +1,224 @@
+"""Log-likelihood evaluation: continuation scoring, multiple choice, perplexity.
+
+Everything reduces to one primitive: the summed log-probability of continuation tokens given
+context tokens, `LoglikScorer.score([(ctx_ids, cont_ids), ...])`. Rows are sorted by length,
+right-padded into buckets (lengths rounded up to a power of two, rows per batch chosen so a batch
+holds about `batch_tokens` tokens, a bucket's last batch padded with empty rows) and run through
+one jitted forward, so an evaluation compiles once per bucket, not once per example. Right
+padding needs no segment ids: causal attention never lets a real token see the padding after it.
+
+Multiple choice (`multiple_choice`): each choice is scored as a continuation of the prompt;
+    acc        argmax of the summed log-probability
+    acc_norm   argmax of the sum divided by the choice's length in characters (as
+               lm-eval-harness's acc_norm); acc_byte and acc_token divide by UTF-8 bytes / tokens
+Perplexity (`perplexity`): documents longer than the window are scored in windows of `max_len`
+tokens whose starts are `stride` apart; each token is scored once, in the first window that
+reaches it, with the tokens from that window's start as context (stride < max_len gives every
+token at least max_len - stride tokens of context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.models.transformer import forward
+from flaxlm.train.losses import token_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinuationScore:
+    logprob: float  # sum over the continuation tokens of log p(token | everything before it)
+    n_tokens: int  # continuation tokens scored (fewer than given only after truncation)
+    greedy: bool  # every continuation token is the model's argmax
+
+
+def _score_rows(cfg, params, tokens, targets, mask):
+    """(sum of target log-probs where mask, all masked targets are the argmax) per row."""
+    logits = forward(cfg, params, tokens)  # (B, T, V)
+    lp = token_logprobs(logits, targets)  # (B, T)
+    hit = (jnp.argmax(logits, axis=-1) == targets) | (mask == 0)
+    return jnp.sum(lp * mask, axis=-1), jnp.all(hit, axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_scorer(cfg):
+    """One jitted scoring function per model config, shared by every LoglikScorer of it (its
+    compiled shapes are reused when a notebook or the demo scores several checkpoints)."""
+    return jax.jit(functools.partial(_score_rows, cfg))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class LoglikScorer:
+    """Batched, bucketed continuation log-likelihoods for one model.
+
+    Args:
+      cfg, params: the model (`load_model` output).
+      max_len: longest input row in tokens (0 = cfg.max_seq_len); longer rows keep their last
+        max_len + 1 tokens (context is dropped from the left).
+      batch_tokens: about how many tokens one forward batch holds (rows × bucket length).
+      min_len: the smallest bucket length.
+      pad_id: the token id written into padding (masked out, so any valid id works).
+    """
+
+    def __init__(self, cfg, params, *, max_len=0, batch_tokens=8192, min_len=16, pad_id=0):
+        self.cfg, self.params = cfg, params
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.batch_tokens, self.min_len, self.pad_id = batch_tokens, min_len, pad_id
+        self._fn = _jitted_scorer(cfg)
+        self.shapes: set[tuple[int, int]] = set()  # (rows, length) batch shapes run so far
+
+    def bucket(self, n: int) -> int:
+        return min(max(_pow2_at_least(n), self.min_len), self.max_len)
+
+    def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]):
+        """ContinuationScore per (context ids, continuation ids), in request order."""
+        rows = []
+        for i, (ctx, cont) in enumerate(requests):
+            if len(ctx) == 0 or len(cont) == 0:
+                raise ValueError(
+                    f"request {i}: context and continuation need at least one token each "
+                    f"(got {len(ctx)} and {len(cont)}); prepend BOS to an empty context"
+                )
+            seq = list(ctx) + list(cont)
+            seq = seq[-(self.max_len + 1) :]
+            rows.append((seq, min(len(cont), len(seq) - 1)))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        out: list[ContinuationScore | None] = [None] * len(rows)
+        pos = 0
+        while pos < len(order):
+            T = self.bucket(len(rows[order[pos]][0]) - 1)
+            # Rows per batch: the largest power of two within the token budget. A bucket's last
+            # batch is padded to the same shape, so each bucket compiles exactly once.
+            B = 1 << (max(1, self.batch_tokens // T).bit_length() - 1)
+            idx = [i for i in order[pos : pos + B] if self.bucket(len(rows[i][0]) - 1) == T]
+            pos += len(idx)
+            tokens = np.full((B, T), self.pad_id, np.int32)
+            targets = np.full((B, T), self.pad_id, np.int32)
+            mask = np.zeros((B, T), np.float32)
+            for r, i in enumerate(idx):
+                seq, n_cont = rows[i]
+                n = len(seq) - 1
+                tokens[r, :n] = seq[:-1]
+                targets[r, :n] = seq[1:]
+                mask[r, n - n_cont : n] = 1.0
+            self.shapes.add((B, T))
+            sums, greedy = jax.device_get(self._fn(self.params, tokens, targets, mask))
+            for r, i in enumerate(idx):
+                out[i] = ContinuationScore(float(sums[r]), rows[i][1], bool(greedy[r]))
+        return out
+
+
+def split_continuation(tok, context: str, continuation: str, *, bos: bool = True):
+    """(context ids, continuation ids) of `context + continuation`, split at a token boundary.
+
+    The joint text is tokenized once (as the model would have seen it); the split point is the
+    longest common prefix with the context's own tokens, so a token that merges across the
+    boundary counts as continuation. `bos` prepends the tokenizer's BOS (documents start with it
+    in training, and it gives an empty context something to condition on).
+    """
+    full = tok.encode(context + continuation)
+    ctx = tok.encode(context) if context else []
+    k = 0
+    while k < min(len(ctx), len(full)) and ctx[k] == full[k]:
+        k += 1
+    if k == len(full):
+        raise ValueError(f"continuation {continuation!r} adds no tokens to {context[-40:]!r}")
+    head = [tok.bos_id] if bos else []
+    return head + full[:k], full[k:]
+
+
+def mc_predictions(logprobs, n_chars, n_bytes, n_tokens) -> dict[str, int]:
+    """Predicted choice under each rule: acc (sum), acc_norm (per char), acc_byte, acc_token."""
+    lp = np.asarray(logprobs, np.float64)
+    per = lambda n: lp / np.maximum(np.asarray(n, np.float64), 1.0)
+    return {
+        "acc": int(np.argmax(lp)),
+        "acc_norm": int(np.argmax(per(n_chars))),
+        "acc_byte": int(np.argmax(per(n_bytes))),
+        "acc_token": int(np.argmax(per(n_tokens))),
+    }
+
+
+def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
+    """Log-likelihood multiple choice.
+
+    Args:
+      requests: per question, one (context ids, continuation ids) per choice — from
+        `split_continuation(tok, prompt, choice)` in plain text, or the chat prompt's ids and
+        the encoded choice in chat mode.
+      choices: per question, the choice texts (their lengths normalise acc_norm / acc_byte).
+      answers: per question, the index of the correct choice.
+    Returns:
+      (metrics, samples): metrics acc, acc_norm, acc_byte, acc_token (means) and n; one sample
+      per question with the per-choice log-probs, token counts and predictions.
+    """
+    flat = [r for reqs in requests for r in reqs]
+    scores = iter(scorer.score(flat))
+    samples, hits = [], {k: [] for k in ("acc", "acc_norm", "acc_byte", "acc_token")}
+    for reqs, chs, gold in zip(requests, choices, answers, strict=True):
+        if len(reqs) != len(chs):
+            raise ValueError(f"{len(reqs)} requests for {len(chs)} choices")
+        sc = [next(scores) for _ in reqs]
+        lp = [s.logprob for s in sc]
+        ntok = [s.n_tokens for s in sc]
+        preds = mc_predictions(lp, [len(c) for c in chs], [len(c.encode()) for c in chs], ntok)
+        for k, v in preds.items():
+            hits[k].append(float(v == gold))
+        samples.append({"logprobs": lp, "n_tokens": ntok, "answer": gold, "pred": preds})
+    metrics = {k: float(np.mean(v)) for k, v in hits.items()}
+    metrics["n"] = len(samples)
+    return metrics, samples
+
+
+def window_requests(ids: Sequence[int], max_len: int, stride: int = 0):
+    """(context, continuation) requests scoring tokens 1..n-1 of `ids` in strided windows.
+
+    Window j holds tokens [j*stride, j*stride + max_len + 1) (max_len model inputs) and scores
+    the tokens no earlier window scored.
+    """
+    stride = stride or max_len
+    if not 1 <= stride <= max_len:
+        raise ValueError(f"stride={stride} must be in [1, max_len={max_len}]")
+    reqs, begin, scored = [], 0, 1
+    while scored < len(ids):
+        end = min(begin + max_len + 1, len(ids))
+        reqs.append((list(ids[begin:scored]), list(ids[scored:end])))
+        scored, begin = end, begin + stride
+    return reqs
+
+
+def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bool = True):
+    """Token-level perplexity of held-out documents.
+
+    Every token of every document is predicted (the first from BOS when `bos`); a document is
+    scored in windows of `max_len` tokens (0 = the scorer's max_len) `stride` apart.
+    Returns nll (mean per token, nats), ppl = exp(nll), bits_per_byte, tokens, bytes, docs.
+    """
+    max_len = min(max_len or scorer.max_len, scorer.max_len)
+    requests = []
+    for t in texts:
+        ids = ([tok.bos_id] if bos else []) + tok.encode(t)
+        requests += window_requests(ids, max_len, stride)
+    scores = scorer.score(requests)
+    total = -sum(s.logprob for s in scores)
+    n_tok = sum(s.n_tokens for s in scores)
+    n_bytes = sum(len(t.encode()) for t in texts)
+    nll = total / max(n_tok, 1)
+    return {
+        "nll": nll,
+        "ppl": math.exp(min(nll, 700.0)),
+        "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
+        "tokens": n_tok,
+        "bytes": n_bytes,
+        "docs": len(texts),
+    }

@@ -1,0 +1,129 @@
+"""Prompt construction for evaluation tasks: few-shot selection, templates, chat rendering.
+
+Shots are drawn per evaluated example from a `random.Random` seeded by (fewshot_seed, task name,
+example index), so a prompt depends only on the task spec and the example — not on batch order,
+`--limit` or other tasks. A shot is never the evaluated row itself (same file) nor any row whose
+prompt text equals the evaluated one (a duplicate in a separate train file).
+
+Plain mode (a base model):
+    description + shot_1 + sep + ... + shot_k + sep + prompt
+where a shot is its prompt followed by its target (generation: `target_template`; multiple
+choice: its correct choice). Chat mode (an instruction-tuned model): shots become earlier
+user/assistant turns, rendered by the chat template of data/formats.py (token ids, BOS
+included), and the prompt ends where the assistant's reply starts.
+"""
+
+from __future__ import annotations
+
+import random
+
+from flaxlm.evaluation.tasks import LETTERS, Example, TaskSpec
+
+
+def render(template: str, fields: dict, spec: TaskSpec, **extra) -> str:
+    """`template` filled from the canonical fields (and, for multiple choice, `choices_block`:
+    "A. x\\nB. y ..."); an unknown placeholder is an error naming the task."""
+    values = dict(fields)
+    if "choices" in fields:
+        values["choices_block"] = "\n".join(
+            f"{LETTERS[i]}. {c.strip()}" for i, c in enumerate(fields["choices"])
+        )
+    values.update(extra)
+    try:
+        return template.format_map(values)
+    except (KeyError, IndexError) as e:
+        raise KeyError(
+            f"task {spec.name!r}: template {template!r} uses {e}, which is not one of "
+            f"{sorted(values)}"
+        ) from None
+
+
+def choice_text(spec: TaskSpec, fields: dict, i: int) -> str:
+    """The continuation scored for choice i."""
+    return render(
+        spec.choice_template, fields, spec, choice=fields["choices"][i], letter=LETTERS[i], index=i
+    )
+
+
+def target_text(spec: TaskSpec, fields: dict) -> str:
+    """What follows a shot's prompt: its correct choice or its answer."""
+    if spec.type == "multiple_choice":
+        return choice_text(spec, fields, fields["answer"])
+    return render(spec.target_template, fields, spec)
+
+
+def _question(spec: TaskSpec, fields: dict) -> str:
+    return fields["context"] if spec.type == "multiple_choice" else fields["prompt"]
+
+
+def select_shots(
+    spec: TaskSpec, example: Example, pool: list[Example], k: int | None = None
+) -> list[Example]:
+    """`k` (default `spec.num_fewshot`) shots for `example`, drawn deterministically from `pool`.
+
+    When the pool is the task's own file (`spec.fewshot_file` empty) the example's own row is
+    excluded by index; rows with the same question text are excluded in either case.
+    """
+    k = spec.num_fewshot if k is None else k
+    if k == 0:
+        return []
+    rng = random.Random(f"{spec.fewshot_seed}:{spec.name}:{example.index}")
+    same_file = not spec.fewshot_file
+    question = _question(spec, example.fields)
+
+    def ok(i: int) -> bool:
+        if same_file and i == example.index:
+            return False
+        return _question(spec, pool[i].fields) != question
+
+    # Draw a few more than k and filter: cheap for large pools, exact for small ones.
+    first = rng.sample(range(len(pool)), min(len(pool), k + 4))
+    picked = [i for i in first if ok(i)][:k]
+    if len(picked) < k:
+        rest = [i for i in range(len(pool)) if ok(i) and i not in picked]
+        rng.shuffle(rest)
+        picked += rest[: k - len(picked)]
+    if len(picked) < k:
+        raise ValueError(
+            f"task {spec.name!r}: wants {k} shots but the few-shot pool "
+            f"{spec.fewshot_file or spec.file} has only {len(picked)} usable rows"
+        )
+    return [pool[i] for i in picked]
+
+
+def plain_prompt(spec: TaskSpec, example: Example, shots: list[Example]) -> str:
+    """Plain-mode text the model continues: description, shots with their targets, then the
+    example's prompt (for multiple choice, the context every choice is scored after)."""
+    parts = [render(spec.prompt_template, s.fields, spec) + target_text(spec, s.fields)
+             for s in shots]  # fmt: skip
+    parts.append(render(spec.prompt_template, example.fields, spec))
+    return spec.description + spec.fewshot_separator.join(parts)
+
+
+def chat_messages(spec: TaskSpec, example: Example, shots: list[Example]) -> list[dict]:
+    """Chat-mode conversation: description as the system turn, each shot a user turn answered
+    by its target, then the example's user turn (the assistant's reply is what is scored)."""
+    messages = []
+    if spec.description.strip():
+        messages.append({"role": "system", "content": spec.description.strip()})
+    for s in shots:
+        messages.append({"role": "user", "content": render(spec.user_template, s.fields, spec)})
+        messages.append({"role": "assistant", "content": target_text(spec, s.fields).strip()})
+    messages.append({"role": "user", "content": render(spec.user_template, example.fields, spec)})
+    return messages
+
+
+def encode_prompt(
+    spec: TaskSpec, example: Example, shots: list[Example], tok, *, bos: bool = True
+) -> tuple[str, list[int]]:
+    """(readable prompt, prompt ids). Plain mode: BOS + the encoded text. Chat mode: the
+    conversation through data/formats.py's chat template, ending at the assistant header."""
+    if not spec.chat:
+        text = plain_prompt(spec, example, shots)
+        return text, ([tok.bos_id] if bos else []) + tok.encode(text)
+    from flaxlm.data.formats import render_chat
+
+    msgs = chat_messages(spec, example, shots)
+    ids, _ = render_chat(msgs, tok, add_generation_prompt=True)
+    text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in msgs) + "<|assistant|>"
+    return text, [int(i) for i in ids]

@@ -1,0 +1,338 @@
+"""Evaluation task specs and their example files.
+
+A task is data, not code: a `TaskSpec` names a jsonl file and says how to read and score it, so a
+real benchmark (MMLU-style multiple choice, GSM8K-style generation, held-out text) plugs in with a
+JSON spec file and no code. Three task types:
+
+    perplexity       rows hold a text; token-level NLL / perplexity / bits per byte
+    multiple_choice  rows hold a context, choices and the answer; log-likelihood acc and acc_norm
+    generation       rows hold a prompt and an answer; greedy generation scored by exact match,
+                     a regex-extracted answer, or the built-in world's judge
+
+A spec file is JSON (one spec or a list), file paths relative to the spec file:
+
+    {"name": "gsm8k", "type": "generation", "file": "gsm8k/test.jsonl",
+     "fields": {"prompt": "question", "answer": "answer"},
+     "template": "Question: {prompt}\\nAnswer:", "target_template": " {answer}",
+     "num_fewshot": 5, "fewshot_file": "gsm8k/train.jsonl",
+     "scoring": "regex", "answer_regex": "#### (-?[0-9.,]+)", "gold_regex": "#### (-?[0-9.,]+)",
+     "normalize": "number", "stop": ["\\n\\nQuestion:"], "max_new_tokens": 256}
+
+`fields` maps a task's canonical fields (perplexity: text; multiple_choice: context, choices,
+answer; generation: prompt, answer; both optionally meta) to key paths in a row; a path may go
+through lists ("messages.-1.content"). A multiple-choice answer may be an index, a letter (A, B,
+...) or the text of a choice. The built-in world's tasks come from its manifest.json
+(`world_tasks`). Bad rows raise `TaskFileError` naming file:line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import string
+from typing import Any
+
+TYPES = ("perplexity", "multiple_choice", "generation")
+SCORINGS = ("exact_match", "regex", "judge")
+NORMALIZERS = ("none", "basic", "number")
+REQUIRED = {
+    "perplexity": ("text",),
+    "multiple_choice": ("context", "choices", "answer"),
+    "generation": ("prompt", "answer"),
+}
+OPTIONAL = ("meta",)
+LETTERS = string.ascii_uppercase
+
+
+class TaskFileError(ValueError):
+    """A task file (or spec) is malformed; the message starts with file:line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """How to read, prompt and score one evaluation task (see the module docstring)."""
+
+    name: str
+    type: str  # perplexity | multiple_choice | generation
+    file: str  # jsonl of examples
+    fields: dict = dataclasses.field(default_factory=dict)  # canonical field -> key path in a row
+    template: str = ""  # prompt text from the canonical fields; "" = "{context}" / "{prompt}"
+    choice_template: str = "{choice}"  # a choice's continuation; also {letter}, {index}
+    target_template: str = " {answer}"  # generation: a shot's answer text after its prompt
+    chat_template: str = ""  # chat mode: the user turn ("" = "{context}" / "{prompt}")
+    description: str = ""  # text before the shots (e.g. "The following are questions about X.")
+    num_fewshot: int = 0  # shots in the prompt (k-shot in-context learning)
+    fewshot_file: str = ""  # where shots come from; "" = the task's own file minus the example
+    fewshot_fields: dict = dataclasses.field(
+        default_factory=dict
+    )  # paths in fewshot_file ({}=fields)
+    fewshot_seed: int = 1234  # shots are drawn per example from (seed, task name, example index)
+    fewshot_separator: str = "\n\n"  # between shots and before the evaluated prompt
+    scoring: str = "exact_match"  # generation: exact_match | regex | judge
+    answer_regex: str = ""  # regex scoring: group 1 (or the whole match) is the answer
+    regex_select: str = "first"  # which match of answer_regex counts: first | last
+    gold_regex: str = ""  # extract the gold answer from the answer field ("#### 42")
+    normalize: str = "basic"  # none | basic (case, spaces, outer punctuation) | number
+    stop: tuple = ("\n\n",)  # generation ends at the first of these strings
+    max_new_tokens: int = 64  # generation budget per example
+    chat: bool = False  # render prompts with the chat template (an instruction-tuned model)
+    max_len: int = 0  # perplexity window in tokens (0 = the model's max_seq_len)
+    stride: int = 0  # perplexity: tokens between window starts (0 = max_len, no overlap)
+
+    def __post_init__(self):
+        where = f"task {self.name!r}"
+        if self.type not in TYPES:
+            raise ValueError(f"{where}: type={self.type!r}; expected one of {TYPES}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"{where}: scoring={self.scoring!r}; expected one of {SCORINGS}")
+        if self.normalize not in NORMALIZERS:
+            raise ValueError(f"{where}: normalize={self.normalize!r}; expected {NORMALIZERS}")
+        if self.scoring == "regex" and not self.answer_regex:
+            raise ValueError(f"{where}: scoring='regex' needs answer_regex")
+        if self.regex_select not in ("first", "last"):
+            raise ValueError(f"{where}: regex_select must be first|last")
+        for pat in (self.answer_regex, self.gold_regex):
+            if pat:
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ValueError(f"{where}: bad regex {pat!r}: {e}") from None
+        if self.num_fewshot < 0 or self.stride < 0 or self.max_len < 0:
+            raise ValueError(f"{where}: num_fewshot, max_len and stride must be >= 0")
+        known = set(REQUIRED[self.type]) | set(OPTIONAL)
+        for name, fmap in (("fields", self.fields), ("fewshot_fields", self.fewshot_fields)):
+            unknown = sorted(set(fmap) - known)
+            if unknown:
+                raise ValueError(f"{where}: {name} has unknown field(s) {unknown}; known {known}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def prompt_template(self) -> str:
+        return self.template or ("{context}" if self.type == "multiple_choice" else "{prompt}")
+
+    @property
+    def user_template(self) -> str:
+        return self.chat_template or ("{context}" if self.type == "multiple_choice" else "{prompt}")
+
+    def replace(self, **kw) -> TaskSpec:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, base_dir: str = "", where: str = "spec") -> TaskSpec:
+        """A spec from JSON: unknown keys are errors; relative file paths join `base_dir`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown spec key(s) {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("name", "type", "file") if k not in d]
+        if missing:
+            raise ValueError(f"{where}: spec is missing {missing}")
+        d = dict(d)
+        for key in ("file", "fewshot_file"):
+            if d.get(key) and base_dir and not os.path.isabs(d[key]):
+                d[key] = os.path.join(base_dir, d[key])
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class Example:
+    """One row in canonical form: `fields` has the task type's canonical names."""
+
+    fields: dict
+    source: str  # "file:line", for messages
+    index: int  # row number within the file (0-based, blank lines skipped)
+
+
+# --- reading rows ---------------------------------------------------------------------------
+
+
+def get_path(row: Any, path: str):
+    """Value at a dotted key path ("messages.-1.content"); raises KeyError naming the step."""
+    cur = row
+    for part in path.split("."):
+        if isinstance(cur, list):
+            try:
+                cur = cur[int(part)]
+            except (ValueError, IndexError):
+                raise KeyError(f"{path!r} (no list index {part!r})") from None
+        elif isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            raise KeyError(f"{path!r} (no key {part!r})")
+    return cur
+
+
+def _mc_answer(value, choices: list[str]) -> int:
+    """Answer index from an index, a digit string, a letter or a choice's text."""
+    if isinstance(value, bool):
+        raise ValueError(f"answer {value!r} is not an index, letter or choice")
+    if isinstance(value, int):
+        idx = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        idx = int(value.strip())
+    elif isinstance(value, str) and len(value.strip()) == 1 and value.strip() in LETTERS:
+        idx = LETTERS.index(value.strip())
+    elif isinstance(value, str) and value.strip() in [c.strip() for c in choices]:
+        idx = [c.strip() for c in choices].index(value.strip())
+    else:
+        raise ValueError(f"answer {value!r} is not an index, letter or choice")
+    if not 0 <= idx < len(choices):
+        raise ValueError(f"answer index {idx} out of range for {len(choices)} choices")
+    return idx
+
+
+def _canonical(spec: TaskSpec, row: dict, fmap: dict, need_gold: bool) -> dict:
+    """Canonical fields of one row; raises KeyError/ValueError (the caller adds file:line)."""
+    out = {}
+    for name in REQUIRED[spec.type] + OPTIONAL:
+        path = fmap.get(name, name)
+        try:
+            out[name] = get_path(row, path)
+        except KeyError as e:
+            if name in OPTIONAL:
+                continue
+            raise KeyError(f"missing field {name!r} at key path {e.args[0]}") from None
+    if spec.type == "perplexity":
+        if not isinstance(out["text"], str):
+            raise ValueError("field 'text' must be a string")
+    elif spec.type == "multiple_choice":
+        ch = out["choices"]
+        if not (isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) for c in ch)):
+            raise ValueError("field 'choices' must be a list of at least 2 strings")
+        out["context"] = str(out["context"])
+        out["answer"] = _mc_answer(out["answer"], ch)
+    else:
+        out["prompt"] = str(out["prompt"])
+        answer = out["answer"]
+        answer = str(answer) if not isinstance(answer, str) else answer
+        if spec.gold_regex:
+            m = re.search(spec.gold_regex, answer)
+            if m is None:
+                raise ValueError(f"gold_regex {spec.gold_regex!r} does not match the answer")
+            answer = m.group(1) if m.groups() else m.group(0)
+        out["answer"] = answer
+        if need_gold and spec.scoring == "judge" and not isinstance(out.get("meta"), dict):
+            raise ValueError("judge scoring needs a 'meta' object with the judge's fields")
+    return out
+
+
+def read_examples(
+    spec: TaskSpec, *, fewshot: bool = False, limit: int | None = None
+) -> list[Example]:
+    """Rows of the task file (or of its few-shot file) in canonical form.
+
+    Malformed JSON, a missing field or a bad value raises TaskFileError naming file:line.
+    """
+    path = (spec.fewshot_file or spec.file) if fewshot else spec.file
+    fmap = (spec.fewshot_fields or spec.fields) if fewshot and spec.fewshot_file else spec.fields
+    if not os.path.exists(path):
+        raise TaskFileError(f"{path}: no such file (task {spec.name!r})")
+    out: list[Example] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskFileError(f"{where}: invalid JSON (task {spec.name!r}): {e}") from None
+            if not isinstance(row, dict):
+                raise TaskFileError(f"{where}: expected a JSON object (task {spec.name!r})")
+            try:
+                fields = _canonical(spec, row, fmap, need_gold=not fewshot)
+            except (KeyError, ValueError) as e:
+                msg = e.args[0] if e.args else str(e)
+                raise TaskFileError(f"{where}: task {spec.name!r}: {msg}") from None
+            out.append(Example(fields, where, len(out)))
+    if not out:
+        raise TaskFileError(f"{path}: no examples (task {spec.name!r})")
+    return out
+
+
+# --- registry and the built-in world --------------------------------------------------------
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def register(spec: TaskSpec) -> TaskSpec:
+    """Makes `spec` resolvable by name (a notebook or a plug-in module registers its tasks)."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def load_spec_file(path: str) -> list[TaskSpec]:
+    """Task specs of a JSON file (one object or a list of objects)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise TaskFileError(f"{path}:{e.lineno}: invalid JSON spec: {e.msg}") from None
+    items = data if isinstance(data, list) else [data]
+    base = os.path.dirname(os.path.abspath(path))
+    return [TaskSpec.from_dict(d, base, where=f"{path}[{i}]") for i, d in enumerate(items)]
+
+
+# World prompts: the judge expects "The answer is X."; shots come from the SFT training chats
+# (last user turn and its answer), which never mention held-out people.
+_WORLD_GEN = dict(
+    template="Question: {prompt}\nAnswer:",
+    target_template=" The answer is {answer}.",
+    scoring="judge",
+    stop=("\n",),
+    max_new_tokens=24,
+    num_fewshot=3,
+    fewshot_file="sft_train.jsonl",
+    fewshot_fields={"prompt": "messages.-2.content", "answer": "meta.answer", "meta": "meta"},
+)
+
+
+def world_tasks(world_dir: str) -> dict[str, TaskSpec]:
+    """The built-in world's tasks, from its manifest.json eval task index, plus perplexity on its
+    held-out text (`ppl_heldout_text`)."""
+    path = os.path.join(world_dir, "manifest.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise TaskFileError(f"{path}: no world manifest (is --world a world directory?)") from None
+    specs = {}
+    for name, info in manifest.get("eval_tasks", {}).items():
+        kw: dict = {}
+        if info["type"] == "generation":
+            kw = dict(_WORLD_GEN, fewshot_file=os.path.join(world_dir, "sft_train.jsonl"))
+        elif name == "mc_facts_heldout":  # shots about train people only: no leaked facts
+            kw = {"fewshot_file": os.path.join(world_dir, "eval", "mc_facts_train.jsonl")}
+        specs[name] = TaskSpec(name, info["type"], os.path.join(world_dir, info["file"]), **kw)
+    held = os.path.join(world_dir, "heldout_text.jsonl")
+    if os.path.exists(held):
+        specs["ppl_heldout_text"] = TaskSpec("ppl_heldout_text", "perplexity", held)
+    return specs
+
+
+def resolve_tasks(names: list[str], world_dir: str | None = None) -> list[TaskSpec]:
+    """Specs for task names: a path to a JSON spec file (all its tasks), a registered name, or a
+    task of the world at `world_dir`. An unknown name lists the known ones."""
+    world = world_tasks(world_dir) if world_dir else {}
+    out = []
+    for name in names:
+        if name.endswith(".json"):
+            out.extend(load_spec_file(name))
+        elif name in _REGISTRY:
+            out.append(_REGISTRY[name])
+        elif name in world:
+            out.append(world[name])
+        else:
+            known = sorted(set(_REGISTRY) | set(world))
+            hint = "" if world_dir else " (pass --world DIR for the built-in world's tasks)"
+            raise KeyError(f"unknown task {name!r}; known: {known}{hint}")
+    return out

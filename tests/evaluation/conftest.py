@@ -1,0 +1,84 @@
+"""Shared fixtures of the evaluation tests: the small built-in world, a tokenizer trained on it,
+a tiny checkpoint whose vocabulary fits that tokenizer, and a direct log-prob reference."""
+
+import jax
+import numpy as np
+import pytest
+
+REF_LEN = 64  # the model's max_seq_len; the reference forward always runs at this length
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    from flaxlm.data.synthetic import write_world
+
+    path = tmp_path_factory.mktemp("world")
+    write_world(str(path), "small", seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tok_path(world_dir, tmp_path_factory):
+    from flaxlm.data import tokenizer
+    from flaxlm.data.synthetic import load_world
+
+    texts = [d["text"] for d in load_world(world_dir).pretrain]
+    path = str(tmp_path_factory.mktemp("tok") / "tok.model")
+    tokenizer.train(texts, vocab_size=400, model_path=path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok(tok_path):
+    from flaxlm.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(tok_path)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """A tiny checkpoint trained for 2 steps (markov data), vocab 512 so the 400-piece test
+    tokenizer fits, max_seq_len 64 so long documents need several windows."""
+    from flaxlm.configs import pretrain as pretrain_config
+    from flaxlm.train import pretrain
+
+    c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
+    with c.unlocked():
+        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 2, 0, 2, 1
+        c.batch_size, c.seq_len = 8, 32
+        c.model.vocab_size, c.model.max_seq_len = 512, REF_LEN
+        c.progress_bar = False
+    path = tmp_path_factory.mktemp("run")
+    pretrain.run(c, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def model(run_dir):
+    """(cfg, params) of the tiny checkpoint."""
+    from flaxlm.train.checkpoint import load_model
+
+    cfg, params, _ = load_model(run_dir)
+    return cfg, params
+
+
+@pytest.fixture(scope="session")
+def ref_logprobs(model):
+    """ids -> array of log p(ids[t] | ids[:t]) for t = 1..len-1, straight from the model's
+    forward and a float64 log-softmax (no evaluation code involved)."""
+    from flaxlm.models.transformer import forward
+
+    cfg, params = model
+    fwd = jax.jit(lambda p, x: forward(cfg, p, x))
+
+    def ref(ids):
+        ids = [int(i) for i in ids]
+        assert 2 <= len(ids) <= REF_LEN + 1
+        x = np.zeros((1, REF_LEN), np.int32)
+        x[0, : len(ids) - 1] = ids[:-1]
+        logits = np.asarray(fwd(params, x), np.float64)[0, : len(ids) - 1]
+        m = logits.max(-1, keepdims=True)
+        logsm = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        return logsm[np.arange(len(ids) - 1), ids[1:]]
+
+    return ref

@@ -1,0 +1,46 @@
+"""`python -m flaxlm.evaluation` end to end on a tiny checkpoint trained for 2 steps."""
+
+import json
+
+import pytest
+
+from flaxlm.evaluation.__main__ import main
+
+
+def test_cli_end_to_end(run_dir, world_dir, tok_path, tmp_path, capsys):
+    (tmp_path / "mmlu.jsonl").write_text(
+        json.dumps({"question": "2 + 2 =", "options": ["3", "4"], "label": "B"}) + "\n"
+        + json.dumps({"question": "Kavo lives in", "options": ["Paris", "Lima"], "label": 0})
+    )  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps({
+        "name": "mmlu_mini", "type": "multiple_choice", "file": "mmlu.jsonl",
+        "fields": {"context": "question", "choices": "options", "answer": "label"},
+        "template": "{context}\n{choices_block}\nAnswer:", "choice_template": " {letter}",
+    }))  # fmt: skip
+    out = tmp_path / "res" / "results.json"
+    tasks = f"mc_facts_heldout,ppl_heldout_text,{tmp_path / 'spec.json'}"
+    argv = ["--checkpoint", run_dir, "--world", world_dir, "--tokenizer", tok_path,
+            "--tasks", tasks, "--limit", "4", "--out", str(out), "--samples",
+            "--batch_tokens", "128"]  # fmt: skip
+    ret = main(argv)
+    table = capsys.readouterr().out
+    for name in ("mc_facts_heldout", "ppl_heldout_text", "mmlu_mini", "acc_norm", "ppl"):
+        assert name in table
+    saved = json.loads(out.read_text())
+    assert saved["step"] == 2 and saved["tokenizer"] == tok_path
+    res = saved["tasks"]
+    assert set(res) == {"mc_facts_heldout", "ppl_heldout_text", "mmlu_mini"}
+    assert res["mc_facts_heldout"]["n"] == 4 and res["mmlu_mini"]["n"] == 2
+    for r in (res["mc_facts_heldout"], res["mmlu_mini"]):
+        assert 0.0 <= r["metrics"]["acc"] <= 1.0 and len(r["samples"]) == r["n"]
+    ppl = res["ppl_heldout_text"]["metrics"]
+    assert ppl["docs"] == 4 and 1.0 < ppl["ppl"] < 1e4 and ppl["tokens"] > 100
+    assert ret["tasks"]["mmlu_mini"]["metrics"] == res["mmlu_mini"]["metrics"]
+
+
+def test_cli_errors(run_dir, world_dir, tok_path):
+    with pytest.raises(SystemExit, match="pass --tokenizer"):
+        main(["--checkpoint", run_dir, "--world", world_dir, "--tasks", "mc_arithmetic"])
+    with pytest.raises(KeyError, match="unknown task 'mc_nope'"):
+        main(["--checkpoint", run_dir, "--world", world_dir, "--tokenizer", tok_path,
+              "--tasks", "mc_nope"])  # fmt: skip

@@ -1,0 +1,92 @@
+"""Generation scoring (exact match, regex, judge) on fixed strings, the generation task path with
+a stand-in decoder, and reward-model win rate."""
+
+import pytest
+
+from flaxlm.evaluation import generate_tasks as G
+from flaxlm.evaluation.prompts import encode_prompt, select_shots
+from flaxlm.evaluation.tasks import TaskSpec, read_examples, world_tasks
+from flaxlm.evaluation.winrate import win_rate
+
+
+def test_normalize_and_extract():
+    assert G.normalize_answer("  The  Answer. ", "basic") == "the answer"
+    assert G.normalize_answer("Paris!", "basic") == G.normalize_answer("paris", "basic")
+    assert G.normalize_answer(" Paris ", "none") == " Paris "
+    for raw, want in [("1,000.00", "1000"), ("$5", "5"), ("-3", "-3"), ("2.50", "2.5"),
+                      ("7.", "7"), ("seven", "seven")]:  # fmt: skip
+        assert G.normalize_answer(raw, "number") == want, raw
+    text = "We get 3 + 4 = 7.\n#### 7\nThen #### 8"
+    assert G.extract_answer(text, r"#### (\d+)") == "7"
+    assert G.extract_answer(text, r"#### (\d+)", "last") == "8"
+    assert G.extract_answer(text, r"\d+", "last") == "8"  # no group: the whole match
+    assert G.extract_answer("nothing", r"#### (\d+)") is None
+    assert G.truncate_at_stop("a b\n\nQuestion: c\nd", ["\n", "\n\nQuestion:"]) == "a b"
+    assert G.truncate_at_stop("abc", ["", "x"]) == "abc"
+
+
+def test_score_response_exact_regex_judge():
+    em = TaskSpec("em", "generation", "f")
+    assert G.score_response(em, {"answer": "Paris"}, "paris.") == {"exact_match": 1.0}
+    assert G.score_response(em, {"answer": "Paris"}, "Paris, France") == {"exact_match": 0.0}
+    rx = TaskSpec("rx", "generation", "f", scoring="regex", answer_regex=r"#### (\S+)",
+                  normalize="number")  # fmt: skip
+    assert G.score_response(rx, {"answer": "1000"}, "so 1,000\n#### 1,000") == {
+        "exact_match": 1.0, "extracted": 1.0}  # fmt: skip
+    assert G.score_response(rx, {"answer": "1000"}, "1000") == {
+        "exact_match": 0.0, "extracted": 0.0}  # fmt: skip
+    jd = TaskSpec("jd", "generation", "f", scoring="judge")
+    meta = {"task": "attribute", "attribute": "city", "answer": "Paris"}
+    fields = {"answer": "Paris", "meta": meta}
+    assert G.score_response(jd, fields, "The answer is Paris.") == {"judge": 1.0, "correct": 1.0}
+    wrong = G.score_response(jd, fields, "The answer is Lima.")
+    assert wrong == {"judge": pytest.approx(0.2), "correct": 0.0}
+    loose = G.score_response(jd, fields, "I think Paris")
+    assert loose == {"judge": pytest.approx(0.4), "correct": 0.0}  # loose credit, no format
+
+
+def test_generation_task_with_stand_in_decoder(world_dir, tok):
+    spec = world_tasks(world_dir)["gen_facts_train"].replace(num_fewshot=2)
+    examples = read_examples(spec, limit=3)
+    pool = read_examples(spec, fewshot=True)
+    prompts = [encode_prompt(spec, ex, select_shots(spec, ex, pool), tok) for ex in examples]
+    assert all(ids[0] == tok.bos_id and ids[1:] == tok.encode(t) for t, ids in prompts)
+    assert all(t.count("\nAnswer: The answer is ") == 2 for t, _ in prompts)  # two shots
+    seen = {}
+
+    def fake_generate(prompt_ids, max_new_tokens):
+        seen["ids"], seen["n"] = prompt_ids, max_new_tokens
+        outs = []
+        for i, ex in enumerate(examples):
+            ans = ex.fields["answer"] if i < 2 else "nobody"
+            # the answer, then a stop string (new line), then an EOS and more text
+            outs.append(tok.encode(f" The answer is {ans}.\nQuestion: what") + [tok.eos_id]
+                        + tok.encode(" more"))  # fmt: skip
+        return outs
+
+    metrics, samples = G.generation(spec, examples, prompts, fake_generate, tok,
+                                    max_prompt_len=10_000, stop_tokens=(tok.eos_id,))  # fmt: skip
+    assert seen["ids"] == [ids for _, ids in prompts] and seen["n"] == spec.max_new_tokens
+    assert [s["response"] for s in samples[:2]] == [
+        f"The answer is {ex.fields['answer']}." for ex in examples[:2]]  # fmt: skip
+    assert metrics["correct"] == pytest.approx(2 / 3)
+    assert metrics["judge"] == pytest.approx((1.0 + 1.0 + 0.2) / 3)
+    assert metrics["n"] == 3
+    # Over-long prompts keep BOS and their end.
+    G.generation(spec, examples, prompts, fake_generate, tok, max_prompt_len=8)
+    assert all(len(p) == 8 and p[0] == tok.bos_id and p[1:] == q[-7:]
+               for p, (_, q) in zip(seen["ids"], prompts))  # fmt: skip
+
+
+def test_win_rate_counts_ties_half():
+    score = lambda prompts, responses: [float(len(r)) for r in responses]
+    prompts = ["p1", "p2", "p3", "p4"]
+    a = ["long answer", "x", "same", "abcd"]
+    b = ["short", "longer one", "four", "abc"]
+    r = win_rate(score, prompts, a, b)
+    assert (r["wins"], r["losses"], r["ties"], r["n"]) == (2, 1, 1, 4)
+    assert r["win_rate"] == pytest.approx(2.5 / 4)
+    assert r["mean_margin"] == pytest.approx((6 - 9 + 0 + 1) / 4)
+    assert win_rate(score, prompts, a, b, tie_margin=1.5)["ties"] == 2
+    with pytest.raises(ValueError, match="3 B responses"):
+        win_rate(score, prompts, a, b[:3])

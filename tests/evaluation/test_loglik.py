@@ -1,0 +1,144 @@
+"""Log-likelihood scoring against direct computations with the model's forward."""
+
+import math
+
+import numpy as np
+import pytest
+
+from flaxlm.evaluation import loglik
+from flaxlm.evaluation.loglik import ContinuationScore, LoglikScorer
+
+BATCH_TOKENS = 128  # as in conftest.py: shared batch shapes compile once
+
+# A small hand-made multiple-choice task: (context, choices, answer).
+HAND_TASK = [
+    ("Kavo lives in", [" Paris", " Lima", " Oslo"], 0),
+    ("The sky is", [" blue", " green and wide", " red"], 0),
+    ("7 plus 5 is", [" 12", " 13", " 57"], 1),
+    ("Reverse the letters c a t:", [" t a c", " c a t"], 0),
+    ("Melir has a pet", [" cat", " parrot", " dog", " fish"], 3),
+]
+
+
+def test_multiple_choice_matches_direct_forward(model, tok, ref_logprobs):
+    cfg, params = model
+    # A small token budget: several batches, two length buckets, a padded last batch.
+    scorer = LoglikScorer(cfg, params, batch_tokens=BATCH_TOKENS, pad_id=tok.pad_id)
+    requests = [[loglik.split_continuation(tok, c, ch) for ch in chs] for c, chs, _ in HAND_TASK]
+    metrics, samples = loglik.multiple_choice(
+        scorer, requests, [t[1] for t in HAND_TASK], [t[2] for t in HAND_TASK]
+    )
+    hits = {"acc": [], "acc_norm": []}
+    for (ctx, choices, gold), sample in zip(HAND_TASK, samples):
+        direct = []
+        for ch in choices:
+            ctx_ids = [tok.bos_id] + tok.encode(ctx)
+            full = [tok.bos_id] + tok.encode(ctx + ch)
+            assert full[: len(ctx_ids)] == ctx_ids  # the hand-made contexts split cleanly
+            # log p of every continuation token: targets len(ctx_ids) .. len(full)-1
+            direct.append(float(ref_logprobs(full)[len(ctx_ids) - 1 :].sum()))
+        np.testing.assert_allclose(sample["logprobs"], direct, rtol=1e-5, atol=1e-4)
+        acc = int(np.argmax(direct))
+        acc_norm = int(np.argmax([d / len(ch) for d, ch in zip(direct, choices)]))
+        assert sample["pred"]["acc"] == acc and sample["pred"]["acc_norm"] == acc_norm
+        hits["acc"].append(acc == gold)
+        hits["acc_norm"].append(acc_norm == gold)
+    assert metrics["n"] == len(HAND_TASK)
+    assert metrics["acc"] == pytest.approx(np.mean(hits["acc"]))
+    assert metrics["acc_norm"] == pytest.approx(np.mean(hits["acc_norm"]))
+    assert scorer.shapes == {(8, 16), (4, 32)}  # two length buckets, one shape each
+
+
+class _FixedScorer:
+    """Returns given log-probs in request order (the metric logic on its own)."""
+
+    def __init__(self, logprobs, n_tokens):
+        self.out = [ContinuationScore(lp, n, False) for lp, n in zip(logprobs, n_tokens)]
+
+    def score(self, requests):
+        assert len(requests) == len(self.out)
+        return self.out
+
+
+def test_acc_and_acc_norm_differ_on_constructed_case():
+    # Q1: the short wrong choice has the higher total (-4 > -6) but the long right one has the
+    # higher per-character score (-6/6 = -1 > -4/2 = -2): acc misses, acc_norm hits.
+    # Q2: per character " 北京" (3 chars) -2.0 < " Rome" (5 chars) -1.8, but per UTF-8 byte
+    # (7 vs 5 bytes) -0.86 > -1.8: acc_norm and acc_byte disagree; per token -3 > -9.
+    choices = [[" a", " abcde"], [" 北京", " Rome"]]
+    scorer = _FixedScorer([-4.0, -6.0, -6.0, -9.0], [1, 3, 2, 1])
+    requests = [[([1], [2])] * 2, [([1], [2])] * 2]
+    metrics, samples = loglik.multiple_choice(scorer, requests, choices, [1, 1])
+    assert samples[0]["pred"] == {"acc": 0, "acc_norm": 1, "acc_byte": 1, "acc_token": 1}
+    assert samples[1]["pred"] == {"acc": 0, "acc_norm": 1, "acc_byte": 0, "acc_token": 0}
+    assert metrics == {"acc": 0.0, "acc_norm": 1.0, "acc_byte": 0.5, "acc_token": 0.5, "n": 2}
+
+
+def _direct_windows_nll(ids, L, stride, ref):
+    """Token NLLs of ids[1:], each target t scored with context ids[b:t] where b is the start
+    of the first window (starts 0, s, 2s, ...; window j ends at j*s + L) that reaches t."""
+    s = stride or L
+    nll, cache = [], {}
+    for t in range(1, len(ids)):
+        b = 0 if t <= L else math.ceil((t - L) / s) * s
+        end = min(b + L + 1, len(ids))
+        if b not in cache:
+            cache[b] = ref(ids[b:end])
+        nll.append(-cache[b][t - b - 1])
+    return nll
+
+
+@pytest.mark.parametrize("L,stride", [(64, 0), (16, 0), (16, 5)])
+def test_perplexity_is_exp_mean_token_nll(model, tok, world_dir, ref_logprobs, L, stride):
+    from flaxlm.data.synthetic import read_jsonl
+
+    cfg, params = model
+    texts = [r["text"][:150] for r in read_jsonl(f"{world_dir}/heldout_text.jsonl")[:3]]
+    scorer = LoglikScorer(cfg, params, batch_tokens=BATCH_TOKENS, pad_id=tok.pad_id)
+    got = loglik.perplexity(scorer, tok, texts, max_len=L, stride=stride)
+    nll = []
+    for t in texts:
+        ids = [tok.bos_id] + tok.encode(t)
+        assert len(ids) > 20  # several windows when L = 16
+        nll += _direct_windows_nll(ids, L, stride, ref_logprobs)
+    assert got["tokens"] == len(nll) == sum(len(tok.encode(t)) for t in texts)
+    assert got["nll"] == pytest.approx(np.mean(nll), rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(
+        np.sum(nll) / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5
+    )
+
+
+def test_window_requests_score_each_token_once():
+    ids = list(range(40))
+    for L, s in [(16, 16), (16, 5), (16, 1), (64, 0)]:
+        reqs = loglik.window_requests(ids, L, s)
+        scored = [t for ctx, cont in reqs for t in cont]
+        assert scored == ids[1:]
+        assert all(len(ctx) + len(cont) <= L + 1 for ctx, cont in reqs)
+        # after the first window every token has at least L - s tokens of context
+        assert all(len(ctx) >= L - (s or L) + 1 for ctx, _ in reqs[1:])
+    with pytest.raises(ValueError, match="stride"):
+        loglik.window_requests(ids, 16, 17)
+
+
+def test_bucketed_batches_match_direct_and_truncate_left(model, ref_logprobs):
+    cfg, params = model
+    rng = np.random.default_rng(0)
+    requests = []
+    for _ in range(30):
+        n_ctx, n_cont = int(rng.integers(1, 58)), int(rng.integers(1, 6))
+        ids = rng.integers(4, cfg.vocab_size, n_ctx + n_cont).tolist()
+        requests.append((ids[:n_ctx], ids[n_ctx:]))
+    long_ids = rng.integers(4, cfg.vocab_size, 90).tolist()  # longer than max_len = 64
+    requests.append((long_ids[:87], long_ids[87:]))
+    scorer = LoglikScorer(cfg, params, batch_tokens=BATCH_TOKENS)
+    got = scorer.score(requests)
+    for (ctx, cont), g in zip(requests, got):
+        seq = (ctx + cont)[-(cfg.max_seq_len + 1) :]
+        assert g.logprob == pytest.approx(float(ref_logprobs(seq)[-len(cont) :].sum()), abs=1e-4)
+        assert g.n_tokens == len(cont)
+    # Three length buckets; each shape compiles once however many requests there are.
+    assert scorer.shapes == {(8, 16), (4, 32), (2, 64)}  # one batch shape per length bucket
+    with pytest.raises(ValueError, match="at least one token"):
+        scorer.score([([], [5])])
