@@ -1,0 +1,372 @@
+"""Generation: one jitted prefill plus a `lax.while_loop` decode over a preallocated KV cache.
+
+    out = generate(cfg, params, [[1, 5, 9], [1, 7]], max_new_tokens=32, rng=key, temperature=0.7)
+    out.tokens (B, N) int32 · out.logprobs (B, N) float32 · out.mask (B, N) float32
+    out.lengths (B,) int32
+
+How a batch of prompts of different lengths is laid out (B rows, prompt bucket P, N new tokens):
+  * prompts are right-padded to P (the longest prompt rounded up to a power of two, so a handful
+    of compiled programs serve every prompt length); the cache has P + N slots.
+  * prefill writes slots 0..P-1 with segment id 1 for real tokens and 0 for padding, which the
+    model's cache mask never attends to (models/attention.py: masks by segment ids and slots).
+  * decode step i writes slot P + i for every row, at position `len_b + i`: each row's positions
+    continue from its own length while all rows share one cache write index, and the padding
+    slots between `len_b` and P stay invisible.
+Token 0 comes from the prefill logits at each row's last real token; tokens 1..N-1 from the
+loop. The whole thing (prefill, loop, samplers, stop handling) is one XLA program, so there is
+no host round trip per token; the loop exits early once every row has hit a stop token.
+
+Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
+temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
+computes for that token (what PPO's ratio and KL need), whatever sampler picked the token.
+
+Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
+number of stop tokens, mesh, rules). Temperature, top_p, the stop-token ids, pad id and the RNG
+are traced, so changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.models.config import ModelConfig
+from flaxlm.models.sharding import batch_divisor, batch_sharding, replicated, use_mesh
+from flaxlm.models.transformer import Transformer, init_cache, unstack_layers
+
+MIN_BUCKET = 8  # smallest prompt bucket; prompt lengths round up to powers of two from here
+
+
+class GenerateOutput(NamedTuple):
+    """What `generate` returns (a pytree of device arrays; rows are the prompts' order)."""
+
+    tokens: jax.Array  # (B, N) int32 generated ids; pad_id after the stop token / end
+    logprobs: jax.Array  # (B, N) float32 log p_model(token) at temperature 1; 0 where mask == 0
+    mask: jax.Array  # (B, N) float32 1 for generated tokens, including the stop token
+    lengths: jax.Array  # (B,) int32 number of generated tokens (= mask.sum(-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+
+
+def filter_logits(logits_BV, temperature, *, top_k: int = 0, top_p=1.0, use_top_p: bool = False):
+    """Temperature-scaled float32 logits with everything outside top-k / the top-p nucleus at -inf.
+
+    Order as in HF: temperature, then top-k, then top-p (the nucleus of the top-k renormalised
+    distribution: the smallest set of most likely tokens whose mass reaches `top_p`). Tokens tied
+    with the last kept one are kept too. `top_k` and `use_top_p` are static (they pick the code
+    path); `temperature` and `top_p` may be traced.
+    """
+    x = logits_BV.astype(jnp.float32) / temperature
+    V = x.shape[-1]
+    if not (0 < top_k < V) and not use_top_p:
+        return x
+    if 0 < top_k < V:
+        vals = jax.lax.top_k(x, top_k)[0]  # (B, k) descending
+    else:
+        vals = -jnp.sort(-x, axis=-1)  # (B, V) descending
+    thresh = vals[:, -1]
+    if use_top_p:
+        probs = jax.nn.softmax(vals, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)  # (B,)
+        thresh = jnp.maximum(thresh, jnp.take_along_axis(vals, n_keep[:, None] - 1, -1)[:, 0])
+    return jnp.where(x < thresh[:, None], -jnp.inf, x)
+
+
+def sample_logits(
+    logits_BV,
+    key,
+    temperature=1.0,
+    *,
+    top_k: int = 0,
+    top_p=1.0,
+    greedy: bool = False,
+    use_top_p: bool | None = None,
+):
+    """Samples one token per row; returns (tokens (B,) int32, model logprobs (B,) float32).
+
+    `greedy` (static) takes the argmax. The logprob is the unmodified model's (temperature 1, no
+    filtering) at the chosen token — see the module docstring.
+    """
+    logits = logits_BV.astype(jnp.float32)
+    if greedy:
+        tok = jnp.argmax(logits, axis=-1)
+    else:
+        if use_top_p is None:
+            use_top_p = float(top_p) < 1.0
+        x = filter_logits(logits, temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p)
+        tok = jax.random.categorical(key, x, axis=-1)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    tok = tok.astype(jnp.int32)
+    return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled program
+
+
+def _decode_params(cfg: ModelConfig, params):
+    """Unrolled layout in the compute dtype: decoding reads each weight once per step, so it
+    should not also convert fp32 master weights every step or dynamic-slice stacked layers."""
+    if cfg.scan_layers:
+        params = unstack_layers(params, cfg.n_layers)
+    dt = cfg.compute_dtype
+    return jax.tree.map(
+        lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+    )
+
+
+def _constrain_cache(cache, sharded: bool):
+    if not sharded:
+        return cache
+    names = ("act_batch", "act_len", "act_kv_heads", "head_dim")
+    kv = {k: [nn.with_logical_constraint(x, names) for x in cache[k]] for k in ("k", "v")}
+    return {**cache, **kv}
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_fn(
+    cfg: ModelConfig,
+    max_new: int,
+    greedy: bool,
+    top_k: int,
+    use_top_p: bool,
+    cache_dtype: str,
+    mesh,
+    rules,
+):
+    """The jitted prefill + decode loop for one model config and sampler kind.
+
+    (The config is a frozen dataclass; it keys this Python-level cache, not a jit static arg.
+    Mesh and rules are keys too: the logical rules are read at trace time, which jit's own
+    cache does not see.)
+    """
+    sharded = mesh is not None
+    dcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
+    model = Transformer(dcfg)
+
+    def run(params, tokens_BP, lengths_B, rng, temperature, top_p, stop_ids, pad_id):
+        variables = {"params": _decode_params(cfg, params)}
+        B, P = tokens_BP.shape
+        sample = functools.partial(
+            sample_logits, top_k=top_k, greedy=greedy, use_top_p=use_top_p, top_p=top_p
+        )
+
+        # Prefill over a P-slot cache (attention over P keys, not P + N), then grow it.
+        slots = jnp.arange(P, dtype=jnp.int32)
+        seg = (slots[None, :] < lengths_B[:, None]).astype(jnp.int32)
+        pos = jnp.broadcast_to(slots, (B, P))
+        cache = _constrain_cache(init_cache(dcfg, B, P, cache_dtype), sharded)
+        h_BPD, cache = model.apply(variables, tokens_BP, pos, seg, cache, method="backbone")
+        h_last = jnp.take_along_axis(h_BPD, (lengths_B - 1)[:, None, None], axis=1)  # (B,1,D)
+        logits = model.apply(variables, h_last, method="logits")[:, 0]
+        grow = lambda x: jnp.pad(x, [(0, 0), (0, max_new)] + [(0, 0)] * (x.ndim - 2))
+        cache = {
+            "k": [grow(x) for x in cache["k"]],
+            "v": [grow(x) for x in cache["v"]],
+            "segment_ids": grow(cache["segment_ids"]),
+            "positions": grow(cache["positions"]),
+            "index": cache["index"],
+        }
+        cache = _constrain_cache(cache, sharded)
+
+        tok, lp = sample(logits, jax.random.fold_in(rng, 0), temperature)
+        out_tok = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
+        out_lp = jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp)
+        done = jnp.isin(tok, stop_ids)
+        n_gen = jnp.ones((B,), jnp.int32)
+
+        def cond(carry):
+            i, _, _, done, *_ = carry
+            return (i < max_new) & ~jnp.all(done)
+
+        def body(carry):
+            i, cache, tok, done, n_gen, out_tok, out_lp = carry
+            pos = (lengths_B + i - 1)[:, None]  # token i-1 sits at position len + i - 1
+            logits, cache = model.apply(variables, tok[:, None], pos, cache=cache)
+            new, lp = sample(logits[:, 0], jax.random.fold_in(rng, i), temperature)
+            new = jnp.where(done, pad_id, new)
+            lp = jnp.where(done, 0.0, lp)
+            out_tok = jax.lax.dynamic_update_slice(out_tok, new[:, None], (0, i))
+            out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, i))
+            n_gen = n_gen + (~done).astype(jnp.int32)
+            done = done | jnp.isin(new, stop_ids)
+            return i + 1, cache, new, done, n_gen, out_tok, out_lp
+
+        carry = (jnp.ones((), jnp.int32), cache, tok, done, n_gen, out_tok, out_lp)
+        _, _, _, _, n_gen, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
+        mask = (jnp.arange(max_new)[None, :] < n_gen[:, None]).astype(jnp.float32)
+        return GenerateOutput(out_tok, out_lp, mask, n_gen)
+
+    return jax.jit(run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def prompt_bucket(n: int) -> int:
+    """The padded prompt length for a longest prompt of n tokens (power of two, >= MIN_BUCKET)."""
+    return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _prepare_prompts(prompts, prompt_lengths, pad_id: int, vocab_size: int):
+    """(tokens (B, bucket) int32 numpy, lengths (B,) int32 numpy) from either prompt form."""
+    if isinstance(prompts, (list, tuple)) and (
+        not prompts or not hasattr(prompts[0], "shape") or np.ndim(prompts[0]) == 1
+    ):
+        if prompt_lengths is not None:
+            raise ValueError("generate: prompt_lengths is only for (B, P) array prompts")
+        rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+        lengths = np.asarray([len(r) for r in rows], np.int32)
+    else:
+        arr = np.asarray(prompts)
+        if arr.ndim != 2:
+            raise ValueError(f"generate: prompts array must be (B, P), got shape {arr.shape}")
+        if prompt_lengths is None:
+            raise ValueError("generate: a (B, P) prompts array needs prompt_lengths (B,)")
+        lengths = np.asarray(prompt_lengths, np.int32).reshape(-1)
+        if lengths.shape[0] != arr.shape[0]:
+            raise ValueError(
+                f"generate: prompt_lengths has {lengths.shape[0]} entries for {arr.shape[0]} rows"
+            )
+        if lengths.size and lengths.max() > arr.shape[1]:
+            raise ValueError(f"generate: a prompt length {lengths.max()} > P={arr.shape[1]}")
+        rows = [arr[b, : lengths[b]] for b in range(arr.shape[0])]
+    if not rows:
+        raise ValueError("generate: no prompts")
+    if lengths.min() < 1:
+        raise ValueError(f"generate: prompt {int(np.argmin(lengths))} is empty")
+    P = prompt_bucket(int(lengths.max()))
+    tokens = np.full((len(rows), P), pad_id, np.int32)
+    for b, r in enumerate(rows):
+        if r.size and (r.min() < 0 or r.max() >= vocab_size):
+            bad = int(r.max() if r.max() >= vocab_size else r.min())
+            raise ValueError(
+                f"generate: prompt {b} has token id {bad} outside the vocab [0, {vocab_size})"
+            )
+        tokens[b, : r.size] = r
+    return tokens, lengths
+
+
+def generate(
+    cfg: ModelConfig,
+    params,
+    prompts,
+    *,
+    max_new_tokens: int,
+    rng,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    prompt_lengths=None,
+    mesh=None,
+    rules=None,
+    cache_dtype=None,
+) -> GenerateOutput:
+    """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
+
+    Args:
+      cfg, params: the model (params in either layer layout, any dtype; sharded or not).
+      prompts: a list of token-id lists, or a (B, P) int array right-padded, with
+        `prompt_lengths` (B,) giving each row's real length.
+      max_new_tokens: N, the output width (and the decode-loop bound).
+      rng: a PRNG key; the same key gives the same samples.
+      temperature: 0 = greedy (argmax); else logits are divided by it before sampling.
+      top_k: keep only the k most likely tokens (0 = off). top_p: nucleus mass (1 = off).
+      stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths).
+      pad_id: what fills `tokens` after a row ended (and pads prompts internally).
+      mesh, rules: generate under this mesh with these logical-axis rules (use the training
+        ones so training-sharded params are used in place); the batch is split over data×fsdp
+        when it divides, else replicated.
+      cache_dtype: KV cache dtype; default the model's compute dtype.
+
+    Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
+    tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id, cfg.vocab_size)
+    B = tokens.shape[0]
+    if mesh is not None:
+        rules = tuple(rules or ())
+        if B % batch_divisor(mesh):
+            # A batch that does not split evenly runs replicated (the rule listed first wins).
+            rules = (("act_batch", None), *rules)
+    # Stop ids padded with -1 (never a token) to a power of two: fewer distinct programs.
+    stop = np.full(max(4, 1 << max(0, len(stop_tokens) - 1).bit_length()), -1, np.int32)
+    stop[: len(stop_tokens)] = list(stop_tokens)
+    greedy = temperature == 0
+    fn = _decode_fn(
+        cfg,
+        int(max_new_tokens),
+        bool(greedy),
+        int(top_k),
+        bool(top_p < 1.0 and not greedy),
+        jnp.dtype(cache_dtype or cfg.dtype).name,
+        mesh,
+        rules,
+    )
+    args = (
+        tokens,
+        lengths,
+        jnp.asarray(1.0 if greedy else temperature, jnp.float32),
+        jnp.asarray(top_p, jnp.float32),
+        stop,
+        jnp.asarray(pad_id, jnp.int32),
+    )
+    if mesh is None:
+        return fn(params, args[0], args[1], rng, *args[2:])
+    with use_mesh(mesh, rules):
+        row = batch_sharding(mesh, 1) if not B % batch_divisor(mesh) else replicated(mesh)
+        mat = batch_sharding(mesh, 2) if not B % batch_divisor(mesh) else replicated(mesh)
+        tok_d = jax.device_put(tokens, mat)
+        len_d = jax.device_put(lengths, row)
+        rest = jax.device_put((rng, *args[2:]), replicated(mesh))
+        return fn(params, tok_d, len_d, rest[0], *rest[1:])
+
+
+def generate_text(
+    cfg: ModelConfig,
+    params,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    rng=None,
+    add_bos: bool = True,
+    **kw,
+) -> list[str]:
+    """Encodes `texts`, generates, and decodes each completion (without its stop token).
+
+    `tokenizer` has encode(text, bos=) / decode(ids) / eos_id / pad_id / bos_id (our
+    SentencePiece Tokenizer and hf.HFTokenizer both do). Stops at eos unless `stop_tokens` is
+    given; `rng` defaults to PRNGKey(0); other keywords go to `generate`.
+    """
+    prompts = [tokenizer.encode(t, bos=add_bos and tokenizer.bos_id >= 0) for t in texts]
+    kw.setdefault("stop_tokens", (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ())
+    kw.setdefault("pad_id", max(tokenizer.pad_id, 0))
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    out = generate(cfg, params, prompts, max_new_tokens=max_new_tokens, rng=rng, **kw)
+    toks, lengths = jax.device_get((out.tokens, out.lengths))
+    stops = set(kw["stop_tokens"])
+    texts_out = []
+    for row, n in zip(toks, lengths):
+        ids = [int(t) for t in row[:n]]
+        if ids and ids[-1] in stops:
+            ids = ids[:-1]
+        texts_out.append(tokenizer.decode(ids))
+    return texts_out
