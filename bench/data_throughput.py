@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import numpy as np
+
 from flaxlm.data import dedup, pipeline, preprocess
 from flaxlm.data.clean import Cleaner
 from flaxlm.data.tokenizer import train
@@ -129,6 +130,7 @@ def bench_model(variant, seq_len=256, batch=32, steps=5):
     """Tokens/s of a jitted forward+backward of the model (what a train step consumes)."""
     try:
         import jax
+
         from flaxlm.models.config import VARIANTS
         from flaxlm.models.transformer import Transformer
         from flaxlm.train.losses import lm_loss_fn

@@ -33,6 +33,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import GlobalWindows
+
 from flaxlm.data import preprocess as P
 from flaxlm.data import sources as S
 from flaxlm.data.clean import Cleaner

@@ -28,6 +28,7 @@ from collections import Counter
 
 import ml_collections
 import numpy as np
+
 from flaxlm.data.clean import _WORD_RE
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier for polynomial combination

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 import grain
 import ml_collections
 import numpy as np
+
 from flaxlm.data import sources as S
 from flaxlm.data.tokenizer import Tokenizer, train_or_load
 

@@ -37,6 +37,7 @@ import time
 
 import ml_collections
 import numpy as np
+
 from flaxlm.data import sources as S
 from flaxlm.data.clean import Cleaner, clean_config
 from flaxlm.data.dedup import Deduper, dedup_config

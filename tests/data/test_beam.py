@@ -5,6 +5,7 @@ import string
 
 import numpy as np
 import pytest
+
 from flaxlm.data import preprocess, sources
 from flaxlm.data.tokenizer import train
 

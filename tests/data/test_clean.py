@@ -1,6 +1,7 @@
 """Cleaning filters and PII redaction, each with English and Chinese examples."""
 
 import pytest
+
 from flaxlm.data import clean
 
 EN = (

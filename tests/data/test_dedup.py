@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from flaxlm.data import dedup
 
 RNG = np.random.default_rng(0)

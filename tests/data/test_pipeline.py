@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from flaxlm.data import pipeline
 from flaxlm.data import tokenizer as T
 from flaxlm.data.sources import DataError

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from flaxlm.data import pipeline, preprocess
 from flaxlm.data.sources import DataError
 from flaxlm.data.tokenizer import Tokenizer

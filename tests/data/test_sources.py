@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
+
 from flaxlm.data import sources as S
 
 GOOD = ["first document", "第二个文档", "third one"]

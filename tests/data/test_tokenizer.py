@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import sentencepiece as spm
+
 from flaxlm.data import tokenizer as T
 
 EN = [
