@@ -90,3 +90,33 @@ def test_win_rate_counts_ties_half():
     assert win_rate(score, prompts, a, b, tie_margin=1.5)["ties"] == 2
     with pytest.raises(ValueError, match="3 B responses"):
         win_rate(score, prompts, a, b[:3])
+
+
+def test_reward_model_scorer_reads_the_reward_at_the_closing_end(model, tok):
+    import jax
+    import numpy as np
+
+    from flaxlm.data.formats import ChatTemplate, render_chat
+    from flaxlm.evaluation.winrate import reward_model_scorer
+    from flaxlm.models.heads import scalar_model_fns
+
+    cfg, lm_params = model
+    # An LM checkpoint's backbone under "transformer" plus a random head: a reward model.
+    head = {"kernel": np.random.default_rng(0).normal(size=cfg.d_model).astype(np.float32),
+            "bias": np.float32(0.5)}  # fmt: skip
+    params = {"transformer": lm_params, "head": head}
+    score = reward_model_scorer(cfg, params, tok, batch_size=4)
+    prompts = ["Where does Kavo live?", [{"role": "user", "content": "What is 2 plus 3?"}]]
+    responses = ["The answer is Paris.", ""]
+    got = score(prompts, responses)
+    # Direct: the values of the unpadded rendered conversation, read at its last token.
+    _, apply = scalar_model_fns(cfg)
+    t = ChatTemplate(tok)
+    for p, r, g in zip(prompts, responses, got):
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        ids = list(render_chat(msgs, t, add_generation_prompt=True)[0]) + tok.encode(r)
+        ids.append(t.end_id)
+        values = jax.jit(apply)(params, np.asarray([ids], np.int32))
+        assert g == pytest.approx(float(values[0, -1]), abs=1e-4)
+    r = win_rate(score, prompts, responses, ["I do not know.", "The answer is 5."])
+    assert r["n"] == 2 and r["wins"] + r["losses"] + r["ties"] == 2

@@ -142,3 +142,28 @@ def test_bucketed_batches_match_direct_and_truncate_left(model, ref_logprobs):
     assert scorer.shapes == {(8, 16), (4, 32), (2, 64)}  # one batch shape per length bucket
     with pytest.raises(ValueError, match="at least one token"):
         scorer.score([([], [5])])
+
+
+def test_chat_mode_multiple_choice_matches_direct_forward(model, tok, world_dir, ref_logprobs):
+    import json
+
+    from flaxlm.data.formats import render_chat
+    from flaxlm.evaluation.harness import Evaluator
+    from flaxlm.evaluation.tasks import world_tasks
+
+    cfg, params = model
+    spec = world_tasks(world_dir)["mc_facts_train"].replace(chat=True)
+    res = Evaluator(cfg, params, tok, batch_tokens=BATCH_TOKENS).run(spec, limit=3)
+    assistant = tok.token_id("<|assistant|>")
+    with open(spec.file) as f:
+        rows = [json.loads(line) for line in f][:3]
+    for row, s in zip(rows, res["samples"]):
+        # The user turn is the context; each choice is the assistant's reply, encoded on its own.
+        msgs = [{"role": "user", "content": row["context"]}]
+        ctx = [int(i) for i in render_chat(msgs, tok, add_generation_prompt=True)[0]]
+        assert ctx[0] == tok.bos_id and ctx[-1] == assistant
+        direct = [
+            float(ref_logprobs(ctx + tok.encode(c.strip()))[len(ctx) - 1 :].sum())
+            for c in row["choices"]
+        ]
+        np.testing.assert_allclose(s["logprobs"], direct, rtol=1e-5, atol=1e-4)
