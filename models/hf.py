@@ -1,0 +1,561 @@
+"""Hugging Face checkpoints: import/export (safetensors + config.json) and tokenizers.
+
+    cfg, params = load_pretrained("Llama-3.2-1B/")            # Llama 1/2/3, Mistral, Qwen2
+    logits = forward(cfg, params, tokens, positions, segment_ids)
+    save_pretrained(cfg, params, "out/", arch="llama")         # transformers loads it back
+    tok = load_tokenizer("Llama-3.2-1B/")                      # tokenizer.json or tokenizer.model
+
+    python -m flaxlm.models.hf import HF_DIR RUN_DIR           # HF → flaxlm run (orbax)
+    python -m flaxlm.models.hf export RUN_DIR HF_DIR [--arch llama]
+
+Weight layout. HF Linear weights are (out, in); our projection kernels contract their leading
+axes: q/k/v (D, heads, H) = W.T reshaped, o (N, H, D) = W.T reshaped, MLP (in, out) = W.T, LM
+head (D, V). Both use the "rotate half" RoPE layout, so no q/k permutation is needed (the parity
+fixtures in tests/fixtures/hf prove it to 1e-4 in fp32 against transformers).
+
+Config. Both rope layouts are read: the newer `rope_parameters` {rope_type, rope_theta, ...}
+and the older `rope_theta` + `rope_scaling` {type|rope_type, factor, ...}; rope types default,
+linear and llama3. Sliding windows: Mistral's `sliding_window`; Qwen2's `use_sliding_window` /
+`max_window_layers` / `layer_types` (all layers alike only — mixed layers are an error). Export
+writes both rope layouts, so older and newer transformers read it.
+
+Large checkpoints load shard by shard (model.safetensors.index.json): each tensor is read from
+the memory-mapped file, converted and placed on device (in its shards when a mesh is given)
+before the next is read, so the host never holds a second copy of the model. Export writes a
+temporary directory and renames it into place: an interrupted export leaves nothing half-written.
+
+Bad input (unsupported architecture, missing / unexpected tensors, shape mismatches, a
+tokenizer whose vocab does not fit) raises `HFError` naming the file and the key or tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.models.config import ModelConfig
+from flaxlm.models.hf_tokenizer import HFError, HFTokenizer, copy_tokenizer, load_tokenizer
+from flaxlm.models.transformer import Transformer, unstack_layers
+
+__all__ = ["HFError", "HFTokenizer", "load_tokenizer", "load_config", "load_pretrained",
+           "save_pretrained", "forward", "config_from_hf", "config_to_hf"]  # fmt: skip
+
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu"}
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json
+
+
+def _rope_from_hf(hf: dict, where: str) -> dict:
+    params = dict(hf.get("rope_scaling") or {})
+    new = hf.get("rope_parameters") or {}
+    if new and all(isinstance(v, dict) for v in new.values()):
+        raise HFError(f"{where}: per-layer-type rope_parameters are not supported")
+    params.update(new)
+    kind = params.get("rope_type", params.get("type", "default"))
+    out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return out
+    if "factor" not in params:
+        raise HFError(f"{where}: rope scaling {kind!r} lacks 'factor'")
+    out.update(rope_scaling_factor=float(params["factor"]))
+    if kind == "linear":
+        return {**out, "rope_scaling": "linear"}
+    if kind == "llama3":
+        try:
+            return {
+                **out,
+                "rope_scaling": "llama3",
+                "rope_low_freq_factor": float(params["low_freq_factor"]),
+                "rope_high_freq_factor": float(params["high_freq_factor"]),
+                "rope_original_max_len": int(params["original_max_position_embeddings"]),
+            }
+        except KeyError as e:
+            raise HFError(f"{where}: llama3 rope scaling lacks {e.args[0]!r}") from None
+    raise HFError(f"{where}: rope type {kind!r} is not supported (default, linear, llama3)")
+
+
+def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> int:
+    window = int(hf.get("sliding_window") or 0)
+    types = hf.get("layer_types")
+    if types is None and mt == "qwen2":  # transformers < 4.53 derives them from these
+        start = hf.get("max_window_layers", n_layers) if hf.get("use_sliding_window") else n_layers
+        types = ["full_attention" if i < start else "sliding_attention" for i in range(n_layers)]
+    if types is None:
+        return window if mt == "mistral" else 0
+    kinds = set(types)
+    if kinds == {"full_attention"}:
+        return 0
+    if kinds == {"sliding_attention"} and window:
+        return window
+    raise HFError(
+        f"{where}: layer_types {sorted(kinds)} (sliding_window={hf.get('sliding_window')}) — "
+        "only all-full or all-sliding attention is supported"
+    )
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for an HF config dict (dtype from its `dtype`/`torch_dtype`)."""
+    mt = hf.get("model_type")
+    if mt not in ARCHS:
+        raise HFError(
+            f"{where}: model_type {mt!r} (architectures {hf.get('architectures')}) is not "
+            f"supported; supported: {sorted(ARCHS)}"
+        )
+
+    def need(key):
+        if hf.get(key) is None:
+            raise HFError(f"{where}: missing key {key!r}")
+        return hf[key]
+
+    D, N, L = (
+        int(need("hidden_size")),
+        int(need("num_attention_heads")),
+        int(need("num_hidden_layers")),
+    )
+    act = hf.get("hidden_act", "silu")
+    if act not in _ACTS:
+        raise HFError(f"{where}: hidden_act {act!r} is not supported ({sorted(_ACTS)})")
+    if hf.get("mlp_bias"):
+        raise HFError(f"{where}: mlp_bias=true is not supported")
+    dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    if dtype not in _DTYPES:
+        raise HFError(f"{where}: dtype {dtype!r} is not supported ({_DTYPES})")
+    head_dim = int(hf.get("head_dim") or D // N)
+    return ModelConfig(
+        vocab_size=int(need("vocab_size")),
+        d_model=D,
+        n_layers=L,
+        n_heads=N,
+        n_kv_heads=int(hf.get("num_key_value_heads") or N),
+        head_dim=0 if head_dim * N == D else head_dim,
+        d_ff=int(need("intermediate_size")),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mlp_activation=_ACTS[act],
+        sliding_window=_window_from_hf(hf, mt, L, where),
+        dtype=dtype,
+        param_dtype=dtype,
+        **_rope_from_hf(hf, where),
+    )
+
+
+def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
+    """The config.json of `cfg` as an HF `arch` model; raises if that arch cannot express it."""
+    if arch not in ARCHS:
+        raise HFError(f"export: arch {arch!r} is not supported; choose one of {sorted(ARCHS)}")
+    if cfg.sliding_window and arch == "llama":
+        raise HFError("export: arch 'llama' has no sliding window; use arch='mistral' or 'qwen2'")
+    if cfg.qkv_bias and arch == "mistral":
+        raise HFError("export: arch 'mistral' has no q/k/v biases; use arch='qwen2' or 'llama'")
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
+    elif cfg.rope_scaling == "llama3":
+        rope.update(
+            rope_type="llama3",
+            factor=cfg.rope_scaling_factor,
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_len,
+        )
+    legacy = None if rope["rope_type"] == "default" else {**rope, "type": rope["rope_type"]}
+    legacy and legacy.pop("rope_theta")
+    dtype = jnp.dtype(cfg.param_dtype).name
+    out = {
+        "architectures": [ARCHS[arch]],
+        "model_type": arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim_,
+        "hidden_act": "silu" if cfg.mlp_activation == "silu" else "gelu_pytorch_tanh",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": rope,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": legacy,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        "use_cache": True,
+    }
+    if arch == "llama":
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    elif arch == "mistral":
+        out.update(sliding_window=cfg.sliding_window or None)
+    else:
+        w = cfg.sliding_window
+        out.update(
+            use_sliding_window=bool(w),
+            sliding_window=w or None,
+            max_window_layers=0 if w else cfg.n_layers,
+            layer_types=["sliding_attention" if w else "full_attention"] * cfg.n_layers,
+        )
+    return {**out, **extra}
+
+
+def load_config(path: str) -> ModelConfig:
+    """ModelConfig of an HF directory (its config.json) without reading weights."""
+    where = os.path.join(path, "config.json")
+    if not os.path.exists(where):
+        raise HFError(f"{path}: no config.json (not an HF checkpoint directory)")
+    with open(where) as f:
+        return config_from_hf(json.load(f), where)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor names and layouts
+
+
+def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
+    """HF tensor name -> (our param path, HF shape, to_ours, to_hf)."""
+    D, N, K, H, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_, cfg.d_ff,
+                        cfg.vocab_size)  # fmt: skip
+    same = (lambda w: w, lambda p: p)
+    lin = (lambda w: w.T, lambda p: p.T)
+
+    def heads(n):  # (n*H, D) <-> (D, n, H)
+        return (lambda w: w.T.reshape(D, n, H), lambda p: p.reshape(D, n * H).T)
+
+    def bias(n):
+        return (lambda b: b.reshape(n, H), lambda p: p.reshape(n * H))
+
+    out = {"model.embed_tokens.weight": (("embed", "embedding"), (V, D), *same)}
+    out["model.norm.weight"] = (("final_norm", "scale"), (D,), *same)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (("lm_head", "kernel"), (V, D), *lin)
+    o = (lambda w: w.T.reshape(N, H, D), lambda p: p.reshape(N * H, D).T)
+    for i in range(cfg.n_layers):
+        hf, us = f"model.layers.{i}.", f"layers_{i}"
+        out[hf + "input_layernorm.weight"] = ((us, "attn_norm", "scale"), (D,), *same)
+        out[hf + "post_attention_layernorm.weight"] = ((us, "mlp_norm", "scale"), (D,), *same)
+        for name, n in (("q", N), ("k", K), ("v", K)):
+            p = hf + f"self_attn.{name}_proj."
+            out[p + "weight"] = ((us, "attn", name, "kernel"), (n * H, D), *heads(n))
+            if cfg.qkv_bias:
+                out[p + "bias"] = ((us, "attn", name, "bias"), (n * H,), *bias(n))
+        out[hf + "self_attn.o_proj.weight"] = ((us, "attn", "o", "kernel"), (D, N * H), *o)
+        for name, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))):
+            out[hf + f"mlp.{name}_proj.weight"] = ((us, "mlp", name, "kernel"), shape, *lin)
+    return out
+
+
+def _zero_extras(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
+    """Tensors an HF arch needs that our model does not have (written as zeros on export):
+    Qwen2 always has q/k/v biases; Llama's attention_bias also biases o_proj."""
+    D, H = cfg.d_model, cfg.head_dim_
+    out = {}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}.self_attn."
+        if arch == "qwen2" and not cfg.qkv_bias:
+            for name, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
+                out[p + f"{name}_proj.bias"] = (n * H,)
+        if arch == "llama" and cfg.qkv_bias:
+            out[p + "o_proj.bias"] = (D,)
+    return out
+
+
+def _ignorable(name: str, cfg: ModelConfig) -> bool:
+    return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
+
+
+def _shard_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise HFError(f"{index}: no 'weight_map'")
+        return sorted(set(weight_map.values()))
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    raise HFError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _placements(cfg: ModelConfig, mesh, rules):
+    """Our param path -> sharding (or None: default device)."""
+    if mesh is None:
+        return lambda path: None
+    import flax.linen as nn
+
+    boxed = jax.eval_shape(
+        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)), jax.random.PRNGKey(0)
+    )["params"]
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    return lambda path: _get(shardings, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Import / export
+
+
+def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
+    """(ModelConfig, params) of an HF checkpoint directory, read shard by shard.
+
+    Args:
+      path: directory with config.json and model.safetensors (or an index + shards).
+      dtype: parameter (and compute) dtype; default the checkpoint's own `dtype`.
+      mesh, rules: place each tensor directly in its shards (logical rules as in training).
+    Returns: (cfg, params) with params in the unrolled layer layout.
+    """
+    from safetensors import safe_open
+
+    cfg = load_config(path)
+    if dtype is not None:
+        cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+    plan, place = _plan(cfg), _placements(cfg, mesh, rules)
+    params, seen = {}, set()
+    for fname in _shard_files(path):
+        full = os.path.join(path, fname)
+        if not os.path.exists(full):
+            raise HFError(f"{path}: shard {fname} listed in the index is missing")
+        with safe_open(full, framework="numpy") as f:
+            for name in f.keys():
+                if name in seen:
+                    raise HFError(f"{full}: tensor {name} appears in two shards")
+                if name not in plan:
+                    if name.endswith("o_proj.bias") and cfg.qkv_bias:
+                        if np.any(f.get_tensor(name) != 0):  # Llama attention_bias
+                            raise HFError(f"{full}: {name} is nonzero; o_proj bias unsupported")
+                        continue
+                    if _ignorable(name, cfg):
+                        continue
+                    raise HFError(f"{full}: unexpected tensor {name} for {cfg_summary(cfg)}")
+                ours, shape, to_ours, _ = plan[name]
+                w = f.get_tensor(name)
+                if tuple(w.shape) != shape:
+                    raise HFError(
+                        f"{full}: tensor {name} has shape {tuple(w.shape)}, expected {shape} "
+                        "from config.json"
+                    )
+                w = np.asarray(to_ours(w)).astype(cfg.weight_dtype)
+                _set(params, ours, jax.device_put(w, place(ours)))
+                seen.add(name)
+                del w
+    missing = [n for n in plan if n not in seen]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise HFError(f"{path}: missing tensor(s) {missing[:5]}{more}")
+    return cfg, params
+
+
+def cfg_summary(cfg: ModelConfig) -> str:
+    return (f"L={cfg.n_layers} D={cfg.d_model} N={cfg.n_heads} K={cfg.n_kv_heads} "
+            f"qkv_bias={cfg.qkv_bias} tied={cfg.tie_embeddings}")  # fmt: skip
+
+
+def _safe_dtype(x: np.ndarray, dtype) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x).astype(dtype))
+
+
+def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
+                    dtype=None, max_shard_bytes: int = 4 << 30, tokenizer: str | None = None,
+                    overwrite: bool = False, extra_config: dict | None = None) -> None:  # fmt: skip
+    """Writes `params` as an HF `arch` checkpoint (config.json + safetensors) at `path`.
+
+    Writes into a temporary sibling directory and renames it into place, so `path` is either
+    absent/old or complete. Shards above `max_shard_bytes` with an index, as HF does.
+    `tokenizer`: a tokenizer file or directory whose tokenizer files are copied along.
+    """
+    from safetensors.numpy import save_file
+
+    config = config_to_hf(cfg, arch, **(extra_config or {}))
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.listdir(path) and not overwrite:
+        raise HFError(f"export: {path} exists and is not empty (pass overwrite=True)")
+    if cfg.scan_layers:
+        params = unstack_layers(params, cfg.n_layers)
+    np_dtype = jnp.dtype(dtype or cfg.param_dtype)
+    config["dtype"] = config["torch_dtype"] = np_dtype.name
+    tensors = []  # (name, fetch) in HF order; fetched one at a time while writing
+    for name, (ours, shape, _, to_hf) in _plan(cfg).items():
+        tensors.append((name, shape, lambda ours=ours, to_hf=to_hf: to_hf(
+            np.asarray(jax.device_get(_get(params, ours))))))  # fmt: skip
+    for name, shape in _zero_extras(cfg, arch).items():
+        tensors.append((name, shape, lambda shape=shape: np.zeros(shape, np.float32)))
+    shards, size = [[]], 0
+    for t in tensors:
+        nbytes = int(np.prod(t[1])) * np_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = (
+                "model.safetensors"
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            arrays = {}
+            for name, _, fetch in shard:
+                arrays[name] = _safe_dtype(fetch(), np_dtype)
+                weight_map[name] = fname
+                total += arrays[name].nbytes
+            save_file(arrays, os.path.join(tmp, fname), metadata={"format": "pt"})
+            del arrays
+        if len(shards) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(
+                    {"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1
+                )
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if tokenizer:
+            copy_tokenizer(tokenizer, tmp)
+        os.chmod(tmp, 0o755)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
+    """Logits (B, T, V) in float32-or-compute dtype, jitted once per config and shape.
+
+    HF-style batches map as: segment_ids = attention_mask, positions = cumsum(mask) - 1 (left
+    padding) — padded positions get meaningless logits; compare only real ones.
+    """
+    return _forward_fn(cfg)(params, jnp.asarray(tokens), positions, segment_ids)
+
+
+@functools.lru_cache(maxsize=16)
+def _forward_fn(cfg: ModelConfig):
+    def fwd(params, tokens, positions, segment_ids):
+        if positions is not None:
+            positions = jnp.asarray(positions, jnp.int32)
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+    return jax.jit(fwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: HF directory <-> flaxlm run directory
+
+
+def default_arch(cfg: ModelConfig) -> str:
+    """The HF family that expresses `cfg` (Qwen2 for q/k/v biases, Mistral for a window)."""
+    return "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+
+
+def import_to_run(hf_dir: str, run_dir: str, dtype=None) -> str:
+    """Writes an HF checkpoint as a flaxlm run (step 0; params only) that `load_model`,
+    `init_from` and `python -m flaxlm.generate` read; copies the tokenizer along."""
+    from flaxlm.train.checkpoint import Checkpointer
+
+    cfg, params = load_pretrained(hf_dir, dtype)
+    meta = {
+        "model_config": cfg.to_dict(),
+        "task": "hf_import",
+        "hf_source": os.path.abspath(hf_dir),
+        "hf_arch": load_hf_json(hf_dir)["model_type"],
+    }
+    for f in ("tokenizer.json", "tokenizer.model"):
+        if os.path.exists(os.path.join(hf_dir, f)):
+            os.makedirs(run_dir, exist_ok=True)
+            copy_tokenizer(hf_dir, run_dir)
+            meta["tokenizer"] = os.path.join(os.path.abspath(run_dir), f)
+            break
+    ckpt = Checkpointer(run_dir, async_save=False)
+    ckpt.save(0, {"params": params}, meta=meta)
+    ckpt.close()
+    return run_dir
+
+
+def export_run(run_dir: str, hf_dir: str, arch: str | None = None, step=None, dtype=None,
+               overwrite: bool = False) -> str:  # fmt: skip
+    """Writes a flaxlm run's params (latest or `step`) as an HF checkpoint directory."""
+    from flaxlm.train.checkpoint import load_model
+
+    cfg, params, meta = load_model(run_dir, step)
+    arch = arch or meta.get("hf_arch") or default_arch(cfg)
+    tok_path, extra = meta.get("tokenizer") or None, {}
+    if tok_path and os.path.exists(tok_path):
+        tok = load_tokenizer(tok_path, cfg.vocab_size)
+        extra = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id))
+                 if v >= 0}  # fmt: skip
+        if tok_path.endswith(".json"):
+            tok_path = os.path.dirname(tok_path)
+    save_pretrained(cfg, params, hf_dir, arch, dtype=dtype, tokenizer=tok_path,
+                    overwrite=overwrite, extra_config=extra)  # fmt: skip
+    return hf_dir
+
+
+def load_hf_json(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m flaxlm.models.hf", description=__doc__.split("\n")[0]
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="HF directory -> flaxlm run directory")
+    imp.add_argument("hf_dir")
+    imp.add_argument("run_dir")
+    imp.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+    exp = sub.add_parser("export", help="flaxlm run directory -> HF directory")
+    exp.add_argument("run_dir")
+    exp.add_argument("hf_dir")
+    exp.add_argument("--arch", default=None, choices=sorted(ARCHS), help="default: inferred")
+    exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    exp.add_argument("--dtype", default=None, help="tensor dtype (default: the params')")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing HF_DIR")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "import":
+            import_to_run(a.hf_dir, a.run_dir, a.dtype)
+            print(f"imported {a.hf_dir} -> {a.run_dir}")
+        else:
+            export_run(a.run_dir, a.hf_dir, a.arch, a.step, a.dtype, a.overwrite)
+            print(f"exported {a.run_dir} -> {a.hf_dir}")
+    except HFError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

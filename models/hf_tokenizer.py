@@ -1,0 +1,156 @@
+"""Tokenizers of HF checkpoints: `tokenizer.json` (the `tokenizers` package) or a SentencePiece
+`tokenizer.model` (flaxlm.data.tokenizer.Tokenizer), behind one small interface:
+
+    encode(text, bos=False, eos=False) -> ids · decode(ids) -> str · bos_id · eos_id · pad_id
+    vocab_size · special_ids() · token_id(piece) · check_fits(model_vocab_size)
+
+`load_tokenizer(path, vocab_size)` picks the right one for a file or an HF directory and raises
+if the tokenizer's ids would index past the model's embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+
+class HFError(ValueError):
+    """An HF checkpoint or tokenizer flaxlm cannot use; the message names the file and key."""
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+def copy_tokenizer(src: str, dst_dir: str) -> None:
+    files = [src] if os.path.isfile(src) else [os.path.join(src, f) for f in _TOKENIZER_FILES]
+    files = [f for f in files if os.path.exists(f)]
+    if not files:
+        raise HFError(f"export: no tokenizer files in {src} (looked for {_TOKENIZER_FILES})")
+    for f in files:
+        shutil.copy(f, os.path.join(dst_dir, os.path.basename(f)))
+
+
+class HFTokenizer:
+    """An HF `tokenizer.json` (via the `tokenizers` package) behind our Tokenizer's interface:
+    encode(text, bos=, eos=) / decode(ids) / bos_id / eos_id / pad_id / vocab_size.
+
+    Special ids come from tokenizer_config.json / special_tokens_map.json (bos_token, ...),
+    else config.json (bos_token_id, ...); -1 when absent. `pad_id` falls back to eos (HF's
+    usual choice), then 0 — padding is always masked, so it only has to be a valid id.
+    """
+
+    def __init__(self, tok, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1, name=""):
+        self.tok, self.name = tok, name
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self._pad = pad_id
+
+    @classmethod
+    def load(cls, path: str) -> HFTokenizer:
+        from tokenizers import Tokenizer as RawTokenizer
+
+        d = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        try:
+            tok = RawTokenizer.from_file(file)
+        except Exception as e:
+            raise HFError(f"{file}: cannot load tokenizer: {e}") from e
+        specials = {}
+        for meta in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):
+            p = os.path.join(d, meta)
+            if os.path.exists(p):
+                with open(p) as f:
+                    specials.update(json.load(f))
+
+        def special(kind):
+            t = specials.get(f"{kind}_token")
+            t = t.get("content") if isinstance(t, dict) else t
+            i = tok.token_to_id(t) if isinstance(t, str) else None
+            if i is None:
+                i = specials.get(f"{kind}_token_id")
+                i = i[0] if isinstance(i, list) and i else i
+            return -1 if i is None else int(i)
+
+        return cls(tok, special("bos"), special("eos"), special("pad"), name=file)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad if self._pad >= 0 else max(self.eos_id, 0)
+
+    @property
+    def unk_id(self) -> int:
+        return -1
+
+    def special_ids(self) -> dict[str, int]:
+        from flaxlm.data.tokenizer import CHAT_TOKENS
+
+        out = {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id}
+        for t in CHAT_TOKENS:
+            i = self.tok.token_to_id(t)
+            if i is not None:
+                out[t] = i
+        return out
+
+    def token_id(self, piece: str) -> int:
+        i = self.tok.token_to_id(piece)
+        if i is None:
+            raise KeyError(f"{self.name}: no token {piece!r}")
+        return i
+
+    def check_fits(self, vocab_size: int) -> None:
+        if self.vocab_size > vocab_size:
+            raise HFError(
+                f"tokenizer {self.name} has {self.vocab_size} tokens but the model's vocab_size "
+                f"is {vocab_size}: ids up to {self.vocab_size - 1} would index past the embedding"
+            )
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return (
+            ([self.bos_id] if bos and self.bos_id >= 0 else [])
+            + ids
+            + ([self.eos_id] if eos and self.eos_id >= 0 else [])
+        )
+
+    def encode_batch(self, texts, *, bos: bool = False, eos: bool = False, num_threads: int = 0):
+        return [self.encode(t, bos=bos, eos=eos) for t in texts]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=True)
+
+    def decode_batch(self, batch) -> list[str]:
+        return [self.decode(r) for r in batch]
+
+
+def load_tokenizer(path: str, vocab_size: int | None = None):
+    """A tokenizer from a file or HF directory: tokenizer.json (HF `tokenizers`) or a
+    SentencePiece tokenizer.model (flaxlm.data.tokenizer.Tokenizer). With `vocab_size`, raises
+    if its ids could index past the model's embedding."""
+    from flaxlm.data.tokenizer import Tokenizer
+
+    if os.path.isdir(path):
+        for f in ("tokenizer.json", "tokenizer.model"):
+            if os.path.exists(os.path.join(path, f)):
+                return load_tokenizer(os.path.join(path, f), vocab_size)
+        raise HFError(f"{path}: no tokenizer.json or tokenizer.model")
+    if not os.path.exists(path):
+        raise HFError(f"tokenizer {path} does not exist")
+    tok = HFTokenizer.load(path) if path.endswith(".json") else Tokenizer.load(path)
+    if vocab_size is not None:
+        try:
+            tok.check_fits(vocab_size)
+        except ValueError as e:
+            raise HFError(str(e)) from None
+    return tok
