@@ -1,8 +1,9 @@
 """A training run on packed grain batches, killed mid-epoch and resumed, reproduces its losses.
 
 The loop saves ``iterator.get_state()`` with every checkpoint and calls ``set_state`` on resume;
-this runs the real loop (train/loop.py) in subprocesses on a small jsonl corpus whose epoch is
-longer than the run, so the resume point is mid-epoch and usually mid-document.
+this runs the real pretraining task (train/pretrain.py builds ``make_pretrain_iterator`` from
+``config.data``) on a small jsonl corpus whose epoch is longer than the run, so the resume point
+is mid-epoch and usually mid-document.
 """
 
 import json
@@ -18,28 +19,22 @@ import pytest
 loop = pytest.importorskip("flaxlm.train.loop")  # the loop lives in another issue's files
 
 SCRIPT = r"""
-import dataclasses, sys
+import sys
 from flaxlm.configs import pretrain as pretrain_config
-from flaxlm.data import pipeline
 from flaxlm.models.sharding import make_mesh
 from flaxlm.train import loop, pretrain
 
 corpus, tok, workdir = sys.argv[1:4]
-c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
+c = pretrain_config.get_config("variant=tiny,runlocal=True,data=text")
 with c.unlocked():
     c.progress_bar = False
     c.eval_at_start = False
     c.total_steps, c.ckpt_every, c.log_every, c.eval_every = 12, 6, 1, 0
     c.async_ckpt = False
     c.model.vocab_size = 512
+    c.data.sources, c.data.tokenizer, c.data.read_threads = corpus, tok, 1
 mesh = make_mesh(dict(c.mesh))
-task = pretrain.build_task(c, mesh)
-d = pipeline.data_config()
-d.sources, d.tokenizer, d.read_threads = corpus, tok, 1
-it = pipeline.make_pretrain_iterator(d, seq_len=c.seq_len, global_batch=c.batch_size, seed=c.seed,
-                                     vocab_size=c.model.vocab_size)
-task = dataclasses.replace(task, train_batches=it, eval_fn=None)
-loop.run(c, workdir, task, mesh=mesh)
+loop.run(c, workdir, pretrain.build_task(c, mesh), mesh=mesh)
 """
 
 
