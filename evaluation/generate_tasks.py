@@ -132,8 +132,8 @@ def generation(
       examples: the evaluated rows; prompts: (readable text, ids) of each one's prompt
         (prompts.encode_prompt).
       max_prompt_len: longer prompts keep their first token (BOS) and their last tokens.
-      stop_tokens: ids that end a response (EOS, the chat end token); the text after them is
-        dropped before the stop strings apply.
+      stop_tokens: ids that end a response (EOS, the chat end token; also any id the tokenizer
+        does not have); the text after them is dropped before the stop strings apply.
     Returns:
       (metrics, samples): mean of each score plus n; per example prompt, response, answer and
       scores.
@@ -144,7 +144,9 @@ def generation(
     samples, sums = [], {}
     for ex, (prompt, _), new in zip(examples, prompts, outs, strict=True):
         for j, t in enumerate(new):
-            if t in stop_tokens:
+            # A model's vocabulary may be larger than its tokenizer's; an id past the tokenizer
+            # (never seen in training, so only from an undertrained model) ends the response.
+            if t in stop_tokens or not 0 <= t < tok.vocab_size:
                 new = new[:j]
                 break
         response = truncate_at_stop(tok.decode(new), spec.stop).strip()

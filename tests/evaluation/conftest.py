@@ -63,9 +63,9 @@ def model(run_dir):
 
 
 @pytest.fixture(scope="session")
-def ref_logprobs(model):
-    """ids -> array of log p(ids[t] | ids[:t]) for t = 1..len-1, straight from the model's
-    forward and a float64 log-softmax (no evaluation code involved)."""
+def ref_logits(model):
+    """ids -> float64 logits (len(ids), V) straight from the model's forward (no evaluation
+    code involved), always run at length REF_LEN (right padding; causal attention)."""
     from flaxlm.models.transformer import forward
 
     cfg, params = model
@@ -73,10 +73,21 @@ def ref_logprobs(model):
 
     def ref(ids):
         ids = [int(i) for i in ids]
-        assert 2 <= len(ids) <= REF_LEN + 1
+        assert 1 <= len(ids) <= REF_LEN
         x = np.zeros((1, REF_LEN), np.int32)
-        x[0, : len(ids) - 1] = ids[:-1]
-        logits = np.asarray(fwd(params, x), np.float64)[0, : len(ids) - 1]
+        x[0, : len(ids)] = ids
+        return np.asarray(fwd(params, x), np.float64)[0, : len(ids)]
+
+    return ref
+
+
+@pytest.fixture(scope="session")
+def ref_logprobs(ref_logits):
+    """ids -> array of log p(ids[t] | ids[:t]) for t = 1..len-1 (a float64 log-softmax)."""
+
+    def ref(ids):
+        ids = [int(i) for i in ids]
+        logits = ref_logits(ids[:-1])
         m = logits.max(-1, keepdims=True)
         logsm = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
         return logsm[np.arange(len(ids) - 1), ids[1:]]

@@ -1,6 +1,8 @@
 """`python -m flaxlm.evaluation` end to end on a tiny checkpoint trained for 2 steps."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -18,18 +20,23 @@ def test_cli_end_to_end(run_dir, world_dir, tok_path, tmp_path, capsys):
         "template": "{context}\n{choices_block}\nAnswer:", "choice_template": " {letter}",
     }))  # fmt: skip
     out = tmp_path / "res" / "results.json"
-    tasks = f"mc_facts_heldout,ppl_heldout_text,{tmp_path / 'spec.json'}"
+    tasks = f"mc_facts_heldout,gen_facts_train,ppl_heldout_text,{tmp_path / 'spec.json'}"
     argv = ["--checkpoint", run_dir, "--world", world_dir, "--tokenizer", tok_path,
             "--tasks", tasks, "--limit", "4", "--out", str(out), "--samples",
-            "--batch_tokens", "128"]  # fmt: skip
+            "--batch_tokens", "128", "--num_fewshot", "1"]  # fmt: skip
     ret = main(argv)
     table = capsys.readouterr().out
-    for name in ("mc_facts_heldout", "ppl_heldout_text", "mmlu_mini", "acc_norm", "ppl"):
+    for name in ("mc_facts_heldout", "gen_facts_train", "ppl_heldout_text", "mmlu_mini",
+                 "acc_norm", "judge", "ppl"):  # fmt: skip
         assert name in table
     saved = json.loads(out.read_text())
     assert saved["step"] == 2 and saved["tokenizer"] == tok_path
     res = saved["tasks"]
-    assert set(res) == {"mc_facts_heldout", "ppl_heldout_text", "mmlu_mini"}
+    assert set(res) == {"mc_facts_heldout", "gen_facts_train", "ppl_heldout_text", "mmlu_mini"}
+    assert all(r["spec"]["num_fewshot"] == 1 for r in res.values())
+    gen = res["gen_facts_train"]
+    assert gen["n"] == 4 and -1.5 <= gen["metrics"]["judge"] <= 1.0
+    assert all(s["prompt"].count("Question:") == 2 for s in gen["samples"])  # 1 shot + question
     assert res["mc_facts_heldout"]["n"] == 4 and res["mmlu_mini"]["n"] == 2
     for r in (res["mc_facts_heldout"], res["mmlu_mini"]):
         assert 0.0 <= r["metrics"]["acc"] <= 1.0 and len(r["samples"]) == r["n"]
@@ -44,3 +51,9 @@ def test_cli_errors(run_dir, world_dir, tok_path):
     with pytest.raises(KeyError, match="unknown task 'mc_nope'"):
         main(["--checkpoint", run_dir, "--world", world_dir, "--tokenizer", tok_path,
               "--tasks", "mc_nope"])  # fmt: skip
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "flaxlm.evaluation", "--help"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "--checkpoint" in out and "--tasks" in out and "--world" in out

@@ -1,6 +1,7 @@
 """Generation scoring (exact match, regex, judge) on fixed strings, the generation task path with
 a stand-in decoder, and reward-model win rate."""
 
+import numpy as np
 import pytest
 
 from flaxlm.evaluation import generate_tasks as G
@@ -120,3 +121,35 @@ def test_reward_model_scorer_reads_the_reward_at_the_closing_end(model, tok):
         assert g == pytest.approx(float(values[0, -1]), abs=1e-4)
     r = win_rate(score, prompts, responses, ["I do not know.", "The answer is 5."])
     assert r["n"] == 2 and r["wins"] + r["losses"] + r["ties"] == 2
+
+
+def test_generation_with_the_decoder_is_greedy_decoding(model, tok, world_dir, ref_logits):
+    from flaxlm.evaluation.harness import Evaluator
+
+    cfg, params = model
+    spec = world_tasks(world_dir)["gen_facts_train"].replace(num_fewshot=1, max_new_tokens=12)
+    res = Evaluator(cfg, params, tok).run(spec, limit=4)
+    assert res["n"] == 4 and set(res["metrics"]) == {"judge", "correct", "n"}
+    stops = (tok.eos_id, tok.token_id("<|end|>"))
+    for s in res["samples"]:
+        # Greedy decoding by hand with the plain forward: argmax, append, repeat.
+        ids = [tok.bos_id] + tok.encode(s["prompt"])
+        ids = ids[:1] + ids[len(ids) - (cfg.max_seq_len - 12) + 1 :] if len(ids) > 52 else ids
+        new = []
+        for _ in range(12):
+            nxt = int(np.argmax(ref_logits(ids + new)[-1]))
+            if nxt in stops or nxt >= tok.vocab_size:  # ids past the tokenizer end it too
+                break
+            new.append(nxt)
+        want = G.truncate_at_stop(tok.decode(new), spec.stop).strip()
+        assert s["response"] == want
+        assert s["scores"] == G.score_response(spec, {"answer": s["answer"],
+                                                      "meta": _meta(spec, s)}, want)  # fmt: skip
+
+
+def _meta(spec, sample):
+    import json
+
+    path, line = sample["source"].rsplit(":", 1)
+    with open(path) as f:
+        return json.loads(f.readlines()[int(line) - 1])["meta"]
