@@ -89,8 +89,8 @@ def attention_mask(
 # Kernels
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS) -> jax.Array:
-    """Plain einsum attention with grouped query heads; softmax in float32."""
+def attention_probs(q_BTNH, k_BSKH, mask_B1TS) -> jax.Array:
+    """Softmax attention weights (B, K, G, T, S) in float32, query heads grouped by kv head."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q = q_BTNH.reshape(B, T, K, N // K, H)
@@ -98,8 +98,14 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS) -> jax.Array:
     # Masked logits get a large finite negative, not -inf: a fully masked row (a padding query)
     # then yields a finite average instead of NaN; its output is never used.
     big_neg = jnp.finfo(jnp.float32).min
-    scores = jnp.where(mask_B1TS[:, :, None], scores, big_neg)  # (B, K, G, T, S)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    scores = jnp.where(mask_B1TS[:, :, None], scores, big_neg)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS) -> jax.Array:
+    """Plain einsum attention with grouped query heads; softmax in float32."""
+    B, T, N, H = q_BTNH.shape
+    probs = attention_probs(q_BTNH, k_BSKH, mask_B1TS).astype(v_BSKH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
     return out.reshape(B, T, N, H)
 
@@ -192,6 +198,11 @@ class Attention(nn.Module):
                     mask &= (jnp.arange(T)[:, None] - jnp.arange(S)[None, :]) < cfg.sliding_window
                 mask = mask[None, None]
             out = xla_attention(q, k, v, mask)
+            if self.is_mutable_collection("intermediates"):
+                # Inspection only (apply(..., mutable="intermediates")): weights as (B, N, T, S).
+                B, T, S = q.shape[0], q.shape[1], k.shape[1]
+                probs = attention_probs(q, k, mask).reshape(B, N, T, S)  # head n = k·G + g
+                self.sow("intermediates", "attn_probs", probs)
         out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", "head_dim"))
         out = Proj(
             (N, H, D),
