@@ -5,7 +5,8 @@
 
 Tasks are names of the built-in world's tasks (with --world), registered names, or paths to JSON
 spec files (evaluation/tasks.py). The tokenizer is --tokenizer or the checkpoint's
-meta["tokenizer"]. --num_fewshot and --chat override every task's setting.
+meta["tokenizer"]. --num_fewshot and --chat override every task's setting; by default a
+checkpoint of a post-training task (SFT, DPO, ...) is prompted with the chat template.
 """
 
 from __future__ import annotations
@@ -27,13 +28,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--num_fewshot", type=int, default=None, help="shots for every task")
-    p.add_argument("--chat", action="store_true", help="chat-template prompts for every task")
+    p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                   help="chat-template prompts for every task (on/off); auto: on for a "
+                   "post-trained checkpoint (meta task not pretrain), else per task")  # fmt: skip
     p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per scoring batch")
     p.add_argument("--samples", action="store_true", help="include per-example outputs in JSON")
     return p
 
 
-def _tokenizer_path(arg: str, meta: dict, run_dir: str) -> str:
+def chat_mode(arg: str, meta: dict) -> bool | None:
+    """--chat on/off, or for auto: on for a post-trained checkpoint, None (each task's own
+    setting) for a pretrained one."""
+    if arg != "auto":
+        return arg == "on"
+    return True if meta.get("task", "pretrain") != "pretrain" else None
+
+
+def tokenizer_path(arg: str, meta: dict, run_dir: str) -> str:
     path = arg or meta.get("tokenizer", "")
     if not path:
         raise SystemExit(
@@ -70,15 +81,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     specs = resolve_tasks(names, args.world or None)
+    step, meta = read_meta(args.checkpoint, args.step)
     overrides = {}
     if args.num_fewshot is not None:
         overrides["num_fewshot"] = args.num_fewshot
-    if args.chat:
-        overrides["chat"] = True
+    chat = chat_mode(args.chat, meta)
+    if chat is not None:
+        overrides["chat"] = chat
     specs = [s.replace(**overrides) for s in specs]
 
-    step, meta = read_meta(args.checkpoint, args.step)
-    tok_path = _tokenizer_path(args.tokenizer, meta, args.checkpoint)
+    tok_path = tokenizer_path(args.tokenizer, meta, args.checkpoint)
     tok = Tokenizer.load(tok_path)
     cfg, params, _ = load_model(args.checkpoint, step)
     ev = Evaluator(cfg, params, tok, batch_tokens=args.batch_tokens)

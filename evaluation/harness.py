@@ -1,7 +1,7 @@
 """Runs task specs against one model: the library behind `python -m flaxlm.evaluation`.
 
 cfg, params, meta = load_model("runs/pt")
-ev = Evaluator(cfg, params, Tokenizer.load("runs/tok.model"))
+ev = Evaluator(cfg, params, Tokenizer.load(meta["tokenizer"]))
 for spec in resolve_tasks(["mc_facts_heldout", "ppl_heldout_text"], world_dir="runs/world"):
     print(spec.name, ev.run(spec, limit=100)["metrics"])
 """
@@ -25,6 +25,7 @@ class Evaluator:
       generate_fn: overrides the decoder (generate_tasks.GenerateFn); built lazily otherwise.
       bos: prepend BOS to every sequence (as training documents are).
       gen_batch_size: prompts per generation batch.
+      seed: the decoder's RNG seed (greedy decoding does not use it).
     """
 
     def __init__(

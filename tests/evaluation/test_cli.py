@@ -57,3 +57,18 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "flaxlm.evaluation", "--help"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "--checkpoint" in out and "--tasks" in out and "--world" in out
+
+
+def test_tokenizer_and_chat_mode_come_from_the_checkpoint_meta(tmp_path, tok_path):
+    from flaxlm.evaluation.__main__ import chat_mode, tokenizer_path
+
+    assert tokenizer_path("", {"tokenizer": tok_path}, str(tmp_path)) == tok_path
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    rel = tokenizer_path("", {"tokenizer": "tokenizer.model"}, str(tmp_path))
+    assert rel == str(tmp_path / "tokenizer.model")  # relative to the run directory
+    assert tokenizer_path(tok_path, {"tokenizer": "elsewhere"}, str(tmp_path)) == tok_path
+    with pytest.raises(SystemExit, match="not found"):
+        tokenizer_path("", {"tokenizer": "missing.model"}, str(tmp_path))
+    assert chat_mode("auto", {"task": "pretrain"}) is None
+    assert chat_mode("auto", {"task": "sft"}) is True
+    assert chat_mode("off", {"task": "sft"}) is False and chat_mode("on", {}) is True
