@@ -1,0 +1,275 @@
+"""HF interop: logits parity with transformers (committed fixtures), round trips, atomic export,
+tokenizers, and clear errors for bad checkpoints.
+
+The fixtures under tests/fixtures/hf were written by tests/fixtures/make_hf_fixtures.py with
+transformers + torch; these tests need neither. The live check (transformers loading our export)
+is that script's --check mode; set FLAXLM_HF_LIVE=1 with .venv-hf present to run it here too.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from flaxlm.models import hf
+from flaxlm.models.sharding import logical_axis_rules, make_mesh
+
+FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _max_err(cfg, params, ref, layout):
+    mask = ref[f"{layout}_mask"]
+    logits = hf.forward(cfg, params, ref[f"{layout}_tokens"], ref[f"{layout}_positions"], mask)
+    return float(np.abs(np.asarray(logits) - ref[f"{layout}_logits"])[mask == 1].max())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(family):
+    cfg, params = hf.load_pretrained(os.path.join(FIX, family))
+    ref = np.load(os.path.join(FIX, family, "reference.npz"))
+    for layout in ("full", "right", "left"):  # no padding, right padding, left padding
+        assert _max_err(cfg, params, ref, layout) < 1e-4, (family, layout)
+    # Logits are O(1): a 1e-4 match is not a match of near-constant outputs.
+    assert np.std(ref["full_logits"]) > 0.5
+
+
+def test_fixtures_catch_rope_and_window_bugs():
+    """The fixtures are sensitive: dropping Llama-3 rope scaling or Mistral's window shows."""
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "llama3"))
+    ref = np.load(os.path.join(FIX, "llama3", "reference.npz"))
+    assert _max_err(cfg.replace(rope_scaling="none"), params, ref, "full") > 1e-2
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "mistral"))
+    ref = np.load(os.path.join(FIX, "mistral", "reference.npz"))
+    assert _max_err(cfg.replace(sliding_window=0), params, ref, "full") > 1e-2
+
+
+def test_config_translation():
+    assert hf.load_config(os.path.join(FIX, "llama3")).rope_scaling == "llama3"
+    cfg = hf.load_config(os.path.join(FIX, "mistral"))
+    assert cfg.sliding_window == 4 and not cfg.qkv_bias
+    cfg = hf.load_config(os.path.join(FIX, "qwen2"))
+    assert cfg.qkv_bias and cfg.tie_embeddings and cfg.rope_theta == 1e6 and cfg.sliding_window == 0
+
+
+def _copy(family, tmp_path, edit_config=None, name="src"):
+    d = tmp_path / name
+    shutil.copytree(os.path.join(FIX, family), d)
+    if edit_config:
+        c = json.loads((d / "config.json").read_text())
+        edit_config(c)
+        (d / "config.json").write_text(json.dumps(c))
+    return str(d)
+
+
+def test_old_rope_layout_reads_the_same(tmp_path):
+    def old_layout(c):
+        rp = c.pop("rope_parameters")
+        c["rope_theta"] = rp.pop("rope_theta")
+        c["rope_scaling"] = {"type": rp.pop("rope_type"), **rp}  # pre-4.45 spelling: "type"
+
+    d = _copy("llama3", tmp_path, old_layout)
+    assert hf.load_config(d) == hf.load_config(os.path.join(FIX, "llama3"))
+    c = hf.config_from_hf({**json.loads((tmp_path / "src" / "config.json").read_text()),
+                           "rope_scaling": None, "rope_theta": 5e5})  # fmt: skip
+    assert c.rope_scaling == "none" and c.rope_theta == 5e5
+
+
+@pytest.mark.parametrize("family,arch", [("llama", "llama"), ("llama3", "llama"),
+                                         ("mistral", "mistral"), ("qwen2", "qwen2")])  # fmt: skip
+def test_import_export_import_round_trip(family, arch, tmp_path):
+    cfg, params = hf.load_pretrained(os.path.join(FIX, family))
+    out = tmp_path / "export"
+    hf.save_pretrained(cfg, params, str(out), arch=arch, max_shard_bytes=30_000)
+    files = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in files and len(files) > 3  # sharded, with index
+    cfg2, params2 = hf.load_pretrained(str(out))
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    # The exported config reads in both rope layouts' readers (new dict + legacy keys).
+    c = json.loads((out / "config.json").read_text())
+    assert c["rope_parameters"]["rope_theta"] == c["rope_theta"] == cfg.rope_theta
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temp dirs left
+
+
+def test_export_fills_what_the_arch_needs_and_refuses_what_it_cannot_express(tmp_path):
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "llama"))
+    # Qwen2 always has q/k/v biases: exported as zeros, so the logits are unchanged.
+    hf.save_pretrained(cfg, params, str(tmp_path / "q"), arch="qwen2")
+    qcfg, qparams = hf.load_pretrained(str(tmp_path / "q"))
+    assert qcfg.qkv_bias and not np.any(np.asarray(qparams["layers_1"]["attn"]["k"]["bias"]))
+    with pytest.raises(hf.HFError, match="arch 'llama' has no sliding window"):
+        hf.save_pretrained(cfg.replace(sliding_window=8), params, str(tmp_path / "x"))
+    with pytest.raises(hf.HFError, match="arch 'mistral' has no q/k/v biases"):
+        hf.save_pretrained(qcfg, qparams, str(tmp_path / "x"), arch="mistral")
+    with pytest.raises(hf.HFError, match="exists and is not empty"):
+        hf.save_pretrained(cfg, params, str(tmp_path / "q"), arch="llama")
+
+
+def test_export_is_all_or_nothing(tmp_path, monkeypatch):
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "qwen2"))
+    import safetensors.numpy
+
+    real, calls = safetensors.numpy.save_file, []
+
+    def fail_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", fail_second)
+    with pytest.raises(OSError, match="disk full"):
+        hf.save_pretrained(cfg, params, str(tmp_path / "out"), arch="qwen2", max_shard_bytes=30_000)
+    assert os.listdir(tmp_path) == []  # neither the target nor a temp directory
+    # Overwriting keeps the old export until the new one is complete.
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    hf.save_pretrained(cfg, params, str(tmp_path / "out"), arch="qwen2")
+    calls.clear()
+    monkeypatch.setattr(safetensors.numpy, "save_file", fail_second)
+    with pytest.raises(OSError):
+        hf.save_pretrained(cfg, params, str(tmp_path / "out"), arch="qwen2",
+                           max_shard_bytes=30_000, overwrite=True)  # fmt: skip
+    assert os.listdir(tmp_path) == ["out"] and hf.load_config(str(tmp_path / "out")) == cfg
+
+
+def test_bad_checkpoints_name_the_key_or_tensor(tmp_path):
+    with pytest.raises(hf.HFError, match="model_type 'gpt2'.*not supported"):
+        hf.load_pretrained(_copy("llama", tmp_path, lambda c: c.update(model_type="gpt2"), "a"))
+    with pytest.raises(hf.HFError, match="missing key 'hidden_size'"):
+        hf.load_config(_copy("llama", tmp_path, lambda c: c.pop("hidden_size"), "b"))
+    with pytest.raises(hf.HFError, match="rope type 'yarn' is not supported"):
+        edit = lambda c: c["rope_parameters"].update(rope_type="yarn", factor=2.0)
+        hf.load_config(_copy("llama", tmp_path, edit, "c"))
+    with pytest.raises(hf.HFError, match="layer_types"):
+        edit = lambda c: c.update(
+            layer_types=["full_attention", "sliding_attention"], sliding_window=4
+        )
+        hf.load_config(_copy("qwen2", tmp_path, edit, "d"))
+    # Shape mismatch: config says a wider MLP than the tensors have.
+    with pytest.raises(
+        hf.HFError,
+        match=r"mlp\.(gate|up|down)_proj\.weight has shape \((64, 32|32, 64)\), "
+        r"expected \((96, 32|32, 96)\)",
+    ):
+        hf.load_pretrained(
+            _copy("mistral", tmp_path, lambda c: c.update(intermediate_size=96), "e")
+        )
+    # Vocab mismatch shows as the embedding's shape.
+    with pytest.raises(
+        hf.HFError, match=r"embed_tokens.weight has shape \(64, 32\), expected \(80"
+    ):
+        hf.load_pretrained(_copy("qwen2", tmp_path, lambda c: c.update(vocab_size=80), "f"))
+    # Missing and unexpected tensors.
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy("qwen2", tmp_path, name="g")
+    tensors = load_file(os.path.join(d, "model.safetensors"))
+    gone = tensors.pop("model.layers.1.self_attn.v_proj.bias")
+    save_file(tensors, os.path.join(d, "model.safetensors"))
+    with pytest.raises(hf.HFError, match=r"missing tensor\(s\) \['model.layers.1.self_attn.v_proj"):
+        hf.load_pretrained(d)
+    tensors["model.layers.1.self_attn.v_proj.bias"] = gone
+    tensors["model.layers.0.mlp.gate_proj.bias"] = gone
+    save_file(tensors, os.path.join(d, "model.safetensors"))
+    with pytest.raises(hf.HFError, match="unexpected tensor model.layers.0.mlp.gate_proj.bias"):
+        hf.load_pretrained(d)
+    # A shard named in the index but absent.
+    d = _copy("llama", tmp_path, name="h")
+    os.remove(os.path.join(d, "model-00002-of-00003.safetensors"))
+    with pytest.raises(hf.HFError, match="shard model-00002-of-00003.safetensors .* missing"):
+        hf.load_pretrained(d)
+
+
+def test_load_into_mesh_shards_and_in_bf16():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    d = os.path.join(FIX, "llama")
+    cfg, ref = hf.load_pretrained(d)
+    _, params = hf.load_pretrained(d, mesh=mesh, rules=logical_axis_rules("fsdp_tp"))
+    gate = params["layers_0"]["mlp"]["gate"]["kernel"]
+    assert gate.sharding.spec == P("fsdp", "tensor") and len(gate.sharding.device_set) == 8
+    jax.tree.map(np.testing.assert_array_equal, params, ref)
+    bcfg, bparams = hf.load_pretrained(d, dtype="bfloat16")
+    assert bcfg.dtype == bcfg.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(bparams)} == {np.dtype("bfloat16")}
+
+
+def _write_hf_tokenizer(d, vocab):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "<|user|>"] + [f"w{i}" for i in range(vocab - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(words[:3])  # already in the vocab: marks them special (not decoded)
+    os.makedirs(d, exist_ok=True)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": None}
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+def test_tokenizers_behind_one_interface(tmp_path):
+    _write_hf_tokenizer(tmp_path / "hf", 40)
+    tok = hf.load_tokenizer(str(tmp_path / "hf"), vocab_size=64)
+    assert isinstance(tok, hf.HFTokenizer)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, 40)
+    ids = tok.encode("w3 w7 w3", bos=True, eos=True)
+    assert ids == [1, 7, 11, 7, 2] and tok.decode(ids) == "w3 w7 w3"
+    assert tok.special_ids()["<|user|>"] == 3
+    with pytest.raises(hf.HFError, match="40 tokens but the model's vocab_size is 32"):
+        hf.load_tokenizer(str(tmp_path / "hf"), vocab_size=32)
+    # SentencePiece tokenizer.model through the same call.
+    from flaxlm.data.tokenizer import train
+
+    sp = train([f"the river number {i} flows" for i in range(200)], 300)
+    sp.save(str(tmp_path / "sp" / "tokenizer.model"))
+    tok = hf.load_tokenizer(str(tmp_path / "sp"))
+    assert tok.decode(tok.encode("the river", bos=True)) == "the river" and tok.eos_id == 3
+    with pytest.raises(hf.HFError, match="vocab_size is 64"):
+        hf.load_tokenizer(str(tmp_path / "sp"), vocab_size=64)
+    with pytest.raises(hf.HFError, match="no tokenizer.json or tokenizer.model"):
+        hf.load_tokenizer(str(tmp_path))
+
+
+def test_cli_import_then_export(tmp_path):
+    from flaxlm.train.checkpoint import load_model
+
+    src = _copy("qwen2", tmp_path)
+    _write_hf_tokenizer(src, 50)
+    hf.main(["import", src, str(tmp_path / "run")])
+    cfg, params, meta = load_model(str(tmp_path / "run"))
+    want_cfg, want = hf.load_pretrained(src)
+    assert cfg == want_cfg and meta["hf_arch"] == "qwen2"
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+    assert meta["tokenizer"].endswith("tokenizer.json") and os.path.exists(meta["tokenizer"])
+    hf.main(["export", str(tmp_path / "run"), str(tmp_path / "back")])
+    back_cfg, back = hf.load_pretrained(str(tmp_path / "back"))
+    assert back_cfg == want_cfg
+    jax.tree.map(np.testing.assert_array_equal, back, want)
+    c = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert c["architectures"] == ["Qwen2ForCausalLM"] and c["eos_token_id"] == 2
+    assert os.path.exists(tmp_path / "back" / "tokenizer.json")
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        hf.main(["export", str(tmp_path / "run"), str(tmp_path / "back")])
+
+
+@pytest.mark.skipif(
+    os.environ.get("FLAXLM_HF_LIVE") != "1"
+    or not os.path.exists(os.path.join(REPO, ".venv-hf", "bin", "python")),
+    reason="live transformers check: set FLAXLM_HF_LIVE=1 and create .venv-hf",
+)
+def test_live_transformers_check():
+    script = os.path.join(REPO, "tests", "fixtures", "make_hf_fixtures.py")
+    res = subprocess.run(
+        [os.path.join(REPO, ".venv-hf", "bin", "python"), script, "--check",
+         "--flaxlm-python", sys.executable],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout + res.stderr
