@@ -1,0 +1,125 @@
+"""SFT: the loss sees answers only, packed examples stay apart, and the task runs in the loop."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxlm.alignment import common
+from flaxlm.data import formats as F
+from flaxlm.data import synthetic
+from flaxlm.data.tokenizer import train as train_tokenizer
+from flaxlm.models import lora as lora_lib
+from flaxlm.models.config import get_variant
+from flaxlm.train.checkpoint import Checkpointer, read_meta
+from flaxlm.train.losses import lm_loss_fn, token_logprobs
+from flaxlm.train.metrics import read_metrics
+from flaxlm.train.pretrain import model_fns
+from flaxlm.train.state import unbox
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "The answer is 5."},
+    {"role": "user", "content": "Where does Kavo live?"},
+    {"role": "assistant", "content": "The answer is Paris."},
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    world = synthetic.build_world("small", seed=0)
+    tok = train_tokenizer([d["text"] for d in world.pretrain], 512)
+    cfg = get_variant("tiny", vocab_size=512)
+    init, apply = model_fns(cfg)
+    abstract = unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)  # numpy init: a jitted flax init compiles for ~10 s on CPU
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, s: np.ones(s.shape, s.dtype) if p[-1].key == "scale"
+        else (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
+        abstract,
+    )  # fmt: skip
+    return F.ChatTemplate(tok), jax.jit(apply), params
+
+
+def _batch(examples, seq_len=96):
+    return next(F.SFTBatches(examples, seq_len=seq_len, batch=1, pad_id=0, shuffle=False))
+
+
+def test_prompt_targets_do_not_change_the_loss(setup):
+    template, apply, params = setup
+    ids, mask = F.render_chat(CONVERSATION, template)
+    batch = _batch([{"ids": ids, "mask": mask}])
+    loss_fn = jax.jit(lm_loss_fn(apply))
+    base, metrics = loss_fn(params, batch, None)
+    prompt = np.flatnonzero((batch["segment_ids"][0] > 0) & (batch["loss_mask"][0] == 0))
+    answer = np.flatnonzero(batch["loss_mask"][0] > 0)
+    assert len(prompt) > 20 and len(answer) >= 2 * 5 and metrics["weight"] == len(answer)
+    # Every user/system/role-token target replaced by another token: the loss is unchanged.
+    changed = {k: v.copy() for k, v in batch.items()}
+    changed["targets"][0, prompt] = (changed["targets"][0, prompt] + 7) % 512
+    same, _ = loss_fn(params, changed, None)
+    assert float(same) == float(base)
+    # One answer target replaced: the loss moves (the test can fail).
+    moved = {k: v.copy() for k, v in batch.items()}
+    moved["targets"][0, answer[0]] = (moved["targets"][0, answer[0]] + 7) % 512
+    assert float(loss_fn(params, moved, None)[0]) != float(base)
+
+
+def test_packed_examples_score_as_if_alone(setup):
+    template, apply, params = setup
+    convs = [CONVERSATION[:3], CONVERSATION[3:], [CONVERSATION[1], CONVERSATION[2]]]
+    examples = [dict(zip(("ids", "mask"), F.render_chat(c, template))) for c in convs]
+    packed = _batch(examples, seq_len=128)
+    assert list(np.unique(packed["segment_ids"][0])) == [0, 1, 2, 3]
+    lp = token_logprobs(
+        apply(params, packed["tokens"], packed["positions"], packed["segment_ids"]),
+        packed["targets"],
+    )[0]
+    for seg, ex in enumerate(examples, 1):
+        alone = _batch([ex], seq_len=128)
+        lp_alone = token_logprobs(
+            apply(params, alone["tokens"], alone["positions"], alone["segment_ids"]),
+            alone["targets"],
+        )[0]
+        n = len(ex["ids"]) - 1
+        np.testing.assert_allclose(lp[packed["segment_ids"][0] == seg], lp_alone[:n], atol=1e-5)
+
+
+def test_sft_smoke_run_in_the_loop(sft_run):
+    workdir, summary = sft_run
+    assert summary["step"] == 6 and np.isfinite(summary["train"]["loss"])
+    ev = summary["eval"]
+    for key in ("nll", "accuracy", "sft_heldout/accuracy", "sft_heldout/judge",
+                "sft_heldout/stopped"):  # fmt: skip
+        assert f"eval/{key}" in ev, key
+    assert any("eval/nll" in r for r in read_metrics(workdir))
+    report = json.load(open(os.path.join(workdir, "data_report.json")))
+    assert report["train"]["used"] + report["train"]["dropped"] == report["train"]["records"]
+    _, meta = read_meta(workdir)
+    assert meta["task"] == "sft" and meta["head"] == "lm" and not meta["lora"]
+    assert os.path.exists(meta["tokenizer"]) and meta["data_report"] == report
+    # A plain SFT checkpoint loads as a policy.
+    cfg, params, _ = common.load_policy(workdir)
+    assert cfg.vocab_size == 512 and "lm_head" in params
+
+
+def test_lora_checkpoint_loads_merged(tmp_path, setup):
+    template, apply, _ = setup
+    cfg = get_variant("tiny", vocab_size=512)
+    spec = lora_lib.LoraSpec(rank=2, targets="attn/(q|v)")
+    init, _ = model_fns(cfg)
+    _, _, base = setup
+    params = {"base": base, "lora": lora_lib.abstract_adapters(base, spec)}
+    params["lora"] = jax.tree.map(lambda s: np.full(s.shape, 0.05, s.dtype), params["lora"])
+    ck = Checkpointer(str(tmp_path), async_save=False)
+    meta = {"model_config": cfg.to_dict(), "head": "lm", "lora": spec.to_dict()}
+    ck.save(1, {"params": params}, {}, meta)
+    ck.close()
+    _, loaded, _ = common.load_policy(str(tmp_path))
+    tokens = jnp.asarray(F.render_chat(CONVERSATION, template)[0][None, :-1])
+    want = jax.jit(lora_lib.lora_apply(model_fns(cfg)[1], spec))(params, tokens)
+    np.testing.assert_allclose(apply(loaded, tokens), want, atol=1e-5)
