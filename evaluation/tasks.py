@@ -13,16 +13,18 @@ A spec file is JSON (one spec or a list), file paths relative to the spec file:
 
     {"name": "gsm8k", "type": "generation", "file": "gsm8k/test.jsonl",
      "fields": {"prompt": "question", "answer": "answer"},
-     "template": "Question: {prompt}\\nAnswer:", "target_template": " {answer}",
+     "template": "Question: {prompt}\\nAnswer:", "target_template": " {answer_raw}",
      "num_fewshot": 5, "fewshot_file": "gsm8k/train.jsonl",
      "scoring": "regex", "answer_regex": "#### (-?[0-9.,]+)", "gold_regex": "#### (-?[0-9.,]+)",
      "normalize": "number", "stop": ["\\n\\nQuestion:"], "max_new_tokens": 256}
 
 `fields` maps a task's canonical fields (perplexity: text; multiple_choice: context, choices,
 answer; generation: prompt, answer; both optionally meta) to key paths in a row; a path may go
-through lists ("messages.-1.content"). A multiple-choice answer may be an index, a letter (A, B,
-...) or the text of a choice. The built-in world's tasks come from its manifest.json
-(`world_tasks`). Bad rows raise `TaskFileError` naming file:line.
+through lists ("messages.-1.content"). Templates use the canonical fields by name; generation
+rows also offer {answer_raw}, the answer field before `gold_regex` (so GSM8K shots show their
+worked solutions while scoring compares the final number). A multiple-choice answer may be an
+index, a letter (A, B, ...) or the text of a choice. The built-in world's tasks come from its
+manifest.json (`world_tasks`). Bad rows raise `TaskFileError` naming file:line.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class TaskSpec:
     fields: dict = dataclasses.field(default_factory=dict)  # canonical field -> key path in a row
     template: str = ""  # prompt text from the canonical fields; "" = "{context}" / "{prompt}"
     choice_template: str = "{choice}"  # a choice's continuation; also {letter}, {index}
-    target_template: str = " {answer}"  # generation: a shot's answer text after its prompt
+    target_template: str = " {answer}"  # generation: a shot's answer text (or {answer_raw})
     chat_template: str = ""  # chat mode: the user turn ("" = "{context}" / "{prompt}")
     description: str = ""  # text before the shots (e.g. "The following are questions about X.")
     num_fewshot: int = 0  # shots in the prompt (k-shot in-context learning)
@@ -212,6 +214,7 @@ def _canonical(spec: TaskSpec, row: dict, fmap: dict, need_gold: bool) -> dict:
         out["prompt"] = str(out["prompt"])
         answer = out["answer"]
         answer = str(answer) if not isinstance(answer, str) else answer
+        out["answer_raw"] = answer  # before gold_regex: a shot's full worked solution
         if spec.gold_regex:
             m = re.search(spec.gold_regex, answer)
             if m is None:

@@ -52,8 +52,9 @@ def test_spec_file_plugs_in_mmlu_and_gsm8k_style_tasks(tmp_path):
     )  # fmt: skip
     _write_jsonl(
         tmp_path / "data/gsm.jsonl",
-        [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"}],
-    )
+        [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
+         {"question": "Ann has 2 pens and loses 1. How many?", "answer": "2 - 1 = 1\n#### 1"}],
+    )  # fmt: skip
     spec_path = tmp_path / "bench.json"
     spec_path.write_text(json.dumps([
         {"name": "mmlu_mini", "type": "multiple_choice", "file": "data/mmlu.jsonl",
@@ -61,6 +62,7 @@ def test_spec_file_plugs_in_mmlu_and_gsm8k_style_tasks(tmp_path):
          "template": "{context}\n{choices_block}\nAnswer:", "choice_template": " {letter}"},
         {"name": "gsm_mini", "type": "generation", "file": "data/gsm.jsonl",
          "fields": {"prompt": "question"}, "template": "Question: {prompt}\nAnswer:",
+         "target_template": " {answer_raw}", "num_fewshot": 1,
          "scoring": "regex", "answer_regex": "#### (-?[0-9.,]+)", "gold_regex": "#### (\\S+)",
          "normalize": "number", "stop": ["\n\nQuestion:"], "max_new_tokens": 128},
     ]))  # fmt: skip
@@ -69,8 +71,13 @@ def test_spec_file_plugs_in_mmlu_and_gsm8k_style_tasks(tmp_path):
     assert [r.fields["answer"] for r in rows] == [1, 1]
     assert P.plain_prompt(mmlu, rows[0], []) == "2 + 2 =\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:"
     assert [P.choice_text(mmlu, rows[0].fields, i) for i in range(4)] == [" A", " B", " C", " D"]
-    g = read_examples(gsm)[0]
+    g, g2 = read_examples(gsm)
     assert g.fields["answer"] == "7" and g.source.endswith("gsm.jsonl:1")
+    # The shot shows its worked solution; the evaluated answer is compared as the final number.
+    assert P.plain_prompt(gsm, g, [g2]) == (
+        "Question: Ann has 2 pens and loses 1. How many?\nAnswer: 2 - 1 = 1\n#### 1\n\n"
+        "Question: Tom has 3 apples and buys 4. How many?\nAnswer:"
+    )
     assert gsm.stop == ("\n\nQuestion:",)
 
 
