@@ -35,6 +35,7 @@ setup(
         "tqdm",
         "safetensors",
         "tokenizers",
+        "jinja2",  # HF checkpoints' chat templates (models/hf_tokenizer.py)
         "pyarrow",
         "threadpoolctl",
         "array-record>=0.5",  # ArrayRecord shards (data/preprocess.py, data/sources.py)

@@ -46,12 +46,17 @@ class HFTokenizer:
     Special ids come from tokenizer_config.json / special_tokens_map.json (bos_token, ...),
     else config.json (bos_token_id, ...); -1 when absent. `pad_id` falls back to eos (HF's
     usual choice), then 0 — padding is always masked, so it only has to be a valid id.
+    `stop_ids` adds every eos id of generation_config.json (Llama 3 ends turns with <|eot_id|>);
+    `chat_template` is tokenizer_config.json's Jinja template ("" if none).
     """
 
-    def __init__(self, tok, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1, name=""):
+    def __init__(self, tok, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1, name="",
+                 stop_ids=(), chat_template: str = ""):  # fmt: skip
         self.tok, self.name = tok, name
         self.bos_id, self.eos_id = bos_id, eos_id
         self._pad = pad_id
+        self.stop_ids = tuple(dict.fromkeys([i for i in (eos_id, *stop_ids) if i >= 0]))
+        self.chat_template = chat_template
 
     @classmethod
     def load(cls, path: str) -> HFTokenizer:
@@ -63,12 +68,15 @@ class HFTokenizer:
             tok = RawTokenizer.from_file(file)
         except Exception as e:
             raise HFError(f"{file}: cannot load tokenizer: {e}") from e
-        specials = {}
-        for meta in ("config.json", "special_tokens_map.json", "tokenizer_config.json"):
+        specials, stops = {}, []
+        for meta in ("config.json", "generation_config.json", "special_tokens_map.json",
+                     "tokenizer_config.json"):  # fmt: skip
             p = os.path.join(d, meta)
             if os.path.exists(p):
                 with open(p) as f:
                     specials.update(json.load(f))
+                e = specials.get("eos_token_id")
+                stops += e if isinstance(e, list) else [] if e is None else [e]
 
         def special(kind):
             t = specials.get(f"{kind}_token")
@@ -79,7 +87,12 @@ class HFTokenizer:
                 i = i[0] if isinstance(i, list) and i else i
             return -1 if i is None else int(i)
 
-        return cls(tok, special("bos"), special("eos"), special("pad"), name=file)
+        template = specials.get("chat_template") or ""
+        if not isinstance(template, str):  # a list of named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or ""
+        return cls(tok, special("bos"), special("eos"), special("pad"), name=file,
+                   stop_ids=[int(i) for i in stops], chat_template=template)  # fmt: skip
 
     @property
     def vocab_size(self) -> int:
@@ -126,6 +139,27 @@ class HFTokenizer:
 
     def encode_batch(self, texts, *, bos: bool = False, eos: bool = False, num_threads: int = 0):
         return [self.encode(t, bos=bos, eos=eos) for t in texts]
+
+    def render_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Ids of `messages` rendered with the checkpoint's own Jinja chat template (as
+        transformers' apply_chat_template does; the template writes BOS itself)."""
+        if not self.chat_template:
+            raise HFError(f"{self.name}: tokenizer_config.json has no chat_template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def fail(msg):
+            raise HFError(f"{self.name}: chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = fail
+        tok = lambda i: self.tok.id_to_token(i) if i >= 0 else ""
+        text = env.from_string(self.chat_template).render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tok(self.bos_id),
+            eos_token=tok(self.eos_id),
+        )
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=True)

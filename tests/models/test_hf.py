@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from flaxlm.models import hf
+from flaxlm.models.decode import generate
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
@@ -207,7 +208,7 @@ def _write_hf_tokenizer(d, vocab):
     words = ["<unk>", "<s>", "</s>", "<|user|>"] + [f"w{i}" for i in range(vocab - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(words[:3])  # already in the vocab: marks them special (not decoded)
+    tok.add_special_tokens(words[:4])  # already in the vocab: marks them special (not decoded)
     os.makedirs(d, exist_ok=True)
     tok.save(os.path.join(d, "tokenizer.json"))
     cfg = {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": None}
@@ -249,6 +250,9 @@ def test_cli_import_then_export(tmp_path):
     assert cfg == want_cfg and meta["hf_arch"] == "qwen2"
     jax.tree.map(np.testing.assert_array_equal, params, want)
     assert meta["tokenizer"].endswith("tokenizer.json") and os.path.exists(meta["tokenizer"])
+    from flaxlm import generate as cli  # the generate CLI finds the run's tokenizer via meta
+
+    assert cli.load(str(tmp_path / "run"))[2].eos_id == 2
     hf.main(["export", str(tmp_path / "run"), str(tmp_path / "back")])
     back_cfg, back = hf.load_pretrained(str(tmp_path / "back"))
     assert back_cfg == want_cfg
@@ -273,3 +277,34 @@ def test_live_transformers_check():
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout + res.stderr
+
+
+def test_generate_cli_on_an_hf_directory(tmp_path, capsys):
+    from flaxlm import generate as cli
+
+    d = _copy("qwen2", tmp_path)
+    _write_hf_tokenizer(d, 50)
+    c = json.loads(open(os.path.join(d, "tokenizer_config.json")).read())
+    c["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}<|user|> {{ m.content }}{% endfor %}"
+    )
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(c, f)
+    args = [d, "--prompt", "w1 w2", "--prompt", "w9", "--temperature", "0", "--json",
+            "--max_new_tokens", "5"]  # fmt: skip
+    cli.main(args)
+    plain = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in plain] == ["w1 w2", "w9"]
+    assert all(0 < r["n_tokens"] <= 5 and isinstance(r["completion"], str) for r in plain)
+    # The same greedy tokens as calling generate directly.
+    cfg, params, tok = cli.load(d)
+    want = generate(cfg, params, [[1, 5, 6], [1, 13]], max_new_tokens=5, rng=jax.random.PRNGKey(0),
+                    temperature=0, stop_tokens=(2,), pad_id=2)  # fmt: skip
+    n0 = int(want.lengths[0])
+    ids0 = [int(i) for i in np.asarray(want.tokens[0])[:n0]]
+    assert plain[0]["completion"] == tok.decode([i for i in ids0 if i != 2])
+    # --chat renders the checkpoint's own template: <s> <|user|> w1 w2
+    ids, stops = cli.encode_prompts(tok, ["w1 w2"], chat=True)
+    assert ids == [[1, 3, 5, 6]] and stops == (2,)
+    cli.main(args + ["--chat"])
+    assert len(capsys.readouterr().out.splitlines()) == 2

@@ -1,0 +1,130 @@
+"""Command line: sample completions from a flaxlm run or an HF checkpoint directory.
+
+    python -m flaxlm.generate runs/sft --prompt "What is the capital of France?" --chat
+    python -m flaxlm.generate ~/Llama-3.2-1B --prompts_file prompts.txt --temperature 0.7 \
+        --top_p 0.9 --max_new_tokens 256 --json > out.jsonl
+
+MODEL is a flaxlm run directory (holds checkpoints/; read with train/checkpoint.load_model) or
+an HF directory (config.json + safetensors). The tokenizer is --tokenizer, else the run's
+meta["tokenizer"], else the HF directory's tokenizer.json / tokenizer.model.
+
+--chat renders each prompt as a user turn (after --system, if given) with a generation prompt:
+an HF tokenizer's own Jinja chat template when its tokenizer_config.json has one, else flaxlm's
+chat template (data/formats.py), whose end-of-turn token stops generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flaxlm.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("model", help="flaxlm run directory or HF checkpoint directory")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts_file", default="", help="one prompt per line ('-' = stdin)")
+    p.add_argument("--tokenizer", default="", help="tokenizer file or directory (default: auto)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--dtype", default="", help="compute/param dtype, e.g. bfloat16")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--chat", action="store_true", help="apply the chat template")
+    p.add_argument("--system", default="", help="system message (with --chat)")
+    p.add_argument("--no_bos", action="store_true", help="do not prepend BOS (plain prompts)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    return p
+
+
+def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = ""):
+    """(cfg, params, tokenizer) of a flaxlm run or an HF directory."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxlm.models import hf
+
+    if os.path.isdir(os.path.join(model_dir, "checkpoints")):
+        from flaxlm.train.checkpoint import load_model
+
+        cfg, params, meta = load_model(model_dir, step)
+        tok_path = tokenizer or meta.get("tokenizer", "")
+        if tok_path and not os.path.exists(tok_path):
+            tok_path = os.path.join(model_dir, tok_path)
+        if not tok_path:
+            raise SystemExit(f"{model_dir}: checkpoint meta has no 'tokenizer'; pass --tokenizer")
+        if dtype:
+            cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+            params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    elif os.path.exists(os.path.join(model_dir, "config.json")):
+        cfg, params = hf.load_pretrained(model_dir, dtype or None)
+        tok_path = tokenizer or model_dir
+    else:
+        raise SystemExit(f"{model_dir}: neither a flaxlm run (checkpoints/) nor an HF directory")
+    return cfg, params, hf.load_tokenizer(tok_path, cfg.vocab_size)
+
+
+def encode_prompts(tok, texts, chat: bool, system: str = "", bos: bool = True):
+    """(prompt ids per text, stop token ids)."""
+    if not chat:
+        stops = getattr(tok, "stop_ids", None) or ((tok.eos_id,) if tok.eos_id >= 0 else ())
+        return [tok.encode(t, bos=bos and tok.bos_id >= 0) for t in texts], tuple(stops)
+    head = [{"role": "system", "content": system}] if system else []
+    convs = [head + [{"role": "user", "content": t}] for t in texts]
+    if getattr(tok, "chat_template", ""):
+        return [tok.render_chat_template(m) for m in convs], tuple(tok.stop_ids)
+    from flaxlm.data.formats import ChatTemplate, render_chat
+
+    template = ChatTemplate(tok)
+    ids = [render_chat(m, template, add_generation_prompt=True)[0].tolist() for m in convs]
+    return ids, template.stop_tokens
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    texts = list(args.prompt)
+    if args.prompts_file:
+        f = sys.stdin if args.prompts_file == "-" else open(args.prompts_file)  # noqa: SIM115
+        texts += [ln.rstrip("\n") for ln in f if ln.strip()]
+    if not texts:
+        raise SystemExit("no prompts: pass --prompt TEXT or --prompts_file FILE")
+
+    import jax
+    import numpy as np
+
+    from flaxlm.models.decode import generate
+
+    cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype)
+    prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
+    rng = jax.random.PRNGKey(args.seed)
+    for start in range(0, len(prompts), args.batch):
+        chunk = prompts[start : start + args.batch]
+        # Fill the last batch up to the batch size (one compiled program for every chunk).
+        rows = chunk + [chunk[-1]] * (min(args.batch, len(prompts)) - len(chunk))
+        out = generate(
+            cfg, params, rows, max_new_tokens=args.max_new_tokens,
+            rng=jax.random.fold_in(rng, start), temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, stop_tokens=stops, pad_id=max(tok.pad_id, 0),
+        )  # fmt: skip
+        toks, lengths = jax.device_get((out.tokens, out.lengths))
+        for i, (row, n) in enumerate(zip(toks[: len(chunk)], lengths[: len(chunk)])):
+            ids = [int(t) for t in np.asarray(row)[: int(n)]]
+            stopped = bool(ids) and ids[-1] in stops
+            completion = tok.decode(ids[:-1] if stopped else ids)
+            text = texts[start + i]
+            if args.json:
+                rec = {"prompt": text, "completion": completion, "n_tokens": len(ids),
+                       "stopped": stopped}  # fmt: skip
+                print(json.dumps(rec, ensure_ascii=False), flush=True)
+            else:
+                print(f"### {text}\n{completion}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
