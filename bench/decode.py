@@ -1,0 +1,275 @@
+"""Decode speed: flaxlm's KV-cache `generate` against HF `generate`, same model, same run.
+
+    python -m flaxlm.bench.decode --out OUT                 # 1.1B shape, batch 1 and 64 (GPU)
+    python -m flaxlm.bench.decode --tiny --out OUT          # CPU smoke test (HF side if torch)
+    python -m flaxlm.bench.decode --tiny --out OUT --hf_python .venv-hf/bin/python
+
+Workload (as DESIGN.md's peer figure): TinyLlama-1.1B shape (variant "1b", bf16 params and
+compute, random weights), B prompts of 128 random tokens, 256 new tokens *sampled* at
+temperature 1 with no stop token, so every row generates all 256. Each case runs in its own
+subprocess (JAX preallocates accelerator memory; torch then gets a clean device) and appends a
+JSON record to OUT/decode.jsonl; the driver writes OUT/decode.json and OUT/decode.md.
+
+Timing: one warm-up call (compilation / CUDA init) excluded, then the median of `--runs` calls,
+each ended by a device sync. Reported per case:
+  tokens_per_s         B·256 / wall time of the whole call (prefill included), the figure HF's
+                       `generate` gives and the one DESIGN.md quotes (856 tok/s at batch 64)
+  decode_tokens_per_s  B·255 / (call time − prefill time): the decode loop alone; prefill time
+                       is a separate call with max_new_tokens=1
+  hbm_fraction         decode_tokens_per_s / the HBM bound, where the bound's step time is
+                       (weight bytes + KV bytes per step) / 4.3e12 B/s (H200 HBM3e), weight bytes
+                       = every parameter read once per step except the embedding table (a B-row
+                       gather), and KV bytes = K and V of every layer over the *mean* context
+                       (prompt + 128 of the 256 new tokens). `hbm_fraction_e2e` uses tokens_per_s.
+The HF side runs in a python with torch + transformers (`--hf_python`; default this one) and
+is skipped with a note when torch is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HBM_BYTES_PER_S = 4.3e12  # H200
+# (variant, prompt length, new tokens, batches, dtype, runs)
+SHAPES = {
+    "1b": ("1b", 128, 256, (1, 64), "bfloat16"),
+    "tiny": ("tiny", 16, 32, (1, 4), "float32"),
+}
+
+
+def model_dims(variant: str) -> dict:
+    """The model's shape as plain numbers (the HF subprocess imports no flaxlm/jax)."""
+    from flaxlm.models.config import get_variant
+
+    c = get_variant(variant)
+    counts = c.param_counts()
+    return dict(vocab=c.vocab_size, d=c.d_model, layers=c.n_layers, heads=c.n_heads,
+                kv_heads=c.n_kv_heads, head_dim=c.head_dim_, ff=c.d_ff, theta=c.rope_theta,
+                eps=c.norm_eps, params=counts["total"], embedding=counts["embedding"])  # fmt: skip
+
+
+def hbm_bound(dims: dict, batch: int, prompt: int, new: int, itemsize: int) -> dict:
+    weight = (dims["params"] - dims["embedding"]) * itemsize
+    mean_ctx = prompt + new / 2
+    kv = 2 * dims["layers"] * batch * dims["kv_heads"] * dims["head_dim"] * itemsize * mean_ctx
+    step = (weight + kv) / HBM_BYTES_PER_S
+    return {"weight_bytes": weight, "kv_bytes_per_step": kv, "hbm_bound_tokens_per_s": batch / step}
+
+
+def _finish(rec: dict, dims: dict, times: list, prefill: list, batch, prompt, new, itemsize):
+    t, tp = statistics.median(times), statistics.median(prefill)
+    rec.update(hbm_bound(dims, batch, prompt, new, itemsize))
+    rec.update(
+        batch=batch, prompt_len=prompt, new_tokens=new, call_s=t, prefill_s=tp,
+        tokens_per_s=batch * new / t,
+        decode_tokens_per_s=batch * (new - 1) / max(t - tp, 1e-9),
+        step_ms=1e3 * max(t - tp, 1e-9) / (new - 1),
+    )  # fmt: skip
+    rec["hbm_fraction"] = rec["decode_tokens_per_s"] / rec["hbm_bound_tokens_per_s"]
+    rec["hbm_fraction_e2e"] = rec["tokens_per_s"] / rec["hbm_bound_tokens_per_s"]
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# flaxlm
+
+
+def run_flax(shape: str, batch: int, runs: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxlm.models.config import get_variant
+    from flaxlm.models.decode import generate
+    from flaxlm.models.transformer import Transformer
+    from flaxlm.train.state import unbox
+
+    variant, prompt, new, _, dtype = SHAPES[shape]
+    cfg = get_variant(variant, dtype=dtype, param_dtype=dtype)
+    init = jax.jit(lambda r: unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))))
+    params = init(jax.random.PRNGKey(0))["params"]
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt), np.int32)
+    lengths = np.full((batch,), prompt, np.int32)
+
+    def call(n, i):
+        out = generate(cfg, params, tokens, prompt_lengths=lengths, max_new_tokens=n,
+                       rng=jax.random.PRNGKey(i), temperature=1.0)  # fmt: skip
+        return out.tokens.block_until_ready(), out
+
+    t0 = time.perf_counter()
+    _, out = call(new, 0)
+    warm = time.perf_counter() - t0
+    call(1, 0)
+    times, prefill = [], []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        call(new, i + 1)
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        call(1, i + 1)
+        prefill.append(time.perf_counter() - t0)
+    assert int(np.asarray(out.lengths).min()) == new  # every row generated all tokens
+    stats = jax.local_devices()[0].memory_stats() or {}
+    rec = {"impl": "flaxlm", "warmup_s": warm, "jax": jax.__version__,
+           "device": jax.devices()[0].device_kind,
+           "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None}  # fmt: skip
+    return _finish(rec, model_dims(variant), times, prefill, batch, prompt, new,
+                   jnp.dtype(dtype).itemsize)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# HF transformers peer (imports neither flaxlm nor jax: it may run in another venv)
+
+
+def run_hf(shape: str, batch: int, runs: int, dims: dict) -> dict:
+    import torch
+    import transformers
+
+    _, prompt, new, _, dtype = SHAPES[shape]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = getattr(torch, dtype)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=dims["vocab"], hidden_size=dims["d"], intermediate_size=dims["ff"],
+        num_hidden_layers=dims["layers"], num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"], head_dim=dims["head_dim"],
+        max_position_embeddings=2048, rms_norm_eps=dims["eps"], tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    hf_cfg.rope_theta = dims["theta"]
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = transformers.LlamaForCausalLM(hf_cfg).to(tdtype).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, dims["vocab"], (batch, prompt), generator=g).to(dev)
+    mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def call(n):
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, pad_token_id=0)  # fmt: skip
+        sync()
+        return out
+
+    t0 = time.perf_counter()
+    out = call(new)
+    warm = time.perf_counter() - t0
+    assert out.shape[1] == prompt + new
+    times, prefill = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call(new)
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        call(1)
+        prefill.append(time.perf_counter() - t0)
+    cuda = dev == "cuda"
+    rec = {"impl": "hf-generate", "warmup_s": warm, "torch": torch.__version__,
+           "transformers": transformers.__version__,
+           "device": torch.cuda.get_device_name() if cuda else "cpu",
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
+    return _finish(rec, dims, times, prefill, batch, prompt, new, tdtype.itemsize)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        "| case | tokens/s (e2e) | decode tokens/s | step ms | prefill s | HBM bound tok/s |"
+        " % of bound (decode / e2e) | vs HF (e2e) | peak GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {r["case"]: r for r in records}
+    for r in records:
+        if "tokens_per_s" not in r:
+            lines.append(f"| {r['case']} | {r.get('error', '?')[:120]} | | | | | | | |")
+            continue
+        peer = by.get(r["case"].replace("flax", "hf"))
+        vs = (f"{r['tokens_per_s'] / peer['tokens_per_s']:.1f}x"
+              if r["impl"] == "flaxlm" and peer and "tokens_per_s" in peer else "")  # fmt: skip
+        mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else "n/a"
+        lines.append(
+            f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} | "
+            f"{r['step_ms']:.2f} | {r['prefill_s']:.3f} | {r['hbm_bound_tokens_per_s']:,.0f} | "
+            f"{r['hbm_fraction']:.1%} / {r['hbm_fraction_e2e']:.1%} | {vs} | {mem} |"
+        )
+    return "\n".join(lines)
+
+
+def _one(case: str, runs: int, dims_json: str) -> dict:
+    shape, impl, b = case.split(":")
+    batch = int(b[1:])
+    try:
+        if impl == "flax":
+            rec = run_flax(shape, batch, runs)
+        else:
+            rec = run_hf(shape, batch, runs, json.loads(dims_json))
+    except ImportError as e:
+        rec = {"error": f"skipped: {e}"}
+    except Exception as e:  # recorded, so one failing case does not hide the others
+        rec = {"error": f"{type(e).__name__}: {e}"}
+    return {"case": case, **rec}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
+    p.add_argument("--cases", default="", help="comma list of SHAPE:IMPL:bBATCH (flax|hf)")
+    p.add_argument("--runs", type=int, default=3, help="timed calls per case (median)")
+    p.add_argument("--hf_python", default=sys.executable, help="python with torch+transformers")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per case")
+    p.add_argument("--one", default="", help=argparse.SUPPRESS)
+    p.add_argument("--dims", default="", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "decode.jsonl")
+    if a.one:
+        rec = _one(a.one, a.runs, a.dims)
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+        return
+    shape = "tiny" if a.tiny else "1b"
+    batches = SHAPES[shape][3]
+    cases = a.cases.split(",") if a.cases else [
+        f"{shape}:{impl}:b{b}" for b in batches for impl in ("flax", "hf")]  # fmt: skip
+    if os.path.exists(path):
+        os.remove(path)
+    for case in cases:
+        s, impl = case.split(":")[:2]
+        py = sys.executable if impl == "flax" else a.hf_python
+        dims = json.dumps(model_dims(SHAPES[s][0]))
+        cmd = [py, os.path.abspath(__file__), "--out", a.out, "--one", case,
+               "--runs", str(a.runs), "--dims", dims]  # fmt: skip
+        env = dict(os.environ)
+        if impl == "hf":  # the HF side needs no flaxlm; keep JAX's memory settings out of it
+            env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+        t0 = time.perf_counter()
+        try:
+            subprocess.run(cmd, timeout=a.timeout, check=False, env=env)
+        except subprocess.TimeoutExpired:
+            with open(path, "a") as f:
+                f.write(json.dumps({"case": case, "error": f"timeout {a.timeout}s"}) + "\n")
+        print(f"[{case}] {time.perf_counter() - t0:.0f}s", flush=True)
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(a.out, "decode.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    md = table(records)
+    with open(os.path.join(a.out, "decode.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
