@@ -110,6 +110,21 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS) -> jax.Array:
     return out.reshape(B, T, N, H)
 
 
+def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS) -> jax.Array:
+    """`xla_attention` over a heads-major (B, K, S, H) KV cache: (B, K) are the leading batch
+    dims of both matmuls, so a decode step reads the cache in place instead of transposing
+    the whole buffer every step."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BKSH.shape[1]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSH).astype(jnp.float32) / math.sqrt(H)
+    big_neg = jnp.finfo(jnp.float32).min
+    scores = jnp.where(mask_B1TS[:, :, None], scores, big_neg)  # (B, K, G, T, S)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BKSH)
+    return out.reshape(B, T, N, H)
+
+
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0) -> jax.Array:
     """cuDNN flash attention (NVIDIA GPUs). Pure causal rows take the fast CAUSAL mask type."""
     local = (window - 1, 0) if window else None
@@ -136,7 +151,7 @@ class Attention(nn.Module):
 
     `ctx` holds what every layer shares (computed once per forward in transformer.py):
     rope `cos`/`sin`, the boolean `mask` (None = plain causal rows, no packing), and while
-    decoding the cache write `index`. `layer_cache` is {"k": (B,S,K,H), "v": (B,S,K,H)} or None.
+    decoding the cache write `index`. `layer_cache` is {"k": (B,K,S,H), "v": (B,K,S,H)} or None.
     """
 
     cfg: ModelConfig
@@ -176,18 +191,18 @@ class Attention(nn.Module):
         k = apply_rope(k, ctx["cos"], ctx["sin"])
 
         if layer_cache is not None:
-            # Write this chunk's keys/values at the cache index, attend over the whole buffer.
-            idx = ctx["index"]
+            # Write this chunk's keys/values at the cache index (the cache is heads-major,
+            # (B, K, S, H)), attend over the whole buffer (the mask hides unwritten slots).
+            idx, dt = ctx["index"], layer_cache["k"].dtype
             ck = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, idx, 0, 0)
+                layer_cache["k"], k.transpose(0, 2, 1, 3).astype(dt), (0, 0, idx, 0)
             )
             cv = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, idx, 0, 0)
+                layer_cache["v"], v.transpose(0, 2, 1, 3).astype(dt), (0, 0, idx, 0)
             )
             layer_cache = {"k": ck, "v": cv}
-            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-
-        if cfg.attention_impl == "cudnn" and layer_cache is None:
+            out = cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"])
+        elif cfg.attention_impl == "cudnn":
             out = cudnn_attention(q, k, v, ctx["mask"], cfg.sliding_window)
         else:
             mask = ctx["mask"]

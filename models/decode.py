@@ -127,7 +127,7 @@ def _decode_params(cfg: ModelConfig, params):
 def _constrain_cache(cache, sharded: bool):
     if not sharded:
         return cache
-    names = ("act_batch", "act_len", "act_kv_heads", "head_dim")
+    names = ("act_batch", "act_kv_heads", "act_len", "head_dim")  # heads-major (B, K, S, H)
     kv = {k: [nn.with_logical_constraint(x, names) for x in cache[k]] for k in ("k", "v")}
     return {**cache, **kv}
 
@@ -168,12 +168,15 @@ def _decode_fn(
         h_BPD, cache = model.apply(variables, tokens_BP, pos, seg, cache, method="backbone")
         h_last = jnp.take_along_axis(h_BPD, (lengths_B - 1)[:, None, None], axis=1)  # (B,1,D)
         logits = model.apply(variables, h_last, method="logits")[:, 0]
-        grow = lambda x: jnp.pad(x, [(0, 0), (0, max_new)] + [(0, 0)] * (x.ndim - 2))
+
+        def grow(x, axis):  # room for the new tokens' slots
+            return jnp.pad(x, [(0, max_new) if a == axis else (0, 0) for a in range(x.ndim)])
+
         cache = {
-            "k": [grow(x) for x in cache["k"]],
-            "v": [grow(x) for x in cache["v"]],
-            "segment_ids": grow(cache["segment_ids"]),
-            "positions": grow(cache["positions"]),
+            "k": [grow(x, 2) for x in cache["k"]],  # (B, K, S, H)
+            "v": [grow(x, 2) for x in cache["v"]],
+            "segment_ids": grow(cache["segment_ids"], 1),  # (B, S)
+            "positions": grow(cache["positions"], 1),
             "index": cache["index"],
         }
         cache = _constrain_cache(cache, sharded)

@@ -161,7 +161,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     XLA inside a decode loop) and stacked (L, ...) arrays when layers are scanned.
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim_)
+    # Heads-major (B, K, S, H): decode attention reads it without a per-step transpose.
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim_)
     if cfg.scan_layers:
         k = jnp.zeros((cfg.n_layers, *shape), dtype)
         v = jnp.zeros((cfg.n_layers, *shape), dtype)
