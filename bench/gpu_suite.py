@@ -1,0 +1,134 @@
+"""Every GPU measurement in one prepared run, in priority order, inside a time budget.
+
+    python -m flaxlm.bench.gpu_suite --out OUT --budget 420      # on the H200
+    python -m flaxlm.bench.gpu_suite --out OUT --tiny            # CPU smoke test of the driver
+
+GPU time is scarce (one short lease), so the suite runs cases from most to least important and
+skips a case when the time left is below its estimate; every case is its own subprocess (a
+failure or OOM costs only that case), results are appended as they come, and OUT/suite.md is
+rewritten after every case, so a run cut short still returns what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+PY = sys.executable
+
+# (name, estimated seconds, command args). Train cases: bench/train_throughput.py;
+# decode cases: bench/decode.py; alignment: bench/alignment_throughput.py.
+GPU_CASES = [
+    ("train 1b flaxlm", 90, ["train_throughput", "--cases", "1b:flax"]),
+    ("train 1b hf eager", 45, ["train_throughput", "--cases", "1b:hf-eager"]),
+    ("decode 1b flaxlm b64", 60, ["decode", "--cases", "1b:flax:b64"]),
+    ("decode 1b flaxlm b1", 50, ["decode", "--cases", "1b:flax:b1"]),
+    ("decode 1b hf b64", 60, ["decode", "--cases", "1b:hf:b64"]),
+    ("train 7b flaxlm", 120, ["train_throughput", "--cases", "7b:flax:bf16_params"]),
+    ("train 7b hf eager ckpt", 60, ["train_throughput", "--cases", "7b:hf-eager:ckpt"]),
+    ("alignment dpo+ppo", 90, ["alignment_throughput"]),
+    ("train 1b hf compile", 150, ["train_throughput", "--cases", "1b:hf-compile"]),
+    ("decode 1b hf b1", 60, ["decode", "--cases", "1b:hf:b1"]),
+    ("train 1b flaxlm scan", 80, ["train_throughput", "--cases", "1b:flax:fast_scan"]),
+]
+
+TINY_CASES = [
+    ("train tiny flaxlm", 60, ["train_throughput", "--cases", "tiny:flax"]),
+    ("decode tiny flaxlm b4", 60, ["decode", "--tiny", "--cases", "tiny:flax:b4"]),
+    ("alignment tiny", 120, ["alignment_throughput", "--tiny"]),
+]
+
+# Extra flags per bench module (fewer repeats than their defaults: the lease is short).
+FLAGS = {
+    "train_throughput": ["--steps", "6", "--warmup", "2"],
+    "decode": ["--runs", "1"],
+    "alignment_throughput": [],
+}
+
+
+def environment() -> dict:
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "python": platform.python_version(),
+    }
+    for mod in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # not installed here
+            info[mod] = None
+    try:
+        info["gpu"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+    except Exception:
+        info["gpu"] = None
+    return info
+
+
+def write_summary(out: str, env: dict, log: list[dict]):
+    lines = [
+        "# GPU suite",
+        "",
+        "```",
+        json.dumps(env, indent=1),
+        "```",
+        "",
+        "| case | status | seconds |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} |" for r in log]
+    for name in ("train_throughput.md", "decode.md", "alignment_throughput.md"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            lines += ["", f"## {name}", "", open(path).read()]
+    with open(os.path.join(out, "suite.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", required=True)
+    p.add_argument("--budget", type=float, default=420.0, help="seconds for all cases")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--only", default="", help="comma list of case names to run")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    env = environment()
+    print(json.dumps(env), flush=True)
+    deadline = time.time() + a.budget
+    cases = TINY_CASES if a.tiny else GPU_CASES
+    if a.only:
+        keep = set(a.only.split(","))
+        cases = [c for c in cases if c[0] in keep]
+    log = []
+    for name, estimate, args in cases:
+        left = deadline - time.time()
+        if left < estimate:
+            log.append({"name": name, "status": f"skipped ({left:.0f}s left < {estimate}s)"})
+            continue
+        module, rest = args[0], args[1:]
+        cmd = [PY, "-m", f"flaxlm.bench.{module}", "--out", a.out, *rest, *FLAGS[module]]
+        t0 = time.time()
+        print(f"=== {name}: {' '.join(cmd)}", flush=True)
+        try:
+            proc = subprocess.run(cmd, timeout=max(left - 5, 10))
+            status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            status = "timeout"
+        log.append({"name": name, "status": status, "seconds": time.time() - t0})
+        print(f"=== {name}: {status} in {time.time() - t0:.0f}s", flush=True)
+        write_summary(a.out, env, log)
+    write_summary(a.out, env, log)
+    print(open(os.path.join(a.out, "suite.md")).read())
+
+
+if __name__ == "__main__":
+    main()
