@@ -142,8 +142,13 @@ def _decode_fn(
     cache_dtype: str,
     mesh,
     rules,
+    early_exit: bool = True,
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
+
+    `early_exit` (there are stop tokens) ends the loop once every row stopped; without stop
+    tokens the loop is a scan of max_new - 1 steps, a known trip count, so an accelerator runs
+    it without reading a loop condition back to the host every step.
 
     (The config is a frozen dataclass; it keys this Python-level cache, not a jit static arg.
     Mesh and rules are keys too: the logical rules are read at trace time, which jit's own
@@ -205,7 +210,12 @@ def _decode_fn(
             return i + 1, cache, new, done, n_gen, out_tok, out_lp
 
         carry = (jnp.ones((), jnp.int32), cache, tok, done, n_gen, out_tok, out_lp)
-        _, _, _, _, n_gen, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
+        if early_exit:
+            _, _, _, _, n_gen, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
+        else:  # a counted loop (scan): the compiler knows its trip count
+            step = lambda c, _: (body(c), None)
+            carry, _ = jax.lax.scan(step, carry, length=max_new - 1)
+            _, _, _, _, n_gen, out_tok, out_lp = carry
         mask = (jnp.arange(max_new)[None, :] < n_gen[:, None]).astype(jnp.float32)
         return GenerateOutput(out_tok, out_lp, mask, n_gen)
 
@@ -322,6 +332,7 @@ def generate(
         jnp.dtype(cache_dtype or cfg.dtype).name,
         mesh,
         rules,
+        len(stop_tokens) > 0,
     )
     args = (
         tokens,
