@@ -367,11 +367,13 @@ def generate_text(
     """Encodes `texts`, generates, and decodes each completion (without its stop token).
 
     `tokenizer` has encode(text, bos=) / decode(ids) / eos_id / pad_id / bos_id (our
-    SentencePiece Tokenizer and hf.HFTokenizer both do). Stops at eos unless `stop_tokens` is
-    given; `rng` defaults to PRNGKey(0); other keywords go to `generate`.
+    SentencePiece Tokenizer and hf.HFTokenizer both do). Stops at eos (an HF tokenizer's
+    `stop_ids`) unless `stop_tokens` is given; `rng` defaults to PRNGKey(0); other keywords go
+    to `generate`.
     """
     prompts = [tokenizer.encode(t, bos=add_bos and tokenizer.bos_id >= 0) for t in texts]
-    kw.setdefault("stop_tokens", (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ())
+    eos = (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ()
+    kw.setdefault("stop_tokens", tuple(getattr(tokenizer, "stop_ids", ()) or eos))
     kw.setdefault("pad_id", max(tokenizer.pad_id, 0))
     rng = jax.random.PRNGKey(0) if rng is None else rng
     out = generate(cfg, params, prompts, max_new_tokens=max_new_tokens, rng=rng, **kw)
