@@ -301,7 +301,7 @@ def generate(
       pad_id: what fills `tokens` after a row ended (and pads prompts internally).
       mesh, rules: generate under this mesh with these logical-axis rules (use the training
         ones so training-sharded params are used in place); the batch is split over data×fsdp
-        when it divides, else replicated.
+        (padded up to a multiple of it internally).
       cache_dtype: KV cache dtype; default the model's compute dtype.
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
@@ -316,9 +316,11 @@ def generate(
     B = tokens.shape[0]
     if mesh is not None:
         rules = tuple(rules or ())
-        if B % batch_divisor(mesh):
-            # A batch that does not split evenly runs replicated (the rule listed first wins).
-            rules = (("act_batch", None), *rules)
+        # A batch that does not split over data×fsdp gets copies of row 0 appended (cut off
+        # again below): the rows still run sharded, in the program of the rounded-up batch.
+        extra = -B % batch_divisor(mesh)
+        tokens = np.concatenate([tokens, np.repeat(tokens[:1], extra, 0)])
+        lengths = np.concatenate([lengths, np.repeat(lengths[:1], extra, 0)])
     # Stop ids padded with -1 (never a token) to a power of two: fewer distinct programs.
     stop = np.full(max(4, 1 << max(0, len(stop_tokens) - 1).bit_length()), -1, np.int32)
     stop[: len(stop_tokens)] = list(stop_tokens)
@@ -345,12 +347,11 @@ def generate(
     if mesh is None:
         return fn(params, args[0], args[1], rng, *args[2:])
     with use_mesh(mesh, rules):
-        row = batch_sharding(mesh, 1) if not B % batch_divisor(mesh) else replicated(mesh)
-        mat = batch_sharding(mesh, 2) if not B % batch_divisor(mesh) else replicated(mesh)
-        tok_d = jax.device_put(tokens, mat)
-        len_d = jax.device_put(lengths, row)
+        tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
+        len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
         rest = jax.device_put((rng, *args[2:]), replicated(mesh))
-        return fn(params, tok_d, len_d, rest[0], *rest[1:])
+        out = fn(params, tok_d, len_d, rest[0], *rest[1:])
+    return out if tokens.shape[0] == B else jax.tree.map(lambda x: x[:B], out)
 
 
 def generate_text(
