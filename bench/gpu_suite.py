@@ -25,10 +25,10 @@ PY = sys.executable
 # decode cases: bench/decode.py; alignment: bench/alignment_throughput.py.
 GPU_CASES = [
     ("train 1b flaxlm", 90, ["train_throughput", "--cases", "1b:flax"]),
+    ("decode 1b flaxlm b64", 55, ["decode", "--cases", "1b:flax:b64"]),
     ("train 1b hf eager", 45, ["train_throughput", "--cases", "1b:hf-eager"]),
-    ("decode 1b flaxlm b64", 60, ["decode", "--cases", "1b:flax:b64"]),
-    ("decode 1b flaxlm b1", 50, ["decode", "--cases", "1b:flax:b1"]),
-    ("decode 1b hf b64", 60, ["decode", "--cases", "1b:hf:b64"]),
+    ("decode 1b hf b64", 55, ["decode", "--cases", "1b:hf:b64"]),
+    ("decode 1b flaxlm b1", 45, ["decode", "--cases", "1b:flax:b1"]),
     ("train 7b flaxlm", 120, ["train_throughput", "--cases", "7b:flax:bf16_params"]),
     ("train 7b hf eager ckpt", 60, ["train_throughput", "--cases", "7b:hf-eager:ckpt"]),
     ("alignment dpo+ppo", 90, ["alignment_throughput"]),
