@@ -8,7 +8,9 @@ Workload (as DESIGN.md's peer figure): TinyLlama-1.1B shape (variant "1b", bf16 
 compute, random weights), B prompts of 128 random tokens, 256 new tokens *sampled* at
 temperature 1 with no stop token, so every row generates all 256. Each case runs in its own
 subprocess (JAX preallocates accelerator memory; torch then gets a clean device) and appends a
-JSON record to OUT/decode.jsonl; the driver writes OUT/decode.json and OUT/decode.md.
+JSON record to OUT/decode.jsonl; the driver writes OUT/decode.json and OUT/decode.md from the
+latest record of every case in OUT, so cases run by separate invocations (bench/gpu_suite.py)
+share one table (--fresh starts over).
 
 Timing: one warm-up call (compilation / CUDA init) excluded, then the median of `--runs` calls,
 each ended by a device sync. Reported per case:
@@ -228,6 +230,7 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="timed calls per case (median)")
     p.add_argument("--hf_python", default=sys.executable, help="python with torch+transformers")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
+    p.add_argument("--fresh", action="store_true", help="forget earlier records in OUT")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)
     p.add_argument("--dims", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -243,7 +246,7 @@ def main(argv=None):
     batches = SHAPES[shape][3]
     cases = a.cases.split(",") if a.cases else [
         f"{shape}:{impl}:b{b}" for b in batches for impl in ("flax", "hf")]  # fmt: skip
-    if os.path.exists(path):
+    if a.fresh and os.path.exists(path):
         os.remove(path)
     for case in cases:
         s, impl = case.split(":")[:2]
@@ -261,8 +264,14 @@ def main(argv=None):
             with open(path, "a") as f:
                 f.write(json.dumps({"case": case, "error": f"timeout {a.timeout}s"}) + "\n")
         print(f"[{case}] {time.perf_counter() - t0:.0f}s", flush=True)
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    with open(path) as f:  # every case run into OUT so far; the latest record of each case
+        latest = {}
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                latest.pop(rec["case"], None)
+                latest[rec["case"]] = rec
+    records = sorted(latest.values(), key=lambda r: (r["case"].split(":")[::-1], r["case"]))
     with open(os.path.join(a.out, "decode.json"), "w") as f:
         json.dump(records, f, indent=1)
     md = table(records)
