@@ -1,4 +1,4 @@
-"""Generation: one jitted prefill plus a `lax.while_loop` decode over a preallocated KV cache.
+"""Generation: one jitted prefill plus a decode loop over a preallocated KV cache, with samplers.
 
     out = generate(cfg, params, [[1, 5, 9], [1, 7]], max_new_tokens=32, rng=key, temperature=0.7)
     out.tokens (B, N) int32 · out.logprobs (B, N) float32 · out.mask (B, N) float32
@@ -14,15 +14,20 @@ How a batch of prompts of different lengths is laid out (B rows, prompt bucket P
     slots between `len_b` and P stay invisible.
 Token 0 comes from the prefill logits at each row's last real token; tokens 1..N-1 from the
 loop. The whole thing (prefill, loop, samplers, stop handling) is one XLA program, so there is
-no host round trip per token; the loop exits early once every row has hit a stop token.
+no host round trip per token. With stop tokens the loop is a `while_loop` that exits once every
+row has stopped; without, a fixed-length `scan` (a known trip count: no loop condition is read
+back to the host). Each step attends over all P + N cache slots (masked), a fixed shape. The
+cache is heads-major (B, K, S, H) in the compute dtype (`cache_dtype`), updated in place.
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
 computes for that token (what PPO's ratio and KL need), whatever sampler picked the token.
 
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
-number of stop tokens, mesh, rules). Temperature, top_p, the stop-token ids, pad id and the RNG
-are traced, so changing them does not recompile.
+any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules). Temperature,
+top_p, the stop-token ids, pad id and the RNG are traced: changing them does not recompile.
+Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
+copies of row 0 and cut back), params stay in their training shardings.
 """
 
 from __future__ import annotations
