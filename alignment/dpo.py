@@ -1,0 +1,375 @@
+"""The DPO family: preference optimisation directly on (prompt, chosen, rejected) pairs, no reward
+model, through the shared step and loop.
+
+    python -m flaxlm.train.main --config configs/dpo.py:runlocal=True \
+        --config.init_from=runs/sft --workdir runs/dpo --config.dpo.loss_type=ipo
+
+Per pair, with sequence log-probabilities (sums over the response tokens) π_c, π_r of the
+policy, ρ_c, ρ_r of the frozen reference, h = (π_c − ρ_c) − (π_r − ρ_r), σ the logistic
+function and ε = `label_smoothing`, `preference_loss` computes (`loss_type`):
+
+    sigmoid       −log σ(β·h)                                          DPO (Rafailov et al. 2023)
+    conservative  −(1 − ε)·log σ(β·h) − ε·log σ(−β·h)                  cDPO (labels flipped w.p. ε)
+    ipo           (h − 1/(2β))²                                        IPO (Azar et al. 2023)
+    hinge         max(0, 1 − β·h)                                      SLiC-HF (Zhao et al. 2023)
+    robust        [(1 − ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))] / (1 − 2ε)
+                                                                       rDPO (Chowdhury et al. 2024)
+    simpo         −log σ(β·(π_c/|y_c| − π_r/|y_r|) − γ)                SimPO (Meng et al. 2024)
+    orpo          −π_c/|y_c| − β·log σ(log odds_c − log odds_r)        ORPO (Hong et al. 2024)
+
+SimPO and ORPO are reference-free and length-normalised: they need each response's token count
+|y| (`chosen_lengths`, `rejected_lengths`), which the loss reads off the batch's loss mask; ORPO's
+log odds(y) = ā − log(1 − e^ā) with ā = π/|y| the mean token log-probability, and its first
+term is the chosen response's (per-token) NLL — SFT and preference in one loss. Implicit rewards:
+β·(π − ρ) for the DPO variants, β·π/|y| for SimPO and ORPO.
+
+Reference log-probabilities (`dpo.ref_logps`): "precompute" runs the reference once over every
+training and held-out pair when the task is built (a table keyed by each pair's tokens, so any
+order or epoch finds them); "online" runs it on every batch. Either way they arrive in the batch
+as `ref_chosen_logps` / `ref_rejected_logps`, so the loss is the same. The reference is the
+`init_from` model unless `dpo.ref_from` names another run; `dpo.ref_dtype` may be bfloat16.
+
+Metrics: `rewards/chosen`, `rewards/rejected`, `rewards/margin`, `rewards/accuracy` (implicit
+reward of chosen > rejected), `logps/chosen`, `logps/rejected`. Evaluation on held-out pairs:
+the same, with ties counted ½ (at step 0 every DPO-variant margin is 0), `logp_accuracy`
+(mean token log-probability of chosen > rejected: a reference-free preference accuracy that is
+meaningful at step 0 too), accuracy per pair kind, and greedy generation accuracy on
+`eval_gen.sets` (the task metric).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.alignment import common, rl_common
+from flaxlm.alignment.reward import load_pairs
+from flaxlm.data import formats as F
+from flaxlm.models import lora as lora_lib
+from flaxlm.models.sharding import (
+    batch_divisor,
+    logical_axis_rules,
+    make_mesh,
+    shard_batch,
+    use_mesh,
+)
+from flaxlm.train import loop
+from flaxlm.train.losses import token_logprobs
+from flaxlm.train.pretrain import model_fns
+
+LOSS_TYPES = ("sigmoid", "conservative", "ipo", "hinge", "robust", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def _log1mexp(a):
+    """log(1 − e^a) for a < 0 (a is clamped to <= −1e-6: a response of probability ~1 would
+    otherwise have infinite odds)."""
+    return jnp.log(-jnp.expm1(jnp.minimum(a, -1e-6)))
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                    ref_rejected_logps, *, beta: float, loss_type: str,
+                    label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None,
+                    simpo_gamma: float = 0.0):  # fmt: skip
+    """Per-pair losses of the DPO family (module docstring) and the implicit rewards.
+
+    Args:
+      policy_*_logps, ref_*_logps: (B,) sequence log-probabilities (sums over the response
+        tokens); the reference ones are ignored by the reference-free simpo / orpo.
+      beta: the β of each formula (ORPO: the weight λ of its odds-ratio term).
+      loss_type: one of LOSS_TYPES.
+      label_smoothing: ε of conservative / robust (the assumed label-flip rate, < 0.5).
+      chosen_lengths, rejected_lengths: (B,) response token counts (simpo, orpo).
+      simpo_gamma: SimPO's target reward margin γ.
+
+    Returns: (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), float32.
+    """
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
+    eps = float(label_smoothing)
+    if loss_type in REFERENCE_FREE:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"loss_type={loss_type!r} needs chosen_lengths / rejected_lengths")
+        ac = pc / jnp.maximum(f32(chosen_lengths), 1.0)  # mean token log-probabilities
+        ar = pr / jnp.maximum(f32(rejected_lengths), 1.0)
+        rew_c, rew_r = beta * ac, beta * ar
+        if loss_type == "simpo":
+            losses = -jax.nn.log_sigmoid(beta * (ac - ar) - simpo_gamma)
+        else:
+            log_odds = (ac - _log1mexp(ac)) - (ar - _log1mexp(ar))
+            losses = -ac - beta * jax.nn.log_sigmoid(log_odds)
+        return losses, rew_c, rew_r
+    rc, rr = f32(ref_chosen_logps), f32(ref_rejected_logps)
+    h = (pc - rc) - (pr - rr)
+    rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
+    if loss_type == "sigmoid":
+        losses = -jax.nn.log_sigmoid(beta * h)
+    elif loss_type == "conservative":
+        losses = -(1 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = jnp.square(h - 1.0 / (2.0 * beta))
+    elif loss_type == "hinge":
+        losses = jax.nn.relu(1.0 - beta * h)
+    elif loss_type == "robust":
+        if not 0.0 <= eps < 0.5:
+            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
+        losses = (
+            -(1 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h)
+        ) / (1 - 2 * eps)
+    else:
+        raise ValueError(f"dpo.loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
+    return losses, rew_c, rew_r
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence log-probabilities of both sides
+
+
+def _both(batch) -> dict:
+    keys = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+    return {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in keys}
+
+
+def pair_logps(apply, params, batch):
+    """((π_c, π_r) sequence log-probabilities, (|y_c|, |y_r|) response lengths), each (B,):
+    one forward pass over the chosen and rejected rows together."""
+    x = _both(batch)
+    logits = apply(params, x["tokens"], x["positions"], x["segment_ids"])
+    lp = jnp.sum(token_logprobs(logits, x["targets"]) * x["loss_mask"], axis=-1)
+    n = jnp.sum(x["loss_mask"], axis=-1)
+    return jnp.split(lp, 2), jnp.split(n, 2)
+
+
+def dpo_loss_fn(apply, d):
+    def loss_fn(params, batch, rng):
+        del rng
+        (pc, pr), (lc, lr) = pair_logps(apply, params, batch)
+        losses, rew_c, rew_r = preference_loss(
+            pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=d.beta,
+            loss_type=d.loss_type, label_smoothing=d.label_smoothing, chosen_lengths=lc,
+            rejected_lengths=lr, simpo_gamma=d.simpo_gamma,
+        )  # fmt: skip
+        w = batch["valid"]
+        n = jnp.maximum(jnp.sum(w), 1.0)
+        mean = lambda x: jnp.sum(x * w) / n  # noqa: E731
+        metrics = {
+            "rewards/chosen": mean(rew_c),
+            "rewards/rejected": mean(rew_r),
+            "rewards/margin": mean(rew_c - rew_r),
+            "rewards/accuracy": mean((rew_c > rew_r).astype(jnp.float32)),
+            "logps/chosen": mean(pc),
+            "logps/rejected": mean(pr),
+            "weight": jnp.sum(w),
+        }
+        return mean(losses), metrics
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference log-probabilities in the data path
+
+
+def _pair_key(batch, b: int) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for k in ("chosen_tokens", "chosen_targets", "rejected_tokens", "rejected_targets"):
+        h.update(np.ascontiguousarray(batch[k][b]).tobytes())
+    return h.digest()
+
+
+class RefLogps:
+    """Reference sequence log-probabilities of preference batches, cached by pair content
+    (`cache=True`, filled by `precompute`) or computed per batch (`cache=False`)."""
+
+    def __init__(self, apply, params, mesh, rules, cache: bool, zeros: bool = False):
+        self.params, self.mesh, self.rules = params, mesh, rules
+        self.table: dict[bytes, tuple[float, float]] | None = {} if cache else None
+        self.zeros = zeros  # reference-free losses: no forward pass at all
+        self._fn = jax.jit(lambda p, b: pair_logps(apply, p, b)[0])
+        self.forward_rows = 0  # rows the reference has scored (tests, logs)
+
+    def _forward(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        keys = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+        rows = {f"{s}_{k}": batch[f"{s}_{k}"] for s in ("chosen", "rejected") for k in keys}
+        with use_mesh(self.mesh, self.rules):
+            c, r = jax.device_get(self._fn(self.params, shard_batch(rows, self.mesh)))
+        self.forward_rows += len(c)
+        return np.asarray(c, np.float32), np.asarray(r, np.float32)
+
+    def add(self, batch: dict) -> dict:
+        """`batch` with `ref_chosen_logps` / `ref_rejected_logps` (B,) added."""
+        B = len(batch["valid"])
+        if self.zeros:
+            c = r = np.zeros(B, np.float32)
+        elif self.table is None:
+            c, r = self._forward(batch)
+        else:
+            keys = [_pair_key(batch, b) for b in range(B)]
+            if not all(k in self.table for k in keys):
+                c, r = self._forward(batch)
+                self.table.update({k: (c[b], r[b]) for b, k in enumerate(keys)})
+            c = np.asarray([self.table[k][0] for k in keys], np.float32)
+            r = np.asarray([self.table[k][1] for k in keys], np.float32)
+        return {**batch, "ref_chosen_logps": c, "ref_rejected_logps": r}
+
+    def precompute(self, batches) -> None:
+        for b in batches:
+            self.add(b)
+
+
+class WithRefLogps:
+    """A preference-batch iterator whose batches carry the reference log-probabilities."""
+
+    def __init__(self, inner, ref: RefLogps):
+        self.inner, self.ref = inner, ref
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self.ref.add(next(self.inner))
+
+    def get_state(self) -> dict:
+        return self.inner.get_state()
+
+    def set_state(self, st: dict) -> None:
+        self.inner.set_state(st)
+
+
+def _pair_batches(pairs, config, pad_id, **kw):
+    return F.PreferenceBatches(
+        pairs, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
+        pad_id=pad_id, process_index=jax.process_index(), process_count=jax.process_count(), **kw,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and task
+
+
+def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, spec):
+    """params -> held-out preference metrics (+ greedy generation metrics)."""
+    d = config.dpo
+    host = [ref.add(b) for b in _pair_batches(heldout, config, pad_id, shuffle=False,
+                                              num_epochs=1)] if heldout else []  # fmt: skip
+    kinds = [p["meta"].get("pair", "") for p in heldout]
+    fn = jax.jit(lambda p, b: pair_logps(apply, p, b))
+
+    def eval_fn(params):
+        out, cols = {}, collections.defaultdict(list)
+        for hb in host:
+            with use_mesh(mesh, logical_axis_rules(config.sharding)):
+                (pc, pr), (lc, lr) = jax.device_get(fn(params, shard_batch(hb, mesh)))
+            keep = hb["valid"] > 0
+            ref_c, ref_r = hb["ref_chosen_logps"], hb["ref_rejected_logps"]
+            for k, v in zip(("pc", "pr", "lc", "lr", "rc", "rr"), (pc, pr, lc, lr, ref_c, ref_r)):
+                cols[k].append(np.asarray(v)[keep])
+        if host:
+            c = {k: np.concatenate(v) for k, v in cols.items()}
+            losses, rew_c, rew_r = jax.device_get(preference_loss(
+                c["pc"], c["pr"], c["rc"], c["rr"], beta=d.beta, loss_type=d.loss_type,
+                label_smoothing=d.label_smoothing, chosen_lengths=c["lc"],
+                rejected_lengths=c["lr"], simpo_gamma=d.simpo_gamma,
+            ))  # fmt: skip
+            won = (rew_c > rew_r) + 0.5 * (rew_c == rew_r)
+            out.update({
+                "loss": float(np.mean(losses)), "accuracy": float(np.mean(won)),
+                "margin": float(np.mean(rew_c - rew_r)),
+                "logp_accuracy": float(np.mean(c["pc"] / c["lc"] > c["pr"] / c["lr"])),
+            })  # fmt: skip
+            if jax.process_count() == 1 and any(kinds):
+                by = collections.defaultdict(list)
+                for k, w in zip(kinds, won):
+                    by[k].append(w)
+                out.update({f"acc_{k}": float(np.mean(v)) for k, v in sorted(by.items()) if k})
+        if gen_eval is not None:
+            out.update(gen_eval(lora_lib.merge(params, spec) if spec else params))
+        return out
+
+    return eval_fn
+
+
+def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
+    """The DPO-family Task; `init_from` (the SFT run) is required: it is also the reference."""
+    d = config.dpo
+    if d.loss_type not in LOSS_TYPES:
+        raise ValueError(f"dpo.loss_type={d.loss_type!r}; expected one of {LOSS_TYPES}")
+    if d.ref_logps not in ("precompute", "online"):
+        raise ValueError(f"dpo.ref_logps={d.ref_logps!r}; expected precompute | online")
+    if not config.init_from:
+        raise ValueError("dpo: set --config.init_from=SFT_RUN (the policy's start and reference)")
+    if config.batch_size % batch_divisor(mesh):
+        raise ValueError(
+            f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
+        )
+    meta = common.source_meta(config.init_from)
+    tok = common.resolve_tokenizer(config, meta)
+    cfg = common.resolve_model_config(config, meta)
+    tok.check_fits(cfg.vocab_size)
+    template = F.ChatTemplate(tok)
+    report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
+    train = load_pairs(config.data.train, config, template, report)
+    if not train:
+        raise ValueError(f"data.train={config.data.train!r}: no usable pairs ({report.to_dict()})")
+    heldout = (
+        load_pairs(config.data.eval, config, template, eval_report) if config.data.eval else []
+    )
+
+    rules = logical_axis_rules(config.sharding)
+    free = d.loss_type in REFERENCE_FREE
+    if free:
+        ref = RefLogps(None, None, mesh, rules, cache=False, zeros=True)
+    else:
+        _, ref_apply, ref_params = rl_common.frozen_lm(
+            d.ref_from or config.init_from, mesh, rules, d.ref_dtype
+        )
+        ref = RefLogps(ref_apply, ref_params, mesh, rules, cache=d.ref_logps == "precompute")
+        if d.ref_logps == "precompute":
+            ref.precompute(_pair_batches(train, config, tok.pad_id, shuffle=False, num_epochs=1))
+    init_params, apply = model_fns(cfg)
+    spec = lora_lib.spec_from_config(config.lora)
+    if spec:
+        init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
+    batches = WithRefLogps(
+        _pair_batches(train, config, tok.pad_id, seed=config.seed, shuffle=config.data.shuffle),
+        ref,
+    )
+    eval_fn = None
+    if config.eval_every and (heldout or config.eval_gen.sets):
+        gen_eval = None
+        if config.eval_gen.sets:
+            sets = rl_common.heldout_sets(config, template, [], eval_report)
+            gen_eval = rl_common.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
+        eval_fn = make_eval_fn(config, mesh, apply, ref, heldout, tok.pad_id, gen_eval, spec)
+    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
+    if workdir:
+        common.write_report(workdir, data_report)
+    load, transform = common.init_hooks("lm", spec)
+    return loop.Task(
+        name="dpo",
+        init_params=init_params,
+        loss_fn=dpo_loss_fn(apply, d),
+        train_batches=batches,
+        eval_fn=eval_fn,
+        flops_per_token=cfg.flops_per_token(config.seq_len),
+        flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True),
+        trainable_mask=(lambda p: lora_lib.trainable_mask(p, spec)) if spec else None,
+        load_init_params=load,
+        init_from_transform=transform,
+        model_meta={
+            "model_config": cfg.to_dict(),
+            "tokenizer": common.save_tokenizer(tok, workdir),
+            "head": "lm",
+            "lora": spec.to_dict() if spec else {},
+            "data_report": data_report,
+        },
+    )
+
+
+def run(config, workdir: str):
+    mesh = make_mesh(dict(config.mesh))
+    return loop.run(config, workdir, build_task(config, mesh, workdir), mesh=mesh)

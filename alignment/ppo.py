@@ -1,0 +1,348 @@
+"""PPO for RLHF (InstructGPT): a policy and a critic trained on rollouts scored by a frozen reward
+model, with a per-token KL penalty to the frozen reference (the SFT model).
+
+    python -m flaxlm.train.main --config configs/ppo.py:runlocal=True \
+        --config.init_from=runs/sft --config.reward_from=runs/rm --workdir runs/ppo
+
+One iteration (alignment/rl_rollout.py `RolloutSource`, called by the loop's `before_step`):
+  1. generate: `rollout.batch` prompts, one decoder call with the current policy;
+  2. score (one jitted call): policy logprobs log π_old, reference logprobs log π_ref, critic
+     values V_old per token, and the reward model's score at each response's last token;
+  3. rewards per response token: r_t = −β·kl_t, plus the sequence reward at the last token
+     (the score; `rollout.empty_reward` for an empty response, minus `nonstop_penalty` for one
+     that never stopped); kl_t is the k1 or k3 estimator (`ppo.kl_estimator`); β is fixed or
+     adapted toward `ppo.kl_target` per rollout (Ziegler et al. 2019);
+  4. advantages: GAE(γ, λ) (`gae`) over the response tokens, whitened over the rollout
+     (`whiten`); returns = advantages + V_old (before whitening);
+  5. train: `rollout.epochs` passes over the rollout in minibatches of `batch_size` rows — each
+     one optimizer step of the shared train_step on the combined loss
+
+         L = L_clip(π) + vf_coef·L_V − ent_coef·H(π)
+         L_clip = mean_t max(−A_t·ρ_t, −A_t·clip(ρ_t, 1 ± ε)),   ρ_t = π(a_t|s_t)/π_old(a_t|s_t)
+         L_V    = mean_t ½·max((V − R)², (V_old + clip(V − V_old, ±ε_V) − R)²)
+
+     (means over the minibatch's response tokens).
+
+Why one TrainState with params {"policy": LM, "value": scalar-head model}: the loop and the step
+own exactly one state, so the critic's update rides in the same jitted step and checkpoint as
+the policy's, with no second loop or optimizer to keep in sync. The two trees share no
+parameter, so each gets its own Adam statistics; the only coupling is the global-norm clip
+(which `vf_coef` weighs). The critic starts from the reward model (`reward_from`), whose
+backbone already reads responses; the frozen reward model and reference are separate copies
+kept out of the state (optionally bfloat16, `rollout.frozen_dtype`).
+
+Metrics (metrics.jsonl): loss-side `pg_loss`, `vf_loss`, `entropy`, `clipfrac`, `vf_clipfrac`,
+`approx_kl`; per rollout `rollout/score_mean|std` (reward model), `rollout/reward_mean|std`
+(sequence reward with penalties), `rollout/kl` (per-sequence KL to the reference),
+`rollout/kl_coef`, `rollout/explained_var`, `rollout/response_len`, the bad-input counts, and
+the time split `rollout/gen_s`, `rollout/score_s`, `rollout/train_s`. Evaluation: greedy
+answers on held-out prompts — world-judge accuracy and the reward model's mean score.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.alignment import common, rl_common
+from flaxlm.alignment.rl_rollout import (
+    RolloutSource,
+    entropy,
+    kl_penalty,
+    lm_logprobs,
+    passthrough_stats,
+    sample_stats,
+)
+from flaxlm.data import formats as F
+from flaxlm.models.config import ModelConfig
+from flaxlm.models.heads import scalar_model_fns, sequence_values
+from flaxlm.models.sharding import batch_divisor, logical_axis_rules, make_mesh
+from flaxlm.train import checkpoint as ckpt_lib
+from flaxlm.train import loop
+from flaxlm.train.losses import masked_mean, token_logprobs
+from flaxlm.train.pretrain import model_fns
+
+# ---------------------------------------------------------------------------------------------
+# Advantages and losses (pure; tests check them against the published formulas)
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over (B, T) token rows.
+
+    The episode of a row is its masked positions, which must be contiguous; the position after
+    the last one is terminal (value 0). With δ_t = r_t + γ·V_{t+1}·m_{t+1} − V_t,
+
+        A_t = δ_t + γλ·m_{t+1}·A_{t+1},      R_t = A_t + V_t
+
+    Returns (advantages, returns), float32, 0 where mask == 0.
+    """
+    r = jnp.asarray(rewards, jnp.float32)
+    v = jnp.asarray(values, jnp.float32)
+    m = jnp.asarray(mask, jnp.float32)
+    zero = jnp.zeros_like(m[:, :1])
+    m_next = jnp.concatenate([m[:, 1:], zero], axis=1)
+    v_next = jnp.concatenate([v[:, 1:], zero], axis=1) * m_next
+    delta = (r + gamma * v_next - v) * m
+
+    def back(carry, xs):  # one step of the backward recursion, over all rows at once
+        d, mn = xs
+        a = d + gamma * lam * mn * carry
+        return a, a
+
+    _, adv_TB = jax.lax.scan(back, jnp.zeros_like(m[:, 0]), (delta.T, m_next.T), reverse=True)
+    adv = adv_TB.T * m
+    return adv, (adv + v) * m
+
+
+def whiten(x, mask, shift_mean: bool = True):
+    """(x − mean)/std over the masked entries (population std, ε = 1e-8 under the root); with
+    `shift_mean=False` the mean is added back (only the scale changes). Entries outside the
+    mask are transformed too but carry no weight in the statistics."""
+    x = jnp.asarray(x, jnp.float32)
+    mean = masked_mean(x, mask)
+    var = masked_mean(jnp.square(x - mean), mask)
+    out = (x - mean) * jax.lax.rsqrt(var + 1e-8)
+    return out + mean if not shift_mean else out
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip: float):
+    """PPO's clipped surrogate (masked token mean) and the fraction of clipped tokens."""
+    ratio = jnp.exp(logp - old_logp)
+    pg = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1 - clip, 1 + clip))
+    clipped = (jnp.abs(ratio - 1.0) > clip).astype(jnp.float32)
+    return masked_mean(pg, mask), masked_mean(clipped, mask)
+
+
+def value_loss(values, old_values, returns, mask, clip: float):
+    """PPO's clipped value loss ½·max((V − R)², (V_clip − R)²) (masked token mean) and the
+    fraction of tokens where the clipped term is the larger one."""
+    v_clip = old_values + jnp.clip(values - old_values, -clip, clip)
+    a, b = jnp.square(values - returns), jnp.square(v_clip - returns)
+    clipped = (b > a).astype(jnp.float32)
+    return 0.5 * masked_mean(jnp.maximum(a, b), mask), masked_mean(clipped, mask)
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 − Var(R − V)/Var(R) over the masked entries (1 = perfect critic, ≤ 0 = useless)."""
+    m = np.asarray(mask) > 0
+    if m.sum() < 2:
+        return 0.0
+    r, v = np.asarray(returns)[m], np.asarray(values)[m]
+    var = np.var(r)
+    return float(1.0 - np.var(r - v) / var) if var > 0 else 0.0
+
+
+class KLController:
+    """β of the KL penalty: fixed, or (target > 0) adapted after each rollout as in Ziegler
+    et al. (2019): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon), n = sequences seen."""
+
+    def __init__(self, init: float, target: float = 0.0, horizon: int = 10000):
+        self.value, self.target, self.horizon = float(init), float(target), int(horizon)
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target > 0:
+            err = float(np.clip(kl / self.target - 1.0, -0.2, 0.2))
+            self.value *= 1.0 + err * n / self.horizon
+
+
+def ppo_loss_fn(policy_apply, value_apply, p):
+    """The combined policy + critic loss (module docstring) over a rollout minibatch."""
+
+    def loss_fn(params, batch, rng):
+        del rng
+        mask = batch["loss_mask"]
+        args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+        logits = policy_apply(params["policy"], *args)
+        logp = token_logprobs(logits, batch["targets"])
+        values = value_apply(params["value"], *args)
+        pg, clipfrac = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, p.clip)
+        vf, vf_clipfrac = value_loss(
+            values, batch["old_values"], batch["returns"], mask, p.value_clip
+        )
+        ent = masked_mean(entropy(logits), mask)
+        loss = pg + p.vf_coef * vf - p.ent_coef * ent
+        metrics = {
+            "pg_loss": pg,
+            "vf_loss": vf,
+            "entropy": ent,
+            "clipfrac": clipfrac,
+            "vf_clipfrac": vf_clipfrac,
+            "approx_kl": masked_mean(0.5 * jnp.square(logp - batch["old_logprobs"]), mask),
+            "weight": jnp.sum(mask),
+            **passthrough_stats(batch),
+        }
+        return loss, metrics
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+
+
+class PPOSource(RolloutSource):
+    """Rollouts scored by the reward model, with KL-shaped rewards and GAE advantages."""
+
+    def __init__(self, config, mesh, rules, prompts, *, cfg, template, applies, ref, rm):
+        super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template)
+        p = config.ppo
+        self.kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
+        self.ref_params, self.rm_params = ref[2], rm[2]
+        policy_apply, value_apply = applies
+
+        def score(policy, value, ref_p, rm_p, rows):
+            args = (rows["tokens"], rows["positions"], rows["segment_ids"])
+            lp = lm_logprobs(policy_apply, policy, rows)
+            ref_lp = lm_logprobs(ref[1], ref_p, rows)
+            vals = value_apply(value, *args)
+            sc = sequence_values(rm[1](rm_p, *args), rows["segment_ids"])
+            return lp, ref_lp, vals, sc
+
+        self._score = jax.jit(score)
+        self._gae = jax.jit(gae)
+        self._whiten = jax.jit(whiten)
+
+    def make_rollout(self, params, rng):
+        r, p = self.config.rollout, self.config.ppo
+        s = self.sample(params["policy"], self.cursor.take(r.batch), rng)
+        rows = s["rows"]
+        t0 = time.perf_counter()
+        lp, ref_lp, values, score = self.score(
+            self._score, params["policy"], params["value"], self.ref_params, self.rm_params, rows
+        )
+        mask = rows["loss_mask"]
+        finite = lambda x: np.all(np.isfinite(np.where(mask > 0, x, 0.0)), axis=1)  # noqa: E731
+        valid = np.isfinite(score) & finite(lp) & finite(ref_lp) & finite(values)
+        errors = [f"row {b}: non-finite reward-model score or logprob/value"
+                  for b in np.flatnonzero(~valid)]  # fmt: skip
+        self.log_errors(errors, int(valid.sum()))
+        m = mask * valid[:, None]
+        lp, ref_lp, values = (np.where(m > 0, x, 0.0) for x in (lp, ref_lp, values))
+        seq_reward = np.where(s["empty"], r.empty_reward, np.nan_to_num(score))
+        seq_reward = seq_reward - r.nonstop_penalty * (~s["stopped"])
+        kl = np.asarray(kl_penalty(lp, ref_lp, p.kl_estimator)) * m
+        beta = self.kl.value
+        tok_rewards = -beta * kl
+        last = s["prompt_lens"] + s["lengths"] - 2  # index of each response's final token
+        tok_rewards[np.arange(len(last)), last] += np.where(valid, seq_reward, 0.0)
+        adv, returns = self._gae(tok_rewards, values, m, p.gamma, p.lam)
+        adv_w = self._whiten(adv, m) * m if p.whiten_advantages else adv
+        adv, returns, adv_w = jax.device_get((adv, returns, adv_w))
+        score_s = time.perf_counter() - t0
+
+        kl_seq = kl.sum(1)[valid]
+        self.kl.update(float(kl_seq.mean()), int(valid.sum()))
+        v = valid
+        stats = {
+            **sample_stats(s, valid),
+            "score_mean": score[v].mean(), "score_std": score[v].std(),
+            "reward_mean": seq_reward[v].mean(), "reward_std": seq_reward[v].std(),
+            "kl": kl_seq.mean(), "kl_coef": beta, "non_score_reward": -beta * kl_seq.mean(),
+            "explained_var": explained_variance(values, returns, m),
+            "value_mean": (values * m).sum() / max(m.sum(), 1.0),
+            "adv_std": np.sqrt((np.square(adv) * m).sum() / max(m.sum(), 1.0)),
+            "logprob_gap": (np.abs(s["sample_logprobs"] - lp) * m).sum() / max(m.sum(), 1.0),
+            "score_s": score_s,
+        }  # fmt: skip
+        train_rows = {
+            **{k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids")},
+            "loss_mask": m.astype(np.float32), "old_logprobs": lp.astype(np.float32),
+            "old_values": values.astype(np.float32), "advantages": adv_w.astype(np.float32),
+            "returns": returns.astype(np.float32),
+        }  # fmt: skip
+        return train_rows, stats
+
+    def get_state(self) -> dict:
+        return {**super().get_state(), "kl_coef": self.kl.value}
+
+    def set_state(self, st: dict) -> None:
+        super().set_state(st)
+        self.kl.value = float(st.get("kl_coef", self.kl.value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Task
+
+
+def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
+    """The PPO Task; `init_from` (SFT run: policy and reference) and `reward_from` (reward
+    model run: scorer and critic) are required."""
+    if not config.init_from or not config.reward_from:
+        raise ValueError("ppo: set --config.init_from=SFT_RUN and --config.reward_from=RM_RUN")
+    if config.batch_size % batch_divisor(mesh):
+        raise ValueError(
+            f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
+        )
+    meta = common.source_meta(config.init_from)
+    tok = common.resolve_tokenizer(config, meta)
+    cfg = common.resolve_model_config(config, meta)
+    tok.check_fits(cfg.vocab_size)
+    template = F.ChatTemplate(tok)
+    report = F.DataReport(strict=config.data.strict)
+    prompts = rl_common.load_prompts(config.data.train, config, template, report)
+    if not prompts:
+        raise ValueError(f"data.train={config.data.train!r}: no usable prompts")
+    rules = logical_axis_rules(config.sharding)
+    dtype = config.rollout.frozen_dtype
+    ref = rl_common.frozen_lm(config.init_from, mesh, rules, dtype)
+    rm = rl_common.frozen_scalar(config.reward_from, mesh, rules, dtype)
+    vcfg = ModelConfig.from_dict(ckpt_lib.read_meta(config.reward_from)[1]["model_config"])
+
+    lm_init, lm_apply = model_fns(cfg)
+    v_init, v_apply = scalar_model_fns(vcfg)
+
+    def init_params(rng):
+        return {"policy": lm_init(rng), "value": v_init(jax.random.fold_in(rng, 1))}
+
+    def load(source, target):
+        return {
+            "policy": common.load_lm_params(source, target["policy"]),
+            "value": rl_common.load_scalar_params(config.reward_from, target["value"]),
+        }
+
+    source = PPOSource(
+        config, mesh, rules, prompts, cfg=cfg, template=template,
+        applies=(lm_apply, v_apply), ref=ref, rm=rm,
+    )  # fmt: skip
+    eval_report = F.DataReport(strict=config.data.strict)
+    eval_fn = None
+    if config.eval_every and config.eval_gen.sets:
+        sets = rl_common.heldout_sets(config, template, prompts, eval_report)
+        policy_eval = rl_common.make_policy_eval(
+            cfg, template, sets, config.eval_gen, mesh, rules, rm=rm
+        )
+        eval_fn = lambda params: policy_eval(params["policy"])  # noqa: E731
+    data_report = {"prompts": report.to_dict(), "eval": eval_report.to_dict()}
+    if workdir:
+        common.write_report(workdir, data_report)
+    head_flops = 6 * vcfg.vocab_size * vcfg.d_model  # the critic has no vocabulary projection
+    flops = cfg.flops_per_token(config.seq_len) + vcfg.flops_per_token(config.seq_len)
+    flops_causal = cfg.flops_per_token(config.seq_len, True) + vcfg.flops_per_token(
+        config.seq_len, True
+    )
+    return loop.Task(
+        name="ppo",
+        init_params=init_params,
+        loss_fn=ppo_loss_fn(lm_apply, v_apply, config.ppo),
+        train_batches=source,
+        before_step=source.before_step,
+        eval_fn=eval_fn,
+        flops_per_token=flops - head_flops,
+        flops_per_token_causal=flops_causal - head_flops,
+        load_init_params=load,
+        model_meta={
+            "model_config": cfg.to_dict(),
+            "value_model_config": vcfg.to_dict(),
+            "tokenizer": common.save_tokenizer(tok, workdir),
+            "head": "policy_value",
+            "data_report": data_report,
+        },
+    )
+
+
+def run(config, workdir: str):
+    mesh = make_mesh(dict(config.mesh))
+    return loop.run(config, workdir, build_task(config, mesh, workdir), mesh=mesh)

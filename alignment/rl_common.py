@@ -1,0 +1,303 @@
+"""What the alignment tasks beyond SFT/RM share (PPO, GRPO, DPO): the `rollout` config section,
+RL prompts, frozen reference / reward models placed like the trained params, and a held-out
+evaluation by greedy generation.
+
+Prompts (`load_prompts`): records with a `prompt` (text or messages) and an optional `meta`
+(the built-in world's judge needs it), rendered with the chat template up to the assistant
+header. Bad input: prompts longer than `rollout.max_prompt_len` tokens follow `data.overlength`
+— truncate_left (oldest tokens cut, BOS and the generation header kept; counted in the data
+report) or drop (counted); malformed records are dropped and counted (strict mode raises with
+file:line).
+
+Frozen models (`frozen_lm`, `frozen_scalar`): loaded from a run directory (LoRA adapters merged),
+sharded with the training run's logical rules, optionally in bfloat16 (`rollout.frozen_dtype`):
+they are never differentiated, so half precision costs little and halves their memory.
+
+Held-out evaluation (`make_policy_eval`): greedy answers to held-out conversations' prompts,
+scored by the built-in world's judge (exact match of "The answer is X.") when the records carry
+its meta, and by a reward model when one is given. Held-out prompts identical to a training
+prompt are removed first (counted), so the metric is never measured on trained prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flaxlm.alignment import common
+from flaxlm.data import formats as F
+from flaxlm.models import lora as lora_lib
+from flaxlm.models.config import ModelConfig
+from flaxlm.models.decode import generate
+from flaxlm.models.heads import scalar_model_fns, sequence_values
+from flaxlm.models.sharding import shard_batch, use_mesh
+from flaxlm.train import checkpoint as ckpt_lib
+from flaxlm.train.pretrain import model_fns
+from flaxlm.train.state import param_shardings, unbox
+
+
+def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.ConfigDict:
+    """The `rollout` section shared by PPO and GRPO."""
+    c = ml_collections.ConfigDict()
+    c.prompts = "builtin:rl_prompts"  # prompt records (as data.train): {"prompt", "meta"}
+    c.batch = batch  # sequences generated per rollout (GRPO: prompts × group size)
+    c.epochs = 1  # passes over each rollout, in minibatches of `batch_size` rows
+    c.max_prompt_len = 64  # prompts beyond this are cut from the left or dropped (data.overlength)
+    c.max_new_tokens = max_new_tokens  # response budget (the decode loop's bound)
+    c.temperature = 1.0  # sampling temperature (logprobs are the model's at T=1 regardless)
+    c.top_k = 0  # 0 = off
+    c.top_p = 1.0  # 1 = off
+    c.empty_reward = -1.0  # reward of an empty response (the stop token alone)
+    c.nonstop_penalty = 0.0  # subtracted from responses that hit max_new_tokens without stopping
+    c.frozen_dtype = "float32"  # dtype of the frozen reference / reward models (bfloat16 halves)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict]:
+    """Rendered generation prompts {"ids", "meta", "loc"} of every record in `spec`."""
+    d, fields = config.data, config.data.fields
+    max_len = config.rollout.max_prompt_len
+    out = []
+    for obj, loc in common.records(spec, d, report):
+        try:
+            if not isinstance(obj, dict):
+                raise F.FormatError("bad_record", "record is not a JSON object")
+            prompt = obj.get(fields.prompt, obj.get(fields.messages))
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            if not isinstance(prompt, list) or not prompt:
+                raise F.FormatError("missing_field", f"no prompt field {fields.prompt!r}")
+            full, _ = F.render_prompt(prompt, template, 1 << 30)
+            if len(full) > max_len and d.overlength == "drop":
+                raise F.FormatError("too_long", f"{len(full)} prompt tokens > {max_len}")
+            ids, cut = F.render_prompt(prompt, template, max_len)
+        except F.FormatError as e:
+            report.bad(e.reason, loc, str(e))
+            continue
+        if cut:
+            report.truncation(loc, cut)
+        report.used += 1
+        report.tokens += len(ids)
+        meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
+        out.append({"ids": np.asarray(ids, np.int32), "meta": meta, "loc": loc})
+    return out
+
+
+class PromptCursor:
+    """This process's prompts in a per-epoch shuffled order; state is (epoch, position)."""
+
+    def __init__(self, n: int, seed: int, process_index: int = 0, process_count: int = 1):
+        self.idx = np.arange(process_index, n, process_count)
+        if not len(self.idx):
+            raise ValueError(f"no prompts for process {process_index} of {process_count}")
+        self.seed, self.epoch, self.pos = seed, 0, 0
+
+    def _order(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.idx)
+
+    def take(self, k: int) -> list[int]:
+        out, order = [], self._order()
+        while len(out) < k:
+            if self.pos == len(order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                order = self._order()
+            out.append(int(order[self.pos]))
+            self.pos += 1
+        return out
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def set_state(self, st: dict) -> None:
+        self.epoch, self.pos = int(st["epoch"]), int(st["pos"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen models (reference policy, reward model)
+
+
+def _place(init_params, loaded, mesh, rules, dtype: str):
+    """`loaded` (host or device arrays) sharded like a trainable tree of `init_params` (the same
+    logical rules as training), cast to `dtype`."""
+    _, shardings = param_shardings(init_params, jax.random.PRNGKey(0), mesh, rules)
+    dt = jnp.dtype(dtype)
+    cast = lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    return jax.tree.map(lambda x, s: jax.device_put(cast(jnp.asarray(x)), s), loaded, shardings)
+
+
+def _abstract(init_params):
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = unbox(jax.eval_shape(init_params, jax.random.PRNGKey(0)))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
+
+
+def frozen_lm(source: str, mesh, rules, dtype: str = "float32"):
+    """(cfg, apply, params) of a language model run (plain or LoRA-merged) or "hf:DIR", frozen,
+    placed with the training rules; the model computes in `dtype`."""
+    meta = common.source_meta(source)
+    if meta.get("model_config"):
+        cfg = ModelConfig.from_dict(meta["model_config"])
+    elif source.startswith(common.HF_PREFIX):
+        from flaxlm.models import hf
+
+        cfg = hf.load_config(source[len(common.HF_PREFIX) :])
+    else:
+        raise ValueError(f"{source}: no model_config in its checkpoint meta")
+    init, _ = model_fns(cfg)
+    params = common.load_lm_params(source, _abstract(init))
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    init, apply = model_fns(cfg)
+    return cfg, apply, _place(init, params, mesh, rules, dtype)
+
+
+def load_scalar_params(run_dir: str, target):
+    """A scalar-head run's {"transformer", "head"} params (LoRA adapters merged) like `target`."""
+    meta = ckpt_lib.read_meta(run_dir)[1]
+    if meta.get("head") != "scalar":
+        raise ValueError(f"{run_dir}: not a reward-model run (meta head={meta.get('head')!r})")
+    spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
+    if spec is None:
+        return ckpt_lib.load_params(run_dir, target)
+    leaf = jax.tree.leaves(target)[0]
+    adapters = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=leaf.sharding),
+        lora_lib.abstract_adapters(target, spec),
+    )
+    return lora_lib.merge(ckpt_lib.load_params(run_dir, {"base": target, "lora": adapters}), spec)
+
+
+def frozen_scalar(run_dir: str, mesh, rules, dtype: str = "float32"):
+    """(cfg, apply, params) of a reward-model run, frozen (see `frozen_lm`)."""
+    cfg = ModelConfig.from_dict(ckpt_lib.read_meta(run_dir)[1]["model_config"])
+    init, _ = scalar_model_fns(cfg)
+    params = load_scalar_params(run_dir, _abstract(init))
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    init, apply = scalar_model_fns(cfg)
+    return cfg, apply, _place(init, params, mesh, rules, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of prompt + response, decoding
+
+
+def rollout_rows(prompts: Sequence[np.ndarray], tokens, lengths, seq_len: int, pad_id: int):
+    """Rows of prompts + their generated tokens (B, N): `tokens` = prompt + response,
+    right-padded to `seq_len`; `loss_mask` marks the targets that are response tokens (see
+    alignment/rl_rollout.py)."""
+    B = len(prompts)
+    out = F.empty_rows(B, seq_len, pad_id)
+    for b, (p, n) in enumerate(zip(prompts, lengths)):
+        ids = np.concatenate([p, tokens[b, :n]])
+        L = len(ids)
+        if L > seq_len:
+            raise ValueError(f"rollout row {b}: {L} tokens > seq_len {seq_len}")
+        out["tokens"][b, :L] = ids
+        out["targets"][b, : L - 1] = ids[1:]
+        out["segment_ids"][b, :L] = 1
+        out["positions"][b, :L] = np.arange(L)
+        out["loss_mask"][b, len(p) - 1 : L - 1] = 1.0
+    return out
+
+
+def decode_responses(tok, tokens, lengths, stop_tokens) -> tuple[list[str], np.ndarray]:
+    """Response texts (stop token removed) and whether each row stopped."""
+    stops, texts, stopped = set(stop_tokens), [], []
+    for row, n in zip(tokens, lengths):
+        ids = [int(t) for t in row[:n]]
+        ended = bool(ids) and ids[-1] in stops
+        texts.append(tok.decode(ids[:-1] if ended else ids))
+        stopped.append(ended)
+    return texts, np.asarray(stopped, bool)
+
+
+def reward_scorer(rm_apply):
+    """jit (rm params, rows) -> (B,) reward-model score at each row's last real token."""
+
+    def score(params, rows):
+        values = rm_apply(params, rows["tokens"], rows["positions"], rows["segment_ids"])
+        return sequence_values(values, rows["segment_ids"])
+
+    return jax.jit(score)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation
+
+
+def heldout_sets(config, template, train_prompts: list[dict], report: F.DataReport) -> dict:
+    """{set name: examples} of `eval_gen.sets`, minus examples whose prompt is a training
+    prompt (counted as "eval_dropped_seen_prompt" in the report)."""
+    from flaxlm.alignment import sft
+
+    seen = {tuple(p["ids"].tolist()) for p in train_prompts}
+    gen = config.eval_gen
+    out = {}
+    for name, examples in sft.gen_sets(config, template).items():
+        kept = []
+        for ex in examples:
+            ids, _ = F.render_prompt(ex["messages"], template, gen.max_prompt_len)
+            if tuple(ids.tolist()) in seen:
+                report.bad("eval_dropped_seen_prompt", ex["loc"], "held-out prompt is trained")
+                continue
+            kept.append({"ids": np.asarray(ids, np.int32), "meta": ex["meta"],
+                         "answer": ex["messages"][-1]["content"]})  # fmt: skip
+        out[name] = kept
+    return out
+
+
+def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
+    """policy params -> {"<set>/accuracy", "/judge", "/stopped", "/response_len"
+    [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts)."""
+    from flaxlm.alignment import sft
+
+    score = reward_scorer(rm[1]) if rm is not None else None
+    width = gen_cfg.max_prompt_len + gen_cfg.max_new_tokens
+    pad_id = max(template.tok.pad_id, 0)
+
+    def run_set(policy, examples) -> dict:
+        acc, jud, stopped, lens, scores = [], [], [], [], []
+        bs = gen_cfg.batch
+        for i in range(0, len(examples), bs):
+            chunk = examples[i : i + bs]
+            prompts = [ex["ids"] for ex in chunk]
+            prompts += [prompts[-1]] * (bs - len(prompts))  # one shape: one compile
+            out = jax.device_get(generate(
+                cfg, policy, prompts, max_new_tokens=gen_cfg.max_new_tokens,
+                rng=jax.random.PRNGKey(0), temperature=0.0, stop_tokens=template.stop_tokens,
+                pad_id=pad_id, mesh=mesh, rules=rules,
+            ))  # fmt: skip
+            texts, stop = decode_responses(template.tok, out.tokens, out.lengths,
+                                           template.stop_tokens)  # fmt: skip
+            if score is not None:
+                rows = rollout_rows(prompts, out.tokens, out.lengths, width, pad_id)
+                with use_mesh(mesh, rules):
+                    s = jax.device_get(score(rm[2], shard_batch(rows, mesh)))
+                scores += list(s[: len(chunk)])
+            for ex, text in zip(chunk, texts):
+                ok, j = sft.score(ex["meta"], text, ex["answer"])
+                acc.append(ok)
+                jud.append(j)
+            stopped += list(stop[: len(chunk)])
+            lens += list(out.lengths[: len(chunk)])
+        res = {"accuracy": np.mean(acc), "judge": np.mean(jud), "stopped": np.mean(stopped),
+               "response_len": np.mean(lens)}  # fmt: skip
+        if scores:
+            res["rm_score"] = np.mean(scores)
+        return {k: float(v) for k, v in res.items()}
+
+    def eval_fn(policy) -> dict:
+        out = {}
+        for name, examples in sets.items():
+            if examples:
+                out.update({f"{name}/{k}": v for k, v in run_set(policy, examples).items()})
+        return out
+
+    return eval_fn

@@ -1,0 +1,267 @@
+"""Rollouts for the on-policy RL tasks (PPO, GRPO) and the batch source that feeds them to the one
+training loop.
+
+A rollout is ONE call of the jitted decoder (models/decode.py: prefill + `lax.while_loop`, no
+host round trip per token) with the *current* policy params, then one jitted scoring call.
+Rows of a rollout (B rows, width T = seq_len), built on the host from the decoder's output
+(`rl_common.rollout_rows`):
+
+    tokens      prompt ids + response ids, right-padded          segment_ids 1 on real tokens
+    targets     tokens shifted left (targets[t] = tokens[t + 1])  positions 0, 1, ...
+    loss_mask   1 where targets[t] is a response token: t in [P_b − 1, P_b + n_b − 2]
+
+so a logprob or a value at index t belongs to response token t − P_b + 1, and the last real
+input token (the response's stop token `<|end|>`) is where a reward model reads its score, the
+same place as on the rendered conversations it was trained on (models/heads.py).
+
+`RolloutSource` is the loop's batch source. The loop calls `before_step(state)` before drawing
+each batch; when the stored rollout is used up (`rollout.epochs` passes over it in `batch_size`
+minibatches) the source generates and scores a new one from `state.params` — the live policy —
+and then yields its minibatches. Per-rollout statistics (reward, KL, lengths, the time split
+generate / score / train) ride along in every minibatch as constant (B,) arrays named
+"rollout/<name>"; the loss returns their means (`passthrough_stats`), so they land in
+metrics.jsonl and TensorBoard with the loss metrics. `rollout/train_s` is the time the previous
+rollout's minibatches took (the loop's steps between two rollouts).
+
+Bad input (a stated policy; each case is counted in the "rollout/..." metrics):
+  * a reward function that raises, or a reward (or reward-model score) that is NaN/Inf: the
+    sample gets loss weight 0 and enters no statistic ("rollout/bad_reward"); the first few
+    errors are logged with their message. A rollout with no valid sample raises RuntimeError,
+    so a broken reward never turns into a silent no-op run, and NaN never reaches the loss;
+  * an empty response (the stop token alone): its reward is `rollout.empty_reward`
+    ("rollout/empty");
+  * a response that reaches `max_new_tokens` without a stop token is scored as it is, minus
+    `rollout.nonstop_penalty` ("rollout/nonstop");
+  * over-long prompts: see alignment/rl_common.py (truncated or dropped when loaded).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.alignment.rl_common import PromptCursor, decode_responses, rollout_rows
+from flaxlm.models.decode import generate
+from flaxlm.models.sharding import shard_batch, use_mesh
+from flaxlm.train.losses import token_logprobs
+
+log = logging.getLogger("flaxlm")
+STAT_PREFIX = "rollout/"
+MAX_LOGGED_ERRORS = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities, KL, rewards
+
+
+def entropy(logits_BTV):
+    """Per-token entropy of softmax(logits) (B, T), float32."""
+    x = logits_BTV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    return lse - jnp.sum(jax.nn.softmax(x, axis=-1) * x, axis=-1)
+
+
+def lm_logprobs(apply, params, batch):
+    """Log p(target) per token (B, T) of a language model over rollout rows."""
+    logits = apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    return token_logprobs(logits, batch["targets"])
+
+
+def kl_penalty(logp, ref_logp, kind: str):
+    """Per-token KL(π‖π_ref) estimate from samples of π (Schulman's estimators).
+
+    k1: log π − log π_ref (unbiased, can be negative); k3: (r − 1) − log r with r = π_ref/π
+    (unbiased, always >= 0, lower variance)."""
+    d = logp - ref_logp
+    if kind == "k1":
+        return d
+    if kind == "k3":
+        return jnp.expm1(-d) + d
+    raise ValueError(f"kl estimator {kind!r}; expected k1 | k3")
+
+
+def call_reward_fns(fns, weights, metas, texts) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Σ_i w_i·fn_i(meta, text) per sample; (rewards, valid, error messages). A function that
+    raises or returns a non-finite number invalidates the sample (the policy above)."""
+    rewards = np.zeros(len(texts), np.float64)
+    valid = np.ones(len(texts), bool)
+    errors = []
+    for j, (meta, text) in enumerate(zip(metas, texts)):
+        for fn, w in zip(fns, weights):
+            name = getattr(fn, "__name__", repr(fn))
+            try:
+                r = float(fn(meta, text))
+            except Exception as e:  # a user's function: any failure is that sample's
+                valid[j] = False
+                errors.append(f"reward {name} raised {type(e).__name__}: {e}")
+                break
+            if not math.isfinite(r):
+                valid[j] = False
+                errors.append(f"reward {name} returned {r}")
+                break
+            rewards[j] += w * r
+    return rewards.astype(np.float32), valid, errors
+
+
+def stat_fields(stats: dict, rows: int) -> dict:
+    """Per-rollout statistics as constant (rows,) float32 arrays "rollout/<name>"."""
+    return {STAT_PREFIX + k: np.full((rows,), float(v), np.float32) for k, v in stats.items()}
+
+
+def passthrough_stats(batch) -> dict:
+    """The loss-side half of `stat_fields`: each "rollout/..." field's mean."""
+    return {k: jnp.mean(v) for k, v in batch.items() if k.startswith(STAT_PREFIX)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch source
+
+
+class RolloutSource:
+    """Iterator of rollout minibatches for the loop (see the module docstring).
+
+    Subclasses implement `make_rollout(params, rng) -> (rows dict, stats dict)` from the live
+    TrainState params: rows are numpy (B, ...) arrays of one rollout (the training fields),
+    stats its scalar statistics. `cfg` and `template` are the policy's model config and chat
+    template.
+    """
+
+    def __init__(self, config, mesh, rules, prompts: list[dict], *, cfg, template):
+        r = config.rollout
+        if r.batch % config.batch_size:
+            raise ValueError(
+                f"rollout.batch={r.batch} is not a multiple of batch_size={config.batch_size}"
+            )
+        if r.max_prompt_len + r.max_new_tokens > config.seq_len:
+            raise ValueError(
+                f"rollout.max_prompt_len + rollout.max_new_tokens = "
+                f"{r.max_prompt_len + r.max_new_tokens} > seq_len={config.seq_len}"
+            )
+        self.config, self.mesh, self.rules, self.prompts = config, mesh, rules, prompts
+        self.cfg, self.template = cfg, template
+        self.cursor = PromptCursor(
+            len(prompts), config.seed, jax.process_index(), jax.process_count()
+        )
+        self.iteration = 0
+        self.queue: list[dict] = []
+        self.errors_logged = 0
+        self._ready_at: float | None = None
+        self._train_s = 0.0
+
+    # -- loop interface ---------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def before_step(self, state) -> None:
+        if self.queue:
+            return
+        jax.block_until_ready(state.params)  # the previous rollout's updates are done
+        if self._ready_at is not None:
+            self._train_s = time.perf_counter() - self._ready_at
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), self.iteration)
+        rows, stats = self.make_rollout(state.params, rng)
+        stats["train_s"] = self._train_s  # (of the previous rollout's minibatches)
+        stats["iteration"] = self.iteration
+        self.iteration += 1
+        self.queue = self._minibatches(rows, stats)
+        self._ready_at = time.perf_counter()
+
+    def __next__(self) -> dict:
+        if not self.queue:
+            raise RuntimeError("RolloutSource: no rollout; the loop must call before_step first")
+        return self.queue.pop(0)
+
+    def get_state(self) -> dict:
+        # A resumed run starts a fresh rollout: the unused minibatches of an interrupted one
+        # are not checkpointed (they are cheap to regenerate and depend on the old policy).
+        return {"cursor": self.cursor.get_state(), "iteration": self.iteration}
+
+    def set_state(self, st: dict) -> None:
+        self.cursor.set_state(st["cursor"])
+        self.iteration = int(st["iteration"])
+        self.queue = []
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _minibatches(self, rows: dict, stats: dict) -> list[dict]:
+        B, mb = len(rows["tokens"]), self.config.batch_size
+        rng = np.random.default_rng([self.config.seed, self.iteration])
+        out = []
+        for _ in range(self.config.rollout.epochs):
+            perm = rng.permutation(B)
+            for i in range(0, B, mb):
+                sel = perm[i : i + mb]
+                out.append({
+                    **{k: v[sel] for k, v in rows.items()}, **stat_fields(stats, len(sel))
+                })  # fmt: skip
+        return out
+
+    def sample(self, params, prompt_idx: list[int], rng) -> dict:
+        """One decoder call for the prompts `prompt_idx`, and its rows, texts and flags."""
+        r, t = self.config.rollout, self.template
+        prompts = [self.prompts[i]["ids"] for i in prompt_idx]
+        pad_id = max(t.tok.pad_id, 0)
+        t0 = time.perf_counter()
+        out = generate(
+            self.cfg, params, prompts, max_new_tokens=r.max_new_tokens, rng=rng,
+            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+            stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
+        )  # fmt: skip
+        out = jax.device_get(out)
+        gen_s = time.perf_counter() - t0
+        rows = rollout_rows(prompts, out.tokens, out.lengths, self.config.seq_len, pad_id)
+        texts, stopped = decode_responses(t.tok, out.tokens, out.lengths, t.stop_tokens)
+        prompt_lens = np.asarray([len(p) for p in prompts])
+        return {
+            "rows": rows, "texts": texts, "stopped": stopped, "lengths": out.lengths,
+            "empty": np.asarray([not x.strip() for x in texts]), "gen_s": gen_s,
+            "metas": [self.prompts[i]["meta"] for i in prompt_idx], "prompt_lens": prompt_lens,
+            "sample_logprobs": response_to_rows(out.logprobs, prompt_lens, self.config.seq_len),
+        }  # fmt: skip
+
+    def score(self, fn, *args):
+        """Runs a jitted scoring function under the mesh on sharded rows; host results."""
+        args = [shard_batch(a, self.mesh) if isinstance(a, dict) and "tokens" in a else a
+                for a in args]  # fmt: skip
+        with use_mesh(self.mesh, self.rules):
+            return jax.device_get(fn(*args))
+
+    def log_errors(self, errors: list[str], n: int) -> None:
+        for e in errors[: max(0, MAX_LOGGED_ERRORS - self.errors_logged)]:
+            log.warning("rollout %d: %s (sample skipped)", self.iteration, e)
+            self.errors_logged += 1
+        if errors and n == 0:
+            raise RuntimeError(
+                f"rollout {self.iteration}: no valid sample ({len(errors)} bad rewards; first: "
+                f"{errors[0]}). See the bad-input policy in flaxlm/alignment/rl_rollout.py."
+            )
+
+    def make_rollout(self, params, rng) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+
+def response_to_rows(x_BN, prompt_lens, seq_len: int) -> np.ndarray:
+    """(B, N) per-response-token values → the (B, T) row layout (0 elsewhere)."""
+    B, N = x_BN.shape
+    out = np.zeros((B, seq_len), np.float32)
+    for b in range(B):
+        start = int(prompt_lens[b]) - 1
+        n = min(N, seq_len - start)
+        out[b, start : start + n] = x_BN[b, :n]
+    return out
+
+
+def sample_stats(s: dict, valid) -> dict:
+    """Length / stop / empty / bad-reward statistics of one rollout (see `sample`)."""
+    return {
+        "response_len": float(np.mean(s["lengths"])),
+        "stopped": float(np.mean(s["stopped"])),
+        "nonstop": float(np.sum(~s["stopped"])),
+        "empty": float(np.sum(s["empty"])),
+        "bad_reward": float(np.sum(~valid)),
+        "gen_s": s["gen_s"],
+    }

@@ -1,0 +1,76 @@
+"""DPO family (DPO, cDPO, IPO, SLiC hinge, robust DPO, SimPO, ORPO) from an SFT run.
+
+    python -m flaxlm.train.main --config configs/dpo.py:runlocal=True \
+        --config.init_from=runs/sft --workdir runs/dpo [--config.dpo.loss_type=ipo]
+
+arg keys: variant (sizes of the run; the architecture comes from init_from), runlocal (a
+CPU-sized run), steps (0 = default), loss (dpo.loss_type), lora (adapter rank; 0 = full).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from flaxlm.alignment import common as align
+from flaxlm.alignment.sft import eval_gen_config
+from flaxlm.configs import common
+from flaxlm.models.lora import lora_config
+
+# (steps, global batch in pairs, seq_len, lr) per variant; runlocal shrinks them.
+_SIZES = {
+    "tiny": (200, 32, 128, 5e-6),
+    "mini": (300, 32, 128, 5e-6),
+    "small": (500, 64, 256, 2e-6),
+    "125m": (1000, 64, 1024, 1e-6),
+    "1b": (2000, 128, 2048, 5e-7),
+    "7b": (2000, 128, 4096, 5e-7),
+}
+
+# Typical β per loss type (its meaning differs: see alignment/dpo.py); simpo also uses γ.
+_BETA = {"sigmoid": 0.1, "conservative": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1,
+         "simpo": 2.0, "orpo": 0.1}  # fmt: skip
+
+
+def dpo_config(loss_type: str = "sigmoid") -> ml_collections.ConfigDict:
+    """The `dpo` section."""
+    c = ml_collections.ConfigDict()
+    c.loss_type = loss_type  # sigmoid | conservative | ipo | hinge | robust | simpo | orpo
+    c.beta = _BETA[loss_type]  # β of the loss (ORPO: weight λ of the odds-ratio term)
+    c.label_smoothing = 0.1 if loss_type in ("conservative", "robust") else 0.0  # flip rate ε
+    c.simpo_gamma = 1.0  # SimPO target reward margin γ
+    c.ref_logps = "precompute"  # precompute (once, when the task is built) | online (per batch)
+    c.ref_from = ""  # reference run ("" = init_from)
+    c.ref_dtype = "float32"  # dtype of the frozen reference (bfloat16 halves its memory)
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0, loss="sigmoid", lora=0)
+    steps, batch, seq, lr = _SIZES[a.variant]
+    if a.runlocal:
+        steps, batch, seq = min(steps, 40), min(batch, 16), min(seq, 128)
+    c = common.trainer_config(a.steps or steps, batch, seq)
+    c.task = "dpo"  # which task main.py runs
+    c.model = common.model_config(a.variant)  # unused: the architecture comes from init_from
+    c.data = align.data_config("builtin:preferences", "builtin:preferences_heldout")
+    c.dpo = dpo_config(a.loss)
+    c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
+    c.eval_gen = eval_gen_config("builtin:sft_heldout")  # the task metric (greedy accuracy)
+    c.opt.lr = lr * (10 if a.lora else 1)
+    c.opt.schedule = "linear"
+    c.opt.warmup_steps = max(c.total_steps // 10, 1)
+    c.opt.weight_decay = 0.0
+    c.eval_every = c.total_steps // 2 if a.runlocal else 100
+    c.ckpt_every = c.total_steps if a.runlocal else 500
+    if a.runlocal:
+        c.eval_gen.examples = 32
+        c.eval_gen.batch = 32
+        c.eval_gen.max_new_tokens = 16
+    c.lock()
+    return c
+
+
+def sweep(add, arg=None):
+    """Every loss type at its usual β."""
+    for loss in _BETA:
+        add(**{"dpo.loss_type": loss, "dpo.beta": _BETA[loss]})

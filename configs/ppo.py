@@ -1,0 +1,85 @@
+"""PPO (RLHF) from an SFT run, scored by a reward-model run that also initialises the critic.
+
+    python -m flaxlm.train.main --config configs/ppo.py:runlocal=True \
+        --config.init_from=runs/sft --config.reward_from=runs/rm --workdir runs/ppo
+
+arg keys: variant (sizes of the run; the architecture comes from the checkpoints), runlocal
+(a CPU-sized run), steps (0 = default). One rollout of `rollout.batch` responses gives
+rollout.epochs × rollout.batch / batch_size optimizer steps.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from flaxlm.alignment import common as align
+from flaxlm.alignment.rl_common import rollout_config
+from flaxlm.alignment.sft import eval_gen_config
+from flaxlm.configs import common
+
+# (optimizer steps, rollout batch, minibatch, seq_len, lr) per variant; runlocal shrinks them.
+_SIZES = {
+    "tiny": (128, 64, 16, 96, 1e-5),
+    "mini": (256, 64, 16, 96, 1e-5),
+    "small": (512, 128, 32, 128, 5e-6),
+    "125m": (1000, 256, 64, 512, 2e-6),
+    "1b": (1000, 512, 64, 1024, 1e-6),
+    "7b": (1000, 512, 64, 2048, 5e-7),
+}
+
+
+def ppo_config() -> ml_collections.ConfigDict:
+    """The `ppo` section: advantage estimation, clipping, KL penalty, loss weights."""
+    c = ml_collections.ConfigDict()
+    c.gamma = 1.0  # discount γ of GAE (1: the reward at the end counts fully for every token)
+    c.lam = 0.95  # λ of GAE (bias–variance trade-off)
+    c.whiten_advantages = True  # normalise advantages over each rollout
+    c.clip = 0.2  # ε of the clipped policy ratio
+    c.value_clip = 0.2  # ε_V of the clipped value loss
+    c.vf_coef = 0.1  # weight of the value loss in the combined loss
+    c.ent_coef = 0.0  # weight of the entropy bonus
+    c.kl_coef = 0.05  # β of the per-token KL penalty (initial value when adaptive)
+    c.kl_estimator = "k1"  # k1 (log-ratio) | k3 ((r − 1) − log r, always >= 0)
+    c.kl_target = 0.0  # > 0: adapt β toward this per-sequence KL (Ziegler et al.); 0 = fixed β
+    c.kl_horizon = 10000  # horizon (sequences) of the adaptive β controller
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0)
+    steps, rbatch, mbatch, seq, lr = _SIZES[a.variant]
+    if a.runlocal:
+        steps, rbatch, mbatch, seq = min(steps, 16), min(rbatch, 32), min(mbatch, 16), min(seq, 96)
+    c = common.trainer_config(a.steps or steps, mbatch, seq)
+    c.task = "ppo"  # which task main.py runs
+    c.reward_from = ""  # reward-model run: scores rollouts and initialises the critic
+    c.model = common.model_config(a.variant)  # unused: the architecture comes from init_from
+    c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the RL prompts
+    c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)
+    c.rollout.epochs = 2  # PPO epochs over each rollout
+    c.rollout.max_prompt_len = min(64, seq // 2)
+    c.rollout.max_new_tokens = min(32, seq - c.rollout.max_prompt_len)
+    c.ppo = ppo_config()
+    c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy / RM score
+    c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
+    c.opt.lr = lr
+    c.opt.schedule = "constant"
+    c.opt.warmup_steps = max(c.total_steps // 20, 1)
+    c.opt.weight_decay = 0.0
+    c.opt.b2 = 0.999
+    c.eval_every = c.total_steps // 2 if a.runlocal else 64
+    c.ckpt_every = c.total_steps if a.runlocal else 256
+    c.log_every = 4
+    if a.runlocal:
+        c.eval_gen.examples = 32
+        c.eval_gen.batch = 32
+        c.eval_gen.max_new_tokens = 16
+    c.lock()
+    return c
+
+
+def sweep(add, arg=None):
+    """KL coefficient × estimator."""
+    for kl in (0.02, 0.1):
+        for est in ("k1", "k3"):
+            add(**{"ppo.kl_coef": kl, "ppo.kl_estimator": est})

@@ -1,0 +1,79 @@
+"""Helpers of the PPO / GRPO / DPO tests: an "SFT" run and a "reward-model" run with random tiny
+params (numpy init, written as checkpoints in about a second) and the small world's tokenizer,
+and tiny task configs on the small world. Loaded by path (tests use --import-mode=importlib)."""
+
+import os
+
+import jax
+import numpy as np
+
+from flaxlm.alignment import common
+from flaxlm.models.config import get_variant
+from flaxlm.models.heads import scalar_model_fns
+from flaxlm.train.checkpoint import Checkpointer
+from flaxlm.train.pretrain import model_fns
+from flaxlm.train.state import unbox
+
+VOCAB = 512
+
+
+def random_params(init, seed: int):
+    """Params of `init`'s shapes: normal(0.05) matrices, unit norm scales (no jitted init)."""
+    abstract = unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, s: np.ones(s.shape, s.dtype) if p[-1].key == "scale"
+        else (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
+        abstract,
+    )  # fmt: skip
+
+
+def write_run(workdir: str, params, meta: dict) -> str:
+    ck = Checkpointer(workdir, keep=1, async_save=False)
+    ck.save(1, {"params": params}, {}, meta)
+    ck.wait()
+    ck.close()
+    return workdir
+
+
+def fake_runs(root: str, cache_dir: str) -> tuple[str, str]:
+    """(sft_dir, rm_dir): random tiny LM and scalar-head runs sharing the small world's
+    tokenizer; the reward model's backbone is the LM's (as a real chain would start)."""
+    import ml_collections
+
+    from flaxlm.alignment.common import data_config
+
+    c = ml_collections.ConfigDict({"data": data_config("", ""), "init_from": ""})
+    c.data.world, c.data.builtin_vocab_size, c.data.cache_dir = "small", VOCAB, str(cache_dir)
+    tok = common.resolve_tokenizer(c, {})
+    tok_path = os.path.join(root, "tokenizer.model")
+    tok.save(tok_path)
+    cfg = get_variant("tiny", vocab_size=VOCAB)
+    lm = random_params(model_fns(cfg)[0], 0)
+    rm = random_params(scalar_model_fns(cfg)[0], 1)
+    rm["transformer"] = jax.tree.map(np.copy, {k: v for k, v in lm.items() if k != "lm_head"})
+    meta = {"model_config": cfg.to_dict(), "tokenizer": tok_path, "lora": {}}
+    sft = write_run(os.path.join(root, "sft"), lm, {**meta, "head": "lm"})
+    rm_dir = write_run(os.path.join(root, "rm"), rm, {**meta, "head": "scalar"})
+    return sft, rm_dir
+
+
+def tiny(config_module, cache_dir, arg="runlocal=True", **overrides):
+    """A runlocal config on the small world, shrunk for tests (8 simulated devices: batches
+    are multiples of 8)."""
+    c = config_module.get_config(arg)
+    with c.unlocked():
+        c.progress_bar = False
+        c.eval_at_start = False
+        c.data.world = "small"
+        c.data.builtin_vocab_size = VOCAB
+        c.data.cache_dir = str(cache_dir)
+        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 4, 0, 0, 2
+        c.opt.warmup_steps = 1
+        for key, value in overrides.items():
+            node = c
+            *path, last = key.split(".")
+            for p in path:
+                node = node[p]
+            node[last] = value
+    return c
