@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -27,12 +28,12 @@ from jax.sharding import PartitionSpec as P
 
 from flaxlm.configs.common import to_model_config
 from flaxlm.data import formats as F
-from flaxlm.data.tokenizer import Tokenizer
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
 from flaxlm.train import checkpoint as ckpt_lib
 
 HF_PREFIX = "hf:"
+log = logging.getLogger("flaxlm")
 _WORLDS: dict = {}
 
 
@@ -93,20 +94,20 @@ def source_meta(init_from: str) -> dict:
 
 def resolve_tokenizer(config, meta: dict):
     """data.tokenizer, else the init_from run's tokenizer, else HF's, else the built-in one."""
+    from flaxlm.models.hf_tokenizer import load_tokenizer  # .model or HF tokenizer.json
+
     d = config.data
     if d.tokenizer:
-        return Tokenizer.load(os.path.expanduser(d.tokenizer))
+        return load_tokenizer(os.path.expanduser(d.tokenizer))
     if meta.get("tokenizer"):
         if not os.path.exists(meta["tokenizer"]):
             raise FileNotFoundError(
                 f"init_from={config.init_from}: its tokenizer {meta['tokenizer']} is gone; "
                 "set data.tokenizer"
             )
-        return Tokenizer.load(meta["tokenizer"])
+        return load_tokenizer(meta["tokenizer"])
     if config.init_from.startswith(HF_PREFIX):
-        from flaxlm.models import hf
-
-        return hf.load_tokenizer(config.init_from[len(HF_PREFIX) :])
+        return load_tokenizer(config.init_from[len(HF_PREFIX) :])
     from flaxlm.data import pipeline
 
     texts = [r["text"] for r in world(d.world, d.world_seed).pretrain]
@@ -127,17 +128,34 @@ def resolve_model_config(config, meta: dict) -> ModelConfig:
 
 
 def save_tokenizer(tok, workdir: str | None) -> str:
-    """Copies the tokenizer into the workdir (process 0) and returns its path ("" if none)."""
-    if workdir is None or not hasattr(tok, "save"):
+    """Copies the tokenizer into the workdir (process 0) and returns its path there, so the
+    run's checkpoints name a tokenizer that lives with them."""
+    if workdir is None:
         return getattr(tok, "name", "")
-    path = os.path.join(os.path.abspath(workdir), "tokenizer.model")
+    workdir = os.path.abspath(workdir)
+    if hasattr(tok, "save"):  # SentencePiece
+        path = os.path.join(workdir, "tokenizer.model")
+        if jax.process_index() == 0:
+            tok.save(path)
+        return path
+    from flaxlm.models.hf_tokenizer import copy_tokenizer  # HF tokenizer.json + its configs
+
     if jax.process_index() == 0:
-        tok.save(path)
-    return path
+        os.makedirs(workdir, exist_ok=True)
+        copy_tokenizer(os.path.dirname(tok.name), workdir)
+    return os.path.join(workdir, os.path.basename(tok.name))
 
 
-def write_report(workdir: str, report: dict) -> None:
-    if jax.process_index() == 0:
+def write_report(workdir: str | None, report: dict) -> None:
+    """Logs what was dropped or truncated and writes data_report.json into the workdir."""
+    for split, r in report.items():
+        if r["dropped"] or r["truncated"]:
+            log.warning(
+                "data %s: %d of %d records dropped %s, %d truncated (e.g. %s)",
+                split, r["dropped"], r["records"], r["bad_input"]["counts"], r["truncated"],
+                r["truncated_examples"][:1],
+            )  # fmt: skip
+    if workdir and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "data_report.json"), "w") as f:
             json.dump(report, f, indent=1)

@@ -158,8 +158,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         load_pairs(config.data.eval, config, template, eval_report) if config.data.eval else []
     )
     data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
-    if workdir:
-        common.write_report(workdir, data_report)
+    common.write_report(workdir, data_report)
 
     init_params, apply = scalar_model_fns(cfg)
     spec = lora_lib.spec_from_config(config.lora)

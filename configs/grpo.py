@@ -1,0 +1,80 @@
+"""GRPO with verifiable rewards from an SFT run (no reward model, no critic).
+
+    python -m flaxlm.train.main --config configs/grpo.py:runlocal=True --workdir runs/grpo \
+        --config.init_from=runs/sft --config.grpo.rewards=exact_match,format:0.1
+
+arg keys: variant (sizes of the run; the architecture comes from init_from), runlocal (a
+CPU-sized run), steps (0 = default), group (samples per prompt). One rollout holds
+rollout.batch / group prompts × group samples and gives rollout.epochs × rollout.batch /
+batch_size optimizer steps.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from flaxlm.alignment import common as align
+from flaxlm.alignment.rl_common import rollout_config
+from flaxlm.alignment.sft import eval_gen_config
+from flaxlm.configs import common
+
+# (optimizer steps, rollout batch, minibatch, seq_len, lr) per variant; runlocal shrinks them.
+_SIZES = {
+    "tiny": (128, 64, 16, 96, 1e-5),
+    "mini": (256, 64, 16, 96, 1e-5),
+    "small": (512, 128, 32, 128, 5e-6),
+    "125m": (1000, 256, 64, 512, 2e-6),
+    "1b": (1000, 512, 64, 1024, 1e-6),
+    "7b": (1000, 512, 64, 2048, 5e-7),
+}
+
+
+def grpo_config(group: int) -> ml_collections.ConfigDict:
+    """The `grpo` section."""
+    c = ml_collections.ConfigDict()
+    c.group_size = group  # samples per prompt (G)
+    c.rewards = "exact_match"  # name[:weight],... of alignment/grpo.py REWARDS (or registered)
+    c.scale_by_std = True  # A = (r − mean)/std per group; False: r − mean (Dr. GRPO)
+    c.clip = 0.2  # ε of the clipped ratio
+    c.beta = 0.04  # weight of the per-token KL (k3) to the reference
+    c.loss_agg = "seq"  # seq: mean over each response, then over responses | token: token mean
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0, group=8)
+    steps, rbatch, mbatch, seq, lr = _SIZES[a.variant]
+    if a.runlocal:
+        steps, rbatch, mbatch, seq = min(steps, 16), min(rbatch, 32), min(mbatch, 16), min(seq, 96)
+    c = common.trainer_config(a.steps or steps, mbatch, seq)
+    c.task = "grpo"  # which task main.py runs
+    c.model = common.model_config(a.variant)  # unused: the architecture comes from init_from
+    c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the RL prompts
+    c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)
+    c.rollout.max_prompt_len = min(64, seq // 2)
+    c.rollout.max_new_tokens = min(32, seq - c.rollout.max_prompt_len)
+    c.rollout.empty_reward = 0.0  # an empty answer earns what a wrong one does
+    c.grpo = grpo_config(a.group)
+    c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy
+    c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
+    c.opt.lr = lr
+    c.opt.schedule = "constant"
+    c.opt.warmup_steps = max(c.total_steps // 20, 1)
+    c.opt.weight_decay = 0.0
+    c.opt.b2 = 0.999
+    c.eval_every = c.total_steps // 2 if a.runlocal else 64
+    c.ckpt_every = c.total_steps if a.runlocal else 256
+    c.log_every = 4
+    if a.runlocal:
+        c.eval_gen.examples = 32
+        c.eval_gen.batch = 32
+        c.eval_gen.max_new_tokens = 16
+    c.lock()
+    return c
+
+
+def sweep(add, arg=None):
+    """Group size × KL weight."""
+    for group in (4, 8):
+        for beta in (0.0, 0.04):
+            add(**{"grpo.group_size": group, "grpo.beta": beta})

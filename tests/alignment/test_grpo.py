@@ -1,0 +1,181 @@
+"""GRPO: group advantages and the clipped+KL loss equal their formulas (float32, tolerances
+stated); the bad-input policy (raising / NaN rewards, empty responses, over-long prompts) is
+applied and counted; a run trains through the shared loop."""
+
+import importlib.util
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from flaxlm.alignment import grpo, rl_common, rl_rollout
+from flaxlm.configs import grpo as grpo_config
+from flaxlm.data import formats as F
+from flaxlm.models.decode import GenerateOutput
+from flaxlm.models.sharding import logical_axis_rules, make_mesh
+from flaxlm.train.metrics import read_metrics
+from flaxlm.train.pretrain import model_fns
+
+_spec = importlib.util.spec_from_file_location(
+    "rl_helpers", os.path.join(os.path.dirname(__file__), "rl_helpers.py")
+)
+H = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(H)
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}  # float32 against float64 references
+
+
+def test_group_advantages_equal_the_formula():
+    r = np.array([[1, 0, 0, 1], [0.5, 0.5, 0.5, 0.5], [1, 0, 3, -2]], np.float32)
+    valid = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 1]], bool)
+    adv = grpo.group_advantages(r, valid, eps=1e-4)
+    for g in range(3):
+        xs = [float(x) for x, ok in zip(r[g], valid[g]) if ok]
+        mean = sum(xs) / len(xs)
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+        for i in range(4):
+            want = (float(r[g, i]) - mean) / (std + 1e-4) if valid[g, i] else 0.0
+            np.testing.assert_allclose(adv[g, i], want, **TOL)
+    assert np.all(adv[1] == 0)  # a flat group carries no signal
+    plain = grpo.group_advantages(r, valid, scale_by_std=False)
+    np.testing.assert_allclose(plain[2], [1 + 1 / 3, 1 / 3, 0, -2 + 1 / 3], **TOL)  # mean −1/3
+
+
+@pytest.mark.parametrize("agg", ["seq", "token"])
+def test_grpo_loss_equals_the_formula(agg):
+    rng = np.random.default_rng(0)
+    B, T, eps, beta = 4, 9, 0.2, 0.05
+    logp = rng.normal(-2, 0.5, (B, T)).astype(np.float32)
+    old = (logp + rng.normal(0, 0.3, (B, T))).astype(np.float32)
+    ref = (logp + rng.normal(0, 0.5, (B, T))).astype(np.float32)
+    adv = rng.normal(size=B).astype(np.float32)
+    mask = np.zeros((B, T), np.float32)
+    for b, (s, e) in enumerate([(1, 6), (3, 9), (0, 2), (0, 0)]):
+        mask[b, s:e] = 1
+    loss, m = grpo.grpo_loss(logp, old, ref, adv, mask, clip=eps, beta=beta, agg=agg)
+    per_seq, all_terms = [], []
+    for b in range(B):
+        terms = []
+        for t in range(T):
+            if mask[b, t]:
+                ratio = math.exp(float(logp[b, t]) - float(old[b, t]))
+                a = float(adv[b])
+                surrogate = min(ratio * a, min(max(ratio, 1 - eps), 1 + eps) * a)
+                q = math.exp(float(ref[b, t]) - float(logp[b, t]))  # π_ref / π
+                terms.append(-surrogate + beta * (q - math.log(q) - 1))
+        if terms:
+            per_seq.append(sum(terms) / len(terms))
+        all_terms += terms
+    want = sum(per_seq) / len(per_seq) if agg == "seq" else sum(all_terms) / len(all_terms)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    assert float(m["weight"]) == (3 if agg == "seq" else mask.sum())
+
+
+def test_builtin_rewards_use_the_world_judge():
+    meta = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7"}
+    assert grpo.exact_match(meta, "The answer is 7.") == 1.0
+    assert grpo.exact_match(meta, "The answer is 8.") == 0.0
+    assert grpo.format_reward(meta, "The answer is 8.") == 1.0
+    assert grpo.format_reward(meta, "I think 7") == 0.0
+    assert grpo.judge_reward(meta, "The answer is 7.") == pytest.approx(1.0)
+    fns = grpo.parse_rewards("exact_match,format:0.25")
+    assert [(n, w) for n, _, w in fns] == [("exact_match", 1.0), ("format", 0.25)]
+    with pytest.raises(KeyError, match="nope"):
+        grpo.parse_rewards("exact_match,nope")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    return H.fake_runs(str(tmp_path_factory.mktemp("grpo_runs")), cache_dir)
+
+
+class _State:
+    def __init__(self, params):
+        self.params = params
+
+
+def test_bad_input_policy(runs, cache_dir, monkeypatch):
+    """Raising and NaN rewards skip their sample (weight 0, counted); empty responses get
+    `empty_reward`; over-long prompts are cut or dropped (counted); all-bad raises."""
+    sft, _ = runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
+        "batch_size": 8, "rollout.batch": 16, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6, "rollout.empty_reward": -0.5,
+    })  # fmt: skip
+    mesh = make_mesh(dict(c.mesh))
+
+    def flaky(meta, text):  # raises on one sample of every group, NaN on another
+        flaky.n += 1
+        if flaky.n % 4 == 1:
+            raise ZeroDivisionError("boom")
+        return float("nan") if flaky.n % 4 == 2 else 1.0
+
+    flaky.n = 0
+    task = grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
+    source = task.train_batches
+    end = source.template.end_id
+
+    def fake_generate(cfg, params, prompts, *, max_new_tokens, **kw):  # rows 2, 10: empty
+        B = len(prompts)
+        tok = np.full((B, max_new_tokens), 5, np.int32)
+        lengths = np.full(B, max_new_tokens, np.int32)
+        tok[:, -1] = end
+        for b in (2, 10):
+            tok[b, 0], lengths[b] = end, 1
+        mask = (np.arange(max_new_tokens)[None] < lengths[:, None]).astype(np.float32)
+        return GenerateOutput(tok, np.full((B, max_new_tokens), -1.0, np.float32), mask, lengths)
+
+    monkeypatch.setattr(rl_rollout, "generate", fake_generate)
+    init, _ = model_fns(source.cfg)
+    params = rl_common._place(init, H.random_params(init, 0), mesh, logical_axis_rules("fsdp"),
+                              "float32")  # fmt: skip
+    source.before_step(_State(params))
+    batches = [next(source), next(source)]
+    mb = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    assert mb["rollout/bad_reward"][0] == 8  # 2 of every 4 samples: raised or NaN
+    assert mb["rollout/empty"][0] == 2
+    assert np.isfinite(mb["advantages"]).all() and np.isfinite(mb["old_logprobs"]).all()
+    weight = mb["loss_mask"].sum(1)
+    assert (weight == 0).sum() == 8 and (weight > 0).sum() == 8
+    # Valid: the 3rd and 4th sample of each group, reward 1 — or −0.5 for the two empty ones.
+    assert mb["rollout/reward_mean"][0] == pytest.approx((6 * 1.0 + 2 * -0.5) / 8)
+
+    flaky.n = 0
+    task = grpo.build_task(c, mesh, None, rewards=[("always", lambda m, t: 1 / 0, 1.0)])
+    with pytest.raises(RuntimeError, match="no valid sample"):
+        task.train_batches.before_step(_State(params))
+
+    # Over-long prompts: truncated from the left (counted) or dropped (counted).
+    long_prompt = [{"prompt": "word " * 200, "meta": {}}]
+    tpl = source.template
+    for policy, used in (("truncate_left", 1), ("drop", 0)):
+        with c.unlocked():
+            c.data.overlength = policy
+        report = F.DataReport()
+        monkeypatch.setattr(rl_common.common, "records", lambda *a: [(long_prompt[0], "x:1")])
+        out = rl_common.load_prompts("x", c, tpl, report)
+        assert len(out) == used and report.to_dict()["used"] == used
+        assert (report.truncated, report.log.total) == ((1, 0) if used else (0, 1))
+        if used:
+            assert len(out[0]["ids"]) == c.rollout.max_prompt_len
+
+
+def test_grpo_trains_in_the_loop(runs, cache_dir, tmp_path):
+    sft, _ = runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
+        "batch_size": 8, "rollout.batch": 16, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6, "opt.lr": 1e-3,
+        "grpo.rewards": "format,judge:0.5",
+    })  # fmt: skip
+    state, summary = grpo.run(c, str(tmp_path))
+    recs = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+    last = recs[-1]
+    keys = ("pg_loss", "kl", "clipfrac", "entropy", "rollout/reward_mean", "rollout/r_format",
+            "rollout/r_judge", "rollout/flat_groups", "rollout/kl", "rollout/gen_s")  # fmt: skip
+    for key in keys:
+        assert np.isfinite(last[key]), key
+    assert summary["train"]["n_skipped"] == 0
+    assert last["rollout/iteration"] == 1
+    assert jax.tree.leaves(state.params)[0].ndim >= 1
