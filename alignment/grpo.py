@@ -261,6 +261,9 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
     template = F.ChatTemplate(tok)
     report = F.DataReport(strict=config.data.strict)
     prompts = rl_common.load_prompts(config.data.train, config, template, report)
+    prompts, held = rl_common.split_prompts(
+        prompts, config.rollout.heldout_prompts, config.seed, report
+    )
     if not prompts:
         raise ValueError(f"data.train={config.data.train!r}: no usable prompts")
     rules = logical_axis_rules(config.sharding)
@@ -272,8 +275,9 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
     )  # fmt: skip
     eval_report = F.DataReport(strict=config.data.strict)
     eval_fn = None
-    if config.eval_every and config.eval_gen.sets:
-        sets = rl_common.heldout_sets(config, template, prompts, eval_report)
+    if config.eval_every and (config.eval_gen.sets or held):
+        extra = {"rl_heldout": held} if held else None
+        sets = rl_common.heldout_sets(config, template, prompts, eval_report, extra)
         eval_fn = rl_common.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
     data_report = {"prompts": report.to_dict(), "eval": eval_report.to_dict()}
     if workdir:

@@ -43,7 +43,6 @@ from flaxlm.train.state import param_shardings, unbox
 def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.ConfigDict:
     """The `rollout` section shared by PPO and GRPO."""
     c = ml_collections.ConfigDict()
-    c.prompts = "builtin:rl_prompts"  # prompt records (as data.train): {"prompt", "meta"}
     c.batch = batch  # sequences generated per rollout (GRPO: prompts × group size)
     c.epochs = 1  # passes over each rollout, in minibatches of `batch_size` rows
     c.max_prompt_len = 64  # prompts beyond this are cut from the left or dropped (data.overlength)
@@ -53,6 +52,7 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     c.top_p = 1.0  # 1 = off
     c.empty_reward = -1.0  # reward of an empty response (the stop token alone)
     c.nonstop_penalty = 0.0  # subtracted from responses that hit max_new_tokens without stopping
+    c.heldout_prompts = 0  # prompts of data.train kept out of training, evaluated as rl_heldout
     c.frozen_dtype = "float32"  # dtype of the frozen reference / reward models (bfloat16 halves)
     return c
 
@@ -232,14 +232,36 @@ def reward_scorer(rm_apply):
 # Held-out evaluation
 
 
-def heldout_sets(config, template, train_prompts: list[dict], report: F.DataReport) -> dict:
-    """{set name: examples} of `eval_gen.sets`, minus examples whose prompt is a training
-    prompt (counted as "eval_dropped_seen_prompt" in the report)."""
+def split_prompts(prompts: list[dict], n_heldout: int, seed: int, report: F.DataReport):
+    """(train, held-out) prompts: `n_heldout` prompts drawn with a fixed seed are held out, and
+    every training prompt identical to a held-out one is removed (counted as
+    "heldout_duplicate"), so the held-out prompts are never trained on."""
+    if n_heldout <= 0:
+        return prompts, []
+    if n_heldout >= len(prompts):
+        raise ValueError(f"rollout.heldout_prompts={n_heldout} >= {len(prompts)} prompts")
+    order = np.random.default_rng([seed, 7]).permutation(len(prompts))
+    heldout = [prompts[i] for i in order[:n_heldout]]
+    keys = {tuple(p["ids"].tolist()) for p in heldout}
+    train = []
+    for i in sorted(order[n_heldout:]):
+        if tuple(prompts[i]["ids"].tolist()) in keys:
+            report.bad("heldout_duplicate", prompts[i]["loc"], "same prompt is held out")
+        else:
+            train.append(prompts[i])
+    return train, heldout
+
+
+def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=None) -> dict:
+    """{set name: examples {"ids", "meta", "answer"}}: `extra` ({name: prompts}, e.g. the
+    held-out RL prompts) and `eval_gen.sets`, minus examples whose prompt is a training prompt
+    (counted as "eval_dropped_seen_prompt")."""
     from flaxlm.alignment import sft
 
     seen = {tuple(p["ids"].tolist()) for p in train_prompts}
     gen = config.eval_gen
-    out = {}
+    out = {name: [{"ids": p["ids"], "meta": p["meta"], "answer": str(p["meta"].get("answer", ""))}
+                  for p in prompts] for name, prompts in (extra or {}).items()}  # fmt: skip
     for name, examples in sft.gen_sets(config, template).items():
         kept = []
         for ex in examples:
@@ -255,15 +277,18 @@ def heldout_sets(config, template, train_prompts: list[dict], report: F.DataRepo
 
 def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
     """policy params -> {"<set>/accuracy", "/judge", "/stopped", "/response_len"
-    [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts)."""
+    [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts), and
+    with `gen_cfg.sample_temperature` > 0 also "<set>/sampled_accuracy": one sample per prompt
+    at that temperature with a fixed key (what on-policy RL optimises)."""
     from flaxlm.alignment import sft
 
     score = reward_scorer(rm[1]) if rm is not None else None
     width = gen_cfg.max_prompt_len + gen_cfg.max_new_tokens
     pad_id = max(template.tok.pad_id, 0)
+    temp = float(gen_cfg.get("sample_temperature", 0.0))
 
     def run_set(policy, examples) -> dict:
-        acc, jud, stopped, lens, scores = [], [], [], [], []
+        acc, jud, stopped, lens, scores, sampled = [], [], [], [], [], []
         bs = gen_cfg.batch
         for i in range(0, len(examples), bs):
             chunk = examples[i : i + bs]
@@ -287,10 +312,23 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
                 jud.append(j)
             stopped += list(stop[: len(chunk)])
             lens += list(out.lengths[: len(chunk)])
+            if temp > 0:
+                out = jax.device_get(generate(
+                    cfg, policy, prompts, max_new_tokens=gen_cfg.max_new_tokens,
+                    rng=jax.random.PRNGKey(i + 1), temperature=temp,
+                    stop_tokens=template.stop_tokens, pad_id=pad_id, mesh=mesh, rules=rules,
+                ))  # fmt: skip
+                texts, _ = decode_responses(template.tok, out.tokens, out.lengths,
+                                            template.stop_tokens)  # fmt: skip
+                sampled += [
+                    sft.score(ex["meta"], t, ex["answer"])[0] for ex, t in zip(chunk, texts)
+                ]
         res = {"accuracy": np.mean(acc), "judge": np.mean(jud), "stopped": np.mean(stopped),
                "response_len": np.mean(lens)}  # fmt: skip
         if scores:
             res["rm_score"] = np.mean(scores)
+        if sampled:
+            res["sampled_accuracy"] = np.mean(sampled)
         return {k: float(v) for k, v in res.items()}
 
     def eval_fn(policy) -> dict:

@@ -1,0 +1,250 @@
+"""Reproduces the alignment results on the built-in world: PPO, DPO and GRPO, each started from
+the same SFT model, each measured before and after on held-out data.
+
+    python -m flaxlm.alignment.rl_check --chain /tmp/rlchain/slim --workdir /tmp/rlcheck
+    python -m flaxlm.alignment.rl_check ... --only grpo          # one method
+    python -m flaxlm.alignment.rl_check --build_chain --chain /tmp/rlchain/slim   # the chain
+
+The chain (`--build_chain`): "mini" model (4 layers, d=128) pretrained on the demo world's
+corpus (2000 steps), SFT on its chat data (600 steps, checkpoints every 100), a reward model on
+its preference pairs from the final SFT (400 steps): the default configs of configs/pretrain.py,
+sft.py and reward.py at variant=mini. About 3 minutes on one H200; hours on 2 CPU cores. The
+runs are copied, params only, to CHAIN/{pt,sft100,sft300,sft600,rm}.
+
+The start is `--sft` (default sft100, the SFT run at step 100): the final SFT model is saturated
+on the RL prompts (97% of its samples already right; 0.005 nats of entropy per token), so
+on-policy RL has nothing to sample; at step 100 it answers 80% right, which leaves room. The
+held-out questions (`sft_heldout`) are the world's facts that SFT never asked about; both SFT
+checkpoints answer 27% of them, and their errors are wrong facts, not format.
+
+Measured, per method (eval at step 0 and at the end, greedy unless "sampled"):
+  PPO   reward-model score of the answers to held-out prompts (rl_heldout, sft_heldout);
+        task accuracy on held-out RL prompts (rl_heldout, greedy and one sample); the
+        per-sequence KL to the reference at the end (bounded: < `KL_BOUND` nats)
+  DPO   held-out preference accuracy (implicit reward, ties ½; and mean token log-probability
+        of chosen > rejected) and the task accuracy on sft_heldout
+  GRPO  (exact-match reward) accuracy on held-out RL prompts, greedy and sampled
+Each check prints its before → after and PASS/FAIL; results go to WORKDIR/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+KL_BOUND = 2.0  # nats per sequence
+COMMON = {"progress_bar": False, "eval_at_start": True, "ckpt_every": 0, "log_every": 4}
+
+
+def _set(c, overrides: dict):
+    with c.unlocked():
+        for key, value in overrides.items():
+            node = c
+            *path, last = key.split(".")
+            for p in path:
+                node = node[p]
+            node[last] = value
+    return c
+
+
+def ppo_config(chain: str, sft: str):
+    from flaxlm.configs import ppo
+
+    return _set(ppo.get_config("variant=mini"), {
+        **COMMON, "init_from": f"{chain}/{sft}", "reward_from": f"{chain}/rm",
+        "total_steps": 96, "eval_every": 96, "batch_size": 16, "rollout.batch": 64,
+        "rollout.epochs": 2, "opt.lr": 3e-5, "opt.warmup_steps": 4, "ppo.kl_coef": 0.05,
+        "rollout.heldout_prompts": 200, "eval_gen.examples": 300,
+    })  # fmt: skip
+
+
+def dpo_config(chain: str, sft: str):
+    from flaxlm.configs import dpo
+
+    return _set(dpo.get_config("variant=mini"), {
+        **COMMON, "init_from": f"{chain}/{sft}", "total_steps": 60, "eval_every": 60,
+        "batch_size": 16, "opt.lr": 1e-5, "eval_gen.examples": 300,
+    })  # fmt: skip
+
+
+def grpo_config(chain: str, sft: str):
+    from flaxlm.configs import grpo
+
+    return _set(grpo.get_config("variant=mini"), {
+        **COMMON, "init_from": f"{chain}/{sft}", "total_steps": 64, "eval_every": 64,
+        "batch_size": 16, "rollout.batch": 64, "grpo.group_size": 8, "opt.lr": 3e-5,
+        "opt.warmup_steps": 4, "rollout.heldout_prompts": 200, "eval_gen.sets": "",
+    })  # fmt: skip
+
+
+def _evals(workdir: str) -> tuple[dict, dict]:
+    from flaxlm.train.metrics import read_metrics
+
+    evals = [r for r in read_metrics(workdir) if any(k.startswith("eval/") for k in r)]
+    return evals[0], evals[-1]
+
+
+def _train(workdir: str) -> list[dict]:
+    from flaxlm.train.metrics import read_metrics
+
+    return [r for r in read_metrics(workdir) if "loss" in r]
+
+
+def _check(name, before, after, ok, results, fmt="{:.3f}"):
+    line = f"  {name:<46} {fmt.format(before)} -> {fmt.format(after)}   {'PASS' if ok else 'FAIL'}"
+    print(line, flush=True)
+    results.append({"check": name, "before": before, "after": after, "pass": bool(ok)})
+
+
+def _rollout_means(recs, key, n=2):
+    """Mean of `key` over the first and the last n distinct rollouts."""
+    by_it = {}
+    for r in recs:
+        by_it.setdefault(r.get("rollout/iteration"), r[key])
+    vals = [by_it[k] for k in sorted(by_it)]
+    return sum(vals[:n]) / len(vals[:n]), sum(vals[-n:]) / len(vals[-n:])
+
+
+def check_ppo(workdir, results):
+    b, a = _evals(workdir)
+    recs = _train(workdir)
+    e = "eval/rl_heldout/"
+    _check("PPO reward-model score, held-out RL prompts", b[e + "rm_score"], a[e + "rm_score"],
+           a[e + "rm_score"] > b[e + "rm_score"], results)  # fmt: skip
+    s0, s1 = _rollout_means(recs, "rollout/score_mean")
+    _check("PPO reward-model score, rollouts (first/last 2)", s0, s1, s1 > s0, results)
+    for k in ("accuracy", "sampled_accuracy"):
+        _check(f"PPO task accuracy ({k}), held-out RL prompts", b[e + k], a[e + k],
+               a[e + k] > b[e + k], results)  # fmt: skip
+    h = "eval/sft_heldout/"
+    _check("PPO task accuracy, sft_heldout (not required)", b[h + "accuracy"],
+           a[h + "accuracy"], True, results)  # fmt: skip
+    kl = recs[-1]["rollout/kl"]
+    _check(f"PPO KL to reference per sequence (< {KL_BOUND})", recs[0]["rollout/kl"], kl,
+           0 <= kl < KL_BOUND, results)  # fmt: skip
+
+
+def check_dpo(workdir, results):
+    b, a = _evals(workdir)
+    for k in ("accuracy", "logp_accuracy"):
+        _check(f"DPO held-out preference {k}", b["eval/" + k], a["eval/" + k],
+               a["eval/" + k] > b["eval/" + k], results)  # fmt: skip
+    h = "eval/sft_heldout/"
+    for k in ("accuracy", "judge"):
+        _check(f"DPO task {k}, sft_heldout", b[h + k], a[h + k], a[h + k] > b[h + k], results)
+
+
+def check_grpo(workdir, results):
+    b, a = _evals(workdir)
+    e = "eval/rl_heldout/"
+    for k in ("accuracy", "sampled_accuracy"):
+        _check(f"GRPO exact-match accuracy ({k}), held-out RL", b[e + k], a[e + k],
+               a[e + k] > b[e + k], results)  # fmt: skip
+    recs = _train(workdir)
+    s0, s1 = _rollout_means(recs, "rollout/accuracy", 4)
+    _check("GRPO rollout accuracy (first/last 4 rollouts)", s0, s1, s1 > s0, results)
+
+
+METHODS = {
+    "ppo": ("flaxlm.alignment.ppo", ppo_config, check_ppo),
+    "dpo": ("flaxlm.alignment.dpo", dpo_config, check_dpo),
+    "grpo": ("flaxlm.alignment.grpo", grpo_config, check_grpo),
+}
+
+
+def build_chain(chain: str, scratch: str) -> None:
+    """pretrain → SFT → reward model (variant=mini, demo world), then params-only copies."""
+    main = [sys.executable, "-m", "flaxlm.train.main"]
+    flags = ["--config.progress_bar=False"]
+    steps = [
+        ("pt", "configs/pretrain.py:variant=mini", ["--config.eval_every=1000"]),
+        (
+            "sft",
+            "configs/sft.py:variant=mini",
+            [
+                f"--config.init_from={scratch}/pt",
+                "--config.ckpt_every=100",
+                "--config.keep_ckpts=10",
+            ],
+        ),  # fmt: skip
+        ("rm", "configs/reward.py:variant=mini", [f"--config.init_from={scratch}/sft"]),
+    ]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, cfg, extra in steps:
+        cmd = [*main, "--config", os.path.join(repo, cfg), *flags, *extra,
+               f"--workdir={scratch}/{name}"]  # fmt: skip
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    copies = [("pt", "pt", None), ("sft", "sft100", 100), ("sft", "sft300", 300),
+              ("sft", "sft600", 600), ("rm", "rm", None)]  # fmt: skip
+    for src, dst, step in copies:
+        copy_params(f"{scratch}/{src}", f"{chain}/{dst}", step)
+
+
+def copy_params(src: str, dst: str, step: int | None = None) -> None:
+    """A run's params at `step` (no optimizer state), its meta and tokenizer, into `dst`."""
+    import shutil
+
+    import jax
+
+    from flaxlm.models.config import ModelConfig
+    from flaxlm.models.heads import scalar_model_fns
+    from flaxlm.train import checkpoint as ckpt_lib
+    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.state import unbox
+
+    step, meta = ckpt_lib.read_meta(src, step)
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    init = (scalar_model_fns if meta.get("head") == "scalar" else model_fns)(cfg)[0]
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                          unbox(jax.eval_shape(init, jax.random.PRNGKey(0))))  # fmt: skip
+    params = ckpt_lib.load_params(src, target, step)
+    os.makedirs(dst, exist_ok=True)
+    if meta.get("tokenizer"):
+        meta["tokenizer"] = shutil.copy(meta["tokenizer"], os.path.join(dst, "tokenizer.model"))
+    meta.pop("flaxlm_version", None)
+    ck = ckpt_lib.Checkpointer(dst, keep=1, async_save=False)
+    ck.save(step, {"params": params}, {}, meta)
+    ck.wait()
+    ck.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--chain", default="/tmp/rlchain/slim", help="folder of the chain's runs")
+    ap.add_argument("--sft", default="sft100", help="SFT run (in --chain) every method starts from")
+    ap.add_argument("--workdir", default="/tmp/rlcheck")
+    ap.add_argument("--only", default="ppo,dpo,grpo")
+    ap.add_argument("--build_chain", action="store_true", help="build the chain first")
+    args = ap.parse_args(argv)
+    logging.getLogger("flaxlm").setLevel(logging.WARNING)
+    if args.build_chain:
+        build_chain(args.chain, args.chain + "_runs")
+    import importlib
+    import shutil
+
+    results, t_all = {}, time.perf_counter()
+    for name in filter(None, args.only.split(",")):
+        module, make_config, check = METHODS[name]
+        workdir = os.path.join(args.workdir, name)
+        shutil.rmtree(workdir, ignore_errors=True)
+        t0 = time.perf_counter()
+        importlib.import_module(module).run(make_config(args.chain, args.sft), workdir)
+        print(f"{name.upper()} ({time.perf_counter() - t0:.0f} s, {workdir})", flush=True)
+        results[name] = []
+        check(workdir, results[name])
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+    os.makedirs(args.workdir, exist_ok=True)
+    with open(os.path.join(args.workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return 0 if all(r["pass"] for rs in results.values() for r in rs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
