@@ -186,8 +186,9 @@ def _select(full, target, where: str):
 def load_lm_params(source: str, target, step: int | None = None):
     """Language-model params shaped like `target` (ShapeDtypeStructs with shardings).
 
-    `source` is "hf:DIR" or a flaxlm run: a plain LM run, a LoRA run (adapters merged), or a
-    scalar-head run (its "transformer" backbone; then `target` must lack `lm_head`).
+    `source` is "hf:DIR" or a flaxlm run: a plain LM run, a LoRA run (adapters merged), a
+    scalar-head run (its "transformer" backbone; then `target` must lack `lm_head`), or a PPO
+    run (its policy).
     """
     if source.startswith(HF_PREFIX):
         from flaxlm.models import hf
@@ -196,6 +197,8 @@ def load_lm_params(source: str, target, step: int | None = None):
         return _select(params, target, source)
     meta = ckpt_lib.read_meta(source, step)[1]
     scalar = meta.get("head") == "scalar"
+    if meta.get("head") == "policy_value":  # a PPO run: {"policy": LM, "value": critic}
+        return ckpt_lib.load_params(source, {"policy": target}, step)["policy"]
     inner = {"transformer": target} if scalar else target
     spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
     if spec is None:

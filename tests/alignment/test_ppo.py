@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxlm.alignment import ppo, rl_rollout
+from flaxlm.alignment import common, ppo, rl_rollout
 from flaxlm.configs import ppo as ppo_config
 from flaxlm.models import decode
 from flaxlm.train.metrics import read_metrics
@@ -159,7 +159,7 @@ def test_ppo_trains_in_the_loop_with_one_decoder_call_per_rollout(runs, cache_di
         "batch_size": 8, "rollout.batch": 16, "rollout.epochs": 1, "seq_len": 64,
         "rollout.max_prompt_len": 48, "rollout.max_new_tokens": 8, "ppo.kl_target": 1.0,
         "opt.lr": 1e-3, "eval_every": 4, "eval_gen.examples": 8, "eval_gen.batch": 8,
-        "eval_gen.max_new_tokens": 4, "eval_gen.max_prompt_len": 48,
+        "eval_gen.max_new_tokens": 4, "eval_gen.max_prompt_len": 48, "ckpt_every": 4,
     })  # fmt: skip
     # Count executions of the compiled decode program (prefill + while_loop): a Python loop
     # per token would execute it (or call generate) once per token.
@@ -185,9 +185,10 @@ def test_ppo_trains_in_the_loop_with_one_decoder_call_per_rollout(runs, cache_di
     recs = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
     rollouts = 4 // 2  # total_steps / (epochs · rollout.batch / batch_size)
     assert calls["generate"] == rollouts
-    # + the eval's greedy decoding: one program run per 8 held-out prompts
+    # + the eval's decoding: one program run per 8 held-out prompts, greedy and sampled
     evals = sum(1 for r in read_metrics(str(tmp_path)) if "eval/sft_heldout/accuracy" in r)
-    assert calls["program"] == rollouts + evals
+    assert c.eval_gen.sample_temperature > 0
+    assert calls["program"] == rollouts + 2 * evals
     last = recs[-1]
     assert last["rollout/response_len"] > 1  # several tokens per row from one program run
     for key in ("pg_loss", "vf_loss", "entropy", "clipfrac", "rollout/kl", "rollout/score_mean",
@@ -197,6 +198,34 @@ def test_ppo_trains_in_the_loop_with_one_decoder_call_per_rollout(runs, cache_di
     assert summary["train"]["n_skipped"] == 0
     assert last["rollout/iteration"] == 1 and last["rollout/train_s"] > 0
     assert set(state.params) == {"policy", "value"}
-    # The critic started from the reward model; the policy moved (lr 1e-3).
     data = json.load(open(os.path.join(tmp_path, "data_report.json")))
     assert data["prompts"]["used"] > 0
+    # The policy of a PPO checkpoint loads as a plain language model (eval, DPO, export).
+    _, policy, meta = common.load_policy(str(tmp_path))
+    assert meta["head"] == "policy_value"
+    for a, b in zip(jax.tree.leaves(policy), jax.tree.leaves(state.params["policy"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_frozen_models_in_bfloat16_score_like_float32(runs):
+    """The reference and reward model may be kept in bf16: half the bytes, scores close."""
+    from flaxlm.alignment import rl_common
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh
+
+    sft, rm = runs
+    mesh, rules = make_mesh({"data": -1, "fsdp": 1, "tensor": 1}), logical_axis_rules("fsdp")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(5, 500, n).astype(np.int32) for n in (5, 9, 3, 7, 4, 6, 8, 2)]
+    tokens = rng.integers(5, 500, (8, 6)).astype(np.int32)
+    rows = rl_common.rollout_rows(prompts, tokens, np.full(8, 6), 24, 0)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        _, apply, params = rl_common.frozen_lm(sft, mesh, rules, dtype)
+        _, rm_apply, rm_params = rl_common.frozen_scalar(rm, mesh, rules, dtype)
+        assert {x.dtype.name for x in jax.tree.leaves(params)} == {dtype}
+        lp = jax.jit(lambda p, r, a=apply: rl_rollout.lm_logprobs(a, p, r))(params, rows)
+        score = rl_common.reward_scorer(rm_apply)(rm_params, rows)
+        out[dtype] = (np.asarray(lp) * rows["loss_mask"], np.asarray(score))
+    np.testing.assert_allclose(out["bfloat16"][0], out["float32"][0], atol=0.1)
+    np.testing.assert_allclose(out["bfloat16"][1], out["float32"][1], atol=0.05)
+    assert np.abs(out["float32"][0]).max() > 1  # real log-probabilities, not zeros
