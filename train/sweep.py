@@ -1,0 +1,511 @@
+"""Sweeps: expand a config's `sweep(add, arg)` into named runs; train them here or print launch
+lines for a cluster; collect their final metrics into one table.
+
+    python -m flaxlm.train.sweep --config configs/pretrain.py:variant=tiny --workdir runs/sw \
+        [--parallel 2] [--launch local|slurm|pod|multihost|print] [--only 0,3] [--config.a.b=v]
+
+Every run is `ROOT/run-<index>-<k=v,...>` (overrides sorted by key, so names are deterministic)
+and is trained by `python -m flaxlm.train.main --config FILE:ARG --workdir RUN --config.k=v ...`.
+`ROOT/sweep.json` indexes the runs with their overrides, sizes (N, D, FLOPs) and commands.
+
+Re-running the same command skips finished runs (a `DONE` marker, written once the trainer
+exited cleanly and reached `total_steps`, or a checkpoint at `total_steps`) and resumes the
+others: the trainer restarts from the run's latest checkpoint by itself. While a run trains its
+directory holds `RUNNING` (the trainer's pid), so a second sweep never trains the same run twice.
+Trainers are started in their own session with SIGTERM as their parent-death signal: when the
+sweep is interrupted (Ctrl-C, SIGTERM, even SIGKILL) each running trainer saves a checkpoint and
+stops. After the runs, `ROOT/runs.csv` and `ROOT/runs.json` hold the run table (train/sweep_table).
+Cluster launch files are written by train/sweep_launch and never executed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+MAX_NAME = 160  # characters of the k=v part of a run name before it is shortened with a hash
+
+
+@dataclasses.dataclass
+class Run:
+    """One run of a sweep: its position, overrides and directory, plus what its config implies."""
+
+    index: int
+    name: str
+    overrides: dict  # dotted config key -> value (the sweep's dict plus command-line overrides)
+    workdir: str
+    total_steps: int | None = None
+    info: dict = dataclasses.field(default_factory=dict)  # sizes from the effective config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Config files, overrides and names
+
+
+def load_config_module(config_arg: str):
+    """(module, arg) for "path/to/file.py:arg"; the module is imported from its path."""
+    path, _, arg = config_arg.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: no config file {path!r}")
+    name = "flaxlm_sweep_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, (arg or None)
+
+
+def format_value(value) -> str:
+    """A value as `--config.k=v` expects it (and as it appears in run names)."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # shortest repr that round-trips: 0.001, 1e-05, 3.0
+    if isinstance(value, (list, tuple)):
+        return (
+            "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+        )
+    return str(value)
+
+
+def run_name(index: int, overrides: dict) -> str:
+    """`run-003-model.d_model=128,opt.lr=0.001`: the index plus the overrides sorted by key."""
+    body = ",".join(f"{k}={format_value(v)}" for k, v in sorted(overrides.items()))
+    body = "".join(c if c.isalnum() or c in "._-=,+()" else "_" for c in body)
+    if len(body) > MAX_NAME:
+        import hashlib
+
+        digest = hashlib.sha1(body.encode()).hexdigest()[:8]
+        body = body[: MAX_NAME - 9] + "-" + digest
+    return f"run-{index:03d}" + (f"-{body}" if body else "")
+
+
+def _convert(text: str, like):
+    """A command-line string typed like the config field it overrides."""
+    if isinstance(like, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(like, int):
+        return int(text)
+    if isinstance(like, float):
+        return float(text)
+    return text
+
+
+def set_dotted(config, key: str, value, *, from_string: bool = False):
+    """Sets `config.a.b = value` on a locked ConfigDict; an unknown key names itself."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part not in node:
+            raise KeyError(f"override {key!r}: config has no key {'.'.join(parts[: i + 1])!r}")
+        node = node[part]
+    last = parts[-1]
+    if last not in node:
+        raise KeyError(f"override {key!r}: config has no key {key!r}")
+    if from_string:
+        try:
+            value = _convert(value, node[last])
+        except ValueError as e:
+            raise ValueError(f"override {key}={value!r}: {e}") from None
+    node[last] = value
+
+
+def expand(module, arg: str | None) -> list[dict]:
+    """The override dicts of `module.sweep(add, arg)`, in the order they were added."""
+    if not hasattr(module, "sweep"):
+        raise AttributeError(f"{module.__file__} defines no sweep(add, arg)")
+    out: list[dict] = []
+    module.sweep(lambda **kw: out.append(dict(kw)), arg)
+    if not out:
+        raise ValueError(f"{module.__file__}: sweep() added no runs")
+    return out
+
+
+def run_info(config) -> dict:
+    """Sizes implied by an effective config: params N, tokens D = steps x batch x seq_len, and
+    compute (6 N_nonembed D and the exact count flops_per_token x D, DESIGN.md convention)."""
+    info: dict = {}
+    if "total_steps" in config:
+        info["total_steps"] = int(config.total_steps)
+    if "model" not in config or not all(k in config for k in ("batch_size", "seq_len")):
+        return info
+    from flaxlm.configs.common import to_model_config
+
+    cfg = to_model_config(config.model)
+    counts = cfg.param_counts()
+    tokens = int(config.total_steps) * int(config.batch_size) * int(config.seq_len)
+    fpt = cfg.flops_per_token(int(config.seq_len))
+    info.update(
+        batch_size=int(config.batch_size),
+        seq_len=int(config.seq_len),
+        n_params=counts["total"],
+        n_params_nonembed=counts["non_embedding"],
+        n_params_embed=counts["embedding"],
+        n_params_matmul=counts["matmul"],
+        tokens=tokens,
+        c_6nd=6.0 * counts["non_embedding"] * tokens,
+        flops_per_token=fpt,
+        flops=fpt * tokens,
+        flops_causal=cfg.flops_per_token(int(config.seq_len), causal=True) * tokens,
+    )
+    return info
+
+
+def plan(
+    config_arg: str,
+    root: str,
+    *,
+    extra: Sequence[str] = (),
+    only: Sequence[int] | None = None,
+) -> list[Run]:
+    """Expands the sweep of `config_arg` under `root` (every run's config is built, so a bad
+    override fails here, naming the key). `extra`: "k=v" overrides applied to every run."""
+    module, arg = load_config_module(config_arg)
+    base = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config.{item}: expected --config.key=value")
+        base[key] = value
+    runs = []
+    for i, ov in enumerate(expand(module, arg)):
+        if only is not None and i not in only:
+            continue
+        config = module.get_config(arg)
+        for k, v in ov.items():
+            set_dotted(config, k, v)
+        for k, v in base.items():
+            set_dotted(config, k, v, from_string=True)
+        overrides = {**ov, **{k: config_value(config, k) for k in base}}
+        name = run_name(i, ov)  # names come from the sweep alone; the CLI extras apply to all
+        info = run_info(config)
+        runs.append(
+            Run(i, name, overrides, os.path.join(root, name), info.get("total_steps"), info)
+        )
+    if only is not None:
+        missing = sorted(set(only) - {r.index for r in runs})
+        if missing:
+            raise IndexError(
+                f"--only {missing}: the sweep has runs 0..{len(expand(module, arg)) - 1}"
+            )
+    return runs
+
+
+def config_value(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def train_command(config_arg: str, run: Run, python: str = "") -> list[str]:
+    """argv of the trainer for one run."""
+    cmd = [python or sys.executable, "-m", "flaxlm.train.main", "--config", config_arg]
+    cmd += ["--workdir", run.workdir]
+    cmd += [f"--config.{k}={format_value(v)}" for k, v in run.overrides.items()]
+    return cmd
+
+
+def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence[str]) -> str:
+    """ROOT/sweep.json: the config, the common overrides and every run (merged with earlier
+    `--only` subsets, so the index always lists every run planned so far)."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, "sweep.json")
+    known = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("config") == config_arg:
+            known = {r["name"]: r for r in old.get("runs", [])}
+    for r in runs:
+        known[r.name] = {**r.to_dict(), "command": train_command(config_arg, r, "python")}
+    index = {
+        "config": config_arg,
+        "extra_overrides": list(extra),
+        "runs": sorted(known.values(), key=lambda r: r["index"]),
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Finished / running state of a run directory
+
+
+def final_checkpoint(run_dir: str, total_steps: int | None) -> bool:
+    if total_steps is None:
+        return False
+    return os.path.isdir(os.path.join(run_dir, "checkpoints", str(total_steps)))
+
+
+def _logged_step(run_dir: str) -> int:
+    """Highest step in the run's metrics.jsonl (0 when none)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    best = 0
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    best = max(best, int(json.loads(line).get("step", 0)))
+                except (json.JSONDecodeError, TypeError, ValueError):
+                    continue  # a line cut short by a kill
+    return best
+
+
+def is_done(run: Run) -> bool:
+    return os.path.exists(os.path.join(run.workdir, "DONE")) or final_checkpoint(
+        run.workdir, run.total_steps
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _running_pid(run_dir: str) -> int | None:
+    try:
+        with open(os.path.join(run_dir, "RUNNING")) as f:
+            pid = int(f.read().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _wait_for_stale(run: Run, timeout: float) -> bool:
+    """Waits for a trainer of an interrupted sweep (still saving its checkpoint) to exit."""
+    pid = _running_pid(run.workdir)
+    if pid is None:
+        return True
+    _say(f"{run.name}: waiting for pid {pid} (an earlier trainer of this run) to stop")
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not _alive(pid)
+
+
+def _set_pdeathsig():
+    """In the child, before exec: SIGTERM when the sweep dies (Linux prctl; else nothing)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _say(msg: str):
+    print(f"[sweep] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Local execution
+
+
+def run_env(parallel: int, cache_dir: str) -> dict:
+    """Environment of local trainers: a shared persistent compilation cache (runs of one size
+    compile the same init, and a resumed run its own steps) and, with several trainers at
+    once, one compute thread each so they do not fight over the cores."""
+    env = dict(os.environ)
+    if cache_dir:
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)
+        # Under load even "quick" compiles take seconds; cache them all.
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if parallel > 1:
+        flags = env.get("XLA_FLAGS", "")
+        if "multi_thread_eigen" not in flags:
+            flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        env["XLA_FLAGS"] = flags.strip()
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_local(
+    config_arg: str,
+    runs: Sequence[Run],
+    *,
+    parallel: int = 1,
+    cache_dir: str = "",
+    stale_timeout: float = 120.0,
+) -> dict[str, str]:
+    """Trains the runs that are not finished, `parallel` at a time; returns name -> status
+    (done | skipped | failed | busy | interrupted)."""
+    status: dict[str, str] = {}
+    pending = []
+    for r in runs:
+        if is_done(r):
+            status[r.name] = "skipped"
+            _say(f"skip {r.name} (finished)")
+        else:
+            pending.append(r)
+    env = run_env(parallel, cache_dir)
+    active: dict[str, tuple[subprocess.Popen, Run, float]] = {}
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        for proc, _, _ in active.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and returns
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while (pending or active) and stop["signal"] is None:
+            while pending and len(active) < parallel and stop["signal"] is None:
+                r = pending.pop(0)
+                if not _wait_for_stale(r, stale_timeout):
+                    status[r.name] = "busy"
+                    _say(f"{r.name}: another trainer still runs in it; not started")
+                    continue
+                active[r.name] = (_start(config_arg, r, env), r, time.monotonic())
+                _say(f"start {r.name} ({len(status) + len(active)}/{len(runs)})")
+            time.sleep(0.2)
+            for name, (proc, r, t0) in list(active.items()):
+                if proc.poll() is not None:
+                    del active[name]
+                    status[name] = _finish(r, proc.returncode, time.monotonic() - t0)
+        for name, (proc, r, t0) in active.items():  # interrupted: let trainers save and stop
+            proc.wait()
+            _finish(r, proc.returncode, time.monotonic() - t0)
+            status[name] = "interrupted"
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if stop["signal"] is not None:
+        raise KeyboardInterrupt(f"sweep interrupted by signal {stop['signal']}")
+    return status
+
+
+def _start(config_arg: str, run: Run, env: dict) -> subprocess.Popen:
+    os.makedirs(run.workdir, exist_ok=True)
+    log = open(os.path.join(run.workdir, "train.log"), "a")  # noqa: SIM115 (child owns it)
+    log.write(
+        f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(train_command(config_arg, run))}\n"
+    )
+    log.flush()
+    proc = subprocess.Popen(
+        train_command(config_arg, run),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # Ctrl-C reaches the sweep only; it forwards SIGTERM
+        preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
+    )
+    log.close()
+    with open(os.path.join(run.workdir, "RUNNING"), "w") as f:
+        f.write(f"{proc.pid}\n")
+    return proc
+
+
+def _finish(run: Run, returncode: int, seconds: float) -> str:
+    try:
+        os.remove(os.path.join(run.workdir, "RUNNING"))
+    except FileNotFoundError:
+        pass
+    step = _logged_step(run.workdir)
+    reached = run.total_steps is None or step >= run.total_steps
+    if returncode == 0 and (reached or final_checkpoint(run.workdir, run.total_steps)):
+        with open(os.path.join(run.workdir, "DONE"), "w") as f:
+            json.dump({"seconds": round(seconds, 1), "step": step, "time": time.time()}, f)
+        _say(f"done {run.name} in {seconds:.1f}s")
+        return "done"
+    why = f"rc={returncode}" if returncode else f"stopped at step {step} of {run.total_steps}"
+    _say(f"FAILED {run.name} ({why}, {seconds:.1f}s); see {run.workdir}/train.log")
+    return "failed"
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m flaxlm.train.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--config", required=True, help="config file with sweep(): FILE.py[:ARG]")
+    p.add_argument("--workdir", required=True, help="sweep root; one directory per run")
+    p.add_argument("--parallel", type=int, default=1, help="local trainers at once")
+    p.add_argument("--launch", default="local",
+                   choices=("local", "slurm", "pod", "multihost", "print"),
+                   help="local: train here; slurm/pod/multihost: write that launch file; "
+                   "print: write and print all three (nothing is executed)")  # fmt: skip
+    p.add_argument("--only", default="", help="comma-separated run indices (default: all)")
+    p.add_argument("--no_table", action="store_true", help="do not write runs.csv/runs.json")
+    p.add_argument(
+        "--cache_dir",
+        default=None,
+        help="persistent JAX compilation cache (default ROOT/.jax_cache; '' = none)",
+    )
+    p.add_argument("--python", default="python", help="interpreter named in launch files")
+    p.add_argument("--nodes", type=int, default=1, help="slurm/multihost: hosts per run")
+    p.add_argument("--gpus_per_node", type=int, default=8, help="slurm: one task per GPU")
+    p.add_argument("--slurm_extra", default="", help="slurm: extra '#SBATCH' options, ';'-sep.")
+    p.add_argument("--tpu_name", default="$TPU_NAME", help="pod: TPU VM name")
+    p.add_argument("--zone", default="$ZONE", help="pod: zone")
+    p.add_argument("--repo_dir", default="~/flaxlm", help="pod/multihost: checkout on the hosts")
+    p.add_argument("--coordinator", default="$HOST0:1234", help="multihost: host:port of host 0")
+    args, rest = p.parse_known_args(argv)
+    extra = []
+    for item in rest:
+        if not item.startswith("--config."):
+            p.error(f"unrecognised argument {item!r} (overrides are --config.key=value)")
+        extra.append(item[len("--config.") :])
+    return args, extra
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    only = [int(i) for i in args.only.split(",") if i.strip()] if args.only else None
+    root = args.workdir
+    runs = plan(args.config, root, extra=extra, only=only)
+    write_index(root, args.config, runs, extra)
+    _say(f"{len(runs)} runs under {root} (index: {os.path.join(root, 'sweep.json')})")
+    if args.launch != "local":
+        from flaxlm.train import sweep_launch
+
+        for path in sweep_launch.write_launch_files(args.launch, args.config, runs, root, args):
+            if args.launch == "print":
+                with open(path) as f:
+                    print(f"# ---- {path}\n{f.read()}")
+            else:
+                _say(f"wrote {path}")
+        return 0
+    cache = os.path.join(root, ".jax_cache") if args.cache_dir is None else args.cache_dir
+    t0 = time.monotonic()
+    status = run_local(args.config, runs, parallel=max(1, args.parallel), cache_dir=cache)
+    _say(f"{sum(s in ('done', 'skipped') for s in status.values())}/{len(runs)} runs finished "
+         f"({time.monotonic() - t0:.0f}s)")  # fmt: skip
+    if not args.no_table:
+        from flaxlm.train import sweep_table
+
+        rows = sweep_table.collect(root)
+        csv_path, _ = sweep_table.write_table(rows, root)
+        _say(f"run table: {csv_path} ({len(rows)} finished runs)")
+    return 1 if any(s in ("failed", "busy") for s in status.values()) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as e:
+        _say(str(e) or "interrupted")
+        sys.exit(130)

@@ -1,0 +1,138 @@
+"""Launch files for a sweep on a cluster: written (and printed) by train/sweep.py, never run.
+
+    ROOT/launch/slurm_array.sh      one SLURM array task per run (submit it with sbatch)
+    ROOT/launch/tpu_pod.sh          one `gcloud compute tpus tpu-vm ssh --worker=all` line per run
+    ROOT/launch/host-<i>.sh         multi-node GPU without torchrun: one line per run for host i,
+                                    with --coordinator/--num_processes/--process_id
+
+Every trainer gets `--distributed` (or the explicit coordinator flags), so
+`jax.distributed.initialize()` connects the processes of a run. Only runs that are not finished
+are listed; the SLURM script also skips a run whose DONE marker appeared since, and marks a run
+DONE only when its final checkpoint exists (a preempted trainer exits cleanly too). On pods and
+multi-node clusters ROOT must be storage every host sees (a bucket or a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Sequence
+
+
+def _trainer(config_arg: str, run, python: str) -> str:
+    from flaxlm.train.sweep import train_command
+
+    return shlex.join(train_command(config_arg, run, python))
+
+
+def slurm_script(config_arg: str, runs: Sequence, root: str, *, python: str = "python",
+                 nodes: int = 1, gpus_per_node: int = 8, parallel: int = 1,
+                 extra: str = "") -> str:  # fmt: skip
+    """A SLURM array script: task i trains runs[i] with `srun ... --distributed` on `nodes`
+    nodes (one process per node, all its GPUs)."""
+    name = os.path.basename(os.path.normpath(root)) or "sweep"
+    limit = f"%{parallel}" if parallel > 1 else ""
+    lines = [
+        "#!/bin/bash",
+        f"# {len(runs)} runs of {config_arg}, one array task each (written by flaxlm.train.sweep)",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --array=0-{len(runs) - 1}{limit}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus_per_node}",
+        f"#SBATCH --output={os.path.join(root, 'launch', 'slurm-%A_%a.out')}",
+        "#SBATCH --requeue",
+        *[f"#SBATCH {opt.strip()}" for opt in extra.split(";") if opt.strip()],
+        "set -euo pipefail",
+        "case $SLURM_ARRAY_TASK_ID in",
+    ]
+    for i, run in enumerate(runs):
+        cmd = _trainer(config_arg, run, python) + " --distributed"
+        steps = run.total_steps if run.total_steps is not None else ""
+        lines.append(f"  {i}) DIR={shlex.quote(run.workdir)}; STEPS={steps}; CMD=({cmd}) ;;")
+    lines += [
+        '  *) echo "no run for array index $SLURM_ARRAY_TASK_ID"; exit 1 ;;',
+        "esac",
+        '[ -f "$DIR/DONE" ] && { echo "$DIR finished"; exit 0; }',
+        'srun "${CMD[@]}"',
+        'if [ -n "$STEPS" ] && [ -d "$DIR/checkpoints/$STEPS" ]; then touch "$DIR/DONE"; fi',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def pod_script(config_arg: str, runs: Sequence, *, python: str = "python",
+               tpu_name: str = "$TPU_NAME", zone: str = "$ZONE",
+               repo_dir: str = "~/flaxlm") -> str:  # fmt: skip
+    """One gcloud line per run: the same trainer command on every worker of a TPU pod; runs
+    follow each other."""
+    lines = [
+        "#!/bin/bash",
+        f"# {len(runs)} runs of {config_arg} on TPU pod {tpu_name}, one after another",
+        "set -euo pipefail",
+    ]
+    for run in runs:
+        remote = f"cd {repo_dir} && {_trainer(config_arg, run, python)} --distributed"
+        lines.append(
+            f"gcloud compute tpus tpu-vm ssh {tpu_name} --zone={zone} --worker=all "
+            f"--command={shlex.quote(remote)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def host_script(config_arg: str, runs: Sequence, host: int, n_hosts: int, *,
+                python: str = "python", coordinator: str = "$HOST0:1234",
+                repo_dir: str = "~/flaxlm") -> str:  # fmt: skip
+    """Host `host`'s lines of a multi-node run without torchrun: the same command on every
+    host, differing only in --process_id; start all hosts' scripts together."""
+    lines = [
+        "#!/bin/bash",
+        f"# host {host} of {n_hosts}: {len(runs)} runs of {config_arg}, one after another",
+        "set -euo pipefail",
+        f"cd {repo_dir}",
+    ]
+    for run in runs:
+        lines.append(
+            f"{_trainer(config_arg, run, python)} --coordinator={coordinator} "
+            f"--num_processes={n_hosts} --process_id={host}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_launch_files(kind: str, config_arg: str, runs: Sequence, root: str, args) -> list[str]:
+    """Writes the launch files of `kind` (slurm | pod | multihost | print = all) for the runs
+    that are not finished; returns their paths."""
+    from flaxlm.train.sweep import is_done
+
+    todo = [r for r in runs if not is_done(r)]
+    if len(todo) < len(runs):
+        print(f"[sweep] {len(runs) - len(todo)} finished runs left out of the launch files")
+    out_dir = os.path.join(root, "launch")
+    os.makedirs(out_dir, exist_ok=True)
+    files: dict[str, str] = {}
+    if not todo:
+        return []
+    if kind in ("slurm", "print"):
+        files["slurm_array.sh"] = slurm_script(
+            config_arg, todo, root, python=args.python, nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node, parallel=args.parallel, extra=args.slurm_extra,
+        )  # fmt: skip
+    if kind in ("pod", "print"):
+        files["tpu_pod.sh"] = pod_script(
+            config_arg, todo, python=args.python, tpu_name=args.tpu_name, zone=args.zone,
+            repo_dir=args.repo_dir,
+        )  # fmt: skip
+    if kind in ("multihost", "print"):
+        n = max(args.nodes, 1)
+        for h in range(n):
+            files[f"host-{h}.sh"] = host_script(
+                config_arg, todo, h, n, python=args.python, coordinator=args.coordinator,
+                repo_dir=args.repo_dir,
+            )  # fmt: skip
+    paths = []
+    for fname, text in files.items():
+        path = os.path.join(out_dir, fname)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o755)
+        paths.append(path)
+    return paths

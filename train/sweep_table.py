@@ -1,0 +1,106 @@
+"""The run table of a sweep: one row per finished run, its sizes and its final metrics.
+
+    rows = collect("runs/sw")            # reads runs/sw/sweep.json and every run's metrics.jsonl
+    write_table(rows, "runs/sw")         # runs/sw/runs.csv and runs/sw/runs.json
+
+Columns (the names evaluation/scaling_report.py reads): `name`, `index`, `overrides` (JSON in the
+CSV), `n_params` (total), `n_params_nonembed` (total minus the input embedding; with tied
+embeddings the LM head is that table, so it is excluded too), `n_params_embed`, `tokens`
+(D = steps x batch x seq_len), `c_6nd` (6 N_nonembed D), `flops` (exact training FLOPs,
+flops_per_token x D, DESIGN.md count), `final_loss` (train loss of the last logged window),
+`heldout_loss` (`eval/nll` at the last step), every other `eval/<metric>` logged at that step,
+and `task/<task>/<metric>` from the run's `tasks.json` when an evaluation wrote one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+
+from flaxlm.train.metrics import read_metrics
+
+TASKS_FILE = "tasks.json"  # {task: {metric: value}} written by the evaluation of a run
+_FIRST = ("index", "name", "overrides", "step", "total_steps", "n_params", "n_params_nonembed",
+          "n_params_embed", "tokens", "c_6nd", "flops", "final_loss", "heldout_loss")  # fmt: skip
+
+
+def final_metrics(run_dir: str, total_steps: int | None = None) -> dict | None:
+    """`step`, `final_loss`, `heldout_loss` and eval/* at the last step of a run; None when the
+    run has not reached `total_steps` (or logged nothing)."""
+    try:
+        records = read_metrics(run_dir)
+    except FileNotFoundError:
+        return None
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/nll" in r or "eval/loss" in r]
+    if not train:
+        return None
+    last = max(r["step"] for r in records)
+    if total_steps is not None and last < total_steps:
+        return None
+    out = {"step": last, "final_loss": train[-1]["loss"]}
+    if evals and evals[-1]["step"] == last:
+        ev = evals[-1]
+        out["heldout_loss"] = ev.get("eval/nll", ev.get("eval/loss"))
+        out.update({k: v for k, v in ev.items() if k.startswith("eval/") and k != "eval/time_s"})
+    return out
+
+
+def task_metrics(run_dir: str) -> dict:
+    """Flattened `task/<task>/<metric>` numbers from the run's tasks.json (if any)."""
+    path = os.path.join(run_dir, TASKS_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        tasks = json.load(f)
+    out = {}
+    for task, metrics in tasks.items():
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n":
+                out[f"task/{task}/{k}"] = v
+    return out
+
+
+def collect(root: str, *, include_unfinished: bool = False) -> list[dict]:
+    """Rows of the sweep under `root` (from its sweep.json), finished runs only by default."""
+    with open(os.path.join(root, "sweep.json")) as f:
+        index = json.load(f)
+    rows = []
+    for run in index["runs"]:
+        workdir = run["workdir"]
+        if not os.path.isabs(workdir) and not os.path.isdir(workdir):
+            workdir = os.path.join(root, run["name"])  # the index moved with its sweep
+        final = final_metrics(workdir, run.get("total_steps"))
+        if final is None and not include_unfinished:
+            continue
+        row = {"index": run["index"], "name": run["name"], "overrides": run["overrides"]}
+        row.update(run.get("info", {}))
+        row.update(final or {"step": None})
+        row.update(task_metrics(workdir))
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    seen = dict.fromkeys(c for c in _FIRST if any(c in r for r in rows))
+    for r in rows:
+        seen.update(dict.fromkeys(r))
+    return list(seen)
+
+
+def write_table(rows: Sequence[dict], out_dir: str, stem: str = "runs") -> tuple[str, str]:
+    """Writes `<stem>.csv` and `<stem>.json` ({"runs": rows}); returns both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    cols = _columns(rows)
+    csv_path = os.path.join(out_dir, f"{stem}.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
+    json_path = os.path.join(out_dir, f"{stem}.json")
+    with open(json_path, "w") as f:
+        json.dump({"runs": list(rows)}, f, indent=1)
+    return csv_path, json_path
