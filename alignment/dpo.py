@@ -346,8 +346,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             gen_eval = rl_common.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
         eval_fn = make_eval_fn(config, mesh, apply, ref, heldout, tok.pad_id, gen_eval, spec)
     data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
-    if workdir:
-        common.write_report(workdir, data_report)
+    common.write_report(workdir, data_report)
     load, transform = common.init_hooks("lm", spec)
     return loop.Task(
         name="dpo",

@@ -261,9 +261,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
     template = F.ChatTemplate(tok)
     report = F.DataReport(strict=config.data.strict)
     prompts = rl_common.load_prompts(config.data.train, config, template, report)
-    prompts, held = rl_common.split_prompts(
-        prompts, config.rollout.heldout_prompts, config.seed, report
-    )
+    prompts, held = rl_common.split_prompts(prompts, config.rollout.heldout_prompts, config.seed)
     if not prompts:
         raise ValueError(f"data.train={config.data.train!r}: no usable prompts")
     rules = logical_axis_rules(config.sharding)
@@ -279,9 +277,11 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
         extra = {"rl_heldout": held} if held else None
         sets = rl_common.heldout_sets(config, template, prompts, eval_report, extra)
         eval_fn = rl_common.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
-    data_report = {"prompts": report.to_dict(), "eval": eval_report.to_dict()}
-    if workdir:
-        common.write_report(workdir, data_report)
+    data_report = {
+        "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
+        "eval": eval_report.to_dict(),
+    }
+    common.write_report(workdir, data_report)
     load, transform = common.init_hooks("lm", None)
     return loop.Task(
         name="grpo",

@@ -283,9 +283,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     template = F.ChatTemplate(tok)
     report = F.DataReport(strict=config.data.strict)
     prompts = rl_common.load_prompts(config.data.train, config, template, report)
-    prompts, held = rl_common.split_prompts(
-        prompts, config.rollout.heldout_prompts, config.seed, report
-    )
+    prompts, held = rl_common.split_prompts(prompts, config.rollout.heldout_prompts, config.seed)
     if not prompts:
         raise ValueError(f"data.train={config.data.train!r}: no usable prompts")
     rules = logical_axis_rules(config.sharding)
@@ -319,9 +317,11 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             cfg, template, sets, config.eval_gen, mesh, rules, rm=rm
         )
         eval_fn = lambda params: policy_eval(params["policy"])  # noqa: E731
-    data_report = {"prompts": report.to_dict(), "eval": eval_report.to_dict()}
-    if workdir:
-        common.write_report(workdir, data_report)
+    data_report = {
+        "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
+        "eval": eval_report.to_dict(),
+    }
+    common.write_report(workdir, data_report)
     head_flops = 6 * vcfg.vocab_size * vcfg.d_model  # the critic has no vocabulary projection
     flops = cfg.flops_per_token(config.seq_len) + vcfg.flops_per_token(config.seq_len)
     flops_causal = cfg.flops_per_token(config.seq_len, True) + vcfg.flops_per_token(

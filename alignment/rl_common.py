@@ -13,14 +13,17 @@ Frozen models (`frozen_lm`, `frozen_scalar`): loaded from a run directory (LoRA 
 sharded with the training run's logical rules, optionally in bfloat16 (`rollout.frozen_dtype`):
 they are never differentiated, so half precision costs little and halves their memory.
 
-Held-out evaluation (`make_policy_eval`): greedy answers to held-out conversations' prompts,
-scored by the built-in world's judge (exact match of "The answer is X.") when the records carry
-its meta, and by a reward model when one is given. Held-out prompts identical to a training
-prompt are removed first (counted), so the metric is never measured on trained prompts.
+Held-out evaluation (`make_policy_eval`): greedy (and optionally sampled) answers to held-out
+prompts, scored by the built-in world's judge (exact match of "The answer is X.") when the
+records carry its meta, and by a reward model when one is given. The RL tasks can hold out
+whole questions of their own prompt set (`rollout.heldout_prompts`, `split_prompts`: every
+paraphrase of a held-out question stays out of training), and any evaluation example asking a
+training question is removed (counted), so the metric is never measured on trained questions.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import jax
@@ -232,45 +235,67 @@ def reward_scorer(rm_apply):
 # Held-out evaluation
 
 
-def split_prompts(prompts: list[dict], n_heldout: int, seed: int, report: F.DataReport):
-    """(train, held-out) prompts: `n_heldout` prompts drawn with a fixed seed are held out, and
-    every training prompt identical to a held-out one is removed (counted as
-    "heldout_duplicate"), so the held-out prompts are never trained on."""
+def question_key(prompt: dict) -> str:
+    """Prompts with equal `meta` ask the same question (the world's meta names the task, the
+    entity or word and the answer); without a meta, the prompt's ids are the question."""
+    if prompt.get("meta"):
+        return json.dumps(prompt["meta"], sort_keys=True)
+    return " ".join(map(str, prompt["ids"].tolist()))
+
+
+def split_prompts(prompts: list[dict], n_heldout: int, seed: int):
+    """(train, held-out) prompts: whole questions (`question_key`), drawn with a fixed seed,
+    are held out until at least `n_heldout` prompts are, so no paraphrase of a held-out question
+    is ever trained on."""
     if n_heldout <= 0:
         return prompts, []
     if n_heldout >= len(prompts):
         raise ValueError(f"rollout.heldout_prompts={n_heldout} >= {len(prompts)} prompts")
-    order = np.random.default_rng([seed, 7]).permutation(len(prompts))
-    heldout = [prompts[i] for i in order[:n_heldout]]
-    keys = {tuple(p["ids"].tolist()) for p in heldout}
-    train = []
-    for i in sorted(order[n_heldout:]):
-        if tuple(prompts[i]["ids"].tolist()) in keys:
-            report.bad("heldout_duplicate", prompts[i]["loc"], "same prompt is held out")
-        else:
-            train.append(prompts[i])
-    return train, heldout
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(question_key(p), []).append(i)
+    keys = sorted(groups)
+    held: set[int] = set()
+    for k in np.random.default_rng([seed, 7]).permutation(len(keys)):
+        if len(held) >= n_heldout:
+            break
+        held.update(groups[keys[k]])
+    train = [p for i, p in enumerate(prompts) if i not in held]
+    return train, [prompts[i] for i in sorted(held)]
 
 
 def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=None) -> dict:
-    """{set name: examples {"ids", "meta", "answer"}}: `extra` ({name: prompts}, e.g. the
-    held-out RL prompts) and `eval_gen.sets`, minus examples whose prompt is a training prompt
-    (counted as "eval_dropped_seen_prompt")."""
-    from flaxlm.alignment import sft
-
-    seen = {tuple(p["ids"].tolist()) for p in train_prompts}
-    gen = config.eval_gen
+    """{set name: examples {"ids", "meta", "answer"}} of `extra` ({name: prompts}, e.g. the
+    held-out RL prompts) and of every source in `eval_gen.sets` (its first `eval_gen.examples`
+    records: conversations, whose last assistant turn is the reference answer, or prompt
+    records, whose meta["answer"] is), minus examples asking a training question
+    (`question_key`; counted as "eval_dropped_trained_question")."""
+    gen, fields = config.eval_gen, config.data.fields
+    seen = {question_key(p) for p in train_prompts}
     out = {name: [{"ids": p["ids"], "meta": p["meta"], "answer": str(p["meta"].get("answer", ""))}
                   for p in prompts] for name, prompts in (extra or {}).items()}  # fmt: skip
-    for name, examples in sft.gen_sets(config, template).items():
+    for part in filter(None, (p.strip() for p in gen.sets.split(","))):
+        name = part.split(":")[-1].rsplit("/", 1)[-1].split(".")[0]
         kept = []
-        for ex in examples:
-            ids, _ = F.render_prompt(ex["messages"], template, gen.max_prompt_len)
-            if tuple(ids.tolist()) in seen:
-                report.bad("eval_dropped_seen_prompt", ex["loc"], "held-out prompt is trained")
+        for obj, loc in common.records(part, config.data, report)[: gen.examples]:
+            meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
+            try:
+                if fields.messages in obj:
+                    msgs = F.sft_messages(obj, fields)
+                    answer = msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else ""
+                else:
+                    msgs = obj.get(fields.prompt)
+                    msgs = [{"role": "user", "content": msgs}] if isinstance(msgs, str) else msgs
+                    answer = str(meta.get("answer", ""))
+                ids, _ = F.render_prompt(msgs, template, gen.max_prompt_len)
+            except (F.FormatError, TypeError, KeyError) as e:
+                report.bad("eval_bad_record", loc, str(e))
                 continue
-            kept.append({"ids": np.asarray(ids, np.int32), "meta": ex["meta"],
-                         "answer": ex["messages"][-1]["content"]})  # fmt: skip
+            ex = {"ids": np.asarray(ids, np.int32), "meta": meta, "answer": answer}
+            if question_key(ex) in seen:
+                report.bad("eval_dropped_trained_question", loc, "asked in training")
+                continue
+            kept.append(ex)
         out[name] = kept
     return out
 

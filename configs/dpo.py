@@ -55,7 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = align.data_config("builtin:preferences", "builtin:preferences_heldout")
     c.dpo = dpo_config(a.loss)
     c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
-    c.eval_gen = eval_gen_config("builtin:sft_heldout")  # the task metric (greedy accuracy)
+    # The task metric (greedy accuracy): the world's held-out questions, and the RL prompts
+    # (questions that the preference pairs also ask: the trained distribution).
+    c.eval_gen = eval_gen_config("builtin:sft_heldout,builtin:rl_prompts")
     c.opt.lr = lr * (10 if a.lora else 1)
     c.opt.schedule = "linear"
     c.opt.warmup_steps = max(c.total_steps // 10, 1)
