@@ -4,7 +4,8 @@ The template (token ids, not text, so no merge ever crosses a boundary):
 
     [BOS] <|system|> system <|end|> <|user|> question <|end|> <|assistant|> answer <|end|> ... [EOS]
 
-  * BOS opens every conversation, as it opens every pretraining document.
+  * BOS opens every conversation, as it opens every pretraining document (none if the
+    tokenizer has no BOS, as Qwen2's).
   * Each turn is its role token, the content (SentencePiece-encoded on its own) and `<|end|>`.
   * Loss: on assistant content and the assistant's `<|end|>` only — `<|end|>` is how the model
     learns to stop, and it is the generation stop token (`ChatTemplate.stop_tokens`). Role tokens,
@@ -71,6 +72,7 @@ class ChatTemplate:
 
     def __init__(self, tok: Tokenizer):
         self.tok, self.bos_id, self.eos_id = tok, tok.bos_id, tok.eos_id
+        self.prefix = [tok.bos_id] if tok.bos_id >= 0 else []  # tokenizers without BOS: none
         ids = tok.special_ids()
         names = {r: f"<|{r}|>" for r in ROLES}
         self.special = all(n in ids for n in (*names.values(), "<|end|>"))
@@ -78,6 +80,8 @@ class ChatTemplate:
             self.headers = {r: [ids[n]] for r, n in names.items()}
             self.end_id = ids["<|end|>"]
         else:
+            if self.eos_id < 0:
+                raise ValueError(f"{tok.name}: no chat tokens and no EOS to end a turn with")
             self.headers = {r: tok.encode(f"{n}\n") for r, n in names.items()}
             self.end_id = self.eos_id
 
@@ -130,7 +134,7 @@ def render_chat(
     """
     t = template if isinstance(template, ChatTemplate) else ChatTemplate(template)
     msgs = _messages(list(messages), fields_config(), "messages")
-    ids, mask = [t.bos_id], [0.0]
+    ids, mask = list(t.prefix), [0.0] * len(t.prefix)
     for m in msgs:
         body = t.encode(m["content"]) + [t.end_id]
         train = 1.0 if m["role"] == "assistant" else 0.0
@@ -268,15 +272,15 @@ def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[
             raise S.DataError(f"{path}: chat/preference data must be .jsonl or .parquet")
 
 
-def fit_length(ids, mask, keep_from: int, budget: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Cuts tokens from the left of ids[1:keep_from] (BOS and ids[keep_from:] stay) until
-    len(ids) <= budget. Returns (ids, mask, n_cut); n_cut = -1 when it cannot fit."""
+def fit_length(ids, mask, keep_from: int, budget: int, head: int = 1):
+    """Cuts tokens from the left of ids[head:keep_from] (the BOS head and ids[keep_from:] stay)
+    until len(ids) <= budget. Returns (ids, mask, n_cut); n_cut = -1 when it cannot fit."""
     over = len(ids) - budget
     if over <= 0:
         return ids, mask, 0
-    if over > keep_from - 1:
+    if over > keep_from - head:
         return ids, mask, -1
-    keep = np.r_[0, np.arange(1 + over, len(ids))]
+    keep = np.r_[np.arange(head), np.arange(head + over, len(ids))]
     return ids[keep], mask[keep], over
 
 
@@ -315,7 +319,7 @@ def render_sft(
             report.bad("too_long", loc, f"{len(ids) - 1} tokens > seq_len {seq_len}")
             continue
         keep_from = len(ids) - _final_len(template, msgs)
-        ids, mask, cut = fit_length(ids, mask, keep_from, seq_len + 1)
+        ids, mask, cut = fit_length(ids, mask, keep_from, seq_len + 1, len(template.prefix))
         if cut < 0:
             report.bad("too_long", loc, f"final answer alone exceeds seq_len {seq_len}")
             continue
@@ -339,7 +343,7 @@ def render_prompt(
         msgs.pop()
     ids, mask = render_chat(msgs, template, add_generation_prompt=True)
     keep_from = len(ids) - len(template.headers["assistant"])
-    ids, _, cut = fit_length(ids, mask, keep_from, max_len)
+    ids, _, cut = fit_length(ids, mask, keep_from, max_len, len(template.prefix))
     if cut < 0:
         raise FormatError("too_long", f"prompt header alone exceeds {max_len} tokens")
     return ids, cut
@@ -377,7 +381,7 @@ def render_preferences(
         fitted = []
         for (ids, mask), n_final in zip(sides, finals):
             budget = len(ids) - max(over, 0)
-            fitted.append(fit_length(ids, mask, len(ids) - n_final, budget))
+            fitted.append(fit_length(ids, mask, len(ids) - n_final, budget, len(template.prefix)))
         if any(cut < 0 for _, _, cut in fitted):
             report.bad("too_long", loc, f"an answer alone exceeds seq_len {seq_len}")
             continue

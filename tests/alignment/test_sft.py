@@ -123,3 +123,33 @@ def test_lora_checkpoint_loads_merged(tmp_path, setup):
     tokens = jnp.asarray(F.render_chat(CONVERSATION, template)[0][None, :-1])
     want = jax.jit(lora_lib.lora_apply(model_fns(cfg)[1], spec))(params, tokens)
     np.testing.assert_allclose(apply(loaded, tokens), want, atol=1e-5)
+
+
+def test_hf_checkpoint_loads_into_lm_and_lora_reward_trees():
+    from flaxlm.models import hf
+    from flaxlm.models.heads import scalar_model_fns
+
+    path = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf", "llama")
+    cfg, want = hf.load_pretrained(path)
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(init):
+        abstract = unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), abstract
+        )
+
+    got = common.load_lm_params("hf:" + path, target(model_fns(cfg)[0]))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    # A reward model with LoRA: the backbone lands in base/transformer (no lm_head); the head
+    # and the adapters keep their fresh values.
+    spec = lora_lib.LoraSpec(rank=2, train_extra="^head/")
+    init = lora_lib.with_lora(scalar_model_fns(cfg)[0], spec)
+    fresh = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), target(init))
+    load, transform = common.init_hooks("scalar", spec)
+    params = transform(load("hf:" + path, target(init)), fresh)
+    assert jax.tree.structure(params) == jax.tree.structure(fresh)
+    backbone = params["base"]["transformer"]
+    jax.tree.map(np.testing.assert_array_equal, backbone, {k: v for k, v in want.items()
+                                                          if k != "lm_head"})  # fmt: skip
+    assert params["lora"] is fresh["lora"] and params["base"]["head"] is fresh["base"]["head"]
