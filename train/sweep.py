@@ -306,12 +306,15 @@ def _wait_for_stale(run: Run, timeout: float) -> bool:
     return not _alive(pid)
 
 
+try:  # loaded here, not in the forked child: dlopen between fork and exec can deadlock
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
 def _set_pdeathsig():
-    """In the child, before exec: SIGTERM when the sweep dies (Linux prctl; else nothing)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """In the child, before exec: SIGTERM when the sweep dies (PR_SET_PDEATHSIG survives exec)."""
+    _PRCTL(1, signal.SIGTERM)
 
 
 def _say(msg: str):
@@ -386,8 +389,7 @@ def run_local(
                     status[name] = _finish(r, proc.returncode, time.monotonic() - t0)
         for name, (proc, r, t0) in active.items():  # interrupted: let trainers save and stop
             proc.wait()
-            _finish(r, proc.returncode, time.monotonic() - t0)
-            status[name] = "interrupted"
+            status[name] = _finish(r, proc.returncode, time.monotonic() - t0, interrupted=True)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -409,7 +411,7 @@ def _start(config_arg: str, run: Run, env: dict) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,  # Ctrl-C reaches the sweep only; it forwards SIGTERM
-        preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
+        preexec_fn=_set_pdeathsig if _PRCTL is not None else None,
     )
     log.close()
     with open(os.path.join(run.workdir, "RUNNING"), "w") as f:
@@ -417,7 +419,7 @@ def _start(config_arg: str, run: Run, env: dict) -> subprocess.Popen:
     return proc
 
 
-def _finish(run: Run, returncode: int, seconds: float) -> str:
+def _finish(run: Run, returncode: int, seconds: float, interrupted: bool = False) -> str:
     try:
         os.remove(os.path.join(run.workdir, "RUNNING"))
     except FileNotFoundError:
@@ -429,6 +431,9 @@ def _finish(run: Run, returncode: int, seconds: float) -> str:
             json.dump({"seconds": round(seconds, 1), "step": step, "time": time.time()}, f)
         _say(f"done {run.name} in {seconds:.1f}s")
         return "done"
+    if interrupted:
+        _say(f"interrupted {run.name} at step {step}; re-run the sweep to resume it")
+        return "interrupted"
     why = f"rc={returncode}" if returncode else f"stopped at step {step} of {run.total_steps}"
     _say(f"FAILED {run.name} ({why}, {seconds:.1f}s); see {run.workdir}/train.log")
     return "failed"

@@ -1,0 +1,91 @@
+"""Scaling-law sweep on the built-in world: tiny models × token budgets, and one bigger model to
+predict.
+
+    python -m flaxlm.train.sweep --config configs/scaling.py --workdir runs/scaling
+    python -m flaxlm.train.main --config configs/scaling.py:predict=True --workdir runs/scaling/big
+    python -m flaxlm.evaluation.scaling_workflow --workdir runs/scaling     # all of it + report
+
+The family: 2-layer Llama blocks of width d (head_dim 16, d/16 heads, SwiGLU width 3d), tied
+input/output embeddings, so the non-embedding parameter count (Kaplan et al. 2020's N) is the
+blocks alone, 26·d² + 5·d. The sweep crosses `WIDTHS` with `STEPS` (batch 4 × 128 tokens, so
+D = 512 × steps); `predict=True` is a model of width `BIG_WIDTH` (at least 4× the
+non-embedding parameters of the widest swept model) trained for `BIG_STEPS`.
+
+Learning rate, warmup and the cadences are FieldReferences of `model.d_model` and `total_steps`,
+so `--config.model.d_model=48 --config.total_steps=600` (what the sweep passes) moves them too:
+lr = LR_BASE · (64 / d)^LR_EXPONENT, warmup = 10% of the steps, held-out eval and the final
+checkpoint at the last step, one more checkpoint halfway (interrupted runs resume from it).
+
+arg keys: width (d_model), steps (optimizer steps), predict (the big model), runlocal (a few
+steps only: smoke tests), heldout (a jsonl of held-out documents; "" = the built-in 100).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from flaxlm.configs import common
+from flaxlm.data.pipeline import data_config
+
+WIDTHS = (48, 64, 80, 96)  # swept d_model; non-embedding N from 60k to 240k
+STEPS = (600, 900, 1200)  # swept budgets; D = 512 x steps = 307k..614k tokens
+# (the corpus is 243k tokens with the 512-token vocabulary: 1.3 to 2.5 epochs)
+BIG_WIDTH = 208  # predict=True: 4.7x the non-embedding N of width 96 (192 would be 3.996x)
+BIG_STEPS = 1200  # predict=True: the largest swept budget
+LR_BASE = 6e-3  # peak learning rate at width 64
+LR_EXPONENT = 1.0  # lr ∝ width^-LR_EXPONENT (Adam: hidden updates scale like 1/width)
+HEAD_DIM = 16
+BATCH, SEQ_LEN = 4, 128
+VOCAB = 512  # built-in tokenizer size: a 2048 table would dwarf the smallest models' blocks
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    a = common.parse_arg(arg, width=64, steps=900, predict=False, runlocal=False, heldout="")
+    width, steps = (BIG_WIDTH, BIG_STEPS) if a.predict else (a.width, a.steps)
+    if a.runlocal:
+        steps = min(steps, 8)
+    c = common.trainer_config(steps, BATCH, SEQ_LEN)
+    c.task = "pretrain"  # which task main.py runs
+    c.model = common.model_config("tiny")  # architecture (models/config.py ModelConfig)
+    m = c.model
+    m.d_model = width
+    d = m.get_ref("d_model")
+    m.n_layers = 2
+    m.head_dim = HEAD_DIM
+    m.n_heads = d // HEAD_DIM  # follows model.d_model
+    m.n_kv_heads = d // HEAD_DIM
+    m.d_ff = d * 3
+    m.tie_embeddings = True  # the LM head is the embedding table: N excludes both
+    m.max_seq_len = SEQ_LEN
+    c.data = data_config()  # text pipeline keys (data/pipeline.py documents each)
+    c.data.builtin_vocab_size = VOCAB
+    # identity(): a new reference that follows the key; overriding it leaves the key alone.
+    m.vocab_size = c.data.get_ref("builtin_vocab_size").identity()  # the world's tokenizer
+    c.data.kind = "text"  # text | markov (pretrain.py)
+    c.data.markov_branching = 4  # markov only (unused here; pretrain.py reads the key)
+    # Held-out text: "" = the built-in world's 100 documents (11.8k tokens; 24 batches hold them
+    # all), or a jsonl of more documents from the same generator (the workflow writes 1000).
+    c.data.eval_sources = a.heldout
+    c.data.eval_batches = 100_000 if a.heldout else 24  # batches per evaluation: all of it
+    c.loss = ml_collections.ConfigDict()
+    c.loss.z_loss = 0.0  # PaLM z-loss coefficient
+
+    c.opt.lr = LR_BASE * (64.0 / d.to_float()) ** LR_EXPONENT  # follows model.d_model
+    total = c.get_ref("total_steps")
+    c.opt.warmup_steps = total // 10  # follows total_steps
+    c.eval_every = total.identity()  # one held-out evaluation, at the last step
+    c.eval_at_start = False
+    c.ckpt_every = total // 2  # halfway (resume point) and the last step
+    c.keep_ckpts = 1
+    c.log_every = 10
+    c.progress_bar = False  # runs are logged to files by the sweep
+    c.lock()
+    return c
+
+
+def sweep(add, arg=None):
+    """Every width in WIDTHS at every budget in STEPS (the fitted runs)."""
+    del arg
+    for width in WIDTHS:
+        for steps in STEPS:
+            add(**{"model.d_model": width, "total_steps": steps})

@@ -1,0 +1,221 @@
+"""Predictable scaling, end to end: sweep → run table → fit → predict → train the bigger model →
+compare → report.
+
+    python -m flaxlm.evaluation.scaling_workflow --workdir runs/scaling [--parallel 2]
+
+Steps (each resumable; re-running the command skips what is done):
+  1. sweep: the runs of `configs/scaling.py`'s sweep() under ROOT/sweep (train/sweep.py);
+  2. target: the config's `predict=True` variant (a model 4x larger in non-embedding
+     parameters) trained in ROOT/target;
+  3. tasks: multiple-choice accuracy of every run on the built-in world's tasks (ROOT/world),
+     written to RUN/tasks.json (evaluation/scaling_emergence.py);
+  4. table: ROOT/runs.csv + runs.json (the sweep's runs, then the target);
+  5. fit: `fit_report` on the sweep's runs only (N = non-embedding parameters, held-out loss),
+     with the target's prediction against its actual loss; plots and scaling_report.json in
+     ROOT/report, plus emergence.png and ROOT/report/report.md.
+Wall time, CPU time of the trainers and the machine's load average during each step go to
+ROOT/timing.json (the machine may be shared; the report says how loaded it was).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import flaxlm.configs
+from flaxlm.evaluation import scaling_emergence as emergence
+from flaxlm.train import sweep as sweep_lib
+from flaxlm.train import sweep_table
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(flaxlm.configs.__file__), "scaling.py")
+
+
+class Meter:
+    """Wall time, children's CPU time and the 1-minute load average (sampled) of a step."""
+
+    def __init__(self, every: float = 10.0):
+        self.every, self.loads, self._stop = every, [], threading.Event()
+
+    def __enter__(self):
+        self.t0 = time.monotonic()
+        self.cpu0 = self._cpu()
+        self.loads.append(os.getloadavg()[0])
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.every):
+            self.loads.append(os.getloadavg()[0])
+
+    @staticmethod
+    def _cpu() -> float:
+        ch, me = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(0)
+        return ch.ru_utime + ch.ru_stime + me.ru_utime + me.ru_stime
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.loads.append(os.getloadavg()[0])
+        wall = time.monotonic() - self.t0
+        self.result = {
+            "wall_s": round(wall, 1),
+            "cpu_s": round(self._cpu() - self.cpu0, 1),
+            "cpus": os.cpu_count(),
+            "load_mean": round(sum(self.loads) / len(self.loads), 2),
+            "load_max": round(max(self.loads), 2),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+
+
+def _record(root: str, step: str, result: dict, **extra):
+    """Appends one timing entry of `step` to ROOT/timing.json (every attempt is kept)."""
+    path = os.path.join(root, "timing.json")
+    timing = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            timing = json.load(f)
+    timing.setdefault(step, []).append({**result, **extra})
+    with open(path, "w") as f:
+        json.dump(timing, f, indent=1)
+
+
+def _train(root: str, step: str, config_arg: str, runs, parallel: int) -> dict:
+    """Trains the unfinished `runs` (sweep_lib.run_local) under a Meter; records the timing."""
+    todo = [r for r in runs if not sweep_lib.is_done(r)]
+    if not todo:
+        print(f"[workflow] {step}: all {len(runs)} runs finished; skipping", flush=True)
+        return {"skipped": True}
+    cache = os.path.join(root, ".jax_cache")
+    with Meter() as m:
+        status = sweep_lib.run_local(config_arg, runs, parallel=parallel, cache_dir=cache)
+    _record(root, step, m.result, trained=len(todo), of=len(runs))
+    failed = [n for n, s in status.items() if s in ("failed", "busy")]
+    if failed:
+        raise RuntimeError(f"{step}: runs failed: {failed}; see their train.log")
+    print(f"[workflow] {step}: {m.result}", flush=True)
+    return m.result
+
+
+def run_sweep(root: str, config: str, parallel: int) -> list:
+    sweep_root = os.path.join(root, "sweep")
+    runs = sweep_lib.plan(config, sweep_root)
+    sweep_lib.write_index(sweep_root, config, runs, [])
+    _train(root, "sweep", config, runs, parallel)
+    return runs
+
+
+def with_arg(config: str, item: str) -> str:
+    """ "file.py" + "k=v" -> "file.py:k=v"; "file.py:a=1" -> "file.py:a=1,k=v"."""
+    return f"{config},{item}" if ":" in config else f"{config}:{item}"
+
+
+def run_target(root: str, config: str) -> sweep_lib.Run:
+    """The bigger model: the config's predict=True variant, trained as a one-run sweep."""
+    module, _ = sweep_lib.load_config_module(config)
+    config_arg = with_arg(config, "predict=True")
+    info = sweep_lib.run_info(module.get_config(config_arg.partition(":")[2]))
+    run = sweep_lib.Run(0, "target", {}, os.path.join(root, "target"), info["total_steps"], info)
+    with open(os.path.join(root, "target.json"), "w") as f:
+        json.dump({"config": config_arg, **run.to_dict()}, f, indent=1)
+    _train(root, "target", config_arg, [run], parallel=1)
+    return run
+
+
+def evaluate_tasks(root: str, run_dirs: Sequence[str], tasks: Sequence[str]) -> None:
+    world = os.path.join(root, "world")
+    todo = [d for d in run_dirs if not os.path.exists(os.path.join(d, sweep_table.TASKS_FILE))]
+    if not todo:
+        return
+    with Meter() as m:
+        for d in todo:
+            scores = emergence.evaluate_run(d, world, tasks)
+            accs = {t: round(v["acc"], 3) for t, v in scores.items()}
+            print(f"[workflow] tasks {os.path.basename(d)}: {accs}", flush=True)
+    _record(root, "tasks", m.result, evaluated=len(todo))
+
+
+def target_row(root: str, run: sweep_lib.Run) -> dict:
+    final = sweep_table.final_metrics(run.workdir, run.total_steps)
+    if final is None:
+        raise RuntimeError(f"{run.workdir}: the target run has not finished")
+    row = {"index": -1, "name": "target", "overrides": {"predict": True}, **run.info, **final}
+    row.update(sweep_table.task_metrics(run.workdir))
+    return row
+
+
+def fit(root: str, rows: list, target: dict | None, tasks: Sequence[str], n_boot: int) -> dict:
+    from flaxlm.evaluation.scaling_report import fit_report
+
+    out_dir = os.path.join(root, "report")
+    with Meter() as m:
+        report = fit_report(rows, out_dir, target=target, n_boot=n_boot)
+    _record(root, "fit", m.result)
+    chance = {t: emergence.chance_level(os.path.join(root, "world"), t) for t in tasks}
+    if any(f"task/{t}/acc" in r for r in rows for t in tasks):
+        report["plots"]["emergence"] = emergence.plot_emergence(
+            rows, os.path.join(out_dir, "emergence.png"), tasks=tasks, target=target, chance=chance
+        )
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation.scaling_workflow",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--workdir", required=True, help="root of the whole study")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="config with sweep() and predict=")
+    p.add_argument(
+        "--parallel", type=int, default=2, help="sweep trainers at once (one thread each)"
+    )
+    p.add_argument("--tasks", default=",".join(emergence.DEFAULT_TASKS),
+                   help="multiple-choice tasks of the built-in world ('' = none)")  # fmt: skip
+    p.add_argument("--n_boot", type=int, default=200, help="bootstrap resamples of the fit")
+    p.add_argument("--heldout_docs", type=int, default=1000,
+                   help="held-out documents for the loss (config arg heldout=; 0 = the "
+                   "config's own eval set)")  # fmt: skip
+    p.add_argument("--no_target", action="store_true", help="fit only; do not train the target")
+    args = p.parse_args(argv)
+    root = args.workdir
+    os.makedirs(root, exist_ok=True)
+    tasks = [t for t in args.tasks.split(",") if t.strip()]
+    world = emergence.ensure_world(os.path.join(root, "world"), args.heldout_docs)
+    config = args.config
+    if args.heldout_docs:
+        config = with_arg(config, f"heldout={os.path.abspath(world)}/heldout_text.jsonl")
+
+    runs = run_sweep(root, config, args.parallel)
+    target = None if args.no_target else run_target(root, config)
+    if tasks:
+        evaluate_tasks(
+            root, [r.workdir for r in runs] + ([target.workdir] if target else []), tasks
+        )
+    rows = sweep_table.collect(os.path.join(root, "sweep"))
+    t_row = target_row(root, target) if target else None
+    sweep_table.write_table(rows + ([t_row] if t_row else []), root)
+    report = fit(root, rows, t_row, tasks, args.n_boot)
+    from flaxlm.evaluation.scaling_workflow_report import write_markdown
+
+    md = write_markdown(root, report, rows, t_row, tasks, config)
+    print(f"[workflow] report: {md}", flush=True)
+    pred = report.get("prediction")
+    if pred and "actual" in pred:
+        print(f"[workflow] target N={pred['N']:.4g} D={pred['D']:.4g}: predicted "
+              f"{pred['predicted']:.4f} [{pred.get('lo', float('nan')):.4f}, "
+              f"{pred.get('hi', float('nan')):.4f}], actual {pred['actual']:.4f}, "
+              f"error {100 * pred['rel_error']:+.2f}%", flush=True)  # fmt: skip
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        print(f"[workflow] {e or 'interrupted'}; re-run the same command to resume", flush=True)
+        sys.exit(130)

@@ -1,0 +1,131 @@
+"""ROOT/report/report.md of the scaling workflow: what ran, how long it took on how loaded a
+machine, the run table, the fitted law, predicted vs actual for the bigger model, the plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+
+def _fmt(v, spec: str = ".4g") -> str:
+    if v is None or v == "":
+        return "–"
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _timing_lines(root: str) -> list[str]:
+    path = os.path.join(root, "timing.json")
+    if not os.path.exists(path):
+        return ["(no timing recorded)"]
+    with open(path) as f:
+        timing = json.load(f)
+    lines = ["| step | attempt | wall (s) | CPU (s) | CPU use | load avg mean / max | finished |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for step, entries in timing.items():
+        for i, e in enumerate(entries):
+            use = e["cpu_s"] / max(e["wall_s"] * e["cpus"], 1e-9)
+            lines.append(
+                f"| {step} | {i + 1} | {e['wall_s']:.0f} | {e['cpu_s']:.0f} | {100 * use:.0f}% of "
+                f"{e['cpus']} cores | {e['load_mean']:.1f} / {e['load_max']:.1f} | "
+                f"{e['finished_at']} |"
+            )
+    lines.append("")
+    lines.append("CPU use = CPU seconds of this workflow and its trainers ÷ (wall × cores); the "
+                 "load average counts every process on the machine, not only ours.")  # fmt: skip
+    return lines
+
+
+def _table_lines(rows: Sequence[dict], target: dict | None, tasks: Sequence[str]) -> list[str]:
+    head = "| run | N non-emb | N total | D tokens | C=6ND | FLOPs (exact) | train loss | held-out"
+    head += "".join(f" | {t} acc" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (8 + len(tasks))]
+    for r in list(rows) + ([target] if target else []):
+        cells = [r["name"], _fmt(r["n_params_nonembed"], ".4g"), _fmt(r["n_params"], ".4g"),
+                 _fmt(r["tokens"], ".3g"), _fmt(r["c_6nd"], ".3g"), _fmt(r["flops"], ".3g"),
+                 _fmt(r["final_loss"], ".4f"), _fmt(r["heldout_loss"], ".4f")]  # fmt: skip
+        cells += [_fmt(r.get(f"task/{t}/acc"), ".3f") for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _law_lines(report: dict) -> list[str]:
+    fit, ci = report["parametric"], report.get("parametric_intervals", {})
+    lines = [
+        "L(N, D) = E + A / N^alpha + B / D^beta, fitted by Huber (delta 1e-3) on log-loss "
+        f"residuals with L-BFGS (evaluation/scaling.py) on {report['n_runs']} runs; "
+        f"N = {report['settings']['n_key']}, loss = {report['settings']['loss_key']}.",
+        "",
+        "| parameter | estimate | 95% bootstrap interval |",
+        "|---|---|---|",
+    ]
+    for k in ("E", "A", "B", "alpha", "beta"):
+        iv = ci.get(k, {})
+        lines.append(f"| {k} | {_fmt(fit[k])} | [{_fmt(iv.get('lo'))}, {_fmt(iv.get('hi'))}] |")
+    rms = fit["rms_log_residual"]
+    lines += ["", f"RMS log residual of the fit: {rms:.4f} (≈ {100 * rms:.2f}% per run); "
+              f"converged: {fit['converged']}."]  # fmt: skip
+    law_n = report["power_laws"].get("N", {})
+    if "alpha" in law_n:
+        lines.append(
+            f"One-variable L(N) on the best run per size: E={law_n['E']:.4g}, "
+            f"A={law_n['A']:.4g}, alpha={law_n['alpha']:.4g}."
+        )
+    return lines
+
+
+def _prediction_lines(pred: dict | None) -> list[str]:
+    if not pred:
+        return ["(no target run)"]
+    lines = [
+        f"Target: N = {pred['N']:.4g} non-embedding parameters, D = {pred['D']:.4g} tokens.",
+        "",
+        f"- predicted held-out loss: **{pred['predicted']:.4f}**"
+        + (f" (95% bootstrap [{pred['lo']:.4f}, {pred['hi']:.4f}])" if "lo" in pred else ""),
+    ]
+    if "actual" in pred:
+        lines.append(f"- actual held-out loss: **{pred['actual']:.4f}**")
+        lines.append(f"- error (predicted / actual − 1): **{100 * pred['rel_error']:+.2f}%**")
+    return lines
+
+
+def write_markdown(
+    root: str,
+    report: dict,
+    rows: Sequence[dict],
+    target: dict | None,
+    tasks: Sequence[str],
+    config: str,
+) -> str:
+    """Writes ROOT/report/report.md and returns its path."""
+    out_dir = os.path.join(root, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    largest = max(float(r["n_params_nonembed"]) for r in rows)
+    lines = [
+        "# Scaling study: fit on small runs, predict a bigger one",
+        "",
+        f"Config: `{config}`. Command: `python -m flaxlm.evaluation.scaling_workflow "
+        f"--workdir {root}` (re-running resumes).",
+        "",
+        "## Prediction",
+        *_prediction_lines(report.get("prediction")),
+    ]
+    if target:
+        lines.append(
+            f"- the target has {float(target['n_params_nonembed']) / largest:.2f}x the "
+            "non-embedding parameters of the largest fitted run"
+        )
+    lines += ["", "## Fitted law", *_law_lines(report), "", "## Runs",
+              *_table_lines(rows, target, tasks), "",
+              "N non-emb excludes the (tied) embedding table; C=6ND uses it; FLOPs (exact) is "
+              "flops_per_token × D (6·N_matmul + 12·L·d·T, attention non-causal, DESIGN.md).",
+              "", "## Time and machine load", *_timing_lines(root), "", "## Plots"]  # fmt: skip
+    for name, path in report.get("plots", {}).items():
+        lines.append(f"- {name}: ![{name}]({os.path.relpath(path, out_dir)})")
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
