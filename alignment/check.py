@@ -29,8 +29,13 @@ from flaxlm.configs import sft as sft_config
 from flaxlm.train import pretrain
 from flaxlm.train.metrics import read_metrics
 
-# Per variant: (pretrain steps, pretrain lr, sft steps, rm steps).
-PLANS = {"tiny": (600, 3e-3, 200, 100), "mini": (1200, 2e-3, 300, 150)}
+# Per variant: (pretrain steps, pretrain lr, sft steps, rm steps). tiny fits a 2-core CPU in
+# about 5 minutes (idle); mini and small are larger plans for an accelerator (not measured yet).
+PLANS = {
+    "tiny": (600, 3e-3, 200, 100),
+    "mini": (1200, 2e-3, 300, 150),
+    "small": (1500, 1e-3, 300, 150),
+}
 
 
 def _set(c, **kw):
@@ -50,6 +55,7 @@ def _evals(workdir: str) -> list[dict]:
 
 def run_stages(workdir: str, variant: str, batch: int) -> dict:
     pt_steps, pt_lr, sft_steps, rm_steps = PLANS[variant]
+    lr = min(1e-3, pt_lr / 2)  # fine-tuning lr (SFT and reward model)
     dirs = {k: os.path.join(workdir, k) for k in ("pretrain", "sft", "reward")}
     common = {"progress_bar": False, "log_every": 50, "async_ckpt": False}
     times = {}
@@ -66,7 +72,7 @@ def run_stages(workdir: str, variant: str, batch: int) -> dict:
     _set(c, **common, total_steps=sft_steps, batch_size=batch, seq_len=128,
          eval_every=sft_steps, ckpt_every=sft_steps, init_from=dirs["pretrain"],
          **{"eval_gen.examples": 200, "eval_gen.batch": 100, "eval_gen.max_new_tokens": 16,
-            "opt.lr": 1e-3, "opt.warmup_steps": 10})  # fmt: skip
+            "opt.lr": lr, "opt.warmup_steps": 10})  # fmt: skip
     t = time.perf_counter()
     sft.run(c, dirs["sft"])
     times["sft_s"] = time.perf_counter() - t
@@ -74,7 +80,7 @@ def run_stages(workdir: str, variant: str, batch: int) -> dict:
     c = reward_config.get_config(f"variant={variant}")
     _set(c, **common, total_steps=rm_steps, batch_size=batch, seq_len=128,
          eval_every=rm_steps, ckpt_every=rm_steps, init_from=dirs["sft"],
-         **{"opt.lr": 1e-3, "opt.warmup_steps": 10})  # fmt: skip
+         **{"opt.lr": lr, "opt.warmup_steps": 10})  # fmt: skip
     t = time.perf_counter()
     reward.run(c, dirs["reward"])
     times["reward_s"] = time.perf_counter() - t

@@ -40,9 +40,11 @@ from flaxlm.train.step import eval_step
 def eval_gen_config(sets: str) -> ml_collections.ConfigDict:
     """The `eval_gen` section: generation-based accuracy."""
     c = ml_collections.ConfigDict()
-    c.sets = sets  # comma-separated record sources (as data.train) to answer; "" = none
+    # Comma-separated record sources (as data.train) whose last assistant turn is the reference
+    # answer; "" = none. The built-in ones are scored by the world's judge, others by exact match.
+    c.sets = sets
     c.examples = 200  # conversations per set (the first ones, a fixed subset)
-    c.max_new_tokens = 24  # answer budget; answers that do not stop by then count as wrong
+    c.max_new_tokens = 24  # answer budget; longer answers are cut (see the `stopped` metric)
     c.batch = 64  # prompts per generate call
     c.max_prompt_len = 256  # prompts are cut from the left (BOS kept) beyond this
     return c

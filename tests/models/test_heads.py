@@ -53,17 +53,15 @@ def test_lm_params_slot_into_the_backbone():
 def test_reward_is_read_at_the_last_real_token_whatever_the_padding():
     params, apply, _ = _params()
     params["head"]["bias"] = jnp.asarray(0.3)
-    seq = jax.random.randint(jax.random.PRNGKey(3), (1, 7), 0, CFG.vocab_size)
+    seq = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (1, 7), 0, CFG.vocab_size))
     alone = apply(params, seq)[0, -1]
-    rows, segs = [], []
-    for pad in (0, 3, 9):  # garbage (not zeros) after the sequence
-        junk = jax.random.randint(jax.random.PRNGKey(pad), (1, pad), 0, CFG.vocab_size)
-        rows.append(jnp.concatenate([seq, junk], 1)[:, :16] if pad else seq)
-        segs.append(jnp.asarray([[1] * 7 + [0] * pad]))
-    for tokens, seg in zip(rows, segs):
-        pos = jnp.where(seg > 0, jnp.arange(seg.shape[1]), 0)
-        r = sequence_values(apply(params, tokens, pos, seg), seg)
-        np.testing.assert_allclose(r[0], alone, rtol=1e-5, atol=1e-6)
+    # The same 7 tokens in rows of 16, followed by different garbage (not zeros) each.
+    junk = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (3, 9), 0, CFG.vocab_size))
+    tokens = np.concatenate([np.repeat(seq, 3, 0), junk], 1)
+    seg = np.asarray([[1] * 7 + [0] * 9] * 3)
+    pos = np.where(seg > 0, np.arange(16), 0)
+    r = sequence_values(apply(params, tokens, pos, seg), seg)
+    np.testing.assert_allclose(r, np.full(3, alone), rtol=1e-5, atol=1e-6)
     seg = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
     assert last_token_index(seg).tolist() == [2, 4, 0]
 
