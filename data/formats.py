@@ -293,6 +293,42 @@ def _final_len(t: ChatTemplate, msgs: list[dict]) -> int:
     return n
 
 
+def _fitted(convs, template, seq_len, overlength, loc, report):
+    """Renders conversations that share a prompt and cuts each by the same number of prompt
+    tokens so all fit a row (the overlength policy); None (counted) when one cannot."""
+    sides = [render_chat(c, template) for c in convs]
+    longest = max(len(ids) for ids, _ in sides) - 1
+    if overlength == "drop" and longest > seq_len:
+        report.bad("too_long", loc, f"{longest} tokens > seq_len {seq_len}")
+        return None
+    over = max(longest - seq_len, 0)
+    head = len(template.prefix)
+    fitted = [
+        fit_length(ids, mask, len(ids) - _final_len(template, c), len(ids) - over, head)
+        for (ids, mask), c in zip(sides, convs)
+    ]
+    if any(cut < 0 for *_, cut in fitted):
+        report.bad("too_long", loc, f"final answer alone exceeds seq_len {seq_len}")
+        return None
+    if over:
+        report.truncation(loc, over)
+    report.used += 1
+    for ids, mask, _ in fitted:
+        report.tokens += len(ids) - 1
+        report.loss_tokens += int(mask[1:].sum())
+    return [(ids, mask) for ids, mask, _ in fitted]
+
+
+def _check_args(overlength, fields, report):
+    if overlength not in OVERLENGTH:
+        raise ValueError(f"overlength={overlength!r}; expected one of {OVERLENGTH}")
+    return fields or fields_config(), report if report is not None else DataReport()
+
+
+def _meta(obj, fields) -> dict:
+    return obj[fields.meta] if isinstance(obj.get(fields.meta), dict) else {}
+
+
 def render_sft(
     records: Iterable[tuple[dict, str]],
     template: ChatTemplate,
@@ -302,34 +338,19 @@ def render_sft(
     overlength: str = "truncate_left",
     report: DataReport | None = None,
 ) -> list[dict]:
-    """Rendered SFT examples {"ids", "mask", "meta", "loc"}, each fitting one row of seq_len."""
-    if overlength not in OVERLENGTH:
-        raise ValueError(f"overlength={overlength!r}; expected one of {OVERLENGTH}")
-    fields = fields or fields_config()
-    report = report if report is not None else DataReport()
+    """Rendered SFT examples {"ids", "mask", "meta", "loc", "messages"}, each fitting a row."""
+    fields, report = _check_args(overlength, fields, report)
     out = []
     for obj, loc in records:
         try:
             msgs = sft_messages(obj, fields)
-            ids, mask = render_chat(msgs, template)
+            fitted = _fitted([msgs], template, seq_len, overlength, loc, report)
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
-        if overlength == "drop" and len(ids) - 1 > seq_len:
-            report.bad("too_long", loc, f"{len(ids) - 1} tokens > seq_len {seq_len}")
-            continue
-        keep_from = len(ids) - _final_len(template, msgs)
-        ids, mask, cut = fit_length(ids, mask, keep_from, seq_len + 1, len(template.prefix))
-        if cut < 0:
-            report.bad("too_long", loc, f"final answer alone exceeds seq_len {seq_len}")
-            continue
-        if cut:
-            report.truncation(loc, cut)
-        report.used += 1
-        report.tokens += len(ids) - 1
-        report.loss_tokens += int(mask[1:].sum())
-        meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
-        out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": msgs})
+        if fitted:
+            (ids, mask), meta = fitted[0], _meta(obj, fields)
+            out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": msgs})
     return out
 
 
@@ -358,44 +379,23 @@ def render_preferences(
     overlength: str = "truncate_left",
     report: DataReport | None = None,
 ) -> list[dict]:
-    """Rendered pairs {"chosen": (ids, mask), "rejected": (ids, mask), "margin", "meta", "loc"};
-    both sides share the prompt, cut by the same number of tokens when too long."""
-    if overlength not in OVERLENGTH:
-        raise ValueError(f"overlength={overlength!r}; expected one of {OVERLENGTH}")
-    fields = fields or fields_config()
-    report = report if report is not None else DataReport()
+    """Rendered pairs {"chosen": (ids, mask), "rejected": (ids, mask), "margin", "meta", "loc",
+    "prompt"}; both sides share the prompt, cut by the same number of tokens when too long."""
+    fields, report = _check_args(overlength, fields, report)
     out = []
     for obj, loc in records:
         try:
             prompt, chosen, rejected, margin = preference_parts(obj, fields)
-            sides = [render_chat(prompt + s, template) for s in (chosen, rejected)]
+            convs = [prompt + chosen, prompt + rejected]
+            fitted = _fitted(convs, template, seq_len, overlength, loc, report)
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
-        longest = max(len(ids) for ids, _ in sides) - 1
-        if overlength == "drop" and longest > seq_len:
-            report.bad("too_long", loc, f"{longest} tokens > seq_len {seq_len}")
-            continue
-        over = longest - seq_len
-        finals = [_final_len(template, prompt + s) for s in (chosen, rejected)]
-        fitted = []
-        for (ids, mask), n_final in zip(sides, finals):
-            budget = len(ids) - max(over, 0)
-            fitted.append(fit_length(ids, mask, len(ids) - n_final, budget, len(template.prefix)))
-        if any(cut < 0 for _, _, cut in fitted):
-            report.bad("too_long", loc, f"an answer alone exceeds seq_len {seq_len}")
-            continue
-        if over > 0:
-            report.truncation(loc, over)
-        report.used += 1
-        for ids, mask, _ in fitted:
-            report.tokens += len(ids) - 1
-            report.loss_tokens += int(mask[1:].sum())
-        meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
-        out.append({
-            "chosen": fitted[0][:2], "rejected": fitted[1][:2], "margin": margin,
-            "meta": meta, "loc": loc, "prompt": prompt,
-        })  # fmt: skip
+        if fitted:
+            out.append({
+                "chosen": fitted[0], "rejected": fitted[1], "margin": margin,
+                "meta": _meta(obj, fields), "loc": loc, "prompt": prompt,
+            })  # fmt: skip
     return out
 
 
@@ -457,48 +457,20 @@ class _EpochOrder:
         self._order = self._make(self.epoch)
 
 
-class SFTBatches:
-    """Packed SFT batches (first-fit, examples never split) with exact get_state/set_state.
+class _Batches:
+    """Shared by the batch iterators: this process's items in a per-epoch order, exact
+    get_state/set_state. `num_epochs=0` repeats forever, else StopIteration at the end."""
 
-    Each `next()` gives `batch` rows; a row is closed when the next example fits no open row.
-    `num_epochs=0` repeats forever; otherwise StopIteration after the last (partial) batch.
-    """
-
-    def __init__(self, examples, *, seq_len, batch, pad_id, seed=0, shuffle=True,
-                 num_epochs=0, process_index=0, process_count=1):  # fmt: skip
-        self.examples, self.seq_len, self.batch, self.pad_id = examples, seq_len, batch, pad_id
-        longest = max((len(ex["ids"]) - 1 for ex in examples), default=0)
-        if longest > seq_len:
-            raise ValueError(
-                f"an example has {longest} tokens > seq_len {seq_len}; render_sft fits"
-            )
+    def __init__(self, items, *, seq_len, batch, pad_id, seed=0, shuffle=True, num_epochs=0,
+                 process_index=0, process_count=1):  # fmt: skip
+        self.items, self.seq_len, self.batch, self.pad_id = items, seq_len, batch, pad_id
         self.order = _EpochOrder(
-            len(examples), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+            len(items), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
             process_index=process_index, process_count=process_count,
         )  # fmt: skip
 
     def __iter__(self):
         return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        out = empty_rows(self.batch, self.seq_len, self.pad_id)
-        fill = np.zeros(self.batch, np.int64)
-        segs = np.zeros(self.batch, np.int64)
-        placed = 0
-        while (i := self.order.peek()) is not None:
-            ex = self.examples[i]
-            n = len(ex["ids"]) - 1
-            rows = np.flatnonzero(fill + n <= self.seq_len)
-            if len(rows) == 0:
-                break
-            r = rows[0]
-            segs[r] += 1
-            fill[r] += place(out, r, fill[r], segs[r], ex["ids"], ex["mask"])
-            self.order.pos += 1
-            placed += 1
-        if placed == 0:
-            raise StopIteration
-        return out
 
     def get_state(self) -> dict:
         return self.order.get_state()
@@ -507,20 +479,37 @@ class SFTBatches:
         self.order.set_state(state)
 
 
-class PreferenceBatches:
-    """One preference pair per row: `chosen_*`, `rejected_*` (B, T), `margin` and `valid` (B,).
-    Exact get_state/set_state; a final partial batch has `valid = 0` rows (eval)."""
+class SFTBatches(_Batches):
+    """Packed SFT batches: each example goes into the first of the `batch` rows it fits (never
+    split); the batch is done when the next example fits no row."""
 
-    def __init__(self, pairs, *, seq_len, batch, pad_id, seed=0, shuffle=True,
-                 num_epochs=0, process_index=0, process_count=1):  # fmt: skip
-        self.pairs, self.seq_len, self.batch, self.pad_id = pairs, seq_len, batch, pad_id
-        self.order = _EpochOrder(
-            len(pairs), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-            process_index=process_index, process_count=process_count,
-        )  # fmt: skip
+    def __init__(self, examples, **kw):
+        super().__init__(examples, **kw)
+        longest = max((len(ex["ids"]) - 1 for ex in examples), default=0)
+        if longest > self.seq_len:
+            raise ValueError(f"an example has {longest} tokens > seq_len {self.seq_len}")
 
-    def __iter__(self):
-        return self
+    def __next__(self) -> dict[str, np.ndarray]:
+        out = empty_rows(self.batch, self.seq_len, self.pad_id)
+        fill = np.zeros(self.batch, np.int64)
+        segs = np.zeros(self.batch, np.int64)
+        while (i := self.order.peek()) is not None:
+            ex = self.items[i]
+            rows = np.flatnonzero(fill + len(ex["ids"]) - 1 <= self.seq_len)
+            if len(rows) == 0:
+                break
+            r = rows[0]
+            segs[r] += 1
+            fill[r] += place(out, r, fill[r], segs[r], ex["ids"], ex["mask"])
+            self.order.pos += 1
+        if not fill.any():
+            raise StopIteration
+        return out
+
+
+class PreferenceBatches(_Batches):
+    """One preference pair per row: `chosen_*`, `rejected_*` (B, T), `margin` and `valid` (B,);
+    a final partial batch has `valid = 0` rows (evaluation)."""
 
     def __next__(self) -> dict[str, np.ndarray]:
         b, t = self.batch, self.seq_len
@@ -530,7 +519,7 @@ class PreferenceBatches:
         out["valid"] = np.zeros(b, np.float32)
         r = 0
         while r < b and (i := self.order.peek()) is not None:
-            p = self.pairs[i]
+            p = self.items[i]
             place(out, r, 0, 1, *p["chosen"], prefix="chosen_")
             place(out, r, 0, 1, *p["rejected"], prefix="rejected_")
             out["margin"][r], out["valid"][r] = p["margin"], 1.0
@@ -539,9 +528,3 @@ class PreferenceBatches:
         if r == 0:
             raise StopIteration
         return out
-
-    def get_state(self) -> dict:
-        return self.order.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self.order.set_state(state)
