@@ -73,9 +73,13 @@ def clean_config() -> ml_collections.ConfigDict:
     c.min_alpha_words = 0.8  # fraction of words with a letter (CJK counts) below → "alpha_ratio"
     c.min_stop_words = 2  # distinct stop words of the detected language below → "stop_words"
     c.scripts = ("latin", "han")  # dominant script must be one of these → else "script"
-    c.toxic_lists = "default"  # comma-separated word-list files; "default" = bundled; "" = off
+    c.toxic_lists = "default"  # comma-separated word-list files ("default" = the bundled ones)
     c.max_toxic_hits = 0  # word-list hits above → "toxic"
     c.redact_pii = True  # replace emails, phones, IPs, card and ID numbers by placeholders
+    # C4-style line cleaning before the filters: drop web boilerplate lines (cookie banners,
+    # "click here", navigation bars) and lines made only of symbols.
+    c.strip_boilerplate_lines = True
+    c.max_boilerplate_char_frac = 0.5  # stripped lines held more of the text → "boilerplate"
     return c
 
 
@@ -174,11 +178,12 @@ def load_word_list(spec: str) -> tuple[frozenset[str], re.Pattern | None]:
     """Word-list files → (set of non-CJK words, regex of CJK entries matched as substrings)."""
     if not spec:
         return frozenset(), None
-    if spec == "default":
-        spec = ",".join(os.path.join(RESOURCES, f) for f in ("toxic_en.txt", "toxic_zh.txt"))
+    bundled = ",".join(os.path.join(RESOURCES, f) for f in ("toxic_en.txt", "toxic_zh.txt"))
+    # "default" names the bundled lists, alone or next to your own files ("default,mine.txt").
+    paths = [bundled if p.strip() == "default" else p for p in spec.split(",")]
     words: set[str] = set()
     cjk: list[str] = []
-    for path in spec.split(","):
+    for path in ",".join(paths).split(","):
         with open(path.strip(), encoding="utf-8") as f:
             for line in f:
                 w = line.split("#", 1)[0].strip().lower()
@@ -295,6 +300,31 @@ _CONTROL_RE = re.compile(
 _ALPHA_RE = re.compile(r"[^\W\d_]")
 
 
+_BOILERPLATE_RE = re.compile(
+    r"cookie|privacy policy|terms of (use|service)|all rights reserved|subscribe|newsletter|"
+    r"\blog ?in\s*(\||to\b|$)|\bsign ?up\b|forgot (your )?password|click here|advertisement|"
+    r"share on |read more|javascript|\bhome \| |skip to (main )?content",
+    re.IGNORECASE,
+)
+_SYMBOL_LINE_RE = re.compile(r"^[\W_]{3,}$")
+
+
+def strip_boilerplate(text: str) -> tuple[str, int, float]:
+    """Removes boilerplate and symbol-only lines.
+
+    Returns (text, lines removed, fraction of the non-space characters they held).
+    """
+    lines = text.split("\n")
+    keep = [
+        ln for ln in lines
+        if not (ln.strip() and (_BOILERPLATE_RE.search(ln) or _SYMBOL_LINE_RE.match(ln.strip())))
+    ]  # fmt: skip
+    out = "\n".join(keep).strip("\n")
+    total = sum(len(ln.strip()) for ln in lines)
+    frac = 1.0 - sum(len(ln.strip()) for ln in keep) / total if total else 0.0
+    return out, len(lines) - len(keep), frac
+
+
 def normalize_text(text: str) -> str:
     """NFC, unified newlines, control characters (other than tab/newline) removed."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
@@ -362,11 +392,18 @@ class Cleaner:
     removed: Counter = dataclasses.field(default_factory=Counter)
     examples: dict = dataclasses.field(default_factory=dict)
     pii: Counter = dataclasses.field(default_factory=Counter)
+    lines_stripped: int = 0  # boilerplate / symbol-only lines removed from kept and dropped docs
 
     def __call__(self, text: str, loc: str = "") -> str | None:
         self.seen += 1
         text = normalize_text(text)
-        reason = first_failure(DocStats(text), self.cfg)
+        reason = None
+        if self.cfg.strip_boilerplate_lines:
+            text, n_removed, char_frac = strip_boilerplate(text)
+            self.lines_stripped += n_removed
+            if char_frac > self.cfg.max_boilerplate_char_frac:
+                reason = "boilerplate"
+        reason = reason or first_failure(DocStats(text), self.cfg)
         if reason is not None:
             self.removed[reason] += 1
             ex = self.examples.setdefault(reason, [])
@@ -382,6 +419,7 @@ class Cleaner:
         self.seen += other.seen
         self.removed.update(other.removed)
         self.pii.update(other.pii)
+        self.lines_stripped += other.lines_stripped
         for k, v in other.examples.items():
             self.examples.setdefault(k, []).extend(v[: MAX_EXAMPLES - len(self.examples[k])])
 
@@ -392,4 +430,5 @@ class Cleaner:
             "removed": dict(self.removed),
             "examples": self.examples,
             "pii_redacted": dict(self.pii),
+            "boilerplate_lines_stripped": self.lines_stripped,
         }

@@ -169,3 +169,26 @@ def test_cleaner_counts_reasons_and_examples():
     assert rep["in"] == rep["out"] + sum(rep["removed"].values())
     assert rep["examples"]["too_short"][0].startswith("f:3:")
     assert "<EMAIL>" in kept[5] and rep["pii_redacted"] == {"EMAIL": 1}
+
+
+def test_boilerplate_lines_are_stripped_and_boilerplate_pages_dropped():
+    from flaxlm.data.clean import Cleaner, clean_config, strip_boilerplate
+
+    story = "The fisherman rowed out before dawn and came back with a boat full of silver fish."
+    page = f"##########\n{story}\nThis site uses cookies. Accept all cookies?\nLog in | Sign up"
+    text, n, frac = strip_boilerplate(page)
+    assert text == story and n == 3 and 0 < frac < 0.5
+    # Content that merely mentions the words survives.
+    kept = "The letters of log in alphabetical order are g l o, and we sign the letter."
+    assert strip_boilerplate(kept) == (kept, 0, 0.0)
+    zh = "渔夫在黎明前划船出海，带回了一船银色的鱼。"
+    assert strip_boilerplate(zh)[0] == zh
+    cfg = clean_config()
+    cfg.min_words, cfg.min_stop_words = 5, 0
+    cleaner = Cleaner(cfg)
+    assert cleaner(page) == story
+    junk = "Click here to subscribe to our newsletter!\nRead more >>\nHome | About | Contact\n" + (
+        "Short line here."
+    )
+    assert cleaner(junk) is None and cleaner.removed["boilerplate"] == 1
+    assert cleaner.report()["boilerplate_lines_stripped"] == 6
