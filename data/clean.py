@@ -396,7 +396,7 @@ class Cleaner:
 
     def __call__(self, text: str, loc: str = "") -> str | None:
         self.seen += 1
-        text = normalize_text(text)
+        text = original = normalize_text(text)
         reason = None
         if self.cfg.strip_boilerplate_lines:
             text, n_removed, char_frac = strip_boilerplate(text)
@@ -408,7 +408,8 @@ class Cleaner:
             self.removed[reason] += 1
             ex = self.examples.setdefault(reason, [])
             if len(ex) < MAX_EXAMPLES:
-                ex.append(f"{loc}: {text[:200]!r}" if loc else repr(text[:200]))
+                shown = original if reason == "boilerplate" else text
+                ex.append(f"{loc}: {shown[:200]!r}" if loc else repr(shown[:200]))
             return None
         if self.cfg.redact_pii:
             text, counts = redact_pii(text)
