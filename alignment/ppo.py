@@ -311,7 +311,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     eval_report = F.DataReport(strict=config.data.strict)
     eval_fn = None
     if config.eval_every and (config.eval_gen.sets or held):
-        extra = {"rl_heldout": held} if held else None
+        # held-out questions, and as many training prompts (a fixed sample) for comparison
+        extra = {"rl_heldout": held, "rl_train": prompts[: len(held)]} if held else None
         sets = rl_common.heldout_sets(config, template, prompts, eval_report, extra)
         policy_eval = rl_common.make_policy_eval(
             cfg, template, sets, config.eval_gen, mesh, rules, rm=rm

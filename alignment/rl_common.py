@@ -265,15 +265,16 @@ def split_prompts(prompts: list[dict], n_heldout: int, seed: int):
 
 
 def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=None) -> dict:
-    """{set name: examples {"ids", "meta", "answer"}} of `extra` ({name: prompts}, e.g. the
-    held-out RL prompts) and of every source in `eval_gen.sets` (its first `eval_gen.examples`
-    records: conversations, whose last assistant turn is the reference answer, or prompt
+    """{set name: examples {"ids", "meta", "answer"}}, the first `eval_gen.examples` of each of
+    `extra` ({name: prompts}, e.g. the held-out RL prompts) and of every source in
+    `eval_gen.sets` (conversations, whose last assistant turn is the reference answer, or prompt
     records, whose meta["answer"] is), minus examples asking a training question
     (`question_key`; counted as "eval_dropped_trained_question")."""
     gen, fields = config.eval_gen, config.data.fields
     seen = {question_key(p) for p in train_prompts}
     out = {name: [{"ids": p["ids"], "meta": p["meta"], "answer": str(p["meta"].get("answer", ""))}
-                  for p in prompts] for name, prompts in (extra or {}).items()}  # fmt: skip
+                  for p in prompts[: gen.examples]]
+           for name, prompts in (extra or {}).items()}  # fmt: skip
     for part in filter(None, (p.strip() for p in gen.sets.split(","))):
         name = part.split(":")[-1].rsplit("/", 1)[-1].split(".")[0]
         kept = []
@@ -303,14 +304,15 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
 def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
     """policy params -> {"<set>/accuracy", "/judge", "/stopped", "/response_len"
     [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts), and
-    with `gen_cfg.sample_temperature` > 0 also "<set>/sampled_accuracy": one sample per prompt
-    at that temperature with a fixed key (what on-policy RL optimises)."""
+    with `gen_cfg.sample_temperature` > 0 also "<set>/sampled_accuracy": `gen_cfg.samples`
+    samples per prompt at that temperature with fixed keys (what on-policy RL optimises)."""
     from flaxlm.alignment import sft
 
     score = reward_scorer(rm[1]) if rm is not None else None
     width = gen_cfg.max_prompt_len + gen_cfg.max_new_tokens
     pad_id = max(template.tok.pad_id, 0)
     temp = float(gen_cfg.get("sample_temperature", 0.0))
+    n_samples = int(gen_cfg.get("samples", 1))
 
     def run_set(policy, examples) -> dict:
         acc, jud, stopped, lens, scores, sampled = [], [], [], [], [], []
@@ -337,10 +339,10 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
                 jud.append(j)
             stopped += list(stop[: len(chunk)])
             lens += list(out.lengths[: len(chunk)])
-            if temp > 0:
+            for k in range(n_samples if temp > 0 else 0):
                 out = jax.device_get(generate(
                     cfg, policy, prompts, max_new_tokens=gen_cfg.max_new_tokens,
-                    rng=jax.random.PRNGKey(i + 1), temperature=temp,
+                    rng=jax.random.PRNGKey(1000 * k + i + 1), temperature=temp,
                     stop_tokens=template.stop_tokens, pad_id=pad_id, mesh=mesh, rules=rules,
                 ))  # fmt: skip
                 texts, _ = decode_responses(template.tok, out.tokens, out.lengths,

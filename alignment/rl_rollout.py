@@ -20,8 +20,10 @@ minibatches) the source generates and scores a new one from `state.params` — t
 and then yields its minibatches. Per-rollout statistics (reward, KL, lengths, the time split
 generate / score / train) ride along in every minibatch as constant (B,) arrays named
 "rollout/<name>"; the loss returns their means (`passthrough_stats`), so they land in
-metrics.jsonl and TensorBoard with the loss metrics. `rollout/train_s` is the time the previous
-rollout's minibatches took (the loop's steps between two rollouts).
+metrics.jsonl and TensorBoard with the loss metrics. `rollout/gen_s` and `rollout/score_s`
+time this rollout's decoder call and its scoring (reward, reference, values, advantages);
+`rollout/train_s` is the wall time between the previous rollout and this one — the optimizer
+steps on its minibatches, plus any evaluation or checkpoint the loop ran in between.
 
 Bad input (a stated policy; each case is counted in the "rollout/..." metrics):
   * a reward function that raises, or a reward (or reward-model score) that is NaN/Inf: the
