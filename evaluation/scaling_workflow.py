@@ -28,6 +28,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 import flaxlm.configs
 from flaxlm.evaluation import scaling_emergence as emergence
 from flaxlm.train import sweep as sweep_lib
@@ -150,13 +152,58 @@ def target_row(root: str, run: sweep_lib.Run) -> dict:
     return row
 
 
+def slopes_by_budget(rows: Sequence[dict], n_key: str = "n_params_nonembed") -> list[dict]:
+    """Per token budget: the losses by size, the gap between the smallest and the largest size,
+    and the log-log slope d ln L / d ln N (a pure power law through all sizes). The additive law
+    E + A/N^a + B/D^b keeps the gap the same at every budget; a law L = f(N) g(D) keeps the
+    slope instead, so the two columns show which the sweep is closer to."""
+    out = []
+    for d in sorted({r["tokens"] for r in rows}):
+        same = sorted((r[n_key], r["heldout_loss"]) for r in rows if r["tokens"] == d)
+        n, loss = (np.array(v, dtype=np.float64) for v in zip(*same))
+        slope = float(np.polyfit(np.log(n), np.log(loss), 1)[0]) if n.size >= 2 else None
+        gap = float(loss[0] - loss[-1]) if n.size >= 2 else None
+        out.append(
+            {"tokens": d, "N": n.tolist(), "loss": loss.tolist(), "gap": gap, "slope": slope}
+        )
+    return out
+
+
+def fixed_budget_prediction(rows, target, n_key: str = "n_params_nonembed") -> dict:
+    """L(N) = E + A / N^alpha fitted on the runs trained on the target's own token budget (the
+    slice of the sweep the target belongs to), evaluated at the target's N."""
+    from flaxlm.evaluation.scaling import fit_power_law, predict_power_law
+
+    same = [r for r in rows if r["tokens"] == target["tokens"]]
+    if len({r[n_key] for r in same}) < 4:
+        return {"skipped": f"{len(same)} runs at the target's budget; need >= 4 sizes"}
+    n = np.array([r[n_key] for r in same], dtype=np.float64)
+    loss = np.array([r["heldout_loss"] for r in same], dtype=np.float64)
+    law = fit_power_law(n, loss)
+    pred = float(predict_power_law(law, float(target[n_key])))
+    out = {"tokens": target["tokens"], "N": float(target[n_key]), "fit": law,
+           "fitted_N": n.tolist(), "fitted_loss": loss.tolist(), "predicted": pred}  # fmt: skip
+    if target.get("heldout_loss") is not None:
+        actual = float(target["heldout_loss"])
+        out.update(actual=actual, rel_error=pred / actual - 1.0)
+    return out
+
+
 def fit(root: str, rows: list, target: dict | None, tasks: Sequence[str], n_boot: int) -> dict:
     from flaxlm.evaluation.scaling_report import fit_report
+    from flaxlm.evaluation.scaling_workflow_report import plot_fixed_budget
 
     out_dir = os.path.join(root, "report")
     with Meter() as m:
         report = fit_report(rows, out_dir, target=target, n_boot=n_boot)
     _record(root, "fit", m.result)
+    report["slopes_by_budget"] = slopes_by_budget(rows)
+    if target is not None:
+        fixed = fixed_budget_prediction(rows, target)
+        report["prediction_fixed_budget"] = fixed
+        if "predicted" in fixed:
+            path = os.path.join(out_dir, "fixed_budget.png")
+            report["plots"]["fixed_budget"] = plot_fixed_budget(rows, fixed, path)
     chance = {t: emergence.chance_level(os.path.join(root, "world"), t) for t in tasks}
     if any(f"task/{t}/acc" in r for r in rows for t in tasks):
         report["plots"]["emergence"] = emergence.plot_emergence(
@@ -204,12 +251,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     md = write_markdown(root, report, rows, t_row, tasks, config)
     print(f"[workflow] report: {md}", flush=True)
+    with open(os.path.join(root, "report", "workflow_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
     pred = report.get("prediction")
     if pred and "actual" in pred:
         print(f"[workflow] target N={pred['N']:.4g} D={pred['D']:.4g}: predicted "
               f"{pred['predicted']:.4f} [{pred.get('lo', float('nan')):.4f}, "
               f"{pred.get('hi', float('nan')):.4f}], actual {pred['actual']:.4f}, "
               f"error {100 * pred['rel_error']:+.2f}%", flush=True)  # fmt: skip
+    fixed = report.get("prediction_fixed_budget", {})
+    if "actual" in fixed:
+        err = 100 * fixed["rel_error"]
+        print(f"[workflow] fixed-budget L(N): predicted {fixed['predicted']:.4f}, actual "
+              f"{fixed['actual']:.4f}, error {err:+.2f}%", flush=True)  # fmt: skip
     return report
 
 

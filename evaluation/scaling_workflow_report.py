@@ -7,6 +7,10 @@ import json
 import os
 from collections.abc import Sequence
 
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 
 def _fmt(v, spec: str = ".4g") -> str:
     if v is None or v == "":
@@ -92,6 +96,64 @@ def _prediction_lines(pred: dict | None) -> list[str]:
     return lines
 
 
+def _fixed_budget_lines(fixed: dict | None, slopes: Sequence[dict]) -> list[str]:
+    lines = []
+    if fixed and "predicted" in fixed:
+        law = fixed["fit"]
+        lines += [
+            f"Cross-check: L(N) = E + A / N^alpha fitted on the {len(fixed['fitted_N'])} runs "
+            f"trained on the target's own budget (D = {fixed['tokens']:.4g} tokens): "
+            f"E={law['E']:.4g}, A={law['A']:.4g}, alpha={law['alpha']:.4g}.",
+            "",
+            f"- predicted: **{fixed['predicted']:.4f}**",
+        ]
+        if "actual" in fixed:
+            lines.append(f"- error (predicted / actual − 1): **{100 * fixed['rel_error']:+.2f}%**")
+    elif fixed:
+        lines.append(f"(fixed-budget cross-check skipped: {fixed.get('skipped')})")
+    if slopes:
+        lines += ["", "N-dependence per budget: the additive law keeps the gap between the "
+                  "smallest and largest size constant across budgets, L = f(N) g(D) keeps the "
+                  "log-log slope constant.", "",
+                  "| D tokens | held-out loss by size (small → large) | gap | d ln L / d ln N |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for s in slopes:
+            losses = ", ".join(f"{v:.4f}" for v in s["loss"])
+            lines.append(f"| {s['tokens']:.4g} | {losses} | {_fmt(s.get('gap'), '.4f')} | "
+                         f"{_fmt(s['slope'], '.3f')} |")  # fmt: skip
+    return lines
+
+
+def plot_fixed_budget(rows: Sequence[dict], fixed: dict, path: str) -> str:
+    """Held-out loss vs N at the target's budget: fitted runs, the law, predicted and actual."""
+    n, loss = np.asarray(fixed["fitted_N"]), np.asarray(fixed["fitted_loss"])
+    law = fixed["fit"]
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.add_subplot()
+    others = [r for r in rows if r["tokens"] != fixed["tokens"]]
+    for d in sorted({r["tokens"] for r in others}):
+        pts = sorted(
+            (r["n_params_nonembed"], r["heldout_loss"]) for r in others if r["tokens"] == d
+        )
+        ax.plot(*zip(*pts), "o:", color="0.7", ms=3, lw=0.8)
+    ax.scatter(n, loss, color="C0", zorder=3, label=f"fitted runs, D={fixed['tokens']:.3g}")
+    grid = np.geomspace(n.min() / 1.3, fixed["N"] * 1.3, 100)
+    ax.plot(grid, law["E"] + law["A"] * grid ** -law["alpha"], "C0-", lw=1, label="E + A/N^alpha")
+    ax.scatter([fixed["N"]], [fixed["predicted"]], color="C3", zorder=4, label="predicted")
+    if "actual" in fixed:
+        ax.scatter([fixed["N"]], [fixed["actual"]], marker="x", s=80, color="k", zorder=5,
+                   label=f"actual ({100 * fixed['rel_error']:+.2f}%)")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("fixed-budget L(N) (grey: other budgets)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
 def write_markdown(
     root: str,
     report: dict,
@@ -118,7 +180,10 @@ def write_markdown(
             f"- the target has {float(target['n_params_nonembed']) / largest:.2f}x the "
             "non-embedding parameters of the largest fitted run"
         )
-    lines += ["", "## Fitted law", *_law_lines(report), "", "## Runs",
+    lines += ["", "## Fitted law", *_law_lines(report), "",
+              "## Fixed-budget cross-check",
+              *_fixed_budget_lines(report.get("prediction_fixed_budget"),
+                                   report.get("slopes_by_budget", [])), "", "## Runs",
               *_table_lines(rows, target, tasks), "",
               "N non-emb excludes the (tied) embedding table; C=6ND uses it; FLOPs (exact) is "
               "flops_per_token × D (6·N_matmul + 12·L·d·T, attention non-causal, DESIGN.md).",

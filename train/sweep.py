@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -32,218 +30,18 @@ import sys
 import time
 from collections.abc import Sequence
 
-MAX_NAME = 160  # characters of the k=v part of a run name before it is shortened with a hash
-
-
-@dataclasses.dataclass
-class Run:
-    """One run of a sweep: its position, overrides and directory, plus what its config implies."""
-
-    index: int
-    name: str
-    overrides: dict  # dotted config key -> value (the sweep's dict plus command-line overrides)
-    workdir: str
-    total_steps: int | None = None
-    info: dict = dataclasses.field(default_factory=dict)  # sizes from the effective config
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------------------------
-# Config files, overrides and names
-
-
-def load_config_module(config_arg: str):
-    """(module, arg) for "path/to/file.py:arg"; the module is imported from its path."""
-    path, _, arg = config_arg.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config: no config file {path!r}")
-    name = "flaxlm_sweep_config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, (arg or None)
-
-
-def format_value(value) -> str:
-    """A value as `--config.k=v` expects it (and as it appears in run names)."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)  # shortest repr that round-trips: 0.001, 1e-05, 3.0
-    if isinstance(value, (list, tuple)):
-        return (
-            "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-        )
-    return str(value)
-
-
-def run_name(index: int, overrides: dict) -> str:
-    """`run-003-model.d_model=128,opt.lr=0.001`: the index plus the overrides sorted by key."""
-    body = ",".join(f"{k}={format_value(v)}" for k, v in sorted(overrides.items()))
-    body = "".join(c if c.isalnum() or c in "._-=,+()" else "_" for c in body)
-    if len(body) > MAX_NAME:
-        import hashlib
-
-        digest = hashlib.sha1(body.encode()).hexdigest()[:8]
-        body = body[: MAX_NAME - 9] + "-" + digest
-    return f"run-{index:03d}" + (f"-{body}" if body else "")
-
-
-def _convert(text: str, like):
-    """A command-line string typed like the config field it overrides."""
-    if isinstance(like, bool):
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
-    if isinstance(like, int):
-        return int(text)
-    if isinstance(like, float):
-        return float(text)
-    return text
-
-
-def set_dotted(config, key: str, value, *, from_string: bool = False):
-    """Sets `config.a.b = value` on a locked ConfigDict; an unknown key names itself."""
-    node, parts = config, key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part not in node:
-            raise KeyError(f"override {key!r}: config has no key {'.'.join(parts[: i + 1])!r}")
-        node = node[part]
-    last = parts[-1]
-    if last not in node:
-        raise KeyError(f"override {key!r}: config has no key {key!r}")
-    if from_string:
-        try:
-            value = _convert(value, node[last])
-        except ValueError as e:
-            raise ValueError(f"override {key}={value!r}: {e}") from None
-    node[last] = value
-
-
-def expand(module, arg: str | None) -> list[dict]:
-    """The override dicts of `module.sweep(add, arg)`, in the order they were added."""
-    if not hasattr(module, "sweep"):
-        raise AttributeError(f"{module.__file__} defines no sweep(add, arg)")
-    out: list[dict] = []
-    module.sweep(lambda **kw: out.append(dict(kw)), arg)
-    if not out:
-        raise ValueError(f"{module.__file__}: sweep() added no runs")
-    return out
-
-
-def run_info(config) -> dict:
-    """Sizes implied by an effective config: params N, tokens D = steps x batch x seq_len, and
-    compute (6 N_nonembed D and the exact count flops_per_token x D, DESIGN.md convention)."""
-    info: dict = {}
-    if "total_steps" in config:
-        info["total_steps"] = int(config.total_steps)
-    if "model" not in config or not all(k in config for k in ("batch_size", "seq_len")):
-        return info
-    from flaxlm.configs.common import to_model_config
-
-    cfg = to_model_config(config.model)
-    counts = cfg.param_counts()
-    tokens = int(config.total_steps) * int(config.batch_size) * int(config.seq_len)
-    fpt = cfg.flops_per_token(int(config.seq_len))
-    info.update(
-        batch_size=int(config.batch_size),
-        seq_len=int(config.seq_len),
-        n_params=counts["total"],
-        n_params_nonembed=counts["non_embedding"],
-        n_params_embed=counts["embedding"],
-        n_params_matmul=counts["matmul"],
-        tokens=tokens,
-        c_6nd=6.0 * counts["non_embedding"] * tokens,
-        flops_per_token=fpt,
-        flops=fpt * tokens,
-        flops_causal=cfg.flops_per_token(int(config.seq_len), causal=True) * tokens,
-    )
-    return info
-
-
-def plan(
-    config_arg: str,
-    root: str,
-    *,
-    extra: Sequence[str] = (),
-    only: Sequence[int] | None = None,
-) -> list[Run]:
-    """Expands the sweep of `config_arg` under `root` (every run's config is built, so a bad
-    override fails here, naming the key). `extra`: "k=v" overrides applied to every run."""
-    module, arg = load_config_module(config_arg)
-    base = {}
-    for item in extra:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config.{item}: expected --config.key=value")
-        base[key] = value
-    runs = []
-    for i, ov in enumerate(expand(module, arg)):
-        if only is not None and i not in only:
-            continue
-        config = module.get_config(arg)
-        for k, v in ov.items():
-            set_dotted(config, k, v)
-        for k, v in base.items():
-            set_dotted(config, k, v, from_string=True)
-        overrides = {**ov, **{k: config_value(config, k) for k in base}}
-        name = run_name(i, ov)  # names come from the sweep alone; the CLI extras apply to all
-        info = run_info(config)
-        runs.append(
-            Run(i, name, overrides, os.path.join(root, name), info.get("total_steps"), info)
-        )
-    if only is not None:
-        missing = sorted(set(only) - {r.index for r in runs})
-        if missing:
-            raise IndexError(
-                f"--only {missing}: the sweep has runs 0..{len(expand(module, arg)) - 1}"
-            )
-    return runs
-
-
-def config_value(config, key: str):
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def train_command(config_arg: str, run: Run, python: str = "") -> list[str]:
-    """argv of the trainer for one run."""
-    cmd = [python or sys.executable, "-m", "flaxlm.train.main", "--config", config_arg]
-    cmd += ["--workdir", run.workdir]
-    cmd += [f"--config.{k}={format_value(v)}" for k, v in run.overrides.items()]
-    return cmd
-
-
-def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence[str]) -> str:
-    """ROOT/sweep.json: the config, the common overrides and every run (merged with earlier
-    `--only` subsets, so the index always lists every run planned so far)."""
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, "sweep.json")
-    known = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old.get("config") == config_arg:
-            known = {r["name"]: r for r in old.get("runs", [])}
-    for r in runs:
-        known[r.name] = {**r.to_dict(), "command": train_command(config_arg, r, "python")}
-    index = {
-        "config": config_arg,
-        "extra_overrides": list(extra),
-        "runs": sorted(known.values(), key=lambda r: r["index"]),
-    }
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp, path)
-    return path
-
+from flaxlm.train.sweep_plan import (  # noqa: F401 (the public names of the sweep API)
+    Run,
+    expand,
+    format_value,
+    load_config_module,
+    plan,
+    run_info,
+    run_name,
+    set_dotted,
+    train_command,
+    write_index,
+)
 
 # --------------------------------------------------------------------------------------------
 # Finished / running state of a run directory

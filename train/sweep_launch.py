@@ -18,10 +18,11 @@ import os
 import shlex
 from collections.abc import Sequence
 
+from flaxlm.train.sweep import is_done
+from flaxlm.train.sweep_plan import train_command
+
 
 def _trainer(config_arg: str, run, python: str) -> str:
-    from flaxlm.train.sweep import train_command
-
     return shlex.join(train_command(config_arg, run, python))
 
 
@@ -101,8 +102,6 @@ def host_script(config_arg: str, runs: Sequence, host: int, n_hosts: int, *,
 def write_launch_files(kind: str, config_arg: str, runs: Sequence, root: str, args) -> list[str]:
     """Writes the launch files of `kind` (slurm | pod | multihost | print = all) for the runs
     that are not finished; returns their paths."""
-    from flaxlm.train.sweep import is_done
-
     todo = [r for r in runs if not is_done(r)]
     if len(todo) < len(runs):
         print(f"[sweep] {len(runs) - len(todo)} finished runs left out of the launch files")
