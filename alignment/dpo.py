@@ -23,6 +23,10 @@ log odds(y) = ā − log(1 − e^ā) with ā = π/|y| the mean token log-probabi
 term is the chosen response's (per-token) NLL — SFT and preference in one loss. Implicit rewards:
 β·(π − ρ) for the DPO variants, β·π/|y| for SimPO and ORPO.
 
+`dpo.sft_coef` = α > 0 adds α·(−π_c/|y_c|), the chosen response's per-token NLL, to any loss
+type (RPO, Pang et al. 2024): plain DPO can satisfy its objective by pushing the rejected
+responses down alone, and off-policy rejected responses are not what the policy would say.
+
 Reference log-probabilities (`dpo.ref_logps`): "precompute" runs the reference once over every
 training and held-out pair when the task is built (a table keyed by each pair's tokens, so any
 order or epoch finds them); "online" runs it on every batch. Either way they arrive in the batch
@@ -153,6 +157,8 @@ def dpo_loss_fn(apply, d):
             loss_type=d.loss_type, label_smoothing=d.label_smoothing, chosen_lengths=lc,
             rejected_lengths=lr, simpo_gamma=d.simpo_gamma,
         )  # fmt: skip
+        if d.sft_coef:  # RPO: + α·(per-token NLL of the chosen response)
+            losses = losses + d.sft_coef * (-pc / jnp.maximum(lc, 1.0))
         w = batch["valid"]
         n = jnp.maximum(jnp.sum(w), 1.0)
         mean = lambda x: jnp.sum(x * w) / n  # noqa: E731

@@ -158,3 +158,39 @@ def test_dpo_trains_in_the_loop(runs, cache_dir, tmp_path):
     for key in ("eval/loss", "eval/accuracy", "eval/margin", "eval/logp_accuracy",
                 "eval/sft_heldout/accuracy"):  # fmt: skip
         assert np.isfinite(ev[key]), key
+
+
+def test_loss_fn_reads_sequences_off_the_batch_and_adds_the_sft_term():
+    """dpo_loss_fn: sums of response-token log-probs and lengths from the loss masks; RPO's
+    α·NLL(chosen)/|y_c| is added to any loss type."""
+    import ml_collections
+
+    rng = np.random.default_rng(0)
+    B, T, V = 3, 7, 11
+    batch = {"valid": np.ones(B, np.float32), "ref_chosen_logps": RC[:B],
+             "ref_rejected_logps": RR[:B]}  # fmt: skip
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_tokens"] = rng.integers(0, V, (B, T)).astype(np.int32)
+        batch[f"{side}_targets"] = rng.integers(0, V, (B, T)).astype(np.int32)
+        batch[f"{side}_positions"] = np.tile(np.arange(T, dtype=np.int32), (B, 1))
+        batch[f"{side}_segment_ids"] = np.ones((B, T), np.int32)
+        batch[f"{side}_loss_mask"] = (rng.random((B, T)) > 0.4).astype(np.float32)
+    logits = rng.normal(size=(2 * B, T, V)).astype(np.float32)
+    apply = lambda p, tokens, positions, segment_ids: p  # noqa: E731  (logits as "params")
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    seq = {}
+    for i, side in enumerate(("chosen", "rejected")):
+        tgt, m = batch[f"{side}_targets"], batch[f"{side}_loss_mask"]
+        picked = np.take_along_axis(logp[i * B : (i + 1) * B], tgt[..., None], -1)[..., 0]
+        seq[side] = ((picked * m).sum(1), m.sum(1))
+    d = ml_collections.ConfigDict({"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+                                   "simpo_gamma": 0.0, "sft_coef": 0.0})  # fmt: skip
+    base, m0 = dpo.dpo_loss_fn(apply, d)(logits, batch, None)
+    want = dpo.preference_loss(seq["chosen"][0], seq["rejected"][0], RC[:B], RR[:B],
+                               beta=0.1, loss_type="sigmoid")[0].mean()  # fmt: skip
+    np.testing.assert_allclose(float(base), float(want), **TOL)
+    np.testing.assert_allclose(float(m0["logps/chosen"]), seq["chosen"][0].mean(), **TOL)
+    d.sft_coef = 0.5
+    with_sft, _ = dpo.dpo_loss_fn(apply, d)(logits, batch, None)
+    nll = -(seq["chosen"][0] / seq["chosen"][1]).mean()
+    np.testing.assert_allclose(float(with_sft), float(want) + 0.5 * nll, **TOL)
