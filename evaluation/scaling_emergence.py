@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from flaxlm.train.sweep_table import TASKS_FILE
 
@@ -106,7 +107,7 @@ def plot_emergence(
       target: an extra row (the predicted bigger model), drawn as a star.
       chance: {task: chance accuracy}, drawn dashed.
     """
-    runs = [r for r in rows] + ([target] if target else [])
+    runs = list(rows) + ([target] if target else [])
     sizes = sorted({float(r["n_params_nonembed"]) for r in runs})
     norm = LogNorm(min(sizes), max(sizes) * 1.0001)
     cmap = matplotlib.colormaps["viridis"]
@@ -132,6 +133,7 @@ def plot_emergence(
         if task and chance and chance.get(task):
             ax.axhline(chance[task], color="0.5", ls="--", lw=1, label="chance")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide over < 1 decade
         ax.set_xlabel("training compute (FLOPs)")
         ax.set_title(label, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)

@@ -5,14 +5,15 @@ compare → report.
 
 Steps (each resumable; re-running the command skips what is done):
   1. sweep: the runs of `configs/scaling.py`'s sweep() under ROOT/sweep (train/sweep.py);
-  2. target: the config's `predict=True` variant (a model 4x larger in non-embedding
-     parameters) trained in ROOT/target;
+  2. target: the config's `predict=True` variant (a model >= 4x larger in non-embedding
+     parameters) trained in ROOT/target (and ROOT/target-seed<k> with --target_seeds);
   3. tasks: multiple-choice accuracy of every run on the built-in world's tasks (ROOT/world),
      written to RUN/tasks.json (evaluation/scaling_emergence.py);
   4. table: ROOT/runs.csv + runs.json (the sweep's runs, then the target);
   5. fit: `fit_report` on the sweep's runs only (N = non-embedding parameters, held-out loss),
      with the target's prediction against its actual loss; plots and scaling_report.json in
-     ROOT/report, plus emergence.png and ROOT/report/report.md.
+     ROOT/report, plus emergence.png and ROOT/report/report.md. As a cross-check, L(N) =
+     E + A/N^alpha on the runs of the target's own token budget predicts it too.
 Wall time, CPU time of the trainers and the machine's load average during each step go to
 ROOT/timing.json (the machine may be shared; the report says how loaded it was).
 """
@@ -118,16 +119,20 @@ def with_arg(config: str, item: str) -> str:
     return f"{config},{item}" if ":" in config else f"{config}:{item}"
 
 
-def run_target(root: str, config: str) -> sweep_lib.Run:
-    """The bigger model: the config's predict=True variant, trained as a one-run sweep."""
+def run_target(root: str, config: str, seeds: int = 1) -> list[sweep_lib.Run]:
+    """The bigger model: the config's predict=True variant in ROOT/target, and with seeds > 1
+    again in ROOT/target-seed<k> (`--config.seed=k`), so its actual loss is a mean over seeds."""
     module, _ = sweep_lib.load_config_module(config)
     config_arg = with_arg(config, "predict=True")
     info = sweep_lib.run_info(module.get_config(config_arg.partition(":")[2]))
-    run = sweep_lib.Run(0, "target", {}, os.path.join(root, "target"), info["total_steps"], info)
+    runs = []
+    for k in range(seeds):
+        name, ov = ("target", {}) if k == 0 else (f"target-seed{k}", {"seed": k})
+        runs.append(sweep_lib.Run(k, name, ov, os.path.join(root, name), info["total_steps"], info))
     with open(os.path.join(root, "target.json"), "w") as f:
-        json.dump({"config": config_arg, **run.to_dict()}, f, indent=1)
-    _train(root, "target", config_arg, [run], parallel=1)
-    return run
+        json.dump({"config": config_arg, "runs": [r.to_dict() for r in runs]}, f, indent=1)
+    _train(root, "target", config_arg, runs, parallel=1)
+    return runs
 
 
 def evaluate_tasks(root: str, run_dirs: Sequence[str], tasks: Sequence[str]) -> None:
@@ -143,12 +148,20 @@ def evaluate_tasks(root: str, run_dirs: Sequence[str], tasks: Sequence[str]) -> 
     _record(root, "tasks", m.result, evaluated=len(todo))
 
 
-def target_row(root: str, run: sweep_lib.Run) -> dict:
-    final = sweep_table.final_metrics(run.workdir, run.total_steps)
-    if final is None:
-        raise RuntimeError(f"{run.workdir}: the target run has not finished")
-    row = {"index": -1, "name": "target", "overrides": {"predict": True}, **run.info, **final}
-    row.update(sweep_table.task_metrics(run.workdir))
+def target_row(runs: Sequence[sweep_lib.Run]) -> dict:
+    """The target's row: losses averaged over its seeds (each listed), tasks of the first."""
+    finals = []
+    for run in runs:
+        final = sweep_table.final_metrics(run.workdir, run.total_steps)
+        if final is None:
+            raise RuntimeError(f"{run.workdir}: the target run has not finished")
+        finals.append(final)
+    row = {"index": -1, "name": "target", "overrides": {"predict": True}, **runs[0].info}
+    row.update(finals[0])
+    for key in ("final_loss", "heldout_loss"):
+        row[f"{key}_seeds"] = [f[key] for f in finals]
+        row[key] = float(np.mean(row[f"{key}_seeds"]))
+    row.update(sweep_table.task_metrics(runs[0].workdir))
     return row
 
 
@@ -228,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    help="held-out documents for the loss (config arg heldout=; 0 = the "
                    "config's own eval set)")  # fmt: skip
     p.add_argument("--no_target", action="store_true", help="fit only; do not train the target")
+    p.add_argument("--target_seeds", type=int, default=2,
+                   help="seeds of the target; its actual loss is their mean")  # fmt: skip
     args = p.parse_args(argv)
     root = args.workdir
     os.makedirs(root, exist_ok=True)
@@ -238,18 +253,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config = with_arg(config, f"heldout={os.path.abspath(world)}/heldout_text.jsonl")
 
     runs = run_sweep(root, config, args.parallel)
-    target = None if args.no_target else run_target(root, config)
+    targets = [] if args.no_target else run_target(root, config, max(1, args.target_seeds))
     if tasks:
-        evaluate_tasks(
-            root, [r.workdir for r in runs] + ([target.workdir] if target else []), tasks
-        )
+        evaluate_tasks(root, [r.workdir for r in runs + targets[:1]], tasks)
     rows = sweep_table.collect(os.path.join(root, "sweep"))
-    t_row = target_row(root, target) if target else None
+    t_row = target_row(targets) if targets else None
     sweep_table.write_table(rows + ([t_row] if t_row else []), root)
     report = fit(root, rows, t_row, tasks, args.n_boot)
     from flaxlm.evaluation.scaling_workflow_report import write_markdown
 
-    md = write_markdown(root, report, rows, t_row, tasks, config)
+    command = (f"python -m flaxlm.evaluation.scaling_workflow --workdir {root} --parallel "
+               f"{args.parallel} --target_seeds {args.target_seeds}")  # fmt: skip
+    md = write_markdown(root, report, rows, t_row, tasks, config, command)
     print(f"[workflow] report: {md}", flush=True)
     with open(os.path.join(root, "report", "workflow_report.json"), "w") as f:
         json.dump(report, f, indent=1)

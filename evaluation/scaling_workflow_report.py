@@ -81,7 +81,7 @@ def _law_lines(report: dict) -> list[str]:
     return lines
 
 
-def _prediction_lines(pred: dict | None) -> list[str]:
+def _prediction_lines(pred: dict | None, target: dict | None) -> list[str]:
     if not pred:
         return ["(no target run)"]
     lines = [
@@ -91,7 +91,13 @@ def _prediction_lines(pred: dict | None) -> list[str]:
         + (f" (95% bootstrap [{pred['lo']:.4f}, {pred['hi']:.4f}])" if "lo" in pred else ""),
     ]
     if "actual" in pred:
-        lines.append(f"- actual held-out loss: **{pred['actual']:.4f}**")
+        seeds = (target or {}).get("heldout_loss_seeds", [])
+        per_seed = ""
+        if len(seeds) > 1:
+            spread = 100 * (max(seeds) - min(seeds)) / min(seeds)
+            per_seed = (f" (mean of {len(seeds)} seeds: " + ", ".join(f"{v:.4f}" for v in seeds)
+                        + f"; they differ by {spread:.1f}%)")  # fmt: skip
+        lines.append(f"- actual held-out loss: **{pred['actual']:.4f}**{per_seed}")
         lines.append(f"- error (predicted / actual − 1): **{100 * pred['rel_error']:+.2f}%**")
     return lines
 
@@ -161,6 +167,7 @@ def write_markdown(
     target: dict | None,
     tasks: Sequence[str],
     config: str,
+    command: str = "",
 ) -> str:
     """Writes ROOT/report/report.md and returns its path."""
     out_dir = os.path.join(root, "report")
@@ -169,11 +176,13 @@ def write_markdown(
     lines = [
         "# Scaling study: fit on small runs, predict a bigger one",
         "",
-        f"Config: `{config}`. Command: `python -m flaxlm.evaluation.scaling_workflow "
-        f"--workdir {root}` (re-running resumes).",
+        f"Config: `{config}`.",
+        "",
+        f"Command: `{command or 'python -m flaxlm.evaluation.scaling_workflow --workdir ' + root}`"
+        " (re-running it resumes: finished runs are skipped).",
         "",
         "## Prediction",
-        *_prediction_lines(report.get("prediction")),
+        *_prediction_lines(report.get("prediction"), target),
     ]
     if target:
         lines.append(

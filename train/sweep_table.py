@@ -99,7 +99,8 @@ def write_table(rows: Sequence[dict], out_dir: str, stem: str = "runs") -> tuple
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
-            w.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()})
+            w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                        for k, v in r.items()})  # fmt: skip
     json_path = os.path.join(out_dir, f"{stem}.json")
     with open(json_path, "w") as f:
         json.dump({"runs": list(rows)}, f, indent=1)

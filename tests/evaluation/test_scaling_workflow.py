@@ -71,9 +71,10 @@ def test_workflow_fits_predicts_and_reports_from_finished_runs(tmp_path):
         _write_run(r.workdir, r.total_steps, float(predict_parametric(LAW, n, d)), {"acc": acc})
     big = sweep.run_info(scaling_config.get_config("predict=True"))
     actual = float(predict_parametric(LAW, big["n_params_nonembed"], big["tokens"]))
-    _write_run(os.path.join(root, "target"), big["total_steps"], actual, {"acc": 0.8})
+    _write_run(os.path.join(root, "target"), big["total_steps"], actual * 0.99, {"acc": 0.8})
+    _write_run(os.path.join(root, "target-seed1"), big["total_steps"], actual * 1.01, {})
 
-    argv = ["--workdir", root, "--n_boot", "20", "--tasks", "mc_facts_train"]
+    argv = ["--workdir", root, "--n_boot", "20", "--tasks", "mc_facts_train", "--target_seeds=2"]
     report = scaling_workflow.main(argv)
     pred = report["prediction"]
     assert pred["N"] == big["n_params_nonembed"] and pred["actual"] == pytest.approx(actual)
@@ -88,6 +89,7 @@ def test_workflow_fits_predicts_and_reports_from_finished_runs(tmp_path):
         assert os.path.getsize(report["plots"][name]) > 10_000
     md = open(os.path.join(root, "report", "report.md")).read()
     assert "error (predicted / actual − 1)" in md and "mc_facts_train acc" in md
+    assert "mean of 2 seeds" in md
     rows = open(os.path.join(root, "runs.csv")).read().splitlines()
     assert len(rows) == len(runs) + 2 and rows[-1].split(",")[1] == "target"
     timing = json.load(open(os.path.join(root, "timing.json")))
