@@ -20,15 +20,16 @@ arg keys: width (d_model), steps (optimizer steps), predict (the big model), run
 steps only: smoke tests), heldout (a jsonl of held-out documents; "" = the built-in 100).
 
 Why these numbers (measured on 2 shared CPU cores, 2026-11-28; runs/scaling/report/report.md):
-  * width 32 sat ~9% above the power law of the wider models (its tied 32-wide embedding and two
-    heads), so the fitted widths start at 48;
+  * width 32 sat ~9% above the power law of the wider models (cause not isolated: a 32-wide tied
+    embedding, two heads, a longer transient), so the fitted widths start at 48;
   * the first ~200-300 steps are a transient in which loss falls from 6 to ~1.5 at a
     size-dependent speed; a 150-step budget put every width at the same loss and broke the fit
     (7% RMS residual), so budgets start at 600 steps; batch 4 x 128 gives more steps per token
     (at equal tokens, batch 4 x 1200 steps beat batch 8 x 600 by 2-3%);
   * lr = 6e-3 * 64/d is within noise of the best of {0.5x, 1x, 2x} at widths 48 and 96;
-  * seed-to-seed spread of the held-out loss is 1.5-2.5% (4 seeds at width 64; 2 of the target),
-    a third of it from the 100-document held-out set, hence 1000 documents and 2 target seeds.
+  * the held-out loss varies by ~1-1.5% (std) from seed to seed (up to 4% apart over 3-5 seeds
+    at width 64; the target's two seeds differ by 2.4%); about half of that variance came from
+    the 100-document held-out set, hence 1000 documents and 2 seeds of the target.
 """
 
 from __future__ import annotations
