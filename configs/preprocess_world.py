@@ -32,4 +32,5 @@ def get_config(arg=None):
     c.train_tokenizer_vocab = 2048  # SentencePiece BPE with byte fallback and chat tokens
     c.shard_docs = 1000
     c.batch_docs = 256
+    c.lock()
     return c
