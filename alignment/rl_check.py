@@ -47,7 +47,7 @@ import sys
 import time
 
 KL_BOUND = 2.0  # nats per sequence
-COMMON = {"progress_bar": False, "eval_at_start": True, "ckpt_every": 0, "log_every": 4}
+COMMON = {"progress_bar": False, "eval_at_start": True, "log_every": 4}
 
 
 def _set(c, overrides: dict):
@@ -67,7 +67,7 @@ def ppo_config(chain: str, sft: str):
     return _set(ppo.get_config("variant=mini"), {
         **COMMON, "init_from": f"{chain}/{sft}", "reward_from": f"{chain}/rm",
         "total_steps": 96, "eval_every": 96, "batch_size": 16, "rollout.batch": 64,
-        "rollout.epochs": 2, "opt.lr": 3e-5, "opt.warmup_steps": 4, "ppo.kl_coef": 0.05,
+        "rollout.epochs": 2, "opt.lr": 1e-4, "opt.warmup_steps": 4, "ppo.kl_coef": 0.05,
         "rollout.heldout_prompts": 200, "eval_gen.examples": 300,
     })  # fmt: skip
 
@@ -251,6 +251,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sft", default="sft100", help="SFT run (in --chain) every method starts from")
     ap.add_argument("--workdir", default="/tmp/rlcheck")
     ap.add_argument("--only", default="ppo,dpo,grpo")
+    ap.add_argument("--seed", type=int, default=0, help="config.seed (rollouts, data order)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every method run (VALUE parsed as JSON if it can)",
+    )
     ap.add_argument("--build_chain", action="store_true", help="build the chain first")
     args = ap.parse_args(argv)
     logging.getLogger("flaxlm").setLevel(logging.WARNING)
@@ -259,13 +267,22 @@ def main(argv=None) -> int:
     import importlib
     import shutil
 
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     results, t_all = {}, time.perf_counter()
     for name in filter(None, args.only.split(",")):
         module, make_config, check = METHODS[name]
         workdir = os.path.join(args.workdir, name)
         shutil.rmtree(workdir, ignore_errors=True)
         t0 = time.perf_counter()
-        importlib.import_module(module).run(make_config(args.chain, args.sft), workdir)
+        config = make_config(args.chain, args.sft)
+        config = _set(config, {"seed": args.seed, "ckpt_every": config.total_steps, **overrides})
+        importlib.import_module(module).run(config, workdir)
         print(f"{name.upper()} ({time.perf_counter() - t0:.0f} s, {workdir})", flush=True)
         results[name] = []
         check(workdir, results[name])
