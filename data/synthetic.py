@@ -73,6 +73,10 @@ class WorldConfig:
     n_sft_heldout: int = 300
     p_system: float = 0.2  # conversations that start with a system message
     p_multiturn: float = 0.2  # conversations with 1–2 earlier answered turns
+    # SFT demonstrations whose final answer rambles or is rude, as human-written data sometimes
+    # is: SFT imitates them, and the preference stages (reward model → PPO, DPO) are what
+    # remove them. Their meta carries "noise": "rambling" | "unsafe".
+    sft_noise_frac: float = 0.2
     task_weights: tuple = (("attribute", 0.5), ("arithmetic", 0.25), ("reverse", 0.125),
                            ("sort", 0.125))  # fmt: skip
     n_preferences: int = 1500

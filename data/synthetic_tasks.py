@@ -131,6 +131,22 @@ def chat_example(msgs: list[dict], meta: dict) -> dict:
     return {"messages": msgs + [answer], "meta": meta}
 
 
+def noisy_answer(meta: dict, kind: str, rng: random.Random) -> str:
+    """A demonstration that rambles or is rude (with the right answer in it)."""
+    if kind == "rambling":
+        return rng.choice(_RAMBLE).format(x=meta["answer"])
+    return rng.choice(_UNSAFE_REPLY).format(x=meta["answer"], w=rng.choice(_UNSAFE_NOUNS))
+
+
+def sft_example(msgs: list[dict], meta: dict, noise_frac: float, rng: random.Random) -> dict:
+    """A chat example whose final answer is, with probability `noise_frac`, a noisy one."""
+    if rng.random() >= noise_frac:
+        return chat_example(msgs, meta)
+    kind = rng.choice(("rambling", "unsafe"))
+    answer = {"role": "assistant", "content": noisy_answer(meta, kind, rng)}
+    return {"messages": msgs + [answer], "meta": {**meta, "noise": kind}}
+
+
 def wrong_answer(meta: dict, rng: random.Random) -> str:
     """A plausible wrong answer of the same kind."""
     task, answer = meta["task"], meta["answer"]
@@ -250,7 +266,7 @@ def build_tasks(entities: list[Entity], cfg, stream) -> dict:
         for a in ATTRIBUTES
         for q in ATTR_QUESTIONS[a]
     ]
-    rp = stream("preferences")
+    rp, rn = stream("preferences"), stream("sft_noise")
     prefs = conversations(train_pools, cfg.n_preferences, "pref_prompts", cfg.p_multiturn)
     prefs_ho = conversations(heldout_pools, cfg.n_preferences_heldout, "pref_ho_prompts", 0.0)
     rl = conversations(train_pools, cfg.n_rl_prompts, "rl", cfg.p_multiturn)
@@ -273,7 +289,7 @@ def build_tasks(entities: list[Entity], cfg, stream) -> dict:
     }
     return {
         "sft_train": [
-            chat_example(*c)
+            sft_example(*c, cfg.sft_noise_frac, rn)
             for c in conversations(train_pools, cfg.n_sft_train, "sft_train", cfg.p_multiturn)
         ],
         "sft_heldout": [chat_example(*c) for c in sft_heldout],

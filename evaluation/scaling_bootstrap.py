@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
 from flaxlm.evaluation.scaling import (
     HUBER_DELTA,
     compute_optimal,

@@ -13,6 +13,7 @@ FLOPs of the model) defined the budgets.
 from __future__ import annotations
 
 import numpy as np
+
 from flaxlm.evaluation.scaling import _as_positive
 
 

@@ -11,10 +11,11 @@ import os
 
 import matplotlib
 import numpy as np
-from flaxlm.evaluation.scaling import compute_optimal, predict_parametric, predict_power_law
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+
+from flaxlm.evaluation.scaling import compute_optimal, predict_parametric, predict_power_law
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> str:

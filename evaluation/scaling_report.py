@@ -23,6 +23,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
 from flaxlm.evaluation import scaling_plots
 from flaxlm.evaluation.scaling import (
     HUBER_DELTA,

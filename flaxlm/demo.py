@@ -1,31 +1,237 @@
-"""`make demo`: the recipe end to end on built-in data, on a laptop CPU.
+"""`make demo`: the whole recipe on the built-in world, on a laptop CPU, with a report.
 
-Stage 1 today: pretraining a tiny Llama-style model on the built-in synthetic stream. Later
-stages (data cleaning, tokenizer, SFT, reward model, PPO/DPO, evaluation) join as they land.
+    python -m flaxlm.demo --workdir runs/demo            # ≈ 15 min on 2 CPU cores
+    python -m flaxlm.demo --workdir /tmp/d --runlocal    # a shrunk run (the end-to-end test)
+
+Stages (each is a normal config under configs/, printed as the command that runs it alone):
+  world     data/synthetic.py writes the world: a noisy corpus, chat data, preferences, evals
+  data      clean → dedup → tokenizer → ArrayRecord shards (flaxlm.data.preprocess)
+  pretrain  a tiny Llama on the cleaned corpus                         (configs/pretrain.py)
+  sft       instruction tuning on the world's chat data                 (configs/sft.py)
+  reward    a reward model from the SFT model on preference pairs       (configs/reward.py)
+  dpo       DPO (+ chosen-answer NLL, "RPO") from the SFT model          (configs/dpo.py)
+  ppo       PPO from the SFT model against the reward model             (configs/ppo.py)
+  eval      every checkpoint on the same held-out tasks (flaxlm.evaluation)
+  report    WORKDIR/report.md with a table per stage and PNG plots
+Re-running resumes: finished stages are skipped (their checkpoints are complete) and an
+interrupted one continues from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
+import time
 
-from flaxlm.configs import pretrain as pretrain_config
-from flaxlm.train import pretrain
-from flaxlm.train.metrics import read_metrics
+from flaxlm.data import synthetic
+
+STAGES = ("world", "data", "pretrain", "sft", "reward", "dpo", "ppo", "eval", "report")
+
+# Stage sizes: (full, runlocal). Steps are optimizer steps; the full sizes fit ≈15 minutes on 2
+# CPU cores with the tiny model (2 layers, d=64, vocab 2048: ≈0.4M parameters).
+PLAN = {
+    "pretrain_steps": (800, 30),
+    "sft_steps": (120, 12),
+    "reward_steps": (120, 8),
+    "dpo_steps": (60, 6),
+    "ppo_steps": (48, 4),
+    "eval_examples": (132, 16),
+}
+
+
+def _set(c, overrides: dict):
+    """Applies {"a.b": v} overrides to a locked ConfigDict (existing keys only)."""
+    with c.unlocked():
+        for key, value in overrides.items():
+            node = c
+            *path, last = key.split(".")
+            for p in path:
+                node = node[p]
+            if last not in node:
+                raise KeyError(f"demo: config has no key {key!r}")
+            node[last] = value
+    return c
+
+
+def _cli(config_file: str, arg: str, overrides: dict, workdir: str) -> str:
+    flags = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+    return (f"python -m flaxlm.train.main --config configs/{config_file}:{arg} {flags} "
+            f"--workdir {workdir}")  # fmt: skip
+
+
+class Demo:
+    def __init__(self, workdir: str, runlocal: bool, plan_overrides: dict | None = None):
+        self.w = os.path.abspath(workdir)
+        self.small = runlocal
+        self.plan = {k: v[1 if runlocal else 0] for k, v in PLAN.items()}
+        for k, v in (plan_overrides or {}).items():
+            if k not in self.plan:
+                raise KeyError(f"--plan: unknown key {k!r}; known: {sorted(self.plan)}")
+            self.plan[k] = int(v)
+        self.dir = {s: os.path.join(self.w, s) for s in STAGES}
+        self.commands: dict[str, str] = {}
+        self.times: dict[str, float] = {}
+
+    # --- stages ---------------------------------------------------------------------------------
+    def world(self):
+        preset = "small" if self.small else "demo"
+        if not os.path.exists(os.path.join(self.dir["world"], "manifest.json")):
+            synthetic.write_world(self.dir["world"], preset, seed=0)
+        with open(os.path.join(self.dir["world"], "unsafe_words.txt"), "w") as f:
+            f.write("\n".join(synthetic.UNSAFE_WORDS) + "\n")
+        self.commands["world"] = (
+            f"python -c 'from flaxlm.data import synthetic; "
+            f'synthetic.write_world("{self.dir["world"]}", "{preset}")\''
+        )
+
+    def data(self):
+        from flaxlm.configs import preprocess_world
+        from flaxlm.data import preprocess
+
+        out = self.dir["data"]
+        world = self.dir["world"]
+        overrides = {
+            "clean.toxic_lists": f"default,{world}/unsafe_words.txt",
+            "dedup.decontam_paths": f"{world}/heldout_text.jsonl",
+        }
+        if self.small:
+            overrides["train_tokenizer_vocab"] = 512
+        self.commands["data"] = (
+            f"python -m flaxlm.data.preprocess --input {world}/pretrain.jsonl --output {out} "
+            "--config configs/preprocess_world.py "
+            + " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+        )
+        if os.path.exists(os.path.join(out, "report.json")):
+            return
+        cfg = _set(preprocess_world.get_config(), overrides)
+        preprocess.run([os.path.join(world, "pretrain.jsonl")], out, cfg)
+
+    def _train(self, stage: str, module, config_module, arg: str, overrides: dict):
+        cfg = _set(config_module.get_config(arg), overrides)
+        file = config_module.__name__.rsplit(".", 1)[-1] + ".py"
+        self.commands[stage] = _cli(file, arg, overrides, self.dir[stage])
+        module.run(cfg, self.dir[stage])
+
+    def _common(self, steps: int, evals: int = 2) -> dict:
+        return {"total_steps": steps, "ckpt_every": steps, "eval_every": max(steps // evals, 1),
+                "progress_bar": True, "async_ckpt": False}  # fmt: skip
+
+    def pretrain(self):
+        from flaxlm.configs import pretrain as config
+        from flaxlm.train import pretrain
+
+        steps = self.plan["pretrain_steps"]
+        vocab = 512 if self.small else 2048
+        self._train("pretrain", pretrain, config, "variant=tiny,data=text", {
+            **self._common(steps, evals=8),
+            "data.sources": os.path.join(self.dir["data"], "tokens"),
+            "data.eval_sources": os.path.join(self.dir["world"], "heldout_text.jsonl"),
+            "model.vocab_size": vocab, "batch_size": 32, "seq_len": 128, "log_every": 20,
+            "opt.lr": 3e-3, "opt.warmup_steps": max(steps // 20, 1),
+        })  # fmt: skip
+
+    def _world_data(self) -> dict:
+        preset = "small" if self.small else "demo"
+        return {"data.world": preset}
+
+    def sft(self):
+        from flaxlm.alignment import sft
+        from flaxlm.configs import sft as config
+
+        self._train("sft", sft, config, "variant=tiny", {
+            **self._common(self.plan["sft_steps"], evals=3), **self._world_data(),
+            "init_from": self.dir["pretrain"], "batch_size": 32, "log_every": 10,
+            "eval_gen.examples": self.plan["eval_examples"], "eval_gen.batch": 64,
+        })  # fmt: skip
+
+    def reward(self):
+        from flaxlm.alignment import reward
+        from flaxlm.configs import reward as config
+
+        self._train("reward", reward, config, "variant=tiny", {
+            **self._common(self.plan["reward_steps"], evals=2), **self._world_data(),
+            "init_from": self.dir["sft"], "batch_size": 32, "log_every": 10,
+        })  # fmt: skip
+
+    def dpo(self):
+        from flaxlm.alignment import dpo
+        from flaxlm.configs import dpo as config
+
+        self._train("dpo", dpo, config, "variant=tiny", {
+            **self._common(self.plan["dpo_steps"], evals=2), **self._world_data(),
+            "init_from": self.dir["sft"], "batch_size": 32, "log_every": 5,
+            "dpo.sft_coef": 1.0, "opt.lr": 5e-5,
+            "eval_gen.examples": self.plan["eval_examples"], "eval_gen.batch": 64,
+        })  # fmt: skip
+
+    def ppo(self):
+        from flaxlm.alignment import ppo
+        from flaxlm.configs import ppo as config
+
+        self._train("ppo", ppo, config, "variant=tiny", {
+            **self._common(self.plan["ppo_steps"], evals=2), **self._world_data(),
+            "init_from": self.dir["sft"], "reward_from": self.dir["reward"], "log_every": 4,
+            "opt.lr": 5e-5, "ppo.kl_coef": 0.1, "rollout.batch": 64, "batch_size": 16,
+            "rollout.heldout_prompts": 0,
+            "eval_gen.examples": self.plan["eval_examples"], "eval_gen.batch": 64,
+        })  # fmt: skip
+
+    def eval(self):
+        from flaxlm.demo_report import evaluate_all
+
+        self.commands["eval"] = (
+            f"python -m flaxlm.evaluation --checkpoint {self.dir['sft']} --world "
+            f"{self.dir['world']} --tasks ppl_heldout_text,mc_facts_heldout,gen_facts_heldout,"
+            "gen_instructions_heldout"
+        )
+        path = os.path.join(self.dir["eval"], "results.json")
+        if os.path.exists(path):
+            return
+        os.makedirs(self.dir["eval"], exist_ok=True)
+        results = evaluate_all(self.dir, limit=self.plan["eval_examples"])
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+    def report(self):
+        from flaxlm.demo_report import write_report
+
+        path = write_report(self.w, self.dir, self.commands, self.times, self.small)
+        print(f"\nreport: {path}")
+
+    # --- driver ---------------------------------------------------------------------------------
+    def _load(self, name: str) -> dict:
+        path = os.path.join(self.w, name)
+        return json.load(open(path)) if os.path.exists(path) else {}
+
+    def _save(self, name: str, value: dict):
+        with open(os.path.join(self.w, name), "w") as f:
+            json.dump(value, f, indent=1)
+
+    def run(self, stages=STAGES):
+        # Times and commands accumulate over invocations (a resumed demo reports every stage).
+        self.times, self.commands = self._load("times.json"), self._load("commands.json")
+        for stage in stages:
+            t0 = time.perf_counter()
+            print(f"\n=== {stage} ===", flush=True)
+            getattr(self, stage)()
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
+            self._save("times.json", self.times)
+            self._save("commands.json", self.commands)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo")
+    parser.add_argument("--runlocal", action="store_true", help="shrunk sizes (tests)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma list to run")
+    parser.add_argument("--plan", default="", help="size overrides, e.g. sft_steps=60,ppo_steps=96")
     args = parser.parse_args(argv)
-    workdir = os.path.abspath(args.workdir)
-    config = pretrain_config.get_config("variant=tiny,runlocal=True")
-    _, summary = pretrain.run(config, os.path.join(workdir, "pretrain"))
-    recs = [r for r in read_metrics(os.path.join(workdir, "pretrain")) if "eval/nll" in r]
-    print("\nheld-out loss during pretraining:")
-    for r in recs:
-        print(f"  step {r['step']:5d}  nll {r['eval/nll']:.4f}  ppl {r['eval/perplexity']:.2f}")
-    print(f"\noutputs: {workdir}/pretrain (metrics.jsonl, tb/, checkpoints/)")
+    logging.getLogger("flaxlm").setLevel(logging.WARNING)
+    os.makedirs(args.workdir, exist_ok=True)
+    plan = dict(kv.split("=", 1) for kv in args.plan.split(",") if kv)
+    Demo(args.workdir, args.runlocal, plan).run(args.stages.split(","))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+
 from flaxlm.data import synthetic as S
 from flaxlm.data.synthetic_judge import judge_parts
 from flaxlm.data.synthetic_noise import jaccard
@@ -87,17 +88,27 @@ def test_sft_heldout_items_disjoint_from_sft_train(demo):
 def test_sft_format(demo):
     roles = collections.Counter()
     n_multiturn = n_system = 0
+    noise = collections.Counter()
     for row in demo.sft_train:
         msgs = row["messages"]
         assert msgs[-1]["role"] == "assistant" and msgs[-2]["role"] == "user"
-        assert msgs[-1]["content"] == S.format_answer(row["meta"]["answer"])
-        assert S.judge(row["meta"], msgs[-1]["content"]) == pytest.approx(1.0)
+        kind = row["meta"].get("noise")
+        noise[kind] += 1
+        score = S.judge(row["meta"], msgs[-1]["content"])
+        if kind is None:
+            assert msgs[-1]["content"] == S.format_answer(row["meta"]["answer"])
+            assert score == pytest.approx(1.0)
+        else:  # noisy demonstrations: the right answer, but rambling or rude: judged worse
+            assert row["meta"]["answer"] in msgs[-1]["content"]
+            assert score < 0.9 and (kind != "unsafe" or score < 0)
         roles.update(m["role"] for m in msgs)
         n_system += msgs[0]["role"] == "system"
         n_multiturn += sum(m["role"] == "user" for m in msgs) > 1
     assert set(roles) == {"system", "user", "assistant"}
     assert 0.1 < n_system / len(demo.sft_train) < 0.3
     assert 0.1 < n_multiturn / len(demo.sft_train) < 0.3
+    frac = (noise["rambling"] + noise["unsafe"]) / len(demo.sft_train)
+    assert abs(frac - demo.config.sft_noise_frac) < 0.03 and noise["rambling"] and noise["unsafe"]
     tasks = collections.Counter(r["meta"]["task"] for r in demo.sft_train)
     assert set(tasks) == {"attribute", "arithmetic", "reverse", "sort"}
 

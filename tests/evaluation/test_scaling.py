@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+
 from flaxlm.evaluation.scaling import (
     compute_optimal,
     fit_parametric,

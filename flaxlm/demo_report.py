@@ -1,0 +1,261 @@
+"""The demo's evaluation of every checkpoint and its report (report.md + PNG plots).
+
+Every policy checkpoint (pretrain, SFT, DPO, PPO) is evaluated the same way with the evaluation
+harness on the world's held-out tasks; responses to held-out instructions are also scored by the
+demo's reward model, and the post-SFT policies' KL to the SFT model is estimated on samples:
+    KL(π ‖ π_SFT) ≈ mean over prompts of Σ_t [log π(y_t | ·) − log π_SFT(y_t | ·)],  y ~ π
+(the k1 estimator per sequence, nats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+POLICIES = ("pretrain", "sft", "dpo", "ppo")
+TASKS = ("ppl_heldout_text", "mc_facts_heldout", "gen_facts_heldout", "gen_instructions_heldout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _reward_scorer(run_dir: str, tok):
+    from flaxlm.alignment.rl_common import load_scalar_params
+    from flaxlm.evaluation.winrate import reward_model_scorer
+    from flaxlm.models.config import ModelConfig
+    from flaxlm.models.heads import scalar_model_fns
+    from flaxlm.train.checkpoint import read_meta
+    from flaxlm.train.state import unbox
+
+    cfg = ModelConfig.from_dict(read_meta(run_dir)[1]["model_config"])
+    init, _ = scalar_model_fns(cfg)
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+        unbox(jax.eval_shape(init, jax.random.PRNGKey(0))),
+    )
+    return reward_model_scorer(cfg, load_scalar_params(run_dir, target), tok, batch_size=64)
+
+
+def sequence_kl(
+    cfg,
+    params,
+    ref_params,
+    prompts: list[list[int]],
+    stop_tokens,
+    pad_id,
+    max_new_tokens: int = 24,
+    seed: int = 0,
+) -> float:
+    """Mean per-sequence KL(π ‖ π_ref) in nats from one sample of π per prompt (k1)."""
+    from flaxlm.models.decode import generate
+    from flaxlm.models.transformer import forward
+    from flaxlm.train.losses import token_logprobs
+
+    out = generate(cfg, params, prompts, max_new_tokens=max_new_tokens,
+                   rng=jax.random.PRNGKey(seed), temperature=1.0, stop_tokens=stop_tokens,
+                   pad_id=pad_id)  # fmt: skip
+    toks, logp, mask, lengths = jax.device_get(tuple(out))
+    kls = []
+    for p, t, lp, m, n in zip(prompts, toks, logp, mask, lengths):
+        seq = np.asarray(list(p) + list(t[:n]), np.int32)[None]
+        ref = token_logprobs(forward(cfg, ref_params, seq[:, :-1]), jnp.asarray(seq[:, 1:]))
+        ref = np.asarray(ref)[0, len(p) - 1 :]
+        kls.append(float(((lp[:n] - ref[:n]) * m[:n]).sum()))
+    return float(np.mean(kls))
+
+
+def evaluate_all(dirs: dict, limit: int) -> dict:
+    """{policy: {metric: value}} for every policy run in `dirs` that has a checkpoint."""
+    from flaxlm.alignment.common import load_policy
+    from flaxlm.data.formats import ChatTemplate, render_chat
+    from flaxlm.data.tokenizer import Tokenizer
+    from flaxlm.evaluation.harness import Evaluator
+    from flaxlm.evaluation.tasks import read_examples, world_tasks
+
+    specs = world_tasks(dirs["world"])
+    results, sft_params, rm = {}, None, None
+    for name in POLICIES:
+        if not os.path.isdir(os.path.join(dirs[name], "checkpoints")):
+            continue
+        cfg, params, meta = load_policy(dirs[name])
+        tok = Tokenizer.load(meta["tokenizer"])
+        if rm is None and os.path.isdir(os.path.join(dirs["reward"], "checkpoints")):
+            rm = _reward_scorer(dirs["reward"], tok)
+        ev = Evaluator(cfg, params, tok, gen_batch_size=64)
+        chat = name != "pretrain"  # post-trained models answer in the chat template
+        row = {}
+        for task in TASKS:
+            spec = specs[task]
+            if spec.type == "generation" and chat:
+                spec = dataclasses.replace(spec, chat=True, num_fewshot=0)
+            r = ev.run(spec, limit=None if spec.type == "perplexity" else limit)
+            for k, v in r["metrics"].items():
+                row[f"{task}/{k}"] = v
+            if task == "gen_instructions_heldout" and rm is not None:
+                questions = [ex.fields["prompt"] for ex in read_examples(spec, limit=limit)]
+                responses = [s["response"] for s in r["samples"]]
+                row["rm_score"] = float(np.mean(rm(questions, responses)))
+        if name == "sft":
+            sft_params = params
+        elif chat and sft_params is not None:
+            template = ChatTemplate(tok)
+            spec = specs["gen_instructions_heldout"]
+            prompts = [render_chat([{"role": "user", "content": ex.fields["prompt"]}], template,
+                                   add_generation_prompt=True)[0]
+                       for ex in read_examples(spec, limit=limit)]  # fmt: skip
+            row["kl_to_sft"] = sequence_kl(cfg, params, sft_params, prompts,
+                                           (template.end_id,), tok.pad_id)  # fmt: skip
+        results[name] = row
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _records(run_dir: str) -> list[dict]:
+    from flaxlm.train.metrics import read_metrics
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return read_metrics(path) if os.path.exists(path) else []
+
+
+def _curve(recs, key):
+    pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+    return list(zip(*pts)) if pts else ([], [])
+
+
+def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    pt = _records(dirs["pretrain"])
+    axes[0].plot(*_curve(pt, "loss"), label="train loss")
+    axes[0].plot(*_curve(pt, "eval/nll"), "o-", label="held-out nll")
+    axes[0].set_title("pretraining")
+    for stage in ("sft", "reward", "dpo", "ppo"):
+        axes[1].plot(*_curve(_records(dirs[stage]), "loss"), label=stage)
+    axes[1].set_title("post-training losses")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+    paths.append(os.path.join(workdir, "losses.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    ppo = _records(dirs["ppo"])
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    ax[0].plot(*_curve(ppo, "rollout/score_mean"), label="reward-model score")
+    ax[0].plot(*_curve(ppo, "rollout/reward_mean"), label="reward − β·KL")
+    ax[0].set_title("PPO rollouts")
+    ax[1].plot(*_curve(ppo, "rollout/kl"), color="C3", label="KL to reference (nats/seq)")
+    ax[1].set_title("PPO KL")
+    for a in ax:
+        a.set_xlabel("step")
+        a.legend()
+    paths.append(os.path.join(workdir, "ppo.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    metrics = [("mc_facts_heldout/acc", "MC facts (held-out people)"),
+               ("gen_facts_heldout/correct", "facts from pretraining only"),
+               ("gen_instructions_heldout/correct", "held-out instructions")]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    names = [n for n in POLICIES if n in results]
+    width = 0.8 / len(metrics)
+    for i, (key, label) in enumerate(metrics):
+        vals = [results[n].get(key, 0.0) for n in names]
+        ax.bar(np.arange(len(names)) + i * width, vals, width, label=label)
+    ax.set_xticks(np.arange(len(names)) + width, names)
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy per stage")
+    ax.legend(fontsize=8)
+    paths.append(os.path.join(workdir, "accuracy.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+ROWS = [
+    ("ppl_heldout_text/ppl", "held-out text perplexity", "{:.2f}"),
+    ("mc_facts_heldout/acc", "multiple choice, held-out people's facts (chance 0.25)", "{:.3f}"),
+    ("gen_facts_heldout/correct", "answers about people seen only in pretraining", "{:.3f}"),
+    ("gen_instructions_heldout/correct", "held-out instructions: accuracy", "{:.3f}"),
+    ("gen_instructions_heldout/judge", "held-out instructions: judge score", "{:.3f}"),
+    ("rm_score", "held-out instructions: reward-model score", "{:.2f}"),
+    ("kl_to_sft", "KL to the SFT model (nats / response)", "{:.3f}"),
+]
+
+
+def _last_eval(run_dir: str) -> dict:
+    evals = [r for r in _records(run_dir) if any(k.startswith("eval/") for k in r)]
+    return {**evals[0], **evals[-1]} if evals else {}
+
+
+def write_report(workdir: str, dirs: dict, commands: dict, times: dict, small: bool) -> str:
+    with open(os.path.join(dirs["eval"], "results.json")) as f:
+        results = json.load(f)
+    names = [n for n in POLICIES if n in results]
+    lines = ["# flaxlm demo report", ""]
+    if small:
+        lines += ["**runlocal** run (shrunk sizes for tests): numbers are not meaningful.", ""]
+    lines += ["Every column is a checkpoint of this run, evaluated the same way on held-out data",
+              "(greedy answers scored by the world's judge; the pretrained model is prompted with",
+              "3 worked examples, the others with the chat template).", "",
+              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+    for key, label, fmt in ROWS:
+        cells = [fmt.format(results[n][key]) if key in results[n] else "–" for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    rm = _last_eval(dirs["reward"])
+    dpo = _last_eval(dirs["dpo"])
+    ppo = _records(dirs["ppo"])
+    kl = [r["rollout/kl"] for r in ppo if "rollout/kl" in r]
+    score = [r["rollout/score_mean"] for r in ppo if "rollout/score_mean" in r]
+    lines += ["", "Stage-specific:", ""]
+    if rm:
+        lines.append(f"- reward model: held-out pairwise accuracy {rm.get('eval/accuracy', 0):.3f}"
+                     f" (correct vs wrong {rm.get('eval/acc_correct_vs_wrong', 0):.2f}, "
+                     f"well-formed vs rambling {rm.get('eval/acc_formed_vs_rambling', 0):.2f}, "
+                     f"safe vs unsafe {rm.get('eval/acc_safe_vs_unsafe', 0):.2f})")  # fmt: skip
+    if dpo:
+        lines.append(f"- DPO: held-out preference accuracy (implicit reward) "
+                     f"{dpo.get('eval/accuracy', 0):.3f}")  # fmt: skip
+    if score:
+        lines.append(f"- PPO: reward-model score of rollouts {score[0]:.2f} → {score[-1]:.2f}; "
+                     f"KL to the reference at the end {kl[-1]:.3f} nats/response")  # fmt: skip
+    report_path = os.path.join(dirs["data"], "report.json")
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            data = json.load(f)
+        lines += ["", "Data (documents in → out per stage, with the reasons for removal):", ""]
+        for st in data.get("stages", []):
+            if st.get("in") is None:
+                continue
+            removed = ", ".join(f"{k} {v}" for k, v in st.get("removed", {}).items())
+            lines.append(f"- {st['stage']}: {st.get('in')} → {st.get('out')}"
+                         + (f" ({removed})" if removed else ""))  # fmt: skip
+        pii = next((st.get("pii_redacted") for st in data["stages"] if st["stage"] == "clean"), {})
+        lines.append(f"- {data.get('tokens', 0):,} tokens written; PII redacted: {pii}")
+    lines += ["", "![losses](losses.png)", "![ppo](ppo.png)", "![accuracy](accuracy.png)", "",
+              "## Commands (each stage alone)", ""]  # fmt: skip
+    lines += [f"- **{k}**: `{v}`" for k, v in commands.items()]
+    lines += ["", "## Wall time (s)", "", json.dumps({k: round(v) for k, v in times.items()})]
+    _plots(workdir, dirs, results)
+    path = os.path.join(workdir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
