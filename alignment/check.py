@@ -26,6 +26,7 @@ from flaxlm.alignment import reward, sft
 from flaxlm.configs import pretrain as pretrain_config
 from flaxlm.configs import reward as reward_config
 from flaxlm.configs import sft as sft_config
+from flaxlm.configs.common import override
 from flaxlm.train import pretrain
 from flaxlm.train.metrics import read_metrics
 
@@ -36,17 +37,6 @@ PLANS = {
     "mini": (1200, 2e-3, 300, 150),
     "small": (1500, 1e-3, 300, 150),
 }
-
-
-def _set(c, **kw):
-    with c.unlocked():
-        for key, value in kw.items():
-            node = c
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
-    return c
 
 
 def _evals(workdir: str) -> list[dict]:
@@ -61,26 +51,26 @@ def run_stages(workdir: str, variant: str, batch: int) -> dict:
     times = {}
 
     c = pretrain_config.get_config(f"variant={variant},data=text")
-    _set(c, **common, total_steps=pt_steps, batch_size=batch, seq_len=128, eval_every=pt_steps,
-         ckpt_every=pt_steps, eval_at_start=False, **{"opt.lr": pt_lr,
-         "opt.warmup_steps": pt_steps // 20})  # fmt: skip
+    override(c, {**common, "total_steps": pt_steps, "batch_size": batch, "seq_len": 128,
+                 "eval_every": pt_steps, "ckpt_every": pt_steps, "eval_at_start": False,
+                 "opt.lr": pt_lr, "opt.warmup_steps": pt_steps // 20})  # fmt: skip
     t = time.perf_counter()
     pretrain.run(c, dirs["pretrain"])
     times["pretrain_s"] = time.perf_counter() - t
 
     c = sft_config.get_config(f"variant={variant}")
-    _set(c, **common, total_steps=sft_steps, batch_size=batch, seq_len=128,
-         eval_every=sft_steps, ckpt_every=sft_steps, init_from=dirs["pretrain"],
-         **{"eval_gen.examples": 200, "eval_gen.batch": 100, "eval_gen.max_new_tokens": 16,
-            "opt.lr": lr, "opt.warmup_steps": 10})  # fmt: skip
+    override(c, {**common, "total_steps": sft_steps, "batch_size": batch, "seq_len": 128,
+                 "eval_every": sft_steps, "ckpt_every": sft_steps, "init_from": dirs["pretrain"],
+                 "eval_gen.examples": 200, "eval_gen.batch": 100, "eval_gen.max_new_tokens": 16,
+                 "opt.lr": lr, "opt.warmup_steps": 10})  # fmt: skip
     t = time.perf_counter()
     sft.run(c, dirs["sft"])
     times["sft_s"] = time.perf_counter() - t
 
     c = reward_config.get_config(f"variant={variant}")
-    _set(c, **common, total_steps=rm_steps, batch_size=batch, seq_len=128,
-         eval_every=rm_steps, ckpt_every=rm_steps, init_from=dirs["sft"],
-         **{"opt.lr": lr, "opt.warmup_steps": 10})  # fmt: skip
+    override(c, {**common, "total_steps": rm_steps, "batch_size": batch, "seq_len": 128,
+                 "eval_every": rm_steps, "ckpt_every": rm_steps, "init_from": dirs["sft"],
+                 "opt.lr": lr, "opt.warmup_steps": 10})  # fmt: skip
     t = time.perf_counter()
     reward.run(c, dirs["reward"])
     times["reward_s"] = time.perf_counter() - t

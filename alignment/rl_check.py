@@ -46,25 +46,16 @@ import subprocess
 import sys
 import time
 
+from flaxlm.configs.common import override
+
 KL_BOUND = 2.0  # nats per sequence
 COMMON = {"progress_bar": False, "eval_at_start": True, "log_every": 4}
-
-
-def _set(c, overrides: dict):
-    with c.unlocked():
-        for key, value in overrides.items():
-            node = c
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
-    return c
 
 
 def ppo_config(chain: str, sft: str):
     from flaxlm.configs import ppo
 
-    return _set(ppo.get_config("variant=mini"), {
+    return override(ppo.get_config("variant=mini"), {
         **COMMON, "init_from": f"{chain}/{sft}", "reward_from": f"{chain}/rm",
         "total_steps": 96, "eval_every": 96, "batch_size": 16, "rollout.batch": 64,
         "rollout.epochs": 2, "opt.lr": 1e-4, "opt.warmup_steps": 4, "ppo.kl_coef": 0.05,
@@ -76,7 +67,7 @@ def dpo_config(chain: str, sft: str, sft_coef: float = 1.0, lr: float = 1e-4):
     """Sigmoid DPO with the RPO term (see alignment/dpo.py and the module docstring)."""
     from flaxlm.configs import dpo
 
-    return _set(dpo.get_config("variant=mini"), {
+    return override(dpo.get_config("variant=mini"), {
         **COMMON, "init_from": f"{chain}/{sft}", "total_steps": 60, "eval_every": 60,
         "batch_size": 16, "opt.lr": lr, "dpo.sft_coef": sft_coef, "eval_gen.examples": 300,
     })  # fmt: skip
@@ -93,7 +84,7 @@ def grpo_config(chain: str, sft: str):
     # 800 of the 1000 prompts (whole questions) held out: GRPO trains on ~200 prompts, each
     # seen ~2 times, and is evaluated on those (rl_train), on unseen questions of the same
     # kind (rl_heldout) and on the world's held-out questions (sft_heldout).
-    return _set(grpo.get_config("variant=mini"), {
+    return override(grpo.get_config("variant=mini"), {
         **COMMON, "init_from": f"{chain}/{sft}", "total_steps": 96, "eval_every": 96,
         "batch_size": 32, "rollout.batch": 128, "grpo.group_size": 8, "opt.lr": 3e-5,
         "opt.warmup_steps": 4, "rollout.heldout_prompts": 800, "eval_gen.examples": 300,
@@ -281,7 +272,8 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
         t0 = time.perf_counter()
         config = make_config(args.chain, args.sft)
-        config = _set(config, {"seed": args.seed, "ckpt_every": config.total_steps, **overrides})
+        run_overrides = {"seed": args.seed, "ckpt_every": config.total_steps, **overrides}
+        config = override(config, run_overrides)
         importlib.import_module(module).run(config, workdir)
         print(f"{name.upper()} ({time.perf_counter() - t0:.0f} s, {workdir})", flush=True)
         results[name] = []

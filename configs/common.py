@@ -31,6 +31,23 @@ def _convert(value: str, like):
     return value
 
 
+def override(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets {"a.b": value} on a locked config in place (and returns it) — the Python-side twin of
+    `--config.a.b=value`: the key must already exist, so a typo fails naming the key."""
+    with c.unlocked():
+        for key, value in overrides.items():
+            node = c
+            *path, last = key.split(".")
+            for p in path:
+                if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+                    raise KeyError(f"config has no key {key!r} (no section {p!r})")
+                node = node[p]
+            if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+                raise KeyError(f"config has no key {key!r}")
+            node[last] = value
+    return c
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """Parses "k=v,k2=v2" into a ConfigDict typed like `defaults`; unknown keys are errors."""
     out = ml_collections.ConfigDict(defaults)

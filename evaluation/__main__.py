@@ -31,6 +31,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="chat-template prompts for every task (on/off); auto: on for a "
                    "post-trained checkpoint (meta task not pretrain), else per task")  # fmt: skip
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="generation tasks: sample at this temperature (default: each task's)",
+    )
+    p.add_argument(
+        "--num_samples",
+        type=int,
+        default=None,
+        help="generation tasks: samples per prompt (needs --temperature > 0)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per scoring batch")
     p.add_argument("--samples", action="store_true", help="include per-example outputs in JSON")
     return p
@@ -89,11 +102,17 @@ def main(argv: list[str] | None = None) -> dict:
     if chat is not None:
         overrides["chat"] = chat
     specs = [s.replace(**overrides) for s in specs]
+    sampling = {k: v for k, v in (("temperature", args.temperature),
+                                  ("num_samples", args.num_samples)) if v is not None}  # fmt: skip
+    try:
+        specs = [s.replace(**sampling) if s.type == "generation" else s for s in specs]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
     tok_path = tokenizer_path(args.tokenizer, meta, args.checkpoint)
     tok = Tokenizer.load(tok_path)
     cfg, params, _ = load_model(args.checkpoint, step)
-    ev = Evaluator(cfg, params, tok, batch_tokens=args.batch_tokens)
+    ev = Evaluator(cfg, params, tok, batch_tokens=args.batch_tokens, seed=args.seed)
 
     results = {}
     for spec in specs:

@@ -1,4 +1,5 @@
-"""Generation tasks: generate greedily from each prompt and score the text.
+"""Generation tasks: generate from each prompt (greedy, or `num_samples` samples at
+`temperature`) and score the text.
 
 Scoring (`TaskSpec.scoring`):
     exact_match  the response (cut at the first stop string) equals the gold answer after
@@ -6,10 +7,12 @@ Scoring (`TaskSpec.scoring`):
     regex        `answer_regex` extracts the answer from the response (group 1, or the whole
                  match; the first or last match per `regex_select`), then exact match
     judge        the built-in world's rule-based judge, `judge(meta, response)`; also reports
-                 `correct` (the judge's strict correctness)
+                 `correct` (the judge's strict correctness), `well_formed` (exactly "The answer
+                 is X.") and `unsafe` (an unsafe word), the rates an alignment stage moves
 
 Prompts come from prompts.encode_prompt (zero- or k-shot, plain or chat). The model is reached
-through a `GenerateFn`, `(prompt_ids, max_new_tokens) -> new ids per prompt`;
+through a `GenerateFn`, `(prompt_ids, max_new_tokens[, temperature]) -> new ids per prompt`
+(temperature is passed only by sampled tasks, so a greedy stand-in needs two arguments);
 `make_generate_fn` builds one over `flaxlm.models.decode.generate`, and tests pass a fake to
 check the scoring path on its own.
 """
@@ -25,7 +28,7 @@ import numpy as np
 
 from flaxlm.evaluation.tasks import Example, TaskSpec
 
-GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
+GenerateFn = Callable[..., list[list[int]]]
 
 _PUNCT = re.escape(string.punctuation)
 
@@ -74,20 +77,28 @@ def score_response(spec: TaskSpec, fields: dict, response: str) -> dict[str, flo
         got = extract_answer(response, spec.answer_regex, spec.regex_select)
         hit = got is not None and normalize_answer(got, spec.normalize) == gold
         return {"exact_match": float(hit), "extracted": float(got is not None)}
-    from flaxlm.data.synthetic_judge import is_correct, judge
+    from flaxlm.data.synthetic_judge import is_correct, is_unsafe, is_well_formed, judge
 
     meta = fields["meta"]
-    return {"judge": float(judge(meta, response)), "correct": float(is_correct(meta, response))}
+    return {
+        "judge": float(judge(meta, response)),
+        "correct": float(is_correct(meta, response)),
+        "well_formed": float(is_well_formed(response)),
+        "unsafe": float(is_unsafe(response)),
+    }
 
 
 def make_generate_fn(
     cfg, params, *, batch_size: int = 32, seed: int = 0, stop_tokens=(), pad_id: int = 0
 ) -> GenerateFn:
-    """A GenerateFn over `flaxlm.models.decode.generate` (greedy), in batches of prompts sorted
-    by length so each batch pads little."""
+    """A GenerateFn over `flaxlm.models.decode.generate`, in batches of prompts sorted by length
+    so each batch pads little. Sampling draws batch b's tokens from fold_in(PRNGKey(seed), b):
+    the same seed and prompts give the same samples."""
     from flaxlm.models.decode import generate
 
-    def fn(prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def fn(
+        prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0
+    ) -> list[list[int]]:
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         out: list[list[int]] = [[] for _ in prompt_ids]
         pos = 0
@@ -103,8 +114,8 @@ def make_generate_fn(
                 params,
                 rows,
                 max_new_tokens=max_new_tokens,
-                rng=jax.random.PRNGKey(seed),
-                temperature=0.0,
+                rng=jax.random.fold_in(jax.random.PRNGKey(seed), pos),
+                temperature=temperature,
                 stop_tokens=tuple(stop_tokens),
                 pad_id=pad_id,
             )
@@ -114,6 +125,17 @@ def make_generate_fn(
         return out
 
     return fn
+
+
+def _response_text(new: list[int], tok, stops: Sequence[str], stop_tokens: Sequence[int]) -> str:
+    """New token ids → the response: cut at a stop token, decoded, cut at a stop string."""
+    for j, t in enumerate(new):
+        # A model's vocabulary may be larger than its tokenizer's; an id past the tokenizer
+        # (never seen in training, so only from an undertrained model) ends the response.
+        if t in stop_tokens or not 0 <= t < tok.vocab_size:
+            new = new[:j]
+            break
+    return truncate_at_stop(tok.decode(new), stops).strip()
 
 
 def generation(
@@ -135,26 +157,37 @@ def generation(
       stop_tokens: ids that end a response (EOS, the chat end token; also any id the tokenizer
         does not have); the text after them is dropped before the stop strings apply.
     Returns:
-      (metrics, samples): mean of each score plus n; per example prompt, response, answer and
-      scores.
+      (metrics, samples): mean of each score plus n; per example prompt, response (the first
+      sample), responses (all k, when k > 1), answer and scores (means over the k samples).
     """
     ids = [p if len(p) <= max_prompt_len else p[:1] + p[len(p) - max_prompt_len + 1 :]
            for _, p in prompts]  # fmt: skip
-    outs = generate_fn(ids, spec.max_new_tokens)
+    k = spec.num_samples
+    if spec.temperature > 0:  # each prompt k times in a row; one decoder call for all
+        outs = generate_fn([p for p in ids for _ in range(k)], spec.max_new_tokens,
+                           temperature=spec.temperature)  # fmt: skip
+    else:
+        outs = generate_fn(ids, spec.max_new_tokens)
+    if len(outs) != len(ids) * k:
+        raise ValueError(f"task {spec.name!r}: the decoder returned {len(outs)} responses for "
+                         f"{len(ids)} prompts x {k} samples")  # fmt: skip
     samples, sums = [], {}
-    for ex, (prompt, _), new in zip(examples, prompts, outs, strict=True):
-        for j, t in enumerate(new):
-            # A model's vocabulary may be larger than its tokenizer's; an id past the tokenizer
-            # (never seen in training, so only from an undertrained model) ends the response.
-            if t in stop_tokens or not 0 <= t < tok.vocab_size:
-                new = new[:j]
-                break
-        response = truncate_at_stop(tok.decode(new), spec.stop).strip()
-        scores = score_response(spec, ex.fields, response)
-        for k, v in scores.items():
-            sums[k] = sums.get(k, 0.0) + v
-        samples.append({"source": ex.source, "prompt": prompt, "response": response,
-                        "answer": ex.fields["answer"], "scores": scores})  # fmt: skip
-    metrics = {k: v / max(len(samples), 1) for k, v in sums.items()}
+    for i, (ex, (prompt, _)) in enumerate(zip(examples, prompts, strict=True)):
+        responses = [_response_text(new, tok, spec.stop, stop_tokens)
+                     for new in outs[i * k : (i + 1) * k]]  # fmt: skip
+        per = [score_response(spec, ex.fields, r) for r in responses]
+        scores = {name: float(np.mean([s[name] for s in per])) for name in per[0]}
+        if k > 1:
+            for name in ("correct", "exact_match"):
+                if name in scores:
+                    scores[f"pass@{k}"] = float(max(s[name] for s in per))
+        for name, v in scores.items():
+            sums[name] = sums.get(name, 0.0) + v
+        row = {"source": ex.source, "prompt": prompt, "response": responses[0],
+               "answer": ex.fields["answer"], "scores": scores}  # fmt: skip
+        if k > 1:
+            row["responses"] = responses
+        samples.append(row)
+    metrics = {name: v / max(len(samples), 1) for name, v in sums.items()}
     metrics["n"] = len(samples)
     return metrics, samples

@@ -79,6 +79,9 @@ class TaskSpec:
     normalize: str = "basic"  # none | basic (case, spaces, outer punctuation) | number
     stop: tuple = ("\n\n",)  # generation ends at the first of these strings
     max_new_tokens: int = 64  # generation budget per example
+    temperature: float = 0.0  # generation: 0 = greedy; > 0 samples at this temperature
+    num_samples: int = 1  # generation: samples per prompt (temperature > 0); scores are their
+    # mean, and a 0/1 score (correct, exact_match) also gets pass@k: any of the k samples
     chat: bool = False  # render prompts with the chat template (an instruction-tuned model)
     max_len: int = 0  # perplexity window in tokens (0 = the model's max_seq_len)
     stride: int = 0  # perplexity: tokens between window starts (0 = max_len, no overlap)
@@ -101,6 +104,10 @@ class TaskSpec:
                     re.compile(pat)
                 except re.error as e:
                     raise ValueError(f"{where}: bad regex {pat!r}: {e}") from None
+        if self.temperature < 0 or self.num_samples < 1:
+            raise ValueError(f"{where}: temperature must be >= 0 and num_samples >= 1")
+        if self.num_samples > 1 and self.temperature == 0:
+            raise ValueError(f"{where}: num_samples > 1 needs temperature > 0 (greedy repeats)")
         if self.num_fewshot < 0 or self.stride < 0 or self.max_len < 0:
             raise ValueError(f"{where}: num_fewshot, max_len and stride must be >= 0")
         known = set(REQUIRED[self.type]) | set(OPTIONAL)

@@ -11,6 +11,8 @@ Stages (each is a normal config under configs/, printed as the command that runs
   reward    a reward model from the SFT model on preference pairs       (configs/reward.py)
   dpo       DPO (+ chosen-answer NLL, "RPO") from the SFT model          (configs/dpo.py)
   ppo       PPO from the SFT model against the reward model             (configs/ppo.py)
+  grpo      GRPO from the SFT model with verifiable rewards (exact match + format)
+                                                                        (configs/grpo.py)
   eval      every checkpoint on the same held-out tasks (flaxlm.evaluation)
   report    WORKDIR/report.md with a table per stage and PNG plots
 Re-running resumes: finished stages are skipped (their checkpoints are complete) and an
@@ -25,9 +27,10 @@ import logging
 import os
 import time
 
+from flaxlm.configs.common import override
 from flaxlm.data import synthetic
 
-STAGES = ("world", "data", "pretrain", "sft", "reward", "dpo", "ppo", "eval", "report")
+STAGES = ("world", "data", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "eval", "report")
 
 # Stage sizes: (full, runlocal). Steps are optimizer steps; the full sizes fit ≈15 minutes on 2
 # CPU cores with the tiny model (2 layers, d=64, vocab 2048: ≈0.4M parameters).
@@ -35,24 +38,11 @@ PLAN = {
     "pretrain_steps": (800, 30),
     "sft_steps": (120, 12),
     "reward_steps": (120, 8),
-    "dpo_steps": (60, 6),
-    "ppo_steps": (48, 4),
+    "dpo_steps": (100, 6),
+    "ppo_steps": (128, 4),
+    "grpo_steps": (96, 4),
     "eval_examples": (132, 16),
 }
-
-
-def _set(c, overrides: dict):
-    """Applies {"a.b": v} overrides to a locked ConfigDict (existing keys only)."""
-    with c.unlocked():
-        for key, value in overrides.items():
-            node = c
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            if last not in node:
-                raise KeyError(f"demo: config has no key {key!r}")
-            node[last] = value
-    return c
 
 
 def _cli(config_file: str, arg: str, overrides: dict, workdir: str) -> str:
@@ -105,11 +95,11 @@ class Demo:
         )
         if os.path.exists(os.path.join(out, "report.json")):
             return
-        cfg = _set(preprocess_world.get_config(), overrides)
+        cfg = override(preprocess_world.get_config(), overrides)
         preprocess.run([os.path.join(world, "pretrain.jsonl")], out, cfg)
 
     def _train(self, stage: str, module, config_module, arg: str, overrides: dict):
-        cfg = _set(config_module.get_config(arg), overrides)
+        cfg = override(config_module.get_config(arg), overrides)
         file = config_module.__name__.rsplit(".", 1)[-1] + ".py"
         self.commands[stage] = _cli(file, arg, overrides, self.dir[stage])
         module.run(cfg, self.dir[stage])
@@ -178,13 +168,28 @@ class Demo:
             "eval_gen.examples": self.plan["eval_examples"], "eval_gen.batch": 64,
         })  # fmt: skip
 
+    def grpo(self):
+        from flaxlm.alignment import grpo
+        from flaxlm.configs import grpo as config
+
+        self._train("grpo", grpo, config, "variant=tiny", {
+            **self._common(self.plan["grpo_steps"], evals=2), **self._world_data(),
+            "init_from": self.dir["sft"], "log_every": 4, "grpo.rewards": "exact_match,format:0.2",
+            "opt.lr": 1e-4, "rollout.batch": 128, "batch_size": 16,
+            "rollout.heldout_prompts": self.plan["eval_examples"],
+            "eval_gen.examples": self.plan["eval_examples"], "eval_gen.batch": 64,
+        })  # fmt: skip
+
     def eval(self):
         from flaxlm.demo_report import evaluate_all
 
+        ev = "python -m flaxlm.evaluation --checkpoint {} --world {}".format(
+            self.dir["sft"], self.dir["world"]
+        )
         self.commands["eval"] = (
-            f"python -m flaxlm.evaluation --checkpoint {self.dir['sft']} --world "
-            f"{self.dir['world']} --tasks ppl_heldout_text,mc_facts_heldout,gen_facts_heldout,"
-            "gen_instructions_heldout"
+            f"{ev} --tasks ppl_heldout_text,mc_facts_heldout,gen_facts_heldout,"
+            f"gen_instructions_heldout && {ev} --tasks gen_instructions_heldout --temperature 1 "
+            "--num_samples 4"
         )
         path = os.path.join(self.dir["eval"], "results.json")
         if os.path.exists(path):

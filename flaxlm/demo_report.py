@@ -1,8 +1,10 @@
 """The demo's evaluation of every checkpoint and its report (report.md + PNG plots).
 
-Every policy checkpoint (pretrain, SFT, DPO, PPO) is evaluated the same way with the evaluation
-harness on the world's held-out tasks; responses to held-out instructions are also scored by the
-demo's reward model, and the post-SFT policies' KL to the SFT model is estimated on samples:
+Every policy checkpoint (pretrain, SFT, DPO, PPO, GRPO) is evaluated the same way with the
+evaluation harness on the world's held-out tasks; responses to held-out instructions are also
+scored by the demo's reward model and, for the chat models, sampled (temperature 1, SAMPLES per
+prompt: what preference tuning changes shows in samples, while greedy answers take the SFT
+model's mode); the post-SFT policies' KL to the SFT model is estimated on samples:
     KL(π ‖ π_SFT) ≈ mean over prompts of Σ_t [log π(y_t | ·) − log π_SFT(y_t | ·)],  y ~ π
 (the k1 estimator per sequence, nats).
 """
@@ -17,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-POLICIES = ("pretrain", "sft", "dpo", "ppo")
+POLICIES = ("pretrain", "sft", "dpo", "ppo", "grpo")
 TASKS = ("ppl_heldout_text", "mc_facts_heldout", "gen_facts_heldout", "gen_instructions_heldout")
+SAMPLED = "gen_instructions_sampled"  # gen_instructions_heldout at temperature 1
+SAMPLES = 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +106,12 @@ def evaluate_all(dirs: dict, limit: int) -> dict:
                 questions = [ex.fields["prompt"] for ex in read_examples(spec, limit=limit)]
                 responses = [s["response"] for s in r["samples"]]
                 row["rm_score"] = float(np.mean(rm(questions, responses)))
+        if chat:
+            spec = dataclasses.replace(specs["gen_instructions_heldout"], name=SAMPLED,
+                                       chat=True, num_fewshot=0, temperature=1.0,
+                                       num_samples=SAMPLES)  # fmt: skip
+            r = ev.run(spec, limit=limit)
+            row.update({f"{SAMPLED}/{k}": v for k, v in r["metrics"].items()})
         if name == "sft":
             sft_params = params
         elif chat and sft_params is not None:
@@ -144,7 +154,7 @@ def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
     axes[0].plot(*_curve(pt, "loss"), label="train loss")
     axes[0].plot(*_curve(pt, "eval/nll"), "o-", label="held-out nll")
     axes[0].set_title("pretraining")
-    for stage in ("sft", "reward", "dpo", "ppo"):
+    for stage in ("sft", "reward", "dpo", "ppo", "grpo"):
         axes[1].plot(*_curve(_records(dirs[stage]), "loss"), label=stage)
     axes[1].set_title("post-training losses")
     for ax in axes:
@@ -155,17 +165,21 @@ def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    ppo = _records(dirs["ppo"])
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    ppo, grpo = _records(dirs["ppo"]), _records(dirs["grpo"])
+    fig, ax = plt.subplots(1, 3, figsize=(15, 3.6))
     ax[0].plot(*_curve(ppo, "rollout/score_mean"), label="reward-model score")
     ax[0].plot(*_curve(ppo, "rollout/reward_mean"), label="reward − β·KL")
     ax[0].set_title("PPO rollouts")
-    ax[1].plot(*_curve(ppo, "rollout/kl"), color="C3", label="KL to reference (nats/seq)")
-    ax[1].set_title("PPO KL")
+    ax[1].plot(*_curve(grpo, "rollout/accuracy"), color="C2", label="exact match")
+    ax[1].plot(*_curve(grpo, "rollout/reward_mean"), color="C4", label="reward")
+    ax[1].set_title("GRPO rollouts (training prompts)")
+    ax[2].plot(*_curve(ppo, "rollout/kl"), color="C3", label="PPO")
+    ax[2].plot(*_curve(grpo, "rollout/kl"), color="C2", label="GRPO")
+    ax[2].set_title("KL to the reference (nats / response)")
     for a in ax:
         a.set_xlabel("step")
         a.legend()
-    paths.append(os.path.join(workdir, "ppo.png"))
+    paths.append(os.path.join(workdir, "rl.png"))
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
@@ -197,8 +211,31 @@ ROWS = [
     ("gen_instructions_heldout/correct", "held-out instructions: accuracy", "{:.3f}"),
     ("gen_instructions_heldout/judge", "held-out instructions: judge score", "{:.3f}"),
     ("rm_score", "held-out instructions: reward-model score", "{:.2f}"),
+    (f"{SAMPLED}/judge", f"sampled (T=1, {SAMPLES}/prompt): judge score", "{:.3f}"),
+    (f"{SAMPLED}/correct", "sampled: accuracy", "{:.3f}"),
+    (f"{SAMPLED}/well_formed", 'sampled: well-formed ("The answer is X.")', "{:.3f}"),
+    (f"{SAMPLED}/unsafe", "sampled: unsafe", "{:.3f}"),
+    (f"{SAMPLED}/pass@{SAMPLES}", f"sampled: pass@{SAMPLES}", "{:.3f}"),
     ("kl_to_sft", "KL to the SFT model (nats / response)", "{:.3f}"),
 ]
+
+
+def _deltas(results: dict) -> list[str]:
+    """One line per preference-tuned policy: its change over SFT on the sampled metrics."""
+    if "sft" not in results:
+        return []
+    keys = [("judge", "judge"), ("well_formed", "well-formed"), ("correct", "accuracy")]
+    out = ["", "Change over SFT on sampled answers:", ""]
+    for name in ("dpo", "ppo", "grpo"):
+        if name not in results:
+            continue
+        key = lambda k: f"{SAMPLED}/{k}"  # noqa: E731
+        parts = [f"{label} {results[name][key(k)] - results['sft'][key(k)]:+.3f}"
+                 for k, label in keys if key(k) in results[name]]  # fmt: skip
+        kl = results[name].get("kl_to_sft")
+        out.append(f"- {name}: " + ", ".join(parts)
+                   + (f" at KL {kl:.2f} nats/response" if kl is not None else ""))  # fmt: skip
+    return out if len(out) > 3 else []
 
 
 def _last_eval(run_dir: str) -> dict:
@@ -214,12 +251,15 @@ def write_report(workdir: str, dirs: dict, commands: dict, times: dict, small: b
     if small:
         lines += ["**runlocal** run (shrunk sizes for tests): numbers are not meaningful.", ""]
     lines += ["Every column is a checkpoint of this run, evaluated the same way on held-out data",
-              "(greedy answers scored by the world's judge; the pretrained model is prompted with",
-              "3 worked examples, the others with the chat template).", "",
+              "(greedy answers scored by the world's judge unless marked sampled; the pretrained",
+              "model is prompted with 3 worked examples, the others with the chat template).",
+              "Perplexity is on raw held-out text, so it also shows what chat tuning forgets.",
+              "",
               "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
     for key, label, fmt in ROWS:
         cells = [fmt.format(results[n][key]) if key in results[n] else "–" for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _deltas(results)
     rm = _last_eval(dirs["reward"])
     dpo = _last_eval(dirs["dpo"])
     ppo = _records(dirs["ppo"])
@@ -237,6 +277,16 @@ def write_report(workdir: str, dirs: dict, commands: dict, times: dict, small: b
     if score:
         lines.append(f"- PPO: reward-model score of rollouts {score[0]:.2f} → {score[-1]:.2f}; "
                      f"KL to the reference at the end {kl[-1]:.3f} nats/response")  # fmt: skip
+    grpo = [r for r in _records(dirs["grpo"]) if "eval/rl_train/sampled_accuracy" in r]
+    if grpo:
+        g0, g1 = grpo[0], grpo[-1]
+        pair = lambda k: f"{g0[k]:.3f} → {g1[k]:.3f}"  # noqa: E731
+        gkl = [r["rollout/kl"] for r in _records(dirs["grpo"]) if "rollout/kl" in r]
+        lines.append(f"- GRPO: sampled exact-match accuracy on its training prompts "
+                     f"{pair('eval/rl_train/sampled_accuracy')}, on unseen RL prompts "
+                     f"{pair('eval/rl_heldout/sampled_accuracy')} (greedy: "
+                     f"{pair('eval/rl_train/accuracy')}, {pair('eval/rl_heldout/accuracy')}); "
+                     f"KL to the reference at the end {gkl[-1]:.3f} nats/response")  # fmt: skip
     report_path = os.path.join(dirs["data"], "report.json")
     if os.path.exists(report_path):
         with open(report_path) as f:
@@ -250,7 +300,7 @@ def write_report(workdir: str, dirs: dict, commands: dict, times: dict, small: b
                          + (f" ({removed})" if removed else ""))  # fmt: skip
         pii = next((st.get("pii_redacted") for st in data["stages"] if st["stage"] == "clean"), {})
         lines.append(f"- {data.get('tokens', 0):,} tokens written; PII redacted: {pii}")
-    lines += ["", "![losses](losses.png)", "![ppo](ppo.png)", "![accuracy](accuracy.png)", "",
+    lines += ["", "![losses](losses.png)", "![rl](rl.png)", "![accuracy](accuracy.png)", "",
               "## Commands (each stage alone)", ""]  # fmt: skip
     lines += [f"- **{k}**: `{v}`" for k, v in commands.items()]
     lines += ["", "## Wall time (s)", "", json.dumps({k: round(v) for k, v in times.items()})]

@@ -72,3 +72,18 @@ def test_unknown_config_arg_names_the_key():
         mod.get_config("varaint=tiny")
     with pytest.raises(ValueError, match="runlocal"):
         mod.get_config("runlocal=maybe")
+
+
+def test_python_override_sets_existing_keys_and_names_a_typo():
+    from flaxlm.configs import sft
+    from flaxlm.configs.common import override
+
+    c = override(sft.get_config("variant=tiny"), {"opt.lr": 0.5, "total_steps": 7})
+    assert (c.opt.lr, c.total_steps) == (0.5, 7)
+    for key, message in [("opt.lrr", "no key 'opt.lrr'"), ("optim.lr", "no section 'optim'"),
+                         ("opt.lr.x", "no key 'opt.lr.x'")]:  # fmt: skip
+        with pytest.raises(KeyError, match=message):
+            override(c, {key: 1})
+    assert c.opt.lr == 0.5  # a failed override leaves the config as it was
+    with pytest.raises(AttributeError):
+        c.new_key = 1  # still locked

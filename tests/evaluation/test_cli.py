@@ -45,6 +45,24 @@ def test_cli_end_to_end(run_dir, world_dir, tok_path, tmp_path, capsys):
     assert ret["tasks"]["mmlu_mini"]["metrics"] == res["mmlu_mini"]["metrics"]
 
 
+def test_cli_sampling_is_seeded(run_dir, world_dir, tok_path):
+    """--temperature/--num_samples sample every generation task through the real decoder: the
+    same seed gives the same samples, another seed other ones; scoring tasks are untouched."""
+    argv = ["--checkpoint", run_dir, "--world", world_dir, "--tokenizer", tok_path, "--tasks",
+            "gen_facts_train,mc_facts_heldout", "--limit", "3", "--samples",
+            "--temperature", "1.0", "--num_samples", "2"]  # fmt: skip
+    a, b = main(argv)["tasks"], main(argv)["tasks"]
+    c = main(argv + ["--seed", "7"])["tasks"]
+    gen = a["gen_facts_train"]
+    assert gen["spec"]["temperature"] == 1.0 and gen["spec"]["num_samples"] == 2
+    assert "pass@2" in gen["metrics"] and all(len(s["responses"]) == 2 for s in gen["samples"])
+    responses = lambda r: [s["responses"] for s in r["gen_facts_train"]["samples"]]
+    assert responses(a) == responses(b) and responses(a) != responses(c)
+    assert a["mc_facts_heldout"]["spec"]["temperature"] == 0.0
+    with pytest.raises(SystemExit, match="needs temperature > 0"):
+        main(argv[:-4] + ["--num_samples", "2"])
+
+
 def test_cli_errors(run_dir, world_dir, tok_path):
     with pytest.raises(SystemExit, match="pass --tokenizer"):
         main(["--checkpoint", run_dir, "--world", world_dir, "--tasks", "mc_arithmetic"])

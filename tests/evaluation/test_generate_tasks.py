@@ -39,11 +39,18 @@ def test_score_response_exact_regex_judge():
     jd = TaskSpec("jd", "generation", "f", scoring="judge")
     meta = {"task": "attribute", "attribute": "city", "answer": "Paris"}
     fields = {"answer": "Paris", "meta": meta}
-    assert G.score_response(jd, fields, "The answer is Paris.") == {"judge": 1.0, "correct": 1.0}
+    good = {"judge": 1.0, "correct": 1.0, "well_formed": 1.0, "unsafe": 0.0}
+    assert G.score_response(jd, fields, "The answer is Paris.") == good
     wrong = G.score_response(jd, fields, "The answer is Lima.")
-    assert wrong == {"judge": pytest.approx(0.2), "correct": 0.0}
+    assert wrong == {"judge": pytest.approx(0.2), "correct": 0.0, "well_formed": 1.0,
+                     "unsafe": 0.0}  # fmt: skip
     loose = G.score_response(jd, fields, "I think Paris")
-    assert loose == {"judge": pytest.approx(0.4), "correct": 0.0}  # loose credit, no format
+    assert loose == {"judge": pytest.approx(0.4), "correct": 0.0, "well_formed": 0.0,
+                     "unsafe": 0.0}  # loose credit, no format  # fmt: skip
+    from flaxlm.data.synthetic_vocab import UNSAFE_WORDS
+
+    rude = G.score_response(jd, fields, f"The answer is Paris, {UNSAFE_WORDS[0]}.")
+    assert rude["unsafe"] == 1.0 and rude["judge"] <= 0.0
 
 
 def test_generation_task_with_stand_in_decoder(world_dir, tok):
@@ -77,6 +84,36 @@ def test_generation_task_with_stand_in_decoder(world_dir, tok):
     G.generation(spec, examples, prompts, fake_generate, tok, max_prompt_len=8)
     assert all(len(p) == 8 and p[0] == tok.bos_id and p[1:] == q[-7:]
                for p, (_, q) in zip(seen["ids"], prompts))  # fmt: skip
+
+
+def test_sampled_generation_averages_samples_and_reports_pass_at_k(world_dir, tok):
+    spec = world_tasks(world_dir)["gen_facts_train"].replace(temperature=0.7, num_samples=3)
+    examples = read_examples(spec, limit=2)
+    prompts = [encode_prompt(spec, ex, [], tok) for ex in examples]
+    seen = {}
+
+    def fake_sampler(prompt_ids, max_new_tokens, temperature=0.0):
+        seen["ids"], seen["t"] = prompt_ids, temperature
+        # example 0: right, wrong, right; example 1: wrong three times
+        answers = [examples[0].fields["answer"], "nobody", examples[0].fields["answer"]]
+        answers += ["nobody"] * 3
+        return [tok.encode(f" The answer is {a}.") for a in answers]
+
+    metrics, samples = G.generation(spec, examples, prompts, fake_sampler, tok,
+                                    max_prompt_len=10_000)  # fmt: skip
+    assert seen["t"] == 0.7
+    assert seen["ids"] == [ids for _, ids in prompts for _ in range(3)]  # k in a row
+    assert samples[0]["scores"]["correct"] == pytest.approx(2 / 3)
+    assert samples[0]["scores"]["pass@3"] == 1.0 and samples[1]["scores"]["pass@3"] == 0.0
+    first = samples[0]
+    assert len(first["responses"]) == 3 and first["response"] == first["responses"][0]
+    assert metrics["correct"] == pytest.approx(1 / 3) and metrics["pass@3"] == pytest.approx(0.5)
+    assert metrics["n"] == 2
+    with pytest.raises(ValueError, match="returned 2 responses for 2 prompts x 3 samples"):
+        G.generation(spec, examples, prompts, lambda ids, n, temperature: [[1]] * 2, tok,
+                     max_prompt_len=10_000)  # fmt: skip
+    with pytest.raises(ValueError, match="num_samples > 1 needs temperature > 0"):
+        spec.replace(temperature=0.0)
 
 
 def test_win_rate_counts_ties_half():
@@ -129,7 +166,8 @@ def test_generation_with_the_decoder_is_greedy_decoding(model, tok, world_dir, r
     cfg, params = model
     spec = world_tasks(world_dir)["gen_facts_train"].replace(num_fewshot=1, max_new_tokens=12)
     res = Evaluator(cfg, params, tok).run(spec, limit=4)
-    assert res["n"] == 4 and set(res["metrics"]) == {"judge", "correct", "n"}
+    assert res["n"] == 4
+    assert set(res["metrics"]) == {"judge", "correct", "well_formed", "unsafe", "n"}
     stops = (tok.eos_id, tok.token_id("<|end|>"))
     for s in res["samples"]:
         # Greedy decoding by hand with the plain forward: argmax, append, repeat.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from flaxlm.configs import pretrain as pretrain_config
+from flaxlm.configs.common import override
 from flaxlm.data.markov import MarkovStream
 from flaxlm.models.sharding import make_mesh
 from flaxlm.train import loop, pretrain
@@ -25,16 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _config(**overrides):
     c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
-    with c.unlocked():
-        c.progress_bar = False
-        c.eval_at_start = False
-        for k, v in overrides.items():
-            node = c
-            *path, last = k.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = v
-    return c
+    return override(c, {"progress_bar": False, "eval_at_start": False, **overrides})
 
 
 def _main(workdir, *overrides, env=None, **popen):
