@@ -71,6 +71,9 @@ class Demo:
             synthetic.write_world(self.dir["world"], preset, seed=0)
         with open(os.path.join(self.dir["world"], "unsafe_words.txt"), "w") as f:
             f.write("\n".join(synthetic.UNSAFE_WORDS) + "\n")
+        with open(os.path.join(self.dir["world"], "manifest.json")) as f:
+            counts = json.load(f)["counts"]
+        print("world: " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True)
         self.commands["world"] = (
             f"python -c 'from flaxlm.data import synthetic; "
             f'synthetic.write_world("{self.dir["world"]}", "{preset}")\''
@@ -93,10 +96,15 @@ class Demo:
             "--config configs/preprocess_world.py "
             + " ".join(f"--config.{k}={v}" for k, v in overrides.items())
         )
-        if os.path.exists(os.path.join(out, "report.json")):
-            return
-        cfg = override(preprocess_world.get_config(), overrides)
-        preprocess.run([os.path.join(world, "pretrain.jsonl")], out, cfg)
+        if not os.path.exists(os.path.join(out, "report.json")):
+            cfg = override(preprocess_world.get_config(), overrides)
+            preprocess.run([os.path.join(world, "pretrain.jsonl")], out, cfg)
+        with open(os.path.join(out, "report.json")) as f:
+            report = json.load(f)
+        for st in report.get("stages", []):
+            if st.get("in") is not None:
+                print(f"data {st['stage']}: {st['in']} → {st['out']} documents", flush=True)
+        print(f"data: {report.get('tokens', 0):,} tokens in {out}/tokens", flush=True)
 
     def _train(self, stage: str, module, config_module, arg: str, overrides: dict):
         cfg = override(config_module.get_config(arg), overrides)

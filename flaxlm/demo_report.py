@@ -77,6 +77,8 @@ def sequence_kl(
 
 def evaluate_all(dirs: dict, limit: int) -> dict:
     """{policy: {metric: value}} for every policy run in `dirs` that has a checkpoint."""
+    from tqdm.auto import tqdm
+
     from flaxlm.alignment.common import load_policy
     from flaxlm.data.formats import ChatTemplate, render_chat
     from flaxlm.data.tokenizer import Tokenizer
@@ -85,7 +87,9 @@ def evaluate_all(dirs: dict, limit: int) -> dict:
 
     specs = world_tasks(dirs["world"])
     results, sft_params, rm = {}, None, None
-    for name in POLICIES:
+    bar = tqdm(POLICIES, desc="eval")
+    for name in bar:
+        bar.set_postfix_str(name)
         if not os.path.isdir(os.path.join(dirs[name], "checkpoints")):
             continue
         cfg, params, meta = load_policy(dirs[name])
@@ -142,6 +146,14 @@ def _curve(recs, key):
     return list(zip(*pts)) if pts else ([], [])
 
 
+def _moving_average(values, window: int) -> np.ndarray:
+    """Trailing mean over up to `window` points (GRPO rollouts hold few prompts: noisy)."""
+    v = np.asarray(values, np.float64)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    lo = np.maximum(np.arange(1, len(v) + 1) - window, 0)
+    return (c[1:] - c[lo]) / (np.arange(1, len(v) + 1) - lo)
+
+
 def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
     import matplotlib
 
@@ -167,11 +179,17 @@ def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
 
     ppo, grpo = _records(dirs["ppo"]), _records(dirs["grpo"])
     fig, ax = plt.subplots(1, 3, figsize=(15, 3.6))
-    ax[0].plot(*_curve(ppo, "rollout/score_mean"), label="reward-model score")
-    ax[0].plot(*_curve(ppo, "rollout/reward_mean"), label="reward − β·KL")
+    steps, score = _curve(ppo, "rollout/score_mean")
+    _, penalty = _curve(ppo, "rollout/non_score_reward")  # −β·KL per response
+    ax[0].plot(steps, score, label="reward-model score")
+    if len(penalty) == len(score):
+        ax[0].plot(steps, np.add(score, penalty), label="score − β·KL")
     ax[0].set_title("PPO rollouts")
-    ax[1].plot(*_curve(grpo, "rollout/accuracy"), color="C2", label="exact match")
-    ax[1].plot(*_curve(grpo, "rollout/reward_mean"), color="C4", label="reward")
+    for key, color, label in (("rollout/accuracy", "C2", "exact match"),
+                              ("rollout/reward_mean", "C4", "reward")):  # fmt: skip
+        steps, vals = _curve(grpo, key)
+        ax[1].plot(steps, vals, color=color, alpha=0.3)
+        ax[1].plot(steps, _moving_average(vals, 6), color=color, label=f"{label} (mean of 6)")
     ax[1].set_title("GRPO rollouts (training prompts)")
     ax[2].plot(*_curve(ppo, "rollout/kl"), color="C3", label="PPO")
     ax[2].plot(*_curve(grpo, "rollout/kl"), color="C2", label="GRPO")
@@ -184,19 +202,28 @@ def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    metrics = [("mc_facts_heldout/acc", "MC facts (held-out people)"),
-               ("gen_facts_heldout/correct", "facts from pretraining only"),
-               ("gen_instructions_heldout/correct", "held-out instructions")]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    names = [n for n in POLICIES if n in results]
-    width = 0.8 / len(metrics)
-    for i, (key, label) in enumerate(metrics):
-        vals = [results[n].get(key, 0.0) for n in names]
-        ax.bar(np.arange(len(names)) + i * width, vals, width, label=label)
-    ax.set_xticks(np.arange(len(names)) + width, names)
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy per stage")
-    ax.legend(fontsize=8)
+    panels = [
+        ("greedy answers", [n for n in POLICIES if n in results], [
+            ("mc_facts_heldout/acc", "MC facts (held-out people)"),
+            ("gen_facts_heldout/correct", "facts from pretraining only"),
+            ("gen_instructions_heldout/correct", "held-out instructions")]),
+        (f"sampled answers to held-out instructions (T=1, {SAMPLES}/prompt)",
+         [n for n in POLICIES if f"{SAMPLED}/judge" in results.get(n, {})], [
+            (f"{SAMPLED}/judge", "judge score"),
+            (f"{SAMPLED}/well_formed", "well-formed"),
+            (f"{SAMPLED}/correct", "accuracy")]),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(1, 2, figsize=(14, 3.8))
+    for ax, (title, names, metrics) in zip(axes, panels):
+        width = 0.8 / len(metrics)
+        for i, (key, label) in enumerate(metrics):
+            vals = [results[n].get(key, 0.0) for n in names]
+            ax.bar(np.arange(len(names)) + i * width, vals, width, label=label)
+        ax.set_xticks(np.arange(len(names)) + width, names)
+        ax.set_ylim(0, 1.3)
+        ax.set_title(title)
+        ax.legend(fontsize=8, ncol=3, loc="upper center")
+    axes[0].set_ylabel("rate / score")
     paths.append(os.path.join(workdir, "accuracy.png"))
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=110)
@@ -266,6 +293,12 @@ def write_report(workdir: str, dirs: dict, commands: dict, times: dict, small: b
     kl = [r["rollout/kl"] for r in ppo if "rollout/kl" in r]
     score = [r["rollout/score_mean"] for r in ppo if "rollout/score_mean" in r]
     lines += ["", "Stage-specific:", ""]
+    pt = [r for r in _records(dirs["pretrain"]) if "eval/nll" in r]
+    if pt:
+        ppl = [float(np.exp(r["eval/nll"])) for r in pt]
+        lines.append(f"- pretraining: held-out perplexity {ppl[0]:.1f} (step {pt[0]['step']}) → "
+                     f"{ppl[-1]:.2f} (step {pt[-1]['step']}), by the training loop's "
+                     "evaluation on held-out text")  # fmt: skip
     if rm:
         lines.append(f"- reward model: held-out pairwise accuracy {rm.get('eval/accuracy', 0):.3f}"
                      f" (correct vs wrong {rm.get('eval/acc_correct_vs_wrong', 0):.2f}, "
