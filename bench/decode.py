@@ -38,6 +38,14 @@ import sys
 import time
 
 HBM_BYTES_PER_S = 4.3e12  # H200
+# Named XLA flag sets a flax case may add (case suffix ":NAME"). A decode step of the 1.1B shape
+# is ~250 small kernels; at batch 64 it ran at 34% of the HBM bound (bench/RESULTS.md), which
+# points at launch overhead, so "cmdbuf" captures the whole decode loop body, while loop
+# included, in CUDA graphs (XLA command buffers).
+XLA_FLAG_SETS = {
+    "cmdbuf": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,"
+    "CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1",
+}
 # (variant, prompt length, new tokens, batches, dtype, runs)
 SHAPES = {
     "1b": ("1b", 128, 256, (1, 64), "bfloat16"),
@@ -208,7 +216,7 @@ def table(records: list[dict]) -> str:
 
 
 def _one(case: str, runs: int, dims_json: str) -> dict:
-    shape, impl, b = case.split(":")
+    shape, impl, b = case.split(":")[:3]  # a 4th part names XLA_FLAGS (set by the driver)
     batch = int(b[1:])
     try:
         if impl == "flax":
@@ -226,7 +234,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
-    p.add_argument("--cases", default="", help="comma list of SHAPE:IMPL:bBATCH (flax|hf)")
+    p.add_argument("--cases", default="",
+                   help="comma list of SHAPE:IMPL:bBATCH[:FLAGS] (IMPL flax|hf; FLAGS a name "
+                   "in XLA_FLAG_SETS, flax only)")  # fmt: skip
     p.add_argument("--runs", type=int, default=3, help="timed calls per case (median)")
     p.add_argument("--hf_python", default=sys.executable, help="python with torch+transformers")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
@@ -255,6 +265,12 @@ def main(argv=None):
         cmd = [py, os.path.abspath(__file__), "--out", a.out, "--one", case,
                "--runs", str(a.runs), "--dims", dims]  # fmt: skip
         env = dict(os.environ)
+        extra = case.split(":")[3:]
+        if extra:  # e.g. 1b:flax:b64:cmdbuf — the same case under other XLA flags
+            if impl != "flax" or extra[0] not in XLA_FLAG_SETS:
+                raise SystemExit(f"case {case!r}: flag set must be one of {sorted(XLA_FLAG_SETS)}"
+                                 " on a flax case")  # fmt: skip
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG_SETS[extra[0]]).strip()
         if impl == "hf":  # the HF side needs no flaxlm; keep JAX's memory settings out of it
             env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -29,9 +30,10 @@ GPU_CASES = [
     ("train 1b hf eager", 45, ["train_throughput", "--cases", "1b:hf-eager"]),
     ("decode 1b hf b64", 55, ["decode", "--cases", "1b:hf:b64"]),
     ("decode 1b flaxlm b1", 45, ["decode", "--cases", "1b:flax:b1"]),
+    ("decode 1b flaxlm b64 cmdbuf", 55, ["decode", "--cases", "1b:flax:b64:cmdbuf"]),
     ("train 7b flaxlm", 120, ["train_throughput", "--cases", "7b:flax:bf16_params"]),
     ("train 7b hf eager ckpt", 60, ["train_throughput", "--cases", "7b:hf-eager:ckpt"]),
-    ("alignment dpo+ppo", 90, ["alignment_throughput"]),
+    ("alignment dpo+ppo", 150, ["alignment_throughput"]),  # two cases, each compiles
     ("train 1b hf compile", 150, ["train_throughput", "--cases", "1b:hf-compile"]),
     ("decode 1b hf b1", 60, ["decode", "--cases", "1b:hf:b1"]),
     ("train 1b flaxlm scan", 80, ["train_throughput", "--cases", "1b:flax:fast_scan"]),
@@ -93,6 +95,19 @@ def write_summary(out: str, env: dict, log: list[dict]):
         f.write("\n".join(lines) + "\n")
 
 
+def run_case(cmd: list[str], timeout: float) -> str:
+    """Runs one case in its own process group; on timeout the whole group is killed, so the
+    bench's per-case child (which holds the GPU) does not outlive it and starve the next case."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "timeout"
+    return "ok" if code == 0 else f"exit {code}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
@@ -118,11 +133,7 @@ def main(argv=None):
         cmd = [PY, "-m", f"flaxlm.bench.{module}", "--out", a.out, *rest, *FLAGS[module]]
         t0 = time.time()
         print(f"=== {name}: {' '.join(cmd)}", flush=True)
-        try:
-            proc = subprocess.run(cmd, timeout=max(left - 5, 10))
-            status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            status = "timeout"
+        status = run_case(cmd, timeout=max(left - 5, 10))
         log.append({"name": name, "status": status, "seconds": time.time() - t0})
         print(f"=== {name}: {status} in {time.time() - t0:.0f}s", flush=True)
         write_summary(a.out, env, log)

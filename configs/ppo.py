@@ -17,7 +17,8 @@ from flaxlm.alignment.rl_common import rollout_config
 from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.configs import common
 
-# (optimizer steps, rollout batch, minibatch, seq_len, lr) per variant; runlocal shrinks them.
+# (optimizer steps, rollout batch, minibatch, row-width cap, lr) per variant; runlocal shrinks
+# them.
 _SIZES = {
     "tiny": (128, 64, 16, 96, 1e-5),
     "mini": (256, 64, 16, 96, 1e-5),
@@ -59,6 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.epochs = 2  # PPO epochs over each rollout
     c.rollout.max_prompt_len = min(64, seq // 2)
     c.rollout.max_new_tokens = min(32, seq - c.rollout.max_prompt_len)
+    # A rollout row holds one prompt and its response, so wider rows would be pure padding in
+    # every score and train pass (80-90% of the compute at seq 512-1024): the row width is the
+    # two caps. Raising either cap on the command line needs seq_len raised with it (checked).
+    c.seq_len = c.rollout.max_prompt_len + c.rollout.max_new_tokens
     c.ppo = ppo_config()
     c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy / RM score
     c.eval_gen.max_prompt_len = c.rollout.max_prompt_len

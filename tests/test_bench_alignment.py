@@ -1,0 +1,64 @@
+"""bench/alignment_throughput.py on the tiny shape, in-process: the DPO and PPO records carry sane
+throughput figures and a consistent PPO time split, and the table renders them (a smoke test of
+the bench, not a timing test: no figure is compared with a threshold)."""
+
+import math
+
+import pytest
+
+from flaxlm.bench import alignment_throughput as A
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("align_bench"))  # one chain for both cases
+    return {c: A.run_case(c, work, steps=2, iters=1) for c in ("tiny:dpo", "tiny:ppo")}
+
+
+def test_dpo_record(records):
+    r = records["tiny:dpo"]
+    assert r["algo"] == "dpo" and r["ref_logps"] == "precompute"
+    assert r["tokens_per_step"] == 2 * r["batch_pairs"] * r["seq_len"]
+    assert r["step_time_s"] > 0 and r["tokens_per_s"] > 0
+    assert math.isclose(r["tokens_per_s"] * r["step_time_s"], r["tokens_per_step"], rel_tol=1e-9)
+    assert 0 < r["nonpad_fraction"] <= 1
+    assert (r["batch_pairs"], r["seq_len"]) == A.SHAPES["tiny"]["dpo"]
+    assert r["flops_per_token"] > 0
+    assert r["mfu"] is None or r["mfu"] > 0  # no known peak on a CPU
+    assert math.isfinite(r["loss"])
+
+
+def test_ppo_record_time_split(records):
+    r = records["tiny:ppo"]
+    assert r["algo"] == "ppo"
+    for k in ("gen_s", "score_s", "train_s"):
+        assert r[k] > 0, k
+    assert math.isclose(r["gen_s"] + r["score_s"] + r["train_s"], r["iteration_s"], rel_tol=1e-9)
+    assert 0 < r["gen_share"] < 1
+    # the loop's wall time of an iteration covers the three timers, up to timer boundaries
+    assert r["iteration_wall_s"] > 0.5 * r["iteration_s"]
+    assert math.isclose(r["other_s"], r["iteration_wall_s"] - r["iteration_s"], rel_tol=1e-9)
+    assert math.isclose(r["gen_share"], r["gen_s"] / r["iteration_s"], rel_tol=1e-9)
+    assert math.isclose(r["gen_share"] + r["score_share"] + r["train_share"], 1.0, rel_tol=1e-9)
+    assert 0 < r["response_len"] <= r["max_new_tokens"]
+    assert r["seq_len"] == r["max_prompt_len"] + r["max_new_tokens"]
+    assert r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0
+    rows = r["epochs"] * r["rollout_batch"]
+    assert math.isclose(r["train_tokens_per_s"] * r["train_s"], rows * r["seq_len"], rel_tol=1e-9)
+    assert r["steps_per_iter"] == rows // r["minibatch"]
+    assert r["warmup_iter_s"] > r["iteration_s"]  # iteration 0 compiled, and is left out
+
+
+def test_table_and_case_parsing(records):
+    md = A.table([*records.values(), {"case": "1b:ppo", "error": "RuntimeError: boom"}])
+    lines = md.splitlines()
+    assert len(lines) == 2 + 3
+    assert lines[2].startswith("| tiny:dpo |") and lines[3].startswith("| tiny:ppo |")
+    assert f"{records['tiny:ppo']['gen_share']:.1%}" in lines[3]
+    assert "failed: RuntimeError: boom" in lines[4]
+    assert A.parse_case("1b:ppo:g64:xla") == ("1b", "ppo", {"online": False, "new": 64,
+                                                            "attention": "xla"})  # fmt: skip
+    assert A.parse_case("125m:dpo:online")[2]["online"]
+    for bad in ("tiny", "tiny:sft", "7b:dpo", "tiny:dpo:g8", "tiny:ppo:online"):
+        with pytest.raises(ValueError):
+            A.parse_case(bad)
