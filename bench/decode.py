@@ -38,10 +38,10 @@ import sys
 import time
 
 HBM_BYTES_PER_S = 4.3e12  # H200
-# Named XLA flag sets a flax case may add (case suffix ":NAME"). A decode step of the 1.1B shape
-# is ~250 small kernels; at batch 64 it ran at 34% of the HBM bound (bench/RESULTS.md), which
-# points at launch overhead, so "cmdbuf" captures the whole decode loop body, while loop
-# included, in CUDA graphs (XLA command buffers).
+# Named XLA flag sets a flax case may add (case suffix ":NAME"). At batch 64 the 1.1B shape's
+# decode step (22 layers of small kernels) ran at 34% of the HBM bound (bench/RESULTS.md); if
+# kernel-launch overhead is the gap, "cmdbuf" closes it by capturing the decode loop body, while
+# loop included, in CUDA graphs (XLA command buffers).
 XLA_FLAG_SETS = {
     "cmdbuf": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,"
     "CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1",
