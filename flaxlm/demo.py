@@ -183,7 +183,7 @@ class Demo:
         self._train("grpo", grpo, config, "variant=tiny", {
             **self._common(self.plan["grpo_steps"], evals=2), **self._world_data(),
             "init_from": self.dir["sft"], "log_every": 4, "grpo.rewards": "exact_match,format:0.2",
-            "opt.lr": 1e-4, "rollout.batch": 128, "batch_size": 16,
+            "opt.lr": 3e-5, "rollout.batch": 128, "batch_size": 16,
             "rollout.heldout_prompts": self.plan["eval_examples"],
             "eval_gen.examples": self.plan["eval_examples"], "eval_gen.batch": 64,
         })  # fmt: skip
