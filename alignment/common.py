@@ -31,6 +31,7 @@ from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
 from flaxlm.train import checkpoint as ckpt_lib
+from flaxlm.train import loop
 
 HF_PREFIX = "hf:"
 log = logging.getLogger("flaxlm")
@@ -227,6 +228,47 @@ def init_hooks(kind: str, spec: lora_lib.LoraSpec | None):
         return {"base": inner, "lora": fresh["lora"]} if spec else inner
 
     return load, transform
+
+
+def supervised_task(
+    name: str,
+    head: str,
+    config,
+    cfg: ModelConfig,
+    spec: lora_lib.LoraSpec | None,
+    tok,
+    workdir: str | None,
+    data_report: dict,
+    *,
+    init_params,
+    loss_fn,
+    train_batches,
+    eval_fn,
+    head_flops: int = 0,
+):
+    """The loop.Task of a stage that trains one model on fixed data (SFT, reward model, DPO):
+    what they share — FLOPs per token (less `head_flops` for a scalar head), the LoRA trainable
+    mask, the init_from hooks, and the checkpoint meta that load_policy reads back."""
+    load, transform = init_hooks(head, spec)
+    return loop.Task(
+        name=name,
+        init_params=init_params,
+        loss_fn=loss_fn,
+        train_batches=train_batches,
+        eval_fn=eval_fn,
+        flops_per_token=cfg.flops_per_token(config.seq_len) - head_flops,
+        flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True) - head_flops,
+        trainable_mask=(lambda p: lora_lib.trainable_mask(p, spec)) if spec else None,
+        load_init_params=load,
+        init_from_transform=transform,
+        model_meta={
+            "model_config": cfg.to_dict(),
+            "tokenizer": save_tokenizer(tok, workdir),
+            "head": head,
+            "lora": spec.to_dict() if spec else {},
+            "data_report": data_report,
+        },
+    )
 
 
 def load_policy(run_dir: str, step: int | None = None):

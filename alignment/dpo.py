@@ -353,26 +353,11 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         eval_fn = make_eval_fn(config, mesh, apply, ref, heldout, tok.pad_id, gen_eval, spec)
     data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
     common.write_report(workdir, data_report)
-    load, transform = common.init_hooks("lm", spec)
-    return loop.Task(
-        name="dpo",
-        init_params=init_params,
-        loss_fn=dpo_loss_fn(apply, d),
-        train_batches=batches,
+    return common.supervised_task(
+        "dpo", "lm", config, cfg, spec, tok, workdir, data_report,
+        init_params=init_params, loss_fn=dpo_loss_fn(apply, d), train_batches=batches,
         eval_fn=eval_fn,
-        flops_per_token=cfg.flops_per_token(config.seq_len),
-        flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True),
-        trainable_mask=(lambda p: lora_lib.trainable_mask(p, spec)) if spec else None,
-        load_init_params=load,
-        init_from_transform=transform,
-        model_meta={
-            "model_config": cfg.to_dict(),
-            "tokenizer": common.save_tokenizer(tok, workdir),
-            "head": "lm",
-            "lora": spec.to_dict() if spec else {},
-            "data_report": data_report,
-        },
-    )
+    )  # fmt: skip
 
 
 def run(config, workdir: str):

@@ -170,29 +170,14 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         process_index=jax.process_index(), process_count=jax.process_count(),
     )  # fmt: skip
     eval_fn = make_eval_fn(config, mesh, apply, heldout) if heldout and config.eval_every else None
-    load, transform = common.init_hooks("scalar", spec)
     # No vocabulary projection: 6·V·D FLOPs per token less than the LM (tokens_in_batch counts
     # the chosen and the rejected tokens).
-    head_flops = 6 * cfg.vocab_size * cfg.d_model
-    return loop.Task(
-        name="reward",
+    return common.supervised_task(
+        "reward", "scalar", config, cfg, spec, tok, workdir, data_report,
         init_params=init_params,
         loss_fn=reward_loss_fn(apply, config.loss.use_margin, config.loss.center_coef),
-        train_batches=batches,
-        eval_fn=eval_fn,
-        flops_per_token=cfg.flops_per_token(config.seq_len) - head_flops,
-        flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True) - head_flops,
-        trainable_mask=(lambda p: lora_lib.trainable_mask(p, spec)) if spec else None,
-        load_init_params=load,
-        init_from_transform=transform,
-        model_meta={
-            "model_config": cfg.to_dict(),
-            "tokenizer": common.save_tokenizer(tok, workdir),
-            "head": "scalar",
-            "lora": spec.to_dict() if spec else {},
-            "data_report": data_report,
-        },
-    )
+        train_batches=batches, eval_fn=eval_fn, head_flops=6 * cfg.vocab_size * cfg.d_model,
+    )  # fmt: skip
 
 
 def run(config, workdir: str):
