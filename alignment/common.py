@@ -30,6 +30,7 @@ from flaxlm.configs.common import to_model_config
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
+from flaxlm.models.sharding import batch_divisor
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import loop
 
@@ -126,6 +127,20 @@ def resolve_model_config(config, meta: dict) -> ModelConfig:
 
         return hf.load_config(config.init_from[len(HF_PREFIX) :])
     return to_model_config(config.model)
+
+
+def resolve_source(config, mesh):
+    """(tokenizer, ModelConfig, ChatTemplate) of a stage started from `config.init_from` (or
+    from `config.model` and `data.tokenizer` without one), after the checks every stage makes:
+    the batch splits over the mesh's data×fsdp devices and the tokenizer fits the vocabulary."""
+    divisor = batch_divisor(mesh)
+    if config.batch_size % divisor:
+        raise ValueError(f"batch_size={config.batch_size} is not a multiple of data×fsdp={divisor}")
+    meta = source_meta(config.init_from)
+    tok = resolve_tokenizer(config, meta)
+    cfg = resolve_model_config(config, meta)
+    tok.check_fits(cfg.vocab_size)
+    return tok, cfg, F.ChatTemplate(tok)
 
 
 def save_tokenizer(tok, workdir: str | None) -> str:

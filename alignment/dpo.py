@@ -55,7 +55,6 @@ from flaxlm.alignment.reward import load_pairs
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
-    batch_divisor,
     logical_axis_rules,
     make_mesh,
     shard_batch,
@@ -308,15 +307,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         raise ValueError(f"dpo.ref_logps={d.ref_logps!r}; expected precompute | online")
     if not config.init_from:
         raise ValueError("dpo: set --config.init_from=SFT_RUN (the policy's start and reference)")
-    if config.batch_size % batch_divisor(mesh):
-        raise ValueError(
-            f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
-        )
-    meta = common.source_meta(config.init_from)
-    tok = common.resolve_tokenizer(config, meta)
-    cfg = common.resolve_model_config(config, meta)
-    tok.check_fits(cfg.vocab_size)
-    template = F.ChatTemplate(tok)
+    tok, cfg, template = common.resolve_source(config, mesh)
     report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
     train = load_pairs(config.data.train, config, template, report)
     if not train:

@@ -54,7 +54,7 @@ from flaxlm.alignment.rl_rollout import (
 )
 from flaxlm.data import formats as F
 from flaxlm.data.synthetic_judge import TASKS
-from flaxlm.models.sharding import batch_divisor, logical_axis_rules, make_mesh
+from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train import loop
 from flaxlm.train.losses import masked_mean, token_logprobs
 from flaxlm.train.pretrain import model_fns
@@ -249,16 +249,8 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
     """The GRPO Task. `rewards`: optional [(name, callable, weight)] replacing `grpo.rewards`."""
     if not config.init_from:
         raise ValueError("grpo: set --config.init_from=SFT_RUN (policy and reference)")
-    if config.batch_size % batch_divisor(mesh):
-        raise ValueError(
-            f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
-        )
     rewards = rewards if rewards is not None else parse_rewards(config.grpo.rewards)
-    meta = common.source_meta(config.init_from)
-    tok = common.resolve_tokenizer(config, meta)
-    cfg = common.resolve_model_config(config, meta)
-    tok.check_fits(cfg.vocab_size)
-    template = F.ChatTemplate(tok)
+    tok, cfg, template = common.resolve_source(config, mesh)
     report = F.DataReport(strict=config.data.strict)
     prompts = rl_common.load_prompts(config.data.train, config, template, report)
     prompts, held = rl_common.split_prompts(prompts, config.rollout.heldout_prompts, config.seed)

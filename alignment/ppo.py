@@ -59,7 +59,7 @@ from flaxlm.alignment.rl_rollout import (
 from flaxlm.data import formats as F
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.heads import scalar_model_fns, sequence_values
-from flaxlm.models.sharding import batch_divisor, logical_axis_rules, make_mesh
+from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import loop
 from flaxlm.train.losses import masked_mean, token_logprobs
@@ -272,15 +272,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     model run: scorer and critic) are required."""
     if not config.init_from or not config.reward_from:
         raise ValueError("ppo: set --config.init_from=SFT_RUN and --config.reward_from=RM_RUN")
-    if config.batch_size % batch_divisor(mesh):
-        raise ValueError(
-            f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
-        )
-    meta = common.source_meta(config.init_from)
-    tok = common.resolve_tokenizer(config, meta)
-    cfg = common.resolve_model_config(config, meta)
-    tok.check_fits(cfg.vocab_size)
-    template = F.ChatTemplate(tok)
+    tok, cfg, template = common.resolve_source(config, mesh)
     report = F.DataReport(strict=config.data.strict)
     prompts = rl_common.load_prompts(config.data.train, config, template, report)
     prompts, held = rl_common.split_prompts(prompts, config.rollout.heldout_prompts, config.seed)

@@ -28,7 +28,7 @@ from flaxlm.alignment import common
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.heads import scalar_model_fns, sequence_values
-from flaxlm.models.sharding import batch_divisor, make_mesh, shard_batch
+from flaxlm.models.sharding import make_mesh, shard_batch
 from flaxlm.train import loop
 
 
@@ -140,15 +140,7 @@ def load_pairs(spec: str, config, template, report: F.DataReport) -> list[dict]:
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The reward-model Task; writes data_report.json into `workdir`."""
-    if config.batch_size % batch_divisor(mesh):
-        raise ValueError(
-            f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
-        )
-    meta = common.source_meta(config.init_from)
-    tok = common.resolve_tokenizer(config, meta)
-    cfg = common.resolve_model_config(config, meta)
-    tok.check_fits(cfg.vocab_size)
-    template = F.ChatTemplate(tok)
+    tok, cfg, template = common.resolve_source(config, mesh)
     report = F.DataReport(strict=config.data.strict)
     train = load_pairs(config.data.train, config, template, report)
     if not train:

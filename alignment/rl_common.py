@@ -43,6 +43,17 @@ from flaxlm.train.pretrain import model_fns
 from flaxlm.train.state import param_shardings, unbox
 
 
+def size_rollout_rows(c: ml_collections.ConfigDict, seq_cap: int) -> None:
+    """Sets the prompt and response caps within `seq_cap` (64 and 32 tokens at most: the
+    built-in world's questions and answers) and `seq_len` to their sum. A rollout row holds one
+    prompt and its response, so a wider row would be pure padding in every score and train pass
+    (80-90% of the compute at 512-1024). Raising a cap on the command line needs seq_len raised
+    with it (the rollout checks)."""
+    c.rollout.max_prompt_len = min(64, seq_cap // 2)
+    c.rollout.max_new_tokens = min(32, seq_cap - c.rollout.max_prompt_len)
+    c.seq_len = c.rollout.max_prompt_len + c.rollout.max_new_tokens
+
+
 def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.ConfigDict:
     """The `rollout` section shared by PPO and GRPO."""
     c = ml_collections.ConfigDict()

@@ -30,7 +30,7 @@ import numpy as np
 from flaxlm.alignment import common
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
-from flaxlm.models.sharding import batch_divisor, logical_axis_rules, make_mesh, shard_batch
+from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch
 from flaxlm.train import loop
 from flaxlm.train.losses import lm_loss_fn
 from flaxlm.train.pretrain import model_fns
@@ -174,15 +174,7 @@ def gen_sets(config, template) -> dict[str, list[dict]]:
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The SFT Task (see the module docstring); writes data_report.json into `workdir`."""
-    if config.batch_size % batch_divisor(mesh):
-        raise ValueError(
-            f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
-        )
-    meta = common.source_meta(config.init_from)
-    tok = common.resolve_tokenizer(config, meta)
-    cfg = common.resolve_model_config(config, meta)
-    tok.check_fits(cfg.vocab_size)
-    template = F.ChatTemplate(tok)
+    tok, cfg, template = common.resolve_source(config, mesh)
     report = F.DataReport(strict=config.data.strict)
     train = load_examples(config.data.train, config, template, report)
     if not train:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from flaxlm.alignment import common as align
-from flaxlm.alignment.rl_common import rollout_config
+from flaxlm.alignment.rl_common import rollout_config, size_rollout_rows
 from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.configs import common
 
@@ -52,12 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = common.model_config(a.variant)  # unused: the architecture comes from init_from
     c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the RL prompts
     c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)
-    c.rollout.max_prompt_len = min(64, seq // 2)
-    c.rollout.max_new_tokens = min(32, seq - c.rollout.max_prompt_len)
-    # A rollout row holds one prompt and its response, so wider rows would be pure padding in
-    # every score and train pass (80-90% of the compute at seq 512-1024): the row width is the
-    # two caps. Raising either cap on the command line needs seq_len raised with it (checked).
-    c.seq_len = c.rollout.max_prompt_len + c.rollout.max_new_tokens
+    size_rollout_rows(c, seq)
     c.rollout.empty_reward = 0.0  # an empty answer earns what a wrong one does
     c.grpo = grpo_config(a.group)
     c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy
