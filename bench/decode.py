@@ -46,6 +46,12 @@ XLA_FLAG_SETS = {
     "cmdbuf": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,"
     "CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1",
 }
+# Named `generate` options a flax case may add (case suffix ":NAME", combinable with a flag
+# set): "unfused" decodes with separate q/k/v and gate/up matmuls, the layout before fused
+# projections became the default, to measure what fusing pays.
+GENERATE_OPTIONS = {
+    "unfused": {"fuse_projections": False},
+}
 # (variant, prompt length, new tokens, batches, dtype, runs)
 SHAPES = {
     "1b": ("1b", 128, 256, (1, 64), "bfloat16"),
@@ -90,7 +96,7 @@ def _finish(rec: dict, dims: dict, times: list, prefill: list, batch, prompt, ne
 # flaxlm
 
 
-def run_flax(shape: str, batch: int, runs: int) -> dict:
+def run_flax(shape: str, batch: int, runs: int, options: dict | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -109,7 +115,8 @@ def run_flax(shape: str, batch: int, runs: int) -> dict:
 
     def call(n, i):
         out = generate(cfg, params, tokens, prompt_lengths=lengths, max_new_tokens=n,
-                       rng=jax.random.PRNGKey(i), temperature=1.0)  # fmt: skip
+                       rng=jax.random.PRNGKey(i), temperature=1.0,
+                       **(options or {}))  # fmt: skip
         return out.tokens.block_until_ready(), out
 
     t0 = time.perf_counter()
@@ -203,7 +210,7 @@ def table(records: list[dict]) -> str:
         if "tokens_per_s" not in r:
             lines.append(f"| {r['case']} | {r.get('error', '?')[:120]} | | | | | | | |")
             continue
-        peer = by.get(r["case"].replace("flax", "hf"))
+        peer = by.get(":".join(r["case"].replace(":flax:", ":hf:").split(":")[:3]))
         vs = (f"{r['tokens_per_s'] / peer['tokens_per_s']:.1f}x"
               if r["impl"] == "flaxlm" and peer and "tokens_per_s" in peer else "")  # fmt: skip
         mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else "n/a"
@@ -216,11 +223,14 @@ def table(records: list[dict]) -> str:
 
 
 def _one(case: str, runs: int, dims_json: str) -> dict:
-    shape, impl, b = case.split(":")[:3]  # a 4th part names XLA_FLAGS (set by the driver)
+    shape, impl, b, *extra = case.split(":")  # XLA flag sets in `extra` are set by the driver
     batch = int(b[1:])
+    options = {}
+    for name in extra:
+        options.update(GENERATE_OPTIONS.get(name, {}))
     try:
         if impl == "flax":
-            rec = run_flax(shape, batch, runs)
+            rec = run_flax(shape, batch, runs, options)
         else:
             rec = run_hf(shape, batch, runs, json.loads(dims_json))
     except ImportError as e:
@@ -235,8 +245,8 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
     p.add_argument("--cases", default="",
-                   help="comma list of SHAPE:IMPL:bBATCH[:FLAGS] (IMPL flax|hf; FLAGS a name "
-                   "in XLA_FLAG_SETS, flax only)")  # fmt: skip
+                   help="comma list of SHAPE:IMPL:bBATCH[:NAME...] (IMPL flax|hf; NAME a key "
+                   "of XLA_FLAG_SETS or GENERATE_OPTIONS, flax only)")  # fmt: skip
     p.add_argument("--runs", type=int, default=3, help="timed calls per case (median)")
     p.add_argument("--hf_python", default=sys.executable, help="python with torch+transformers")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
@@ -265,12 +275,13 @@ def main(argv=None):
         cmd = [py, os.path.abspath(__file__), "--out", a.out, "--one", case,
                "--runs", str(a.runs), "--dims", dims]  # fmt: skip
         env = dict(os.environ)
-        extra = case.split(":")[3:]
-        if extra:  # e.g. 1b:flax:b64:cmdbuf — the same case under other XLA flags
-            if impl != "flax" or extra[0] not in XLA_FLAG_SETS:
-                raise SystemExit(f"case {case!r}: flag set must be one of {sorted(XLA_FLAG_SETS)}"
-                                 " on a flax case")  # fmt: skip
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG_SETS[extra[0]]).strip()
+        for name in case.split(":")[3:]:  # e.g. 1b:flax:b64:cmdbuf — other XLA flags
+            if impl != "flax" or name not in {*XLA_FLAG_SETS, *GENERATE_OPTIONS}:
+                raise SystemExit(f"case {case!r}: {name!r} is none of the flag sets "
+                                 f"{sorted(XLA_FLAG_SETS)} or options {sorted(GENERATE_OPTIONS)}"
+                                 " (flax cases only)")  # fmt: skip
+            if name in XLA_FLAG_SETS:
+                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG_SETS[name]).strip()
         if impl == "hf":  # the HF side needs no flaxlm; keep JAX's memory settings out of it
             env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
         t0 = time.perf_counter()

@@ -99,21 +99,16 @@ def _record(case, tokens, dt, steps, peak_gb, extra=None):
 # flaxlm
 
 
-def run_flax(case: str, steps: int, warmup: int) -> dict:
-    import jax
-    import numpy as np
-
+def flax_case_config(case: str):
+    """(pretrain config, ModelConfig, plan name, batch, seq) of a flaxlm case "SHAPE:flax[:PLAN]"
+    (shared with bench/memory_plan.py, so the plan it sizes is the one that runs here)."""
     from flaxlm.configs import pretrain as pretrain_config
     from flaxlm.configs.common import to_model_config
-    from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
-    from flaxlm.train.losses import lm_loss_fn
-    from flaxlm.train.optim import make_optimizer
-    from flaxlm.train.pretrain import model_fns
-    from flaxlm.train.state import create_train_state
-    from flaxlm.train.step import jit_train_step
 
     shape, _, plan = (case.split(":") + ["", ""])[:3]
     plan = plan or ("cpu" if shape == "tiny" else "fast")
+    if plan not in PLANS:
+        raise ValueError(f"case {case!r}: unknown plan {plan!r}; plans: {', '.join(PLANS)}")
     variant, batch, seq = SHAPES[shape]
     config = pretrain_config.get_config(f"variant={variant},data=markov")
     with config.unlocked():
@@ -122,7 +117,21 @@ def run_flax(case: str, steps: int, warmup: int) -> dict:
         if PLANS[plan].get("param_dtype") == "bfloat16":
             config.opt.mu_dtype = "bfloat16"
         config.opt.warmup_steps = 10
-    cfg = to_model_config(config.model)
+    return config, to_model_config(config.model), plan, batch, seq
+
+
+def run_flax(case: str, steps: int, warmup: int) -> dict:
+    import jax
+    import numpy as np
+
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+    from flaxlm.train.losses import lm_loss_fn
+    from flaxlm.train.optim import make_optimizer
+    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.state import create_train_state
+    from flaxlm.train.step import jit_train_step
+
+    config, cfg, plan, batch, seq = flax_case_config(case)
     mesh = make_mesh({"data": -1})
     rules = logical_axis_rules("fsdp")
     init_params, apply = model_fns(cfg)

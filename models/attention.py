@@ -152,39 +152,41 @@ class Attention(nn.Module):
     `ctx` holds what every layer shares (computed once per forward in transformer.py):
     rope `cos`/`sin`, the boolean `mask` (None = plain causal rows, no packing), and while
     decoding the cache write `index`. `layer_cache` is {"k": (B,K,S,H), "v": (B,K,S,H)} or None.
+
+    `fused` reads q, k and v from one (D, N + 2K, H) kernel "qkv" (one matmul instead of three;
+    the layout `fuse_projections` in transformer.py makes for decoding).
     """
 
     cfg: ModelConfig
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x_BTD, ctx, layer_cache=None):
         cfg = self.cfg
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_
         bias = cfg.qkv_bias
-        q = Proj(
-            (D, N, H),
-            ("embed", "q_heads", "head_dim"),
-            cfg,
-            use_bias=bias,
-            name="q",
-            remat_name="qkv",
-        )(x_BTD)
-        k = Proj(
-            (D, K, H),
-            ("embed", "kv_heads", "head_dim"),
-            cfg,
-            use_bias=bias,
-            name="k",
-            remat_name="qkv",
-        )(x_BTD)
-        v = Proj(
-            (D, K, H),
-            ("embed", "kv_heads", "head_dim"),
-            cfg,
-            use_bias=bias,
-            name="v",
-            remat_name="qkv",
-        )(x_BTD)
+        if self.fused:
+            qkv = Proj(
+                (D, N + 2 * K, H),
+                ("embed", "qkv_heads", "head_dim"),
+                cfg,
+                use_bias=bias,
+                name="qkv",
+                remat_name="qkv",
+            )(x_BTD)
+            q, k, v = jnp.split(qkv, [N, N + K], axis=2)
+        else:
+            q, k, v = (
+                Proj(
+                    (D, n, H),
+                    ("embed", axis, "head_dim"),
+                    cfg,
+                    use_bias=bias,
+                    name=name,
+                    remat_name="qkv",
+                )(x_BTD)
+                for name, n, axis in (("q", N, "q_heads"), ("k", K, "kv_heads"), ("v", K, "kv_heads"))
+            )
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
         q = apply_rope(q, ctx["cos"], ctx["sin"])

@@ -43,7 +43,7 @@ import numpy as np
 
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.sharding import batch_divisor, batch_sharding, replicated, use_mesh
-from flaxlm.models.transformer import Transformer, init_cache, unstack_layers
+from flaxlm.models.transformer import Transformer, fuse_projections, init_cache, unstack_layers
 
 MIN_BUCKET = 8  # smallest prompt bucket; prompt lengths round up to powers of two from here
 
@@ -118,15 +118,18 @@ def sample_logits(
 # The compiled program
 
 
-def _decode_params(cfg: ModelConfig, params):
-    """Unrolled layout in the compute dtype: decoding reads each weight once per step, so it
-    should not also convert fp32 master weights every step or dynamic-slice stacked layers."""
+def _decode_params(cfg: ModelConfig, params, fused: bool):
+    """Unrolled layout in the compute dtype (fused projections if asked): decoding reads each
+    weight once per step, so it should not also convert fp32 master weights every step,
+    dynamic-slice stacked layers, or launch three small matmuls where one would do. Done once
+    per call, before the loop."""
     if cfg.scan_layers:
         params = unstack_layers(params, cfg.n_layers)
     dt = cfg.compute_dtype
-    return jax.tree.map(
+    params = jax.tree.map(
         lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
     )
+    return fuse_projections(params, cfg.n_layers) if fused else params
 
 
 def _constrain_cache(cache, sharded: bool):
@@ -148,6 +151,7 @@ def _decode_fn(
     mesh,
     rules,
     early_exit: bool = True,
+    fused: bool = False,
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
 
@@ -161,10 +165,10 @@ def _decode_fn(
     """
     sharded = mesh is not None
     dcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
-    model = Transformer(dcfg)
+    model = Transformer(dcfg, fused_projections=fused)
 
     def run(params, tokens_BP, lengths_B, rng, temperature, top_p, stop_ids, pad_id):
-        variables = {"params": _decode_params(cfg, params)}
+        variables = {"params": _decode_params(cfg, params, fused)}
         B, P = tokens_BP.shape
         sample = functools.partial(
             sample_logits, top_k=top_k, greedy=greedy, use_top_p=use_top_p, top_p=top_p
@@ -291,6 +295,7 @@ def generate(
     mesh=None,
     rules=None,
     cache_dtype=None,
+    fuse_projections: bool | None = None,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -308,6 +313,9 @@ def generate(
         ones so training-sharded params are used in place); the batch is split over data×fsdp
         (padded up to a multiple of it internally).
       cache_dtype: KV cache dtype; default the model's compute dtype.
+      fuse_projections: decode with one q|k|v and one gate|up matmul per layer (the weights
+        are concatenated once per call). Default: on, unless the mesh splits heads over a
+        `tensor` axis (the fused q|k|v axis would mix q and kv heads across its shards).
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
@@ -330,6 +338,8 @@ def generate(
     stop = np.full(max(4, 1 << max(0, len(stop_tokens) - 1).bit_length()), -1, np.int32)
     stop[: len(stop_tokens)] = list(stop_tokens)
     greedy = temperature == 0
+    if fuse_projections is None:
+        fuse_projections = mesh is None or dict(mesh.shape).get("tensor", 1) == 1
     fn = _decode_fn(
         cfg,
         int(max_new_tokens),
@@ -340,6 +350,7 @@ def generate(
         mesh,
         rules,
         len(stop_tokens) > 0,
+        bool(fuse_projections),
     )
     args = (
         tokens,

@@ -102,16 +102,27 @@ class Embed(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated MLP: wo(act(x·W_gate) ⊙ x·W_up) — SwiGLU with silu, GeGLU with gelu."""
+    """Gated MLP: wo(act(x·W_gate) ⊙ x·W_up) — SwiGLU with silu, GeGLU with gelu.
+
+    `fused` reads gate and up from one (D, 2, F) kernel "gate_up" (one matmul instead of two).
+    """
 
     cfg: ModelConfig
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
         shape, axes = (cfg.d_model, cfg.d_ff), ("embed", "mlp")
-        gate = Proj(shape, axes, cfg, name="gate", remat_name="mlp_in")(x)
-        up = Proj(shape, axes, cfg, name="up", remat_name="mlp_in")(x)
+        if self.fused:
+            gate_up = Proj(
+                (cfg.d_model, 2, cfg.d_ff), ("embed", None, "mlp"), cfg, name="gate_up"
+            )(x)
+            gate = checkpoint_name(gate_up[..., 0, :], "mlp_in")
+            up = checkpoint_name(gate_up[..., 1, :], "mlp_in")
+        else:
+            gate = Proj(shape, axes, cfg, name="gate", remat_name="mlp_in")(x)
+            up = Proj(shape, axes, cfg, name="up", remat_name="mlp_in")(x)
         act = nn.silu if cfg.mlp_activation == "silu" else nn.gelu
         h = act(gate) * up
         h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))

@@ -36,15 +36,16 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     cfg: ModelConfig
+    fused: bool = False  # fused q|k|v and gate|up kernels (see `fuse_projections`)
 
     @nn.compact
     def __call__(self, x, ctx, layer_cache=None):
         x = nn.with_logical_constraint(x, ACT)
         h = RMSNorm(self.cfg, name="attn_norm")(x)
-        a, layer_cache = Attention(self.cfg, name="attn")(h, ctx, layer_cache)
+        a, layer_cache = Attention(self.cfg, self.fused, name="attn")(h, ctx, layer_cache)
         x = x + a
         h = RMSNorm(self.cfg, name="mlp_norm")(x)
-        x = x + MLP(self.cfg, name="mlp")(h)
+        x = x + MLP(self.cfg, self.fused, name="mlp")(h)
         return nn.with_logical_constraint(x, ACT), layer_cache
 
 
@@ -66,12 +67,18 @@ def block_class(cfg: ModelConfig):
 
 
 class Transformer(nn.Module):
+    """The model. `fused_projections` selects the parameter layout `fuse_projections` makes
+    (one q|k|v and one gate|up kernel per layer), which decoding uses: fewer, larger matmuls
+    per generated token. Checkpoints, HF interop and training use the unfused layout."""
+
     cfg: ModelConfig
+    fused_projections: bool = False
 
     def setup(self):
         cfg = self.cfg
         self.embed = Embed(cfg, name="embed")
         block = block_class(cfg)
+        fused = self.fused_projections
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block,
@@ -80,9 +87,9 @@ class Transformer(nn.Module):
                 in_axes=(nn.broadcast, 0),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, name="layers")
+            )(cfg, fused, name="layers")
         else:
-            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+            self.layers = [block(cfg, fused, name=f"layers_{i}") for i in range(cfg.n_layers)]
         self.final_norm = RMSNorm(cfg, name="final_norm")
         if not cfg.tie_embeddings:
             self.lm_head = Proj(
@@ -192,6 +199,24 @@ def unstack_layers(params, n_layers: int):
     for i in range(n_layers):
         rest[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
     return rest
+
+
+def fuse_projections(params, n_layers: int):
+    """Unrolled params → the fused layout of `Transformer(cfg, fused_projections=True)`: per
+    layer, attn q (D,N,H), k (D,K,H), v (D,K,H) become one "qkv" (D, N+2K, H) (biases too), and
+    mlp gate (D,F), up (D,F) become one "gate_up" (D, 2, F). Every other leaf is unchanged."""
+    out = dict(params)
+    for i in range(n_layers):
+        layer = dict(params[f"layers_{i}"])
+        attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+        q, k, v = (attn.pop(n) for n in ("q", "k", "v"))
+        qkv = {"kernel": jnp.concatenate([q["kernel"], k["kernel"], v["kernel"]], axis=1)}
+        if "bias" in q:
+            qkv["bias"] = jnp.concatenate([q["bias"], k["bias"], v["bias"]], axis=0)
+        gate, up = mlp.pop("gate"), mlp.pop("up")
+        mlp["gate_up"] = {"kernel": jnp.stack([gate["kernel"], up["kernel"]], axis=1)}
+        out[f"layers_{i}"] = {**layer, "attn": {**attn, "qkv": qkv}, "mlp": mlp}
+    return out
 
 
 def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):

@@ -123,6 +123,20 @@ def test_sampling_is_seeded_and_logprobs_are_the_models(model):
     np.testing.assert_allclose(a.logprobs, want, atol=2e-5, rtol=1e-5)
 
 
+def test_fused_projections_decode_the_same():
+    """The decode layout (one q|k|v and one gate|up matmul, made from the checkpoint's separate
+    kernels) gives the unfused model's tokens and logprobs, with q/k/v biases too."""
+    cfg, params = _model(qkv_bias=True)
+    for kw in (dict(temperature=0), dict(temperature=0.9, top_p=0.95)):
+        kw.update(max_new_tokens=N, rng=jax.random.PRNGKey(4))
+        a = generate(cfg, params, PROMPTS, fuse_projections=False, **kw)
+        b = generate(cfg, params, PROMPTS, fuse_projections=True, **kw)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    want = _full_logprobs(cfg, params, PROMPTS, np.asarray(b.tokens))
+    np.testing.assert_allclose(b.logprobs, want, atol=2e-5, rtol=1e-5)
+
+
 def test_top_k_one_is_greedy(model):
     cfg, params = model
     g = generate(cfg, params, PROMPTS, max_new_tokens=N, rng=jax.random.PRNGKey(0), temperature=0)
@@ -240,6 +254,9 @@ def test_same_tokens_under_a_sharded_mesh(model):
     # ... and 3 rows, which do not split: padded to 4 inside (the same program), cut to 3.
     odd = generate(cfg, sharded, PROMPTS, mesh=mesh, rules=rules, **kw)
     np.testing.assert_array_equal(odd.tokens, want)
+    # Heads split over `tensor`: unfused by default; fused on request is still correct.
+    fused = generate(cfg, sharded, PROMPTS, mesh=mesh, rules=rules, fuse_projections=True, **kw)
+    np.testing.assert_array_equal(fused.tokens, want)
 
 
 class _CharTokenizer:

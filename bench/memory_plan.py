@@ -1,0 +1,216 @@
+"""Training memory plans without an accelerator: what a train step keeps live, by component.
+
+    python -m flaxlm.bench.memory_plan                         # 1b and 7b plans, a table
+    python -m flaxlm.bench.memory_plan --cases 7b:flax:bf16_params,7b:flax:bf16_save_proj --out OUT
+
+A GPU lease is too short to find out by OOM which plan fits, so the plan for each shape is
+sized here first, on the CPU, from the model's own code: everything below is traced abstractly
+(`jax.eval_shape` / `jax.make_jaxpr`), no array is allocated, so the 7B shape takes seconds.
+
+Cases are the flaxlm cases of bench/train_throughput.py ("SHAPE:flax:PLAN"), built by the same
+`flax_case_config`, so the plan sized here is the plan that runs there. Components, in bytes:
+
+  params      the train state's parameters (fp32 masters, or bf16 in the bf16_params plans)
+  opt state   AdamW's moments (mu in bf16 where the plan says so, nu in the param dtype)
+  grads       one gradient per parameter, in the parameter dtype
+  residuals   what the forward pass keeps for the backward under the plan's remat policy and
+              layer layout: the residuals of `jax.vjp` of the loss, minus the parameters
+              themselves (already counted). The bf16 copies of fp32 masters appear here.
+  dlogits     the float32 gradient of the (B, T, V) logits, the largest transient of the loss
+
+On a GPU the attention is cuDNN's fused kernel, which cannot be traced without cuDNN; tracing
+swaps in a stand-in with the same residuals as the kernel (q, k, v, the output and the float32
+softmax statistics, B·N·T), so the count is the kernel's, not plain XLA attention's B·N·T·T.
+
+`estimate = params + opt state + grads + residuals + dlogits` is an upper bound of the step's
+peak, and a loose one: the residuals are counted at the jaxpr level, before XLA fuses, and
+most of their bytes are elementwise values a GPU fusion recomputes from their inputs instead of
+keeping (silu's sigmoid, the float32 copies RMSNorm makes); in the backward pass the residuals
+of the last layers are also freed before the gradients of the first ones exist. Measured
+against it: the 1.1B `fast` plan estimates 60.9 GiB and peaked at 37.2 GiB on the H200
+(bench/RESULTS.md), 0.61 of the bound. So a plan whose bound fits fits; one whose bound does
+not may still fit, and is only tried on the GPU after the plans that surely fit. (Compiling the
+step for the CPU instead is no better guide: XLA:CPU fuses less, its buffer assignment for the
+1.1B step needs 58 GiB of temporaries alone.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import numpy as np
+
+GiB = 2**30
+HBM_BYTES = 139 * GiB  # what the H200 lease exposes to one process (about 139 GiB usable)
+
+DEFAULT_CASES = [
+    "1b:flax:fast",
+    "7b:flax:bf16_params",
+    "7b:flax:bf16_save_proj",
+    "7b:flax:bf16_full_remat",
+]
+
+
+def _nbytes(tree) -> int:
+    import jax
+
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def _aval_bytes(aval) -> int:
+    return int(np.prod(aval.shape) * np.dtype(aval.dtype).itemsize)
+
+
+def residual_bytes(f, *args) -> tuple[int, int]:
+    """(bytes, count) of the values `jax.vjp(f, *args)` keeps for the backward pass, excluding
+    the arguments themselves (they live anyway). Traced only: nothing runs."""
+    import jax
+
+    leaves, tree = jax.tree.flatten(args)
+
+    def vjp_of_flat(*flat):
+        return jax.vjp(lambda *a: f(*jax.tree.unflatten(tree, a)), *flat)
+
+    closed, (_, vjp_shape) = jax.make_jaxpr(vjp_of_flat, return_shape=True)(*leaves)
+    n_res = len(jax.tree.leaves(vjp_shape))
+    jaxpr = closed.jaxpr
+    inputs = {id(v) for v in jaxpr.invars}
+    seen, total = set(), 0
+    for v in jaxpr.outvars[len(jaxpr.outvars) - n_res :]:
+        if type(v).__name__ == "Literal" or id(v) in inputs or id(v) in seen:
+            continue
+        seen.add(id(v))
+        total += _aval_bytes(v.aval)
+    return total, len(seen)
+
+
+def _flash_standin():
+    """An attention with cuDNN flash attention's residuals (q, k, v, out, fp32 softmax stats),
+    for tracing on a machine without cuDNN. Its backward is never run, only traced."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxlm.models import attention
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+        return q  # (B, T, N, H): the output's shape and dtype (GQA keeps q's head count)
+
+    def fwd(q, k, v):
+        out = attend(q, k, v)
+        stats = jnp.zeros(q.shape[:3], jnp.float32) + q[..., 0].astype(jnp.float32)  # (B, T, N)
+        return out, (q, k, v, out * 1, stats)
+
+    def bwd(res, g):
+        q, k, v, _, _ = res
+        return g, jnp.zeros_like(k), jnp.zeros_like(v)
+
+    attend.defvjp(fwd, bwd)
+
+    def standin(q, k, v, mask, window=0):
+        del mask, window
+        return attend(q, k, v)
+
+    return attention, standin
+
+
+@contextlib.contextmanager
+def _traceable_cudnn():
+    attention, standin = _flash_standin()
+    real = attention.cudnn_attention
+    attention.cudnn_attention = standin
+    try:
+        yield
+    finally:
+        attention.cudnn_attention = real
+
+
+def plan_case(case: str) -> dict:
+    """The memory plan of one flaxlm train_throughput case (bytes per component, estimate)."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxlm.bench.train_throughput import flax_case_config
+    from flaxlm.train.losses import lm_loss_fn
+    from flaxlm.train.optim import make_optimizer
+    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.state import unbox
+
+    config, cfg, plan, batch, seq = flax_case_config(case)
+    init_params, apply = model_fns(cfg)
+    tx, _ = make_optimizer(config.opt, 1000)
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    data = {"tokens": tokens, "targets": tokens}
+    data["loss_mask"] = jax.ShapeDtypeStruct((batch, seq), jnp.float32)
+    loss_fn = lm_loss_fn(apply)
+    with _traceable_cudnn():
+        params = jax.eval_shape(lambda r: unbox(init_params(r)), jax.random.PRNGKey(0))
+        opt_state = jax.eval_shape(tx.init, params)
+        res, n_res = residual_bytes(lambda p, b: loss_fn(p, b, None)[0], params, data)
+    parts = {
+        "params": _nbytes(params),
+        "opt_state": _nbytes(opt_state),
+        "grads": _nbytes(params),
+        "residuals": res,
+        "dlogits": batch * seq * cfg.vocab_size * 4,
+    }
+    est = sum(parts.values())
+    return {
+        "case": case,
+        "plan": plan,
+        "batch": batch,
+        "seq_len": seq,
+        "model": {
+            "params": cfg.param_counts()["total"],
+            "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "vocab_size": cfg.vocab_size,
+            "param_dtype": str(jnp.dtype(cfg.param_dtype)),
+            "remat_policy": cfg.remat_policy,
+            "scan_layers": cfg.scan_layers,
+        },
+        "bytes": parts,
+        "residual_values": n_res,
+        "estimate_bytes": est,
+        "fits": est <= HBM_BYTES,
+    }
+
+
+def table(records: list[dict]) -> str:
+    cols = ["params", "opt_state", "grads", "residuals", "dlogits"]
+    lines = [
+        "| case | remat | " + " | ".join(cols) + " | estimate (GiB) | fits 139 GiB |",
+        "|---|---|" + "---|" * len(cols) + "---|---|",
+    ]
+    for r in records:
+        gb = [f"{r['bytes'][c] / GiB:.1f}" for c in cols]
+        lines.append(
+            f"| {r['case']} | {r['model']['remat_policy']} | " + " | ".join(gb)
+            + f" | {r['estimate_bytes'] / GiB:.1f} | {'yes' if r['fits'] else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES))
+    p.add_argument("--out", default="", help="also write memory_plan.jsonl / .md here")
+    a = p.parse_args(argv)
+    records = [plan_case(c) for c in a.cases.split(",") if c]
+    md = table(records)
+    print(md)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "memory_plan.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        with open(os.path.join(a.out, "memory_plan.md"), "w") as f:
+            f.write(md + "\n")
+    return records
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
