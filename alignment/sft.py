@@ -3,7 +3,7 @@
     python -m flaxlm.train.main --config configs/sft.py:runlocal=True \
         --config.init_from=runs/pt --workdir runs/sft
 
-The loss is pretraining's (`train/losses.py` `lm_loss_fn`); SFT differs only in its data: chat
+The loss is pretraining's (`train/pretrain.py` `lm_loss`); SFT differs only in its data: chat
 conversations rendered with the template of `data/formats.py`, whose `loss_mask` covers the
 assistant's answers (and their `<|end|>`), packed into rows without cross-example attention.
 
@@ -22,6 +22,7 @@ Evaluation (every `eval_every` steps, and at step 0 for the starting model's bas
 from __future__ import annotations
 
 import collections
+import functools
 
 import jax
 import ml_collections
@@ -32,8 +33,7 @@ from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch
 from flaxlm.train import loop
-from flaxlm.train.losses import lm_loss_fn
-from flaxlm.train.pretrain import model_fns
+from flaxlm.train.pretrain import lm_loss, model_fns
 from flaxlm.train.step import eval_step
 
 
@@ -190,9 +190,11 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
 
     init_params, apply = model_fns(cfg)
     spec = lora_lib.spec_from_config(config.lora)
+    prepare = None
     if spec:
-        init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
-    loss_fn = lm_loss_fn(apply, z_loss=config.loss.z_loss)
+        init_params = lora_lib.with_lora(init_params, spec)
+        prepare = functools.partial(lora_lib.merge, spec=spec, freeze_base=True)
+    loss_fn = lm_loss(apply, config.loss, prepare)
     batches = F.SFTBatches(
         train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
         pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,

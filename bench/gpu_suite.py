@@ -44,6 +44,7 @@ GPU_CASES = [
     # The HF peer's own memory plan (full recompute per layer) on the flaxlm side.
     ("train 7b flaxlm full remat", 120, ["train_throughput", "--cases", "7b:flax:bf16_full_remat"]),
     ("train 1b flaxlm scan", 80, ["train_throughput", "--cases", "1b:flax:fast_scan"]),
+    ("train 1b flaxlm chunked ce", 80, ["train_throughput", "--cases", "1b:flax:fast_chunked_ce"]),
 ]
 
 TINY_CASES = [

@@ -17,6 +17,7 @@ Cases are the flaxlm cases of bench/train_throughput.py ("SHAPE:flax:PLAN"), bui
               layer layout: the residuals of `jax.vjp` of the loss, minus the parameters
               themselves (already counted). The bf16 copies of fp32 masters appear here.
   dlogits     the float32 gradient of the (B, T, V) logits, the largest transient of the loss
+              (of one (B, chunk, V) piece when the plan chunks the cross-entropy)
 
 On a GPU the attention is cuDNN's fused kernel, which cannot be traced without cuDNN; tracing
 swaps in a stand-in with the same residuals as the kernel (q, k, v, the output and the float32
@@ -135,9 +136,8 @@ def plan_case(case: str) -> dict:
     import jax.numpy as jnp
 
     from flaxlm.bench.train_throughput import flax_case_config
-    from flaxlm.train.losses import lm_loss_fn
     from flaxlm.train.optim import make_optimizer
-    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.pretrain import lm_loss, model_fns
     from flaxlm.train.state import unbox
 
     config, cfg, plan, batch, seq = flax_case_config(case)
@@ -146,7 +146,7 @@ def plan_case(case: str) -> dict:
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     data = {"tokens": tokens, "targets": tokens}
     data["loss_mask"] = jax.ShapeDtypeStruct((batch, seq), jnp.float32)
-    loss_fn = lm_loss_fn(apply)
+    loss_fn = lm_loss(apply, config.loss)
     with _traceable_cudnn():
         params = jax.eval_shape(lambda r: unbox(init_params(r)), jax.random.PRNGKey(0))
         opt_state = jax.eval_shape(tx.init, params)
@@ -156,7 +156,7 @@ def plan_case(case: str) -> dict:
         "opt_state": _nbytes(opt_state),
         "grads": _nbytes(params),
         "residuals": res,
-        "dlogits": batch * seq * cfg.vocab_size * 4,
+        "dlogits": batch * (config.loss.get("chunk_tokens", 0) or seq) * cfg.vocab_size * 4,
     }
     est = sum(parts.values())
     return {
@@ -189,7 +189,8 @@ def table(records: list[dict]) -> str:
     for r in records:
         gb = [f"{r['bytes'][c] / GiB:.1f}" for c in cols]
         lines.append(
-            f"| {r['case']} | {r['model']['remat_policy']} | " + " | ".join(gb)
+            f"| {r['case']} | {r['model']['remat_policy']} | "
+            + " | ".join(gb)
             + f" | {r['estimate_bytes'] / GiB:.1f} | {'yes' if r['fits'] else 'no'} |"
         )
     return "\n".join(lines)

@@ -61,6 +61,10 @@ PLANS = {
         remat_policy="save_proj",
         scan_layers=True,
     ),
+    "fast_chunked_ce": {
+        **dict(dtype="bfloat16", attention_impl="cudnn", remat_policy="none"),
+        "loss.chunk_tokens": 512,  # cross-entropy over 4 chunks of 512 positions
+    },
     "xla_attn": dict(dtype="bfloat16", attention_impl="xla", remat_policy="none"),
     "cpu": dict(),
 }
@@ -113,7 +117,10 @@ def flax_case_config(case: str):
     config = pretrain_config.get_config(f"variant={variant},data=markov")
     with config.unlocked():
         for k, v in PLANS[plan].items():
-            config.model[k] = v
+            if k.startswith("loss."):
+                config.loss[k.removeprefix("loss.")] = v
+            else:
+                config.model[k] = v
         if PLANS[plan].get("param_dtype") == "bfloat16":
             config.opt.mu_dtype = "bfloat16"
         config.opt.warmup_steps = 10
@@ -125,9 +132,8 @@ def run_flax(case: str, steps: int, warmup: int) -> dict:
     import numpy as np
 
     from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
-    from flaxlm.train.losses import lm_loss_fn
     from flaxlm.train.optim import make_optimizer
-    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.pretrain import lm_loss, model_fns
     from flaxlm.train.state import create_train_state
     from flaxlm.train.step import jit_train_step
 
@@ -135,7 +141,7 @@ def run_flax(case: str, steps: int, warmup: int) -> dict:
     mesh = make_mesh({"data": -1})
     rules = logical_axis_rules("fsdp")
     init_params, apply = model_fns(cfg)
-    loss_fn = lm_loss_fn(apply)
+    loss_fn = lm_loss(apply, config.loss)
     tx, sched = make_optimizer(config.opt, 1000)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)

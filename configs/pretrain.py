@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.opt.warmup_steps = max(steps // 20, 1) if a.runlocal else min(2000, steps // 20)
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient (1e-4 stabilises bf16 runs)
+    c.loss.chunk_tokens = 0  # > 0: CE over chunks of this many positions (no full logits)
     c.data = data_config()  # text pipeline keys (data/pipeline.py documents each)
     c.data.kind = a.data  # text | markov
     c.data.markov_branching = 4  # markov: successors per token of the synthetic chain

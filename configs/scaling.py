@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval_batches = 100_000 if a.heldout else 24  # batches per evaluation: all of it
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient
+    c.loss.chunk_tokens = 0  # > 0: CE over chunks of this many positions (no full logits)
 
     c.opt.lr = LR_BASE * (64.0 / d.to_float()) ** LR_EXPONENT  # follows model.d_model
     total = c.get_ref("total_steps")

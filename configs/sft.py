@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.vocab_size = c.data.builtin_vocab_size  # the built-in tokenizer's vocab
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient
+    c.loss.chunk_tokens = 0  # > 0: CE over chunks of this many positions (no full logits)
     c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
     c.eval_gen = eval_gen_config("builtin:sft_heldout,builtin:heldout_facts")
     c.opt.lr = lr * (10 if a.lora else 1)  # adapters start at zero and need a larger step

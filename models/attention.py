@@ -176,6 +176,7 @@ class Attention(nn.Module):
             )(x_BTD)
             q, k, v = jnp.split(qkv, [N, N + K], axis=2)
         else:
+            heads = {"q": (N, "q_heads"), "k": (K, "kv_heads"), "v": (K, "kv_heads")}
             q, k, v = (
                 Proj(
                     (D, n, H),
@@ -185,7 +186,7 @@ class Attention(nn.Module):
                     name=name,
                     remat_name="qkv",
                 )(x_BTD)
-                for name, n, axis in (("q", N, "q_heads"), ("k", K, "kv_heads"), ("v", K, "kv_heads"))
+                for name, (n, axis) in heads.items()
             )
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))

@@ -115,9 +115,9 @@ class MLP(nn.Module):
         cfg = self.cfg
         shape, axes = (cfg.d_model, cfg.d_ff), ("embed", "mlp")
         if self.fused:
-            gate_up = Proj(
-                (cfg.d_model, 2, cfg.d_ff), ("embed", None, "mlp"), cfg, name="gate_up"
-            )(x)
+            gate_up = Proj((cfg.d_model, 2, cfg.d_ff), ("embed", None, "mlp"), cfg, name="gate_up")(
+                x
+            )
             gate = checkpoint_name(gate_up[..., 0, :], "mlp_in")
             up = checkpoint_name(gate_up[..., 1, :], "mlp_in")
         else:

@@ -95,5 +95,5 @@ def test_cudnn_attention_is_restored_after_planning(tiny_plans):
     from flaxlm.models import attention
 
     x = np.zeros((1, 8, 2, 4), np.float32)
-    with pytest.raises(Exception):  # the real kernel: no cuDNN on the CPU
+    with pytest.raises(RuntimeError, match="cuDNN"):  # the real kernel: no cuDNN on the CPU
         attention.cudnn_attention(x, x, x, None)

@@ -56,6 +56,76 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
     return loss, metrics
 
 
+def _token_sums(logits_BTV, targets_BT, mask_BT):
+    """Masked sums over tokens: (Σ nll, Σ log²Z, Σ correct), float32 — what both the full and
+    the chunked cross-entropy add up."""
+    logits = logits_BTV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
+    mask = mask_BT.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets_BT).astype(jnp.float32)
+    return jnp.stack([jnp.sum((lse - picked) * mask), jnp.sum(jnp.square(lse) * mask),
+                      jnp.sum(correct * mask)])  # fmt: skip
+
+
+def chunked_cross_entropy(hidden_BTD, head_fn: Callable, targets_BT, mask_BT, chunk: int,
+                          z_loss: float = 0.0):  # fmt: skip
+    """`cross_entropy(head_fn(hidden), ...)` without ever holding the (B, T, V) logits.
+
+    The sequence is cut into T/chunk pieces; a scan applies the LM head to one (B, chunk, D)
+    piece at a time and adds up its token sums, and the piece is rematerialised in the backward
+    pass (`jax.checkpoint`), so only (B, chunk, V) logits live at once, forward or backward.
+    Same value, metrics and gradients as the full loss (up to float summation order); it trades
+    one extra head matmul for the memory of the float32 logits, their softmax and their
+    gradient — 3 × B·T·V·4 bytes, which grows with the vocabulary (Llama 3: 128k).
+    """
+    B, T, D = hidden_BTD.shape
+    if chunk <= 0 or T % chunk:
+        raise ValueError(f"loss.chunk_tokens={chunk} must be > 0 and divide seq_len={T}")
+    n = T // chunk
+
+    def pieces(x):  # (B, T, ...) -> (n, B, chunk, ...)
+        return jnp.swapaxes(x.reshape(B, n, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def piece_sums(h, t, m):
+        return _token_sums(head_fn(h), t, m)
+
+    def body(total, xs):
+        return total + piece_sums(*xs), None
+
+    xs = (pieces(hidden_BTD), pieces(targets_BT), pieces(mask_BT))
+    sums, _ = jax.lax.scan(body, jnp.zeros((3,), jnp.float32), xs)
+    return _loss_and_metrics(sums, jnp.sum(mask_BT.astype(jnp.float32)), z_loss)
+
+
+def _loss_and_metrics(sums, weight, z_loss: float):
+    denom = jnp.maximum(weight, 1.0)
+    nll, z, acc = sums[0] / denom, sums[1] / denom, sums[2] / denom
+    return nll + z_loss * z, {"nll": nll, "z_loss": z, "accuracy": acc, "weight": weight}
+
+
+def chunked_lm_loss_fn(model_apply: Callable, chunk: int, z_loss: float = 0.0,
+                       prepare: Callable | None = None):  # fmt: skip
+    """`lm_loss_fn` with the cross-entropy chunked over tokens (`chunked_cross_entropy`).
+
+    `model_apply(params, tokens, positions, segment_ids, method=...)` runs the Transformer's
+    `backbone` (final hidden states) and `logits` (the LM head) methods; `prepare(params)`
+    (e.g. folding LoRA adapters in) runs once per step, not once per chunk.
+    """
+
+    def loss_fn(params, batch, rng):
+        del rng
+        p = prepare(params) if prepare else params
+        h, _ = model_apply(
+            p, batch["tokens"], batch.get("positions"), batch.get("segment_ids"), method="backbone"
+        )
+        head = lambda x: model_apply(p, x, method="logits")
+        return chunked_cross_entropy(h, head, batch["targets"], batch["loss_mask"], chunk, z_loss)
+
+    return loss_fn
+
+
 def lm_loss_fn(apply_fn: Callable, z_loss: float = 0.0):
     """Next-token loss over a packed batch: the pretraining and SFT loss.
 

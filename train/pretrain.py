@@ -19,7 +19,7 @@ from flaxlm.configs.common import to_model_config
 from flaxlm.models.sharding import batch_divisor, make_mesh, shard_batch
 from flaxlm.models.transformer import Transformer
 from flaxlm.train import loop
-from flaxlm.train.losses import lm_loss_fn
+from flaxlm.train.losses import chunked_lm_loss_fn, lm_loss_fn
 from flaxlm.train.step import eval_step
 
 
@@ -31,10 +31,27 @@ def model_fns(cfg):
         tokens = np.zeros((1, 8), np.int32)
         return model.init(rng, tokens)["params"]
 
-    def apply(params, tokens, positions=None, segment_ids=None):
-        return model.apply({"params": params}, tokens, positions, segment_ids)
+    def apply(params, tokens, positions=None, segment_ids=None, method=None):
+        """Logits; `method="backbone"` gives the final hidden states (and None), `"logits"`
+        applies the LM head to hidden states given as `tokens`."""
+        if method == "logits":
+            return model.apply({"params": params}, tokens, method="logits")
+        return model.apply({"params": params}, tokens, positions, segment_ids, method=method)
 
     return init_params, apply
+
+
+def lm_loss(apply, loss_cfg, prepare=None):
+    """The next-token loss `config.loss` asks for: over full logits, or chunked over tokens
+    when `loss.chunk_tokens` > 0 (train/losses.py `chunked_cross_entropy`). `apply` is
+    model_fns' apply; `prepare` maps the train params to the model's (LoRA merge)."""
+    chunk = loss_cfg.get("chunk_tokens", 0)
+    if chunk:
+        return chunked_lm_loss_fn(apply, chunk, loss_cfg.z_loss, prepare)
+    if prepare is not None:
+        inner = apply
+        apply = lambda params, *a, **kw: inner(prepare(params), *a, **kw)  # noqa: E731
+    return lm_loss_fn(apply, z_loss=loss_cfg.z_loss)
 
 
 def _builtin_world_texts(split: str = "pretrain") -> list[str]:
@@ -140,7 +157,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
         )
     init_params, apply = model_fns(cfg)
-    loss_fn = lm_loss_fn(apply, z_loss=config.loss.z_loss)
+    loss_fn = lm_loss(apply, config.loss)
     batches = make_batches(config, seed=config.seed)
     tokenizer = getattr(batches, "tokenizer", None)
     meta = {"model_config": cfg.to_dict()}
