@@ -212,6 +212,7 @@ class RolloutSource:
             self.cfg, params, prompts, max_new_tokens=r.max_new_tokens, rng=rng,
             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
+            check_every=r.get("check_every", 1),
         )  # fmt: skip
         out = jax.device_get(out)
         gen_s = time.perf_counter() - t0

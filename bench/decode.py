@@ -48,9 +48,13 @@ XLA_FLAG_SETS = {
 }
 # Named `generate` options a flax case may add (case suffix ":NAME", combinable with a flag
 # set): "unfused" decodes with separate q/k/v and gate/up matmuls, the layout before fused
-# projections became the default, to measure what fusing pays.
+# projections became the default, to measure what fusing pays. "while" gives a stop token that
+# never comes (-1), which runs the loop RL rollouts run (a while loop that tests "all rows
+# stopped" every step, a device-to-host read); "while8" tests it every 8 tokens instead.
 GENERATE_OPTIONS = {
     "unfused": {"fuse_projections": False},
+    "while": {"stop_tokens": (-1,)},
+    "while8": {"stop_tokens": (-1,), "check_every": 8},
 }
 # (variant, prompt length, new tokens, batches, dtype, runs)
 SHAPES = {

@@ -39,12 +39,16 @@ GPU_CASES = [
     ("train 7b hf eager ckpt", 60, ["train_throughput", "--cases", "7b:hf-eager:ckpt"]),
     ("train 1b hf compile", 150, ["train_throughput", "--cases", "1b:hf-compile"]),
     ("decode 1b flaxlm b64 unfused", 60, ["decode", "--cases", "1b:flax:b64:unfused"]),
+    # The rollout loop (stop tokens): a condition read per token, or per 8 tokens.
+    ("decode 1b flaxlm b64 while", 60, ["decode", "--cases", "1b:flax:b64:while"]),
+    ("decode 1b flaxlm b64 while8", 90, ["decode", "--cases", "1b:flax:b64:while8"]),
     ("alignment dpo+ppo", 150, ["alignment_throughput"]),  # two cases, each compiles
     ("decode 1b hf b1", 60, ["decode", "--cases", "1b:hf:b1"]),
     # The HF peer's own memory plan (full recompute per layer) on the flaxlm side.
     ("train 7b flaxlm full remat", 120, ["train_throughput", "--cases", "7b:flax:bf16_full_remat"]),
     ("train 1b flaxlm scan", 80, ["train_throughput", "--cases", "1b:flax:fast_scan"]),
     ("train 1b flaxlm chunked ce", 80, ["train_throughput", "--cases", "1b:flax:fast_chunked_ce"]),
+    ("train 1b flaxlm cublas", 80, ["train_throughput", "--cases", "1b:flax:fast:no_triton_gemm"]),
 ]
 
 TINY_CASES = [

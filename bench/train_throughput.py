@@ -7,7 +7,7 @@ Each case runs in its own subprocess (so every case starts with an empty acceler
 crash or OOM costs only that case) and appends one JSON record to OUT/train_throughput.jsonl;
 the driver then writes OUT/train_throughput.md with the table and the flaxlm/peer ratios.
 
-Cases are "SHAPE:IMPL[:PLAN]":
+Cases are "SHAPE:IMPL[:PLAN[:FLAGS]]" (FLAGS: a name in XLA_FLAG_SETS, flax only):
   SHAPE  125m | 1b (TinyLlama-1.1B) | 7b (Llama-2-7B) | tiny (CPU smoke)
   IMPL   flax | hf-eager | hf-compile
   PLAN   flax: a named memory/speed plan from PLANS (default: the shape's first plan);
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,6 +71,14 @@ PLANS = {
 }
 
 PEAK_TFLOPS = 989.0
+
+# XLA flag sets a flax case may add as a 4th part ("1b:flax:fast:no_triton_gemm"); the driver
+# puts them in the case subprocess's XLA_FLAGS. Candidates from the JAX GPU performance notes,
+# each to be kept only if it pays on the H200 (measured against the same plan without it).
+XLA_FLAG_SETS = {
+    "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",  # cuBLAS for every matmul
+}
 
 
 def _flops(variant: str, seq: int):
@@ -138,7 +147,10 @@ def run_flax(case: str, steps: int, warmup: int) -> dict:
     from flaxlm.train.step import jit_train_step
 
     config, cfg, plan, batch, seq = flax_case_config(case)
-    mesh = make_mesh({"data": -1})
+    # Data parallel over as many devices as split the batch (all of them on a GPU host; the
+    # CPU smoke test's 4 rows on 8 simulated devices use 4).
+    n_dev = math.gcd(batch, len(jax.devices()))
+    mesh = make_mesh({"data": n_dev}, devices=jax.devices()[:n_dev])
     rules = logical_axis_rules("fsdp")
     init_params, apply = model_fns(cfg)
     loss_fn = lm_loss(apply, config.loss)
@@ -349,9 +361,15 @@ def main(argv=None):
             "--warmup",
             str(a.warmup),
         ]
+        env = dict(os.environ)
+        for name in case.split(":")[3:]:
+            if name not in XLA_FLAG_SETS or case.split(":")[1] != "flax":
+                raise SystemExit(f"case {case!r}: {name!r} is not a flag set of a flax case "
+                                 f"({sorted(XLA_FLAG_SETS)})")  # fmt: skip
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG_SETS[name]).strip()
         t0 = time.perf_counter()
         try:
-            subprocess.run(cmd, timeout=a.timeout, check=False)
+            subprocess.run(cmd, timeout=a.timeout, check=False, env=env)
         except subprocess.TimeoutExpired:
             with open(path, "a") as f:
                 f.write(json.dumps({"case": case, "error": f"timeout {a.timeout}s"}) + "\n")

@@ -152,12 +152,16 @@ def _decode_fn(
     rules,
     early_exit: bool = True,
     fused: bool = False,
+    check_every: int = 1,
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
 
     `early_exit` (there are stop tokens) ends the loop once every row stopped; without stop
     tokens the loop is a scan of max_new - 1 steps, a known trip count, so an accelerator runs
-    it without reading a loop condition back to the host every step.
+    it without reading a loop condition back to the host every step. With stop tokens, each
+    while-loop iteration runs `check_every` steps, so the "every row stopped?" condition (a
+    device-to-host read on a GPU) is read once per that many tokens; steps past the end of
+    the output are masked no-ops.
 
     (The config is a frozen dataclass; it keys this Python-level cache, not a jit static arg.
     Mesh and rules are keys too: the logical rules are read at trace time, which jit's own
@@ -218,9 +222,23 @@ def _decode_fn(
             done = done | jnp.isin(new, stop_ids)
             return i + 1, cache, new, done, n_gen, out_tok, out_lp
 
+        def guarded(carry):  # a step of a block that may run past max_new: then a no-op
+            # (its cache write lands in a clamped slot, but nothing reads the cache after).
+            i, cache, tok, done, n_gen, out_tok, out_lp = carry
+            stepped = body((i, cache, tok, done | (i >= max_new), n_gen, out_tok, out_lp))
+            past = i >= max_new  # keep done, n_gen and the outputs as they were
+            kept = (jnp.where(past, a, b) for a, b in zip(carry[3:], stepped[3:]))
+            return (i + 1, stepped[1], stepped[2], *kept)
+
+        def block(carry):
+            for _ in range(check_every):
+                carry = guarded(carry)
+            return carry
+
         carry = (jnp.ones((), jnp.int32), cache, tok, done, n_gen, out_tok, out_lp)
         if early_exit:
-            _, _, _, _, n_gen, out_tok, out_lp = jax.lax.while_loop(cond, body, carry)
+            loop_body = body if check_every == 1 else block
+            _, _, _, _, n_gen, out_tok, out_lp = jax.lax.while_loop(cond, loop_body, carry)
         else:  # a counted loop (scan): the compiler knows its trip count
             step = lambda c, _: (body(c), None)
             carry, _ = jax.lax.scan(step, carry, length=max_new - 1)
@@ -296,6 +314,7 @@ def generate(
     rules=None,
     cache_dtype=None,
     fuse_projections: bool | None = None,
+    check_every: int = 1,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -316,6 +335,8 @@ def generate(
       fuse_projections: decode with one q|k|v and one gate|up matmul per layer (the weights
         are concatenated once per call). Default: on, unless the mesh splits heads over a
         `tensor` axis (the fused q|k|v axis would mix q and kv heads across its shards).
+      check_every: with stop tokens, test "every row stopped" once per this many tokens (a
+        device-to-host read per test on a GPU); the output is the same for any value.
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
@@ -323,6 +344,8 @@ def generate(
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if check_every < 1:
+        raise ValueError(f"generate: check_every must be >= 1, got {check_every}")
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id, cfg.vocab_size)
@@ -351,6 +374,7 @@ def generate(
         rules,
         len(stop_tokens) > 0,
         bool(fuse_projections),
+        int(check_every) if stop_tokens else 1,
     )
     args = (
         tokens,

@@ -188,6 +188,22 @@ def test_stop_tokens_end_rows(model):
     assert lens[0] <= 3
 
 
+@pytest.mark.parametrize("check_every", [3, 4])
+def test_blocked_stop_checks_give_the_same_output(model, check_every):
+    """Testing "all rows stopped" once per block of steps changes nothing in the output, also
+    when N is not a multiple of the block (the steps past N are masked no-ops) and when every
+    row stops early (the loop ends inside a block)."""
+    cfg, params = model
+    kw = dict(max_new_tokens=N, rng=jax.random.PRNGKey(5), temperature=0.9, pad_id=-1)
+    free = np.asarray(generate(cfg, params, PROMPTS, **kw).tokens)
+    for stops in ((-5,), (int(free[0, 1]), int(free[1, 4]), int(free[2, 2]))):
+        want = generate(cfg, params, PROMPTS, stop_tokens=stops, **kw)
+        got = generate(cfg, params, PROMPTS, stop_tokens=stops, check_every=check_every, **kw)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    assert np.asarray(want.lengths).max() < N  # the second set stopped every row early
+
+
 def test_decoding_is_one_compiled_loop(model, monkeypatch):
     """Model code is traced a fixed number of times (prefill + one loop body), whatever the
     number of new tokens; a Python loop per token would trace it once per token."""
@@ -233,6 +249,8 @@ def test_array_prompts_and_bad_inputs(model):
         generate(cfg, params, [[1], []], **kw)
     with pytest.raises(ValueError, match="token id 256 outside the vocab"):
         generate(cfg, params, [[1], [256]], **kw)
+    with pytest.raises(ValueError, match="check_every must be >= 1"):
+        generate(cfg, params, PROMPTS, check_every=0, **kw)
 
 
 def test_same_tokens_under_a_sharded_mesh(model):
