@@ -34,7 +34,7 @@ GPU_CASES = [
     ("decode 1b hf b64", 55, ["decode", "--cases", "1b:hf:b64"]),
     # Batch 1 against batch 64: equal step times would mean per-step overhead, not bandwidth.
     ("decode 1b flaxlm b1", 45, ["decode", "--cases", "1b:flax:b1"]),
-    # 7B: bf16 params, no remat (bench/memory_plan.py: bound 110.9 GiB of 139), vs HF + ckpt.
+    # 7B: bf16 params, no remat (bench/memory_plan.py: estimate 84 GiB, bound 111, of 139).
     ("train 7b flaxlm", 120, ["train_throughput", "--cases", "7b:flax:bf16_params"]),
     ("train 7b hf eager ckpt", 60, ["train_throughput", "--cases", "7b:hf-eager:ckpt"]),
     ("train 1b hf compile", 150, ["train_throughput", "--cases", "1b:hf-compile"]),
@@ -49,6 +49,7 @@ GPU_CASES = [
     ("train 1b flaxlm scan", 80, ["train_throughput", "--cases", "1b:flax:fast_scan"]),
     ("train 1b flaxlm chunked ce", 80, ["train_throughput", "--cases", "1b:flax:fast_chunked_ce"]),
     ("train 1b flaxlm cublas", 80, ["train_throughput", "--cases", "1b:flax:fast:no_triton_gemm"]),
+    ("train 125m flax+hf eager", 90, ["train_throughput", "--cases", "125m:flax,125m:hf-eager"]),
 ]
 
 TINY_CASES = [

@@ -23,16 +23,18 @@ On a GPU the attention is cuDNN's fused kernel, which cannot be traced without c
 swaps in a stand-in with the same residuals as the kernel (q, k, v, the output and the float32
 softmax statistics, B·N·T), so the count is the kernel's, not plain XLA attention's B·N·T·T.
 
-`estimate = params + opt state + grads + residuals + dlogits` is an upper bound of the step's
-peak, and a loose one: the residuals are counted at the jaxpr level, before XLA fuses, and
-most of their bytes are elementwise values a GPU fusion recomputes from their inputs instead of
-keeping (silu's sigmoid, the float32 copies RMSNorm makes); in the backward pass the residuals
-of the last layers are also freed before the gradients of the first ones exist. Measured
-against it: the 1.1B `fast` plan estimates 60.9 GiB and peaked at 37.2 GiB on the H200
-(bench/RESULTS.md), 0.61 of the bound. So a plan whose bound fits fits; one whose bound does
-not may still fit, and is only tried on the GPU after the plans that surely fit. (Compiling the
-step for the CPU instead is no better guide: XLA:CPU fuses less, its buffer assignment for the
-1.1B step needs 58 GiB of temporaries alone.)
+Two totals of `params + opt state + grads + residuals + dlogits`:
+  bound           with jax's residual count, before any fusion: an upper bound, and a loose
+                  one — most of those bytes are elementwise values a GPU fusion recomputes from
+                  their inputs instead of keeping (silu's sigmoid, RMSNorm's float32 copies).
+  fused estimate  with `fused_residual_bytes`: only what a fusing compiler must write (matmul,
+                  attention and gather outputs, and elementwise values a matmul reads).
+Checked against the GPU: the 1.1B `fast` plan peaked at 37.2 GiB on the H200
+(bench/RESULTS.md); its fused estimate is 42.4 GiB (1.14×), its bound 60.9 GiB. The estimate
+stays above the peak because in the backward pass the residuals of the last layers are freed
+before the gradients of the first ones exist. So a plan whose bound fits fits, and one whose
+fused estimate fits very likely does. (Compiling the step for the CPU instead is no guide:
+XLA:CPU fuses less; its buffer assignment for the 1.1B step needs 58 GiB of temporaries alone.)
 """
 
 from __future__ import annotations
@@ -66,9 +68,29 @@ def _aval_bytes(aval) -> int:
     return int(np.prod(aval.shape) * np.dtype(aval.dtype).itemsize)
 
 
-def residual_bytes(f, *args) -> tuple[int, int]:
-    """(bytes, count) of the values `jax.vjp(f, *args)` keeps for the backward pass, excluding
-    the arguments themselves (they live anyway). Traced only: nothing runs."""
+# Primitives XLA fuses into one kernel with their neighbours (elementwise, layout, identity
+# names), and reductions, which read fused elementwise producers without materialising them.
+_ELEMENTWISE = frozenset(
+    "convert_element_type mul add sub neg exp log logistic rsqrt sqrt div max min select_n "
+    "broadcast_in_dim reshape squeeze expand_dims integer_pow square tanh pow eq ne lt gt le ge "
+    "and or not abs sign copy transpose slice concatenate pad iota erf exp2 log1p expm1 "
+    "stop_gradient name".split()
+)
+_REDUCTIONS = frozenset(
+    "reduce_sum reduce_max reduce_min argmax argmin reduce_and reduce_or".split()
+)
+
+
+def _is_elementwise(eqn) -> bool:
+    if eqn.primitive.name in _ELEMENTWISE:
+        return True
+    if eqn.primitive.name in ("pjit", "jit"):  # jitted helpers such as jax.nn.silu
+        return all(_is_elementwise(e) for e in eqn.params["jaxpr"].jaxpr.eqns)
+    return False
+
+
+def _vjp_residuals(f, *args):
+    """(jaxpr, residual vars) of `jax.vjp(f, *args)`, traced only: nothing runs."""
     import jax
 
     leaves, tree = jax.tree.flatten(args)
@@ -77,16 +99,55 @@ def residual_bytes(f, *args) -> tuple[int, int]:
         return jax.vjp(lambda *a: f(*jax.tree.unflatten(tree, a)), *flat)
 
     closed, (_, vjp_shape) = jax.make_jaxpr(vjp_of_flat, return_shape=True)(*leaves)
-    n_res = len(jax.tree.leaves(vjp_shape))
     jaxpr = closed.jaxpr
+    n_res = len(jax.tree.leaves(vjp_shape))
     inputs = {id(v) for v in jaxpr.invars}
-    seen, total = set(), 0
+    res, seen = [], set()
     for v in jaxpr.outvars[len(jaxpr.outvars) - n_res :]:
         if type(v).__name__ == "Literal" or id(v) in inputs or id(v) in seen:
             continue
         seen.add(id(v))
-        total += _aval_bytes(v.aval)
-    return total, len(seen)
+        res.append(v)
+    return jaxpr, res
+
+
+def residual_bytes(f, *args) -> tuple[int, int]:
+    """(bytes, count) of the values `jax.vjp(f, *args)` keeps for the backward pass, excluding
+    the arguments themselves (they live anyway) — jax's own count, before any fusion."""
+    _, res = _vjp_residuals(f, *args)
+    return sum(_aval_bytes(v.aval) for v in res), len(res)
+
+
+def fused_residual_bytes(f, *args) -> int:
+    """Bytes of residuals a fusing compiler materialises: a residual made by elementwise ops
+    that, in the forward pass, only feed other elementwise ops or reductions is never written
+    to memory — the backward fusion recomputes it from the nearest values that are (matmul,
+    attention and gather outputs, or elementwise values a matmul reads), and those are
+    counted instead. A model of XLA's fusion, not its buffer assignment: checked against the
+    H200's measured peak in bench/RESULTS.md."""
+    jaxpr, res = _vjp_residuals(f, *args)
+    producer, consumers = {}, {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            producer[id(v)] = eqn
+        for v in eqn.invars:
+            if type(v).__name__ != "Literal":
+                consumers.setdefault(id(v), []).append(eqn)
+    inputs = {id(v) for v in jaxpr.invars}
+    kept, stack = {}, list(res)
+    while stack:  # walk back from each residual through fusable producers
+        v = stack.pop()
+        eqn = producer.get(id(v))
+        if id(v) in inputs or eqn is None or id(v) in kept:
+            continue
+        fusable_uses = all(
+            _is_elementwise(c) or c.primitive.name in _REDUCTIONS for c in consumers.get(id(v), [])
+        )
+        if _is_elementwise(eqn) and fusable_uses:
+            stack.extend(u for u in eqn.invars if type(u).__name__ != "Literal")
+        else:
+            kept[id(v)] = v
+    return sum(_aval_bytes(v.aval) for v in kept.values())
 
 
 def _flash_standin():
@@ -150,7 +211,9 @@ def plan_case(case: str) -> dict:
     with _traceable_cudnn():
         params = jax.eval_shape(lambda r: unbox(init_params(r)), jax.random.PRNGKey(0))
         opt_state = jax.eval_shape(tx.init, params)
-        res, n_res = residual_bytes(lambda p, b: loss_fn(p, b, None)[0], params, data)
+        scalar_loss = lambda p, b: loss_fn(p, b, None)[0]  # noqa: E731
+        res, n_res = residual_bytes(scalar_loss, params, data)
+        fused_res = fused_residual_bytes(scalar_loss, params, data)
     parts = {
         "params": _nbytes(params),
         "opt_state": _nbytes(opt_state),
@@ -159,6 +222,7 @@ def plan_case(case: str) -> dict:
         "dlogits": batch * (config.loss.get("chunk_tokens", 0) or seq) * cfg.vocab_size * 4,
     }
     est = sum(parts.values())
+    fused_est = est - res + fused_res
     return {
         "case": case,
         "plan": plan,
@@ -175,7 +239,9 @@ def plan_case(case: str) -> dict:
         },
         "bytes": parts,
         "residual_values": n_res,
+        "fused_residual_bytes": fused_res,
         "estimate_bytes": est,
+        "fused_estimate_bytes": fused_est,
         "fits": est <= HBM_BYTES,
     }
 
@@ -183,15 +249,17 @@ def plan_case(case: str) -> dict:
 def table(records: list[dict]) -> str:
     cols = ["params", "opt_state", "grads", "residuals", "dlogits"]
     lines = [
-        "| case | remat | " + " | ".join(cols) + " | estimate (GiB) | fits 139 GiB |",
-        "|---|---|" + "---|" * len(cols) + "---|---|",
+        "| case | remat | " + " | ".join(cols) + " | fused residuals | bound (GiB) | "
+        "fused estimate (GiB) | bound fits 139 GiB |",
+        "|---|---|" + "---|" * len(cols) + "---|---|---|---|",
     ]
     for r in records:
         gb = [f"{r['bytes'][c] / GiB:.1f}" for c in cols]
         lines.append(
             f"| {r['case']} | {r['model']['remat_policy']} | "
             + " | ".join(gb)
-            + f" | {r['estimate_bytes'] / GiB:.1f} | {'yes' if r['fits'] else 'no'} |"
+            + f" | {r['fused_residual_bytes'] / GiB:.1f} | {r['estimate_bytes'] / GiB:.1f} | "
+            f"{r['fused_estimate_bytes'] / GiB:.1f} | {'yes' if r['fits'] else 'no'} |"
         )
     return "\n".join(lines)
 

@@ -45,6 +45,23 @@ def test_residuals_match_jax_own_listing():
     assert memory_plan.residual_bytes(lambda x, w, w2: (x * 3).sum(), x, w, w2) == (0, 0)
 
 
+def test_fused_count_keeps_only_what_a_fusion_must_write():
+    x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((16, 32), jnp.float32)
+    w2 = jax.ShapeDtypeStruct((32, 16), jnp.float32)
+    act = 8 * 32 * 4  # one (8, 32) float32 activation
+    # tanh's output and 1 - y are recomputed from the matmul output, which is what stays.
+    tanh = lambda x, w, w2: jnp.tanh(x @ w).sum()  # noqa: E731
+    assert memory_plan.residual_bytes(tanh, x, w, w2)[0] == 2 * act
+    assert memory_plan.fused_residual_bytes(tanh, x, w, w2) == act
+    # silu's output feeds a matmul, so it is written; its sigmoid is recomputed from x @ w.
+    silu = lambda x, w, w2: (jax.nn.silu(x @ w) @ w2).sum()  # noqa: E731
+    assert memory_plan.fused_residual_bytes(silu, x, w, w2) == 2 * act
+    assert memory_plan.residual_bytes(silu, x, w, w2)[0] > 2 * act
+    # A matmul output stays whatever follows it.
+    assert memory_plan.fused_residual_bytes(lambda x, w, w2: (x @ w @ w2).sum(), x, w, w2) == act
+
+
 def test_checkpointing_drops_the_residuals():
     x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
     w = jax.ShapeDtypeStruct((16, 16), jnp.float32)
@@ -76,6 +93,9 @@ def test_state_components_follow_the_parameter_count(tiny_plans):
     batch, seq = fp32["batch"], fp32["seq_len"]
     assert fp32["bytes"]["dlogits"] == batch * seq * fp32["model"]["vocab_size"] * 4
     assert fp32["estimate_bytes"] == sum(fp32["bytes"].values())
+    for r in tiny_plans.values():  # the fused count never exceeds jax's own
+        assert 0 < r["fused_residual_bytes"] <= r["bytes"]["residuals"]
+        assert r["fused_estimate_bytes"] <= r["estimate_bytes"]
 
 
 def test_remat_policies_order_the_residuals(tiny_plans):
