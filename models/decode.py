@@ -230,9 +230,8 @@ def _decode_fn(
             kept = (jnp.where(past, a, b) for a, b in zip(carry[3:], stepped[3:]))
             return (i + 1, stepped[1], stepped[2], *kept)
 
-        def block(carry):
-            for _ in range(check_every):
-                carry = guarded(carry)
+        def block(carry):  # a counted inner loop: compiled once, no condition read back
+            carry, _ = jax.lax.scan(lambda c, _: (guarded(c), None), carry, length=check_every)
             return carry
 
         carry = (jnp.ones((), jnp.int32), cache, tok, done, n_gen, out_tok, out_lp)
