@@ -56,13 +56,13 @@ What is counted:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+
+from flaxlm.bench import driver
 
 # Shapes: variant, tokenizer vocab, DPO (pairs per batch, seq_len), PPO (rollout batch,
 # minibatch, max prompt len, new tokens). DPO: configs/dpo.py's seq_len, fewer pairs than its
@@ -352,18 +352,6 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _latest(path: str) -> list[dict]:
-    latest: dict = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    rec = json.loads(line)
-                    latest.pop(rec["case"], None)
-                    latest[rec["case"]] = rec
-    return list(latest.values())
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
@@ -381,15 +369,10 @@ def main(argv=None):
     if a.one:
         work = a.work or tempfile.mkdtemp(prefix="flaxlm-align-bench-")
         try:
-            rec = run_case(a.one, work, steps, iters)
-        except Exception as e:  # recorded, so one failing case does not hide the others
-            rec = {"case": a.one, "error": f"{type(e).__name__}: {e}"}
+            driver.run_one(path, a.one, lambda: run_case(a.one, work, steps, iters))
         finally:
             if not a.work:
                 shutil.rmtree(work, ignore_errors=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
         return
     cases = a.cases.split(",") if a.cases else (
         ["tiny:dpo", "tiny:ppo"] if a.tiny else ["125m:dpo", "125m:ppo"])  # fmt: skip
@@ -399,16 +382,9 @@ def main(argv=None):
             cmd = [sys.executable, "-m", "flaxlm.bench.alignment_throughput", "--out", a.out,
                    "--one", case, "--work", work, "--steps", str(steps),
                    "--iters", str(iters)]  # fmt: skip
-            t0 = time.perf_counter()
-            try:
-                subprocess.run(cmd, timeout=a.timeout, check=False)
-            except subprocess.TimeoutExpired:
-                with open(path, "a") as f:
-                    f.write(json.dumps({"case": case, "error": f"timeout {a.timeout}s"}) + "\n")
-            print(f"[{case}] {time.perf_counter() - t0:.0f}s", flush=True)
-            md = table(_latest(path))  # after every case: a run cut short keeps its table
-            with open(os.path.join(a.out, "alignment_throughput.md"), "w") as f:
-                f.write(md + "\n")
+            driver.run_case(cmd, case, path, a.timeout)
+            md = table(driver.latest_records(path))  # after every case: a run cut short
+            driver.write_table(a.out, "alignment_throughput.md", md)  # keeps its table
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(md)

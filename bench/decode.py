@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -266,6 +265,8 @@ def main(argv=None):
             f.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
         return
+    from flaxlm.bench import driver  # the driver side only: an HF child may lack flaxlm
+
     shape = "tiny" if a.tiny else "1b"
     batches = SHAPES[shape][3]
     cases = a.cases.split(",") if a.cases else [
@@ -278,36 +279,20 @@ def main(argv=None):
         dims = json.dumps(model_dims(SHAPES[s][0]))
         cmd = [py, os.path.abspath(__file__), "--out", a.out, "--one", case,
                "--runs", str(a.runs), "--dims", dims]  # fmt: skip
-        env = dict(os.environ)
-        for name in case.split(":")[3:]:  # e.g. 1b:flax:b64:cmdbuf — other XLA flags
-            if impl != "flax" or name not in {*XLA_FLAG_SETS, *GENERATE_OPTIONS}:
-                raise SystemExit(f"case {case!r}: {name!r} is none of the flag sets "
-                                 f"{sorted(XLA_FLAG_SETS)} or options {sorted(GENERATE_OPTIONS)}"
-                                 " (flax cases only)")  # fmt: skip
-            if name in XLA_FLAG_SETS:
-                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG_SETS[name]).strip()
+        extra = case.split(":")[3:]  # e.g. 1b:flax:b64:cmdbuf — other XLA flags or options
+        if extra and impl != "flax":
+            raise SystemExit(f"case {case!r}: flag sets and options are for flax cases only")
+        env = driver.case_env(case, extra, XLA_FLAG_SETS, allowed=GENERATE_OPTIONS)
         if impl == "hf":  # the HF side needs no flaxlm; keep JAX's memory settings out of it
             env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
-        t0 = time.perf_counter()
-        try:
-            subprocess.run(cmd, timeout=a.timeout, check=False, env=env)
-        except subprocess.TimeoutExpired:
-            with open(path, "a") as f:
-                f.write(json.dumps({"case": case, "error": f"timeout {a.timeout}s"}) + "\n")
-        print(f"[{case}] {time.perf_counter() - t0:.0f}s", flush=True)
-    with open(path) as f:  # every case run into OUT so far; the latest record of each case
-        latest = {}
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                latest.pop(rec["case"], None)
-                latest[rec["case"]] = rec
-    records = sorted(latest.values(), key=lambda r: (r["case"].split(":")[::-1], r["case"]))
+        driver.run_case(cmd, case, path, a.timeout, env)
+    # every case run into OUT so far, the latest record of each
+    records = sorted(driver.latest_records(path),
+                     key=lambda r: (r["case"].split(":")[::-1], r["case"]))  # fmt: skip
     with open(os.path.join(a.out, "decode.json"), "w") as f:
         json.dump(records, f, indent=1)
     md = table(records)
-    with open(os.path.join(a.out, "decode.md"), "w") as f:
-        f.write(md + "\n")
+    driver.write_table(a.out, "decode.md", md)
     print(md)
 
 

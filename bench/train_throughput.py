@@ -22,12 +22,12 @@ the causal count, against 989 TFLOP/s (H100/H200 dense bf16).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
 import time
+
+from flaxlm.bench import driver
 
 # Shapes: (variant, global batch, seq_len).
 SHAPES = {
@@ -324,13 +324,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "train_throughput.jsonl")
     if a.one:
-        try:
-            rec = run_case(a.one, a.steps, a.warmup)
-        except Exception as e:  # recorded, so one failing case does not hide the others
-            rec = {"case": a.one, "error": f"{type(e).__name__}: {e}"}
-        with open(path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(json.dumps(rec), flush=True)
+        driver.run_one(path, a.one, lambda: run_case(a.one, a.steps, a.warmup))
         return
     cases = (
         a.cases.split(",")
@@ -361,24 +355,13 @@ def main(argv=None):
             "--warmup",
             str(a.warmup),
         ]
-        env = dict(os.environ)
-        for name in case.split(":")[3:]:
-            if name not in XLA_FLAG_SETS or case.split(":")[1] != "flax":
-                raise SystemExit(f"case {case!r}: {name!r} is not a flag set of a flax case "
-                                 f"({sorted(XLA_FLAG_SETS)})")  # fmt: skip
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_FLAG_SETS[name]).strip()
-        t0 = time.perf_counter()
-        try:
-            subprocess.run(cmd, timeout=a.timeout, check=False, env=env)
-        except subprocess.TimeoutExpired:
-            with open(path, "a") as f:
-                f.write(json.dumps({"case": case, "error": f"timeout {a.timeout}s"}) + "\n")
-        print(f"[{case}] {time.perf_counter() - t0:.0f}s", flush=True)
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    md = table(records)
-    with open(os.path.join(a.out, "train_throughput.md"), "w") as f:
-        f.write(md + "\n")
+        extra = case.split(":")[3:]
+        if extra and case.split(":")[1] != "flax":
+            raise SystemExit(f"case {case!r}: XLA flag sets are for flax cases only")
+        env = driver.case_env(case, extra, XLA_FLAG_SETS)
+        driver.run_case(cmd, case, path, a.timeout, env)
+    md = table(driver.latest_records(path))
+    driver.write_table(a.out, "train_throughput.md", md)
     print(md)
 
 

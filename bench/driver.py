@@ -1,0 +1,79 @@
+"""What the benchmark drivers share (train_throughput, decode, alignment_throughput).
+
+Every case runs in its own subprocess (a fresh accelerator; a crash, OOM or hang costs only
+that case) that appends one JSON record to OUT/<bench>.jsonl; the driver records a timeout as
+an error record and renders the table from the latest record of each case, so cases run by
+separate invocations (bench/gpu_suite.py) share one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+
+
+def append_record(path: str, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def run_one(path: str, case: str, fn: Callable[[], dict]) -> dict:
+    """The child's side: runs one case in-process and appends its record; an exception becomes
+    an error record, so one failing case does not hide the others."""
+    try:
+        rec = fn()
+    except Exception as e:
+        rec = {"case": case, "error": f"{type(e).__name__}: {e}"}
+    append_record(path, rec)
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def run_case(cmd: list[str], case: str, path: str, timeout: float, env=None) -> float:
+    """The driver's side: runs a case's subprocess; a timeout is appended as an error record.
+    Returns the seconds it took."""
+    t0 = time.perf_counter()
+    try:
+        subprocess.run(cmd, timeout=timeout, check=False, env=env)
+    except subprocess.TimeoutExpired:
+        append_record(path, {"case": case, "error": f"timeout {timeout}s"})
+    seconds = time.perf_counter() - t0
+    print(f"[{case}] {seconds:.0f}s", flush=True)
+    return seconds
+
+
+def latest_records(path: str) -> list[dict]:
+    """The latest record of every case in the JSONL file, in the order of their last runs."""
+    latest: dict[str, dict] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    rec = json.loads(line)
+                    latest.pop(rec["case"], None)
+                    latest[rec["case"]] = rec
+    return list(latest.values())
+
+
+def case_env(case: str, names: list[str], flag_sets: Mapping[str, str], allowed=()) -> dict:
+    """os.environ plus the XLA flag sets a case names (its parts after the fixed ones). A part
+    that is neither a flag set nor in `allowed` (options the case's child reads) stops the
+    driver with the lists of both."""
+    env = dict(os.environ)
+    for name in names:
+        if name in flag_sets:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flag_sets[name]).strip()
+        elif name not in allowed:
+            raise SystemExit(
+                f"case {case!r}: {name!r} is none of the XLA flag sets {sorted(flag_sets)}"
+                + (f" or options {sorted(allowed)}" if allowed else "")
+            )
+    return env
+
+
+def write_table(out: str, name: str, md: str) -> None:
+    with open(os.path.join(out, name), "w") as f:
+        f.write(md + "\n")
