@@ -23,6 +23,10 @@ each ended by a device sync. Reported per case:
                        = every parameter read once per step except the embedding table (a B-row
                        gather), and KV bytes = K and V of every layer over the *mean* context
                        (prompt + 128 of the 256 new tokens). `hbm_fraction_e2e` uses tokens_per_s.
+  loop_body_kernels    (flax) instructions of the compiled decode loop's body that run as
+                       kernels (fusions, cuBLAS/cuDNN custom calls, copies; `loop_body_ops` by
+                       opcode): launched once per token, so × a launch's few µs, set against
+                       `step_ms`, it says whether a step pays for launches or for bandwidth.
 The HF side runs in a python with torch + transformers (`--hf_python`; default this one) and
 is skipped with a note when torch is absent.
 """
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -96,6 +101,59 @@ def _finish(rec: dict, dims: dict, times: list, prefill: list, batch, prompt, ne
 
 
 # ----------------------------------------------------------------------------------------------
+# What one decode step launches, read from the compiled program
+
+_NOT_KERNELS = frozenset(
+    "parameter get-tuple-element tuple bitcast constant after-all partition-id replica-id "
+    "opt-barrier".split()
+)
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*? ([a-z][\w\-]*)\((.*)$")
+
+
+def _computations(hlo: str) -> dict[str, list[tuple[str, str]]]:
+    """{computation name: [(opcode, rest of the line)]} of an HLO module's text."""
+    comps: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for line in hlo.splitlines():
+        if current is None:
+            m = _COMPUTATION.match(line)
+            if m and " = " not in line:
+                current = comps.setdefault(m.group(1), [])
+        elif line.strip() == "}":
+            current = None
+        elif m := _INSTRUCTION.match(line):
+            current.append((m.group(1), m.group(2)))
+    return comps
+
+
+def _ops(comps, name: str, counts: dict) -> dict:
+    """Opcode counts of the instructions a computation runs as kernels, nested loop bodies and
+    called computations included (fusion bodies are inside their one kernel: not counted)."""
+    for op, rest in comps.get(name, []):
+        if op == "while":
+            _ops(comps, re.search(r"body=%?([\w.\-]+)", rest).group(1), counts)
+        elif op in ("call", "conditional"):
+            for sub in re.findall(r"(?:to_apply|computations?)=\{?%?([\w.\-]+)", rest):
+                _ops(comps, sub, counts)
+        elif op not in _NOT_KERNELS:
+            counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def loop_body_ops(hlo: str) -> dict[str, int]:
+    """Opcode counts of the largest while-loop body of an optimised HLO module — in a generate
+    program, the decode loop: on a GPU each fusion / custom-call (cuBLAS, cuDNN) / copy is a
+    kernel launched per decode step, so the total against the step time tells launch
+    overhead from bandwidth."""
+    comps = _computations(hlo)
+    bodies = [re.search(r"body=%?([\w.\-]+)", rest).group(1)
+              for instrs in comps.values() for op, rest in instrs if op == "while"]  # fmt: skip
+    counted = [_ops(comps, b, {}) for b in bodies]
+    return max(counted, key=lambda c: sum(c.values()), default={})
+
+
+# ----------------------------------------------------------------------------------------------
 # flaxlm
 
 
@@ -105,7 +163,7 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None) -> 
     import numpy as np
 
     from flaxlm.models.config import get_variant
-    from flaxlm.models.decode import generate
+    from flaxlm.models.decode import compiled_generate_text, generate
     from flaxlm.models.transformer import Transformer
     from flaxlm.train.state import unbox
 
@@ -136,9 +194,14 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None) -> 
         prefill.append(time.perf_counter() - t0)
     assert int(np.asarray(out.lengths).min()) == new  # every row generated all tokens
     stats = jax.local_devices()[0].memory_stats() or {}
+    # The program just timed, from jax's cache (nothing compiles again).
+    kw = dict(prompt_lengths=lengths, max_new_tokens=new, temperature=1.0, **(options or {}))
+    hlo = compiled_generate_text(cfg, params, tokens, rng=jax.random.PRNGKey(0), **kw)
+    ops = loop_body_ops(hlo)
     rec = {"impl": "flaxlm", "warmup_s": warm, "jax": jax.__version__,
            "device": jax.devices()[0].device_kind,
-           "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None}  # fmt: skip
+           "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+           "loop_body_kernels": sum(ops.values()), "loop_body_ops": ops}  # fmt: skip
     return _finish(rec, model_dims(variant), times, prefill, batch, prompt, new,
                    jnp.dtype(dtype).itemsize)  # fmt: skip
 
@@ -205,13 +268,13 @@ def run_hf(shape: str, batch: int, runs: int, dims: dict) -> dict:
 def table(records: list[dict]) -> str:
     lines = [
         "| case | tokens/s (e2e) | decode tokens/s | step ms | prefill s | HBM bound tok/s |"
-        " % of bound (decode / e2e) | vs HF (e2e) | peak GB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " % of bound (decode / e2e) | vs HF (e2e) | peak GB | kernels / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {r["case"]: r for r in records}
     for r in records:
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['case']} | {r.get('error', '?')[:120]} | | | | | | | |")
+            lines.append(f"| {r['case']} | {r.get('error', '?')[:120]} | | | | | | | | |")
             continue
         peer = by.get(":".join(r["case"].replace(":flax:", ":hf:").split(":")[:3]))
         vs = (f"{r['tokens_per_s'] / peer['tokens_per_s']:.1f}x"
@@ -220,7 +283,8 @@ def table(records: list[dict]) -> str:
         lines.append(
             f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} | "
             f"{r['step_ms']:.2f} | {r['prefill_s']:.3f} | {r['hbm_bound_tokens_per_s']:,.0f} | "
-            f"{r['hbm_fraction']:.1%} / {r['hbm_fraction_e2e']:.1%} | {vs} | {mem} |"
+            f"{r['hbm_fraction']:.1%} / {r['hbm_fraction_e2e']:.1%} | {vs} | {mem} | "
+            f"{r.get('loop_body_kernels', '')} |"
         )
     return "\n".join(lines)
 

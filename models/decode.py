@@ -339,6 +339,53 @@ def generate(
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
+    fn, tokens, lengths, rest = _program(
+        cfg, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id, prompt_lengths=prompt_lengths,
+        mesh=mesh, rules=rules, cache_dtype=cache_dtype, fuse_projections=fuse_projections,
+        check_every=check_every,
+    )  # fmt: skip
+    B = len(prompts) if prompt_lengths is None else np.shape(prompts)[0]
+    if mesh is None:
+        return fn(params, tokens, lengths, rng, *rest)
+    rules = tuple(rules or ())
+    with use_mesh(mesh, rules):
+        tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
+        len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
+        rest = jax.device_put((rng, *rest), replicated(mesh))
+        out = fn(params, tok_d, len_d, rest[0], *rest[1:])
+    return out if tokens.shape[0] == B else jax.tree.map(lambda x: x[:B], out)
+
+
+def compiled_generate_text(cfg: ModelConfig, params, prompts, *, rng, **kw) -> str:
+    """The optimised HLO of the program `generate(cfg, params, prompts, rng=rng, **kw)` runs
+    (no mesh), for counting what one decode step launches (bench/decode.py). After such a
+    `generate` call the executable comes from jax's cache: nothing compiles again."""
+    if kw.get("mesh") is not None:
+        raise ValueError("compiled_generate_text: no mesh")
+    fn, tokens, lengths, rest = _program(cfg, prompts, **kw)
+    return fn.lower(params, tokens, lengths, rng, *rest).compile().as_text()
+
+
+def _program(
+    cfg: ModelConfig,
+    prompts,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    prompt_lengths=None,
+    mesh=None,
+    rules=None,
+    cache_dtype=None,
+    fuse_projections: bool | None = None,
+    check_every: int = 1,
+):
+    """(jitted program, tokens, lengths, the traced scalars after rng) of a generate call,
+    its arguments checked; the batch padded up to the mesh's data×fsdp multiple."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -375,22 +422,13 @@ def generate(
         bool(fuse_projections),
         int(check_every) if stop_tokens else 1,
     )
-    args = (
-        tokens,
-        lengths,
+    rest = (
         jnp.asarray(1.0 if greedy else temperature, jnp.float32),
         jnp.asarray(top_p, jnp.float32),
         stop,
         jnp.asarray(pad_id, jnp.int32),
     )
-    if mesh is None:
-        return fn(params, args[0], args[1], rng, *args[2:])
-    with use_mesh(mesh, rules):
-        tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
-        len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
-        rest = jax.device_put((rng, *args[2:]), replicated(mesh))
-        out = fn(params, tok_d, len_d, rest[0], *rest[1:])
-    return out if tokens.shape[0] == B else jax.tree.map(lambda x: x[:B], out)
+    return fn, tokens, lengths, rest
 
 
 def generate_text(
