@@ -52,7 +52,6 @@ from flaxlm.alignment.rl_rollout import (
     passthrough_stats,
     sample_stats,
 )
-from flaxlm.data import formats as F
 from flaxlm.data.synthetic_judge import TASKS
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train import loop
@@ -251,11 +250,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
         raise ValueError("grpo: set --config.init_from=SFT_RUN (policy and reference)")
     rewards = rewards if rewards is not None else parse_rewards(config.grpo.rewards)
     tok, cfg, template = common.resolve_source(config, mesh)
-    report = F.DataReport(strict=config.data.strict)
-    prompts = rl_common.load_prompts(config.data.train, config, template, report)
-    prompts, held = rl_common.split_prompts(prompts, config.rollout.heldout_prompts, config.seed)
-    if not prompts:
-        raise ValueError(f"data.train={config.data.train!r}: no usable prompts")
+    prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     ref = rl_common.frozen_lm(config.init_from, mesh, rules, config.rollout.frozen_dtype)
     init_params, apply = model_fns(cfg)
@@ -263,18 +258,9 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
         config, mesh, rules, prompts, cfg=cfg, template=template, apply=apply, ref=ref,
         rewards=rewards,
     )  # fmt: skip
-    eval_report = F.DataReport(strict=config.data.strict)
-    eval_fn = None
-    if config.eval_every and (config.eval_gen.sets or held):
-        # held-out questions, and as many training prompts (a fixed sample) for comparison
-        extra = {"rl_heldout": held, "rl_train": prompts[: len(held)]} if held else None
-        sets = rl_common.heldout_sets(config, template, prompts, eval_report, extra)
-        eval_fn = rl_common.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
-    data_report = {
-        "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
-        "eval": eval_report.to_dict(),
-    }
-    common.write_report(workdir, data_report)
+    eval_fn, data_report = rl_common.policy_eval_and_report(
+        config, cfg, template, prompts, held, report, mesh, rules, workdir
+    )
     load, transform = common.init_hooks("lm", None)
     return loop.Task(
         name="grpo",

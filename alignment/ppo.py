@@ -56,7 +56,6 @@ from flaxlm.alignment.rl_rollout import (
     passthrough_stats,
     sample_stats,
 )
-from flaxlm.data import formats as F
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.heads import scalar_model_fns, sequence_values
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
@@ -273,11 +272,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if not config.init_from or not config.reward_from:
         raise ValueError("ppo: set --config.init_from=SFT_RUN and --config.reward_from=RM_RUN")
     tok, cfg, template = common.resolve_source(config, mesh)
-    report = F.DataReport(strict=config.data.strict)
-    prompts = rl_common.load_prompts(config.data.train, config, template, report)
-    prompts, held = rl_common.split_prompts(prompts, config.rollout.heldout_prompts, config.seed)
-    if not prompts:
-        raise ValueError(f"data.train={config.data.train!r}: no usable prompts")
+    prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     dtype = config.rollout.frozen_dtype
     ref = rl_common.frozen_lm(config.init_from, mesh, rules, dtype)
@@ -300,21 +295,10 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         config, mesh, rules, prompts, cfg=cfg, template=template,
         applies=(lm_apply, v_apply), ref=ref, rm=rm,
     )  # fmt: skip
-    eval_report = F.DataReport(strict=config.data.strict)
-    eval_fn = None
-    if config.eval_every and (config.eval_gen.sets or held):
-        # held-out questions, and as many training prompts (a fixed sample) for comparison
-        extra = {"rl_heldout": held, "rl_train": prompts[: len(held)]} if held else None
-        sets = rl_common.heldout_sets(config, template, prompts, eval_report, extra)
-        policy_eval = rl_common.make_policy_eval(
-            cfg, template, sets, config.eval_gen, mesh, rules, rm=rm
-        )
-        eval_fn = lambda params: policy_eval(params["policy"])  # noqa: E731
-    data_report = {
-        "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
-        "eval": eval_report.to_dict(),
-    }
-    common.write_report(workdir, data_report)
+    policy_eval, data_report = rl_common.policy_eval_and_report(
+        config, cfg, template, prompts, held, report, mesh, rules, workdir, rm=rm
+    )
+    eval_fn = None if policy_eval is None else (lambda params: policy_eval(params["policy"]))
     head_flops = 6 * vcfg.vocab_size * vcfg.d_model  # the critic has no vocabulary projection
     flops = cfg.flops_per_token(config.seq_len) + vcfg.flops_per_token(config.seq_len)
     flops_causal = cfg.flops_per_token(config.seq_len, True) + vcfg.flops_per_token(

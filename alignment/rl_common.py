@@ -276,6 +276,36 @@ def split_prompts(prompts: list[dict], n_heldout: int, seed: int):
     return train, [prompts[i] for i in sorted(held)]
 
 
+def training_prompts(config, template):
+    """(train prompts, held-out prompts, data report) of an RL run: `data.train` loaded and
+    checked, and `rollout.heldout_prompts` whole questions set aside (`split_prompts`)."""
+    report = F.DataReport(strict=config.data.strict)
+    prompts = load_prompts(config.data.train, config, template, report)
+    prompts, held = split_prompts(prompts, config.rollout.heldout_prompts, config.seed)
+    if not prompts:
+        raise ValueError(f"data.train={config.data.train!r}: no usable prompts")
+    return prompts, held, report
+
+
+def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, rules, workdir,
+                           rm=None):  # fmt: skip
+    """(eval_fn(policy params) or None, data report) of an RL run: the `eval_gen` sets plus the
+    held-out RL prompts and as many training prompts (a fixed sample, for comparison); the
+    report (prompts kept/dropped, eval sets) is also written to the workdir."""
+    eval_report = F.DataReport(strict=config.data.strict)
+    eval_fn = None
+    if config.eval_every and (config.eval_gen.sets or held):
+        extra = {"rl_heldout": held, "rl_train": prompts[: len(held)]} if held else None
+        sets = heldout_sets(config, template, prompts, eval_report, extra)
+        eval_fn = make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules, rm=rm)
+    data_report = {
+        "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
+        "eval": eval_report.to_dict(),
+    }
+    common.write_report(workdir, data_report)
+    return eval_fn, data_report
+
+
 def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=None) -> dict:
     """{set name: examples {"ids", "meta", "answer"}}, the first `eval_gen.examples` of each of
     `extra` ({name: prompts}, e.g. the held-out RL prompts) and of every source in
