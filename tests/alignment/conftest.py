@@ -5,6 +5,7 @@ import pytest
 
 from flaxlm.configs import reward as reward_config
 from flaxlm.configs import sft as sft_config
+from flaxlm.configs.common import override
 
 VOCAB = 512  # tokenizer trained on the small world's corpus; fast, and fits the tiny model
 
@@ -22,13 +23,7 @@ def tiny(config_module, cache_dir, **overrides):
         c.seq_len, c.batch_size = 64, 8
         c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 6, 6, 6, 3
         c.opt.warmup_steps = 1
-        for key, value in overrides.items():
-            node = c
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
-    return c
+    return override(c, overrides)
 
 
 @pytest.fixture(scope="session")

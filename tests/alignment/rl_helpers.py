@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from flaxlm.alignment import common
+from flaxlm.configs.common import override
 from flaxlm.models.config import get_variant
 from flaxlm.models.heads import scalar_model_fns
 from flaxlm.train.checkpoint import Checkpointer
@@ -70,10 +71,4 @@ def tiny(config_module, cache_dir, arg="runlocal=True", **overrides):
         c.data.cache_dir = str(cache_dir)
         c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 4, 0, 0, 2
         c.opt.warmup_steps = 1
-        for key, value in overrides.items():
-            node = c
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
-    return c
+    return override(c, overrides)
