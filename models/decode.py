@@ -33,6 +33,7 @@ copies of row 0 and cut back), params stay in their training shardings.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -339,12 +340,8 @@ def generate(
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
-    fn, tokens, lengths, rest = _program(
-        cfg, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id, prompt_lengths=prompt_lengths,
-        mesh=mesh, rules=rules, cache_dtype=cache_dtype, fuse_projections=fuse_projections,
-        check_every=check_every,
-    )  # fmt: skip
+    options = {k: v for k, v in locals().items() if k not in ("cfg", "params", "prompts", "rng")}
+    fn, tokens, lengths, rest = _program(cfg, prompts, **options)
     B = len(prompts) if prompt_lengths is None else np.shape(prompts)[0]
     if mesh is None:
         return fn(params, tokens, lengths, rng, *rest)
@@ -363,7 +360,11 @@ def compiled_generate_text(cfg: ModelConfig, params, prompts, *, rng, **kw) -> s
     `generate` call the executable comes from jax's cache: nothing compiles again."""
     if kw.get("mesh") is not None:
         raise ValueError("compiled_generate_text: no mesh")
-    fn, tokens, lengths, rest = _program(cfg, prompts, **kw)
+    call = inspect.signature(generate).bind(cfg, params, prompts, rng=rng, **kw)
+    call.apply_defaults()  # generate's defaults, the one place they are written
+    options = {k: v for k, v in call.arguments.items() if k not in ("cfg", "params", "prompts")}
+    del options["rng"]
+    fn, tokens, lengths, rest = _program(cfg, prompts, **options)
     return fn.lower(params, tokens, lengths, rng, *rest).compile().as_text()
 
 
@@ -371,21 +372,22 @@ def _program(
     cfg: ModelConfig,
     prompts,
     *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    stop_tokens: Sequence[int] = (),
-    pad_id: int = 0,
-    prompt_lengths=None,
-    mesh=None,
-    rules=None,
-    cache_dtype=None,
-    fuse_projections: bool | None = None,
-    check_every: int = 1,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    stop_tokens,
+    pad_id,
+    prompt_lengths,
+    mesh,
+    rules,
+    cache_dtype,
+    fuse_projections,
+    check_every,
 ):
-    """(jitted program, tokens, lengths, the traced scalars after rng) of a generate call,
-    its arguments checked; the batch padded up to the mesh's data×fsdp multiple."""
+    """(jitted program, tokens, lengths, the traced scalars after rng) of a generate call
+    (every option as `generate` documents and defaults it), its arguments checked; the batch
+    padded up to the mesh's data×fsdp multiple."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
