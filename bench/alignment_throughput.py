@@ -18,8 +18,10 @@ Cases are "SHAPE:ALGO[:OPT...]":
   ALGO   dpo | ppo
   OPT    dpo: "online" = reference log-probs computed every step (default: the config's
          "precompute", once for every pair before training, outside the timed steps);
-         ppo: "gN" = N new tokens per response (default: SHAPES);
-         both: "xla" = XLA attention instead of cuDNN (GPU)
+         ppo: "gN" = N new tokens per response (default: SHAPES); "cN" = rollouts test
+         "all stopped" every N tokens (rollout.check_every; default 1);
+         both: "xla" = XLA attention instead of cuDNN (GPU); a name in bench/driver.py
+         XLA_FLAG_SETS (e.g. "cmdbuf") runs the case under those XLA flags
 Model: the shape's variant with vocab_size = the built-in tokenizer's (512 tiny, 2048 otherwise;
 sampled ids must decode, and the world's corpus supports no 32k-piece tokenizer), so "125m" has
 88M parameters and "1b" 0.98B (1.10B with its usual 32k vocab). On a GPU the model computes in
@@ -220,7 +222,7 @@ def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir:
 
 
 def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: dict,
-            workdir: str) -> dict:  # fmt: skip
+            workdir: str, check_every: int = 1) -> dict:  # fmt: skip
     import numpy as np
 
     from flaxlm.alignment import common, ppo
@@ -235,6 +237,7 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
         "reward_from": rm, "batch_size": mbatch, "seq_len": prompt + new,
         "rollout.batch": rbatch, "rollout.max_prompt_len": prompt, "rollout.max_new_tokens": new,
         "rollout.heldout_prompts": 0, "rollout.frozen_dtype": "bfloat16" if plan else "float32",
+        "rollout.check_every": check_every,
     })  # fmt: skip
     epochs = config.rollout.epochs
     n = epochs * rbatch // mbatch  # optimizer steps per iteration
@@ -263,6 +266,7 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
         "params": cfg.param_counts()["total"], "vocab": cfg.vocab_size, "rollout_batch": rbatch,
         "minibatch": mbatch, "epochs": epochs, "steps_per_iter": n, "max_prompt_len": prompt,
         "max_new_tokens": new, "seq_len": T, "response_len": float(resp), "timed_iters": iters,
+        "check_every": check_every,
         "gen_s": float(gen), "score_s": float(score), "train_s": float(train),
         "iteration_s": float(total), "iteration_wall_s": float(wall),
         "other_s": float(wall - total), "gen_share": float(gen / total),
@@ -278,15 +282,20 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
 
 
 def parse_case(case: str) -> tuple[str, str, dict]:
-    """(shape, algo, {"online", "new", "attention"}) of a case "SHAPE:ALGO[:OPT...]"."""
+    """(shape, algo, {"online", "new", "attention", "check_every", "flags"}) of a case
+    "SHAPE:ALGO[:OPT...]"."""
     parts = case.split(":")
     shape, algo, opts = parts[0], (parts[1:2] or [""])[0], parts[2:]
     if shape not in SHAPES or algo not in ("dpo", "ppo"):
         raise ValueError(f"case {case!r}: expected SHAPE:dpo|ppo[:OPT], SHAPE in {list(SHAPES)}")
-    out = {"online": False, "new": None, "attention": "cudnn"}
+    out = {"online": False, "new": None, "attention": "cudnn", "check_every": 1, "flags": []}
     for o in opts:
-        if o == "xla":
+        if o in driver.XLA_FLAG_SETS:  # applied by the driver to the case's process
+            out["flags"].append(o)
+        elif o == "xla":
             out["attention"] = "xla"
+        elif o[:1] == "c" and o[1:].isdigit() and algo == "ppo":
+            out["check_every"] = int(o[1:])
         elif o == "online" and algo == "dpo":
             out["online"] = True
         elif o[:1] == "g" and o[1:].isdigit() and algo == "ppo":
@@ -308,7 +317,7 @@ def run_case(case: str, work: str, steps: int, iters: int) -> dict:
         if algo == "dpo":
             rec = run_dpo(shape, o["online"], steps, sft, plan, workdir)
         else:
-            rec = run_ppo(shape, o["new"], iters, sft, rm, plan, workdir)
+            rec = run_ppo(shape, o["new"], iters, sft, rm, plan, workdir, o["check_every"])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"case": case, **rec, "setup_s": setup, "case_s": time.perf_counter() - t0}
@@ -382,7 +391,8 @@ def main(argv=None):
             cmd = [sys.executable, "-m", "flaxlm.bench.alignment_throughput", "--out", a.out,
                    "--one", case, "--work", work, "--steps", str(steps),
                    "--iters", str(iters)]  # fmt: skip
-            driver.run_case(cmd, case, path, a.timeout)
+            env = driver.case_env(case, parse_case(case)[2]["flags"])
+            driver.run_case(cmd, case, path, a.timeout, env)
             md = table(driver.latest_records(path))  # after every case: a run cut short
             driver.write_table(a.out, "alignment_throughput.md", md)  # keeps its table
     finally:

@@ -42,14 +42,6 @@ import sys
 import time
 
 HBM_BYTES_PER_S = 4.3e12  # H200
-# Named XLA flag sets a flax case may add (case suffix ":NAME"). At batch 64 the 1.1B shape's
-# decode step (22 layers of small kernels) ran at 34% of the HBM bound (bench/RESULTS.md); if
-# kernel-launch overhead is the gap, "cmdbuf" closes it by capturing the decode loop body, while
-# loop included, in CUDA graphs (XLA command buffers).
-XLA_FLAG_SETS = {
-    "cmdbuf": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,"
-    "CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1",
-}
 # Named `generate` options a flax case may add (case suffix ":NAME", combinable with a flag
 # set): "unfused" decodes with separate q/k/v and gate/up matmuls, the layout before fused
 # projections became the default, to measure what fusing pays. "while" gives a stop token that
@@ -313,7 +305,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
     p.add_argument("--cases", default="",
                    help="comma list of SHAPE:IMPL:bBATCH[:NAME...] (IMPL flax|hf; NAME a key "
-                   "of XLA_FLAG_SETS or GENERATE_OPTIONS, flax only)")  # fmt: skip
+                   "of driver.XLA_FLAG_SETS or GENERATE_OPTIONS, flax only)")  # fmt: skip
     p.add_argument("--runs", type=int, default=3, help="timed calls per case (median)")
     p.add_argument("--hf_python", default=sys.executable, help="python with torch+transformers")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
@@ -346,7 +338,7 @@ def main(argv=None):
         extra = case.split(":")[3:]  # e.g. 1b:flax:b64:cmdbuf — other XLA flags or options
         if extra and impl != "flax":
             raise SystemExit(f"case {case!r}: flag sets and options are for flax cases only")
-        env = driver.case_env(case, extra, XLA_FLAG_SETS, allowed=GENERATE_OPTIONS)
+        env = driver.case_env(case, extra, allowed=GENERATE_OPTIONS)  # + driver.XLA_FLAG_SETS
         if impl == "hf":  # the HF side needs no flaxlm; keep JAX's memory settings out of it
             env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
         driver.run_case(cmd, case, path, a.timeout, env)

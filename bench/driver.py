@@ -14,6 +14,18 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 
+# Named XLA flag sets a case may add as an option ("1b:flax:b64:cmdbuf"); the driver puts them in
+# the case subprocess's XLA_FLAGS. Each is kept only if it pays on the H200, measured against
+# the same case without it.
+XLA_FLAG_SETS = {
+    # CUDA graphs over whole loop bodies, while loops included: a decode step of small kernels
+    # then costs one graph launch instead of one launch per kernel.
+    "cmdbuf": "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,"
+    "CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1",
+    "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",  # cuBLAS for every matmul
+}
+
 
 def append_record(path: str, rec: dict) -> None:
     with open(path, "a") as f:
@@ -58,7 +70,8 @@ def latest_records(path: str) -> list[dict]:
     return list(latest.values())
 
 
-def case_env(case: str, names: list[str], flag_sets: Mapping[str, str], allowed=()) -> dict:
+def case_env(case: str, names: list[str], flag_sets: Mapping[str, str] = XLA_FLAG_SETS,
+             allowed=()) -> dict:  # fmt: skip
     """os.environ plus the XLA flag sets a case names (its parts after the fixed ones). A part
     that is neither a flag set nor in `allowed` (options the case's child reads) stops the
     driver with the lists of both."""

@@ -43,6 +43,12 @@ GPU_CASES = [
     ("decode 1b flaxlm b64 while", 60, ["decode", "--cases", "1b:flax:b64:while"]),
     ("decode 1b flaxlm b64 while8", 90, ["decode", "--cases", "1b:flax:b64:while8"]),
     ("alignment dpo+ppo", 150, ["alignment_throughput"]),  # two cases, each compiles
+    # PPO's generation share with stop checks every 8 tokens, and under CUDA graphs.
+    (
+        "alignment ppo c8, cmdbuf",
+        150,
+        ["alignment_throughput", "--cases", "125m:ppo:c8,125m:ppo:cmdbuf"],
+    ),  # fmt: skip
     ("decode 1b hf b1", 60, ["decode", "--cases", "1b:hf:b1"]),
     # The HF peer's own memory plan (full recompute per layer) on the flaxlm side.
     ("train 7b flaxlm full remat", 120, ["train_throughput", "--cases", "7b:flax:bf16_full_remat"]),

@@ -7,7 +7,7 @@ Each case runs in its own subprocess (so every case starts with an empty acceler
 crash or OOM costs only that case) and appends one JSON record to OUT/train_throughput.jsonl;
 the driver then writes OUT/train_throughput.md with the table and the flaxlm/peer ratios.
 
-Cases are "SHAPE:IMPL[:PLAN[:FLAGS]]" (FLAGS: a name in XLA_FLAG_SETS, flax only):
+Cases are "SHAPE:IMPL[:PLAN[:FLAGS]]" (FLAGS: a key of driver.XLA_FLAG_SETS, flax only):
   SHAPE  125m | 1b (TinyLlama-1.1B) | 7b (Llama-2-7B) | tiny (CPU smoke)
   IMPL   flax | hf-eager | hf-compile
   PLAN   flax: a named memory/speed plan from PLANS (default: the shape's first plan);
@@ -71,14 +71,6 @@ PLANS = {
 }
 
 PEAK_TFLOPS = 989.0
-
-# XLA flag sets a flax case may add as a 4th part ("1b:flax:fast:no_triton_gemm"); the driver
-# puts them in the case subprocess's XLA_FLAGS. Candidates from the JAX GPU performance notes,
-# each to be kept only if it pays on the H200 (measured against the same plan without it).
-XLA_FLAG_SETS = {
-    "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
-    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",  # cuBLAS for every matmul
-}
 
 
 def _flops(variant: str, seq: int):
@@ -358,7 +350,7 @@ def main(argv=None):
         extra = case.split(":")[3:]
         if extra and case.split(":")[1] != "flax":
             raise SystemExit(f"case {case!r}: XLA flag sets are for flax cases only")
-        env = driver.case_env(case, extra, XLA_FLAG_SETS)
+        env = driver.case_env(case, extra)  # names from driver.XLA_FLAG_SETS
         driver.run_case(cmd, case, path, a.timeout, env)
     md = table(driver.latest_records(path))
     driver.write_table(a.out, "train_throughput.md", md)

@@ -49,6 +49,13 @@ def test_ppo_record_time_split(records):
     assert r["warmup_iter_s"] > r["iteration_s"]  # iteration 0 compiled, and is left out
 
 
+def test_ppo_blocked_stop_checks(tmp_path):
+    """`cN`: rollouts test "all stopped" every N tokens (the stop-token loop PPO runs)."""
+    r = A.run_case("tiny:ppo:c4", str(tmp_path), steps=2, iters=1)
+    assert r["check_every"] == 4 and r["gen_s"] > 0
+    assert 0 < r["response_len"] <= r["max_new_tokens"]
+
+
 def test_table_and_case_parsing(records):
     md = A.table([*records.values(), {"case": "1b:ppo", "error": "RuntimeError: boom"}])
     lines = md.splitlines()
@@ -56,9 +63,9 @@ def test_table_and_case_parsing(records):
     assert lines[2].startswith("| tiny:dpo |") and lines[3].startswith("| tiny:ppo |")
     assert f"{records['tiny:ppo']['gen_share']:.1%}" in lines[3]
     assert "failed: RuntimeError: boom" in lines[4]
-    assert A.parse_case("1b:ppo:g64:xla") == ("1b", "ppo", {"online": False, "new": 64,
-                                                            "attention": "xla"})  # fmt: skip
+    want = {"online": False, "new": 64, "attention": "xla", "check_every": 8, "flags": ["cmdbuf"]}
+    assert A.parse_case("1b:ppo:g64:xla:c8:cmdbuf") == ("1b", "ppo", want)
     assert A.parse_case("125m:dpo:online")[2]["online"]
-    for bad in ("tiny", "tiny:sft", "7b:dpo", "tiny:dpo:g8", "tiny:ppo:online"):
+    for bad in ("tiny", "tiny:sft", "7b:dpo", "tiny:dpo:g8", "tiny:ppo:online", "tiny:dpo:c8"):
         with pytest.raises(ValueError):
             A.parse_case(bad)
