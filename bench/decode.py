@@ -8,7 +8,7 @@ Workload (as DESIGN.md's peer figure): TinyLlama-1.1B shape (variant "1b", bf16 
 compute, random weights), B prompts of 128 random tokens, 256 new tokens *sampled* at
 temperature 1 with no stop token, so every row generates all 256. Each case runs in its own
 subprocess (JAX preallocates accelerator memory; torch then gets a clean device) and appends a
-JSON record to OUT/decode.jsonl; the driver writes OUT/decode.json and OUT/decode.md from the
+JSON record to OUT/decode.jsonl; the driver writes OUT/decode.md from the
 latest record of every case in OUT, so cases run by separate invocations (bench/gpu_suite.py)
 share one table (--fresh starts over).
 
@@ -345,8 +345,6 @@ def main(argv=None):
     # every case run into OUT so far, the latest record of each
     records = sorted(driver.latest_records(path),
                      key=lambda r: (r["case"].split(":")[::-1], r["case"]))  # fmt: skip
-    with open(os.path.join(a.out, "decode.json"), "w") as f:
-        json.dump(records, f, indent=1)
     md = table(records)
     driver.write_table(a.out, "decode.md", md)
     print(md)

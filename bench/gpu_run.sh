@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The command the GPU lease runs (device tool, carry .whl): wheels the image lacks, the flaxlm
-# namespace as a symlink farm (no pip install needed), then the suite. Usage: bench/gpu_run.sh BUDGET_S
+# namespace as a symlink farm (no pip install needed), then the suite.
+# Usage: bench/gpu_run.sh BUDGET_S [START]   (START: skip the first START cases of GPU_CASES)
+# At most 8 files come back from $OUT: log.txt, suite.md and each bench's .jsonl and .md (8).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/pkg/flaxlm && cp flaxlm/*.py /tmp/pkg/flaxlm/
 for f in models train data alignment configs evaluation bench; do ln -sfn "$PWD/$f" /tmp/pkg/flaxlm/$f; done
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
-cd /tmp && python3 -m flaxlm.bench.gpu_suite --out "$OUT" --budget "${1:-230}" 2>&1 | tee "$OUT/log.txt"
+cd /tmp && python3 -m flaxlm.bench.gpu_suite --out "$OUT" --budget "${1:-230}" --start "${2:-0}" 2>&1 | tee "$OUT/log.txt"

@@ -1,6 +1,7 @@
 """Every GPU measurement in one prepared run, in priority order, inside a time budget.
 
     python -m flaxlm.bench.gpu_suite --out OUT --budget 420      # on the H200
+    python -m flaxlm.bench.gpu_suite --out OUT --budget 300 --start 6   # from the 7th case on
     python -m flaxlm.bench.gpu_suite --out OUT --tiny            # CPU smoke test of the driver
 
 GPU time is scarce (one short lease), so the suite runs cases from most to least important and
@@ -133,12 +134,16 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=420.0, help="seconds for all cases")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--only", default="", help="comma list of case names to run")
+    p.add_argument("--start", type=int, default=0,
+                   help="skip the first START cases (a second run in the same lease goes on "
+                   "where the first one's suite.md stopped)")  # fmt: skip
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     env = environment()
     print(json.dumps(env), flush=True)
     deadline = time.time() + a.budget
     cases = TINY_CASES if a.tiny else GPU_CASES
+    cases = cases[a.start :]
     if a.only:
         keep = set(a.only.split(","))
         cases = [c for c in cases if c[0] in keep]

@@ -4,10 +4,13 @@ same subprocess driver and lands in the JSON and the markdown table. No figure i
 with a threshold (timings belong to benchmarks, not tests); the records must be sane."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from flaxlm.bench import decode, train_throughput
+from flaxlm.bench import decode, driver, train_throughput
 
 
 def test_train_throughput_driver(tmp_path):
@@ -29,7 +32,7 @@ def test_train_throughput_driver(tmp_path):
 def test_decode_driver(tmp_path):
     cases = ["tiny:flax:b4", "tiny:flax:b4:unfused", "tiny:flax:b4:while8"]
     decode.main(["--tiny", "--out", str(tmp_path), "--cases", ",".join(cases), "--runs", "1"])
-    recs = {r["case"]: r for r in json.loads((tmp_path / "decode.json").read_text())}
+    recs = {r["case"]: r for r in driver.latest_records(str(tmp_path / "decode.jsonl"))}
     assert set(recs) == set(cases)
     for r in recs.values():
         assert "error" not in r, r
@@ -77,3 +80,15 @@ ENTRY %main (x: f32[4]) -> f32[4] {
     # the big body's fusion and cuBLAS call, plus its nested loop's add; the fusion's own
     # exponential is inside its one kernel
     assert decode.loop_body_ops(hlo) == {"fusion": 1, "custom-call": 1, "add": 1}
+
+
+def test_xla_flag_sets_are_known_flags():
+    """XLA aborts on an unknown flag (GPU flags parse in CPU builds too), so a misspelt flag
+    set fails here, not in the GPU lease."""
+    from flaxlm.bench.driver import XLA_FLAG_SETS
+
+    for name, flags in XLA_FLAG_SETS.items():
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+        run = subprocess.run([sys.executable, "-c", "import jax.numpy as j; j.ones(2).sum()"],
+                             env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 0, f"{name}: {run.stderr[-500:]}"
