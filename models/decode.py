@@ -341,8 +341,7 @@ def generate(
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
     options = {k: v for k, v in locals().items() if k not in ("cfg", "params", "prompts", "rng")}
-    fn, tokens, lengths, rest = _program(cfg, prompts, **options)
-    B = len(prompts) if prompt_lengths is None else np.shape(prompts)[0]
+    fn, tokens, lengths, rest, B = _program(cfg, prompts, **options)
     if mesh is None:
         return fn(params, tokens, lengths, rng, *rest)
     rules = tuple(rules or ())
@@ -364,7 +363,7 @@ def compiled_generate_text(cfg: ModelConfig, params, prompts, *, rng, **kw) -> s
     call.apply_defaults()  # generate's defaults, the one place they are written
     options = {k: v for k, v in call.arguments.items() if k not in ("cfg", "params", "prompts")}
     del options["rng"]
-    fn, tokens, lengths, rest = _program(cfg, prompts, **options)
+    fn, tokens, lengths, rest, _ = _program(cfg, prompts, **options)
     return fn.lower(params, tokens, lengths, rng, *rest).compile().as_text()
 
 
@@ -385,9 +384,9 @@ def _program(
     fuse_projections,
     check_every,
 ):
-    """(jitted program, tokens, lengths, the traced scalars after rng) of a generate call
-    (every option as `generate` documents and defaults it), its arguments checked; the batch
-    padded up to the mesh's data×fsdp multiple."""
+    """(jitted program, tokens, lengths, the traced scalars after rng, number of prompts) of a
+    generate call (every option as `generate` documents and defaults it), its arguments
+    checked; the batch padded up to the mesh's data×fsdp multiple (beyond the prompts)."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -430,7 +429,7 @@ def _program(
         stop,
         jnp.asarray(pad_id, jnp.int32),
     )
-    return fn, tokens, lengths, rest
+    return fn, tokens, lengths, rest, B
 
 
 def generate_text(

@@ -115,11 +115,9 @@ class MLP(nn.Module):
         cfg = self.cfg
         shape, axes = (cfg.d_model, cfg.d_ff), ("embed", "mlp")
         if self.fused:
-            gate_up = Proj((cfg.d_model, 2, cfg.d_ff), ("embed", None, "mlp"), cfg, name="gate_up")(
-                x
-            )
-            gate = checkpoint_name(gate_up[..., 0, :], "mlp_in")
-            up = checkpoint_name(gate_up[..., 1, :], "mlp_in")
+            gate_up = Proj((cfg.d_model, 2, cfg.d_ff), ("embed", None, "mlp"), cfg, name="gate_up")
+            h2 = checkpoint_name(gate_up(x), "mlp_in")  # (..., 2, F)
+            gate, up = h2[..., 0, :], h2[..., 1, :]
         else:
             gate = Proj(shape, axes, cfg, name="gate", remat_name="mlp_in")(x)
             up = Proj(shape, axes, cfg, name="up", remat_name="mlp_in")(x)

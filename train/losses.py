@@ -36,24 +36,8 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
 
     Returns: (loss, metrics) with metrics `nll`, `z_loss`, `accuracy`, `weight`.
     """
-    logits = logits_BTV.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
-    nll = lse - picked
-    mask = mask_BT.astype(jnp.float32)
-    weight = jnp.sum(mask)
-    denom = jnp.maximum(weight, 1.0)
-    nll_mean = jnp.sum(nll * mask) / denom
-    z = jnp.sum(jnp.square(lse) * mask) / denom
-    loss = nll_mean + z_loss * z
-    correct = (jnp.argmax(logits, axis=-1) == targets_BT).astype(jnp.float32)
-    metrics = {
-        "nll": nll_mean,
-        "z_loss": z,
-        "accuracy": jnp.sum(correct * mask) / denom,
-        "weight": weight,
-    }
-    return loss, metrics
+    sums = _token_sums(logits_BTV, targets_BT, mask_BT)
+    return _loss_and_metrics(sums, jnp.sum(mask_BT.astype(jnp.float32)), z_loss)
 
 
 def _token_sums(logits_BTV, targets_BT, mask_BT):
