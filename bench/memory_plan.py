@@ -125,7 +125,10 @@ def fused_residual_bytes(f, *args) -> int:
     attention and gather outputs, or elementwise values a matmul reads), and those are
     counted instead. A model of XLA's fusion, not its buffer assignment: checked against the
     H200's measured peak in bench/RESULTS.md."""
-    jaxpr, res = _vjp_residuals(f, *args)
+    return _fused_bytes(*_vjp_residuals(f, *args))
+
+
+def _fused_bytes(jaxpr, res) -> int:
     producer, consumers = {}, {}
     for eqn in jaxpr.eqns:
         for v in eqn.outvars:
@@ -211,9 +214,9 @@ def plan_case(case: str) -> dict:
     with _traceable_cudnn():
         params = jax.eval_shape(lambda r: unbox(init_params(r)), jax.random.PRNGKey(0))
         opt_state = jax.eval_shape(tx.init, params)
-        scalar_loss = lambda p, b: loss_fn(p, b, None)[0]  # noqa: E731
-        res, n_res = residual_bytes(scalar_loss, params, data)
-        fused_res = fused_residual_bytes(scalar_loss, params, data)
+        jaxpr, residuals = _vjp_residuals(lambda p, b: loss_fn(p, b, None)[0], params, data)
+    res, n_res = sum(_aval_bytes(v.aval) for v in residuals), len(residuals)
+    fused_res = _fused_bytes(jaxpr, residuals)
     parts = {
         "params": _nbytes(params),
         "opt_state": _nbytes(opt_state),
