@@ -137,6 +137,19 @@ def test_fused_projections_decode_the_same():
     np.testing.assert_allclose(b.logprobs, want, atol=2e-5, rtol=1e-5)
 
 
+def test_fusion_is_off_by_default_only_when_heads_split_over_tensor(model, monkeypatch):
+    cfg, params = model
+    seen = []
+    real = decode._decode_fn
+    monkeypatch.setattr(decode, "_decode_fn", lambda *a: seen.append(a[9]) or real(*a))
+    kw = dict(max_new_tokens=2, rng=jax.random.PRNGKey(0), temperature=0)
+    generate(cfg, params, PROMPTS, **kw)
+    rules = logical_axis_rules("fsdp_tp")
+    for shape in ({"data": 4, "fsdp": 2}, {"data": 2, "fsdp": 2, "tensor": 2}):
+        generate(cfg, params, PROMPTS + [[3]], mesh=make_mesh(shape), rules=rules, **kw)
+    assert seen == [True, True, False]
+
+
 def test_top_k_one_is_greedy(model):
     cfg, params = model
     g = generate(cfg, params, PROMPTS, max_new_tokens=N, rng=jax.random.PRNGKey(0), temperature=0)
