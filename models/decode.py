@@ -15,16 +15,20 @@ How a batch of prompts of different lengths is laid out (B rows, prompt bucket P
 Token 0 comes from the prefill logits at each row's last real token; tokens 1..N-1 from the
 loop. The whole thing (prefill, loop, samplers, stop handling) is one XLA program, so there is
 no host round trip per token. With stop tokens the loop is a `while_loop` that exits once every
-row has stopped; without, a fixed-length `scan` (a known trip count: no loop condition is read
-back to the host). Each step attends over all P + N cache slots (masked), a fixed shape. The
-cache is heads-major (B, K, S, H) in the compute dtype (`cache_dtype`), updated in place.
+row has stopped (tested every `check_every` tokens); without, a fixed-length `scan` (a known
+trip count: no loop condition is read back to the host). Each step attends over all P + N
+cache slots (masked), a fixed shape. The cache is heads-major (B, K, S, H) in the compute dtype
+(`cache_dtype`), updated in place. The weights are cast to the compute dtype, unstacked if
+scanned, and (by default) their q|k|v and gate|up kernels concatenated, once per call before
+the loop (`_decode_params`): each step then runs 4 matmuls per layer instead of 7.
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
 computes for that token (what PPO's ratio and KL need), whatever sampler picked the token.
 
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
-any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules). Temperature,
+any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules, fused?,
+check_every). Temperature,
 top_p, the stop-token ids, pad id and the RNG are traced: changing them does not recompile.
 Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
 copies of row 0 and cut back), params stay in their training shardings.
