@@ -154,6 +154,15 @@ def _moving_average(values, window: int) -> np.ndarray:
     return (c[1:] - c[lo]) / (np.arange(1, len(v) + 1) - lo)
 
 
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
     import matplotlib
 
@@ -172,10 +181,7 @@ def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend()
-    paths.append(os.path.join(workdir, "losses.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, os.path.join(workdir, "losses.png")))
 
     ppo, grpo = _records(dirs["ppo"]), _records(dirs["grpo"])
     fig, ax = plt.subplots(1, 3, figsize=(15, 3.6))
@@ -197,10 +203,7 @@ def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
     for a in ax:
         a.set_xlabel("step")
         a.legend()
-    paths.append(os.path.join(workdir, "rl.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, os.path.join(workdir, "rl.png")))
 
     panels = [
         ("greedy answers", [n for n in POLICIES if n in results], [
@@ -224,10 +227,7 @@ def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
         ax.set_title(title)
         ax.legend(fontsize=8, ncol=3, loc="upper center")
     axes[0].set_ylabel("rate / score")
-    paths.append(os.path.join(workdir, "accuracy.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, os.path.join(workdir, "accuracy.png")))
     return paths
 
 
