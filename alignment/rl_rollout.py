@@ -144,6 +144,8 @@ class RolloutSource:
                 f"rollout.max_prompt_len + rollout.max_new_tokens = "
                 f"{r.max_prompt_len + r.max_new_tokens} > seq_len={config.seq_len}"
             )
+        if r.get("check_every", 1) < 1:
+            raise ValueError(f"rollout.check_every={r.check_every} must be >= 1")
         self.config, self.mesh, self.rules, self.prompts = config, mesh, rules, prompts
         self.cfg, self.template = cfg, template
         self.cursor = PromptCursor(
@@ -212,7 +214,7 @@ class RolloutSource:
             self.cfg, params, prompts, max_new_tokens=r.max_new_tokens, rng=rng,
             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
-            check_every=r.get("check_every", 1),
+            check_every=r.get("check_every", 1),  # configs older than the key: every token
         )  # fmt: skip
         out = jax.device_get(out)
         gen_s = time.perf_counter() - t0

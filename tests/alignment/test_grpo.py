@@ -146,6 +146,12 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
     task = grpo.build_task(c, mesh, None, rewards=[("always", lambda m, t: 1 / 0, 1.0)])
     with pytest.raises(RuntimeError, match="no valid sample"):
         task.train_batches.before_step(_State(params))
+    with c.unlocked():
+        c.rollout.check_every = 0
+    with pytest.raises(ValueError, match="rollout.check_every=0 must be >= 1"):
+        grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
+    with c.unlocked():
+        c.rollout.check_every = 1
 
     # Over-long prompts: truncated from the left (counted) or dropped (counted).
     long_prompt = [{"prompt": "word " * 200, "meta": {}}]
