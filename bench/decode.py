@@ -27,6 +27,14 @@ each ended by a device sync. Reported per case:
                        kernels (fusions, cuBLAS/cuDNN custom calls, copies; `loop_body_ops` by
                        opcode): launched once per token, so × a launch's few µs, set against
                        `step_ms`, it says whether a step pays for launches or for bandwidth.
+  profile              (flax, case option ":profile" only) after the timed calls, one more full
+                       call traced by `jax.profiler` (Python tracer off), summarised by
+                       bench/trace_summary.py: per line of each "/device:" plane ("/host:CPU" on
+                       the CPU) its events, summed and busy (interval-union) time, span and top
+                       event names, and per plane `stream_busy_us`, the time any kernel ran.
+                       `profile_wall_us` is that call's wall time (tracing included): busy / wall
+                       tells idle gaps between kernels from slow kernels. A failed trace leaves
+                       {"error": ...} there and the timings stand.
 The HF side runs in a python with torch + transformers (`--hf_python`; default this one) and
 is skipped with a note when torch is absent.
 """
@@ -52,6 +60,9 @@ GENERATE_OPTIONS = {
     "while": {"stop_tokens": (-1,)},
     "while8": {"stop_tokens": (-1,), "check_every": 8},
 }
+# Case options that change what is recorded, not what `generate` runs (":profile": a traced
+# extra call summarised into the record; see the docstring). Combinable with the above.
+RUN_OPTIONS = ("profile",)
 # (variant, prompt length, new tokens, batches, dtype, runs)
 SHAPES = {
     "1b": ("1b", 128, 256, (1, 64), "bfloat16"),
@@ -149,7 +160,32 @@ def loop_body_ops(hlo: str) -> dict[str, int]:
 # flaxlm
 
 
-def run_flax(shape: str, batch: int, runs: int, options: dict | None = None) -> dict:
+def profile_call(fn) -> dict:
+    """Traces one call of `fn` (already compiled and warm) and summarises the trace: the
+    record's "profile" and "profile_wall_us". The Python tracer stays off: it would add its
+    own cost to every Python call and flood the host plane."""
+    import tempfile
+
+    import jax
+
+    from flaxlm.bench.trace_summary import summarize_trace
+
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0
+    prefix = "/host:CPU" if jax.default_backend() == "cpu" else "/device:"
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, profiler_options=opts):
+                t0 = time.perf_counter()
+                fn()
+                wall = time.perf_counter() - t0
+            return {"profile_wall_us": wall * 1e6, "profile": summarize_trace(d, prefix)}
+    except Exception as e:  # the timings already taken stand without a profile
+        return {"profile": {"error": f"{type(e).__name__}: {e}"}}
+
+
+def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
+             profile: bool = False) -> dict:  # fmt: skip
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -194,6 +230,8 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None) -> 
            "device": jax.devices()[0].device_kind,
            "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
            "loop_body_kernels": sum(ops.values()), "loop_body_ops": ops}  # fmt: skip
+    if profile:  # after every timing and the memory reading, so neither sees the profiler
+        rec.update(profile_call(lambda: call(new, runs + 1)))
     return _finish(rec, model_dims(variant), times, prefill, batch, prompt, new,
                    jnp.dtype(dtype).itemsize)  # fmt: skip
 
@@ -289,7 +327,7 @@ def _one(case: str, runs: int, dims_json: str) -> dict:
         options.update(GENERATE_OPTIONS.get(name, {}))
     try:
         if impl == "flax":
-            rec = run_flax(shape, batch, runs, options)
+            rec = run_flax(shape, batch, runs, options, profile="profile" in extra)
         else:
             rec = run_hf(shape, batch, runs, json.loads(dims_json))
     except ImportError as e:
@@ -304,8 +342,8 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
     p.add_argument("--cases", default="",
-                   help="comma list of SHAPE:IMPL:bBATCH[:NAME...] (IMPL flax|hf; NAME a key "
-                   "of driver.XLA_FLAG_SETS or GENERATE_OPTIONS, flax only)")  # fmt: skip
+                   help="comma list of SHAPE:IMPL:bBATCH[:NAME...] (IMPL flax|hf; NAME a key of "
+                   "driver.XLA_FLAG_SETS, GENERATE_OPTIONS or RUN_OPTIONS; flax only)")  # fmt: skip
     p.add_argument("--runs", type=int, default=3, help="timed calls per case (median)")
     p.add_argument("--hf_python", default=sys.executable, help="python with torch+transformers")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
@@ -338,7 +376,8 @@ def main(argv=None):
         extra = case.split(":")[3:]  # e.g. 1b:flax:b64:cmdbuf — other XLA flags or options
         if extra and impl != "flax":
             raise SystemExit(f"case {case!r}: flag sets and options are for flax cases only")
-        env = driver.case_env(case, extra, allowed=GENERATE_OPTIONS)  # + driver.XLA_FLAG_SETS
+        allowed = (*GENERATE_OPTIONS, *RUN_OPTIONS)  # + driver.XLA_FLAG_SETS
+        env = driver.case_env(case, extra, allowed=allowed)
         if impl == "hf":  # the HF side needs no flaxlm; keep JAX's memory settings out of it
             env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
         driver.run_case(cmd, case, path, a.timeout, env)

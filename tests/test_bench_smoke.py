@@ -30,7 +30,7 @@ def test_train_throughput_driver(tmp_path):
 
 
 def test_decode_driver(tmp_path):
-    cases = ["tiny:flax:b4", "tiny:flax:b4:unfused", "tiny:flax:b4:while8"]
+    cases = ["tiny:flax:b4", "tiny:flax:b4:unfused", "tiny:flax:b4:while8", "tiny:flax:b4:profile"]
     decode.main(["--tiny", "--out", str(tmp_path), "--cases", ",".join(cases), "--runs", "1"])
     recs = {r["case"]: r for r in driver.latest_records(str(tmp_path / "decode.jsonl"))}
     assert set(recs) == set(cases)
@@ -46,6 +46,14 @@ def test_decode_driver(tmp_path):
     kernels = {c: recs[c]["loop_body_kernels"] for c in cases}
     assert kernels["tiny:flax:b4:unfused"] - kernels["tiny:flax:b4"] >= 2 * 2
     assert sum(recs["tiny:flax:b4"]["loop_body_ops"].values()) == kernels["tiny:flax:b4"]
+    # ":profile" traces one more call: a summary of the CPU plane's lines, set against that
+    # call's wall time; the other cases record no profile.
+    prof = recs["tiny:flax:b4:profile"]
+    assert kernels["tiny:flax:b4:profile"] == kernels["tiny:flax:b4"]  # the same program
+    lines = prof["profile"]["planes"]["/host:CPU"]["lines"]
+    assert any(ln["events"] > 0 and ln["busy_us"] > 0 for ln in lines), prof["profile"]
+    assert prof["profile_wall_us"] > 0
+    assert all("profile" not in recs[c] for c in cases[:3])
 
 
 def test_loop_body_ops_reads_the_largest_loop():
