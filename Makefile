@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # 8 simulated CPU devices so every sharding path runs without accelerators.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean gpu-aot-venv
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,15 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# bench/gpu_aot.py: compile for an H200 on a machine without a GPU. A second venv with this
+# jax's CUDA plugin (~5.6 GB of CUDA libraries), kept out of .venv and of `make test`.
+AOT_VENV := .venv-gpu-aot
+gpu-aot-venv: $(STAMP)
+	test -x $(AOT_VENV)/bin/python || python3 -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AOT_VENV)/bin/python -m pip install -q -e . \
+		"jax[cuda12]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 
 clean:
 	rm -rf runs .pytest_cache

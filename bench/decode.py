@@ -44,19 +44,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
 
 HBM_BYTES_PER_S = 4.3e12  # H200
 # Named `generate` options a flax case may add (case suffix ":NAME", combinable with a flag
-# set): "unfused" decodes with separate q/k/v and gate/up matmuls, the layout before fused
-# projections became the default, to measure what fusing pays. "while" gives a stop token that
+# set): "fused" decodes with q|k|v and gate|up concatenated into one matmul each (which XLA's
+# GPU compiler does by itself: bench/gpu_aot.py finds one kernel per layer more when we do it,
+# not fewer; the GPU's timing decides). "while" gives a stop token that
 # never comes (-1), which runs the loop RL rollouts run (a while loop that tests "all rows
 # stopped" every step, a device-to-host read); "while8" tests it every 8 tokens instead.
 GENERATE_OPTIONS = {
-    "unfused": {"fuse_projections": False},
+    "fused": {"fuse_projections": True},
     "while": {"stop_tokens": (-1,)},
     "while8": {"stop_tokens": (-1,), "check_every": 8},
 }
@@ -104,59 +104,6 @@ def _finish(rec: dict, dims: dict, times: list, prefill: list, batch, prompt, ne
 
 
 # ----------------------------------------------------------------------------------------------
-# What one decode step launches, read from the compiled program
-
-_NOT_KERNELS = frozenset(
-    "parameter get-tuple-element tuple bitcast constant after-all partition-id replica-id "
-    "opt-barrier".split()
-)
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*? ([a-z][\w\-]*)\((.*)$")
-
-
-def _computations(hlo: str) -> dict[str, list[tuple[str, str]]]:
-    """{computation name: [(opcode, rest of the line)]} of an HLO module's text."""
-    comps: dict[str, list[tuple[str, str]]] = {}
-    current = None
-    for line in hlo.splitlines():
-        if current is None:
-            m = _COMPUTATION.match(line)
-            if m and " = " not in line:
-                current = comps.setdefault(m.group(1), [])
-        elif line.strip() == "}":
-            current = None
-        elif m := _INSTRUCTION.match(line):
-            current.append((m.group(1), m.group(2)))
-    return comps
-
-
-def _ops(comps, name: str, counts: dict) -> dict:
-    """Opcode counts of the instructions a computation runs as kernels, nested loop bodies and
-    called computations included (fusion bodies are inside their one kernel: not counted)."""
-    for op, rest in comps.get(name, []):
-        if op == "while":
-            _ops(comps, re.search(r"body=%?([\w.\-]+)", rest).group(1), counts)
-        elif op in ("call", "conditional"):
-            for sub in re.findall(r"(?:to_apply|computations?)=\{?%?([\w.\-]+)", rest):
-                _ops(comps, sub, counts)
-        elif op not in _NOT_KERNELS:
-            counts[op] = counts.get(op, 0) + 1
-    return counts
-
-
-def loop_body_ops(hlo: str) -> dict[str, int]:
-    """Opcode counts of the largest while-loop body of an optimised HLO module — in a generate
-    program, the decode loop: on a GPU each fusion / custom-call (cuBLAS, cuDNN) / copy is a
-    kernel launched per decode step, so the total against the step time tells launch
-    overhead from bandwidth."""
-    comps = _computations(hlo)
-    bodies = [re.search(r"body=%?([\w.\-]+)", rest).group(1)
-              for instrs in comps.values() for op, rest in instrs if op == "while"]  # fmt: skip
-    counted = [_ops(comps, b, {}) for b in bodies]
-    return max(counted, key=lambda c: sum(c.values()), default={})
-
-
-# ----------------------------------------------------------------------------------------------
 # flaxlm
 
 
@@ -184,28 +131,44 @@ def profile_call(fn) -> dict:
         return {"profile": {"error": f"{type(e).__name__}: {e}"}}
 
 
+def flax_case(shape: str, batch: int, options: dict | None = None) -> tuple:
+    """(ModelConfig, rng -> params, prompts, `generate` keywords) of a flaxlm case: B random
+    prompts of the shape's length, sampled at temperature 1 for the shape's new tokens (no
+    rng: each call passes its own). Shared with bench/gpu_aot.py, which compiles the same
+    program with abstract params for an H200."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxlm.models.config import get_variant
+    from flaxlm.models.transformer import Transformer
+    from flaxlm.train.state import unbox
+
+    variant, prompt, new, _, dtype = SHAPES[shape]
+    cfg = get_variant(variant, dtype=dtype, param_dtype=dtype)
+    init = lambda r: unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)))["params"]  # noqa: E731
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt), np.int32)
+    kw = dict(prompt_lengths=np.full((batch,), prompt, np.int32), max_new_tokens=new,
+              temperature=1.0, **(options or {}))  # fmt: skip
+    return cfg, init, tokens, kw
+
+
 def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
              profile: bool = False) -> dict:  # fmt: skip
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from flaxlm.models.config import get_variant
+    from flaxlm.bench.hlo_text import loop_body_ops
     from flaxlm.models.decode import compiled_generate_text, generate
-    from flaxlm.models.transformer import Transformer
-    from flaxlm.train.state import unbox
 
+    cfg, init, tokens, kw = flax_case(shape, batch, options)
+    params = jax.jit(init)(jax.random.PRNGKey(0))
     variant, prompt, new, _, dtype = SHAPES[shape]
-    cfg = get_variant(variant, dtype=dtype, param_dtype=dtype)
-    init = jax.jit(lambda r: unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))))
-    params = init(jax.random.PRNGKey(0))["params"]
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt), np.int32)
-    lengths = np.full((batch,), prompt, np.int32)
 
     def call(n, i):
-        out = generate(cfg, params, tokens, prompt_lengths=lengths, max_new_tokens=n,
-                       rng=jax.random.PRNGKey(i), temperature=1.0,
-                       **(options or {}))  # fmt: skip
+        out = generate(
+            cfg, params, tokens, rng=jax.random.PRNGKey(i), **{**kw, "max_new_tokens": n}
+        )
         return out.tokens.block_until_ready(), out
 
     t0 = time.perf_counter()
@@ -223,7 +186,6 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
     assert int(np.asarray(out.lengths).min()) == new  # every row generated all tokens
     stats = jax.local_devices()[0].memory_stats() or {}
     # The program just timed, from jax's cache (nothing compiles again).
-    kw = dict(prompt_lengths=lengths, max_new_tokens=new, temperature=1.0, **(options or {}))
     hlo = compiled_generate_text(cfg, params, tokens, rng=jax.random.PRNGKey(0), **kw)
     ops = loop_body_ops(hlo)
     rec = {"impl": "flaxlm", "warmup_s": warm, "jax": jax.__version__,

@@ -35,6 +35,11 @@ stays above the peak because in the backward pass the residuals of the last laye
 before the gradients of the first ones exist. So a plan whose bound fits fits, and one whose
 fused estimate fits very likely does. (Compiling the step for the CPU instead is no guide:
 XLA:CPU fuses less; its buffer assignment for the 1.1B step needs 58 GiB of temporaries alone.)
+
+Where jax's CUDA plugin can be installed, bench/gpu_aot.py gives the exact figure instead: XLA's
+GPU compiler itself, compiling the step for an H200 on this machine, and its buffer assignment
+(37.3 GiB for the 1.1B `fast` plan against the 37.2 measured). This module needs nothing but
+the project's own venv and says which component the bytes belong to.
 """
 
 from __future__ import annotations

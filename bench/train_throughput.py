@@ -128,25 +128,40 @@ def flax_case_config(case: str):
     return config, to_model_config(config.model), plan, batch, seq
 
 
-def run_flax(case: str, steps: int, warmup: int) -> dict:
-    import jax
-    import numpy as np
-
-    from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+def flax_train_program(case: str, devices) -> dict:
+    """What a flaxlm case runs, before any array exists: its configs, mesh, rules, model init,
+    optimizer, state shardings and the jitted train step, over `devices`. Shared with
+    bench/gpu_aot.py, which compiles this same step for an H200 on a machine without one."""
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh
     from flaxlm.train.optim import make_optimizer
     from flaxlm.train.pretrain import lm_loss, model_fns
-    from flaxlm.train.state import create_train_state
+    from flaxlm.train.state import state_shardings
     from flaxlm.train.step import jit_train_step
 
     config, cfg, plan, batch, seq = flax_case_config(case)
     # Data parallel over as many devices as split the batch (all of them on a GPU host; the
     # CPU smoke test's 4 rows on 8 simulated devices use 4).
-    n_dev = math.gcd(batch, len(jax.devices()))
-    mesh = make_mesh({"data": n_dev}, devices=jax.devices()[:n_dev])
+    n_dev = math.gcd(batch, len(devices))
+    mesh = make_mesh({"data": n_dev}, devices=list(devices)[:n_dev])
     rules = logical_axis_rules("fsdp")
     init_params, apply = model_fns(cfg)
-    loss_fn = lm_loss(apply, config.loss)
     tx, sched = make_optimizer(config.opt, 1000)
+    shardings = state_shardings(init_params, tx, mesh, rules)
+    step = jit_train_step(lm_loss(apply, config.loss), tx, sched, config.guard, 1, shardings, mesh)
+    return dict(config=config, cfg=cfg, plan=plan, batch=batch, seq=seq, mesh=mesh, rules=rules,
+                init_params=init_params, tx=tx, shardings=shardings, step=step)  # fmt: skip
+
+
+def run_flax(case: str, steps: int, warmup: int) -> dict:
+    import jax
+    import numpy as np
+
+    from flaxlm.models.sharding import shard_batch, use_mesh
+    from flaxlm.train.state import create_train_state
+
+    prog = flax_train_program(case, jax.devices())
+    cfg, plan, batch, seq = prog["cfg"], prog["plan"], prog["batch"], prog["seq"]
+    mesh, rules, step = prog["mesh"], prog["rules"], prog["step"]
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
     host = {
@@ -155,8 +170,7 @@ def run_flax(case: str, steps: int, warmup: int) -> dict:
         "loss_mask": np.ones((batch, seq), np.float32),
     }
     with use_mesh(mesh, rules):
-        state, shardings = create_train_state(init_params, tx, mesh, rules, seed=0)
-        step = jit_train_step(loss_fn, tx, sched, config.guard, 1, shardings, mesh)
+        state, _ = create_train_state(prog["init_params"], prog["tx"], mesh, rules, seed=0)
         b = shard_batch(host, mesh)
         t_compile = time.perf_counter()
         for _ in range(warmup):

@@ -1,0 +1,180 @@
+"""bench/gpu_aot.py and bench/hlo_text.py: reading compiled programs (kernels, CUDA-graph
+launches) from hand-written texts in XLA's formats, case names, and that the programs gpu_aot
+compiles are the ones the benches run. Compiling for the H200 itself needs jax's CUDA plugin
+(.venv-gpu-aot); without it the tool must say how to get it."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from flaxlm.bench import gpu_aot, hlo_text
+from flaxlm.bench.decode import flax_case
+from flaxlm.models.decode import generate_program
+
+HAS_PLUGIN = importlib.util.find_spec("jax_plugins") is not None  # CUDA / ROCm plugins
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The layout of XLA's *.thunk_sequence_after_thunk_passes.txt (abridged from a real dump):
+# a prefill command buffer, then a while loop whose condition kernel runs alone and whose body
+# is one command buffer, then a kernel launched on its own.
+THUNKS = """\
+000: kCommandBuffer [source       | next=004 (1)]
+    001: kCustomKernel [source        | next=002 (1)] loop_select_fusion_3 grid: [256, 1, 1]
+    002: kCustomKernel [prev=001 (1)  | next=003 (2)] fusion_335 grid: [512, 1, 1]
+    003: kCopy         [prev=002 (1)  | sink        ] kCopy
+004: kWhile         [prev=000 (1) | next=009 (1)]
+condition:
+    005: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1]
+  body:
+    000: kCommandBuffer [source | sink]
+        006: kCustomKernel [source       | next=007 (1)] gemm_fusion_dot_65 grid: [8, 1, 1]
+        007: kCustomKernel [prev=006 (1) | next=008 (1)] input_reduce_fusion grid: [1, 1, 1]
+        008: kCopy         [prev=007 (1) | sink        ] kCopy
+009: kCustomKernel  [prev=004 (1) | sink        ] loop_convert_fusion_65 grid: [128, 1, 1]
+"""
+
+
+def test_thunk_launches_counts_graphs_and_lone_kernels():
+    kinds = [k for k, _ in hlo_text.thunk_tree(THUNKS)]
+    assert kinds.count("kCommandBuffer") == 2 and kinds.count("kWhile") == 1
+    rec = hlo_text.thunk_launches(THUNKS)
+    # Program: 3 + 1 + 3 + 1 kernels; two graphs; the condition kernel and the last kernel
+    # run alone.
+    assert rec["program"] == {
+        "kernels": 8,
+        "graph_launches": 2,
+        "kernels_outside_graphs": 2,
+        "host_launches": 4,
+    }
+    # One loop iteration: the condition kernel alone plus the body's one graph of 3 kernels.
+    assert rec["loop"] == {
+        "kernels": 4,
+        "graph_launches": 1,
+        "kernels_outside_graphs": 1,
+        "host_launches": 2,
+    }
+    assert "loop" not in hlo_text.thunk_launches(THUNKS.split("004:")[0])
+
+
+HLO = """HloModule m
+
+%small_body (p: (s32[])) -> (s32[]) {
+  %p = (s32[]) parameter(0)
+  %a = s32[] add(s32[] %x, s32[] %y)
+  ROOT %t = (s32[]) tuple(s32[] %a)
+}
+
+%big_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %g = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %p), index=1
+  %f = f32[4]{0} fusion(f32[4]{0} %g), kind=kLoop, calls=%fused_computation
+  %d = f32[4]{0} custom-call(f32[4]{0} %f), custom_call_target="__cublas$gemm"
+  %w = (s32[]) while((s32[]) %i), condition=%c, body=%small_body
+  ROOT %t = (s32[], f32[4]{0}) tuple(s32[] %i, f32[4]{0} %d)
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %c = f32[4]{0} custom-call(f32[4]{0} %x), custom_call_target="__cudnn$fmhaSoftmax"
+  %l = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %init), condition=%c2, body=%big_body
+  ROOT %r = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %l), index=1
+}
+"""
+
+
+def test_program_ops_counts_every_kernel_once_with_targets():
+    ops, targets = hlo_text.program_ops(HLO)
+    assert ops == {"custom-call": 2, "fusion": 1, "add": 1}
+    assert targets == {"__cudnn$fmhaSoftmax": 1, "__cublas$gemm": 1}
+    assert hlo_text.loop_body_ops(HLO) == {"fusion": 1, "custom-call": 1, "add": 1}
+    with pytest.raises(ValueError, match="ENTRY"):
+        hlo_text.program_ops(HLO.split("ENTRY")[0])
+
+
+def test_case_names():
+    bench, own, extra, env = gpu_aot.parse_case("train:1b:flax:fast:cmdbuf")
+    assert (bench, own, extra) == ("train", "1b:flax:fast", ["cmdbuf"])
+    assert "xla_gpu_enable_command_buffer" in env["XLA_FLAGS"]
+    assert gpu_aot.parse_case("decode:1b:flax:b64:while8")[:3] == (
+        "decode",
+        "1b:flax:b64",
+        ["while8"],
+    )
+    for bad, says in [
+        ("train:1b:hf-eager", "train:SHAPE:flax"),
+        ("decode:1b:flax:64", "bBATCH"),
+        ("decode:3b:flax:b1", "SHAPE one of"),
+        ("decode:1b:flax:b64:nosuch", "nosuch"),
+        ("eval:1b:flax", "train or decode"),
+    ]:
+        with pytest.raises(SystemExit, match=says):
+            gpu_aot.parse_case(bad)
+    # The default cases are the GPU suite's flax train/decode cases, every one a valid name.
+    suite = gpu_aot.suite_cases()
+    assert "train:1b:flax" in suite and "decode:1b:flax:b1" in suite
+    assert not [c for c in suite if ":hf" in c]
+    for case in suite:
+        gpu_aot.parse_case(case)
+
+
+def test_compiles_the_programs_the_benches_run():
+    """gpu_aot's abstract arguments give the programs the benches run: compiled here for the
+    CPU, the decode program's loop body is the one bench/decode.py compiles from real arrays,
+    and the train step's buffers hold the state the bench creates."""
+    cpu = jax.devices()
+    compiled = gpu_aot.compile_decode("tiny:flax:b4", [], cpu)
+    cfg, init, tokens, kw = flax_case("tiny", 4)
+    fn, args = generate_program(cfg, tokens, rng=jax.random.PRNGKey(1), **kw)
+    real = fn.lower(jax.jit(init)(jax.random.PRNGKey(0)), *args).compile().as_text()
+    assert hlo_text.loop_body_ops(compiled.as_text()) == hlo_text.loop_body_ops(real)
+    fused = gpu_aot.compile_decode("tiny:flax:b4", ["fused"], cpu)
+    n = lambda c: sum(hlo_text.loop_body_ops(c.as_text()).values())  # noqa: E731
+    assert n(fused) < n(compiled)  # the option reached generate (no dot merger on the CPU)
+
+    train = gpu_aot.compile_train("tiny:flax", cpu)
+    mem = gpu_aot._memory(train)
+    assert mem["argument_gib"] > 0 and mem["fits"]
+    assert mem["peak_gib"] >= mem["argument_gib"]
+
+
+@pytest.mark.skipif(HAS_PLUGIN, reason="this environment has the CUDA plugin: see the live test")
+def test_without_the_cuda_plugin_it_names_the_setup(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "flaxlm.bench.gpu_aot", "--out", str(tmp_path),
+         "--cases", "decode:tiny:flax:b4"],
+        capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "make gpu-aot-venv" in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "gpu_aot.jsonl").exists()
+
+
+AOT_PY = os.path.join(ROOT, ".venv-gpu-aot", "bin", "python")
+
+
+@pytest.mark.skipif(
+    os.environ.get("FLAXLM_GPU_AOT") != "1" or not os.path.exists(AOT_PY),
+    reason="H200 compile: set FLAXLM_GPU_AOT=1 after `make gpu-aot-venv` (5.6 GB of CUDA libs)",
+)
+def test_live_h200_compile(tmp_path):
+    cases = ["decode:tiny:flax:b4", "train:tiny:flax"]
+    subprocess.run(
+        [AOT_PY, "-m", "flaxlm.bench.gpu_aot", "--out", str(tmp_path), "--cases", ",".join(cases)],
+        check=True, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+    )  # fmt: skip
+    recs = {r["case"]: r for r in map(json.loads, (tmp_path / "gpu_aot.jsonl").open())}
+    assert set(recs) == set(cases)
+    dec = recs["decode:tiny:flax:b4"]
+    assert dec["target"] == "NVIDIA H200" and dec["loop_body_kernels"] > 0
+    # XLA's default command buffers put the decode step in one CUDA graph; only the loop's
+    # condition kernel launches alone.
+    assert dec["launches"]["loop"]["graph_launches"] == 1
+    assert dec["launches"]["loop"]["kernels"] >= dec["loop_body_kernels"]
+    assert recs["train:tiny:flax"]["memory"]["argument_gib"] > 0
+    assert np.isfinite(recs["train:tiny:flax"]["memory"]["peak_gib"])
