@@ -19,8 +19,11 @@ row has stopped (tested every `check_every` tokens); without, a fixed-length `sc
 trip count: no loop condition is read back to the host). Each step attends over all P + N
 cache slots (masked), a fixed shape. The cache is heads-major (B, K, S, H) in the compute dtype
 (`cache_dtype`), updated in place. The weights are cast to the compute dtype, unstacked if
-scanned, and (by default) their q|k|v and gate|up kernels concatenated, once per call before
-the loop (`_decode_params`): each step then runs 4 matmuls per layer instead of 7.
+scanned, once per call before the loop (`_decode_params`). `fuse_projections=True` also
+concatenates the q|k|v and gate|up kernels there; it is off by default because on a GPU XLA
+already merges matmuls that share an input (its dot-merger pass): compiled for the H200
+(bench/gpu_aot.py), the fused layout's decode step has one kernel per layer more (393 against
+372 at the 1.1B shape, batch 64) and holds 1.3 GiB more, the concatenated copy.
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
@@ -317,7 +320,7 @@ def generate(
     mesh=None,
     rules=None,
     cache_dtype=None,
-    fuse_projections: bool | None = None,
+    fuse_projections: bool = False,
     check_every: int = 1,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
@@ -336,9 +339,8 @@ def generate(
         ones so training-sharded params are used in place); the batch is split over data×fsdp
         (padded up to a multiple of it internally).
       cache_dtype: KV cache dtype; default the model's compute dtype.
-      fuse_projections: decode with one q|k|v and one gate|up matmul per layer (the weights
-        are concatenated once per call). Default: on, unless the mesh splits heads over a
-        `tensor` axis (the fused q|k|v axis would mix q and kv heads across its shards).
+      fuse_projections: decode with one q|k|v and one gate|up matmul per layer, the weights
+        concatenated once per call (for backends without XLA:GPU's dot merger; see above).
       check_every: with stop tokens, test "every row stopped" once per this many tokens (a
         device-to-host read per test on a GPU); the output is the same for any value.
 
@@ -357,18 +359,27 @@ def generate(
     return out if tokens.shape[0] == B else jax.tree.map(lambda x: x[:B], out)
 
 
-def compiled_generate_text(cfg: ModelConfig, params, prompts, *, rng, **kw) -> str:
-    """The optimised HLO of the program `generate(cfg, params, prompts, rng=rng, **kw)` runs
-    (no mesh), for counting what one decode step launches (bench/decode.py). After such a
-    `generate` call the executable comes from jax's cache: nothing compiles again."""
+def generate_program(cfg: ModelConfig, prompts, *, rng, **kw) -> tuple:
+    """(jitted program, its arguments after the params) of the call `generate(cfg, params,
+    prompts, rng=rng, **kw)` (no mesh), to lower and compile it without running it: for
+    counting what one decode step launches (bench/decode.py) and compiling for a GPU this
+    machine does not have (bench/gpu_aot.py, which passes abstract arrays)."""
     if kw.get("mesh") is not None:
-        raise ValueError("compiled_generate_text: no mesh")
-    call = inspect.signature(generate).bind(cfg, params, prompts, rng=rng, **kw)
+        raise ValueError("generate_program: no mesh")
+    call = inspect.signature(generate).bind(cfg, None, prompts, rng=rng, **kw)
     call.apply_defaults()  # generate's defaults, the one place they are written
     options = {k: v for k, v in call.arguments.items() if k not in ("cfg", "params", "prompts")}
     del options["rng"]
     fn, tokens, lengths, rest, _ = _program(cfg, prompts, **options)
-    return fn.lower(params, tokens, lengths, rng, *rest).compile().as_text()
+    return fn, (tokens, lengths, rng, *rest)
+
+
+def compiled_generate_text(cfg: ModelConfig, params, prompts, *, rng, **kw) -> str:
+    """The optimised HLO of the program `generate(cfg, params, prompts, rng=rng, **kw)` runs
+    (no mesh). After such a `generate` call the program is traced and lowered again but the
+    executable comes from jax's cache."""
+    fn, args = generate_program(cfg, prompts, rng=rng, **kw)
+    return fn.lower(params, *args).compile().as_text()
 
 
 def _program(
@@ -412,8 +423,6 @@ def _program(
     stop = np.full(max(4, 1 << max(0, len(stop_tokens) - 1).bit_length()), -1, np.int32)
     stop[: len(stop_tokens)] = list(stop_tokens)
     greedy = temperature == 0
-    if fuse_projections is None:
-        fuse_projections = mesh is None or dict(mesh.shape).get("tensor", 1) == 1
     fn = _decode_fn(
         cfg,
         int(max_new_tokens),

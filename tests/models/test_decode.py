@@ -137,17 +137,17 @@ def test_fused_projections_decode_the_same():
     np.testing.assert_allclose(b.logprobs, want, atol=2e-5, rtol=1e-5)
 
 
-def test_fusion_is_off_by_default_only_when_heads_split_over_tensor(model, monkeypatch):
+def test_fusion_only_on_request(model, monkeypatch):
     cfg, params = model
     seen = []
     real = decode._decode_fn
     monkeypatch.setattr(decode, "_decode_fn", lambda *a: seen.append(a[9]) or real(*a))
     kw = dict(max_new_tokens=2, rng=jax.random.PRNGKey(0), temperature=0)
     generate(cfg, params, PROMPTS, **kw)
-    rules = logical_axis_rules("fsdp_tp")
-    for shape in ({"data": 4, "fsdp": 2}, {"data": 2, "fsdp": 2, "tensor": 2}):
-        generate(cfg, params, PROMPTS + [[3]], mesh=make_mesh(shape), rules=rules, **kw)
-    assert seen == [True, True, False]
+    generate(cfg, params, PROMPTS, fuse_projections=True, **kw)
+    mesh = make_mesh({"data": 4, "fsdp": 2})
+    generate(cfg, params, PROMPTS + [[3]], mesh=mesh, rules=logical_axis_rules("fsdp"), **kw)
+    assert seen == [False, True, False]
 
 
 def test_top_k_one_is_greedy(model):
@@ -285,7 +285,7 @@ def test_same_tokens_under_a_sharded_mesh(model):
     # ... and 3 rows, which do not split: padded to 4 inside (the same program), cut to 3.
     odd = generate(cfg, sharded, PROMPTS, mesh=mesh, rules=rules, **kw)
     np.testing.assert_array_equal(odd.tokens, want)
-    # Heads split over `tensor`: unfused by default; fused on request is still correct.
+    # Heads split over `tensor`, fused on request: still correct.
     fused = generate(cfg, sharded, PROMPTS, mesh=mesh, rules=rules, fuse_projections=True, **kw)
     np.testing.assert_array_equal(fused.tokens, want)
 
