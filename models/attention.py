@@ -111,18 +111,23 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS) -> jax.Array:
 
 
 def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS) -> jax.Array:
-    """`xla_attention` over a heads-major (B, K, S, H) KV cache: (B, K) are the leading batch
-    dims of both matmuls, so a decode step reads the cache in place instead of transposing
-    the whole buffer every step."""
+    """Attention over a heads-major (B, K, S, H) KV cache, laid out for few queries: each kv
+    head's G query heads × T positions are the rows of one (G·T, H) × (H, S) matmul with (B, K)
+    as batch dims, so a decode step reads the cache in place (no transpose of the buffer), and
+    the scores leave the matmul in float32 with S minor, so the masked softmax is one row-wise
+    fusion instead of separate max / sum / normalise passes. Compiled for the H200
+    (bench/gpu_aot.py) that is 2 kernels fewer per layer and decode step than `xla_attention`'s
+    layout (327 against 372 at the 1.1B shape, batch 64)."""
     B, T, N, H = q_BTNH.shape
-    K = k_BKSH.shape[1]
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BKSH).astype(jnp.float32) / math.sqrt(H)
-    big_neg = jnp.finfo(jnp.float32).min
-    scores = jnp.where(mask_B1TS[:, :, None], scores, big_neg)  # (B, K, G, T, S)
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+    G = N // K
+    q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+    scores = jnp.einsum("bkmh,bksh->bkms", q, k_BKSH, preferred_element_type=jnp.float32)
+    mask = jnp.broadcast_to(mask_B1TS[:, :, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
+    scores = jnp.where(mask, scores / math.sqrt(H), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BKSH)
-    return out.reshape(B, T, N, H)
+    out = jnp.einsum("bkms,bksh->bkmh", probs, v_BKSH)  # (B, K, G·T, H), row m = g·T + t
+    return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0) -> jax.Array:

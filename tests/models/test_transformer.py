@@ -89,6 +89,21 @@ def test_cached_decoding_matches_full_forward(kw):
     assert int(cache["index"]) == 12
 
 
+def test_cached_attention_layout_equals_xla_attention():
+    """The cache layout's kernel (query heads × positions as matmul rows, heads-major cache) is
+    the same attention as the training one, for grouped heads, several queries and a mask
+    with holes (padded prompt slots between the prompt and the new tokens)."""
+    from flaxlm.models.attention import cached_attention, xla_attention
+
+    B, T, S, N, K, H = 2, 3, 7, 8, 2, 4
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), shape) for i, shape in
+               enumerate([(B, T, N, H), (B, S, K, H), (B, S, K, H)]))  # fmt: skip
+    mask = jax.random.bernoulli(jax.random.PRNGKey(9), 0.6, (B, 1, T, S)).at[..., 0].set(True)
+    want = xla_attention(q, k, v, mask)
+    got = cached_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_scan_and_unrolled_layouts_agree():
     cfg = get_variant("tiny")
     model, params, tokens = _init(cfg)
