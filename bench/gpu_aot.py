@@ -3,7 +3,7 @@
     make gpu-aot-venv        # once: .venv-gpu-aot, this jax plus its CUDA plugin (~5.6 GB)
     .venv-gpu-aot/bin/python -m flaxlm.bench.gpu_aot --out OUT     # the GPU suite's flax cases
     .venv-gpu-aot/bin/python -m flaxlm.bench.gpu_aot --out OUT \\
-        --cases train:7b:flax:bf16_params,decode:1b:flax:b64:fused
+        --cases train:7b:flax:bf16_params,decode:1b:flax:b64:fused --hlo   # + OUT/CASE.hlo.txt
 
 GPU leases are short and rare; what can be known before one should be. jax's CUDA plugin
 compiles for a GPU it is only told about (`jax.experimental.topologies`, with the H200's
@@ -158,8 +158,9 @@ def compile_decode(case: str, extra: list[str], devices):
     return fn.lower(*args).compile()
 
 
-def run_one(case: str, dump_dir: str) -> dict:
-    """Compiles one case (in this process) and reads what it compiled to."""
+def run_one(case: str, dump_dir: str, hlo_dir: str = "") -> dict:
+    """Compiles one case (in this process) and reads what it compiled to; with `hlo_dir`, also
+    writes the optimised HLO there (HLO_DIR/CASE.hlo.txt) for reading by hand."""
     import jax
 
     from flaxlm.bench import hlo_text
@@ -172,6 +173,9 @@ def run_one(case: str, dump_dir: str) -> dict:
     rec = {"case": case, "compile_s": round(time.perf_counter() - t0, 1),
            "jax": jax.__version__, "target": devices[0].device_kind}  # fmt: skip
     hlo = compiled.as_text()
+    if hlo_dir:
+        with open(os.path.join(hlo_dir, case.replace(":", "_") + ".hlo.txt"), "w") as f:
+            f.write(hlo)
     ops, targets = hlo_text.program_ops(hlo)
     rec.update(memory=_memory(compiled), kernels=ops, custom_calls=targets)
     if bench == "decode":
@@ -216,6 +220,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
     p.add_argument("--fresh", action="store_true", help="forget earlier records in OUT")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)
+    p.add_argument("--hlo", action="store_true", help="also write each optimised HLO to OUT")
     p.add_argument("--dump", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host backend; the GPU is compile-only
@@ -224,7 +229,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "gpu_aot.jsonl")
     if a.one:
-        driver.run_one(path, a.one, lambda: run_one(a.one, a.dump))
+        driver.run_one(path, a.one, lambda: run_one(a.one, a.dump, a.out if a.hlo else ""))
         return
     cases = [c for c in a.cases.split(",") if c] or suite_cases()
     envs = {c: parse_case(c)[3] for c in cases}  # every name checked before the first compile
@@ -237,7 +242,7 @@ def main(argv=None):
             dump_flags = f"--xla_dump_to={dump} --xla_dump_hlo_module_re=^jit_(run|train_step)$"
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {dump_flags}".strip()
             cmd = [sys.executable, os.path.abspath(__file__), "--out", a.out, "--one", case,
-                   "--dump", dump]  # fmt: skip
+                   "--dump", dump] + (["--hlo"] if a.hlo else [])  # fmt: skip
             driver.run_case(cmd, case, path, a.timeout, env)
     md = table(driver.latest_records(path))
     driver.write_table(a.out, "gpu_aot.md", md)
