@@ -142,19 +142,37 @@ def _fused_bytes(jaxpr, res) -> int:
             if type(v).__name__ != "Literal":
                 consumers.setdefault(id(v), []).append(eqn)
     inputs = {id(v) for v in jaxpr.invars}
-    kept, stack = {}, list(res)
-    while stack:  # walk back from each residual through fusable producers
-        v = stack.pop()
-        eqn = producer.get(id(v))
-        if id(v) in inputs or eqn is None or id(v) in kept:
+
+    def frontier(r) -> dict:
+        """The values the backward would recompute residual `r` from: walk back through
+        fusable elementwise producers to the nearest ones a fusion must write."""
+        out, stack, seen = {}, [r], set()
+        while stack:
+            v = stack.pop()
+            eqn = producer.get(id(v))
+            if id(v) in inputs or eqn is None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            fusable_uses = all(_is_elementwise(c) or c.primitive.name in _REDUCTIONS
+                               for c in consumers.get(id(v), []))  # fmt: skip
+            if _is_elementwise(eqn) and fusable_uses:
+                stack.extend(u for u in eqn.invars if type(u).__name__ != "Literal")
+            else:
+                out[id(v)] = v
+        return out
+
+    # Residuals that are not elementwise results (matmul, attention, gather outputs) are
+    # written whatever happens; an elementwise one costs what rebuilding it needs beyond
+    # those — or its own bytes, if keeping it is cheaper (h_i = h_{i-1} + block_i(...) under
+    # full remat would otherwise be "rebuilt" from every block output before it).
+    kept = {id(r): r for r in res if frontier(r).keys() == {id(r)}}
+    for r in res:
+        if id(r) in kept:
             continue
-        fusable_uses = all(
-            _is_elementwise(c) or c.primitive.name in _REDUCTIONS for c in consumers.get(id(v), [])
-        )
-        if _is_elementwise(eqn) and fusable_uses:
-            stack.extend(u for u in eqn.invars if type(u).__name__ != "Literal")
-        else:
-            kept[id(v)] = v
+        extra = {k: v for k, v in frontier(r).items() if k not in kept}
+        if sum(_aval_bytes(v.aval) for v in extra.values()) > _aval_bytes(r.aval):
+            extra = {id(r): r}
+        kept.update(extra)
     return sum(_aval_bytes(v.aval) for v in kept.values())
 
 

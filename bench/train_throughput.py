@@ -48,12 +48,11 @@ PLANS = {
     "bf16_params": dict(
         dtype="bfloat16", param_dtype="bfloat16", attention_impl="cudnn", remat_policy="none"
     ),
+    # The HF peer's memory plan (each layer recomputed in the backward). Unrolled: compiled for
+    # the H200 (bench/gpu_aot.py) it needs 51.2 GiB against 53.7 scanned, and skips the scan's
+    # per-layer slicing of stacked weights and gradients.
     "bf16_full_remat": dict(
-        dtype="bfloat16",
-        param_dtype="bfloat16",
-        attention_impl="cudnn",
-        remat_policy="full",
-        scan_layers=True,
+        dtype="bfloat16", param_dtype="bfloat16", attention_impl="cudnn", remat_policy="full"
     ),
     "bf16_save_proj": dict(
         dtype="bfloat16",
