@@ -156,7 +156,8 @@ class Attention(nn.Module):
 
     `ctx` holds what every layer shares (computed once per forward in transformer.py):
     rope `cos`/`sin`, the boolean `mask` (None = plain causal rows, no packing), and while
-    decoding the cache write `index`. `layer_cache` is {"k": (B,K,S,H), "v": (B,K,S,H)} or None.
+    decoding the cache write `index`. `layer_cache` is the layer's keys and values stacked,
+    heads-major, (2, B, K, S, H), or None.
 
     `fused` reads q, k and v from one (D, N + 2K, H) kernel "qkv" (one matmul instead of three;
     the layout `fuse_projections` in transformer.py makes for decoding).
@@ -199,17 +200,14 @@ class Attention(nn.Module):
         k = apply_rope(k, ctx["cos"], ctx["sin"])
 
         if layer_cache is not None:
-            # Write this chunk's keys/values at the cache index (the cache is heads-major,
-            # (B, K, S, H)), attend over the whole buffer (the mask hides unwritten slots).
-            idx, dt = ctx["index"], layer_cache["k"].dtype
-            ck = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k.transpose(0, 2, 1, 3).astype(dt), (0, 0, idx, 0)
-            )
-            cv = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v.transpose(0, 2, 1, 3).astype(dt), (0, 0, idx, 0)
-            )
-            layer_cache = {"k": ck, "v": cv}
-            out = cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"])
+            # Write this chunk's keys and values at the cache index with one in-place update
+            # (K and V share a buffer: one kernel per layer and decode step, not two), then
+            # attend over the whole buffer (the mask hides unwritten slots).
+            idx, dt = ctx["index"], layer_cache.dtype
+            new_kv = jnp.stack([k, v]).transpose(0, 1, 3, 2, 4).astype(dt)  # (2, B, K, T, H)
+            layer_cache = jax.lax.dynamic_update_slice(layer_cache, new_kv, (0, 0, 0, idx, 0))
+            ck, cv = layer_cache[0].astype(q.dtype), layer_cache[1].astype(q.dtype)
+            out = cached_attention(q, ck, cv, ctx["mask"])
         elif cfg.attention_impl == "cudnn":
             out = cudnn_attention(q, k, v, ctx["mask"], cfg.sliding_window)
         else:

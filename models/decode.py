@@ -17,9 +17,10 @@ loop. The whole thing (prefill, loop, samplers, stop handling) is one XLA progra
 no host round trip per token. With stop tokens the loop is a `while_loop` that exits once every
 row has stopped (tested every `check_every` tokens); without, a fixed-length `scan` (a known
 trip count: no loop condition is read back to the host). Each step attends over all P + N
-cache slots (masked), a fixed shape. The cache is heads-major (B, K, S, H) in the compute dtype
-(`cache_dtype`), updated in place. The weights are cast to the compute dtype, unstacked if
-scanned, once per call before the loop (`_decode_params`). `fuse_projections=True` also
+cache slots (masked), a fixed shape. The cache holds each layer's keys and values in one
+heads-major (2, B, K, S, H) buffer in the compute dtype (`cache_dtype`), updated in place. The
+weights are cast to the compute dtype, unstacked if scanned, once per call before the loop
+(`_decode_params`). `fuse_projections=True` also
 concatenates the q|k|v and gate|up kernels there; it is off by default because on a GPU XLA
 already merges matmuls that share an input (its dot-merger pass): compiled for the H200
 (bench/gpu_aot.py), the fused layout's decode step has one kernel per layer more (393 against
@@ -143,9 +144,8 @@ def _decode_params(cfg: ModelConfig, params, fused: bool):
 def _constrain_cache(cache, sharded: bool):
     if not sharded:
         return cache
-    names = ("act_batch", "act_kv_heads", "act_len", "head_dim")  # heads-major (B, K, S, H)
-    kv = {k: [nn.with_logical_constraint(x, names) for x in cache[k]] for k in ("k", "v")}
-    return {**cache, **kv}
+    names = (None, "act_batch", "act_kv_heads", "act_len", "head_dim")  # (2, B, K, S, H)
+    return {**cache, "kv": [nn.with_logical_constraint(x, names) for x in cache["kv"]]}
 
 
 @functools.lru_cache(maxsize=64)
@@ -199,8 +199,7 @@ def _decode_fn(
             return jnp.pad(x, [(0, max_new) if a == axis else (0, 0) for a in range(x.ndim)])
 
         cache = {
-            "k": [grow(x, 2) for x in cache["k"]],  # (B, K, S, H)
-            "v": [grow(x, 2) for x in cache["v"]],
+            "kv": [grow(x, 3) for x in cache["kv"]],  # (2, B, K, S, H)
             "segment_ids": grow(cache["segment_ids"], 1),  # (B, S)
             "positions": grow(cache["positions"], 1),
             "index": cache["index"],

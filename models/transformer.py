@@ -131,22 +131,19 @@ class Transformer(nn.Module):
         ctx, new_meta = self._context(tokens, positions, segment_ids, cache)
         x = self.embed(tokens) if input_embeds is None else input_embeds
         x = nn.with_logical_constraint(x, ACT)
-        kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        kv = None if cache is None else cache["kv"]
         if self.cfg.scan_layers:
             x, kv = self.layers(x, ctx, kv)
         else:
-            new_k, new_v = [], []
+            new_kv = []
             for i, layer in enumerate(self.layers):
-                layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}
-                x, layer_kv = layer(x, ctx, layer_kv)
-                if layer_kv is not None:
-                    new_k.append(layer_kv["k"])
-                    new_v.append(layer_kv["v"])
-            kv = None if kv is None else {"k": new_k, "v": new_v}
+                x, layer_kv = layer(x, ctx, None if kv is None else kv[i])
+                new_kv.append(layer_kv)
+            kv = new_kv
         x = self.final_norm(x)
         if cache is None:
             return x, None
-        return x, {**kv, **new_meta}
+        return x, {"kv": kv, **new_meta}
 
     def logits(self, x):
         if self.cfg.tie_embeddings:
@@ -164,21 +161,19 @@ class Transformer(nn.Module):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """Empty decoding cache for `batch` rows of up to `max_len` tokens.
 
-    Key/value buffers are a list per layer when layers are unrolled (each updated in place by
-    XLA inside a decode loop) and stacked (L, ...) arrays when layers are scanned.
+    "kv" holds each layer's keys and values stacked, (2, B, K, S, H): a list per layer when
+    layers are unrolled (each updated in place by XLA inside a decode loop), one (L, 2, ...)
+    array when layers are scanned.
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
     # Heads-major (B, K, S, H): decode attention reads it without a per-step transpose.
-    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim_)
+    shape = (2, batch, cfg.n_kv_heads, max_len, cfg.head_dim_)
     if cfg.scan_layers:
-        k = jnp.zeros((cfg.n_layers, *shape), dtype)
-        v = jnp.zeros((cfg.n_layers, *shape), dtype)
+        kv = jnp.zeros((cfg.n_layers, *shape), dtype)
     else:
-        k = [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)]
-        v = [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        kv = [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)]
     return {
-        "k": k,
-        "v": v,
+        "kv": kv,
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),  # 0 = empty slot
         "positions": jnp.zeros((batch, max_len), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
