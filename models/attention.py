@@ -117,7 +117,7 @@ def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS) -> jax.Array:
     the scores leave the matmul in float32 with S minor, so the masked softmax is one row-wise
     fusion instead of separate max / sum / normalise passes. Compiled for the H200
     (bench/gpu_aot.py) that is 2 kernels fewer per layer and decode step than `xla_attention`'s
-    layout (327 against 372 at the 1.1B shape, batch 64)."""
+    layout (44 fewer per step at the 1.1B shape)."""
     B, T, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
     G = N // K
