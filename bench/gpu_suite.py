@@ -31,7 +31,7 @@ GPU_CASES = [
     # The decode goal (50% of the HBM bound at batch 64). ":profile" adds, after the timed
     # calls, a kernel-time summary of one traced call: the step is one CUDA graph already
     # (bench/gpu_aot.py), so the profile says whether the gap to the bound is idle time
-    # between its ~370 kernels or kernels slower than bandwidth.
+    # between its ~305 kernels or kernels slower than bandwidth.
     ("decode 1b flaxlm b64", 75, ["decode", "--cases", "1b:flax:b64:profile"]),
     ("train 1b hf eager", 45, ["train_throughput", "--cases", "1b:hf-eager"]),
     ("decode 1b hf b64", 55, ["decode", "--cases", "1b:hf:b64"]),
@@ -41,7 +41,11 @@ GPU_CASES = [
     # peak 71.5 GiB of 139.
     ("train 7b flaxlm", 120, ["train_throughput", "--cases", "7b:flax:bf16_params"]),
     ("train 7b hf eager ckpt", 60, ["train_throughput", "--cases", "7b:hf-eager:ckpt"]),
+    # The 7B goal's same-plan ratio: the HF peer's memory plan (each layer recomputed).
+    ("train 7b flaxlm full remat", 150, ["train_throughput", "--cases", "7b:flax:bf16_full_remat"]),
     ("train 1b hf compile", 150, ["train_throughput", "--cases", "1b:hf-compile"]),
+    ("decode 1b hf b1", 60, ["decode", "--cases", "1b:hf:b1"]),
+    # Everything above is what the goals are judged on; below, what decides the defaults.
     # Projections concatenated by us (XLA's dot merger already merges them: one kernel per
     # layer more in the compiled step, 1.3 GiB more memory; the timing decides).
     ("decode 1b flaxlm b64 fused", 60, ["decode", "--cases", "1b:flax:b64:fused"]),
@@ -55,9 +59,6 @@ GPU_CASES = [
         150,
         ["alignment_throughput", "--cases", "125m:ppo:c8,125m:ppo:cmdbuf"],
     ),  # fmt: skip
-    ("decode 1b hf b1", 60, ["decode", "--cases", "1b:hf:b1"]),
-    # The HF peer's own memory plan (full recompute per layer) on the flaxlm side.
-    ("train 7b flaxlm full remat", 150, ["train_throughput", "--cases", "7b:flax:bf16_full_remat"]),
     # Command buffers for loops and conditionals too; compiled for the H200, the decode step
     # is launched the same way as without (one graph per step), so this is a check, last.
     ("decode 1b flaxlm b64 cmdbuf", 60, ["decode", "--cases", "1b:flax:b64:cmdbuf"]),
