@@ -40,16 +40,47 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float = 0.0):
     return _loss_and_metrics(sums, jnp.sum(mask_BT.astype(jnp.float32)), z_loss)
 
 
+@jax.custom_vjp
 def _token_sums(logits_BTV, targets_BT, mask_BT):
     """Masked sums over tokens: (Σ nll, Σ log²Z, Σ correct), float32 — what both the full and
-    the chunked cross-entropy add up."""
+    the chunked cross-entropy add up.
+
+    Its gradient is written out (`_token_sums_bwd`) rather than derived by autodiff, which
+    builds it from float32 pieces — the softmax, a scattered one-hot, their sum, then a cast —
+    each a full (B, T, V) array in memory. Written out it is one elementwise pass from the
+    logits in their own dtype to the gradient in that dtype: compiled for the H200
+    (bench/gpu_aot.py) the 1.1B step moves ~9 GB less per step and keeps no float32 logits.
+    """
+    return _token_sums_fwd(logits_BTV, targets_BT, mask_BT)[0]
+
+
+def _token_sums_fwd(logits_BTV, targets_BT, mask_BT):
     logits = logits_BTV.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    top = jnp.max(logits, axis=-1)
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
     picked = jnp.take_along_axis(logits, targets_BT[..., None], axis=-1)[..., 0]
     mask = mask_BT.astype(jnp.float32)
-    correct = (jnp.argmax(logits, axis=-1) == targets_BT).astype(jnp.float32)
-    return jnp.stack([jnp.sum((lse - picked) * mask), jnp.sum(jnp.square(lse) * mask),
+    # Correct = the target's logit is the largest (argmax up to exact ties), from the max the
+    # normaliser needs anyway: no third pass over the (B, T, V) logits.
+    correct = (picked >= top).astype(jnp.float32)
+    sums = jnp.stack([jnp.sum((lse - picked) * mask), jnp.sum(jnp.square(lse) * mask),
                       jnp.sum(correct * mask)])  # fmt: skip
+    return sums, (logits_BTV, targets_BT, mask_BT, lse)
+
+
+def _token_sums_bwd(residuals, g):
+    """d/dlogits of g·sums: Σ(lse − picked)·m gives m·(softmax − onehot), Σ lse²·m gives
+    2·m·lse·softmax, and the accuracy count has none."""
+    logits_BTV, targets_BT, mask_BT, lse = residuals
+    mask = mask_BT.astype(jnp.float32)
+    coef = ((g[0] + 2.0 * g[1] * lse) * mask)[..., None]
+    probs = jnp.exp(logits_BTV.astype(jnp.float32) - lse[..., None])
+    target = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
+    grad = coef * probs - jnp.where(target, (g[0] * mask)[..., None], 0.0)
+    return grad.astype(logits_BTV.dtype), None, None
+
+
+_token_sums.defvjp(_token_sums_fwd, _token_sums_bwd)
 
 
 def chunked_cross_entropy(hidden_BTD, head_fn: Callable, targets_BT, mask_BT, chunk: int,

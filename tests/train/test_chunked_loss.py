@@ -106,5 +106,6 @@ def test_chunking_removes_the_logits_from_the_residuals():
         scalar = lambda p, b, loss=loss: loss(p, b, None)[0]  # noqa: E731
         res[chunk] = memory_plan.residual_bytes(scalar, params, batch)[0]
     logits_f32 = B * T * cfg.vocab_size * 4
-    assert res[0] - res[8] >= logits_f32  # at least one full float32 logits array fewer
+    # a full float32 logits array fewer, up to one float per token
+    assert res[0] - res[8] >= logits_f32 - B * T * 4
     assert res[8] < logits_f32
