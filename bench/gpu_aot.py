@@ -26,6 +26,12 @@ in its own subprocess (XLA flags are read once per process). Reported per case:
               targets (cuDNN attention, cuBLAS)
   launches    from XLA's thunk sequence: kernels, CUDA-graph launches and kernels launched one
               by one, for the program and per iteration of its largest loop (a decode step)
+  traffic     bytes the kernels read and write, by kind (matmul, attention, other: the
+              memory-bound rest), estimated from operand and result shapes (bench/hlo_text.py
+              `kernel_traffic`), for the program (loop bodies once) and one loop iteration;
+              the table shows a train step's and a decode step's. Against HBM bandwidth it
+              bounds a step from below; against the ideal bytes (weights + KV for decoding)
+              it shows what the compiled program moves beyond them.
   loop_body_kernels / loop_body_ops (decode)   as bench/decode.py records them on the GPU
 """
 
@@ -178,6 +184,8 @@ def run_one(case: str, dump_dir: str, hlo_dir: str = "") -> dict:
             f.write(hlo)
     ops, targets = hlo_text.program_ops(hlo)
     rec.update(memory=_memory(compiled), kernels=ops, custom_calls=targets)
+    rec["traffic_gib"] = {scope: {kind: round(b / GiB, 3) for kind, b in kinds.items()}
+                          for scope, kinds in hlo_text.traffic(hlo).items()}  # fmt: skip
     if bench == "decode":
         body = hlo_text.loop_body_ops(hlo)
         rec.update(loop_body_kernels=sum(body.values()), loop_body_ops=body)
@@ -191,24 +199,26 @@ def run_one(case: str, dump_dir: str, hlo_dir: str = "") -> dict:
 def table(records: list[dict]) -> str:
     lines = [
         "| case | peak GiB (args + temp) | fits 139 GiB | kernels | host launches | custom calls "
-        "| loop iteration: kernels / host launches | compile s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| loop iteration: kernels / host launches | traffic GiB: matmul + attention + other "
+        "(per step; decode: per token) | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['case']} | error: {r['error'][:120]} |||||||")
+            lines.append(f"| {r['case']} | error: {r['error'][:120]} ||||||||")
             continue
         m, launches = r["memory"], r.get("launches", {})
         loop = launches.get("loop")
         calls = ", ".join(f"{k} {v}" for k, v in sorted(r["custom_calls"].items())) or "–"
         per_iteration = f"{loop['kernels']} / {loop['host_launches']}" if loop else "–"
+        t = r["traffic_gib"]["loop" if r["case"].startswith("decode:") else "program"]
+        traffic = f"{t['matmul']:.2f} + {t['attention']:.2f} + {t['other']:.2f}"
         lines.append(
             f"| {r['case']} | {m['peak_gib']:.1f} ({m['argument_gib']:.1f} + "
             f"{m['temp_gib']:.1f}) | {'yes' if m['fits'] else 'no'} | "
             f"{sum(r['kernels'].values())} | "
             f"{launches.get('program', {}).get('host_launches', '–')} | {calls} | "
-            f"{per_iteration} | "
-            f"{r['compile_s']} |"
+            f"{per_iteration} | {traffic} | {r['compile_s']} |"
         )
     return "\n".join(lines)
 

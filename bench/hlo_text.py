@@ -18,6 +18,7 @@ both for programs compiled for an H200 on a machine without one.
 
 from __future__ import annotations
 
+import math
 import re
 
 # Instructions that are not kernels: values, views and markers.
@@ -27,14 +28,19 @@ _NOT_KERNELS = frozenset(
 )
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _ENTRY = re.compile(r"^ENTRY\s+%?([\w.\-]+)\s")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+ = .*? ([a-z][\w\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _BODY = re.compile(r"body=%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+             "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+             "f64": 8}  # fmt: skip
 
 
-def computations(hlo: str) -> dict[str, list[tuple[str, str]]]:
-    """{computation name: [(opcode, rest of the line)]} of an HLO module's text."""
-    comps: dict[str, list[tuple[str, str]]] = {}
+def computations(hlo: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """{computation name: [(opcode, rest of the line, instruction name, result shape)]} of an
+    HLO module's text."""
+    comps: dict[str, list[tuple[str, str, str, str]]] = {}
     current = None
     for line in hlo.splitlines():
         if current is None:
@@ -44,26 +50,121 @@ def computations(hlo: str) -> dict[str, list[tuple[str, str]]]:
         elif line.strip() == "}":
             current = None
         elif m := _INSTRUCTION.match(line):
-            current.append((m.group(1), m.group(2)))
+            name, shape, op, rest = m.groups()
+            current.append((op, rest, name, shape))
     return comps
 
 
-def kernel_ops(comps, name: str, counts: dict | None = None, targets: dict | None = None):
-    """Opcode counts of the instructions computation `name` runs as kernels, nested loop bodies
-    and called computations included (once each, not times their trip count). Custom calls'
-    targets are counted into `targets` when given."""
-    counts = {} if counts is None else counts
-    for op, rest in comps.get(name, []):
+def _kernels(comps, name: str):
+    """(computation, instruction) of every instruction computation `name` runs as a kernel,
+    nested loop bodies and called computations included (once each, not times their trip
+    count)."""
+    for ins in comps.get(name, []):
+        op, rest = ins[0], ins[1]
         if op == "while":
-            kernel_ops(comps, _BODY.search(rest).group(1), counts, targets)
+            yield from _kernels(comps, _BODY.search(rest).group(1))
         elif op in ("call", "conditional"):
             for sub in re.findall(r"(?:to_apply|computations?)=\{?%?([\w.\-]+)", rest):
-                kernel_ops(comps, sub, counts, targets)
+                yield from _kernels(comps, sub)
         elif op not in _NOT_KERNELS:
-            counts[op] = counts.get(op, 0) + 1
-            if targets is not None and op == "custom-call" and (m := _TARGET.search(rest)):
-                targets[m.group(1)] = targets.get(m.group(1), 0) + 1
+            yield name, ins
+
+
+def kernel_ops(comps, name: str, counts: dict | None = None, targets: dict | None = None):
+    """Opcode counts of the instructions computation `name` runs as kernels (see `_kernels`).
+    Custom calls' targets are counted into `targets` when given."""
+    counts = {} if counts is None else counts
+    for _, (op, rest, *_) in _kernels(comps, name):
+        counts[op] = counts.get(op, 0) + 1
+        if targets is not None and op == "custom-call" and (m := _TARGET.search(rest)):
+            targets[m.group(1)] = targets.get(m.group(1), 0) + 1
     return counts
+
+
+def _arrays(shape: str) -> list[tuple[int, int]]:
+    """[(item size, elements)] of the arrays of a (possibly tuple) shape."""
+    out = []
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype in _ITEMSIZE:
+            out.append((_ITEMSIZE[dtype], math.prod(int(d) for d in dims.split(",") if d)))
+    return out
+
+
+def _nbytes(shape: str) -> int:
+    return sum(size * n for size, n in _arrays(shape))
+
+
+def _operands(rest: str) -> list[str]:
+    """Operand names: the `%names` inside the instruction's outermost parentheses."""
+    depth = 0
+    for i, ch in enumerate(rest):
+        depth += ch == "("
+        if ch == ")":
+            if depth == 0:
+                return re.findall(r"%([\w.\-]+)", rest[:i])
+            depth -= 1
+    return re.findall(r"%([\w.\-]+)", rest)
+
+
+def _sliced_params(comps, fused: str) -> dict[int, int]:
+    """{parameter index: bytes} for the parameters of fused computation `fused` that are only
+    sliced inside it (a fused slice reads the slice, not the operand)."""
+    instrs = comps.get(fused, [])
+    out = {}
+    for op, rest, pname, _ in instrs:
+        if op != "parameter":
+            continue
+        users = [(uop, ushape) for uop, urest, _, ushape in instrs
+                 if uop != "parameter" and pname in _operands(urest)]  # fmt: skip
+        if users and all(uop in ("slice", "dynamic-slice") for uop, _ in users):
+            out[int(rest.split(")")[0])] = sum(_nbytes(ushape) for _, ushape in users)
+    return out
+
+
+def kernel_traffic(comps, name: str) -> dict[str, int]:
+    """Bytes the kernels of computation `name` read and write (see `_kernels`), by kind:
+    "matmul" (cuBLAS calls, Triton gemm fusions), "attention" (cuDNN calls) and "other" (the
+    memory-bound rest: elementwise, reductions, copies, cache writes). An estimate from
+    operand and result shapes, caches not modelled: an in-place dynamic-update-slice counts
+    its update only; a loop fusion reads at most one element of an operand per element it
+    writes (an embedding lookup reads the rows it gathers, not the table); an operand a fusion
+    only slices counts as the slice."""
+    shapes = {c: {ins[2]: ins[3] for ins in instrs} for c, instrs in comps.items()}
+    out = {"matmul": 0, "attention": 0, "other": 0}
+    for comp, (op, rest, iname, shape) in _kernels(comps, name):
+        target = (m.group(1) if (m := _TARGET.search(rest)) else "").lower()
+        kind = ("matmul" if "gemm" in iname or "cublas" in target else
+                "attention" if "cudnn" in target else "other")  # fmt: skip
+        reads = [_arrays(shapes[comp].get(o, "")) for o in _operands(rest)]
+        if op == "fusion" and (called := re.search(r"calls=%?([\w.\-]+)", rest)):
+            for i, nbytes in _sliced_params(comps, called.group(1)).items():
+                if i < len(reads):
+                    reads[i] = [(1, nbytes)]
+        if "dynamic_update_slice" in iname or op == "dynamic-update-slice":
+            sizes = sorted(sum(s * n for s, n in a) for a in reads)
+            out[kind] += 2 * sum(sizes[:-1])  # the update, read and written in place
+            continue
+        if "kind=kLoop" in rest or op in ("copy", "convert", "add", "multiply", "select"):
+            cap = max((n for _, n in _arrays(shape)), default=0)
+            out[kind] += sum(min(n, cap) * size for a in reads for size, n in a)
+        else:
+            out[kind] += sum(size * n for a in reads for size, n in a)
+        out[kind] += _nbytes(shape)
+    return out
+
+
+def _largest_loop_body(comps) -> str | None:
+    """The while-loop body with the most kernels (in a generate program, the decode loop)."""
+    bodies = [_BODY.search(rest).group(1)
+              for instrs in comps.values() for op, rest, *_ in instrs if op == "while"]  # fmt: skip
+    return max(bodies, key=lambda b: sum(1 for _ in _kernels(comps, b)), default=None)
+
+
+def _entry(hlo: str) -> str:
+    entry = next((m.group(1) for line in hlo.splitlines() if (m := _ENTRY.match(line))), None)
+    if entry is None:
+        raise ValueError("no ENTRY computation in this HLO text")
+    return entry
 
 
 def loop_body_ops(hlo: str) -> dict[str, int]:
@@ -72,20 +173,25 @@ def loop_body_ops(hlo: str) -> dict[str, int]:
     kernel launched per decode step, so the total against the step time tells launch
     overhead from bandwidth."""
     comps = computations(hlo)
-    bodies = [_BODY.search(rest).group(1)
-              for instrs in comps.values() for op, rest in instrs if op == "while"]  # fmt: skip
-    counted = [kernel_ops(comps, b) for b in bodies]
-    return max(counted, key=lambda c: sum(c.values()), default={})
+    body = _largest_loop_body(comps)
+    return kernel_ops(comps, body) if body else {}
 
 
 def program_ops(hlo: str) -> tuple[dict[str, int], dict[str, int]]:
     """(opcode counts, custom-call target counts) of the kernels of the whole program (the
     entry computation and, once each, what it calls and loops over)."""
-    entry = next((m.group(1) for line in hlo.splitlines() if (m := _ENTRY.match(line))), None)
-    if entry is None:
-        raise ValueError("no ENTRY computation in this HLO text")
     targets: dict[str, int] = {}
-    return kernel_ops(computations(hlo), entry, targets=targets), targets
+    return kernel_ops(computations(hlo), _entry(hlo), targets=targets), targets
+
+
+def traffic(hlo: str) -> dict[str, dict[str, int]]:
+    """`kernel_traffic` of the whole program ("program", loop bodies once) and of one
+    iteration of its largest loop ("loop", absent without loops)."""
+    comps = computations(hlo)
+    out = {"program": kernel_traffic(comps, _entry(hlo))}
+    if body := _largest_loop_body(comps):
+        out["loop"] = kernel_traffic(comps, body)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

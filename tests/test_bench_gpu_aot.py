@@ -97,6 +97,43 @@ def test_program_ops_counts_every_kernel_once_with_targets():
         hlo_text.program_ops(HLO.split("ENTRY")[0])
 
 
+TRAFFIC_HLO = """HloModule m
+
+%fused_slice (p0: bf16[2,4,8], p1: bf16[8,16]) -> f32[4,16] {
+  %p0 = bf16[2,4,8]{2,1,0} parameter(0)
+  %s = bf16[1,4,8]{2,1,0} slice(%p0), slice={[0:1], [0:4], [0:8]}
+  %b = bf16[4,8]{1,0} bitcast(%s)
+  %p1 = bf16[8,16]{1,0} parameter(1)
+  ROOT %d = f32[4,16]{1,0} dot(%b, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (kv: bf16[2,4,8], w: bf16[8,16], table: f32[1000,16], idx: s32[4]) -> f32[16] {
+  %kv = bf16[2,4,8]{2,1,0} parameter(0)
+  %w = bf16[8,16]{1,0} parameter(1)
+  %table = f32[1000,16]{1,0} parameter(2)
+  %idx = s32[4]{0} parameter(3)
+  %upd = bf16[2,4,1]{2,1,0} parameter(4)
+  %i = s32[] parameter(5)
+  %gemm_fusion_dot = f32[4,16]{1,0} fusion(%kv, %w), kind=kCustom, calls=%fused_slice
+  %loop_gather_fusion = f32[4,16]{1,0} fusion(%table, %idx), kind=kLoop, calls=%fg
+  %loop_dynamic_update_slice_fusion = bf16[2,4,8]{2,1,0} fusion(%kv, %upd, %i), kind=kLoop
+  %cc = f32[4,16]{1,0} custom-call(%loop_gather_fusion), custom_call_target="__cudnn$fmhaSoftmax"
+  ROOT %r = f32[16]{0} fusion(%gemm_fusion_dot), kind=kInput, calls=%fr
+}
+"""
+
+
+def test_kernel_traffic_counts_what_each_kernel_moves():
+    t = hlo_text.traffic(TRAFFIC_HLO)["program"]
+    # the gemm reads the slice of the cache it uses (1·4·8 bf16), all of w, writes f32[4,16]
+    assert t["matmul"] == 64 + 256 + 256
+    assert t["attention"] == 256 + 256  # the cuDNN call: its operand and result
+    # the lookup reads 4·16 table entries (not 1000 rows) and 4 ids, writes f32[4,16]; the
+    # in-place cache write reads and writes its update and index; the reduction reads it all
+    assert t["other"] == (256 + 16 + 256) + 2 * (16 + 4) + (256 + 64)
+    assert "loop" not in hlo_text.traffic(TRAFFIC_HLO)
+
+
 def test_case_names():
     bench, own, extra, env = gpu_aot.parse_case("train:1b:flax:fast:cmdbuf")
     assert (bench, own, extra) == ("train", "1b:flax:fast", ["cmdbuf"])
