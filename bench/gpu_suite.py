@@ -38,7 +38,7 @@ GPU_CASES = [
     # Batch 1 against batch 64: equal step times would mean per-step overhead, not bandwidth.
     ("decode 1b flaxlm b1", 45, ["decode", "--cases", "1b:flax:b1"]),
     # 7B: bf16 params, no remat. XLA's buffer assignment for the H200 (bench/gpu_aot.py):
-    # peak 71.5 GiB of 139.
+    # peak 71.2 GiB of 139.
     ("train 7b flaxlm", 120, ["train_throughput", "--cases", "7b:flax:bf16_params"]),
     ("train 7b hf eager ckpt", 60, ["train_throughput", "--cases", "7b:hf-eager:ckpt"]),
     # The 7B goal's same-plan ratio: the HF peer's memory plan (each layer recomputed).
