@@ -70,6 +70,11 @@ HLO = """HloModule m
   ROOT %t = (s32[]) tuple(s32[] %a)
 }
 
+%fused_computation (q: f32[4]) -> f32[4] {
+  %q = f32[4]{0} parameter(0)
+  ROOT %e = f32[4]{0} exponential(f32[4]{0} %q)
+}
+
 %big_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
   %p = (s32[], f32[4]{0}) parameter(0)
   %g = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %p), index=1
@@ -92,6 +97,8 @@ def test_program_ops_counts_every_kernel_once_with_targets():
     ops, targets = hlo_text.program_ops(HLO)
     assert ops == {"custom-call": 2, "fusion": 1, "add": 1}
     assert targets == {"__cudnn$fmhaSoftmax": 1, "__cublas$gemm": 1}
+    # the largest loop body: its fusion and cuBLAS call plus its nested loop's add; the
+    # fusion's own exponential is inside its one kernel
     assert hlo_text.loop_body_ops(HLO) == {"fusion": 1, "custom-call": 1, "add": 1}
     with pytest.raises(ValueError, match="ENTRY"):
         hlo_text.program_ops(HLO.split("ENTRY")[0])

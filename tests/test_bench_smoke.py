@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from flaxlm.bench import decode, driver, hlo_text, train_throughput
+from flaxlm.bench import decode, driver, train_throughput
 
 
 def test_train_throughput_driver(tmp_path):
@@ -54,40 +54,6 @@ def test_decode_driver(tmp_path):
     assert any(ln["events"] > 0 and ln["busy_us"] > 0 for ln in lines), prof["profile"]
     assert prof["profile_wall_us"] > 0
     assert all("profile" not in recs[c] for c in cases[:3])
-
-
-def test_loop_body_ops_reads_the_largest_loop():
-    hlo = """HloModule m
-
-%small_body (p: (s32[])) -> (s32[]) {
-  %p = (s32[]) parameter(0)
-  %a = s32[] add(s32[] %x, s32[] %y)
-  ROOT %t = (s32[]) tuple(s32[] %a)
-}
-
-%fused_computation (q: f32[4]) -> f32[4] {
-  %q = f32[4]{0} parameter(0)
-  ROOT %e = f32[4]{0} exponential(f32[4]{0} %q)
-}
-
-%big_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
-  %p = (s32[], f32[4]{0}) parameter(0)
-  %g = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %p), index=1
-  %f = f32[4]{0} fusion(f32[4]{0} %g), kind=kLoop, calls=%fused_computation
-  %d = f32[4]{0} custom-call(f32[4]{0} %f), custom_call_target="__cublas$gemm"
-  %w = (s32[]) while((s32[]) %i), condition=%c, body=%small_body
-  ROOT %t = (s32[], f32[4]{0}) tuple(s32[] %i, f32[4]{0} %d)
-}
-
-ENTRY %main (x: f32[4]) -> f32[4] {
-  %x = f32[4]{0} parameter(0)
-  %l = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %init), condition=%c2, body=%big_body
-  ROOT %r = f32[4]{0} get-tuple-element((s32[], f32[4]{0}) %l), index=1
-}
-"""
-    # the big body's fusion and cuBLAS call, plus its nested loop's add; the fusion's own
-    # exponential is inside its one kernel
-    assert hlo_text.loop_body_ops(hlo) == {"fusion": 1, "custom-call": 1, "add": 1}
 
 
 def test_xla_flag_sets_are_known_flags():
