@@ -51,8 +51,8 @@ import time
 HBM_BYTES_PER_S = 4.3e12  # H200
 # Named `generate` options a flax case may add (case suffix ":NAME", combinable with a flag
 # set): "fused" decodes with q|k|v and gate|up concatenated into one matmul each (which XLA's
-# GPU compiler does by itself: bench/gpu_aot.py finds one kernel per layer more when we do it,
-# not fewer; the GPU's timing decides). "while" gives a stop token that
+# GPU compiler does by itself: bench/gpu_aot.py finds no fewer kernels when we do it, and 1.3
+# GiB more memory; the GPU's timing decides). "while" gives a stop token that
 # never comes (-1), which runs the loop RL rollouts run (a while loop that tests "all rows
 # stopped" every step, a device-to-host read); "while8" tests it every 8 tokens instead.
 GENERATE_OPTIONS = {

@@ -20,11 +20,11 @@ trip count: no loop condition is read back to the host). Each step attends over 
 cache slots (masked), a fixed shape. The cache holds each layer's keys and values in one
 heads-major (2, B, K, S, H) buffer in the compute dtype (`cache_dtype`), updated in place. The
 weights are cast to the compute dtype, unstacked if scanned, once per call before the loop
-(`_decode_params`). `fuse_projections=True` also
-concatenates the q|k|v and gate|up kernels there; it is off by default because on a GPU XLA
-already merges matmuls that share an input (its dot-merger pass): compiled for the H200
-(bench/gpu_aot.py), the fused layout's decode step has one kernel per layer more (393 against
-372 at the 1.1B shape, batch 64) and holds 1.3 GiB more, the concatenated copy.
+(`_decode_params`). `fuse_projections=True` also concatenates the q|k|v and gate|up kernels
+there; it is off by default because on a GPU XLA already merges matmuls that share an input
+(its dot-merger pass): compiled for the H200 (bench/gpu_aot.py), the fused layout's decode
+step has no fewer kernels (306 either way at the 1.1B shape, batch 64) and holds 1.3 GiB more,
+the concatenated copy.
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
