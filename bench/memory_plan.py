@@ -16,7 +16,8 @@ Cases are the flaxlm cases of bench/train_throughput.py ("SHAPE:flax:PLAN"), bui
   residuals   what the forward pass keeps for the backward under the plan's remat policy and
               layer layout: the residuals of `jax.vjp` of the loss, minus the parameters
               themselves (already counted). The bf16 copies of fp32 masters appear here.
-  dlogits     the float32 gradient of the (B, T, V) logits, the largest transient of the loss
+  dlogits     the gradient of the (B, T, V) logits, in their (compute) dtype, the largest
+              transient of the loss (train/losses.py writes it in one pass from the logits)
               (of one (B, chunk, V) piece when the plan chunks the cross-entropy)
 
 On a GPU the attention is cuDNN's fused kernel, which cannot be traced without cuDNN; tracing
@@ -245,7 +246,10 @@ def plan_case(case: str) -> dict:
         "opt_state": _nbytes(opt_state),
         "grads": _nbytes(params),
         "residuals": res,
-        "dlogits": batch * (config.loss.get("chunk_tokens", 0) or seq) * cfg.vocab_size * 4,
+        "dlogits": batch
+        * (config.loss.get("chunk_tokens", 0) or seq)
+        * cfg.vocab_size
+        * jnp.dtype(cfg.dtype).itemsize,
     }
     est = sum(parts.values())
     fused_est = est - res + fused_res
