@@ -11,6 +11,8 @@ numbers it can keep next to its timings. So, per timeline line of the device pla
     busy_us   the union of their [start, start + duration) intervals: time something ran
     span_us   first start to last end; span − busy is the line's idle time
     top       the `top` event names by summed duration: [name, count, total_us]
+    top_kinds the same over names without their instance numbers (`kernel_kind`): one entry
+              for all 22 layers' "loop_add_fusion_N", say
 
 and per plane, when it has lines named "Stream ..." (the CUPTI tracer gives one per CUDA stream,
 "Stream #13(Kernel,MemcpyH2D)"), `stream_busy_us` / `stream_span_us`: the union over all of
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Iterable
 
 NAME_CHARS = 120  # kernel names (cuBLAS/cutlass) can be hundreds of characters
@@ -64,14 +67,30 @@ def line_stats(events: Iterable[tuple[str, float, float]], top: int = 25) -> dic
         agg = by_name.setdefault(name, [0, 0.0])
         agg[0] += 1
         agg[1] += d
-    ranked = sorted(by_name.items(), key=lambda kv: (-kv[1][1], kv[0]))[:top]
+    by_kind: dict[str, list] = {}
+    for name, (n, t) in by_name.items():
+        agg = by_kind.setdefault(kernel_kind(name), [0, 0.0])
+        agg[0] += n
+        agg[1] += t
+
+    def ranked(groups):
+        best = sorted(groups.items(), key=lambda kv: (-kv[1][1], kv[0]))[:top]
+        return [[name[:NAME_CHARS], n, _us(t)] for name, (n, t) in best]
+
     return {
         "events": len(events),
         "sum_us": _us(sum(d for _, d in intervals)),
         "busy_us": _us(busy_ns(intervals)),
         "span_us": _us(_span_ns(intervals)),
-        "top": [[name[:NAME_CHARS], n, _us(t)] for name, (n, t) in ranked],
+        "top": ranked(by_name),
+        "top_kinds": ranked(by_kind),
     }
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's name without its instance numbers: XLA names each layer's copy of a fusion
+    apart ("loop_add_fusion_21", "gemm_fusion_dot.1130"), so `top_kinds` adds the layers up."""
+    return re.sub(r"(?:[._]\d+)+$", "", name) or name
 
 
 def plane_stats(lines: Iterable[tuple[str, list]], top: int = 25) -> dict:

@@ -6,7 +6,13 @@ import json
 import jax
 import jax.numpy as jnp
 
-from flaxlm.bench.trace_summary import busy_ns, line_stats, plane_stats, summarize_trace
+from flaxlm.bench.trace_summary import (
+    busy_ns,
+    kernel_kind,
+    line_stats,
+    plane_stats,
+    summarize_trace,
+)
 
 
 def test_busy_is_the_union_of_nested_overlapping_and_disjoint_events():
@@ -47,6 +53,17 @@ def test_top_aggregates_by_name_and_stream_union_spans_lines():
     assert plane["stream_busy_us"] == 100.0  # [0, 60) (gemm + copy, fusion inside) + [100, 140)
     assert plane["stream_span_us"] == 140.0
     assert "stream_busy_us" not in plane_stats([("XLA Ops", us([("op", 0, 5)]))])
+
+
+def test_top_kinds_add_up_the_layers_copies_of_a_kernel():
+    events = [("loop_add_fusion_21", 0, 5e3), ("loop_add_fusion_3", 1e4, 5e3),
+              ("gemm_fusion_dot.1130", 2e4, 8e3), ("gemm_fusion_dot.1131", 3e4, 8e3),
+              ("input_reduce_fusion", 4e4, 1e3)]  # fmt: skip
+    stats = line_stats(events)
+    assert stats["top_kinds"] == [["gemm_fusion_dot", 2, 16.0], ["loop_add_fusion", 2, 10.0],
+                                  ["input_reduce_fusion", 1, 1.0]]  # fmt: skip
+    assert len(stats["top"]) == 5
+    assert kernel_kind("fusion_1_2") == "fusion" and kernel_kind("123") == "123"
 
 
 def test_summarize_a_cpu_trace(tmp_path):
