@@ -257,16 +257,33 @@ def run_hf(shape: str, batch: int, runs: int, dims: dict) -> dict:
 # Driver
 
 
+def _busy(rec: dict) -> str:
+    """ ":profile" cases: the share of the traced call during which a kernel or copy ran on
+    some GPU stream (the rest is idle time between them), and the kernel kind that took most."""
+    planes = (rec.get("profile") or {}).get("planes") or {}
+    for plane in planes.values():
+        if plane.get("stream_busy_us") and rec.get("profile_wall_us"):
+            kinds: dict[str, float] = {}
+            for ln in plane["lines"]:
+                if ln["name"].startswith("Stream"):
+                    for kind, _, t in ln.get("top_kinds", []):
+                        kinds[kind] = kinds.get(kind, 0.0) + t
+            top = max(kinds, key=kinds.get, default="")
+            share = f"; most: {top} {kinds[top] / plane['stream_busy_us']:.0%}" if top else ""
+            return f"{plane['stream_busy_us'] / rec['profile_wall_us']:.0%}{share}"
+    return ""
+
+
 def table(records: list[dict]) -> str:
     lines = [
         "| case | tokens/s (e2e) | decode tokens/s | step ms | prefill s | HBM bound tok/s |"
-        " % of bound (decode / e2e) | vs HF (e2e) | peak GB | kernels / step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " % of bound (decode / e2e) | vs HF (e2e) | peak GB | kernels / step | GPU busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {r["case"]: r for r in records}
     for r in records:
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['case']} | {r.get('error', '?')[:120]} | | | | | | | | |")
+            lines.append(f"| {r['case']} | {r.get('error', '?')[:120]} | | | | | | | | | |")
             continue
         peer = by.get(":".join(r["case"].replace(":flax:", ":hf:").split(":")[:3]))
         vs = (f"{r['tokens_per_s'] / peer['tokens_per_s']:.1f}x"
@@ -276,7 +293,7 @@ def table(records: list[dict]) -> str:
             f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} | "
             f"{r['step_ms']:.2f} | {r['prefill_s']:.3f} | {r['hbm_bound_tokens_per_s']:,.0f} | "
             f"{r['hbm_fraction']:.1%} / {r['hbm_fraction_e2e']:.1%} | {vs} | {mem} | "
-            f"{r.get('loop_body_kernels', '')} |"
+            f"{r.get('loop_body_kernels', '')} | {_busy(r)} |"
         )
     return "\n".join(lines)
 

@@ -85,3 +85,17 @@ def test_summarize_a_cpu_trace(tmp_path):
     assert len(json.dumps(s)) < 20_000
     none = summarize_trace(str(tmp_path), plane_prefix="/device:")
     assert none["planes"] == {} and "/host:CPU" in none["note"]
+
+
+def test_decode_table_reads_gpu_busy_from_a_profile():
+    from flaxlm.bench.decode import _busy
+
+    lines = [
+        {"name": "Stream #13(Kernel)",
+         "top_kinds": [["gemm_fusion_dot", 10, 500.0], ["loop_add_fusion", 5, 100.0]]},
+        {"name": "XLA Ops", "top_kinds": [["op", 1, 900.0]]},  # not a stream: not counted
+    ]  # fmt: skip
+    rec = {"profile_wall_us": 1000.0,
+           "profile": {"planes": {"/device:GPU:0": {"lines": lines, "stream_busy_us": 700.0}}}}  # fmt: skip
+    assert _busy(rec) == "70%; most: gemm_fusion_dot 71%"
+    assert _busy({}) == "" and _busy({"profile": {"error": "x"}}) == ""
