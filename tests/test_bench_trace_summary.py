@@ -95,7 +95,7 @@ def test_decode_table_reads_gpu_busy_from_a_profile():
          "top_kinds": [["gemm_fusion_dot", 10, 500.0], ["loop_add_fusion", 5, 100.0]]},
         {"name": "XLA Ops", "top_kinds": [["op", 1, 900.0]]},  # not a stream: not counted
     ]  # fmt: skip
-    rec = {"profile_wall_us": 1000.0,
-           "profile": {"planes": {"/device:GPU:0": {"lines": lines, "stream_busy_us": 700.0}}}}  # fmt: skip
+    plane = {"lines": lines, "stream_busy_us": 700.0}
+    rec = {"profile_wall_us": 1000.0, "profile": {"planes": {"/device:GPU:0": plane}}}
     assert _busy(rec) == "70%; most: gemm_fusion_dot 71%"
     assert _busy({}) == "" and _busy({"profile": {"error": "x"}}) == ""
