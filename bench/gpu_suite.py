@@ -71,7 +71,7 @@ GPU_CASES = [
 
 TINY_CASES = [
     ("train tiny flaxlm", 60, ["train_throughput", "--cases", "tiny:flax"]),
-    ("decode tiny flaxlm b4", 60, ["decode", "--tiny", "--cases", "tiny:flax:b4"]),
+    ("decode tiny flaxlm b4", 60, ["decode", "--tiny", "--cases", "tiny:flax:b4:profile"]),
     ("alignment tiny", 120, ["alignment_throughput", "--tiny"]),
 ]
 
