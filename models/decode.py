@@ -70,6 +70,14 @@ class GenerateOutput(NamedTuple):
 # Samplers
 
 
+# One prompt decodes as two rows (the second a copy, dropped): XLA:GPU rewrites one-row
+# matmuls of under ~10M multiply-adds (q|k|v, the o projection at the 1.1B shape) as a multiply
+# and a reduction, and for the o projection writes the whole (2048, 2048) product. Compiled for
+# the H200 (bench/gpu_aot.py), two rows run 327 kernels and move 1.97 GB per token; one row,
+# 396 kernels and 2.28 GB.
+MIN_ROWS = 2
+
+
 def filter_logits(logits_BV, temperature, *, top_k: int = 0, top_p=1.0, use_top_p: bool = False):
     """Temperature-scaled float32 logits with everything outside top-k / the top-p nucleus at -inf.
 
@@ -348,13 +356,13 @@ def generate(
     options = {k: v for k, v in locals().items() if k not in ("cfg", "params", "prompts", "rng")}
     fn, tokens, lengths, rest, B = _program(cfg, prompts, **options)
     if mesh is None:
-        return fn(params, tokens, lengths, rng, *rest)
-    rules = tuple(rules or ())
-    with use_mesh(mesh, rules):
-        tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
-        len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
-        rest = jax.device_put((rng, *rest), replicated(mesh))
-        out = fn(params, tok_d, len_d, rest[0], *rest[1:])
+        out = fn(params, tokens, lengths, rng, *rest)
+    else:
+        with use_mesh(mesh, tuple(rules or ())):
+            tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
+            len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
+            rest = jax.device_put((rng, *rest), replicated(mesh))
+            out = fn(params, tok_d, len_d, rest[0], *rest[1:])
     return out if tokens.shape[0] == B else jax.tree.map(lambda x: x[:B], out)
 
 
@@ -400,7 +408,8 @@ def _program(
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, number of prompts) of a
     generate call (every option as `generate` documents and defaults it), its arguments
-    checked; the batch padded up to the mesh's data×fsdp multiple (beyond the prompts)."""
+    checked; the batch padded up to MIN_ROWS and the mesh's data×fsdp multiple (beyond the
+    prompts)."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -411,13 +420,15 @@ def _program(
         raise ValueError(f"generate: need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id, cfg.vocab_size)
     B = tokens.shape[0]
+    # Rows the program runs, beyond the prompts copies of row 0 (cut off again in `generate`):
+    # at least MIN_ROWS, and under a mesh a multiple of data×fsdp, so the rows run sharded.
+    rows = max(B, MIN_ROWS)
     if mesh is not None:
         rules = tuple(rules or ())
-        # A batch that does not split over data×fsdp gets copies of row 0 appended (cut off
-        # again below): the rows still run sharded, in the program of the rounded-up batch.
-        extra = -B % batch_divisor(mesh)
-        tokens = np.concatenate([tokens, np.repeat(tokens[:1], extra, 0)])
-        lengths = np.concatenate([lengths, np.repeat(lengths[:1], extra, 0)])
+        rows += -rows % batch_divisor(mesh)
+    if rows > B:
+        tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - B, 0)])
+        lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - B, 0)])
     # Stop ids padded with -1 (never a token) to a power of two: fewer distinct programs.
     stop = np.full(max(4, 1 << max(0, len(stop_tokens) - 1).bit_length()), -1, np.int32)
     stop[: len(stop_tokens)] = list(stop_tokens)

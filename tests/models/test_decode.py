@@ -172,6 +172,23 @@ def test_filters_keep_the_right_tokens():
     np.testing.assert_allclose(lp[:2], np.log(probs.max(-1)), rtol=1e-5)  # model's, not T=5
 
 
+def test_one_prompt_runs_as_two_rows_and_returns_one(model):
+    """A single prompt decodes in the two-row program (decode.MIN_ROWS: a copy of the row,
+    dropped) and gives the same greedy tokens and logprobs as that prompt in a larger batch."""
+    cfg, params = model
+    kw = dict(max_new_tokens=N, rng=jax.random.PRNGKey(0), temperature=0)
+    one = generate(cfg, params, PROMPTS[1:2], **kw)
+    many = generate(cfg, params, PROMPTS, **kw)
+    assert one.tokens.shape == (1, N) and one.lengths.shape == (1,)
+    np.testing.assert_array_equal(one.tokens[0], many.tokens[1])
+    np.testing.assert_allclose(one.logprobs[0], many.logprobs[1], atol=1e-5)
+    _, args = decode.generate_program(cfg, PROMPTS[1:2], **kw)
+    assert args[0].shape[0] == decode.MIN_ROWS
+    sampled = [generate(cfg, params, PROMPTS[:1], max_new_tokens=N, rng=jax.random.PRNGKey(5))
+               for _ in range(2)]  # fmt: skip
+    np.testing.assert_array_equal(sampled[0].tokens, sampled[1].tokens)
+
+
 def test_stop_tokens_end_rows(model):
     cfg, params = model
     free = np.asarray(
