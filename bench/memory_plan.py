@@ -166,11 +166,12 @@ def _fused_bytes(jaxpr, res) -> int:
     # written whatever happens; an elementwise one costs what rebuilding it needs beyond
     # those — or its own bytes, if keeping it is cheaper (h_i = h_{i-1} + block_i(...) under
     # full remat would otherwise be "rebuilt" from every block output before it).
-    kept = {id(r): r for r in res if frontier(r).keys() == {id(r)}}
+    frontiers = {id(r): frontier(r) for r in res}
+    kept = {id(r): r for r in res if frontiers[id(r)].keys() == {id(r)}}
     for r in res:
         if id(r) in kept:
             continue
-        extra = {k: v for k, v in frontier(r).items() if k not in kept}
+        extra = {k: v for k, v in frontiers[id(r)].items() if k not in kept}
         if sum(_aval_bytes(v.aval) for v in extra.values()) > _aval_bytes(r.aval):
             extra = {id(r): r}
         kept.update(extra)
