@@ -59,6 +59,7 @@ GENERATE_OPTIONS = {
     "fused": {"fuse_projections": True},
     "while": {"stop_tokens": (-1,)},
     "while8": {"stop_tokens": (-1,), "check_every": 8},
+    "pallas": {"decode_attention": "pallas"},
 }
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.

@@ -211,8 +211,8 @@ def table(records: list[dict]) -> str:
         loop = launches.get("loop")
         calls = ", ".join(f"{k} {v}" for k, v in sorted(r["custom_calls"].items())) or "–"
         per_iteration = f"{loop['kernels']} / {loop['host_launches']}" if loop else "–"
-        t = r["traffic_gib"]["loop" if r["case"].startswith("decode:") else "program"]
-        traffic = f"{t['matmul']:.2f} + {t['attention']:.2f} + {t['other']:.2f}"
+        t = r.get("traffic_gib", {}).get("loop" if r["case"].startswith("decode:") else "program")
+        traffic = f"{t['matmul']:.2f} + {t['attention']:.2f} + {t['other']:.2f}" if t else "–"
         lines.append(
             f"| {r['case']} | {m['peak_gib']:.1f} ({m['argument_gib']:.1f} + "
             f"{m['temp_gib']:.1f}) | {'yes' if m['fits'] else 'no'} | "

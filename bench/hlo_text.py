@@ -31,6 +31,7 @@ _ENTRY = re.compile(r"^ENTRY\s+%?([\w.\-]+)\s")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _BODY = re.compile(r"body=%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_ALIASED_OUTPUT = re.compile(r"\{(\d+)\}: \(\d+")  # output_to_operand_aliasing={{1}: (4, {})}
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
              "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
@@ -123,9 +124,13 @@ def _sliced_params(comps, fused: str) -> dict[int, int]:
 
 def kernel_traffic(comps, name: str) -> dict[str, int]:
     """Bytes the kernels of computation `name` read and write (see `_kernels`), by kind:
-    "matmul" (cuBLAS calls, Triton gemm fusions), "attention" (cuDNN calls) and "other" (the
-    memory-bound rest: elementwise, reductions, copies, cache writes). An estimate from
-    operand and result shapes, caches not modelled: an in-place dynamic-update-slice counts
+    "matmul" (cuBLAS calls, Triton gemm fusions), "attention" (cuDNN calls, Pallas kernels:
+    Triton custom calls) and "other" (the memory-bound rest: elementwise, reductions, copies,
+    cache writes). An estimate from operand and result shapes, caches not modelled: an
+    operand passed twice counts once; a custom call's output aliasing an operand (updated in
+    place) is not counted again (the Pallas decode kernel reads its cache operand only up to
+    the written slots, which no shape shows, so its figure is an upper bound); an in-place
+    dynamic-update-slice counts
     its update only; a loop fusion reads at most one element of an operand per element it
     writes (an embedding lookup reads the rows it gathers, not the table); an operand a fusion
     only slices counts as the slice."""
@@ -134,8 +139,8 @@ def kernel_traffic(comps, name: str) -> dict[str, int]:
     for comp, (op, rest, iname, shape) in _kernels(comps, name):
         target = (m.group(1) if (m := _TARGET.search(rest)) else "").lower()
         kind = ("matmul" if "gemm" in iname or "cublas" in target else
-                "attention" if "cudnn" in target else "other")  # fmt: skip
-        reads = [_arrays(shapes[comp].get(o, "")) for o in _operands(rest)]
+                "attention" if "cudnn" in target or "triton" in target else "other")  # fmt: skip
+        reads = [_arrays(shapes[comp].get(o, "")) for o in dict.fromkeys(_operands(rest))]
         if op == "fusion" and (called := re.search(r"calls=%?([\w.\-]+)", rest)):
             for i, nbytes in _sliced_params(comps, called.group(1)).items():
                 if i < len(reads):
@@ -149,7 +154,13 @@ def kernel_traffic(comps, name: str) -> dict[str, int]:
             out[kind] += sum(min(n, cap) * size for a in reads for size, n in a)
         else:
             out[kind] += sum(size * n for a in reads for size, n in a)
-        out[kind] += _nbytes(shape)
+        results = _arrays(shape)
+        if op == "custom-call" and "output_to_operand_aliasing" in rest:
+            # An output aliasing an operand is that buffer updated in place (the Pallas decode
+            # kernel's cache: it writes one slot), already counted as read.
+            aliased = {int(i) for i in _ALIASED_OUTPUT.findall(rest)}
+            results = [a for i, a in enumerate(results) if i not in aliased]
+        out[kind] += sum(size * n for size, n in results)
     return out
 
 

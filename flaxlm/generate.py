@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default="", help="system message (with --chat)")
     p.add_argument("--no_bos", action="store_true", help="do not prepend BOS (plain prompts)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
+                   help="decode-step attention: XLA's, or one Pallas kernel per layer "
+                   "(models/decode_attention.py; for GPUs, slow elsewhere)")  # fmt: skip
     return p
 
 
@@ -111,6 +114,7 @@ def main(argv=None) -> None:
             cfg, params, rows, max_new_tokens=args.max_new_tokens,
             rng=jax.random.fold_in(rng, start), temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, stop_tokens=stops, pad_id=max(tok.pad_id, 0),
+            decode_attention=args.decode_attention,
         )  # fmt: skip
         toks, lengths = jax.device_get((out.tokens, out.lengths))
         for i, (row, n) in enumerate(zip(toks[: len(chunk)], lengths[: len(chunk)])):

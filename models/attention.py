@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.models import decode_attention as decode_kernel
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.layers import Proj
 
@@ -160,11 +161,15 @@ class Attention(nn.Module):
     heads-major, (2, B, K, S, H), or None.
 
     `fused` reads q, k and v from one (D, N + 2K, H) kernel "qkv" (one matmul instead of three;
-    the layout `fuse_projections` in transformer.py makes for decoding).
+    the layout `fuse_projections` in transformer.py makes for decoding). `decode_attention`
+    "pallas" runs one-token steps over the cache — RoPE, cache write, attention over the
+    written slots — as one kernel (models/decode_attention.py; the cache length must be a
+    multiple of its BLOCK_K, which `generate` arranges); other shapes keep the XLA path.
     """
 
     cfg: ModelConfig
     fused: bool = False
+    decode_attention: str = "xla"  # xla | pallas
 
     @nn.compact
     def __call__(self, x_BTD, ctx, layer_cache=None):
@@ -196,6 +201,15 @@ class Attention(nn.Module):
             )
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
+        T, H = q.shape[1], q.shape[3]
+        if (layer_cache is not None and self.decode_attention == "pallas"
+                and decode_kernel.supports(layer_cache.shape[3], T, H)):  # fmt: skip
+            # One kernel: RoPE, the cache write and attention over the written slots.
+            qkv = jnp.concatenate([q, k, v], axis=2)  # the merged projection's own output
+            out, layer_cache = decode_kernel.decode_attention(
+                qkv, ctx["cos"], ctx["sin"], layer_cache, ctx["mask"], ctx["index"]
+            )
+            return self._out_proj(out), layer_cache
         q = apply_rope(q, ctx["cos"], ctx["sin"])
         k = apply_rope(k, ctx["cos"], ctx["sin"])
 
@@ -224,13 +238,12 @@ class Attention(nn.Module):
                 B, T, S = q.shape[0], q.shape[1], k.shape[1]
                 probs = attention_probs(q, k, mask).reshape(B, N, T, S)  # head n = k·G + g
                 self.sow("intermediates", "attn_probs", probs)
-        out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", "head_dim"))
-        out = Proj(
-            (N, H, D),
-            ("q_heads", "head_dim", "embed"),
-            cfg,
-            n_in=2,
-            name="o",
-            remat_name="attn_out",
-        )(out)
-        return out, layer_cache
+        return self._out_proj(out), layer_cache
+
+    def _out_proj(self, out_BTNH):
+        cfg = self.cfg
+        names = ("act_batch", "act_len", "act_heads", "head_dim")
+        out = nn.with_logical_constraint(out_BTNH, names)
+        shape = (cfg.n_heads, cfg.head_dim_, cfg.d_model)
+        names = ("q_heads", "head_dim", "embed")
+        return Proj(shape, names, cfg, n_in=2, name="o", remat_name="attn_out")(out)

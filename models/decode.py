@@ -16,15 +16,17 @@ Token 0 comes from the prefill logits at each row's last real token; tokens 1..N
 loop. The whole thing (prefill, loop, samplers, stop handling) is one XLA program, so there is
 no host round trip per token. With stop tokens the loop is a `while_loop` that exits once every
 row has stopped (tested every `check_every` tokens); without, a fixed-length `scan` (a known
-trip count: no loop condition is read back to the host). Each step attends over all P + N
-cache slots (masked), a fixed shape. The cache holds each layer's keys and values in one
-heads-major (2, B, K, S, H) buffer in the compute dtype (`cache_dtype`), updated in place. The
-weights are cast to the compute dtype, unstacked if scanned, once per call before the loop
-(`_decode_params`). `fuse_projections=True` also concatenates the q|k|v and gate|up kernels
-there; it is off by default because on a GPU XLA already merges matmuls that share an input
-(its dot-merger pass): compiled for the H200 (bench/gpu_aot.py), the fused layout's decode
-step has no fewer kernels (306 either way at the 1.1B shape, batch 64) and holds 1.3 GiB more,
-the concatenated copy.
+trip count: no loop condition is read back to the host). Each step attends over all P + N cache
+slots (masked), a fixed shape — or, with `decode_attention="pallas"`, one kernel per layer does
+RoPE, the cache write and attention over the slots written so far (models/decode_attention.py;
+the cache is then rounded up to whole key blocks). The cache holds each layer's keys and values
+in one heads-major (2, B, K, S, H) buffer in the compute dtype (`cache_dtype`), updated in
+place. The weights are cast to the compute dtype, unstacked if scanned, once per call before the
+loop (`_decode_params`). `fuse_projections=True` also concatenates the q|k|v and gate|up kernels
+there; it is off by default because on a GPU XLA already merges matmuls that share an input (its
+dot-merger pass): compiled for the H200 (bench/gpu_aot.py), the fused layout's decode step has
+no fewer kernels (306 either way at the 1.1B shape, batch 64) and holds 1.3 GiB more, the
+concatenated copy.
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
@@ -32,7 +34,7 @@ computes for that token (what PPO's ratio and KL need), whatever sampler picked 
 
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
 any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules, fused?,
-check_every). Temperature,
+check_every, decode_attention). Temperature,
 top_p, the stop-token ids, pad id and the RNG are traced: changing them does not recompile.
 Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
 copies of row 0 and cut back), params stay in their training shardings.
@@ -51,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.models.config import ModelConfig
+from flaxlm.models.decode_attention import BLOCK_K
 from flaxlm.models.sharding import batch_divisor, batch_sharding, replicated, use_mesh
 from flaxlm.models.transformer import Transformer, fuse_projections, init_cache, unstack_layers
 
@@ -169,6 +172,7 @@ def _decode_fn(
     early_exit: bool = True,
     fused: bool = False,
     check_every: int = 1,
+    attention: str = "xla",
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
 
@@ -185,7 +189,7 @@ def _decode_fn(
     """
     sharded = mesh is not None
     dcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
-    model = Transformer(dcfg, fused_projections=fused)
+    model = Transformer(dcfg, fused_projections=fused, decode_attention=attention)
 
     def run(params, tokens_BP, lengths_B, rng, temperature, top_p, stop_ids, pad_id):
         variables = {"params": _decode_params(cfg, params, fused)}
@@ -203,8 +207,12 @@ def _decode_fn(
         h_last = jnp.take_along_axis(h_BPD, (lengths_B - 1)[:, None, None], axis=1)  # (B,1,D)
         logits = model.apply(variables, h_last, method="logits")[:, 0]
 
-        def grow(x, axis):  # room for the new tokens' slots
-            return jnp.pad(x, [(0, max_new) if a == axis else (0, 0) for a in range(x.ndim)])
+        # Room for the new tokens' slots; the Pallas kernel reads whole key blocks, so its
+        # buffer is rounded up to them (the extra slots stay empty: masked, never read).
+        extra = max_new + (-(P + max_new) % BLOCK_K if attention == "pallas" else 0)
+
+        def grow(x, axis):
+            return jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])
 
         cache = {
             "kv": [grow(x, 3) for x in cache["kv"]],  # (2, B, K, S, H)
@@ -329,6 +337,7 @@ def generate(
     cache_dtype=None,
     fuse_projections: bool = False,
     check_every: int = 1,
+    decode_attention: str = "xla",
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -350,6 +359,10 @@ def generate(
         concatenated once per call (for backends without XLA:GPU's dot merger; see above).
       check_every: with stop tokens, test "every row stopped" once per this many tokens (a
         device-to-host read per test on a GPU); the output is the same for any value.
+      decode_attention: "xla" (the default) or "pallas": each decode step's attention as one
+        fused kernel per layer that reads only the cache slots written so far
+        (models/decode_attention.py; Triton on GPUs, Pallas' interpreter elsewhere — slow,
+        for tests). Unsharded only (no mesh).
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
@@ -405,6 +418,7 @@ def _program(
     cache_dtype,
     fuse_projections,
     check_every,
+    decode_attention,
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, number of prompts) of a
     generate call (every option as `generate` documents and defaults it), its arguments
@@ -418,6 +432,11 @@ def _program(
         raise ValueError(f"generate: check_every must be >= 1, got {check_every}")
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
+    if decode_attention not in ("xla", "pallas"):
+        raise ValueError(f"generate: decode_attention must be 'xla' or 'pallas', got "
+                         f"{decode_attention!r}")  # fmt: skip
+    if decode_attention == "pallas" and mesh is not None:
+        raise ValueError("generate: decode_attention='pallas' runs unsharded only (mesh=None)")
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id, cfg.vocab_size)
     B = tokens.shape[0]
     # Rows the program runs, beyond the prompts copies of row 0 (cut off again in `generate`):
@@ -445,6 +464,7 @@ def _program(
         len(stop_tokens) > 0,
         bool(fuse_projections),
         int(check_every) if stop_tokens else 1,
+        decode_attention,
     )
     rest = (
         jnp.asarray(1.0 if greedy else temperature, jnp.float32),

@@ -37,12 +37,14 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     fused: bool = False  # fused q|k|v and gate|up kernels (see `fuse_projections`)
+    decode_attention: str = "xla"  # one-token cache attention: xla | pallas (see Attention)
 
     @nn.compact
     def __call__(self, x, ctx, layer_cache=None):
         x = nn.with_logical_constraint(x, ACT)
         h = RMSNorm(self.cfg, name="attn_norm")(x)
-        a, layer_cache = Attention(self.cfg, self.fused, name="attn")(h, ctx, layer_cache)
+        attn = Attention(self.cfg, self.fused, self.decode_attention, name="attn")
+        a, layer_cache = attn(h, ctx, layer_cache)
         x = x + a
         h = RMSNorm(self.cfg, name="mlp_norm")(x)
         x = x + MLP(self.cfg, self.fused, name="mlp")(h)
@@ -69,10 +71,13 @@ def block_class(cfg: ModelConfig):
 class Transformer(nn.Module):
     """The model. `fused_projections` selects the parameter layout `fuse_projections` makes
     (one q|k|v and one gate|up kernel per layer), which decoding uses: fewer, larger matmuls
-    per generated token. Checkpoints, HF interop and training use the unfused layout."""
+    per generated token. Checkpoints, HF interop and training use the unfused layout.
+    `decode_attention` picks the kernel of one-token steps over a cache ("xla" or "pallas",
+    models/decode_attention.py); it changes no parameter."""
 
     cfg: ModelConfig
     fused_projections: bool = False
+    decode_attention: str = "xla"
 
     def setup(self):
         cfg = self.cfg
@@ -87,9 +92,12 @@ class Transformer(nn.Module):
                 in_axes=(nn.broadcast, 0),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, fused, name="layers")
+            )(cfg, fused, self.decode_attention, name="layers")
         else:
-            self.layers = [block(cfg, fused, name=f"layers_{i}") for i in range(cfg.n_layers)]
+            self.layers = [
+                block(cfg, fused, self.decode_attention, name=f"layers_{i}")
+                for i in range(cfg.n_layers)
+            ]
         self.final_norm = RMSNorm(cfg, name="final_norm")
         if not cfg.tie_embeddings:
             self.lm_head = Proj(

@@ -125,16 +125,22 @@ ENTRY %main (kv: bf16[2,4,8], w: bf16[8,16], table: f32[1000,16], idx: s32[4]) -
   %loop_gather_fusion = f32[4,16]{1,0} fusion(%table, %idx), kind=kLoop, calls=%fg
   %loop_dynamic_update_slice_fusion = bf16[2,4,8]{2,1,0} fusion(%kv, %upd, %i), kind=kLoop
   %cc = f32[4,16]{1,0} custom-call(%loop_gather_fusion), custom_call_target="__cudnn$fmhaSoftmax"
+  %pallas_call = (bf16[4,8]{1,0}, bf16[2,4,8]{2,1,0}) custom-call(%i, %kv, %kv), PALLAS_ATTRS
   ROOT %r = f32[16]{0} fusion(%gemm_fusion_dot), kind=kInput, calls=%fr
 }
-"""
+""".replace(
+    "PALLAS_ATTRS",
+    'custom_call_target="__gpu$xla.gpu.triton", output_to_operand_aliasing={{1}: (1, {})}',
+)
 
 
 def test_kernel_traffic_counts_what_each_kernel_moves():
     t = hlo_text.traffic(TRAFFIC_HLO)["program"]
     # the gemm reads the slice of the cache it uses (1·4·8 bf16), all of w, writes f32[4,16]
     assert t["matmul"] == 64 + 256 + 256
-    assert t["attention"] == 256 + 256  # the cuDNN call: its operand and result
+    # the cuDNN call: its operand and result; the Pallas call: the index, the cache once (it
+    # is passed twice), its first output; the second output is the cache updated in place
+    assert t["attention"] == (256 + 256) + (4 + 128 + 64)
     # the lookup reads 4·16 table entries (not 1000 rows) and 4 ids, writes f32[4,16]; the
     # in-place cache write reads and writes its update and index; the reduction reads it all
     assert t["other"] == (256 + 16 + 256) + 2 * (16 + 4) + (256 + 64)

@@ -308,6 +308,8 @@ def test_generate_cli_on_an_hf_directory(tmp_path, capsys):
     cli.main(args)
     plain = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in plain] == ["w1 w2", "w9"]
+    cli.main(args + ["--decode_attention", "pallas"])  # the flag reaches generate
+    assert [json.loads(ln) for ln in capsys.readouterr().out.splitlines()] == plain
     assert all(0 < r["n_tokens"] <= 5 and isinstance(r["completion"], str) for r in plain)
     # The same greedy tokens as calling generate directly.
     cfg, params, tok = cli.load(d)

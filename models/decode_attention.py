@@ -1,0 +1,199 @@
+"""A decode step's attention — RoPE, cache write and attention — as one Pallas (Triton) kernel
+per layer.
+
+XLA compiles a decode step's attention (`Attention` with a cache, `cached_attention`) to
+five kernels per layer: RoPE on q, RoPE on k fused with the cache write, a scores matmul, a
+softmax and a values matmul, with float32 scores written to HBM and read back between them,
+and every slot of the preallocated cache read whether it holds a token yet or not. Compiled
+for the H200 (bench/gpu_aot.py), the 1.1B decode step is ~305 kernels; the lease measured a
+step ~3× the HBM bound, with most kernels far smaller than a launch's latency. So this
+kernel removes kernels and wasted bytes:
+
+  * one program per (batch row, kv head): it rotates the group's G query heads and the new
+    key (rotate-half RoPE, in float32 as `apply_rope`, rounded as the XLA path rounds),
+    writes the new key and value into the cache slot in place (the cache buffer is aliased
+    from input to output), and runs a flash-attention style loop (online softmax, float32
+    accumulators in registers) over the earlier slots, then folds in the new token itself;
+  * the loop covers the written slots only (`index`, the shared write index), in blocks of
+    BLOCK_K, not the whole buffer: a 128-token prompt with 256 new tokens reads on average
+    2/3 of what the full buffer costs;
+  * the rotate-half split is done by loading each half of q and k from memory and summing
+    two half-width dots, so no value is sliced or concatenated inside the kernel.
+
+The mask (segment ids, causality, sliding window: `attention.attention_mask`) is applied per
+key slot exactly as on the XLA path, so results match it (tests/models/test_decode_attention.py,
+run in Pallas' interpreter). On GPUs the Triton kernel runs; on other platforms the same
+kernel runs in the interpreter (tests, not speed).
+
+Used for the one-token steps of unsharded `generate` when asked
+(`generate(..., decode_attention="pallas")`, bench/decode.py option `:pallas`); prefill and
+mesh-sharded decoding keep the XLA path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Key slots per loop iteration. The cache length must be a multiple (`generate` rounds the
+# buffer it allocates up to one).
+BLOCK_K = 64
+# Triton's tensor-core dot needs at least 16 rows: a group of G < 16 query heads is padded
+# (masked loads and stores, so the arrays themselves are not copied).
+MIN_DOT_ROWS = 16
+
+
+def supports(kv_slots: int, n_queries: int, head_dim: int) -> bool:
+    """Whether the kernel applies: one query per row (a decode step), whole key blocks, and a
+    head dim whose halves are a power of two of at least 16 (Triton's tensor shapes and its
+    tensor-core dot: 32, 64, 128, 256)."""
+    half = head_dim // 2
+    return n_queries == 1 and kv_slots % BLOCK_K == 0 and half >= 16 and half & (half - 1) == 0
+
+
+def _rotate(x1, x2, cos, sin):
+    """RoPE of the two halves (float32 in, float32 out), as `attention.apply_rope`."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, kv_ref, mask_ref, o_ref, kv_out_ref, *,
+            groups: int, kv_heads: int, block_k: int, scale: float):  # fmt: skip
+    """One (batch row b, kv head h): this step's q|k|v heads of row b (N + 2K, H), the rope
+    angles of b's position (H/2,), the cache (2, S, H) of (b, h), b's mask (S,). The group's
+    G query heads are rows h·G … h·G + G - 1 of q|k|v, loaded as M ≥ 16 rows (the rest
+    masked: zeros, never stored). `kv_out_ref` is `kv_ref`'s buffer (aliased): the new slot
+    is written through it."""
+    del kv_ref  # read and written through its aliased output ref
+    rows = o_ref.shape[0]
+    H = qkv_ref.shape[1]
+    half = H // 2
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    head = pl.program_id(1)
+    n_q = groups * kv_heads
+    real = (jnp.arange(rows) < groups)[:, None]
+    dtype = kv_out_ref.dtype
+    idx = idx_ref[()]
+    cos, sin = cos_ref[...][None, :], sin_ref[...][None, :]
+
+    def load_q(part):
+        return plgpu.load(qkv_ref.at[pl.ds(head * groups, rows), part], mask=real, other=0.0)
+
+    q1, q2 = _rotate(load_q(lo).astype(jnp.float32), load_q(hi).astype(jnp.float32), cos, sin)
+    q1, q2 = q1.astype(dtype), q2.astype(dtype)  # the XLA path's rounding of q
+    k_row = n_q + head
+    k1, k2 = _rotate(qkv_ref[k_row, lo].astype(jnp.float32)[None, :],
+                     qkv_ref[k_row, hi].astype(jnp.float32)[None, :], cos, sin)  # fmt: skip
+    k1, k2 = k1[0].astype(dtype), k2[0].astype(dtype)
+    v_new = qkv_ref[n_q + kv_heads + head, :].astype(dtype)
+    kv_out_ref[0, idx, lo] = k1
+    kv_out_ref[0, idx, hi] = k2
+    kv_out_ref[1, idx, :] = v_new
+
+    def step(j, carry):  # key block j of the slots before this step's
+        acc, row_max, row_sum = carry
+        keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
+        slots = j * block_k + jnp.arange(block_k)
+        ok = ((mask_ref[keys] != 0) & (slots < idx))[None, :]
+        s = plgpu.dot(q1, kv_out_ref[0, keys, lo], trans_b=True).astype(jnp.float32)
+        s += plgpu.dot(q2, kv_out_ref[0, keys, hi], trans_b=True).astype(jnp.float32)
+        s = jnp.where(ok, s * scale, -jnp.inf)
+        new_max = jnp.maximum(row_max, s.max(axis=1))
+        # Until a row has seen a visible key its max is -inf: keep exponents finite.
+        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+        p = jnp.where(ok, jnp.exp(s - safe_max[:, None]), 0.0)
+        rescale = jnp.exp(jnp.where(row_max == -jnp.inf, 0.0, row_max) - safe_max)
+        v = kv_out_ref[1, keys, :]
+        acc = acc * rescale[:, None] + plgpu.dot(p.astype(dtype), v).astype(jnp.float32)
+        return acc, new_max, row_sum * rescale + p.sum(axis=1)
+
+    init = (
+        jnp.zeros((rows, H), jnp.float32),
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    acc, row_max, row_sum = jax.lax.fori_loop(0, pl.cdiv(idx, block_k), step, init)
+    # The new token: always visible to itself (same segment, same slot, distance 0).
+    s_new = (q1.astype(jnp.float32) * k1.astype(jnp.float32)[None, :]).sum(axis=1)
+    s_new = s_new + (q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :]).sum(axis=1)
+    s_new = s_new * scale
+    new_max = jnp.maximum(row_max, s_new)
+    rescale = jnp.exp(jnp.where(row_max == -jnp.inf, -jnp.inf, row_max - new_max))
+    p_new = jnp.exp(s_new - new_max)
+    acc = acc * rescale[:, None] + (
+        p_new.astype(dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None, :]
+    )  # p_new rounded as p above
+    out = (acc / (row_sum * rescale + p_new)[:, None]).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
+
+
+def _call(idx, qkv_BRH, cos_Bh, sin_Bh, kv_2BKSH, mask_BS, *, interpret: bool,
+          num_warps: int = 4):  # fmt: skip
+    _, B, K, S, H = kv_2BKSH.shape
+    R = qkv_BRH.shape[1]  # N + 2K rows
+    G = (R - 2 * K) // K
+    M = max(MIN_DOT_ROWS, pl.next_power_of_2(G))
+    if interpret:  # the interpreter clamps a block read that runs past the array; Triton
+        # masks it. Rows of zeros past the last group's M rows make both read the same.
+        qkv_BRH = jnp.pad(qkv_BRH, ((0, 0), (0, M), (0, 0)))
+        R += M
+    kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=BLOCK_K,
+                               scale=1.0 / math.sqrt(H))  # fmt: skip
+    cache = pl.BlockSpec((2, None, None, S, H), lambda b, k: (0, b, k, 0, 0))
+    per_row = lambda n: pl.BlockSpec((None, n), lambda b, k: (b, 0))  # noqa: E731
+    return pl.pallas_call(
+        kernel,
+        grid=(B, K),
+        in_specs=[
+            pl.BlockSpec((), lambda b, k: ()),
+            pl.BlockSpec((None, R, H), lambda b, k: (b, 0, 0)),
+            per_row(H // 2),
+            per_row(H // 2),
+            cache,
+            per_row(S),
+        ],
+        out_specs=[pl.BlockSpec((None, None, M, H), lambda b, k: (b, k, 0, 0)), cache],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, K, G, H), qkv_BRH.dtype),
+            jax.ShapeDtypeStruct(kv_2BKSH.shape, kv_2BKSH.dtype),
+        ],  # fmt: skip
+        input_output_aliases={4: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="decode_attention",
+    )(idx, qkv_BRH, cos_Bh, sin_Bh, kv_2BKSH, mask_BS)
+
+
+def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, kv_2BKSH, mask_B1TS, index):
+    """One decode step of attention over a layer's (2, B, K, S, H) cache.
+
+    `qkv_BTRH`: this step's q, k and v heads before RoPE, concatenated on the head axis
+    (N + 2K rows: the projections' one output, as XLA computes them with one merged matmul,
+    so the kernel reads that buffer directly). RoPE (tables as `attention.rope_tables`) on q
+    and k; k and v written at slot `index` (clamped to the buffer, as `dynamic_update_slice`
+    would); attention over slots [0, index] under the step's boolean mask (B, 1, 1, S).
+    Returns (out (B, 1, N, H), the cache).
+    """
+    B, T, R, H = qkv_BTRH.shape
+    K, S = kv_2BKSH.shape[2], kv_2BKSH.shape[3]
+    if not supports(S, T, H):
+        raise ValueError(f"decode_attention: needs 1 query, slots % {BLOCK_K} == 0 and head dim "
+                         f"2^n >= 32, got {T}, {S}, {H}")  # fmt: skip
+    args = (
+        jnp.clip(jnp.asarray(index, jnp.int32), 0, S - 1),
+        qkv_BTRH.reshape(B, R, H),
+        cos_BTh.reshape(B, H // 2),
+        sin_BTh.reshape(B, H // 2),
+        kv_2BKSH,
+        mask_B1TS.reshape(B, S).astype(jnp.int8),
+    )
+    out, cache = jax.lax.platform_dependent(
+        *args,
+        cuda=functools.partial(_call, interpret=False),
+        default=functools.partial(_call, interpret=True),
+    )
+    return out.reshape(B, 1, R - 2 * K, H), cache
