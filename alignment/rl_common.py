@@ -65,6 +65,7 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     c.top_k = 0  # 0 = off
     c.top_p = 1.0  # 1 = off
     c.check_every = 1  # test "all responses stopped" every this many tokens (GPU: a host read each)
+    c.decode_attention = "xla"  # xla | pallas: each decode step's attention as one Pallas kernel
     c.empty_reward = -1.0  # reward of an empty response (the stop token alone)
     c.nonstop_penalty = 0.0  # subtracted from responses that hit max_new_tokens without stopping
     c.heldout_prompts = 0  # prompts of data.train kept out of training, evaluated as rl_heldout

@@ -146,6 +146,8 @@ class RolloutSource:
             )
         if r.get("check_every", 1) < 1:
             raise ValueError(f"rollout.check_every={r.check_every} must be >= 1")
+        if r.get("decode_attention", "xla") not in ("xla", "pallas"):
+            raise ValueError(f"rollout.decode_attention={r.decode_attention!r}: xla or pallas")
         self.config, self.mesh, self.rules, self.prompts = config, mesh, rules, prompts
         self.cfg, self.template = cfg, template
         self.cursor = PromptCursor(
@@ -215,6 +217,7 @@ class RolloutSource:
             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
             check_every=r.get("check_every", 1),  # configs older than the key: every token
+            decode_attention=r.get("decode_attention", "xla"),
         )  # fmt: skip
         out = jax.device_get(out)
         gen_s = time.perf_counter() - t0

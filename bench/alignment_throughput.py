@@ -19,7 +19,8 @@ Cases are "SHAPE:ALGO[:OPT...]":
   OPT    dpo: "online" = reference log-probs computed every step (default: the config's
          "precompute", once for every pair before training, outside the timed steps);
          ppo: "gN" = N new tokens per response (default: SHAPES); "cN" = rollouts test
-         "all stopped" every N tokens (rollout.check_every; default 1);
+         "all stopped" every N tokens (rollout.check_every; default 1); "pallas" = rollouts
+         decode with the Pallas decode-step kernel (rollout.decode_attention);
          both: "xla" = XLA attention instead of cuDNN (GPU); a name in bench/driver.py
          XLA_FLAG_SETS (e.g. "cmdbuf") runs the case under those XLA flags
 Model: the shape's variant with vocab_size = the built-in tokenizer's (512 tiny, 2048 otherwise;
@@ -222,7 +223,7 @@ def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir:
 
 
 def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: dict,
-            workdir: str, check_every: int = 1) -> dict:  # fmt: skip
+            workdir: str, check_every: int = 1, decode_attention: str = "xla") -> dict:  # fmt: skip
     import numpy as np
 
     from flaxlm.alignment import common, ppo
@@ -237,7 +238,7 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
         "reward_from": rm, "batch_size": mbatch, "seq_len": prompt + new,
         "rollout.batch": rbatch, "rollout.max_prompt_len": prompt, "rollout.max_new_tokens": new,
         "rollout.heldout_prompts": 0, "rollout.frozen_dtype": "bfloat16" if plan else "float32",
-        "rollout.check_every": check_every,
+        "rollout.check_every": check_every, "rollout.decode_attention": decode_attention,
     })  # fmt: skip
     epochs = config.rollout.epochs
     n = epochs * rbatch // mbatch  # optimizer steps per iteration
@@ -266,7 +267,7 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
         "params": cfg.param_counts()["total"], "vocab": cfg.vocab_size, "rollout_batch": rbatch,
         "minibatch": mbatch, "epochs": epochs, "steps_per_iter": n, "max_prompt_len": prompt,
         "max_new_tokens": new, "seq_len": T, "response_len": float(resp), "timed_iters": iters,
-        "check_every": check_every,
+        "check_every": check_every, "decode_attention": decode_attention,
         "gen_s": float(gen), "score_s": float(score), "train_s": float(train),
         "iteration_s": float(total), "iteration_wall_s": float(wall),
         "other_s": float(wall - total), "gen_share": float(gen / total),
@@ -282,18 +283,21 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
 
 
 def parse_case(case: str) -> tuple[str, str, dict]:
-    """(shape, algo, {"online", "new", "attention", "check_every", "flags"}) of a case
-    "SHAPE:ALGO[:OPT...]"."""
+    """(shape, algo, {"online", "new", "attention", "check_every", "decode_attention",
+    "flags"}) of a case "SHAPE:ALGO[:OPT...]"."""
     parts = case.split(":")
     shape, algo, opts = parts[0], (parts[1:2] or [""])[0], parts[2:]
     if shape not in SHAPES or algo not in ("dpo", "ppo"):
         raise ValueError(f"case {case!r}: expected SHAPE:dpo|ppo[:OPT], SHAPE in {list(SHAPES)}")
-    out = {"online": False, "new": None, "attention": "cudnn", "check_every": 1, "flags": []}
+    out = {"online": False, "new": None, "attention": "cudnn", "check_every": 1,
+           "decode_attention": "xla", "flags": []}  # fmt: skip
     for o in opts:
         if o in driver.XLA_FLAG_SETS:  # applied by the driver to the case's process
             out["flags"].append(o)
         elif o == "xla":
             out["attention"] = "xla"
+        elif o == "pallas" and algo == "ppo":
+            out["decode_attention"] = "pallas"
         elif o[:1] == "c" and o[1:].isdigit() and algo == "ppo":
             out["check_every"] = int(o[1:])
         elif o == "online" and algo == "dpo":
@@ -317,7 +321,8 @@ def run_case(case: str, work: str, steps: int, iters: int) -> dict:
         if algo == "dpo":
             rec = run_dpo(shape, o["online"], steps, sft, plan, workdir)
         else:
-            rec = run_ppo(shape, o["new"], iters, sft, rm, plan, workdir, o["check_every"])
+            rec = run_ppo(shape, o["new"], iters, sft, rm, plan, workdir, o["check_every"],
+                          o["decode_attention"])  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"case": case, **rec, "setup_s": setup, "case_s": time.perf_counter() - t0}

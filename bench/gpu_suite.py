@@ -58,11 +58,12 @@ GPU_CASES = [
     ("decode 1b flaxlm b64 while", 60, ["decode", "--cases", "1b:flax:b64:while"]),
     ("decode 1b flaxlm b64 while8", 90, ["decode", "--cases", "1b:flax:b64:while8"]),
     ("alignment dpo+ppo", 150, ["alignment_throughput"]),  # two cases, each compiles
-    # PPO's generation share with stop checks every 8 tokens, and under CUDA graphs.
+    # PPO's generation share with stop checks every 8 tokens (and with the Pallas decode
+    # kernel), and under CUDA graphs.
     (
-        "alignment ppo c8, cmdbuf",
-        150,
-        ["alignment_throughput", "--cases", "125m:ppo:c8,125m:ppo:cmdbuf"],
+        "alignment ppo c8, c8 pallas, cmdbuf",
+        200,
+        ["alignment_throughput", "--cases", "125m:ppo:c8,125m:ppo:c8:pallas,125m:ppo:cmdbuf"],
     ),  # fmt: skip
     # Command buffers for loops and conditionals too; compiled for the H200, the decode step
     # is launched the same way as without (one graph per step), so this is a check, last.

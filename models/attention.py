@@ -203,7 +203,8 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
         T, H = q.shape[1], q.shape[3]
         if (layer_cache is not None and self.decode_attention == "pallas"
-                and decode_kernel.supports(layer_cache.shape[3], T, H)):  # fmt: skip
+                and decode_kernel.supports(layer_cache.shape[3], T, H)
+                and decode_kernel.mesh_supports()):  # fmt: skip
             # One kernel: RoPE, the cache write and attention over the written slots.
             qkv = jnp.concatenate([q, k, v], axis=2)  # the merged projection's own output
             out, layer_cache = decode_kernel.decode_attention(

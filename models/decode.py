@@ -362,7 +362,8 @@ def generate(
       decode_attention: "xla" (the default) or "pallas": each decode step's attention as one
         fused kernel per layer that reads only the cache slots written so far
         (models/decode_attention.py; Triton on GPUs, Pallas' interpreter elsewhere — slow,
-        for tests). Unsharded only (no mesh).
+        for tests). Under a mesh it runs per device on the local rows; with heads split over
+        a tensor axis the XLA path runs instead.
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
@@ -435,8 +436,6 @@ def _program(
     if decode_attention not in ("xla", "pallas"):
         raise ValueError(f"generate: decode_attention must be 'xla' or 'pallas', got "
                          f"{decode_attention!r}")  # fmt: skip
-    if decode_attention == "pallas" and mesh is not None:
-        raise ValueError("generate: decode_attention='pallas' runs unsharded only (mesh=None)")
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id, cfg.vocab_size)
     B = tokens.shape[0]
     # Rows the program runs, beyond the prompts copies of row 0 (cut off again in `generate`):

@@ -25,9 +25,10 @@ key slot exactly as on the XLA path, so results match it (tests/models/test_deco
 run in Pallas' interpreter). On GPUs the Triton kernel runs; on other platforms the same
 kernel runs in the interpreter (tests, not speed).
 
-Used for the one-token steps of unsharded `generate` when asked
-(`generate(..., decode_attention="pallas")`, bench/decode.py option `:pallas`); prefill and
-mesh-sharded decoding keep the XLA path.
+Used for the one-token steps of `generate` when asked (`generate(..., decode_attention=
+"pallas")`, PPO/GRPO `rollout.decode_attention`, bench/decode.py option `:pallas`). Under a
+mesh each device runs it on its own rows (`shard_map` over the batch axes); with heads split
+over a tensor axis, and for prefill, the XLA path runs instead.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
 # Key slots per loop iteration. The cache length must be a multiple (`generate` rounds the
 # buffer it allocates up to one).
@@ -191,9 +194,44 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, kv_2BKSH, mask_B1TS, index):
         kv_2BKSH,
         mask_B1TS.reshape(B, S).astype(jnp.int8),
     )
-    out, cache = jax.lax.platform_dependent(
-        *args,
-        cuda=functools.partial(_call, interpret=False),
-        default=functools.partial(_call, interpret=True),
-    )
+
+    def run(*a):
+        return jax.lax.platform_dependent(
+            *a,
+            cuda=functools.partial(_call, interpret=False),
+            default=functools.partial(_call, interpret=True),
+        )
+
+    batch_axes = _batch_axes()
+    if batch_axes:  # under a mesh: each device runs the kernel on its rows (heads unsplit)
+        rows = P(batch_axes)
+        run = jax.shard_map(
+            run,
+            in_specs=(P(), rows, rows, rows, P(None, batch_axes), rows),
+            out_specs=(rows, P(None, batch_axes)),
+            check_vma=False,
+        )
+    out, cache = run(*args)
     return out.reshape(B, 1, R - 2 * K, H), cache
+
+
+def _batch_axes() -> tuple[str, ...]:
+    """The mesh axes the batch is split over in the ambient mesh (`sharding.use_mesh`), those
+    of size > 1; () without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = nn.logical_to_mesh_axes(("act_batch",))[0] or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def mesh_supports() -> bool:
+    """Whether the ambient mesh (if any) leaves the heads whole on each device: the kernel
+    reads a row's q|k|v heads as one block, which tensor-parallel heads would split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return True
+    axes = nn.logical_to_mesh_axes(("act_kv_heads", "act_heads"))
+    names = [a for x in axes if x for a in ((x,) if isinstance(x, str) else x)]
+    return all(mesh.shape[a] == 1 for a in names)

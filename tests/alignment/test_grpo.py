@@ -152,6 +152,11 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
         grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
     with c.unlocked():
         c.rollout.check_every = 1
+        c.rollout.decode_attention = "triton"
+    with pytest.raises(ValueError, match="rollout.decode_attention='triton'"):
+        grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
+    with c.unlocked():
+        c.rollout.decode_attention = "xla"
 
     # Over-long prompts: truncated from the left (counted) or dropped (counted).
     long_prompt = [{"prompt": "word " * 200, "meta": {}}]

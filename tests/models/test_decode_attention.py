@@ -13,6 +13,7 @@ from flaxlm.models import decode_attention as kernel
 from flaxlm.models.attention import apply_rope, attention_mask, cached_attention, rope_tables
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode import generate, generate_program
+from flaxlm.models.sharding import logical_axis_rules, make_mesh, use_mesh
 
 from .test_decode import PROMPTS, _full_logprobs, _greedy_by_recompute, _model
 
@@ -162,9 +163,29 @@ def test_generate_program_runs_the_kernel_in_every_layer():
 
 def test_generate_option_is_checked():
     cfg, params = _kernel_model()
-    kw = dict(max_new_tokens=2, rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="decode_attention"):
-        generate(cfg, params, PROMPTS, decode_attention="triton", **kw)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    with pytest.raises(ValueError, match="unsharded"):
-        generate(cfg, params, PROMPTS, decode_attention="pallas", mesh=mesh, **kw)
+        generate(cfg, params, PROMPTS, decode_attention="triton", max_new_tokens=2,
+                 rng=jax.random.PRNGKey(0))  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,runs_kernel", [
+    ({"data": 2, "fsdp": 2, "tensor": 1}, True),   # rows split over 4 devices
+    ({"data": 2, "fsdp": 1, "tensor": 2}, False),  # heads split: the XLA path instead
+])  # fmt: skip
+def test_generate_under_a_mesh(shape, runs_kernel, monkeypatch):
+    """Sharded generate with the kernel: each device runs it on its own rows (shard_map over
+    the batch axes) and the tokens are the unsharded ones."""
+    cfg, params = _kernel_model()
+    mesh, rules = make_mesh(shape, jax.devices()[:4]), logical_axis_rules("fsdp_tp")
+    kw = dict(max_new_tokens=6, rng=jax.random.PRNGKey(0), temperature=0,
+              decode_attention="pallas")  # fmt: skip
+    want = np.asarray(generate(cfg, params, PROMPTS, **kw).tokens)
+    traced, call = [], kernel._call  # the q|k|v block each traced kernel call gets
+    monkeypatch.setattr(kernel, "_call", lambda *a, **k: traced.append(a[1].shape) or call(*a, **k))
+    got = generate(cfg, params, PROMPTS + [[9, 9, 9]], mesh=mesh, rules=rules, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens)[:3], want)
+    # 4 rows over data×fsdp: one row per device in the kernel; or no kernel (XLA path).
+    assert bool(traced) == runs_kernel
+    assert all(s[0] == 4 // shape["data"] // shape["fsdp"] for s in traced)
+    with use_mesh(mesh, rules):
+        assert kernel.mesh_supports() == runs_kernel
