@@ -64,6 +64,20 @@ def _rotate(x1, x2, cos, sin):
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
+def _fold(carry, s, ok, weighted_values):
+    """Online softmax: folds a block of scores s (rows, keys), visible where `ok`, into the
+    running (output accumulator, row max, row sum); `weighted_values(p)` is p @ values."""
+    acc, row_max, row_sum = carry
+    s = jnp.where(ok, s, -jnp.inf)
+    new_max = jnp.maximum(row_max, s.max(axis=1))
+    # Until a row has seen a visible key its max is -inf: keep the exponents finite.
+    safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+    p = jnp.where(ok, jnp.exp(s - safe_max[:, None]), 0.0)
+    rescale = jnp.exp(jnp.where(row_max == -jnp.inf, 0.0, row_max) - safe_max)
+    acc = acc * rescale[:, None] + weighted_values(p).astype(jnp.float32)
+    return acc, new_max, row_sum * rescale + p.sum(axis=1)
+
+
 def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, kv_ref, mask_ref, o_ref, kv_out_ref, *,
             groups: int, kv_heads: int, block_k: int, scale: float):  # fmt: skip
     """One (batch row b, kv head h): this step's q|k|v heads of row b (N + 2K, H), the rope
@@ -98,39 +112,28 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, kv_ref, mask_ref, o_ref, kv_out_
     kv_out_ref[1, idx, :] = v_new
 
     def step(j, carry):  # key block j of the slots before this step's
-        acc, row_max, row_sum = carry
         keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         slots = j * block_k + jnp.arange(block_k)
         ok = ((mask_ref[keys] != 0) & (slots < idx))[None, :]
         s = plgpu.dot(q1, kv_out_ref[0, keys, lo], trans_b=True).astype(jnp.float32)
         s += plgpu.dot(q2, kv_out_ref[0, keys, hi], trans_b=True).astype(jnp.float32)
-        s = jnp.where(ok, s * scale, -jnp.inf)
-        new_max = jnp.maximum(row_max, s.max(axis=1))
-        # Until a row has seen a visible key its max is -inf: keep exponents finite.
-        safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
-        p = jnp.where(ok, jnp.exp(s - safe_max[:, None]), 0.0)
-        rescale = jnp.exp(jnp.where(row_max == -jnp.inf, 0.0, row_max) - safe_max)
         v = kv_out_ref[1, keys, :]
-        acc = acc * rescale[:, None] + plgpu.dot(p.astype(dtype), v).astype(jnp.float32)
-        return acc, new_max, row_sum * rescale + p.sum(axis=1)
+        return _fold(carry, s * scale, ok, lambda p: plgpu.dot(p.astype(dtype), v))
 
     init = (
         jnp.zeros((rows, H), jnp.float32),
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    acc, row_max, row_sum = jax.lax.fori_loop(0, pl.cdiv(idx, block_k), step, init)
-    # The new token: always visible to itself (same segment, same slot, distance 0).
+    carry = jax.lax.fori_loop(0, pl.cdiv(idx, block_k), step, init)
+    # The new token, a one-key block: always visible to itself (same segment and slot).
     s_new = (q1.astype(jnp.float32) * k1.astype(jnp.float32)[None, :]).sum(axis=1)
-    s_new = s_new + (q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :]).sum(axis=1)
-    s_new = s_new * scale
-    new_max = jnp.maximum(row_max, s_new)
-    rescale = jnp.exp(jnp.where(row_max == -jnp.inf, -jnp.inf, row_max - new_max))
-    p_new = jnp.exp(s_new - new_max)
-    acc = acc * rescale[:, None] + (
-        p_new.astype(dtype).astype(jnp.float32)[:, None] * v_new.astype(jnp.float32)[None, :]
-    )  # p_new rounded as p above
-    out = (acc / (row_sum * rescale + p_new)[:, None]).astype(o_ref.dtype)
+    s_new += (q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :]).sum(axis=1)
+    v_new = v_new.astype(jnp.float32)[None, :]
+    ok = jnp.ones((1, 1), jnp.bool_)
+    acc, _, row_sum = _fold(carry, s_new[:, None] * scale, ok,
+                            lambda p: p.astype(dtype).astype(jnp.float32) * v_new)  # fmt: skip
+    out = (acc / row_sum[:, None]).astype(o_ref.dtype)
     plgpu.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
 
 
