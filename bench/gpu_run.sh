@@ -8,4 +8,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 mkdir -p /tmp/pkg/flaxlm && cp flaxlm/*.py /tmp/pkg/flaxlm/
 for f in models train data alignment configs evaluation bench; do ln -sfn "$PWD/$f" /tmp/pkg/flaxlm/$f; done
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+# One compilation cache for every case process (and the next call, while the machine is warm):
+# jax also keeps XLA's per-fusion autotuning results there, so cases that share programs or
+# fusions (the PPO variants, a rerun) skip compiling and autotuning them again. Timings are of
+# warmed-up steps, so they do not change.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 cd /tmp && python3 -m flaxlm.bench.gpu_suite --out "$OUT" --budget "${1:-230}" --start "${2:-0}" 2>&1 | tee "$OUT/log.txt"
