@@ -101,7 +101,9 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, kv_ref, mask_ref, o_ref, kv_out_
         return plgpu.load(qkv_ref.at[pl.ds(head * groups, rows), part], mask=real, other=0.0)
 
     q1, q2 = _rotate(load_q(lo).astype(jnp.float32), load_q(hi).astype(jnp.float32), cos, sin)
-    q1, q2 = q1.astype(dtype), q2.astype(dtype)  # the XLA path's rounding of q
+    # Rounded as `apply_rope` rounds q; then in the cache dtype for the dot (where a cache
+    # dtype narrower than the compute dtype is asked for, the XLA path widens the cache instead).
+    q1, q2 = q1.astype(dtype), q2.astype(dtype)
     k_row = n_q + head
     k1, k2 = _rotate(qkv_ref[k_row, lo].astype(jnp.float32)[None, :],
                      qkv_ref[k_row, hi].astype(jnp.float32)[None, :], cos, sin)  # fmt: skip
