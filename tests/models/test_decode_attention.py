@@ -153,6 +153,25 @@ def test_generate_with_the_kernel_equals_full_recompute(window):
     )
 
 
+def test_generate_with_the_kernel_samples_and_stops_as_the_xla_path():
+    """Sampling, stop tokens, one prompt (run as two rows) and stop checks every 3 tokens
+    (10 is not a multiple: the last block's extra steps write a clamped slot): the same
+    tokens, lengths and logprobs as the XLA path."""
+    cfg, params = _kernel_model()
+    kw = dict(max_new_tokens=10, rng=jax.random.PRNGKey(3), temperature=0.9, pad_id=-1)
+    free = np.asarray(generate(cfg, params, PROMPTS, **kw).tokens)
+    stops = (int(free[0, 3]), int(free[2, 6]))
+    outs = []
+    for prompts, extra in ((PROMPTS, dict(stop_tokens=stops, check_every=3)), (PROMPTS[1:2], {})):
+        want = generate(cfg, params, prompts, **kw, **extra)
+        got = generate(cfg, params, prompts, decode_attention="pallas", **kw, **extra)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+        outs.append(got)
+    assert np.asarray(outs[0].lengths).min() < 10  # some row stopped early
+
+
 def test_generate_program_runs_the_kernel_in_every_layer():
     cfg, params = _kernel_model()
     fn, args = generate_program(cfg, PROMPTS, rng=jax.random.PRNGKey(0), max_new_tokens=4,
