@@ -21,7 +21,7 @@ kernel removes kernels and wasted bytes:
     two half-width dots, so no value is sliced or concatenated inside the kernel.
 
 The mask (segment ids, causality, sliding window: `attention.attention_mask`) is applied per
-key slot exactly as on the XLA path, so results match it (tests/models/test_decode_attention.py,
+key slot exactly as on the XLA path, so results match it (tests/models/test_decode.py,
 run in Pallas' interpreter). On GPUs the Triton kernel runs; on other platforms the same
 kernel runs in the interpreter (tests, not speed).
 
