@@ -109,16 +109,31 @@ def _operands(rest: str) -> list[str]:
 
 def _sliced_params(comps, fused: str) -> dict[int, int]:
     """{parameter index: bytes} for the parameters of fused computation `fused` that are only
-    sliced inside it (a fused slice reads the slice, not the operand)."""
+    sliced inside it (a fused slice reads the slice, not the operand), also through bitcasts and
+    converts (a gradient sliced out of a stacked one, converted to float32 on the way)."""
     instrs = comps.get(fused, [])
+    users: dict[str, list] = {}
+    for uop, urest, uname, ushape in instrs:
+        if uop != "parameter":
+            for o in set(_operands(urest)):
+                users.setdefault(o, []).append((uop, uname, ushape))
+
+    def sliced_elements(name: str) -> int | None:  # None: some use reads it whole
+        total = 0
+        for uop, uname, ushape in users.get(name, []):
+            if uop in ("slice", "dynamic-slice"):
+                total += sum(n for _, n in _arrays(ushape))
+            elif uop in ("bitcast", "convert") and (n := sliced_elements(uname)) is not None:
+                total += n
+            else:
+                return None
+        return total if users.get(name) else None
+
     out = {}
-    for op, rest, pname, _ in instrs:
-        if op != "parameter":
-            continue
-        users = [(uop, ushape) for uop, urest, _, ushape in instrs
-                 if uop != "parameter" and pname in _operands(urest)]  # fmt: skip
-        if users and all(uop in ("slice", "dynamic-slice") for uop, _ in users):
-            out[int(rest.split(")")[0])] = sum(_nbytes(ushape) for _, ushape in users)
+    for op, rest, pname, pshape in instrs:
+        if op == "parameter" and (n := sliced_elements(pname)) is not None:
+            itemsize = _arrays(pshape)[0][0] if _arrays(pshape) else 1
+            out[int(rest.split(")")[0])] = n * itemsize
     return out
 
 
@@ -140,20 +155,29 @@ def kernel_traffic(comps, name: str) -> dict[str, int]:
         target = (m.group(1) if (m := _TARGET.search(rest)) else "").lower()
         kind = ("matmul" if "gemm" in iname or "cublas" in target else
                 "attention" if "cudnn" in target or "triton" in target else "other")  # fmt: skip
-        reads = [_arrays(shapes[comp].get(o, "")) for o in dict.fromkeys(_operands(rest))]
+        sliced = {}
         if op == "fusion" and (called := re.search(r"calls=%?([\w.\-]+)", rest)):
-            for i, nbytes in _sliced_params(comps, called.group(1)).items():
-                if i < len(reads):
-                    reads[i] = [(1, nbytes)]
+            sliced = _sliced_params(comps, called.group(1))
+        elementwise = "kind=kLoop" in rest or op in ("copy", "convert", "add", "multiply", "select")
+        cap = max((n for _, n in _arrays(shape)), default=0) if elementwise else None
+        # Each use of an operand: its slice if sliced; in an elementwise kernel at most one
+        # element per element written. An operand passed twice is read once: its uses add up,
+        # to at most the whole of it.
+        used: dict[str, list] = {}
+        for i, o in enumerate(_operands(rest)):
+            whole = _arrays(shapes[comp].get(o, ""))
+            uses = [(size, sliced[i] // size if i in sliced else n) for size, n in whole]
+            uses = [(size, min(n, cap) if cap is not None else n) for size, n in uses]
+            if o in used:
+                uses = [(size, min(w, n + m)) for (size, n), (_, m), (_, w)
+                        in zip(uses, used[o], whole)]  # fmt: skip
+            used[o] = uses
+        reads = list(used.values())
         if "dynamic_update_slice" in iname or op == "dynamic-update-slice":
             sizes = sorted(sum(s * n for s, n in a) for a in reads)
             out[kind] += 2 * sum(sizes[:-1])  # the update, read and written in place
             continue
-        if "kind=kLoop" in rest or op in ("copy", "convert", "add", "multiply", "select"):
-            cap = max((n for _, n in _arrays(shape)), default=0)
-            out[kind] += sum(min(n, cap) * size for a in reads for size, n in a)
-        else:
-            out[kind] += sum(size * n for a in reads for size, n in a)
+        out[kind] += sum(size * n for a in reads for size, n in a)
         results = _arrays(shape)
         if op == "custom-call" and "output_to_operand_aliasing" in rest:
             # An output aliasing an operand is that buffer updated in place (the Pallas decode

@@ -144,9 +144,10 @@ def _fused_bytes(jaxpr, res) -> int:
                 consumers.setdefault(id(v), []).append(eqn)
     inputs = {id(v) for v in jaxpr.invars}
 
-    def frontier(r) -> dict:
+    def frontier(r, available=()) -> dict:
         """The values the backward would recompute residual `r` from: walk back through
-        fusable elementwise producers to the nearest ones a fusion must write."""
+        fusable elementwise producers to the nearest ones a fusion must write, or to values
+        already `available` (kept for the backward anyway)."""
         out, stack, seen = {}, [r], set()
         while stack:
             v = stack.pop()
@@ -154,6 +155,9 @@ def _fused_bytes(jaxpr, res) -> int:
             if id(v) in inputs or eqn is None or id(v) in seen:
                 continue
             seen.add(id(v))
+            if id(v) in available and v is not r:
+                out[id(v)] = v
+                continue
             fusable_uses = all(_is_elementwise(c) or c.primitive.name in _REDUCTIONS
                                for c in consumers.get(id(v), []))  # fmt: skip
             if _is_elementwise(eqn) and fusable_uses:
@@ -165,13 +169,16 @@ def _fused_bytes(jaxpr, res) -> int:
     # Residuals that are not elementwise results (matmul, attention, gather outputs) are
     # written whatever happens; an elementwise one costs what rebuilding it needs beyond
     # those — or its own bytes, if keeping it is cheaper (h_i = h_{i-1} + block_i(...) under
-    # full remat would otherwise be "rebuilt" from every block output before it).
-    frontiers = {id(r): frontier(r) for r in res}
-    kept = {id(r): r for r in res if frontiers[id(r)].keys() == {id(r)}}
+    # full remat would otherwise be "rebuilt" from every block output before it). In program
+    # order, so a residual rebuilt from an earlier one that was kept costs nothing more
+    # (silu(gate) from gate, where gate is kept as a slice of the gate|up matmul's output).
+    order = {id(v): i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
+    res = sorted(res, key=lambda r: order.get(id(r), -1))
+    kept = {id(r): r for r in res if frontier(r).keys() == {id(r)}}
     for r in res:
         if id(r) in kept:
             continue
-        extra = {k: v for k, v in frontiers[id(r)].items() if k not in kept}
+        extra = {k: v for k, v in frontier(r, kept).items() if k not in kept}
         if sum(_aval_bytes(v.aval) for v in extra.values()) > _aval_bytes(r.aval):
             extra = {id(r): r}
         kept.update(extra)

@@ -20,6 +20,25 @@ def _normal(std: float):
     return nn.initializers.normal(stddev=std)
 
 
+def _kernel_param(module: nn.Module, shape, axes, cfg: ModelConfig):
+    """A projection's "kernel" parameter, declared in `module` (stored dtype, logical axes)."""
+    init = nn.with_logical_partitioning(_normal(cfg.init_std), tuple(axes))
+    return module.param("kernel", init, tuple(shape), cfg.weight_dtype)
+
+
+class Kernel(nn.Module):
+    """Just a `Proj`'s weight, under the same name and path ("NAME/kernel"), for a caller that
+    combines several projections' weights into one matmul."""
+
+    shape: Sequence[int]
+    axes: Sequence[str]
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        return _kernel_param(self, self.shape, self.axes, self.cfg)
+
+
 class Proj(nn.Module):
     """y = x·W (+ b), contracting the last `n_in` axes of x with the first ones of W.
 
@@ -37,13 +56,7 @@ class Proj(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(_normal(cfg.init_std), tuple(self.axes)),
-            tuple(self.shape),
-            cfg.weight_dtype,
-        )
-        kernel = kernel.astype(cfg.compute_dtype)
+        kernel = _kernel_param(self, self.shape, self.axes, cfg).astype(cfg.compute_dtype)
         x = x.astype(cfg.compute_dtype)
         n_out = len(self.shape) - self.n_in
         contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
@@ -105,6 +118,14 @@ class MLP(nn.Module):
     """Gated MLP: wo(act(x·W_gate) ⊙ x·W_up) — SwiGLU with silu, GeGLU with gelu.
 
     `fused` reads gate and up from one (D, 2, F) kernel "gate_up" (one matmul instead of two).
+    With separate "gate" and "up" kernels stored in another dtype than the compute dtype (fp32
+    master weights), the cast that runs every step anyway writes them stacked as one (D, 2, F)
+    weight, so gate and up are still one matmul, and the backward is one matmul for the input
+    gradient (contracting 2F), one for the weights' and one elementwise pass for the
+    activation's gradient, where separate kernels cost two, two and two. Compiled for the H200
+    (bench/gpu_aot.py), the 1.1B step lost 88 kernels and 7.6 GiB of memory traffic. Without a
+    cast (bf16 params; decoding) stacking would be an extra copy, so the kernels stay apart
+    there (XLA's dot merger joins the forward matmuls itself when it pays).
     """
 
     cfg: ModelConfig
@@ -117,6 +138,16 @@ class MLP(nn.Module):
         if self.fused:
             gate_up = Proj((cfg.d_model, 2, cfg.d_ff), ("embed", None, "mlp"), cfg, name="gate_up")
             h2 = checkpoint_name(gate_up(x), "mlp_in")  # (..., 2, F)
+            gate, up = h2[..., 0, :], h2[..., 1, :]
+        elif cfg.weight_dtype != cfg.compute_dtype:
+            dt = cfg.compute_dtype
+            w = jnp.stack(
+                [Kernel(shape, axes, cfg, name=n)().astype(dt) for n in ("gate", "up")], 1
+            )
+            w = nn.with_logical_constraint(w, ("embed", None, "mlp"))  # (D, 2, F)
+            x = x.astype(dt)
+            h2 = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+            h2 = checkpoint_name(h2, "mlp_in")  # (..., 2, F)
             gate, up = h2[..., 0, :], h2[..., 1, :]
         else:
             gate = Proj(shape, axes, cfg, name="gate", remat_name="mlp_in")(x)

@@ -147,6 +147,40 @@ def test_kernel_traffic_counts_what_each_kernel_moves():
     assert "loop" not in hlo_text.traffic(TRAFFIC_HLO)
 
 
+SLICED_HLO = """HloModule m
+
+%half (g: bf16[4,8], m: f32[2,8]) -> f32[2,8] {
+  %g = bf16[4,8]{1,0} parameter(0)
+  %c = f32[4,8]{1,0} convert(%g)
+  %s = f32[2,8]{1,0} slice(%c), slice={[0:2], [0:8]}
+  %m = f32[2,8]{1,0} parameter(1)
+  ROOT %r = f32[2,8]{1,0} add(%s, %m)
+}
+
+%both (a: bf16[4,8], b: bf16[4,8]) -> bf16[2,8] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %lo = bf16[2,8]{1,0} slice(%a), slice={[0:2], [0:8]}
+  %b = bf16[4,8]{1,0} parameter(1)
+  %hi = bf16[2,8]{1,0} slice(%b), slice={[2:4], [0:8]}
+  ROOT %r = bf16[2,8]{1,0} multiply(%lo, %hi)
+}
+
+ENTRY %main (g: bf16[4,8], m: f32[2,8]) -> bf16[2,8] {
+  %g = bf16[4,8]{1,0} parameter(0)
+  %m = f32[2,8]{1,0} parameter(1)
+  %loop_add_fusion = f32[2,8]{1,0} fusion(%g, %m), kind=kLoop, calls=%half
+  ROOT %loop_multiply_fusion = bf16[2,8]{1,0} fusion(%g, %g), kind=kLoop, calls=%both
+}
+"""
+
+
+def test_kernel_traffic_of_sliced_and_repeated_operands():
+    """A gradient sliced out of a stacked one through a convert reads its half (in the stored
+    dtype); one buffer passed twice and sliced into both halves is read once, whole."""
+    t = hlo_text.traffic(SLICED_HLO)["program"]
+    assert t["other"] == (2 * 8 * 2 + 64 + 64) + (4 * 8 * 2 + 2 * 8 * 2)
+
+
 def test_case_names():
     bench, own, extra, env = gpu_aot.parse_case("train:1b:flax:fast:cmdbuf")
     assert (bench, own, extra) == ("train", "1b:flax:fast", ["cmdbuf"])

@@ -62,6 +62,27 @@ def test_fused_count_keeps_only_what_a_fusion_must_write():
     assert memory_plan.fused_residual_bytes(lambda x, w, w2: (x @ w @ w2).sum(), x, w, w2) == act
 
 
+def test_fused_count_rebuilds_from_kept_slices():
+    """Gate and up as halves of one matmul's output (the MLP with stacked weights): the slices
+    are kept (cheaper than the whole output for each), and silu(gate), rebuilt from the kept
+    gate, costs nothing more — as with two separate matmuls."""
+    x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((16, 2, 32), jnp.float32)
+    w2 = jax.ShapeDtypeStruct((32, 16), jnp.float32)
+    act = 8 * 32 * 4
+
+    def glu(x, w, w2):
+        h2 = jnp.einsum("td,dkf->tkf", x, w)
+        return ((jax.nn.silu(h2[:, 0]) * h2[:, 1]) @ w2).sum()
+
+    def separate(x, wg, wu, w2):
+        return ((jax.nn.silu(x @ wg) * (x @ wu)) @ w2).sum()
+
+    fused = memory_plan.fused_residual_bytes(glu, x, w, w2)
+    wg = jax.ShapeDtypeStruct((16, 32), jnp.float32)
+    assert fused == memory_plan.fused_residual_bytes(separate, x, wg, wg, w2) == 3 * act
+
+
 def test_checkpointing_drops_the_residuals():
     x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
     w = jax.ShapeDtypeStruct((16, 16), jnp.float32)

@@ -166,3 +166,57 @@ def test_bf16_compute_with_fp32_params():
     assert out.dtype == jnp.bfloat16
     ref = Transformer(cfg.replace(dtype="float32")).apply({"params": params}, tokens)
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1
+
+
+@pytest.mark.parametrize("kw", [{}, {"scan_layers": True, "remat_policy": "save_proj"}])
+def test_cast_weights_run_gate_and_up_as_one_matmul(kw):
+    """fp32 master weights, bf16 compute: the MLP stacks gate|up in the per-step cast and runs
+    one (D, 2F) matmul. Same parameters (names, shapes, initial values) as the separate layout,
+    and the same logits and gradients as the separate kernels computing in bf16."""
+    cfg = get_variant("tiny", dtype="bfloat16", **kw)
+    model, params, tokens = _init(cfg)
+    _, params32, _ = _init(cfg.replace(dtype="float32"))
+    assert jax.tree.structure(params) == jax.tree.structure(params32)
+    assert all(
+        jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params32))
+    )
+
+    D, F = cfg.d_model, cfg.d_ff
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens))(params)
+    rhs = [e.invars[1].aval.shape for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert rhs.count((D, 2, F)) == (1 if cfg.scan_layers else cfg.n_layers)
+    assert (D, F) not in rhs  # no separate gate / up matmul left
+
+    # The separate-kernel path: bf16 params, no cast, so no stacking.
+    ref_model = Transformer(cfg.replace(param_dtype="bfloat16"))
+    ref_params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    probe = jax.random.normal(jax.random.PRNGKey(3), (*tokens.shape, cfg.vocab_size))
+
+    def loss(m, p):
+        return jnp.sum(m.apply({"params": p}, tokens).astype(jnp.float32) * probe)
+
+    np.testing.assert_array_equal(model.apply({"params": params}, tokens),
+                                  ref_model.apply({"params": ref_params}, tokens))  # fmt: skip
+    g = jax.grad(lambda p: loss(model, p))(params)
+    g_ref = jax.grad(lambda p: loss(ref_model, p))(ref_params)
+    for path, a in jax.tree_util.tree_leaves_with_path(g):
+        b = _at(g_ref, path).astype(jnp.float32)
+        scale = float(jnp.max(jnp.abs(b))) + 1e-6
+        assert float(jnp.max(jnp.abs(a - b))) / scale < 0.03, jax.tree_util.keystr(path)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, inside called / scanned / remat'd sub-jaxprs too."""
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
+def _at(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
