@@ -23,7 +23,8 @@ import numpy as np
 
 from flaxlm.models import decode_attention as decode_kernel
 from flaxlm.models.config import ModelConfig
-from flaxlm.models.layers import Proj
+from flaxlm.models.layers import Proj, ProjWeights, casts_weights, stacked_projection
+from flaxlm.models.sharding import logical_axes_unsplit
 
 # ----------------------------------------------------------------------------------------------
 # RoPE
@@ -186,8 +187,16 @@ class Attention(nn.Module):
                 remat_name="qkv",
             )(x_BTD)
             q, k, v = jnp.split(qkv, [N, N + K], axis=2)
+        elif casts_weights(cfg) and logical_axes_unsplit("q_heads", "kv_heads"):
+            # The per-step cast writes q|k|v joined: one matmul each way (layers.MLP says why);
+            # not with heads split over devices, where joining them would move data.
+            weights = [
+                ProjWeights((D, n, H), ("embed", axis, "head_dim"), cfg, use_bias=bias, name=name)()
+                for name, (n, axis) in self._heads().items()
+            ]
+            qkv = stacked_projection(x_BTD, weights, 1, ("qkv_heads", "head_dim"), "qkv")
+            q, k, v = jnp.split(qkv, [N, N + K], axis=2)
         else:
-            heads = {"q": (N, "q_heads"), "k": (K, "kv_heads"), "v": (K, "kv_heads")}
             q, k, v = (
                 Proj(
                     (D, n, H),
@@ -197,7 +206,7 @@ class Attention(nn.Module):
                     name=name,
                     remat_name="qkv",
                 )(x_BTD)
-                for name, (n, axis) in heads.items()
+                for name, (n, axis) in self._heads().items()
             )
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
@@ -240,6 +249,11 @@ class Attention(nn.Module):
                 probs = attention_probs(q, k, mask).reshape(B, N, T, S)  # head n = k·G + g
                 self.sow("intermediates", "attn_probs", probs)
         return self._out_proj(out), layer_cache
+
+    def _heads(self) -> dict:
+        cfg = self.cfg
+        return {"q": (cfg.n_heads, "q_heads"), "k": (cfg.n_kv_heads, "kv_heads"),
+                "v": (cfg.n_kv_heads, "kv_heads")}  # fmt: skip
 
     def _out_proj(self, out_BTNH):
         cfg = self.cfg

@@ -43,6 +43,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
+from flaxlm.models.sharding import logical_axes_unsplit
+
 # Key slots per loop iteration. The cache length must be a multiple (`generate` rounds the
 # buffer it allocates up to one).
 BLOCK_K = 64
@@ -234,9 +236,4 @@ def _batch_axes() -> tuple[str, ...]:
 def mesh_supports() -> bool:
     """Whether the ambient mesh (if any) leaves the heads whole on each device: the kernel
     reads a row's q|k|v heads as one block, which tensor-parallel heads would split."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return True
-    axes = nn.logical_to_mesh_axes(("act_kv_heads", "act_heads"))
-    names = [a for x in axes if x for a in ((x,) if isinstance(x, str) else x)]
-    return all(mesh.shape[a] == 1 for a in names)
+    return logical_axes_unsplit("act_kv_heads", "act_heads")

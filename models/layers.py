@@ -26,17 +26,54 @@ def _kernel_param(module: nn.Module, shape, axes, cfg: ModelConfig):
     return module.param("kernel", init, tuple(shape), cfg.weight_dtype)
 
 
-class Kernel(nn.Module):
-    """Just a `Proj`'s weight, under the same name and path ("NAME/kernel"), for a caller that
-    combines several projections' weights into one matmul."""
+def _bias_param(module: nn.Module, shape, axes, cfg: ModelConfig):
+    """A projection's "bias" over its output axes (the last `len(shape)` of the kernel's)."""
+    init = nn.with_logical_partitioning(nn.initializers.zeros, tuple(axes))
+    return module.param("bias", init, tuple(shape), cfg.weight_dtype)
+
+
+class ProjWeights(nn.Module):
+    """Just a `Proj`'s parameters, under the same names and paths ("NAME/kernel",
+    "NAME/bias"), in the compute dtype: for a caller that joins several projections into one
+    matmul (`stacked_projection`). Returns (kernel, bias or None)."""
 
     shape: Sequence[int]
     axes: Sequence[str]
     cfg: ModelConfig
+    n_in: int = 1
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self):
-        return _kernel_param(self, self.shape, self.axes, self.cfg)
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        kernel = _kernel_param(self, self.shape, self.axes, cfg).astype(dt)
+        if not self.use_bias:
+            return kernel, None
+        out = len(self.shape) - self.n_in
+        return kernel, _bias_param(self, self.shape[-out:], self.axes[-out:], cfg).astype(dt)
+
+
+def casts_weights(cfg: ModelConfig) -> bool:
+    """Whether every step casts the stored weights to the compute dtype (fp32 master weights,
+    bf16 math). Then joining several projections' weights into one costs nothing extra: the
+    cast writes a copy anyway, and writes it joined (`stacked_projection`)."""
+    return cfg.weight_dtype != cfg.compute_dtype
+
+
+def stacked_projection(x, weights, axis: int, names, remat_name: str):
+    """One matmul for several projections of the same input x (..., D): their (kernel, bias)
+    pairs (`ProjWeights`, kernels (D, ...)) joined on output `axis` of the kernel — stacked
+    on a new axis when every kernel is (D, F) (gate|up), concatenated on an existing one
+    (q|k|v heads) otherwise. Returns the joined output, output axes named `names`."""
+    kernels = [k for k, _ in weights]
+    same = all(k.shape == kernels[0].shape for k in kernels) and kernels[0].ndim == 2
+    join = jnp.stack if same else jnp.concatenate
+    w = nn.with_logical_constraint(join(kernels, axis=axis), ("embed", *names))
+    x = x.astype(w.dtype)
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+    if weights[0][1] is not None:
+        y = y + join([b for _, b in weights], axis=axis - 1)
+    return checkpoint_name(y, remat_name)
 
 
 class Proj(nn.Module):
@@ -62,12 +99,7 @@ class Proj(nn.Module):
         contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
         y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(self.n_in))), ((), ())))
         if self.use_bias:
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[-n_out:])),
-                tuple(self.shape[-n_out:]),
-                cfg.weight_dtype,
-            )
+            bias = _bias_param(self, self.shape[-n_out:], self.axes[-n_out:], cfg)
             y = y + bias.astype(cfg.compute_dtype)
         if self.remat_name:
             y = checkpoint_name(y, self.remat_name)
@@ -139,15 +171,9 @@ class MLP(nn.Module):
             gate_up = Proj((cfg.d_model, 2, cfg.d_ff), ("embed", None, "mlp"), cfg, name="gate_up")
             h2 = checkpoint_name(gate_up(x), "mlp_in")  # (..., 2, F)
             gate, up = h2[..., 0, :], h2[..., 1, :]
-        elif cfg.weight_dtype != cfg.compute_dtype:
-            dt = cfg.compute_dtype
-            w = jnp.stack(
-                [Kernel(shape, axes, cfg, name=n)().astype(dt) for n in ("gate", "up")], 1
-            )
-            w = nn.with_logical_constraint(w, ("embed", None, "mlp"))  # (D, 2, F)
-            x = x.astype(dt)
-            h2 = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
-            h2 = checkpoint_name(h2, "mlp_in")  # (..., 2, F)
+        elif casts_weights(cfg):
+            weights = [ProjWeights(shape, axes, cfg, name=n)() for n in ("gate", "up")]
+            h2 = stacked_projection(x, weights, 1, (None, "mlp"), "mlp_in")  # (..., 2, F)
             gate, up = h2[..., 0, :], h2[..., 1, :]
         else:
             gate = Proj(shape, axes, cfg, name="gate", remat_name="mlp_in")(x)

@@ -121,6 +121,18 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def logical_axes_unsplit(*names: str) -> bool:
+    """Whether, in the ambient mesh and rules (`use_mesh`), no logical axis of `names` is split
+    over a mesh axis of size > 1 (True outside a mesh). Lets model code pick a layout that
+    would need communication if those axes were sharded."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return True
+    axes = nn.logical_to_mesh_axes(tuple(names))
+    mesh_axes = [a for x in axes if x for a in ((x,) if isinstance(x, str) else x)]
+    return all(mesh.shape[a] == 1 for a in mesh_axes)
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules):
     """Context in which model code is traced: the mesh plus the logical→mesh rules.

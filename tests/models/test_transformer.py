@@ -168,11 +168,14 @@ def test_bf16_compute_with_fp32_params():
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1
 
 
-@pytest.mark.parametrize("kw", [{}, {"scan_layers": True, "remat_policy": "save_proj"}])
-def test_cast_weights_run_gate_and_up_as_one_matmul(kw):
-    """fp32 master weights, bf16 compute: the MLP stacks gate|up in the per-step cast and runs
-    one (D, 2F) matmul. Same parameters (names, shapes, initial values) as the separate layout,
-    and the same logits and gradients as the separate kernels computing in bf16."""
+@pytest.mark.parametrize(
+    "kw", [{}, {"scan_layers": True, "remat_policy": "save_proj"}, {"qkv_bias": True}]
+)
+def test_cast_weights_run_joined_projections(kw):
+    """fp32 master weights, bf16 compute: the per-step cast writes gate|up stacked and q|k|v
+    concatenated, each one matmul ((D, 2F), (D, N + 2K, H)). Same parameters (names, shapes,
+    initial values) as the separate layout, and the same logits and gradients as separate
+    kernels computing in bf16."""
     cfg = get_variant("tiny", dtype="bfloat16", **kw)
     model, params, tokens = _init(cfg)
     _, params32, _ = _init(cfg.replace(dtype="float32"))
@@ -181,11 +184,12 @@ def test_cast_weights_run_gate_and_up_as_one_matmul(kw):
         jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params32))
     )
 
-    D, F = cfg.d_model, cfg.d_ff
+    D, F, N, K, H = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_
     jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens))(params)
     rhs = [e.invars[1].aval.shape for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
-    assert rhs.count((D, 2, F)) == (1 if cfg.scan_layers else cfg.n_layers)
-    assert (D, F) not in rhs  # no separate gate / up matmul left
+    per_model = 1 if cfg.scan_layers else cfg.n_layers
+    assert rhs.count((D, 2, F)) == rhs.count((D, N + 2 * K, H)) == per_model
+    assert not {(D, F), (D, N, H), (D, K, H)} & set(rhs)  # no separate projection left
 
     # The separate-kernel path: bf16 params, no cast, so no stacking.
     ref_model = Transformer(cfg.replace(param_dtype="bfloat16"))
