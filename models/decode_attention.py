@@ -6,8 +6,8 @@ five kernels per layer: RoPE on q, RoPE on k fused with the cache write, a score
 softmax and a values matmul, with float32 scores written to HBM and read back between them,
 and every slot of the preallocated cache read whether it holds a token yet or not. Compiled
 for the H200 (bench/gpu_aot.py), the 1.1B decode step is ~305 kernels; the lease measured a
-step ~3× the HBM bound, with most kernels far smaller than a launch's latency. So this
-kernel removes kernels and wasted bytes:
+step ~3× the HBM bound, and most of those kernels move well under a megabyte, so per-kernel
+cost rather than bandwidth is the suspect. This kernel removes kernels and wasted bytes:
 
   * one program per (batch row, kv head): it rotates the group's G query heads and the new
     key (rotate-half RoPE, in float32 as `apply_rope`, rounded as the XLA path rounds),
