@@ -91,17 +91,24 @@ def _sweep_cmd(root):
 
 @pytest.fixture(scope="module")
 def resumed_sweep(tmp_path_factory):
-    """A 2-run sweep killed (SIGKILL) as soon as its first run is done, then run again."""
+    """A 2-run sweep killed (SIGKILL) as soon as its second run has started (the first is
+    done), then run again."""
     root = str(tmp_path_factory.mktemp("sweep"))
     env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     env.pop("XLA_FLAGS", None)  # trainers run like the CLI: one CPU device
     first = subprocess.Popen(_sweep_cmd(root), env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
     done0 = os.path.join(root, NAMES[0], "DONE")
+    # Wait for the second run's trainer, not just the first run's DONE: under load the sweep
+    # can be killed between writing DONE and starting the next run.
+    running1 = os.path.join(root, NAMES[1], "RUNNING")
     deadline = time.monotonic() + 240
-    while not os.path.exists(done0) and first.poll() is None and time.monotonic() < deadline:
+    while not os.path.exists(running1) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert os.path.exists(done0), first.communicate()[0] if first.poll() is not None else "timeout"
+    assert os.path.exists(running1), (
+        first.communicate()[0] if first.poll() is not None else "timeout"
+    )
+    assert os.path.exists(done0)
     first.send_signal(signal.SIGKILL)  # its running trainer gets SIGTERM (parent-death signal)
     out1 = first.communicate()[0]
     assert not os.path.exists(os.path.join(root, NAMES[1], "DONE"))
