@@ -41,6 +41,11 @@ SHAPES = {
 # default. "bf16" params mirror the HF peer's bf16-parameter plan; "fp32" keeps fp32 masters.
 PLANS = {
     "fast": dict(dtype="bfloat16", attention_impl="cudnn", remat_policy="none"),
+    # `fast` with q|k|v and gate|up as separate matmuls (as before joining them in the cast):
+    # the A/B of models/layers.py `stacked_projection` on the device.
+    "fast_separate": dict(
+        dtype="bfloat16", attention_impl="cudnn", remat_policy="none", join_projections=False
+    ),
     "fast_scan": dict(
         dtype="bfloat16", attention_impl="cudnn", remat_policy="none", scan_layers=True
     ),

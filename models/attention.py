@@ -23,7 +23,7 @@ import numpy as np
 
 from flaxlm.models import decode_attention as decode_kernel
 from flaxlm.models.config import ModelConfig
-from flaxlm.models.layers import Proj, ProjWeights, casts_weights, stacked_projection
+from flaxlm.models.layers import Proj, ProjWeights, joins_projections, stacked_projection
 from flaxlm.models.sharding import logical_axes_unsplit
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class Attention(nn.Module):
                 remat_name="qkv",
             )(x_BTD)
             q, k, v = jnp.split(qkv, [N, N + K], axis=2)
-        elif casts_weights(cfg) and logical_axes_unsplit("q_heads", "kv_heads"):
+        elif joins_projections(cfg) and logical_axes_unsplit("q_heads", "kv_heads"):
             # The per-step cast writes q|k|v joined: one matmul each way (layers.MLP says why);
             # not with heads split over devices, where joining them would move data.
             weights = [

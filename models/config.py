@@ -43,6 +43,9 @@ class ModelConfig:
     dtype: str = "float32"  # activation / matmul dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # parameter storage dtype (float32 master weights by default)
     attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention on NVIDIA GPUs)
+    # q|k|v and gate|up as one matmul each, joined in the per-step weight cast, when weights
+    # are stored in another dtype than the compute dtype (layers.stacked_projection)
+    join_projections: bool = True
     remat_policy: str = "none"  # none | full | dots | dots_no_batch | save_proj (see transformer)
     scan_layers: bool = False  # nn.scan over blocks: compile time O(1) in depth
     init_std: float = 0.02  # std of the normal initialiser of every weight matrix

@@ -53,11 +53,12 @@ class ProjWeights(nn.Module):
         return kernel, _bias_param(self, self.shape[-out:], self.axes[-out:], cfg).astype(dt)
 
 
-def casts_weights(cfg: ModelConfig) -> bool:
-    """Whether every step casts the stored weights to the compute dtype (fp32 master weights,
-    bf16 math). Then joining several projections' weights into one costs nothing extra: the
-    cast writes a copy anyway, and writes it joined (`stacked_projection`)."""
-    return cfg.weight_dtype != cfg.compute_dtype
+def joins_projections(cfg: ModelConfig) -> bool:
+    """Whether projections of one input run as one matmul (`stacked_projection`): when every
+    step casts the stored weights to the compute dtype anyway (fp32 master weights, bf16
+    math), the cast writes them joined at no extra cost. `cfg.join_projections=False` keeps
+    them apart (to measure the difference)."""
+    return cfg.join_projections and cfg.weight_dtype != cfg.compute_dtype
 
 
 def stacked_projection(x, weights, axis: int, names, remat_name: str):
@@ -171,7 +172,7 @@ class MLP(nn.Module):
             gate_up = Proj((cfg.d_model, 2, cfg.d_ff), ("embed", None, "mlp"), cfg, name="gate_up")
             h2 = checkpoint_name(gate_up(x), "mlp_in")  # (..., 2, F)
             gate, up = h2[..., 0, :], h2[..., 1, :]
-        elif casts_weights(cfg):
+        elif joins_projections(cfg):
             weights = [ProjWeights(shape, axes, cfg, name=n)() for n in ("gate", "up")]
             h2 = stacked_projection(x, weights, 1, (None, "mlp"), "mlp_in")  # (..., 2, F)
             gate, up = h2[..., 0, :], h2[..., 1, :]

@@ -190,6 +190,10 @@ def test_cast_weights_run_joined_projections(kw):
     per_model = 1 if cfg.scan_layers else cfg.n_layers
     assert rhs.count((D, 2, F)) == rhs.count((D, N + 2 * K, H)) == per_model
     assert not {(D, F), (D, N, H), (D, K, H)} & set(rhs)  # no separate projection left
+    apart = Transformer(cfg.replace(join_projections=False))  # the switch keeps them separate
+    jaxpr = jax.make_jaxpr(lambda p: apart.apply({"params": p}, tokens))(params)
+    rhs = {e.invars[1].aval.shape for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"}
+    assert {(D, F), (D, N, H), (D, K, H)} <= rhs and (D, 2, F) not in rhs
 
     # The separate-kernel path: bf16 params, no cast, so no stacking.
     ref_model = Transformer(cfg.replace(param_dtype="bfloat16"))
