@@ -156,9 +156,11 @@ class MLP(nn.Module):
     weight, so gate and up are still one matmul, and the backward is one matmul for the input
     gradient (contracting 2F), one for the weights' and one elementwise pass for the
     activation's gradient, where separate kernels cost two, two and two. Compiled for the H200
-    (bench/gpu_aot.py), the 1.1B step lost 88 kernels and 7.6 GiB of memory traffic. Without a
-    cast (bf16 params; decoding) stacking would be an extra copy, so the kernels stay apart
-    there (XLA's dot merger joins the forward matmuls itself when it pays).
+    (bench/gpu_aot.py), this took the 1.1B step from 1930 to 1819 kernels, and joining q|k|v
+    the same way (models/attention.py) to 1643, with 30 GiB less memory traffic per step
+    (bench/RESULTS.md). Without a cast (bf16 params; decoding) stacking would be an extra copy,
+    so the kernels stay apart there (XLA's dot merger joins the forward matmuls itself when it
+    pays); `join_projections=False` keeps them apart always.
     """
 
     cfg: ModelConfig
