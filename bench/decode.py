@@ -108,30 +108,6 @@ def _finish(rec: dict, dims: dict, times: list, prefill: list, batch, prompt, ne
 # flaxlm
 
 
-def profile_call(fn) -> dict:
-    """Traces one call of `fn` (already compiled and warm) and summarises the trace: the
-    record's "profile" and "profile_wall_us". The Python tracer stays off: it would add its
-    own cost to every Python call and flood the host plane."""
-    import tempfile
-
-    import jax
-
-    from flaxlm.bench.trace_summary import summarize_trace
-
-    opts = jax.profiler.ProfileOptions()
-    opts.python_tracer_level = 0
-    prefix = "/host:CPU" if jax.default_backend() == "cpu" else "/device:"
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            with jax.profiler.trace(d, profiler_options=opts):
-                t0 = time.perf_counter()
-                fn()
-                wall = time.perf_counter() - t0
-            return {"profile_wall_us": wall * 1e6, "profile": summarize_trace(d, prefix)}
-    except Exception as e:  # the timings already taken stand without a profile
-        return {"profile": {"error": f"{type(e).__name__}: {e}"}}
-
-
 def flax_case(shape: str, batch: int, options: dict | None = None) -> tuple:
     """(ModelConfig, rng -> params, prompts, `generate` keywords) of a flaxlm case: B random
     prompts of the shape's length, sampled at temperature 1 for the shape's new tokens (no
@@ -160,6 +136,7 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
     import numpy as np
 
     from flaxlm.bench.hlo_text import loop_body_ops
+    from flaxlm.bench.trace_summary import profile_call
     from flaxlm.models.decode import compiled_generate_text, generate
 
     cfg, init, tokens, kw = flax_case(shape, batch, options)

@@ -94,7 +94,7 @@ def parse_case(case: str) -> tuple[str, str, list[str], dict]:
             raise SystemExit(f"case {case!r}: want train:SHAPE:flax[:PLAN[:FLAGS]], SHAPE one "
                              f"of {sorted(train_throughput.SHAPES)}")  # fmt: skip
         own, extra = ":".join(parts[:3]), parts[3:]
-        allowed = ()
+        allowed = ("profile",)  # a run option: nothing to compile differently
     elif bench == "decode":
         if (len(parts) < 3 or parts[0] not in decode.SHAPES or parts[1] != "flax"
                 or not parts[2].startswith("b") or not parts[2][1:].isdigit()):  # fmt: skip

@@ -27,7 +27,8 @@ PY = sys.executable
 # decode cases: bench/decode.py; alignment: bench/alignment_throughput.py.
 GPU_CASES = [
     # Measured once (bench/RESULTS.md); rerun first so every ratio below is within one run.
-    ("train 1b flaxlm", 90, ["train_throughput", "--cases", "1b:flax"]),
+    # ":profile": one more step traced after the timed ones — where the step's time goes.
+    ("train 1b flaxlm", 90, ["train_throughput", "--cases", "1b:flax:fast:profile"]),
     # The decode goal (50% of the HBM bound at batch 64). ":profile" adds, after the timed
     # calls, a kernel-time summary of one traced call: the step is one CUDA graph already
     # (bench/gpu_aot.py), so the profile says whether the gap to the bound is idle time

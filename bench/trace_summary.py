@@ -141,3 +141,26 @@ def summarize_trace(logdir_or_xplane_path: str, plane_prefix: str = "/device:", 
     if not planes:
         out["note"] = f"no plane starts with {plane_prefix!r}; the trace has {names}"
     return out
+
+
+def profile_call(fn) -> dict:
+    """Traces one call of `fn` (already compiled and warm) and summarises the trace: the
+    record's "profile" and "profile_wall_us". The Python tracer stays off: it would add its
+    own cost to every Python call and flood the host plane."""
+    import tempfile
+    import time
+
+    import jax
+
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0
+    prefix = "/host:CPU" if jax.default_backend() == "cpu" else "/device:"
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, profiler_options=opts):
+                t0 = time.perf_counter()
+                fn()
+                wall = time.perf_counter() - t0
+            return {"profile_wall_us": wall * 1e6, "profile": summarize_trace(d, prefix)}
+    except Exception as e:  # the timings already taken stand without a profile
+        return {"profile": {"error": f"{type(e).__name__}: {e}"}}

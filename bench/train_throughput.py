@@ -7,7 +7,9 @@ Each case runs in its own subprocess (so every case starts with an empty acceler
 crash or OOM costs only that case) and appends one JSON record to OUT/train_throughput.jsonl;
 the driver then writes OUT/train_throughput.md with the table and the flaxlm/peer ratios.
 
-Cases are "SHAPE:IMPL[:PLAN[:FLAGS]]" (FLAGS: a key of driver.XLA_FLAG_SETS, flax only):
+Cases are "SHAPE:IMPL[:PLAN[:FLAGS|profile]]" (FLAGS: a key of driver.XLA_FLAG_SETS; flax
+only; "profile": after the timed steps one more step is traced and summarised into the
+record's "profile", as bench/decode.py does — where a step's GPU time goes):
   SHAPE  125m | 1b (TinyLlama-1.1B) | 7b (Llama-2-7B) | tiny (CPU smoke)
   IMPL   flax | hf-eager | hf-compile
   PLAN   flax: a named memory/speed plan from PLANS (default: the shape's first plan);
@@ -156,7 +158,7 @@ def flax_train_program(case: str, devices) -> dict:
                 init_params=init_params, tx=tx, shardings=shardings, step=step)  # fmt: skip
 
 
-def run_flax(case: str, steps: int, warmup: int) -> dict:
+def run_flax(case: str, steps: int, warmup: int, profile: bool = False) -> dict:
     import jax
     import numpy as np
 
@@ -188,20 +190,17 @@ def run_flax(case: str, steps: int, warmup: int) -> dict:
         dt = time.perf_counter() - t0
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
-    return _record(
-        case,
-        batch * seq,
-        dt,
-        steps,
-        peak / 2**30 if peak else None,
-        {
-            "impl": "flaxlm",
-            "plan": plan,
-            "loss": float(m["loss"]),
-            "warmup_s": t_compile,
-            "jax": jax.__version__,
-        },
-    )
+    extra = {"impl": "flaxlm", "plan": plan, "loss": float(m["loss"]), "warmup_s": t_compile,
+             "jax": jax.__version__}  # fmt: skip
+    if profile:  # after the timing and the memory reading, so neither sees the profiler
+        from flaxlm.bench.trace_summary import profile_call
+
+        def one_step():
+            with use_mesh(mesh, rules):
+                jax.block_until_ready(step(state, b))
+
+        extra.update(profile_call(one_step))
+    return _record(case, batch * seq, dt, steps, peak / 2**30 if peak else None, extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +285,9 @@ def run_hf(case: str, steps: int, warmup: int) -> dict:
 
 def run_case(case: str, steps: int, warmup: int) -> dict:
     impl = case.split(":")[1]
-    return run_flax(case, steps, warmup) if impl == "flax" else run_hf(case, steps, warmup)
+    if impl != "flax":
+        return run_hf(case, steps, warmup)
+    return run_flax(case, steps, warmup, profile="profile" in case.split(":")[3:])
 
 
 def _peer(records, shape: str, impl: str, remat: bool):
@@ -368,7 +369,7 @@ def main(argv=None):
         extra = case.split(":")[3:]
         if extra and case.split(":")[1] != "flax":
             raise SystemExit(f"case {case!r}: XLA flag sets are for flax cases only")
-        env = driver.case_env(case, extra)  # names from driver.XLA_FLAG_SETS
+        env = driver.case_env(case, extra, allowed=("profile",))  # + driver.XLA_FLAG_SETS
         driver.run_case(cmd, case, path, a.timeout, env)
     md = table(driver.latest_records(path))
     driver.write_table(a.out, "train_throughput.md", md)

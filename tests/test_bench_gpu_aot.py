@@ -201,7 +201,7 @@ def test_case_names():
             gpu_aot.parse_case(bad)
     # The default cases are the GPU suite's flax train/decode cases, every one a valid name.
     suite = gpu_aot.suite_cases()
-    assert "train:1b:flax" in suite and "decode:1b:flax:b1" in suite
+    assert "train:1b:flax:fast:profile" in suite and "decode:1b:flax:b1" in suite
     assert not [c for c in suite if ":hf" in c]
     for case in suite:
         gpu_aot.parse_case(case)

@@ -14,7 +14,7 @@ from flaxlm.bench import decode, driver, train_throughput
 
 
 def test_train_throughput_driver(tmp_path):
-    cases = ["tiny:flax", "tiny:flax:cpu:no_triton_gemm"]
+    cases = ["tiny:flax", "tiny:flax:cpu:no_triton_gemm", "tiny:flax:cpu:profile"]
     argv = ["--out", str(tmp_path), "--cases", ",".join(cases), "--steps", "2", "--warmup", "1"]
     train_throughput.main(argv)
     lines = (tmp_path / "train_throughput.jsonl").read_text().splitlines()
@@ -25,6 +25,10 @@ def test_train_throughput_driver(tmp_path):
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["mfu_causal"] < r["mfu"]
         assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["batch"] * r["seq_len"])
         assert r["plan"] == "cpu" and r["loss"] > 0
+    # ":profile" traces one more step after the timed ones (the CPU plane here).
+    lines = recs["tiny:flax:cpu:profile"]["profile"]["planes"]["/host:CPU"]["lines"]
+    assert any(ln["events"] > 0 and ln["busy_us"] > 0 for ln in lines)
+    assert all("profile" not in recs[c] for c in cases[:2])
     md = (tmp_path / "train_throughput.md").read_text()
     assert all(f"| {c} |" in md for c in cases)
 
