@@ -65,17 +65,20 @@ def test_same_training_on_one_device_and_on_a_2x2x2_mesh():
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
-def test_bf16_compute_trains_alike_on_one_device_and_with_split_heads():
-    """bf16 compute, fp32 masters: one device joins q|k|v (and gate|up) in the weight cast;
-    with heads split over `tensor` q|k|v stay separate (joining would move data) — the same
-    training either way, up to bf16 rounding."""
+@pytest.mark.parametrize("mesh_shape,preset", [
+    ({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp"),  # heads split: q|k|v stay separate
+    ({"data": 2, "fsdp": 4}, "fsdp"),  # joined weights with their embed axis sharded
+])  # fmt: skip
+def test_bf16_compute_trains_alike_on_one_device_and_on_a_mesh(mesh_shape, preset):
+    """bf16 compute, fp32 masters: the weight cast joins q|k|v and gate|up (not q|k|v where
+    heads are split over `tensor`: joining would move data) — the same training on one
+    device and on a mesh, up to bf16 rounding."""
     one_loss, one_params = _train({"data": 1}, "dp", devices=jax.devices()[:1], dtype="bfloat16")
-    mesh_loss, mesh_params = _train({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp",
-                                    dtype="bfloat16")  # fmt: skip
+    mesh_loss, mesh_params = _train(mesh_shape, preset, dtype="bfloat16")
     np.testing.assert_allclose(mesh_loss, one_loss, rtol=2e-3)
     # Adam's normalised steps turn bf16 rounding of near-zero gradients into whole-lr moves
-    # of single weights, so compare each tensor as a whole (a plain 8-way data-parallel mesh,
-    # which joins q|k|v too, differs from one device by ~1% here: reduction order in bf16).
+    # of single weights, so compare each tensor as a whole (a plain 8-way data-parallel mesh
+    # differs from one device by ~1% here: reduction order in bf16).
     for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(mesh_params)):
         assert np.linalg.norm(a - b) < 3e-2 * np.linalg.norm(b)
 
