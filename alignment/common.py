@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import os
@@ -100,7 +101,15 @@ def resolve_tokenizer(config, meta: dict):
 
     d = config.data
     if d.tokenizer:
-        return load_tokenizer(os.path.expanduser(d.tokenizer))
+        path = os.path.expanduser(d.tokenizer)
+        src = meta.get("tokenizer", "")
+        if os.path.isfile(path) and os.path.isfile(src) and not filecmp.cmp(path, src, False):
+            log.warning(
+                "data.tokenizer=%s is not the tokenizer init_from=%s was trained with (%s): "
+                "token ids will mean other pieces than the model learnt",
+                path, config.init_from, src,
+            )  # fmt: skip
+        return load_tokenizer(path)
     if meta.get("tokenizer"):
         if not os.path.exists(meta["tokenizer"]):
             raise FileNotFoundError(
@@ -129,6 +138,28 @@ def resolve_model_config(config, meta: dict) -> ModelConfig:
     return to_model_config(config.model)
 
 
+def warn_builtin_eval(config) -> list[str]:
+    """The eval keys that still name the built-in world while `data.train` names only your own
+    files (the configs' defaults are built-in sets); logs a warning naming them."""
+
+    def builtin(spec):
+        return [p for p in (q.strip() for q in spec.split(",")) if p.startswith("builtin:")]
+
+    d = config.data
+    if not d.train.strip() or builtin(d.train) or not config.eval_every:
+        return []
+    keys = [k for k, spec in (("data.eval", d.eval),
+                              ("eval_gen.sets", config.get("eval_gen", {}).get("sets", "")))
+            if builtin(spec)]  # fmt: skip
+    if keys:
+        log.warning(
+            "data.train=%s is your own data, but %s still evaluate on the built-in demo "
+            "world; set %s to your held-out files ('' = none)",
+            d.train, " and ".join(keys), ", ".join(f"--config.{k}" for k in keys),
+        )  # fmt: skip
+    return keys
+
+
 def resolve_source(config, mesh):
     """(tokenizer, ModelConfig, ChatTemplate) of a stage started from `config.init_from` (or
     from `config.model` and `data.tokenizer` without one), after the checks every stage makes:
@@ -137,6 +168,7 @@ def resolve_source(config, mesh):
     if config.batch_size % divisor:
         raise ValueError(f"batch_size={config.batch_size} is not a multiple of data×fsdp={divisor}")
     meta = source_meta(config.init_from)
+    warn_builtin_eval(config)
     tok = resolve_tokenizer(config, meta)
     cfg = resolve_model_config(config, meta)
     tok.check_fits(cfg.vocab_size)

@@ -6,7 +6,19 @@
 arg keys: variant (a model variant: tiny | mini | small | 125m | 1b | 7b), runlocal (shrink to a
 CPU-sized run), steps (0 = the variant's default), data (text: the grain text pipeline over
 `data.sources`, or the built-in world when empty | markov: a synthetic chain with known entropy,
-no tokenizer — tests and benchmarks).
+no tokenizer — tests and benchmarks). Change the length with the `steps` arg rather than
+`--config.total_steps`: warmup and the eval/checkpoint cadences are derived from it.
+
+Your own data (token shards from `python -m flaxlm.data.preprocess`, which carry their tokenizer):
+
+    python -m flaxlm.train.main --config configs/pretrain.py:variant=tiny,steps=300 \
+        --config.data.sources=data/tokens --config.data.eval_sources=heldout/tokens \
+        --config.model.vocab_size=512 --workdir runs/pt
+
+`data.eval_sources` is required with `data.sources` (or `--config.eval_every=0`); held-out token
+shards come from preprocessing held-out raw text with `--config.tokenizer=data/tokenizer.model`.
+tiny/mini/small set `model.vocab_size` to the built-in tokenizer's (2048): set it to your
+tokenizer's vocab (a larger value trains, but leaves unused embedding rows).
 """
 
 from __future__ import annotations
@@ -38,19 +50,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if a.variant in ("125m", "1b", "7b") and not a.runlocal:
         c.model.dtype = "bfloat16"  # bf16 compute, fp32 master weights
     c.opt.lr = lr
-    c.opt.warmup_steps = max(steps // 20, 1) if a.runlocal else min(2000, steps // 20)
+    # From total_steps, so the `steps` arg moves warmup too (a short run is not all warmup).
+    total = c.total_steps
+    c.opt.warmup_steps = max(total // 20, 1) if a.runlocal else min(2000, total // 20)
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient (1e-4 stabilises bf16 runs)
     c.loss.chunk_tokens = 0  # > 0: CE over chunks of this many positions (no full logits)
     c.data = data_config()  # text pipeline keys (data/pipeline.py documents each)
     c.data.kind = a.data  # text | markov
     c.data.markov_branching = 4  # markov: successors per token of the synthetic chain
-    c.data.eval_sources = ""  # held-out text for eval loss ("" = the built-in world's held-out)
+    # Held-out text for the eval loss: jsonl/parquet/text or token shards. "" = the built-in
+    # world's held-out text, which is refused when data.sources is set (or set eval_every=0).
+    c.data.eval_sources = ""
     c.data.eval_batches = 4  # held-out batches per evaluation
     if a.data == "text" and a.variant in ("tiny", "mini", "small"):
         c.model.vocab_size = c.data.builtin_vocab_size  # the built-in tokenizer's vocab
     c.eval_every = max(c.total_steps // 4, 1) if a.runlocal else 1000
-    c.ckpt_every = c.total_steps // 2 if a.runlocal else 1000
+    c.ckpt_every = max(c.total_steps // 2, 1) if a.runlocal else 1000  # 0 would save nothing
     c.log_every = 10
     c.lock()
     return c

@@ -7,6 +7,13 @@
 arg keys: variant (architecture of a fresh model when init_from is empty; otherwise the
 checkpoint's own architecture is used), runlocal (a CPU-sized run), steps (0 = default),
 lora (adapter rank; 0 = full fine-tuning).
+
+Data: `data.train`, `data.eval` and `eval_gen.sets` default to the built-in demo world's splits;
+for your own chats set all three (jsonl/parquet records of data/formats.py: `messages`, or
+`prompt` + `completion`; `eval_gen.sets=""` skips generation eval):
+
+    --config.data.train=chat.jsonl --config.data.eval=heldout.jsonl \
+        --config.eval_gen.sets=heldout.jsonl
 """
 
 from __future__ import annotations

@@ -352,9 +352,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", help="python file whose get_config() returns the settings")
     ap.add_argument("--num_shards", type=int, default=8)
     args, rest = ap.parse_known_args(argv)
-    import runpy
-
-    cfg = runpy.run_path(args.config)["get_config"]() if args.config else P.preprocess_config()
+    cfg = P.load_config_file(args.config) if args.config else P.preprocess_config()
     ours = [a for a in rest if a.startswith("--config.")]
     P.apply_overrides(cfg, ours)
     beam_args = [a for a in rest if not a.startswith("--config.")]

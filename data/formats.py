@@ -40,6 +40,7 @@ Records come from jsonl or parquet (`read_records`), with configurable field nam
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import ml_collections
@@ -206,9 +207,13 @@ def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], f
             raise FormatError("no_assistant_turn", f"{key} does not end with an assistant turn")
     if not prompt:
         raise FormatError("missing_field", f"no prompt field {fields.prompt!r}")
+    if sides[0] == sides[1]:  # no preference to learn: the pair only dilutes the loss
+        raise FormatError("identical_pair", f"{fields.chosen} and {fields.rejected} are the same")
     margin = obj.get(fields.margin, 0.0)
     if margin is None or isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise FormatError("bad_margin", f"{fields.margin}={margin!r} is not a number")
+    if not math.isfinite(margin):  # json.loads reads NaN / Infinity
+        raise FormatError("bad_margin", f"{fields.margin}={margin!r} is not finite")
     return prompt, sides[0], sides[1], float(margin)
 
 

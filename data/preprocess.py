@@ -64,6 +64,14 @@ def preprocess_config() -> ml_collections.ConfigDict:
     return c
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a python config file; a file without one is an error naming it."""
+    get = runpy.run_path(path).get("get_config")
+    if not callable(get):
+        raise SystemExit(f"--config {path}: defines no get_config()")
+    return get()
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> None:
     """``--config.a.b=v`` → ``cfg.a.b = v`` typed like the default; unknown keys are errors."""
     for ov in overrides:
@@ -82,10 +90,17 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
         if isinstance(old, str):
             val = raw
         elif isinstance(old, bool):
+            if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise SystemExit(f"config key {key!r}: expected a boolean, got {raw!r}")
             val = raw.lower() in ("1", "true", "yes")
         else:
-            val = ast.literal_eval(raw)
-            val = type(old)(val) if isinstance(old, (int, float, tuple)) else val
+            try:
+                val = ast.literal_eval(raw)
+                val = type(old)(val) if isinstance(old, (int, float, tuple)) else val
+            except (ValueError, TypeError, SyntaxError):
+                raise SystemExit(
+                    f"config key {key!r}: cannot read {raw!r} as {type(old).__name__}"
+                ) from None
         node[leaf] = val
 
 
@@ -97,6 +112,12 @@ class ShardWriter:
 
         self._cls, self.dir, self.per_shard = ArrayRecordWriter, out_dir, per_shard
         os.makedirs(out_dir, exist_ok=True)
+        stale = sorted(f for f in os.listdir(out_dir) if f.endswith(".arrayrecord"))
+        if stale:  # new shards would mix with (or overwrite only some of) an earlier run's
+            raise S.DataError(
+                f"{out_dir} already holds {len(stale)} shard(s) ({stale[0]}, ...) from an "
+                "earlier (possibly interrupted) run; remove them first (preprocess: --overwrite)"
+            )
         with open(os.path.join(out_dir, S.META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
         self.paths: list[str] = []
@@ -321,15 +342,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", help="python file whose get_config() returns the settings")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args, rest = ap.parse_known_args(argv)
-    cfg = runpy.run_path(args.config)["get_config"]() if args.config else preprocess_config()
+    cfg = load_config_file(args.config) if args.config else preprocess_config()
     apply_overrides(cfg, rest)
-    if os.path.exists(os.path.join(args.output, "report.json")):
+    subs = [os.path.join(args.output, s) for s in ("text", "tokens")]
+    if os.path.exists(os.path.join(args.output, "report.json")) or any(map(os.path.isdir, subs)):
         if not args.overwrite:
             raise SystemExit(f"{args.output} already holds a preprocess run (use --overwrite)")
-        for sub in ("text", "tokens"):
-            shutil.rmtree(os.path.join(args.output, sub), ignore_errors=True)
+        for sub in subs:  # never delete what this run is about to read
+            for p in S.expand_paths(args.input):
+                if os.path.realpath(p).startswith(os.path.realpath(sub) + os.sep):
+                    raise SystemExit(f"--overwrite would delete input {p}; write elsewhere")
+        for sub in subs:
+            shutil.rmtree(sub, ignore_errors=True)
     report = run(args.input, args.output, cfg)
     sys.stdout.write(format_report(report))
+    if report["documents_out"] == 0:  # an empty corpus is never what was meant: fail loudly
+        raise SystemExit(
+            f"{args.output}: none of the {report['documents_in']} documents read from "
+            f"{args.input} survived (why: {args.output}/report.md)"
+        )
     return report
 
 

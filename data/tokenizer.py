@@ -28,7 +28,10 @@ class Tokenizer:
     def __init__(self, model_proto: bytes, name: str = "<memory>"):
         self.proto = model_proto
         self.name = name
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:  # sentencepiece's "INTERNAL: ... ParseFromArray" names nothing
+            raise ValueError(f"{name}: not a SentencePiece model ({e})") from None
         self.sha256 = hashlib.sha256(model_proto).hexdigest()
 
     @classmethod
@@ -105,11 +108,18 @@ class Tokenizer:
             return []
         return self.sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
 
+    def _piece_ids(self, ids) -> list[int]:
+        """Ids as ints; ids past the pieces become ``unk_id`` (decoded " ⁇ "): a model whose
+        vocab_size exceeds the tokenizer's (padded embedding) can sample them, and
+        SentencePiece would raise "piece id is out of range" for the whole text."""
+        n, unk = self.vocab_size, self.unk_id
+        return [i if 0 <= i < n else unk for i in (int(i) for i in np.asarray(ids).ravel())]
+
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in np.asarray(ids).ravel()])
+        return self.sp.decode(self._piece_ids(ids))
 
     def decode_batch(self, batch) -> list[str]:
-        return self.sp.decode([[int(i) for i in np.asarray(r).ravel()] for r in batch])
+        return self.sp.decode([self._piece_ids(r) for r in batch])
 
 
 def train(

@@ -115,6 +115,9 @@ class TaskSpec:
             unknown = sorted(set(fmap) - known)
             if unknown:
                 raise ValueError(f"{where}: {name} has unknown field(s) {unknown}; known {known}")
+            bad = {k: v for k, v in fmap.items() if not isinstance(v, str)}
+            if bad:
+                raise ValueError(f"{where}: {name} key paths must be strings, got {bad}")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
@@ -136,6 +139,8 @@ class TaskSpec:
     @classmethod
     def from_dict(cls, d: dict, base_dir: str = "", where: str = "spec") -> TaskSpec:
         """A spec from JSON: unknown keys are errors; relative file paths join `base_dir`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: a spec must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -143,11 +148,32 @@ class TaskSpec:
         missing = [k for k in ("name", "type", "file") if k not in d]
         if missing:
             raise ValueError(f"{where}: spec is missing {missing}")
+        for f in dataclasses.fields(cls):  # JSON values of the wrong type fail here, by key
+            if f.name in d and not _type_ok(d[f.name], _default(f)):
+                kind = type(_default(f)).__name__
+                raise ValueError(f"{where}: {f.name}={d[f.name]!r} must be of type {kind}")
         d = dict(d)
         for key in ("file", "fewshot_file"):
             if d.get(key) and base_dir and not os.path.isabs(d[key]):
                 d[key] = os.path.join(base_dir, d[key])
         return cls(**d)
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else ""
+
+
+def _type_ok(value, like) -> bool:
+    """Whether a JSON value can stand for a spec field whose default is `like`."""
+    if isinstance(like, bool):
+        return isinstance(value, bool)
+    if isinstance(like, (int, float)) and not isinstance(value, bool):
+        return isinstance(value, int) or (isinstance(like, float) and isinstance(value, float))
+    if isinstance(like, tuple):
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    return isinstance(value, type(like))
 
 
 @dataclasses.dataclass
@@ -245,15 +271,17 @@ def read_examples(
     if not os.path.exists(path):
         raise TaskFileError(f"{path}: no such file (task {spec.name!r})")
     out: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(out) >= limit:
                 break
-            if not line.strip():
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise TaskFileError(f"{where}: invalid UTF-8 (task {spec.name!r}): {e}") from None
             except json.JSONDecodeError as e:
                 raise TaskFileError(f"{where}: invalid JSON (task {spec.name!r}): {e}") from None
             if not isinstance(row, dict):
@@ -315,6 +343,8 @@ def world_tasks(world_dir: str) -> dict[str, TaskSpec]:
             manifest = json.load(f)
     except FileNotFoundError:
         raise TaskFileError(f"{path}: no world manifest (is --world a world directory?)") from None
+    except json.JSONDecodeError as e:
+        raise TaskFileError(f"{path}:{e.lineno}: invalid JSON manifest: {e.msg}") from None
     specs = {}
     for name, info in manifest.get("eval_tasks", {}).items():
         kw: dict = {}

@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import time
 
 from flaxlm.configs.common import override
@@ -97,6 +98,8 @@ class Demo:
             + " ".join(f"--config.{k}={v}" for k, v in overrides.items())
         )
         if not os.path.exists(os.path.join(out, "report.json")):
+            for sub in ("text", "tokens"):  # an interrupted run's shards: never mixed in
+                shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
             cfg = override(preprocess_world.get_config(), overrides)
             preprocess.run([os.path.join(world, "pretrain.jsonl")], out, cfg)
         with open(os.path.join(out, "report.json")) as f:

@@ -41,7 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.models.config import ModelConfig
-from flaxlm.models.hf_tokenizer import HFError, HFTokenizer, copy_tokenizer, load_tokenizer
+from flaxlm.models.hf_tokenizer import (
+    HFError,
+    HFTokenizer,
+    copy_tokenizer,
+    load_tokenizer,
+    sentencepiece_hf_files,
+)
 from flaxlm.models.transformer import Transformer, unstack_layers
 
 __all__ = ["HFError", "HFTokenizer", "load_tokenizer", "load_config", "load_pretrained",
@@ -215,8 +221,7 @@ def load_config(path: str) -> ModelConfig:
     where = os.path.join(path, "config.json")
     if not os.path.exists(where):
         raise HFError(f"{path}: no config.json (not an HF checkpoint directory)")
-    with open(where) as f:
-        return config_from_hf(json.load(f), where)
+    return config_from_hf(load_hf_json(path), where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,8 +283,7 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
 def _shard_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = load_hf_json(path, "model.safetensors.index.json").get("weight_map")
         if not weight_map:
             raise HFError(f"{index}: no 'weight_map'")
         return sorted(set(weight_map.values()))
@@ -337,20 +341,24 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
         full = os.path.join(path, fname)
         if not os.path.exists(full):
             raise HFError(f"{path}: shard {fname} listed in the index is missing")
-        with safe_open(full, framework="numpy") as f:
+        try:  # safetensors' own errors ("incomplete metadata", ...) name no file
+            handle = safe_open(full, framework="numpy")
+        except Exception as e:
+            raise HFError(f"{full}: cannot read safetensors: {type(e).__name__}: {e}") from e
+        with handle as f:
             for name in f.keys():
                 if name in seen:
                     raise HFError(f"{full}: tensor {name} appears in two shards")
                 if name not in plan:
                     if name.endswith("o_proj.bias") and cfg.qkv_bias:
-                        if np.any(f.get_tensor(name) != 0):  # Llama attention_bias
+                        if np.any(_tensor(f, name, full) != 0):  # Llama attention_bias
                             raise HFError(f"{full}: {name} is nonzero; o_proj bias unsupported")
                         continue
                     if _ignorable(name, cfg):
                         continue
                     raise HFError(f"{full}: unexpected tensor {name} for {cfg_summary(cfg)}")
                 ours, shape, to_ours, _ = plan[name]
-                w = f.get_tensor(name)
+                w = _tensor(f, name, full)
                 if tuple(w.shape) != shape:
                     raise HFError(
                         f"{full}: tensor {name} has shape {tuple(w.shape)}, expected {shape} "
@@ -367,6 +375,13 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
     return cfg, params
 
 
+def _tensor(f, name: str, full: str) -> np.ndarray:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:  # a truncated or corrupt file
+        raise HFError(f"{full}: cannot read tensor {name}: {type(e).__name__}: {e}") from e
+
+
 def cfg_summary(cfg: ModelConfig) -> str:
     return (f"L={cfg.n_layers} D={cfg.d_model} N={cfg.n_heads} K={cfg.n_kv_heads} "
             f"qkv_bias={cfg.qkv_bias} tied={cfg.tie_embeddings}")  # fmt: skip
@@ -378,12 +393,14 @@ def _safe_dtype(x: np.ndarray, dtype) -> np.ndarray:
 
 def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
                     dtype=None, max_shard_bytes: int = 4 << 30, tokenizer: str | None = None,
-                    overwrite: bool = False, extra_config: dict | None = None) -> None:  # fmt: skip
+                    overwrite: bool = False, extra_config: dict | None = None,
+                    extra_files: dict[str, dict] | None = None) -> None:  # fmt: skip
     """Writes `params` as an HF `arch` checkpoint (config.json + safetensors) at `path`.
 
     Writes into a temporary sibling directory and renames it into place, so `path` is either
     absent/old or complete. Shards above `max_shard_bytes` with an index, as HF does.
-    `tokenizer`: a tokenizer file or directory whose tokenizer files are copied along.
+    `tokenizer`: a tokenizer file or directory whose tokenizer files are copied along;
+    `extra_files`: JSON files (name → object) written last, e.g. a tokenizer_config.json.
     """
     from safetensors.numpy import save_file
 
@@ -436,6 +453,14 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
             json.dump(config, f, indent=2, sort_keys=True)
         if tokenizer:
             copy_tokenizer(tokenizer, tmp)
+        for name, obj in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2, ensure_ascii=False)
+        # safetensors writes its files 0600: give every file config.json's mode (the umask's),
+        # so a shared or served export is readable like the directory (0755).
+        mode = os.stat(os.path.join(tmp, "config.json")).st_mode & 0o777
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), mode)
         os.chmod(tmp, 0o755)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
@@ -484,6 +509,9 @@ def import_to_run(hf_dir: str, run_dir: str, dtype=None) -> str:
     `init_from` and `python -m flaxlm.generate` read; copies the tokenizer along."""
     from flaxlm.train.checkpoint import Checkpointer
 
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpts) and os.listdir(ckpts):  # the step-0 save would be skipped or hidden
+        raise HFError(f"import: {run_dir} already holds checkpoints; import into a new directory")
     cfg, params = load_pretrained(hf_dir, dtype)
     meta = {
         "model_config": cfg.to_dict(),
@@ -493,6 +521,7 @@ def import_to_run(hf_dir: str, run_dir: str, dtype=None) -> str:
     }
     for f in ("tokenizer.json", "tokenizer.model"):
         if os.path.exists(os.path.join(hf_dir, f)):
+            load_tokenizer(os.path.join(hf_dir, f), cfg.vocab_size)  # unreadable: fail now
             os.makedirs(run_dir, exist_ok=True)
             copy_tokenizer(hf_dir, run_dir)
             meta["tokenizer"] = os.path.join(os.path.abspath(run_dir), f)
@@ -510,21 +539,31 @@ def export_run(run_dir: str, hf_dir: str, arch: str | None = None, step=None, dt
 
     cfg, params, meta = load_model(run_dir, step)
     arch = arch or meta.get("hf_arch") or default_arch(cfg)
-    tok_path, extra = meta.get("tokenizer") or None, {}
+    tok_path, extra, files = meta.get("tokenizer") or None, {}, {}
     if tok_path and os.path.exists(tok_path):
         tok = load_tokenizer(tok_path, cfg.vocab_size)
         extra = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id))
                  if v >= 0}  # fmt: skip
         if tok_path.endswith(".json"):
             tok_path = os.path.dirname(tok_path)
+        else:  # flaxlm's SentencePiece model: settings (and chat template) for AutoTokenizer
+            files = sentencepiece_hf_files(tok)
     save_pretrained(cfg, params, hf_dir, arch, dtype=dtype, tokenizer=tok_path,
-                    overwrite=overwrite, extra_config=extra)  # fmt: skip
+                    overwrite=overwrite, extra_config=extra, extra_files=files)  # fmt: skip
     return hf_dir
 
 
-def load_hf_json(path: str) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+def load_hf_json(path: str, name: str = "config.json") -> dict:
+    """A JSON object file of an HF directory; malformed JSON raises HFError naming the file."""
+    where = os.path.join(path, name)
+    try:
+        with open(where) as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise HFError(f"{where}: expected a JSON object, got {type(out).__name__}")
+    return out
 
 
 def main(argv=None) -> None:

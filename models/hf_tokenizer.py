@@ -39,6 +39,61 @@ def copy_tokenizer(src: str, dst_dir: str) -> None:
         shutil.copy(f, os.path.join(dst_dir, os.path.basename(f)))
 
 
+def sentencepiece_hf_files(tok) -> dict[str, dict]:
+    """`tokenizer_config.json` and `generation_config.json` for exporting a flaxlm SentencePiece
+    tokenizer (flaxlm.data.tokenizer.Tokenizer) next to its `tokenizer.model`.
+
+    With them transformers' AutoTokenizer loads the model as a Llama tokenizer that adds BOS,
+    keeps the special and chat tokens whole, and whose `apply_chat_template` gives exactly the
+    ids of data/formats.py `render_chat` (the template writes one space after each role token:
+    a SentencePiece segment after a special token gets no "▁" of its own, and our turns encode
+    their content on its own, with one); `generate` stops at `<|end|>` as well as at EOS.
+    tests/fixtures/make_hf_fixtures.py --check verifies both against transformers live.
+    A tokenizer without the chat tokens gets no chat template (its turns use text headers that
+    a string template cannot reproduce token for token).
+    """
+    from flaxlm.data.tokenizer import CHAT_TOKENS
+
+    ids = tok.special_ids()
+    piece = tok.sp.id_to_piece
+    specials = sorted({i for i in ids.values() if i >= 0})  # pad/unk/bos/eos + chat tokens
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": False,  # a segment after a special token gets no "▁" (SentencePiece's own)
+        "add_bos_token": tok.bos_id >= 0,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": piece(i),
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for i in specials
+        },
+    }
+    for name in ("bos", "eos", "unk", "pad"):
+        if ids[name] >= 0:
+            config[f"{name}_token"] = piece(ids[name])
+    generation = {f"{k}_token_id": ids[k] for k in ("bos", "pad") if ids[k] >= 0}
+    eos = [ids["eos"]] if ids["eos"] >= 0 else []
+    if all(t in ids for t in CHAT_TOKENS):
+        bos = "{{ bos_token }}" if tok.bos_id >= 0 else ""
+        close = "{{ eos_token }}" if tok.eos_id >= 0 else ""
+        config["chat_template"] = (
+            bos + "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}<|end|>"
+            "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% else %}" + close +
+            "{% endif %}"
+        )  # fmt: skip
+        eos = [ids["<|end|>"], *eos]
+    if eos:
+        generation["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+    return {"tokenizer_config.json": config, "generation_config.json": generation}
+
+
 class HFTokenizer:
     """An HF `tokenizer.json` (via the `tokenizers` package) behind our Tokenizer's interface:
     encode(text, bos=, eos=) / decode(ids) / bos_id / eos_id / pad_id / vocab_size.
@@ -73,8 +128,11 @@ class HFTokenizer:
                      "tokenizer_config.json"):  # fmt: skip
             p = os.path.join(d, meta)
             if os.path.exists(p):
-                with open(p) as f:
-                    specials.update(json.load(f))
+                try:
+                    with open(p) as f:
+                        specials.update(json.load(f))
+                except (ValueError, TypeError) as e:  # malformed JSON, or not an object
+                    raise HFError(f"{p}: cannot read tokenizer settings: {e}") from None
                 e = specials.get("eos_token_id")
                 stops += e if isinstance(e, list) else [] if e is None else [e]
 
@@ -181,7 +239,10 @@ def load_tokenizer(path: str, vocab_size: int | None = None):
         raise HFError(f"{path}: no tokenizer.json or tokenizer.model")
     if not os.path.exists(path):
         raise HFError(f"tokenizer {path} does not exist")
-    tok = HFTokenizer.load(path) if path.endswith(".json") else Tokenizer.load(path)
+    try:
+        tok = HFTokenizer.load(path) if path.endswith(".json") else Tokenizer.load(path)
+    except ValueError as e:  # Tokenizer.load: not a SentencePiece model (names the file)
+        raise HFError(str(e)) from None
     if vocab_size is not None:
         try:
             tok.check_fits(vocab_size)

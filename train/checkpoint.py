@@ -97,19 +97,42 @@ class Checkpointer:
         self.manager.close()
 
 
+def _read_only_options():
+    # Spelled out: orbax logs a warning for each default it has to override in read-only mode.
+    return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+
+
 def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of a run's checkpoint without loading arrays (latest step by default)."""
     mgr = ocp.CheckpointManager(
         os.path.join(os.path.abspath(ckpt_dir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(read_only=True),
+        options=_read_only_options(),
         item_names=("state", "data", "meta"),
     )
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint under {ckpt_dir}/checkpoints")
-    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    mgr.close()
+    try:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read the meta of checkpoint {mgr.directory}/{step}: {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        mgr.close()
     return step, dict(meta)
+
+
+def shape_diff(expected, found) -> list[str]:
+    """How `found` differs from `expected` (parameter pytrees): missing, extra and reshaped
+    leaves, by path."""
+    flat = lambda t: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in  # noqa: E731
+                      jax.tree_util.tree_flatten_with_path(t)[0]}  # fmt: skip
+    a, b = flat(expected), flat(found)
+    out = [f"no {k}" for k in a if k not in b]
+    out += [f"extra {k}" for k in b if k not in a]
+    out += [f"{k} has shape {b[k]}, expected {a[k]}" for k in a if k in b and a[k] != b[k]]
+    return out
 
 
 def load_params(run_dir: str, target_params, step: int | None = None):
@@ -121,7 +144,7 @@ def load_params(run_dir: str, target_params, step: int | None = None):
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
     mgr = ocp.CheckpointManager(
         directory,
-        options=ocp.CheckpointManagerOptions(read_only=True),
+        options=_read_only_options(),
         item_names=("state", "data", "meta"),
     )
     step = mgr.latest_step() if step is None else step
@@ -147,7 +170,17 @@ def load_params(run_dir: str, target_params, step: int | None = None):
         ) from e
     finally:
         mgr.close()
-    return out["state"]["params"]
+    params = out["state"]["params"]
+    # partial_restore leaves target leaves the checkpoint lacks as ShapeDtypeStructs.
+    missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+               if isinstance(x, jax.ShapeDtypeStruct)]  # fmt: skip
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"init_from: checkpoint {directory}/{step} has no params {missing[:5]}{more}; it "
+            "holds a different model (or task) than the one being initialised"
+        )
+    return params
 
 
 def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None):

@@ -41,6 +41,29 @@ def model_fns(cfg):
     return init_params, apply
 
 
+def init_loader(init_params):
+    """`Task.load_init_params` for an LM: refuses (naming the parameters) an `init_from` run
+    whose model config has other parameter shapes or layers, before anything is read."""
+    from flaxlm.train import checkpoint as ckpt_lib
+    from flaxlm.train.state import unbox
+
+    def load(run_dir, target):
+        meta = ckpt_lib.read_meta(run_dir)[1]
+        if meta.get("model_config"):
+            init = model_fns(to_model_config(meta["model_config"]))[0]
+            stored = unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
+            diff = ckpt_lib.shape_diff(target, stored)
+            if diff:
+                more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
+                raise ckpt_lib.CheckpointError(
+                    f"init_from={run_dir}: its checkpoint does not fit config.model; it has "
+                    f"{'; '.join(diff[:5])}{more}"
+                )
+        return ckpt_lib.load_params(run_dir, target)
+
+    return load
+
+
 def lm_loss(apply, loss_cfg, prepare=None):
     """The next-token loss `config.loss` asks for: over full logits, or chunked over tokens
     when `loss.chunk_tokens` > 0 (train/losses.py `chunked_cross_entropy`). `apply` is
@@ -104,7 +127,23 @@ def _text_eval_batches(config, tokenizer) -> list[dict]:
         texts = []
         for pattern, _ in pipeline.parse_sources(d.eval_sources):
             src = sources.open_source(pattern, text_field=d.text_field, txt_mode=d.txt_mode)
+            meta = getattr(src, "meta", {})
+            if meta.get("format") == "tokens" and meta.get("tokenizer_sha256") != tokenizer.sha256:
+                raise sources.DataError(
+                    f"data.eval_sources {pattern}: shards were tokenized with tokenizer sha256 "
+                    f"{meta.get('tokenizer_sha256')}, but {tokenizer.name} is {tokenizer.sha256}"
+                )
             texts += [src[i] for i in range(len(src))]
+    elif d.sources:
+        # The built-in world's held-out text says nothing about a model of other data (and is
+        # scored with another tokenizer than the one it was made for): refuse, name the keys.
+        raise ValueError(
+            f"data.sources={d.sources!r} but data.eval_sources is empty: the held-out loss "
+            "would be measured on the built-in demo world's text. Set "
+            "--config.data.eval_sources=HELDOUT (jsonl/parquet/text, or token shards from "
+            "flaxlm.data.preprocess with --config.tokenizer=<the training tokenizer>) or "
+            "--config.eval_every=0"
+        )
     else:
         texts = _builtin_world_texts("heldout_text")
     tok = pipeline._Tokenize(tokenizer, d.add_bos, d.add_eos)
@@ -174,6 +213,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         eval_fn=make_eval_fn(config, mesh, loss_fn, tokenizer) if config.eval_every else None,
         flops_per_token=cfg.flops_per_token(config.seq_len),
         flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True),
+        load_init_params=init_loader(init_params),
         model_meta=meta,
     )
 

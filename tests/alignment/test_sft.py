@@ -153,3 +153,34 @@ def test_hf_checkpoint_loads_into_lm_and_lora_reward_trees():
     jax.tree.map(np.testing.assert_array_equal, backbone, {k: v for k, v in want.items()
                                                           if k != "lm_head"})  # fmt: skip
     assert params["lora"] is fresh["lora"] and params["base"]["head"] is fresh["base"]["head"]
+
+
+def test_own_data_warns_about_builtin_eval_and_a_foreign_tokenizer(tmp_path, caplog):
+    """Setting data.train to your own file left data.eval and eval_gen.sets on the built-in
+    world (the config defaults), and data.tokenizer could differ from init_from's: both ran
+    silently; both now log a warning naming the keys / files."""
+    from flaxlm.configs import sft as sft_config
+    from flaxlm.configs.common import override
+
+    c = sft_config.get_config("runlocal=True")
+    assert common.warn_builtin_eval(c) == []  # all built-in: nothing to say
+    override(c, {"data.train": "mine.jsonl"})
+    with caplog.at_level("WARNING", logger="flaxlm"):
+        assert common.warn_builtin_eval(c) == ["data.eval", "eval_gen.sets"]
+    assert "--config.data.eval, --config.eval_gen.sets" in caplog.text
+    override(c, {"data.eval": "mine_heldout.jsonl", "eval_gen.sets": ""})
+    assert common.warn_builtin_eval(c) == []
+    override(c, {"data.train": "builtin:sft_train,mine.jsonl", "data.eval": "builtin:sft_heldout"})
+    assert common.warn_builtin_eval(c) == []  # mixing in the world: its eval is meaningful
+
+    texts = [f"the {w} river flows past mill {i}" for i, w in enumerate(["old", "cold"] * 40)]
+    a, b = str(tmp_path / "a.model"), str(tmp_path / "b.model")
+    train_tokenizer(texts, 300, model_path=a)
+    train_tokenizer(texts + ["zebra quartz jumps"] * 20, 300, model_path=b)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flaxlm"):
+        override(c, {"data.tokenizer": a, "init_from": "runs/pt"})
+        common.resolve_tokenizer(c, {"tokenizer": a})  # the same file: silent
+        assert caplog.text == ""
+        common.resolve_tokenizer(c, {"tokenizer": b})
+    assert "is not the tokenizer init_from=runs/pt was trained with" in caplog.text

@@ -87,3 +87,18 @@ def test_python_override_sets_existing_keys_and_names_a_typo():
     assert c.opt.lr == 0.5  # a failed override leaves the config as it was
     with pytest.raises(AttributeError):
         c.new_key = 1  # still locked
+
+
+def test_pretrain_steps_arg_moves_warmup_and_checkpoints():
+    """`steps=` shortens the run and its warmup with it (warmup came from the variant's default
+    length: `variant=125m,steps=100` warmed up for 1000 steps, the whole run and more)."""
+    mod = _load(os.path.join(REPO, "configs", "pretrain.py"))
+    c = mod.get_config("variant=125m,steps=100")
+    assert c.total_steps == 100 and c.opt.warmup_steps == 5
+    c = mod.get_config("variant=tiny,runlocal=True,steps=20")
+    assert c.opt.warmup_steps == 1
+    assert mod.get_config("variant=tiny,runlocal=True,steps=1").ckpt_every == 1  # not 0 = never
+    c = mod.get_config("variant=125m")  # the defaults are unchanged
+    assert (c.total_steps, c.opt.warmup_steps) == (20000, 1000)
+    c = mod.get_config("variant=tiny,runlocal=True")
+    assert (c.total_steps, c.opt.warmup_steps, c.ckpt_every) == (200, 10, 100)

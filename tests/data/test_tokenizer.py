@@ -59,6 +59,20 @@ def test_check_fits(tok):
         tok.check_fits(100)
 
 
+def test_decode_ids_past_the_pieces_as_unk(tok):
+    """A model with a padded vocab (vocab_size > the tokenizer's: tiny's 2048 with a 512-piece
+    tokenizer of one's own) samples ids past the pieces; decoding them raised SentencePiece's
+    "piece id is out of range" in `python -m flaxlm.generate`, SFT's eval and the harness."""
+    ids = tok.encode("the old river")
+    assert tok.decode(ids + [tok.vocab_size + 5]) == tok.decode(ids + [tok.unk_id])
+    assert tok.decode(np.array([tok.vocab_size, *ids])).endswith("the old river")
+    assert tok.decode_batch([ids, [*ids, 10_000]]) == [
+        "the old river",
+        tok.decode([*ids, tok.unk_id]),
+    ]
+    assert tok.decode(ids) == "the old river"  # in-range ids are unchanged
+
+
 def test_load_foreign_model_without_pad(tmp_path):
     """A Llama-style model (unk=0, bos=1, eos=2, no pad) keeps its ids; pad falls back to unk."""
     prefix = str(tmp_path / "llama")

@@ -8,6 +8,7 @@ is that script's --check mode; set FLAXLM_HF_LIVE=1 with .venv-hf present to run
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,19 @@ def test_export_is_all_or_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["out"] and hf.load_config(str(tmp_path / "out")) == cfg
 
 
+def test_export_files_are_readable_like_config_json(tmp_path):
+    """safetensors writes its files 0600: an export was unreadable by anyone else (a shared
+    directory, a serving container under another user) while its directory was 0755."""
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "qwen2"))
+    out = tmp_path / "out"
+    hf.save_pretrained(cfg, params, str(out), arch="qwen2", max_shard_bytes=30_000)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)}
+    assert len([f for f in modes if f.endswith(".safetensors")]) > 1
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # as open() makes config.json
+
+
 def test_bad_checkpoints_name_the_key_or_tensor(tmp_path):
     with pytest.raises(hf.HFError, match="model_type 'gpt2'.*not supported"):
         hf.load_pretrained(_copy("llama", tmp_path, lambda c: c.update(model_type="gpt2"), "a"))
@@ -275,6 +289,63 @@ def test_cli_import_then_export(tmp_path):
     assert os.path.exists(tmp_path / "back" / "tokenizer.json")
     with pytest.raises(SystemExit, match="exists and is not empty"):
         hf.main(["export", str(tmp_path / "run"), str(tmp_path / "back")])
+
+
+def test_export_gives_transformers_flaxlm_chat_template(tmp_path):
+    """A run with flaxlm's own SentencePiece tokenizer exports tokenizer_config.json (chat
+    template, special tokens) and generation_config.json (stop tokens). The template is
+    rendered with jinja2 as transformers renders it, and the text tokenized by the rule of
+    transformers' non-legacy Llama tokenizer (split at special tokens; a later segment gets no
+    "▁" of its own); that must give render_chat's ids. make_hf_fixtures.py --check runs
+    transformers itself on the same export."""
+    import random
+
+    import jinja2
+
+    from flaxlm.data import formats, tokenizer
+    from flaxlm.models.config import get_variant
+    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.state import unbox
+
+    rng = random.Random(0)
+    words = "where does Kavo live in Brel the city of 42 yes no a".split()
+    texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(1000)]
+    tok = tokenizer.train(texts, 400, model_path=str(tmp_path / "tokenizer.model"))
+    cfg = get_variant("tiny", vocab_size=512, n_layers=1)
+    params = unbox(model_fns(cfg)[0](jax.random.PRNGKey(0)))
+    hf.save_pretrained(
+        cfg, params, str(tmp_path / "hf"), tokenizer=str(tmp_path / "tokenizer.model")
+    )
+    hf.import_to_run(str(tmp_path / "hf"), str(tmp_path / "run"))
+    hf.export_run(str(tmp_path / "run"), str(tmp_path / "out"))
+    tc = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    gc = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    template = formats.ChatTemplate(tok)
+    assert sorted(gc["eos_token_id"]) == sorted(template.stop_tokens)
+    assert tc["bos_token"] == "<s>" and tc["add_bos_token"] and tc["legacy"] is False
+    special = {v["content"]: int(k) for k, v in tc["added_tokens_decoder"].items()}
+    assert {t: special[t] for t in tokenizer.CHAT_TOKENS} == {
+        t: i for t, i in tok.special_ids().items() if t in tokenizer.CHAT_TOKENS
+    }
+    render = jinja2.Environment().from_string(tc["chat_template"]).render
+    chats = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "where  Kavo"},
+         {"role": "assistant", "content": "Brel, 42"}, {"role": "user", "content": "yes\nno"}],
+        [{"role": "user", "content": "où ☃"}, {"role": "assistant", "content": " the city"}],
+    ]  # fmt: skip
+    split = "(" + "|".join(map(re.escape, special)) + ")"
+    for chat in chats:
+        gen = chat[-1]["role"] == "user"
+        text = render(messages=chat, add_generation_prompt=gen, bos_token="<s>", eos_token="</s>")
+        ids = []
+        for i, part in enumerate(re.split(split, text)):
+            if part in special:
+                ids.append(special[part])
+            elif part:  # after a special token: its leading space is the word's "▁"
+                assert i > 0 and part.startswith(" "), part
+                ids += tok.encode(part[1:])
+        want = formats.render_chat(chat, tok, add_generation_prompt=gen)[0].tolist()
+        assert ids == want
 
 
 @pytest.mark.skipif(

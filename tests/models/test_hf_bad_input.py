@@ -1,0 +1,79 @@
+"""HF import on damaged directories: every failure names the file; an import never lands on top
+of an existing run."""
+
+import os
+import shutil
+
+import pytest
+
+from flaxlm.models import hf
+
+FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "hf")
+
+
+def _copy(tmp_path, name, family="llama3"):
+    d = tmp_path / name
+    shutil.copytree(os.path.join(FIX, family), d)
+    return str(d)
+
+
+def test_damaged_files_are_named(tmp_path):
+    d = _copy(tmp_path, "trunc")
+    st = os.path.join(d, "model.safetensors")
+    os.truncate(st, os.path.getsize(st) // 2)
+    with pytest.raises(hf.HFError, match=r"trunc/model\.safetensors: cannot read"):
+        hf.load_pretrained(d)
+    d = _copy(tmp_path, "cfg")
+    with open(os.path.join(d, "config.json"), "w") as f:
+        f.write('{"model_type": "llama",')
+    with pytest.raises(hf.HFError, match=r"cfg/config\.json: not valid JSON"):
+        hf.load_pretrained(d)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        f.write("[1, 2]")
+    with pytest.raises(hf.HFError, match=r"cfg/config\.json: expected a JSON object, got list"):
+        hf.load_config(d)
+    d = _copy(tmp_path, "index", family="llama")
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(hf.HFError, match=r"index/model\.safetensors\.index\.json: not valid"):
+        hf.load_pretrained(d)
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("tokenizer.json", '{"version": "1.0", "model": ', r"tokenizer\.json: cannot load"),
+        ("tokenizer.model", "garbage", r"tokenizer\.model: not a SentencePiece model"),
+    ],
+)
+def test_import_checks_the_tokenizer_before_writing(tmp_path, name, text, match):
+    d = _copy(tmp_path, "src")
+    with open(os.path.join(d, name), "w") as f:
+        f.write(text)
+    run = str(tmp_path / "run")
+    with pytest.raises(hf.HFError, match=match):
+        hf.import_to_run(d, run)
+    assert not os.path.exists(os.path.join(run, "checkpoints"))
+
+
+def test_tokenizer_settings_that_are_not_json_are_named(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(
+        str(d / "tokenizer.json")
+    )
+    (d / "tokenizer_config.json").write_text("{oops")
+    with pytest.raises(hf.HFError, match=r"tokenizer_config\.json: cannot read"):
+        hf.load_tokenizer(str(d))
+
+
+def test_import_refuses_a_directory_with_checkpoints(tmp_path):
+    run = str(tmp_path / "run")
+    hf.import_to_run(_copy(tmp_path, "a"), run)
+    # Used to print "imported" and keep the first model (step 0 already saved).
+    with pytest.raises(hf.HFError, match="already holds checkpoints"):
+        hf.import_to_run(_copy(tmp_path, "b", family="qwen2"), run)
+    with pytest.raises(SystemExit, match="error: import: .* already holds checkpoints"):
+        hf.main(["import", _copy(tmp_path, "c", family="qwen2"), run])
