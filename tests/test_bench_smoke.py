@@ -33,6 +33,22 @@ def test_train_throughput_driver(tmp_path):
     assert all(f"| {c} |" in md for c in cases)
 
 
+def test_train_table_pairs_each_plan_with_the_peer_of_the_same_memory_plan():
+    def rec(case, tps, impl, plan):
+        return {"case": case, "tokens_per_s": tps, "step_time_s": 1.0, "mfu": 0.5,
+                "mfu_causal": 0.4, "peak_mem_gb": 1.0, "impl": impl, "plan": plan}  # fmt: skip
+
+    md = train_throughput.table([
+        rec("7b:hf-eager:ckpt", 8000.0, "hf-eager", "ckpt"),
+        rec("7b:hf-eager", 10000.0, "hf-eager", "bf16"),
+        rec("7b:flax:bf16_params", 12000.0, "flaxlm", "bf16_params"),
+        rec("7b:flax:bf16_full_remat", 10000.0, "flaxlm", "bf16_full_remat"),
+    ])  # fmt: skip
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in md.splitlines()}
+    assert "1.20x (7b:hf-eager)" in rows["7b:flax:bf16_params"]
+    assert "1.25x (7b:hf-eager:ckpt)" in rows["7b:flax:bf16_full_remat"]
+
+
 def test_decode_driver(tmp_path):
     cases = ["tiny:flax:b4", "tiny:flax:b4:fused", "tiny:flax:b4:while8", "tiny:flax:b4:profile"]
     decode.main(["--tiny", "--out", str(tmp_path), "--cases", ",".join(cases), "--runs", "1"])
