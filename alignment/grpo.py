@@ -9,7 +9,8 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
   1. generate: `rollout.batch / grpo.group_size` prompts, each `group_size` times, in one decoder
      call with the current policy (temperature `rollout.temperature`);
   2. rewards: r_i = Σ_k w_k·f_k(meta, response) over `grpo.rewards` (see REWARDS; any callable
-     `(meta, response_text) -> float` can be registered or passed to `build_task`);
+     `(meta, response_text) -> float` can be named as "module:function" in `grpo.rewards`,
+     registered, or passed to `build_task`; `meta` is the prompt record's, configs/grpo.py);
   3. advantages per group (`group_advantages`): A_i = (r_i − mean_g r) / (std_g r + ε)
      (`scale_by_std=False`: just r_i − mean_g r, Dr. GRPO), the same for every token of i;
   4. score (one jitted call): log π_old and log π_ref per token;
@@ -63,11 +64,16 @@ from flaxlm.train.pretrain import model_fns
 
 
 def exact_match(meta: dict, response: str) -> float:
-    """1 when the response states the right answer as "The answer is X." (the world's
-    `is_correct`), else 0."""
+    """1 when the response is right, else 0: for the built-in world's prompts, when it states
+    the right answer as "The answer is X." (the world's `is_correct`); for your own prompts, when
+    it equals `meta["answer"]` (whitespace stripped) — the eval_gen accuracy's rule."""
     from flaxlm.data import synthetic
 
-    return float(synthetic.is_correct(meta, response))
+    if meta.get("task") in TASKS:
+        return float(synthetic.is_correct(meta, response))
+    if "answer" not in meta:
+        raise KeyError("exact_match needs the prompt record's meta.answer (the reference)")
+    return float(response.strip() == str(meta["answer"]).strip())
 
 
 def format_reward(meta: dict, response: str) -> float:
@@ -97,14 +103,49 @@ def register_reward(name: str, fn: Callable[[dict, str], float]) -> None:
     REWARDS[name] = fn
 
 
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def import_reward(name: str) -> Callable[[dict, str], float]:
+    """The function `fn` of "module:fn" (imported like any module: installed, on PYTHONPATH or
+    in the working directory)."""
+    import importlib
+
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"grpo.rewards: cannot load reward {name!r}: {e}") from None
+    if not callable(fn):
+        raise TypeError(f"grpo.rewards: {name!r} is not callable")
+    return fn
+
+
 def parse_rewards(spec: str) -> list[tuple[str, Callable, float]]:
-    """Parses "exact_match,format:0.1" into [(name, fn, weight), ...] (unknown name: error)."""
+    """Parses "exact_match,format:0.1,my_rewards:numeric:0.5" into [(name, fn, weight), ...]:
+    each part is a name of REWARDS or "module:function" (imported), then an optional ":weight"
+    (default 1). Unknown names and unimportable functions are errors."""
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, w = part.partition(":")
-        if name not in REWARDS:
-            raise KeyError(f"grpo.rewards: unknown reward {name!r}; known: {sorted(REWARDS)}")
-        out.append((name, REWARDS[name], float(w) if w else 1.0))
+        name, _, w = part.rpartition(":")
+        if not name or not _is_number(w):  # no weight
+            name, w = part, ""
+        if name in REWARDS:
+            fn = REWARDS[name]
+        elif ":" in name:
+            fn = import_reward(name)
+            name = name.replace(":", ".")  # metric rollout/r_module.function
+        else:
+            raise KeyError(
+                f"grpo.rewards: unknown reward {name!r}; known: {sorted(REWARDS)}, or "
+                "module:function"
+            )
+        out.append((name, fn, float(w) if w else 1.0))
     if not out:
         raise ValueError("grpo.rewards is empty")
     return out

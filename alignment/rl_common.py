@@ -33,6 +33,7 @@ import numpy as np
 
 from flaxlm.alignment import common
 from flaxlm.data import formats as F
+from flaxlm.data.synthetic_judge import TASKS
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode import generate
@@ -249,10 +250,13 @@ def reward_scorer(rm_apply):
 
 
 def question_key(prompt: dict) -> str:
-    """Prompts with equal `meta` ask the same question (the world's meta names the task, the
-    entity or word and the answer); without a meta, the prompt's ids are the question."""
-    if prompt.get("meta"):
-        return json.dumps(prompt["meta"], sort_keys=True)
+    """Prompts with equal built-in-world `meta` ask the same question (the world's meta names
+    the task, the entity or word and the answer: paraphrases share it); any other prompt is the
+    question of its ids — your own meta may hold just the reference answer, which different
+    questions share ("2 plus 5" and "3 plus 4")."""
+    meta = prompt.get("meta") or {}
+    if meta.get("task") in TASKS:
+        return json.dumps(meta, sort_keys=True)
     return " ".join(map(str, prompt["ids"].tolist()))
 
 
@@ -310,9 +314,10 @@ def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, r
 def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=None) -> dict:
     """{set name: examples {"ids", "meta", "answer"}}, the first `eval_gen.examples` of each of
     `extra` ({name: prompts}, e.g. the held-out RL prompts) and of every source in
-    `eval_gen.sets` (conversations, whose last assistant turn is the reference answer, or prompt
-    records, whose meta["answer"] is), minus examples asking a training question
-    (`question_key`; counted as "eval_dropped_trained_question")."""
+    `eval_gen.sets` (conversations — `messages`, or `prompt` + `completion` — whose last
+    assistant turn is the reference answer, or prompt records, whose meta["answer"] is), minus
+    examples asking a training question (`question_key`; counted as
+    "eval_dropped_trained_question")."""
     gen, fields = config.eval_gen, config.data.fields
     seen = {question_key(p) for p in train_prompts}
     out = {name: [{"ids": p["ids"], "meta": p["meta"], "answer": str(p["meta"].get("answer", ""))}
@@ -324,7 +329,7 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
         for obj, loc in common.records(part, config.data, report)[: gen.examples]:
             meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
             try:
-                if fields.messages in obj:
+                if fields.messages in obj or fields.completion in obj:  # a chat: its answer
                     msgs = F.sft_messages(obj, fields)
                     answer = msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else ""
                 else:
@@ -340,6 +345,13 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
                 report.bad("eval_dropped_trained_question", loc, "asked in training")
                 continue
             kept.append(ex)
+            report.used += 1
+        no_ref = sum(not ex["answer"].strip() for ex in kept)
+        if no_ref:
+            common.log.warning(
+                "eval_gen.sets %s: %d of %d examples have no reference answer (no completion "
+                "or meta.answer): their accuracy is 0", part, no_ref, len(kept),
+            )  # fmt: skip
         out[name] = kept
     return out
 

@@ -25,6 +25,12 @@ time this rollout's decoder call and its scoring (reward, reference, values, adv
 `rollout/train_s` is the wall time between the previous rollout and this one — the optimizer
 steps on its minibatches, plus any evaluation or checkpoint the loop ran in between.
 
+Resume: a checkpoint stores the prompt cursor and the rollout count, not a rollout's unused
+minibatches, so the loop saves only at rollout boundaries (`at_boundary`): a periodic save due
+inside a rollout, and a SIGTERM, wait for its last minibatch (optimizer steps, no generation).
+Every checkpoint then resumes bit for bit. A checkpoint that still holds unused minibatches
+(written otherwise) is warned about on resume: a fresh rollout starts from the next prompts.
+
 Bad input (a stated policy; each case is counted in the "rollout/..." metrics):
   * a reward function that raises, or a reward (or reward-model score) that is NaN/Inf: the
     sample gets loss weight 0 and enters no statistic ("rollout/bad_reward"); the first few
@@ -182,15 +188,27 @@ class RolloutSource:
             raise RuntimeError("RolloutSource: no rollout; the loop must call before_step first")
         return self.queue.pop(0)
 
+    def at_boundary(self) -> bool:
+        """No minibatch of the current rollout is left: a checkpoint now resumes exactly."""
+        return not self.queue
+
     def get_state(self) -> dict:
         # A resumed run starts a fresh rollout: the unused minibatches of an interrupted one
         # are not checkpointed (they are cheap to regenerate and depend on the old policy).
-        return {"cursor": self.cursor.get_state(), "iteration": self.iteration}
+        return {"cursor": self.cursor.get_state(), "iteration": self.iteration,
+                "unused_minibatches": len(self.queue)}  # fmt: skip
 
     def set_state(self, st: dict) -> None:
         self.cursor.set_state(st["cursor"])
         self.iteration = int(st["iteration"])
         self.queue = []
+        if st.get("unused_minibatches"):
+            log.warning(
+                "resuming inside rollout %d: its %d unused minibatches were not checkpointed "
+                "and are dropped; a fresh rollout starts (not bit for bit with an uninterrupted "
+                "run; see alignment/rl_rollout.py)",
+                self.iteration - 1, st["unused_minibatches"],
+            )  # fmt: skip
 
     # -- helpers ------------------------------------------------------------------------------
     def _minibatches(self, rows: dict, stats: dict) -> list[dict]:

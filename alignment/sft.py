@@ -56,8 +56,11 @@ def eval_gen_config(sets: str) -> ml_collections.ConfigDict:
 
 def score(meta: dict, response: str, reference: str) -> tuple[float, float]:
     """(exact-match correctness, judge score) of a response; the world's judge when the record
-    carries its meta, else exact match with the reference (judge = correctness)."""
-    if meta.get("task") and "answer" in meta:
+    carries its meta (a task of the world's), else exact match with the reference (judge =
+    correctness) — your own meta may name other tasks."""
+    from flaxlm.data.synthetic_judge import TASKS
+
+    if meta.get("task") in TASKS and "answer" in meta:
         from flaxlm.data import synthetic
 
         return float(synthetic.is_correct(meta, response)), float(synthetic.judge(meta, response))

@@ -5,6 +5,13 @@
 
 arg keys: variant (sizes of the run; the architecture comes from init_from), runlocal (a
 CPU-sized run), steps (0 = default), loss (dpo.loss_type), lora (adapter rank; 0 = full).
+
+Data: `data.train`, `data.eval` and `eval_gen.sets` default to the built-in demo world's; for
+your own pairs set all three (preference records as in configs/reward.py; eval_gen.sets: chats or
+prompt records with meta.answer, scored by exact match; "" skips generation eval):
+
+    --config.data.train=prefs.jsonl --config.data.eval=prefs_heldout.jsonl \
+        --config.eval_gen.sets=chat_heldout.jsonl
 """
 
 from __future__ import annotations

@@ -7,6 +7,25 @@ arg keys: variant (sizes of the run; the architecture comes from init_from), run
 CPU-sized run), steps (0 = default), group (samples per prompt). One rollout holds
 rollout.batch / group prompts × group samples and gives rollout.epochs × rollout.batch /
 batch_size optimizer steps.
+
+Your own prompts and rewards. `data.train` (and `eval_gen.sets`, held-out) are jsonl/parquet
+records {"prompt": text or messages, "meta": {"answer": "42", ...}}: `meta` is what every
+reward function sees (fields outside it are ignored), `meta.answer` the reference answer. The
+built-in `exact_match` then compares the whole response to `meta.answer` (stripped); `format`
+and `judge` are the demo world's. Your own reward is a function (meta: dict, response: str) ->
+float in any importable module (the working directory counts), named as module:function:
+
+    # my_rewards.py
+    def numeric(meta, response):
+        nums = re.findall("[0-9]+", response)
+        return float(bool(nums) and nums[-1] == meta["answer"])
+
+    --config.data.train=prompts.jsonl --config.eval_gen.sets=heldout.jsonl \
+        --config.grpo.rewards=my_rewards:numeric,exact_match:0.1
+
+It is logged as rollout/r_my_rewards.numeric; a sample whose reward raises or is NaN is skipped
+and counted (rollout/bad_reward). The held-out eval's accuracy is exact match with the
+reference (alignment/sft.py `score`), not your reward.
 """
 
 from __future__ import annotations
@@ -34,7 +53,7 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     """The `grpo` section."""
     c = ml_collections.ConfigDict()
     c.group_size = group  # samples per prompt (G)
-    c.rewards = "exact_match"  # name[:weight],... of alignment/grpo.py REWARDS (or registered)
+    c.rewards = "exact_match"  # name[:weight],...: alignment/grpo.py REWARDS or module:function
     c.scale_by_std = True  # A = (r − mean)/std per group; False: r − mean (Dr. GRPO)
     c.clip = 0.2  # ε of the clipped ratio
     c.beta = 0.04  # weight of the per-token KL (k3) to the reference

@@ -6,6 +6,12 @@
 arg keys: variant (sizes of the run; the architecture comes from the checkpoints), runlocal
 (a CPU-sized run), steps (0 = default). One rollout of `rollout.batch` responses gives
 rollout.epochs × rollout.batch / batch_size optimizer steps.
+
+Data: `data.train` (the prompts) and `eval_gen.sets` default to the built-in demo world's; for
+your own set both (records {"prompt": text or messages, "meta": {...}}, alignment/rl_common.py;
+held-out: chats or prompts with meta.answer, scored by exact match; "" = no generation eval):
+
+    --config.data.train=prompts.jsonl --config.eval_gen.sets=chat_heldout.jsonl
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@
 arg keys: variant (architecture of a fresh model when init_from is empty; otherwise the
 checkpoint's own), runlocal (a CPU-sized run), steps (0 = default), lora (adapter rank; 0 = full
 fine-tuning; the scalar head always trains).
+
+Data: `data.train` and `data.eval` default to the built-in demo world's pairs; for your own set
+both (jsonl/parquet records of data/formats.py: `prompt` + `chosen` + `rejected`, optional
+numeric `margin`; `data.eval=""` skips the held-out eval, whose accuracy is on data.eval):
+
+    --config.data.train=prefs.jsonl --config.data.eval=prefs_heldout.jsonl
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ lr = LR_BASE · (64 / d)^LR_EXPONENT, warmup = 10% of the steps, held-out eval a
 checkpoint at the last step, one more checkpoint halfway (interrupted runs resume from it).
 
 arg keys: width (d_model), steps (optimizer steps), predict (the big model), runlocal (a few
-steps only: smoke tests), heldout (a jsonl of held-out documents; "" = the built-in 100).
+steps only: smoke tests; the sweep's budgets become `RUNLOCAL_STEPS`), heldout (a jsonl of
+held-out documents; "" = the built-in 100).
 
 Why these numbers (measured on 2 shared CPU cores, 2026-11-28; runs/scaling/report/report.md):
   * width 32 sat ~9% above the power law of the wider models (cause not isolated: a 32-wide tied
@@ -44,6 +45,7 @@ STEPS = (600, 900, 1200)  # swept budgets; D = 512 x steps = 307k..614k tokens
 # (the corpus is 243k tokens with the 512-token vocabulary: 1.3 to 2.5 epochs)
 BIG_WIDTH = 208  # predict=True: 4.7x the non-embedding N of width 96 (192 would be 3.996x)
 BIG_STEPS = 1200  # predict=True: the largest swept budget
+RUNLOCAL_STEPS = (8, 12, 16)  # runlocal=True: the swept budgets (the target trains 8 steps)
 LR_BASE = 6e-3  # peak learning rate at width 64
 LR_EXPONENT = 1.0  # lr ∝ width^-LR_EXPONENT (Adam: hidden updates scale like 1/width)
 HEAD_DIM = 16
@@ -51,8 +53,12 @@ BATCH, SEQ_LEN = 4, 128
 VOCAB = 512  # built-in tokenizer size: a 2048 table would dwarf the smallest models' blocks
 
 
+def _parse(arg: str | None) -> ml_collections.ConfigDict:
+    return common.parse_arg(arg, width=64, steps=900, predict=False, runlocal=False, heldout="")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, width=64, steps=900, predict=False, runlocal=False, heldout="")
+    a = _parse(arg)
     width, steps = (BIG_WIDTH, BIG_STEPS) if a.predict else (a.width, a.steps)
     if a.runlocal:
         steps = min(steps, 8)
@@ -97,8 +103,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def sweep(add, arg=None):
-    """Every width in WIDTHS at every budget in STEPS (the fitted runs)."""
-    del arg
+    """Every width in WIDTHS at every budget in STEPS (the fitted runs; RUNLOCAL_STEPS with
+    runlocal=True, since the sweep sets total_steps itself)."""
+    budgets = RUNLOCAL_STEPS if _parse(arg).runlocal else STEPS
     for width in WIDTHS:
-        for steps in STEPS:
+        for steps in budgets:
             add(**{"model.d_model": width, "total_steps": steps})

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     from flaxlm.data.tokenizer import Tokenizer
     from flaxlm.evaluation.harness import Evaluator
-    from flaxlm.evaluation.tasks import resolve_tasks
+    from flaxlm.evaluation.tasks import TaskFileError, read_examples, resolve_tasks
     from flaxlm.train.checkpoint import load_model, read_meta
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -108,6 +108,14 @@ def main(argv: list[str] | None = None) -> dict:
         specs = [s.replace(**sampling) if s.type == "generation" else s for s in specs]
     except ValueError as e:
         raise SystemExit(str(e)) from None
+
+    for spec in specs:  # a bad task file fails now, not after the tasks before it have run
+        try:
+            read_examples(spec, limit=args.limit)
+            if spec.num_fewshot:
+                read_examples(spec, fewshot=True)
+        except TaskFileError as e:
+            raise SystemExit(str(e)) from None
 
     tok_path = tokenizer_path(args.tokenizer, meta, args.checkpoint)
     tok = Tokenizer.load(tok_path)

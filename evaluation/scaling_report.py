@@ -12,7 +12,15 @@ held-out loss. It can be a list of dicts, or a ``.csv``, ``.json`` (a list of ro
 * IsoFLOP minima, when the sweep has budgets with >= 3 sizes each;
 * optionally the prediction for a held-out target run (a bigger model) against its actual loss,
 
-and writes ``scaling_report.json`` plus PNG plots to ``out_dir``.
+and writes ``scaling_report.json`` plus PNG plots to ``out_dir``. ``L(N, D)`` needs >= 3 distinct
+N and >= 3 distinct D (with one D, E and B/D^beta are one constant and the bootstrap would report
+a spuriously exact split); fewer is refused (``fit_power_law`` fits L(N) at a fixed D).
+
+From the command line, on a sweep's directory (its ``sweep.json``: train/sweep_table.collect) or
+a run table file::
+
+    python -m flaxlm.evaluation.scaling_report runs/sw [--out runs/sw/fit] [--n_boot 200]
+        [--n_key n_params_nonembed] [--loss_key heldout_loss] [--target_json big.json]
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import numpy as np
 from flaxlm.evaluation import scaling_plots
 from flaxlm.evaluation.scaling import (
     HUBER_DELTA,
+    MAX_EXPONENT,
     compute_optimal,
     envelope,
     fit_parametric,
@@ -110,6 +119,31 @@ def _jsonable(x):
     return x
 
 
+def fit_warnings(fit: Mapping, intervals: Mapping, loss) -> list[str]:
+    """What makes an L(N, D) fit untrustworthy even though it converged: E collapsed to ~0 (the
+    runs do not pin the irreducible loss, and a bootstrap interval of E then looks exact), an
+    exponent at a bound, a coefficient whose interval spans more than 100x."""
+    out = []
+    if fit["E"] < 1e-6 * float(np.min(loss)):
+        out.append(f"E = {fit['E']:.3g} collapsed to ~0: the runs do not constrain the "
+                   "irreducible loss (its interval is not a measure of certainty)")  # fmt: skip
+    for k in ("alpha", "beta"):
+        vals = [
+            fit[k],
+            intervals.get(k, {}).get("lo", fit[k]),
+            intervals.get(k, {}).get("hi", fit[k]),
+        ]
+        if any(v <= 1e-6 or v >= MAX_EXPONENT * (1 - 1e-6) for v in vals):
+            out.append(
+                f"{k} (or its interval) is at a bound (0 or {MAX_EXPONENT:g}): unconstrained"
+            )
+    for k in ("A", "B"):
+        iv = intervals.get(k, {})
+        if iv.get("lo", 0) > 0 and iv.get("hi", 0) / iv["lo"] > 100:
+            out.append(f"{k}'s interval spans {iv['hi'] / iv['lo']:.2g}x: poorly constrained")
+    return out
+
+
 def _power_laws(N, D, C, loss) -> dict:
     """Kaplan-style one-variable laws, each on the runs that bound loss for that variable."""
     # Kaplan et al. fit L(N) on models trained to convergence and L(C) on the compute frontier;
@@ -165,13 +199,20 @@ def fit_report(
 
     Returns:
       JSON-serialisable dict: ``settings``, ``n_runs``, ``power_laws``, ``parametric``,
-      ``parametric_intervals``, ``compute_optimal``, ``isoflop``, ``prediction`` (if target),
-      ``plots`` (paths).
+      ``parametric_intervals``, ``warnings`` (``fit_warnings``: why not to trust the fit),
+      ``compute_optimal``, ``isoflop``, ``prediction`` (if target), ``plots`` (paths).
     """
     required = [n_key, "tokens", loss_key] + ([] if compute == "6nd" else [compute])
     cols = load_runs(runs, required=required)
     N, D, loss = cols[n_key], cols["tokens"], cols[loss_key]
     C = 6.0 * N * D if compute == "6nd" else cols[compute]
+    n_distinct, d_distinct = np.unique(N).size, np.unique(D).size
+    if n_distinct < 3 or d_distinct < 3:
+        raise ValueError(
+            f"L(N, D) needs >= 3 distinct {n_key} and >= 3 distinct token counts; got "
+            f"{n_distinct} and {d_distinct} over {N.shape[0]} runs (the law's terms cannot be "
+            "told apart: sweep more sizes/budgets, or fit_power_law(N, loss) at one D)"
+        )
 
     point = None
     if target is not None:
@@ -204,6 +245,7 @@ def fit_report(
         "power_laws": _power_laws(N, D, C, loss),
         "parametric": fit,
         "parametric_intervals": intervals,
+        "warnings": fit_warnings(fit, intervals, loss),
         "isoflop": fit_isoflop(N, D, loss, C),
     }
     try:
@@ -264,3 +306,56 @@ def _write_plots(report, N, D, C, loss, fit, out_dir, compute) -> dict:
             N, D, loss, fit, report["prediction"], os.path.join(out_dir, "prediction.png")
         )
     return paths
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Fits a sweep directory or run table and prints the laws (see the module docstring)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation.scaling_report",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("runs", help="sweep directory (with sweep.json) or a .csv/.json/.jsonl table")
+    p.add_argument("--out", default="", help="report directory (default: RUNS/fit or TABLE_fit)")
+    p.add_argument("--n_key", default="n_params_nonembed", help="parameter-count column")
+    p.add_argument("--loss_key", default="heldout_loss", help="loss column")
+    p.add_argument("--compute", default="6nd", help="6nd or a FLOPs column (e.g. flops)")
+    p.add_argument("--n_boot", type=int, default=200, help="bootstrap resamples (0: none)")
+    p.add_argument("--target_json", default="", help="a run row (JSON) to predict")
+    args = p.parse_args(argv)
+    if os.path.isdir(args.runs):
+        from flaxlm.train.sweep_table import collect
+
+        runs = collect(args.runs)
+        out = args.out or os.path.join(args.runs, "fit")
+    else:
+        runs = args.runs
+        out = args.out or os.path.splitext(args.runs)[0] + "_fit"
+    target = None
+    if args.target_json:
+        with open(args.target_json) as f:
+            target = json.load(f)
+    try:
+        report = fit_report(runs, out, n_key=args.n_key, loss_key=args.loss_key,
+                            compute=args.compute, target=target, n_boot=args.n_boot)  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(f"scaling_report: {e}") from None
+    fit, ci = report["parametric"], report["parametric_intervals"]
+    print(f"{report['n_runs']} runs; L(N, D) = E + A/N^alpha + B/D^beta "
+          f"(rms log residual {fit['rms_log_residual']:.3g})")  # fmt: skip
+    for k in ("E", "A", "alpha", "B", "beta"):
+        band = f"  [{ci[k]['lo']:.4g}, {ci[k]['hi']:.4g}]" if k in ci else ""
+        print(f"  {k:<6} {fit[k]:.4g}{band}")
+    for name, law in report["power_laws"].items():
+        print(f"  L({name}): " + (law["skipped"] if "skipped" in law else
+                                  f"alpha={law['alpha']:.4g} E={law['E']:.4g}"))  # fmt: skip
+    if "prediction" in report:
+        print(f"  prediction: {report['prediction']}")
+    for w in report["warnings"]:
+        print(f"  WARNING: {w}")
+    print(f"report: {os.path.join(out, 'scaling_report.json')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -72,6 +72,7 @@ def _law_lines(report: dict) -> list[str]:
     rms = fit["rms_log_residual"]
     lines += ["", f"RMS log residual of the fit: {rms:.4f} (≈ {100 * rms:.2f}% per run); "
               f"converged: {fit['converged']}."]  # fmt: skip
+    lines += [f"**Warning:** {w}." for w in report.get("warnings", [])]
     law_n = report["power_laws"].get("N", {})
     if "alpha" in law_n:
         lines.append(

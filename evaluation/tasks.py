@@ -23,7 +23,8 @@ answer; generation: prompt, answer; both optionally meta) to key paths in a row;
 through lists ("messages.-1.content"). Templates use the canonical fields by name; generation
 rows also offer {answer_raw}, the answer field before `gold_regex` (so GSM8K shots show their
 worked solutions while scoring compares the final number). A multiple-choice answer may be an
-index, a letter (A, B, ...) or the text of a choice. The built-in world's tasks come from its
+index, the text of a choice (checked first: with choices ["2", "4"] the answer "2" is "2"), a
+digit string or a letter (A, B, ...). The built-in world's tasks come from its
 manifest.json (`world_tasks`). Bad rows raise `TaskFileError` naming file:line.
 """
 
@@ -205,17 +206,20 @@ def get_path(row: Any, path: str):
 
 
 def _mc_answer(value, choices: list[str]) -> int:
-    """Answer index from an index, a digit string, a letter or a choice's text."""
+    """Answer index from an index, a choice's text, a digit string or a letter. A string that
+    is the text of a choice is that choice, so numeric choices ("2", "4", "6") are not read as
+    indices."""
     if isinstance(value, bool):
         raise ValueError(f"answer {value!r} is not an index, letter or choice")
+    texts = [c.strip() for c in choices]
     if isinstance(value, int):
         idx = value
+    elif isinstance(value, str) and value.strip() in texts:
+        idx = texts.index(value.strip())
     elif isinstance(value, str) and value.strip().isdigit():
         idx = int(value.strip())
     elif isinstance(value, str) and len(value.strip()) == 1 and value.strip() in LETTERS:
         idx = LETTERS.index(value.strip())
-    elif isinstance(value, str) and value.strip() in [c.strip() for c in choices]:
-        idx = [c.strip() for c in choices].index(value.strip())
     else:
         raise ValueError(f"answer {value!r} is not an index, letter or choice")
     if not 0 <= idx < len(choices):

@@ -187,7 +187,9 @@ def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None):
     """(ModelConfig, params, meta) of a run's checkpoint — for notebooks, eval and generation.
 
     The model config comes from the checkpoint's meta, so nothing else is needed. Params are
-    placed replicated on one device unless a mesh (and logical-axis rules) is given.
+    placed replicated on one device unless a mesh (and logical-axis rules) is given. Any language
+    model run loads: plain, LoRA (adapters merged) or PPO (its policy); a reward-model run is
+    refused.
     """
     import flax.linen as nn
     import jax.numpy as jnp
@@ -202,6 +204,8 @@ def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None):
             f"{run_dir}: checkpoint meta has no model_config (task "
             f"{meta.get('task')!r}); use load_params with an explicit target"
         )
+    if meta.get("head") == "scalar":
+        raise CheckpointError(f"{run_dir}: a reward-model run (scalar head), not a language model")
     cfg = ModelConfig.from_dict(meta["model_config"])
     boxed = jax.eval_shape(
         lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
@@ -215,4 +219,6 @@ def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None):
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unbox(boxed), shardings
     )
-    return cfg, load_params(run_dir, target, step), meta
+    from flaxlm.alignment.common import load_lm_params  # LoRA / PPO trees (it imports us)
+
+    return cfg, load_lm_params(run_dir, target, step), meta

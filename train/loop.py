@@ -11,7 +11,10 @@ What the loop does, so tasks never do it again:
     `eval_every` steps, checkpoints every `ckpt_every` steps (async);
   * rolls back to the last checkpoint after `guard.max_bad_in_row` skipped steps in a row (the
     data iterator keeps going, so the offending batches are skipped, as PaLM did);
-  * on SIGTERM (preemption) saves a checkpoint and returns cleanly.
+  * on SIGTERM (preemption) saves a checkpoint and returns cleanly. Saves (periodic and on
+    SIGTERM) wait for the batch source's boundary when it has one (`at_boundary()`: PPO/GRPO
+    finish the current rollout's minibatches, no generation), so every checkpoint resumes
+    bit for bit.
 """
 
 from __future__ import annotations
@@ -212,14 +215,18 @@ def _loop(
     step = start
     if start == 0 and config.get("eval_at_start", False):
         _maybe_eval(task, state, 0, writer, summary)
+    save_due = False  # a periodic save waiting for the batch source's next boundary
     with _Preemption() as preempt:
         while step < total:
-            if preempt.requested:
+            if preempt.requested and _at_boundary(task):
                 ckpt.save(step, state, _data_state(task), meta)
                 ckpt.wait()
                 summary["preempted"] = True
                 log.warning("SIGTERM: saved checkpoint at step %d and stopping", step)
                 break
+            if preempt.requested and not summary["preempted"]:
+                summary["preempted"] = True  # logged once; saved at the boundary above
+                log.warning("SIGTERM at step %d: finishing the rollout's minibatches first", step)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             if task.before_step is not None:
@@ -249,8 +256,10 @@ def _loop(
                     bar.n = step
             if itstime(step, config.eval_every, total):
                 _maybe_eval(task, state, step, writer, summary)
-            if itstime(step, config.ckpt_every, total):
+            save_due |= itstime(step, config.ckpt_every, total)
+            if save_due and (_at_boundary(task) or step == total):
                 ckpt.save(step, state, _data_state(task), meta)
+                save_due = False
     bar.close()
     ckpt.wait()
     summary["state"] = state
@@ -261,6 +270,13 @@ def _loop(
 def _data_state(task) -> dict:
     get = getattr(task.train_batches, "get_state", None)
     return get() if get else {}
+
+
+def _at_boundary(task) -> bool:
+    """Whether a checkpoint now resumes exactly: a batch source whose state cannot hold what it
+    has buffered (PPO/GRPO: a rollout's unused minibatches) says so with `at_boundary()`."""
+    at = getattr(task.train_batches, "at_boundary", None)
+    return at() if at else True
 
 
 def _rollback(ckpt, state, step, task, tx, shardings, summary):

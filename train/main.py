@@ -4,8 +4,9 @@
         --workdir runs/pt [--config.opt.lr=1e-3 ...]
 
 Re-running the same command resumes from the latest checkpoint in --workdir. Multi-host: launch
-one process per host with the same command; with --distributed (or when a cluster environment
-is detected by jax), `jax.distributed.initialize()` connects them. On CPU, pass
+one process per host with the same command; with --distributed, `jax.distributed.initialize()`
+connects them (it detects SLURM and TPU pods; under SLURM it gives each task the one GPU of its
+SLURM_LOCALID, so there launch one task per GPU). On CPU, pass
 --coordinator/--num_processes/--process_id explicitly (tests do this with gloo collectives).
 """
 

@@ -151,9 +151,18 @@ class MetricWriter:
 
 
 def read_metrics(workdir_or_file: str) -> list[dict]:
-    """All records of a run's metrics.jsonl (for notebooks, reports and tests)."""
+    """All records of a run's metrics.jsonl (for notebooks, reports and tests). A line that is
+    not JSON (cut short by a killed trainer, or being written) is skipped."""
     path = workdir_or_file
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a killed run resumes by truncating it (MetricWriter._truncate_after)
+    return out

@@ -246,7 +246,12 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--config", required=True, help="config file with sweep(): FILE.py[:ARG]")
     p.add_argument("--workdir", required=True, help="sweep root; one directory per run")
-    p.add_argument("--parallel", type=int, default=1, help="local trainers at once")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="local trainers at once (slurm: array tasks at once)",
+    )
     p.add_argument("--launch", default="local",
                    choices=("local", "slurm", "pod", "multihost", "print"),
                    help="local: train here; slurm/pod/multihost: write that launch file; "
@@ -260,7 +265,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     p.add_argument("--python", default="python", help="interpreter named in launch files")
     p.add_argument("--nodes", type=int, default=1, help="slurm/multihost: hosts per run")
-    p.add_argument("--gpus_per_node", type=int, default=8, help="slurm: one task per GPU")
+    p.add_argument(
+        "--gpus_per_node", type=int, default=8, help="slurm: GPUs per node, one task (process) each"
+    )
     p.add_argument("--slurm_extra", default="", help="slurm: extra '#SBATCH' options, ';'-sep.")
     p.add_argument("--tpu_name", default="$TPU_NAME", help="pod: TPU VM name")
     p.add_argument("--zone", default="$ZONE", help="pod: zone")

@@ -1,6 +1,7 @@
 """Launch files for a sweep on a cluster: written (and printed) by train/sweep.py, never run.
 
-    ROOT/launch/slurm_array.sh      one SLURM array task per run (submit it with sbatch)
+    ROOT/launch/slurm_array.sh      one SLURM array job task per run (submit it with sbatch
+                                    from anywhere: it runs in the directory it was written from)
     ROOT/launch/tpu_pod.sh          one `gcloud compute tpus tpu-vm ssh --worker=all` line per run
     ROOT/launch/host-<i>.sh         multi-node GPU without torchrun: one line per run for host i,
                                     with --coordinator/--num_processes/--process_id
@@ -10,6 +11,12 @@ Every trainer gets `--distributed` (or the explicit coordinator flags), so
 are listed; the SLURM script also skips a run whose DONE marker appeared since, and marks a run
 DONE only when its final checkpoint exists (a preempted trainer exits cleanly too). On pods and
 multi-node clusters ROOT must be storage every host sees (a bucket or a shared filesystem).
+
+Under SLURM, `jax.distributed.initialize()` gives each task one GPU (the task's SLURM_LOCALID), so
+the SLURM script starts one task per GPU (`--ntasks-per-node=--gpus_per_node`); the pod and
+multi-host scripts start one process per host, which drives all of that host's accelerators.
+The launch files name `--python` (default `python`): pass the venv's interpreter
+(`--python /path/to/.venv/bin/python`) unless the hosts' `python` is the one with flaxlm.
 """
 
 from __future__ import annotations
@@ -29,19 +36,23 @@ def _trainer(config_arg: str, run, python: str) -> str:
 def slurm_script(config_arg: str, runs: Sequence, root: str, *, python: str = "python",
                  nodes: int = 1, gpus_per_node: int = 8, parallel: int = 1,
                  extra: str = "") -> str:  # fmt: skip
-    """A SLURM array script: task i trains runs[i] with `srun ... --distributed` on `nodes`
-    nodes (one process per node, all its GPUs)."""
+    """A SLURM array script: array task i trains runs[i] with `srun ... --distributed` on `nodes`
+    nodes, one process per GPU (jax's SLURM detection gives each process the GPU of its
+    SLURM_LOCALID, so one process per node would use one GPU of each node). It runs in the
+    directory it was written from (`--chdir`), where relative config and run paths point."""
     name = os.path.basename(os.path.normpath(root)) or "sweep"
     limit = f"%{parallel}" if parallel > 1 else ""
+    cwd = os.getcwd()
     lines = [
         "#!/bin/bash",
         f"# {len(runs)} runs of {config_arg}, one array task each (written by flaxlm.train.sweep)",
         f"#SBATCH --job-name={name}",
         f"#SBATCH --array=0-{len(runs) - 1}{limit}",
         f"#SBATCH --nodes={nodes}",
-        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --ntasks-per-node={gpus_per_node}",
         f"#SBATCH --gpus-per-node={gpus_per_node}",
-        f"#SBATCH --output={os.path.join(root, 'launch', 'slurm-%A_%a.out')}",
+        f"#SBATCH --chdir={cwd}",
+        f"#SBATCH --output={os.path.join(os.path.abspath(root), 'launch', 'slurm-%A_%a.out')}",
         "#SBATCH --requeue",
         *[f"#SBATCH {opt.strip()}" for opt in extra.split(";") if opt.strip()],
         "set -euo pipefail",

@@ -86,6 +86,31 @@ def test_builtin_rewards_use_the_world_judge():
         grpo.parse_rewards("exact_match,nope")
 
 
+def test_own_rewards_by_import_path_and_reference_answers(tmp_path, monkeypatch):
+    """`grpo.rewards` names a user's function as module:function[:weight] (no edit of flaxlm),
+    and exact_match scores own prompts against meta.answer."""
+    (tmp_path / "my_rewards.py").write_text(
+        "def numeric(meta, response):\n"
+        "    return float(response.split()[-1].rstrip('.') == meta['answer'])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fns = grpo.parse_rewards("my_rewards:numeric, format:0.1, my_rewards:numeric:0.5")
+    assert [(n, w) for n, _, w in fns] == [
+        ("my_rewards.numeric", 1.0),
+        ("format", 0.1),
+        ("my_rewards.numeric", 0.5),
+    ]
+    assert fns[0][1]({"answer": "6"}, "It is 6.") == 1.0
+    with pytest.raises(ValueError, match="my_rewards:missing"):
+        grpo.parse_rewards("my_rewards:missing")
+    with pytest.raises(ValueError, match="no_such_module"):
+        grpo.parse_rewards("no_such_module:fn")
+    assert grpo.exact_match({"answer": "6"}, " 6 ") == 1.0
+    assert grpo.exact_match({"answer": "6"}, "It is 6.") == 0.0
+    with pytest.raises(KeyError, match="meta.answer"):
+        grpo.exact_match({}, "6")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
     return H.fake_runs(str(tmp_path_factory.mktemp("grpo_runs")), cache_dir)
@@ -190,3 +215,34 @@ def test_grpo_trains_in_the_loop(runs, cache_dir, tmp_path):
     assert summary["train"]["n_skipped"] == 0
     assert last["rollout/iteration"] == 1
     assert jax.tree.leaves(state.params)[0].ndim >= 1
+
+
+def test_sigterm_inside_a_rollout_resumes_bit_for_bit(runs, cache_dir, tmp_path, monkeypatch):
+    """SIGTERM after the first of a rollout's two minibatches: the loop trains the second, saves
+    at the rollout boundary and stops; the resumed run ends with the uninterrupted run's params."""
+    import signal
+
+    sft, _ = runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
+        "batch_size": 8, "rollout.batch": 16, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6, "opt.lr": 1e-3,
+        "grpo.rewards": "format", "async_ckpt": False,
+    })  # fmt: skip
+    straight, _ = grpo.run(c, str(tmp_path / "straight"))
+    fired = []
+    next_batch = rl_rollout.RolloutSource.__next__
+
+    def next_then_sigterm(self):
+        out = next_batch(self)
+        if not fired and len(self.queue) == 1:  # one minibatch of the first rollout left
+            fired.append(os.kill(os.getpid(), signal.SIGTERM))
+        return out
+
+    monkeypatch.setattr(rl_rollout.RolloutSource, "__next__", next_then_sigterm)
+    _, summary = grpo.run(c, str(tmp_path / "resumed"))
+    assert fired and summary["preempted"] and summary["step"] == 2
+    monkeypatch.setattr(rl_rollout.RolloutSource, "__next__", next_batch)
+    resumed, summary = grpo.run(c, str(tmp_path / "resumed"))
+    assert summary["step"] == c.total_steps
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -184,3 +184,14 @@ def test_own_data_warns_about_builtin_eval_and_a_foreign_tokenizer(tmp_path, cap
         assert caplog.text == ""
         common.resolve_tokenizer(c, {"tokenizer": b})
     assert "is not the tokenizer init_from=runs/pt was trained with" in caplog.text
+
+
+def test_score_own_meta_with_a_task_is_exact_match():
+    """eval_gen scoring: the world's judge only for the world's tasks; a user's meta that names
+    its own task (e.g. "math") is exact match with the reference, not a judge error."""
+    from flaxlm.alignment import sft
+
+    assert sft.score({"task": "math", "answer": "7"}, "7", "7") == (1.0, 1.0)
+    assert sft.score({"task": "math", "answer": "7"}, "It is 7.", "7") == (0.0, 0.0)
+    world = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7"}
+    assert sft.score(world, "The answer is 7.", "")[0] == 1.0

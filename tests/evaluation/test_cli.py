@@ -71,6 +71,21 @@ def test_cli_errors(run_dir, world_dir, tok_path):
               "--tasks", "mc_nope"])  # fmt: skip
 
 
+def test_cli_checks_every_task_file_before_running_any(run_dir, tok_path, tmp_path, capsys):
+    rows = [{"context": "a", "choices": ["x", "y"], "answer": 0}]
+    (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
+    specs = [{"name": "ok", "type": "multiple_choice", "file": "ok.jsonl"},
+             {"name": "bad", "type": "multiple_choice", "file": "bad.jsonl"},
+             {"name": "gone", "type": "multiple_choice", "file": "gone.jsonl"}]  # fmt: skip
+    for spec in specs[1:]:
+        (tmp_path / f"{spec['name']}.json").write_text(json.dumps([specs[0], spec]))
+        with pytest.raises(SystemExit, match=rf"{spec['file']}(:2: invalid JSON|: no such file)"):
+            main(["--checkpoint", run_dir, "--tokenizer", tok_path,
+                  "--tasks", str(tmp_path / f"{spec['name']}.json")])  # fmt: skip
+        assert "[eval] ok" not in capsys.readouterr().err  # no task ran before the error
+
+
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "flaxlm.evaluation", "--help"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip

@@ -203,6 +203,7 @@ def test_fit_report_from_csv_writes_report_and_plots(tmp_path):
     assert report["compute_optimal"]["a"] == pytest.approx(0.28 / 0.62, abs=0.03)
     for name in ("N", "D", "C"):
         assert report["power_laws"][name]["alpha"] > 0, name
+    assert report["warnings"] == []  # a well-posed sweep raises no flags
 
 
 def test_load_runs_reads_json_and_names_bad_rows(tmp_path):
@@ -218,3 +219,38 @@ def test_load_runs_reads_json_and_names_bad_rows(tmp_path):
     rows[1]["tokens"] = "lots"
     with pytest.raises(ValueError, match=r"runs\[1\]: column 'tokens' = 'lots' is not a number"):
         load_runs(rows)
+
+
+def test_fit_report_refuses_a_sweep_with_one_token_budget(tmp_path):
+    # one D: E and B/D^beta are one constant; the bootstrap would report an exact, wrong split
+    N = np.geomspace(1e7, 1e9, 6)
+    D = np.full(6, 1e9)
+    rows = _run_rows(N, D, predict_parametric(TRUE, N, D))
+    with pytest.raises(ValueError, match="got 6 and 1 over 6 runs"):
+        fit_report(rows, None, n_boot=0)
+
+
+def test_scaling_report_cli_fits_a_run_table(tmp_path, capsys):
+    from flaxlm.evaluation import scaling_report
+
+    N, D, loss = _grid_sweep(0)
+    _write_csv(tmp_path / "runs.csv", _run_rows(N, D, loss))
+    report = scaling_report.main([str(tmp_path / "runs.csv"), "--n_boot", "5"])
+    assert report["n_runs"] == 36 and (tmp_path / "runs_fit" / "scaling_report.json").exists()
+    out = capsys.readouterr().out
+    assert "alpha" in out and "[" in out  # estimates with bootstrap intervals
+    _write_csv(tmp_path / "few.csv", _run_rows(N[:6], np.full(6, 1e9), loss[:6]))
+    with pytest.raises(SystemExit, match="distinct"):
+        scaling_report.main([str(tmp_path / "few.csv"), "--n_boot", "0"])
+
+
+def test_fit_warnings_flag_a_collapsed_E_bounded_exponents_and_wide_intervals():
+    from flaxlm.evaluation.scaling_report import fit_warnings
+
+    fit = dict(E=4e-13, A=353.0, B=2990.0, alpha=0.49, beta=0.66)
+    ci = {"alpha": {"lo": 0.15, "hi": 10.0}, "beta": {"lo": 0.33, "hi": 0.9},
+          "A": {"lo": 17.7, "hi": 1e47}, "B": {"lo": 100.0, "hi": 5000.0}}  # fmt: skip
+    warnings = fit_warnings(fit, ci, np.array([3.0, 4.0]))
+    assert len(warnings) == 3
+    assert "E = 4e-13 collapsed" in warnings[0] and "alpha" in warnings[1] and "A's" in warnings[2]
+    assert fit_warnings({**TRUE}, {}, np.array([2.0])) == []

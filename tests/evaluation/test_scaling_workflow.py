@@ -98,3 +98,12 @@ def test_workflow_fits_predicts_and_reports_from_finished_runs(tmp_path):
     again = scaling_workflow.main(argv)  # everything finished: nothing retrains
     assert again["prediction"]["predicted"] == pytest.approx(pred["predicted"])
     assert "sweep" not in json.load(open(os.path.join(root, "timing.json")))
+
+
+def test_scaling_sweep_runlocal_shrinks_the_swept_budgets():
+    # the sweep sets total_steps itself, so runlocal must shrink its budgets, not only the default
+    runs = []
+    scaling_config.sweep(lambda **kw: runs.append(kw), "runlocal=True,heldout=x.jsonl")
+    budgets = sorted({r["total_steps"] for r in runs})
+    assert budgets == list(scaling_config.RUNLOCAL_STEPS) and max(budgets) <= 16
+    assert scaling_config.get_config("predict=True,runlocal=True").total_steps <= max(budgets)

@@ -168,3 +168,12 @@ def test_prompt_text_plain_and_chat(tmp_path):
     assert msgs[2]["content"] == a.fields["answer"] and msgs[-1]["content"] == "What is 0 plus 1?"
     with pytest.raises(KeyError, match="uses 'question'"):
         P.render("{question}", rows[0].fields, spec)
+
+
+def test_mc_answer_that_is_a_choice_text_is_that_choice(tmp_path):
+    # numeric choices: the answer "2" is the choice "2", not index 2 ("6")
+    rows = [{"context": "1+1=", "choices": ["2", "4", "6"], "answer": "2"},
+            {"context": "2+2=", "choices": ["2", "4", "6"], "answer": 1},
+            {"context": "x", "choices": ["yes", "no"], "answer": "B"}]  # fmt: skip
+    spec = TaskSpec("num", "multiple_choice", _write_jsonl(tmp_path / "n.jsonl", rows))
+    assert [e.fields["answer"] for e in read_examples(spec)] == [0, 1, 1]

@@ -140,6 +140,39 @@ def test_bad_steps_in_a_row_roll_back_and_skip_the_batches(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
+class _RolloutLike(MarkovStream):
+    """A batch source that buffers 3 batches at a time (as PPO/GRPO buffer a rollout's
+    minibatches): only every third step is a boundary a checkpoint may be taken at."""
+
+    sigterm_at = -1
+
+    def at_boundary(self):
+        return self.index % 3 == 0
+
+    def __next__(self):
+        if self.index == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__next__()
+
+
+def test_saves_wait_for_the_batch_sources_boundary(tmp_path):
+    c = _config(total_steps=11, ckpt_every=2, log_every=1, eval_every=0, async_ckpt=False)
+    mesh = make_mesh({"data": -1})
+    task = pretrain.build_task(c, mesh)
+    task.train_batches = _RolloutLike(256, c.seq_len, c.batch_size, chain_seed=c.seed)
+    task.train_batches.sigterm_at = 7  # inside the buffer of steps 6..8
+    _, summary = loop.run(c, str(tmp_path), task, mesh=mesh)
+    assert summary["preempted"] and summary["step"] == 9
+    # Periodic saves due at 2, 4 and 6 waited for the boundaries at 3, 6; SIGTERM for 9.
+    assert Checkpointer(tmp_path).all_steps() == [3, 6, 9]
+    # Without SIGTERM the last step is saved wherever it falls (the run is complete).
+    c2 = _config(total_steps=7, ckpt_every=4, eval_every=0, async_ckpt=False)
+    task = pretrain.build_task(c2, mesh)
+    task.train_batches = _RolloutLike(256, c2.seq_len, c2.batch_size, chain_seed=c2.seed)
+    loop.run(c2, str(tmp_path / "b"), task, mesh=mesh)
+    assert Checkpointer(tmp_path / "b").all_steps() == [6, 7]
+
+
 def test_init_from_loads_another_runs_params(tmp_path):
     c = _config(total_steps=5, ckpt_every=5, eval_every=0)
     first, _ = pretrain.run(c, str(tmp_path / "a"))
@@ -177,3 +210,42 @@ def test_load_model_reads_config_and_params_from_the_checkpoint(tmp_path):
     np.testing.assert_allclose(
         forward(cfg, params, tokens), forward(cfg, jax.device_get(state.params), tokens), atol=1e-6
     )
+
+
+def test_load_model_merges_lora_takes_ppo_policy_refuses_reward_model(tmp_path):
+    """generate / HF export / evaluation read runs with load_model: a LoRA run (DPO/SFT with
+    lora.rank) loads merged, a PPO run its policy, a reward-model run is refused by name."""
+    from flaxlm.models import lora as lora_lib
+    from flaxlm.models.config import get_variant
+    from flaxlm.train.checkpoint import CheckpointError, load_model
+    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.state import unbox
+
+    cfg = get_variant("tiny", vocab_size=64)
+    abstract = unbox(jax.eval_shape(model_fns(cfg)[0], jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)
+    base = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(s.dtype), abstract)
+    spec = lora_lib.LoraSpec(rank=2)
+    adapters = jax.tree.map(
+        lambda s: np.full(s.shape, 0.05, s.dtype), lora_lib.abstract_adapters(abstract, spec)
+    )
+    meta = {"model_config": cfg.to_dict(), "lora": {}}
+    runs = {
+        "lora": ({"base": base, "lora": adapters}, {**meta, "head": "lm", "lora": spec.to_dict()}),
+        "ppo": ({"policy": base, "value": {"w": np.ones(3, np.float32)}},
+                {**meta, "head": "policy_value"}),
+        "rm": ({"transformer": base}, {**meta, "head": "scalar"}),
+    }  # fmt: skip
+    for name, (params, m) in runs.items():
+        ck = Checkpointer(str(tmp_path / name), async_save=False)
+        ck.save(1, {"params": params}, {}, m)
+        ck.close()
+    merged = lora_lib.merge({"base": base, "lora": adapters}, spec)
+    _, got, _ = load_model(str(tmp_path / "lora"))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, merged)
+    assert not np.allclose(got["layers_0"]["attn"]["q"]["kernel"],
+                           base["layers_0"]["attn"]["q"]["kernel"])  # fmt: skip
+    _, got, _ = load_model(str(tmp_path / "ppo"))
+    jax.tree.map(np.testing.assert_array_equal, got, base)
+    with pytest.raises(CheckpointError, match="reward-model run"):
+        load_model(str(tmp_path / "rm"))

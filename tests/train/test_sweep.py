@@ -70,6 +70,9 @@ def test_launch_files_have_one_line_per_pending_run(tmp_path, capsys):
     launch = root / "launch"
     slurm = (launch / "slurm_array.sh").read_text()
     assert "#SBATCH --array=0-2\n" in slurm and "#SBATCH --nodes=2" in slurm
+    # jax's SLURM detection gives each task one GPU: one task per GPU, not one per node
+    assert "#SBATCH --ntasks-per-node=8\n" in slurm and "#SBATCH --gpus-per-node=8\n" in slurm
+    assert f"#SBATCH --chdir={os.getcwd()}\n" in slurm  # relative paths work from any sbatch dir
     cases = [ln for ln in slurm.splitlines() if ln.strip()[:2] in ("0)", "1)", "2)")]
     assert len(cases) == 3 and all("srun" not in c and "--distributed" in c for c in cases)
     assert NAMES[2] not in slurm and 'srun "${CMD[@]}"' in slurm
