@@ -12,6 +12,7 @@ looks complete.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -95,6 +96,13 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def quiet_orbax_logs() -> None:
+    """CLIs: orbax logs ~25 INFO lines per save through absl's logger, burying the run's own
+    lines; keep its warnings. FLAXLM_ORBAX_LOGS=1 keeps everything (debugging a save)."""
+    if os.environ.get("FLAXLM_ORBAX_LOGS") != "1":
+        logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def _read_only_options():

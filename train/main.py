@@ -55,6 +55,9 @@ def init_distributed(
 def main(argv):
     del argv
     logging.getLogger("flaxlm").setLevel(logging.INFO)
+    from flaxlm.train.checkpoint import quiet_orbax_logs
+
+    quiet_orbax_logs()
     init_distributed(_COORD.value, _NPROC.value, _PID.value, _DISTRIBUTED.value)
     config = _CONFIG.value
     if not _WORKDIR.value:

@@ -77,6 +77,8 @@ def test_resume_after_sigkill_reproduces_losses_bitwise(tmp_path):
     resumed = _main(tmp_path / "resumed", *common)
     out = resumed.stdout.read()
     assert resumed.wait(timeout=300) == 0, out
+    # The run's own lines are not buried under orbax's INFO logs of each save.
+    assert "resumed from" in out and "checkpoint_manager.py" not in out, out
     a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight") if "loss" in r}
     b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "resumed") if "loss" in r}
     assert sorted(a) == sorted(b) == list(range(1, 21))
