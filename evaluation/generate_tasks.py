@@ -19,6 +19,7 @@ check the scoring path on its own.
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ import jax
 import numpy as np
 
 from flaxlm.evaluation.tasks import Example, TaskSpec
+
+log = logging.getLogger("flaxlm")
 
 GenerateFn = Callable[..., list[list[int]]]
 
@@ -153,7 +156,8 @@ def generation(
     Args:
       examples: the evaluated rows; prompts: (readable text, ids) of each one's prompt
         (prompts.encode_prompt).
-      max_prompt_len: longer prompts keep their first token (BOS) and their last tokens.
+      max_prompt_len: longer prompts keep their first token (BOS) and their last tokens
+        (counted in metrics["truncated"], flagged per sample, and logged as a warning).
       stop_tokens: ids that end a response (EOS, the chat end token; also any id the tokenizer
         does not have); the text after them is dropped before the stop strings apply.
     Returns:
@@ -162,6 +166,10 @@ def generation(
     """
     ids = [p if len(p) <= max_prompt_len else p[:1] + p[len(p) - max_prompt_len + 1 :]
            for _, p in prompts]  # fmt: skip
+    cut = [len(p) > max_prompt_len for _, p in prompts]
+    if any(cut):
+        log.warning("task %r: %d of %d prompts longer than %d tokens were cut from the left "
+                    "(BOS kept)", spec.name, sum(cut), len(cut), max_prompt_len)  # fmt: skip
     k = spec.num_samples
     if spec.temperature > 0:  # each prompt k times in a row; one decoder call for all
         outs = generate_fn([p for p in ids for _ in range(k)], spec.max_new_tokens,
@@ -184,10 +192,11 @@ def generation(
         for name, v in scores.items():
             sums[name] = sums.get(name, 0.0) + v
         row = {"source": ex.source, "prompt": prompt, "response": responses[0],
-               "answer": ex.fields["answer"], "scores": scores}  # fmt: skip
+               "answer": ex.fields["answer"], "scores": scores, "truncated": cut[i]}  # fmt: skip
         if k > 1:
             row["responses"] = responses
         samples.append(row)
     metrics = {name: v / max(len(samples), 1) for name, v in sums.items()}
+    metrics["truncated"] = sum(cut)
     metrics["n"] = len(samples)
     return metrics, samples

@@ -11,16 +11,22 @@ Multiple choice (`multiple_choice`): each choice is scored as a continuation of 
     acc        argmax of the summed log-probability
     acc_norm   argmax of the sum divided by the choice's length in characters (as
                lm-eval-harness's acc_norm); acc_byte and acc_token divide by UTF-8 bytes / tokens
+    truncated  questions with a choice whose context + continuation exceeded the scorer's
+               max_len + 1 tokens: scored on its last max_len + 1 tokens (context cut from the
+               left; each sample's `truncated` says which; a warning is logged)
 Perplexity (`perplexity`): documents longer than the window are scored in windows of `max_len`
 tokens whose starts are `stride` apart; each token is scored once, in the first window that
 reaches it, with the tokens from that window's start as context (stride < max_len gives every
-token at least max_len - stride tokens of context).
+token at least max_len - stride tokens of context). Nothing is truncated; the result reports the
+window and stride used (a max_len above the model's max_seq_len is cut to it), the windows run
+and the tokens scored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Sequence
 
@@ -31,12 +37,15 @@ import numpy as np
 from flaxlm.models.transformer import forward
 from flaxlm.train.losses import token_logprobs
 
+log = logging.getLogger("flaxlm")
+
 
 @dataclasses.dataclass(frozen=True)
 class ContinuationScore:
     logprob: float  # sum over the continuation tokens of log p(token | everything before it)
     n_tokens: int  # continuation tokens scored (fewer than given only after truncation)
     greedy: bool  # every continuation token is the model's argmax
+    truncated: bool = False  # context (+ continuation) longer than max_len + 1: cut from the left
 
 
 def _score_rows(cfg, params, tokens, targets, mask):
@@ -64,7 +73,8 @@ class LoglikScorer:
     Args:
       cfg, params: the model (`load_model` output).
       max_len: longest input row in tokens (0 = cfg.max_seq_len); longer rows keep their last
-        max_len + 1 tokens (context is dropped from the left).
+        max_len + 1 tokens (context is dropped from the left; flagged in
+        ContinuationScore.truncated and logged as a warning).
       batch_tokens: about how many tokens one forward batch holds (rows × bucket length).
       min_len: the smallest bucket length.
       pad_id: the token id written into padding (masked out, so any valid id works).
@@ -90,8 +100,14 @@ class LoglikScorer:
                     f"(got {len(ctx)} and {len(cont)}); prepend BOS to an empty context"
                 )
             seq = list(ctx) + list(cont)
-            seq = seq[-(self.max_len + 1) :]
-            rows.append((seq, min(len(cont), len(seq) - 1)))
+            n_cut = max(0, len(seq) - (self.max_len + 1))
+            rows.append((seq[n_cut:], min(len(cont), len(seq) - n_cut - 1), n_cut > 0))
+        if any(r[2] for r in rows):
+            log.warning(
+                "loglik: %d of %d requests are longer than max_len + 1 = %d tokens; their "
+                "context was cut from the left (ContinuationScore.truncated)",
+                sum(r[2] for r in rows), len(rows), self.max_len + 1,
+            )  # fmt: skip
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[ContinuationScore | None] = [None] * len(rows)
         pos = 0
@@ -106,7 +122,7 @@ class LoglikScorer:
             targets = np.full((B, T), self.pad_id, np.int32)
             mask = np.zeros((B, T), np.float32)
             for r, i in enumerate(idx):
-                seq, n_cont = rows[i]
+                seq, n_cont, _ = rows[i]
                 n = len(seq) - 1
                 tokens[r, :n] = seq[:-1]
                 targets[r, :n] = seq[1:]
@@ -114,7 +130,7 @@ class LoglikScorer:
             self.shapes.add((B, T))
             sums, greedy = jax.device_get(self._fn(self.params, tokens, targets, mask))
             for r, i in enumerate(idx):
-                out[i] = ContinuationScore(float(sums[r]), rows[i][1], bool(greedy[r]))
+                out[i] = ContinuationScore(float(sums[r]), rows[i][1], bool(greedy[r]), rows[i][2])
         return out
 
 
@@ -159,12 +175,14 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
       choices: per question, the choice texts (their lengths normalise acc_norm / acc_byte).
       answers: per question, the index of the correct choice.
     Returns:
-      (metrics, samples): metrics acc, acc_norm, acc_byte, acc_token (means) and n; one sample
-      per question with the per-choice log-probs, token counts and predictions.
+      (metrics, samples): metrics acc, acc_norm, acc_byte, acc_token (means), truncated (a
+      count; see the module docstring) and n; one sample per question with the per-choice
+      log-probs, token counts, predictions and whether any choice was truncated.
     """
     flat = [r for reqs in requests for r in reqs]
     scores = iter(scorer.score(flat))
     samples, hits = [], {k: [] for k in ("acc", "acc_norm", "acc_byte", "acc_token")}
+    n_truncated = 0
     for reqs, chs, gold in zip(requests, choices, answers, strict=True):
         if len(reqs) != len(chs):
             raise ValueError(f"{len(reqs)} requests for {len(chs)} choices")
@@ -174,8 +192,12 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
         preds = mc_predictions(lp, [len(c) for c in chs], [len(c.encode()) for c in chs], ntok)
         for k, v in preds.items():
             hits[k].append(float(v == gold))
-        samples.append({"logprobs": lp, "n_tokens": ntok, "answer": gold, "pred": preds})
+        cut = any(s.truncated for s in sc)
+        n_truncated += cut
+        samples.append({"logprobs": lp, "n_tokens": ntok, "answer": gold, "pred": preds,
+                        "truncated": cut})  # fmt: skip
     metrics = {k: float(np.mean(v)) for k, v in hits.items()}
+    metrics["truncated"] = n_truncated
     metrics["n"] = len(samples)
     return metrics, samples
 
@@ -201,8 +223,9 @@ def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bo
     """Token-level perplexity of held-out documents.
 
     Every token of every document is predicted (the first from BOS when `bos`); a document is
-    scored in windows of `max_len` tokens (0 = the scorer's max_len) `stride` apart.
-    Returns nll (mean per token, nats), ppl = exp(nll), bits_per_byte, tokens, bytes, docs.
+    scored in windows of `max_len` tokens (0 = the scorer's max_len; larger is cut to it)
+    `stride` apart (0 = max_len). Returns nll (mean per token, nats), ppl = exp(nll),
+    bits_per_byte, tokens (scored), bytes, docs, and the max_len, stride and windows used.
     """
     max_len = min(max_len or scorer.max_len, scorer.max_len)
     requests = []
@@ -221,4 +244,7 @@ def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bo
         "tokens": n_tok,
         "bytes": n_bytes,
         "docs": len(texts),
+        "max_len": max_len,
+        "stride": stride or max_len,
+        "windows": len(requests),
     }

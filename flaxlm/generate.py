@@ -11,6 +11,13 @@ meta["tokenizer"], else the HF directory's tokenizer.json / tokenizer.model.
 --chat renders each prompt as a user turn (after --system, if given) with a generation prompt:
 an HF tokenizer's own Jinja chat template when its tokenizer_config.json has one, else flaxlm's
 chat template (data/formats.py), whose end-of-turn token stops generation.
+
+Output: per prompt "### PROMPT" then the completion (stop token removed); with --json one JSON
+object per line, in prompt order: {"prompt", "completion", "n_tokens" (generated, the stop token
+included), "stopped" (ended at a stop token rather than --max_new_tokens)}. Blank lines of
+--prompts_file are skipped. Prompts are not truncated: one that with --max_new_tokens runs past
+the model's max_seq_len generates anyway, with a warning (models/decode.py). A prompt's sample
+depends on --seed, its position (which --batch chunk, which row) and its ids only.
 """
 
 from __future__ import annotations
@@ -34,7 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
     p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="samples are reproducible for the same prompts, order and --batch",
+    )
     p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     p.add_argument("--chat", action="store_true", help="apply the chat template")
     p.add_argument("--system", default="", help="system message (with --chat)")
@@ -89,8 +101,25 @@ def encode_prompts(tok, texts, chat: bool, system: str = "", bos: bool = True):
     return ids, template.stop_tokens
 
 
+def _check(p: argparse.ArgumentParser, args) -> None:
+    """Bad sampling flags fail here, before a checkpoint is loaded."""
+    bad = [
+        (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
+        (args.temperature < 0, "--temperature must be >= 0"),
+        (args.top_k < 0, "--top_k must be >= 0"),
+        (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
+        (args.batch < 1, "--batch must be >= 1"),
+        (bool(args.system) and not args.chat, "--system needs --chat"),
+    ]
+    for is_bad, msg in bad:
+        if is_bad:
+            p.error(msg)
+
+
 def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    _check(p, args)
     texts = list(args.prompt)
     if args.prompts_file:
         f = sys.stdin if args.prompts_file == "-" else open(args.prompts_file)  # noqa: SIM115

@@ -32,6 +32,19 @@ Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodifie
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
 computes for that token (what PPO's ratio and KL need), whatever sampler picked the token.
 
+Sampling noise: step i of row b draws from `fold_in(rng, i)` at row index b, so a prompt's
+sample is fixed by (rng, its row index, its prompt) and does not depend on the other prompts in
+the batch or on the batch size (jax's default `jax_threefry_partitionable` random bits) — up
+to float rounding: the batch size and the prompt bucket P (the longest prompt) pick the compiled
+program, whose logits can differ in the last bits and so, rarely, flip a sample. The same
+prompt at another row gets another sample (so `[p] * k` gives k samples); reorder the prompts
+and each one's sample changes.
+
+Length: positions run up to len_b + N - 1. Past `cfg.max_seq_len` (the length the model is meant
+for) nothing is truncated — RoPE extrapolates to positions the model never saw — and `generate`
+warns (warnings.warn); callers that must stay within it cut prompts first (the evaluation
+harness and SFT/RL's generation evals keep the last tokens).
+
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
 any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules, fused?,
 check_every, decode_attention). Temperature,
@@ -44,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -345,8 +359,10 @@ def generate(
       cfg, params: the model (params in either layer layout, any dtype; sharded or not).
       prompts: a list of token-id lists, or a (B, P) int array right-padded, with
         `prompt_lengths` (B,) giving each row's real length.
-      max_new_tokens: N, the output width (and the decode-loop bound).
-      rng: a PRNG key; the same key gives the same samples.
+      max_new_tokens: N >= 1, the output width (and the decode-loop bound). A prompt plus N
+        beyond cfg.max_seq_len runs (positions extrapolate) with a warning; see above.
+      rng: a PRNG key; the same key gives the same samples for the same prompt at the same row
+        index, whatever the other rows hold (see "Sampling noise" above).
       temperature: 0 = greedy (argmax); else logits are divided by it before sampling.
       top_k: keep only the k most likely tokens (0 = off). top_p: nucleus mass (1 = off).
       stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths).
@@ -438,6 +454,14 @@ def _program(
                          f"{decode_attention!r}")  # fmt: skip
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id, cfg.vocab_size)
     B = tokens.shape[0]
+    longest = int(lengths.max()) + int(max_new_tokens)
+    if longest > cfg.max_seq_len:
+        warnings.warn(
+            f"generate: prompt {int(np.argmax(lengths))} ({int(lengths.max())} tokens) + "
+            f"max_new_tokens={max_new_tokens} reaches position {longest - 1}, past the model's "
+            f"max_seq_len={cfg.max_seq_len}: RoPE extrapolates there (nothing is truncated)",
+            stacklevel=3,
+        )
     # Rows the program runs, beyond the prompts copies of row 0 (cut off again in `generate`):
     # at least MIN_ROWS, and under a mesh a multiple of data×fsdp, so the rows run sharded.
     rows = max(B, MIN_ROWS)

@@ -79,9 +79,10 @@ def test_generation_task_with_stand_in_decoder(world_dir, tok):
         f"The answer is {ex.fields['answer']}." for ex in examples[:2]]  # fmt: skip
     assert metrics["correct"] == pytest.approx(2 / 3)
     assert metrics["judge"] == pytest.approx((1.0 + 1.0 + 0.2) / 3)
-    assert metrics["n"] == 3
-    # Over-long prompts keep BOS and their end.
-    G.generation(spec, examples, prompts, fake_generate, tok, max_prompt_len=8)
+    assert metrics["n"] == 3 and metrics["truncated"] == 0
+    # Over-long prompts keep BOS and their end, and are counted (not cut silently).
+    metrics, samples = G.generation(spec, examples, prompts, fake_generate, tok, max_prompt_len=8)
+    assert metrics["truncated"] == 3 and all(s["truncated"] for s in samples)
     assert all(len(p) == 8 and p[0] == tok.bos_id and p[1:] == q[-7:]
                for p, (_, q) in zip(seen["ids"], prompts))  # fmt: skip
 
@@ -167,7 +168,7 @@ def test_generation_with_the_decoder_is_greedy_decoding(model, tok, world_dir, r
     spec = world_tasks(world_dir)["gen_facts_train"].replace(num_fewshot=1, max_new_tokens=12)
     res = Evaluator(cfg, params, tok).run(spec, limit=4)
     assert res["n"] == 4
-    assert set(res["metrics"]) == {"judge", "correct", "well_formed", "unsafe", "n"}
+    assert set(res["metrics"]) == {"judge", "correct", "well_formed", "unsafe", "truncated", "n"}
     stops = (tok.eos_id, tok.token_id("<|end|>"))
     for s in res["samples"]:
         # Greedy decoding by hand with the plain forward: argmax, append, repeat.

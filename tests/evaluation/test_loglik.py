@@ -71,7 +71,8 @@ def test_acc_and_acc_norm_differ_on_constructed_case():
     metrics, samples = loglik.multiple_choice(scorer, requests, choices, [1, 1])
     assert samples[0]["pred"] == {"acc": 0, "acc_norm": 1, "acc_byte": 1, "acc_token": 1}
     assert samples[1]["pred"] == {"acc": 0, "acc_norm": 1, "acc_byte": 0, "acc_token": 0}
-    assert metrics == {"acc": 0.0, "acc_norm": 1.0, "acc_byte": 0.5, "acc_token": 0.5, "n": 2}
+    assert metrics == {"acc": 0.0, "acc_norm": 1.0, "acc_byte": 0.5, "acc_token": 0.5,
+                       "truncated": 0, "n": 2}  # fmt: skip
 
 
 def _direct_windows_nll(ids, L, stride, ref):
@@ -107,6 +108,14 @@ def test_perplexity_is_exp_mean_token_nll(model, tok, world_dir, ref_logprobs, L
     assert got["bits_per_byte"] == pytest.approx(
         np.sum(nll) / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-5
     )
+    # The window actually used is reported (a max_len past the model's is cut to it).
+    assert (got["max_len"], got["stride"]) == (L, stride or L)
+    n_windows = sum(len(loglik.window_requests([tok.bos_id] + tok.encode(t), L, stride))
+                    for t in texts)  # fmt: skip
+    assert got["windows"] == n_windows and (L == 64 or n_windows > len(texts))
+    if L == 64:
+        again = loglik.perplexity(scorer, tok, texts, max_len=10_000)
+        assert again["max_len"] == cfg.max_seq_len and again["nll"] == got["nll"]
 
 
 def test_window_requests_score_each_token_once():
@@ -138,10 +147,24 @@ def test_bucketed_batches_match_direct_and_truncate_left(model, ref_logprobs):
         seq = (ctx + cont)[-(cfg.max_seq_len + 1) :]
         assert g.logprob == pytest.approx(float(ref_logprobs(seq)[-len(cont) :].sum()), abs=1e-4)
         assert g.n_tokens == len(cont)
+        assert g.truncated == (len(ctx) + len(cont) > cfg.max_seq_len + 1)
+    assert got[-1].truncated  # the 90-token row: reported, not silently cut
     # Three length buckets; each shape compiles once however many requests there are.
     assert scorer.shapes == {(8, 16), (4, 32), (2, 64)}  # one batch shape per length bucket
     with pytest.raises(ValueError, match="at least one token"):
         scorer.score([([], [5])])
+
+
+def test_multiple_choice_counts_truncated_questions(model, caplog):
+    cfg, params = model  # max_seq_len 64
+    scorer = LoglikScorer(cfg, params, batch_tokens=BATCH_TOKENS)
+    short, long = list(range(4, 14)), list(range(4, 84))
+    requests = [[(short, [20]), (short, [21, 22])], [(long, [20]), (short, [21])]]
+    with caplog.at_level("WARNING", logger="flaxlm"):
+        metrics, samples = loglik.multiple_choice(scorer, requests, [["a", "b"]] * 2, [0, 1])
+    assert metrics["truncated"] == 1 and metrics["n"] == 2
+    assert [s["truncated"] for s in samples] == [False, True]
+    assert "1 of 4 requests are longer than max_len + 1 = 65 tokens" in caplog.text
 
 
 def test_chat_mode_multiple_choice_matches_direct_forward(model, tok, world_dir, ref_logprobs):

@@ -3,6 +3,7 @@ compiled loop (no Python loop per token), the same result under a sharded mesh; 
 decode-step kernel against the XLA path (last section)."""
 
 import functools
+import warnings
 
 import flax.linen as nn
 import jax
@@ -284,6 +285,30 @@ def test_array_prompts_and_bad_inputs(model):
         generate(cfg, params, [[1], [256]], **kw)
     with pytest.raises(ValueError, match="check_every must be >= 1"):
         generate(cfg, params, PROMPTS, check_every=0, **kw)
+
+
+def test_a_prompts_sample_depends_on_its_row_not_its_batch_mates(model):
+    """As the module docstring promises: fixed by (rng, row index, prompt) — other prompts in
+    the batch (same bucket here: bit-identical logits) and the batch size do not matter."""
+    cfg, params = model
+    kw = dict(max_new_tokens=N, rng=jax.random.PRNGKey(11), temperature=1.0)
+    p = PROMPTS[1]
+    alone = np.asarray(generate(cfg, params, [p], **kw).tokens)
+    mates = np.asarray(generate(cfg, params, [p, [9, 9], [3, 1, 4, 1, 5], [2]], **kw).tokens)
+    np.testing.assert_array_equal(alone[0], mates[0])
+    second = np.asarray(generate(cfg, params, [[9, 9], p], **kw).tokens)
+    assert not np.array_equal(alone[0], second[1])  # another row index: another sample
+
+
+def test_past_max_seq_len_warns_and_runs(model):
+    cfg, params = model  # max_seq_len 256
+    kw = dict(rng=jax.random.PRNGKey(0), temperature=0)
+    with pytest.warns(UserWarning, match=r"prompt 1 \(250 tokens\).*past the model's max_seq"):
+        out = generate(cfg, params, [[1, 2], list(range(1, 251))], max_new_tokens=8, **kw)
+    assert out.tokens.shape == (2, 8)  # nothing truncated: positions extrapolate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(cfg, params, [list(range(1, 249))], max_new_tokens=8, **kw)  # ends at 255
 
 
 def test_same_tokens_under_a_sharded_mesh(model):

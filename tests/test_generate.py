@@ -1,0 +1,27 @@
+"""`python -m flaxlm.generate`: bad flags fail before any checkpoint is read (the model
+directory here does not exist, so reaching the loader would fail differently)."""
+
+import re
+
+import pytest
+
+from flaxlm import generate as cli
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--top_k", "-2"], "--top_k must be >= 0"),
+        (["--top_p", "0"], r"--top_p must be in \(0, 1\]"),
+        (["--top_p", "1.5"], r"--top_p must be in \(0, 1\]"),
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--system", "Be brief."], "--system needs --chat"),
+    ],
+)
+def test_bad_flags_are_usage_errors(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(tmp_path / "no_such_run"), "--prompt", "hi", *flags])
+    assert e.value.code == 2  # argparse's usage error, not a traceback from generate
+    assert re.search(message, capsys.readouterr().err)
