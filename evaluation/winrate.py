@@ -1,12 +1,26 @@
 """Reward-model win rate: how often model A's responses out-score model B's (or references).
 
 `score(prompts, responses) -> list[float]` is any reward function: a trained reward model
-(`reward_model_scorer` wraps models/heads.py's ScalarHeadModel to take text) or the built-in
-world's judge.
+(`reward_model_scorer` wraps models/heads.py's ScalarHeadModel to take text; `load_reward_scorer`
+loads a reward-model run) or the built-in world's judge.
+
+Command line, on two completion files (`python -m flaxlm.generate MODEL --chat --json`'s output,
+or any jsonl of {"prompt", "completion"}) with the same prompts in the same order:
+
+    python -m flaxlm.generate runs/dpo --prompts_file p.txt --chat --json > dpo.jsonl
+    python -m flaxlm.generate runs/sft --prompts_file p.txt --chat --json > sft.jsonl
+    python -m flaxlm.evaluation.winrate --reward_model runs/rm dpo.jsonl sft.jsonl
+
+prints the win rate of A (first file) over B with a bootstrap 95% interval over prompts, the
+wins, losses and ties and both mean rewards (`--out FILE` also writes them and per-prompt scores
+as JSON). Prompts are user turns, rendered with the chat template as in reward training.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -38,7 +52,14 @@ def win_rate(
     sb = [float(x) for x in score(prompts, responses_b)]
     if len(sa) != n or len(sb) != n:
         raise ValueError(f"win_rate: score returned {len(sa)}/{len(sb)} values for {n} prompts")
-    diff = [a - b for a, b in zip(sa, sb)]
+    return win_rate_from_scores(sa, sb, tie_margin=tie_margin)
+
+
+def win_rate_from_scores(sa: Sequence[float], sb: Sequence[float], *,
+                         tie_margin: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """`win_rate`'s figures from the two responses' scores per prompt."""
+    n = len(sa)
+    diff = [a - b for a, b in zip(sa, sb, strict=True)]
     wins = sum(d > tie_margin for d in diff)
     losses = sum(d < -tie_margin for d in diff)
     ties = n - wins - losses
@@ -87,3 +108,98 @@ def reward_model_scorer(cfg, params, tok, *, batch_size: int = 16) -> ScoreFn:
         return out
 
     return score
+
+
+def load_reward_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> ScoreFn:
+    """`reward_model_scorer` of a reward-model run (alignment/reward.py), on one device; `tok`
+    defaults to the run's own tokenizer (its checkpoint meta)."""
+    from flaxlm.alignment.rl_common import load_scalar_params
+    from flaxlm.models.config import ModelConfig
+    from flaxlm.models.heads import scalar_model_fns
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+    from flaxlm.train.checkpoint import CheckpointError, read_meta
+    from flaxlm.train.state import unbox
+
+    meta = read_meta(run_dir)[1]
+    if meta.get("head") != "scalar":
+        raise CheckpointError(f"{run_dir}: not a reward-model run (head {meta.get('head')!r})")
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    if tok is None:
+        tok = load_tokenizer(meta.get("tokenizer", ""), cfg.vocab_size)
+    init, _ = scalar_model_fns(cfg)
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+        unbox(jax.eval_shape(init, jax.random.PRNGKey(0))),
+    )
+    return reward_model_scorer(cfg, load_scalar_params(run_dir, target), tok, batch_size=batch_size)
+
+
+def bootstrap_interval(margins: Sequence[float], tie_margin: float = 0.0, n_boot: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """95% percentile interval of the win rate, resampling prompts with replacement."""
+    d = np.asarray(margins, np.float64)
+    per_prompt = np.where(d > tie_margin, 1.0, np.where(d < -tie_margin, 0.0, 0.5))
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    rates = per_prompt[idx].mean(axis=1)
+    return float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))
+
+
+def read_completions(path: str) -> list[tuple[str, str]]:
+    """(prompt, completion) of each line of a completion file; bad lines name file:line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                out.append((rec["prompt"], rec["completion"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f'{path}:{lineno}: not a {{"prompt", "completion"}} JSON object ({e!r})'
+                ) from None
+    if not out:
+        raise ValueError(f"{path}: no completions")
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation.winrate",
+                                description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.add_argument("a", help="completion file of model A (jsonl: prompt, completion)")
+    p.add_argument("b", help="completion file of model B, the same prompts in the same order")
+    p.add_argument("--reward_model", required=True, help="reward-model run directory")
+    p.add_argument("--tie_margin", type=float, default=0.0, help="|a - b| <= this is a tie")
+    p.add_argument("--batch", type=int, default=16, help="rows per reward-model call")
+    p.add_argument("--out", default="", help="also write the result (and per-prompt scores) here")
+    args = p.parse_args(argv)
+    try:
+        a, b = read_completions(args.a), read_completions(args.b)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    if len(a) != len(b):
+        raise SystemExit(f"{args.a} has {len(a)} completions, {args.b} has {len(b)}")
+    for i, ((pa, _), (pb, _)) in enumerate(zip(a, b), 1):
+        if pa != pb:
+            raise SystemExit(f"completion {i}: the prompts differ ({pa!r} vs {pb!r})")
+    if not os.path.isdir(os.path.join(args.reward_model, "checkpoints")):
+        raise SystemExit(f"--reward_model {args.reward_model}: not a run directory")
+    score = load_reward_scorer(args.reward_model, batch_size=args.batch)
+    prompts = [x[0] for x in a]
+    sa = [float(x) for x in score(prompts, [x[1] for x in a])]
+    sb = [float(x) for x in score(prompts, [x[1] for x in b])]
+    res = win_rate_from_scores(sa, sb, tie_margin=args.tie_margin)
+    lo, hi = bootstrap_interval([x - y for x, y in zip(sa, sb)], args.tie_margin)
+    res.update(ci95_low=lo, ci95_high=hi, a=args.a, b=args.b, reward_model=args.reward_model)
+    print(f"win rate of {args.a} over {args.b}: {res['win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; "
+          f"{res['wins']} wins, {res['losses']} losses, {res['ties']} ties of {res['n']}); "
+          f"mean reward {res['mean_a']:.4f} vs {res['mean_b']:.4f}")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**res, "scores_a": sa, "scores_b": sb}, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

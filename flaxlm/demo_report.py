@@ -30,21 +30,9 @@ SAMPLES = 4
 
 
 def _reward_scorer(run_dir: str, tok):
-    from flaxlm.alignment.rl_common import load_scalar_params
-    from flaxlm.evaluation.winrate import reward_model_scorer
-    from flaxlm.models.config import ModelConfig
-    from flaxlm.models.heads import scalar_model_fns
-    from flaxlm.train.checkpoint import read_meta
-    from flaxlm.train.state import unbox
+    from flaxlm.evaluation.winrate import load_reward_scorer
 
-    cfg = ModelConfig.from_dict(read_meta(run_dir)[1]["model_config"])
-    init, _ = scalar_model_fns(cfg)
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
-        unbox(jax.eval_shape(init, jax.random.PRNGKey(0))),
-    )
-    return reward_model_scorer(cfg, load_scalar_params(run_dir, target), tok, batch_size=64)
+    return load_reward_scorer(run_dir, tok, batch_size=64)
 
 
 def sequence_kl(

@@ -1,0 +1,87 @@
+"""The win-rate command line: two completion files scored by a reward-model run."""
+
+import json
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from flaxlm.data import tokenizer
+from flaxlm.evaluation import winrate
+from flaxlm.models.config import get_variant
+from flaxlm.models.heads import scalar_model_fns
+from flaxlm.train.checkpoint import Checkpointer, CheckpointError
+from flaxlm.train.state import unbox
+
+PROMPTS = ["where does Kavo live", "the city of Brel", "is 42 a number", "say yes or no"]
+
+
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory):
+    """A reward-model run with random weights and its own SentencePiece tokenizer."""
+    root = tmp_path_factory.mktemp("rm")
+    rng = random.Random(0)
+    words = "where does Kavo live in Brel the city of 42 yes no a number say or".split()
+    texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(1000)]
+    tok = tokenizer.train(texts, 400, model_path=str(root / "tokenizer.model"))
+    cfg = get_variant("tiny", vocab_size=512, n_layers=1)
+    params = unbox(scalar_model_fns(cfg)[0](jax.random.PRNGKey(0)))
+    meta = {"model_config": cfg.to_dict(), "tokenizer": str(root / "tokenizer.model"),
+            "head": "scalar", "lora": {}}  # fmt: skip
+    ck = Checkpointer(str(root / "run"), keep=1, async_save=False)
+    ck.save(1, {"params": params}, {}, meta)
+    ck.wait()
+    ck.close()
+    return str(root / "run"), tok
+
+
+def _write(path, completions, prompts=PROMPTS):
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                            for p, c in zip(prompts, completions)))  # fmt: skip
+    return str(path)
+
+
+def test_win_rate_of_two_completion_files(rm_run, tmp_path, capsys):
+    run, tok = rm_run
+    a = ["Kavo lives in Brel", "yes", "42 is a number", "no"]
+    b = ["no", "the city", "a", "yes or no"]
+    out = tmp_path / "res.json"
+    res = winrate.main([_write(tmp_path / "a.jsonl", a), _write(tmp_path / "b.jsonl", b),
+                        "--reward_model", run, "--out", str(out)])  # fmt: skip
+    saved = json.loads(out.read_text())
+    score = winrate.load_reward_scorer(run)  # the run's own tokenizer, from its meta
+    sa, sb = np.asarray(score(PROMPTS, a)), np.asarray(score(PROMPTS, b))
+    np.testing.assert_allclose(saved["scores_a"], sa, rtol=1e-6)
+    np.testing.assert_allclose(saved["scores_b"], sb, rtol=1e-6)
+    assert len(set(np.round(sa, 6))) > 1  # the reward model's scores, not a constant
+    want = (np.sum(sa > sb) + 0.5 * np.sum(sa == sb)) / len(PROMPTS)
+    assert res["win_rate"] == pytest.approx(want) and res["n"] == 4
+    assert res["ci95_low"] <= res["win_rate"] <= res["ci95_high"]
+    assert "win rate of" in capsys.readouterr().out
+    # A file against itself: all ties, a degenerate interval.
+    same = winrate.main([str(tmp_path / "a.jsonl")] * 2 + ["--reward_model", run])
+    assert (same["win_rate"], same["ties"], same["ci95_low"], same["ci95_high"]) == (
+        0.5, 4, 0.5, 0.5,
+    )  # fmt: skip
+
+
+def test_bad_completion_files_and_runs_are_named(rm_run, tmp_path):
+    run, _ = rm_run
+    a = _write(tmp_path / "a.jsonl", ["x"] * 4)
+    swapped = [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3]]
+    with pytest.raises(SystemExit, match="completion 2: the prompts differ"):
+        winrate.main([a, _write(tmp_path / "b.jsonl", ["x"] * 4, swapped), "--reward_model", run])
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "completion": "c"}\n{"prompt": 1}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: not a"):
+        winrate.main([a, str(tmp_path / "bad.jsonl"), "--reward_model", run])
+    with pytest.raises(SystemExit, match="has 4 completions"):
+        winrate.main([a, _write(tmp_path / "c.jsonl", ["x"] * 3), "--reward_model", run])
+    with pytest.raises(SystemExit, match="not a run directory"):
+        winrate.main([a, a, "--reward_model", str(tmp_path)])
+    lm = tmp_path / "lm"
+    ck = Checkpointer(str(lm), keep=1, async_save=False)  # a run whose meta says head "lm"
+    ck.save(1, {"params": {}}, {}, {"head": "lm"})
+    ck.wait()
+    with pytest.raises(CheckpointError, match="not a reward-model run"):
+        winrate.load_reward_scorer(str(lm))
