@@ -300,10 +300,13 @@ _CONTROL_RE = re.compile(
 _ALPHA_RE = re.compile(r"[^\W\d_]")
 
 
+# Words are separated by any whitespace run: extracted web text often has doubled spaces or
+# no-break spaces (U+00A0, which NFC keeps) in exactly these footer/navigation lines.
 _BOILERPLATE_RE = re.compile(
-    r"cookie|privacy policy|terms of (use|service)|all rights reserved|subscribe|newsletter|"
-    r"\blog ?in\s*(\||to\b|$)|\bsign ?up\b|forgot (your )?password|click here|advertisement|"
-    r"share on |read more|javascript|\bhome \| |skip to (main )?content",
+    r"cookie|privacy\s+policy|terms\s+of\s+(use|service)|all\s+rights\s+reserved|subscribe|"
+    r"newsletter|\blog\s?in\s*(\||to\b|$)|\bsign\s?up\b|forgot\s+(your\s+)?password|"
+    r"click\s+here|advertisement|share\s+on\s|read\s+more|javascript|\bhome\s+\|\s|"
+    r"skip\s+to\s+(main\s+)?content",
     re.IGNORECASE,
 )
 _SYMBOL_LINE_RE = re.compile(r"^[\W_]{3,}$")

@@ -18,7 +18,10 @@ cut). Either way every pair of every document appears exactly once per epoch.
 
 Order of operations per source: grain ``MapDataset`` → ``shuffle(seed)`` (re-shuffled every
 epoch) → ``repeat(num_epochs)`` → ``[process_index::process_count]`` → tokenize. Sources are then
-interleaved by ``MapDataset.mix`` in proportion to their weights (counted in documents). Every
+interleaved by ``MapDataset.mix`` in proportion to their weights, counted in documents, not
+tokens (a source of longer documents gets a larger share of the tokens). With ``num_epochs > 0``
+a mixture ends when its first source runs out, so the other sources are used only in part
+(logged as a warning); weights proportional to the sources' sizes use every document. Every
 step is index arithmetic, so the whole state is the next document index plus the packer's
 position inside the document it was cutting: ``get_state()`` returns a small JSON dict and
 ``set_state`` resumes exactly (the tests check it in a fresh process).
@@ -49,7 +52,7 @@ def data_config() -> ml_collections.ConfigDict:
     """Defaults of the ``data`` config section (configs/common.py imports this)."""
     c = ml_collections.ConfigDict()
     # Comma-separated "PATTERN[:WEIGHT]" entries: jsonl, parquet, text files or ArrayRecord shard
-    # directories from flaxlm.data.preprocess. "" = the built-in corpus.
+    # directories from flaxlm.data.preprocess. "" = the built-in corpus. Weights count documents.
     c.sources = ""
     c.text_field = "text"  # jsonl/parquet field that holds the document
     c.txt_mode = "file"  # plain text: one document per "file", "line" or "blank"-separated block
@@ -59,7 +62,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.add_bos = True  # start every document with BOS
     c.add_eos = True  # end every document with EOS (so the model learns to stop)
     c.pack_mode = "split"  # "split": rows full, documents may continue in the next row; "pad"
-    c.num_epochs = 0  # passes over each source; 0 = repeat forever
+    c.num_epochs = 0  # passes over each source (a mixture stops at its first); 0 = forever
     c.shuffle = True  # shuffle documents (by the run's seed), differently every epoch
     c.read_threads = 4  # grain threads that read and tokenize
     c.prefetch = 256  # documents grain reads ahead
@@ -303,6 +306,19 @@ def make_pretrain_iterator(
         logging.warning("data: skipped %d bad records: %s", log.total, log.to_dict())
     weights = [w for _, w in entries]
     ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    if len(datasets) > 1 and data_cfg.num_epochs:
+        # grain's mix ends at the first exhausted source: the others are silently cut short.
+        have = [len(d) for d in datasets]
+        used = [min(h, round(len(ds) * w / sum(weights))) for h, w in zip(have, weights)]
+        if sum(used) < sum(have) - len(have):  # beyond the rounding of the interleave
+            logging.warning(
+                "data: num_epochs=%d with a weighted mixture stops when the first source runs "
+                "out; documents used per source (this process): %s of %s. Weights proportional "
+                "to the source sizes use them all.",
+                data_cfg.num_epochs,
+                used,
+                have,
+            )
     read = grain.ReadOptions(
         num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.prefetch
     )

@@ -192,3 +192,17 @@ def test_boilerplate_lines_are_stripped_and_boilerplate_pages_dropped():
     )
     assert cleaner(junk) is None and cleaner.removed["boilerplate"] == 1
     assert cleaner.report()["boilerplate_lines_stripped"] == 6
+
+
+def test_boilerplate_lines_with_doubled_or_no_break_spaces_are_stripped():
+    # Extracted web text often separates footer words by several spaces or U+00A0 (NFC keeps
+    # it); such lines were kept, so copies that differ only in spacing were no longer exact dups.
+    from flaxlm.data.clean import strip_boilerplate
+
+    story = "The fisherman rowed out before dawn and came back with a boat full of silver fish."
+    for sep in ("  ", "\u00a0", "\t"):
+        lines = ["Skip to main content", "Privacy Policy", "All rights reserved", "Home | About"]
+        page = "\n".join(
+            [lines[0].replace(" ", sep), story] + [ln.replace(" ", sep) for ln in lines[1:]]
+        )
+        assert strip_boilerplate(page)[:2] == (story, 4), repr(sep)

@@ -297,3 +297,18 @@ def test_parse_sources():
     assert pipeline.parse_sources("") == []
     with pytest.raises(ValueError, match="must be > 0"):
         pipeline.parse_sources("a:0")
+
+
+def test_finite_mixture_warns_that_it_stops_at_the_first_exhausted_source(tmp_path, tok, caplog):
+    # grain's mix ends when one source runs out: with num_epochs=1 and equal weights only 10 of
+    # the 40 documents of `a` are ever read. That used to happen silently.
+    a = write_jsonl(tmp_path / "a.jsonl", corpus(8, 40))
+    b = write_jsonl(tmp_path / "b.jsonl", corpus(9, 10))
+    with caplog.at_level("WARNING"):
+        it = make(cfg_for(f"{a}:1,{b}:1", tok, num_epochs=1))
+    assert "[10, 10] of [40, 10]" in caplog.text
+    assert sum(1 for _ in it._docs) == 20
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # weights proportional to the sizes use every document
+        it = make(cfg_for(f"{a}:4,{b}:1", tok, num_epochs=1))
+    assert "mixture" not in caplog.text and sum(1 for _ in it._docs) == 50
