@@ -1,13 +1,11 @@
 """The win-rate command line: two completion files scored by a reward-model run."""
 
 import json
-import random
 
 import jax
 import numpy as np
 import pytest
 
-from flaxlm.data import tokenizer
 from flaxlm.evaluation import winrate
 from flaxlm.models.config import get_variant
 from flaxlm.models.heads import scalar_model_fns
@@ -18,16 +16,13 @@ PROMPTS = ["where does Kavo live", "the city of Brel", "is 42 a number", "say ye
 
 
 @pytest.fixture(scope="module")
-def rm_run(tmp_path_factory):
+def rm_run(tmp_path_factory, chat_tokenizer):
     """A reward-model run with random weights and its own SentencePiece tokenizer."""
     root = tmp_path_factory.mktemp("rm")
-    rng = random.Random(0)
-    words = "where does Kavo live in Brel the city of 42 yes no a number say or".split()
-    texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(1000)]
-    tok = tokenizer.train(texts, 400, model_path=str(root / "tokenizer.model"))
+    tok_path, tok = chat_tokenizer
     cfg = get_variant("tiny", vocab_size=512, n_layers=1)
     params = unbox(scalar_model_fns(cfg)[0](jax.random.PRNGKey(0)))
-    meta = {"model_config": cfg.to_dict(), "tokenizer": str(root / "tokenizer.model"),
+    meta = {"model_config": cfg.to_dict(), "tokenizer": tok_path,
             "head": "scalar", "lora": {}}  # fmt: skip
     ck = Checkpointer(str(root / "run"), keep=1, async_save=False)
     ck.save(1, {"params": params}, {}, meta)

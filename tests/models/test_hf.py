@@ -291,15 +291,13 @@ def test_cli_import_then_export(tmp_path):
         hf.main(["export", str(tmp_path / "run"), str(tmp_path / "back")])
 
 
-def test_export_gives_transformers_flaxlm_chat_template(tmp_path):
+def test_export_gives_transformers_flaxlm_chat_template(tmp_path, chat_tokenizer):
     """A run with flaxlm's own SentencePiece tokenizer exports tokenizer_config.json (chat
     template, special tokens) and generation_config.json (stop tokens). The template is
     rendered with jinja2 as transformers renders it, and the text tokenized by the rule of
     transformers' non-legacy Llama tokenizer (split at special tokens; a later segment gets no
     "▁" of its own); that must give render_chat's ids. make_hf_fixtures.py --check runs
     transformers itself on the same export."""
-    import random
-
     import jinja2
 
     from flaxlm.data import formats, tokenizer
@@ -307,15 +305,10 @@ def test_export_gives_transformers_flaxlm_chat_template(tmp_path):
     from flaxlm.train.pretrain import model_fns
     from flaxlm.train.state import unbox
 
-    rng = random.Random(0)
-    words = "where does Kavo live in Brel the city of 42 yes no a".split()
-    texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(1000)]
-    tok = tokenizer.train(texts, 400, model_path=str(tmp_path / "tokenizer.model"))
+    tok_path, tok = chat_tokenizer
     cfg = get_variant("tiny", vocab_size=512, n_layers=1)
     params = unbox(model_fns(cfg)[0](jax.random.PRNGKey(0)))
-    hf.save_pretrained(
-        cfg, params, str(tmp_path / "hf"), tokenizer=str(tmp_path / "tokenizer.model")
-    )
+    hf.save_pretrained(cfg, params, str(tmp_path / "hf"), tokenizer=tok_path)
     hf.import_to_run(str(tmp_path / "hf"), str(tmp_path / "run"))
     hf.export_run(str(tmp_path / "run"), str(tmp_path / "out"))
     tc = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
