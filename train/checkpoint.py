@@ -98,6 +98,17 @@ class Checkpointer:
         self.manager.close()
 
 
+class _NoReadOnlyNotice(logging.Filter):
+    """Orbax warns "Given directory is read only" for every read-only manager, i.e. on every
+    checkpoint this module reads (eval, generate, init_from, the demo's report): noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_NoReadOnlyNotice())
+
+
 def quiet_orbax_logs() -> None:
     """CLIs: orbax logs ~25 INFO lines per save through absl's logger, burying the run's own
     lines; keep its warnings. FLAXLM_ORBAX_LOGS=1 keeps everything (debugging a save)."""

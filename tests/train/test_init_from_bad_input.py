@@ -66,3 +66,11 @@ def test_unreadable_meta_names_the_step(source, tmp_path):
     os.remove(os.path.join(run, "checkpoints", "1", "meta", "metadata"))
     with pytest.raises(CheckpointError, match=r"cannot read the meta of checkpoint .*/run/"):
         read_meta(run)
+
+
+def test_reading_a_checkpoint_logs_no_read_only_notice(source, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    read_meta(source)
+    assert "Given directory is read only" not in caplog.text
