@@ -352,10 +352,10 @@ def main(argv=None) -> dict:
     if os.path.exists(os.path.join(args.output, "report.json")) or any(map(os.path.isdir, subs)):
         if not args.overwrite:
             raise SystemExit(f"{args.output} already holds a preprocess run (use --overwrite)")
-        for sub in subs:  # never delete what this run is about to read
-            for p in S.expand_paths(args.input):
-                if os.path.realpath(p).startswith(os.path.realpath(sub) + os.sep):
-                    raise SystemExit(f"--overwrite would delete input {p}; write elsewhere")
+        doomed = [os.path.realpath(sub) + os.sep for sub in subs]
+        for p in S.expand_paths(args.input):  # never delete what this run is about to read
+            if os.path.realpath(p).startswith(tuple(doomed)):
+                raise SystemExit(f"--overwrite would delete input {p}; write elsewhere")
         for sub in subs:
             shutil.rmtree(sub, ignore_errors=True)
     report = run(args.input, args.output, cfg)

@@ -29,12 +29,6 @@ SAMPLES = 4
 # Evaluation
 
 
-def _reward_scorer(run_dir: str, tok):
-    from flaxlm.evaluation.winrate import load_reward_scorer
-
-    return load_reward_scorer(run_dir, tok, batch_size=64)
-
-
 def sequence_kl(
     cfg,
     params,
@@ -83,7 +77,9 @@ def evaluate_all(dirs: dict, limit: int) -> dict:
         cfg, params, meta = load_policy(dirs[name])
         tok = Tokenizer.load(meta["tokenizer"])
         if rm is None and os.path.isdir(os.path.join(dirs["reward"], "checkpoints")):
-            rm = _reward_scorer(dirs["reward"], tok)
+            from flaxlm.evaluation.winrate import load_reward_scorer
+
+            rm = load_reward_scorer(dirs["reward"], tok, batch_size=64)
         ev = Evaluator(cfg, params, tok, gen_batch_size=64)
         chat = name != "pretrain"  # post-trained models answer in the chat template
         row = {}
