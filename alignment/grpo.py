@@ -10,7 +10,9 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      call with the current policy (temperature `rollout.temperature`);
   2. rewards: r_i = Σ_k w_k·f_k(meta, response) over `grpo.rewards` (see REWARDS; any callable
      `(meta, response_text) -> float` can be named as "module:function" in `grpo.rewards`,
-     registered, or passed to `build_task`; `meta` is the prompt record's, configs/grpo.py);
+     registered, or passed to `build_task`; `meta` is the prompt record's, configs/grpo.py; a
+     function with a `prompt` parameter also gets the prompt as chat turns, `prompt=[{"role",
+     "content"}, ...]`);
   3. advantages per group (`group_advantages`): A_i = (r_i − mean_g r) / (std_g r + ε)
      (`scale_by_std=False`: just r_i − mean_g r, Dr. GRPO), the same for every token of i;
   4. score (one jitted call): log π_old and log π_ref per token;
@@ -247,7 +249,7 @@ class GRPOSource(RolloutSource):
         t0 = time.perf_counter()
         reward, valid, errors, parts = np.zeros(r.batch, np.float32), np.ones(r.batch, bool), [], {}
         for name, fn, w in self.rewards:  # each function once per sample
-            vals, ok, errs = call_reward_fns([fn], [1.0], s["metas"], s["texts"])
+            vals, ok, errs = call_reward_fns([fn], [1.0], s["metas"], s["texts"], s["messages"])
             reward, valid, errors, parts[name] = reward + w * vals, valid & ok, errors + errs, vals
         self.log_errors(errors, int(valid.sum()))
         reward = np.where(s["empty"], r.empty_reward, reward) - r.nonstop_penalty * (~s["stopped"])

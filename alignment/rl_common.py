@@ -36,7 +36,7 @@ from flaxlm.data import formats as F
 from flaxlm.data.synthetic_judge import TASKS
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
-from flaxlm.models.decode import generate
+from flaxlm.models.decode import generate, prompt_keys
 from flaxlm.models.heads import scalar_model_fns, sequence_values
 from flaxlm.models.sharding import shard_batch, use_mesh
 from flaxlm.train import checkpoint as ckpt_lib
@@ -79,7 +79,8 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
 
 
 def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict]:
-    """Rendered generation prompts {"ids", "meta", "loc"} of every record in `spec`."""
+    """Rendered generation prompts {"ids", "meta", "loc", "messages" (the prompt as chat turns)}
+    of every record in `spec`."""
     d, fields = config.data, config.data.fields
     max_len = config.rollout.max_prompt_len
     out = []
@@ -104,7 +105,8 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
         report.used += 1
         report.tokens += len(ids)
         meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
-        out.append({"ids": np.asarray(ids, np.int32), "meta": meta, "loc": loc})
+        out.append({"ids": np.asarray(ids, np.int32), "meta": meta, "loc": loc,
+                    "messages": prompt})  # fmt: skip
     return out
 
 
@@ -360,7 +362,8 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
     """policy params -> {"<set>/accuracy", "/judge", "/stopped", "/response_len"
     [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts), and
     with `gen_cfg.sample_temperature` > 0 also "<set>/sampled_accuracy": `gen_cfg.samples`
-    samples per prompt at that temperature with fixed keys (what on-policy RL optimises)."""
+    samples per prompt at that temperature (sample k of example j with key fold_in(PRNGKey(k +
+    1), j), whatever `gen_cfg.batch`; what on-policy RL optimises)."""
     from flaxlm.alignment import sft
 
     score = reward_scorer(rm[1]) if rm is not None else None
@@ -397,7 +400,7 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
             for k in range(n_samples if temp > 0 else 0):
                 out = jax.device_get(generate(
                     cfg, policy, prompts, max_new_tokens=gen_cfg.max_new_tokens,
-                    rng=jax.random.PRNGKey(1000 * k + i + 1), temperature=temp,
+                    rng=prompt_keys(jax.random.PRNGKey(k + 1), range(i, i + bs)), temperature=temp,
                     stop_tokens=template.stop_tokens, pad_id=pad_id, mesh=mesh, rules=rules,
                 ))  # fmt: skip
                 texts, _ = decode_responses(template.tok, out.tokens, out.lengths,

@@ -45,6 +45,7 @@ Bad input (a stated policy; each case is counted in the "rollout/..." metrics):
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -93,17 +94,34 @@ def kl_penalty(logp, ref_logp, kind: str):
     raise ValueError(f"kl estimator {kind!r}; expected k1 | k3")
 
 
-def call_reward_fns(fns, weights, metas, texts) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Σ_i w_i·fn_i(meta, text) per sample; (rewards, valid, error messages). A function that
-    raises or returns a non-finite number invalidates the sample (the policy above)."""
+def wants_prompt(fn) -> bool:
+    """Whether a reward function takes the prompt too: a parameter named `prompt` (or
+    **kwargs) after (meta, response)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: (meta, response) only
+        return False
+    return any(p.name == "prompt" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def call_reward_fns(
+    fns, weights, metas, texts, prompts=None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Σ_i w_i·fn_i(meta, text) per sample — fn_i(meta, text, prompt=messages) for a function
+    that takes `prompt` (`wants_prompt`), `prompts` giving each sample's prompt as chat
+    messages; (rewards, valid, error messages). A function that raises or returns a
+    non-finite number invalidates the sample (the policy above)."""
     rewards = np.zeros(len(texts), np.float64)
     valid = np.ones(len(texts), bool)
     errors = []
+    takes_prompt = [wants_prompt(fn) for fn in fns]
+    if prompts is None and any(takes_prompt):
+        raise ValueError("call_reward_fns: a reward function takes `prompt` but none was given")
     for j, (meta, text) in enumerate(zip(metas, texts)):
-        for fn, w in zip(fns, weights):
+        for fn, w, with_prompt in zip(fns, weights, takes_prompt):
             name = getattr(fn, "__name__", repr(fn))
             try:
-                r = float(fn(meta, text))
+                r = float(fn(meta, text, prompt=prompts[j]) if with_prompt else fn(meta, text))
             except Exception as e:  # a user's function: any failure is that sample's
                 valid[j] = False
                 errors.append(f"reward {name} raised {type(e).__name__}: {e}")
@@ -246,6 +264,7 @@ class RolloutSource:
             "rows": rows, "texts": texts, "stopped": stopped, "lengths": out.lengths,
             "empty": np.asarray([not x.strip() for x in texts]), "gen_s": gen_s,
             "metas": [self.prompts[i]["meta"] for i in prompt_idx], "prompt_lens": prompt_lens,
+            "messages": [self.prompts[i].get("messages") for i in prompt_idx],
             "sample_logprobs": response_to_rows(out.logprobs, prompt_lens, self.config.seq_len),
         }  # fmt: skip
 

@@ -23,7 +23,13 @@ float in any importable module (the working directory counts), named as module:f
     --config.data.train=prompts.jsonl --config.eval_gen.sets=heldout.jsonl \
         --config.grpo.rewards=my_rewards:numeric,exact_match:0.1
 
-It is logged as rollout/r_my_rewards.numeric; a sample whose reward raises or is NaN is skipped
+A reward that needs the question too takes a third parameter named `prompt`: the record's
+prompt as chat turns, [{"role": "user", "content": ...}, ...] (a text prompt is one user turn):
+
+    def cites_question(meta, response, prompt):
+        return float(prompt[-1]["content"].split()[0] in response)
+
+Each is logged as rollout/r_<module>.<function> (rollout/r_my_rewards.numeric); a sample whose reward raises or is NaN is skipped
 and counted (rollout/bad_reward). The held-out eval's accuracy is exact match with the
 reference (alignment/sft.py `score`), not your reward.
 """

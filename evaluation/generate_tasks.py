@@ -95,9 +95,10 @@ def make_generate_fn(
     cfg, params, *, batch_size: int = 32, seed: int = 0, stop_tokens=(), pad_id: int = 0
 ) -> GenerateFn:
     """A GenerateFn over `flaxlm.models.decode.generate`, in batches of prompts sorted by length
-    so each batch pads little. Sampling draws batch b's tokens from fold_in(PRNGKey(seed), b):
-    the same seed and prompts give the same samples."""
-    from flaxlm.models.decode import generate
+    so each batch pads little. Prompt i of a call samples with its own key, fold_in(
+    PRNGKey(seed), i) (`decode.prompt_keys`): its sample depends on the seed, i and its ids, not
+    on the batch size or the prompts sorted next to it."""
+    from flaxlm.models.decode import generate, prompt_keys
 
     def fn(
         prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0
@@ -110,14 +111,14 @@ def make_generate_fn(
             # prompt) so a task compiles a couple of batch shapes, not one per remainder.
             idx = order[pos : pos + batch_size]
             pos += len(idx)
-            rows = [prompt_ids[i] for i in idx]
-            rows += [rows[-1]] * (min(batch_size, 1 << (len(rows) - 1).bit_length()) - len(rows))
+            fill = min(batch_size, 1 << (len(idx) - 1).bit_length()) - len(idx)
+            ids = idx + [idx[-1]] * fill
             res = generate(
                 cfg,
                 params,
-                rows,
+                [prompt_ids[i] for i in ids],
                 max_new_tokens=max_new_tokens,
-                rng=jax.random.fold_in(jax.random.PRNGKey(seed), pos),
+                rng=prompt_keys(jax.random.PRNGKey(seed), ids),
                 temperature=temperature,
                 stop_tokens=tuple(stop_tokens),
                 pad_id=pad_id,

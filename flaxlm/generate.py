@@ -16,8 +16,10 @@ Output: per prompt "### PROMPT" then the completion (stop token removed); with -
 object per line, in prompt order: {"prompt", "completion", "n_tokens" (generated, the stop token
 included), "stopped" (ended at a stop token rather than --max_new_tokens)}. Blank lines of
 --prompts_file are skipped. Prompts are not truncated: one that with --max_new_tokens runs past
-the model's max_seq_len generates anyway, with a warning (models/decode.py). A prompt's sample
-depends on --seed, its position (which --batch chunk, which row) and its ids only.
+the model's max_seq_len generates anyway, with a warning (models/decode.py). Prompt i (counting
+from 0, blank lines skipped) samples with its own key, fold_in(PRNGKey(--seed), i): its sample
+depends on --seed, i and its ids only, not on --batch or the other prompts (repeat a prompt to
+draw several samples).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def main(argv=None) -> None:
     import jax
     import numpy as np
 
-    from flaxlm.models.decode import generate
+    from flaxlm.models.decode import generate, prompt_keys
 
     cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype)
     prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
@@ -138,10 +140,12 @@ def main(argv=None) -> None:
     for start in range(0, len(prompts), args.batch):
         chunk = prompts[start : start + args.batch]
         # Fill the last batch up to the batch size (one compiled program for every chunk).
-        rows = chunk + [chunk[-1]] * (min(args.batch, len(prompts)) - len(chunk))
+        fill = min(args.batch, len(prompts)) - len(chunk)
+        rows = chunk + [chunk[-1]] * fill
+        keys = prompt_keys(rng, list(range(start, start + len(chunk))) + [start] * fill)
         out = generate(
             cfg, params, rows, max_new_tokens=args.max_new_tokens,
-            rng=jax.random.fold_in(rng, start), temperature=args.temperature, top_k=args.top_k,
+            rng=keys, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, stop_tokens=stops, pad_id=max(tok.pad_id, 0),
             decode_attention=args.decode_attention,
         )  # fmt: skip

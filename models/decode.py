@@ -32,13 +32,17 @@ Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodifie
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
 computes for that token (what PPO's ratio and KL need), whatever sampler picked the token.
 
-Sampling noise: step i of row b draws from `fold_in(rng, i)` at row index b, so a prompt's
-sample is fixed by (rng, its row index, its prompt) and does not depend on the other prompts in
-the batch or on the batch size (jax's default `jax_threefry_partitionable` random bits) — up
-to float rounding: the batch size and the prompt bucket P (the longest prompt) pick the compiled
-program, whose logits can differ in the last bits and so, rarely, flip a sample. The same
-prompt at another row gets another sample (so `[p] * k` gives k samples); reorder the prompts
-and each one's sample changes.
+Sampling noise: with one key, step i of row b draws from `fold_in(rng, i)` at row index b, so a
+prompt's sample is fixed by (rng, its row index, its prompt) and does not depend on the other
+prompts in the batch or on the batch size (jax's default `jax_threefry_partitionable` random
+bits). The same prompt at another row gets another sample (so `[p] * k` gives k samples);
+reorder the prompts and each one's sample changes. With one key per prompt (`rng` of shape
+(B, ...) — `prompt_keys(key, ids)` makes them), step i of row b draws from
+`fold_in(rng[b], i)`: the sample is fixed by the prompt's own key, wherever and with whatever
+batch mates it runs — what evaluation uses, so a task's samples do not change with the batch
+size, the length-sorted order or the mesh. Either way up to float rounding: the batch size and
+the prompt bucket P (the longest prompt) pick the compiled program, whose logits can differ in
+the last bits and so, rarely, flip a sample.
 
 Length: positions run up to len_b + N - 1. Past `cfg.max_seq_len` (the length the model is meant
 for) nothing is truncated — RoPE extrapolates to positions the model never saw — and `generate`
@@ -120,6 +124,29 @@ def filter_logits(logits_BV, temperature, *, top_k: int = 0, top_p=1.0, use_top_
     return jnp.where(x < thresh[:, None], -jnp.inf, x)
 
 
+def is_key_batch(rng) -> bool:
+    """Whether `rng` is one key per row (a (B, 2) raw uint32 array or (B,) typed keys) rather
+    than one key."""
+    rng = rng if hasattr(rng, "dtype") else np.asarray(rng)  # arrays and abstract ones alike
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return len(rng.shape) == (1 if typed else 2)
+
+
+def prompt_keys(rng, ids) -> jax.Array:
+    """One key per prompt, `fold_in(rng, id)` for each id in `ids` (e.g. each prompt's index in
+    its dataset): pass as `generate(..., rng=...)` so a prompt's sample depends only on its id,
+    not on its row or its batch mates."""
+    ids = jnp.asarray(np.asarray(ids, np.uint32))
+    return jax.vmap(jax.random.fold_in, (None, 0))(rng, ids)
+
+
+def step_key(rng, i):
+    """The key (or per-row keys) for decode step i."""
+    if is_key_batch(rng):
+        return jax.vmap(jax.random.fold_in, (0, None))(rng, i)
+    return jax.random.fold_in(rng, i)
+
+
 def sample_logits(
     logits_BV,
     key,
@@ -132,6 +159,8 @@ def sample_logits(
 ):
     """Samples one token per row; returns (tokens (B,) int32, model logprobs (B,) float32).
 
+    `key` is one key, or one key per row (see `is_key_batch`).
+
     `greedy` (static) takes the argmax. The logprob is the unmodified model's (temperature 1, no
     filtering) at the chosen token — see the module docstring.
     """
@@ -142,7 +171,10 @@ def sample_logits(
         if use_top_p is None:
             use_top_p = float(top_p) < 1.0
         x = filter_logits(logits, temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p)
-        tok = jax.random.categorical(key, x, axis=-1)
+        if is_key_batch(key):  # one key per row: each row's noise from its own key
+            tok = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, x)
+        else:
+            tok = jax.random.categorical(key, x, axis=-1)
     logp = jax.nn.log_softmax(logits, axis=-1)
     tok = tok.astype(jnp.int32)
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
@@ -236,7 +268,7 @@ def _decode_fn(
         }
         cache = _constrain_cache(cache, sharded)
 
-        tok, lp = sample(logits, jax.random.fold_in(rng, 0), temperature)
+        tok, lp = sample(logits, step_key(rng, 0), temperature)
         out_tok = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
         out_lp = jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp)
         done = jnp.isin(tok, stop_ids)
@@ -250,7 +282,7 @@ def _decode_fn(
             i, cache, tok, done, n_gen, out_tok, out_lp = carry
             pos = (lengths_B + i - 1)[:, None]  # token i-1 sits at position len + i - 1
             logits, cache = model.apply(variables, tok[:, None], pos, cache=cache)
-            new, lp = sample(logits[:, 0], jax.random.fold_in(rng, i), temperature)
+            new, lp = sample(logits[:, 0], step_key(rng, i), temperature)
             new = jnp.where(done, pad_id, new)
             lp = jnp.where(done, 0.0, lp)
             out_tok = jax.lax.dynamic_update_slice(out_tok, new[:, None], (0, i))
@@ -362,7 +394,8 @@ def generate(
       max_new_tokens: N >= 1, the output width (and the decode-loop bound). A prompt plus N
         beyond cfg.max_seq_len runs (positions extrapolate) with a warning; see above.
       rng: a PRNG key; the same key gives the same samples for the same prompt at the same row
-        index, whatever the other rows hold (see "Sampling noise" above).
+        index, whatever the other rows hold. Or one key per prompt (`prompt_keys`): then each
+        prompt's samples follow its own key, whatever its row (see "Sampling noise" above).
       temperature: 0 = greedy (argmax); else logits are divided by it before sampling.
       top_k: keep only the k most likely tokens (0 = off). top_p: nucleus mass (1 = off).
       stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths).
@@ -385,14 +418,19 @@ def generate(
     """
     options = {k: v for k, v in locals().items() if k not in ("cfg", "params", "prompts", "rng")}
     fn, tokens, lengths, rest, B = _program(cfg, prompts, **options)
+    rng = _row_keys(rng, B, tokens.shape[0])
     if mesh is None:
         out = fn(params, tokens, lengths, rng, *rest)
     else:
         with use_mesh(mesh, tuple(rules or ())):
             tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
             len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
-            rest = jax.device_put((rng, *rest), replicated(mesh))
-            out = fn(params, tok_d, len_d, rest[0], *rest[1:])
+            if is_key_batch(rng):
+                rng = jax.device_put(rng, batch_sharding(mesh, jnp.ndim(rng)))
+            else:
+                rng = jax.device_put(rng, replicated(mesh))
+            rest = jax.device_put(rest, replicated(mesh))
+            out = fn(params, tok_d, len_d, rng, *rest)
     return out if tokens.shape[0] == B else jax.tree.map(lambda x: x[:B], out)
 
 
@@ -407,8 +445,20 @@ def generate_program(cfg: ModelConfig, prompts, *, rng, **kw) -> tuple:
     call.apply_defaults()  # generate's defaults, the one place they are written
     options = {k: v for k, v in call.arguments.items() if k not in ("cfg", "params", "prompts")}
     del options["rng"]
-    fn, tokens, lengths, rest, _ = _program(cfg, prompts, **options)
-    return fn, (tokens, lengths, rng, *rest)
+    fn, tokens, lengths, rest, B = _program(cfg, prompts, **options)
+    return fn, (tokens, lengths, _row_keys(rng, B, tokens.shape[0]), *rest)
+
+
+def _row_keys(rng, n_prompts: int, rows: int):
+    """`rng` as the program takes it: one key as is; per-prompt keys checked against the
+    prompts and padded (with row 0's key) to the rows the program runs."""
+    if not is_key_batch(rng):
+        return rng
+    if rng.shape[0] != n_prompts:
+        raise ValueError(f"generate: {rng.shape[0]} per-prompt keys for {n_prompts} prompts")
+    if rows > n_prompts:
+        rng = jnp.concatenate([rng, jnp.repeat(rng[:1], rows - n_prompts, axis=0)])
+    return rng
 
 
 def compiled_generate_text(cfg: ModelConfig, params, prompts, *, rng, **kw) -> str:

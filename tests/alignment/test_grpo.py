@@ -183,6 +183,27 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
     with c.unlocked():
         c.rollout.decode_attention = "xla"
 
+    # A reward that takes `prompt` gets each sample's prompt as chat turns, a group's G
+    # samples the same one; (meta, response) rewards next to it are called as before.
+    seen = []
+
+    def with_prompt(meta, response, prompt):
+        seen.append(prompt)
+        return 1.0
+
+    task = grpo.build_task(c, mesh, None, rewards=[("p", with_prompt, 1.0),
+                                                   ("f", lambda m, t: 0.5, 1.0)])  # fmt: skip
+    task.train_batches.before_step(_State(params))
+    assert len(seen) == 16 and all(seen[g * 4] == seen[g * 4 + i] for g in range(4)
+                                   for i in range(4))  # fmt: skip
+    user = [m for m in seen[0] if m["role"] == "user"]
+    known = [p["messages"] for p in task.train_batches.prompts]
+    assert user and all(p in known for p in seen)
+    assert rl_rollout.wants_prompt(lambda meta, response, **kw: 0.0)
+    assert not rl_rollout.wants_prompt(lambda meta, response: 0.0)
+    with pytest.raises(ValueError, match="takes `prompt` but none was given"):
+        rl_rollout.call_reward_fns([with_prompt], [1.0], [{}], ["x"])
+
     # Over-long prompts: truncated from the left (counted) or dropped (counted).
     long_prompt = [{"prompt": "word " * 200, "meta": {}}]
     tpl = source.template

@@ -192,3 +192,19 @@ def _meta(spec, sample):
     path, line = sample["source"].rsplit(":", 1)
     with open(path) as f:
         return json.loads(f.readlines()[int(line) - 1])["meta"]
+
+
+def test_sampled_responses_do_not_depend_on_the_generation_batch_size(model, tok, world_dir):
+    """Each prompt samples with its own key (decode.prompt_keys): the batch size, and so which
+    prompts are sorted into a batch with it, does not change its samples; the seed does."""
+    from flaxlm.evaluation.harness import Evaluator
+
+    cfg, params = model
+    spec = world_tasks(world_dir)["gen_facts_train"].replace(
+        num_fewshot=0, max_new_tokens=6, temperature=1.0, num_samples=2
+    )
+    runs = [Evaluator(cfg, params, tok, gen_batch_size=b).run(spec, limit=5)["samples"]
+            for b in (2, 8)]  # fmt: skip
+    assert [s["responses"] for s in runs[0]] == [s["responses"] for s in runs[1]]
+    other = Evaluator(cfg, params, tok, gen_batch_size=8, seed=1).run(spec, limit=5)["samples"]
+    assert [s["responses"] for s in other] != [s["responses"] for s in runs[0]]

@@ -300,6 +300,32 @@ def test_a_prompts_sample_depends_on_its_row_not_its_batch_mates(model):
     assert not np.array_equal(alone[0], second[1])  # another row index: another sample
 
 
+def test_per_prompt_keys_make_a_sample_independent_of_its_row(model):
+    """With one key per prompt a prompt's sample follows its key: the same at any row, with any
+    batch mates and batch size (same bucket: bit-identical logits); other keys, other samples."""
+    from flaxlm.models.decode import prompt_keys
+
+    cfg, params = model
+    kw = dict(max_new_tokens=N, temperature=1.0)
+    base = jax.random.PRNGKey(11)
+    p, q = PROMPTS[1], [9, 9]
+    alone = np.asarray(generate(cfg, params, [p], rng=prompt_keys(base, [5]), **kw).tokens)
+    moved = generate(cfg, params, [q, [3, 1, 4, 1, 5], p], rng=prompt_keys(base, [0, 1, 5]), **kw)
+    np.testing.assert_array_equal(alone[0], np.asarray(moved.tokens)[2])
+    assert np.asarray(moved.lengths).shape == (3,)
+    # Typed keys work the same way.
+    typed = prompt_keys(jax.random.key(11), [5])
+    np.testing.assert_array_equal(
+        np.asarray(generate(cfg, params, [p], rng=typed, **kw).tokens)[0],
+        np.asarray(generate(cfg, params, [q, p], rng=prompt_keys(jax.random.key(11), [0, 5]),
+                            **kw).tokens)[1],
+    )  # fmt: skip
+    other = np.asarray(generate(cfg, params, [p], rng=prompt_keys(base, [6]), **kw).tokens)
+    assert not np.array_equal(alone[0], other[0])
+    with pytest.raises(ValueError, match="2 per-prompt keys for 3 prompts"):
+        generate(cfg, params, [p, q, q], rng=prompt_keys(base, [0, 1]), **kw)
+
+
 def test_past_max_seq_len_warns_and_runs(model):
     cfg, params = model  # max_seq_len 256
     kw = dict(rng=jax.random.PRNGKey(0), temperature=0)
@@ -333,6 +359,13 @@ def test_same_tokens_under_a_sharded_mesh(model):
     # Heads split over `tensor`, fused on request: still correct.
     fused = generate(cfg, sharded, PROMPTS, mesh=mesh, rules=rules, fuse_projections=True, **kw)
     np.testing.assert_array_equal(fused.tokens, want)
+    # Sampling with per-prompt keys (split over data×fsdp with the rows): the same samples.
+    from flaxlm.models.decode import prompt_keys
+
+    kw = dict(max_new_tokens=N, rng=prompt_keys(jax.random.PRNGKey(3), [0, 1, 2]), temperature=1)
+    want = np.asarray(generate(cfg, params, PROMPTS, **kw).tokens)
+    np.testing.assert_array_equal(generate(cfg, sharded, PROMPTS, mesh=mesh, rules=rules, **kw)
+                                  .tokens, want)  # fmt: skip
 
 
 class _CharTokenizer:

@@ -387,3 +387,20 @@ def test_generate_cli_on_an_hf_directory(tmp_path, capsys):
     assert ids == [[1, 3, 5, 6]] and stops == (2,)
     cli.main(args + ["--chat"])
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_generate_cli_samples_do_not_depend_on_batch(tmp_path, capsys):
+    """Prompt i samples with its own key: --batch 1 and --batch 3 print the same samples."""
+    from flaxlm import generate as cli
+
+    d = _copy("qwen2", tmp_path)
+    _write_hf_tokenizer(d, 50)
+    args = [d, "--prompt", "w1 w2", "--prompt", "w9", "--prompt", "w3 w4 w5", "--json",
+            "--temperature", "1", "--max_new_tokens", "6", "--seed", "3"]  # fmt: skip
+    runs = []
+    for batch in ("1", "3"):
+        cli.main(args + ["--batch", batch])
+        runs.append([json.loads(ln) for ln in capsys.readouterr().out.splitlines()])
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+    cli.main(args[:-2] + ["--seed", "4", "--batch", "3"])
+    assert [json.loads(ln) for ln in capsys.readouterr().out.splitlines()] != runs[0]
