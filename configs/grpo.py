@@ -29,9 +29,9 @@ prompt as chat turns, [{"role": "user", "content": ...}, ...] (a text prompt is 
     def cites_question(meta, response, prompt):
         return float(prompt[-1]["content"].split()[0] in response)
 
-Each is logged as rollout/r_<module>.<function> (rollout/r_my_rewards.numeric); a sample whose reward raises or is NaN is skipped
-and counted (rollout/bad_reward). The held-out eval's accuracy is exact match with the
-reference (alignment/sft.py `score`), not your reward.
+Each is logged as rollout/r_<module>.<function> (rollout/r_my_rewards.numeric); a sample whose
+reward raises or is NaN is skipped and counted (rollout/bad_reward). The held-out eval's
+accuracy is exact match with the reference (alignment/sft.py `score`), not your reward.
 """
 
 from __future__ import annotations
