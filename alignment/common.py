@@ -6,7 +6,7 @@
     meta (where pretraining records its tokenizer), an HF directory, or the built-in world;
   * `load_lm_params(source, target)`: a language model's params from a flaxlm run (plain, LoRA —
     merged — or the backbone of a scalar-head run) or from an HF checkpoint ("hf:DIR");
-  * `init_hooks(kind, lora_spec)`: the loop Task's `load_init_params` / `init_from_transform`
+  * `init_hooks(kind, spec)`: the loop Task's `load_init_params` / `init_from_transform`
     that put those params into the task's own param tree ({"transformer", "head"}, LoRA's
     {"base", "lora"}); `load_policy(run_dir)`: (cfg, plain params, meta) of any LM run.
 

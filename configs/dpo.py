@@ -4,7 +4,9 @@
         --config.init_from=runs/sft --workdir runs/dpo [--config.dpo.loss_type=ipo]
 
 arg keys: variant (sizes of the run; the architecture comes from init_from), runlocal (a
-CPU-sized run), steps (0 = default), loss (dpo.loss_type), lora (adapter rank; 0 = full).
+CPU-sized run), steps (0 = default), loss (dpo.loss_type with its usual dpo.beta and
+dpo.label_smoothing; `--config.dpo.loss_type` alone keeps sigmoid's β = 0.1 and ε = 0), lora
+(adapter rank; 0 = full; > 0 also multiplies opt.lr by 10).
 
 Data: `data.train`, `data.eval` and `eval_gen.sets` default to the built-in demo world's; for
 your own pairs set all three (preference records as in configs/reward.py; eval_gen.sets: chats or

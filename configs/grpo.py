@@ -32,6 +32,9 @@ prompt as chat turns, [{"role": "user", "content": ...}, ...] (a text prompt is 
 Each is logged as rollout/r_<module>.<function> (rollout/r_my_rewards.numeric); a sample whose
 reward raises or is NaN is skipped and counted (rollout/bad_reward). The held-out eval's
 accuracy is exact match with the reference (alignment/sft.py `score`), not your reward.
+
+`data.eval` and `data.shuffle` are not read here: held-out prompts come from `eval_gen.sets`
+and `rollout.heldout_prompts`, and the prompts are reshuffled every epoch (by `seed`).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ your own set both (records {"prompt": text or messages, "meta": {...}}, alignmen
 held-out: chats or prompts with meta.answer, scored by exact match; "" = no generation eval):
 
     --config.data.train=prompts.jsonl --config.eval_gen.sets=chat_heldout.jsonl
+
+`data.eval` and `data.shuffle` are not read here: held-out prompts come from `eval_gen.sets`
+and `rollout.heldout_prompts`, and the prompts are reshuffled every epoch (by `seed`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     python -m flaxlm.data.preprocess --input runs/demo/world/pretrain.jsonl \
         --output runs/demo/data --config configs/preprocess_world.py \
-        --config.clean.toxic_lists=default,runs/demo/world/unsafe_words.txt
+        --config.clean.toxic_lists=default,runs/demo/world/unsafe_words.txt \
+        --config.dedup.decontam_paths=runs/demo/world/heldout_text.jsonl
 
 The world's documents are short, formulaic synthetic texts (biographies of 3–5 sentences,
 arithmetic drills, spelled-out words), so web-tuned Gopher thresholds would discard most clean
@@ -10,7 +11,7 @@ documents: the length, word-length, stop-word and n-gram-repetition limits are r
 Everything aimed at noise stays on: boilerplate/symbol-line stripping and the boilerplate page
 filter, the word-list filter (the world's own unsafe words are added on the command line),
 PII redaction, exact and MinHash near-duplicate removal, and decontamination against the
-held-out text used for perplexity.
+held-out text used for perplexity (its path is given on the command line too).
 """
 
 from flaxlm.data.preprocess import preprocess_config

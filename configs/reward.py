@@ -3,9 +3,11 @@
     python -m flaxlm.train.main --config configs/reward.py:runlocal=True \
         --config.init_from=runs/sft --workdir runs/rm
 
-arg keys: variant (architecture of a fresh model when init_from is empty; otherwise the
-checkpoint's own), runlocal (a CPU-sized run), steps (0 = default), lora (adapter rank; 0 = full
-fine-tuning; the scalar head always trains).
+arg keys: variant (the run's sizes — steps, batch, seq_len, lr — and the architecture of a fresh
+model when init_from is empty; with init_from the checkpoint's own architecture is used and
+the sizes still come from variant), runlocal (a CPU-sized run), steps (0 = default), lora
+(adapter rank; 0 = full fine-tuning; > 0 also multiplies opt.lr by 10; the scalar head always
+trains).
 
 Data: `data.train` and `data.eval` default to the built-in demo world's pairs; for your own set
 both (jsonl/parquet records of data/formats.py: `prompt` + `chosen` + `rejected`, optional

@@ -2,11 +2,13 @@
 
     python -m flaxlm.train.main --config configs/sft.py:runlocal=True \
         --config.init_from=runs/pt --workdir runs/sft
-    # LoRA: --config.lora.rank=8     an HF checkpoint: --config.init_from=hf:/path/to/model
+    # LoRA: configs/sft.py:lora=8     an HF checkpoint: --config.init_from=hf:/path/to/model
 
-arg keys: variant (architecture of a fresh model when init_from is empty; otherwise the
-checkpoint's own architecture is used), runlocal (a CPU-sized run), steps (0 = default),
-lora (adapter rank; 0 = full fine-tuning).
+arg keys: variant (the run's sizes — steps, batch, seq_len, lr — and the architecture of a fresh
+model when init_from is empty; with init_from the checkpoint's own architecture is used and
+the sizes still come from variant), runlocal (a CPU-sized run), steps (0 = default), lora
+(adapter rank; 0 = full fine-tuning; > 0 also multiplies opt.lr by 10, which
+`--config.lora.rank` alone does not).
 
 Data: `data.train`, `data.eval` and `eval_gen.sets` default to the built-in demo world's splits;
 for your own chats set all three (jsonl/parquet records of data/formats.py: `messages`, or

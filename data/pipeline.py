@@ -49,7 +49,8 @@ STATE_VERSION = 1
 
 
 def data_config() -> ml_collections.ConfigDict:
-    """Defaults of the ``data`` config section (configs/common.py imports this)."""
+    """Defaults of the ``data`` section of the pretraining configs (configs/pretrain.py and
+    configs/scaling.py call this)."""
     c = ml_collections.ConfigDict()
     # Comma-separated "PATTERN[:WEIGHT]" entries: jsonl, parquet, text files or ArrayRecord shard
     # directories from flaxlm.data.preprocess. "" = the built-in corpus. Weights count documents.
@@ -61,7 +62,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.cache_dir = "~/.cache/flaxlm"  # where that tokenizer is cached
     c.add_bos = True  # start every document with BOS
     c.add_eos = True  # end every document with EOS (so the model learns to stop)
-    c.pack_mode = "split"  # "split": rows full, documents may continue in the next row; "pad"
+    # "split": rows full, documents may continue in the next row; "pad": a document that does
+    # not fit the rest of a row starts the next one (only documents longer than a row are cut)
+    c.pack_mode = "split"
     c.num_epochs = 0  # passes over each source (a mixture stops at its first); 0 = forever
     c.shuffle = True  # shuffle documents (by the run's seed), differently every epoch
     c.read_threads = 4  # grain threads that read and tokenize

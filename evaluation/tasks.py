@@ -6,8 +6,9 @@ JSON spec file and no code. Three task types:
 
     perplexity       rows hold a text; token-level NLL / perplexity / bits per byte
     multiple_choice  rows hold a context, choices and the answer; log-likelihood acc and acc_norm
-    generation       rows hold a prompt and an answer; greedy generation scored by exact match,
-                     a regex-extracted answer, or the built-in world's judge
+    generation       rows hold a prompt and an answer; greedy generation (or `num_samples`
+                     samples at `temperature`) scored by exact match, a regex-extracted answer,
+                     or the built-in world's judge
 
 A spec file is JSON (one spec or a list), file paths relative to the spec file:
 

@@ -3,7 +3,8 @@
     python -m flaxlm.demo --workdir runs/demo            # ≈ 15 min on 2 CPU cores
     python -m flaxlm.demo --workdir /tmp/d --runlocal    # a shrunk run (the end-to-end test)
 
-Stages (each is a normal config under configs/, printed as the command that runs it alone):
+Stages (each is a normal config under configs/; the command that runs it alone goes to
+WORKDIR/commands.json and the report — for eval, the command for the SFT checkpoint):
   world     data/synthetic.py writes the world: a noisy corpus, chat data, preferences, evals
   data      clean → dedup → tokenizer → ArrayRecord shards (flaxlm.data.preprocess)
   pretrain  a tiny Llama on the cleaned corpus                         (configs/pretrain.py)

@@ -5,7 +5,8 @@
 Optimizers: adamw | lion | adafactor | sgd. Schedules (after a linear warmup from 0):
     cosine    cosine decay to lr·final_lr_frac at total_steps
     linear    linear decay to lr·final_lr_frac
-    wsd       warmup-stable-decay: constant, then a linear decay over the last decay_frac of steps
+    wsd       warmup-stable-decay: constant, then a linear decay over the last wsd_decay_frac of
+              the steps
     constant  no decay
 Weight decay applies to matrices only (ndim ≥ 2): norm scales and biases are never decayed.
 Gradient accumulation is not an optax wrapper: train/step.py scans over micro-batches, so one
@@ -29,7 +30,7 @@ def opt_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 100  # linear warmup from 0 to lr
     c.final_lr_frac = 0.1  # cosine/linear/wsd end at lr·final_lr_frac
     c.wsd_decay_frac = 0.2  # wsd: fraction of steps spent in the final decay
-    c.b1 = 0.9  # first-moment decay (adamw, lion)
+    c.b1 = 0.9  # first-moment decay (adamw, lion); sgd: its momentum
     c.b2 = 0.95  # second-moment decay (adamw, lion)
     c.eps = 1e-8  # adamw epsilon
     c.weight_decay = 0.1  # decoupled weight decay on matrices

@@ -35,7 +35,10 @@ def guard_config() -> ml_collections.ConfigDict:
     c.spike_min_rel = 0.1  # ...and loss > (1 + this)·mean, so tiny variance cannot trigger it
     c.ema_decay = 0.98  # decay of the running loss mean/variance (≈ a 50-step window)
     c.warmup_steps = 50  # accepted steps before spike detection starts
-    c.max_bad_in_row = 5  # roll back to the last checkpoint after this many bad steps in a row
+    # Roll back to the last checkpoint when this many bad steps in a row are seen at a log step
+    # (the loop checks every log_every steps): a streak a good step ends before then is only
+    # skipped, not rolled back.
+    c.max_bad_in_row = 5
     return c
 
 
