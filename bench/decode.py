@@ -64,7 +64,7 @@ GENERATE_OPTIONS = {
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
 RUN_OPTIONS = ("profile",)
-# (variant, prompt length, new tokens, batches, dtype, runs)
+# (variant, prompt length, new tokens, batches, dtype); the runs per case are `--runs`
 SHAPES = {
     "1b": ("1b", 128, 256, (1, 64), "bfloat16"),
     "tiny": ("tiny", 16, 32, (1, 4), "float32"),

@@ -12,7 +12,7 @@ only; "profile": after the timed steps one more step is traced and summarised in
 record's "profile", as bench/decode.py does — where a step's GPU time goes):
   SHAPE  125m | 1b (TinyLlama-1.1B) | 7b (Llama-2-7B) | tiny (CPU smoke)
   IMPL   flax | hf-eager | hf-compile
-  PLAN   flax: a named memory/speed plan from PLANS (default: the shape's first plan);
+  PLAN   flax: a named memory/speed plan from PLANS (default: "fast"; "cpu" for tiny);
          hf: "ckpt" turns on gradient checkpointing.
 Both sides train the same model (Llama architecture, vocab 32000, bf16 compute), with AdamW,
 global-norm clipping at 1.0, on a fixed random batch of one unpadded document per row, and
@@ -39,8 +39,9 @@ SHAPES = {
     "7b": ("7b", 4, 2048),
 }
 
-# flaxlm plans: ModelConfig overrides + optimizer moment dtype. The first plan of a shape is the
-# default. "bf16" params mirror the HF peer's bf16-parameter plan; "fp32" keeps fp32 masters.
+# flaxlm plans: ModelConfig overrides (and "loss." keys); a bf16 param_dtype also keeps Adam's
+# first moment in bf16. The default is "fast" ("cpu" for tiny). "bf16" params mirror the HF
+# peer's bf16-parameter plan; the others keep fp32 masters.
 PLANS = {
     "fast": dict(dtype="bfloat16", attention_impl="cudnn", remat_policy="none"),
     # `fast` with q|k|v and gate|up as separate matmuls (as before joining them in the cast):
