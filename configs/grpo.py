@@ -9,11 +9,12 @@ rollout.batch / group prompts × group samples and gives rollout.epochs × rollo
 batch_size optimizer steps.
 
 Your own prompts and rewards. `data.train` (and `eval_gen.sets`, held-out) are jsonl/parquet
-records {"prompt": text or messages, "meta": {"answer": "42", ...}}: `meta` is what every
-reward function sees (fields outside it are ignored), `meta.answer` the reference answer. The
-built-in `exact_match` then compares the whole response to `meta.answer` (stripped); `format`
-and `judge` are the demo world's. Your own reward is a function (meta: dict, response: str) ->
-float in any importable module (the working directory counts), named as module:function:
+records {"prompt": text or messages, "meta": {"answer": "42", ...}}: `meta` is what every reward
+function sees (other fields are ignored; one that asks for it also gets the prompt, below),
+`meta.answer` the reference answer. The built-in `exact_match` then compares the whole response
+to `meta.answer` (stripped); `format` and `judge` are the demo world's. Your own reward is a
+function (meta: dict, response: str) -> float in any importable module (the working directory
+counts), named as module:function:
 
     # my_rewards.py
     def numeric(meta, response):
