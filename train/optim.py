@@ -8,7 +8,8 @@ Optimizers: adamw | lion | adafactor | sgd. Schedules (after a linear warmup fro
     wsd       warmup-stable-decay: constant, then a linear decay over the last wsd_decay_frac of
               the steps
     constant  no decay
-Weight decay applies to matrices only (ndim ≥ 2): norm scales and biases are never decayed.
+Weight decay applies to every weight but norm scales and biases (leaves named "scale" / "bias":
+`decay_mask`), whatever their shape.
 Gradient accumulation is not an optax wrapper: train/step.py scans over micro-batches, so one
 call is one optimizer update and memory holds one micro-batch of activations.
 """
@@ -33,7 +34,7 @@ def opt_config() -> ml_collections.ConfigDict:
     c.b1 = 0.9  # first-moment decay (adamw, lion); sgd: its momentum
     c.b2 = 0.95  # second-moment decay (adamw, lion)
     c.eps = 1e-8  # adamw epsilon
-    c.weight_decay = 0.1  # decoupled weight decay on matrices
+    c.weight_decay = 0.1  # decoupled weight decay on weights (not norm scales or biases)
     c.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
     c.grad_accum = 1  # micro-batches per optimizer step (the batch is split, not repeated)
     c.mu_dtype = ""  # adamw first-moment dtype ("" = param dtype; "bfloat16" saves memory)
@@ -64,9 +65,20 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
+NO_DECAY = ("scale", "bias")  # param names weight decay never touches
+
+
 def decay_mask(params):
-    """True for the leaves weight decay applies to: matrices, not norm scales or biases."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """True for the leaves weight decay applies to: every weight (kernels, the embedding, LoRA
+    adapters, a scalar head's vector) but norm scales and biases, told apart by name, not
+    shape — scanned layers stack norm scales into (L, D) and q/k/v biases are (N, H)."""
+
+    def decays(path, _):
+        last = path[-1] if path else None
+        name = getattr(last, "key", getattr(last, "name", None))
+        return name not in NO_DECAY
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg, total_steps: int, trainable_mask=None):

@@ -39,8 +39,10 @@ def test_unknown_optimizer_and_schedule_are_named():
         make_schedule(_cfg(schedule="cos"), 10)
 
 
-def test_weight_decay_skips_vectors():
-    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+def test_weight_decay_skips_norm_scales_and_biases_by_name():
+    """Not by shape: scanned layers stack norm scales into matrices, q/k/v biases are (N, H)."""
+    params = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,)), "attn": {"bias": jnp.ones((2, 2))},
+              "norm": {"scale": jnp.ones((3, 2))}, "head": {"kernel": jnp.ones((2,))}}  # fmt: skip
     tx, _ = make_optimizer(
         _cfg(
             name="sgd",
@@ -56,7 +58,28 @@ def test_weight_decay_skips_vectors():
     zero = jax.tree.map(jnp.zeros_like, params)
     upd, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_allclose(upd["w"], -0.05 * np.ones((2, 2)))
-    np.testing.assert_allclose(upd["scale"], 0.0)
+    np.testing.assert_allclose(upd["head"]["kernel"], -0.05 * np.ones((2,)))
+    for no_decay in (upd["scale"], upd["attn"]["bias"], upd["norm"]["scale"]):
+        np.testing.assert_allclose(no_decay, 0.0)
+
+
+def test_decay_mask_on_a_scanned_model_with_qkv_bias():
+    from flaxlm.models import config as mc
+    from flaxlm.models.transformer import Transformer
+    from flaxlm.train.optim import decay_mask
+
+    cfg = mc.get_variant("tiny", scan_layers=True, qkv_bias=True)
+    params = jax.eval_shape(
+        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)), jax.random.PRNGKey(0)
+    )["params"]
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                          is_leaf=lambda x: hasattr(x, "value"))  # fmt: skip
+    flat = {jax.tree_util.keystr(p): m for p, m in
+            jax.tree_util.tree_flatten_with_path(decay_mask(params))[0]}  # fmt: skip
+    decayed = sorted(k for k, m in flat.items() if m)
+    assert decayed and all(k.endswith(("['kernel']", "['embedding']")) for k in decayed)
+    assert all(not m for k, m in flat.items() if k.endswith(("['scale']", "['bias']")))
+    assert any(k.endswith("['bias']") for k in flat)  # the case the shape rule got wrong
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion", "adafactor", "sgd"])
