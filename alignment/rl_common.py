@@ -88,11 +88,7 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
         try:
             if not isinstance(obj, dict):
                 raise F.FormatError("bad_record", "record is not a JSON object")
-            prompt = obj.get(fields.prompt, obj.get(fields.messages))
-            if isinstance(prompt, str):
-                prompt = [{"role": "user", "content": prompt}]
-            if not isinstance(prompt, list) or not prompt:
-                raise F.FormatError("missing_field", f"no prompt field {fields.prompt!r}")
+            prompt = F.prompt_messages(obj.get(fields.prompt, obj.get(fields.messages)), fields)
             full, _ = F.render_prompt(prompt, template, 1 << 30)
             if len(full) > max_len and d.overlength == "drop":
                 raise F.FormatError("too_long", f"{len(full)} prompt tokens > {max_len}")
@@ -335,8 +331,7 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
                     msgs = F.sft_messages(obj, fields)
                     answer = msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else ""
                 else:
-                    msgs = obj.get(fields.prompt)
-                    msgs = [{"role": "user", "content": msgs}] if isinstance(msgs, str) else msgs
+                    msgs = F.prompt_messages(obj.get(fields.prompt), fields)
                     answer = str(meta.get("answer", ""))
                 ids, _ = F.render_prompt(msgs, template, gen.max_prompt_len)
             except (F.FormatError, TypeError, KeyError) as e:

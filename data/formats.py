@@ -160,7 +160,11 @@ def _get(obj: dict, key: str, what: str):
     return obj[key]
 
 
-def _as_prompt(value, fields) -> list[dict]:
+def prompt_messages(value, fields) -> list[dict]:
+    """A record's prompt — a text (one user turn) or messages under `fields.role` /
+    `fields.content` — as checked [{"role", "content"}] turns; FormatError otherwise."""
+    if value is None:
+        raise FormatError("missing_field", f"no prompt field {fields.prompt!r}")
     if isinstance(value, str):
         if not value.strip():
             raise FormatError("empty", "empty prompt")
@@ -174,7 +178,7 @@ def sft_messages(obj, fields) -> list[dict]:
         raise FormatError("bad_record", "record is not a JSON object")
     if fields.messages in obj:
         return _messages(obj[fields.messages], fields, fields.messages)
-    prompt = _as_prompt(_get(obj, fields.prompt, "prompt"), fields)
+    prompt = prompt_messages(_get(obj, fields.prompt, "prompt"), fields)
     completion = _get(obj, fields.completion, "completion")
     if not isinstance(completion, str) or not completion.strip():
         raise FormatError("empty_assistant", "completion is empty or not a string")
@@ -196,7 +200,7 @@ def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], f
                 raise FormatError("empty_assistant", f"{key} is empty")
             v = [{"role": "assistant", "content": v}]
         sides.append(_messages(v, fields, key))
-    prompt = _as_prompt(obj[fields.prompt], fields) if obj.get(fields.prompt) else []
+    prompt = prompt_messages(obj[fields.prompt], fields) if obj.get(fields.prompt) else []
     if not prompt:  # full conversations: split off their common prefix
         n = 0
         while n < min(map(len, sides)) - 1 and sides[0][n] == sides[1][n]:

@@ -218,6 +218,28 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
         if used:
             assert len(out[0]["ids"]) == c.rollout.max_prompt_len
 
+    # Prompts under the user's own role/content field names (data.fields) read like the
+    # default ones; a malformed turn is counted, not a crash.
+    plain = {"prompt": [{"role": "user", "content": "Where does Kavo live?"}], "meta": {}}
+    own = {"prompt": [{"who": "user", "text": "Where does Kavo live?"}], "meta": {}}
+    bad = {"prompt": [{"who": "user"}], "meta": {}}
+    want = None
+    for rec, role, content in ((plain, "role", "content"), (own, "who", "text"),
+                               (bad, "who", "text")):  # fmt: skip
+        with c.unlocked():
+            c.data.fields.role, c.data.fields.content = role, content
+        report = F.DataReport()
+        monkeypatch.setattr(rl_common.common, "records", lambda *a, r=rec: [(r, "x:1")])
+        out = rl_common.load_prompts("x", c, tpl, report)
+        if rec is bad:
+            assert out == [] and report.log.total == 1
+            continue
+        assert out[0]["messages"] == plain["prompt"]
+        want = out[0]["ids"] if want is None else want
+        np.testing.assert_array_equal(out[0]["ids"], want)
+    with c.unlocked():
+        c.data.fields.role, c.data.fields.content = "role", "content"
+
 
 def test_grpo_trains_in_the_loop(runs, cache_dir, tmp_path):
     sft, _ = runs
