@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="samples are reproducible for the same prompts, order and --batch",
+        help="prompt i samples with key fold_in(PRNGKey(seed), i): the same seed and prompt "
+        "list give the same samples, whatever --batch",
     )
     p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     p.add_argument("--chat", action="store_true", help="apply the chat template")
