@@ -17,7 +17,11 @@ WORKDIR/commands.json and the report — for eval, the command for the SFT check
   eval      every checkpoint on the same held-out tasks (flaxlm.evaluation)
   report    WORKDIR/report.md with a table per stage and PNG plots
 Re-running resumes: finished stages are skipped (their checkpoints are complete) and an
-interrupted one continues from its last checkpoint.
+interrupted one continues from its last checkpoint. A stage records what it was trained with
+(WORKDIR/<stage>/demo_stage.json); asking for something else there (e.g. `--plan
+sft_steps=200` after a finished SFT) stops with a message naming the stages to delete, rather
+than mixing the two runs. `eval` re-evaluates when any evaluated checkpoint changed since its
+results were written (WORKDIR/eval/inputs.json), and otherwise reuses them.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from flaxlm.configs.common import override
 from flaxlm.data import synthetic
 
 STAGES = ("world", "data", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "eval", "report")
+# The training stages each one starts from (a changed stage invalidates these too).
+DOWNSTREAM = {"pretrain": ("sft",), "sft": ("reward", "dpo", "ppo", "grpo"), "reward": ("ppo",)}
 
 # Stage sizes: (full, runlocal). Steps are optimizer steps; the full sizes fit ≈15 minutes on 2
 # CPU cores with the tiny model (2 layers, d=64, vocab 2048: ≈0.4M parameters).
@@ -51,6 +57,16 @@ def _cli(config_file: str, arg: str, overrides: dict, workdir: str) -> str:
     flags = " ".join(f"--config.{k}={v}" for k, v in overrides.items())
     return (f"python -m flaxlm.train.main --config configs/{config_file}:{arg} {flags} "
             f"--workdir {workdir}")  # fmt: skip
+
+
+def _latest_checkpoint(run_dir: str) -> list | None:
+    """[step, modification time in ns] of a run's newest checkpoint directory (None if none):
+    what tells a re-run that a run's model changed."""
+    ckpts = os.path.join(run_dir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+    if not steps:
+        return None
+    return [steps[-1], os.stat(os.path.join(ckpts, str(steps[-1]))).st_mtime_ns]
 
 
 class Demo:
@@ -114,7 +130,38 @@ class Demo:
         cfg = override(config_module.get_config(arg), overrides)
         file = config_module.__name__.rsplit(".", 1)[-1] + ".py"
         self.commands[stage] = _cli(file, arg, overrides, self.dir[stage])
+        self._check_stage(stage, file, arg, overrides)
         module.run(cfg, self.dir[stage])
+
+    def _affected(self, stage: str) -> list[str]:
+        out = [stage]
+        for s in DOWNSTREAM.get(stage, ()):
+            out += [x for x in self._affected(s) if x not in out]
+        return out
+
+    def _check_stage(self, stage: str, file: str, arg: str, overrides: dict):
+        """Refuses to resume a stage's run with other training settings than it started with:
+        the checkpoint would continue under a changed schedule and the stages after it would
+        keep the old model. (Held-out generation settings, `eval_gen.*`, may change.)"""
+        sig = {"config": f"{file}:{arg}", **{
+            k: str(v).replace(self.w, "<workdir>")
+            for k, v in overrides.items() if not k.startswith("eval_gen.")
+        }}  # fmt: skip
+        path = os.path.join(self.dir[stage], "demo_stage.json")
+        has_ckpt = os.path.isdir(os.path.join(self.dir[stage], "checkpoints"))
+        old = json.load(open(path)) if os.path.exists(path) else None
+        if old is not None and old != sig and has_ckpt:
+            changed = [k for k in sorted(set(old) | set(sig)) if old.get(k) != sig.get(k)]
+            diff = ", ".join(f"{k}: {old.get(k)} -> {sig.get(k)}" for k in changed)
+            dirs = " ".join(self.dir[s] for s in STAGES if s in self._affected(stage))
+            raise SystemExit(
+                f"demo: {stage} in {self.dir[stage]} was trained with other settings ({diff}); "
+                f"to retrain it and the stages after it, delete them (rm -r {dirs}) and rerun, "
+                "or use a new --workdir"
+            )
+        os.makedirs(self.dir[stage], exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(sig, f, indent=1)
 
     def _common(self, steps: int, evals: int = 2) -> dict:
         return {"total_steps": steps, "ckpt_every": steps, "eval_every": max(steps // evals, 1),
@@ -204,12 +251,22 @@ class Demo:
             "--num_samples 4"
         )
         path = os.path.join(self.dir["eval"], "results.json")
-        if os.path.exists(path):
-            return
+        inputs_path = os.path.join(self.dir["eval"], "inputs.json")
+        inputs = {"eval_examples": self.plan["eval_examples"], "checkpoints": {
+            s: _latest_checkpoint(self.dir[s]) for s in DOWNSTREAM["sft"] + ("pretrain", "sft")
+        }}  # fmt: skip
+        if os.path.exists(path) and os.path.exists(inputs_path):
+            with open(inputs_path) as f:
+                if json.load(f) == inputs:
+                    return
+            print("eval: checkpoints or eval_examples changed since the last results: "
+                  "re-evaluating", flush=True)  # fmt: skip
         os.makedirs(self.dir["eval"], exist_ok=True)
         results = evaluate_all(self.dir, limit=self.plan["eval_examples"])
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+        with open(inputs_path, "w") as f:
+            json.dump(inputs, f, indent=1)
 
     def report(self):
         from flaxlm.demo_report import write_report

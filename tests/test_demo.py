@@ -85,3 +85,23 @@ def test_rerun_resumes_finished_stages(demo_dir):
     for stage in ("data", "pretrain", "sft", "eval"):
         # a finished stage only checks its outputs (restoring a checkpoint costs a few seconds)
         assert after[stage] - before[stage] < 20, stage
+
+
+def test_changed_settings_refuse_and_changed_checkpoints_reevaluate(demo_dir):
+    """`--plan sft_steps=N` on a finished SFT stops and names the stages to delete (resuming
+    would mix two runs); eval re-evaluates once an evaluated checkpoint changed."""
+    with pytest.raises(SystemExit, match=r"sft in .* total_steps: 12 -> 13.*rm -r \S*/sft "
+                                         r"\S*/reward \S*/dpo \S*/ppo \S*/grpo"):  # fmt: skip
+        demo.main(["--workdir", demo_dir, "--runlocal", "--plan", "sft_steps=13",
+                   "--stages", "sft"])  # fmt: skip
+    results = os.path.join(demo_dir, "eval", "results.json")
+    inputs_path = os.path.join(demo_dir, "eval", "inputs.json")
+    inputs = json.load(open(inputs_path))
+    assert inputs["checkpoints"]["grpo"][0] == demo.PLAN["grpo_steps"][1]
+    stale = json.loads(json.dumps(inputs))
+    stale["checkpoints"]["grpo"][1] -= 1  # as if GRPO had been retrained since
+    json.dump(stale, open(inputs_path, "w"))
+    before = os.path.getmtime(results)
+    demo.main(["--workdir", demo_dir, "--runlocal", "--stages", "eval"])
+    assert os.path.getmtime(results) > before
+    assert json.load(open(inputs_path)) == inputs
