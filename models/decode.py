@@ -326,7 +326,7 @@ def prompt_bucket(n: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _prepare_prompts(prompts, prompt_lengths, pad_id: int, vocab_size: int):
+def _prepare_prompts(prompts, prompt_lengths, vocab_size: int):
     """(tokens (B, bucket) int32 numpy, lengths (B,) int32 numpy) from either prompt form."""
     if isinstance(prompts, (list, tuple)) and (
         not prompts or not hasattr(prompts[0], "shape") or np.ndim(prompts[0]) == 1
@@ -354,7 +354,10 @@ def _prepare_prompts(prompts, prompt_lengths, pad_id: int, vocab_size: int):
     if lengths.min() < 1:
         raise ValueError(f"generate: prompt {int(np.argmin(lengths))} is empty")
     P = prompt_bucket(int(lengths.max()))
-    tokens = np.full((len(rows), P), pad_id, np.int32)
+    # Prompt padding is never attended, but its embedding still enters the masked products
+    # (0 × NaN = NaN): fill with id 0, always in the table, not pad_id (which may lie outside
+    # it, e.g. -1 or V as a "no token" sentinel; jnp.take gives NaN rows there).
+    tokens = np.zeros((len(rows), P), np.int32)
     for b, r in enumerate(rows):
         if r.size and (r.min() < 0 or r.max() >= vocab_size):
             bad = int(r.max() if r.max() >= vocab_size else r.min())
@@ -399,7 +402,7 @@ def generate(
       temperature: 0 = greedy (argmax); else logits are divided by it before sampling.
       top_k: keep only the k most likely tokens (0 = off). top_p: nucleus mass (1 = off).
       stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths).
-      pad_id: what fills `tokens` after a row ended (and pads prompts internally).
+      pad_id: what fills `tokens` after a row ended (any int; prompts are padded with 0).
       mesh, rules: generate under this mesh with these logical-axis rules (use the training
         ones so training-sharded params are used in place); the batch is split over data×fsdp
         (padded up to a multiple of it internally).
@@ -502,7 +505,7 @@ def _program(
     if decode_attention not in ("xla", "pallas"):
         raise ValueError(f"generate: decode_attention must be 'xla' or 'pallas', got "
                          f"{decode_attention!r}")  # fmt: skip
-    tokens, lengths = _prepare_prompts(prompts, prompt_lengths, pad_id, cfg.vocab_size)
+    tokens, lengths = _prepare_prompts(prompts, prompt_lengths, cfg.vocab_size)
     B = tokens.shape[0]
     longest = int(lengths.max()) + int(max_new_tokens)
     if longest > cfg.max_seq_len:

@@ -188,12 +188,6 @@ def test_rows_stopping_at_their_first_token_and_a_pad_id_that_is_a_real_token(mo
     assert lens[0] == 1 and len(set(lens)) > 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models/decode.py pads prompts with pad_id internally: an id outside [-V, V) embeds "
-    "as NaN (jnp.take fills out-of-range rows), and the masked padding slots' NaN values "
-    "still poison attention (0 * NaN); fix: pad the prompt buffer with 0 in _prepare_prompts",
-)
 @pytest.mark.parametrize("pad", [256, -257])  # vocab 256
 def test_a_pad_id_outside_the_vocab_only_fills_the_output(model, pad):
     """pad_id fills the output after a row's stop (pad_id=-1 is a common 'no token' sentinel;
