@@ -160,6 +160,30 @@ def warn_builtin_eval(config) -> list[str]:
     return keys
 
 
+def warn_sizes_from_another_variant(config, cfg: ModelConfig) -> str | None:
+    """The stage configs take their sizes (steps, batch, seq_len, lr) from their `variant`
+    argument even when `init_from` brings the architecture: a 125m SFT run without
+    `:variant=125m` silently trains with the tiny sizes. Logs (and returns) a warning when the
+    config's variant is not init_from's shape, naming the variant that is, if one is."""
+    if not config.init_from:
+        return None
+    shape = lambda m: (m.n_layers, m.d_model, m.n_heads)  # noqa: E731
+    if shape(config.model) == shape(cfg):
+        return None
+    from flaxlm.models.config import VARIANTS
+
+    match = [n for n, v in VARIANTS.items() if shape(v) == shape(cfg)]
+    hint = f"pass :variant={match[0]} for its sizes" if match else "set them for it"
+    msg = (
+        f"init_from={config.init_from} is a {cfg.n_layers}-layer d_model={cfg.d_model} model, "
+        f"but this run's sizes (batch_size={config.batch_size}, seq_len={config.seq_len}, "
+        f"opt.lr={config.opt.lr}, total_steps={config.total_steps}) come from the config's "
+        f"variant, a {config.model.n_layers}-layer d_model={config.model.d_model} model: {hint}"
+    )
+    log.warning(msg)
+    return msg
+
+
 def resolve_source(config, mesh):
     """(tokenizer, ModelConfig, ChatTemplate) of a stage started from `config.init_from` (or
     from `config.model` and `data.tokenizer` without one), after the checks every stage makes:
@@ -172,6 +196,7 @@ def resolve_source(config, mesh):
     tok = resolve_tokenizer(config, meta)
     cfg = resolve_model_config(config, meta)
     tok.check_fits(cfg.vocab_size)
+    warn_sizes_from_another_variant(config, cfg)
     return tok, cfg, F.ChatTemplate(tok)
 
 

@@ -186,6 +186,25 @@ def test_own_data_warns_about_builtin_eval_and_a_foreign_tokenizer(tmp_path, cap
     assert "is not the tokenizer init_from=runs/pt was trained with" in caplog.text
 
 
+def test_sizes_from_another_variant_than_init_from_are_warned(caplog):
+    """configs/sft.py without :variant= takes tiny's sizes even for a 125m init_from: warned,
+    naming the variant of init_from's shape; the matching variant is silent."""
+    from flaxlm.configs import sft as sft_config
+    from flaxlm.configs.common import override
+    from flaxlm.models.config import get_variant
+
+    c = override(sft_config.get_config(""), {"init_from": "runs/pt"})
+    with caplog.at_level("WARNING", logger="flaxlm"):
+        msg = common.warn_sizes_from_another_variant(c, get_variant("125m"))
+    assert "pass :variant=125m" in msg and "seq_len=128" in msg and msg in caplog.text
+    c = override(sft_config.get_config("variant=125m"), {"init_from": "runs/pt"})
+    assert common.warn_sizes_from_another_variant(c, get_variant("125m")) is None
+    odd = get_variant("125m", n_layers=5)
+    assert "set them for it" in common.warn_sizes_from_another_variant(c, odd)
+    c = sft_config.get_config("")  # no init_from: the variant is the architecture
+    assert common.warn_sizes_from_another_variant(c, get_variant("125m")) is None
+
+
 def test_score_own_meta_with_a_task_is_exact_match():
     """eval_gen scoring: the world's judge only for the world's tasks; a user's meta that names
     its own task (e.g. "math") is exact match with the reference, not a judge error."""
