@@ -94,6 +94,11 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     c.ckpt_every = 500  # steps between checkpoints, and at the last step (0 = none but on SIGTERM)
     c.keep_ckpts = 3  # checkpoints kept on disk
     c.async_ckpt = True  # write checkpoints in the background
+    # Resuming when the latest checkpoint cannot be restored (a truncated or missing file):
+    # "fallback" moves it to WORKDIR/checkpoints_corrupt/<step>-<UTC time>/ (nothing deleted),
+    # warns and resumes from the next newest readable step; "fail" stops with an error, nothing
+    # moved. When no step restores, both stop and move nothing.
+    c.ckpt_on_corrupt = "fallback"
     c.init_from = ""  # a run directory whose latest params start this run ("" = fresh init)
     c.progress_bar = True  # tqdm bar on stderr
     c.peak_tflops = 0.0  # per-chip peak for MFU when the device is not in the built-in table

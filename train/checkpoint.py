@@ -7,19 +7,41 @@ Each step directory holds three items:
            describes itself, so notebooks and `init_from` need nothing else
 Saves are asynchronous (training continues while the write finishes) and atomic (orbax writes a
 temporary directory and renames it), so a killed process never leaves a half checkpoint that
-looks complete.
+looks complete (a leftover `<step>.orbax-checkpoint-tmp*` directory is not a step).
+
+A step can still become unreadable afterwards (a file truncated or deleted by a full disk or a
+node that died mid-copy). Resuming (`Checkpointer.restore_latest`) then moves it aside to
+`WORKDIR/checkpoints_corrupt/<step>-<UTC time>/`, never deleting anything, and resumes from the
+next newest readable step; `ckpt_on_corrupt="fail"` stops instead. Readers of a given or the
+latest step (`read_meta`, `load_params`, `load_model`) never fall back: their errors name the
+step directory and the other steps there.
 """
 
 from __future__ import annotations
 
+import datetime
+import gc
+import itertools
+import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from flaxlm import __version__
+
+log = logging.getLogger("flaxlm")
+
+ON_CORRUPT = ("fallback", "fail")  # config.ckpt_on_corrupt
+CORRUPT_DIR = "checkpoints_corrupt"  # beside WORKDIR/checkpoints, where orbax never looks
+# Multi-process resume: how long a process whose restore failed waits for the others to report
+# theirs (a restore that failed on only some processes leaves the others stuck in its
+# collectives).
+RESTORE_WAIT_ENV = "FLAXLM_RESTORE_WAIT_S"
+_agreements = itertools.count()  # the same sequence on every process
 
 
 class CheckpointError(RuntimeError):
@@ -29,15 +51,19 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, every: int = 0):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        options = ocp.CheckpointManagerOptions(
+        self.corrupt_directory = os.path.join(os.path.abspath(workdir), CORRUPT_DIR)
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=keep or None,
             enable_async_checkpointing=async_save,
             create=True,
             save_interval_steps=1,
         )
         self.every = every
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
+        self.manager = self._new_manager()
+
+    def _new_manager(self):
+        return ocp.CheckpointManager(
+            self.directory, options=self._options, item_names=("state", "data", "meta")
         )
 
     # ------------------------------------------------------------------------------------------
@@ -72,23 +98,149 @@ class Checkpointer:
         `target` is a pytree of `jax.ShapeDtypeStruct`s with shardings (train/state.py's
         `abstract_state`), so arrays land directly in their shards on any mesh shape.
         """
-        path = os.path.join(self.directory, str(step))
         try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target),
-                    data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore(),
-                ),
-            )
+            return self._restore(step, target)
         except Exception as e:  # orbax raises many types; name the directory for the user
             raise CheckpointError(
-                f"cannot restore checkpoint {path}: {type(e).__name__}: {e}. The directory may "
-                "be corrupt or come from a different model/optimizer configuration; delete it "
-                "to resume from an earlier step."
+                f"cannot restore checkpoint {self._step_dir(step)}: "
+                f"{_describe(e, self._step_dir(step))}. The directory may be corrupt or come "
+                "from a different model/optimizer configuration; move it aside to resume from "
+                "an earlier step."
             ) from e
+
+    def _restore(self, step: int, target) -> tuple[Any, dict, dict]:
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def restore_latest(self, target, on_corrupt: str = "fallback"):
+        """Resumes: (step, state, data_state, meta) of the newest step that restores, or None
+        when there is no checkpoint. State, data state and meta always come from one step.
+
+        A step that cannot be restored is logged (directory and cause). With
+        `on_corrupt="fail"` that raises a CheckpointError and nothing is moved. With
+        "fallback" the next newest step is tried, and so on; once one restores, the unreadable
+        newer steps are moved to `WORKDIR/checkpoints_corrupt/<step>-<UTC time>/` (files
+        intact, out of orbax's sight, so the run saves those steps afresh) and the manager
+        forgets them. When no step restores (corruption everywhere, or a config that no longer
+        fits the checkpoints) the CheckpointError lists every step and why, and nothing is
+        moved. With several processes they agree on each attempt before any keeps a state;
+        a step that fails on only some of them stops the job, moving nothing.
+        """
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"ckpt_on_corrupt={on_corrupt!r}: expected one of {ON_CORRUPT}")
+        steps = sorted(self.all_steps(), reverse=True)
+        failed: list[tuple[int, str]] = []  # (step, cause), newest first
+        for step in steps:
+            try:
+                restored, err = self._restore(step, target), None
+            except Exception as e:  # orbax raises many types
+                restored, err = None, e
+            path = self._step_dir(step)
+            cause = _describe(err, path) if err is not None else ""
+            if err is not None:
+                log.warning("checkpoint %s cannot be restored: %s", path, cause)
+            bad = _processes_that_failed(err is not None)
+            if bad is None:  # only some processes failed: the others hang in orbax's restore
+                self._give_up_on_step(step, cause)
+            if not bad:
+                break
+            restored = None  # never keep one process's state when another's failed
+            cause = cause or f"it failed to restore on process(es) {bad} (see their logs)"
+            if on_corrupt == "fail":
+                raise CheckpointError(
+                    f"cannot restore checkpoint {path}: {cause}. Nothing was moved. It may be "
+                    "corrupt (a truncated or missing file) or come from a different "
+                    "model/optimizer configuration. ckpt_on_corrupt=fallback moves an "
+                    f"unreadable step to {self.corrupt_directory}/ and resumes from the next "
+                    f"newest step (steps here: {sorted(steps)})."
+                ) from err
+            failed.append((step, cause))
+            err = None  # its traceback holds the arrays read so far: free them before the next
+            gc.collect()
+        else:
+            if not steps:
+                return None
+            tried = "\n".join(f"  {self._step_dir(s)}: {c}" for s, c in failed)
+            raise CheckpointError(
+                f"no checkpoint under {self.directory} can be restored; tried, newest first:\n"
+                f"{tried}\nNothing was moved or deleted. If every step fails alike, the config "
+                "probably no longer fits them (model or optimizer shapes): resume with the "
+                "config that wrote them. To start afresh instead, move the checkpoints/ "
+                "directory aside or use another workdir."
+            )
+        if failed:
+            moved = self._move_aside([s for s, _ in failed])
+            for (s, cause), dest in zip(failed, moved):
+                if jax.process_index() != 0:  # process 0 moved them
+                    continue
+                log.warning(
+                    "UNREADABLE CHECKPOINT %s moved to %s (nothing deleted): %s",
+                    self._step_dir(s),
+                    dest,
+                    cause,
+                )
+            log.warning(
+                "resuming from step %d, the newest readable checkpoint: steps %d..%d are trained "
+                "again (ckpt_on_corrupt=fail stops instead)",
+                step,
+                step + 1,
+                failed[0][0],
+            )
+        return step, *restored
+
+    def _give_up_on_step(self, step: int, cause: str):
+        """Multi-process: this process could not restore `step` and some other process did not
+        report back: it is stuck in orbax's restore, whose collectives this one left, so the
+        job has to stop. Nothing is moved: no process has shown that an older step restores
+        (a fault of this host, such as a full device memory, would fail on every step)."""
+        path = self._step_dir(step)
+        raise CheckpointError(
+            f"cannot restore checkpoint {path} on process {jax.process_index()}: {cause}. The "
+            f"other processes did not finish restoring it within {_restore_wait_s()} s "
+            f"({RESTORE_WAIT_ENV}): it failed on this process only, and they are stuck in the "
+            "restore this process left, so the job must stop. Nothing was moved. If the step is "
+            f"corrupt, move it to {self.corrupt_directory}/ to resume from the step before."
+        )
+
+    def _move_aside(self, steps: list[int]) -> list[str]:
+        """Moves step directories to WORKDIR/checkpoints_corrupt/<step>-<UTC time>/ (process 0
+        on a shared filesystem) and rebuilds the manager so it forgets them."""
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dests = []
+        for step in steps:
+            dest = os.path.join(self.corrupt_directory, f"{step}-{stamp}")
+            n = 1
+            while os.path.exists(dest):  # the same step moved twice within a second
+                dest = os.path.join(self.corrupt_directory, f"{step}-{stamp}-{n}")
+                n += 1
+            dests.append(dest)
+        if jax.process_index() == 0:
+            os.makedirs(self.corrupt_directory, exist_ok=True)
+            for step, dest in zip(steps, dests):
+                try:
+                    shutil.move(self._step_dir(step), dest)  # a rename on one filesystem
+                except OSError as e:
+                    raise CheckpointError(
+                        f"cannot move unreadable checkpoint {self._step_dir(step)} to {dest}: "
+                        f"{e}. Move it aside by hand (nothing was deleted)."
+                    ) from e
+        if jax.process_count() > 1:  # no process lists the steps before they are moved
+            ocp.multihost.get_jax_distributed_client().wait_at_barrier(
+                f"flaxlm_moved_checkpoints_{next(_agreements)}", _restore_wait_s() * 1000
+            )
+        self.manager.close()
+        self.manager = self._new_manager()  # it cached the moved steps
+        return dests
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -116,6 +268,84 @@ def quiet_orbax_logs() -> None:
         logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _one_line(e: BaseException, limit: int = 800) -> str:
+    # TensorStore errors append dumps of the array's spec: cut them.
+    text = str(e).split("See full TensorStore details")[0].split(" [tensorstore_spec")[0]
+    text = " ".join(text.split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _describe(e: BaseException, step_dir: str) -> str:
+    """One line on why `step_dir` did not restore: the exception, its root cause (TensorStore's
+    names the array and the file), and a file of the step that is missing or not JSON."""
+    root, seen = e, {id(e)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(nxt))
+    out = _one_line(e)
+    if root is not e:
+        out += f" (caused by {_one_line(root)})"
+    bad = _bad_file(step_dir)
+    return f"{out}; {bad}" if bad else out
+
+
+def _bad_file(step_dir: str) -> str | None:
+    """A missing item directory or an unparsable JSON file of a step, if there is one."""
+    for item in ("state", "data", "meta"):
+        if not os.path.isdir(os.path.join(step_dir, item)):
+            return f"missing: {os.path.join(step_dir, item)}"
+    for name in ("state/_METADATA", "data/metadata", "meta/metadata"):
+        path = os.path.join(step_dir, name)
+        try:
+            with open(path) as f:
+                json.load(f)
+        except FileNotFoundError:
+            continue  # orbax versions differ in which files they write
+        except (OSError, ValueError):
+            return f"not readable JSON: {path}"
+    return None
+
+
+def _restore_wait_s() -> int:
+    return int(os.environ.get(RESTORE_WAIT_ENV, "900"))
+
+
+def _processes_that_failed(failed: bool) -> list[int] | None:
+    """The processes whose restore attempt failed; every process calls this once per attempt.
+
+    Through the coordination service, not device collectives: when only some processes failed,
+    the others are still inside orbax's restore, waiting in its collectives for them; they never
+    report, and a failed process learns it here (None) after RESTORE_WAIT_ENV seconds instead
+    of joining them in a mismatched collective.
+    """
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    client = ocp.multihost.get_jax_distributed_client()
+    key = f"flaxlm_restore_{next(_agreements)}"
+    client.key_value_set(f"{key}/{jax.process_index()}", "1" if failed else "0")
+    try:
+        # A process that restored waits as long as it takes: only failed ones give up.
+        client.wait_at_barrier(key, (_restore_wait_s() if failed else 24 * 3600) * 1000)
+    except Exception:  # the barrier timed out
+        return None
+    flags = dict(client.key_value_dir_get(key))
+    return sorted(int(k.rsplit("/", 1)[-1]) for k, v in flags.items() if v == "1")
+
+
+def _other_steps_hint(mgr, directory: str, step: int) -> str:
+    """Where to go when `step` is unreadable: the other steps there and how to read one."""
+    try:
+        others = [s for s in sorted(mgr.all_steps()) if s != step]
+    except Exception:  # the hint must not hide the error it explains
+        others = []
+    if not others:
+        return f" No other step under {directory}."
+    return (
+        f" Other steps under {directory}: {others}; read one with --step N (eval, generate, "
+        f"HF export) or step=N, or move {directory}/{step} aside (init_from reads the latest)."
+    )
+
+
 def _read_only_options():
     # Spelled out: orbax logs a warning for each default it has to override in read-only mode.
     return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
@@ -134,8 +364,10 @@ def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
     try:
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
+        path = f"{mgr.directory}/{step}"
         raise CheckpointError(
-            f"cannot read the meta of checkpoint {mgr.directory}/{step}: {type(e).__name__}: {e}"
+            f"cannot read the meta of checkpoint {path}: {_describe(e, path)}."
+            + _other_steps_hint(mgr, str(mgr.directory), step)
         ) from e
     finally:
         mgr.close()
@@ -184,8 +416,10 @@ def load_params(run_dir: str, target_params, step: int | None = None):
             ),
         )
     except Exception as e:
+        path = f"{directory}/{step}"
         raise CheckpointError(
-            f"init_from: cannot read params of {directory}/{step}: {type(e).__name__}: {e}"
+            f"cannot read the params of checkpoint {path}: {_describe(e, path)}."
+            + _other_steps_hint(mgr, directory, step)
         ) from e
     finally:
         mgr.close()

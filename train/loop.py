@@ -3,7 +3,8 @@
 
 What the loop does, so tasks never do it again:
   * builds the mesh, the optimizer and the sharded TrainState; resumes from the latest checkpoint
-    in the workdir (state and data-iterator position), or starts from `config.init_from`;
+    in the workdir (state and data-iterator position; an unreadable latest step is moved aside
+    and the next newest resumed, `ckpt_on_corrupt`), or starts from `config.init_from`;
   * dispatches step N before reading step N−1's metrics and fetches metrics only every
     `log_every` steps, so the host never stalls the device; `jax_transfer_guard` is set to
     "disallow" around the step so an accidental host↔device copy is an error;
@@ -124,10 +125,14 @@ def _summarise(window: list[dict]) -> dict:
 
 def _init_or_resume(config, task, ckpt, tx, mesh, rules):
     shardings = state_shardings(task.init_params, tx, mesh, rules)
-    latest = ckpt.latest_step() if ckpt else None
-    if latest is not None:
+    on_corrupt = config.get("ckpt_on_corrupt", "fallback")
+    if on_corrupt not in ckpt_lib.ON_CORRUPT:  # checked on every start, not first on a resume
+        raise ValueError(f"ckpt_on_corrupt={on_corrupt!r}: expected one of {ckpt_lib.ON_CORRUPT}")
+    if ckpt is not None and ckpt.latest_step() is not None:
+        # The newest step that restores: an unreadable newer one is moved aside and logged
+        # (ckpt_on_corrupt="fallback") or is an error ("fail"). Data state from the same step.
         target = abstract_state(task.init_params, tx, shardings)
-        state, data_state, _ = ckpt.restore(latest, target)
+        latest, state, data_state, _ = ckpt.restore_latest(target, on_corrupt)
         if data_state and hasattr(task.train_batches, "set_state"):
             task.train_batches.set_state(data_state)
         log.info("resumed from %s/%d", ckpt.directory, latest)

@@ -1,0 +1,198 @@
+"""Resuming over an unreadable latest checkpoint: it is moved aside (never deleted) and the run
+resumes bit for bit from the next newest step; `ckpt_on_corrupt="fail"` stops, moving nothing;
+when no step restores nothing is moved; an interrupted save's temporary directory is no step;
+readers of one step (read_meta, load_model) name the step and the others instead of falling back.
+"""
+
+import glob
+import hashlib
+import logging
+import os
+import re
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from flaxlm.configs import pretrain as pretrain_config
+from flaxlm.configs.common import override
+from flaxlm.models.sharding import logical_axis_rules, make_mesh
+from flaxlm.train import pretrain
+from flaxlm.train.checkpoint import CORRUPT_DIR, Checkpointer, CheckpointError, read_meta
+from flaxlm.train.optim import make_optimizer
+from flaxlm.train.state import abstract_state, state_shardings
+
+
+def _config(**overrides):
+    c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
+    return override(c, {"progress_bar": False, "eval_at_start": False, "eval_every": 0,
+                        "log_every": 1, "total_steps": 6, "ckpt_every": 2, "keep_ckpts": 0,
+                        "async_ckpt": False, **overrides})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """(workdir, final params) of an uninterrupted 6-step run with checkpoints at 2, 4, 6."""
+    workdir = str(tmp_path_factory.mktemp("source"))
+    state, _ = pretrain.run(_config(), workdir)
+    assert Checkpointer(workdir).all_steps() == [2, 4, 6]
+    return workdir, jax.device_get(state.params)
+
+
+def _copy(source, dest, drop=()):
+    shutil.copytree(source, dest)
+    for step in drop:  # as if the run had stopped before saving these
+        shutil.rmtree(os.path.join(dest, "checkpoints", str(step)))
+    return str(dest)
+
+
+def _files(directory) -> dict:
+    """{relative path: sha256} of every file under `directory`."""
+    out = {}
+    for path in glob.glob(os.path.join(directory, "**"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _truncate_biggest_array_file(step_dir):
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True)
+             if os.path.isfile(f)]  # fmt: skip
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)  # a copy cut short by a full disk
+
+
+def _target(config):
+    mesh = make_mesh(dict(config.mesh))
+    task = pretrain.build_task(config, mesh)
+    tx, _ = make_optimizer(config.opt, config.total_steps)
+    shardings = state_shardings(task.init_params, tx, mesh, logical_axis_rules(config.sharding))
+    return abstract_state(task.init_params, tx, shardings)
+
+
+def test_unreadable_latest_is_moved_aside_and_the_run_resumes_bitwise(source, tmp_path, caplog):
+    src, straight = source
+    run = _copy(src, tmp_path / "run", drop=[6])  # stopped after saving step 4 ...
+    bad = os.path.join(run, "checkpoints", "4")
+    _truncate_biggest_array_file(bad)  # ... whose state file was cut short
+    before = _files(bad)
+    caplog.set_level(logging.INFO, logger="flaxlm")
+    state, _ = pretrain.run(_config(), run)
+    # Params and data position both came from step 2: the run ends exactly as the straight one.
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), straight)
+    (moved,) = glob.glob(os.path.join(run, CORRUPT_DIR, "*"))
+    assert re.fullmatch(r"4-\d{8}T\d{6}Z", os.path.basename(moved)), moved
+    assert _files(moved) == before  # every file kept, byte for byte
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(bad in w and moved in w and "Error reading" in w for w in warning), warning
+    assert "resuming from step 2, the newest readable checkpoint: steps 3..4" in caplog.text
+    assert f"resumed from {run}/checkpoints/2" in caplog.text
+    # The manager forgot the moved step: steps 4 and 6 were saved again.
+    assert Checkpointer(run).all_steps() == [2, 4, 6]
+
+
+def _delete_meta(step_dir):
+    shutil.rmtree(os.path.join(step_dir, "meta"))
+
+
+def _cut_data_state(step_dir):
+    with open(os.path.join(step_dir, "data", "metadata"), "w") as f:
+        f.write('{"index": 6')
+
+
+def _empty_state_metadata(step_dir):
+    open(os.path.join(step_dir, "state", "_METADATA"), "w").close()
+
+
+def _delete_array_data(step_dir):
+    for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+        os.remove(path)
+
+
+@pytest.mark.parametrize(
+    "corrupt, cause",
+    [
+        (_delete_meta, r'Item "meta" was not found.*missing: .*/6/meta\b'),
+        (_cut_data_state, r"JSONDecodeError.*not readable JSON: .*/6/data/metadata"),
+        (_empty_state_metadata, r"not readable JSON: .*/6/state/_METADATA"),
+        (_delete_array_data, r"Error reading .* of local file .*/6/state/.*d/"),
+    ],
+    ids=["meta-missing", "data-state-cut", "state-metadata-empty", "array-data-deleted"],
+)
+def test_restore_latest_falls_back_over_each_kind_of_damage(
+    source, tmp_path, caplog, corrupt, cause
+):
+    run = _copy(source[0], tmp_path / "run")
+    corrupt(os.path.join(run, "checkpoints", "6"))
+    ckpt = Checkpointer(run)
+    step, state, data_state, meta = ckpt.restore_latest(_target(_config()))
+    assert step == int(state.step) == data_state["index"] == 4 and meta["task"] == "pretrain"
+    assert ckpt.all_steps() == [2, 4] and ckpt.latest_step() == 4
+    assert [os.path.basename(p)[:2] for p in glob.glob(f"{run}/{CORRUPT_DIR}/*")] == ["6-"]
+    assert re.search(cause, caplog.text), caplog.text
+    ckpt.close()
+
+
+def test_on_corrupt_fail_stops_naming_the_directory_and_moves_nothing(source, tmp_path):
+    run = _copy(source[0], tmp_path / "run")
+    _truncate_biggest_array_file(os.path.join(run, "checkpoints", "6"))
+    before = _files(run)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(run)}/checkpoints/6: .*Nothing was"):
+        pretrain.run(_config(ckpt_on_corrupt="fail"), run)
+    assert _files(run) == before and not os.path.exists(os.path.join(run, CORRUPT_DIR))
+    with pytest.raises(ValueError, match="ckpt_on_corrupt='fallbak'"):  # on any start
+        pretrain.run(_config(ckpt_on_corrupt="fallbak"), str(tmp_path / "fresh"))
+
+
+def test_no_readable_step_lists_each_and_moves_nothing(source, tmp_path):
+    run = _copy(source[0], tmp_path / "run")
+    for step in (2, 4, 6):
+        _truncate_biggest_array_file(os.path.join(run, "checkpoints", str(step)))
+    before = _files(run)
+    with pytest.raises(CheckpointError) as err:
+        pretrain.run(_config(), run)
+    msg = str(err.value)
+    assert "can be restored" in msg and "Nothing was moved" in msg, msg
+    assert all(f"{run}/checkpoints/{s}: " in msg for s in (2, 4, 6)), msg
+    assert _files(run) == before and not os.path.exists(os.path.join(run, CORRUPT_DIR))
+
+
+def test_interrupted_save_is_ignored_and_saved_again(source, tmp_path, caplog):
+    """A save killed mid-write leaves orbax's `<step>.orbax-checkpoint-tmp` directory: resuming
+    does not take it for a step (or for a corrupt one), and the step is saved afresh."""
+    src, straight = source
+    run = _copy(src, tmp_path / "run", drop=[6])
+    tmp = os.path.join(run, "checkpoints", "6" + ocp.path.step.TMP_DIR_SUFFIX)
+    shutil.copytree(os.path.join(src, "checkpoints", "6", "state"), os.path.join(tmp, "state"))
+    _truncate_biggest_array_file(tmp)
+    caplog.set_level(logging.INFO, logger="flaxlm")
+    state, _ = pretrain.run(_config(), run)
+    assert f"resumed from {run}/checkpoints/4" in caplog.text
+    ours = [r for r in caplog.records if r.name == "flaxlm" and r.levelno >= logging.WARNING]
+    assert not ours and not os.path.exists(os.path.join(run, CORRUPT_DIR)), caplog.text
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), straight)
+    # Saving step 6 again replaced the unfinished directory (orbax logs that it removes it).
+    assert Checkpointer(run).all_steps() == [2, 4, 6] and not os.path.exists(tmp)
+
+
+def test_readers_of_one_step_do_not_fall_back_but_name_the_others(source, tmp_path):
+    from flaxlm.train.checkpoint import load_model
+
+    run = _copy(source[0], tmp_path / "run")
+    os.remove(os.path.join(run, "checkpoints", "6", "meta", "metadata"))
+    hint = r"Other steps under .*/checkpoints: \[2, 4\]; read one with --step N"
+    with pytest.raises(
+        CheckpointError, match=rf"meta of checkpoint .*/run/checkpoints/6: .*{hint}"
+    ):
+        read_meta(run)
+    assert read_meta(run, 4)[0] == 4
+    run = _copy(source[0], tmp_path / "run2")
+    _delete_array_data(os.path.join(run, "checkpoints", "6"))
+    file = r"Error reading .* of local file .*/run2/checkpoints/6/state/.*d/"
+    with pytest.raises(CheckpointError, match=rf"params of checkpoint .*/6: .*{file}.*{hint}"):
+        load_model(run)
+    assert not os.path.exists(os.path.join(run, CORRUPT_DIR))  # readers move nothing
