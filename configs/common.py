@@ -101,5 +101,5 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     c.ckpt_on_corrupt = "fallback"
     c.init_from = ""  # a run directory whose latest params start this run ("" = fresh init)
     c.progress_bar = True  # tqdm bar on stderr
-    c.peak_tflops = 0.0  # per-chip peak for MFU when the device is not in the built-in table
+    c.peak_tflops = 0.0  # per-chip peak TFLOP/s for MFU (> 0 overrides the built-in table)
     return c
