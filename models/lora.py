@@ -172,9 +172,11 @@ def merge(params, spec: LoraSpec, freeze_base: bool = False):
 
     With `freeze_base`, gradients stop at base params that do not train (all but those
     matching `spec.train_extra`), so the backward pass never computes base gradients.
-    Adapters whose kernel is absent from the base tree (a partial load) are ignored.
+    Adapters whose kernel is absent from the base tree (a partial load) are ignored. Boxed
+    (nn.Partitioned) params are unboxed first: the box would add a level to every path, so no
+    adapter would find its kernel.
     """
-    base, lora = params["base"], params["lora"]
+    base, lora = _unbox(params["base"]), _unbox(params["lora"])
     extra = re.compile(spec.train_extra) if spec.train_extra else None
     adapters = {_path_str(p[:-1]): None for p, _ in jax.tree_util.tree_flatten_with_path(lora)[0]}
 

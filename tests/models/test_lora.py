@@ -86,6 +86,12 @@ def test_merged_logits_equal_adapter_logits():
         3, 4, 16
     )
     np.testing.assert_allclose(jnp.einsum("bd,dnh->bnh", x, w_merged), want, rtol=1e-5, atol=1e-5)
+    # Boxed params (as init returns them, e.g. in a notebook) merge the same adapters.
+    import flax.linen as nn
+
+    box = lambda t: jax.tree.map(lambda x: nn.Partitioned(x, (None,) * x.ndim), t)  # noqa: E731
+    boxed = L.merge({"base": box(params["base"]), "lora": box(params["lora"])}, SPEC)
+    jax.tree.map(np.testing.assert_array_equal, boxed, L.merge(params, SPEC))
 
 
 def test_scanned_layers_merge_like_unrolled():
