@@ -257,7 +257,8 @@ def _loop(
                 summary["train"] = rec
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                 if rec["bad_in_row"] >= config.guard.max_bad_in_row:
-                    state, step = _rollback(ckpt, state, step, task, tx, shardings, summary)
+                    state, step = _rollback(ckpt, state, step, task, tx, shardings, summary,
+                                            config.get("ckpt_on_corrupt", "fallback"))  # fmt: skip
                     bar.n = step
             if itstime(step, config.eval_every, total):
                 _maybe_eval(task, state, step, writer, summary)
@@ -284,17 +285,19 @@ def _at_boundary(task) -> bool:
     return at() if at else True
 
 
-def _rollback(ckpt, state, step, task, tx, shardings, summary):
-    """Restores the last checkpoint's model and optimizer; the data iterator keeps its place."""
+def _rollback(ckpt, state, step, task, tx, shardings, summary, on_corrupt="fallback"):
+    """Restores the last readable checkpoint's model and optimizer (an unreadable newest step
+    is handled as on resume, `on_corrupt`); the data iterator keeps its place."""
     ckpt.wait()
-    last = ckpt.latest_step()
-    if last is None:
+    got = None
+    if ckpt.latest_step() is not None:
+        got = ckpt.restore_latest(abstract_state(task.init_params, tx, shardings), on_corrupt)
+    if got is None:
         raise RuntimeError(
             f"step {step}: {int(state.guard['bad_in_row'])} bad steps in a row (NaN/Inf or loss "
             "spikes) and no checkpoint to roll back to; lower the learning rate or check the data"
         )
-    target = abstract_state(task.init_params, tx, shardings)
-    restored, _, _ = ckpt.restore(last, target)
+    last, restored = got[0], got[1]
     summary["rollbacks"] += 1
     log.warning(
         "step %d: rolled back to checkpoint %d, skipping the batches in between", step, last

@@ -142,6 +142,30 @@ def test_bad_steps_in_a_row_roll_back_and_skip_the_batches(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
+def test_rollback_over_an_unreadable_latest_checkpoint_takes_the_one_before(tmp_path):
+    """The rollback restores like a resume: an unreadable newest step is moved aside and the
+    one before it restored, instead of the run crashing."""
+    c = _config(total_steps=24, ckpt_every=5, log_every=1, eval_every=0, async_ckpt=False,
+                **{"guard.max_bad_in_row": 3})  # fmt: skip
+    mesh = make_mesh({"data": -1})
+    task = pretrain.build_task(c, mesh)
+    step10 = os.path.join(str(tmp_path), "checkpoints", "10")
+
+    class Stream(_PoisonedStream):
+        def __next__(self):  # at the first bad batch, checkpoint 10's metadata is lost
+            if self.index == 12:
+                open(os.path.join(step10, "state", "_METADATA"), "w").close()
+            return super().__next__()
+
+    stream = Stream(256, c.seq_len, c.batch_size, chain_seed=c.seed)
+    stream.bad = range(12, 15)
+    task.train_batches = stream
+    state, summary = loop.run(c, str(tmp_path), task, mesh=mesh)
+    assert summary["rollbacks"] == 1 and int(state.step) == 24
+    moved = os.listdir(os.path.join(str(tmp_path), "checkpoints_corrupt"))
+    assert len(moved) == 1 and moved[0].startswith("10-")
+
+
 class _RolloutLike(MarkovStream):
     """A batch source that buffers 3 batches at a time (as PPO/GRPO buffer a rollout's
     minibatches): only every third step is a boundary a checkpoint may be taken at."""
