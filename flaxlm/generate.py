@@ -14,12 +14,13 @@ chat template (data/formats.py), whose end-of-turn token stops generation.
 
 Output: per prompt "### PROMPT" then the completion (stop token removed); with --json one JSON
 object per line, in prompt order: {"prompt", "completion", "n_tokens" (generated, the stop token
-included), "stopped" (ended at a stop token rather than --max_new_tokens)}. Blank lines of
+included), "stopped" (ended at a stop token rather than --max_new_tokens)}; with
+--num_samples K, K in a row per prompt (and "sample": k in 0..K-1). Blank lines of
 --prompts_file are skipped. Prompts are not truncated: one that with --max_new_tokens runs past
 the model's max_seq_len generates anyway, with a warning (models/decode.py). Prompt i (counting
-from 0, blank lines skipped) samples with its own key, fold_in(PRNGKey(--seed), i): its sample
-depends on --seed, i and its ids only, not on --batch or the other prompts (repeat a prompt to
-draw several samples).
+from 0, blank lines skipped) samples with its own key, fold_in(PRNGKey(--seed), i) — sample k
+of K with fold_in(PRNGKey(--seed), i·K + k): its samples depend on --seed, i, K and its ids
+only, not on --batch or the other prompts.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         help="prompt i samples with key fold_in(PRNGKey(seed), i): the same seed and prompt "
         "list give the same samples, whatever --batch",
+    )
+    p.add_argument(
+        "--num_samples",
+        type=int,
+        default=1,
+        help="samples per prompt (sample k of prompt i: key index i*num_samples+k)",
     )
     p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     p.add_argument("--chat", action="store_true", help="apply the chat template")
@@ -112,6 +119,11 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         (args.top_k < 0, "--top_k must be >= 0"),
         (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
         (args.batch < 1, "--batch must be >= 1"),
+        (args.num_samples < 1, "--num_samples must be >= 1"),
+        (
+            args.num_samples > 1 and args.temperature == 0,
+            "--num_samples > 1 needs --temperature > 0 (greedy samples are all the same)",
+        ),
         (bool(args.system) and not args.chat, "--system needs --chat"),
     ]
     for is_bad, msg in bad:
@@ -138,12 +150,14 @@ def main(argv=None) -> None:
     cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype)
     prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
     rng = jax.random.PRNGKey(args.seed)
-    for start in range(0, len(prompts), args.batch):
-        chunk = prompts[start : start + args.batch]
+    K = args.num_samples
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(K)]  # key index i*K + k
+    for start in range(0, len(jobs), args.batch):
+        chunk = jobs[start : start + args.batch]
         # Fill the last batch up to the batch size (one compiled program for every chunk).
-        fill = min(args.batch, len(prompts)) - len(chunk)
-        rows = chunk + [chunk[-1]] * fill
-        keys = prompt_keys(rng, list(range(start, start + len(chunk))) + [start] * fill)
+        chunk_full = chunk + [chunk[-1]] * (min(args.batch, len(jobs)) - len(chunk))
+        rows = [prompts[i] for i, _ in chunk_full]
+        keys = prompt_keys(rng, [i * K + k for i, k in chunk_full])
         out = generate(
             cfg, params, rows, max_new_tokens=args.max_new_tokens,
             rng=keys, temperature=args.temperature, top_k=args.top_k,
@@ -151,17 +165,17 @@ def main(argv=None) -> None:
             decode_attention=args.decode_attention,
         )  # fmt: skip
         toks, lengths = jax.device_get((out.tokens, out.lengths))
-        for i, (row, n) in enumerate(zip(toks[: len(chunk)], lengths[: len(chunk)])):
+        for (i, k), row, n in zip(chunk, toks, lengths):
             ids = [int(t) for t in np.asarray(row)[: int(n)]]
             stopped = bool(ids) and ids[-1] in stops
             completion = tok.decode(ids[:-1] if stopped else ids)
-            text = texts[start + i]
             if args.json:
-                rec = {"prompt": text, "completion": completion, "n_tokens": len(ids),
-                       "stopped": stopped}  # fmt: skip
+                rec = {"prompt": texts[i], "completion": completion, "n_tokens": len(ids),
+                       "stopped": stopped, **({"sample": k} if K > 1 else {})}  # fmt: skip
                 print(json.dumps(rec, ensure_ascii=False), flush=True)
             else:
-                print(f"### {text}\n{completion}\n", flush=True)
+                head = f"### {texts[i]}" + (f" (sample {k + 1}/{K})" if K > 1 else "")
+                print(f"{head}\n{completion}\n", flush=True)
 
 
 if __name__ == "__main__":
