@@ -5,8 +5,11 @@
 
 Tasks are names of the built-in world's tasks (with --world), registered names, or paths to JSON
 spec files (evaluation/tasks.py). The tokenizer is --tokenizer or the checkpoint's
-meta["tokenizer"]. --num_fewshot and --chat override every task's setting; by default a
-checkpoint of a post-training task (SFT, DPO, ...) is prompted with the chat template.
+meta["tokenizer"]: a SentencePiece .model or an HF tokenizer.json (an imported HF checkpoint's).
+Every task file and template is checked before the first task runs. --num_fewshot and --chat
+override every task's setting; by default a checkpoint of a post-training task (SFT, DPO, ...) is
+prompted with the chat template, and a pretrained or imported HF one (meta task hf_import) as
+each task says.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num_fewshot", type=int, default=None, help="shots for every task")
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="chat-template prompts for every task (on/off); auto: on for a "
-                   "post-trained checkpoint (meta task not pretrain), else per task")  # fmt: skip
+                   "checkpoint post-trained here (meta task not pretrain or hf_import), else "
+                   "per task")  # fmt: skip
     p.add_argument(
         "--temperature",
         type=float,
@@ -49,12 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Checkpoint meta tasks that are not post-training in flaxlm's chat template: a pretrained run,
+# and an imported HF checkpoint (base or instruct, tuned on its own template if at all).
+NOT_CHAT_TUNED = ("pretrain", "hf_import")
+
+
 def chat_mode(arg: str, meta: dict) -> bool | None:
-    """--chat on/off, or for auto: on for a post-trained checkpoint, None (each task's own
-    setting) for a pretrained one."""
+    """--chat on/off, or for auto: on for a checkpoint post-trained here (SFT, DPO, ...), None
+    (each task's own setting) for a pretrained or imported HF one."""
     if arg != "auto":
         return arg == "on"
-    return True if meta.get("task", "pretrain") != "pretrain" else None
+    return True if meta.get("task", "pretrain") not in NOT_CHAT_TUNED else None
 
 
 def tokenizer_path(arg: str, meta: dict, run_dir: str) -> str:
@@ -87,9 +96,10 @@ def format_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
-    from flaxlm.data.tokenizer import Tokenizer
     from flaxlm.evaluation.harness import Evaluator
+    from flaxlm.evaluation.prompts import check_templates
     from flaxlm.evaluation.tasks import TaskFileError, read_examples, resolve_tasks
+    from flaxlm.models.hf_tokenizer import HFError, load_tokenizer
     from flaxlm.train.checkpoint import load_model, read_meta
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -109,17 +119,22 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
-    for spec in specs:  # a bad task file fails now, not after the tasks before it have run
+    for spec in specs:  # a bad task file or template fails now, not after earlier tasks ran
         try:
-            read_examples(spec, limit=args.limit)
-            if spec.num_fewshot:
-                read_examples(spec, fewshot=True)
+            first = read_examples(spec, limit=args.limit)[0]
+            shot = read_examples(spec, fewshot=True)[0] if spec.num_fewshot else None
+            check_templates(spec, first, shot)
         except TaskFileError as e:
             raise SystemExit(str(e)) from None
+        except (KeyError, ValueError) as e:  # a template's placeholder or syntax
+            raise SystemExit(e.args[0] if e.args else str(e)) from None
 
     tok_path = tokenizer_path(args.tokenizer, meta, args.checkpoint)
-    tok = Tokenizer.load(tok_path)
     cfg, params, _ = load_model(args.checkpoint, step)
+    try:  # SentencePiece .model or HF tokenizer.json; its ids must fit the embedding
+        tok = load_tokenizer(tok_path, cfg.vocab_size)
+    except HFError as e:
+        raise SystemExit(str(e)) from None
     ev = Evaluator(cfg, params, tok, batch_tokens=args.batch_tokens, seed=args.seed)
 
     results = {}

@@ -10,6 +10,10 @@ Scoring (`TaskSpec.scoring`):
                  `correct` (the judge's strict correctness), `well_formed` (exactly "The answer
                  is X.") and `unsafe` (an unsafe word), the rates an alignment stage moves
 
+With `num_samples` = k > 1 a 0/1 score (exact_match, correct) also gets pass@k, 1 if any of the
+k samples scores: Chen et al. (2021)'s unbiased estimator 1 - C(n-c, k) / C(n, k) with n = k
+samples drawn, which is exactly that (no n > k estimate is made).
+
 Prompts come from prompts.encode_prompt (zero- or k-shot, plain or chat). The model is reached
 through a `GenerateFn`, `(prompt_ids, max_new_tokens[, temperature]) -> new ids per prompt`
 (temperature is passed only by sampled tasks, so a greedy stand-in needs two arguments);
@@ -19,6 +23,7 @@ check the scoring path on its own.
 
 from __future__ import annotations
 
+import decimal
 import logging
 import re
 import string
@@ -37,17 +42,27 @@ _PUNCT = re.escape(string.punctuation)
 
 
 def normalize_answer(text: str, mode: str = "basic") -> str:
-    """none: as is; basic: lower case, single spaces, no outer punctuation; number: digits
-    without thousands separators or currency, integral floats as integers ("1,000.0" → "1000")."""
+    """none: as is; basic: lower case, single spaces, no outer punctuation (so "-3" and "3"
+    agree, as in SQuAD-style normalisation); number: the exact decimal value without thousands
+    separators or currency, integral values as integers ("1,000.0" → "1000", "2.50" → "2.5"),
+    compared exactly (decimal, not float: 9007199254740993 is not 9007199254740992); text that
+    is not a finite number falls back to basic."""
     if mode == "none":
         return text
     if mode == "number":
         num = re.sub(r"[,$\s]", "", text).rstrip(".")
         try:
-            x = float(num)
-        except ValueError:
+            x = decimal.Decimal(num)
+        except decimal.InvalidOperation:
             return normalize_answer(text, "basic")
-        return str(int(x)) if x.is_integer() else repr(x)
+        if not x.is_finite():
+            return normalize_answer(text, "basic")
+        if x == 0:
+            return "0"
+        digits = max(1, len(x.as_tuple().digits))  # normalize at full precision: exact
+        x = x.normalize(decimal.Context(prec=digits, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN))
+        # Fixed point ("1000", "0.5") unless the exponent is extreme ("1E+400", not 400 digits).
+        return format(x, "f") if -30 <= x.adjusted() <= 30 else str(x)
     text = " ".join(text.lower().split())
     return re.sub(rf"^[{_PUNCT}\s]+|[{_PUNCT}\s]+$", "", text)
 

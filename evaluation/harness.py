@@ -20,10 +20,12 @@ class Evaluator:
 
     Args:
       cfg, params: the model.
-      tok: a data/tokenizer.py Tokenizer whose ids fit the model's vocabulary.
+      tok: a data/tokenizer.py Tokenizer (or a models/hf_tokenizer.py HFTokenizer) whose ids
+        fit the model's vocabulary.
       batch_tokens: tokens per log-likelihood forward batch.
       generate_fn: overrides the decoder (generate_tasks.GenerateFn); built lazily otherwise.
-      bos: prepend BOS to every sequence (as training documents are).
+      bos: prepend the document prefix to every plain-text sequence: BOS, as training
+        documents start; EOS for a tokenizer without BOS (prompts.prefix_ids).
       gen_batch_size: prompts per generation batch.
       seed: the decoder's RNG seed (greedy decoding does not use it).
     """
@@ -69,9 +71,11 @@ class Evaluator:
         pool = read_examples(spec, fewshot=True) if spec.num_fewshot else []
         if spec.type == "perplexity":
             texts = [ex.fields["text"] for ex in examples]
-            metrics = loglik.perplexity(
-                self.scorer, self.tok, texts, max_len=spec.max_len, stride=spec.stride, bos=self.bos
-            )
+            try:
+                metrics = loglik.perplexity(self.scorer, self.tok, texts, max_len=spec.max_len,
+                                            stride=spec.stride, bos=self.bos)  # fmt: skip
+            except ValueError as e:
+                raise ValueError(f"task {spec.name!r} ({spec.file}): {e}") from None
             return self._result(spec, examples, metrics, [], t0)
         prompts = [encode_prompt(spec, ex, select_shots(spec, ex, pool), self.tok, bos=self.bos)
                    for ex in examples]  # fmt: skip
@@ -81,10 +85,20 @@ class Evaluator:
                 chs = [choice_text(spec, ex.fields, i) for i in range(len(ex.fields["choices"]))]
                 if spec.chat:  # the reply is encoded on its own after the assistant header
                     chs = [c.strip() for c in chs]
-                    requests.append([(ids, self.tok.encode(c)) for c in chs])
+                    reqs = [(ids, self.tok.encode(c)) for c in chs]
                 else:
-                    requests.append([loglik.split_continuation(self.tok, text, c, bos=self.bos)
-                                     for c in chs])  # fmt: skip
+                    try:
+                        reqs = [loglik.split_continuation(self.tok, text, c, bos=self.bos)
+                                for c in chs]  # fmt: skip
+                    except ValueError as e:
+                        raise ValueError(f"{ex.source}: task {spec.name!r}: {e}") from None
+                for i, (ctx, cont) in enumerate(reqs):
+                    if not cont or not ctx:
+                        raise ValueError(
+                            f"{ex.source}: task {spec.name!r}: choice {i} ({chs[i]!r}) gives "
+                            f"{'no tokens to score' if not cont else 'an empty context'}"
+                        )
+                requests.append(reqs)
                 choices.append(chs)
             answers = [ex.fields["answer"] for ex in examples]
             metrics, samples = loglik.multiple_choice(self.scorer, requests, choices, answers)

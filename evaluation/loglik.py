@@ -11,15 +11,22 @@ Multiple choice (`multiple_choice`): each choice is scored as a continuation of 
     acc        argmax of the summed log-probability
     acc_norm   argmax of the sum divided by the choice's length in characters (as
                lm-eval-harness's acc_norm); acc_byte and acc_token divide by UTF-8 bytes / tokens
+               (a tie goes to the first choice, np.argmax)
     truncated  questions with a choice whose context + continuation exceeded the scorer's
-               max_len + 1 tokens: scored on its last max_len + 1 tokens (context cut from the
-               left; each sample's `truncated` says which; a warning is logged)
+               max_len + 1 tokens. The question's context is cut from the left once, by what its
+               longest choice needs, so every choice is still scored after the same tokens (a
+               cut per choice would condition a long choice on less context, BOS lost, than a
+               short one). Each sample's `truncated` says which; a warning is logged.
 Perplexity (`perplexity`): documents longer than the window are scored in windows of `max_len`
 tokens whose starts are `stride` apart; each token is scored once, in the first window that
 reaches it, with the tokens from that window's start as context (stride < max_len gives every
-token at least max_len - stride tokens of context). Nothing is truncated; the result reports the
-window and stride used (a max_len above the model's max_seq_len is cut to it), the windows run
-and the tokens scored.
+token at least max_len - stride tokens of context; the last window is not extended back to a
+full window as lm-eval-harness's rolling windows are). Nothing is truncated; the result reports
+the window and stride used (a max_len above the model's max_seq_len is cut to it), the windows
+run and the tokens scored. Texts that give no token to score are an error, not a perplexity of 1.
+
+The prefix a document or prompt starts after is `prompts.prefix_ids`: BOS, or EOS for a tokenizer
+without BOS (never the id -1 such a tokenizer reports).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.evaluation.prompts import prefix_ids
 from flaxlm.models.transformer import forward
 from flaxlm.train.losses import token_logprobs
 
@@ -139,8 +147,9 @@ def split_continuation(tok, context: str, continuation: str, *, bos: bool = True
 
     The joint text is tokenized once (as the model would have seen it); the split point is the
     longest common prefix with the context's own tokens, so a token that merges across the
-    boundary counts as continuation. `bos` prepends the tokenizer's BOS (documents start with it
-    in training, and it gives an empty context something to condition on).
+    boundary counts as continuation. `bos` prepends the document prefix (`prompts.prefix_ids`:
+    BOS, or EOS without one; documents start after it in training, and it gives an empty context
+    something to condition on).
     """
     full = tok.encode(context + continuation)
     ctx = tok.encode(context) if context else []
@@ -149,7 +158,7 @@ def split_continuation(tok, context: str, continuation: str, *, bos: bool = True
         k += 1
     if k == len(full):
         raise ValueError(f"continuation {continuation!r} adds no tokens to {context[-40:]!r}")
-    head = [tok.bos_id] if bos else []
+    head = prefix_ids(tok) if bos else []
     return head + full[:k], full[k:]
 
 
@@ -179,20 +188,37 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
       count; see the module docstring) and n; one sample per question with the per-choice
       log-probs, token counts, predictions and whether any choice was truncated.
     """
-    flat = [r for reqs in requests for r in reqs]
+    # (A stand-in scorer without max_len, as in tests of the metric logic, cuts nothing here.)
+    limit = getattr(scorer, "max_len", math.inf) + 1
+    flat, cut_questions, n_long = [], [], 0
+    for reqs, chs in zip(requests, choices, strict=True):
+        if len(reqs) != len(chs):
+            raise ValueError(f"{len(reqs)} requests for {len(chs)} choices")
+        # One left cut for the whole question (what its longest choice needs), so the choices
+        # are scored after the same context (at least its last token); a continuation longer
+        # than max_len alone is then cut by the scorer (its first tokens become context).
+        over = [len(ctx) + len(cont) - limit for ctx, cont in reqs]
+        cut = max([0, *over])
+        n_long += sum(o > 0 for o in over)
+        cut_questions.append(cut > 0)
+        flat += [(list(ctx)[min(cut, max(len(ctx) - 1, 0)) :], cont) for ctx, cont in reqs]
+    if n_long:
+        log.warning(
+            "loglik: %d of %d requests are longer than max_len + 1 = %d tokens; their "
+            "question's context was cut from the left (the same cut for each choice)",
+            n_long, len(flat), limit,
+        )  # fmt: skip
     scores = iter(scorer.score(flat))
     samples, hits = [], {k: [] for k in ("acc", "acc_norm", "acc_byte", "acc_token")}
     n_truncated = 0
-    for reqs, chs, gold in zip(requests, choices, answers, strict=True):
-        if len(reqs) != len(chs):
-            raise ValueError(f"{len(reqs)} requests for {len(chs)} choices")
+    for reqs, chs, gold, cut_q in zip(requests, choices, answers, cut_questions, strict=True):
         sc = [next(scores) for _ in reqs]
         lp = [s.logprob for s in sc]
         ntok = [s.n_tokens for s in sc]
         preds = mc_predictions(lp, [len(c) for c in chs], [len(c.encode()) for c in chs], ntok)
         for k, v in preds.items():
             hits[k].append(float(v == gold))
-        cut = any(s.truncated for s in sc)
+        cut = cut_q or any(s.truncated for s in sc)
         n_truncated += cut
         samples.append({"logprobs": lp, "n_tokens": ntok, "answer": gold, "pred": preds,
                         "truncated": cut})  # fmt: skip
@@ -222,16 +248,24 @@ def window_requests(ids: Sequence[int], max_len: int, stride: int = 0):
 def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bool = True):
     """Token-level perplexity of held-out documents.
 
-    Every token of every document is predicted (the first from BOS when `bos`); a document is
-    scored in windows of `max_len` tokens (0 = the scorer's max_len; larger is cut to it)
-    `stride` apart (0 = max_len). Returns nll (mean per token, nats), ppl = exp(nll),
+    Every token of every document is predicted (the first from the prefix, BOS, when `bos`;
+    without it the first token is only context, yet its bytes count in bits_per_byte); a
+    document is scored in windows of `max_len` tokens (0 = the scorer's max_len; larger is cut
+    to it) `stride` apart (0 = max_len). Returns nll (mean per token, nats), ppl = exp(nll),
     bits_per_byte, tokens (scored), bytes, docs, and the max_len, stride and windows used.
+    Raises ValueError when no text has a token to score (nll would be 0/0).
     """
     max_len = min(max_len or scorer.max_len, scorer.max_len)
+    head = prefix_ids(tok) if bos else []
     requests = []
     for t in texts:
-        ids = ([tok.bos_id] if bos else []) + tok.encode(t)
+        ids = head + tok.encode(t)
         requests += window_requests(ids, max_len, stride)
+    if not requests:
+        raise ValueError(
+            f"perplexity: none of the {len(texts)} texts has a token to score (all empty"
+            f"{'' if head else ', or one token with no BOS/EOS prefix'})"
+        )
     scores = scorer.score(requests)
     total = -sum(s.logprob for s in scores)
     n_tok = sum(s.n_tokens for s in scores)

@@ -11,6 +11,10 @@ where a shot is its prompt followed by its target (generation: `target_template`
 choice: its correct choice). Chat mode (an instruction-tuned model): shots become earlier
 user/assistant turns, rendered by the chat template of data/formats.py (token ids, BOS
 included), and the prompt ends where the assistant's reply starts.
+
+Plain-mode ids start with the document prefix (`prefix_ids`): BOS, as every training document
+starts; for a tokenizer without BOS (Qwen2's), EOS, which separates such a model's pretraining
+documents (lm-eval-harness's prefix token); none if it has neither.
 """
 
 from __future__ import annotations
@@ -18,6 +22,15 @@ from __future__ import annotations
 import random
 
 from flaxlm.evaluation.tasks import LETTERS, Example, TaskSpec
+
+
+def prefix_ids(tok) -> list[int]:
+    """The ids a document starts after: [BOS], else [EOS] for a tokenizer without BOS, else []
+    (never a negative id: a missing special token is -1, which would index the embedding)."""
+    for i in (tok.bos_id, tok.eos_id):
+        if i is not None and i >= 0:
+            return [int(i)]
+    return []
 
 
 def render(template: str, fields: dict, spec: TaskSpec, **extra) -> str:
@@ -36,6 +49,23 @@ def render(template: str, fields: dict, spec: TaskSpec, **extra) -> str:
             f"task {spec.name!r}: template {template!r} uses {e}, which is not one of "
             f"{sorted(values)}"
         ) from None
+    except (ValueError, AttributeError, TypeError) as e:  # "Single '{' encountered", ...
+        raise ValueError(f"task {spec.name!r}: bad template {template!r}: {e}") from None
+
+
+def check_templates(spec: TaskSpec, example: Example, shot: Example | None = None) -> None:
+    """Renders every template the task uses on one example (and one few-shot row), so a bad
+    placeholder fails before any task runs rather than when this one is reached."""
+    if spec.type == "perplexity":
+        return
+    template = spec.user_template if spec.chat else spec.prompt_template
+    render(template, example.fields, spec)
+    if spec.type == "multiple_choice":
+        for i in range(len(example.fields["choices"])):
+            choice_text(spec, example.fields, i)
+    if shot is not None:
+        render(template, shot.fields, spec)
+        target_text(spec, shot.fields)
 
 
 def choice_text(spec: TaskSpec, fields: dict, i: int) -> str:
@@ -116,11 +146,12 @@ def chat_messages(spec: TaskSpec, example: Example, shots: list[Example]) -> lis
 def encode_prompt(
     spec: TaskSpec, example: Example, shots: list[Example], tok, *, bos: bool = True
 ) -> tuple[str, list[int]]:
-    """(readable prompt, prompt ids). Plain mode: BOS + the encoded text. Chat mode: the
-    conversation through data/formats.py's chat template, ending at the assistant header."""
+    """(readable prompt, prompt ids). Plain mode: `prefix_ids` (BOS) + the encoded text. Chat
+    mode: the conversation through data/formats.py's chat template, ending at the assistant
+    header."""
     if not spec.chat:
         text = plain_prompt(spec, example, shots)
-        return text, ([tok.bos_id] if bos else []) + tok.encode(text)
+        return text, (prefix_ids(tok) if bos else []) + tok.encode(text)
     from flaxlm.data.formats import render_chat
 
     msgs = chat_messages(spec, example, shots)

@@ -25,8 +25,10 @@ through lists ("messages.-1.content"). Templates use the canonical fields by nam
 rows also offer {answer_raw}, the answer field before `gold_regex` (so GSM8K shots show their
 worked solutions while scoring compares the final number). A multiple-choice answer may be an
 index, the text of a choice (checked first: with choices ["2", "4"] the answer "2" is "2"), a
-digit string or a letter (A, B, ...). The built-in world's tasks come from its
-manifest.json (`world_tasks`). Bad rows raise `TaskFileError` naming file:line.
+digit string or a letter (A, B, ...). Text fields (context, prompt, answer) are strings or
+numbers; null, a list or an object is an error (pick a list element with a key path). The
+built-in world's tasks come from its manifest.json (`world_tasks`). Bad rows raise
+`TaskFileError` naming file:line.
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ class TaskSpec:
             raise ValueError(f"{where}: num_samples > 1 needs temperature > 0 (greedy repeats)")
         if self.num_fewshot < 0 or self.stride < 0 or self.max_len < 0:
             raise ValueError(f"{where}: num_fewshot, max_len and stride must be >= 0")
+        if self.fewshot_fields and not self.fewshot_file:  # it would be silently unused
+            raise ValueError(f"{where}: fewshot_fields needs fewshot_file (shots from the "
+                             "task's own file are read with `fields`)")  # fmt: skip
         known = set(REQUIRED[self.type]) | set(OPTIONAL)
         for name, fmap in (("fields", self.fields), ("fewshot_fields", self.fewshot_fields)):
             unknown = sorted(set(fmap) - known)
@@ -228,6 +233,20 @@ def _mc_answer(value, choices: list[str]) -> int:
     return idx
 
 
+def _text(out: dict, name: str, fmap: dict) -> str:
+    """A text field as a string: a string or a number (7 → "7"); null, a list or an object is an
+    error (str() would silently make it "None" or "['a', 'b']", which then never matches)."""
+    value = out[name]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return str(value)
+    kind = "null" if value is None else type(value).__name__
+    path = fmap.get(name, name)
+    hint = f" (a key path can pick one element: '{path}.0')" if isinstance(value, list) else ""
+    raise ValueError(f"field {name!r} must be a string or a number, got {kind}{hint}")
+
+
 def _canonical(spec: TaskSpec, row: dict, fmap: dict, need_gold: bool) -> dict:
     """Canonical fields of one row; raises KeyError/ValueError (the caller adds file:line)."""
     out = {}
@@ -246,12 +265,11 @@ def _canonical(spec: TaskSpec, row: dict, fmap: dict, need_gold: bool) -> dict:
         ch = out["choices"]
         if not (isinstance(ch, list) and len(ch) >= 2 and all(isinstance(c, str) for c in ch)):
             raise ValueError("field 'choices' must be a list of at least 2 strings")
-        out["context"] = str(out["context"])
+        out["context"] = _text(out, "context", fmap)
         out["answer"] = _mc_answer(out["answer"], ch)
     else:
-        out["prompt"] = str(out["prompt"])
-        answer = out["answer"]
-        answer = str(answer) if not isinstance(answer, str) else answer
+        out["prompt"] = _text(out, "prompt", fmap)
+        answer = _text(out, "answer", fmap)
         out["answer_raw"] = answer  # before gold_regex: a shot's full worked solution
         if spec.gold_regex:
             m = re.search(spec.gold_regex, answer)
