@@ -3,8 +3,9 @@
 Everything reduces to one primitive: the summed log-probability of continuation tokens given
 context tokens, `LoglikScorer.score([(ctx_ids, cont_ids), ...])`. Rows are sorted by length,
 right-padded into buckets (lengths rounded up to a power of two, rows per batch chosen so a batch
-holds about `batch_tokens` tokens, a bucket's last batch padded with empty rows) and run through
-one jitted forward, so an evaluation compiles once per bucket, not once per example. Right
+holds about `batch_tokens` tokens, a bucket's last batch padded with empty rows up to a power of
+two) and run through one jitted forward, so an evaluation compiles a couple of shapes per
+bucket, not one per example, and a small bucket does not run hundreds of empty rows. Right
 padding needs no segment ids: causal attention never lets a real token see the padding after it.
 
 Multiple choice (`multiple_choice`): each choice is scored as a continuation of the prompt;
@@ -122,10 +123,12 @@ class LoglikScorer:
         while pos < len(order):
             T = self.bucket(len(rows[order[pos]][0]) - 1)
             # Rows per batch: the largest power of two within the token budget. A bucket's last
-            # batch is padded to the same shape, so each bucket compiles exactly once.
+            # batch is padded to the next power of two (not to B: with short rows B is in the
+            # hundreds), so a bucket compiles a full and a tail shape.
             B = 1 << (max(1, self.batch_tokens // T).bit_length() - 1)
             idx = [i for i in order[pos : pos + B] if self.bucket(len(rows[i][0]) - 1) == T]
             pos += len(idx)
+            B = min(B, _pow2_at_least(len(idx)))
             tokens = np.full((B, T), self.pad_id, np.int32)
             targets = np.full((B, T), self.pad_id, np.int32)
             mask = np.zeros((B, T), np.float32)
