@@ -248,10 +248,7 @@ def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int):
     """Adds the preprocess graph to pipeline ``p``; stats land in ``out_dir/_stats.json``."""
     files = S.expand_paths(inputs)
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
-    eval_texts = []
-    if cfg.dedup.decontam_paths:
-        paths = cfg.dedup.decontam_paths.split(",")
-        eval_texts = [d.text for d in S.iter_documents(paths, text_field=cfg.dedup.decontam_field)]
+    eval_texts = P.load_eval_texts(cfg)  # cleaned like the training text (placeholders too)
     read = (
         p
         | "Files" >> beam.Create(list(enumerate(files)))

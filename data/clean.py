@@ -6,6 +6,12 @@ documents have PII replaced by placeholders (``<EMAIL>``, ``<PHONE>``, ``<IP>``,
 ``<ID>``). Thresholds follow the Gopher rules (Rae et al. 2021, appendix A) unless a comment says
 otherwise.
 
+Phone numbers redacted: Chinese mobiles (bare or with 86 / +86 / 0086), North American numbers
+("(415) 555-2671", "1-800-555-1234"), any number in international form ('+', then 8 to 15 digits
+in any grouping), and other 2-4 + 3-4 + 3-4 digit groups. Digit groups are ambiguous: "12 345 678"
+and "12.345.678" (thousands separators) are redacted as phones; national numbers written in
+pairs without '+' ("01 23 45 67 89") are not. Card numbers must pass the Luhn check.
+
 Text without spaces (Chinese, Japanese, Korean) is handled by counting each CJK character as one
 word: "word" counts, n-gram repetition and stop words then mean the same thing in both scripts.
 Mean word length is measured on non-CJK words only (a CJK "word" is one character by construction).
@@ -66,7 +72,8 @@ def clean_config() -> ml_collections.ConfigDict:
     c.max_dup_para_frac = 0.3  # fraction of duplicated paragraphs above → "repetition"
     c.max_dup_line_char_frac = 0.2  # characters in duplicated lines above → "repetition"
     c.max_dup_para_char_frac = 0.2  # characters in duplicated paragraphs above → "repetition"
-    # Characters covered by the most frequent n-gram, for n = 2, 3, 4 (Gopher: .20 .18 .16).
+    # Characters covered by the most frequent n-gram (ties: the one occurring first), for
+    # n = 2, 3, 4 (Gopher: .20 .18 .16).
     c.max_top_ngram_char_frac = (0.20, 0.18, 0.16)
     # Characters covered by any repeated n-gram, for n = 5..10 (Gopher: .15 down to .10).
     c.max_dup_ngram_char_frac = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)
@@ -136,7 +143,7 @@ def _dup_frac(items: list[str]) -> tuple[float, float]:
 
 def _ngram_fracs(words: list[str], top_ns, dup_ns) -> tuple[list[float], list[float]]:
     """Gopher n-gram repetition: chars in the top n-gram, chars covered by repeated n-grams."""
-    # Python's hash is salted per process, but only equality within this document matters here.
+    # Python's hash is salted per process: only equality within this document may depend on it.
     h = np.fromiter((hash(w) for w in words), np.int64, len(words)).astype(np.uint64)
     wlen = np.fromiter((len(w) for w in words), np.int64, len(words))
     total = max(1, int(wlen.sum()))
@@ -148,19 +155,27 @@ def _ngram_fracs(words: list[str], top_ns, dup_ns) -> tuple[list[float], list[fl
             dups.append(0.0)
             continue
         if len(words) < n:
-            tops.append(0.0) if n in top_ns else dups.append(0.0)
+            if n in top_ns:
+                tops.append(0.0)
+            if n in dup_ns:
+                dups.append(0.0)
             continue
         g = h[: len(h) - n + 1].copy()  # rolling combination of n word hashes
         for k in range(1, n):
             g = g * mult + h[k : len(h) - n + 1 + k]
-        uniq, inv, cnt = np.unique(g, return_inverse=True, return_counts=True)
+        uniq, first, inv, cnt = np.unique(
+            g, return_index=True, return_inverse=True, return_counts=True
+        )
         if len(uniq) == len(g):
             no_repeats_from = n if no_repeats_from is None else min(no_repeats_from, n)
         if n in top_ns:
-            best = int(np.argmax(cnt))
-            if cnt[best] > 1:
-                start = int(np.flatnonzero(inv == best)[0])
-                tops.append(int(wlen[start : start + n].sum()) * int(cnt[best]) / total)
+            top = int(cnt.max())
+            if top > 1:
+                # Ties: the n-gram that occurs first (Counter.most_common's order). np.unique
+                # sorts by hash, and Python's hash is salted per process: picking by that order
+                # kept or dropped the same document depending on PYTHONHASHSEED.
+                start = int(first[cnt == top].min())
+                tops.append(int(wlen[start : start + n].sum()) * top / total)
             else:
                 tops.append(0.0)
         if n in dup_ns:
@@ -219,16 +234,24 @@ _NUMERIC = [  # (kind, pattern), tried in this order at each position
         + r"[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
         + _NA,
     ),
-    ("CARD", _NB + r"\d(?:[ -]?\d){12,18}" + _NA),  # kept only if Luhn-valid
+    # Kept only if Luhn-valid; a Luhn-invalid run is searched again with the patterns after it
+    # (a Chinese mobile written "86 138 1234 5678" is 13 digits, as long as a short card number).
+    ("CARD", _NB + r"\d(?:[ -]?\d){12,18}" + _NA),
     ("ID", _NB + r"(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}" + _NA),  # US SSN
-    ("PHONE", _NB + r"(?:\+?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}" + _NA),  # Chinese mobile
+    ("PHONE", _NB + r"(?:(?:\+|00)?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}" + _NA),  # Chinese mobile
     # Other phones; not part of a longer digit-group run (e.g. a Luhn-invalid 16-digit number).
+    # "1-800-555-1234" / "1 415 555 2671": North American numbers with the trunk prefix 1.
     (
         "PHONE",
-        r"(?<![\dA-Za-z+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
-        r"\d{3,4}[ .-]?\d{3,4}(?![\dA-Za-z]|[ .-]\d)",
+        r"(?<![\dA-Za-z+])(?<!\d[ .-])"
+        r"(?:\+\d{1,3}[ .-]?|1[ .-](?=\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}))?"
+        r"(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}(?![\dA-Za-z]|[ .-]\d)",
     ),
+    # International numbers in any grouping ("+33 1 23 45 67 89", "+91 98765 43210"): a '+', then
+    # 8 to 15 digits (E.164's limit) with single separators.
+    ("PHONE", r"(?<![\dA-Za-z+])\+[1-9](?:[ .-]?\d){7,14}(?![\dA-Za-z]|[ .-]\d)"),
 ]
+_CARD_AT = next(i for i, (k, _) in enumerate(_NUMERIC) if k == "CARD")
 # One pass per family (a pass costs ~40 us per KB): named groups say which pattern matched.
 _PII = [
     (
@@ -254,6 +277,10 @@ _PII = [
 ]
 
 
+# The numeric patterns after CARD, for the span of a Luhn-invalid CARD match.
+_AFTER_CARD = re.compile(
+    "|".join(f"(?P<{k}{i}>{p})" for i, (k, p) in enumerate(_NUMERIC) if i > _CARD_AT)
+)
 _DIGITS_RE = re.compile(r"\d\d")  # every numeric pattern needs two adjacent digits (or '::')
 
 
@@ -274,7 +301,13 @@ def redact_pii(text: str) -> tuple[str, Counter]:
     def sub(m):
         kind = m.lastgroup.rstrip("0123456789")
         if kind == "CARD" and not _luhn_ok(re.sub(r"\D", "", m.group())):
-            return m.group()
+            # Not a card: the span may still hold a phone or ID number. Searched in the whole
+            # text (pos/endpos), so lookbehinds see what precedes the span.
+            out, last = [], m.start()
+            for m2 in _AFTER_CARD.finditer(m.string, m.start(), m.end()):
+                out += [m.string[last : m2.start()], sub(m2)]
+                last = m2.end()
+            return "".join(out) + m.string[last : m.end()]
         counts[kind] += 1
         return f"<{kind}>"
 

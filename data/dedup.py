@@ -9,8 +9,18 @@ group-by-key) keep exactly the same documents:
   document (earlier among those that reached this stage, kept or not). With the banding chosen
   for the Jaccard threshold, a shared band key means "estimated Jaccard above the threshold" with
   the probability of the LSH S-curve; the tests measure the resulting precision and recall.
+  ``threshold`` is where that curve rises, not a hard cut (signatures are never compared with
+  it; the tables hold band keys only): with the defaults (0.8, 128 permutations → 9 bands × 13
+  rows) a later document at Jaccard s is dropped with probability 1 - (1 - s^13)^9: 0.08 at 0.7,
+  0.40 at 0.8, 0.69 at 0.85, 0.93 at 0.9, 0.998 at 0.95 (half-way at 0.82).
 * decontamination: a document sharing any ``decontam_ngram``-gram (13 words by default; CJK
-  characters count as words) with the evaluation sets is dropped or flagged.
+  characters count as words) with the evaluation sets is dropped or flagged. An evaluation text
+  shorter than ``decontam_ngram`` words has no such n-gram and never matches. Words keep their
+  attached punctuation ("paris," is not "paris"), as in the cleaning filters.
+
+Both MinHash shingles and decontamination n-grams are made of ``match_words``: NFKC, case-folded,
+control/zero-width characters removed, so text that differs only in Unicode form (NFC vs NFD,
+full-width letters), case or invisible characters gives the same words.
 
 Shingles are word n-grams (CJK characters are words), hashed deterministically (crc32 per word,
 combined polynomially in uint64), so signatures agree across processes and machines. MinHash
@@ -21,6 +31,7 @@ bench/RESULTS.md); numpy is the default because it was the faster.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import unicodedata
 import zlib
@@ -29,7 +40,7 @@ from collections import Counter
 import ml_collections
 import numpy as np
 
-from flaxlm.data.clean import _WORD_RE
+from flaxlm.data.clean import _CONTROL_RE, _WORD_RE
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier for polynomial combination
 
@@ -41,7 +52,7 @@ def dedup_config() -> ml_collections.ConfigDict:
     c.near = True  # drop near-duplicates (MinHash + LSH)
     c.ngram = 5  # shingle size in words (CJK: characters)
     c.num_perm = 128  # MinHash permutations (signature length)
-    c.threshold = 0.8  # Jaccard similarity at which documents count as near-duplicates
+    c.threshold = 0.8  # Jaccard where the LSH S-curve rises (module docstring: not a hard cut)
     c.bands = 0  # LSH bands; 0 = pick bands/rows minimising FP+FN area for `threshold`
     c.seed = 0  # seed of the MinHash permutations (same seed → same signatures everywhere)
     c.method = "numpy"  # "numpy" (vectorised multiply-shift) or "datasketch"
@@ -82,12 +93,27 @@ def _word_hashes(words: list[str]) -> list[int]:
     return hs
 
 
+def match_words(text: str) -> list[str]:
+    """The words MinHash shingles and decontamination n-grams are made of.
+
+    NFKC, case-folded, control and zero-width characters removed (what ``clean.normalize_text``
+    removes), then split like the cleaning filters (CJK characters one word each). Both sides of
+    a comparison go through this, so an eval item or a copy in NFD, full-width letters or another
+    case still matches (e.g. the Deduper used without the Cleaner, or ``do_clean=False``).
+    """
+    return _WORD_RE.findall(_CONTROL_RE.sub("", unicodedata.normalize("NFKC", text)).casefold())
+
+
 def shingles(text: str, n: int) -> np.ndarray:
     """Deterministic uint64 hashes of the word n-grams of ``text`` (unique, sorted).
 
-    Shorter texts give one shingle of all their words; an empty text gives none.
+    Words are ``match_words(text)``. Shorter texts give one shingle of all their words; an empty
+    text gives none.
     """
-    words = _WORD_RE.findall(text.lower())
+    return _hash_ngrams(match_words(text), n)
+
+
+def _hash_ngrams(words: list[str], n: int) -> np.ndarray:
     if not words:
         return np.zeros(0, np.uint64)
     h = np.array(_word_hashes(words), np.uint64)
@@ -99,22 +125,23 @@ def shingles(text: str, n: int) -> np.ndarray:
         return np.unique(_mix64(g))
 
 
+@functools.lru_cache(maxsize=32)
 def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) with bands*rows <= num_perm minimising false-positive + false-negative area.
 
     P(candidate | Jaccard s) = 1 - (1 - s^rows)^bands; FP area is its integral below the threshold,
-    FN area the integral of its complement above it (equal weights).
+    FN area the integral of its complement above it (equal weights). Every (bands, rows) pair is
+    searched, not only rows = num_perm // bands (datasketch's search): fewer rows than fit can be
+    better (0.8 with 128 permutations: 9 x 13, not 9 x 14).
     """
-    s = np.linspace(0, 1, 1001)
+    lo, hi = np.linspace(0, threshold, 1001), np.linspace(threshold, 1, 1001)
     best, best_err = (1, num_perm), np.inf
     for b in range(1, num_perm + 1):
-        r = num_perm // b
-        p = 1 - (1 - s**r) ** b
-        err = np.trapezoid(np.where(s < threshold, p, 0), s) + np.trapezoid(
-            np.where(s >= threshold, 1 - p, 0), s
-        )
-        if err < best_err:
-            best, best_err = (b, r), err
+        for r in range(1, num_perm // b + 1):
+            fp = np.trapezoid(1 - (1 - lo**r) ** b, lo)
+            fn = np.trapezoid((1 - hi**r) ** b, hi)
+            if fp + fn < best_err:
+                best, best_err = (b, r), fp + fn
     return best
 
 
@@ -158,7 +185,7 @@ def datasketch_signatures(texts: list[str], n: int, num_perm: int, seed: int = 0
 
     out = np.empty((len(texts), num_perm), np.uint32)
     for i, t in enumerate(texts):
-        words = _WORD_RE.findall(t.lower())
+        words = match_words(t)
         grams = {" ".join(words[k : k + n]).encode() for k in range(max(1, len(words) - n + 1))}
         m = MinHash(num_perm=num_perm, seed=seed)
         m.update_batch(list(grams))
@@ -194,10 +221,10 @@ class Decontaminator:
 
 def _ngrams_exact(text: str, n: int) -> np.ndarray:
     """Only full n-grams (unlike ``shingles``, a text shorter than n gives none)."""
-    words = _WORD_RE.findall(text.lower())
+    words = match_words(text)
     if len(words) < n:
         return np.zeros(0, np.uint64)
-    return shingles(text, n)
+    return _hash_ngrams(words, n)
 
 
 class KeySet:

@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 
 from flaxlm.data import sources as S
-from flaxlm.data.clean import Cleaner, clean_config
+from flaxlm.data.clean import Cleaner, clean_config, normalize_text, redact_pii
 from flaxlm.data.dedup import Deduper, dedup_config
 from flaxlm.data.tokenizer import Tokenizer, train
 
@@ -145,6 +145,24 @@ class ShardWriter:
         return self.paths
 
 
+def load_eval_texts(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The decontamination texts, in the form training text has when it reaches dedup.
+
+    Training text is cleaned first, PII included: an eval item holding an IP address or a phone
+    number appears in a training document as "... <IP> ... <PHONE> ...", so the eval side gets the
+    same normalisation and placeholders, or no n-gram spanning them could ever match.
+    """
+    if not cfg.dedup.decontam_paths:
+        return []
+    paths = cfg.dedup.decontam_paths.split(",")
+    texts = [d.text for d in S.iter_documents(paths, text_field=cfg.dedup.decontam_field)]
+    if cfg.do_clean:
+        texts = [normalize_text(t) for t in texts]
+        if cfg.clean.redact_pii:
+            texts = [redact_pii(t)[0] for t in texts]
+    return texts
+
+
 def _clean_batch(args):
     cfg, batch = args
     c = Cleaner(cfg)
@@ -172,15 +190,7 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict
     os.makedirs(out_dir, exist_ok=True)
     log = S.BadInputLog(strict=cfg.strict)
     cleaner = Cleaner(cfg.clean)
-    eval_texts = []
-    if cfg.dedup.decontam_paths:
-        eval_texts = [
-            d.text
-            for d in S.iter_documents(
-                cfg.dedup.decontam_paths.split(","), text_field=cfg.dedup.decontam_field
-            )
-        ]
-    deduper = Deduper(cfg.dedup, eval_texts)
+    deduper = Deduper(cfg.dedup, load_eval_texts(cfg))
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     training = tok is None and cfg.train_tokenizer_vocab > 0
     if tok is None:  # text shards: the output, or the input of the second (tokenizing) pass
@@ -193,7 +203,13 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict
     pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
 
     docs = S.iter_documents(inputs, text_field=cfg.text_field, txt_mode=cfg.txt_mode, log=log)
-    batches = _batches(docs, cfg.batch_docs)
+
+    def counted(it):  # documents read, counted here and not derived from the stage counters
+        for d in it:
+            counts["read_records"] += 1
+            yield d
+
+    batches = _batches(counted(docs), cfg.batch_docs)
     group = max(1, cfg.workers) * 2  # batches in flight per pool round
     while True:
         t0 = time.time()
@@ -247,13 +263,21 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict
         )
         del reservoir
         tok_out = _token_writer(out_dir, tok, cfg)
+        n_tokenized = 0
         for batch in _batches(S.iter_documents(os.path.join(out_dir, "text")), cfg.batch_docs):
             counts["tokens"] += _write_tokens(tok_out, tok, [d.text for d in batch])
+            n_tokenized += len(batch)
         shards = tok_out.close()
+        if n_tokenized != counts["out"]:
+            raise AssertionError(
+                f"{n_tokenized} documents tokenized from the text shards, {counts['out']} written"
+            )
         times["tokenize"] += time.time() - t0
 
     read_in = log.total
-    n_in = counts["out"] + sum(deduper.removed.values()) + sum(cleaner.removed.values())
+    # Documents read: counted as they left the reader. Were it derived from the stage counters
+    # (out + removed), the check below could not catch a document that a stage lost uncounted.
+    n_in = counts["read_records"]
     stages = [
         _stage("read", times["read"], {"in": n_in + read_in, "out": n_in, **log.to_dict()}),
         _stage("clean", times["clean"], cleaner.report()),

@@ -137,8 +137,10 @@ def train(
 ) -> Tokenizer:
     """Trains a SentencePiece model (BPE or unigram) on ``texts``; saves it if ``model_path``.
 
-    Documents are split into lines for training (SentencePiece's unit is a sentence);
-    ``input_sentence_size`` caps the sample (SentencePiece samples it deterministically).
+    Documents are split into lines for training (SentencePiece's unit is a sentence); a line
+    longer than ``max_sentence_length`` UTF-8 bytes (SentencePiece's unit) is cut to that many
+    bytes at a character boundary, not dropped. ``input_sentence_size`` caps the sample
+    (SentencePiece samples it deterministically).
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be bpe|unigram, got {model_type!r}")
@@ -147,7 +149,13 @@ def train(
         for t in texts:
             for ln in t.split("\n"):
                 if ln.strip():
-                    yield ln[:max_sentence_length]
+                    # SentencePiece skips (does not cut) sentences over max_sentence_length
+                    # *bytes*: cutting at that many characters silently dropped long lines of
+                    # CJK (3 bytes per character) or Cyrillic (2) text from training.
+                    if len(ln) * 4 > max_sentence_length:  # cheap test before encoding
+                        b = ln.encode("utf-8")[:max_sentence_length]
+                        ln = b.decode("utf-8", "ignore")
+                    yield ln
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
