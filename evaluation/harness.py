@@ -46,9 +46,11 @@ class Evaluator:
         self.cfg, self.params, self.tok = cfg, params, tok
         self.scorer = loglik.LoglikScorer(cfg, params, batch_tokens=batch_tokens, pad_id=tok.pad_id)
         self.bos = bos
-        self.stop_tokens = tuple(
-            i for k, i in tok.special_ids().items() if k in ("eos", "<|end|>") and i >= 0
-        )
+        # Generation stops at EOS, flaxlm's end of turn, and an HF tokenizer's own stop ids
+        # (generation_config.json: Llama 3's <|eot_id|>, Qwen2's <|im_end|>).
+        specials = [i for k, i in tok.special_ids().items() if k in ("eos", "<|end|>")]
+        stops = [*specials, *getattr(tok, "stop_ids", ())]
+        self.stop_tokens = tuple(dict.fromkeys(i for i in stops if i >= 0))
         self._generate_fn, self._gen_batch, self._seed = generate_fn, gen_batch_size, seed
 
     @property

@@ -147,14 +147,17 @@ def encode_prompt(
     spec: TaskSpec, example: Example, shots: list[Example], tok, *, bos: bool = True
 ) -> tuple[str, list[int]]:
     """(readable prompt, prompt ids). Plain mode: `prefix_ids` (BOS) + the encoded text. Chat
-    mode: the conversation through data/formats.py's chat template, ending at the assistant
-    header."""
+    mode: the conversation through the tokenizer's own Jinja chat template when it has one (an
+    imported HF instruct model's tokenizer_config.json: what that model was tuned on), else
+    data/formats.py's chat template, ending at the assistant header."""
     if not spec.chat:
         text = plain_prompt(spec, example, shots)
         return text, (prefix_ids(tok) if bos else []) + tok.encode(text)
+    msgs = chat_messages(spec, example, shots)
+    text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in msgs) + "<|assistant|>"
+    if getattr(tok, "chat_template", ""):
+        return text, [int(i) for i in tok.render_chat_template(msgs)]
     from flaxlm.data.formats import render_chat
 
-    msgs = chat_messages(spec, example, shots)
     ids, _ = render_chat(msgs, tok, add_generation_prompt=True)
-    text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in msgs) + "<|assistant|>"
     return text, [int(i) for i in ids]

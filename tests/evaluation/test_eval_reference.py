@@ -157,6 +157,33 @@ def test_checkpoint_with_an_hf_tokenizer_without_bos(hf_run, tmp_path):
     assert res["mc"]["metrics"]["acc"] == pytest.approx(np.mean(hits))
 
 
+def test_chat_mode_uses_an_hf_tokenizers_own_template_and_stop_ids(hf_run, tmp_path):
+    """--chat on for an imported instruct model: prompts through its tokenizer_config.json
+    chat template (what it was tuned on, not flaxlm's), generation stops at its stop ids."""
+    from flaxlm.evaluation.harness import Evaluator
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+    from flaxlm.train.checkpoint import load_model
+
+    run, tok_file = hf_run
+    cfg, params, _ = load_model(run)
+    d = tmp_path / "tok"
+    d.mkdir()
+    shutil.copy(tok_file, d / "tokenizer.json")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None, "eos_token": "<|endoftext|>", "pad_token": None,
+        "chat_template": "{% for m in messages %}w0 {{ m.content }} w39 {% endfor %}"
+                         "{% if add_generation_prompt %}w38{% endif %}",
+    }))  # fmt: skip
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 39]}))
+    tok = load_tokenizer(str(d / "tokenizer.json"))
+    seen = []
+    ev = Evaluator(cfg, params, tok, generate_fn=lambda ids, n: seen.extend(ids) or [[]] * len(ids))
+    assert set(ev.stop_tokens) == {1, 39}
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"prompt": "w1 w2", "answer": "w3"}) + "\n")
+    ev.run(TaskSpec("gen", "generation", str(tmp_path / "gen.jsonl"), chat=True))
+    assert seen == [tok.encode("w0 w1 w2 w39 w38")]
+
+
 # --- generation scoring: numbers compared exactly -----------------------------------------------
 
 
