@@ -60,7 +60,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.tokenizer = ""  # SentencePiece .model; "" = the shards' own, or one trained on built-in text
     c.builtin_vocab_size = 2048  # vocab of the tokenizer trained for the built-in corpus
     c.cache_dir = "~/.cache/flaxlm"  # where that tokenizer is cached
-    c.add_bos = True  # start every document with BOS
+    c.add_bos = True  # start every document with BOS (if the tokenizer has one)
     c.add_eos = True  # end every document with EOS (so the model learns to stop)
     # "split": rows full, documents may continue in the next row; "pad": a document that does
     # not fit the rest of a row starts the next one (only documents longer than a row are cut)
@@ -140,9 +140,11 @@ class _Tokenize(grain.transforms.Map):
 
     def map(self, doc):
         ids = self.tok.encode(doc) if isinstance(doc, str) else doc
-        parts = [[self.tok.bos_id]] if self.bos else []
+        # A tokenizer without BOS or EOS (id -1: Qwen2's has no BOS) gets none: -1 would embed
+        # as the table's last row, an arbitrary token.
+        parts = [[self.tok.bos_id]] if self.bos and self.tok.bos_id >= 0 else []
         parts.append(ids)
-        if self.eos:
+        if self.eos and self.tok.eos_id >= 0:
             parts.append([self.tok.eos_id])
         return np.concatenate([np.asarray(p, np.int32) for p in parts])
 

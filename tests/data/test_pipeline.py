@@ -312,3 +312,19 @@ def test_finite_mixture_warns_that_it_stops_at_the_first_exhausted_source(tmp_pa
     with caplog.at_level("WARNING"):  # weights proportional to the sizes use every document
         it = make(cfg_for(f"{a}:4,{b}:1", tok, num_epochs=1))
     assert "mixture" not in caplog.text and sum(1 for _ in it._docs) == 50
+
+
+def test_documents_get_no_bos_or_eos_the_tokenizer_lacks():
+    """A tokenizer without BOS (Qwen2's) or EOS has id -1 for it: not written into documents
+    (the embedding would wrap -1 to the last row, an arbitrary token)."""
+    from flaxlm.data.pipeline import _Tokenize
+
+    class Tok:
+        bos_id, eos_id = -1, 7
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    np.testing.assert_array_equal(_Tokenize(Tok(), True, True).map("ab"), [97, 98, 7])
+    Tok.bos_id, Tok.eos_id = 5, -1
+    np.testing.assert_array_equal(_Tokenize(Tok(), True, True).map(np.array([1, 2])), [5, 1, 2])
