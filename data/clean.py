@@ -370,7 +370,7 @@ def normalize_text(text: str) -> str:
 def first_failure(s: DocStats, c: ml_collections.ConfigDict) -> str | None:
     """The reason the first failing filter gives, or None if the document passes all."""
     n = len(s.words)
-    if n < c.min_words:
+    if n < max(c.min_words, 1):  # a document without words is too short even at min_words=0
         return "too_short"
     if n > c.max_words:
         return "too_long"

@@ -41,6 +41,10 @@ def test_too_short(text):
     assert fails(text) == "too_short"
 
 
+def test_a_document_without_words_is_too_short_even_at_min_words_0():
+    assert fails("。。！", min_words=0, scripts=()) == "too_short"  # was a ZeroDivisionError
+
+
 def test_too_long_counts_cjk_characters():
     assert fails(ZH, max_words=100) == "too_long"  # ~140 characters, no spaces at all
     assert fails(ZH, max_words=1000) is None
