@@ -32,25 +32,29 @@ from flaxlm.models.sharding import make_mesh, shard_batch
 from flaxlm.train import loop
 
 
-def pairwise_loss(r_chosen, r_rejected, margin=None, center_coef=None):
+def pairwise_loss(r_chosen, r_rejected, margin=None, center_coef=None, valid=None):
     """Bradley–Terry loss of reward pairs (see the module docstring).
 
     Args:
       r_chosen, r_rejected: (B,) rewards.
       margin: optional (B,) or scalar margin subtracted from the difference.
       center_coef: optional λ of the centering term λ·mean((r_c + r_r)²).
+      valid: optional (B,) 1/0 per pair: the means are over the valid pairs only (a batch's
+        padding rows, `valid = 0`, are no pairs; see `PreferenceBatches`).
 
     Returns: (scalar loss, {"accuracy", "margin"}).
     """
     r_c = jnp.asarray(r_chosen, jnp.float32)
     r_r = jnp.asarray(r_rejected, jnp.float32)
+    w = jnp.ones_like(r_c) if valid is None else jnp.asarray(valid, jnp.float32)
+    mean = lambda x: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)  # noqa: E731
     diff = r_c - r_r
     logits = diff if margin is None else diff - jnp.asarray(margin, jnp.float32)
     # −log σ(x) = softplus(−x): finite for any x (no log of an underflowed sigmoid).
-    loss = jnp.mean(jax.nn.softplus(-logits))
+    loss = mean(jax.nn.softplus(-logits))
     if center_coef:
-        loss = loss + center_coef * jnp.mean(jnp.square(r_c + r_r))
-    metrics = {"accuracy": jnp.mean((diff > 0).astype(jnp.float32)), "margin": jnp.mean(diff)}
+        loss = loss + center_coef * mean(jnp.square(r_c + r_r))
+    metrics = {"accuracy": mean((diff > 0).astype(jnp.float32)), "margin": mean(diff)}
     return loss, metrics
 
 
@@ -73,9 +77,14 @@ def reward_loss_fn(apply, use_margin: bool, center_coef: float):
         del rng
         r_c, r_r = rewards(apply, params, batch)
         margin = batch["margin"] if use_margin else None
-        loss, metrics = pairwise_loss(r_c, r_r, margin, center_coef)
-        metrics["reward_mean"] = jnp.mean(jnp.concatenate([r_c, r_r]))
-        metrics["weight"] = jnp.asarray(r_c.shape[0], jnp.float32)  # pairs: the loss's mean
+        # Pairs with valid = 0 (a partial batch's padding) count nowhere: `weight` is the
+        # number of real pairs, the loss's denominator, so accumulation weighs micro-batches
+        # by what they hold.
+        valid = batch.get("valid")
+        w = jnp.ones_like(r_c) if valid is None else jnp.asarray(valid, jnp.float32)
+        loss, metrics = pairwise_loss(r_c, r_r, margin, center_coef, w)
+        metrics["reward_mean"] = jnp.sum((r_c + r_r) * w) / jnp.maximum(2.0 * jnp.sum(w), 1.0)
+        metrics["weight"] = jnp.sum(w)  # pairs: the loss's mean
         return loss, metrics
 
     return loss_fn
