@@ -174,8 +174,25 @@ def group_advantages(rewards, valid=None, *, scale_by_std: bool = True, eps: flo
     return np.where(v, adv, 0.0).astype(np.float32)
 
 
+def aggregate(x, mask, agg: str):
+    """(mean, weight) of per-token values `x` (B, T) over `mask` by `grpo.loss_agg`: "seq" the
+    mean over responses of each response's token mean (weight: responses with a token),
+    "token" the mean over all tokens (weight: tokens). The loss and every per-token metric
+    use it, so a metric means the same with any `grad_accum` (the step weighs micro-batches
+    by `weight`)."""
+    if agg == "seq":
+        n = jnp.sum(mask, axis=1)
+        has = (n > 0).astype(jnp.float32)
+        per_seq = jnp.sum(x * mask, axis=1) / jnp.maximum(n, 1.0)
+        return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0), jnp.sum(has)
+    if agg == "token":
+        return masked_mean(x, mask), jnp.sum(mask)
+    raise ValueError(f"grpo.loss_agg={agg!r}; expected seq | token")
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="seq"):
-    """(loss, metrics) of the clipped group-relative objective (module docstring).
+    """(loss, metrics) of the clipped group-relative objective (module docstring); the metrics
+    (pg_loss + beta·kl = loss, clipfrac) are aggregated like the loss (`aggregate`).
 
     logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) per sequence.
     """
@@ -183,22 +200,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="se
     ratio = jnp.exp(logp - old_logp)
     pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip, 1 + clip) * a)
     kl = kl_penalty(logp, ref_logp, "k3")
-    per_token = pg + beta * kl
-    if agg == "seq":
-        n = jnp.sum(mask, axis=1)
-        has = (n > 0).astype(jnp.float32)
-        per_seq = jnp.sum(per_token * mask, axis=1) / jnp.maximum(n, 1.0)
-        loss = jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
-        weight = jnp.sum(has)
-    elif agg == "token":
-        loss, weight = masked_mean(per_token, mask), jnp.sum(mask)
-    else:
-        raise ValueError(f"grpo.loss_agg={agg!r}; expected seq | token")
+    loss, weight = aggregate(pg + beta * kl, mask, agg)
     clipped = (jnp.abs(ratio - 1.0) > clip).astype(jnp.float32)
     metrics = {
-        "pg_loss": masked_mean(pg, mask),
-        "kl": masked_mean(kl, mask),
-        "clipfrac": masked_mean(clipped, mask),
+        "pg_loss": aggregate(pg, mask, agg)[0],
+        "kl": aggregate(kl, mask, agg)[0],
+        "clipfrac": aggregate(clipped, mask, agg)[0],
         "weight": weight,
     }
     return loss, metrics
@@ -213,7 +220,7 @@ def grpo_loss_fn(apply, g):
             logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
             batch["loss_mask"], clip=g.clip, beta=g.beta, agg=g.loss_agg,
         )  # fmt: skip
-        metrics["entropy"] = masked_mean(entropy(logits), batch["loss_mask"])
+        metrics["entropy"] = aggregate(entropy(logits), batch["loss_mask"], g.loss_agg)[0]
         return loss, {**metrics, **passthrough_stats(batch)}
 
     return loss_fn
