@@ -172,7 +172,8 @@ def generation(
     Args:
       examples: the evaluated rows; prompts: (readable text, ids) of each one's prompt
         (prompts.encode_prompt).
-      max_prompt_len: longer prompts keep their first token (BOS) and their last tokens
+      max_prompt_len: longer prompts keep their first token if it is BOS (or EOS, the
+        prefix of a tokenizer without BOS) and their last tokens
         (counted in metrics["truncated"], flagged per sample, and logged as a warning).
       stop_tokens: ids that end a response (EOS, the chat end token; also any id the tokenizer
         does not have); the text after them is dropped before the stop strings apply.
@@ -180,8 +181,14 @@ def generation(
       (metrics, samples): mean of each score plus n; per example prompt, response (the first
       sample), responses (all k, when k > 1), answer and scores (means over the k samples).
     """
-    ids = [p if len(p) <= max_prompt_len else p[:1] + p[len(p) - max_prompt_len + 1 :]
-           for _, p in prompts]  # fmt: skip
+    # A leading BOS (or the EOS a tokenizer without BOS starts documents with) is kept.
+    starts = {i for i in (tok.bos_id, tok.eos_id) if i is not None and i >= 0}
+
+    def cut_left(p):
+        keep = 1 if p and p[0] in starts else 0
+        return p[:keep] + p[len(p) - max_prompt_len + keep :]
+
+    ids = [p if len(p) <= max_prompt_len else cut_left(p) for _, p in prompts]
     cut = [len(p) > max_prompt_len for _, p in prompts]
     if any(cut):
         log.warning("task %r: %d of %d prompts longer than %d tokens were cut from the left "

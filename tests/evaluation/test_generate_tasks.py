@@ -85,6 +85,10 @@ def test_generation_task_with_stand_in_decoder(world_dir, tok):
     assert metrics["truncated"] == 3 and all(s["truncated"] for s in samples)
     assert all(len(p) == 8 and p[0] == tok.bos_id and p[1:] == q[-7:]
                for p, (_, q) in zip(seen["ids"], prompts))  # fmt: skip
+    # Without a leading BOS (bos=False prompts) nothing is pinned: just the last 8 tokens.
+    no_bos = [(text, q[1:]) for text, q in prompts]
+    G.generation(spec, examples, no_bos, fake_generate, tok, max_prompt_len=8)
+    assert all(p == q[-8:] for p, (_, q) in zip(seen["ids"], no_bos))
 
 
 def test_sampled_generation_averages_samples_and_reports_pass_at_k(world_dir, tok):
