@@ -79,7 +79,8 @@ def load_runs(source, *, required: Sequence[str] = RUN_COLUMNS) -> dict[str, np.
 
     Args:
       source: list of dicts, or path to a .csv / .json / .jsonl file.
-      required: columns every row must have (a clear error names the row and column).
+      required: columns every row must have, finite and > 0 (a clear error names the row and
+        column).
 
     Returns:
       {column: float array} for the required columns and every other ``RUN_COLUMNS`` column that
@@ -98,9 +99,13 @@ def load_runs(source, *, required: Sequence[str] = RUN_COLUMNS) -> dict[str, np.
                     raise ValueError(f"{loc}: missing column {col!r}")
                 break
             try:
-                values.append(float(v))
+                x = float(v)
             except (TypeError, ValueError):
                 raise ValueError(f"{loc}: column {col!r} = {v!r} is not a number") from None
+            if col in required and not (np.isfinite(x) and x > 0):
+                # e.g. a diverged run's nan loss: name the row here, not an index in the fit
+                raise ValueError(f"{loc}: column {col!r} = {v!r} is not a finite positive number")
+            values.append(x)
         else:
             out[col] = np.asarray(values, dtype=np.float64)
     return out
@@ -191,7 +196,8 @@ def fit_report(
         as in Hoffmann et al.).
       loss_key: which loss column to fit.
       compute: ``"6nd"`` (C = 6 N D, the convention of the compute-optimal formulas) or a column
-        name such as ``"flops"`` for the exact count; used for L(C) and IsoFLOP budgets.
+        name such as ``"flops"`` for the exact count; used for L(C) and IsoFLOP budgets, and its
+        mean FLOPs per parameter-token replaces the 6 in the compute-optimal allocation.
       target: a run (same column names) to predict, e.g. a model 4x larger than any fitted; its
         ``loss_key`` value, if present, is the actual loss to compare against.
       n_boot: bootstrap resamples for the parametric intervals (0: none).
@@ -206,6 +212,10 @@ def fit_report(
     cols = load_runs(runs, required=required)
     N, D, loss = cols[n_key], cols["tokens"], cols[loss_key]
     C = 6.0 * N * D if compute == "6nd" else cols[compute]
+    # The compute-optimal formulas take C = k N D. With an exact FLOPs column, k is the sweep's
+    # own FLOPs per parameter-token (geometric mean of C / (N D)), so the N*, D* reported at a
+    # budget C cost C by that column's count (with k = 6 they would cost C * k_true / 6).
+    k_flops = 6.0 if compute == "6nd" else float(np.exp(np.mean(np.log(C / (N * D)))))
     n_distinct, d_distinct = np.unique(N).size, np.unique(D).size
     if n_distinct < 3 or d_distinct < 3:
         raise ValueError(
@@ -235,6 +245,7 @@ def fit_report(
             "n_key": n_key,
             "loss_key": loss_key,
             "compute": compute,
+            "flops_per_param_token": k_flops,
             "huber_delta": HUBER_DELTA,
             "n_boot": n_boot,
             "bootstrap_failed": n_failed,
@@ -249,7 +260,7 @@ def fit_report(
         "isoflop": fit_isoflop(N, D, loss, C),
     }
     try:
-        opt = compute_optimal(fit, np.asarray(budgets))
+        opt = compute_optimal(fit, np.asarray(budgets), flops_per_param_token=k_flops)
         report["compute_optimal"] = {
             "a": opt["a"],
             "b": opt["b"],
@@ -275,7 +286,7 @@ def fit_report(
 
     report["plots"] = {}
     if out_dir is not None:
-        report["plots"] = _write_plots(report, N, D, C, loss, fit, out_dir, compute)
+        report["plots"] = _write_plots(report, N, D, C, loss, fit, out_dir, compute, k_flops)
     report = _jsonable(report)
     if out_dir is not None:
         with open(os.path.join(out_dir, "scaling_report.json"), "w") as f:
@@ -283,7 +294,7 @@ def fit_report(
     return report
 
 
-def _write_plots(report, N, D, C, loss, fit, out_dir, compute) -> dict:
+def _write_plots(report, N, D, C, loss, fit, out_dir, compute, k_flops=6.0) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     law_c = report["power_laws"]["C"]
     paths = {
@@ -295,6 +306,7 @@ def _write_plots(report, N, D, C, loss, fit, out_dir, compute) -> dict:
             C=None if compute == "6nd" else C,
             fit=fit,
             power_law_c=law_c if "alpha" in law_c else None,
+            flops_per_param_token=k_flops,
         )
     }
     if report["isoflop"]["budgets"]:
