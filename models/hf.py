@@ -19,7 +19,8 @@ linear and llama3. Sliding windows: Mistral's `sliding_window`; Qwen2's `use_sli
 `max_window_layers` / `layer_types` (all layers alike only — mixed layers are an error). Export
 writes both rope layouts, so older and newer transformers read it.
 
-Large checkpoints load shard by shard (model.safetensors.index.json): each tensor is read from
+Large checkpoints load shard by shard (model.safetensors.index.json; a model.safetensors beside
+it wins, as in transformers): each tensor is read from
 the memory-mapped file, converted and placed on device (in its shards when a mesh is given)
 before the next is read, so the host never holds a second copy of the model. Export writes a
 temporary directory and renames it into place: an interrupted export leaves nothing half-written.
@@ -281,14 +282,16 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
 
 
 def _shard_files(path: str) -> list[str]:
+    # transformers reads model.safetensors when both it and an index are present (a stale index
+    # left beside a re-saved single file): so do we, or we would load other weights than it does
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         weight_map = load_hf_json(path, "model.safetensors.index.json").get("weight_map")
         if not weight_map:
             raise HFError(f"{index}: no 'weight_map'")
         return sorted(set(weight_map.values()))
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return ["model.safetensors"]
     raise HFError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -334,7 +337,8 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
 
     cfg = load_config(path)
     if dtype is not None:
-        cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+        dtype = _dtype_name(dtype, "import")
+        cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     plan, place = _plan(cfg), _placements(cfg, mesh, rules)
     params, seen = {}, set()
     for fname in _shard_files(path):
@@ -375,6 +379,17 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
     return cfg, params
 
 
+def _dtype_name(dtype, where: str) -> str:
+    """The name of a float dtype HF config.json can state (and load_pretrained reads back)."""
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _DTYPES:
+        raise HFError(f"{where}: dtype {dtype!r} is not supported; choose one of {_DTYPES}")
+    return name
+
+
 def _tensor(f, name: str, full: str) -> np.ndarray:
     try:
         return f.get_tensor(name)
@@ -406,11 +421,13 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
 
     config = config_to_hf(cfg, arch, **(extra_config or {}))
     path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):  # overwrite replaces directories only
+        raise HFError(f"export: {path} exists and is not a directory")
     if os.path.exists(path) and os.listdir(path) and not overwrite:
         raise HFError(f"export: {path} exists and is not empty (pass overwrite=True)")
     if cfg.scan_layers:
         params = unstack_layers(params, cfg.n_layers)
-    np_dtype = jnp.dtype(dtype or cfg.param_dtype)
+    np_dtype = jnp.dtype(_dtype_name(dtype or cfg.param_dtype, "export"))
     config["dtype"] = config["torch_dtype"] = np_dtype.name
     tensors = []  # (name, fetch) in HF order; fetched one at a time while writing
     for name, (ours, shape, _, to_hf) in _plan(cfg).items():
