@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -425,6 +426,7 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
         raise HFError(f"export: {path} exists and is not a directory")
     if os.path.exists(path) and os.listdir(path) and not overwrite:
         raise HFError(f"export: {path} exists and is not empty (pass overwrite=True)")
+    params = flax.linen.meta.unbox(params)  # boxed, as `Transformer.init` returns them, too
     if cfg.scan_layers:
         params = unstack_layers(params, cfg.n_layers)
     np_dtype = jnp.dtype(_dtype_name(dtype or cfg.param_dtype, "export"))

@@ -72,7 +72,7 @@ def test_explicit_head_dim_and_bf16_round_trip_bit_exactly(tmp_path):
     boxed = Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
     params = nn.meta.unbox(boxed)
     out = str(tmp_path / "out")
-    hf.save_pretrained(cfg, params, out, arch="mistral")
+    hf.save_pretrained(cfg, boxed, out, arch="mistral")  # boxed params export as they are
     c = json.loads(open(os.path.join(out, "config.json")).read())
     assert c["head_dim"] == 16 and c["dtype"] == "bfloat16" and c["tie_word_embeddings"]
     cfg2, params2 = hf.load_pretrained(out)
