@@ -23,12 +23,20 @@ PARAMETRIC_KEYS = ("E", "A", "B", "alpha", "beta")
 
 
 def _interval(samples: np.ndarray, estimate: float, level: float) -> dict:
-    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
+    """Percentile interval over the finite samples; `n` counts them. A quantity a resample
+    leaves undefined (NaN: e.g. the compute-optimal exponents of a refit with alpha = 0) is
+    left out rather than turning the whole interval into NaN; `n` < the resamples says so."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        lo = hi = float("nan")
+    else:
+        lo, hi = np.percentile(finite, [50 * (1 - level), 50 * (1 + level)])
     return {
         "estimate": float(estimate),
         "lo": float(lo),
         "hi": float(hi),
-        "std": float(samples.std(ddof=1)) if samples.size > 1 else float("nan"),
+        "std": float(finite.std(ddof=1)) if finite.size > 1 else float("nan"),
+        "n": int(finite.size),
     }
 
 
@@ -53,7 +61,8 @@ def bootstrap(
       seed: seed of the resampling generator (the result is deterministic given it).
 
     Returns:
-      dict with ``fit`` (the full-data result), ``intervals`` ({key: estimate, lo, hi, std}),
+      dict with ``fit`` (the full-data result), ``intervals`` ({key: estimate, lo, hi, std, n
+        (finite samples)}),
       ``samples`` ({key: array}), ``n_boot``, ``n_failed`` (resamples whose fit raised) and
       ``level``.
     """

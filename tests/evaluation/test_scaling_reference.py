@@ -226,3 +226,19 @@ def test_grid_covers_the_objective_landscape():
         fit = fit_parametric(N, D, predict_parametric(TRUE, N, D))
         assert fit["alpha"] == pytest.approx(0.34, rel=1e-3)
         assert fit["beta"] == pytest.approx(0.28, rel=1e-3)
+
+
+def test_bootstrap_interval_leaves_out_undefined_samples():
+    """A resample whose quantity is undefined (NaN) is left out of that interval, and counted,
+    instead of making the whole interval NaN."""
+    from flaxlm.evaluation.scaling_bootstrap import bootstrap
+
+    x = np.arange(20, dtype=np.float64)
+
+    def fit(x):  # undefined whenever the resample misses run 0
+        return {"mean": float(x.mean()) if 0 in x else float("nan"), "max": float(x.max())}
+
+    out = bootstrap(fit, {"x": x}, n_boot=100, seed=0)
+    iv = out["intervals"]["mean"]
+    assert 0 < iv["n"] < 100 and np.isfinite([iv["lo"], iv["hi"], iv["std"]]).all()
+    assert iv["lo"] <= 9.5 <= iv["hi"] and out["intervals"]["max"]["n"] == 100
