@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -84,7 +85,7 @@ def load_runs(source, *, required: Sequence[str] = RUN_COLUMNS) -> dict[str, np.
 
     Returns:
       {column: float array} for the required columns and every other ``RUN_COLUMNS`` column that
-      all rows have.
+      all rows have. Rows equal to an earlier one in every column are kept, with a warning.
     """
     rows, where = _read_rows(source)
     if not rows:
@@ -108,7 +109,24 @@ def load_runs(source, *, required: Sequence[str] = RUN_COLUMNS) -> dict[str, np.
             values.append(x)
         else:
             out[col] = np.asarray(values, dtype=np.float64)
+    _warn_repeated_rows(out, where)
     return out
+
+
+def _warn_repeated_rows(columns: dict[str, np.ndarray], where: Sequence[str]) -> list[str]:
+    """Warns about (and returns) rows equal to an earlier row in every column: the same run
+    listed twice (two sweep roots, a copied line) counts twice in the fit."""
+    table = np.stack(list(columns.values()), axis=1)
+    _, first = np.unique(table, axis=0, return_index=True)
+    repeated = [where[i] for i in sorted(set(range(len(table))) - set(first.tolist()))]
+    if repeated:
+        warnings.warn(
+            f"run table: {len(repeated)} row(s) repeat an earlier row in every column "
+            f"({', '.join(repeated[:5])}{', ...' if len(repeated) > 5 else ''}); each counts "
+            "as a separate run in the fits: drop them if they are one run listed twice",
+            stacklevel=3,
+        )
+    return repeated
 
 
 def _jsonable(x):

@@ -242,3 +242,16 @@ def test_bootstrap_interval_leaves_out_undefined_samples():
     iv = out["intervals"]["mean"]
     assert 0 < iv["n"] < 100 and np.isfinite([iv["lo"], iv["hi"], iv["std"]]).all()
     assert iv["lo"] <= 9.5 <= iv["hi"] and out["intervals"]["max"]["n"] == 100
+
+
+def test_a_run_listed_twice_is_warned(tmp_path):
+    rows = [{"n_params": n, "tokens": 20 * n, "heldout_loss": 3.0 - n / 1e7, "final_loss": 3.0}
+            for n in (1e6, 2e6, 4e6)]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"1 row\(s\) repeat an earlier row.*runs\[3\]"):
+        cols = load_runs(rows + [dict(rows[1])], required=("n_params", "tokens", "heldout_loss"))
+    assert len(cols["n_params"]) == 4  # kept: the warning tells, the user decides
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_runs(rows, required=("n_params", "tokens", "heldout_loss"))
