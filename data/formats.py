@@ -154,6 +154,18 @@ def render_chat(
     return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
 
 
+def generation_prompt(messages: Sequence[dict], tok) -> tuple[list[int], tuple[int, ...]]:
+    """(prompt ids ending where the assistant's reply starts, the ids that end that reply) of a
+    conversation: through the tokenizer's own Jinja chat template and stop ids when it has one
+    (an imported HF instruct model's tokenizer_config.json: what that model was tuned on), else
+    flaxlm's chat template."""
+    if getattr(tok, "chat_template", ""):
+        return [int(i) for i in tok.render_chat_template(messages)], tuple(tok.stop_ids)
+    template = ChatTemplate(tok)
+    ids, _ = render_chat(messages, template, add_generation_prompt=True)
+    return [int(i) for i in ids], template.stop_tokens
+
+
 def _get(obj: dict, key: str, what: str):
     if key not in obj or obj[key] is None:
         raise FormatError("missing_field", f"no {what} field {key!r}")

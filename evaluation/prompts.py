@@ -153,11 +153,8 @@ def encode_prompt(
     if not spec.chat:
         text = plain_prompt(spec, example, shots)
         return text, (prefix_ids(tok) if bos else []) + tok.encode(text)
+    from flaxlm.data.formats import generation_prompt
+
     msgs = chat_messages(spec, example, shots)
     text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in msgs) + "<|assistant|>"
-    if getattr(tok, "chat_template", ""):
-        return text, [int(i) for i in tok.render_chat_template(msgs)]
-    from flaxlm.data.formats import render_chat
-
-    ids, _ = render_chat(msgs, tok, add_generation_prompt=True)
-    return text, [int(i) for i in ids]
+    return text, generation_prompt(msgs, tok)[0]

@@ -100,15 +100,11 @@ def encode_prompts(tok, texts, chat: bool, system: str = "", bos: bool = True):
     if not chat:
         stops = getattr(tok, "stop_ids", None) or ((tok.eos_id,) if tok.eos_id >= 0 else ())
         return [tok.encode(t, bos=bos and tok.bos_id >= 0) for t in texts], tuple(stops)
-    head = [{"role": "system", "content": system}] if system else []
-    convs = [head + [{"role": "user", "content": t}] for t in texts]
-    if getattr(tok, "chat_template", ""):
-        return [tok.render_chat_template(m) for m in convs], tuple(tok.stop_ids)
-    from flaxlm.data.formats import ChatTemplate, render_chat
+    from flaxlm.data.formats import generation_prompt
 
-    template = ChatTemplate(tok)
-    ids = [render_chat(m, template, add_generation_prompt=True)[0].tolist() for m in convs]
-    return ids, template.stop_tokens
+    head = [{"role": "system", "content": system}] if system else []
+    rendered = [generation_prompt(head + [{"role": "user", "content": t}], tok) for t in texts]
+    return [ids for ids, _ in rendered], rendered[0][1] if rendered else ()
 
 
 def _check(p: argparse.ArgumentParser, args) -> None:
