@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from flaxlm.evaluation.prompts import prefix_ids
 from flaxlm.evaluation.tasks import Example, TaskSpec
 
 log = logging.getLogger("flaxlm")
@@ -181,11 +182,10 @@ def generation(
       (metrics, samples): mean of each score plus n; per example prompt, response (the first
       sample), responses (all k, when k > 1), answer and scores (means over the k samples).
     """
-    # A leading BOS (or the EOS a tokenizer without BOS starts documents with) is kept.
-    starts = {i for i in (tok.bos_id, tok.eos_id) if i is not None and i >= 0}
+    head = prefix_ids(tok)  # a leading BOS (or a no-BOS tokenizer's EOS prefix) is kept
 
     def cut_left(p):
-        keep = 1 if p and p[0] in starts else 0
+        keep = len(head) if head and p[: len(head)] == head else 0
         return p[:keep] + p[len(p) - max_prompt_len + keep :]
 
     ids = [p if len(p) <= max_prompt_len else cut_left(p) for _, p in prompts]
