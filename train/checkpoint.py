@@ -49,7 +49,11 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, every: int = 0):
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, every: int = 0,
+                 on_corrupt: str = "fallback"):  # fmt: skip
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"ckpt_on_corrupt={on_corrupt!r}: expected one of {ON_CORRUPT}")
+        self.on_corrupt = on_corrupt  # what restore_latest does with an unreadable step
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.corrupt_directory = os.path.join(os.path.abspath(workdir), CORRUPT_DIR)
         self._options = ocp.CheckpointManagerOptions(
@@ -122,7 +126,7 @@ class Checkpointer:
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def restore_latest(self, target, on_corrupt: str = "fallback"):
+    def restore_latest(self, target, on_corrupt: str | None = None):
         """Resumes: (step, state, data_state, meta) of the newest step that restores, or None
         when there is no checkpoint. State, data state and meta always come from one step.
 
@@ -136,6 +140,7 @@ class Checkpointer:
         moved. With several processes they agree on each attempt before any keeps a state;
         a step that fails on only some of them stops the job, moving nothing.
         """
+        on_corrupt = on_corrupt or self.on_corrupt
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"ckpt_on_corrupt={on_corrupt!r}: expected one of {ON_CORRUPT}")
         steps = sorted(self.all_steps(), reverse=True)

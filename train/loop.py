@@ -125,14 +125,11 @@ def _summarise(window: list[dict]) -> dict:
 
 def _init_or_resume(config, task, ckpt, tx, mesh, rules):
     shardings = state_shardings(task.init_params, tx, mesh, rules)
-    on_corrupt = config.get("ckpt_on_corrupt", "fallback")
-    if on_corrupt not in ckpt_lib.ON_CORRUPT:  # checked on every start, not first on a resume
-        raise ValueError(f"ckpt_on_corrupt={on_corrupt!r}: expected one of {ckpt_lib.ON_CORRUPT}")
     if ckpt is not None and ckpt.latest_step() is not None:
         # The newest step that restores: an unreadable newer one is moved aside and logged
         # (ckpt_on_corrupt="fallback") or is an error ("fail"). Data state from the same step.
         target = abstract_state(task.init_params, tx, shardings)
-        latest, state, data_state, _ = ckpt.restore_latest(target, on_corrupt)
+        latest, state, data_state, _ = ckpt.restore_latest(target)
         if data_state and hasattr(task.train_batches, "set_state"):
             task.train_batches.set_state(data_state)
         log.info("resumed from %s/%d", ckpt.directory, latest)
@@ -161,7 +158,9 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
     rules = logical_axis_rules(config.sharding)
     total = int(config.total_steps)
     tx, schedule = make_optimizer(config.opt, total, task.trainable_mask)
-    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_ckpts, async_save=config.async_ckpt)
+    # An unknown ckpt_on_corrupt fails here, on every start, not first on a resume.
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_ckpts, async_save=config.async_ckpt,
+                                 on_corrupt=config.get("ckpt_on_corrupt", "fallback"))  # fmt: skip
     meta = {"task": task.name, "config": config.to_dict(), **task.model_meta}
 
     with use_mesh(mesh, rules):
@@ -257,8 +256,7 @@ def _loop(
                 summary["train"] = rec
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
                 if rec["bad_in_row"] >= config.guard.max_bad_in_row:
-                    state, step = _rollback(ckpt, state, step, task, tx, shardings, summary,
-                                            config.get("ckpt_on_corrupt", "fallback"))  # fmt: skip
+                    state, step = _rollback(ckpt, state, step, task, tx, shardings, summary)
                     bar.n = step
             if itstime(step, config.eval_every, total):
                 _maybe_eval(task, state, step, writer, summary)
@@ -285,13 +283,13 @@ def _at_boundary(task) -> bool:
     return at() if at else True
 
 
-def _rollback(ckpt, state, step, task, tx, shardings, summary, on_corrupt="fallback"):
+def _rollback(ckpt, state, step, task, tx, shardings, summary):
     """Restores the last readable checkpoint's model and optimizer (an unreadable newest step
-    is handled as on resume, `on_corrupt`); the data iterator keeps its place."""
+    is handled as on resume, `ckpt.on_corrupt`); the data iterator keeps its place."""
     ckpt.wait()
     got = None
     if ckpt.latest_step() is not None:
-        got = ckpt.restore_latest(abstract_state(task.init_params, tx, shardings), on_corrupt)
+        got = ckpt.restore_latest(abstract_state(task.init_params, tx, shardings))
     if got is None:
         raise RuntimeError(
             f"step {step}: {int(state.guard['bad_in_row'])} bad steps in a row (NaN/Inf or loss "
