@@ -506,7 +506,11 @@ def test_gpu_lowering_is_one_triton_kernel():
               ((2, 1, 32), jnp.float32), ((2, 2, 2, 128, 64), jnp.bfloat16),
               ((2, 1, 1, 128), jnp.bool_), ((), jnp.int32)]  # fmt: skip
     args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
-    lowered = jax.jit(kernel.decode_attention).trace(*args).lower(lowering_platforms=("cuda",))
+    # Since jax 0.11 Pallas-Triton lowering asks the device for its GPU kind; on a machine
+    # without a GPU an abstract device names the target (jax 0.10 accepts it too).
+    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
+        lowered = jax.jit(kernel.decode_attention).trace(*args).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "output_operand_aliases" in text
