@@ -11,11 +11,18 @@ function and ε = `label_smoothing`, `preference_loss` computes (`loss_type`):
     sigmoid       −log σ(β·h)                                          DPO (Rafailov et al. 2023)
     conservative  −(1 − ε)·log σ(β·h) − ε·log σ(−β·h)                  cDPO (labels flipped w.p. ε)
     ipo           (h − 1/(2β))²                                        IPO (Azar et al. 2023)
-    hinge         max(0, 1 − β·h)                                      SLiC-HF (Zhao et al. 2023)
+    hinge         max(0, 1 − β·h)                                      SLiC / RSO (Liu et al. 2024)
     robust        [(1 − ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))] / (1 − 2ε)
                                                                        rDPO (Chowdhury et al. 2024)
     simpo         −log σ(β·(π_c/|y_c| − π_r/|y_r|) − γ)                SimPO (Meng et al. 2024)
     orpo          −π_c/|y_c| − β·log σ(log odds_c − log odds_r)        ORPO (Hong et al. 2024)
+
+Conventions (each checked against its paper in tests/alignment/test_losses_reference.py): h
+uses the sequence sums for every reference-based type — IPO included, as in the paper's eq. 17
+(TRL length-normalises IPO's log-probabilities instead); `hinge` is SLiC's calibration hinge
+on the reference-normalised h with margin 1/β (RSO's form, TRL's "hinge"), not SLiC-HF's raw
+log-likelihood hinge; ε is read by conservative and robust only (TRL folds cDPO into its
+sigmoid loss; here it is `loss_type=conservative`).
 
 SimPO and ORPO are reference-free and length-normalised: they need each response's token count
 |y| (`chosen_lengths`, `rejected_lengths`), which the loss reads off the batch's loss mask; ORPO's
@@ -33,12 +40,12 @@ order or epoch finds them); "online" runs it on every batch. Either way they arr
 as `ref_chosen_logps` / `ref_rejected_logps`, so the loss is the same. The reference is the
 `init_from` model unless `dpo.ref_from` names another run; `dpo.ref_dtype` may be bfloat16.
 
-Metrics: `rewards/chosen`, `rewards/rejected`, `rewards/margin`, `rewards/accuracy` (implicit
-reward of chosen > rejected), `logps/chosen`, `logps/rejected`. Evaluation on held-out pairs:
-the same, with ties counted ½ (at step 0 every DPO-variant margin is 0), `logp_accuracy`
-(mean token log-probability of chosen > rejected: a reference-free preference accuracy that is
-meaningful at step 0 too), accuracy per pair kind, and greedy generation accuracy on
-`eval_gen.sets` (the task metric).
+Metrics (means over the batch's real pairs, `valid` = 1): `rewards/chosen`, `rewards/rejected`,
+`rewards/margin`, `rewards/accuracy` (implicit reward of chosen strictly > rejected, as TRL),
+`logps/chosen`, `logps/rejected`. Evaluation on held-out pairs: the same, with ties counted ½
+(at step 0 every DPO-variant margin is 0), `logp_accuracy` (mean token log-probability of
+chosen > rejected: a reference-free preference accuracy that is meaningful at step 0 too),
+accuracy per pair kind, and greedy generation accuracy on `eval_gen.sets` (the task metric).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      function with a `prompt` parameter also gets the prompt as chat turns, `prompt=[{"role",
      "content"}, ...]`);
   3. advantages per group (`group_advantages`): A_i = (r_i − mean_g r) / (std_g r + ε)
-     (`scale_by_std=False`: just r_i − mean_g r, Dr. GRPO), the same for every token of i;
+     over the group's valid samples (population std, ε = 1e-4; TRL divides by the unbiased
+     std), so a group of equal rewards gets A = 0, not 0/0 (`scale_by_std=False`: just
+     r_i − mean_g r, Dr. GRPO), the same for every token of i;
   4. score (one jitted call): log π_old and log π_ref per token;
   5. train: `rollout.epochs` passes in minibatches through the shared step, with the loss
      (`grpo_loss`) per response token t of sample i
@@ -269,9 +271,10 @@ class GRPOSource(RolloutSource):
         kl_seq = (np.asarray(kl_penalty(lp, ref_lp, "k3")) * m).sum(1)
         score_s = time.perf_counter() - t0
 
-        grouped = np.where(valid, reward, np.nan).reshape(-1, G)
-        with np.errstate(invalid="ignore"):
-            flat = np.nanstd(grouped, axis=1) == 0
+        # Flat: every valid reward of the group equal. Compared exactly, not as std == 0: the
+        # std of equal values like −0.1 (0 − nonstop_penalty) is ~1e-17 at some group sizes.
+        lo = np.where(valid, reward, np.inf).reshape(-1, G).min(1)
+        flat = lo == np.where(valid, reward, -np.inf).reshape(-1, G).max(1)  # none valid: no
         v = valid
         stats = {
             **sample_stats(s, valid),

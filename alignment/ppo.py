@@ -23,6 +23,12 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, called by the loop's `be
 
      (means over the minibatch's response tokens).
 
+Conventions (tests/alignment/test_losses_reference.py checks each against its formula): a
+response's end is terminal (V = 0 after its last token) whether it stopped or ran out of
+tokens, as in TRL; whitening uses the population variance over the rollout's valid response
+tokens; `clipfrac` counts tokens with |ρ − 1| > ε (OpenAI baselines), a superset of those where
+the clipped term is the active one (TRL's count).
+
 Why one TrainState with params {"policy": LM, "value": scalar-head model}: the loop and the step
 own exactly one state, so the critic's update rides in the same jitted step and checkpoint as
 the policy's, with no second loop or optimizer to keep in sync. The two trees share no
@@ -235,15 +241,17 @@ class PPOSource(RolloutSource):
         kl_seq = kl.sum(1)[valid]
         self.kl.update(float(kl_seq.mean()), int(valid.sum()))
         v = valid
+        n_tok = max(m.sum(), 1.0)
+        adv_mean = (adv * m).sum() / n_tok  # GAE advantages need not be centred: subtract it
         stats = {
             **sample_stats(s, valid),
             "score_mean": score[v].mean(), "score_std": score[v].std(),
             "reward_mean": seq_reward[v].mean(), "reward_std": seq_reward[v].std(),
             "kl": kl_seq.mean(), "kl_coef": beta, "non_score_reward": -beta * kl_seq.mean(),
             "explained_var": explained_variance(values, returns, m),
-            "value_mean": (values * m).sum() / max(m.sum(), 1.0),
-            "adv_std": np.sqrt((np.square(adv) * m).sum() / max(m.sum(), 1.0)),
-            "logprob_gap": (np.abs(s["sample_logprobs"] - lp) * m).sum() / max(m.sum(), 1.0),
+            "value_mean": (values * m).sum() / n_tok,
+            "adv_std": np.sqrt((np.square(adv - adv_mean) * m).sum() / n_tok),
+            "logprob_gap": (np.abs(s["sample_logprobs"] - lp) * m).sum() / n_tok,
             "score_s": score_s,
         }  # fmt: skip
         train_rows = {

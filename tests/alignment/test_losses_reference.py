@@ -1,0 +1,740 @@
+"""Alignment losses and RL math against independent references.
+
+Every reference here is written from the published formula in plain Python / numpy (float64),
+never by calling the flaxlm function it checks: the DPO family end to end from logits (each
+variant, its implicit rewards and logged metrics), PPO's rollout math (KL-shaped per-token
+rewards with the sequence reward on the last response token, GAE with the terminal bootstrap,
+whitening over valid tokens, the combined loss), GRPO (group advantages, per-token clipped
+objective with k3 KL, token / sequence aggregation) and the Bradley–Terry reward loss.
+
+Inputs are small and random, with uneven response lengths, prompt tokens and padding whose
+values are garbage: the checks also establish that prompt and padding tokens never contribute
+and that a batch's padding rows change nothing. Tolerance: float32 against float64.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from flaxlm.alignment import dpo, grpo, ppo, reward, rl_common, rl_rollout
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+V = 13  # vocabulary of the table "models" below
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers: a table "language model" and float64 math
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return x - (np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1, keepdims=True))
+                + x.max(-1, keepdims=True))  # fmt: skip
+
+
+def _logsig(x):
+    """log σ(x), stable in float64."""
+    return -np.logaddexp(0.0, -float(x))
+
+
+def _table_apply(params, tokens, positions, segment_ids):
+    """logits (B, T, V) = table[token] + pos[position]: a row's logits depend on its own tokens
+    only, so a batch's padding rows cannot change the real rows' log-probabilities."""
+    del segment_ids
+    return params["table"][tokens] + params["pos"][positions]
+
+
+def _table_params(rng, T):
+    return {"table": jnp.asarray(rng.normal(0, 1.5, (V, V)), jnp.float32),
+            "pos": jnp.asarray(rng.normal(0, 0.5, (T, V)), jnp.float32)}  # fmt: skip
+
+
+def _token_logps(params, tokens, positions, targets):
+    """float64 log p(target) per token of the table model, with its own log-softmax."""
+    table, pos = np.asarray(params["table"], np.float64), np.asarray(params["pos"], np.float64)
+    out = np.zeros(tokens.shape)
+    for b in range(tokens.shape[0]):
+        for t in range(tokens.shape[1]):
+            out[b, t] = _log_softmax(table[tokens[b, t]] + pos[positions[b, t]])[targets[b, t]]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO family
+
+
+def _pair_rows(rng, B, T, prompt_lens, resp_lens):
+    """Rows laid out like PreferenceBatches: prompt + response from position 0, loss mask on the
+    response targets only; padding and the prompt targets hold random (garbage) ids."""
+    rows = {}
+    for side, lens in (("chosen", resp_lens[0]), ("rejected", resp_lens[1])):
+        tok = rng.integers(0, V, (B, T)).astype(np.int32)
+        tgt = rng.integers(0, V, (B, T)).astype(np.int32)
+        mask = np.zeros((B, T), np.float32)
+        seg = np.zeros((B, T), np.int32)
+        for b in range(B):
+            P, n = prompt_lens[b], lens[b]
+            mask[b, P - 1 : P - 1 + n] = 1.0
+            seg[b, : P + n - 1] = 1
+        rows.update(
+            {
+                f"{side}_tokens": tok,
+                f"{side}_targets": tgt,
+                f"{side}_loss_mask": mask,
+                f"{side}_segment_ids": seg,
+                f"{side}_positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+            }
+        )
+    return rows
+
+
+def _dpo_batch(seed=0, B=5, T=12):
+    rng = np.random.default_rng(seed)
+    prompt_lens = rng.integers(1, 5, B)
+    resp = (rng.integers(1, 8, B), rng.integers(1, 8, B))  # uneven, and different per side
+    batch = _pair_rows(rng, B, T, prompt_lens, resp)
+    batch["valid"] = np.ones(B, np.float32)
+    batch["ref_chosen_logps"] = rng.normal(-12, 3, B).astype(np.float32)
+    batch["ref_rejected_logps"] = rng.normal(-12, 3, B).astype(np.float32)
+    return batch, _table_params(rng, T)
+
+
+def _dpo_reference(params, batch, d):
+    """Per-pair losses and implicit rewards from each paper's formula, token by token."""
+    seq, lens = {}, {}
+    for s in ("chosen", "rejected"):
+        lp = _token_logps(params, batch[f"{s}_tokens"], batch[f"{s}_positions"],
+                          batch[f"{s}_targets"])  # fmt: skip
+        m = batch[f"{s}_loss_mask"]
+        seq[s] = [sum(lp[b, t] for t in range(lp.shape[1]) if m[b, t]) for b in range(len(m))]
+        lens[s] = [int(m[b].sum()) for b in range(len(m))]
+    beta, eps, gamma = d.beta, d.label_smoothing, d.simpo_gamma
+    losses, rc, rr = [], [], []
+    for b in range(len(batch["valid"])):
+        pc, pr = seq["chosen"][b], seq["rejected"][b]
+        ac, ar = pc / lens["chosen"][b], pr / lens["rejected"][b]
+        h = (pc - batch["ref_chosen_logps"][b]) - (pr - batch["ref_rejected_logps"][b])
+        if d.loss_type == "sigmoid":  # Rafailov et al. 2023, eq. 7
+            loss = -_logsig(beta * h)
+        elif d.loss_type == "conservative":  # cDPO: the label is wrong with probability ε
+            loss = (1 - eps) * -_logsig(beta * h) + eps * -_logsig(-beta * h)
+        elif d.loss_type == "ipo":  # Azar et al. 2023, eq. 17, τ = β
+            loss = (h - 1 / (2 * beta)) ** 2
+        elif d.loss_type == "hinge":  # RSO / SLiC on the normalised likelihood, margin 1/β
+            loss = max(0.0, 1 - beta * h)
+        elif d.loss_type == "robust":  # Chowdhury et al. 2024, eq. 10: unbiased under flips
+            loss = ((1 - eps) * -_logsig(beta * h) - eps * -_logsig(-beta * h)) / (1 - 2 * eps)
+        elif d.loss_type == "simpo":  # Meng et al. 2024, eq. 6
+            loss = -_logsig(beta * ac - beta * ar - gamma)
+        elif d.loss_type == "orpo":  # Hong et al. 2024: L_SFT + λ·L_OR
+            odds = lambda a: math.exp(a) / (1 - math.exp(a))  # noqa: E731
+            loss = -ac - beta * _logsig(math.log(odds(ac) / odds(ar)))
+        else:
+            raise AssertionError(d.loss_type)
+        loss += d.sft_coef * -ac  # RPO (Pang et al. 2024): per-token NLL of the chosen answer
+        free = d.loss_type in ("simpo", "orpo")
+        losses.append(loss)
+        rc.append(beta * ac if free else beta * (pc - batch["ref_chosen_logps"][b]))
+        rr.append(beta * ar if free else beta * (pr - batch["ref_rejected_logps"][b]))
+    return np.array(losses), np.array(rc), np.array(rr), seq
+
+
+def _dpo_cfg(loss_type, beta, eps=0.0, gamma=0.0, sft_coef=0.0):
+    return ml_collections.ConfigDict({"loss_type": loss_type, "beta": beta,
+                                      "label_smoothing": eps, "simpo_gamma": gamma,
+                                      "sft_coef": sft_coef})  # fmt: skip
+
+
+DPO_CASES = [
+    ("sigmoid", 0.1, 0.0, 0.0, 0.0), ("sigmoid", 2.0, 0.0, 0.0, 0.5),
+    ("conservative", 0.3, 0.2, 0.0, 0.0), ("ipo", 0.1, 0.0, 0.0, 0.0),
+    ("ipo", 1.0, 0.0, 0.0, 0.0), ("hinge", 0.2, 0.0, 0.0, 0.0), ("hinge", 3.0, 0.0, 0.0, 0.0),
+    ("robust", 0.5, 0.1, 0.0, 0.0), ("simpo", 2.0, 0.0, 0.8, 0.0), ("simpo", 2.5, 0.0, 0.0, 0.3),
+    ("orpo", 0.1, 0.0, 0.0, 0.0), ("orpo", 1.0, 0.0, 0.0, 0.0),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type,beta,eps,gamma,sft_coef", DPO_CASES)
+def test_dpo_family_from_logits_equals_the_papers(loss_type, beta, eps, gamma, sft_coef):
+    batch, params = _dpo_batch()
+    d = _dpo_cfg(loss_type, beta, eps, gamma, sft_coef)
+    loss, m = dpo.dpo_loss_fn(_table_apply, d)(params, batch, None)
+    losses, rc, rr, seq = _dpo_reference(params, batch, d)
+    np.testing.assert_allclose(float(loss), losses.mean(), **TOL)
+    np.testing.assert_allclose(float(m["rewards/chosen"]), rc.mean(), **TOL)
+    np.testing.assert_allclose(float(m["rewards/rejected"]), rr.mean(), **TOL)
+    np.testing.assert_allclose(float(m["rewards/margin"]), (rc - rr).mean(), **TOL)
+    np.testing.assert_allclose(float(m["rewards/accuracy"]), np.mean(rc > rr), **TOL)
+    np.testing.assert_allclose(float(m["logps/chosen"]), np.mean(seq["chosen"]), **TOL)
+    np.testing.assert_allclose(float(m["logps/rejected"]), np.mean(seq["rejected"]), **TOL)
+    assert float(m["weight"]) == len(batch["valid"])
+
+
+@pytest.mark.parametrize("loss_type", dpo.LOSS_TYPES)
+def test_dpo_ignores_padding_rows_and_prompt_targets(loss_type):
+    """Padding rows (valid = 0, garbage everywhere) change neither the loss, its gradient nor
+    any metric; nor do the prompt tokens' targets (loss mask 0)."""
+    batch, params = _dpo_batch(1, B=4)
+    d = _dpo_cfg(loss_type, 0.5, 0.1 if loss_type in ("conservative", "robust") else 0.0, 0.5)
+    fn = dpo.dpo_loss_fn(_table_apply, d)
+    loss, m = fn(params, batch, None)
+    g = jax.grad(lambda p: fn(p, batch, None)[0])(params)
+
+    garbage, _ = _dpo_batch(2, B=3)
+    garbage["valid"][:] = 0.0
+    garbage["ref_chosen_logps"][:] = 1e4  # what a reference could say about a padding row
+    padded = {k: np.concatenate([batch[k], garbage[k]]) for k in batch}
+    loss_p, m_p = fn(params, padded, None)
+    g_p = jax.grad(lambda p: fn(p, padded, None)[0])(params)
+    np.testing.assert_allclose(float(loss_p), float(loss), **TOL)
+    for k in m:
+        np.testing.assert_allclose(float(m_p[k]), float(m[k]), err_msg=k, **TOL)
+    for a, b in zip(jax.tree.leaves(g_p), jax.tree.leaves(g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
+
+    shuffled = dict(batch)
+    for s in ("chosen", "rejected"):
+        tgt = batch[f"{s}_targets"].copy()
+        off = batch[f"{s}_loss_mask"] == 0
+        tgt[off] = (tgt[off] + 5) % V
+        shuffled[f"{s}_targets"] = tgt
+    np.testing.assert_allclose(float(fn(params, shuffled, None)[0]), float(loss), **TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model (Bradley–Terry)
+
+
+def test_pairwise_loss_with_margin_valid_rows_and_padding():
+    rng = np.random.default_rng(3)
+    B = 7
+    r_c, r_r = rng.normal(0, 2, B).astype(np.float32), rng.normal(0, 2, B).astype(np.float32)
+    r_r[2] = r_c[2]  # a tie: not counted correct
+    margin = rng.uniform(0, 1, B).astype(np.float32)
+    valid = np.array([1, 1, 1, 0, 1, 1, 0], np.float32)
+    r_c[3], r_r[6] = 300.0, -300.0  # padding rows' rewards: whatever the model says there
+    lam = 0.05
+    loss, m = reward.pairwise_loss(r_c, r_r, margin, lam, valid)
+    idx = [b for b in range(B) if valid[b]]
+    bt = [-_logsig(float(r_c[b]) - float(r_r[b]) - float(margin[b])) for b in idx]
+    center = [(float(r_c[b]) + float(r_r[b])) ** 2 for b in idx]
+    np.testing.assert_allclose(float(loss), np.mean(bt) + lam * np.mean(center), **TOL)
+    np.testing.assert_allclose(float(m["accuracy"]), np.mean([r_c[b] > r_r[b] for b in idx]))
+    np.testing.assert_allclose(float(m["margin"]), np.mean([r_c[b] - r_r[b] for b in idx]),
+                               **TOL)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# KL estimators, entropy, the adaptive KL controller
+
+
+def test_kl_estimators_and_entropy():
+    rng = np.random.default_rng(4)
+    lp, ref = rng.normal(-2, 1, (3, 9)), rng.normal(-2, 1, (3, 9))
+    k1 = np.asarray(rl_rollout.kl_penalty(lp.astype(np.float32), ref.astype(np.float32), "k1"))
+    k3 = np.asarray(rl_rollout.kl_penalty(lp.astype(np.float32), ref.astype(np.float32), "k3"))
+    for b, t in np.ndindex(lp.shape):  # Schulman, "Approximating KL divergence" (2020)
+        r = math.exp(ref[b, t] - lp[b, t])  # π_ref / π at a sample of π
+        np.testing.assert_allclose(k1[b, t], -math.log(r), **TOL)
+        np.testing.assert_allclose(k3[b, t], (r - 1) - math.log(r), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError):
+        rl_rollout.kl_penalty(lp, ref, "k2")
+
+    logits = rng.normal(0, 3, (2, 5, V)).astype(np.float32)
+    ent = np.asarray(rl_rollout.entropy(logits))
+    for b, t in np.ndindex(ent.shape):
+        logp = _log_softmax(logits[b, t])
+        np.testing.assert_allclose(ent[b, t], -np.sum(np.exp(logp) * logp), **TOL)
+
+
+def test_adaptive_kl_controller_follows_ziegler():
+    """β_{k+1} = β_k·(1 + K_β·e_k), e_k = clip(KL_k/KL_target − 1, −0.2, 0.2), K_β = n/horizon
+    (Ziegler et al. 2019, §2.2; n the sequences of the rollout)."""
+    c = ppo.KLController(0.1, target=3.0, horizon=500)
+    beta = 0.1
+    for kl, n in [(6.0, 32), (3.3, 32), (0.0, 64), (2.7, 16), (3.0, 8)]:
+        c.update(kl, n)
+        beta *= 1 + min(max(kl / 3.0 - 1, -0.2), 0.2) * n / 500
+        np.testing.assert_allclose(c.value, beta, rtol=1e-12)
+    fixed = ppo.KLController(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# GAE, whitening, the PPO losses
+
+
+def _gae_direct(r, v, gamma, lam):
+    """GAE of one response as the explicit sum A_j = Σ_k (γλ)^k δ_{j+k} (Schulman et al. 2016,
+    eq. 16), δ_j = r_j + γ·V_{j+1} − V_j, V_n = 0: the end of the response is terminal."""
+    n = len(r)
+    vn = list(v) + [0.0]
+    delta = [r[j] + gamma * vn[j + 1] - vn[j] for j in range(n)]
+    return [sum((gamma * lam) ** k * delta[j + k] for k in range(n - j)) for j in range(n)]
+
+
+def test_gae_on_rollout_rows_with_prompts_and_padding():
+    """Responses after prompts of different lengths (one reaching the row's end, one of a
+    single token); values and rewards outside the response are garbage and must not leak."""
+    rng = np.random.default_rng(5)
+    T, gamma, lam = 12, 0.9, 0.8
+    spans = [(2, 5), (0, 1), (4, 8), (3, 1)]  # (prompt length, response length)
+    B = len(spans)
+    rewards = rng.normal(0, 1, (B, T)) + 100 * (rng.random((B, T)) < 0.3)  # garbage spikes
+    values = rng.normal(0, 1, (B, T)) + 100 * (rng.random((B, T)) < 0.3)
+    mask = np.zeros((B, T))
+    for b, (P, n) in enumerate(spans):
+        mask[b, max(P - 1, 0) : max(P - 1, 0) + n] = 1
+    mask[1, -1], mask[1, 0] = 1, 0  # a response that ends at the row's last column
+    adv, ret = jax.device_get(ppo.gae(rewards.astype(np.float32), values.astype(np.float32),
+                                      mask.astype(np.float32), gamma, lam))  # fmt: skip
+    for b in range(B):
+        idx = np.flatnonzero(mask[b])
+        want = _gae_direct(rewards[b, idx], values[b, idx], gamma, lam)
+        np.testing.assert_allclose(adv[b, idx], want, **TOL)
+        np.testing.assert_allclose(ret[b, idx], np.asarray(want) + values[b, idx], **TOL)
+        assert not adv[b, mask[b] == 0].any() and not ret[b, mask[b] == 0].any()
+
+
+def test_whiten_uses_valid_tokens_only():
+    rng = np.random.default_rng(6)
+    x = rng.normal(2, 3, (3, 8)).astype(np.float32)
+    mask = (rng.random((3, 8)) < 0.6).astype(np.float32)
+    x_garbage = np.where(mask > 0, x, 1e6).astype(np.float32)
+    vals = [float(x[b, t]) for b, t in np.ndindex(x.shape) if mask[b, t]]
+    mu = sum(vals) / len(vals)
+    sd = math.sqrt(sum((a - mu) ** 2 for a in vals) / len(vals) + 1e-8)
+    out = np.asarray(ppo.whiten(x_garbage, mask))
+    np.testing.assert_allclose(out[mask > 0], (x[mask > 0] - mu) / sd, **TOL)
+
+
+def test_ppo_loss_fn_equals_the_formulas():
+    """L = L_clip + c_V·L_V − c_H·H on minibatch response tokens (Schulman et al. 2017, eq. 9;
+    the clipped value loss of the PPO2 / InstructGPT implementations)."""
+    rng = np.random.default_rng(7)
+    B, T, clip, vclip = 4, 10, 0.2, 0.3
+    p = ml_collections.ConfigDict({"clip": clip, "value_clip": vclip, "vf_coef": 0.3,
+                                   "ent_coef": 0.01})  # fmt: skip
+    params = {"policy": _table_params(rng, T),
+              "value": jnp.asarray(rng.normal(0, 1, V), jnp.float32)}  # fmt: skip
+    value_apply = lambda vp, tokens, positions, segment_ids: vp[tokens]  # noqa: E731
+    tokens = rng.integers(0, V, (B, T)).astype(np.int32)
+    batch = {
+        "tokens": tokens, "targets": rng.integers(0, V, (B, T)).astype(np.int32),
+        "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+        "segment_ids": np.ones((B, T), np.int32), "loss_mask": np.zeros((B, T), np.float32),
+    }  # fmt: skip
+    for b, (s, n) in enumerate([(1, 5), (3, 7), (0, 2), (6, 3)]):
+        batch["loss_mask"][b, s : s + n] = 1
+    lp = _token_logps(params["policy"], tokens, batch["positions"], batch["targets"])
+    batch["old_logprobs"] = (lp + rng.normal(0, 0.3, (B, T))).astype(np.float32)
+    batch["advantages"] = rng.normal(0, 1, (B, T)).astype(np.float32)
+    vals = np.asarray(params["value"], np.float64)[tokens]
+    batch["old_values"] = (vals + rng.normal(0, 0.5, (B, T))).astype(np.float32)
+    batch["returns"] = rng.normal(0, 1, (B, T)).astype(np.float32)
+    loss, m = ppo.ppo_loss_fn(_table_apply, value_apply, p)(params, batch, None)
+
+    pg, vf, ent, n = 0.0, 0.0, 0.0, 0
+    table, pos = np.asarray(params["policy"]["table"]), np.asarray(params["policy"]["pos"])
+    for b, t in np.ndindex(B, T):
+        if not batch["loss_mask"][b, t]:
+            continue
+        n += 1
+        ratio = math.exp(lp[b, t] - batch["old_logprobs"][b, t])
+        a = float(batch["advantages"][b, t])
+        pg += -min(ratio * a, min(max(ratio, 1 - clip), 1 + clip) * a)
+        v, v_old, R = vals[b, t], float(batch["old_values"][b, t]), float(batch["returns"][b, t])
+        v_clip = v_old + min(max(v - v_old, -vclip), vclip)
+        vf += 0.5 * max((v - R) ** 2, (v_clip - R) ** 2)
+        logq = _log_softmax(table[tokens[b, t]] + pos[t])
+        ent += -np.sum(np.exp(logq) * logq)
+    pg, vf, ent = pg / n, vf / n, ent / n
+    np.testing.assert_allclose(float(m["pg_loss"]), pg, **TOL)
+    np.testing.assert_allclose(float(m["vf_loss"]), vf, **TOL)
+    np.testing.assert_allclose(float(m["entropy"]), ent, **TOL)
+    np.testing.assert_allclose(float(loss), pg + 0.3 * vf - 0.01 * ent, **TOL)
+    assert float(m["weight"]) == n
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO rollout: KL-shaped rewards, the score on the last token, advantages, the KL controller
+
+
+def _fake_sample(rng, prompt_lens, resp_lens, seq_len, stopped, empty):
+    prompts = [rng.integers(3, V, P).astype(np.int32) for P in prompt_lens]
+    N = max(resp_lens)
+    tokens = rng.integers(3, V, (len(prompts), N)).astype(np.int32)
+    rows = rl_common.rollout_rows(prompts, tokens, np.asarray(resp_lens), seq_len, 0)
+    B = len(prompts)
+    return {
+        "rows": rows, "texts": ["x"] * B, "stopped": np.asarray(stopped, bool),
+        "lengths": np.asarray(resp_lens), "empty": np.asarray(empty, bool), "gen_s": 0.0,
+        "metas": [{} for _ in range(B)], "prompt_lens": np.asarray(prompt_lens),
+        "messages": [None] * B, "sample_logprobs": np.zeros((B, seq_len), np.float32),
+    }  # fmt: skip
+
+
+def _source(cls, config, sample, scored):
+    """A RolloutSource subclass with its decoder and scoring replaced by fixed arrays."""
+    src = object.__new__(cls)
+    src.config, src.iteration, src.errors_logged = config, 0, 0
+    src.cursor = type("Cursor", (), {"take": lambda self, k: list(range(k))})()
+    src.sample = lambda params, idx, rng: sample
+    src.score = lambda fn, *args: scored
+    src._score = None  # (what `score` would run)
+    return src
+
+
+def _ppo_rollout_reference(s, lp, ref_lp, values, score, valid, cfg):
+    """Per-token rewards r_j = −β·kl_j (+ the sequence reward at the last response token),
+    GAE over each response, whitening over every valid response token of the rollout."""
+    r, p = cfg.rollout, cfg.ppo
+    beta = p.kl_coef
+    advs, rets, kls = {}, {}, {}
+    for b, (P, n) in enumerate(zip(s["prompt_lens"], s["lengths"])):
+        if not valid[b]:
+            continue
+        ts = [P - 1 + j for j in range(n)]  # index of the logprob of response token j
+        kl = []
+        for t in ts:
+            d = float(lp[b, t]) - float(ref_lp[b, t])
+            kl.append(d if p.kl_estimator == "k1" else math.exp(-d) - 1 + d)
+        seq_r = r.empty_reward if s["empty"][b] else float(score[b])
+        seq_r -= r.nonstop_penalty * (not s["stopped"][b])
+        rew = [-beta * k for k in kl]
+        rew[-1] += seq_r
+        vs = [float(values[b, t]) for t in ts]
+        a = _gae_direct(rew, vs, p.gamma, p.lam)
+        advs[b], rets[b], kls[b] = dict(zip(ts, a)), dict(zip(ts, np.add(a, vs))), sum(kl)
+    flat = [x for d in advs.values() for x in d.values()]
+    mu = sum(flat) / len(flat)
+    sd = math.sqrt(sum((x - mu) ** 2 for x in flat) / len(flat) + 1e-8)
+    white = {b: {t: (x - mu) / sd for t, x in d.items()} for b, d in advs.items()}
+    return white, rets, kls, flat
+
+
+def _ppo_cfg(kl_estimator, whiten=True):
+    c = ml_collections.ConfigDict()
+    c.rollout = rl_common.rollout_config(6)
+    c.rollout.empty_reward, c.rollout.nonstop_penalty = -1.0, 0.5
+    c.seq_len = 14
+    c.ppo = ml_collections.ConfigDict({
+        "gamma": 0.95, "lam": 0.9, "whiten_advantages": whiten, "kl_coef": 0.2,
+        "kl_estimator": kl_estimator, "kl_target": 2.0, "kl_horizon": 100,
+    })  # fmt: skip
+    return c
+
+
+@pytest.mark.parametrize("kl_estimator", ["k1", "k3"])
+def test_ppo_rollout_rewards_advantages_and_kl_controller(kl_estimator):
+    rng = np.random.default_rng(8)
+    cfg = _ppo_cfg(kl_estimator)
+    T = cfg.seq_len
+    prompt_lens, resp_lens = [3, 5, 2, 6, 4, 1], [4, 1, 6, 8, 3, 5]
+    stopped, empty = [1, 1, 1, 0, 1, 1], [0, 1, 0, 0, 0, 0]
+    s = _fake_sample(rng, prompt_lens, resp_lens, T, stopped, empty)
+    lp = rng.normal(-2, 0.7, (6, T)).astype(np.float32)
+    ref_lp = (lp + rng.normal(0, 0.5, (6, T))).astype(np.float32)
+    values = rng.normal(0, 1, (6, T)).astype(np.float32)
+    score = rng.normal(0, 2, 6).astype(np.float32)
+    out_of_response = s["rows"]["loss_mask"] == 0
+    lp[out_of_response], values[out_of_response] = np.nan, 1e6  # must not leak anywhere
+    score[4] = np.inf  # row 4: a broken reward-model score, skipped with weight 0
+    valid = np.isfinite(score)
+    src = _source(ppo.PPOSource, cfg, s, (lp, ref_lp, values, score))
+    src.kl = ppo.KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+    src._gae, src._whiten = jax.jit(ppo.gae), jax.jit(ppo.whiten)
+    src.ref_params = src.rm_params = None
+    rows, stats = src.make_rollout({"policy": None, "value": None}, None)
+
+    white, rets, kls, raw = _ppo_rollout_reference(s, lp, ref_lp, values, score, valid, cfg)
+    for b in range(6):
+        want_mask = np.zeros(T)
+        for t in white.get(b, {}):
+            want_mask[t] = 1
+            np.testing.assert_allclose(rows["advantages"][b, t], white[b][t], **TOL)
+            np.testing.assert_allclose(rows["returns"][b, t], rets[b][t], **TOL)
+        np.testing.assert_array_equal(rows["loss_mask"][b], want_mask)
+        assert np.all(np.isfinite(rows["old_logprobs"][b])) and not rows["advantages"][b][
+            want_mask == 0].any()  # fmt: skip
+    kl_mean = np.mean(list(kls.values()))
+    np.testing.assert_allclose(stats["kl"], kl_mean, **TOL)
+    np.testing.assert_allclose(stats["kl_coef"], cfg.ppo.kl_coef)
+    n = int(valid.sum())
+    want_beta = cfg.ppo.kl_coef * (1 + np.clip(kl_mean / 2.0 - 1, -0.2, 0.2) * n / 100)
+    np.testing.assert_allclose(src.kl.value, want_beta, rtol=1e-6)
+    # The logged spread of the raw (GAE) advantages over the valid response tokens. Regression:
+    # `rollout/adv_std` was their root mean square, which reads a non-zero mean as spread.
+    np.testing.assert_allclose(stats["adv_std"], np.std(raw), **TOL)
+    seq_r = [(-1.0 if empty[b] else score[b]) - 0.5 * (not stopped[b]) for b in range(6)]
+    np.testing.assert_allclose(stats["reward_mean"], np.mean(np.asarray(seq_r)[valid]), **TOL)
+    np.testing.assert_allclose(stats["score_mean"], np.mean(score[valid]), **TOL)
+
+
+def test_ppo_rollout_does_not_depend_on_invalid_rows():
+    """A sample skipped for a bad score is no token of the whitening statistics: the other
+    rows' advantages are those of the rollout without it."""
+    rng = np.random.default_rng(9)
+    cfg = _ppo_cfg("k3")
+    T = cfg.seq_len
+    s = _fake_sample(rng, [3, 5, 2, 6], [4, 2, 6, 5], T, [1, 1, 1, 1], [0, 0, 0, 0])
+    lp = rng.normal(-2, 0.7, (4, T)).astype(np.float32)
+    ref_lp = (lp + rng.normal(0, 0.5, (4, T))).astype(np.float32)
+    values = rng.normal(0, 1, (4, T)).astype(np.float32)
+    score = rng.normal(0, 2, 4).astype(np.float32)
+
+    def run(keep):
+        sub = {k: (v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep])
+               for k, v in s.items() if k not in ("rows", "gen_s")}  # fmt: skip
+        sub["rows"] = {k: v[keep] for k, v in s["rows"].items()}
+        sub["gen_s"] = 0.0
+        sc = score[keep].copy()
+        src = _source(ppo.PPOSource, cfg, sub, (lp[keep], ref_lp[keep], values[keep], sc))
+        src.kl = ppo.KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+        src._gae, src._whiten = jax.jit(ppo.gae), jax.jit(ppo.whiten)
+        src.ref_params = src.rm_params = None
+        return src.make_rollout({"policy": None, "value": None}, None)[0]
+
+    base = run(np.array([0, 1, 2]))
+    score[3] = np.nan
+    with_bad = run(np.array([0, 1, 2, 3]))
+    np.testing.assert_allclose(with_bad["advantages"][:3], base["advantages"], **TOL)
+    assert not with_bad["loss_mask"][3].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO
+
+
+def _group_adv_reference(rewards, valid, scale_by_std, eps=1e-4):
+    out = np.zeros_like(rewards, np.float64)
+    for g in range(rewards.shape[0]):
+        xs = [float(x) for x, ok in zip(rewards[g], valid[g]) if ok]
+        if not xs:
+            continue
+        mu = sum(xs) / len(xs)
+        sd = math.sqrt(sum((x - mu) ** 2 for x in xs) / len(xs))
+        for i in range(rewards.shape[1]):
+            if valid[g, i]:
+                d = rewards[g, i] - mu
+                out[g, i] = d / (sd + eps) if scale_by_std else d
+    return out
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_group_advantages_flat_and_invalid_groups(scale_by_std):
+    r = np.array([[1, 0, 0, 1, 1], [0.3, 0.3, 0.3, 0.3, 0.3], [2, -1, 0.5, 4, 0],
+                  [1, 1, 1, 1, 1], [5, 0, 0, 0, 0]], np.float32)  # fmt: skip
+    valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 0, 1, 1, 0], [0, 0, 0, 0, 0],
+                      [0, 1, 1, 1, 1]], bool)  # fmt: skip
+    adv = grpo.group_advantages(r, valid, scale_by_std=scale_by_std)
+    np.testing.assert_allclose(adv, _group_adv_reference(r, valid, scale_by_std), **TOL)
+    assert not adv[1].any() and not adv[3].any()  # std = 0: no signal, no blow-up
+    assert not adv[4].any()  # the one deviating sample is invalid: the rest is flat
+
+
+def _grpo_loss_reference(logp, old, ref, adv, mask, clip, beta, agg):
+    per_seq, terms_all = [], []
+    for b in range(logp.shape[0]):
+        terms = []
+        for t in range(logp.shape[1]):
+            if mask[b, t]:
+                ratio = math.exp(float(logp[b, t]) - float(old[b, t]))
+                a = float(adv[b])
+                surrogate = min(ratio * a, min(max(ratio, 1 - clip), 1 + clip) * a)
+                q = math.exp(float(ref[b, t]) - float(logp[b, t]))  # π_ref/π
+                terms.append(-surrogate + beta * (q - math.log(q) - 1))  # DeepSeekMath eq. 4
+        if terms:
+            per_seq.append(sum(terms) / len(terms))  # 1/|o_i| Σ_t
+        terms_all += terms
+    return (sum(per_seq) / len(per_seq)) if agg == "seq" else sum(terms_all) / len(terms_all)
+
+
+@pytest.mark.parametrize("agg", ["seq", "token"])
+def test_grpo_loss_fn_from_logits_and_padding_rows(agg):
+    rng = np.random.default_rng(10)
+    B, T, clip, beta = 5, 11, 0.2, 0.04
+    params = _table_params(rng, T)
+    batch = {"tokens": rng.integers(0, V, (B, T)).astype(np.int32),
+             "targets": rng.integers(0, V, (B, T)).astype(np.int32),
+             "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+             "segment_ids": np.ones((B, T), np.int32),
+             "loss_mask": np.zeros((B, T), np.float32)}  # fmt: skip
+    for b, (s, n) in enumerate([(2, 6), (0, 1), (4, 7), (1, 3), (0, 0)]):  # last: skipped
+        batch["loss_mask"][b, s : s + n] = 1
+    lp = _token_logps(params, batch["tokens"], batch["positions"], batch["targets"])
+    batch["old_logprobs"] = (lp + rng.normal(0, 0.3, (B, T))).astype(np.float32)
+    batch["ref_logprobs"] = (lp + rng.normal(0, 0.5, (B, T))).astype(np.float32)
+    batch["advantages"] = rng.normal(0, 1, B).astype(np.float32)
+    g = ml_collections.ConfigDict({"clip": clip, "beta": beta, "loss_agg": agg})
+    fn = grpo.grpo_loss_fn(_table_apply, g)
+    loss, m = fn(params, batch, None)
+    want = _grpo_loss_reference(
+        lp,
+        batch["old_logprobs"],
+        batch["ref_logprobs"],
+        batch["advantages"],
+        batch["loss_mask"],
+        clip,
+        beta,
+        agg,
+    )
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    np.testing.assert_allclose(float(m["pg_loss"]) + beta * float(m["kl"]), want, **TOL)
+    assert float(m["weight"]) == (4 if agg == "seq" else batch["loss_mask"].sum())
+    # More fully masked rows (skipped samples, padding) change nothing.
+    pad = {k: np.concatenate([v, v[:2]]) for k, v in batch.items()}
+    pad["loss_mask"][B:] = 0
+    pad["advantages"][B:] = 1e3
+    loss_p, m_p = fn(params, pad, None)
+    np.testing.assert_allclose(float(loss_p), float(loss), **TOL)
+    assert float(m_p["weight"]) == float(m["weight"])
+
+
+def test_grpo_rollout_advantages_and_masks():
+    """Group advantages broadcast to each sample's response tokens only; rewards with the
+    empty / non-stop policy; invalid samples weigh nothing and are out of their group's stats."""
+    rng = np.random.default_rng(11)
+    G, T = 4, 14
+    cfg = ml_collections.ConfigDict()
+    cfg.rollout = rl_common.rollout_config(8)
+    cfg.rollout.empty_reward, cfg.rollout.nonstop_penalty = -0.5, 0.25
+    cfg.seq_len = T
+    cfg.grpo = ml_collections.ConfigDict({"group_size": G, "scale_by_std": True})
+    prompt_lens = [3] * G + [5] * G
+    resp_lens = [4, 2, 6, 1, 3, 5, 8, 2]
+    stopped = [1, 1, 0, 1, 1, 1, 1, 1]
+    empty = [0, 0, 0, 1, 0, 0, 0, 0]
+    s = _fake_sample(rng, prompt_lens, resp_lens, T, stopped, empty)
+    base = np.array([1.0, 0.0, 1.0, 0.7, 0.2, 0.2, 0.2, 0.9], np.float32)
+    bad = {5}  # this sample's reward function raises
+
+    def rew(meta, text):
+        rew.i += 1
+        if rew.i - 1 in bad:
+            raise ValueError("boom")
+        return float(base[rew.i - 1])
+
+    rew.i = 0
+    lp = rng.normal(-2, 0.5, (8, T)).astype(np.float32)
+    ref_lp = (lp + rng.normal(0, 0.3, (8, T))).astype(np.float32)
+    src = _source(grpo.GRPOSource, cfg, s, (lp, ref_lp))
+    src.rewards, src.ref_params = [("r", rew, 2.0)], None
+    rows, stats = src.make_rollout(None, None)
+
+    valid = np.array([i not in bad for i in range(8)])
+    r = 2.0 * base
+    r = np.where(s["empty"], cfg.rollout.empty_reward, r) - 0.25 * (~s["stopped"])
+    want_adv = _group_adv_reference(r.reshape(-1, G), valid.reshape(-1, G), True).reshape(-1)
+    np.testing.assert_allclose(rows["advantages"], want_adv, **TOL)
+    for b, (P, n) in enumerate(zip(prompt_lens, resp_lens)):
+        want = np.zeros(T)
+        if valid[b]:
+            want[P - 1 : P - 1 + n] = 1
+        np.testing.assert_array_equal(rows["loss_mask"][b], want)
+    kl = [
+        sum(
+            math.exp(ref_lp[b, t] - lp[b, t]) - (ref_lp[b, t] - lp[b, t]) - 1
+            for t in range(T)
+            if rows["loss_mask"][b, t]
+        )
+        for b in range(8)
+        if valid[b]
+    ]
+    np.testing.assert_allclose(stats["kl"], np.mean(kl), rtol=1e-5)
+    np.testing.assert_allclose(stats["reward_mean"], r[valid].mean(), **TOL)
+    # group 2's valid rewards 0.4, 1.8 (0.2 ×2 after weights, one raised): not flat
+    assert stats["flat_groups"] == 0.0
+
+
+def test_grpo_flat_groups_counts_equal_float_rewards():
+    """Regression: `rollout/flat_groups` came from np.nanstd(...) == 0, but the std of G equal
+    rewards that are not exact binary fractions (0 − nonstop_penalty = −0.1 for a group whose
+    samples all ran out of tokens, common early on) is ~1e-17, not 0, at some group sizes (3,
+    6, 7): such groups (A = 0, no signal) went uncounted."""
+    rng = np.random.default_rng(12)
+    G, T = 3, 10
+    cfg = ml_collections.ConfigDict()
+    cfg.rollout = rl_common.rollout_config(3 * G)
+    cfg.rollout.nonstop_penalty = 0.1
+    cfg.seq_len = T
+    cfg.grpo = ml_collections.ConfigDict({"group_size": G, "scale_by_std": True})
+    stopped = [0] * G + [0] * G + [1] * G  # two groups that never stop
+    s = _fake_sample(rng, [2] * 3 * G, [3] * 3 * G, T, stopped, [0] * 3 * G)
+    values = [0.0] * G + [2.0] * G + list(range(G))  # -> −0.1 ×G, 1.9 ×G, a spread
+
+    def rew(meta, text):
+        rew.i += 1
+        return values[rew.i - 1]
+
+    rew.i = 0
+    lp = rng.normal(-2, 0.5, (3 * G, T)).astype(np.float32)
+    src = _source(grpo.GRPOSource, cfg, s, (lp, lp))
+    src.rewards, src.ref_params = [("r", rew, 1.0)], None
+    rows, stats = src.make_rollout(None, None)
+    np.testing.assert_allclose(rows["advantages"][: 2 * G], 0.0, atol=1e-9)
+    assert np.abs(rows["advantages"][2 * G :]).max() > 1.0
+    np.testing.assert_allclose(stats["flat_groups"], 2 / 3)
+
+
+def _heldout_pairs(rng, n, T):
+    """Rendered pairs as `render_preferences` gives them: (ids, mask) per side, the mask on the
+    response ids; uneven prompt and response lengths."""
+    pairs = []
+    for i in range(n):
+        P = int(rng.integers(1, 4))
+        prompt = rng.integers(0, V, P).tolist()
+        sides = {}
+        for side in ("chosen", "rejected"):
+            k = int(rng.integers(1, T - P))
+            sides[side] = (np.asarray(prompt + rng.integers(0, V, k).tolist(), np.int32),
+                           np.asarray([0.0] * P + [1.0] * k, np.float32))  # fmt: skip
+        pairs.append({**sides, "margin": 0.0, "meta": {"pair": "ab"[i % 2]}})
+    return pairs
+
+
+@pytest.mark.parametrize("same_reference", [False, True])
+def test_dpo_heldout_eval_equals_the_reference(same_reference):
+    """make_eval_fn over 11 pairs in batches of 8 (the last one padded): the mean per-pair
+    loss, accuracy with ties ½ (the reference itself as policy: every margin 0, accuracy ½),
+    the mean margin, the length-normalised log-probability accuracy, accuracy per pair kind."""
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh
+
+    rng = np.random.default_rng(13)
+    T = 10
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    rules = logical_axis_rules("fsdp")
+    cfg = ml_collections.ConfigDict({"seq_len": T, "batch_size": 8, "sharding": "fsdp",
+                                     "dpo": _dpo_cfg("sigmoid", 0.5)})  # fmt: skip
+    params = _table_params(rng, T)
+    ref_params = params if same_reference else _table_params(rng, T)
+    pairs = _heldout_pairs(rng, 11, T)
+    ref = dpo.RefLogps(_table_apply, ref_params, mesh, rules, cache=True)
+    out = dpo.make_eval_fn(cfg, mesh, _table_apply, ref, pairs, 0, None, None)(params)
+
+    def seq(p, ids, mask):
+        lp = _token_logps(p, ids[None, :-1], np.arange(len(ids) - 1)[None], ids[None, 1:])[0]
+        return float((lp * mask[1:]).sum()), float(mask[1:].sum())
+
+    won, loss, margin, logp_won, by_kind = [], [], [], [], {"a": [], "b": []}
+    for pr in pairs:
+        (pc, lc), (prj, lr) = seq(params, *pr["chosen"]), seq(params, *pr["rejected"])
+        rc, rr = seq(ref_params, *pr["chosen"])[0], seq(ref_params, *pr["rejected"])[0]
+        h = (pc - rc) - (prj - rr)
+        loss.append(-_logsig(0.5 * h))
+        w = 0.5 if same_reference else float(h > 0)  # a tie counts ½
+        won.append(w)
+        by_kind[pr["meta"]["pair"]].append(w)
+        margin.append(0.5 * h)
+        logp_won.append(pc / lc > prj / lr)
+    np.testing.assert_allclose(out["loss"], np.mean(loss), **TOL)
+    np.testing.assert_allclose(out["accuracy"], np.mean(won), **TOL)
+    np.testing.assert_allclose(out["margin"], np.mean(margin), **TOL)
+    np.testing.assert_allclose(out["logp_accuracy"], np.mean(logp_won), **TOL)
+    for k in "ab":
+        np.testing.assert_allclose(out[f"acc_{k}"], np.mean(by_kind[k]), **TOL)
