@@ -9,12 +9,33 @@ laptop CPU in minutes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 
 import ml_collections
 
 from flaxlm.models.config import ModelConfig, get_variant
 from flaxlm.train.optim import opt_config
 from flaxlm.train.step import guard_config
+
+
+def did_you_mean(name: str, known, prefix: str = "") -> str:
+    """The closest of `known` to a misspelt `name` as " (did you mean 'PREFIXx'?)", else ""."""
+    close = difflib.get_close_matches(name, [str(k) for k in known], n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def _hint(name: str, node, prefix: str) -> str:
+    return did_you_mean(name, node, prefix) if isinstance(node, ml_collections.ConfigDict) else ""
+
+
+def lookup(table: dict, name: str, what: str):
+    """table[name] for an arg value such as `variant=125m`: an unknown name is an error listing
+    the known ones (a bare KeyError 'huge' did not say which arg was wrong)."""
+    if name not in table:
+        raise KeyError(
+            f"config arg: unknown {what} {name!r}{did_you_mean(name, table)}; known: {list(table)}"
+        )
+    return table[name]
 
 
 def _convert(value: str, like):
@@ -38,12 +59,14 @@ def override(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.Co
         for key, value in overrides.items():
             node = c
             *path, last = key.split(".")
+            prefix = ""  # the sections walked so far, "opt." — for the closest-key hint
             for p in path:
                 if not isinstance(node, ml_collections.ConfigDict) or p not in node:
-                    raise KeyError(f"config has no key {key!r} (no section {p!r})")
-                node = node[p]
+                    hint = _hint(p, node, prefix)
+                    raise KeyError(f"config has no key {key!r} (no section {p!r}){hint}")
+                node, prefix = node[p], prefix + p + "."
             if not isinstance(node, ml_collections.ConfigDict) or last not in node:
-                raise KeyError(f"config has no key {key!r}")
+                raise KeyError(f"config has no key {key!r}{_hint(last, node, prefix)}")
             node[last] = value
     return c
 
@@ -55,7 +78,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         key, sep, value = item.partition("=")
         key = key.strip()
         if key not in defaults:
-            raise KeyError(f"config arg: unknown key {key!r} in {arg!r}; known: {sorted(defaults)}")
+            raise KeyError(
+                f"config arg: unknown key {key!r}{did_you_mean(key, defaults)} in {arg!r}; "
+                f"known: {sorted(defaults)}"
+            )
         if not sep:  # bare "runlocal" means runlocal=True
             value = "true"
         try:
@@ -79,6 +105,9 @@ def to_model_config(section) -> ModelConfig:
 
 def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collections.ConfigDict:
     """Keys every task shares: length, batch, mesh, optimizer, guard, logging, checkpoints."""
+    if total_steps < 1:  # `steps=-300` (a typo) would build a run that never trains
+        raise ValueError(f"config: total_steps={total_steps} must be >= 1 (the steps arg: 0 = "
+                         "the variant's default)")  # fmt: skip
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init and data order
     c.total_steps = total_steps  # optimizer steps of the run (the schedule decays over them)

@@ -44,7 +44,7 @@ def dpo_config(loss_type: str = "sigmoid") -> ml_collections.ConfigDict:
     """The `dpo` section."""
     c = ml_collections.ConfigDict()
     c.loss_type = loss_type  # sigmoid | conservative | ipo | hinge | robust | simpo | orpo
-    c.beta = _BETA[loss_type]  # β of the loss (ORPO: weight λ of the odds-ratio term)
+    c.beta = common.lookup(_BETA, loss_type, "loss")  # β (ORPO: weight λ of the odds-ratio term)
     c.label_smoothing = 0.1 if loss_type in ("conservative", "robust") else 0.0  # flip rate ε
     c.simpo_gamma = 1.0  # SimPO target reward margin γ
     c.sft_coef = 0.0  # α of an added per-token NLL of the chosen response (RPO); 0 = off
@@ -56,7 +56,7 @@ def dpo_config(loss_type: str = "sigmoid") -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0, loss="sigmoid", lora=0)
-    steps, batch, seq, lr = _SIZES[a.variant]
+    steps, batch, seq, lr = common.lookup(_SIZES, a.variant, "variant")
     if a.runlocal:
         steps, batch, seq = min(steps, 40), min(batch, 16), min(seq, 128)
     c = common.trainer_config(a.steps or steps, batch, seq)
@@ -83,6 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def sweep(add, arg=None):
-    """Every loss type at its usual β."""
+    """Every loss type at its usual β and ε (`loss=` arg's section: conservative and robust with
+    sweep-set ε = 0 would be sigmoid DPO again, three identical runs)."""
     for loss in _BETA:
-        add(**{"dpo.loss_type": loss, "dpo.beta": _BETA[loss]})
+        d = dpo_config(loss)
+        add(**{"dpo.loss_type": loss, "dpo.beta": d.beta, "dpo.label_smoothing": d.label_smoothing})

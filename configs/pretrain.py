@@ -39,9 +39,13 @@ _SIZES = {
 }
 
 
+def _parse(arg: str | None) -> ml_collections.ConfigDict:
+    return common.parse_arg(arg, variant="tiny", runlocal=False, steps=0, data="text")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, variant="tiny", runlocal=False, steps=0, data="text")
-    steps, batch, seq, lr = _SIZES[a.variant]
+    a = _parse(arg)
+    steps, batch, seq, lr = common.lookup(_SIZES, a.variant, "variant")
     if a.runlocal:
         steps, batch, seq = min(steps, 200), min(batch, 16), min(seq, 128)
     c = common.trainer_config(a.steps or steps, batch, seq)
@@ -73,7 +77,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def sweep(add, arg=None):
-    """Learning-rate × width sweep over the tiny variant."""
-    for lr in (1e-3, 3e-3):
-        for d_model in (64, 128):
-            add(**{"opt.lr": lr, "model.d_model": d_model})
+    """Learning rate × width around the arg's variant: its lr and a third of it × its d_model and
+    twice it (tiny: 1e-3, 3e-3 × 64, 128). Fixed tiny widths broke every other variant: d_model
+    64 is not divisible by 125m's 12 heads."""
+    variant = _parse(arg).variant
+    lr = common.lookup(_SIZES, variant, "variant")[3]
+    width = common.model_config(variant).d_model
+    for run_lr in (float(f"{lr / 3:.3g}"), lr):  # 6e-4 / 3 is 0.00019999999999999998
+        for d_model in (width, 2 * width):
+            add(**{"opt.lr": run_lr, "model.d_model": d_model})

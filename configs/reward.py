@@ -37,7 +37,7 @@ _SIZES = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = common.parse_arg(arg, variant="tiny", runlocal=False, steps=0, lora=0)
-    steps, batch, seq, lr = _SIZES[a.variant]
+    steps, batch, seq, lr = common.lookup(_SIZES, a.variant, "variant")
     if a.runlocal:
         steps, batch, seq = min(steps, 40), min(batch, 16), min(seq, 128)
     c = common.trainer_config(a.steps or steps, batch, seq)

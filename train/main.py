@@ -6,8 +6,9 @@
 Re-running the same command resumes from the latest checkpoint in --workdir. Multi-host: launch
 one process per host with the same command; with --distributed, `jax.distributed.initialize()`
 connects them (it detects SLURM and TPU pods; under SLURM it gives each task the one GPU of its
-SLURM_LOCALID, so there launch one task per GPU). On CPU, pass
---coordinator/--num_processes/--process_id explicitly (tests do this with gloo collectives).
+SLURM_LOCALID, so there launch one task per GPU). Or pass --coordinator/--num_processes/
+--process_id: one process per host with all its GPUs, even inside a SLURM allocation (and on CPU,
+where tests do this with gloo collectives).
 """
 
 from __future__ import annotations
@@ -47,9 +48,20 @@ def init_distributed(
     if coordinator:
         # CPU processes need a collectives implementation to talk to each other.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
+        # "deactivate": explicit flags mean one process per host driving all its GPUs. Without
+        # it jax still reads a SLURM allocation's SLURM_LOCALID (the flags leave
+        # local_device_ids unset) and shows each process only that one GPU.
+        jax.distributed.initialize(
+            coordinator, num_processes, process_id, cluster_detection_method="deactivate"
+        )
     elif auto:
         jax.distributed.initialize()
+    elif num_processes != 1 or process_id != 0:
+        # Without a coordinator each host would train alone into the same workdir.
+        raise app.UsageError(
+            f"--num_processes={num_processes} --process_id={process_id} need --coordinator "
+            "host:port (or --distributed on SLURM / TPU pods)"
+        )
 
 
 def main(argv):

@@ -10,8 +10,10 @@ and is trained by `python -m flaxlm.train.main --config FILE:ARG --workdir RUN -
 
 Re-running the same command skips finished runs (a `DONE` marker, written once the trainer
 exited cleanly and reached `total_steps`, or a checkpoint at `total_steps`) and resumes the
-others: the trainer restarts from the run's latest checkpoint by itself. While a run trains its
-directory holds `RUNNING` (the trainer's pid), so a second sweep never trains the same run twice.
+others: the trainer restarts from the run's latest checkpoint by itself. A started run whose
+config arg or overrides changed since stops the sweep (sweep_plan.write_index): resuming it would
+mix two runs. While a run trains its directory holds `RUNNING` (the trainer's pid), so a second
+sweep never trains the same run twice.
 Trainers are started in their own session with SIGTERM as their parent-death signal: when the
 sweep is interrupted (Ctrl-C, SIGTERM, even SIGKILL) each running trainer saves a checkpoint and
 stops. After the runs, `ROOT/runs.csv` and `ROOT/runs.json` hold the run table (train/sweep_table).
@@ -83,13 +85,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _is_trainer(pid: int) -> bool:
+    """Whether `pid` runs flaxlm.train.main. After a reboot (a crashed sweep host) a RUNNING
+    file's pid can belong to an unrelated process, which would make its run "busy" forever.
+    Without /proc (macOS) every live pid counts."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"flaxlm.train.main" in f.read()
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # no procfs: cannot tell, assume it is ours
+    except OSError:
+        return True
+
+
 def _running_pid(run_dir: str) -> int | None:
     try:
         with open(os.path.join(run_dir, "RUNNING")) as f:
             pid = int(f.read().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return None
-    return pid if _alive(pid) else None
+    return pid if _alive(pid) and _is_trainer(pid) else None
 
 
 def _wait_for_stale(run: Run, timeout: float) -> bool:

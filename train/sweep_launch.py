@@ -43,16 +43,18 @@ def slurm_script(config_arg: str, runs: Sequence, root: str, *, python: str = "p
     name = os.path.basename(os.path.normpath(root)) or "sweep"
     limit = f"%{parallel}" if parallel > 1 else ""
     cwd = os.getcwd()
+    out = "slurm-%A_%a.out"  # %A: the array job's id, %a: the task's index
     lines = [
         "#!/bin/bash",
         f"# {len(runs)} runs of {config_arg}, one array task each (written by flaxlm.train.sweep)",
-        f"#SBATCH --job-name={name}",
+        # sbatch splits #SBATCH lines at spaces and cuts them at '#', honouring shell quotes
+        f"#SBATCH --job-name={shlex.quote(name)}",
         f"#SBATCH --array=0-{len(runs) - 1}{limit}",
         f"#SBATCH --nodes={nodes}",
         f"#SBATCH --ntasks-per-node={gpus_per_node}",
         f"#SBATCH --gpus-per-node={gpus_per_node}",
-        f"#SBATCH --chdir={cwd}",
-        f"#SBATCH --output={os.path.join(os.path.abspath(root), 'launch', 'slurm-%A_%a.out')}",
+        f"#SBATCH --chdir={shlex.quote(cwd)}",
+        f"#SBATCH --output={shlex.quote(os.path.join(os.path.abspath(root), 'launch', out))}",
         "#SBATCH --requeue",
         *[f"#SBATCH {opt.strip()}" for opt in extra.split(";") if opt.strip()],
         "set -euo pipefail",

@@ -53,9 +53,9 @@ def format_value(value) -> str:
     if isinstance(value, float):
         return repr(value)  # shortest repr that round-trips: 0.001, 1e-05, 3.0
     if isinstance(value, (list, tuple)):
-        return (
-            "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-        )
+        # Strings quoted: the trainer reads a tuple as a Python literal, "(a,b)" is one string.
+        items = [repr(v) if isinstance(v, str) else format_value(v) for v in value]
+        return "(" + ",".join(items) + ("," if len(value) == 1 else "") + ")"
     return str(value)
 
 
@@ -85,21 +85,33 @@ def _convert(text: str, like):
 
 
 def set_dotted(config, key: str, value, *, from_string: bool = False):
-    """Sets `config.a.b = value` on a locked ConfigDict; an unknown key names itself."""
+    """Sets `config.a.b = value` on a locked ConfigDict; an unknown key names itself and the
+    closest existing one, a value of the wrong type names the key."""
+    from ml_collections import ConfigDict
+
+    from flaxlm.configs.common import did_you_mean
+
     node, parts = config, key.split(".")
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
+        prefix = "".join(p + "." for p in parts[:i])
+        # "opt.lr.x" walks into a float: say so rather than "float is not iterable"
+        if not isinstance(node, ConfigDict):
+            raise KeyError(f"override {key!r}: {prefix[:-1]!r} is a value, not a section")
         if part not in node:
-            raise KeyError(f"override {key!r}: config has no key {'.'.join(parts[: i + 1])!r}")
-        node = node[part]
+            hint = did_you_mean(part, node, prefix)
+            raise KeyError(f"override {key!r}: config has no key {prefix + part!r}{hint}")
+        if i < len(parts) - 1:
+            node = node[part]
     last = parts[-1]
-    if last not in node:
-        raise KeyError(f"override {key!r}: config has no key {key!r}")
     if from_string:
         try:
             value = _convert(value, node[last])
         except ValueError as e:
             raise ValueError(f"override {key}={value!r}: {e}") from None
-    node[last] = value
+    try:
+        node[last] = value
+    except TypeError as e:  # ConfigDict's "Could not override field 'lr'" omits the path
+        raise TypeError(f"override {key}={value!r}: {e}") from None
 
 
 def expand(module, arg: str | None) -> list[dict]:
@@ -159,8 +171,15 @@ def plan(
         if not sep:
             raise ValueError(f"--config.{item}: expected --config.key=value")
         base[key] = value
-    runs = []
-    for i, ov in enumerate(expand(module, arg)):
+    sweeps = expand(module, arg)
+    swept = sorted({k for ov in sweeps for k in ov} & set(base))
+    if swept:  # every run would get the same value while its name still shows the swept one
+        raise ValueError(
+            f"--config.{swept[0]} is varied by {module.__file__}'s sweep(); a command-line "
+            "override would give every run the same value (edit sweep() instead)"
+        )
+    runs, seen = [], {}
+    for i, ov in enumerate(sweeps):
         if only is not None and i not in only:
             continue
         config = module.get_config(arg)
@@ -170,6 +189,11 @@ def plan(
             set_dotted(config, k, v, from_string=True)
         overrides = {**ov, **{k: config_value(config, k) for k in base}}
         name = run_name(i, ov)  # names come from the sweep alone; the CLI extras apply to all
+        # Two runs that build the same config would train the same model twice.
+        fingerprint = json.dumps(config.to_dict(), sort_keys=True, default=repr)
+        if fingerprint in seen:
+            raise ValueError(f"sweep(): runs {seen[fingerprint]} and {name} have the same config")
+        seen[fingerprint] = name
         info = run_info(config)
         runs.append(
             Run(i, name, overrides, os.path.join(root, name), info.get("total_steps"), info)
@@ -177,9 +201,7 @@ def plan(
     if only is not None:
         missing = sorted(set(only) - {r.index for r in runs})
         if missing:
-            raise IndexError(
-                f"--only {missing}: the sweep has runs 0..{len(expand(module, arg)) - 1}"
-            )
+            raise IndexError(f"--only {missing}: the sweep has runs 0..{len(sweeps) - 1}")
     return runs
 
 
@@ -207,8 +229,9 @@ def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old.get("config") == config_arg:
+        if _same_config_arg(old.get("config"), config_arg):
             known = {r["name"]: r for r in old.get("runs", [])}
+        _check_same_runs(old, config_arg, runs)
     for r in runs:
         known[r.name] = {**r.to_dict(), "command": train_command(config_arg, r, "python")}
     index = {
@@ -221,3 +244,31 @@ def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence
         json.dump(index, f, indent=1)
     os.replace(tmp, path)
     return path
+
+
+def _same_config_arg(a: str | None, b: str) -> bool:
+    """FILE:ARG strings that name the same file and args (`./configs/x.py:b=1,a=2` is
+    `configs/x.py:a=2,b=1`)."""
+    if a is None:
+        return False
+    norm = lambda s: (os.path.realpath(s.partition(":")[0]), sorted(s.partition(":")[2].split(",")))
+    return norm(a) == norm(b)
+
+
+def _check_same_runs(old: dict, config_arg: str, runs: Sequence[Run]):
+    """Stops a sweep whose run directories were started with other settings: names come from
+    the sweep's own overrides only, so a different config arg (`:variant=`) or command-line
+    override (`--config.total_steps=`) would skip those runs as finished, or resume their
+    checkpoints with the new settings (two runs mixed)."""
+    before = {r["name"]: r for r in old.get("runs", [])}
+    for r in runs:
+        prev = before.get(r.name)
+        if prev is None or not os.path.isdir(r.workdir) or not os.listdir(r.workdir):
+            continue  # never started: nothing to mix
+        now = json.loads(json.dumps(r.overrides))  # tuples as lists, as the index stores them
+        if not _same_config_arg(old.get("config"), config_arg) or prev.get("overrides") != now:
+            raise ValueError(
+                f"{r.workdir} was started by a sweep with --config {old.get('config')} and "
+                f"overrides {prev.get('overrides')}; now: --config {config_arg}, {now}. Use "
+                "another --workdir, or delete that run directory to retrain it"
+            )

@@ -9,7 +9,9 @@ embeddings the LM head is that table, so it is excluded too), `n_params_embed`, 
 (D = steps x batch x seq_len), `c_6nd` (6 N_nonembed D), `flops` (exact training FLOPs,
 flops_per_token x D, DESIGN.md count), `final_loss` (train loss of the last logged window),
 `heldout_loss` (`eval/nll` at the last step), every other `eval/<metric>` logged at that step,
-and `task/<task>/<metric>` from the run's `tasks.json` when an evaluation wrote one.
+and `task/<task>/<metric>` from the run's `tasks.json` when an evaluation wrote one. A finished
+run whose metrics.jsonl or tasks.json is missing or malformed is named in a warning; the other
+runs' rows are kept.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from collections.abc import Sequence
 
 from flaxlm.train.metrics import read_metrics
@@ -28,11 +31,16 @@ _FIRST = ("index", "name", "overrides", "step", "total_steps", "n_params", "n_pa
 
 def final_metrics(run_dir: str, total_steps: int | None = None) -> dict | None:
     """`step`, `final_loss`, `heldout_loss` and eval/* at the last step of a run; None when the
-    run has not reached `total_steps` (or logged nothing)."""
+    run has not reached `total_steps` (or logged nothing). Records that are not objects with a
+    `step` (a file that is not a metrics log) are an error naming the file."""
     try:
         records = read_metrics(run_dir)
     except FileNotFoundError:
         return None
+    bad = [r for r in records if not isinstance(r, dict) or not isinstance(r.get("step"), int)]
+    if bad:
+        path = os.path.join(run_dir, "metrics.jsonl") if os.path.isdir(run_dir) else run_dir
+        raise ValueError(f"{path}: {len(bad)} records without an integer 'step': {bad[0]!r:.80}")
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval/nll" in r or "eval/loss" in r]
     if not train:
@@ -53,8 +61,14 @@ def task_metrics(run_dir: str) -> dict:
     path = os.path.join(run_dir, TASKS_FILE)
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        tasks = json.load(f)
+    try:
+        with open(path) as f:
+            tasks = json.load(f)
+        if not isinstance(tasks, dict) or not all(isinstance(m, dict) for m in tasks.values()):
+            raise ValueError("expected {task: {metric: value}}")
+    except ValueError as e:  # JSONDecodeError included: say which file, keep the other columns
+        warnings.warn(f"{path}: unreadable, its task/* columns are left out ({e})", stacklevel=2)
+        return {}
     out = {}
     for task, metrics in tasks.items():
         for k, v in metrics.items():
@@ -64,15 +78,27 @@ def task_metrics(run_dir: str) -> dict:
 
 
 def collect(root: str, *, include_unfinished: bool = False) -> list[dict]:
-    """Rows of the sweep under `root` (from its sweep.json), finished runs only by default."""
+    """Rows of the sweep under `root` (from its sweep.json), finished runs only by default. A
+    finished run (DONE) whose metrics are missing, cut short or malformed is left out with a
+    warning naming its metrics file: one bad run does not cost the table the others."""
     with open(os.path.join(root, "sweep.json")) as f:
         index = json.load(f)
     rows = []
     for run in index["runs"]:
         workdir = run["workdir"]
-        if not os.path.isabs(workdir) and not os.path.isdir(workdir):
-            workdir = os.path.join(root, run["name"])  # the index moved with its sweep
-        final = final_metrics(workdir, run.get("total_steps"))
+        if not os.path.isdir(workdir):
+            # The index moved with its sweep (copied off a cluster; absolute paths too).
+            workdir = os.path.join(root, run["name"])
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        try:
+            final = final_metrics(workdir, run.get("total_steps"))
+        except ValueError as e:
+            warnings.warn(f"run {run['name']} left out: {e}", stacklevel=2)
+            continue
+        if final is None and os.path.exists(os.path.join(workdir, "DONE")):
+            steps = run.get("total_steps")
+            why = "is missing" if not os.path.exists(metrics) else f"has no loss at step {steps}"
+            warnings.warn(f"run {run['name']} is DONE but {metrics} {why}", stacklevel=2)
         if final is None and not include_unfinished:
             continue
         row = {"index": run["index"], "name": run["name"], "overrides": run["overrides"]}

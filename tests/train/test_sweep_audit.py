@@ -1,0 +1,372 @@
+"""Sweeps under bad input and partial failure, without training: planning errors, a resumed sweep
+whose settings changed, failed and stale runs (fake trainers stand in for train/main.py), the run
+table's malformed files, the launch files executed with fake srun / gcloud / python (quoting,
+DONE marking, jax.distributed flags), and main.py's multi-process flags."""
+
+import json
+import os
+import shlex
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from absl import app
+
+from flaxlm.train import main as train_main
+from flaxlm.train import sweep, sweep_table
+from flaxlm.train.sweep_plan import train_command
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRETRAIN = os.path.join(REPO, "configs", "pretrain.py")
+CONFIG = PRETRAIN + ":variant=tiny,runlocal=True,data=markov"
+NAMES = [
+    "run-000-model.d_model=64,opt.lr=0.001",
+    "run-001-model.d_model=128,opt.lr=0.001",
+    "run-002-model.d_model=64,opt.lr=0.003",
+    "run-003-model.d_model=128,opt.lr=0.003",
+]
+STEPS = 12
+
+
+def _write_config(tmp_path, sweep_body):
+    """A config file: pretrain's config with the given sweep() body."""
+    path = tmp_path / "my_config.py"
+    path.write_text(
+        f"from flaxlm.configs.pretrain import get_config  # noqa: F401\n\n\n"
+        f"def sweep(add, arg=None):\n{textwrap.indent(sweep_body, '    ')}\n"
+    )
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+
+
+def test_plan_matches_the_sweep_exactly(tmp_path):
+    runs = sweep.plan(CONFIG, str(tmp_path), extra=[f"total_steps={STEPS}", "seed=3"])
+    assert [r.name for r in runs] == NAMES and [r.index for r in runs] == [0, 1, 2, 3]
+    assert len({r.workdir for r in runs}) == 4
+    for r, (lr, d) in zip(runs, [(1e-3, 64), (1e-3, 128), (3e-3, 64), (3e-3, 128)]):
+        # the sweep's keys plus the typed command-line extras, nothing else
+        assert r.overrides == {"opt.lr": lr, "model.d_model": d, "total_steps": STEPS, "seed": 3}
+        assert r.total_steps == STEPS and r.info["tokens"] == STEPS * 16 * 128
+
+
+def test_plan_names_bad_overrides(tmp_path):
+    root = str(tmp_path / "sw")
+    cases = [
+        (["opt.lrr=1"], KeyError, r"no key 'opt.lrr' \(did you mean 'opt.lr'\?\)"),
+        (["optim.lr=1"], KeyError, r"no key 'optim' \(did you mean 'opt'\?\)"),
+        (["opt.lr.x=1"], KeyError, "'opt.lr' is a value, not a section"),  # was "not iterable"
+        (["total_steps=1.5"], ValueError, "override total_steps='1.5'"),
+        (["eval_at_start=maybe"], ValueError, "expected a boolean"),
+        (["total_steps"], ValueError, "expected --config.key=value"),
+        # a swept key set for every run: all runs alike, their names still showing the sweep's
+        (["opt.lr=0.01"], ValueError, "opt.lr is varied by .*sweep"),
+    ]
+    for extra, error, message in cases:
+        with pytest.raises(error, match=message):
+            sweep.plan(CONFIG, root, extra=extra)
+    bad = _write_config(tmp_path, 'add(**{"opt.lr": "fast"})')
+    with pytest.raises(TypeError, match="override opt.lr='fast'"):  # names the full key
+        sweep.plan(bad, root)
+    unknown = PRETRAIN + ":variant=huge"
+    with pytest.raises(KeyError, match="unknown variant 'huge'"):
+        sweep.plan(unknown, root)
+    assert not os.path.exists(root)  # nothing written by a failed plan
+
+
+def test_duplicate_runs_are_an_error(tmp_path):
+    same = _write_config(tmp_path, 'add(**{"opt.lr": 1e-3})\nadd(**{"opt.lr": 0.001})')
+    with pytest.raises(ValueError, match="runs run-000-opt.lr=0.001 and run-001-opt.lr=0.001"):
+        sweep.plan(same, str(tmp_path / "sw"))
+    # {} is the default config, which already has lr 3e-3: the same run under two names
+    default = _write_config(tmp_path, 'add(**{"opt.lr": 3e-3})\nadd()')
+    with pytest.raises(ValueError, match="same config"):
+        sweep.plan(default + ":variant=tiny", str(tmp_path / "sw"))
+
+
+def test_resume_with_other_settings_is_an_error(tmp_path, monkeypatch):
+    root = str(tmp_path / "sw")
+    extra = [f"total_steps={STEPS}"]
+    runs = sweep.plan(CONFIG, root, extra=extra)
+    sweep.write_index(root, CONFIG, runs, extra)
+    os.makedirs(runs[1].workdir)
+    (tmp_path / "sw" / NAMES[1] / "train.log").write_text("started\n")
+    # Same settings, spelled differently (relative path, other arg order): fine.
+    monkeypatch.chdir(REPO)
+    same = "./configs/pretrain.py:data=markov,variant=tiny,runlocal=True"
+    sweep.write_index(root, same, sweep.plan(same, root, extra=extra), extra)
+    longer = ["total_steps=100"]  # would skip DONE runs / resume their checkpoints longer
+    with pytest.raises(ValueError, match=f"{NAMES[1]} was started .*total_steps': {STEPS}"):
+        sweep.write_index(root, CONFIG, sweep.plan(CONFIG, root, extra=longer), longer)
+    full = PRETRAIN + ":variant=tiny,data=markov"  # runlocal dropped: same names, other runs
+    with pytest.raises(ValueError, match="was started by a sweep with --config"):
+        sweep.write_index(root, full, sweep.plan(full, root, extra=extra), extra)
+    # An unstarted run may change: nothing to mix.
+    sweep.write_index(root, CONFIG, sweep.plan(CONFIG, root, extra=longer, only=[0]), longer)
+
+
+# --------------------------------------------------------------------------------------------
+# Local runs with fake trainers
+
+FAKE_TRAINER = r"""
+import json, os, sys
+workdir, total = sys.argv[1], int(sys.argv[2])
+name = os.path.basename(workdir)
+last = total
+if name in os.environ.get("FAKE_FAIL", "").split(";"):
+    last = total // 3
+elif name in os.environ.get("FAKE_STOP", "").split(";"):
+    last = total - 4  # preempted: exits cleanly before total_steps
+start = 0
+path = os.path.join(workdir, "metrics.jsonl")
+if os.path.exists(path):
+    start = max(json.loads(l)["step"] for l in open(path) if l.strip())
+with open(path, "a") as f:
+    for step in range(start + 4, last + 1, 4):
+        rec = {"step": step, "loss": 10.0 / step}
+        if step == total:
+            rec["eval/nll"] = 9.0 / step
+        f.write(json.dumps(rec) + "\n")
+print("trained", name, "to", last)
+sys.exit(1 if last < total - 4 else 0)
+"""
+
+
+@pytest.fixture
+def fake_trainer(tmp_path, monkeypatch):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(sweep, "train_command", lambda config_arg, run, python="": [
+        sys.executable, str(script), run.workdir, str(run.total_steps)])  # fmt: skip
+    monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.delenv("FAKE_STOP", raising=False)
+    return script
+
+
+def test_failed_runs_keep_the_others_and_rerun(tmp_path, monkeypatch, capsys, fake_trainer):
+    root = str(tmp_path / "sw")
+    argv = ["--config", CONFIG, "--workdir", root, "--cache_dir", "", "--parallel", "2",
+            f"--config.total_steps={STEPS}"]  # fmt: skip
+    monkeypatch.setenv("FAKE_FAIL", NAMES[1])
+    monkeypatch.setenv("FAKE_STOP", NAMES[2])
+    assert sweep.main(argv) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"FAILED {NAMES[1]} (rc=1" in out and f"FAILED {NAMES[2]} (stopped at step 8 of 12" in out
+    )
+    done = [n for n in NAMES if os.path.exists(os.path.join(root, n, "DONE"))]
+    assert done == [NAMES[0], NAMES[3]]
+    assert not any(os.path.exists(os.path.join(root, n, "RUNNING")) for n in NAMES)
+    assert [r["name"] for r in sweep_table.collect(root)] == done
+    assert open(os.path.join(root, "runs.csv")).read().count("\n") == 3  # header + 2 runs
+
+    monkeypatch.delenv("FAKE_FAIL")
+    monkeypatch.delenv("FAKE_STOP")
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    for n in done:
+        assert f"skip {n} (finished)" in out and f"start {n}" not in out
+    for n in (NAMES[1], NAMES[2]):
+        assert f"done {n}" in out
+    for n in done:  # trained once
+        assert open(os.path.join(root, n, "train.log")).read().count("trained ") == 1
+    rows = sweep_table.collect(root)
+    assert [r["name"] for r in rows] == NAMES and all(r["step"] == STEPS for r in rows)
+    assert all(r["heldout_loss"] == pytest.approx(9.0 / STEPS) for r in rows)
+
+
+def test_stale_running_file_of_another_process_is_not_busy(tmp_path, fake_trainer):
+    """A RUNNING file left by a crashed sweep host whose pid now belongs to another process (after
+    a reboot) made the run "busy" forever."""
+    root = str(tmp_path / "sw")
+    runs = sweep.plan(CONFIG, root, extra=[f"total_steps={STEPS}"], only=[0])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        os.makedirs(runs[0].workdir)
+        with open(os.path.join(runs[0].workdir, "RUNNING"), "w") as f:
+            f.write(f"{other.pid}\n")
+        status = sweep.run_local(CONFIG, runs, cache_dir="", stale_timeout=1.0)
+    finally:
+        other.kill()
+        other.wait()
+    assert status == {NAMES[0]: "done"}
+
+
+# --------------------------------------------------------------------------------------------
+# The run table
+
+
+def _finished(run_dir, steps=STEPS, tasks=None):
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for s in range(4, steps + 1, 4):
+            f.write(json.dumps({"step": s, "loss": 1.0 / s, **({"eval/nll": 2.0} if s == steps
+                                                                 else {})}) + "\n")  # fmt: skip
+    with open(os.path.join(run_dir, "DONE"), "w") as f:
+        f.write("{}")
+    if tasks is not None:
+        with open(os.path.join(run_dir, "tasks.json"), "w") as f:
+            f.write(tasks)
+
+
+def test_table_names_missing_and_malformed_files(tmp_path):
+    root = tmp_path / "sw"
+    runs = sweep.plan(CONFIG, str(root), extra=[f"total_steps={STEPS}"])
+    sweep.write_index(str(root), CONFIG, runs, [])
+    _finished(runs[0].workdir, tasks='{"qa": {"accuracy": 0.5, "n": 10}}')
+    _finished(runs[1].workdir, tasks="{not json")  # its task/* columns are left out
+    _finished(runs[2].workdir)
+    os.remove(os.path.join(runs[2].workdir, "metrics.jsonl"))  # DONE, metrics lost
+    _finished(runs[3].workdir)
+    with open(os.path.join(runs[3].workdir, "metrics.jsonl"), "a") as f:
+        f.write('{"loss": 1.0}\n')  # no step: was KeyError 'step', no file named
+    with pytest.warns(UserWarning) as caught:
+        rows = sweep_table.collect(str(root))
+    messages = "\n".join(str(w.message) for w in caught)
+    assert os.path.join(runs[1].workdir, "tasks.json") in messages
+    assert f"{NAMES[2]} is DONE but {os.path.join(runs[2].workdir, 'metrics.jsonl')}" in messages
+    assert f"{NAMES[3]} left out: {os.path.join(runs[3].workdir, 'metrics.jsonl')}" in messages
+    assert [r["name"] for r in rows] == NAMES[:2]
+    assert rows[0]["task/qa/accuracy"] == 0.5 and "task/qa/accuracy" not in rows[1]
+    assert rows[0]["heldout_loss"] == 2.0 and rows[0]["final_loss"] == 1.0 / STEPS
+
+
+def test_table_reads_a_sweep_moved_with_absolute_paths(tmp_path):
+    """A sweep copied off a cluster: sweep.json holds the old absolute run paths."""
+    old = tmp_path / "cluster" / "sw"
+    runs = sweep.plan(CONFIG, str(old), extra=[f"total_steps={STEPS}"], only=[0, 1])
+    sweep.write_index(str(old), CONFIG, runs, [])
+    for r in runs:
+        _finished(r.workdir)
+    new = tmp_path / "laptop" / "sw"
+    os.makedirs(new.parent)
+    os.rename(old, new)
+    assert [r["name"] for r in sweep_table.collect(str(new))] == NAMES[:2]  # was []
+
+
+# --------------------------------------------------------------------------------------------
+# Launch files, executed with fake cluster tools
+
+FAKE_PYTHON = f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["ARGV_LOG"], "a") as f:
+    f.write(json.dumps({{"cwd": os.getcwd(), "argv": args}}) + "\\n")
+if os.environ.get("FAKE_CKPT"):
+    workdir, steps = args[args.index("--workdir") + 1], os.environ["FAKE_CKPT"]
+    os.makedirs(os.path.join(workdir, "checkpoints", steps))
+"""
+FAKE_SRUN = '#!/bin/bash\nexec "$@"\n'
+# gcloud ... --command=CMD: run CMD in a shell, as ssh does on each worker
+FAKE_GCLOUD = """#!/bin/bash
+for a in "$@"; do case "$a" in --command=*) exec bash -c "${a#--command=}";; esac; done
+exit 2
+"""
+
+
+def _executable(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_launch_files_run_the_exact_commands(tmp_path, capsys):
+    bin_dir = tmp_path / "bin dir"  # a space in the interpreter's path
+    bin_dir.mkdir()
+    python = _executable(bin_dir / "fake python", FAKE_PYTHON)
+    _executable(bin_dir / "srun", FAKE_SRUN)
+    _executable(bin_dir / "gcloud", FAKE_GCLOUD)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    root = tmp_path / "sw root #1"  # space and '#' (sbatch cuts #SBATCH lines at '#')
+    tricky = 'it\'s "$HOME" `date` a,b; $(id) \\n'
+    argv = ["--config", CONFIG, "--workdir", str(root), "--launch", "print", "--only", "1,2",
+            "--nodes", "2", "--python", python, "--repo_dir", str(repo),
+            f"--config.init_from={tricky}", f"--config.total_steps={STEPS}"]  # fmt: skip
+    assert sweep.main(argv) == 0
+    printed = capsys.readouterr().out
+    # dry run: the files are printed, nothing ran, no run directory exists
+    assert sorted(os.listdir(root)) == ["launch", "sweep.json"]
+    runs = sweep.plan(CONFIG, str(root), extra=[f"init_from={tricky}", f"total_steps={STEPS}"],
+                      only=[1, 2])  # fmt: skip
+    launch = root / "launch"
+    for name in ("slurm_array.sh", "tpu_pod.sh", "host-0.sh", "host-1.sh"):
+        assert (launch / name).read_text() in printed
+    log = tmp_path / "argv.jsonl"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGV_LOG": str(log),
+           "TPU_NAME": "pod", "ZONE": "z", "HOST0": "10.0.0.1"}  # fmt: skip
+
+    def run(script, **more):
+        if log.exists():
+            log.unlink()
+        out = subprocess.run(["bash", str(launch / script)], env={**env, **more}, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        calls = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
+        return out, calls
+
+    def expected(run, *tail):
+        return train_command(CONFIG, run, python)[1:] + list(tail)
+
+    # SLURM: every #SBATCH option is one word for sbatch; task i runs runs[i] under srun.
+    slurm = (launch / "slurm_array.sh").read_text()
+    for line in slurm.splitlines():
+        if line.startswith("#SBATCH"):
+            assert len(shlex.split(line)) == 2, line
+    assert shlex.split(slurm.split("--job-name=")[1].splitlines()[0]) == ["sw root #1"]
+    for i, r in enumerate(runs):
+        _, calls = run("slurm_array.sh", SLURM_ARRAY_TASK_ID=str(i))
+        assert [c["argv"] for c in calls] == [expected(r, "--distributed")]
+        assert not (root / r.name / "DONE").exists()  # no final checkpoint: not finished
+    _, calls = run("slurm_array.sh", SLURM_ARRAY_TASK_ID="0", FAKE_CKPT=str(STEPS))
+    assert (root / runs[0].name / "DONE").exists()
+    out, calls = run("slurm_array.sh", SLURM_ARRAY_TASK_ID="0")
+    assert calls == [] and "finished" in out.stdout  # a requeued finished task trains nothing
+
+    # TPU pod: the same command on every worker (one fake worker here), from the repo dir.
+    _, calls = run("tpu_pod.sh")
+    assert [c["argv"] for c in calls] == [expected(r, "--distributed") for r in runs]
+    assert {c["cwd"] for c in calls} == {str(repo)}
+
+    # Multi-host: host h passes the coordinator, the host count and its own index.
+    for h in range(2):
+        _, calls = run(f"host-{h}.sh")
+        tail = ["--coordinator=10.0.0.1:1234", "--num_processes=2", f"--process_id={h}"]
+        assert [c["argv"] for c in calls] == [expected(r, *tail) for r in runs]
+
+
+# --------------------------------------------------------------------------------------------
+# main.py: jax.distributed arguments
+
+
+def test_process_flags_without_a_coordinator_are_an_error():
+    with pytest.raises(app.UsageError, match="need --coordinator"):
+        train_main.init_distributed("", num_processes=2, process_id=1)
+
+
+def test_explicit_coordinator_keeps_all_local_devices_under_slurm():
+    """`--coordinator/--num_processes/--process_id` is one process per host driving all its GPUs;
+    inside a SLURM allocation jax's auto-detection still set the visible GPUs to SLURM_LOCALID
+    (one GPU per host)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    code = (
+        "from flaxlm.train.main import init_distributed\n"
+        f"init_distributed('localhost:{port}', 1, 0)\n"
+        "import jax\nfrom jax._src import xla_bridge\n"
+        "print('VISIBLE', xla_bridge.CUDA_VISIBLE_DEVICES.value, jax.process_count())\n"
+    )
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "1",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "3"}  # fmt: skip
+    env = {**os.environ, **slurm, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "VISIBLE all 1" in out.stdout
