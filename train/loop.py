@@ -163,32 +163,26 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
                                  on_corrupt=config.get("ckpt_on_corrupt", "fallback"))  # fmt: skip
     meta = {"task": task.name, "config": config.to_dict(), **task.model_meta}
 
-    with use_mesh(mesh, rules):
-        state, shardings, start = _init_or_resume(config, task, ckpt, tx, mesh, rules)
-        step_fn = jit_train_step(
-            task.loss_fn, tx, schedule, config.guard, config.opt.grad_accum, shardings, mesh
-        )
-        writer = MetricWriter(workdir, resume_step=start if start else None)
-        meter = Throughput(
-            task.flops_per_token, task.flops_per_token_causal, config.get("peak_tflops", 0.0)
-        )
-        summary = _loop(
-            config,
-            task,
-            state,
-            step_fn,
-            ckpt,
-            writer,
-            meter,
-            start,
-            total,
-            meta,
-            shardings,
-            tx,
-            mesh,
-        )
-        writer.close()
-    ckpt.close()
+    writer = None
+    try:
+        with use_mesh(mesh, rules):
+            state, shardings, start = _init_or_resume(config, task, ckpt, tx, mesh, rules)
+            step_fn = jit_train_step(
+                task.loss_fn, tx, schedule, config.guard, config.opt.grad_accum, shardings, mesh
+            )
+            writer = MetricWriter(workdir, resume_step=start if start else None)
+            meter = Throughput(
+                task.flops_per_token, task.flops_per_token_causal, config.get("peak_tflops", 0.0)
+            )
+            summary = _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
+                            shardings, tx, mesh)  # fmt: skip
+    finally:
+        # Also when the loop raises (a data error, Ctrl-C): an async save still in flight is
+        # finished, not left as a `<step>.orbax-checkpoint-tmp` that the exiting interpreter
+        # abandons — the checkpoint a rerun resumes from.
+        if writer is not None:
+            writer.close()
+        ckpt.close()
     return summary.pop("state"), summary
 
 
@@ -255,7 +249,10 @@ def _loop(
                 writer.write(step, rec)
                 summary["train"] = rec
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
-                if rec["bad_in_row"] >= config.guard.max_bad_in_row:
+                # 0 turns rollback off (as 0 turns off the guard's other thresholds); without
+                # the first test every log step would roll back (bad_in_row >= 0 always).
+                max_bad = config.guard.max_bad_in_row
+                if max_bad > 0 and rec["bad_in_row"] >= max_bad:
                     state, step = _rollback(ckpt, state, step, task, tx, shardings, summary)
                     bar.n = step
             if itstime(step, config.eval_every, total):

@@ -63,8 +63,12 @@ def _token_sums_fwd(logits_BTV, targets_BT, mask_BT):
     # Correct = the target's logit is the largest (argmax up to exact ties), from the max the
     # normaliser needs anyway: no third pass over the (B, T, V) logits.
     correct = (picked >= top).astype(jnp.float32)
-    sums = jnp.stack([jnp.sum((lse - picked) * mask), jnp.sum(jnp.square(lse) * mask),
-                      jnp.sum(correct * mask)])  # fmt: skip
+    # Masked-out tokens count for nothing even when their value is not finite — a target
+    # outside the vocabulary (a pad id >= vocab_size) picks NaN, and NaN·0 is NaN — while a
+    # NaN in the mask itself still poisons the loss.
+    masked = lambda x: jnp.where(mask != 0, x * mask, 0.0)  # noqa: E731
+    sums = jnp.stack([jnp.sum(masked(lse - picked)), jnp.sum(masked(jnp.square(lse))),
+                      jnp.sum(masked(correct))])  # fmt: skip
     return sums, (logits_BTV, targets_BT, mask_BT, lse)
 
 
@@ -77,6 +81,7 @@ def _token_sums_bwd(residuals, g):
     probs = jnp.exp(logits_BTV.astype(jnp.float32) - lse[..., None])
     target = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
     grad = coef * probs - jnp.where(target, (g[0] * mask)[..., None], 0.0)
+    grad = jnp.where((mask != 0)[..., None], grad, 0.0)  # as in the forward: masked is nothing
     return grad.astype(logits_BTV.dtype), None, None
 
 

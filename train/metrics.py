@@ -1,7 +1,8 @@
 """Metric writers (metrics.jsonl + TensorBoard), throughput and MFU.
 
 `metrics.jsonl` has one JSON object per logged step (`step`, `loss`, `lr`, `grad_norm`,
-`tokens_per_s`, `mfu`, ... and `eval/...` keys at eval steps). Only process 0 writes.
+`tokens_per_s` of the whole job, `mfu`, ... and `eval/...` keys at eval steps). Only process 0
+writes.
 
 MFU = achieved model FLOP/s ÷ (peak FLOP/s per chip × chips), with model FLOPs per token from
 `ModelConfig.flops_per_token` (PaLM count: 6·N_matmul + 12·L·d_attn·T; `mfu_causal` halves the
@@ -52,7 +53,12 @@ def tokens_in_batch(batch) -> int:
 
 
 class Throughput:
-    """Tokens/s and MFU over the interval between two `measure` calls."""
+    """Tokens/s and MFU over the interval between two `measure` calls, for the whole job.
+
+    `add` gets this process's batch slice (the loop feeds per-process slices, all of one size),
+    so the job's rate is this process's × the process count; MFU divides that by the peak of
+    every chip in the job.
+    """
 
     def __init__(
         self,
@@ -63,6 +69,7 @@ class Throughput:
         self.flops, self.flops_causal = flops_per_token, flops_per_token_causal
         self.peak = peak_flops_per_device(peak_tflops)
         self.n_devices = jax.device_count()
+        self.n_processes = jax.process_count()
         self.reset()
 
     def reset(self):
@@ -74,7 +81,7 @@ class Throughput:
 
     def measure(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        tps = self.tokens / dt
+        tps = self.tokens * self.n_processes / dt
         out = {"tokens_per_s": tps, "step_time_s": dt / max(self.steps, 1), "mfu": None}
         if self.peak and self.flops:
             out["mfu"] = tps * self.flops / (self.peak * self.n_devices)

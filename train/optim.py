@@ -8,6 +8,10 @@ Optimizers: adamw | lion | adafactor | sgd. Schedules (after a linear warmup fro
     wsd       warmup-stable-decay: constant, then a linear decay over the last wsd_decay_frac of
               the steps
     constant  no decay
+Warmup is cut to total_steps − 1 steps when it is longer than the run (short test runs of a config
+whose warmup was derived from a longer one), with a warning naming `opt.warmup_steps`; a value no
+schedule can mean (a negative warmup, a final fraction outside [0, 1], a wrong type) is an error
+naming its key.
 Weight decay applies to every weight but norm scales and biases (leaves named "scale" / "bias":
 `decay_mask`), whatever their shape.
 Gradient accumulation is not an optax wrapper: train/step.py scans over micro-batches, so one
@@ -16,10 +20,15 @@ call is one optimizer update and memory holds one micro-batch of activations.
 
 from __future__ import annotations
 
+import logging
+import numbers
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+log = logging.getLogger("flaxlm")
 
 
 def opt_config() -> ml_collections.ConfigDict:
@@ -41,7 +50,35 @@ def opt_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _check(cfg, total_steps) -> None:
+    """Refuses, naming the key, what would otherwise fail deep inside optax or silently give
+    another schedule than the one asked for (a negative warmup starts mid-ramp)."""
+
+    def need(key, ok, what):
+        value = total_steps if key == "total_steps" else cfg[key]
+        if not ok(value):
+            name = key if key == "total_steps" else f"opt.{key}"
+            raise ValueError(f"{name}={value!r} must be {what}")
+
+    is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
+    is_real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)  # noqa: E731
+    need("total_steps", lambda x: is_int(x) and x >= 0, "an integer >= 0")
+    need("warmup_steps", lambda x: is_int(x) and x >= 0, "an integer >= 0")
+    need("lr", lambda x: is_real(x) and x >= 0, "a number >= 0")
+    need("final_lr_frac", lambda x: is_real(x) and 0 <= x <= 1, "a number in [0, 1]")
+    if cfg.schedule == "wsd":
+        need("wsd_decay_frac", lambda x: is_real(x) and 0 < x <= 1, "a number in (0, 1]")
+    need("grad_accum", lambda x: is_int(x) and x >= 1, "an integer >= 1")
+    if total_steps > 0 and cfg.warmup_steps >= total_steps:
+        log.warning(
+            "opt.warmup_steps=%d >= total_steps=%d: warmup cut to %d steps, so the run peaks "
+            "at its last steps; set opt.warmup_steps below total_steps",
+            cfg.warmup_steps, total_steps, total_steps - 1,
+        )  # fmt: skip
+
+
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+    _check(cfg, total_steps)
     lr, warmup = cfg.lr, min(cfg.warmup_steps, max(total_steps - 1, 0))
     final = lr * cfg.final_lr_frac
     rest = max(total_steps - warmup, 1)
@@ -93,7 +130,15 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
     schedule = make_schedule(cfg, total_steps)
     name = cfg.name
     if name == "adamw":
-        mu_dtype = jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None
+        try:
+            mu_dtype = jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None
+        except TypeError:
+            mu_dtype = None  # not a dtype name: refused below
+        if cfg.mu_dtype and (mu_dtype is None or not jnp.issubdtype(mu_dtype, jnp.floating)):
+            raise ValueError(
+                f"opt.mu_dtype={cfg.mu_dtype!r}; expected a float dtype name such as "
+                "'bfloat16' or 'float32', or '' for the parameters' dtype"
+            )
         base = optax.adamw(
             schedule,
             b1=cfg.b1,

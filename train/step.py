@@ -37,7 +37,7 @@ def guard_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 50  # accepted steps before spike detection starts
     # Roll back to the last checkpoint when this many bad steps in a row are seen at a log step
     # (the loop checks every log_every steps): a streak a good step ends before then is only
-    # skipped, not rolled back.
+    # skipped, not rolled back. 0 = never roll back (bad steps are only skipped).
     c.max_bad_in_row = 5
     return c
 
@@ -58,7 +58,10 @@ def _split_micro(batch, n: int):
 
     def split(x):
         if x.shape[0] % n:
-            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} micro-batches")
+            raise ValueError(
+                f"opt.grad_accum={n} does not divide the batch of {x.shape[0]} rows "
+                "(batch_size): each micro-batch must hold batch_size / opt.grad_accum rows"
+            )
         return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
 
     return jax.tree.map(split, batch)
@@ -159,7 +162,9 @@ def train_step(
         "loss": loss,
         "grad_norm": grad_norm,
         "param_norm": optax.tree.norm(new_state.params),
-        "lr": schedule(state.step),
+        # The lr this update used: the optimizer's schedule counts applied updates, and a
+        # skipped step leaves its count (in opt_state) behind state.step.
+        "lr": schedule(state.step - state.guard["n_skipped"]),
         "skipped": (~ok).astype(jnp.float32),
         "bad_in_row": new_state.guard["bad_in_row"],
     }

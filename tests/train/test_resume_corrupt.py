@@ -29,7 +29,10 @@ def _config(**overrides):
     c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
     return override(c, {"progress_bar": False, "eval_at_start": False, "eval_every": 0,
                         "log_every": 1, "total_steps": 6, "ckpt_every": 2, "keep_ckpts": 0,
-                        "async_ckpt": False, **overrides})  # fmt: skip
+                        "async_ckpt": False,
+                        # below total_steps: a longer warmup is cut with a warning (optim.py),
+                        # and test_interrupted_save... asserts the run logs no warning
+                        "opt.warmup_steps": 2, **overrides})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
