@@ -161,7 +161,21 @@ def compile_decode(case: str, extra: list[str], devices):
     params = jax.tree.map(lambda x: _abstract(x, one), jax.eval_shape(init, jax.random.PRNGKey(0)))
     fn, args = generate_program(cfg, tokens, rng=jax.random.PRNGKey(0), **kw)
     args = [params] + [_abstract(np.asarray(x), one) for x in args]
-    return fn.lower(*args).compile()
+    with _target_gpu(devices[0]):
+        return fn.lower(*args).compile()
+
+
+def _target_gpu(device):
+    """Context naming the GPU a program is lowered for. Since jax 0.11 (the GPU image's) a
+    Pallas-Triton kernel's lowering asks the default device for its GPU kind, which on this
+    machine is the CPU; an abstract mesh's device names the H200 instead."""
+    import jax
+
+    target = jax.sharding.AbstractDevice(
+        device_kind=device.device_kind, num_cores=None, platform="cuda"
+    )
+    mesh = jax.sharding.AbstractMesh((1,), ("target",), abstract_device=target)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def run_one(case: str, dump_dir: str, hlo_dir: str = "") -> dict:

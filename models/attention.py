@@ -158,8 +158,8 @@ class Attention(nn.Module):
 
     `ctx` holds what every layer shares (computed once per forward in transformer.py):
     rope `cos`/`sin`, the boolean `mask` (None = plain causal rows, no packing), and while
-    decoding the cache write `index`. `layer_cache` is the layer's keys and values stacked,
-    heads-major, (2, B, K, S, H), or None.
+    decoding the cache write `index`. `layer_cache` is the layer's (keys, values) buffers,
+    heads-major, (B, K, S, H) each, or None.
 
     `fused` reads q, k and v from one (D, N + 2K, H) kernel "qkv" (one matmul instead of three;
     the layout `fuse_projections` in transformer.py makes for decoding). `decode_attention`
@@ -212,26 +212,29 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
         T, H = q.shape[1], q.shape[3]
         if (layer_cache is not None and self.decode_attention == "pallas"
-                and decode_kernel.supports(layer_cache.shape[3], T, H)
+                and decode_kernel.supports(layer_cache[0].shape[2], T, H)
                 and decode_kernel.mesh_supports()):  # fmt: skip
             # One kernel: RoPE, the cache write and attention over the written slots.
             qkv = jnp.concatenate([q, k, v], axis=2)  # the merged projection's own output
             out, layer_cache = decode_kernel.decode_attention(
-                qkv, ctx["cos"], ctx["sin"], layer_cache, ctx["mask"], ctx["index"]
+                qkv, ctx["cos"], ctx["sin"], *layer_cache, ctx["mask"], ctx["index"]
             )
             return self._out_proj(out), layer_cache
         q = apply_rope(q, ctx["cos"], ctx["sin"])
         k = apply_rope(k, ctx["cos"], ctx["sin"])
 
         if layer_cache is not None:
-            # Write this chunk's keys and values at the cache index with one in-place update
-            # (K and V share a buffer: one kernel per layer and decode step, not two), then
-            # attend over the whole buffer (the mask hides unwritten slots).
-            idx, dt = ctx["index"], layer_cache.dtype
-            new_kv = jnp.stack([k, v]).transpose(0, 1, 3, 2, 4).astype(dt)  # (2, B, K, T, H)
-            layer_cache = jax.lax.dynamic_update_slice(layer_cache, new_kv, (0, 0, 0, idx, 0))
-            ck, cv = layer_cache[0].astype(q.dtype), layer_cache[1].astype(q.dtype)
-            out = cached_attention(q, ck, cv, ctx["mask"])
+            # Write this chunk's keys and values at the cache index (in place), then attend
+            # over the whole buffer (the mask hides unwritten slots).
+            idx = ctx["index"]
+            ck, cv = (
+                jax.lax.dynamic_update_slice(
+                    buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, idx, 0)
+                )
+                for buf, new in zip(layer_cache, (k, v))
+            )  # (B, K, S, H) each
+            layer_cache = (ck, cv)
+            out = cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"])
         elif cfg.attention_impl == "cudnn":
             out = cudnn_attention(q, k, v, ctx["mask"], cfg.sliding_window)
         else:

@@ -20,13 +20,13 @@ trip count: no loop condition is read back to the host). Each step attends over 
 slots (masked), a fixed shape — or, with `decode_attention="pallas"`, one kernel per layer does
 RoPE, the cache write and attention over the slots written so far (models/decode_attention.py;
 the cache is then rounded up to whole key blocks). The cache holds each layer's keys and values
-in one heads-major (2, B, K, S, H) buffer in the compute dtype (`cache_dtype`), updated in
-place. The weights are cast to the compute dtype, unstacked if scanned, once per call before the
-loop (`_decode_params`). `fuse_projections=True` also concatenates the q|k|v and gate|up kernels
-there; it is off by default because on a GPU XLA already merges matmuls that share an input (its
-dot-merger pass): compiled for the H200 (bench/gpu_aot.py), the fused layout's decode step has
-no fewer kernels (306 either way at the 1.1B shape, batch 64) and holds 1.3 GiB more, the
-concatenated copy.
+in two heads-major (B, K, S, H) buffers in the compute dtype (`cache_dtype`), updated in place
+(why two, not one: `transformer.init_cache`). The weights are cast to the compute dtype,
+unstacked if scanned, once per call before the loop (`_decode_params`). `fuse_projections=True`
+also concatenates the q|k|v and gate|up kernels there; it is off by default because on a GPU XLA
+already merges matmuls that share an input (its dot-merger pass): compiled for the H200
+(bench/gpu_aot.py), the fused layout's decode step has no fewer kernels (306 either way at the
+1.1B shape, batch 64, jax 0.10) and holds 1.3 GiB more, the concatenated copy.
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
@@ -201,8 +201,9 @@ def _decode_params(cfg: ModelConfig, params, fused: bool):
 def _constrain_cache(cache, sharded: bool):
     if not sharded:
         return cache
-    names = (None, "act_batch", "act_kv_heads", "act_len", "head_dim")  # (2, B, K, S, H)
-    return {**cache, "kv": [nn.with_logical_constraint(x, names) for x in cache["kv"]]}
+    names = ("act_batch", "act_kv_heads", "act_len", "head_dim")  # (B, K, S, H)
+    kv = [tuple(nn.with_logical_constraint(x, names) for x in pair) for pair in cache["kv"]]
+    return {**cache, "kv": kv}
 
 
 @functools.lru_cache(maxsize=64)
@@ -261,7 +262,7 @@ def _decode_fn(
             return jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])
 
         cache = {
-            "kv": [grow(x, 3) for x in cache["kv"]],  # (2, B, K, S, H)
+            "kv": [tuple(grow(x, 2) for x in pair) for pair in cache["kv"]],  # (B, K, S, H)
             "segment_ids": grow(cache["segment_ids"], 1),  # (B, S)
             "positions": grow(cache["positions"], 1),
             "index": cache["index"],

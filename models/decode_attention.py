@@ -11,9 +11,9 @@ cost rather than bandwidth is the suspect. This kernel removes kernels and waste
 
   * one program per (batch row, kv head): it rotates the group's G query heads and the new
     key (rotate-half RoPE, in float32 as `apply_rope`, rounded as the XLA path rounds),
-    writes the new key and value into the cache slot in place (the cache buffer is aliased
-    from input to output), and runs a flash-attention style loop (online softmax, float32
-    accumulators in registers) over the earlier slots, then folds in the new token itself;
+    writes the new key and value into their cache slots in place (the key and value buffers
+    are aliased from input to output), and runs a flash-attention style loop (online softmax,
+    float32 accumulators in registers) over the earlier slots, then folds in the new token;
   * the loop covers the written slots only (`index`, the shared write index), in blocks of
     BLOCK_K, not the whole buffer: a 128-token prompt with 256 new tokens reads on average
     2/3 of what the full buffer costs;
@@ -80,14 +80,14 @@ def _fold(carry, s, ok, weighted_values):
     return acc, new_max, row_sum * rescale + p.sum(axis=1)
 
 
-def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, kv_ref, mask_ref, o_ref, kv_out_ref, *,
-            groups: int, kv_heads: int, block_k: int, scale: float):  # fmt: skip
+def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k_out_ref,
+            v_out_ref, *, groups: int, kv_heads: int, block_k: int, scale: float):  # fmt: skip
     """One (batch row b, kv head h): this step's q|k|v heads of row b (N + 2K, H), the rope
-    angles of b's position (H/2,), the cache (2, S, H) of (b, h), b's mask (S,). The group's
-    G query heads are rows h·G … h·G + G - 1 of q|k|v, loaded as M ≥ 16 rows (the rest
-    masked: zeros, never stored). `kv_out_ref` is `kv_ref`'s buffer (aliased): the new slot
-    is written through it."""
-    del kv_ref  # read and written through its aliased output ref
+    angles of b's position (H/2,), the key and value caches (S, H) of (b, h), b's mask (S,).
+    The group's G query heads are rows h·G … h·G + G - 1 of q|k|v, loaded as M ≥ 16 rows (the
+    rest masked: zeros, never stored). `k_out_ref` / `v_out_ref` are `k_ref`'s / `v_ref`'s
+    buffers (aliased): the new slot is written through them."""
+    del k_ref, v_ref  # read and written through their aliased output refs
     rows = o_ref.shape[0]
     H = qkv_ref.shape[1]
     half = H // 2
@@ -95,7 +95,7 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, kv_ref, mask_ref, o_ref, kv_out_
     head = pl.program_id(1)
     n_q = groups * kv_heads
     real = (jnp.arange(rows) < groups)[:, None]
-    dtype = kv_out_ref.dtype
+    dtype = k_out_ref.dtype
     idx = idx_ref[()]
     cos, sin = cos_ref[...][None, :], sin_ref[...][None, :]
 
@@ -111,17 +111,17 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, kv_ref, mask_ref, o_ref, kv_out_
                      qkv_ref[k_row, hi].astype(jnp.float32)[None, :], cos, sin)  # fmt: skip
     k1, k2 = k1[0].astype(dtype), k2[0].astype(dtype)
     v_new = qkv_ref[n_q + kv_heads + head, :].astype(dtype)
-    kv_out_ref[0, idx, lo] = k1
-    kv_out_ref[0, idx, hi] = k2
-    kv_out_ref[1, idx, :] = v_new
+    k_out_ref[idx, lo] = k1
+    k_out_ref[idx, hi] = k2
+    v_out_ref[idx, :] = v_new
 
     def step(j, carry):  # key block j of the slots before this step's
         keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         slots = j * block_k + jnp.arange(block_k)
         ok = ((mask_ref[keys] != 0) & (slots < idx))[None, :]
-        s = plgpu.dot(q1, kv_out_ref[0, keys, lo], trans_b=True).astype(jnp.float32)
-        s += plgpu.dot(q2, kv_out_ref[0, keys, hi], trans_b=True).astype(jnp.float32)
-        v = kv_out_ref[1, keys, :]
+        s = plgpu.dot(q1, k_out_ref[keys, lo], trans_b=True).astype(jnp.float32)
+        s += plgpu.dot(q2, k_out_ref[keys, hi], trans_b=True).astype(jnp.float32)
+        v = v_out_ref[keys, :]
         return _fold(carry, s * scale, ok, lambda p: plgpu.dot(p.astype(dtype), v))
 
     init = (
@@ -141,9 +141,9 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, kv_ref, mask_ref, o_ref, kv_out_
     plgpu.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
 
 
-def _call(idx, qkv_BRH, cos_Bh, sin_Bh, kv_2BKSH, mask_BS, *, interpret: bool,
+def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: bool,
           num_warps: int = 4):  # fmt: skip
-    _, B, K, S, H = kv_2BKSH.shape
+    B, K, S, H = k_BKSH.shape
     R = qkv_BRH.shape[1]  # N + 2K rows
     G = (R - 2 * K) // K
     M = max(MIN_DOT_ROWS, pl.next_power_of_2(G))
@@ -153,7 +153,7 @@ def _call(idx, qkv_BRH, cos_Bh, sin_Bh, kv_2BKSH, mask_BS, *, interpret: bool,
         R += M
     kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=BLOCK_K,
                                scale=1.0 / math.sqrt(H))  # fmt: skip
-    cache = pl.BlockSpec((2, None, None, S, H), lambda b, k: (0, b, k, 0, 0))
+    cache = pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0))
     per_row = lambda n: pl.BlockSpec((None, n), lambda b, k: (b, 0))  # noqa: E731
     return pl.pallas_call(
         kernel,
@@ -164,32 +164,34 @@ def _call(idx, qkv_BRH, cos_Bh, sin_Bh, kv_2BKSH, mask_BS, *, interpret: bool,
             per_row(H // 2),
             per_row(H // 2),
             cache,
+            cache,
             per_row(S),
         ],
-        out_specs=[pl.BlockSpec((None, None, M, H), lambda b, k: (b, k, 0, 0)), cache],
+        out_specs=[pl.BlockSpec((None, None, M, H), lambda b, k: (b, k, 0, 0)), cache, cache],
         out_shape=[
             jax.ShapeDtypeStruct((B, K, G, H), qkv_BRH.dtype),
-            jax.ShapeDtypeStruct(kv_2BKSH.shape, kv_2BKSH.dtype),
+            jax.ShapeDtypeStruct(k_BKSH.shape, k_BKSH.dtype),
+            jax.ShapeDtypeStruct(v_BKSH.shape, v_BKSH.dtype),
         ],  # fmt: skip
-        input_output_aliases={4: 1},
+        input_output_aliases={4: 1, 5: 2},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="decode_attention",
-    )(idx, qkv_BRH, cos_Bh, sin_Bh, kv_2BKSH, mask_BS)
+    )(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS)
 
 
-def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, kv_2BKSH, mask_B1TS, index):
-    """One decode step of attention over a layer's (2, B, K, S, H) cache.
+def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index):
+    """One decode step of attention over a layer's (B, K, S, H) key and value caches.
 
     `qkv_BTRH`: this step's q, k and v heads before RoPE, concatenated on the head axis
     (N + 2K rows: the projections' one output, as XLA computes them with one merged matmul,
     so the kernel reads that buffer directly). RoPE (tables as `attention.rope_tables`) on q
     and k; k and v written at slot `index` (clamped to the buffer, as `dynamic_update_slice`
     would); attention over slots [0, index] under the step's boolean mask (B, 1, 1, S).
-    Returns (out (B, 1, N, H), the cache).
+    Returns (out (B, 1, N, H), (the key cache, the value cache)).
     """
     B, T, R, H = qkv_BTRH.shape
-    K, S = kv_2BKSH.shape[2], kv_2BKSH.shape[3]
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
     if not supports(S, T, H):
         raise ValueError(f"decode_attention: needs 1 query, slots % {BLOCK_K} == 0 and head dim "
                          f"2^n >= 32, got {T}, {S}, {H}")  # fmt: skip
@@ -198,7 +200,8 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, kv_2BKSH, mask_B1TS, index):
         qkv_BTRH.reshape(B, R, H),
         cos_BTh.reshape(B, H // 2),
         sin_BTh.reshape(B, H // 2),
-        kv_2BKSH,
+        k_BKSH,
+        v_BKSH,
         mask_B1TS.reshape(B, S).astype(jnp.int8),
     )
 
@@ -214,12 +217,12 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, kv_2BKSH, mask_B1TS, index):
         rows = P(batch_axes)
         run = jax.shard_map(
             run,
-            in_specs=(P(), rows, rows, rows, P(None, batch_axes), rows),
-            out_specs=(rows, P(None, batch_axes)),
+            in_specs=(P(), rows, rows, rows, rows, rows, rows),
+            out_specs=(rows, rows, rows),
             check_vma=False,
         )
-    out, cache = run(*args)
-    return out.reshape(B, 1, R - 2 * K, H), cache
+    out, k_BKSH, v_BKSH = run(*args)
+    return out.reshape(B, 1, R - 2 * K, H), (k_BKSH, v_BKSH)
 
 
 def _batch_axes() -> tuple[str, ...]:

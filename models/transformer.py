@@ -169,17 +169,25 @@ class Transformer(nn.Module):
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """Empty decoding cache for `batch` rows of up to `max_len` tokens.
 
-    "kv" holds each layer's keys and values stacked, (2, B, K, S, H): a list per layer when
-    layers are unrolled (each updated in place by XLA inside a decode loop), one (L, 2, ...)
-    array when layers are scanned.
+    "kv" holds each layer's keys and values as a pair of (B, K, S, H) buffers: a list of pairs
+    when layers are unrolled (each buffer updated in place by XLA inside a decode loop), one
+    pair of (L, B, K, S, H) arrays when layers are scanned.
+
+    Why two buffers and not one (2, B, K, S, H): reading keys and values out of a shared
+    buffer is a slice of it. The XLA of jax 0.10 fused that slice into the attention matmuls,
+    but jax 0.11's (the GPU image's) copies each half out first, compiled for the H200
+    (bench/gpu_aot.py): 2 more kernels per layer and the whole cache copied every decode
+    step (1.49 GiB memory-bound traffic per batch-64 token at the 1.1B shape, 0.57 with two
+    buffers). Two buffers cost one more in-place write kernel per layer, on either version.
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
     # Heads-major (B, K, S, H): decode attention reads it without a per-step transpose.
-    shape = (2, batch, cfg.n_kv_heads, max_len, cfg.head_dim_)
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim_)
     if cfg.scan_layers:
-        kv = jnp.zeros((cfg.n_layers, *shape), dtype)
+        shape = (cfg.n_layers, *shape)
+        kv = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     else:
-        kv = [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)]
+        kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
     return {
         "kv": kv,
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),  # 0 = empty slot

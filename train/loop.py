@@ -226,6 +226,9 @@ def _loop(
                 summary["preempted"] = True  # logged once; saved at the boundary above
                 log.warning("SIGTERM at step %d: finishing the rollout's minibatches first", step)
             if step == kill_at:
+                # Once the saves started earlier have landed: a test then knows which step the
+                # rerun resumes from (on a busy machine an async save can outlast 5 steps).
+                ckpt.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
             if task.before_step is not None:
                 task.before_step(state)

@@ -409,12 +409,12 @@ def test_generate_text_decodes_until_eos(model):
 
 def _step(B, N, K, H, S, index, seed=0, dtype=jnp.float32, holes=True, window=0):
     """A decode step's inputs: q|k|v (B, 1, N + 2K, H) before RoPE, the rope tables of each
-    row's position, a random cache (2, B, K, S, H), and the step's mask (B, 1, 1, S) as the
-    model builds it (`attention_mask`: segments, slots, window), with random padding holes
+    row's position, random key and value caches (B, K, S, H), and the step's mask (B, 1, 1, S) as
+    the model builds it (`attention_mask`: segments, slots, window), with random padding holes
     before the write index."""
     r = np.random.default_rng(seed)
     qkv = jnp.asarray(r.normal(size=(B, 1, N + 2 * K, H)) * 1.5, dtype)
-    kv = jnp.asarray(r.normal(size=(2, B, K, S, H)), dtype)
+    k_cache, v_cache = jnp.asarray(r.normal(size=(2, B, K, S, H)), dtype)
     slots = np.broadcast_to(np.arange(S), (B, S))
     kv_seg = (slots <= index).astype(np.int32)
     if holes:  # prompt padding: segment-0 slots (never the query's own)
@@ -425,17 +425,19 @@ def _step(B, N, K, H, S, index, seed=0, dtype=jnp.float32, holes=True, window=0)
     positions = jnp.asarray(r.integers(index, index + 50, (B, 1)))
     cfg = ModelConfig(n_heads=N, n_kv_heads=K, head_dim=H, d_model=64)
     cos, sin = rope_tables(cfg, positions)
-    return qkv, cos, sin, kv, mask
+    return qkv, cos, sin, k_cache, v_cache, mask
 
 
-def _xla_step(qkv, cos, sin, kv, mask, index):
-    """What `Attention` computes without the kernel."""
-    K = kv.shape[2]
+def _xla_step(qkv, cos, sin, k_cache, v_cache, mask, index):
+    """What `Attention` computes without the kernel: (out, (key cache, value cache))."""
+    K = k_cache.shape[1]
     q, k, v = jnp.split(qkv, [qkv.shape[2] - 2 * K, qkv.shape[2] - K], axis=2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    new = jnp.stack([k, v]).transpose(0, 1, 3, 2, 4).astype(kv.dtype)
-    kv = jax.lax.dynamic_update_slice(kv, new, (0, 0, 0, index, 0))
-    return cached_attention(q, kv[0].astype(q.dtype), kv[1].astype(q.dtype), mask), kv
+    k_cache, v_cache = (jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3).astype(c.dtype),
+                                                     (0, 0, index, 0))
+                        for c, new in ((k_cache, k), (v_cache, v)))  # fmt: skip
+    out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+    return out, (k_cache, v_cache)
 
 
 @pytest.mark.parametrize(
@@ -456,15 +458,16 @@ def test_kernel_equals_the_xla_step(B, N, K, H, S, index):
     np.testing.assert_allclose(cache, want_cache, atol=1e-6, rtol=1e-6)
     untouched = np.ones(S, bool)
     untouched[index] = False  # the kernel writes this step's slot and nothing else
-    np.testing.assert_array_equal(np.asarray(cache)[:, :, :, untouched],
-                                  np.asarray(args[3])[:, :, :, untouched])  # fmt: skip
+    for got, before in zip(cache, args[3:5]):
+        np.testing.assert_array_equal(np.asarray(got)[:, :, untouched],
+                                      np.asarray(before)[:, :, untouched])  # fmt: skip
 
 
 def test_sliding_window_masks_whole_leading_blocks():
     """A window of 20 at slot 150: the first two key blocks are entirely masked, which the
     online softmax must skip without letting them into the normaliser."""
     args = _step(2, 8, 2, 32, 192, 150, holes=False, window=20)
-    assert not np.asarray(args[4])[..., :128].any()
+    assert not np.asarray(args[5])[..., :128].any()
     out, _ = kernel.decode_attention(*args, 150)
     np.testing.assert_allclose(out, _xla_step(*args, 150)[0], atol=2e-6)
 
@@ -474,19 +477,20 @@ def test_bfloat16():
     out, cache = kernel.decode_attention(*args, 100)
     want_out, want_cache = _xla_step(*args, 100)
     np.testing.assert_allclose(out.astype(jnp.float32), want_out.astype(jnp.float32), atol=2e-2)
-    np.testing.assert_allclose(cache.astype(jnp.float32), want_cache.astype(jnp.float32),
-                               atol=1e-2)  # fmt: skip
+    for got, want in zip(cache, want_cache):
+        np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), atol=1e-2)
 
 
 def test_blocks_past_the_write_index_are_not_read():
     """Write index 40: the kernel reads key block 0 (slots 0-63; those past 40 masked) and
     stops. NaN in every later slot, with the mask even letting them through: a kernel that
     read them would return NaN."""
-    qkv, cos, sin, kv, mask = _step(2, 8, 2, 32, 128, 40)
-    poisoned = kv.at[:, :, :, kernel.BLOCK_K :].set(jnp.nan)
+    qkv, cos, sin, k_cache, v_cache, mask = _step(2, 8, 2, 32, 128, 40)
+    poisoned = [c.at[:, :, kernel.BLOCK_K :].set(jnp.nan) for c in (k_cache, v_cache)]
     open_mask = mask | (jnp.arange(128) >= kernel.BLOCK_K)
-    out, _ = kernel.decode_attention(qkv, cos, sin, poisoned, open_mask, 40)
-    np.testing.assert_allclose(out, _xla_step(qkv, cos, sin, kv, mask, 40)[0], atol=2e-6)
+    out, _ = kernel.decode_attention(qkv, cos, sin, *poisoned, open_mask, 40)
+    want = _xla_step(qkv, cos, sin, k_cache, v_cache, mask, 40)[0]
+    np.testing.assert_allclose(out, want, atol=2e-6)
 
 
 def test_write_index_is_clamped_to_the_buffer():
@@ -503,17 +507,20 @@ def test_gpu_lowering_is_one_triton_kernel():
     """Lowered for CUDA (no GPU needed to lower): one Triton custom call, not the
     interpreter's loop, with the cache updated in place (aliased to an output)."""
     shapes = [((2, 1, 16, 64), jnp.bfloat16), ((2, 1, 32), jnp.float32),
-              ((2, 1, 32), jnp.float32), ((2, 2, 2, 128, 64), jnp.bfloat16),
-              ((2, 1, 1, 128), jnp.bool_), ((), jnp.int32)]  # fmt: skip
+              ((2, 1, 32), jnp.float32), ((2, 2, 128, 64), jnp.bfloat16),
+              ((2, 2, 128, 64), jnp.bfloat16), ((2, 1, 1, 128), jnp.bool_),
+              ((), jnp.int32)]  # fmt: skip
     args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
     # Since jax 0.11 Pallas-Triton lowering asks the device for its GPU kind; on a machine
     # without a GPU an abstract device names the target (jax 0.10 accepts it too).
     h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)):
+    with jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)
+    ):
         lowered = jax.jit(kernel.decode_attention).trace(*args).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
-    assert "output_operand_aliases" in text
+    assert text.count("output_operand_alias<") == 2  # both caches updated in place
 
 
 def test_unsupported_shapes():
@@ -523,7 +530,9 @@ def test_unsupported_shapes():
     assert not kernel.supports(128, 1, 16) and not kernel.supports(128, 1, 96)
     args = _step(1, 4, 2, 32, 64, 10)
     with pytest.raises(ValueError, match="slots"):
-        kernel.decode_attention(*args[:3], args[3][:, :, :, :60], args[4][..., :60], 10)
+        kernel.decode_attention(
+            *args[:3], args[3][:, :, :60], args[4][:, :, :60], args[5][..., :60], 10
+        )
 
 
 # A model the kernel applies to (head dim 32; the tiny variant's is 16).
