@@ -17,7 +17,8 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      over the group's valid samples (population std, ε = 1e-4; TRL divides by the unbiased
      std), so a group of equal rewards gets A = 0, not 0/0 (`scale_by_std=False`: just
      r_i − mean_g r, Dr. GRPO), the same for every token of i;
-  4. score (one jitted call): log π_old and log π_ref per token;
+  4. score (one jitted call): log π_old and log π_ref per token, at the rollout temperature
+     like every logprob here (below);
   5. train: `rollout.epochs` passes in minibatches through the shared step, with the loss
      (`grpo_loss`) per response token t of sample i
 
@@ -27,6 +28,14 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      averaged over each response's tokens, then over responses (`loss_agg="seq"`, the paper's
      1/G Σ_i 1/|o_i| Σ_t) or over all tokens of the minibatch (`"token"`, DAPO).
 
+Temperature: π, π_old and π_ref (so ρ, KL_t and the entropy metric) are all softmax(logits / T)
+at the sampling temperature T = `rollout.temperature` (T = 0, greedy: 1), TRL's convention
+(GRPOTrainer divides the logits by its temperature for the policy, old policy and reference
+alike): the responses are samples of the tempered policy, so only its logprobs make ρ an
+importance ratio of the distribution they came from and KL_t (k3, unbiased only for samples
+of π) an estimate of the KL between the distributions sampled and regularised; raw (T = 1)
+logits would optimise neither policy consistently when T ≠ 1 (alignment/rl_rollout.py).
+
 Groups whose valid rewards are all equal carry no signal (A = 0), counted as
 `rollout/flat_groups`. The bad-input policy (a reward function that raises or returns NaN, empty
 responses, over-long prompts) is rl_rollout's: the sample is skipped with a count; a rollout
@@ -35,7 +44,9 @@ with no valid sample raises.
 Metrics: `rollout/reward_mean|std`, `rollout/accuracy` (the world's exact match, when prompts
 carry its meta), `rollout/r_<name>` per reward function, `rollout/kl` (per-sequence KL to the
 reference), `rollout/response_len`, the bad-input counts, the time split `rollout/gen_s`,
-`score_s`, `train_s`; loss-side `pg_loss`, `kl`, `clipfrac`, `entropy`.
+`score_s`, `train_s`, `rollout/logprob_gap` (mean |decoder − scoring forward| logprob of the
+sampled tokens, both at T = 1: ~0 unless the decoder's numerics drift from the training
+forward's); loss-side `pg_loss`, `kl`, `clipfrac`, `entropy`.
 """
 
 from __future__ import annotations
@@ -54,8 +65,12 @@ from flaxlm.alignment.rl_rollout import (
     entropy,
     kl_penalty,
     lm_logprobs,
+    logprob_gap,
     passthrough_stats,
+    policy_logprobs,
     sample_stats,
+    scoring_temperature,
+    tempered,
 )
 from flaxlm.data.synthetic_judge import TASKS
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
@@ -213,10 +228,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="se
     return loss, metrics
 
 
-def grpo_loss_fn(apply, g):
+def grpo_loss_fn(apply, g, temperature: float = 1.0):
+    """`grpo_loss` over a rollout minibatch, with the policy's logprobs and entropy at
+    `temperature` (the rollout's, `scoring_temperature`)."""
+
     def loss_fn(params, batch, rng):
         del rng
         logits = apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+        logits = tempered(logits, temperature)
         logp = token_logprobs(logits, batch["targets"])
         loss, metrics = grpo_loss(
             logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
@@ -244,9 +263,11 @@ class GRPOSource(RolloutSource):
                 f"grpo.group_size={g.group_size}"
             )
         self.rewards, self.ref_params = rewards, ref[2]
+        temp = scoring_temperature(config.rollout.temperature)
 
         def score(policy, ref_p, rows):
-            return lm_logprobs(apply, policy, rows), lm_logprobs(ref[1], ref_p, rows)
+            lp, lp_t1 = policy_logprobs(apply, policy, rows, temp)
+            return lp, lm_logprobs(ref[1], ref_p, rows, temp), lp_t1
 
         self._score = jax.jit(score)
 
@@ -266,7 +287,7 @@ class GRPOSource(RolloutSource):
             reward.reshape(-1, G), valid.reshape(-1, G), scale_by_std=g.scale_by_std
         ).reshape(-1)
         rows = s["rows"]
-        lp, ref_lp = self.score(self._score, params, self.ref_params, rows)
+        lp, ref_lp, lp_t1 = self.score(self._score, params, self.ref_params, rows)
         m = rows["loss_mask"] * valid[:, None]
         kl_seq = (np.asarray(kl_penalty(lp, ref_lp, "k3")) * m).sum(1)
         score_s = time.perf_counter() - t0
@@ -280,6 +301,7 @@ class GRPOSource(RolloutSource):
             **sample_stats(s, valid),
             "reward_mean": reward[v].mean(), "reward_std": reward[v].std(),
             "flat_groups": float(np.mean(flat)), "kl": kl_seq[v].mean(), "score_s": score_s,
+            "logprob_gap": logprob_gap(s["sample_logprobs"], lp_t1, m),
         }  # fmt: skip
         stats.update({f"r_{name}": vals[v].mean() for name, vals in parts.items()})
         if all(mt.get("task") in TASKS and "answer" in mt for mt in s["metas"]):
@@ -318,7 +340,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
     return loop.Task(
         name="grpo",
         init_params=init_params,
-        loss_fn=grpo_loss_fn(apply, config.grpo),
+        loss_fn=grpo_loss_fn(apply, config.grpo, scoring_temperature(config.rollout.temperature)),
         train_batches=source,
         before_step=source.before_step,
         eval_fn=eval_fn,

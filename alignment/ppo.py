@@ -8,6 +8,7 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, called by the loop's `be
   1. generate: `rollout.batch` prompts, one decoder call with the current policy;
   2. score (one jitted call): policy logprobs log π_old, reference logprobs log π_ref, critic
      values V_old per token, and the reward model's score at each response's last token;
+     every logprob here and in the loss is at the rollout temperature (below);
   3. rewards per response token: r_t = −β·kl_t, plus the sequence reward at the last token
      (the score; `rollout.empty_reward` for an empty response, minus `nonstop_penalty` for one
      that never stopped); kl_t is the k1 or k3 estimator (`ppo.kl_estimator`); β is fixed or
@@ -22,6 +23,13 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, called by the loop's `be
          L_V    = mean_t ½·max((V − R)², (V_old + clip(V − V_old, ±ε_V) − R)²)
 
      (means over the minibatch's response tokens).
+
+Temperature: π, π_old and π_ref above (so ρ, kl_t and the entropy H) are all softmax(logits / T)
+at the sampling temperature T = `rollout.temperature` (T = 0, greedy: 1), TRL's convention: the
+responses are samples of the tempered policy, so only its logprobs make ρ an importance ratio
+of the distribution they came from and kl_t an estimate of a KL between the distributions
+actually sampled and regularised; raw (T = 1) logits would optimise neither policy consistently
+when T ≠ 1 (alignment/rl_rollout.py). The critic's values do not depend on T.
 
 Conventions (tests/alignment/test_losses_reference.py checks each against its formula): a
 response's end is terminal (V = 0 after its last token) whether it stopped or ran out of
@@ -41,7 +49,9 @@ Metrics (metrics.jsonl): loss-side `pg_loss`, `vf_loss`, `entropy`, `clipfrac`, 
 `approx_kl`; per rollout `rollout/score_mean|std` (reward model), `rollout/reward_mean|std`
 (sequence reward with penalties), `rollout/kl` (per-sequence KL to the reference),
 `rollout/kl_coef`, `rollout/explained_var`, `rollout/response_len`, the bad-input counts, and
-the time split `rollout/gen_s`, `rollout/score_s`, `rollout/train_s`. Evaluation: greedy
+the time split `rollout/gen_s`, `rollout/score_s`, `rollout/train_s`, and `rollout/logprob_gap`
+(mean |decoder − scoring forward| logprob of the sampled tokens, both at T = 1: ~0 unless the
+decoder's numerics drift from the training forward's). Evaluation: greedy
 answers on held-out prompts — world-judge accuracy and the reward model's mean score.
 """
 
@@ -59,8 +69,12 @@ from flaxlm.alignment.rl_rollout import (
     entropy,
     kl_penalty,
     lm_logprobs,
+    logprob_gap,
     passthrough_stats,
+    policy_logprobs,
     sample_stats,
+    scoring_temperature,
+    tempered,
 )
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.heads import scalar_model_fns, sequence_values
@@ -153,14 +167,15 @@ class KLController:
             self.value *= 1.0 + err * n / self.horizon
 
 
-def ppo_loss_fn(policy_apply, value_apply, p):
-    """The combined policy + critic loss (module docstring) over a rollout minibatch."""
+def ppo_loss_fn(policy_apply, value_apply, p, temperature: float = 1.0):
+    """The combined policy + critic loss (module docstring) over a rollout minibatch; the
+    policy's logprobs and entropy at `temperature` (the rollout's, `scoring_temperature`)."""
 
     def loss_fn(params, batch, rng):
         del rng
         mask = batch["loss_mask"]
         args = (batch["tokens"], batch["positions"], batch["segment_ids"])
-        logits = policy_apply(params["policy"], *args)
+        logits = tempered(policy_apply(params["policy"], *args), temperature)
         logp = token_logprobs(logits, batch["targets"])
         values = value_apply(params["value"], *args)
         pg, clipfrac = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, p.clip)
@@ -197,14 +212,15 @@ class PPOSource(RolloutSource):
         self.kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
         self.ref_params, self.rm_params = ref[2], rm[2]
         policy_apply, value_apply = applies
+        temp = scoring_temperature(config.rollout.temperature)
 
         def score(policy, value, ref_p, rm_p, rows):
             args = (rows["tokens"], rows["positions"], rows["segment_ids"])
-            lp = lm_logprobs(policy_apply, policy, rows)
-            ref_lp = lm_logprobs(ref[1], ref_p, rows)
+            lp, lp_t1 = policy_logprobs(policy_apply, policy, rows, temp)
+            ref_lp = lm_logprobs(ref[1], ref_p, rows, temp)
             vals = value_apply(value, *args)
             sc = sequence_values(rm[1](rm_p, *args), rows["segment_ids"])
-            return lp, ref_lp, vals, sc
+            return lp, ref_lp, vals, sc, lp_t1
 
         self._score = jax.jit(score)
         self._gae = jax.jit(gae)
@@ -215,7 +231,7 @@ class PPOSource(RolloutSource):
         s = self.sample(params["policy"], self.cursor.take(r.batch), rng)
         rows = s["rows"]
         t0 = time.perf_counter()
-        lp, ref_lp, values, score = self.score(
+        lp, ref_lp, values, score, lp_t1 = self.score(
             self._score, params["policy"], params["value"], self.ref_params, self.rm_params, rows
         )
         mask = rows["loss_mask"]
@@ -251,7 +267,7 @@ class PPOSource(RolloutSource):
             "explained_var": explained_variance(values, returns, m),
             "value_mean": (values * m).sum() / n_tok,
             "adv_std": np.sqrt((np.square(adv - adv_mean) * m).sum() / n_tok),
-            "logprob_gap": (np.abs(s["sample_logprobs"] - lp) * m).sum() / n_tok,
+            "logprob_gap": logprob_gap(s["sample_logprobs"], lp_t1, m),
             "score_s": score_s,
         }  # fmt: skip
         train_rows = {
@@ -315,7 +331,9 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     return loop.Task(
         name="ppo",
         init_params=init_params,
-        loss_fn=ppo_loss_fn(lm_apply, v_apply, config.ppo),
+        loss_fn=ppo_loss_fn(
+            lm_apply, v_apply, config.ppo, scoring_temperature(config.rollout.temperature)
+        ),
         train_batches=source,
         before_step=source.before_step,
         eval_fn=eval_fn,

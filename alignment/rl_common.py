@@ -62,7 +62,7 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     c.epochs = 1  # passes over each rollout, in minibatches of `batch_size` rows
     c.max_prompt_len = 64  # prompts beyond this are cut from the left or dropped (data.overlength)
     c.max_new_tokens = max_new_tokens  # response budget (the decode loop's bound)
-    c.temperature = 1.0  # sampling temperature (logprobs are the model's at T=1 regardless)
+    c.temperature = 1.0  # sampling T; RL logprobs are of softmax(logits / T) too (0: greedy, at 1)
     c.top_k = 0  # 0 = off
     c.top_p = 1.0  # 1 = off
     c.check_every = 1  # test "all responses stopped" every this many tokens (GPU: a host read each)

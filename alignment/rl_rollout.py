@@ -25,6 +25,18 @@ time this rollout's decoder call and its scoring (reward, reference, values, adv
 `rollout/train_s` is the wall time between the previous rollout and this one — the optimizer
 steps on its minibatches, plus any evaluation or checkpoint the loop ran in between.
 
+Temperature (TRL's convention, `_get_per_token_logps`): the responses are drawn from
+π_T = softmax(logits / T), T = `rollout.temperature`, and π_T is the policy throughout — every
+log-probability computed for training and scoring divides the logits by T first: the old
+policy's (scoring), the reference's, the new policy's in the loss, the entropy, and so the
+importance ratio and the KL estimators (`scoring_temperature`, `tempered`). Scoring at T = 1
+while sampling at T ≠ 1 would make the ratio π/π_old and the KL refer to softmax(logits), a
+distribution the samples were not drawn from, so the estimator would optimise neither policy
+consistently. Greedy rollouts (T = 0) are scored at T = 1 (`scoring_temperature`). Top-k/top-p
+truncation is not reflected in the logprobs (as in TRL). The decoder's own `sample_logprobs`
+are the model's at T = 1 (models/decode.py); `logprob_gap` compares them with the scoring
+forward's at T = 1, a check of the decoder's numerics at any temperature.
+
 Resume: a checkpoint stores the prompt cursor and the rollout count, not a rollout's unused
 minibatches, so the loop saves only at rollout boundaries (`at_boundary`): a periodic save due
 inside a rollout, and a SIGTERM, wait for its last minibatch (optimizer steps, no generation).
@@ -68,17 +80,58 @@ MAX_LOGGED_ERRORS = 5
 # Log-probabilities, KL, rewards
 
 
-def entropy(logits_BTV):
-    """Per-token entropy of softmax(logits) (B, T), float32."""
-    x = logits_BTV.astype(jnp.float32)
+def scoring_temperature(temperature) -> float:
+    """The temperature T that every RL log-probability is computed at: the rollout's sampling
+    temperature (`rollout.temperature`), so the policy being trained, scored and KL-penalised
+    is the distribution the responses were drawn from, softmax(logits / T) (TRL's convention;
+    the module docstring). Greedy decoding (T = 0) is scored at T = 1, the model's own
+    distribution: the T → 0 limit is a point mass on the argmax (log-probability 0, no
+    gradient, an infinite KL to anything else), and dividing by 0 gives inf/NaN; 1 is also
+    TRL's default temperature."""
+    t = float(temperature)
+    if t < 0:
+        raise ValueError(f"rollout.temperature={t} must be >= 0")
+    return t if t > 0 else 1.0
+
+
+def tempered(logits_BTV, temperature: float = 1.0):
+    """float32 logits / T: the policy's logits at the rollout temperature (T = 1: unchanged,
+    x / 1 is x exactly)."""
+    return logits_BTV.astype(jnp.float32) / temperature
+
+
+def entropy(logits_BTV, temperature: float = 1.0):
+    """Per-token entropy of softmax(logits / temperature) (B, T), float32."""
+    x = tempered(logits_BTV, temperature)
     lse = jax.nn.logsumexp(x, axis=-1)
     return lse - jnp.sum(jax.nn.softmax(x, axis=-1) * x, axis=-1)
 
 
-def lm_logprobs(apply, params, batch):
-    """Log p(target) per token (B, T) of a language model over rollout rows."""
+def lm_logprobs(apply, params, batch, temperature: float = 1.0):
+    """Log p(target) per token (B, T) of softmax(logits / temperature) of a language model over
+    rollout rows."""
     logits = apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
-    return token_logprobs(logits, batch["targets"])
+    return token_logprobs(tempered(logits, temperature), batch["targets"])
+
+
+def policy_logprobs(apply, params, batch, temperature: float):
+    """(log π_T(target), log p(target)) per token (B, T) from one forward pass: the policy's at
+    the rollout temperature (π_old: the ratio and the KL) and the model's at T = 1, which is
+    what the decoder reports for its samples (models/decode.py `GenerateOutput.logprobs`) and
+    so what `logprob_gap` compares them with."""
+    logits = apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+    targets = batch["targets"]
+    return token_logprobs(tempered(logits, temperature), targets), token_logprobs(logits, targets)
+
+
+def logprob_gap(sample_logprobs, logprobs_t1, mask) -> float:
+    """Mean |decoder logprob − scoring-forward logprob| over the masked tokens, both at T = 1
+    (the decoder reports the model's untempered logprobs, `policy_logprobs`): the same logits
+    computed twice, so ~0 (float rounding; more in bfloat16) at any rollout temperature — a
+    larger gap means the decoder and the training forward disagree (cache, masking, dtype)."""
+    m = np.asarray(mask)
+    d = np.where(m > 0, np.abs(np.asarray(sample_logprobs) - np.asarray(logprobs_t1)), 0.0)
+    return float((d * m).sum() / max(m.sum(), 1.0))  # (where: a skipped row's NaN stays out)
 
 
 def kl_penalty(logp, ref_logp, kind: str):

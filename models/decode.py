@@ -29,8 +29,10 @@ already merges matmuls that share an input (its dot-merger pass): compiled for t
 1.1B shape, batch 64, jax 0.10) and holds 1.3 GiB more, the concatenated copy.
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
-temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what the training forward
-computes for that token (what PPO's ratio and KL need), whatever sampler picked the token.
+temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what a plain forward
+computes for that token, whatever sampler picked the token (PPO/GRPO score their tokens at the
+rollout temperature themselves, and compare these with their own temperature-1 scores as a check
+of the decoder: alignment/rl_rollout.py).
 
 Sampling noise: with one key, step i of row b draws from `fold_in(rng, i)` at row index b, so a
 prompt's sample is fixed by (rng, its row index, its prompt) and does not depend on the other

@@ -446,7 +446,7 @@ def test_ppo_rollout_rewards_advantages_and_kl_controller(kl_estimator):
     lp[out_of_response], values[out_of_response] = np.nan, 1e6  # must not leak anywhere
     score[4] = np.inf  # row 4: a broken reward-model score, skipped with weight 0
     valid = np.isfinite(score)
-    src = _source(ppo.PPOSource, cfg, s, (lp, ref_lp, values, score))
+    src = _source(ppo.PPOSource, cfg, s, (lp, ref_lp, values, score, lp))
     src.kl = ppo.KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
     src._gae, src._whiten = jax.jit(ppo.gae), jax.jit(ppo.whiten)
     src.ref_params = src.rm_params = None
@@ -494,7 +494,7 @@ def test_ppo_rollout_does_not_depend_on_invalid_rows():
         sub["rows"] = {k: v[keep] for k, v in s["rows"].items()}
         sub["gen_s"] = 0.0
         sc = score[keep].copy()
-        src = _source(ppo.PPOSource, cfg, sub, (lp[keep], ref_lp[keep], values[keep], sc))
+        src = _source(ppo.PPOSource, cfg, sub, (lp[keep], ref_lp[keep], values[keep], sc, lp[keep]))
         src.kl = ppo.KLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         src._gae, src._whiten = jax.jit(ppo.gae), jax.jit(ppo.whiten)
         src.ref_params = src.rm_params = None
@@ -623,7 +623,7 @@ def test_grpo_rollout_advantages_and_masks():
     rew.i = 0
     lp = rng.normal(-2, 0.5, (8, T)).astype(np.float32)
     ref_lp = (lp + rng.normal(0, 0.3, (8, T))).astype(np.float32)
-    src = _source(grpo.GRPOSource, cfg, s, (lp, ref_lp))
+    src = _source(grpo.GRPOSource, cfg, s, (lp, ref_lp, lp))
     src.rewards, src.ref_params = [("r", rew, 2.0)], None
     rows, stats = src.make_rollout(None, None)
 
@@ -674,7 +674,7 @@ def test_grpo_flat_groups_counts_equal_float_rewards():
 
     rew.i = 0
     lp = rng.normal(-2, 0.5, (3 * G, T)).astype(np.float32)
-    src = _source(grpo.GRPOSource, cfg, s, (lp, lp))
+    src = _source(grpo.GRPOSource, cfg, s, (lp, lp, lp))
     src.rewards, src.ref_params = [("r", rew, 1.0)], None
     rows, stats = src.make_rollout(None, None)
     np.testing.assert_allclose(rows["advantages"][: 2 * G], 0.0, atol=1e-9)
