@@ -1,9 +1,14 @@
 """Compile the benchmark programs for an H200 on a machine without a GPU (deviceless AOT).
 
-    make gpu-aot-venv        # once: .venv-gpu-aot, this jax plus its CUDA plugin (~5.6 GB)
-    .venv-gpu-aot/bin/python -m flaxlm.bench.gpu_aot --out OUT     # the GPU suite's flax cases
-    .venv-gpu-aot/bin/python -m flaxlm.bench.gpu_aot --out OUT \\
+    make gpu-image-venv      # once: .venv-gpu-image, the GPU image's jax 0.11.2 + CUDA plugin
+    .venv-gpu-image/bin/python -m flaxlm.bench.gpu_aot --out OUT   # the GPU suite's flax cases
+    .venv-gpu-image/bin/python -m flaxlm.bench.gpu_aot --out OUT \\
         --cases train:7b:flax:bf16_params,decode:1b:flax:b64:fused --hlo   # + OUT/CASE.hlo.txt
+
+Use the GPU image's jax (`make gpu-image-venv`, needs a python3.12): XLA changes between
+releases, and what the H200 runs is what its jax compiles. (`make gpu-aot-venv` builds the same
+with .venv's jax, 0.10 here, which differed: it fused the KV cache's slices into the attention
+matmuls where 0.11.2 copies them, bench/RESULTS.md.)
 
 GPU leases are short and rare; what can be known before one should be. jax's CUDA plugin
 compiles for a GPU it is only told about (`jax.experimental.topologies`, with the H200's
@@ -65,7 +70,8 @@ def suite_cases() -> list[str]:
 
 NO_PLUGIN = (
     "bench/gpu_aot.py needs jax's CUDA plugin (it compiles for a GPU this machine does not "
-    "have): run `make gpu-aot-venv` and use .venv-gpu-aot/bin/python"
+    "have): run `make gpu-image-venv` (the GPU image's jax; needs python3.12) and use "
+    ".venv-gpu-image/bin/python, or `make gpu-aot-venv` (this jax) and .venv-gpu-aot/bin/python"
 )
 
 
@@ -151,6 +157,7 @@ def compile_decode(case: str, extra: list[str], devices):
 
     from flaxlm.bench.decode import GENERATE_OPTIONS, flax_case
     from flaxlm.models.decode import generate_program
+    from flaxlm.models.decode_attention import lowering_target
 
     shape, _, b = case.split(":")[:3]
     options = {}
@@ -161,21 +168,9 @@ def compile_decode(case: str, extra: list[str], devices):
     params = jax.tree.map(lambda x: _abstract(x, one), jax.eval_shape(init, jax.random.PRNGKey(0)))
     fn, args = generate_program(cfg, tokens, rng=jax.random.PRNGKey(0), **kw)
     args = [params] + [_abstract(np.asarray(x), one) for x in args]
-    with _target_gpu(devices[0]):
+    # Pallas kernels (`:pallas`) are lowered for the H200, not for this machine's CPU.
+    with lowering_target(devices[0].device_kind):
         return fn.lower(*args).compile()
-
-
-def _target_gpu(device):
-    """Context naming the GPU a program is lowered for. Since jax 0.11 (the GPU image's) a
-    Pallas-Triton kernel's lowering asks the default device for its GPU kind, which on this
-    machine is the CPU; an abstract mesh's device names the H200 instead."""
-    import jax
-
-    target = jax.sharding.AbstractDevice(
-        device_kind=device.device_kind, num_cores=None, platform="cuda"
-    )
-    mesh = jax.sharding.AbstractMesh((1,), ("target",), abstract_device=target)
-    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def run_one(case: str, dump_dir: str, hlo_dir: str = "") -> dict:

@@ -225,6 +225,16 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     return out.reshape(B, 1, R - 2 * K, H), (k_BKSH, v_BKSH)
 
 
+def lowering_target(device_kind: str = "NVIDIA H200"):
+    """Context to lower the kernel for a GPU this process does not have (an AOT compile, a
+    test): since jax 0.11 Pallas-Triton lowering asks the default device for its GPU kind, and
+    on a CPU-only machine an abstract mesh's device names it instead (jax 0.10 accepts it too).
+    """
+    target = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("target",), abstract_device=target)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
 def _batch_axes() -> tuple[str, ...]:
     """The mesh axes the batch is split over in the ambient mesh (`sharding.use_mesh`), those
     of size > 1; () without a mesh."""

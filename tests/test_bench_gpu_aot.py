@@ -239,12 +239,16 @@ def test_without_the_cuda_plugin_it_names_the_setup(tmp_path):
     assert not (tmp_path / "gpu_aot.jsonl").exists()
 
 
-AOT_PY = os.path.join(ROOT, ".venv-gpu-aot", "bin", "python")
+# The GPU image's jax first (`make gpu-image-venv`), else this jax with its plugin.
+AOT_PY = next((p for p in (os.path.join(ROOT, v, "bin", "python")
+                           for v in (".venv-gpu-image", ".venv-gpu-aot")) if os.path.exists(p)),
+              "")  # fmt: skip
 
 
 @pytest.mark.skipif(
-    os.environ.get("FLAXLM_GPU_AOT") != "1" or not os.path.exists(AOT_PY),
-    reason="H200 compile: set FLAXLM_GPU_AOT=1 after `make gpu-aot-venv` (5.6 GB of CUDA libs)",
+    os.environ.get("FLAXLM_GPU_AOT") != "1" or not AOT_PY,
+    reason="H200 compile: set FLAXLM_GPU_AOT=1 after `make gpu-image-venv` or `make "
+    "gpu-aot-venv` (5.6 GB of CUDA libs)",
 )
 def test_live_h200_compile(tmp_path):
     cases = ["decode:tiny:flax:b4", "train:tiny:flax"]

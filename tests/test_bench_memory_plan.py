@@ -50,9 +50,10 @@ def test_fused_count_keeps_only_what_a_fusion_must_write():
     w = jax.ShapeDtypeStruct((16, 32), jnp.float32)
     w2 = jax.ShapeDtypeStruct((32, 16), jnp.float32)
     act = 8 * 32 * 4  # one (8, 32) float32 activation
-    # tanh's output and 1 - y are recomputed from the matmul output, which is what stays.
+    # tanh's output and 1 - y are recomputed from the matmul output, which is what stays. (jax
+    # 0.10 saves two activations for it, 0.11 one: the fused count is one either way.)
     tanh = lambda x, w, w2: jnp.tanh(x @ w).sum()  # noqa: E731
-    assert memory_plan.residual_bytes(tanh, x, w, w2)[0] == 2 * act
+    assert memory_plan.residual_bytes(tanh, x, w, w2)[0] in (act, 2 * act)
     assert memory_plan.fused_residual_bytes(tanh, x, w, w2) == act
     # silu's output feeds a matmul, so it is written; its sigmoid is recomputed from x @ w.
     silu = lambda x, w, w2: (jax.nn.silu(x @ w) @ w2).sum()  # noqa: E731
@@ -144,6 +145,7 @@ def test_remat_policies_order_the_residuals(tiny_plans):
 def test_cudnn_attention_is_restored_after_planning(tiny_plans):
     from flaxlm.models import attention
 
-    x = np.zeros((1, 8, 2, 4), np.float32)
-    with pytest.raises(RuntimeError, match="cuDNN"):  # the real kernel: no cuDNN on the CPU
+    x = jnp.zeros((1, 8, 2, 8), jnp.bfloat16)  # shapes cuDNN takes (jax 0.11 checks them first)
+    # The real kernel, which the CPU cannot run: jax 0.10 says no cuDNN, 0.11 no CPU lowering.
+    with pytest.raises(RuntimeError, match="cuDNN|dot_product_attention.* platform cpu"):
         attention.cudnn_attention(x, x, x, None)

@@ -511,12 +511,7 @@ def test_gpu_lowering_is_one_triton_kernel():
               ((2, 2, 128, 64), jnp.bfloat16), ((2, 1, 1, 128), jnp.bool_),
               ((), jnp.int32)]  # fmt: skip
     args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
-    # Since jax 0.11 Pallas-Triton lowering asks the device for its GPU kind; on a machine
-    # without a GPU an abstract device names the target (jax 0.10 accepts it too).
-    h200 = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    with jax.sharding.use_abstract_mesh(
-        jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h200)
-    ):
+    with kernel.lowering_target():  # for an H200, on this CPU-only machine
         lowered = jax.jit(kernel.decode_attention).trace(*args).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -578,7 +573,8 @@ def test_generate_program_runs_the_kernel_in_every_layer():
     cfg, params = _kernel_model()
     fn, args = generate_program(cfg, PROMPTS, rng=jax.random.PRNGKey(0), max_new_tokens=4,
                                 decode_attention="pallas")  # fmt: skip
-    text = fn.trace(params, *args).lower(lowering_platforms=("cuda",)).as_text()
+    with kernel.lowering_target():
+        text = fn.trace(params, *args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == cfg.n_layers
 
 
