@@ -140,8 +140,13 @@ class Embed(nn.Module):
         )
 
     def __call__(self, tokens):
-        # A gather (not a one-hot matmul): cheap, and excluded from the FLOP count.
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.compute_dtype)
+        # A gather (not a one-hot matmul): cheap, and excluded from the FLOP count. The table is
+        # gathered whole for it, as FSDP gathers a weight to use it: from a table split over
+        # the vocab and the embed dim (fsdp_tp) the partitioner cannot produce batch-split rows
+        # and falls back to replicating the looked-up activations ("involuntary full
+        # rematerialization"); under fsdp alone it gathered the table anyway.
+        table = nn.with_logical_constraint(self.embedding, (None, None))
+        return jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
 
     def attend(self, x):
         return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.cfg.compute_dtype))
