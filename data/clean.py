@@ -260,9 +260,14 @@ _PII = [
     ),
     (
         "::",
+        # IPv6: all 8 groups, or "::" standing for zeros in the middle ("2001:db8::1"), at the
+        # start ("::1") or at the end ("fe80::"). Not a lone "::" and not "std::vector" (a group
+        # must be hex digits, bounded by non-word characters).
         re.compile(
             r"(?P<IP>(?<![:\w])(?:(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}"
-            r"|(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6})(?![:\w]))"
+            r"|(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6}"
+            r"|::(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{1,4}"
+            r"|(?:[0-9A-Fa-f]{1,4}:){1,7}:)(?![:\w]))"
         ),
     ),
     # The leading lookahead lets the engine skip positions that cannot start a number quickly.

@@ -140,6 +140,7 @@ def test_toxic_word_list_en_zh(tmp_path):
         ("Write to jane.doe+news@mail.example.co.uk today.", {"EMAIL": 1}),
         ("Call (415) 555-2671 or +44 20 7946 0958.", {"PHONE": 2}),
         ("Servers 10.0.0.1 and 2001:db8::1 and fe80:0:0:0:0:0:0:1 are down.", {"IP": 3}),
+        ("Bind to ::1, not to fe80:: or ::ffff:a00:1 (see 2001:db8::).", {"IP": 4}),
         ("Card 4111 1111 1111 1111, SSN 123-45-6789.", {"CARD": 1, "ID": 1}),
         ("请拨打13812345678或座机010-12345678联系我。", {"PHONE": 2}),
         ("我的邮箱是zhangsan@qq.com，身份证号110101199003074514。", {"EMAIL": 1, "ID": 1}),
@@ -159,6 +160,9 @@ def test_pii_leaves_ordinary_numbers():
     )
     out, counts = clean.redact_pii(text)
     assert out == text and not counts
+    # Code and prose with "::" are not addresses: scope operators, a lone "::", Haskell's cons.
+    code = "std::vector<int> v; Foo::Bar::baz(); x :: xs; a :: b; Error::E1; ab ::"
+    assert clean.redact_pii(code) == (code, {})
     # A 16-digit number failing the Luhn check is not a card.
     assert clean.redact_pii("order 4111 1111 1111 1112")[1] == {}
 
