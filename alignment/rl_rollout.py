@@ -121,7 +121,10 @@ def policy_logprobs(apply, params, batch, temperature: float):
     so what `logprob_gap` compares them with."""
     logits = apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
     targets = batch["targets"]
-    return token_logprobs(tempered(logits, temperature), targets), token_logprobs(logits, targets)
+    at_one = token_logprobs(logits, targets)
+    if temperature == 1.0:  # the default: one pass over the (B, T, V) logits, not two
+        return at_one, at_one
+    return token_logprobs(tempered(logits, temperature), targets), at_one
 
 
 def logprob_gap(sample_logprobs, logprobs_t1, mask) -> float:
