@@ -46,6 +46,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
+from flaxlm.data import process_state
 from flaxlm.data import sources as S
 from flaxlm.data.tokenizer import Tokenizer
 
@@ -485,6 +486,7 @@ class _Batches:
     def __init__(self, items, *, seq_len, batch, pad_id, seed=0, shuffle=True, num_epochs=0,
                  process_index=0, process_count=1):  # fmt: skip
         self.items, self.seq_len, self.batch, self.pad_id = items, seq_len, batch, pad_id
+        self.process_index, self.process_count = process_index, process_count
         self.order = _EpochOrder(
             len(items), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
             process_index=process_index, process_count=process_count,
@@ -494,10 +496,16 @@ class _Batches:
         return self
 
     def get_state(self) -> dict:
-        return self.order.get_state()
+        """This process's position; with several processes, every process's (a collective:
+        all processes call it at the same step; data/process_state.py)."""
+        local = self.order.get_state()
+        return process_state.wrap(local, self.process_index, self.process_count)
 
     def set_state(self, state: dict) -> None:
-        self.order.set_state(state)
+        name = type(self).__name__
+        self.order.set_state(
+            process_state.unwrap(state, self.process_index, self.process_count, name)
+        )
 
 
 class SFTBatches(_Batches):

@@ -19,12 +19,23 @@ cut). Either way every pair of every document appears exactly once per epoch.
 Order of operations per source: grain ``MapDataset`` → ``shuffle(seed)`` (re-shuffled every
 epoch) → ``repeat(num_epochs)`` → ``[process_index::process_count]`` → tokenize. Sources are then
 interleaved by ``MapDataset.mix`` in proportion to their weights, counted in documents, not
-tokens (a source of longer documents gets a larger share of the tokens). With ``num_epochs > 0``
-a mixture ends when its first source runs out, so the other sources are used only in part
-(logged as a warning); weights proportional to the sources' sizes use every document. Every
-step is index arithmetic, so the whole state is the next document index plus the packer's
-position inside the document it was cutting: ``get_state()`` returns a small JSON dict and
-``set_state`` resumes exactly (the tests check it in a fresh process).
+tokens (a source of longer documents gets a larger share of the tokens). The interleave is
+deterministic: every prefix of the stream holds each source's share to within a couple of
+documents, at the weights grain keeps (integers, the smallest scaled to 100: 1:1.0099 mixes
+1:1). A weight must be > 0 and finite (leave a source out rather than weighting it 0). With
+``num_epochs > 0`` a mixture ends when its first source runs out, so the other sources are used
+only in part (logged as a warning); weights proportional to the sources' sizes use every
+document. Every step is index arithmetic, so the whole state is the next document index plus
+the packer's position inside the document it was cutting: ``get_state()`` returns a small JSON
+dict and ``set_state`` resumes exactly (the tests check it in a fresh process).
+
+Each process packs its own documents: its rows are not a slice of what one process would pack
+(the global batch is the processes' rows together), and their positions differ, so with several
+processes ``get_state`` gathers every process's position (a collective: all processes call it at
+the same step, as the training loop does when it saves) and ``set_state`` takes its own
+(data/process_state.py). With ``num_epochs > 0`` the processes' streams end after different
+numbers of batches (their documents differ in length): end training (``total_steps``) before the
+data does. A source too small to give every process a document is an error.
 
 With no ``sources`` the built-in corpus is used: a function registered with
 ``register_builtin_corpus`` returns its documents, and a small tokenizer is trained on them once
@@ -42,6 +53,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from flaxlm.data import process_state
 from flaxlm.data import sources as S
 from flaxlm.data.tokenizer import Tokenizer, train_or_load
 
@@ -107,9 +119,20 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
         except ValueError:
             out.append((entry, 1.0))  # a ':' that is part of the path
     for path, w in out:
-        if w <= 0:
-            raise ValueError(f"data.sources: weight of {path!r} must be > 0, got {w}")
+        if not 0 < w < float("inf"):  # also NaN, which grain's mix fails on without a name
+            raise ValueError(f"data.sources: weight of {path!r} must be > 0 and finite, got {w}")
     return out
+
+
+def shuffle_seed(seed: int, source: int) -> int:
+    """Grain's shuffle seed for source ``source`` of a run with ``seed``: ``seed * 1000 + source``
+    where that fits grain's [0, 2**32) (the order runs have always had), else a hash of both (a
+    run seed of 4294968 or more, or a negative one, used to stop with grain's error)."""
+    s = seed * 1000 + source
+    if 0 <= s < 2**32:
+        return s
+    digest = hashlib.sha256(f"flaxlm-shuffle:{seed}:{source}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def load_tokenizer(data_cfg: ml_collections.ConfigDict, docs: Sequence[str] | None = None):
@@ -156,7 +179,17 @@ class PackedBatchIterator:
     how many of its (input, target) pairs are already in earlier rows.
     """
 
-    def __init__(self, docs, *, seq_len: int, batch: int, pad_id: int, mode: str = "split"):
+    def __init__(
+        self,
+        docs,
+        *,
+        seq_len: int,
+        batch: int,
+        pad_id: int,
+        mode: str = "split",
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         if mode not in ("split", "pad"):
             raise ValueError(f"pack_mode must be split|pad, got {mode!r}")
         self._docs, self.seq_len, self.batch, self.pad_id, self.mode = (
@@ -166,6 +199,7 @@ class PackedBatchIterator:
             pad_id,
             mode,
         )
+        self.process_index, self.process_count = process_index, process_count
         self._carry: np.ndarray | None = None  # document being placed
         self._carry_state: dict | None = None  # doc iterator state before it was read
         self._offset = 0  # pairs of _carry already placed
@@ -227,16 +261,20 @@ class PackedBatchIterator:
         return out
 
     def get_state(self) -> dict:
+        """This process's position; with several processes, every process's (a collective:
+        all processes call it at the same step; data/process_state.py)."""
         carrying = self._carry is not None
         docs_state = self._carry_state if carrying else self._docs.get_state()
-        return {
+        local = {
             "version": STATE_VERSION,
             "docs": docs_state,
             "carry": carrying,
             "offset": self._offset if carrying else 0,
         }
+        return process_state.wrap(local, self.process_index, self.process_count)
 
     def set_state(self, state: dict) -> None:
+        state = process_state.unwrap(state, self.process_index, self.process_count, "pretrain")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data iterator state version {state.get('version')} unsupported")
         self._docs.set_state(state["docs"])
@@ -303,9 +341,15 @@ def make_pretrain_iterator(
             )
         ds = grain.MapDataset.source(src)
         if data_cfg.shuffle:
-            ds = ds.shuffle(seed=seed * 1000 + i)
+            ds = ds.shuffle(seed=shuffle_seed(seed, i))
         ds = ds.repeat(data_cfg.num_epochs or None)
         ds = ds[process_index::process_count]
+        if len(ds) == 0:  # grain would end this process's stream at once (or fail to mix)
+            raise S.DataError(
+                f"data source {pattern or '<built-in>'}: {len(src)} documents x "
+                f"{data_cfg.num_epochs} epoch(s) leave none for process {process_index} of "
+                f"{process_count}"
+            )
         datasets.append(ds.map(_Tokenize(tok, data_cfg.add_bos, data_cfg.add_eos)))
     if log.total:
         logging.warning("data: skipped %d bad records: %s", log.total, log.to_dict())
@@ -333,6 +377,8 @@ def make_pretrain_iterator(
         batch=global_batch // process_count,
         pad_id=tok.pad_id,
         mode=data_cfg.pack_mode,
+        process_index=process_index,
+        process_count=process_count,
     )
     it.tokenizer, it.bad_input = tok, log  # for the trainer's logs and generation
     return it

@@ -163,9 +163,7 @@ def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
     elif fmt == "arrayrecord":
         if shard_meta(path).get("format") != "text":
             raise DataError(f"{path}: holds token ids, not text; read it with the loader")
-        from array_record.python.array_record_module import ArrayRecordReader
-
-        reader = ArrayRecordReader(path)
+        reader = _open_arrayrecord(path)
         try:
             for i in range(reader.num_records()):
                 loc = f"{path}:{i + 1}"
@@ -310,10 +308,41 @@ class ParquetSource:
         return self._col[i].as_py()
 
 
+def _open_arrayrecord(path: str):
+    """An ArrayRecordReader of ``path``; DataError naming it when the shard is truncated or not
+    ArrayRecord (the reader then reports 0 records, and only ``close`` raises the cause)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(path)
+    if reader.ok():
+        return reader
+    try:
+        reader.close()
+        cause = "unreadable"
+    except Exception as e:
+        cause = str(e) or "truncated or empty"
+    raise DataError(f"{path}: not a readable ArrayRecord shard ({cause})")
+
+
+def _count_records(path: str) -> int:
+    reader = _open_arrayrecord(path)
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
+
+
 class ArrayRecordSource:
-    """Shards written by preprocess: records decode to ``str`` or ``np.int32`` token arrays."""
+    """Shards written by preprocess: records decode to ``str`` or ``np.int32`` token arrays.
+
+    A shard that cannot be opened (truncated, not ArrayRecord) or a record that cannot be read
+    or decoded (corrupt chunk, a byte count that is not whole int32 ids, ids outside the
+    ``vocab_size`` of ``meta.json``, text that is not UTF-8) raises ``DataError`` naming
+    ``shard:record`` (1-based); nothing is skipped."""
 
     def __init__(self, paths: list[str]):
+        import concurrent.futures
+
         import grain
 
         metas = {json.dumps(shard_meta(p), sort_keys=True) for p in paths}
@@ -321,14 +350,45 @@ class ArrayRecordSource:
             raise DataError(f"shards {paths[0]}... mix formats/tokenizers: {sorted(metas)}")
         self.meta = shard_meta(paths[0])
         self.tokens = self.meta.get("format") == "tokens"
-        self._src = grain.sources.ArrayRecordDataSource(paths)
+        self._vocab = self.meta.get("vocab_size") if self.tokens else None
+        self.paths = list(paths)
+        with concurrent.futures.ThreadPoolExecutor(min(16, len(paths))) as pool:
+            counts = list(pool.map(_count_records, self.paths))
+        self._ends = np.cumsum(counts)
+        # "path[0:n]": grain takes the counts from here instead of opening every shard again.
+        self._src = grain.sources.ArrayRecordDataSource(
+            [f"{p}[0:{n}]" for p, n in zip(self.paths, counts)]
+        )
 
     def __len__(self) -> int:
         return len(self._src)
 
+    def _loc(self, i: int) -> str:
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        return f"{self.paths[k]}:{i - (int(self._ends[k - 1]) if k else 0) + 1}"
+
     def __getitem__(self, i: int):
-        raw = self._src[i]
-        return np.frombuffer(raw, np.int32) if self.tokens else raw.decode("utf-8")
+        try:
+            raw = self._src[i]
+        except Exception as e:
+            raise DataError(f"{self._loc(i)}: cannot read the record ({e})") from e
+        if not self.tokens:
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{self._loc(i)}: invalid UTF-8 in a text shard ({str(e)[:80]}); token-id "
+                    f"shards need the {META_FILE} preprocess wrote beside them"
+                ) from e
+        if len(raw) % 4:
+            raise DataError(f"{self._loc(i)}: {len(raw)} bytes is not a whole number of int32 ids")
+        ids = np.frombuffer(raw, np.int32)
+        if self._vocab and ids.size and (ids.min() < 0 or ids.max() >= self._vocab):
+            raise DataError(
+                f"{self._loc(i)}: token id {int(ids.min() if ids.min() < 0 else ids.max())} is "
+                f"outside the shards' vocab_size {self._vocab}"
+            )
+        return ids
 
 
 class ListSource:
