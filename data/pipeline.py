@@ -155,6 +155,16 @@ def load_tokenizer(data_cfg: ml_collections.ConfigDict, docs: Sequence[str] | No
     return train_or_load(path, docs, data_cfg.builtin_vocab_size)
 
 
+def _shards_have_bos_eos(pattern: str, meta: dict) -> bool:
+    """``meta.json``'s ``bos_eos``: True when token records already start/end with BOS/EOS."""
+    value = meta.get("bos_eos", False) if meta.get("format") == "tokens" else False
+    if not isinstance(value, bool):
+        raise S.DataError(
+            f"{pattern}: {S.META_FILE} has bos_eos={value!r}; it must be true or false"
+        )
+    return value
+
+
 class _Tokenize(grain.transforms.Map):
     """str → int32 ids with BOS/EOS; pre-tokenized arrays only get BOS/EOS added."""
 
@@ -350,7 +360,11 @@ def make_pretrain_iterator(
                 f"{data_cfg.num_epochs} epoch(s) leave none for process {process_index} of "
                 f"{process_count}"
             )
-        datasets.append(ds.map(_Tokenize(tok, data_cfg.add_bos, data_cfg.add_eos)))
+        # Token shards whose meta.json says their records already carry BOS/EOS (written by
+        # another tool) get none added again.
+        framed = _shards_have_bos_eos(pattern, meta)
+        bos, eos = data_cfg.add_bos and not framed, data_cfg.add_eos and not framed
+        datasets.append(ds.map(_Tokenize(tok, bos, eos)))
     if log.total:
         logging.warning("data: skipped %d bad records: %s", log.total, log.to_dict())
     weights = [w for _, w in entries]

@@ -13,7 +13,9 @@ is never dropped silently. In lenient mode (the default) it is counted per reaso
 bad record raises ``DataError`` naming ``file:line``.
 
 ArrayRecord shards written by ``flaxlm.data.preprocess`` hold either UTF-8 text or int32 token ids
-(little-endian bytes, no BOS/EOS); a ``meta.json`` beside the shards says which.
+(little-endian bytes); a ``meta.json`` beside the shards says which. Preprocess writes ids without
+BOS/EOS (``"bos_eos": false``) and the loader adds them; shards from other tools whose records
+are already framed say ``"bos_eos": true`` and get none added.
 """
 
 from __future__ import annotations
