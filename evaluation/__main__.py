@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     chat = chat_mode(args.chat, meta)
     if chat is not None:
         overrides["chat"] = chat
-    specs = [s.replace(**overrides) for s in specs]
+    try:  # e.g. --chat on for a task whose chat-mode user turn would hide its choices
+        specs = [s.replace(**overrides) for s in specs]
+    except ValueError as e:
+        raise SystemExit(f"{e} (--chat {args.chat})") from None
     sampling = {k: v for k, v in (("temperature", args.temperature),
                                   ("num_samples", args.num_samples)) if v is not None}  # fmt: skip
     try:

@@ -4,8 +4,9 @@
 Scoring (`TaskSpec.scoring`):
     exact_match  the response (cut at the first stop string) equals the gold answer after
                  normalisation (`normalize`: none | basic | number)
-    regex        `answer_regex` extracts the answer from the response (group 1, or the whole
-                 match; the first or last match per `regex_select`), then exact match
+    regex        `answer_regex` extracts the answer from the response (the first group that
+                 took part in the match, or the whole match; the first or last match per
+                 `regex_select`), then exact match
     judge        the built-in world's rule-based judge, `judge(meta, response)`; also reports
                  `correct` (the judge's strict correctness), `well_formed` (exactly "The answer
                  is X.") and `unsafe` (an unsafe word), the rates an alignment stage moves
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 
 from flaxlm.evaluation.prompts import prefix_ids
-from flaxlm.evaluation.tasks import Example, TaskSpec
+from flaxlm.evaluation.tasks import Example, TaskSpec, match_answer
 
 log = logging.getLogger("flaxlm")
 
@@ -79,12 +80,12 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def extract_answer(text: str, pattern: str, select: str = "first") -> str | None:
-    """Group 1 (or the whole match) of the first/last match of `pattern`, or None."""
+    """The answer of the first/last match of `pattern` (`tasks.match_answer`: its first group
+    that matched, or the whole match), or None."""
     matches = list(re.finditer(pattern, text))
     if not matches:
         return None
-    m = matches[0] if select == "first" else matches[-1]
-    return m.group(1) if m.groups() else m.group(0)
+    return match_answer(matches[0] if select == "first" else matches[-1])
 
 
 def score_response(spec: TaskSpec, fields: dict, response: str) -> dict[str, float]:

@@ -1,18 +1,26 @@
 """Log-likelihood evaluation: continuation scoring, multiple choice, perplexity.
 
 Everything reduces to one primitive: the summed log-probability of continuation tokens given
-context tokens, `LoglikScorer.score([(ctx_ids, cont_ids), ...])`. Rows are sorted by length,
-right-padded into buckets (lengths rounded up to a power of two, rows per batch chosen so a batch
-holds about `batch_tokens` tokens, a bucket's last batch padded with empty rows up to a power of
-two) and run through one jitted forward, so an evaluation compiles a couple of shapes per
-bucket, not one per example, and a small bucket does not run hundreds of empty rows. Right
-padding needs no segment ids: causal attention never lets a real token see the padding after it.
+context tokens, `LoglikScorer.score([(ctx_ids, cont_ids), ...])`: the sum over j of
+log p(cont[j] | ctx + cont[:j]), the first continuation token read at the last context position;
+no context token is scored. A score does not depend on the batch or bucket its row lands in
+(tests/evaluation/test_eval_audit.py checks both against one forward per token). Rows are
+sorted by length, right-padded into buckets (lengths rounded up to a power of two, rows per batch
+chosen so a batch holds about `batch_tokens` tokens, a bucket's last batch padded with empty rows
+up to a power of two) and run through one jitted forward, so an evaluation compiles a couple of
+shapes per bucket, not one per example, and a small bucket does not run hundreds of empty rows.
+Right padding needs no segment ids: causal attention never lets a real token see the padding
+after it.
 
 Multiple choice (`multiple_choice`): each choice is scored as a continuation of the prompt;
     acc        argmax of the summed log-probability
-    acc_norm   argmax of the sum divided by the choice's length in characters (as
-               lm-eval-harness's acc_norm); acc_byte and acc_token divide by UTF-8 bytes / tokens
-               (a tie goes to the first choice, np.argmax)
+    acc_norm   argmax of the sum divided by the choice's length in characters, as
+               lm-eval-harness's acc_norm: the length of the choice without the whitespace that
+               separates it from the context (" Paris" counts 5; lm-eval-harness scores
+               target_delimiter + choice and divides by len(choice)), so a choice stored with its
+               leading space (plain mode) and the stripped one (chat mode) normalise alike;
+               acc_byte divides by that text's UTF-8 bytes (lm-eval-harness's acc_bytes),
+               acc_token by the continuation's tokens (a tie goes to the first choice, np.argmax)
     truncated  questions with a choice whose context + continuation exceeded the scorer's
                max_len + 1 tokens. The question's context is cut from the left once, by what its
                longest choice needs, so every choice is still scored after the same tokens (a
@@ -25,6 +33,8 @@ token at least max_len - stride tokens of context; the last window is not extend
 full window as lm-eval-harness's rolling windows are). Nothing is truncated; the result reports
 the window and stride used (a max_len above the model's max_seq_len is cut to it), the windows
 run and the tokens scored. Texts that give no token to score are an error, not a perplexity of 1.
+The NLL is token-weighted over the whole corpus (sum of every token's NLL / tokens scored, as
+lm-eval-harness's weighted perplexities), not a mean of per-document perplexities.
 
 The prefix a document or prompt starts after is `prompts.prefix_ids`: BOS, or EOS for a tokenizer
 without BOS (never the id -1 such a tokenizer reports).
@@ -184,7 +194,8 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
       requests: per question, one (context ids, continuation ids) per choice — from
         `split_continuation(tok, prompt, choice)` in plain text, or the chat prompt's ids and
         the encoded choice in chat mode.
-      choices: per question, the choice texts (their lengths normalise acc_norm / acc_byte).
+      choices: per question, the choice texts (their lengths without leading whitespace
+        normalise acc_norm / acc_byte; see the module docstring).
       answers: per question, the index of the correct choice.
     Returns:
       (metrics, samples): metrics acc, acc_norm, acc_byte, acc_token (means), truncated (a
@@ -218,7 +229,8 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
         sc = [next(scores) for _ in reqs]
         lp = [s.logprob for s in sc]
         ntok = [s.n_tokens for s in sc]
-        preds = mc_predictions(lp, [len(c) for c in chs], [len(c.encode()) for c in chs], ntok)
+        texts = [c.lstrip() for c in chs]  # lm-eval-harness's len(choice): no delimiter
+        preds = mc_predictions(lp, [len(c) for c in texts], [len(c.encode()) for c in texts], ntok)
         for k, v in preds.items():
             hits[k].append(float(v == gold))
         cut = cut_q or any(s.truncated for s in sc)
@@ -254,7 +266,8 @@ def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bo
     Every token of every document is predicted (the first from the prefix, BOS, when `bos`;
     without it the first token is only context, yet its bytes count in bits_per_byte); a
     document is scored in windows of `max_len` tokens (0 = the scorer's max_len; larger is cut
-    to it) `stride` apart (0 = max_len). Returns nll (mean per token, nats), ppl = exp(nll),
+    to it) `stride` apart (0 = max_len). Returns nll (mean per token over all documents
+    together, nats: long documents weigh more), ppl = exp(nll),
     bits_per_byte, tokens (scored), bytes, docs, and the max_len, stride and windows used.
     Raises ValueError when no text has a token to score (nll would be 0/0).
     """

@@ -50,7 +50,7 @@ def plot_loss_vs_compute(
       path: PNG to write.
       C: compute per run (default ``6 N D``).
       fit: a ``fit_parametric`` result; draws L(N, C / (6N)) for up to ``max_curves`` sizes
-        (spread over the sizes present) and the compute-optimal frontier.
+        (spread over the sizes present) and the compute-optimal frontier (when alpha, beta > 0).
       power_law_c: a ``fit_power_law`` result for L(C); drawn dotted.
     """
     N, D, loss = (np.asarray(v, dtype=np.float64) for v in (N, D, loss))
@@ -68,8 +68,11 @@ def plot_loss_vs_compute(
         for s in sizes[pick.astype(int)]:
             d = c_grid / (flops_per_param_token * s)
             ax.plot(c_grid, predict_parametric(fit, s, d), color=cmap(norm(s)), lw=1, alpha=0.8)
-        opt = compute_optimal(fit, c_grid, flops_per_param_token=flops_per_param_token)
-        ax.plot(c_grid, opt["loss"], "k--", lw=1.2, label="compute-optimal (parametric fit)")
+        # An exponent at its bound 0 has no finite compute-optimal allocation (compute_optimal
+        # raises; fit_report records it as skipped): the frontier is left out, not the report.
+        if min(fit["alpha"], fit["beta"]) > 0:
+            opt = compute_optimal(fit, c_grid, flops_per_param_token=flops_per_param_token)
+            ax.plot(c_grid, opt["loss"], "k--", lw=1.2, label="compute-optimal (parametric fit)")
     if power_law_c is not None:
         ax.plot(c_grid, predict_power_law(power_law_c, c_grid), "k:", lw=1.2, label="L(C) fit")
     ax.set_xscale("log")
@@ -163,7 +166,9 @@ def plot_prediction(
     t_pred, t_act = target["predicted"], target.get("actual")
     err = None
     if "lo" in target and "hi" in target:
-        err = [[t_pred - target["lo"]], [target["hi"] - t_pred]]
+        # A percentile interval need not contain the point estimate; matplotlib rejects a
+        # negative error-bar length, so such a side is drawn as 0.
+        err = [[max(t_pred - target["lo"], 0.0)], [max(target["hi"] - t_pred, 0.0)]]
     fig = Figure(figsize=(11, 4.5))
     ax_par, ax_c = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
 

@@ -62,10 +62,19 @@ def _read_rows(source) -> tuple[list[Mapping], list[str]]:
         if path.endswith(".jsonl"):
             with open(path) as f:
                 lines = [(i, ln) for i, ln in enumerate(f, 1) if ln.strip()]
-            return [json.loads(ln) for _, ln in lines], [f"{path}:{i}" for i, _ in lines]
+            rows = []
+            for i, ln in lines:  # json's own message says "line 1": of the one line it saw
+                try:
+                    rows.append(json.loads(ln))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: invalid JSON: {e.msg}") from None
+            return rows, [f"{path}:{i}" for i, _ in lines]
         if path.endswith(".json"):
             with open(path) as f:
-                data = json.load(f)
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
             rows = data["runs"] if isinstance(data, dict) and "runs" in data else data
             if not isinstance(rows, list):
                 raise ValueError(f"{path}: expected a list of runs or {{'runs': [...]}}")

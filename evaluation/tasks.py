@@ -28,7 +28,14 @@ index, the text of a choice (checked first: with choices ["2", "4"] the answer "
 digit string or a letter (A, B, ...). Text fields (context, prompt, answer) are strings or
 numbers; null, a list or an object is an error (pick a list element with a key path). The
 built-in world's tasks come from its manifest.json (`world_tasks`). Bad rows raise
-`TaskFileError` naming file:line.
+`TaskFileError` naming file:line; a bad spec value names the spec file and entry
+("spec.json[1]: task 'x': ..."), and two tasks of one name are an error.
+
+Chat mode (`chat`; the CLI's default for a post-trained checkpoint) renders the question as the
+user turn `chat_template`, by default the bare question field (as SFT data asks it), not
+`template`: a multiple-choice `template` that shows `{choices_block}` (lettered answers) must
+come with a `chat_template` that shows it too, or chat mode is an error rather than scoring
+letters of options the model never saw.
 """
 
 from __future__ import annotations
@@ -67,7 +74,8 @@ class TaskSpec:
     template: str = ""  # prompt text from the canonical fields; "" = "{context}" / "{prompt}"
     choice_template: str = "{choice}"  # a choice's continuation; also {letter}, {index}
     target_template: str = " {answer}"  # generation: a shot's answer text (or {answer_raw})
-    chat_template: str = ""  # chat mode: the user turn ("" = "{context}" / "{prompt}")
+    chat_template: str = ""  # chat mode: the user turn ("" = "{context}" / "{prompt}", the bare
+    # question as SFT data asks it; a multiple-choice `template` showing {choices_block} needs one)
     description: str = ""  # text before the shots (e.g. "The following are questions about X.")
     num_fewshot: int = 0  # shots in the prompt (k-shot in-context learning)
     fewshot_file: str = ""  # where shots come from; "" = the task's own file minus the example
@@ -77,9 +85,11 @@ class TaskSpec:
     fewshot_seed: int = 1234  # shots are drawn per example from (seed, task name, example index)
     fewshot_separator: str = "\n\n"  # between shots and before the evaluated prompt
     scoring: str = "exact_match"  # generation: exact_match | regex | judge
-    answer_regex: str = ""  # regex scoring: group 1 (or the whole match) is the answer
+    answer_regex: str = ""  # regex scoring: the first group that took part in the match (or
+    # the whole match, without groups) is the answer (tasks.match_answer)
     regex_select: str = "first"  # which match of answer_regex counts: first | last
-    gold_regex: str = ""  # extract the gold answer from the answer field ("#### 42")
+    gold_regex: str = ""  # extract the gold answer from the answer field ("#### 42"); as
+    # answer_regex, the first group that matched (or the whole match) is the answer
     normalize: str = "basic"  # none | basic (case, spaces, outer punctuation) | number
     stop: tuple = ("\n\n",)  # generation ends at the first of these strings
     max_new_tokens: int = 64  # generation budget per example
@@ -108,8 +118,10 @@ class TaskSpec:
                     re.compile(pat)
                 except re.error as e:
                     raise ValueError(f"{where}: bad regex {pat!r}: {e}") from None
-        if self.temperature < 0 or self.num_samples < 1:
+        if not self.temperature >= 0 or self.num_samples < 1:  # (NaN fails >= 0 too)
             raise ValueError(f"{where}: temperature must be >= 0 and num_samples >= 1")
+        if self.max_new_tokens < 1:  # the decoder would fail only when this task is reached
+            raise ValueError(f"{where}: max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.num_samples > 1 and self.temperature == 0:
             raise ValueError(f"{where}: num_samples > 1 needs temperature > 0 (greedy repeats)")
         if self.num_fewshot < 0 or self.stride < 0 or self.max_len < 0:
@@ -117,6 +129,15 @@ class TaskSpec:
         if self.fewshot_fields and not self.fewshot_file:  # it would be silently unused
             raise ValueError(f"{where}: fewshot_fields needs fewshot_file (shots from the "
                              "task's own file are read with `fields`)")  # fmt: skip
+        if (self.chat and self.type == "multiple_choice" and not self.chat_template
+                and "choices_block" in _placeholders(self.template)):  # fmt: skip
+            # The default user turn is the bare context: the lettered options the plain template
+            # shows (and a reply " B" refers to) would silently vanish from the prompt.
+            raise ValueError(
+                f"{where}: template shows {{choices_block}} but chat mode's user turn "
+                "(chat_template, default '{context}') does not: set chat_template, e.g. "
+                "'{context}\\n{choices_block}', or chat=False"
+            )
         known = set(REQUIRED[self.type]) | set(OPTIONAL)
         for name, fmap in (("fields", self.fields), ("fewshot_fields", self.fewshot_fields)):
             unknown = sorted(set(fmap) - known)
@@ -163,7 +184,20 @@ class TaskSpec:
         for key in ("file", "fewshot_file"):
             if d.get(key) and base_dir and not os.path.isabs(d[key]):
                 d[key] = os.path.join(base_dir, d[key])
-        return cls(**d)
+        try:  # a bad value (type, scoring, regex, ...) names the spec file and entry too
+            return cls(**d)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def _placeholders(template: str) -> set[str]:
+    """Field names a format template uses ("{choices[0]}" -> "choices"); none if malformed
+    (prompts.render reports that)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError:
+        return set()
+    return {re.split(r"[.\[]", name)[0] for _, name, _, _ in parts if name}
 
 
 def _default(f: dataclasses.Field):
@@ -233,6 +267,14 @@ def _mc_answer(value, choices: list[str]) -> int:
     return idx
 
 
+def match_answer(m: re.Match) -> str:
+    """The answer a regex match holds: its first group that took part in the match, or the whole
+    match when the pattern has no group. A pattern with one group per alternative (GSM8K's
+    "flexible extract" `(-?[$0-9.,]{2,})|(-?[0-9]+)`) thus yields whichever alternative matched,
+    as lm-eval-harness's regex filter does (group 1 alone is None when the second matched)."""
+    return next((g for g in m.groups() if g is not None), m.group(0))
+
+
 def _text(out: dict, name: str, fmap: dict) -> str:
     """A text field as a string: a string or a number (7 → "7"); null, a list or an object is an
     error (str() would silently make it "None" or "['a', 'b']", which then never matches)."""
@@ -275,7 +317,7 @@ def _canonical(spec: TaskSpec, row: dict, fmap: dict, need_gold: bool) -> dict:
             m = re.search(spec.gold_regex, answer)
             if m is None:
                 raise ValueError(f"gold_regex {spec.gold_regex!r} does not match the answer")
-            answer = m.group(1) if m.groups() else m.group(0)
+            answer = match_answer(m)
         out["answer"] = answer
         if need_gold and spec.scoring == "judge" and not isinstance(out.get("meta"), dict):
             raise ValueError("judge scoring needs a 'meta' object with the judge's fields")
@@ -339,6 +381,8 @@ def load_spec_file(path: str) -> list[TaskSpec]:
         except json.JSONDecodeError as e:
             raise TaskFileError(f"{path}:{e.lineno}: invalid JSON spec: {e.msg}") from None
     items = data if isinstance(data, list) else [data]
+    if not items:  # `--tasks empty.json` would run nothing and print an empty table
+        raise TaskFileError(f"{path}: no task specs (an empty list)")
     base = os.path.dirname(os.path.abspath(path))
     return [TaskSpec.from_dict(d, base, where=f"{path}[{i}]") for i, d in enumerate(items)]
 
@@ -384,18 +428,27 @@ def world_tasks(world_dir: str) -> dict[str, TaskSpec]:
 
 def resolve_tasks(names: list[str], world_dir: str | None = None) -> list[TaskSpec]:
     """Specs for task names: a path to a JSON spec file (all its tasks), a registered name, or a
-    task of the world at `world_dir`. An unknown name lists the known ones."""
+    task of the world at `world_dir`. An unknown name lists the known ones; two tasks of one name
+    are an error naming where each came from (results are keyed by task name: the second would
+    silently replace the first)."""
     world = world_tasks(world_dir) if world_dir else {}
-    out = []
+    out, origin = [], {}
     for name in names:
         if name.endswith(".json"):
-            out.extend(load_spec_file(name))
+            specs = load_spec_file(name)
+            where = [f"{name}[{i}]" for i in range(len(specs))]
         elif name in _REGISTRY:
-            out.append(_REGISTRY[name])
+            specs, where = [_REGISTRY[name]], ["registered"]
         elif name in world:
-            out.append(world[name])
+            specs, where = [world[name]], [f"world {world_dir}"]
         else:
             known = sorted(set(_REGISTRY) | set(world))
             hint = "" if world_dir else " (pass --world DIR for the built-in world's tasks)"
             raise KeyError(f"unknown task {name!r}; known: {known}{hint}")
+        for spec, loc in zip(specs, where):
+            if spec.name in origin:
+                raise ValueError(f"task name {spec.name!r} appears twice ({origin[spec.name]} "
+                                 f"and {loc}); task names must be unique")  # fmt: skip
+            origin[spec.name] = loc
+        out.extend(specs)
     return out

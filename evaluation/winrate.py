@@ -39,6 +39,11 @@ def win_rate(
 ) -> dict[str, float]:
     """Win rate of A over B on the same prompts; a tie (|a − b| <= tie_margin) counts half.
 
+    win_rate = (wins + ties / 2) / n: the probability that A beats B on a random prompt with ties
+    split evenly (AlpacaEval's convention), so identical models score 0.5. A non-finite score is
+    an error naming the prompt (a NaN would otherwise count as a tie: NaN > x and NaN < x are
+    both false).
+
     Returns win_rate, wins, losses, ties, n, mean_a, mean_b, mean_margin (a − b).
     """
     n = len(prompts)
@@ -58,7 +63,16 @@ def win_rate(
 def win_rate_from_scores(sa: Sequence[float], sb: Sequence[float], *,
                          tie_margin: float = 0.0) -> dict[str, float]:  # fmt: skip
     """`win_rate`'s figures from the two responses' scores per prompt."""
+    if not tie_margin >= 0:  # a negative margin made a prompt both a win and a loss
+        raise ValueError(f"win_rate: tie_margin must be >= 0, got {tie_margin}")
     n = len(sa)
+    if n == 0:
+        raise ValueError("win_rate: no prompts")
+    for side, scores in (("A", sa), ("B", sb)):
+        bad = [i for i, x in enumerate(scores) if not np.isfinite(x)]
+        if bad:
+            raise ValueError(f"win_rate: {side}'s score of prompt {bad[0]} is {scores[bad[0]]} "
+                             f"({len(bad)} non-finite scores)")  # fmt: skip
     diff = [a - b for a, b in zip(sa, sb, strict=True)]
     wins = sum(d > tie_margin for d in diff)
     losses = sum(d < -tie_margin for d in diff)
@@ -154,11 +168,29 @@ def read_completions(path: str) -> list[tuple[str, str]]:
                 continue
             try:
                 rec = json.loads(line)
-                out.append((rec["prompt"], rec["completion"]))
+                prompt, completion = rec["prompt"], rec["completion"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(
                     f'{path}:{lineno}: not a {{"prompt", "completion"}} JSON object ({e!r})'
                 ) from None
+            # Checked here: a null completion or a numeric prompt failed inside the reward
+            # model's tokenizer, naming no line.
+            if not isinstance(completion, str):
+                raise ValueError(f"{path}:{lineno}: completion must be a string, got "
+                                 f"{type(completion).__name__}")  # fmt: skip
+            if not (
+                isinstance(prompt, str)
+                or (
+                    isinstance(prompt, list)
+                    and prompt
+                    and all(
+                        isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt
+                    )
+                )
+            ):
+                raise ValueError(f"{path}:{lineno}: prompt must be a string or a list of "
+                                 "{role, content} messages")  # fmt: skip
+            out.append((prompt, completion))
     if not out:
         raise ValueError(f"{path}: no completions")
     return out
@@ -174,6 +206,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=16, help="rows per reward-model call")
     p.add_argument("--out", default="", help="also write the result (and per-prompt scores) here")
     args = p.parse_args(argv)
+    if not args.tie_margin >= 0:
+        raise SystemExit(f"--tie_margin must be >= 0, got {args.tie_margin}")
     try:
         a, b = read_completions(args.a), read_completions(args.b)
     except (OSError, ValueError) as e:
