@@ -37,7 +37,14 @@ from apache_beam.transforms.window import GlobalWindows
 from flaxlm.data import preprocess as P
 from flaxlm.data import sources as S
 from flaxlm.data.clean import Cleaner
-from flaxlm.data.dedup import Decontaminator, Deduper, band_keys, exact_key, lsh_params
+from flaxlm.data.dedup import (
+    Decontaminator,
+    Deduper,
+    band_keys,
+    check_config,
+    exact_key,
+    lsh_params,
+)
 from flaxlm.data.tokenizer import Tokenizer
 
 MAX_EXAMPLES = 5
@@ -247,6 +254,8 @@ def _dedup_stage(docs, cfg, eval_texts):
 def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int):
     """Adds the preprocess graph to pipeline ``p``; stats land in ``out_dir/_stats.json``."""
     files = S.expand_paths(inputs)
+    check_config(cfg.dedup)  # here, not in a worker's setup after the input was read
+    Cleaner(cfg.clean)  # the same for the cleaning settings
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     eval_texts = P.load_eval_texts(cfg)  # cleaned like the training text (placeholders too)
     read = (
@@ -302,7 +311,14 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
         st = json.load(f)
     os.remove(os.path.join(out_dir, "_stats.json"))
     read = st.get("read", {})
-    empty = {"in": 0, "out": 0, "removed": {}, "examples": {}, "pii_redacted": {}}
+    empty = {
+        "in": 0,
+        "out": 0,
+        "removed": {},
+        "examples": {},
+        "pii_redacted": {},
+        "boilerplate_lines_stripped": 0,
+    }
     clean = merge_stats(empty, st["clean"]) if "clean" in st else {**empty, "in": read["out"]}
     clean["out"] = clean["in"] - sum(clean["removed"].values())
     dedup_in = clean["in"] - sum(clean["removed"].values())

@@ -9,8 +9,16 @@ otherwise.
 Phone numbers redacted: Chinese mobiles (bare or with 86 / +86 / 0086), North American numbers
 ("(415) 555-2671", "1-800-555-1234"), any number in international form ('+', then 8 to 15 digits
 in any grouping), and other 2-4 + 3-4 + 3-4 digit groups. Digit groups are ambiguous: "12 345 678"
-and "12.345.678" (thousands separators) are redacted as phones; national numbers written in
-pairs without '+' ("01 23 45 67 89") are not. Card numbers must pass the Luhn check.
+and "12.345.678" (thousands separators) and three 4-digit years in a row ("1999 2000 2001") are
+redacted as phones; national numbers written in pairs without '+' ("01 23 45 67 89") are not.
+Card numbers are 13-19 digits (single spaces or dashes between them) that pass the Luhn check
+and do not start with 1 or 9 (millisecond timestamps, ISBN-13s: one in ten passes Luhn).
+
+Thresholds are strict: "above"/"below" a threshold fails, a statistic equal to it passes (a page
+with exactly 30% duplicated lines passes ``max_dup_line_frac=0.3``); tests/data/test_prep_audit.py
+recomputes every statistic from these definitions. The word list ("toxic") matches whole words
+of spaced scripts, so benign words containing an entry are not hits, and CJK entries as
+substrings, with '!' exceptions for benign words that contain one (``load_word_list``).
 
 Text without spaces (Chinese, Japanese, Korean) is handled by counting each CJK character as one
 word: "word" counts, n-gram repetition and stop words then mean the same thing in both scripts.
@@ -188,33 +196,78 @@ def _ngram_fracs(words: list[str], top_ns, dup_ns) -> tuple[list[float], list[fl
     return tops, dups
 
 
+_LETTERS_RE = re.compile(r"[^\W\d_]+")  # the "words" of the word-list match: letter runs
+
+
+@dataclasses.dataclass(frozen=True)
+class WordList:
+    """A loaded word list (``load_word_list``).
+
+    ``words``: one-word entries of spaced scripts; ``phrases``: longer ones as tuples of their
+    letter runs ("son of a" and "son-of-a" are the same 3-tuple), by first word. ``cjk``: a
+    regex of CJK entries and exceptions, longest first; ``allowed``: the exceptions it may
+    match, which count 0.
+    """
+
+    words: frozenset
+    phrases: dict
+    cjk: re.Pattern | None
+    allowed: frozenset
+
+
 @functools.lru_cache(maxsize=8)
-def load_word_list(spec: str) -> tuple[frozenset[str], re.Pattern | None]:
-    """Word-list files → (set of non-CJK words, regex of CJK entries matched as substrings)."""
+def load_word_list(spec: str) -> WordList:
+    """Word-list files (comma-separated; ``default`` = the bundled lists) → a ``WordList``.
+
+    One entry per line, ``#`` starts a comment, case-insensitive. Entries of spaced scripts
+    match whole words: a text matches where its letter runs equal the entry's, consecutively,
+    so a multi-word entry ("piece of crap") matches too (it never could when the text was split
+    into single words and compared with whole lines). CJK entries match as substrings, which
+    also hits benign words that contain them (the Scunthorpe problem: 傻瓜 in 傻瓜相机, a
+    point-and-shoot camera); a line ``!傻瓜相机`` names such a word, and an exception that
+    contains an entry and starts at or before it hides that occurrence. ('!' lines of spaced
+    scripts are ignored: whole-word matching needs none.)
+    """
     if not spec:
-        return frozenset(), None
+        return WordList(frozenset(), {}, None, frozenset())
     bundled = ",".join(os.path.join(RESOURCES, f) for f in ("toxic_en.txt", "toxic_zh.txt"))
     # "default" names the bundled lists, alone or next to your own files ("default,mine.txt").
     paths = [bundled if p.strip() == "default" else p for p in spec.split(",")]
-    words: set[str] = set()
-    cjk: list[str] = []
+    phrases: set[tuple[str, ...]] = set()
+    cjk: set[str] = set()
+    allowed: set[str] = set()
     for path in ",".join(paths).split(","):
         with open(path.strip(), encoding="utf-8") as f:
             for line in f:
                 w = line.split("#", 1)[0].strip().lower()
+                exception = w.startswith("!")
+                w = w.removeprefix("!").strip()
                 if w and _CJK_RE.search(w):
-                    cjk.append(w)
-                elif w:
-                    words.add(w)
-    rx = re.compile("|".join(map(re.escape, sorted(cjk, key=len, reverse=True)))) if cjk else None
-    return frozenset(words), rx
+                    (allowed if exception else cjk).add(w)
+                elif w and not exception and _LETTERS_RE.search(w):
+                    phrases.add(tuple(_LETTERS_RE.findall(w)))
+    alts = sorted(cjk | allowed, key=lambda x: (-len(x), x))
+    rx = re.compile("|".join(map(re.escape, alts))) if cjk else None
+    words = frozenset(p[0] for p in phrases if len(p) == 1)
+    by_first: dict[str, set] = {}
+    for p in phrases:
+        if len(p) > 1:
+            by_first.setdefault(p[0], set()).add(p)
+    return WordList(words, by_first, rx, frozenset(allowed - cjk))
 
 
 def toxic_hits(text: str, spec: str = "default") -> int:
     """Occurrences of list entries: whole words for spaced scripts, substrings for CJK."""
-    words, rx = load_word_list(spec)
-    hits = sum(1 for w in re.findall(r"[^\W\d_]+", text.lower()) if w in words)
-    return hits + (len(rx.findall(text)) if rx is not None else 0)
+    wl = load_word_list(spec)
+    hits = 0
+    if wl.words or wl.phrases:
+        words = _LETTERS_RE.findall(text.lower())
+        hits += sum(1 for w in words if w in wl.words)
+        for i, w in enumerate(words) if wl.phrases else ():
+            hits += sum(tuple(words[i : i + len(p)]) == p for p in wl.phrases.get(w, ()))
+    if wl.cjk is not None:
+        hits += sum(1 for m in wl.cjk.finditer(text) if m.group() not in wl.allowed)
+    return hits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +289,10 @@ _NUMERIC = [  # (kind, pattern), tried in this order at each position
     ),
     # Kept only if Luhn-valid; a Luhn-invalid run is searched again with the patterns after it
     # (a Chinese mobile written "86 138 1234 5678" is 13 digits, as long as a short card number).
-    ("CARD", _NB + r"\d(?:[ -]?\d){12,18}" + _NA),
+    # Not starting with 1 or 9 (ISO 7812 major industry: airlines, national use; no payment
+    # network issues those): one in ten 13-digit millisecond timestamps (1.7e12) and ISBN-13s
+    # (978/979...) passes the Luhn check by chance and was redacted as a card.
+    ("CARD", _NB + r"[02-8](?:[ -]?\d){12,18}" + _NA),
     ("ID", _NB + r"(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}" + _NA),  # US SSN
     ("PHONE", _NB + r"(?:(?:\+|00)?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}" + _NA),  # Chinese mobile
     # Other phones; not part of a longer digit-group run (e.g. a Luhn-invalid 16-digit number).
@@ -353,7 +409,8 @@ _SYMBOL_LINE_RE = re.compile(r"^[\W_]{3,}$")
 def strip_boilerplate(text: str) -> tuple[str, int, float]:
     """Removes boilerplate and symbol-only lines.
 
-    Returns (text, lines removed, fraction of the non-space characters they held).
+    Returns (text, lines removed, fraction of the characters they held), characters counted on
+    each line stripped of its leading and trailing whitespace (inner spaces count).
     """
     lines = text.split("\n")
     keep = [
@@ -362,7 +419,9 @@ def strip_boilerplate(text: str) -> tuple[str, int, float]:
     ]  # fmt: skip
     out = "\n".join(keep).strip("\n")
     total = sum(len(ln.strip()) for ln in lines)
-    frac = 1.0 - sum(len(ln.strip()) for ln in keep) / total if total else 0.0
+    # removed / total, not 1 - kept / total: 1 - 0.7 is 0.30000000000000004, so a page with
+    # exactly 30% stripped was "above" a 0.3 threshold.
+    frac = (total - sum(len(ln.strip()) for ln in keep)) / total if total else 0.0
     return out, len(lines) - len(keep), frac
 
 
@@ -434,6 +493,12 @@ class Cleaner:
     examples: dict = dataclasses.field(default_factory=dict)
     pii: Counter = dataclasses.field(default_factory=Counter)
     lines_stripped: int = 0  # boilerplate / symbol-only lines removed from kept and dropped docs
+
+    def __post_init__(self):
+        # A misspelt script ("cyrilic") dropped every document of that script as "script".
+        unknown = sorted(set(self.cfg.scripts) - set(_SCRIPTS))
+        if unknown:
+            raise ValueError(f"clean.scripts: unknown {unknown} (known: {sorted(_SCRIPTS)})")
 
     def __call__(self, text: str, loc: str = "") -> str | None:
         self.seen += 1

@@ -3,7 +3,8 @@
 Rules, chosen so that one machine (``Deduper``, streaming) and many (``flaxlm.data.beam``,
 group-by-key) keep exactly the same documents:
 
-* exact: documents with the same normalized text form a cluster; the earliest (smallest
+* exact: documents with the same normalized text (``normalize``: NFKC, case-folded, invisible
+  characters removed, whitespace runs collapsed) form a cluster; the earliest (smallest
   ``Document.key``) survives.
 * near: a document is a near-duplicate when one of its LSH band keys was produced by an earlier
   document (earlier among those that reached this stage, kept or not). With the banding chosen
@@ -12,11 +13,15 @@ group-by-key) keep exactly the same documents:
   ``threshold`` is where that curve rises, not a hard cut (signatures are never compared with
   it; the tables hold band keys only): with the defaults (0.8, 128 permutations → 9 bands × 13
   rows) a later document at Jaccard s is dropped with probability 1 - (1 - s^13)^9: 0.08 at 0.7,
-  0.40 at 0.8, 0.69 at 0.85, 0.93 at 0.9, 0.998 at 0.95 (half-way at 0.82).
+  0.40 at 0.8, 0.69 at 0.85, 0.93 at 0.9, 0.998 at 0.95 (half-way at 0.82). Clusters are
+  transitive: with A ~ B and B ~ C, C is dropped (by way of B) even when A and C are not similar.
+  Documents without words (possible only without the Cleaner) share one signature, so all but
+  the first of them are near duplicates.
 * decontamination: a document sharing any ``decontam_ngram``-gram (13 words by default; CJK
   characters count as words) with the evaluation sets is dropped or flagged. An evaluation text
-  shorter than ``decontam_ngram`` words has no such n-gram and never matches. Words keep their
-  attached punctuation ("paris," is not "paris"), as in the cleaning filters.
+  or a document shorter than ``decontam_ngram`` words has no such n-gram and never matches.
+  Words keep their attached punctuation ("paris," is not "paris"), as in the cleaning filters;
+  n-grams run across line and paragraph breaks.
 
 Both MinHash shingles and decontamination n-grams are made of ``match_words``: NFKC, case-folded,
 control/zero-width characters removed, so text that differs only in Unicode form (NFC vs NFD,
@@ -64,8 +69,13 @@ def dedup_config() -> ml_collections.ConfigDict:
 
 
 def normalize(text: str) -> str:
-    """NFKC, case-folded, whitespace collapsed: what "the same text" means for exact dedup."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """What "the same text" means for exact dedup: NFKC, case-folded, control and zero-width
+    characters removed (as ``match_words`` and ``clean.normalize_text`` remove them), whitespace
+    runs collapsed to one space. Without the removal, a copy with a zero-width space was not an
+    exact duplicate when the Cleaner did not run first (``do_clean=False``), only a near one.
+    """
+    text = _CONTROL_RE.sub("", unicodedata.normalize("NFKC", text))
+    return " ".join(text.casefold().split())
 
 
 def exact_key(text: str) -> bytes:
@@ -366,6 +376,27 @@ class Deduper:
 
 
 def lsh_params(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(bands, rows): ``cfg.bands`` with ``num_perm // bands`` rows, or ``optimal_bands``."""
+    check_config(cfg)
     if cfg.bands:
         return cfg.bands, cfg.num_perm // cfg.bands
     return optimal_bands(cfg.threshold, cfg.num_perm)
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """Errors naming the key for settings that would silently do something else: more bands
+    than permutations (0 rows: every band key equal, every document after the first a "near
+    duplicate"), a misspelt ``decontam_mode`` (anything but "drop" only flagged)."""
+    if not (isinstance(cfg.num_perm, int) and cfg.num_perm >= 1):
+        raise ValueError(f"dedup.num_perm must be an integer >= 1, got {cfg.num_perm!r}")
+    if not 0 <= cfg.bands <= cfg.num_perm:
+        raise ValueError(f"dedup.bands must be in [0, num_perm={cfg.num_perm}], got {cfg.bands}")
+    if not 0 < cfg.threshold < 1:
+        raise ValueError(f"dedup.threshold must be in (0, 1), got {cfg.threshold}")
+    for key in ("ngram", "decontam_ngram"):
+        if cfg[key] < 1:
+            raise ValueError(f"dedup.{key} must be >= 1, got {cfg[key]}")
+    if cfg.decontam_mode not in ("drop", "flag"):
+        raise ValueError(f"dedup.decontam_mode must be drop|flag, got {cfg.decontam_mode!r}")
+    if cfg.method not in ("numpy", "datasketch"):
+        raise ValueError(f"dedup.method must be numpy|datasketch, got {cfg.method!r}")

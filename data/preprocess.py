@@ -23,7 +23,9 @@ in a process pool (order is preserved; dedup and writing stay in this process be
 sequential, so dedup's ~0.6 ms per document bounds the rate whatever the workers).
 
 Every document read ends up either in the output or in exactly one "removed" reason:
-``documents_in == documents_out + sum(removed)`` is checked before the report is written.
+``documents_in == documents_out + sum(removed)`` is checked before the report is written. Each
+stage reports its own in/out (``do_clean=False``: the clean stage passes every document through),
+and ``flaxlm.data.beam`` writes the same report for the same input.
 """
 
 from __future__ import annotations
@@ -100,8 +102,13 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
         else:
             try:
                 val = ast.literal_eval(raw)
+                # An int key takes whole numbers only: int(1.5) and int(True) silently gave 1.
+                if isinstance(old, int) and (
+                    isinstance(val, bool) or not isinstance(val, (int, float)) or val != int(val)
+                ):
+                    raise ValueError
                 val = type(old)(val) if isinstance(old, (int, float, tuple)) else val
-            except (ValueError, TypeError, SyntaxError):
+            except (ValueError, TypeError, SyntaxError, OverflowError):
                 raise SystemExit(
                     f"config key {key!r}: cannot read {raw!r} as {type(old).__name__}"
                 ) from None
@@ -151,11 +158,24 @@ def load_eval_texts(cfg: ml_collections.ConfigDict) -> list[str]:
     Training text is cleaned first, PII included: an eval item holding an IP address or a phone
     number appears in a training document as "... <IP> ... <PHONE> ...", so the eval side gets the
     same normalisation and placeholders, or no n-gram spanning them could ever match.
+
+    An eval record that cannot be read (malformed JSON, no text field, invalid UTF-8) is a
+    ``DataError`` naming file:line, whatever ``strict`` says for the training input: skipped, as
+    the reader's default log did without a word, its n-grams were left out of decontamination.
+    Empty eval texts are skipped (they hold no n-gram).
     """
     if not cfg.dedup.decontam_paths:
         return []
     paths = cfg.dedup.decontam_paths.split(",")
-    texts = [d.text for d in S.iter_documents(paths, text_field=cfg.dedup.decontam_field)]
+    log = S.BadInputLog()
+    texts = [d.text for d in S.iter_documents(paths, text_field=cfg.dedup.decontam_field, log=log)]
+    lost = {k: v for k, v in log.counts.items() if k != "empty"}
+    if lost:
+        first = next(e for k in lost for e in log.examples[k])
+        raise S.DataError(
+            f"{first}: {sum(lost.values())} decontamination record(s) unreadable ({lost}); "
+            "fix them or remove them from dedup.decontam_paths"
+        )
     if cfg.do_clean:
         texts = [normalize_text(t) for t in texts]
         if cfg.clean.redact_pii:
@@ -218,15 +238,16 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict
         if not round_batches:
             break
         t0 = time.time()
-        if not cfg.do_clean:
-            cleaned = [([d.text for d in b], None) for b in round_batches]
+        if not cfg.do_clean:  # passed through: the clean stage counts them in and out
+            cleaned = [
+                ([d.text for d in b], Cleaner(cfg.clean, seen=len(b))) for b in round_batches
+            ]
         elif pool is not None:
             cleaned = pool.map(_clean_batch, [(cfg.clean, b) for b in round_batches])
         else:
             cleaned = [_clean_batch((cfg.clean, b)) for b in round_batches]
         for _, part in cleaned:
-            if part is not None:
-                cleaner.merge(part)
+            cleaner.merge(part)
         times["clean"] += time.time() - t0
         for batch, (texts, _) in zip(round_batches, cleaned):
             counts["bytes_in"] += sum(len(d.text.encode()) for d in batch)

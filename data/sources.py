@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -69,12 +70,18 @@ class BadInputLog:
 
 
 def expand_paths(patterns: str | Sequence[str]) -> list[str]:
-    """Globs (``*``, ``**``) and directories → sorted files; an unmatched pattern is an error."""
+    """Globs (``*``, ``**``) and directories → sorted files; an unmatched pattern is an error.
+
+    An existing file is itself, whatever its name: ``part[1].jsonl`` read as a glob matched
+    ``part1.jsonl`` (or nothing), never the file named.
+    """
     if isinstance(patterns, str):
         patterns = [patterns]
     out: list[str] = []
     for pat in patterns:
-        if os.path.isdir(pat):
+        if os.path.isfile(pat):
+            hits = [pat]
+        elif os.path.isdir(pat):
             hits = sorted(
                 os.path.join(pat, f)
                 for f in os.listdir(pat)
@@ -122,9 +129,18 @@ def _check_text(text, loc: str, log: BadInputLog) -> bool:
     return True
 
 
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
 def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str | None:
+    """One jsonl record's text, or None (the reason logged under ``loc``).
+
+    A UTF-8 byte-order mark before the record (a file saved by Notepad) is not part of it. A
+    lone surrogate escape (``"\\ud83d"``, half an emoji cut by a truncating tool) makes text that
+    cannot be written as UTF-8: counted as ``invalid_utf8`` here, not a crash at write time.
+    """
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         log.add("invalid_utf8", loc, str(e)[:80])
         return None
@@ -133,9 +149,15 @@ def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str
     except json.JSONDecodeError as e:
         log.add("malformed_json", loc, str(e)[:80])
         return None
-    text = obj.get(field) if isinstance(obj, dict) else None
-    if isinstance(obj, dict) and field not in obj:
+    if not isinstance(obj, dict):
+        log.add("missing_field", loc, f"not a JSON object: {type(obj).__name__}")
+        return None
+    if field not in obj:
         log.add("missing_field", loc, f"no {field!r}")
+        return None
+    text = obj[field]
+    if isinstance(text, str) and (m := _SURROGATE_RE.search(text)):
+        log.add("invalid_utf8", loc, f"lone surrogate {m.group()!a} at character {m.start()}")
         return None
     return text if _check_text(text, loc, log) else None
 
@@ -153,11 +175,21 @@ def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        # pyarrow's errors do not name the file ("Parquet magic bytes not found in footer").
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from e
         if field not in pf.schema_arrow.names:
             raise DataError(f"{path}: no column {field!r} (columns: {pf.schema_arrow.names})")
-        row = 0
-        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        row, batches = 0, pf.iter_batches(columns=[field], batch_size=1024)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:  # a corrupt row group: the rows after it cannot be counted
+                raise DataError(f"{path}:{row + 1}: cannot read the parquet rows ({e})") from e
+            if batch is None:
+                break
             for text in batch.column(0).to_pylist():
                 loc = f"{path}:{row + 1}"
                 yield row, loc, (text if _check_text(text, loc, log) else None)
@@ -196,26 +228,40 @@ def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
     if txt_mode not in ("line", "blank"):
         raise ValueError(f"txt_mode must be file|line|blank, got {txt_mode!r}")
     block: list[str] = []
-    start, bad = None, False  # first line of the current block; whether it had invalid UTF-8
+    # "blank" mode: a block with invalid UTF-8 is one document lost, counted once at its first
+    # bad line (logging every bad line counted a block with two of them as two documents).
+    start, bad = None, None  # first line of the current block; (loc, error) of its first bad line
     with open(path, "rb") as f:
         for i, raw in enumerate(f):
-            line = _decode(raw, f"{path}:{i + 1}", log)
+            loc = f"{path}:{i + 1}"
             if txt_mode == "line":
+                line = _decode(raw, loc, log)
                 if line is None or line.strip():  # empty lines are separators, not documents
-                    yield i, f"{path}:{i + 1}", (None if line is None else line.rstrip("\n"))
+                    yield i, loc, (None if line is None else line.rstrip("\n"))
                 continue
-            if line is not None and not line.strip():
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                start = i if start is None else start
+                bad = bad or (loc, str(e)[:80])
+                continue
+            if not line.strip():
                 if start is not None:
-                    yield start, f"{path}:{start + 1}", (None if bad else "".join(block).strip())
-                block, start, bad = [], None, False
+                    yield start, f"{path}:{start + 1}", _end_block(block, bad, log)
+                block, start, bad = [], None, None
                 continue
             start = i if start is None else start
-            if line is None:
-                bad = True  # the whole block is dropped, counted once as invalid_utf8
-            else:
-                block.append(line)
+            block.append(line)
     if start is not None:
-        yield start, f"{path}:{start + 1}", (None if bad else "".join(block).strip())
+        yield start, f"{path}:{start + 1}", _end_block(block, bad, log)
+
+
+def _end_block(block: list[str], bad: tuple[str, str] | None, log: BadInputLog) -> str | None:
+    """The text of a finished blank-line block, or None after logging its first bad line."""
+    if bad is None:
+        return "".join(block).strip()
+    log.add("invalid_utf8", *bad)
+    return None
 
 
 def iter_documents(
