@@ -337,7 +337,10 @@ class ParquetSource:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:  # pyarrow's errors do not name the file
+            table = pq.read_table(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from e
         if text_field not in table.column_names:
             raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
         col = table.column(text_field)

@@ -429,6 +429,9 @@ def test_corrupt_parquet_is_named(tmp_path):
     p.write_bytes(b"PAR1 not really parquet")
     with pytest.raises(DataError, match=r"bad\.parquet: not a readable parquet file"):
         list(S.iter_documents(str(p)))
+    # ...and by the training loader's random-access source too.
+    with pytest.raises(DataError, match=r"bad\.parquet: not a readable parquet file"):
+        S.ParquetSource(str(p), "text", S.BadInputLog())
 
 
 def test_a_file_name_with_glob_characters_is_read(tmp_path):
