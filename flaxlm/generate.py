@@ -4,9 +4,12 @@
     python -m flaxlm.generate ~/Llama-3.2-1B --prompts_file prompts.txt --temperature 0.7 \
         --top_p 0.9 --max_new_tokens 256 --json > out.jsonl
 
-MODEL is a flaxlm run directory (holds checkpoints/; read with train/checkpoint.load_model) or
-an HF directory (config.json + safetensors). The tokenizer is --tokenizer, else the run's
-meta["tokenizer"], else the HF directory's tokenizer.json / tokenizer.model.
+MODEL is a flaxlm run directory (holds checkpoints/; read with train/checkpoint.load_model: a
+LoRA run's adapters are merged into its base weights, a PPO run gives its policy) or an HF
+directory (config.json + safetensors; --step is for runs only). The tokenizer is --tokenizer,
+else the run's meta["tokenizer"] (a relative path is also looked up in the run directory), else
+the HF directory's tokenizer.json / tokenizer.model. --dtype (float32 | bfloat16 | float16)
+casts the weights and computes in that dtype.
 
 --chat renders each prompt as a user turn (after --system, if given) with a generation prompt:
 an HF tokenizer's own Jinja chat template when its tokenizer_config.json has one, else flaxlm's
@@ -20,7 +23,13 @@ included), "stopped" (ended at a stop token rather than --max_new_tokens)}; with
 the model's max_seq_len generates anyway, with a warning (models/decode.py). Prompt i (counting
 from 0, blank lines skipped) samples with its own key, fold_in(PRNGKey(--seed), i) — sample k
 of K with fold_in(PRNGKey(--seed), i·K + k): its samples depend on --seed, i, K and its ids
-only, not on --batch or the other prompts.
+only, not on --batch or the other prompts. Stop tokens: with --chat the template's (flaxlm's
+`<|end|>` and EOS, or an HF tokenizer's eos ids); else the tokenizer's stop ids or its EOS.
+
+Bad input fails before any generation with a message, not a traceback: sampling flags, --dtype,
+an unreadable --prompts_file (usage errors, exit 2); a missing model directory, checkpoint
+step or tokenizer, a reward-model run, --step with an HF directory, a prompt that encodes to no
+tokens (--no_bos with an empty prompt) (exit 1, the message naming the path or prompt).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import argparse
 import json
 import os
 import sys
+
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype: what HF import accepts too
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts_file", default="", help="one prompt per line ('-' = stdin)")
     p.add_argument("--tokenizer", default="", help="tokenizer file or directory (default: auto)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--dtype", default="", help="compute/param dtype, e.g. bfloat16")
+    p.add_argument("--dtype", default="", choices=("", *DTYPES),
+                   help="compute/param dtype (default: the checkpoint's)")  # fmt: skip
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
@@ -68,31 +80,54 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tokenizer_path(given: str, meta: dict, model_dir: str) -> str:
+    """--tokenizer, else the run's meta["tokenizer"]; a relative path that does not exist here
+    is looked up in the run directory. A missing file is an error naming the path as given."""
+    path = given or meta.get("tokenizer", "")
+    if not path:
+        raise SystemExit(f"{model_dir}: checkpoint meta has no 'tokenizer'; pass --tokenizer")
+    if not os.path.exists(path) and os.path.exists(os.path.join(model_dir, path)):
+        path = os.path.join(model_dir, path)
+    if not os.path.exists(path):
+        where = "--tokenizer" if given else f"the checkpoint meta of {model_dir}"
+        raise SystemExit(f"tokenizer {path} (from {where}) does not exist")
+    return path
+
+
 def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = ""):
-    """(cfg, params, tokenizer) of a flaxlm run or an HF directory."""
+    """(cfg, params, tokenizer) of a flaxlm run or an HF directory. A run whose checkpoint,
+    step or tokenizer cannot be read, or an unusable HF directory, raises SystemExit with the
+    reader's message (it names the file)."""
     import jax
     import jax.numpy as jnp
 
     from flaxlm.models import hf
+    from flaxlm.train.checkpoint import CheckpointError
 
-    if os.path.isdir(os.path.join(model_dir, "checkpoints")):
-        from flaxlm.train.checkpoint import load_model
+    try:
+        if os.path.isdir(os.path.join(model_dir, "checkpoints")):
+            from flaxlm.train.checkpoint import load_model, read_meta
 
-        cfg, params, meta = load_model(model_dir, step)
-        tok_path = tokenizer or meta.get("tokenizer", "")
-        if tok_path and not os.path.exists(tok_path):
-            tok_path = os.path.join(model_dir, tok_path)
-        if not tok_path:
-            raise SystemExit(f"{model_dir}: checkpoint meta has no 'tokenizer'; pass --tokenizer")
-        if dtype:
-            cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-            params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
-    elif os.path.exists(os.path.join(model_dir, "config.json")):
-        cfg, params = hf.load_pretrained(model_dir, dtype or None)
-        tok_path = tokenizer or model_dir
-    else:
-        raise SystemExit(f"{model_dir}: neither a flaxlm run (checkpoints/) nor an HF directory")
-    return cfg, params, hf.load_tokenizer(tok_path, cfg.vocab_size)
+            tok_path = _tokenizer_path(tokenizer, read_meta(model_dir, step)[1], model_dir)
+            cfg, params, _ = load_model(model_dir, step)
+            if dtype:
+                cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+                params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+        elif os.path.exists(os.path.join(model_dir, "config.json")):
+            if step is not None:
+                raise SystemExit(
+                    f"{model_dir}: --step is for flaxlm runs; an HF directory holds one set of "
+                    "weights"
+                )
+            cfg, params = hf.load_pretrained(model_dir, dtype or None)
+            tok_path = tokenizer or model_dir
+        else:
+            raise SystemExit(
+                f"{model_dir}: neither a flaxlm run (checkpoints/) nor an HF directory"
+            )
+        return cfg, params, hf.load_tokenizer(tok_path, cfg.vocab_size)
+    except (CheckpointError, hf.HFError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def encode_prompts(tok, texts, chat: bool, system: str = "", bos: bool = True):
@@ -127,14 +162,27 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             p.error(msg)
 
 
+def _read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
+    """The non-blank lines of --prompts_file ('-' = stdin); an unreadable file is a usage
+    error naming it."""
+    try:
+        if path == "-":
+            lines = sys.stdin.readlines()
+        else:
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"--prompts_file {path}: cannot read it ({e})")
+    return [ln.rstrip("\n") for ln in lines if ln.strip()]
+
+
 def main(argv=None) -> None:
     p = _parser()
     args = p.parse_args(argv)
     _check(p, args)
     texts = list(args.prompt)
     if args.prompts_file:
-        f = sys.stdin if args.prompts_file == "-" else open(args.prompts_file)  # noqa: SIM115
-        texts += [ln.rstrip("\n") for ln in f if ln.strip()]
+        texts += _read_prompts(p, args.prompts_file)
     if not texts:
         raise SystemExit("no prompts: pass --prompt TEXT or --prompts_file FILE")
 
@@ -145,6 +193,9 @@ def main(argv=None) -> None:
 
     cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype)
     prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
+    for i, ids in enumerate(prompts):
+        if not ids:  # generate would name its row in the batch, not the prompt
+            raise SystemExit(f"prompt {i} ({texts[i]!r}) encodes to no tokens (--no_bos)")
     rng = jax.random.PRNGKey(args.seed)
     K = args.num_samples
     jobs = [(i, k) for i in range(len(prompts)) for k in range(K)]  # key index i*K + k

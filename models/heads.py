@@ -17,6 +17,14 @@ The chat template (data/formats.py) closes every conversation with EOS after the
 read from the hidden state that has seen the whole prompt and the whole response, and a
 generated response that stopped at `<|end|>` is scored at the same place. Per-token values
 (a critic's V(s_t)) are the full (B, T) output.
+
+Rows hold one sequence each, right-padded (segment id 0): attention is causal, so neither the
+padding amount nor the padding ids nor the other rows change a sequence's values (equal, to
+float32 rounding, to the sequence run alone; tests/models/test_heads_audit.py), with or without
+explicit positions. The head is h·w + b computed in float32 whatever the backbone's dtype; a
+fresh head has w ~ N(0, init_std²) over d_model (logical axis "embed") and b = 0, stored in the
+weight dtype. A reward model trained with LoRA trains its head through `lora.train_extra`
+("^head/" in configs/reward.py).
 """
 
 from __future__ import annotations

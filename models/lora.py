@@ -19,11 +19,24 @@ I and output dims O is
     b: (L?, r, prod(O))   zeros (so training starts at the base model)  — the paper's Bᵀ
 
 and the effective kernel is W + (alpha / r) · reshape(a @ b, I + O), i.e. the paper's
-W₀x + (α/r)·BAx in our x·W layout. `lora_apply` folds the adapters in at every call (a few
+W₀x + (α/r)·BAx in our x·W layout (scale alpha / r, not rsLoRA's alpha / √r; the flattening of
+the input dims is row-major, so for the o kernel x·W sums x[n, h]·W[n, h, :] and the adapter
+sees x.reshape(N·H)). Each kernel's `a` has its own key (one draw for all L layers of a
+scanned kernel), in the base kernel's dtype; `b = 0` makes a fresh LoRA model compute exactly
+the base model's logits. `lora_apply` folds the adapters in at every call (a few
 r·(I+O)-sized matmuls, negligible next to the activations) and stops gradients through the
-frozen base weights, so no base gradient is computed; `trainable_mask` gives the optimizer
-adapters only (plus base params matching `train_extra`, e.g. a reward head), so optimizer
-state holds only what trains.
+frozen base weights: their gradient is exactly zero and XLA materialises none with
+`opt.grad_accum = 1` (with grad_accum > 1, train/step.py's float32 accumulator still holds a
+zero for every base weight); `trainable_mask` gives the optimizer adapters only (plus base
+params matching `train_extra`, e.g. a reward head; matching nothing is an error), so optimizer
+state holds only what trains and frozen params are neither updated nor weight-decayed.
+
+Runs: a LoRA run's checkpoint holds {"base", "lora"} (the whole base, so it resumes and loads
+alone) and its meta["lora"] the spec; every reader merges — train/checkpoint.load_model (eval,
+`python -m flaxlm.generate`, HF export), alignment/common.load_lm_params (init_from, frozen
+reference policies), rl_common.load_scalar_params (reward models) — so nothing downstream sees
+adapters. Under a mesh the adapters are replicated (their boxes name no axis); the base keeps
+its training shardings, and so do merged weights.
 """
 
 from __future__ import annotations
@@ -67,12 +80,25 @@ def lora_config(rank: int = 0) -> ml_collections.ConfigDict:
 
 
 def spec_from_config(section) -> LoraSpec | None:
-    """The `lora` config section → LoraSpec, or None when rank == 0."""
+    """The `lora` config section → LoraSpec, or None when rank == 0. A negative rank, an
+    alpha that is not a positive finite number (alpha = 0 would train adapters that change
+    nothing) and a regex that does not compile are errors naming the key."""
     d = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
     spec = LoraSpec(**d)
     if spec.rank < 0:
         raise ValueError(f"lora.rank={spec.rank} must be >= 0")
-    return spec if spec.rank > 0 else None
+    if spec.rank == 0:
+        return None
+    if not (math.isfinite(spec.alpha) and spec.alpha > 0):
+        raise ValueError(f"lora.alpha={spec.alpha} must be > 0 (the update is (alpha/rank)·a@b)")
+    for key in ("targets", "train_extra"):
+        try:
+            re.compile(getattr(spec, key))
+        except re.error as e:
+            raise ValueError(
+                f"lora.{key}={getattr(spec, key)!r} is not a regular expression: {e}"
+            ) from None
+    return spec
 
 
 def _path_str(path) -> str:
@@ -201,11 +227,20 @@ def lora_apply(apply_fn, spec: LoraSpec):
 
 
 def trainable_mask(params, spec: LoraSpec):
-    """Bools for make_optimizer: every adapter, and base params matching `train_extra`."""
+    """Bools for make_optimizer: every adapter, and base params matching `train_extra`.
+
+    A `train_extra` that matches no base param is an error (a misspelt "^head/" would leave a
+    reward model's fresh head frozen at its random init, silently)."""
     extra = re.compile(spec.train_extra) if spec.train_extra else None
     base = jax.tree_util.tree_map_with_path(
         lambda p, _: bool(extra and extra.search(_path_str(p))), params["base"]
     )
+    if extra and not any(jax.tree.leaves(base)):
+        top = sorted(params["base"]) if isinstance(params["base"], dict) else []
+        raise ValueError(
+            f"lora.train_extra={spec.train_extra!r} matches no base parameter (paths look like "
+            f"'head/kernel', 'layers_0/attn/q/kernel'; top-level names: {top})"
+        )
     return {"base": base, "lora": jax.tree.map(lambda _: True, params["lora"])}
 
 

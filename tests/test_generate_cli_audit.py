@@ -1,0 +1,170 @@
+"""`python -m flaxlm.generate` against references written here: prompts rendered by hand from
+the chat template's definition, `models.decode.generate` called directly with per-sample keys
+fold_in(PRNGKey(seed), i·K + k), and a LoRA run's weights merged in float64 numpy.
+
+* --chat --system --num_samples K --json: every record (prompt, sample, completion, n_tokens,
+  stopped) equals the direct call's tokens; the text output prints the same completions;
+* plain prompts: BOS unless --no_bos, EOS stops (not `<|end|>`); a run's tokenizer named
+  relative to the run directory is found there;
+* bad flags and paths fail before generating, with a message naming the flag, file or prompt
+  (argparse's exit 2 for flags, a one-line SystemExit otherwise — never a traceback).
+"""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from flaxlm import generate as cli
+from flaxlm.models import lora as L
+from flaxlm.models.config import get_variant
+from flaxlm.models.decode import generate, prompt_keys
+from flaxlm.train.checkpoint import Checkpointer
+from flaxlm.train.pretrain import model_fns
+from flaxlm.train.state import unbox
+
+CFG = get_variant("tiny", vocab_size=512, n_layers=1, max_seq_len=64)
+SPEC = L.LoraSpec(rank=2, alpha=4.0, targets="attn/(q|v)")
+TEXTS = ["where does Kavo live", "the city of 42"]
+SYSTEM = "say yes or no"
+
+
+def _save(path, params, meta):
+    ck = Checkpointer(str(path), keep=1, async_save=False)
+    ck.save(3, {"params": params}, {}, {"model_config": CFG.to_dict(), "head": "lm", **meta})
+    ck.close()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, chat_tokenizer):
+    """(run dir, tokenizer, float64-merged params): a LoRA SFT-like run whose `<|end|>` logit
+    is raised (every embedding shares a direction c; lm_head's `<|end|>` column is 0.7·c) so
+    that samples stop at varied lengths."""
+    tok_path, tok = chat_tokenizer
+    rng = np.random.default_rng(0)
+    abstract = unbox(jax.eval_shape(model_fns(CFG)[0], jax.random.PRNGKey(0)))
+    base = jax.tree_util.tree_map_with_path(
+        lambda p, s: np.ones(s.shape, s.dtype) if p[-1].key == "scale"
+        else (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
+        abstract,
+    )  # fmt: skip
+    c = rng.standard_normal(CFG.d_model)
+    c /= np.linalg.norm(c)
+    base["embed"]["embedding"] = (base["embed"]["embedding"] + c).astype(np.float32)
+    base["lm_head"]["kernel"][:, tok.special_ids()["<|end|>"]] = 0.7 * c
+    lora = jax.tree.map(
+        lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype),
+        L.abstract_adapters(base, SPEC),
+    )
+    root = tmp_path_factory.mktemp("generate_cli")
+    (root / "run").mkdir()
+    shutil.copy(tok_path, root / "run" / "tokenizer.model")
+    # The tokenizer named relative to the run directory (a moved run still finds it).
+    meta = {"tokenizer": "tokenizer.model", "lora": SPEC.to_dict(), "task": "sft"}
+    _save(root / "run", {"base": base, "lora": lora}, meta)
+    merged = jax.tree.map(lambda x: np.asarray(x, np.float64), base)
+    for name in ("q", "v"):
+        ab = lora["layers_0"]["attn"][name]["kernel"]
+        w = merged["layers_0"]["attn"][name]["kernel"]
+        d = np.asarray(ab["a"], np.float64) @ np.asarray(ab["b"], np.float64)
+        merged["layers_0"]["attn"][name]["kernel"] = w + SPEC.alpha / SPEC.rank * d.reshape(w.shape)
+    merged = jax.tree.map(lambda x: x.astype(np.float32), merged)
+    return str(root / "run"), tok, merged
+
+
+def _main(args, capsys):
+    cli.main(args)
+    return capsys.readouterr().out
+
+
+def test_chat_samples_equal_a_direct_generate_call(run, capsys):
+    run_dir, tok, merged = run
+    sp = tok.special_ids()
+    end, K, seed = sp["<|end|>"], 2, 5
+    # [BOS] <|system|> system <|end|> <|user|> text <|end|> <|assistant|>
+    ids = [[tok.bos_id, sp["<|system|>"], *tok.encode(SYSTEM), end, sp["<|user|>"],
+            *tok.encode(t), end, sp["<|assistant|>"]] for t in TEXTS]  # fmt: skip
+    assert cli.encode_prompts(tok, TEXTS, True, SYSTEM) == (ids, (end, tok.eos_id))
+    args = [run_dir, "--chat", "--system", SYSTEM, "--prompt", TEXTS[0], "--prompt", TEXTS[1],
+            "--num_samples", str(K), "--temperature", "1", "--seed", str(seed),
+            "--max_new_tokens", "8", "--batch", "3"]  # fmt: skip
+    recs = [json.loads(ln) for ln in _main(args + ["--json"], capsys).splitlines()]
+    jobs = [(i, k) for i in range(len(TEXTS)) for k in range(K)]
+    out = generate(
+        CFG, merged, [ids[i] for i, _ in jobs], max_new_tokens=8,
+        rng=prompt_keys(jax.random.PRNGKey(seed), [i * K + k for i, k in jobs]),
+        temperature=1.0, stop_tokens=(end, tok.eos_id), pad_id=0,
+    )  # fmt: skip
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    assert len(recs) == len(jobs)
+    for rec, (i, k), row, n in zip(recs, jobs, tokens, lengths):
+        gen = [int(t) for t in row[:n]]
+        stopped = gen[-1] in (end, tok.eos_id)
+        want = {"prompt": TEXTS[i], "completion": tok.decode(gen[:-1] if stopped else gen),
+                "n_tokens": int(n), "stopped": stopped, "sample": k}  # fmt: skip
+        assert rec == want
+    assert {r["stopped"] for r in recs} == {True, False}  # both endings are exercised
+    # Text output: the same completions under "### prompt (sample k/K)" headers.
+    text = _main(args, capsys)
+    want = "".join(
+        f"### {r['prompt']} (sample {r['sample'] + 1}/{K})\n{r['completion']}\n\n" for r in recs
+    )
+    assert text == want
+
+
+def test_plain_prompts_bos_and_stop_tokens(run):
+    _, tok, _ = run
+    ids, stops = cli.encode_prompts(tok, TEXTS, chat=False)
+    assert ids == [[tok.bos_id, *tok.encode(t)] for t in TEXTS] and stops == (tok.eos_id,)
+    ids, _ = cli.encode_prompts(tok, TEXTS, chat=False, bos=False)
+    assert ids == [tok.encode(t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def bad_dirs(run, tmp_path_factory, chat_tokenizer):
+    """{name: directory}: a run whose tokenizer is gone, a reward-model run, an HF directory."""
+    from flaxlm.models import hf
+
+    _, _, merged = run
+    root = tmp_path_factory.mktemp("bad")
+    _save(root / "lost", merged, {"tokenizer": str(root / "gone.model")})
+    _save(root / "rm", {"x": np.zeros(2, np.float32)},
+          {"head": "scalar", "tokenizer": chat_tokenizer[0]})  # fmt: skip
+    hf.save_pretrained(CFG, merged, str(root / "hf"), tokenizer=chat_tokenizer[0])
+    return {"run": run[0], **{k: str(root / k) for k in ("lost", "rm", "hf")}, "root": str(root)}
+
+
+HI = ["--prompt", "hi", "--max_new_tokens", "2"]
+BAD = {
+    # flags: argparse usage errors (exit 2), before anything is loaded
+    "dtype": ("run", [*HI, "--dtype", "int8"], 2, "--dtype: invalid choice: 'int8'"),
+    "prompts_file": ("run", ["--prompts_file", "{root}/prompts.txt"], 2,
+                     "--prompts_file {root}/prompts.txt: cannot read it"),
+    # paths: a one-line SystemExit naming what is wrong
+    "tokenizer": ("run", [*HI, "--tokenizer", "no_such.model"],
+                  "tokenizer no_such.model (from --tokenizer) does not exist", None),
+    "meta_tokenizer": ("lost", HI, "tokenizer {root}/gone.model (from the checkpoint meta of "
+                       "{lost}) does not exist", None),
+    "step": ("run", [*HI, "--step", "7"], None, "checkpoints/7: FileNotFoundError"),
+    "reward_run": ("rm", HI, None, "a reward-model run (scalar head), not a language model"),
+    "hf_step": ("hf", [*HI, "--step", "3"], None, "--step is for flaxlm runs"),
+    # the index among all prompts (generate would name the row within its batch)
+    "empty_prompt": ("run", ["--prompt", "hi", "--prompt", "", "--no_bos", "--batch", "1"],
+                     "prompt 1 ('') encodes to no tokens (--no_bos)", None),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_flags_and_paths_are_clear_errors(case, bad_dirs, capsys):
+    model, args, code, message = BAD[case]
+    fill = lambda x: x.format(**bad_dirs) if isinstance(x, str) else x  # noqa: E731
+    with pytest.raises(SystemExit) as e:
+        cli.main([bad_dirs[model], *map(fill, args)])
+    if code == 2:
+        assert e.value.code == 2 and fill(message) in capsys.readouterr().err
+    elif code is not None:
+        assert e.value.code == fill(code)
+    else:
+        assert isinstance(e.value.code, str) and fill(message) in e.value.code
