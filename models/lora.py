@@ -25,9 +25,9 @@ sees x.reshape(N·H)). Each kernel's `a` has its own key (one draw for all L lay
 scanned kernel), in the base kernel's dtype; `b = 0` makes a fresh LoRA model compute exactly
 the base model's logits. `lora_apply` folds the adapters in at every call (a few
 r·(I+O)-sized matmuls, negligible next to the activations) and stops gradients through the
-frozen base weights: their gradient is exactly zero and XLA materialises none with
-`opt.grad_accum = 1` (with grad_accum > 1, train/step.py's float32 accumulator still holds a
-zero for every base weight); `trainable_mask` gives the optimizer adapters only (plus base
+frozen base weights: their gradient is exactly zero and XLA materialises none (with
+`opt.grad_accum > 1`, train/step.py accumulates the trainable leaves only, given the same mask);
+`trainable_mask` gives the optimizer adapters only (plus base
 params matching `train_extra`, e.g. a reward head; matching nothing is an error), so optimizer
 state holds only what trains and frozen params are neither updated nor weight-decayed.
 

@@ -67,8 +67,14 @@ def _split_micro(batch, n: int):
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1):
-    """(loss, metrics, grads), averaged over micro-batches weighted by metrics['weight']."""
+def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, trainable_mask=None):
+    """(loss, metrics, grads), averaged over micro-batches weighted by metrics['weight'].
+
+    `trainable_mask` (a pytree of bools like `params`, or a function params -> one; None = all
+    train): frozen leaves (LoRA's base weights, which the model reads through stop_gradient) get
+    no float32 accumulator over the micro-batches — for a 7B LoRA run that buffer was ~28 GB of
+    zeros — and come back as zeros.
+    """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
         (loss, metrics), grads = grad_fn(params, batch, rng)
@@ -76,17 +82,24 @@ def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1):
 
     micro = _split_micro(batch, grad_accum)
     rngs = jax.random.split(rng, grad_accum)
+    leaves, treedef = jax.tree.flatten(params)
+    if trainable_mask is None:
+        train = [True] * len(leaves)
+    else:
+        mask = trainable_mask(params) if callable(trainable_mask) else trainable_mask
+        train = [bool(t) for t in treedef.flatten_up_to(mask)]
+    trained = lambda tree: [x for x, t in zip(treedef.flatten_up_to(tree), train) if t]  # noqa: E731
 
     def body(carry, xs):
         mb, r = xs
         (loss, metrics), grads = grad_fn(params, mb, r)
         w = metrics.get("weight", jnp.ones((), jnp.float32))
         acc_g, acc_l, acc_m, acc_w = carry
-        acc_g = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), acc_g, grads)
+        acc_g = [a + w * g.astype(jnp.float32) for a, g in zip(acc_g, trained(grads))]
         acc_m = jax.tree.map(lambda a, m: a + w * m, acc_m, metrics)
         return (acc_g, acc_l + w * loss, acc_m, acc_w + w), None
 
-    zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros_g = [jnp.zeros(p.shape, jnp.float32) for p in trained(params)]
     zeros_m = jax.eval_shape(
         lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rngs[0])[0][1]
     )
@@ -94,7 +107,10 @@ def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1):
     init = (zeros_g, jnp.zeros((), jnp.float32), zeros_m, jnp.zeros((), jnp.float32))
     (g, loss, metrics, w), _ = jax.lax.scan(body, init, (micro, rngs))
     w = jnp.maximum(w, 1e-8)
-    grads = jax.tree.map(lambda gi, p: (gi / w).astype(p.dtype), g, params)
+    acc = iter(g)
+    grads = treedef.unflatten(
+        [(next(acc) / w).astype(p.dtype) if t else jnp.zeros_like(p) for p, t in zip(leaves, train)]
+    )
     metrics = jax.tree.map(lambda m: m / w, metrics)
     if "weight" in metrics:
         metrics["weight"] = w
@@ -141,10 +157,13 @@ def train_step(
     schedule: Callable,
     guard,
     grad_accum: int = 1,
+    trainable_mask=None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step (see the module docstring). Returns (new_state, metrics)."""
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, metrics, grads = loss_and_grads(state.params, batch, rng, loss_fn, grad_accum)
+    loss, metrics, grads = loss_and_grads(
+        state.params, batch, rng, loss_fn, grad_accum, trainable_mask
+    )
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -177,11 +196,19 @@ def eval_step(params, batch, rng, *, loss_fn: Callable) -> dict:
     return {**metrics, "loss": loss}
 
 
-def jit_train_step(loss_fn, tx, schedule, guard, grad_accum, state_shardings, mesh):
+def jit_train_step(
+    loss_fn, tx, schedule, guard, grad_accum, state_shardings, mesh, trainable_mask=None
+):
     """The jitted step: state sharded as given and donated, batch as it arrives, metrics
     replicated. The loss function, optimizer and config are closed over (never hashed)."""
     step = functools.partial(
-        train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, guard=guard, grad_accum=grad_accum
+        train_step,
+        loss_fn=loss_fn,
+        tx=tx,
+        schedule=schedule,
+        guard=guard,
+        grad_accum=grad_accum,
+        trainable_mask=trainable_mask,
     )
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
