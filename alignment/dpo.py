@@ -36,7 +36,8 @@ responses down alone, and off-policy rejected responses are not what the policy 
 
 Reference log-probabilities (`dpo.ref_logps`): "precompute" runs the reference once over every
 training and held-out pair when the task is built (a table keyed by each pair's tokens, so any
-order or epoch finds them); "online" runs it on every batch. Either way they arrive in the batch
+order or epoch finds them) and then frees the reference weights (`RefLogps.release`); "online"
+runs it on every batch and keeps them. Either way they arrive in the batch
 as `ref_chosen_logps` / `ref_rejected_logps`, so the loss is the same. The reference is the
 `init_from` model unless `dpo.ref_from` names another run; `dpo.ref_dtype` may be bfloat16.
 
@@ -51,7 +52,9 @@ accuracy per pair kind, and greedy generation accuracy on `eval_gen.sets` (the t
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -195,16 +198,34 @@ def _pair_key(batch, b: int) -> bytes:
 
 class RefLogps:
     """Reference sequence log-probabilities of preference batches, cached by pair content
-    (`cache=True`, filled by `precompute`) or computed per batch (`cache=False`)."""
+    (`cache=True`, filled by `precompute`) or computed per batch (`cache=False`).
 
-    def __init__(self, apply, params, mesh, rules, cache: bool, zeros: bool = False):
+    With a cache, `release()` drops the reference weights once every pair is scored (a whole
+    model in device memory for nothing: 14 GB for a 7B reference in bfloat16); a pair missing
+    from the table after that reloads them with `reload()` (a warning), so a miss costs time,
+    never a wrong value.
+    """
+
+    def __init__(self, apply, params, mesh, rules, cache: bool, zeros: bool = False, reload=None):
         self.params, self.mesh, self.rules = params, mesh, rules
         self.table: dict[bytes, tuple[float, float]] | None = {} if cache else None
         self.zeros = zeros  # reference-free losses: no forward pass at all
         self._fn = jax.jit(lambda p, b: pair_logps(apply, p, b)[0])
+        self._reload = reload  # () -> params, the reference loaded again (after `release`)
         self.forward_rows = 0  # rows the reference has scored (tests, logs)
 
+    def release(self) -> None:
+        """Drops the reference weights (cache mode with a `reload` only)."""
+        if self.table is not None and self._reload is not None:
+            self.params = None
+
     def _forward(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        if self.params is None:
+            logging.warning(
+                "dpo: a preference pair missing from the precomputed reference table; "
+                "reloading the reference model to score it (it stays loaded from now on)"
+            )
+            self.params = self._reload()
         keys = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
         rows = {f"{s}_{k}": batch[f"{s}_{k}"] for s in ("chosen", "rejected") for k in keys}
         with use_mesh(self.mesh, self.rules):
@@ -328,10 +349,19 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if free:
         ref = RefLogps(None, None, mesh, rules, cache=False, zeros=True)
     else:
-        _, ref_apply, ref_params = rl_common.frozen_lm(
-            d.ref_from or config.init_from, mesh, rules, d.ref_dtype
+        load_ref = functools.partial(
+            rl_common.frozen_lm, d.ref_from or config.init_from, mesh, rules, d.ref_dtype
         )
-        ref = RefLogps(ref_apply, ref_params, mesh, rules, cache=d.ref_logps == "precompute")
+        _, ref_apply, ref_params = load_ref()
+        ref = RefLogps(
+            ref_apply,
+            ref_params,
+            mesh,
+            rules,
+            cache=d.ref_logps == "precompute",
+            reload=lambda: load_ref()[2],
+        )
+        del ref_params  # `ref` holds the only reference to them: release() frees them
         if d.ref_logps == "precompute":
             ref.precompute(_pair_batches(train, config, tok.pad_id, shuffle=False, num_epochs=1))
     init_params, apply = model_fns(cfg)
@@ -349,6 +379,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             sets = rl_common.heldout_sets(config, template, [], eval_report)
             gen_eval = rl_common.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
         eval_fn = make_eval_fn(config, mesh, apply, ref, heldout, tok.pad_id, gen_eval, spec)
+    ref.release()  # precompute: every training and held-out pair is scored by now
     data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
     common.write_report(workdir, data_report)
     return common.supervised_task(

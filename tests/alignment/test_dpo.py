@@ -136,6 +136,13 @@ def test_reference_logps_precomputed_equal_online(runs, cache_dir):
         # precompute: the reference ran over every pair once, at build time, and never again
         assert (ref.forward_rows - before) == (0 if mode == "precompute" else 3 * 8)
         assert (out[mode] < 0).all()
+        # ...and its weights are released once every pair is scored (online keeps them).
+        assert (ref.params is None) == (mode == "precompute")
+        if mode == "precompute":  # a pair the table lacks reloads the reference to score it
+            ref.table.clear()
+            again = ref.add({k: v for k, v in batches[0].items() if not k.startswith("ref_")})
+            assert ref.params is not None and ref.forward_rows - before == 8
+            np.testing.assert_allclose(again["ref_chosen_logps"], out[mode][:8], rtol=1e-6)
     np.testing.assert_allclose(out["precompute"], out["online"], rtol=1e-6)
 
 
