@@ -117,7 +117,9 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     c.sharding = "fsdp"  # logical→mesh rules preset: dp | fsdp | fsdp_tp
     c.opt = opt_config()  # optimizer and schedule (train/optim.py)
     c.guard = guard_config()  # NaN / spike handling (train/step.py)
-    c.log_every = 10  # steps between metric fetches / log lines (the only host syncs)
+    # steps between metric fetches / log lines (the only host syncs; with several processes
+    # also where they agree on stopping: SIGTERM, end of data — train/stopping.py)
+    c.log_every = 10
     c.eval_every = 200  # steps between held-out evaluations (0 = never)
     c.eval_at_start = True  # also evaluate the initial model (a baseline for the curves)
     c.ckpt_every = 500  # steps between checkpoints, and at the last step (0 = none but on SIGTERM)

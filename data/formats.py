@@ -46,8 +46,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import ml_collections
 import numpy as np
 
-from flaxlm.data import process_state
 from flaxlm.data import sources as S
+from flaxlm.data.lookahead import Lookahead
 from flaxlm.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -479,9 +479,10 @@ class _EpochOrder:
         self._order = self._make(self.epoch)
 
 
-class _Batches:
+class _Batches(Lookahead):
     """Shared by the batch iterators: this process's items in a per-epoch order, exact
-    get_state/set_state. `num_epochs=0` repeats forever, else StopIteration at the end."""
+    get_state/set_state. `num_epochs=0` repeats forever, else StopIteration at the end
+    (`finite`; `prefetch(n)` draws batches ahead, data/lookahead.py)."""
 
     def __init__(self, items, *, seq_len, batch, pad_id, seed=0, shuffle=True, num_epochs=0,
                  process_index=0, process_count=1):  # fmt: skip
@@ -491,21 +492,13 @@ class _Batches:
             len(items), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
             process_index=process_index, process_count=process_count,
         )  # fmt: skip
+        self.finite = bool(num_epochs)
 
-    def __iter__(self):
-        return self
+    def _local_state(self) -> dict:
+        return self.order.get_state()
 
-    def get_state(self) -> dict:
-        """This process's position; with several processes, every process's (a collective:
-        all processes call it at the same step; data/process_state.py)."""
-        local = self.order.get_state()
-        return process_state.wrap(local, self.process_index, self.process_count)
-
-    def set_state(self, state: dict) -> None:
-        name = type(self).__name__
-        self.order.set_state(
-            process_state.unwrap(state, self.process_index, self.process_count, name)
-        )
+    def _set_local_state(self, state: dict) -> None:
+        self.order.set_state(state)
 
 
 class SFTBatches(_Batches):
@@ -518,7 +511,7 @@ class SFTBatches(_Batches):
         if longest > self.seq_len:
             raise ValueError(f"an example has {longest} tokens > seq_len {self.seq_len}")
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def _next_batch(self) -> dict[str, np.ndarray]:
         out = empty_rows(self.batch, self.seq_len, self.pad_id)
         fill = np.zeros(self.batch, np.int64)
         segs = np.zeros(self.batch, np.int64)
@@ -540,7 +533,7 @@ class PreferenceBatches(_Batches):
     """One preference pair per row: `chosen_*`, `rejected_*` (B, T), `margin` and `valid` (B,);
     a final partial batch has `valid = 0` rows (evaluation)."""
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def _next_batch(self) -> dict[str, np.ndarray]:
         b, t = self.batch, self.seq_len
         out = {**empty_rows(b, t, self.pad_id, "chosen_"), **empty_rows(b, t, self.pad_id,
                "rejected_")}  # fmt: skip

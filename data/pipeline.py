@@ -34,8 +34,10 @@ Each process packs its own documents: its rows are not a slice of what one proce
 processes ``get_state`` gathers every process's position (a collective: all processes call it at
 the same step, as the training loop does when it saves) and ``set_state`` takes its own
 (data/process_state.py). With ``num_epochs > 0`` the processes' streams end after different
-numbers of batches (their documents differ in length): end training (``total_steps``) before the
-data does. A source too small to give every process a document is an error.
+numbers of batches (their documents differ in length): the training loop has every process pack
+the batches up to its next sync step ahead (``prefetch(n)``, data/lookahead.py; ``get_state``
+still names the next batch trained) and stops all of them after the fewest
+(train/stopping.py). A source too small to give every process a document is an error.
 
 With no ``sources`` the built-in corpus is used: a function registered with
 ``register_builtin_corpus`` returns its documents, and a small tokenizer is trained on them once
@@ -53,8 +55,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from flaxlm.data import process_state
 from flaxlm.data import sources as S
+from flaxlm.data.lookahead import Lookahead
 from flaxlm.data.tokenizer import Tokenizer, train_or_load
 
 STATE_VERSION = 1
@@ -77,7 +79,9 @@ def data_config() -> ml_collections.ConfigDict:
     # "split": rows full, documents may continue in the next row; "pad": a document that does
     # not fit the rest of a row starts the next one (only documents longer than a row are cut)
     c.pack_mode = "split"
-    c.num_epochs = 0  # passes over each source (a mixture stops at its first); 0 = forever
+    # passes over each source (a mixture stops at its first); 0 = forever. Training stops, with
+    # a checkpoint, when the data ends before total_steps (on any process: all stop together)
+    c.num_epochs = 0
     c.shuffle = True  # shuffle documents (by the run's seed), differently every epoch
     c.read_threads = 4  # grain threads that read and tokenize
     c.prefetch = 256  # documents grain reads ahead
@@ -182,12 +186,15 @@ class _Tokenize(grain.transforms.Map):
         return np.concatenate([np.asarray(p, np.int32) for p in parts])
 
 
-class PackedBatchIterator:
+class PackedBatchIterator(Lookahead):
     """Packs token documents into fixed rows and batches them; exact ``get_state``/``set_state``.
 
     The state is the document iterator's state *before* the document being cut was read, plus
-    how many of its (input, target) pairs are already in earlier rows.
+    how many of its (input, target) pairs are already in earlier rows. ``finite``: whether the
+    documents end (``num_epochs > 0``); ``prefetch(n)`` packs batches ahead (data/lookahead.py).
     """
+
+    state_name = "pretrain"
 
     def __init__(
         self,
@@ -199,6 +206,7 @@ class PackedBatchIterator:
         mode: str = "split",
         process_index: int = 0,
         process_count: int = 1,
+        finite: bool = False,
     ):
         if mode not in ("split", "pad"):
             raise ValueError(f"pack_mode must be split|pad, got {mode!r}")
@@ -210,13 +218,11 @@ class PackedBatchIterator:
             mode,
         )
         self.process_index, self.process_count = process_index, process_count
+        self.finite = finite
         self._carry: np.ndarray | None = None  # document being placed
         self._carry_state: dict | None = None  # doc iterator state before it was read
         self._offset = 0  # pairs of _carry already placed
         self._done = False
-
-    def __iter__(self):
-        return self
 
     def _fetch(self) -> bool:
         state = self._docs.get_state()
@@ -254,7 +260,7 @@ class PackedBatchIterator:
         out["loss_mask"][r, :fill] = 1.0
         return fill > 0
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def _next_batch(self) -> dict[str, np.ndarray]:
         b, t = self.batch, self.seq_len
         out = {
             "tokens": np.full((b, t), self.pad_id, np.int32),
@@ -270,21 +276,18 @@ class PackedBatchIterator:
             raise StopIteration  # end of the last epoch; a partial last batch keeps zero rows
         return out
 
-    def get_state(self) -> dict:
-        """This process's position; with several processes, every process's (a collective:
-        all processes call it at the same step; data/process_state.py)."""
+    def _local_state(self) -> dict:
+        """This process's position (``get_state`` gathers every process's; Lookahead)."""
         carrying = self._carry is not None
         docs_state = self._carry_state if carrying else self._docs.get_state()
-        local = {
+        return {
             "version": STATE_VERSION,
             "docs": docs_state,
             "carry": carrying,
             "offset": self._offset if carrying else 0,
         }
-        return process_state.wrap(local, self.process_index, self.process_count)
 
-    def set_state(self, state: dict) -> None:
-        state = process_state.unwrap(state, self.process_index, self.process_count, "pretrain")
+    def _set_local_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data iterator state version {state.get('version')} unsupported")
         self._docs.set_state(state["docs"])
@@ -393,6 +396,7 @@ def make_pretrain_iterator(
         mode=data_cfg.pack_mode,
         process_index=process_index,
         process_count=process_count,
+        finite=bool(data_cfg.num_epochs),
     )
     it.tokenizer, it.bad_input = tok, log  # for the trainer's logs and generation
     return it

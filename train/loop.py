@@ -12,10 +12,15 @@ What the loop does, so tasks never do it again:
     `eval_every` steps, checkpoints every `ckpt_every` steps (async);
   * rolls back to the last checkpoint after `guard.max_bad_in_row` skipped steps in a row (the
     data iterator keeps going, so the offending batches are skipped, as PaLM did);
-  * on SIGTERM (preemption) saves a checkpoint and returns cleanly. Saves (periodic and on
-    SIGTERM) wait for the batch source's boundary when it has one (`at_boundary()`: PPO/GRPO
-    finish the current rollout's minibatches, no generation), so every checkpoint resumes
-    bit for bit.
+  * on SIGTERM (preemption) saves a checkpoint and returns cleanly; when a finite batch source
+    (`data.num_epochs` > 0) ends before `total_steps`, saves there and returns. With several
+    processes both are agreed (train/stopping.py): every process stops at the same step, even
+    when only one saw the signal or ran out of data. Saves (periodic and on SIGTERM) wait for
+    the batch source's boundary when it has one (`at_boundary()`: PPO/GRPO finish the current
+    rollout's minibatches, no generation), so every checkpoint resumes bit for bit;
+  * keeps metrics.jsonl to one line per logged step of the run as it finally went: a rollback
+    or a resume moves the lines of the steps it trains again to metrics.superseded.jsonl and
+    records the event in events.jsonl (train/metrics.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from tqdm.auto import tqdm
 
 from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
 from flaxlm.train import checkpoint as ckpt_lib
+from flaxlm.train import stopping
 from flaxlm.train.metrics import MetricWriter, Throughput, peak_memory_gb, tokens_in_batch
 from flaxlm.train.optim import make_optimizer
 from flaxlm.train.state import abstract_state, create_train_state, state_shardings
@@ -87,28 +93,6 @@ def itstime(step: int, every: int, total: int | None = None, first: bool = False
     return step % every == 0 or (total is not None and step == total) or (first and step == 0)
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread (e.g. a notebook worker): no handler
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def _summarise(window: list[dict]) -> dict:
     """Averages a window of per-step metric dicts fetched from the device."""
     out = {}
@@ -133,7 +117,7 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
         if data_state and hasattr(task.train_batches, "set_state"):
             task.train_batches.set_state(data_state)
         log.info("resumed from %s/%d", ckpt.directory, latest)
-        return state, shardings, latest
+        return state, shardings, latest, True
     state, shardings = create_train_state(task.init_params, tx, mesh, rules, config.seed)
     if config.get("init_from"):
         target = jax.tree.map(
@@ -148,7 +132,7 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
         loaded = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded, shardings.params)
         state = state.replace(params=loaded)
         log.info("initialised params from %s", config.init_from)
-    return state, shardings, 0
+    return state, shardings, 0, False
 
 
 def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
@@ -164,19 +148,32 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
     meta = {"task": task.name, "config": config.to_dict(), **task.model_meta}
 
     writer = None
+    preempt = stopping.Preemption()
     try:
+        if jax.process_count() > 1:
+            # Before the restore and compilation: jax.distributed.initialize installed jax's own
+            # SIGTERM handler, which would swallow a notice arriving meanwhile (stopping.py).
+            preempt.install()
         with use_mesh(mesh, rules):
-            state, shardings, start = _init_or_resume(config, task, ckpt, tx, mesh, rules)
+            state, shardings, start, resumed = _init_or_resume(config, task, ckpt, tx, mesh, rules)
             step_fn = jit_train_step(
-                task.loss_fn, tx, schedule, config.guard, config.opt.grad_accum, shardings, mesh
+                task.loss_fn,
+                tx,
+                schedule,
+                config.guard,
+                config.opt.grad_accum,
+                shardings,
+                mesh,
+                task.trainable_mask,
             )
-            writer = MetricWriter(workdir, resume_step=start if start else None)
+            writer = MetricWriter(workdir, resume_step=start if resumed else None)
             meter = Throughput(
                 task.flops_per_token, task.flops_per_token_causal, config.get("peak_tflops", 0.0)
             )
-            summary = _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
-                            shardings, tx, mesh)  # fmt: skip
+            summary = _loop(config, task, state, step_fn, ckpt, writer, meter, start, total,
+                            meta, shardings, tx, mesh, preempt, resumed)  # fmt: skip
     finally:
+        preempt.uninstall()
         # Also when the loop raises (a data error, Ctrl-C): an async save still in flight is
         # finished, not left as a `<step>.orbax-checkpoint-tmp` that the exiting interpreter
         # abandons — the checkpoint a rerun resumes from.
@@ -197,12 +194,26 @@ def _maybe_eval(task, state, step, writer, summary):
     log.info("step %d eval %s", step, {k: round(float(v), 4) for k, v in ev.items()})
 
 
-def _loop(
-    config, task, state, step_fn, ckpt, writer, meter, start, total, meta, shardings, tx, mesh
-):
+def _log_window(window, meter, state, writer, summary, bar, step) -> dict:
+    """Writes the metrics of the steps since the last log line (one device fetch)."""
+    rec = _summarise(jax.device_get(window))
+    rec.update(meter.measure())
+    rec["n_skipped"] = int(jax.device_get(state.guard["n_skipped"]))
+    mem = peak_memory_gb()
+    if mem is not None:
+        rec["peak_mem_gb"] = mem
+    writer.write(step, rec)
+    summary["train"] = rec
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+    return rec
+
+
+def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta, shardings, tx,
+          mesh, preempt, resumed):  # fmt: skip
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
     window: list = []
-    summary: dict = {"train": {}, "eval": {}, "rollbacks": 0, "preempted": False}
+    summary: dict = {"train": {}, "eval": {}, "rollbacks": 0, "preempted": False,
+                     "data_exhausted": False}  # fmt: skip
     bar = tqdm(
         total=total,
         initial=start,
@@ -211,64 +222,92 @@ def _loop(
         dynamic_ncols=True,
     )
     step = start
-    if start == 0 and config.get("eval_at_start", False):
+    if not resumed and config.get("eval_at_start", False):  # a resume at 0 already logged it
         _maybe_eval(task, state, 0, writer, summary)
     save_due = False  # a periodic save waiting for the batch source's next boundary
-    with _Preemption() as preempt:
-        while step < total:
-            if preempt.requested and _at_boundary(task):
-                ckpt.save(step, state, _data_state(task), meta)
-                ckpt.wait()
-                summary["preempted"] = True
-                log.warning("SIGTERM: saved checkpoint at step %d and stopping", step)
-                break
-            if preempt.requested and not summary["preempted"]:
-                summary["preempted"] = True  # logged once; saved at the boundary above
-                log.warning("SIGTERM at step %d: finishing the rollout's minibatches first", step)
-            if step == kill_at:
-                # Once the saves started earlier have landed: a test then knows which step the
-                # rerun resumes from (on a busy machine an async save can outlast 5 steps).
-                ckpt.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
-            if task.before_step is not None:
-                task.before_step(state)
+    preempt.install()  # one process: from here on (several: since before the restore)
+    sync = stopping.StopSync(task.train_batches, config.log_every, total)
+    sync.agree(step, preempt)  # several processes: SIGTERM while compiling, data in hand
+    while step < total:
+        if sync.stop_requested(preempt) and _at_boundary(task):
+            ckpt.save(step, state, _data_state(task), meta)
+            ckpt.wait()
+            summary["preempted"] = True
+            log.warning("SIGTERM: saved checkpoint at step %d and stopping", step)
+            writer.event("preempted", f"SIGTERM: checkpoint saved at step {step}", step=step)
+            break
+        if sync.stop_requested(preempt) and not summary["preempted"]:
+            summary["preempted"] = True  # logged once; saved at the boundary above
+            log.warning("SIGTERM at step %d: finishing the rollout's minibatches first", step)
+        if sync.data_end is not None and step >= sync.data_end:
+            _end_of_data(task, state, step, ckpt, writer, meter, meta, window, summary, bar,
+                         sync)  # fmt: skip
+            break
+        if step == kill_at:
+            # Once the saves started earlier have landed: a test then knows which step the
+            # rerun resumes from (on a busy machine an async save can outlast 5 steps).
+            ckpt.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        if task.before_step is not None:
+            task.before_step(state)
+        try:
             batch = next(task.train_batches)
-            meter.add(tokens_in_batch(batch))
-            batch = shard_batch(batch, mesh)
-            with jax.transfer_guard("disallow"):
-                state, metrics = step_fn(state, batch)
-            window.append(metrics)
-            step += 1
-            bar.update(1)
+        except StopIteration:
+            sync.ran_out(step)  # one process (several: the sources agree ahead, or an error)
+            _end_of_data(task, state, step, ckpt, writer, meter, meta, window, summary, bar,
+                         sync)  # fmt: skip
+            break
+        meter.add(tokens_in_batch(batch))
+        batch = shard_batch(batch, mesh)
+        with jax.transfer_guard("disallow"):
+            state, metrics = step_fn(state, batch)
+        window.append(metrics)
+        step += 1
+        bar.update(1)
 
-            if itstime(step, config.log_every, total):
-                rec = _summarise(jax.device_get(window))
-                window = []
-                rec.update(meter.measure())
-                rec["n_skipped"] = int(jax.device_get(state.guard["n_skipped"]))
-                mem = peak_memory_gb()
-                if mem is not None:
-                    rec["peak_mem_gb"] = mem
-                writer.write(step, rec)
-                summary["train"] = rec
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
-                # 0 turns rollback off (as 0 turns off the guard's other thresholds); without
-                # the first test every log step would roll back (bad_in_row >= 0 always).
-                max_bad = config.guard.max_bad_in_row
-                if max_bad > 0 and rec["bad_in_row"] >= max_bad:
-                    state, step = _rollback(ckpt, state, step, task, tx, shardings, summary)
-                    bar.n = step
-            if itstime(step, config.eval_every, total):
-                _maybe_eval(task, state, step, writer, summary)
-            save_due |= itstime(step, config.ckpt_every, total)
-            if save_due and (_at_boundary(task) or step == total):
-                ckpt.save(step, state, _data_state(task), meta)
-                save_due = False
+        rolled_back = False
+        if itstime(step, config.log_every, total):
+            rec = _log_window(window, meter, state, writer, summary, bar, step)
+            window = []
+            # 0 turns rollback off (as 0 turns off the guard's other thresholds); without
+            # the first test every log step would roll back (bad_in_row >= 0 always).
+            max_bad = config.guard.max_bad_in_row
+            if max_bad > 0 and rec["bad_in_row"] >= max_bad:
+                state, step = _rollback(ckpt, state, step, task, tx, shardings, summary, writer,
+                                        int(rec["bad_in_row"]))  # fmt: skip
+                bar.n = step
+                rolled_back = True
+        if rolled_back:  # at the checkpoint's step, whose eval and save are done (and logged)
+            if sync.multi:  # the steps until the next sync step are more now
+                sync.agree(step, preempt)
+            continue
+        if itstime(step, config.eval_every, total):
+            _maybe_eval(task, state, step, writer, summary)
+        save_due |= itstime(step, config.ckpt_every, total)
+        if save_due and (_at_boundary(task) or step == total):
+            ckpt.save(step, state, _data_state(task), meta)
+            save_due = False
+        if sync.due(step):
+            sync.agree(step, preempt)
     bar.close()
     ckpt.wait()
     summary["state"] = state
     summary["step"] = step
     return summary
+
+
+def _end_of_data(task, state, step, ckpt, writer, meter, meta, window, summary, bar, sync):
+    """The batch source has ended (on some process): log the steps since the last log line,
+    save, and record why the run stopped before total_steps."""
+    if window:
+        _log_window(window, meter, state, writer, summary, bar, step)
+        window.clear()
+    ckpt.save(step, state, _data_state(task), meta)
+    ckpt.wait()
+    summary["data_exhausted"] = True
+    left = {"batches_left": sync.batches_left} if sync.batches_left else {}
+    writer.event("data_end", f"the batch source ended after step {step} of total_steps "
+                 f"{sync.total}: checkpoint saved there", step=step, **left)  # fmt: skip
 
 
 def _data_state(task) -> dict:
@@ -283,9 +322,10 @@ def _at_boundary(task) -> bool:
     return at() if at else True
 
 
-def _rollback(ckpt, state, step, task, tx, shardings, summary):
+def _rollback(ckpt, state, step, task, tx, shardings, summary, writer, bad_in_row):
     """Restores the last readable checkpoint's model and optimizer (an unreadable newest step
-    is handled as on resume, `ckpt.on_corrupt`); the data iterator keeps its place."""
+    is handled as on resume, `ckpt.on_corrupt`); the data iterator keeps its place. The metrics
+    lines after the checkpoint move to metrics.superseded.jsonl (the steps are trained again)."""
     ckpt.wait()
     got = None
     if ckpt.latest_step() is not None:
@@ -297,7 +337,13 @@ def _rollback(ckpt, state, step, task, tx, shardings, summary):
         )
     last, restored = got[0], got[1]
     summary["rollbacks"] += 1
+    moved = writer.rolled_back(
+        step, last, f"{bad_in_row} bad steps in a row (NaN/Inf or loss spikes) at step {step}: "
+        f"rolled back to checkpoint {last}", checkpoint=last, bad_in_row=bad_in_row,
+    )  # fmt: skip
     log.warning(
-        "step %d: rolled back to checkpoint %d, skipping the batches in between", step, last
-    )
+        "step %d: rolled back to checkpoint %d, skipping the batches in between (%d metrics "
+        "lines of steps %d..%d moved to metrics.superseded.jsonl)",
+        step, last, moved, last + 1, step,
+    )  # fmt: skip
     return restored, int(jax.device_get(restored.step))

@@ -78,7 +78,8 @@ def main(argv):
     if module is None:
         raise app.UsageError(f"config.task={config.task!r}; known tasks: {sorted(TASKS)}")
     _, summary = importlib.import_module(module).run(config, _WORKDIR.value)
-    print({k: v for k, v in summary.items() if k in ("step", "train", "eval", "preempted")})
+    keys = ("step", "train", "eval", "preempted", "data_exhausted")
+    print({k: v for k, v in summary.items() if k in keys})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Metric writers (metrics.jsonl + TensorBoard), throughput and MFU.
 
 `metrics.jsonl` has one JSON object per logged step (`step`, `loss`, `lr`, `grad_norm`,
-`tokens_per_s` of the whole job, `mfu`, ... and `eval/...` keys at eval steps). Only process 0
-writes.
+`tokens_per_s` of the whole job, `mfu`, ... and `eval/...` keys at eval steps) of the run as it
+finally went: steps a guard rollback or a resume trains again have their earlier lines moved to
+`metrics.superseded.jsonl` (tagged with the event and why), and `events.jsonl` records each
+resume, rollback and early stop. Only process 0 writes.
 
 MFU = achieved model FLOP/s ÷ (peak FLOP/s per chip × chips), with model FLOPs per token from
 `ModelConfig.flops_per_token` (PaLM count: 6·N_matmul + 12·L·d_attn·T; `mfu_causal` halves the
@@ -12,6 +14,7 @@ null unless `peak_tflops` is configured.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -107,39 +110,171 @@ def _clean(v):
     return v
 
 
+METRICS_FILE = "metrics.jsonl"  # one line per logged step of the run as it finally went
+SUPERSEDED_FILE = "metrics.superseded.jsonl"  # lines of steps a rollback or resume redid
+EVENTS_FILE = "events.jsonl"  # resumes, restarts, rollbacks and early stops, one line each
+_COMMIT_FILE = "metrics.commit.json"  # names the .tmp files a multi-file replace moves in place
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def _replace_together(workdir: str, texts: dict[str, str]) -> None:
+    """Replaces several files of `workdir` as one step: a kill at any point leaves either all
+    the old files or all the new ones (completed by `_finish_replace` on the next start).
+
+    Each new text is written to NAME.tmp and synced; then the commit file naming them is
+    renamed into place (the commit point); then each NAME.tmp is renamed over NAME.
+    """
+    for name, text in texts.items():
+        with open(os.path.join(workdir, name + ".tmp"), "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    commit = os.path.join(workdir, _COMMIT_FILE)
+    with open(commit + ".tmp", "w") as f:
+        json.dump(sorted(texts), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(commit + ".tmp", commit)
+    _finish_replace(workdir)
+
+
+def _finish_replace(workdir: str) -> None:
+    """Completes a committed `_replace_together` cut short by a kill, or drops an uncommitted
+    one's .tmp files (the old files are then intact)."""
+    commit = os.path.join(workdir, _COMMIT_FILE)
+    names = json.loads(_read_text(commit) or "[]")
+    for name in names:
+        tmp = os.path.join(workdir, name + ".tmp")
+        if os.path.exists(tmp):
+            os.replace(tmp, os.path.join(workdir, name))
+    if os.path.exists(commit):
+        os.remove(commit)
+    for name in (METRICS_FILE, SUPERSEDED_FILE, EVENTS_FILE, _COMMIT_FILE):
+        tmp = os.path.join(workdir, name + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 class MetricWriter:
-    """Appends to WORKDIR/metrics.jsonl and writes TensorBoard events (process 0 only)."""
+    """Appends to WORKDIR/metrics.jsonl and writes TensorBoard events (process 0 only).
+
+    metrics.jsonl holds one line per logged step of the run as it finally went (and one per
+    eval): when a rollback or a resume trains steps again, the lines of the steps after the
+    checkpoint it continues from are moved, in one atomic replace, to
+    metrics.superseded.jsonl — each with a `superseded` entry naming the event and why — and
+    the event is appended to events.jsonl. Nothing logged is lost. TensorBoard hides the
+    superseded steps too (tensorboardX's `purge_step`).
+
+    Args:
+      workdir: the run directory.
+      resume_step: the checkpoint step the run continues from; None for a run that starts from
+        scratch (any lines already there, from an attempt that saved no checkpoint, are moved
+        aside as a "restart").
+      tensorboard: also write TensorBoard events under WORKDIR/tb.
+    """
 
     def __init__(self, workdir: str, resume_step: int | None = None, tensorboard: bool = True):
         self.active = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.workdir = workdir
+        self.path = os.path.join(workdir, METRICS_FILE)
         self.tb = None
+        self._tensorboard, self._tb_opened = tensorboard, 0
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._truncate_after(resume_step)
-        if tensorboard:
-            from tensorboardX import SummaryWriter
+        _finish_replace(workdir)
+        had_tb = os.path.isdir(os.path.join(workdir, "tb"))
+        if resume_step is None:
+            self.supersede_after(-1, "restart", "the run started again from step 0 (no "
+                                 "checkpoint to resume from)", always=False)  # fmt: skip
+        else:
+            self.supersede_after(resume_step, "resume", f"resumed from checkpoint {resume_step}"
+                                 "; the steps after it are trained again")  # fmt: skip
+        # TensorBoard hides its events of the steps trained again (all of them on a restart).
+        purge = (0 if resume_step is None else resume_step + 1) if had_tb else None
+        self._open_tb(purge)
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-
-    def _truncate_after(self, step: int | None):
-        """A resumed run drops lines logged after its checkpoint (they will be redone), so
-        metrics.jsonl always reads like one uninterrupted run."""
-        if not os.path.exists(self.path):
+    def _open_tb(self, purge_step: int | None):
+        if not self._tensorboard:
             return
-        with open(self.path) as f:
-            lines = f.readlines()
-        keep = []
-        for line in lines:
+        from tensorboardX import SummaryWriter
+
+        if self.tb is not None:
+            self.tb.close()
+        # A file name of its own: tensorboardX names files by the second, so a writer reopened
+        # within the second (a rollback) would overwrite the events of the one before.
+        self._tb_opened += 1
+        suffix = f".{os.getpid()}.{self._tb_opened}"
+        self.tb = SummaryWriter(os.path.join(self.workdir, "tb"), purge_step=purge_step,
+                                filename_suffix=suffix)  # fmt: skip
+
+    def supersede_after(self, step: int, event: str, reason: str, always: bool = True,
+                        **info) -> int:  # fmt: skip
+        """Moves the lines of steps after `step` to metrics.superseded.jsonl (each with
+        `superseded: {event, time, reason}`) and appends the event to events.jsonl, in one
+        atomic replace; returns how many lines moved. With `always=False` an event that moves
+        nothing is not recorded. A line cut short by a kill is moved as {"unparsed": text}."""
+        if not self.active:
+            return 0
+        tag = {"event": event, "time": _now(), "reason": reason}
+        keep, moved, last = [], [], None
+        for line in _read_text(self.path).splitlines():
+            if not line.strip():
+                continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if step is not None and rec.get("step", 0) <= step:
-                keep.append(json.dumps(rec) + "\n")
-        with open(self.path, "w") as f:
-            f.writelines(keep)
+                rec_step = int(rec.get("step", 0))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                moved.append(json.dumps({"unparsed": line, "superseded": tag}) + "\n")
+                continue
+            last = rec_step if last is None else max(last, rec_step)
+            if rec_step <= step:
+                keep.append(line + "\n")
+            else:
+                moved.append(json.dumps({**rec, "superseded": tag}) + "\n")
+        if not moved and not always:
+            return 0
+        record = {**tag, "to_step": max(step, 0), "last_logged_step": last, **info,
+                  "superseded_lines": len(moved)}  # fmt: skip
+        if not moved:
+            self._append_event(record)
+            return 0
+        superseded = _read_text(os.path.join(self.workdir, SUPERSEDED_FILE))
+        events = _read_text(os.path.join(self.workdir, EVENTS_FILE))
+        _replace_together(self.workdir, {
+            METRICS_FILE: "".join(keep),
+            SUPERSEDED_FILE: superseded + "".join(moved),
+            EVENTS_FILE: events + json.dumps(record) + "\n",
+        })  # fmt: skip
+        return len(moved)
+
+    def rolled_back(self, step: int, to_step: int, reason: str, **info) -> int:
+        """A rollback at `step` to checkpoint `to_step`: supersedes the lines after it (and
+        TensorBoard's events from `to_step` + 1 on); returns how many lines moved."""
+        n = self.supersede_after(to_step, "rollback", reason, at_step=step, **info)
+        if self.active:
+            self._open_tb(to_step + 1)
+        return n
+
+    def event(self, event: str, reason: str, **info):
+        """Appends an event (a preemption stop, the end of the data) to events.jsonl."""
+        if self.active:
+            self._append_event({"event": event, "time": _now(), "reason": reason, **info})
+
+    def _append_event(self, record: dict):
+        with open(os.path.join(self.workdir, EVENTS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def write(self, step: int, metrics: dict):
         if not self.active:
@@ -158,11 +293,13 @@ class MetricWriter:
 
 
 def read_metrics(workdir_or_file: str) -> list[dict]:
-    """All records of a run's metrics.jsonl (for notebooks, reports and tests). A line that is
-    not JSON (cut short by a killed trainer, or being written) is skipped."""
+    """All records of a run's metrics.jsonl (for notebooks, reports and tests): one per logged
+    step (and eval) of the run as it finally went, in step order. A line that is not JSON (cut
+    short by a killed trainer, or being written) is skipped. Also reads any other JSONL file
+    given by path."""
     path = workdir_or_file
     if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
+        path = os.path.join(path, METRICS_FILE)
     out = []
     with open(path) as f:
         for line in f:
@@ -171,5 +308,18 @@ def read_metrics(workdir_or_file: str) -> list[dict]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                continue  # a killed run resumes by truncating it (MetricWriter._truncate_after)
+                continue  # the resumed run moves it to metrics.superseded.jsonl
     return out
+
+
+def read_superseded(workdir: str) -> list[dict]:
+    """The lines a rollback or resume moved out of metrics.jsonl (the steps it trained again),
+    oldest first; each has `superseded: {event, time, reason}`. [] when there are none."""
+    path = os.path.join(workdir, SUPERSEDED_FILE)
+    return read_metrics(path) if os.path.exists(path) else []
+
+
+def read_events(workdir: str) -> list[dict]:
+    """The run's resumes, restarts, rollbacks and early stops (events.jsonl), oldest first."""
+    path = os.path.join(workdir, EVENTS_FILE)
+    return read_metrics(path) if os.path.exists(path) else []
