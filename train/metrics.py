@@ -323,3 +323,13 @@ def read_events(workdir: str) -> list[dict]:
     """The run's resumes, restarts, rollbacks and early stops (events.jsonl), oldest first."""
     path = os.path.join(workdir, EVENTS_FILE)
     return read_metrics(path) if os.path.exists(path) else []
+
+
+def data_end_step(workdir: str) -> int | None:
+    """The step at which the run's finite data ended (its last event is `data_end`: it stopped
+    there, with a checkpoint, before total_steps), or None. A sweep counts such a run as
+    finished: resuming it would only stop again."""
+    events = read_events(workdir)
+    if events and events[-1].get("event") == "data_end":
+        return int(events[-1]["step"])
+    return None

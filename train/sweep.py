@@ -9,11 +9,11 @@ and is trained by `python -m flaxlm.train.main --config FILE:ARG --workdir RUN -
 `ROOT/sweep.json` indexes the runs with their overrides, sizes (N, D, FLOPs) and commands.
 
 Re-running the same command skips finished runs (a `DONE` marker, written once the trainer
-exited cleanly and reached `total_steps`, or a checkpoint at `total_steps`) and resumes the
-others: the trainer restarts from the run's latest checkpoint by itself. A started run whose
-config arg or overrides changed since stops the sweep (sweep_plan.write_index): resuming it would
-mix two runs. While a run trains its directory holds `RUNNING` (the trainer's pid), so a second
-sweep never trains the same run twice.
+exited cleanly and reached `total_steps` or the end of its finite data, or a checkpoint at
+`total_steps`) and resumes the others: the trainer restarts from the run's latest checkpoint by
+itself. A started run whose config arg or overrides changed since stops the sweep
+(sweep_plan.write_index): resuming it would mix two runs. While a run trains its directory holds
+`RUNNING` (the trainer's pid), so a second sweep never trains the same run twice.
 Trainers are started in their own session with SIGTERM as their parent-death signal: when the
 sweep is interrupted (Ctrl-C, SIGTERM, even SIGKILL) each running trainer saves a checkpoint and
 stops. After the runs, `ROOT/runs.csv` and `ROOT/runs.json` hold the run table (train/sweep_table).
@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from flaxlm.train.metrics import data_end_step
 from flaxlm.train.sweep_plan import (  # noqa: F401 (the public names of the sweep API)
     Run,
     expand,
@@ -239,10 +240,21 @@ def _finish(run: Run, returncode: int, seconds: float, interrupted: bool = False
         pass
     step = _logged_step(run.workdir)
     reached = run.total_steps is None or step >= run.total_steps
-    if returncode == 0 and (reached or final_checkpoint(run.workdir, run.total_steps)):
+    data_end = data_end_step(run.workdir)  # finite data ended first: stopping was the end
+    if returncode == 0 and (
+        reached or final_checkpoint(run.workdir, run.total_steps) or data_end is not None
+    ):
+        done = {"seconds": round(seconds, 1), "step": step, "time": time.time()}
+        if data_end is not None and not reached:
+            done["data_end"] = data_end
         with open(os.path.join(run.workdir, "DONE"), "w") as f:
-            json.dump({"seconds": round(seconds, 1), "step": step, "time": time.time()}, f)
-        _say(f"done {run.name} in {seconds:.1f}s")
+            json.dump(done, f)
+        early = (
+            f" (its data ended at step {data_end} of {run.total_steps})"
+            if "data_end" in done
+            else ""
+        )
+        _say(f"done {run.name} in {seconds:.1f}s{early}")
         return "done"
     if interrupted:
         _say(f"interrupted {run.name} at step {step}; re-run the sweep to resume it")

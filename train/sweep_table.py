@@ -22,7 +22,7 @@ import os
 import warnings
 from collections.abc import Sequence
 
-from flaxlm.train.metrics import read_metrics
+from flaxlm.train.metrics import data_end_step, read_metrics
 
 TASKS_FILE = "tasks.json"  # {task: {metric: value}} written by the evaluation of a run
 _FIRST = ("index", "name", "overrides", "step", "total_steps", "n_params", "n_params_nonembed",
@@ -31,7 +31,8 @@ _FIRST = ("index", "name", "overrides", "step", "total_steps", "n_params", "n_pa
 
 def final_metrics(run_dir: str, total_steps: int | None = None) -> dict | None:
     """`step`, `final_loss`, `heldout_loss` and eval/* at the last step of a run; None when the
-    run has not reached `total_steps` (or logged nothing). Records that are not objects with a
+    run has not reached `total_steps` (unless its finite data ended it there: `data_end`) or
+    logged nothing. Records that are not objects with a
     `step` (a file that is not a metrics log) are an error naming the file."""
     try:
         records = read_metrics(run_dir)
@@ -46,9 +47,12 @@ def final_metrics(run_dir: str, total_steps: int | None = None) -> dict | None:
     if not train:
         return None
     last = max(r["step"] for r in records)
-    if total_steps is not None and last < total_steps:
+    data_end = data_end_step(run_dir) if os.path.isdir(run_dir) else None
+    if total_steps is not None and last < total_steps and data_end != last:
         return None
     out = {"step": last, "final_loss": train[-1]["loss"]}
+    if data_end == last and (total_steps is None or last < total_steps):
+        out["data_end"] = True  # finite data stopped it before total_steps
     if evals and evals[-1]["step"] == last:
         ev = evals[-1]
         out["heldout_loss"] = ev.get("eval/nll", ev.get("eval/loss"))

@@ -122,6 +122,10 @@ if name in os.environ.get("FAKE_FAIL", "").split(";"):
     last = total // 3
 elif name in os.environ.get("FAKE_STOP", "").split(";"):
     last = total - 4  # preempted: exits cleanly before total_steps
+elif name in os.environ.get("FAKE_DATA_END", "").split(";"):
+    last = total - 4  # its finite data ended: exits cleanly, as train/loop.py records it
+    with open(os.path.join(workdir, "events.jsonl"), "a") as f:
+        f.write(json.dumps({"event": "data_end", "step": last, "reason": "fake"}) + "\n")
 start = 0
 path = os.path.join(workdir, "metrics.jsonl")
 if os.path.exists(path):
@@ -145,6 +149,7 @@ def fake_trainer(tmp_path, monkeypatch):
         sys.executable, str(script), run.workdir, str(run.total_steps)])  # fmt: skip
     monkeypatch.delenv("FAKE_FAIL", raising=False)
     monkeypatch.delenv("FAKE_STOP", raising=False)
+    monkeypatch.delenv("FAKE_DATA_END", raising=False)
     return script
 
 
@@ -178,6 +183,24 @@ def test_failed_runs_keep_the_others_and_rerun(tmp_path, monkeypatch, capsys, fa
     rows = sweep_table.collect(root)
     assert [r["name"] for r in rows] == NAMES and all(r["step"] == STEPS for r in rows)
     assert all(r["heldout_loss"] == pytest.approx(9.0 / STEPS) for r in rows)
+
+
+def test_a_run_whose_data_ended_is_finished_not_failed(tmp_path, monkeypatch, capsys, fake_trainer):
+    """A run stopped by the end of its finite data (events.jsonl's last event is data_end) is
+    done: the sweep neither reports it failed nor retrains it, and the table lists it."""
+    root = str(tmp_path / "sw")
+    argv = ["--config", CONFIG, "--workdir", root, "--cache_dir", "", "--only", "0,1",
+            f"--config.total_steps={STEPS}"]  # fmt: skip
+    monkeypatch.setenv("FAKE_DATA_END", NAMES[1])
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"done {NAMES[1]}" in out and "its data ended at step 8 of 12" in out
+    assert json.load(open(os.path.join(root, NAMES[1], "DONE")))["data_end"] == 8
+    rows = {r["name"]: r for r in sweep_table.collect(root)}
+    assert rows[NAMES[1]]["step"] == 8 and rows[NAMES[1]]["data_end"] is True
+    assert rows[NAMES[0]]["step"] == STEPS and not rows[NAMES[0]].get("data_end")
+    assert sweep.main(argv) == 0
+    assert f"skip {NAMES[1]} (finished)" in capsys.readouterr().out
 
 
 def test_stale_running_file_of_another_process_is_not_busy(tmp_path, fake_trainer):
