@@ -268,7 +268,9 @@ def load_lm_params(source: str, target, step: int | None = None):
 
         _, params = hf.load_pretrained(source[len(HF_PREFIX) :])
         return _select(params, target, source)
-    meta = ckpt_lib.read_meta(source, step)[1]
+    # The step read from here on: "latest" resolved once, so a save that lands meanwhile (a
+    # run still training) cannot pair this meta with another step's params.
+    step, meta = ckpt_lib.read_meta(source, step)
     scalar = meta.get("head") == "scalar"
     if meta.get("head") == "policy_value":  # a PPO run: {"policy": LM, "value": critic}
         return ckpt_lib.load_params(source, {"policy": target}, step)["policy"]
@@ -348,7 +350,7 @@ def load_policy(run_dir: str, step: int | None = None):
     from flaxlm.models.transformer import Transformer
     from flaxlm.train.state import unbox
 
-    _, meta = ckpt_lib.read_meta(run_dir, step)
+    step, meta = ckpt_lib.read_meta(run_dir, step)  # the params below come from this step
     cfg = ModelConfig.from_dict(meta["model_config"])
     abstract = unbox(
         jax.eval_shape(

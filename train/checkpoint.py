@@ -7,7 +7,13 @@ Each step directory holds three items:
            describes itself, so notebooks and `init_from` need nothing else
 Saves are asynchronous (training continues while the write finishes) and atomic (orbax writes a
 temporary directory and renames it), so a killed process never leaves a half checkpoint that
-looks complete (a leftover `<step>.orbax-checkpoint-tmp*` directory is not a step).
+looks complete (a leftover `<step>.orbax-checkpoint-tmp*` directory is not a step, for resuming
+and for readers alike). `keep` (max_to_keep) deletes the oldest steps only in orbax's save
+finalisation, after the new step is committed: a failed save never costs the last good step.
+A restore lands each array in the target's shardings, so a checkpoint saved on one mesh
+restores bit for bit on any other (data=8 → fsdp=4×tensor=2 or one device), every leaf in its
+saved dtype (float32 masters, bfloat16 moments, int32 counters, the uint32 RNG key);
+tests/train/test_checkpoint_audit.py checks these.
 
 A step can still become unreadable afterwards (a file truncated or deleted by a full disk or a
 node that died mid-copy). Resuming (`Checkpointer.restore_latest`) then moves it aside to
@@ -15,6 +21,13 @@ node that died mid-copy). Resuming (`Checkpointer.restore_latest`) then moves it
 next newest readable step; `ckpt_on_corrupt="fail"` stops instead. Readers of a given or the
 latest step (`read_meta`, `load_params`, `load_model`) never fall back: their errors name the
 step directory and the other steps there.
+
+Resuming also refuses, naming each differing meta key, a checkpoint written by another run:
+another task, head or LoRA spec, or a model config that differs in any key but the execution-
+only ones (`EXECUTION_ONLY_MODEL_KEYS`: how the same function is computed). Without that check
+a changed `model.param_dtype` silently cast the float32 master weights, and a changed
+`rope_theta` silently resumed a different model; shape changes failed on every step with an
+error naming no key. Nothing is moved then (the steps are readable, just not this run's).
 """
 
 from __future__ import annotations
@@ -46,6 +59,51 @@ _agreements = itertools.count()  # the same sequence on every process
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read; the message names the directory and the cause."""
+
+
+# Meta keys that say which run wrote a checkpoint; resuming requires them to match
+# (`meta_mismatch`). The run's `config` is not compared: a resume may change total_steps, lr, ...
+RESUME_META_KEYS = ("task", "model_config", "head", "lora")
+# ModelConfig keys that change how, not what, the model computes (or only its initialisation):
+# free to change on resume. `dtype` is the compute precision (e.g. bfloat16 compute on a GPU
+# after float32 on a CPU); `param_dtype`, the stored weights', is not free.
+EXECUTION_ONLY_MODEL_KEYS = frozenset(
+    {"attention_impl", "remat_policy", "join_projections", "dtype", "init_std"}
+)
+
+
+def _normal_model_config(d):
+    """A model_config dict with every field (defaults filled in for an older checkpoint's)."""
+    from flaxlm.models.config import ModelConfig
+
+    try:
+        return ModelConfig.from_dict(d).to_dict()
+    except Exception:  # unknown keys: compare the raw dicts
+        return dict(d)
+
+
+def meta_mismatch(saved: dict, expected: dict) -> list[str]:
+    """The RESUME_META_KEYS where checkpoint meta `saved` and this run's `expected` differ, one
+    line each ("model_config.param_dtype: checkpoint 'float32', this run 'bfloat16'"). A key
+    absent from either side is not compared (meta of older versions, HF imports)."""
+    expected = json.loads(json.dumps(expected))  # tuples -> lists, as the saved JSON holds them
+    out = []
+    for key in RESUME_META_KEYS:
+        if key not in saved or key not in expected:
+            continue
+        a, b = saved[key], expected[key]
+        if key == "model_config" and isinstance(a, dict) and isinstance(b, dict):
+            a, b = _normal_model_config(a), _normal_model_config(b)
+            a = {k: v for k, v in a.items() if k not in EXECUTION_ONLY_MODEL_KEYS}
+            b = {k: v for k, v in b.items() if k not in EXECUTION_ONLY_MODEL_KEYS}
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                if a.get(k, "<absent>") != b.get(k, "<absent>"):
+                    out.append(f"{key}.{k}: checkpoint {a.get(k, '<absent>')!r}, "
+                               f"this run {b.get(k, '<absent>')!r}")  # fmt: skip
+        elif a != b:
+            out.append(f"{key}: checkpoint {a!r}, this run {b!r}")
+    return out
 
 
 class Checkpointer:
@@ -126,9 +184,22 @@ class Checkpointer:
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def restore_latest(self, target, on_corrupt: str | None = None):
+    def _read_step_meta(self, step: int) -> dict | None:
+        """The meta of one step, or None when it cannot be read (then the restore decides)."""
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return dict(out["meta"] or {})
+        except Exception:
+            return None
+
+    def restore_latest(self, target, on_corrupt: str | None = None,
+                       expect_meta: dict | None = None):  # fmt: skip
         """Resumes: (step, state, data_state, meta) of the newest step that restores, or None
         when there is no checkpoint. State, data state and meta always come from one step.
+
+        With `expect_meta` (this run's task, model_config, head, lora), a step whose readable
+        meta differs in one of them (`meta_mismatch`) raises a CheckpointError naming the
+        step and each key, before any array is read or any step moved: it is another run's.
 
         A step that cannot be restored is logged (directory and cause). With
         `on_corrupt="fail"` that raises a CheckpointError and nothing is moved. With
@@ -146,6 +217,17 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         failed: list[tuple[int, str]] = []  # (step, cause), newest first
         for step in steps:
+            saved = self._read_step_meta(step) if expect_meta else None
+            diff = meta_mismatch(saved, expect_meta) if saved is not None else []
+            if diff:  # every process reads the same file: they all stop here
+                lines = "".join(f"\n  {d}" for d in diff)
+                raise CheckpointError(
+                    f"checkpoint {self._step_dir(step)} was written by another run; its meta "
+                    f"differs from this run's in:{lines}\nResuming it would mix two runs. "
+                    "Resume with the config that wrote it (its meta item holds that config), or "
+                    f"train in another workdir (or move {self.directory} aside). Nothing was "
+                    "moved."
+                )
             try:
                 restored, err = self._restore(step, target), None
             except Exception as e:  # orbax raises many types
@@ -351,6 +433,18 @@ def _other_steps_hint(mgr, directory: str, step: int) -> str:
     )
 
 
+def _require_step(mgr, directory: str, step: int) -> None:
+    """A requested step (--step N) that is not there is named with the steps that are (an
+    unfinished `<step>.orbax-checkpoint-tmp` is not one), not reported as a corrupt step."""
+    steps = sorted(mgr.all_steps())
+    if step not in steps:
+        mgr.close()
+        raise CheckpointError(
+            f"cannot read checkpoint {directory}/{step}: FileNotFoundError: there is no step "
+            f"{step}; steps there: {steps or 'none'}"
+        )
+
+
 def _read_only_options():
     # Spelled out: orbax logs a warning for each default it has to override in read-only mode.
     return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
@@ -365,7 +459,9 @@ def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
     )
     step = mgr.latest_step() if step is None else step
     if step is None:
+        mgr.close()
         raise CheckpointError(f"no checkpoint under {ckpt_dir}/checkpoints")
+    _require_step(mgr, str(mgr.directory), step)
     try:
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
@@ -405,7 +501,9 @@ def load_params(run_dir: str, target_params, step: int | None = None):
     )
     step = mgr.latest_step() if step is None else step
     if step is None:
+        mgr.close()
         raise CheckpointError(f"init_from: no checkpoint under {directory}")
+    _require_step(mgr, directory, step)
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), target_params
     )

@@ -4,7 +4,8 @@
 What the loop does, so tasks never do it again:
   * builds the mesh, the optimizer and the sharded TrainState; resumes from the latest checkpoint
     in the workdir (state and data-iterator position; an unreadable latest step is moved aside
-    and the next newest resumed, `ckpt_on_corrupt`), or starts from `config.init_from`;
+    and the next newest resumed, `ckpt_on_corrupt`; another run's checkpoints — another task
+    or model config — are refused, naming the keys), or starts from `config.init_from`;
   * dispatches step N before reading step N−1's metrics and fetches metrics only every
     `log_every` steps, so the host never stalls the device; `jax_transfer_guard` is set to
     "disallow" around the step so an accidental host↔device copy is an error;
@@ -113,7 +114,9 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
         # The newest step that restores: an unreadable newer one is moved aside and logged
         # (ckpt_on_corrupt="fallback") or is an error ("fail"). Data state from the same step.
         target = abstract_state(task.init_params, tx, shardings)
-        latest, state, data_state, _ = ckpt.restore_latest(target)
+        # A checkpoint of another task or model config is refused, naming the keys.
+        expect = {"task": task.name, **task.model_meta}
+        latest, state, data_state, _ = ckpt.restore_latest(target, expect_meta=expect)
         if data_state and hasattr(task.train_batches, "set_state"):
             task.train_batches.set_state(data_state)
         log.info("resumed from %s/%d", ckpt.directory, latest)

@@ -48,7 +48,7 @@ def init_loader(init_params):
     from flaxlm.train.state import unbox
 
     def load(run_dir, target):
-        meta = ckpt_lib.read_meta(run_dir)[1]
+        step, meta = ckpt_lib.read_meta(run_dir)  # then that step, not a newer latest
         if meta.get("model_config"):
             init = model_fns(to_model_config(meta["model_config"]))[0]
             stored = unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
@@ -59,7 +59,7 @@ def init_loader(init_params):
                     f"init_from={run_dir}: its checkpoint does not fit config.model; it has "
                     f"{'; '.join(diff[:5])}{more}"
                 )
-        return ckpt_lib.load_params(run_dir, target)
+        return ckpt_lib.load_params(run_dir, target, step)
 
     return load
 
