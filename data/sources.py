@@ -73,11 +73,14 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     """Globs (``*``, ``**``) and directories → sorted files; an unmatched pattern is an error.
 
     An existing file is itself, whatever its name: ``part[1].jsonl`` read as a glob matched
-    ``part1.jsonl`` (or nothing), never the file named.
+    ``part1.jsonl`` (or nothing), never the file named. A glob keeps files only (``**`` also
+    matches directories) and, like a directory, skips shards' ``meta.json``. A file that several
+    patterns match is read once, where it first appears (reading it twice made its documents
+    exact duplicates of themselves).
     """
     if isinstance(patterns, str):
         patterns = [patterns]
-    out: list[str] = []
+    out: dict[str, str] = {}  # real path -> the path as matched, in first-seen order
     for pat in patterns:
         if os.path.isfile(pat):
             hits = [pat]
@@ -88,11 +91,16 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
                 if f != META_FILE and os.path.isfile(os.path.join(pat, f))
             )
         else:
-            hits = sorted(glob.glob(pat, recursive=True))
+            hits = sorted(
+                p
+                for p in glob.glob(pat, recursive=True)
+                if os.path.isfile(p) and os.path.basename(p) != META_FILE
+            )
         if not hits:
             raise FileNotFoundError(f"no files match {pat!r}")
-        out.extend(hits)
-    return out
+        for h in hits:
+            out.setdefault(os.path.realpath(h), h)
+    return list(out.values())
 
 
 def file_format(path: str) -> str:

@@ -550,3 +550,16 @@ def test_parquet_and_jsonl_accounting_adds_up(tmp_path):
         f"{d / 'b.jsonl'}:7: malformed_json (Expecting value: line 1 column 1 (char 0))",
     ]
     assert read["examples"]["missing_field"] == [f"{d / 'a.parquet'}:4: missing_field"]
+
+
+def test_expand_paths_reads_each_file_once_and_files_only(tmp_path):
+    """`**` matches directories and shards' meta.json too, and two patterns can match one file:
+    each file is read once, directories and meta.json never."""
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jsonl", "sub/b.jsonl", "sub/meta.json"):
+        (tmp_path / name).write_text(json.dumps({"text": name}) + "\n")
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "sub" / "b.jsonl")
+    got = S.expand_paths([str(tmp_path / "**"), a, str(tmp_path / "sub" / ".." / "a.jsonl")])
+    assert sorted(got) == sorted([a, b])
+    docs = [d.text for d in S.iter_documents([str(tmp_path / "*.jsonl"), a])]
+    assert docs == ["a.jsonl"]
