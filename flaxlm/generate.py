@@ -108,7 +108,9 @@ def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = ""):
         if os.path.isdir(os.path.join(model_dir, "checkpoints")):
             from flaxlm.train.checkpoint import load_model, read_meta
 
-            tok_path = _tokenizer_path(tokenizer, read_meta(model_dir, step)[1], model_dir)
+            # One step for both: "latest" could move between the two reads while a run trains.
+            step, meta = read_meta(model_dir, step)
+            tok_path = _tokenizer_path(tokenizer, meta, model_dir)
             cfg, params, _ = load_model(model_dir, step)
             if dtype:
                 cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
