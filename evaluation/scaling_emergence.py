@@ -25,6 +25,8 @@ from matplotlib.ticker import NullFormatter
 
 from flaxlm.train.sweep_table import TASKS_FILE
 
+TASKS_SOURCE_FILE = "tasks.source.json"  # {step, limit} the cached tasks.json was computed at
+
 DEFAULT_TASKS = ("mc_facts_train", "mc_facts_heldout", "mc_arithmetic")
 
 
@@ -50,19 +52,29 @@ def evaluate_run(
     limit: int | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """{task: metrics} of the run's latest checkpoint, cached in RUN/tasks.json."""
+    """{task: metrics} of the run's latest checkpoint, cached in RUN/tasks.json.
+
+    The cache is used only for the checkpoint step and `limit` it was computed with (recorded
+    beside it in RUN/tasks.source.json): a run trained further since is evaluated again.
+    """
+    from flaxlm.train.checkpoint import load_model, read_meta
+
     path = os.path.join(run_dir, TASKS_FILE)
-    if os.path.exists(path) and not overwrite:
+    source_path = os.path.join(run_dir, TASKS_SOURCE_FILE)
+    step = read_meta(run_dir)[0]
+    source = {"step": int(step), "limit": limit}
+    if os.path.exists(path) and os.path.exists(source_path) and not overwrite:
         with open(path) as f:
             done = json.load(f)
-        if all(t in done for t in tasks):
+        with open(source_path) as f:
+            cached_source = json.load(f)
+        if cached_source == source and all(t in done for t in tasks):
             return done
     from flaxlm.data.tokenizer import Tokenizer
     from flaxlm.evaluation.harness import Evaluator
     from flaxlm.evaluation.tasks import resolve_tasks
-    from flaxlm.train.checkpoint import load_model
 
-    cfg, params, meta = load_model(run_dir)
+    cfg, params, meta = load_model(run_dir, step)
     tok_path = meta.get("tokenizer", "")
     if not os.path.exists(tok_path):  # the run directory moved since training
         tok_path = os.path.join(run_dir, "tokenizer.model")
@@ -72,6 +84,8 @@ def evaluate_run(
         out[spec.name] = ev.run(spec, limit=limit)["metrics"]
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
+    with open(source_path, "w") as f:
+        json.dump(source, f)
     return out
 
 

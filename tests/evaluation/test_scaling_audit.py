@@ -146,3 +146,59 @@ def test_malformed_run_tables_name_file_and_line(tmp_path):
     (tmp_path / "runs.json").write_text('{"runs": [\n' + good + ",\n]}")
     with pytest.raises(ValueError, match=r"runs\.json:3: invalid JSON"):
         load_runs(str(tmp_path / "runs.json"))
+
+
+def test_cached_task_scores_are_recomputed_for_a_new_checkpoint(tmp_path, monkeypatch):
+    """RUN/tasks.json is reused only for the checkpoint step and `limit` that computed it: a run
+    trained further since used to keep its old scores."""
+    import types
+
+    import jax
+
+    from flaxlm.evaluation import harness, scaling_emergence, tasks
+    from flaxlm.models.config import get_variant
+    from flaxlm.train.checkpoint import Checkpointer
+    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.state import unbox
+
+    cfg = get_variant("tiny", vocab_size=256, n_layers=1)
+    abstract = unbox(jax.eval_shape(model_fns(cfg)[0], jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+    tok_path = str(tmp_path / "tokenizer.model")
+    run = str(tmp_path / "run")
+    meta = {"model_config": cfg.to_dict(), "tokenizer": tok_path, "head": "lm"}
+
+    def save(step):
+        ck = Checkpointer(run, keep=3, async_save=False)
+        ck.save(step, {"params": params}, {}, meta)
+        ck.wait()
+        ck.close()
+
+    seen = []  # (checkpoint step the evaluator got, limit) per evaluation
+
+    class FakeEvaluator:
+        def __init__(self, cfg, params, tok):
+            pass
+
+        def run(self, spec, limit=None):
+            seen.append(limit)
+            return {"metrics": {"acc": 0.5}}
+
+    monkeypatch.setattr(harness, "Evaluator", FakeEvaluator)
+    monkeypatch.setattr(tasks, "resolve_tasks", lambda names, world: [
+        types.SimpleNamespace(name=n) for n in names])  # fmt: skip
+    monkeypatch.setattr("flaxlm.data.tokenizer.Tokenizer.load", staticmethod(lambda p: None))
+    evaluate = lambda **kw: scaling_emergence.evaluate_run(run, "", ["t"], **kw)  # noqa: E731
+    save(1)
+    evaluate(limit=4)
+    evaluate(limit=4)
+    assert seen == [4]  # the second call read the cache
+    save(2)
+    evaluate(limit=4)
+    assert seen == [4, 4]  # a newer checkpoint: evaluated again
+    evaluate(limit=8)
+    assert seen == [4, 4, 8]  # another limit: evaluated again
+    evaluate(limit=8)
+    assert seen == [4, 4, 8]
+    with open(os.path.join(run, "tasks.source.json")) as f:
+        assert json.load(f) == {"step": 2, "limit": 8}
