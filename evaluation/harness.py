@@ -107,13 +107,22 @@ class Evaluator:
             for s, ex, (text, _) in zip(samples, examples, prompts):
                 s.update(source=ex.source, prompt=text)
         else:
+            # Prompt + answer fit the model's max_seq_len: a budget that leaves the prompt a
+            # token or two would score answers to a prompt cut down to BOS.
+            room = self.cfg.max_seq_len - spec.max_new_tokens
+            if room < 2:
+                raise ValueError(
+                    f"task {spec.name!r}: max_new_tokens={spec.max_new_tokens} leaves no room "
+                    f"for the prompt within the model's max_seq_len={self.cfg.max_seq_len}; "
+                    "lower max_new_tokens"
+                )
             metrics, samples = generate_tasks.generation(
                 spec,
                 examples,
                 prompts,
                 self.generate_fn,
                 self.tok,
-                max_prompt_len=max(1, self.cfg.max_seq_len - spec.max_new_tokens),
+                max_prompt_len=room,
                 stop_tokens=self.stop_tokens,
             )
         return self._result(spec, examples, metrics, samples, t0)

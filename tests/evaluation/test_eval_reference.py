@@ -184,6 +184,27 @@ def test_chat_mode_uses_an_hf_tokenizers_own_template_and_stop_ids(hf_run, tmp_p
     assert seen == [tok.encode("w0 w1 w2 w39 w38")]
 
 
+def test_a_generation_budget_that_leaves_no_room_for_the_prompt_is_an_error(hf_run, tmp_path):
+    """max_new_tokens >= max_seq_len - 1 used to cut every prompt down to its first token and
+    score answers to nothing (a warning only)."""
+    from flaxlm.evaluation.harness import Evaluator
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+    from flaxlm.train.checkpoint import load_model
+
+    run, tok_file = hf_run
+    cfg, params, _ = load_model(run)
+    seen = []
+    ev = Evaluator(cfg, params, load_tokenizer(tok_file),
+                   generate_fn=lambda ids, n: seen.extend(ids) or [[]] * len(ids))  # fmt: skip
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"prompt": "w1 w2", "answer": "w3"}) + "\n")
+    spec = lambda n: TaskSpec("gen", "generation", str(tmp_path / "gen.jsonl"), max_new_tokens=n)  # noqa: E731
+    with pytest.raises(ValueError, match=r"task 'gen': max_new_tokens=\d+ leaves no room"):
+        ev.run(spec(cfg.max_seq_len - 1))
+    assert not seen
+    ev.run(spec(cfg.max_seq_len - 4))  # room for the 3-token prompt: runs, prompt whole
+    assert len(seen) == 1 and len(seen[0]) == 3
+
+
 # --- generation scoring: numbers compared exactly -----------------------------------------------
 
 
