@@ -16,16 +16,26 @@ The template (token ids, not text, so no merge ever crosses a boundary):
     response that stopped at `<|end|>` ends.
   * `add_generation_prompt=True` renders the prompt up to and including `<|assistant|>`, no EOS.
   * Tokenizers without the chat tokens (an imported Llama tokenizer) fall back to text headers
-    ("<|user|>\\n" encoded as text) with EOS as the end-of-turn (stop) token.
+    ("<|user|>\\n" encoded as text) with EOS as the end-of-turn (stop) token: the last answer
+    then ends "EOS EOS", the first trained (the stop token), the second the untrained close.
+    Training always uses this template, even for an HF tokenizer with its own Jinja
+    chat_template (which only `generation_prompt` uses).
+  * As text (the exported HF template, models/hf_tokenizer.py) a turn is `<|role|> content<|end|>`:
+    the space is the content's own leading "▁". Content is never merged with template text.
 
 `render_chat` returns (ids, loss_mask) aligned with ids: `loss_mask[i] = 1` when `ids[i]` is a
 target. A row then holds `tokens = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]`.
 
+SFT records must end with an assistant turn; a blank system/user turn (like a blank `prompt`)
+is bad input ("empty"), as are missing/unknown roles and non-string content (file:line).
+
 Overlength (a conversation of n ids needs n − 1 <= seq_len): policy "truncate_left" keeps BOS
 and the final assistant turn whole and drops tokens from the left of what precedes it (oldest
-context first); if the final turn alone does not fit, or with policy "drop", the example is
-dropped. Truncations and drops are counted in the `DataReport` with file:line examples; a drop
-is bad input (raises in strict mode), a truncation is the stated policy.
+context first; an earlier answer cut in part keeps its remaining tokens trained); if the final
+turn alone does not fit, or with policy "drop", the example is dropped. A preference pair is
+cut only inside the prompt both sides share (same ids on both), else dropped. Truncations
+and drops are counted in the `DataReport` with file:line examples; a drop is bad input
+(raises in strict mode), a truncation is the stated policy.
 
 SFT examples are packed first-fit into fixed rows (segment ids 1, 2, ... per example, positions
 restarting at 0, no example split across rows), so attention never crosses examples. Preference
@@ -103,8 +113,11 @@ class FormatError(S.DataError):
         self.reason = reason
 
 
-def _messages(value, fields, what: str) -> list[dict]:
-    """Validates a list of messages into [{"role", "content"}] (roles/contents checked)."""
+def _messages(value, fields, what: str, record: bool = False) -> list[dict]:
+    """Validates a list of messages into [{"role", "content"}] (roles/contents checked).
+
+    `record=True` (training/eval records, not prompts built by code): a blank system or user
+    turn is bad input ("empty"), as a blank `prompt` text is — it only teaches the template."""
     if not isinstance(value, list) or not value:
         raise FormatError("bad_messages", f"{what} is not a non-empty list of messages")
     out = []
@@ -122,6 +135,8 @@ def _messages(value, fields, what: str) -> list[dict]:
             raise FormatError("bad_messages", f"{what}[{i}]: a system message must come first")
         if role == "assistant" and not content.strip():
             raise FormatError("empty_assistant", f"{what}[{i}] is an empty assistant turn")
+        if record and not content.strip():
+            raise FormatError("empty", f"{what}[{i}] is an empty {role} turn")
         out.append({"role": role, "content": content})
     return out
 
@@ -182,15 +197,17 @@ def prompt_messages(value, fields) -> list[dict]:
         if not value.strip():
             raise FormatError("empty", "empty prompt")
         return [{"role": "user", "content": value}]
-    return _messages(value, fields, "prompt")
+    return _messages(value, fields, "prompt", record=True)
 
 
 def sft_messages(obj, fields) -> list[dict]:
-    """The conversation of an SFT record: `messages`, or `prompt` + `completion`."""
+    """The conversation of a chat record: `messages`, or `prompt` + `completion` (the same
+    turns, so the same ids and mask). `render_sft` also requires it to end with an assistant
+    turn; RL eval sets (alignment/rl_common.py) accept a trailing user turn."""
     if not isinstance(obj, dict):
         raise FormatError("bad_record", "record is not a JSON object")
     if fields.messages in obj:
-        return _messages(obj[fields.messages], fields, fields.messages)
+        return _messages(obj[fields.messages], fields, fields.messages, record=True)
     prompt = prompt_messages(_get(obj, fields.prompt, "prompt"), fields)
     completion = _get(obj, fields.completion, "completion")
     if not isinstance(completion, str) or not completion.strip():
@@ -212,7 +229,7 @@ def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], f
             if not v.strip():
                 raise FormatError("empty_assistant", f"{key} is empty")
             v = [{"role": "assistant", "content": v}]
-        sides.append(_messages(v, fields, key))
+        sides.append(_messages(v, fields, key, record=True))
     prompt = prompt_messages(obj[fields.prompt], fields) if obj.get(fields.prompt) else []
     if not prompt:  # full conversations: split off their common prefix
         n = 0
@@ -315,9 +332,12 @@ def _final_len(t: ChatTemplate, msgs: list[dict]) -> int:
     return n
 
 
-def _fitted(convs, template, seq_len, overlength, loc, report):
-    """Renders conversations that share a prompt and cuts each by the same number of prompt
-    tokens so all fit a row (the overlength policy); None (counted) when one cannot."""
+def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None):
+    """Renders conversations and cuts each by the same number of tokens so all fit a row (the
+    overlength policy); None (counted) when one cannot. One SFT conversation: anything before
+    its final assistant turn(s) may be cut. Preference sides (`n_prompt` = the number of
+    leading prompt messages they share): only the shared prompt is cut, so both keep the
+    exact same prompt ids and their whole responses."""
     sides = [render_chat(c, template) for c in convs]
     longest = max(len(ids) for ids, _ in sides) - 1
     if overlength == "drop" and longest > seq_len:
@@ -325,12 +345,19 @@ def _fitted(convs, template, seq_len, overlength, loc, report):
         return None
     over = max(longest - seq_len, 0)
     head = len(template.prefix)
+    if n_prompt is None:
+        keep = [len(ids) - _final_len(template, c) for (ids, _), c in zip(sides, convs)]
+    else:
+        prompt = convs[0][:n_prompt]
+        n = head + sum(len(template.headers[m["role"]]) + len(template.encode(m["content"])) + 1
+                       for m in prompt)  # fmt: skip
+        keep = [n] * len(convs)
     fitted = [
-        fit_length(ids, mask, len(ids) - _final_len(template, c), len(ids) - over, head)
-        for (ids, mask), c in zip(sides, convs)
+        fit_length(ids, mask, k, len(ids) - over, head) for (ids, mask), k in zip(sides, keep)
     ]
     if any(cut < 0 for *_, cut in fitted):
-        report.bad("too_long", loc, f"final answer alone exceeds seq_len {seq_len}")
+        what = "final answer" if n_prompt is None else "a response"
+        report.bad("too_long", loc, f"{what} alone exceeds seq_len {seq_len}")
         return None
     if over:
         report.truncation(loc, over)
@@ -360,12 +387,20 @@ def render_sft(
     overlength: str = "truncate_left",
     report: DataReport | None = None,
 ) -> list[dict]:
-    """Rendered SFT examples {"ids", "mask", "meta", "loc", "messages"}, each fitting a row."""
+    """Rendered SFT examples {"ids", "mask", "meta", "loc", "messages"}, each fitting a row.
+
+    A conversation must end with an assistant turn ("no_assistant_turn" otherwise): a trailing
+    user turn is never a target, and truncation keeps only the final assistant turn(s) whole,
+    so it could cut every trained token away and train on nothing. Every kept example has at
+    least one target (its final answer's `<|end|>`)."""
     fields, report = _check_args(overlength, fields, report)
     out = []
     for obj, loc in records:
         try:
             msgs = sft_messages(obj, fields)
+            if msgs[-1]["role"] != "assistant":
+                raise FormatError("no_assistant_turn", "conversation ends with a " +
+                                  f"{msgs[-1]['role']} turn, not an assistant turn")  # fmt: skip
             fitted = _fitted([msgs], template, seq_len, overlength, loc, report)
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
@@ -409,7 +444,7 @@ def render_preferences(
         try:
             prompt, chosen, rejected, margin = preference_parts(obj, fields)
             convs = [prompt + chosen, prompt + rejected]
-            fitted = _fitted(convs, template, seq_len, overlength, loc, report)
+            fitted = _fitted(convs, template, seq_len, overlength, loc, report, len(prompt))
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue

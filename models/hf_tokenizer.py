@@ -102,16 +102,22 @@ class HFTokenizer:
     else config.json (bos_token_id, ...); -1 when absent. `pad_id` falls back to eos (HF's
     usual choice), then 0 — padding is always masked, so it only has to be a valid id.
     `stop_ids` adds every eos id of generation_config.json (Llama 3 ends turns with <|eot_id|>);
-    `chat_template` is tokenizer_config.json's Jinja template ("" if none).
+    `chat_template` is tokenizer_config.json's Jinja template ("" if none); `special_tokens`
+    the named special token strings the configs declare (bos_token, eos_token, unk_token,
+    pad_token, ...), the variables transformers passes a chat template.
     """
 
     def __init__(self, tok, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1, name="",
-                 stop_ids=(), chat_template: str = ""):  # fmt: skip
+                 stop_ids=(), chat_template: str = "", special_tokens=None):  # fmt: skip
         self.tok, self.name = tok, name
         self.bos_id, self.eos_id = bos_id, eos_id
         self._pad = pad_id
         self.stop_ids = tuple(dict.fromkeys([i for i in (eos_id, *stop_ids) if i >= 0]))
         self.chat_template = chat_template
+        if special_tokens is None:  # built in code: the BOS/EOS ids' pieces
+            pieces = {"bos_token": bos_id, "eos_token": eos_id}
+            special_tokens = {k: tok.id_to_token(i) for k, i in pieces.items() if i >= 0}
+        self.special_tokens = dict(special_tokens)
 
     @classmethod
     def load(cls, path: str) -> HFTokenizer:
@@ -145,12 +151,19 @@ class HFTokenizer:
                 i = i[0] if isinstance(i, list) and i else i
             return -1 if i is None else int(i)
 
+        named = {}  # what transformers' special_tokens_map holds: the declared strings
+        for kind in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
+            t = specials.get(f"{kind}_token")
+            t = t.get("content") if isinstance(t, dict) else t
+            if isinstance(t, str):
+                named[f"{kind}_token"] = t
         template = specials.get("chat_template") or ""
         if not isinstance(template, str):  # a list of named templates: take the default one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or ""
         return cls(tok, special("bos"), special("eos"), special("pad"), name=file,
-                   stop_ids=[int(i) for i in stops], chat_template=template)  # fmt: skip
+                   stop_ids=[int(i) for i in stops], chat_template=template,
+                   special_tokens=named)  # fmt: skip
 
     @property
     def vocab_size(self) -> int:
@@ -199,23 +212,23 @@ class HFTokenizer:
         return [self.encode(t, bos=bos, eos=eos) for t in texts]
 
     def render_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        """Ids of `messages` rendered with the checkpoint's own Jinja chat template (as
-        transformers' apply_chat_template does; the template writes BOS itself)."""
+        """Ids of `messages` rendered with the checkpoint's own Jinja chat template, as
+        transformers' apply_chat_template(tokenize=True) gives them: the same Jinja environment
+        (sandboxed, trim_blocks, lstrip_blocks, loop controls `{% break %}`/`{% continue %}`, a
+        `tojson` that does not HTML-escape, `strftime_now`, `raise_exception`), the named
+        special tokens as variables, and the text encoded without adding special tokens (the
+        template writes BOS itself). tests/data/test_chat_audit.py checks it against
+        transformers."""
         if not self.chat_template:
             raise HFError(f"{self.name}: tokenizer_config.json has no chat_template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def fail(msg):
-            raise HFError(f"{self.name}: chat template: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = fail
-        tok = lambda i: self.tok.id_to_token(i) if i >= 0 else ""
-        text = env.from_string(self.chat_template).render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=tok(self.bos_id),
-            eos_token=tok(self.eos_id),
+        text = (
+            _jinja_env(self.name)
+            .from_string(self.chat_template)
+            .render(
+                **self.special_tokens,
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+            )
         )
         return self.tok.encode(text, add_special_tokens=False).ids
 
@@ -224,6 +237,33 @@ class HFTokenizer:
 
     def decode_batch(self, batch) -> list[str]:
         return [self.decode(r) for r in batch]
+
+
+def _jinja_env(name: str):
+    """transformers' chat-template environment (utils/chat_template_utils.py): without its
+    `tojson` override Jinja's own escapes <, >, & and ' (a tool schema or JSON content renders
+    differently), without loopcontrols a template using `{% break %}` does not compile, and
+    without `strftime_now` Llama 3.1+ templates print their fallback date."""
+    import datetime
+    import json as json_lib
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def fail(msg):
+        raise HFError(f"{name}: chat template: {msg}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json_lib.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                              separators=separators, sort_keys=sort_keys)  # fmt: skip
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = fail
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None):

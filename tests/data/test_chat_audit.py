@@ -1,0 +1,366 @@
+"""Audit of supervised chat data (data/formats.py, models/hf_tokenizer.py chat templates)
+against references written here, not derived from the code under test.
+
+* template + loss mask: the conversation is rendered as *text* by hand (the exported HF template's
+  form, `<|role|> content<|end|>`), encoded whole by SentencePiece, and the mask is the pieces
+  whose bytes fall in an assistant's content or its closing `<|end|>` — render_chat must give the
+  same ids and mask: every assistant turn trained with its `<|end|>`, nothing else, EOS never;
+* `prompt` + `completion` records equal `messages` records; a blank system/user turn, a missing
+  or unknown role, non-string content, and a conversation not ending with an assistant turn are
+  counted drops naming file:line (strict: raise); no kept example trains on zero tokens;
+* truncation cuts the oldest tokens (BOS kept, final answer whole); packing = concatenation;
+* preference pairs: both sides carry the exact same prompt ids, masks cover only responses, and
+  an overlength pair is cut only inside the shared prompt;
+* HF Jinja templates (a ChatML/Qwen-style and a Llama-3-style one, written here) on a byte-level
+  BPE tokenizer written here: ids frozen from transformers 5.24 apply_chat_template
+  (FLAXLM_HF_LIVE=1 with .venv-hf re-checks them live), plus transformers' Jinja extras
+  (loop controls, non-escaping tojson, strftime_now, the named special tokens).
+"""
+
+import datetime
+import json
+import os
+import subprocess
+
+import pytest
+
+from flaxlm.data import formats as F
+from flaxlm.data.sources import DataError
+from flaxlm.data.tokenizer import train as train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORDS = "the river and mountain have a forest of tall trees that grow with light".split()
+U = lambda c: {"role": "user", "content": c}  # noqa: E731
+A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+S = lambda c: {"role": "system", "content": c}  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(30)) for i in range(200)]
+    return train_tokenizer(texts, 320)
+
+
+@pytest.fixture(scope="module")
+def template(tok):
+    return F.ChatTemplate(tok)
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def _reference(tok, msgs):
+    """(ids, mask) from the hand-rendered text: BOS, `<|role|> content<|end|>` per turn, EOS."""
+    text, spans = "", []
+    for m in msgs:
+        text += f"<|{m['role']}|>"
+        start = len(text.encode())  # the space is the content's own leading "▁"
+        text += " " + m["content"] + "<|end|>"
+        if m["role"] == "assistant":
+            spans.append((start, len(text.encode())))
+    pieces = tok.sp.encode(text, out_type="proto").pieces
+    if pieces[0].piece == "▁":  # SentencePiece's dummy prefix before the first role token
+        pieces = pieces[1:]
+    ids = [tok.bos_id] + [p.id for p in pieces] + [tok.eos_id]
+    mask = [0] + [int(any(a <= p.begin and p.end <= b for a, b in spans)) for p in pieces] + [0]
+    return ids, mask
+
+
+CONVS = [
+    [U("the river"), A("a forest")],
+    [S("grow with light"), U("the river and"), A("tall trees"), U("that grow"), A("the light")],
+    [U("mountain?"), A("!forest, trees.")],  # punctuation next to the template text
+    [U("the  river "), A(" a forest  "), U("x"), A("tall")],  # spaces at the boundaries
+]
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_mask_is_exactly_every_assistant_turn_and_its_end(tok, template, conv):
+    ids, mask = F.render_chat(conv, template)
+    want_ids, want_mask = _reference(tok, conv)
+    assert ids.tolist() == want_ids and mask.astype(int).tolist() == want_mask
+    end = tok.special_ids()["<|end|>"]
+    n_asst = sum(m["role"] == "assistant" for m in conv)
+    assert [i for i, m in zip(ids, mask) if m].count(end) == n_asst  # each answer's stop token
+    assert ids[-1] == tok.eos_id and mask[-1] == 0  # EOS closes, never a target
+
+
+def test_prompt_completion_equals_messages(tmp_path, template):
+    rows = [
+        {"prompt": "the river", "completion": "a forest"},
+        {"messages": [U("the river"), A("a forest")]},
+        {"prompt": [S("grow"), U("the river")], "completion": "a forest"},
+        {"messages": [S("grow"), U("the river"), A("a forest")]},
+    ]
+    report = F.DataReport()
+    out = F.render_sft(F.read_records(_write(tmp_path / "c.jsonl", rows), report), template, 64,
+                       report=report)  # fmt: skip
+    assert len(out) == 4 and report.to_dict()["dropped"] == 0
+    for a, b in (out[0], out[1]), (out[2], out[3]):
+        assert a["ids"].tolist() == b["ids"].tolist() and a["mask"].tolist() == b["mask"].tolist()
+
+
+BAD = [
+    {"messages": [U("the river"), A("a forest")]},  # 1: fine
+    {"messages": [U("the river"), A("a forest"), U("and?")]},  # 2: ends with a user turn
+    {"messages": [U("   "), A("a forest")]},  # 3: blank user turn
+    {"prompt": "", "completion": "a forest"},  # 4: blank prompt: the same reason as 3
+    {"messages": [S(""), U("the river"), A("a forest")]},  # 5: blank system turn
+    {"messages": [{"content": "the river"}, A("a forest")]},  # 6: missing role
+    {"messages": [{"role": "tool", "content": "x"}, A("a forest")]},  # 7: unknown role
+    {"messages": [U(["the", "river"]), A("a forest")]},  # 8: non-string content
+    {"messages": [U("the river"), A("")]},  # 9: empty answer
+]
+
+
+def test_malformed_conversations_are_counted_with_file_and_line(tmp_path, template):
+    path = _write(tmp_path / "bad.jsonl", BAD)
+    report = F.DataReport()
+    out = F.render_sft(F.read_records(path, report), template, 64, report=report)
+    assert [e["loc"] for e in out] == [f"{path}:1"]
+    bad = report.to_dict()["bad_input"]
+    want = {"no_assistant_turn": [2], "empty": [3, 4, 5], "bad_messages": [6, 8],
+            "unknown_role": [7], "empty_assistant": [9]}  # fmt: skip
+    assert bad["counts"] == {k: len(v) for k, v in want.items()}
+    for reason, lines in want.items():
+        got = [e.split(": ")[0] for e in bad["examples"][reason]]
+        assert got == [f"{path}:{n}" for n in lines]
+    for n in (2, 3):  # strict mode raises at the first bad record, naming it
+        p = _write(tmp_path / f"one{n}.jsonl", [BAD[0], BAD[n - 1]])
+        with pytest.raises(DataError, match=rf"one{n}\.jsonl:2: "):
+            strict = F.DataReport(strict=True)
+            F.render_sft(F.read_records(p, strict), template, 64, report=strict)
+
+
+def test_no_kept_example_trains_on_nothing(template):
+    """A trailing user turn used to be kept; truncation then cut every answer token away and
+    the example trained on zero tokens (counted as used)."""
+    conv = [U("the river"), A("a forest"), U("tall trees and the river")]
+    report = F.DataReport()
+    out = F.render_sft([({"messages": conv}, "f:1")], template, 4, report=report)
+    assert out == [] and report.log.counts == {"no_assistant_turn": 1} and report.used == 0
+    long = [U("the river and " * 8), A("a forest"), U("grow " * 8), A("tall trees")]
+    for seq_len in range(8, 50):
+        for ex in F.render_sft([({"messages": long}, "f:2")], template, seq_len):
+            assert ex["mask"][1:].sum() >= 1 and len(ex["ids"]) - 1 <= seq_len
+
+
+def test_truncation_cuts_the_oldest_tokens_and_keeps_the_answer(template):
+    conv = [S("grow with light " * 6), U("the river"), A("a forest"), U("and"), A("tall trees")]
+    full, mask = F.render_chat(conv, template)
+    final = len(F.render_chat([A("tall trees")], template)[0]) - 1  # the answer turn + EOS
+    for seq_len in range(final, len(full) - 1):
+        report = F.DataReport()
+        (ex,) = F.render_sft([({"messages": conv}, "f:1")], template, seq_len, report=report)
+        keep = seq_len  # BOS + the last seq_len ids: n ids give n - 1 targets
+        assert ex["ids"].tolist() == [template.bos_id] + full.tolist()[-keep:]
+        assert ex["mask"].tolist() == [0.0] + mask.tolist()[-keep:]
+        assert report.truncated == 1 and report.loss_tokens == int(ex["mask"][1:].sum())
+    report = F.DataReport()
+    assert F.render_sft([({"messages": conv}, "f:1")], template, final - 1, report=report) == []
+    assert report.log.counts == {"too_long": 1}
+
+
+def test_packed_row_is_the_concatenation(template):
+    convs = [[U("the river"), A("a forest")], [U("tall"), A("trees grow")],
+             [S("light"), U("and"), A("the mountain")]]  # fmt: skip
+    exs = F.render_sft([({"messages": c}, f"f:{i}") for i, c in enumerate(convs)], template, 64)
+    b = next(F.SFTBatches(exs, seq_len=64, batch=1, pad_id=0, shuffle=False, num_epochs=1))
+    toks, tgts, mask, segs, pos = [], [], [], [], []
+    for s, e in enumerate(exs, 1):
+        ids, m = e["ids"].tolist(), e["mask"].tolist()
+        toks += ids[:-1]
+        tgts += ids[1:]
+        mask += m[1:]
+        segs += [s] * (len(ids) - 1)
+        pos += list(range(len(ids) - 1))
+    n = len(toks)
+    assert b["tokens"][0, :n].tolist() == toks and b["targets"][0, :n].tolist() == tgts
+    assert b["loss_mask"][0, :n].tolist() == mask and b["segment_ids"][0, :n].tolist() == segs
+    assert b["positions"][0, :n].tolist() == pos
+    assert not b["loss_mask"][0, n:].any() and not b["segment_ids"][0, n:].any()
+
+
+def test_preference_sides_share_the_prompt_ids_and_cut_only_it(template):
+    prompt = [S("grow with light " * 4), U("the river")]
+    chosen = [A("a forest " * 3), U("and"), A("tall trees")]
+    rejected = [A("light"), U("and"), A("the mountain have a forest of tall trees that grow")]
+    rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    p_ids = F.render_chat(prompt, template, add_generation_prompt=True)[0].tolist()[:-1]
+    full = {k: F.render_chat(prompt + v, template) for k, v in (("c", chosen), ("r", rejected))}
+    longest = max(len(ids) for ids, _ in full.values()) - 1
+    for seq_len in range(longest - len(p_ids) - 8, longest + 1):
+        report = F.DataReport()
+        out = F.render_preferences([(rec, "f:1")], template, seq_len, report=report)
+        cut = longest - seq_len
+        if cut > len(p_ids) - 1:  # more than the prompt (BOS stays): dropped, not cut into a reply
+            assert out == [] and report.log.counts == {"too_long": 1}
+            continue
+        (pair,) = out
+        kept_prompt = [template.bos_id] + p_ids[1 + cut :]
+        for side, k in (("chosen", "c"), ("rejected", "r")):
+            ids, mask = pair[side]
+            n = len(kept_prompt)
+            assert ids[:n].tolist() == kept_prompt and not mask[:n].any()
+            assert ids[n:].tolist() == full[k][0][len(p_ids) :].tolist()  # the whole response
+            assert mask[n:].tolist() == full[k][1][len(p_ids) :].tolist()
+            assert len(ids) - 1 <= seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# HF Jinja chat templates
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]  # fmt: skip
+MERGE_WORDS = ["Ġthe", "Ġriver", "Ġforest", "system", "user", "assistant", "ĊĊ", "Ġis", "Ġa",
+               "Hello", "You", "Ġare", "Ġhelpful", "Ġanswer"]  # fmt: skip
+CHATML = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+EXTRAS = (  # transformers' Jinja extras: loop controls, its tojson, named special tokens
+    "{{ bos_token }}{% for m in messages %}{% if loop.index0 >= 2 %}{% break %}{% endif %}"
+    "{{ m.content | tojson }}{{ unk_token }}{% endfor %}{{ pad_token }}"
+)
+TEMPLATES = {
+    "chatml": (CHATML, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+    "llama3": (LLAMA3, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+    "extras": (EXTRAS, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                        "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}),
+}  # fmt: skip
+HF_CONVS = [
+    [U("Hello, the river?")],
+    [S("You are a river."), U("is a <b> & 'c'"), A(" the forest "), U("the river")],
+]
+# transformers 5.24.0 AutoTokenizer(...).apply_chat_template(conv, add_generation_prompt=True,
+# tokenize=True, return_dict=False): test_live_frozen_ids_are_transformers prints them.
+FROZEN = {
+    'chatml': [
+        [311, 274, 198, 295, 297, 289, 304, 220, 285, 13, 312, 198, 311, 277, 198, 293,
+         11, 258, 263, 30, 312, 198, 311, 285, 198],
+        [311, 274, 198, 295, 297, 289, 263, 13, 312, 198, 311, 277, 198, 72, 82, 289, 220,
+         27, 65, 29, 220, 5, 220, 6, 66, 6, 312, 198, 311, 285, 198, 258, 269, 220, 312,
+         198, 311, 277, 198, 83, 71, 68, 263, 312, 198, 311, 285, 198],
+    ],
+    'llama3': [
+        [313, 314, 277, 315, 198, 198, 293, 11, 258, 263, 30, 316, 314, 285, 315, 286],
+        [313, 314, 274, 315, 198, 198, 295, 297, 289, 263, 13, 316, 314, 277, 315, 198,
+         198, 72, 82, 289, 220, 27, 65, 29, 220, 5, 220, 6, 66, 6, 316, 314, 285, 315,
+         198, 198, 83, 71, 68, 269, 316, 314, 277, 315, 198, 198, 83, 71, 68, 263, 316,
+         314, 285, 315, 286],
+    ],
+    'extras': [
+        [313, 1, 293, 11, 258, 263, 30, 1, 310, 312],
+        [313, 1, 295, 297, 289, 263, 13, 1, 310, 1, 72, 82, 289, 220, 27, 65, 29, 220, 5,
+         220, 6, 66, 6, 1, 310, 312],
+    ],
+}  # fmt: skip
+
+
+def _hf_dir(d, name):
+    """A byte-level BPE tokenizer.json (written here, deterministic) + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab, merges = {c: i for i, c in enumerate(alphabet)}, []
+    for w in MERGE_WORDS:
+        for k in range(2, len(w) + 1):
+            if w[:k] not in vocab:
+                merges.append((w[: k - 1], w[k - 1]))
+                vocab[w[:k]] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(SPECIALS)
+    os.makedirs(d, exist_ok=True)
+    tk.save(os.path.join(d, "tokenizer.json"))
+    template, specials = TEMPLATES[name]
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **specials}
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return d
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_hf_chat_templates_match_frozen_transformers_ids(tmp_path, name):
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(_hf_dir(str(tmp_path / name), name))
+    got = [tok.render_chat_template(c) for c in HF_CONVS]
+    assert got == FROZEN[name]
+    if name == "extras":  # tojson must not HTML-escape (<, &, ')
+        assert "<b> & 'c'" in tok.tok.decode(got[1], skip_special_tokens=False)
+
+
+def test_hf_chat_template_strftime_now(tmp_path):
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(_hf_dir(str(tmp_path / "t"), "llama3"))
+    tok.chat_template = "{{ strftime_now('%Y-%m-%d') if strftime_now is defined else 'none' }}"
+    before = datetime.date.today().isoformat()
+    text = tok.tok.decode(tok.render_chat_template([U("x")]))
+    assert text in (before, datetime.date.today().isoformat())
+
+
+def test_text_header_fallback_on_an_hf_tokenizer_keeps_the_mask_on_the_answer(tmp_path):
+    """A tokenizer without flaxlm's chat tokens: text headers, EOS ends each turn; an answer
+    whose first word would merge with the header text is encoded on its own."""
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(_hf_dir(str(tmp_path / "t"), "llama3"))
+    t = F.ChatTemplate(tok)
+    assert not t.special and t.end_id == tok.eos_id
+    conv = [U("the river"), A("assistant the forest"), U("is"), A("Hello")]
+    ids, mask = F.render_chat(conv, t)
+    trained = [int(i) for i, m in zip(ids, mask) if m]
+    eot = tok.eos_id
+    first, second = trained[: trained.index(eot) + 1], trained[trained.index(eot) + 1 :]
+    assert first == tok.encode("assistant the forest") + [eot]
+    assert second == tok.encode("Hello") + [eot]
+    assert ids[-1] == eot and mask[-1] == 0  # EOS closes the conversation too, untrained
+
+
+LIVE = """
+import json, sys
+from transformers import AutoTokenizer
+convs, out = json.loads(sys.argv[2]), {}
+for name, d in json.loads(sys.argv[1]).items():
+    t = AutoTokenizer.from_pretrained(d)
+    out[name] = [list(t.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                            return_dict=False)) for c in convs]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    os.environ.get("FLAXLM_HF_LIVE") != "1"
+    or not os.path.exists(os.path.join(REPO, ".venv-hf", "bin", "python")),
+    reason="live transformers check: set FLAXLM_HF_LIVE=1 and create .venv-hf",
+)
+def test_live_frozen_ids_are_transformers(tmp_path):
+    dirs = {n: _hf_dir(str(tmp_path / n), n) for n in TEMPLATES}
+    res = subprocess.run(
+        [os.path.join(REPO, ".venv-hf", "bin", "python"), "-c", LIVE, json.dumps(dirs),
+         json.dumps(HF_CONVS)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    live = json.loads(res.stdout.strip().splitlines()[-1])
+    assert live == FROZEN, json.dumps(live)
