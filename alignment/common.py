@@ -185,9 +185,10 @@ def warn_sizes_from_another_variant(config, cfg: ModelConfig) -> str | None:
 
 
 def resolve_source(config, mesh):
-    """(tokenizer, ModelConfig, ChatTemplate) of a stage started from `config.init_from` (or
-    from `config.model` and `data.tokenizer` without one), after the checks every stage makes:
-    the batch splits over the mesh's data×fsdp devices and the tokenizer fits the vocabulary."""
+    """(tokenizer, ModelConfig, chat template: `formats.training_template`) of a stage started
+    from `config.init_from` (or from `config.model` and `data.tokenizer` without one), after
+    the checks every stage makes: the batch splits over the mesh's data×fsdp devices and the
+    tokenizer fits the vocabulary."""
     divisor = batch_divisor(mesh)
     if config.batch_size % divisor:
         raise ValueError(f"batch_size={config.batch_size} is not a multiple of data×fsdp={divisor}")
@@ -197,7 +198,10 @@ def resolve_source(config, mesh):
     cfg = resolve_model_config(config, meta)
     tok.check_fits(cfg.vocab_size)
     warn_sizes_from_another_variant(config, cfg)
-    return tok, cfg, F.ChatTemplate(tok)
+    template = F.training_template(tok)  # the tokenizer's own Jinja template when it has one
+    if template.jinja:
+        log.info("chat data renders through the tokenizer's chat template %s", template.describe())
+    return tok, cfg, template
 
 
 def save_tokenizer(tok, workdir: str | None) -> str:

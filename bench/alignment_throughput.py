@@ -202,7 +202,7 @@ def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir:
     meta = common.source_meta(sft)
     cfg = ModelConfig.from_dict(meta["model_config"])
     tok = common.resolve_tokenizer(config, meta)
-    pairs = load_pairs(config.data.train, config, F.ChatTemplate(tok), F.DataReport())
+    pairs = load_pairs(config.data.train, config, F.training_template(tok), F.DataReport())
     real = sum(len(p["chosen"][0]) + len(p["rejected"][0]) for p in pairs) / (2 * len(pairs))
     tokens = 2 * batch * seq
     tps = tokens / timed["step_time_s"]

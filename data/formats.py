@@ -18,10 +18,29 @@ The template (token ids, not text, so no merge ever crosses a boundary):
   * Tokenizers without the chat tokens (an imported Llama tokenizer) fall back to text headers
     ("<|user|>\\n" encoded as text) with EOS as the end-of-turn (stop) token: the last answer
     then ends "EOS EOS", the first trained (the stop token), the second the untrained close.
-    Training always uses this template, even for an HF tokenizer with its own Jinja
-    chat_template (which only `generation_prompt` uses).
+  * A tokenizer with its own Jinja `chat_template` (an imported HF instruct model) trains on
+    that template instead (`JinjaChatTemplate`, picked by `training_template`, which every
+    alignment stage uses): what generation, chat-mode evaluation and RL rollouts prompt with.
+    See "Jinja templates" below.
   * As text (the exported HF template, models/hf_tokenizer.py) a turn is `<|role|> content<|end|>`:
     the space is the content's own leading "▁". Content is never merged with template text.
+
+Jinja templates (`JinjaChatTemplate`): the conversation is rendered once as text and tokenized
+once with character offsets (models/hf_tokenizer.py). Each assistant turn i starts where the
+text of messages[:i] with add_generation_prompt=True ends and its turn ends where the text of
+messages[:i+1] ends; both must be prefixes of the whole text, else `TemplateError` (a hard
+error naming the template and record: the template is not prefix-stable, so no mask can be
+derived from it — nothing falls back silently). The prompt's ids must equal the prefix text
+tokenized alone (what `generation_prompt` gives), else the record is dropped as
+"template_boundary" (a merge across the turn boundary). The mask covers the assistant content
+and the template text after it up to and including the first stop id (`tok.stop_ids`:
+`<|eot_id|>`, `<|im_end|>`); a turn without a stop id is a `TemplateError`. The rendered ids
+are then closed as flaxlm's template closes them: exactly one untrained id after the final
+stop id (the template's next id, else EOS), so the last input is the stop id (the reward
+model's score position). Truncation cuts after a leading BOS and keeps the final assistant
+turn(s) from the end of the preceding message (its header included); a preference pair's
+shared prompt is its add_generation_prompt render, identical ids on both sides. The data
+report names the template (`chat_template`: "jinja:<sha256 prefix>").
 
 `render_chat` returns (ids, loss_mask) aligned with ids: `loss_mask[i] = 1` when `ids[i]` is a
 target. A row then holds `tokens = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]`.
@@ -82,6 +101,8 @@ def fields_config() -> ml_collections.ConfigDict:
 class ChatTemplate:
     """Token ids of the template for one tokenizer (see the module docstring)."""
 
+    jinja = False  # JinjaChatTemplate: the tokenizer's own Jinja template
+
     def __init__(self, tok: Tokenizer):
         self.tok, self.bos_id, self.eos_id = tok, tok.bos_id, tok.eos_id
         self.prefix = [tok.bos_id] if tok.bos_id >= 0 else []  # tokenizers without BOS: none
@@ -103,6 +124,50 @@ class ChatTemplate:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)
+
+
+class TemplateError(ValueError):
+    """A Jinja chat template no loss mask can be derived from (not prefix-stable, no stop id)."""
+
+
+class JinjaChatTemplate(ChatTemplate):
+    """A tokenizer's own Jinja chat template as the training template (module docstring,
+    "Jinja templates"). `stop_tokens` are the tokenizer's stop ids; `end_id` the first."""
+
+    jinja = True
+
+    def __init__(self, tok):
+        import hashlib
+
+        self.tok, self.bos_id, self.eos_id = tok, tok.bos_id, tok.eos_id
+        self.special, self.prefix, self.headers = False, [], {}
+        self.stops = tuple(int(i) for i in getattr(tok, "stop_ids", ()) if i >= 0)
+        if not self.stops:
+            raise TemplateError(f"{tok.name}: chat template but no EOS/stop id to end a turn")
+        self.end_id = self.stops[0]
+        self.name = "jinja:" + hashlib.sha256(tok.chat_template.encode()).hexdigest()[:12]
+
+    @property
+    def stop_tokens(self) -> tuple[int, ...]:
+        return self.stops
+
+    def text(self, msgs, add_generation_prompt: bool) -> str:
+        return self.tok.render_chat_text(msgs, add_generation_prompt=add_generation_prompt)
+
+    def head(self, ids) -> int:
+        """Leading ids never cut: the template's BOS."""
+        return int(len(ids) > 0 and self.bos_id >= 0 and ids[0] == self.bos_id)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.tok.name})"
+
+
+def training_template(tok) -> ChatTemplate:
+    """The template a stage trains (and prompts) with: the tokenizer's own Jinja chat template
+    when it has one (`JinjaChatTemplate`), else flaxlm's (`ChatTemplate`)."""
+    if getattr(tok, "chat_template", ""):
+        return JinjaChatTemplate(tok)
+    return ChatTemplate(tok)
 
 
 class FormatError(S.DataError):
@@ -151,6 +216,14 @@ def render_chat(
     """
     t = template if isinstance(template, ChatTemplate) else ChatTemplate(template)
     msgs = _messages(list(messages), fields_config(), "messages")
+    if t.jinja:
+        if add_generation_prompt:
+            if msgs[-1]["role"] == "assistant":
+                raise FormatError("bad_messages", "generation prompt after an assistant turn")
+            ids = t.tok.render_chat_template(msgs, add_generation_prompt=True)
+            return np.asarray(ids, np.int32), np.zeros(len(ids), np.float32)
+        ids, mask, _, _ = _render_jinja(msgs, t)
+        return ids, mask
     ids, mask = list(t.prefix), [0.0] * len(t.prefix)
     for m in msgs:
         body = t.encode(m["content"]) + [t.end_id]
@@ -180,6 +253,61 @@ def generation_prompt(messages: Sequence[dict], tok) -> tuple[list[int], tuple[i
     template = ChatTemplate(tok)
     ids, _ = render_chat(messages, template, add_generation_prompt=True)
     return [int(i) for i in ids], template.stop_tokens
+
+
+def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None = None):
+    """(ids, mask, keep_from, head) of a conversation through a Jinja template (module
+    docstring, "Jinja templates"): `keep_from` is where truncation must stop cutting — the end of
+    the message before the trailing assistant turns, or with `n_prompt` the end of the shared
+    prompt's generation-prompt ids — and `head` the leading ids never cut (BOS)."""
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise FormatError("no_assistant_turn", "conversation has no assistant turn")
+    text = t.text(msgs, False)
+    ids, offsets = t.tok.encode_offsets(text)
+    starts = np.asarray([a for a, _ in offsets], np.int64)
+    at = lambda char: int(np.searchsorted(starts, char, side="left"))  # noqa: E731
+    stops, mask, last = set(t.stops), np.zeros(len(ids), np.float32), -1
+
+    def prefix(k: int, gen: bool) -> str:
+        part = t.text(msgs[:k], gen)
+        if not text.startswith(part):
+            raise TemplateError(
+                f"chat template {t.describe()} is not prefix-stable: messages[:{k}] rendered "
+                f"with add_generation_prompt={gen} is not a prefix of the whole conversation, "
+                "so the assistant turns (the loss mask) cannot be located"
+            )
+        return part
+
+    def prompt_ids(k: int, gen: bool) -> int:
+        want = t.tok.encode(prefix(k, gen))
+        if ids[: len(want)] != want:
+            why = f"messages[:{k}] tokenize differently alone (a merge across the turn)"
+            raise FormatError("template_boundary", why)
+        return len(want)
+
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        k0, k1 = prompt_ids(i, True), at(len(prefix(i + 1, False)))
+        stop = next((j for j in range(k0, k1) if ids[j] in stops), None)
+        if stop is None:
+            raise TemplateError(f"chat template {t.describe()}: assistant turn {i} has no stop "
+                                f"id {sorted(stops)} after its content to train")  # fmt: skip
+        mask[k0 : stop + 1] = 1.0
+        last = stop
+    if msgs[-1]["role"] == "assistant":  # close: exactly one untrained id after the last stop
+        ids = ids[: last + 2] + ([] if len(ids) > last + 1 else [t.eos_id if t.eos_id >= 0
+                                                                    else t.end_id])  # fmt: skip
+        mask = np.r_[mask[: last + 1], 0.0].astype(np.float32)
+    if n_prompt is not None:
+        gen = msgs[n_prompt - 1]["role"] != "assistant"
+        keep = prompt_ids(n_prompt, gen) if n_prompt else 0
+    else:
+        j = len(msgs)
+        while j > 0 and msgs[j - 1]["role"] == "assistant":
+            j -= 1
+        keep = at(len(prefix(j, False))) if j else 0
+    return np.asarray(ids, np.int32), mask, keep, t.head(ids)
 
 
 def _get(obj: dict, key: str, what: str):
@@ -264,6 +392,7 @@ class DataReport:
         self.read = self.used = self.truncated = 0
         self.truncated_examples: list[str] = []
         self.tokens = self.loss_tokens = 0
+        self.chat_template = ""  # a Jinja template's name (JinjaChatTemplate), "" for flaxlm's
 
     def bad(self, reason: str, loc: str, detail: str = "") -> None:
         self.log.add(reason, loc, detail)
@@ -283,6 +412,7 @@ class DataReport:
             "bad_input": self.log.to_dict(),
             "tokens": self.tokens,
             "loss_tokens": self.loss_tokens,
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
         }
 
 
@@ -338,14 +468,23 @@ def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None):
     its final assistant turn(s) may be cut. Preference sides (`n_prompt` = the number of
     leading prompt messages they share): only the shared prompt is cut, so both keep the
     exact same prompt ids and their whole responses."""
-    sides = [render_chat(c, template) for c in convs]
+    if template.jinja:
+        rendered = [_render_jinja(c, template, n_prompt) for c in convs]
+        sides = [(ids, mask) for ids, mask, _, _ in rendered]
+        if n_prompt is not None and rendered[0][0][: rendered[0][2]].tolist() != \
+                rendered[1][0][: rendered[1][2]].tolist():  # fmt: skip
+            raise FormatError("template_boundary", "the two sides render different prompt ids")
+    else:
+        sides = [render_chat(c, template) for c in convs]
     longest = max(len(ids) for ids, _ in sides) - 1
     if overlength == "drop" and longest > seq_len:
         report.bad("too_long", loc, f"{longest} tokens > seq_len {seq_len}")
         return None
     over = max(longest - seq_len, 0)
     head = len(template.prefix)
-    if n_prompt is None:
+    if template.jinja:
+        head, keep = rendered[0][3], [k for *_, k, _ in rendered]
+    elif n_prompt is None:
         keep = [len(ids) - _final_len(template, c) for (ids, _), c in zip(sides, convs)]
     else:
         prompt = convs[0][:n_prompt]
@@ -394,6 +533,8 @@ def render_sft(
     so it could cut every trained token away and train on nothing. Every kept example has at
     least one target (its final answer's `<|end|>`)."""
     fields, report = _check_args(overlength, fields, report)
+    if template.jinja:
+        report.chat_template = template.name
     out = []
     for obj, loc in records:
         try:
@@ -405,6 +546,8 @@ def render_sft(
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
+        except TemplateError as e:
+            raise TemplateError(f"{loc}: {e}") from None
         if fitted:
             (ids, mask), meta = fitted[0], _meta(obj, fields)
             out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": msgs})
@@ -419,9 +562,19 @@ def render_prompt(
     msgs = list(messages)
     while msgs and msgs[-1]["role"] == "assistant":
         msgs.pop()
-    ids, mask = render_chat(msgs, template, add_generation_prompt=True)
-    keep_from = len(ids) - len(template.headers["assistant"])
-    ids, _, cut = fit_length(ids, mask, keep_from, max_len, len(template.prefix))
+    if template.jinja:  # the header after the last message is kept; a leading BOS too
+        text = template.text(msgs, True)
+        ids, offsets = template.tok.encode_offsets(text)
+        ids, mask = np.asarray(ids, np.int32), np.zeros(len(ids), np.float32)
+        turns = template.text(msgs, False)
+        end = len(turns) if text.startswith(turns) else len(text)
+        keep_from = sum(a < end for a, _ in offsets)
+        head = template.head(ids)
+    else:
+        ids, mask = render_chat(msgs, template, add_generation_prompt=True)
+        keep_from = len(ids) - len(template.headers["assistant"])
+        head = len(template.prefix)
+    ids, _, cut = fit_length(ids, mask, keep_from, max_len, head)
     if cut < 0:
         raise FormatError("too_long", f"prompt header alone exceeds {max_len} tokens")
     return ids, cut
@@ -439,6 +592,8 @@ def render_preferences(
     """Rendered pairs {"chosen": (ids, mask), "rejected": (ids, mask), "margin", "meta", "loc",
     "prompt"}; both sides share the prompt, cut by the same number of tokens when too long."""
     fields, report = _check_args(overlength, fields, report)
+    if template.jinja:
+        report.chat_template = template.name
     out = []
     for obj, loc in records:
         try:
@@ -448,6 +603,8 @@ def render_preferences(
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
+        except TemplateError as e:
+            raise TemplateError(f"{loc}: {e}") from None
         if fitted:
             out.append({
                 "chosen": fitted[0], "rejected": fitted[1], "margin": margin,

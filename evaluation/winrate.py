@@ -97,10 +97,10 @@ def reward_model_scorer(cfg, params, tok, *, batch_size: int = 16) -> ScoreFn:
     `<|end|>`, where the reward model was trained to put it. Rows are right-padded to a power of
     two (sequences longer than max_seq_len keep their end).
     """
-    from flaxlm.data.formats import ChatTemplate, render_chat
+    from flaxlm.data.formats import render_chat, training_template
     from flaxlm.models.heads import scalar_model_fns, sequence_values
 
-    template = ChatTemplate(tok)
+    template = training_template(tok)  # the template the reward model was trained with
     _, apply = scalar_model_fns(cfg)
     fn = jax.jit(lambda p, t, s: sequence_values(apply(p, t, None, s), s))
 

@@ -211,17 +211,12 @@ class HFTokenizer:
     def encode_batch(self, texts, *, bos: bool = False, eos: bool = False, num_threads: int = 0):
         return [self.encode(t, bos=bos, eos=eos) for t in texts]
 
-    def render_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        """Ids of `messages` rendered with the checkpoint's own Jinja chat template, as
-        transformers' apply_chat_template(tokenize=True) gives them: the same Jinja environment
-        (sandboxed, trim_blocks, lstrip_blocks, loop controls `{% break %}`/`{% continue %}`, a
-        `tojson` that does not HTML-escape, `strftime_now`, `raise_exception`), the named
-        special tokens as variables, and the text encoded without adding special tokens (the
-        template writes BOS itself). tests/data/test_chat_audit.py checks it against
-        transformers."""
+    def render_chat_text(self, messages, add_generation_prompt: bool = True) -> str:
+        """`messages` rendered as text with the checkpoint's own Jinja chat template, in
+        transformers' Jinja environment (see `render_chat_template`)."""
         if not self.chat_template:
             raise HFError(f"{self.name}: tokenizer_config.json has no chat_template")
-        text = (
+        return (
             _jinja_env(self.name)
             .from_string(self.chat_template)
             .render(
@@ -230,7 +225,22 @@ class HFTokenizer:
                 add_generation_prompt=add_generation_prompt,
             )
         )
-        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def render_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Ids of `messages` rendered with the checkpoint's own Jinja chat template, as
+        transformers' apply_chat_template(tokenize=True) gives them: the same Jinja environment
+        (sandboxed, trim_blocks, lstrip_blocks, loop controls `{% break %}`/`{% continue %}`, a
+        `tojson` that does not HTML-escape, `strftime_now`, `raise_exception`), the named
+        special tokens as variables, and the text encoded without adding special tokens (the
+        template writes BOS itself). tests/data/test_chat_audit.py checks it against
+        transformers. Training renders through the same text (data/formats.py
+        `JinjaChatTemplate`)."""
+        return self.encode(self.render_chat_text(messages, add_generation_prompt))
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, (start, end) character offsets of each id in `text`), no special tokens added."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=True)
