@@ -5,6 +5,7 @@ tiny programs — and the subprocesses they start, which inherit the environment
 compilation after the first time: the suite runs about twice as fast on 2 cores.
 """
 
+import multiprocessing
 import os
 import tempfile
 
@@ -39,3 +40,80 @@ def chat_tokenizer(tmp_path_factory):
     texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(1000)]
     path = str(tmp_path_factory.mktemp("chat_tokenizer") / "tokenizer.model")
     return path, tokenizer.train(texts, 400, model_path=path)
+
+
+# --- the demo's end-to-end run (tests/test_demo.py), started at collection ---------------------
+# `flaxlm.demo.main([... "--runlocal"])` runs every stage of the recipe: 1-1.5 min, nearly all
+# single-threaded Python (tracing and lowering) that leaves the second CPU core idle. It runs in
+# one worker process, spawned as soon as collection has selected a test of tests/test_demo.py, so
+# the first run overlaps the tests collected before that file. The tests' further demo.main calls
+# (reruns of a finished workdir) go to the same worker, warm from that run as the test process
+# was when the demo ran in-process (`demo_main`).
+_DEMO_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_demo.py")
+_demo: dict = {}
+
+
+def _start_demo(root: str) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    log = os.path.join(root, "demo.log")  # the worker's stdout and stderr
+    redirect = (f"import os\nfd = os.open({log!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)\n"
+                "os.dup2(fd, 1)\nos.dup2(fd, 2)\n")  # fmt: skip
+    worker = ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=exec, initargs=(redirect,)
+    )
+    workdir = os.path.join(root, "demo")
+    _demo.update(worker=worker, calls=[], workdir=workdir, log=log)
+    _demo["first"] = _demo_submit(["--workdir", workdir, "--runlocal"])
+
+
+def _demo_submit(argv):
+    from flaxlm import demo
+
+    future = _demo["worker"].submit(demo.main, argv)
+    _demo["calls"].append(future)
+    return future
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly or not any(
+        str(item.path) == _DEMO_TEST for item in session.items
+    ):
+        return
+    _start_demo(str(session.config._tmp_path_factory.mktemp("demo_run")))
+
+
+def pytest_sessionfinish(session):
+    worker = _demo.pop("worker", None)
+    if worker is None:
+        return
+    if not all(f.done() for f in _demo["calls"]):  # the session ended before the demo did
+        for proc in list(getattr(worker, "_processes", {}).values()):
+            proc.kill()
+    worker.shutdown(wait=True, cancel_futures=True)
+
+
+def _demo_call(future):
+    try:
+        return future.result(timeout=1800)
+    except BaseException:
+        if os.path.exists(_demo["log"]):
+            with open(_demo["log"]) as f:
+                print(f"--- tail of {_demo['log']} ---\n{f.read()[-5000:]}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The workdir of a finished `python -m flaxlm.demo --runlocal`."""
+    if "worker" not in _demo:  # collection started none
+        _start_demo(str(tmp_path_factory.mktemp("demo_run")))
+    _demo_call(_demo["first"])
+    return _demo["workdir"]
+
+
+@pytest.fixture(scope="session")
+def demo_main(demo_run):
+    """flaxlm.demo.main(argv), run in the worker that ran `demo_run` (its exceptions, SystemExit
+    included, are raised here)."""
+    return lambda argv: _demo_call(_demo_submit(argv))

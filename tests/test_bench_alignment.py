@@ -10,8 +10,13 @@ from flaxlm.bench import alignment_throughput as A
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
-    work = str(tmp_path_factory.mktemp("align_bench"))  # one chain for both cases
+def work(tmp_path_factory):
+    """One chain (tokenizer, SFT and reward-model checkpoints) for every case of this file."""
+    return str(tmp_path_factory.mktemp("align_bench"))
+
+
+@pytest.fixture(scope="module")
+def records(work):
     return {c: A.run_case(c, work, steps=2, iters=1) for c in ("tiny:dpo", "tiny:ppo")}
 
 
@@ -49,9 +54,9 @@ def test_ppo_record_time_split(records):
     assert r["warmup_iter_s"] > r["iteration_s"]  # iteration 0 compiled, and is left out
 
 
-def test_ppo_blocked_stop_checks(tmp_path):
+def test_ppo_blocked_stop_checks(work):
     """`cN`: rollouts test "all stopped" every N tokens (the stop-token loop PPO runs)."""
-    r = A.run_case("tiny:ppo:c4", str(tmp_path), steps=2, iters=1)
+    r = A.run_case("tiny:ppo:c4", work, steps=2, iters=1)
     assert r["check_every"] == 4 and r["gen_s"] > 0
     assert 0 < r["response_len"] <= r["max_new_tokens"]
 

@@ -18,10 +18,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo")
-    demo.main(["--workdir", str(path), "--runlocal"])
-    return str(path)
+def demo_dir(demo_run):
+    """The finished runlocal demo. tests/conftest.py starts it in a worker process as soon as
+    this file is collected, so it runs alongside the tests before this one; `demo_main` runs
+    further demo.main calls in that worker."""
+    return demo_run
 
 
 def test_every_stage_runs_and_every_policy_is_evaluated(demo_dir):
@@ -76,10 +77,10 @@ def test_printed_commands_rebuild_each_stage_config(demo_dir, stage, monkeypatch
     assert json.loads(json.dumps(rebuilt.to_dict())) == meta["config"]
 
 
-def test_rerun_resumes_finished_stages(demo_dir):
+def test_rerun_resumes_finished_stages(demo_dir, demo_main):
     before = json.load(open(os.path.join(demo_dir, "times.json")))
     mtime = os.path.getmtime(os.path.join(demo_dir, "eval", "results.json"))
-    demo.main(["--workdir", demo_dir, "--runlocal", "--stages", "data,pretrain,sft,eval"])
+    demo_main(["--workdir", demo_dir, "--runlocal", "--stages", "data,pretrain,sft,eval"])
     after = json.load(open(os.path.join(demo_dir, "times.json")))
     assert os.path.getmtime(os.path.join(demo_dir, "eval", "results.json")) == mtime
     for stage in ("data", "pretrain", "sft", "eval"):
@@ -87,12 +88,12 @@ def test_rerun_resumes_finished_stages(demo_dir):
         assert after[stage] - before[stage] < 20, stage
 
 
-def test_changed_settings_refuse_and_changed_checkpoints_reevaluate(demo_dir):
+def test_changed_settings_refuse_and_changed_checkpoints_reevaluate(demo_dir, demo_main):
     """`--plan sft_steps=N` on a finished SFT stops and names the stages to delete (resuming
     would mix two runs); eval re-evaluates once an evaluated checkpoint changed."""
     with pytest.raises(SystemExit, match=r"sft in .* total_steps: 12 -> 13.*rm -r \S*/sft "
                                          r"\S*/reward \S*/dpo \S*/ppo \S*/grpo"):  # fmt: skip
-        demo.main(["--workdir", demo_dir, "--runlocal", "--plan", "sft_steps=13",
+        demo_main(["--workdir", demo_dir, "--runlocal", "--plan", "sft_steps=13",
                    "--stages", "sft"])  # fmt: skip
     results = os.path.join(demo_dir, "eval", "results.json")
     inputs_path = os.path.join(demo_dir, "eval", "inputs.json")
@@ -102,6 +103,6 @@ def test_changed_settings_refuse_and_changed_checkpoints_reevaluate(demo_dir):
     stale["checkpoints"]["grpo"][1] -= 1  # as if GRPO had been retrained since
     json.dump(stale, open(inputs_path, "w"))
     before = os.path.getmtime(results)
-    demo.main(["--workdir", demo_dir, "--runlocal", "--stages", "eval"])
+    demo_main(["--workdir", demo_dir, "--runlocal", "--stages", "eval"])
     assert os.path.getmtime(results) > before
     assert json.load(open(inputs_path)) == inputs

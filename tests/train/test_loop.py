@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,10 +70,13 @@ def test_tiny_model_learns_the_markov_chain(tmp_path):
 
 def test_resume_after_sigkill_reproduces_losses_bitwise(tmp_path):
     common = ["total_steps=20", "ckpt_every=10", "log_every=1", "eval_every=0", "async_ckpt=True"]
+    # The uninterrupted run and the run to be killed are independent: they run at once.
     straight = _main(tmp_path / "straight", *common)
-    assert straight.wait(timeout=300) == 0, straight.stdout.read()
     killed = _main(tmp_path / "resumed", *common, env={loop.KILL_ENV: "15"})
-    assert killed.wait(timeout=300) == -signal.SIGKILL
+    out = killed.communicate(timeout=300)[0]
+    assert killed.returncode == -signal.SIGKILL, out
+    out = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, out
     assert Checkpointer(tmp_path / "resumed").all_steps() == [10]
     resumed = _main(tmp_path / "resumed", *common)
     out = resumed.stdout.read()
@@ -199,38 +203,46 @@ def test_saves_wait_for_the_batch_sources_boundary(tmp_path):
     assert Checkpointer(tmp_path / "b").all_steps() == [6, 7]
 
 
-def test_init_from_loads_another_runs_params(tmp_path):
-    c = _config(total_steps=5, ckpt_every=5, eval_every=0)
-    first, _ = pretrain.run(c, str(tmp_path / "a"))
-    c2 = _config(total_steps=0, init_from=str(tmp_path / "a"))
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """(workdir, final state) of a finished 3-step run checkpointed at its end; the tests that
+    read it copy it before changing anything."""
+    workdir = str(tmp_path_factory.mktemp("finished_run"))
+    state, _ = pretrain.run(_config(total_steps=3, ckpt_every=3, eval_every=0), workdir)
+    assert Checkpointer(workdir).all_steps() == [3]
+    return workdir, state
+
+
+def test_init_from_loads_another_runs_params(tmp_path, finished_run):
+    source, first = finished_run
+    c2 = _config(total_steps=0, init_from=source)
     second, _ = pretrain.run(c2, str(tmp_path / "b"))
     for x, y in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params)):
         np.testing.assert_array_equal(x, y)
     assert int(second.step) == 0  # a new run: fresh optimizer and step counter
 
 
-def test_corrupt_checkpoint_error_names_the_directory(tmp_path):
-    c = _config(total_steps=2, ckpt_every=2, eval_every=0, async_ckpt=False)
-    pretrain.run(c, str(tmp_path))
-    step_dir = tmp_path / "checkpoints" / "2" / "state"
+def test_corrupt_checkpoint_error_names_the_directory(tmp_path, finished_run):
+    shutil.copytree(finished_run[0], tmp_path, dirs_exist_ok=True)
+    step_dir = tmp_path / "checkpoints" / "3" / "state"
     for root, _, files in os.walk(step_dir):
         for f in files:
             if f.endswith(".zarray") or "manifest" in f or f == "_METADATA":
                 with open(os.path.join(root, f), "w") as fh:
                     fh.write("{corrupt")
-    c = _config(total_steps=4, ckpt_every=2, eval_every=0)
-    with pytest.raises(Exception, match=str(tmp_path / "checkpoints" / "2")):
+    c = _config(total_steps=6, ckpt_every=3, eval_every=0)
+    with pytest.raises(Exception, match=str(tmp_path / "checkpoints" / "3")):
         pretrain.run(c, str(tmp_path))
     json.dumps({})  # keep json import used for debugging output
 
 
-def test_load_model_reads_config_and_params_from_the_checkpoint(tmp_path):
+def test_load_model_reads_config_and_params_from_the_checkpoint(finished_run):
     from flaxlm.models.transformer import forward
     from flaxlm.train.checkpoint import load_model
 
-    c = _config(total_steps=3, ckpt_every=3, eval_every=0)
-    state, _ = pretrain.run(c, str(tmp_path))
-    cfg, params, meta = load_model(str(tmp_path))
+    workdir, state = finished_run
+    c = _config()
+    cfg, params, meta = load_model(workdir)
     assert cfg.d_model == c.model.d_model and meta["task"] == "pretrain"
     tokens = np.zeros((1, 5), np.int32)
     np.testing.assert_allclose(

@@ -5,8 +5,12 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
+from flaxlm.configs import pretrain as pretrain_config
+from flaxlm.configs.common import override
+from flaxlm.train import pretrain
 from flaxlm.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,12 +50,20 @@ def _env(n_devices):
     }
 
 
+def _reference_config():
+    """The config _cmd's flags give, for the one-process reference run in this process."""
+    c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
+    flags = {"progress_bar": False, "total_steps": 6, "log_every": 1, "eval_every": 0,
+             "ckpt_every": 0, "mesh.data": 4, "mesh.fsdp": 2}  # fmt: skip
+    return override(c, flags)
+
+
 def test_two_processes_match_one(tmp_path):
-    single = subprocess.run(
-        _cmd(tmp_path / "one"), env=_env(8), capture_output=True, text=True, timeout=300
-    )
-    assert single.returncode == 0, single.stdout + single.stderr
+    # The two processes start first; the one-process reference (the same config on this
+    # process's 8 devices, as `python -m flaxlm.train.main` runs it) trains here meanwhile.
+    assert jax.device_count() == 8
     port = _free_port()
+    logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]
     procs = [
         subprocess.Popen(
             _cmd(
@@ -66,13 +78,26 @@ def test_two_processes_match_one(tmp_path):
                 ],
             ),
             env=_env(4),
-            stdout=subprocess.PIPE,
+            stdout=logs[i],
             stderr=subprocess.STDOUT,
             text=True,
         )
         for i in range(2)
     ]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        pretrain.run(_reference_config(), str(tmp_path / "one"))
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outs = []
+    for log in logs:
+        log.seek(0)
+        outs.append(log.read())
+        log.close()
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
     one = [r["loss"] for r in read_metrics(tmp_path / "one") if "loss" in r]
     two = [r["loss"] for r in read_metrics(tmp_path / "two") if "loss" in r]
