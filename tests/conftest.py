@@ -5,8 +5,10 @@ tiny programs — and the subprocesses they start, which inherit the environment
 compilation after the first time: the suite runs about twice as fast on 2 cores.
 """
 
+import json
 import multiprocessing
 import os
+import subprocess
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -40,6 +42,25 @@ def chat_tokenizer(tmp_path_factory):
     texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(1000)]
     path = str(tmp_path_factory.mktemp("chat_tokenizer") / "tokenizer.model")
     return path, tokenizer.train(texts, 400, model_path=path)
+
+
+@pytest.fixture
+def hf_live():
+    """run(script, *args) -> the JSON of its last stdout line: a python script run under
+    .venv-hf (HF transformers; CI has none) with each arg JSON-encoded in sys.argv. Skips the
+    test unless FLAXLM_HF_LIVE=1 and .venv-hf exists."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python = os.path.join(repo, ".venv-hf", "bin", "python")
+    if os.environ.get("FLAXLM_HF_LIVE") != "1" or not os.path.exists(python):
+        pytest.skip("live transformers check: set FLAXLM_HF_LIVE=1 and create .venv-hf")
+
+    def run(script, *args):
+        res = subprocess.run([python, "-c", script, *map(json.dumps, args)],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    return run
 
 
 # --- the demo's end-to-end run (tests/test_demo.py), started at collection ---------------------

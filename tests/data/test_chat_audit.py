@@ -20,7 +20,6 @@ against references written here, not derived from the code under test.
 import datetime
 import json
 import os
-import subprocess
 
 import pytest
 
@@ -28,7 +27,6 @@ from flaxlm.data import formats as F
 from flaxlm.data.sources import DataError
 from flaxlm.data.tokenizer import train as train_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = "the river and mountain have a forest of tall trees that grow with light".split()
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
@@ -349,18 +347,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    os.environ.get("FLAXLM_HF_LIVE") != "1"
-    or not os.path.exists(os.path.join(REPO, ".venv-hf", "bin", "python")),
-    reason="live transformers check: set FLAXLM_HF_LIVE=1 and create .venv-hf",
-)
-def test_live_frozen_ids_are_transformers(tmp_path):
+def test_live_frozen_ids_are_transformers(tmp_path, hf_live):
     dirs = {n: _hf_dir(str(tmp_path / n), n) for n in TEMPLATES}
-    res = subprocess.run(
-        [os.path.join(REPO, ".venv-hf", "bin", "python"), "-c", LIVE, json.dumps(dirs),
-         json.dumps(HF_CONVS)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    live = json.loads(res.stdout.strip().splitlines()[-1])
+    live = hf_live(LIVE, dirs, HF_CONVS)
     assert live == FROZEN, json.dumps(live)

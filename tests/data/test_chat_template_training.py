@@ -14,7 +14,6 @@ apply_chat_template(return_assistant_tokens_mask=True) on the same templates wit
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -408,18 +407,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    os.environ.get("FLAXLM_HF_LIVE") != "1"
-    or not os.path.exists(os.path.join(REPO, ".venv-hf", "bin", "python")),
-    reason="live transformers check: set FLAXLM_HF_LIVE=1 and create .venv-hf",
-)
-def test_live_frozen_ids_and_masks_are_transformers(tmp_path):
+def test_live_frozen_ids_and_masks_are_transformers(tmp_path, hf_live):
     dirs = {n: _hf_dir(str(tmp_path / n), n, generation=True) for n in TEMPLATES}
-    res = subprocess.run(
-        [os.path.join(REPO, ".venv-hf", "bin", "python"), "-c", LIVE, json.dumps(dirs),
-         json.dumps(CONVS)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    live = json.loads(res.stdout.strip().splitlines()[-1])
+    live = hf_live(LIVE, dirs, CONVS)
     assert live == {n: [list(map(list, c)) for c in v] for n, v in FROZEN.items()}, json.dumps(live)
