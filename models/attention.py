@@ -23,7 +23,13 @@ import numpy as np
 
 from flaxlm.models import decode_attention as decode_kernel
 from flaxlm.models.config import ModelConfig
-from flaxlm.models.layers import Proj, ProjWeights, joins_projections, stacked_projection
+from flaxlm.models.layers import (
+    Proj,
+    ProjWeights,
+    RMSNorm,
+    joins_projections,
+    stacked_projection,
+)
 from flaxlm.models.sharding import logical_axes_unsplit
 
 # ----------------------------------------------------------------------------------------------
@@ -31,7 +37,7 @@ from flaxlm.models.sharding import logical_axes_unsplit
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies θ^(-2i/H), with optional linear or Llama-3 style scaling."""
+    """Inverse frequencies θ^(-2i/H), with optional linear, Llama-3 or YaRN scaling."""
     H = cfg.head_dim_
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
     if cfg.rope_scaling == "linear":
@@ -52,13 +58,51 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         inv_freq = np.where(medium, blended, scaled)
+    elif cfg.rope_scaling == "yarn":
+        inv_freq = _yarn_inv_freq(cfg, inv_freq)
     return inv_freq.astype(np.float32)
 
 
+def _yarn_inv_freq(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
+    """YaRN (Peng et al. 2023, "NTK-by-parts"): a frequency pair that turns more than
+    beta_fast times over the original context keeps its frequency, one that turns fewer than
+    beta_slow times is slowed by `factor` (interpolated), and the pairs in between blend
+    linearly in the pair index."""
+    H, factor, base = cfg.head_dim_, cfg.rope_scaling_factor, cfg.rope_theta
+
+    def pair_index(turns: float) -> float:
+        # the (fractional) pair whose wavelength fits `turns` times into the original context
+        wavelengths = cfg.rope_original_max_len / (turns * 2 * math.pi)
+        return H * math.log(wavelengths) / (2 * math.log(base))
+
+    lo, hi = pair_index(cfg.rope_yarn_beta_fast), pair_index(cfg.rope_yarn_beta_slow)
+    if cfg.rope_yarn_truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, H - 1)
+    hi = hi + 0.001 if hi == lo else hi  # a one-point ramp would divide by zero
+    ramp = np.clip((np.arange(H // 2, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
+    return inv_freq / factor * ramp + inv_freq * (1.0 - ramp)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor YaRN multiplies cos and sin by (so attention logits by its square): the
+    config's, or the paper's 0.1·ln(factor) + 1; 1 for other rope types."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    if cfg.rope_attention_factor:
+        return cfg.rope_attention_factor
+    f = cfg.rope_scaling_factor
+    return 1.0 if f <= 1 else 0.1 * math.log(f) + 1.0
+
+
 def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of position × frequency, (B, T, H/2), float32."""
+    """cos and sin of position × frequency, (B, T, H/2), float32 (times YaRN's attention
+    factor, as HF applies it)."""
     angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
-    return jnp.cos(angles), jnp.sin(angles)
+    scale = rope_attention_factor(cfg)
+    if scale == 1.0:
+        return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
@@ -208,6 +252,9 @@ class Attention(nn.Module):
                 )(x_BTD)
                 for name, (n, axis) in self._heads().items()
             )
+        if cfg.qk_norm:  # Qwen3: each head's q and k RMS-normalised over head_dim, pre-RoPE
+            q = RMSNorm(cfg, name="q_norm")(q)
+            k = RMSNorm(cfg, name="k_norm")(k)
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
         T, H = q.shape[1], q.shape[3]

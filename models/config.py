@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Llama-family decoder-only Transformer (covers Llama 1/2/3, Mistral, Qwen2, TinyLlama)."""
+    """Llama-family decoder-only Transformer (covers Llama 1/2/3, Mistral, Qwen2/3, TinyLlama)."""
 
     vocab_size: int = 256  # rows of the embedding table (>= the tokenizer's vocab)
     d_model: int = 64  # residual stream width D
@@ -31,12 +31,20 @@ class ModelConfig:
     max_seq_len: int = 2048  # longest sequence the model is meant for (RoPE tables, decoding)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base frequency
-    rope_scaling: str = "none"  # none | linear | llama3
-    rope_scaling_factor: float = 1.0  # context extension factor for linear / llama3
+    rope_scaling: str = "none"  # none | linear | llama3 | yarn
+    rope_scaling_factor: float = 1.0  # context extension factor for linear / llama3 / yarn
     rope_low_freq_factor: float = 1.0  # llama3 scaling: long wavelengths are fully scaled
     rope_high_freq_factor: float = 4.0  # llama3 scaling: short wavelengths are kept
-    rope_original_max_len: int = 8192  # llama3 scaling: pretraining context length
+    rope_original_max_len: int = 8192  # llama3 / yarn scaling: pretraining context length
+    # yarn scaling (Qwen2.5/Qwen3 long context, DeepSeek): frequencies that turn more than
+    # beta_fast times over the original context are kept, fewer than beta_slow times scaled,
+    # ramped in between; cos/sin are multiplied by the attention factor (0 = 0.1·ln(factor)+1)
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_yarn_truncate: bool = True  # round the ramp's ends to whole dims (HF's default)
+    rope_attention_factor: float = 0.0
     qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on every q and k head before RoPE (Qwen3)
     tie_embeddings: bool = False  # LM head reuses the embedding table
     mlp_activation: str = "silu"  # silu (SwiGLU) | gelu (GeGLU)
     sliding_window: int = 0  # Mistral-style local attention window; 0 = full causal attention
@@ -62,7 +70,7 @@ class ModelConfig:
                 "set head_dim explicitly"
             )
         choices = {
-            "rope_scaling": ("none", "linear", "llama3"),
+            "rope_scaling": ("none", "linear", "llama3", "yarn"),
             "mlp_activation": ("silu", "gelu"),
             "attention_impl": ("xla", "cudnn"),
             "remat_policy": ("none", "full", "dots", "dots_no_batch", "save_proj"),
@@ -127,7 +135,7 @@ class ModelConfig:
         attn = D * N * H + 2 * D * K * H + N * H * D
         bias = (N * H + 2 * K * H) if self.qkv_bias else 0
         mlp = 3 * D * F
-        norms = 2 * D
+        norms = 2 * D + (2 * H if self.qk_norm else 0)
         per_layer = attn + bias + mlp + norms
         embed = V * D
         head = 0 if self.tie_embeddings else V * D

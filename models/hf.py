@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: import/export (safetensors + config.json) and tokenizers.
 
-    cfg, params = load_pretrained("Llama-3.2-1B/")            # Llama 1/2/3, Mistral, Qwen2
+    cfg, params = load_pretrained("Llama-3.2-1B/")            # Llama 1/2/3, Mistral, Qwen2/3
     logits = forward(cfg, params, tokens, positions, segment_ids)
     save_pretrained(cfg, params, "out/", arch="llama")         # transformers loads it back
     tok = load_tokenizer("Llama-3.2-1B/")                      # tokenizer.json or tokenizer.model
@@ -15,9 +15,11 @@ fixtures in tests/fixtures/hf prove it to 1e-4 in fp32 against transformers).
 
 Config. Both rope layouts are read: the newer `rope_parameters` {rope_type, rope_theta, ...}
 and the older `rope_theta` + `rope_scaling` {type|rope_type, factor, ...}; rope types default,
-linear and llama3. Sliding windows: Mistral's `sliding_window`; Qwen2's `use_sliding_window` /
-`max_window_layers` / `layer_types` (all layers alike only — mixed layers are an error). Export
-writes both rope layouts, so older and newer transformers read it.
+linear, llama3 and yarn (Qwen2.5/Qwen3 long context; `mscale`/`mscale_all_dim` become the
+attention factor). Sliding windows: Mistral's `sliding_window`; Qwen2/3's `use_sliding_window` /
+`max_window_layers` / `layer_types` (all layers alike only — mixed layers are an error). Qwen3's
+per-head q/k RMSNorms are `qk_norm`. Export writes both rope layouts, so older and newer
+transformers read it.
 
 Large checkpoints load shard by shard (model.safetensors.index.json; a model.safetensors beside
 it wins, as in transformers): each tensor is read from
@@ -42,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.models.attention import rope_attention_factor
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.hf_tokenizer import (
     HFError,
@@ -55,7 +58,9 @@ from flaxlm.models.transformer import Transformer, unstack_layers
 __all__ = ["HFError", "HFTokenizer", "load_tokenizer", "load_config", "load_pretrained",
            "save_pretrained", "forward", "config_from_hf", "config_to_hf"]  # fmt: skip
 
-ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+         "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
+_QWEN = ("qwen2", "qwen3")  # sliding windows by use_sliding_window / max_window_layers
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu"}
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -90,13 +95,43 @@ def _rope_from_hf(hf: dict, where: str) -> dict:
             }
         except KeyError as e:
             raise HFError(f"{where}: llama3 rope scaling lacks {e.args[0]!r}") from None
-    raise HFError(f"{where}: rope type {kind!r} is not supported (default, linear, llama3)")
+    if kind == "yarn":
+        return {**out, **_yarn_from_hf(params, hf, out["rope_scaling_factor"], where)}
+    raise HFError(f"{where}: rope type {kind!r} is not supported (default, linear, llama3, yarn)")
+
+
+def _yarn_from_hf(params: dict, hf: dict, factor: float, where: str) -> dict:
+    """YaRN settings as transformers 5 reads them: the original context defaults to
+    max_position_embeddings, the attention factor to mscale/mscale_all_dim's ratio or
+    0.1·ln(factor) + 1 (kept explicit here, so export writes what was used)."""
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise HFError(f"{where}: partial_rotary_factor is not supported")
+    original = params.get("original_max_position_embeddings") or hf.get(
+        "original_max_position_embeddings") or hf.get("max_position_embeddings")  # fmt: skip
+    if not original:
+        raise HFError(f"{where}: yarn rope scaling lacks 'original_max_position_embeddings'")
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * np.log(scale) + 1.0
+
+    attn = params.get("attention_factor")
+    if attn is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return {
+        "rope_scaling": "yarn",
+        "rope_original_max_len": int(original),
+        "rope_yarn_beta_fast": float(params.get("beta_fast") or 32.0),
+        "rope_yarn_beta_slow": float(params.get("beta_slow") or 1.0),
+        "rope_yarn_truncate": bool(params.get("truncate", True)),
+        "rope_attention_factor": float(attn),
+    }
 
 
 def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> int:
     window = int(hf.get("sliding_window") or 0)
     types = hf.get("layer_types")
-    if types is None and mt == "qwen2":  # transformers < 4.53 derives them from these
+    if types is None and mt in _QWEN:  # transformers < 4.53 derives them from these
         start = hf.get("max_window_layers", n_layers) if hf.get("use_sliding_window") else n_layers
         types = ["full_attention" if i < start else "sliding_attention" for i in range(n_layers)]
     if types is None:
@@ -151,6 +186,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
+        qk_norm=mt == "qwen3",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         mlp_activation=_ACTS[act],
         sliding_window=_window_from_hf(hf, mt, L, where),
@@ -168,6 +204,11 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         raise HFError("export: arch 'llama' has no sliding window; use arch='mistral' or 'qwen2'")
     if cfg.qkv_bias and arch == "mistral":
         raise HFError("export: arch 'mistral' has no q/k/v biases; use arch='qwen2' or 'llama'")
+    if cfg.qk_norm != (arch == "qwen3"):
+        raise HFError(
+            "export: only arch 'qwen3' normalises q and k per head; "
+            + ("use arch='qwen3'" if cfg.qk_norm else "this model has no q/k norms (qk_norm)")
+        )
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling == "linear":
         rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
@@ -178,6 +219,16 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
             low_freq_factor=cfg.rope_low_freq_factor,
             high_freq_factor=cfg.rope_high_freq_factor,
             original_max_position_embeddings=cfg.rope_original_max_len,
+        )
+    elif cfg.rope_scaling == "yarn":
+        rope.update(
+            rope_type="yarn",
+            factor=cfg.rope_scaling_factor,
+            original_max_position_embeddings=cfg.rope_original_max_len,
+            beta_fast=cfg.rope_yarn_beta_fast,
+            beta_slow=cfg.rope_yarn_beta_slow,
+            truncate=cfg.rope_yarn_truncate,
+            attention_factor=rope_attention_factor(cfg),
         )
     legacy = None if rope["rope_type"] == "default" else {**rope, "type": rope["rope_type"]}
     legacy and legacy.pop("rope_theta")
@@ -203,8 +254,10 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         "torch_dtype": dtype,
         "use_cache": True,
     }
+    if arch in ("llama", "qwen3"):
+        out.update(attention_bias=cfg.qkv_bias)
     if arch == "llama":
-        out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+        out.update(mlp_bias=False)
     elif arch == "mistral":
         out.update(sliding_window=cfg.sliding_window or None)
     else:
@@ -257,6 +310,9 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
             out[p + "weight"] = ((us, "attn", name, "kernel"), (n * H, D), *heads(n))
             if cfg.qkv_bias:
                 out[p + "bias"] = ((us, "attn", name, "bias"), (n * H,), *bias(n))
+        if cfg.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                out[hf + f"self_attn.{name}.weight"] = ((us, "attn", name, "scale"), (H,), *same)
         out[hf + "self_attn.o_proj.weight"] = ((us, "attn", "o", "kernel"), (D, N * H), *o)
         for name, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))):
             out[hf + f"mlp.{name}_proj.weight"] = ((us, "mlp", name, "kernel"), shape, *lin)
@@ -265,7 +321,7 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
 
 def _zero_extras(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
     """Tensors an HF arch needs that our model does not have (written as zeros on export):
-    Qwen2 always has q/k/v biases; Llama's attention_bias also biases o_proj."""
+    Qwen2 always has q/k/v biases; Llama's and Qwen3's attention_bias also biases o_proj."""
     D, H = cfg.d_model, cfg.head_dim_
     out = {}
     for i in range(cfg.n_layers):
@@ -273,7 +329,7 @@ def _zero_extras(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
         if arch == "qwen2" and not cfg.qkv_bias:
             for name, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
                 out[p + f"{name}_proj.bias"] = (n * H,)
-        if arch == "llama" and cfg.qkv_bias:
+        if arch in ("llama", "qwen3") and cfg.qkv_bias:
             out[p + "o_proj.bias"] = (D,)
     return out
 
@@ -400,7 +456,7 @@ def _tensor(f, name: str, full: str) -> np.ndarray:
 
 def cfg_summary(cfg: ModelConfig) -> str:
     return (f"L={cfg.n_layers} D={cfg.d_model} N={cfg.n_heads} K={cfg.n_kv_heads} "
-            f"qkv_bias={cfg.qkv_bias} tied={cfg.tie_embeddings}")  # fmt: skip
+            f"qkv_bias={cfg.qkv_bias} qk_norm={cfg.qk_norm} tied={cfg.tie_embeddings}")  # fmt: skip
 
 
 def _safe_dtype(x: np.ndarray, dtype) -> np.ndarray:
@@ -519,7 +575,10 @@ def _forward_fn(cfg: ModelConfig):
 
 
 def default_arch(cfg: ModelConfig) -> str:
-    """The HF family that expresses `cfg` (Qwen2 for q/k/v biases, Mistral for a window)."""
+    """The HF family that expresses `cfg` (Qwen3 for q/k norms, Qwen2 for q/k/v biases,
+    Mistral for a window)."""
+    if cfg.qk_norm:
+        return "qwen3"
     return "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
 
 

@@ -23,7 +23,7 @@ from flaxlm.models.decode import generate
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
-FAMILIES = ("llama", "llama3", "mistral", "qwen2")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -43,16 +43,21 @@ def test_logits_match_transformers(family):
     assert np.std(ref["full_logits"]) > 0.5
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])  # the families' decode-time features
-def test_cached_greedy_decoding_matches_transformers_generate(family):
+@pytest.mark.parametrize(
+    "family,attn",
+    [("mistral", "xla"), ("qwen2", "xla"), ("qwen3", "xla"), ("qwen3_yarn", "xla"),
+     ("qwen3_yarn", "pallas")],
+)  # fmt: skip  # the families' decode-time features; q/k norms and YaRN through the kernel too
+def test_cached_greedy_decoding_matches_transformers_generate(family, attn):
     """flaxlm's KV-cache decode (ragged right-padded prompts) reproduces transformers' greedy
-    `generate` (left-padded, its own cache) token for token, sliding window and biases included."""
+    `generate` (left-padded, its own cache) token for token: sliding window, biases, per-head
+    q/k norms and YaRN's scaled tables included."""
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     ref = np.load(os.path.join(FIX, family, "reference.npz"))
     prompts = [t[m == 1].tolist() for t, m in zip(ref["left_tokens"], ref["left_mask"])]
     want = ref["greedy_tokens"]
     out = generate(cfg, params, prompts, max_new_tokens=want.shape[1],
-                   rng=jax.random.PRNGKey(0), temperature=0)  # fmt: skip
+                   rng=jax.random.PRNGKey(0), temperature=0, decode_attention=attn)  # fmt: skip
     np.testing.assert_array_equal(np.asarray(out.tokens), want)
 
 
@@ -64,6 +69,15 @@ def test_fixtures_catch_rope_and_window_bugs():
     cfg, params = hf.load_pretrained(os.path.join(FIX, "mistral"))
     ref = np.load(os.path.join(FIX, "mistral", "reference.npz"))
     assert _max_err(cfg.replace(sliding_window=0), params, ref, "full") > 1e-2
+    # Qwen3: without the per-head q/k norms; YaRN without its ramp or its attention factor
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "qwen3"))
+    ref = np.load(os.path.join(FIX, "qwen3", "reference.npz"))
+    assert _max_err(cfg.replace(qk_norm=False), params, ref, "full") > 1e-2
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "qwen3_yarn"))
+    ref = np.load(os.path.join(FIX, "qwen3_yarn", "reference.npz"))
+    for wrong in (dict(rope_scaling="none"), dict(rope_attention_factor=1.0),
+                  dict(rope_scaling="linear")):  # fmt: skip
+        assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
 
 
 def test_config_translation():
@@ -72,6 +86,66 @@ def test_config_translation():
     assert cfg.sliding_window == 4 and not cfg.qkv_bias
     cfg = hf.load_config(os.path.join(FIX, "qwen2"))
     assert cfg.qkv_bias and cfg.tie_embeddings and cfg.rope_theta == 1e6 and cfg.sliding_window == 0
+    cfg = hf.load_config(os.path.join(FIX, "qwen3"))
+    assert cfg.qk_norm and not cfg.qkv_bias and cfg.rope_scaling == "none"
+    assert hf.default_arch(cfg) == "qwen3"
+    cfg = hf.load_config(os.path.join(FIX, "qwen3_yarn"))
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_max_len) == ("yarn", 8, 32)
+    assert cfg.rope_attention_factor == pytest.approx(0.1 * np.log(8) + 1)
+
+
+# transformers 5.24 `ROPE_INIT_FUNCTIONS["yarn"]` for a Qwen3Config with head_dim 16, rope_theta
+# 1e4, factor 4, original_max_position_embeddings 64 (attention factor 1.138629436111989):
+# inverse frequencies with truncate=True (the default) and truncate=False. At this head dim the
+# ramp's rounded ends move pairs 1 and 2; the fixture's head dim 8 cannot show it.
+YARN_INV_FREQ = {
+    True: [1.0, 0.23717081546783447, 0.04999999701976776, 0.007905694656074047,
+           0.0024999999441206455, 0.0007905694656074047, 0.0002500000118743628,
+           7.905694656074047e-05],
+    False: [1.0, 0.19858352839946747, 0.025595249608159065, 0.007905694656074047,
+            0.0024999999441206455, 0.0007905694656074047, 0.0002500000118743628,
+            7.905694656074047e-05],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_frequencies_match_transformers(truncate):
+    from flaxlm.models.attention import rope_attention_factor, rope_inv_freq
+    from flaxlm.models.config import ModelConfig
+
+    cfg = ModelConfig(d_model=64, n_heads=4, head_dim=16, rope_theta=1e4, rope_scaling="yarn",
+                      rope_scaling_factor=4.0, rope_original_max_len=64,
+                      rope_yarn_truncate=truncate)  # fmt: skip
+    np.testing.assert_allclose(rope_inv_freq(cfg), YARN_INV_FREQ[truncate], rtol=1e-6)
+    assert rope_attention_factor(cfg) == pytest.approx(1.138629436111989)
+
+
+def test_yarn_settings_read_as_transformers_reads_them():
+    """YaRN's optional keys (transformers 5 modeling_rope_utils): DeepSeek's mscale pair sets
+    the attention factor, an explicit one wins, the original context defaults to
+    max_position_embeddings, beta_fast/beta_slow/truncate pass through."""
+    base = json.loads(open(os.path.join(FIX, "qwen3_yarn", "config.json")).read())
+
+    def read(**rope):
+        rope = {"rope_type": "yarn", "rope_theta": 1e4, **rope}
+        return hf.config_from_hf({**base, "rope_parameters": rope})
+
+    def mscale(s, m=1.0):
+        return 0.1 * m * np.log(s) + 1.0
+
+    c = read(factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=0.707)
+    assert c.rope_attention_factor == pytest.approx(mscale(40, 1.0) / mscale(40, 0.707))
+    assert read(factor=4.0, attention_factor=0.5).rope_attention_factor == 0.5
+    c = read(factor=4.0, beta_fast=16, beta_slow=2, truncate=False)
+    assert c.rope_original_max_len == base["max_position_embeddings"]
+    assert (c.rope_yarn_beta_fast, c.rope_yarn_beta_slow, c.rope_yarn_truncate) == (16, 2, False)
+    # The legacy spelling ({rope_theta, rope_scaling: {type: yarn}}) reads the same.
+    legacy = {k: v for k, v in base.items() if k != "rope_parameters"}
+    scaling = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
+    legacy.update(rope_theta=1e4, rope_scaling=scaling)
+    assert hf.config_from_hf(legacy) == hf.config_from_hf(base)
+    with pytest.raises(hf.HFError, match="partial_rotary_factor"):
+        read(factor=4.0, partial_rotary_factor=0.5)
 
 
 def _copy(family, tmp_path, edit_config=None, name="src"):
@@ -98,7 +172,8 @@ def test_old_rope_layout_reads_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("family,arch", [("llama", "llama"), ("llama3", "llama"),
-                                         ("mistral", "mistral"), ("qwen2", "qwen2")])  # fmt: skip
+                                         ("mistral", "mistral"), ("qwen2", "qwen2"),
+                                         ("qwen3", "qwen3"), ("qwen3_yarn", "qwen3")])  # fmt: skip
 def test_import_export_import_round_trip(family, arch, tmp_path):
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     out = tmp_path / "export"
@@ -126,6 +201,36 @@ def test_export_fills_what_the_arch_needs_and_refuses_what_it_cannot_express(tmp
         hf.save_pretrained(qcfg, qparams, str(tmp_path / "x"), arch="mistral")
     with pytest.raises(hf.HFError, match="exists and is not empty"):
         hf.save_pretrained(cfg, params, str(tmp_path / "q"), arch="llama")
+    # Only Qwen3 normalises q and k per head, and it always does: no silent dropping or adding.
+    q3cfg, q3params = hf.load_pretrained(os.path.join(FIX, "qwen3"))
+    for arch in ("llama", "mistral", "qwen2"):
+        with pytest.raises(hf.HFError, match="only arch 'qwen3' normalises q and k"):
+            hf.save_pretrained(q3cfg, q3params, str(tmp_path / "x"), arch=arch)
+    with pytest.raises(hf.HFError, match="this model has no q/k norms"):
+        hf.save_pretrained(cfg, params, str(tmp_path / "x"), arch="qwen3")
+    # Qwen3 with biases: attention_bias=true also biases o_proj, written as zeros.
+    hf.save_pretrained(q3cfg.replace(qkv_bias=True), _with_qkv_bias(q3params), str(tmp_path / "b"),
+                       arch="qwen3")  # fmt: skip
+    c = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert c["attention_bias"] is True and c["model_type"] == "qwen3"
+    bcfg, bparams = hf.load_pretrained(str(tmp_path / "b"))
+    assert bcfg == q3cfg.replace(qkv_bias=True)
+    jax.tree.map(np.testing.assert_array_equal, bparams, _with_qkv_bias(q3params))
+
+
+def _with_qkv_bias(params):
+    """params with nonzero q/k/v biases added to every layer's attention."""
+    out = {k: v for k, v in params.items()}
+    rng = np.random.default_rng(0)
+    for name, layer in params.items():
+        if not name.startswith("layers_"):
+            continue
+        attn = dict(layer["attn"])
+        for p in ("q", "k", "v"):
+            n, h = attn[p]["kernel"].shape[1:]
+            attn[p] = {**attn[p], "bias": rng.normal(size=(n, h)).astype(np.float32)}
+        out[name] = {**layer, "attn": attn}
+    return out
 
 
 def test_export_is_all_or_nothing(tmp_path, monkeypatch):
@@ -173,8 +278,8 @@ def test_bad_checkpoints_name_the_key_or_tensor(tmp_path):
         hf.load_pretrained(_copy("llama", tmp_path, lambda c: c.update(model_type="gpt2"), "a"))
     with pytest.raises(hf.HFError, match="missing key 'hidden_size'"):
         hf.load_config(_copy("llama", tmp_path, lambda c: c.pop("hidden_size"), "b"))
-    with pytest.raises(hf.HFError, match="rope type 'yarn' is not supported"):
-        edit = lambda c: c["rope_parameters"].update(rope_type="yarn", factor=2.0)
+    with pytest.raises(hf.HFError, match="rope type 'longrope' is not supported"):
+        edit = lambda c: c["rope_parameters"].update(rope_type="longrope", factor=2.0)
         hf.load_config(_copy("llama", tmp_path, edit, "c"))
     with pytest.raises(hf.HFError, match="layer_types"):
         edit = lambda c: c.update(
@@ -227,6 +332,26 @@ def test_load_into_mesh_shards_and_in_bf16():
     bcfg, bparams = hf.load_pretrained(d, dtype="bfloat16")
     assert bcfg.dtype == bcfg.param_dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(bparams)} == {np.dtype("bfloat16")}
+
+
+def test_qwen3_parity_with_heads_split_over_devices():
+    """Per-head q/k norms with the heads split over the tensor axis (and fsdp, data): the
+    sharded forward still matches transformers' logits."""
+    import flax.linen as nn
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = logical_axis_rules("fsdp_tp")
+    d = os.path.join(FIX, "qwen3_yarn")
+    cfg, params = hf.load_pretrained(d, mesh=mesh, rules=rules)
+    assert params["layers_0"]["attn"]["q"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
+    ref = np.load(os.path.join(d, "reference.npz"))
+    with mesh, nn.logical_axis_rules(rules):
+        for layout in ("full", "left"):
+            tokens = np.concatenate([ref[f"{layout}_tokens"]] * 2)  # batch 6 over data × fsdp
+            mask, pos = (np.concatenate([ref[f"{layout}_{k}"]] * 2) for k in ("mask", "positions"))
+            logits = np.asarray(hf.forward(cfg, params, tokens, pos, mask))[:3]
+            err = np.abs(logits - ref[f"{layout}_logits"])[ref[f"{layout}_mask"] == 1].max()
+            assert err < 1e-4, (layout, err)
 
 
 def _write_hf_tokenizer(d, vocab):

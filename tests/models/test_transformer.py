@@ -129,9 +129,11 @@ def test_every_parameter_has_logical_axes():
             assert len(box.names) == len(box.value.shape)
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", [*sorted(VARIANTS), "tiny+qk_norm+bias"])
 def test_param_count_matches_initialised_model(name):
-    cfg = VARIANTS[name]
+    cfg = VARIANTS[name.split("+")[0]]
+    if "+" in name:  # Qwen3-style: per-head q/k norm scales (2·H per layer) and q/k/v biases
+        cfg = cfg.replace(qk_norm=True, qkv_bias=True)
     shapes = jax.eval_shape(
         lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)), jax.random.PRNGKey(0)
     )
