@@ -89,10 +89,11 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
             if not isinstance(obj, dict):
                 raise F.FormatError("bad_record", "record is not a JSON object")
             prompt = F.prompt_messages(obj.get(fields.prompt, obj.get(fields.messages)), fields)
-            full, _ = F.render_prompt(prompt, template, 1 << 30)
-            if len(full) > max_len and d.overlength == "drop":
-                raise F.FormatError("too_long", f"{len(full)} prompt tokens > {max_len}")
-            ids, cut = F.render_prompt(prompt, template, max_len)
+            with F.naming_record(loc):
+                full, _ = F.render_prompt(prompt, template, 1 << 30)
+                if len(full) > max_len and d.overlength == "drop":
+                    raise F.FormatError("too_long", f"{len(full)} prompt tokens > {max_len}")
+                ids, cut = F.render_prompt(prompt, template, max_len)
         except F.FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
@@ -333,7 +334,8 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
                 else:
                     msgs = F.prompt_messages(obj.get(fields.prompt), fields)
                     answer = str(meta.get("answer", ""))
-                ids, _ = F.render_prompt(msgs, template, gen.max_prompt_len)
+                with F.naming_record(loc):
+                    ids, _ = F.render_prompt(msgs, template, gen.max_prompt_len)
             except (F.FormatError, TypeError, KeyError) as e:
                 report.bad("eval_bad_record", loc, str(e))
                 continue

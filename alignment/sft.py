@@ -96,7 +96,8 @@ def generation_eval(cfg, params, examples, template, gen_cfg, mesh=None, rules=N
     """Accuracy, mean judge score, stop rate (and accuracy per world task) on `examples`."""
     prompts, refs = [], []
     for ex in examples:
-        ids, _ = F.render_prompt(ex["messages"], template, gen_cfg.max_prompt_len)
+        with F.naming_record(ex["loc"]):
+            ids, _ = F.render_prompt(ex["messages"], template, gen_cfg.max_prompt_len)
         prompts.append(ids)
         refs.append(ex["messages"][-1]["content"])
     texts, stopped = generate_answers(

@@ -40,7 +40,9 @@ stop id (the template's next id, else EOS), so the last input is the stop id (th
 model's score position). Truncation cuts after a leading BOS and keeps the final assistant
 turn(s) from the end of the preceding message (its header included); a preference pair's
 shared prompt is its add_generation_prompt render, identical ids on both sides. The data
-report names the template (`chat_template`: "jinja:<sha256 prefix>").
+report names the template (`chat_template`: "jinja:<sha256 prefix>"). A template that fails
+on a record (its `raise_exception`, an undefined value used) is an error naming the record's
+file:line (`naming_record`), as a not prefix-stable one is.
 
 `render_chat` returns (ids, loss_mask) aligned with ids: `loss_mask[i] = 1` when `ids[i]` is a
 target. A row then holds `tokens = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]`.
@@ -68,6 +70,7 @@ Records come from jsonl or parquet (`read_records`), with configurable field nam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -128,6 +131,21 @@ class ChatTemplate:
 
 class TemplateError(ValueError):
     """A Jinja chat template no loss mask can be derived from (not prefix-stable, no stop id)."""
+
+
+@contextlib.contextmanager
+def naming_record(loc: str):
+    """Re-raises a Jinja chat template's error on one record with the record's file:line first:
+    a template that is not prefix-stable (TemplateError) or that fails on the record — its own
+    `raise_exception` or a failed render (models/hf_tokenizer.py HFError). Not counted drops:
+    the template, not the data, fixes the format (one that rejects system turns would drop
+    every record holding one), so the run stops at the first such record."""
+    from flaxlm.models.hf_tokenizer import HFError
+
+    try:
+        yield
+    except (TemplateError, HFError) as e:
+        raise type(e)(f"{loc}: {e}") from None
 
 
 class JinjaChatTemplate(ChatTemplate):
@@ -542,12 +560,11 @@ def render_sft(
             if msgs[-1]["role"] != "assistant":
                 raise FormatError("no_assistant_turn", "conversation ends with a " +
                                   f"{msgs[-1]['role']} turn, not an assistant turn")  # fmt: skip
-            fitted = _fitted([msgs], template, seq_len, overlength, loc, report)
+            with naming_record(loc):
+                fitted = _fitted([msgs], template, seq_len, overlength, loc, report)
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
-        except TemplateError as e:
-            raise TemplateError(f"{loc}: {e}") from None
         if fitted:
             (ids, mask), meta = fitted[0], _meta(obj, fields)
             out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": msgs})
@@ -599,12 +616,11 @@ def render_preferences(
         try:
             prompt, chosen, rejected, margin = preference_parts(obj, fields)
             convs = [prompt + chosen, prompt + rejected]
-            fitted = _fitted(convs, template, seq_len, overlength, loc, report, len(prompt))
+            with naming_record(loc):
+                fitted = _fitted(convs, template, seq_len, overlength, loc, report, len(prompt))
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
-        except TemplateError as e:
-            raise TemplateError(f"{loc}: {e}") from None
         if fitted:
             out.append({
                 "chosen": fitted[0], "rejected": fitted[1], "margin": margin,

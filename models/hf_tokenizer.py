@@ -212,19 +212,31 @@ class HFTokenizer:
         return [self.encode(t, bos=bos, eos=eos) for t in texts]
 
     def render_chat_text(self, messages, add_generation_prompt: bool = True) -> str:
-        """`messages` rendered as text with the checkpoint's own Jinja chat template, in
-        transformers' Jinja environment (see `render_chat_template`)."""
+        """`messages` rendered as text with the checkpoint's own Jinja chat template, as
+        transformers 5.24 apply_chat_template renders them (see `render_chat_template`): a
+        message's keys whose value is None are dropped first (OpenAI-style `tool_calls=None`:
+        `{% if message.tool_calls is defined %}` must be false, not print "None"), and `tools`
+        and `documents` are defined as None. The caller's messages are not modified."""
         if not self.chat_template:
             raise HFError(f"{self.name}: tokenizer_config.json has no chat_template")
-        return (
-            _jinja_env(self.name)
-            .from_string(self.chat_template)
-            .render(
+        import jinja2
+
+        msgs = []
+        for m in messages:
+            if not isinstance(m, dict):
+                raise HFError(f"{self.name}: chat messages must be dicts, got {m!r}")
+            msgs.append({k: v for k, v in m.items() if v is not None})
+        try:  # the template's own `raise_exception` is an HFError already (_jinja_env)
+            template = _jinja_env(self.name).from_string(self.chat_template)
+            return template.render(
                 **self.special_tokens,
-                messages=list(messages),
+                messages=msgs,
+                tools=None,
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
             )
-        )
+        except jinja2.TemplateError as e:  # a syntax error, an undefined value used
+            raise HFError(f"{self.name}: chat template: {type(e).__name__}: {e}") from None
 
     def render_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Ids of `messages` rendered with the checkpoint's own Jinja chat template, as

@@ -14,7 +14,8 @@ against references written here, not derived from the code under test.
 * HF Jinja templates (a ChatML/Qwen-style and a Llama-3-style one, written here) on a byte-level
   BPE tokenizer written here: ids frozen from transformers 5.24 apply_chat_template
   (FLAXLM_HF_LIVE=1 with .venv-hf re-checks them live), plus transformers' Jinja extras
-  (loop controls, non-escaping tojson, strftime_now, the named special tokens).
+  (loop controls, non-escaping tojson, strftime_now, the named special tokens) and its
+  message normalisation (keys whose value is None dropped; `tools`/`documents` None).
 """
 
 import datetime
@@ -272,8 +273,9 @@ FROZEN = {
 }  # fmt: skip
 
 
-def _hf_dir(d, name):
-    """A byte-level BPE tokenizer.json (written here, deterministic) + tokenizer_config.json."""
+def _hf_dir(d, name, chat_template=None):
+    """A byte-level BPE tokenizer.json (written here, deterministic) + tokenizer_config.json
+    (`name`'s template and special tokens, or `chat_template` with `name`'s special tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -290,6 +292,7 @@ def _hf_dir(d, name):
     os.makedirs(d, exist_ok=True)
     tk.save(os.path.join(d, "tokenizer.json"))
     template, specials = TEMPLATES[name]
+    template = chat_template or template
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **specials}
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f)
@@ -351,3 +354,67 @@ def test_live_frozen_ids_are_transformers(tmp_path, hf_live):
     dirs = {n: _hf_dir(str(tmp_path / n), n) for n in TEMPLATES}
     live = hf_live(LIVE, dirs, HF_CONVS)
     assert live == FROZEN, json.dumps(live)
+
+
+# Messages with keys whose value is None (as OpenAI-style clients send `tool_calls=None`):
+# transformers drops those keys before rendering (utils/chat_template_utils.py
+# `_normalize_chat_messages`; nested Nones stay) and defines `tools` and `documents` as None.
+NONE_KEYS = (
+    "{% for m in messages %}{{ '<|im_start|>' + m.role }}:{{ m | length }}"
+    "{% if m.content is defined %} {{ m.content }}{% else %} -{% endif %}"
+    "{% if m.tool_calls is defined %} calls {{ m.tool_calls | tojson }}{% endif %}"
+    "{% if m.name is defined %} ({{ m.name }}){% endif %}{{ '<|im_end|>' }}{% endfor %}"
+    "{% if tools is not none %}tools {% endif %}{% if documents is not none %}docs {% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant' }}{% endif %}"
+)
+NONE_CONVS = [
+    [{"role": "user", "content": "the river", "name": None},
+     {"role": "assistant", "content": None, "tool_calls": None},
+     {"role": "assistant", "content": "the forest", "name": "n",
+      "tool_calls": [{"name": "f", "arguments": None}]},
+     {"role": "user", "content": "is a river", "tool_calls": None}],
+]  # fmt: skip
+# transformers 5.24.0 apply_chat_template(conv, add_generation_prompt=True): text, then ids
+# (test_live_none_keys_are_transformers prints them).
+FROZEN_NONE_TEXT = [
+    "<|im_start|>user:2 the river<|im_end|><|im_start|>assistant:1 -<|im_end|>"
+    '<|im_start|>assistant:4 the forest calls [{"name": "f", "arguments": null}] (n)<|im_end|>'
+    "<|im_start|>user:2 is a river<|im_end|><|im_start|>assistant",
+]
+FROZEN_NONE_IDS = [
+    [311, 277, 25, 17, 258, 263, 312, 311, 285, 25, 16, 220, 12, 312, 311, 285, 25, 19, 258,
+     269, 220, 66, 64, 75, 75, 82, 220, 58, 90, 1, 77, 64, 76, 68, 1, 25, 220, 1, 69, 1, 11,
+     220, 1, 64, 81, 70, 84, 76, 68, 77, 83, 82, 1, 25, 220, 77, 84, 75, 75, 92, 60, 220, 7,
+     77, 8, 312, 311, 277, 25, 17, 288, 289, 263, 312, 311, 285],
+]  # fmt: skip
+
+
+def test_message_keys_with_none_values_are_dropped_as_transformers_does(tmp_path):
+    """Before: `{% if m.tool_calls is defined %}` was true for tool_calls=None (rendering
+    "calls null"), `m.content is defined` printed "None", and `tools is not none` held."""
+    import copy
+
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(_hf_dir(str(tmp_path / "t"), "chatml", NONE_KEYS))
+    before = copy.deepcopy(NONE_CONVS)
+    assert [tok.render_chat_text(c) for c in NONE_CONVS] == FROZEN_NONE_TEXT
+    assert [tok.render_chat_template(c) for c in NONE_CONVS] == FROZEN_NONE_IDS
+    assert NONE_CONVS == before  # the caller's messages keep their None keys
+
+
+LIVE_NONE = """
+import json, sys
+from transformers import AutoTokenizer
+t = AutoTokenizer.from_pretrained(json.loads(sys.argv[1]))
+convs = json.loads(sys.argv[2])
+print(json.dumps([[t.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                   for c in convs],
+                  [list(t.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False)) for c in convs]]))
+"""
+
+
+def test_live_none_keys_are_transformers(tmp_path, hf_live):
+    live = hf_live(LIVE_NONE, _hf_dir(str(tmp_path / "t"), "chatml", NONE_KEYS), NONE_CONVS)
+    assert live == [FROZEN_NONE_TEXT, FROZEN_NONE_IDS], json.dumps(live)

@@ -303,6 +303,57 @@ def test_a_template_that_is_not_prefix_stable_is_an_error_naming_it(tmp_path):
         F.render_sft([({"messages": CONVS[0]}, "c:1"), ({"messages": CONVS[1]}, "c:2")], t, 512)
 
 
+def test_a_template_that_fails_on_a_record_is_an_error_naming_its_file_and_line(tmp_path):
+    """The template's own raise_exception (or a failed render) on one record of SFT, preference
+    or RL prompt data: an HFError that names the data file and the record's line."""
+    import re
+
+    import ml_collections
+
+    from flaxlm.alignment import rl_common
+    from flaxlm.models.hf_tokenizer import HFError
+
+    tok = _load(tmp_path, "chatml")
+    base = CHATML.replace("[[G]]", "").replace("[[/G]]", "")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.content == 'is a river' %}"
+        "{{ raise_exception('no rivers here') }}{% endif %}{% endfor %}" + base
+    )
+    t = F.training_template(tok)
+
+    def write(name, records):
+        path = str(tmp_path / name)
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        return path, re.escape(path)
+
+    sft, sft_re = write("sft.jsonl", [{"messages": CONVS[0]}, {"messages": CONVS[1]}])
+    with pytest.raises(HFError, match=rf"^{sft_re}:2: .*chat template: no rivers here$"):
+        F.render_sft(F.read_records(sft, F.DataReport()), t, 512)
+    pairs, pairs_re = write("pairs.jsonl", [
+        {"prompt": "the river", "chosen": "the forest", "rejected": "Hello"},
+        {"prompt": "is a river", "chosen": "the forest", "rejected": "Hello"},
+    ])  # fmt: skip
+    with pytest.raises(HFError, match=rf"^{pairs_re}:2: .*chat template: no rivers here$"):
+        F.render_preferences(F.read_records(pairs, F.DataReport()), t, 512)
+    prompts, prompts_re = write(
+        "prompts.jsonl", [{"prompt": p} for p in ("the river", "is a river")]
+    )
+    c = ml_collections.ConfigDict({"data": {"fields": F.fields_config(), "overlength": "drop",
+                                            "world": "", "world_seed": 0},
+                                   "rollout": {"max_prompt_len": 64},
+                                   "eval_gen": {"sets": prompts, "examples": 8,
+                                                "max_prompt_len": 64}})  # fmt: skip
+    with pytest.raises(HFError, match=rf"^{prompts_re}:2: .*chat template: no rivers here$"):
+        rl_common.load_prompts(prompts, c, t, F.DataReport())
+    with pytest.raises(HFError, match=rf"^{prompts_re}:2: .*chat template: no rivers here$"):
+        rl_common.heldout_sets(c, t, [], F.DataReport())
+    # A render that fails in Jinja itself (an undefined value used) names the record too.
+    tok.chat_template = "{% for m in messages %}{{ m.content ~ m.meta.x }}{% endfor %}" + base
+    with pytest.raises(HFError, match=rf"^{sft_re}:1: .*chat template: UndefinedError: "):
+        F.render_sft(F.read_records(sft, F.DataReport()), F.training_template(tok), 512)
+
+
 def test_a_merge_across_the_turn_boundary_drops_the_record(tmp_path):
     """GPT-2's split makes "\\n\\n" one token at a prompt's end but two before a word: the
     training ids would not be the generation prompt's, so the record is a counted drop."""
