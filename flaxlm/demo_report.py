@@ -12,11 +12,11 @@ model's mode); the post-SFT policies' KL to the SFT model is estimated on sample
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 POLICIES = ("pretrain", "sft", "dpo", "ppo", "grpo")
@@ -38,23 +38,49 @@ def sequence_kl(
     pad_id,
     max_new_tokens: int = 24,
     seed: int = 0,
+    batch: int = 64,
 ) -> float:
-    """Mean per-sequence KL(π ‖ π_ref) in nats from one sample of π per prompt (k1)."""
+    """Mean per-sequence KL(π ‖ π_ref) in nats from one sample of π per prompt (k1).
+
+    π's log-probs are the sampler's; π_ref scores every prompt + sample in right-padded batches
+    of `batch` rows through one jitted forward per model config (causal attention: the padding
+    after a sequence never reaches its tokens)."""
     from flaxlm.models.decode import generate
-    from flaxlm.models.transformer import forward
-    from flaxlm.train.losses import token_logprobs
 
     out = generate(cfg, params, prompts, max_new_tokens=max_new_tokens,
                    rng=jax.random.PRNGKey(seed), temperature=1.0, stop_tokens=stop_tokens,
                    pad_id=pad_id)  # fmt: skip
     toks, logp, mask, lengths = jax.device_get(tuple(out))
+    seqs = [list(p) + list(t[:n]) for p, t, n in zip(prompts, toks, lengths)]
+    longest = max(len(s) for s in seqs) - 1
+    width = max(longest, min(_pow2_at_least(longest), cfg.max_seq_len))  # shared by policies
+    rows = min(batch, _pow2_at_least(len(seqs)))
+    score = _ref_logprobs(cfg)
     kls = []
-    for p, t, lp, m, n in zip(prompts, toks, logp, mask, lengths):
-        seq = np.asarray(list(p) + list(t[:n]), np.int32)[None]
-        ref = token_logprobs(forward(cfg, ref_params, seq[:, :-1]), jnp.asarray(seq[:, 1:]))
-        ref = np.asarray(ref)[0, len(p) - 1 :]
-        kls.append(float(((lp[:n] - ref[:n]) * m[:n]).sum()))
+    for i in range(0, len(seqs), rows):
+        tokens, targets = np.zeros((2, rows, width), np.int32)  # (B, T); padding: id 0
+        for j, s in enumerate(seqs[i : i + rows]):
+            tokens[j, : len(s) - 1], targets[j, : len(s) - 1] = s[:-1], s[1:]
+        ref_BT = np.asarray(score(ref_params, tokens, targets))
+        for j, k in enumerate(range(i, min(i + rows, len(seqs)))):
+            start, n = len(prompts[k]) - 1, lengths[k]  # the sample's targets
+            ref = ref_BT[j, start : start + n]
+            kls.append(float(((logp[k][:n] - ref) * mask[k][:n]).sum()))
     return float(np.mean(kls))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=4)
+def _ref_logprobs(cfg):
+    """log p(targets | tokens) (B, T) of a parameter pytree, jitted once per model config (the
+    KL of every post-SFT policy reuses it)."""
+    from flaxlm.models.transformer import forward
+    from flaxlm.train.losses import token_logprobs
+
+    return jax.jit(lambda p, tokens, targets: token_logprobs(forward(cfg, p, tokens), targets))
 
 
 def evaluate_all(dirs: dict, limit: int) -> dict:
