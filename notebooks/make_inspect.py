@@ -14,7 +14,8 @@ CELLS = [
 
 Loads a run's latest checkpoint (config, parameters and tokenizer all come from the checkpoint
 itself), shows the parameter tree with shapes and shardings, generates from a few prompts, plots
-one attention head, and plots the loss curves from `metrics.jsonl`.
+one attention head, and plots the loss curves from `metrics.jsonl` (with, faint, the steps a
+rollback or resume trained again, from `metrics.superseded.jsonl`).
 
 Set `FLAXLM_RUN` to a run directory (default: the demo's pretraining run).""",
     ),
@@ -31,7 +32,7 @@ from flaxlm.models.decode import generate_text
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.models.transformer import Transformer, unstack_layers
 from flaxlm.train.checkpoint import load_model
-from flaxlm.train.metrics import read_metrics
+from flaxlm.train.curves import plot_loss
 
 RUN_DIR = os.environ.get("FLAXLM_RUN", "../runs/demo/pretrain")
 print("run:", os.path.abspath(RUN_DIR), "| devices:", jax.device_count())""",
@@ -91,19 +92,19 @@ plt.show()
 print("rows sum to 1:", np.allclose(probs.sum(-1), 1, atol=1e-4),
       "| causal:", np.allclose(np.triu(probs, 1), 0))""",
     ),
-    ("md", "## Loss curves from metrics.jsonl"),
+    ("md", "## Loss curves from metrics.jsonl (and metrics.superseded.jsonl)"),
     (
         "code",
-        """recs = read_metrics(RUN_DIR)
-train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-evals = [(r["step"], r["eval/nll"]) for r in recs if "eval/nll" in r]
-fig, ax = plt.subplots(figsize=(6, 3.5))
-ax.plot(*zip(*train), label="train loss")
-if evals:
-    ax.plot(*zip(*evals), "o-", label="held-out nll")
-ax.set_xlabel("step"); ax.set_ylabel("nats/token"); ax.legend()
+        """fig, ax = plt.subplots(figsize=(6, 3.5))
+# superseded=True overlays, faint, the steps a rollback or resume trained again (from
+# metrics.superseded.jsonl, when the run has one); False plots the final run only.
+curves = plot_loss(ax, RUN_DIR, superseded=True)
 plt.show()
-print(f"{len(train)} train records, {len(evals)} eval records; last loss {train[-1][1]:.3f}")""",
+train, evals, old = curves["train"], curves["eval"], curves["superseded"]
+print(f"{len(train)} train records, {len(evals)} eval records; last loss {train[-1][1]:.3f}; "
+      f"superseded segments overlaid: {len(old)}")
+for seg in old:
+    print(f"  {seg['event']} ({seg['reason']}): steps {seg['steps'][0]}-{seg['steps'][-1]}")""",
     ),
 ]
 

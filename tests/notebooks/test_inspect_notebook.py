@@ -7,6 +7,7 @@ from nbclient import NotebookClient
 
 from flaxlm.configs import pretrain as pretrain_config
 from flaxlm.train import pretrain
+from flaxlm.train.metrics import MetricWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,9 +16,12 @@ def test_inspect_notebook_runs(tmp_path, monkeypatch):
     c = pretrain_config.get_config("variant=tiny,runlocal=True")
     with c.unlocked():
         c.progress_bar = False
-        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 4, 2, 4, 2
+        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 4, 2, 4, 1
     run = tmp_path / "run"
     pretrain.run(c, str(run))
+    # What a resume from step 2 does first: the lines of steps 3-4 move to
+    # metrics.superseded.jsonl (the loss plot overlays them).
+    MetricWriter(str(run), resume_step=2, tensorboard=False).close()
     monkeypatch.setenv("FLAXLM_RUN", str(run))
     nb = nbformat.read(os.path.join(REPO, "notebooks", "inspect.ipynb"), as_version=4)
     NotebookClient(
@@ -32,6 +36,7 @@ def test_inspect_notebook_runs(tmp_path, monkeypatch):
     assert "layers_0/attn/q/kernel" in text and "fsdp" in text  # tree with shardings
     assert "→" in text  # generation ran
     assert "rows sum to 1: True | causal: True" in text
+    assert "superseded segments overlaid: 1" in text and "resume (resumed from" in text
     images = [
         o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})
     ]
