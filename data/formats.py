@@ -28,9 +28,12 @@ The template (token ids, not text, so no merge ever crosses a boundary):
 Jinja templates (`JinjaChatTemplate`): the conversation is rendered once as text and tokenized
 once with character offsets (models/hf_tokenizer.py). Each assistant turn i starts where the
 text of messages[:i] with add_generation_prompt=True ends and its turn ends where the text of
-messages[:i+1] ends; both must be prefixes of the whole text, else `TemplateError` (a hard
-error naming the template and record: the template is not prefix-stable, so no mask can be
-derived from it — nothing falls back silently). The prompt's ids must equal the prefix text
+messages[:i+1] ends; both must be prefixes of the whole text. A template that rewrites
+earlier turns once later ones follow (Qwen3, DeepSeek-R1: an earlier answer's reasoning is
+dropped) trains a multi-turn SFT conversation one assistant turn per example, each in the
+context it is generated in, counted as `split_by_turn` in the data report (`render_sft`);
+where even the final turn cannot be located it is a `TemplateError` (a hard error naming the
+template and record — nothing falls back silently). The prompt's ids must equal the prefix text
 tokenized alone (what `generation_prompt` gives), else the record is dropped as
 "template_boundary" (a merge across the turn boundary). The mask covers the assistant content
 and the template text after it up to and including the first stop id (`tok.stop_ids`:
@@ -39,8 +42,9 @@ are then closed as flaxlm's template closes them: exactly one untrained id after
 stop id (the template's next id, else EOS), so the last input is the stop id (the reward
 model's score position). Truncation cuts after a leading BOS and keeps the final assistant
 turn(s) from the end of the preceding message (its header included); a preference pair's
-shared prompt is its add_generation_prompt render, identical ids on both sides. The data
-report names the template (`chat_template`: "jinja:<sha256 prefix>"). A template that fails
+shared prompt is its add_generation_prompt render, identical ids on both sides, and only the
+responses are trained (assistant turns inside the prompt are context, with either template).
+The data report names the template (`chat_template`: "jinja:<sha256 prefix>"). A template that fails
 on a record (its `raise_exception`, an undefined value used) is an error naming the record's
 file:line (`naming_record`), as a not prefix-stable one is.
 
@@ -131,6 +135,11 @@ class ChatTemplate:
 
 class TemplateError(ValueError):
     """A Jinja chat template no loss mask can be derived from (not prefix-stable, no stop id)."""
+
+
+class PrefixUnstable(TemplateError):
+    """The template renders a conversation's first messages differently once more follow (it
+    rewrites history: Qwen3 and DeepSeek-R1 drop earlier turns' reasoning)."""
 
 
 @contextlib.contextmanager
@@ -273,11 +282,13 @@ def generation_prompt(messages: Sequence[dict], tok) -> tuple[list[int], tuple[i
     return [int(i) for i in ids], template.stop_tokens
 
 
-def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None = None):
+def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None = None,
+                  train_from: int = 0):  # fmt: skip
     """(ids, mask, keep_from, head) of a conversation through a Jinja template (module
     docstring, "Jinja templates"): `keep_from` is where truncation must stop cutting — the end of
     the message before the trailing assistant turns, or with `n_prompt` the end of the shared
-    prompt's generation-prompt ids — and `head` the leading ids never cut (BOS)."""
+    prompt's generation-prompt ids — and `head` the leading ids never cut (BOS). Assistant
+    turns before message `train_from` are context, not located or trained."""
     if not any(m["role"] == "assistant" for m in msgs):
         raise FormatError("no_assistant_turn", "conversation has no assistant turn")
     text = t.text(msgs, False)
@@ -289,7 +300,7 @@ def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None =
     def prefix(k: int, gen: bool) -> str:
         part = t.text(msgs[:k], gen)
         if not text.startswith(part):
-            raise TemplateError(
+            raise PrefixUnstable(
                 f"chat template {t.describe()} is not prefix-stable: messages[:{k}] rendered "
                 f"with add_generation_prompt={gen} is not a prefix of the whole conversation, "
                 "so the assistant turns (the loss mask) cannot be located"
@@ -304,7 +315,7 @@ def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None =
         return len(want)
 
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < train_from:
             continue
         k0, k1 = prompt_ids(i, True), at(len(prefix(i + 1, False)))
         stop = next((j for j in range(k0, k1) if ids[j] in stops), None)
@@ -411,6 +422,8 @@ class DataReport:
         self.truncated_examples: list[str] = []
         self.tokens = self.loss_tokens = 0
         self.chat_template = ""  # a Jinja template's name (JinjaChatTemplate), "" for flaxlm's
+        self.split_by_turn = 0  # conversations trained one assistant turn per example
+        self.split_examples: list[str] = []
 
     def bad(self, reason: str, loc: str, detail: str = "") -> None:
         self.log.add(reason, loc, detail)
@@ -419,6 +432,14 @@ class DataReport:
         self.truncated += 1
         if len(self.truncated_examples) < S.MAX_EXAMPLES:
             self.truncated_examples.append(f"{loc}: {n_cut} prompt tokens cut from the left")
+
+    def split(self, loc: str, n_pieces: int) -> None:
+        self.split_by_turn += 1
+        if len(self.split_examples) < S.MAX_EXAMPLES:
+            self.split_examples.append(
+                f"{loc}: {n_pieces} examples, one per assistant turn (the chat template "
+                "rewrites earlier turns once later ones follow)"
+            )
 
     def to_dict(self) -> dict:
         return {
@@ -431,6 +452,11 @@ class DataReport:
             "tokens": self.tokens,
             "loss_tokens": self.loss_tokens,
             **({"chat_template": self.chat_template} if self.chat_template else {}),
+            **(
+                {"split_by_turn": self.split_by_turn, "split_examples": self.split_examples}
+                if self.split_by_turn
+                else {}
+            ),  # fmt: skip
         }
 
 
@@ -480,14 +506,17 @@ def _final_len(t: ChatTemplate, msgs: list[dict]) -> int:
     return n
 
 
-def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None):
+def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None, train_from=0):
     """Renders conversations and cuts each by the same number of tokens so all fit a row (the
     overlength policy); None (counted) when one cannot. One SFT conversation: anything before
     its final assistant turn(s) may be cut. Preference sides (`n_prompt` = the number of
     leading prompt messages they share): only the shared prompt is cut, so both keep the
-    exact same prompt ids and their whole responses."""
+    exact same prompt ids and their whole responses, and only the responses are trained (an
+    assistant turn inside the prompt is context: the same on both sides, it would cancel in
+    DPO's sums but count in SimPO's and ORPO's per-token means and the SFT term)."""
     if template.jinja:
-        rendered = [_render_jinja(c, template, n_prompt) for c in convs]
+        train_from = n_prompt if n_prompt is not None else train_from
+        rendered = [_render_jinja(c, template, n_prompt, train_from) for c in convs]
         sides = [(ids, mask) for ids, mask, _, _ in rendered]
         if n_prompt is not None and rendered[0][0][: rendered[0][2]].tolist() != \
                 rendered[1][0][: rendered[1][2]].tolist():  # fmt: skip
@@ -509,6 +538,9 @@ def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None):
         n = head + sum(len(template.headers[m["role"]]) + len(template.encode(m["content"])) + 1
                        for m in prompt)  # fmt: skip
         keep = [n] * len(convs)
+    if n_prompt is not None:  # the prompt's own assistant turns are not targets
+        sides = [(ids, np.where(np.arange(len(mask)) < k, 0.0, mask).astype(np.float32))
+                 for (ids, mask), k in zip(sides, keep)]  # fmt: skip
     fitted = [
         fit_length(ids, mask, k, len(ids) - over, head) for (ids, mask), k in zip(sides, keep)
     ]
@@ -518,7 +550,6 @@ def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None):
         return None
     if over:
         report.truncation(loc, over)
-    report.used += 1
     for ids, mask, _ in fitted:
         report.tokens += len(ids) - 1
         report.loss_tokens += int(mask[1:].sum())
@@ -549,7 +580,13 @@ def render_sft(
     A conversation must end with an assistant turn ("no_assistant_turn" otherwise): a trailing
     user turn is never a target, and truncation keeps only the final assistant turn(s) whole,
     so it could cut every trained token away and train on nothing. Every kept example has at
-    least one target (its final answer's `<|end|>`)."""
+    least one target (its final answer's `<|end|>`).
+
+    A Jinja template that rewrites history (Qwen3 and DeepSeek-R1 drop an earlier answer's
+    reasoning once a later user turn follows, so the whole conversation's text does not
+    continue messages[:i+1]'s) trains a multi-turn conversation one assistant turn per
+    example: messages[:i+1] with turn i last, trained on turn i only — each answer in the
+    context the model has when it generates it. Counted in the report (`split_by_turn`)."""
     fields, report = _check_args(overlength, fields, report)
     if template.jinja:
         report.chat_template = template.name
@@ -561,14 +598,49 @@ def render_sft(
                 raise FormatError("no_assistant_turn", "conversation ends with a " +
                                   f"{msgs[-1]['role']} turn, not an assistant turn")  # fmt: skip
             with naming_record(loc):
-                fitted = _fitted([msgs], template, seq_len, overlength, loc, report)
+                pieces = _sft_pieces(msgs, template, seq_len, overlength, loc, report)
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
-        if fitted:
-            (ids, mask), meta = fitted[0], _meta(obj, fields)
-            out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": msgs})
+        report.used += bool(pieces)
+        meta = _meta(obj, fields)
+        for (ids, mask), conv in pieces:
+            out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": conv})
     return out
+
+
+def _assistant_runs(msgs: list[dict]) -> list[tuple[int, int]]:
+    """(first, last) index of each run of consecutive assistant turns."""
+    runs = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def _sft_pieces(msgs, template, seq_len, overlength, loc, report):
+    """[((ids, mask), messages)] of one SFT conversation: itself, or with a history-rewriting
+    Jinja template one piece per assistant run (`render_sft`); pieces that cannot fit are
+    counted drops."""
+    try:
+        fitted = _fitted([msgs], template, seq_len, overlength, loc, report)
+        return [(fitted[0], msgs)] if fitted else []
+    except PrefixUnstable:
+        runs = _assistant_runs(msgs)
+        if len(runs) < 2:  # the final answer itself cannot be located: no mask at all
+            raise
+    pieces = []
+    for first, last in runs:
+        conv = msgs[: last + 1]
+        fitted = _fitted([conv], template, seq_len, overlength, loc, report, train_from=first)
+        if fitted:
+            pieces.append((fitted[0], conv))
+    report.split(loc, len(runs))
+    return pieces
 
 
 def render_prompt(
@@ -621,6 +693,7 @@ def render_preferences(
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
+        report.used += bool(fitted)
         if fitted:
             out.append({
                 "chosen": fitted[0], "rejected": fitted[1], "margin": margin,

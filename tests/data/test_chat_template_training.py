@@ -251,8 +251,9 @@ def test_preference_pairs_share_the_generation_prompt_and_cut_only_it(hf):
     for side, answer in (("chosen", rec["chosen"]), ("rejected", rec["rejected"])):
         ids, mask = pair[side]
         assert ids[: len(want)].tolist() == want
-        full, fmask = F.render_chat(prompt + [A(answer)], t)  # the prompt's earlier answer
-        assert ids.tolist() == full.tolist() and mask.tolist() == fmask.tolist()  # is trained
+        full, fmask = F.render_chat(prompt + [A(answer)], t)  # SFT trains the earlier answer;
+        assert ids.tolist() == full.tolist() and fmask[: len(want)].any()  # a pair does not:
+        assert not mask[: len(want)].any()  # it is context, the same on both sides
         resp = tok.encode(answer) + [t.end_id]
         assert ids[len(want) : len(want) + len(resp)].tolist() == resp
         assert mask[len(want) :].tolist() == [1.0] * len(resp) + [0.0] * (len(ids) - len(want)
@@ -292,15 +293,19 @@ def test_packed_rows_keep_jinja_examples_apart(hf):
 
 def test_a_template_that_is_not_prefix_stable_is_an_error_naming_it(tmp_path):
     tok = _load(tmp_path, "chatml")
-    # Drops earlier answers from the history (as reasoning templates do): no mask is derivable.
+    # The generation prompt opens a block the rendered answer does not have: even the final
+    # answer cannot be located, so no mask is derivable. (A template that only rewrites
+    # earlier turns trains one turn per example: tests/data/test_chat_history_templates.py.)
     tok.chat_template = (
-        "{% for m in messages %}{% if m.role != 'assistant' or loop.last %}<|im_start|>"
-        "{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>{% endif %}"
     )
     t = F.training_template(tok)
-    with pytest.raises(F.TemplateError, match=r"c:2: chat template jinja:\w+ .*not prefix-stable"):
+    with pytest.raises(F.TemplateError, match=r"c:1: chat template jinja:\w+ .*not prefix-stable"):
         F.render_sft([({"messages": CONVS[0]}, "c:1"), ({"messages": CONVS[1]}, "c:2")], t, 512)
+    with pytest.raises(F.TemplateError, match=r"p:1: chat template jinja:\w+ .*not prefix-stable"):
+        rec = {"prompt": "the river", "chosen": "the forest", "rejected": "Hello"}
+        F.render_preferences([(rec, "p:1")], t, 512)
 
 
 def test_a_template_that_fails_on_a_record_is_an_error_naming_its_file_and_line(tmp_path):

@@ -1,0 +1,179 @@
+"""Chat templates that rewrite history, and what a preference pair trains.
+
+Reasoning models' templates (Qwen3, DeepSeek-R1) render an answer's reasoning only while it is
+the latest answer: once a later user turn follows, the earlier answer is shown without it. The
+text of a whole multi-turn conversation then does not continue the text of its first turns, so
+an SFT conversation trains one assistant turn per example (`render_sft`), each in the context
+the model sees when it generates that turn.
+
+References are written here by hand, not derived from the code under test: REASONING is a
+template written for this test with that behaviour (not a copy of any model's), the expected
+texts are string literals, and the tokenizer maps every byte to its own id (no merges), so the
+trained ids decode to exactly the trained text. FLAXLM_HF_LIVE=1 (with .venv-hf) re-checks
+that transformers' apply_chat_template renders the same texts.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from flaxlm.data import formats as F
+
+U = lambda c: {"role": "user", "content": c}  # noqa: E731
+A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The latest answers (after the last user turn) show their reasoning in a <think> block (empty
+# when there is none); earlier answers show only what follows their </think>.
+REASONING = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}"
+    "{%- set parts = m.content.split('</think>') %}"
+    "{%- set answer = parts[-1].lstrip('\\n') %}"
+    "{%- set thought = parts[0].replace('<think>', '').strip('\\n') if parts | length > 1 "
+    "else '' %}"
+    "{%- if loop.index0 > ns.last_user %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + thought + '\\n</think>\\n\\n' + answer }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + answer }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CONV = [U("2+2?"), A("<think>add them</think>4"), U("and 3+3?"), A("6")]
+TURN1 = (
+    "<|im_start|>user\n2+2?<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\nadd them\n</think>\n\n4<|im_end|>\n"
+)
+TURN2 = (
+    "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n"
+    "<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n6"
+    "<|im_end|>\n"
+)  # the first answer without its reasoning, the second with its (empty) think block
+
+
+def _byte_tokenizer_dir(d: str, template: str) -> str:
+    """tokenizer.json: one id per byte (byte-level, no merges) + the chat specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(SPECIALS)
+    os.makedirs(d, exist_ok=True)
+    tk.save(os.path.join(d, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
+           "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}  # fmt: skip
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return d
+
+
+@pytest.fixture
+def reasoning(tmp_path):
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(_byte_tokenizer_dir(str(tmp_path / "tok"), REASONING))
+    return tok, F.training_template(tok)
+
+
+def _text(tok, ids) -> str:
+    return tok.tok.decode([int(i) for i in ids], skip_special_tokens=False)  # specials shown
+
+
+def _trained_text(tok, ids, mask) -> str:
+    return _text(tok, [i for i, m in zip(ids, mask) if m])
+
+
+def test_history_rewriting_template_trains_one_turn_per_example(reasoning):
+    tok, t = reasoning
+    assert t.text(CONV[:2], False) == TURN1 and t.text(CONV, False) == TURN2
+    assert not TURN2.startswith(TURN1)  # the template rewrites the first answer
+    report = F.DataReport()
+    first, second = F.render_sft([({"messages": CONV}, "c:1")], t, 512, report=report)
+    cases = ((first, TURN1, 2, "<think>\nadd them\n</think>\n\n4<|im_end|>"),
+             (second, TURN2, 4, "<think>\n\n</think>\n\n6<|im_end|>"))  # fmt: skip
+    for ex, text, n, trained in cases:
+        ids = tok.encode(text)  # the whole text: its final "\n" is the one untrained close id
+        assert ex["ids"].tolist() == ids and ex["messages"] == CONV[:n] and ex["loc"] == "c:1"
+        assert _trained_text(tok, ex["ids"], ex["mask"]) == trained
+        # exactly one stretch of targets: the last answer, from after the generation prompt
+        start = len(tok.encode(t.text(CONV[: n - 1], True)))
+        assert np.flatnonzero(ex["mask"]).tolist() == list(range(start, len(ids) - 1))
+    d = report.to_dict()
+    assert (d["records"], d["used"], d["dropped"], d["split_by_turn"]) == (0, 1, 0, 1)
+    assert d["split_examples"][0].startswith("c:1: 2 examples, one per assistant turn")
+    assert d["loss_tokens"] == int(first["mask"][1:].sum() + second["mask"][1:].sum())
+    # A single answer needs no split and is not reported as one.
+    report = F.DataReport()
+    (only,) = F.render_sft([({"messages": CONV[:2]}, "c:2")], t, 512, report=report)
+    assert only["ids"].tolist() == first["ids"].tolist() and "split_by_turn" not in report.to_dict()
+
+
+def test_split_examples_truncate_and_pack_on_their_own(reasoning):
+    tok, t = reasoning
+    long = [U("x" * 40), A("<think>y</think>z"), U("and 3+3?"), A("6")]
+    full = F.render_sft([({"messages": long}, "c:1")], t, 512)
+    budget = len(full[1]["ids"]) - 1 - 10  # the second example needs 10 ids cut, the first none
+    report = F.DataReport()
+    cut = F.render_sft([({"messages": long}, "c:1")], t, budget, report=report)
+    assert cut[0]["ids"].tolist() == full[0]["ids"].tolist()
+    assert len(cut[1]["ids"]) - 1 == budget and report.truncated == 1
+    assert _trained_text(tok, cut[1]["ids"], cut[1]["mask"]) == _trained_text(
+        tok, full[1]["ids"], full[1]["mask"])  # fmt: skip
+    batches = F.SFTBatches(cut, seq_len=budget, batch=2, pad_id=0, shuffle=False, num_epochs=1)
+    b = next(batches)
+    assert int(b["loss_mask"].sum()) == sum(int(ex["mask"][1:].sum()) for ex in cut)
+
+
+def test_preference_pair_with_history_trains_only_its_responses(reasoning):
+    """A pair whose prompt holds an earlier answer (with reasoning) renders through the
+    rewriting template (it was an error: the prompt's answer cannot be located), and only the
+    two responses are trained."""
+    tok, t = reasoning
+    rec = {"prompt": CONV[:3], "chosen": "6", "rejected": "7"}
+    (pair,) = F.render_preferences([(rec, "p:1")], t, 512)
+    for side, answer in (("chosen", "6"), ("rejected", "7")):
+        ids, mask = pair[side]
+        assert _text(tok, ids) == TURN2.replace("6<|im_end|>", answer + "<|im_end|>")
+        assert _trained_text(tok, ids, mask) == f"<think>\n\n</think>\n\n{answer}<|im_end|>"
+
+
+def test_preference_pair_with_history_in_flaxlms_template_trains_only_its_responses():
+    """flaxlm's own template: an answer inside the shared prompt trained on both sides (it was)
+    cancels in DPO's sums but not in SimPO/ORPO's per-token means or the SFT term."""
+    from flaxlm.data import synthetic
+    from flaxlm.data.tokenizer import train as train_tokenizer
+
+    world = synthetic.build_world("small", seed=0)
+    tok = train_tokenizer([d["text"] for d in world.pretrain[:300]], 512)
+    t = F.ChatTemplate(tok)
+    prompt = [U("What is 2 plus 3?"), A("The answer is 5."), U("Where does Kavo live?")]
+    rec = {"prompt": prompt, "chosen": "In Brel.", "rejected": "No idea at all."}
+    (pair,) = F.render_preferences([(rec, "p:1")], t, 128)
+    for side in ("chosen", "rejected"):
+        ids, mask = pair[side]
+        want = tok.encode(rec[side], bos=False, eos=False) + [t.end_id]
+        assert [int(i) for i, m in zip(ids, mask) if m] == want
+        full, full_mask = F.render_chat(prompt + [A(rec[side])], t)
+        assert ids.tolist() == full.tolist() and full_mask.sum() > mask.sum()
+
+
+LIVE = """
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(json.loads(sys.argv[1]))
+conv = json.loads(sys.argv[2])
+print(json.dumps([tok.apply_chat_template(conv[:n], tokenize=False) for n in (2, 4)]))
+"""
+
+
+def test_live_transformers_renders_the_same_texts(tmp_path, hf_live):
+    d = _byte_tokenizer_dir(str(tmp_path / "live"), REASONING)
+    assert hf_live(LIVE, d, CONV) == [TURN1, TURN2]
