@@ -48,6 +48,9 @@ def data_config(train: str, eval_: str) -> ml_collections.ConfigDict:
     c.world = "demo"  # built-in world preset used by builtin:<split> (data/synthetic.py)
     c.world_seed = 0  # ...and its seed (pretraining on the built-in corpus uses demo/0)
     c.tokenizer = ""  # .model path; "" = init_from's tokenizer, else the built-in one
+    # extra variables for a Jinja chat template, a JSON object, e.g. '{"enable_thinking": false}'
+    # (Qwen3); "" = the init_from run's (its meta records what it trained with)
+    c.chat_template_kwargs = ""
     c.builtin_vocab_size = 2048  # vocab of the tokenizer trained on the built-in corpus
     c.cache_dir = "~/.cache/flaxlm"  # where that tokenizer is cached
     c.fields = F.fields_config()  # record field names (data/formats.py)
@@ -96,7 +99,26 @@ def source_meta(init_from: str) -> dict:
 
 
 def resolve_tokenizer(config, meta: dict):
-    """data.tokenizer, else the init_from run's tokenizer, else HF's, else the built-in one."""
+    """data.tokenizer, else the init_from run's tokenizer, else HF's, else the built-in one;
+    with data.chat_template_kwargs, else the init_from run's, as its template variables."""
+    from flaxlm.models.hf_tokenizer import set_template_kwargs
+
+    tok = _resolve_tokenizer(config, meta)
+    return set_template_kwargs(tok, config.data.get("chat_template_kwargs", ""),
+                               meta.get("chat_template_kwargs"),
+                               "data.chat_template_kwargs")  # fmt: skip
+
+
+def tokenizer_meta(tok, workdir: str | None) -> dict:
+    """The checkpoint meta that names a stage's tokenizer (copied into the workdir) and the
+    chat-template variables it trained with, for generation and evaluation to render alike."""
+    out = {"tokenizer": save_tokenizer(tok, workdir)}
+    if getattr(tok, "template_kwargs", None):
+        out["chat_template_kwargs"] = dict(tok.template_kwargs)
+    return out
+
+
+def _resolve_tokenizer(config, meta: dict):
     from flaxlm.models.hf_tokenizer import load_tokenizer  # .model or HF tokenizer.json
 
     d = config.data
@@ -341,7 +363,7 @@ def supervised_task(
         init_from_transform=transform,
         model_meta={
             "model_config": cfg.to_dict(),
-            "tokenizer": save_tokenizer(tok, workdir),
+            **tokenizer_meta(tok, workdir),
             "head": head,
             "lora": spec.to_dict() if spec else {},
             "data_report": data_report,

@@ -350,7 +350,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
         init_from_transform=transform,
         model_meta={
             "model_config": cfg.to_dict(),
-            "tokenizer": common.save_tokenizer(tok, workdir),
+            **common.tokenizer_meta(tok, workdir),
             "head": "lm",
             "lora": {},
             "data_report": data_report,

@@ -343,7 +343,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         model_meta={
             "model_config": cfg.to_dict(),
             "value_model_config": vcfg.to_dict(),
-            "tokenizer": common.save_tokenizer(tok, workdir),
+            **common.tokenizer_meta(tok, workdir),
             "head": "policy_value",
             "data_report": data_report,
         },

@@ -172,7 +172,10 @@ class JinjaChatTemplate(ChatTemplate):
         if not self.stops:
             raise TemplateError(f"{tok.name}: chat template but no EOS/stop id to end a turn")
         self.end_id = self.stops[0]
-        self.name = "jinja:" + hashlib.sha256(tok.chat_template.encode()).hexdigest()[:12]
+        # the template and the variables it renders with (enable_thinking changes the text)
+        kwargs = json.dumps(getattr(tok, "template_kwargs", {}), sort_keys=True)
+        key = tok.chat_template if kwargs == "{}" else tok.chat_template + kwargs
+        self.name = "jinja:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
     @property
     def stop_tokens(self) -> tuple[int, ...]:

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="generation tasks: samples per prompt (needs --temperature > 0)",
     )
+    p.add_argument("--chat_template_kwargs", default="",
+                   help='JSON object of chat-template variables, e.g. \'{"enable_thinking": '
+                        'false}\' (default: what the run trained with)')  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per scoring batch")
     p.add_argument("--samples", action="store_true", help="include per-example outputs in JSON")
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     from flaxlm.evaluation.harness import Evaluator
     from flaxlm.evaluation.prompts import check_templates
     from flaxlm.evaluation.tasks import TaskFileError, read_examples, resolve_tasks
-    from flaxlm.models.hf_tokenizer import HFError, load_tokenizer
+    from flaxlm.models.hf_tokenizer import HFError, load_tokenizer, set_template_kwargs
     from flaxlm.train.checkpoint import load_model, read_meta
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, params, _ = load_model(args.checkpoint, step)
     try:  # SentencePiece .model or HF tokenizer.json; its ids must fit the embedding
         tok = load_tokenizer(tok_path, cfg.vocab_size)
+        set_template_kwargs(tok, args.chat_template_kwargs, meta.get("chat_template_kwargs"),
+                            "--chat_template_kwargs")  # fmt: skip
     except HFError as e:
         raise SystemExit(str(e)) from None
     ev = Evaluator(cfg, params, tok, batch_tokens=args.batch_tokens, seed=args.seed)

@@ -130,7 +130,7 @@ def load_reward_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> Score
     from flaxlm.alignment.rl_common import load_scalar_params
     from flaxlm.models.config import ModelConfig
     from flaxlm.models.heads import scalar_model_fns
-    from flaxlm.models.hf_tokenizer import load_tokenizer
+    from flaxlm.models.hf_tokenizer import load_tokenizer, set_template_kwargs
     from flaxlm.train.checkpoint import CheckpointError, read_meta
     from flaxlm.train.state import unbox
 
@@ -138,8 +138,9 @@ def load_reward_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> Score
     if meta.get("head") != "scalar":
         raise CheckpointError(f"{run_dir}: not a reward-model run (head {meta.get('head')!r})")
     cfg = ModelConfig.from_dict(meta["model_config"])
-    if tok is None:
+    if tok is None:  # rendered as the reward model was trained (its chat-template variables)
         tok = load_tokenizer(meta.get("tokenizer", ""), cfg.vocab_size)
+        set_template_kwargs(tok, None, meta.get("chat_template_kwargs"))
     init, _ = scalar_model_fns(cfg)
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
     p.add_argument("--chat", action="store_true", help="apply the chat template")
     p.add_argument("--system", default="", help="system message (with --chat)")
+    p.add_argument("--chat_template_kwargs", default="",
+                   help='JSON object of chat-template variables, e.g. \'{"enable_thinking": '
+                        'false}\' (default: what the run trained with)')  # fmt: skip
     p.add_argument("--no_bos", action="store_true", help="do not prepend BOS (plain prompts)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of text")
     p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
@@ -94,16 +97,19 @@ def _tokenizer_path(given: str, meta: dict, model_dir: str) -> str:
     return path
 
 
-def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = ""):
+def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
+         template_kwargs: str = ""):  # fmt: skip
     """(cfg, params, tokenizer) of a flaxlm run or an HF directory. A run whose checkpoint,
     step or tokenizer cannot be read, or an unusable HF directory, raises SystemExit with the
-    reader's message (it names the file)."""
+    reader's message (it names the file). The tokenizer's chat-template variables:
+    `template_kwargs` (JSON object text), else those the run trained with (its meta)."""
     import jax
     import jax.numpy as jnp
 
     from flaxlm.models import hf
     from flaxlm.train.checkpoint import CheckpointError
 
+    meta = {}
     try:
         if os.path.isdir(os.path.join(model_dir, "checkpoints")):
             from flaxlm.train.checkpoint import load_model, read_meta
@@ -127,7 +133,10 @@ def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = ""):
             raise SystemExit(
                 f"{model_dir}: neither a flaxlm run (checkpoints/) nor an HF directory"
             )
-        return cfg, params, hf.load_tokenizer(tok_path, cfg.vocab_size)
+        tok = hf.load_tokenizer(tok_path, cfg.vocab_size)
+        hf.set_template_kwargs(tok, template_kwargs, meta.get("chat_template_kwargs"),
+                               "--chat_template_kwargs")  # fmt: skip
+        return cfg, params, tok
     except (CheckpointError, hf.HFError) as e:
         raise SystemExit(str(e)) from None
 
@@ -193,7 +202,8 @@ def main(argv=None) -> None:
 
     from flaxlm.models.decode import generate, prompt_keys
 
-    cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype)
+    cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype,
+                            args.chat_template_kwargs)  # fmt: skip
     prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
     for i, ids in enumerate(prompts):
         if not ids:  # generate would name its row in the batch, not the prompt

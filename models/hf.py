@@ -52,11 +52,13 @@ from flaxlm.models.hf_tokenizer import (
     copy_tokenizer,
     load_tokenizer,
     sentencepiece_hf_files,
+    set_template_kwargs,
 )
 from flaxlm.models.transformer import Transformer, unstack_layers
 
 __all__ = ["HFError", "HFTokenizer", "load_tokenizer", "load_config", "load_pretrained",
-           "save_pretrained", "forward", "config_from_hf", "config_to_hf"]  # fmt: skip
+           "save_pretrained", "forward", "config_from_hf", "config_to_hf",
+           "set_template_kwargs"]  # fmt: skip
 
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # fmt: skip

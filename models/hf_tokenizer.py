@@ -114,6 +114,10 @@ class HFTokenizer:
         self._pad = pad_id
         self.stop_ids = tuple(dict.fromkeys([i for i in (eos_id, *stop_ids) if i >= 0]))
         self.chat_template = chat_template
+        # extra variables every render passes the template (`enable_thinking`: Qwen3's switch;
+        # set from `data.chat_template_kwargs` / the run's meta / `--chat_template_kwargs`)
+        self.template_kwargs: dict = {}
+        self._compiled = ("", None)  # (template source, compiled): rendering is per record
         if special_tokens is None:  # built in code: the BOS/EOS ids' pieces
             pieces = {"bos_token": bos_id, "eos_token": eos_id}
             special_tokens = {k: tok.id_to_token(i) for k, i in pieces.items() if i >= 0}
@@ -216,7 +220,8 @@ class HFTokenizer:
         transformers 5.24 apply_chat_template renders them (see `render_chat_template`): a
         message's keys whose value is None are dropped first (OpenAI-style `tool_calls=None`:
         `{% if message.tool_calls is defined %}` must be false, not print "None"), and `tools`
-        and `documents` are defined as None. The caller's messages are not modified."""
+        and `documents` are defined as None. `template_kwargs` are passed as variables too
+        (transformers' apply_chat_template(**kwargs)). The caller's messages are not modified."""
         if not self.chat_template:
             raise HFError(f"{self.name}: tokenizer_config.json has no chat_template")
         import jinja2
@@ -227,9 +232,12 @@ class HFTokenizer:
                 raise HFError(f"{self.name}: chat messages must be dicts, got {m!r}")
             msgs.append({k: v for k, v in m.items() if v is not None})
         try:  # the template's own `raise_exception` is an HFError already (_jinja_env)
-            template = _jinja_env(self.name).from_string(self.chat_template)
-            return template.render(
+            if self._compiled[0] != self.chat_template:  # compiled once per template text
+                compiled = _jinja_env(self.name).from_string(self.chat_template)
+                self._compiled = (self.chat_template, compiled)
+            return self._compiled[1].render(
                 **self.special_tokens,
+                **self.template_kwargs,
                 messages=msgs,
                 tools=None,
                 documents=None,
@@ -286,6 +294,39 @@ def _jinja_env(name: str):
     env.globals["raise_exception"] = fail
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env
+
+
+def set_template_kwargs(tok, given=None, inherited=None, where: str = "chat_template_kwargs"):
+    """Sets the extra chat-template variables of `tok` (`HFTokenizer.template_kwargs`, e.g.
+    Qwen3's `{"enable_thinking": false}`): `given` (a JSON object as text, or a dict; from a
+    config key or a flag, named by `where` in errors) wins over `inherited` (the dict a run's
+    checkpoint meta recorded, so generation and evaluation render as training did). Given for
+    a tokenizer without a Jinja chat template it is an error; inherited, it is ignored (another
+    tokenizer was chosen). Returns `tok`."""
+    if isinstance(given, str):
+        if not given.strip():
+            given = None
+        else:
+            try:
+                given = json.loads(given)
+            except json.JSONDecodeError as e:
+                raise HFError(f"{where}={given!r} is not valid JSON ({e})") from None
+    if given is not None and not isinstance(given, dict):
+        example = '{"enable_thinking": false}'
+        raise HFError(f"{where}={given!r}: expected a JSON object, e.g. '{example}'")
+    kwargs = given if given is not None else dict(inherited or {})
+    if not kwargs:
+        return tok
+    if not getattr(tok, "chat_template", ""):
+        if given is None:
+            return tok
+        raise HFError(f"{where}: tokenizer {getattr(tok, 'name', tok)} has no Jinja chat template "
+                      "to pass variables to")  # fmt: skip
+    reserved = {"messages", "add_generation_prompt", "tools", "documents"}
+    if reserved & set(kwargs):
+        raise HFError(f"{where}: {sorted(reserved & set(kwargs))} are set by the renderer")
+    tok.template_kwargs = dict(kwargs)
+    return tok
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None):

@@ -177,3 +177,107 @@ print(json.dumps([tok.apply_chat_template(conv[:n], tokenize=False) for n in (2,
 def test_live_transformers_renders_the_same_texts(tmp_path, hf_live):
     d = _byte_tokenizer_dir(str(tmp_path / "live"), REASONING)
     assert hf_live(LIVE, d, CONV) == [TURN1, TURN2]
+
+
+# Qwen3-style switch: with enable_thinking false the generation prompt opens with an empty
+# think block, so it is prompt (not trained) and generation starts after it.
+THINKING = REASONING.replace(
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}",
+)
+
+
+def _thinking_tok(tmp_path, name="think"):
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    d = _byte_tokenizer_dir(str(tmp_path / name), THINKING)
+    return d, load_tokenizer(d)
+
+
+def test_template_kwargs_render_train_and_name_the_template(tmp_path):
+    from flaxlm.models.hf_tokenizer import set_template_kwargs
+
+    _, tok = _thinking_tok(tmp_path)
+    conv = [U("and 3+3?"), A("6")]
+    plain = F.training_template(tok)
+    (ex,) = F.render_sft([({"messages": conv}, "c:1")], plain, 512)
+    assert _trained_text(tok, ex["ids"], ex["mask"]) == "<think>\n\n</think>\n\n6<|im_end|>"
+    set_template_kwargs(tok, '{"enable_thinking": false}')
+    off = F.training_template(tok)
+    assert off.name != plain.name  # the data report tells the two renderings apart
+    (ex,) = F.render_sft([({"messages": conv}, "c:1")], off, 512)
+    assert _trained_text(tok, ex["ids"], ex["mask"]) == "6<|im_end|>"  # the block is prompt
+    prompt, _ = F.generation_prompt(conv[:1], tok)
+    assert _text(tok, prompt).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert ex["ids"][: len(prompt)].tolist() == prompt
+
+
+def test_set_template_kwargs_checks_what_it_is_given(tmp_path):
+    from flaxlm.models.hf_tokenizer import HFError, load_tokenizer, set_template_kwargs
+
+    _, tok = _thinking_tok(tmp_path)
+    with pytest.raises(HFError, match=r"data.chat_template_kwargs='\{bad' is not valid JSON"):
+        set_template_kwargs(tok, "{bad", None, "data.chat_template_kwargs")
+    with pytest.raises(HFError, match=r"--x=\['a'\]: expected a JSON object"):
+        set_template_kwargs(tok, '["a"]', None, "--x")
+    with pytest.raises(HFError, match=r"\['messages'\] are set by the renderer"):
+        set_template_kwargs(tok, '{"messages": []}')
+    assert set_template_kwargs(tok, '{"a": 1}', {"a": 2}).template_kwargs == {"a": 1}
+    assert set_template_kwargs(tok, "", {"a": 2}).template_kwargs == {"a": 2}  # inherited
+    no_template = load_tokenizer(_byte_tokenizer_dir(str(tmp_path / "none"), ""))
+    assert set_template_kwargs(no_template, None, {"a": 2}).template_kwargs == {}  # ignored
+    with pytest.raises(HFError, match="--x: tokenizer .* has no Jinja chat template"):
+        set_template_kwargs(no_template, '{"a": 1}', None, "--x")
+
+
+def test_the_compiled_template_follows_the_template_text(tmp_path):
+    _, tok = _thinking_tok(tmp_path)
+    assert tok.render_chat_text(CONV[:2], False) == TURN1
+    tok.chat_template = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    assert tok.render_chat_text(CONV[:2], False) == "[2+2?][<think>add them</think>4]"
+
+
+def test_stages_record_template_kwargs_and_generation_renders_with_them(tmp_path):
+    """data.chat_template_kwargs reaches the tokenizer, the checkpoint meta records it, and
+    `generate` / the next stage (init_from) render with it unless told otherwise."""
+    import jax
+
+    from flaxlm import generate as cli
+    from flaxlm.alignment import common
+    from flaxlm.configs import sft as sft_config
+    from flaxlm.models.config import get_variant
+    from flaxlm.train.checkpoint import Checkpointer
+    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.state import unbox
+
+    tok_dir, _ = _thinking_tok(tmp_path)
+    config = sft_config.get_config("variant=tiny")
+    config.data.tokenizer = os.path.join(tok_dir, "tokenizer.json")
+    config.data.chat_template_kwargs = '{"enable_thinking": false}'
+    tok = common.resolve_tokenizer(config, {})
+    assert tok.template_kwargs == {"enable_thinking": False}
+    run = str(tmp_path / "run")
+    meta = common.tokenizer_meta(tok, run)
+    assert meta["chat_template_kwargs"] == {"enable_thinking": False}
+    assert os.path.exists(meta["tokenizer"]) and meta["tokenizer"].startswith(run)
+    # the next stage, started from this run, inherits them; its own setting wins
+    config.data.tokenizer, config.data.chat_template_kwargs = "", ""
+    assert common.resolve_tokenizer(config, meta).template_kwargs == {"enable_thinking": False}
+    config.data.chat_template_kwargs = '{"enable_thinking": true}'
+    assert common.resolve_tokenizer(config, meta).template_kwargs == {"enable_thinking": True}
+    # generate: a run saved with this meta renders its chat prompts the same way
+    cfg = get_variant("tiny", vocab_size=272, n_layers=1, max_seq_len=64)
+    abstract = unbox(jax.eval_shape(model_fns(cfg)[0], jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+    ck = Checkpointer(run, keep=1, async_save=False)
+    ck.save(1, {"params": params}, {}, {"model_config": cfg.to_dict(), "head": "lm", **meta})
+    ck.close()
+    _, _, loaded = cli.load(run)
+    assert loaded.template_kwargs == {"enable_thinking": False}
+    ids, _ = cli.encode_prompts(loaded, ["and 3+3?"], chat=True)
+    assert _text(loaded, ids[0]).endswith("<think>\n\n</think>\n\n")
+    assert cli.load(run, template_kwargs="{}")[2].template_kwargs == {}
+    with pytest.raises(SystemExit, match="--chat_template_kwargs"):
+        cli.load(run, template_kwargs="[1]")
