@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat_template_kwargs", default="",
                    help='JSON object of chat-template variables, e.g. \'{"enable_thinking": '
                         'false}\' (default: what the run trained with)')  # fmt: skip
+    p.add_argument("--reasoning_end", default=None,
+                   help='generation tasks: score the text after this end-of-thinking marker, '
+                        'e.g. "</think>" (default: each task\'s reasoning_end)')  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per scoring batch")
     p.add_argument("--samples", action="store_true", help="include per-example outputs in JSON")
@@ -118,8 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
         specs = [s.replace(**overrides) for s in specs]
     except ValueError as e:
         raise SystemExit(f"{e} (--chat {args.chat})") from None
-    sampling = {k: v for k, v in (("temperature", args.temperature),
-                                  ("num_samples", args.num_samples)) if v is not None}  # fmt: skip
+    given = (("temperature", args.temperature), ("num_samples", args.num_samples),
+             ("reasoning_end", args.reasoning_end))  # fmt: skip
+    sampling = {k: v for k, v in given if v is not None}
     try:
         specs = [s.replace(**sampling) if s.type == "generation" else s for s in specs]
     except ValueError as e:

@@ -11,6 +11,12 @@ Scoring (`TaskSpec.scoring`):
                  `correct` (the judge's strict correctness), `well_formed` (exactly "The answer
                  is X.") and `unsafe` (an unsafe word), the rates an alignment stage moves
 
+A reasoning model's response (Qwen3, DeepSeek-R1: "<think> ... </think> answer") is scored on
+the text after its end-of-thinking marker (`TaskSpec.reasoning_end`, or `--reasoning_end` for
+every task): stop strings such as "\n\n" would otherwise cut the response inside its
+reasoning. A response whose reasoning never ended scores as no answer; `reasoning_unfinished`
+reports how often (raise `max_new_tokens`), and each sample keeps its `reasoning`.
+
 With `num_samples` = k > 1 a 0/1 score (exact_match, correct) also gets pass@k, 1 if any of the
 k samples scores: Chen et al. (2021)'s unbiased estimator 1 - C(n-c, k) / C(n, k) with n = k
 samples drawn, which is exactly that (no n > k estimate is made).
@@ -148,15 +154,27 @@ def make_generate_fn(
     return fn
 
 
-def _response_text(new: list[int], tok, stops: Sequence[str], stop_tokens: Sequence[int]) -> str:
-    """New token ids → the response: cut at a stop token, decoded, cut at a stop string."""
+def _response_text(new: list[int], tok, stops: Sequence[str], stop_tokens: Sequence[int],
+                   reasoning_end: str = "") -> tuple[str, str | None, bool]:  # fmt: skip
+    """New token ids → (response, reasoning, unfinished): cut at a stop token, decoded; with
+    `reasoning_end`, the reasoning is the text before its last occurrence and the response the
+    text after it, leading whitespace dropped (no marker: the reasoning never ended —
+    unfinished, the reasoning is all of it and the response ""); the response is then cut at a
+    stop string. Without
+    `reasoning_end` the reasoning is None."""
     for j, t in enumerate(new):
         # A model's vocabulary may be larger than its tokenizer's; an id past the tokenizer
         # (never seen in training, so only from an undertrained model) ends the response.
         if t in stop_tokens or not 0 <= t < tok.vocab_size:
             new = new[:j]
             break
-    return truncate_at_stop(tok.decode(new), stops).strip()
+    text, reasoning, unfinished = tok.decode(new), None, False
+    if reasoning_end:
+        reasoning, marker, answer = text.rpartition(reasoning_end)
+        unfinished = not marker
+        # the answer's leading blank lines ("</think>\n\n") are not a stop string's match
+        reasoning, text = (answer, "") if unfinished else (reasoning, answer.lstrip())
+    return truncate_at_stop(text, stops).strip(), reasoning, unfinished
 
 
 def generation(
@@ -205,9 +223,13 @@ def generation(
                          f"{len(ids)} prompts x {k} samples")  # fmt: skip
     samples, sums = [], {}
     for i, (ex, (prompt, _)) in enumerate(zip(examples, prompts, strict=True)):
-        responses = [_response_text(new, tok, spec.stop, stop_tokens)
-                     for new in outs[i * k : (i + 1) * k]]  # fmt: skip
+        split = [_response_text(new, tok, spec.stop, stop_tokens, spec.reasoning_end)
+                 for new in outs[i * k : (i + 1) * k]]  # fmt: skip
+        responses = [r for r, _, _ in split]
         per = [score_response(spec, ex.fields, r) for r in responses]
+        if spec.reasoning_end:  # how often the budget ran out inside the reasoning
+            for s, (_, _, unfinished) in zip(per, split):
+                s["reasoning_unfinished"] = float(unfinished)
         scores = {name: float(np.mean([s[name] for s in per])) for name in per[0]}
         if k > 1:
             for name in ("correct", "exact_match"):
@@ -219,6 +241,8 @@ def generation(
                "answer": ex.fields["answer"], "scores": scores, "truncated": cut[i]}  # fmt: skip
         if k > 1:
             row["responses"] = responses
+        if spec.reasoning_end:
+            row["reasoning"] = split[0][1]
         samples.append(row)
     metrics = {name: v / max(len(samples), 1) for name, v in sums.items()}
     metrics["truncated"] = sum(cut)

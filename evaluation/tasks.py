@@ -92,6 +92,11 @@ class TaskSpec:
     # answer_regex, the first group that matched (or the whole match) is the answer
     normalize: str = "basic"  # none | basic (case, spaces, outer punctuation) | number
     stop: tuple = ("\n\n",)  # generation ends at the first of these strings
+    # generation, a reasoning model (Qwen3, DeepSeek-R1): its end-of-thinking marker, e.g.
+    # "</think>". The response is the text after its last occurrence (stop strings apply there,
+    # not inside the reasoning); without it the reasoning never ended: no answer, counted in
+    # `reasoning_unfinished`. "" = the whole response is the answer.
+    reasoning_end: str = ""
     max_new_tokens: int = 64  # generation budget per example
     temperature: float = 0.0  # generation: 0 = greedy; > 0 samples at this temperature
     num_samples: int = 1  # generation: samples per prompt (temperature > 0); scores are their

@@ -61,6 +61,11 @@ def test_cli_sampling_is_seeded(run_dir, world_dir, tok_path):
     assert a["mc_facts_heldout"]["spec"]["temperature"] == 0.0
     with pytest.raises(SystemExit, match="needs temperature > 0"):
         main(argv[:-4] + ["--num_samples", "2"])
+    # --reasoning_end reaches every generation task: this model never writes the marker, so
+    # every response is an unfinished reasoning, scored as no answer
+    r = main(argv[:-4] + ["--reasoning_end", "</think>"])["tasks"]["gen_facts_train"]
+    assert r["spec"]["reasoning_end"] == "</think>" and r["metrics"]["reasoning_unfinished"] == 1
+    assert all(s["response"] == "" and isinstance(s["reasoning"], str) for s in r["samples"])
 
 
 def test_cli_errors(run_dir, world_dir, tok_path):

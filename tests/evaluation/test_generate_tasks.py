@@ -212,3 +212,35 @@ def test_sampled_responses_do_not_depend_on_the_generation_batch_size(model, tok
     assert [s["responses"] for s in runs[0]] == [s["responses"] for s in runs[1]]
     other = Evaluator(cfg, params, tok, gen_batch_size=8, seed=1).run(spec, limit=5)["samples"]
     assert [s["responses"] for s in other] != [s["responses"] for s in runs[0]]
+
+
+def test_reasoning_models_are_scored_after_their_thinking(world_dir, tok):
+    """A reasoning model's response: the answer after its last end-of-thinking marker. Without
+    `reasoning_end` the stop string "\n\n" cuts it inside the reasoning (no answer scored);
+    reasoning that never ends scores as no answer and is counted."""
+    spec = world_tasks(world_dir)["gen_facts_train"]
+    examples = read_examples(spec, limit=3)
+    prompts = [encode_prompt(spec, ex, [], tok) for ex in examples]
+    texts = [
+        "<think>\nThe facts say so.\n\nSo it is {a}.\n</think>\n\nThe answer is {a}.",
+        "<think>\nfirst </think> wrong <think> again\n</think>\n\nThe answer is {a}.",
+        "<think>\nStill thinking about {a} when the budget ran out",
+    ]
+
+    def fake_generate(prompt_ids, max_new_tokens):
+        return [tok.encode(t.format(a=ex.fields["answer"])) + [tok.eos_id]
+                for t, ex in zip(texts, examples)]  # fmt: skip
+
+    plain, _ = G.generation(spec, examples, prompts, fake_generate, tok, max_prompt_len=10_000,
+                            stop_tokens=(tok.eos_id,))  # fmt: skip
+    assert plain["correct"] == 0.0 and "reasoning_unfinished" not in plain
+    think = spec.replace(reasoning_end="</think>")
+    metrics, samples = G.generation(think, examples, prompts, fake_generate, tok,
+                                    max_prompt_len=10_000, stop_tokens=(tok.eos_id,))  # fmt: skip
+    answers = [ex.fields["answer"] for ex in examples]
+    assert [s["response"] for s in samples] == [f"The answer is {a}." for a in answers[:2]] + [""]
+    assert metrics["correct"] == pytest.approx(2 / 3)
+    assert metrics["reasoning_unfinished"] == pytest.approx(1 / 3)
+    assert [s["scores"]["reasoning_unfinished"] for s in samples] == [0.0, 0.0, 1.0]
+    assert samples[0]["reasoning"].endswith(f"So it is {answers[0]}.\n")
+    assert samples[2]["reasoning"].startswith("<think>\nStill thinking")
