@@ -12,7 +12,10 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      `(meta, response_text) -> float` can be named as "module:function" in `grpo.rewards`,
      registered, or passed to `build_task`; `meta` is the prompt record's, configs/grpo.py; a
      function with a `prompt` parameter also gets the prompt as chat turns, `prompt=[{"role",
-     "content"}, ...]`);
+     "content"}, ...]`). A reasoning model (`grpo.reasoning_end`, e.g. "</think>"): the
+     functions judge the answer after the marker (one taking `reasoning` also gets the text
+     before it), and a response whose reasoning never ends gets `rollout.empty_reward` (no
+     answer), counted as `rollout/reasoning_unfinished`;
   3. advantages per group (`group_advantages`): A_i = (r_i − mean_g r) / (std_g r + ε)
      over the group's valid samples (population std, ε = 1e-4; TRL divides by the unbiased
      std), so a group of equal rewards gets A = 0, not 0/0 (`scale_by_std=False`: just
@@ -72,6 +75,7 @@ from flaxlm.alignment.rl_rollout import (
     scoring_temperature,
     tempered,
 )
+from flaxlm.data.formats import split_reasoning
 from flaxlm.data.synthetic_judge import TASKS
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train import loop
@@ -277,12 +281,20 @@ class GRPOSource(RolloutSource):
         idx = [i for i in self.cursor.take(r.batch // G) for _ in range(G)]
         s = self.sample(params, idx, rng)
         t0 = time.perf_counter()
+        texts, reasonings, unfinished = s["texts"], None, np.zeros(r.batch, bool)
+        marker = g.get("reasoning_end", "")
+        if marker:  # rewards judge the answer after the reasoning
+            split = [split_reasoning(t, marker) for t in texts]
+            reasonings, texts, unfinished = (list(x) for x in zip(*split))
+            unfinished = np.asarray(unfinished, bool)
         reward, valid, errors, parts = np.zeros(r.batch, np.float32), np.ones(r.batch, bool), [], {}
         for name, fn, w in self.rewards:  # each function once per sample
-            vals, ok, errs = call_reward_fns([fn], [1.0], s["metas"], s["texts"], s["messages"])
+            vals, ok, errs = call_reward_fns([fn], [1.0], s["metas"], texts, s["messages"],
+                                             reasonings)  # fmt: skip
             reward, valid, errors, parts[name] = reward + w * vals, valid & ok, errors + errs, vals
         self.log_errors(errors, int(valid.sum()))
-        reward = np.where(s["empty"], r.empty_reward, reward) - r.nonstop_penalty * (~s["stopped"])
+        no_answer = s["empty"] | unfinished  # an unended reasoning answers nothing
+        reward = np.where(no_answer, r.empty_reward, reward) - r.nonstop_penalty * (~s["stopped"])
         adv = group_advantages(
             reward.reshape(-1, G), valid.reshape(-1, G), scale_by_std=g.scale_by_std
         ).reshape(-1)
@@ -304,8 +316,10 @@ class GRPOSource(RolloutSource):
             "logprob_gap": logprob_gap(s["sample_logprobs"], lp_t1, m),
         }  # fmt: skip
         stats.update({f"r_{name}": vals[v].mean() for name, vals in parts.items()})
+        if marker:
+            stats["reasoning_unfinished"] = float(unfinished[v].mean())
         if all(mt.get("task") in TASKS and "answer" in mt for mt in s["metas"]):
-            hits = [exact_match(mt, tx) for mt, tx in zip(s["metas"], s["texts"])]
+            hits = [exact_match(mt, tx) for mt, tx in zip(s["metas"], texts)]
             stats["accuracy"] = np.mean(hits)
         train_rows = {
             **{k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids")},

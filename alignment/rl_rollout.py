@@ -150,34 +150,45 @@ def kl_penalty(logp, ref_logp, kind: str):
     raise ValueError(f"kl estimator {kind!r}; expected k1 | k3")
 
 
-def wants_prompt(fn) -> bool:
-    """Whether a reward function takes the prompt too: a parameter named `prompt` (or
-    **kwargs) after (meta, response)."""
+def wants_arg(fn, name: str) -> bool:
+    """Whether a reward function takes `name` too: a parameter of that name (or **kwargs)
+    after (meta, response)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature: (meta, response) only
         return False
-    return any(p.name == "prompt" or p.kind is p.VAR_KEYWORD for p in params)
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def wants_prompt(fn) -> bool:
+    """Whether a reward function takes the prompt too (`prompt=` or **kwargs)."""
+    return wants_arg(fn, "prompt")
 
 
 def call_reward_fns(
-    fns, weights, metas, texts, prompts=None
+    fns, weights, metas, texts, prompts=None, reasonings=None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Σ_i w_i·fn_i(meta, text) per sample — fn_i(meta, text, prompt=messages) for a function
     that takes `prompt` (`wants_prompt`), `prompts` giving each sample's prompt as chat
-    messages; (rewards, valid, error messages). A function that raises or returns a
-    non-finite number invalidates the sample (the policy above)."""
+    messages, and `reasoning=` its reasoning text for a function that takes `reasoning` when
+    `reasonings` are given (a reasoning model's rollout, where `texts` are the answers);
+    (rewards, valid, error messages). A function that raises or returns a non-finite number
+    invalidates the sample (the policy above)."""
     rewards = np.zeros(len(texts), np.float64)
     valid = np.ones(len(texts), bool)
     errors = []
     takes_prompt = [wants_prompt(fn) for fn in fns]
+    takes_reasoning = [reasonings is not None and wants_arg(fn, "reasoning") for fn in fns]
     if prompts is None and any(takes_prompt):
         raise ValueError("call_reward_fns: a reward function takes `prompt` but none was given")
     for j, (meta, text) in enumerate(zip(metas, texts)):
-        for fn, w, with_prompt in zip(fns, weights, takes_prompt):
+        for fn, w, with_prompt, with_reasoning in zip(fns, weights, takes_prompt, takes_reasoning):
             name = getattr(fn, "__name__", repr(fn))
+            kw = {"prompt": prompts[j]} if with_prompt else {}
+            if with_reasoning:
+                kw["reasoning"] = reasonings[j]
             try:
-                r = float(fn(meta, text, prompt=prompts[j]) if with_prompt else fn(meta, text))
+                r = float(fn(meta, text, **kw))
             except Exception as e:  # a user's function: any failure is that sample's
                 valid[j] = False
                 errors.append(f"reward {name} raised {type(e).__name__}: {e}")

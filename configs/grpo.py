@@ -68,6 +68,9 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     c.clip = 0.2  # ε of the clipped ratio
     c.beta = 0.04  # weight of the per-token KL (k3) to the reference
     c.loss_agg = "seq"  # seq: mean over each response, then over responses | token: token mean
+    # a reasoning model's end-of-thinking marker (e.g. "</think>"): rewards judge the text after
+    # it; a response without it gets rollout.empty_reward. "" = the whole response is judged
+    c.reasoning_end = ""
     return c
 
 

@@ -192,6 +192,17 @@ class JinjaChatTemplate(ChatTemplate):
         return f"{self.name} ({self.tok.name})"
 
 
+def split_reasoning(text: str, marker: str) -> tuple[str, str, bool]:
+    """(reasoning, answer, unfinished) of a reasoning model's response ("<think> ... </think>
+    answer"): the text before and after the last `marker`, the answer's leading whitespace
+    dropped; without the marker the reasoning never ended (budget spent, or a model that
+    stopped inside it): all of the text is reasoning and the answer is ""."""
+    reasoning, found, answer = text.rpartition(marker)
+    if not found:
+        return text, "", True
+    return reasoning, answer.lstrip(), False
+
+
 def training_template(tok) -> ChatTemplate:
     """The template a stage trains (and prompts) with: the tokenizer's own Jinja chat template
     when it has one (`JinjaChatTemplate`), else flaxlm's (`ChatTemplate`)."""

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from flaxlm.data.formats import split_reasoning
 from flaxlm.evaluation.prompts import prefix_ids
 from flaxlm.evaluation.tasks import Example, TaskSpec, match_answer
 
@@ -169,11 +170,8 @@ def _response_text(new: list[int], tok, stops: Sequence[str], stop_tokens: Seque
             new = new[:j]
             break
     text, reasoning, unfinished = tok.decode(new), None, False
-    if reasoning_end:
-        reasoning, marker, answer = text.rpartition(reasoning_end)
-        unfinished = not marker
-        # the answer's leading blank lines ("</think>\n\n") are not a stop string's match
-        reasoning, text = (answer, "") if unfinished else (reasoning, answer.lstrip())
+    if reasoning_end:  # the answer's leading blank lines ("</think>\n\n") are no stop match
+        reasoning, text, unfinished = split_reasoning(text, reasoning_end)
     return truncate_at_stop(text, stops).strip(), reasoning, unfinished
 
 

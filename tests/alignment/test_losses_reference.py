@@ -738,3 +738,35 @@ def test_dpo_heldout_eval_equals_the_reference(same_reference):
     np.testing.assert_allclose(out["logp_accuracy"], np.mean(logp_won), **TOL)
     for k in "ab":
         np.testing.assert_allclose(out[f"acc_{k}"], np.mean(by_kind[k]), **TOL)
+
+
+def test_grpo_reasoning_rewards_judge_the_answer_after_the_marker():
+    """grpo.reasoning_end: reward functions get the answer after the last marker (and, if they
+    take it, the reasoning); a response whose reasoning never ends gets empty_reward."""
+    rng = np.random.default_rng(14)
+    G, T = 2, 10
+    cfg = ml_collections.ConfigDict()
+    cfg.rollout = rl_common.rollout_config(2 * G)
+    cfg.rollout.empty_reward = -1.0
+    cfg.seq_len = T
+    cfg.grpo = ml_collections.ConfigDict({"group_size": G, "scale_by_std": False,
+                                          "reasoning_end": "</think>"})  # fmt: skip
+    s = _fake_sample(rng, [2] * 2 * G, [3] * 2 * G, T, [1] * 2 * G, [0] * 2 * G)
+    s["texts"] = ["<think>so 4</think>\n\n4", "<think>hmm</think> a </think>  5",
+                  "<think>thinking on and on", "no think block at all"]  # fmt: skip
+    seen = []
+
+    def rew(meta, text, reasoning):
+        seen.append((text, reasoning))
+        return 1.0 if text == "4" else 0.5
+
+    lp = rng.normal(-2, 0.5, (2 * G, T)).astype(np.float32)
+    src = _source(grpo.GRPOSource, cfg, s, (lp, lp, lp))
+    src.rewards, src.ref_params = [("r", rew, 1.0)], None
+    rows, stats = src.make_rollout(None, None)
+    assert seen == [("4", "<think>so 4"), ("5", "<think>hmm</think> a "),
+                    ("", "<think>thinking on and on"), ("", "no think block at all")]  # fmt: skip
+    r = np.array([1.0, 0.5, -1.0, -1.0])  # the two unended ones: no answer
+    want = (r.reshape(-1, G) - r.reshape(-1, G).mean(1, keepdims=True)).reshape(-1)
+    np.testing.assert_allclose(rows["advantages"], want, **TOL)
+    assert stats["reasoning_unfinished"] == 0.5 and stats["reward_mean"] == pytest.approx(r.mean())
