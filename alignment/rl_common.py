@@ -89,11 +89,12 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
             if not isinstance(obj, dict):
                 raise F.FormatError("bad_record", "record is not a JSON object")
             prompt = F.prompt_messages(obj.get(fields.prompt, obj.get(fields.messages)), fields)
+            tools = F.record_tools(obj, fields)
             with F.naming_record(loc):
-                full, _ = F.render_prompt(prompt, template, 1 << 30)
+                full, _ = F.render_prompt(prompt, template, 1 << 30, tools=tools)
                 if len(full) > max_len and d.overlength == "drop":
                     raise F.FormatError("too_long", f"{len(full)} prompt tokens > {max_len}")
-                ids, cut = F.render_prompt(prompt, template, max_len)
+                ids, cut = F.render_prompt(prompt, template, max_len, tools=tools)
         except F.FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
@@ -330,12 +331,14 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
             try:
                 if fields.messages in obj or fields.completion in obj:  # a chat: its answer
                     msgs = F.sft_messages(obj, fields)
-                    answer = msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else ""
+                    last = msgs[-1]
+                    answer = (last["content"] or "") if last["role"] == "assistant" else ""
                 else:
                     msgs = F.prompt_messages(obj.get(fields.prompt), fields)
                     answer = str(meta.get("answer", ""))
                 with F.naming_record(loc):
-                    ids, _ = F.render_prompt(msgs, template, gen.max_prompt_len)
+                    ids, _ = F.render_prompt(msgs, template, gen.max_prompt_len,
+                                             tools=F.record_tools(obj, fields))  # fmt: skip
             except (F.FormatError, TypeError, KeyError) as e:
                 report.bad("eval_bad_record", loc, str(e))
                 continue

@@ -97,9 +97,10 @@ def generation_eval(cfg, params, examples, template, gen_cfg, mesh=None, rules=N
     prompts, refs = [], []
     for ex in examples:
         with F.naming_record(ex["loc"]):
-            ids, _ = F.render_prompt(ex["messages"], template, gen_cfg.max_prompt_len)
+            ids, _ = F.render_prompt(ex["messages"], template, gen_cfg.max_prompt_len,
+                                     tools=ex.get("tools"))  # fmt: skip
         prompts.append(ids)
-        refs.append(ex["messages"][-1]["content"])
+        refs.append(ex["messages"][-1]["content"] or "")  # (None: an answer that only calls)
     texts, stopped = generate_answers(
         cfg, params, prompts, template, max_new_tokens=gen_cfg.max_new_tokens,
         batch=gen_cfg.batch, mesh=mesh, rules=rules,

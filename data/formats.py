@@ -48,6 +48,13 @@ The data report names the template (`chat_template`: "jinja:<sha256 prefix>"). A
 on a record (its `raise_exception`, an undefined value used) is an error naming the record's
 file:line (`naming_record`), as a not prefix-stable one is.
 
+Tool use (Jinja templates only): a record's `tools` (a list of tool schemas) reaches the
+template as `tools`; messages keep `tool_calls` (assistant turns; content may then be empty or
+null), `tool_call_id`, `name` and `reasoning_content`, and role "tool" (a tool's result) is
+context like a user turn. An assistant turn that calls a tool is trained like any answer (the
+call is its text); flaxlm's own template has no format for these, so they are a
+`TemplateError` with it.
+
 `render_chat` returns (ids, loss_mask) aligned with ids: `loss_mask[i] = 1` when `ids[i]` is a
 target. A row then holds `tokens = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]`.
 
@@ -86,7 +93,10 @@ from flaxlm.data import sources as S
 from flaxlm.data.lookahead import Lookahead
 from flaxlm.data.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant")  # flaxlm's own template's roles
+TOOL_ROLE = "tool"  # a tool's result: context, rendered only by a Jinja chat template
+# message keys passed to a Jinja template besides role and content (tool use, reasoning)
+MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
 OVERLENGTH = ("truncate_left", "drop")
 
 
@@ -102,6 +112,7 @@ def fields_config() -> ml_collections.ConfigDict:
     c.meta = "meta"  # optional dict carried along for evaluation (the world's judge)
     c.role = "role"  # key of a message's role
     c.content = "content"  # key of a message's content
+    c.tools = "tools"  # optional list of tool (function) schemas, for a Jinja chat template
     return c
 
 
@@ -181,8 +192,9 @@ class JinjaChatTemplate(ChatTemplate):
     def stop_tokens(self) -> tuple[int, ...]:
         return self.stops
 
-    def text(self, msgs, add_generation_prompt: bool) -> str:
-        return self.tok.render_chat_text(msgs, add_generation_prompt=add_generation_prompt)
+    def text(self, msgs, add_generation_prompt: bool, tools=None) -> str:
+        return self.tok.render_chat_text(msgs, add_generation_prompt=add_generation_prompt,
+                                         tools=tools)  # fmt: skip
 
     def head(self, ids) -> int:
         """Leading ids never cut: the template's BOS."""
@@ -233,22 +245,57 @@ def _messages(value, fields, what: str, record: bool = False) -> list[dict]:
                 "bad_messages", f"{what}[{i}] lacks {fields.role!r}/{fields.content!r}"
             )
         role, content = m[fields.role], m[fields.content]
-        if role not in ROLES:
+        calls = m.get("tool_calls")
+        if role not in (*ROLES, TOOL_ROLE):
             raise FormatError("unknown_role", f"{what}[{i}] has unknown role {role!r}")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls
+                                  or not all(isinstance(c, dict) for c in calls)):  # fmt: skip
+            raise FormatError("bad_messages", f"{what}[{i}] tool_calls must be a non-empty list "
+                              "of objects on an assistant turn")  # fmt: skip
+        given = content  # None stays None for the template (transformers drops the key)
+        if content is None and calls:  # an assistant turn that only calls tools
+            content = ""
         if not isinstance(content, str):
             raise FormatError("bad_messages", f"{what}[{i}] content is not a string")
         if role == "system" and i > 0:
             raise FormatError("bad_messages", f"{what}[{i}]: a system message must come first")
-        if role == "assistant" and not content.strip():
+        if role == "assistant" and not content.strip() and not calls:
             raise FormatError("empty_assistant", f"{what}[{i}] is an empty assistant turn")
-        if record and not content.strip():
+        if record and not content.strip() and not calls:
             raise FormatError("empty", f"{what}[{i}] is an empty {role} turn")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": given}
+        msg.update({k: m[k] for k in MESSAGE_EXTRAS if m.get(k) is not None})
+        out.append(msg)
     return out
 
 
+def _needs_jinja(msgs: list[dict], tools) -> str:
+    """Why flaxlm's own template cannot render `msgs` ("" if it can): tool turns, tool calls
+    and tool schemas exist only in a tokenizer's Jinja chat template."""
+    if tools:
+        return "tool schemas (`tools`)"
+    for m in msgs:
+        if m["role"] == TOOL_ROLE:
+            return "a tool turn"
+        if any(k in m for k in MESSAGE_EXTRAS if k != "reasoning_content"):
+            return "tool calls"
+    return ""
+
+
+def record_tools(obj, fields):
+    """A record's tool schemas (`fields.tools`): None, or a list of objects."""
+    tools = obj.get(fields.tools) if isinstance(obj, dict) else None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict)
+                                                                  for t in tools)):  # fmt: skip
+        raise FormatError("bad_tools", f"{fields.tools} is not a list of objects")
+    return tools or None
+
+
 def render_chat(
-    messages: Sequence[dict], template: ChatTemplate | Tokenizer, add_generation_prompt=False
+    messages: Sequence[dict],
+    template: ChatTemplate | Tokenizer,
+    add_generation_prompt=False,
+    tools=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32, loss_mask float32) of a conversation; see the module docstring.
 
@@ -261,10 +308,13 @@ def render_chat(
         if add_generation_prompt:
             if msgs[-1]["role"] == "assistant":
                 raise FormatError("bad_messages", "generation prompt after an assistant turn")
-            ids = t.tok.render_chat_template(msgs, add_generation_prompt=True)
+            ids = t.tok.encode(t.text(msgs, True, tools))
             return np.asarray(ids, np.int32), np.zeros(len(ids), np.float32)
-        ids, mask, _, _ = _render_jinja(msgs, t)
+        ids, mask, _, _ = _render_jinja(msgs, t, tools=tools)
         return ids, mask
+    if _needs_jinja(msgs, tools):
+        raise TemplateError(f"{_needs_jinja(msgs, tools)} need(s) the tokenizer's own Jinja "
+                            "chat template; flaxlm's template has none")  # fmt: skip
     ids, mask = list(t.prefix), [0.0] * len(t.prefix)
     for m in msgs:
         body = t.encode(m["content"]) + [t.end_id]
@@ -284,20 +334,23 @@ def render_chat(
     return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
 
 
-def generation_prompt(messages: Sequence[dict], tok) -> tuple[list[int], tuple[int, ...]]:
+def generation_prompt(
+    messages: Sequence[dict], tok, tools=None
+) -> tuple[list[int], tuple[int, ...]]:
     """(prompt ids ending where the assistant's reply starts, the ids that end that reply) of a
     conversation: through the tokenizer's own Jinja chat template and stop ids when it has one
     (an imported HF instruct model's tokenizer_config.json: what that model was tuned on), else
-    flaxlm's chat template."""
+    flaxlm's chat template. `tools`: tool schemas for the Jinja template."""
     if getattr(tok, "chat_template", ""):
-        return [int(i) for i in tok.render_chat_template(messages)], tuple(tok.stop_ids)
+        text = tok.render_chat_text(list(messages), add_generation_prompt=True, tools=tools)
+        return [int(i) for i in tok.encode(text)], tuple(tok.stop_ids)
     template = ChatTemplate(tok)
-    ids, _ = render_chat(messages, template, add_generation_prompt=True)
+    ids, _ = render_chat(messages, template, add_generation_prompt=True, tools=tools)
     return [int(i) for i in ids], template.stop_tokens
 
 
 def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None = None,
-                  train_from: int = 0):  # fmt: skip
+                  train_from: int = 0, tools=None):  # fmt: skip
     """(ids, mask, keep_from, head) of a conversation through a Jinja template (module
     docstring, "Jinja templates"): `keep_from` is where truncation must stop cutting — the end of
     the message before the trailing assistant turns, or with `n_prompt` the end of the shared
@@ -305,14 +358,14 @@ def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None =
     turns before message `train_from` are context, not located or trained."""
     if not any(m["role"] == "assistant" for m in msgs):
         raise FormatError("no_assistant_turn", "conversation has no assistant turn")
-    text = t.text(msgs, False)
+    text = t.text(msgs, False, tools)
     ids, offsets = t.tok.encode_offsets(text)
     starts = np.asarray([a for a, _ in offsets], np.int64)
     at = lambda char: int(np.searchsorted(starts, char, side="left"))  # noqa: E731
     stops, mask, last = set(t.stops), np.zeros(len(ids), np.float32), -1
 
     def prefix(k: int, gen: bool) -> str:
-        part = t.text(msgs[:k], gen)
+        part = t.text(msgs[:k], gen, tools)
         if not text.startswith(part):
             raise PrefixUnstable(
                 f"chat template {t.describe()} is not prefix-stable: messages[:{k}] rendered "
@@ -520,7 +573,8 @@ def _final_len(t: ChatTemplate, msgs: list[dict]) -> int:
     return n
 
 
-def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None, train_from=0):
+def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None, train_from=0,
+            tools=None):  # fmt: skip
     """Renders conversations and cuts each by the same number of tokens so all fit a row (the
     overlength policy); None (counted) when one cannot. One SFT conversation: anything before
     its final assistant turn(s) may be cut. Preference sides (`n_prompt` = the number of
@@ -530,13 +584,13 @@ def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None, tr
     DPO's sums but count in SimPO's and ORPO's per-token means and the SFT term)."""
     if template.jinja:
         train_from = n_prompt if n_prompt is not None else train_from
-        rendered = [_render_jinja(c, template, n_prompt, train_from) for c in convs]
+        rendered = [_render_jinja(c, template, n_prompt, train_from, tools) for c in convs]
         sides = [(ids, mask) for ids, mask, _, _ in rendered]
         if n_prompt is not None and rendered[0][0][: rendered[0][2]].tolist() != \
                 rendered[1][0][: rendered[1][2]].tolist():  # fmt: skip
             raise FormatError("template_boundary", "the two sides render different prompt ids")
     else:
-        sides = [render_chat(c, template) for c in convs]
+        sides = [render_chat(c, template, tools=tools) for c in convs]
     longest = max(len(ids) for ids, _ in sides) - 1
     if overlength == "drop" and longest > seq_len:
         report.bad("too_long", loc, f"{longest} tokens > seq_len {seq_len}")
@@ -611,15 +665,17 @@ def render_sft(
             if msgs[-1]["role"] != "assistant":
                 raise FormatError("no_assistant_turn", "conversation ends with a " +
                                   f"{msgs[-1]['role']} turn, not an assistant turn")  # fmt: skip
+            tools = record_tools(obj, fields)
             with naming_record(loc):
-                pieces = _sft_pieces(msgs, template, seq_len, overlength, loc, report)
+                pieces = _sft_pieces(msgs, template, seq_len, overlength, loc, report, tools)
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
         report.used += bool(pieces)
         meta = _meta(obj, fields)
         for (ids, mask), conv in pieces:
-            out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": conv})
+            out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": conv,
+                        "tools": tools})  # fmt: skip
     return out
 
 
@@ -636,12 +692,12 @@ def _assistant_runs(msgs: list[dict]) -> list[tuple[int, int]]:
     return runs
 
 
-def _sft_pieces(msgs, template, seq_len, overlength, loc, report):
+def _sft_pieces(msgs, template, seq_len, overlength, loc, report, tools=None):
     """[((ids, mask), messages)] of one SFT conversation: itself, or with a history-rewriting
     Jinja template one piece per assistant run (`render_sft`); pieces that cannot fit are
     counted drops."""
     try:
-        fitted = _fitted([msgs], template, seq_len, overlength, loc, report)
+        fitted = _fitted([msgs], template, seq_len, overlength, loc, report, tools=tools)
         return [(fitted[0], msgs)] if fitted else []
     except PrefixUnstable:
         runs = _assistant_runs(msgs)
@@ -650,7 +706,8 @@ def _sft_pieces(msgs, template, seq_len, overlength, loc, report):
     pieces = []
     for first, last in runs:
         conv = msgs[: last + 1]
-        fitted = _fitted([conv], template, seq_len, overlength, loc, report, train_from=first)
+        fitted = _fitted([conv], template, seq_len, overlength, loc, report, train_from=first,
+                         tools=tools)  # fmt: skip
         if fitted:
             pieces.append((fitted[0], conv))
     report.split(loc, len(runs))
@@ -658,23 +715,24 @@ def _sft_pieces(msgs, template, seq_len, overlength, loc, report):
 
 
 def render_prompt(
-    messages: Sequence[dict], template: ChatTemplate, max_len: int
+    messages: Sequence[dict], template: ChatTemplate, max_len: int, tools=None
 ) -> tuple[np.ndarray, int]:
     """Generation-prompt ids of a conversation (its last assistant turn, if any, removed),
-    truncated from the left (BOS kept) to at most `max_len`. Returns (ids, n_cut)."""
+    truncated from the left (BOS kept) to at most `max_len`. Returns (ids, n_cut). `tools`:
+    tool schemas for a Jinja template."""
     msgs = list(messages)
     while msgs and msgs[-1]["role"] == "assistant":
         msgs.pop()
     if template.jinja:  # the header after the last message is kept; a leading BOS too
-        text = template.text(msgs, True)
+        text = template.text(msgs, True, tools)
         ids, offsets = template.tok.encode_offsets(text)
         ids, mask = np.asarray(ids, np.int32), np.zeros(len(ids), np.float32)
-        turns = template.text(msgs, False)
+        turns = template.text(msgs, False, tools)
         end = len(turns) if text.startswith(turns) else len(text)
         keep_from = sum(a < end for a, _ in offsets)
         head = template.head(ids)
     else:
-        ids, mask = render_chat(msgs, template, add_generation_prompt=True)
+        ids, mask = render_chat(msgs, template, add_generation_prompt=True, tools=tools)
         keep_from = len(ids) - len(template.headers["assistant"])
         head = len(template.prefix)
     ids, _, cut = fit_length(ids, mask, keep_from, max_len, head)
@@ -702,8 +760,10 @@ def render_preferences(
         try:
             prompt, chosen, rejected, margin = preference_parts(obj, fields)
             convs = [prompt + chosen, prompt + rejected]
+            tools = record_tools(obj, fields)
             with naming_record(loc):
-                fitted = _fitted(convs, template, seq_len, overlength, loc, report, len(prompt))
+                fitted = _fitted(convs, template, seq_len, overlength, loc, report, len(prompt),
+                                 tools=tools)  # fmt: skip
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue

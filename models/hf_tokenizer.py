@@ -215,12 +215,13 @@ class HFTokenizer:
     def encode_batch(self, texts, *, bos: bool = False, eos: bool = False, num_threads: int = 0):
         return [self.encode(t, bos=bos, eos=eos) for t in texts]
 
-    def render_chat_text(self, messages, add_generation_prompt: bool = True) -> str:
+    def render_chat_text(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
         """`messages` rendered as text with the checkpoint's own Jinja chat template, as
         transformers 5.24 apply_chat_template renders them (see `render_chat_template`): a
         message's keys whose value is None are dropped first (OpenAI-style `tool_calls=None`:
         `{% if message.tool_calls is defined %}` must be false, not print "None"), and `tools`
-        and `documents` are defined as None. `template_kwargs` are passed as variables too
+        and `documents` are defined (`tools` as given: tool schemas, else None).
+        `template_kwargs` are passed as variables too
         (transformers' apply_chat_template(**kwargs)). The caller's messages are not modified."""
         if not self.chat_template:
             raise HFError(f"{self.name}: tokenizer_config.json has no chat_template")
@@ -239,7 +240,7 @@ class HFTokenizer:
                 **self.special_tokens,
                 **self.template_kwargs,
                 messages=msgs,
-                tools=None,
+                tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
             )

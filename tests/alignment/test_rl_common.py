@@ -44,7 +44,7 @@ def test_heldout_sets_take_the_completion_as_reference(tmp_path, monkeypatch, ca
     c = override(grpo_config.get_config("runlocal=True"), {"eval_gen.sets": str(path)})
     seen = []
 
-    def fake_render(msgs, template, max_len):  # no tokenizer needed: one id per user turn
+    def fake_render(msgs, template, max_len, tools=None):  # no tokenizer: one id per prompt
         seen.append([m["role"] for m in msgs])
         return np.asarray([len(seen)], np.int32), 0
 

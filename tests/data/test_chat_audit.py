@@ -108,7 +108,7 @@ BAD = [
     {"prompt": "", "completion": "a forest"},  # 4: blank prompt: the same reason as 3
     {"messages": [S(""), U("the river"), A("a forest")]},  # 5: blank system turn
     {"messages": [{"content": "the river"}, A("a forest")]},  # 6: missing role
-    {"messages": [{"role": "tool", "content": "x"}, A("a forest")]},  # 7: unknown role
+    {"messages": [{"role": "robot", "content": "x"}, A("a forest")]},  # 7: unknown role
     {"messages": [U(["the", "river"]), A("a forest")]},  # 8: non-string content
     {"messages": [U("the river"), A("")]},  # 9: empty answer
 ]

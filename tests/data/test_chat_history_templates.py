@@ -13,7 +13,6 @@ trained ids decode to exactly the trained text. FLAXLM_HF_LIVE=1 (with .venv-hf)
 that transformers' apply_chat_template renders the same texts.
 """
 
-import json
 import os
 
 import numpy as np
@@ -24,7 +23,6 @@ from flaxlm.data import formats as F
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # The latest answers (after the last user turn) show their reasoning in a <think> block (empty
 # when there is none); earlier answers show only what follows their </think>.
 REASONING = (
@@ -57,29 +55,11 @@ TURN2 = (
 )  # the first answer without its reasoning, the second with its (empty) think block
 
 
-def _byte_tokenizer_dir(d: str, template: str) -> str:
-    """tokenizer.json: one id per byte (byte-level, no merges) + the chat specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(SPECIALS)
-    os.makedirs(d, exist_ok=True)
-    tk.save(os.path.join(d, "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
-           "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}  # fmt: skip
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    return d
-
-
 @pytest.fixture
-def reasoning(tmp_path):
+def reasoning(tmp_path, byte_chat_tokenizer):
     from flaxlm.models.hf_tokenizer import load_tokenizer
 
-    tok = load_tokenizer(_byte_tokenizer_dir(str(tmp_path / "tok"), REASONING))
+    tok = load_tokenizer(byte_chat_tokenizer(str(tmp_path / "tok"), REASONING))
     return tok, F.training_template(tok)
 
 
@@ -174,8 +154,8 @@ print(json.dumps([tok.apply_chat_template(conv[:n], tokenize=False) for n in (2,
 """
 
 
-def test_live_transformers_renders_the_same_texts(tmp_path, hf_live):
-    d = _byte_tokenizer_dir(str(tmp_path / "live"), REASONING)
+def test_live_transformers_renders_the_same_texts(tmp_path, hf_live, byte_chat_tokenizer):
+    d = byte_chat_tokenizer(str(tmp_path / "live"), REASONING)
     assert hf_live(LIVE, d, CONV) == [TURN1, TURN2]
 
 
@@ -189,17 +169,19 @@ THINKING = REASONING.replace(
 )
 
 
-def _thinking_tok(tmp_path, name="think"):
+@pytest.fixture
+def thinking(tmp_path, byte_chat_tokenizer):
+    """(tokenizer dir, tokenizer) with the THINKING template."""
     from flaxlm.models.hf_tokenizer import load_tokenizer
 
-    d = _byte_tokenizer_dir(str(tmp_path / name), THINKING)
+    d = byte_chat_tokenizer(str(tmp_path / "think"), THINKING)
     return d, load_tokenizer(d)
 
 
-def test_template_kwargs_render_train_and_name_the_template(tmp_path):
+def test_template_kwargs_render_train_and_name_the_template(thinking):
     from flaxlm.models.hf_tokenizer import set_template_kwargs
 
-    _, tok = _thinking_tok(tmp_path)
+    _, tok = thinking
     conv = [U("and 3+3?"), A("6")]
     plain = F.training_template(tok)
     (ex,) = F.render_sft([({"messages": conv}, "c:1")], plain, 512)
@@ -214,10 +196,10 @@ def test_template_kwargs_render_train_and_name_the_template(tmp_path):
     assert ex["ids"][: len(prompt)].tolist() == prompt
 
 
-def test_set_template_kwargs_checks_what_it_is_given(tmp_path):
+def test_set_template_kwargs_checks_what_it_is_given(tmp_path, thinking, byte_chat_tokenizer):
     from flaxlm.models.hf_tokenizer import HFError, load_tokenizer, set_template_kwargs
 
-    _, tok = _thinking_tok(tmp_path)
+    _, tok = thinking
     with pytest.raises(HFError, match=r"data.chat_template_kwargs='\{bad' is not valid JSON"):
         set_template_kwargs(tok, "{bad", None, "data.chat_template_kwargs")
     with pytest.raises(HFError, match=r"--x=\['a'\]: expected a JSON object"):
@@ -226,20 +208,20 @@ def test_set_template_kwargs_checks_what_it_is_given(tmp_path):
         set_template_kwargs(tok, '{"messages": []}')
     assert set_template_kwargs(tok, '{"a": 1}', {"a": 2}).template_kwargs == {"a": 1}
     assert set_template_kwargs(tok, "", {"a": 2}).template_kwargs == {"a": 2}  # inherited
-    no_template = load_tokenizer(_byte_tokenizer_dir(str(tmp_path / "none"), ""))
+    no_template = load_tokenizer(byte_chat_tokenizer(str(tmp_path / "none"), ""))
     assert set_template_kwargs(no_template, None, {"a": 2}).template_kwargs == {}  # ignored
     with pytest.raises(HFError, match="--x: tokenizer .* has no Jinja chat template"):
         set_template_kwargs(no_template, '{"a": 1}', None, "--x")
 
 
-def test_the_compiled_template_follows_the_template_text(tmp_path):
-    _, tok = _thinking_tok(tmp_path)
+def test_the_compiled_template_follows_the_template_text(thinking):
+    _, tok = thinking
     assert tok.render_chat_text(CONV[:2], False) == TURN1
     tok.chat_template = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
     assert tok.render_chat_text(CONV[:2], False) == "[2+2?][<think>add them</think>4]"
 
 
-def test_stages_record_template_kwargs_and_generation_renders_with_them(tmp_path):
+def test_stages_record_template_kwargs_and_generation_renders_with_them(tmp_path, thinking):
     """data.chat_template_kwargs reaches the tokenizer, the checkpoint meta records it, and
     `generate` / the next stage (init_from) render with it unless told otherwise."""
     import jax
@@ -252,7 +234,7 @@ def test_stages_record_template_kwargs_and_generation_renders_with_them(tmp_path
     from flaxlm.train.pretrain import model_fns
     from flaxlm.train.state import unbox
 
-    tok_dir, _ = _thinking_tok(tmp_path)
+    tok_dir, _ = thinking
     config = sft_config.get_config("variant=tiny")
     config.data.tokenizer = os.path.join(tok_dir, "tokenizer.json")
     config.data.chat_template_kwargs = '{"enable_thinking": false}'
