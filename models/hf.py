@@ -7,6 +7,8 @@
 
     python -m flaxlm.models.hf import HF_DIR RUN_DIR           # HF → flaxlm run (orbax)
     python -m flaxlm.models.hf export RUN_DIR HF_DIR [--arch llama]
+    python -m flaxlm.models.hf export LORA_RUN_DIR ADAPTER_DIR --adapter     # PEFT (models/peft.py)
+    python -m flaxlm.models.hf import-adapter HF_DIR ADAPTER_DIR RUN_DIR
 
 Weight layout. HF Linear weights are (out, in); our projection kernels contract their leading
 axes: q/k/v (D, heads, H) = W.T reshaped, o (N, H, D) = W.T reshaped, MLP (in, out) = W.T, LM
@@ -33,6 +35,7 @@ tokenizer whose vocab does not fit) raises `HFError` naming the file and the key
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -479,11 +482,6 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
     from safetensors.numpy import save_file
 
     config = config_to_hf(cfg, arch, **(extra_config or {}))
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):  # overwrite replaces directories only
-        raise HFError(f"export: {path} exists and is not a directory")
-    if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise HFError(f"export: {path} exists and is not empty (pass overwrite=True)")
     params = flax.linen.meta.unbox(params)  # boxed, as `Transformer.init` returns them, too
     if cfg.scan_layers:
         params = unstack_layers(params, cfg.n_layers)
@@ -503,10 +501,7 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
             size = 0
         shards[-1].append(t)
         size += nbytes
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with atomic_directory(path, overwrite) as tmp:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             fname = (
@@ -533,11 +528,29 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
         for name, obj in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(obj, f, indent=2, ensure_ascii=False)
-        # safetensors writes its files 0600: give every file config.json's mode (the umask's),
-        # so a shared or served export is readable like the directory (0755).
-        mode = os.stat(os.path.join(tmp, "config.json")).st_mode & 0o777
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, overwrite: bool = False):
+    """Yields a temporary sibling directory to write an export into, renamed to `path` when
+    the block completes (removed if it raises): `path` is either absent/old or complete. An
+    existing non-empty `path` needs `overwrite`; the old one is moved aside first, then
+    deleted. Files get the umask's mode (safetensors writes its own 0600, which left a shared
+    or served export unreadable), the directory 0755."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):  # overwrite replaces directories only
+        raise HFError(f"export: {path} exists and is not a directory")
+    if os.path.exists(path) and os.listdir(path) and not overwrite:
+        raise HFError(f"export: {path} exists and is not empty (pass overwrite=True)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
         for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), mode)
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.chmod(tmp, 0o755)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
@@ -664,15 +677,30 @@ def main(argv=None) -> None:
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     exp.add_argument("--dtype", default=None, help="tensor dtype (default: the params')")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing HF_DIR")
+    exp.add_argument("--adapter", action="store_true",
+                     help="a LoRA run's adapters only, as a PEFT adapter directory")  # fmt: skip
+    imp_a = sub.add_parser("import-adapter", help="HF base + PEFT adapter -> flaxlm LoRA run")
+    imp_a.add_argument("hf_dir")
+    imp_a.add_argument("adapter_dir")
+    imp_a.add_argument("run_dir")
     a = ap.parse_args(argv)
+    from flaxlm.models import peft
+    from flaxlm.train.checkpoint import CheckpointError
+
     try:
         if a.cmd == "import":
             import_to_run(a.hf_dir, a.run_dir, a.dtype)
             print(f"imported {a.hf_dir} -> {a.run_dir}")
+        elif a.cmd == "import-adapter":
+            peft.import_adapter_to_run(a.hf_dir, a.adapter_dir, a.run_dir)
+            print(f"imported {a.hf_dir} + {a.adapter_dir} -> {a.run_dir}")
+        elif a.adapter:
+            peft.export_run_adapter(a.run_dir, a.hf_dir, a.step, a.dtype, a.overwrite)
+            print(f"exported the adapters of {a.run_dir} -> {a.hf_dir}")
         else:
             export_run(a.run_dir, a.hf_dir, a.arch, a.step, a.dtype, a.overwrite)
             print(f"exported {a.run_dir} -> {a.hf_dir}")
-    except HFError as e:
+    except (HFError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

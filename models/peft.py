@@ -1,0 +1,286 @@
+"""LoRA adapters in Hugging Face PEFT's format: export a flaxlm LoRA run's adapters (to serve
+them on the base model with vLLM / PEFT, or share them without the base) and import a PEFT
+adapter (to evaluate, generate with or keep training it here).
+
+    save_adapter(cfg, lora, spec, "adapter/", base_model="meta-llama/Llama-3.2-1B")
+    spec, lora = load_adapter("adapter/", cfg)           # cfg: the base model's ModelConfig
+
+    python -m flaxlm.models.hf export RUN_DIR ADAPTER_DIR --adapter
+    python -m flaxlm.models.hf import-adapter HF_BASE_DIR ADAPTER_DIR RUN_DIR
+
+Layout. A PEFT adapter directory holds adapter_config.json (r, lora_alpha, target_modules, ...)
+and adapter_model.safetensors with, per adapted HF Linear (weight (out, in)),
+`base_model.model.<module>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r); the update
+is W + (lora_alpha / r)·B·A — flaxlm's scale and factorisation (models/lora.py: a (in, r) = Aᵀ,
+b (r, out) = Bᵀ, flattened in the order the kernel's input and output dims are, which is the
+order HF's Linear uses: q rows n·H + h, o columns n·H + h). Modules: q/k/v/o_proj,
+gate/up/down_proj and lm_head (flaxlm's attn/q ... mlp/down, lm_head). use_rslora adapters
+(scale α/√r) import with √r folded into B.
+
+Not expressible (errors naming the key): DoRA, biases trained by PEFT (`bias` != "none"),
+`modules_to_save` (whole modules trained alongside, e.g. a reward head), per-module ranks or
+alphas, and adapters on modules flaxlm has no kernel for. Export refuses a LoRA run that
+trains base params too (`lora.train_extra`): the adapter alone would not reproduce it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from flaxlm.models import lora as lora_lib
+from flaxlm.models.config import ModelConfig
+from flaxlm.models.hf_tokenizer import HFError
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# flaxlm module path (after layers_i/) -> HF module path (after model.layers.i.)
+_LAYER_MODULES = {
+    "attn/q": "self_attn.q_proj", "attn/k": "self_attn.k_proj", "attn/v": "self_attn.v_proj",
+    "attn/o": "self_attn.o_proj", "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj",
+    "mlp/down": "mlp.down_proj",
+}  # fmt: skip
+_PREFIX = "base_model.model."
+
+
+def _hf_module(path: str) -> tuple[str, int | None]:
+    """(HF module name, layer or None for a scanned stack) of a flaxlm kernel path."""
+    m = re.fullmatch(r"layers_(\d+)/(\w+/\w+)/kernel", path)
+    if m and m.group(2) in _LAYER_MODULES:
+        return f"model.layers.{m.group(1)}.{_LAYER_MODULES[m.group(2)]}", int(m.group(1))
+    m = re.fullmatch(r"layers/(\w+/\w+)/kernel", path)
+    if m and m.group(1) in _LAYER_MODULES:
+        return f"model.layers.{{}}.{_LAYER_MODULES[m.group(1)]}", None
+    if path == "lm_head/kernel":
+        return "lm_head", -1
+    raise HFError(f"PEFT export: no HF module for the adapted kernel {path}")
+
+
+def adapter_tensors(lora, spec: lora_lib.LoraSpec, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """PEFT's tensors {name: array} of flaxlm adapters `lora` (nested as models/lora.py makes
+    them: path/"kernel"/{"a", "b"}; unrolled or scanned layers)."""
+    import jax
+
+    out = {}
+    flat = {}
+    for p, leaf in jax.tree_util.tree_flatten_with_path(lora_lib._unbox(lora))[0]:
+        path = lora_lib._path_str(p)
+        kernel, _, ab = path.rpartition("/")
+        flat.setdefault(kernel, {})[ab] = np.asarray(jax.device_get(leaf))
+    for kernel, pair in sorted(flat.items()):
+        name, layer = _hf_module(kernel)
+        a, b = pair["a"], pair["b"]  # (L?, in, r), (L?, r, out)
+        stacks = [(name.format(i), a[i], b[i]) for i in range(a.shape[0])] if layer is None \
+            else [(name, a, b)]  # fmt: skip
+        for hf_name, a_i, b_i in stacks:
+            out[f"{_PREFIX}{hf_name}.lora_A.weight"] = np.ascontiguousarray(a_i.T)
+            out[f"{_PREFIX}{hf_name}.lora_B.weight"] = np.ascontiguousarray(b_i.T)
+    if not out:
+        raise HFError("PEFT export: the LoRA tree holds no adapters")
+    return out
+
+
+def save_adapter(cfg: ModelConfig, lora, spec: lora_lib.LoraSpec, path: str, *,
+                 base_model: str = "", dtype=None, overwrite: bool = False) -> str:  # fmt: skip
+    """Writes `lora` (with its `spec`) as a PEFT adapter directory at `path`, atomically."""
+    from safetensors.numpy import save_file
+
+    from flaxlm.models.hf import atomic_directory
+
+    if spec.train_extra:
+        raise HFError(
+            f"PEFT export: lora.train_extra={spec.train_extra!r} trains base params too; an "
+            "adapter alone would not reproduce the run (export the merged model instead)"
+        )
+    tensors = adapter_tensors(lora, spec, cfg)
+    if dtype is not None:
+        tensors = {k: v.astype(np.dtype(dtype)) for k, v in tensors.items()}
+    modules = sorted({k[len(_PREFIX) :].split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
+        "lora_alpha": spec.alpha, "target_modules": modules, "lora_dropout": 0.0,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "inference_mode": True,
+        "base_model_name_or_path": base_model or None,
+    }  # fmt: skip
+    with atomic_directory(path, overwrite) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    return path
+
+
+def load_adapter(path: str, cfg: ModelConfig) -> tuple[lora_lib.LoraSpec, dict]:
+    """(LoraSpec, adapters nested as models/lora.py makes them, unrolled layers) of the PEFT
+    adapter directory `path` for the base model `cfg`. Bad input raises HFError naming the
+    file and the key or tensor."""
+    from safetensors import safe_open
+
+    from flaxlm.models.hf import load_hf_json
+
+    where = os.path.join(path, CONFIG)
+    if not os.path.exists(where):
+        raise HFError(f"{path}: no {CONFIG} (not a PEFT adapter directory)")
+    c = load_hf_json(path, CONFIG)
+    if c.get("peft_type", "LORA") != "LORA":
+        raise HFError(f"{where}: peft_type {c.get('peft_type')!r} is not LORA")
+    unsupported = {"use_dora": bool(c.get("use_dora")), "bias": c.get("bias", "none") != "none",
+                   "modules_to_save": bool(c.get("modules_to_save")),
+                   "rank_pattern": bool(c.get("rank_pattern")),
+                   "alpha_pattern": bool(c.get("alpha_pattern"))}  # fmt: skip
+    for key, bad in unsupported.items():
+        if bad:
+            raise HFError(f"{where}: {key}={c[key]!r} is not supported")
+    try:
+        r, alpha = int(c["r"]), float(c["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise HFError(f"{where}: needs numeric 'r' and 'lora_alpha' ({e})") from None
+    if r < 1 or not alpha > 0:
+        raise HFError(f"{where}: r={r} and lora_alpha={alpha} must be positive")
+    b_factor = math.sqrt(r) if c.get("use_rslora") else 1.0  # α/√r = (α/r)·√r
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.exists(weights):
+        raise HFError(f"{path}: no {WEIGHTS}")
+    ours = {hf: p for p, hf in _kernel_names(cfg).items()}
+    pairs: dict[str, dict] = {}
+    try:
+        handle = safe_open(weights, framework="numpy")
+    except Exception as e:
+        raise HFError(f"{weights}: cannot read safetensors: {type(e).__name__}: {e}") from e
+    with handle as f:
+        for name in f.keys():
+            m = re.fullmatch(rf"{re.escape(_PREFIX)}(.+)\.lora_([AB])(?:\.default)?\.weight", name)
+            if not m or m.group(1) not in ours:
+                raise HFError(
+                    f"{weights}: tensor {name} is not a LoRA factor of a module "
+                    f"flaxlm has ({sorted(set(_LAYER_MODULES.values()))}, lm_head)"
+                )
+            pairs.setdefault(ours[m.group(1)], {})[m.group(2)] = (name, f.get_tensor(name))
+    flat = {}
+    for kernel, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise HFError(f"{weights}: {missing} of {next(iter(pair.values()))[0]} is missing")
+        (a_name, A), (b_name, B) = pair["A"], pair["B"]
+        d_in, d_out = _kernel_dims(kernel, cfg)
+        for nm, t, want in ((a_name, A, (r, d_in)), (b_name, B, (d_out, r))):
+            if tuple(t.shape) != want:
+                raise HFError(f"{weights}: tensor {nm} has shape {tuple(t.shape)}, expected "
+                              f"{want} (r={r}, the base model's config)")  # fmt: skip
+        dt = cfg.weight_dtype
+        flat[kernel] = {"a": np.asarray(A.T, dt), "b": np.asarray(B.T * b_factor, dt)}
+    if not flat:
+        raise HFError(f"{weights}: no LoRA tensors")
+    modules = sorted({k.split("/")[-2] if k != "lm_head/kernel" else "lm_head" for k in flat})
+    layer_mods = [m for m in modules if m != "lm_head"]
+    groups = [f"(attn|mlp)/({'|'.join(layer_mods)})$"] if layer_mods else []
+    targets = "|".join(groups + (["^lm_head$"] if "lm_head" in modules else []))
+    spec = lora_lib.LoraSpec(rank=r, alpha=alpha, targets=targets)
+    return spec, lora_lib._nest(flat)
+
+
+def _kernel_names(cfg: ModelConfig) -> dict[str, str]:
+    """flaxlm kernel path -> HF module name, for every kernel an adapter may target."""
+    out = {}
+    for i in range(cfg.n_layers):
+        for ours, hf in _LAYER_MODULES.items():
+            out[f"layers_{i}/{ours}/kernel"] = f"model.layers.{i}.{hf}"
+    if not cfg.tie_embeddings:
+        out["lm_head/kernel"] = "lm_head"
+    return out
+
+
+def _kernel_dims(kernel: str, cfg: ModelConfig) -> tuple[int, int]:
+    """(flattened input, flattened output) size of a kernel, as the adapter factors see it."""
+    D, N, K, H, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_, cfg.d_ff,
+                        cfg.vocab_size)  # fmt: skip
+    name = kernel.split("/")[-2]
+    return {"q": (D, N * H), "k": (D, K * H), "v": (D, K * H), "o": (N * H, D),
+            "gate": (D, F), "up": (D, F), "down": (F, D), "lm_head": (D, V)}[name]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: a LoRA run's adapters out, an HF base + PEFT adapter in
+
+
+def export_run_adapter(run_dir: str, path: str, step=None, dtype=None,
+                       overwrite: bool = False) -> str:  # fmt: skip
+    """Writes the adapters of a flaxlm LoRA run (latest or `step`) as a PEFT adapter directory;
+    its base_model_name_or_path is the HF checkpoint the run started from, if any."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxlm.models.transformer import Transformer
+    from flaxlm.train import checkpoint as ckpt_lib
+    from flaxlm.train.state import unbox
+
+    step, meta = ckpt_lib.read_meta(run_dir, step)
+    spec = lora_lib.LoraSpec(**meta["lora"]) if (meta.get("lora") or {}).get("rank") else None
+    if spec is None:
+        raise HFError(f"{run_dir}: not a LoRA run (no lora rank in its checkpoint meta); "
+                      "export the model without --adapter")  # fmt: skip
+    if meta.get("head", "lm") != "lm":
+        raise HFError(f"{run_dir}: a {meta.get('head')!r}-head run; PEFT adapters here are for "
+                      "causal language models")  # fmt: skip
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    base = unbox(jax.eval_shape(
+        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
+        jax.random.PRNGKey(0)))  # fmt: skip
+    tree = {"base": base, "lora": lora_lib.abstract_adapters(base, spec)}
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), tree)
+    lora = ckpt_lib.load_params(run_dir, target, step)["lora"]
+    return save_adapter(cfg, lora, spec, path, base_model=_base_model(run_dir, meta),
+                        dtype=dtype, overwrite=overwrite)  # fmt: skip
+
+
+def _base_model(run_dir: str, meta: dict) -> str:
+    """The HF checkpoint a run descends from: its own hf_source, else its init_from's."""
+    from flaxlm.train import checkpoint as ckpt_lib
+
+    seen = set()
+    while meta and run_dir not in seen:
+        seen.add(run_dir)
+        if meta.get("hf_source"):
+            return meta["hf_source"]
+        src = ((meta.get("config") or {}).get("init_from")) or ""
+        if src.startswith("hf:"):
+            return os.path.abspath(src[3:])
+        if not src or not os.path.isdir(os.path.join(src, "checkpoints")):
+            return ""
+        run_dir, meta = src, ckpt_lib.read_meta(src)[1]
+    return ""
+
+
+def import_adapter_to_run(hf_dir: str, adapter_dir: str, run_dir: str) -> str:
+    """Writes an HF base checkpoint plus a PEFT adapter as a flaxlm LoRA run (step 0): its
+    checkpoint holds {"base", "lora"} and its meta the LoRA spec, so `generate`, evaluation and
+    `init_from` read the adapted model (merged), and export --adapter gives the adapter back."""
+    from flaxlm.models import hf
+    from flaxlm.train.checkpoint import Checkpointer
+
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(ckpts) and os.listdir(ckpts):
+        raise HFError(f"import: {run_dir} already holds checkpoints; import into a new directory")
+    cfg, params = hf.load_pretrained(hf_dir)
+    spec, lora = load_adapter(adapter_dir, cfg)
+    meta = {
+        "model_config": cfg.to_dict(), "task": "hf_import", "head": "lm",
+        "lora": spec.to_dict(), "hf_source": os.path.abspath(hf_dir),
+        "hf_arch": hf.load_hf_json(hf_dir)["model_type"],
+        "peft_source": os.path.abspath(adapter_dir),
+    }  # fmt: skip
+    for f in ("tokenizer.json", "tokenizer.model"):
+        if os.path.exists(os.path.join(hf_dir, f)):
+            hf.load_tokenizer(os.path.join(hf_dir, f), cfg.vocab_size)
+            os.makedirs(run_dir, exist_ok=True)
+            hf.copy_tokenizer(hf_dir, run_dir)
+            meta["tokenizer"] = os.path.join(os.path.abspath(run_dir), f)
+            break
+    ckpt = Checkpointer(run_dir, async_save=False)
+    ckpt.save(0, {"params": {"base": params, "lora": lora}}, meta=meta)
+    ckpt.close()
+    return run_dir

@@ -1,0 +1,208 @@
+"""LoRA adapters in PEFT's format (models/peft.py).
+
+The reference is built independently of flaxlm's LoRA code: the base checkpoint's HF weights
+(numpy) plus the exported factors merged the way PEFT defines them, W + (lora_alpha / r)·B·A
+on each HF Linear weight, written as a plain HF checkpoint and read back by the (parity-tested)
+HF importer. FLAXLM_HF_LIVE=1 (with .venv-hf and `peft` in it) also loads the exported adapter
+with PEFT onto transformers' model and compares its logits with flaxlm's.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from flaxlm.models import hf, peft
+from flaxlm.models import lora as L
+
+FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf", "llama")
+SPEC = L.LoraSpec(rank=3, alpha=5.0, targets="attn/(q|k|v|o)$|mlp/(gate|up|down)$|^lm_head$")
+
+
+def _adapters(params, spec=SPEC, seed=0):
+    """Random adapters with nonzero b (a fresh LoRA's b = 0 would test nothing)."""
+    rng = np.random.default_rng(seed)
+    abstract = L.abstract_adapters(params, spec)
+    return jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
+                        abstract)  # fmt: skip
+
+
+def _reference_merged_dir(tmp_path, adapter_dir, rslora=False):
+    """An HF checkpoint: the fixture's weights with the PEFT factors merged in numpy."""
+    from safetensors.numpy import load_file, save_file
+
+    cfg = json.loads(open(os.path.join(adapter_dir, peft.CONFIG)).read())
+    scale = cfg["lora_alpha"] / (np.sqrt(cfg["r"]) if rslora else cfg["r"])
+    factors = load_file(os.path.join(adapter_dir, peft.WEIGHTS))
+    weights = {}
+    for f in sorted(os.listdir(FIX)):
+        if f.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(FIX, f)))
+    n = 0
+    for name, A in factors.items():
+        if ".lora_A." not in name:
+            continue
+        module = name[len("base_model.model.") :].split(".lora_A.")[0]
+        B = factors[name.replace(".lora_A.", ".lora_B.")]
+        weights[module + ".weight"] = weights[module + ".weight"] + scale * (B @ A)
+        n += 1
+    out = tmp_path / "merged_ref"
+    out.mkdir()
+    shutil.copy(os.path.join(FIX, "config.json"), out / "config.json")
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return str(out), n
+
+
+def _logits(cfg, params):
+    ref = np.load(os.path.join(FIX, "reference.npz"))
+    return np.asarray(hf.forward(cfg, params, ref["full_tokens"]))
+
+
+def test_exported_adapter_merges_like_peft_defines_it(tmp_path):
+    cfg, params = hf.load_pretrained(FIX)
+    lora = _adapters(params)
+    out = peft.save_adapter(cfg, lora, SPEC, str(tmp_path / "adapter"), base_model="base")
+    c = json.loads(open(os.path.join(out, peft.CONFIG)).read())
+    assert (c["r"], c["lora_alpha"], c["peft_type"], c["base_model_name_or_path"]) == (
+        3, 5.0, "LORA", "base")  # fmt: skip
+    assert c["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                          "up_proj", "down_proj", "lm_head"])  # fmt: skip
+    ref_dir, n = _reference_merged_dir(tmp_path, out)
+    assert n == cfg.n_layers * 7 + 1
+    ref_cfg, ref_params = hf.load_pretrained(ref_dir)
+    ours = _logits(cfg, L.merge({"base": params, "lora": lora}, SPEC))
+    want = _logits(ref_cfg, ref_params)
+    np.testing.assert_allclose(ours, want, atol=2e-5, rtol=1e-5)
+    assert np.abs(want - _logits(cfg, params)).max() > 0.1  # the adapters do change the model
+
+
+def test_import_round_trip_and_rslora(tmp_path):
+    cfg, params = hf.load_pretrained(FIX)
+    lora = _adapters(params, L.LoraSpec(rank=2, alpha=4.0, targets="attn/(q|o)$|mlp/down$"), 1)
+    spec0 = L.LoraSpec(rank=2, alpha=4.0, targets="attn/(q|o)$|mlp/down$")
+    out = peft.save_adapter(cfg, lora, spec0, str(tmp_path / "a"))
+    spec, back = peft.load_adapter(out, cfg)
+    assert (spec.rank, spec.alpha) == (2, 4.0)
+    assert L.target_paths(params, spec) == L.target_paths(params, spec0)
+    jax.tree.map(np.testing.assert_array_equal, back, lora)
+    # rsLoRA (scale α/√r): imported with √r folded into b, merging as PEFT would
+    c = json.loads(open(os.path.join(out, peft.CONFIG)).read())
+    c["use_rslora"] = True
+    with open(os.path.join(out, peft.CONFIG), "w") as f:
+        json.dump(c, f)
+    spec, back = peft.load_adapter(out, cfg)
+    ref_dir, _ = _reference_merged_dir(tmp_path, out, rslora=True)
+    ref_cfg, ref_params = hf.load_pretrained(ref_dir)
+    np.testing.assert_allclose(_logits(cfg, L.merge({"base": params, "lora": back}, spec)),
+                               _logits(ref_cfg, ref_params), atol=2e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_scanned_layers_export_the_same_tensors():
+    cfg, params = hf.load_pretrained(FIX)
+    spec = L.LoraSpec(rank=2, alpha=4.0, targets="attn/(q|v)$")
+    lora = _adapters(params, spec, 2)
+    stacked = {"layers": {"attn": {m: {"kernel": {
+        k: np.stack([lora[f"layers_{i}"]["attn"][m]["kernel"][k] for i in range(cfg.n_layers)])
+        for k in ("a", "b")}} for m in ("q", "v")}}}  # fmt: skip
+    a = peft.adapter_tensors(lora, spec, cfg)
+    b = peft.adapter_tensors(stacked, spec, cfg.replace(scan_layers=True))
+    assert sorted(a) == sorted(b) and len(a) == 2 * 2 * cfg.n_layers
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_bad_adapters_name_the_key_or_tensor(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    cfg, params = hf.load_pretrained(FIX)
+    spec = L.LoraSpec(rank=2, alpha=4.0, targets="attn/q$")
+    good = peft.save_adapter(cfg, _adapters(params, spec), spec, str(tmp_path / "good"))
+
+    def variant(name, edit_config=None, edit_tensors=None):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        if edit_config:
+            c = json.loads((d / peft.CONFIG).read_text())
+            edit_config(c)
+            (d / peft.CONFIG).write_text(json.dumps(c))
+        if edit_tensors:
+            t = load_file(str(d / peft.WEIGHTS))
+            edit_tensors(t)
+            save_file(t, str(d / peft.WEIGHTS))
+        return str(d)
+
+    q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+    cases = [
+        (variant("dora", lambda c: c.update(use_dora=True)), r"use_dora=True is not supported"),
+        (variant("bias", lambda c: c.update(bias="all")), r"bias='all' is not supported"),
+        (variant("mts", lambda c: c.update(modules_to_save=["score"])), "modules_to_save"),
+        (variant("rank", lambda c: c.update(r=4)), rf"{q0}.lora_A.weight has shape \(2, 32\), "
+         r"expected \(4, 32\)"),
+        (variant("nob", edit_tensors=lambda t: t.pop(f"{q0}.lora_B.weight")),
+         rf"lora_B of {q0}.lora_A.weight is missing"),
+        (variant("emb", edit_tensors=lambda t: t.update({
+            "base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((2, 64), np.float32)
+        })), r"embed_tokens.lora_embedding_A is not a LoRA factor of a module flaxlm has"),
+        (str(tmp_path), "no adapter_config.json"),
+    ]  # fmt: skip
+    for d, msg in cases:
+        with pytest.raises(hf.HFError, match=msg):
+            peft.load_adapter(d, cfg)
+    with pytest.raises(hf.HFError, match=r"train_extra='\^head/' trains base params too"):
+        peft.save_adapter(cfg, {}, L.LoraSpec(rank=2, train_extra="^head/"), str(tmp_path / "x"))
+
+
+def test_runs_import_and_export_adapters(tmp_path, capsys):
+    from flaxlm.train.checkpoint import load_model
+
+    cfg, params = hf.load_pretrained(FIX)
+    lora = _adapters(params)
+    adapter = peft.save_adapter(cfg, lora, SPEC, str(tmp_path / "adapter"))
+    run = str(tmp_path / "run")
+    hf.main(["import-adapter", FIX, adapter, run])
+    rcfg, merged, meta = load_model(run)  # every reader merges the adapters
+    assert rcfg == cfg and meta["lora"]["rank"] == 3
+    np.testing.assert_allclose(_logits(cfg, merged),
+                               _logits(cfg, L.merge({"base": params, "lora": lora}, SPEC)),
+                               atol=1e-6)  # fmt: skip
+    hf.main(["export", run, str(tmp_path / "again"), "--adapter"])
+    assert "exported the adapters of" in capsys.readouterr().out
+    from safetensors.numpy import load_file
+
+    a = load_file(os.path.join(adapter, peft.WEIGHTS))
+    b = load_file(str(tmp_path / "again" / peft.WEIGHTS))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    again = json.loads((tmp_path / "again" / peft.CONFIG).read_text())
+    assert again["base_model_name_or_path"] == os.path.abspath(FIX)
+    # a run without adapters, a directory that is no run: one-line errors
+    plain = str(tmp_path / "plain")
+    hf.main(["import", FIX, plain])
+    with pytest.raises(SystemExit, match="not a LoRA run"):
+        hf.main(["export", plain, str(tmp_path / "x"), "--adapter"])
+    with pytest.raises(SystemExit, match="error: "):
+        hf.main(["export", str(tmp_path / "nowhere"), str(tmp_path / "y"), "--adapter"])
+
+
+LIVE = """
+import json, sys
+import numpy as np, torch, transformers, peft
+base, adapter, tokens = (json.loads(a) for a in sys.argv[1:4])
+model = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
+model = peft.PeftModel.from_pretrained(model, adapter).eval()
+with torch.no_grad():
+    out = model(input_ids=torch.as_tensor(tokens)).logits.float().numpy()
+print(json.dumps(out.tolist()))
+"""
+
+
+def test_live_peft_loads_the_adapter_onto_transformers(tmp_path, hf_live):
+    cfg, params = hf.load_pretrained(FIX)
+    lora = _adapters(params)
+    adapter = peft.save_adapter(cfg, lora, SPEC, str(tmp_path / "adapter"))
+    tokens = np.load(os.path.join(FIX, "reference.npz"))["full_tokens"]
+    live = np.asarray(hf_live(LIVE, FIX, adapter, tokens.tolist()))
+    ours = _logits(cfg, L.merge({"base": params, "lora": lora}, SPEC))
+    np.testing.assert_allclose(ours, live, atol=1e-4)
