@@ -30,6 +30,11 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
 
      averaged over each response's tokens, then over responses (`loss_agg="seq"`, the paper's
      1/G Σ_i 1/|o_i| Σ_t) or over all tokens of the minibatch (`"token"`, DAPO).
+     Variants: `clip_high` > 0 clips ρ to [1 − ε, 1 + clip_high] (DAPO's clip-higher);
+     `importance="sequence"` replaces ρ by the response's length-normalised sequence ratio
+     s_i = exp(1/|o_i| Σ_t log π/π_old) for all its tokens (GSPO, Zheng et al. 2025);
+     `overlong_buffer` adds DAPO's soft overlong punishment to the reward
+     (`overlong_penalty`).
 
 Temperature: π, π_old and π_ref (so ρ, KL_t and the entropy metric) are all softmax(logits / T)
 at the sampling temperature T = `rollout.temperature` (T = 0, greedy: 1), TRL's convention
@@ -195,6 +200,17 @@ def group_advantages(rewards, valid=None, *, scale_by_std: bool = True, eps: flo
     return np.where(v, adv, 0.0).astype(np.float32)
 
 
+def overlong_penalty(lengths, max_new_tokens: int, buffer: int) -> np.ndarray:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) per response of `lengths`
+    tokens: 0 up to max_new_tokens − buffer, then falling linearly to −1 at max_new_tokens
+    ((max − buffer − length) / buffer); `buffer` 0 = off."""
+    n = np.asarray(lengths, np.float64)
+    if buffer <= 0:
+        return np.zeros(n.shape, np.float32)
+    start = max_new_tokens - buffer
+    return np.clip((start - n) / buffer, -1.0, 0.0).astype(np.float32)
+
+
 def aggregate(x, mask, agg: str):
     """(mean, weight) of per-token values `x` (B, T) over `mask` by `grpo.loss_agg`: "seq" the
     mean over responses of each response's token mean (weight: responses with a token),
@@ -211,18 +227,30 @@ def aggregate(x, mask, agg: str):
     raise ValueError(f"grpo.loss_agg={agg!r}; expected seq | token")
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="seq"):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="seq",
+              clip_high=0.0, importance="token"):  # fmt: skip
     """(loss, metrics) of the clipped group-relative objective (module docstring); the metrics
     (pg_loss + beta·kl = loss, clipfrac) are aggregated like the loss (`aggregate`).
 
-    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) per sequence.
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) per sequence. The ratio is
+    clipped to [1 − clip, 1 + clip_high] (clip_high 0: 1 + clip). `importance` "sequence"
+    (GSPO) uses each response's length-normalised sequence ratio exp(mean_t log π/π_old) for
+    all its tokens instead of the per-token ratio.
     """
     a = advantages[:, None]
-    ratio = jnp.exp(logp - old_logp)
-    pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip, 1 + clip) * a)
+    high = clip_high or clip
+    log_ratio = logp - old_logp
+    if importance == "sequence":
+        n = jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
+        log_ratio = jnp.broadcast_to(jnp.sum(log_ratio * mask, axis=1, keepdims=True) / n,
+                                     logp.shape)  # fmt: skip
+    elif importance != "token":
+        raise ValueError(f"grpo.importance={importance!r}; expected token | sequence")
+    ratio = jnp.exp(log_ratio)
+    pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip, 1 + high) * a)
     kl = kl_penalty(logp, ref_logp, "k3")
     loss, weight = aggregate(pg + beta * kl, mask, agg)
-    clipped = (jnp.abs(ratio - 1.0) > clip).astype(jnp.float32)
+    clipped = ((ratio < 1 - clip) | (ratio > 1 + high)).astype(jnp.float32)
     metrics = {
         "pg_loss": aggregate(pg, mask, agg)[0],
         "kl": aggregate(kl, mask, agg)[0],
@@ -244,6 +272,7 @@ def grpo_loss_fn(apply, g, temperature: float = 1.0):
         loss, metrics = grpo_loss(
             logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
             batch["loss_mask"], clip=g.clip, beta=g.beta, agg=g.loss_agg,
+            clip_high=g.get("clip_high", 0.0), importance=g.get("importance", "token"),
         )  # fmt: skip
         metrics["entropy"] = aggregate(entropy(logits), batch["loss_mask"], g.loss_agg)[0]
         return loss, {**metrics, **passthrough_stats(batch)}
@@ -265,6 +294,15 @@ class GRPOSource(RolloutSource):
             raise ValueError(
                 f"rollout.batch={config.rollout.batch} is not a multiple of "
                 f"grpo.group_size={g.group_size}"
+            )
+        if g.get("importance", "token") not in ("token", "sequence"):
+            raise ValueError(f"grpo.importance={g.importance!r}; expected token | sequence")
+        if not g.get("clip_high", 0.0) >= 0:
+            raise ValueError(f"grpo.clip_high={g.clip_high} must be >= 0 (0 = grpo.clip)")
+        if not 0 <= g.get("overlong_buffer", 0) <= config.rollout.max_new_tokens:
+            raise ValueError(
+                f"grpo.overlong_buffer={g.overlong_buffer} must be in "
+                f"[0, rollout.max_new_tokens={config.rollout.max_new_tokens}]"
             )
         self.rewards, self.ref_params = rewards, ref[2]
         temp = scoring_temperature(config.rollout.temperature)
@@ -295,6 +333,8 @@ class GRPOSource(RolloutSource):
         self.log_errors(errors, int(valid.sum()))
         no_answer = s["empty"] | unfinished  # an unended reasoning answers nothing
         reward = np.where(no_answer, r.empty_reward, reward) - r.nonstop_penalty * (~s["stopped"])
+        reward = reward + overlong_penalty(s["lengths"], r.max_new_tokens,
+                                           g.get("overlong_buffer", 0))  # fmt: skip
         adv = group_advantages(
             reward.reshape(-1, G), valid.reshape(-1, G), scale_by_std=g.scale_by_std
         ).reshape(-1)

@@ -65,7 +65,14 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     c.group_size = group  # samples per prompt (G)
     c.rewards = "exact_match"  # name[:weight],...: alignment/grpo.py REWARDS or module:function
     c.scale_by_std = True  # A = (r − mean)/std per group; False: r − mean (Dr. GRPO)
-    c.clip = 0.2  # ε of the clipped ratio
+    c.clip = 0.2  # ε of the clipped ratio: [1 − ε, 1 + ε]
+    c.clip_high = 0.0  # upper ε when > 0: [1 − clip, 1 + clip_high] (DAPO's clip-higher, 0.28)
+    # token: per-token ratio π/π_old (GRPO) | sequence: each response's length-normalised ratio
+    # exp(mean log π/π_old) for all its tokens (GSPO; use clip ~3e-4 / clip_high ~4e-4 there)
+    c.importance = "token"
+    # DAPO's soft overlong punishment: responses longer than rollout.max_new_tokens − buffer
+    # lose up to 1 reward, linearly; 0 = off (rollout.nonstop_penalty still applies)
+    c.overlong_buffer = 0
     c.beta = 0.04  # weight of the per-token KL (k3) to the reference
     c.loss_agg = "seq"  # seq: mean over each response, then over responses | token: token mean
     # a reasoning model's end-of-thinking marker (e.g. "</think>"): rewards judge the text after

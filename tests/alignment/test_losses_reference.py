@@ -538,15 +538,22 @@ def test_group_advantages_flat_and_invalid_groups(scale_by_std):
     assert not adv[4].any()  # the one deviating sample is invalid: the rest is flat
 
 
-def _grpo_loss_reference(logp, old, ref, adv, mask, clip, beta, agg):
+def _grpo_loss_reference(logp, old, ref, adv, mask, clip, beta, agg, clip_high=0.0,
+                         sequence=False):  # fmt: skip
+    """DeepSeekMath's objective; clip_high: DAPO's upper ε; sequence: GSPO's ratio
+    s_i = (Π_t π/π_old)^(1/|o_i|) for every token of response i."""
+    high = clip_high or clip
     per_seq, terms_all = [], []
     for b in range(logp.shape[0]):
         terms = []
+        toks = [t for t in range(logp.shape[1]) if mask[b, t]]
+        s_i = math.exp(sum(float(logp[b, t]) - float(old[b, t]) for t in toks) / len(toks)) \
+            if toks else 1.0  # fmt: skip
         for t in range(logp.shape[1]):
             if mask[b, t]:
-                ratio = math.exp(float(logp[b, t]) - float(old[b, t]))
+                ratio = s_i if sequence else math.exp(float(logp[b, t]) - float(old[b, t]))
                 a = float(adv[b])
-                surrogate = min(ratio * a, min(max(ratio, 1 - clip), 1 + clip) * a)
+                surrogate = min(ratio * a, min(max(ratio, 1 - clip), 1 + high) * a)
                 q = math.exp(float(ref[b, t]) - float(logp[b, t]))  # π_ref/π
                 terms.append(-surrogate + beta * (q - math.log(q) - 1))  # DeepSeekMath eq. 4
         if terms:
@@ -770,3 +777,63 @@ def test_grpo_reasoning_rewards_judge_the_answer_after_the_marker():
     want = (r.reshape(-1, G) - r.reshape(-1, G).mean(1, keepdims=True)).reshape(-1)
     np.testing.assert_allclose(rows["advantages"], want, **TOL)
     assert stats["reasoning_unfinished"] == 0.5 and stats["reward_mean"] == pytest.approx(r.mean())
+
+
+@pytest.mark.parametrize("agg", ["seq", "token"])
+@pytest.mark.parametrize("clip_high,importance", [(0.28, "token"), (0.0, "sequence"),
+                                                  (0.004, "sequence")])  # fmt: skip
+def test_grpo_variants_equal_their_formulas(agg, clip_high, importance):
+    """DAPO's clip-higher and GSPO's sequence-level ratio against the direct formulas, and the
+    GSPO gradient: ∂/∂logπ_t of s_i·A_i is s_i·A_i/|o_i| for every token t of response i."""
+    rng = np.random.default_rng(15)
+    B, T, beta = 4, 9, 0.04
+    clip = 0.003 if importance == "sequence" and clip_high else 0.2
+    logp = rng.normal(-2, 0.5, (B, T)).astype(np.float32)
+    old = (logp + rng.normal(0, 0.3 if importance == "token" else 0.002, (B, T))).astype(
+        np.float32)  # fmt: skip
+    ref = (logp + rng.normal(0, 0.5, (B, T))).astype(np.float32)
+    adv = rng.normal(0, 1, B).astype(np.float32)
+    mask = np.zeros((B, T), np.float32)
+    for b, (s0, n) in enumerate([(1, 5), (0, 2), (3, 6), (2, 4)]):
+        mask[b, s0 : s0 + n] = 1
+    loss, m = grpo.grpo_loss(logp, old, ref, adv, mask, clip=clip, beta=beta, agg=agg,
+                             clip_high=clip_high, importance=importance)  # fmt: skip
+    want = _grpo_loss_reference(logp, old, ref, adv, mask, clip, beta, agg, clip_high,
+                                importance == "sequence")  # fmt: skip
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    if importance == "sequence" and agg == "seq" and beta == 0.04:
+        g = jax.grad(lambda lp: grpo.grpo_loss(lp, old, ref, adv, mask, clip=clip, beta=0.0,
+                                               agg=agg, clip_high=clip_high,
+                                               importance=importance)[0])(logp)  # fmt: skip
+        for b in range(B):
+            n = mask[b].sum()
+            s_i = math.exp(float(((logp[b] - old[b]) * mask[b]).sum()) / n)
+            inside = 1 - clip <= s_i <= 1 + (clip_high or clip) or (s_i - 1) * adv[b] < 0
+            want_g = -s_i * adv[b] / n / B if inside else 0.0  # mean over the B responses
+            np.testing.assert_allclose(np.asarray(g[b])[mask[b] == 1], want_g, rtol=1e-4,
+                                       atol=1e-7)  # fmt: skip
+            assert not np.asarray(g[b])[mask[b] == 0].any()
+
+
+def test_grpo_overlong_penalty_is_dapos_soft_punishment():
+    L_max, buf = 20, 6
+    lengths = [5, 14, 15, 17, 20]
+    want = [0.0, 0.0, (14 - 15) / 6, (14 - 17) / 6, -1.0]  # eq. 13: (L_max - buf - |y|) / buf
+    np.testing.assert_allclose(grpo.overlong_penalty(lengths, L_max, buf), want, rtol=1e-6)
+    assert not grpo.overlong_penalty(lengths, L_max, 0).any()
+    # in a rollout: added to the reward before the group advantages (Dr. GRPO scaling here)
+    G, T = 5, 24
+    cfg = ml_collections.ConfigDict()
+    cfg.rollout = rl_common.rollout_config(G)
+    cfg.rollout.max_new_tokens, cfg.rollout.nonstop_penalty = L_max, 0.0
+    cfg.seq_len = T
+    cfg.grpo = ml_collections.ConfigDict({"group_size": G, "scale_by_std": False,
+                                          "overlong_buffer": buf})  # fmt: skip
+    rng = np.random.default_rng(16)
+    s = _fake_sample(rng, [2] * G, lengths, T, [1] * G, [0] * G)
+    lp = rng.normal(-2, 0.5, (G, T)).astype(np.float32)
+    src = _source(grpo.GRPOSource, cfg, s, (lp, lp, lp))
+    src.rewards, src.ref_params = [("r", lambda meta, text: 1.0, 1.0)], None
+    rows, stats = src.make_rollout(None, None)
+    r = 1.0 + np.asarray(want)
+    np.testing.assert_allclose(rows["advantages"], r - r.mean(), atol=1e-6)
