@@ -65,6 +65,7 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     c.temperature = 1.0  # sampling T; RL logprobs are of softmax(logits / T) too (0: greedy, at 1)
     c.top_k = 0  # 0 = off
     c.top_p = 1.0  # 1 = off
+    c.min_p = 0.0  # drop tokens below min_p × the most likely one's probability; 0 = off
     c.check_every = 1  # test "all responses stopped" every this many tokens (GPU: a host read each)
     c.decode_attention = "xla"  # xla | pallas: each decode step's attention as one Pallas kernel
     c.empty_reward = -1.0  # reward of an empty response (the stop token alone)

@@ -317,7 +317,7 @@ class RolloutSource:
         t0 = time.perf_counter()
         out = generate(
             self.cfg, params, prompts, max_new_tokens=r.max_new_tokens, rng=rng,
-            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.get("min_p", 0.0),
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
             check_every=r.get("check_every", 1),  # configs older than the key: every token
             decode_attention=r.get("decode_attention", "xla"),

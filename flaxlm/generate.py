@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
     p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
     p.add_argument(
+        "--min_p",
+        type=float,
+        default=0.0,
+        help="drop tokens below min_p x the top token's probability (0 = off)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -160,6 +166,7 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         (args.temperature < 0, "--temperature must be >= 0"),
         (args.top_k < 0, "--top_k must be >= 0"),
         (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
+        (not 0 <= args.min_p < 1, "--min_p must be in [0, 1)"),
         (args.batch < 1, "--batch must be >= 1"),
         (args.num_samples < 1, "--num_samples must be >= 1"),
         (
@@ -220,7 +227,7 @@ def main(argv=None) -> None:
         out = generate(
             cfg, params, rows, max_new_tokens=args.max_new_tokens,
             rng=keys, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, stop_tokens=stops, pad_id=max(tok.pad_id, 0),
+            top_p=args.top_p, min_p=args.min_p, stop_tokens=stops, pad_id=max(tok.pad_id, 0),
             decode_attention=args.decode_attention,
         )  # fmt: skip
         toks, lengths = jax.device_get((out.tokens, out.lengths))

@@ -52,9 +52,9 @@ warns (warnings.warn); callers that must stay within it cut prompts first (the e
 harness and SFT/RL's generation evals keep the last tokens).
 
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
-any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules, fused?,
-check_every, decode_attention). Temperature,
-top_p, the stop-token ids, pad id and the RNG are traced: changing them does not recompile.
+min_p>0?, any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules, fused?,
+check_every, decode_attention). Temperature, top_p, min_p, the stop-token ids, pad id and the
+RNG are traced: changing them does not recompile.
 Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
 copies of row 0 and cut back), params stay in their training shardings.
 """
@@ -101,15 +101,25 @@ class GenerateOutput(NamedTuple):
 MIN_ROWS = 2
 
 
-def filter_logits(logits_BV, temperature, *, top_k: int = 0, top_p=1.0, use_top_p: bool = False):
-    """Temperature-scaled float32 logits with everything outside top-k / the top-p nucleus at -inf.
+def filter_logits(logits_BV, temperature, *, top_k: int = 0, top_p=1.0, use_top_p: bool = False,
+                  min_p=0.0, use_min_p: bool = False):  # fmt: skip
+    """Temperature-scaled float32 logits with everything outside top-k / the top-p nucleus /
+    the min-p set at -inf.
 
     Order as in HF: temperature, then top-k, then top-p (the nucleus of the top-k renormalised
-    distribution: the smallest set of most likely tokens whose mass reaches `top_p`). Tokens tied
-    with the last kept one are kept too. `top_k` and `use_top_p` are static (they pick the code
-    path); `temperature` and `top_p` may be traced.
+    distribution: the smallest set of most likely tokens whose mass reaches `top_p`), then min-p
+    (tokens whose probability in what is left is below `min_p` times the most likely one's).
+    Tokens tied with the last kept one are kept too. `top_k`, `use_top_p` and `use_min_p` are
+    static (they pick the code path); `temperature`, `top_p` and `min_p` may be traced.
     """
     x = logits_BV.astype(jnp.float32) / temperature
+    if use_min_p:  # p_i >= min_p·p_max  <=>  x_i >= max x + log(min_p); the argmax always stays
+        x = _top_filtered(x, top_k, use_top_p, top_p)
+        return jnp.where(x < jnp.max(x, axis=-1, keepdims=True) + jnp.log(min_p), -jnp.inf, x)
+    return _top_filtered(x, top_k, use_top_p, top_p)
+
+
+def _top_filtered(x, top_k: int, use_top_p: bool, top_p):
     V = x.shape[-1]
     if not (0 < top_k < V) and not use_top_p:
         return x
@@ -158,6 +168,8 @@ def sample_logits(
     top_p=1.0,
     greedy: bool = False,
     use_top_p: bool | None = None,
+    min_p=0.0,
+    use_min_p: bool | None = None,
 ):
     """Samples one token per row; returns (tokens (B,) int32, model logprobs (B,) float32).
 
@@ -172,7 +184,10 @@ def sample_logits(
     else:
         if use_top_p is None:
             use_top_p = float(top_p) < 1.0
-        x = filter_logits(logits, temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p)
+        if use_min_p is None:
+            use_min_p = float(min_p) > 0.0
+        x = filter_logits(logits, temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p,
+                          min_p=min_p, use_min_p=use_min_p)  # fmt: skip
         if is_key_batch(key):  # one key per row: each row's noise from its own key
             tok = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, x)
         else:
@@ -222,6 +237,7 @@ def _decode_fn(
     fused: bool = False,
     check_every: int = 1,
     attention: str = "xla",
+    use_min_p: bool = False,
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
 
@@ -240,11 +256,17 @@ def _decode_fn(
     dcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
     model = Transformer(dcfg, fused_projections=fused, decode_attention=attention)
 
-    def run(params, tokens_BP, lengths_B, rng, temperature, top_p, stop_ids, pad_id):
+    def run(params, tokens_BP, lengths_B, rng, temperature, top_p, min_p, stop_ids, pad_id):
         variables = {"params": _decode_params(cfg, params, fused)}
         B, P = tokens_BP.shape
         sample = functools.partial(
-            sample_logits, top_k=top_k, greedy=greedy, use_top_p=use_top_p, top_p=top_p
+            sample_logits,
+            top_k=top_k,
+            greedy=greedy,
+            use_top_p=use_top_p,
+            top_p=top_p,
+            min_p=min_p,
+            use_min_p=use_min_p,
         )
 
         # Prefill over a P-slot cache (attention over P keys, not P + N), then grow it.
@@ -381,6 +403,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     prompt_lengths=None,
@@ -404,6 +427,8 @@ def generate(
         prompt's samples follow its own key, whatever its row (see "Sampling noise" above).
       temperature: 0 = greedy (argmax); else logits are divided by it before sampling.
       top_k: keep only the k most likely tokens (0 = off). top_p: nucleus mass (1 = off).
+        min_p: drop tokens less likely than min_p times the most likely one (0 = off); applied
+        in HF's order, temperature → top-k → top-p → min-p.
       stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths).
       pad_id: what fills `tokens` after a row ended (any int; prompts are padded with 0).
       mesh, rules: generate under this mesh with these logical-axis rules (use the training
@@ -483,6 +508,7 @@ def _program(
     temperature,
     top_k,
     top_p,
+    min_p,
     stop_tokens,
     pad_id,
     prompt_lengths,
@@ -505,6 +531,8 @@ def _program(
         raise ValueError(f"generate: check_every must be >= 1, got {check_every}")
     if top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"generate: need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
+    if not 0.0 <= min_p < 1.0:
+        raise ValueError(f"generate: need 0 <= min_p < 1, got {min_p}")
     if decode_attention not in ("xla", "pallas"):
         raise ValueError(f"generate: decode_attention must be 'xla' or 'pallas', got "
                          f"{decode_attention!r}")  # fmt: skip
@@ -544,10 +572,12 @@ def _program(
         bool(fuse_projections),
         int(check_every) if stop_tokens else 1,
         decode_attention,
+        bool(min_p > 0.0 and not greedy),
     )
     rest = (
         jnp.asarray(1.0 if greedy else temperature, jnp.float32),
         jnp.asarray(top_p, jnp.float32),
+        jnp.asarray(min_p if min_p > 0 else 1.0, jnp.float32),  # (log 1 = 0 when unused)
         stop,
         jnp.asarray(pad_id, jnp.int32),
     )

@@ -16,6 +16,7 @@ from flaxlm import generate as cli
         (["--top_k", "-2"], "--top_k must be >= 0"),
         (["--top_p", "0"], r"--top_p must be in \(0, 1\]"),
         (["--top_p", "1.5"], r"--top_p must be in \(0, 1\]"),
+        (["--min_p", "1"], r"--min_p must be in \[0, 1\)"),
         (["--batch", "0"], "--batch must be >= 1"),
         (["--num_samples", "0"], "--num_samples must be >= 1"),
         (["--num_samples", "2", "--temperature", "0"], "--num_samples > 1 needs --temperature"),

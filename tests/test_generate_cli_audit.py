@@ -112,6 +112,15 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
         f"### {r['prompt']} (sample {r['sample'] + 1}/{K})\n{r['completion']}\n\n" for r in recs
     )
     assert text == want
+    # --min_p reaches the sampler: the same draws as a direct call with it
+    lines = _main(args + ["--json", "--min_p", "0.3"], capsys).splitlines()
+    recs = [json.loads(ln) for ln in lines]
+    out = generate(
+        CFG, merged, [ids[i] for i, _ in jobs], max_new_tokens=8, min_p=0.3,
+        rng=prompt_keys(jax.random.PRNGKey(seed), [i * K + k for i, k in jobs]),
+        temperature=1.0, stop_tokens=(end, tok.eos_id), pad_id=0,
+    )  # fmt: skip
+    assert [r["n_tokens"] for r in recs] == np.asarray(out.lengths).tolist()
 
 
 def test_plain_prompts_bos_and_stop_tokens(run):

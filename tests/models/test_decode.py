@@ -176,6 +176,45 @@ def test_filters_keep_the_right_tokens():
     np.testing.assert_allclose(lp[:2], np.log(probs.max(-1)), rtol=1e-5)  # model's, not T=5
 
 
+def test_min_p_keeps_what_hf_keeps_and_reaches_generate(model):
+    """min-p after temperature, top-k and top-p (HF's MinPLogitsWarper: drop p < min_p·p_max of
+    the distribution left), against a numpy reference on random logits; generate draws only
+    from the kept set and min_p ~1 is greedy."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (6, 40)).astype(np.float32)
+
+    def reference(x, T, k, p, m):
+        x = x / T
+        keep = np.ones_like(x, bool)
+        if k:
+            keep &= x >= np.sort(x, -1)[:, -k][:, None]
+        if p < 1:
+            for b in range(len(x)):
+                order = np.argsort(-x[b])
+                q = np.exp(x[b][order] - x[b][order][keep[b][order]].max()) * keep[b][order]
+                q /= q.sum()
+                before = np.cumsum(q) - q
+                keep[b][order[before >= p]] = False
+        q = np.where(keep, np.exp(x - np.where(keep, x, -np.inf).max(-1, keepdims=True)), 0)
+        q /= q.sum(-1, keepdims=True)
+        return keep & (q >= m * q.max(-1, keepdims=True))
+
+    for T, k, p, m in [(1.0, 0, 1.0, 0.1), (0.7, 10, 1.0, 0.05), (1.3, 0, 0.9, 0.2),
+                       (1.0, 5, 0.8, 0.5)]:  # fmt: skip
+        got = decode.filter_logits(logits, T, top_k=k, top_p=p, use_top_p=p < 1, min_p=m,
+                                   use_min_p=True)  # fmt: skip
+        want = reference(logits.astype(np.float64), T, k, p, m)
+        np.testing.assert_array_equal(np.isfinite(np.asarray(got)), want, err_msg=str((T, k, p, m)))
+        assert 1 <= want.sum(1).min() and want.sum() < want.size  # it does filter
+    cfg, params = model
+    kw = dict(max_new_tokens=N, rng=jax.random.PRNGKey(4))
+    g = generate(cfg, params, PROMPTS, temperature=0, **kw)
+    np.testing.assert_array_equal(generate(cfg, params, PROMPTS, min_p=0.999, **kw).tokens,
+                                  g.tokens)  # fmt: skip
+    with pytest.raises(ValueError, match="0 <= min_p < 1"):
+        generate(cfg, params, PROMPTS, min_p=1.0, **kw)
+
+
 def test_one_prompt_runs_as_two_rows_and_returns_one(model):
     """A single prompt decodes in the two-row program (decode.MIN_ROWS: a copy of the row,
     dropped) and gives the same greedy tokens and logprobs as that prompt in a larger batch."""
@@ -250,7 +289,7 @@ def test_decoding_is_one_compiled_loop(model, monkeypatch):
         before = len(calls)
         fn = decode._decode_fn(cfg, n, False, 0, False, "float32", None, None)
         args = (np.zeros((2, 8), np.int32), np.asarray([3, 4], np.int32), jax.random.PRNGKey(0))
-        traced = fn.trace(params, *args, 1.0, 1.0, np.full((4,), -1, np.int32), 0)
+        traced = fn.trace(params, *args, 1.0, 1.0, 1.0, np.full((4,), -1, np.int32), 0)
         assert "while[" in str(traced.jaxpr)
         return len(calls) - before
 
