@@ -298,8 +298,9 @@ def test_decoding_is_one_compiled_loop(model, monkeypatch):
     assert traces(40) == 2 * per_trace
 
     # A second call with other lengths in the same bucket, other RNG or stop ids: no retrace.
+    # (The first call has stop ids too: a call without any runs another program, a scan.)
     kw = dict(max_new_tokens=N, temperature=0)
-    generate(cfg, params, PROMPTS, rng=jax.random.PRNGKey(0), **kw)
+    generate(cfg, params, PROMPTS, rng=jax.random.PRNGKey(0), stop_tokens=(7, 8), **kw)
     before = len(calls)
     generate(
         cfg, params, [[5] * 9, [1], [2] * 16], rng=jax.random.PRNGKey(1), stop_tokens=(3,), **kw
