@@ -367,10 +367,14 @@ def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None =
     def prefix(k: int, gen: bool) -> str:
         part = t.text(msgs[:k], gen, tools)
         if not text.startswith(part):
+            kwargs = getattr(t.tok, "template_kwargs", {})
+            hint = (f"; with chat_template_kwargs {kwargs} the generation prompt may pre-fill "
+                    "text the answer does not start with (e.g. an empty think block before an "
+                    "answer that has reasoning)") if gen and kwargs else ""  # fmt: skip
             raise PrefixUnstable(
                 f"chat template {t.describe()} is not prefix-stable: messages[:{k}] rendered "
                 f"with add_generation_prompt={gen} is not a prefix of the whole conversation, "
-                "so the assistant turns (the loss mask) cannot be located"
+                f"so the assistant turns (the loss mask) cannot be located{hint}"
             )
         return part
 

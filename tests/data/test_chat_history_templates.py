@@ -196,6 +196,18 @@ def test_template_kwargs_render_train_and_name_the_template(thinking):
     assert ex["ids"][: len(prompt)].tolist() == prompt
 
 
+def test_reasoning_data_with_thinking_off_is_an_error_that_says_why(thinking):
+    """enable_thinking=false pre-fills an empty think block: an answer with reasoning cannot
+    follow it, and the error points at the template variables."""
+    from flaxlm.models.hf_tokenizer import set_template_kwargs
+
+    _, tok = thinking
+    set_template_kwargs(tok, '{"enable_thinking": false}')
+    with pytest.raises(F.TemplateError, match=r"^c:1: .*not prefix-stable.*with "
+                       r"chat_template_kwargs \{'enable_thinking': False\}"):  # fmt: skip
+        F.render_sft([({"messages": CONV[:2]}, "c:1")], F.training_template(tok), 512)
+
+
 def test_set_template_kwargs_checks_what_it_is_given(tmp_path, thinking, byte_chat_tokenizer):
     from flaxlm.models.hf_tokenizer import HFError, load_tokenizer, set_template_kwargs
 
