@@ -37,8 +37,9 @@ from flaxlm.models.sharding import logical_axes_unsplit
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies θ^(-2i/H), with optional linear, Llama-3 or YaRN scaling."""
-    H = cfg.head_dim_
+    """Inverse frequencies θ^(-2i/R) of the R = rotary_dim rotated dims (all of head_dim
+    unless partial), with optional linear, Llama-3 or YaRN scaling."""
+    H = cfg.rotary_dim_
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
     if cfg.rope_scaling == "linear":
         inv_freq = inv_freq / cfg.rope_scaling_factor
@@ -68,7 +69,7 @@ def _yarn_inv_freq(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
     beta_fast times over the original context keeps its frequency, one that turns fewer than
     beta_slow times is slowed by `factor` (interpolated), and the pairs in between blend
     linearly in the pair index."""
-    H, factor, base = cfg.head_dim_, cfg.rope_scaling_factor, cfg.rope_theta
+    H, factor, base = cfg.rotary_dim_, cfg.rope_scaling_factor, cfg.rope_theta
 
     def pair_index(turns: float) -> float:
         # the (fractional) pair whose wavelength fits `turns` times into the original context
@@ -106,12 +107,13 @@ def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, j
 
 
 def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
-    """Rotates pairs (x[i], x[i + H/2]) — the "rotate half" layout HF checkpoints use."""
-    dtype = x_BTNH.dtype
+    """Rotates pairs (x[i], x[i + R/2]) of the first R = 2·cos.shape[-1] dims — the "rotate
+    half" layout HF checkpoints use; the dims after R pass unchanged (partial rotary)."""
+    dtype, R = x_BTNH.dtype, 2 * cos_BTh.shape[-1]
     x = x_BTNH.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
+    x1, x2 = jnp.split(x[..., :R], 2, axis=-1)
     cos, sin = cos_BTh[:, :, None, :], sin_BTh[:, :, None, :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., R:]], axis=-1)
     return out.astype(dtype)
 
 
@@ -259,6 +261,7 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
         T, H = q.shape[1], q.shape[3]
         if (layer_cache is not None and self.decode_attention == "pallas"
+                and cfg.rotary_dim_ == H  # the kernel rotates whole heads
                 and decode_kernel.supports(layer_cache[0].shape[2], T, H)
                 and decode_kernel.mesh_supports()):  # fmt: skip
             # One kernel: RoPE, the cache write and attention over the written slots.

@@ -31,6 +31,7 @@ class ModelConfig:
     max_seq_len: int = 2048  # longest sequence the model is meant for (RoPE tables, decoding)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base frequency
+    rotary_dim: int = 0  # leading head dims RoPE rotates (Phi's partial rotary); 0 = head_dim
     rope_scaling: str = "none"  # none | linear | llama3 | yarn
     rope_scaling_factor: float = 1.0  # context extension factor for linear / llama3 / yarn
     rope_low_freq_factor: float = 1.0  # llama3 scaling: long wavelengths are fully scaled
@@ -82,11 +83,18 @@ class ModelConfig:
                 )
         if self.head_dim_ % 2:
             raise ValueError(f"ModelConfig: head_dim={self.head_dim_} must be even for RoPE")
+        if self.rotary_dim_ % 2 or not 0 < self.rotary_dim_ <= self.head_dim_:
+            raise ValueError(f"ModelConfig: rotary_dim={self.rotary_dim} must be even and in "
+                             f"(0, head_dim={self.head_dim_}] (0 = head_dim)")  # fmt: skip
 
     # --- derived quantities -------------------------------------------------------------------
     @property
     def head_dim_(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rotary_dim_(self) -> int:
+        return self.rotary_dim or self.head_dim_
 
     @property
     def compute_dtype(self):

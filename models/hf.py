@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: import/export (safetensors + config.json) and tokenizers.
 
-    cfg, params = load_pretrained("Llama-3.2-1B/")            # Llama 1/2/3, Mistral, Qwen2/3
+    cfg, params = load_pretrained("Llama-3.2-1B/")   # Llama 1/2/3, Mistral, Qwen2/3, Phi-3/4
     logits = forward(cfg, params, tokens, positions, segment_ids)
     save_pretrained(cfg, params, "out/", arch="llama")         # transformers loads it back
     tok = load_tokenizer("Llama-3.2-1B/")                      # tokenizer.json or tokenizer.model
@@ -20,8 +20,10 @@ and the older `rope_theta` + `rope_scaling` {type|rope_type, factor, ...}; rope 
 linear, llama3 and yarn (Qwen2.5/Qwen3 long context; `mscale`/`mscale_all_dim` become the
 attention factor). Sliding windows: Mistral's `sliding_window`; Qwen2/3's `use_sliding_window` /
 `max_window_layers` / `layer_types` (all layers alike only — mixed layers are an error). Qwen3's
-per-head q/k RMSNorms are `qk_norm`. Export writes both rope layouts, so older and newer
-transformers read it.
+per-head q/k RMSNorms are `qk_norm`. Phi-3/Phi-4: their fused qkv_proj and gate_up_proj
+weights split into q/k/v and gate/up (joined again on export), `partial_rotary_factor` is
+`rotary_dim`, a `sliding_window` covers every layer (longrope scaling is not supported).
+Export writes both rope layouts, so older and newer transformers read it.
 
 Large checkpoints load shard by shard (model.safetensors.index.json; a model.safetensors beside
 it wins, as in transformers): each tensor is read from
@@ -64,7 +66,10 @@ __all__ = ["HFError", "HFTokenizer", "load_tokenizer", "load_config", "load_pret
            "set_template_kwargs"]  # fmt: skip
 
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-         "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
+         "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+         "phi3": "Phi3ForCausalLM"}  # fmt: skip
+# Phi-3/Phi-4 keep q|k|v in one qkv_proj and gate|up in one gate_up_proj weight
+_FUSED_WEIGHTS = ("phi3",)
 _QWEN = ("qwen2", "qwen3")  # sliding windows by use_sliding_window / max_window_layers
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu"}
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -74,12 +79,28 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # config.json
 
 
-def _rope_from_hf(hf: dict, where: str) -> dict:
+def _rope_params(hf: dict, where: str) -> dict:
     params = dict(hf.get("rope_scaling") or {})
     new = hf.get("rope_parameters") or {}
     if new and all(isinstance(v, dict) for v in new.values()):
         raise HFError(f"{where}: per-layer-type rope_parameters are not supported")
     params.update(new)
+    return params
+
+
+def _rotary_dim(hf: dict, head_dim: int, where: str) -> int:
+    """`rotary_dim` of a partial_rotary_factor (top level or in the rope parameters)."""
+    factor = float(_rope_params(hf, where).get("partial_rotary_factor",
+                                                hf.get("partial_rotary_factor", 1.0)))  # fmt: skip
+    dim = int(head_dim * factor)
+    if not 0 < dim <= head_dim or dim % 2:
+        raise HFError(f"{where}: partial_rotary_factor={factor} gives {dim} rotary dims of "
+                      f"head_dim={head_dim}; need an even number in (0, head_dim]")  # fmt: skip
+    return 0 if dim == head_dim else dim
+
+
+def _rope_from_hf(hf: dict, where: str) -> dict:
+    params = _rope_params(hf, where)
     kind = params.get("rope_type", params.get("type", "default"))
     out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
     if kind == "default":
@@ -140,7 +161,7 @@ def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> int:
         start = hf.get("max_window_layers", n_layers) if hf.get("use_sliding_window") else n_layers
         types = ["full_attention" if i < start else "sliding_attention" for i in range(n_layers)]
     if types is None:
-        return window if mt == "mistral" else 0
+        return window if mt in ("mistral", "phi3") else 0
     kinds = set(types)
     if kinds == {"full_attention"}:
         return 0
@@ -192,6 +213,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
         qk_norm=mt == "qwen3",
+        rotary_dim=_rotary_dim(hf, head_dim, where),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         mlp_activation=_ACTS[act],
         sliding_window=_window_from_hf(hf, mt, L, where),
@@ -209,6 +231,11 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         raise HFError("export: arch 'llama' has no sliding window; use arch='mistral' or 'qwen2'")
     if cfg.qkv_bias and arch == "mistral":
         raise HFError("export: arch 'mistral' has no q/k/v biases; use arch='qwen2' or 'llama'")
+    if arch == "phi3" and cfg.qkv_bias:
+        raise HFError("export: arch 'phi3' has no q/k/v biases; use arch='qwen2' or 'llama'")
+    if cfg.rotary_dim and arch != "phi3":
+        raise HFError(f"export: only arch 'phi3' rotates part of each head (rotary_dim="
+                      f"{cfg.rotary_dim} of {cfg.head_dim_}); use arch='phi3'")  # fmt: skip
     if cfg.qk_norm != (arch == "qwen3"):
         raise HFError(
             "export: only arch 'qwen3' normalises q and k per head; "
@@ -263,8 +290,14 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         out.update(attention_bias=cfg.qkv_bias)
     if arch == "llama":
         out.update(mlp_bias=False)
-    elif arch == "mistral":
+    elif arch in ("mistral", "phi3"):
         out.update(sliding_window=cfg.sliding_window or None)
+        if arch == "phi3":
+            factor = cfg.rotary_dim_ / cfg.head_dim_
+            out.update(partial_rotary_factor=factor, pad_token_id=None, bos_token_id=None,
+                       eos_token_id=None,  # (Phi3Config's defaults are Phi-3's own ids)
+                       original_max_position_embeddings=cfg.max_seq_len)  # fmt: skip
+            rope["partial_rotary_factor"] = factor
     else:
         w = cfg.sliding_window
         out.update(
@@ -289,7 +322,8 @@ def load_config(path: str) -> ModelConfig:
 
 
 def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
-    """HF tensor name -> (our param path, HF shape, to_ours, to_hf)."""
+    """HF tensor name -> (our param path, HF shape, to_ours, to_hf); for an HF weight that
+    holds several of ours (Phi-3's fused ones) a list of paths, to_ours giving a list."""
     D, N, K, H, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_, cfg.d_ff,
                         cfg.vocab_size)  # fmt: skip
     same = (lambda w: w, lambda p: p)
@@ -301,6 +335,14 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
     def bias(n):
         return (lambda b: b.reshape(n, H), lambda p: p.reshape(n * H))
 
+    def joined(parts, rows):  # one HF weight stacking several of ours on its output rows
+        cuts = np.cumsum(rows)[:-1]
+        return (
+            lambda w: [f(x) for (f, _), x in zip(parts, np.split(w, cuts, axis=0))],
+            lambda ps: np.concatenate([g(p) for (_, g), p in zip(parts, ps)], axis=0),
+        )
+
+    fused = arch in _FUSED_WEIGHTS
     out = {"model.embed_tokens.weight": (("embed", "embedding"), (V, D), *same)}
     out["model.norm.weight"] = (("final_norm", "scale"), (D,), *same)
     if not cfg.tie_embeddings:
@@ -310,17 +352,27 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
         hf, us = f"model.layers.{i}.", f"layers_{i}"
         out[hf + "input_layernorm.weight"] = ((us, "attn_norm", "scale"), (D,), *same)
         out[hf + "post_attention_layernorm.weight"] = ((us, "mlp_norm", "scale"), (D,), *same)
-        for name, n in (("q", N), ("k", K), ("v", K)):
+        for name, n in (("q", N), ("k", K), ("v", K)) if not fused else ():
             p = hf + f"self_attn.{name}_proj."
             out[p + "weight"] = ((us, "attn", name, "kernel"), (n * H, D), *heads(n))
             if cfg.qkv_bias:
                 out[p + "bias"] = ((us, "attn", name, "bias"), (n * H,), *bias(n))
+        if fused:  # one weight, split on the output rows: q (N·H), k (K·H), v (K·H)
+            paths = [(us, "attn", x, "kernel") for x in "qkv"]
+            out[hf + "self_attn.qkv_proj.weight"] = (paths, ((N + 2 * K) * H, D), *joined(
+                [heads(N), heads(K), heads(K)], [N * H, K * H, K * H]))  # fmt: skip
         if cfg.qk_norm:
             for name in ("q_norm", "k_norm"):
                 out[hf + f"self_attn.{name}.weight"] = ((us, "attn", name, "scale"), (H,), *same)
         out[hf + "self_attn.o_proj.weight"] = ((us, "attn", "o", "kernel"), (D, N * H), *o)
         for name, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))):
+            if fused and name != "down":
+                continue
             out[hf + f"mlp.{name}_proj.weight"] = ((us, "mlp", name, "kernel"), shape, *lin)
+        if fused:  # gate rows first, then up (Phi3MLP chunks the output in two)
+            paths = [(us, "mlp", x, "kernel") for x in ("gate", "up")]
+            split = joined([lin, lin], [F, F])
+            out[hf + "mlp.gate_up_proj.weight"] = (paths, (2 * F, D), *split)
     return out
 
 
@@ -401,7 +453,8 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
     if dtype is not None:
         dtype = _dtype_name(dtype, "import")
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    plan, place = _plan(cfg), _placements(cfg, mesh, rules)
+    arch = load_hf_json(path).get("model_type")
+    plan, place = _plan(cfg, arch), _placements(cfg, mesh, rules)
     params, seen = {}, set()
     for fname in _shard_files(path):
         full = os.path.join(path, fname)
@@ -430,8 +483,13 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
                         f"{full}: tensor {name} has shape {tuple(w.shape)}, expected {shape} "
                         "from config.json"
                     )
-                w = np.asarray(to_ours(w)).astype(cfg.weight_dtype)
-                _set(params, ours, jax.device_put(w, place(ours)))
+                if isinstance(ours, list):  # a fused HF weight: several of ours
+                    for p, part in zip(ours, to_ours(w)):
+                        part = np.asarray(part).astype(cfg.weight_dtype)
+                        _set(params, p, jax.device_put(part, place(p)))
+                else:
+                    w = np.asarray(to_ours(w)).astype(cfg.weight_dtype)
+                    _set(params, ours, jax.device_put(w, place(ours)))
                 seen.add(name)
                 del w
     missing = [n for n in plan if n not in seen]
@@ -488,9 +546,13 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
     np_dtype = jnp.dtype(_dtype_name(dtype or cfg.param_dtype, "export"))
     config["dtype"] = config["torch_dtype"] = np_dtype.name
     tensors = []  # (name, fetch) in HF order; fetched one at a time while writing
-    for name, (ours, shape, _, to_hf) in _plan(cfg).items():
+
+    def host(path):  # one param on the host
+        return np.asarray(jax.device_get(_get(params, path)))
+
+    for name, (ours, shape, _, to_hf) in _plan(cfg, arch).items():
         tensors.append((name, shape, lambda ours=ours, to_hf=to_hf: to_hf(
-            np.asarray(jax.device_get(_get(params, ours))))))  # fmt: skip
+            [host(p) for p in ours] if isinstance(ours, list) else host(ours))))  # fmt: skip
     for name, shape in _zero_extras(cfg, arch).items():
         tensors.append((name, shape, lambda shape=shape: np.zeros(shape, np.float32)))
     shards, size = [[]], 0
@@ -590,10 +652,12 @@ def _forward_fn(cfg: ModelConfig):
 
 
 def default_arch(cfg: ModelConfig) -> str:
-    """The HF family that expresses `cfg` (Qwen3 for q/k norms, Qwen2 for q/k/v biases,
-    Mistral for a window)."""
+    """The HF family that expresses `cfg` (Qwen3 for q/k norms, Phi-3 for partial rotary,
+    Qwen2 for q/k/v biases, Mistral for a window)."""
     if cfg.qk_norm:
         return "qwen3"
+    if cfg.rotary_dim:
+        return "phi3"
     return "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
 
 

@@ -23,7 +23,7 @@ from flaxlm.models.decode import generate
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -46,7 +46,7 @@ def test_logits_match_transformers(family):
 @pytest.mark.parametrize(
     "family,attn",
     [("mistral", "xla"), ("qwen2", "xla"), ("qwen3", "xla"), ("qwen3_yarn", "xla"),
-     ("qwen3_yarn", "pallas")],
+     ("qwen3_yarn", "pallas"), ("phi3", "xla"), ("phi3", "pallas")],
 )  # fmt: skip  # the families' decode-time features; q/k norms and YaRN through the kernel too
 def test_cached_greedy_decoding_matches_transformers_generate(family, attn):
     """flaxlm's KV-cache decode (ragged right-padded prompts) reproduces transformers' greedy
@@ -78,6 +78,11 @@ def test_fixtures_catch_rope_and_window_bugs():
     for wrong in (dict(rope_scaling="none"), dict(rope_attention_factor=1.0),
                   dict(rope_scaling="linear")):  # fmt: skip
         assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
+    # Phi-3: RoPE on the whole head instead of its first half; no window
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "phi3"))
+    ref = np.load(os.path.join(FIX, "phi3", "reference.npz"))
+    for wrong in (dict(rotary_dim=0), dict(sliding_window=0)):
+        assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
 
 
 def test_config_translation():
@@ -92,6 +97,9 @@ def test_config_translation():
     cfg = hf.load_config(os.path.join(FIX, "qwen3_yarn"))
     assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_max_len) == ("yarn", 8, 32)
     assert cfg.rope_attention_factor == pytest.approx(0.1 * np.log(8) + 1)
+    cfg = hf.load_config(os.path.join(FIX, "phi3"))
+    assert (cfg.rotary_dim, cfg.head_dim_, cfg.sliding_window) == (4, 8, 6)
+    assert hf.default_arch(cfg) == "phi3" and not cfg.qkv_bias
 
 
 # transformers 5.24 `ROPE_INIT_FUNCTIONS["yarn"]` for a Qwen3Config with head_dim 16, rope_theta
@@ -173,7 +181,8 @@ def test_old_rope_layout_reads_the_same(tmp_path):
 
 @pytest.mark.parametrize("family,arch", [("llama", "llama"), ("llama3", "llama"),
                                          ("mistral", "mistral"), ("qwen2", "qwen2"),
-                                         ("qwen3", "qwen3"), ("qwen3_yarn", "qwen3")])  # fmt: skip
+                                         ("qwen3", "qwen3"), ("qwen3_yarn", "qwen3"),
+                                         ("phi3", "phi3")])  # fmt: skip
 def test_import_export_import_round_trip(family, arch, tmp_path):
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     out = tmp_path / "export"
@@ -208,6 +217,17 @@ def test_export_fills_what_the_arch_needs_and_refuses_what_it_cannot_express(tmp
             hf.save_pretrained(q3cfg, q3params, str(tmp_path / "x"), arch=arch)
     with pytest.raises(hf.HFError, match="this model has no q/k norms"):
         hf.save_pretrained(cfg, params, str(tmp_path / "x"), arch="qwen3")
+    # Partial rotary exists only in Phi-3's format, and Phi-3 has no biases.
+    pcfg, pparams = hf.load_pretrained(os.path.join(FIX, "phi3"))
+    with pytest.raises(hf.HFError, match="only arch 'phi3' rotates part of each head"):
+        hf.save_pretrained(pcfg, pparams, str(tmp_path / "x"), arch="mistral")
+    with pytest.raises(hf.HFError, match="arch 'phi3' has no q/k/v biases"):
+        hf.save_pretrained(qcfg.replace(rotary_dim=4), qparams, str(tmp_path / "x"), arch="phi3")
+    # A Llama model as Phi-3: fused weights written, read back the same.
+    hf.save_pretrained(cfg, params, str(tmp_path / "p"), arch="phi3")
+    p3cfg, p3params = hf.load_pretrained(str(tmp_path / "p"))
+    assert p3cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, p3params, params)
     # Qwen3 with biases: attention_bias=true also biases o_proj, written as zeros.
     hf.save_pretrained(q3cfg.replace(qkv_bias=True), _with_qkv_bias(q3params), str(tmp_path / "b"),
                        arch="qwen3")  # fmt: skip
