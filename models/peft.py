@@ -84,11 +84,13 @@ def adapter_tensors(lora, spec: lora_lib.LoraSpec, cfg: ModelConfig) -> dict[str
 
 
 def save_adapter(cfg: ModelConfig, lora, spec: lora_lib.LoraSpec, path: str, *,
-                 base_model: str = "", dtype=None, overwrite: bool = False) -> str:  # fmt: skip
-    """Writes `lora` (with its `spec`) as a PEFT adapter directory at `path`, atomically."""
+                 base_model: str = "", dtype=None, overwrite: bool = False,
+                 arch: str | None = None) -> str:  # fmt: skip
+    """Writes `lora` (with its `spec`) as a PEFT adapter directory at `path`, atomically.
+    `arch`: the HF family of the base (default: the one `cfg` exports as)."""
     from safetensors.numpy import save_file
 
-    from flaxlm.models.hf import atomic_directory
+    from flaxlm.models.hf import _FUSED_WEIGHTS, atomic_directory, default_arch
 
     if spec.train_extra:
         raise HFError(
@@ -96,6 +98,13 @@ def save_adapter(cfg: ModelConfig, lora, spec: lora_lib.LoraSpec, path: str, *,
             "adapter alone would not reproduce the run (export the merged model instead)"
         )
     tensors = adapter_tensors(lora, spec, cfg)
+    fused = [k for k in tensors if re.search(r"\.(q|k|v|gate|up)_proj\.", k)]
+    if (arch or default_arch(cfg)) in _FUSED_WEIGHTS and fused:
+        raise HFError(
+            f"PEFT export: the base is a {arch or default_arch(cfg)} model, whose q/k/v and "
+            f"gate/up are one fused module each; adapters on them ({fused[0]}, ...) have no "
+            "PEFT module to attach to (adapt o/down/lm_head only, or export the merged model)"
+        )
     if dtype is not None:
         tensors = {k: v.astype(np.dtype(dtype)) for k, v in tensors.items()}
     modules = sorted({k[len(_PREFIX) :].split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
@@ -234,7 +243,7 @@ def export_run_adapter(run_dir: str, path: str, step=None, dtype=None,
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), tree)
     lora = ckpt_lib.load_params(run_dir, target, step)["lora"]
     return save_adapter(cfg, lora, spec, path, base_model=_base_model(run_dir, meta),
-                        dtype=dtype, overwrite=overwrite)  # fmt: skip
+                        dtype=dtype, overwrite=overwrite, arch=meta.get("hf_arch"))  # fmt: skip
 
 
 def _base_model(run_dir: str, meta: dict) -> str:

@@ -151,6 +151,12 @@ def test_bad_adapters_name_the_key_or_tensor(tmp_path):
     for d, msg in cases:
         with pytest.raises(hf.HFError, match=msg):
             peft.load_adapter(d, cfg)
+    # Phi-3 fuses q|k|v and gate|up: adapters on those have no PEFT module (o/down do)
+    phi_cfg, phi = hf.load_pretrained(os.path.join(os.path.dirname(FIX), "phi3"))
+    with pytest.raises(hf.HFError, match="phi3 model, whose q/k/v and gate/up are one fused"):
+        peft.save_adapter(phi_cfg, _adapters(phi), SPEC, str(tmp_path / "phi"))
+    ok = L.LoraSpec(rank=2, alpha=4.0, targets="attn/o$|mlp/down$")
+    peft.save_adapter(phi_cfg, _adapters(phi, ok), ok, str(tmp_path / "phi_ok"))
     with pytest.raises(hf.HFError, match=r"train_extra='\^head/' trains base params too"):
         peft.save_adapter(cfg, {}, L.LoraSpec(rank=2, train_extra="^head/"), str(tmp_path / "x"))
 
