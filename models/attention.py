@@ -254,9 +254,12 @@ class Attention(nn.Module):
                 )(x_BTD)
                 for name, (n, axis) in self._heads().items()
             )
-        if cfg.qk_norm:  # Qwen3: each head's q and k RMS-normalised over head_dim, pre-RoPE
+        if cfg.qk_norm == "head":  # Qwen3: each head's q and k normalised over head_dim
             q = RMSNorm(cfg, name="q_norm")(q)
             k = RMSNorm(cfg, name="k_norm")(k)
+        elif cfg.qk_norm == "all":  # OLMo 2: q and k each normalised over all their heads
+            q = RMSNorm(cfg, name="q_norm")(q.reshape(*q.shape[:2], -1)).reshape(q.shape)
+            k = RMSNorm(cfg, name="k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
         T, H = q.shape[1], q.shape[3]

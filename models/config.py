@@ -45,7 +45,10 @@ class ModelConfig:
     rope_yarn_truncate: bool = True  # round the ramp's ends to whole dims (HF's default)
     rope_attention_factor: float = 0.0
     qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
-    qk_norm: bool = False  # RMSNorm over head_dim on every q and k head before RoPE (Qwen3)
+    # RMSNorm of q and k before RoPE: none | head (over head_dim, each head: Qwen3) | all (over
+    # all heads' dims at once: OLMo 2)
+    qk_norm: str = "none"
+    norm_placement: str = "pre"  # pre: x + f(norm(x)) (Llama) | post: x + norm(f(x)) (OLMo 2)
     tie_embeddings: bool = False  # LM head reuses the embedding table
     mlp_activation: str = "silu"  # silu (SwiGLU) | gelu (GeGLU)
     sliding_window: int = 0  # Mistral-style local attention window; 0 = full causal attention
@@ -72,6 +75,8 @@ class ModelConfig:
             )
         choices = {
             "rope_scaling": ("none", "linear", "llama3", "yarn"),
+            "qk_norm": ("none", "head", "all"),
+            "norm_placement": ("pre", "post"),
             "mlp_activation": ("silu", "gelu"),
             "attention_impl": ("xla", "cudnn"),
             "remat_policy": ("none", "full", "dots", "dots_no_batch", "save_proj"),
@@ -143,7 +148,8 @@ class ModelConfig:
         attn = D * N * H + 2 * D * K * H + N * H * D
         bias = (N * H + 2 * K * H) if self.qkv_bias else 0
         mlp = 3 * D * F
-        norms = 2 * D + (2 * H if self.qk_norm else 0)
+        qk = {"none": 0, "head": 2 * H, "all": (N + K) * H}[self.qk_norm]
+        norms = 2 * D + qk
         per_layer = attn + bias + mlp + norms
         embed = V * D
         head = 0 if self.tie_embeddings else V * D

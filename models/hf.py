@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: import/export (safetensors + config.json) and tokenizers.
 
-    cfg, params = load_pretrained("Llama-3.2-1B/")   # Llama 1/2/3, Mistral, Qwen2/3, Phi-3/4
+    cfg, params = load_pretrained("Llama-3.2-1B/")   # Llama, Mistral, Qwen2/3, Phi-3/4, OLMo 2
     logits = forward(cfg, params, tokens, positions, segment_ids)
     save_pretrained(cfg, params, "out/", arch="llama")         # transformers loads it back
     tok = load_tokenizer("Llama-3.2-1B/")                      # tokenizer.json or tokenizer.model
@@ -20,9 +20,11 @@ and the older `rope_theta` + `rope_scaling` {type|rope_type, factor, ...}; rope 
 linear, llama3 and yarn (Qwen2.5/Qwen3 long context; `mscale`/`mscale_all_dim` become the
 attention factor). Sliding windows: Mistral's `sliding_window`; Qwen2/3's `use_sliding_window` /
 `max_window_layers` / `layer_types` (all layers alike only — mixed layers are an error). Qwen3's
-per-head q/k RMSNorms are `qk_norm`. Phi-3/Phi-4: their fused qkv_proj and gate_up_proj
-weights split into q/k/v and gate/up (joined again on export), `partial_rotary_factor` is
-`rotary_dim`, a `sliding_window` covers every layer (longrope scaling is not supported).
+per-head q/k RMSNorms are `qk_norm="head"`; OLMo 2's norms over all heads' q and k are
+`qk_norm="all"` and its norms after attention and the MLP `norm_placement="post"`.
+Phi-3/Phi-4: their fused qkv_proj and gate_up_proj weights split into q/k/v and gate/up
+(joined again on export), `partial_rotary_factor` is `rotary_dim`, a `sliding_window` covers
+every layer (longrope scaling is not supported).
 Export writes both rope layouts, so older and newer transformers read it.
 
 Large checkpoints load shard by shard (model.safetensors.index.json; a model.safetensors beside
@@ -67,7 +69,10 @@ __all__ = ["HFError", "HFTokenizer", "load_tokenizer", "load_config", "load_pret
 
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-         "phi3": "Phi3ForCausalLM"}  # fmt: skip
+         "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}  # fmt: skip
+# what only one family has: q/k norm kind and norm placement (the rest: "none" / "pre")
+_QK_NORM = {"qwen3": "head", "olmo2": "all"}
+_NORM_PLACEMENT = {"olmo2": "post"}
 # Phi-3/Phi-4 keep q|k|v in one qkv_proj and gate|up in one gate_up_proj weight
 _FUSED_WEIGHTS = ("phi3",)
 _QWEN = ("qwen2", "qwen3")  # sliding windows by use_sliding_window / max_window_layers
@@ -212,7 +217,8 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
-        qk_norm=mt == "qwen3",
+        qk_norm=_QK_NORM.get(mt, "none"),
+        norm_placement=_NORM_PLACEMENT.get(mt, "pre"),
         rotary_dim=_rotary_dim(hf, head_dim, where),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         mlp_activation=_ACTS[act],
@@ -236,11 +242,14 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
     if cfg.rotary_dim and arch != "phi3":
         raise HFError(f"export: only arch 'phi3' rotates part of each head (rotary_dim="
                       f"{cfg.rotary_dim} of {cfg.head_dim_}); use arch='phi3'")  # fmt: skip
-    if cfg.qk_norm != (arch == "qwen3"):
-        raise HFError(
-            "export: only arch 'qwen3' normalises q and k per head; "
-            + ("use arch='qwen3'" if cfg.qk_norm else "this model has no q/k norms (qk_norm)")
-        )
+    for key, table, default in (("qk_norm", _QK_NORM, "none"),
+                                ("norm_placement", _NORM_PLACEMENT, "pre")):  # fmt: skip
+        have, want = getattr(cfg, key), table.get(arch, default)
+        if have != want:
+            fits = [a for a, v in table.items() if v == have] or [
+                a for a in ARCHS if a not in table]  # fmt: skip
+            raise HFError(f"export: arch {arch!r} has {key}={want!r}, this model {key}={have!r}; "
+                          f"use arch={fits[0]!r}")  # fmt: skip
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling == "linear":
         rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
@@ -286,8 +295,10 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         "torch_dtype": dtype,
         "use_cache": True,
     }
-    if arch in ("llama", "qwen3"):
+    if arch in ("llama", "qwen3", "olmo2"):
         out.update(attention_bias=cfg.qkv_bias)
+    if arch == "olmo2":  # (Olmo2Config's defaults are OLMo's own ids)
+        out.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if arch == "llama":
         out.update(mlp_bias=False)
     elif arch in ("mistral", "phi3"):
@@ -350,8 +361,13 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
     o = (lambda w: w.T.reshape(N, H, D), lambda p: p.reshape(N * H, D).T)
     for i in range(cfg.n_layers):
         hf, us = f"model.layers.{i}.", f"layers_{i}"
-        out[hf + "input_layernorm.weight"] = ((us, "attn_norm", "scale"), (D,), *same)
-        out[hf + "post_attention_layernorm.weight"] = ((us, "mlp_norm", "scale"), (D,), *same)
+        if cfg.norm_placement == "post":  # OLMo 2: after attention / the MLP
+            out[hf + "post_attention_layernorm.weight"] = ((us, "attn_norm", "scale"), (D,), *same)
+            out[hf + "post_feedforward_layernorm.weight"] = ((us, "mlp_norm", "scale"), (D,),
+                                                             *same)  # fmt: skip
+        else:
+            out[hf + "input_layernorm.weight"] = ((us, "attn_norm", "scale"), (D,), *same)
+            out[hf + "post_attention_layernorm.weight"] = ((us, "mlp_norm", "scale"), (D,), *same)
         for name, n in (("q", N), ("k", K), ("v", K)) if not fused else ():
             p = hf + f"self_attn.{name}_proj."
             out[p + "weight"] = ((us, "attn", name, "kernel"), (n * H, D), *heads(n))
@@ -361,9 +377,10 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
             paths = [(us, "attn", x, "kernel") for x in "qkv"]
             out[hf + "self_attn.qkv_proj.weight"] = (paths, ((N + 2 * K) * H, D), *joined(
                 [heads(N), heads(K), heads(K)], [N * H, K * H, K * H]))  # fmt: skip
-        if cfg.qk_norm:
-            for name in ("q_norm", "k_norm"):
-                out[hf + f"self_attn.{name}.weight"] = ((us, "attn", name, "scale"), (H,), *same)
+        if cfg.qk_norm != "none":  # per head: (H,); OLMo 2's over all heads: (N·H,), (K·H,)
+            for name, n in (("q_norm", N), ("k_norm", K)):
+                size = H if cfg.qk_norm == "head" else n * H
+                out[hf + f"self_attn.{name}.weight"] = ((us, "attn", name, "scale"), (size,), *same)
         out[hf + "self_attn.o_proj.weight"] = ((us, "attn", "o", "kernel"), (D, N * H), *o)
         for name, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))):
             if fused and name != "down":
@@ -378,7 +395,8 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
 
 def _zero_extras(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
     """Tensors an HF arch needs that our model does not have (written as zeros on export):
-    Qwen2 always has q/k/v biases; Llama's and Qwen3's attention_bias also biases o_proj."""
+    Qwen2 always has q/k/v biases; Llama's, Qwen3's and OLMo 2's attention_bias also biases
+    o_proj."""
     D, H = cfg.d_model, cfg.head_dim_
     out = {}
     for i in range(cfg.n_layers):
@@ -386,7 +404,7 @@ def _zero_extras(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
         if arch == "qwen2" and not cfg.qkv_bias:
             for name, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
                 out[p + f"{name}_proj.bias"] = (n * H,)
-        if arch in ("llama", "qwen3") and cfg.qkv_bias:
+        if arch in ("llama", "qwen3", "olmo2") and cfg.qkv_bias:
             out[p + "o_proj.bias"] = (D,)
     return out
 
@@ -652,9 +670,11 @@ def _forward_fn(cfg: ModelConfig):
 
 
 def default_arch(cfg: ModelConfig) -> str:
-    """The HF family that expresses `cfg` (Qwen3 for q/k norms, Phi-3 for partial rotary,
-    Qwen2 for q/k/v biases, Mistral for a window)."""
-    if cfg.qk_norm:
+    """The HF family that expresses `cfg` (OLMo 2 for post-norm blocks, Qwen3 for per-head q/k
+    norms, Phi-3 for partial rotary, Qwen2 for q/k/v biases, Mistral for a window)."""
+    if cfg.norm_placement == "post":
+        return "olmo2"
+    if cfg.qk_norm != "none":
         return "qwen3"
     if cfg.rotary_dim:
         return "phi3"

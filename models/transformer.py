@@ -33,7 +33,8 @@ ACT = ("act_batch", "act_len", "act_embed")
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block: pre-norm x + attn(norm(x)), then x + mlp(norm(x)) (Llama); with
+    `norm_placement="post"`, x + norm(attn(x)), then x + norm(mlp(x)) (OLMo 2)."""
 
     cfg: ModelConfig
     fused: bool = False  # fused q|k|v and gate|up kernels (see `fuse_projections`)
@@ -42,12 +43,20 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, ctx, layer_cache=None):
         x = nn.with_logical_constraint(x, ACT)
-        h = RMSNorm(self.cfg, name="attn_norm")(x)
         attn = Attention(self.cfg, self.fused, self.decode_attention, name="attn")
-        a, layer_cache = attn(h, ctx, layer_cache)
-        x = x + a
-        h = RMSNorm(self.cfg, name="mlp_norm")(x)
-        x = x + MLP(self.cfg, self.fused, name="mlp")(h)
+        mlp = MLP(self.cfg, self.fused, name="mlp")
+        attn_norm, mlp_norm = (
+            RMSNorm(self.cfg, name="attn_norm"),
+            RMSNorm(self.cfg, name="mlp_norm"),
+        )
+        if self.cfg.norm_placement == "post":
+            a, layer_cache = attn(x, ctx, layer_cache)
+            x = x + attn_norm(a)
+            x = x + mlp_norm(mlp(x))
+        else:
+            a, layer_cache = attn(attn_norm(x), ctx, layer_cache)
+            x = x + a
+            x = x + mlp(mlp_norm(x))
         return nn.with_logical_constraint(x, ACT), layer_cache
 
 

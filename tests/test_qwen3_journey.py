@@ -81,7 +81,7 @@ def journey(tmp_path_factory, byte_chat_tokenizer):
 
     root = tmp_path_factory.mktemp("qwen3")
     cfg = ModelConfig(vocab_size=272, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                      head_dim=16, d_ff=64, max_seq_len=512, qk_norm=True, rope_theta=1e6,
+                      head_dim=16, d_ff=64, max_seq_len=512, qk_norm="head", rope_theta=1e6,
                       rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_len=128,
                       init_std=0.2)  # fmt: skip
     params = unbox(model_fns(cfg)[0](jax.random.PRNGKey(0)))
@@ -109,7 +109,7 @@ def test_training_split_turns_and_recorded_the_template_variables(journey):
     _, _, run, _ = journey
     meta = read_meta(run)[1]
     assert meta["chat_template_kwargs"] == {"enable_thinking": False}
-    assert meta["lora"]["rank"] == 4 and meta["model_config"]["qk_norm"]
+    assert meta["lora"]["rank"] == 4 and meta["model_config"]["qk_norm"] == "head"
     report = meta["data_report"]["train"]
     assert report["records"] == 24 and report["used"] == 24 and report["dropped"] == 0
     # each first answer renders with an empty think block as the latest answer and without

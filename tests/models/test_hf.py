@@ -23,7 +23,7 @@ from flaxlm.models.decode import generate
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3", "olmo2")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -46,7 +46,8 @@ def test_logits_match_transformers(family):
 @pytest.mark.parametrize(
     "family,attn",
     [("mistral", "xla"), ("qwen2", "xla"), ("qwen3", "xla"), ("qwen3_yarn", "xla"),
-     ("qwen3_yarn", "pallas"), ("phi3", "xla"), ("phi3", "pallas")],
+     ("qwen3_yarn", "pallas"), ("phi3", "xla"), ("phi3", "pallas"), ("olmo2", "xla"),
+     ("olmo2", "pallas")],
 )  # fmt: skip  # the families' decode-time features; q/k norms and YaRN through the kernel too
 def test_cached_greedy_decoding_matches_transformers_generate(family, attn):
     """flaxlm's KV-cache decode (ragged right-padded prompts) reproduces transformers' greedy
@@ -72,7 +73,7 @@ def test_fixtures_catch_rope_and_window_bugs():
     # Qwen3: without the per-head q/k norms; YaRN without its ramp or its attention factor
     cfg, params = hf.load_pretrained(os.path.join(FIX, "qwen3"))
     ref = np.load(os.path.join(FIX, "qwen3", "reference.npz"))
-    assert _max_err(cfg.replace(qk_norm=False), params, ref, "full") > 1e-2
+    assert _max_err(cfg.replace(qk_norm="none"), params, ref, "full") > 1e-2
     cfg, params = hf.load_pretrained(os.path.join(FIX, "qwen3_yarn"))
     ref = np.load(os.path.join(FIX, "qwen3_yarn", "reference.npz"))
     for wrong in (dict(rope_scaling="none"), dict(rope_attention_factor=1.0),
@@ -83,6 +84,25 @@ def test_fixtures_catch_rope_and_window_bugs():
     ref = np.load(os.path.join(FIX, "phi3", "reference.npz"))
     for wrong in (dict(rotary_dim=0), dict(sliding_window=0)):
         assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
+    # OLMo 2: q/k norms per head instead of over all heads; norms before instead of after
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "olmo2"))
+    ref = np.load(os.path.join(FIX, "olmo2", "reference.npz"))
+    head = {
+        **params,
+        **{
+            f"layers_{i}": {
+                **params[f"layers_{i}"],
+                "attn": {
+                    **params[f"layers_{i}"]["attn"],
+                    "q_norm": {"scale": np.ones(cfg.head_dim_, np.float32)},
+                    "k_norm": {"scale": np.ones(cfg.head_dim_, np.float32)},
+                },
+            }
+            for i in range(cfg.n_layers)
+        },
+    }
+    assert _max_err(cfg.replace(qk_norm="head"), head, ref, "full") > 1e-2
+    assert _max_err(cfg.replace(norm_placement="pre"), params, ref, "full") > 1e-2
 
 
 def test_config_translation():
@@ -92,7 +112,7 @@ def test_config_translation():
     cfg = hf.load_config(os.path.join(FIX, "qwen2"))
     assert cfg.qkv_bias and cfg.tie_embeddings and cfg.rope_theta == 1e6 and cfg.sliding_window == 0
     cfg = hf.load_config(os.path.join(FIX, "qwen3"))
-    assert cfg.qk_norm and not cfg.qkv_bias and cfg.rope_scaling == "none"
+    assert cfg.qk_norm == "head" and not cfg.qkv_bias and cfg.rope_scaling == "none"
     assert hf.default_arch(cfg) == "qwen3"
     cfg = hf.load_config(os.path.join(FIX, "qwen3_yarn"))
     assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_max_len) == ("yarn", 8, 32)
@@ -100,6 +120,8 @@ def test_config_translation():
     cfg = hf.load_config(os.path.join(FIX, "phi3"))
     assert (cfg.rotary_dim, cfg.head_dim_, cfg.sliding_window) == (4, 8, 6)
     assert hf.default_arch(cfg) == "phi3" and not cfg.qkv_bias
+    cfg = hf.load_config(os.path.join(FIX, "olmo2"))
+    assert (cfg.qk_norm, cfg.norm_placement, hf.default_arch(cfg)) == ("all", "post", "olmo2")
 
 
 # transformers 5.24 `ROPE_INIT_FUNCTIONS["yarn"]` for a Qwen3Config with head_dim 16, rope_theta
@@ -182,7 +204,7 @@ def test_old_rope_layout_reads_the_same(tmp_path):
 @pytest.mark.parametrize("family,arch", [("llama", "llama"), ("llama3", "llama"),
                                          ("mistral", "mistral"), ("qwen2", "qwen2"),
                                          ("qwen3", "qwen3"), ("qwen3_yarn", "qwen3"),
-                                         ("phi3", "phi3")])  # fmt: skip
+                                         ("phi3", "phi3"), ("olmo2", "olmo2")])  # fmt: skip
 def test_import_export_import_round_trip(family, arch, tmp_path):
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     out = tmp_path / "export"
@@ -213,10 +235,14 @@ def test_export_fills_what_the_arch_needs_and_refuses_what_it_cannot_express(tmp
     # Only Qwen3 normalises q and k per head, and it always does: no silent dropping or adding.
     q3cfg, q3params = hf.load_pretrained(os.path.join(FIX, "qwen3"))
     for arch in ("llama", "mistral", "qwen2"):
-        with pytest.raises(hf.HFError, match="only arch 'qwen3' normalises q and k"):
+        with pytest.raises(hf.HFError, match=rf"arch '{arch}' has qk_norm='none', this model "
+                           r"qk_norm='head'; use arch='qwen3'"):  # fmt: skip
             hf.save_pretrained(q3cfg, q3params, str(tmp_path / "x"), arch=arch)
-    with pytest.raises(hf.HFError, match="this model has no q/k norms"):
+    with pytest.raises(hf.HFError, match="arch 'qwen3' has qk_norm='head', this model "
+                       "qk_norm='none'"):  # fmt: skip
         hf.save_pretrained(cfg, params, str(tmp_path / "x"), arch="qwen3")
+    with pytest.raises(hf.HFError, match="arch 'olmo2' has qk_norm='all'"):
+        hf.save_pretrained(cfg, params, str(tmp_path / "x"), arch="olmo2")
     # Partial rotary exists only in Phi-3's format, and Phi-3 has no biases.
     pcfg, pparams = hf.load_pretrained(os.path.join(FIX, "phi3"))
     with pytest.raises(hf.HFError, match="only arch 'phi3' rotates part of each head"):
@@ -354,14 +380,16 @@ def test_load_into_mesh_shards_and_in_bf16():
     assert {x.dtype for x in jax.tree.leaves(bparams)} == {np.dtype("bfloat16")}
 
 
-def test_qwen3_parity_with_heads_split_over_devices():
-    """Per-head q/k norms with the heads split over the tensor axis (and fsdp, data): the
-    sharded forward still matches transformers' logits."""
+@pytest.mark.parametrize("family", ["qwen3_yarn", "olmo2"])
+def test_qk_norm_parity_with_heads_split_over_devices(family):
+    """q/k norms per head (Qwen3) and over all heads (OLMo 2: a reduction across the devices
+    holding the heads) with the heads split over the tensor axis (and fsdp, data): the sharded
+    forward still matches transformers' logits."""
     import flax.linen as nn
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = logical_axis_rules("fsdp_tp")
-    d = os.path.join(FIX, "qwen3_yarn")
+    d = os.path.join(FIX, family)
     cfg, params = hf.load_pretrained(d, mesh=mesh, rules=rules)
     assert params["layers_0"]["attn"]["q"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
     ref = np.load(os.path.join(d, "reference.npz"))

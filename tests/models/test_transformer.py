@@ -104,8 +104,10 @@ def test_cached_attention_layout_equals_xla_attention():
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
-def test_scan_and_unrolled_layouts_agree():
-    cfg = get_variant("tiny")
+@pytest.mark.parametrize("arch", [{}, {"qk_norm": "all", "norm_placement": "post",
+                                     "rotary_dim": 8}])  # fmt: skip
+def test_scan_and_unrolled_layouts_agree(arch):
+    cfg = get_variant("tiny", **arch)  # (also OLMo 2's norms and Phi's partial rotary)
     model, params, tokens = _init(cfg)
     scan_cfg = cfg.replace(scan_layers=True, remat_policy="dots")
     stacked = stack_layers(params, cfg.n_layers)
@@ -117,7 +119,8 @@ def test_scan_and_unrolled_layouts_agree():
 
 
 def test_every_parameter_has_logical_axes():
-    for kw in ({}, {"scan_layers": True}, {"qkv_bias": True}):
+    for kw in ({}, {"scan_layers": True}, {"qkv_bias": True},
+               {"scan_layers": True, "qk_norm": "all", "norm_placement": "post"}):  # fmt: skip
         cfg = get_variant("tiny", **kw)
         boxed = jax.eval_shape(
             lambda r, cfg=cfg: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)),
@@ -129,11 +132,13 @@ def test_every_parameter_has_logical_axes():
             assert len(box.names) == len(box.value.shape)
 
 
-@pytest.mark.parametrize("name", [*sorted(VARIANTS), "tiny+qk_norm+bias"])
+@pytest.mark.parametrize("name", [*sorted(VARIANTS), "tiny+head+bias", "tiny+all+post"])
 def test_param_count_matches_initialised_model(name):
     cfg = VARIANTS[name.split("+")[0]]
-    if "+" in name:  # Qwen3-style: per-head q/k norm scales (2·H per layer) and q/k/v biases
-        cfg = cfg.replace(qk_norm=True, qkv_bias=True)
+    if "+" in name:  # q/k norm scales (per head: 2·H; over all heads: (N + K)·H per layer),
+        _, qk, extra = name.split("+")  # q/k/v biases, post-norm blocks
+        cfg = cfg.replace(qk_norm=qk, qkv_bias=extra == "bias", norm_placement=(
+            "post" if extra == "post" else "pre"))  # fmt: skip
     shapes = jax.eval_shape(
         lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)), jax.random.PRNGKey(0)
     )
