@@ -148,13 +148,17 @@ def encode_prompt(
 ) -> tuple[str, list[int]]:
     """(readable prompt, prompt ids). Plain mode: `prefix_ids` (BOS) + the encoded text. Chat
     mode: the conversation through the tokenizer's own Jinja chat template when it has one (an
-    imported HF instruct model's tokenizer_config.json: what that model was tuned on), else
-    data/formats.py's chat template, ending at the assistant header."""
+    imported HF instruct model's tokenizer_config.json: what that model was tuned on; the
+    readable prompt is then that template's text, variables included), else data/formats.py's
+    chat template, ending at the assistant header."""
     if not spec.chat:
         text = plain_prompt(spec, example, shots)
         return text, (prefix_ids(tok) if bos else []) + tok.encode(text)
     from flaxlm.data.formats import generation_prompt
 
     msgs = chat_messages(spec, example, shots)
-    text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in msgs) + "<|assistant|>"
+    if getattr(tok, "chat_template", ""):
+        text = tok.render_chat_text(msgs, add_generation_prompt=True)
+    else:
+        text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in msgs) + "<|assistant|>"
     return text, generation_prompt(msgs, tok)[0]

@@ -172,3 +172,24 @@ def hf_live_optional(request):
     if os.environ.get("FLAXLM_HF_LIVE") != "1":
         return None
     return request.getfixturevalue("hf_live")
+
+
+def test_evaluation_renders_with_the_run_s_template_variables(journey, tmp_path):
+    """A chat generation task on the run: prompts through the template with thinking off (as
+    trained), scored after the reasoning marker; --chat_template_kwargs overrides the run's."""
+    from flaxlm.evaluation.__main__ import main
+
+    _, _, run, _ = journey
+    (tmp_path / "g.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"{a}+{a}?", "answer": str(2 * a)}) + "\n" for a in range(3))
+    )
+    (tmp_path / "spec.json").write_text(json.dumps(
+        [{"name": "sums", "type": "generation", "file": "g.jsonl", "chat": True,
+          "max_new_tokens": 4, "stop": []}]))  # fmt: skip
+    args = ["--checkpoint", run, "--tasks", str(tmp_path / "spec.json"), "--samples",
+            "--chat", "on", "--reasoning_end", "</think>"]  # fmt: skip
+    off = main(args)["tasks"]["sums"]
+    assert all(s["prompt"].endswith("<think>\n\n</think>\n\n") for s in off["samples"])
+    assert off["spec"]["reasoning_end"] == "</think>" and "reasoning_unfinished" in off["metrics"]
+    on = main(args + ["--chat_template_kwargs", "{}"])["tasks"]["sums"]
+    assert all(s["prompt"].endswith("<|im_start|>assistant\n") for s in on["samples"])
