@@ -49,23 +49,20 @@ def byte_chat_tokenizer():
     """make(dir, chat_template) -> dir: an HF tokenizer.json whose ids are single bytes (byte
     level, no merges, so trained ids decode to exactly the trained text) plus the ChatML
     specials <|endoftext|> <|im_start|> <|im_end|>, and a tokenizer_config.json with the
-    template (EOS <|im_end|>)."""
+    template (EOS <|im_end|>); written by tests/hf_tokenizers.py."""
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "hf_tokenizers", os.path.join(here, "hf_tokenizers.py")
+    )
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
 
     def make(d: str, template: str) -> str:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-        tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tk.decoder = decoders.ByteLevel()
-        tk.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-        os.makedirs(d, exist_ok=True)
-        tk.save(os.path.join(d, "tokenizer.json"))
-        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
-               "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}  # fmt: skip
-        with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-            json.dump(cfg, f)
-        return d
+        return helpers.write_hf_tokenizer(
+            d, template, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+        )
 
     return make
 

@@ -19,6 +19,7 @@ against references written here, not derived from the code under test.
 """
 
 import datetime
+import importlib.util
 import json
 import os
 
@@ -27,6 +28,12 @@ import pytest
 from flaxlm.data import formats as F
 from flaxlm.data.sources import DataError
 from flaxlm.data.tokenizer import train as train_tokenizer
+
+_spec = importlib.util.spec_from_file_location(
+    "hf_tokenizers", os.path.join(os.path.dirname(os.path.dirname(__file__)), "hf_tokenizers.py")
+)
+T = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T)
 
 WORDS = "the river and mountain have a forest of tall trees that grow with light".split()
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
@@ -276,27 +283,9 @@ FROZEN = {
 def _hf_dir(d, name, chat_template=None):
     """A byte-level BPE tokenizer.json (written here, deterministic) + tokenizer_config.json
     (`name`'s template and special tokens, or `chat_template` with `name`'s special tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab, merges = {c: i for i, c in enumerate(alphabet)}, []
-    for w in MERGE_WORDS:
-        for k in range(2, len(w) + 1):
-            if w[:k] not in vocab:
-                merges.append((w[: k - 1], w[k - 1]))
-                vocab[w[:k]] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(SPECIALS)
-    os.makedirs(d, exist_ok=True)
-    tk.save(os.path.join(d, "tokenizer.json"))
     template, specials = TEMPLATES[name]
-    template = chat_template or template
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **specials}
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    return d
+    return T.write_hf_tokenizer(d, chat_template or template, specials, specials=SPECIALS,
+                                merge_words=MERGE_WORDS)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))

@@ -11,6 +11,7 @@ apply_chat_template(return_assistant_tokens_mask=True) on the same templates wit
 `{% generation %}` around the trained text (FLAXLM_HF_LIVE=1 with .venv-hf re-checks them).
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +20,12 @@ import numpy as np
 import pytest
 
 from flaxlm.data import formats as F
+
+_spec = importlib.util.spec_from_file_location(
+    "hf_tokenizers", os.path.join(os.path.dirname(os.path.dirname(__file__)), "hf_tokenizers.py")
+)
+T = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
@@ -69,33 +76,19 @@ CONVS = [
 def _hf_dir(d, name, generation=False, llama_split=True):
     """A byte-level BPE tokenizer.json (deterministic) + tokenizer_config.json with `name`'s
     template; the Llama-3-style one gets Llama 3's pre-tokenizer unless `llama_split=False`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab, merges = {c: i for i, c in enumerate(alphabet)}, []
-    for w in MERGE_WORDS:
-        for k in range(2, len(w) + 1):
-            if w[:k] not in vocab:
-                merges.append((w[: k - 1], w[k - 1]))
-                vocab[w[:k]] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split = None
     if name == "llama3" and llama_split:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
+        split = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])  # fmt: skip
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(SPECIALS)
-    os.makedirs(d, exist_ok=True)
-    tk.save(os.path.join(d, "tokenizer.json"))
     template, specials = TEMPLATES[name]
     template = template.replace("[[G]]", "{% generation %}" if generation else "")
     template = template.replace("[[/G]]", "{% endgeneration %}" if generation else "")
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **specials}
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f)
-    return d
+    return T.write_hf_tokenizer(d, template, specials, specials=SPECIALS,
+                                merge_words=MERGE_WORDS, pre_tokenizer=split)  # fmt: skip
 
 
 def _load(tmp_path, name, **kw):

@@ -1,0 +1,38 @@
+"""Deterministic HF tokenizer directories for the chat-template tests (not a test module):
+a byte-level BPE tokenizer.json — optionally with merges spelling some words, so templates meet
+multi-byte tokens — plus a tokenizer_config.json holding the chat template. Loaded by path
+(tests have no package): tests/conftest.py `byte_chat_tokenizer`, tests/data/test_chat_*.py.
+"""
+
+import json
+import os
+
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def write_hf_tokenizer(d: str, chat_template: str, config: dict, *, specials=CHATML_SPECIALS,
+                       merge_words=(), pre_tokenizer=None) -> str:  # fmt: skip
+    """Writes `d`/tokenizer.json and `d`/tokenizer_config.json; returns `d`.
+
+    Every byte is a token; each word of `merge_words` (byte-level spelling, "Ġthe") adds the
+    merges that build it prefix by prefix. `pre_tokenizer` replaces the plain byte-level one;
+    `config` holds the special-token names (eos_token, ...) beside the chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab, merges = {c: i for i, c in enumerate(alphabet)}, []
+    for w in merge_words:
+        for k in range(2, len(w) + 1):
+            if w[:k] not in vocab:
+                merges.append((w[: k - 1], w[k - 1]))
+                vocab[w[:k]] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(list(specials))
+    os.makedirs(d, exist_ok=True)
+    tk.save(os.path.join(d, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat_template, **config}
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return d
