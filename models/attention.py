@@ -96,6 +96,15 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     return 1.0 if f <= 1 else 0.1 * math.log(f) + 1.0
 
 
+def local_rope_config(cfg: ModelConfig) -> ModelConfig:
+    """The config whose RoPE the local layers of a mixed pattern use: Gemma 3's unscaled
+    tables of base `rope_local_theta` (`cfg` itself without one)."""
+    if not cfg.rope_local_theta:
+        return cfg
+    return cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling="none",
+                       rope_scaling_factor=1.0)  # fmt: skip
+
+
 def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos and sin of position × frequency, (B, T, H/2), float32 (times YaRN's attention
     factor, as HF applies it)."""
@@ -137,12 +146,19 @@ def attention_mask(
 # Kernels
 
 
-def attention_probs(q_BTNH, k_BSKH, mask_B1TS) -> jax.Array:
-    """Softmax attention weights (B, K, G, T, S) in float32, query heads grouped by kv head."""
+def softcap(scores: jax.Array, cap: float) -> jax.Array:
+    """cap · tanh(scores / cap): logits squashed into (-cap, cap) (Gemma 2); cap 0 = identity."""
+    return cap * jnp.tanh(scores / cap) if cap else scores
+
+
+def attention_probs(q_BTNH, k_BSKH, mask_B1TS, scale=None, cap: float = 0.0) -> jax.Array:
+    """Softmax attention weights (B, K, G, T, S) in float32, query heads grouped by kv head;
+    logits q·k times `scale` (default head_dim^-1/2), soft-capped at `cap` (0 = not)."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH).astype(jnp.float32) / math.sqrt(H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BSKH).astype(jnp.float32)
+    scores = softcap(scores / math.sqrt(H) if scale is None else scores * scale, cap)
     # Masked logits get a large finite negative, not -inf: a fully masked row (a padding query)
     # then yields a finite average instead of NaN; its output is never used.
     big_neg = jnp.finfo(jnp.float32).min
@@ -150,15 +166,16 @@ def attention_probs(q_BTNH, k_BSKH, mask_B1TS) -> jax.Array:
     return jax.nn.softmax(scores, axis=-1)
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS) -> jax.Array:
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale=None, cap: float = 0.0) -> jax.Array:
     """Plain einsum attention with grouped query heads; softmax in float32."""
     B, T, N, H = q_BTNH.shape
-    probs = attention_probs(q_BTNH, k_BSKH, mask_B1TS).astype(v_BSKH.dtype)
+    probs = attention_probs(q_BTNH, k_BSKH, mask_B1TS, scale, cap).astype(v_BSKH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
     return out.reshape(B, T, N, H)
 
 
-def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS) -> jax.Array:
+def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS, scale=None, cap: float = 0.0
+                     ) -> jax.Array:  # fmt: skip
     """Attention over a heads-major (B, K, S, H) KV cache, laid out for few queries: each kv
     head's G query heads × T positions are the rows of one (G·T, H) × (H, S) matmul with (B, K)
     as batch dims, so a decode step reads the cache in place (no transpose of the buffer), and
@@ -172,13 +189,15 @@ def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS) -> jax.Array:
     q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     scores = jnp.einsum("bkmh,bksh->bkms", q, k_BKSH, preferred_element_type=jnp.float32)
     mask = jnp.broadcast_to(mask_B1TS[:, :, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
-    scores = jnp.where(mask, scores / math.sqrt(H), jnp.finfo(jnp.float32).min)
+    scores = scores / math.sqrt(H) if scale is None else scores * scale
+    scores = jnp.where(mask, softcap(scores, cap), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
     out = jnp.einsum("bkms,bksh->bkmh", probs, v_BKSH)  # (B, K, G·T, H), row m = g·T + t
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0) -> jax.Array:
+def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0, scale=None
+                    ) -> jax.Array:  # fmt: skip
     """cuDNN flash attention (NVIDIA GPUs). Pure causal rows take the fast CAUSAL mask type."""
     local = (window - 1, 0) if window else None
     if mask_B1TS is None:
@@ -186,13 +205,41 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0) -> jax.A
             q_BTNH,
             k_BSKH,
             v_BSKH,
+            scale=scale,
             is_causal=True,
             local_window_size=local,
             implementation="cudnn",
         )
     return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, implementation="cudnn"
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation="cudnn"
     )
+
+
+def layer_context(cfg: ModelConfig, ctx: dict, local) -> dict:
+    """One layer's view of the shared per-forward values: its rope tables, mask and window.
+
+    With local and global layers mixed (`cfg.sliding_window_pattern`), `ctx` holds both
+    kinds' masks ("mask" global, "mask_local") and, with `rope_local_theta`, both kinds'
+    tables ("cos_local", "sin_local"). `local` is the layer's kind: a Python bool when layers
+    are unrolled, a traced bool when they are scanned (then both masks are explicit arrays
+    and the layer selects elementwise). Otherwise every layer sees `ctx` as is."""
+    if not cfg.mixed_layers:
+        return {**ctx, "window": cfg.sliding_window}
+    out = dict(ctx)
+    pairs = [("mask", "mask_local")] + (
+        [("cos", "cos_local"), ("sin", "sin_local")] if "cos_local" in ctx else [])  # fmt: skip
+    for glob, loc in pairs:
+        if isinstance(local, bool):
+            out[glob] = ctx[loc] if local else ctx[glob]
+        else:
+            out[glob] = jnp.where(local, ctx[loc], ctx[glob])
+    if isinstance(local, bool):
+        out["window"] = cfg.sliding_window if local else 0
+    else:  # the masks carry the window; the plain-causal fast path does not apply
+        out["window"] = None
+    for k in ("mask_local", "cos_local", "sin_local"):
+        out.pop(k, None)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,9 +249,10 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0) -> jax.A
 class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query self-attention with RoPE and an optional cache.
 
-    `ctx` holds what every layer shares (computed once per forward in transformer.py):
-    rope `cos`/`sin`, the boolean `mask` (None = plain causal rows, no packing), and while
-    decoding the cache write `index`. `layer_cache` is the layer's (keys, values) buffers,
+    `ctx` is the layer's view (`layer_context`) of what every layer shares (computed once per
+    forward in transformer.py): rope `cos`/`sin`, the boolean `mask` (None = plain causal
+    rows, no packing), the layer's sliding `window` (0 = none) and while decoding the cache
+    write `index`. `layer_cache` is the layer's (keys, values) buffers,
     heads-major, (B, K, S, H) each, or None.
 
     `fused` reads q, k and v from one (D, N + 2K, H) kernel "qkv" (one matmul instead of three;
@@ -263,14 +311,23 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
         T, H = q.shape[1], q.shape[3]
+        # logits' scale: None = head_dim^-1/2 as it always was (divided, bit for bit)
+        scale, cap = (cfg.attn_scale if cfg.query_pre_attn_scalar else None), cfg.attn_logit_softcap
         if (layer_cache is not None and self.decode_attention == "pallas"
                 and cfg.rotary_dim_ == H  # the kernel rotates whole heads
+                and not cap  # and has no soft-capping (Gemma 2 decodes on the XLA path)
                 and decode_kernel.supports(layer_cache[0].shape[2], T, H)
                 and decode_kernel.mesh_supports()):  # fmt: skip
             # One kernel: RoPE, the cache write and attention over the written slots.
             qkv = jnp.concatenate([q, k, v], axis=2)  # the merged projection's own output
             out, layer_cache = decode_kernel.decode_attention(
-                qkv, ctx["cos"], ctx["sin"], *layer_cache, ctx["mask"], ctx["index"]
+                qkv,
+                ctx["cos"],
+                ctx["sin"],
+                *layer_cache,
+                ctx["mask"],
+                ctx["index"],
+                scale=cfg.attn_scale,
             )
             return self._out_proj(out), layer_cache
         q = apply_rope(q, ctx["cos"], ctx["sin"])
@@ -287,23 +344,25 @@ class Attention(nn.Module):
                 for buf, new in zip(layer_cache, (k, v))
             )  # (B, K, S, H) each
             layer_cache = (ck, cv)
-            out = cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"])
-        elif cfg.attention_impl == "cudnn":
-            out = cudnn_attention(q, k, v, ctx["mask"], cfg.sliding_window)
+            out = cached_attention(
+                q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"], scale, cap
+            )
+        elif cfg.attention_impl == "cudnn" and not cap:  # (cuDNN has no soft-capping)
+            out = cudnn_attention(q, k, v, ctx["mask"], ctx["window"], scale)
         else:
             mask = ctx["mask"]
             if mask is None:  # plain causal rows: build the mask the kernel would imply
                 T, S = q.shape[1], k.shape[1]
                 mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
-                if cfg.sliding_window:
-                    mask &= (jnp.arange(T)[:, None] - jnp.arange(S)[None, :]) < cfg.sliding_window
+                if ctx["window"]:
+                    mask &= (jnp.arange(T)[:, None] - jnp.arange(S)[None, :]) < ctx["window"]
                 mask = mask[None, None]
-            out = xla_attention(q, k, v, mask)
+            out = xla_attention(q, k, v, mask, scale, cap)
             if self.is_mutable_collection("intermediates"):
                 # Inspection only (apply(..., mutable="intermediates")): weights as (B, N, T, S).
                 B, T, S = q.shape[0], q.shape[1], k.shape[1]
-                probs = attention_probs(q, k, mask).reshape(B, N, T, S)  # head n = k·G + g
-                self.sow("intermediates", "attn_probs", probs)
+                probs = attention_probs(q, k, mask, scale, cap).reshape(B, N, T, S)
+                self.sow("intermediates", "attn_probs", probs)  # head n = k·G + g
         return self._out_proj(out), layer_cache
 
     def _heads(self) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Llama-family decoder-only Transformer (covers Llama 1/2/3, Mistral, Qwen2/3, TinyLlama)."""
+    """Llama-family decoder-only Transformer (covers Llama 1/2/3, Mistral, Qwen2/3, Phi-3,
+    OLMo 2, Gemma 1/2/3, TinyLlama)."""
 
     vocab_size: int = 256  # rows of the embedding table (>= the tokenizer's vocab)
     d_model: int = 64  # residual stream width D
@@ -48,10 +50,26 @@ class ModelConfig:
     # RMSNorm of q and k before RoPE: none | head (over head_dim, each head: Qwen3) | all (over
     # all heads' dims at once: OLMo 2)
     qk_norm: str = "none"
-    norm_placement: str = "pre"  # pre: x + f(norm(x)) (Llama) | post: x + norm(f(x)) (OLMo 2)
+    # pre: x + f(norm(x)) (Llama) | post: x + norm(f(x)) (OLMo 2) | sandwich: x + norm(f(norm(x)))
+    # (Gemma 2/3)
+    norm_placement: str = "pre"
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + scale), scale starting at 0 (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(d_model) before the first block (Gemma)
+    # attention logits times query_pre_attn_scalar^-1/2 instead of head_dim^-1/2 (Gemma 2/3);
+    # 0 = head_dim
+    query_pre_attn_scalar: float = 0.0
+    attn_logit_softcap: float = 0.0  # attention logits -> cap * tanh(logits / cap) (Gemma 2)
+    final_logit_softcap: float = 0.0  # LM logits -> cap * tanh(logits / cap) (Gemma 2); 0 = off
     tie_embeddings: bool = False  # LM head reuses the embedding table
     mlp_activation: str = "silu"  # silu (SwiGLU) | gelu (GeGLU)
     sliding_window: int = 0  # Mistral-style local attention window; 0 = full causal attention
+    # Local and global layers mixed (Gemma 2: 2, Gemma 3: 6): with a sliding_window, layer i
+    # attends globally when (i + 1) % P == 0 and within the window otherwise; 0 = every layer
+    # local (Mistral)
+    sliding_window_pattern: int = 0
+    # RoPE base of the local layers of a mixed pattern, unscaled (Gemma 3: 10000, while its
+    # global layers use rope_theta and rope_scaling); 0 = the global layers' tables
+    rope_local_theta: float = 0.0
     dtype: str = "float32"  # activation / matmul dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # parameter storage dtype (float32 master weights by default)
     attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention on NVIDIA GPUs)
@@ -76,7 +94,7 @@ class ModelConfig:
         choices = {
             "rope_scaling": ("none", "linear", "llama3", "yarn"),
             "qk_norm": ("none", "head", "all"),
-            "norm_placement": ("pre", "post"),
+            "norm_placement": ("pre", "post", "sandwich"),
             "mlp_activation": ("silu", "gelu"),
             "attention_impl": ("xla", "cudnn"),
             "remat_policy": ("none", "full", "dots", "dots_no_batch", "save_proj"),
@@ -91,6 +109,19 @@ class ModelConfig:
         if self.rotary_dim_ % 2 or not 0 < self.rotary_dim_ <= self.head_dim_:
             raise ValueError(f"ModelConfig: rotary_dim={self.rotary_dim} must be even and in "
                              f"(0, head_dim={self.head_dim_}] (0 = head_dim)")  # fmt: skip
+        P = self.sliding_window_pattern
+        if P == 1 or P < 0:
+            raise ValueError(f"ModelConfig: sliding_window_pattern={P}; expected 0 (every layer "
+                             "local) or P >= 2 (every P-th layer global)")  # fmt: skip
+        if (self.sliding_window_pattern or self.rope_local_theta) and not self.sliding_window:
+            raise ValueError("ModelConfig: sliding_window_pattern / rope_local_theta describe "
+                             "local layers; set sliding_window too")  # fmt: skip
+        if self.rope_local_theta and not self.sliding_window_pattern:
+            raise ValueError("ModelConfig: rope_local_theta needs a sliding_window_pattern "
+                             "(with every layer local, set rope_theta instead)")  # fmt: skip
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 0 (0 = off)")
 
     # --- derived quantities -------------------------------------------------------------------
     @property
@@ -100,6 +131,27 @@ class ModelConfig:
     @property
     def rotary_dim_(self) -> int:
         return self.rotary_dim or self.head_dim_
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Whether local (windowed) and global layers alternate."""
+        return bool(self.sliding_window and self.sliding_window_pattern)
+
+    def layer_is_local(self, i: int) -> bool:
+        """Whether layer i attends within the sliding window (see sliding_window_pattern)."""
+        if not self.sliding_window:
+            return False
+        P = self.sliding_window_pattern
+        return not P or (i + 1) % P != 0
+
+    def layer_window(self, i: int) -> int:
+        """Layer i's attention window (0 = full causal)."""
+        return self.sliding_window if self.layer_is_local(i) else 0
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor attention logits q·k are multiplied by."""
+        return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim_)
 
     @property
     def compute_dtype(self):
@@ -149,7 +201,7 @@ class ModelConfig:
         bias = (N * H + 2 * K * H) if self.qkv_bias else 0
         mlp = 3 * D * F
         qk = {"none": 0, "head": 2 * H, "all": (N + K) * H}[self.qk_norm]
-        norms = 2 * D + qk
+        norms = (4 if self.norm_placement == "sandwich" else 2) * D + qk
         per_layer = attn + bias + mlp + norms
         embed = V * D
         head = 0 if self.tie_embeddings else V * D

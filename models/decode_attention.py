@@ -142,7 +142,7 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
 
 
 def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: bool,
-          num_warps: int = 4):  # fmt: skip
+          scale: float, num_warps: int = 4):  # fmt: skip
     B, K, S, H = k_BKSH.shape
     R = qkv_BRH.shape[1]  # N + 2K rows
     G = (R - 2 * K) // K
@@ -152,7 +152,7 @@ def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: b
         qkv_BRH = jnp.pad(qkv_BRH, ((0, 0), (0, M), (0, 0)))
         R += M
     kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=BLOCK_K,
-                               scale=1.0 / math.sqrt(H))  # fmt: skip
+                               scale=scale)  # fmt: skip
     cache = pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0))
     per_row = lambda n: pl.BlockSpec((None, n), lambda b, k: (b, 0))  # noqa: E731
     return pl.pallas_call(
@@ -180,14 +180,16 @@ def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: b
     )(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS)
 
 
-def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index):
+def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index, *,
+                     scale: float | None = None):  # fmt: skip
     """One decode step of attention over a layer's (B, K, S, H) key and value caches.
 
     `qkv_BTRH`: this step's q, k and v heads before RoPE, concatenated on the head axis
     (N + 2K rows: the projections' one output, as XLA computes them with one merged matmul,
     so the kernel reads that buffer directly). RoPE (tables as `attention.rope_tables`) on q
     and k; k and v written at slot `index` (clamped to the buffer, as `dynamic_update_slice`
-    would); attention over slots [0, index] under the step's boolean mask (B, 1, 1, S).
+    would); attention over slots [0, index] under the step's boolean mask (B, 1, 1, S), logits
+    q·k times `scale` (default head_dim^-1/2).
     Returns (out (B, 1, N, H), (the key cache, the value cache)).
     """
     B, T, R, H = qkv_BTRH.shape
@@ -205,11 +207,13 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
         mask_B1TS.reshape(B, S).astype(jnp.int8),
     )
 
+    scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+
     def run(*a):
         return jax.lax.platform_dependent(
             *a,
-            cuda=functools.partial(_call, interpret=False),
-            default=functools.partial(_call, interpret=True),
+            cuda=functools.partial(_call, interpret=False, scale=scale),
+            default=functools.partial(_call, interpret=True, scale=scale),
         )
 
     batch_axes = _batch_axes()

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints: import/export (safetensors + config.json) and tokenizers.
 
-    cfg, params = load_pretrained("Llama-3.2-1B/")   # Llama, Mistral, Qwen2/3, Phi-3/4, OLMo 2
+    cfg, params = load_pretrained("Llama-3.2-1B/")   # Llama, Mistral, Qwen2/3, Phi-3/4, OLMo 2,
+                                                     # Gemma 1/2/3 (text)
     logits = forward(cfg, params, tokens, positions, segment_ids)
     save_pretrained(cfg, params, "out/", arch="llama")         # transformers loads it back
     tok = load_tokenizer("Llama-3.2-1B/")                      # tokenizer.json or tokenizer.model
@@ -19,12 +20,20 @@ Config. Both rope layouts are read: the newer `rope_parameters` {rope_type, rope
 and the older `rope_theta` + `rope_scaling` {type|rope_type, factor, ...}; rope types default,
 linear, llama3 and yarn (Qwen2.5/Qwen3 long context; `mscale`/`mscale_all_dim` become the
 attention factor). Sliding windows: Mistral's `sliding_window`; Qwen2/3's `use_sliding_window` /
-`max_window_layers` / `layer_types` (all layers alike only — mixed layers are an error). Qwen3's
-per-head q/k RMSNorms are `qk_norm="head"`; OLMo 2's norms over all heads' q and k are
-`qk_norm="all"` and its norms after attention and the MLP `norm_placement="post"`.
-Phi-3/Phi-4: their fused qkv_proj and gate_up_proj weights split into q/k/v and gate/up
-(joined again on export), `partial_rotary_factor` is `rotary_dim`, a `sliding_window` covers
-every layer (longrope scaling is not supported).
+`max_window_layers` / `layer_types` (all layers alike); Gemma 2/3's `layer_types` (or the older
+`sliding_window_pattern`) with every P-th layer global, `sliding_window_pattern=P`; other
+mixes are an error. What sets a family apart is fixed per arch (ARCH_FIXED): Qwen3's per-head
+q/k RMSNorms are `qk_norm="head"`; OLMo 2's norms over all heads' q and k are `qk_norm="all"`
+and its norms after attention and the MLP `norm_placement="post"`; Gemma's norms scale by
+(1 + w) (`norm_unit_offset`) and its embeddings by sqrt(D) (`scale_embeddings`), Gemma 2/3
+normalise before and after attention and the MLP (`norm_placement="sandwich"`) and scale
+logits by `query_pre_attn_scalar`; Gemma 2's soft-caps are `attn_logit_softcap` /
+`final_logit_softcap`; Gemma 3's two RoPEs (rope_parameters by layer type, or rope_theta +
+rope_local_base_freq) are the global layers' rope_theta/rope_scaling and the local layers'
+`rope_local_theta`. Phi-3/Phi-4: their fused qkv_proj and gate_up_proj weights split into q/k/v
+and gate/up (joined again on export), `partial_rotary_factor` is `rotary_dim`, a
+`sliding_window` covers every layer (longrope scaling is not supported). Gemma 3 checkpoints
+load as `gemma3_text` (Gemma3ForCausalLM: the 1B model and text-only exports).
 Export writes both rope layouts, so older and newer transformers read it.
 
 Large checkpoints load shard by shard (model.safetensors.index.json; a model.safetensors beside
@@ -69,10 +78,45 @@ __all__ = ["HFError", "HFTokenizer", "load_tokenizer", "load_config", "load_pret
 
 ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-         "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}  # fmt: skip
-# what only one family has: q/k norm kind and norm placement (the rest: "none" / "pre")
-_QK_NORM = {"qwen3": "head", "olmo2": "all"}
-_NORM_PLACEMENT = {"olmo2": "post"}
+         "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+         "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+         "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+# What a family always has, where it differs from Llama's (LLAMA_FIXED): import sets these,
+# export refuses a model that differs (naming an arch that fits).
+LLAMA_FIXED = {"qk_norm": "none", "norm_placement": "pre", "norm_unit_offset": False,
+               "scale_embeddings": False}  # fmt: skip
+_GEMMA_FIXED = {"norm_unit_offset": True, "scale_embeddings": True}
+ARCH_FIXED = {
+    "qwen3": {"qk_norm": "head"},
+    "olmo2": {"qk_norm": "all", "norm_placement": "post"},
+    "gemma": _GEMMA_FIXED,
+    "gemma2": {**_GEMMA_FIXED, "norm_placement": "sandwich"},
+    "gemma3_text": {**_GEMMA_FIXED, "norm_placement": "sandwich", "qk_norm": "head"},
+}
+# Optional features only some families' configs can state: field -> those archs
+ARCH_FEATURES = {
+    "sliding_window": ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"),
+    "sliding_window_pattern": ("gemma2", "gemma3_text"),
+    "rope_local_theta": ("gemma3_text",),
+    "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
+    "attn_logit_softcap": ("gemma2",),  # (Gemma 3's config has the key, its model ignores it)
+    "final_logit_softcap": ("gemma2", "gemma3_text"),
+    "rotary_dim": ("phi3",),
+    "qkv_bias": ("llama", "qwen2", "qwen3", "olmo2", "gemma", "gemma2", "gemma3_text"),
+}
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
+# Multimodal checkpoints whose text model loads (and exports as) a text-only arch: the
+# config's text_config, tensors under the prefix; the other towers' tensors are skipped.
+MULTIMODAL = {"gemma3": ("gemma3_text", "language_model.")}
+_OTHER_TOWERS = ("vision_tower.", "multi_modal_projector.")
+# Gemma3TextConfig's defaults (transformers 5): the hub's Gemma 3 4B/12B/27B text_configs
+# state only what differs from them.
+_GEMMA3_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+    "head_dim": 256, "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+}  # fmt: skip
 # Phi-3/Phi-4 keep q|k|v in one qkv_proj and gate|up in one gate_up_proj weight
 _FUSED_WEIGHTS = ("phi3",)
 _QWEN = ("qwen2", "qwen3")  # sliding windows by use_sliding_window / max_window_layers
@@ -159,28 +203,92 @@ def _yarn_from_hf(params: dict, hf: dict, factor: float, where: str) -> dict:
     }
 
 
-def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> int:
+def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> tuple[int, int]:
+    """(sliding_window, sliding_window_pattern) of an HF config's window and layer types."""
     window = int(hf.get("sliding_window") or 0)
     types = hf.get("layer_types")
     if types is None and mt in _QWEN:  # transformers < 4.53 derives them from these
         start = hf.get("max_window_layers", n_layers) if hf.get("use_sliding_window") else n_layers
         types = ["full_attention" if i < start else "sliding_attention" for i in range(n_layers)]
+    if types is None and mt in ("gemma2", "gemma3_text"):  # (older configs: the period alone)
+        period = int(hf.get("sliding_window_pattern") or (2 if mt == "gemma2" else 6))
+        types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
+                 for i in range(n_layers)]  # fmt: skip
     if types is None:
-        return window if mt in ("mistral", "phi3") else 0
+        return (window if mt in ("mistral", "phi3") else 0), 0
+    if len(types) != n_layers:
+        raise HFError(f"{where}: layer_types has {len(types)} entries for {n_layers} layers")
     kinds = set(types)
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        raise HFError(f"{where}: layer_types {sorted(kinds)}: only full_attention and "
+                      "sliding_attention are supported")  # fmt: skip
     if kinds == {"full_attention"}:
-        return 0
-    if kinds == {"sliding_attention"} and window:
-        return window
+        return 0, 0
+    if not window:
+        raise HFError(f"{where}: layer_types has sliding_attention layers but sliding_window is "
+                      f"{hf.get('sliding_window')!r}")  # fmt: skip
+    if kinds == {"sliding_attention"}:
+        return window, 0
+    period = types.index("full_attention") + 1  # every period-th layer global, as Gemma's
+    periodic = all((t == "full_attention") == ((i + 1) % period == 0) for i, t in enumerate(types))
+    if mt in ("gemma2", "gemma3_text") and period >= 2 and periodic:
+        return window, period
     raise HFError(
-        f"{where}: layer_types {sorted(kinds)} (sliding_window={hf.get('sliding_window')}) — "
-        "only all-full or all-sliding attention is supported"
+        f"{where}: layer_types {types} (sliding_window={hf.get('sliding_window')}) — supported: "
+        "all full, all sliding, or (Gemma 2/3) every P-th layer full"
     )
 
 
-def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
-    """Our ModelConfig for an HF config dict (dtype from its `dtype`/`torch_dtype`)."""
+def _gemma3_rope(hf: dict, window: int, pattern: int, where: str) -> dict:
+    """Gemma 3's two RoPEs: rope_parameters {"full_attention": ..., "sliding_attention": ...}
+    (transformers 5) or rope_theta, rope_scaling (global layers) and rope_local_base_freq.
+    The global one becomes rope_theta/rope_scaling; a differing local one (unscaled only) is
+    rope_local_theta. With every layer local, the local one is simply the model's RoPE."""
+    params = hf.get("rope_parameters") or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        unknown = set(params) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise HFError(f"{where}: rope_parameters for unknown layer types {sorted(unknown)}")
+        glob = dict(params.get("full_attention") or {})
+        loc = dict(params.get("sliding_attention") or {})
+    else:  # the older flat layout
+        glob = {**(hf.get("rope_scaling") or {}), **params}
+        loc = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+    glob.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    loc.setdefault("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+    ours_glob = _rope_from_hf({"rope_parameters": glob}, where + " (full_attention rope)")
+    ours_loc = _rope_from_hf({"rope_parameters": loc}, where + " (sliding_attention rope)")
+    if not pattern:  # all layers of one kind: that kind's RoPE is the model's
+        return ours_loc if window else ours_glob
+    if ours_loc == ours_glob:
+        return ours_glob
+    if ours_loc.get("rope_scaling", "none") != "none":
+        raise HFError(f"{where}: a scaled RoPE on sliding_attention layers that differs from the "
+                      "full_attention one is not supported")  # fmt: skip
+    return {**ours_glob, "rope_local_theta": ours_loc["rope_theta"]}
+
+
+def text_config(hf: dict) -> dict:
+    """The text model's config: a multimodal checkpoint's text_config (dtype and tied
+    embeddings from the top level where it does not state them), else `hf` itself."""
     mt = hf.get("model_type")
+    if mt not in MULTIMODAL:
+        return hf
+    text = dict(hf.get("text_config") or {})
+    text.setdefault("model_type", MULTIMODAL[mt][0])
+    for key in ("dtype", "torch_dtype", "tie_word_embeddings"):
+        if key in hf:
+            text.setdefault(key, hf[key])
+    return text
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for an HF config dict (dtype from its `dtype`/`torch_dtype`); of a
+    multimodal checkpoint's (MULTIMODAL), its text model."""
+    hf = text_config(hf)
+    mt = hf.get("model_type")
+    if mt == "gemma3_text":
+        hf = {**_GEMMA3_DEFAULTS, **hf}
     if mt not in ARCHS:
         raise HFError(
             f"{where}: model_type {mt!r} (architectures {hf.get('architectures')}) is not "
@@ -197,7 +305,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         int(need("num_attention_heads")),
         int(need("num_hidden_layers")),
     )
-    act = hf.get("hidden_act", "silu")
+    act = _hidden_act(hf, mt)
     if act not in _ACTS:
         raise HFError(f"{where}: hidden_act {act!r} is not supported ({sorted(_ACTS)})")
     if hf.get("mlp_bias"):
@@ -206,6 +314,14 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if dtype not in _DTYPES:
         raise HFError(f"{where}: dtype {dtype!r} is not supported ({_DTYPES})")
     head_dim = int(hf.get("head_dim") or D // N)
+    window, pattern = _window_from_hf(hf, mt, L, where)
+    if mt == "gemma3_text":
+        if hf.get("use_bidirectional_attention"):
+            raise HFError(f"{where}: use_bidirectional_attention=true is not supported")
+        rope = _gemma3_rope(hf, window, pattern, where)
+    else:
+        rope = _rope_from_hf(hf, where)
+    gemma2 = mt in ("gemma2", "gemma3_text")
     return ModelConfig(
         vocab_size=int(need("vocab_size")),
         d_model=D,
@@ -217,39 +333,62 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
-        qk_norm=_QK_NORM.get(mt, "none"),
-        norm_placement=_NORM_PLACEMENT.get(mt, "pre"),
-        rotary_dim=_rotary_dim(hf, head_dim, where),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rotary_dim=0 if mt == "gemma3_text" else _rotary_dim(hf, head_dim, where),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", mt in _GEMMA)),
         mlp_activation=_ACTS[act],
-        sliding_window=_window_from_hf(hf, mt, L, where),
+        sliding_window=window,
+        sliding_window_pattern=pattern,
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256) if gemma2 else 0.0,
+        # (transformers' Gemma 3 ignores attn_logit_softcapping: so do we)
+        attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0) if mt == "gemma2" else 0.0,
+        final_logit_softcap=float(hf.get("final_logit_softcapping") or 0) if gemma2 else 0.0,
         dtype=dtype,
         param_dtype=dtype,
-        **_rope_from_hf(hf, where),
+        **{**LLAMA_FIXED, **ARCH_FIXED.get(mt, {})},
+        **rope,
     )
+
+
+def _hidden_act(hf: dict, mt: str) -> str:
+    """The MLP activation's HF name: Gemma 2/3 read `hidden_activation`, the rest
+    `hidden_act`; Gemma's legacy "gelu" means the tanh approximation (as transformers reads it)."""
+    if mt in ("gemma2", "gemma3_text"):
+        return hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if mt == "gemma" else "silu")
+    return "gelu_pytorch_tanh" if mt == "gemma" and act == "gelu" else act
+
+
+def _fixed(arch: str) -> dict:
+    return {**LLAMA_FIXED, **ARCH_FIXED.get(arch, {})}
+
+
+def _check_expressible(cfg: ModelConfig, arch: str) -> None:
+    """Raises HFError naming the field and an arch that fits when `arch`'s config.json cannot
+    state `cfg` (transformers would build another model from it)."""
+    ours = {k: getattr(cfg, k) for k in LLAMA_FIXED}
+    used = [
+        k
+        for k in ARCH_FEATURES
+        if getattr(cfg, k)
+        and not (k == "query_pre_attn_scalar" and cfg.query_pre_attn_scalar == cfg.head_dim_)
+    ]
+    fits = [a for a in ARCHS if _fixed(a) == ours and all(a in ARCH_FEATURES[k] for k in used)]
+    hint = f"use arch={fits[0]!r}" if fits else "no supported arch can state this model"
+    for key, want in _fixed(arch).items():
+        if ours[key] != want:
+            raise HFError(f"export: arch {arch!r} has {key}={want!r}, this model "
+                          f"{key}={ours[key]!r}; {hint}")  # fmt: skip
+    for key in used:
+        if arch not in ARCH_FEATURES[key]:
+            raise HFError(f"export: arch {arch!r} cannot state {key}={getattr(cfg, key)!r}; "
+                          f"{hint}")  # fmt: skip
 
 
 def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
     """The config.json of `cfg` as an HF `arch` model; raises if that arch cannot express it."""
     if arch not in ARCHS:
         raise HFError(f"export: arch {arch!r} is not supported; choose one of {sorted(ARCHS)}")
-    if cfg.sliding_window and arch == "llama":
-        raise HFError("export: arch 'llama' has no sliding window; use arch='mistral' or 'qwen2'")
-    if cfg.qkv_bias and arch == "mistral":
-        raise HFError("export: arch 'mistral' has no q/k/v biases; use arch='qwen2' or 'llama'")
-    if arch == "phi3" and cfg.qkv_bias:
-        raise HFError("export: arch 'phi3' has no q/k/v biases; use arch='qwen2' or 'llama'")
-    if cfg.rotary_dim and arch != "phi3":
-        raise HFError(f"export: only arch 'phi3' rotates part of each head (rotary_dim="
-                      f"{cfg.rotary_dim} of {cfg.head_dim_}); use arch='phi3'")  # fmt: skip
-    for key, table, default in (("qk_norm", _QK_NORM, "none"),
-                                ("norm_placement", _NORM_PLACEMENT, "pre")):  # fmt: skip
-        have, want = getattr(cfg, key), table.get(arch, default)
-        if have != want:
-            fits = [a for a, v in table.items() if v == have] or [
-                a for a in ARCHS if a not in table]  # fmt: skip
-            raise HFError(f"export: arch {arch!r} has {key}={want!r}, this model {key}={have!r}; "
-                          f"use arch={fits[0]!r}")  # fmt: skip
+    _check_expressible(cfg, arch)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling == "linear":
         rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
@@ -295,9 +434,9 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         "torch_dtype": dtype,
         "use_cache": True,
     }
-    if arch in ("llama", "qwen3", "olmo2"):
+    if arch in ARCH_FEATURES["qkv_bias"] and arch != "qwen2":  # (Qwen2 always has them)
         out.update(attention_bias=cfg.qkv_bias)
-    if arch == "olmo2":  # (Olmo2Config's defaults are OLMo's own ids)
+    if arch in ("olmo2", "phi3", *_GEMMA):  # (their configs' defaults are their own ids)
         out.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if arch == "llama":
         out.update(mlp_bias=False)
@@ -305,11 +444,10 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         out.update(sliding_window=cfg.sliding_window or None)
         if arch == "phi3":
             factor = cfg.rotary_dim_ / cfg.head_dim_
-            out.update(partial_rotary_factor=factor, pad_token_id=None, bos_token_id=None,
-                       eos_token_id=None,  # (Phi3Config's defaults are Phi-3's own ids)
+            out.update(partial_rotary_factor=factor,
                        original_max_position_embeddings=cfg.max_seq_len)  # fmt: skip
             rope["partial_rotary_factor"] = factor
-    else:
+    elif arch in _QWEN:
         w = cfg.sliding_window
         out.update(
             use_sliding_window=bool(w),
@@ -317,7 +455,32 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
             max_window_layers=0 if w else cfg.n_layers,
             layer_types=["sliding_attention" if w else "full_attention"] * cfg.n_layers,
         )
+    elif arch in ("gemma2", "gemma3_text"):
+        out.pop("hidden_act")  # (they read hidden_activation)
+        out.update(
+            hidden_activation="silu" if cfg.mlp_activation == "silu" else "gelu_pytorch_tanh",
+            query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar or cfg.head_dim_),
+            final_logit_softcapping=cfg.final_logit_softcap or None,
+            sliding_window=cfg.sliding_window or None,
+            layer_types=[
+                "sliding_attention" if cfg.layer_is_local(i) else "full_attention"
+                for i in range(cfg.n_layers)
+            ],  # fmt: skip
+        )
+        if arch == "gemma2":
+            out.update(attn_logit_softcapping=cfg.attn_logit_softcap or None)
+        else:  # two RoPEs, by layer type (older readers: rope_local_base_freq)
+            local = ({"rope_type": "default", "rope_theta": cfg.rope_local_theta}
+                     if cfg.rope_local_theta else dict(rope))  # fmt: skip
+            out.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
+                       rope_local_base_freq=local["rope_theta"],
+                       attn_logit_softcapping=None, use_bidirectional_attention=False)  # fmt: skip
     return {**out, **extra}
+
+
+def _int_if_whole(x: float):
+    """transformers' strict configs type some float-valued fields int (query_pre_attn_scalar)."""
+    return int(x) if float(x).is_integer() else float(x)
 
 
 def load_config(path: str) -> ModelConfig:
@@ -365,6 +528,12 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
             out[hf + "post_attention_layernorm.weight"] = ((us, "attn_norm", "scale"), (D,), *same)
             out[hf + "post_feedforward_layernorm.weight"] = ((us, "mlp_norm", "scale"), (D,),
                                                              *same)  # fmt: skip
+        elif cfg.norm_placement == "sandwich":  # Gemma 2/3: before and after each
+            for theirs, ours in (("input_layernorm", "attn_norm"),
+                                 ("post_attention_layernorm", "attn_post_norm"),
+                                 ("pre_feedforward_layernorm", "mlp_norm"),
+                                 ("post_feedforward_layernorm", "mlp_post_norm")):  # fmt: skip
+                out[hf + f"{theirs}.weight"] = ((us, ours, "scale"), (D,), *same)
         else:
             out[hf + "input_layernorm.weight"] = ((us, "attn_norm", "scale"), (D,), *same)
             out[hf + "post_attention_layernorm.weight"] = ((us, "mlp_norm", "scale"), (D,), *same)
@@ -395,8 +564,7 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
 
 def _zero_extras(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
     """Tensors an HF arch needs that our model does not have (written as zeros on export):
-    Qwen2 always has q/k/v biases; Llama's, Qwen3's and OLMo 2's attention_bias also biases
-    o_proj."""
+    Qwen2 always has q/k/v biases; the others' attention_bias also biases o_proj."""
     D, H = cfg.d_model, cfg.head_dim_
     out = {}
     for i in range(cfg.n_layers):
@@ -404,7 +572,7 @@ def _zero_extras(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
         if arch == "qwen2" and not cfg.qkv_bias:
             for name, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
                 out[p + f"{name}_proj.bias"] = (n * H,)
-        if arch in ("llama", "qwen3", "olmo2") and cfg.qkv_bias:
+        if arch != "qwen2" and cfg.qkv_bias:
             out[p + "o_proj.bias"] = (D,)
     return out
 
@@ -472,6 +640,7 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
         dtype = _dtype_name(dtype, "import")
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     arch = load_hf_json(path).get("model_type")
+    prefix = MULTIMODAL[arch][1] if arch in MULTIMODAL else ""
     plan, place = _plan(cfg, arch), _placements(cfg, mesh, rules)
     params, seen = {}, set()
     for fname in _shard_files(path):
@@ -483,19 +652,25 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
         except Exception as e:
             raise HFError(f"{full}: cannot read safetensors: {type(e).__name__}: {e}") from e
         with handle as f:
-            for name in f.keys():
+            for stored in f.keys():
+                if prefix and stored.startswith(_OTHER_TOWERS):
+                    continue  # (a multimodal checkpoint's image tower: not the text model)
+                name = stored[len(prefix) :] if prefix and stored.startswith(prefix) else stored
+                if prefix and name == stored:
+                    raise HFError(f"{full}: unexpected tensor {stored} (the text model's are "
+                                  f"under {prefix!r})")  # fmt: skip
                 if name in seen:
-                    raise HFError(f"{full}: tensor {name} appears in two shards")
+                    raise HFError(f"{full}: tensor {stored} appears in two shards")
                 if name not in plan:
                     if name.endswith("o_proj.bias") and cfg.qkv_bias:
-                        if np.any(_tensor(f, name, full) != 0):  # Llama attention_bias
+                        if np.any(_tensor(f, stored, full) != 0):  # Llama attention_bias
                             raise HFError(f"{full}: {name} is nonzero; o_proj bias unsupported")
                         continue
                     if _ignorable(name, cfg):
                         continue
                     raise HFError(f"{full}: unexpected tensor {name} for {cfg_summary(cfg)}")
                 ours, shape, to_ours, _ = plan[name]
-                w = _tensor(f, name, full)
+                w = _tensor(f, stored, full)
                 if tuple(w.shape) != shape:
                     raise HFError(
                         f"{full}: tensor {name} has shape {tuple(w.shape)}, expected {shape} "
@@ -537,7 +712,8 @@ def _tensor(f, name: str, full: str) -> np.ndarray:
 
 def cfg_summary(cfg: ModelConfig) -> str:
     return (f"L={cfg.n_layers} D={cfg.d_model} N={cfg.n_heads} K={cfg.n_kv_heads} "
-            f"qkv_bias={cfg.qkv_bias} qk_norm={cfg.qk_norm} tied={cfg.tie_embeddings}")  # fmt: skip
+            f"qkv_bias={cfg.qkv_bias} qk_norm={cfg.qk_norm} norms={cfg.norm_placement} "
+            f"tied={cfg.tie_embeddings}")  # fmt: skip
 
 
 def _safe_dtype(x: np.ndarray, dtype) -> np.ndarray:
@@ -670,8 +846,16 @@ def _forward_fn(cfg: ModelConfig):
 
 
 def default_arch(cfg: ModelConfig) -> str:
-    """The HF family that expresses `cfg` (OLMo 2 for post-norm blocks, Qwen3 for per-head q/k
-    norms, Phi-3 for partial rotary, Qwen2 for q/k/v biases, Mistral for a window)."""
+    """The HF family that expresses `cfg` (Gemma's for Gemma-style norms and embeddings, OLMo 2
+    for post-norm blocks, Qwen3 for per-head q/k norms, Phi-3 for partial rotary, Qwen2 for
+    q/k/v biases, Mistral for a window)."""
+    if cfg.norm_unit_offset or cfg.scale_embeddings:
+        if cfg.qk_norm != "none" or cfg.rope_local_theta:
+            return "gemma3_text"
+        sandwich = cfg.norm_placement == "sandwich"
+        gemma2 = (cfg.sliding_window or cfg.attn_logit_softcap or cfg.final_logit_softcap
+                  or cfg.query_pre_attn_scalar not in (0, cfg.head_dim_))  # fmt: skip
+        return "gemma2" if sandwich or gemma2 else "gemma"
     if cfg.norm_placement == "post":
         return "olmo2"
     if cfg.qk_norm != "none":
@@ -694,7 +878,7 @@ def import_to_run(hf_dir: str, run_dir: str, dtype=None) -> str:
         "model_config": cfg.to_dict(),
         "task": "hf_import",
         "hf_source": os.path.abspath(hf_dir),
-        "hf_arch": load_hf_json(hf_dir)["model_type"],
+        "hf_arch": text_config(load_hf_json(hf_dir))["model_type"],
     }
     for f in ("tokenizer.json", "tokenizer.model"):
         if os.path.exists(os.path.join(hf_dir, f)):

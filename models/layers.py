@@ -108,26 +108,35 @@ class Proj(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) · scale, computed in float32 (as HF Llama does) and returned in compute dtype."""
+    """x / rms(x) · scale, computed in float32 (as HF Llama does) and returned in compute dtype.
+
+    With `cfg.norm_unit_offset` (Gemma) the stored scale is an offset from 1, initialised at 0,
+    and the product is taken in float32 before the cast: x / rms(x) · (1 + scale), Gemma's
+    order (Llama casts first, then multiplies)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x):
+        offset = self.cfg.norm_unit_offset
+        init = nn.initializers.zeros if offset else nn.initializers.ones
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            nn.with_logical_partitioning(init, ("norm",)),
             (x.shape[-1],),
             self.cfg.weight_dtype,
         )
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        if offset:
+            return (x32 * (1.0 + scale.astype(jnp.float32))).astype(self.cfg.compute_dtype)
         # Match HF: normalise in fp32, cast back, then multiply by the weight.
         return x32.astype(self.cfg.compute_dtype) * scale.astype(self.cfg.compute_dtype)
 
 
 class Embed(nn.Module):
-    """Token embedding table (V, D); `attend` reuses it as the LM head when tied."""
+    """Token embedding table (V, D); `attend` reuses it as the LM head when tied (unscaled,
+    also with `cfg.scale_embeddings`, whose sqrt(D) applies to the lookup only)."""
 
     cfg: ModelConfig
 
@@ -146,7 +155,10 @@ class Embed(nn.Module):
         # and falls back to replicating the looked-up activations ("involuntary full
         # rematerialization"); under fsdp alone it gathered the table anyway.
         table = nn.with_logical_constraint(self.embedding, (None, None))
-        return jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
+        x = jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
+        if self.cfg.scale_embeddings:  # Gemma: sqrt(D) rounded to the compute dtype, as HF does
+            x = x * jnp.asarray(self.cfg.d_model**0.5, self.cfg.compute_dtype)
+        return x
 
     def attend(self, x):
         return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.cfg.compute_dtype))

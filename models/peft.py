@@ -279,7 +279,7 @@ def import_adapter_to_run(hf_dir: str, adapter_dir: str, run_dir: str) -> str:
     meta = {
         "model_config": cfg.to_dict(), "task": "hf_import", "head": "lm",
         "lora": spec.to_dict(), "hf_source": os.path.abspath(hf_dir),
-        "hf_arch": hf.load_hf_json(hf_dir)["model_type"],
+        "hf_arch": hf.text_config(hf.load_hf_json(hf_dir))["model_type"],
         "peft_source": os.path.abspath(adapter_dir),
     }  # fmt: skip
     for f in ("tokenizer.json", "tokenizer.model"):

@@ -1,4 +1,4 @@
-"""The decoder-only Transformer: embeddings → L pre-norm blocks → final norm → LM head.
+"""The decoder-only Transformer: embeddings → L blocks → final norm → LM head.
 
 Call: `Transformer(cfg).apply({"params": p}, tokens, positions, segment_ids, cache=None)`.
   * tokens, positions, segment_ids: (B, T) int32. `positions=None` means 0..T-1;
@@ -25,7 +25,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxlm.models.attention import Attention, attention_mask, rope_tables
+from flaxlm.models.attention import (
+    Attention,
+    attention_mask,
+    layer_context,
+    local_rope_config,
+    rope_tables,
+)
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.layers import MLP, Embed, Proj, RMSNorm
 
@@ -34,25 +40,33 @@ ACT = ("act_batch", "act_len", "act_embed")
 
 class Block(nn.Module):
     """Residual block: pre-norm x + attn(norm(x)), then x + mlp(norm(x)) (Llama); with
-    `norm_placement="post"`, x + norm(attn(x)), then x + norm(mlp(x)) (OLMo 2)."""
+    `norm_placement="post"`, x + norm(attn(x)), then x + norm(mlp(x)) (OLMo 2); "sandwich"
+    normalises both sides, x + norm(attn(norm(x))) (Gemma 2/3).
+
+    `local` is the layer's attention kind when local and global layers mix (a static bool
+    for an unrolled layer; scanned layers get it as the traced `local` argument)."""
 
     cfg: ModelConfig
     fused: bool = False  # fused q|k|v and gate|up kernels (see `fuse_projections`)
     decode_attention: str = "xla"  # one-token cache attention: xla | pallas (see Attention)
+    local: bool | None = None
 
     @nn.compact
-    def __call__(self, x, ctx, layer_cache=None):
+    def __call__(self, x, ctx, layer_cache=None, local=None):
+        cfg = self.cfg
         x = nn.with_logical_constraint(x, ACT)
-        attn = Attention(self.cfg, self.fused, self.decode_attention, name="attn")
-        mlp = MLP(self.cfg, self.fused, name="mlp")
-        attn_norm, mlp_norm = (
-            RMSNorm(self.cfg, name="attn_norm"),
-            RMSNorm(self.cfg, name="mlp_norm"),
-        )
-        if self.cfg.norm_placement == "post":
+        ctx = layer_context(cfg, ctx, self.local if self.local is not None else local)
+        attn = Attention(cfg, self.fused, self.decode_attention, name="attn")
+        mlp = MLP(cfg, self.fused, name="mlp")
+        attn_norm, mlp_norm = RMSNorm(cfg, name="attn_norm"), RMSNorm(cfg, name="mlp_norm")
+        if cfg.norm_placement == "post":
             a, layer_cache = attn(x, ctx, layer_cache)
             x = x + attn_norm(a)
             x = x + mlp_norm(mlp(x))
+        elif cfg.norm_placement == "sandwich":
+            a, layer_cache = attn(attn_norm(x), ctx, layer_cache)
+            x = x + RMSNorm(cfg, name="attn_post_norm")(a)
+            x = x + RMSNorm(cfg, name="mlp_post_norm")(mlp(mlp_norm(x)))
         else:
             a, layer_cache = attn(attn_norm(x), ctx, layer_cache)
             x = x + a
@@ -98,13 +112,19 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0),
+                in_axes=(nn.broadcast, 0, 0),  # ctx, the layer's cache, its kind
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, fused, self.decode_attention, name="layers")
         else:
             self.layers = [
-                block(cfg, fused, self.decode_attention, name=f"layers_{i}")
+                block(
+                    cfg,
+                    fused,
+                    self.decode_attention,
+                    local=cfg.layer_is_local(i) if cfg.mixed_layers else None,
+                    name=f"layers_{i}",
+                )  # fmt: skip
                 for i in range(cfg.n_layers)
             ]
         self.final_norm = RMSNorm(cfg, name="final_norm")
@@ -114,12 +134,22 @@ class Transformer(nn.Module):
             )
 
     def _context(self, tokens, positions, segment_ids, cache):
-        """Per-forward values shared by all layers: rope tables, mask, cache bookkeeping."""
+        """Per-forward values shared by all layers: rope tables, masks, cache bookkeeping.
+
+        With local and global layers mixed, "mask" is the global layers' and "mask_local" the
+        local ones' (and "cos_local"/"sin_local" their tables with `rope_local_theta`); each
+        layer picks its own (`attention.layer_context`)."""
+        cfg = self.cfg
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        cos, sin = rope_tables(self.cfg, positions)
-        window = self.cfg.sliding_window
+        cos, sin = rope_tables(cfg, positions)
+        ctx = {"cos": cos, "sin": sin, "index": None}
+        if cfg.rope_local_theta:
+            ctx["cos_local"], ctx["sin_local"] = rope_tables(local_rope_config(cfg), positions)
+        # (window for the global "mask"; the local one's)
+        windows = (0, cfg.sliding_window) if cfg.mixed_layers else (cfg.sliding_window,)
+        new_meta = None
         if cache is not None:
             idx = cache["index"]
             seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
@@ -128,17 +158,23 @@ class Transformer(nn.Module):
             S = kv_seg.shape[1]
             q_slot = jnp.broadcast_to(idx + jnp.arange(T, dtype=jnp.int32), (B, T))
             kv_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-            mask = attention_mask(seg, kv_seg, q_slot, kv_slot, positions, kv_pos, window)
+            masks = [attention_mask(seg, kv_seg, q_slot, kv_slot, positions, kv_pos, w)
+                     for w in windows]  # fmt: skip
             new_meta = {"segment_ids": kv_seg, "positions": kv_pos, "index": idx + T}
-            return {"cos": cos, "sin": sin, "mask": mask, "index": idx}, new_meta
-        if segment_ids is None:
-            mask = None  # one unpadded document per row: the kernels' plain causal mode
+            ctx["index"] = idx
+        elif segment_ids is None and not (cfg.mixed_layers and cfg.scan_layers):
+            # one unpadded document per row: the kernels' plain causal mode (each layer knows
+            # its window); scanned mixed layers select their mask elementwise, so need arrays
+            masks = [None] * len(windows)
         else:
+            seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
             slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-            mask = attention_mask(
-                segment_ids, segment_ids, slot, slot, positions, positions, window
-            )
-        return {"cos": cos, "sin": sin, "mask": mask, "index": None}, None
+            masks = [attention_mask(seg, seg, slot, slot, positions, positions, w)
+                     for w in windows]  # fmt: skip
+        ctx["mask"] = masks[0]
+        if cfg.mixed_layers:
+            ctx["mask_local"] = masks[1]
+        return ctx, new_meta
 
     def backbone(self, tokens, positions=None, segment_ids=None, cache=None, input_embeds=None):
         """Final normed hidden states (B, T, D), and the updated cache when one is given.
@@ -150,7 +186,10 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, ACT)
         kv = None if cache is None else cache["kv"]
         if self.cfg.scan_layers:
-            x, kv = self.layers(x, ctx, kv)
+            kinds = None
+            if self.cfg.mixed_layers:
+                kinds = jnp.asarray([self.cfg.layer_is_local(i) for i in range(self.cfg.n_layers)])
+            x, kv = self.layers(x, ctx, kv, kinds)
         else:
             new_kv = []
             for i, layer in enumerate(self.layers):
@@ -167,6 +206,9 @@ class Transformer(nn.Module):
             out = self.embed.attend(x)
         else:
             out = self.lm_head(x)
+        if self.cfg.final_logit_softcap:  # Gemma 2: tanh in float32, logits in their dtype
+            cap = self.cfg.final_logit_softcap
+            out = (cap * jnp.tanh(out.astype(jnp.float32) / cap)).astype(out.dtype)
         return nn.with_logical_constraint(out, ("act_batch", "act_len", "act_vocab"))
 
     def __call__(self, tokens, positions=None, segment_ids=None, cache=None, input_embeds=None):

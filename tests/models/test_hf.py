@@ -23,7 +23,8 @@ from flaxlm.models.decode import generate
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
-FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3", "olmo2")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3", "olmo2",
+            "gemma", "gemma2", "gemma3")  # fmt: skip
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -47,8 +48,11 @@ def test_logits_match_transformers(family):
     "family,attn",
     [("mistral", "xla"), ("qwen2", "xla"), ("qwen3", "xla"), ("qwen3_yarn", "xla"),
      ("qwen3_yarn", "pallas"), ("phi3", "xla"), ("phi3", "pallas"), ("olmo2", "xla"),
-     ("olmo2", "pallas")],
-)  # fmt: skip  # the families' decode-time features; q/k norms and YaRN through the kernel too
+     ("olmo2", "pallas"), ("gemma", "xla"), ("gemma2", "xla"), ("gemma2", "pallas"),
+     ("gemma3", "xla"), ("gemma3", "pallas")],
+)  # fmt: skip  # the families' decode-time features (head_dim 8/16 keep "pallas" on the XLA
+# path, as Gemma 2's soft-capping does; Gemma 3's head_dim 32 runs the kernel: local and
+# global layers' masks and tables, query_pre_attn_scalar)
 def test_cached_greedy_decoding_matches_transformers_generate(family, attn):
     """flaxlm's KV-cache decode (ragged right-padded prompts) reproduces transformers' greedy
     `generate` (left-padded, its own cache) token for token: sliding window, biases, per-head
@@ -204,7 +208,9 @@ def test_old_rope_layout_reads_the_same(tmp_path):
 @pytest.mark.parametrize("family,arch", [("llama", "llama"), ("llama3", "llama"),
                                          ("mistral", "mistral"), ("qwen2", "qwen2"),
                                          ("qwen3", "qwen3"), ("qwen3_yarn", "qwen3"),
-                                         ("phi3", "phi3"), ("olmo2", "olmo2")])  # fmt: skip
+                                         ("phi3", "phi3"), ("olmo2", "olmo2"),
+                                         ("gemma", "gemma"), ("gemma2", "gemma2"),
+                                         ("gemma3", "gemma3_text")])  # fmt: skip
 def test_import_export_import_round_trip(family, arch, tmp_path):
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     out = tmp_path / "export"
@@ -216,7 +222,8 @@ def test_import_export_import_round_trip(family, arch, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
     # The exported config reads in both rope layouts' readers (new dict + legacy keys).
     c = json.loads((out / "config.json").read_text())
-    assert c["rope_parameters"]["rope_theta"] == c["rope_theta"] == cfg.rope_theta
+    rope = c["rope_parameters"].get("full_attention", c["rope_parameters"])  # (Gemma 3: by type)
+    assert rope["rope_theta"] == c["rope_theta"] == cfg.rope_theta
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temp dirs left
 
 
@@ -226,10 +233,17 @@ def test_export_fills_what_the_arch_needs_and_refuses_what_it_cannot_express(tmp
     hf.save_pretrained(cfg, params, str(tmp_path / "q"), arch="qwen2")
     qcfg, qparams = hf.load_pretrained(str(tmp_path / "q"))
     assert qcfg.qkv_bias and not np.any(np.asarray(qparams["layers_1"]["attn"]["k"]["bias"]))
-    with pytest.raises(hf.HFError, match="arch 'llama' has no sliding window"):
+    with pytest.raises(hf.HFError, match="arch 'llama' cannot state sliding_window=8; "
+                       "use arch='mistral'"):  # fmt: skip
         hf.save_pretrained(cfg.replace(sliding_window=8), params, str(tmp_path / "x"))
-    with pytest.raises(hf.HFError, match="arch 'mistral' has no q/k/v biases"):
+    with pytest.raises(hf.HFError, match="arch 'mistral' cannot state qkv_bias=True; "
+                       "use arch='llama'"):  # fmt: skip
         hf.save_pretrained(qcfg, qparams, str(tmp_path / "x"), arch="mistral")
+    with pytest.raises(hf.HFError, match="arch 'olmo2' cannot state sliding_window=8"):
+        hf.save_pretrained(cfg.replace(sliding_window=8, qk_norm="all", norm_placement="post"),
+                           params, str(tmp_path / "x"), arch="olmo2")  # fmt: skip
+    with pytest.raises(hf.HFError, match="use arch='qwen2'"):  # biases and a window: Qwen2's
+        hf.save_pretrained(qcfg.replace(sliding_window=8), qparams, str(tmp_path / "x"))
     with pytest.raises(hf.HFError, match="exists and is not empty"):
         hf.save_pretrained(cfg, params, str(tmp_path / "q"), arch="llama")
     # Only Qwen3 normalises q and k per head, and it always does: no silent dropping or adding.
@@ -245,9 +259,11 @@ def test_export_fills_what_the_arch_needs_and_refuses_what_it_cannot_express(tmp
         hf.save_pretrained(cfg, params, str(tmp_path / "x"), arch="olmo2")
     # Partial rotary exists only in Phi-3's format, and Phi-3 has no biases.
     pcfg, pparams = hf.load_pretrained(os.path.join(FIX, "phi3"))
-    with pytest.raises(hf.HFError, match="only arch 'phi3' rotates part of each head"):
+    with pytest.raises(hf.HFError, match="arch 'mistral' cannot state rotary_dim=4; "
+                       "use arch='phi3'"):  # fmt: skip
         hf.save_pretrained(pcfg, pparams, str(tmp_path / "x"), arch="mistral")
-    with pytest.raises(hf.HFError, match="arch 'phi3' has no q/k/v biases"):
+    with pytest.raises(hf.HFError, match="arch 'phi3' cannot state qkv_bias=True; "
+                       "no supported arch can state this model"):  # fmt: skip
         hf.save_pretrained(qcfg.replace(rotary_dim=4), qparams, str(tmp_path / "x"), arch="phi3")
     # A Llama model as Phi-3: fused weights written, read back the same.
     hf.save_pretrained(cfg, params, str(tmp_path / "p"), arch="phi3")

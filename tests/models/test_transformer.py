@@ -14,6 +14,14 @@ from flaxlm.models.transformer import (
     unstack_layers,
 )
 
+# Gemma 2/3-style blocks on the tiny shape: sandwich norms with (1 + w) scales, scaled
+# embeddings, per-head q/k norms, a query scale and soft-caps, and layer 0 local (window 4,
+# its own RoPE base) while layer 1 is global.
+GEMMA = dict(norm_placement="sandwich", norm_unit_offset=True, scale_embeddings=True,
+             qk_norm="head", query_pre_attn_scalar=24.0, attn_logit_softcap=5.0,
+             final_logit_softcap=10.0, sliding_window=4, sliding_window_pattern=2,
+             rope_local_theta=500.0)  # fmt: skip
+
 
 def _init(cfg, B=2, T=16, seed=0):
     model = Transformer(cfg)
@@ -23,8 +31,9 @@ def _init(cfg, B=2, T=16, seed=0):
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"scan_layers": True, "remat_policy": "full"}, {"sliding_window": 4}]
-)
+    "kw", [{}, {"scan_layers": True, "remat_policy": "full"}, {"sliding_window": 4},
+           {**GEMMA, "scan_layers": True, "remat_policy": "full"}]
+)  # fmt: skip
 def test_gradient_wrt_future_positions_is_zero(kw):
     cfg = get_variant("tiny", **kw)
     model, params, tokens = _init(cfg)
@@ -70,9 +79,46 @@ def test_sliding_window_limits_context():
     assert not np.allclose(out[0, 1:4], base[0, 1:4])
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_mixed_local_and_global_layers(scan):
+    """With sliding_window_pattern=2, layer 0 attends within the window and layer 1 to the
+    whole prefix: a change at position 0 reaches every later position (through layer 1),
+    where with both layers local it stops at 2·(window−1); layer 0 alone is local (the
+    logits' gradient through only layer 0 is zero outside its window)."""
+    kw = dict(sliding_window=4, scan_layers=scan)
+    mixed = get_variant("tiny", sliding_window_pattern=2, **kw)
+    model, params, tokens = _init(mixed, B=1, T=12)  # (scanned params when scan)
+    changed = tokens.at[0, 0].set((tokens[0, 0] + 1) % mixed.vocab_size)
+    for cfg, reaches_end in ((mixed, True), (mixed.replace(sliding_window_pattern=0), False)):
+        base = Transformer(cfg).apply({"params": params}, tokens)
+        out = Transformer(cfg).apply({"params": params}, changed)
+        assert (not np.allclose(out[0, 8:], base[0, 8:])) == reaches_end, cfg
+    one = get_variant("tiny", sliding_window_pattern=2, n_layers=1, sliding_window=4)
+    assert one.layer_is_local(0) and not mixed.layer_is_local(1)
+    model1, params1, _ = _init(one, B=1, T=12)
+    base = model1.apply({"params": params1}, tokens)
+    np.testing.assert_array_equal(model1.apply({"params": params1}, changed)[0, 4:], base[0, 4:])
+
+
+def test_unit_offset_norms_start_as_plain_norms():
+    """Gemma's norm scales are offsets from 1 and start at 0: such a model computes what the
+    Llama-style norm does with scales of 1."""
+    cfg = get_variant("tiny", norm_unit_offset=True)
+    model, params, tokens = _init(cfg)
+    scales = [x for p, x in jax.tree_util.tree_leaves_with_path(params) if "scale" in str(p)]
+    assert scales and all(not np.any(np.asarray(x)) for x in scales)
+    ones = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.ones_like(x) if "scale" in str(p) else x, params)  # fmt: skip
+    np.testing.assert_array_equal(
+        model.apply({"params": params}, tokens),
+        Transformer(cfg.replace(norm_unit_offset=False)).apply({"params": ones}, tokens),
+    )
+
+
 @pytest.mark.parametrize(
-    "kw", [{}, {"scan_layers": True}, {"n_kv_heads": 1}, {"tie_embeddings": True, "qkv_bias": True}]
-)
+    "kw", [{}, {"scan_layers": True}, {"n_kv_heads": 1}, {"tie_embeddings": True, "qkv_bias": True},
+           GEMMA, {**GEMMA, "scan_layers": True}]
+)  # fmt: skip
 def test_cached_decoding_matches_full_forward(kw):
     cfg = get_variant("tiny", **kw)
     model, params, tokens = _init(cfg, B=2, T=12)
@@ -105,7 +151,7 @@ def test_cached_attention_layout_equals_xla_attention():
 
 
 @pytest.mark.parametrize("arch", [{}, {"qk_norm": "all", "norm_placement": "post",
-                                     "rotary_dim": 8}])  # fmt: skip
+                                     "rotary_dim": 8}, GEMMA])  # fmt: skip
 def test_scan_and_unrolled_layouts_agree(arch):
     cfg = get_variant("tiny", **arch)  # (also OLMo 2's norms and Phi's partial rotary)
     model, params, tokens = _init(cfg)
@@ -120,7 +166,8 @@ def test_scan_and_unrolled_layouts_agree(arch):
 
 def test_every_parameter_has_logical_axes():
     for kw in ({}, {"scan_layers": True}, {"qkv_bias": True},
-               {"scan_layers": True, "qk_norm": "all", "norm_placement": "post"}):  # fmt: skip
+               {"scan_layers": True, "qk_norm": "all", "norm_placement": "post"},
+               {**GEMMA, "scan_layers": True}):  # fmt: skip
         cfg = get_variant("tiny", **kw)
         boxed = jax.eval_shape(
             lambda r, cfg=cfg: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)),
@@ -132,10 +179,13 @@ def test_every_parameter_has_logical_axes():
             assert len(box.names) == len(box.value.shape)
 
 
-@pytest.mark.parametrize("name", [*sorted(VARIANTS), "tiny+head+bias", "tiny+all+post"])
+@pytest.mark.parametrize("name", [*sorted(VARIANTS), "tiny+head+bias", "tiny+all+post",
+                                  "tiny+gemma"])  # fmt: skip
 def test_param_count_matches_initialised_model(name):
     cfg = VARIANTS[name.split("+")[0]]
-    if "+" in name:  # q/k norm scales (per head: 2·H; over all heads: (N + K)·H per layer),
+    if name == "tiny+gemma":  # sandwich norms: four per layer
+        cfg = cfg.replace(**GEMMA)
+    elif "+" in name:  # q/k norm scales (per head: 2·H; over all heads: (N + K)·H per layer),
         _, qk, extra = name.split("+")  # q/k/v biases, post-norm blocks
         cfg = cfg.replace(qk_norm=qk, qkv_bias=extra == "bias", norm_placement=(
             "post" if extra == "post" else "pre"))  # fmt: skip
@@ -163,6 +213,12 @@ def test_bad_config_values_name_the_field():
         get_variant("tiny", attention_impl="flash")
     with pytest.raises(KeyError, match="unknown model variant"):
         get_variant("13b")
+    with pytest.raises(ValueError, match="sliding_window_pattern=1"):
+        get_variant("tiny", sliding_window=4, sliding_window_pattern=1)
+    with pytest.raises(ValueError, match="set sliding_window too"):
+        get_variant("tiny", sliding_window_pattern=2)
+    with pytest.raises(ValueError, match="norm_placement"):
+        get_variant("tiny", norm_placement="middle")
 
 
 def test_bf16_compute_with_fp32_params():
