@@ -208,8 +208,8 @@ def _flash_standin():
 
     attend.defvjp(fwd, bwd)
 
-    def standin(q, k, v, mask, window=0):
-        del mask, window
+    def standin(q, k, v, mask, window=0, scale=None):  # attention.cudnn_attention's signature
+        del mask, window, scale
         return attend(q, k, v)
 
     return attention, standin

@@ -20,8 +20,10 @@ cost rather than bandwidth is the suspect. This kernel removes kernels and waste
   * the rotate-half split is done by loading each half of q and k from memory and summing
     two half-width dots, so no value is sliced or concatenated inside the kernel.
 
-The mask (segment ids, causality, sliding window: `attention.attention_mask`) is applied per
-key slot exactly as on the XLA path, so results match it (tests/models/test_decode.py,
+The mask (segment ids, causality, sliding window — each layer's own where local and global
+layers mix: `attention.attention_mask`) is applied per key slot, and the logits scaled
+(`ModelConfig.attn_scale`) and soft-capped (Gemma 2) exactly as on the XLA path, so results
+match it (tests/models/test_decode.py,
 run in Pallas' interpreter). On GPUs the Triton kernel runs; on other platforms the same
 kernel runs in the interpreter (tests, not speed).
 
@@ -81,12 +83,14 @@ def _fold(carry, s, ok, weighted_values):
 
 
 def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k_out_ref,
-            v_out_ref, *, groups: int, kv_heads: int, block_k: int, scale: float):  # fmt: skip
+            v_out_ref, *, groups: int, kv_heads: int, block_k: int, scale: float,
+            cap: float):  # fmt: skip
     """One (batch row b, kv head h): this step's q|k|v heads of row b (N + 2K, H), the rope
     angles of b's position (H/2,), the key and value caches (S, H) of (b, h), b's mask (S,).
     The group's G query heads are rows h·G … h·G + G - 1 of q|k|v, loaded as M ≥ 16 rows (the
     rest masked: zeros, never stored). `k_out_ref` / `v_out_ref` are `k_ref`'s / `v_ref`'s
-    buffers (aliased): the new slot is written through them."""
+    buffers (aliased): the new slot is written through them. Scores are q·k · `scale`, then
+    soft-capped to cap·tanh(s / cap) when `cap` (Gemma 2; 0 = not)."""
     del k_ref, v_ref  # read and written through their aliased output refs
     rows = o_ref.shape[0]
     H = qkv_ref.shape[1]
@@ -115,6 +119,9 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
     k_out_ref[idx, hi] = k2
     v_out_ref[idx, :] = v_new
 
+    def logits(s):
+        return cap * jnp.tanh(s * scale / cap) if cap else s * scale
+
     def step(j, carry):  # key block j of the slots before this step's
         keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         slots = j * block_k + jnp.arange(block_k)
@@ -122,7 +129,7 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
         s = plgpu.dot(q1, k_out_ref[keys, lo], trans_b=True).astype(jnp.float32)
         s += plgpu.dot(q2, k_out_ref[keys, hi], trans_b=True).astype(jnp.float32)
         v = v_out_ref[keys, :]
-        return _fold(carry, s * scale, ok, lambda p: plgpu.dot(p.astype(dtype), v))
+        return _fold(carry, logits(s), ok, lambda p: plgpu.dot(p.astype(dtype), v))
 
     init = (
         jnp.zeros((rows, H), jnp.float32),
@@ -135,14 +142,14 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
     s_new += (q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :]).sum(axis=1)
     v_new = v_new.astype(jnp.float32)[None, :]
     ok = jnp.ones((1, 1), jnp.bool_)
-    acc, _, row_sum = _fold(carry, s_new[:, None] * scale, ok,
+    acc, _, row_sum = _fold(carry, logits(s_new[:, None]), ok,
                             lambda p: p.astype(dtype).astype(jnp.float32) * v_new)  # fmt: skip
     out = (acc / row_sum[:, None]).astype(o_ref.dtype)
     plgpu.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
 
 
 def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: bool,
-          scale: float, num_warps: int = 4):  # fmt: skip
+          scale: float, cap: float = 0.0, num_warps: int = 4):  # fmt: skip
     B, K, S, H = k_BKSH.shape
     R = qkv_BRH.shape[1]  # N + 2K rows
     G = (R - 2 * K) // K
@@ -152,7 +159,7 @@ def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: b
         qkv_BRH = jnp.pad(qkv_BRH, ((0, 0), (0, M), (0, 0)))
         R += M
     kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=BLOCK_K,
-                               scale=scale)  # fmt: skip
+                               scale=scale, cap=cap)  # fmt: skip
     cache = pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0))
     per_row = lambda n: pl.BlockSpec((None, n), lambda b, k: (b, 0))  # noqa: E731
     return pl.pallas_call(
@@ -181,7 +188,7 @@ def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: b
 
 
 def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index, *,
-                     scale: float | None = None):  # fmt: skip
+                     scale: float | None = None, cap: float = 0.0):  # fmt: skip
     """One decode step of attention over a layer's (B, K, S, H) key and value caches.
 
     `qkv_BTRH`: this step's q, k and v heads before RoPE, concatenated on the head axis
@@ -189,7 +196,7 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     so the kernel reads that buffer directly). RoPE (tables as `attention.rope_tables`) on q
     and k; k and v written at slot `index` (clamped to the buffer, as `dynamic_update_slice`
     would); attention over slots [0, index] under the step's boolean mask (B, 1, 1, S), logits
-    q·k times `scale` (default head_dim^-1/2).
+    q·k times `scale` (default head_dim^-1/2), soft-capped at `cap` (0 = not).
     Returns (out (B, 1, N, H), (the key cache, the value cache)).
     """
     B, T, R, H = qkv_BTRH.shape
@@ -212,8 +219,8 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     def run(*a):
         return jax.lax.platform_dependent(
             *a,
-            cuda=functools.partial(_call, interpret=False, scale=scale),
-            default=functools.partial(_call, interpret=True, scale=scale),
+            cuda=functools.partial(_call, interpret=False, scale=scale, cap=float(cap)),
+            default=functools.partial(_call, interpret=True, scale=scale, cap=float(cap)),
         )
 
     batch_axes = _batch_axes()

@@ -575,12 +575,20 @@ def _kernel_model(**kw):
     return _model(head_dim=32, **kw)
 
 
-@pytest.mark.parametrize("window", [0, 5])
-def test_generate_with_the_kernel_equals_full_recompute(window):
+# Gemma 2's attention: local (window 5) and global layers alternating, logits scaled by
+# query_pre_attn_scalar^-1/2 and soft-capped (low enough to bite), Gemma's norms and embeddings.
+GEMMA2 = dict(sliding_window=5, sliding_window_pattern=2, query_pre_attn_scalar=20.0,
+              attn_logit_softcap=2.0, final_logit_softcap=8.0, norm_placement="sandwich",
+              norm_unit_offset=True, scale_embeddings=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("kw", [{"sliding_window": 0}, {"sliding_window": 5}, GEMMA2])
+def test_generate_with_the_kernel_equals_full_recompute(kw):
     """Greedy tokens and logprobs through `generate(decode_attention="pallas")` equal the full
-    forward's, with ragged prompts (padding holes in the cache) and a sliding window; the
-    cache (16 + 10 slots) is rounded up to whole key blocks."""
-    cfg, params = _kernel_model(sliding_window=window)
+    forward's, with ragged prompts (padding holes in the cache), a sliding window, and Gemma
+    2's mixed layers and soft-capped, rescaled logits; the cache (16 + 10 slots) is rounded up
+    to whole key blocks."""
+    cfg, params = _kernel_model(**kw)
     kw = dict(max_new_tokens=10, rng=jax.random.PRNGKey(1), temperature=0)
     out = generate(cfg, params, PROMPTS, decode_attention="pallas", **kw)
     want = _greedy_by_recompute(cfg, params, PROMPTS, 10)
@@ -609,8 +617,9 @@ def test_generate_with_the_kernel_samples_and_stops_as_the_xla_path():
     assert np.asarray(outs[0].lengths).min() < 10  # some row stopped early
 
 
-def test_generate_program_runs_the_kernel_in_every_layer():
-    cfg, params = _kernel_model()
+@pytest.mark.parametrize("kw", [{}, GEMMA2])  # (soft-capping and rescaled logits inside)
+def test_generate_program_runs_the_kernel_in_every_layer(kw):
+    cfg, params = _kernel_model(**kw)
     fn, args = generate_program(cfg, PROMPTS, rng=jax.random.PRNGKey(0), max_new_tokens=4,
                                 decode_attention="pallas")  # fmt: skip
     with kernel.lowering_target():
