@@ -36,8 +36,11 @@ where even the final turn cannot be located it is a `TemplateError` (a hard erro
 template and record — nothing falls back silently). The prompt's ids must equal the prefix text
 tokenized alone (what `generation_prompt` gives), else the record is dropped as
 "template_boundary" (a merge across the turn boundary). The mask covers the assistant content
-and the template text after it up to and including the first stop id (`tok.stop_ids`:
-`<|eot_id|>`, `<|im_end|>`); a turn without a stop id is a `TemplateError`. The rendered ids
+and the template text after it up to and including the first stop id (`tok.stop_ids`, EOS and
+generation_config.json's: `<|eot_id|>`, `<|im_end|>`, Gemma's `<end_of_turn>`); a turn without
+a stop id is a `TemplateError`. `end_id` is the stop id the template ends a turn with (found
+by rendering a probe turn), which closes a response scored outside a rendered conversation
+(win rate). The rendered ids
 are then closed as flaxlm's template closes them: exactly one untrained id after the final
 stop id (the template's next id, else EOS), so the last input is the stop id (the reward
 model's score position). Truncation cuts after a leading BOS and keeps the final assistant
@@ -170,7 +173,9 @@ def naming_record(loc: str):
 
 class JinjaChatTemplate(ChatTemplate):
     """A tokenizer's own Jinja chat template as the training template (module docstring,
-    "Jinja templates"). `stop_tokens` are the tokenizer's stop ids; `end_id` the first."""
+    "Jinja templates"). `stop_tokens` are the tokenizer's stop ids; `end_id` the one the
+    template ends an assistant turn with (Gemma: <end_of_turn>, not its EOS <eos>; the first
+    stop id when a probe conversation does not show it)."""
 
     jinja = True
 
@@ -182,7 +187,7 @@ class JinjaChatTemplate(ChatTemplate):
         self.stops = tuple(int(i) for i in getattr(tok, "stop_ids", ()) if i >= 0)
         if not self.stops:
             raise TemplateError(f"{tok.name}: chat template but no EOS/stop id to end a turn")
-        self.end_id = self.stops[0]
+        self.end_id = self._turn_end_id()
         # the template and the variables it renders with (enable_thinking changes the text)
         kwargs = json.dumps(getattr(tok, "template_kwargs", {}), sort_keys=True)
         key = tok.chat_template if kwargs == "{}" else tok.chat_template + kwargs
@@ -191,6 +196,18 @@ class JinjaChatTemplate(ChatTemplate):
     @property
     def stop_tokens(self) -> tuple[int, ...]:
         return self.stops
+
+    def _turn_end_id(self) -> int:
+        """The first stop id after the answer of a rendered probe conversation: what a scored
+        response (win rate, demo report) is closed with, as training closed its answers."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        try:
+            prompt = self.tok.encode(self.text(probe[:1], add_generation_prompt=True))
+            full = self.tok.encode(self.text(probe, add_generation_prompt=False))
+        except Exception:  # a template with demands the probe misses: keep the tokenizer's
+            return self.stops[0]
+        after = full[len(prompt) :] if full[: len(prompt)] == prompt else []
+        return next((i for i in after if i in self.stops), self.stops[0])
 
     def text(self, msgs, add_generation_prompt: bool, tools=None) -> str:
         return self.tok.render_chat_text(msgs, add_generation_prompt=add_generation_prompt,

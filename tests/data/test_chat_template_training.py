@@ -33,7 +33,8 @@ A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
 S = lambda c: {"role": "system", "content": c}  # noqa: E731
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
-            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]  # fmt: skip
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>", "<pad>",
+            "<start_of_turn>", "<end_of_turn>"]  # fmt: skip
 MERGE_WORDS = ["Ġthe", "Ġriver", "Ġforest", "system", "user", "assistant", "ĊĊ", "Ġis", "Ġa",
                "Hello", "You", "Ġare", "Ġhelpful", "Ġanswer"]  # fmt: skip
 # Llama 3's pre-tokenizer split ("\n\n" stays one piece before a word, as at a prompt's end).
@@ -63,9 +64,31 @@ LLAMA3 = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{%- endif %}"
 )
+# Gemma's: a system turn folded into the first user turn, the assistant's role named "model",
+# and turns ended by <end_of_turn>, which is not the EOS: generation_config.json lists it.
+GEMMA = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set first_user_prefix = '' %}{%- set loop_messages = messages %}{%- endif %}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<start_of_turn>model\\n' }}[[G]]{{- message['content'] | trim + '<end_of_turn>' }}[[/G]]"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<start_of_turn>' + message['role'] + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{- message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
+)
 TEMPLATES = {
     "chatml": (CHATML, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
     "llama3": (LLAMA3, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+    "gemma": (GEMMA, {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}),
 }
 CONVS = [
     [U("Hello, the river?"), A("the forest")],
@@ -87,8 +110,14 @@ def _hf_dir(d, name, generation=False, llama_split=True):
     template, specials = TEMPLATES[name]
     template = template.replace("[[G]]", "{% generation %}" if generation else "")
     template = template.replace("[[/G]]", "{% endgeneration %}" if generation else "")
-    return T.write_hf_tokenizer(d, template, specials, specials=SPECIALS,
-                                merge_words=MERGE_WORDS, pre_tokenizer=split)  # fmt: skip
+    T.write_hf_tokenizer(d, template, specials, specials=SPECIALS,
+                         merge_words=MERGE_WORDS, pre_tokenizer=split)  # fmt: skip
+    if name == "gemma":  # (as Gemma's checkpoints: stop at <eos> or <end_of_turn>)
+        with open(os.path.join(d, "tokenizer.json")) as f:
+            ids = {t["content"]: t["id"] for t in json.load(f)["added_tokens"]}
+        with open(os.path.join(d, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]]}, f)
+    return d
 
 
 def _load(tmp_path, name, **kw):
@@ -117,6 +146,18 @@ def _reference(name, tok, msgs):
             pieces += [(f"<|im_start|>{m['role']}\n", 0)]
             train = int(m["role"] == "assistant")
             pieces += [(m["content"], train), ("<|im_end|>", train), ("\n", 0)]
+    elif name == "gemma":
+        pieces += [("<bos>", 0)]
+        prefix = msgs[0]["content"] + "\n\n" if msgs[0]["role"] == "system" else ""
+        for m in msgs[1:] if prefix else msgs:
+            if m["role"] == "assistant":
+                pieces += [("<start_of_turn>model\n", 0), (m["content"].strip(), 1),
+                           ("<end_of_turn>", 1), ("\n", 0)]  # fmt: skip
+            else:
+                text = prefix + m["content"].strip()
+                pieces += [(f"<start_of_turn>{m['role']}\n", 0), (text, 0),
+                           ("<end_of_turn>\n", 0)]  # fmt: skip
+                prefix = ""
     else:
         pieces += [("<|begin_of_text|>", 0)]
         for m in msgs:
@@ -174,6 +215,24 @@ FROZEN = {
              289, 263, 316, 314, 285, 315, 286],
         ),
     ],
+    'gemma': [
+        (
+            [317, 320, 277, 198, 293, 11, 258, 263, 30, 321, 198, 320, 76, 78, 67, 68, 75, 198, 83,
+             71, 68, 269, 321, 198],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0],
+            [317, 320, 277, 198, 293, 11, 258, 263, 30, 321, 198, 320, 76, 78, 67, 68, 75, 198],
+        ),
+        (
+            [317, 320, 277, 198, 295, 297, 289, 263, 13, 198, 198, 83, 71, 68, 263, 321, 198, 320,
+             76, 78, 67, 68, 75, 198, 83, 71, 68, 269, 321, 198, 320, 277, 198, 72, 82, 289, 263,
+             321, 198, 320, 76, 78, 67, 68, 75, 198, 293, 321, 198],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1,
+             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
+            [317, 320, 277, 198, 295, 297, 289, 263, 13, 198, 198, 83, 71, 68, 263, 321, 198, 320,
+             76, 78, 67, 68, 75, 198, 83, 71, 68, 269, 321, 198, 320, 277, 198, 72, 82, 289, 263,
+             321, 198, 320, 76, 78, 67, 68, 75, 198],
+        ),
+    ],
 }  # fmt: skip
 
 
@@ -189,7 +248,8 @@ def test_ids_and_mask_are_the_reference_and_transformers(hf, i):
     # one untrained closing id (ChatML's "\n"; after Llama 3's final <|eot_id|>, EOS).
     n = len(hf_ids)
     assert ids[:n] == hf_ids and mask[:n] == hf_mask and mask[n:] == [0] * (len(ids) - n)
-    stop = t.end_id
+    stop = t.end_id  # the id the template ends a turn with: Gemma's is not its EOS
+    assert (stop != tok.eos_id) == (name == "gemma") and stop in t.stop_tokens
     assert ids[-2] == stop and mask[-2] == 1 and mask[-1] == 0  # the reward score position
     n_turns = sum(m["role"] == "assistant" for m in CONVS[i])
     assert [x for x, m in zip(ids, mask) if m].count(stop) == n_turns  # every turn's stop
@@ -216,15 +276,14 @@ def test_truncation_keeps_bos_and_the_final_turn_and_drops_what_cannot_fit(hf, t
     seq_len = len(full) - 1 - 9
     (ex,) = F.render_sft([({"messages": conv}, "c:1")], t, seq_len, report=report)
     ids, mask = ex["ids"].tolist(), ex["mask"].tolist()
-    head = 1 if name == "llama3" else 0  # a template's BOS is kept
+    head = int(name in ("llama3", "gemma"))  # a template's BOS is kept
     assert ids == full[:head].tolist() + full[head + 9 :].tolist()
     assert mask == fmask[:head].tolist() + fmask[head + 9 :].tolist()
     assert report.truncated == 1 and report.to_dict()["chat_template"] == t.name
     # The final turn whole (its header too): everything after the previous message's end.
-    final_header = tok.encode(
-        "<|im_start|>assistant\n" if name == "chatml" else
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    )  # fmt: skip
+    final_header = tok.encode({"chatml": "<|im_start|>assistant\n",
+                               "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                               "gemma": "<start_of_turn>model\n"}[name])  # fmt: skip
     tail = final_header + tok.encode("Hello") + [t.end_id]
     assert ids[-len(tail) - 1 : -1] == tail
     # The final turn alone does not fit: dropped under either policy; "drop" drops any overlength.
@@ -256,7 +315,7 @@ def test_preference_pairs_share_the_generation_prompt_and_cut_only_it(hf):
     longest = max(len(pair[s][0]) for s in ("chosen", "rejected")) - 1
     report = F.DataReport()
     (cut,) = F.render_preferences([(rec, "p:1")], t, longest - 5, report=report)
-    head = 1 if name == "llama3" else 0
+    head = int(name in ("llama3", "gemma"))
     for side in ("chosen", "rejected"):
         ids, mask = pair[side]
         keep = np.r_[np.arange(head), np.arange(head + 5, len(ids))]
