@@ -38,7 +38,7 @@ from flaxlm.models.sharding import logical_axes_unsplit
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse frequencies θ^(-2i/R) of the R = rotary_dim rotated dims (all of head_dim
-    unless partial), with optional linear, Llama-3 or YaRN scaling."""
+    unless partial), with optional linear, Llama-3, YaRN or (short) LongRoPE scaling."""
     H = cfg.rotary_dim_
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float64) / H))
     if cfg.rope_scaling == "linear":
@@ -61,7 +61,20 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         inv_freq = np.where(medium, blended, scaled)
     elif cfg.rope_scaling == "yarn":
         inv_freq = _yarn_inv_freq(cfg, inv_freq)
+    elif cfg.rope_scaling == "longrope":  # the short factors (`longrope_inv_freqs`)
+        inv_freq = inv_freq / np.asarray(cfg.rope_short_factors, np.float64)
     return inv_freq.astype(np.float32)
+
+
+def longrope_inv_freqs(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """LongRoPE's two sets of inverse frequencies, (short, long): θ^(-2i/R) / factor_i, as
+    transformers computes them (float32 factors times the float32 powers)."""
+    R = cfg.rotary_dim_
+    powers = np.float32(cfg.rope_theta) ** (np.arange(0, R, 2).astype(np.float32) / np.float32(R))
+    return tuple(
+        (1.0 / (np.asarray(f, np.float32) * powers)).astype(np.float32)
+        for f in (cfg.rope_short_factors, cfg.rope_long_factors)
+    )
 
 
 def _yarn_inv_freq(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
@@ -88,11 +101,13 @@ def _yarn_inv_freq(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
 def rope_attention_factor(cfg: ModelConfig) -> float:
     """The factor YaRN multiplies cos and sin by (so attention logits by its square): the
     config's, or the paper's 0.1·ln(factor) + 1; 1 for other rope types."""
-    if cfg.rope_scaling != "yarn":
+    if cfg.rope_scaling not in ("yarn", "longrope"):
         return 1.0
     if cfg.rope_attention_factor:
         return cfg.rope_attention_factor
     f = cfg.rope_scaling_factor
+    if cfg.rope_scaling == "longrope":
+        return 1.0 if f <= 1 else math.sqrt(1 + math.log(f) / math.log(cfg.rope_original_max_len))
     return 1.0 if f <= 1 else 0.1 * math.log(f) + 1.0
 
 
@@ -106,9 +121,17 @@ def local_rope_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of position × frequency, (B, T, H/2), float32 (times YaRN's attention
-    factor, as HF applies it)."""
-    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    """cos and sin of position × frequency, (B, T, H/2), float32 (times YaRN's or LongRoPE's
+    attention factor, as HF applies it). LongRoPE takes its long frequencies when the batch's
+    largest position + 1 exceeds the original context, its short ones otherwise: transformers'
+    choice, per forward (a decode step decides by its own positions)."""
+    pos = positions_BT.astype(jnp.float32)[..., None]
+    if cfg.rope_scaling == "longrope":
+        short, long = longrope_inv_freqs(cfg)
+        use_long = jnp.max(positions_BT) + 1 > cfg.rope_original_max_len
+        angles = pos * jnp.where(use_long, jnp.asarray(long), jnp.asarray(short))
+    else:
+        angles = pos * jnp.asarray(rope_inv_freq(cfg))
     scale = rope_attention_factor(cfg)
     if scale == 1.0:
         return jnp.cos(angles), jnp.sin(angles)
@@ -315,7 +338,6 @@ class Attention(nn.Module):
         scale, cap = (cfg.attn_scale if cfg.query_pre_attn_scalar else None), cfg.attn_logit_softcap
         if (layer_cache is not None and self.decode_attention == "pallas"
                 and cfg.rotary_dim_ == H  # the kernel rotates whole heads
-                and not cap  # and has no soft-capping (Gemma 2 decodes on the XLA path)
                 and decode_kernel.supports(layer_cache[0].shape[2], T, H)
                 and decode_kernel.mesh_supports()):  # fmt: skip
             # One kernel: RoPE, the cache write and attention over the written slots.
@@ -328,6 +350,7 @@ class Attention(nn.Module):
                 ctx["mask"],
                 ctx["index"],
                 scale=cfg.attn_scale,
+                cap=cap,
             )
             return self._out_proj(out), layer_cache
         q = apply_rope(q, ctx["cos"], ctx["sin"])

@@ -34,11 +34,11 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base frequency
     rotary_dim: int = 0  # leading head dims RoPE rotates (Phi's partial rotary); 0 = head_dim
-    rope_scaling: str = "none"  # none | linear | llama3 | yarn
+    rope_scaling: str = "none"  # none | linear | llama3 | yarn | longrope
     rope_scaling_factor: float = 1.0  # context extension factor for linear / llama3 / yarn
     rope_low_freq_factor: float = 1.0  # llama3 scaling: long wavelengths are fully scaled
     rope_high_freq_factor: float = 4.0  # llama3 scaling: short wavelengths are kept
-    rope_original_max_len: int = 8192  # llama3 / yarn scaling: pretraining context length
+    rope_original_max_len: int = 8192  # llama3 / yarn / longrope: pretraining context length
     # yarn scaling (Qwen2.5/Qwen3 long context, DeepSeek): frequencies that turn more than
     # beta_fast times over the original context are kept, fewer than beta_slow times scaled,
     # ramped in between; cos/sin are multiplied by the attention factor (0 = 0.1·ln(factor)+1)
@@ -46,6 +46,12 @@ class ModelConfig:
     rope_yarn_beta_slow: float = 1.0
     rope_yarn_truncate: bool = True  # round the ramp's ends to whole dims (HF's default)
     rope_attention_factor: float = 0.0
+    # longrope (Phi-3.5, Phi-4-mini long context): each rotary frequency divided by its own
+    # factor, the short ones while a batch's positions stay within rope_original_max_len and
+    # the long ones beyond; cos/sin times the attention factor (0 = sqrt(1 + ln(factor) /
+    # ln(original))). rotary_dim / 2 factors each.
+    rope_short_factors: tuple = ()
+    rope_long_factors: tuple = ()
     qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
     # RMSNorm of q and k before RoPE: none | head (over head_dim, each head: Qwen3) | all (over
     # all heads' dims at once: OLMo 2)
@@ -92,7 +98,7 @@ class ModelConfig:
                 "set head_dim explicitly"
             )
         choices = {
-            "rope_scaling": ("none", "linear", "llama3", "yarn"),
+            "rope_scaling": ("none", "linear", "llama3", "yarn", "longrope"),
             "qk_norm": ("none", "head", "all"),
             "norm_placement": ("pre", "post", "sandwich"),
             "mlp_activation": ("silu", "gelu"),
@@ -109,6 +115,14 @@ class ModelConfig:
         if self.rotary_dim_ % 2 or not 0 < self.rotary_dim_ <= self.head_dim_:
             raise ValueError(f"ModelConfig: rotary_dim={self.rotary_dim} must be even and in "
                              f"(0, head_dim={self.head_dim_}] (0 = head_dim)")  # fmt: skip
+        for name in ("rope_short_factors", "rope_long_factors"):  # (lists from JSON/ConfigDict)
+            object.__setattr__(self, name, tuple(float(x) for x in getattr(self, name)))
+        if self.rope_scaling == "longrope":
+            half = self.rotary_dim_ // 2
+            for name in ("rope_short_factors", "rope_long_factors"):
+                if len(getattr(self, name)) != half:
+                    raise ValueError(f"ModelConfig.{name} has {len(getattr(self, name))} factors; "
+                                     f"longrope needs rotary_dim / 2 = {half}")  # fmt: skip
         P = self.sliding_window_pattern
         if P == 1 or P < 0:
             raise ValueError(f"ModelConfig: sliding_window_pattern={P}; expected 0 (every layer "

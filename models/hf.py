@@ -16,25 +16,31 @@ axes: q/k/v (D, heads, H) = W.T reshaped, o (N, H, D) = W.T reshaped, MLP (in, o
 head (D, V). Both use the "rotate half" RoPE layout, so no q/k permutation is needed (the parity
 fixtures in tests/fixtures/hf prove it to 1e-4 in fp32 against transformers).
 
-Config. Both rope layouts are read: the newer `rope_parameters` {rope_type, rope_theta, ...}
-and the older `rope_theta` + `rope_scaling` {type|rope_type, factor, ...}; rope types default,
-linear, llama3 and yarn (Qwen2.5/Qwen3 long context; `mscale`/`mscale_all_dim` become the
-attention factor). Sliding windows: Mistral's `sliding_window`; Qwen2/3's `use_sliding_window` /
+Config. Both rope layouts are read: the newer `rope_parameters` {rope_type, rope_theta, ...} and
+the older `rope_theta` + `rope_scaling` {type|rope_type, factor, ...}; rope types default, linear,
+llama3, yarn (Qwen2.5/Qwen3 long context; `mscale`/`mscale_all_dim` become the attention factor)
+and longrope; a top-level `original_max_position_embeddings` wins over the rope parameters' (as in
+transformers 5). Sliding windows: Mistral's `sliding_window`; Qwen2/3's `use_sliding_window` /
 `max_window_layers` / `layer_types` (all layers alike); Gemma 2/3's `layer_types` (or the older
-`sliding_window_pattern`) with every P-th layer global, `sliding_window_pattern=P`; other
-mixes are an error. What sets a family apart is fixed per arch (ARCH_FIXED): Qwen3's per-head
-q/k RMSNorms are `qk_norm="head"`; OLMo 2's norms over all heads' q and k are `qk_norm="all"`
-and its norms after attention and the MLP `norm_placement="post"`; Gemma's norms scale by
-(1 + w) (`norm_unit_offset`) and its embeddings by sqrt(D) (`scale_embeddings`), Gemma 2/3
-normalise before and after attention and the MLP (`norm_placement="sandwich"`) and scale
-logits by `query_pre_attn_scalar`; Gemma 2's soft-caps are `attn_logit_softcap` /
-`final_logit_softcap`; Gemma 3's two RoPEs (rope_parameters by layer type, or rope_theta +
-rope_local_base_freq) are the global layers' rope_theta/rope_scaling and the local layers'
-`rope_local_theta`. Phi-3/Phi-4: their fused qkv_proj and gate_up_proj weights split into q/k/v
-and gate/up (joined again on export), `partial_rotary_factor` is `rotary_dim`, a
-`sliding_window` covers every layer (longrope scaling is not supported). Gemma 3 checkpoints
-load as `gemma3_text` (Gemma3ForCausalLM: the 1B model and text-only exports).
-Export writes both rope layouts, so older and newer transformers read it.
+`sliding_window_pattern`) with every P-th layer global, `sliding_window_pattern=P`; other mixes are
+an error. What sets a family apart is fixed per arch (ARCH_FIXED): Qwen3's per-head q/k RMSNorms
+are `qk_norm="head"`; OLMo 2's norms over all heads' q and k are `qk_norm="all"` and its norms
+after attention and the MLP `norm_placement="post"`; Gemma's norms scale by (1 + w)
+(`norm_unit_offset`) and its embeddings by sqrt(D) (`scale_embeddings`), Gemma 2/3 normalise before
+and after attention and the MLP (`norm_placement="sandwich"`) and scale logits by
+`query_pre_attn_scalar`; Gemma 2's soft-caps are `attn_logit_softcap` / `final_logit_softcap`;
+Gemma 3's two RoPEs (rope_parameters by layer type, or rope_theta + rope_local_base_freq) are the
+global layers' rope_theta/rope_scaling and the local layers' `rope_local_theta`. Phi-3/Phi-4: their
+fused qkv_proj and gate_up_proj weights split into q/k/v and gate/up (joined again on export),
+`partial_rotary_factor` is `rotary_dim`, a `sliding_window` covers every layer; their long-context
+LongRoPE (Phi-3.5, Phi-4-mini; "su" and "yarn" in Phi-3's first configs) is
+`rope_scaling="longrope"`, short or long factors chosen per forward as transformers chooses them.
+(One difference in generation: when a sequence grows past the original context, transformers' Phi-3
+`generate` recomputes its whole cache with the long factors once; flaxlm's decode keeps the keys it
+cached.) Gemma 3 loads as `gemma3_text` (Gemma3ForCausalLM), also from the image-text checkpoints
+of Gemma 3 4B-27B (model_type "gemma3", MULTIMODAL): their text_config (sparse; Gemma3TextConfig's
+defaults fill it) and the tensors under language_model.; the image tower is skipped, export writes
+gemma3_text. Export writes both rope layouts, so older and newer transformers read it.
 
 Large checkpoints load shard by shard (model.safetensors.index.json; a model.safetensors beside
 it wins, as in transformers): each tensor is read from
@@ -51,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -152,8 +159,12 @@ def _rope_from_hf(hf: dict, where: str) -> dict:
     params = _rope_params(hf, where)
     kind = params.get("rope_type", params.get("type", "default"))
     out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind in ("su", "yarn") and hf.get("model_type") == "phi3":
+        kind = "longrope"  # (Phi-3's early configs' names for it, as Phi3Config reads them)
     if kind == "default":
         return out
+    if kind == "longrope":
+        return {**out, **_longrope_from_hf(params, hf, where)}
     if "factor" not in params:
         raise HFError(f"{where}: rope scaling {kind!r} lacks 'factor'")
     out.update(rope_scaling_factor=float(params["factor"]))
@@ -166,13 +177,48 @@ def _rope_from_hf(hf: dict, where: str) -> dict:
                 "rope_scaling": "llama3",
                 "rope_low_freq_factor": float(params["low_freq_factor"]),
                 "rope_high_freq_factor": float(params["high_freq_factor"]),
-                "rope_original_max_len": int(params["original_max_position_embeddings"]),
+                "rope_original_max_len": _original_len(params, hf, where),
             }
         except KeyError as e:
             raise HFError(f"{where}: llama3 rope scaling lacks {e.args[0]!r}") from None
     if kind == "yarn":
         return {**out, **_yarn_from_hf(params, hf, out["rope_scaling_factor"], where)}
-    raise HFError(f"{where}: rope type {kind!r} is not supported (default, linear, llama3, yarn)")
+    raise HFError(
+        f"{where}: rope type {kind!r} is not supported (default, linear, llama3, yarn, longrope)"
+    )
+
+
+def _original_len(params: dict, hf: dict, where: str) -> int:
+    """The pretraining context of llama3 / yarn / longrope scaling, as transformers 5 settles
+    it: a top-level original_max_position_embeddings wins (Phi3Config always has one, 4096 by
+    default), then the rope parameters', then max_position_embeddings."""
+    top = hf.get("original_max_position_embeddings")
+    if top is None and hf.get("model_type") == "phi3":
+        top = 4096
+    original = top or params.get("original_max_position_embeddings") or hf.get(
+        "max_position_embeddings")  # fmt: skip
+    if not original:
+        raise HFError(f"{where}: rope scaling lacks 'original_max_position_embeddings'")
+    return int(original)
+
+
+def _longrope_from_hf(params: dict, hf: dict, where: str) -> dict:
+    """LongRoPE as transformers reads it: short_factor / long_factor lists, the original
+    context (rope parameters, else the top-level key), the factor (default: max positions /
+    original) and the attention factor (default sqrt(1 + ln(factor) / ln(original)), kept
+    explicit so export writes what was used)."""
+    original = _original_len(params, hf, where)
+    try:
+        short, long = (list(map(float, params[k])) for k in ("short_factor", "long_factor"))
+    except KeyError as e:
+        raise HFError(f"{where}: longrope rope scaling lacks {e.args[0]!r}") from None
+    factor = float(params.get("factor") or hf.get("max_position_embeddings", original) / original)
+    attn = params.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_scaling": "longrope", "rope_scaling_factor": factor,
+            "rope_original_max_len": int(original), "rope_short_factors": tuple(short),
+            "rope_long_factors": tuple(long), "rope_attention_factor": float(attn)}  # fmt: skip
 
 
 def _yarn_from_hf(params: dict, hf: dict, factor: float, where: str) -> dict:
@@ -181,10 +227,7 @@ def _yarn_from_hf(params: dict, hf: dict, factor: float, where: str) -> dict:
     0.1·ln(factor) + 1 (kept explicit here, so export writes what was used)."""
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise HFError(f"{where}: partial_rotary_factor is not supported")
-    original = params.get("original_max_position_embeddings") or hf.get(
-        "original_max_position_embeddings") or hf.get("max_position_embeddings")  # fmt: skip
-    if not original:
-        raise HFError(f"{where}: yarn rope scaling lacks 'original_max_position_embeddings'")
+    original = _original_len(params, hf, where)
 
     def mscale(scale, m=1.0):
         return 1.0 if scale <= 1 else 0.1 * m * np.log(scale) + 1.0
@@ -389,6 +432,9 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
     if arch not in ARCHS:
         raise HFError(f"export: arch {arch!r} is not supported; choose one of {sorted(ARCHS)}")
     _check_expressible(cfg, arch)
+    if arch == "phi3" and cfg.rope_scaling == "yarn":  # (Phi3Config reads "yarn" as longrope)
+        raise HFError("export: arch 'phi3' reads rope type 'yarn' as longrope; use arch='qwen3' "
+                      "or 'llama'")  # fmt: skip
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling == "linear":
         rope.update(rope_type="linear", factor=cfg.rope_scaling_factor)
@@ -408,6 +454,15 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
             beta_fast=cfg.rope_yarn_beta_fast,
             beta_slow=cfg.rope_yarn_beta_slow,
             truncate=cfg.rope_yarn_truncate,
+            attention_factor=rope_attention_factor(cfg),
+        )
+    elif cfg.rope_scaling == "longrope":
+        rope.update(
+            rope_type="longrope",
+            factor=cfg.rope_scaling_factor,
+            original_max_position_embeddings=cfg.rope_original_max_len,
+            short_factor=list(cfg.rope_short_factors),
+            long_factor=list(cfg.rope_long_factors),
             attention_factor=rope_attention_factor(cfg),
         )
     legacy = None if rope["rope_type"] == "default" else {**rope, "type": rope["rope_type"]}
@@ -444,8 +499,12 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         out.update(sliding_window=cfg.sliding_window or None)
         if arch == "phi3":
             factor = cfg.rotary_dim_ / cfg.head_dim_
+            # (a top-level original length wins over the rope parameters' in transformers:
+            # the scaled ropes' own, else the context)
+            scaled = cfg.rope_scaling in ("llama3", "longrope")
+            original = cfg.rope_original_max_len if scaled else cfg.max_seq_len
             out.update(partial_rotary_factor=factor,
-                       original_max_position_embeddings=cfg.max_seq_len)  # fmt: skip
+                       original_max_position_embeddings=original)  # fmt: skip
             rope["partial_rotary_factor"] = factor
     elif arch in _QWEN:
         w = cfg.sliding_window

@@ -24,7 +24,7 @@ from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3", "olmo2",
-            "gemma", "gemma2", "gemma3")  # fmt: skip
+            "gemma", "gemma2", "gemma3", "phi3_longrope")  # fmt: skip
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -38,7 +38,9 @@ def _max_err(cfg, params, ref, layout):
 def test_logits_match_transformers(family):
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     ref = np.load(os.path.join(FIX, family, "reference.npz"))
-    for layout in ("full", "right", "left"):  # no padding, right padding, left padding
+    layouts = [k[: -len("_mask")] for k in ref.files if k.endswith("_mask")]
+    assert {"full", "right", "left"} <= set(layouts)  # no padding, right and left padding
+    for layout in layouts:  # (+ LongRoPE's "short": within the original context)
         assert _max_err(cfg, params, ref, layout) < 1e-4, (family, layout)
     # Logits are O(1): a 1e-4 match is not a match of near-constant outputs.
     assert np.std(ref["full_logits"]) > 0.5
@@ -49,10 +51,10 @@ def test_logits_match_transformers(family):
     [("mistral", "xla"), ("qwen2", "xla"), ("qwen3", "xla"), ("qwen3_yarn", "xla"),
      ("qwen3_yarn", "pallas"), ("phi3", "xla"), ("phi3", "pallas"), ("olmo2", "xla"),
      ("olmo2", "pallas"), ("gemma", "xla"), ("gemma2", "xla"), ("gemma2", "pallas"),
-     ("gemma3", "xla"), ("gemma3", "pallas")],
+     ("gemma3", "xla"), ("gemma3", "pallas"), ("phi3_longrope", "xla")],
 )  # fmt: skip  # the families' decode-time features (head_dim 8/16 keep "pallas" on the XLA
-# path, as Gemma 2's soft-capping does; Gemma 3's head_dim 32 runs the kernel: local and
-# global layers' masks and tables, query_pre_attn_scalar)
+# path; Gemma 3's head_dim 32 runs the kernel: local and global layers' masks and tables,
+# query_pre_attn_scalar; test_decode.py runs it with Gemma 2's soft-capping)
 def test_cached_greedy_decoding_matches_transformers_generate(family, attn):
     """flaxlm's KV-cache decode (ragged right-padded prompts) reproduces transformers' greedy
     `generate` (left-padded, its own cache) token for token: sliding window, biases, per-head
@@ -107,6 +109,14 @@ def test_fixtures_catch_rope_and_window_bugs():
     }
     assert _max_err(cfg.replace(qk_norm="head"), head, ref, "full") > 1e-2
     assert _max_err(cfg.replace(norm_placement="pre"), params, ref, "full") > 1e-2
+    # LongRoPE: the long factors past the original context, the short ones within it, and
+    # the attention factor — each swapped or dropped shows
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "phi3_longrope"))
+    ref = np.load(os.path.join(FIX, "phi3_longrope", "reference.npz"))
+    short, long = cfg.rope_short_factors, cfg.rope_long_factors
+    assert _max_err(cfg.replace(rope_long_factors=short), params, ref, "full") > 1e-2
+    assert _max_err(cfg.replace(rope_short_factors=long), params, ref, "short") > 1e-2
+    assert _max_err(cfg.replace(rope_attention_factor=1.0), params, ref, "full") > 1e-2
 
 
 def test_config_translation():
@@ -203,6 +213,21 @@ def test_old_rope_layout_reads_the_same(tmp_path):
     c = hf.config_from_hf({**json.loads((tmp_path / "src" / "config.json").read_text()),
                            "rope_scaling": None, "rope_theta": 5e5})  # fmt: skip
     assert c.rope_scaling == "none" and c.rope_theta == 5e5
+    # Phi-3's first configs: LongRoPE as rope_scaling {"type": "su"} (or "yarn"), as Phi3Config
+    # reads them; the top-level original context wins over the rope parameters' (transformers)
+    want = hf.load_config(os.path.join(FIX, "phi3_longrope"))
+    for name in ("su", "yarn"):
+        d = _copy("phi3_longrope", tmp_path, old_layout, name=name)
+        c = json.loads(open(os.path.join(d, "config.json")).read())
+        c["rope_scaling"]["type"] = name
+        c["rope_scaling"]["original_max_position_embeddings"] = 99
+        open(os.path.join(d, "config.json"), "w").write(json.dumps(c))
+        assert hf.load_config(d) == want, name
+    with pytest.raises(hf.HFError, match="lacks 'long_factor'"):
+        hf.config_from_hf({**c, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 3}})
+    with pytest.raises(ValueError, match="rope_long_factors has 2 factors; longrope needs "
+                       r"rotary_dim / 2 = 3"):  # fmt: skip
+        want.replace(rope_long_factors=(1.0, 2.0))
 
 
 @pytest.mark.parametrize("family,arch", [("llama", "llama"), ("llama3", "llama"),
@@ -210,7 +235,8 @@ def test_old_rope_layout_reads_the_same(tmp_path):
                                          ("qwen3", "qwen3"), ("qwen3_yarn", "qwen3"),
                                          ("phi3", "phi3"), ("olmo2", "olmo2"),
                                          ("gemma", "gemma"), ("gemma2", "gemma2"),
-                                         ("gemma3", "gemma3_text")])  # fmt: skip
+                                         ("gemma3", "gemma3_text"),
+                                         ("phi3_longrope", "phi3")])  # fmt: skip
 def test_import_export_import_round_trip(family, arch, tmp_path):
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     out = tmp_path / "export"
@@ -340,9 +366,12 @@ def test_bad_checkpoints_name_the_key_or_tensor(tmp_path):
         hf.load_pretrained(_copy("llama", tmp_path, lambda c: c.update(model_type="gpt2"), "a"))
     with pytest.raises(hf.HFError, match="missing key 'hidden_size'"):
         hf.load_config(_copy("llama", tmp_path, lambda c: c.pop("hidden_size"), "b"))
-    with pytest.raises(hf.HFError, match="rope type 'longrope' is not supported"):
-        edit = lambda c: c["rope_parameters"].update(rope_type="longrope", factor=2.0)
+    with pytest.raises(hf.HFError, match="rope type 'dynamic' is not supported"):
+        edit = lambda c: c["rope_parameters"].update(rope_type="dynamic", factor=2.0)
         hf.load_config(_copy("llama", tmp_path, edit, "c"))
+    with pytest.raises(hf.HFError, match=r"c2/config.json: longrope rope scaling lacks 'short_"):
+        edit = lambda c: c["rope_parameters"].update(rope_type="longrope", factor=2.0)
+        hf.load_config(_copy("llama", tmp_path, edit, "c2"))
     with pytest.raises(hf.HFError, match="layer_types"):
         edit = lambda c: c.update(
             layer_types=["full_attention", "sliding_attention"], sliding_window=4
