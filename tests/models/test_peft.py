@@ -204,11 +204,14 @@ print(json.dumps(out.tolist()))
 """
 
 
-def test_live_peft_loads_the_adapter_onto_transformers(tmp_path, hf_live):
-    cfg, params = hf.load_pretrained(FIX)
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # (Gemma 3: tied, sandwich norms)
+def test_live_peft_loads_the_adapter_onto_transformers(tmp_path, hf_live, family):
+    base = os.path.join(os.path.dirname(FIX), family)
+    cfg, params = hf.load_pretrained(base)
     lora = _adapters(params)
     adapter = peft.save_adapter(cfg, lora, SPEC, str(tmp_path / "adapter"))
-    tokens = np.load(os.path.join(FIX, "reference.npz"))["full_tokens"]
-    live = np.asarray(hf_live(LIVE, FIX, adapter, tokens.tolist()))
-    ours = _logits(cfg, L.merge({"base": params, "lora": lora}, SPEC))
+    tokens = np.load(os.path.join(base, "reference.npz"))["full_tokens"]
+    live = np.asarray(hf_live(LIVE, base, adapter, tokens.tolist()))
+    merged = L.merge({"base": params, "lora": lora}, SPEC)
+    ours = np.asarray(hf.forward(cfg, merged, tokens))
     np.testing.assert_allclose(ours, live, atol=1e-4)
