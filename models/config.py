@@ -232,11 +232,21 @@ class ModelConfig:
         """Training FLOPs per token: 6·N_matmul + 12·L·d_attn·T (PaLM, appendix B).
 
         Attention is counted non-causal by default (PaLM); `causal=True` halves the attention
-        term, the count a FlashAttention-style kernel actually performs.
+        term, the count a FlashAttention-style kernel actually performs. A layer with a sliding
+        window W attends to at most W keys: its T is min(T, W), and causally its average span,
+        T/2 up to W and W − W²/(2T) beyond (each query sees min(t, W) keys). Full-attention
+        models count exactly as before.
         """
-        attn = 12 * self.n_layers * self.n_heads * self.head_dim_ * seq_len
-        if causal:
-            attn /= 2
+        per_layer = 12 * self.n_heads * self.head_dim_
+        attn = 0.0
+        for i in range(self.n_layers):
+            W = self.layer_window(i) or seq_len
+            if not causal:
+                attn += per_layer * min(seq_len, W)
+            elif seq_len <= W:
+                attn += per_layer * seq_len / 2
+            else:
+                attn += per_layer * (W - W * W / (2 * seq_len))
         return 6 * self.param_counts()["matmul"] + attn
 
 

@@ -7,9 +7,9 @@ finally went: steps a guard rollback or a resume trains again have their earlier
 resume, rollback and early stop. Only process 0 writes.
 
 MFU = achieved model FLOP/s ÷ (peak FLOP/s per chip × chips), with model FLOPs per token from
-`ModelConfig.flops_per_token` (PaLM count: 6·N_matmul + 12·L·d_attn·T; `mfu_causal` halves the
-attention term). Peaks are dense bf16 datasheet figures; on an unknown device (a CPU) MFU is
-null unless `peak_tflops` is configured.
+`ModelConfig.flops_per_token` (PaLM count: 6·N_matmul + 12·L·d_attn·T, a sliding-window layer's
+T capped at its window; `mfu_causal` halves the attention term). Peaks are dense bf16 datasheet
+figures; on an unknown device (a CPU) MFU is null unless `peak_tflops` is configured.
 """
 
 from __future__ import annotations

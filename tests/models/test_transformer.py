@@ -204,6 +204,19 @@ def test_flops_convention():
     expected = 6 * c["matmul"] + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim_ * T
     assert cfg.flops_per_token(T) == expected
     assert cfg.flops_per_token(T, causal=True) == expected - 6 * 22 * 2048 * T
+    # Sliding windows: a local layer's query sees min(t, W) keys (counted against brute force;
+    # the causal convention is T/2 where the exact mean is (T + 1)/2, hence the tolerance);
+    # with Gemma's pattern 2 half the layers are global.
+    matmul = 6 * c["matmul"]
+    for window, pattern, n_local in ((512, 0, 22), (512, 2, 11), (4096, 0, 22)):
+        w = cfg.replace(sliding_window=window, sliding_window_pattern=pattern)
+        spans = np.minimum(np.arange(1, T + 1), window)
+        d = 12 * cfg.n_heads * cfg.head_dim_
+        full, local = d * T, d * min(T, window)
+        assert w.flops_per_token(T) == matmul + n_local * local + (22 - n_local) * full
+        want = matmul + d * (n_local * spans.mean() + (22 - n_local) * (T + 1) / 2)
+        np.testing.assert_allclose(w.flops_per_token(T, causal=True), want, rtol=1e-4)
+    assert cfg.replace(sliding_window=512).flops_per_token(T) < expected
 
 
 def test_bad_config_values_name_the_field():
