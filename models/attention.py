@@ -244,25 +244,44 @@ def layer_context(cfg: ModelConfig, ctx: dict, local) -> dict:
     With local and global layers mixed (`cfg.sliding_window_pattern`), `ctx` holds both
     kinds' masks ("mask" global, "mask_local") and, with `rope_local_theta`, both kinds'
     tables ("cos_local", "sin_local"). `local` is the layer's kind: a Python bool when layers
-    are unrolled, a traced bool when they are scanned (then both masks are explicit arrays
-    and the layer selects elementwise). Otherwise every layer sees `ctx` as is."""
+    are unrolled, a traced bool when they are scanned — then the layer selects its tables and
+    explicit masks elementwise, and without masks (plain causal rows) its "window" is None
+    and `by_window` branches on "local". Otherwise every layer sees `ctx` as is."""
     if not cfg.mixed_layers:
         return {**ctx, "window": cfg.sliding_window}
-    out = dict(ctx)
+    out = {k: v for k, v in ctx.items() if k not in ("mask_local", "cos_local", "sin_local")}
     pairs = [("mask", "mask_local")] + (
         [("cos", "cos_local"), ("sin", "sin_local")] if "cos_local" in ctx else [])  # fmt: skip
     for glob, loc in pairs:
         if isinstance(local, bool):
             out[glob] = ctx[loc] if local else ctx[glob]
-        else:
+        elif ctx[glob] is not None:
             out[glob] = jnp.where(local, ctx[loc], ctx[glob])
     if isinstance(local, bool):
         out["window"] = cfg.sliding_window if local else 0
-    else:  # the masks carry the window; the plain-causal fast path does not apply
-        out["window"] = None
-    for k in ("mask_local", "cos_local", "sin_local"):
-        out.pop(k, None)
+    else:
+        out["window"], out["local"] = None, local
     return out
+
+
+def by_window(cfg: ModelConfig, ctx: dict, attend):
+    """`attend(window)` for this layer: with its static window, or (a scanned layer of a mixed
+    pattern, kind traced) with the local or the global one by `lax.cond` — both kernels
+    compiled, one run, and the fast causal(+window) modes kept, no (B, T, T) masks built. An
+    explicit mask already carries the layer's window: window 0 then."""
+    if ctx["window"] is not None:
+        return attend(ctx["window"])
+    if ctx["mask"] is not None:
+        return attend(0)
+    return jax.lax.cond(ctx["local"], lambda: attend(cfg.sliding_window), lambda: attend(0))
+
+
+def causal_mask(T: int, S: int, window: int) -> jax.Array:
+    """(1, 1, T, S): key s visible to query t (both from 0) when s <= t (and t - s < window)."""
+    mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
+    if window:
+        mask &= (jnp.arange(T)[:, None] - jnp.arange(S)[None, :]) < window
+    return mask[None, None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,21 +390,19 @@ class Attention(nn.Module):
                 q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"], scale, cap
             )
         elif cfg.attention_impl == "cudnn" and not cap:  # (cuDNN has no soft-capping)
-            out = cudnn_attention(q, k, v, ctx["mask"], ctx["window"], scale)
+            out = by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
         else:
-            mask = ctx["mask"]
-            if mask is None:  # plain causal rows: build the mask the kernel would imply
-                T, S = q.shape[1], k.shape[1]
-                mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
-                if ctx["window"]:
-                    mask &= (jnp.arange(T)[:, None] - jnp.arange(S)[None, :]) < ctx["window"]
-                mask = mask[None, None]
-            out = xla_attention(q, k, v, mask, scale, cap)
+            T, S = q.shape[1], k.shape[1]
+
+            def mask_of(window):  # plain causal rows: the mask the kernels would imply
+                return causal_mask(T, S, window) if ctx["mask"] is None else ctx["mask"]
+
+            out = by_window(cfg, ctx, lambda w: xla_attention(q, k, v, mask_of(w), scale, cap))
             if self.is_mutable_collection("intermediates"):
                 # Inspection only (apply(..., mutable="intermediates")): weights as (B, N, T, S).
-                B, T, S = q.shape[0], q.shape[1], k.shape[1]
-                probs = attention_probs(q, k, mask, scale, cap).reshape(B, N, T, S)
-                self.sow("intermediates", "attn_probs", probs)  # head n = k·G + g
+                B = q.shape[0]
+                probs = by_window(cfg, ctx, lambda w: attention_probs(q, k, mask_of(w), scale, cap))
+                self.sow("intermediates", "attn_probs", probs.reshape(B, N, T, S))  # n = k·G + g
         return self._out_proj(out), layer_cache
 
     def _heads(self) -> dict:

@@ -162,9 +162,9 @@ class Transformer(nn.Module):
                      for w in windows]  # fmt: skip
             new_meta = {"segment_ids": kv_seg, "positions": kv_pos, "index": idx + T}
             ctx["index"] = idx
-        elif segment_ids is None and not (cfg.mixed_layers and cfg.scan_layers):
+        elif segment_ids is None:
             # one unpadded document per row: the kernels' plain causal mode (each layer knows
-            # its window); scanned mixed layers select their mask elementwise, so need arrays
+            # its window, `attention.by_window`)
             masks = [None] * len(windows)
         else:
             seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
