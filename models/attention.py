@@ -238,29 +238,38 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0, scale=No
     )
 
 
-def layer_context(cfg: ModelConfig, ctx: dict, local) -> dict:
+def layer_context(cfg: ModelConfig, ctx: dict, kind: dict) -> dict:
     """One layer's view of the shared per-forward values: its rope tables, mask and window.
 
-    With local and global layers mixed (`cfg.sliding_window_pattern`), `ctx` holds both
-    kinds' masks ("mask" global, "mask_local") and, with `rope_local_theta`, both kinds'
-    tables ("cos_local", "sin_local"). `local` is the layer's kind: a Python bool when layers
-    are unrolled, a traced bool when they are scanned — then the layer selects its tables and
-    explicit masks elementwise, and without masks (plain causal rows) its "window" is None
-    and `by_window` branches on "local". Otherwise every layer sees `ctx` as is."""
-    if not cfg.mixed_layers:
-        return {**ctx, "window": cfg.sliding_window}
+    `kind` is `cfg.layer_kind(i)`: Python bools when layers are unrolled, traced ones when
+    they are scanned (then the layer selects elementwise). With local and global layers mixed
+    (`cfg.sliding_window_pattern`), `ctx` holds both kinds' masks ("mask" global,
+    "mask_local") and, with `rope_local_theta`, both kinds' tables ("cos_local", "sin_local");
+    a scanned layer without masks (plain causal rows) gets "window" None and `by_window`
+    branches on its "local". A NoPE layer (`cfg.nope_layer_interval`) gets the identity
+    rotation, cos 1 and sin 0 (exact: x·1 − y·0 = x). Otherwise every layer sees `ctx` as is."""
     out = {k: v for k, v in ctx.items() if k not in ("mask_local", "cos_local", "sin_local")}
-    pairs = [("mask", "mask_local")] + (
-        [("cos", "cos_local"), ("sin", "sin_local")] if "cos_local" in ctx else [])  # fmt: skip
-    for glob, loc in pairs:
+    out["window"] = cfg.sliding_window
+    local, nope = kind.get("local"), kind.get("nope")
+
+    def pick(flag, when_set, otherwise):
+        if isinstance(flag, bool):
+            return when_set if flag else otherwise
+        return jnp.where(flag, when_set, otherwise)
+
+    if local is not None:
+        pairs = [("mask", "mask_local")] + (
+            [("cos", "cos_local"), ("sin", "sin_local")] if "cos_local" in ctx else [])  # fmt: skip
+        for glob, loc in pairs:
+            if ctx[glob] is not None:
+                out[glob] = pick(local, ctx[loc], ctx[glob])
         if isinstance(local, bool):
-            out[glob] = ctx[loc] if local else ctx[glob]
-        elif ctx[glob] is not None:
-            out[glob] = jnp.where(local, ctx[loc], ctx[glob])
-    if isinstance(local, bool):
-        out["window"] = cfg.sliding_window if local else 0
-    else:
-        out["window"], out["local"] = None, local
+            out["window"] = cfg.sliding_window if local else 0
+        else:
+            out["window"], out["local"] = None, local
+    if nope is not None:
+        out["cos"] = pick(nope, jnp.ones_like(out["cos"]), out["cos"])
+        out["sin"] = pick(nope, jnp.zeros_like(out["sin"]), out["sin"])
     return out
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Llama-family decoder-only Transformer (covers Llama 1/2/3, Mistral, Qwen2/3, Phi-3,
-    OLMo 2, Gemma 1/2/3, TinyLlama)."""
+    OLMo 2, Gemma 1/2/3, SmolLM3, TinyLlama)."""
 
     vocab_size: int = 256  # rows of the embedding table (>= the tokenizer's vocab)
     d_model: int = 64  # residual stream width D
@@ -76,6 +76,8 @@ class ModelConfig:
     # RoPE base of the local layers of a mixed pattern, unscaled (Gemma 3: 10000, while its
     # global layers use rope_theta and rope_scaling); 0 = the global layers' tables
     rope_local_theta: float = 0.0
+    # NoPE layers (SmolLM3: 4): layer i has no RoPE when (i + 1) % P == 0; 0 = RoPE everywhere
+    nope_layer_interval: int = 0
     dtype: str = "float32"  # activation / matmul dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # parameter storage dtype (float32 master weights by default)
     attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention on NVIDIA GPUs)
@@ -123,6 +125,10 @@ class ModelConfig:
                 if len(getattr(self, name)) != half:
                     raise ValueError(f"ModelConfig.{name} has {len(getattr(self, name))} factors; "
                                      f"longrope needs rotary_dim / 2 = {half}")  # fmt: skip
+        nope = self.nope_layer_interval
+        if nope < 0 or nope == 1:
+            raise ValueError(f"ModelConfig: nope_layer_interval={nope}; expected 0 (RoPE "
+                             "everywhere) or P >= 2 (every P-th layer without RoPE)")  # fmt: skip
         P = self.sliding_window_pattern
         if P == 1 or P < 0:
             raise ValueError(f"ModelConfig: sliding_window_pattern={P}; expected 0 (every layer "
@@ -157,6 +163,21 @@ class ModelConfig:
             return False
         P = self.sliding_window_pattern
         return not P or (i + 1) % P != 0
+
+    def layer_has_rope(self, i: int) -> bool:
+        """Whether layer i rotates q and k (see nope_layer_interval)."""
+        P = self.nope_layer_interval
+        return not P or (i + 1) % P != 0
+
+    def layer_kind(self, i: int) -> dict[str, bool]:
+        """What sets layer i apart where layers differ: {"local": ...} with mixed local and
+        global attention, {"nope": ...} with NoPE layers; {} when all layers are alike."""
+        kind = {}
+        if self.mixed_layers:
+            kind["local"] = self.layer_is_local(i)
+        if self.nope_layer_interval:
+            kind["nope"] = not self.layer_has_rope(i)
+        return kind
 
     def layer_window(self, i: int) -> int:
         """Layer i's attention window (0 = full causal)."""

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints: import/export (safetensors + config.json) and tokenizers.
 
     cfg, params = load_pretrained("Llama-3.2-1B/")   # Llama, Mistral, Qwen2/3, Phi-3/4, OLMo 2,
-                                                     # Gemma 1/2/3 (text)
+                                                     # Gemma 1/2/3 (text), SmolLM3
     logits = forward(cfg, params, tokens, positions, segment_ids)
     save_pretrained(cfg, params, "out/", arch="llama")         # transformers loads it back
     tok = load_tokenizer("Llama-3.2-1B/")                      # tokenizer.json or tokenizer.model
@@ -40,7 +40,9 @@ LongRoPE (Phi-3.5, Phi-4-mini; "su" and "yarn" in Phi-3's first configs) is
 cached.) Gemma 3 loads as `gemma3_text` (Gemma3ForCausalLM), also from the image-text checkpoints
 of Gemma 3 4B-27B (model_type "gemma3", MULTIMODAL): their text_config (sparse; Gemma3TextConfig's
 defaults fill it) and the tensors under language_model.; the image tower is skipped, export writes
-gemma3_text. Export writes both rope layouts, so older and newer transformers read it.
+gemma3_text. SmolLM3's layers without RoPE (`no_rope_layers`, or every `no_rope_layer_interval`-th)
+are `nope_layer_interval`; its windows (on those layers) are refused. Export writes both rope
+layouts, so older and newer transformers read it.
 
 Large checkpoints load shard by shard (model.safetensors.index.json; a model.safetensors beside
 it wins, as in transformers): each tensor is read from
@@ -87,7 +89,7 @@ ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
          "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
          "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-         "gemma3_text": "Gemma3ForCausalLM"}  # fmt: skip
+         "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}  # fmt: skip
 # What a family always has, where it differs from Llama's (LLAMA_FIXED): import sets these,
 # export refuses a model that differs (naming an arch that fits).
 LLAMA_FIXED = {"qk_norm": "none", "norm_placement": "pre", "norm_unit_offset": False,
@@ -109,7 +111,8 @@ ARCH_FEATURES = {
     "attn_logit_softcap": ("gemma2",),  # (Gemma 3's config has the key, its model ignores it)
     "final_logit_softcap": ("gemma2", "gemma3_text"),
     "rotary_dim": ("phi3",),
-    "qkv_bias": ("llama", "qwen2", "qwen3", "olmo2", "gemma", "gemma2", "gemma3_text"),
+    "nope_layer_interval": ("smollm3",),
+    "qkv_bias": ("llama", "qwen2", "qwen3", "olmo2", "gemma", "gemma2", "gemma3_text", "smollm3"),
 }
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 # Multimodal checkpoints whose text model loads (and exports as) a text-only arch: the
@@ -257,6 +260,11 @@ def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> tuple[int, 
         period = int(hf.get("sliding_window_pattern") or (2 if mt == "gemma2" else 6))
         types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
                  for i in range(n_layers)]  # fmt: skip
+    if mt == "smollm3" and hf.get("use_sliding_window"):
+        raise HFError(f"{where}: use_sliding_window=true is not supported for smollm3 (its "
+                      "windows sit on the NoPE layers)")  # fmt: skip
+    if mt == "smollm3":
+        return 0, 0
     if types is None:
         return (window if mt in ("mistral", "phi3") else 0), 0
     if len(types) != n_layers:
@@ -365,6 +373,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     else:
         rope = _rope_from_hf(hf, where)
     gemma2 = mt in ("gemma2", "gemma3_text")
+    nope = _nope_interval(hf, L, where) if mt == "smollm3" else 0
     return ModelConfig(
         vocab_size=int(need("vocab_size")),
         d_model=D,
@@ -381,6 +390,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         mlp_activation=_ACTS[act],
         sliding_window=window,
         sliding_window_pattern=pattern,
+        nope_layer_interval=nope,
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256) if gemma2 else 0.0,
         # (transformers' Gemma 3 ignores attn_logit_softcapping: so do we)
         attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0) if mt == "gemma2" else 0.0,
@@ -390,6 +400,25 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         **{**LLAMA_FIXED, **ARCH_FIXED.get(mt, {})},
         **rope,
     )
+
+
+def _nope_interval(hf: dict, n_layers: int, where: str) -> int:
+    """SmolLM3's NoPE layers: `no_rope_layers` (1 = RoPE, 0 = none per layer) or, without
+    it, a NoPE layer every `no_rope_layer_interval` (default 4), as SmolLM3Config derives
+    them; supported when every P-th layer is the NoPE one."""
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        P = int(hf.get("no_rope_layer_interval") or 4)
+        flags = [int((i + 1) % P != 0) for i in range(n_layers)]
+    if len(flags) != n_layers:
+        raise HFError(f"{where}: no_rope_layers has {len(flags)} entries for {n_layers} layers")
+    if all(flags):
+        return 0
+    P = list(flags).index(0) + 1
+    if P < 2 or any(bool(f) != ((i + 1) % P != 0) for i, f in enumerate(flags)):
+        raise HFError(f"{where}: no_rope_layers {flags}: supported are RoPE everywhere or every "
+                      "P-th layer without (P >= 2)")  # fmt: skip
+    return P
 
 
 def _hidden_act(hf: dict, mt: str) -> str:
@@ -506,6 +535,13 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
             out.update(partial_rotary_factor=factor,
                        original_max_position_embeddings=original)  # fmt: skip
             rope["partial_rotary_factor"] = factor
+    elif arch == "smollm3":
+        P = cfg.nope_layer_interval
+        out.update(no_rope_layers=[int(cfg.layer_has_rope(i)) for i in range(cfg.n_layers)],
+                   no_rope_layer_interval=P or cfg.n_layers + 1, use_sliding_window=False,
+                   sliding_window=None, mlp_bias=False, pad_token_id=None, bos_token_id=None,
+                   eos_token_id=None,  # (SmolLM3Config's defaults are its own ids)
+                   layer_types=["full_attention"] * cfg.n_layers)  # fmt: skip
     elif arch in _QWEN:
         w = cfg.sliding_window
         out.update(
@@ -908,6 +944,8 @@ def default_arch(cfg: ModelConfig) -> str:
     """The HF family that expresses `cfg` (Gemma's for Gemma-style norms and embeddings, OLMo 2
     for post-norm blocks, Qwen3 for per-head q/k norms, Phi-3 for partial rotary, Qwen2 for
     q/k/v biases, Mistral for a window)."""
+    if cfg.nope_layer_interval:
+        return "smollm3"
     if cfg.norm_unit_offset or cfg.scale_embeddings:
         if cfg.qk_norm != "none" or cfg.rope_local_theta:
             return "gemma3_text"

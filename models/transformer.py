@@ -43,19 +43,20 @@ class Block(nn.Module):
     `norm_placement="post"`, x + norm(attn(x)), then x + norm(mlp(x)) (OLMo 2); "sandwich"
     normalises both sides, x + norm(attn(norm(x))) (Gemma 2/3).
 
-    `local` is the layer's attention kind when local and global layers mix (a static bool
-    for an unrolled layer; scanned layers get it as the traced `local` argument)."""
+    `kind` is what sets the layer apart where layers differ (`ModelConfig.layer_kind`: local
+    or global attention, RoPE or not), as (name, bool) pairs for an unrolled layer; scanned
+    layers get it as the traced `kind` argument."""
 
     cfg: ModelConfig
     fused: bool = False  # fused q|k|v and gate|up kernels (see `fuse_projections`)
     decode_attention: str = "xla"  # one-token cache attention: xla | pallas (see Attention)
-    local: bool | None = None
+    kind: tuple = ()
 
     @nn.compact
-    def __call__(self, x, ctx, layer_cache=None, local=None):
+    def __call__(self, x, ctx, layer_cache=None, kind=None):
         cfg = self.cfg
         x = nn.with_logical_constraint(x, ACT)
-        ctx = layer_context(cfg, ctx, self.local if self.local is not None else local)
+        ctx = layer_context(cfg, ctx, dict(self.kind) if kind is None else kind)
         attn = Attention(cfg, self.fused, self.decode_attention, name="attn")
         mlp = MLP(cfg, self.fused, name="mlp")
         attn_norm, mlp_norm = RMSNorm(cfg, name="attn_norm"), RMSNorm(cfg, name="mlp_norm")
@@ -122,7 +123,7 @@ class Transformer(nn.Module):
                     cfg,
                     fused,
                     self.decode_attention,
-                    local=cfg.layer_is_local(i) if cfg.mixed_layers else None,
+                    kind=tuple(cfg.layer_kind(i).items()),
                     name=f"layers_{i}",
                 )  # fmt: skip
                 for i in range(cfg.n_layers)
@@ -186,9 +187,8 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, ACT)
         kv = None if cache is None else cache["kv"]
         if self.cfg.scan_layers:
-            kinds = None
-            if self.cfg.mixed_layers:
-                kinds = jnp.asarray([self.cfg.layer_is_local(i) for i in range(self.cfg.n_layers)])
+            kinds = [self.cfg.layer_kind(i) for i in range(self.cfg.n_layers)]
+            kinds = {k: jnp.asarray([d[k] for d in kinds]) for k in kinds[0]} or None
             x, kv = self.layers(x, ctx, kv, kinds)
         else:
             new_kv = []

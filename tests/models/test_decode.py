@@ -582,7 +582,9 @@ GEMMA2 = dict(sliding_window=5, sliding_window_pattern=2, query_pre_attn_scalar=
               norm_unit_offset=True, scale_embeddings=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("kw", [{"sliding_window": 0}, {"sliding_window": 5}, GEMMA2])
+@pytest.mark.parametrize(
+    "kw", [{"sliding_window": 0}, {"sliding_window": 5}, GEMMA2, {"nope_layer_interval": 2}]
+)  # fmt: skip  (NoPE: identity tables)
 def test_generate_with_the_kernel_equals_full_recompute(kw):
     """Greedy tokens and logprobs through `generate(decode_attention="pallas")` equal the full
     forward's, with ragged prompts (padding holes in the cache), a sliding window, and Gemma

@@ -24,7 +24,7 @@ from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3", "olmo2",
-            "gemma", "gemma2", "gemma3", "phi3_longrope")  # fmt: skip
+            "gemma", "gemma2", "gemma3", "phi3_longrope", "smollm3")  # fmt: skip
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -51,7 +51,7 @@ def test_logits_match_transformers(family):
     [("mistral", "xla"), ("qwen2", "xla"), ("qwen3", "xla"), ("qwen3_yarn", "xla"),
      ("qwen3_yarn", "pallas"), ("phi3", "xla"), ("phi3", "pallas"), ("olmo2", "xla"),
      ("olmo2", "pallas"), ("gemma", "xla"), ("gemma2", "xla"), ("gemma2", "pallas"),
-     ("gemma3", "xla"), ("gemma3", "pallas"), ("phi3_longrope", "xla")],
+     ("gemma3", "xla"), ("gemma3", "pallas"), ("phi3_longrope", "xla"), ("smollm3", "xla")],
 )  # fmt: skip  # the families' decode-time features (head_dim 8/16 keep "pallas" on the XLA
 # path; Gemma 3's head_dim 32 runs the kernel: local and global layers' masks and tables,
 # query_pre_attn_scalar; test_decode.py runs it with Gemma 2's soft-capping)
@@ -117,6 +117,11 @@ def test_fixtures_catch_rope_and_window_bugs():
     assert _max_err(cfg.replace(rope_long_factors=short), params, ref, "full") > 1e-2
     assert _max_err(cfg.replace(rope_short_factors=long), params, ref, "short") > 1e-2
     assert _max_err(cfg.replace(rope_attention_factor=1.0), params, ref, "full") > 1e-2
+    # SmolLM3: RoPE in its NoPE layers, or NoPE in the others
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "smollm3"))
+    ref = np.load(os.path.join(FIX, "smollm3", "reference.npz"))
+    for wrong in (dict(nope_layer_interval=0), dict(nope_layer_interval=4)):
+        assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
 
 
 def test_config_translation():
@@ -202,6 +207,23 @@ def _copy(family, tmp_path, edit_config=None, name="src"):
     return str(d)
 
 
+def test_smollm3_nope_layers_read_as_transformers_reads_them():
+    c = json.loads(open(os.path.join(FIX, "smollm3", "config.json")).read())
+    assert hf.config_from_hf(c).nope_layer_interval == 2
+    derived = {k: v for k, v in c.items() if k != "no_rope_layers"}  # (from the interval)
+    assert hf.config_from_hf(derived).nope_layer_interval == 2
+    assert hf.config_from_hf({**derived, "no_rope_layer_interval": None}).nope_layer_interval == 4
+    assert hf.config_from_hf({**c, "no_rope_layers": [1] * 4}).nope_layer_interval == 0
+    with pytest.raises(hf.HFError, match=r"no_rope_layers \[1, 0, 0, 1\]: supported are"):
+        hf.config_from_hf({**c, "no_rope_layers": [1, 0, 0, 1]})
+    with pytest.raises(hf.HFError, match="use_sliding_window=true is not supported for smollm3"):
+        hf.config_from_hf({**c, "use_sliding_window": True, "sliding_window": 4})
+    cfg = hf.config_from_hf(c)
+    with pytest.raises(hf.HFError, match="arch 'llama' cannot state nope_layer_interval=2; "
+                       "use arch='smollm3'"):  # fmt: skip
+        hf.config_to_hf(cfg, "llama")
+
+
 def test_old_rope_layout_reads_the_same(tmp_path):
     def old_layout(c):
         rp = c.pop("rope_parameters")
@@ -235,8 +257,8 @@ def test_old_rope_layout_reads_the_same(tmp_path):
                                          ("qwen3", "qwen3"), ("qwen3_yarn", "qwen3"),
                                          ("phi3", "phi3"), ("olmo2", "olmo2"),
                                          ("gemma", "gemma"), ("gemma2", "gemma2"),
-                                         ("gemma3", "gemma3_text"),
-                                         ("phi3_longrope", "phi3")])  # fmt: skip
+                                         ("gemma3", "gemma3_text"), ("phi3_longrope", "phi3"),
+                                         ("smollm3", "smollm3")])  # fmt: skip
 def test_import_export_import_round_trip(family, arch, tmp_path):
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     out = tmp_path / "export"

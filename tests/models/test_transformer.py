@@ -117,8 +117,8 @@ def test_unit_offset_norms_start_as_plain_norms():
 
 @pytest.mark.parametrize(
     "kw", [{}, {"scan_layers": True}, {"n_kv_heads": 1}, {"tie_embeddings": True, "qkv_bias": True},
-           GEMMA, {**GEMMA, "scan_layers": True}]
-)  # fmt: skip
+           GEMMA, {**GEMMA, "scan_layers": True, "nope_layer_interval": 2}]
+)  # fmt: skip  # (the last: a global layer without RoPE, as Cohere 2's)
 def test_cached_decoding_matches_full_forward(kw):
     cfg = get_variant("tiny", **kw)
     model, params, tokens = _init(cfg, B=2, T=12)
@@ -151,7 +151,8 @@ def test_cached_attention_layout_equals_xla_attention():
 
 
 @pytest.mark.parametrize("arch", [{}, {"qk_norm": "all", "norm_placement": "post",
-                                     "rotary_dim": 8}, GEMMA])  # fmt: skip
+                                     "rotary_dim": 8}, GEMMA,
+                                  {**GEMMA, "nope_layer_interval": 2}])  # fmt: skip
 def test_scan_and_unrolled_layouts_agree(arch):
     cfg = get_variant("tiny", **arch)  # (also OLMo 2's norms and Phi's partial rotary)
     model, params, tokens = _init(cfg)
