@@ -61,8 +61,8 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         inv_freq = np.where(medium, blended, scaled)
     elif cfg.rope_scaling == "yarn":
         inv_freq = _yarn_inv_freq(cfg, inv_freq)
-    elif cfg.rope_scaling == "longrope":  # the short factors (`longrope_inv_freqs`)
-        inv_freq = inv_freq / np.asarray(cfg.rope_short_factors, np.float64)
+    elif cfg.rope_scaling == "longrope":  # the short factors (rope_tables picks per forward)
+        return longrope_inv_freqs(cfg)[0]
     return inv_freq.astype(np.float32)
 
 

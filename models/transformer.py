@@ -168,8 +168,7 @@ class Transformer(nn.Module):
             # its window, `attention.by_window`)
             masks = [None] * len(windows)
         else:
-            seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
-            slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            seg, slot = segment_ids, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             masks = [attention_mask(seg, seg, slot, slot, positions, positions, w)
                      for w in windows]  # fmt: skip
         ctx["mask"] = masks[0]
