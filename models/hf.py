@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: import/export (safetensors + config.json) and tokenizers.
 
-    cfg, params = load_pretrained("Llama-3.2-1B/")   # Llama, Mistral, Qwen2/3, Phi-3/4, OLMo 2,
+    cfg, params = load_pretrained("Llama-3.2-1B/")   # Llama, Mistral, Qwen2/3, Phi-3/4, OLMo 2/3,
                                                      # Gemma 1/2/3 (text), SmolLM3
     logits = forward(cfg, params, tokens, positions, segment_ids)
     save_pretrained(cfg, params, "out/", arch="llama")         # transformers loads it back
@@ -21,17 +21,18 @@ the older `rope_theta` + `rope_scaling` {type|rope_type, factor, ...}; rope type
 llama3, yarn (Qwen2.5/Qwen3 long context; `mscale`/`mscale_all_dim` become the attention factor)
 and longrope; a top-level `original_max_position_embeddings` wins over the rope parameters' (as in
 transformers 5). Sliding windows: Mistral's `sliding_window`; Qwen2/3's `use_sliding_window` /
-`max_window_layers` / `layer_types` (all layers alike); Gemma 2/3's `layer_types` (or the older
-`sliding_window_pattern`) with every P-th layer global, `sliding_window_pattern=P`; other mixes are
-an error. What sets a family apart is fixed per arch (ARCH_FIXED): Qwen3's per-head q/k RMSNorms
-are `qk_norm="head"`; OLMo 2's norms over all heads' q and k are `qk_norm="all"` and its norms
-after attention and the MLP `norm_placement="post"`; Gemma's norms scale by (1 + w)
+`max_window_layers` / `layer_types` (all layers alike); Gemma 2/3's and OLMo 3's `layer_types` (or
+Gemma's older `sliding_window_pattern`) with every P-th layer global, `sliding_window_pattern=P`;
+other mixes are an error. What sets a family apart is fixed per arch (ARCH_FIXED): Qwen3's per-head
+q/k RMSNorms are `qk_norm="head"`; OLMo 2's norms over all heads' q and k are `qk_norm="all"` and
+its norms after attention and the MLP `norm_placement="post"`; Gemma's norms scale by (1 + w)
 (`norm_unit_offset`) and its embeddings by sqrt(D) (`scale_embeddings`), Gemma 2/3 normalise before
 and after attention and the MLP (`norm_placement="sandwich"`) and scale logits by
 `query_pre_attn_scalar`; Gemma 2's soft-caps are `attn_logit_softcap` / `final_logit_softcap`;
-Gemma 3's two RoPEs (rope_parameters by layer type, or rope_theta + rope_local_base_freq) are the
-global layers' rope_theta/rope_scaling and the local layers' `rope_local_theta`. Phi-3/Phi-4: their
-fused qkv_proj and gate_up_proj weights split into q/k/v and gate/up (joined again on export),
+Gemma 3's and OLMo 3's two RoPEs (rope_parameters by layer type, or rope_theta + rope_scaling +
+Gemma 3's rope_local_base_freq) are the global layers' rope_theta/rope_scaling and the local
+layers' `rope_local_theta`; OLMo 3 is OLMo 2's blocks with such layers. Phi-3/Phi-4: their fused
+qkv_proj and gate_up_proj weights split into q/k/v and gate/up (joined again on export),
 `partial_rotary_factor` is `rotary_dim`, a `sliding_window` covers every layer; their long-context
 LongRoPE (Phi-3.5, Phi-4-mini; "su" and "yarn" in Phi-3's first configs) is
 `rope_scaling="longrope"`, short or long factors chosen per forward as transformers chooses them.
@@ -89,7 +90,8 @@ ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
          "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
          "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-         "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}  # fmt: skip
+         "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+         "olmo3": "Olmo3ForCausalLM"}  # fmt: skip
 # What a family always has, where it differs from Llama's (LLAMA_FIXED): import sets these,
 # export refuses a model that differs (naming an arch that fits).
 LLAMA_FIXED = {"qk_norm": "none", "norm_placement": "pre", "norm_unit_offset": False,
@@ -98,23 +100,38 @@ _GEMMA_FIXED = {"norm_unit_offset": True, "scale_embeddings": True}
 ARCH_FIXED = {
     "qwen3": {"qk_norm": "head"},
     "olmo2": {"qk_norm": "all", "norm_placement": "post"},
+    "olmo3": {"qk_norm": "all", "norm_placement": "post"},
     "gemma": _GEMMA_FIXED,
     "gemma2": {**_GEMMA_FIXED, "norm_placement": "sandwich"},
     "gemma3_text": {**_GEMMA_FIXED, "norm_placement": "sandwich", "qk_norm": "head"},
 }
 # Optional features only some families' configs can state: field -> those archs
 ARCH_FEATURES = {
-    "sliding_window": ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"),
-    "sliding_window_pattern": ("gemma2", "gemma3_text"),
-    "rope_local_theta": ("gemma3_text",),
+    "sliding_window": ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo3"),
+    "sliding_window_pattern": ("gemma2", "gemma3_text", "olmo3"),
+    "rope_local_theta": ("gemma3_text", "olmo3"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
     "attn_logit_softcap": ("gemma2",),  # (Gemma 3's config has the key, its model ignores it)
     "final_logit_softcap": ("gemma2", "gemma3_text"),
     "rotary_dim": ("phi3",),
     "nope_layer_interval": ("smollm3",),
-    "qkv_bias": ("llama", "qwen2", "qwen3", "olmo2", "gemma", "gemma2", "gemma3_text", "smollm3"),
+    "qkv_bias": (
+        "llama",
+        "qwen2",
+        "qwen3",
+        "olmo2",
+        "olmo3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "smollm3",
+    ),
 }
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
+# Families with every P-th layer global and the rest local: P when a config lists no layer_types
+_LAYER_PERIOD = {"gemma2": 2, "gemma3_text": 6, "olmo3": 4}
+# ... and with a RoPE per layer type: (global, local) base frequencies by default
+_ROPE_BY_TYPE = {"gemma3_text": (1_000_000.0, 10_000.0), "olmo3": (500_000.0, 500_000.0)}
 # Multimodal checkpoints whose text model loads (and exports as) a text-only arch: the
 # config's text_config, tensors under the prefix; the other towers' tensors are skipped.
 MULTIMODAL = {"gemma3": ("gemma3_text", "language_model.")}
@@ -256,8 +273,8 @@ def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> tuple[int, 
     if types is None and mt in _QWEN:  # transformers < 4.53 derives them from these
         start = hf.get("max_window_layers", n_layers) if hf.get("use_sliding_window") else n_layers
         types = ["full_attention" if i < start else "sliding_attention" for i in range(n_layers)]
-    if types is None and mt in ("gemma2", "gemma3_text"):  # (older configs: the period alone)
-        period = int(hf.get("sliding_window_pattern") or (2 if mt == "gemma2" else 6))
+    if types is None and mt in _LAYER_PERIOD:  # (older configs: the period alone)
+        period = int(hf.get("sliding_window_pattern") or _LAYER_PERIOD[mt])
         types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
                  for i in range(n_layers)]  # fmt: skip
     if mt == "smollm3" and hf.get("use_sliding_window"):
@@ -282,19 +299,25 @@ def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> tuple[int, 
         return window, 0
     period = types.index("full_attention") + 1  # every period-th layer global, as Gemma's
     periodic = all((t == "full_attention") == ((i + 1) % period == 0) for i, t in enumerate(types))
-    if mt in ("gemma2", "gemma3_text") and period >= 2 and periodic:
+    if mt in _LAYER_PERIOD and period >= 2 and periodic:
         return window, period
     raise HFError(
         f"{where}: layer_types {types} (sliding_window={hf.get('sliding_window')}) — supported: "
-        "all full, all sliding, or (Gemma 2/3) every P-th layer full"
+        "all full, all sliding, or (Gemma 2/3, OLMo 3) every P-th layer full"
     )
 
 
-def _gemma3_rope(hf: dict, window: int, pattern: int, where: str) -> dict:
-    """Gemma 3's two RoPEs: rope_parameters {"full_attention": ..., "sliding_attention": ...}
-    (transformers 5) or rope_theta, rope_scaling (global layers) and rope_local_base_freq.
-    The global one becomes rope_theta/rope_scaling; a differing local one (unscaled only) is
-    rope_local_theta. With every layer local, the local one is simply the model's RoPE."""
+def _rope_by_layer_type(hf: dict, mt: str, window: int, pattern: int, where: str) -> dict:
+    """Gemma 3's and OLMo 3's two RoPEs: rope_parameters {"full_attention": ...,
+    "sliding_attention": ...} (transformers 5), or the flat layout: rope_theta and
+    rope_scaling for the global layers, the local ones unscaled with base
+    rope_local_base_freq (Gemma 3) or 500000 (OLMo 3: Olmo3Config gives its sliding layers the
+    default whatever rope_theta says, transformers 5.24). The global one becomes
+    rope_theta/rope_scaling; a differing local one (unscaled only) is rope_local_theta. With
+    every layer local, the local one is simply the model's RoPE."""
+    glob_theta, loc_theta = _ROPE_BY_TYPE[mt]
+    glob_theta = hf.get("rope_theta") or glob_theta
+    loc_theta = hf.get("rope_local_base_freq") or loc_theta
     params = hf.get("rope_parameters") or {}
     if params and all(isinstance(v, dict) for v in params.values()):
         unknown = set(params) - {"full_attention", "sliding_attention"}
@@ -304,9 +327,9 @@ def _gemma3_rope(hf: dict, window: int, pattern: int, where: str) -> dict:
         loc = dict(params.get("sliding_attention") or {})
     else:  # the older flat layout
         glob = {**(hf.get("rope_scaling") or {}), **params}
-        loc = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10000.0)}
-    glob.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
-    loc.setdefault("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+        loc = {"rope_type": "default"}
+    glob.setdefault("rope_theta", glob_theta)
+    loc.setdefault("rope_theta", loc_theta)
     ours_glob = _rope_from_hf({"rope_parameters": glob}, where + " (full_attention rope)")
     ours_loc = _rope_from_hf({"rope_parameters": loc}, where + " (sliding_attention rope)")
     if not pattern:  # all layers of one kind: that kind's RoPE is the model's
@@ -366,10 +389,10 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         raise HFError(f"{where}: dtype {dtype!r} is not supported ({_DTYPES})")
     head_dim = int(hf.get("head_dim") or D // N)
     window, pattern = _window_from_hf(hf, mt, L, where)
-    if mt == "gemma3_text":
-        if hf.get("use_bidirectional_attention"):
-            raise HFError(f"{where}: use_bidirectional_attention=true is not supported")
-        rope = _gemma3_rope(hf, window, pattern, where)
+    if mt == "gemma3_text" and hf.get("use_bidirectional_attention"):
+        raise HFError(f"{where}: use_bidirectional_attention=true is not supported")
+    if mt in _ROPE_BY_TYPE:
+        rope = _rope_by_layer_type(hf, mt, window, pattern, where)
     else:
         rope = _rope_from_hf(hf, where)
     gemma2 = mt in ("gemma2", "gemma3_text")
@@ -385,7 +408,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
-        rotary_dim=0 if mt == "gemma3_text" else _rotary_dim(hf, head_dim, where),
+        rotary_dim=0 if mt in _ROPE_BY_TYPE else _rotary_dim(hf, head_dim, where),
         tie_embeddings=bool(hf.get("tie_word_embeddings", mt in _GEMMA)),
         mlp_activation=_ACTS[act],
         sliding_window=window,
@@ -520,7 +543,7 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
     }
     if arch in ARCH_FEATURES["qkv_bias"] and arch != "qwen2":  # (Qwen2 always has them)
         out.update(attention_bias=cfg.qkv_bias)
-    if arch in ("olmo2", "phi3", *_GEMMA):  # (their configs' defaults are their own ids)
+    if arch in ("olmo2", "olmo3", "phi3", *_GEMMA):  # (their configs' defaults: their own ids)
         out.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if arch == "llama":
         out.update(mlp_bias=False)
@@ -564,13 +587,25 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         )
         if arch == "gemma2":
             out.update(attn_logit_softcapping=cfg.attn_logit_softcap or None)
-        else:  # two RoPEs, by layer type (older readers: rope_local_base_freq)
-            local = ({"rope_type": "default", "rope_theta": cfg.rope_local_theta}
-                     if cfg.rope_local_theta else dict(rope))  # fmt: skip
-            out.update(rope_parameters={"full_attention": rope, "sliding_attention": local},
-                       rope_local_base_freq=local["rope_theta"],
+        else:  # (older readers: rope_local_base_freq)
+            out.update(rope_parameters=_rope_parameters_by_type(cfg, rope),
+                       rope_local_base_freq=cfg.rope_local_theta or cfg.rope_theta,
                        attn_logit_softcapping=None, use_bidirectional_attention=False)  # fmt: skip
+    elif arch == "olmo3":
+        out.update(sliding_window=cfg.sliding_window or None,
+                   layer_types=[
+                       "sliding_attention" if cfg.layer_is_local(i) else "full_attention"
+                       for i in range(cfg.n_layers)],
+                   rope_parameters=_rope_parameters_by_type(cfg, rope))  # fmt: skip
     return {**out, **extra}
+
+
+def _rope_parameters_by_type(cfg: ModelConfig, rope: dict) -> dict:
+    """rope_parameters by layer type (Gemma 3, OLMo 3): the global layers' `rope`, the local
+    ones' unscaled base rope_local_theta (or `rope` too without one)."""
+    local = ({"rope_type": "default", "rope_theta": cfg.rope_local_theta}
+             if cfg.rope_local_theta else dict(rope))  # fmt: skip
+    return {"full_attention": rope, "sliding_attention": local}
 
 
 def _int_if_whole(x: float):
@@ -954,7 +989,7 @@ def default_arch(cfg: ModelConfig) -> str:
                   or cfg.query_pre_attn_scalar not in (0, cfg.head_dim_))  # fmt: skip
         return "gemma2" if sandwich or gemma2 else "gemma"
     if cfg.norm_placement == "post":
-        return "olmo2"
+        return "olmo3" if cfg.sliding_window else "olmo2"
     if cfg.qk_norm != "none":
         return "qwen3"
     if cfg.rotary_dim:

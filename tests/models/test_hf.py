@@ -24,7 +24,7 @@ from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3", "olmo2",
-            "gemma", "gemma2", "gemma3", "phi3_longrope", "smollm3")  # fmt: skip
+            "gemma", "gemma2", "gemma3", "phi3_longrope", "smollm3", "olmo3")  # fmt: skip
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -51,7 +51,8 @@ def test_logits_match_transformers(family):
     [("mistral", "xla"), ("qwen2", "xla"), ("qwen3", "xla"), ("qwen3_yarn", "xla"),
      ("qwen3_yarn", "pallas"), ("phi3", "xla"), ("phi3", "pallas"), ("olmo2", "xla"),
      ("olmo2", "pallas"), ("gemma", "xla"), ("gemma2", "xla"), ("gemma2", "pallas"),
-     ("gemma3", "xla"), ("gemma3", "pallas"), ("phi3_longrope", "xla"), ("smollm3", "xla")],
+     ("gemma3", "xla"), ("gemma3", "pallas"), ("phi3_longrope", "xla"), ("smollm3", "xla"),
+     ("olmo3", "xla")],
 )  # fmt: skip  # the families' decode-time features (head_dim 8/16 keep "pallas" on the XLA
 # path; Gemma 3's head_dim 32 runs the kernel: local and global layers' masks and tables,
 # query_pre_attn_scalar; test_decode.py runs it with Gemma 2's soft-capping)
@@ -121,6 +122,12 @@ def test_fixtures_catch_rope_and_window_bugs():
     cfg, params = hf.load_pretrained(os.path.join(FIX, "smollm3"))
     ref = np.load(os.path.join(FIX, "smollm3", "reference.npz"))
     for wrong in (dict(nope_layer_interval=0), dict(nope_layer_interval=4)):
+        assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
+    # OLMo 3: YaRN on the local layers too, another period, or every layer local
+    cfg, params = hf.load_pretrained(os.path.join(FIX, "olmo3"))
+    ref = np.load(os.path.join(FIX, "olmo3", "reference.npz"))
+    for wrong in (dict(rope_local_theta=0.0), dict(sliding_window_pattern=2),
+                  dict(sliding_window_pattern=0, rope_local_theta=0.0)):  # fmt: skip
         assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
 
 
@@ -250,6 +257,16 @@ def test_old_rope_layout_reads_the_same(tmp_path):
     with pytest.raises(ValueError, match="rope_long_factors has 2 factors; longrope needs "
                        r"rotary_dim / 2 = 3"):  # fmt: skip
         want.replace(rope_long_factors=(1.0, 2.0))
+    # OLMo 3's flat layout: rope_scaling on the global layers only; the local ones get
+    # Olmo3Config's default base whatever rope_theta says (transformers 5.24)
+    want = hf.load_config(os.path.join(FIX, "olmo3"))
+    o3 = json.loads(open(os.path.join(FIX, "olmo3", "config.json")).read())
+    rp = o3.pop("rope_parameters")
+    scaling = {k: v for k, v in rp["full_attention"].items() if k != "rope_theta"}
+    flat = {**o3, "rope_theta": 5e5, "rope_scaling": scaling}
+    assert hf.config_from_hf(flat) == want
+    other = hf.config_from_hf({**flat, "rope_theta": 1e6})
+    assert (other.rope_theta, other.rope_local_theta) == (1e6, 5e5)
 
 
 @pytest.mark.parametrize("family,arch", [("llama", "llama"), ("llama3", "llama"),
@@ -258,7 +275,7 @@ def test_old_rope_layout_reads_the_same(tmp_path):
                                          ("phi3", "phi3"), ("olmo2", "olmo2"),
                                          ("gemma", "gemma"), ("gemma2", "gemma2"),
                                          ("gemma3", "gemma3_text"), ("phi3_longrope", "phi3"),
-                                         ("smollm3", "smollm3")])  # fmt: skip
+                                         ("smollm3", "smollm3"), ("olmo3", "olmo3")])  # fmt: skip
 def test_import_export_import_round_trip(family, arch, tmp_path):
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     out = tmp_path / "export"
@@ -447,7 +464,7 @@ def test_load_into_mesh_shards_and_in_bf16():
     assert {x.dtype for x in jax.tree.leaves(bparams)} == {np.dtype("bfloat16")}
 
 
-@pytest.mark.parametrize("family", ["qwen3_yarn", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3_yarn", "olmo2", "olmo3"])
 def test_qk_norm_parity_with_heads_split_over_devices(family):
     """q/k norms per head (Qwen3) and over all heads (OLMo 2: a reduction across the devices
     holding the heads) with the heads split over the tensor axis (and fsdp, data): the sharded
