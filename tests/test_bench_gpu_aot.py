@@ -266,3 +266,66 @@ def test_live_h200_compile(tmp_path):
     assert dec["launches"]["loop"]["kernels"] >= dec["loop_body_kernels"]
     assert recs["train:tiny:flax"]["memory"]["argument_gib"] > 0
     assert np.isfinite(recs["train:tiny:flax"]["memory"]["peak_gib"])
+
+
+# Compiles a Gemma-3-style model (mixed local/global layers, q/k norms, two RoPEs) for the H200:
+# what runs where, which a CPU cannot show. Prints one JSON line.
+MIXED_LAYERS = """
+import json, jax, jax.numpy as jnp
+from flaxlm.bench.gpu_aot import h200_devices
+from flaxlm.models.config import get_variant
+from flaxlm.models.decode import generate_program
+from flaxlm.models.decode_attention import lowering_target
+from flaxlm.models.transformer import Transformer
+one = jax.sharding.SingleDeviceSharding(h200_devices()[0])
+base = dict(vocab_size=1024, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=64,
+            d_ff=512, norm_placement="sandwich", norm_unit_offset=True, scale_embeddings=True,
+            qk_norm="head", sliding_window=512, sliding_window_pattern=3, rope_local_theta=1e4,
+            dtype="bfloat16", attention_impl="cudnn", max_seq_len=8192)
+def abstract(cfg):
+    p = jax.eval_shape(lambda r: Transformer(cfg).init(r, jnp.zeros((1, 8), jnp.int32)),
+                       jax.random.PRNGKey(0))["params"]
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), p)
+out = {}
+for name, kw, packed in (("unrolled", {}, False), ("scanned", {"scan_layers": True}, False),
+                         ("scanned_masks", {"scan_layers": True}, True),
+                         ("softcap", {"attn_logit_softcap": 50.0}, False)):
+    cfg = get_variant("tiny", **{**base, **kw})
+    def loss(p, t, cfg=cfg, packed=packed):
+        seg = jnp.ones_like(t) if packed else None
+        return Transformer(cfg).apply({"params": p}, t, None, seg).astype(jnp.float32).mean()
+    toks = jax.ShapeDtypeStruct((8, 4096), jnp.int32, sharding=one)
+    c = jax.jit(jax.grad(loss)).lower(abstract(cfg), toks).compile()
+    out[name] = {"cudnn": c.as_text().count("__cudnn$fmha"),
+                 "temp": c.memory_analysis().temp_size_in_bytes}
+cfg = get_variant("tiny", **{**base, "attention_impl": "xla", "attn_logit_softcap": 50.0})
+fn, args = generate_program(cfg, [[1] * 32] * 4, rng=jax.random.PRNGKey(0), max_new_tokens=32,
+                            decode_attention="pallas")
+args = [abstract(cfg)] + [jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype, sharding=one)
+                          for x in args]
+with lowering_target():
+    out["pallas_softcap_triton"] = fn.lower(*args).compile().as_text().count(
+        "__gpu$xla.gpu.triton")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(
+    os.environ.get("FLAXLM_GPU_AOT") != "1" or not AOT_PY,
+    reason="H200 compile: set FLAXLM_GPU_AOT=1 after `make gpu-image-venv` or `make "
+    "gpu-aot-venv` (5.6 GB of CUDA libs)",
+)
+def test_live_h200_compile_of_mixed_local_and_global_layers():
+    """Unrolled: one cuDNN kernel per layer and direction (its own window each); scanned: the
+    local and the global kernel in the loop body (lax.cond), without the (B, T, T) masks an
+    elementwise selection needs (less temporary memory); soft-capping: the XLA path (cuDNN
+    has none); the Pallas decode kernel with a soft-cap compiles for every layer."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    run = subprocess.run([AOT_PY, "-c", MIXED_LAYERS], capture_output=True, text=True,
+                         env={**env, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["unrolled"]["cudnn"] == 2 * 6 and got["scanned"]["cudnn"] == 2 * 2
+    assert got["scanned_masks"]["cudnn"] == 2 and got["softcap"]["cudnn"] == 0
+    assert got["scanned"]["temp"] < got["scanned_masks"]["temp"]
+    assert got["pallas_softcap_triton"] == 6
