@@ -197,6 +197,32 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale=None, cap: float = 0.
     return out.reshape(B, T, N, H)
 
 
+# Query rows per block of `chunked_attention`.
+ATTENTION_CHUNK = 512
+
+
+def chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask_fn, scale=None, cap: float = 0.0,
+                      chunk: int | None = None) -> jax.Array:  # fmt: skip
+    """`xla_attention` over blocks of `chunk` query rows, one after another (`lax.map`), each
+    rematerialised in the backward pass: the float32 scores live one block at a time,
+    (B, N, chunk, S) instead of (B, N, T, S). For attention cuDNN cannot run (soft-capping,
+    Gemma 2) on an accelerator. `mask_fn(start, rows)` is the (B|1, 1, rows, S) mask of query
+    rows start … start + rows - 1. Rows are the same computation as `xla_attention`'s."""
+    B, T, N, H = q_BTNH.shape
+    chunk = chunk or ATTENTION_CHUNK
+    if T % chunk or T <= chunk:
+        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_fn(0, T), scale, cap)
+
+    @jax.checkpoint
+    def block(args):
+        q, i = args
+        return xla_attention(q, k_BSKH, v_BSKH, mask_fn(i * chunk, chunk), scale, cap)
+
+    blocks = q_BTNH.reshape(B, T // chunk, chunk, N, H).swapaxes(0, 1)
+    out = jax.lax.map(block, (blocks, jnp.arange(T // chunk)))
+    return out.swapaxes(0, 1).reshape(B, T, N, H)
+
+
 def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS, scale=None, cap: float = 0.0
                      ) -> jax.Array:  # fmt: skip
     """Attention over a heads-major (B, K, S, H) KV cache, laid out for few queries: each kv
@@ -285,11 +311,13 @@ def by_window(cfg: ModelConfig, ctx: dict, attend):
     return jax.lax.cond(ctx["local"], lambda: attend(cfg.sliding_window), lambda: attend(0))
 
 
-def causal_mask(T: int, S: int, window: int) -> jax.Array:
-    """(1, 1, T, S): key s visible to query t (both from 0) when s <= t (and t - s < window)."""
-    mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
+def causal_mask(T: int, S: int, window: int, start=0) -> jax.Array:
+    """(1, 1, T, S): key s visible to query t (both from 0; the queries' from `start`) when
+    s <= t (and t - s < window)."""
+    rows = start + jnp.arange(T)[:, None]
+    mask = jnp.arange(S)[None, :] <= rows
     if window:
-        mask &= (jnp.arange(T)[:, None] - jnp.arange(S)[None, :]) < window
+        mask &= (rows - jnp.arange(S)[None, :]) < window
     return mask[None, None]
 
 
@@ -400,6 +428,18 @@ class Attention(nn.Module):
             )
         elif cfg.attention_impl == "cudnn" and not cap:  # (cuDNN has no soft-capping)
             out = by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
+        elif cfg.attention_impl == "cudnn":  # soft-capped: XLA, in blocks of query rows
+            S = k.shape[1]
+
+            def rows_of(window):
+                def mask_fn(start, rows):
+                    if ctx["mask"] is None:
+                        return causal_mask(rows, S, window, start)
+                    return jax.lax.dynamic_slice_in_dim(ctx["mask"], start, rows, axis=2)
+
+                return mask_fn
+
+            out = by_window(cfg, ctx, lambda w: chunked_attention(q, k, v, rows_of(w), scale, cap))
         else:
             T, S = q.shape[1], k.shape[1]
 

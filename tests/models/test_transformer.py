@@ -100,6 +100,32 @@ def test_mixed_local_and_global_layers(scan):
     np.testing.assert_array_equal(model1.apply({"params": params1}, changed)[0, 4:], base[0, 4:])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_soft_capped_attention_in_query_blocks_on_accelerators(packed, monkeypatch):
+    """With attention_impl="cudnn", soft-capped attention (which cuDNN cannot run) takes the
+    XLA path in blocks of query rows, each rematerialised: the same logits and gradients as
+    the plain XLA path, for plain causal rows and packed ones (sliced masks), with a mixed
+    local/global pattern and scanned layers."""
+    from flaxlm.models import attention
+
+    monkeypatch.setattr(attention, "ATTENTION_CHUNK", 4)  # (512 on accelerators)
+    cfg = get_variant("tiny", **{**GEMMA, "scan_layers": True})
+    model, params, tokens = _init(cfg, B=2, T=16)
+    seg = jnp.asarray([[1] * 9 + [2] * 7, [1] * 16]) if packed else None
+    pos = jnp.asarray([list(range(9)) + list(range(7)), list(range(16))]) if packed else None
+
+    def loss(p, impl):
+        out = Transformer(cfg.replace(attention_impl=impl)).apply({"params": p}, tokens, pos, seg)
+        return (out * out).mean(), out
+
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(params, "xla")
+    (_, got), g_got = jax.value_and_grad(loss, has_aux=True)(params, "cudnn")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_got, g_want)
+    blocks = jax.make_jaxpr(lambda p: loss(p, "cudnn"))(params)
+    assert "checkpoint" in str(blocks) or "remat" in str(blocks)  # the blocks are recomputed
+
+
 def test_unit_offset_norms_start_as_plain_norms():
     """Gemma's norm scales are offsets from 1 and start at 0: such a model computes what the
     Llama-style norm does with scales of 1."""
