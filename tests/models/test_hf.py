@@ -28,6 +28,12 @@ FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _load(family):
+    """(cfg, params, reference arrays) of a committed fixture."""
+    cfg, params = hf.load_pretrained(os.path.join(FIX, family))
+    return cfg, params, np.load(os.path.join(FIX, family, "reference.npz"))
+
+
 def _max_err(cfg, params, ref, layout):
     mask = ref[f"{layout}_mask"]
     logits = hf.forward(cfg, params, ref[f"{layout}_tokens"], ref[f"{layout}_positions"], mask)
@@ -36,8 +42,7 @@ def _max_err(cfg, params, ref, layout):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_transformers(family):
-    cfg, params = hf.load_pretrained(os.path.join(FIX, family))
-    ref = np.load(os.path.join(FIX, family, "reference.npz"))
+    cfg, params, ref = _load(family)
     layouts = [k[: -len("_mask")] for k in ref.files if k.endswith("_mask")]
     assert {"full", "right", "left"} <= set(layouts)  # no padding, right and left padding
     for layout in layouts:  # (+ LongRoPE's "short": within the original context)
@@ -60,8 +65,7 @@ def test_cached_greedy_decoding_matches_transformers_generate(family, attn):
     """flaxlm's KV-cache decode (ragged right-padded prompts) reproduces transformers' greedy
     `generate` (left-padded, its own cache) token for token: sliding window, biases, per-head
     q/k norms and YaRN's scaled tables included."""
-    cfg, params = hf.load_pretrained(os.path.join(FIX, family))
-    ref = np.load(os.path.join(FIX, family, "reference.npz"))
+    cfg, params, ref = _load(family)
     prompts = [t[m == 1].tolist() for t, m in zip(ref["left_tokens"], ref["left_mask"])]
     want = ref["greedy_tokens"]
     out = generate(cfg, params, prompts, max_new_tokens=want.shape[1],
@@ -71,29 +75,23 @@ def test_cached_greedy_decoding_matches_transformers_generate(family, attn):
 
 def test_fixtures_catch_rope_and_window_bugs():
     """The fixtures are sensitive: dropping Llama-3 rope scaling or Mistral's window shows."""
-    cfg, params = hf.load_pretrained(os.path.join(FIX, "llama3"))
-    ref = np.load(os.path.join(FIX, "llama3", "reference.npz"))
+    cfg, params, ref = _load("llama3")
     assert _max_err(cfg.replace(rope_scaling="none"), params, ref, "full") > 1e-2
-    cfg, params = hf.load_pretrained(os.path.join(FIX, "mistral"))
-    ref = np.load(os.path.join(FIX, "mistral", "reference.npz"))
+    cfg, params, ref = _load("mistral")
     assert _max_err(cfg.replace(sliding_window=0), params, ref, "full") > 1e-2
     # Qwen3: without the per-head q/k norms; YaRN without its ramp or its attention factor
-    cfg, params = hf.load_pretrained(os.path.join(FIX, "qwen3"))
-    ref = np.load(os.path.join(FIX, "qwen3", "reference.npz"))
+    cfg, params, ref = _load("qwen3")
     assert _max_err(cfg.replace(qk_norm="none"), params, ref, "full") > 1e-2
-    cfg, params = hf.load_pretrained(os.path.join(FIX, "qwen3_yarn"))
-    ref = np.load(os.path.join(FIX, "qwen3_yarn", "reference.npz"))
+    cfg, params, ref = _load("qwen3_yarn")
     for wrong in (dict(rope_scaling="none"), dict(rope_attention_factor=1.0),
                   dict(rope_scaling="linear")):  # fmt: skip
         assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
     # Phi-3: RoPE on the whole head instead of its first half; no window
-    cfg, params = hf.load_pretrained(os.path.join(FIX, "phi3"))
-    ref = np.load(os.path.join(FIX, "phi3", "reference.npz"))
+    cfg, params, ref = _load("phi3")
     for wrong in (dict(rotary_dim=0), dict(sliding_window=0)):
         assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
     # OLMo 2: q/k norms per head instead of over all heads; norms before instead of after
-    cfg, params = hf.load_pretrained(os.path.join(FIX, "olmo2"))
-    ref = np.load(os.path.join(FIX, "olmo2", "reference.npz"))
+    cfg, params, ref = _load("olmo2")
     head = {
         **params,
         **{
@@ -112,20 +110,17 @@ def test_fixtures_catch_rope_and_window_bugs():
     assert _max_err(cfg.replace(norm_placement="pre"), params, ref, "full") > 1e-2
     # LongRoPE: the long factors past the original context, the short ones within it, and
     # the attention factor — each swapped or dropped shows
-    cfg, params = hf.load_pretrained(os.path.join(FIX, "phi3_longrope"))
-    ref = np.load(os.path.join(FIX, "phi3_longrope", "reference.npz"))
+    cfg, params, ref = _load("phi3_longrope")
     short, long = cfg.rope_short_factors, cfg.rope_long_factors
     assert _max_err(cfg.replace(rope_long_factors=short), params, ref, "full") > 1e-2
     assert _max_err(cfg.replace(rope_short_factors=long), params, ref, "short") > 1e-2
     assert _max_err(cfg.replace(rope_attention_factor=1.0), params, ref, "full") > 1e-2
     # SmolLM3: RoPE in its NoPE layers, or NoPE in the others
-    cfg, params = hf.load_pretrained(os.path.join(FIX, "smollm3"))
-    ref = np.load(os.path.join(FIX, "smollm3", "reference.npz"))
+    cfg, params, ref = _load("smollm3")
     for wrong in (dict(nope_layer_interval=0), dict(nope_layer_interval=4)):
         assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
     # OLMo 3: YaRN on the local layers too, another period, or every layer local
-    cfg, params = hf.load_pretrained(os.path.join(FIX, "olmo3"))
-    ref = np.load(os.path.join(FIX, "olmo3", "reference.npz"))
+    cfg, params, ref = _load("olmo3")
     for wrong in (dict(rope_local_theta=0.0), dict(sliding_window_pattern=2),
                   dict(sliding_window_pattern=0, rope_local_theta=0.0)):  # fmt: skip
         assert _max_err(cfg.replace(**wrong), params, ref, "full") > 1e-2, wrong
