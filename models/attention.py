@@ -201,22 +201,23 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale=None, cap: float = 0.
 ATTENTION_CHUNK = 512
 
 
-def chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask_fn, scale=None, cap: float = 0.0,
-                      chunk: int | None = None) -> jax.Array:  # fmt: skip
+def chunked_attention(q_BTNH, k, v, mask_fn, scale=None, cap: float = 0.0,
+                      chunk: int | None = None, kernel=None) -> jax.Array:  # fmt: skip
     """`xla_attention` over blocks of `chunk` query rows, one after another (`lax.map`), each
     rematerialised in the backward pass: the float32 scores live one block at a time,
     (B, N, chunk, S) instead of (B, N, T, S). For attention cuDNN cannot run (soft-capping,
-    Gemma 2) on an accelerator. `mask_fn(start, rows)` is the (B|1, 1, rows, S) mask of query
-    rows start … start + rows - 1. Rows are the same computation as `xla_attention`'s."""
+    Gemma 2) on an accelerator, and prefills. `mask_fn(start, rows)` is the (B|1, 1, rows, S)
+    mask of query rows start … start + rows - 1. Rows are the same computation as the
+    kernel's: `xla_attention` (k, v (B, S, K, H)) or `cached_attention` (k, v heads-major)."""
     B, T, N, H = q_BTNH.shape
-    chunk = chunk or ATTENTION_CHUNK
+    chunk, kernel = chunk or ATTENTION_CHUNK, kernel or xla_attention
     if T % chunk or T <= chunk:
-        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_fn(0, T), scale, cap)
+        return kernel(q_BTNH, k, v, mask_fn(0, T), scale, cap)
 
     @jax.checkpoint
     def block(args):
         q, i = args
-        return xla_attention(q, k_BSKH, v_BSKH, mask_fn(i * chunk, chunk), scale, cap)
+        return kernel(q, k, v, mask_fn(i * chunk, chunk), scale, cap)
 
     blocks = q_BTNH.reshape(B, T // chunk, chunk, N, H).swapaxes(0, 1)
     out = jax.lax.map(block, (blocks, jnp.arange(T // chunk)))
@@ -272,9 +273,13 @@ def layer_context(cfg: ModelConfig, ctx: dict, kind: dict) -> dict:
     (`cfg.sliding_window_pattern`), `ctx` holds both kinds' masks ("mask" global,
     "mask_local") and, with `rope_local_theta`, both kinds' tables ("cos_local", "sin_local");
     a scanned layer without masks (plain causal rows) gets "window" None and `by_window`
-    branches on its "local". A NoPE layer (`cfg.nope_layer_interval`) gets the identity
+    branches on its "local". Over ring caches (`transformer.init_cache(..., rings=True)`) a
+    windowed layer also gets "ring_slot" (a decode step) or "ring_src" (a prefill): where
+    each row writes into its ring. A NoPE layer (`cfg.nope_layer_interval`) gets the identity
     rotation, cos 1 and sin 0 (exact: x·1 − y·0 = x). Otherwise every layer sees `ctx` as is."""
-    out = {k: v for k, v in ctx.items() if k not in ("mask_local", "cos_local", "sin_local")}
+    ring = ("ring_slot", "ring_src")
+    out = {k: v for k, v in ctx.items()
+           if k not in ("mask_local", "cos_local", "sin_local", *ring)}  # fmt: skip
     out["window"] = cfg.sliding_window
     local, nope = kind.get("local"), kind.get("nope")
 
@@ -293,6 +298,8 @@ def layer_context(cfg: ModelConfig, ctx: dict, kind: dict) -> dict:
             out["window"] = cfg.sliding_window if local else 0
         else:
             out["window"], out["local"] = None, local
+    if out["window"]:  # a windowed layer's ring cache, if any
+        out.update({k: ctx[k] for k in ring if k in ctx})
     if nope is not None:
         out["cos"] = pick(nope, jnp.ones_like(out["cos"]), out["cos"])
         out["sin"] = pick(nope, jnp.zeros_like(out["sin"]), out["sin"])
@@ -393,6 +400,7 @@ class Attention(nn.Module):
         # logits' scale: None = head_dim^-1/2 as it always was (divided, bit for bit)
         scale, cap = (cfg.attn_scale if cfg.query_pre_attn_scalar else None), cfg.attn_logit_softcap
         if (layer_cache is not None and self.decode_attention == "pallas"
+                and "ring_slot" not in ctx  # (the kernel writes one slot for all rows)
                 and cfg.rotary_dim_ == H  # the kernel rotates whole heads
                 and decode_kernel.supports(layer_cache[0].shape[2], T, H)
                 and decode_kernel.mesh_supports()):  # fmt: skip
@@ -414,22 +422,49 @@ class Attention(nn.Module):
 
         if layer_cache is not None:
             # Write this chunk's keys and values at the cache index (in place), then attend
-            # over the whole buffer (the mask hides unwritten slots).
-            idx = ctx["index"]
-            ck, cv = (
-                jax.lax.dynamic_update_slice(
-                    buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, idx, 0)
-                )
-                for buf, new in zip(layer_cache, (k, v))
-            )  # (B, K, S, H) each
+            # over the whole buffer (the mask hides unwritten slots). A windowed layer's ring
+            # (`transformer.init_cache`) takes a prefill's last W tokens of each row, and a
+            # decode step's one token at that row's own slot.
+            if "ring_src" in ctx:
+                src, held = (x[:, None, :, None] for x in ctx["ring_src"])  # (B, 1, W, 1)
+                ck, cv = (jnp.where(held, jnp.take_along_axis(
+                    new.transpose(0, 2, 1, 3), src, axis=2), 0).astype(buf.dtype)
+                    for buf, new in zip(layer_cache, (k, v)))  # fmt: skip
+            elif "ring_slot" in ctx:
+                put = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice(
+                    buf, new, (0, s, 0)))  # fmt: skip
+                ck, cv = (put(buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), ctx["ring_slot"])
+                          for buf, new in zip(layer_cache, (k, v)))  # fmt: skip
+            else:
+                idx = ctx["index"]
+                ck, cv = (
+                    jax.lax.dynamic_update_slice(
+                        buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, idx, 0)
+                    )
+                    for buf, new in zip(layer_cache, (k, v))
+                )  # (B, K, S, H) each
             layer_cache = (ck, cv)
-            out = cached_attention(
-                q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"], scale, cap
-            )
-        elif cfg.attention_impl == "cudnn" and not cap:  # (cuDNN has no soft-capping)
-            out = by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
-        elif cfg.attention_impl == "cudnn":  # soft-capped: XLA, in blocks of query rows
-            S = k.shape[1]
+            if ctx.get("prefill"):  # an empty cache, right-padded prompts: plain causal rows
+                out = self._self_attention(q, k, v, ctx, scale, cap)
+            else:
+                out = cached_attention(
+                    q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"], scale, cap
+                )
+        else:
+            out = self._self_attention(q, k, v, ctx, scale, cap)
+        return self._out_proj(out), layer_cache
+
+    def _self_attention(self, q, k, v, ctx, scale, cap):
+        """Attention of the chunk's queries over its own keys (training, scoring, and a
+        prefill into an empty cache): cuDNN's flash kernel where the config asks for it and
+        it applies; XLA in blocks of query rows for soft-capped logits there, and for every
+        prefill (inference: a long prompt's float32 scores one block of rows at a time, not
+        (B, N, P, P) at once); else plain XLA."""
+        cfg = self.cfg
+        if cfg.attention_impl == "cudnn" and not cap:  # (cuDNN has no soft-capping)
+            return by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
+        T, S = q.shape[1], k.shape[1]
+        if cfg.attention_impl == "cudnn" or ctx.get("prefill"):
 
             def rows_of(window):
                 def mask_fn(start, rows):
@@ -439,20 +474,24 @@ class Attention(nn.Module):
 
                 return mask_fn
 
-            out = by_window(cfg, ctx, lambda w: chunked_attention(q, k, v, rows_of(w), scale, cap))
-        else:
-            T, S = q.shape[1], k.shape[1]
+            kernel = None
+            if ctx.get("prefill"):  # no gradient: the cache's layout, its masked softmax in
+                # one pass (bench/window_cache.py's small shape, compiled for the CPU: 0.061
+                # GiB of temporaries instead of 0.090 with `xla_attention`'s)
+                k, v, kernel = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), cached_attention
+            return by_window(cfg, ctx, lambda w: chunked_attention(
+                q, k, v, rows_of(w), scale, cap, kernel=kernel))  # fmt: skip
 
-            def mask_of(window):  # plain causal rows: the mask the kernels would imply
-                return causal_mask(T, S, window) if ctx["mask"] is None else ctx["mask"]
+        def mask_of(window):  # plain causal rows: the mask the kernels would imply
+            return causal_mask(T, S, window) if ctx["mask"] is None else ctx["mask"]
 
-            out = by_window(cfg, ctx, lambda w: xla_attention(q, k, v, mask_of(w), scale, cap))
-            if self.is_mutable_collection("intermediates"):
-                # Inspection only (apply(..., mutable="intermediates")): weights as (B, N, T, S).
-                B = q.shape[0]
-                probs = by_window(cfg, ctx, lambda w: attention_probs(q, k, mask_of(w), scale, cap))
-                self.sow("intermediates", "attn_probs", probs.reshape(B, N, T, S))  # n = k·G + g
-        return self._out_proj(out), layer_cache
+        out = by_window(cfg, ctx, lambda w: xla_attention(q, k, v, mask_of(w), scale, cap))
+        if self.is_mutable_collection("intermediates"):
+            # Inspection only (apply(..., mutable="intermediates")): weights as (B, N, T, S).
+            B, N = q.shape[0], q.shape[2]
+            probs = by_window(cfg, ctx, lambda w: attention_probs(q, k, mask_of(w), scale, cap))
+            self.sow("intermediates", "attn_probs", probs.reshape(B, N, T, S))  # n = k·G + g
+        return out
 
     def _heads(self) -> dict:
         cfg = self.cfg

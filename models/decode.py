@@ -9,6 +9,14 @@ How a batch of prompts of different lengths is laid out (B rows, prompt bucket P
     of compiled programs serve every prompt length); the cache has P + N slots.
   * prefill writes slots 0..P-1 with segment id 1 for real tokens and 0 for padding, which the
     model's cache mask never attends to (models/attention.py: masks by segment ids and slots).
+    Its attention runs over the prompts themselves as plain causal rows (right padding never
+    reaches a real token), with the training kernels — cuDNN's flash attention when the config
+    asks for it — or XLA in blocks of 512 query rows: never a (B, N, P, P) float32 score
+    matrix at once (`Transformer.backbone(..., prefill=True)`).
+  * sliding-window layers (Mistral, Gemma 2/3's local ones) keep rings of W slots instead of
+    P + N when W is less (`window_cache`, on by default; `transformer.init_cache`): the prefill
+    leaves each row's last W prompt tokens there, and a step writes its token at slot
+    position mod W of its row. Less memory, and those layers' steps read W slots, not P + N.
   * decode step i writes slot P + i for every row, at position `len_b + i`: each row's positions
     continue from its own length while all rows share one cache write index, and the padding
     slots between `len_b` and P stay invisible.
@@ -17,9 +25,10 @@ loop. The whole thing (prefill, loop, samplers, stop handling) is one XLA progra
 no host round trip per token. With stop tokens the loop is a `while_loop` that exits once every
 row has stopped (tested every `check_every` tokens); without, a fixed-length `scan` (a known
 trip count: no loop condition is read back to the host). Each step attends over all P + N cache
-slots (masked), a fixed shape — or, with `decode_attention="pallas"`, one kernel per layer does
-RoPE, the cache write and attention over the slots written so far (models/decode_attention.py;
-the cache is then rounded up to whole key blocks). The cache holds each layer's keys and values
+slots (masked; a ring's W), a fixed shape — or, with `decode_attention="pallas"`, one kernel per
+layer does RoPE, the cache write and attention over the slots written so far
+(models/decode_attention.py; the cache is then rounded up to whole key blocks; ring layers keep
+the XLA path, the kernel writing one slot for all rows). The cache holds each layer's keys and values
 in two heads-major (B, K, S, H) buffers in the compute dtype (`cache_dtype`), updated in place
 (why two, not one: `transformer.init_cache`). The weights are cast to the compute dtype,
 unstacked if scanned, once per call before the loop (`_decode_params`). `fuse_projections=True`
@@ -238,6 +247,7 @@ def _decode_fn(
     check_every: int = 1,
     attention: str = "xla",
     use_min_p: bool = False,
+    window: bool = True,
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
 
@@ -269,28 +279,20 @@ def _decode_fn(
             use_min_p=use_min_p,
         )
 
-        # Prefill over a P-slot cache (attention over P keys, not P + N), then grow it.
+        # The cache holds the prompt bucket and the new tokens — rounded up to whole key
+        # blocks for the Pallas kernel (the extra slots stay empty: masked, never read) — and
+        # windowed layers keep rings of W slots instead when that is less (`init_cache`).
+        # The prefill attends over the prompts themselves (`backbone(..., prefill=True)`),
+        # whatever the cache's length.
+        S = P + max_new + (-(P + max_new) % BLOCK_K if attention == "pallas" else 0)
         slots = jnp.arange(P, dtype=jnp.int32)
         seg = (slots[None, :] < lengths_B[:, None]).astype(jnp.int32)
         pos = jnp.broadcast_to(slots, (B, P))
-        cache = _constrain_cache(init_cache(dcfg, B, P, cache_dtype), sharded)
-        h_BPD, cache = model.apply(variables, tokens_BP, pos, seg, cache, method="backbone")
+        cache = _constrain_cache(init_cache(dcfg, B, S, cache_dtype, rings=window), sharded)
+        h_BPD, cache = model.apply(variables, tokens_BP, pos, seg, cache, method="backbone",
+                                   prefill=True)  # fmt: skip
         h_last = jnp.take_along_axis(h_BPD, (lengths_B - 1)[:, None, None], axis=1)  # (B,1,D)
         logits = model.apply(variables, h_last, method="logits")[:, 0]
-
-        # Room for the new tokens' slots; the Pallas kernel reads whole key blocks, so its
-        # buffer is rounded up to them (the extra slots stay empty: masked, never read).
-        extra = max_new + (-(P + max_new) % BLOCK_K if attention == "pallas" else 0)
-
-        def grow(x, axis):
-            return jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])
-
-        cache = {
-            "kv": [tuple(grow(x, 2) for x in pair) for pair in cache["kv"]],  # (B, K, S, H)
-            "segment_ids": grow(cache["segment_ids"], 1),  # (B, S)
-            "positions": grow(cache["positions"], 1),
-            "index": cache["index"],
-        }
         cache = _constrain_cache(cache, sharded)
 
         tok, lp = sample(logits, step_key(rng, 0), temperature)
@@ -413,6 +415,7 @@ def generate(
     fuse_projections: bool = False,
     check_every: int = 1,
     decode_attention: str = "xla",
+    window_cache: bool = True,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -444,6 +447,11 @@ def generate(
         (models/decode_attention.py; Triton on GPUs, Pallas' interpreter elsewhere — slow,
         for tests). Under a mesh it runs per device on the local rows; with heads split over
         a tensor axis the XLA path runs instead.
+      window_cache: sliding-window layers keep a ring of `cfg.sliding_window` slots instead of
+        the whole prompt + N (`transformer.init_cache(..., rings=True)`) when that is fewer:
+        the same tokens, less memory, and those layers' steps read W slots (with
+        decode_attention="pallas" they run the XLA path, the kernel the global layers).
+        False keeps full caches everywhere.
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
@@ -518,6 +526,7 @@ def _program(
     fuse_projections,
     check_every,
     decode_attention,
+    window_cache,
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, number of prompts) of a
     generate call (every option as `generate` documents and defaults it), its arguments
@@ -573,6 +582,7 @@ def _program(
         int(check_every) if stop_tokens else 1,
         decode_attention,
         bool(min_p > 0.0 and not greedy),
+        bool(window_cache),
     )
     rest = (
         jnp.asarray(1.0 if greedy else temperature, jnp.float32),

@@ -134,7 +134,7 @@ class Transformer(nn.Module):
                 (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, name="lm_head"
             )
 
-    def _context(self, tokens, positions, segment_ids, cache):
+    def _context(self, tokens, positions, segment_ids, cache, prefill=False):
         """Per-forward values shared by all layers: rope tables, masks, cache bookkeeping.
 
         With local and global layers mixed, "mask" is the global layers' and "mask_local" the
@@ -151,6 +151,8 @@ class Transformer(nn.Module):
         # (window for the global "mask"; the local one's)
         windows = (0, cfg.sliding_window) if cfg.mixed_layers else (cfg.sliding_window,)
         new_meta = None
+        if cache is not None and "ring" in cache:
+            ctx.update(self._ring_context(cache["ring"], positions, segment_ids, prefill))
         if cache is not None:
             idx = cache["index"]
             seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
@@ -163,6 +165,12 @@ class Transformer(nn.Module):
                      for w in windows]  # fmt: skip
             new_meta = {"segment_ids": kv_seg, "positions": kv_pos, "index": idx + T}
             ctx["index"] = idx
+            if prefill:  # attention over the chunk itself, plain causal rows (`backbone`)
+                masks, ctx["prefill"] = [None] * len(windows), True
+            if "ring" in cache:  # the windowed layers' mask is the ring's
+                new_meta["ring"] = ctx.pop("ring_meta")
+                ring_mask = ctx.pop("ring_mask")
+                masks[-1] = masks[-1] if prefill else ring_mask
         elif segment_ids is None:
             # one unpadded document per row: the kernels' plain causal mode (each layer knows
             # its window, `attention.by_window`)
@@ -176,12 +184,57 @@ class Transformer(nn.Module):
             ctx["mask_local"] = masks[1]
         return ctx, new_meta
 
-    def backbone(self, tokens, positions=None, segment_ids=None, cache=None, input_embeds=None):
+    def _ring_context(self, ring, positions, segment_ids, prefill: bool):
+        """The windowed layers' view of their rings (`init_cache(..., rings=True)`): where
+        each row writes, the rings' new segment ids and positions, and their mask.
+
+        A prefill (right-padded rows from position 0, an empty cache) fills ring slot r of row
+        b with the position p ≡ r (mod W) among its last W tokens, p = len_b − 1 −
+        ((len_b − 1 − r) mod W), and leaves it empty (segment id 0) where p < 0: "ring_src"
+        is (those positions clipped into the chunk, whether they exist). A decode step writes
+        each row's one token at slot position mod W ("ring_slot"), over the oldest, so the
+        ring always holds the W positions the window needs; there is no slot order, so the
+        mask is causal by position (one document per row while decoding)."""
+        cfg = self.cfg
+        B, T = positions.shape
+        seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+        W = ring["positions"].shape[1]
+        if cfg.scan_layers:  # scanned layers share one cache shape; decoding unrolls them
+            raise ValueError("Transformer: ring caches need unrolled layers")
+        if prefill:
+            last = jnp.sum(seg != 0, axis=1, keepdims=True, dtype=jnp.int32) - 1  # (B, 1)
+            pos = last - (last - jnp.arange(W, dtype=jnp.int32)[None, :]) % W  # (B, W)
+            held = pos >= 0
+            src = jnp.clip(pos, 0, T - 1)
+            meta = {"segment_ids": jnp.where(held, jnp.take_along_axis(seg, src, axis=1), 0),
+                    "positions": jnp.where(held, pos, 0)}  # fmt: skip
+            return {"ring_src": (src, held), "ring_meta": meta, "ring_mask": None}
+        if T != 1:  # T tokens written at once would overwrite keys their own queries need
+            raise ValueError(f"Transformer: a ring cache takes one token per decode step, "
+                             f"got {T} (a prefill fills it: backbone(prefill=True))")  # fmt: skip
+        slot = positions[:, 0] % W  # (B,): each row writes where its position falls
+        write = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice(buf, new, (s,)))
+        r_seg = write(ring["segment_ids"], seg, slot)
+        r_pos = write(ring["positions"], positions, slot)
+        q_slot, r_slot = jnp.zeros((B, 1), jnp.int32), jnp.zeros((B, W), jnp.int32)
+        mask = attention_mask(seg, r_seg, q_slot, r_slot, positions, r_pos, cfg.sliding_window)
+        mask &= (r_pos <= positions)[:, None, None, :]
+        return {"ring_slot": slot, "ring_mask": mask,
+                "ring_meta": {"segment_ids": r_seg, "positions": r_pos}}  # fmt: skip
+
+    def backbone(self, tokens, positions=None, segment_ids=None, cache=None, input_embeds=None,
+                 prefill: bool = False):  # fmt: skip
         """Final normed hidden states (B, T, D), and the updated cache when one is given.
 
         `input_embeds` (B, T, D) replaces the embedding lookup (soft prompts; gradient tests).
+        `prefill=True` (with a cache) promises an empty cache and rows whose real tokens are a
+        prefix at positions 0, 1, … (right padding only, `generate`'s prompts): attention then
+        runs over the chunk's own keys as plain causal rows — the training kernels (cuDNN's
+        flash attention on a GPU), not a (B, N, T, S) float32 score matrix over the cache
+        buffer. Padding queries then see earlier padding; their outputs are never used, and
+        their cache slots keep segment id 0, never attended to.
         """
-        ctx, new_meta = self._context(tokens, positions, segment_ids, cache)
+        ctx, new_meta = self._context(tokens, positions, segment_ids, cache, prefill)
         x = self.embed(tokens) if input_embeds is None else input_embeds
         x = nn.with_logical_constraint(x, ACT)
         kv = None if cache is None else cache["kv"]
@@ -210,14 +263,24 @@ class Transformer(nn.Module):
             out = (cap * jnp.tanh(out.astype(jnp.float32) / cap)).astype(out.dtype)
         return nn.with_logical_constraint(out, ("act_batch", "act_len", "act_vocab"))
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, input_embeds=None):
-        x, new_cache = self.backbone(tokens, positions, segment_ids, cache, input_embeds)
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, input_embeds=None,
+                 prefill: bool = False):  # fmt: skip
+        x, new_cache = self.backbone(tokens, positions, segment_ids, cache, input_embeds, prefill)
         logits = self.logits(x)
         return logits if cache is None else (logits, new_cache)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, rings: bool = False
+               ) -> dict:  # fmt: skip
     """Empty decoding cache for `batch` rows of up to `max_len` tokens.
+
+    `rings=True` (unrolled layers with a sliding window W < max_len) gives each windowed layer
+    a ring of W slots instead of max_len — a local layer never looks further back than its
+    window, so it need not keep more (Mistral: every layer; Gemma 2/3: the local ones, 1 in 2
+    or 5 in 6), and a decode step reads W slots there instead of all. A ring is filled by a
+    prefill (`Transformer.backbone(..., prefill=True)`) and then takes one token per step
+    (`Transformer._ring_context` says how); "ring" holds the rings' segment ids and
+    positions, (B, W) each, shared by the windowed layers.
 
     "kv" holds each layer's keys and values as a pair of (B, K, S, H) buffers: a list of pairs
     when layers are unrolled (each buffer updated in place by XLA inside a decode loop), one
@@ -233,17 +296,28 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     dtype = jnp.dtype(dtype or cfg.dtype)
     # Heads-major (B, K, S, H): decode attention reads it without a per-step transpose.
     shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim_)
+    W = cfg.sliding_window
+    rings = rings and 0 < W < max_len
+    if rings and cfg.scan_layers:
+        raise ValueError("init_cache: ring caches need unrolled layers (scan_layers=False)")
     if cfg.scan_layers:
         shape = (cfg.n_layers, *shape)
         kv = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     else:
-        kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
-    return {
+        kv = []
+        for i in range(cfg.n_layers):
+            s = (*shape[:2], W, shape[3]) if rings and cfg.layer_window(i) else shape
+            kv.append((jnp.zeros(s, dtype), jnp.zeros(s, dtype)))
+    cache = {
         "kv": kv,
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),  # 0 = empty slot
         "positions": jnp.zeros((batch, max_len), jnp.int32),
         "index": jnp.zeros((), jnp.int32),
     }
+    if rings:
+        cache["ring"] = {"segment_ids": jnp.zeros((batch, W), jnp.int32),
+                         "positions": jnp.zeros((batch, W), jnp.int32)}  # fmt: skip
+    return cache
 
 
 def stack_layers(params, n_layers: int):

@@ -408,6 +408,19 @@ def test_same_tokens_under_a_sharded_mesh(model):
                                   .tokens, want)  # fmt: skip
 
 
+def test_ring_caches_under_a_sharded_mesh():
+    """Gemma 2's mixed layers with window 5 (rings for the local ones: each row writes its
+    own slot, a scatter over the batch-sharded rows), heads split over `tensor`: the
+    unsharded tokens, and the full-cache ones."""
+    cfg, params = _model(**GEMMA2)
+    mesh, rules = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), logical_axis_rules("fsdp_tp")
+    kw = dict(max_new_tokens=N, rng=jax.random.PRNGKey(2), temperature=0.8)
+    want = np.asarray(generate(cfg, params, PROMPTS, window_cache=False, **kw).tokens)
+    np.testing.assert_array_equal(generate(cfg, params, PROMPTS, **kw).tokens, want)
+    got = generate(cfg, params, PROMPTS, mesh=mesh, rules=rules, **kw)
+    np.testing.assert_array_equal(got.tokens, want)
+
+
 class _CharTokenizer:
     """bytes 3..255 are characters; 1 = bos, 2 = eos, 0 = pad."""
 
@@ -619,14 +632,17 @@ def test_generate_with_the_kernel_samples_and_stops_as_the_xla_path():
     assert np.asarray(outs[0].lengths).min() < 10  # some row stopped early
 
 
-@pytest.mark.parametrize("kw", [{}, GEMMA2])  # (soft-capping and rescaled logits inside)
-def test_generate_program_runs_the_kernel_in_every_layer(kw):
+@pytest.mark.parametrize("kw,window_cache", [({}, True), (GEMMA2, False), (GEMMA2, True)])
+def test_generate_program_runs_the_kernel_in_every_layer(kw, window_cache):
+    """In every layer over a full cache (soft-capping and rescaled logits inside, Gemma 2);
+    with the windowed layers' rings (`window_cache`), in the global layers only."""
     cfg, params = _kernel_model(**kw)
     fn, args = generate_program(cfg, PROMPTS, rng=jax.random.PRNGKey(0), max_new_tokens=4,
-                                decode_attention="pallas")  # fmt: skip
+                                decode_attention="pallas", window_cache=window_cache)  # fmt: skip
     with kernel.lowering_target():
         text = fn.trace(params, *args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == cfg.n_layers
+    n_ring = sum(bool(cfg.layer_window(i)) for i in range(cfg.n_layers)) if window_cache else 0
+    assert 0 < text.count("__gpu$xla.gpu.triton") == cfg.n_layers - n_ring
 
 
 def test_generate_option_is_checked():

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxlm.models import attention
 from flaxlm.models import decode_attention as kernel
 from flaxlm.models.config import get_variant
-from flaxlm.models.decode import generate
-from flaxlm.models.transformer import Transformer, forward
+from flaxlm.models.decode import generate, generate_program
+from flaxlm.models.transformer import Transformer, forward, init_cache
 
 T_REF = 64  # the reference forward always runs on (B, T_REF): one compile per config
 
@@ -93,16 +94,18 @@ def window_model():
     return cfg, _params(cfg)
 
 
-@pytest.mark.parametrize("attn", ["xla", "pallas"])
-def test_sliding_window_generation_far_past_the_window(window_model, attn, monkeypatch):
+@pytest.mark.parametrize("attn,ring", [("xla", True), ("xla", False), ("pallas", False)])
+def test_sliding_window_generation_far_past_the_window(window_model, attn, ring, monkeypatch):
     """Mistral-style window 8: greedy decoding 45 tokens past prompts of 1, 11 and 17 tokens
     (one longer than the window) equals recompute-argmax with the same window, and a sampled
-    run's logprobs are the full forward's at its tokens."""
+    run's logprobs are the full forward's at its tokens: over rings of 8 slots (the default,
+    `window_cache`; the ring wraps 5+ times, the 1-token prompt's starts almost empty) and over
+    full caches, with either kernel."""
     cfg, params = window_model
     traced = []
     call = kernel._call
     monkeypatch.setattr(kernel, "_call", lambda *a, **k: traced.append(1) or call(*a, **k))
-    kw = dict(max_new_tokens=WINDOW_N, decode_attention=attn)
+    kw = dict(max_new_tokens=WINDOW_N, decode_attention=attn, window_cache=ring)
     out = generate(cfg, params, WINDOW_PROMPTS, rng=jax.random.PRNGKey(0), temperature=0, **kw)
     assert bool(traced) == (attn == "pallas")  # the kernel really ran (or really did not)
     want = _ref_greedy(cfg, params, WINDOW_PROMPTS, WINDOW_N)
@@ -119,6 +122,98 @@ def test_sliding_window_generation_far_past_the_window(window_model, attn, monke
     assert not np.array_equal(toks, want)  # really sampled
     lp, _ = _ref_logprobs(cfg, params, WINDOW_PROMPTS, toks)
     np.testing.assert_allclose(sampled.logprobs, lp, atol=2e-5, rtol=1e-5)
+
+
+def test_ring_caches_hold_each_rows_last_w_positions(window_model):
+    """A prefill into ring caches (`init_cache(..., rings=True)`): ring slot r of row b holds
+    the key and value of the position p ≡ r (mod 8) among the row's last 8 (empty where the
+    row is shorter), as a full cache holds them; so a decode step over the rings gives the
+    logits of one over the full cache; and a step of more than one token over rings is
+    refused (it would overwrite keys its own queries need)."""
+    cfg, params = window_model
+    model, v = Transformer(cfg), {"params": params}
+    lengths = np.asarray([1, 17, 11], np.int32)
+    toks = _right_padded(WINDOW_PROMPTS)[:, :32]
+    pos = np.broadcast_to(np.arange(32, dtype=np.int32), (3, 32))
+    seg = (pos < lengths[:, None]).astype(np.int32)
+
+    def prefill(rings):
+        cache = init_cache(cfg, 3, 40, rings=rings)
+        return model.apply(v, toks, pos, seg, cache, method="backbone", prefill=True)
+
+    (h_full, full), (h_ring, rings) = prefill(False), prefill(True)
+    np.testing.assert_array_equal(h_ring, h_full)
+    for layer in range(cfg.n_layers):
+        for kv in range(2):
+            ring, whole = np.asarray(rings["kv"][layer][kv]), np.asarray(full["kv"][layer][kv])
+            assert ring.shape == (3, cfg.n_kv_heads, 8, cfg.head_dim_)
+            for b, n in enumerate(lengths):
+                for r in range(8):
+                    p = n - 1 - (n - 1 - r) % 8
+                    if p >= 0:
+                        np.testing.assert_array_equal(ring[b, :, r], whole[b, :, p])
+                    else:
+                        assert not ring[b, :, r].any()
+    meta = jax.device_get(rings["ring"])
+    for b, n in enumerate(lengths):
+        held = [n - 1 - (n - 1 - r) % 8 for r in range(8)]
+        assert list(meta["segment_ids"][b]) == [int(p >= 0) for p in held]
+        assert list(meta["positions"][b]) == [max(p, 0) for p in held]
+
+    # One step: each row's next token at position len_b (slot 32 of the full cache, slot
+    # len_b mod 8 of each ring).
+    nxt, step_pos = jnp.asarray([[5], [6], [7]], jnp.int32), jnp.asarray(lengths)[:, None]
+    want, _ = model.apply(v, nxt, step_pos, cache=full)
+    got, after = model.apply(v, nxt, step_pos, cache=rings)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(after["ring"]["positions"][np.arange(3), lengths % 8], lengths)
+    with pytest.raises(ValueError, match="one token per decode step"):
+        model.apply(v, jnp.zeros((3, 2), jnp.int32), jnp.zeros((3, 2), jnp.int32), cache=rings)
+
+
+def test_ring_caches_shrink_the_decode_programs_memory():
+    """Gemma-2-like (1 in 2 layers local, window 16), 4 prompts of 512 tokens + 512 new: the
+    rings hold 16 slots where full caches hold 1024, so the decode program's temporaries
+    shrink by (nearly all of) the local layers' full caches."""
+    cfg = _cfg(sliding_window=16, sliding_window_pattern=2, n_layers=4, max_seq_len=1024)
+    params = _params(cfg)
+    prompts = [[3 + i % 250 for i in range(512)]] * 4
+
+    def temp_bytes(ring):
+        fn, args = generate_program(cfg, prompts, rng=jax.random.PRNGKey(0), temperature=0,
+                                    max_new_tokens=512, window_cache=ring)  # fmt: skip
+        return fn.lower(params, *args).compile().memory_analysis().temp_size_in_bytes
+
+    full, ring = temp_bytes(False), temp_bytes(True)
+    # K and V of the 2 local layers at 1024 slots, float32
+    local_full = 2 * 2 * 4 * cfg.n_kv_heads * 1024 * cfg.head_dim_ * 4
+    assert full - ring >= 0.9 * local_full, (full, ring, local_full)  # measured: 0.99
+
+
+def test_prefill_runs_the_training_attention_kernels(window_model, monkeypatch):
+    """`generate`'s prefill attends as training does — with attention_impl="cudnn", cuDNN's
+    flash kernel in its plain causal mode (no mask: right-padded prompts), each layer with its
+    window — instead of a (B, N, P, P) float32 score matrix over the cache. cuDNN cannot run
+    here: a stand-in records the calls and computes the same attention with XLA; the tokens
+    and logprobs are the XLA config's."""
+    cfg, params = window_model
+    cfg = cfg.replace(sliding_window_pattern=2)  # local and global layers
+    calls = []
+
+    def stand_in(q, k, v, mask, window=0, scale=None):
+        calls.append((q.shape[1], mask is None, window))
+        return attention.xla_attention(q, k, v, attention.causal_mask(q.shape[1], k.shape[1],
+                                                                       window), scale)  # fmt: skip
+
+    monkeypatch.setattr(attention, "cudnn_attention", stand_in)
+    kw = dict(max_new_tokens=12, rng=jax.random.PRNGKey(0), temperature=0)
+    got = generate(cfg.replace(attention_impl="cudnn"), params, WINDOW_PROMPTS, **kw)
+    want = generate(cfg, params, WINDOW_PROMPTS, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+    windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+    assert calls == [(32, True, w) for w in windows]  # the 32-slot prompt bucket, once each
+    assert 0 in windows and 8 in windows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""What sliding-window layers' ring caches save in decoding (`generate(window_cache=...)`).
+
+    python -m flaxlm.bench.window_cache --out OUT            # memory at two real shapes
+    python -m flaxlm.bench.window_cache --out OUT --time     # + decode speed (needs the params)
+    python -m flaxlm.bench.window_cache --out OUT --tiny     # CPU: a small shape, timed too
+
+A local layer never looks further back than its window W, so `generate` keeps it a ring of W
+slots instead of prompt + new tokens (models/transformer.py `window_cache`). Per case, both
+ways (`window_cache=True` / `False`), the same `generate` program:
+
+  kv_gib        the decode cache, K and V of every layer in the compute dtype: counted from
+                the shapes (global layers hold prompt bucket + new tokens slots, rings W)
+  temp_gib      the compiled program's temporaries, XLA's buffer assignment on this backend:
+                its peak, cache and prefill activations together (params are arguments, not
+                counted). XLA:CPU fuses less than a GPU's and copies bf16 matmul operands to
+                float32, so on the CPU every shape runs in float32 (KV bytes double) and the
+                figure is the CPU's, a guide only
+  decode_tok_s  (timed cases) B·(N−1) / (call time − prefill-only call time), median of 3
+
+Shapes: "gemma3-1b" — Gemma 3 1B's dimensions (26 layers, 5 local in 6, W=512, 1 kv head of
+256 dims, vocab 262144), "mistral-7b" — Mistral 7B v0.1's (32 layers all local, W=4096, 8 kv
+heads of 128), both bf16; "small-window" — the "small" variant with W=64, 1 local in 2, float32
+(--tiny); "tiny-window" the CI smoke test's. Memory needs no parameters (compiled from their
+shapes); --time draws random ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+GiB = 2**30
+
+# name: (config overrides of a variant, batch, prompt, new tokens)
+SHAPES = {
+    "gemma3-1b": (
+        dict(variant="1b", vocab_size=262144, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1,
+             head_dim=256, d_ff=6912, max_seq_len=32768, sliding_window=512,
+             sliding_window_pattern=6, rope_local_theta=10000.0, rope_theta=1e6,
+             query_pre_attn_scalar=256.0, norm_placement="sandwich", norm_unit_offset=True,
+             scale_embeddings=True, qk_norm="head", tie_embeddings=True, dtype="bfloat16",
+             param_dtype="bfloat16"),
+        8, 4096, 4096,
+    ),
+    "mistral-7b": (
+        dict(variant="7b", n_kv_heads=8, d_ff=14336, max_seq_len=32768, sliding_window=4096,
+             dtype="bfloat16", param_dtype="bfloat16"),
+        4, 8192, 4096,
+    ),
+    "small-window": (
+        dict(variant="small", sliding_window=64, sliding_window_pattern=2, max_seq_len=2048,
+             dtype="float32", param_dtype="float32"),
+        4, 512, 512,
+    ),
+    "tiny-window": (  # the CI smoke test's
+        dict(variant="tiny", sliding_window=8, sliding_window_pattern=2, dtype="float32",
+             param_dtype="float32"),
+        2, 32, 32,
+    ),
+}  # fmt: skip
+
+
+def config(shape: str):
+    from flaxlm.models.config import get_variant
+
+    over = dict(SHAPES[shape][0])
+    return get_variant(over.pop("variant"), **over)
+
+
+def kv_bytes(cfg, batch: int, prompt: int, new: int, ring: bool) -> int:
+    """Bytes of the decode cache's keys and values, as `generate` allocates them."""
+    import jax.numpy as jnp
+
+    from flaxlm.models.decode import prompt_bucket
+
+    full = prompt_bucket(prompt) + new
+    per_slot = 2 * batch * cfg.n_kv_heads * cfg.head_dim_ * jnp.dtype(cfg.dtype).itemsize
+    use_ring = ring and 0 < cfg.sliding_window < full
+    slots = [cfg.sliding_window if use_ring and cfg.layer_window(i) else full
+             for i in range(cfg.n_layers)]  # fmt: skip
+    return per_slot * sum(slots)
+
+
+def measure(shape: str, timed: bool) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxlm.models.decode import generate, generate_program
+    from flaxlm.models.transformer import Transformer
+    from flaxlm.train.state import unbox
+
+    cfg = config(shape)
+    if jax.default_backend() == "cpu":  # XLA:CPU copies bf16 matmul operands to float32,
+        cfg = cfg.replace(dtype="float32", param_dtype="float32")  # which swamps the figure
+    _, B, P, N = SHAPES[shape]
+    init = lambda r: unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)))["params"]  # noqa: E731
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, P), np.int32)
+    kw = dict(prompt_lengths=np.full((B,), P, np.int32), temperature=1.0)
+    params = jax.jit(init)(jax.random.PRNGKey(0)) if timed else None
+    records = []
+    for ring in (False, True):
+        t0 = time.perf_counter()
+        fn, args = generate_program(cfg, tokens, rng=jax.random.PRNGKey(0), max_new_tokens=N,
+                                    window_cache=ring, **kw)  # fmt: skip
+        compiled = fn.lower(abstract, *args).compile()
+        rec = {
+            "shape": shape, "window_cache": ring, "batch": B, "prompt": P, "new": N,
+            "window": cfg.sliding_window, "backend": jax.default_backend(),
+            "kv_gib": kv_bytes(cfg, B, P, N, ring) / GiB,
+            "temp_gib": compiled.memory_analysis().temp_size_in_bytes / GiB,
+            "compile_s": time.perf_counter() - t0,
+        }  # fmt: skip
+        if timed:
+
+            def call(n, i, ring=ring):
+                out = generate(cfg, params, tokens, rng=jax.random.PRNGKey(i), max_new_tokens=n,
+                               window_cache=ring, **kw)  # fmt: skip
+                return out.tokens.block_until_ready()
+
+            def median_s(n):
+                call(n, 0)  # compile
+                times = []
+                for i in range(3):
+                    t = time.perf_counter()
+                    call(n, i + 1)
+                    times.append(time.perf_counter() - t)
+                return statistics.median(times)
+
+            whole, prefill = median_s(N), median_s(1)
+            rec["decode_tok_s"] = B * (N - 1) / (whole - prefill)
+        rec["dtype"] = cfg.dtype
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    return records
+
+
+def table(records: list[dict]) -> str:
+    head = ("shape", "dtype", "B", "prompt + new", "W", "window_cache", "KV GiB", "temp GiB",
+            "decode tok/s")  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        speed = f"{r['decode_tok_s']:.0f}" if "decode_tok_s" in r else "-"
+        cells = (r["shape"], r["dtype"], r["batch"], f"{r['prompt']} + {r['new']}",
+                 r["window"], r["window_cache"], f"{r['kv_gib']:.3f}", f"{r['temp_gib']:.3f}",
+                 speed)  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--tiny", action="store_true", help="the small CPU shape, timed")
+    p.add_argument("--time", action="store_true", help="also time decoding (random params)")
+    p.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(SHAPES))
+    a = p.parse_args(argv)
+    shapes = a.shapes.split(",") if a.shapes else (
+        ["small-window"] if a.tiny else ["gemma3-1b", "mistral-7b"])  # fmt: skip
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "window_cache.jsonl")
+    for shape in shapes:
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in measure(shape, a.time or a.tiny))
+    # the table: the latest record of every (shape, window_cache) in OUT, in order of arrival
+    with open(path) as f:
+        latest = {(r["shape"], r["window_cache"]): r for r in map(json.loads, f)}
+    with open(os.path.join(a.out, "window_cache.md"), "w") as f:
+        f.write(table(list(latest.values())))
+    print(table(list(latest.values())))
+
+
+if __name__ == "__main__":
+    main()
