@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
                    help="decode-step attention: XLA's, or one Pallas kernel per layer "
                    "(models/decode_attention.py; for GPUs, slow elsewhere)")  # fmt: skip
+    p.add_argument("--full_cache", action="store_true",
+                   help="sliding-window layers keep full KV caches, not rings of W slots "
+                   "(the same tokens; more memory)")  # fmt: skip
     return p
 
 
@@ -228,7 +231,7 @@ def main(argv=None) -> None:
             cfg, params, rows, max_new_tokens=args.max_new_tokens,
             rng=keys, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, min_p=args.min_p, stop_tokens=stops, pad_id=max(tok.pad_id, 0),
-            decode_attention=args.decode_attention,
+            decode_attention=args.decode_attention, window_cache=not args.full_cache,
         )  # fmt: skip
         toks, lengths = jax.device_get((out.tokens, out.lengths))
         for (i, k), row, n in zip(chunk, toks, lengths):

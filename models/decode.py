@@ -28,9 +28,9 @@ trip count: no loop condition is read back to the host). Each step attends over 
 slots (masked; a ring's W), a fixed shape — or, with `decode_attention="pallas"`, one kernel per
 layer does RoPE, the cache write and attention over the slots written so far
 (models/decode_attention.py; the cache is then rounded up to whole key blocks; ring layers keep
-the XLA path, the kernel writing one slot for all rows). The cache holds each layer's keys and values
-in two heads-major (B, K, S, H) buffers in the compute dtype (`cache_dtype`), updated in place
-(why two, not one: `transformer.init_cache`). The weights are cast to the compute dtype,
+the XLA path, the kernel writing one slot for all rows). The cache holds each layer's keys and
+values in two heads-major (B, K, S, H) buffers in the compute dtype (`cache_dtype`), updated in
+place (why two, not one: `transformer.init_cache`). The weights are cast to the compute dtype,
 unstacked if scanned, once per call before the loop (`_decode_params`). `fuse_projections=True`
 also concatenates the q|k|v and gate|up kernels there; it is off by default because on a GPU XLA
 already merges matmuls that share an input (its dot-merger pass): compiled for the H200

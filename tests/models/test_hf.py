@@ -626,6 +626,16 @@ def test_generate_cli_on_an_hf_directory(tmp_path, capsys):
     assert [r["prompt"] for r in plain] == ["w1 w2", "w9"]
     cli.main(args + ["--decode_attention", "pallas"])  # the flag reaches generate
     assert [json.loads(ln) for ln in capsys.readouterr().out.splitlines()] == plain
+    from flaxlm.models import decode as decode_module  # (the CLI imports it when it runs)
+
+    seen, real = [], decode_module.generate  # --full_cache reaches generate: window_cache=False
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode_module, "generate",
+                   lambda *a, **k: seen.append(k["window_cache"]) or real(*a, **k))  # fmt: skip
+        cli.main(args + ["--full_cache"])
+        cli.main(args)
+    assert seen == [False, True]
+    assert [json.loads(ln) for ln in capsys.readouterr().out.splitlines()] == plain * 2
     assert all(0 < r["n_tokens"] <= 5 and isinstance(r["completion"], str) for r in plain)
     # The same greedy tokens as calling generate directly.
     cfg, params, tok = cli.load(d)
