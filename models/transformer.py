@@ -167,10 +167,10 @@ class Transformer(nn.Module):
             ctx["index"] = idx
             if prefill:  # attention over the chunk itself, plain causal rows (`backbone`)
                 masks, ctx["prefill"] = [None] * len(windows), True
-            if "ring" in cache:  # the windowed layers' mask is the ring's
+            if "ring" in cache:  # a decode step's windowed layers attend over their rings
                 new_meta["ring"] = ctx.pop("ring_meta")
-                ring_mask = ctx.pop("ring_mask")
-                masks[-1] = masks[-1] if prefill else ring_mask
+                if not prefill:
+                    masks[-1] = ctx.pop("ring_mask")
         elif segment_ids is None:
             # one unpadded document per row: the kernels' plain causal mode (each layer knows
             # its window, `attention.by_window`)
@@ -208,7 +208,7 @@ class Transformer(nn.Module):
             src = jnp.clip(pos, 0, T - 1)
             meta = {"segment_ids": jnp.where(held, jnp.take_along_axis(seg, src, axis=1), 0),
                     "positions": jnp.where(held, pos, 0)}  # fmt: skip
-            return {"ring_src": (src, held), "ring_meta": meta, "ring_mask": None}
+            return {"ring_src": (src, held), "ring_meta": meta}
         if T != 1:  # T tokens written at once would overwrite keys their own queries need
             raise ValueError(f"Transformer: a ring cache takes one token per decode step, "
                              f"got {T} (a prefill fills it: backbone(prefill=True))")  # fmt: skip
