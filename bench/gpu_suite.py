@@ -85,6 +85,9 @@ GPU_CASES = [
     ("train 125m flax+hf eager", 90, ["train_throughput", "--cases", "125m:flax,125m:hf-eager"]),
     # Scanned layers: 55.7 GiB against 37.3 unrolled in the H200 compile (stacked residuals).
     ("train 1b flaxlm scan", 80, ["train_throughput", "--cases", "1b:flax:fast_scan"]),
+    # Ring caches for windowed layers (bench/window_cache.py): Gemma 3 1B's shape at a 4096
+    # prompt, full caches against rings, timed; measured only on the CPU so far.
+    ("decode window rings", 150, ["window_cache", "--shapes", "gemma3-1b-long"]),
 ]
 
 TINY_CASES = [
@@ -98,6 +101,7 @@ FLAGS = {
     "train_throughput": ["--steps", "6", "--warmup", "2"],
     "decode": ["--runs", "1"],
     "alignment_throughput": [],
+    "window_cache": ["--time"],
 }
 
 
@@ -135,7 +139,7 @@ def write_summary(out: str, env: dict, log: list[dict]):
         "|---|---|---|",
     ]
     lines += [f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} |" for r in log]
-    for name in ("train_throughput.md", "decode.md", "alignment_throughput.md"):
+    for name in ("train_throughput.md", "decode.md", "alignment_throughput.md", "window_cache.md"):
         path = os.path.join(out, name)
         if os.path.exists(path):
             lines += ["", f"## {name}", "", open(path).read()]

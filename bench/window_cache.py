@@ -20,7 +20,8 @@ ways (`window_cache=True` / `False`), the same `generate` program:
 Shapes: "gemma3-1b" — Gemma 3 1B's dimensions (26 layers, 5 local in 6, W=512, 1 kv head of
 256 dims, vocab 262144), "mistral-7b" — Mistral 7B v0.1's (32 layers all local, W=4096, 8 kv
 heads of 128), both bf16; "small-window" — the "small" variant with W=64, 1 local in 2, float32
-(--tiny); "tiny-window" the CI smoke test's. Memory needs no parameters (compiled from their
+(--tiny); "gemma3-1b-long" Gemma 3 1B at batch 16, 4096 + 512 (the GPU suite's, timed);
+"tiny-window" the CI smoke test's. Memory needs no parameters (compiled from their
 shapes); --time draws random ones.
 """
 
@@ -50,6 +51,9 @@ SHAPES = {
              dtype="bfloat16", param_dtype="bfloat16"),
         4, 8192, 4096,
     ),
+    "gemma3-1b-long": (  # the GPU suite's timed case: a long prompt, fewer new tokens
+        dict(variant="gemma3-1b"), 16, 4096, 512,
+    ),
     "small-window": (
         dict(variant="small", sliding_window=64, sliding_window_pattern=2, max_seq_len=2048,
              dtype="float32", param_dtype="float32"),
@@ -64,10 +68,14 @@ SHAPES = {
 
 
 def config(shape: str):
+    """The shape's ModelConfig: a variant with overrides ("variant" may name another shape)."""
     from flaxlm.models.config import get_variant
 
     over = dict(SHAPES[shape][0])
-    return get_variant(over.pop("variant"), **over)
+    base = over.pop("variant")
+    if base in SHAPES:
+        return config(base).replace(**over)
+    return get_variant(base, **over)
 
 
 def kv_bytes(cfg, batch: int, prompt: int, new: int, ring: bool) -> int:

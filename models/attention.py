@@ -400,21 +400,22 @@ class Attention(nn.Module):
         # logits' scale: None = head_dim^-1/2 as it always was (divided, bit for bit)
         scale, cap = (cfg.attn_scale if cfg.query_pre_attn_scalar else None), cfg.attn_logit_softcap
         if (layer_cache is not None and self.decode_attention == "pallas"
-                and "ring_slot" not in ctx  # (the kernel writes one slot for all rows)
                 and cfg.rotary_dim_ == H  # the kernel rotates whole heads
                 and decode_kernel.supports(layer_cache[0].shape[2], T, H)
                 and decode_kernel.mesh_supports()):  # fmt: skip
             # One kernel: RoPE, the cache write and attention over the written slots.
             qkv = jnp.concatenate([q, k, v], axis=2)  # the merged projection's own output
+            ring = "ring_slot" in ctx  # a windowed layer's ring: each row's own slot
             out, layer_cache = decode_kernel.decode_attention(
                 qkv,
                 ctx["cos"],
                 ctx["sin"],
                 *layer_cache,
                 ctx["mask"],
-                ctx["index"],
+                ctx["ring_slot"] if ring else ctx["index"],
                 scale=cfg.attn_scale,
                 cap=cap,
+                ring=ring,
             )
             return self._out_proj(out), layer_cache
         q = apply_rope(q, ctx["cos"], ctx["sin"])

@@ -27,13 +27,13 @@ row has stopped (tested every `check_every` tokens); without, a fixed-length `sc
 trip count: no loop condition is read back to the host). Each step attends over all P + N cache
 slots (masked; a ring's W), a fixed shape — or, with `decode_attention="pallas"`, one kernel per
 layer does RoPE, the cache write and attention over the slots written so far
-(models/decode_attention.py; the cache is then rounded up to whole key blocks; ring layers keep
-the XLA path, the kernel writing one slot for all rows). The cache holds each layer's keys and
-values in two heads-major (B, K, S, H) buffers in the compute dtype (`cache_dtype`), updated in
-place (why two, not one: `transformer.init_cache`). The weights are cast to the compute dtype,
-unstacked if scanned, once per call before the loop (`_decode_params`). `fuse_projections=True`
-also concatenates the q|k|v and gate|up kernels there; it is off by default because on a GPU XLA
-already merges matmuls that share an input (its dot-merger pass): compiled for the H200
+(models/decode_attention.py; the cache is then rounded up to whole key blocks, and a ring runs
+it when W is a whole number of them, each row writing its own slot). The cache holds each
+layer's keys and values in two heads-major (B, K, S, H) buffers in the compute dtype
+(`cache_dtype`), updated in place (why two, not one: `transformer.init_cache`). The weights are
+cast to the compute dtype, unstacked if scanned, once per call before the loop
+(`_decode_params`). `fuse_projections=True` also concatenates the q|k|v and gate|up kernels
+there; it is off by default because on a GPU XLA already merges matmuls that share an input (its dot-merger pass): compiled for the H200
 (bench/gpu_aot.py), the fused layout's decode step has no fewer kernels (306 either way at the
 1.1B shape, batch 64, jax 0.10) and holds 1.3 GiB more, the concatenated copy.
 
@@ -450,8 +450,8 @@ def generate(
       window_cache: sliding-window layers keep a ring of `cfg.sliding_window` slots instead of
         the whole prompt + N (`transformer.init_cache(..., rings=True)`) when that is fewer:
         the same tokens, less memory, and those layers' steps read W slots (with
-        decode_attention="pallas" they run the XLA path, the kernel the global layers).
-        False keeps full caches everywhere.
+        decode_attention="pallas", through the kernel when W is a multiple of its key
+        block, 64; else the XLA path). False keeps full caches everywhere.
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """

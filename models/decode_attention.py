@@ -16,7 +16,8 @@ cost rather than bandwidth is the suspect. This kernel removes kernels and waste
     float32 accumulators in registers) over the earlier slots, then folds in the new token;
   * the loop covers the written slots only (`index`, the shared write index), in blocks of
     BLOCK_K, not the whole buffer: a 128-token prompt with 256 new tokens reads on average
-    2/3 of what the full buffer costs;
+    2/3 of what the full buffer costs. A windowed layer's ring (W slots, `ring=True`) is read
+    whole, each row writing at its own slot (position mod W);
   * the rotate-half split is done by loading each half of q and k from memory and summing
     two half-width dots, so no value is sliced or concatenated inside the kernel.
 
@@ -84,13 +85,15 @@ def _fold(carry, s, ok, weighted_values):
 
 def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k_out_ref,
             v_out_ref, *, groups: int, kv_heads: int, block_k: int, scale: float,
-            cap: float):  # fmt: skip
+            cap: float, ring: bool):  # fmt: skip
     """One (batch row b, kv head h): this step's q|k|v heads of row b (N + 2K, H), the rope
     angles of b's position (H/2,), the key and value caches (S, H) of (b, h), b's mask (S,).
     The group's G query heads are rows h·G … h·G + G - 1 of q|k|v, loaded as M ≥ 16 rows (the
     rest masked: zeros, never stored). `k_out_ref` / `v_out_ref` are `k_ref`'s / `v_ref`'s
     buffers (aliased): the new slot is written through them. Scores are q·k · `scale`, then
-    soft-capped to cap·tanh(s / cap) when `cap` (Gemma 2; 0 = not)."""
+    soft-capped to cap·tanh(s / cap) when `cap` (Gemma 2; 0 = not). Row b writes at its slot
+    `idx_ref[0]`; the earlier slots are those before it, or with `ring` every other slot of
+    the ring (a windowed layer's, `transformer.init_cache`; the mask says which hold what)."""
     del k_ref, v_ref  # read and written through their aliased output refs
     rows = o_ref.shape[0]
     H = qkv_ref.shape[1]
@@ -100,7 +103,7 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
     n_q = groups * kv_heads
     real = (jnp.arange(rows) < groups)[:, None]
     dtype = k_out_ref.dtype
-    idx = idx_ref[()]
+    idx = idx_ref[0]
     cos, sin = cos_ref[...][None, :], sin_ref[...][None, :]
 
     def load_q(part):
@@ -125,7 +128,8 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
     def step(j, carry):  # key block j of the slots before this step's
         keys = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
         slots = j * block_k + jnp.arange(block_k)
-        ok = ((mask_ref[keys] != 0) & (slots < idx))[None, :]
+        earlier = (slots != idx) if ring else (slots < idx)
+        ok = ((mask_ref[keys] != 0) & earlier)[None, :]
         s = plgpu.dot(q1, k_out_ref[keys, lo], trans_b=True).astype(jnp.float32)
         s += plgpu.dot(q2, k_out_ref[keys, hi], trans_b=True).astype(jnp.float32)
         v = v_out_ref[keys, :]
@@ -136,7 +140,8 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    carry = jax.lax.fori_loop(0, pl.cdiv(idx, block_k), step, init)
+    n_blocks = k_out_ref.shape[0] // block_k if ring else pl.cdiv(idx, block_k)
+    carry = jax.lax.fori_loop(0, n_blocks, step, init)
     # The new token, a one-key block: always visible to itself (same segment and slot).
     s_new = (q1.astype(jnp.float32) * k1.astype(jnp.float32)[None, :]).sum(axis=1)
     s_new += (q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :]).sum(axis=1)
@@ -148,8 +153,8 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
     plgpu.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
 
 
-def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: bool,
-          scale: float, cap: float = 0.0, num_warps: int = 4):  # fmt: skip
+def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: bool,
+          scale: float, cap: float = 0.0, ring: bool = False, num_warps: int = 4):  # fmt: skip
     B, K, S, H = k_BKSH.shape
     R = qkv_BRH.shape[1]  # N + 2K rows
     G = (R - 2 * K) // K
@@ -159,14 +164,14 @@ def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: b
         qkv_BRH = jnp.pad(qkv_BRH, ((0, 0), (0, M), (0, 0)))
         R += M
     kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=BLOCK_K,
-                               scale=scale, cap=cap)  # fmt: skip
+                               scale=scale, cap=cap, ring=ring)  # fmt: skip
     cache = pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0))
     per_row = lambda n: pl.BlockSpec((None, n), lambda b, k: (b, 0))  # noqa: E731
     return pl.pallas_call(
         kernel,
         grid=(B, K),
         in_specs=[
-            pl.BlockSpec((), lambda b, k: ()),
+            per_row(1),
             pl.BlockSpec((None, R, H), lambda b, k: (b, 0, 0)),
             per_row(H // 2),
             per_row(H // 2),
@@ -184,11 +189,12 @@ def _call(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: b
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="decode_attention",
-    )(idx, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS)
+    )(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS)
 
 
 def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index, *,
-                     scale: float | None = None, cap: float = 0.0):  # fmt: skip
+                     scale: float | None = None, cap: float = 0.0, ring: bool = False
+                     ):  # fmt: skip
     """One decode step of attention over a layer's (B, K, S, H) key and value caches.
 
     `qkv_BTRH`: this step's q, k and v heads before RoPE, concatenated on the head axis
@@ -197,6 +203,8 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     and k; k and v written at slot `index` (clamped to the buffer, as `dynamic_update_slice`
     would); attention over slots [0, index] under the step's boolean mask (B, 1, 1, S), logits
     q·k times `scale` (default head_dim^-1/2), soft-capped at `cap` (0 = not).
+    With `ring`, the caches are a windowed layer's rings (`transformer.init_cache`): `index`
+    is each row's own slot (B,), and attention covers every slot the mask lets through.
     Returns (out (B, 1, N, H), (the key cache, the value cache)).
     """
     B, T, R, H = qkv_BTRH.shape
@@ -204,8 +212,9 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     if not supports(S, T, H):
         raise ValueError(f"decode_attention: needs 1 query, slots % {BLOCK_K} == 0 and head dim "
                          f"2^n >= 32, got {T}, {S}, {H}")  # fmt: skip
+    index = jnp.clip(jnp.asarray(index, jnp.int32), 0, S - 1)
     args = (
-        jnp.clip(jnp.asarray(index, jnp.int32), 0, S - 1),
+        jnp.broadcast_to(index.reshape(-1, 1) if ring else index, (B, 1)),  # a slot per row
         qkv_BTRH.reshape(B, R, H),
         cos_BTh.reshape(B, H // 2),
         sin_BTh.reshape(B, H // 2),
@@ -216,11 +225,13 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
 
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
 
+    options = dict(scale=scale, cap=float(cap), ring=ring)
+
     def run(*a):
         return jax.lax.platform_dependent(
             *a,
-            cuda=functools.partial(_call, interpret=False, scale=scale, cap=float(cap)),
-            default=functools.partial(_call, interpret=True, scale=scale, cap=float(cap)),
+            cuda=functools.partial(_call, interpret=False, **options),
+            default=functools.partial(_call, interpret=True, **options),
         )
 
     batch_axes = _batch_axes()
@@ -228,7 +239,7 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
         rows = P(batch_axes)
         run = jax.shard_map(
             run,
-            in_specs=(P(), rows, rows, rows, rows, rows, rows),
+            in_specs=(rows, rows, rows, rows, rows, rows, rows),
             out_specs=(rows, rows, rows),
             check_vma=False,
         )

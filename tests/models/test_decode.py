@@ -60,9 +60,9 @@ def _log_softmax_fn(cfg):
     return jax.jit(lambda p, t: jax.nn.log_softmax(forward(cfg, p, t), axis=-1))
 
 
-def _full_logprobs(cfg, params, prompts, gen):
+def _full_logprobs(cfg, params, prompts, gen, t_max=T_MAX):
     """log-softmax of one full forward over prompt + generated tokens at the generated ones."""
-    toks = np.zeros((len(prompts), T_MAX), np.int32)
+    toks = np.zeros((len(prompts), t_max), np.int32)
     for b, (p, g) in enumerate(zip(prompts, gen)):
         toks[b, : len(p) + len(g)] = list(p) + list(g)
     logp = np.asarray(_log_softmax_fn(cfg)(params, toks))  # right padding never affects the past
@@ -72,9 +72,9 @@ def _full_logprobs(cfg, params, prompts, gen):
     ]
 
 
-def _greedy_by_recompute(cfg, params, prompts, n):
+def _greedy_by_recompute(cfg, params, prompts, n, t_max=T_MAX):
     """Argmax decoding by re-running the full forward on the whole sequence for every token."""
-    toks = np.zeros((len(prompts), T_MAX), np.int32)
+    toks = np.zeros((len(prompts), t_max), np.int32)
     lens = np.asarray([len(p) for p in prompts])
     for b, p in enumerate(prompts):
         toks[b, : len(p)] = p
@@ -556,6 +556,34 @@ def test_write_index_is_clamped_to_the_buffer():
     np.testing.assert_allclose(out, want_out, atol=2e-6)
 
 
+def test_kernel_over_a_ring_equals_the_xla_step():
+    """A windowed layer's ring (`ring=True`): each row writes its own slot — the first, a
+    middle one, the last — and attends over every other slot the mask lets through (a random
+    half, as a ring's positions and window leave them), then its new token; the other slots
+    are left alone."""
+    B, N, K, H, S = 3, 8, 2, 32, 128
+    qkv, cos, sin, k_cache, v_cache, _ = _step(B, N, K, H, S, 0)
+    slots = jnp.asarray([0, 77, S - 1])
+    r = np.random.default_rng(4)
+    mask = r.random((B, 1, 1, S)) < 0.5
+    mask[np.arange(B), 0, 0, np.asarray(slots)] = True  # the new token sees itself
+    mask = jnp.asarray(mask)
+    out, cache = kernel.decode_attention(qkv, cos, sin, k_cache, v_cache, mask, slots, ring=True)
+
+    q, k, v = jnp.split(qkv, [N, N + K], axis=2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    put = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new, (0, s, 0)))
+    want_cache = [put(c, new.transpose(0, 2, 1, 3), slots) for c, new in ((k_cache, k),
+                                                                        (v_cache, v))]  # fmt: skip
+    want = cached_attention(q, *want_cache, mask)
+    np.testing.assert_allclose(out, want, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(cache, want_cache, atol=1e-6, rtol=1e-6)
+    for b, slot in enumerate(np.asarray(slots)):
+        others = np.arange(S) != slot
+        np.testing.assert_array_equal(np.asarray(cache[0])[b][:, others],
+                                      np.asarray(k_cache)[b][:, others])  # fmt: skip
+
+
 def test_gpu_lowering_is_one_triton_kernel():
     """Lowered for CUDA (no GPU needed to lower): one Triton custom call, not the
     interpreter's loop, with the cache updated in place (aliased to an output)."""
@@ -635,7 +663,8 @@ def test_generate_with_the_kernel_samples_and_stops_as_the_xla_path():
 @pytest.mark.parametrize("kw,window_cache", [({}, True), (GEMMA2, False), (GEMMA2, True)])
 def test_generate_program_runs_the_kernel_in_every_layer(kw, window_cache):
     """In every layer over a full cache (soft-capping and rescaled logits inside, Gemma 2);
-    with the windowed layers' rings (`window_cache`), in the global layers only."""
+    with the windowed layers' rings (`window_cache`) of 5 slots, not a whole key block, in
+    the global layers only (test_generate_with_the_kernel_over_rings_...: rings of 64)."""
     cfg, params = _kernel_model(**kw)
     fn, args = generate_program(cfg, PROMPTS, rng=jax.random.PRNGKey(0), max_new_tokens=4,
                                 decode_attention="pallas", window_cache=window_cache)  # fmt: skip
@@ -643,6 +672,28 @@ def test_generate_program_runs_the_kernel_in_every_layer(kw, window_cache):
         text = fn.trace(params, *args).lower(lowering_platforms=("cuda",)).as_text()
     n_ring = sum(bool(cfg.layer_window(i)) for i in range(cfg.n_layers)) if window_cache else 0
     assert 0 < text.count("__gpu$xla.gpu.triton") == cfg.n_layers - n_ring
+
+
+def test_generate_with_the_kernel_over_rings_equals_full_recompute():
+    """Gemma 2's attention with a window of 64 (a whole key block, so the local layers' rings
+    run the kernel too): 70 new tokens after prompts of up to 12 wrap every ring; greedy
+    tokens and logprobs are the full forward's, the kernel runs in every layer."""
+    cfg, params = _kernel_model(**{**GEMMA2, "sliding_window": 64})
+    calls, call = [], kernel._call
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel, "_call", lambda *a, **k: calls.append(k["ring"]) or call(*a, **k))
+        out = generate(cfg, params, PROMPTS, max_new_tokens=70, rng=jax.random.PRNGKey(1),
+                       temperature=0, decode_attention="pallas")  # fmt: skip
+    # traced alike per layer (once per platform branch): the global layer's and the ring's
+    assert calls.count(True) == calls.count(False) > 0
+    want = _greedy_by_recompute(cfg, params, PROMPTS, 70, t_max=96)
+    np.testing.assert_array_equal(np.asarray(out.tokens), want)
+    np.testing.assert_allclose(
+        out.logprobs, _full_logprobs(cfg, params, PROMPTS, want, t_max=96), atol=2e-5, rtol=1e-5
+    )
+    # The window matters: without it the same model decodes something else.
+    no_window = cfg.replace(sliding_window=0, sliding_window_pattern=0)
+    assert not np.array_equal(want, _greedy_by_recompute(no_window, params, PROMPTS, 70, t_max=96))
 
 
 def test_generate_option_is_checked():
