@@ -33,9 +33,10 @@ layer's keys and values in two heads-major (B, K, S, H) buffers in the compute d
 (`cache_dtype`), updated in place (why two, not one: `transformer.init_cache`). The weights are
 cast to the compute dtype, unstacked if scanned, once per call before the loop
 (`_decode_params`). `fuse_projections=True` also concatenates the q|k|v and gate|up kernels
-there; it is off by default because on a GPU XLA already merges matmuls that share an input (its dot-merger pass): compiled for the H200
-(bench/gpu_aot.py), the fused layout's decode step has no fewer kernels (306 either way at the
-1.1B shape, batch 64, jax 0.10) and holds 1.3 GiB more, the concatenated copy.
+there; it is off by default because on a GPU XLA already merges matmuls that share an input
+(its dot-merger pass): compiled for the H200 (bench/gpu_aot.py), the fused layout's decode step
+has no fewer kernels (306 either way at the 1.1B shape, batch 64, jax 0.10) and holds 1.3 GiB
+more, the concatenated copy.
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what a plain forward
