@@ -3,6 +3,7 @@
     python -m flaxlm.bench.window_cache --out OUT            # memory at two real shapes
     python -m flaxlm.bench.window_cache --out OUT --time     # + decode speed (needs the params)
     python -m flaxlm.bench.window_cache --out OUT --tiny     # CPU: a small shape, timed too
+    .venv-gpu-aot/bin/python -m flaxlm.bench.window_cache --out OUT --h200   # H200 memory, no GPU
 
 A local layer never looks further back than its window W, so `generate` keeps it a ring of W
 slots instead of prompt + new tokens (models/transformer.py `window_cache`). Per case, both
@@ -14,13 +15,16 @@ ways (`window_cache=True` / `False`), the same `generate` program:
                 its peak, cache and prefill activations together (params are arguments, not
                 counted). XLA:CPU fuses less than a GPU's and copies bf16 matmul operands to
                 float32, so on the CPU every shape runs in float32 (KV bytes double) and the
-                figure is the CPU's, a guide only
+                figure is the CPU's, a guide only. `--h200` compiles for an H200 on this machine
+                (bench/gpu_aot.py's way), in the shape's dtype, with cuDNN attention
   decode_tok_s  (timed cases) B·(N−1) / (call time − prefill-only call time), median of 3
 
 Shapes: "gemma3-1b" — Gemma 3 1B's dimensions (26 layers, 5 local in 6, W=512, 1 kv head of
 256 dims, vocab 262144), "mistral-7b" — Mistral 7B v0.1's (32 layers all local, W=4096, 8 kv
 heads of 128), both bf16; "small-window" — the "small" variant with W=64, 1 local in 2, float32
-(--tiny); "gemma3-1b-long" Gemma 3 1B at batch 16, 4096 + 512 (the GPU suite's, timed);
+(--tiny); "-rollout" shapes: RL rollouts with long answers (Gemma 3 1B at batch 64, 256 +
+8192; Mistral 7B at batch 16, 512 + 16384), where the decode cache, not the prefill, sets the
+peak; "gemma3-1b-long" Gemma 3 1B at batch 16, 4096 + 512 (the GPU suite's, timed);
 "tiny-window" the CI smoke test's. Memory needs no parameters (compiled from their
 shapes); --time draws random ones.
 """
@@ -51,6 +55,10 @@ SHAPES = {
              dtype="bfloat16", param_dtype="bfloat16"),
         4, 8192, 4096,
     ),
+    # RL rollouts with long answers: short prompts, many new tokens, a big batch. The decode
+    # cache is then the program's peak, not the prefill's activations.
+    "gemma3-1b-rollout": (dict(variant="gemma3-1b"), 64, 256, 8192),
+    "mistral-7b-rollout": (dict(variant="mistral-7b"), 16, 512, 16384),
     "gemma3-1b-long": (  # the GPU suite's timed case: a long prompt, fewer new tokens
         dict(variant="gemma3-1b"), 16, 4096, 512,
     ),
@@ -92,7 +100,9 @@ def kv_bytes(cfg, batch: int, prompt: int, new: int, ring: bool) -> int:
     return per_slot * sum(slots)
 
 
-def measure(shape: str, timed: bool) -> list[dict]:
+def measure(shape: str, timed: bool, target=None) -> list[dict]:
+    """Both ways' records for one shape, compiled for this backend or for `target` (a
+    compile-only device, bench/gpu_aot.py's H200: memory only)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -102,11 +112,18 @@ def measure(shape: str, timed: bool) -> list[dict]:
     from flaxlm.train.state import unbox
 
     cfg = config(shape)
-    if jax.default_backend() == "cpu":  # XLA:CPU copies bf16 matmul operands to float32,
+    backend = target.platform if target is not None else jax.default_backend()
+    if backend == "cpu":  # XLA:CPU copies bf16 matmul operands to float32,
         cfg = cfg.replace(dtype="float32", param_dtype="float32")  # which swamps the figure
+    else:  # the prefill as a GPU config runs it: cuDNN's flash attention
+        cfg = cfg.replace(attention_impl="cudnn")
     _, B, P, N = SHAPES[shape]
     init = lambda r: unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)))["params"]  # noqa: E731
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    place = lambda x: x  # noqa: E731
+    if target is not None:
+        one = jax.sharding.SingleDeviceSharding(target)
+        place = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=one)  # noqa: E731
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, P), np.int32)
     kw = dict(prompt_lengths=np.full((B,), P, np.int32), temperature=1.0)
     params = jax.jit(init)(jax.random.PRNGKey(0)) if timed else None
@@ -115,12 +132,13 @@ def measure(shape: str, timed: bool) -> list[dict]:
         t0 = time.perf_counter()
         fn, args = generate_program(cfg, tokens, rng=jax.random.PRNGKey(0), max_new_tokens=N,
                                     window_cache=ring, **kw)  # fmt: skip
-        compiled = fn.lower(abstract, *args).compile()
+        args = [jax.tree.map(place, abstract)] + [place(np.asarray(x)) for x in args]
+        memory = fn.lower(*args).compile().memory_analysis()
         rec = {
             "shape": shape, "window_cache": ring, "batch": B, "prompt": P, "new": N,
-            "window": cfg.sliding_window, "backend": jax.default_backend(),
+            "window": cfg.sliding_window, "backend": backend,
             "kv_gib": kv_bytes(cfg, B, P, N, ring) / GiB,
-            "temp_gib": compiled.memory_analysis().temp_size_in_bytes / GiB,
+            "temp_gib": memory.temp_size_in_bytes / GiB,
             "compile_s": time.perf_counter() - t0,
         }  # fmt: skip
         if timed:
@@ -148,12 +166,12 @@ def measure(shape: str, timed: bool) -> list[dict]:
 
 
 def table(records: list[dict]) -> str:
-    head = ("shape", "dtype", "B", "prompt + new", "W", "window_cache", "KV GiB", "temp GiB",
-            "decode tok/s")  # fmt: skip
+    head = ("shape", "backend", "dtype", "B", "prompt + new", "W", "window_cache", "KV GiB",
+            "temp GiB", "decode tok/s")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         speed = f"{r['decode_tok_s']:.0f}" if "decode_tok_s" in r else "-"
-        cells = (r["shape"], r["dtype"], r["batch"], f"{r['prompt']} + {r['new']}",
+        cells = (r["shape"], r["backend"], r["dtype"], r["batch"], f"{r['prompt']} + {r['new']}",
                  r["window"], r["window_cache"], f"{r['kv_gib']:.3f}", f"{r['temp_gib']:.3f}",
                  speed)  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -166,17 +184,25 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="the small CPU shape, timed")
     p.add_argument("--time", action="store_true", help="also time decoding (random params)")
     p.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(SHAPES))
+    p.add_argument("--h200", action="store_true",
+                   help="compile for an H200 here (CUDA plugin; bench/gpu_aot.py)")  # fmt: skip
     a = p.parse_args(argv)
     shapes = a.shapes.split(",") if a.shapes else (
-        ["small-window"] if a.tiny else ["gemma3-1b", "mistral-7b"])  # fmt: skip
+        ["small-window"] if a.tiny else ["gemma3-1b", "mistral-7b", "gemma3-1b-rollout",
+                                         "mistral-7b-rollout"])  # fmt: skip
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "window_cache.jsonl")
+    target = None
+    if a.h200:
+        from flaxlm.bench.gpu_aot import h200_devices
+
+        target = h200_devices()[0]
     for shape in shapes:
         with open(path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in measure(shape, a.time or a.tiny))
+            f.writelines(json.dumps(r) + "\n" for r in measure(shape, a.time or a.tiny, target))
     # the table: the latest record of every (shape, window_cache) in OUT, in order of arrival
     with open(path) as f:
-        latest = {(r["shape"], r["window_cache"]): r for r in map(json.loads, f)}
+        latest = {(r["shape"], r["backend"], r["window_cache"]): r for r in map(json.loads, f)}
     with open(os.path.join(a.out, "window_cache.md"), "w") as f:
         f.write(table(list(latest.values())))
     print(table(list(latest.values())))

@@ -246,6 +246,22 @@ def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS, scale=None, cap: float =
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def cudnn_supports_head_dim(head_dim: int) -> bool:
+    """Whether cuDNN's flash attention takes this head dim here: a multiple of 8 up to 128, or
+    up to 256 on Hopper and later GPUs (H100/H200; not an A100) — jax's own rule. Gemma 2/3's
+    256 on an A100, or where no GPU is attached (compiling for one, bench/gpu_aot.py), takes
+    the XLA path in blocks of query rows instead of failing."""
+    if head_dim % 8 or head_dim > 256:
+        return False
+    if head_dim <= 128:
+        return True
+    try:
+        return any(float(getattr(d, "compute_capability", 0) or 0) >= 9.0
+                   for d in jax.devices() if d.platform == "gpu")  # fmt: skip
+    except RuntimeError:  # no backend at all
+        return False
+
+
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0, scale=None
                     ) -> jax.Array:  # fmt: skip
     """cuDNN flash attention (NVIDIA GPUs). Pure causal rows take the fast CAUSAL mask type."""
@@ -458,11 +474,11 @@ class Attention(nn.Module):
     def _self_attention(self, q, k, v, ctx, scale, cap):
         """Attention of the chunk's queries over its own keys (training, scoring, and a
         prefill into an empty cache): cuDNN's flash kernel where the config asks for it and
-        it applies; XLA in blocks of query rows for soft-capped logits there, and for every
-        prefill (inference: a long prompt's float32 scores one block of rows at a time, not
-        (B, N, P, P) at once); else plain XLA."""
+        it applies; XLA in blocks of query rows where it does not (soft-capped logits, a head
+        dim it does not take), and for every prefill (inference: a long prompt's float32
+        scores one block of rows at a time, not (B, N, P, P) at once); else plain XLA."""
         cfg = self.cfg
-        if cfg.attention_impl == "cudnn" and not cap:  # (cuDNN has no soft-capping)
+        if cfg.attention_impl == "cudnn" and not cap and cudnn_supports_head_dim(q.shape[-1]):
             return by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
         T, S = q.shape[1], k.shape[1]
         if cfg.attention_impl == "cudnn" or ctx.get("prefill"):

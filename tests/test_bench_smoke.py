@@ -89,7 +89,7 @@ def test_window_cache_bench(tmp_path):
     assert full["kv_gib"] * (64 + 8) == pytest.approx(ring["kv_gib"] * (64 + 64))
     assert ring["temp_gib"] < full["temp_gib"]
     assert full["decode_tok_s"] > 0 and ring["decode_tok_s"] > 0
-    assert "| tiny-window | float32 | 2 | 32 + 32 | 8 | True |" in (
+    assert "| tiny-window | cpu | float32 | 2 | 32 + 32 | 8 | True |" in (
         tmp_path / "window_cache.md").read_text()  # fmt: skip
 
 

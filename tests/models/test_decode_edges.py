@@ -216,6 +216,37 @@ def test_prefill_runs_the_training_attention_kernels(window_model, monkeypatch):
     assert 0 in windows and 8 in windows
 
 
+def test_head_dims_cudnn_does_not_take_run_the_xla_path(monkeypatch):
+    """attention_impl="cudnn" with Gemma's head dim 256 where cuDNN takes at most 128 (an
+    A100; here, no GPU at all): training-style forwards and `generate`'s prefill run XLA's
+    attention instead of failing in jax, with the XLA config's logits; head dim 64 still asks
+    cuDNN (the stand-in records it)."""
+    assert attention.cudnn_supports_head_dim(64) and attention.cudnn_supports_head_dim(128)
+    assert not attention.cudnn_supports_head_dim(256)  # no Hopper GPU here
+    assert not attention.cudnn_supports_head_dim(12) and not attention.cudnn_supports_head_dim(512)
+    calls = []
+
+    def stand_in(q, k, v, mask, window=0, scale=None):
+        calls.append(q.shape[-1])
+        return attention.xla_attention(q, k, v, attention.causal_mask(q.shape[1], k.shape[1],
+                                                                       window), scale)  # fmt: skip
+
+    monkeypatch.setattr(attention, "cudnn_attention", stand_in)
+    toks = jnp.asarray(_right_padded(WINDOW_PROMPTS)[:, :16])
+    for head_dim, asked in ((256, False), (64, True)):
+        cfg = _cfg(head_dim=head_dim, sliding_window=8)
+        params = _params(cfg)
+        want = forward(cfg, params, toks)
+        got = forward(cfg.replace(attention_impl="cudnn"), params, toks)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+        kw = dict(max_new_tokens=4, rng=jax.random.PRNGKey(0), temperature=0)
+        np.testing.assert_array_equal(
+            generate(cfg.replace(attention_impl="cudnn"), params, WINDOW_PROMPTS, **kw).tokens,
+            generate(cfg, params, WINDOW_PROMPTS, **kw).tokens)  # fmt: skip
+        assert bool(calls) == asked and all(h == head_dim for h in calls)
+        calls.clear()
+
+
 # ----------------------------------------------------------------------------------------------
 # Lengths, stops and pad ids
 
