@@ -306,6 +306,18 @@ args = [abstract(cfg)] + [jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtyp
 with lowering_target():
     out["pallas_softcap_triton"] = fn.lower(*args).compile().as_text().count(
         "__gpu$xla.gpu.triton")
+# Decoding past the window (256 + 1024 tokens, W=512): with and without the local layers' rings
+cfg = get_variant("tiny", **base)
+for ring in (False, True):
+    fn, args = generate_program(cfg, [[1] * 256] * 8, rng=jax.random.PRNGKey(0),
+                                max_new_tokens=1024, decode_attention="pallas", window_cache=ring)
+    args = [abstract(cfg)] + [jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype,
+                                                   sharding=one) for x in args]
+    with lowering_target():
+        c = fn.lower(*args).compile()
+    out[f"decode_rings_{ring}"] = {"triton": c.as_text().count("__gpu$xla.gpu.triton"),
+                                   "cudnn": c.as_text().count("__cudnn$fmha"),
+                                   "temp": c.memory_analysis().temp_size_in_bytes}
 print(json.dumps(out))
 """
 
@@ -320,7 +332,9 @@ def test_live_h200_compile_of_mixed_local_and_global_layers():
     local and the global kernel in the loop body (lax.cond), without the (B, T, T) masks an
     elementwise selection needs (less temporary memory); soft-capping: the XLA path (cuDNN
     has none) in blocks of query rows; the Pallas decode kernel with a soft-cap compiles for
-    every layer."""
+    every layer; decoding past the window, the kernel runs in every layer over full caches
+    and over the local layers' rings alike, the prefill is one cuDNN kernel per layer, and the
+    rings take less memory."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     run = subprocess.run([AOT_PY, "-c", MIXED_LAYERS], capture_output=True, text=True,
                          env={**env, "JAX_PLATFORMS": "cpu"}, cwd=ROOT)  # fmt: skip
@@ -333,3 +347,6 @@ def test_live_h200_compile_of_mixed_local_and_global_layers():
     # (2.40 GiB where the whole-sequence XLA attention needed 29.5)
     assert got["softcap"]["temp"] < 2 * got["unrolled"]["temp"]
     assert got["pallas_softcap_triton"] == 6
+    full, rings = got["decode_rings_False"], got["decode_rings_True"]
+    assert full["triton"] == rings["triton"] == 6 and full["cudnn"] == rings["cudnn"] == 6
+    assert rings["temp"] < full["temp"]
