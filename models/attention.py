@@ -165,6 +165,18 @@ def attention_mask(
     return mask[:, None, :, :]
 
 
+def write_rows(buf, new, slots_B, axis: int):
+    """`buf` with row b's `new[b]` written at slot `slots_B[b]` of `axis` (an axis of a row,
+    the batch axis left out): each row its own place, as a ring cache's decode step writes."""
+
+    def one(row, value, slot):
+        start = [0] * row.ndim
+        start[axis] = slot
+        return jax.lax.dynamic_update_slice(row, value, start)
+
+    return jax.vmap(one)(buf, new, slots_B)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 
@@ -448,9 +460,8 @@ class Attention(nn.Module):
                     new.transpose(0, 2, 1, 3), src, axis=2), 0).astype(buf.dtype)
                     for buf, new in zip(layer_cache, (k, v)))  # fmt: skip
             elif "ring_slot" in ctx:
-                put = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice(
-                    buf, new, (0, s, 0)))  # fmt: skip
-                ck, cv = (put(buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), ctx["ring_slot"])
+                ck, cv = (write_rows(buf, new.transpose(0, 2, 1, 3).astype(buf.dtype),
+                                     ctx["ring_slot"], axis=1)
                           for buf, new in zip(layer_cache, (k, v)))  # fmt: skip
             else:
                 idx = ctx["index"]

@@ -31,6 +31,7 @@ from flaxlm.models.attention import (
     layer_context,
     local_rope_config,
     rope_tables,
+    write_rows,
 )
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.layers import MLP, Embed, Proj, RMSNorm
@@ -213,9 +214,8 @@ class Transformer(nn.Module):
             raise ValueError(f"Transformer: a ring cache takes one token per decode step, "
                              f"got {T} (a prefill fills it: backbone(prefill=True))")  # fmt: skip
         slot = positions[:, 0] % W  # (B,): each row writes where its position falls
-        write = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice(buf, new, (s,)))
-        r_seg = write(ring["segment_ids"], seg, slot)
-        r_pos = write(ring["positions"], positions, slot)
+        r_seg = write_rows(ring["segment_ids"], seg, slot, axis=0)
+        r_pos = write_rows(ring["positions"], positions, slot, axis=0)
         q_slot, r_slot = jnp.zeros((B, 1), jnp.int32), jnp.zeros((B, W), jnp.int32)
         mask = attention_mask(seg, r_seg, q_slot, r_slot, positions, r_pos, cfg.sliding_window)
         mask &= (r_pos <= positions)[:, None, None, :]
