@@ -6,8 +6,9 @@ model — and a clipped objective with a KL term to the frozen reference.
         --config.init_from=runs/sft --workdir runs/grpo --config.grpo.rewards=exact_match,format:0.1
 
 One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `before_step`):
-  1. generate: `rollout.batch / grpo.group_size` prompts, each `group_size` times, in one decoder
-     call with the current policy (temperature `rollout.temperature`);
+  1. generate: `rollout.batch / grpo.group_size` prompts, `group_size` samples each, in one
+     decoder call with the current policy (temperature `rollout.temperature`; each prompt's
+     prefill runs once, `generate(..., num_samples=group_size)`);
   2. rewards: r_i = Σ_k w_k·f_k(meta, response) over `grpo.rewards` (see REWARDS; any callable
      `(meta, response_text) -> float` can be named as "module:function" in `grpo.rewards`,
      registered, or passed to `build_task`; `meta` is the prompt record's, configs/grpo.py; a
@@ -316,8 +317,7 @@ class GRPOSource(RolloutSource):
     def make_rollout(self, params, rng):
         r, g = self.config.rollout, self.config.grpo
         G = g.group_size
-        idx = [i for i in self.cursor.take(r.batch // G) for _ in range(G)]
-        s = self.sample(params, idx, rng)
+        s = self.sample(params, self.cursor.take(r.batch // G), rng, num_samples=G)
         t0 = time.perf_counter()
         texts, reasonings, unfinished = s["texts"], None, np.zeros(r.batch, bool)
         marker = g.get("reasoning_end", "")

@@ -309,8 +309,9 @@ class RolloutSource:
                 })  # fmt: skip
         return out
 
-    def sample(self, params, prompt_idx: list[int], rng) -> dict:
-        """One decoder call for the prompts `prompt_idx`, and its rows, texts and flags."""
+    def sample(self, params, prompt_idx: list[int], rng, num_samples: int = 1) -> dict:
+        """One decoder call for the prompts `prompt_idx`, `num_samples` samples each (rows
+        b·num_samples + g; one prefill per prompt), and its rows, texts and flags."""
         r, t = self.config.rollout, self.template
         prompts = [self.prompts[i]["ids"] for i in prompt_idx]
         pad_id = max(t.tok.pad_id, 0)
@@ -320,9 +321,11 @@ class RolloutSource:
             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.get("min_p", 0.0),
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
             check_every=r.get("check_every", 1),  # configs older than the key: every token
-            decode_attention=r.get("decode_attention", "xla"),
+            decode_attention=r.get("decode_attention", "xla"), num_samples=num_samples,
         )  # fmt: skip
         out = jax.device_get(out)
+        prompt_idx = [i for i in prompt_idx for _ in range(num_samples)]  # one per row now
+        prompts = [self.prompts[i]["ids"] for i in prompt_idx]
         gen_s = time.perf_counter() - t0
         rows = rollout_rows(prompts, out.tokens, out.lengths, self.config.seq_len, pad_id)
         texts, stopped = decode_responses(t.tok, out.tokens, out.lengths, t.stop_tokens)

@@ -31,13 +31,11 @@ shapes); --time draws random ones.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import statistics
 import time
 
-GiB = 2**30
+from flaxlm.bench import compiled_generate
+from flaxlm.bench.compiled_generate import GiB, abstract_params, backend_config, median_s
 
 # name: (config overrides of a variant, batch, prompt, new tokens)
 SHAPES = {
@@ -104,26 +102,13 @@ def measure(shape: str, timed: bool, target=None) -> list[dict]:
     """Both ways' records for one shape, compiled for this backend or for `target` (a
     compile-only device, bench/gpu_aot.py's H200: memory only)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from flaxlm.models.decode import generate, generate_program
-    from flaxlm.models.transformer import Transformer
-    from flaxlm.train.state import unbox
 
-    cfg = config(shape)
-    backend = target.platform if target is not None else jax.default_backend()
-    if backend == "cpu":  # XLA:CPU copies bf16 matmul operands to float32,
-        cfg = cfg.replace(dtype="float32", param_dtype="float32")  # which swamps the figure
-    else:  # the prefill as a GPU config runs it: cuDNN's flash attention
-        cfg = cfg.replace(attention_impl="cudnn")
+    cfg, backend = backend_config(config(shape), target)
     _, B, P, N = SHAPES[shape]
-    init = lambda r: unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)))["params"]  # noqa: E731
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    place = lambda x: x  # noqa: E731
-    if target is not None:
-        one = jax.sharding.SingleDeviceSharding(target)
-        place = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=one)  # noqa: E731
+    init, abstract, place = abstract_params(cfg, target)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, P), np.int32)
     kw = dict(prompt_lengths=np.full((B,), P, np.int32), temperature=1.0)
     params = jax.jit(init)(jax.random.PRNGKey(0)) if timed else None
@@ -143,21 +128,12 @@ def measure(shape: str, timed: bool, target=None) -> list[dict]:
         }  # fmt: skip
         if timed:
 
-            def call(n, i, ring=ring):
-                out = generate(cfg, params, tokens, rng=jax.random.PRNGKey(i), max_new_tokens=n,
-                               window_cache=ring, **kw)  # fmt: skip
-                return out.tokens.block_until_ready()
+            def call(n, ring=ring):
+                return lambda i: generate(cfg, params, tokens, rng=jax.random.PRNGKey(i),
+                                          max_new_tokens=n, window_cache=ring, **kw
+                                          ).tokens.block_until_ready()  # fmt: skip
 
-            def median_s(n):
-                call(n, 0)  # compile
-                times = []
-                for i in range(3):
-                    t = time.perf_counter()
-                    call(n, i + 1)
-                    times.append(time.perf_counter() - t)
-                return statistics.median(times)
-
-            whole, prefill = median_s(N), median_s(1)
+            whole, prefill = median_s(call(N)), median_s(call(1))
             rec["decode_tok_s"] = B * (N - 1) / (whole - prefill)
         rec["dtype"] = cfg.dtype
         records.append(rec)
@@ -179,33 +155,17 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--tiny", action="store_true", help="the small CPU shape, timed")
-    p.add_argument("--time", action="store_true", help="also time decoding (random params)")
-    p.add_argument("--shapes", default="", help="comma-separated subset of " + ",".join(SHAPES))
-    p.add_argument("--h200", action="store_true",
-                   help="compile for an H200 here (CUDA plugin; bench/gpu_aot.py)")  # fmt: skip
-    a = p.parse_args(argv)
-    shapes = a.shapes.split(",") if a.shapes else (
-        ["small-window"] if a.tiny else ["gemma3-1b", "mistral-7b", "gemma3-1b-rollout",
-                                         "mistral-7b-rollout"])  # fmt: skip
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "window_cache.jsonl")
-    target = None
-    if a.h200:
-        from flaxlm.bench.gpu_aot import h200_devices
-
-        target = h200_devices()[0]
-    for shape in shapes:
-        with open(path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in measure(shape, a.time or a.tiny, target))
-    # the table: the latest record of every (shape, window_cache) in OUT, in order of arrival
-    with open(path) as f:
-        latest = {(r["shape"], r["backend"], r["window_cache"]): r for r in map(json.loads, f)}
-    with open(os.path.join(a.out, "window_cache.md"), "w") as f:
-        f.write(table(list(latest.values())))
-    print(table(list(latest.values())))
+    compiled_generate.main(
+        argv,
+        doc=__doc__,
+        name="window_cache",
+        shapes=SHAPES,
+        tiny="small-window",
+        default=["gemma3-1b", "mistral-7b", "gemma3-1b-rollout", "mistral-7b-rollout"],
+        measure=measure,
+        table=table,
+        key=("shape", "backend", "window_cache"),
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ included), "stopped" (ended at a stop token rather than --max_new_tokens)}; with
 --prompts_file are skipped. Prompts are not truncated: one that with --max_new_tokens runs past
 the model's max_seq_len generates anyway, with a warning (models/decode.py). Prompt i (counting
 from 0, blank lines skipped) samples with its own key, fold_in(PRNGKey(--seed), i) — sample k
-of K with fold_in(PRNGKey(--seed), i·K + k): its samples depend on --seed, i, K and its ids
-only, not on --batch or the other prompts. Stop tokens: with --chat the template's (flaxlm's
+of K with fold_in(fold_in(PRNGKey(--seed), i), k), from one prefill of the prompt
+(`generate(..., num_samples=K)`): its samples depend on --seed, i, k and its ids only, not on
+K, --batch or the other prompts. Stop tokens: with --chat the template's (flaxlm's
 `<|end|>` and EOS, or an HF tokenizer's eos ids); else the tokenizer's stop ids or its EOS.
 
 Bad input fails before any generation with a message, not a traceback: sampling flags, --dtype,
@@ -73,9 +74,11 @@ def _parser() -> argparse.ArgumentParser:
         "--num_samples",
         type=int,
         default=1,
-        help="samples per prompt (sample k of prompt i: key index i*num_samples+k)",
+        help="samples per prompt (sample k of prompt i: key fold_in(fold_in(PRNGKey(seed), i), "
+        "k)), each prompt's prefill shared by its samples",
     )
-    p.add_argument("--batch", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--batch", type=int, default=8,
+                   help="prompts per generate call (times --num_samples rows)")  # fmt: skip
     p.add_argument("--chat", action="store_true", help="apply the chat template")
     p.add_argument("--system", default="", help="system message (with --chat)")
     p.add_argument("--chat_template_kwargs", default="",
@@ -220,21 +223,20 @@ def main(argv=None) -> None:
             raise SystemExit(f"prompt {i} ({texts[i]!r}) encodes to no tokens (--no_bos)")
     rng = jax.random.PRNGKey(args.seed)
     K = args.num_samples
-    jobs = [(i, k) for i in range(len(prompts)) for k in range(K)]  # key index i*K + k
-    for start in range(0, len(jobs), args.batch):
-        chunk = jobs[start : start + args.batch]
+    for start in range(0, len(prompts), args.batch):
+        chunk = list(range(start, min(start + args.batch, len(prompts))))
         # Fill the last batch up to the batch size (one compiled program for every chunk).
-        chunk_full = chunk + [chunk[-1]] * (min(args.batch, len(jobs)) - len(chunk))
-        rows = [prompts[i] for i, _ in chunk_full]
-        keys = prompt_keys(rng, [i * K + k for i, k in chunk_full])
+        chunk_full = chunk + [chunk[-1]] * (min(args.batch, len(prompts)) - len(chunk))
         out = generate(
-            cfg, params, rows, max_new_tokens=args.max_new_tokens,
-            rng=keys, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, min_p=args.min_p, stop_tokens=stops, pad_id=max(tok.pad_id, 0),
-            decode_attention=args.decode_attention, window_cache=not args.full_cache,
+            cfg, params, [prompts[i] for i in chunk_full], max_new_tokens=args.max_new_tokens,
+            rng=prompt_keys(rng, chunk_full), num_samples=K, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop_tokens=stops,
+            pad_id=max(tok.pad_id, 0), decode_attention=args.decode_attention,
+            window_cache=not args.full_cache,
         )  # fmt: skip
         toks, lengths = jax.device_get((out.tokens, out.lengths))
-        for (i, k), row, n in zip(chunk, toks, lengths):
+        jobs = [(i, k) for i in chunk for k in range(K)]  # rows i·K + k of this call
+        for (i, k), row, n in zip(jobs, toks, lengths):
             ids = [int(t) for t in np.asarray(row)[: int(n)]]
             stopped = bool(ids) and ids[-1] in stops
             completion = tok.decode(ids[:-1] if stopped else ids)

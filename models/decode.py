@@ -20,6 +20,8 @@ How a batch of prompts of different lengths is laid out (B rows, prompt bucket P
   * decode step i writes slot P + i for every row, at position `len_b + i`: each row's positions
     continue from its own length while all rows share one cache write index, and the padding
     slots between `len_b` and P stay invisible.
+  * `num_samples=G`: each prompt is prefilled once and its cache rows copied to G rows (b·G + g)
+    before the loop — GRPO's groups, or several samples of a prompt, without G prefills.
 Token 0 comes from the prefill logits at each row's last real token; tokens 1..N-1 from the
 loop. The whole thing (prefill, loop, samplers, stop handling) is one XLA program, so there is
 no host round trip per token. With stop tokens the loop is a `while_loop` that exits once every
@@ -63,8 +65,8 @@ harness and SFT/RL's generation evals keep the last tokens).
 
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
 min_p>0?, any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules, fused?,
-check_every, decode_attention). Temperature, top_p, min_p, the stop-token ids, pad id and the
-RNG are traced: changing them does not recompile.
+check_every, decode_attention, window_cache, num_samples). Temperature, top_p, min_p, the
+stop-token ids, pad id and the RNG are traced: changing them does not recompile.
 Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
 copies of row 0 and cut back), params stay in their training shardings.
 """
@@ -249,8 +251,14 @@ def _decode_fn(
     attention: str = "xla",
     use_min_p: bool = False,
     window: bool = True,
+    samples: int = 1,
+    rows: int = 0,
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
+
+    `samples` > 1: the prefill runs once per prompt row and its cache, lengths and last
+    logits are repeated `samples` times (row b·samples + g is sample g of prompt b), cut to
+    `rows` rows for the loop (`generate(..., num_samples=)`).
 
     `early_exit` (there are stop tokens) ends the loop once every row stopped; without stop
     tokens the loop is a scan of max_new - 1 steps, a known trip count, so an accelerator runs
@@ -294,6 +302,11 @@ def _decode_fn(
                                    prefill=True)  # fmt: skip
         h_last = jnp.take_along_axis(h_BPD, (lengths_B - 1)[:, None, None], axis=1)  # (B,1,D)
         logits = model.apply(variables, h_last, method="logits")[:, 0]
+        if samples > 1:  # the prompts' prefill is shared by their samples: repeat its results
+            lengths_B, logits = (repeat_rows(x, samples, rows) for x in (lengths_B, logits))
+            B = rows
+            cache = {k: v if k == "index" else jax.tree.map(
+                lambda x: repeat_rows(x, samples, rows), v) for k, v in cache.items()}  # fmt: skip
         cache = _constrain_cache(cache, sharded)
 
         tok, lp = sample(logits, step_key(rng, 0), temperature)
@@ -343,6 +356,11 @@ def _decode_fn(
         return GenerateOutput(out_tok, out_lp, mask, n_gen)
 
     return jax.jit(run)
+
+
+def repeat_rows(x, samples: int, rows: int):
+    """Row b of `x` repeated `samples` times in place (b·samples + g), the first `rows` kept."""
+    return jnp.repeat(x, samples, axis=0, total_repeat_length=x.shape[0] * samples)[:rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +435,7 @@ def generate(
     check_every: int = 1,
     decode_attention: str = "xla",
     window_cache: bool = True,
+    num_samples: int = 1,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -453,12 +472,19 @@ def generate(
         the same tokens, less memory, and those layers' steps read W slots (with
         decode_attention="pallas", through the kernel when W is a multiple of its key
         block, 64; else the XLA path). False keeps full caches everywhere.
+      num_samples: G >= 1 samples of each prompt, rows b·G + g of the output (prompt b, sample
+        g): the rows `[p for p in prompts for _ in range(G)]` would give, but each prompt's
+        prefill runs once and its cache is copied to its G rows (GRPO's groups: a long
+        prompt's prefill costs G times less compute and activation memory). With one key the
+        samples are those of the repeated prompts (up to float rounding); with per-prompt
+        keys, sample g of prompt b draws from `fold_in(rng[b], g)` (a prompt's G samples
+        depend only on its own key).
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
     options = {k: v for k, v in locals().items() if k not in ("cfg", "params", "prompts", "rng")}
-    fn, tokens, lengths, rest, B = _program(cfg, prompts, **options)
-    rng = _row_keys(rng, B, tokens.shape[0])
+    fn, tokens, lengths, rest, B, rows = _program(cfg, prompts, **options)
+    rng = _row_keys(rng, B // num_samples, rows, num_samples)
     if mesh is None:
         out = fn(params, tokens, lengths, rng, *rest)
     else:
@@ -471,7 +497,7 @@ def generate(
                 rng = jax.device_put(rng, replicated(mesh))
             rest = jax.device_put(rest, replicated(mesh))
             out = fn(params, tok_d, len_d, rng, *rest)
-    return out if tokens.shape[0] == B else jax.tree.map(lambda x: x[:B], out)
+    return out if rows == B else jax.tree.map(lambda x: x[:B], out)
 
 
 def generate_program(cfg: ModelConfig, prompts, *, rng, **kw) -> tuple:
@@ -485,17 +511,24 @@ def generate_program(cfg: ModelConfig, prompts, *, rng, **kw) -> tuple:
     call.apply_defaults()  # generate's defaults, the one place they are written
     options = {k: v for k, v in call.arguments.items() if k not in ("cfg", "params", "prompts")}
     del options["rng"]
-    fn, tokens, lengths, rest, B = _program(cfg, prompts, **options)
-    return fn, (tokens, lengths, _row_keys(rng, B, tokens.shape[0]), *rest)
+    fn, tokens, lengths, rest, B, rows = _program(cfg, prompts, **options)
+    G = options["num_samples"]
+    return fn, (tokens, lengths, _row_keys(rng, B // G, rows, G), *rest)
 
 
-def _row_keys(rng, n_prompts: int, rows: int):
+def _row_keys(rng, n_prompts: int, rows: int, samples: int = 1):
     """`rng` as the program takes it: one key as is; per-prompt keys checked against the
-    prompts and padded (with row 0's key) to the rows the program runs."""
+    prompts, made one per sample (`fold_in(key, g)`) when `samples` > 1, and padded (with
+    row 0's key) to the rows the program's loop runs."""
     if not is_key_batch(rng):
         return rng
     if rng.shape[0] != n_prompts:
         raise ValueError(f"generate: {rng.shape[0]} per-prompt keys for {n_prompts} prompts")
+    if samples > 1:
+        fold = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))
+        rng = fold(rng, jnp.arange(samples, dtype=jnp.uint32))
+        rng = rng.reshape(n_prompts * samples, *rng.shape[2:])
+        n_prompts *= samples
     if rows > n_prompts:
         rng = jnp.concatenate([rng, jnp.repeat(rng[:1], rows - n_prompts, axis=0)])
     return rng
@@ -528,11 +561,12 @@ def _program(
     check_every,
     decode_attention,
     window_cache,
+    num_samples,
 ):
-    """(jitted program, tokens, lengths, the traced scalars after rng, number of prompts) of a
-    generate call (every option as `generate` documents and defaults it), its arguments
-    checked; the batch padded up to MIN_ROWS and the mesh's data×fsdp multiple (beyond the
-    prompts)."""
+    """(jitted program, tokens, lengths, the traced scalars after rng, output rows asked for
+    (prompts × num_samples), rows the decode loop runs) of a generate call (every option as
+    `generate` documents and defaults it), its arguments checked; the rows padded up to
+    MIN_ROWS and the mesh's data×fsdp multiple (beyond the prompts)."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -543,6 +577,8 @@ def _program(
         raise ValueError(f"generate: need top_k >= 0 and 0 < top_p <= 1, got {top_k}, {top_p}")
     if not 0.0 <= min_p < 1.0:
         raise ValueError(f"generate: need 0 <= min_p < 1, got {min_p}")
+    if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
+        raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
     if decode_attention not in ("xla", "pallas"):
         raise ValueError(f"generate: decode_attention must be 'xla' or 'pallas', got "
                          f"{decode_attention!r}")  # fmt: skip
@@ -558,10 +594,14 @@ def _program(
         )
     # Rows the program runs, beyond the prompts copies of row 0 (cut off again in `generate`):
     # at least MIN_ROWS, and under a mesh a multiple of data×fsdp, so the rows run sharded.
-    rows = max(B, MIN_ROWS)
+    # With num_samples G > 1 the prefill's rows (the prompts) and the loop's (G per prompt)
+    # are each padded so: two prompts × 4 samples on 8 devices prefill 8 rows, decode 8.
+    G, m = int(num_samples), 1
     if mesh is not None:
-        rules = tuple(rules or ())
-        rows += -rows % batch_divisor(mesh)
+        rules, m = tuple(rules or ()), batch_divisor(mesh)
+    rows = max(B, MIN_ROWS) if G == 1 else B
+    rows += -rows % m
+    loop_rows = rows if G == 1 else B * G + (-B * G) % m
     if rows > B:
         tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - B, 0)])
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - B, 0)])
@@ -584,6 +624,8 @@ def _program(
         decode_attention,
         bool(min_p > 0.0 and not greedy),
         bool(window_cache),
+        G,
+        loop_rows if G > 1 else 0,
     )
     rest = (
         jnp.asarray(1.0 if greedy else temperature, jnp.float32),
@@ -592,7 +634,7 @@ def _program(
         stop,
         jnp.asarray(pad_id, jnp.int32),
     )
-    return fn, tokens, lengths, rest, B
+    return fn, tokens, lengths, rest, B * G, loop_rows
 
 
 def generate_text(

@@ -93,6 +93,21 @@ def test_window_cache_bench(tmp_path):
         tmp_path / "window_cache.md").read_text()  # fmt: skip
 
 
+def test_group_prefill_bench(tmp_path):
+    """bench/group_prefill.py end to end on its CI shape: both ways recorded; the shared
+    prefill counts a G-th of the repeated one's FLOPs and compiles to fewer temporaries."""
+    from flaxlm.bench import group_prefill
+
+    group_prefill.main(["--out", str(tmp_path), "--shapes", "tiny-grpo", "--time"])
+    recs = [json.loads(x) for x in (tmp_path / "group_prefill.jsonl").read_text().splitlines()]
+    repeated, shared = sorted(recs, key=lambda r: r["shared_prefill"])
+    assert shared["prefill_tflop"] * 4 == pytest.approx(repeated["prefill_tflop"])
+    assert shared["temp_gib"] < repeated["temp_gib"]
+    assert min(r[k] for r in recs for k in ("call_s", "prefill_s")) > 0
+    assert "| tiny-grpo | cpu | float32 | 2 × 4 | 32 + 4 | shared |" in (
+        tmp_path / "group_prefill.md").read_text()  # fmt: skip
+
+
 def test_xla_flag_sets_are_known_flags():
     """XLA aborts on an unknown flag (GPU flags parse in CPU builds too), so a misspelt flag
     set fails here, not in the GPU lease."""

@@ -1,6 +1,7 @@
 """`python -m flaxlm.generate` against references written here: prompts rendered by hand from
-the chat template's definition, `models.decode.generate` called directly with per-sample keys
-fold_in(PRNGKey(seed), i·K + k), and a LoRA run's weights merged in float64 numpy.
+the chat template's definition, `models.decode.generate` called directly on each prompt repeated
+K times with per-sample keys fold_in(fold_in(PRNGKey(seed), i), k) (the CLI: one prefill per
+prompt, `num_samples=K`), and a LoRA run's weights merged in float64 numpy.
 
 * --chat --system --num_samples K --json: every record (prompt, sample, completion, n_tokens,
   stopped) equals the direct call's tokens; the text output prints the same completions;
@@ -14,13 +15,14 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxlm import generate as cli
 from flaxlm.models import lora as L
 from flaxlm.models.config import get_variant
-from flaxlm.models.decode import generate, prompt_keys
+from flaxlm.models.decode import generate
 from flaxlm.train.checkpoint import Checkpointer
 from flaxlm.train.pretrain import model_fns
 from flaxlm.train.state import unbox
@@ -82,7 +84,7 @@ def _main(args, capsys):
 def test_chat_samples_equal_a_direct_generate_call(run, capsys):
     run_dir, tok, merged = run
     sp = tok.special_ids()
-    end, K, seed = sp["<|end|>"], 2, 5
+    end, K, seed = sp["<|end|>"], 3, 3
     # [BOS] <|system|> system <|end|> <|user|> text <|end|> <|assistant|>
     ids = [[tok.bos_id, sp["<|system|>"], *tok.encode(SYSTEM), end, sp["<|user|>"],
             *tok.encode(t), end, sp["<|assistant|>"]] for t in TEXTS]  # fmt: skip
@@ -92,9 +94,11 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
             "--max_new_tokens", "8", "--batch", "3"]  # fmt: skip
     recs = [json.loads(ln) for ln in _main(args + ["--json"], capsys).splitlines()]
     jobs = [(i, k) for i in range(len(TEXTS)) for k in range(K)]
+    key = jax.random.PRNGKey(seed)
+    keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), k) for i, k in jobs])
     out = generate(
         CFG, merged, [ids[i] for i, _ in jobs], max_new_tokens=8,
-        rng=prompt_keys(jax.random.PRNGKey(seed), [i * K + k for i, k in jobs]),
+        rng=keys,
         temperature=1.0, stop_tokens=(end, tok.eos_id), pad_id=0,
     )  # fmt: skip
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
@@ -117,7 +121,7 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
     recs = [json.loads(ln) for ln in lines]
     out = generate(
         CFG, merged, [ids[i] for i, _ in jobs], max_new_tokens=8, min_p=0.3,
-        rng=prompt_keys(jax.random.PRNGKey(seed), [i * K + k for i, k in jobs]),
+        rng=keys,
         temperature=1.0, stop_tokens=(end, tok.eos_id), pad_id=0,
     )  # fmt: skip
     assert [r["n_tokens"] for r in recs] == np.asarray(out.lengths).tolist()

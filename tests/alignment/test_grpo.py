@@ -142,8 +142,8 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
     source = task.train_batches
     end = source.template.end_id
 
-    def fake_generate(cfg, params, prompts, *, max_new_tokens, **kw):  # rows 2, 10: empty
-        B = len(prompts)
+    def fake_generate(cfg, params, prompts, *, max_new_tokens, num_samples=1, **kw):
+        B = len(prompts) * num_samples  # rows 2, 10: empty
         tok = np.full((B, max_new_tokens), 5, np.int32)
         lengths = np.full(B, max_new_tokens, np.int32)
         tok[:, -1] = end
