@@ -67,6 +67,9 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     c.top_p = 1.0  # 1 = off
     c.min_p = 0.0  # drop tokens below min_p × the most likely one's probability; 0 = off
     c.check_every = 1  # test "all responses stopped" every this many tokens (GPU: a host read each)
+    # strings that also end a response once its text holds one, e.g. ("</answer>",): inside
+    # the decode loop (models/stop_strings.py); the string stays in the text rewards judge
+    c.stop_strings = ()
     c.decode_attention = "xla"  # xla | pallas: each decode step's attention as one Pallas kernel
     c.empty_reward = -1.0  # reward of an empty response (the stop token alone)
     c.nonstop_penalty = 0.0  # subtracted from responses that hit max_new_tokens without stopping
@@ -225,14 +228,16 @@ def rollout_rows(prompts: Sequence[np.ndarray], tokens, lengths, seq_len: int, p
     return out
 
 
-def decode_responses(tok, tokens, lengths, stop_tokens) -> tuple[list[str], np.ndarray]:
-    """Response texts (stop token removed) and whether each row stopped."""
+def decode_responses(tok, tokens, lengths, stop_tokens, stop_strings=()
+                     ) -> tuple[list[str], np.ndarray]:  # fmt: skip
+    """Response texts (stop token removed) and whether each row stopped: at a stop token, or
+    holding one of `stop_strings` (kept in the text)."""
     stops, texts, stopped = set(stop_tokens), [], []
     for row, n in zip(tokens, lengths):
         ids = [int(t) for t in row[:n]]
         ended = bool(ids) and ids[-1] in stops
         texts.append(tok.decode(ids[:-1] if ended else ids))
-        stopped.append(ended)
+        stopped.append(ended or any(s in texts[-1] for s in stop_strings))
     return texts, np.asarray(stopped, bool)
 
 

@@ -69,6 +69,7 @@ import numpy as np
 from flaxlm.alignment.rl_common import PromptCursor, decode_responses, rollout_rows
 from flaxlm.models.decode import generate
 from flaxlm.models.sharding import shard_batch, use_mesh
+from flaxlm.models.stop_strings import StopStrings
 from flaxlm.train.losses import token_logprobs
 
 log = logging.getLogger("flaxlm")
@@ -239,6 +240,14 @@ class RolloutSource:
             raise ValueError(f"rollout.check_every={r.check_every} must be >= 1")
         if r.get("decode_attention", "xla") not in ("xla", "pallas"):
             raise ValueError(f"rollout.decode_attention={r.decode_attention!r}: xla or pallas")
+        strings = r.get("stop_strings", ())  # (configs older than the key: none)
+        strings = (strings,) if isinstance(strings, str) else tuple(strings)
+        if any(not isinstance(x, str) or not x for x in strings):
+            raise ValueError(f"rollout.stop_strings={strings!r}: non-empty strings expected")
+        self.stop_strings = strings
+        self._stop_tables = (
+            StopStrings.build(template.tok, strings, vocab_size=cfg.vocab_size) if strings else None
+        )
         self.config, self.mesh, self.rules, self.prompts = config, mesh, rules, prompts
         self.cfg, self.template = cfg, template
         self.cursor = PromptCursor(
@@ -322,13 +331,15 @@ class RolloutSource:
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
             check_every=r.get("check_every", 1),  # configs older than the key: every token
             decode_attention=r.get("decode_attention", "xla"), num_samples=num_samples,
+            stop_strings=self._stop_tables,
         )  # fmt: skip
         out = jax.device_get(out)
         prompt_idx = [i for i in prompt_idx for _ in range(num_samples)]  # one per row now
         prompts = [self.prompts[i]["ids"] for i in prompt_idx]
         gen_s = time.perf_counter() - t0
         rows = rollout_rows(prompts, out.tokens, out.lengths, self.config.seq_len, pad_id)
-        texts, stopped = decode_responses(t.tok, out.tokens, out.lengths, t.stop_tokens)
+        texts, stopped = decode_responses(t.tok, out.tokens, out.lengths, t.stop_tokens,
+                                          self.stop_strings)  # fmt: skip
         prompt_lens = np.asarray([len(p) for p in prompts])
         return {
             "rows": rows, "texts": texts, "stopped": stopped, "lengths": out.lengths,

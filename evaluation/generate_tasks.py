@@ -31,6 +31,7 @@ check the scoring path on its own.
 from __future__ import annotations
 
 import decimal
+import inspect
 import logging
 import re
 import string
@@ -116,17 +117,35 @@ def score_response(spec: TaskSpec, fields: dict, response: str) -> dict[str, flo
 
 
 def make_generate_fn(
-    cfg, params, *, batch_size: int = 32, seed: int = 0, stop_tokens=(), pad_id: int = 0
-) -> GenerateFn:
+    cfg, params, *, batch_size: int = 32, seed: int = 0, stop_tokens=(), pad_id: int = 0,
+    tok=None,
+) -> GenerateFn:  # fmt: skip
     """A GenerateFn over `flaxlm.models.decode.generate`, in batches of prompts sorted by length
     so each batch pads little. Prompt i of a call samples with its own key, fold_in(
     PRNGKey(seed), i) (`decode.prompt_keys`): its sample depends on the seed, i and its ids, not
-    on the batch size or the prompts sorted next to it."""
+    on the batch size or the prompts sorted next to it.
+
+    With `tok` the function also takes `stop_strings`: a row ends inside the decode loop once
+    its text contains one (models/stop_strings.py; tables built once per set of strings), so
+    a base model's answer stops at "\\n\\n" instead of running to `max_new_tokens` — the
+    text up to the string is the same, and the caller cuts there as before."""
     from flaxlm.models.decode import generate, prompt_keys
+    from flaxlm.models.stop_strings import StopStrings
+
+    tables: dict[tuple, StopStrings] = {}
 
     def fn(
-        prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0
-    ) -> list[list[int]]:
+        prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+        stop_strings: Sequence[str] = (),
+    ) -> list[list[int]]:  # fmt: skip
+        stops = None
+        if stop_strings:
+            if tok is None:
+                raise ValueError("make_generate_fn: stop_strings need the tokenizer (tok=)")
+            key = tuple(stop_strings)
+            if key not in tables:
+                tables[key] = StopStrings.build(tok, key, vocab_size=cfg.vocab_size)
+            stops = tables[key]
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
         out: list[list[int]] = [[] for _ in prompt_ids]
         pos = 0
@@ -146,6 +165,7 @@ def make_generate_fn(
                 temperature=temperature,
                 stop_tokens=tuple(stop_tokens),
                 pad_id=pad_id,
+                stop_strings=stops,
             )
             toks, lengths = jax.device_get((res.tokens, res.lengths))
             for r, i in enumerate(idx):
@@ -153,6 +173,13 @@ def make_generate_fn(
         return out
 
     return fn
+
+
+def _takes(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
 
 
 def _response_text(new: list[int], tok, stops: Sequence[str], stop_tokens: Sequence[int],
@@ -211,11 +238,16 @@ def generation(
         log.warning("task %r: %d of %d prompts longer than %d tokens were cut from the left "
                     "(BOS kept)", spec.name, sum(cut), len(cut), max_prompt_len)  # fmt: skip
     k = spec.num_samples
+    # Stop strings end rows inside the decoder when it takes them — not with a reasoning
+    # marker: there they apply only to the answer after it, not inside the reasoning.
+    extra = {}
+    if spec.stop and not spec.reasoning_end and _takes(generate_fn, "stop_strings"):
+        extra["stop_strings"] = tuple(spec.stop)
     if spec.temperature > 0:  # each prompt k times in a row; one decoder call for all
         outs = generate_fn([p for p in ids for _ in range(k)], spec.max_new_tokens,
-                           temperature=spec.temperature)  # fmt: skip
+                           temperature=spec.temperature, **extra)  # fmt: skip
     else:
-        outs = generate_fn(ids, spec.max_new_tokens)
+        outs = generate_fn(ids, spec.max_new_tokens, **extra)
     if len(outs) != len(ids) * k:
         raise ValueError(f"task {spec.name!r}: the decoder returned {len(outs)} responses for "
                          f"{len(ids)} prompts x {k} samples")  # fmt: skip

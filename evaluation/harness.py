@@ -63,6 +63,7 @@ class Evaluator:
                 seed=self._seed,
                 stop_tokens=self.stop_tokens,
                 pad_id=self.tok.pad_id,
+                tok=self.tok,
             )
         return self._generate_fn
 

@@ -17,15 +17,18 @@ chat template (data/formats.py), whose end-of-turn token stops generation.
 
 Output: per prompt "### PROMPT" then the completion (stop token removed); with --json one JSON
 object per line, in prompt order: {"prompt", "completion", "n_tokens" (generated, the stop token
-included), "stopped" (ended at a stop token rather than --max_new_tokens)}; with
---num_samples K, K in a row per prompt (and "sample": k in 0..K-1). Blank lines of
---prompts_file are skipped. Prompts are not truncated: one that with --max_new_tokens runs past
-the model's max_seq_len generates anyway, with a warning (models/decode.py). Prompt i (counting
-from 0, blank lines skipped) samples with its own key, fold_in(PRNGKey(--seed), i) — sample k
-of K with fold_in(fold_in(PRNGKey(--seed), i), k), from one prefill of the prompt
+included), "stopped" (ended at a stop token or --stop string rather than --max_new_tokens)};
+with --num_samples K, K in a row per prompt (and "sample": k in 0..K-1). --stop STR (repeatable)
+ends a completion inside the decode loop once its text contains STR (models/stop_strings.py),
+and the completion is cut before it. Blank lines of --prompts_file are skipped. Prompts are
+not truncated: one that with --max_new_tokens runs past the model's max_seq_len generates
+anyway, with a warning (models/decode.py). Prompt i (counting from 0, blank lines skipped)
+samples with its own key, fold_in(PRNGKey(--seed), i) — sample k of K with
+fold_in(fold_in(PRNGKey(--seed), i), k), from one prefill of the prompt
 (`generate(..., num_samples=K)`): its samples depend on --seed, i, k and its ids only, not on
-K, --batch or the other prompts. Stop tokens: with --chat the template's (flaxlm's
-`<|end|>` and EOS, or an HF tokenizer's eos ids); else the tokenizer's stop ids or its EOS.
+--batch or the other prompts, and for K > 1 not on K (more samples keep the first ones). Stop
+tokens: with --chat the template's (flaxlm's `<|end|>` and EOS, or an HF tokenizer's eos ids);
+else the tokenizer's stop ids or its EOS.
 
 Bad input fails before any generation with a message, not a traceback: sampling flags, --dtype,
 an unreadable --prompts_file (usage errors, exit 2); a missing model directory, checkpoint
@@ -77,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         help="samples per prompt (sample k of prompt i: key fold_in(fold_in(PRNGKey(seed), i), "
         "k)), each prompt's prefill shared by its samples",
     )
+    p.add_argument("--stop", action="append", default=[],
+                   help="a stop string (repeatable; escapes like \\n are read): a completion "
+                   "ends once its text contains one, cut before it")  # fmt: skip
     p.add_argument("--batch", type=int, default=8,
                    help="prompts per generate call (times --num_samples rows)")  # fmt: skip
     p.add_argument("--chat", action="store_true", help="apply the chat template")
@@ -180,10 +186,19 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             "--num_samples > 1 needs --temperature > 0 (greedy samples are all the same)",
         ),
         (bool(args.system) and not args.chat, "--system needs --chat"),
+        (any(not s for s in args.stop), "--stop needs a non-empty string"),
     ]
     for is_bad, msg in bad:
         if is_bad:
             p.error(msg)
+
+
+def _unescape(s: str) -> str:
+    """--stop '\\n\\n' as typed in a shell: backslash escapes read as in a Python string."""
+    try:
+        return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        return s
 
 
 def _read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
@@ -214,6 +229,7 @@ def main(argv=None) -> None:
     import numpy as np
 
     from flaxlm.models.decode import generate, prompt_keys
+    from flaxlm.models.stop_strings import StopStrings
 
     cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype,
                             args.chat_template_kwargs)  # fmt: skip
@@ -222,6 +238,8 @@ def main(argv=None) -> None:
         if not ids:  # generate would name its row in the batch, not the prompt
             raise SystemExit(f"prompt {i} ({texts[i]!r}) encodes to no tokens (--no_bos)")
     rng = jax.random.PRNGKey(args.seed)
+    strings = [_unescape(s) for s in args.stop]
+    stop_strings = StopStrings.build(tok, strings, cfg.vocab_size) if strings else None
     K = args.num_samples
     for start in range(0, len(prompts), args.batch):
         chunk = list(range(start, min(start + args.batch, len(prompts))))
@@ -232,7 +250,7 @@ def main(argv=None) -> None:
             rng=prompt_keys(rng, chunk_full), num_samples=K, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop_tokens=stops,
             pad_id=max(tok.pad_id, 0), decode_attention=args.decode_attention,
-            window_cache=not args.full_cache,
+            window_cache=not args.full_cache, stop_strings=stop_strings,
         )  # fmt: skip
         toks, lengths = jax.device_get((out.tokens, out.lengths))
         jobs = [(i, k) for i in chunk for k in range(K)]  # rows i·K + k of this call
@@ -240,6 +258,9 @@ def main(argv=None) -> None:
             ids = [int(t) for t in np.asarray(row)[: int(n)]]
             stopped = bool(ids) and ids[-1] in stops
             completion = tok.decode(ids[:-1] if stopped else ids)
+            cut = min((i for i in (completion.find(s) for s in strings) if i >= 0), default=-1)
+            if cut >= 0:  # ended at a stop string: the text before it
+                completion, stopped = completion[:cut], True
             if args.json:
                 rec = {"prompt": texts[i], "completion": completion, "n_tokens": len(ids),
                        "stopped": stopped, **({"sample": k} if K > 1 else {})}  # fmt: skip

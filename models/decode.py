@@ -84,6 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.models import stop_strings as stop_text
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode_attention import BLOCK_K
 from flaxlm.models.sharding import batch_divisor, batch_sharding, replicated, use_mesh
@@ -275,7 +276,8 @@ def _decode_fn(
     dcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
     model = Transformer(dcfg, fused_projections=fused, decode_attention=attention)
 
-    def run(params, tokens_BP, lengths_B, rng, temperature, top_p, min_p, stop_ids, pad_id):
+    def run(params, tokens_BP, lengths_B, rng, temperature, top_p, min_p, stop_ids, pad_id,
+            strings=None):  # fmt: skip
         variables = {"params": _decode_params(cfg, params, fused)}
         B, P = tokens_BP.shape
         sample = functools.partial(
@@ -313,6 +315,12 @@ def _decode_fn(
         out_tok = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
         out_lp = jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp)
         done = jnp.isin(tok, stop_ids)
+        if strings is None:  # (B, 0): no stop strings, nothing to track
+            text_state = jnp.zeros((B, 0), jnp.int32)
+        else:  # how much of each stop string each row's text ends with (models/stop_strings)
+            table, start, found = strings
+            text_state = stop_text.advance(table, jnp.broadcast_to(start, (B, len(start))), tok)
+            done = done | stop_text.found_any(text_state, found)
         n_gen = jnp.ones((B,), jnp.int32)
 
         def cond(carry):
@@ -320,7 +328,7 @@ def _decode_fn(
             return (i < max_new) & ~jnp.all(done)
 
         def body(carry):
-            i, cache, tok, done, n_gen, out_tok, out_lp = carry
+            i, cache, tok, done, n_gen, out_tok, out_lp, text_state = carry
             pos = (lengths_B + i - 1)[:, None]  # token i-1 sits at position len + i - 1
             logits, cache = model.apply(variables, tok[:, None], pos, cache=cache)
             new, lp = sample(logits[:, 0], step_key(rng, i), temperature)
@@ -330,13 +338,16 @@ def _decode_fn(
             out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, i))
             n_gen = n_gen + (~done).astype(jnp.int32)
             done = done | jnp.isin(new, stop_ids)
-            return i + 1, cache, new, done, n_gen, out_tok, out_lp
+            if strings is not None:
+                text_state = stop_text.advance(table, text_state, new)
+                done = done | stop_text.found_any(text_state, found)
+            return i + 1, cache, new, done, n_gen, out_tok, out_lp, text_state
 
         def guarded(carry):  # a step of a block that may run past max_new: then a no-op
             # (its cache write lands in a clamped slot, but nothing reads the cache after).
-            i, cache, tok, done, n_gen, out_tok, out_lp = carry
-            stepped = body((i, cache, tok, done | (i >= max_new), n_gen, out_tok, out_lp))
-            past = i >= max_new  # keep done, n_gen and the outputs as they were
+            i, cache, tok, done, *rest = carry
+            stepped = body((i, cache, tok, done | (i >= max_new), *rest))
+            past = i >= max_new  # keep done, n_gen, the outputs and text states as they were
             kept = (jnp.where(past, a, b) for a, b in zip(carry[3:], stepped[3:]))
             return (i + 1, stepped[1], stepped[2], *kept)
 
@@ -344,14 +355,14 @@ def _decode_fn(
             carry, _ = jax.lax.scan(lambda c, _: (guarded(c), None), carry, length=check_every)
             return carry
 
-        carry = (jnp.ones((), jnp.int32), cache, tok, done, n_gen, out_tok, out_lp)
+        carry = (jnp.ones((), jnp.int32), cache, tok, done, n_gen, out_tok, out_lp, text_state)
         if early_exit:
             loop_body = body if check_every == 1 else block
-            _, _, _, _, n_gen, out_tok, out_lp = jax.lax.while_loop(cond, loop_body, carry)
+            carry = jax.lax.while_loop(cond, loop_body, carry)
         else:  # a counted loop (scan): the compiler knows its trip count
             step = lambda c, _: (body(c), None)
             carry, _ = jax.lax.scan(step, carry, length=max_new - 1)
-            _, _, _, _, n_gen, out_tok, out_lp = carry
+        n_gen, out_tok, out_lp = carry[4:7]
         mask = (jnp.arange(max_new)[None, :] < n_gen[:, None]).astype(jnp.float32)
         return GenerateOutput(out_tok, out_lp, mask, n_gen)
 
@@ -436,6 +447,7 @@ def generate(
     decode_attention: str = "xla",
     window_cache: bool = True,
     num_samples: int = 1,
+    stop_strings: stop_text.StopStrings | None = None,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -453,6 +465,9 @@ def generate(
         min_p: drop tokens less likely than min_p times the most likely one (0 = off); applied
         in HF's order, temperature → top-k → top-p → min-p.
       stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths).
+      stop_strings: `models.stop_strings.StopStrings.build(tokenizer, ["\\n\\n", ...])`: a row
+        also ends at the first token after which its generated text contains one of these
+        strings (that token kept and counted; callers cut the text at the string).
       pad_id: what fills `tokens` after a row ended (any int; prompts are padded with 0).
       mesh, rules: generate under this mesh with these logical-axis rules (use the training
         ones so training-sharded params are used in place); the batch is split over data×fsdp
@@ -554,6 +569,7 @@ def _program(
     stop_tokens,
     pad_id,
     prompt_lengths,
+    stop_strings,
     mesh,
     rules,
     cache_dtype,
@@ -618,9 +634,9 @@ def _program(
         jnp.dtype(cache_dtype or cfg.dtype).name,
         mesh,
         rules,
-        len(stop_tokens) > 0,
+        bool(stop_tokens) or stop_strings is not None,
         bool(fuse_projections),
-        int(check_every) if stop_tokens else 1,
+        int(check_every) if stop_tokens or stop_strings is not None else 1,
         decode_attention,
         bool(min_p > 0.0 and not greedy),
         bool(window_cache),
@@ -634,6 +650,19 @@ def _program(
         stop,
         jnp.asarray(pad_id, jnp.int32),
     )
+    if stop_strings is not None:
+        if not isinstance(stop_strings, stop_text.StopStrings):
+            raise ValueError(
+                "generate: stop_strings must be a models.stop_strings.StopStrings "
+                f"(StopStrings.build(tokenizer, strings)), got {stop_strings!r}"
+            )
+        if stop_strings.table.shape[2] != cfg.vocab_size:
+            raise ValueError(
+                f"generate: stop_strings were built for {stop_strings.table.shape[2]} token ids, "
+                f"the model has vocab_size={cfg.vocab_size} (StopStrings.build(tok, strings, "
+                "vocab_size=cfg.vocab_size))"
+            )
+        rest = (*rest, stop_strings.arrays())
     return fn, tokens, lengths, rest, B * G, loop_rows
 
 

@@ -108,6 +108,19 @@ def test_group_prefill_bench(tmp_path):
         tmp_path / "group_prefill.md").read_text()  # fmt: skip
 
 
+def test_stop_strings_bench(tmp_path):
+    """bench/stop_strings.py end to end on its CI shape: three ways recorded; rows end
+    earlier with the string in the loop, and as without strings when it never comes."""
+    from flaxlm.bench import stop_strings
+
+    stop_strings.main(["--out", str(tmp_path), "--tiny"])
+    recs = {r["way"]: r for r in map(json.loads, (tmp_path / "stop_strings.jsonl").open())}
+    assert set(recs) == {"cut after", "in the loop", "never found"}
+    assert recs["cut after"]["mean_tokens"] == recs["never found"]["mean_tokens"]
+    assert recs["in the loop"]["mean_tokens"] < recs["cut after"]["mean_tokens"]
+    assert "| tiny | 4 | 8 + 16 | in the loop |" in (tmp_path / "stop_strings.md").read_text()
+
+
 def test_xla_flag_sets_are_known_flags():
     """XLA aborts on an unknown flag (GPU flags parse in CPU builds too), so a misspelt flag
     set fails here, not in the GPU lease."""

@@ -21,6 +21,7 @@ from flaxlm import generate as cli
         (["--num_samples", "0"], "--num_samples must be >= 1"),
         (["--num_samples", "2", "--temperature", "0"], "--num_samples > 1 needs --temperature"),
         (["--system", "Be brief."], "--system needs --chat"),
+        (["--stop", ""], "--stop needs a non-empty string"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags, message, tmp_path, capsys):

@@ -127,6 +127,29 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
     assert [r["n_tokens"] for r in recs] == np.asarray(out.lengths).tolist()
 
 
+def test_stop_strings_end_and_cut_the_completions(run, capsys):
+    """--stop (typed with a shell escape): each completion is the free one cut before the
+    string's first occurrence (and counted as stopped, with no more tokens than the free one);
+    completions without it are unchanged."""
+    run_dir, _, _ = run
+    args = [run_dir, "--prompt", TEXTS[0], "--prompt", TEXTS[1], "--num_samples", "3",
+            "--temperature", "1", "--seed", "2", "--max_new_tokens", "12", "--json"]  # fmt: skip
+    free = [json.loads(ln) for ln in _main(args, capsys).splitlines()]
+    stop = next(r["completion"] for r in free if len(r["completion"]) > 6)[3:5]
+    typed = stop.replace("\\", "\\\\").replace("\n", "\\n")
+    recs = [json.loads(ln) for ln in _main(args + ["--stop", typed], capsys).splitlines()]
+    assert len(recs) == len(free) == 6
+    cut = 0
+    for f, r in zip(free, recs):
+        if stop in f["completion"]:
+            cut += 1
+            assert r["completion"] == f["completion"][: f["completion"].index(stop)]
+            assert r["stopped"] and r["n_tokens"] <= f["n_tokens"]
+        else:
+            assert r == f
+    assert cut >= 1
+
+
 def test_plain_prompts_bos_and_stop_tokens(run):
     _, tok, _ = run
     ids, stops = cli.encode_prompts(tok, TEXTS, chat=False)

@@ -241,6 +241,39 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
         c.data.fields.role, c.data.fields.content = "role", "content"
 
 
+def test_rollouts_end_at_stop_strings(runs, cache_dir):
+    """rollout.stop_strings: a response ends at the first token after which its text holds a
+    string (kept in the text, counted as stopped) — or at a stop token, or the budget."""
+    sft, _ = runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
+        "batch_size": 8, "rollout.batch": 8, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 10,
+        "rollout.stop_strings": ("e", "?"),
+    })  # fmt: skip
+    mesh = make_mesh(dict(c.mesh))
+    source = grpo.build_task(c, mesh, None, rewards=[("one", lambda m, t: 1.0, 1.0)]).train_batches
+    init, _ = model_fns(source.cfg)
+    params = rl_common._place(init, H.random_params(init, 0), mesh, logical_axis_rules("fsdp"),
+                              "float32")  # fmt: skip
+    s = source.sample(params, [0, 1], jax.random.PRNGKey(3), num_samples=4)
+    tok, stops, by_string = source.template.tok, set(source.template.stop_tokens), 0
+    for row, text, n, stopped, p in zip(s["rows"]["tokens"], s["texts"], s["lengths"],
+                                        s["stopped"], s["prompt_lens"]):  # fmt: skip
+        ids = [int(t) for t in row[p : p + n]]  # the response
+        if ids[-1] in stops:
+            assert stopped and not any(x in tok.decode(ids[:-1]) for x in "e?")
+        elif any(x in text for x in "e?"):
+            by_string += 1
+            assert stopped and not any(x in tok.decode(ids[:-1]) for x in "e?")
+        else:
+            assert not stopped and n == 10
+    assert by_string > 0
+    with c.unlocked():
+        c.rollout.stop_strings = ("",)
+    with pytest.raises(ValueError, match="rollout.stop_strings"):
+        grpo.build_task(c, mesh, None, rewards=[("one", lambda m, t: 1.0, 1.0)])
+
+
 def test_grpo_trains_in_the_loop(runs, cache_dir, tmp_path):
     sft, _ = runs
     c = H.tiny(grpo_config, cache_dir, init_from=sft, **{

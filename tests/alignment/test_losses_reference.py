@@ -384,7 +384,7 @@ def _source(cls, config, sample, scored):
     src = object.__new__(cls)
     src.config, src.iteration, src.errors_logged = config, 0, 0
     src.cursor = type("Cursor", (), {"take": lambda self, k: list(range(k))})()
-    src.sample = lambda params, idx, rng: sample
+    src.sample = lambda params, idx, rng, num_samples=1: sample
     src.score = lambda fn, *args: scored
     src._score = None  # (what `score` would run)
     return src

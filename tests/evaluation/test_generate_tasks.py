@@ -244,3 +244,41 @@ def test_reasoning_models_are_scored_after_their_thinking(world_dir, tok):
     assert [s["scores"]["reasoning_unfinished"] for s in samples] == [0.0, 0.0, 1.0]
     assert samples[0]["reasoning"].endswith(f"So it is {answers[0]}.\n")
     assert samples[2]["reasoning"].startswith("<think>\nStill thinking")
+
+
+def test_stop_strings_end_rows_in_the_decoder_with_the_same_responses(model, tok, world_dir):
+    """The decoder given the task's stop strings (models/stop_strings.py) ends rows once their
+    text holds one: the responses and scores are those of generating to the end and cutting
+    the text after, with fewer tokens generated."""
+    from flaxlm.evaluation.harness import Evaluator
+
+    cfg, params = model
+    spec = world_tasks(world_dir)["gen_facts_train"].replace(
+        num_fewshot=0, max_new_tokens=16, temperature=1.0, num_samples=2, stop=("e", "\n")
+    )
+    kw = dict(stop_tokens=Evaluator(cfg, params, tok).stop_tokens, pad_id=tok.pad_id)
+    full = G.make_generate_fn(cfg, params, **kw)
+    early = G.make_generate_fn(cfg, params, tok=tok, **kw)
+    generated, given = {"full": 0, "early": 0}, set()
+
+    def to_the_end(prompt_ids, max_new_tokens, temperature=0.0):
+        out = full(prompt_ids, max_new_tokens, temperature)
+        generated["full"] += sum(map(len, out))
+        return out
+
+    def stopping(prompt_ids, max_new_tokens, temperature=0.0, stop_strings=()):
+        given.add(stop_strings)
+        out = early(prompt_ids, max_new_tokens, temperature, stop_strings=stop_strings)
+        generated["early"] += sum(map(len, out))
+        return out
+
+    want = Evaluator(cfg, params, tok, generate_fn=to_the_end).run(spec, limit=6)
+    got = Evaluator(cfg, params, tok, generate_fn=stopping).run(spec, limit=6)
+    assert [s["responses"] for s in got["samples"]] == [s["responses"] for s in want["samples"]]
+    assert got["metrics"] == want["metrics"]
+    assert 0 < generated["early"] < generated["full"] and given == {("e", "\n")}
+    # With a reasoning marker the strings apply after it only: the decoder does not get them.
+    given.clear()
+    Evaluator(cfg, params, tok, generate_fn=stopping).run(spec.replace(reasoning_end="</think>"),
+                                                         limit=2)  # fmt: skip
+    assert given == {()}
