@@ -2,7 +2,8 @@
 
     tx, schedule = make_optimizer(config.opt, total_steps)
 
-Optimizers: adamw | lion | adafactor | sgd. Schedules (after a linear warmup from 0):
+Optimizers: adamw | lion | adafactor | sgd | muon (Muon for the layers' matrices, AdamW for the
+rest: train/muon.py). Schedules (after a linear warmup from 0):
     cosine    cosine decay to lr·final_lr_frac at total_steps
     linear    linear decay to lr·final_lr_frac
     wsd       warmup-stable-decay: constant, then a linear decay over the last wsd_decay_frac of
@@ -34,7 +35,7 @@ log = logging.getLogger("flaxlm")
 def opt_config() -> ml_collections.ConfigDict:
     """Defaults of the `opt` config section; every key is what experiments vary."""
     c = ml_collections.ConfigDict()
-    c.name = "adamw"  # adamw | lion | adafactor | sgd
+    c.name = "adamw"  # adamw | lion | adafactor | sgd | muon
     c.lr = 3e-4  # peak learning rate
     c.schedule = "cosine"  # cosine | linear | wsd | constant (after warmup)
     c.warmup_steps = 100  # linear warmup from 0 to lr
@@ -46,7 +47,12 @@ def opt_config() -> ml_collections.ConfigDict:
     c.weight_decay = 0.1  # decoupled weight decay on weights (not norm scales or biases)
     c.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
     c.grad_accum = 1  # micro-batches per optimizer step (the batch is split, not repeated)
-    c.mu_dtype = ""  # adamw first-moment dtype ("" = param dtype; "bfloat16" saves memory)
+    c.mu_dtype = ""  # adamw / muon first-moment dtype ("" = param dtype; "bfloat16" saves memory)
+    # muon (train/muon.py): momentum, Newton–Schulz steps, and the update RMS that lets lr and
+    # weight_decay carry over from AdamW (Moonshot's 0.2)
+    c.muon_momentum = 0.95
+    c.muon_ns_steps = 5
+    c.muon_rms = 0.2
     return c
 
 
@@ -118,6 +124,26 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _muon(cfg, schedule, mu_dtype, adam):
+    """Muon for the layers' matrices, `adam` (the AdamW above) for every other leaf."""
+    from flaxlm.train import muon
+
+    beta, steps = cfg.get("muon_momentum", 0.95), cfg.get("muon_ns_steps", 5)
+    rms = cfg.get("muon_rms", 0.2)
+    if not 0 <= beta < 1:
+        raise ValueError(f"opt.muon_momentum={beta!r} must be in [0, 1)")
+    if not (isinstance(steps, numbers.Integral) and steps >= 1):
+        raise ValueError(f"opt.muon_ns_steps={steps!r} must be an integer >= 1")
+    if not rms > 0:
+        raise ValueError(f"opt.muon_rms={rms!r} must be > 0")
+    matrices = optax.chain(
+        muon.scale_by_muon(beta, int(steps), float(rms), mu_dtype),
+        optax.add_decayed_weights(cfg.weight_decay),
+        optax.scale_by_learning_rate(schedule),
+    )
+    return optax.multi_transform({"muon": matrices, "adam": adam}, muon.muon_labels)
+
+
 def make_optimizer(cfg, total_steps: int, trainable_mask=None):
     """Builds (tx, schedule) from the `opt` config section.
 
@@ -129,7 +155,7 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
     """
     schedule = make_schedule(cfg, total_steps)
     name = cfg.name
-    if name == "adamw":
+    if name in ("adamw", "muon"):
         try:
             mu_dtype = jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None
         except TypeError:
@@ -148,6 +174,8 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
             weight_decay=cfg.weight_decay,
             mask=decay_mask,
         )
+        if name == "muon":
+            base = _muon(cfg, schedule, mu_dtype, adam=base)
     elif name == "lion":
         base = optax.lion(
             schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
@@ -162,7 +190,7 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
             optax.sgd(schedule, momentum=cfg.b1),
         )
     else:
-        raise ValueError(f"opt.name={name!r}; expected adamw | lion | adafactor | sgd")
+        raise ValueError(f"opt.name={name!r}; expected adamw | lion | adafactor | sgd | muon")
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     tx = optax.chain(*parts, base)
     if trainable_mask is not None:
