@@ -60,6 +60,9 @@ GENERATE_OPTIONS = {
     "while": {"stop_tokens": (-1,)},
     "while8": {"stop_tokens": (-1,), "check_every": 8},
     "pallas": {"decode_attention": "pallas"},
+    # a stop string no token ever completes (models/stop_strings.py): the loop of "while" plus
+    # the automaton's per-step gather, for its cost
+    "strings": {"stop_tokens": (-1,), "stop_strings": "never"},
 }
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
@@ -126,6 +129,12 @@ def flax_case(shape: str, batch: int, options: dict | None = None) -> tuple:
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt), np.int32)
     kw = dict(prompt_lengths=np.full((batch,), prompt, np.int32), max_new_tokens=new,
               temperature=1.0, **(options or {}))  # fmt: skip
+    if kw.get("stop_strings") == "never":  # one 6-character string, never advanced past 0
+        from flaxlm.models.stop_strings import StopStrings
+
+        table = np.zeros((1, 8, cfg.vocab_size), np.int32)
+        kw["stop_strings"] = StopStrings(("never",), table, np.zeros(1, np.int32),
+                                         np.full(1, 6, np.int32))  # fmt: skip
     return cfg, init, tokens, kw
 
 

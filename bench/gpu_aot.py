@@ -168,7 +168,7 @@ def compile_decode(case: str, extra: list[str], devices):
     one = jax.sharding.SingleDeviceSharding(devices[0])
     params = jax.tree.map(lambda x: _abstract(x, one), jax.eval_shape(init, jax.random.PRNGKey(0)))
     fn, args = generate_program(cfg, tokens, rng=jax.random.PRNGKey(0), **kw)
-    args = [params] + [_abstract(np.asarray(x), one) for x in args]
+    args = [params] + [jax.tree.map(lambda x: _abstract(np.asarray(x), one), a) for a in args]
     # Pallas kernels (`:pallas`) are lowered for the H200, not for this machine's CPU. Only
     # then: under jax 0.11 the abstract mesh that names the target also changes what the same
     # program compiles to for the CPU (not for the H200), which the tests compare.

@@ -69,6 +69,9 @@ GPU_CASES = [
     # The rollout loop (stop tokens): a condition read per token, or per 8 tokens.
     ("decode 1b flaxlm b64 while", 60, ["decode", "--cases", "1b:flax:b64:while"]),
     ("decode 1b flaxlm b64 while8", 90, ["decode", "--cases", "1b:flax:b64:while8"]),
+    # ... and with a stop string tracked in the loop (one more kernel per step in the H200
+    # compile, no more traffic): its cost per token.
+    ("decode 1b flaxlm b64 strings", 60, ["decode", "--cases", "1b:flax:b64:strings"]),
     ("alignment dpo+ppo", 150, ["alignment_throughput"]),  # two cases, each compiles
     # PPO's generation share with stop checks every 8 tokens (and with the Pallas decode
     # kernel), and under CUDA graphs.
