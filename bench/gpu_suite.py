@@ -91,6 +91,13 @@ GPU_CASES = [
     # Ring caches for windowed layers (bench/window_cache.py): Gemma 3 1B's shape at a 4096
     # prompt, full caches against rings, timed; measured only on the CPU so far.
     ("decode window rings", 150, ["window_cache", "--shapes", "gemma3-1b-long"]),
+    # Muon (train/muon.py) for the 1.1B step, Newton-Schulz in bfloat16 and float32: its cost
+    # against `fast` (H200 compile: 1968 / 2025 kernels against 1643).
+    (
+        "train 1b flaxlm muon",
+        150,
+        ["train_throughput", "--cases", "1b:flax:fast_muon_bf16,1b:flax:fast_muon"],
+    ),  # fmt: skip
 ]
 
 TINY_CASES = [

@@ -39,9 +39,9 @@ SHAPES = {
     "7b": ("7b", 4, 2048),
 }
 
-# flaxlm plans: ModelConfig overrides (and "loss." keys); a bf16 param_dtype also keeps Adam's
-# first moment in bf16. The default is "fast" ("cpu" for tiny). "bf16" params mirror the HF
-# peer's bf16-parameter plan; the others keep fp32 masters.
+# flaxlm plans: ModelConfig overrides (and "loss." / "opt." keys); a bf16 param_dtype also
+# keeps Adam's first moment in bf16. The default is "fast" ("cpu" for tiny). "bf16" params
+# mirror the HF peer's bf16-parameter plan; the others keep fp32 masters.
 PLANS = {
     "fast": dict(dtype="bfloat16", attention_impl="cudnn", remat_policy="none"),
     # `fast` with q|k|v and gate|up as separate matmuls (as before joining them in the cast):
@@ -74,6 +74,16 @@ PLANS = {
         "loss.chunk_tokens": 512,  # cross-entropy over 4 chunks of 512 positions
     },
     "xla_attn": dict(dtype="bfloat16", attention_impl="xla", remat_policy="none"),
+    # `fast` with Muon for the layers' matrices (train/muon.py): Newton-Schulz's cost per step
+    "fast_muon": {
+        **dict(dtype="bfloat16", attention_impl="cudnn", remat_policy="none"),
+        "opt.name": "muon",
+    },
+    "fast_muon_bf16": {  # ... with its Newton-Schulz iterations in bfloat16
+        **dict(dtype="bfloat16", attention_impl="cudnn", remat_policy="none"),
+        "opt.name": "muon",
+        "opt.muon_dtype": "bfloat16",
+    },
     "cpu": dict(),
 }
 
@@ -125,8 +135,9 @@ def flax_case_config(case: str):
     config = pretrain_config.get_config(f"variant={variant},data=markov")
     with config.unlocked():
         for k, v in PLANS[plan].items():
-            if k.startswith("loss."):
-                config.loss[k.removeprefix("loss.")] = v
+            if k.startswith(("loss.", "opt.")):
+                section, key = k.split(".", 1)
+                config[section][key] = v
             else:
                 config.model[k] = v
         if PLANS[plan].get("param_dtype") == "bfloat16":

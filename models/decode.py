@@ -65,8 +65,9 @@ harness and SFT/RL's generation evals keep the last tokens).
 
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
 min_p>0?, any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules, fused?,
-check_every, decode_attention, window_cache, num_samples). Temperature, top_p, min_p, the
-stop-token ids, pad id and the RNG are traced: changing them does not recompile.
+check_every, decode_attention, window_cache, num_samples, stop strings? (their count rounded up
+to a power of two and their states to 8)). Temperature, top_p, min_p, the stop-token ids, the
+stop strings' tables, pad id and the RNG are traced: changing them does not recompile.
 Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
 copies of row 0 and cut back), params stay in their training shardings.
 """
@@ -681,9 +682,15 @@ def generate_text(
 
     `tokenizer` has encode(text, bos=) / decode(ids) / eos_id / pad_id / bos_id (our
     SentencePiece Tokenizer and hf.HFTokenizer both do). Stops at eos (an HF tokenizer's
-    `stop_ids`) unless `stop_tokens` is given; `rng` defaults to PRNGKey(0); other keywords go
-    to `generate`.
+    `stop_ids`) unless `stop_tokens` is given; `stop_strings` may be plain strings here (the
+    tables are built for `tokenizer`), each completion cut before the first; `rng` defaults to
+    PRNGKey(0); other keywords go to `generate`.
     """
+    strings = kw.get("stop_strings")
+    if strings is not None and not isinstance(strings, stop_text.StopStrings):
+        strings = [strings] if isinstance(strings, str) else list(strings)
+        kw["stop_strings"] = stop_text.StopStrings.build(tokenizer, strings, cfg.vocab_size)
+    cut_at = kw["stop_strings"].strings if kw.get("stop_strings") is not None else ()
     prompts = [tokenizer.encode(t, bos=add_bos and tokenizer.bos_id >= 0) for t in texts]
     eos = (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ()
     kw.setdefault("stop_tokens", tuple(getattr(tokenizer, "stop_ids", ()) or eos))
@@ -697,5 +704,7 @@ def generate_text(
         ids = [int(t) for t in row[:n]]
         if ids and ids[-1] in stops:
             ids = ids[:-1]
-        texts_out.append(tokenizer.decode(ids))
+        text = tokenizer.decode(ids)
+        cut = min((i for i in (text.find(s) for s in cut_at) if i >= 0), default=len(text))
+        texts_out.append(text[:cut])
     return texts_out

@@ -53,6 +53,7 @@ def opt_config() -> ml_collections.ConfigDict:
     c.muon_momentum = 0.95
     c.muon_ns_steps = 5
     c.muon_rms = 0.2
+    c.muon_dtype = "float32"  # Newton–Schulz iterations in float32 | bfloat16 (faster)
     return c
 
 
@@ -129,15 +130,17 @@ def _muon(cfg, schedule, mu_dtype, adam):
     from flaxlm.train import muon
 
     beta, steps = cfg.get("muon_momentum", 0.95), cfg.get("muon_ns_steps", 5)
-    rms = cfg.get("muon_rms", 0.2)
+    rms, ns_dtype = cfg.get("muon_rms", 0.2), cfg.get("muon_dtype", "float32")
     if not 0 <= beta < 1:
         raise ValueError(f"opt.muon_momentum={beta!r} must be in [0, 1)")
     if not (isinstance(steps, numbers.Integral) and steps >= 1):
         raise ValueError(f"opt.muon_ns_steps={steps!r} must be an integer >= 1")
     if not rms > 0:
         raise ValueError(f"opt.muon_rms={rms!r} must be > 0")
+    if ns_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"opt.muon_dtype={ns_dtype!r}; expected float32 | bfloat16")
     matrices = optax.chain(
-        muon.scale_by_muon(beta, int(steps), float(rms), mu_dtype),
+        muon.scale_by_muon(beta, int(steps), float(rms), mu_dtype, jnp.dtype(ns_dtype)),
         optax.add_decayed_weights(cfg.weight_decay),
         optax.scale_by_learning_rate(schedule),
     )

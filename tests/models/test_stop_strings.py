@@ -177,3 +177,18 @@ def test_generate_checks_the_tables(model):
         generate(cfg, params, [[1, 2]], stop_strings=StopStrings.build(tok, ["a"]), **kw)
     with pytest.raises(ValueError, match="StopStrings"):
         generate(cfg, params, [[1, 2]], stop_strings=["a"], **kw)
+
+
+def test_generate_text_takes_plain_strings(model):
+    """generate_text builds the tables itself and cuts each completion before the string: the
+    completions without strings, cut there."""
+    from flaxlm.models.decode import generate_text
+
+    cfg, params, tok = model
+    texts = ["where does Kavo live", "the city of 42"]
+    kw = dict(max_new_tokens=16, rng=jax.random.PRNGKey(6), temperature=1.0)
+    free = generate_text(cfg, params, tok, texts, **kw)
+    stop = next(t for t in free if len(t) > 4)[2:4]
+    cut = generate_text(cfg, params, tok, texts, stop_strings=[stop], **kw)
+    assert cut == [t[: t.index(stop)] if stop in t else t for t in free]
+    assert cut != free
