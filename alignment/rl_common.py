@@ -228,6 +228,14 @@ def rollout_rows(prompts: Sequence[np.ndarray], tokens, lengths, seq_len: int, p
     return out
 
 
+def stop_string_tuple(value, key: str = "rollout.stop_strings") -> tuple:
+    """`rollout.stop_strings` as a tuple of non-empty strings (one string is a 1-tuple)."""
+    strings = (value,) if isinstance(value, str) else tuple(value or ())
+    if any(not isinstance(x, str) or not x for x in strings):
+        raise ValueError(f"{key}={strings!r}: non-empty strings expected")
+    return strings
+
+
 def decode_responses(tok, tokens, lengths, stop_tokens, stop_strings=()
                      ) -> tuple[list[str], np.ndarray]:  # fmt: skip
     """Response texts (stop token removed) and whether each row stopped: at a stop token, or
@@ -308,7 +316,8 @@ def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, r
     if config.eval_every and (config.eval_gen.sets or held):
         extra = {"rl_heldout": held, "rl_train": prompts[: len(held)]} if held else None
         sets = heldout_sets(config, template, prompts, eval_report, extra)
-        eval_fn = make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules, rm=rm)
+        eval_fn = make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules, rm=rm,
+                                   stop_strings=config.rollout.get("stop_strings", ()))  # fmt: skip
     data_report = {
         "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
         "eval": eval_report.to_dict(),
@@ -364,13 +373,18 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
     return out
 
 
-def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
+def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, stop_strings=()):
     """policy params -> {"<set>/accuracy", "/judge", "/stopped", "/response_len"
     [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts), and
     with `gen_cfg.sample_temperature` > 0 also "<set>/sampled_accuracy": `gen_cfg.samples`
     samples per prompt at that temperature (sample k of example j with key fold_in(PRNGKey(k +
-    1), j), whatever `gen_cfg.batch`; what on-policy RL optimises)."""
+    1), j), whatever `gen_cfg.batch`; what on-policy RL optimises). `stop_strings` (the
+    rollouts' `rollout.stop_strings`) end answers as they end rollouts."""
     from flaxlm.alignment import sft
+    from flaxlm.models.stop_strings import StopStrings
+
+    strings = stop_string_tuple(stop_strings)
+    tables = StopStrings.build(template.tok, strings, cfg.vocab_size) if strings else None
 
     score = reward_scorer(rm[1]) if rm is not None else None
     width = gen_cfg.max_prompt_len + gen_cfg.max_new_tokens
@@ -388,10 +402,10 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
             out = jax.device_get(generate(
                 cfg, policy, prompts, max_new_tokens=gen_cfg.max_new_tokens,
                 rng=jax.random.PRNGKey(0), temperature=0.0, stop_tokens=template.stop_tokens,
-                pad_id=pad_id, mesh=mesh, rules=rules,
+                pad_id=pad_id, mesh=mesh, rules=rules, stop_strings=tables,
             ))  # fmt: skip
             texts, stop = decode_responses(template.tok, out.tokens, out.lengths,
-                                           template.stop_tokens)  # fmt: skip
+                                           template.stop_tokens, strings)  # fmt: skip
             if score is not None:
                 rows = rollout_rows(prompts, out.tokens, out.lengths, width, pad_id)
                 with use_mesh(mesh, rules):
@@ -408,6 +422,7 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None):
                     cfg, policy, prompts, max_new_tokens=gen_cfg.max_new_tokens,
                     rng=prompt_keys(jax.random.PRNGKey(k + 1), range(i, i + bs)), temperature=temp,
                     stop_tokens=template.stop_tokens, pad_id=pad_id, mesh=mesh, rules=rules,
+                    stop_strings=tables,
                 ))  # fmt: skip
                 texts, _ = decode_responses(template.tok, out.tokens, out.lengths,
                                             template.stop_tokens)  # fmt: skip

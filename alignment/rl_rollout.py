@@ -66,7 +66,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.alignment.rl_common import PromptCursor, decode_responses, rollout_rows
+from flaxlm.alignment.rl_common import (
+    PromptCursor,
+    decode_responses,
+    rollout_rows,
+    stop_string_tuple,
+)
 from flaxlm.models.decode import generate
 from flaxlm.models.sharding import shard_batch, use_mesh
 from flaxlm.models.stop_strings import StopStrings
@@ -240,11 +245,8 @@ class RolloutSource:
             raise ValueError(f"rollout.check_every={r.check_every} must be >= 1")
         if r.get("decode_attention", "xla") not in ("xla", "pallas"):
             raise ValueError(f"rollout.decode_attention={r.decode_attention!r}: xla or pallas")
-        strings = r.get("stop_strings", ())  # (configs older than the key: none)
-        strings = (strings,) if isinstance(strings, str) else tuple(strings)
-        if any(not isinstance(x, str) or not x for x in strings):
-            raise ValueError(f"rollout.stop_strings={strings!r}: non-empty strings expected")
-        self.stop_strings = strings
+        # (configs older than the key: none)
+        self.stop_strings = strings = stop_string_tuple(r.get("stop_strings", ()))
         self._stop_tables = (
             StopStrings.build(template.tok, strings, vocab_size=cfg.vocab_size) if strings else None
         )

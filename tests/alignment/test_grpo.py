@@ -268,6 +268,15 @@ def test_rollouts_end_at_stop_strings(runs, cache_dir):
         else:
             assert not stopped and n == 10
     assert by_string > 0
+    # The held-out evaluation ends answers at the same strings: shorter, and more of them stop.
+    examples = [{"ids": p["ids"], "meta": p["meta"], "answer": p["meta"].get("answer", "")}
+                for p in source.prompts[:8]]  # fmt: skip
+    rules = logical_axis_rules("fsdp")
+    runs = [rl_common.make_policy_eval(source.cfg, source.template, {"x": examples}, c.eval_gen,
+                                       mesh, rules, stop_strings=strings)(params)
+            for strings in ((), ("e", "?"))]  # fmt: skip
+    assert runs[1]["x/response_len"] < runs[0]["x/response_len"]
+    assert runs[1]["x/stopped"] > runs[0]["x/stopped"]
     with c.unlocked():
         c.rollout.stop_strings = ("",)
     with pytest.raises(ValueError, match="rollout.stop_strings"):
