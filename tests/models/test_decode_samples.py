@@ -94,6 +94,11 @@ def test_under_a_sharded_mesh(model, prompts, G):
     got = generate(cfg, params, prompts, num_samples=G, mesh=mesh, rules=rules, **kw)
     assert got.tokens.shape == (len(prompts) * G, 8)
     _assert_same(got, want)
+    # per-prompt keys, one per sample, split over the devices with the rows
+    kw["rng"] = prompt_keys(jax.random.PRNGKey(2), range(len(prompts)))
+    want = generate(cfg, params, prompts, num_samples=G, **kw)
+    _assert_same(generate(cfg, params, prompts, num_samples=G, mesh=mesh, rules=rules, **kw),
+                 want)  # fmt: skip
 
 
 def test_the_prefill_runs_once_per_prompt(model):

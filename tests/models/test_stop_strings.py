@@ -165,6 +165,9 @@ def test_generate_ends_rows_at_the_strings(model):
     eos_cut = [min(n, int(np.argmax(r[:n] == tok.eos_id)) + 1 if tok.eos_id in r[:n] else n)
                for r, n in zip(free, want)]  # fmt: skip
     assert np.asarray(sharded.lengths).tolist() == eos_cut
+    # "all rows stopped" tested every 5 tokens (24 is no multiple): the same rows
+    blocked = generate(cfg, params, prompts, stop_strings=stops, check_every=5, **kw)
+    np.testing.assert_array_equal(blocked.tokens, tokens)
     grouped = generate(cfg, params, prompts[:1], stop_strings=stops, num_samples=3, **kw)
     repeated = generate(cfg, params, prompts[:1] * 3, stop_strings=stops, **kw)
     np.testing.assert_array_equal(grouped.tokens, repeated.tokens)
