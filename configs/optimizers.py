@@ -1,5 +1,5 @@
 """Optimizer comparison: pretraining (configs/pretrain.py, same args) under AdamW and Muon,
-each over four learning rates from the variant's (a third of it, it, three and nine times it).
+each over five learning rates from the variant's (a third of it, then ×3 up to 27 times it).
 
     python -m flaxlm.train.sweep --config configs/optimizers.py:variant=mini,runlocal=True \
         --workdir runs/optimizers
@@ -20,5 +20,5 @@ def get_config(arg: str | None = None):
 def sweep(add, arg=None):
     lr = get_config(arg).opt.lr
     for name in ("adamw", "muon"):
-        for run_lr in (lr / 3, lr, 3 * lr, 9 * lr):
+        for run_lr in (lr / 3, lr, 3 * lr, 9 * lr, 27 * lr):
             add(**{"opt.name": name, "opt.lr": float(f"{run_lr:.3g}")})
