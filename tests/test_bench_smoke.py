@@ -79,17 +79,17 @@ def test_decode_driver(tmp_path):
 
 def test_window_cache_bench(tmp_path):
     """bench/window_cache.py end to end on its CI shape: both ways recorded, the rings' KV
-    bytes as counted (the 1 local layer of 2 keeps 8 slots of 32 + 32), and the compiled
+    bytes as counted (the 1 local layer of 2 keeps 8 slots of 32 + 128), and the compiled
     program's temporaries smaller with them."""
     from flaxlm.bench import window_cache
 
     window_cache.main(["--out", str(tmp_path), "--shapes", "tiny-window", "--time"])
     recs = [json.loads(x) for x in (tmp_path / "window_cache.jsonl").read_text().splitlines()]
     full, ring = sorted(recs, key=lambda r: r["window_cache"])
-    assert full["kv_gib"] * (64 + 8) == pytest.approx(ring["kv_gib"] * (64 + 64))
+    assert full["kv_gib"] * (160 + 8) == pytest.approx(ring["kv_gib"] * (160 + 160))
     assert ring["temp_gib"] < full["temp_gib"]
     assert full["decode_tok_s"] > 0 and ring["decode_tok_s"] > 0
-    assert "| tiny-window | cpu | float32 | 2 | 32 + 32 | 8 | True |" in (
+    assert "| tiny-window | cpu | float32 | 2 | 32 + 128 | 8 | True |" in (
         tmp_path / "window_cache.md").read_text()  # fmt: skip
 
 
