@@ -29,6 +29,9 @@ GPU_CASES = [
     # Measured once (bench/RESULTS.md); rerun first so every ratio below is within one run.
     # ":profile": one more step traced after the timed ones — where the step's time goes.
     ("train 1b flaxlm", 90, ["train_throughput", "--cases", "1b:flax:fast:profile"]),
+    # The 1.1B goal's compiled ratio (1.2x): the torch.compile peer in the same lease, the one
+    # goal figure the 2026-11-30 lease did not reach.
+    ("train 1b hf compile", 150, ["train_throughput", "--cases", "1b:hf-compile"]),
     # The decode goal (50% of the HBM bound at batch 64). ":profile" adds, after the timed
     # calls, a kernel-time summary of one traced call: the step is one CUDA graph already
     # (bench/gpu_aot.py), so the profile says whether the gap to the bound is idle time
@@ -40,6 +43,13 @@ GPU_CASES = [
     # (models/decode_attention.py). Compiled for the H200: 242 kernels per step, not 305,
     # and no float32 scores in HBM. If it is faster, it is the goal figure.
     ("decode 1b flaxlm b64 pallas", 75, ["decode", "--cases", "1b:flax:b64:pallas:profile"]),
+    # The 2026-11-30 profile: the GPU busy 98%, Triton gemm fusions 61-72% of it — the 64-row
+    # matmuls run below bandwidth. cuBLAS for every matmul instead, with the kernel.
+    (
+        "decode 1b flaxlm b64 pallas cublas",
+        60,
+        ["decode", "--cases", "1b:flax:b64:pallas:no_triton_gemm"],
+    ),  # fmt: skip
     # Batch 1 against batch 64: equal step times would mean per-step overhead, not bandwidth.
     ("decode 1b flaxlm b1", 45, ["decode", "--cases", "1b:flax:b1"]),
     # 7B: bf16 params, no remat. XLA's buffer assignment for the H200 (bench/gpu_aot.py):
@@ -52,7 +62,6 @@ GPU_CASES = [
     ("train 7b hf eager ckpt", 60, ["train_throughput", "--cases", "7b:hf-eager:ckpt"]),
     # The 7B goal's same-plan ratio: the HF peer's memory plan (each layer recomputed).
     ("train 7b flaxlm full remat", 150, ["train_throughput", "--cases", "7b:flax:bf16_full_remat"]),
-    ("train 1b hf compile", 150, ["train_throughput", "--cases", "1b:hf-compile"]),
     ("decode 1b hf b1", 60, ["decode", "--cases", "1b:hf:b1"]),
     ("decode 1b flaxlm b1 pallas", 45, ["decode", "--cases", "1b:flax:b1:pallas"]),
     # Everything above is what the goals are judged on; below, what decides the defaults.
