@@ -44,11 +44,20 @@ GPU_CASES = [
     # and no float32 scores in HBM. If it is faster, it is the goal figure.
     ("decode 1b flaxlm b64 pallas", 75, ["decode", "--cases", "1b:flax:b64:pallas:profile"]),
     # The 2026-11-30 profile: the GPU busy 98%, Triton gemm fusions 61-72% of it — the 64-row
-    # matmuls run below bandwidth. cuBLAS for every matmul instead, with the kernel.
+    # matmuls run below bandwidth. Each piece of a decode step alone (bench/decode_kernels.py):
+    # the five matmuls with Triton and with cuBLAS, the Pallas attention kernel over key
+    # blocks 64/128/256, 4/8 warps, 1-3 stages, and the XLA attention: what to change, in one
+    # case.
+    ("decode kernels", 150, ["decode_kernels"]),
+    # cuBLAS for every matmul, with the kernel. With the projections concatenated once per
+    # call (":fused"): without, the H200 compile concatenates q|k|v and gate|up weights
+    # inside the loop, 2.4 GiB more traffic per token (XLA's dot merger feeding cuBLAS).
+    # The same compile leaves the cuBLASLt calls outside the step's CUDA graph (180 launches
+    # per token): the timing says whether the host keeps up.
     (
         "decode 1b flaxlm b64 pallas cublas",
         60,
-        ["decode", "--cases", "1b:flax:b64:pallas:no_triton_gemm"],
+        ["decode", "--cases", "1b:flax:b64:pallas:fused:no_triton_gemm"],
     ),  # fmt: skip
     # Batch 1 against batch 64: equal step times would mean per-step overhead, not bandwidth.
     ("decode 1b flaxlm b1", 45, ["decode", "--cases", "1b:flax:b1"]),
@@ -113,6 +122,7 @@ TINY_CASES = [
     ("train tiny flaxlm", 60, ["train_throughput", "--cases", "tiny:flax"]),
     ("decode tiny flaxlm b4", 60, ["decode", "--tiny", "--cases", "tiny:flax:b4:profile"]),
     ("alignment tiny", 120, ["alignment_throughput", "--tiny"]),
+    ("decode kernels tiny", 60, ["decode_kernels", "--tiny", "--pieces", "attention"]),
 ]
 
 # Extra flags per bench module (fewer repeats than their defaults: the lease is short).
@@ -121,6 +131,7 @@ FLAGS = {
     "decode": ["--runs", "1"],
     "alignment_throughput": [],
     "window_cache": ["--time"],
+    "decode_kernels": [],
 }
 
 
@@ -158,7 +169,8 @@ def write_summary(out: str, env: dict, log: list[dict]):
         "|---|---|---|",
     ]
     lines += [f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} |" for r in log]
-    for name in ("train_throughput.md", "decode.md", "alignment_throughput.md", "window_cache.md"):
+    for name in ("train_throughput.md", "decode.md", "decode_kernels.md",
+                 "alignment_throughput.md", "window_cache.md"):  # fmt: skip
         path = os.path.join(out, name)
         if os.path.exists(path):
             lines += ["", f"## {name}", "", open(path).read()]

@@ -51,17 +51,22 @@ from flaxlm.models.sharding import logical_axes_unsplit
 # Key slots per loop iteration. The cache length must be a multiple (`generate` rounds the
 # buffer it allocates up to one).
 BLOCK_K = 64
+# Triton launch parameters: warps per program, and how many loop iterations' loads are in
+# flight (software pipelining). bench/decode_kernels.py times the kernel alone over block
+# sizes, warps and stages on the GPU, the measurements these defaults should follow.
+NUM_WARPS = 4
+NUM_STAGES = 2
 # Triton's tensor-core dot needs at least 16 rows: a group of G < 16 query heads is padded
 # (masked loads and stores, so the arrays themselves are not copied).
 MIN_DOT_ROWS = 16
 
 
-def supports(kv_slots: int, n_queries: int, head_dim: int) -> bool:
+def supports(kv_slots: int, n_queries: int, head_dim: int, block_k: int = BLOCK_K) -> bool:
     """Whether the kernel applies: one query per row (a decode step), whole key blocks, and a
     head dim whose halves are a power of two of at least 16 (Triton's tensor shapes and its
     tensor-core dot: 32, 64, 128, 256)."""
     half = head_dim // 2
-    return n_queries == 1 and kv_slots % BLOCK_K == 0 and half >= 16 and half & (half - 1) == 0
+    return n_queries == 1 and kv_slots % block_k == 0 and half >= 16 and half & (half - 1) == 0
 
 
 def _rotate(x1, x2, cos, sin):
@@ -154,7 +159,8 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
 
 
 def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: bool,
-          scale: float, cap: float = 0.0, ring: bool = False, num_warps: int = 4):  # fmt: skip
+          scale: float, cap: float = 0.0, ring: bool = False, block_k: int = BLOCK_K,
+          num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):  # fmt: skip
     B, K, S, H = k_BKSH.shape
     R = qkv_BRH.shape[1]  # N + 2K rows
     G = (R - 2 * K) // K
@@ -163,7 +169,7 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret
         # masks it. Rows of zeros past the last group's M rows make both read the same.
         qkv_BRH = jnp.pad(qkv_BRH, ((0, 0), (0, M), (0, 0)))
         R += M
-    kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=BLOCK_K,
+    kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=block_k,
                                scale=scale, cap=cap, ring=ring)  # fmt: skip
     cache = pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0))
     per_row = lambda n: pl.BlockSpec((None, n), lambda b, k: (b, 0))  # noqa: E731
@@ -186,15 +192,16 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret
             jax.ShapeDtypeStruct(v_BKSH.shape, v_BKSH.dtype),
         ],  # fmt: skip
         input_output_aliases={4: 1, 5: 2},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
     )(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS)
 
 
 def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index, *,
-                     scale: float | None = None, cap: float = 0.0, ring: bool = False
-                     ):  # fmt: skip
+                     scale: float | None = None, cap: float = 0.0, ring: bool = False,
+                     block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                     num_stages: int = NUM_STAGES):  # fmt: skip
     """One decode step of attention over a layer's (B, K, S, H) key and value caches.
 
     `qkv_BTRH`: this step's q, k and v heads before RoPE, concatenated on the head axis
@@ -205,13 +212,16 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     q·k times `scale` (default head_dim^-1/2), soft-capped at `cap` (0 = not).
     With `ring`, the caches are a windowed layer's rings (`transformer.init_cache`): `index`
     is each row's own slot (B,), and attention covers every slot the mask lets through.
+    `block_k` (a power of two dividing the slots), `num_warps`, `num_stages`: the kernel's
+    tiling and Triton launch parameters (defaults: the module's constants).
     Returns (out (B, 1, N, H), (the key cache, the value cache)).
     """
     B, T, R, H = qkv_BTRH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
-    if not supports(S, T, H):
-        raise ValueError(f"decode_attention: needs 1 query, slots % {BLOCK_K} == 0 and head dim "
-                         f"2^n >= 32, got {T}, {S}, {H}")  # fmt: skip
+    if not supports(S, T, H, block_k) or block_k & (block_k - 1) or block_k < 16:
+        raise ValueError(f"decode_attention: needs 1 query, slots % block_k == 0 (block_k a "
+                         f"power of two >= 16, {block_k}) and head dim 2^n >= 32, got {T}, "
+                         f"{S}, {H}")  # fmt: skip
     index = jnp.clip(jnp.asarray(index, jnp.int32), 0, S - 1)
     args = (
         jnp.broadcast_to(index.reshape(-1, 1) if ring else index, (B, 1)),  # a slot per row
@@ -225,7 +235,14 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
 
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
 
-    options = dict(scale=scale, cap=float(cap), ring=ring)
+    options = dict(
+        scale=scale,
+        cap=float(cap),
+        ring=ring,
+        block_k=int(block_k),
+        num_warps=int(num_warps),
+        num_stages=int(num_stages),
+    )
 
     def run(*a):
         return jax.lax.platform_dependent(

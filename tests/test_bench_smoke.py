@@ -136,3 +136,30 @@ def test_xla_flag_sets_are_known_flags():
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{name}: {err[-500:]}"
+
+
+def test_decode_kernels_bench(tmp_path):
+    """bench/decode_kernels.py on its CI shape: each piece recorded with a time and the bytes
+    it must move; its XLA attention step and the kernel it is set against compute the same
+    step from the same inputs (the comparison is like for like)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxlm.bench import decode_kernels as dk
+    from flaxlm.models import decode_attention as kernel
+    from flaxlm.models.config import get_variant
+
+    dk.main(["--out", str(tmp_path), "--tiny", "--pieces", "matmul:o,attention"])
+    recs = {r["case"]: r for r in map(json.loads, (tmp_path / "decode_kernels.jsonl").open())}
+    assert set(recs) == {"matmul:o:triton:b4", "matmul:o:cublas:b4", "attention:xla:b4",
+                         "attention:pallas:64:4:2:b4"}  # fmt: skip
+    assert all(r["us"] > 0 and r["bytes"] > 0 for r in recs.values()), recs
+    assert recs["matmul:o:cublas:b4"]["shape"] == [128, 64]  # (heads · head dim, d_model)
+    assert "| attention:pallas:64:4:2 | 4 |" in (tmp_path / "decode_kernels.md").read_text()
+
+    cfg = get_variant("tiny", head_dim=32, dtype="float32", param_dtype="float32")
+    qkv, cos, sin, caches, mask, idx = dk._attention_inputs(cfg, 2, 128, 70, 1)
+    want, want_cache = dk.xla_attention_step(cfg, qkv, cos, sin, *caches[0], mask, idx)
+    got, cache = kernel.decode_attention(qkv, cos, sin, *caches[0], mask, idx)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(jnp.stack(cache), jnp.stack(want_cache), atol=1e-6)

@@ -516,6 +516,21 @@ def test_kernel_equals_the_xla_step(B, N, K, H, S, index):
                                       np.asarray(before)[:, :, untouched])  # fmt: skip
 
 
+@pytest.mark.parametrize("block_k,index", [(16, 37), (128, 200), (256, 255)])
+def test_key_block_size_does_not_change_the_step(block_k, index):
+    """Other key blocks (bench/decode_kernels.py times 64, 128, 256 on the GPU): the same
+    step — more blocks than the default (16: the write mid-block, earlier blocks whole), one
+    block holding every earlier slot and the write (256), the write in a later block (128)."""
+    args = _step(2, 8, 2, 32, 256, index, seed=block_k)
+    out, cache = kernel.decode_attention(*args, index, block_k=block_k, num_warps=8,
+                                         num_stages=3)  # fmt: skip
+    want_out, want_cache = _xla_step(*args, index)
+    np.testing.assert_allclose(out, want_out, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(cache, want_cache, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="block_k"):  # not a power of two
+        kernel.decode_attention(*args, index, block_k=48)
+
+
 def test_sliding_window_masks_whole_leading_blocks():
     """A window of 20 at slot 150: the first two key blocks are entirely masked, which the
     online softmax must skip without letting them into the normaliser."""

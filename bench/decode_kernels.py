@@ -1,0 +1,296 @@
+"""Each kernel of a decode step alone: its GPU time and the share of HBM bandwidth it reaches.
+
+    python -m flaxlm.bench.decode_kernels --out OUT           # on the H200: the 1.1B shapes
+    python -m flaxlm.bench.decode_kernels --out OUT --tiny    # CPU smoke test (wall clock)
+    python -m flaxlm.bench.decode_kernels --out OUT --pieces attention   # a subset (prefixes)
+
+Why: the 2026-11-30 lease's profile of a batch-64 decode step (1.46 ms against a 0.57 ms HBM
+bound) found the GPU busy 98% of the time, Triton gemm fusions taking 61% of it and the Pallas
+attention kernel 15%; the per-layer matmuls ran at 1.5–2.4 TB/s where the LM head's one large
+matmul reached 3.9. Which piece is below bandwidth, and whether cuBLAS or another kernel tiling
+does better, is cheaper to learn piece by piece in one short case than by one whole-decode
+case per variant.
+
+Pieces (TinyLlama-1.1B shape, bf16; batch 64 and 1):
+  matmul:NAME:BACKEND   x (B, K) @ w (K, N) for each matmul of a decode step — qkv (the q|k|v
+                        projections as XLA's dot merger joins them, 2048 × 2560), o, gate_up
+                        (2048 × 11264, joined likewise), down, lm_head — compiled by XLA with
+                        its Triton gemms (autotuned on the device, as in `generate`) or with
+                        cuBLAS (the same jit with the compiler option
+                        xla_gpu_enable_triton_gemm=False, per program: no process-wide flag).
+  attention:pallas:BK:W:S   models/decode_attention.py at 64 rows × 4 kv heads (8 query heads
+                        each), a 384-slot cache holding 256 tokens (the 128 + 256 decode's mean
+                        context), key block BK, W warps, S pipeline stages; caches donated and
+                        written in place, as in `generate`.
+  attention:xla         the XLA path of the same step (RoPE, cache write, `cached_attention`
+                        over the whole buffer), as `Attention` runs it without the kernel.
+
+Timing: each program is called over rotating copies of its weights or caches (together at
+least 4× the H200's 50 MB L2, so every call reads HBM, as a decode step does), the calls traced
+by `jax.profiler`; `us` is a call's summed kernel time on the device (not the launch gaps: in
+a decode step the kernels run back to back in one CUDA graph), `kernels` the kernel kinds
+that make it up. `bytes` is what the piece must move at least (weights, activations in and
+out; the cache slots read and the new slot written), `tb_s` bytes / time, `hbm` its share of
+4.3 TB/s. On a CPU (`--tiny`) `us` is the wall time per call and no bandwidth is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import time
+
+from flaxlm.bench import driver
+
+HBM_BYTES_PER_S = 4.3e12  # H200
+L2_BYTES = 50 * 2**20  # every call reads what the previous calls left out of L2
+CUBLAS = {"xla_gpu_enable_triton_gemm": False}
+
+# (model variant, batches, cache slots, tokens in the cache, the Pallas variants (block_k,
+# warps, stages), calls per program); the tiny shape runs on the CPU through Pallas'
+# interpreter, so it keeps one small variant.
+SHAPES = {
+    "1b": (
+        "1b",
+        (64, 1),
+        384,
+        256,
+        [(bk, w, s) for bk in (64, 128, 256) for w in (4, 8) for s in (1, 2, 3)],
+        20,
+    ),  # fmt: skip
+    "tiny": ("tiny", (4,), 128, 64, [(64, 4, 2)], 2),
+}
+
+
+def matmul_shapes(cfg) -> dict[str, tuple[int, int]]:
+    """(K, N) of each matmul of a decode step, q|k|v and gate|up joined as XLA joins them."""
+    D, H = cfg.d_model, cfg.head_dim_
+    return {
+        "qkv": (D, (cfg.n_heads + 2 * cfg.n_kv_heads) * H),
+        "o": (cfg.n_heads * H, D),
+        "gate_up": (D, 2 * cfg.d_ff),
+        "down": (cfg.d_ff, D),
+        "lm_head": (D, cfg.vocab_size),
+    }
+
+
+def copies_for(nbytes: int, tiny: bool) -> int:
+    """Rotating copies so that the calls between two uses of one copy move ≥ 4× the L2."""
+    return 2 if tiny else max(2, min(32, math.ceil(4 * L2_BYTES / nbytes)))
+
+
+def device_time(fn, calls: int) -> tuple[float, list]:
+    """(µs per call, [[kernel kind, kernels per call, µs per call], ...]) of `calls` calls of
+    `fn` (compiled and warm): on a GPU the summed kernel durations from a profiler trace; on
+    other backends the wall time (and no kernel list)."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        t0 = time.perf_counter()
+        for i in range(calls):
+            jax.block_until_ready(fn(i))
+        return (time.perf_counter() - t0) / calls * 1e6, []
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    from flaxlm.bench.trace_summary import find_xplane, kernel_kind
+
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, profiler_options=opts):
+            for i in range(calls):
+                jax.block_until_ready(fn(i))
+        data = ProfileData.from_file(find_xplane(d))
+        kinds: dict[str, list] = {}
+        for plane in data.planes:
+            if not plane.name.startswith("/device:"):
+                continue
+            for line in plane.lines:
+                if not line.name.startswith("Stream"):
+                    continue
+                for e in line.events:
+                    if e.name.startswith(("Memcpy", "Memset")):
+                        continue
+                    agg = kinds.setdefault(kernel_kind(e.name)[:80], [0, 0.0])
+                    agg[0] += 1
+                    agg[1] += e.duration_ns / 1e3
+    ranked = sorted(kinds.items(), key=lambda kv: -kv[1][1])
+    table = [[k, round(n / calls, 2), round(t / calls, 2)] for k, (n, t) in ranked]
+    return sum(t for _, (_, t) in ranked) / calls, table
+
+
+def _record(piece: str, batch: int, us: float, kernels: list, nbytes: int, **extra) -> dict:
+    import jax
+
+    rec = {"case": f"{piece}:b{batch}", "piece": piece, "batch": batch, "us": round(us, 2),
+           "bytes": nbytes, "kernels": kernels, "device": jax.devices()[0].device_kind,
+           "jax": jax.__version__, **extra}  # fmt: skip
+    if jax.default_backend() == "gpu" and us > 0:
+        rec["tb_s"] = round(nbytes / us / 1e6, 3)
+        rec["hbm"] = round(nbytes / us / 1e6 / (HBM_BYTES_PER_S / 1e12), 3)
+    return rec
+
+
+def run_matmul(cfg, name: str, backend: str, batch: int, calls: int, tiny: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    K, N = matmul_shapes(cfg)[name]
+    dt = jnp.dtype(cfg.dtype)
+    nbytes = (K * N + batch * (K + N)) * dt.itemsize
+    keys = jax.random.split(jax.random.PRNGKey(0), copies_for(K * N * dt.itemsize, tiny) + 1)
+    ws = [jax.random.normal(k, (K, N), dt) * 0.02 for k in keys[1:]]
+    x = jax.random.normal(keys[0], (batch, K), dt)
+    fn = jax.jit(jnp.dot, compiler_options=CUBLAS if backend == "cublas" else None)
+    jax.block_until_ready([fn(x, w) for w in ws[:2]])  # compile (and autotune) + warm
+    us, kernels = device_time(lambda i: fn(x, ws[i % len(ws)]), calls)
+    return _record(f"matmul:{name}:{backend}", batch, us, kernels, nbytes, shape=[K, N])
+
+
+def _attention_inputs(cfg, batch: int, slots: int, filled: int, copies: int):
+    """(qkv, cos, sin, [(k, v) cache copies], mask, index) of one decode step at `filled`."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxlm.models.attention import rope_tables
+
+    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_
+    dt = jnp.dtype(cfg.dtype)
+    key = jax.random.PRNGKey(1)
+    qkv = jax.random.normal(key, (batch, 1, N + 2 * K, H), dt)
+    cos, sin = rope_tables(cfg, jnp.full((batch, 1), filled, jnp.int32))
+    caches = [
+        tuple(
+            jax.random.normal(jax.random.fold_in(key, 2 * c + j), (batch, K, slots, H), dt)
+            for j in range(2)
+        )  # fmt: skip
+        for c in range(copies)
+    ]
+    mask = jnp.broadcast_to(jnp.arange(slots) <= filled, (batch, 1, 1, slots))
+    return qkv, cos, sin, caches, mask, jnp.asarray(filled, jnp.int32)
+
+
+def xla_attention_step(cfg, qkv, cos, sin, k, v, mask, idx):
+    """The XLA path of one decode step's attention, as `Attention` runs it without the kernel:
+    RoPE on q and k, k and v written at slot `idx`, attention over the whole buffer."""
+    import jax
+
+    from flaxlm.models.attention import apply_rope, cached_attention
+
+    N, K = cfg.n_heads, cfg.n_kv_heads
+    q, kn, vn = qkv[:, :, :N], qkv[:, :, N : N + K], qkv[:, :, N + K :]
+    q, kn = apply_rope(q, cos, sin), apply_rope(kn, cos, sin)
+    k, v = (jax.lax.dynamic_update_slice(buf, new.transpose(0, 2, 1, 3).astype(buf.dtype),
+                                         (0, 0, idx, 0))
+            for buf, new in ((k, kn), (v, vn)))  # fmt: skip
+    return cached_attention(q, k, v, mask), (k, v)
+
+
+def run_attention(cfg, variant, batch: int, slots: int, filled: int, calls: int,
+                  tiny: bool) -> dict:  # fmt: skip
+    import jax
+    import jax.numpy as jnp
+
+    from flaxlm.models import decode_attention as kernel
+
+    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_
+    dt = jnp.dtype(cfg.dtype)
+    if variant != "xla":  # the kernel's buffer is whole key blocks (as `generate` rounds it)
+        slots += -slots % variant[0]
+    per_cache = 2 * batch * K * slots * H * dt.itemsize
+    qkv, cos, sin, caches, mask, idx = _attention_inputs(
+        cfg, batch, slots, filled, copies_for(per_cache, tiny)
+    )
+    if variant == "xla":
+        step = functools.partial(xla_attention_step, cfg)
+        piece, read = "attention:xla", slots  # it reads the whole buffer
+    else:
+        bk, warps, stages = variant
+        step = functools.partial(kernel.decode_attention, block_k=bk, num_warps=warps,
+                                 num_stages=stages)  # fmt: skip
+        piece, read = f"attention:pallas:{bk}:{warps}:{stages}", filled  # the written slots
+    fn = jax.jit(lambda q, c, s, k, v, m, i: step(q, c, s, k, v, m, i), donate_argnums=(3, 4))
+
+    def call(i):
+        j = i % len(caches)
+        out, caches[j] = fn(qkv, cos, sin, *caches[j], mask, idx)
+        return out
+
+    jax.block_until_ready([call(i) for i in range(2)])
+    us, kernels = device_time(call, calls)
+    # the cache slots attended (K and V), the new slot written, q|k|v in and the output out
+    nbytes = (2 * batch * K * read * H + 2 * batch * K * H
+              + batch * (2 * N + 2 * K) * H) * dt.itemsize  # fmt: skip
+    return _record(piece, batch, us, kernels, nbytes, slots=slots, filled=filled)
+
+
+def pieces(shape: str) -> list[tuple]:
+    """Every (piece name, batch, thunk → record) of a shape, in the order they run."""
+    from flaxlm.models.config import get_variant
+
+    variant, batches, slots, filled, kernels, calls = SHAPES[shape]
+    tiny = shape == "tiny"
+    # (the tiny variant's 16-wide heads are below the kernel's minimum: 32 here)
+    dims = dict(head_dim=32, dtype="float32", param_dtype="float32") if tiny else dict(
+        dtype="bfloat16", param_dtype="bfloat16")  # fmt: skip
+    cfg = get_variant(variant, **dims)
+    out = []
+    for b in batches:
+        for name in matmul_shapes(cfg):
+            for backend in ("triton", "cublas"):
+                out.append((f"matmul:{name}:{backend}", b, functools.partial(
+                    run_matmul, cfg, name, backend, b, calls, tiny)))  # fmt: skip
+        variants = ["xla", *kernels] if b > 1 else ["xla", *[v for v in kernels if v[1:] == (4, 2)]]
+        for v in variants:
+            name = "attention:xla" if v == "xla" else "attention:pallas:" + ":".join(map(str, v))
+            out.append((name, b, functools.partial(
+                run_attention, cfg, v, b, slots, filled, calls, tiny)))  # fmt: skip
+    return out
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        "| piece | batch | µs per call | bytes (MB) | TB/s | of HBM | kernels (per call: n, µs) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['case']} | | error: {r['error'][:150]} |||||")
+            continue
+        top = "; ".join(f"{k} {n:g}× {t:g}" for k, n, t in r["kernels"][:3])
+        tb = f"{r['tb_s']:.2f}" if "tb_s" in r else "–"
+        frac = f"{r['hbm']:.0%}" if "hbm" in r else "–"
+        lines.append(f"| {r['piece']} | {r['batch']} | {r['us']:.1f} | {r['bytes'] / 1e6:.1f} "
+                     f"| {tb} | {frac} | {top} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
+    p.add_argument("--pieces", default="", help="comma list of piece-name prefixes to run")
+    p.add_argument("--fresh", action="store_true", help="forget earlier records in OUT")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "decode_kernels.jsonl")
+    if a.fresh and os.path.exists(path):
+        os.remove(path)
+    wanted = [w for w in a.pieces.split(",") if w]
+    for name, batch, run in pieces("tiny" if a.tiny else "1b"):
+        if wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        # in-process (compiler options are per program); a failing piece is recorded, and
+        # the others still run
+        driver.run_one(path, f"{name}:b{batch}", run)
+    md = table(driver.latest_records(path))
+    driver.write_table(a.out, "decode_kernels.md", md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
