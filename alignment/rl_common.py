@@ -70,7 +70,9 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     # strings that also end a response once its text holds one, e.g. ("</answer>",): inside
     # the decode loop (models/stop_strings.py); the string stays in the text rewards judge
     c.stop_strings = ()
-    c.decode_attention = "xla"  # xla | pallas: each decode step's attention as one Pallas kernel
+    # auto | xla | pallas: each decode step's attention as one Pallas kernel ("auto": on CUDA
+    # GPUs, where it is faster; XLA's elsewhere — models/decode.py `generate`)
+    c.decode_attention = "auto"
     c.empty_reward = -1.0  # reward of an empty response (the stop token alone)
     c.nonstop_penalty = 0.0  # subtracted from responses that hit max_new_tokens without stopping
     c.heldout_prompts = 0  # prompts of data.train kept out of training, evaluated as rl_heldout

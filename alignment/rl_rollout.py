@@ -243,8 +243,10 @@ class RolloutSource:
             )
         if r.get("check_every", 1) < 1:
             raise ValueError(f"rollout.check_every={r.check_every} must be >= 1")
-        if r.get("decode_attention", "xla") not in ("xla", "pallas"):
-            raise ValueError(f"rollout.decode_attention={r.decode_attention!r}: xla or pallas")
+        if r.get("decode_attention", "auto") not in ("auto", "xla", "pallas"):
+            raise ValueError(
+                f"rollout.decode_attention={r.decode_attention!r}: auto, xla or pallas"
+            )
         # (configs older than the key: none)
         self.stop_strings = strings = stop_string_tuple(r.get("stop_strings", ()))
         self._stop_tables = (
@@ -332,7 +334,7 @@ class RolloutSource:
             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.get("min_p", 0.0),
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
             check_every=r.get("check_every", 1),  # configs older than the key: every token
-            decode_attention=r.get("decode_attention", "xla"), num_samples=num_samples,
+            decode_attention=r.get("decode_attention", "auto"), num_samples=num_samples,
             stop_strings=self._stop_tables,
         )  # fmt: skip
         out = jax.device_get(out)

@@ -19,8 +19,9 @@ Cases are "SHAPE:ALGO[:OPT...]":
   OPT    dpo: "online" = reference log-probs computed every step (default: the config's
          "precompute", once for every pair before training, outside the timed steps);
          ppo: "gN" = N new tokens per response (default: SHAPES); "cN" = rollouts test
-         "all stopped" every N tokens (rollout.check_every; default 1); "pallas" = rollouts
-         decode with the Pallas decode-step kernel (rollout.decode_attention);
+         "all stopped" every N tokens (rollout.check_every; default 1); rollouts decode
+         with rollout.decode_attention "auto" (the Pallas decode-step kernel on CUDA GPUs),
+         "pallas" = the kernel anywhere, "decode_xla" = XLA's attention;
          both: "xla" = XLA attention instead of cuDNN (GPU); a name in bench/driver.py
          XLA_FLAG_SETS (e.g. "cmdbuf") runs the case under those XLA flags
 Model: the shape's variant with vocab_size = the built-in tokenizer's (512 tiny, 2048 otherwise;
@@ -223,7 +224,8 @@ def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir:
 
 
 def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: dict,
-            workdir: str, check_every: int = 1, decode_attention: str = "xla") -> dict:  # fmt: skip
+            workdir: str, check_every: int = 1,
+            decode_attention: str = "auto") -> dict:  # fmt: skip
     import numpy as np
 
     from flaxlm.alignment import common, ppo
@@ -290,14 +292,14 @@ def parse_case(case: str) -> tuple[str, str, dict]:
     if shape not in SHAPES or algo not in ("dpo", "ppo"):
         raise ValueError(f"case {case!r}: expected SHAPE:dpo|ppo[:OPT], SHAPE in {list(SHAPES)}")
     out = {"online": False, "new": None, "attention": "cudnn", "check_every": 1,
-           "decode_attention": "xla", "flags": []}  # fmt: skip
+           "decode_attention": "auto", "flags": []}  # fmt: skip
     for o in opts:
         if o in driver.XLA_FLAG_SETS:  # applied by the driver to the case's process
             out["flags"].append(o)
         elif o == "xla":
             out["attention"] = "xla"
-        elif o == "pallas" and algo == "ppo":
-            out["decode_attention"] = "pallas"
+        elif o in ("pallas", "decode_xla") and algo == "ppo":
+            out["decode_attention"] = o.removeprefix("decode_")
         elif o[:1] == "c" and o[1:].isdigit() and algo == "ppo":
             out["check_every"] = int(o[1:])
         elif o == "online" and algo == "dpo":

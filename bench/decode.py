@@ -60,6 +60,8 @@ GENERATE_OPTIONS = {
     "while": {"stop_tokens": (-1,)},
     "while8": {"stop_tokens": (-1,), "check_every": 8},
     "pallas": {"decode_attention": "pallas"},
+    # XLA's attention over the whole cache (the default, "auto", is the kernel on CUDA GPUs)
+    "xla": {"decode_attention": "xla"},
     # a stop string no token ever completes (models/stop_strings.py): the loop of "while" plus
     # the automaton's per-step gather, for its cost
     "strings": {"stop_tokens": (-1,), "stop_strings": "never"},
@@ -146,7 +148,7 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
 
     from flaxlm.bench.hlo_text import loop_body_ops
     from flaxlm.bench.trace_summary import profile_call
-    from flaxlm.models.decode import compiled_generate_text, generate
+    from flaxlm.models.decode import compiled_generate_text, generate, resolve_decode_attention
 
     cfg, init, tokens, kw = flax_case(shape, batch, options)
     params = jax.jit(init)(jax.random.PRNGKey(0))
@@ -178,7 +180,9 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
     rec = {"impl": "flaxlm", "warmup_s": warm, "jax": jax.__version__,
            "device": jax.devices()[0].device_kind,
            "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
-           "loop_body_kernels": sum(ops.values()), "loop_body_ops": ops}  # fmt: skip
+           "loop_body_kernels": sum(ops.values()), "loop_body_ops": ops,
+           "decode_attention": resolve_decode_attention(kw.get("decode_attention", "auto"))
+           }  # fmt: skip
     if profile:  # after every timing and the memory reading, so neither sees the profiler
         rec.update(profile_call(lambda: call(new, runs + 1)))
     return _finish(rec, model_dims(variant), times, prefill, batch, prompt, new,

@@ -31,7 +31,9 @@ by `jax.profiler`; `us` is a call's summed kernel time on the device (not the la
 a decode step the kernels run back to back in one CUDA graph), `kernels` the kernel kinds
 that make it up. `bytes` is what the piece must move at least (weights, activations in and
 out; the cache slots read and the new slot written), `tb_s` bytes / time, `hbm` its share of
-4.3 TB/s. On a CPU (`--tiny`) `us` is the wall time per call and no bandwidth is reported.
+4.3 TB/s. Attention records also carry `max_abs_err_vs_xla`: the largest difference between
+the piece's output and the XLA step's on the same inputs (bf16 outputs: ~1e-2 is rounding).
+On a CPU (`--tiny`) `us` is the wall time per call and no bandwidth is reported.
 """
 
 from __future__ import annotations
@@ -220,12 +222,19 @@ def run_attention(cfg, variant, batch: int, slots: int, filled: int, calls: int,
         out, caches[j] = fn(qkv, cos, sin, *caches[j], mask, idx)
         return out
 
-    jax.block_until_ready([call(i) for i in range(2)])
+    # The XLA step's output on the first call's inputs (not donated: they stay valid), so the
+    # record says the timed program computes the step (on the GPU: Triton's build of it).
+    want = jax.jit(functools.partial(xla_attention_step, cfg))(qkv, cos, sin, *caches[0], mask,
+                                                                idx)[0]  # fmt: skip
+    got = call(0)
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+    jax.block_until_ready(call(1))
     us, kernels = device_time(call, calls)
     # the cache slots attended (K and V), the new slot written, q|k|v in and the output out
     nbytes = (2 * batch * K * read * H + 2 * batch * K * H
               + batch * (2 * N + 2 * K) * H) * dt.itemsize  # fmt: skip
-    return _record(piece, batch, us, kernels, nbytes, slots=slots, filled=filled)
+    return _record(piece, batch, us, kernels, nbytes, slots=slots, filled=filled,
+                   max_abs_err_vs_xla=err)  # fmt: skip
 
 
 def pieces(shape: str) -> list[tuple]:

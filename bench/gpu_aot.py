@@ -165,6 +165,8 @@ def compile_decode(case: str, extra: list[str], devices):
     for name in extra:
         options.update(GENERATE_OPTIONS.get(name, {}))
     cfg, init, tokens, kw = flax_case(shape, int(b[1:]), options)
+    # `generate`'s "auto" picks the kernel on CUDA GPUs: the target here, not this process's
+    kw.setdefault("decode_attention", "pallas")
     one = jax.sharding.SingleDeviceSharding(devices[0])
     params = jax.tree.map(lambda x: _abstract(x, one), jax.eval_shape(init, jax.random.PRNGKey(0)))
     fn, args = generate_program(cfg, tokens, rng=jax.random.PRNGKey(0), **kw)

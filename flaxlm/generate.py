@@ -92,9 +92,10 @@ def _parser() -> argparse.ArgumentParser:
                         'false}\' (default: what the run trained with)')  # fmt: skip
     p.add_argument("--no_bos", action="store_true", help="do not prepend BOS (plain prompts)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of text")
-    p.add_argument("--decode_attention", default="xla", choices=("xla", "pallas"),
-                   help="decode-step attention: XLA's, or one Pallas kernel per layer "
-                   "(models/decode_attention.py; for GPUs, slow elsewhere)")  # fmt: skip
+    p.add_argument("--decode_attention", default="auto", choices=("auto", "xla", "pallas"),
+                   help="decode-step attention: one Pallas kernel per layer "
+                   "(models/decode_attention.py; for GPUs, slow elsewhere), XLA's, or auto: "
+                   "the kernel on CUDA GPUs, XLA's elsewhere")  # fmt: skip
     p.add_argument("--full_cache", action="store_true",
                    help="sliding-window layers keep full KV caches, not rings of W slots "
                    "(the same tokens; more memory)")  # fmt: skip

@@ -27,8 +27,9 @@ loop. The whole thing (prefill, loop, samplers, stop handling) is one XLA progra
 no host round trip per token. With stop tokens the loop is a `while_loop` that exits once every
 row has stopped (tested every `check_every` tokens); without, a fixed-length `scan` (a known
 trip count: no loop condition is read back to the host). Each step attends over all P + N cache
-slots (masked; a ring's W), a fixed shape — or, with `decode_attention="pallas"`, one kernel per
-layer does RoPE, the cache write and attention over the slots written so far
+slots (masked; a ring's W), a fixed shape — or, with `decode_attention="pallas"` (the default
+on CUDA GPUs), one kernel per layer does RoPE, the cache write and attention over the slots
+written so far
 (models/decode_attention.py; the cache is then rounded up to whole key blocks, and a ring runs
 it when W is a whole number of them, each row writing its own slot). The cache holds each
 layer's keys and values in two heads-major (B, K, S, H) buffers in the compute dtype
@@ -85,6 +86,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.models import decode_attention as decode_kernel
 from flaxlm.models import stop_strings as stop_text
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode_attention import BLOCK_K
@@ -370,6 +372,18 @@ def _decode_fn(
     return jax.jit(run)
 
 
+def resolve_decode_attention(name: str, mesh=None) -> str:
+    """ "xla" or "pallas" for a `decode_attention` option: "auto" is the kernel on CUDA GPUs
+    (the mesh's devices, else jax's) and XLA's attention elsewhere; others are checked."""
+    if name == "auto":
+        devices = None if mesh is None else list(mesh.devices.flat)
+        return "pallas" if decode_kernel.runs_natively(devices) else "xla"
+    if name not in ("xla", "pallas"):
+        raise ValueError(f"generate: decode_attention must be 'auto', 'xla' or 'pallas', got "
+                         f"{name!r}")  # fmt: skip
+    return name
+
+
 def repeat_rows(x, samples: int, rows: int):
     """Row b of `x` repeated `samples` times in place (b·samples + g), the first `rows` kept."""
     return jnp.repeat(x, samples, axis=0, total_repeat_length=x.shape[0] * samples)[:rows]
@@ -445,7 +459,7 @@ def generate(
     cache_dtype=None,
     fuse_projections: bool = False,
     check_every: int = 1,
-    decode_attention: str = "xla",
+    decode_attention: str = "auto",
     window_cache: bool = True,
     num_samples: int = 1,
     stop_strings: stop_text.StopStrings | None = None,
@@ -478,11 +492,13 @@ def generate(
         concatenated once per call (for backends without XLA:GPU's dot merger; see above).
       check_every: with stop tokens, test "every row stopped" once per this many tokens (a
         device-to-host read per test on a GPU); the output is the same for any value.
-      decode_attention: "xla" (the default) or "pallas": each decode step's attention as one
-        fused kernel per layer that reads only the cache slots written so far
-        (models/decode_attention.py; Triton on GPUs, Pallas' interpreter elsewhere — slow,
-        for tests). Under a mesh it runs per device on the local rows; with heads split over
-        a tensor axis the XLA path runs instead.
+      decode_attention: "pallas": each decode step's attention as one fused kernel per layer
+        that reads only the cache slots written so far (models/decode_attention.py; Triton on
+        CUDA GPUs, Pallas' interpreter elsewhere — slow, for tests); "xla": XLA's attention
+        over the whole buffer; "auto" (the default): "pallas" on CUDA GPUs (the mesh's, else
+        jax's devices), where it measured faster (bench/RESULTS.md, 2026-11-30 lease: 8% at
+        batch 64, 1% at batch 1), "xla" elsewhere. Under a mesh the kernel runs per device
+        on the local rows; with heads split over a tensor axis the XLA path runs instead.
       window_cache: sliding-window layers keep a ring of `cfg.sliding_window` slots instead of
         the whole prompt + N (`transformer.init_cache(..., rings=True)`) when that is fewer:
         the same tokens, less memory, and those layers' steps read W slots (with
@@ -596,9 +612,7 @@ def _program(
         raise ValueError(f"generate: need 0 <= min_p < 1, got {min_p}")
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
         raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
-    if decode_attention not in ("xla", "pallas"):
-        raise ValueError(f"generate: decode_attention must be 'xla' or 'pallas', got "
-                         f"{decode_attention!r}")  # fmt: skip
+    decode_attention = resolve_decode_attention(decode_attention, mesh)
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, cfg.vocab_size)
     B = tokens.shape[0]
     longest = int(lengths.max()) + int(max_new_tokens)

@@ -285,6 +285,13 @@ def _batch_axes() -> tuple[str, ...]:
     return tuple(a for a in axes if mesh.shape[a] > 1)
 
 
+def runs_natively(devices=None) -> bool:
+    """Whether the kernel compiles to Triton for these devices (default: jax's): CUDA GPUs.
+    Elsewhere (CPU, TPU, ROCm) it would run in Pallas' interpreter — right, but slow."""
+    device = (devices if devices is not None else jax.devices())[0]
+    return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+
+
 def mesh_supports() -> bool:
     """Whether the ambient mesh (if any) leaves the heads whole on each device: the kernel
     reads a row's q|k|v heads as one block, which tensor-parallel heads would split."""

@@ -69,9 +69,10 @@ def test_table_and_case_parsing(records):
     assert f"{records['tiny:ppo']['gen_share']:.1%}" in lines[3]
     assert "failed: RuntimeError: boom" in lines[4]
     want = {"online": False, "new": 64, "attention": "xla", "check_every": 8,
-            "decode_attention": "xla", "flags": ["cmdbuf"]}  # fmt: skip
+            "decode_attention": "auto", "flags": ["cmdbuf"]}  # fmt: skip
     assert A.parse_case("1b:ppo:g64:xla:c8:cmdbuf") == ("1b", "ppo", want)
     assert A.parse_case("125m:ppo:c8:pallas")[2]["decode_attention"] == "pallas"
+    assert A.parse_case("125m:ppo:c8:decode_xla")[2]["decode_attention"] == "xla"
     assert A.parse_case("125m:dpo:online")[2]["online"]
     for bad in (
         "tiny",

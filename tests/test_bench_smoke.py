@@ -154,6 +154,7 @@ def test_decode_kernels_bench(tmp_path):
     assert set(recs) == {"matmul:o:triton:b4", "matmul:o:cublas:b4", "attention:xla:b4",
                          "attention:pallas:64:4:2:b4"}  # fmt: skip
     assert all(r["us"] > 0 and r["bytes"] > 0 for r in recs.values()), recs
+    assert recs["attention:pallas:64:4:2:b4"]["max_abs_err_vs_xla"] < 1e-5  # float32 here
     assert recs["matmul:o:cublas:b4"]["shape"] == [128, 64]  # (heads · head dim, d_model)
     assert "| attention:pallas:64:4:2 | 4 |" in (tmp_path / "decode_kernels.md").read_text()
 

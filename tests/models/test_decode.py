@@ -718,6 +718,28 @@ def test_generate_option_is_checked():
                  rng=jax.random.PRNGKey(0))  # fmt: skip
 
 
+def test_auto_picks_the_kernel_on_cuda_gpus_only():
+    """`decode_attention="auto"` (the default): the kernel where it compiles to Triton (CUDA
+    GPUs), XLA's attention elsewhere — here on the CPU, and on ROCm or TPU, where the kernel
+    would run in the interpreter."""
+    from types import SimpleNamespace
+
+    from flaxlm.models.decode import resolve_decode_attention
+
+    def device(platform, version):
+        return SimpleNamespace(platform=platform, client=SimpleNamespace(platform_version=version))
+
+    assert kernel.runs_natively([device("gpu", "cuda 12080")])
+    assert not kernel.runs_natively([device("gpu", "rocm 60342")])
+    assert not kernel.runs_natively([device("tpu", "PJRT C API")])
+    assert not kernel.runs_natively()  # this machine's CPU
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+    assert resolve_decode_attention("auto") == resolve_decode_attention("auto", mesh) == "xla"
+    assert resolve_decode_attention("pallas") == "pallas"
+    with pytest.raises(ValueError, match="'auto', 'xla' or 'pallas'"):
+        resolve_decode_attention("triton")
+
+
 @pytest.mark.parametrize("shape,runs_kernel", [
     ({"data": 2, "fsdp": 2, "tensor": 1}, True),   # rows split over 4 devices
     ({"data": 2, "fsdp": 1, "tensor": 2}, False),  # heads split: the XLA path instead
