@@ -253,14 +253,15 @@ def _gate_up_kernel(x_ref, wg_ref, wu_ref, o_ref, *, block_k: int):
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
 
     M, BN = o_ref.shape
 
     def step(i, acc):
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         x = x_ref[:, ks]
-        g = acc[0] + pl.dot(x, wg_ref[ks, :]).astype(jnp.float32)
-        return g, acc[1] + pl.dot(x, wu_ref[ks, :]).astype(jnp.float32)
+        g = acc[0] + plgpu.dot(x, wg_ref[ks, :]).astype(jnp.float32)
+        return g, acc[1] + plgpu.dot(x, wu_ref[ks, :]).astype(jnp.float32)
 
     zeros = jnp.zeros((M, BN), jnp.float32)
     g, u = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, (zeros, zeros))
