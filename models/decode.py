@@ -1,4 +1,5 @@
-"""Generation: one jitted prefill plus a decode loop over a preallocated KV cache, with samplers.
+"""Generation: one jitted prefill plus a decode loop over a preallocated KV cache (samplers:
+models/sampling.py).
 
     out = generate(cfg, params, [[1, 5, 9], [1, 7]], max_new_tokens=32, rng=key, temperature=0.7)
     out.tokens (B, N) int32 · out.logprobs (B, N) float32 · out.mask (B, N) float32
@@ -90,6 +91,12 @@ from flaxlm.models import decode_attention as decode_kernel
 from flaxlm.models import stop_strings as stop_text
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode_attention import BLOCK_K
+from flaxlm.models.sampling import (  # noqa: F401  (prompt_keys, sample_logits: public here too)
+    is_key_batch,
+    prompt_keys,
+    sample_logits,
+    step_key,
+)
 from flaxlm.models.sharding import batch_divisor, batch_sharding, replicated, use_mesh
 from flaxlm.models.transformer import Transformer, fuse_projections, init_cache, unstack_layers
 
@@ -105,112 +112,12 @@ class GenerateOutput(NamedTuple):
     lengths: jax.Array  # (B,) int32 number of generated tokens (= mask.sum(-1))
 
 
-# ----------------------------------------------------------------------------------------------
-# Samplers
-
-
 # One prompt decodes as two rows (the second a copy, dropped): XLA:GPU rewrites one-row
 # matmuls of under ~10M multiply-adds (q|k|v, the o projection at the 1.1B shape) as a multiply
 # and a reduction, and for the o projection writes the whole (2048, 2048) product. Compiled for
 # the H200 (bench/gpu_aot.py), two rows run 327 kernels and move 1.97 GB per token; one row,
 # 396 kernels and 2.28 GB.
 MIN_ROWS = 2
-
-
-def filter_logits(logits_BV, temperature, *, top_k: int = 0, top_p=1.0, use_top_p: bool = False,
-                  min_p=0.0, use_min_p: bool = False):  # fmt: skip
-    """Temperature-scaled float32 logits with everything outside top-k / the top-p nucleus /
-    the min-p set at -inf.
-
-    Order as in HF: temperature, then top-k, then top-p (the nucleus of the top-k renormalised
-    distribution: the smallest set of most likely tokens whose mass reaches `top_p`), then min-p
-    (tokens whose probability in what is left is below `min_p` times the most likely one's).
-    Tokens tied with the last kept one are kept too. `top_k`, `use_top_p` and `use_min_p` are
-    static (they pick the code path); `temperature`, `top_p` and `min_p` may be traced.
-    """
-    x = logits_BV.astype(jnp.float32) / temperature
-    if use_min_p:  # p_i >= min_p·p_max  <=>  x_i >= max x + log(min_p); the argmax always stays
-        x = _top_filtered(x, top_k, use_top_p, top_p)
-        return jnp.where(x < jnp.max(x, axis=-1, keepdims=True) + jnp.log(min_p), -jnp.inf, x)
-    return _top_filtered(x, top_k, use_top_p, top_p)
-
-
-def _top_filtered(x, top_k: int, use_top_p: bool, top_p):
-    V = x.shape[-1]
-    if not (0 < top_k < V) and not use_top_p:
-        return x
-    if 0 < top_k < V:
-        vals = jax.lax.top_k(x, top_k)[0]  # (B, k) descending
-    else:
-        vals = -jnp.sort(-x, axis=-1)  # (B, V) descending
-    thresh = vals[:, -1]
-    if use_top_p:
-        probs = jax.nn.softmax(vals, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)  # (B,)
-        thresh = jnp.maximum(thresh, jnp.take_along_axis(vals, n_keep[:, None] - 1, -1)[:, 0])
-    return jnp.where(x < thresh[:, None], -jnp.inf, x)
-
-
-def is_key_batch(rng) -> bool:
-    """Whether `rng` is one key per row (a (B, 2) raw uint32 array or (B,) typed keys) rather
-    than one key."""
-    rng = rng if hasattr(rng, "dtype") else np.asarray(rng)  # arrays and abstract ones alike
-    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-    return len(rng.shape) == (1 if typed else 2)
-
-
-def prompt_keys(rng, ids) -> jax.Array:
-    """One key per prompt, `fold_in(rng, id)` for each id in `ids` (e.g. each prompt's index in
-    its dataset): pass as `generate(..., rng=...)` so a prompt's sample depends only on its id,
-    not on its row or its batch mates."""
-    ids = jnp.asarray(np.asarray(ids, np.uint32))
-    return jax.vmap(jax.random.fold_in, (None, 0))(rng, ids)
-
-
-def step_key(rng, i):
-    """The key (or per-row keys) for decode step i."""
-    if is_key_batch(rng):
-        return jax.vmap(jax.random.fold_in, (0, None))(rng, i)
-    return jax.random.fold_in(rng, i)
-
-
-def sample_logits(
-    logits_BV,
-    key,
-    temperature=1.0,
-    *,
-    top_k: int = 0,
-    top_p=1.0,
-    greedy: bool = False,
-    use_top_p: bool | None = None,
-    min_p=0.0,
-    use_min_p: bool | None = None,
-):
-    """Samples one token per row; returns (tokens (B,) int32, model logprobs (B,) float32).
-
-    `key` is one key, or one key per row (see `is_key_batch`).
-
-    `greedy` (static) takes the argmax. The logprob is the unmodified model's (temperature 1, no
-    filtering) at the chosen token — see the module docstring.
-    """
-    logits = logits_BV.astype(jnp.float32)
-    if greedy:
-        tok = jnp.argmax(logits, axis=-1)
-    else:
-        if use_top_p is None:
-            use_top_p = float(top_p) < 1.0
-        if use_min_p is None:
-            use_min_p = float(min_p) > 0.0
-        x = filter_logits(logits, temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p,
-                          min_p=min_p, use_min_p=use_min_p)  # fmt: skip
-        if is_key_batch(key):  # one key per row: each row's noise from its own key
-            tok = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, x)
-        else:
-            tok = jax.random.categorical(key, x, axis=-1)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    tok = tok.astype(jnp.int32)
-    return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from flaxlm.models import attention, decode
+from flaxlm.models import attention, decode, sampling
 from flaxlm.models import decode_attention as kernel
 from flaxlm.models.attention import apply_rope, attention_mask, cached_attention, rope_tables
 from flaxlm.models.config import ModelConfig, get_variant
-from flaxlm.models.decode import generate, generate_program, generate_text, sample_logits
+from flaxlm.models.decode import generate, generate_program, generate_text
+from flaxlm.models.sampling import sample_logits
 from flaxlm.models.sharding import logical_axis_rules, make_mesh, use_mesh
 from flaxlm.models.transformer import Transformer, forward, stack_layers
 
@@ -201,7 +202,7 @@ def test_min_p_keeps_what_hf_keeps_and_reaches_generate(model):
 
     for T, k, p, m in [(1.0, 0, 1.0, 0.1), (0.7, 10, 1.0, 0.05), (1.3, 0, 0.9, 0.2),
                        (1.0, 5, 0.8, 0.5)]:  # fmt: skip
-        got = decode.filter_logits(logits, T, top_k=k, top_p=p, use_top_p=p < 1, min_p=m,
+        got = sampling.filter_logits(logits, T, top_k=k, top_p=p, use_top_p=p < 1, min_p=m,
                                    use_min_p=True)  # fmt: skip
         want = reference(logits.astype(np.float64), T, k, p, m)
         np.testing.assert_array_equal(np.isfinite(np.asarray(got)), want, err_msg=str((T, k, p, m)))
