@@ -379,9 +379,11 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     """policy params -> {"<set>/accuracy", "/judge", "/stopped", "/response_len"
     [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts), and
     with `gen_cfg.sample_temperature` > 0 also "<set>/sampled_accuracy": `gen_cfg.samples`
-    samples per prompt at that temperature (sample k of example j with key fold_in(PRNGKey(k +
-    1), j), whatever `gen_cfg.batch`; what on-policy RL optimises). `stop_strings` (the
-    rollouts' `rollout.stop_strings`) end answers as they end rollouts."""
+    samples per prompt at that temperature (sample k of example j from fold_in(fold_in(
+    PRNGKey(1), j), k), whatever `gen_cfg.batch`; what on-policy RL optimises), each prompt
+    prefilled once for its samples (`generate(..., num_samples=)`, `gen_cfg.batch` //
+    samples prompts per call). `stop_strings` (the rollouts' `rollout.stop_strings`) end
+    answers as they end rollouts."""
     from flaxlm.alignment import sft
     from flaxlm.models.stop_strings import StopStrings
 
@@ -419,18 +421,21 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
                 jud.append(j)
             stopped += list(stop[: len(chunk)])
             lens += list(out.lengths[: len(chunk)])
-            for k in range(n_samples if temp > 0 else 0):
+            per = max(1, bs // n_samples)  # prompts per sampling call: ~bs rows
+            for s in range(0, len(chunk) if temp > 0 else 0, per):
+                part = chunk[s : s + per]
+                ids = [ex["ids"] for ex in part]
+                ids += [ids[-1]] * (per - len(ids))  # one shape: one compile
                 out = jax.device_get(generate(
-                    cfg, policy, prompts, max_new_tokens=gen_cfg.max_new_tokens,
-                    rng=prompt_keys(jax.random.PRNGKey(k + 1), range(i, i + bs)), temperature=temp,
-                    stop_tokens=template.stop_tokens, pad_id=pad_id, mesh=mesh, rules=rules,
-                    stop_strings=tables,
+                    cfg, policy, ids, max_new_tokens=gen_cfg.max_new_tokens,
+                    rng=prompt_keys(jax.random.PRNGKey(1), range(i + s, i + s + per)),
+                    temperature=temp, stop_tokens=template.stop_tokens, pad_id=pad_id,
+                    mesh=mesh, rules=rules, stop_strings=tables, num_samples=n_samples,
                 ))  # fmt: skip
                 texts, _ = decode_responses(template.tok, out.tokens, out.lengths,
                                             template.stop_tokens)  # fmt: skip
-                sampled += [
-                    sft.score(ex["meta"], t, ex["answer"])[0] for ex, t in zip(chunk, texts)
-                ]
+                sampled += [sft.score(ex["meta"], texts[r * n_samples + g], ex["answer"])[0]
+                            for r, ex in enumerate(part) for g in range(n_samples)]  # fmt: skip
         res = {"accuracy": np.mean(acc), "judge": np.mean(jud), "stopped": np.mean(stopped),
                "response_len": np.mean(lens)}  # fmt: skip
         if scores:

@@ -23,7 +23,10 @@ samples drawn, which is exactly that (no n > k estimate is made).
 
 Prompts come from prompts.encode_prompt (zero- or k-shot, plain or chat). The model is reached
 through a `GenerateFn`, `(prompt_ids, max_new_tokens[, temperature]) -> new ids per prompt`
-(temperature is passed only by sampled tasks, so a greedy stand-in needs two arguments);
+(temperature is passed only by sampled tasks, so a greedy stand-in needs two arguments; one
+that also takes `num_samples` gets a sampled task's prompts once with num_samples=k and
+returns k responses per prompt, else it gets each prompt k times; one that takes
+`stop_strings` ends responses at the task's stop strings itself);
 `make_generate_fn` builds one over `flaxlm.models.decode.generate`, and tests pass a fake to
 check the scoring path on its own.
 """
@@ -125,6 +128,11 @@ def make_generate_fn(
     PRNGKey(seed), i) (`decode.prompt_keys`): its sample depends on the seed, i and its ids, not
     on the batch size or the prompts sorted next to it.
 
+    `num_samples=k` returns k responses per prompt (prompt i's at i·k … i·k + k - 1; sample g
+    drawn from fold_in(key_i, g)), each prompt prefilled once for its k samples
+    (`generate(..., num_samples=k)`); a call then holds batch_size // k prompts (≥ 1), so
+    about batch_size rows.
+
     With `tok` the function also takes `stop_strings`: a row ends inside the decode loop once
     its text contains one (models/stop_strings.py; tables built once per set of strings), so
     a base model's answer stops at "\\n\\n" instead of running to `max_new_tokens` — the
@@ -136,7 +144,7 @@ def make_generate_fn(
 
     def fn(
         prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-        stop_strings: Sequence[str] = (),
+        stop_strings: Sequence[str] = (), num_samples: int = 1,
     ) -> list[list[int]]:  # fmt: skip
         stops = None
         if stop_strings:
@@ -146,15 +154,19 @@ def make_generate_fn(
             if key not in tables:
                 tables[key] = StopStrings.build(tok, key, vocab_size=cfg.vocab_size)
             stops = tables[key]
+        k = int(num_samples)
+        if k < 1 or (k > 1 and temperature == 0):
+            raise ValueError(f"num_samples={num_samples}: want 1, or more with temperature > 0")
+        per_call = max(1, batch_size // k)  # prompts per decoder call: ~batch_size rows
         order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-        out: list[list[int]] = [[] for _ in prompt_ids]
+        out: list[list[int]] = [[] for _ in range(len(prompt_ids) * k)]
         pos = 0
         while pos < len(order):
-            # Batches of batch_size, the tail padded to a power of two (by repeating its last
-            # prompt) so a task compiles a couple of batch shapes, not one per remainder.
-            idx = order[pos : pos + batch_size]
+            # Batches of per_call prompts, the tail padded to a power of two (by repeating its
+            # last prompt) so a task compiles a couple of batch shapes, not one per remainder.
+            idx = order[pos : pos + per_call]
             pos += len(idx)
-            fill = min(batch_size, 1 << (len(idx) - 1).bit_length()) - len(idx)
+            fill = min(per_call, 1 << (len(idx) - 1).bit_length()) - len(idx)
             ids = idx + [idx[-1]] * fill
             res = generate(
                 cfg,
@@ -166,10 +178,13 @@ def make_generate_fn(
                 stop_tokens=tuple(stop_tokens),
                 pad_id=pad_id,
                 stop_strings=stops,
+                num_samples=k,
             )
             toks, lengths = jax.device_get((res.tokens, res.lengths))
             for r, i in enumerate(idx):
-                out[i] = [int(t) for t in np.asarray(toks[r])[: int(lengths[r])]]
+                for g in range(k):  # output row r·k + g: sample g of prompt r
+                    row = r * k + g
+                    out[i * k + g] = [int(t) for t in np.asarray(toks[row])[: int(lengths[row])]]
         return out
 
     return fn
@@ -243,7 +258,11 @@ def generation(
     extra = {}
     if spec.stop and not spec.reasoning_end and _takes(generate_fn, "stop_strings"):
         extra["stop_strings"] = tuple(spec.stop)
-    if spec.temperature > 0:  # each prompt k times in a row; one decoder call for all
+    if spec.temperature > 0 and k > 1 and _takes(generate_fn, "num_samples"):
+        # k samples of each prompt, one prefill per prompt (the decoder repeats its cache)
+        outs = generate_fn(ids, spec.max_new_tokens, temperature=spec.temperature,
+                           num_samples=k, **extra)  # fmt: skip
+    elif spec.temperature > 0:  # each prompt k times in a row; one decoder call for all
         outs = generate_fn([p for p in ids for _ in range(k)], spec.max_new_tokens,
                            temperature=spec.temperature, **extra)  # fmt: skip
     else:
