@@ -62,6 +62,8 @@ GENERATE_OPTIONS = {
     "pallas": {"decode_attention": "pallas"},
     # XLA's attention over the whole cache (the default, "auto", is the kernel on CUDA GPUs)
     "xla": {"decode_attention": "xla"},
+    # each step's MLP silu(gate)·up as one Pallas kernel (models/decode_mlp.py), a candidate
+    "mlp": {"decode_mlp": "pallas"},
     # a stop string no token ever completes (models/stop_strings.py): the loop of "while" plus
     # the automaton's per-step gather, for its cost
     "strings": {"stop_tokens": (-1,), "stop_strings": "never"},

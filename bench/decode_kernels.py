@@ -27,11 +27,11 @@ Pieces (TinyLlama-1.1B shape, bf16; batch 64 and 1):
   gate_up:xla           the MLP's first half as `layers.MLP` decodes: silu(x·W_gate) ⊙ x·W_up,
                         which XLA compiles to a merged (split-K) gemm and a multiply fusion
                         that also sums the split-K partials — two kernels per layer
-  gate_up:pallas:BN:BK:W:S   a candidate for the same as one Pallas (Triton) kernel
-                        (`gate_up_silu` below: each program streams a BN-column block of both
-                        weights over K in BK-row steps, S stages in flight, and writes
-                        silu(g) ⊙ u): no float32 partials, one kernel. Not used by `generate`:
-                        measured here first, against gate_up:xla.
+  gate_up:pallas:BN:BK:W:S   the same as one Pallas (Triton) kernel (models/decode_mlp.py:
+                        each program streams a BN-column block of both weights over K in
+                        BK-row steps, S stages in flight, and writes silu(g) ⊙ u): no float32
+                        partials, one kernel. `generate(..., decode_mlp="pallas")` uses it
+                        (not the default): measured here first, against gate_up:xla.
 
 Timing: each program is called over rotating copies of its weights or caches (together at
 least 4× the H200's 50 MB L2, so every call reads HBM, as a decode step does), the calls traced
@@ -247,64 +247,6 @@ def run_attention(cfg, variant, batch: int, slots: int, filled: int, calls: int,
                    max_abs_err_vs_xla=err)  # fmt: skip
 
 
-def _gate_up_kernel(x_ref, wg_ref, wu_ref, o_ref, *, block_k: int):
-    """One block of BN output columns: x (M, K) against the columns' (K, BN) slices of W_gate
-    and W_up, float32 accumulators, silu(g) ⊙ u stored in the output dtype."""
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    M, BN = o_ref.shape
-
-    def step(i, acc):
-        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
-        x = x_ref[:, ks]
-        g = acc[0] + plgpu.dot(x, wg_ref[ks, :]).astype(jnp.float32)
-        return g, acc[1] + plgpu.dot(x, wu_ref[ks, :]).astype(jnp.float32)
-
-    zeros = jnp.zeros((M, BN), jnp.float32)
-    g, u = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, (zeros, zeros))
-    o_ref[...] = (jax.nn.silu(g) * u).astype(o_ref.dtype)
-
-
-def gate_up_silu(x_BK, wg_KN, wu_KN, *, block_n=64, block_k=128, num_warps=4, num_stages=3):
-    """silu(x·W_gate) ⊙ x·W_up as one Pallas kernel (Triton on CUDA GPUs, the interpreter
-    elsewhere): grid over N / block_n column blocks; rows padded to a power of two ≥ 16 (the
-    tensor-core dot's minimum) and cut back."""
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    B, K = x_BK.shape
-    N = wg_KN.shape[1]
-    if K % block_k or N % block_n:
-        raise ValueError(f"gate_up_silu: K={K}, N={N} must be multiples of {block_k}, {block_n}")
-    M = max(16, pl.next_power_of_2(B))
-    x = jnp.pad(x_BK, ((0, M - B), (0, 0)))
-    cols = pl.BlockSpec((K, block_n), lambda j: (0, j))
-
-    def call(x, wg, wu, interpret):
-        return pl.pallas_call(
-            functools.partial(_gate_up_kernel, block_k=block_k),
-            grid=(N // block_n,),
-            in_specs=[pl.BlockSpec((M, K), lambda j: (0, 0)), cols, cols],
-            out_specs=pl.BlockSpec((M, block_n), lambda j: (0, j)),
-            out_shape=jax.ShapeDtypeStruct((M, N), x_BK.dtype),
-            compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-            interpret=interpret,
-            name="gate_up_silu",
-        )(x, wg, wu)
-
-    out = jax.lax.platform_dependent(
-        x, wg_KN, wu_KN,
-        cuda=functools.partial(call, interpret=False),
-        default=functools.partial(call, interpret=True),
-    )  # fmt: skip
-    return out[:B]
-
-
 def gate_up_xla(x_BK, wg_KN, wu_KN):
     """The MLP's first half as `layers.MLP` computes it when decoding (separate bf16 kernels;
     XLA's dot merger joins the two matmuls)."""
@@ -316,6 +258,8 @@ def gate_up_xla(x_BK, wg_KN, wu_KN):
 def run_gate_up(cfg, variant, batch: int, calls: int, tiny: bool) -> dict:
     import jax
     import jax.numpy as jnp
+
+    from flaxlm.models import decode_mlp
 
     K, F = cfg.d_model, cfg.d_ff
     dt = jnp.dtype(cfg.dtype)
@@ -329,7 +273,8 @@ def run_gate_up(cfg, variant, batch: int, calls: int, tiny: bool) -> dict:
         fn, piece = jax.jit(gate_up_xla), "gate_up:xla"
     else:
         bn, bk, warps, stages = variant
-        fn = jax.jit(functools.partial(gate_up_silu, block_n=bn, block_k=bk, num_warps=warps,
+        fn = jax.jit(functools.partial(decode_mlp.gate_up_silu, block_n=bn, block_k=bk,
+                                       num_warps=warps,
                                        num_stages=stages))  # fmt: skip
         piece = "gate_up:pallas:" + ":".join(map(str, variant))
     want = jax.jit(gate_up_xla)(x, *ws[0]).astype(jnp.float32)

@@ -47,6 +47,9 @@ GPU_CASES = [
     # blocks 64/128/256, 4/8 warps, 1-3 stages, and the XLA attention: what to change, in one
     # case.
     ("decode kernels", 150, ["decode_kernels"]),
+    # The whole decode with the candidate gate|up + SiLU kernel (models/decode_mlp.py) in every
+    # layer: 220 kernels per step in the H200 compile instead of 242, no split-K partials.
+    ("decode 1b flaxlm b64 mlp", 60, ["decode", "--cases", "1b:flax:b64:mlp"]),
     # cuBLAS for every matmul, with the kernel. With the projections concatenated once per
     # call (":fused"): without, the H200 compile concatenates q|k|v and gate|up weights
     # inside the loop, 2.4 GiB more traffic per token (XLA's dot merger feeding cuBLAS).

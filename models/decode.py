@@ -67,9 +67,9 @@ harness and SFT/RL's generation evals keep the last tokens).
 
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
 min_p>0?, any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules, fused?,
-check_every, decode_attention, window_cache, num_samples, stop strings? (their count rounded up
-to a power of two and their states to 8)). Temperature, top_p, min_p, the stop-token ids, the
-stop strings' tables, pad id and the RNG are traced: changing them does not recompile.
+check_every, decode_attention, decode_mlp, window_cache, num_samples, stop strings? (their count
+rounded up to a power of two and their states to 8)). Temperature, top_p, min_p, the stop-token
+ids, the stop strings' tables, pad id and the RNG are traced: changing them does not recompile.
 Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
 copies of row 0 and cut back), params stay in their training shardings.
 """
@@ -164,6 +164,7 @@ def _decode_fn(
     window: bool = True,
     samples: int = 1,
     rows: int = 0,
+    mlp: str = "xla",
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
 
@@ -184,7 +185,8 @@ def _decode_fn(
     """
     sharded = mesh is not None
     dcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
-    model = Transformer(dcfg, fused_projections=fused, decode_attention=attention)
+    model = Transformer(dcfg, fused_projections=fused, decode_attention=attention,
+                        decode_mlp=mlp)  # fmt: skip
 
     def run(params, tokens_BP, lengths_B, rng, temperature, top_p, min_p, stop_ids, pad_id,
             strings=None):  # fmt: skip
@@ -370,6 +372,7 @@ def generate(
     window_cache: bool = True,
     num_samples: int = 1,
     stop_strings: stop_text.StopStrings | None = None,
+    decode_mlp: str = "xla",
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -406,6 +409,9 @@ def generate(
         jax's devices), where it measured faster (bench/RESULTS.md, 2026-11-30 lease: 8% at
         batch 64, 1% at batch 1), "xla" elsewhere. Under a mesh the kernel runs per device
         on the local rows; with heads split over a tensor axis the XLA path runs instead.
+      decode_mlp: "pallas": each decode step's MLP silu(gate)·up as one Pallas kernel
+        (models/decode_mlp.py; a candidate measured by bench/decode_kernels.py, not yet a
+        default; without a mesh, or one whose axes are all of size 1); "xla" (the default).
       window_cache: sliding-window layers keep a ring of `cfg.sliding_window` slots instead of
         the whole prompt + N (`transformer.init_cache(..., rings=True)`) when that is fewer:
         the same tokens, less memory, and those layers' steps read W slots (with
@@ -502,6 +508,7 @@ def _program(
     decode_attention,
     window_cache,
     num_samples,
+    decode_mlp,
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, output rows asked for
     (prompts × num_samples), rows the decode loop runs) of a generate call (every option as
@@ -520,6 +527,8 @@ def _program(
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
         raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
     decode_attention = resolve_decode_attention(decode_attention, mesh)
+    if decode_mlp not in ("xla", "pallas"):
+        raise ValueError(f"generate: decode_mlp must be 'xla' or 'pallas', got {decode_mlp!r}")
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, cfg.vocab_size)
     B = tokens.shape[0]
     longest = int(lengths.max()) + int(max_new_tokens)
@@ -564,6 +573,7 @@ def _program(
         bool(window_cache),
         G,
         loop_rows if G > 1 else 0,
+        decode_mlp,
     )
     rest = (
         jnp.asarray(1.0 if greedy else temperature, jnp.float32),

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from flaxlm.models import decode_mlp
 from flaxlm.models.config import ModelConfig
 
 
@@ -178,13 +179,26 @@ class MLP(nn.Module):
     (bench/RESULTS.md). Without a cast (bf16 params; decoding) stacking would be an extra copy,
     so the kernels stay apart there (XLA's dot merger joins the forward matmuls itself when it
     pays); `join_projections=False` keeps them apart always.
+
+    `decode_kernel="pallas"` computes a decode step's silu(gate)·up with one Pallas kernel
+    (models/decode_mlp.py) from the same "gate" and "up" kernels (`generate(...,
+    decode_mlp="pallas")`); other calls, and meshes with an axis of size > 1, keep XLA's.
     """
 
     cfg: ModelConfig
     fused: bool = False
+    decode_kernel: str = "xla"  # "pallas": one-token steps' silu(gate)·up as one kernel
 
     @nn.compact
     def __call__(self, x):
+        cfg = self.cfg
+        h = self._kernel_gate_up(x) if self._runs_kernel(x) else self._gate_up(x)
+        h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
+        return Proj(
+            (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down", remat_name="mlp_out"
+        )(h)
+
+    def _gate_up(self, x):
         cfg = self.cfg
         shape, axes = (cfg.d_model, cfg.d_ff), ("embed", "mlp")
         if self.fused:
@@ -199,8 +213,25 @@ class MLP(nn.Module):
             gate = Proj(shape, axes, cfg, name="gate", remat_name="mlp_in")(x)
             up = Proj(shape, axes, cfg, name="up", remat_name="mlp_in")(x)
         act = nn.silu if cfg.mlp_activation == "silu" else nn.gelu
-        h = act(gate) * up
-        h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
-        return Proj(
-            (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down", remat_name="mlp_out"
-        )(h)
+        return act(gate) * up
+
+    def _kernel_gate_up(self, x):
+        """silu(gate)·up of a decode step as one kernel (models/decode_mlp.py), reading the
+        same "gate" and "up" kernels."""
+        cfg = self.cfg
+        shape, axes = (cfg.d_model, cfg.d_ff), ("embed", "mlp")
+        gate_w, up_w = (ProjWeights(shape, axes, cfg, name=n)()[0] for n in ("gate", "up"))
+        B, T, D = x.shape
+        h = decode_mlp.gate_up_silu(x.reshape(B * T, D).astype(cfg.compute_dtype), gate_w, up_w)
+        return h.reshape(B, T, cfg.d_ff)
+
+    def _runs_kernel(self, x) -> bool:
+        """The kernel applies to one-token steps (decoding; prefill and training keep XLA's)
+        of a SwiGLU MLP with separate gate and up kernels, whole tiles, and no mesh axis of
+        size > 1 (a custom call is not partitioned: split rows or weights keep XLA's)."""
+        cfg = self.cfg
+        mesh = jax.sharding.get_abstract_mesh()
+        return (self.decode_kernel == "pallas" and x.ndim == 3 and x.shape[1] == 1
+                and not self.fused and cfg.mlp_activation == "silu"
+                and decode_mlp.supports(cfg.d_model, cfg.d_ff)
+                and (mesh.empty or all(n == 1 for n in mesh.shape.values())))  # fmt: skip

@@ -52,6 +52,7 @@ class Block(nn.Module):
     fused: bool = False  # fused q|k|v and gate|up kernels (see `fuse_projections`)
     decode_attention: str = "xla"  # one-token cache attention: xla | pallas (see Attention)
     kind: tuple = ()
+    decode_mlp: str = "xla"  # one-token steps' silu(gate)·up: xla | pallas (see MLP)
 
     @nn.compact
     def __call__(self, x, ctx, layer_cache=None, kind=None):
@@ -59,7 +60,7 @@ class Block(nn.Module):
         x = nn.with_logical_constraint(x, ACT)
         ctx = layer_context(cfg, ctx, dict(self.kind) if kind is None else kind)
         attn = Attention(cfg, self.fused, self.decode_attention, name="attn")
-        mlp = MLP(cfg, self.fused, name="mlp")
+        mlp = MLP(cfg, self.fused, self.decode_mlp, name="mlp")
         attn_norm, mlp_norm = RMSNorm(cfg, name="attn_norm"), RMSNorm(cfg, name="mlp_norm")
         if cfg.norm_placement == "post":
             a, layer_cache = attn(x, ctx, layer_cache)
@@ -98,11 +99,13 @@ class Transformer(nn.Module):
     (one q|k|v and one gate|up kernel per layer), which decoding uses: fewer, larger matmuls
     per generated token. Checkpoints, HF interop and training use the unfused layout.
     `decode_attention` picks the kernel of one-token steps over a cache ("xla" or "pallas",
-    models/decode_attention.py); it changes no parameter."""
+    models/decode_attention.py), `decode_mlp` that of their MLP's silu(gate)·up ("xla" or
+    "pallas", models/decode_mlp.py); neither changes a parameter."""
 
     cfg: ModelConfig
     fused_projections: bool = False
     decode_attention: str = "xla"
+    decode_mlp: str = "xla"
 
     def setup(self):
         cfg = self.cfg
@@ -117,7 +120,7 @@ class Transformer(nn.Module):
                 in_axes=(nn.broadcast, 0, 0),  # ctx, the layer's cache, its kind
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, fused, self.decode_attention, name="layers")
+            )(cfg, fused, self.decode_attention, decode_mlp=self.decode_mlp, name="layers")
         else:
             self.layers = [
                 block(
@@ -125,6 +128,7 @@ class Transformer(nn.Module):
                     fused,
                     self.decode_attention,
                     kind=tuple(cfg.layer_kind(i).items()),
+                    decode_mlp=self.decode_mlp,
                     name=f"layers_{i}",
                 )  # fmt: skip
                 for i in range(cfg.n_layers)

@@ -1,0 +1,104 @@
+"""A decode step's gated-MLP first half, silu(x·W_gate) ⊙ x·W_up, as one Pallas (Triton) kernel.
+
+Why: the 2026-11-30 H200 profile of a batch-64 decode step (bench/RESULTS.md) found the GPU busy
+98% of the time and the matmul fusions taking 61% of it. XLA compiles this half of each layer's
+MLP to two kernels — a merged gate|up gemm that writes split-K float32 partials, and a fusion
+that sums them and applies silu(g)·u — with the fixed cost of a kernel paid twice and the
+partials written and read back. This kernel streams both weights once and writes the bf16
+product: each program owns `block_n` output columns, loads their (K, block_n) slices of
+W_gate and W_up in `block_k`-row steps (`num_stages` steps in flight), accumulates both
+products in float32 registers and stores silu(g)·u. The rows (the decode batch, read as a
+block of a power of two ≥ 16 rows, the tensor-core dot's minimum, the rows past the batch
+masked) are read whole by every program, from L2.
+
+Whether it beats XLA's pair on the H200 is measured, not assumed: bench/decode_kernels.py
+times it alone over tilings against XLA's pair (`gate_up:*` pieces), and bench/decode.py's
+`:mlp` option decodes with it (`generate(..., decode_mlp="pallas")`); until then `generate`
+keeps XLA's ("xla", the default). Numerics: float32 accumulation and activation, one rounding
+to the compute dtype at the end — XLA rounds g and u to bf16 first, so bf16 results differ in
+the last bit (float32 models agree to ~1e-6: tests/models/test_decode_mlp.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Default tiling: 176 programs for the 1.1B shape's 5632 columns (more than the H200's 132
+# SMs), 96 KiB of shared memory each (two fit an SM). bench/decode_kernels.py times others.
+BLOCK_N = 32
+BLOCK_K = 128
+NUM_WARPS = 4
+NUM_STAGES = 3
+MIN_DOT_ROWS = 16
+
+
+def supports(d_model: int, d_ff: int, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> bool:
+    """Whether the kernel tiles these dims: whole column and row blocks."""
+    return d_ff % block_n == 0 and d_model % block_k == 0
+
+
+def _kernel(x_ref, wg_ref, wu_ref, o_ref, *, block_k: int, rows: int):
+    """One block of output columns: x (M, K) against the block's (K, BN) slices of W_gate and
+    W_up, float32 accumulators, silu(g)·u stored in the output dtype. Only the first `rows`
+    rows are real: on GPUs the block runs past the array's rows, so loads and stores are
+    masked there (Triton reads no memory for a masked element; the rows beyond are zeros)."""
+    M, BN = o_ref.shape
+    real = (jnp.arange(M) < rows)[:, None]
+
+    def step(i, acc):
+        ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
+        x = plgpu.load(x_ref.at[:, ks], mask=real, other=0.0)
+        g = acc[0] + plgpu.dot(x, wg_ref[ks, :]).astype(jnp.float32)
+        return g, acc[1] + plgpu.dot(x, wu_ref[ks, :]).astype(jnp.float32)
+
+    zeros = jnp.zeros((M, BN), jnp.float32)
+    g, u = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, (zeros, zeros))
+    out = (jax.nn.silu(g) * u).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[:, :], out, mask=real)
+
+
+def _call(x, wg, wu, *, interpret: bool, block_n: int, block_k: int, num_warps: int,
+          num_stages: int):  # fmt: skip
+    B, K = x.shape
+    N = wg.shape[1]
+    M = max(MIN_DOT_ROWS, pl.next_power_of_2(B))
+    if interpret:  # the interpreter clamps a block that runs past the array where Triton
+        # reads through the masks: rows of zeros make both see the same
+        x = jnp.pad(x, ((0, M - B), (0, 0)))
+    cols = pl.BlockSpec((K, block_n), lambda j: (0, j))
+    out = pl.pallas_call(
+        functools.partial(_kernel, block_k=block_k, rows=B),
+        grid=(N // block_n,),
+        in_specs=[pl.BlockSpec((M, K), lambda j: (0, 0)), cols, cols],
+        out_specs=pl.BlockSpec((M, block_n), lambda j: (0, j)),
+        out_shape=jax.ShapeDtypeStruct((x.shape[0], N), x.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gate_up_silu",
+    )(x, wg, wu)
+    return out[:B]
+
+
+def gate_up_silu(x_BD, wg_DF, wu_DF, *, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
+                 num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):  # fmt: skip
+    """silu(x·W_gate) ⊙ x·W_up for x (B, D), weights (D, F), in x's dtype: Triton on CUDA GPUs,
+    Pallas' interpreter elsewhere (right, but slow: for tests)."""
+    B, D = x_BD.shape
+    F = wg_DF.shape[1]
+    if not supports(D, F, block_n, block_k) or wu_DF.shape != wg_DF.shape or wg_DF.shape[0] != D:
+        raise ValueError(f"gate_up_silu: x {x_BD.shape}, weights {wg_DF.shape} and "
+                         f"{wu_DF.shape}; D a multiple of {block_k}, F of {block_n}")  # fmt: skip
+    x = x_BD
+    wg, wu = (w.astype(x.dtype) for w in (wg_DF, wu_DF))
+    options = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+    out = jax.lax.platform_dependent(
+        x, wg, wu,
+        cuda=functools.partial(_call, interpret=False, **options),
+        default=functools.partial(_call, interpret=True, **options),
+    )  # fmt: skip
+    return out
