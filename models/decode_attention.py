@@ -289,7 +289,13 @@ def runs_natively(devices=None) -> bool:
     """Whether the kernel compiles to Triton for these devices (default: jax's): CUDA GPUs.
     Elsewhere (CPU, TPU, ROCm) it would run in Pallas' interpreter — right, but slow."""
     device = (devices if devices is not None else jax.devices())[0]
-    return device.platform == "gpu" and "cuda" in device.client.platform_version.lower()
+    if device.platform != "gpu":
+        return False
+    # jax names both CUDA and ROCm GPUs "gpu"; the client's platform version tells them apart
+    # ("cuda 12080", "rocm 60342"). Read defensively: a runtime that does not say is taken
+    # for CUDA, the one jax's GPU wheels target.
+    version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
+    return "rocm" not in version
 
 
 def mesh_supports() -> bool:

@@ -731,6 +731,7 @@ def test_auto_picks_the_kernel_on_cuda_gpus_only():
         return SimpleNamespace(platform=platform, client=SimpleNamespace(platform_version=version))
 
     assert kernel.runs_natively([device("gpu", "cuda 12080")])
+    assert kernel.runs_natively([SimpleNamespace(platform="gpu")])  # a runtime that does not say
     assert not kernel.runs_natively([device("gpu", "rocm 60342")])
     assert not kernel.runs_natively([device("tpu", "PJRT C API")])
     assert not kernel.runs_natively()  # this machine's CPU
