@@ -12,8 +12,7 @@ from flaxlm.models import decode_mlp
 from flaxlm.models.decode import generate
 from flaxlm.models.decode_attention import lowering_target
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
-
-from .test_decode import PROMPTS, _model
+from tests.models.test_decode import PROMPTS, _model
 
 
 @pytest.mark.parametrize("B,D,F,block_n,block_k", [
