@@ -15,9 +15,14 @@ def work(tmp_path_factory):
     return str(tmp_path_factory.mktemp("align_bench"))
 
 
+# The PPO case checks "all stopped" every 4 tokens (`c4`, the blocked stop checks); every token
+# (the default) is the rollout loop test_ppo.py trains with. One PPO case serves every test here.
+PPO = "tiny:ppo:c4"
+
+
 @pytest.fixture(scope="module")
 def records(work):
-    return {c: A.run_case(c, work, steps=2, iters=1) for c in ("tiny:dpo", "tiny:ppo")}
+    return {c: A.run_case(c, work, steps=2, iters=1) for c in ("tiny:dpo", PPO)}
 
 
 def test_dpo_record(records):
@@ -34,7 +39,7 @@ def test_dpo_record(records):
 
 
 def test_ppo_record_time_split(records):
-    r = records["tiny:ppo"]
+    r = records[PPO]
     assert r["algo"] == "ppo"
     for k in ("gen_s", "score_s", "train_s"):
         assert r[k] > 0, k
@@ -54,9 +59,9 @@ def test_ppo_record_time_split(records):
     assert r["warmup_iter_s"] > r["iteration_s"]  # iteration 0 compiled, and is left out
 
 
-def test_ppo_blocked_stop_checks(work):
+def test_ppo_blocked_stop_checks(records):
     """`cN`: rollouts test "all stopped" every N tokens (the stop-token loop PPO runs)."""
-    r = A.run_case("tiny:ppo:c4", work, steps=2, iters=1)
+    r = records[PPO]
     assert r["check_every"] == 4 and r["gen_s"] > 0
     assert 0 < r["response_len"] <= r["max_new_tokens"]
 
@@ -65,8 +70,8 @@ def test_table_and_case_parsing(records):
     md = A.table([*records.values(), {"case": "1b:ppo", "error": "RuntimeError: boom"}])
     lines = md.splitlines()
     assert len(lines) == 2 + 3
-    assert lines[2].startswith("| tiny:dpo |") and lines[3].startswith("| tiny:ppo |")
-    assert f"{records['tiny:ppo']['gen_share']:.1%}" in lines[3]
+    assert lines[2].startswith("| tiny:dpo |") and lines[3].startswith(f"| {PPO} |")
+    assert f"{records[PPO]['gen_share']:.1%}" in lines[3]
     assert "failed: RuntimeError: boom" in lines[4]
     want = {"online": False, "new": 64, "attention": "xla", "check_every": 8,
             "decode_attention": "auto", "flags": ["cmdbuf"]}  # fmt: skip

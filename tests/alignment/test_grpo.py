@@ -283,15 +283,25 @@ def test_rollouts_end_at_stop_strings(runs, cache_dir):
         grpo.build_task(c, mesh, None, rewards=[("one", lambda m, t: 1.0, 1.0)])
 
 
-def test_grpo_trains_in_the_loop(runs, cache_dir, tmp_path):
+@pytest.fixture(scope="module")
+def straight_run(runs, cache_dir, tmp_path_factory):
+    """(config, workdir, final state, summary) of an uninterrupted GRPO run from the SFT run:
+    the run test_grpo_trains_in_the_loop reads, and the one the SIGTERM test's resumed run
+    must end equal to (one run for both: each costs a rollout and a training compile)."""
     sft, _ = runs
     c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
         "batch_size": 8, "rollout.batch": 16, "grpo.group_size": 4, "seq_len": 48,
         "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6, "opt.lr": 1e-3,
-        "grpo.rewards": "format,judge:0.5",
+        "grpo.rewards": "format,judge:0.5", "async_ckpt": False,
     })  # fmt: skip
-    state, summary = grpo.run(c, str(tmp_path))
-    recs = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+    workdir = str(tmp_path_factory.mktemp("grpo_straight"))
+    state, summary = grpo.run(c, workdir)
+    return c, workdir, state, summary
+
+
+def test_grpo_trains_in_the_loop(straight_run):
+    _, workdir, state, summary = straight_run
+    recs = [r for r in read_metrics(workdir) if "loss" in r]
     last = recs[-1]
     keys = ("pg_loss", "kl", "clipfrac", "entropy", "rollout/reward_mean", "rollout/r_format",
             "rollout/r_judge", "rollout/flat_groups", "rollout/kl", "rollout/gen_s")  # fmt: skip
@@ -302,18 +312,12 @@ def test_grpo_trains_in_the_loop(runs, cache_dir, tmp_path):
     assert jax.tree.leaves(state.params)[0].ndim >= 1
 
 
-def test_sigterm_inside_a_rollout_resumes_bit_for_bit(runs, cache_dir, tmp_path, monkeypatch):
+def test_sigterm_inside_a_rollout_resumes_bit_for_bit(straight_run, tmp_path, monkeypatch):
     """SIGTERM after the first of a rollout's two minibatches: the loop trains the second, saves
     at the rollout boundary and stops; the resumed run ends with the uninterrupted run's params."""
     import signal
 
-    sft, _ = runs
-    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
-        "batch_size": 8, "rollout.batch": 16, "grpo.group_size": 4, "seq_len": 48,
-        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6, "opt.lr": 1e-3,
-        "grpo.rewards": "format", "async_ckpt": False,
-    })  # fmt: skip
-    straight, _ = grpo.run(c, str(tmp_path / "straight"))
+    c, _, straight, _ = straight_run
     fired = []
     next_batch = rl_rollout.RolloutSource.__next__
 

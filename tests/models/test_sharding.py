@@ -1,5 +1,7 @@
 """Meshes, rule presets, and identical training results across mesh shapes."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -57,8 +59,15 @@ def _train(mesh_shape, preset, n_steps=3, devices=None, dtype="float32"):
     return losses, jax.device_get(state.params)
 
 
+@functools.cache
+def _one_device(dtype):
+    """(losses, params) of the one-device reference run in `dtype`, trained once for every test
+    that compares a mesh with it."""
+    return _train({"data": 1}, "dp", devices=jax.devices()[:1], dtype=dtype)
+
+
 def test_same_training_on_one_device_and_on_a_2x2x2_mesh():
-    one_loss, one_params = _train({"data": 1}, "dp", devices=jax.devices()[:1])
+    one_loss, one_params = _one_device("float32")
     mesh_loss, mesh_params = _train({"data": 2, "fsdp": 2, "tensor": 2}, "fsdp_tp")
     np.testing.assert_allclose(mesh_loss, one_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(one_params), jax.tree.leaves(mesh_params)):
@@ -73,7 +82,7 @@ def test_bf16_compute_trains_alike_on_one_device_and_on_a_mesh(mesh_shape, prese
     """bf16 compute, fp32 masters: the weight cast joins q|k|v and gate|up (not q|k|v where
     heads are split over `tensor`: joining would move data) — the same training on one
     device and on a mesh, up to bf16 rounding."""
-    one_loss, one_params = _train({"data": 1}, "dp", devices=jax.devices()[:1], dtype="bfloat16")
+    one_loss, one_params = _one_device("bfloat16")
     mesh_loss, mesh_params = _train(mesh_shape, preset, dtype="bfloat16")
     np.testing.assert_allclose(mesh_loss, one_loss, rtol=2e-3)
     # Adam's normalised steps turn bf16 rounding of near-zero gradients into whole-lr moves
