@@ -18,8 +18,11 @@ $(STAMP): setup.py pyproject.toml
 demo: $(STAMP)
 	$(PY) -m flaxlm.demo --workdir runs/demo
 
+# Two test processes (pytest-xdist), a file's tests in one of them (module fixtures built once):
+# the suite is mostly single-threaded tracing and compiling. TEST_WORKERS=0 runs it in-process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -136,10 +136,11 @@ WORDS = "the river runs past old mill into green valley where farmers grow wheat
 @pytest.fixture(scope="module")
 def uneven_corpus(tmp_path_factory):
     """Even documents long, odd ones short: with data.shuffle=False process 0 (even) packs about
-    twice the batches process 1 (odd) does."""
+    twice the batches process 1 (odd) does (13 and 7; one process alone, 10). Few batches: on two
+    processes each step waits on cross-process collectives."""
     root = tmp_path_factory.mktemp("uneven")
     rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, 30 if i % 2 == 0 else 12)) + f" {i}." for i in range(1200)]
+    docs = [" ".join(rng.choice(WORDS, 30 if i % 2 == 0 else 12)) + f" {i}." for i in range(720)]
     path = root / "c.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tok = str(root / "tok.model")
