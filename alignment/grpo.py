@@ -35,7 +35,7 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      `importance="sequence"` replaces ρ by the response's length-normalised sequence ratio
      s_i = exp(1/|o_i| Σ_t log π/π_old) for all its tokens (GSPO, Zheng et al. 2025);
      `overlong_buffer` adds DAPO's soft overlong punishment to the reward
-     (`overlong_penalty`).
+     (`overlong_penalty`); `dynamic_sampling` = N > 0 is DAPO's dynamic sampling (below).
 
 Temperature: π, π_old and π_ref (so ρ, KL_t and the entropy metric) are all softmax(logits / T)
 at the sampling temperature T = `rollout.temperature` (T = 0, greedy: 1), TRL's convention
@@ -46,8 +46,17 @@ of π) an estimate of the KL between the distributions sampled and regularised; 
 logits would optimise neither policy consistently when T ≠ 1 (alignment/rl_rollout.py).
 
 Groups whose valid rewards are all equal carry no signal (A = 0), counted as
-`rollout/flat_groups`. The bad-input policy (a reward function that raises or returns NaN, empty
-responses, over-long prompts) is rl_rollout's: the sample is skipped with a count; a rollout
+`rollout/flat_groups`. As training goes on, more groups are all right (or all wrong) and the
+batch shrinks in effect. `grpo.dynamic_sampling` = N (DAPO, Yu et al. 2025) sets such groups
+aside (also groups with fewer than two valid samples) and makes up to N more decoder calls per
+rollout on the next prompts until `rollout.batch / group_size` groups with signal are found; if
+the calls run out, set-aside groups fill the rest. The batch keeps its shape; the prompt cursor
+moves past every prompt drawn (a resumed run draws the same ones). Metrics
+`rollout/sample_calls` (decoder calls) and `rollout/drawn_without_signal` (share of the drawn
+groups set aside); `rollout/gen_s` is all calls' time.
+
+The bad-input policy (a reward function that raises or returns NaN, empty responses, over-long
+prompts) is rl_rollout's: the sample is skipped with a count; a rollout
 with no valid sample raises.
 
 Metrics: `rollout/reward_mean|std`, `rollout/accuracy` (the world's exact match, when prompts
@@ -285,6 +294,36 @@ def grpo_loss_fn(apply, g, temperature: float = 1.0):
 # Rollouts
 
 
+def group_reward_range(reward, valid, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) valid reward of each group of G consecutive samples: lo == hi is a flat
+    group (equal rewards), lo < hi one with signal; no valid sample gives (inf, -inf). Compared
+    exactly, not as std == 0: the std of equal values like −0.1 (0 − nonstop_penalty) is ~1e-17
+    at some group sizes."""
+    lo = np.where(valid, reward, np.inf).reshape(-1, G).min(1)
+    return lo, np.where(valid, reward, -np.inf).reshape(-1, G).max(1)
+
+
+def take_samples(calls: list[dict], idx: list[int]) -> dict:
+    """The samples at `idx` of several equal-sized `_judged` results taken as one (sample j of
+    call q is index q·size + j): per-sample arrays and lists (also inside dicts: "rows",
+    "parts") indexed, decoder seconds "gen_s" summed."""
+    out = {}
+    for key, first in calls[0].items():
+        values = [c[key] for c in calls]
+        if key == "gen_s":
+            out[key] = sum(values)
+        elif isinstance(first, dict):
+            out[key] = take_samples(values, idx)
+        elif first is None:
+            out[key] = None
+        elif isinstance(first, list):
+            every = [x for v in values for x in v]
+            out[key] = [every[i] for i in idx]
+        else:
+            out[key] = np.concatenate(values)[idx]
+    return out
+
+
 class GRPOSource(RolloutSource):
     """Groups of samples per prompt, rewarded by Python functions."""
 
@@ -300,6 +339,13 @@ class GRPOSource(RolloutSource):
             raise ValueError(f"grpo.importance={g.importance!r}; expected token | sequence")
         if not g.get("clip_high", 0.0) >= 0:
             raise ValueError(f"grpo.clip_high={g.clip_high} must be >= 0 (0 = grpo.clip)")
+        if not (
+            isinstance(g.get("dynamic_sampling", 0), int) and g.get("dynamic_sampling", 0) >= 0
+        ):
+            raise ValueError(
+                f"grpo.dynamic_sampling={g.dynamic_sampling!r}: the most extra decoder calls per "
+                "rollout, an integer >= 0 (0 = off)"
+            )
         if not 0 <= g.get("overlong_buffer", 0) <= config.rollout.max_new_tokens:
             raise ValueError(
                 f"grpo.overlong_buffer={g.overlong_buffer} must be in "
@@ -314,27 +360,53 @@ class GRPOSource(RolloutSource):
 
         self._score = jax.jit(score)
 
-    def make_rollout(self, params, rng):
+    def _judged(self, s: dict) -> dict:
+        """A `sample` result with its rewards: "reward", "valid", "errors", "answers" (what the
+        functions judged), "unfinished", "reasonings" and "parts" (each function's values)."""
         r, g = self.config.rollout, self.config.grpo
-        G = g.group_size
-        s = self.sample(params, self.cursor.take(r.batch // G), rng, num_samples=G)
-        t0 = time.perf_counter()
-        texts, reasonings, unfinished = s["texts"], None, np.zeros(r.batch, bool)
+        n = len(s["texts"])
+        answers, reasonings, unfinished = s["texts"], None, np.zeros(n, bool)
         marker = g.get("reasoning_end", "")
         if marker:  # rewards judge the answer after the reasoning
-            split = [split_reasoning(t, marker) for t in texts]
-            reasonings, texts, unfinished = (list(x) for x in zip(*split))
+            split = [split_reasoning(t, marker) for t in answers]
+            reasonings, answers, unfinished = (list(x) for x in zip(*split))
             unfinished = np.asarray(unfinished, bool)
-        reward, valid, errors, parts = np.zeros(r.batch, np.float32), np.ones(r.batch, bool), [], {}
+        reward, valid, errors, parts = np.zeros(n, np.float32), np.ones(n, bool), [], {}
         for name, fn, w in self.rewards:  # each function once per sample
-            vals, ok, errs = call_reward_fns([fn], [1.0], s["metas"], texts, s["messages"],
+            vals, ok, errs = call_reward_fns([fn], [1.0], s["metas"], answers, s["messages"],
                                              reasonings)  # fmt: skip
             reward, valid, errors, parts[name] = reward + w * vals, valid & ok, errors + errs, vals
-        self.log_errors(errors, int(valid.sum()))
         no_answer = s["empty"] | unfinished  # an unended reasoning answers nothing
         reward = np.where(no_answer, r.empty_reward, reward) - r.nonstop_penalty * (~s["stopped"])
         reward = reward + overlong_penalty(s["lengths"], r.max_new_tokens,
                                            g.get("overlong_buffer", 0))  # fmt: skip
+        return {**s, "parts": parts, "reward": reward, "valid": valid, "errors": errors,
+                "answers": answers, "unfinished": unfinished, "reasonings": reasonings}  # fmt: skip
+
+    def make_rollout(self, params, rng):
+        r, g = self.config.rollout, self.config.grpo
+        G, n_groups = g.group_size, r.batch // g.group_size
+        # DAPO's dynamic sampling (`grpo.dynamic_sampling` = N > 0): a group without signal
+        # (its valid rewards all equal, or fewer than two valid: A = 0) is set aside and up to N
+        # more decoder calls draw the next prompts until the batch is full of groups with
+        # signal; set-aside groups fill what the last call leaves short.
+        extra = g.get("dynamic_sampling", 0)  # (configs older than the key: off)
+        drawn, errors, kept, aside = [], [], [], []  # per call; groups by index over the calls
+        t0 = time.perf_counter()
+        for k in range(1 + extra):
+            key = rng if k == 0 else jax.random.fold_in(rng, k)
+            s = self._judged(self.sample(params, self.cursor.take(n_groups), key, num_samples=G))
+            errors += s.pop("errors")
+            lo, hi = group_reward_range(s["reward"], s["valid"], G)
+            for j, signal in enumerate(lo < hi):
+                (kept if signal or not extra else aside).append(len(drawn) * n_groups + j)
+            drawn.append(s)
+            if len(kept) >= n_groups:
+                break
+        groups = (kept + aside)[:n_groups]  # (off: every group of the one call, in order)
+        s = take_samples(drawn, [q * G + i for q in groups for i in range(G)])
+        reward, valid, texts, unfinished = s["reward"], s["valid"], s["answers"], s["unfinished"]
+        self.log_errors(errors, int(valid.sum()))
         adv = group_advantages(
             reward.reshape(-1, G), valid.reshape(-1, G), scale_by_std=g.scale_by_std
         ).reshape(-1)
@@ -342,12 +414,12 @@ class GRPOSource(RolloutSource):
         lp, ref_lp, lp_t1 = self.score(self._score, params, self.ref_params, rows)
         m = rows["loss_mask"] * valid[:, None]
         kl_seq = (np.asarray(kl_penalty(lp, ref_lp, "k3")) * m).sum(1)
-        score_s = time.perf_counter() - t0
+        score_s = time.perf_counter() - t0 - s["gen_s"]  # rewards and scoring, no decoding
 
         # Flat: every valid reward of the group equal. Compared exactly, not as std == 0: the
         # std of equal values like −0.1 (0 − nonstop_penalty) is ~1e-17 at some group sizes.
-        lo = np.where(valid, reward, np.inf).reshape(-1, G).min(1)
-        flat = lo == np.where(valid, reward, -np.inf).reshape(-1, G).max(1)  # none valid: no
+        lo, hi = group_reward_range(reward, valid, G)
+        flat = lo == hi  # (no valid sample: lo = inf, hi = -inf, not flat)
         v = valid
         stats = {
             **sample_stats(s, valid),
@@ -355,8 +427,11 @@ class GRPOSource(RolloutSource):
             "flat_groups": float(np.mean(flat)), "kl": kl_seq[v].mean(), "score_s": score_s,
             "logprob_gap": logprob_gap(s["sample_logprobs"], lp_t1, m),
         }  # fmt: skip
-        stats.update({f"r_{name}": vals[v].mean() for name, vals in parts.items()})
-        if marker:
+        if extra:  # decoder calls, and the share of the groups they drew that had no signal
+            stats["sample_calls"] = len(drawn)
+            stats["drawn_without_signal"] = len(aside) / (len(drawn) * n_groups)
+        stats.update({f"r_{name}": vals[v].mean() for name, vals in s["parts"].items()})
+        if g.get("reasoning_end", ""):
             stats["reasoning_unfinished"] = float(unfinished[v].mean())
         if all(mt.get("task") in TASKS and "answer" in mt for mt in s["metas"]):
             hits = [exact_match(mt, tx) for mt, tx in zip(s["metas"], texts)]

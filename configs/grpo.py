@@ -73,6 +73,9 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     # DAPO's soft overlong punishment: responses longer than rollout.max_new_tokens − buffer
     # lose up to 1 reward, linearly; 0 = off (rollout.nonstop_penalty still applies)
     c.overlong_buffer = 0
+    # DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are set aside and
+    # up to this many extra decoder calls per rollout draw more prompts; 0 = off
+    c.dynamic_sampling = 0
     c.beta = 0.04  # weight of the per-token KL (k3) to the reference
     c.loss_agg = "seq"  # seq: mean over each response, then over responses | token: token mean
     # a reasoning model's end-of-thinking marker (e.g. "</think>"): rewards judge the text after

@@ -335,3 +335,93 @@ def test_sigterm_inside_a_rollout_resumes_bit_for_bit(straight_run, tmp_path, mo
     assert summary["step"] == c.total_steps
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(
+    runs, cache_dir, monkeypatch
+):
+    """grpo.dynamic_sampling = N: groups whose rewards are all equal are set aside and up to N
+    more decoder calls draw the next prompts until the batch holds rollout.batch / G groups with
+    signal (set-aside groups fill it when the calls run out); off, the one call's groups are the
+    batch. A fresh source restored from the state after a rollout draws what the first draws."""
+    import zlib
+
+    sft, _ = runs
+    G = 4
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
+        "batch_size": 8, "rollout.batch": 16, "grpo.group_size": G, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6,
+    })  # fmt: skip
+    mesh = make_mesh(dict(c.mesh))
+    calls = []
+
+    def fake_generate(cfg, params, prompts, *, max_new_tokens, num_samples=1, **kw):
+        calls.append([tuple(p) for p in prompts])
+        B = len(prompts) * num_samples
+        tok = np.full((B, max_new_tokens), 5, np.int32)
+        lengths = np.full(B, max_new_tokens, np.int32)
+        mask = np.ones((B, max_new_tokens), np.float32)
+        return GenerateOutput(tok, np.full((B, max_new_tokens), -1.0, np.float32), mask, lengths)
+
+    def has_signal(prompt) -> bool:  # about one prompt in three
+        return zlib.crc32(repr(prompt).encode()) % 3 == 0
+
+    def reward(meta, response, prompt):  # samples of a group are called in order
+        reward.n += 1
+        return float(reward.n % G) if has_signal(prompt) else 1.0
+
+    monkeypatch.setattr(rl_rollout, "generate", fake_generate)
+
+    def rollout(extra, state=None):
+        with c.unlocked():
+            c.grpo.dynamic_sampling = extra
+        reward.n = 0
+        calls.clear()
+        source = grpo.build_task(c, mesh, None, rewards=[("r", reward, 1.0)]).train_batches
+        if state is not None:
+            source.set_state(state)
+        init, _ = model_fns(source.cfg)
+        params = rl_common._place(init, H.random_params(init, 0), mesh,
+                                  logical_axis_rules("fsdp"), "float32")  # fmt: skip
+        source.before_step(_State(params))
+        mbs = [next(source), next(source)]
+        mb = {k: np.concatenate([b[k] for b in mbs]) for k in mbs[0]}
+        by_ids = {tuple(p["ids"]): p["messages"] for p in source.prompts}
+        drawn = [p for call in calls for p in call]
+        signal = [has_signal(by_ids[p]) for p in drawn]
+        return source, mb, drawn, signal
+
+    source, mb, drawn, signal = rollout(0)
+    assert len(calls) == 1 and "rollout/sample_calls" not in mb
+    assert mb["rollout/flat_groups"][0] == pytest.approx(1 - np.mean(signal))
+
+    for extra in (1, 2, 8):
+        source, mb, drawn, signal = rollout(extra)
+        need = np.flatnonzero(signal)[:4]  # the first four groups with signal, in draw order
+        n_calls = min(extra + 1, int(need[-1]) // 4 + 1) if len(need) == 4 else extra + 1
+        assert len(calls) == n_calls and mb["rollout/sample_calls"][0] == n_calls
+        assert len(drawn) == 4 * n_calls
+        kept = [drawn[i] for i in np.flatnonzero(signal)[:4]]
+        kept += [drawn[i] for i in np.flatnonzero(~np.asarray(signal))][: 4 - len(kept)]
+        prompt_of_row = []
+        for row, mask in zip(mb["tokens"], mb["loss_mask"]):
+            start = int(np.argmax(mask > 0)) + 1 if mask.any() else None
+            prompt_of_row.append(tuple(int(t) for t in row[:start]))
+        assert sorted(prompt_of_row) == sorted(p for p in kept for _ in range(G))
+        flat_kept = 4 - min(4, int(np.sum(signal)))
+        assert mb["rollout/flat_groups"][0] == flat_kept / 4
+        assert mb["rollout/drawn_without_signal"][0] == pytest.approx(1 - np.mean(signal))
+        adv = mb["advantages"].reshape(-1)
+        assert (np.abs(adv) > 0).sum() == G * (
+            4 - flat_kept
+        )  # rewards 1, 2, 3, 0: none at the mean
+
+    # Resume: the cursor moved past every drawn prompt; a restored source draws the same next.
+    state = source.get_state()
+    _, _, next_drawn, _ = rollout(8, state)
+    _, _, again, _ = rollout(8, state)
+    assert next_drawn == again and not set(next_drawn) & set(drawn)
+    with c.unlocked():
+        c.grpo.dynamic_sampling = -1
+    with pytest.raises(ValueError, match="grpo.dynamic_sampling=-1"):
+        grpo.build_task(c, mesh, None, rewards=[("r", reward, 1.0)])
