@@ -55,6 +55,11 @@ moves past every prompt drawn (a resumed run draws the same ones). Metrics
 `rollout/sample_calls` (decoder calls) and `rollout/drawn_without_signal` (share of the drawn
 groups set aside); `rollout/gen_s` is all calls' time.
 
+LoRA (`lora.rank` > 0, models/lora.py): only adapters on the policy train; the reference is the
+policy's own frozen base (`params["base"]`), so no second copy of the model is loaded, and each
+rollout decodes with the adapters merged into a copy of the weights (`lora_lib.merge`). The
+checkpoint holds {"base", "lora"}; every reader merges (as for SFT/DPO LoRA runs).
+
 The bad-input policy (a reward function that raises or returns NaN, empty responses, over-long
 prompts) is rl_rollout's: the sample is skipped with a count; a rollout
 with no valid sample raises.
@@ -92,6 +97,7 @@ from flaxlm.alignment.rl_rollout import (
 )
 from flaxlm.data.formats import split_reasoning
 from flaxlm.data.synthetic_judge import TASKS
+from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train import loop
 from flaxlm.train.losses import masked_mean, token_logprobs
@@ -327,7 +333,8 @@ def take_samples(calls: list[dict], idx: list[int]) -> dict:
 class GRPOSource(RolloutSource):
     """Groups of samples per prompt, rewarded by Python functions."""
 
-    def __init__(self, config, mesh, rules, prompts, *, cfg, template, apply, ref, rewards):
+    def __init__(self, config, mesh, rules, prompts, *, cfg, template, apply, ref, rewards,
+                 spec=None):  # fmt: skip
         super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template)
         g = config.grpo
         if config.rollout.batch % g.group_size:
@@ -351,7 +358,9 @@ class GRPOSource(RolloutSource):
                 f"grpo.overlong_buffer={g.overlong_buffer} must be in "
                 f"[0, rollout.max_new_tokens={config.rollout.max_new_tokens}]"
             )
-        self.rewards, self.ref_params = rewards, ref[2]
+        # LoRA (`spec`): the policy is {"base", "lora"}; its frozen base is the reference
+        # (ref[2] is None) and the decoder gets the merged weights.
+        self.rewards, self.ref_params, self.spec = rewards, ref[2], spec
         temp = scoring_temperature(config.rollout.temperature)
 
         def score(policy, ref_p, rows):
@@ -393,9 +402,11 @@ class GRPOSource(RolloutSource):
         extra = g.get("dynamic_sampling", 0)  # (configs older than the key: off)
         drawn, errors, kept, aside = [], [], [], []  # per call; groups by index over the calls
         t0 = time.perf_counter()
+        decoding = lora_lib.merge(params, self.spec) if self.spec else params
         for k in range(1 + extra):
             key = rng if k == 0 else jax.random.fold_in(rng, k)
-            s = self._judged(self.sample(params, self.cursor.take(n_groups), key, num_samples=G))
+            prompts = self.cursor.take(n_groups)
+            s = self._judged(self.sample(decoding, prompts, key, num_samples=G))
             errors += s.pop("errors")
             lo, hi = group_reward_range(s["reward"], s["valid"], G)
             for j, signal in enumerate(lo < hi):
@@ -411,7 +422,8 @@ class GRPOSource(RolloutSource):
             reward.reshape(-1, G), valid.reshape(-1, G), scale_by_std=g.scale_by_std
         ).reshape(-1)
         rows = s["rows"]
-        lp, ref_lp, lp_t1 = self.score(self._score, params, self.ref_params, rows)
+        ref_params = params["base"] if self.spec else self.ref_params
+        lp, ref_lp, lp_t1 = self.score(self._score, params, ref_params, rows)
         m = rows["loss_mask"] * valid[:, None]
         kl_seq = (np.asarray(kl_penalty(lp, ref_lp, "k3")) * m).sum(1)
         score_s = time.perf_counter() - t0 - s["gen_s"]  # rewards and scoring, no decoding
@@ -456,16 +468,24 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
     tok, cfg, template = common.resolve_source(config, mesh)
     prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
-    ref = rl_common.frozen_lm(config.init_from, mesh, rules, config.rollout.frozen_dtype)
     init_params, apply = model_fns(cfg)
+    spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
+    if spec:  # the reference is the policy's frozen base: no second copy of the model
+        ref = (cfg, apply, None)
+        init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
+    else:
+        ref = rl_common.frozen_lm(config.init_from, mesh, rules, config.rollout.frozen_dtype)
     source = GRPOSource(
         config, mesh, rules, prompts, cfg=cfg, template=template, apply=apply, ref=ref,
-        rewards=rewards,
+        rewards=rewards, spec=spec,
     )  # fmt: skip
     eval_fn, data_report = rl_common.policy_eval_and_report(
         config, cfg, template, prompts, held, report, mesh, rules, workdir
     )
-    load, transform = common.init_hooks("lm", None)
+    if spec and eval_fn:
+        plain_eval = eval_fn
+        eval_fn = lambda params: plain_eval(lora_lib.merge(params, spec))  # noqa: E731
+    load, transform = common.init_hooks("lm", spec)
     return loop.Task(
         name="grpo",
         init_params=init_params,
@@ -475,13 +495,14 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
         eval_fn=eval_fn,
         flops_per_token=cfg.flops_per_token(config.seq_len),
         flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True),
+        trainable_mask=(lambda p: lora_lib.trainable_mask(p, spec)) if spec else None,
         load_init_params=load,
         init_from_transform=transform,
         model_meta={
             "model_config": cfg.to_dict(),
             **common.tokenizer_meta(tok, workdir),
             "head": "lm",
-            "lora": {},
+            "lora": spec.to_dict() if spec else {},
             "data_report": data_report,
         },
     )

@@ -4,7 +4,8 @@
         --config.init_from=runs/sft --config.grpo.rewards=exact_match,format:0.1
 
 arg keys: variant (sizes of the run; the architecture comes from init_from), runlocal (a
-CPU-sized run), steps (0 = default), group (samples per prompt). One rollout holds
+CPU-sized run), steps (0 = default), group (samples per prompt), lora (adapter rank; 0 = full
+fine-tuning; with adapters the reference is the policy's frozen base). One rollout holds
 rollout.batch / group prompts × group samples and gives rollout.epochs × rollout.batch /
 batch_size optimizer steps.
 
@@ -46,6 +47,7 @@ from flaxlm.alignment import common as align
 from flaxlm.alignment.rl_common import rollout_config, size_rollout_rows
 from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.configs import common
+from flaxlm.models.lora import lora_config
 
 # (optimizer steps, rollout batch, minibatch, row-width cap, lr) per variant; runlocal shrinks
 # them.
@@ -85,7 +87,7 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0, group=8)
+    a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0, group=8, lora=0)
     steps, rbatch, mbatch, seq, lr = common.lookup(_SIZES, a.variant, "variant")
     if a.runlocal:
         steps, rbatch, mbatch, seq = min(steps, 16), min(rbatch, 32), min(mbatch, 16), min(seq, 96)
@@ -97,12 +99,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     size_rollout_rows(c, seq)
     c.rollout.empty_reward = 0.0  # an empty answer earns what a wrong one does
     c.grpo = grpo_config(a.group)
+    # LoRA adapters on the policy (models/lora.py); rank 0 = off. The reference is then the
+    # policy's frozen base: no second copy of the model is loaded.
+    c.lora = lora_config(a.lora)
     c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy
     c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
     c.eval_gen.sample_temperature = 1.0  # also report the accuracy of samples (0: off)
     c.eval_gen.samples = 1  # ...this many per prompt
     c.rollout.heldout_prompts = 0 if a.runlocal else 200  # evaluated as eval/rl_heldout/...
-    c.opt.lr = lr
+    c.opt.lr = lr * (10 if a.lora else 1)  # adapters start at zero and need a larger step
     c.opt.schedule = "constant"
     c.opt.warmup_steps = max(c.total_steps // 20, 1)
     c.opt.weight_decay = 0.0
