@@ -298,10 +298,14 @@ def load_lm_params(source: str, target, step: int | None = None):
     # run still training) cannot pair this meta with another step's params.
     step, meta = ckpt_lib.read_meta(source, step)
     scalar = meta.get("head") == "scalar"
-    if meta.get("head") == "policy_value":  # a PPO run: {"policy": LM, "value": critic}
-        return ckpt_lib.load_params(source, {"policy": target}, step)["policy"]
-    inner = {"transformer": target} if scalar else target
     spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
+    if meta.get("head") == "policy_value":  # a PPO run: {"policy": LM, "value": critic}
+        if spec is None:
+            return ckpt_lib.load_params(source, {"policy": target}, step)["policy"]
+        adapters = _replicated_like(lora_lib.abstract_adapters(target, spec), target)
+        both = {"policy": {"base": target, "lora": adapters}}
+        return lora_lib.merge(ckpt_lib.load_params(source, both, step)["policy"], spec)
+    inner = {"transformer": target} if scalar else target
     if spec is None:
         loaded = ckpt_lib.load_params(source, inner, step)
     else:

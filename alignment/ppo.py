@@ -45,6 +45,11 @@ parameter, so each gets its own Adam statistics; the only coupling is the global
 backbone already reads responses; the frozen reward model and reference are separate copies
 kept out of the state (optionally bfloat16, `rollout.frozen_dtype`).
 
+LoRA (`lora.rank` > 0): adapters on the policy ({"policy": {"base", "lora"}, "value": critic});
+the critic still trains whole, and the reference is the policy's frozen base (no reference copy
+loaded); rollouts decode with the adapters merged. Readers of the run merge them (the policy of a
+PPO checkpoint loads as a plain language model either way).
+
 Metrics (metrics.jsonl): loss-side `pg_loss`, `vf_loss`, `entropy`, `clipfrac`, `vf_clipfrac`,
 `approx_kl`; per rollout `rollout/score_mean|std` (reward model), `rollout/reward_mean|std`
 (sequence reward with penalties), `rollout/kl` (per-sequence KL to the reference),
@@ -76,6 +81,7 @@ from flaxlm.alignment.rl_rollout import (
     scoring_temperature,
     tempered,
 )
+from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.heads import scalar_model_fns, sequence_values
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
@@ -206,11 +212,14 @@ def ppo_loss_fn(policy_apply, value_apply, p, temperature: float = 1.0):
 class PPOSource(RolloutSource):
     """Rollouts scored by the reward model, with KL-shaped rewards and GAE advantages."""
 
-    def __init__(self, config, mesh, rules, prompts, *, cfg, template, applies, ref, rm):
+    def __init__(self, config, mesh, rules, prompts, *, cfg, template, applies, ref, rm,
+                 spec=None):  # fmt: skip
         super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template)
         p = config.ppo
         self.kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
-        self.ref_params, self.rm_params = ref[2], rm[2]
+        # LoRA (`spec`): the policy is {"base", "lora"}; its frozen base is the reference
+        # (ref[2] is None) and the decoder gets the merged weights.
+        self.ref_params, self.rm_params, self.spec = ref[2], rm[2], spec
         policy_apply, value_apply = applies
         temp = scoring_temperature(config.rollout.temperature)
 
@@ -228,11 +237,14 @@ class PPOSource(RolloutSource):
 
     def make_rollout(self, params, rng):
         r, p = self.config.rollout, self.config.ppo
-        s = self.sample(params["policy"], self.cursor.take(r.batch), rng)
+        policy = params["policy"]
+        decoding = lora_lib.merge(policy, self.spec) if self.spec else policy
+        s = self.sample(decoding, self.cursor.take(r.batch), rng)
         rows = s["rows"]
         t0 = time.perf_counter()
+        ref_params = policy["base"] if self.spec else self.ref_params
         lp, ref_lp, values, score, lp_t1 = self.score(
-            self._score, params["policy"], params["value"], self.ref_params, self.rm_params, rows
+            self._score, policy, params["value"], ref_params, self.rm_params, rows
         )
         mask = rows["loss_mask"]
         finite = lambda x: np.all(np.isfinite(np.where(mask > 0, x, 0.0)), axis=1)  # noqa: E731
@@ -299,30 +311,46 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     dtype = config.rollout.frozen_dtype
-    ref = rl_common.frozen_lm(config.init_from, mesh, rules, dtype)
     rm = rl_common.frozen_scalar(config.reward_from, mesh, rules, dtype)
     vcfg = ModelConfig.from_dict(ckpt_lib.read_meta(config.reward_from)[1]["model_config"])
 
     lm_init, lm_apply = model_fns(cfg)
     v_init, v_apply = scalar_model_fns(vcfg)
+    # LoRA: adapters on the policy (the critic trains whole); the reference is the policy's
+    # frozen base, so no second copy of the model is loaded.
+    spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
+    if spec:
+        ref = (cfg, lm_apply, None)
+        lm_init, lm_apply = lora_lib.with_lora(lm_init, spec), lora_lib.lora_apply(lm_apply, spec)
+    else:
+        ref = rl_common.frozen_lm(config.init_from, mesh, rules, dtype)
+    plain = (lambda policy: lora_lib.merge(policy, spec)) if spec else (lambda policy: policy)
 
     def init_params(rng):
         return {"policy": lm_init(rng), "value": v_init(jax.random.fold_in(rng, 1))}
 
     def load(source, target):
         return {
-            "policy": common.load_lm_params(source, target["policy"]),
+            "policy": common.load_lm_params(source, target["policy"]["base"] if spec
+                                            else target["policy"]),
             "value": rl_common.load_scalar_params(config.reward_from, target["value"]),
-        }
+        }  # fmt: skip
+
+    def transform(loaded, fresh):  # fresh adapters on the loaded policy
+        return {**loaded, "policy": {"base": loaded["policy"], "lora": fresh["policy"]["lora"]}}
+
+    def trainable(params):  # the policy's adapters and the whole critic
+        return {"policy": lora_lib.trainable_mask(params["policy"], spec),
+                "value": jax.tree.map(lambda _: True, params["value"])}  # fmt: skip
 
     source = PPOSource(
         config, mesh, rules, prompts, cfg=cfg, template=template,
-        applies=(lm_apply, v_apply), ref=ref, rm=rm,
+        applies=(lm_apply, v_apply), ref=ref, rm=rm, spec=spec,
     )  # fmt: skip
     policy_eval, data_report = rl_common.policy_eval_and_report(
         config, cfg, template, prompts, held, report, mesh, rules, workdir, rm=rm
     )
-    eval_fn = None if policy_eval is None else (lambda params: policy_eval(params["policy"]))
+    eval_fn = None if policy_eval is None else (lambda p: policy_eval(plain(p["policy"])))
     head_flops = 6 * vcfg.vocab_size * vcfg.d_model  # the critic has no vocabulary projection
     flops = cfg.flops_per_token(config.seq_len) + vcfg.flops_per_token(config.seq_len)
     flops_causal = cfg.flops_per_token(config.seq_len, True) + vcfg.flops_per_token(
@@ -339,12 +367,15 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         eval_fn=eval_fn,
         flops_per_token=flops - head_flops,
         flops_per_token_causal=flops_causal - head_flops,
+        trainable_mask=trainable if spec else None,
         load_init_params=load,
+        init_from_transform=transform if spec else None,
         model_meta={
             "model_config": cfg.to_dict(),
             "value_model_config": vcfg.to_dict(),
             **common.tokenizer_meta(tok, workdir),
             "head": "policy_value",
+            "lora": spec.to_dict() if spec else {},  # (the policy's adapters)
             "data_report": data_report,
         },
     )

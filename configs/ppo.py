@@ -4,8 +4,9 @@
         --config.init_from=runs/sft --config.reward_from=runs/rm --workdir runs/ppo
 
 arg keys: variant (sizes of the run; the architecture comes from the checkpoints), runlocal
-(a CPU-sized run), steps (0 = default). One rollout of `rollout.batch` responses gives
-rollout.epochs × rollout.batch / batch_size optimizer steps.
+(a CPU-sized run), steps (0 = default), lora (adapter rank on the policy; 0 = full fine-tuning).
+One rollout of `rollout.batch` responses gives rollout.epochs × rollout.batch / batch_size
+optimizer steps.
 
 Data: `data.train` (the prompts) and `eval_gen.sets` default to the built-in demo world's; for
 your own set both (records {"prompt": text or messages, "meta": {...}}, alignment/rl_common.py;
@@ -25,6 +26,7 @@ from flaxlm.alignment import common as align
 from flaxlm.alignment.rl_common import rollout_config, size_rollout_rows
 from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.configs import common
+from flaxlm.models.lora import lora_config
 
 # (optimizer steps, rollout batch, minibatch, row-width cap, lr) per variant; runlocal shrinks
 # them.
@@ -56,7 +58,7 @@ def ppo_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0)
+    a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0, lora=0)
     steps, rbatch, mbatch, seq, lr = common.lookup(_SIZES, a.variant, "variant")
     if a.runlocal:
         steps, rbatch, mbatch, seq = min(steps, 16), min(rbatch, 32), min(mbatch, 16), min(seq, 96)
@@ -69,6 +71,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.epochs = 2  # PPO epochs over each rollout
     size_rollout_rows(c, seq)
     c.ppo = ppo_config()
+    # LoRA adapters on the policy (models/lora.py); rank 0 = off. The critic still trains whole
+    # and the reference is the policy's frozen base (no second copy of the model). opt.lr is
+    # not raised (one optimizer: the critic's rate too).
+    c.lora = lora_config(a.lora)
     c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy / RM score
     c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
     c.eval_gen.sample_temperature = 1.0  # also report the accuracy of samples (0: off)

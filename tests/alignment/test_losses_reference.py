@@ -382,7 +382,7 @@ def _fake_sample(rng, prompt_lens, resp_lens, seq_len, stopped, empty):
 def _source(cls, config, sample, scored):
     """A RolloutSource subclass with its decoder and scoring replaced by fixed arrays."""
     src = object.__new__(cls)
-    src.config, src.iteration, src.errors_logged = config, 0, 0
+    src.config, src.iteration, src.errors_logged, src.spec = config, 0, 0, None
     src.cursor = type("Cursor", (), {"take": lambda self, k: list(range(k))})()
     src.sample = lambda params, idx, rng, num_samples=1: sample
     src.score = lambda fn, *args: scored
