@@ -414,6 +414,7 @@ class GRPOSource(RolloutSource):
             drawn.append(s)
             if len(kept) >= n_groups:
                 break
+        del decoding  # (a LoRA policy's merged copy: freed before scoring)
         groups = (kept + aside)[:n_groups]  # (off: every group of the one call, in order)
         s = take_samples(drawn, [q * G + i for q in groups for i in range(G)])
         reward, valid, texts, unfinished = s["reward"], s["valid"], s["answers"], s["unfinished"]

@@ -240,6 +240,7 @@ class PPOSource(RolloutSource):
         policy = params["policy"]
         decoding = lora_lib.merge(policy, self.spec) if self.spec else policy
         s = self.sample(decoding, self.cursor.take(r.batch), rng)
+        del decoding  # (a LoRA policy's merged copy: freed before scoring)
         rows = s["rows"]
         t0 = time.perf_counter()
         ref_params = policy["base"] if self.spec else self.ref_params

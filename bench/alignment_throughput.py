@@ -22,7 +22,9 @@ Cases are "SHAPE:ALGO[:OPT...]":
          "all stopped" every N tokens (rollout.check_every; default 1); rollouts decode
          with rollout.decode_attention "auto" (the Pallas decode-step kernel on CUDA GPUs),
          "pallas" = the kernel anywhere, "decode_xla" = XLA's attention;
-         both: "xla" = XLA attention instead of cuDNN (GPU); a name in bench/driver.py
+         both: "loraN" = LoRA adapters of rank N on the policy (`lora.rank`, targets
+         LORA_TARGETS; PPO's critic still trains whole, its reference is then the policy's
+         frozen base); "xla" = XLA attention instead of cuDNN (GPU); a name in bench/driver.py
          XLA_FLAG_SETS (e.g. "cmdbuf") runs the case under those XLA flags
 Model: the shape's variant with vocab_size = the built-in tokenizer's (512 tiny, 2048 otherwise;
 sampled ids must decode, and the world's corpus supports no 32k-piece tokenizer), so "125m" has
@@ -73,6 +75,9 @@ from flaxlm.bench import driver
 # 64 / 128 (a step that fits a short lease). PPO: configs/ppo.py's epochs (2), minibatch (64)
 # and prompt cap (64); rollouts of 256 (1b's config: 512) and responses of 256 tokens rather
 # than its 32, closer to RLHF practice (OpenRLHF's ~80% generation share is for long ones).
+# LoRA cases ("loraN") adapt every projection of the policy, the usual choice for RL with LoRA.
+LORA_TARGETS = "attn/(q|k|v|o)|mlp/(gate|up|down)"
+
 SHAPES = {
     "tiny": dict(variant="tiny", vocab=512, dpo=(8, 128), ppo=(16, 8, 64, 16)),
     "125m": dict(variant="125m", vocab=2048, dpo=(16, 1024), ppo=(256, 64, 64, 256)),
@@ -183,7 +188,19 @@ def _peak_mem(recs: list[dict]):
     return max(mems) if mems else None
 
 
-def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir: str) -> dict:
+def _lora_overrides(rank: int) -> dict:
+    return {"lora.rank": rank, "lora.targets": LORA_TARGETS} if rank else {}
+
+
+def _policy_flops(cfg, seq: int, lora: int, causal: bool = False) -> float:
+    """The policy's training FLOPs per token; LoRA (rank > 0) skips the weight gradients of the
+    frozen base (2·N_matmul of the 6·N_matmul), the adapters' own FLOPs are negligible."""
+    fpt = cfg.flops_per_token(seq, causal=causal)
+    return fpt - 2 * cfg.param_counts()["matmul"] if lora else fpt
+
+
+def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir: str,
+            lora: int = 0) -> dict:  # fmt: skip
     from flaxlm.alignment import common, dpo
     from flaxlm.alignment.reward import load_pairs
     from flaxlm.configs import dpo as dpo_config
@@ -195,7 +212,7 @@ def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir:
     config = _base(dpo_config, shape, sft, **{
         "batch_size": batch, "seq_len": seq, "total_steps": 2 * steps, "log_every": steps,
         "dpo.ref_logps": "online" if online else "precompute",
-        "dpo.ref_dtype": "bfloat16" if plan else "float32",
+        "dpo.ref_dtype": "bfloat16" if plan else "float32", **_lora_overrides(lora),
     })  # fmt: skip
     dpo.run(config, workdir)
     recs = [r for r in read_metrics(workdir) if "loss" in r]
@@ -207,12 +224,14 @@ def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir:
     real = sum(len(p["chosen"][0]) + len(p["rejected"][0]) for p in pairs) / (2 * len(pairs))
     tokens = 2 * batch * seq
     tps = tokens / timed["step_time_s"]
-    fpt, fpt_c = cfg.flops_per_token(seq), cfg.flops_per_token(seq, causal=True)
-    if online:  # + the reference's forward pass: a third of a forward+backward
-        fpt, fpt_c = fpt * 4 / 3, fpt_c * 4 / 3
+    fpt, fpt_c = _policy_flops(cfg, seq, lora), _policy_flops(cfg, seq, lora, causal=True)
+    if online:  # + the reference's forward pass: a third of a full forward+backward
+        fpt += cfg.flops_per_token(seq) / 3
+        fpt_c += cfg.flops_per_token(seq, causal=True) / 3
     env = _env(plan)
     return {
         "algo": "dpo", "ref_logps": config.dpo.ref_logps, "variant": SHAPES[shape]["variant"],
+        "lora_rank": lora,
         "params": cfg.param_counts()["total"], "vocab": cfg.vocab_size, "batch_pairs": batch,
         "seq_len": seq, "tokens_per_step": tokens, "step_time_s": timed["step_time_s"],
         "tokens_per_s": tps, "pairs_per_s": batch / timed["step_time_s"],
@@ -224,8 +243,8 @@ def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir:
 
 
 def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: dict,
-            workdir: str, check_every: int = 1,
-            decode_attention: str = "auto") -> dict:  # fmt: skip
+            workdir: str, check_every: int = 1, decode_attention: str = "auto",
+            lora: int = 0) -> dict:  # fmt: skip
     import numpy as np
 
     from flaxlm.alignment import common, ppo
@@ -241,6 +260,7 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
         "rollout.batch": rbatch, "rollout.max_prompt_len": prompt, "rollout.max_new_tokens": new,
         "rollout.heldout_prompts": 0, "rollout.frozen_dtype": "bfloat16" if plan else "float32",
         "rollout.check_every": check_every, "rollout.decode_attention": decode_attention,
+        **_lora_overrides(lora),
     })  # fmt: skip
     epochs = config.rollout.epochs
     n = epochs * rbatch // mbatch  # optimizer steps per iteration
@@ -259,8 +279,8 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
     cfg = ModelConfig.from_dict(common.source_meta(sft)["model_config"])
     T = prompt + new
     head = 6 * cfg.vocab_size * cfg.d_model  # the critic has no vocabulary projection
-    fpt = 2 * cfg.flops_per_token(T) - head
-    fpt_c = 2 * cfg.flops_per_token(T, causal=True) - head
+    fpt = _policy_flops(cfg, T, lora) + cfg.flops_per_token(T) - head
+    fpt_c = _policy_flops(cfg, T, lora, True) + cfg.flops_per_token(T, causal=True) - head
     total = gen + score + train
     train_tps = epochs * rbatch * T / train
     env = _env(plan)
@@ -269,7 +289,7 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
         "params": cfg.param_counts()["total"], "vocab": cfg.vocab_size, "rollout_batch": rbatch,
         "minibatch": mbatch, "epochs": epochs, "steps_per_iter": n, "max_prompt_len": prompt,
         "max_new_tokens": new, "seq_len": T, "response_len": float(resp), "timed_iters": iters,
-        "check_every": check_every, "decode_attention": decode_attention,
+        "check_every": check_every, "decode_attention": decode_attention, "lora_rank": lora,
         "gen_s": float(gen), "score_s": float(score), "train_s": float(train),
         "iteration_s": float(total), "iteration_wall_s": float(wall),
         "other_s": float(wall - total), "gen_share": float(gen / total),
@@ -292,12 +312,14 @@ def parse_case(case: str) -> tuple[str, str, dict]:
     if shape not in SHAPES or algo not in ("dpo", "ppo"):
         raise ValueError(f"case {case!r}: expected SHAPE:dpo|ppo[:OPT], SHAPE in {list(SHAPES)}")
     out = {"online": False, "new": None, "attention": "cudnn", "check_every": 1,
-           "decode_attention": "auto", "flags": []}  # fmt: skip
+           "decode_attention": "auto", "lora": 0, "flags": []}  # fmt: skip
     for o in opts:
         if o in driver.XLA_FLAG_SETS:  # applied by the driver to the case's process
             out["flags"].append(o)
         elif o == "xla":
             out["attention"] = "xla"
+        elif o[:4] == "lora" and o[4:].isdigit() and int(o[4:]) > 0:
+            out["lora"] = int(o[4:])
         elif o in ("pallas", "decode_xla") and algo == "ppo":
             out["decode_attention"] = o.removeprefix("decode_")
         elif o[:1] == "c" and o[1:].isdigit() and algo == "ppo":
@@ -321,10 +343,10 @@ def run_case(case: str, work: str, steps: int, iters: int) -> dict:
     workdir = tempfile.mkdtemp(prefix=f"{algo}-", dir=work)
     try:
         if algo == "dpo":
-            rec = run_dpo(shape, o["online"], steps, sft, plan, workdir)
+            rec = run_dpo(shape, o["online"], steps, sft, plan, workdir, o["lora"])
         else:
             rec = run_ppo(shape, o["new"], iters, sft, rm, plan, workdir, o["check_every"],
-                          o["decode_attention"])  # fmt: skip
+                          o["decode_attention"], o["lora"])  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"case": case, **rec, "setup_s": setup, "case_s": time.perf_counter() - t0}
@@ -361,6 +383,8 @@ def table(records: list[dict]) -> str:
             mb = r["steps_per_iter"] // r["epochs"]
             notes = (f"{r['rollout_batch']} × ({r['max_prompt_len']}+{r['max_new_tokens']}), "
                      f"{r['epochs']} epochs × {mb} minibatches")  # fmt: skip
+        if r.get("lora_rank"):
+            notes += f", LoRA rank {r['lora_rank']} (FLOPs: no base weight gradients)"
         lines.append(
             f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | {mfu} | "
             f"{share} | {split} | {roll} | {mem} | {notes} |"

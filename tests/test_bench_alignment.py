@@ -15,9 +15,10 @@ def work(tmp_path_factory):
     return str(tmp_path_factory.mktemp("align_bench"))
 
 
-# The PPO case checks "all stopped" every 4 tokens (`c4`, the blocked stop checks); every token
-# (the default) is the rollout loop test_ppo.py trains with. One PPO case serves every test here.
-PPO = "tiny:ppo:c4"
+# The PPO case checks "all stopped" every 4 tokens (`c4`, the blocked stop checks; every token,
+# the default, is the rollout loop test_ppo.py trains with) and trains LoRA adapters of rank 4 on
+# the policy (`lora4`; full fine-tuning: test_ppo.py). One PPO case serves every test here.
+PPO = "tiny:ppo:c4:lora4"
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,20 @@ def test_ppo_blocked_stop_checks(records):
     assert 0 < r["response_len"] <= r["max_new_tokens"]
 
 
+def test_ppo_lora_flops_leave_out_the_frozen_weights_gradients(records):
+    """`loraN`: the policy's FLOPs per token drop the base weights' gradients (2·N_matmul);
+    the critic, trained whole, and the attention terms count in full."""
+    from flaxlm.models.config import get_variant
+
+    r = records[PPO]
+    cfg = get_variant("tiny", vocab_size=r["vocab"])
+    full = cfg.flops_per_token(r["seq_len"])
+    head = 6 * cfg.vocab_size * cfg.d_model
+    assert r["lora_rank"] == 4
+    assert r["flops_per_token"] == (full - 2 * cfg.param_counts()["matmul"]) + full - head
+    assert "LoRA rank 4" in A.table([r])
+
+
 def test_table_and_case_parsing(records):
     md = A.table([*records.values(), {"case": "1b:ppo", "error": "RuntimeError: boom"}])
     lines = md.splitlines()
@@ -74,11 +89,12 @@ def test_table_and_case_parsing(records):
     assert f"{records[PPO]['gen_share']:.1%}" in lines[3]
     assert "failed: RuntimeError: boom" in lines[4]
     want = {"online": False, "new": 64, "attention": "xla", "check_every": 8,
-            "decode_attention": "auto", "flags": ["cmdbuf"]}  # fmt: skip
+            "decode_attention": "auto", "lora": 0, "flags": ["cmdbuf"]}  # fmt: skip
     assert A.parse_case("1b:ppo:g64:xla:c8:cmdbuf") == ("1b", "ppo", want)
     assert A.parse_case("125m:ppo:c8:pallas")[2]["decode_attention"] == "pallas"
     assert A.parse_case("125m:ppo:c8:decode_xla")[2]["decode_attention"] == "xla"
     assert A.parse_case("125m:dpo:online")[2]["online"]
+    assert A.parse_case("125m:dpo:lora16")[2]["lora"] == 16
     for bad in (
         "tiny",
         "tiny:sft",
@@ -87,6 +103,8 @@ def test_table_and_case_parsing(records):
         "tiny:ppo:online",
         "tiny:dpo:c8",
         "tiny:dpo:pallas",
+        "tiny:ppo:lora0",
+        "tiny:ppo:lora",
     ):
         with pytest.raises(ValueError):
             A.parse_case(bad)
