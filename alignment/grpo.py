@@ -91,6 +91,7 @@ from flaxlm.alignment.rl_rollout import (
     logprob_gap,
     passthrough_stats,
     policy_logprobs,
+    require_one_process,
     sample_stats,
     scoring_temperature,
     tempered,
@@ -465,6 +466,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
     """The GRPO Task. `rewards`: optional [(name, callable, weight)] replacing `grpo.rewards`."""
     if not config.init_from:
         raise ValueError("grpo: set --config.init_from=SFT_RUN (policy and reference)")
+    require_one_process()
     rewards = rewards if rewards is not None else parse_rewards(config.grpo.rewards)
     tok, cfg, template = common.resolve_source(config, mesh)
     prompts, held, report = rl_common.training_prompts(config, template)

@@ -207,6 +207,16 @@ def call_reward_fns(
     return rewards.astype(np.float32), valid, errors
 
 
+def require_one_process() -> None:
+    """RL tasks call this first: `generate` places its host prompts as global arrays and reads
+    its whole output back, one process's view, so a multi-process job is refused before any
+    model is loaded (instead of failing at the first rollout's read-back)."""
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            f"RL rollouts (PPO, GRPO) run in one process; this job has {jax.process_count()}"
+        )
+
+
 def stat_fields(stats: dict, rows: int) -> dict:
     """Per-rollout statistics as constant (rows,) float32 arrays "rollout/<name>"."""
     return {STAT_PREFIX + k: np.full((rows,), float(v), np.float32) for k, v in stats.items()}

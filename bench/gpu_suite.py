@@ -99,6 +99,10 @@ GPU_CASES = [
         200,
         ["alignment_throughput", "--cases", "125m:ppo:c8,125m:ppo:c8:decode_xla,125m:ppo:cmdbuf"],
     ),  # fmt: skip
+    # PPO with LoRA adapters (rank 16, every projection) on the policy against the full c8 case
+    # above: the reference is the policy's frozen base (one model copy fewer), no base weight
+    # gradients or Adam state; memory and the iteration's split.
+    ("alignment ppo lora", 120, ["alignment_throughput", "--cases", "125m:ppo:c8:lora16"]),
     # Command buffers for loops and conditionals too; compiled for the H200, the decode step
     # is launched the same way as without (one graph per step), so this is a check, last.
     ("decode 1b flaxlm b64 cmdbuf", 60, ["decode", "--cases", "1b:flax:b64:cmdbuf"]),

@@ -240,6 +240,11 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
     with c.unlocked():
         c.data.fields.role, c.data.fields.content = "role", "content"
 
+    # Several processes: refused before any work (generate reads back one process's view).
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(NotImplementedError, match="run in one process; this job has 2"):
+        grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
+
 
 def test_rollouts_end_at_stop_strings(runs, cache_dir):
     """rollout.stop_strings: a response ends at the first token after which its text holds a
