@@ -35,7 +35,9 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      `importance="sequence"` replaces ρ by the response's length-normalised sequence ratio
      s_i = exp(1/|o_i| Σ_t log π/π_old) for all its tokens (GSPO, Zheng et al. 2025);
      `overlong_buffer` adds DAPO's soft overlong punishment to the reward
-     (`overlong_penalty`); `dynamic_sampling` = N > 0 is DAPO's dynamic sampling (below).
+     (`overlong_penalty`); `mask_truncated` drops responses that reached `max_new_tokens`
+     without stopping from the loss (DAPO's overlong filtering; they still count in their
+     group's advantages); `dynamic_sampling` = N > 0 is DAPO's dynamic sampling (below).
 
 Temperature: π, π_old and π_ref (so ρ, KL_t and the entropy metric) are all softmax(logits / T)
 at the sampling temperature T = `rollout.temperature` (T = 0, greedy: 1), TRL's convention
@@ -427,6 +429,8 @@ class GRPOSource(RolloutSource):
         ref_params = params["base"] if self.spec else self.ref_params
         lp, ref_lp, lp_t1 = self.score(self._score, params, ref_params, rows)
         m = rows["loss_mask"] * valid[:, None]
+        if g.get("mask_truncated", False):  # DAPO's overlong filtering: no loss on cut-off ones
+            m = m * s["stopped"][:, None]
         kl_seq = (np.asarray(kl_penalty(lp, ref_lp, "k3")) * m).sum(1)
         score_s = time.perf_counter() - t0 - s["gen_s"]  # rewards and scoring, no decoding
 

@@ -75,6 +75,9 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     # DAPO's soft overlong punishment: responses longer than rollout.max_new_tokens − buffer
     # lose up to 1 reward, linearly; 0 = off (rollout.nonstop_penalty still applies)
     c.overlong_buffer = 0
+    # DAPO's overlong filtering: responses cut at rollout.max_new_tokens (no stop) get no loss;
+    # they still count in their group's mean and std
+    c.mask_truncated = False
     # DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are set aside and
     # up to this many extra decoder calls per rollout draw more prompts; 0 = off
     c.dynamic_sampling = 0

@@ -465,3 +465,48 @@ def test_lora_grpo_trains_adapters_against_its_frozen_base(runs, cache_dir, tmp_
     want = lora_lib.merge(jax.device_get(state.params), lora_lib.LoraSpec(**meta["lora"]))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(merged), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_mask_truncated_drops_cut_off_responses_from_the_loss(runs, cache_dir, monkeypatch):
+    """grpo.mask_truncated (DAPO's overlong filtering): a response that reached max_new_tokens
+    without a stop token gets loss weight 0; the advantages are those computed with it."""
+    sft, _ = runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
+        "batch_size": 8, "rollout.batch": 8, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6,
+    })  # fmt: skip
+    mesh = make_mesh(dict(c.mesh))
+
+    def fake_generate(cfg, params, prompts, *, max_new_tokens, num_samples=1, stop_tokens, **kw):
+        B = len(prompts) * num_samples
+        tok = np.full((B, max_new_tokens), 10 + np.arange(B)[:, None] % 3, np.int32)
+        tok[::2, -1] = stop_tokens[0]  # even rows stop at the budget's last token; odd are cut
+        lengths = np.full(B, max_new_tokens, np.int32)
+        mask = np.ones((B, max_new_tokens), np.float32)
+        return GenerateOutput(tok, np.full((B, max_new_tokens), -1.0, np.float32), mask, lengths)
+
+    def reward(meta, response):
+        reward.n += 1
+        return float(reward.n % 3)
+
+    monkeypatch.setattr(rl_rollout, "generate", fake_generate)
+    out = {}
+    for flag in (False, True):
+        with c.unlocked():
+            c.grpo.mask_truncated = flag
+        reward.n = 0
+        source = grpo.build_task(c, mesh, None, rewards=[("r", reward, 1.0)]).train_batches
+        init, _ = model_fns(source.cfg)
+        params = rl_common._place(init, H.random_params(init, 0), mesh,
+                                  logical_axis_rules("fsdp"), "float32")  # fmt: skip
+        source.before_step(_State(params))
+        mb = next(source)  # the whole rollout: one minibatch of 8 rows (permuted)
+        out[flag] = {k: mb[k] for k in ("tokens", "loss_mask", "advantages")}
+    order = [np.flatnonzero((out[True]["tokens"] == row).all(1))[0] for row in out[False]["tokens"]]
+    np.testing.assert_array_equal(out[True]["advantages"][order], out[False]["advantages"])
+    tokens, mask_off = out[False]["tokens"], out[False]["loss_mask"]
+    last = mask_off.shape[1] - 1 - np.argmax(mask_off[:, ::-1] > 0, axis=1) + 1  # last response
+    stopped = tokens[np.arange(len(tokens)), last] == source.template.stop_tokens[0]
+    weight_off, weight_on = mask_off.sum(1), out[True]["loss_mask"][order].sum(1)
+    assert stopped.sum() == 4 and (weight_off > 0).all()
+    np.testing.assert_array_equal(weight_on, np.where(stopped, weight_off, 0.0))
