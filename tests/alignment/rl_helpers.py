@@ -72,3 +72,35 @@ def tiny(config_module, cache_dir, arg="runlocal=True", **overrides):
         c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 4, 0, 0, 2
         c.opt.warmup_steps = 1
     return override(c, overrides)
+
+
+def forbid_reference_copy(monkeypatch):
+    """A LoRA policy's reference is its own frozen base: loading a reference copy fails."""
+    from flaxlm.alignment import rl_common
+
+    def no_second_copy(*a, **k):
+        raise AssertionError("a LoRA policy's reference is its own base")
+
+    monkeypatch.setattr(rl_common, "frozen_lm", no_second_copy)
+
+
+def check_lora_rl_run(workdir: str, sft: str, policy) -> dict:
+    """The checks of a two-rollout LoRA RL run whose final policy params are `policy`
+    ({"base", "lora"}): the first rollout's KL is exactly 0 (b = 0: policy = reference = base)
+    and the second's is not; the base is the SFT run's, bit for bit; the adapters trained; the
+    checkpoint's policy reads back with them merged. Returns the checkpoint meta."""
+    from flaxlm.models import lora as lora_lib
+    from flaxlm.train.metrics import read_metrics
+
+    recs = [r for r in read_metrics(workdir) if "rollout/kl" in r]
+    assert [r["rollout/iteration"] for r in recs] == [0, 1]
+    assert recs[0]["rollout/kl"] == 0.0 and recs[1]["rollout/kl"] > 0
+    _, base, _ = common.load_policy(sft)
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(policy["base"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(policy["lora"]))
+    _, merged, meta = common.load_policy(workdir)
+    want = lora_lib.merge(jax.device_get(policy), lora_lib.LoraSpec(**meta["lora"]))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(merged), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    return meta

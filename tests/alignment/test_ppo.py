@@ -235,30 +235,17 @@ def test_lora_ppo_trains_policy_adapters_and_the_critic(runs, cache_dir, tmp_pat
     """lora.rank > 0: the policy's base stays frozen and is the reference (no second copy), so
     the first rollout's KL is exactly 0; adapters and the whole critic train; the checkpoint's
     policy reads back with the adapters merged."""
-    from flaxlm.models import lora as lora_lib
-
     sft, rm = runs
     c = H.tiny(ppo_config, cache_dir, init_from=sft, reward_from=rm, **{
         "batch_size": 8, "rollout.batch": 16, "rollout.epochs": 1, "seq_len": 64,
         "rollout.max_prompt_len": 48, "rollout.max_new_tokens": 8, "opt.lr": 1e-2,
         "ckpt_every": 4, "lora.rank": 4, "lora.targets": "attn/(q|v)|mlp/up",
     })  # fmt: skip
-
-    def no_second_copy(*a, **k):
-        raise AssertionError("a LoRA policy's reference is its own base")
-
-    monkeypatch.setattr(rl_common, "frozen_lm", no_second_copy)
+    H.forbid_reference_copy(monkeypatch)
     state, summary = ppo.run(c, str(tmp_path))
     assert summary["train"]["n_skipped"] == 0
-    recs = [r for r in read_metrics(str(tmp_path)) if "rollout/kl" in r]
-    assert [r["rollout/iteration"] for r in recs] == [0, 1]
-    assert recs[0]["rollout/kl"] == 0.0 and recs[1]["rollout/kl"] > 0
-    _, base, _ = common.load_policy(sft)
-    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(state.params["policy"]["base"]),
-                    strict=True):  # fmt: skip
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    lora = jax.tree.leaves(state.params["policy"]["lora"])
-    assert any(np.abs(np.asarray(b)).max() > 0 for b in lora)
+    meta = H.check_lora_rl_run(str(tmp_path), sft, state.params["policy"])
+    assert meta["head"] == "policy_value" and meta["lora"]["rank"] == 4
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     critic0 = rl_common.load_scalar_params(
         rm,
@@ -268,8 +255,3 @@ def test_lora_ppo_trains_policy_adapters_and_the_critic(runs, cache_dir, tmp_pat
     )
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                zip(jax.tree.leaves(critic0), jax.tree.leaves(state.params["value"])))  # fmt: skip
-    _, merged, meta = common.load_policy(str(tmp_path))
-    assert meta["head"] == "policy_value" and meta["lora"]["rank"] == 4
-    want = lora_lib.merge(jax.device_get(state.params["policy"]), lora_lib.LoraSpec(**meta["lora"]))
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(merged), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
