@@ -13,10 +13,13 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      `(meta, response_text) -> float` can be named as "module:function" in `grpo.rewards`,
      registered, or passed to `build_task`; `meta` is the prompt record's, configs/grpo.py; a
      function with a `prompt` parameter also gets the prompt as chat turns, `prompt=[{"role",
-     "content"}, ...]`). A reasoning model (`grpo.reasoning_end`, e.g. "</think>"): the
-     functions judge the answer after the marker (one taking `reasoning` also gets the text
-     before it), and a response whose reasoning never ends gets `rollout.empty_reward` (no
-     answer), counted as `rollout/reasoning_unfinished`;
+     "content"}, ...]`); "rm" names the reward model of `reward_from` (a reward-model run),
+     its score at each response's last token as PPO reads it — alone for open-ended prompts,
+     or weighted next to verifiable rewards ("exact_match,rm:0.5"). A reasoning model
+     (`grpo.reasoning_end`, e.g. "</think>"): the functions judge the answer after the marker
+     (one taking `reasoning` also gets the text before it), and a response whose reasoning
+     never ends gets `rollout.empty_reward` (no answer), counted as
+     `rollout/reasoning_unfinished`;
   3. advantages per group (`group_advantages`): A_i = (r_i − mean_g r) / (std_g r + ε)
      over the group's valid samples (population std, ε = 1e-4; TRL divides by the unbiased
      std), so a group of equal rewards gets A = 0, not 0/0 (`scale_by_std=False`: just
@@ -138,6 +141,7 @@ def judge_reward(meta: dict, response: str) -> float:
     return float(synthetic.judge(meta, response))
 
 
+REWARD_MODEL = "rm"  # the name of the reward model (reward_from) in grpo.rewards
 REWARDS: dict[str, Callable[[dict, str], float]] = {
     "exact_match": exact_match,
     "format": format_reward,
@@ -176,21 +180,24 @@ def import_reward(name: str) -> Callable[[dict, str], float]:
 def parse_rewards(spec: str) -> list[tuple[str, Callable, float]]:
     """Parses "exact_match,format:0.1,my_rewards:numeric:0.5" into [(name, fn, weight), ...]:
     each part is a name of REWARDS or "module:function" (imported), then an optional ":weight"
-    (default 1). Unknown names and unimportable functions are errors."""
+    (default 1); "rm" is the reward model of `reward_from` (its fn is None: the source scores
+    it). Unknown names and unimportable functions are errors."""
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, w = part.rpartition(":")
         if not name or not _is_number(w):  # no weight
             name, w = part, ""
-        if name in REWARDS:
+        if name == REWARD_MODEL:
+            fn = None
+        elif name in REWARDS:
             fn = REWARDS[name]
         elif ":" in name:
             fn = import_reward(name)
             name = name.replace(":", ".")  # metric rollout/r_module.function
         else:
             raise KeyError(
-                f"grpo.rewards: unknown reward {name!r}; known: {sorted(REWARDS)}, or "
-                "module:function"
+                f"grpo.rewards: unknown reward {name!r}; known: {sorted(REWARDS)}, "
+                f"{REWARD_MODEL!r} (the reward model of reward_from), or module:function"
             )
         out.append((name, fn, float(w) if w else 1.0))
     if not out:
@@ -337,7 +344,7 @@ class GRPOSource(RolloutSource):
     """Groups of samples per prompt, rewarded by Python functions."""
 
     def __init__(self, config, mesh, rules, prompts, *, cfg, template, apply, ref, rewards,
-                 spec=None):  # fmt: skip
+                 spec=None, rm=None):  # fmt: skip
         super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template)
         g = config.grpo
         if config.rollout.batch % g.group_size:
@@ -364,6 +371,9 @@ class GRPOSource(RolloutSource):
         # LoRA (`spec`): the policy is {"base", "lora"}; its frozen base is the reference
         # (ref[2] is None) and the decoder gets the merged weights.
         self.rewards, self.ref_params, self.spec = rewards, ref[2], spec
+        # A reward model ("rm" in grpo.rewards; rm = (cfg, apply, params) of reward_from):
+        # its score at each response's last token, like PPO's.
+        self._rm = (rl_common.reward_scorer(rm[1]), rm[2]) if rm else None
         temp = scoring_temperature(config.rollout.temperature)
 
         def score(policy, ref_p, rows):
@@ -385,8 +395,16 @@ class GRPOSource(RolloutSource):
             unfinished = np.asarray(unfinished, bool)
         reward, valid, errors, parts = np.zeros(n, np.float32), np.ones(n, bool), [], {}
         for name, fn, w in self.rewards:  # each function once per sample
-            vals, ok, errs = call_reward_fns([fn], [1.0], s["metas"], answers, s["messages"],
-                                             reasonings)  # fmt: skip
+            if fn is None:  # the reward model, on the rendered rows
+                vals = np.asarray(self.score(self._rm[0], self._rm[1], s["rows"]), np.float32)
+                ok = np.isfinite(vals)
+                errs = [
+                    f"reward model score {v} (row {b})" for b, v in enumerate(vals) if not ok[b]
+                ]
+                vals = np.where(ok, vals, 0.0).astype(np.float32)
+            else:
+                vals, ok, errs = call_reward_fns([fn], [1.0], s["metas"], answers, s["messages"],
+                                                 reasonings)  # fmt: skip
             reward, valid, errors, parts[name] = reward + w * vals, valid & ok, errors + errs, vals
         no_answer = s["empty"] | unfinished  # an unended reasoning answers nothing
         reward = np.where(no_answer, r.empty_reward, reward) - r.nonstop_penalty * (~s["stopped"])
@@ -472,6 +490,14 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
         raise ValueError("grpo: set --config.init_from=SFT_RUN (policy and reference)")
     require_one_process()
     rewards = rewards if rewards is not None else parse_rewards(config.grpo.rewards)
+    reward_from = config.get("reward_from", "")  # (configs older than the key: none)
+    if any(fn is None for _, fn, _ in rewards) != bool(reward_from):
+        raise ValueError(
+            "grpo.rewards names rm (the reward model) but reward_from is not set"
+            if reward_from == "" else
+            f"reward_from={reward_from!r} is set but grpo.rewards={config.grpo.rewards!r} does "
+            "not name rm (e.g. rm or exact_match,rm:0.5)"
+        )  # fmt: skip
     tok, cfg, template = common.resolve_source(config, mesh)
     prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
@@ -482,9 +508,17 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
         init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
     else:
         ref = rl_common.frozen_lm(config.init_from, mesh, rules, config.rollout.frozen_dtype)
+    rm = None
+    if reward_from:
+        rm = rl_common.frozen_scalar(reward_from, mesh, rules, config.rollout.frozen_dtype)
+        if rm[0].vocab_size != cfg.vocab_size:
+            raise ValueError(
+                f"reward_from={reward_from}: its vocab ({rm[0].vocab_size}) is not the policy's "
+                f"({cfg.vocab_size}); a reward model reads the policy's tokens"
+            )
     source = GRPOSource(
         config, mesh, rules, prompts, cfg=cfg, template=template, apply=apply, ref=ref,
-        rewards=rewards, spec=spec,
+        rewards=rewards, spec=spec, rm=rm,
     )  # fmt: skip
     eval_fn, data_report = rl_common.policy_eval_and_report(
         config, cfg, template, prompts, held, report, mesh, rules, workdir

@@ -31,6 +31,9 @@ prompt as chat turns, [{"role": "user", "content": ...}, ...] (a text prompt is 
     def cites_question(meta, response, prompt):
         return float(prompt[-1]["content"].split()[0] in response)
 
+A reward model trained here (configs/reward.py) scores too: `--config.reward_from=runs/rm
+--config.grpo.rewards=rm` (or `exact_match,rm:0.5`); its vocabulary must be the policy's.
+
 Each is logged as rollout/r_<module>.<function> (rollout/r_my_rewards.numeric); a sample whose
 reward raises or is NaN is skipped and counted (rollout/bad_reward). The held-out eval's
 accuracy is exact match with the reference (alignment/sft.py `score`), not your reward.
@@ -97,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.trainer_config(a.steps or steps, mbatch, seq)
     c.task = "grpo"  # which task main.py runs
     c.model = common.model_config(a.variant)  # unused: the architecture comes from init_from
+    # a reward-model run: named "rm[:weight]" in grpo.rewards, its score at the response's last
+    # token joins the reward functions' (open-ended prompts; mixed with verifiable rewards)
+    c.reward_from = ""
     c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the RL prompts
     c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)
     size_rollout_rows(c, seq)

@@ -494,3 +494,35 @@ def test_mask_truncated_drops_cut_off_responses_from_the_loss(runs, cache_dir, m
     weight_off, weight_on = mask_off.sum(1), out[True]["loss_mask"][order].sum(1)
     assert stopped.sum() == 4 and (weight_off > 0).all()
     np.testing.assert_array_equal(weight_on, np.where(stopped, weight_off, 0.0))
+
+
+def test_reward_model_scores_next_to_reward_functions(runs, cache_dir):
+    """ "rm" in grpo.rewards (with reward_from): each sample's reward adds w × the reward
+    model's score at its last token, the same score an independent forward gives; naming rm
+    without reward_from, or reward_from without rm, is an error."""
+    sft, rm_dir = runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, reward_from=rm_dir, **{
+        "batch_size": 8, "rollout.batch": 8, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6,
+        "grpo.rewards": "rm:0.5,format",
+    })  # fmt: skip
+    mesh = make_mesh(dict(c.mesh))
+    source = grpo.build_task(c, mesh, None).train_batches
+    init, _ = model_fns(source.cfg)
+    params = rl_common._place(init, H.random_params(init, 0), mesh, logical_axis_rules("fsdp"),
+                              "float32")  # fmt: skip
+    s = source._judged(source.sample(params, [0, 1], jax.random.PRNGKey(3), num_samples=4))
+    _, rm_apply, rm_params = rl_common.frozen_scalar(rm_dir, mesh, logical_axis_rules("fsdp"))
+    want = np.asarray(rl_common.reward_scorer(rm_apply)(rm_params, s["rows"]))
+    np.testing.assert_allclose(s["parts"]["rm"], want, rtol=1e-5, atol=1e-6)
+    assert np.ptp(want) > 0  # a real score per sample, not a constant
+    r = c.rollout
+    total = 0.5 * want + s["parts"]["format"]
+    total = np.where(s["empty"], r.empty_reward, total) - r.nonstop_penalty * ~s["stopped"]
+    np.testing.assert_allclose(s["reward"], total, rtol=1e-5, atol=1e-6)
+    for rewards, reward_from, match in (("rm", "", "reward_from is not set"),
+                                        ("format", rm_dir, "does not name rm")):  # fmt: skip
+        with c.unlocked():
+            c.grpo.rewards, c.reward_from = rewards, reward_from
+        with pytest.raises(ValueError, match=match):
+            grpo.build_task(c, mesh, None)
