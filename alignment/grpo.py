@@ -23,7 +23,8 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
   3. advantages per group (`group_advantages`): A_i = (r_i − mean_g r) / (std_g r + ε)
      over the group's valid samples (population std, ε = 1e-4; TRL divides by the unbiased
      std), so a group of equal rewards gets A = 0, not 0/0 (`scale_by_std=False`: just
-     r_i − mean_g r, Dr. GRPO), the same for every token of i;
+     r_i − mean_g r, Dr. GRPO; `baseline="loo"`: the mean of the other samples' rewards, RLOO
+     with `scale_by_std=False`), the same for every token of i;
   4. score (one jitted call): log π_old and log π_ref per token, at the rollout temperature
      like every logprob here (below);
   5. train: `rollout.epochs` passes in minibatches through the shared step, with the loss
@@ -209,18 +210,26 @@ def parse_rewards(spec: str) -> list[tuple[str, Callable, float]]:
 # Advantages and loss (pure; tests check them against the formulas)
 
 
-def group_advantages(rewards, valid=None, *, scale_by_std: bool = True, eps: float = 1e-4):
+def group_advantages(rewards, valid=None, *, scale_by_std: bool = True, eps: float = 1e-4,
+                     baseline: str = "mean"):  # fmt: skip
     """Group-normalised advantages of (P, G) rewards (G samples of each of P prompts).
 
     A_i = (r_i − mean_g) / (std_g + ε) over the group's valid samples (population std); with
     `scale_by_std=False`, A_i = r_i − mean_g. Invalid samples get 0 and no say in the stats.
+    `baseline="loo"` subtracts the mean of the group's *other* valid rewards instead (RLOO,
+    Ahmadian et al. 2024): r_i − (Σ_{j≠i} r_j)/(n − 1) = n/(n − 1)·(r_i − mean_g) for n valid
+    samples (0 when n < 2), unbiased because the baseline does not depend on sample i.
     """
+    if baseline not in ("mean", "loo"):
+        raise ValueError(f"grpo.baseline={baseline!r}; expected mean | loo")
     r = np.asarray(rewards, np.float64)
     v = np.ones_like(r, bool) if valid is None else np.asarray(valid, bool)
     n = np.maximum(v.sum(1, keepdims=True), 1)
     mean = np.where(v, r, 0.0).sum(1, keepdims=True) / n
     std = np.sqrt(np.where(v, np.square(r - mean), 0.0).sum(1, keepdims=True) / n)
     adv = r - mean
+    if baseline == "loo":
+        adv = np.where(n > 1, adv * n / np.maximum(n - 1, 1), 0.0)
     if scale_by_std:
         adv = adv / (std + eps)
     return np.where(v, adv, 0.0).astype(np.float32)
@@ -352,6 +361,8 @@ class GRPOSource(RolloutSource):
                 f"rollout.batch={config.rollout.batch} is not a multiple of "
                 f"grpo.group_size={g.group_size}"
             )
+        if g.get("baseline", "mean") not in ("mean", "loo"):
+            raise ValueError(f"grpo.baseline={g.baseline!r}; expected mean | loo")
         if g.get("importance", "token") not in ("token", "sequence"):
             raise ValueError(f"grpo.importance={g.importance!r}; expected token | sequence")
         if not g.get("clip_high", 0.0) >= 0:
@@ -441,7 +452,10 @@ class GRPOSource(RolloutSource):
         reward, valid, texts, unfinished = s["reward"], s["valid"], s["answers"], s["unfinished"]
         self.log_errors(errors, int(valid.sum()))
         adv = group_advantages(
-            reward.reshape(-1, G), valid.reshape(-1, G), scale_by_std=g.scale_by_std
+            reward.reshape(-1, G),
+            valid.reshape(-1, G),
+            scale_by_std=g.scale_by_std,
+            baseline=g.get("baseline", "mean"),  # (configs older than the key: the mean)
         ).reshape(-1)
         rows = s["rows"]
         ref_params = params["base"] if self.spec else self.ref_params

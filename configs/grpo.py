@@ -70,6 +70,9 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     c.group_size = group  # samples per prompt (G)
     c.rewards = "exact_match"  # name[:weight],...: alignment/grpo.py REWARDS or module:function
     c.scale_by_std = True  # A = (r − mean)/std per group; False: r − mean (Dr. GRPO)
+    # mean: the group's mean reward | loo: the mean of the *other* samples' (RLOO with
+    # scale_by_std=False)
+    c.baseline = "mean"
     c.clip = 0.2  # ε of the clipped ratio: [1 − ε, 1 + ε]
     c.clip_high = 0.0  # upper ε when > 0: [1 − clip, 1 + clip_high] (DAPO's clip-higher, 0.28)
     # token: per-token ratio π/π_old (GRPO) | sequence: each response's length-normalised ratio

@@ -41,6 +41,17 @@ def test_group_advantages_equal_the_formula():
     assert np.all(adv[1] == 0)  # a flat group carries no signal
     plain = grpo.group_advantages(r, valid, scale_by_std=False)
     np.testing.assert_allclose(plain[2], [1 + 1 / 3, 1 / 3, 0, -2 + 1 / 3], **TOL)  # mean −1/3
+    # RLOO: each reward minus the mean of the group's other valid rewards.
+    loo = grpo.group_advantages(r, valid, scale_by_std=False, baseline="loo")
+    for g in range(3):
+        for i in range(4):
+            others = [float(r[g, j]) for j in range(4) if j != i and valid[g, j]]
+            want = float(r[g, i]) - sum(others) / len(others) if valid[g, i] else 0.0
+            np.testing.assert_allclose(loo[g, i], want, **TOL)
+    one_valid = grpo.group_advantages(r[:1], valid[:1] & [[1, 0, 0, 0]], baseline="loo")
+    assert np.all(one_valid == 0)  # no other sample: no baseline, no signal
+    with pytest.raises(ValueError, match="grpo.baseline='median'"):
+        grpo.group_advantages(r, valid, baseline="median")
 
 
 @pytest.mark.parametrize("agg", ["seq", "token"])
