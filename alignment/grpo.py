@@ -350,33 +350,36 @@ def take_samples(calls: list[dict], idx: list[int]) -> dict:
 
 
 class GRPOSource(RolloutSource):
-    """Groups of samples per prompt, rewarded by Python functions."""
+    """Groups of samples per prompt, rewarded by Python functions (and a reward model). Its
+    settings are the config section SECTION ("grpo"; online DPO's source reads "online")."""
+
+    SECTION = "grpo"
 
     def __init__(self, config, mesh, rules, prompts, *, cfg, template, apply, ref, rewards,
                  spec=None, rm=None):  # fmt: skip
         super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template)
-        g = config.grpo
+        g, k = config[self.SECTION], self.SECTION
         if config.rollout.batch % g.group_size:
             raise ValueError(
                 f"rollout.batch={config.rollout.batch} is not a multiple of "
-                f"grpo.group_size={g.group_size}"
+                f"{k}.group_size={g.group_size}"
             )
         if g.get("baseline", "mean") not in ("mean", "loo"):
-            raise ValueError(f"grpo.baseline={g.baseline!r}; expected mean | loo")
+            raise ValueError(f"{k}.baseline={g.baseline!r}; expected mean | loo")
         if g.get("importance", "token") not in ("token", "sequence"):
-            raise ValueError(f"grpo.importance={g.importance!r}; expected token | sequence")
+            raise ValueError(f"{k}.importance={g.importance!r}; expected token | sequence")
         if not g.get("clip_high", 0.0) >= 0:
-            raise ValueError(f"grpo.clip_high={g.clip_high} must be >= 0 (0 = grpo.clip)")
+            raise ValueError(f"{k}.clip_high={g.clip_high} must be >= 0 (0 = {k}.clip)")
         if not (
             isinstance(g.get("dynamic_sampling", 0), int) and g.get("dynamic_sampling", 0) >= 0
         ):
             raise ValueError(
-                f"grpo.dynamic_sampling={g.dynamic_sampling!r}: the most extra decoder calls per "
+                f"{k}.dynamic_sampling={g.dynamic_sampling!r}: the most extra decoder calls per "
                 "rollout, an integer >= 0 (0 = off)"
             )
         if not 0 <= g.get("overlong_buffer", 0) <= config.rollout.max_new_tokens:
             raise ValueError(
-                f"grpo.overlong_buffer={g.overlong_buffer} must be in "
+                f"{k}.overlong_buffer={g.overlong_buffer} must be in "
                 f"[0, rollout.max_new_tokens={config.rollout.max_new_tokens}]"
             )
         # LoRA (`spec`): the policy is {"base", "lora"}; its frozen base is the reference
@@ -396,7 +399,7 @@ class GRPOSource(RolloutSource):
     def _judged(self, s: dict) -> dict:
         """A `sample` result with its rewards: "reward", "valid", "errors", "answers" (what the
         functions judged), "unfinished", "reasonings" and "parts" (each function's values)."""
-        r, g = self.config.rollout, self.config.grpo
+        r, g = self.config.rollout, self.config[self.SECTION]
         n = len(s["texts"])
         answers, reasonings, unfinished = s["texts"], None, np.zeros(n, bool)
         marker = g.get("reasoning_end", "")
@@ -425,7 +428,7 @@ class GRPOSource(RolloutSource):
                 "answers": answers, "unfinished": unfinished, "reasonings": reasonings}  # fmt: skip
 
     def make_rollout(self, params, rng):
-        r, g = self.config.rollout, self.config.grpo
+        r, g = self.config.rollout, self.config[self.SECTION]
         G, n_groups = g.group_size, r.batch // g.group_size
         # DAPO's dynamic sampling (`grpo.dynamic_sampling` = N > 0): a group without signal
         # (its valid rewards all equal, or fewer than two valid: A = 0) is set aside and up to N
@@ -498,18 +501,22 @@ class GRPOSource(RolloutSource):
 # Task
 
 
-def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.Task:
-    """The GRPO Task. `rewards`: optional [(name, callable, weight)] replacing `grpo.rewards`."""
+def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
+               source_cls=GRPOSource, make_loss=None) -> loop.Task:  # fmt: skip
+    """The GRPO Task. `rewards`: optional [(name, callable, weight)] replacing `grpo.rewards`.
+    Online DPO (alignment/online_dpo.py) is this task with its own source (`source_cls`, whose
+    SECTION names its settings) and loss (`make_loss(apply)`, apply LoRA-wrapped if any)."""
+    k = source_cls.SECTION
     if not config.init_from:
-        raise ValueError("grpo: set --config.init_from=SFT_RUN (policy and reference)")
+        raise ValueError(f"{config.task}: set --config.init_from=SFT_RUN (policy and reference)")
     require_one_process()
-    rewards = rewards if rewards is not None else parse_rewards(config.grpo.rewards)
+    rewards = rewards if rewards is not None else parse_rewards(config[k].rewards)
     reward_from = config.get("reward_from", "")  # (configs older than the key: none)
     if any(fn is None for _, fn, _ in rewards) != bool(reward_from):
         raise ValueError(
-            "grpo.rewards names rm (the reward model) but reward_from is not set"
+            f"{k}.rewards names rm (the reward model) but reward_from is not set"
             if reward_from == "" else
-            f"reward_from={reward_from!r} is set but grpo.rewards={config.grpo.rewards!r} does "
+            f"reward_from={reward_from!r} is set but {k}.rewards={config[k].rewards!r} does "
             "not name rm (e.g. rm or exact_match,rm:0.5)"
         )  # fmt: skip
     tok, cfg, template = common.resolve_source(config, mesh)
@@ -530,7 +537,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
                 f"reward_from={reward_from}: its vocab ({rm[0].vocab_size}) is not the policy's "
                 f"({cfg.vocab_size}); a reward model reads the policy's tokens"
             )
-    source = GRPOSource(
+    source = source_cls(
         config, mesh, rules, prompts, cfg=cfg, template=template, apply=apply, ref=ref,
         rewards=rewards, spec=spec, rm=rm,
     )  # fmt: skip
@@ -541,10 +548,11 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
         plain_eval = eval_fn
         eval_fn = lambda params: plain_eval(lora_lib.merge(params, spec))  # noqa: E731
     load, transform = common.init_hooks("lm", spec)
+    temperature = scoring_temperature(config.rollout.temperature)
     return loop.Task(
-        name="grpo",
+        name=config.task,
         init_params=init_params,
-        loss_fn=grpo_loss_fn(apply, config.grpo, scoring_temperature(config.rollout.temperature)),
+        loss_fn=make_loss(apply) if make_loss else grpo_loss_fn(apply, config.grpo, temperature),
         train_batches=source,
         before_step=source.before_step,
         eval_fn=eval_fn,

@@ -320,7 +320,7 @@ class RolloutSource:
 
     # -- helpers ------------------------------------------------------------------------------
     def _minibatches(self, rows: dict, stats: dict) -> list[dict]:
-        B, mb = len(rows["tokens"]), self.config.batch_size
+        B, mb = len(next(iter(rows.values()))), self.config.batch_size  # rows (or pairs)
         rng = np.random.default_rng([self.config.seed, self.iteration])
         out = []
         for _ in range(self.config.rollout.epochs):

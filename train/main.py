@@ -36,6 +36,7 @@ TASKS = {
     "dpo": "flaxlm.alignment.dpo",
     "ppo": "flaxlm.alignment.ppo",
     "grpo": "flaxlm.alignment.grpo",
+    "online_dpo": "flaxlm.alignment.online_dpo",
 }
 
 
