@@ -67,8 +67,8 @@ rollout decodes with the adapters merged into a copy of the weights (`lora_lib.m
 checkpoint holds {"base", "lora"}; every reader merges (as for SFT/DPO LoRA runs).
 
 The bad-input policy (a reward function that raises or returns NaN, empty responses, over-long
-prompts) is rl_rollout's: the sample is skipped with a count; a rollout
-with no valid sample raises.
+prompts) is rl_rollout's: the sample is skipped with a count; a rollout with no valid sample
+raises.
 
 Metrics: `rollout/reward_mean|std`, `rollout/accuracy` (the world's exact match, when prompts
 carry its meta), `rollout/r_<name>` per reward function, `rollout/kl` (per-sequence KL to the
@@ -178,7 +178,7 @@ def import_reward(name: str) -> Callable[[dict, str], float]:
     return fn
 
 
-def parse_rewards(spec: str) -> list[tuple[str, Callable, float]]:
+def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Callable, float]]:
     """Parses "exact_match,format:0.1,my_rewards:numeric:0.5" into [(name, fn, weight), ...]:
     each part is a name of REWARDS or "module:function" (imported), then an optional ":weight"
     (default 1); "rm" is the reward model of `reward_from` (its fn is None: the source scores
@@ -197,12 +197,12 @@ def parse_rewards(spec: str) -> list[tuple[str, Callable, float]]:
             name = name.replace(":", ".")  # metric rollout/r_module.function
         else:
             raise KeyError(
-                f"grpo.rewards: unknown reward {name!r}; known: {sorted(REWARDS)}, "
+                f"{key}: unknown reward {name!r}; known: {sorted(REWARDS)}, "
                 f"{REWARD_MODEL!r} (the reward model of reward_from), or module:function"
             )
         out.append((name, fn, float(w) if w else 1.0))
     if not out:
-        raise ValueError("grpo.rewards is empty")
+        raise ValueError(f"{key} is empty")
     return out
 
 
@@ -510,7 +510,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     if not config.init_from:
         raise ValueError(f"{config.task}: set --config.init_from=SFT_RUN (policy and reference)")
     require_one_process()
-    rewards = rewards if rewards is not None else parse_rewards(config[k].rewards)
+    rewards = rewards if rewards is not None else parse_rewards(config[k].rewards, f"{k}.rewards")
     reward_from = config.get("reward_from", "")  # (configs older than the key: none)
     if any(fn is None for _, fn, _ in rewards) != bool(reward_from):
         raise ValueError(
