@@ -63,7 +63,8 @@ groups set aside); `rollout/gen_s` is all calls' time.
 
 LoRA (`lora.rank` > 0, models/lora.py): only adapters on the policy train; the reference is the
 policy's own frozen base (`params["base"]`), so no second copy of the model is loaded, and each
-rollout decodes with the adapters merged into a copy of the weights (`lora_lib.merge`). The
+rollout decodes with the adapters merged into a copy of the weights in the compute dtype
+(`RolloutSource.decoding_params`: no full-precision merged copy). The
 checkpoint holds {"base", "lora"}; every reader merges (as for SFT/DPO LoRA runs).
 
 The bad-input policy (a reward function that raises or returns NaN, empty responses, over-long
@@ -357,7 +358,7 @@ class GRPOSource(RolloutSource):
 
     def __init__(self, config, mesh, rules, prompts, *, cfg, template, apply, ref, rewards,
                  spec=None, rm=None):  # fmt: skip
-        super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template)
+        super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template, spec=spec)
         g, k = config[self.SECTION], self.SECTION
         if config.rollout.batch % g.group_size:
             raise ValueError(
@@ -382,9 +383,8 @@ class GRPOSource(RolloutSource):
                 f"{k}.overlong_buffer={g.overlong_buffer} must be in "
                 f"[0, rollout.max_new_tokens={config.rollout.max_new_tokens}]"
             )
-        # LoRA (`spec`): the policy is {"base", "lora"}; its frozen base is the reference
-        # (ref[2] is None) and the decoder gets the merged weights.
-        self.rewards, self.ref_params, self.spec = rewards, ref[2], spec
+        # LoRA (`spec`): the policy's frozen base is the reference (ref[2] is None).
+        self.rewards, self.ref_params = rewards, ref[2]
         # A reward model ("rm" in grpo.rewards; rm = (cfg, apply, params) of reward_from):
         # its score at each response's last token, like PPO's.
         self._rm = (rl_common.reward_scorer(rm[1]), rm[2]) if rm else None
@@ -437,7 +437,7 @@ class GRPOSource(RolloutSource):
         extra = g.get("dynamic_sampling", 0)  # (configs older than the key: off)
         drawn, errors, kept, aside = [], [], [], []  # per call; groups by index over the calls
         t0 = time.perf_counter()
-        decoding = lora_lib.merge(params, self.spec) if self.spec else params
+        decoding = self.decoding_params(params)
         for k in range(1 + extra):
             key = rng if k == 0 else jax.random.fold_in(rng, k)
             prompts = self.cursor.take(n_groups)

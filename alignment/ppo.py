@@ -215,12 +215,11 @@ class PPOSource(RolloutSource):
 
     def __init__(self, config, mesh, rules, prompts, *, cfg, template, applies, ref, rm,
                  spec=None):  # fmt: skip
-        super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template)
+        super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template, spec=spec)
         p = config.ppo
         self.kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
-        # LoRA (`spec`): the policy is {"base", "lora"}; its frozen base is the reference
-        # (ref[2] is None) and the decoder gets the merged weights.
-        self.ref_params, self.rm_params, self.spec = ref[2], rm[2], spec
+        # LoRA (`spec`): the policy's frozen base is the reference (ref[2] is None).
+        self.ref_params, self.rm_params = ref[2], rm[2]
         policy_apply, value_apply = applies
         temp = scoring_temperature(config.rollout.temperature)
 
@@ -239,7 +238,7 @@ class PPOSource(RolloutSource):
     def make_rollout(self, params, rng):
         r, p = self.config.rollout, self.config.ppo
         policy = params["policy"]
-        decoding = lora_lib.merge(policy, self.spec) if self.spec else policy
+        decoding = self.decoding_params(policy)
         s = self.sample(decoding, self.cursor.take(r.batch), rng)
         del decoding  # (a LoRA policy's merged copy: freed before scoring)
         rows = s["rows"]

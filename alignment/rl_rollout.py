@@ -72,6 +72,7 @@ from flaxlm.alignment.rl_common import (
     rollout_rows,
     stop_string_tuple,
 )
+from flaxlm.models import lora as lora_lib
 from flaxlm.models.decode import generate
 from flaxlm.models.sharding import shard_batch, use_mesh
 from flaxlm.models.stop_strings import StopStrings
@@ -240,7 +241,7 @@ class RolloutSource:
     template.
     """
 
-    def __init__(self, config, mesh, rules, prompts: list[dict], *, cfg, template):
+    def __init__(self, config, mesh, rules, prompts: list[dict], *, cfg, template, spec=None):
         r = config.rollout
         if r.batch % config.batch_size:
             raise ValueError(
@@ -264,6 +265,8 @@ class RolloutSource:
         )
         self.config, self.mesh, self.rules, self.prompts = config, mesh, rules, prompts
         self.cfg, self.template = cfg, template
+        # LoRA (`spec`): the policy is {"base", "lora"}; the decoder gets the merged weights
+        self.spec, self._merged = spec, None
         self.cursor = PromptCursor(
             len(prompts), config.seed, jax.process_index(), jax.process_count()
         )
@@ -331,6 +334,19 @@ class RolloutSource:
                     **{k: v[sel] for k, v in rows.items()}, **stat_fields(stats, len(sel))
                 })  # fmt: skip
         return out
+
+    def decoding_params(self, policy):
+        """The policy's weights for the decoder. A LoRA policy's adapters are merged in and the
+        result cast to the compute dtype in one jitted call, so no full-precision merged copy
+        of the model is ever held (the decoder casts to that dtype anyway)."""
+        if self.spec is None:
+            return policy
+        if self._merged is None:
+            dt, spec = jnp.dtype(self.cfg.dtype), self.spec
+            cast = lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+            self._merged = jax.jit(lambda p: jax.tree.map(cast, lora_lib.merge(p, spec)))
+        with use_mesh(self.mesh, self.rules):
+            return self._merged(policy)
 
     def sample(self, params, prompt_idx: list[int], rng, num_samples: int = 1) -> dict:
         """One decoder call for the prompts `prompt_idx`, `num_samples` samples each (rows

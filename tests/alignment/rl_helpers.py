@@ -87,14 +87,17 @@ def forbid_reference_copy(monkeypatch):
 def check_lora_rl_run(workdir: str, sft: str, policy) -> dict:
     """The checks of a two-rollout LoRA RL run whose final policy params are `policy`
     ({"base", "lora"}): the first rollout's KL is exactly 0 (b = 0: policy = reference = base)
-    and the second's is not; the base is the SFT run's, bit for bit; the adapters trained; the
-    checkpoint's policy reads back with them merged. Returns the checkpoint meta."""
+    and the second's is not; the decoder's logprobs are the policy's; the base is the SFT
+    run's, bit for bit; the adapters trained; the checkpoint's policy reads back with them
+    merged. Returns the checkpoint meta."""
     from flaxlm.models import lora as lora_lib
     from flaxlm.train.metrics import read_metrics
 
     recs = [r for r in read_metrics(workdir) if "rollout/kl" in r]
     assert [r["rollout/iteration"] for r in recs] == [0, 1]
     assert recs[0]["rollout/kl"] == 0.0 and recs[1]["rollout/kl"] > 0
+    # The decoder sampled with the trained adapters merged: its logprobs are the policy's.
+    assert all(r["rollout/logprob_gap"] < 1e-4 for r in recs)
     _, base, _ = common.load_policy(sft)
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(policy["base"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
