@@ -80,6 +80,32 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     return c
 
 
+def rl_run_config(c: ml_collections.ConfigDict, lr: float, runlocal: bool) -> None:
+    """What the RL configs (PPO, GRPO, online DPO) share after their own sections: held-out
+    greedy and sampled accuracy (`eval_gen`, the world's held-out questions; `rollout.
+    heldout_prompts` RL prompts kept out), a constant learning rate after a short warmup with
+    Adam's β2 = 0.999 and no weight decay, and the evaluation / checkpoint cadence."""
+    from flaxlm.alignment.sft import eval_gen_config  # (sft imports nothing of ours: no cycle)
+
+    c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy
+    c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
+    c.eval_gen.sample_temperature = 1.0  # also report the accuracy of samples (0: off)
+    c.eval_gen.samples = 1  # ...this many per prompt
+    c.rollout.heldout_prompts = 0 if runlocal else 200  # evaluated as eval/rl_heldout/...
+    c.opt.lr = lr
+    c.opt.schedule = "constant"
+    c.opt.warmup_steps = max(c.total_steps // 20, 1)
+    c.opt.weight_decay = 0.0
+    c.opt.b2 = 0.999
+    c.eval_every = c.total_steps // 2 if runlocal else 64
+    c.ckpt_every = c.total_steps if runlocal else 256
+    c.log_every = 4
+    if runlocal:
+        c.eval_gen.examples = 32
+        c.eval_gen.batch = 32
+        c.eval_gen.max_new_tokens = 16
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts
 

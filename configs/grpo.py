@@ -47,8 +47,7 @@ from __future__ import annotations
 import ml_collections
 
 from flaxlm.alignment import common as align
-from flaxlm.alignment.rl_common import rollout_config, size_rollout_rows
-from flaxlm.alignment.sft import eval_gen_config
+from flaxlm.alignment.rl_common import rl_run_config, rollout_config, size_rollout_rows
 from flaxlm.configs import common
 from flaxlm.models.lora import lora_config
 
@@ -114,23 +113,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # LoRA adapters on the policy (models/lora.py); rank 0 = off. The reference is then the
     # policy's frozen base: no second copy of the model is loaded.
     c.lora = lora_config(a.lora)
-    c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy
-    c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
-    c.eval_gen.sample_temperature = 1.0  # also report the accuracy of samples (0: off)
-    c.eval_gen.samples = 1  # ...this many per prompt
-    c.rollout.heldout_prompts = 0 if a.runlocal else 200  # evaluated as eval/rl_heldout/...
-    c.opt.lr = lr * (10 if a.lora else 1)  # adapters start at zero and need a larger step
-    c.opt.schedule = "constant"
-    c.opt.warmup_steps = max(c.total_steps // 20, 1)
-    c.opt.weight_decay = 0.0
-    c.opt.b2 = 0.999
-    c.eval_every = c.total_steps // 2 if a.runlocal else 64
-    c.ckpt_every = c.total_steps if a.runlocal else 256
-    c.log_every = 4
-    if a.runlocal:
-        c.eval_gen.examples = 32
-        c.eval_gen.batch = 32
-        c.eval_gen.max_new_tokens = 16
+    # held-out evals, schedule, cadence (rl_common); adapters start at zero: a larger step
+    rl_run_config(c, lr * (10 if a.lora else 1), a.runlocal)
     c.lock()
     return c
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 from flaxlm.alignment import common as align
-from flaxlm.alignment.rl_common import rollout_config, size_rollout_rows
-from flaxlm.alignment.sft import eval_gen_config
+from flaxlm.alignment.rl_common import rl_run_config, rollout_config, size_rollout_rows
 from flaxlm.configs import common
 from flaxlm.configs.dpo import dpo_config
 from flaxlm.models.lora import lora_config
@@ -75,22 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {k: d[k] for k in ("loss_type", "beta", "label_smoothing", "simpo_gamma", "sft_coef")}
     )
     c.lora = lora_config(a.lora)  # LoRA adapters on the policy (models/lora.py); rank 0 = off
-    c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy
-    c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
-    c.eval_gen.sample_temperature = 1.0  # also report the accuracy of samples (0: off)
-    c.eval_gen.samples = 1  # ...this many per prompt
-    c.rollout.heldout_prompts = 0 if a.runlocal else 200  # evaluated as eval/rl_heldout/...
-    c.opt.lr = lr * (10 if a.lora else 1)  # adapters start at zero and need a larger step
-    c.opt.schedule = "constant"
-    c.opt.warmup_steps = max(c.total_steps // 20, 1)
-    c.opt.weight_decay = 0.0
-    c.eval_every = c.total_steps // 2 if a.runlocal else 64
-    c.ckpt_every = c.total_steps if a.runlocal else 256
-    c.log_every = 4
-    if a.runlocal:
-        c.eval_gen.examples = 32
-        c.eval_gen.batch = 32
-        c.eval_gen.max_new_tokens = 16
+    # held-out evals, schedule, cadence (rl_common); adapters start at zero: a larger step
+    rl_run_config(c, lr * (10 if a.lora else 1), a.runlocal)
     c.lock()
     return c
 

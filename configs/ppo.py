@@ -23,8 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from flaxlm.alignment import common as align
-from flaxlm.alignment.rl_common import rollout_config, size_rollout_rows
-from flaxlm.alignment.sft import eval_gen_config
+from flaxlm.alignment.rl_common import rl_run_config, rollout_config, size_rollout_rows
 from flaxlm.configs import common
 from flaxlm.models.lora import lora_config
 
@@ -75,23 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # and the reference is the policy's frozen base (no second copy of the model). opt.lr is
     # not raised (one optimizer: the critic's rate too).
     c.lora = lora_config(a.lora)
-    c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy / RM score
-    c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
-    c.eval_gen.sample_temperature = 1.0  # also report the accuracy of samples (0: off)
-    c.eval_gen.samples = 1  # ...this many per prompt
-    c.rollout.heldout_prompts = 0 if a.runlocal else 200  # evaluated as eval/rl_heldout/...
-    c.opt.lr = lr
-    c.opt.schedule = "constant"
-    c.opt.warmup_steps = max(c.total_steps // 20, 1)
-    c.opt.weight_decay = 0.0
-    c.opt.b2 = 0.999
-    c.eval_every = c.total_steps // 2 if a.runlocal else 64
-    c.ckpt_every = c.total_steps if a.runlocal else 256
-    c.log_every = 4
-    if a.runlocal:
-        c.eval_gen.examples = 32
-        c.eval_gen.batch = 32
-        c.eval_gen.max_new_tokens = 16
+    # held-out evals (greedy accuracy / RM score), schedule, cadence (rl_common)
+    rl_run_config(c, lr, a.runlocal)
     c.lock()
     return c
 
