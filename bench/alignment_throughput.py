@@ -1,10 +1,10 @@
-"""DPO and PPO throughput: policy-training tokens/s, and where a PPO iteration's time goes.
+"""DPO, PPO and GRPO throughput: policy-training tokens/s, and where an RL iteration's time goes.
 
     python -m flaxlm.bench.alignment_throughput --out OUT [--cases 125m:dpo,125m:ppo,...]
     python -m flaxlm.bench.alignment_throughput --tiny --out OUT     # CPU smoke test
 
-Each case runs the real task — `flaxlm.alignment.dpo.run` / `flaxlm.alignment.ppo.run` on the
-configs of configs/dpo.py / configs/ppo.py, through the one training loop — for a few steps in
+Each case runs the real task — `flaxlm.alignment.{dpo,ppo,grpo}.run` on the configs of
+configs/{dpo,ppo,grpo}.py, through the one training loop — for a few steps in
 a temp workdir, and reads its metrics.jsonl. The runs start from a throwaway chain written once
 per shape (`--work`, shared by the cases of one invocation): an "SFT" run and a "reward-model"
 run with random weights (bf16 checkpoints, the reward model's backbone = the LM's) and the
@@ -15,10 +15,11 @@ rewrites OUT/alignment_throughput.md after every case from the latest record of 
 
 Cases are "SHAPE:ALGO[:OPT...]":
   SHAPE  tiny (CPU smoke) | 125m | 1b (TinyLlama-1.1B layout)
-  ALGO   dpo | ppo
+  ALGO   dpo | ppo | grpo (groups of GRPO_GROUP samples, the built-in `format` reward; the
+         rollout options and the time split are PPO's)
   OPT    dpo: "online" = reference log-probs computed every step (default: the config's
          "precompute", once for every pair before training, outside the timed steps);
-         ppo: "gN" = N new tokens per response (default: SHAPES); "cN" = rollouts test
+         ppo, grpo: "gN" = N new tokens per response (default: SHAPES); "cN" = rollouts test
          "all stopped" every N tokens (rollout.check_every; default 1); rollouts decode
          with rollout.decode_attention "auto" (the Pallas decode-step kernel on CUDA GPUs),
          "pallas" = the kernel anywhere, "decode_xla" = XLA's attention;
@@ -54,6 +55,8 @@ What is counted:
        Training FLOPs per token: policy + value, 6·N_matmul + 12·L·d_attn·T
        each, minus the value model's absent LM head (ppo.py's count); generation and scoring
        FLOPs are not counted.
+  GRPO as PPO (score: policy and reference forwards; train: the policy alone), FLOPs of the
+       policy only.
   MFU  against the device's dense bf16 peak (flaxlm.train.metrics: 989 TFLOP/s H100/H200) ×
        devices, also with the causal count (attention halved); null where the peak is unknown
        (CPU). peak_mem_gb: the backend's peak_bytes_in_use, null where it reports none.
@@ -83,6 +86,7 @@ SHAPES = {
     "125m": dict(variant="125m", vocab=2048, dpo=(16, 1024), ppo=(256, 64, 64, 256)),
     "1b": dict(variant="1b", vocab=2048, dpo=(8, 2048), ppo=(256, 64, 64, 256)),
 }
+GRPO_GROUP = 4  # GRPO cases: samples per prompt (rollout.batch / GRPO_GROUP prompts)
 WORLD = "small"  # built-in world preset: 60 preference pairs, 30 RL prompts (content is moot)
 GPU_PLAN = dict(dtype="bfloat16", attention_impl="cudnn", remat_policy="none")
 
@@ -244,30 +248,36 @@ def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir:
 
 def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: dict,
             workdir: str, check_every: int = 1, decode_attention: str = "auto",
-            lora: int = 0) -> dict:  # fmt: skip
+            lora: int = 0, algo: str = "ppo") -> dict:  # fmt: skip
+    """A PPO case, or (`algo="grpo"`) a GRPO one: the same rollout / score / train split, with
+    groups of GRPO_GROUP samples per prompt rewarded by the built-in `format` function."""
+    import importlib
+
     import numpy as np
 
-    from flaxlm.alignment import common, ppo
-    from flaxlm.configs import ppo as ppo_config
+    from flaxlm.alignment import common
     from flaxlm.configs.common import override
     from flaxlm.models.config import ModelConfig
     from flaxlm.train.metrics import read_metrics
 
+    task = importlib.import_module(f"flaxlm.alignment.{algo}")
     rbatch, mbatch, prompt, default_new = SHAPES[shape]["ppo"]
     new = new or default_new
-    config = _base(ppo_config, shape, sft, **{
-        "reward_from": rm, "batch_size": mbatch, "seq_len": prompt + new,
+    only = {"reward_from": rm} if algo == "ppo" else {
+        "grpo.group_size": GRPO_GROUP, "grpo.rewards": "format"}  # fmt: skip
+    config = _base(importlib.import_module(f"flaxlm.configs.{algo}"), shape, sft, **{
+        "batch_size": mbatch, "seq_len": prompt + new,
         "rollout.batch": rbatch, "rollout.max_prompt_len": prompt, "rollout.max_new_tokens": new,
         "rollout.heldout_prompts": 0, "rollout.frozen_dtype": "bfloat16" if plan else "float32",
         "rollout.check_every": check_every, "rollout.decode_attention": decode_attention,
-        **_lora_overrides(lora),
+        **only, **_lora_overrides(lora),
     })  # fmt: skip
     epochs = config.rollout.epochs
     n = epochs * rbatch // mbatch  # optimizer steps per iteration
     # Iteration 0 compiles; 1..iters are timed; one step of iteration iters+1 reports the train
     # time of iteration `iters` (rollout/train_s is logged with the *next* rollout).
     override(config, {"total_steps": (iters + 1) * n + 1, "log_every": n})
-    ppo.run(config, workdir)
+    task.run(config, workdir)
     recs = [r for r in read_metrics(workdir) if "rollout/iteration" in r]
     by_it = {int(round(r["rollout/iteration"])): r for r in recs}
     its = list(range(1, iters + 1))
@@ -279,13 +289,16 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
     cfg = ModelConfig.from_dict(common.source_meta(sft)["model_config"])
     T = prompt + new
     head = 6 * cfg.vocab_size * cfg.d_model  # the critic has no vocabulary projection
-    fpt = _policy_flops(cfg, T, lora) + cfg.flops_per_token(T) - head
-    fpt_c = _policy_flops(cfg, T, lora, True) + cfg.flops_per_token(T, causal=True) - head
+    critic = algo == "ppo"  # (GRPO trains the policy alone)
+    fpt = _policy_flops(cfg, T, lora) + critic * (cfg.flops_per_token(T) - head)
+    fpt_c = _policy_flops(cfg, T, lora, True) + critic * (
+        cfg.flops_per_token(T, causal=True) - head)  # fmt: skip
     total = gen + score + train
     train_tps = epochs * rbatch * T / train
     env = _env(plan)
     return {
-        "algo": "ppo", "variant": SHAPES[shape]["variant"],
+        "algo": algo, "variant": SHAPES[shape]["variant"],
+        "group_size": GRPO_GROUP if algo == "grpo" else None,
         "params": cfg.param_counts()["total"], "vocab": cfg.vocab_size, "rollout_batch": rbatch,
         "minibatch": mbatch, "epochs": epochs, "steps_per_iter": n, "max_prompt_len": prompt,
         "max_new_tokens": new, "seq_len": T, "response_len": float(resp), "timed_iters": iters,
@@ -309,8 +322,11 @@ def parse_case(case: str) -> tuple[str, str, dict]:
     "flags"}) of a case "SHAPE:ALGO[:OPT...]"."""
     parts = case.split(":")
     shape, algo, opts = parts[0], (parts[1:2] or [""])[0], parts[2:]
-    if shape not in SHAPES or algo not in ("dpo", "ppo"):
-        raise ValueError(f"case {case!r}: expected SHAPE:dpo|ppo[:OPT], SHAPE in {list(SHAPES)}")
+    if shape not in SHAPES or algo not in ("dpo", "ppo", "grpo"):
+        raise ValueError(
+            f"case {case!r}: expected SHAPE:dpo|ppo|grpo[:OPT], SHAPE in {list(SHAPES)}"
+        )
+    rl = algo in ("ppo", "grpo")  # the rollout options
     out = {"online": False, "new": None, "attention": "cudnn", "check_every": 1,
            "decode_attention": "auto", "lora": 0, "flags": []}  # fmt: skip
     for o in opts:
@@ -320,13 +336,13 @@ def parse_case(case: str) -> tuple[str, str, dict]:
             out["attention"] = "xla"
         elif o[:4] == "lora" and o[4:].isdigit() and int(o[4:]) > 0:
             out["lora"] = int(o[4:])
-        elif o in ("pallas", "decode_xla") and algo == "ppo":
+        elif o in ("pallas", "decode_xla") and rl:
             out["decode_attention"] = o.removeprefix("decode_")
-        elif o[:1] == "c" and o[1:].isdigit() and algo == "ppo":
+        elif o[:1] == "c" and o[1:].isdigit() and rl:
             out["check_every"] = int(o[1:])
         elif o == "online" and algo == "dpo":
             out["online"] = True
-        elif o[:1] == "g" and o[1:].isdigit() and algo == "ppo":
+        elif o[:1] == "g" and o[1:].isdigit() and rl:
             out["new"] = int(o[1:])
         else:
             raise ValueError(f"case {case!r}: unknown option {o!r} for {algo}")
@@ -346,7 +362,7 @@ def run_case(case: str, work: str, steps: int, iters: int) -> dict:
             rec = run_dpo(shape, o["online"], steps, sft, plan, workdir, o["lora"])
         else:
             rec = run_ppo(shape, o["new"], iters, sft, rm, plan, workdir, o["check_every"],
-                          o["decode_attention"], o["lora"])  # fmt: skip
+                          o["decode_attention"], o["lora"], algo)  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"case": case, **rec, "setup_s": setup, "case_s": time.perf_counter() - t0}
@@ -383,6 +399,8 @@ def table(records: list[dict]) -> str:
             mb = r["steps_per_iter"] // r["epochs"]
             notes = (f"{r['rollout_batch']} × ({r['max_prompt_len']}+{r['max_new_tokens']}), "
                      f"{r['epochs']} epochs × {mb} minibatches")  # fmt: skip
+            if r.get("group_size"):
+                notes += f", groups of {r['group_size']}"
         if r.get("lora_rank"):
             notes += f", LoRA rank {r['lora_rank']} (FLOPs: no base weight gradients)"
         lines.append(
@@ -395,7 +413,7 @@ def table(records: list[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--cases", default="", help="comma list of SHAPE:dpo|ppo[:OPT]")
+    p.add_argument("--cases", default="", help="comma list of SHAPE:dpo|ppo|grpo[:OPT]")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
     p.add_argument("--steps", type=int, default=0, help="timed DPO steps (default 10; tiny 3)")
     p.add_argument("--iters", type=int, default=0, help="timed PPO iterations (default 2; tiny 1)")

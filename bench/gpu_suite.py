@@ -103,6 +103,8 @@ GPU_CASES = [
     # above: the reference is the policy's frozen base (one model copy fewer), no base weight
     # gradients or Adam state; memory and the iteration's split.
     ("alignment ppo lora", 120, ["alignment_throughput", "--cases", "125m:ppo:c8:lora16"]),
+    # GRPO's split (groups of 4; no critic, no reward model) on the same rollouts.
+    ("alignment grpo", 120, ["alignment_throughput", "--cases", "125m:grpo:c8"]),
     # Command buffers for loops and conditionals too; compiled for the H200, the decode step
     # is launched the same way as without (one graph per step), so this is a check, last.
     ("decode 1b flaxlm b64 cmdbuf", 60, ["decode", "--cases", "1b:flax:b64:cmdbuf"]),

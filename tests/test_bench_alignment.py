@@ -19,11 +19,12 @@ def work(tmp_path_factory):
 # the default, is the rollout loop test_ppo.py trains with) and trains LoRA adapters of rank 4 on
 # the policy (`lora4`; full fine-tuning: test_ppo.py). One PPO case serves every test here.
 PPO = "tiny:ppo:c4:lora4"
+GRPO = "tiny:grpo"
 
 
 @pytest.fixture(scope="module")
 def records(work):
-    return {c: A.run_case(c, work, steps=2, iters=1) for c in ("tiny:dpo", PPO)}
+    return {c: A.run_case(c, work, steps=2, iters=1) for c in ("tiny:dpo", PPO, GRPO)}
 
 
 def test_dpo_record(records):
@@ -39,9 +40,10 @@ def test_dpo_record(records):
     assert math.isfinite(r["loss"])
 
 
-def test_ppo_record_time_split(records):
-    r = records[PPO]
-    assert r["algo"] == "ppo"
+@pytest.mark.parametrize("case", [PPO, GRPO])
+def test_ppo_record_time_split(records, case):
+    r = records[case]
+    assert r["algo"] == case.split(":")[1]
     for k in ("gen_s", "score_s", "train_s"):
         assert r[k] > 0, k
     assert math.isclose(r["gen_s"] + r["score_s"] + r["train_s"], r["iteration_s"], rel_tol=1e-9)
@@ -84,10 +86,10 @@ def test_ppo_lora_flops_leave_out_the_frozen_weights_gradients(records):
 def test_table_and_case_parsing(records):
     md = A.table([*records.values(), {"case": "1b:ppo", "error": "RuntimeError: boom"}])
     lines = md.splitlines()
-    assert len(lines) == 2 + 3
+    assert len(lines) == 2 + 4
     assert lines[2].startswith("| tiny:dpo |") and lines[3].startswith(f"| {PPO} |")
-    assert f"{records[PPO]['gen_share']:.1%}" in lines[3]
-    assert "failed: RuntimeError: boom" in lines[4]
+    assert f"{records[PPO]['gen_share']:.1%}" in lines[3] and lines[4].startswith(f"| {GRPO} |")
+    assert "failed: RuntimeError: boom" in lines[5]
     want = {"online": False, "new": 64, "attention": "xla", "check_every": 8,
             "decode_attention": "auto", "lora": 0, "flags": ["cmdbuf"]}  # fmt: skip
     assert A.parse_case("1b:ppo:g64:xla:c8:cmdbuf") == ("1b", "ppo", want)
@@ -95,6 +97,8 @@ def test_table_and_case_parsing(records):
     assert A.parse_case("125m:ppo:c8:decode_xla")[2]["decode_attention"] == "xla"
     assert A.parse_case("125m:dpo:online")[2]["online"]
     assert A.parse_case("125m:dpo:lora16")[2]["lora"] == 16
+    assert A.parse_case("1b:grpo:g64:c8:lora8")[2] == {**want, "attention": "cudnn",
+                                                      "lora": 8, "flags": []}  # fmt: skip
     for bad in (
         "tiny",
         "tiny:sft",
@@ -105,6 +109,18 @@ def test_table_and_case_parsing(records):
         "tiny:dpo:pallas",
         "tiny:ppo:lora0",
         "tiny:ppo:lora",
+        "tiny:grpo:online",
     ):
         with pytest.raises(ValueError):
             A.parse_case(bad)
+
+
+def test_grpo_record_counts_the_policy_alone(records):
+    """A GRPO case: groups of GRPO_GROUP, and training FLOPs of the policy only (no critic)."""
+    from flaxlm.models.config import get_variant
+
+    r = records[GRPO]
+    cfg = get_variant("tiny", vocab_size=r["vocab"])
+    assert r["group_size"] == A.GRPO_GROUP and r["rollout_batch"] % A.GRPO_GROUP == 0
+    assert r["flops_per_token"] == cfg.flops_per_token(r["seq_len"])
+    assert "groups of 4" in A.table([r])
