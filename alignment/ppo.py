@@ -45,8 +45,8 @@ parameter, so each gets its own Adam statistics; the only coupling is the global
 backbone already reads responses; the frozen reward model and reference are separate copies
 kept out of the state (optionally bfloat16, `rollout.frozen_dtype`).
 
-LoRA (`lora.rank` > 0): adapters on the policy ({"policy": {"base", "lora"}, "value": critic});
-the critic still trains whole, and the reference is the policy's frozen base (no reference copy
+LoRA (`lora.rank` > 0): adapters on the policy and the critic (each {"base", "lora"}; the
+critic's head, new, trains whole); the reference is the policy's frozen base (no reference copy
 loaded); rollouts decode with the adapters merged. Readers of the run merge them (the policy of a
 PPO checkpoint loads as a plain language model either way).
 
@@ -62,6 +62,7 @@ answers on held-out prompts — world-judge accuracy and the reward model's mean
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -318,12 +319,15 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
 
     lm_init, lm_apply = model_fns(cfg)
     v_init, v_apply = scalar_model_fns(vcfg)
-    # LoRA: adapters on the policy (the critic trains whole); the reference is the policy's
-    # frozen base, so no second copy of the model is loaded.
+    # LoRA: adapters on the policy and on the critic (whose new head trains whole, as a LoRA
+    # reward model's); the reference is the policy's frozen base, so no second copy of the
+    # model is loaded.
     spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
+    vspec = dataclasses.replace(spec, train_extra="^head/") if spec else None
     if spec:
         ref = (cfg, lm_apply, None)
         lm_init, lm_apply = lora_lib.with_lora(lm_init, spec), lora_lib.lora_apply(lm_apply, spec)
+        v_init, v_apply = lora_lib.with_lora(v_init, vspec), lora_lib.lora_apply(v_apply, vspec)
     else:
         ref = rl_common.frozen_lm(config.init_from, mesh, rules, dtype)
     plain = (lambda policy: lora_lib.merge(policy, spec)) if spec else (lambda policy: policy)
@@ -332,18 +336,18 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         return {"policy": lm_init(rng), "value": v_init(jax.random.fold_in(rng, 1))}
 
     def load(source, target):
+        base = (lambda t: t["base"]) if spec else (lambda t: t)
         return {
-            "policy": common.load_lm_params(source, target["policy"]["base"] if spec
-                                            else target["policy"]),
-            "value": rl_common.load_scalar_params(config.reward_from, target["value"]),
-        }  # fmt: skip
+            "policy": common.load_lm_params(source, base(target["policy"])),
+            "value": rl_common.load_scalar_params(config.reward_from, base(target["value"])),
+        }
 
-    def transform(loaded, fresh):  # fresh adapters on the loaded policy
-        return {**loaded, "policy": {"base": loaded["policy"], "lora": fresh["policy"]["lora"]}}
+    def transform(loaded, fresh):  # fresh adapters on the loaded policy and critic
+        return {k: {"base": loaded[k], "lora": fresh[k]["lora"]} for k in ("policy", "value")}
 
-    def trainable(params):  # the policy's adapters and the whole critic
+    def trainable(params):  # the adapters, and the critic's head
         return {"policy": lora_lib.trainable_mask(params["policy"], spec),
-                "value": jax.tree.map(lambda _: True, params["value"])}  # fmt: skip
+                "value": lora_lib.trainable_mask(params["value"], vspec)}  # fmt: skip
 
     source = PPOSource(
         config, mesh, rules, prompts, cfg=cfg, template=template,

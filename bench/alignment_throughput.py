@@ -23,8 +23,8 @@ Cases are "SHAPE:ALGO[:OPT...]":
          "all stopped" every N tokens (rollout.check_every; default 1); rollouts decode
          with rollout.decode_attention "auto" (the Pallas decode-step kernel on CUDA GPUs),
          "pallas" = the kernel anywhere, "decode_xla" = XLA's attention;
-         both: "loraN" = LoRA adapters of rank N on the policy (`lora.rank`, targets
-         LORA_TARGETS; PPO's critic still trains whole, its reference is then the policy's
+         both: "loraN" = LoRA adapters of rank N (`lora.rank`, targets LORA_TARGETS) on the
+         policy (and PPO's critic, whose head trains whole; the reference is then the policy's
          frozen base); "xla" = XLA attention instead of cuDNN (GPU); a name in bench/driver.py
          XLA_FLAG_SETS (e.g. "cmdbuf") runs the case under those XLA flags
 Model: the shape's variant with vocab_size = the built-in tokenizer's (512 tiny, 2048 otherwise;
@@ -78,7 +78,7 @@ from flaxlm.bench import driver
 # 64 / 128 (a step that fits a short lease). PPO: configs/ppo.py's epochs (2), minibatch (64)
 # and prompt cap (64); rollouts of 256 (1b's config: 512) and responses of 256 tokens rather
 # than its 32, closer to RLHF practice (OpenRLHF's ~80% generation share is for long ones).
-# LoRA cases ("loraN") adapt every projection of the policy, the usual choice for RL with LoRA.
+# LoRA cases ("loraN") adapt every projection, the usual choice for RL with LoRA.
 LORA_TARGETS = "attn/(q|k|v|o)|mlp/(gate|up|down)"
 
 SHAPES = {
@@ -289,10 +289,13 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
     cfg = ModelConfig.from_dict(common.source_meta(sft)["model_config"])
     T = prompt + new
     head = 6 * cfg.vocab_size * cfg.d_model  # the critic has no vocabulary projection
-    critic = algo == "ppo"  # (GRPO trains the policy alone)
-    fpt = _policy_flops(cfg, T, lora) + critic * (cfg.flops_per_token(T) - head)
+    # The critic (PPO; GRPO trains the policy alone): the policy's count less the LM head it
+    # lacks and, under LoRA, less its frozen backbone's weight gradients (its head is tiny).
+    frozen = 2 * (cfg.param_counts()["matmul"] - cfg.vocab_size * cfg.d_model) if lora else 0
+    critic = algo == "ppo"
+    fpt = _policy_flops(cfg, T, lora) + critic * (cfg.flops_per_token(T) - head - frozen)
     fpt_c = _policy_flops(cfg, T, lora, True) + critic * (
-        cfg.flops_per_token(T, causal=True) - head)  # fmt: skip
+        cfg.flops_per_token(T, causal=True) - head - frozen)  # fmt: skip
     total = gen + score + train
     train_tps = epochs * rbatch * T / train
     env = _env(plan)

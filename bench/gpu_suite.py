@@ -99,9 +99,9 @@ GPU_CASES = [
         200,
         ["alignment_throughput", "--cases", "125m:ppo:c8,125m:ppo:c8:decode_xla,125m:ppo:cmdbuf"],
     ),  # fmt: skip
-    # PPO with LoRA adapters (rank 16, every projection) on the policy against the full c8 case
-    # above: the reference is the policy's frozen base (one model copy fewer), no base weight
-    # gradients or Adam state; memory and the iteration's split.
+    # PPO with LoRA adapters (rank 16, every projection) on the policy and the critic against
+    # the full c8 case above: the reference is the policy's frozen base (one model copy fewer),
+    # no base weight gradients or Adam state; memory and the iteration's split.
     ("alignment ppo lora", 120, ["alignment_throughput", "--cases", "125m:ppo:c8:lora16"]),
     # GRPO's split (groups of 4; no critic, no reward model) on the same rollouts.
     ("alignment grpo", 120, ["alignment_throughput", "--cases", "125m:grpo:c8"]),

@@ -4,7 +4,8 @@
         --config.init_from=runs/sft --config.reward_from=runs/rm --workdir runs/ppo
 
 arg keys: variant (sizes of the run; the architecture comes from the checkpoints), runlocal
-(a CPU-sized run), steps (0 = default), lora (adapter rank on the policy; 0 = full fine-tuning).
+(a CPU-sized run), steps (0 = default), lora (adapter rank on the policy and the critic; 0 = full
+fine-tuning; > 0 also multiplies opt.lr by 10).
 One rollout of `rollout.batch` responses gives rollout.epochs × rollout.batch / batch_size
 optimizer steps.
 
@@ -70,12 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.epochs = 2  # PPO epochs over each rollout
     size_rollout_rows(c, seq)
     c.ppo = ppo_config()
-    # LoRA adapters on the policy (models/lora.py); rank 0 = off. The critic still trains whole
-    # and the reference is the policy's frozen base (no second copy of the model). opt.lr is
-    # not raised (one optimizer: the critic's rate too).
+    # LoRA adapters on the policy and the critic (models/lora.py; the critic's head trains
+    # whole); rank 0 = off. The reference is then the policy's frozen base (no second copy).
     c.lora = lora_config(a.lora)
     # held-out evals (greedy accuracy / RM score), schedule, cadence (rl_common)
-    rl_run_config(c, lr, a.runlocal)
+    rl_run_config(c, lr * (10 if a.lora else 1), a.runlocal)  # (adapters start at zero)
     c.lock()
     return c
 

@@ -70,8 +70,9 @@ def test_ppo_blocked_stop_checks(records):
 
 
 def test_ppo_lora_flops_leave_out_the_frozen_weights_gradients(records):
-    """`loraN`: the policy's FLOPs per token drop the base weights' gradients (2·N_matmul);
-    the critic, trained whole, and the attention terms count in full."""
+    """`loraN`: the policy's FLOPs per token drop the frozen weights' gradients (2·N_matmul),
+    the critic's those of its backbone (it has no LM head); the attention terms count in
+    full."""
     from flaxlm.models.config import get_variant
 
     r = records[PPO]
@@ -79,7 +80,8 @@ def test_ppo_lora_flops_leave_out_the_frozen_weights_gradients(records):
     full = cfg.flops_per_token(r["seq_len"])
     head = 6 * cfg.vocab_size * cfg.d_model
     assert r["lora_rank"] == 4
-    assert r["flops_per_token"] == (full - 2 * cfg.param_counts()["matmul"]) + full - head
+    n, vd = cfg.param_counts()["matmul"], cfg.vocab_size * cfg.d_model
+    assert r["flops_per_token"] == (full - 2 * n) + (full - head - 2 * (n - vd))
     assert "LoRA rank 4" in A.table([r])
 
 

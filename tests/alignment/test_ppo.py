@@ -231,10 +231,11 @@ def test_frozen_models_in_bfloat16_score_like_float32(runs):
     assert np.abs(out["float32"][0]).max() > 1  # real log-probabilities, not zeros
 
 
-def test_lora_ppo_trains_policy_adapters_and_the_critic(runs, cache_dir, tmp_path, monkeypatch):
+def test_lora_ppo_trains_adapters_on_the_policy_and_the_critic(runs, cache_dir, tmp_path,
+                                                               monkeypatch):  # fmt: skip
     """lora.rank > 0: the policy's base stays frozen and is the reference (no second copy), so
-    the first rollout's KL is exactly 0; adapters and the whole critic train; the checkpoint's
-    policy reads back with the adapters merged."""
+    the first rollout's KL is exactly 0; the critic's backbone stays the reward model's, bit for
+    bit, while its head and adapters train; the checkpoint's policy reads back merged."""
     sft, rm = runs
     c = H.tiny(ppo_config, cache_dir, init_from=sft, reward_from=rm, **{
         "batch_size": 8, "rollout.batch": 16, "rollout.epochs": 1, "seq_len": 64,
@@ -246,12 +247,20 @@ def test_lora_ppo_trains_policy_adapters_and_the_critic(runs, cache_dir, tmp_pat
     assert summary["train"]["n_skipped"] == 0
     meta = H.check_lora_rl_run(str(tmp_path), sft, state.params["policy"])
     assert meta["head"] == "policy_value" and meta["lora"]["rank"] == 4
+    value = state.params["value"]
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     critic0 = rl_common.load_scalar_params(
         rm,
-        jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), state.params["value"]
-        ),
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), value["base"]),
     )
-    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-               zip(jax.tree.leaves(critic0), jax.tree.leaves(state.params["value"])))  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves(critic0["transformer"]),
+        jax.tree.leaves(value["base"]["transformer"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # frozen backbone
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(critic0["head"]), jax.tree.leaves(value["base"]["head"]))
+    )
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(value["lora"]))
