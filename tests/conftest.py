@@ -148,8 +148,10 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_collection_finish(session):
-    if _XDIST_WORKER or session.config.option.collectonly or not any(
-        str(item.path) == _DEMO_TEST for item in session.items
+    if (
+        _XDIST_WORKER
+        or session.config.option.collectonly
+        or not any(str(item.path) == _DEMO_TEST for item in session.items)
     ):
         return
     _start_demo(str(session.config._tmp_path_factory.mktemp("demo_run")))
