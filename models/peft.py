@@ -217,8 +217,9 @@ def _kernel_dims(kernel: str, cfg: ModelConfig) -> tuple[int, int]:
 
 def export_run_adapter(run_dir: str, path: str, step=None, dtype=None,
                        overwrite: bool = False) -> str:  # fmt: skip
-    """Writes the adapters of a flaxlm LoRA run (latest or `step`) as a PEFT adapter directory;
-    its base_model_name_or_path is the HF checkpoint the run started from, if any."""
+    """Writes the adapters of a flaxlm LoRA run (latest or `step`; a PPO run's: its policy's)
+    as a PEFT adapter directory; its base_model_name_or_path is the HF checkpoint the run
+    started from, if any."""
     import jax
     import jax.numpy as jnp
 
@@ -231,17 +232,20 @@ def export_run_adapter(run_dir: str, path: str, step=None, dtype=None,
     if spec is None:
         raise HFError(f"{run_dir}: not a LoRA run (no lora rank in its checkpoint meta); "
                       "export the model without --adapter")  # fmt: skip
-    if meta.get("head", "lm") != "lm":
-        raise HFError(f"{run_dir}: a {meta.get('head')!r}-head run; PEFT adapters here are for "
-                      "causal language models")  # fmt: skip
+    head = meta.get("head", "lm")  # "policy_value": a PPO run, whose policy's adapters go out
+    if head not in ("lm", "policy_value"):
+        raise HFError(f"{run_dir}: a {head!r}-head run; PEFT adapters here are for causal "
+                      "language models")  # fmt: skip
     cfg = ModelConfig.from_dict(meta["model_config"])
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     base = unbox(jax.eval_shape(
         lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
         jax.random.PRNGKey(0)))  # fmt: skip
     tree = {"base": base, "lora": lora_lib.abstract_adapters(base, spec)}
+    tree = {"policy": tree} if head == "policy_value" else tree
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), tree)
-    lora = ckpt_lib.load_params(run_dir, target, step)["lora"]
+    loaded = ckpt_lib.load_params(run_dir, target, step)
+    lora = (loaded["policy"] if head == "policy_value" else loaded)["lora"]
     return save_adapter(cfg, lora, spec, path, base_model=_base_model(run_dir, meta),
                         dtype=dtype, overwrite=overwrite, arch=meta.get("hf_arch"))  # fmt: skip
 

@@ -264,3 +264,15 @@ def test_lora_ppo_trains_adapters_on_the_policy_and_the_critic(runs, cache_dir, 
         for a, b in zip(jax.tree.leaves(critic0["head"]), jax.tree.leaves(value["base"]["head"]))
     )
     assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(value["lora"]))
+    # The policy's adapters export as a PEFT adapter; read back onto the SFT base they give the
+    # run's merged policy.
+    from flaxlm.models import lora as lora_lib
+    from flaxlm.models import peft
+
+    adapter = peft.export_run_adapter(str(tmp_path), str(tmp_path / "adapter"))
+    cfg, base, _ = common.load_policy(sft)
+    read_spec, read = peft.load_adapter(adapter, cfg)
+    _, merged, _ = common.load_policy(str(tmp_path))
+    again = lora_lib.merge({"base": base, "lora": read}, read_spec)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(again), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
