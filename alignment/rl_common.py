@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from flaxlm.alignment import common
+from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.data import formats as F
 from flaxlm.data.synthetic_judge import TASKS
 from flaxlm.models import lora as lora_lib
@@ -85,8 +86,6 @@ def rl_run_config(c: ml_collections.ConfigDict, lr: float, runlocal: bool) -> No
     greedy and sampled accuracy (`eval_gen`, the world's held-out questions; `rollout.
     heldout_prompts` RL prompts kept out), a constant learning rate after a short warmup with
     Adam's β2 = 0.999 and no weight decay, and the evaluation / checkpoint cadence."""
-    from flaxlm.alignment.sft import eval_gen_config  # (sft imports nothing of ours: no cycle)
-
     c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy
     c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
     c.eval_gen.sample_temperature = 1.0  # also report the accuracy of samples (0: off)
