@@ -264,7 +264,9 @@ def write_report(workdir: str | None, report: dict) -> None:
 # Loading language-model params into a task's tree
 
 
-def _replicated_like(abstract, tree):
+def replicated_like(abstract, tree):
+    """ShapeDtypeStructs of `abstract` replicated over the mesh of `tree`'s first leaf (small
+    trees read next to a sharded one, e.g. LoRA adapters next to their base)."""
     s = jax.tree.leaves(tree)[0].sharding
     rep = NamedSharding(s.mesh, P()) if isinstance(s, NamedSharding) else s
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), abstract)
@@ -302,14 +304,14 @@ def load_lm_params(source: str, target, step: int | None = None):
     if meta.get("head") == "policy_value":  # a PPO run: {"policy": LM, "value": critic}
         if spec is None:
             return ckpt_lib.load_params(source, {"policy": target}, step)["policy"]
-        adapters = _replicated_like(lora_lib.abstract_adapters(target, spec), target)
+        adapters = replicated_like(lora_lib.abstract_adapters(target, spec), target)
         both = {"policy": {"base": target, "lora": adapters}}
         return lora_lib.merge(ckpt_lib.load_params(source, both, step)["policy"], spec)
     inner = {"transformer": target} if scalar else target
     if spec is None:
         loaded = ckpt_lib.load_params(source, inner, step)
     else:
-        adapters = _replicated_like(lora_lib.abstract_adapters(inner, spec), target)
+        adapters = replicated_like(lora_lib.abstract_adapters(inner, spec), target)
         both = ckpt_lib.load_params(source, {"base": inner, "lora": adapters}, step)
         loaded = lora_lib.merge(both, spec)
     return loaded["transformer"] if scalar else loaded

@@ -98,7 +98,6 @@ from flaxlm.alignment.rl_rollout import (
     logprob_gap,
     passthrough_stats,
     policy_logprobs,
-    require_one_process,
     sample_stats,
     scoring_temperature,
     tempered,
@@ -509,7 +508,6 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     k = source_cls.SECTION
     if not config.init_from:
         raise ValueError(f"{config.task}: set --config.init_from=SFT_RUN (policy and reference)")
-    require_one_process()
     rewards = rewards if rewards is not None else parse_rewards(config[k].rewards, f"{k}.rewards")
     reward_from = config.get("reward_from", "")  # (configs older than the key: none)
     if any(fn is None for _, fn, _ in rewards) != bool(reward_from):

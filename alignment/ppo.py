@@ -78,7 +78,6 @@ from flaxlm.alignment.rl_rollout import (
     logprob_gap,
     passthrough_stats,
     policy_logprobs,
-    require_one_process,
     sample_stats,
     scoring_temperature,
     tempered,
@@ -309,7 +308,6 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     model run: scorer and critic) are required."""
     if not config.init_from or not config.reward_from:
         raise ValueError("ppo: set --config.init_from=SFT_RUN and --config.reward_from=RM_RUN")
-    require_one_process()
     tok, cfg, template = common.resolve_source(config, mesh)
     prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)

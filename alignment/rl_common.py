@@ -39,10 +39,10 @@ from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode import generate, prompt_keys
 from flaxlm.models.heads import scalar_model_fns, sequence_values
-from flaxlm.models.sharding import shard_batch, use_mesh
+from flaxlm.models.sharding import fetch, global_batch, use_mesh
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train.pretrain import model_fns
-from flaxlm.train.state import param_shardings, unbox
+from flaxlm.train.state import param_shardings
 
 
 def size_rollout_rows(c: ml_collections.ConfigDict, seq_cap: int) -> None:
@@ -140,12 +140,13 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
 
 
 class PromptCursor:
-    """This process's prompts in a per-epoch shuffled order; state is (epoch, position)."""
+    """Prompt indices in a per-epoch shuffled order; state is (epoch, position). The same on
+    every process: a rollout is drawn whole by each (alignment/rl_rollout.py)."""
 
-    def __init__(self, n: int, seed: int, process_index: int = 0, process_count: int = 1):
-        self.idx = np.arange(process_index, n, process_count)
-        if not len(self.idx):
-            raise ValueError(f"no prompts for process {process_index} of {process_count}")
+    def __init__(self, n: int, seed: int):
+        self.idx = np.arange(n)
+        if not n:
+            raise ValueError("no prompts")
         self.seed, self.epoch, self.pos = seed, 0, 0
 
     def _order(self):
@@ -172,19 +173,21 @@ class PromptCursor:
 # Frozen models (reference policy, reward model)
 
 
-def _place(init_params, loaded, mesh, rules, dtype: str):
-    """`loaded` (host or device arrays) sharded like a trainable tree of `init_params` (the same
-    logical rules as training), cast to `dtype`."""
-    _, shardings = param_shardings(init_params, jax.random.PRNGKey(0), mesh, rules)
+def _placed_target(init_params, mesh, rules):
+    """ShapeDtypeStructs of `init_params`'s (unboxed) params with the training shardings: a
+    frozen model is read straight into them, each device (of each process) reading its part."""
+    abstract, shardings = param_shardings(init_params, jax.random.PRNGKey(0), mesh, rules)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings
+    )
+
+
+def _cast(params, dtype: str):
+    """Floating params cast to `dtype`, each keeping its sharding (one jitted call)."""
     dt = jnp.dtype(dtype)
     cast = lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
-    return jax.tree.map(lambda x, s: jax.device_put(cast(jnp.asarray(x)), s), loaded, shardings)
-
-
-def _abstract(init_params):
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = unbox(jax.eval_shape(init_params, jax.random.PRNGKey(0)))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
 
 
 def frozen_lm(source: str, mesh, rules, dtype: str = "float32"):
@@ -200,10 +203,9 @@ def frozen_lm(source: str, mesh, rules, dtype: str = "float32"):
     else:
         raise ValueError(f"{source}: no model_config in its checkpoint meta")
     init, _ = model_fns(cfg)
-    params = common.load_lm_params(source, _abstract(init))
+    params = common.load_lm_params(source, _placed_target(init, mesh, rules))
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    init, apply = model_fns(cfg)
-    return cfg, apply, _place(init, params, mesh, rules, dtype)
+    return cfg, model_fns(cfg)[1], _cast(params, dtype)
 
 
 def load_scalar_params(run_dir: str, target):
@@ -214,11 +216,7 @@ def load_scalar_params(run_dir: str, target):
     spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
     if spec is None:
         return ckpt_lib.load_params(run_dir, target)
-    leaf = jax.tree.leaves(target)[0]
-    adapters = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=leaf.sharding),
-        lora_lib.abstract_adapters(target, spec),
-    )
+    adapters = common.replicated_like(lora_lib.abstract_adapters(target, spec), target)
     return lora_lib.merge(ckpt_lib.load_params(run_dir, {"base": target, "lora": adapters}), spec)
 
 
@@ -226,10 +224,9 @@ def frozen_scalar(run_dir: str, mesh, rules, dtype: str = "float32"):
     """(cfg, apply, params) of a reward-model run, frozen (see `frozen_lm`)."""
     cfg = ModelConfig.from_dict(ckpt_lib.read_meta(run_dir)[1]["model_config"])
     init, _ = scalar_model_fns(cfg)
-    params = load_scalar_params(run_dir, _abstract(init))
+    params = load_scalar_params(run_dir, _placed_target(init, mesh, rules))
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    init, apply = scalar_model_fns(cfg)
-    return cfg, apply, _place(init, params, mesh, rules, dtype)
+    return cfg, scalar_model_fns(cfg)[1], _cast(params, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +435,7 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
             if score is not None:
                 rows = rollout_rows(prompts, out.tokens, out.lengths, width, pad_id)
                 with use_mesh(mesh, rules):
-                    s = jax.device_get(score(rm[2], shard_batch(rows, mesh)))
+                    s = fetch(score(rm[2], global_batch(rows, mesh)))
                 scores += list(s[: len(chunk)])
             for ex, text in zip(chunk, texts):
                 ok, j = sft.score(ex["meta"], text, ex["answer"])

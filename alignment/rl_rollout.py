@@ -37,6 +37,18 @@ truncation is not reflected in the logprobs (as in TRL). The decoder's own `samp
 are the model's at T = 1 (models/decode.py); `logprob_gap` compares them with the scoring
 forward's at T = 1, a check of the decoder's numerics at any temperature.
 
+Several processes (a multi-host job): every process holds the whole rollout on its host, the
+same on all. Each draws the same prompts (one cursor, the same everywhere), the decoder call
+splits the rows over every device and hands each process the whole output (models/decode.py),
+reward functions judge every P-th sample on each process and exchange the values
+(`call_reward_fns`), the scoring forward runs on the devices and is read back whole (`score`);
+advantages, statistics and the minibatch order are then computed alike everywhere, and process
+p trains on the p-th part of each minibatch. So a P-process run trains on the minibatches a
+one-process run on a mesh of the same shape would, up to the order of floating-point reductions
+over processes (tests/alignment/test_rl_multiprocess.py: GRPO, PPO and online DPO on 2 × 4
+devices against 1 × 8). The host work that is not split — decoding texts, advantages — is small
+next to decoding.
+
 Resume: a checkpoint stores the prompt cursor and the rollout count, not a rollout's unused
 minibatches, so the loop saves only at rollout boundaries (`at_boundary`): a periodic save due
 inside a rollout, and a SIGTERM, wait for its last minibatch (optimizer steps, no generation).
@@ -65,6 +77,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from flaxlm.alignment.rl_common import (
     PromptCursor,
@@ -74,7 +87,7 @@ from flaxlm.alignment.rl_common import (
 )
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.decode import generate
-from flaxlm.models.sharding import shard_batch, use_mesh
+from flaxlm.models.sharding import fetch, global_batch, use_mesh
 from flaxlm.models.stop_strings import StopStrings
 from flaxlm.train.losses import token_logprobs
 
@@ -180,7 +193,12 @@ def call_reward_fns(
     messages, and `reasoning=` its reasoning text for a function that takes `reasoning` when
     `reasonings` are given (a reasoning model's rollout, where `texts` are the answers);
     (rewards, valid, error messages). A function that raises or returns a non-finite number
-    invalidates the sample (the policy above)."""
+    invalidates the sample (the policy above).
+
+    Several processes (each holding the whole rollout): process p judges samples p, p + P, ...
+    and the values are exchanged, so a costly reward (running code, a judge) is computed once
+    per sample, not once per process; the error messages are the process's own samples'."""
+    P, p = jax.process_count(), jax.process_index()
     rewards = np.zeros(len(texts), np.float64)
     valid = np.ones(len(texts), bool)
     errors = []
@@ -188,7 +206,8 @@ def call_reward_fns(
     takes_reasoning = [reasonings is not None and wants_arg(fn, "reasoning") for fn in fns]
     if prompts is None and any(takes_prompt):
         raise ValueError("call_reward_fns: a reward function takes `prompt` but none was given")
-    for j, (meta, text) in enumerate(zip(metas, texts)):
+    for j in range(p, len(texts), P):
+        meta, text = metas[j], texts[j]
         for fn, w, with_prompt, with_reasoning in zip(fns, weights, takes_prompt, takes_reasoning):
             name = getattr(fn, "__name__", repr(fn))
             kw = {"prompt": prompts[j]} if with_prompt else {}
@@ -205,17 +224,12 @@ def call_reward_fns(
                 errors.append(f"reward {name} returned {r}")
                 break
             rewards[j] += w * r
-    return rewards.astype(np.float32), valid, errors
-
-
-def require_one_process() -> None:
-    """RL tasks call this first: `generate` places its host prompts as global arrays and reads
-    its whole output back, one process's view, so a multi-process job is refused before any
-    model is loaded (instead of failing at the first rollout's read-back)."""
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            f"RL rollouts (PPO, GRPO) run in one process; this job has {jax.process_count()}"
-        )
+    rewards = rewards.astype(np.float32)
+    if P > 1:  # sample j from process j % P
+        every = np.asarray(multihost_utils.process_allgather(np.stack([rewards, valid])))
+        rows = np.arange(len(texts))
+        rewards, valid = every[rows % P, 0, rows], every[rows % P, 1, rows] > 0
+    return rewards, valid, errors
 
 
 def stat_fields(stats: dict, rows: int) -> dict:
@@ -267,9 +281,7 @@ class RolloutSource:
         self.cfg, self.template = cfg, template
         # LoRA (`spec`): the policy is {"base", "lora"}; the decoder gets the merged weights
         self.spec, self._merged = spec, None
-        self.cursor = PromptCursor(
-            len(prompts), config.seed, jax.process_index(), jax.process_count()
-        )
+        self.cursor = PromptCursor(len(prompts), config.seed)  # the same on every process
         self.iteration = 0
         self.queue: list[dict] = []
         self.errors_logged = 0
@@ -323,13 +335,17 @@ class RolloutSource:
 
     # -- helpers ------------------------------------------------------------------------------
     def _minibatches(self, rows: dict, stats: dict) -> list[dict]:
+        """This process's slices of the rollout's shuffled minibatches: with P processes,
+        process p takes the p-th of P equal parts of each (the loop assembles them in process
+        order, so the global minibatch is the one a single process would train on)."""
         B, mb = len(next(iter(rows.values()))), self.config.batch_size  # rows (or pairs)
         rng = np.random.default_rng([self.config.seed, self.iteration])
+        part, p = mb // jax.process_count(), jax.process_index()
         out = []
         for _ in range(self.config.rollout.epochs):
             perm = rng.permutation(B)
             for i in range(0, B, mb):
-                sel = perm[i : i + mb]
+                sel = perm[i : i + mb][p * part : (p + 1) * part]
                 out.append({
                     **{k: v[sel] for k, v in rows.items()}, **stat_fields(stats, len(sel))
                 })  # fmt: skip
@@ -380,20 +396,22 @@ class RolloutSource:
         }  # fmt: skip
 
     def score(self, fn, *args):
-        """Runs a jitted scoring function under the mesh on sharded rows; host results."""
-        args = [shard_batch(a, self.mesh) if isinstance(a, dict) and "tokens" in a else a
+        """Runs a jitted scoring function under the mesh on the rollout's rows (the whole
+        rollout, split over the devices); its whole results on the host of every process."""
+        args = [global_batch(a, self.mesh) if isinstance(a, dict) and "tokens" in a else a
                 for a in args]  # fmt: skip
         with use_mesh(self.mesh, self.rules):
-            return jax.device_get(fn(*args))
+            return fetch(fn(*args))
 
     def log_errors(self, errors: list[str], n: int) -> None:
         for e in errors[: max(0, MAX_LOGGED_ERRORS - self.errors_logged)]:
             log.warning("rollout %d: %s (sample skipped)", self.iteration, e)
             self.errors_logged += 1
-        if errors and n == 0:
+        if n == 0:  # (decided on the whole rollout: every process raises alike)
+            first = errors[0] if errors else "judged on another process"
             raise RuntimeError(
-                f"rollout {self.iteration}: no valid sample ({len(errors)} bad rewards; first: "
-                f"{errors[0]}). See the bad-input policy in flaxlm/alignment/rl_rollout.py."
+                f"rollout {self.iteration}: no valid sample ({len(errors)} bad rewards here; "
+                f"first: {first}). See the bad-input policy in flaxlm/alignment/rl_rollout.py."
             )
 
     def make_rollout(self, params, rng) -> tuple[dict, dict]:

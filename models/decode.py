@@ -72,6 +72,15 @@ rounded up to a power of two and their states to 8)). Temperature, top_p, min_p,
 ids, the stop strings' tables, pad id and the RNG are traced: changing them does not recompile.
 Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
 copies of row 0 and cut back), params stay in their training shardings.
+
+Several processes (a multi-host job; jax.distributed): every process calls `generate` at the
+same point with the same arguments — the WHOLE batch of prompts, the same rng and options — and
+its params as global arrays under the mesh. Each device decodes its rows, and the output is
+gathered so that every process gets all of it, the same on all (a replicated host view: what
+the RL rollouts build on, alignment/rl_rollout.py). Prompts, keys or traced options that differ
+between processes are an error on every process (a checksum per call, compared). The samples are
+those of one process decoding the same batch on a mesh of the same shape (tested with two
+processes of 4 devices against one of 8).
 """
 
 from __future__ import annotations
@@ -97,7 +106,13 @@ from flaxlm.models.sampling import (  # noqa: F401  (prompt_keys, sample_logits:
     sample_logits,
     step_key,
 )
-from flaxlm.models.sharding import batch_divisor, batch_sharding, replicated, use_mesh
+from flaxlm.models.sharding import (
+    batch_divisor,
+    batch_sharding,
+    check_same_on_processes,
+    replicated,
+    use_mesh,
+)
 from flaxlm.models.transformer import Transformer, fuse_projections, init_cache, unstack_layers
 
 MIN_BUCKET = 8  # smallest prompt bucket; prompt lengths round up to powers of two from here
@@ -396,7 +411,8 @@ def generate(
       pad_id: what fills `tokens` after a row ended (any int; prompts are padded with 0).
       mesh, rules: generate under this mesh with these logical-axis rules (use the training
         ones so training-sharded params are used in place); the batch is split over data×fsdp
-        (padded up to a multiple of it internally).
+        (padded up to a multiple of it internally). Several processes: each passes the whole
+        batch and gets the whole output (module docstring, "Several processes").
       cache_dtype: KV cache dtype; default the model's compute dtype.
       fuse_projections: decode with one q|k|v and one gate|up matmul per layer, the weights
         concatenated once per call (for backends without XLA:GPU's dot merger; see above).
@@ -433,6 +449,10 @@ def generate(
     if mesh is None:
         out = fn(params, tokens, lengths, rng, *rest)
     else:
+        if jax.process_count() > 1:  # every process passes the whole batch (module docstring)
+            key_bits = jax.random.key_data(rng) if _typed_key(rng) else rng
+            check_same_on_processes("generate", tokens, lengths, jax.device_get(key_bits),
+                                    *jax.device_get(jax.tree.leaves(rest)))  # fmt: skip
         with use_mesh(mesh, tuple(rules or ())):
             tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
             len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
@@ -442,7 +462,20 @@ def generate(
                 rng = jax.device_put(rng, replicated(mesh))
             rest = jax.device_put(rest, replicated(mesh))
             out = fn(params, tok_d, len_d, rng, *rest)
+            if jax.process_count() > 1:
+                out = _replicate(mesh)(out)  # each process reads the whole output
     return out if rows == B else jax.tree.map(lambda x: x[:B], out)
+
+
+def _typed_key(rng) -> bool:
+    return jax.dtypes.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicate(mesh):
+    """A jitted identity whose outputs are replicated on every device of `mesh`: the output
+    rows, split over data×fsdp, gathered so that every process holds (and can read) them all."""
+    return jax.jit(lambda tree: tree, out_shardings=replicated(mesh))
 
 
 def generate_program(cfg: ModelConfig, prompts, *, rng, **kw) -> tuple:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -114,6 +116,46 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
         sharding = batch_sharding(mesh, v.ndim) if v.ndim else replicated(mesh)
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """The WHOLE batch, which every process holds alike, as global sharded arrays (each device
+    keeps its rows). `shard_batch`'s counterpart for a replicated host view, such as an RL
+    rollout (alignment/rl_rollout.py): one process, the same arrays as `shard_batch` gives."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.device_put(v, batch_sharding(mesh, v.ndim) if v.ndim else replicated(mesh))
+    return out
+
+
+def fetch(tree):
+    """`jax.device_get` that also reads arrays split over several processes: each process gets
+    the whole value (a gather over processes for those, so every process must call it at the
+    same point, as it calls the jitted function that made them). One process: device_get."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+
+    return jax.tree.map(get, tree)
+
+
+def check_same_on_processes(what: str, *arrays) -> None:
+    """Raises ValueError on every process if the host `arrays` differ between processes (a
+    checksum each, gathered): for calls whose every process must pass the whole input alike.
+    One process: nothing to check, no collective."""
+    if jax.process_count() == 1:
+        return
+    digest = np.asarray([zlib.crc32(np.ascontiguousarray(a).tobytes()) for a in arrays], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(digest))  # (processes, len(arrays))
+    if not (every == every[:1]).all():
+        differ = [i for i in range(len(every)) if not (every[i] == every[0]).all()]
+        raise ValueError(
+            f"{what}: processes {differ} passed other values than process 0; every process "
+            "must pass the whole input, the same on all"
+        )
 
 
 def batch_divisor(mesh: Mesh) -> int:

@@ -29,6 +29,14 @@ def random_params(init, seed: int):
     )  # fmt: skip
 
 
+def placed_params(init, mesh, rules, seed: int = 0):
+    """`random_params(init, seed)` placed with `init`'s training shardings under `mesh`."""
+    from flaxlm.train.state import param_shardings
+
+    _, shardings = param_shardings(init, jax.random.PRNGKey(0), mesh, rules)
+    return jax.device_put(random_params(init, seed), shardings)
+
+
 def write_run(workdir: str, params, meta: dict) -> str:
     ck = Checkpointer(workdir, keep=1, async_save=False)
     ck.save(1, {"params": params}, {}, meta)

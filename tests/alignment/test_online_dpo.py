@@ -72,7 +72,7 @@ def test_reference_logps_are_at_temperature_one(runs, cache_dir):
     mesh, rules = make_mesh(dict(c.mesh)), logical_axis_rules("fsdp")
     source = online_dpo.build_task(c, mesh, None, rewards=LENGTH).train_batches
     init, _ = model_fns(source.cfg)
-    params = rl_common._place(init, H.random_params(init, 0), mesh, rules, "float32")
+    params = H.placed_params(init, mesh, rules)
     source.before_step(_State(params))
     mbs = [next(source) for _ in range(2)]  # 16 pairs, 8 per minibatch
     _, ref_apply, ref_params = rl_common.frozen_lm(sft, mesh, rules)

@@ -30,7 +30,7 @@ def test_sampled_accuracy_shares_prefills_and_follows_each_prompts_keys(
     mesh, rules = make_mesh(dict(c.mesh)), logical_axis_rules("fsdp")
     source = grpo.build_task(c, mesh, None, rewards=[("one", lambda m, t: 1.0, 1.0)]).train_batches
     init, _ = model_fns(source.cfg)
-    params = rl_common._place(init, H.random_params(init, 0), mesh, rules, "float32")
+    params = H.placed_params(init, mesh, rules)
     examples = [{"ids": p["ids"], "meta": p["meta"], "answer": ""} for p in source.prompts[:6]]
     # A random model answers nothing right: score a property of the text instead (its first
     # character's code parity), so the accuracies below are not all zero.

@@ -1,0 +1,75 @@
+"""The RL runs of tests/alignment/test_rl_multiprocess.py: `config_for` builds a run's config (the
+test runs it on one process), and as a script (`python THIS PORT PROCESS_ID N WORKDIR TASK SFT RM
+CACHE REWARDS_DIR`) this runs it as one of N processes."""
+
+import importlib.util
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _helpers():
+    spec = importlib.util.spec_from_file_location("rl_helpers", os.path.join(HERE, "rl_helpers.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def config_for(task: str, sft: str, rm: str, cache_dir: str):
+    """Two rollouts of 16 rows in 8-row minibatches, held-out evals (greedy and sampled) at the
+    start and the end, a checkpoint at the end; data 4 × fsdp 2 over 8 devices. GRPO and
+    online DPO judge with `counted_rewards.length_parity` (importable from REWARDS_DIR) and the
+    format reward."""
+    from flaxlm.configs import grpo as grpo_config
+    from flaxlm.configs import ppo as ppo_config
+
+    common = {
+        "batch_size": 8, "rollout.batch": 16, "rollout.epochs": 1, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6, "opt.lr": 1e-3,
+        "eval_at_start": True, "eval_every": 4, "eval_gen.examples": 8, "eval_gen.batch": 8,
+        "eval_gen.max_new_tokens": 4, "eval_gen.max_prompt_len": 32, "ckpt_every": 4,
+        "async_ckpt": False, "mesh.data": 4, "mesh.fsdp": 2, "log_every": 1,
+    }  # fmt: skip
+    from flaxlm.configs import online_dpo as online_dpo_config
+
+    rewards = "counted_rewards:length_parity,format:0.5"
+    if task == "grpo":
+        return _helpers().tiny(grpo_config, cache_dir, init_from=sft, **common,
+                               **{"grpo.group_size": 4, "grpo.rewards": rewards})  # fmt: skip
+    if task == "online_dpo":  # 16 prompts × 2 samples; minibatches of 8 pairs
+        pairs = {**common, "rollout.batch": 32, "online.rewards": rewards}
+        return _helpers().tiny(online_dpo_config, cache_dir, init_from=sft, **pairs)
+    return _helpers().tiny(ppo_config, cache_dir, init_from=sft, reward_from=rm, **common)
+
+
+def run(task: str, config, workdir: str):
+    from flaxlm.alignment import grpo, online_dpo, ppo
+
+    return {"grpo": grpo, "ppo": ppo, "online_dpo": online_dpo}[task].run(config, workdir)
+
+
+REWARDS = '''
+import os
+import jax
+
+def length_parity(meta, response):
+    """1 for a response of even length; appends a line per call to calls.<process>."""
+    with open(os.path.join(os.path.dirname(__file__), f"calls.{jax.process_index()}"), "a") as f:
+        f.write(response.replace("\\n", " ") + "\\n")
+    return float(len(response) % 2 == 0)
+'''
+
+
+def write_rewards(directory: str) -> None:
+    with open(os.path.join(directory, "counted_rewards.py"), "w") as f:
+        f.write(REWARDS)
+
+
+if __name__ == "__main__":
+    port, pid, n, workdir, task, sft, rm, cache, rewards_dir = sys.argv[1:10]
+    sys.path.insert(0, rewards_dir)
+    from flaxlm.train.main import init_distributed
+
+    init_distributed(f"localhost:{port}", int(n), int(pid))
+    run(task, config_for(task, sft, rm, cache), workdir)

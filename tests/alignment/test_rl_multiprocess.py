@@ -1,0 +1,80 @@
+"""GRPO and PPO in a multi-process job: two processes × 4 CPU devices train, evaluate and
+checkpoint as one process × 8 does (every process draws the whole rollout, judges its share of
+the samples, and trains on its part of each minibatch: alignment/rl_rollout.py)."""
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from flaxlm.alignment.common import load_policy
+from flaxlm.train.metrics import read_metrics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+H = _load("rl_helpers", os.path.join(HERE, "rl_helpers.py"))
+mp = _load("multiprocess", os.path.join(os.path.dirname(HERE), "multiprocess.py"))
+SCRIPT = os.path.join(HERE, "multiprocess_rl.py")
+RL = _load("multiprocess_rl", SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    return H.fake_runs(str(tmp_path_factory.mktemp("mp_runs")), cache_dir)
+
+
+@pytest.mark.parametrize("task", ["grpo", "ppo", "online_dpo"])
+def test_two_processes_train_like_one(task, runs, cache_dir, tmp_path, monkeypatch):
+    assert jax.device_count() == 8
+    sft, rm = runs
+    rewards = {"one": tmp_path / "rewards_one", "two": tmp_path / "rewards_two"}
+    for d in rewards.values():  # each run's reward function logs its calls next to itself
+        d.mkdir()
+        RL.write_rewards(str(d))
+    port, two = mp.free_port(), tmp_path / "two"
+    args = [two, task, sft, rm, cache_dir, rewards["two"]]
+
+    def one_process():  # the reference, here, while the two processes run
+        monkeypatch.syspath_prepend(str(rewards["one"]))
+        c = RL.config_for(task, sft, rm, str(cache_dir))
+        RL.run(task, c, str(tmp_path / "one"))
+        return c
+
+    c = []
+    mp.run_processes(lambda i: [SCRIPT, port, i, 2, *args], timeout=400,
+                     during=lambda: c.append(one_process()))  # fmt: skip
+    c = c[0]
+    one, both = read_metrics(tmp_path / "one"), read_metrics(two)
+    losses = [r for r in one if "loss" in r]
+    assert len(losses) == c.total_steps and [r for r in both if "loss" in r]
+    # The rollouts and evaluations (decoded, judged, scored on the host of each process) are
+    # the same; the losses up to the order of the gradient reductions over processes.
+    for a, b in zip(one, both, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k.startswith(("rollout/", "eval/")) and not k.endswith("_s"):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+            elif k in ("loss", "pg_loss", "kl", "grad_norm"):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    assert any("eval/sft_heldout/sampled_accuracy" in r for r in both)
+    assert len({r["rollout/iteration"] for r in one if "rollout/iteration" in r}) == 2
+    if task != "ppo":  # each sample judged once, by one process: half of them each
+        calls_one = (rewards["one"] / "calls.0").read_text().splitlines()
+        calls_two = [(rewards["two"] / f"calls.{i}").read_text().splitlines() for i in (0, 1)]
+        assert len(calls_one) == len(calls_two[0]) + len(calls_two[1])
+        assert len(calls_two[0]) == len(calls_two[1]) > 0
+        assert sorted(calls_one) == sorted(calls_two[0] + calls_two[1])
+    # The checkpoint the two processes wrote holds the policy the one process trained.
+    (_, want, _), (_, got, _) = (load_policy(str(d)) for d in (tmp_path / "one", two))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
