@@ -6,6 +6,7 @@
     meta (where pretraining records its tokenizer), an HF directory, or the built-in world;
   * `load_lm_params(source, target)`: a language model's params from a flaxlm run (plain, LoRA —
     merged — or the backbone of a scalar-head run) or from an HF checkpoint ("hf:DIR");
+    `ema=True`: the run's EMA weights (train/ema.py);
   * `init_hooks(kind, spec)`: the loop Task's `load_init_params` / `init_from_transform`
     that put those params into the task's own param tree ({"transformer", "head"}, LoRA's
     {"base", "lora"}); `load_policy(run_dir)`: (cfg, plain params, meta) of any LM run.
@@ -284,14 +285,17 @@ def _select(full, target, where: str):
     return {k: _select(full[k], target[k], f"{where}/{k}") for k in target}
 
 
-def load_lm_params(source: str, target, step: int | None = None):
+def load_lm_params(source: str, target, step: int | None = None, ema: bool = False):
     """Language-model params shaped like `target` (ShapeDtypeStructs with shardings).
 
     `source` is "hf:DIR" or a flaxlm run: a plain LM run, a LoRA run (adapters merged), a
     scalar-head run (its "transformer" backbone; then `target` must lack `lm_head`), or a PPO
-    run (its policy).
+    run (its policy). `ema`: the run's EMA weights (a LoRA run: its adapters' EMA merged into
+    the base); a run without an EMA, or an HF source, is an error.
     """
     if source.startswith(HF_PREFIX):
+        if ema:
+            raise ckpt_lib.CheckpointError(f"{source}: an HF checkpoint holds no EMA weights")
         from flaxlm.models import hf
 
         _, params = hf.load_pretrained(source[len(HF_PREFIX) :])
@@ -303,16 +307,16 @@ def load_lm_params(source: str, target, step: int | None = None):
     spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
     if meta.get("head") == "policy_value":  # a PPO run: {"policy": LM, "value": critic}
         if spec is None:
-            return ckpt_lib.load_params(source, {"policy": target}, step)["policy"]
+            return ckpt_lib.load_params(source, {"policy": target}, step, ema)["policy"]
         adapters = replicated_like(lora_lib.abstract_adapters(target, spec), target)
         both = {"policy": {"base": target, "lora": adapters}}
-        return lora_lib.merge(ckpt_lib.load_params(source, both, step)["policy"], spec)
+        return lora_lib.merge(ckpt_lib.load_params(source, both, step, ema)["policy"], spec)
     inner = {"transformer": target} if scalar else target
     if spec is None:
-        loaded = ckpt_lib.load_params(source, inner, step)
+        loaded = ckpt_lib.load_params(source, inner, step, ema)
     else:
         adapters = replicated_like(lora_lib.abstract_adapters(inner, spec), target)
-        both = ckpt_lib.load_params(source, {"base": inner, "lora": adapters}, step)
+        both = ckpt_lib.load_params(source, {"base": inner, "lora": adapters}, step, ema)
         loaded = lora_lib.merge(both, spec)
     return loaded["transformer"] if scalar else loaded
 
@@ -377,8 +381,9 @@ def supervised_task(
     )
 
 
-def load_policy(run_dir: str, step: int | None = None):
-    """(ModelConfig, plain LM params (LoRA merged), meta) of a pretrain/SFT run, on one device."""
+def load_policy(run_dir: str, step: int | None = None, ema: bool = False):
+    """(ModelConfig, plain LM params (LoRA merged), meta) of a pretrain/SFT run, on one device
+    (`ema`: its EMA weights)."""
     from flaxlm.models.transformer import Transformer
     from flaxlm.train.state import unbox
 
@@ -392,4 +397,4 @@ def load_policy(run_dir: str, step: int | None = None):
     )
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), abstract)
-    return cfg, load_lm_params(run_dir, target, step), meta
+    return cfg, load_lm_params(run_dir, target, step, ema), meta

@@ -14,6 +14,7 @@ import difflib
 import ml_collections
 
 from flaxlm.models.config import ModelConfig, get_variant
+from flaxlm.train.ema import ema_config
 from flaxlm.train.optim import opt_config
 from flaxlm.train.step import guard_config
 
@@ -117,6 +118,7 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     c.sharding = "fsdp"  # logical→mesh rules preset: dp | fsdp | fsdp_tp
     c.opt = opt_config()  # optimizer and schedule (train/optim.py)
     c.guard = guard_config()  # NaN / spike handling (train/step.py)
+    c.ema = ema_config()  # EMA of the weights (train/ema.py); decay 0 = none
     # steps between metric fetches / log lines (the only host syncs; with several processes
     # also where they agree on stopping: SIGTERM, end of data — train/stopping.py)
     c.log_every = 10

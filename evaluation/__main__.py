@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="write results JSON here")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--ema", action="store_true",
+                   help="evaluate the run's EMA weights (trained with ema.decay > 0)")  # fmt: skip
     p.add_argument("--num_fewshot", type=int, default=None, help="shots for every task")
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="chat-template prompts for every task (on/off); auto: on for a "
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     from flaxlm.evaluation.prompts import check_templates
     from flaxlm.evaluation.tasks import TaskFileError, read_examples, resolve_tasks
     from flaxlm.models.hf_tokenizer import HFError, load_tokenizer, set_template_kwargs
-    from flaxlm.train.checkpoint import load_model, read_meta
+    from flaxlm.train.checkpoint import CheckpointError, load_model, read_meta
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     specs = resolve_tasks(names, args.world or None)
@@ -140,7 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(e.args[0] if e.args else str(e)) from None
 
     tok_path = tokenizer_path(args.tokenizer, meta, args.checkpoint)
-    cfg, params, _ = load_model(args.checkpoint, step)
+    try:
+        cfg, params, _ = load_model(args.checkpoint, step, ema=args.ema)
+    except CheckpointError as e:
+        if not args.ema:
+            raise
+        raise SystemExit(str(e)) from None  # the run has no EMA: a usage error
     try:  # SentencePiece .model or HF tokenizer.json; its ids must fit the embedding
         tok = load_tokenizer(tok_path, cfg.vocab_size)
         set_template_kwargs(tok, args.chat_template_kwargs, meta.get("chat_template_kwargs"),
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[spec.name] = r
         print(f"[eval] {spec.name}: {r['n']} examples in {r['seconds']:.1f}s", file=sys.stderr)
     print(format_table(results))
-    out = {"checkpoint": os.path.abspath(args.checkpoint), "step": step,
+    out = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "ema": args.ema,
            "tokenizer": tok_path, "tasks": results}  # fmt: skip
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

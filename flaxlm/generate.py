@@ -6,7 +6,8 @@
 
 MODEL is a flaxlm run directory (holds checkpoints/; read with train/checkpoint.load_model: a
 LoRA run's adapters are merged into its base weights, a PPO run gives its policy) or an HF
-directory (config.json + safetensors; --step is for runs only). The tokenizer is --tokenizer,
+directory (config.json + safetensors; --step and --ema, the run's EMA weights, are for runs
+only). The tokenizer is --tokenizer,
 else the run's meta["tokenizer"] (a relative path is also looked up in the run directory), else
 the HF directory's tokenizer.json / tokenizer.model. --dtype (float32 | bfloat16 | float16)
 casts the weights and computes in that dtype.
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts_file", default="", help="one prompt per line ('-' = stdin)")
     p.add_argument("--tokenizer", default="", help="tokenizer file or directory (default: auto)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--ema", action="store_true",
+                   help="the run's EMA weights (trained with ema.decay > 0)")  # fmt: skip
     p.add_argument("--dtype", default="", choices=("", *DTYPES),
                    help="compute/param dtype (default: the checkpoint's)")  # fmt: skip
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -117,11 +120,12 @@ def _tokenizer_path(given: str, meta: dict, model_dir: str) -> str:
 
 
 def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
-         template_kwargs: str = ""):  # fmt: skip
+         template_kwargs: str = "", ema: bool = False):  # fmt: skip
     """(cfg, params, tokenizer) of a flaxlm run or an HF directory. A run whose checkpoint,
-    step or tokenizer cannot be read, or an unusable HF directory, raises SystemExit with the
-    reader's message (it names the file). The tokenizer's chat-template variables:
-    `template_kwargs` (JSON object text), else those the run trained with (its meta)."""
+    step or tokenizer cannot be read (or, with `ema`, that has no EMA weights), or an unusable
+    HF directory, raises SystemExit with the reader's message (it names the file). The
+    tokenizer's chat-template variables: `template_kwargs` (JSON object text), else those the
+    run trained with (its meta)."""
     import jax
     import jax.numpy as jnp
 
@@ -136,15 +140,15 @@ def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
             # One step for both: "latest" could move between the two reads while a run trains.
             step, meta = read_meta(model_dir, step)
             tok_path = _tokenizer_path(tokenizer, meta, model_dir)
-            cfg, params, _ = load_model(model_dir, step)
+            cfg, params, _ = load_model(model_dir, step, ema=ema)
             if dtype:
                 cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
                 params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
         elif os.path.exists(os.path.join(model_dir, "config.json")):
-            if step is not None:
+            if step is not None or ema:
                 raise SystemExit(
-                    f"{model_dir}: --step is for flaxlm runs; an HF directory holds one set of "
-                    "weights"
+                    f"{model_dir}: --{'step' if step is not None else 'ema'} is for flaxlm "
+                    "runs; an HF directory holds one set of weights"
                 )
             cfg, params = hf.load_pretrained(model_dir, dtype or None)
             tok_path = tokenizer or model_dir
@@ -233,7 +237,7 @@ def main(argv=None) -> None:
     from flaxlm.models.stop_strings import StopStrings
 
     cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype,
-                            args.chat_template_kwargs)  # fmt: skip
+                            args.chat_template_kwargs, args.ema)  # fmt: skip
     prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
     for i, ids in enumerate(prompts):
         if not ids:  # generate would name its row in the batch, not the prompt

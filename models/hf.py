@@ -9,6 +9,7 @@
     python -m flaxlm.models.hf import HF_DIR RUN_DIR           # HF → flaxlm run (orbax)
     python -m flaxlm.models.hf export RUN_DIR HF_DIR [--arch llama]
     python -m flaxlm.models.hf export LORA_RUN_DIR ADAPTER_DIR --adapter     # PEFT (models/peft.py)
+    python -m flaxlm.models.hf export RUN_DIR HF_DIR --ema    # the run's EMA weights (train/ema.py)
     python -m flaxlm.models.hf import-adapter HF_DIR ADAPTER_DIR RUN_DIR
 
 Weight layout. HF Linear weights are (out, in); our projection kernels contract their leading
@@ -1026,11 +1027,12 @@ def import_to_run(hf_dir: str, run_dir: str, dtype=None) -> str:
 
 
 def export_run(run_dir: str, hf_dir: str, arch: str | None = None, step=None, dtype=None,
-               overwrite: bool = False) -> str:  # fmt: skip
-    """Writes a flaxlm run's params (latest or `step`) as an HF checkpoint directory."""
+               overwrite: bool = False, ema: bool = False) -> str:  # fmt: skip
+    """Writes a flaxlm run's params (latest or `step`; `ema`: its EMA weights) as an HF
+    checkpoint directory."""
     from flaxlm.train.checkpoint import load_model
 
-    cfg, params, meta = load_model(run_dir, step)
+    cfg, params, meta = load_model(run_dir, step, ema=ema)
     arch = arch or meta.get("hf_arch") or default_arch(cfg)
     tok_path, extra, files = meta.get("tokenizer") or None, {}, {}
     if tok_path and os.path.exists(tok_path):
@@ -1079,6 +1081,8 @@ def main(argv=None) -> None:
     exp.add_argument("--overwrite", action="store_true", help="replace an existing HF_DIR")
     exp.add_argument("--adapter", action="store_true",
                      help="a LoRA run's adapters only, as a PEFT adapter directory")  # fmt: skip
+    exp.add_argument("--ema", action="store_true",
+                     help="the run's EMA weights (trained with ema.decay > 0)")  # fmt: skip
     imp_a = sub.add_parser("import-adapter", help="HF base + PEFT adapter -> flaxlm LoRA run")
     imp_a.add_argument("hf_dir")
     imp_a.add_argument("adapter_dir")
@@ -1095,10 +1099,10 @@ def main(argv=None) -> None:
             peft.import_adapter_to_run(a.hf_dir, a.adapter_dir, a.run_dir)
             print(f"imported {a.hf_dir} + {a.adapter_dir} -> {a.run_dir}")
         elif a.adapter:
-            peft.export_run_adapter(a.run_dir, a.hf_dir, a.step, a.dtype, a.overwrite)
+            peft.export_run_adapter(a.run_dir, a.hf_dir, a.step, a.dtype, a.overwrite, a.ema)
             print(f"exported the adapters of {a.run_dir} -> {a.hf_dir}")
         else:
-            export_run(a.run_dir, a.hf_dir, a.arch, a.step, a.dtype, a.overwrite)
+            export_run(a.run_dir, a.hf_dir, a.arch, a.step, a.dtype, a.overwrite, a.ema)
             print(f"exported {a.run_dir} -> {a.hf_dir}")
     except (HFError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -216,10 +216,10 @@ def _kernel_dims(kernel: str, cfg: ModelConfig) -> tuple[int, int]:
 
 
 def export_run_adapter(run_dir: str, path: str, step=None, dtype=None,
-                       overwrite: bool = False) -> str:  # fmt: skip
-    """Writes the adapters of a flaxlm LoRA run (latest or `step`; a PPO run's: its policy's)
-    as a PEFT adapter directory; its base_model_name_or_path is the HF checkpoint the run
-    started from, if any."""
+                       overwrite: bool = False, ema: bool = False) -> str:  # fmt: skip
+    """Writes the adapters of a flaxlm LoRA run (latest or `step`; a PPO run's: its policy's;
+    `ema`: their EMA, train/ema.py) as a PEFT adapter directory; its base_model_name_or_path is
+    the HF checkpoint the run started from, if any."""
     import jax
     import jax.numpy as jnp
 
@@ -244,7 +244,7 @@ def export_run_adapter(run_dir: str, path: str, step=None, dtype=None,
     tree = {"base": base, "lora": lora_lib.abstract_adapters(base, spec)}
     tree = {"policy": tree} if head == "policy_value" else tree
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), tree)
-    loaded = ckpt_lib.load_params(run_dir, target, step)
+    loaded = ckpt_lib.load_params(run_dir, target, step, ema)
     lora = (loaded["policy"] if head == "policy_value" else loaded)["lora"]
     return save_adapter(cfg, lora, spec, path, base_model=_base_model(run_dir, meta),
                         dtype=dtype, overwrite=overwrite, arch=meta.get("hf_arch"))  # fmt: skip

@@ -15,6 +15,13 @@ restores bit for bit on any other (data=8 → fsdp=4×tensor=2 or one device), e
 saved dtype (float32 masters, bfloat16 moments, int32 counters, the uint32 RNG key);
 tests/train/test_checkpoint_audit.py checks these.
 
+A run with an EMA of the weights (`ema.decay` > 0, train/ema.py) saves it in the state item
+(`EmaTrainState.ema`, `ema_count`). Resuming with the EMA on from a step saved without one starts
+the EMA at that step's params (warmup restarting), with a warning naming the step; resuming with
+the EMA off from a step that has one leaves it unread (also warned): the EMA follows the
+resuming run's config, as the learning rate does. Readers take the EMA weights instead of the
+params with `ema=True`; a step without an EMA is then an error naming it.
+
 A step can still become unreadable afterwards (a file truncated or deleted by a full disk or a
 node that died mid-copy). Resuming (`Checkpointer.restore_latest`) then moves it aside to
 `WORKDIR/checkpoints_corrupt/<step>-<UTC time>/`, never deleting anything, and resumes from the
@@ -45,6 +52,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from flaxlm import __version__
+from flaxlm.train import ema as ema_lib
+from flaxlm.train.state import EmaTrainState, with_ema, without_ema
 
 log = logging.getLogger("flaxlm")
 
@@ -171,10 +180,26 @@ class Checkpointer:
             ) from e
 
     def _restore(self, step: int, target) -> tuple[Any, dict, dict]:
+        keys = saved_state_keys(self._step_dir(step))
+        saved_ema = isinstance(target, EmaTrainState) if keys is None else "ema" in keys
+        if not saved_ema and isinstance(target, EmaTrainState):
+            state, data, meta = self._restore(step, without_ema(target))
+            log.warning("checkpoint %s has no EMA of the weights (written with ema.decay=0): "
+                        "the EMA starts at its params", self._step_dir(step))  # fmt: skip
+            return with_ema(state, ema_lib.start(state.params, target.ema)), data, meta
+        if saved_ema and not isinstance(target, EmaTrainState):
+            log.warning("checkpoint %s holds an EMA of the weights; this run has ema.decay=0: "
+                        "it is not restored, and the checkpoints saved from here on have none",
+                        self._step_dir(step))  # fmt: skip
+            args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding,
+                                                               dtype=s.dtype), target)  # fmt: skip
+            state = ocp.args.PyTreeRestore(target, restore_args=args, partial_restore=True)
+        else:
+            state = ocp.args.StandardRestore(target)
         out = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
+                state=state,
                 data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore(),
             ),
@@ -393,6 +418,21 @@ def _bad_file(step_dir: str) -> str | None:
     return None
 
 
+def saved_state_keys(step_dir: str) -> set[str] | None:
+    """The top-level keys of a step's saved state ("params", "opt_state", "ema", ...), from its
+    tree metadata (no array is read); None when that cannot be read: then the restore itself
+    fails or succeeds as it did before EMAs existed (its error names the cause)."""
+    from etils import epath
+
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return set(handler.metadata(epath.Path(step_dir) / "state").tree)
+    except Exception:  # orbax raises many types; a missing or truncated file among them
+        return None
+    finally:
+        handler.close()
+
+
 def _restore_wait_s() -> int:
     return int(os.environ.get(RESTORE_WAIT_ENV, "900"))
 
@@ -487,11 +527,13 @@ def shape_diff(expected, found) -> list[str]:
     return out
 
 
-def load_params(run_dir: str, target_params, step: int | None = None):
+def load_params(run_dir: str, target_params, step: int | None = None, ema: bool = False):
     """Parameters of another run's checkpoint (for `init_from` and notebooks).
 
     `target_params` is a pytree of ShapeDtypeStructs (with shardings) of the parameters; only
-    the `params` subtree of the saved state is read.
+    the `params` subtree of the saved state is read. With `ema`, the EMA of the weights where
+    the run kept one (its trainable leaves) and the params elsewhere (frozen leaves), each
+    leaf read once, in the target's dtype; a step without an EMA is an error.
     """
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
     mgr = ocp.CheckpointManager(
@@ -504,29 +546,35 @@ def load_params(run_dir: str, target_params, step: int | None = None):
         mgr.close()
         raise CheckpointError(f"init_from: no checkpoint under {directory}")
     _require_step(mgr, directory, step)
-    restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype), target_params
-    )
+    path = f"{directory}/{step}"
+
+    def read(key, target):
+        args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
+                            target)  # fmt: skip
+        item = ocp.args.PyTreeRestore(item={key: target}, restore_args={key: args},
+                                      partial_restore=True)  # fmt: skip
+        return mgr.restore(step, args=ocp.args.Composite(state=item))["state"][key]
+
     try:
-        out = mgr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"params": target_params},
-                    restore_args={"params": restore_args},
-                    partial_restore=True,
-                )
-            ),
-        )
+        if ema and "ema" not in (saved_state_keys(path) or {"ema"}):  # unknown: try to read
+            raise CheckpointError(
+                f"checkpoint {path} holds no EMA of the weights (its run trained with "
+                "ema.decay=0, or it is an import); read its params without ema"
+            )
+        params = read("ema" if ema else "params", target_params)
+        if ema:  # a frozen leaf (LoRA's base) restores as None: the EMA keeps none of it
+            frozen = _where_none(target_params, params)
+            if frozen is not None:
+                params = _fill(params, read("params", frozen))
+    except CheckpointError:
+        raise
     except Exception as e:
-        path = f"{directory}/{step}"
         raise CheckpointError(
-            f"cannot read the params of checkpoint {path}: {_describe(e, path)}."
-            + _other_steps_hint(mgr, directory, step)
+            f"cannot read the {'EMA weights' if ema else 'params'} of checkpoint {path}: "
+            f"{_describe(e, path)}." + _other_steps_hint(mgr, directory, step)
         ) from e
     finally:
         mgr.close()
-    params = out["state"]["params"]
     # partial_restore leaves target leaves the checkpoint lacks as ShapeDtypeStructs.
     missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
                if isinstance(x, jax.ShapeDtypeStruct)]  # fmt: skip
@@ -539,13 +587,30 @@ def load_params(run_dir: str, target_params, step: int | None = None):
     return params
 
 
-def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None):
+def _where_none(target, got):
+    """The part of `target` (nested dicts) where the partial restore `got` of it is None."""
+    if not isinstance(target, dict):
+        return target if got is None else None
+    sub = {k: _where_none(target[k], got[k]) for k in target}
+    return {k: v for k, v in sub.items() if v is not None} or None
+
+
+def _fill(got, more):
+    """`got` with its None leaves taken from `more` (a sparse tree of the same keys)."""
+    if more is None:
+        return got
+    if isinstance(got, dict):
+        return {k: _fill(v, more.get(k)) for k, v in got.items()}
+    return more if got is None else got
+
+
+def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema: bool = False):
     """(ModelConfig, params, meta) of a run's checkpoint — for notebooks, eval and generation.
 
     The model config comes from the checkpoint's meta, so nothing else is needed. Params are
     placed replicated on one device unless a mesh (and logical-axis rules) is given. Any language
     model run loads: plain, LoRA (adapters merged) or PPO (its policy); a reward-model run is
-    refused.
+    refused. `ema`: the run's EMA weights instead (`load_params`).
     """
     import flax.linen as nn
     import jax.numpy as jnp
@@ -577,4 +642,4 @@ def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None):
     )
     from flaxlm.alignment.common import load_lm_params  # LoRA / PPO trees (it imports us)
 
-    return cfg, load_lm_params(run_dir, target, step), meta
+    return cfg, load_lm_params(run_dir, target, step, ema=ema), meta

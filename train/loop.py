@@ -11,6 +11,9 @@ What the loop does, so tasks never do it again:
     "disallow" around the step so an accidental host↔device copy is an error;
   * logs metrics.jsonl / TensorBoard with tokens/s and MFU, runs `task.eval_fn` every
     `eval_every` steps, checkpoints every `ckpt_every` steps (async);
+  * with `ema.decay` > 0 keeps an EMA of the weights in the state (train/ema.py: started at the
+    initial or `init_from` params, updated in the step, checkpointed) and evaluates it too,
+    logged as `eval_ema/<metric>` beside `eval/<metric>`;
   * rolls back to the last checkpoint after `guard.max_bad_in_row` skipped steps in a row (the
     data iterator keeps going, so the offending batches are skipped, as PaLM did);
   * on SIGTERM (preemption) saves a checkpoint and returns cleanly; when a finite batch source
@@ -40,10 +43,16 @@ from tqdm.auto import tqdm
 
 from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
 from flaxlm.train import checkpoint as ckpt_lib
+from flaxlm.train import ema as ema_lib
 from flaxlm.train import stopping
 from flaxlm.train.metrics import MetricWriter, Throughput, peak_memory_gb, tokens_in_batch
 from flaxlm.train.optim import make_optimizer
-from flaxlm.train.state import abstract_state, create_train_state, state_shardings
+from flaxlm.train.state import (
+    EmaTrainState,
+    abstract_state,
+    create_train_state,
+    state_shardings,
+)
 from flaxlm.train.step import jit_train_step
 
 log = logging.getLogger("flaxlm")
@@ -60,7 +69,8 @@ class Task:
       init_params: rng -> parameter pytree with logical partitioning (linen `init`).
       loss_fn: (params, batch, rng) -> (loss, metrics); metrics["weight"] = loss denominator.
       train_batches: iterator of per-process batch slices with get_state()/set_state().
-      eval_fn: optional params -> dict of held-out metrics (prefixed "eval/" in the logs).
+      eval_fn: optional params -> dict of held-out metrics (prefixed "eval/" in the logs;
+        with an EMA also called on the EMA weights, "eval_ema/"). Pure: called twice a step.
       flops_per_token / flops_per_token_causal: training FLOPs per token for MFU (0 = skip).
       trainable_mask: optional pytree/function of bools; False leaves are frozen (LoRA).
       init_from_transform: (loaded_params, fresh_params) -> params, when `init_from` loads a
@@ -101,7 +111,7 @@ def _summarise(window: list[dict]) -> dict:
         vals = np.asarray([float(np.asarray(m[key])) for m in window])
         if key == "skipped":
             out[key] = float(vals.sum())
-        elif key in ("bad_in_row", "lr"):
+        elif key in ("bad_in_row", "lr", "ema_decay"):
             out[key] = float(vals[-1])
         else:
             out[key] = float(vals.mean())
@@ -109,7 +119,8 @@ def _summarise(window: list[dict]) -> dict:
 
 
 def _init_or_resume(config, task, ckpt, tx, mesh, rules):
-    shardings = state_shardings(task.init_params, tx, mesh, rules)
+    ema = dict(ema=ema_lib.settings(config)[0] > 0, trainable_mask=task.trainable_mask)
+    shardings = state_shardings(task.init_params, tx, mesh, rules, **ema)
     if ckpt is not None and ckpt.latest_step() is not None:
         # The newest step that restores: an unreadable newer one is moved aside and logged
         # (ckpt_on_corrupt="fallback") or is an error ("fail"). Data state from the same step.
@@ -121,7 +132,7 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
             task.train_batches.set_state(data_state)
         log.info("resumed from %s/%d", ckpt.directory, latest)
         return state, shardings, latest, True
-    state, shardings = create_train_state(task.init_params, tx, mesh, rules, config.seed)
+    state, shardings = create_train_state(task.init_params, tx, mesh, rules, config.seed, **ema)
     if config.get("init_from"):
         target = jax.tree.map(
             lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
@@ -134,6 +145,8 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
             loaded = task.init_from_transform(loaded, state.params)
         loaded = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded, shardings.params)
         state = state.replace(params=loaded)
+        if isinstance(state, EmaTrainState):  # the average starts at the loaded weights
+            state = state.replace(ema=ema_lib.start(loaded, shardings.ema))
         log.info("initialised params from %s", config.init_from)
     return state, shardings, 0, False
 
@@ -168,6 +181,7 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
                 shardings,
                 mesh,
                 task.trainable_mask,
+                *ema_lib.settings(config),
             )
             writer = MetricWriter(workdir, resume_step=start if resumed else None)
             meter = Throughput(
@@ -192,6 +206,11 @@ def _maybe_eval(task, state, step, writer, summary):
     t0 = time.perf_counter()
     ev = {f"eval/{k}": v for k, v in task.eval_fn(state.params).items()}
     ev["eval/time_s"] = time.perf_counter() - t0
+    if isinstance(state, EmaTrainState):  # the same evaluation of the EMA weights
+        t0 = time.perf_counter()
+        ema_params = ema_lib.swap_in(state.params, state.ema)
+        ev.update({f"eval_ema/{k}": v for k, v in task.eval_fn(ema_params).items()})
+        ev["eval_ema/time_s"] = time.perf_counter() - t0
     writer.write(step, ev)
     summary["eval"] = ev
     log.info("step %d eval %s", step, {k: round(float(v), 4) for k, v in ev.items()})

@@ -8,10 +8,15 @@ computed once from the parameters' logical axis names:
 so parameters are created directly in their shards (a 7B model never materialises on one chip).
 Optimizer-state leaves that mirror a parameter (Adam's mu/nu, ...) take that parameter's
 sharding; other leaves (counters, Adafactor's factored rows/columns) are replicated.
+
+A run with an EMA of the weights (`config.ema.decay` > 0, train/ema.py) holds an `EmaTrainState`:
+the same fields plus the EMA (sharded like the params) and its update count. Without one the state
+is the plain `TrainState`, so such a run's pytree, compiled step and checkpoints are unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +28,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flaxlm.train import ema as ema_lib
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -31,6 +38,30 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32 base key; the step's key is fold_in(rng, step), so resume is exact
     guard: dict  # loss statistics and counters of the trouble guard (see train/step.py)
+
+
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """A TrainState with an EMA of the weights (train/ema.py). A subclass, not an optional
+    field: a `None` field would still change the saved tree, and no checkpoint written without
+    an EMA would restore."""
+
+    ema: Any  # float32 EMA of the trainable params; optax.MaskedNode() at frozen leaves
+    ema_count: jax.Array  # int32 scalar: EMA updates made (the warmup counts these)
+
+
+def with_ema(state: TrainState, ema, count=None) -> EmaTrainState:
+    """`state` (a TrainState of arrays, shardings or shapes) with an EMA and its count."""
+    count = jnp.zeros((), jnp.int32) if count is None else count
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)}
+    return EmaTrainState(**fields, ema=ema, ema_count=count)
+
+
+def without_ema(state: TrainState) -> TrainState:
+    """The plain TrainState of `state` (itself when it has no EMA)."""
+    if not isinstance(state, EmaTrainState):
+        return state
+    return TrainState(**{f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)})
 
 
 def unbox(tree):
@@ -116,6 +147,9 @@ def create_train_state(
     mesh: Mesh,
     rules,
     seed: int,
+    *,
+    ema: bool = False,
+    trainable_mask=None,
 ) -> tuple[TrainState, TrainState]:
     """Initialises a sharded TrainState.
 
@@ -125,51 +159,68 @@ def create_train_state(
       tx: the optimizer.
       mesh, rules: device mesh and logical→mesh axis rules.
       seed: integer seed for the parameters and the state's base RNG.
+      ema: make an EmaTrainState, its EMA starting at the initial params (of the leaves
+        that `trainable_mask` trains; train/ema.py).
 
     Returns: (state, state_shardings).
     """
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    shardings = state_shardings(init_params, tx, mesh, rules, init_rng)
+    shardings = state_shardings(
+        init_params, tx, mesh, rules, init_rng, ema=ema, trainable_mask=trainable_mask
+    )
 
     def init(rng):
         params = unbox(init_params(rng))
-        return TrainState(
+        state = TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             rng=state_rng,
             guard=new_guard(),
         )
+        return with_ema(state, ema_lib.init(params, trainable_mask)) if ema else state
 
     with jax.set_mesh(mesh):
         state = jax.jit(init, out_shardings=shardings)(init_rng)
     return state, shardings
 
 
-def state_shardings(init_params: Callable, tx, mesh: Mesh, rules, rng=None) -> TrainState:
-    """The NamedSharding of every TrainState leaf (also used to restore checkpoints)."""
+def state_shardings(init_params: Callable, tx, mesh: Mesh, rules, rng=None, *,
+                    ema: bool = False, trainable_mask=None) -> TrainState:  # fmt: skip
+    """The NamedSharding of every TrainState leaf (also used to restore checkpoints); with
+    `ema`, of an EmaTrainState whose EMA leaves are sharded like their params."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
     abstract_params, p_shard = param_shardings(init_params, rng, mesh, rules)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     rep = NamedSharding(mesh, P())
-    return TrainState(
+    out = TrainState(
         step=rep,
         params=p_shard,
         opt_state=opt_state_shardings(abstract_opt, abstract_params, p_shard, mesh),
         rng=rep,
         guard=jax.tree.map(lambda _: rep, new_guard()),
     )
+    if not ema:
+        return out
+    return with_ema(out, ema_lib.like_params(p_shard, abstract_params, trainable_mask), rep)
 
 
 def abstract_state(init_params: Callable, tx, shardings: TrainState) -> TrainState:
-    """ShapeDtypeStructs with shardings for every TrainState leaf (a restore target)."""
+    """ShapeDtypeStructs with shardings for every TrainState leaf (a restore target); an
+    EmaTrainState when `shardings` is one."""
     rng = jax.random.PRNGKey(0)
 
     def init(rng):
         params = unbox(init_params(rng))
-        return TrainState(
+        state = TrainState(
             jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0), new_guard()
         )
+        if not isinstance(shardings, EmaTrainState):
+            return state
+        # The EMA's leaves are the ones `shardings.ema` has (the trainable ones).
+        mask = jax.tree.map(lambda s: not ema_lib.frozen(s), shardings.ema,
+                            is_leaf=ema_lib.frozen)  # fmt: skip
+        return with_ema(state, ema_lib.init(params, mask))
 
     shapes = jax.eval_shape(init, rng)
     return jax.tree.map(

@@ -8,7 +8,9 @@ function (tests call it directly). It
   2. applies the optimizer;
   3. runs the trouble guard: if the loss or the gradient norm is NaN/Inf, or the loss is a spike
      (far above the running mean of recent accepted losses), the update is discarded —
-     params and optimizer state stay as they were — and counted in `state.guard`.
+     params and optimizer state stay as they were — and counted in `state.guard`;
+  4. with an EmaTrainState (config `ema.decay` > 0), moves the EMA of the weights towards the new
+     params (train/ema.py); a discarded update leaves the EMA and its count as they were.
 
 The loop reads `guard["bad_in_row"]` when it logs and rolls back to the last checkpoint after too
 many bad steps in a row.
@@ -24,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from flaxlm.train.state import TrainState
+from flaxlm.train import ema as ema_lib
+from flaxlm.train.state import EmaTrainState, TrainState
 
 
 def guard_config() -> ml_collections.ConfigDict:
@@ -158,8 +161,12 @@ def train_step(
     guard,
     grad_accum: int = 1,
     trainable_mask=None,
+    ema_decay: float = 0.0,
+    ema_warmup: bool = True,
 ) -> tuple[TrainState, dict]:
-    """One optimizer step (see the module docstring). Returns (new_state, metrics)."""
+    """One optimizer step (see the module docstring). Returns (new_state, metrics).
+
+    `ema_decay` and `ema_warmup` apply to an EmaTrainState (which must have a decay > 0)."""
     rng = jax.random.fold_in(state.rng, state.step)
     loss, metrics, grads = loss_and_grads(
         state.params, batch, rng, loss_fn, grad_accum, trainable_mask
@@ -176,6 +183,16 @@ def train_step(
         opt_state=keep(new_opt_state, state.opt_state),
         guard=_update_guard(state.guard, loss, ok, guard.ema_decay),
     )
+    extra = {}
+    if isinstance(state, EmaTrainState):
+        if not ema_decay > 0:
+            raise ValueError(f"an EmaTrainState needs ema_decay > 0, got {ema_decay!r}")
+        decay = ema_lib.decay_at(state.ema_count, ema_decay, ema_warmup)
+        new_state = new_state.replace(
+            ema=keep(ema_lib.update(state.ema, new_state.params, decay), state.ema),
+            ema_count=state.ema_count + ok.astype(jnp.int32),
+        )
+        extra["ema_decay"] = decay  # the decay this step used (warmup), applied or not
     metrics = {
         **metrics,
         "loss": loss,
@@ -186,6 +203,7 @@ def train_step(
         "lr": schedule(state.step - state.guard["n_skipped"]),
         "skipped": (~ok).astype(jnp.float32),
         "bad_in_row": new_state.guard["bad_in_row"],
+        **extra,
     }
     return new_state, metrics
 
@@ -197,8 +215,9 @@ def eval_step(params, batch, rng, *, loss_fn: Callable) -> dict:
 
 
 def jit_train_step(
-    loss_fn, tx, schedule, guard, grad_accum, state_shardings, mesh, trainable_mask=None
-):
+    loss_fn, tx, schedule, guard, grad_accum, state_shardings, mesh, trainable_mask=None,
+    ema_decay: float = 0.0, ema_warmup: bool = True,
+):  # fmt: skip
     """The jitted step: state sharded as given and donated, batch as it arrives, metrics
     replicated. The loss function, optimizer and config are closed over (never hashed)."""
     step = functools.partial(
@@ -209,6 +228,8 @@ def jit_train_step(
         guard=guard,
         grad_accum=grad_accum,
         trainable_mask=trainable_mask,
+        ema_decay=ema_decay,
+        ema_warmup=ema_warmup,
     )
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(
