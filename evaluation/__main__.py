@@ -10,6 +10,11 @@ Every task file and template is checked before the first task runs. --num_fewsho
 override every task's setting; by default a checkpoint of a post-training task (SFT, DPO, ...) is
 prompted with the chat template, and a pretrained or imported HF one (meta task hf_import) as
 each task says.
+
+A model too big for one device: `--mesh fsdp=-1` (or tensor=8 --sharding fsdp_tp, ...) splits it
+over the local devices; across hosts, the same command on each with --coordinator/--num_processes/
+--process_id or --distributed (flaxlm/cli_mesh.py). Results do not depend on the mesh (up to
+float rounding); with several processes, process 0 prints and writes --out.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import argparse
 import json
 import os
 import sys
+
+from flaxlm.cli_mesh import add_mesh_args, is_writer, setup_mesh
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per scoring batch")
     p.add_argument("--samples", action="store_true", help="include per-example outputs in JSON")
+    add_mesh_args(p)
     return p
 
 
@@ -103,7 +111,9 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    mesh, rules = setup_mesh(p, args)  # (first: connects the processes of a multi-host job)
     from flaxlm.evaluation.harness import Evaluator
     from flaxlm.evaluation.prompts import check_templates
     from flaxlm.evaluation.tasks import TaskFileError, read_examples, resolve_tasks
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tok_path = tokenizer_path(args.tokenizer, meta, args.checkpoint)
     try:
-        cfg, params, _ = load_model(args.checkpoint, step, ema=args.ema)
+        cfg, params, _ = load_model(args.checkpoint, step, mesh, rules, ema=args.ema)
     except CheckpointError as e:
         if not args.ema:
             raise
@@ -154,7 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
                             "--chat_template_kwargs")  # fmt: skip
     except HFError as e:
         raise SystemExit(str(e)) from None
-    ev = Evaluator(cfg, params, tok, batch_tokens=args.batch_tokens, seed=args.seed)
+    ev = Evaluator(cfg, params, tok, batch_tokens=args.batch_tokens, seed=args.seed, mesh=mesh,
+                   rules=rules)  # fmt: skip
+    writer = is_writer()  # (several processes: each runs every task; process 0 reports)
 
     results = {}
     for spec in specs:
@@ -162,11 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.samples:
             r.pop("samples")
         results[spec.name] = r
-        print(f"[eval] {spec.name}: {r['n']} examples in {r['seconds']:.1f}s", file=sys.stderr)
-    print(format_table(results))
+        if writer:
+            print(f"[eval] {spec.name}: {r['n']} examples in {r['seconds']:.1f}s",
+                  file=sys.stderr)  # fmt: skip
+    if writer:
+        print(format_table(results))
     out = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "ema": args.ema,
            "tokenizer": tok_path, "tasks": results}  # fmt: skip
-    if args.out:
+    if args.out and writer:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1, ensure_ascii=False)

@@ -121,7 +121,7 @@ def score_response(spec: TaskSpec, fields: dict, response: str) -> dict[str, flo
 
 def make_generate_fn(
     cfg, params, *, batch_size: int = 32, seed: int = 0, stop_tokens=(), pad_id: int = 0,
-    tok=None,
+    tok=None, mesh=None, rules=None,
 ) -> GenerateFn:  # fmt: skip
     """A GenerateFn over `flaxlm.models.decode.generate`, in batches of prompts sorted by length
     so each batch pads little. Prompt i of a call samples with its own key, fold_in(
@@ -136,7 +136,9 @@ def make_generate_fn(
     With `tok` the function also takes `stop_strings`: a row ends inside the decode loop once
     its text contains one (models/stop_strings.py; tables built once per set of strings), so
     a base model's answer stops at "\\n\\n" instead of running to `max_new_tokens` — the
-    text up to the string is the same, and the caller cuts there as before."""
+    text up to the string is the same, and the caller cuts there as before.
+
+    `mesh`, `rules`: decode under them (params sharded by the rules; `generate`'s mesh)."""
     from flaxlm.models.decode import generate, prompt_keys
     from flaxlm.models.stop_strings import StopStrings
 
@@ -179,6 +181,8 @@ def make_generate_fn(
                 pad_id=pad_id,
                 stop_strings=stops,
                 num_samples=k,
+                mesh=mesh,
+                rules=rules,
             )
             toks, lengths = jax.device_get((res.tokens, res.lengths))
             for r, i in enumerate(idx):

@@ -28,6 +28,9 @@ class Evaluator:
         documents start; EOS for a tokenizer without BOS (prompts.prefix_ids).
       gen_batch_size: prompts per generation batch.
       seed: the decoder's RNG seed (greedy decoding does not use it).
+      mesh, rules: score and decode under this mesh with these logical rules, params sharded
+        by them (`load_model(run, mesh=, rules=)`); several processes each run the same tasks
+        and get the same results (flaxlm/cli_mesh.py).
     """
 
     def __init__(
@@ -41,10 +44,14 @@ class Evaluator:
         bos: bool = True,
         gen_batch_size: int = 32,
         seed: int = 0,
+        mesh=None,
+        rules=None,
     ):
         tok.check_fits(cfg.vocab_size)
         self.cfg, self.params, self.tok = cfg, params, tok
-        self.scorer = loglik.LoglikScorer(cfg, params, batch_tokens=batch_tokens, pad_id=tok.pad_id)
+        self.mesh, self.rules = mesh, rules
+        self.scorer = loglik.LoglikScorer(cfg, params, batch_tokens=batch_tokens,
+                                          pad_id=tok.pad_id, mesh=mesh, rules=rules)  # fmt: skip
         self.bos = bos
         # Generation stops at EOS, flaxlm's end of turn, and an HF tokenizer's own stop ids
         # (generation_config.json: Llama 3's <|eot_id|>, Qwen2's <|im_end|>).
@@ -64,6 +71,8 @@ class Evaluator:
                 stop_tokens=self.stop_tokens,
                 pad_id=self.tok.pad_id,
                 tok=self.tok,
+                mesh=self.mesh,
+                rules=self.rules,
             )
         return self._generate_fn
 

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.evaluation.prompts import prefix_ids
+from flaxlm.models.sharding import batch_divisor, fetch, global_batch, use_mesh
 from flaxlm.models.transformer import forward
 from flaxlm.train.losses import token_logprobs
 
@@ -76,9 +77,11 @@ def _score_rows(cfg, params, tokens, targets, mask):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_scorer(cfg):
-    """One jitted scoring function per model config, shared by every LoglikScorer of it (its
-    compiled shapes are reused when a notebook or the demo scores several checkpoints)."""
+def _jitted_scorer(cfg, mesh=None, rules=None):
+    """One jitted scoring function per model config (and mesh and rules: the model reads the
+    rules when traced), shared by every LoglikScorer of it (its compiled shapes are reused
+    when a notebook or the demo scores several checkpoints)."""
+    del mesh, rules  # (cache keys)
     return jax.jit(functools.partial(_score_rows, cfg))
 
 
@@ -97,13 +100,18 @@ class LoglikScorer:
       batch_tokens: about how many tokens one forward batch holds (rows × bucket length).
       min_len: the smallest bucket length.
       pad_id: the token id written into padding (masked out, so any valid id works).
+      mesh, rules: score under this mesh with these logical rules (params sharded by them, e.g.
+        `load_model(..., mesh=, rules=)`): each batch's rows split over data×fsdp (padded to a
+        multiple of it). Several processes: each passes the same requests and gets every score.
     """
 
-    def __init__(self, cfg, params, *, max_len=0, batch_tokens=8192, min_len=16, pad_id=0):
+    def __init__(self, cfg, params, *, max_len=0, batch_tokens=8192, min_len=16, pad_id=0,
+                 mesh=None, rules=None):  # fmt: skip
         self.cfg, self.params = cfg, params
+        self.mesh, self.rules = mesh, tuple(rules or ())
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.batch_tokens, self.min_len, self.pad_id = batch_tokens, min_len, pad_id
-        self._fn = _jitted_scorer(cfg)
+        self._fn = _jitted_scorer(cfg, mesh, self.rules if mesh is not None else ())
         self.shapes: set[tuple[int, int]] = set()  # (rows, length) batch shapes run so far
 
     def bucket(self, n: int) -> int:
@@ -139,6 +147,8 @@ class LoglikScorer:
             idx = [i for i in order[pos : pos + B] if self.bucket(len(rows[i][0]) - 1) == T]
             pos += len(idx)
             B = min(B, _pow2_at_least(len(idx)))
+            if mesh := self.mesh:  # rows split over data×fsdp: a multiple of it
+                B += -B % batch_divisor(mesh)
             tokens = np.full((B, T), self.pad_id, np.int32)
             targets = np.full((B, T), self.pad_id, np.int32)
             mask = np.zeros((B, T), np.float32)
@@ -149,10 +159,17 @@ class LoglikScorer:
                 targets[r, :n] = seq[1:]
                 mask[r, n - n_cont : n] = 1.0
             self.shapes.add((B, T))
-            sums, greedy = jax.device_get(self._fn(self.params, tokens, targets, mask))
+            sums, greedy = self._run(tokens, targets, mask)
             for r, i in enumerate(idx):
                 out[i] = ContinuationScore(float(sums[r]), rows[i][1], bool(greedy[r]), rows[i][2])
         return out
+
+    def _run(self, tokens, targets, mask):
+        if self.mesh is None:
+            return jax.device_get(self._fn(self.params, tokens, targets, mask))
+        with use_mesh(self.mesh, self.rules):
+            b = global_batch({"tokens": tokens, "targets": targets, "mask": mask}, self.mesh)
+            return fetch(self._fn(self.params, b["tokens"], b["targets"], b["mask"]))
 
 
 def split_continuation(tok, context: str, continuation: str, *, bos: bool = True):

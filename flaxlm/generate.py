@@ -31,6 +31,12 @@ fold_in(fold_in(PRNGKey(--seed), i), k), from one prefill of the prompt
 tokens: with --chat the template's (flaxlm's `<|end|>` and EOS, or an HF tokenizer's eos ids);
 else the tokenizer's stop ids or its EOS.
 
+A model too big for one device: `--mesh fsdp=-1` (or tensor=8 --sharding fsdp_tp, ...) splits it
+over the local devices, read straight into its shards; across hosts, the same command on each
+with --coordinator/--num_processes/--process_id or --distributed (flaxlm/cli_mesh.py). The
+samples do not depend on the mesh (up to float rounding); with several processes, process 0
+prints.
+
 Bad input fails before any generation with a message, not a traceback: sampling flags, --dtype,
 an unreadable --prompts_file (usage errors, exit 2); a missing model directory, checkpoint
 step or tokenizer, a reward-model run, --step with an HF directory, a prompt that encodes to no
@@ -43,6 +49,8 @@ import argparse
 import json
 import os
 import sys
+
+from flaxlm.cli_mesh import add_mesh_args, is_writer, setup_mesh
 
 DTYPES = ("float32", "bfloat16", "float16")  # --dtype: what HF import accepts too
 
@@ -102,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full_cache", action="store_true",
                    help="sliding-window layers keep full KV caches, not rings of W slots "
                    "(the same tokens; more memory)")  # fmt: skip
+    add_mesh_args(p)
     return p
 
 
@@ -120,12 +129,12 @@ def _tokenizer_path(given: str, meta: dict, model_dir: str) -> str:
 
 
 def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
-         template_kwargs: str = "", ema: bool = False):  # fmt: skip
+         template_kwargs: str = "", ema: bool = False, mesh=None, rules=None):  # fmt: skip
     """(cfg, params, tokenizer) of a flaxlm run or an HF directory. A run whose checkpoint,
     step or tokenizer cannot be read (or, with `ema`, that has no EMA weights), or an unusable
     HF directory, raises SystemExit with the reader's message (it names the file). The
     tokenizer's chat-template variables: `template_kwargs` (JSON object text), else those the
-    run trained with (its meta)."""
+    run trained with (its meta). `mesh`, `rules`: params read straight into their shards."""
     import jax
     import jax.numpy as jnp
 
@@ -140,7 +149,7 @@ def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
             # One step for both: "latest" could move between the two reads while a run trains.
             step, meta = read_meta(model_dir, step)
             tok_path = _tokenizer_path(tokenizer, meta, model_dir)
-            cfg, params, _ = load_model(model_dir, step, ema=ema)
+            cfg, params, _ = load_model(model_dir, step, mesh, rules, ema=ema)
             if dtype:
                 cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
                 params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
@@ -150,7 +159,7 @@ def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
                     f"{model_dir}: --{'step' if step is not None else 'ema'} is for flaxlm "
                     "runs; an HF directory holds one set of weights"
                 )
-            cfg, params = hf.load_pretrained(model_dir, dtype or None)
+            cfg, params = hf.load_pretrained(model_dir, dtype or None, mesh=mesh, rules=rules)
             tok_path = tokenizer or model_dir
         else:
             raise SystemExit(
@@ -224,6 +233,7 @@ def main(argv=None) -> None:
     p = _parser()
     args = p.parse_args(argv)
     _check(p, args)
+    mesh, rules = setup_mesh(p, args)  # (first: connects the processes of a multi-host job)
     texts = list(args.prompt)
     if args.prompts_file:
         texts += _read_prompts(p, args.prompts_file)
@@ -237,7 +247,8 @@ def main(argv=None) -> None:
     from flaxlm.models.stop_strings import StopStrings
 
     cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype,
-                            args.chat_template_kwargs, args.ema)  # fmt: skip
+                            args.chat_template_kwargs, args.ema, mesh, rules)  # fmt: skip
+    writer = is_writer()  # (several processes: each decodes every batch; process 0 prints)
     prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
     for i, ids in enumerate(prompts):
         if not ids:  # generate would name its row in the batch, not the prompt
@@ -255,11 +266,11 @@ def main(argv=None) -> None:
             rng=prompt_keys(rng, chunk_full), num_samples=K, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop_tokens=stops,
             pad_id=max(tok.pad_id, 0), decode_attention=args.decode_attention,
-            window_cache=not args.full_cache, stop_strings=stop_strings,
+            window_cache=not args.full_cache, stop_strings=stop_strings, mesh=mesh, rules=rules,
         )  # fmt: skip
         toks, lengths = jax.device_get((out.tokens, out.lengths))
         jobs = [(i, k) for i in chunk for k in range(K)]  # rows i·K + k of this call
-        for (i, k), row, n in zip(jobs, toks, lengths):
+        for (i, k), row, n in zip(jobs, toks, lengths) if writer else ():
             ids = [int(t) for t in np.asarray(row)[: int(n)]]
             stopped = bool(ids) and ids[-1] in stops
             completion = tok.decode(ids[:-1] if stopped else ids)
