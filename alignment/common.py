@@ -12,7 +12,8 @@
     {"base", "lora"}); `load_policy(run_dir)`: (cfg, plain params, meta) of any LM run.
 
 `init_from` is a flaxlm run directory, or "hf:DIR" for an imported HF checkpoint
-(flaxlm.models.hf.load_pretrained).
+(flaxlm.models.hf.load_pretrained). `init_from_ema=True` starts from that run's EMA weights
+instead (checked in `resolve_source`, before anything is loaded: train/loop.py `init_from_ema`).
 """
 
 from __future__ import annotations
@@ -210,11 +211,13 @@ def warn_sizes_from_another_variant(config, cfg: ModelConfig) -> str | None:
 def resolve_source(config, mesh):
     """(tokenizer, ModelConfig, chat template: `formats.training_template`) of a stage started
     from `config.init_from` (or from `config.model` and `data.tokenizer` without one), after
-    the checks every stage makes: the batch splits over the mesh's data×fsdp devices and the
-    tokenizer fits the vocabulary."""
+    the checks every stage makes: the batch splits over the mesh's data×fsdp devices, the
+    tokenizer fits the vocabulary, and with `init_from_ema` the source has EMA weights (an error
+    naming the key and the run before any model is loaded)."""
     divisor = batch_divisor(mesh)
     if config.batch_size % divisor:
         raise ValueError(f"batch_size={config.batch_size} is not a multiple of data×fsdp={divisor}")
+    loop.init_from_ema(config)
     meta = source_meta(config.init_from)
     warn_builtin_eval(config)
     tok = resolve_tokenizer(config, meta)
@@ -323,14 +326,15 @@ def load_lm_params(source: str, target, step: int | None = None, ema: bool = Fal
 
 def init_hooks(kind: str, spec: lora_lib.LoraSpec | None):
     """(load_init_params, init_from_transform) for a task whose params are an LM ("lm") or a
-    scalar-head model ("scalar"), with or without LoRA."""
+    scalar-head model ("scalar"), with or without LoRA; the loader reads the source's EMA
+    weights when the loop passes `ema=True` (`init_from_ema`)."""
 
     def backbone(tree):
         tree = tree["base"] if spec else tree
         return tree["transformer"] if kind == "scalar" else tree
 
-    def load(source, target):
-        return load_lm_params(source, backbone(target))
+    def load(source, target, ema=False):
+        return load_lm_params(source, backbone(target), ema=ema)
 
     def transform(loaded, fresh):
         inner = fresh["base"] if spec else fresh

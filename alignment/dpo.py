@@ -39,7 +39,8 @@ training and held-out pair when the task is built (a table keyed by each pair's 
 order or epoch finds them) and then frees the reference weights (`RefLogps.release`); "online"
 runs it on every batch and keeps them. Either way they arrive in the batch
 as `ref_chosen_logps` / `ref_rejected_logps`, so the loss is the same. The reference is the
-`init_from` model unless `dpo.ref_from` names another run; `dpo.ref_dtype` may be bfloat16.
+`init_from` model (with `init_from_ema` its EMA weights, the policy's start) unless `dpo.ref_from`
+names another run (read as its params); `dpo.ref_dtype` may be bfloat16.
 
 Metrics (means over the batch's real pairs, `valid` = 1): `rewards/chosen`, `rewards/rejected`,
 `rewards/margin`, `rewards/accuracy` (implicit reward of chosen strictly > rejected, as TRL),
@@ -327,7 +328,8 @@ def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, 
 
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
-    """The DPO-family Task; `init_from` (the SFT run) is required: it is also the reference."""
+    """The DPO-family Task; `init_from` (the SFT run) is required: it is also the reference
+    (its EMA weights for both with `init_from_ema`, unless `dpo.ref_from` names the reference)."""
     d = config.dpo
     if d.loss_type not in LOSS_TYPES:
         raise ValueError(f"dpo.loss_type={d.loss_type!r}; expected one of {LOSS_TYPES}")
@@ -349,8 +351,9 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if free:
         ref = RefLogps(None, None, mesh, rules, cache=False, zeros=True)
     else:
+        ref_ema = not d.ref_from and bool(config.get("init_from_ema", False))
         load_ref = functools.partial(
-            rl_common.frozen_lm, d.ref_from or config.init_from, mesh, rules, d.ref_dtype
+            rl_common.frozen_lm, d.ref_from or config.init_from, mesh, rules, d.ref_dtype, ref_ema
         )
         _, ref_apply, ref_params = load_ref()
         ref = RefLogps(

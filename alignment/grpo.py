@@ -67,6 +67,11 @@ rollout decodes with the adapters merged into a copy of the weights in the compu
 (`RolloutSource.decoding_params`: no full-precision merged copy). The
 checkpoint holds {"base", "lora"}; every reader merges (as for SFT/DPO LoRA runs).
 
+The reference is the policy the run starts from: `init_from`'s params, or with `init_from_ema`
+its EMA weights (as the policy's start; under LoRA the frozen base is then that EMA). The reward
+model (`reward_from`, "rm" in the rewards) is its params, or its EMA weights with
+`reward_from_ema`.
+
 The bad-input policy (a reward function that raises or returns NaN, empty responses, over-long
 prompts) is rl_rollout's: the sample is skipped with a count; a rollout with no valid sample
 raises.
@@ -517,7 +522,8 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
             f"reward_from={reward_from!r} is set but {k}.rewards={config[k].rewards!r} does "
             "not name rm (e.g. rm or exact_match,rm:0.5)"
         )  # fmt: skip
-    tok, cfg, template = common.resolve_source(config, mesh)
+    rm_ema = rl_common.reward_from_ema(config)  # (a bad source fails here, before any load)
+    tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
     prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     init_params, apply = model_fns(cfg)
@@ -525,11 +531,13 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     if spec:  # the reference is the policy's frozen base: no second copy of the model
         ref = (cfg, apply, None)
         init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
-    else:
-        ref = rl_common.frozen_lm(config.init_from, mesh, rules, config.rollout.frozen_dtype)
+    else:  # the policy's start: init_from's EMA weights with init_from_ema
+        ref = rl_common.frozen_lm(config.init_from, mesh, rules, config.rollout.frozen_dtype,
+                                  ema=bool(config.get("init_from_ema", False)))  # fmt: skip
     rm = None
     if reward_from:
-        rm = rl_common.frozen_scalar(reward_from, mesh, rules, config.rollout.frozen_dtype)
+        rm = rl_common.frozen_scalar(reward_from, mesh, rules, config.rollout.frozen_dtype,
+                                     ema=rm_ema)  # fmt: skip
         if rm[0].vocab_size != cfg.vocab_size:
             raise ValueError(
                 f"reward_from={reward_from}: its vocab ({rm[0].vocab_size}) is not the policy's "

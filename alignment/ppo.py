@@ -43,7 +43,10 @@ the policy's, with no second loop or optimizer to keep in sync. The two trees sh
 parameter, so each gets its own Adam statistics; the only coupling is the global-norm clip
 (which `vf_coef` weighs). The critic starts from the reward model (`reward_from`), whose
 backbone already reads responses; the frozen reward model and reference are separate copies
-kept out of the state (optionally bfloat16, `rollout.frozen_dtype`).
+kept out of the state (optionally bfloat16, `rollout.frozen_dtype`). `init_from_ema` takes the
+policy's start and the reference from the SFT run's EMA weights (the reference is the policy
+the run starts from); `reward_from_ema` takes the scorer and the critic's start from the
+reward-model run's.
 
 LoRA (`lora.rank` > 0): adapters on the policy and the critic (each {"base", "lora"}; the
 critic's head, new, trains whole); the reference is the policy's frozen base (no reference copy
@@ -304,15 +307,17 @@ class PPOSource(RolloutSource):
 
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
-    """The PPO Task; `init_from` (SFT run: policy and reference) and `reward_from` (reward
-    model run: scorer and critic) are required."""
+    """The PPO Task; `init_from` (SFT run: policy and reference — its EMA weights for both with
+    `init_from_ema`) and `reward_from` (reward model run: scorer and critic — its EMA weights
+    for both with `reward_from_ema`) are required."""
     if not config.init_from or not config.reward_from:
         raise ValueError("ppo: set --config.init_from=SFT_RUN and --config.reward_from=RM_RUN")
-    tok, cfg, template = common.resolve_source(config, mesh)
+    rm_ema = rl_common.reward_from_ema(config)  # (a bad source fails here, before any load)
+    tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
     prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     dtype = config.rollout.frozen_dtype
-    rm = rl_common.frozen_scalar(config.reward_from, mesh, rules, dtype)
+    rm = rl_common.frozen_scalar(config.reward_from, mesh, rules, dtype, ema=rm_ema)
     vcfg = ModelConfig.from_dict(ckpt_lib.read_meta(config.reward_from)[1]["model_config"])
 
     lm_init, lm_apply = model_fns(cfg)
@@ -326,18 +331,21 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         ref = (cfg, lm_apply, None)
         lm_init, lm_apply = lora_lib.with_lora(lm_init, spec), lora_lib.lora_apply(lm_apply, spec)
         v_init, v_apply = lora_lib.with_lora(v_init, vspec), lora_lib.lora_apply(v_apply, vspec)
-    else:
-        ref = rl_common.frozen_lm(config.init_from, mesh, rules, dtype)
+    else:  # the policy's start: init_from's EMA weights with init_from_ema
+        ref = rl_common.frozen_lm(config.init_from, mesh, rules, dtype,
+                                  ema=bool(config.get("init_from_ema", False)))  # fmt: skip
     plain = (lambda policy: lora_lib.merge(policy, spec)) if spec else (lambda policy: policy)
 
     def init_params(rng):
         return {"policy": lm_init(rng), "value": v_init(jax.random.fold_in(rng, 1))}
 
-    def load(source, target):
+    def load(source, target, ema=False):  # ema: init_from_ema (the loop passes it)
         base = (lambda t: t["base"]) if spec else (lambda t: t)
         return {
-            "policy": common.load_lm_params(source, base(target["policy"])),
-            "value": rl_common.load_scalar_params(config.reward_from, base(target["value"])),
+            "policy": common.load_lm_params(source, base(target["policy"]), ema=ema),
+            "value": rl_common.load_scalar_params(
+                config.reward_from, base(target["value"]), rm_ema
+            ),
         }
 
     def transform(loaded, fresh):  # fresh adapters on the loaded policy and critic

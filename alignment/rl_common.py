@@ -11,7 +11,10 @@ file:line).
 
 Frozen models (`frozen_lm`, `frozen_scalar`): loaded from a run directory (LoRA adapters merged),
 sharded with the training run's logical rules, optionally in bfloat16 (`rollout.frozen_dtype`):
-they are never differentiated, so half precision costs little and halves their memory.
+they are never differentiated, so half precision costs little and halves their memory. With
+`ema=True` they are the run's EMA weights: the reference of a run started with `init_from_ema`
+(it is the policy the run starts from), the reward model with `reward_from_ema`
+(`reward_from_ema` below).
 
 Held-out evaluation (`make_policy_eval`): greedy (and optionally sampled) answers to held-out
 prompts, scored by the built-in world's judge (exact match of "The answer is X.") when the
@@ -190,9 +193,21 @@ def _cast(params, dtype: str):
     return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
 
 
-def frozen_lm(source: str, mesh, rules, dtype: str = "float32"):
+def reward_from_ema(config) -> bool:
+    """Whether the reward model (`reward_from`: PPO's scorer and critic start, GRPO's and
+    online DPO's "rm") is that run's EMA weights (`reward_from_ema`) instead of its params.
+    Checked when set, before anything is loaded: an unset `reward_from` or a run saved without
+    an EMA is an error naming the key and the run."""
+    if not config.get("reward_from_ema", False):  # (configs older than the key: params)
+        return False
+    ckpt_lib.check_ema_source(config.get("reward_from", ""), "reward_from_ema", "reward_from")
+    return True
+
+
+def frozen_lm(source: str, mesh, rules, dtype: str = "float32", ema: bool = False):
     """(cfg, apply, params) of a language model run (plain or LoRA-merged) or "hf:DIR", frozen,
-    placed with the training rules; the model computes in `dtype`."""
+    placed with the training rules; the model computes in `dtype`. `ema`: the run's EMA
+    weights (an HF source, or a run without them, is an error)."""
     meta = common.source_meta(source)
     if meta.get("model_config"):
         cfg = ModelConfig.from_dict(meta["model_config"])
@@ -203,28 +218,31 @@ def frozen_lm(source: str, mesh, rules, dtype: str = "float32"):
     else:
         raise ValueError(f"{source}: no model_config in its checkpoint meta")
     init, _ = model_fns(cfg)
-    params = common.load_lm_params(source, _placed_target(init, mesh, rules))
+    params = common.load_lm_params(source, _placed_target(init, mesh, rules), ema=ema)
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     return cfg, model_fns(cfg)[1], _cast(params, dtype)
 
 
-def load_scalar_params(run_dir: str, target):
-    """A scalar-head run's {"transformer", "head"} params (LoRA adapters merged) like `target`."""
-    meta = ckpt_lib.read_meta(run_dir)[1]
+def load_scalar_params(run_dir: str, target, ema: bool = False):
+    """A scalar-head run's {"transformer", "head"} params (LoRA adapters merged) like `target`
+    (`ema`: its EMA weights)."""
+    step, meta = ckpt_lib.read_meta(run_dir)  # the params below come from this step
     if meta.get("head") != "scalar":
         raise ValueError(f"{run_dir}: not a reward-model run (meta head={meta.get('head')!r})")
     spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
     if spec is None:
-        return ckpt_lib.load_params(run_dir, target)
+        return ckpt_lib.load_params(run_dir, target, step, ema)
     adapters = common.replicated_like(lora_lib.abstract_adapters(target, spec), target)
-    return lora_lib.merge(ckpt_lib.load_params(run_dir, {"base": target, "lora": adapters}), spec)
+    both = ckpt_lib.load_params(run_dir, {"base": target, "lora": adapters}, step, ema)
+    return lora_lib.merge(both, spec)
 
 
-def frozen_scalar(run_dir: str, mesh, rules, dtype: str = "float32"):
-    """(cfg, apply, params) of a reward-model run, frozen (see `frozen_lm`)."""
+def frozen_scalar(run_dir: str, mesh, rules, dtype: str = "float32", ema: bool = False):
+    """(cfg, apply, params) of a reward-model run, frozen (see `frozen_lm`; `ema`: its EMA
+    weights)."""
     cfg = ModelConfig.from_dict(ckpt_lib.read_meta(run_dir)[1]["model_config"])
     init, _ = scalar_model_fns(cfg)
-    params = load_scalar_params(run_dir, _placed_target(init, mesh, rules))
+    params = load_scalar_params(run_dir, _placed_target(init, mesh, rules), ema)
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     return cfg, scalar_model_fns(cfg)[1], _cast(params, dtype)
 

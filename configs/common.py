@@ -133,6 +133,9 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     # moved. When no step restores, both stop and move nothing.
     c.ckpt_on_corrupt = "fallback"
     c.init_from = ""  # a run directory whose latest params start this run ("" = fresh init)
+    # True: start from init_from's EMA weights (a run trained with ema.decay > 0; train/ema.py)
+    # instead of its params; DPO/PPO/GRPO/online DPO's reference is then that EMA too
+    c.init_from_ema = False
     c.progress_bar = True  # tqdm bar on stderr
     c.peak_tflops = 0.0  # per-chip peak TFLOP/s for MFU (> 0 overrides the built-in table)
     return c

@@ -49,7 +49,7 @@ def dpo_config(loss_type: str = "sigmoid") -> ml_collections.ConfigDict:
     c.simpo_gamma = 1.0  # SimPO target reward margin γ
     c.sft_coef = 0.0  # α of an added per-token NLL of the chosen response (RPO); 0 = off
     c.ref_logps = "precompute"  # precompute (once, when the task is built) | online (per batch)
-    c.ref_from = ""  # reference run ("" = init_from)
+    c.ref_from = ""  # reference run, its params ("" = init_from; its EMA with init_from_ema)
     c.ref_dtype = "float32"  # dtype of the frozen reference (bfloat16 halves its memory)
     return c
 

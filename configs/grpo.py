@@ -105,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a reward-model run: named "rm[:weight]" in grpo.rewards, its score at the response's last
     # token joins the reward functions' (open-ended prompts; mixed with verifiable rewards)
     c.reward_from = ""
+    c.reward_from_ema = False  # True: reward_from's EMA weights (a run with ema.decay > 0)
     c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the RL prompts
     c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)
     size_rollout_rows(c, seq)

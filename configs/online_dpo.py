@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = "online_dpo"  # which task main.py runs
     c.model = common.model_config(a.variant)  # unused: the architecture comes from init_from
     c.reward_from = ""  # a reward-model run, named "rm[:weight]" in online.rewards
+    c.reward_from_ema = False  # True: reward_from's EMA weights (a run with ema.decay > 0)
     c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the prompts
     c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)
     size_rollout_rows(c, seq)

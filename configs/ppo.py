@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.trainer_config(a.steps or steps, mbatch, seq)
     c.task = "ppo"  # which task main.py runs
     c.reward_from = ""  # reward-model run: scores rollouts and initialises the critic
+    c.reward_from_ema = False  # True: reward_from's EMA weights (a run with ema.decay > 0)
     c.model = common.model_config(a.variant)  # unused: the architecture comes from init_from
     c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the RL prompts
     c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)

@@ -515,6 +515,33 @@ def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
     return step, dict(meta)
 
 
+def check_ema_source(source: str, key: str, source_key: str) -> int:
+    """Refuses, naming `key` and the run, a source whose EMA weights are asked for (`key`=True:
+    `init_from_ema` of `init_from`, `reward_from_ema` of `reward_from`) but that has none: no
+    source, an HF checkpoint ("hf:DIR"), or a run whose latest step was saved without an EMA
+    (trained with ema.decay=0). Reads no array; returns that step."""
+    if not source:
+        raise ValueError(f"{key}=True but {source_key} is not set: no run to take EMA weights from")
+    if source.startswith("hf:"):
+        raise CheckpointError(
+            f"{key}=True: {source_key}={source} is an HF checkpoint, which holds no EMA of the "
+            f"weights; set {key}=False"
+        )
+    try:
+        step, _ = read_meta(source)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}=True: {source_key}={source}: {e}") from e
+    path = os.path.join(os.path.abspath(source), "checkpoints", str(step))
+    keys = saved_state_keys(path)
+    if keys is not None and "ema" not in keys:  # unknown: the read names what is wrong
+        raise CheckpointError(
+            f"{key}=True: {source_key}={source} holds no EMA of the weights (its latest step "
+            f"{path} was saved without one: that run trained with ema.decay=0); set {key}=False "
+            "to start from its params, or name a run trained with ema.decay > 0"
+        )
+    return step
+
+
 def shape_diff(expected, found) -> list[str]:
     """How `found` differs from `expected` (parameter pytrees): missing, extra and reshaped
     leaves, by path."""

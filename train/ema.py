@@ -24,7 +24,8 @@ for a 7B model trained whole, split over the mesh like the params).
 
 The loop evaluates the EMA weights next to the params (`eval_ema/*` beside `eval/*`); readers of
 a run take them with `ema=True` (`load_params`, `load_lm_params`, `load_model`) or `--ema`
-(generate, evaluation, HF export).
+(generate, evaluation, HF export), and a later run starts from them with `init_from_ema=True`
+(train/loop.py `init_from_ema`; RL/DPO references too) or `reward_from_ema=True`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ What the loop does, so tasks never do it again:
   * builds the mesh, the optimizer and the sharded TrainState; resumes from the latest checkpoint
     in the workdir (state and data-iterator position; an unreadable latest step is moved aside
     and the next newest resumed, `ckpt_on_corrupt`; another run's checkpoints — another task
-    or model config — are refused, naming the keys), or starts from `config.init_from`;
+    or model config — are refused, naming the keys), or starts from `config.init_from` (its
+    latest params, or with `init_from_ema` its EMA weights: `init_from_ema` below);
   * dispatches step N before reading step N−1's metrics and fetches metrics only every
     `log_every` steps, so the host never stalls the device; `jax_transfer_guard` is set to
     "disallow" around the step so an accidental host↔device copy is an error;
@@ -77,7 +78,8 @@ class Task:
         checkpoint of a different structure (a reward model from an SFT model). It receives
         the loaded params as returned by `load_init_params`.
       load_init_params: optional (run_dir, fresh_params_abstract) -> loaded params; defaults
-        to reading the whole params tree of the same structure.
+        to reading the whole params tree of the same structure. With `init_from_ema` it is
+        called with `ema=True` too and must then read the run's EMA weights.
       before_step: optional hook called with the current state before each batch is drawn
         (PPO/GRPO refresh their rollouts with the current policy here).
       model_meta: JSON-able description stored in every checkpoint (e.g. the model config).
@@ -118,6 +120,19 @@ def _summarise(window: list[dict]) -> dict:
     return out
 
 
+def init_from_ema(config) -> bool:
+    """Whether the run starts from the EMA weights of its `init_from` run (`init_from_ema`,
+    configs/common.py) instead of its params. Checked when set, before anything is built or
+    compiled: an unset `init_from`, an HF checkpoint or a run saved without an EMA is an error
+    naming the key and the run (`checkpoint.check_ema_source`). The tasks with a reference
+    model (DPO, PPO, GRPO, online DPO) take that reference from the same weights: it is the
+    policy the run starts from."""
+    if not config.get("init_from_ema", False):  # (configs older than the key: params)
+        return False
+    ckpt_lib.check_ema_source(config.get("init_from", ""), "init_from_ema", "init_from")
+    return True
+
+
 def _init_or_resume(config, task, ckpt, tx, mesh, rules):
     ema = dict(ema=ema_lib.settings(config)[0] > 0, trainable_mask=task.trainable_mask)
     shardings = state_shardings(task.init_params, tx, mesh, rules, **ema)
@@ -132,6 +147,7 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
             task.train_batches.set_state(data_state)
         log.info("resumed from %s/%d", ckpt.directory, latest)
         return state, shardings, latest, True
+    from_ema = init_from_ema(config)  # a bad source fails before the init is compiled
     state, shardings = create_train_state(task.init_params, tx, mesh, rules, config.seed, **ema)
     if config.get("init_from"):
         target = jax.tree.map(
@@ -140,14 +156,14 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
             shardings.params,
         )
         loader = task.load_init_params or ckpt_lib.load_params
-        loaded = loader(config.init_from, target)
+        loaded = loader(config.init_from, target, **({"ema": True} if from_ema else {}))
         if task.init_from_transform is not None:
             loaded = task.init_from_transform(loaded, state.params)
         loaded = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded, shardings.params)
         state = state.replace(params=loaded)
         if isinstance(state, EmaTrainState):  # the average starts at the loaded weights
             state = state.replace(ema=ema_lib.start(loaded, shardings.ema))
-        log.info("initialised params from %s", config.init_from)
+        log.info("initialised params from %s%s", config.init_from, " (EMA)" if from_ema else "")
     return state, shardings, 0, False
 
 

@@ -43,11 +43,12 @@ def model_fns(cfg):
 
 def init_loader(init_params):
     """`Task.load_init_params` for an LM: refuses (naming the parameters) an `init_from` run
-    whose model config has other parameter shapes or layers, before anything is read."""
+    whose model config has other parameter shapes or layers, before anything is read; `ema`
+    (`init_from_ema`): the run's EMA weights."""
     from flaxlm.train import checkpoint as ckpt_lib
     from flaxlm.train.state import unbox
 
-    def load(run_dir, target):
+    def load(run_dir, target, ema=False):
         step, meta = ckpt_lib.read_meta(run_dir)  # then that step, not a newer latest
         if meta.get("model_config"):
             init = model_fns(to_model_config(meta["model_config"]))[0]
@@ -59,7 +60,7 @@ def init_loader(init_params):
                     f"init_from={run_dir}: its checkpoint does not fit config.model; it has "
                     f"{'; '.join(diff[:5])}{more}"
                 )
-        return ckpt_lib.load_params(run_dir, target, step)
+        return ckpt_lib.load_params(run_dir, target, step, ema)
 
     return load
 

@@ -37,17 +37,24 @@ def placed_params(init, mesh, rules, seed: int = 0):
     return jax.device_put(random_params(init, seed), shardings)
 
 
-def write_run(workdir: str, params, meta: dict) -> str:
+EMA_SEED = {"lm": 2, "rm": 3}  # seeds of fake_runs(ema=True)'s EMA weights (random_params)
+
+
+def write_run(workdir: str, params, meta: dict, ema=None) -> str:
+    """A one-step run holding `params` (and `ema`, an EMA of the weights, as a run trained
+    with ema.decay > 0 saves it beside them)."""
     ck = Checkpointer(workdir, keep=1, async_save=False)
-    ck.save(1, {"params": params}, {}, meta)
+    ck.save(1, {"params": params, **({"ema": ema} if ema is not None else {})}, {}, meta)
     ck.wait()
     ck.close()
     return workdir
 
 
-def fake_runs(root: str, cache_dir: str) -> tuple[str, str]:
+def fake_runs(root: str, cache_dir: str, ema: bool = False) -> tuple[str, str]:
     """(sft_dir, rm_dir): random tiny LM and scalar-head runs sharing the small world's
-    tokenizer; the reward model's backbone is the LM's (as a real chain would start)."""
+    tokenizer; the reward model's backbone is the LM's (as a real chain would start). `ema`:
+    each also holds an EMA of the weights, `random_params(init, EMA_SEED[kind])` (other
+    weights than its params)."""
     import ml_collections
 
     from flaxlm.alignment.common import data_config
@@ -62,8 +69,10 @@ def fake_runs(root: str, cache_dir: str) -> tuple[str, str]:
     rm = random_params(scalar_model_fns(cfg)[0], 1)
     rm["transformer"] = jax.tree.map(np.copy, {k: v for k, v in lm.items() if k != "lm_head"})
     meta = {"model_config": cfg.to_dict(), "tokenizer": tok_path, "lora": {}}
-    sft = write_run(os.path.join(root, "sft"), lm, {**meta, "head": "lm"})
-    rm_dir = write_run(os.path.join(root, "rm"), rm, {**meta, "head": "scalar"})
+    lm_ema = random_params(model_fns(cfg)[0], EMA_SEED["lm"]) if ema else None
+    rm_ema = random_params(scalar_model_fns(cfg)[0], EMA_SEED["rm"]) if ema else None
+    sft = write_run(os.path.join(root, "sft"), lm, {**meta, "head": "lm"}, lm_ema)
+    rm_dir = write_run(os.path.join(root, "rm"), rm, {**meta, "head": "scalar"}, rm_ema)
     return sft, rm_dir
 
 

@@ -146,6 +146,27 @@ def test_reference_logps_precomputed_equal_online(runs, cache_dir):
     np.testing.assert_allclose(out["precompute"], out["online"], rtol=1e-6)
 
 
+def test_init_from_ema_is_the_reference_unless_ref_from_names_one(cache_dir, tmp_path):
+    """init_from_ema: the reference is the SFT run's EMA (the policy's start); dpo.ref_from
+    names a reference of its own, read as its params."""
+    from flaxlm.models.sharding import make_mesh
+    from flaxlm.train.pretrain import model_fns
+
+    sft, _ = H.fake_runs(str(tmp_path), cache_dir, ema=True)
+    for ref_from, seed in (("", H.EMA_SEED["lm"]), (sft, 0)):
+        c = H.tiny(dpo_config, cache_dir, init_from=sft, init_from_ema=True, **{
+            "batch_size": 8, "seq_len": 64, "dpo.ref_logps": "online", "data.eval": "",
+            "dpo.ref_from": ref_from,
+        })  # fmt: skip
+        task = dpo.build_task(c, make_mesh(dict(c.mesh)), None)
+        cfg = H.get_variant("tiny", vocab_size=H.VOCAB)
+        want = H.random_params(model_fns(cfg)[0], seed)
+        got = jax.device_get(task.train_batches.ref.params)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_dpo_trains_in_the_loop(runs, cache_dir, tmp_path):
     sft, _ = runs
     c = H.tiny(dpo_config, cache_dir, init_from=sft, **{

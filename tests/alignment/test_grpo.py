@@ -5,12 +5,13 @@ applied and counted; a run trains through the shared loop."""
 import importlib.util
 import math
 import os
+import re
 
 import jax
 import numpy as np
 import pytest
 
-from flaxlm.alignment import grpo, rl_common, rl_rollout
+from flaxlm.alignment import common, grpo, rl_common, rl_rollout
 from flaxlm.configs import grpo as grpo_config
 from flaxlm.data import formats as F
 from flaxlm.models.decode import GenerateOutput
@@ -527,3 +528,98 @@ def test_reward_model_scores_next_to_reward_functions(runs, cache_dir):
             c.grpo.rewards, c.reward_from = rewards, reward_from
         with pytest.raises(ValueError, match=match):
             grpo.build_task(c, mesh, None)
+
+
+@pytest.fixture(scope="module")
+def ema_runs(tmp_path_factory, cache_dir):
+    """fake_runs whose checkpoints also hold an EMA of the weights (other random weights)."""
+    return H.fake_runs(str(tmp_path_factory.mktemp("grpo_ema_runs")), cache_dir, ema=True)
+
+
+def _assert_equal(got, want):
+    got, want = jax.device_get(got), jax.device_get(want)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_ema_is_the_policy_start_and_the_reference(ema_runs, cache_dir, tmp_path,
+                                                              monkeypatch, caplog):  # fmt: skip
+    """init_from_ema: the policy starts at the SFT run's EMA weights and the reference is the
+    same EMA (the policy the run starts from), so the first rollout's KL is exactly 0;
+    reward_from_ema: the reward model is its run's EMA. The log names the EMA start."""
+    import logging
+
+    from flaxlm.models.heads import scalar_model_fns
+    from flaxlm.train import loop
+
+    sft, rm_dir = ema_runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, init_from_ema=True, reward_from=rm_dir,
+               reward_from_ema=True, **{
+        "batch_size": 8, "rollout.batch": 8, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6, "grpo.rewards": "rm,format",
+        "total_steps": 1, "log_every": 1, "async_ckpt": False,
+    })  # fmt: skip
+    started, real = [], loop._init_or_resume
+
+    def init_or_resume(*a):  # the state before the first step (its buffers are then donated)
+        out = real(*a)
+        started.append(jax.device_get(out[0].params))
+        return out
+
+    monkeypatch.setattr(loop, "_init_or_resume", init_or_resume)
+    mesh = make_mesh(dict(c.mesh))
+    task = grpo.build_task(c, mesh, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="flaxlm"):
+        loop.run(c, str(tmp_path), task, mesh=mesh)
+    cfg = task.train_batches.cfg
+    lm_ema = H.random_params(model_fns(cfg)[0], H.EMA_SEED["lm"])  # what the runs hold
+    rm_ema = H.random_params(scalar_model_fns(cfg)[0], H.EMA_SEED["rm"])
+    (start,) = started
+    _assert_equal(start, lm_ema)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          task.train_batches.ref_params)  # fmt: skip
+    _assert_equal(start, common.load_lm_params(sft, target, ema=True))
+    _assert_equal(task.train_batches.ref_params, lm_ema)
+    _assert_equal(task.train_batches._rm[1], rm_ema)
+    assert f"initialised params from {sft} (EMA)" in caplog.text
+    (rec,) = [r for r in read_metrics(str(tmp_path)) if "rollout/kl" in r]
+    assert rec["rollout/kl"] == 0.0  # the policy is its reference
+    # Without the flags: the runs' params, not their EMA.
+    with c.unlocked():
+        c.init_from_ema, c.reward_from_ema = False, False
+    plain = grpo.build_task(c, mesh, None).train_batches
+    _assert_equal(plain.ref_params, H.random_params(model_fns(cfg)[0], 0))
+    with pytest.raises(AssertionError):
+        _assert_equal(plain._rm[1], rm_ema)
+
+
+def test_init_from_ema_without_an_ema_is_an_error_before_any_load(runs, ema_runs, cache_dir,
+                                                                  monkeypatch):  # fmt: skip
+    """init_from_ema / reward_from_ema of a run saved without an EMA, of an HF checkpoint or of
+    no run: an error naming the key and the run, raised before any model is loaded."""
+    from flaxlm.train.checkpoint import CheckpointError
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the source was checked")
+
+    for name in ("frozen_lm", "frozen_scalar"):
+        monkeypatch.setattr(rl_common, name, no_load)
+    sft, rm_dir = runs  # no EMA in them
+    ema_sft, ema_rm = ema_runs
+    mesh = make_mesh({"data": -1})
+    cases = [
+        ({"init_from": sft, "init_from_ema": True},
+         CheckpointError, f"init_from_ema=True: init_from={sft} holds no EMA of the weights"),
+        ({"init_from": "hf:/no/such/dir", "init_from_ema": True},
+         CheckpointError, "init_from_ema=True: init_from=hf:/no/such/dir is an HF checkpoint"),
+        ({"init_from": ema_sft, "reward_from": rm_dir, "reward_from_ema": True,
+          "grpo.rewards": "rm"},
+         CheckpointError, f"reward_from_ema=True: reward_from={rm_dir} holds no EMA"),
+        ({"init_from": ema_sft, "reward_from_ema": True},
+         ValueError, "reward_from_ema=True but reward_from is not set"),
+    ]  # fmt: skip
+    for overrides, error, match in cases:
+        c = H.tiny(grpo_config, cache_dir, **overrides)
+        with pytest.raises(error, match=re.escape(match)):
+            grpo.build_task(c, mesh, None, rewards=None)

@@ -276,3 +276,46 @@ def test_lora_ppo_trains_adapters_on_the_policy_and_the_critic(runs, cache_dir, 
     again = lora_lib.merge({"base": base, "lora": read}, read_spec)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(again), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_init_from_ema_and_reward_from_ema_start_every_model_at_the_ema(cache_dir, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """init_from_ema: the policy starts at the SFT run's EMA and the reference is that EMA (the
+    first rollout's KL is exactly 0); reward_from_ema: the scorer and the critic's start are the
+    reward-model run's EMA. Each is compared with the weights the fake runs hold."""
+    from flaxlm.models.heads import scalar_model_fns
+    from flaxlm.models.sharding import make_mesh
+    from flaxlm.train import loop
+    from flaxlm.train.pretrain import model_fns
+
+    sft, rm = H.fake_runs(str(tmp_path / "runs"), cache_dir, ema=True)
+    c = H.tiny(ppo_config, cache_dir, init_from=sft, reward_from=rm, init_from_ema=True,
+               reward_from_ema=True, **{
+        "batch_size": 8, "rollout.batch": 8, "rollout.epochs": 1, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6, "total_steps": 1,
+        "log_every": 1, "async_ckpt": False,
+    })  # fmt: skip
+    started, real = [], loop._init_or_resume
+
+    def init_or_resume(*a):  # the state before the first step (its buffers are then donated)
+        out = real(*a)
+        started.append(jax.device_get(out[0].params))
+        return out
+
+    monkeypatch.setattr(loop, "_init_or_resume", init_or_resume)
+    mesh = make_mesh(dict(c.mesh))
+    workdir = str(tmp_path / "ppo")
+    task = ppo.build_task(c, mesh, workdir)
+    loop.run(c, workdir, task, mesh=mesh)
+    cfg = task.train_batches.cfg
+    want = {"policy": H.random_params(model_fns(cfg)[0], H.EMA_SEED["lm"]),
+            "value": H.random_params(scalar_model_fns(cfg)[0], H.EMA_SEED["rm"])}  # fmt: skip
+    (start,) = started
+    for got, ref in ((start, want), (task.train_batches.ref_params, want["policy"]),
+                     (task.train_batches.rm_params, want["value"])):  # fmt: skip
+        got = jax.device_get(got)
+        assert jax.tree.structure(got) == jax.tree.structure(ref)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (rec,) = [r for r in read_metrics(workdir) if "rollout/kl" in r]
+    assert rec["rollout/kl"] == 0.0  # the policy is its reference

@@ -252,14 +252,24 @@ def _sft_lora_config(tmp_path, **overrides):
                         "opt.warmup_steps": 1, "eval_gen.sets": "", **overrides})  # fmt: skip
 
 
-def test_a_lora_sft_run_averages_its_adapters_and_exports_its_ema(tmp_path):
+@pytest.fixture(scope="module")
+def lora_sft(tmp_path_factory):
+    """(root, workdir, final state, summary) of a 4-step LoRA SFT run with an EMA (decay 0.5)."""
+    from flaxlm.alignment import sft
+
+    root = tmp_path_factory.mktemp("lora_sft")
+    workdir = str(root / "sft")
+    state, summary = sft.run(_sft_lora_config(root, **{"ema.decay": 0.5}), workdir)
+    return root, workdir, state, summary
+
+
+def test_a_lora_sft_run_averages_its_adapters_and_exports_its_ema(lora_sft):
     from flaxlm import generate
-    from flaxlm.alignment import common, sft
+    from flaxlm.alignment import common
     from flaxlm.models import hf
     from flaxlm.models import lora as lora_lib
 
-    workdir = str(tmp_path / "sft")
-    state, summary = sft.run(_sft_lora_config(tmp_path, **{"ema.decay": 0.5}), workdir)
+    tmp_path, workdir, state, summary = lora_sft
     # Only the adapters are averaged: the frozen base keeps no float32 copy.
     base, lora = state.ema["base"], state.ema["lora"]
     masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
@@ -313,3 +323,85 @@ def test_a_decay_outside_0_1_is_an_error_naming_the_key():
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match=r"ema.decay=.* must be a number in \[0, 1\)"):
             ema_lib.settings(_config(ema=bad))
+
+
+def _capture_start(monkeypatch):
+    """A list that receives (params, ema) of every state the loop starts with, before the first
+    step (whose buffers it then donates)."""
+    started, real = [], loop._init_or_resume
+
+    def init_or_resume(*a):
+        out = real(*a)
+        state = jax.device_get(out[0])
+        started.append((state.params, getattr(state, "ema", None)))
+        return out
+
+    monkeypatch.setattr(loop, "_init_or_resume", init_or_resume)
+    return started
+
+
+def test_init_from_ema_starts_a_run_at_the_ema_weights(runs, tmp_path, monkeypatch, caplog):
+    """init_from_ema: a pretraining run continued from an EMA run starts at its EMA weights
+    (and its own EMA starts there too); the log line and the saved config say so; without the
+    key it starts at the params."""
+    ema_dir, ema = runs["ema"]
+    started = _capture_start(monkeypatch)
+    c = _config(ema=0.5, init_from=ema_dir, init_from_ema=True, total_steps=1, ckpt_every=1,
+                eval_every=0)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="flaxlm"):
+        pretrain.run(c, str(tmp_path / "from_ema"))
+    assert f"initialised params from {ema_dir} (EMA)" in caplog.text
+    ((params, own_ema),) = started
+    assert _bitwise(params, ema.ema) and _bitwise(own_ema, ema.ema)  # float32: as saved
+    assert not _bitwise(params, ema.params)
+    _, meta = ckpt_lib.read_meta(str(tmp_path / "from_ema"))
+    assert meta["config"]["init_from_ema"] is True and meta["config"]["init_from"] == ema_dir
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flaxlm"):
+        pretrain.run(override(c, {"init_from_ema": False}), str(tmp_path / "from_params"))
+    assert f"initialised params from {ema_dir}" in caplog.text and "(EMA)" not in caplog.text
+    assert _bitwise(started[1][0], ema.params)
+
+
+def test_init_from_ema_without_an_ema_is_an_error_before_the_init(runs, tmp_path, monkeypatch):
+    """A run saved without an EMA, an HF checkpoint or no init_from: an error naming
+    init_from_ema and the run, before the train state is built or any step compiled."""
+
+    def no_init(*a, **k):
+        raise AssertionError("the state was built before init_from_ema was checked")
+
+    monkeypatch.setattr(loop, "create_train_state", no_init)
+    plain_dir, _ = runs["plain"]
+    step_dir = os.path.join(plain_dir, "checkpoints", str(STEPS))
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        pretrain.run(_config(init_from=plain_dir, init_from_ema=True), str(tmp_path / "a"))
+    assert f"init_from_ema=True: init_from={plain_dir} holds no EMA of the weights" in str(e.value)
+    assert step_dir in str(e.value) and "ema.decay=0" in str(e.value)
+    with pytest.raises(ckpt_lib.CheckpointError, match="init_from=hf:/x is an HF checkpoint"):
+        pretrain.run(_config(init_from="hf:/x", init_from_ema=True), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="init_from_ema=True but init_from is not set"):
+        pretrain.run(_config(init_from_ema=True), str(tmp_path / "c"))
+    assert _config().init_from_ema is False
+
+
+def test_sft_from_a_lora_runs_ema_starts_at_its_merged_ema(lora_sft, tmp_path, monkeypatch):
+    """SFT with init_from_ema from a LoRA SFT run: the new (plain) model starts at the source's
+    EMA adapters merged into its base — what load_lm_params(..., ema=True) reads."""
+    from flaxlm.alignment import common, sft
+    from flaxlm.models import lora as lora_lib
+
+    root, src, src_state, _ = lora_sft
+    started = _capture_start(monkeypatch)
+    c = _sft_lora_config(root, **{"lora.rank": 0, "init_from": src, "init_from_ema": True,
+                                  "total_steps": 1, "eval_every": 0, "ckpt_every": 0})  # fmt: skip
+    sft.run(c, str(tmp_path / "sft"))
+    ((params, _),) = started
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), params)
+    assert _bitwise(params, common.load_lm_params(src, target, ema=True))
+    host = jax.device_get(src_state)
+    spec = lora_lib.LoraSpec(rank=2, targets=c.lora.targets)
+    want = lora_lib.merge({"base": host.params["base"], "lora": host.ema["lora"]}, spec)
+    for a, b in zip(_leaves(params), _leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not _bitwise(params, common.load_lm_params(src, target))
