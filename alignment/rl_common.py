@@ -81,6 +81,9 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     c.nonstop_penalty = 0.0  # subtracted from responses that hit max_new_tokens without stopping
     c.heldout_prompts = 0  # prompts of data.train kept out of training, evaluated as rl_heldout
     c.frozen_dtype = "float32"  # dtype of the frozen reference / reward models (bfloat16 halves)
+    # scoring and training see rows cut to the narrowest of seq_len·k/4 (k = 1..4) that holds
+    # the rollout's (minibatch's) tokens: less padding computed, 4 programs at most; 1 = off
+    c.trim_buckets = 4
     return c
 
 

@@ -37,6 +37,11 @@ truncation is not reflected in the logprobs (as in TRL). The decoder's own `samp
 are the model's at T = 1 (models/decode.py); `logprob_gap` compares them with the scoring
 forward's at T = 1, a check of the decoder's numerics at any temperature.
 
+Row width: rows are built `seq_len` wide, but the scoring forward and each training minibatch
+see them cut to the narrowest of `rollout.trim_buckets` widths (seq_len·k/n) that holds their
+tokens (`trim_rows`): short responses cost less than the budget, with the same logprobs, loss
+and gradients (tested), and at most n compiled programs per pass.
+
 Several processes (a multi-host job): every process holds the whole rollout on its host, the
 same on all. Each draws the same prompts (one cursor, the same everywhere), the decoder call
 splits the rows over every device and hands each process the whole output (models/decode.py),
@@ -73,6 +78,7 @@ import inspect
 import logging
 import math
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -282,6 +288,9 @@ class RolloutSource:
         # LoRA (`spec`): the policy is {"base", "lora"}; the decoder gets the merged weights
         self.spec, self._merged = spec, None
         self.cursor = PromptCursor(len(prompts), config.seed)  # the same on every process
+        # Rows are cut to one of these widths for scoring and training (`trim_rows`); configs
+        # older than the key: never.
+        self._buckets = row_buckets(config.seq_len, r.get("trim_buckets", 1))
         self.iteration = 0
         self.queue: list[dict] = []
         self.errors_logged = 0
@@ -334,6 +343,9 @@ class RolloutSource:
             )  # fmt: skip
 
     # -- helpers ------------------------------------------------------------------------------
+    def _trim(self, rows: dict) -> dict:
+        return trim_rows(rows, self.config.seq_len, self._buckets)
+
     def _minibatches(self, rows: dict, stats: dict) -> list[dict]:
         """This process's slices of the rollout's shuffled minibatches: with P processes,
         process p takes the p-th of P equal parts of each (the loop assembles them in process
@@ -347,7 +359,8 @@ class RolloutSource:
             for i in range(0, B, mb):
                 sel = perm[i : i + mb][p * part : (p + 1) * part]
                 out.append({
-                    **{k: v[sel] for k, v in rows.items()}, **stat_fields(stats, len(sel))
+                    **self._trim({k: v[sel] for k, v in rows.items()}),
+                    **stat_fields(stats, len(sel)),
                 })  # fmt: skip
         return out
 
@@ -397,11 +410,19 @@ class RolloutSource:
 
     def score(self, fn, *args):
         """Runs a jitted scoring function under the mesh on the rollout's rows (the whole
-        rollout, split over the devices); its whole results on the host of every process."""
-        args = [global_batch(a, self.mesh) if isinstance(a, dict) and "tokens" in a else a
-                for a in args]  # fmt: skip
+        rollout, split over the devices, cut to their width bucket: `trim_rows`); its whole
+        results on the host of every process, per-token ones padded back to seq_len."""
+        T, width = self.config.seq_len, self.config.seq_len
+        placed = []
+        for a in args:
+            if isinstance(a, dict) and "tokens" in a:
+                a = self._trim(a)
+                width = a["tokens"].shape[1]
+                a = global_batch(a, self.mesh)
+            placed.append(a)
         with use_mesh(self.mesh, self.rules):
-            return fetch(fn(*args))
+            out = fetch(fn(*placed))
+        return jax.tree.map(lambda x: pad_columns(x, width, T), out)
 
     def log_errors(self, errors: list[str], n: int) -> None:
         for e in errors[: max(0, MAX_LOGGED_ERRORS - self.errors_logged)]:
@@ -416,6 +437,43 @@ class RolloutSource:
 
     def make_rollout(self, params, rng) -> tuple[dict, dict]:
         raise NotImplementedError
+
+
+def row_buckets(seq_len: int, n: int) -> list[int]:
+    """The widths rollout rows are cut to (`rollout.trim_buckets` = n): seq_len·k/n for k = 1
+    .. n, rounded up to multiples of 8; n <= 1: seq_len alone (no trimming)."""
+    widths = {seq_len}
+    for k in range(1, max(n, 1)):
+        w = -(-seq_len * k // n)
+        widths.add(min(seq_len, w + -w % 8))
+    return sorted(widths)
+
+
+def trim_rows(rows: dict, seq_len: int, buckets: Sequence[int]) -> dict:
+    """`rows` with every (B, seq_len, ...) array cut to the narrowest bucket that holds every
+    row's real tokens (a nonzero `segment_ids` / `*_segment_ids`): what follows is padding
+    (segment id 0, loss mask 0), which causal attention and every masked loss ignore, so the
+    forward and the loss are the same on fewer columns. TRL pads each batch to its longest row;
+    here a handful of widths (`row_buckets`) bounds the programs compiled."""
+    used = 0
+    for k, v in rows.items():
+        if k == "segment_ids" or k.endswith("_segment_ids"):
+            cols = np.flatnonzero(np.asarray(v).any(axis=0))
+            used = max(used, int(cols[-1]) + 1 if len(cols) else 0)
+    width = next(b for b in buckets if b >= used)
+    if width >= seq_len:
+        return rows
+    cut = lambda v: v[:, :width] if np.ndim(v) >= 2 and np.shape(v)[1] == seq_len else v  # noqa: E731
+    return {k: cut(v) for k, v in rows.items()}
+
+
+def pad_columns(x, width: int, seq_len: int):
+    """A per-token (B, width, ...) result of rows cut to `width` padded back to (B, seq_len,
+    ...) with zeros; anything else (or nothing cut) as it is."""
+    if width >= seq_len or np.ndim(x) < 2 or np.shape(x)[1] != width:
+        return x
+    pad = [(0, 0), (0, seq_len - width)] + [(0, 0)] * (np.ndim(x) - 2)
+    return np.pad(np.asarray(x), pad)
 
 
 def response_to_rows(x_BN, prompt_lens, seq_len: int) -> np.ndarray:

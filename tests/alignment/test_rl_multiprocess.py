@@ -4,6 +4,7 @@ the samples, and trains on its part of each minibatch: alignment/rl_rollout.py).
 
 import importlib.util
 import os
+import sys
 
 import jax
 import numpy as np
@@ -46,6 +47,7 @@ def test_two_processes_train_like_one(task, runs, cache_dir, tmp_path, monkeypat
 
     def one_process():  # the reference, here, while the two processes run
         monkeypatch.syspath_prepend(str(rewards["one"]))
+        monkeypatch.delitem(sys.modules, "counted_rewards", raising=False)  # (a former test's)
         c = RL.config_for(task, sft, rm, str(cache_dir))
         RL.run(task, c, str(tmp_path / "one"))
         return c

@@ -45,3 +45,72 @@ def test_resume_inside_a_rollout_is_warned(caplog):
     fresh.set_state(inside)
     assert "resuming inside rollout 0: its 1 unused minibatches" in caplog.text
     fresh.set_state({"cursor": {"epoch": 0, "pos": 2}, "iteration": 1})  # older checkpoints
+
+
+def test_row_buckets():
+    assert rl_rollout.row_buckets(48, 4) == [16, 24, 40, 48]
+    assert rl_rollout.row_buckets(1536, 4) == [384, 768, 1152, 1536]
+    assert rl_rollout.row_buckets(48, 1) == rl_rollout.row_buckets(48, 0) == [48]
+
+
+def _rows(seq_len=48, B=4, longest=19, seed=0):
+    """Rollout rows of random prompts + responses, the longest `longest` tokens."""
+    from flaxlm.alignment.rl_common import rollout_rows
+
+    rng = np.random.default_rng(seed)
+    lens = [longest] + list(rng.integers(3, longest, B - 1))
+    prompts = [rng.integers(1, 200, n - n // 2).astype(np.int32) for n in lens]
+    N = max(lens) // 2
+    tokens = np.stack([np.pad(rng.integers(1, 200, n // 2), (0, N - n // 2)) for n in lens])
+    return rollout_rows(prompts, tokens, np.asarray([n // 2 for n in lens]), seq_len, 0)
+
+
+def test_trim_rows_cuts_padding_columns_only():
+    rows = _rows(longest=19)
+    rows["advantages"] = np.arange(4, dtype=np.float32)  # per row: untouched
+    cut = rl_rollout.trim_rows(rows, 48, [16, 24, 40, 48])
+    assert cut["tokens"].shape == (4, 24) and cut["advantages"].shape == (4,)
+    for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask"):
+        np.testing.assert_array_equal(cut[k], rows[k][:, :24])
+        assert not rows[k][:, 24:].any()  # only padding was cut
+    assert rl_rollout.trim_rows(_rows(longest=44), 48, [16, 24, 40, 48])["tokens"].shape[1] == 48
+    pairs = {f"{s}_{k}": v for s in ("chosen", "rejected") for k, v in _rows(longest=15).items()}
+    assert rl_rollout.trim_rows(pairs, 48, [16, 24, 40, 48])["rejected_tokens"].shape == (4, 16)
+    padded = rl_rollout.pad_columns(np.ones((4, 24), np.float32), 24, 48)
+    assert padded.shape == (4, 48) and padded[:, 24:].sum() == 0 and padded[:, :24].all()
+
+
+def test_trimmed_rows_give_the_same_logprobs_loss_and_gradients():
+    """What trimming changes is the number of padding columns computed: the policy's
+    logprobs (scoring), GRPO's loss and its gradients are those of the full-width rows."""
+    import jax
+
+    from flaxlm.alignment import grpo
+    from flaxlm.models.config import get_variant
+    from flaxlm.train.pretrain import model_fns
+
+    cfg = get_variant("tiny", vocab_size=256)
+    init, apply = model_fns(cfg)
+    params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
+                          init(jax.random.PRNGKey(0)))  # fmt: skip
+    rows = _rows(longest=19)
+    B, T = rows["tokens"].shape
+    rng = np.random.default_rng(1)
+    rows["old_logprobs"] = (rows["loss_mask"] * rng.normal(-3, 0.3, (B, T))).astype(np.float32)
+    rows["ref_logprobs"] = (rows["loss_mask"] * rng.normal(-3, 0.3, (B, T))).astype(np.float32)
+    rows["advantages"] = rng.normal(size=B).astype(np.float32)
+    cut = rl_rollout.trim_rows(rows, T, [16, 24, 40, 48])
+    assert cut["tokens"].shape[1] == 24
+    lp = lambda b: rl_rollout.policy_logprobs(apply, params, b, 0.7)  # noqa: E731
+    full, short = jax.device_get(lp(rows)), jax.device_get(lp(cut))
+    for f, s in zip(full, short):
+        np.testing.assert_allclose(rl_rollout.pad_columns(s, 24, T) * rows["loss_mask"],
+                                   f * rows["loss_mask"], rtol=1e-5, atol=1e-6)  # fmt: skip
+    c = override(grpo_config.get_config("runlocal=True"), {"grpo.loss_agg": "seq"})
+    loss = grpo.grpo_loss_fn(apply, c.grpo, 0.7)
+    (l_full, m_full), g_full = jax.value_and_grad(loss, has_aux=True)(params, rows, None)
+    (l_cut, m_cut), g_cut = jax.value_and_grad(loss, has_aux=True)(params, cut, None)
+    np.testing.assert_allclose(l_cut, l_full, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert m_cut.keys() == m_full.keys()
