@@ -51,7 +51,9 @@ What is counted:
                               work no timer covers (decoding texts, building rows)
          rollout_tokens_per_s generated response tokens / gen_s
          train_tokens_per_s   epochs · rollout.batch · T / train_s (rows incl. padding)
-       Rows are T = max_prompt_len + max_new_tokens wide (configs/ppo.py sets seq_len so).
+       Rows are T = max_prompt_len + max_new_tokens wide (configs/ppo.py sets seq_len so),
+       not cut to their longest (`rollout.trim_buckets=1`; the default cuts them, which saves
+       compute this count would not see).
        Training FLOPs per token: policy + value, 6·N_matmul + 12·L·d_attn·T
        each, minus the value model's absent LM head (ppo.py's count); generation and scoring
        FLOPs are not counted.
@@ -270,6 +272,9 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
         "rollout.batch": rbatch, "rollout.max_prompt_len": prompt, "rollout.max_new_tokens": new,
         "rollout.heldout_prompts": 0, "rollout.frozen_dtype": "bfloat16" if plan else "float32",
         "rollout.check_every": check_every, "rollout.decode_attention": decode_attention,
+        # Full-width rows (no `rollout.trim_buckets`): the FLOP count and train tokens/s below
+        # are of T-wide rows, what the hardware computes then.
+        "rollout.trim_buckets": 1,
         **only, **_lora_overrides(lora),
     })  # fmt: skip
     epochs = config.rollout.epochs
