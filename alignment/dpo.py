@@ -142,20 +142,25 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 # ---------------------------------------------------------------------------------------------
 # Sequence log-probabilities of both sides
 
+ROW_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+PAIR = ("chosen_", "rejected_")  # the row prefixes of a preference batch
 
-def _both(batch) -> dict:
-    keys = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
-    return {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in keys}
+
+def rows_logps(apply, params, batch, prefixes=PAIR):
+    """([sequence log-probability (B,) per prefix], [response length (B,) per prefix]): one
+    forward pass over the rows of every prefix together (`{prefix}tokens`, ...; a pair's
+    chosen and rejected rows, KTO's matched and mismatched ones)."""
+    x = {k: jnp.concatenate([batch[f"{p}{k}"] for p in prefixes]) for k in ROW_KEYS}
+    logits = apply(params, x["tokens"], x["positions"], x["segment_ids"])
+    lp = jnp.sum(token_logprobs(logits, x["targets"]) * x["loss_mask"], axis=-1)
+    n = jnp.sum(x["loss_mask"], axis=-1)
+    return jnp.split(lp, len(prefixes)), jnp.split(n, len(prefixes))
 
 
 def pair_logps(apply, params, batch):
     """((π_c, π_r) sequence log-probabilities, (|y_c|, |y_r|) response lengths), each (B,):
     one forward pass over the chosen and rejected rows together."""
-    x = _both(batch)
-    logits = apply(params, x["tokens"], x["positions"], x["segment_ids"])
-    lp = jnp.sum(token_logprobs(logits, x["targets"]) * x["loss_mask"], axis=-1)
-    n = jnp.sum(x["loss_mask"], axis=-1)
-    return jnp.split(lp, 2), jnp.split(n, 2)
+    return rows_logps(apply, params, batch, PAIR)
 
 
 def dpo_loss_fn(apply, d):
@@ -190,16 +195,20 @@ def dpo_loss_fn(apply, d):
 # Reference log-probabilities in the data path
 
 
-def _pair_key(batch, b: int) -> bytes:
+def _row_key(batch, b: int, prefixes) -> bytes:
     h = hashlib.blake2b(digest_size=16)
-    for k in ("chosen_tokens", "chosen_targets", "rejected_tokens", "rejected_targets"):
-        h.update(np.ascontiguousarray(batch[k][b]).tobytes())
+    for p in prefixes:
+        for k in ("tokens", "targets"):
+            h.update(np.ascontiguousarray(batch[f"{p}{k}"][b]).tobytes())
     return h.digest()
 
 
 class RefLogps:
-    """Reference sequence log-probabilities of preference batches, cached by pair content
-    (`cache=True`, filled by `precompute`) or computed per batch (`cache=False`).
+    """Reference sequence log-probabilities of a batch's rows — `ref_{prefix}logps` (B,) for
+    each row prefix: `ref_chosen_logps`, `ref_rejected_logps` of preference batches (the
+    default), `ref_logps`, `ref_kl_logps` of KTO's (prefixes "", "kl_") — cached by the
+    tokens of each batch row's rows of every prefix (`cache=True`, filled by `precompute`) or
+    computed per batch (`cache=False`).
 
     With a cache, `release()` drops the reference weights once every pair is scored (a whole
     model in device memory for nothing: 14 GB for a 7B reference in bfloat16); a pair missing
@@ -207,48 +216,49 @@ class RefLogps:
     never a wrong value.
     """
 
-    def __init__(self, apply, params, mesh, rules, cache: bool, zeros: bool = False, reload=None):
+    def __init__(self, apply, params, mesh, rules, cache: bool, zeros: bool = False, reload=None,
+                 prefixes=PAIR):  # fmt: skip
         self.params, self.mesh, self.rules = params, mesh, rules
-        self.table: dict[bytes, tuple[float, float]] | None = {} if cache else None
+        self.prefixes = tuple(prefixes)
+        self.table: dict[bytes, tuple[float, ...]] | None = {} if cache else None
         self.zeros = zeros  # reference-free losses: no forward pass at all
-        self._fn = jax.jit(lambda p, b: pair_logps(apply, p, b)[0])
+        self._fn = jax.jit(lambda p, b: rows_logps(apply, p, b, self.prefixes)[0])
         self._reload = reload  # () -> params, the reference loaded again (after `release`)
-        self.forward_rows = 0  # rows the reference has scored (tests, logs)
+        self.forward_rows = 0  # batch rows the reference has scored (tests, logs)
 
     def release(self) -> None:
         """Drops the reference weights (cache mode with a `reload` only)."""
         if self.table is not None and self._reload is not None:
             self.params = None
 
-    def _forward(self, batch) -> tuple[np.ndarray, np.ndarray]:
+    def _forward(self, batch) -> list[np.ndarray]:
         if self.params is None:
             logging.warning(
                 "dpo: a preference pair missing from the precomputed reference table; "
                 "reloading the reference model to score it (it stays loaded from now on)"
             )
             self.params = self._reload()
-        keys = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
-        rows = {f"{s}_{k}": batch[f"{s}_{k}"] for s in ("chosen", "rejected") for k in keys}
+        rows = {f"{p}{k}": batch[f"{p}{k}"] for p in self.prefixes for k in ROW_KEYS}
         with use_mesh(self.mesh, self.rules):
-            c, r = jax.device_get(self._fn(self.params, shard_batch(rows, self.mesh)))
-        self.forward_rows += len(c)
-        return np.asarray(c, np.float32), np.asarray(r, np.float32)
+            out = jax.device_get(self._fn(self.params, shard_batch(rows, self.mesh)))
+        self.forward_rows += len(out[0])
+        return [np.asarray(x, np.float32) for x in out]
 
     def add(self, batch: dict) -> dict:
-        """`batch` with `ref_chosen_logps` / `ref_rejected_logps` (B,) added."""
+        """`batch` with `ref_{prefix}logps` (B,) added for each row prefix."""
         B = len(batch["valid"])
         if self.zeros:
-            c = r = np.zeros(B, np.float32)
+            cols = [np.zeros(B, np.float32) for _ in self.prefixes]
         elif self.table is None:
-            c, r = self._forward(batch)
+            cols = self._forward(batch)
         else:
-            keys = [_pair_key(batch, b) for b in range(B)]
+            keys = [_row_key(batch, b, self.prefixes) for b in range(B)]
             if not all(k in self.table for k in keys):
-                c, r = self._forward(batch)
-                self.table.update({k: (c[b], r[b]) for b, k in enumerate(keys)})
-            c = np.asarray([self.table[k][0] for k in keys], np.float32)
-            r = np.asarray([self.table[k][1] for k in keys], np.float32)
-        return {**batch, "ref_chosen_logps": c, "ref_rejected_logps": r}
+                new = self._forward(batch)
+                self.table.update({k: tuple(c[b] for c in new) for b, k in enumerate(keys)})
+            cols = [np.asarray([self.table[k][i] for k in keys], np.float32)
+                    for i in range(len(self.prefixes))]  # fmt: skip
+        return {**batch, **{f"ref_{p}logps": c for p, c in zip(self.prefixes, cols)}}
 
     def precompute(self, batches) -> None:
         for b in batches:

@@ -80,6 +80,14 @@ pairs are one pair per row: `chosen_*` and `rejected_*` fields plus `margin` (B,
 Records come from jsonl or parquet (`read_records`), with configurable field names
 (`fields_config`): `messages` (a list of {role, content}), or `prompt` (text or messages) plus
 `completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`).
+
+Unpaired feedback (KTO, `render_unpaired`): a chat record with a boolean `label` (true =
+desirable, false = undesirable; anything else is bad input "bad_label"), its trailing assistant
+turns the completion and what precedes them the prompt; or a preference record without a
+label, split into its chosen answer (desirable) and its rejected one (undesirable), rendered
+and truncated as the pair is. One example per row (`UnpairedBatches`), each with a mismatched
+row for KTO's KL estimate: its completion after the prompt of another row of the batch
+(`kl_partners`, `mismatched`).
 """
 
 from __future__ import annotations
@@ -112,6 +120,7 @@ def fields_config() -> ml_collections.ConfigDict:
     c.chosen = "chosen"  # preferred answer (text or a list of assistant-ending messages)
     c.rejected = "rejected"  # dispreferred answer
     c.margin = "margin"  # optional per-pair margin (number); absent = 0
+    c.label = "label"  # unpaired feedback (KTO): true = desirable answer, false = undesirable
     c.meta = "meta"  # optional dict carried along for evaluation (the world's judge)
     c.role = "role"  # key of a message's role
     c.content = "content"  # key of a message's content
@@ -496,6 +505,34 @@ def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], f
     return prompt, sides[0], sides[1], float(margin)
 
 
+def unpaired_parts(obj, fields) -> list[tuple[list[dict], list[dict], bool]]:
+    """[(prompt messages, completion turns, desirable)] of an unpaired-feedback record (KTO): a
+    chat record with a boolean `label` — one example, its trailing assistant turns the
+    completion — or a preference record without one: two examples, chosen (desirable) and
+    rejected (undesirable), sharing the prompt."""
+    if not isinstance(obj, dict):
+        raise FormatError("bad_record", "record is not a JSON object")
+    if fields.label not in obj:
+        if fields.chosen in obj or fields.rejected in obj:
+            prompt, chosen, rejected, _ = preference_parts(obj, fields)
+            return [(prompt, chosen, True), (prompt, rejected, False)]
+        raise FormatError("missing_field", f"no {fields.label!r} field (nor "
+                          f"{fields.chosen!r} / {fields.rejected!r} to split)")  # fmt: skip
+    label = obj[fields.label]
+    if not isinstance(label, bool):  # 0/1 or "good" could be either convention: say which
+        raise FormatError("bad_label", f"{fields.label}={label!r} is not true or false")
+    msgs = sft_messages(obj, fields)
+    n = len(msgs)
+    while n and msgs[n - 1]["role"] == "assistant":
+        n -= 1
+    if n == len(msgs):
+        raise FormatError("no_assistant_turn", f"conversation ends with a {msgs[-1]['role']} "
+                          "turn, not the assistant completion the label judges")  # fmt: skip
+    if n == 0:
+        raise FormatError("missing_field", "no prompt before the assistant completion")
+    return [(msgs[:n], msgs[n:], label)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading and the data report
 
@@ -595,20 +632,22 @@ def _final_len(t: ChatTemplate, msgs: list[dict]) -> int:
 
 
 def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None, train_from=0,
-            tools=None):  # fmt: skip
+            tools=None, spans=False):  # fmt: skip
     """Renders conversations and cuts each by the same number of tokens so all fit a row (the
     overlength policy); None (counted) when one cannot. One SFT conversation: anything before
     its final assistant turn(s) may be cut. Preference sides (`n_prompt` = the number of
     leading prompt messages they share): only the shared prompt is cut, so both keep the
     exact same prompt ids and their whole responses, and only the responses are trained (an
     assistant turn inside the prompt is context: the same on both sides, it would cancel in
-    DPO's sums but count in SimPO's and ORPO's per-token means and the SFT term)."""
+    DPO's sums but count in SimPO's and ORPO's per-token means and the SFT term). `spans`
+    (with `n_prompt`): (ids, mask, split, head) each, ids[:split] the prompt after the cut and
+    ids[:head] the leading ids a cut never takes (BOS)."""
     if template.jinja:
         train_from = n_prompt if n_prompt is not None else train_from
         rendered = [_render_jinja(c, template, n_prompt, train_from, tools) for c in convs]
         sides = [(ids, mask) for ids, mask, _, _ in rendered]
-        if n_prompt is not None and rendered[0][0][: rendered[0][2]].tolist() != \
-                rendered[1][0][: rendered[1][2]].tolist():  # fmt: skip
+        if n_prompt is not None and any(r[0][: r[2]].tolist() != rendered[0][0][: rendered[0][2]]
+                                        .tolist() for r in rendered[1:]):  # fmt: skip
             raise FormatError("template_boundary", "the two sides render different prompt ids")
     else:
         sides = [render_chat(c, template, tools=tools) for c in convs]
@@ -642,6 +681,8 @@ def _fitted(convs, template, seq_len, overlength, loc, report, n_prompt=None, tr
     for ids, mask, _ in fitted:
         report.tokens += len(ids) - 1
         report.loss_tokens += int(mask[1:].sum())
+    if spans:
+        return [(ids, mask, k - cut, head) for (ids, mask, cut), k in zip(fitted, keep)]
     return [(ids, mask) for ids, mask, _ in fitted]
 
 
@@ -797,6 +838,43 @@ def render_preferences(
     return out
 
 
+def render_unpaired(
+    records: Iterable[tuple[dict, str]],
+    template: ChatTemplate,
+    seq_len: int,
+    *,
+    fields=None,
+    overlength: str = "truncate_left",
+    report: DataReport | None = None,
+) -> list[dict]:
+    """Rendered unpaired examples {"ids", "mask", "split", "head", "label", "meta", "loc",
+    "prompt"}: ids[:split] is the prompt, ids[split:] the completion (the only targets: an
+    assistant turn inside the prompt is context), ids[:head] what truncation never cuts (BOS).
+    The two halves of a split preference record are rendered and cut together, as the pair."""
+    fields, report = _check_args(overlength, fields, report)
+    if template.jinja:
+        report.chat_template = template.name
+    out = []
+    for obj, loc in records:
+        try:
+            parts = unpaired_parts(obj, fields)
+            convs = [prompt + completion for prompt, completion, _ in parts]
+            tools = record_tools(obj, fields)
+            with naming_record(loc):
+                fitted = _fitted(convs, template, seq_len, overlength, loc, report,
+                                 len(parts[0][0]), tools=tools, spans=True)  # fmt: skip
+        except FormatError as e:
+            report.bad(e.reason, loc, str(e))
+            continue
+        report.used += bool(fitted)
+        for (ids, mask, split, head), (prompt, _, label) in zip(fitted or [], parts):
+            out.append({
+                "ids": ids, "mask": mask, "split": split, "head": head, "label": label,
+                "meta": _meta(obj, fields), "loc": loc, "prompt": prompt,
+            })  # fmt: skip
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Batching
 
@@ -925,4 +1003,60 @@ class PreferenceBatches(_Batches):
             r += 1
         if r == 0:
             raise StopIteration
+        return out
+
+
+def kl_partners(prompt_keys: Sequence) -> list[int]:
+    """For each row k, the row whose prompt its KL row takes: the next row after k (cyclically)
+    whose prompt differs from k's — row k + 1 when prompts are distinct, a shift by one, so the
+    mismatched rows hold the batch's own completions, each once — or -1 when no other row has
+    another prompt (one row; all rows one prompt). A completion after its own prompt again
+    (the two halves of a preference pair, adjacent in an unshuffled order) would estimate
+    nothing but the matched reward."""
+    n, out = len(prompt_keys), []
+    for k in range(n):
+        j = next((j % n for j in range(k + 1, k + n) if prompt_keys[j % n] != prompt_keys[k]), -1)
+        out.append(j)
+    return out
+
+
+def mismatched(prompt_ex: dict, completion_ex: dict, seq_len: int):
+    """(ids, mask) of `completion_ex`'s completion after `prompt_ex`'s prompt (its ids[:split]),
+    the prompt cut from the left (its BOS head kept) until the row fits: the completion is
+    always whole (it fitted after its own prompt, whose head is as long). None if it cannot."""
+    p = prompt_ex["ids"][: prompt_ex["split"]]
+    c = completion_ex["ids"][completion_ex["split"] :]
+    ids = np.concatenate([p, c]).astype(np.int32)
+    mask = np.concatenate([np.zeros(len(p), np.float32), completion_ex["mask"][completion_ex[
+        "split"] :]]).astype(np.float32)  # fmt: skip
+    ids, mask, cut = fit_length(ids, mask, len(p), seq_len + 1, prompt_ex["head"])
+    return None if cut < 0 else (ids, mask)
+
+
+class UnpairedBatches(_Batches):
+    """One unpaired example per row: `tokens`, `targets`, `loss_mask`, `segment_ids`,
+    `positions` (B, T), `label` (1 desirable, 0 undesirable), `valid` (B,); and per row its
+    mismatched row for KTO's KL estimate, `kl_*` (B, T) — its completion after the prompt of
+    row `kl_partners(...)[k]` of the same (per-process) batch — with `kl_valid` (B,) 1 where
+    there is one. A final partial batch has `valid = 0` rows (evaluation)."""
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
+        b, t = self.batch, self.seq_len
+        out = {**empty_rows(b, t, self.pad_id), **empty_rows(b, t, self.pad_id, "kl_")}
+        for k in ("label", "valid", "kl_valid"):
+            out[k] = np.zeros(b, np.float32)
+        rows = []
+        while len(rows) < b and (i := self.order.peek()) is not None:
+            rows.append(self.items[i])
+            self.order.pos += 1
+        if not rows:
+            raise StopIteration
+        partners = kl_partners([ex["ids"][: ex["split"]].tobytes() for ex in rows])
+        for r, (ex, j) in enumerate(zip(rows, partners)):
+            place(out, r, 0, 1, ex["ids"], ex["mask"])
+            out["label"][r], out["valid"][r] = float(ex["label"]), 1.0
+            kl = mismatched(rows[j], ex, t) if j >= 0 else None
+            if kl is not None:
+                place(out, r, 0, 1, *kl, prefix="kl_")
+                out["kl_valid"][r] = 1.0
         return out

@@ -34,6 +34,7 @@ TASKS = {
     "sft": "flaxlm.alignment.sft",
     "reward": "flaxlm.alignment.reward",
     "dpo": "flaxlm.alignment.dpo",
+    "kto": "flaxlm.alignment.kto",
     "ppo": "flaxlm.alignment.ppo",
     "grpo": "flaxlm.alignment.grpo",
     "online_dpo": "flaxlm.alignment.online_dpo",

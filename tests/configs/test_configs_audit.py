@@ -21,7 +21,8 @@ CONFIG_FILES = sorted(
     for f in glob.glob(os.path.join(REPO, "configs", "*.py"))
     if not os.path.basename(f).startswith(("_", "common"))
 )
-TASK_CONFIGS = ["pretrain", "sft", "reward", "dpo", "ppo", "grpo"]  # the ones with `variant=`
+# the ones with `variant=`
+TASK_CONFIGS = ["pretrain", "sft", "reward", "dpo", "kto", "ppo", "grpo"]
 # config_flags imports each config file with the deprecated load_module(): once per parse here
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 

@@ -1,0 +1,330 @@
+"""KTO (Kahneman-Tversky Optimization, Ethayarajh et al. 2024): DPO's relative for unpaired
+feedback — each example a prompt, one completion and a label, desirable or undesirable — through
+the shared step and loop.
+
+    python -m flaxlm.train.main --config configs/kto.py:runlocal=True \
+        --config.init_from=runs/sft --workdir runs/kto
+
+Per example, with sequence log-probabilities (sums over the completion tokens) π of the policy
+and ρ of the frozen reference, Δ = π − ρ and the implicit reward r = β·Δ, the loss (`kto_loss`:
+the paper's λ_y − v(x, y), as TRL's KTOTrainer computes it) is
+
+    desirable     λ_D · (1 − σ(β·(Δ − z0)))
+    undesirable   λ_U · (1 − σ(β·(z0 − Δ)))
+
+averaged over the batch's examples, with z0 the reference point: the policy's KL to the
+reference, estimated per batch from mismatched pairs and never differentiated (`kl_estimate`):
+
+    z0 = max(0, mean over the batch of (π̃ − ρ̃)),
+
+π̃, ρ̃ the log-probabilities of each example's completion after the prompt of another example of
+the batch (`data/formats.py` `kl_partners`: the next row with another prompt, a shift by one
+when the prompts are distinct, so the mismatched rows hold the batch's own completions, each
+once; `UnpairedBatches` builds them as `kl_*` rows). In reward units the reference point is β·z0;
+the `kl` metric is z0 in nats. z0 is a mean over the global batch: the loss is jitted over the
+global (data×fsdp-sharded) arrays, so XLA reduces across devices and processes; with
+`opt.grad_accum` > 1 it is each micro-batch's (as TRL's is each forward pass's). The mismatched
+rows go through the policy in a forward pass of their own under stop_gradient, so they cost a
+forward and no backward; MFU counts them so (2 of the 6 FLOPs per parameter and token).
+
+The weights λ_D, λ_U (`kto.desirable_weight`, `kto.undesirable_weight`): the paper advises
+λ_D·n_D / (λ_U·n_U) in [1, 4/3] for n_D desirable and n_U undesirable examples; the task
+warns outside it and records the counts and the ratio in data_report.json.
+
+Reference: the `init_from` run (with `init_from_ema` its EMA weights, the policy's start) or
+`kto.ref_from`, a frozen copy (`kto.ref_dtype`) run over every batch in the data path — DPO's
+`RefLogps` in "online" mode, with KTO's row prefixes — so its log-probabilities arrive in the
+batch (`ref_logps`, `ref_kl_logps`). No precompute: the mismatched rows change with every
+epoch's shuffle. With LoRA (`lora.rank` > 0) the reference is the policy's own frozen base,
+scored inside the loss (no second copy of the model, GRPO's way).
+
+Data (`data/formats.py` `render_unpaired`): `{"prompt", "completion", "label": true/false}` or
+`{"messages", "label"}` records, or preference records split into a desirable and an undesirable
+example (the built-in world's pairs by default). Bad input names file:line.
+
+Metrics (means over the batch's desirable / undesirable examples; 0 for a batch without any):
+`rewards/desirable`, `rewards/undesirable`, `rewards/margin` (their difference),
+`rewards/accuracy` (share with Δ > z0 if desirable, Δ < z0 if not), `kl` (z0), `kl_unclamped`
+(the estimate before the clamp: it falls below 0 when training lowers the data's completions
+under every prompt, which the policy never sampled), `logps/desirable`, `logps/undesirable`,
+`count/desirable`, `count/undesirable`. Held-out evaluation: `loss`, `accuracy` (ties ½: every
+Δ = z0 = 0 at step 0), `kl`, `kl_unclamped`, `rewards/*` and `margin` with z0 estimated once
+over the whole held-out set's mismatched rows, accuracy per pair kind for the built-in world,
+and greedy generation accuracy on `eval_gen.sets` (DPO's).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.alignment import common, rl_common
+from flaxlm.alignment.dpo import RefLogps, WithRefLogps, rows_logps
+from flaxlm.data import formats as F
+from flaxlm.models import lora as lora_lib
+from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+from flaxlm.train import loop
+from flaxlm.train.pretrain import model_fns
+
+log = logging.getLogger("flaxlm")
+ROWS = ("", "kl_")  # the row prefixes of a KTO batch: matched, mismatched (KL)
+RATIO_RANGE = (1.0, 4.0 / 3.0)  # the paper's advice for λ_D·n_D / (λ_U·n_U)
+
+
+def mismatched_kl(policy_kl_logps, ref_kl_logps, kl_valid):
+    """The batch's KL estimate before the clamp: the mean of π̃ − ρ̃ over the rows with
+    `kl_valid` = 1 (0 without any), with no gradient."""
+    d = jnp.asarray(policy_kl_logps, jnp.float32) - jnp.asarray(ref_kl_logps, jnp.float32)
+    w = jnp.asarray(kl_valid, jnp.float32)
+    return jax.lax.stop_gradient(jnp.sum(d * w) / jnp.maximum(jnp.sum(w), 1.0))
+
+
+def kl_estimate(policy_kl_logps, ref_kl_logps, kl_valid):
+    """z0 = max(0, `mismatched_kl`): a KL is >= 0, the estimate (over completions the policy did
+    not sample) need not be. No gradient flows through it (the paper's reference point is a
+    constant of each step)."""
+    return jnp.maximum(mismatched_kl(policy_kl_logps, ref_kl_logps, kl_valid), 0.0)
+
+
+def kto_loss(policy_logps, ref_logps, desirable, z0, *, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):  # fmt: skip
+    """Per-example KTO losses (module docstring) and implicit rewards.
+
+    Args:
+      policy_logps, ref_logps: (B,) sequence log-probabilities of the completions.
+      desirable: (B,) 1 for a desirable example, 0 for an undesirable one.
+      z0: the reference point (scalar, nats: `kl_estimate`).
+      beta, desirable_weight, undesirable_weight: β, λ_D, λ_U.
+
+    Returns: (losses (B,), rewards β·(π − ρ) (B,)), float32.
+    """
+    delta = jnp.asarray(policy_logps, jnp.float32) - jnp.asarray(ref_logps, jnp.float32)
+    good = jnp.asarray(desirable, jnp.float32) > 0.5
+    losses = jnp.where(
+        good,
+        desirable_weight * (1.0 - jax.nn.sigmoid(beta * (delta - z0))),
+        undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z0 - delta))),
+    )
+    return losses, beta * delta
+
+
+def kto_logps(apply, params, batch, base_apply=None):
+    """(π, π̃, ρ, ρ̃), each (B,): the policy's log-probabilities of the matched rows (with
+    gradient) and of the mismatched rows (a forward pass of their own, no gradient), and the
+    reference's — from the batch, or with LoRA (`base_apply`) of the policy's frozen base."""
+    (pol,), _ = rows_logps(apply, params, batch, ("",))
+    (pol_kl,), _ = rows_logps(apply, jax.lax.stop_gradient(params), batch, ("kl_",))
+    if base_apply is None:
+        return pol, pol_kl, batch["ref_logps"], batch["ref_kl_logps"]
+    (ref, ref_kl), _ = rows_logps(base_apply, jax.lax.stop_gradient(params["base"]), batch, ROWS)
+    return pol, pol_kl, ref, ref_kl
+
+
+def _metrics(losses, rewards, delta, policy_logps, z0, desirable, valid, xp=jnp):
+    """The metrics of one batch (or the held-out set): means over its desirable and its
+    undesirable examples; `xp` is jnp in the loss, np in evaluation."""
+    good = valid * desirable
+    bad = valid * (1.0 - desirable)
+    mean = lambda x, m: xp.sum(x * m) / xp.maximum(xp.sum(m), 1.0)  # noqa: E731
+    right = xp.where(desirable > 0.5, delta > z0, delta < z0).astype(np.float32)
+    return {
+        "loss": mean(losses, valid),
+        "rewards/desirable": mean(rewards, good),
+        "rewards/undesirable": mean(rewards, bad),
+        "rewards/margin": mean(rewards, good) - mean(rewards, bad),
+        "rewards/accuracy": mean(right, valid),
+        "kl": z0,
+        "logps/desirable": mean(policy_logps, good),
+        "logps/undesirable": mean(policy_logps, bad),
+        "count/desirable": xp.sum(good),
+        "count/undesirable": xp.sum(bad),
+    }
+
+
+def kto_loss_fn(apply, k, base_apply=None):
+    """The loop's loss: KTO over a batch of `UnpairedBatches` (+ reference log-probabilities
+    unless `base_apply`, LoRA's, scores the reference in here)."""
+
+    def loss_fn(params, batch, rng):
+        del rng
+        pol, pol_kl, ref, ref_kl = kto_logps(apply, params, batch, base_apply)
+        z0 = kl_estimate(pol_kl, ref_kl, batch["kl_valid"])
+        raw = mismatched_kl(pol_kl, ref_kl, batch["kl_valid"])  # (the same sum: XLA shares it)
+        losses, rewards = kto_loss(
+            pol, ref, batch["label"], z0, beta=k.beta, desirable_weight=k.desirable_weight,
+            undesirable_weight=k.undesirable_weight,
+        )  # fmt: skip
+        m = _metrics(losses, rewards, pol - ref, pol, z0, batch["label"], batch["valid"])
+        return m.pop("loss"), {**m, "kl_unclamped": raw, "weight": jnp.sum(batch["valid"])}
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Data, evaluation and task
+
+
+def load_examples(spec: str, config, template, report: F.DataReport) -> list[dict]:
+    d = config.data
+    recs = common.records(spec, d, report)
+    return F.render_unpaired(
+        recs, template, config.seq_len, fields=d.fields, overlength=d.overlength, report=report
+    )
+
+
+def label_balance(examples, k) -> dict:
+    """{"desirable": n_D, "undesirable": n_U, "weighted_ratio": λ_D·n_D / (λ_U·n_U)}; warns
+    when the ratio is outside the paper's advised [1, 4/3], naming the weight that fixes it."""
+    n_d = sum(bool(ex["label"]) for ex in examples)
+    n_u = len(examples) - n_d
+    num, den = k.desirable_weight * n_d, k.undesirable_weight * n_u
+    ratio = num / den if den else None  # (None: no undesirable example to weigh against)
+    lo, hi = RATIO_RANGE
+    if ratio is None or not lo <= ratio <= hi:
+        hint = (
+            f"e.g. --config.kto.desirable_weight={k.undesirable_weight * n_u / n_d:.3g} (ratio 1)"
+            if n_d and n_u else "the data has only one kind of example"
+        )  # fmt: skip
+        log.warning(
+            "kto: λ_D·n_D / (λ_U·n_U) = %.3g·%d / (%.3g·%d) = %s is outside [1, 4/3], the "
+            "range the KTO paper advises for balancing the two kinds of examples; %s",
+            k.desirable_weight, n_d, k.undesirable_weight, n_u,
+            "∞" if ratio is None else f"{ratio:.3g}", hint,
+        )  # fmt: skip
+    return {"desirable": n_d, "undesirable": n_u, "weighted_ratio": ratio}
+
+
+def _batches(examples, config, pad_id, **kw):
+    return F.UnpairedBatches(
+        examples, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
+        pad_id=pad_id, process_index=jax.process_index(), process_count=jax.process_count(), **kw,
+    )  # fmt: skip
+
+
+def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base_apply):
+    """params -> held-out KTO metrics, z0 estimated over every held-out mismatched row
+    (+ greedy generation metrics)."""
+    k = config.kto
+    host = _batches(heldout, config, pad_id, shuffle=False, num_epochs=1) if heldout else []
+    host = [ref.add(b) if ref is not None else b for b in host]
+    kinds = [ex["meta"].get("pair", "") for ex in heldout]
+    fn = jax.jit(lambda p, b: kto_logps(apply, p, b, base_apply))
+    rules = logical_axis_rules(config.sharding)
+
+    def eval_fn(params):
+        out, cols = {}, collections.defaultdict(list)
+        for hb in host:
+            with use_mesh(mesh, rules):
+                got = jax.device_get(fn(params, shard_batch(hb, mesh)))
+            keep = hb["valid"] > 0
+            for name, v in zip(("pol", "pol_kl", "ref", "ref_kl"), got):
+                cols[name].append(np.asarray(v, np.float64)[keep])
+            for name in ("label", "kl_valid"):
+                cols[name].append(hb[name][keep].astype(np.float64))
+        if host:
+            c = {name: np.concatenate(v) for name, v in cols.items()}
+            raw = float(mismatched_kl(c["pol_kl"], c["ref_kl"], c["kl_valid"]))
+            z0 = max(raw, 0.0)
+            losses, rewards = jax.device_get(kto_loss(
+                c["pol"], c["ref"], c["label"], z0, beta=k.beta,
+                desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight,
+            ))  # fmt: skip
+            delta = c["pol"] - c["ref"]
+            m = _metrics(np.asarray(losses), np.asarray(rewards), delta, c["pol"], z0,
+                         c["label"], np.ones_like(delta), xp=np)  # fmt: skip
+            # Ties count ½: at step 0 every Δ is 0 and z0 is 0 (the policy is the reference).
+            won = np.where(c["label"] > 0.5, delta > z0, delta < z0) + 0.5 * (delta == z0)
+            out.update({key: float(v) for key, v in m.items() if not key.startswith("count/")})
+            out.update({"accuracy": float(np.mean(won)), "margin": out.pop("rewards/margin"),
+                        "kl_unclamped": raw})  # fmt: skip
+            out.pop("rewards/accuracy")
+            if jax.process_count() == 1 and any(kinds):
+                by = collections.defaultdict(list)
+                for kind, w in zip(kinds, won):
+                    by[kind].append(w)
+                out.update({f"acc_{kind}": float(np.mean(v)) for kind, v in sorted(by.items())
+                            if kind})  # fmt: skip
+        if gen_eval is not None:
+            out.update(gen_eval(lora_lib.merge(params, spec) if spec else params))
+        return out
+
+    return eval_fn
+
+
+def _reference(config, mesh, rules):
+    """DPO's per-batch reference scorer (`RefLogps`, no cache) over KTO's rows, on a frozen copy
+    of `kto.ref_from` or `init_from` (its EMA weights with `init_from_ema`)."""
+    k = config.kto
+    ema = not k.ref_from and bool(config.get("init_from_ema", False))
+    src = k.ref_from or config.init_from
+    _, ref_apply, ref_params = rl_common.frozen_lm(src, mesh, rules, k.ref_dtype, ema)
+    return RefLogps(ref_apply, ref_params, mesh, rules, cache=False, prefixes=ROWS)
+
+
+def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
+    """The KTO Task; `init_from` (the SFT run) is required: it is the policy's start and, unless
+    `kto.ref_from` names another run, the reference (LoRA: the policy's frozen base)."""
+    k = config.kto
+    if not config.init_from:
+        raise ValueError("kto: set --config.init_from=SFT_RUN (the policy's start and reference)")
+    if config.batch_size // jax.process_count() < 2:
+        raise ValueError(
+            f"kto: batch_size={config.batch_size} over {jax.process_count()} processes leaves "
+            "fewer than 2 examples per process: the KL estimate needs another example's prompt"
+        )
+    spec = lora_lib.spec_from_config(config.lora)
+    if spec and k.ref_from:
+        raise ValueError("kto.ref_from with LoRA: the reference is the policy's own frozen base")
+    tok, cfg, template = common.resolve_source(config, mesh)
+    report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
+    train = load_examples(config.data.train, config, template, report)
+    if not train:
+        raise ValueError(f"data.train={config.data.train!r}: no usable examples "
+                         f"({report.to_dict()})")  # fmt: skip
+    heldout = (
+        load_examples(config.data.eval, config, template, eval_report) if config.data.eval else []
+    )
+    rules = logical_axis_rules(config.sharding)
+    init_params, apply = model_fns(cfg)
+    base_apply, ref = None, None
+    if spec:  # the reference is the policy's frozen base: no second copy of the model
+        base_apply = apply
+        init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
+    else:
+        ref = _reference(config, mesh, rules)
+    batches = _batches(train, config, tok.pad_id, seed=config.seed, shuffle=config.data.shuffle)
+    if ref is not None:
+        batches = WithRefLogps(batches, ref)
+    eval_fn = None
+    if config.eval_every and (heldout or config.eval_gen.sets):
+        gen_eval = None
+        if config.eval_gen.sets:
+            sets = rl_common.heldout_sets(config, template, [], eval_report)
+            gen_eval = rl_common.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
+        eval_fn = make_eval_fn(config, mesh, apply, ref, heldout, tok.pad_id, gen_eval, spec,
+                               base_apply)  # fmt: skip
+    data_report = {"train": {**report.to_dict(), **label_balance(train, k)},
+                   "eval": eval_report.to_dict()}  # fmt: skip
+    common.write_report(workdir, data_report)
+    task = common.supervised_task(
+        "kto", "lm", config, cfg, spec, tok, workdir, data_report,
+        init_params=init_params, loss_fn=kto_loss_fn(apply, k, base_apply),
+        train_batches=batches, eval_fn=eval_fn,
+    )  # fmt: skip
+    # The loop counts every `*tokens` row: the matched rows train (6 FLOPs per parameter and
+    # token), the mismatched ones only run forward (2): 4 on average, 2/3 of the count. The
+    # reference's forward passes are not counted (as DPO's are not).
+    return dataclasses.replace(
+        task, flops_per_token=task.flops_per_token * 2 / 3,
+        flops_per_token_causal=task.flops_per_token_causal * 2 / 3,
+    )  # fmt: skip
+
+
+def run(config, workdir: str):
+    mesh = make_mesh(dict(config.mesh))
+    return loop.run(config, workdir, build_task(config, mesh, workdir), mesh=mesh)

@@ -1,0 +1,486 @@
+"""KTO: the loss equals the paper's formula written independently in numpy (float64) — the
+mismatched-pair KL estimate, its clamp at 0, the weights, and no gradient through z0 (central
+differences of the formula with z0 held fixed) — also with the batch sharded over 8 devices;
+the unpaired-data reader (both record forms, preference records split, bad input named
+file:line); the mismatched (KL) rows of a batch, built explicitly; the λ_D·n_D / (λ_U·n_U)
+warning; and runs through the shared loop from a random SFT run, full and LoRA (no reference
+copy)."""
+
+import importlib
+import importlib.util
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from flaxlm.alignment import kto
+from flaxlm.configs import kto as kto_config
+from flaxlm.data import formats as F
+from flaxlm.data.sources import DataError
+from flaxlm.data.tokenizer import train as train_tokenizer
+from flaxlm.train.metrics import read_metrics
+
+_spec = importlib.util.spec_from_file_location(
+    "rl_helpers", os.path.join(os.path.dirname(__file__), "rl_helpers.py")
+)
+H = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(H)
+
+V = 13  # vocabulary of the table "model"
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss against float64 numpy
+
+
+def _logsig(x):
+    return -np.logaddexp(0.0, -np.asarray(x, np.float64))
+
+
+def _table_apply(params, tokens, positions, segment_ids):
+    """logits = table[token] + pos[position]: each row's logits depend on its own tokens only."""
+    del segment_ids
+    return params["table"][tokens] + params["pos"][positions]
+
+
+def _seq_logps(params, batch, prefix):
+    """float64 Σ over the loss mask of log p(target), with numpy's own log-softmax."""
+    table = np.asarray(params["table"], np.float64)
+    pos = np.asarray(params["pos"], np.float64)
+    logits = table[batch[f"{prefix}tokens"]] + pos[batch[f"{prefix}positions"]]
+    m = logits.max(-1, keepdims=True)
+    logp = logits - (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))
+    picked = np.take_along_axis(logp, batch[f"{prefix}targets"][..., None], -1)[..., 0]
+    return (picked * batch[f"{prefix}loss_mask"]).sum(-1)
+
+
+def _kto_reference(pol, pol_kl, ref, ref_kl, label, valid, kl_valid, beta, wd, wu, z0=None):
+    """The paper's loss (eq. 8 less its constant, TRL's): z0 = max(0, mean KL over the
+    mismatched rows), each example's λ·(1 − σ(·)), the mean over real examples."""
+    if z0 is None:
+        z0 = max(0.0, float(((pol_kl - ref_kl) * kl_valid).sum() / max(kl_valid.sum(), 1.0)))
+    d = pol - ref
+    sig = lambda x: np.exp(_logsig(x))  # noqa: E731
+    per = np.where(label > 0.5, wd * (1 - sig(beta * (d - z0))), wu * (1 - sig(beta * (z0 - d))))
+    return float((per * valid).sum() / valid.sum()), z0, per
+
+
+def _batch(rng, B=8, T=10, kl_shift=0.0):
+    """A KTO batch of random rows (prompts of 2-4 tokens, completions of 1-5, garbage padding),
+    the last row padding (valid 0) and row 2's mismatched row missing (kl_valid 0). The reference
+    log-probabilities are given: the matched ones random, the mismatched ones the table
+    model's own (`params`) minus `kl_shift`, so the KL estimate is kl_shift plus noise."""
+    params = {"table": jnp.asarray(rng.normal(0, 1.5, (V, V)), jnp.float32),
+              "pos": jnp.asarray(rng.normal(0, 0.5, (T, V)), jnp.float32)}  # fmt: skip
+    batch = {}
+    for prefix in ("", "kl_"):
+        mask = np.zeros((B, T), np.float32)
+        for b in range(B):
+            p, n = rng.integers(2, 5), rng.integers(1, 6)
+            mask[b, p - 1 : p - 1 + n] = 1.0
+        batch.update({
+            f"{prefix}tokens": rng.integers(0, V, (B, T)).astype(np.int32),
+            f"{prefix}targets": rng.integers(0, V, (B, T)).astype(np.int32),
+            f"{prefix}positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)),
+            f"{prefix}segment_ids": np.ones((B, T), np.int32), f"{prefix}loss_mask": mask,
+        })  # fmt: skip
+    batch["label"] = np.array([1, 0, 1, 1, 0, 0, 1, 1], np.float32)[:B]
+    batch["valid"] = np.r_[np.ones(B - 1), 0.0].astype(np.float32)
+    batch["kl_valid"] = batch["valid"].copy()
+    batch["kl_valid"][2] = 0.0
+    batch["ref_logps"] = (_seq_logps(params, batch, "") + rng.normal(0, 2.0, B)).astype(np.float32)
+    kl_noise = rng.normal(0, 0.3, B)
+    batch["ref_kl_logps"] = (_seq_logps(params, batch, "kl_") - kl_shift + kl_noise).astype(
+        np.float32
+    )
+    return params, batch
+
+
+def _cfg(beta=0.1, wd=1.0, wu=1.0):
+    return ml_collections.ConfigDict(
+        {"beta": beta, "desirable_weight": wd, "undesirable_weight": wu}
+    )
+
+
+def _reference_of(params, batch, k, z0=None):
+    return _kto_reference(
+        _seq_logps(params, batch, ""), _seq_logps(params, batch, "kl_"),
+        batch["ref_logps"].astype(np.float64), batch["ref_kl_logps"].astype(np.float64),
+        batch["label"], batch["valid"], batch["kl_valid"], k.beta, k.desirable_weight,
+        k.undesirable_weight, z0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kl_shift,beta,wd,wu", [(2.0, 0.1, 1.0, 1.0), (2.0, 0.5, 1.3, 0.7),
+                                                  (-2.0, 0.5, 1.0, 1.5)])  # fmt: skip
+def test_loss_fn_equals_the_formula(kl_shift, beta, wd, wu):
+    params, batch = _batch(np.random.default_rng(0), kl_shift=kl_shift)
+    k = _cfg(beta, wd, wu)
+    loss, metrics = kto.kto_loss_fn(_table_apply, k)(params, batch, None)
+    want, z0, per = _reference_of(params, batch, k)
+    # The estimate is the mean over rows 0, 1, 3, 4, 5, 6 (row 2 has no mismatched row, row 7 is
+    # padding): about kl_shift; a negative estimate is clamped to 0.
+    assert (z0 > 1.0) if kl_shift > 0 else (z0 == 0.0)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    np.testing.assert_allclose(float(metrics["kl"]), z0, **TOL)
+    raw = _seq_logps(params, batch, "kl_") - batch["ref_kl_logps"]
+    raw = (raw * batch["kl_valid"]).sum() / batch["kl_valid"].sum()
+    np.testing.assert_allclose(float(metrics["kl_unclamped"]), raw, **TOL)
+    assert z0 == max(raw, 0.0)
+    pol, ref = _seq_logps(params, batch, ""), batch["ref_logps"].astype(np.float64)
+    good = (batch["label"] > 0) & (batch["valid"] > 0)
+    bad = (batch["label"] == 0) & (batch["valid"] > 0)
+    np.testing.assert_allclose(float(metrics["rewards/desirable"]),
+                               beta * (pol - ref)[good].mean(), **TOL)  # fmt: skip
+    np.testing.assert_allclose(float(metrics["rewards/undesirable"]),
+                               beta * (pol - ref)[bad].mean(), **TOL)  # fmt: skip
+    np.testing.assert_allclose(float(metrics["logps/desirable"]), pol[good].mean(), **TOL)
+    right = np.where(batch["label"] > 0, pol - ref > z0, pol - ref < z0)[batch["valid"] > 0]
+    np.testing.assert_allclose(float(metrics["rewards/accuracy"]), right.mean(), **TOL)
+    assert (float(metrics["count/desirable"]), float(metrics["count/undesirable"])) == (4, 3)
+    assert float(metrics["weight"]) == 7
+    # The weights scale each kind's losses, nothing else.
+    _, _, per1 = _reference_of(params, batch, _cfg(beta), z0)
+    np.testing.assert_allclose(per, np.where(batch["label"] > 0, wd, wu) * per1, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kl_shift", [2.0, -2.0])
+def test_gradient_stops_at_z0(kl_shift):
+    """jax.grad of the loss = central differences of the formula with z0 held at its value:
+    the reference point moves with the policy, but is a constant of each step (TRL detaches
+    it). Where z0 > 0, the full derivative (z0 moving too) is measurably different."""
+    params, batch = _batch(np.random.default_rng(1), kl_shift=kl_shift)
+    k = _cfg(beta=0.5, wd=1.2, wu=0.9)
+    grads = jax.grad(lambda p: kto.kto_loss_fn(_table_apply, k)(p, batch, None)[0])(params)
+    _, z0, _ = _reference_of(params, batch, k)
+    p64 = {n: np.asarray(v, np.float64) for n, v in params.items()}
+
+    def central(name, fixed_z0, eps=1e-5):
+        out = np.zeros_like(p64[name])
+        for idx in np.ndindex(*out.shape):
+            up, dn = dict(p64), dict(p64)
+            up[name], dn[name] = p64[name].copy(), p64[name].copy()
+            up[name][idx] += eps
+            dn[name][idx] -= eps
+            f = lambda q: _reference_of(q, batch, k, z0 if fixed_z0 else None)[0]  # noqa: E731
+            out[idx] = (f(up) - f(dn)) / (2 * eps)
+        return out
+
+    for name in ("table", "pos"):
+        fd = central(name, fixed_z0=True)
+        np.testing.assert_allclose(np.asarray(grads[name]), fd, rtol=1e-4, atol=1e-6)
+    full = central("table", fixed_z0=False)
+    if kl_shift > 0:  # z0 depends on the policy: differentiating it would change the step
+        assert np.abs(full - central("table", fixed_z0=True)).max() > 1e-3
+    else:  # clamped at 0: no dependence at all
+        np.testing.assert_allclose(full, central("table", fixed_z0=True), atol=1e-9)
+
+
+def test_z0_is_the_global_batch_mean_when_sharded():
+    """On the mesh (one row per device), the jitted loss still takes the KL mean over the whole
+    batch: the value the formula gives on the host."""
+    from flaxlm.models.sharding import make_mesh, shard_batch, use_mesh
+
+    params, batch = _batch(np.random.default_rng(2), kl_shift=1.5)
+    k = _cfg(beta=0.3)
+    mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    with use_mesh(mesh, ()):
+        sharded = shard_batch(batch, mesh)
+        assert len(sharded["kl_tokens"].sharding.device_set) == 8
+        loss, metrics = jax.jit(kto.kto_loss_fn(_table_apply, k))(params, sharded, None)
+    want, z0, _ = _reference_of(params, batch, k)
+    np.testing.assert_allclose(float(metrics["kl"]), z0, **TOL)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+
+
+def test_lora_reference_is_the_frozen_base():
+    """With `base_apply` the reference log-probabilities come from params["base"] (any in the
+    batch are ignored), under stop_gradient."""
+    params, batch = _batch(np.random.default_rng(3), kl_shift=0.0)
+    k = _cfg(beta=0.5)
+    base = {n: v + 0.1 for n, v in params.items()}
+    both = {"base": base, "lora": params}
+    lora_apply = lambda p, *a: _table_apply(p["lora"], *a)  # noqa: E731  (policy = "lora")
+    fn = kto.kto_loss_fn(lora_apply, k, base_apply=_table_apply)
+    loss, _ = fn(both, {**batch, "ref_logps": batch["ref_logps"] * 0 + 123.0}, None)
+    ref = {**batch, "ref_logps": _seq_logps(base, batch, ""),
+           "ref_kl_logps": _seq_logps(base, batch, "kl_")}  # fmt: skip
+    want, _, _ = _reference_of(params, ref, k)
+    np.testing.assert_allclose(float(loss), want, **TOL)
+    g = jax.grad(lambda p: fn(p, batch, None)[0])(both)
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g["base"]))
+
+
+def test_label_balance_warns_outside_the_papers_range(caplog):
+    def examples(n_d, n_u):
+        return [{"label": True}] * n_d + [{"label": False}] * n_u
+
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        assert kto.label_balance(examples(50, 50), _cfg())["weighted_ratio"] == 1.0
+        assert kto.label_balance(examples(12, 10), _cfg())["weighted_ratio"] == 1.2
+        assert not caplog.records
+        out = kto.label_balance(examples(10, 100), _cfg())  # 1:10, the paper's example
+        assert out == {"desirable": 10, "undesirable": 100, "weighted_ratio": 0.1}
+        assert "desirable_weight=10 (ratio 1)" in caplog.records[-1].getMessage()
+        ok = kto.label_balance(examples(10, 100), _cfg(wd=12.0))  # λ_D in [10, 13.3]: no warning
+        assert ok["weighted_ratio"] == pytest.approx(1.2) and len(caplog.records) == 1
+        assert kto.label_balance(examples(5, 0), _cfg())["weighted_ratio"] is None
+        assert "only one kind" in caplog.records[-1].getMessage()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: records, mismatched rows
+
+WORDS = "the river and mountain have a forest of tall trees that grow with light".split()
+
+
+@pytest.fixture(scope="module")
+def template():
+    texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(30)) for i in range(200)]
+    return F.ChatTemplate(train_tokenizer(texts, 320))
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_reader_both_forms_and_preference_split(tmp_path, template):
+    convo = [{"role": "user", "content": "the river"}, {"role": "assistant", "content": "a forest"},
+             {"role": "user", "content": "tall trees"}]  # fmt: skip
+    path = _jsonl(tmp_path / "fb.jsonl", [
+        {"prompt": "the river", "completion": "a forest", "label": True},
+        {"messages": [*convo, {"role": "assistant", "content": "grow with light"}], "label": False},
+        {"prompt": "the mountain", "chosen": "tall trees", "rejected": "light",
+         "meta": {"pair": "x"}},
+    ])  # fmt: skip
+    report = F.DataReport()
+    exs = F.render_unpaired(F.read_records(path, report), template, 64, report=report)
+    assert [(e["loc"], e["label"]) for e in exs] == [
+        (f"{path}:1", True),
+        (f"{path}:2", False),
+        (f"{path}:3", True),
+        (f"{path}:3", False),
+    ]
+    assert report.to_dict()["used"] == 3 and report.to_dict()["dropped"] == 0
+    header = template.headers["assistant"]
+    for e in exs:
+        ids, mask, s = e["ids"], e["mask"], e["split"]
+        assert mask[:s].sum() == 0 and mask[s:].sum() > 0  # only the completion trains
+        assert list(ids[s : s + len(header)]) == header and e["head"] == 1  # BOS
+    # Record 1 renders as the same chat without a label would; record 2's first answer is
+    # context, its last the completion; a split pair shares its prompt ids.
+    ids, mask = F.render_chat([{"role": "user", "content": "the river"},
+                               {"role": "assistant", "content": "a forest"}], template)  # fmt: skip
+    np.testing.assert_array_equal(exs[0]["ids"], ids)
+    np.testing.assert_array_equal(exs[0]["mask"], mask)
+    prompt, _ = F.render_chat(convo, template, add_generation_prompt=True)
+    np.testing.assert_array_equal(exs[1]["ids"][: exs[1]["split"]], prompt[: -len(header)])
+    a, b = exs[2], exs[3]
+    np.testing.assert_array_equal(a["ids"][: a["split"]], b["ids"][: b["split"]])
+    assert a["meta"] == {"pair": "x"}
+
+
+def test_reader_bad_input_names_file_and_line(tmp_path, template):
+    path = _jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "the river", "completion": "a forest", "label": True},
+        {"prompt": "the river", "completion": "a forest", "label": "yes"},
+        {"prompt": "the river", "completion": "a forest"},
+        {"messages": [{"role": "user", "content": "the river"}], "label": True},
+        '{"prompt": "the river", "label": tru',
+        {"prompt": "the river", "completion": "a forest", "label": 1},
+        {"prompt": "the river", "chosen": "a forest", "rejected": "a forest"},
+    ])  # fmt: skip
+    report = F.DataReport()
+    exs = F.render_unpaired(F.read_records(path, report), template, 64, report=report)
+    assert [e["loc"] for e in exs] == [f"{path}:1"]
+    bad = report.to_dict()["bad_input"]
+    assert bad["counts"] == {"bad_label": 2, "missing_field": 1, "no_assistant_turn": 1,
+                             "malformed_json": 1, "identical_pair": 1}  # fmt: skip
+    assert bad["examples"]["bad_label"][0].startswith(f"{path}:2: bad_label (label='yes'")
+    assert bad["examples"]["missing_field"][0].startswith(f"{path}:3: missing_field")
+    strict = F.DataReport(strict=True)
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: bad_label"):
+        F.render_unpaired(F.read_records(path, strict), template, 64, report=strict)
+
+
+def test_kl_partners_shift_by_one_and_skip_the_same_prompt():
+    assert F.kl_partners([b"a", b"b", b"c", b"d"]) == [1, 2, 3, 0]
+    assert F.kl_partners([b"a", b"a", b"b", b"c"]) == [2, 2, 3, 0]  # a split pair, adjacent
+    assert F.kl_partners([b"a", b"b", b"b"]) == [1, 0, 0]
+    assert F.kl_partners([b"a", b"a"]) == [-1, -1] and F.kl_partners([b"a"]) == [-1]
+
+
+def test_mismatched_rows_of_a_batch(tmp_path, template):
+    """Each row's `kl_*` row is exactly its completion after its partner's prompt, trained on
+    the completion only; a lone row (a final partial batch) has none."""
+    recs = [({"prompt": "the mountain", "chosen": "tall trees", "rejected": "light"}, "f:1"),
+            ({"prompt": "the river and a forest", "completion": "light", "label": True}, "f:2"),
+            ({"prompt": "have", "completion": "a forest of tall trees", "label": False}, "f:3"),
+            ({"prompt": "grow", "completion": "the river", "label": True}, "f:4")]  # fmt: skip
+    exs = F.render_unpaired(recs, template, 64)
+    assert len(exs) == 5
+    it = F.UnpairedBatches(exs, seq_len=32, batch=4, pad_id=0, shuffle=False, num_epochs=1)
+    b = next(it)
+    np.testing.assert_array_equal(b["label"], [1, 0, 1, 0])
+    np.testing.assert_array_equal(b["kl_valid"], [1, 1, 1, 1])
+    partners = [2, 2, 3, 0]  # rows 0 and 1 share a prompt: both take row 2's
+    convs = [[{"role": "user", "content": p}] for p in
+             ("the mountain", "the mountain", "the river and a forest", "have")]  # fmt: skip
+    answers = ["tall trees", "light", "light", "a forest of tall trees"]
+    for r, j in enumerate(partners):
+        want = np.r_[exs[j]["ids"][: exs[j]["split"]], exs[r]["ids"][exs[r]["split"] :]]
+        # ... which is the rendering of that mismatched conversation, trained as its answer
+        full, fmask = F.render_chat(convs[j] + [{"role": "assistant", "content": answers[r]}],
+                                    template)  # fmt: skip
+        np.testing.assert_array_equal(want, full)
+        n = len(want) - 1
+        np.testing.assert_array_equal(b["kl_loss_mask"][r, :n], fmask[1:])
+        np.testing.assert_array_equal(b["kl_tokens"][r, :n], want[:-1])
+        np.testing.assert_array_equal(b["kl_targets"][r, :n], want[1:])
+        np.testing.assert_array_equal(b["kl_positions"][r, :n], np.arange(n))
+        assert (b["kl_segment_ids"][r, :n] == 1).all() and (b["kl_segment_ids"][r, n:] == 0).all()
+        # the completion's targets train, and as many of them as in the matched row
+        assert b["kl_loss_mask"][r].sum() == b["loss_mask"][r].sum() > 0
+        assert b["kl_loss_mask"][r, : exs[j]["split"] - 1].sum() == 0
+        np.testing.assert_array_equal(b["kl_targets"][r][b["kl_loss_mask"][r] > 0],
+                                      b["targets"][r][b["loss_mask"][r] > 0])  # fmt: skip
+    last = next(it)
+    np.testing.assert_array_equal(last["valid"], [1, 0, 0, 0])
+    np.testing.assert_array_equal(last["kl_valid"], [0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_mismatched_rows_through_a_jinja_template(name, tmp_path):
+    """With an HF tokenizer's own chat template (tests/data/test_chat_template_training.py's
+    ChatML and Llama-3-style ones), the prompt is the template's generation prompt and a
+    mismatched row is exactly the template's rendering of that other conversation."""
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data",
+                        "test_chat_template_training.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location("chat_template_training", path)
+    C = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(C)
+    tok = C._load(tmp_path, name)
+    t = F.training_template(tok)
+    convs = [
+        ([C.S("You are a river."), C.U("the river")], "the forest"),
+        ([C.U("Hello, the river?"), C.A("a forest"), C.U("is the river")], "Hello"),
+    ]
+    recs = [({"messages": p + [C.A(c)], "label": i == 0}, f"j:{i}")
+            for i, (p, c) in enumerate(convs)]  # fmt: skip
+    exs = F.render_unpaired(recs, t, 512)
+    for ex, (prompt, _) in zip(exs, convs):
+        assert ex["ids"][: ex["split"]].tolist() == F.generation_prompt(prompt, tok)[0]
+        assert not ex["mask"][: ex["split"]].any() and ex["head"] == int(name == "llama3")
+    for j, i in ((1, 0), (0, 1)):  # completion i after prompt j
+        ids, mask = F.mismatched(exs[j], exs[i], 512)
+        full, fmask = F.render_chat(convs[j][0] + [C.A(convs[i][1])], t)
+        assert ids.tolist() == full.tolist()
+        n = exs[j]["split"]
+        assert mask.tolist() == [0.0] * n + fmask[n:].tolist() and mask.sum() > 0
+
+
+def test_mismatched_cuts_the_borrowed_prompt_from_the_left():
+    long_prompt = {"ids": np.r_[1, np.arange(10, 40)].astype(np.int32), "split": 31, "head": 1}
+    short = {"ids": np.array([1, 5, 6, 7, 8, 9, 2], np.int32), "split": 3, "head": 1,
+             "mask": np.array([0, 0, 0, 1, 1, 1, 0], np.float32)}  # fmt: skip
+    ids, mask = F.mismatched(long_prompt, short, seq_len=12)
+    assert len(ids) == 13 and ids[0] == 1  # BOS kept, the oldest prompt tokens cut
+    np.testing.assert_array_equal(ids[1:9], np.arange(32, 40))
+    np.testing.assert_array_equal(ids[9:], [7, 8, 9, 2])
+    np.testing.assert_array_equal(mask, np.r_[np.zeros(9), 1, 1, 1, 0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs through the loop
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    return H.fake_runs(str(tmp_path_factory.mktemp("kto_runs")), cache_dir)
+
+
+def test_main_knows_the_task():
+    from flaxlm.train.main import TASKS
+
+    assert importlib.import_module(TASKS["kto"]).run is kto.run
+
+
+def test_reference_is_init_from_or_its_ema_or_ref_from(cache_dir, tmp_path):
+    """The frozen reference copy: init_from's EMA with init_from_ema (the policy's start);
+    kto.ref_from names a reference of its own, read as its params. Misconfigurations are named
+    before anything loads."""
+    from flaxlm.models.sharding import make_mesh
+    from flaxlm.train.pretrain import model_fns
+
+    sft, _ = H.fake_runs(str(tmp_path), cache_dir, ema=True)
+    mesh = make_mesh({"data": -1})
+    for ref_from, seed in (("", H.EMA_SEED["lm"]), (sft, 0)):
+        c = H.tiny(kto_config, cache_dir, init_from=sft, init_from_ema=True, **{
+            "batch_size": 8, "seq_len": 64, "data.eval": "", "kto.ref_from": ref_from,
+        })  # fmt: skip
+        task = kto.build_task(c, mesh, None)
+        want = H.random_params(model_fns(H.get_variant("tiny", vocab_size=H.VOCAB))[0], seed)
+        got = jax.device_get(task.train_batches.ref.params)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bad = [({"init_from": ""}, "init_from=SFT_RUN"), ({"batch_size": 1}, "fewer than 2"),
+           ({"lora.rank": 8, "kto.ref_from": sft}, "frozen base")]  # fmt: skip
+    for overrides, match in bad:
+        with pytest.raises(ValueError, match=match):
+            kto.build_task(H.tiny(kto_config, cache_dir, **{"init_from": sft, **overrides}),
+                           mesh, None)  # fmt: skip
+
+
+def test_kto_trains_in_the_loop(runs, cache_dir, tmp_path):
+    sft, _ = runs
+    c = H.tiny(kto_config, cache_dir, init_from=sft, **{
+        "batch_size": 16, "seq_len": 64, "opt.lr": 3e-3, "total_steps": 6, "log_every": 1,
+        "eval_every": 6, "eval_gen.examples": 8, "eval_gen.batch": 8,
+        "eval_gen.max_new_tokens": 4, "eval_gen.max_prompt_len": 48,
+    })  # fmt: skip
+    _, summary = kto.run(c, str(tmp_path))
+    recs = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+    # Step 1: the policy is the reference, Δ = 0 and z0 = 0 for every example: loss 1 − σ(0).
+    assert recs[0]["loss"] == pytest.approx(0.5, abs=1e-4)
+    assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert recs[0]["count/desirable"] + recs[0]["count/undesirable"] == 16
+    for key in ("rewards/desirable", "rewards/undesirable", "rewards/accuracy", "kl",
+                "logps/desirable", "logps/undesirable"):  # fmt: skip
+        assert np.isfinite(recs[-1][key]), key
+    # Training separates the two kinds: the desirable-minus-undesirable reward margin grows.
+    assert recs[-1]["rewards/margin"] > recs[0]["rewards/margin"] + 0.05
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    ev = summary["eval"]
+    for key in ("eval/loss", "eval/accuracy", "eval/kl", "eval/margin",
+                "eval/rewards/desirable", "eval/sft_heldout/accuracy"):  # fmt: skip
+        assert np.isfinite(ev[key]), key
+    rep = json.load(open(tmp_path / "data_report.json"))["train"]
+    assert rep["desirable"] == rep["undesirable"] and rep["weighted_ratio"] == 1.0
+
+
+def test_kto_lora_runs_with_no_reference_copy(runs, cache_dir, tmp_path, monkeypatch):
+    from flaxlm.alignment import common
+
+    H.forbid_reference_copy(monkeypatch)
+    sft, _ = runs
+    c = H.tiny(kto_config, cache_dir, "runlocal=True,lora=8", init_from=sft, **{
+        "batch_size": 16, "seq_len": 64, "opt.lr": 3e-2, "total_steps": 4, "log_every": 1,
+    })  # fmt: skip
+    state, _ = kto.run(c, str(tmp_path))
+    recs = [r for r in read_metrics(str(tmp_path)) if "loss" in r]
+    assert recs[0]["loss"] == pytest.approx(0.5, abs=1e-4)  # adapters start at 0: Δ = 0
+    assert recs[-1]["rewards/margin"] > recs[0]["rewards/margin"]
+    # The base (the reference) is the SFT run's, untouched; the adapters trained.
+    _, base, _ = common.load_policy(sft)
+    policy = jax.device_get(state.params)
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(policy["base"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(policy["lora"]))
