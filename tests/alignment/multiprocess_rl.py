@@ -17,8 +17,8 @@ def _helpers():
 
 
 def config_for(task: str, sft: str, rm: str, cache_dir: str):
-    """Two rollouts of 16 rows in 8-row minibatches, held-out evals (greedy and sampled) at the
-    start and the end, a checkpoint at the end; data 4 × fsdp 2 over 8 devices. GRPO and
+    """Two rollouts of 16 rows in 8-row minibatches, held-out evals (greedy and sampled) and a
+    checkpoint at the end; data 4 × fsdp 2 over 8 devices. GRPO and
     online DPO judge with `counted_rewards.length_parity` (importable from REWARDS_DIR) and the
     format reward."""
     from flaxlm.configs import grpo as grpo_config
@@ -27,7 +27,7 @@ def config_for(task: str, sft: str, rm: str, cache_dir: str):
     common = {
         "batch_size": 8, "rollout.batch": 16, "rollout.epochs": 1, "seq_len": 48,
         "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6, "opt.lr": 1e-3,
-        "eval_at_start": True, "eval_every": 4, "eval_gen.examples": 8, "eval_gen.batch": 8,
+        "eval_at_start": False, "eval_every": 4, "eval_gen.examples": 8, "eval_gen.batch": 8,
         "eval_gen.max_new_tokens": 4, "eval_gen.max_prompt_len": 32, "ckpt_every": 4,
         "async_ckpt": False, "mesh.data": 4, "mesh.fsdp": 2, "log_every": 1,
     }  # fmt: skip
