@@ -343,8 +343,8 @@ class RolloutSource:
             )  # fmt: skip
 
     # -- helpers ------------------------------------------------------------------------------
-    def _trim(self, rows: dict) -> dict:
-        return trim_rows(rows, self.config.seq_len, self._buckets)
+    def _trim(self, rows: dict, width: int | None = None) -> dict:
+        return trim_rows(rows, self.config.seq_len, self._buckets, width)
 
     def _minibatches(self, rows: dict, stats: dict) -> list[dict]:
         """This process's slices of the rollout's shuffled minibatches: with P processes,
@@ -357,9 +357,13 @@ class RolloutSource:
         for _ in range(self.config.rollout.epochs):
             perm = rng.permutation(B)
             for i in range(0, B, mb):
-                sel = perm[i : i + mb][p * part : (p + 1) * part]
+                # The width of the whole minibatch: every process cuts its part alike.
+                whole = perm[i : i + mb]
+                width = trimmed_width({k: v[whole] for k, v in rows.items()
+                                       if k.endswith("segment_ids")}, self._buckets)  # fmt: skip
+                sel = whole[p * part : (p + 1) * part]
                 out.append({
-                    **self._trim({k: v[sel] for k, v in rows.items()}),
+                    **self._trim({k: v[sel] for k, v in rows.items()}, width),
                     **stat_fields(stats, len(sel)),
                 })  # fmt: skip
         return out
@@ -449,22 +453,28 @@ def row_buckets(seq_len: int, n: int) -> list[int]:
     return sorted(widths)
 
 
-def trim_rows(rows: dict, seq_len: int, buckets: Sequence[int]) -> dict:
-    """`rows` with every (B, seq_len, ...) array cut to the narrowest bucket that holds every
-    row's real tokens (a nonzero `segment_ids` / `*_segment_ids`): what follows is padding
-    (segment id 0, loss mask 0), which causal attention and every masked loss ignore, so the
-    forward and the loss are the same on fewer columns. TRL pads each batch to its longest row;
-    here a handful of widths (`row_buckets`) bounds the programs compiled."""
+def trim_rows(rows: dict, seq_len: int, buckets: Sequence[int], width: int | None = None) -> dict:
+    """`rows` with every (B, seq_len, ...) array cut to `width`, by default the narrowest bucket
+    that holds every row's real tokens (`trimmed_width`): what follows is padding (segment id
+    0, loss mask 0), which causal attention and every masked loss ignore, so the forward and
+    the loss are the same on fewer columns. TRL pads each batch to its longest row; here a
+    handful of widths (`row_buckets`) bounds the programs compiled."""
+    width = trimmed_width(rows, buckets) if width is None else width
+    if width >= seq_len:
+        return rows
+    cut = lambda v: v[:, :width] if np.ndim(v) >= 2 and np.shape(v)[1] == seq_len else v  # noqa: E731
+    return {k: cut(v) for k, v in rows.items()}
+
+
+def trimmed_width(rows: dict, buckets: Sequence[int]) -> int:
+    """The narrowest of `buckets` that holds every row's real tokens (a nonzero `segment_ids`
+    / `*_segment_ids`)."""
     used = 0
     for k, v in rows.items():
         if k == "segment_ids" or k.endswith("_segment_ids"):
             cols = np.flatnonzero(np.asarray(v).any(axis=0))
             used = max(used, int(cols[-1]) + 1 if len(cols) else 0)
-    width = next(b for b in buckets if b >= used)
-    if width >= seq_len:
-        return rows
-    cut = lambda v: v[:, :width] if np.ndim(v) >= 2 and np.shape(v)[1] == seq_len else v  # noqa: E731
-    return {k: cut(v) for k, v in rows.items()}
+    return next(b for b in buckets if b >= used)
 
 
 def pad_columns(x, width: int, seq_len: int):

@@ -148,7 +148,7 @@ def check_same_on_processes(what: str, *arrays) -> None:
     One process: nothing to check, no collective."""
     if jax.process_count() == 1:
         return
-    digest = np.asarray([zlib.crc32(np.ascontiguousarray(a).tobytes()) for a in arrays], np.int64)
+    digest = np.asarray([zlib.crc32(np.ascontiguousarray(a).tobytes()) for a in arrays], np.uint32)
     every = np.asarray(multihost_utils.process_allgather(digest))  # (processes, len(arrays))
     if not (every == every[:1]).all():
         differ = [i for i in range(len(every)) if not (every[i] == every[0]).all()]

@@ -114,3 +114,28 @@ def test_trimmed_rows_give_the_same_logprobs_loss_and_gradients():
     for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     assert m_cut.keys() == m_full.keys()
+
+
+def test_processes_cut_their_parts_of_a_minibatch_to_one_width(monkeypatch):
+    """With several processes each trains on part of a minibatch: the width is the whole
+    minibatch's, so the parts fit together (a part's own width could be narrower)."""
+    import jax
+
+    rows = _rows(B=16, longest=12)
+    long = _rows(B=1, longest=44)
+    for k in rows:
+        rows[k][5] = long[k][0]  # one long row among short ones
+    c = override(grpo_config.get_config("runlocal=True"), {
+        "batch_size": 8, "rollout.batch": 16, "rollout.epochs": 1, "seq_len": 48,
+        "rollout.trim_buckets": 4, "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 16,
+    })  # fmt: skip
+    src = _Source(c, None, None, [{"ids": np.arange(3), "meta": {}}], cfg=None, template=None)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    parts = []
+    for p in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+        parts.append(src._minibatches(rows, {}))
+    widths = [[mb["tokens"].shape[1] for mb in part] for part in parts]
+    assert widths[0] == widths[1] and sorted(widths[0]) == [16, 48]  # the long row's: 48
+    for a, b in zip(*parts):
+        assert a["tokens"].shape[0] == b["tokens"].shape[0] == 4
