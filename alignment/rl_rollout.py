@@ -22,6 +22,7 @@ generate / score / train) ride along in every minibatch as constant (B,) arrays 
 "rollout/<name>"; the loss returns their means (`passthrough_stats`), so they land in
 metrics.jsonl and TensorBoard with the loss metrics. `rollout/gen_s` and `rollout/score_s`
 time this rollout's decoder call and its scoring (reward, reference, values, advantages);
+`rollout/row_width` is the width the minibatch's rows were cut to (see "Row width" below).
 `rollout/train_s` is the wall time between the previous rollout and this one — the optimizer
 steps on its minibatches, plus any evaluation or checkpoint the loop ran in between.
 
@@ -364,7 +365,8 @@ class RolloutSource:
                 sel = whole[p * part : (p + 1) * part]
                 out.append({
                     **self._trim({k: v[sel] for k, v in rows.items()}, width),
-                    **stat_fields(stats, len(sel)),
+                    **stat_fields({**stats, "row_width": min(width, self.config.seq_len)},
+                                  len(sel)),
                 })  # fmt: skip
         return out
 
