@@ -18,6 +18,7 @@ instead (checked in `resolve_source`, before anything is loaded: train/loop.py `
 
 from __future__ import annotations
 
+import collections
 import filecmp
 import json
 import logging
@@ -266,6 +267,16 @@ def write_report(workdir: str | None, report: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Loading language-model params into a task's tree
+
+
+def accuracy_by_kind(kinds, index, won) -> dict[str, float]:
+    """{"acc_<kind>": mean of `won` over the rows of that kind} for each non-empty kind, row r
+    holding item `index[r]` of the held-out set whose kinds are `kinds` (e.g. the world's pair
+    kinds: correct vs wrong, well-formed vs rambling)."""
+    by = collections.defaultdict(list)
+    for i, w in zip(index, won):
+        by[kinds[int(i)]].append(float(w))
+    return {f"acc_{k}": sum(v) / len(v) for k, v in sorted(by.items()) if k}
 
 
 def replicated_like(abstract, tree):

@@ -66,8 +66,13 @@ from flaxlm.alignment.reward import load_pairs
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
+    any_process,
+    fetch,
+    gather_rows,
+    local_rows,
     logical_axis_rules,
     make_mesh,
+    same_batch_count,
     shard_batch,
     use_mesh,
 )
@@ -240,7 +245,7 @@ class RefLogps:
             self.params = self._reload()
         rows = {f"{p}{k}": batch[f"{p}{k}"] for p in self.prefixes for k in ROW_KEYS}
         with use_mesh(self.mesh, self.rules):
-            out = jax.device_get(self._fn(self.params, shard_batch(rows, self.mesh)))
+            out = local_rows(self._fn(self.params, shard_batch(rows, self.mesh)))
         self.forward_rows += len(out[0])
         return [np.asarray(x, np.float32) for x in out]
 
@@ -253,7 +258,8 @@ class RefLogps:
             cols = self._forward(batch)
         else:
             keys = [_row_key(batch, b, self.prefixes) for b in range(B)]
-            if not all(k in self.table for k in keys):
+            # (several processes: each scores its own rows, in one call they all make)
+            if any_process(not all(k in self.table for k in keys)):
                 new = self._forward(batch)
                 self.table.update({k: tuple(c[b] for c in new) for b, k in enumerate(keys)})
             cols = [np.asarray([self.table[k][i] for k in keys], np.float32)
@@ -261,7 +267,7 @@ class RefLogps:
         return {**batch, **{f"ref_{p}logps": c for p, c in zip(self.prefixes, cols)}}
 
     def precompute(self, batches) -> None:
-        for b in batches:
+        for b in same_batch_count(list(batches)):  # (one call per batch on every process)
             self.add(b)
 
 
@@ -298,8 +304,11 @@ def _pair_batches(pairs, config, pad_id, **kw):
 def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, spec):
     """params -> held-out preference metrics (+ greedy generation metrics)."""
     d = config.dpo
-    host = [ref.add(b) for b in _pair_batches(heldout, config, pad_id, shuffle=False,
-                                              num_epochs=1)] if heldout else []  # fmt: skip
+    # Several processes: each holds its share of the held-out pairs; the metrics are over
+    # every process's rows (gathered), the same on all.
+    host = [ref.add(b) for b in same_batch_count(list(_pair_batches(
+        heldout, config, pad_id, shuffle=False, num_epochs=1, with_index=True)))
+    ] if heldout else []  # fmt: skip
     kinds = [p["meta"].get("pair", "") for p in heldout]
     fn = jax.jit(lambda p, b: pair_logps(apply, p, b))
 
@@ -307,10 +316,13 @@ def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, 
         out, cols = {}, collections.defaultdict(list)
         for hb in host:
             with use_mesh(mesh, logical_axis_rules(config.sharding)):
-                (pc, pr), (lc, lr) = jax.device_get(fn(params, shard_batch(hb, mesh)))
-            keep = hb["valid"] > 0
-            ref_c, ref_r = hb["ref_chosen_logps"], hb["ref_rejected_logps"]
-            for k, v in zip(("pc", "pr", "lc", "lr", "rc", "rr"), (pc, pr, lc, lr, ref_c, ref_r)):
+                (pc, pr), (lc, lr) = fetch(fn(params, shard_batch(hb, mesh)))
+            h = gather_rows({k: hb[k] for k in ("valid", "index", "ref_chosen_logps",
+                                                "ref_rejected_logps")})  # fmt: skip
+            keep = h["valid"] > 0
+            ref_c, ref_r = h["ref_chosen_logps"], h["ref_rejected_logps"]
+            for k, v in zip(("pc", "pr", "lc", "lr", "rc", "rr", "index"),
+                            (pc, pr, lc, lr, ref_c, ref_r, h["index"])):  # fmt: skip
                 cols[k].append(np.asarray(v)[keep])
         if host:
             c = {k: np.concatenate(v) for k, v in cols.items()}
@@ -325,11 +337,7 @@ def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, 
                 "margin": float(np.mean(rew_c - rew_r)),
                 "logp_accuracy": float(np.mean(c["pc"] / c["lc"] > c["pr"] / c["lr"])),
             })  # fmt: skip
-            if jax.process_count() == 1 and any(kinds):
-                by = collections.defaultdict(list)
-                for k, w in zip(kinds, won):
-                    by[k].append(w)
-                out.update({f"acc_{k}": float(np.mean(v)) for k, v in sorted(by.items()) if k})
+            out.update(common.accuracy_by_kind(kinds, c["index"], won))
         if gen_eval is not None:
             out.update(gen_eval(lora_lib.merge(params, spec) if spec else params))
         return out

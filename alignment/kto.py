@@ -67,7 +67,15 @@ from flaxlm.alignment import common, rl_common
 from flaxlm.alignment.dpo import RefLogps, WithRefLogps, rows_logps
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
-from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+from flaxlm.models.sharding import (
+    fetch,
+    gather_rows,
+    logical_axis_rules,
+    make_mesh,
+    same_batch_count,
+    shard_batch,
+    use_mesh,
+)
 from flaxlm.train import loop
 from flaxlm.train.pretrain import model_fns
 
@@ -210,7 +218,10 @@ def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base
     """params -> held-out KTO metrics, z0 estimated over every held-out mismatched row
     (+ greedy generation metrics)."""
     k = config.kto
-    host = _batches(heldout, config, pad_id, shuffle=False, num_epochs=1) if heldout else []
+    # Several processes: each holds its share of the held-out examples (as many batches on
+    # each); the metrics are over every process's rows (gathered), the same on all.
+    host = same_batch_count(list(_batches(heldout, config, pad_id, shuffle=False, num_epochs=1,
+                                          with_index=True))) if heldout else []  # fmt: skip
     host = [ref.add(b) if ref is not None else b for b in host]
     kinds = [ex["meta"].get("pair", "") for ex in heldout]
     fn = jax.jit(lambda p, b: kto_logps(apply, p, b, base_apply))
@@ -220,12 +231,14 @@ def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base
         out, cols = {}, collections.defaultdict(list)
         for hb in host:
             with use_mesh(mesh, rules):
-                got = jax.device_get(fn(params, shard_batch(hb, mesh)))
-            keep = hb["valid"] > 0
+                got = fetch(fn(params, shard_batch(hb, mesh)))
+            h = gather_rows({k: hb[k] for k in ("valid", "label", "kl_valid", "index")})
+            keep = h["valid"] > 0
             for name, v in zip(("pol", "pol_kl", "ref", "ref_kl"), got):
                 cols[name].append(np.asarray(v, np.float64)[keep])
             for name in ("label", "kl_valid"):
-                cols[name].append(hb[name][keep].astype(np.float64))
+                cols[name].append(h[name][keep].astype(np.float64))
+            cols["index"].append(h["index"][keep])
         if host:
             c = {name: np.concatenate(v) for name, v in cols.items()}
             raw = float(mismatched_kl(c["pol_kl"], c["ref_kl"], c["kl_valid"]))
@@ -243,12 +256,7 @@ def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base
             out.update({"accuracy": float(np.mean(won)), "margin": out.pop("rewards/margin"),
                         "kl_unclamped": raw})  # fmt: skip
             out.pop("rewards/accuracy")
-            if jax.process_count() == 1 and any(kinds):
-                by = collections.defaultdict(list)
-                for kind, w in zip(kinds, won):
-                    by[kind].append(w)
-                out.update({f"acc_{kind}": float(np.mean(v)) for kind, v in sorted(by.items())
-                            if kind})  # fmt: skip
+            out.update(common.accuracy_by_kind(kinds, c["index"], won))
         if gen_eval is not None:
             out.update(gen_eval(lora_lib.merge(params, spec) if spec else params))
         return out

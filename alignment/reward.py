@@ -18,8 +18,6 @@ plus accuracy per pair kind when the records carry the built-in world's meta.
 
 from __future__ import annotations
 
-import collections
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +26,7 @@ from flaxlm.alignment import common
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.heads import scalar_model_fns, sequence_values
-from flaxlm.models.sharding import make_mesh, shard_batch
+from flaxlm.models.sharding import fetch, gather_rows, make_mesh, same_batch_count, shard_batch
 from flaxlm.train import loop
 
 
@@ -105,23 +103,26 @@ def make_eval_fn(config, mesh, apply, pairs):
     it = F.PreferenceBatches(
         pairs, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
         pad_id=0, shuffle=False, num_epochs=1, process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_count=jax.process_count(), with_index=True,
     )  # fmt: skip
-    host = list(it)
+    # Several processes: each holds its share of the pairs (as many batches on each); the
+    # metrics are over every process's rows (gathered), the same on all.
+    host = same_batch_count(list(it))
     batches = [shard_batch(b, mesh) for b in host]
     fn = jax.jit(lambda p, b: rewards(apply, p, b))
     kinds = [p["meta"].get("pair", "") for p in pairs]
 
     def eval_fn(params):
-        rc, rr, margin = [], [], []
+        rc, rr, margin, index = [], [], [], []
         for hb, b in zip(host, batches):
-            c, r = jax.device_get(fn(params, b))
-            keep = hb["valid"] > 0
+            c, r = fetch(fn(params, b))
+            h = gather_rows({k: hb[k] for k in ("valid", "margin", "index")})
+            keep = h["valid"] > 0
             rc.append(c[keep])
             rr.append(r[keep])
-            margin.append(hb["margin"][keep])
-        # With several processes each holds its own rows; this reports process 0's share.
-        rc, rr, margin = map(np.concatenate, (rc, rr, margin))
+            margin.append(h["margin"][keep])
+            index.append(h["index"][keep])
+        rc, rr, margin, index = map(np.concatenate, (rc, rr, margin, index))
         use = margin if config.loss.use_margin else None
         out = {
             "loss": np_pairwise_loss(rc, rr, use, config.loss.center_coef),
@@ -129,11 +130,7 @@ def make_eval_fn(config, mesh, apply, pairs):
             "margin": float(np.mean(rc - rr)),
             "reward_mean": float(np.mean(np.r_[rc, rr])),
         }
-        if jax.process_count() == 1 and any(kinds):
-            by = collections.defaultdict(list)
-            for k, ok in zip(kinds, rc > rr):
-                by[k].append(ok)
-            out.update({f"acc_{k}": float(np.mean(v)) for k, v in sorted(by.items()) if k})
+        out.update(common.accuracy_by_kind(kinds, index, rc > rr))
         return out
 
     return eval_fn

@@ -31,7 +31,7 @@ import numpy as np
 from flaxlm.alignment import common
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
-from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch
+from flaxlm.models.sharding import logical_axis_rules, make_mesh, same_batch_count, shard_batch
 from flaxlm.train import loop
 from flaxlm.train.pretrain import lm_loss, model_fns
 from flaxlm.train.step import eval_step
@@ -119,13 +119,14 @@ def generation_eval(cfg, params, examples, template, gen_cfg, mesh=None, rules=N
 
 
 def loss_eval_batches(examples, config, pad_id) -> list[dict]:
-    """Held-out examples packed into global batches (this process's rows), one pass."""
+    """Held-out examples packed into global batches (this process's rows), one pass; as many
+    batches on every process (empty ones fill a process whose share packs into fewer)."""
     it = F.SFTBatches(
         examples, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
         pad_id=pad_id, shuffle=False, num_epochs=1, process_index=jax.process_index(),
         process_count=jax.process_count(),
     )  # fmt: skip
-    return list(it)
+    return same_batch_count(list(it))
 
 
 def make_eval_fn(config, mesh, cfg, loss_fn, template, heldout, gen_sets, spec):

@@ -939,8 +939,11 @@ class _Batches(Lookahead):
     (`finite`; `prefetch(n)` draws batches ahead, data/lookahead.py)."""
 
     def __init__(self, items, *, seq_len, batch, pad_id, seed=0, shuffle=True, num_epochs=0,
-                 process_index=0, process_count=1):  # fmt: skip
+                 process_index=0, process_count=1, with_index=False):  # fmt: skip
         self.items, self.seq_len, self.batch, self.pad_id = items, seq_len, batch, pad_id
+        # with_index: rows carry `index` (B,) int32, the item each row holds (-1: none), so an
+        # evaluation can group rows gathered from every process by their items' metadata
+        self.with_index = with_index
         self.process_index, self.process_count = process_index, process_count
         self.order = _EpochOrder(
             len(items), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
@@ -993,17 +996,18 @@ class PreferenceBatches(_Batches):
                "rejected_")}  # fmt: skip
         out["margin"] = np.zeros(b, np.float32)
         out["valid"] = np.zeros(b, np.float32)
+        index = np.full(b, -1, np.int32)
         r = 0
         while r < b and (i := self.order.peek()) is not None:
             p = self.items[i]
             place(out, r, 0, 1, *p["chosen"], prefix="chosen_")
             place(out, r, 0, 1, *p["rejected"], prefix="rejected_")
-            out["margin"][r], out["valid"][r] = p["margin"], 1.0
+            out["margin"][r], out["valid"][r], index[r] = p["margin"], 1.0, i
             self.order.pos += 1
             r += 1
         if r == 0:
             raise StopIteration
-        return out
+        return {**out, "index": index} if self.with_index else out
 
 
 def kl_partners(prompt_keys: Sequence) -> list[int]:
@@ -1045,8 +1049,9 @@ class UnpairedBatches(_Batches):
         out = {**empty_rows(b, t, self.pad_id), **empty_rows(b, t, self.pad_id, "kl_")}
         for k in ("label", "valid", "kl_valid"):
             out[k] = np.zeros(b, np.float32)
-        rows = []
+        rows, index = [], np.full(b, -1, np.int32)
         while len(rows) < b and (i := self.order.peek()) is not None:
+            index[len(rows)] = i
             rows.append(self.items[i])
             self.order.pos += 1
         if not rows:
@@ -1059,4 +1064,4 @@ class UnpairedBatches(_Batches):
             if kl is not None:
                 place(out, r, 0, 1, *kl, prefix="kl_")
                 out["kl_valid"][r] = 1.0
-        return out
+        return {**out, "index": index} if self.with_index else out

@@ -142,6 +142,58 @@ def fetch(tree):
     return jax.tree.map(get, tree)
 
 
+def local_rows(tree):
+    """This process's rows of batch-sharded global arrays — the rows `shard_batch` placed from
+    its host, in that order — as numpy; replicated arrays whole. One process: device_get."""
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        parts = {}
+        for shard in x.addressable_shards:  # (replicas over other axes: one per row range)
+            parts.setdefault(shard.index[0].start or 0, shard.data)
+        return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)])
+
+    return jax.tree.map(get, tree)
+
+
+def gather_rows(tree):
+    """Host arrays of this process's rows (its slice of a global batch) -> every process's rows,
+    process 0's first: the order `shard_batch` assembles a global batch in (process-major, as
+    `make_mesh` orders the devices). A collective: every process calls it. One process: as is."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(
+        lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True)), tree
+    )
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective: every process calls it); for a
+    decision every process must take alike, such as whether to run a jitted call."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+
+
+def same_batch_count(batches: list[dict]) -> list[dict]:
+    """Every process's list of host batches made as long as the longest process's with
+    all-zero batches (no tokens, no loss weight, `valid` 0): a jitted call on a global batch
+    runs on every process, so each must make the same number of calls — held-out sets split
+    over processes need not divide evenly. One process: as is."""
+    if jax.process_count() == 1:
+        return batches
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(batches)], np.int32)))
+    most = int(counts.max())
+    if len(batches) < most and not batches:
+        raise ValueError(
+            f"process {jax.process_index()} holds no held-out batch while another holds {most}: "
+            "too few held-out examples for the processes"
+        )
+    zero = {k: np.zeros_like(v) for k, v in batches[0].items()} if batches else {}
+    return batches + [zero] * (most - len(batches))
+
+
 def check_same_on_processes(what: str, *arrays) -> None:
     """Raises ValueError on every process if the host `arrays` differ between processes (a
     checksum each, gathered): for calls whose every process must pass the whole input alike.

@@ -25,8 +25,8 @@ def _load(name, path):
 
 H = _load("rl_helpers", os.path.join(HERE, "rl_helpers.py"))
 mp = _load("multiprocess", os.path.join(os.path.dirname(HERE), "multiprocess.py"))
-SCRIPT = os.path.join(HERE, "multiprocess_rl.py")
-RL = _load("multiprocess_rl", SCRIPT)
+SCRIPT = os.path.join(HERE, "multiprocess_tasks.py")
+RL = _load("multiprocess_tasks", SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
-"""The RL runs of tests/alignment/test_rl_multiprocess.py: `config_for` builds a run's config (the
-test runs it on one process), and as a script (`python THIS PORT PROCESS_ID N WORKDIR TASK SFT RM
-CACHE REWARDS_DIR`) this runs it as one of N processes."""
+"""The runs of tests/alignment/test_rl_multiprocess.py and test_multiprocess_offline.py:
+`config_for` builds a run's config (the test runs it on one process), and as a script (`python
+THIS PORT PROCESS_ID N WORKDIR TASK SFT RM CACHE REWARDS_DIR`) this runs it as one of N
+processes."""
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -33,6 +35,14 @@ def config_for(task: str, sft: str, rm: str, cache_dir: str):
     }  # fmt: skip
     from flaxlm.configs import online_dpo as online_dpo_config
 
+    if task in OFFLINE:  # 2 steps of 8 rows, held-out evals at the start and the end
+        module = importlib.import_module(f"flaxlm.configs.{task}")
+        return _helpers().tiny(module, cache_dir, init_from=sft, **{
+            "batch_size": 8, "seq_len": 64, "total_steps": 2, "eval_every": 2, "ckpt_every": 2,
+            "eval_at_start": True, "log_every": 1, "async_ckpt": False, "mesh.data": 4,
+            "mesh.fsdp": 2, "opt.lr": 1e-3,
+        })  # fmt: skip
+
     rewards = "counted_rewards:length_parity,format:0.5"
     if task == "grpo":
         return _helpers().tiny(grpo_config, cache_dir, init_from=sft, **common,
@@ -43,10 +53,11 @@ def config_for(task: str, sft: str, rm: str, cache_dir: str):
     return _helpers().tiny(ppo_config, cache_dir, init_from=sft, reward_from=rm, **common)
 
 
-def run(task: str, config, workdir: str):
-    from flaxlm.alignment import grpo, online_dpo, ppo
+OFFLINE = ("sft", "reward", "dpo", "kto")
 
-    return {"grpo": grpo, "ppo": ppo, "online_dpo": online_dpo}[task].run(config, workdir)
+
+def run(task: str, config, workdir: str):
+    return importlib.import_module(f"flaxlm.alignment.{task}").run(config, workdir)
 
 
 REWARDS = '''
