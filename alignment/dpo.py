@@ -267,7 +267,8 @@ class RefLogps:
         return {**batch, **{f"ref_{p}logps": c for p, c in zip(self.prefixes, cols)}}
 
     def precompute(self, batches) -> None:
-        for b in same_batch_count(list(batches)):  # (one call per batch on every process)
+        # (one call per batch on every process)
+        for b in same_batch_count(list(batches), getattr(batches, "blank", None)):
             self.add(b)
 
 
@@ -306,9 +307,9 @@ def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, 
     d = config.dpo
     # Several processes: each holds its share of the held-out pairs; the metrics are over
     # every process's rows (gathered), the same on all.
-    host = [ref.add(b) for b in same_batch_count(list(_pair_batches(
-        heldout, config, pad_id, shuffle=False, num_epochs=1, with_index=True)))
-    ] if heldout else []  # fmt: skip
+    it = _pair_batches(heldout, config, pad_id, shuffle=False, num_epochs=1,
+                       with_index=True) if heldout else None  # fmt: skip
+    host = [ref.add(b) for b in same_batch_count(list(it), it.blank)] if heldout else []
     kinds = [p["meta"].get("pair", "") for p in heldout]
     fn = jax.jit(lambda p, b: pair_logps(apply, p, b))
 

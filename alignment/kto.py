@@ -220,8 +220,9 @@ def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base
     k = config.kto
     # Several processes: each holds its share of the held-out examples (as many batches on
     # each); the metrics are over every process's rows (gathered), the same on all.
-    host = same_batch_count(list(_batches(heldout, config, pad_id, shuffle=False, num_epochs=1,
-                                          with_index=True))) if heldout else []  # fmt: skip
+    it = _batches(heldout, config, pad_id, shuffle=False, num_epochs=1,
+                  with_index=True) if heldout else None  # fmt: skip
+    host = same_batch_count(list(it), it.blank) if heldout else []
     host = [ref.add(b) if ref is not None else b for b in host]
     kinds = [ex["meta"].get("pair", "") for ex in heldout]
     fn = jax.jit(lambda p, b: kto_logps(apply, p, b, base_apply))

@@ -107,7 +107,7 @@ def make_eval_fn(config, mesh, apply, pairs):
     )  # fmt: skip
     # Several processes: each holds its share of the pairs (as many batches on each); the
     # metrics are over every process's rows (gathered), the same on all.
-    host = same_batch_count(list(it))
+    host = same_batch_count(list(it), it.blank)
     batches = [shard_batch(b, mesh) for b in host]
     fn = jax.jit(lambda p, b: rewards(apply, p, b))
     kinds = [p["meta"].get("pair", "") for p in pairs]

@@ -126,7 +126,7 @@ def loss_eval_batches(examples, config, pad_id) -> list[dict]:
         pad_id=pad_id, shuffle=False, num_epochs=1, process_index=jax.process_index(),
         process_count=jax.process_count(),
     )  # fmt: skip
-    return same_batch_count(list(it))
+    return same_batch_count(list(it), it.blank)
 
 
 def make_eval_fn(config, mesh, cfg, loss_fn, template, heldout, gen_sets, spec):

@@ -925,6 +925,9 @@ class _EpochOrder:
             self._order = self._make(self.epoch)
         return int(self._order[self.pos])
 
+    def advance(self) -> None:
+        self.pos += 1
+
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 
@@ -933,10 +936,56 @@ class _EpochOrder:
         self._order = self._make(self.epoch)
 
 
+class _GlobalOrder:
+    """Items for one-item-per-row batches of `chunk` rows per process: the global order is each
+    epoch's permutation of all items, back to back, the same on every process; global batch k
+    holds its items k·C … (k + 1)·C − 1 (C = chunk × process_count), and process p takes the
+    p-th `chunk` of them. So the global batches are the ones a single process draws, whatever
+    the number of processes (one process: the `_EpochOrder` of every item). State (epoch, pos):
+    where this process's next item sits in the global order."""
+
+    def __init__(self, n, *, seed, shuffle, num_epochs, process_index, process_count, chunk):
+        if n == 0:
+            raise ValueError("no examples")
+        self.n, self.seed, self.shuffle, self.num_epochs = n, seed, shuffle, num_epochs
+        self.p, self.chunk, self.width = process_index, chunk, chunk * process_count
+        self.taken = 0  # items this process has taken
+        self._perm_epoch, self._perm = -1, None
+
+    def _at(self) -> tuple[int, int]:  # (epoch, position) of this process's next item
+        k, r = divmod(self.taken, self.chunk)
+        return divmod(k * self.width + self.p * self.chunk + r, self.n)
+
+    def peek(self) -> int | None:
+        epoch, pos = self._at()
+        if self.num_epochs and epoch >= self.num_epochs:
+            return None
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+            self._perm_epoch = epoch
+        return int(self._perm[pos])
+
+    def advance(self) -> None:
+        self.taken += 1
+
+    def get_state(self) -> dict:
+        epoch, pos = self._at()
+        return {"epoch": epoch, "pos": pos}
+
+    def set_state(self, st: dict) -> None:
+        # A state this layout saved sits in this process's chunk of a global batch (or at its
+        # end); another one (an older per-process order) resumes at the nearest chunk.
+        k, r = divmod(int(st["epoch"]) * self.n + int(st["pos"]), self.width)
+        self.taken = k * self.chunk + min(max(r - self.p * self.chunk, 0), self.chunk)
+
+
 class _Batches(Lookahead):
     """Shared by the batch iterators: this process's items in a per-epoch order, exact
     get_state/set_state. `num_epochs=0` repeats forever, else StopIteration at the end
     (`finite`; `prefetch(n)` draws batches ahead, data/lookahead.py)."""
+
+    ONE_PER_ROW = False  # each row holds one item (`_GlobalOrder`), not as many as fit
 
     def __init__(self, items, *, seq_len, batch, pad_id, seed=0, shuffle=True, num_epochs=0,
                  process_index=0, process_count=1, with_index=False):  # fmt: skip
@@ -945,10 +994,12 @@ class _Batches(Lookahead):
         # evaluation can group rows gathered from every process by their items' metadata
         self.with_index = with_index
         self.process_index, self.process_count = process_index, process_count
-        self.order = _EpochOrder(
-            len(items), seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-            process_index=process_index, process_count=process_count,
-        )  # fmt: skip
+        kw = dict(seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+                  process_count=process_count)  # fmt: skip
+        # One item per row: the global batches do not depend on the process count. Packed
+        # rows (SFT) hold as many items as fit, so each process packs its own share.
+        self.order = (_GlobalOrder(len(items), chunk=batch, **kw) if self.ONE_PER_ROW
+                      else _EpochOrder(len(items), **kw))  # fmt: skip
         self.finite = bool(num_epochs)
 
     def _local_state(self) -> dict:
@@ -968,8 +1019,12 @@ class SFTBatches(_Batches):
         if longest > self.seq_len:
             raise ValueError(f"an example has {longest} tokens > seq_len {self.seq_len}")
 
+    def blank(self) -> dict[str, np.ndarray]:
+        """A batch with no example (no tokens, no loss weight)."""
+        return empty_rows(self.batch, self.seq_len, self.pad_id)
+
     def _next_batch(self) -> dict[str, np.ndarray]:
-        out = empty_rows(self.batch, self.seq_len, self.pad_id)
+        out = self.blank()
         fill = np.zeros(self.batch, np.int64)
         segs = np.zeros(self.batch, np.int64)
         while (i := self.order.peek()) is not None:
@@ -980,7 +1035,7 @@ class SFTBatches(_Batches):
             r = rows[0]
             segs[r] += 1
             fill[r] += place(out, r, fill[r], segs[r], ex["ids"], ex["mask"])
-            self.order.pos += 1
+            self.order.advance()
         if not fill.any():
             raise StopIteration
         return out
@@ -990,12 +1045,19 @@ class PreferenceBatches(_Batches):
     """One preference pair per row: `chosen_*`, `rejected_*` (B, T), `margin` and `valid` (B,);
     a final partial batch has `valid = 0` rows (evaluation)."""
 
-    def _next_batch(self) -> dict[str, np.ndarray]:
+    ONE_PER_ROW = True
+
+    def blank(self) -> dict[str, np.ndarray]:
+        """A batch with no pair (`valid` 0 everywhere)."""
         b, t = self.batch, self.seq_len
         out = {**empty_rows(b, t, self.pad_id, "chosen_"), **empty_rows(b, t, self.pad_id,
                "rejected_")}  # fmt: skip
         out["margin"] = np.zeros(b, np.float32)
         out["valid"] = np.zeros(b, np.float32)
+        return {**out, "index": np.full(b, -1, np.int32)} if self.with_index else out
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
+        out, b = self.blank(), self.batch
         index = np.full(b, -1, np.int32)
         r = 0
         while r < b and (i := self.order.peek()) is not None:
@@ -1003,7 +1065,7 @@ class PreferenceBatches(_Batches):
             place(out, r, 0, 1, *p["chosen"], prefix="chosen_")
             place(out, r, 0, 1, *p["rejected"], prefix="rejected_")
             out["margin"][r], out["valid"][r], index[r] = p["margin"], 1.0, i
-            self.order.pos += 1
+            self.order.advance()
             r += 1
         if r == 0:
             raise StopIteration
@@ -1044,16 +1106,23 @@ class UnpairedBatches(_Batches):
     row `kl_partners(...)[k]` of the same (per-process) batch — with `kl_valid` (B,) 1 where
     there is one. A final partial batch has `valid = 0` rows (evaluation)."""
 
-    def _next_batch(self) -> dict[str, np.ndarray]:
+    ONE_PER_ROW = True
+
+    def blank(self) -> dict[str, np.ndarray]:
+        """A batch with no example (`valid` 0 everywhere)."""
         b, t = self.batch, self.seq_len
         out = {**empty_rows(b, t, self.pad_id), **empty_rows(b, t, self.pad_id, "kl_")}
         for k in ("label", "valid", "kl_valid"):
             out[k] = np.zeros(b, np.float32)
+        return {**out, "index": np.full(b, -1, np.int32)} if self.with_index else out
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
+        out, b, t = self.blank(), self.batch, self.seq_len
         rows, index = [], np.full(b, -1, np.int32)
         while len(rows) < b and (i := self.order.peek()) is not None:
             index[len(rows)] = i
             rows.append(self.items[i])
-            self.order.pos += 1
+            self.order.advance()
         if not rows:
             raise StopIteration
         partners = kl_partners([ex["ids"][: ex["split"]].tobytes() for ex in rows])

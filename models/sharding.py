@@ -176,22 +176,21 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
 
 
-def same_batch_count(batches: list[dict]) -> list[dict]:
-    """Every process's list of host batches made as long as the longest process's with
-    all-zero batches (no tokens, no loss weight, `valid` 0): a jitted call on a global batch
-    runs on every process, so each must make the same number of calls — held-out sets split
-    over processes need not divide evenly. One process: as is."""
+def same_batch_count(batches: list[dict], blank=None) -> list[dict]:
+    """Every process's list of host batches made as long as the longest process's with empty
+    batches (`blank()`, by default an all-zero copy of a batch: no tokens, no loss weight,
+    `valid` 0): a jitted call on a global batch runs on every process, so each must make the
+    same number of calls — held-out sets split over processes need not divide evenly. One
+    process: as is."""
     if jax.process_count() == 1:
         return batches
     counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(batches)], np.int32)))
-    most = int(counts.max())
-    if len(batches) < most and not batches:
-        raise ValueError(
-            f"process {jax.process_index()} holds no held-out batch while another holds {most}: "
-            "too few held-out examples for the processes"
-        )
-    zero = {k: np.zeros_like(v) for k, v in batches[0].items()} if batches else {}
-    return batches + [zero] * (most - len(batches))
+    missing = int(counts.max()) - len(batches)
+    if missing and blank is None:
+        if not batches:
+            raise ValueError(f"process {jax.process_index()} holds no held-out batch to pad with")
+        blank = lambda: {k: np.zeros_like(v) for k, v in batches[0].items()}  # noqa: E731
+    return batches + [blank() for _ in range(missing)]
 
 
 def check_same_on_processes(what: str, *arrays) -> None:
