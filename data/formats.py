@@ -902,12 +902,13 @@ def place(out: dict, r: int, start: int, seg: int, ids, mask, prefix: str = "") 
 
 
 class _EpochOrder:
-    """This process's examples in a per-epoch shuffled order; state is (epoch, position)."""
+    """Every example in a per-epoch shuffled order (the same on every process); state is
+    (epoch, position)."""
 
-    def __init__(self, n, *, seed, shuffle, num_epochs, process_index, process_count):
-        self.idx = np.arange(process_index, n, process_count)
-        if len(self.idx) == 0:
-            raise ValueError(f"no examples for process {process_index} of {process_count}")
+    def __init__(self, n, *, seed, shuffle, num_epochs):
+        self.idx = np.arange(n)
+        if n == 0:
+            raise ValueError("no examples")
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.epoch, self.pos = 0, 0
         self._order = self._make(0)
@@ -981,11 +982,17 @@ class _GlobalOrder:
 
 
 class _Batches(Lookahead):
-    """Shared by the batch iterators: this process's items in a per-epoch order, exact
+    """Shared by the batch iterators: this process's rows of each global batch, exact
     get_state/set_state. `num_epochs=0` repeats forever, else StopIteration at the end
-    (`finite`; `prefetch(n)` draws batches ahead, data/lookahead.py)."""
+    (`finite`; `prefetch(n)` draws batches ahead, data/lookahead.py). A subclass builds a
+    batch of `rows` rows in `_build(rows)`.
 
-    ONE_PER_ROW = False  # each row holds one item (`_GlobalOrder`), not as many as fit
+    The global batches do not depend on the number of processes: with one item per row
+    (`ONE_PER_ROW`) each process draws just its part of each global batch (`_GlobalOrder`);
+    otherwise (packed rows, rows that refer to each other) every process builds the whole
+    global batch from the same global order and keeps its rows, as pretraining does."""
+
+    ONE_PER_ROW = False  # each row holds one item, built independently of the others
 
     def __init__(self, items, *, seq_len, batch, pad_id, seed=0, shuffle=True, num_epochs=0,
                  process_index=0, process_count=1, with_index=False):  # fmt: skip
@@ -994,13 +1001,25 @@ class _Batches(Lookahead):
         # evaluation can group rows gathered from every process by their items' metadata
         self.with_index = with_index
         self.process_index, self.process_count = process_index, process_count
-        kw = dict(seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
-                  process_count=process_count)  # fmt: skip
-        # One item per row: the global batches do not depend on the process count. Packed
-        # rows (SFT) hold as many items as fit, so each process packs its own share.
-        self.order = (_GlobalOrder(len(items), chunk=batch, **kw) if self.ONE_PER_ROW
-                      else _EpochOrder(len(items), **kw))  # fmt: skip
+        kw = dict(seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+        if self.ONE_PER_ROW:
+            self.order = _GlobalOrder(len(items), chunk=batch, process_index=process_index,
+                                      process_count=process_count, **kw)  # fmt: skip
+            self.build_rows = batch
+        else:  # the whole global batch, this process's rows kept (`_next_batch`)
+            self.order = _EpochOrder(len(items), **kw)
+            self.build_rows = batch * process_count
         self.finite = bool(num_epochs)
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
+        out = self._build(self.build_rows)
+        if self.build_rows == self.batch:
+            return out
+        lo = self.process_index * self.batch
+        return {k: v[lo : lo + self.batch] for k, v in out.items()}
+
+    def _build(self, rows: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
     def _local_state(self) -> dict:
         return self.order.get_state()
@@ -1019,14 +1038,14 @@ class SFTBatches(_Batches):
         if longest > self.seq_len:
             raise ValueError(f"an example has {longest} tokens > seq_len {self.seq_len}")
 
-    def blank(self) -> dict[str, np.ndarray]:
+    def blank(self, rows: int | None = None) -> dict[str, np.ndarray]:
         """A batch with no example (no tokens, no loss weight)."""
-        return empty_rows(self.batch, self.seq_len, self.pad_id)
+        return empty_rows(rows or self.batch, self.seq_len, self.pad_id)
 
-    def _next_batch(self) -> dict[str, np.ndarray]:
-        out = self.blank()
-        fill = np.zeros(self.batch, np.int64)
-        segs = np.zeros(self.batch, np.int64)
+    def _build(self, rows: int) -> dict[str, np.ndarray]:
+        out = self.blank(rows)
+        fill = np.zeros(rows, np.int64)
+        segs = np.zeros(rows, np.int64)
         while (i := self.order.peek()) is not None:
             ex = self.items[i]
             rows = np.flatnonzero(fill + len(ex["ids"]) - 1 <= self.seq_len)
@@ -1047,17 +1066,17 @@ class PreferenceBatches(_Batches):
 
     ONE_PER_ROW = True
 
-    def blank(self) -> dict[str, np.ndarray]:
+    def blank(self, rows: int | None = None) -> dict[str, np.ndarray]:
         """A batch with no pair (`valid` 0 everywhere)."""
-        b, t = self.batch, self.seq_len
+        b, t = rows or self.batch, self.seq_len
         out = {**empty_rows(b, t, self.pad_id, "chosen_"), **empty_rows(b, t, self.pad_id,
                "rejected_")}  # fmt: skip
         out["margin"] = np.zeros(b, np.float32)
         out["valid"] = np.zeros(b, np.float32)
         return {**out, "index": np.full(b, -1, np.int32)} if self.with_index else out
 
-    def _next_batch(self) -> dict[str, np.ndarray]:
-        out, b = self.blank(), self.batch
+    def _build(self, rows: int) -> dict[str, np.ndarray]:
+        out, b = self.blank(rows), rows
         index = np.full(b, -1, np.int32)
         r = 0
         while r < b and (i := self.order.peek()) is not None:
@@ -1103,21 +1122,19 @@ class UnpairedBatches(_Batches):
     """One unpaired example per row: `tokens`, `targets`, `loss_mask`, `segment_ids`,
     `positions` (B, T), `label` (1 desirable, 0 undesirable), `valid` (B,); and per row its
     mismatched row for KTO's KL estimate, `kl_*` (B, T) — its completion after the prompt of
-    row `kl_partners(...)[k]` of the same (per-process) batch — with `kl_valid` (B,) 1 where
-    there is one. A final partial batch has `valid = 0` rows (evaluation)."""
+    row `kl_partners(...)[k]` of the same global batch — with `kl_valid` (B,) 1 where there
+    is one. A final partial batch has `valid = 0` rows (evaluation)."""
 
-    ONE_PER_ROW = True
-
-    def blank(self) -> dict[str, np.ndarray]:
+    def blank(self, rows: int | None = None) -> dict[str, np.ndarray]:
         """A batch with no example (`valid` 0 everywhere)."""
-        b, t = self.batch, self.seq_len
+        b, t = rows or self.batch, self.seq_len
         out = {**empty_rows(b, t, self.pad_id), **empty_rows(b, t, self.pad_id, "kl_")}
         for k in ("label", "valid", "kl_valid"):
             out[k] = np.zeros(b, np.float32)
         return {**out, "index": np.full(b, -1, np.int32)} if self.with_index else out
 
-    def _next_batch(self) -> dict[str, np.ndarray]:
-        out, b, t = self.blank(), self.batch, self.seq_len
+    def _build(self, n_rows: int) -> dict[str, np.ndarray]:
+        out, b, t = self.blank(n_rows), n_rows, self.seq_len
         rows, index = [], np.full(b, -1, np.int32)
         while len(rows) < b and (i := self.order.peek()) is not None:
             index[len(rows)] = i

@@ -317,6 +317,22 @@ def test_kl_partners_shift_by_one_and_skip_the_same_prompt():
     assert F.kl_partners([b"a", b"a"]) == [-1, -1] and F.kl_partners([b"a"]) == [-1]
 
 
+def test_processes_keep_their_rows_of_the_global_batch(template):
+    """Mismatched partners are chosen over the whole global batch, which every process builds
+    and cuts: two processes' rows together are one process's batch."""
+    recs = [({"prompt": f"q{i} about the river", "completion": "tall trees" * (1 + i % 3),
+              "label": i % 2 == 0}, f"f:{i}") for i in range(11)]  # fmt: skip
+    exs = F.render_unpaired(recs, template, 64)
+    kw = dict(seq_len=48, pad_id=0, seed=1)
+    one = F.UnpairedBatches(exs, batch=4, **kw)
+    parts = [F.UnpairedBatches(exs, batch=2, process_index=p, process_count=2, **kw)
+             for p in (0, 1)]  # fmt: skip
+    for _ in range(5):
+        whole, halves = next(one), [next(it) for it in parts]
+        for k, v in whole.items():
+            np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), v, err_msg=k)
+
+
 def test_mismatched_rows_of_a_batch(tmp_path, template):
     """Each row's `kl_*` row is exactly its completion after its partner's prompt, trained on
     the completion only; a lone row (a final partial batch) has none."""

@@ -20,7 +20,7 @@ def test_one_process_order_is_unchanged():
     """With one process the layout is the per-epoch permutation of every item (as before)."""
     order = F._GlobalOrder(7, seed=3, shuffle=True, num_epochs=0, process_index=0,
                            process_count=1, chunk=4)  # fmt: skip
-    old = F._EpochOrder(7, seed=3, shuffle=True, num_epochs=0, process_index=0, process_count=1)
+    old = F._EpochOrder(7, seed=3, shuffle=True, num_epochs=0)
     for _ in range(30):
         assert order.peek() == old.peek() and order.get_state() == old.get_state()
         order.advance()
@@ -53,3 +53,22 @@ def test_a_finite_pass_splits_the_tail_and_pads_nothing_twice():
     assert [len(p) for p in parts] == [2, 1]  # batch 1: 8, 9 on process 0, nothing on 1
     blank = F.PreferenceBatches(pairs, batch=4, with_index=True, **kw).blank()
     assert blank["valid"].sum() == 0 and (blank["index"] == -1).all()
+
+
+def test_packed_sft_batches_are_one_process_batches_split():
+    """Packed rows need the whole batch: every process packs the global batch from the same
+    order and keeps its rows, so the concatenated parts are one process's batch."""
+    rng = np.random.default_rng(0)
+    exs = []
+    for n in rng.integers(3, 12, 40):
+        exs.append({"ids": rng.integers(1, 50, n).astype(np.int32), "mask": np.ones(n, np.float32)})
+    kw = dict(seq_len=24, pad_id=0, seed=2)
+    one = F.SFTBatches(exs, batch=4, **kw)
+    parts = [F.SFTBatches(exs, batch=2, process_index=p, process_count=2, **kw) for p in (0, 1)]
+    for _ in range(12):  # several epochs
+        whole = next(one)
+        halves = [next(it) for it in parts]
+        for k, v in whole.items():
+            np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), v, err_msg=k)
+    # (each process's data state: the same global position)
+    assert parts[0]._local_state() == parts[1]._local_state() == one._local_state()
