@@ -68,7 +68,6 @@ from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
     any_process,
     fetch,
-    gather_rows,
     local_rows,
     logical_axis_rules,
     make_mesh,
@@ -317,9 +316,11 @@ def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, 
         out, cols = {}, collections.defaultdict(list)
         for hb in host:
             with use_mesh(mesh, logical_axis_rules(config.sharding)):
-                (pc, pr), (lc, lr) = fetch(fn(params, shard_batch(hb, mesh)))
-            h = gather_rows({k: hb[k] for k in ("valid", "index", "ref_chosen_logps",
-                                                "ref_rejected_logps")})  # fmt: skip
+                b = shard_batch(hb, mesh)
+                (pc, pr), (lc, lr) = fetch(fn(params, b))
+            # every process's rows of the host fields, in the global order of the outputs
+            h = fetch({k: b[k] for k in ("valid", "index", "ref_chosen_logps",
+                                         "ref_rejected_logps")})  # fmt: skip
             keep = h["valid"] > 0
             ref_c, ref_r = h["ref_chosen_logps"], h["ref_rejected_logps"]
             for k, v in zip(("pc", "pr", "lc", "lr", "rc", "rr", "index"),

@@ -69,7 +69,6 @@ from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
     fetch,
-    gather_rows,
     logical_axis_rules,
     make_mesh,
     same_batch_count,
@@ -232,8 +231,10 @@ def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base
         out, cols = {}, collections.defaultdict(list)
         for hb in host:
             with use_mesh(mesh, rules):
-                got = fetch(fn(params, shard_batch(hb, mesh)))
-            h = gather_rows({k: hb[k] for k in ("valid", "label", "kl_valid", "index")})
+                b = shard_batch(hb, mesh)
+                got = fetch(fn(params, b))
+            # every process's rows of the host fields, in the global order of the outputs
+            h = fetch({k: b[k] for k in ("valid", "label", "kl_valid", "index")})
             keep = h["valid"] > 0
             for name, v in zip(("pol", "pol_kl", "ref", "ref_kl"), got):
                 cols[name].append(np.asarray(v, np.float64)[keep])

@@ -26,7 +26,7 @@ from flaxlm.alignment import common
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.heads import scalar_model_fns, sequence_values
-from flaxlm.models.sharding import fetch, gather_rows, make_mesh, same_batch_count, shard_batch
+from flaxlm.models.sharding import fetch, make_mesh, same_batch_count, shard_batch
 from flaxlm.train import loop
 
 
@@ -114,9 +114,10 @@ def make_eval_fn(config, mesh, apply, pairs):
 
     def eval_fn(params):
         rc, rr, margin, index = [], [], [], []
-        for hb, b in zip(host, batches):
+        for b in batches:
             c, r = fetch(fn(params, b))
-            h = gather_rows({k: hb[k] for k in ("valid", "margin", "index")})
+            # every process's rows of the host fields, in the global order of the outputs
+            h = fetch({k: b[k] for k in ("valid", "margin", "index")})
             keep = h["valid"] > 0
             rc.append(c[keep])
             rr.append(r[keep])

@@ -157,17 +157,6 @@ def local_rows(tree):
     return jax.tree.map(get, tree)
 
 
-def gather_rows(tree):
-    """Host arrays of this process's rows (its slice of a global batch) -> every process's rows,
-    process 0's first: the order `shard_batch` assembles a global batch in (process-major, as
-    `make_mesh` orders the devices). A collective: every process calls it. One process: as is."""
-    if jax.process_count() == 1:
-        return tree
-    return jax.tree.map(
-        lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True)), tree
-    )
-
-
 def any_process(flag: bool) -> bool:
     """Whether `flag` is true on any process (a collective: every process calls it); for a
     decision every process must take alike, such as whether to run a jitted call."""

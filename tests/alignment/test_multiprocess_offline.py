@@ -1,7 +1,7 @@
 """SFT, reward model, DPO and KTO in a multi-process job: two processes × 4 CPU devices train,
 evaluate on held-out data split between them (as many batches on each, padded with empty
 ones) and checkpoint as one process × 8 does; the held-out metrics are over every process's
-rows, per pair kind too (models/sharding.py: same_batch_count, gather_rows, fetch)."""
+rows, per pair kind too (models/sharding.py: same_batch_count, fetch)."""
 
 import importlib.util
 import os
