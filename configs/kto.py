@@ -30,19 +30,13 @@ import ml_collections
 from flaxlm.alignment import common as align
 from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.configs import common
+from flaxlm.configs import dpo as dpo_config
 from flaxlm.models.lora import lora_config
 
-# (steps, global batch in examples, seq_len, lr) per variant; runlocal shrinks them. DPO's
-# sizes (configs/dpo.py); the batch must hold at least 2 examples per process (the KL
-# estimate pairs each completion with another example's prompt).
-_SIZES = {
-    "tiny": (200, 32, 128, 5e-6),
-    "mini": (300, 32, 128, 5e-6),
-    "small": (500, 64, 256, 2e-6),
-    "125m": (1000, 64, 1024, 1e-6),
-    "1b": (2000, 128, 2048, 5e-7),
-    "7b": (2000, 128, 4096, 5e-7),
-}
+# (steps, global batch in examples, seq_len, lr) per variant; runlocal shrinks them: DPO's
+# sizes, one example where DPO has a pair. The batch must hold at least 2 examples (the KL
+# estimate pairs each completion with another example's prompt in the same global batch).
+_SIZES = dpo_config._SIZES
 
 
 def kto_config() -> ml_collections.ConfigDict:
