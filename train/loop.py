@@ -83,6 +83,9 @@ class Task:
       before_step: optional hook called with the current state before each batch is drawn
         (PPO/GRPO refresh their rollouts with the current policy here).
       model_meta: JSON-able description stored in every checkpoint (e.g. the model config).
+      frozen: optional pytree of arrays the loss reads but never trains (distillation's
+        teacher weights, placed on the mesh): passed to every step as an argument, and
+        `loss_fn` then takes it as a 4th argument. Not checkpointed.
     """
 
     name: str
@@ -97,6 +100,7 @@ class Task:
     load_init_params: Callable[[str, Any], Any] | None = None
     before_step: Callable[[Any], None] | None = None
     model_meta: dict = dataclasses.field(default_factory=dict)
+    frozen: Any = None
 
 
 def itstime(step: int, every: int, total: int | None = None, first: bool = False) -> bool:
@@ -198,7 +202,11 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
                 mesh,
                 task.trainable_mask,
                 *ema_lib.settings(config),
+                frozen=task.frozen is not None,
             )
+            if task.frozen is not None:
+                jitted = step_fn
+                step_fn = lambda s, b: jitted(s, b, task.frozen)  # noqa: E731
             writer = MetricWriter(workdir, resume_step=start if resumed else None)
             meter = Throughput(
                 task.flops_per_token, task.flops_per_token_causal, config.get("peak_tflops", 0.0)

@@ -99,7 +99,20 @@ def chunked_cross_entropy(hidden_BTD, head_fn: Callable, targets_BT, mask_BT, ch
     one extra head matmul for the memory of the float32 logits, their softmax and their
     gradient — 3 × B·T·V·4 bytes, which grows with the vocabulary (Llama 3: 128k).
     """
-    B, T, D = hidden_BTD.shape
+
+    def piece_sums(h, t, m):
+        return _token_sums(head_fn(h), t, m)
+
+    sums = chunked_sums(piece_sums, (hidden_BTD, targets_BT, mask_BT), chunk, 3)
+    return _loss_and_metrics(sums, jnp.sum(mask_BT.astype(jnp.float32)), z_loss)
+
+
+def chunked_sums(piece_sums: Callable, arrays, chunk: int, size: int):
+    """The sum over the sequence's pieces of `piece_sums(*pieces)` ((size,) float32 each), the
+    arrays (B, T, ...) cut into T/chunk pieces of (B, chunk, ...) and scanned one at a time, each
+    piece's work rematerialised in the backward pass: what lets a loss over (B, T, V) logits
+    hold only (B, chunk, V) of them at once."""
+    B, T = arrays[0].shape[:2]
     if chunk <= 0 or T % chunk:
         raise ValueError(f"loss.chunk_tokens={chunk} must be > 0 and divide seq_len={T}")
     n = T // chunk
@@ -107,16 +120,13 @@ def chunked_cross_entropy(hidden_BTD, head_fn: Callable, targets_BT, mask_BT, ch
     def pieces(x):  # (B, T, ...) -> (n, B, chunk, ...)
         return jnp.swapaxes(x.reshape(B, n, chunk, *x.shape[2:]), 0, 1)
 
-    @jax.checkpoint
-    def piece_sums(h, t, m):
-        return _token_sums(head_fn(h), t, m)
+    fn = jax.checkpoint(piece_sums)
 
     def body(total, xs):
-        return total + piece_sums(*xs), None
+        return total + fn(*xs), None
 
-    xs = (pieces(hidden_BTD), pieces(targets_BT), pieces(mask_BT))
-    sums, _ = jax.lax.scan(body, jnp.zeros((3,), jnp.float32), xs)
-    return _loss_and_metrics(sums, jnp.sum(mask_BT.astype(jnp.float32)), z_loss)
+    sums, _ = jax.lax.scan(body, jnp.zeros((size,), jnp.float32), tuple(map(pieces, arrays)))
+    return sums
 
 
 def _loss_and_metrics(sums, weight, z_loss: float):

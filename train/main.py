@@ -35,6 +35,7 @@ TASKS = {
     "reward": "flaxlm.alignment.reward",
     "dpo": "flaxlm.alignment.dpo",
     "kto": "flaxlm.alignment.kto",
+    "distill": "flaxlm.alignment.distill",
     "ppo": "flaxlm.alignment.ppo",
     "grpo": "flaxlm.alignment.grpo",
     "online_dpo": "flaxlm.alignment.online_dpo",

@@ -12,6 +12,11 @@ function (tests call it directly). It
   4. with an EmaTrainState (config `ema.decay` > 0), moves the EMA of the weights towards the new
      params (train/ema.py); a discarded update leaves the EMA and its count as they were.
 
+A task whose loss reads a frozen model (distillation's teacher: `loop.Task.frozen`) gets its
+weights as an argument of the jitted step (`jit_train_step(..., frozen=True)`, then
+`step(state, batch, frozen)`) and its loss as `loss_fn(params, batch, rng, frozen)`: a closure
+over them would embed the whole model in the program as constants.
+
 The loop reads `guard["bad_in_row"]` when it logs and rolls back to the last checkpoint after too
 many bad steps in a row.
 """
@@ -214,15 +219,20 @@ def eval_step(params, batch, rng, *, loss_fn: Callable) -> dict:
     return {**metrics, "loss": loss}
 
 
+def with_frozen(loss_fn: Callable, frozen) -> Callable:
+    """`loss_fn(params, batch, rng, frozen)` as the steps' (params, batch, rng) loss."""
+    return lambda params, batch, rng: loss_fn(params, batch, rng, frozen)
+
+
 def jit_train_step(
     loss_fn, tx, schedule, guard, grad_accum, state_shardings, mesh, trainable_mask=None,
-    ema_decay: float = 0.0, ema_warmup: bool = True,
+    ema_decay: float = 0.0, ema_warmup: bool = True, frozen: bool = False,
 ):  # fmt: skip
     """The jitted step: state sharded as given and donated, batch as it arrives, metrics
-    replicated. The loss function, optimizer and config are closed over (never hashed)."""
-    step = functools.partial(
-        train_step,
-        loss_fn=loss_fn,
+    replicated. The loss function, optimizer and config are closed over (never hashed).
+    `frozen=True`: the step is `(state, batch, frozen)` and the loss
+    `loss_fn(params, batch, rng, frozen)`; the frozen arrays keep their own shardings."""
+    kw = dict(
         tx=tx,
         schedule=schedule,
         guard=guard,
@@ -232,9 +242,15 @@ def jit_train_step(
         ema_warmup=ema_warmup,
     )
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = functools.partial(train_step, loss_fn=loss_fn, **kw)
+    if frozen:
+
+        def step(state, batch, frozen):
+            return train_step(state, batch, loss_fn=with_frozen(loss_fn, frozen), **kw)
+
     return jax.jit(
         step,
-        in_shardings=(state_shardings, None),
+        in_shardings=(state_shardings, None, None) if frozen else (state_shardings, None),
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,),
     )

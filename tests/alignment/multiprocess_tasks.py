@@ -37,10 +37,16 @@ def config_for(task: str, sft: str, rm: str, cache_dir: str):
 
     if task in OFFLINE:  # 2 steps of 8 rows, held-out evals at the start and the end
         module = importlib.import_module(f"flaxlm.configs.{task}")
-        return _helpers().tiny(module, cache_dir, init_from=sft, **{
-            "batch_size": 8, "seq_len": 64, "total_steps": 2, "eval_every": 2, "ckpt_every": 2,
-            "eval_at_start": True, "log_every": 1, "async_ckpt": False, "mesh.data": 4,
-            "mesh.fsdp": 2, "opt.lr": 1e-3,
+        H = _helpers()
+        # distillation: a fresh 1-layer student of the "SFT" teacher (loss evals only)
+        student = {"init_from": "", "distill.teacher": sft, "eval_gen.sets": "",
+                   "model.vocab_size": H.VOCAB, "model.n_layers": 1, "model.d_model": 32,
+                   "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64}  # fmt: skip
+        return H.tiny(module, cache_dir, **{
+            "init_from": sft, "batch_size": 8, "seq_len": 64, "total_steps": 2, "eval_every": 2,
+            "ckpt_every": 2, "eval_at_start": True, "log_every": 1, "async_ckpt": False,
+            "mesh.data": 4, "mesh.fsdp": 2, "opt.lr": 1e-3,
+            **(student if task == "distill" else {}),
         })  # fmt: skip
 
     rewards = "counted_rewards:length_parity,format:0.5"
@@ -53,7 +59,7 @@ def config_for(task: str, sft: str, rm: str, cache_dir: str):
     return _helpers().tiny(ppo_config, cache_dir, init_from=sft, reward_from=rm, **common)
 
 
-OFFLINE = ("sft", "reward", "dpo", "kto")
+OFFLINE = ("sft", "reward", "dpo", "kto", "distill")
 
 
 def run(task: str, config, workdir: str):

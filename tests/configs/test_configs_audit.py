@@ -22,7 +22,7 @@ CONFIG_FILES = sorted(
     if not os.path.basename(f).startswith(("_", "common"))
 )
 # the ones with `variant=`
-TASK_CONFIGS = ["pretrain", "sft", "reward", "dpo", "kto", "ppo", "grpo"]
+TASK_CONFIGS = ["pretrain", "sft", "reward", "dpo", "kto", "distill", "ppo", "grpo"]
 # config_flags imports each config file with the deprecated load_module(): once per parse here
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 

@@ -1,0 +1,348 @@
+"""Knowledge distillation: a student learns a frozen teacher's next-token distributions on the
+SFT data, through the shared step and loop.
+
+    python -m flaxlm.train.main --config configs/distill.py:runlocal=True \
+        --config.distill.teacher=runs/sft --workdir runs/distill
+
+The student is `init_from` (a smaller pretrained or SFT run, LoRA or not) or, without one, a
+fresh `config.model`, which then takes the teacher's tokenizer. The teacher (`distill.teacher`:
+a flaxlm run or "hf:DIR", its EMA weights with `distill.teacher_ema`) is read straight into
+the training shardings in `distill.teacher_dtype` and runs forward inside the jitted step, on
+the same packed rows (`loop.Task.frozen`: its weights are an argument of the step, never
+constants of the program). No (B, T, V) teacher logits cross the host.
+
+Per answer token (the SFT `loss_mask`), with p_T = softmax(teacher logits / τ) and
+p_S = softmax(student logits / τ) (`token_divergence`, `distill.divergence`):
+
+    forward_kl   KL(p_T ‖ p_S) = Σ_v p_T (log p_T − log p_S)    Hinton et al. 2015; mean-seeking
+    reverse_kl   KL(p_S ‖ p_T)                                   MiniLLM; mode-seeking
+    jsd          β·KL(p_T ‖ M) + (1 − β)·KL(p_S ‖ M),            GKD's generalised JSD(β)
+                 M = β·p_T + (1 − β)·p_S
+
+and the loss is  α·CE + (1 − α)·τ²·D  averaged over the answer tokens: α = `distill.ce_weight`
+mixes in the data's own next-token cross-entropy (at temperature 1), and τ² keeps the
+gradient's scale as τ changes (the divergence's gradient in the logits scales as 1/τ). The
+student and the teacher may pad their vocabularies differently (Qwen2.5's sizes differ by
+size); the divergence then runs over the ids both have, which must hold the whole tokenizer.
+With `loss.chunk_tokens` > 0 both models' logits exist one piece of the sequence at a time
+(train/losses.py `chunked_sums`).
+
+On-policy (`distill.on_policy`, GKD with λ = 1; `configs/distill.py:on_policy=True`): the rows
+are the student's own responses to `data.train`'s prompts instead of the data's answers — each
+`rollout.batch` prompts sampled by the live student in one decoder call (alignment/rl_rollout.py
+`RolloutSource`, the RL tasks' machinery: prompt cursor, minibatches, rollout-boundary
+checkpoints, multi-host), then `rollout.epochs` passes in minibatches, the divergence taken on
+the response tokens. No reward, no advantage: the teacher judges every token of every sample
+with its whole distribution. What it fixes: trained only on the data's answers, the student
+never sees the prefixes it produces itself, and errors compound once it samples (exposure bias);
+on its own samples the teacher corrects exactly those. Per rollout `rollout/response_len`,
+`rollout/stopped`, `rollout/gen_s` ride along in the metrics.
+
+Metrics (training and held-out): `kd` (the divergence, nats), `nll` and `accuracy` (the
+student's cross-entropy and top-1 accuracy on the data's answers), `teacher_nll` (the teacher's,
+the floor `nll` is pulled towards), `agreement` (the share of answer tokens where the student's
+and the teacher's top-1 tokens agree). Evaluation adds SFT's greedy generation accuracy on
+`eval_gen.sets`, and the teacher's own once (`teacher/<set>/...`, with `distill.eval_teacher`):
+the mark the student is measured against. MFU counts the teacher's forward (2 FLOPs per
+parameter and token) with the student's training.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxlm.alignment import common, rl_common, sft
+from flaxlm.alignment.rl_rollout import RolloutSource, passthrough_stats, sample_stats
+from flaxlm.data import formats as F
+from flaxlm.models import lora as lora_lib
+from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+from flaxlm.train import loop
+from flaxlm.train.losses import chunked_sums, token_logprobs
+from flaxlm.train.pretrain import model_fns
+
+log = logging.getLogger("flaxlm")
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+# The sums a piece of the sequence contributes: divergence, student NLL, student top-1 hits,
+# top-1 agreements, teacher NLL (each over answer tokens).
+SUMS = ("kd", "nll", "accuracy", "agreement", "teacher_nll")
+PROBE = "The quick brown fox, 42 times: does Kavo live in Brel? Yes. ünïcödé €!"
+
+
+def _kl(log_p, log_q):
+    """Σ_v p (log p − log q) over the last axis."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def token_divergence(student_logits, teacher_logits, kind: str = "forward_kl",
+                     temperature: float = 1.0, beta: float = 0.5):  # fmt: skip
+    """Per-token divergence (..., V) × 2 -> (...) float32 between the teacher's and the student's
+    distributions at `temperature` (module docstring; `beta` is JSD's β, the teacher's weight in
+    the mixture M)."""
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    if kind == "forward_kl":
+        return _kl(t, s)
+    if kind == "reverse_kl":
+        return _kl(s, t)
+    if kind == "jsd":
+        m = jnp.logaddexp(jnp.log(beta) + t, jnp.log1p(-beta) + s)
+        return beta * _kl(t, m) + (1.0 - beta) * _kl(s, m)
+    raise ValueError(f"distill.divergence={kind!r}; expected one of {DIVERGENCES}")
+
+
+def token_sums(student_logits, teacher_logits, targets, mask, d):
+    """(len(SUMS),) float32: the divergence and the other metrics summed over answer tokens.
+    Both vocabularies are cut to the ids they share (the tokenizer's, checked at build)."""
+    V = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    s, t = student_logits[..., :V], teacher_logits[..., :V]
+    m = mask.astype(jnp.float32)
+    div = token_divergence(s, t, d.divergence, d.temperature, d.jsd_beta)
+    top_s, top_t = jnp.argmax(s, axis=-1), jnp.argmax(t, axis=-1)
+    cols = (
+        div,
+        -token_logprobs(student_logits, targets),
+        (top_s == targets).astype(jnp.float32),
+        (top_s == top_t).astype(jnp.float32),
+        -token_logprobs(teacher_logits, targets),
+    )
+    return jnp.stack([jnp.sum(c * m) for c in cols])
+
+
+def loss_and_metrics(sums, weight, d):
+    """(loss, metrics) from the summed columns: α·CE + (1 − α)·τ²·D per answer token."""
+    means = {k: v / jnp.maximum(weight, 1.0) for k, v in zip(SUMS, sums)}
+    a, tau = d.ce_weight, d.temperature
+    loss = a * means["nll"] + (1.0 - a) * tau * tau * means["kd"]
+    return loss, {**means, "weight": weight}
+
+
+def distill_loss_fn(student_apply, teacher_apply, d, chunk: int = 0, prepare=None):
+    """The loop's loss `(params, batch, rng, teacher) -> (loss, metrics)` over packed SFT rows;
+    `teacher` are the frozen teacher's weights (`Task.frozen`), `prepare` maps the student's
+    train params to its model's (LoRA merge), `chunk` = `loss.chunk_tokens`."""
+
+    def loss_fn(params, batch, rng, teacher):
+        del rng
+        p = prepare(params) if prepare else params
+        args = (batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+        targets, mask = batch["targets"], batch["loss_mask"]
+        weight = jnp.sum(mask.astype(jnp.float32))
+        if not chunk:
+            t = jax.lax.stop_gradient(teacher_apply(teacher, *args))
+            return loss_and_metrics(token_sums(student_apply(p, *args), t, targets, mask, d),
+                                    weight, d)  # fmt: skip
+        hs, _ = student_apply(p, *args, method="backbone")
+        ht, _ = teacher_apply(teacher, *args, method="backbone")
+        ht = jax.lax.stop_gradient(ht)
+
+        def piece(h_s, h_t, tg, m):
+            logits_s = student_apply(p, h_s, method="logits")
+            logits_t = jax.lax.stop_gradient(teacher_apply(teacher, h_t, method="logits"))
+            return token_sums(logits_s, logits_t, tg, m, d)
+
+        sums = chunked_sums(piece, (hs, ht, targets, mask), chunk, len(SUMS))
+        return loss_and_metrics(sums, weight, d)
+
+    return loss_fn
+
+
+def on_policy_loss_fn(loss_fn):
+    """The distillation loss over rollout minibatches, their statistics passed through."""
+
+    def wrapped(params, batch, rng, teacher):
+        loss, metrics = loss_fn(params, batch, rng, teacher)
+        return loss, {**metrics, **passthrough_stats(batch)}
+
+    return wrapped
+
+
+class StudentRollouts(RolloutSource):
+    """On-policy distillation's batch source: each rollout is `rollout.batch` prompts answered
+    by the live student (one sample each); its rows' loss mask covers the responses."""
+
+    def make_rollout(self, params, rng):
+        s = self.sample(self.decoding_params(params), self.cursor.take(self.config.rollout.batch),
+                        rng)  # fmt: skip
+        stats = sample_stats(s, np.ones(len(s["lengths"]), bool))
+        stats.pop("bad_reward")  # (no reward here)
+        return s["rows"], stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, evaluation and task
+
+
+def check_config(d) -> None:
+    """Errors naming the `distill` key whose value cannot work."""
+    if not d.teacher:
+        raise ValueError("distill: set --config.distill.teacher=RUN_DIR (or hf:DIR), the teacher")
+    if d.divergence not in DIVERGENCES:
+        raise ValueError(f"distill.divergence={d.divergence!r}; expected one of {DIVERGENCES}")
+    if not d.temperature > 0:
+        raise ValueError(f"distill.temperature={d.temperature!r} must be > 0")
+    if d.divergence == "jsd" and not 0.0 < d.jsd_beta < 1.0:
+        raise ValueError(f"distill.jsd_beta={d.jsd_beta!r} must be in (0, 1) (the limits are "
+                         "distill.divergence=forward_kl and reverse_kl)")  # fmt: skip
+    if not 0.0 <= d.ce_weight <= 1.0:
+        raise ValueError(f"distill.ce_weight={d.ce_weight!r} must be in [0, 1]")
+
+
+def teacher_tokenizer_path(teacher: str) -> str:
+    """Where the teacher's tokenizer lives: a flaxlm run's meta, or the HF directory ("" when
+    the run records none)."""
+    if teacher.startswith(common.HF_PREFIX):
+        return teacher[len(common.HF_PREFIX) :]
+    return common.source_meta(teacher).get("tokenizer", "")
+
+
+def check_same_tokenizer(tok, teacher: str) -> None:
+    """The student's tokenizer must be the teacher's: the same ids for the same text, or the
+    distributions compared token by token mean different pieces. An error names both."""
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    path = teacher_tokenizer_path(teacher)
+    if not path:
+        log.warning("distill: teacher %s records no tokenizer; assuming the student's", teacher)
+        return
+    theirs = load_tokenizer(path)
+    if tok.vocab_size != theirs.vocab_size or tok.encode(PROBE) != theirs.encode(PROBE):
+        raise ValueError(
+            f"distill: the student's tokenizer {getattr(tok, 'name', '?')} "
+            f"({tok.vocab_size} pieces) is not teacher {teacher}'s {path} ({theirs.vocab_size} "
+            "pieces): their ids mean different pieces. Distil into a student with the "
+            "teacher's tokenizer (without init_from a fresh student takes it)"
+        )
+
+
+def check_vocab(tok, cfg, teacher_cfg, teacher: str) -> None:
+    """Both embedding tables must hold every tokenizer id (their padding may differ)."""
+    for who, c in (("student", cfg), (f"teacher {teacher}", teacher_cfg)):
+        if tok.vocab_size > c.vocab_size:
+            raise ValueError(
+                f"distill: the {who}'s vocab_size {c.vocab_size} is smaller than the "
+                f"tokenizer's {tok.vocab_size} pieces ({getattr(tok, 'name', '?')})"
+            )
+
+
+def make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template, heldout, sets,
+                 spec):  # fmt: skip
+    """params -> held-out distillation metrics (over every process's answer tokens) and
+    greedy generation metrics per set; the teacher's generation metrics once, first."""
+    batches = [shard_batch(b, mesh)
+               for b in sft.loss_eval_batches(heldout, config, template.tok.pad_id)]  # fmt: skip
+    fn = jax.jit(lambda p, t, b: loss_fn(p, b, None, t))
+    rules = logical_axis_rules(config.sharding)
+    teacher_marks = {}
+
+    def generation(params, prefix: str, model_cfg) -> dict:
+        out = {}
+        for name, examples in sets.items():
+            res = sft.generation_eval(model_cfg, params, examples, template, config.eval_gen,
+                                      mesh, rules)  # fmt: skip
+            out.update({f"{prefix}{name}/{k}": v for k, v in res.items()})
+        return out
+
+    def eval_fn(params):
+        sums, weight = collections.Counter(), 0.0
+        for b in batches:
+            with use_mesh(mesh, rules):
+                loss, m = jax.device_get(fn(params, teacher, b))
+            w = float(m["weight"])
+            weight += w
+            for k in ("loss", *SUMS):
+                sums[k] += w * float(loss if k == "loss" else m[k])
+        out = {k: v / max(weight, 1.0) for k, v in sums.items()}
+        if teacher_gen is not None and not teacher_marks:
+            teacher_marks.update(generation(teacher, "teacher/", teacher_gen))
+        out.update(teacher_marks)
+        out.update(generation(lora_lib.merge(params, spec) if spec else params, "", cfg))
+        return out
+
+    return eval_fn
+
+
+def _student_source(config, mesh):
+    """(tokenizer, ModelConfig, template) of the student. A fresh student (no init_from) takes
+    the teacher's tokenizer unless `data.tokenizer` names one."""
+    d = config.distill
+    if not config.init_from and not config.data.tokenizer:
+        path = teacher_tokenizer_path(d.teacher)
+        if path:
+            log.info("distill: a fresh student takes the teacher's tokenizer %s", path)
+            config.data.tokenizer = path  # (recorded with the run's config)
+    tok, cfg, template = common.resolve_source(config, mesh)
+    check_same_tokenizer(tok, d.teacher)
+    return tok, cfg, template
+
+
+def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
+    """The distillation Task (module docstring); writes data_report.json into `workdir`."""
+    d = config.distill
+    check_config(d)
+    tok, cfg, template = _student_source(config, mesh)
+    rules = logical_axis_rules(config.sharding)
+    teacher_cfg, teacher_apply, teacher = rl_common.frozen_lm(
+        d.teacher, mesh, rules, d.teacher_dtype, d.teacher_ema
+    )
+    check_vocab(tok, cfg, teacher_cfg, d.teacher)
+    report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
+    if d.on_policy:  # prompts; their answers come from the student
+        train = rl_common.load_prompts(config.data.train, config, template, report)
+    else:
+        train = sft.load_examples(config.data.train, config, template, report)
+    if not train:
+        raise ValueError(f"data.train={config.data.train!r}: no usable examples "
+                         f"({report.to_dict()})")  # fmt: skip
+    heldout = (sft.load_examples(config.data.eval, config, template, eval_report)
+               if config.data.eval else [])  # fmt: skip
+    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
+    common.write_report(workdir, data_report)
+
+    init_params, apply = model_fns(cfg)
+    spec = lora_lib.spec_from_config(config.lora)
+    prepare = None
+    if spec:
+        init_params = lora_lib.with_lora(init_params, spec)
+        prepare = functools.partial(lora_lib.merge, spec=spec, freeze_base=True)
+    loss_fn = distill_loss_fn(apply, teacher_apply, d, config.loss.chunk_tokens, prepare)
+    if d.on_policy:  # the student's own answers to the data's prompts
+        batches = StudentRollouts(config, mesh, rules, train, cfg=cfg, template=template,
+                                  spec=spec)  # fmt: skip
+        loss_fn = on_policy_loss_fn(loss_fn)
+    else:
+        batches = F.SFTBatches(
+            train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
+            pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )  # fmt: skip
+    eval_fn = None
+    if config.eval_every and (heldout or config.eval_gen.sets):
+        sets = sft.gen_sets(config, template)
+        teacher_gen = teacher_cfg if d.eval_teacher and sets else None
+        eval_fn = make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template,
+                               heldout, sets, spec)  # fmt: skip
+    task = common.supervised_task(
+        "distill", "lm", config, cfg, spec, tok, workdir, data_report,
+        init_params=init_params, loss_fn=loss_fn, train_batches=batches, eval_fn=eval_fn,
+    )  # fmt: skip
+    forward = teacher_cfg.flops_per_token(config.seq_len) / 3  # (the training count is 6N)
+    forward_causal = teacher_cfg.flops_per_token(config.seq_len, causal=True) / 3
+    return dataclasses.replace(
+        task, frozen=teacher, before_step=batches.before_step if d.on_policy else None,
+        flops_per_token=task.flops_per_token + forward,
+        flops_per_token_causal=task.flops_per_token_causal + forward_causal,
+        model_meta={**task.model_meta, "teacher": d.teacher},
+    )  # fmt: skip
+
+
+def run(config, workdir: str):
+    mesh = make_mesh(dict(config.mesh))
+    return loop.run(config, workdir, build_task(config, mesh, workdir), mesh=mesh)

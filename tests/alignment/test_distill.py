@@ -1,0 +1,354 @@
+"""Distillation: the divergences, the metrics and the loss against numpy written independently
+(float64), their gradients (forward KL's closed form, JSD's central differences), the chunked
+loss against the full one (values and gradients), the teacher passed to the jitted step as an
+argument, runs through the shared loop (a fresh student learning a teacher; a LoRA student that
+starts as its teacher: zero divergence, full agreement), and the bad input named by key/run."""
+
+import importlib
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from flaxlm.alignment import distill
+from flaxlm.configs import distill as distill_config
+from flaxlm.models.config import get_variant
+from flaxlm.train.checkpoint import read_meta
+from flaxlm.train.metrics import read_metrics
+from flaxlm.train.pretrain import model_fns
+
+_spec = importlib.util.spec_from_file_location(
+    "rl_helpers", os.path.join(os.path.dirname(__file__), "rl_helpers.py")
+)
+H = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(H)
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _d(**kw):
+    d = distill_config.distill_config()
+    d.update(kw)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy references (float64)
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+
+
+def _np_divergence(s_logits, t_logits, kind, tau, beta):
+    s, t = _log_softmax(s_logits / tau), _log_softmax(t_logits / tau)
+    ps, pt = np.exp(s), np.exp(t)
+    if kind == "forward_kl":
+        return (pt * (t - s)).sum(-1)
+    if kind == "reverse_kl":
+        return (ps * (s - t)).sum(-1)
+    m = beta * pt + (1 - beta) * ps  # the mixture itself, not in log space
+    return beta * (pt * (t - np.log(m))).sum(-1) + (1 - beta) * (ps * (s - np.log(m))).sum(-1)
+
+
+def _np_sums(s_logits, t_logits, targets, mask, kind, tau, beta):
+    """kd, student nll, student accuracy, agreement, teacher nll: sums over the mask, with the
+    two vocabularies cut to the shorter one for the divergence and the agreement."""
+    V = min(s_logits.shape[-1], t_logits.shape[-1])
+    s, t = np.asarray(s_logits, np.float64), np.asarray(t_logits, np.float64)
+    div = _np_divergence(s[..., :V], t[..., :V], kind, tau, beta)
+
+    def nll(x):
+        return -np.take_along_axis(_log_softmax(x), targets[..., None], -1)[..., 0]
+
+    top_s, top_t = s[..., :V].argmax(-1), t[..., :V].argmax(-1)
+    cols = [div, nll(s), top_s == targets, top_s == top_t, nll(t)]
+    return np.array([(np.asarray(c, np.float64) * mask).sum() for c in cols])
+
+
+def _logits(rng, shape, scale=2.0):
+    return jnp.asarray(rng.normal(0, scale, shape), jnp.float32)
+
+
+@pytest.mark.parametrize("kind", distill.DIVERGENCES)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_sums_match_numpy(kind, tau):
+    """Every column, with a teacher whose vocabulary is padded past the student's (13 vs 16:
+    the divergence over the 13 both have) and a mask with holes."""
+    rng = np.random.default_rng(0)
+    B, T = 3, 5
+    s, t = _logits(rng, (B, T, 13)), _logits(rng, (B, T, 16))
+    targets = jnp.asarray(rng.integers(0, 13, (B, T)), jnp.int32)
+    mask = jnp.asarray(rng.random((B, T)) < 0.7, jnp.float32)
+    d = _d(divergence=kind, temperature=tau, jsd_beta=0.3)
+    got = distill.token_sums(s, t, targets, mask, d)
+    want = _np_sums(np.asarray(s), np.asarray(t), np.asarray(targets), np.asarray(mask), kind,
+                    tau, 0.3)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got), want, **TOL)
+    assert want[0] > 0.1  # (distributions far apart: the check is not of zeros)
+
+
+def test_divergences_vanish_at_the_teacher_and_jsd_is_symmetric_at_one_half():
+    rng = np.random.default_rng(1)
+    s, t = _logits(rng, (4, 9)), _logits(rng, (4, 9))
+    for kind in distill.DIVERGENCES:
+        np.testing.assert_allclose(distill.token_divergence(t, t, kind), 0.0, atol=1e-6)
+    np.testing.assert_allclose(distill.token_divergence(s, t, "jsd", beta=0.5),
+                               distill.token_divergence(t, s, "jsd", beta=0.5), **TOL)  # fmt: skip
+    # forward and reverse KL are each other's swap
+    np.testing.assert_allclose(distill.token_divergence(s, t, "forward_kl"),
+                               distill.token_divergence(t, s, "reverse_kl"), **TOL)  # fmt: skip
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_forward_kl_gradient_is_tau_times_the_softmax_difference(tau):
+    """d/ds of τ²·KL(p_T ‖ p_S) = τ·(p_S − p_T): the τ² scale keeps the gradient's size."""
+    rng = np.random.default_rng(2)
+    s, t = _logits(rng, (6, 11)), _logits(rng, (6, 11))
+    g = jax.grad(lambda x: tau**2 * distill.token_divergence(x, t, "forward_kl", tau).sum())(s)
+    p = lambda x: np.exp(_log_softmax(np.asarray(x) / tau))  # noqa: E731
+    np.testing.assert_allclose(np.asarray(g), tau * (p(s) - p(t)), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "jsd"])
+def test_gradients_match_central_differences_of_the_numpy_formula(kind):
+    rng = np.random.default_rng(3)
+    s, t = rng.normal(0, 1.5, (2, 7)), rng.normal(0, 1.5, (2, 7))
+    t32 = jnp.asarray(t, jnp.float32)
+    g = jax.grad(lambda x: distill.token_divergence(x, t32, kind, 1.5, 0.3).sum())(
+        jnp.asarray(s, jnp.float32)
+    )
+    eps, want = 1e-6, np.zeros_like(s)
+    for i in np.ndindex(s.shape):
+        up, down = s.copy(), s.copy()
+        up[i] += eps
+        down[i] -= eps
+        want[i] = (_np_divergence(up, t, kind, 1.5, 0.3).sum()
+                   - _np_divergence(down, t, kind, 1.5, 0.3).sum()) / (2 * eps)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-3, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss over two real models, full and chunked
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    """(student apply, params), (teacher apply, params), a packed batch: a 1-layer student and
+    a 2-layer teacher with a larger padded vocabulary (64 vs 72)."""
+    scfg = get_variant("tiny", vocab_size=64, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1,
+                       d_ff=64)  # fmt: skip
+    tcfg = get_variant("tiny", vocab_size=72, n_layers=2, d_model=48, n_heads=2, n_kv_heads=2,
+                       d_ff=96)  # fmt: skip
+    (s_init, s_apply), (t_init, t_apply) = model_fns(scfg), model_fns(tcfg)
+    sp, tp = H.random_params(s_init, 0), H.random_params(t_init, 1)
+    sp, tp = jax.tree.map(lambda x: 4 * x, sp), jax.tree.map(lambda x: 4 * x, tp)  # (sharper)
+    rng = np.random.default_rng(4)
+    B, T = 4, 16
+    seg = np.repeat([[1] * 9 + [2] * 5 + [0] * 2], B, 0).astype(np.int32)
+    pos = np.concatenate([np.arange(9), np.arange(5), [0, 0]])[None].repeat(B, 0).astype(np.int32)
+    batch = {"tokens": rng.integers(0, 64, (B, T)).astype(np.int32),
+             "targets": rng.integers(0, 64, (B, T)).astype(np.int32),
+             "segment_ids": seg, "positions": pos,
+             "loss_mask": ((seg > 0) & (rng.random((B, T)) < 0.8)).astype(np.float32)}  # fmt: skip
+    return (s_apply, sp), (t_apply, tp), batch
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_loss_over_models_matches_numpy_and_chunks_change_nothing(two_models, kind):
+    (s_apply, sp), (t_apply, tp), batch = two_models
+    d = _d(divergence=kind, temperature=2.0, ce_weight=0.25, jsd_beta=0.7)
+    full = distill.distill_loss_fn(s_apply, t_apply, d)
+    chunked = distill.distill_loss_fn(s_apply, t_apply, d, chunk=4)
+    args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+    sums = _np_sums(np.asarray(s_apply(sp, *args)), np.asarray(t_apply(tp, *args)),
+                    batch["targets"], batch["loss_mask"], kind, 2.0, 0.7)  # fmt: skip
+    n = batch["loss_mask"].sum()
+    kd, nll = sums[0] / n, sums[1] / n
+    want_loss = 0.25 * nll + 0.75 * 4.0 * kd
+    (loss, m), grads = jax.value_and_grad(full, has_aux=True)(sp, batch, None, tp)
+    (loss_c, m_c), grads_c = jax.value_and_grad(chunked, has_aux=True)(sp, batch, None, tp)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    for i, k in enumerate(distill.SUMS):
+        np.testing.assert_allclose(float(m[k]), sums[i] / n, rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(float(m_c[k]), float(m[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(float(loss_c), float(loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grads)) > 0
+
+
+def test_the_jitted_step_takes_the_teacher_as_arguments_not_constants(two_models):
+    """Closed over, the teacher's weights would be constants of the program (jax embeds
+    closed-over arrays): every teacher leaf is an argument of the lowered step, and the step
+    trains the student."""
+    import optax
+
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh, use_mesh
+    from flaxlm.train.state import create_train_state
+    from flaxlm.train.step import guard_config, jit_train_step
+
+    (s_apply, _), (t_apply, tp), batch = two_models
+    scfg = get_variant("tiny", vocab_size=64, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1,
+                       d_ff=64)  # fmt: skip
+    loss_fn = distill.distill_loss_fn(s_apply, t_apply, _d())
+    mesh, rules = make_mesh({"data": -1}), logical_axis_rules("fsdp")
+    tx = optax.adam(1e-3)
+    with use_mesh(mesh, rules):
+        state, shardings = create_train_state(model_fns(scfg)[0], tx, mesh, rules, 0)
+        step = jit_train_step(loss_fn, tx, lambda s: 1e-3, guard_config(), 1, shardings, mesh,
+                              frozen=True)  # fmt: skip
+        lowered = step.lower(state, batch, tp)
+        n_args = len(jax.tree.leaves(lowered.args_info))
+        assert n_args == sum(len(jax.tree.leaves(x)) for x in (state, batch, tp))
+        new_state, metrics = step(state, batch, tp)
+    assert float(metrics["kd"]) > 0 and int(new_state.step) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs through the shared loop
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    return H.fake_runs(str(tmp_path_factory.mktemp("distill_runs")), cache_dir)
+
+
+def _config(cache_dir, **overrides):
+    return H.tiny(distill_config, cache_dir, **{
+        "model.vocab_size": H.VOCAB, "model.n_layers": 1, "model.d_model": 32,
+        "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64, "batch_size": 8,
+        "seq_len": 64, "eval_gen.examples": 8, "eval_gen.batch": 8,
+        "eval_gen.max_new_tokens": 4, "async_ckpt": False, "log_every": 1,
+        "eval_at_start": True, **overrides,
+    })  # fmt: skip
+
+
+def test_a_fresh_student_learns_the_teacher(runs, cache_dir, tmp_path):
+    """A fresh 1-layer student of the random 2-layer "SFT" teacher: the held-out divergence
+    falls and the top-1 agreement rises; the student took the teacher's tokenizer; the
+    teacher's generation marks are computed once and logged with every evaluation."""
+    sft, _ = runs
+    wd = tmp_path / "distill"
+    c = _config(cache_dir, **{"distill.teacher": sft, "total_steps": 30, "eval_every": 30,
+                              "ckpt_every": 30, "opt.lr": 1e-2})  # fmt: skip
+    distill.run(c, str(wd))
+    evals = [r for r in read_metrics(wd) if "eval/kd" in r]
+    first, last = evals[0], evals[-1]
+    assert (first["step"], last["step"]) == (0, 30)
+    assert last["eval/kd"] < 0.5 * first["eval/kd"], (first["eval/kd"], last["eval/kd"])
+    assert last["eval/agreement"] > first["eval/agreement"] + 0.2
+    assert last["eval/teacher_nll"] == pytest.approx(first["eval/teacher_nll"], rel=1e-6)
+    marks = [k for k in first if k.startswith("eval/teacher/")]
+    assert "eval/teacher/sft_heldout/accuracy" in marks
+    assert all(last[k] == first[k] for k in marks)
+    assert "eval/sft_heldout/accuracy" in last
+    trained = [r for r in read_metrics(wd) if "loss" in r]
+    assert len(trained) == 30 and trained[-1]["kd"] < trained[0]["kd"]
+    assert trained[0]["loss"] == pytest.approx(trained[0]["kd"], rel=1e-5)  # α 0, τ 1
+    _, meta = read_meta(str(wd))
+    assert meta["teacher"] == sft
+    theirs = read_meta(sft)[1]["tokenizer"]
+    assert open(meta["tokenizer"], "rb").read() == open(theirs, "rb").read()
+
+
+def test_a_lora_student_starting_as_its_teacher_has_nothing_to_learn(runs, cache_dir, tmp_path):
+    """init_from = the teacher, adapters at zero: divergence 0, agreement 1, the same NLL."""
+    sft, _ = runs
+    wd = tmp_path / "lora"
+    c = _config(cache_dir, init_from=sft, **{
+        "distill.teacher": sft, "lora.rank": 4, "total_steps": 1, "eval_every": 1,
+        "ckpt_every": 1, "eval_gen.sets": "", "distill.divergence": "jsd",
+    })  # fmt: skip
+    distill.run(c, str(wd))
+    first = next(r for r in read_metrics(wd) if "eval/kd" in r)
+    assert first["eval/kd"] == pytest.approx(0.0, abs=1e-6)
+    assert first["eval/agreement"] == 1.0
+    assert first["eval/nll"] == pytest.approx(first["eval/teacher_nll"], rel=1e-6)
+
+
+def test_on_policy_the_student_learns_the_teacher_on_its_own_samples(runs, cache_dir, tmp_path):
+    """On-policy: every 2 steps a rollout of 16 prompts answered by the live student (one
+    decoder call); the divergence on its samples falls; the rollout statistics are logged; the
+    checkpoint lands on a rollout boundary and records where the prompts were."""
+    sft, _ = runs
+    wd = tmp_path / "on_policy"
+    c = H.tiny(distill_config, cache_dir, "runlocal=True,on_policy=True", **{
+        "distill.teacher": sft, "model.vocab_size": H.VOCAB, "model.n_layers": 1,
+        "model.d_model": 32, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64,
+        "batch_size": 8, "rollout.batch": 16, "rollout.max_prompt_len": 32,
+        "rollout.max_new_tokens": 8, "seq_len": 40, "total_steps": 20, "eval_every": 0,
+        "ckpt_every": 20, "log_every": 2, "async_ckpt": False, "opt.lr": 1e-2,
+    })  # fmt: skip
+    assert c.data.train == "builtin:rl_prompts" and c.distill.on_policy
+    distill.run(c, str(wd))
+    rows = [r for r in read_metrics(wd) if "loss" in r]
+    assert len(rows) == 10
+    assert rows[-1]["kd"] < 0.7 * rows[0]["kd"], (rows[0]["kd"], rows[-1]["kd"])
+    assert {r["rollout/iteration"] for r in rows} == set(range(10))
+    assert all(0 < r["rollout/response_len"] <= 8 and r["rollout/gen_s"] > 0 for r in rows)
+    state = json.load(open(wd / "checkpoints" / "20" / "data" / "metadata"))  # (orbax's JSON)
+    assert state["iteration"] == 10 and state["unused_minibatches"] == 0
+
+
+def test_the_task_is_registered():
+    from flaxlm.train.main import TASKS
+
+    assert importlib.import_module(TASKS["distill"]).run is distill.run
+    assert distill_config.get_config("runlocal=True").task == "distill"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("teacher", "", "distill.teacher"),
+    ("divergence", "kl", "distill.divergence='kl'"),
+    ("temperature", 0.0, "distill.temperature=0.0"),
+    ("jsd_beta", 1.0, "distill.jsd_beta=1.0"),
+    ("ce_weight", 1.5, "distill.ce_weight=1.5"),
+])  # fmt: skip
+def test_bad_settings_name_their_key(key, value, match):
+    d = _d(teacher="runs/x", divergence="jsd")
+    d[key] = value
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        distill.check_config(d)
+
+
+def _lm_run(path, tokenizer, vocab):
+    cfg = get_variant("tiny", vocab_size=vocab, n_layers=1, d_model=32, n_heads=2, n_kv_heads=1,
+                      d_ff=64)  # fmt: skip
+    params = H.random_params(model_fns(cfg)[0], 5)
+    meta = {"model_config": cfg.to_dict(), "tokenizer": tokenizer, "lora": {}, "head": "lm"}
+    return H.write_run(str(path), params, meta)
+
+
+def test_a_student_with_another_tokenizer_is_refused(runs, cache_dir, tmp_path, chat_tokenizer):
+    sft, _ = runs
+    student = _lm_run(tmp_path / "student", chat_tokenizer[0], H.VOCAB)
+    c = _config(cache_dir, init_from=student, **{"distill.teacher": sft})
+    with pytest.raises(ValueError, match="is not teacher") as e:
+        distill.run(c, str(tmp_path / "wd"))
+    assert chat_tokenizer[0] in str(e.value) and sft in str(e.value)
+
+
+def test_a_teacher_whose_vocabulary_misses_tokenizer_ids_is_refused(runs, cache_dir, tmp_path):
+    sft, _ = runs
+    small = _lm_run(tmp_path / "teacher", read_meta(sft)[1]["tokenizer"], H.VOCAB // 2)
+    c = _config(cache_dir, init_from=sft, **{"distill.teacher": small})
+    with pytest.raises(ValueError, match=f"teacher {small}'s vocab_size {H.VOCAB // 2}"):
+        distill.run(c, str(tmp_path / "wd"))
+
+
+def test_config_sections_are_complete():
+    c = distill_config.get_config("variant=mini,runlocal=True")
+    assert isinstance(c.distill, ml_collections.ConfigDict)
+    assert set(c.distill) == set(distill_config.distill_config())
