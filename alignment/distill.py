@@ -27,6 +27,12 @@ size); the divergence then runs over the ids both have, which must hold the whol
 With `loss.chunk_tokens` > 0 both models' logits exist one piece of the sequence at a time
 (train/losses.py `chunked_sums`).
 
+Pretraining text (`configs/distill.py:text=True`: the `data` section is pretraining's, data/
+pipeline.py — packed, mixed, resumable grain batches of `data.sources`, or the built-in corpus):
+the divergence on every token of the packed documents, as Gemma 2/3 and Llama 3.2's small
+models were pretrained; held-out on `data.eval_sources` (pretraining's `text_eval_batches`),
+with `perplexity`; no generation eval.
+
 On-policy (`distill.on_policy`, GKD with λ = 1; `configs/distill.py:on_policy=True`): the rows
 are the student's own responses to `data.train`'s prompts instead of the data's answers — each
 `rollout.batch` prompts sampled by the live student in one decoder call (alignment/rl_rollout.py
@@ -53,6 +59,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +69,14 @@ from flaxlm.alignment import common, rl_common, sft
 from flaxlm.alignment.rl_rollout import RolloutSource, passthrough_stats, sample_stats
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
-from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
-from flaxlm.train import loop
+from flaxlm.models.sharding import (
+    batch_divisor,
+    logical_axis_rules,
+    make_mesh,
+    shard_batch,
+    use_mesh,
+)
+from flaxlm.train import loop, pretrain
 from flaxlm.train.losses import chunked_sums, token_logprobs
 from flaxlm.train.pretrain import model_fns
 
@@ -232,12 +245,12 @@ def check_vocab(tok, cfg, teacher_cfg, teacher: str) -> None:
             )
 
 
-def make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template, heldout, sets,
-                 spec):  # fmt: skip
-    """params -> held-out distillation metrics (over every process's answer tokens) and
-    greedy generation metrics per set; the teacher's generation metrics once, first."""
-    batches = [shard_batch(b, mesh)
-               for b in sft.loss_eval_batches(heldout, config, template.tok.pad_id)]  # fmt: skip
+def make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template, host_batches, sets,
+                 spec, perplexity: bool = False):  # fmt: skip
+    """params -> held-out distillation metrics (over every process's target tokens of
+    `host_batches`, this process's rows) and greedy generation metrics per set; the teacher's
+    generation metrics once, first. `perplexity`: also exp(nll), the student's (text)."""
+    batches = [shard_batch(b, mesh) for b in host_batches]
     fn = jax.jit(lambda p, t, b: loss_fn(p, b, None, t))
     rules = logical_axis_rules(config.sharding)
     teacher_marks = {}
@@ -260,6 +273,8 @@ def make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template, hel
             for k in ("loss", *SUMS):
                 sums[k] += w * float(loss if k == "loss" else m[k])
         out = {k: v / max(weight, 1.0) for k, v in sums.items()}
+        if perplexity and batches:
+            out["perplexity"] = float(np.exp(min(out["nll"], 50.0)))
         if teacher_gen is not None and not teacher_marks:
             teacher_marks.update(generation(teacher, "teacher/", teacher_gen))
         out.update(teacher_marks)
@@ -267,6 +282,27 @@ def make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template, hel
         return out
 
     return eval_fn
+
+
+def _text_source(config, mesh):
+    """(tokenizer, ModelConfig) of a student trained on pretraining text: `data.tokenizer`,
+    else init_from's, else the teacher's; init_from's architecture, else `config.model`."""
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    d = config.distill
+    if config.batch_size % batch_divisor(mesh):
+        raise ValueError(f"batch_size={config.batch_size} is not a multiple of data×fsdp="
+                         f"{batch_divisor(mesh)}")  # fmt: skip
+    loop.init_from_ema(config)
+    meta = common.source_meta(config.init_from)
+    path = config.data.tokenizer or meta.get("tokenizer") or teacher_tokenizer_path(d.teacher)
+    if not path:
+        raise ValueError("distill: no tokenizer for the text: set data.tokenizer (the teacher's)")
+    tok = load_tokenizer(os.path.expanduser(path))
+    cfg = common.resolve_model_config(config, meta)
+    tok.check_fits(cfg.vocab_size)
+    check_same_tokenizer(tok, d.teacher)
+    return tok, cfg
 
 
 def _student_source(config, mesh):
@@ -287,24 +323,33 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The distillation Task (module docstring); writes data_report.json into `workdir`."""
     d = config.distill
     check_config(d)
-    tok, cfg, template = _student_source(config, mesh)
+    text = config.data.get("kind") == "text"  # pretraining's data section
+    if text and d.on_policy:
+        raise ValueError("distill.on_policy needs prompts, not pretraining text (data.kind)")
+    if text:
+        (tok, cfg), template = _text_source(config, mesh), None
+    else:
+        tok, cfg, template = _student_source(config, mesh)
     rules = logical_axis_rules(config.sharding)
     teacher_cfg, teacher_apply, teacher = rl_common.frozen_lm(
         d.teacher, mesh, rules, d.teacher_dtype, d.teacher_ema
     )
     check_vocab(tok, cfg, teacher_cfg, d.teacher)
     report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
-    if d.on_policy:  # prompts; their answers come from the student
+    if text:
+        train, heldout = None, []
+    elif d.on_policy:  # prompts; their answers come from the student
         train = rl_common.load_prompts(config.data.train, config, template, report)
     else:
         train = sft.load_examples(config.data.train, config, template, report)
-    if not train:
+    if not text and not train:
         raise ValueError(f"data.train={config.data.train!r}: no usable examples "
                          f"({report.to_dict()})")  # fmt: skip
-    heldout = (sft.load_examples(config.data.eval, config, template, eval_report)
-               if config.data.eval else [])  # fmt: skip
-    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
-    common.write_report(workdir, data_report)
+    if not text and config.data.eval:
+        heldout = sft.load_examples(config.data.eval, config, template, eval_report)
+    data_report = {} if text else {"train": report.to_dict(), "eval": eval_report.to_dict()}
+    if not text:
+        common.write_report(workdir, data_report)
 
     init_params, apply = model_fns(cfg)
     spec = lora_lib.spec_from_config(config.lora)
@@ -313,7 +358,10 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         init_params = lora_lib.with_lora(init_params, spec)
         prepare = functools.partial(lora_lib.merge, spec=spec, freeze_base=True)
     loss_fn = distill_loss_fn(apply, teacher_apply, d, config.loss.chunk_tokens, prepare)
-    if d.on_policy:  # the student's own answers to the data's prompts
+    if text:  # packed documents: every token counts
+        batches = pretrain.make_batches(config, seed=config.seed, tokenizer=tok,
+                                        vocab_size=cfg.vocab_size)  # fmt: skip
+    elif d.on_policy:  # the student's own answers to the data's prompts
         batches = StudentRollouts(config, mesh, rules, train, cfg=cfg, template=template,
                                   spec=spec)  # fmt: skip
         loss_fn = on_policy_loss_fn(loss_fn)
@@ -324,11 +372,16 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             process_index=jax.process_index(), process_count=jax.process_count(),
         )  # fmt: skip
     eval_fn = None
-    if config.eval_every and (heldout or config.eval_gen.sets):
+    if text and config.eval_every:
+        host = pretrain.text_eval_batches(config, tok)
+        eval_fn = make_eval_fn(config, mesh, cfg, loss_fn, teacher, None, None, host, {}, spec,
+                               perplexity=True)  # fmt: skip
+    elif config.eval_every and (heldout or config.eval_gen.sets):
         sets = sft.gen_sets(config, template)
         teacher_gen = teacher_cfg if d.eval_teacher and sets else None
+        host = sft.loss_eval_batches(heldout, config, template.tok.pad_id) if heldout else []
         eval_fn = make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template,
-                               heldout, sets, spec)  # fmt: skip
+                               host, sets, spec)  # fmt: skip
     task = common.supervised_task(
         "distill", "lm", config, cfg, spec, tok, workdir, data_report,
         init_params=init_params, loss_fn=loss_fn, train_batches=batches, eval_fn=eval_fn,

@@ -7,12 +7,16 @@
     # GKD's JSD(0.9): --config.distill.divergence=jsd --config.distill.jsd_beta=0.9
     # on-policy (the student's own answers to prompts, judged by the teacher token by token):
     #   configs/distill.py:on_policy=True --config.data.train=prompts.jsonl
+    # pretraining text: configs/distill.py:variant=125m,text=True --config.data.sources=DIR \
+    #   --config.data.eval_sources=HELDOUT_DIR
 
 arg keys: variant (the run's sizes — steps, batch, seq_len, lr — and a fresh student's
 architecture when init_from is empty), runlocal (a CPU-sized run), steps (0 = default), lora
 (adapter rank for a pretrained student; 0 = full; > 0 also multiplies opt.lr by 10),
 on_policy (distill.on_policy on, the built-in world's RL prompts as data.train, rows sized to
-rollout.max_prompt_len + rollout.max_new_tokens).
+rollout.max_prompt_len + rollout.max_new_tokens), text (pretraining text instead of chats: the
+`data` section is pretraining's — data.sources, data.eval_sources, ... — and every token of the
+packed documents is distilled).
 
 `distill` keys: teacher (required: a flaxlm run or hf:DIR with the student's tokenizer),
 teacher_ema, teacher_dtype (bfloat16 halves the teacher's memory), divergence (forward_kl |
@@ -37,6 +41,7 @@ from flaxlm.alignment import rl_common
 from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.configs import common
 from flaxlm.configs import sft as sft_config
+from flaxlm.data.pipeline import data_config
 from flaxlm.models.lora import lora_config
 
 # (steps, global batch, seq_len, lr) per variant: SFT's (a fresh student starts from nothing,
@@ -60,7 +65,8 @@ def distill_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, variant="tiny", runlocal=False, steps=0, lora=0, on_policy=False)
+    a = common.parse_arg(arg, variant="tiny", runlocal=False, steps=0, lora=0, on_policy=False,
+                         text=False)  # fmt: skip
     steps, batch, seq, lr = common.lookup(_SIZES, a.variant, "variant")
     if a.runlocal:
         steps, batch, seq = min(steps, 40), min(batch, 16), min(seq, 128)
@@ -81,6 +87,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.distill.on_policy = True
         c.data.train = "builtin:rl_prompts"
         rl_common.size_rollout_rows(c, seq)
+    if a.text:  # pretraining's data section: packed documents, every token distilled
+        c.data = data_config()
+        c.data.kind = "text"
+        c.data.eval_sources = ""  # held-out text ("" = the built-in world's; required with sources)
+        c.data.eval_batches = 4  # held-out batches per evaluation
+        c.eval_gen.sets = ""  # (no chats to answer)
     c.opt.lr = lr * (10 if a.lora else 1)
     c.opt.warmup_steps = max(c.total_steps // 20, 1)
     c.opt.weight_decay = 0.0

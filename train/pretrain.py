@@ -85,14 +85,16 @@ def _builtin_world_texts(split: str = "pretrain") -> list[str]:
     return [d["text"] for d in getattr(world, split)]
 
 
-def make_batches(config, *, seed: int, tokenizer=None):
-    """The training batch iterator named by `config.data.kind`."""
+def make_batches(config, *, seed: int, tokenizer=None, vocab_size: int | None = None):
+    """The training batch iterator named by `config.data.kind`; the tokenizer must fit
+    `vocab_size` (default `config.model.vocab_size`)."""
+    vocab_size = vocab_size or config.model.vocab_size
     d = config.data
     if d.kind == "markov":
         from flaxlm.data.markov import MarkovStream
 
         return MarkovStream(
-            config.model.vocab_size,
+            vocab_size,
             config.seq_len,
             config.batch_size,
             seed=seed,
@@ -111,13 +113,13 @@ def make_batches(config, *, seed: int, tokenizer=None):
             seq_len=config.seq_len,
             global_batch=config.batch_size,
             seed=seed,
-            vocab_size=config.model.vocab_size,
+            vocab_size=vocab_size,
             tokenizer=tokenizer,
         )
     raise ValueError(f"config.data.kind={d.kind!r}; expected 'text' or 'markov'")
 
 
-def _text_eval_batches(config, tokenizer) -> list[dict]:
+def text_eval_batches(config, tokenizer) -> list[dict]:
     """Held-out text packed into at most `eval_batches` global batches (this process's rows)."""
     import grain
 
@@ -166,7 +168,7 @@ def make_eval_fn(config, mesh, loss_fn, tokenizer=None):
     """Held-out loss over a fixed set of batches (text: held-out documents; markov: the same
     chain, a different seed)."""
     if config.data.kind == "text":
-        host_batches = _text_eval_batches(config, tokenizer)
+        host_batches = text_eval_batches(config, tokenizer)
     else:
         it = make_batches(config, seed=config.seed + 10_000)
         host_batches = [next(it) for _ in range(config.data.eval_batches)]

@@ -298,6 +298,31 @@ def test_on_policy_the_student_learns_the_teacher_on_its_own_samples(runs, cache
     assert state["iteration"] == 10 and state["unused_minibatches"] == 0
 
 
+def test_on_pretraining_text_every_token_is_distilled(runs, cache_dir, tmp_path):
+    """`text=True`: packed documents of the built-in corpus in the teacher's tokenizer; the
+    held-out divergence falls and the agreement rises; the loss weight is every real target
+    token."""
+    sft, _ = runs
+    wd = tmp_path / "text"
+    c = H.tiny(distill_config, cache_dir, "runlocal=True,text=True", **{
+        "distill.teacher": sft, "model.vocab_size": H.VOCAB, "model.n_layers": 1,
+        "model.d_model": 32, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64,
+        "batch_size": 8, "seq_len": 64, "total_steps": 20, "eval_every": 20, "ckpt_every": 20,
+        "eval_at_start": True, "log_every": 20, "async_ckpt": False, "opt.lr": 1e-2,
+        "data.eval_batches": 1,
+    })  # fmt: skip
+    assert c.data.kind == "text" and c.eval_gen.sets == ""
+    distill.run(c, str(wd))
+    first, last = [r for r in read_metrics(wd) if "eval/kd" in r]
+    assert last["eval/kd"] < 0.8 * first["eval/kd"]  # (a random teacher: near-uniform)
+    assert last["eval/agreement"] > first["eval/agreement"]
+    # (the student learns a random teacher, not the text: its perplexity need not fall)
+    assert last["eval/perplexity"] == pytest.approx(np.exp(last["eval/nll"]), rel=1e-6)
+    trained = [r for r in read_metrics(wd) if "loss" in r]
+    assert trained[-1]["weight"] > 0.9 * 8 * 64  # (packed rows: nearly every position)
+    assert read_meta(str(wd))[1]["teacher"] == sft
+
+
 def test_the_task_is_registered():
     from flaxlm.train.main import TASKS
 

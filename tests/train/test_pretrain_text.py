@@ -56,12 +56,12 @@ def test_own_sources_need_their_own_heldout(tmp_path):
         c.batch_size, c.seq_len, c.data.eval_batches = 2, 32, 1
         c.data.sources = shards
     with pytest.raises(ValueError, match="data.eval_sources is empty"):
-        pretrain._text_eval_batches(c, tok)
+        pretrain.text_eval_batches(c, tok)
     for heldout in (raw, shards):  # raw text, or token shards of the same tokenizer
         with c.unlocked():
             c.data.eval_sources = heldout
-        (batch,) = pretrain._text_eval_batches(c, tok)
+        (batch,) = pretrain.text_eval_batches(c, tok)
         assert batch["tokens"].shape == (2, 32) and int(batch["tokens"].max()) < tok.vocab_size
     other = train(["a b c d e f g h i j k l m n o p"] * 50, 300)
     with pytest.raises(DataError, match="data.eval_sources .* tokenizer sha256"):
-        pretrain._text_eval_batches(c, other)
+        pretrain.text_eval_batches(c, other)
