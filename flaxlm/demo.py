@@ -14,6 +14,11 @@ WORKDIR/commands.json and the report — for eval, the command for the SFT check
   ppo       PPO from the SFT model against the reward model             (configs/ppo.py)
   grpo      GRPO from the SFT model with verifiable rewards (exact match + format)
                                                                         (configs/grpo.py)
+  student   a half-width model (1/3 of the parameters) pretrained alone on the same corpus
+                                                                        (configs/pretrain.py)
+  distill   the same student pretrained by distillation from the pretrained model: its
+            next-token distributions on the same corpus, steps and learning rate
+                                                                        (configs/distill.py)
   eval      every checkpoint on the same held-out tasks (flaxlm.evaluation)
   report    WORKDIR/report.md with a table per stage and PNG plots
 Re-running resumes: finished stages are skipped (their checkpoints are complete) and an
@@ -36,9 +41,13 @@ import time
 from flaxlm.configs.common import override
 from flaxlm.data import synthetic
 
-STAGES = ("world", "data", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "eval", "report")
+STAGES = ("world", "data", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "student",
+          "distill", "eval", "report")  # fmt: skip
 # The training stages each one starts from (a changed stage invalidates these too).
-DOWNSTREAM = {"pretrain": ("sft",), "sft": ("reward", "dpo", "ppo", "grpo"), "reward": ("ppo",)}
+DOWNSTREAM = {"pretrain": ("sft", "distill"), "sft": ("reward", "dpo", "ppo", "grpo"),
+              "reward": ("ppo",)}  # fmt: skip
+# The student's shape: the tiny model (d=64, 4 heads, 2 layers) at half width.
+STUDENT = {"model.d_model": 32, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64}
 
 # Stage sizes: (full, runlocal). Steps are optimizer steps; the full sizes fit ≈15 minutes on 2
 # CPU cores with the tiny model (2 layers, d=64, vocab 2048: ≈0.4M parameters).
@@ -49,6 +58,7 @@ PLAN = {
     "dpo_steps": (100, 6),
     "ppo_steps": (128, 4),
     "grpo_steps": (96, 4),
+    "student_steps": (400, 6),
     "eval_examples": (132, 16),
 }
 
@@ -171,14 +181,38 @@ class Demo:
         from flaxlm.configs import pretrain as config
         from flaxlm.train import pretrain
 
-        steps = self.plan["pretrain_steps"]
-        vocab = 512 if self.small else 2048
-        self._train("pretrain", pretrain, config, "variant=tiny,data=text", {
-            **self._common(steps, evals=8),
+        self._train(
+            "pretrain",
+            pretrain,
+            config,
+            "variant=tiny,data=text",
+            self._corpus(self.plan["pretrain_steps"], evals=8),
+        )
+
+    def _corpus(self, steps: int, evals: int) -> dict:
+        """Pretraining on the cleaned corpus (the teacher's, the students' settings)."""
+        return {
+            **self._common(steps, evals=evals),
             "data.sources": os.path.join(self.dir["data"], "tokens"),
             "data.eval_sources": os.path.join(self.dir["world"], "heldout_text.jsonl"),
-            "model.vocab_size": vocab, "batch_size": 32, "seq_len": 128, "log_every": 20,
-            "opt.lr": 3e-3, "opt.warmup_steps": max(steps // 20, 1),
+            "model.vocab_size": 512 if self.small else 2048, "batch_size": 32, "seq_len": 128,
+            "log_every": 20, "opt.lr": 3e-3, "opt.warmup_steps": max(steps // 20, 1),
+        }  # fmt: skip
+
+    def student(self):
+        from flaxlm.configs import pretrain as config
+        from flaxlm.train import pretrain
+
+        self._train("student", pretrain, config, "variant=tiny,data=text",
+                    {**self._corpus(self.plan["student_steps"], evals=4), **STUDENT})  # fmt: skip
+
+    def distill(self):
+        from flaxlm.alignment import distill
+        from flaxlm.configs import distill as config
+
+        self._train("distill", distill, config, "variant=tiny,text=True", {
+            **self._corpus(self.plan["student_steps"], evals=4), **STUDENT,
+            "distill.teacher": self.dir["pretrain"],
         })  # fmt: skip
 
     def _world_data(self) -> dict:
@@ -253,7 +287,8 @@ class Demo:
         path = os.path.join(self.dir["eval"], "results.json")
         inputs_path = os.path.join(self.dir["eval"], "inputs.json")
         inputs = {"eval_examples": self.plan["eval_examples"], "checkpoints": {
-            s: _latest_checkpoint(self.dir[s]) for s in DOWNSTREAM["sft"] + ("pretrain", "sft")
+            s: _latest_checkpoint(self.dir[s])
+            for s in DOWNSTREAM["sft"] + ("pretrain", "sft", "student", "distill")
         }}  # fmt: skip
         if os.path.exists(path) and os.path.exists(inputs_path):
             with open(inputs_path) as f:

@@ -1,7 +1,8 @@
 """The demo's evaluation of every checkpoint and its report (report.md + PNG plots).
 
 Every policy checkpoint (pretrain, SFT, DPO, PPO, GRPO) is evaluated the same way with the
-evaluation harness on the world's held-out tasks; responses to held-out instructions are also
+evaluation harness on the world's held-out tasks (the two students of the distillation stages
+on held-out text and multiple choice); responses to held-out instructions are also
 scored by the demo's reward model and, for the chat models, sampled (temperature 1, SAMPLES per
 prompt: what preference tuning changes shows in samples, while greedy answers take the SFT
 model's mode); the post-SFT policies' KL to the SFT model is estimated on samples:
@@ -21,6 +22,10 @@ import numpy as np
 
 POLICIES = ("pretrain", "sft", "dpo", "ppo", "grpo")
 TASKS = ("ppl_heldout_text", "mc_facts_heldout", "gen_facts_heldout", "gen_instructions_heldout")
+# The half-width students, pretrained alone and by distillation from "pretrain": base models,
+# evaluated on held-out text and multiple choice (the teacher's column is "pretrain"'s).
+STUDENTS = ("student", "distill")
+STUDENT_TASKS = ("ppl_heldout_text", "mc_facts_heldout")
 SAMPLED = "gen_instructions_sampled"  # gen_instructions_heldout at temperature 1
 SAMPLES = 4
 
@@ -84,7 +89,8 @@ def _ref_logprobs(cfg):
 
 
 def evaluate_all(dirs: dict, limit: int) -> dict:
-    """{policy: {metric: value}} for every policy run in `dirs` that has a checkpoint."""
+    """{policy: {metric: value}} for every policy (and student) run in `dirs` that has a
+    checkpoint; a student's row also holds its parameter count ("params")."""
     from tqdm.auto import tqdm
 
     from flaxlm.alignment.common import load_policy
@@ -95,7 +101,7 @@ def evaluate_all(dirs: dict, limit: int) -> dict:
 
     specs = world_tasks(dirs["world"])
     results, sft_params, rm = {}, None, None
-    bar = tqdm(POLICIES, desc="eval")
+    bar = tqdm(POLICIES + STUDENTS, desc="eval")
     for name in bar:
         bar.set_postfix_str(name)
         if not os.path.isdir(os.path.join(dirs[name], "checkpoints")):
@@ -107,9 +113,9 @@ def evaluate_all(dirs: dict, limit: int) -> dict:
 
             rm = load_reward_scorer(dirs["reward"], tok, batch_size=64)
         ev = Evaluator(cfg, params, tok, gen_batch_size=64)
-        chat = name != "pretrain"  # post-trained models answer in the chat template
-        row = {}
-        for task in TASKS:
+        chat = name in POLICIES[1:]  # post-trained models answer in the chat template
+        row = {"params": cfg.param_counts()["total"]}
+        for task in STUDENT_TASKS if name in STUDENTS else TASKS:
             spec = specs[task]
             if spec.type == "generation" and chat:
                 spec = dataclasses.replace(spec, chat=True, num_fewshot=0)
@@ -184,7 +190,11 @@ def _plots(workdir: str, dirs: dict, results: dict) -> list[str]:
     pt = _records(dirs["pretrain"])
     axes[0].plot(*_curve(pt, "loss"), label="train loss")
     axes[0].plot(*_curve(pt, "eval/nll"), "o-", label="held-out nll")
-    axes[0].set_title("pretraining")
+    for stage, label in (("student", "student alone"), ("distill", "student distilled")):
+        if os.path.isdir(dirs[stage]):
+            axes[0].plot(*_curve(_records(dirs[stage]), "eval/nll"), "o--",
+                         label=f"{label}: held-out nll")  # fmt: skip
+    axes[0].set_title("pretraining (and the half-width students)")
     for stage in ("sft", "reward", "dpo", "ppo", "grpo"):
         axes[1].plot(*_curve(_records(dirs[stage]), "loss"), label=stage)
     axes[1].set_title("post-training losses")
@@ -275,6 +285,32 @@ def _deltas(results: dict) -> list[str]:
     return out if len(out) > 3 else []
 
 
+def _distillation(results: dict, dirs: dict) -> list[str]:
+    """The distillation table: the teacher (the pretrained model), the half-width student
+    pretrained alone and the one distilled from the teacher, same corpus, steps and lr."""
+    cols = [("pretrain", "teacher (pretrain)"), ("student", "student alone"),
+            ("distill", "student distilled")]  # fmt: skip
+    cols = [(n, label) for n, label in cols if n in results]
+    if len(cols) < 2:
+        return []
+    steps = [r["step"] for r in _records(dirs["distill"]) if "loss" in r]
+    out = ["", f"Distillation (students of half the width, {steps[-1] if steps else '?'} steps "
+                "on the pretraining corpus; the distilled one learns the teacher's next-token "
+                "distributions, forward KL):", "",
+           "| metric | " + " | ".join(label for _, label in cols) + " |",
+           "|---|" + "---|" * len(cols)]  # fmt: skip
+    rows = [("params", "parameters", "{:,}")] + ROWS[:2]
+    for key, label, fmt in rows:
+        cells = [fmt.format(results[n][key]) if key in results[n] else "–" for n, _ in cols]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    kd = _last_eval(dirs["distill"])
+    if "eval/agreement" in kd:
+        out.append(f"\nThe distilled student's top-1 token agrees with the teacher's on "
+                   f"{kd['eval/agreement']:.3f} of held-out positions (divergence "
+                   f"{kd['eval/kd']:.3f} nats/token at the end).")  # fmt: skip
+    return out
+
+
 def _last_eval(run_dir: str) -> dict:
     evals = [r for r in _records(run_dir) if any(k.startswith("eval/") for k in r)]
     return {**evals[0], **evals[-1]} if evals else {}
@@ -297,6 +333,7 @@ def write_report(workdir: str, dirs: dict, commands: dict, times: dict, small: b
         cells = [fmt.format(results[n][key]) if key in results[n] else "–" for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += _deltas(results)
+    lines += _distillation(results, dirs)
     rm = _last_eval(dirs["reward"])
     dpo = _last_eval(dirs["dpo"])
     ppo = _records(dirs["ppo"])

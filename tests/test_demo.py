@@ -11,7 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from flaxlm import demo
-from flaxlm.demo_report import POLICIES, SAMPLED
+from flaxlm.demo_report import POLICIES, SAMPLED, STUDENTS
 from flaxlm.train.checkpoint import read_meta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,10 +29,14 @@ def test_every_stage_runs_and_every_policy_is_evaluated(demo_dir):
     times = json.load(open(os.path.join(demo_dir, "times.json")))
     assert list(times) == list(demo.STAGES)
     results = json.load(open(os.path.join(demo_dir, "eval", "results.json")))
-    assert list(results) == list(POLICIES)
+    assert list(results) == list(POLICIES + STUDENTS)
     for name, row in results.items():
         assert 1.0 < row["ppl_heldout_text/ppl"] < 600, name  # vocab 512: uniform is 512
         assert 0.0 <= row["mc_facts_heldout/acc"] <= 1.0
+        if name in STUDENTS:  # base models of half the width: text and multiple choice
+            assert row["params"] < 0.6 * results["pretrain"]["params"], name
+            assert "gen_instructions_heldout/judge" not in row
+            continue
         assert -1.5 <= row["gen_instructions_heldout/judge"] <= 1.0
         assert row["gen_instructions_heldout/n"] == demo.PLAN["eval_examples"][1]
         assert "rm_score" in row
@@ -46,6 +50,10 @@ def test_every_stage_runs_and_every_policy_is_evaluated(demo_dir):
     assert "**runlocal** run" in report
     assert "| metric | pretrain | sft | dpo | ppo | grpo |" in report
     assert "Change over SFT on sampled answers" in report and "- ppo: judge" in report
+    assert "| metric | teacher (pretrain) | student alone | student distilled |" in report
+    assert "agrees with the teacher's on" in report
+    _, meta = read_meta(os.path.join(demo_dir, "distill"))
+    assert meta["teacher"] == os.path.join(demo_dir, "pretrain")
     for png in ("losses.png", "rl.png", "accuracy.png"):
         assert os.path.getsize(os.path.join(demo_dir, png)) > 10_000, png
     data = json.load(open(os.path.join(demo_dir, "data", "report.json")))
@@ -67,7 +75,9 @@ def _config_from_command(command: str, workdir: str):
     return holder.value
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo", "ppo", "grpo"])
+@pytest.mark.parametrize(
+    "stage", ["pretrain", "sft", "reward", "dpo", "ppo", "grpo", "student", "distill"]
+)
 def test_printed_commands_rebuild_each_stage_config(demo_dir, stage, monkeypatch):
     monkeypatch.chdir(REPO)  # commands name configs/<file>.py relative to the repository
     commands = json.load(open(os.path.join(demo_dir, "commands.json")))
