@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import os
 
@@ -319,6 +318,36 @@ def _student_source(config, mesh):
     return tok, cfg, template
 
 
+def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
+    """(train batches, held-out host batches, data report) on chats: the SFT conversations'
+    answers, or on-policy the student's own answers to the data's prompts (rollouts)."""
+    report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
+    on_policy = config.distill.on_policy
+    load = rl_common.load_prompts if on_policy else sft.load_examples  # prompts | chats
+    train = load(config.data.train, config, template, report)
+    if not train:
+        raise ValueError(f"data.train={config.data.train!r}: no usable examples "
+                         f"({report.to_dict()})")  # fmt: skip
+    heldout = []
+    if config.data.eval:
+        heldout = sft.load_examples(config.data.eval, config, template, eval_report)
+    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
+    common.write_report(workdir, data_report)
+    if on_policy:
+        batches = StudentRollouts(config, mesh, rules, train, cfg=cfg, template=template,
+                                  spec=spec)  # fmt: skip
+    else:
+        batches = F.SFTBatches(
+            train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
+            pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )  # fmt: skip
+    host = []
+    if heldout and config.eval_every:
+        host = sft.loss_eval_batches(heldout, config, tok.pad_id)
+    return batches, host, data_report
+
+
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The distillation Task (module docstring); writes data_report.json into `workdir`."""
     d = config.distill
@@ -335,53 +364,25 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         d.teacher, mesh, rules, d.teacher_dtype, d.teacher_ema
     )
     check_vocab(tok, cfg, teacher_cfg, d.teacher)
-    report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
-    if text:
-        train, heldout = None, []
-    elif d.on_policy:  # prompts; their answers come from the student
-        train = rl_common.load_prompts(config.data.train, config, template, report)
-    else:
-        train = sft.load_examples(config.data.train, config, template, report)
-    if not text and not train:
-        raise ValueError(f"data.train={config.data.train!r}: no usable examples "
-                         f"({report.to_dict()})")  # fmt: skip
-    if not text and config.data.eval:
-        heldout = sft.load_examples(config.data.eval, config, template, eval_report)
-    data_report = {} if text else {"train": report.to_dict(), "eval": eval_report.to_dict()}
-    if not text:
-        common.write_report(workdir, data_report)
-
     init_params, apply = model_fns(cfg)
-    spec = lora_lib.spec_from_config(config.lora)
-    prepare = None
-    if spec:
-        init_params = lora_lib.with_lora(init_params, spec)
-        prepare = functools.partial(lora_lib.merge, spec=spec, freeze_base=True)
+    spec, init_params, prepare = lora_lib.for_training(init_params, config.lora)
     loss_fn = distill_loss_fn(apply, teacher_apply, d, config.loss.chunk_tokens, prepare)
     if text:  # packed documents: every token counts
         batches = pretrain.make_batches(config, seed=config.seed, tokenizer=tok,
                                         vocab_size=cfg.vocab_size)  # fmt: skip
-    elif d.on_policy:  # the student's own answers to the data's prompts
-        batches = StudentRollouts(config, mesh, rules, train, cfg=cfg, template=template,
-                                  spec=spec)  # fmt: skip
-        loss_fn = on_policy_loss_fn(loss_fn)
+        host = pretrain.text_eval_batches(config, tok) if config.eval_every else []
+        data_report, sets = {}, {}
     else:
-        batches = F.SFTBatches(
-            train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
-            pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )  # fmt: skip
+        batches, host, data_report = _chat_data(config, mesh, rules, tok, cfg, template, spec,
+                                                workdir)  # fmt: skip
+        sets = sft.gen_sets(config, template) if config.eval_every else {}
+    if d.on_policy:
+        loss_fn = on_policy_loss_fn(loss_fn)
     eval_fn = None
-    if text and config.eval_every:
-        host = pretrain.text_eval_batches(config, tok)
-        eval_fn = make_eval_fn(config, mesh, cfg, loss_fn, teacher, None, None, host, {}, spec,
-                               perplexity=True)  # fmt: skip
-    elif config.eval_every and (heldout or config.eval_gen.sets):
-        sets = sft.gen_sets(config, template)
+    if config.eval_every and (host or sets):
         teacher_gen = teacher_cfg if d.eval_teacher and sets else None
-        host = sft.loss_eval_batches(heldout, config, template.tok.pad_id) if heldout else []
-        eval_fn = make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template,
-                               host, sets, spec)  # fmt: skip
+        eval_fn = make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template, host,
+                               sets, spec, perplexity=text)  # fmt: skip
     task = common.supervised_task(
         "distill", "lm", config, cfg, spec, tok, workdir, data_report,
         init_params=init_params, loss_fn=loss_fn, train_batches=batches, eval_fn=eval_fn,

@@ -22,7 +22,6 @@ Evaluation (every `eval_every` steps, and at step 0 for the starting model's bas
 from __future__ import annotations
 
 import collections
-import functools
 
 import jax
 import ml_collections
@@ -195,11 +194,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     common.write_report(workdir, data_report)
 
     init_params, apply = model_fns(cfg)
-    spec = lora_lib.spec_from_config(config.lora)
-    prepare = None
-    if spec:
-        init_params = lora_lib.with_lora(init_params, spec)
-        prepare = functools.partial(lora_lib.merge, spec=spec, freeze_base=True)
+    spec, init_params, prepare = lora_lib.for_training(init_params, config.lora)
     loss_fn = lm_loss(apply, config.loss, prepare)
     batches = F.SFTBatches(
         train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),

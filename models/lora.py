@@ -42,6 +42,7 @@ its training shardings, and so do merged weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -185,6 +186,17 @@ def with_lora(init_params, spec: LoraSpec):
         return {"base": base, "lora": init_adapters(jax.random.fold_in(rng, 1), base, spec, True)}
 
     return init
+
+
+def for_training(init_params, section):
+    """(spec, init, prepare) of a model trained per the `lora` config `section`: with rank > 0
+    the adapters join the init (`with_lora`) and `prepare(params)` folds them into the frozen
+    base for the forward (once per step, before any chunked loss); rank 0: (None, init_params,
+    None), the full model."""
+    spec = spec_from_config(section)
+    if spec is None:
+        return None, init_params, None
+    return spec, with_lora(init_params, spec), functools.partial(merge, spec=spec, freeze_base=True)
 
 
 def delta(path: str, kernel_shape, adapter: dict, spec: LoraSpec):
