@@ -43,6 +43,7 @@ from flaxlm.configs import common
 from flaxlm.configs import sft as sft_config
 from flaxlm.data.pipeline import data_config
 from flaxlm.models.lora import lora_config
+from flaxlm.train.optim import opt_config
 
 # (steps, global batch, seq_len, lr) per variant: SFT's (a fresh student starts from nothing,
 # so distilling into one takes as long as SFT on the same data at least).
@@ -95,7 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_gen.sets = ""  # (no chats to answer)
     c.opt.lr = lr * (10 if a.lora else 1)
     c.opt.warmup_steps = max(c.total_steps // 20, 1)
-    c.opt.weight_decay = 0.0
+    # fine-tuning stays near its start; a run on pretraining text keeps pretraining's decay
+    c.opt.weight_decay = opt_config().weight_decay if a.text else 0.0
     c.eval_every = c.total_steps // 2 if a.runlocal else 200
     c.ckpt_every = c.total_steps if a.runlocal else 500
     if a.runlocal:

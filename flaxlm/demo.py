@@ -14,7 +14,7 @@ WORKDIR/commands.json and the report — for eval, the command for the SFT check
   ppo       PPO from the SFT model against the reward model             (configs/ppo.py)
   grpo      GRPO from the SFT model with verifiable rewards (exact match + format)
                                                                         (configs/grpo.py)
-  student   a half-width model (1/3 of the parameters) pretrained alone on the same corpus
+  student   a half-width model (45% of the parameters) pretrained alone on the same corpus
                                                                         (configs/pretrain.py)
   distill   the same student pretrained by distillation from the pretrained model: its
             next-token distributions on the same corpus, steps and learning rate
