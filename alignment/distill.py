@@ -1,5 +1,5 @@
-"""Knowledge distillation: a student learns a frozen teacher's next-token distributions on the
-SFT data, through the shared step and loop.
+"""Knowledge distillation: a student learns a frozen teacher's next-token distributions — on SFT
+chats, on pretraining text, or on its own samples — through the shared step and loop.
 
     python -m flaxlm.train.main --config configs/distill.py:runlocal=True \
         --config.distill.teacher=runs/sft --workdir runs/distill
@@ -22,8 +22,9 @@ p_S = softmax(student logits / τ) (`token_divergence`, `distill.divergence`):
 and the loss is  α·CE + (1 − α)·τ²·D  averaged over the answer tokens: α = `distill.ce_weight`
 mixes in the data's own next-token cross-entropy (at temperature 1), and τ² keeps the
 gradient's scale as τ changes (the divergence's gradient in the logits scales as 1/τ). The
-student and the teacher may pad their vocabularies differently (Qwen2.5's sizes differ by
-size); the divergence then runs over the ids both have, which must hold the whole tokenizer.
+student and the teacher may pad their vocabularies differently (Qwen2.5's padded vocabulary
+differs between model sizes); the divergence then runs over the ids both have, which must hold
+the whole tokenizer.
 With `loss.chunk_tokens` > 0 both models' logits exist one piece of the sequence at a time
 (train/losses.py `chunked_sums`).
 
