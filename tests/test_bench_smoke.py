@@ -59,7 +59,9 @@ def test_decode_driver(tmp_path):
         assert "error" not in r, r
         assert r["new_tokens"] == 32 and r["batch"] == 4
         assert r["tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
-        assert 0 < r["hbm_fraction"] < 1
+        # Shares of the H200's bound, computed as the GPU records' are. Not `< 1`: on a busy
+        # CPU the decode time (call − prefill, both noisy medians) can come out near 0.
+        assert r["hbm_fraction"] > 0 and r["hbm_fraction_e2e"] > 0
     md = (tmp_path / "decode.md").read_text()
     assert all(f"| {c} |" in md for c in cases)
     # Fusing q|k|v and gate|up leaves 3 fewer matmuls per layer in the loop body on the CPU,
