@@ -19,8 +19,8 @@ def _helpers():
 
 
 def config_for(task: str, sft: str, rm: str, cache_dir: str):
-    """Two rollouts of 16 rows in 8-row minibatches, held-out evals (greedy and sampled) and a
-    checkpoint at the end; data 4 × fsdp 2 over 8 devices. GRPO and
+    """Two rollouts of 16 rows in 8-row minibatches, held-out evals (greedy; GRPO also sampled)
+    and a checkpoint at the end; data 4 × fsdp 2 over 8 devices. GRPO and
     online DPO judge with `counted_rewards.length_parity` (importable from REWARDS_DIR) and the
     format reward."""
     from flaxlm.configs import grpo as grpo_config
@@ -38,7 +38,10 @@ def config_for(task: str, sft: str, rm: str, cache_dir: str):
     if task in OFFLINE:  # 2 steps of 8 rows, held-out evals at the start and the end
         module = importlib.import_module(f"flaxlm.configs.{task}")
         H = _helpers()
-        # distillation: a fresh 1-layer student of the "SFT" teacher (loss evals only)
+        # Generation evals on several processes: SFT's covers them (DPO's and KTO's are the
+        # same code; one compile less each). Distillation: a fresh 1-layer student of the
+        # "SFT" teacher (loss evals only).
+        gen = {"eval_gen.sets": ""} if task in ("dpo", "kto") else {}
         student = {"init_from": "", "distill.teacher": sft, "eval_gen.sets": "",
                    "model.vocab_size": H.VOCAB, "model.n_layers": 1, "model.d_model": 32,
                    "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64}  # fmt: skip
@@ -46,10 +49,12 @@ def config_for(task: str, sft: str, rm: str, cache_dir: str):
             "init_from": sft, "batch_size": 8, "seq_len": 64, "total_steps": 2, "eval_every": 2,
             "ckpt_every": 2, "eval_at_start": True, "log_every": 1, "async_ckpt": False,
             "mesh.data": 4, "mesh.fsdp": 2, "opt.lr": 1e-3,
-            **(student if task == "distill" else {}),
+            **gen, **(student if task == "distill" else {}),
         })  # fmt: skip
 
     rewards = "counted_rewards:length_parity,format:0.5"
+    if task != "grpo":  # sampled held-out answers: GRPO's test covers them (one compile less)
+        common["eval_gen.sample_temperature"] = 0.0
     if task == "grpo":
         return _helpers().tiny(grpo_config, cache_dir, init_from=sft, **common,
                                **{"grpo.group_size": 4, "grpo.rewards": rewards})  # fmt: skip
