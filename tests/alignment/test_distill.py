@@ -323,6 +323,39 @@ def test_on_pretraining_text_every_token_is_distilled(runs, cache_dir, tmp_path)
     assert read_meta(str(wd))[1]["teacher"] == sft
 
 
+def test_a_preempted_text_run_resumes_bit_for_bit(runs, cache_dir, tmp_path):
+    """SIGTERM during step 3 of 6: the loop saves and stops; the resumed run (the teacher read
+    again, the grain iterator restored) ends with the uninterrupted run's params."""
+    import signal
+
+    from flaxlm.models.sharding import make_mesh
+    from flaxlm.train import loop
+
+    sft, _ = runs
+    c = H.tiny(distill_config, cache_dir, "runlocal=True,text=True", **{
+        "distill.teacher": sft, "model.vocab_size": H.VOCAB, "model.n_layers": 1,
+        "model.d_model": 32, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64,
+        "batch_size": 8, "seq_len": 64, "total_steps": 6, "eval_every": 0, "ckpt_every": 6,
+        "log_every": 1, "async_ckpt": False, "opt.lr": 1e-2,
+    })  # fmt: skip
+    straight, _ = distill.run(c, str(tmp_path / "straight"))
+    mesh = make_mesh(dict(c.mesh))
+    task = distill.build_task(c, mesh, str(tmp_path / "resumed"))
+
+    def sigterm_at_step_3(state):
+        if int(state.step) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    task.before_step = sigterm_at_step_3
+    _, summary = loop.run(c, str(tmp_path / "resumed"), task, mesh=mesh)
+    assert summary["preempted"] and summary["step"] == 4
+    resumed, summary = distill.run(c, str(tmp_path / "resumed"))
+    assert summary["step"] == 6
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_the_task_is_registered():
     from flaxlm.train.main import TASKS
 
