@@ -463,6 +463,10 @@ class Attention(nn.Module):
                 ck, cv = (write_rows(buf, new.transpose(0, 2, 1, 3).astype(buf.dtype),
                                      ctx["ring_slot"], axis=1)
                           for buf, new in zip(layer_cache, (k, v)))  # fmt: skip
+            elif jnp.ndim(ctx["index"]) == 1:  # each row writes at its own slot (speculative)
+                ck, cv = (write_rows(buf, new.transpose(0, 2, 1, 3).astype(buf.dtype),
+                                     ctx["index"], axis=1)
+                          for buf, new in zip(layer_cache, (k, v)))  # fmt: skip
             else:
                 idx = ctx["index"]
                 ck, cv = (

@@ -161,10 +161,18 @@ class Transformer(nn.Module):
         if cache is not None:
             idx = cache["index"]
             seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
-            kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], seg, (0, idx))
-            kv_pos = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, idx))
+            if jnp.ndim(idx) == 1:  # one write index per row (models/speculative.py)
+                if "ring" in cache or prefill:
+                    raise ValueError("Transformer: a per-row cache index needs full caches "
+                                     "(no rings) and no prefill")  # fmt: skip
+                kv_seg = write_rows(cache["segment_ids"], seg, idx, axis=0)
+                kv_pos = write_rows(cache["positions"], positions, idx, axis=0)
+                q_slot = idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+            else:
+                kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], seg, (0, idx))
+                kv_pos = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, idx))
+                q_slot = jnp.broadcast_to(idx + jnp.arange(T, dtype=jnp.int32), (B, T))
             S = kv_seg.shape[1]
-            q_slot = jnp.broadcast_to(idx + jnp.arange(T, dtype=jnp.int32), (B, T))
             kv_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
             masks = [attention_mask(seg, kv_seg, q_slot, kv_slot, positions, kv_pos, w)
                      for w in windows]  # fmt: skip
