@@ -31,6 +31,14 @@ fold_in(fold_in(PRNGKey(--seed), i), k), from one prefill of the prompt
 tokens: with --chat the template's (flaxlm's `<|end|>` and EOS, or an HF tokenizer's eos ids);
 else the tokenizer's stop ids or its EOS.
 
+--draft DRAFT (a run or HF directory of a smaller model with the same tokenizer, e.g. a student
+distilled from MODEL) decodes speculatively (models/speculative.py): the draft proposes
+--draft_tokens tokens, MODEL checks them in one forward. The completions follow MODEL's
+distribution (greedy: the same tokens as without --draft, up to float rounding), drawn with
+other random numbers than without it; the draft's acceptance rate is printed on stderr. With
+--draft, rows run on past a --stop string (the text is cut all the same) and each of
+--num_samples samples prefills its prompt on its own.
+
 A model too big for one device: `--mesh fsdp=-1` (or tensor=8 --sharding fsdp_tp, ...) splits it
 over the local devices, read straight into its shards; across hosts, the same command on each
 with --coordinator/--num_processes/--process_id or --distributed (flaxlm/cli_mesh.py). The
@@ -110,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full_cache", action="store_true",
                    help="sliding-window layers keep full KV caches, not rings of W slots "
                    "(the same tokens; more memory)")  # fmt: skip
+    p.add_argument(
+        "--draft",
+        default="",
+        help="speculative decoding: a smaller model (run or HF directory) with the "
+        "same tokenizer proposes tokens that MODEL verifies (models/speculative.py)",
+    )
+    p.add_argument(
+        "--draft_tokens",
+        type=int,
+        default=4,
+        help="tokens the draft proposes per MODEL forward (with --draft)",
+    )
     add_mesh_args(p)
     return p
 
@@ -201,6 +221,7 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         ),
         (bool(args.system) and not args.chat, "--system needs --chat"),
         (any(not s for s in args.stop), "--stop needs a non-empty string"),
+        (args.draft_tokens < 1, "--draft_tokens must be >= 1"),
     ]
     for is_bad, msg in bad:
         if is_bad:
@@ -229,6 +250,48 @@ def _read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
     return [ln.rstrip("\n") for ln in lines if ln.strip()]
 
 
+def _load_draft(args, tok, texts, mesh, rules):
+    """(cfg, params) of --draft, whose tokenizer must encode the prompts as MODEL's does."""
+    dcfg, dparams, dtok = load(args.draft, args.tokenizer, None, args.dtype, "", False, mesh,
+                               rules)  # fmt: skip
+    probe = [*texts, "The quick brown fox, 1234."]
+    if dtok.vocab_size != tok.vocab_size or any(dtok.encode(t) != tok.encode(t) for t in probe):
+        raise SystemExit(
+            f"--draft {args.draft}: its tokenizer ({dtok.vocab_size} pieces) is not "
+            f"{args.model}'s ({tok.vocab_size} pieces): the draft must share MODEL's tokenizer"
+        )
+    if dcfg.vocab_size < tok.vocab_size:
+        raise SystemExit(f"--draft {args.draft}: vocab_size {dcfg.vocab_size} is smaller than "
+                         f"the tokenizer's {tok.vocab_size} pieces")  # fmt: skip
+    return dcfg, dparams
+
+
+def _speculate(cfg, params, draft, args, prompts, keys, K, sampler, writer):
+    """`generate`'s output for a chunk, by speculative decoding: K samples of a prompt are K
+    rows with keys fold_in(key, k) (as `generate(num_samples=K)` keys them; each row prefills
+    on its own). Stop strings are cut from the text afterwards (rows run on past them).
+    Prints the draft's acceptance rate to stderr."""
+    import jax
+
+    from flaxlm.models.speculative import speculative_generate
+
+    if K > 1:
+        keys = jax.vmap(
+            lambda key: jax.vmap(lambda k: jax.random.fold_in(key, k))(
+                jax.numpy.arange(K, dtype=jax.numpy.uint32)
+            )
+        )(keys).reshape(-1, *keys.shape[1:])
+        prompts = [p for p in prompts for _ in range(K)]
+    out = speculative_generate(cfg, params, *draft, prompts, rng=keys,
+                               draft_tokens=args.draft_tokens, **sampler)  # fmt: skip
+    if writer:
+        print(f"speculative: {args.draft_tokens} draft tokens per forward, acceptance "
+              f"{out.acceptance_rate(args.draft_tokens):.3f}, "
+              f"{out.tokens_per_iteration():.2f} tokens per target forward",
+              file=sys.stderr, flush=True)  # fmt: skip
+    return out
+
+
 def main(argv=None) -> None:
     p = _parser()
     args = p.parse_args(argv)
@@ -253,6 +316,7 @@ def main(argv=None) -> None:
     for i, ids in enumerate(prompts):
         if not ids:  # generate would name its row in the batch, not the prompt
             raise SystemExit(f"prompt {i} ({texts[i]!r}) encodes to no tokens (--no_bos)")
+    draft = _load_draft(args, tok, texts, mesh, rules) if args.draft else None
     rng = jax.random.PRNGKey(args.seed)
     strings = [_unescape(s) for s in args.stop]
     stop_strings = StopStrings.build(tok, strings, cfg.vocab_size) if strings else None
@@ -261,13 +325,18 @@ def main(argv=None) -> None:
         chunk = list(range(start, min(start + args.batch, len(prompts))))
         # Fill the last batch up to the batch size (one compiled program for every chunk).
         chunk_full = chunk + [chunk[-1]] * (min(args.batch, len(prompts)) - len(chunk))
-        out = generate(
-            cfg, params, [prompts[i] for i in chunk_full], max_new_tokens=args.max_new_tokens,
-            rng=prompt_keys(rng, chunk_full), num_samples=K, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop_tokens=stops,
-            pad_id=max(tok.pad_id, 0), decode_attention=args.decode_attention,
-            window_cache=not args.full_cache, stop_strings=stop_strings, mesh=mesh, rules=rules,
-        )  # fmt: skip
+        sampler = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop_tokens=stops,
+                       pad_id=max(tok.pad_id, 0), mesh=mesh, rules=rules)  # fmt: skip
+        if draft is None:
+            out = generate(
+                cfg, params, [prompts[i] for i in chunk_full], rng=prompt_keys(rng, chunk_full),
+                num_samples=K, decode_attention=args.decode_attention,
+                window_cache=not args.full_cache, stop_strings=stop_strings, **sampler,
+            )  # fmt: skip
+        else:
+            out = _speculate(cfg, params, draft, args, [prompts[i] for i in chunk_full],
+                             prompt_keys(rng, chunk_full), K, sampler, writer)  # fmt: skip
         toks, lengths = jax.device_get((out.tokens, out.lengths))
         jobs = [(i, k) for i in chunk for k in range(K)]  # rows i·K + k of this call
         for (i, k), row, n in zip(jobs, toks, lengths) if writer else ():

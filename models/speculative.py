@@ -182,6 +182,10 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig, max_new: int, k: i
         """Feed tokens at slots (= positions) start … start + T − 1 of each row."""
         T = tokens_BT.shape[1]
         pos = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        # A target token past a smaller draft vocabulary (its padding, sampled with tiny
+        # probability) must not read outside the draft's embedding table (NaN rows): the
+        # draft then guesses badly for one step, and verification keeps the output right.
+        tokens_BT = jnp.minimum(tokens_BT, model.cfg.vocab_size - 1)
         logits, cache = model.apply(variables, tokens_BT, pos, cache={**cache, "index": start_B})
         return logits.astype(jnp.float32), decode._constrain_cache(cache, sharded)
 

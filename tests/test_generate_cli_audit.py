@@ -159,8 +159,9 @@ def test_plain_prompts_bos_and_stop_tokens(run):
 
 
 @pytest.fixture(scope="module")
-def bad_dirs(run, tmp_path_factory, chat_tokenizer):
-    """{name: directory}: a run whose tokenizer is gone, a reward-model run, an HF directory."""
+def bad_dirs(run, tmp_path_factory, chat_tokenizer, byte_chat_tokenizer):
+    """{name: directory}: a run whose tokenizer is gone, a reward-model run, an HF directory
+    (the run's merged weights and tokenizer), one with another tokenizer (byte-level)."""
     from flaxlm.models import hf
 
     _, _, merged = run
@@ -169,7 +170,23 @@ def bad_dirs(run, tmp_path_factory, chat_tokenizer):
     _save(root / "rm", {"x": np.zeros(2, np.float32)},
           {"head": "scalar", "tokenizer": chat_tokenizer[0]})  # fmt: skip
     hf.save_pretrained(CFG, merged, str(root / "hf"), tokenizer=chat_tokenizer[0])
-    return {"run": run[0], **{k: str(root / k) for k in ("lost", "rm", "hf")}, "root": str(root)}
+    hf.save_pretrained(CFG, merged, str(root / "bytes"))
+    byte_chat_tokenizer(str(root / "bytes"), "{{ messages[0]['content'] }}")
+    names = ("lost", "rm", "hf", "bytes")
+    return {"run": run[0], **{k: str(root / k) for k in names}, "root": str(root)}
+
+
+def test_speculative_draft_keeps_the_greedy_completions(bad_dirs, capsys):
+    """--draft (here the run's own weights, exported to HF): the same greedy records as
+    without it, every draft token accepted (printed on stderr)."""
+    args = [bad_dirs["run"], "--prompt", TEXTS[0], "--prompt", TEXTS[1], "--temperature", "0",
+            "--max_new_tokens", "9", "--json"]  # fmt: skip
+    plain = _main(args, capsys)
+    assert min(json.loads(r)["n_tokens"] for r in plain.splitlines()) == 9  # none stops early
+    cli.main(args + ["--draft", bad_dirs["hf"], "--draft_tokens", "3"])
+    out, err = capsys.readouterr()
+    assert out == plain
+    assert "3 draft tokens per forward, acceptance 1.000, 4.00 tokens per target forward" in err
 
 
 HI = ["--prompt", "hi", "--max_new_tokens", "2"]
@@ -187,6 +204,10 @@ BAD = {
     "reward_run": ("rm", HI, None, "a reward-model run (scalar head), not a language model"),
     "hf_step": ("hf", [*HI, "--step", "3"], None, "--step is for flaxlm runs"),
     # the index among all prompts (generate would name the row within its batch)
+    "draft_tokenizer": ("run", [*HI, "--draft", "{bytes}"],
+                        "--draft {bytes}: its tokenizer (259 pieces) is not {run}'s (374 "
+                        "pieces): the draft must share MODEL's tokenizer", None),
+    "draft_tokens": ("run", [*HI, "--draft_tokens", "0"], 2, "--draft_tokens must be >= 1"),
     "empty_prompt": ("run", ["--prompt", "hi", "--prompt", "", "--no_bos", "--batch", "1"],
                      "prompt 1 ('') encodes to no tokens (--no_bos)", None),
 }  # fmt: skip
