@@ -123,6 +123,10 @@ GPU_CASES = [
         150,
         ["train_throughput", "--cases", "1b:flax:fast_muon_bf16,1b:flax:fast_muon"],
     ),  # fmt: skip
+    # Speculative decoding (models/speculative.py) at batch 1: a 1.1B target's verification
+    # of k = 2 and 4 tokens from a 125m draft, one iteration's time against a plain step —
+    # with the acceptance measured on trained pairs (bench/RESULTS.md), the speedup.
+    ("speculative 1b", 150, ["speculative", "--shapes", "1b-125m"]),
 ]
 
 TINY_CASES = [
@@ -139,6 +143,7 @@ FLAGS = {
     "alignment_throughput": [],
     "window_cache": ["--time"],
     "decode_kernels": [],
+    "speculative": [],
 }
 
 
@@ -177,7 +182,7 @@ def write_summary(out: str, env: dict, log: list[dict]):
     ]
     lines += [f"| {r['name']} | {r['status']} | {r.get('seconds', 0):.0f} |" for r in log]
     for name in ("train_throughput.md", "decode.md", "decode_kernels.md",
-                 "alignment_throughput.md", "window_cache.md"):  # fmt: skip
+                 "alignment_throughput.md", "window_cache.md", "speculative.md"):  # fmt: skip
         path = os.path.join(out, name)
         if os.path.exists(path):
             lines += ["", f"## {name}", "", open(path).read()]

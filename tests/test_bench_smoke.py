@@ -170,3 +170,18 @@ def test_decode_kernels_bench(tmp_path):
     got, cache = kernel.decode_attention(qkv, cos, sin, *caches[0], mask, idx)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
     np.testing.assert_allclose(jnp.stack(cache), jnp.stack(want_cache), atol=1e-6)
+
+
+def test_speculative_bench(tmp_path):
+    """The cost table's arithmetic (E(α, k), the break-even α) and one tiny timed shape."""
+    from flaxlm.bench import speculative as sb
+
+    assert sb.expected_tokens(0.0, 4) == 1.0 and sb.expected_tokens(1.0, 4) == 5.0
+    assert abs(sb.expected_tokens(0.5, 2) - 1.75) < 1e-12  # 1 + 0.5 + 0.25
+    assert abs(sb.expected_tokens(sb.break_even(1.75, 2), 2) - 1.75) < 1e-9
+    assert sb.break_even(6.0, 4) == 1.0  # more than k + 1 steps per iteration: never pays
+    sb.main(["--out", str(tmp_path), "--shapes", "tiny"])
+    recs = [json.loads(x) for x in (tmp_path / "speculative.jsonl").read_text().splitlines()]
+    assert [r["k"] for r in recs] == [0, 2]
+    assert recs[1]["iterations"] >= 1 and recs[1]["iter_ms"] > 0
+    assert "| tiny | cpu | 2 | 2 |" in (tmp_path / "speculative.md").read_text()
