@@ -12,8 +12,10 @@ iteration costs against a plain decode step.
 Acceptance (`--target`, `--draft`): the first `--prompt_tokens` tokens of each of `--rows`
 texts (a .jsonl's "text" fields, or plain lines) as prompts, `--new` tokens greedy and sampled
 at temperature 1, for k = 1, 2, 4, 8 draft tokens per target forward. Per (draft, temperature,
-k): the acceptance rate α (drafts kept / proposed), tokens per target forward (the speedup's
-upper bound when a draft step is free), and wall time against plain `generate` on the same
+k): α, the probability that a judged draft is kept (kept / (kept + rejected): comparable
+across k), the share of proposed drafts kept (smaller for larger k: drafts after a rejection
+are never judged), tokens per target forward (the speedup's upper bound when a draft step is
+free), and wall time against plain `generate` on the same
 prompts — on a CPU with tiny models a forward costs its launch overhead, not its weights, so
 those times say little about a GPU.
 
@@ -120,7 +122,7 @@ def measure_cost(shape: str) -> list[dict]:
             t_iter = (s - prefill_s) / max(iters, 1)
             ratio = t_iter / t_step
             rec = {**base, "k": k, "call_s": s, "iterations": iters,
-                   "alpha": float(o.accepted.sum() / max(1, o.iterations.sum() * k)),
+                   "alpha": o.alpha(),
                    "iter_ms": 1e3 * t_iter, "iter_over_step": ratio,
                    "break_even_alpha": break_even(ratio, k),
                    "speedup_at_0.6": expected_tokens(0.6, k) / ratio,
@@ -193,7 +195,7 @@ def measure_acceptance(target: str, drafts: list[str], prompts_path: str, rows: 
                 o = out["o"]
                 rec = {"target": target, "draft": draft, "temperature": temperature, "k": k,
                        "rows": len(prompts), "prompt_tokens": prompt_tokens, "new": new,
-                       "alpha": o.acceptance_rate(k),
+                       "alpha": o.alpha(), "acceptance_rate": o.acceptance_rate(k),
                        "tokens_per_forward": o.tokens_per_iteration(),
                        "call_s": s, "plain_call_s": plain_s,
                        "draft_params": sum(x.size for x in jax.tree.leaves(dparams)),
@@ -205,13 +207,14 @@ def measure_acceptance(target: str, drafts: list[str], prompts_path: str, rows: 
 
 
 def acceptance_table(records: list[dict]) -> str:
-    head = ("draft", "draft / target params", "temperature", "k", "acceptance α",
-            "tokens per target forward", "wall s (plain)")  # fmt: skip
+    head = ("draft", "draft / target params", "temperature", "k", "α (kept / judged)",
+            "kept / proposed", "tokens per target forward", "wall s (plain)")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         cells = (os.path.basename(r["draft"].rstrip("/")),
                  f"{r['draft_params'] / r['target_params']:.2f}", r["temperature"], r["k"],
-                 f"{r['alpha']:.3f}", f"{r['tokens_per_forward']:.2f}",
+                 f"{r['alpha']:.3f}", f"{r['acceptance_rate']:.3f}",
+                 f"{r['tokens_per_forward']:.2f}",
                  f"{r['call_s']:.2f} ({r['plain_call_s']:.2f})")  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -100,7 +100,7 @@ def evaluate_all(dirs: dict, limit: int) -> dict:
     from flaxlm.evaluation.tasks import read_examples, world_tasks
 
     specs = world_tasks(dirs["world"])
-    results, sft_params, rm = {}, None, None
+    results, sft_params, rm, teacher = {}, None, None, None
     bar = tqdm(POLICIES + STUDENTS, desc="eval")
     for name in bar:
         bar.set_postfix_str(name)
@@ -132,6 +132,10 @@ def evaluate_all(dirs: dict, limit: int) -> dict:
                                        num_samples=SAMPLES)  # fmt: skip
             r = ev.run(spec, limit=limit)
             row.update({f"{SAMPLED}/{k}": v for k, v in r["metrics"].items()})
+        if name == "pretrain":
+            teacher = (cfg, params)
+        elif name in STUDENTS and teacher is not None:
+            row.update(draft_acceptance(*teacher, cfg, params, tok, dirs["world"], limit))
         if name == "sft":
             sft_params = params
         elif chat and sft_params is not None:
@@ -144,6 +148,34 @@ def evaluate_all(dirs: dict, limit: int) -> dict:
                                            (template.end_id,), tok.pad_id)  # fmt: skip
         results[name] = row
     return results
+
+
+DRAFT_TOKENS = 4  # k of the students' speculative-decoding check
+
+
+def draft_acceptance(cfg, params, draft_cfg, draft_params, tok, world_dir: str, limit: int
+                     ) -> dict:  # fmt: skip
+    """How well a student serves as the teacher's speculative draft (models/speculative.py):
+    greedy continuations of the first 16 tokens of `limit` held-out texts, 32 new tokens,
+    DRAFT_TOKENS drafts per teacher forward. {"draft/alpha": the probability that a judged
+    draft is kept,
+    "draft/tokens_per_forward": generated tokens per teacher forward}."""
+    import jax
+
+    from flaxlm.models.speculative import speculative_generate
+
+    texts = []
+    with open(os.path.join(world_dir, "heldout_text.jsonl")) as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            if len(texts) == limit:
+                break
+    prompts = [tok.encode(t, bos=True)[:16] for t in texts]
+    out = speculative_generate(cfg, params, draft_cfg, draft_params, prompts, max_new_tokens=32,
+                               rng=jax.random.PRNGKey(0), temperature=0.0,
+                               draft_tokens=DRAFT_TOKENS)  # fmt: skip
+    return {"draft/alpha": out.alpha(),
+            "draft/tokens_per_forward": out.tokens_per_iteration()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +331,12 @@ def _distillation(results: dict, dirs: dict) -> list[str]:
                 "distributions, forward KL):", "",
            "| metric | " + " | ".join(label for _, label in cols) + " |",
            "|---|" + "---|" * len(cols)]  # fmt: skip
-    rows = [("params", "parameters", "{:,}")] + ROWS[:2]
+    rows = [("params", "parameters", "{:,}")] + ROWS[:2] + [
+        ("draft/alpha", f"as the teacher's speculative draft (greedy, {DRAFT_TOKENS} per "
+                        "teacher forward): drafts accepted", "{:.2f}"),
+        ("draft/tokens_per_forward", "as the teacher's draft: tokens per teacher forward",
+         "{:.2f}"),
+    ]  # fmt: skip
     for key, label, fmt in rows:
         cells = [fmt.format(results[n][key]) if key in results[n] else "–" for n, _ in cols]
         out.append(f"| {label} | " + " | ".join(cells) + " |")

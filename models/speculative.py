@@ -6,6 +6,7 @@ one forward, and every accepted token saves a target step (Leviathan et al. 2023
                                max_new_tokens=128, rng=key, draft_tokens=4, temperature=0.7)
     out.tokens, out.logprobs, out.mask, out.lengths   # as models/decode.generate returns
     out.iterations (B,)  target forwards per row · out.accepted (B,)  draft tokens kept
+    out.alpha()  the draft's per-token acceptance probability (estimated)
 
 Why: a decode step of a big model at small batch reads every weight once per token (memory
 bound, models/decode.py); a verification forward over k + 1 tokens reads them once too, so it
@@ -76,13 +77,22 @@ class SpeculativeOutput(NamedTuple):
     lengths: jax.Array  # (B,) int32
     iterations: jax.Array  # (B,) int32 target verification forwards the row took
     # (B,) int32 drafts the verification kept (those past a stop token or N included: a
-    # measure of the draft, α = accepted / (iterations · k), not of the output)
+    # measure of the draft, not of the output)
     accepted: jax.Array
+    rejected: jax.Array  # (B,) int32 iterations that ended at a rejected draft (not all kept)
 
     def acceptance_rate(self, draft_tokens: int) -> float:
-        """Kept drafts / proposed drafts over the batch (host float)."""
+        """Kept drafts / proposed drafts over the batch (host float). Depends on k: the
+        drafts after a rejected one are proposed but never judged."""
         it, acc = jax.device_get((self.iterations, self.accepted))
         return float(acc.sum() / max(1, it.sum() * draft_tokens))
+
+    def alpha(self) -> float:
+        """The probability that a judged draft is kept, kept / (kept + rejected) — the α of
+        E(α, k) = (1 − α^(k+1)) / (1 − α) tokens per iteration if drafts are kept
+        independently (Leviathan et al. 2023): comparable across k."""
+        acc, rej = jax.device_get((self.accepted, self.rejected))
+        return float(acc.sum() / max(1, acc.sum() + rej.sum()))
 
     def tokens_per_iteration(self) -> float:
         """Generated tokens per target forward (the prefill's first token excluded)."""
@@ -213,11 +223,11 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig, max_new: int, k: i
         zeros = jnp.zeros((B,), jnp.int32)
 
         def cond(c):
-            it, *_, done, _, _ = c
+            it, done = c[0], c[6]
             return (it < max_new) & ~jnp.all(done)  # each iteration commits >= 1 token
 
         def body(c):
-            it, t_cache, d_cache, out_tok, out_lp, n, done, iters, accepted = c
+            it, t_cache, d_cache, out_tok, out_lp, n, done, iters, accepted, rejected = c
             key = _fold(rng, it)
             keys = [_fold(key, j) for j in range(k + 2)]  # k drafts, the uniforms, the last
             f = lengths_B + n - 1  # slot of the last committed token
@@ -268,18 +278,20 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig, max_new: int, k: i
             active = ~done
             iters = iters + active.astype(jnp.int32)
             accepted = accepted + jnp.where(active, a, 0)  # what verification kept
+            rejected = rejected + (active & (a < k)).astype(jnp.int32)
             n = n + count
             done = done | (first_stop < count) | (n >= max_new)
-            return it + 1, t_cache, d_cache, out_tok, out_lp, n, done, iters, accepted
+            return it + 1, t_cache, d_cache, out_tok, out_lp, n, done, iters, accepted, rejected
 
         carry = (jnp.ones((), jnp.int32), t_cache, d_cache, out_tok, out_lp, n, done, zeros,
-                 zeros)  # fmt: skip
-        _, _, _, out_tok, out_lp, n, _, iters, accepted = jax.lax.while_loop(cond, body, carry)
+                 zeros, zeros)  # fmt: skip
+        carry = jax.lax.while_loop(cond, body, carry)
+        out_tok, out_lp, n, _, iters, accepted, rejected = carry[3:]
         mask = jnp.arange(max_new)[None, :] < n[:, None]
         tokens = jnp.where(mask, out_tok[:, :max_new], pad_id)
         logprobs = jnp.where(mask, out_lp[:, :max_new], 0.0)
         return SpeculativeOutput(tokens, logprobs, mask.astype(jnp.float32), n, iters,
-                                 accepted)  # fmt: skip
+                                 accepted, rejected)  # fmt: skip
 
     return jax.jit(run)
 

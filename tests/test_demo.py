@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from flaxlm import demo
+from flaxlm import demo, demo_report
 from flaxlm.demo_report import POLICIES, SAMPLED, STUDENTS
 from flaxlm.train.checkpoint import read_meta
 
@@ -36,6 +36,9 @@ def test_every_stage_runs_and_every_policy_is_evaluated(demo_dir):
         if name in STUDENTS:  # base models of half the width: text and multiple choice
             assert row["params"] < 0.6 * results["pretrain"]["params"], name
             assert "gen_instructions_heldout/judge" not in row
+            # ... and the pretrained model's speculative draft (models/speculative.py)
+            assert 0.0 <= row["draft/alpha"] <= 1.0
+            assert 1.0 <= row["draft/tokens_per_forward"] <= 1 + demo_report.DRAFT_TOKENS
             continue
         assert -1.5 <= row["gen_instructions_heldout/judge"] <= 1.0
         assert row["gen_instructions_heldout/n"] == demo.PLAN["eval_examples"][1]
@@ -52,6 +55,7 @@ def test_every_stage_runs_and_every_policy_is_evaluated(demo_dir):
     assert "Change over SFT on sampled answers" in report and "- ppo: judge" in report
     assert "| metric | teacher (pretrain) | student alone | student distilled |" in report
     assert "agrees with the teacher's on" in report
+    assert "| as the teacher's draft: tokens per teacher forward | – |" in report
     _, meta = read_meta(os.path.join(demo_dir, "distill"))
     assert meta["teacher"] == os.path.join(demo_dir, "pretrain")
     for png in ("losses.png", "rl.png", "accuracy.png"):

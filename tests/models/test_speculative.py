@@ -56,6 +56,7 @@ def test_greedy_equals_generate(target, k):
     np.testing.assert_array_equal(out.mask, ref.mask)
     np.testing.assert_array_equal(out.lengths, ref.lengths)
     assert 0 < out.accepted.sum() < out.iterations.sum() * k  # some kept, some rejected
+    assert 0 < out.rejected.sum() <= out.iterations.sum()
     assert len(set(out.iterations.tolist())) > 1 or len(set(out.accepted.tolist())) > 1
 
 
@@ -69,6 +70,7 @@ def test_self_draft_accepts_everything(target):
     np.testing.assert_array_equal(out.accepted, [9, 9, 9])
     np.testing.assert_array_equal(out.tokens, _greedy(cfg, params).tokens)
     assert out.acceptance_rate(3) == 1.0 and out.tokens_per_iteration() == 3.0
+    assert out.alpha() == 1.0 and int(out.rejected.sum()) == 0
 
 
 def test_stop_tokens_inside_a_chunk(target):
