@@ -5,7 +5,9 @@ Call: `Transformer(cfg).apply({"params": p}, tokens, positions, segment_ids, cac
     `segment_ids=None` means one unpadded document per row, which lets the cuDNN kernel use its
     fast causal mode; packed rows pass segment ids (0 = padding) and never attend across.
   * cache: None for training / scoring. For decoding, a dict from `init_cache` holding the
-    key/value buffers, the segment ids and positions of the cached slots and the write `index`;
+    key/value buffers, the segment ids and positions of the cached slots and the write `index`
+    (a scalar: every row writes there; or (B,) int32, each row at its own slot, full caches
+    only — speculative decoding's rows advance by different counts, models/speculative.py);
     the call then returns `(logits, new_cache)`.
 `Transformer.backbone` returns the final normed hidden states (B, T, D) instead of logits (used
 by the reward model and critic heads, which never need the vocabulary projection).
