@@ -37,7 +37,9 @@ distilled from MODEL) decodes speculatively (models/speculative.py): the draft p
 distribution (greedy: the same tokens as without --draft, up to float rounding), drawn with
 other random numbers than without it; the draft's acceptance rate is printed on stderr. With
 --draft, rows run on past a --stop string (the text is cut all the same) and each of
---num_samples samples prefills its prompt on its own.
+--num_samples samples prefills its prompt on its own. --draft ngram needs no draft model
+(prompt lookup: the tokens that followed the latest earlier occurrence of the last --ngram
+tokens, or fewer, in the prompt or output): it pays where completions copy their context.
 
 A model too big for one device: `--mesh fsdp=-1` (or tensor=8 --sharding fsdp_tp, ...) splits it
 over the local devices, read straight into its shards; across hosts, the same command on each
@@ -122,8 +124,12 @@ def _parser() -> argparse.ArgumentParser:
         "--draft",
         default="",
         help="speculative decoding: a smaller model (run or HF directory) with the "
-        "same tokenizer proposes tokens that MODEL verifies (models/speculative.py)",
+        "same tokenizer proposes tokens that MODEL verifies (models/speculative.py); "
+        "'ngram': prompt lookup, the tokens that followed the last --ngram tokens earlier "
+        "in the prompt or output",
     )
+    p.add_argument("--ngram", type=int, default=3,
+                   help="with --draft ngram: the longest n-gram looked up")  # fmt: skip
     p.add_argument(
         "--draft_tokens",
         type=int,
@@ -222,6 +228,7 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         (bool(args.system) and not args.chat, "--system needs --chat"),
         (any(not s for s in args.stop), "--stop needs a non-empty string"),
         (args.draft_tokens < 1, "--draft_tokens must be >= 1"),
+        (args.ngram < 1, "--ngram must be >= 1"),
     ]
     for is_bad, msg in bad:
         if is_bad:
@@ -251,7 +258,10 @@ def _read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
 
 
 def _load_draft(args, tok, texts, mesh, rules):
-    """(cfg, params) of --draft, whose tokenizer must encode the prompts as MODEL's does."""
+    """(cfg, params) of --draft, whose tokenizer must encode the prompts as MODEL's does; ()
+    for prompt lookup (--draft ngram)."""
+    if args.draft == "ngram":
+        return ()
     dcfg, dparams, dtok = load(args.draft, args.tokenizer, None, args.dtype, "", False, mesh,
                                rules)  # fmt: skip
     probe = [*texts, "The quick brown fox, 1234."]
@@ -282,8 +292,9 @@ def _speculate(cfg, params, draft, args, prompts, keys, K, sampler, writer):
             )
         )(keys).reshape(-1, *keys.shape[1:])
         prompts = [p for p in prompts for _ in range(K)]
-    out = speculative_generate(cfg, params, *draft, prompts, rng=keys,
-                               draft_tokens=args.draft_tokens, **sampler)  # fmt: skip
+    out = speculative_generate(cfg, params, *(draft or (None, None)), prompts, rng=keys,
+                               draft_tokens=args.draft_tokens, ngram=args.ngram,
+                               **sampler)  # fmt: skip
     if writer:
         print(f"speculative: {args.draft_tokens} draft tokens per forward, acceptance "
               f"{out.acceptance_rate(args.draft_tokens):.3f}, "
@@ -328,7 +339,7 @@ def main(argv=None) -> None:
         sampler = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop_tokens=stops,
                        pad_id=max(tok.pad_id, 0), mesh=mesh, rules=rules)  # fmt: skip
-        if draft is None:
+        if draft is None:  # (--draft ngram gives (), not None)
             out = generate(
                 cfg, params, [prompts[i] for i in chunk_full], rng=prompt_keys(rng, chunk_full),
                 num_samples=K, decode_attention=args.decode_attention,

@@ -130,7 +130,8 @@ def _fold(key, i):
 def accept_drafts(p_BKV, q_BKV, drafts_BK, p_next_BV, u_BK, key, greedy: bool):
     """The speculative-sampling decision for one iteration.
 
-    p_BKV / q_BKV: the target's / draft's filtered probabilities for draft positions 1 … k;
+    p_BKV / q_BKV: the target's / draft's filtered probabilities for draft positions 1 … k
+    (q_BKV None: deterministic drafts, q one-hot at each draft — prompt lookup);
     p_next_BV: the target's after all k drafts (the bonus token's); u_BK: uniforms.
     Returns (a (B,) number of leading drafts kept, the token after them (B,)): drawn from
     norm(max(0, p_{a+1} − q_{a+1})) at a rejection, from p_next when all k are kept. Greedy:
@@ -140,7 +141,7 @@ def accept_drafts(p_BKV, q_BKV, drafts_BK, p_next_BV, u_BK, key, greedy: bool):
         ok = drafts_BK == jnp.argmax(p_BKV, axis=-1)
     else:
         p_d = jnp.take_along_axis(p_BKV, drafts_BK[..., None], axis=-1)[..., 0]
-        q_d = jnp.take_along_axis(q_BKV, drafts_BK[..., None], axis=-1)[..., 0]
+        q_d = 1.0 if q_BKV is None else jnp.take_along_axis(q_BKV, drafts_BK[..., None], -1)[..., 0]
         ok = u_BK * q_d <= p_d  # u < p/q without dividing (q_d > 0: the draft drew d)
     a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # leading accepts
     all_kept = a == K
@@ -149,8 +150,12 @@ def accept_drafts(p_BKV, q_BKV, drafts_BK, p_next_BV, u_BK, key, greedy: bool):
     if greedy:
         nxt = jnp.argmax(jnp.where(all_kept[:, None], p_next_BV, p_at), axis=-1)
         return a, nxt.astype(jnp.int32)
-    q_at = jnp.take_along_axis(q_BKV, at, axis=1)[:, 0]
-    resid = jnp.maximum(p_at - q_at, 0.0)
+    if q_BKV is None:  # q one-hot at the rejected draft: p without it
+        d_at = jnp.take_along_axis(drafts_BK, at[:, :, 0], axis=1)  # (B, 1)
+        resid = jnp.where(jnp.arange(p_at.shape[-1])[None, :] == d_at, 0.0, p_at)
+    else:
+        q_at = jnp.take_along_axis(q_BKV, at, axis=1)[:, 0]
+        resid = jnp.maximum(p_at - q_at, 0.0)
     # p == q (to float rounding) leaves no residual mass; a rejection then has probability ~0,
     # and p itself is the right fallback.
     resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, p_at)
@@ -159,14 +164,44 @@ def accept_drafts(p_BKV, q_BKV, drafts_BK, p_next_BV, u_BK, key, greedy: bool):
     return a, nxt
 
 
+def lookup_drafts(seq_BL, last_B, k: int, ngram: int):
+    """Prompt lookup: per row, the k tokens that followed the latest earlier occurrence of the
+    row's last n tokens in its own sequence (prompt and generated so far), for the largest
+    n <= `ngram` that occurs; `seq_BL` holds the row's token at each slot, `last_B` the slot
+    of its last token. Draft i is the token at slot j + i after the match ending at slot j,
+    clipped to the last token (a match near the end proposes what it can; the rest are
+    guesses verification throws away); no match at all proposes the last token again."""
+    B, L = seq_BL.shape
+    slots = jnp.arange(L, dtype=jnp.int32)[None, :]
+    tail = [jnp.take_along_axis(seq_BL, jnp.maximum(last_B - i, 0)[:, None], 1) for i in
+            range(ngram)]  # fmt: skip
+    # shifted[i][b, j] = seq[b, j − i] (−1 before the row's start)
+    shifted = [jnp.pad(seq_BL, ((0, 0), (i, 0)), constant_values=-1)[:, :L] for i in range(ngram)]
+    best = jnp.full((B,), -1, jnp.int32)
+    match = slots < last_B[:, None]  # a match must end before the last token
+    for n in range(1, ngram + 1):  # longer n-grams override shorter ones where they occur
+        match = match & (shifted[n - 1] == tail[n - 1]) & (last_B[:, None] - n + 1 >= 0)
+        j = jnp.max(jnp.where(match & (slots >= n - 1), slots, -1), axis=1)
+        best = jnp.where(j >= 0, j, best)
+    start = jnp.where(best >= 0, best, last_B - 1)  # none: propose the last token (j + 1)
+    where = jnp.minimum(start[:, None] + 1 + jnp.arange(k, dtype=jnp.int32)[None, :],
+                        last_B[:, None])  # fmt: skip
+    return jnp.take_along_axis(seq_BL, where, axis=1)
+
+
 @functools.lru_cache(maxsize=32)
-def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig, max_new: int, k: int,
+def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig | None, max_new: int, k: int,
                     greedy: bool, top_k: int, use_top_p: bool, use_min_p: bool,
-                    cache_dtype: str, mesh, rules):  # fmt: skip
+                    cache_dtype: str, mesh, rules, ngram: int = 0):  # fmt: skip
+    """The jitted program: prefills, then a while loop of (draft k tokens, verify, commit).
+    `draft_cfg` None: prompt lookup (`lookup_drafts`) with n-grams up to `ngram`."""
     sharded = mesh is not None
     tcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
-    dcfg = draft_cfg.replace(scan_layers=False, remat_policy="none", param_dtype=draft_cfg.dtype)
-    target, draft = Transformer(tcfg), Transformer(dcfg)
+    target = Transformer(tcfg)
+    if draft_cfg is not None:
+        dcfg = draft_cfg.replace(scan_layers=False, remat_policy="none",
+                                 param_dtype=draft_cfg.dtype)  # fmt: skip
+        draft = Transformer(dcfg)
     V = cfg.vocab_size
 
     def filtered(logits, temperature, top_p, min_p):  # (..., V) → probabilities
@@ -202,13 +237,16 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig, max_new: int, k: i
     def run(params, draft_params, tokens_BP, lengths_B, rng, temperature, top_p, min_p,
             stop_ids, pad_id):  # fmt: skip
         tv = {"params": decode._decode_params(cfg, params, False)}
-        dv = {"params": decode._decode_params(draft_cfg, draft_params, False)}
         B, P = tokens_BP.shape
         # Slots: the prompt bucket, N tokens, and a chunk of k + 1 past the last one a row may
         # still feed (a done row's frontier stops at N).
         S = P + max_new + k + 1
         t_logits, t_cache = prefill(target, tv, tcfg, tokens_BP, lengths_B, S)
-        _, d_cache = prefill(draft, dv, dcfg, tokens_BP, lengths_B, S)
+        if draft_cfg is not None:
+            dv = {"params": decode._decode_params(draft_cfg, draft_params, False)}
+            _, d_cache = prefill(draft, dv, dcfg, tokens_BP, lengths_B, S)
+        else:
+            d_cache = jnp.zeros((), jnp.int32)  # (prompt lookup keeps no draft state)
         probs0 = filtered(t_logits, temperature, top_p, min_p)
         k0 = _fold(rng, 0)
         tok0 = (jnp.argmax(probs0, -1).astype(jnp.int32) if greedy
@@ -238,19 +276,26 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig, max_new: int, k: i
             prev = jnp.where(n == 1, prompt_last, prev)
             last2 = jnp.stack([prev, jnp.take_along_axis(out_tok, (n - 1)[:, None], 1)[:, 0]], 1)
 
-            # Draft k tokens: the first step feeds slots f − 1 and f, then one token a step.
-            d_logits, d_cache = step(draft, dv, d_cache, last2, f - 1)
-            q = filtered(_to_vocab(d_logits[:, -1], V), temperature, top_p, min_p)
-            drafts, qs = [], []
-            for j in range(k):
-                d = (jnp.argmax(q, -1).astype(jnp.int32) if greedy
-                     else _categorical(keys[j], jnp.log(q)))  # fmt: skip
-                drafts.append(d)
-                qs.append(q)
-                if j + 1 < k:
-                    d_logits, d_cache = step(draft, dv, d_cache, d[:, None], f + 1 + j)
-                    q = filtered(_to_vocab(d_logits[:, -1], V), temperature, top_p, min_p)
-            drafts_BK, q_BKV = jnp.stack(drafts, 1), jnp.stack(qs, 1)
+            if draft_cfg is None:  # prompt lookup over the row's tokens, slot = position
+                cols = jnp.arange(P + W, dtype=jnp.int32)[None, :]
+                gen = jnp.take_along_axis(out_tok, jnp.clip(cols - lengths_B[:, None], 0, W - 1),
+                                          axis=1)  # fmt: skip
+                prompt = jnp.pad(tokens_BP, ((0, 0), (0, W)))
+                seq = jnp.where(cols < lengths_B[:, None], prompt, gen)
+                drafts_BK, q_BKV = lookup_drafts(seq, f, k, ngram), None
+            else:  # the first step feeds slots f − 1 and f, then one token a step
+                d_logits, d_cache = step(draft, dv, d_cache, last2, f - 1)
+                q = filtered(_to_vocab(d_logits[:, -1], V), temperature, top_p, min_p)
+                drafts, qs = [], []
+                for j in range(k):
+                    d = (jnp.argmax(q, -1).astype(jnp.int32) if greedy
+                         else _categorical(keys[j], jnp.log(q)))  # fmt: skip
+                    drafts.append(d)
+                    qs.append(q)
+                    if j + 1 < k:
+                        d_logits, d_cache = step(draft, dv, d_cache, d[:, None], f + 1 + j)
+                        q = filtered(_to_vocab(d_logits[:, -1], V), temperature, top_p, min_p)
+                drafts_BK, q_BKV = jnp.stack(drafts, 1), jnp.stack(qs, 1)
 
             # Verify: the target reads [last token, d_1 … d_k] at slots f … f + k.
             chunk = jnp.concatenate([last2[:, 1:], drafts_BK], axis=1)
@@ -316,11 +361,19 @@ def speculative_generate(
     mesh=None,
     rules=None,
     cache_dtype=None,
+    ngram: int = 3,
 ) -> SpeculativeOutput:
     """`generate` (models/decode.py) with a draft model proposing `draft_tokens` (k) tokens per
     target forward. Arguments as `generate`'s; `draft_cfg, draft_params` the draft model (same
-    tokenizer; any size, any vocabulary padding). The output's distribution is the target's
-    (module docstring); `iterations` and `accepted` say how well the draft guessed."""
+    tokenizer; any size, any vocabulary padding), or both None for prompt lookup with n-grams
+    up to `ngram` (`prompt_lookup_generate`). The output's distribution is the target's
+    (module docstring); `iterations`, `accepted` and `alpha()` say how well the draft
+    guessed."""
+    if (draft_cfg is None) != (draft_params is None):
+        raise ValueError("speculative_generate: pass draft_cfg and draft_params, or neither "
+                         "(prompt lookup)")  # fmt: skip
+    if draft_cfg is None and not (isinstance(ngram, (int, np.integer)) and ngram >= 1):
+        raise ValueError(f"speculative_generate: ngram must be an int >= 1, got {ngram!r}")
     if not (isinstance(draft_tokens, (int, np.integer)) and draft_tokens >= 1):
         raise ValueError(f"speculative_generate: draft_tokens must be an int >= 1, got "
                          f"{draft_tokens!r}")  # fmt: skip
@@ -332,7 +385,7 @@ def speculative_generate(
                          f"0 < top_p <= 1 and 0 <= min_p < 1, got {temperature}, {top_k}, "
                          f"{top_p}, {min_p}")  # fmt: skip
     tokens, lengths = decode._prepare_prompts(prompts, prompt_lengths, cfg.vocab_size)
-    if int(tokens.max()) >= draft_cfg.vocab_size:
+    if draft_cfg is not None and int(tokens.max()) >= draft_cfg.vocab_size:
         raise ValueError(f"speculative_generate: a prompt has token id {int(tokens.max())} "
                          f"outside the draft's vocab [0, {draft_cfg.vocab_size}): the draft "
                          "needs the target's tokenizer")  # fmt: skip
@@ -352,7 +405,8 @@ def speculative_generate(
     dtype = jnp.dtype(cache_dtype or cfg.dtype).name
     fn = _speculative_fn(cfg, draft_cfg, int(max_new_tokens), int(draft_tokens), bool(greedy),
                          int(top_k), bool(top_p < 1.0 and not greedy),
-                         bool(min_p > 0.0 and not greedy), dtype, mesh, rules)  # fmt: skip
+                         bool(min_p > 0.0 and not greedy), dtype, mesh, rules,
+                         int(ngram) if draft_cfg is None else 0)  # fmt: skip
     rest = (jnp.asarray(1.0 if greedy else temperature, jnp.float32),
             jnp.asarray(top_p, jnp.float32), jnp.asarray(min_p if min_p > 0 else 1.0, jnp.float32),
             stop, jnp.asarray(pad_id, jnp.int32))  # fmt: skip
@@ -373,3 +427,14 @@ def speculative_generate(
             if jax.process_count() > 1:
                 out = decode._replicate(mesh)(out)
     return out if rows == B else jax.tree.map(lambda x: x[:B], out)
+
+
+def prompt_lookup_generate(cfg: ModelConfig, params, prompts, *, ngram: int = 3,
+                           **kw) -> SpeculativeOutput:  # fmt: skip
+    """Speculative decoding without a draft model (prompt lookup decoding, Saxena 2023): the
+    drafts are the tokens that followed the latest earlier occurrence of the row's last
+    `ngram` (or fewer) tokens in its prompt and output (`lookup_drafts`), checked by the
+    model like a draft model's, with the same guarantee (the model's distribution; greedy:
+    `generate`'s tokens). Pays where outputs copy their context: extraction, summaries,
+    code edits, repetition. Keywords as `speculative_generate`'s."""
+    return speculative_generate(cfg, params, None, None, prompts, ngram=ngram, **kw)

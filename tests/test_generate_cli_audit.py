@@ -178,7 +178,7 @@ def bad_dirs(run, tmp_path_factory, chat_tokenizer, byte_chat_tokenizer):
 
 def test_speculative_draft_keeps_the_greedy_completions(bad_dirs, capsys):
     """--draft (here the run's own weights, exported to HF): the same greedy records as
-    without it, every draft token accepted (printed on stderr)."""
+    without it, every draft token accepted (printed on stderr); so with --draft ngram."""
     args = [bad_dirs["run"], "--prompt", TEXTS[0], "--prompt", TEXTS[1], "--temperature", "0",
             "--max_new_tokens", "9", "--json"]  # fmt: skip
     plain = _main(args, capsys)
@@ -187,6 +187,8 @@ def test_speculative_draft_keeps_the_greedy_completions(bad_dirs, capsys):
     out, err = capsys.readouterr()
     assert out == plain
     assert "3 draft tokens per forward, acceptance 1.000, 4.00 tokens per target forward" in err
+    cli.main(args + ["--draft", "ngram", "--ngram", "2"])  # prompt lookup: no draft model
+    assert capsys.readouterr().out == plain
 
 
 HI = ["--prompt", "hi", "--max_new_tokens", "2"]
@@ -208,6 +210,7 @@ BAD = {
                         "--draft {bytes}: its tokenizer (259 pieces) is not {run}'s (374 "
                         "pieces): the draft must share MODEL's tokenizer", None),
     "draft_tokens": ("run", [*HI, "--draft_tokens", "0"], 2, "--draft_tokens must be >= 1"),
+    "ngram": ("run", [*HI, "--draft", "ngram", "--ngram", "0"], 2, "--ngram must be >= 1"),
     "empty_prompt": ("run", ["--prompt", "hi", "--prompt", "", "--no_bos", "--batch", "1"],
                      "prompt 1 ('') encodes to no tokens (--no_bos)", None),
 }  # fmt: skip

@@ -1,7 +1,8 @@
 """Speculative decoding (models/speculative.py): greedy equals `generate`'s greedy tokens and
 logprobs (stops, sliding windows, other vocab paddings, a mesh); a draft equal to the target is
 always accepted; sampled tokens follow the target's distribution, not the draft's (exact
-marginals by enumeration over a 16-token vocabulary); per-prompt keys; bad input."""
+marginals by enumeration over a 16-token vocabulary); per-prompt keys; prompt lookup (n-gram
+drafts from the row's own tokens); bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from flaxlm.models.config import get_variant
 from flaxlm.models.decode import generate
 from flaxlm.models.sampling import filter_logits, prompt_keys
 from flaxlm.models.sharding import make_mesh
-from flaxlm.models.speculative import speculative_generate
+from flaxlm.models.speculative import lookup_drafts, prompt_lookup_generate, speculative_generate
 from flaxlm.models.transformer import forward
 from tests.models.test_decode import PROMPTS, random_params
 
@@ -147,31 +148,86 @@ def _exact_marginals(cfg, params, positions, temperature, top_k):
     return margs
 
 
-@pytest.mark.parametrize("temperature,top_k,k", [(1.0, 0, 2), (0.8, 6, 3)])
-def test_samples_follow_the_target(temperature, top_k, k):
+@pytest.mark.parametrize("temperature,top_k,k,lookup", [(1.0, 0, 2, False), (0.8, 6, 3, False),
+                                                        (1.0, 0, 3, True)])  # fmt: skip
+def test_samples_follow_the_target(temperature, top_k, k, lookup):
     """4096 samples of one prompt: each of the first three tokens' frequencies are within
     sampling noise of the target's exact marginals (total variation < 0.04; measured
-    0.006–0.02) and far from the draft's (> 0.1) — a decision that kept drafts too often
-    would land near the draft."""
+    0.006–0.02) and, with a draft model, far from the draft's (> 0.1) — a decision that kept
+    drafts too often would land near the draft. Prompt lookup's drafts are deterministic
+    (q one-hot: kept with probability p(d), else a draw from p without d)."""
     cfg = get_variant("tiny", init_std=0.3, vocab_size=V)
     params = random_params(cfg)
-    dcfg, dparams = _near_draft(cfg, params, 0.25)
+    dcfg, dparams = (None, None) if lookup else _near_draft(cfg, params, 0.25)
     R = 4096
     out = speculative_generate(cfg, params, dcfg, dparams, [PROMPT] * R, max_new_tokens=4,
                                rng=jax.random.PRNGKey(3), temperature=temperature,
-                               top_k=top_k, draft_tokens=k)  # fmt: skip
-    rate = out.acceptance_rate(k)
-    assert 0.1 < rate < 0.9, rate  # both the accept and the residual paths matter here
+                               top_k=top_k, draft_tokens=k, ngram=1)  # fmt: skip
+    # the accept and residual paths both matter (lookup's 1-gram guesses are poor here: its
+    # one-hot decision is also checked exactly, test_accept_drafts_keeps_the_target_distribution)
+    assert (0.02 if lookup else 0.1) < out.alpha() < 0.9, out.alpha()
     toks = np.asarray(out.tokens)
     want = _exact_marginals(cfg, params, 3, temperature, top_k)
-    draft = _exact_marginals(dcfg, dparams, 3, temperature, top_k)
+    draft = None if lookup else _exact_marginals(dcfg, dparams, 3, temperature, top_k)
     for j in range(1, 3):  # token 0 comes from the target's prefill; 1 and 2 speculatively
         emp = np.bincount(toks[:, j], minlength=V) / R
         tv = 0.5 * np.abs(emp - want[j]).sum()
         assert tv < 0.04, (j, tv)
-        assert 0.5 * np.abs(emp - draft[j]).sum() > 0.1
+        if draft is not None:
+            assert 0.5 * np.abs(emp - draft[j]).sum() > 0.1
         if top_k:  # a token outside the target's top-k after every prefix never appears
             assert emp[want[j] == 0].sum() == 0
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_accept_drafts_keeps_the_target_distribution(one_hot):
+    """One draft per row (k = 1): the first committed token — the draft if kept, else the
+    residual's draw — is distributed as p, whether the draft was drawn from q or is a fixed
+    guess (q one-hot; a likely and an unlikely guess). 40000 rows: TV < 0.01."""
+    from flaxlm.models.speculative import accept_drafts
+
+    R, p = 40000, np.asarray([0.5, 0.2, 0.15, 0.1, 0.05], np.float32)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    P = jnp.broadcast_to(p, (R, 1, 5))
+    if one_hot:
+        drafts, q = jnp.where(jnp.arange(R) % 2 == 0, 0, 4)[:, None], None
+    else:
+        qv = jnp.asarray([0.1, 0.1, 0.2, 0.3, 0.3])
+        drafts = jax.random.categorical(k1, jnp.log(qv), shape=(R,))[:, None]
+        q = jnp.broadcast_to(qv, (R, 1, 5))
+    u = jax.random.uniform(k2, (R, 1))
+    a, nxt = accept_drafts(P, q, drafts.astype(jnp.int32), P[:, 0], u, k3, greedy=False)
+    first = np.asarray(jnp.where(a == 1, drafts[:, 0], nxt))
+    emp = np.bincount(first, minlength=5) / R
+    assert 0.5 * np.abs(emp - p).sum() < 0.01, emp
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt lookup
+
+
+def test_lookup_drafts_take_the_longest_latest_match():
+    seq = jnp.asarray([[1, 2, 3, 9, 3, 7, 2, 3, 0, 0]])  # the last token at slot 7
+    last = jnp.asarray([7])
+    # 1-gram "3": latest earlier at slot 4 → 7, 2, 3; 2-gram "2 3": slots 1-2 → 9, 3, 7
+    np.testing.assert_array_equal(lookup_drafts(seq, last, 3, 1), [[7, 2, 3]])
+    np.testing.assert_array_equal(lookup_drafts(seq, last, 3, 2), [[9, 3, 7]])
+    np.testing.assert_array_equal(lookup_drafts(seq, last, 3, 3), [[9, 3, 7]])  # no 3-gram
+    # a match near the end proposes up to the last token, clipped; no match: the last again
+    np.testing.assert_array_equal(lookup_drafts(seq, jnp.asarray([4]), 3, 1), [[9, 3, 3]])
+    np.testing.assert_array_equal(lookup_drafts(seq, jnp.asarray([2]), 2, 2), [[3, 3]])
+
+
+def test_prompt_lookup_greedy_equals_generate(target):
+    """Greedy prompt lookup gives greedy `generate`'s tokens and logprobs; a row that falls
+    into a loop (row 0 of this random model) has its drafts accepted."""
+    cfg, params = target
+    kw = dict(max_new_tokens=24, rng=KEY, temperature=0)
+    ref = jax.device_get(generate(cfg, params, PROMPTS, **kw))
+    out = jax.device_get(prompt_lookup_generate(cfg, params, PROMPTS, draft_tokens=4, **kw))
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    assert out.accepted[0] >= 4 and out.iterations[0] < 23
 
 
 def test_prompt_keys_make_samples_independent_of_batch_mates(target):
@@ -195,6 +251,10 @@ def test_bad_input(target):
     with pytest.raises(ValueError, match="draft_tokens"):
         speculative_generate(cfg, params, cfg, params, PROMPTS, max_new_tokens=4, rng=KEY,
                              draft_tokens=0)  # fmt: skip
+    with pytest.raises(ValueError, match="or neither"):
+        speculative_generate(cfg, params, cfg, None, PROMPTS, max_new_tokens=4, rng=KEY)
+    with pytest.raises(ValueError, match="ngram must be"):
+        prompt_lookup_generate(cfg, params, PROMPTS, max_new_tokens=4, rng=KEY, ngram=0)
     with pytest.raises(ValueError, match="draft's vocab"):
         speculative_generate(cfg, params, small, random_params(small), PROMPTS,
                              max_new_tokens=4, rng=KEY)  # fmt: skip
