@@ -1,6 +1,7 @@
 """Speculative decoding: a small draft model proposes k tokens, the target model checks them in
 one forward, and every accepted token saves a target step (Leviathan et al. 2023, Chen et al.
-2023).
+2023). Or, without a draft model, prompt lookup: the drafts are the tokens that followed the
+row's last n-gram where it occurred before in its prompt or output (`prompt_lookup_generate`).
 
     out = speculative_generate(cfg, params, draft_cfg, draft_params, prompts,
                                max_new_tokens=128, rng=key, draft_tokens=4, temperature=0.7)
