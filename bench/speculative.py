@@ -181,8 +181,8 @@ def measure_acceptance(target: str, drafts: list[str], prompts_path: str, rows: 
         kw = dict(max_new_tokens=new, temperature=temperature, rng=jax.random.PRNGKey(0))
         plain_s = median_s(lambda i, kw=kw: jax.block_until_ready(
             generate(cfg, params, prompts, **kw)))  # fmt: skip
-        for draft in drafts:
-            dcfg, dparams, _ = load(draft)
+        for draft in drafts:  # "ngram": prompt lookup, no draft model
+            dcfg, dparams, _ = (None, None, None) if draft == "ngram" else load(draft)
             for k in ks:
                 out = {}
 
@@ -198,7 +198,7 @@ def measure_acceptance(target: str, drafts: list[str], prompts_path: str, rows: 
                        "alpha": o.alpha(), "acceptance_rate": o.acceptance_rate(k),
                        "tokens_per_forward": o.tokens_per_iteration(),
                        "call_s": s, "plain_call_s": plain_s,
-                       "draft_params": sum(x.size for x in jax.tree.leaves(dparams)),
+                       "draft_params": sum(x.size for x in jax.tree.leaves(dparams or {})),
                        "target_params": sum(x.size for x in jax.tree.leaves(params)),
                        "bench_s": time.perf_counter() - t}  # fmt: skip
                 records.append(rec)
@@ -226,7 +226,12 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="cost on the CPU shape small-tiny")
     p.add_argument("--shapes", default="", help="cost shapes: " + ",".join(SHAPES))
     p.add_argument("--target", default="", help="acceptance: the target run / HF directory")
-    p.add_argument("--draft", action="append", default=[], help="a draft run (repeatable)")
+    p.add_argument(
+        "--draft",
+        action="append",
+        default=[],
+        help="a draft run (repeatable); 'ngram': prompt lookup (n-grams up to 3)",
+    )
     p.add_argument("--prompts", default="", help=".jsonl with 'text' fields, or text lines")
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--prompt_tokens", type=int, default=16)
