@@ -38,10 +38,12 @@ def model_and_mesh():
 
 def cases(cfg, params, mesh, rules, prompts=PROMPTS) -> dict:
     """Host outputs of a few generate calls: one key with top-p and stop tokens (5 prompts, run
-    as 8 rows), greedy, and per-prompt keys with 2 samples per prompt."""
+    as 8 rows), greedy, per-prompt keys with 2 samples per prompt, and speculative sampling
+    with a draft (the model's weights scaled by 0.7: it guesses right often, not always)."""
     import jax
 
     from flaxlm.models.decode import generate, prompt_keys
+    from flaxlm.models.speculative import speculative_generate
 
     kw = dict(max_new_tokens=12, mesh=mesh, rules=rules)
     runs = {
@@ -50,6 +52,11 @@ def cases(cfg, params, mesh, rules, prompts=PROMPTS) -> dict:
         "greedy": generate(cfg, params, prompts, rng=jax.random.PRNGKey(0), temperature=0, **kw),
         "grouped": generate(cfg, params, prompts[:3], temperature=0.8, num_samples=2,
                             rng=prompt_keys(jax.random.PRNGKey(1), [10, 11, 12]), **kw),
+        # (a sharp temperature: this model's distributions are near uniform, which any draft
+        # matches)
+        "speculative": speculative_generate(cfg, params, cfg, jax.tree.map(lambda x: 0.7 * x,
+                                            params), prompts, rng=jax.random.PRNGKey(3),
+                                            temperature=0.1, draft_tokens=3, **kw),
     }  # fmt: skip
     out = {}
     for name, res in runs.items():

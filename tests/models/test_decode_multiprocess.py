@@ -1,6 +1,6 @@
-"""`generate` in a multi-process job: two processes × 4 CPU devices decode what one process × 8
-decodes, and each reads back the whole output; prompts that differ between the processes are
-an error on both."""
+"""`generate` (and `speculative_generate`) in a multi-process job: two processes × 4 CPU
+devices decode what one process × 8 decodes, and each reads back the whole output; prompts that
+differ between the processes are an error on both."""
 
 import importlib.util
 import os
@@ -36,6 +36,7 @@ def test_two_processes_decode_what_one_does(tmp_path):
     # The cases are not trivial: rows stopped at different lengths, samples differ in a group.
     assert len(set(want["sampled/lengths"].tolist())) > 1
     assert (want["grouped/tokens"][0] != want["grouped/tokens"][1]).any()
+    assert 0 < want["speculative/accepted"].sum() and want["speculative/rejected"].sum() > 0
 
 
 def test_prompts_that_differ_between_processes_are_an_error_on_both(tmp_path):
