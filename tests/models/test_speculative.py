@@ -14,7 +14,7 @@ from flaxlm.models.decode import generate
 from flaxlm.models.sampling import filter_logits, prompt_keys
 from flaxlm.models.sharding import make_mesh
 from flaxlm.models.speculative import lookup_drafts, prompt_lookup_generate, speculative_generate
-from flaxlm.models.transformer import forward
+from flaxlm.models.transformer import forward, stack_layers
 from tests.models.test_decode import PROMPTS, random_params
 
 N = 10
@@ -76,12 +76,13 @@ def test_self_draft_accepts_everything(target):
 
 def test_stop_tokens_inside_a_chunk(target):
     """A stop token among accepted drafts ends the row there (kept, counted), padded after,
-    exactly as `generate` does."""
+    exactly as `generate` does. (The target's layers scanned, the draft's unrolled.)"""
     cfg, params = target
     free = _greedy(cfg, params).tokens
     stop = int(free[1, 4])  # row 1 stops at its 5th token (or earlier if it repeats)
     ref = _greedy(cfg, params, stop_tokens=(stop,), pad_id=-1)
-    out = jax.device_get(speculative_generate(cfg, params, cfg, params, PROMPTS,
+    scanned = cfg.replace(scan_layers=True), stack_layers(params, cfg.n_layers)
+    out = jax.device_get(speculative_generate(*scanned, cfg, params, PROMPTS,
                                               max_new_tokens=N, rng=KEY, temperature=0,
                                               draft_tokens=3, stop_tokens=(stop,),
                                               pad_id=-1))  # fmt: skip
