@@ -43,7 +43,9 @@ the response tokens. No reward, no advantage: the teacher judges every token of 
 with its whole distribution. What it fixes: trained only on the data's answers, the student
 never sees the prefixes it produces itself, and errors compound once it samples (exposure bias);
 on its own samples the teacher corrects exactly those. Per rollout `rollout/response_len`,
-`rollout/stopped`, `rollout/gen_s` ride along in the metrics.
+`rollout/stopped`, `rollout/gen_s` ride along in the metrics. GKD's mix
+(`distill.on_policy_fraction` λ < 1, `data.train` chats): each rollout is the student's samples
+with probability λ, else the data's answers to the same prompts (`rollout/on_policy` 1 or 0).
 
 Metrics (training and held-out): `kd` (the divergence, nats), `nll` and `accuracy` (the
 student's cross-entropy and top-1 accuracy on the data's answers), `teacher_nll` (the teacher's,
@@ -179,14 +181,55 @@ def on_policy_loss_fn(loss_fn):
 
 class StudentRollouts(RolloutSource):
     """On-policy distillation's batch source: each rollout is `rollout.batch` prompts answered
-    by the live student (one sample each); its rows' loss mask covers the responses."""
+    by the live student (one sample each); its rows' loss mask covers the responses.
+
+    GKD's mix (`answers` given, `fraction` λ < 1): a rollout is the student's samples with
+    probability λ — drawn per rollout from (seed, rollout count), so a resumed run makes the
+    same choices — and otherwise the data's own answers to the same prompts, one conversation
+    per row (`answers[i]` is prompt i's rendered SFT example). `rollout/on_policy` says which."""
+
+    def __init__(self, *args, answers=None, fraction: float = 1.0, **kw):
+        super().__init__(*args, **kw)
+        self.answers, self.fraction = answers, fraction
+
+    def on_policy_now(self) -> bool:
+        if self.fraction >= 1.0:
+            return True
+        draw = np.random.default_rng([self.config.seed, 7, self.iteration]).random()
+        return bool(draw < self.fraction)
 
     def make_rollout(self, params, rng):
-        s = self.sample(self.decoding_params(params), self.cursor.take(self.config.rollout.batch),
-                        rng)  # fmt: skip
+        idx = self.cursor.take(self.config.rollout.batch)
+        if not self.on_policy_now():
+            return self.data_rows(idx)
+        s = self.sample(self.decoding_params(params), idx, rng)
         stats = sample_stats(s, np.ones(len(s["lengths"]), bool))
         stats.pop("bad_reward")  # (no reward here)
+        if self.answers is not None:
+            stats["on_policy"] = 1.0
         return s["rows"], stats
+
+    def data_rows(self, idx):
+        """The data's answers to prompts `idx`, one conversation per row, with the statistics
+        a sampled rollout has (response length = the answer's trained tokens)."""
+        rows = F.empty_rows(len(idx), self.config.seq_len, max(self.template.tok.pad_id, 0))
+        for r, i in enumerate(idx):
+            F.place(rows, r, 0, 1, self.answers[i]["ids"], self.answers[i]["mask"])
+        length = float(np.mean([self.answers[i]["mask"].sum() for i in idx]))
+        stats = {"response_len": length, "stopped": 1.0, "nonstop": 0.0, "empty": 0.0,
+                 "gen_s": 0.0, "on_policy": 0.0}  # fmt: skip
+        return rows, stats
+
+
+def prompts_of(examples: list[dict], config, template) -> list[dict]:
+    """Generation prompts (as `rl_common.load_prompts` gives them) of rendered SFT examples:
+    each conversation up to its last answer, cut from the left to `rollout.max_prompt_len`."""
+    out = []
+    for ex in examples:
+        ids, _ = F.render_prompt(ex["messages"], template, config.rollout.max_prompt_len)
+        out.append({"ids": ids, "meta": ex.get("meta", {}), "loc": ex.get("loc"),
+                    "messages": list(ex["messages"][:-1])})  # fmt: skip
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +249,12 @@ def check_config(d) -> None:
                          "distill.divergence=forward_kl and reverse_kl)")  # fmt: skip
     if not 0.0 <= d.ce_weight <= 1.0:
         raise ValueError(f"distill.ce_weight={d.ce_weight!r} must be in [0, 1]")
+    fraction = d.get("on_policy_fraction", 1.0)  # (configs older than the key: 1)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"distill.on_policy_fraction={fraction!r} must be in (0, 1] (0: "
+                         "turn distill.on_policy off)")  # fmt: skip
+    if fraction < 1.0 and not d.on_policy:
+        raise ValueError(f"distill.on_policy_fraction={fraction!r} needs distill.on_policy")
 
 
 def teacher_tokenizer_path(teacher: str) -> str:
@@ -324,7 +373,9 @@ def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
     answers, or on-policy the student's own answers to the data's prompts (rollouts)."""
     report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
     on_policy = config.distill.on_policy
-    load = rl_common.load_prompts if on_policy else sft.load_examples  # prompts | chats
+    mixed = on_policy and config.distill.get("on_policy_fraction", 1.0) < 1.0
+    # prompts (on-policy) | chats (off-policy, and GKD's mix: their prompts and answers)
+    load = rl_common.load_prompts if on_policy and not mixed else sft.load_examples
     train = load(config.data.train, config, template, report)
     if not train:
         raise ValueError(f"data.train={config.data.train!r}: no usable examples "
@@ -335,8 +386,11 @@ def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
     data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
     common.write_report(workdir, data_report)
     if on_policy:
-        batches = StudentRollouts(config, mesh, rules, train, cfg=cfg, template=template,
-                                  spec=spec)  # fmt: skip
+        prompts = prompts_of(train, config, template) if mixed else train
+        batches = StudentRollouts(config, mesh, rules, prompts, cfg=cfg, template=template,
+                                  spec=spec, answers=train if mixed else None,
+                                  fraction=config.distill.get("on_policy_fraction", 1.0),
+                                  )  # fmt: skip
     else:
         batches = F.SFTBatches(
             train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),

@@ -7,6 +7,8 @@
     # GKD's JSD(0.9): --config.distill.divergence=jsd --config.distill.jsd_beta=0.9
     # on-policy (the student's own answers to prompts, judged by the teacher token by token):
     #   configs/distill.py:on_policy=True --config.data.train=prompts.jsonl
+    # GKD's mix, half the rollouts the data's answers: on_policy=True
+    #   --config.distill.on_policy_fraction=0.5 --config.data.train=chats.jsonl
     # pretraining text: configs/distill.py:variant=125m,text=True --config.data.sources=DIR \
     #   --config.data.eval_sources=HELDOUT_DIR
 
@@ -24,7 +26,9 @@ reverse_kl | jsd), jsd_beta (β of jsd, in (0, 1)), temperature (τ; the loss is
 ce_weight (α: the share of the data's own cross-entropy in the loss; on-policy, the "data"
 are the student's own samples), eval_teacher (the teacher's generation accuracy once, at the
 first evaluation: the student's mark), on_policy (train on the student's samples: the `rollout`
-section — batch, epochs, temperature, prompt and response caps — as for GRPO).
+section — batch, epochs, temperature, prompt and response caps — as for GRPO),
+on_policy_fraction (GKD's λ, with on_policy: each rollout is the student's samples with this
+probability, else the data's answers to the same prompts; below 1, data.train holds chats).
 
 Data: SFT's (`data.train`, `data.eval`, `eval_gen.sets`; defaults the built-in world's chats):
 the divergence is taken on the answer tokens of the packed conversations. On-policy,
@@ -62,6 +66,9 @@ def distill_config() -> ml_collections.ConfigDict:
     c.ce_weight = 0.0  # α: loss = α·CE(data) + (1 − α)·τ²·divergence
     c.eval_teacher = True  # the teacher's generation accuracy once, as the student's mark
     c.on_policy = False  # True: rows are the student's own samples (the `rollout` section)
+    # GKD's λ with on_policy: the share of rollouts sampled by the student; the others are the
+    # data's own answers to the same prompts (data.train then holds chats, not prompts)
+    c.on_policy_fraction = 1.0
     return c
 
 

@@ -356,6 +356,36 @@ def test_a_preempted_text_run_resumes_bit_for_bit(runs, cache_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_gkd_mix_alternates_student_samples_and_the_data_answers(runs, cache_dir, tmp_path):
+    """on_policy_fraction 0.5 on chats: rollouts are drawn as the student's samples or as the
+    data's answers to the same prompts (one conversation per row, no decoder call), chosen per
+    rollout from (seed, rollout count) — the same choices in a second run."""
+    sft, _ = runs
+    over = {
+        "distill.teacher": sft, "distill.on_policy_fraction": 0.5,
+        "data.train": "builtin:sft_train", "model.vocab_size": H.VOCAB, "model.n_layers": 1,
+        "model.d_model": 32, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64,
+        "batch_size": 8, "rollout.batch": 8, "rollout.max_prompt_len": 48,
+        "rollout.max_new_tokens": 8, "seq_len": 128, "total_steps": 6, "eval_every": 0,
+        "ckpt_every": 6, "log_every": 1, "async_ckpt": False,
+    }  # fmt: skip
+    c = H.tiny(distill_config, cache_dir, "runlocal=True,on_policy=True", **over)
+    distill.run(c, str(tmp_path / "mix"))
+    rows = [r for r in read_metrics(tmp_path / "mix") if "loss" in r]
+    kinds = [r["rollout/on_policy"] for r in rows]
+    assert set(kinds) == {0.0, 1.0}, kinds
+    for r in rows:
+        assert r["kd"] > 0 and r["rollout/response_len"] > 0
+        assert (r["rollout/gen_s"] > 0) == (r["rollout/on_policy"] == 1.0)
+    source = distill.StudentRollouts.__new__(distill.StudentRollouts)
+    source.config, source.fraction = c, 0.5
+    again = []
+    for i in range(6):
+        source.iteration = i
+        again.append(float(source.on_policy_now()))
+    assert again == kinds
+
+
 def test_the_task_is_registered():
     from flaxlm.train.main import TASKS
 
@@ -373,6 +403,8 @@ def test_the_task_is_registered():
     ("temperature", 0.0, "distill.temperature=0.0"),
     ("jsd_beta", 1.0, "distill.jsd_beta=1.0"),
     ("ce_weight", 1.5, "distill.ce_weight=1.5"),
+    ("on_policy_fraction", 0.0, "distill.on_policy_fraction=0.0 must be in (0, 1]"),
+    ("on_policy_fraction", 0.5, "distill.on_policy_fraction=0.5 needs distill.on_policy"),
 ])  # fmt: skip
 def test_bad_settings_name_their_key(key, value, match):
     d = _d(teacher="runs/x", divergence="jsd")
