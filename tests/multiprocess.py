@@ -10,6 +10,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -35,24 +37,39 @@ def run_processes(argv_of, n: int = 2, devices: int = 4, timeout: float = 240,
     first), each with `devices` CPU devices; calls `during()` here meanwhile (e.g. the
     one-process reference run); returns their outputs (stdout and stderr). A process that
     fails fails the test with every output's tail; one still running `timeout` seconds after
-    `during` returned (left alone in a collective) is killed and fails it too."""
+    `during` returned (left alone in a collective) is killed and fails it too.
+
+    Outputs go to files, not pipes: read one process after another, a pipe the test is not
+    reading fills up (64 KiB) and blocks its writer — inside a collective, the other process
+    then waits for it, and the test "hangs" for `timeout` seconds."""
+    logs = [tempfile.TemporaryFile("w+") for _ in range(n)]
     procs = [
         subprocess.Popen([sys.executable, *map(str, argv_of(i))], env=cpu_env(devices),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         stdout=logs[i], stderr=subprocess.STDOUT, text=True)
         for i in range(n)
     ]  # fmt: skip
+
+    def outputs() -> list[str]:
+        for log in logs:
+            log.seek(0)
+        return [log.read() for log in logs]
+
     try:
         if during is not None:
             during()
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
     except BaseException as e:
         for p in procs:
             p.kill()
-        outs = [p.communicate()[0] for p in procs]
+            p.wait()
+        outs = outputs()
         if not isinstance(e, subprocess.TimeoutExpired):
             raise
         pytest.fail("a process hung (left alone in a collective?):\n" +
                     "\n---\n".join(o[-3000:] for o in outs))  # fmt: skip
+    outs = outputs()
     if any(p.returncode for p in procs):
         pytest.fail("a process failed:\n" + "\n---\n".join(o[-3000:] for o in outs))
     return outs

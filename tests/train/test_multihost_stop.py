@@ -3,11 +3,9 @@
 on one process first, stop both at the same step with one checkpoint there. One process: the end
 of the data stops the run with a checkpoint (it used to raise StopIteration)."""
 
+import importlib.util
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,12 @@ from flaxlm.data import tokenizer as T
 from flaxlm.train.checkpoint import Checkpointer
 from flaxlm.train.metrics import read_events, read_metrics
 from flaxlm.train.stopping import next_interval
+
+_spec = importlib.util.spec_from_file_location(
+    "multiprocess", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "multiprocess.py"))  # fmt: skip
+mp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mp)
 
 SCRIPT = r"""
 import json, os, signal, sys
@@ -69,41 +73,14 @@ print("SUMMARY", json.dumps({k: summary[k] for k in ("step", "preempted", "data_
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(tmp_path, mode, corpus="", tok="", timeout=240):
     """Runs SCRIPT on two processes × 4 CPU devices; returns (summaries, outputs). A process
     still running at `timeout` (one waiting in a collective the other left) fails the test."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # fmt: skip
-    port, workdir = _free_port(), tmp_path / "run"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(port), str(i), str(workdir), mode, corpus, tok],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        outs = [p.communicate()[0] for p in procs]
-        pytest.fail("a process hung (left alone in a collective):\n" +
-                    "\n---\n".join(o[-3000:] for o in outs))  # fmt: skip
-    assert all(p.returncode == 0 for p in procs), "\n---\n".join(o[-3000:] for o in outs)
+    port, workdir = mp.free_port(), tmp_path / "run"
+    outs = mp.run_processes(lambda i: [script, port, i, workdir, mode, corpus, tok],
+                            timeout=timeout)  # fmt: skip
     summaries = []
     for out in outs:
         line = [x for x in out.splitlines() if x.startswith("SUMMARY ")][-1]
