@@ -152,21 +152,25 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
         log.info("resumed from %s/%d", ckpt.directory, latest)
         return state, shardings, latest, True
     from_ema = init_from_ema(config)  # a bad source fails before the init is compiled
-    state, shardings = create_train_state(task.init_params, tx, mesh, rules, config.seed, **ema)
+    loaded = None
     if config.get("init_from"):
-        target = jax.tree.map(
-            lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-            state.params,
-            shardings.params,
-        )
+        # Read into the training shardings, then one jitted init builds the state around them
+        # (`create_train_state(loaded=...)`: no random init of the weights they replace; the
+        # optimizer state and the EMA start at the loaded weights).
+        target = abstract_state(task.init_params, tx, shardings).params
         loader = task.load_init_params or ckpt_lib.load_params
         loaded = loader(config.init_from, target, **({"ema": True} if from_ema else {}))
-        if task.init_from_transform is not None:
-            loaded = task.init_from_transform(loaded, state.params)
-        loaded = jax.tree.map(lambda x, s: jax.device_put(x, s), loaded, shardings.params)
-        state = state.replace(params=loaded)
-        if isinstance(state, EmaTrainState):  # the average starts at the loaded weights
-            state = state.replace(ema=ema_lib.start(loaded, shardings.ema))
+    state, shardings = create_train_state(
+        task.init_params,
+        tx,
+        mesh,
+        rules,
+        config.seed,
+        **ema,
+        loaded=loaded,
+        transform=task.init_from_transform,
+    )
+    if loaded is not None:
         log.info("initialised params from %s%s", config.init_from, " (EMA)" if from_ema else "")
     return state, shardings, 0, False
 

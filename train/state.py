@@ -150,6 +150,8 @@ def create_train_state(
     *,
     ema: bool = False,
     trainable_mask=None,
+    loaded=None,
+    transform: Callable | None = None,
 ) -> tuple[TrainState, TrainState]:
     """Initialises a sharded TrainState.
 
@@ -161,6 +163,12 @@ def create_train_state(
       seed: integer seed for the parameters and the state's base RNG.
       ema: make an EmaTrainState, its EMA starting at the initial params (of the leaves
         that `trainable_mask` trains; train/ema.py).
+      loaded: weights read from another run (`init_from`, already sharded): the params are
+        `transform(loaded, fresh)` (LoRA adapters, a new head: fresh leaves beside loaded
+        ones), or `loaded` itself without a transform. Inside the one jitted init, so the
+        fresh leaves the params do not keep are never computed (XLA drops them: no random
+        init of weights that are replaced), the optimizer state is that of the params the
+        run starts from, and the loaded buffers are donated (no second copy of the model).
 
     Returns: (state, state_shardings).
     """
@@ -169,8 +177,10 @@ def create_train_state(
         init_params, tx, mesh, rules, init_rng, ema=ema, trainable_mask=trainable_mask
     )
 
-    def init(rng):
+    def init(rng, loaded=None):
         params = unbox(init_params(rng))
+        if loaded is not None:
+            params = transform(loaded, params) if transform is not None else loaded
         state = TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -181,8 +191,28 @@ def create_train_state(
         return with_ema(state, ema_lib.init(params, trainable_mask)) if ema else state
 
     with jax.set_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)(init_rng)
+        if loaded is None:
+            state = jax.jit(init, out_shardings=shardings)(init_rng)
+        else:
+            loaded = place_loaded(loaded, transform, shardings.params)
+            state = jax.jit(init, out_shardings=shardings, donate_argnums=1)(init_rng, loaded)
     return state, shardings
+
+
+def place_loaded(loaded, transform: Callable | None, param_shardings):
+    """`loaded` with each leaf on the sharding its place in the params has (`transform` says
+    which place: it is run on leaf indices). Host arrays (an HF checkpoint) become global
+    arrays there — on several processes each passes the whole array — and arrays already so
+    placed stay as they are."""
+    leaves, treedef = jax.tree.flatten(loaded)
+    marks = treedef.unflatten(list(range(len(leaves))))
+    fresh = jax.tree.map(lambda _: -1, param_shardings)
+    full = transform(marks, fresh) if transform is not None else marks
+    where = {}
+    for mark, sharding in zip(jax.tree.leaves(full), jax.tree.leaves(param_shardings)):
+        if mark >= 0:
+            where[mark] = sharding
+    return treedef.unflatten([jax.device_put(x, where[i]) for i, x in enumerate(leaves)])
 
 
 def state_shardings(init_params: Callable, tx, mesh: Mesh, rules, rng=None, *,
