@@ -76,7 +76,9 @@ class Task:
       trainable_mask: optional pytree/function of bools; False leaves are frozen (LoRA).
       init_from_transform: (loaded_params, fresh_params) -> params, when `init_from` loads a
         checkpoint of a different structure (a reward model from an SFT model). It receives
-        the loaded params as returned by `load_init_params`.
+        the loaded params as returned by `load_init_params`. Tree surgery only: it runs
+        traced inside the jitted init (`create_train_state(loaded=...)`), and once on trees
+        of leaf indices to place the loaded leaves (`state.place_loaded`).
       load_init_params: optional (run_dir, fresh_params_abstract) -> loaded params; defaults
         to reading the whole params tree of the same structure. With `init_from_ema` it is
         called with `ema=True` too and must then read the run's EMA weights.
