@@ -20,12 +20,9 @@ demo: $(STAMP)
 
 # Two test processes (pytest-xdist), a file's tests in one of them (module fixtures built once):
 # the suite is mostly single-threaded tracing and compiling. TEST_WORKERS=0 runs it in-process.
-# Files go out in collection order (--no-loadscope-reorder; xdist would otherwise send files
-# with many tests first), which tests/conftest.py sets longest first: no long tail on one worker.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
-		$(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -43,6 +43,6 @@ setup(
         "apache-beam>=2.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.8", "ruff", "nbclient", "nbformat", "ipykernel"],
+        "dev": ["pytest>=8", "pytest-xdist", "ruff", "nbclient", "nbformat", "ipykernel"],
     },
 )

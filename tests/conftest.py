@@ -142,27 +142,9 @@ def _demo_submit(argv):
 _XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 
 
-# Then the files that take longest (multi-process runs, measured in a full `make test`), longest
-# first: the workers take files in collection order, so a long file collected last is a tail
-# that one worker runs while the other idles (tests/train/ comes last alphabetically).
-_LONGEST_FIRST = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in (
-    "alignment/test_rl_multiprocess.py", "alignment/test_multiprocess_offline.py",
-    "train/test_multihost_stop.py", "models/test_decode_multiprocess.py",
-    "evaluation/test_sharded_cli.py", "train/test_multiprocess.py", "train/test_loop.py",
-    "test_bench_smoke.py", "train/test_ema.py", "alignment/test_rl_rollout.py",
-))  # fmt: skip
-
-
-def _schedule_rank(item) -> int:
-    path = str(item.path)
-    if path == _DEMO_TEST:
-        return -1
-    return _LONGEST_FIRST.index(path) if path in _LONGEST_FIRST else len(_LONGEST_FIRST)
-
-
 def pytest_collection_modifyitems(session, config, items):
     if _XDIST_WORKER:
-        items.sort(key=_schedule_rank)  # stable: the rest keep their order
+        items.sort(key=lambda item: str(item.path) != _DEMO_TEST)  # stable: the rest keep order
 
 
 def pytest_collection_finish(session):
