@@ -92,23 +92,24 @@ def test_stop_tokens_inside_a_chunk(target):
     np.testing.assert_array_equal(out.mask, ref.mask)
 
 
-def test_sliding_window_target(target):
-    """A sliding-window target: its masks by position over a per-row cache index."""
+def test_sliding_window_target_larger_draft_vocab(target):
+    """A sliding-window target (its masks by position over a per-row cache index), and a draft
+    whose vocabulary is padded larger than the target's 256 (its logits cut)."""
     cfg = get_variant("tiny", init_std=0.15, sliding_window=5)
     params = random_params(cfg)
     ref = _greedy(cfg, params, window_cache=False)
-    dcfg, dparams = _near_draft(cfg, params, 0.0, n_layers=1)
+    dcfg, dparams = _near_draft(cfg, params, 0.0, n_layers=1, vocab_size=320)
     out = speculative_generate(cfg, params, dcfg, dparams, PROMPTS, max_new_tokens=N, rng=KEY,
                                temperature=0, draft_tokens=2)  # fmt: skip
     np.testing.assert_array_equal(out.tokens, ref.tokens)
 
 
-@pytest.mark.parametrize("vocab", [224, 320])  # the prompts' largest id is 200
-def test_draft_vocab_padded_otherwise_under_a_mesh(target, vocab):
-    """Drafts whose vocabularies are padded smaller and larger than the target's 256, with the
-    rows split over 8 devices (3 prompts padded to 8 rows): still greedy `generate`'s tokens."""
+def test_smaller_draft_vocab_under_a_mesh(target):
+    """A draft whose vocabulary is padded smaller than the target's 256 (its logits padded with
+    -inf; the prompts' largest id is 200), the rows split over 8 devices (3 prompts padded to 8
+    rows): still greedy `generate`'s tokens."""
     cfg, params = target
-    dcfg, dparams = _near_draft(cfg, params, 0.0, vocab_size=vocab, n_layers=1)
+    dcfg, dparams = _near_draft(cfg, params, 0.0, vocab_size=224, n_layers=1)
     out = speculative_generate(
         cfg,
         params,
@@ -131,12 +132,15 @@ V = 16
 PROMPT = [1, 5, 9]
 
 
+_forward = jax.jit(forward, static_argnums=0)  # one compile per prefix length, not per op
+
+
 def _exact_marginals(cfg, params, positions, temperature, top_k):
     """P(token at generated position j = t) for j < positions, by enumerating every prefix."""
     prefixes, margs = {(): 1.0}, []
     for _ in range(positions):
         seqs = list(prefixes)
-        logits = forward(cfg, params, jnp.asarray([PROMPT + list(s) for s in seqs]))[:, -1]
+        logits = _forward(cfg, params, jnp.asarray([PROMPT + list(s) for s in seqs]))[:, -1]
         probs = np.asarray(jax.nn.softmax(filter_logits(logits, temperature, top_k=top_k), -1),
                            np.float64)  # fmt: skip
         m, nxt = np.zeros(V), {}
