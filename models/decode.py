@@ -446,25 +446,34 @@ def generate(
     options = {k: v for k, v in locals().items() if k not in ("cfg", "params", "prompts", "rng")}
     fn, tokens, lengths, rest, B, rows = _program(cfg, prompts, **options)
     rng = _row_keys(rng, B // num_samples, rows, num_samples)
-    if mesh is None:
-        out = fn(params, tokens, lengths, rng, *rest)
-    else:
-        if jax.process_count() > 1:  # every process passes the whole batch (module docstring)
-            key_bits = jax.random.key_data(rng) if _typed_key(rng) else rng
-            check_same_on_processes("generate", tokens, lengths, jax.device_get(key_bits),
-                                    *jax.device_get(jax.tree.leaves(rest)))  # fmt: skip
-        with use_mesh(mesh, tuple(rules or ())):
-            tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
-            len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
-            if is_key_batch(rng):
-                rng = jax.device_put(rng, batch_sharding(mesh, jnp.ndim(rng)))
-            else:
-                rng = jax.device_put(rng, replicated(mesh))
-            rest = jax.device_put(rest, replicated(mesh))
-            out = fn(params, tok_d, len_d, rng, *rest)
-            if jax.process_count() > 1:
-                out = _replicate(mesh)(out)  # each process reads the whole output
+    out = call_program("generate", fn, (params,), tokens, lengths, rng, rest, mesh, rules)
     return out if rows == B else jax.tree.map(lambda x: x[:B], out)
+
+
+def call_program(name: str, fn, weights: tuple, tokens, lengths, rng, rest, mesh, rules):
+    """`fn(*weights, tokens, lengths, rng, *rest)`, under `mesh` with the rows split over
+    data×fsdp and the traced options replicated; several processes check that they passed the
+    same arguments (an error naming `name` on every process) and each reads back the whole
+    output (module docstring, "Several processes"). Shared by `generate` and
+    models/speculative.py."""
+    if mesh is None:
+        return fn(*weights, tokens, lengths, rng, *rest)
+    if jax.process_count() > 1:  # every process passes the whole batch (module docstring)
+        key_bits = jax.random.key_data(rng) if _typed_key(rng) else rng
+        check_same_on_processes(name, tokens, lengths, jax.device_get(key_bits),
+                                *jax.device_get(jax.tree.leaves(rest)))  # fmt: skip
+    with use_mesh(mesh, tuple(rules or ())):
+        tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
+        len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
+        if is_key_batch(rng):
+            rng = jax.device_put(rng, batch_sharding(mesh, jnp.ndim(rng)))
+        else:
+            rng = jax.device_put(rng, replicated(mesh))
+        rest = jax.device_put(rest, replicated(mesh))
+        out = fn(*weights, tok_d, len_d, rng, *rest)
+        if jax.process_count() > 1:
+            out = _replicate(mesh)(out)  # each process reads the whole output
+    return out
 
 
 def _typed_key(rng) -> bool:
@@ -585,9 +594,6 @@ def _program(
     if rows > B:
         tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - B, 0)])
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - B, 0)])
-    # Stop ids padded with -1 (never a token) to a power of two: fewer distinct programs.
-    stop = np.full(max(4, 1 << max(0, len(stop_tokens) - 1).bit_length()), -1, np.int32)
-    stop[: len(stop_tokens)] = list(stop_tokens)
     greedy = temperature == 0
     fn = _decode_fn(
         cfg,
@@ -608,13 +614,7 @@ def _program(
         loop_rows if G > 1 else 0,
         decode_mlp,
     )
-    rest = (
-        jnp.asarray(1.0 if greedy else temperature, jnp.float32),
-        jnp.asarray(top_p, jnp.float32),
-        jnp.asarray(min_p if min_p > 0 else 1.0, jnp.float32),  # (log 1 = 0 when unused)
-        stop,
-        jnp.asarray(pad_id, jnp.int32),
-    )
+    rest = traced_options(temperature, top_p, min_p, stop_tokens, pad_id)
     if stop_strings is not None:
         if not isinstance(stop_strings, stop_text.StopStrings):
             raise ValueError(
@@ -629,6 +629,21 @@ def _program(
             )
         rest = (*rest, stop_strings.arrays())
     return fn, tokens, lengths, rest, B * G, loop_rows
+
+
+def traced_options(temperature, top_p, min_p, stop_tokens, pad_id) -> tuple:
+    """The program's traced arguments after the rng: (temperature (1 when greedy), top_p, min_p
+    (1 when off: log 1 = 0), stop ids, pad id). Stop ids are padded with -1 (never a token) to
+    a power of two >= 4: fewer distinct programs."""
+    stop = np.full(max(4, 1 << max(0, len(stop_tokens) - 1).bit_length()), -1, np.int32)
+    stop[: len(stop_tokens)] = list(stop_tokens)
+    return (
+        jnp.asarray(1.0 if temperature == 0 else temperature, jnp.float32),
+        jnp.asarray(top_p, jnp.float32),
+        jnp.asarray(min_p if min_p > 0 else 1.0, jnp.float32),
+        stop,
+        jnp.asarray(pad_id, jnp.int32),
+    )
 
 
 def generate_text(

@@ -61,10 +61,6 @@ from flaxlm.models.config import ModelConfig
 from flaxlm.models.sampling import filter_logits, is_key_batch, step_key
 from flaxlm.models.sharding import (
     batch_divisor,
-    batch_sharding,
-    check_same_on_processes,
-    replicated,
-    use_mesh,
 )
 from flaxlm.models.transformer import Transformer, init_cache
 
@@ -122,10 +118,6 @@ def _uniform(key, shape):
     if is_key_batch(key):
         return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(key)
     return jax.random.uniform(key, shape)
-
-
-def _fold(key, i):
-    return step_key(key, i)  # one key or per-row keys alike
 
 
 def accept_drafts(p_BKV, q_BKV, drafts_BK, p_next_BV, u_BK, key, greedy: bool):
@@ -249,7 +241,7 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig | None, max_new: in
         else:
             d_cache = jnp.zeros((), jnp.int32)  # (prompt lookup keeps no draft state)
         probs0 = filtered(t_logits, temperature, top_p, min_p)
-        k0 = _fold(rng, 0)
+        k0 = step_key(rng, 0)
         tok0 = (jnp.argmax(probs0, -1).astype(jnp.int32) if greedy
                 else _categorical(k0, jnp.log(probs0)))  # fmt: skip
         lp0 = jnp.take_along_axis(jax.nn.log_softmax(t_logits.astype(jnp.float32), -1),
@@ -267,8 +259,8 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig | None, max_new: in
 
         def body(c):
             it, t_cache, d_cache, out_tok, out_lp, n, done, iters, accepted, rejected = c
-            key = _fold(rng, it)
-            keys = [_fold(key, j) for j in range(k + 2)]  # k drafts, the uniforms, the last
+            key = step_key(rng, it)
+            keys = [step_key(key, j) for j in range(k + 2)]  # k drafts, the uniforms, the last
             f = lengths_B + n - 1  # slot of the last committed token
             # The two last committed tokens (slots f − 1, f); with one generated so far, the
             # first is the prompt's last (rewritten in the draft's cache with the same value).
@@ -400,33 +392,15 @@ def speculative_generate(
         tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - B, 0)])
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - B, 0)])
     rng = decode._row_keys(rng, B, rows)
-    stop = np.full(max(4, 1 << max(0, len(stop_tokens) - 1).bit_length()), -1, np.int32)
-    stop[: len(stop_tokens)] = list(stop_tokens)
     greedy = temperature == 0
     dtype = jnp.dtype(cache_dtype or cfg.dtype).name
     fn = _speculative_fn(cfg, draft_cfg, int(max_new_tokens), int(draft_tokens), bool(greedy),
                          int(top_k), bool(top_p < 1.0 and not greedy),
                          bool(min_p > 0.0 and not greedy), dtype, mesh, rules,
                          int(ngram) if draft_cfg is None else 0)  # fmt: skip
-    rest = (jnp.asarray(1.0 if greedy else temperature, jnp.float32),
-            jnp.asarray(top_p, jnp.float32), jnp.asarray(min_p if min_p > 0 else 1.0, jnp.float32),
-            stop, jnp.asarray(pad_id, jnp.int32))  # fmt: skip
-    if mesh is None:
-        out = fn(params, draft_params, tokens, lengths, rng, *rest)
-    else:
-        if jax.process_count() > 1:
-            key_bits = jax.random.key_data(rng) if decode._typed_key(rng) else rng
-            check_same_on_processes("speculative_generate", tokens, lengths,
-                                    jax.device_get(key_bits), *jax.device_get(rest))  # fmt: skip
-        with use_mesh(mesh, tuple(rules or ())):
-            tok_d = jax.device_put(tokens, batch_sharding(mesh, 2))
-            len_d = jax.device_put(lengths, batch_sharding(mesh, 1))
-            rng = jax.device_put(rng, batch_sharding(mesh, jnp.ndim(rng)) if is_key_batch(rng)
-                                 else replicated(mesh))  # fmt: skip
-            rest = jax.device_put(rest, replicated(mesh))
-            out = fn(params, draft_params, tok_d, len_d, rng, *rest)
-            if jax.process_count() > 1:
-                out = decode._replicate(mesh)(out)
+    rest = decode.traced_options(temperature, top_p, min_p, stop_tokens, pad_id)
+    out = decode.call_program("speculative_generate", fn, (params, draft_params), tokens,
+                              lengths, rng, rest, mesh, rules)  # fmt: skip
     return out if rows == B else jax.tree.map(lambda x: x[:B], out)
 
 
