@@ -195,7 +195,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
 
     init_params, apply = model_fns(cfg)
     spec, init_params, prepare = lora_lib.for_training(init_params, config.lora)
-    loss_fn = lm_loss(apply, config.loss, prepare)
+    loss_fn = lm_loss(apply, config.loss, prepare, moe=cfg.n_experts > 0)
     batches = F.SFTBatches(
         train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
         pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,

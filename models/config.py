@@ -21,7 +21,8 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Llama-family decoder-only Transformer (covers Llama 1/2/3, Mistral, Qwen2/3, Phi-3,
-    OLMo 2, Gemma 1/2/3, SmolLM3, TinyLlama)."""
+    OLMo 2, Gemma 1/2/3, SmolLM3, TinyLlama), with a mixture-of-experts MLP (Mixtral, Qwen2-MoE,
+    Qwen3-MoE, OLMoE) when n_experts > 0."""
 
     vocab_size: int = 256  # rows of the embedding table (>= the tokenizer's vocab)
     d_model: int = 64  # residual stream width D
@@ -68,6 +69,20 @@ class ModelConfig:
     final_logit_softcap: float = 0.0  # LM logits -> cap * tanh(logits / cap) (Gemma 2); 0 = off
     tie_embeddings: bool = False  # LM head reuses the embedding table
     mlp_activation: str = "silu"  # silu (SwiGLU) | gelu (GeGLU)
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; models/moe.py): n_experts > 0
+    # replaces every layer's MLP by n_experts gated MLPs of width d_expert (0 = d_ff), each token
+    # routed to its top n_experts_per_token by a softmax router
+    n_experts: int = 0
+    n_experts_per_token: int = 2
+    d_expert: int = 0
+    # the top-k router probabilities renormalised to sum 1 (Mixtral, Qwen3-MoE), or used as
+    # they are (Qwen2-MoE, OLMoE)
+    router_norm_topk: bool = True
+    # assignments an expert takes per row: ceil(factor · T · k / E); beyond that they are dropped
+    # (the residual carries the token). 0 = never drop (capacity T; E/k× the expert compute)
+    moe_capacity_factor: float = 0.0
+    d_shared_expert: int = 0  # width of a dense expert every token also passes (Qwen2-MoE)
+    shared_expert_gate: bool = False  # the shared expert scaled by sigmoid(x·w) (Qwen2-MoE)
     sliding_window: int = 0  # Mistral-style local attention window; 0 = full causal attention
     # Local and global layers mixed (Gemma 2: 2, Gemma 3: 6): with a sliding_window, layer i
     # attends globally when (i + 1) % P == 0 and within the window otherwise; 0 = every layer
@@ -139,6 +154,21 @@ class ModelConfig:
         if self.rope_local_theta and not self.sliding_window_pattern:
             raise ValueError("ModelConfig: rope_local_theta needs a sliding_window_pattern "
                              "(with every layer local, set rope_theta instead)")  # fmt: skip
+        if self.n_experts < 0 or self.n_experts == 1:
+            raise ValueError(f"ModelConfig: n_experts={self.n_experts}; expected 0 (a dense MLP) "
+                             "or >= 2")  # fmt: skip
+        if self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts:
+            raise ValueError(f"ModelConfig: n_experts_per_token={self.n_experts_per_token} must be "
+                             f"in [1, n_experts={self.n_experts}]")  # fmt: skip
+        if self.moe_capacity_factor < 0:
+            raise ValueError(f"ModelConfig.moe_capacity_factor={self.moe_capacity_factor} must be "
+                             ">= 0 (0 = no drops)")  # fmt: skip
+        expert_keys = (self.d_expert, self.d_shared_expert, self.shared_expert_gate)
+        if not self.n_experts and any(expert_keys):
+            raise ValueError("ModelConfig: d_expert / d_shared_expert / shared_expert_gate "
+                             "describe experts; set n_experts too")  # fmt: skip
+        if self.shared_expert_gate and not self.d_shared_expert:
+            raise ValueError("ModelConfig: shared_expert_gate needs a d_shared_expert")
         for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 0 (0 = off)")
@@ -147,6 +177,10 @@ class ModelConfig:
     @property
     def head_dim_(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def d_expert_(self) -> int:
+        return self.d_expert or self.d_ff
 
     @property
     def rotary_dim_(self) -> int:
@@ -221,7 +255,10 @@ class ModelConfig:
 
         `matmul` is PaLM's N for the FLOP count: every weight that takes part in a matmul,
         i.e. everything but the embedding lookup and norm scales; the LM head is included
-        (also when tied, since the tied table is then used as a matmul weight).
+        (also when tied, since the tied table is then used as a matmul weight). With experts
+        it counts the weights a token uses — the router and k experts' — not all E: the
+        FLOPs a token needs, not those a capacity above 1 (or 0, no drops) spends on empty
+        slots.
         """
         D, H, N, K, F, V, L = (
             self.d_model,
@@ -234,14 +271,19 @@ class ModelConfig:
         )
         attn = D * N * H + 2 * D * K * H + N * H * D
         bias = (N * H + 2 * K * H) if self.qkv_bias else 0
-        mlp = 3 * D * F
+        mlp = active_mlp = 3 * D * F
+        if self.n_experts:  # router, experts, shared expert (+ its gate); k experts per token
+            E, Fe, S = self.n_experts, self.d_expert_, self.d_shared_expert
+            shared = 3 * D * S + (D if self.shared_expert_gate else 0)
+            mlp = D * E + E * 3 * D * Fe + shared
+            active_mlp = D * E + self.n_experts_per_token * 3 * D * Fe + shared
         qk = {"none": 0, "head": 2 * H, "all": (N + K) * H}[self.qk_norm]
         norms = (4 if self.norm_placement == "sandwich" else 2) * D + qk
         per_layer = attn + bias + mlp + norms
         embed = V * D
         head = 0 if self.tie_embeddings else V * D
         total = embed + head + L * per_layer + D
-        matmul = L * (attn + mlp) + V * D
+        matmul = L * (attn + active_mlp) + V * D
         return {
             "total": total,
             "embedding": embed,

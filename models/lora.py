@@ -119,7 +119,8 @@ def _unbox(tree):
 def kernel_layout(path: str, shape) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(leading, input, output) dims of the kernel at param path `path` (".../name/kernel")."""
     parts = path.split("/")
-    n_lead = 1 if "layers" in parts else 0
+    # leading batch-like dims: scanned layers' layer axis, a mixture of experts' expert axis
+    n_lead = ("layers" in parts) + ("experts" in parts)
     n_in = IN_DIMS.get(parts[-2] if len(parts) > 1 else "", 1)
     shape = tuple(shape)
     if len(shape) < n_lead + n_in + 1:

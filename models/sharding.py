@@ -9,8 +9,9 @@ choose a parallelism strategy by name instead of pasting tables (t5x's rules-as-
     fsdp_tp  fsdp plus Megatron tensor parallelism of heads / mlp / vocab over `tensor`
 
 Logical names used by the model:
-    parameters:  vocab, embed, q_heads, kv_heads, head_dim, mlp, norm, layers
-    activations: act_batch, act_len, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab
+    parameters:  vocab, embed, q_heads, kv_heads, head_dim, mlp, norm, layers, expert, expert_mlp
+    activations: act_batch, act_len, act_embed, act_heads, act_kv_heads, act_mlp, act_vocab,
+                 act_expert
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ RULE_PRESETS: dict[str, tuple] = {
         ("act_kv_heads", "tensor"),
         ("act_mlp", "tensor"),
         ("act_vocab", "tensor"),
+        # experts split over tensor: each shard runs its experts on all its rows (models/moe.py)
+        ("expert", "tensor"),
+        ("act_expert", "tensor"),
     ),
 }
 

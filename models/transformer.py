@@ -37,6 +37,7 @@ from flaxlm.models.attention import (
 )
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.layers import MLP, Embed, Proj, RMSNorm
+from flaxlm.models.moe import MoE
 
 ACT = ("act_batch", "act_len", "act_embed")
 
@@ -62,7 +63,11 @@ class Block(nn.Module):
         x = nn.with_logical_constraint(x, ACT)
         ctx = layer_context(cfg, ctx, dict(self.kind) if kind is None else kind)
         attn = Attention(cfg, self.fused, self.decode_attention, name="attn")
-        mlp = MLP(cfg, self.fused, self.decode_mlp, name="mlp")
+        if cfg.n_experts:  # mixture of experts (models/moe.py); padding is routed nowhere
+            moe = MoE(cfg, name="mlp")
+            mlp = lambda h: moe(h, ctx.get("valid"))  # noqa: E731
+        else:
+            mlp = MLP(cfg, self.fused, self.decode_mlp, name="mlp")
         attn_norm, mlp_norm = RMSNorm(cfg, name="attn_norm"), RMSNorm(cfg, name="mlp_norm")
         if cfg.norm_placement == "post":
             a, layer_cache = attn(x, ctx, layer_cache)
@@ -117,7 +122,7 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},  # (MoE router statistics)
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, 0, 0),  # ctx, the layer's cache, its kind
                 length=cfg.n_layers,
@@ -153,6 +158,8 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_tables(cfg, positions)
         ctx = {"cos": cos, "sin": sin, "index": None}
+        if cfg.n_experts and segment_ids is not None:  # real tokens, for the MoE router
+            ctx["valid"] = segment_ids != 0
         if cfg.rope_local_theta:
             ctx["cos_local"], ctx["sin_local"] = rope_tables(local_rope_config(cfg), positions)
         # (window for the global "mask"; the local one's)
@@ -362,8 +369,9 @@ def fuse_projections(params, n_layers: int):
         qkv = {"kernel": jnp.concatenate([q["kernel"], k["kernel"], v["kernel"]], axis=1)}
         if "bias" in q:
             qkv["bias"] = jnp.concatenate([q["bias"], k["bias"], v["bias"]], axis=0)
-        gate, up = mlp.pop("gate"), mlp.pop("up")
-        mlp["gate_up"] = {"kernel": jnp.stack([gate["kernel"], up["kernel"]], axis=1)}
+        if "gate" in mlp:  # (a mixture of experts keeps its layout: models/moe.py)
+            gate, up = mlp.pop("gate"), mlp.pop("up")
+            mlp["gate_up"] = {"kernel": jnp.stack([gate["kernel"], up["kernel"]], axis=1)}
         out[f"layers_{i}"] = {**layer, "attn": {**attn, "qkv": qkv}, "mlp": mlp}
     return out
 

@@ -136,38 +136,57 @@ def _loss_and_metrics(sums, weight, z_loss: float):
 
 
 def chunked_lm_loss_fn(model_apply: Callable, chunk: int, z_loss: float = 0.0,
-                       prepare: Callable | None = None):  # fmt: skip
+                       prepare: Callable | None = None, router: tuple | None = None):  # fmt: skip
     """`lm_loss_fn` with the cross-entropy chunked over tokens (`chunked_cross_entropy`).
 
     `model_apply(params, tokens, positions, segment_ids, method=...)` runs the Transformer's
     `backbone` (final hidden states) and `logits` (the LM head) methods; `prepare(params)`
-    (e.g. folding LoRA adapters in) runs once per step, not once per chunk.
+    (e.g. folding LoRA adapters in) runs once per step, not once per chunk. `router`: as in
+    `lm_loss_fn`.
     """
 
     def loss_fn(params, batch, rng):
         del rng
         p = prepare(params) if prepare else params
-        h, _ = model_apply(
-            p, batch["tokens"], batch.get("positions"), batch.get("segment_ids"), method="backbone"
-        )
+        args = (p, batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+        if router is None:
+            h, _ = model_apply(*args, method="backbone")
+        else:
+            (h, _), stats = model_apply(*args, method="backbone", moe_stats=True)
         head = lambda x: model_apply(p, x, method="logits")
-        return chunked_cross_entropy(h, head, batch["targets"], batch["loss_mask"], chunk, z_loss)
+        out = chunked_cross_entropy(h, head, batch["targets"], batch["loss_mask"], chunk, z_loss)
+        return out if router is None else add_router_losses(*out, stats, router)
 
     return loss_fn
 
 
-def lm_loss_fn(apply_fn: Callable, z_loss: float = 0.0):
+def lm_loss_fn(apply_fn: Callable, z_loss: float = 0.0, router: tuple | None = None):
     """Next-token loss over a packed batch: the pretraining and SFT loss.
 
     `apply_fn(params, tokens, positions, segment_ids) -> logits`. SFT differs from pretraining
-    only in `loss_mask` (answers only), which the data path sets.
+    only in `loss_mask` (answers only), which the data path sets. `router` = (load-balance
+    coefficient, router z coefficient) for a mixture-of-experts model: `apply_fn` then takes
+    `moe_stats=True` and returns (logits, router statistics) (`add_router_losses`).
     """
 
     def loss_fn(params, batch, rng):
         del rng  # deterministic model (no dropout)
         # Rows without segment ids hold one unpadded document each: the attention kernels then
         # run in their plain causal mode (cuDNN's fastest path).
-        logits = apply_fn(params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
-        return cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+        args = (params, batch["tokens"], batch.get("positions"), batch.get("segment_ids"))
+        if router is None:
+            return cross_entropy(apply_fn(*args), batch["targets"], batch["loss_mask"], z_loss)
+        logits, stats = apply_fn(*args, moe_stats=True)
+        out = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+        return add_router_losses(*out, stats, router)
 
     return loss_fn
+
+
+def add_router_losses(loss, metrics, stats: dict, router: tuple):
+    """loss + aux·load_balance + z·router_z (models/moe.py's statistics, means over layers),
+    and every statistic logged as `moe/<name>`."""
+    aux, z = router
+    if stats:
+        loss = loss + aux * stats["load_balance"] + z * stats["router_z"]
+    return loss, {**metrics, **{f"moe/{k}": v for k, v in stats.items()}}

@@ -19,7 +19,8 @@ as orthogonal, within about 6% (Frobenius) of float32's result.
 
 Which weights: the kernels inside the layers — attention q, k, v (D × heads·head_dim), o
 (heads·head_dim × D), the MLP's gate, up, down — each its own matrix, per layer when layers
-are stacked for scan (the layer axis is a batch axis). Everything else — the embedding, the
+are stacked for scan (the layer axis is a batch axis), per expert in a mixture of experts
+(models/moe.py; the expert axis is a batch axis too, the router is AdamW's). Everything else — the embedding, the
 LM head, norm scales, biases, scalar heads, LoRA adapters — is updated by AdamW with the same
 learning rate (`muon_labels`), as the references do.
 """
@@ -55,7 +56,9 @@ def matrix_axes(path, x) -> tuple | None:
     layer = next((n for n in names if n == "layers" or n.startswith("layers_")), None)
     if layer is None:
         return None
-    lead = 1 if layer == "layers" else 0  # scanned layers: a leading layer axis
+    # scanned layers: a leading layer axis; a mixture of experts: then the expert axis, each
+    # expert's kernel its own matrix
+    lead = (layer == "layers") + ("experts" in names)
     red, out = _MATRIX_AXES[names[-2]]
     if lead + len(red) + len(out) != x.ndim:
         return None  # not the layout this table knows (a future layer kind): AdamW

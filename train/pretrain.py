@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from flaxlm.configs.common import to_model_config
+from flaxlm.models.moe import collect_stats
 from flaxlm.models.sharding import batch_divisor, make_mesh, shard_batch
 from flaxlm.models.transformer import Transformer
 from flaxlm.train import loop
@@ -31,12 +32,18 @@ def model_fns(cfg):
         tokens = np.zeros((1, 8), np.int32)
         return model.init(rng, tokens)["params"]
 
-    def apply(params, tokens, positions=None, segment_ids=None, method=None):
+    def apply(params, tokens, positions=None, segment_ids=None, method=None, moe_stats=False):
         """Logits; `method="backbone"` gives the final hidden states (and None), `"logits"`
-        applies the LM head to hidden states given as `tokens`."""
+        applies the LM head to hidden states given as `tokens`. `moe_stats=True` returns
+        (that, {router statistic: mean over layers}) (models/moe.py; {} for a dense model)."""
         if method == "logits":
             return model.apply({"params": params}, tokens, method="logits")
-        return model.apply({"params": params}, tokens, positions, segment_ids, method=method)
+        args = (tokens, positions, segment_ids)
+        if not moe_stats:
+            return model.apply({"params": params}, *args, method=method)
+        out, state = model.apply({"params": params}, *args, method=method,
+                                 mutable=["intermediates"])  # fmt: skip
+        return out, collect_stats(state.get("intermediates", {}))
 
     return init_params, apply
 
@@ -65,17 +72,20 @@ def init_loader(init_params):
     return load
 
 
-def lm_loss(apply, loss_cfg, prepare=None):
+def lm_loss(apply, loss_cfg, prepare=None, moe: bool = False):
     """The next-token loss `config.loss` asks for: over full logits, or chunked over tokens
     when `loss.chunk_tokens` > 0 (train/losses.py `chunked_cross_entropy`). `apply` is
-    model_fns' apply; `prepare` maps the train params to the model's (LoRA merge)."""
+    model_fns' apply; `prepare` maps the train params to the model's (LoRA merge). `moe`
+    (a model with experts) adds the router losses, `loss.moe_aux` × load balance +
+    `loss.moe_z` × router z-loss, and logs the router statistics as `moe/...`."""
     chunk = loss_cfg.get("chunk_tokens", 0)
+    router = (loss_cfg.get("moe_aux", 0.01), loss_cfg.get("moe_z", 0.001)) if moe else None
     if chunk:
-        return chunked_lm_loss_fn(apply, chunk, loss_cfg.z_loss, prepare)
+        return chunked_lm_loss_fn(apply, chunk, loss_cfg.z_loss, prepare, router)
     if prepare is not None:
         inner = apply
         apply = lambda params, *a, **kw: inner(prepare(params), *a, **kw)  # noqa: E731
-    return lm_loss_fn(apply, z_loss=loss_cfg.z_loss)
+    return lm_loss_fn(apply, z_loss=loss_cfg.z_loss, router=router)
 
 
 def _builtin_world_texts(split: str = "pretrain") -> list[str]:
@@ -199,7 +209,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
         )
     init_params, apply = model_fns(cfg)
-    loss_fn = lm_loss(apply, config.loss)
+    loss_fn = lm_loss(apply, config.loss, moe=cfg.n_experts > 0)
     batches = make_batches(config, seed=config.seed)
     tokenizer = getattr(batches, "tokenizer", None)
     meta = {"model_config": cfg.to_dict()}
