@@ -127,6 +127,14 @@ GPU_CASES = [
     # of k = 2 and 4 tokens from a 125m draft, one iteration's time against a plain step —
     # with the acceptance measured on trained pairs (bench/RESULTS.md), the speedup.
     ("speculative 1b", 150, ["speculative", "--shapes", "1b-125m"]),
+    # Mixture of experts (models/moe.py): 8 experts top 2 on the 125m shape, capacity 1.25,
+    # against HF's Mixtral (eager: a Python loop over experts) and flaxlm without drops.
+    (
+        "train 125m moe flax+hf eager",
+        150,
+        ["train_throughput", "--cases",
+         "125m-moe:flax,125m-moe:hf-eager,125m-moe:flax:fast_dropless"],
+    ),  # fmt: skip
 ]
 
 TINY_CASES = [

@@ -10,7 +10,9 @@ the driver then writes OUT/train_throughput.md with the table and the flaxlm/pee
 Cases are "SHAPE:IMPL[:PLAN[:FLAGS|profile]]" (FLAGS: a key of driver.XLA_FLAG_SETS; flax
 only; "profile": after the timed steps one more step is traced and summarised into the
 record's "profile", as bench/decode.py does — where a step's GPU time goes):
-  SHAPE  125m | 1b (TinyLlama-1.1B) | 7b (Llama-2-7B) | tiny (CPU smoke)
+  SHAPE  125m | 1b (TinyLlama-1.1B) | 7b (Llama-2-7B) | tiny (CPU smoke) | 125m-moe, tiny-moe
+         (8 / 4 experts, top 2: Mixtral's layout; the HF peer is MixtralForCausalLM, which never
+         drops a token, against flaxlm's capacity factor 1.25 — the "dropless" plan matches it)
   IMPL   flax | hf-eager | hf-compile
   PLAN   flax: a named memory/speed plan from PLANS (default: "fast"; "cpu" for tiny);
          hf: "ckpt" turns on gradient checkpointing.
@@ -37,6 +39,16 @@ SHAPES = {
     "125m": ("125m", 16, 2048),
     "1b": ("1b", 8, 2048),
     "7b": ("7b", 4, 2048),
+    # Mixtral-style mixture of experts on the 125m shape (models/moe.py): 8 experts of the
+    # dense width, top 2 — 0.53B parameters, 1.39x the dense FLOPs per token. The HF peer is
+    # MixtralForCausalLM with the same sizes.
+    "125m-moe": ("125m", 16, 2048),
+    "tiny-moe": ("tiny", 4, 64),
+}
+# ModelConfig fields a shape sets on top of its variant.
+SHAPE_MODEL = {
+    "125m-moe": dict(n_experts=8, n_experts_per_token=2, moe_capacity_factor=1.25),
+    "tiny-moe": dict(n_experts=4, n_experts_per_token=2, moe_capacity_factor=1.25),
 }
 
 # flaxlm plans: ModelConfig overrides (and "loss." / "opt." keys); a bf16 param_dtype also
@@ -85,22 +97,27 @@ PLANS = {
         "opt.muon_dtype": "bfloat16",
     },
     "cpu": dict(),
+    # a mixture of experts with no capacity limit (HF's computation, E/k× the expert work)
+    "fast_dropless": dict(
+        dtype="bfloat16", attention_impl="cudnn", remat_policy="none", moe_capacity_factor=0.0
+    ),
 }
 
 PEAK_TFLOPS = 989.0
 
 
-def _flops(variant: str, seq: int):
+def _flops(shape: str, seq: int):
+    """(FLOPs per token, causal count, ModelConfig) of a shape (experts: active weights)."""
     from flaxlm.models.config import get_variant
 
-    cfg = get_variant(variant)
+    cfg = get_variant(SHAPES[shape][0], **SHAPE_MODEL.get(shape, {}))
     return cfg.flops_per_token(seq), cfg.flops_per_token(seq, causal=True), cfg
 
 
 def _record(case, tokens, dt, steps, peak_gb, extra=None):
     shape = case.split(":")[0]
     variant, batch, seq = SHAPES[shape]
-    fpt, fpt_causal, cfg = _flops(variant, seq)
+    fpt, fpt_causal, cfg = _flops(shape, seq)
     tps = tokens * steps / dt
     rec = {
         "case": case,
@@ -128,12 +145,14 @@ def flax_case_config(case: str):
     from flaxlm.configs.common import to_model_config
 
     shape, _, plan = (case.split(":") + ["", ""])[:3]
-    plan = plan or ("cpu" if shape == "tiny" else "fast")
+    plan = plan or ("cpu" if shape.startswith("tiny") else "fast")
     if plan not in PLANS:
         raise ValueError(f"case {case!r}: unknown plan {plan!r}; plans: {', '.join(PLANS)}")
     variant, batch, seq = SHAPES[shape]
     config = pretrain_config.get_config(f"variant={variant},data=markov")
     with config.unlocked():
+        for k, v in SHAPE_MODEL.get(shape, {}).items():
+            config.model[k] = v
         for k, v in PLANS[plan].items():
             if k.startswith(("loss.", "opt.")):
                 section, key = k.split(".", 1)
@@ -165,7 +184,8 @@ def flax_train_program(case: str, devices) -> dict:
     init_params, apply = model_fns(cfg)
     tx, sched = make_optimizer(config.opt, 1000)
     shardings = state_shardings(init_params, tx, mesh, rules)
-    step = jit_train_step(lm_loss(apply, config.loss), tx, sched, config.guard, 1, shardings, mesh)
+    loss_fn = lm_loss(apply, config.loss, moe=cfg.n_experts > 0)
+    step = jit_train_step(loss_fn, tx, sched, config.guard, 1, shardings, mesh)
     return dict(config=config, cfg=cfg, plan=plan, batch=batch, seq=seq, mesh=mesh, rules=rules,
                 init_params=init_params, tx=tx, shardings=shardings, step=step)  # fmt: skip
 
@@ -225,13 +245,13 @@ def run_hf(case: str, steps: int, warmup: int) -> dict:
 
     shape, impl, plan = (case.split(":") + ["", ""])[:3]
     variant, batch, seq = SHAPES[shape]
-    _, _, cfg = _flops(variant, seq)
+    _, _, cfg = _flops(shape, seq)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
-    hf_cfg = transformers.LlamaConfig(
+    sizes = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
+        intermediate_size=cfg.d_expert_ if cfg.n_experts else cfg.d_ff,
         num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads,
@@ -242,9 +262,18 @@ def run_hf(case: str, steps: int, warmup: int) -> dict:
         attn_implementation="sdpa",
         use_cache=False,
     )
+    if cfg.n_experts:  # Mixtral, with its load-balancing loss as flaxlm trains with one
+        hf_cfg = transformers.MixtralConfig(
+            **sizes, num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.n_experts_per_token, output_router_logits=True,
+            router_aux_loss_coef=0.01, sliding_window=None,
+        )  # fmt: skip
+        model_cls = transformers.MixtralForCausalLM
+    else:
+        hf_cfg, model_cls = transformers.LlamaConfig(**sizes), transformers.LlamaForCausalLM
     torch.manual_seed(0)
     with torch.device(dev):
-        model = transformers.LlamaForCausalLM(hf_cfg).to(dtype)
+        model = model_cls(hf_cfg).to(dtype)
     if plan == "ckpt":
         model.gradient_checkpointing_enable()
     model.train()
