@@ -1,7 +1,8 @@
 """Hugging Face checkpoints: import/export (safetensors + config.json) and tokenizers.
 
     cfg, params = load_pretrained("Llama-3.2-1B/")   # Llama, Mistral, Qwen2/3, Phi-3/4, OLMo 2/3,
-                                                     # Gemma 1/2/3 (text), SmolLM3
+                                                     # Gemma 1/2/3 (text), SmolLM3; MoE: Mixtral,
+                                                     # Qwen2-MoE, Qwen3-MoE, OLMoE
     logits = forward(cfg, params, tokens, positions, segment_ids)
     save_pretrained(cfg, params, "out/", arch="llama")         # transformers loads it back
     tok = load_tokenizer("Llama-3.2-1B/")                      # tokenizer.json or tokenizer.model
@@ -46,6 +47,26 @@ gemma3_text. SmolLM3's layers without RoPE (`no_rope_layers`, or every `no_rope_
 are `nope_layer_interval`; its windows (on those layers) are refused. Export writes both rope
 layouts, so older and newer transformers read it.
 
+Mixtures of experts (models/moe.py): Mixtral (router block_sparse_moe.gate, experts w1 gate /
+w3 up / w2 down, top-k weights always renormalised, Mistral's window), Qwen2-MoE (q/k/v biases,
+a shared expert scaled by sigmoid(shared_expert_gate)), Qwen3-MoE (Qwen3's per-head q/k norms)
+and OLMoE (q/k norms over all heads, before attention and the MLP). num_experts or
+num_local_experts (both written on export: transformers 5 writes Qwen3-MoE's as the latter,
+older versions read the former) is `n_experts`, num_experts_per_tok `n_experts_per_token`,
+norm_topk_prob `router_norm_topk`, moe_intermediate_size (Mixtral's, OLMoE's
+intermediate_size) the experts' width, shared_expert_intermediate_size `d_shared_expert`.
+Every layer must be sparse: Qwen's decoder_sparse_step != 1 or mlp_only_layers (dense layers
+mixed in) are refused, as are their use_sliding_window (transformers versions disagree on
+which layers) and OLMoE's clip_qkv. Import reads the per-expert tensors of every published
+checkpoint and of transformers' save_pretrained (experts.j.{gate,up,down}_proj), one host
+buffer per stacked (E, ...) kernel placed when its E rows are read, and transformers 5's
+fused layout (save_original_format=False: experts.gate_up_proj (E, 2F, D), experts.down_proj
+(E, D, F), Mixtral's under mlp.); export writes the per-expert layout, which old and new
+transformers load. HF never drops assignments, so import sets moe_capacity_factor=0; a model
+trained with a capacity factor still exports (with a warning: the factor is not written and
+the export computes the dropless forward).
+router_aux_loss_coef is a training setting: ignored on import, each class's default written.
+
 Large checkpoints load shard by shard (model.safetensors.index.json; a model.safetensors beside
 it wins, as in transformers): each tensor is read from
 the memory-mapped file, converted and placed on device (in its shards when a mesh is given)
@@ -63,8 +84,10 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
+import warnings
 
 import flax.linen
 import jax
@@ -92,7 +115,9 @@ ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
          "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
          "gemma3_text": "Gemma3ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
-         "olmo3": "Olmo3ForCausalLM"}  # fmt: skip
+         "olmo3": "Olmo3ForCausalLM", "mixtral": "MixtralForCausalLM",
+         "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+         "olmoe": "OlmoeForCausalLM"}  # fmt: skip
 # What a family always has, where it differs from Llama's (LLAMA_FIXED): import sets these,
 # export refuses a model that differs (naming an arch that fits).
 LLAMA_FIXED = {"qk_norm": "none", "norm_placement": "pre", "norm_unit_offset": False,
@@ -100,6 +125,8 @@ LLAMA_FIXED = {"qk_norm": "none", "norm_placement": "pre", "norm_unit_offset": F
 _GEMMA_FIXED = {"norm_unit_offset": True, "scale_embeddings": True}
 ARCH_FIXED = {
     "qwen3": {"qk_norm": "head"},
+    "qwen3_moe": {"qk_norm": "head"},
+    "olmoe": {"qk_norm": "all"},  # (over all heads, as OLMo 2's, but before attention / MLP)
     "olmo2": {"qk_norm": "all", "norm_placement": "post"},
     "olmo3": {"qk_norm": "all", "norm_placement": "post"},
     "gemma": _GEMMA_FIXED,
@@ -108,7 +135,16 @@ ARCH_FIXED = {
 }
 # Optional features only some families' configs can state: field -> those archs
 ARCH_FEATURES = {
-    "sliding_window": ("mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "olmo3"),
+    "sliding_window": (
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "gemma2",
+        "gemma3_text",
+        "olmo3",
+        "mixtral",
+    ),
     "sliding_window_pattern": ("gemma2", "gemma3_text", "olmo3"),
     "rope_local_theta": ("gemma3_text", "olmo3"),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
@@ -126,8 +162,19 @@ ARCH_FEATURES = {
         "gemma2",
         "gemma3_text",
         "smollm3",
+        "qwen2_moe",
+        "qwen3_moe",
+        "olmoe",
     ),
+    "d_shared_expert": ("qwen2_moe",),
+    "shared_expert_gate": ("qwen2_moe",),
 }
+# Mixture-of-experts families (models/moe.py): every layer's MLP is E experts and a router
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+# each expert's (gate, up, down) weight names (the others': gate_proj, up_proj, down_proj)
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+# router_aux_loss_coef written on export (a training setting: their config classes' defaults)
+_ROUTER_AUX_DEFAULT = {"mixtral": 0.001, "qwen2_moe": 0.001, "qwen3_moe": 0.001, "olmoe": 0.01}
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
 # Families with every P-th layer global and the rest local: P when a config lists no layer_types
 _LAYER_PERIOD = {"gemma2": 2, "gemma3_text": 6, "olmo3": 4}
@@ -284,7 +331,7 @@ def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> tuple[int, 
     if mt == "smollm3":
         return 0, 0
     if types is None:
-        return (window if mt in ("mistral", "phi3") else 0), 0
+        return (window if mt in ("mistral", "phi3", "mixtral") else 0), 0
     if len(types) != n_layers:
         raise HFError(f"{where}: layer_types has {len(types)} entries for {n_layers} layers")
     kinds = set(types)
@@ -389,6 +436,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if dtype not in _DTYPES:
         raise HFError(f"{where}: dtype {dtype!r} is not supported ({_DTYPES})")
     head_dim = int(hf.get("head_dim") or D // N)
+    moe = _moe_from_hf(hf, mt, D, N, head_dim, where) if mt in _MOE else {}
     window, pattern = _window_from_hf(hf, mt, L, where)
     if mt == "gemma3_text" and hf.get("use_bidirectional_attention"):
         raise HFError(f"{where}: use_bidirectional_attention=true is not supported")
@@ -408,7 +456,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         d_ff=int(need("intermediate_size")),
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        qkv_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
+        qkv_bias=_qkv_bias(hf, mt),
         rotary_dim=0 if mt in _ROPE_BY_TYPE else _rotary_dim(hf, head_dim, where),
         tie_embeddings=bool(hf.get("tie_word_embeddings", mt in _GEMMA)),
         mlp_activation=_ACTS[act],
@@ -423,7 +471,68 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         param_dtype=dtype,
         **{**LLAMA_FIXED, **ARCH_FIXED.get(mt, {})},
         **rope,
+        **moe,
     )
+
+
+def _qkv_bias(hf: dict, mt: str) -> bool:
+    if mt == "qwen2":
+        return True
+    if mt == "qwen2_moe":  # (transformers 5 reads qkv_bias; before, they were always there)
+        return bool(hf.get("qkv_bias", True))
+    return bool(hf.get("attention_bias", False))
+
+
+def _moe_from_hf(hf: dict, mt: str, D: int, N: int, head_dim: int, where: str) -> dict:
+    """The mixture-of-experts fields of an HF MoE config. Every layer must be sparse (Qwen's
+    decoder_sparse_step / mlp_only_layers mix dense MLP layers in: refused); nothing is
+    dropped (moe_capacity_factor 0, as HF computes); router_aux_loss_coef, a training
+    setting, is ignored."""
+    counts = {k: hf[k] for k in ("num_experts", "num_local_experts") if hf.get(k) is not None}
+    if not counts:
+        raise HFError(f"{where}: missing key 'num_experts' (or 'num_local_experts')")
+    if len(set(counts.values())) > 1:
+        raise HFError(f"{where}: num_experts={counts['num_experts']} and num_local_experts="
+                      f"{counts['num_local_experts']} disagree")  # fmt: skip
+    E = int(next(iter(counts.values())))
+    if E < 2:
+        raise HFError(f"{where}: num_experts={E}: flaxlm's mixture of experts needs >= 2 (a "
+                      "dense model is another model_type)")  # fmt: skip
+    k = hf.get("num_experts_per_tok")
+    if k is None:
+        raise HFError(f"{where}: missing key 'num_experts_per_tok'")
+    if not 1 <= int(k) <= E:
+        raise HFError(f"{where}: num_experts_per_tok={k} must be in [1, num_experts={E}]")
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        step = int(hf.get("decoder_sparse_step") or 1)
+        dense = list(hf.get("mlp_only_layers") or [])
+        if step != 1 or dense:
+            raise HFError(f"{where}: decoder_sparse_step={step}, mlp_only_layers={dense}: dense "
+                          "MLP layers mixed among the MoE layers are not supported (flaxlm's "
+                          "experts replace every layer's MLP; need decoder_sparse_step=1 and "
+                          "mlp_only_layers=[])")  # fmt: skip
+        if hf.get("use_sliding_window"):  # (transformers versions disagree on which layers)
+            raise HFError(f"{where}: use_sliding_window=true is not supported for {mt}")
+    if mt == "olmoe":
+        if hf.get("clip_qkv") is not None:
+            raise HFError(f"{where}: clip_qkv={hf['clip_qkv']} is not supported")
+        if head_dim * N != D:  # (OlmoeAttention's q_norm has hidden_size weights)
+            raise HFError(f"{where}: head_dim={head_dim} × num_attention_heads={N} != "
+                          f"hidden_size={D}; OLMoE's q/k norms need them equal")  # fmt: skip
+    norm_topk = mt == "mixtral" or bool(hf.get("norm_topk_prob", False))
+    out = {"n_experts": E, "n_experts_per_token": int(k), "moe_capacity_factor": 0.0,
+           "router_norm_topk": norm_topk}  # fmt: skip
+    if mt in ("qwen2_moe", "qwen3_moe"):  # (Mixtral's, OLMoE's: intermediate_size = d_ff)
+        if not hf.get("moe_intermediate_size"):
+            raise HFError(f"{where}: missing key 'moe_intermediate_size'")
+        out["d_expert"] = int(hf["moe_intermediate_size"])
+    if mt == "qwen2_moe":
+        S = hf.get("shared_expert_intermediate_size")
+        if not S:
+            raise HFError(f"{where}: shared_expert_intermediate_size={S!r}: Qwen2-MoE without a "
+                          "shared expert is not supported")  # fmt: skip
+        out.update(d_shared_expert=int(S), shared_expert_gate=True)
+    return out
 
 
 def _nope_interval(hf: dict, n_layers: int, where: str) -> int:
@@ -468,7 +577,8 @@ def _check_expressible(cfg: ModelConfig, arch: str) -> None:
         if getattr(cfg, k)
         and not (k == "query_pre_attn_scalar" and cfg.query_pre_attn_scalar == cfg.head_dim_)
     ]
-    fits = [a for a in ARCHS if _fixed(a) == ours and all(a in ARCH_FEATURES[k] for k in used)]
+    fits = [a for a in ARCHS if _fixed(a) == ours and all(a in ARCH_FEATURES[k] for k in used)
+            and _moe_mismatch(cfg, a) is None]  # fmt: skip
     hint = f"use arch={fits[0]!r}" if fits else "no supported arch can state this model"
     for key, want in _fixed(arch).items():
         if ours[key] != want:
@@ -478,6 +588,30 @@ def _check_expressible(cfg: ModelConfig, arch: str) -> None:
         if arch not in ARCH_FEATURES[key]:
             raise HFError(f"export: arch {arch!r} cannot state {key}={getattr(cfg, key)!r}; "
                           f"{hint}")  # fmt: skip
+    why = _moe_mismatch(cfg, arch)
+    if why:
+        raise HFError(f"export: {why}; {hint}")
+
+
+def _moe_mismatch(cfg: ModelConfig, arch: str) -> str | None:
+    """Why `arch` cannot state `cfg`'s MLP (dense or experts), or None."""
+    E = cfg.n_experts
+    if E and arch not in _MOE:
+        return f"arch {arch!r} has a dense MLP, this model n_experts={E}"
+    if not E and arch in _MOE:
+        return f"arch {arch!r} is a mixture of experts, this model has a dense MLP (n_experts=0)"
+    if arch == "mixtral" and not cfg.router_norm_topk:
+        return (
+            "arch 'mixtral' always renormalises the top-k router weights, this model "
+            "router_norm_topk=False"
+        )
+    if arch == "qwen2_moe" and not (cfg.d_shared_expert and cfg.shared_expert_gate):
+        return (f"arch 'qwen2_moe' always has a gated shared expert, this model d_shared_expert="
+                f"{cfg.d_shared_expert} shared_expert_gate={cfg.shared_expert_gate}")  # fmt: skip
+    if arch == "olmoe" and cfg.head_dim_ * cfg.n_heads != cfg.d_model:
+        return (f"arch 'olmoe' needs head_dim × n_heads = d_model, this model {cfg.head_dim_} × "
+                f"{cfg.n_heads} != {cfg.d_model}")  # fmt: skip
+    return None
 
 
 def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
@@ -485,6 +619,11 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
     if arch not in ARCHS:
         raise HFError(f"export: arch {arch!r} is not supported; choose one of {sorted(ARCHS)}")
     _check_expressible(cfg, arch)
+    if cfg.n_experts and cfg.moe_capacity_factor > 0:
+        warnings.warn(f"export: moe_capacity_factor={cfg.moe_capacity_factor} is not written: "
+                      f"transformers' {arch} never drops expert assignments, so the export "
+                      "computes flaxlm's dropless forward (moe_capacity_factor=0)",
+                      stacklevel=2)  # fmt: skip
     if arch == "phi3" and cfg.rope_scaling == "yarn":  # (Phi3Config reads "yarn" as longrope)
         raise HFError("export: arch 'phi3' reads rope type 'yarn' as longrope; use arch='qwen3' "
                       "or 'llama'")  # fmt: skip
@@ -542,9 +681,12 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
         "torch_dtype": dtype,
         "use_cache": True,
     }
-    if arch in ARCH_FEATURES["qkv_bias"] and arch != "qwen2":  # (Qwen2 always has them)
-        out.update(attention_bias=cfg.qkv_bias)
-    if arch in ("olmo2", "olmo3", "phi3", *_GEMMA):  # (their configs' defaults: their own ids)
+    if arch in ARCH_FEATURES["qkv_bias"] and arch not in ("qwen2", "qwen2_moe"):
+        out.update(attention_bias=cfg.qkv_bias)  # (Qwen2 and Qwen2-MoE always have them)
+    if arch in ("olmo2", "olmo3", "phi3", "olmoe", *_GEMMA):  # (their configs' defaults: their
+        out.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)  # own ids)
+    if arch in _MOE:
+        out.update(_moe_to_hf(cfg, arch))
         out.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if arch == "llama":
         out.update(mlp_bias=False)
@@ -601,6 +743,27 @@ def config_to_hf(cfg: ModelConfig, arch: str = "llama", **extra) -> dict:
     return {**out, **extra}
 
 
+def _moe_to_hf(cfg: ModelConfig, arch: str) -> dict:
+    """The experts' keys of an MoE arch's config.json. Both spellings of the expert count
+    (transformers 5's Qwen3-MoE writes num_local_experts, older ones read num_experts)."""
+    E, L = cfg.n_experts, cfg.n_layers
+    out = {"num_experts": E, "num_local_experts": E,
+           "num_experts_per_tok": cfg.n_experts_per_token, "output_router_logits": False,
+           "router_aux_loss_coef": _ROUTER_AUX_DEFAULT[arch]}  # fmt: skip
+    if arch == "mixtral":
+        return {**out, "intermediate_size": cfg.d_expert_, "router_jitter_noise": 0.0,
+                "sliding_window": cfg.sliding_window or None}  # fmt: skip
+    out["norm_topk_prob"] = cfg.router_norm_topk
+    if arch == "olmoe":
+        return {**out, "intermediate_size": cfg.d_expert_, "clip_qkv": None}
+    out.update(moe_intermediate_size=cfg.d_expert_, decoder_sparse_step=1, mlp_only_layers=[],
+               use_sliding_window=False, sliding_window=None, max_window_layers=L)  # fmt: skip
+    if arch == "qwen2_moe":
+        out.update(shared_expert_intermediate_size=cfg.d_shared_expert, qkv_bias=True,
+                   layer_types=["full_attention"] * L)  # fmt: skip
+    return out
+
+
 def _rope_parameters_by_type(cfg: ModelConfig, rope: dict) -> dict:
     """rope_parameters by layer type (Gemma 3, OLMo 3): the global layers' `rope`, the local
     ones' unscaled base rope_local_theta (or `rope` too without one)."""
@@ -626,9 +789,23 @@ def load_config(path: str) -> ModelConfig:
 # Tensor names and layouts
 
 
-def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
+class _Row(tuple):
+    """A plan target that is one row of a stacked param: (path, row, rows) — expert `row` of
+    an (E, ...) expert kernel, which HF keeps as one tensor per expert."""
+
+    path = property(lambda self: self[0])
+    row = property(lambda self: self[1])
+    rows = property(lambda self: self[2])
+
+
+def _plan(cfg: ModelConfig, arch: str | None = None, fused_experts: bool = False
+          ) -> dict[str, tuple]:  # fmt: skip
     """HF tensor name -> (our param path, HF shape, to_ours, to_hf); for an HF weight that
-    holds several of ours (Phi-3's fused ones) a list of paths, to_ours giving a list."""
+    holds several of ours (Phi-3's fused ones) a list of paths, to_ours giving a list; for one
+    expert's weight a `_Row` of our stacked expert kernel. `fused_experts`: the experts as
+    transformers 5 keeps them in memory (and writes with save_original_format=False), one
+    gate_up_proj (E, 2F, D) and one down_proj (E, D, F) per layer; else one tensor per expert
+    and projection, as every published checkpoint (and transformers' save_pretrained)."""
     D, N, K, H, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_, cfg.d_ff,
                         cfg.vocab_size)  # fmt: skip
     same = (lambda w: w, lambda p: p)
@@ -682,6 +859,9 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
                 size = H if cfg.qk_norm == "head" else n * H
                 out[hf + f"self_attn.{name}.weight"] = ((us, "attn", name, "scale"), (size,), *same)
         out[hf + "self_attn.o_proj.weight"] = ((us, "attn", "o", "kernel"), (D, N * H), *o)
+        if cfg.n_experts:
+            out.update(_expert_plan(cfg, arch, i, fused_experts))
+            continue
         for name, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))):
             if fused and name != "down":
                 continue
@@ -693,23 +873,73 @@ def _plan(cfg: ModelConfig, arch: str | None = None) -> dict[str, tuple]:
     return out
 
 
+def _expert_plan(cfg: ModelConfig, arch: str | None, i: int, fused: bool) -> dict[str, tuple]:
+    """Layer i's router, experts (and Qwen2-MoE's shared expert) in `_plan`'s terms. Mixtral
+    keeps them under block_sparse_moe. (w1 gate, w3 up, w2 down), transformers 5 in memory under
+    mlp.; the others under mlp. (gate_proj, up_proj, down_proj)."""
+    D, E, F, S = cfg.d_model, cfg.n_experts, cfg.d_expert_, cfg.d_shared_expert
+    us = (f"layers_{i}", "mlp")
+    lin = (lambda w: w.T, lambda p: p.T)
+    block = "block_sparse_moe" if arch == "mixtral" and not fused else "mlp"
+    hf = f"model.layers.{i}.{block}."
+    out = {hf + "gate.weight": ((*us, "router", "kernel"), (E, D), *lin)}
+    experts = {x: (*us, "experts", x, "kernel") for x in ("gate", "up", "down")}
+    if fused:  # (E, 2F, D): gate rows, then up rows, per expert; down (E, D, F)
+        swap = (lambda w: np.swapaxes(w, 1, 2), lambda p: np.swapaxes(p, 1, 2))
+        out[hf + "experts.gate_up_proj"] = (
+            [experts["gate"], experts["up"]], (E, 2 * F, D),
+            lambda w: [np.swapaxes(w[:, :F], 1, 2), np.swapaxes(w[:, F:], 1, 2)],
+            lambda ps: np.concatenate([np.swapaxes(p, 1, 2) for p in ps], axis=1),
+        )  # fmt: skip
+        out[hf + "experts.down_proj"] = (experts["down"], (E, D, F), *swap)
+    else:  # all experts' gates, then ups, then downs: export fetches each kernel once
+        names = _EXPERT_NAMES.get(arch, ("gate_proj", "up_proj", "down_proj"))
+        for x, theirs, shape in zip(("gate", "up", "down"), names, ((F, D), (F, D), (D, F))):
+            for j in range(E):
+                out[hf + f"experts.{j}.{theirs}.weight"] = (_Row((experts[x], j, E)), shape, *lin)
+    if S:  # Qwen2-MoE's shared expert, scaled by sigmoid(x · shared_expert_gate)
+        for x, shape in (("gate", (S, D)), ("up", (S, D)), ("down", (D, S))):
+            out[hf + f"shared_expert.{x}_proj.weight"] = ((*us, "shared", x, "kernel"), shape, *lin)
+    if cfg.shared_expert_gate:
+        out[hf + "shared_expert_gate.weight"] = ((*us, "shared_gate", "kernel"), (1, D), *lin)
+    return out
+
+
 def _zero_extras(cfg: ModelConfig, arch: str) -> dict[str, tuple]:
     """Tensors an HF arch needs that our model does not have (written as zeros on export):
-    Qwen2 always has q/k/v biases; the others' attention_bias also biases o_proj."""
+    Qwen2 and Qwen2-MoE always have q/k/v biases; the others' attention_bias also biases
+    o_proj."""
     D, H = cfg.d_model, cfg.head_dim_
     out = {}
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}.self_attn."
-        if arch == "qwen2" and not cfg.qkv_bias:
+        if arch in ("qwen2", "qwen2_moe") and not cfg.qkv_bias:
             for name, n in (("q", cfg.n_heads), ("k", cfg.n_kv_heads), ("v", cfg.n_kv_heads)):
                 out[p + f"{name}_proj.bias"] = (n * H,)
-        if arch != "qwen2" and cfg.qkv_bias:
+        if arch not in ("qwen2", "qwen2_moe") and cfg.qkv_bias:
             out[p + "o_proj.bias"] = (D,)
     return out
 
 
 def _ignorable(name: str, cfg: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
+
+
+def _has_fused_experts(path: str) -> bool:
+    """Whether a checkpoint keeps its experts fused (transformers 5's in-memory layout:
+    mlp.experts.gate_up_proj / down_proj), judged by the tensor names (headers only)."""
+    from safetensors import safe_open
+
+    try:
+        files = _shard_files(path)
+        if files == ["model.safetensors"]:
+            with safe_open(os.path.join(path, files[0]), framework="numpy") as f:
+                names = list(f.keys())
+        else:
+            names = load_hf_json(path, "model.safetensors.index.json")["weight_map"]
+    except Exception:  # (unreadable: load_pretrained names the problem)
+        return False
+    return any(n.endswith(".experts.gate_up_proj") for n in names)
 
 
 def _shard_files(path: str) -> list[str]:
@@ -772,8 +1002,10 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
         cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     arch = load_hf_json(path).get("model_type")
     prefix = MULTIMODAL[arch][1] if arch in MULTIMODAL else ""
-    plan, place = _plan(cfg, arch), _placements(cfg, mesh, rules)
+    fused = bool(cfg.n_experts) and _has_fused_experts(path)
+    plan, place = _plan(cfg, arch, fused), _placements(cfg, mesh, rules)
     params, seen = {}, set()
+    stacks = {}  # our expert kernel -> [host buffer (E, ...), rows filled], until complete
     for fname in _shard_files(path):
         full = os.path.join(path, fname)
         if not os.path.exists(full):
@@ -799,6 +1031,11 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
                         continue
                     if _ignorable(name, cfg):
                         continue
+                    j = re.search(r"\.experts\.(\d+)\.", name)
+                    if j and cfg.n_experts and int(j.group(1)) >= cfg.n_experts:
+                        raise HFError(f"{full}: tensor {name} is expert {j.group(1)}, but "
+                                      f"config.json has {cfg.n_experts} experts (num_experts / "
+                                      "num_local_experts)")  # fmt: skip
                     raise HFError(f"{full}: unexpected tensor {name} for {cfg_summary(cfg)}")
                 ours, shape, to_ours, _ = plan[name]
                 w = _tensor(f, stored, full)
@@ -811,6 +1048,18 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, rules=None):
                     for p, part in zip(ours, to_ours(w)):
                         part = np.asarray(part).astype(cfg.weight_dtype)
                         _set(params, p, jax.device_put(part, place(p)))
+                elif isinstance(ours, _Row):  # one expert's: placed when all E are read
+                    row = np.asarray(to_ours(w)).astype(cfg.weight_dtype)
+                    if ours.path not in stacks:
+                        buf = np.empty((ours.rows, *row.shape), row.dtype)
+                        stacks[ours.path] = [buf, 0]
+                    stack = stacks[ours.path]
+                    stack[0][ours.row] = row
+                    stack[1] += 1
+                    if stack[1] == ours.rows:
+                        _set(params, ours.path, jax.device_put(stack[0], place(ours.path)))
+                        del stacks[ours.path], stack
+                    del row
                 else:
                     w = np.asarray(to_ours(w)).astype(cfg.weight_dtype)
                     _set(params, ours, jax.device_put(w, place(ours)))
@@ -844,7 +1093,9 @@ def _tensor(f, name: str, full: str) -> np.ndarray:
 def cfg_summary(cfg: ModelConfig) -> str:
     return (f"L={cfg.n_layers} D={cfg.d_model} N={cfg.n_heads} K={cfg.n_kv_heads} "
             f"qkv_bias={cfg.qkv_bias} qk_norm={cfg.qk_norm} norms={cfg.norm_placement} "
-            f"tied={cfg.tie_embeddings}")  # fmt: skip
+            f"tied={cfg.tie_embeddings}"
+            + (f" experts={cfg.n_experts} top-{cfg.n_experts_per_token} "
+               f"shared={cfg.d_shared_expert}" if cfg.n_experts else ""))  # fmt: skip
 
 
 def _safe_dtype(x: np.ndarray, dtype) -> np.ndarray:
@@ -872,12 +1123,21 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
     config["dtype"] = config["torch_dtype"] = np_dtype.name
     tensors = []  # (name, fetch) in HF order; fetched one at a time while writing
 
+    last = [None, None]  # the last param fetched: an expert kernel serves its E tensors
+
     def host(path):  # one param on the host
-        return np.asarray(jax.device_get(_get(params, path)))
+        if last[0] != path:
+            last[:] = path, None  # (the previous one freed first)
+            last[1] = np.asarray(jax.device_get(_get(params, path)))
+        return last[1]
+
+    def ours_on_host(ours):
+        if isinstance(ours, _Row):
+            return host(ours.path)[ours.row]
+        return [host(p) for p in ours] if isinstance(ours, list) else host(ours)
 
     for name, (ours, shape, _, to_hf) in _plan(cfg, arch).items():
-        tensors.append((name, shape, lambda ours=ours, to_hf=to_hf: to_hf(
-            [host(p) for p in ours] if isinstance(ours, list) else host(ours))))  # fmt: skip
+        tensors.append((name, shape, lambda ours=ours, to_hf=to_hf: to_hf(ours_on_host(ours))))
     for name, shape in _zero_extras(cfg, arch).items():
         tensors.append((name, shape, lambda shape=shape: np.zeros(shape, np.float32)))
     shards, size = [[]], 0
@@ -979,7 +1239,12 @@ def _forward_fn(cfg: ModelConfig):
 def default_arch(cfg: ModelConfig) -> str:
     """The HF family that expresses `cfg` (Gemma's for Gemma-style norms and embeddings, OLMo 2
     for post-norm blocks, Qwen3 for per-head q/k norms, Phi-3 for partial rotary, Qwen2 for
-    q/k/v biases, Mistral for a window)."""
+    q/k/v biases, Mistral for a window; with experts: OLMoE for norms over all heads, Qwen3-MoE
+    per head, Qwen2-MoE for a shared expert, else Mixtral)."""
+    if cfg.n_experts:
+        if cfg.qk_norm != "none":
+            return "olmoe" if cfg.qk_norm == "all" else "qwen3_moe"
+        return "qwen2_moe" if cfg.d_shared_expert else "mixtral"
     if cfg.nope_layer_interval:
         return "smollm3"
     if cfg.norm_unit_offset or cfg.scale_embeddings:

@@ -24,7 +24,8 @@ from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3", "olmo2",
-            "gemma", "gemma2", "gemma3", "phi3_longrope", "smollm3", "olmo3")  # fmt: skip
+            "gemma", "gemma2", "gemma3", "phi3_longrope", "smollm3", "olmo3", "mixtral",
+            "qwen2_moe", "qwen3_moe", "olmoe")  # fmt: skip
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -57,7 +58,8 @@ def test_logits_match_transformers(family):
      ("qwen3_yarn", "pallas"), ("phi3", "xla"), ("phi3", "pallas"), ("olmo2", "xla"),
      ("olmo2", "pallas"), ("gemma", "xla"), ("gemma2", "xla"), ("gemma2", "pallas"),
      ("gemma3", "xla"), ("gemma3", "pallas"), ("phi3_longrope", "xla"), ("smollm3", "xla"),
-     ("olmo3", "xla")],
+     ("olmo3", "xla"), ("mixtral", "xla"), ("qwen2_moe", "xla"), ("qwen3_moe", "xla"),
+     ("olmoe", "xla")],
 )  # fmt: skip  # the families' decode-time features (head_dim 8/16 keep "pallas" on the XLA
 # path; Gemma 3's head_dim 32 runs the kernel: local and global layers' masks and tables,
 # query_pre_attn_scalar; test_decode.py runs it with Gemma 2's soft-capping)
@@ -270,7 +272,10 @@ def test_old_rope_layout_reads_the_same(tmp_path):
                                          ("phi3", "phi3"), ("olmo2", "olmo2"),
                                          ("gemma", "gemma"), ("gemma2", "gemma2"),
                                          ("gemma3", "gemma3_text"), ("phi3_longrope", "phi3"),
-                                         ("smollm3", "smollm3"), ("olmo3", "olmo3")])  # fmt: skip
+                                         ("smollm3", "smollm3"), ("olmo3", "olmo3"),
+                                         ("mixtral", "mixtral"), ("qwen2_moe", "qwen2_moe"),
+                                         ("qwen3_moe", "qwen3_moe"),
+                                         ("olmoe", "olmoe")])  # fmt: skip
 def test_import_export_import_round_trip(family, arch, tmp_path):
     cfg, params = hf.load_pretrained(os.path.join(FIX, family))
     out = tmp_path / "export"
