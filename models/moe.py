@@ -29,7 +29,8 @@ and shared_gate/kernel (D, 1). Logical axes: the expert axis is "expert" (split 
 by the fsdp_tp preset: each tensor shard computes its experts for all its rows, no all-to-all,
 since rows are replicated over `tensor`), an expert's hidden axis "expert_mlp".
 
-Each layer sows ("intermediates", "moe") a vector of router statistics over its valid tokens
+Each layer sows into its own collection, ("moe", "stats"), a vector of router statistics over
+its valid tokens
 (`STATS`): the Switch load-balancing loss E·Σ_e f_e·P_e (f_e: share of assignments routed to
 e, P_e: mean router probability of e; 1 when balanced, E/k at worst), the router z-loss
 mean(logsumexp(logits)²) (ST-MoE), the share of assignments dropped, and the busiest
@@ -49,6 +50,7 @@ from flaxlm.models.config import ModelConfig
 from flaxlm.models.layers import MLP, Proj, ProjWeights
 
 STATS = ("load_balance", "router_z", "dropped", "max_load")
+COLLECTION = "moe"  # where the layers sow them: apply(..., mutable=[COLLECTION])
 
 
 def capacity(cfg: ModelConfig, tokens_per_row: int) -> int:
@@ -136,7 +138,9 @@ class MoE(nn.Module):
         valid = jnp.ones((B, T), bool) if valid is None else valid.astype(bool)
         logits = Proj((D, E), ("embed", None), cfg, name="router")(x).astype(jnp.float32)
         slot, weight, stats = route(cfg, logits, valid, C)
-        self.sow("intermediates", "moe", stats)
+        # its own collection: asking for "intermediates" would also make every attention layer
+        # sow its (B, N, T, S) probabilities (models/attention.py, for inspection)
+        self.sow(COLLECTION, "stats", stats)
 
         # Dispatch: buffer slot (e, c) holds the token of the assignment ranked c for e.
         src = _scatter_rows(E * C, slot, fill=k * T)  # (B, E·C): assignment or k·T (none)
@@ -160,10 +164,10 @@ class MoE(nn.Module):
         return y
 
 
-def collect_stats(intermediates) -> dict:
+def collect_stats(sown) -> dict:
     """{name: mean over layers} of the router statistics the MoE layers sowed (`STATS`);
     {} when there are none (a dense model)."""
-    leaves = [x for x in jax.tree.leaves(intermediates) if x.shape[-1:] == (len(STATS),)]
+    leaves = jax.tree.leaves(sown)
     if not leaves:
         return {}
     rows = jnp.concatenate([x.reshape(-1, len(STATS)) for x in leaves])

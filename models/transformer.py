@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block,
-                variable_axes={"params": 0, "intermediates": 0},  # (MoE router statistics)
+                variable_axes={"params": 0, "moe": 0},  # (MoE router statistics, models/moe.py)
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, 0, 0),  # ctx, the layer's cache, its kind
                 length=cfg.n_layers,

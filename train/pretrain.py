@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from flaxlm.configs.common import to_model_config
+from flaxlm.models.moe import COLLECTION as MOE_STATS
 from flaxlm.models.moe import collect_stats
 from flaxlm.models.sharding import batch_divisor, make_mesh, shard_batch
 from flaxlm.models.transformer import Transformer
@@ -42,8 +43,8 @@ def model_fns(cfg):
         if not moe_stats:
             return model.apply({"params": params}, *args, method=method)
         out, state = model.apply({"params": params}, *args, method=method,
-                                 mutable=["intermediates"])  # fmt: skip
-        return out, collect_stats(state.get("intermediates", {}))
+                                 mutable=[MOE_STATS])  # fmt: skip
+        return out, collect_stats(state.get(MOE_STATS, {}))
 
     return init_params, apply
 

@@ -87,8 +87,8 @@ def reference(cfg, params, x, valid=None):
 def _run_layer(cfg, params, x, valid=None):
     out, state = moe.MoE(cfg).apply({"params": params}, jnp.asarray(x, jnp.float32),
                                     None if valid is None else jnp.asarray(valid),
-                                    mutable=["intermediates"])  # fmt: skip
-    return np.asarray(out), moe.collect_stats(state["intermediates"])
+                                    mutable=[moe.COLLECTION])  # fmt: skip
+    return np.asarray(out), moe.collect_stats(state[moe.COLLECTION])
 
 
 @pytest.mark.parametrize(
@@ -240,8 +240,8 @@ def test_aux_loss_alone_balances_the_router():
     params["router"]["kernel"] = params["router"]["kernel"].at[0, 0].add(1.0)
 
     def lb(p):
-        _, state = moe.MoE(cfg).apply({"params": p}, x, mutable=["intermediates"])
-        return moe.collect_stats(state["intermediates"])
+        _, state = moe.MoE(cfg).apply({"params": p}, x, mutable=[moe.COLLECTION])
+        return moe.collect_stats(state[moe.COLLECTION])
 
     start = lb(params)
     grad = jax.grad(lambda q: lb(q)["load_balance"])
