@@ -132,8 +132,11 @@ GPU_CASES = [
     (
         "train 125m moe flax+hf eager",
         150,
-        ["train_throughput", "--cases",
-         "125m-moe:flax,125m-moe:hf-eager,125m-moe:flax:fast_dropless"],
+        [
+            "train_throughput",
+            "--cases",
+            "125m-moe:flax,125m-moe:hf-eager,125m-moe:flax:fast_dropless",
+        ],
     ),  # fmt: skip
 ]
 

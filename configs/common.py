@@ -114,7 +114,8 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     c.total_steps = total_steps  # optimizer steps of the run (the schedule decays over them)
     c.batch_size = batch_size  # global batch in rows (all processes together)
     c.seq_len = seq_len  # tokens per row
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the rest
+    # -1: the rest; context > 1 splits each sequence over that many devices (long contexts)
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1, "tensor": 1})
     c.sharding = "fsdp"  # logical→mesh rules preset: dp | fsdp | fsdp_tp
     c.opt = opt_config()  # optimizer and schedule (train/optim.py)
     c.guard = guard_config()  # NaN / spike handling (train/step.py)

@@ -8,9 +8,9 @@ flaxlm.evaluation`): a model too big for one device is split over several, or se
                                        pods): one process per host, the same command on each
 
 Axes and presets are training's (models/sharding.py): `--mesh` names sizes of data | fsdp |
-tensor, -1 taking the devices left over; `--sharding` is the logical-rules preset (dp | fsdp |
-fsdp_tp); a mesh of fewer devices than the machine has (no -1) takes the first ones. Without
-`--mesh` the model sits on one device — with several processes, the mesh is
+context | tensor, -1 taking the devices left over; `--sharding` is the logical-rules preset
+(dp | fsdp | fsdp_tp); a mesh of fewer devices than the machine has (no -1) takes the first
+ones. Without `--mesh` the model sits on one device — with several processes, the mesh is
 `data=-1` over all of them instead. With several processes every process reads the same inputs,
 the work is split over all devices, and every process gets the whole result (models/decode.py,
 "Several processes"); only process 0 prints and writes files (`is_writer`).

@@ -346,6 +346,18 @@ def by_window(cfg: ModelConfig, ctx: dict, attend):
     return jax.lax.cond(ctx["local"], lambda: attend(cfg.sliding_window), lambda: attend(0))
 
 
+def gather_sequence(x_BSKH):
+    """Keys or values (B, S, K, H) whole along the sequence on every device: under context
+    parallelism (models/sharding.py) each device's queries cover T/C positions but attend to
+    keys anywhere before them, so the keys and values of a layer are all-gathered over the
+    context axis (the scores, softmax and output stay split by query). Without a split
+    sequence: unchanged. (All-gather, not ring, attention: the gather costs 2·S·K·H values
+    per layer and device, which GQA keeps small next to the activations it lets us split.)"""
+    if logical_axes_unsplit("act_len"):
+        return x_BSKH
+    return nn.with_logical_constraint(x_BSKH, ("act_batch", None, "act_kv_heads", "head_dim"))
+
+
 def causal_mask(T: int, S: int, window: int, start=0) -> jax.Array:
     """(1, 1, T, S): key s visible to query t (both from 0; the queries' from `start`) when
     s <= t (and t - s < window)."""
@@ -424,6 +436,9 @@ class Attention(nn.Module):
             k = RMSNorm(cfg, name="k_norm")(k.reshape(*k.shape[:2], -1)).reshape(k.shape)
         q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
+        # (v too: under context parallelism the partitioner would otherwise gather the layer's
+        # input x and project the whole sequence's values on every device)
+        v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
         T, H = q.shape[1], q.shape[3]
         # logits' scale: None = head_dim^-1/2 as it always was (divided, bit for bit)
         scale, cap = (cfg.attn_scale if cfg.query_pre_attn_scalar else None), cfg.attn_logit_softcap
@@ -493,6 +508,7 @@ class Attention(nn.Module):
         dim it does not take), and for every prefill (inference: a long prompt's float32
         scores one block of rows at a time, not (B, N, P, P) at once); else plain XLA."""
         cfg = self.cfg
+        k, v = gather_sequence(k), gather_sequence(v)
         if cfg.attention_impl == "cudnn" and not cap and cudnn_supports_head_dim(q.shape[-1]):
             return by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
         T, S = q.shape[1], k.shape[1]

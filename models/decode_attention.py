@@ -300,5 +300,6 @@ def runs_natively(devices=None) -> bool:
 
 def mesh_supports() -> bool:
     """Whether the ambient mesh (if any) leaves the heads whole on each device: the kernel
-    reads a row's q|k|v heads as one block, which tensor-parallel heads would split."""
-    return logical_axes_unsplit("act_kv_heads", "act_heads")
+    reads a row's q|k|v heads as one block, which tensor-parallel heads would split, and its
+    cache's slots as one buffer, which context parallelism would split."""
+    return logical_axes_unsplit("act_kv_heads", "act_heads", "act_len")

@@ -1,12 +1,21 @@
 """Device meshes and logical-axis sharding rules.
 
 Every parameter and the main activations carry *logical* axis names (`embed`, `mlp`,
-`act_batch`, ...). A preset turns those into mesh axes (`data`, `fsdp`, `tensor`), so configs
-choose a parallelism strategy by name instead of pasting tables (t5x's rules-as-code idea):
+`act_batch`, ...). A preset turns those into mesh axes (`data`, `fsdp`, `context`, `tensor`),
+so configs choose a parallelism strategy by name instead of pasting tables (t5x's rules-as-code
+idea):
 
     dp       pure data parallelism: parameters replicated, batch split over data×fsdp
     fsdp     ZeRO-3 style: parameters split along `embed` over fsdp, batch over data×fsdp
     fsdp_tp  fsdp plus Megatron tensor parallelism of heads / mlp / vocab over `tensor`
+
+Every preset splits the sequence (`act_len`) over the `context` axis (size 1 unless the mesh
+asks for more): context parallelism for long sequences. Each device of a context group holds
+T/C positions of every activation and gathers the keys and values of the whole sequence for
+its queries' attention (models/attention.py `gather_sequence`); the weights are whole across
+the group. The rows of a batch are not split over `context` (the batch divides data×fsdp).
+Axis order is outermost to innermost — the last axes get the devices that talk fastest:
+tensor (every matmul), then context (every attention layer's keys and values).
 
 Logical names used by the model:
     parameters:  vocab, embed, q_heads, kv_heads, head_dim, mlp, norm, layers, expert, expert_mlp
@@ -17,6 +26,7 @@ Logical names used by the model:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import zlib
 from collections.abc import Mapping
@@ -28,12 +38,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 _COMMON = (
     ("act_batch", BATCH_AXES),
-    ("act_len", None),
+    ("act_len", "context"),  # context parallelism (size 1: nothing split)
     ("layers", None),
     ("head_dim", None),
     ("norm", None),
@@ -86,7 +96,8 @@ def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> tuple[int, .
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all (or the given) devices, with Auto axis types.
+    """A (data, fsdp, context, tensor) mesh over all (or the given) devices, Auto axis types.
+    jax.make_mesh puts the last axes on the devices closest together (one host's).
 
     Auto axes keep sharding decisions in the compiler (GSPMD) guided by our constraints; JAX's
     default for `jax.make_mesh` is Explicit sharding-in-types, which linen does not use.
@@ -114,12 +125,31 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     On one process this is a plain device_put; with several processes every process passes
     its own rows and the result is one global array (no process sees the others' data).
     """
+    if jax.process_count() > 1:
+        _check_rows_per_process(mesh)
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
         sharding = batch_sharding(mesh, v.ndim) if v.ndim else replicated(mesh)
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _check_rows_per_process(mesh: Mesh) -> None:
+    """Each process passes rows no other process has, so every group of devices that holds
+    the same rows (the context × tensor devices at one data × fsdp index) must sit in one
+    process: a ValueError naming the axes otherwise (two hosts splitting one sequence would
+    each bring other rows for it)."""
+    groups = np.asarray(mesh.devices).reshape(batch_divisor(mesh), -1)
+    for group in groups:
+        procs = {d.process_index for d in group}
+        if len(procs) > 1:
+            raise ValueError(
+                f"mesh {dict(mesh.shape)}: the context × tensor devices that share rows span "
+                f"processes {sorted(procs)}; each process loads its own rows, so context × "
+                f"tensor must fit in one process's {jax.local_device_count()} devices"
+            )
 
 
 def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -22,8 +22,9 @@ from flaxlm.train.step import jit_train_step
 
 
 def test_resolve_mesh_shape():
-    assert resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1)
-    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+    assert resolve_mesh_shape({"data": -1}, 8) == (8, 1, 1, 1)  # data, fsdp, context, tensor
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 1, 2)
+    assert resolve_mesh_shape({"context": 4, "data": -1}, 8) == (2, 1, 4, 1)
     with pytest.raises(ValueError, match="needs 4 devices"):
         resolve_mesh_shape({"data": 2, "fsdp": 2}, 8)
     with pytest.raises(KeyError, match="pipeline"):

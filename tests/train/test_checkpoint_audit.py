@@ -100,7 +100,7 @@ def test_restore_on_another_mesh_is_bitwise_in_every_dtype(source, mesh, shardin
     ckpt.close()
     assert step == int(state.step) == STEPS
     assert data_state == {"index": STEPS, "seed": 0}  # MarkovStream: the next batch is #4
-    assert meta["config"]["mesh"] == {"data": -1, "fsdp": 1, "tensor": 1}  # written on data=8
+    assert meta["config"]["mesh"] == {"data": -1, "fsdp": 1, "context": 1, "tensor": 1}  # data=8
     got = jax.tree_util.tree_flatten_with_path(state)[0]
     want, tree = jax.tree.flatten(final)
     assert jax.tree.structure(state) == tree
