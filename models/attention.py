@@ -506,13 +506,18 @@ class Attention(nn.Module):
         prefill into an empty cache): cuDNN's flash kernel where the config asks for it and
         it applies; XLA in blocks of query rows where it does not (soft-capped logits, a head
         dim it does not take), and for every prefill (inference: a long prompt's float32
-        scores one block of rows at a time, not (B, N, P, P) at once); else plain XLA."""
+        scores one block of rows at a time, not (B, N, P, P) at once); else plain XLA — also
+        under context parallelism, each device's (T/C, S) scores at once."""
         cfg = self.cfg
+        split = not logical_axes_unsplit("act_len")  # context parallelism
         k, v = gather_sequence(k), gather_sequence(v)
-        if cfg.attention_impl == "cudnn" and not cap and cudnn_supports_head_dim(q.shape[-1]):
+        if (cfg.attention_impl == "cudnn" and not cap and not split
+                and cudnn_supports_head_dim(q.shape[-1])):  # fmt: skip
             return by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
         T, S = q.shape[1], k.shape[1]
-        if cfg.attention_impl == "cudnn" or ctx.get("prefill"):
+        # A split sequence takes XLA's attention whole: cuDNN's partitioner refuses queries
+        # split along the sequence, and the row blocks below would gather them.
+        if (cfg.attention_impl == "cudnn" or ctx.get("prefill")) and not split:
 
             def rows_of(window):
                 def mask_fn(start, rows):
