@@ -30,7 +30,7 @@ from flaxlm.models.layers import (
     joins_projections,
     stacked_projection,
 )
-from flaxlm.models.sharding import logical_axes_unsplit
+from flaxlm.models.sharding import logical_axes_unsplit, logical_axis_size
 
 # ----------------------------------------------------------------------------------------------
 # RoPE
@@ -234,6 +234,47 @@ def chunked_attention(q_BTNH, k, v, mask_fn, scale=None, cap: float = 0.0,
     blocks = q_BTNH.reshape(B, T // chunk, chunk, N, H).swapaxes(0, 1)
     out = jax.lax.map(block, (blocks, jnp.arange(T // chunk)))
     return out.swapaxes(0, 1).reshape(B, T, N, H)
+
+
+def context_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int, C: int, scale=None,
+                      cap: float = 0.0, chunk: int | None = None) -> jax.Array:  # fmt: skip
+    """`chunked_attention` for queries split C ways along the sequence (context parallelism):
+    each device's T/C rows in blocks of `chunk`, every device working on its own rows at once.
+    The rows are viewed as (C, T/C): block j is rows c·T/C + j·chunk … of every c, so the
+    block index runs over the unsplit axis and no device's rows move (slicing the split T
+    axis itself, as `chunked_attention` does, would gather the queries). Each block is
+    rematerialised in the backward pass: a device holds (chunk, S) float32 scores per head at
+    a time, not (T/C, S). `mask_B1TS` None means plain causal rows (with `window`)."""
+    B, T, N, H = q_BTNH.shape
+    S, L = k_BSKH.shape[1], T // C
+    chunk = chunk or ATTENTION_CHUNK
+    chunk = chunk if L % chunk == 0 else L
+    n = L // chunk
+    split = ("act_batch", "act_len", None, None, "act_heads", "head_dim")
+    q6 = nn.with_logical_constraint(q_BTNH.reshape(B, C, n, chunk, N, H), split)
+    if mask_B1TS is not None:
+        mask6 = mask_B1TS.reshape(mask_B1TS.shape[0], 1, C, n, chunk, S)
+
+    @jax.checkpoint
+    def block(j):
+        qb = jax.lax.dynamic_index_in_dim(q6, j, axis=2, keepdims=False)  # (B, C, chunk, N, H)
+        if mask_B1TS is None:
+            rows = jnp.arange(C)[:, None] * L + j * chunk + jnp.arange(chunk)[None, :]
+            cols = jnp.arange(S)
+            mask = cols[None, None, :] <= rows[..., None]  # (C, chunk, S)
+            if window:
+                mask &= (rows[..., None] - cols[None, None, :]) < window
+            mask = mask.reshape(1, 1, C * chunk, S)
+        else:
+            mask = jax.lax.dynamic_index_in_dim(mask6, j, axis=3, keepdims=False)
+            mask = mask.reshape(mask.shape[0], 1, C * chunk, S)
+        out = xla_attention(qb.reshape(B, C * chunk, N, H), k_BSKH, v_BSKH, mask, scale, cap)
+        return nn.with_logical_constraint(
+            out.reshape(B, C, chunk, N, H), ("act_batch", "act_len", None, "act_heads", "head_dim")
+        )
+
+    out = jax.lax.map(block, jnp.arange(n))  # (n, B, C, chunk, N, H)
+    return out.transpose(1, 2, 0, 3, 4, 5).reshape(B, T, N, H)
 
 
 def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS, scale=None, cap: float = 0.0
@@ -506,8 +547,8 @@ class Attention(nn.Module):
         prefill into an empty cache): cuDNN's flash kernel where the config asks for it and
         it applies; XLA in blocks of query rows where it does not (soft-capped logits, a head
         dim it does not take), and for every prefill (inference: a long prompt's float32
-        scores one block of rows at a time, not (B, N, P, P) at once); else plain XLA — also
-        under context parallelism, each device's (T/C, S) scores at once."""
+        scores one block of rows at a time, not (B, N, P, P) at once); else plain XLA. Under
+        context parallelism, XLA over blocks of each device's own rows (`context_attention`)."""
         cfg = self.cfg
         split = not logical_axes_unsplit("act_len")  # context parallelism
         k, v = gather_sequence(k), gather_sequence(v)
@@ -515,9 +556,13 @@ class Attention(nn.Module):
                 and cudnn_supports_head_dim(q.shape[-1])):  # fmt: skip
             return by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
         T, S = q.shape[1], k.shape[1]
-        # A split sequence takes XLA's attention whole: cuDNN's partitioner refuses queries
-        # split along the sequence, and the row blocks below would gather them.
-        if (cfg.attention_impl == "cudnn" or ctx.get("prefill")) and not split:
+        C = logical_axis_size("act_len")
+        if split and T % C == 0:
+            # cuDNN's partitioner refuses queries split along the sequence, and the row blocks
+            # below would gather them: each device's own rows, in blocks (`context_attention`)
+            return by_window(cfg, ctx, lambda w: context_attention(
+                q, k, v, ctx["mask"], w, C, scale, cap))  # fmt: skip
+        if cfg.attention_impl == "cudnn" or ctx.get("prefill"):
 
             def rows_of(window):
                 def mask_fn(start, rows):

@@ -249,6 +249,18 @@ def logical_axes_unsplit(*names: str) -> bool:
     return all(mesh.shape[a] == 1 for a in mesh_axes)
 
 
+def logical_axis_size(name: str) -> int:
+    """How many ways the ambient mesh and rules (`use_mesh`) split logical axis `name` (1
+    outside a mesh): e.g. "act_len" -> the context axis's size."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    (axes,) = nn.logical_to_mesh_axes((name,))
+    if not axes:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules):
     """Context in which model code is traced: the mesh plus the logical→mesh rules.

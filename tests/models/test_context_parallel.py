@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from flaxlm.models import attention
 from flaxlm.models.config import get_variant
 from flaxlm.models.sharding import logical_axis_rules, make_mesh, use_mesh
 from flaxlm.train.pretrain import lm_loss, model_fns
@@ -51,12 +52,15 @@ def _loss_and_grads(cfg, params, batch, mesh=None, preset="fsdp"):
     [
         # attention_impl="cudnn" would fail on this CPU: a split sequence takes XLA's
         ({"attention_impl": "cudnn"}, False, {"data": 2, "context": 2, "tensor": 2}, "fsdp_tp"),
-        # packed documents, a window and experts, the sequence over 8 devices
+        # packed documents, a window and experts, the sequence over 4 devices
         ({"sliding_window": 6, "n_experts": 4, "d_expert": 32}, True,
-         {"context": 8}, "fsdp"),
+         {"data": 2, "context": 4}, "fsdp"),
     ],
 )  # fmt: skip
-def test_split_sequence_gives_one_devices_loss_and_grads(overrides, packed, shape, preset):
+def test_split_sequence_gives_one_devices_loss_and_grads(overrides, packed, shape, preset,
+                                                         monkeypatch):  # fmt: skip
+    # blocks of 4 query rows: each device's 16 (context 2) or 8 (context 4) rows in 4 or 2
+    monkeypatch.setattr(attention, "ATTENTION_CHUNK", 4)
     cfg = get_variant("tiny", **overrides)
     one_device = cfg.replace(attention_impl="xla")
     params = _unbox(model_fns(one_device)[0](jax.random.PRNGKey(0)))
