@@ -9,7 +9,6 @@ transformers 5's fused layout) live.
 
 import json
 import os
-import shutil
 import warnings
 
 import jax
@@ -20,18 +19,7 @@ from safetensors.numpy import load_file, save_file
 from flaxlm.models import hf
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.models.transformer import stack_layers
-
-FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "hf")
-
-
-def _copy(family, tmp_path, edit_config=None, name="src"):
-    d = tmp_path / name
-    shutil.copytree(os.path.join(FIX, family), d)
-    if edit_config:
-        c = json.loads((d / "config.json").read_text())
-        edit_config(c)
-        (d / "config.json").write_text(json.dumps(c))
-    return str(d)
+from tests.models.test_hf import FIX, _copy
 
 
 def _config(family):
