@@ -101,15 +101,17 @@ def test_trimmed_rows_give_the_same_logprobs_loss_and_gradients():
     rows["advantages"] = rng.normal(size=B).astype(np.float32)
     cut = rl_rollout.trim_rows(rows, T, [16, 24, 40, 48])
     assert cut["tokens"].shape[1] == 24
-    lp = lambda b: rl_rollout.policy_logprobs(apply, params, b, 0.7)  # noqa: E731
-    full, short = jax.device_get(lp(rows)), jax.device_get(lp(cut))
+    # jitted: op by op, the forward and its gradient took minutes on 2 CPU cores
+    lp = jax.jit(lambda p, b: rl_rollout.policy_logprobs(apply, p, b, 0.7))
+    full, short = jax.device_get(lp(params, rows)), jax.device_get(lp(params, cut))
     for f, s in zip(full, short):
         np.testing.assert_allclose(rl_rollout.pad_columns(s, 24, T) * rows["loss_mask"],
                                    f * rows["loss_mask"], rtol=1e-5, atol=1e-6)  # fmt: skip
     c = override(grpo_config.get_config("runlocal=True"), {"grpo.loss_agg": "seq"})
     loss = grpo.grpo_loss_fn(apply, c.grpo, 0.7)
-    (l_full, m_full), g_full = jax.value_and_grad(loss, has_aux=True)(params, rows, None)
-    (l_cut, m_cut), g_cut = jax.value_and_grad(loss, has_aux=True)(params, cut, None)
+    loss_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (l_full, m_full), g_full = loss_and_grad(params, rows, None)
+    (l_cut, m_cut), g_cut = loss_and_grad(params, cut, None)
     np.testing.assert_allclose(l_cut, l_full, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
