@@ -1,7 +1,8 @@
 """The runs of tests/alignment/test_rl_multiprocess.py and test_multiprocess_offline.py:
 `config_for` builds a run's config (the test runs it on one process), and as a script (`python
-THIS PORT PROCESS_ID N WORKDIR TASK SFT RM CACHE REWARDS_DIR`) this runs it as one of N
-processes."""
+THIS PORT PROCESS_ID N ROOT TASKS SFT RM CACHE REWARDS_DIR`) this runs each of the
+comma-separated TASKS in turn, into ROOT/TASK, as one of N processes: one start and one
+jax.distributed set-up for all of a test file's runs (`run_all`)."""
 
 import importlib
 import importlib.util
@@ -71,6 +72,18 @@ def run(task: str, config, workdir: str):
     return importlib.import_module(f"flaxlm.alignment.{task}").run(config, workdir)
 
 
+def run_all(tasks, configs, root: str, rewards_dir: str) -> None:
+    """Runs each task's config into root/TASK; the reward calls a task logged in
+    rewards_dir/calls.<process> move to rewards_dir/TASK.calls.<process> after it."""
+    import jax
+
+    for task in tasks:
+        run(task, configs[task], os.path.join(root, task))
+        calls = os.path.join(rewards_dir, f"calls.{jax.process_index()}")
+        if os.path.exists(calls):
+            os.replace(calls, os.path.join(rewards_dir, f"{task}.calls.{jax.process_index()}"))
+
+
 REWARDS = '''
 import os
 import jax
@@ -89,9 +102,10 @@ def write_rewards(directory: str) -> None:
 
 
 if __name__ == "__main__":
-    port, pid, n, workdir, task, sft, rm, cache, rewards_dir = sys.argv[1:10]
+    port, pid, n, root, tasks, sft, rm, cache, rewards_dir = sys.argv[1:10]
     sys.path.insert(0, rewards_dir)
     from flaxlm.train.main import init_distributed
 
     init_distributed(f"localhost:{port}", int(n), int(pid))
-    run(task, config_for(task, sft, rm, cache), workdir)
+    tasks = tasks.split(",")
+    run_all(tasks, {t: config_for(t, sft, rm, cache) for t in tasks}, root, rewards_dir)

@@ -38,18 +38,29 @@ def runs(tmp_path_factory, cache_dir):
     return H.fake_runs(str(tmp_path_factory.mktemp("mp_runs")), cache_dir)
 
 
+@pytest.fixture(scope="module")
+def trained(runs, cache_dir, tmp_path_factory):
+    """(root, configs): every offline task run by two processes into root/two/TASK (one start
+    of the two for all of them) and, meanwhile, by this process into root/one/TASK."""
+    sft, rm = runs
+    root = tmp_path_factory.mktemp("offline")
+    configs = {t: TASKS.config_for(t, sft, rm, str(cache_dir)) for t in TASKS.OFFLINE}
+    port, tasks = mp.free_port(), ",".join(TASKS.OFFLINE)
+    args = [root / "two", tasks, sft, rm, cache_dir, root]
+    mp.run_processes(lambda i: [SCRIPT, port, i, 2, *args], timeout=400,
+                     during=lambda: TASKS.run_all(TASKS.OFFLINE, configs, str(root / "one"),
+                                                  str(root)))  # fmt: skip
+    return root, configs
+
+
 @pytest.mark.parametrize("task", TASKS.OFFLINE)
-def test_two_processes_evaluate_like_one_and_train(task, runs, cache_dir, tmp_path):
+def test_two_processes_evaluate_like_one_and_train(task, trained):
     """The held-out metrics of the starting model, the training and the checkpoint are the
     same whether one process or two run it: the global batches do not depend on the process
     count (data/formats.py `_Batches`)."""
     assert jax.device_count() == 8
-    sft, rm = runs
-    port, two, one = mp.free_port(), tmp_path / "two", tmp_path / "one"
-    args = [two, task, sft, rm, cache_dir, tmp_path]
-    c = TASKS.config_for(task, sft, rm, str(cache_dir))
-    mp.run_processes(lambda i: [SCRIPT, port, i, 2, *args], timeout=400,
-                     during=lambda: TASKS.run(task, c, str(one)))  # fmt: skip
+    root, configs = trained
+    c, two, one = configs[task], root / "two" / task, root / "one" / task
     first = [next(r for r in read_metrics(d) if any(k.startswith("eval/") for k in r))
              for d in (one, two)]  # fmt: skip
     assert first[0]["step"] == first[1]["step"] == 0 and first[0].keys() == first[1].keys()
@@ -58,8 +69,8 @@ def test_two_processes_evaluate_like_one_and_train(task, runs, cache_dir, tmp_pa
             assert first[1][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
     if task in ("reward", "dpo", "kto"):  # per pair kind, over both processes' rows
         assert any(k.startswith("eval/acc_") for k in first[1])
-    trained = [r for r in read_metrics(two) if "loss" in r]
-    assert len(trained) == c.total_steps and all(np.isfinite(r["loss"]) for r in trained)
+    steps = [r for r in read_metrics(two) if "loss" in r]
+    assert len(steps) == c.total_steps and all(np.isfinite(r["loss"]) for r in steps)
     last = [r for r in read_metrics(two) if any(k.startswith("eval/") for k in r)][-1]
     assert last["step"] == c.total_steps
     # The same training, up to the order of reductions over processes, and checkpoint.

@@ -34,29 +34,41 @@ def runs(tmp_path_factory, cache_dir):
     return H.fake_runs(str(tmp_path_factory.mktemp("mp_runs")), cache_dir)
 
 
-@pytest.mark.parametrize("task", ["grpo", "ppo", "online_dpo"])
-def test_two_processes_train_like_one(task, runs, cache_dir, tmp_path, monkeypatch):
-    assert jax.device_count() == 8
+TASKS = ("grpo", "ppo", "online_dpo")
+
+
+@pytest.fixture(scope="module")
+def trained(runs, cache_dir, tmp_path_factory):
+    """(root, configs): every task run by two processes into root/two/TASK (one start of the
+    two for all of them) and, meanwhile, by this process into root/one/TASK; the reward
+    function's calls of each in root/rewards_{one,two}/TASK.calls.<process>."""
     sft, rm = runs
-    rewards = {"one": tmp_path / "rewards_one", "two": tmp_path / "rewards_two"}
+    root = tmp_path_factory.mktemp("rl")
+    rewards = {"one": root / "rewards_one", "two": root / "rewards_two"}
     for d in rewards.values():  # each run's reward function logs its calls next to itself
         d.mkdir()
         RL.write_rewards(str(d))
-    port, two = mp.free_port(), tmp_path / "two"
-    args = [two, task, sft, rm, cache_dir, rewards["two"]]
+    configs = {t: RL.config_for(t, sft, rm, str(cache_dir)) for t in TASKS}
+    port = mp.free_port()
+    args = [root / "two", ",".join(TASKS), sft, rm, cache_dir, rewards["two"]]
 
     def one_process():  # the reference, here, while the two processes run
-        monkeypatch.syspath_prepend(str(rewards["one"]))
-        monkeypatch.delitem(sys.modules, "counted_rewards", raising=False)  # (a former test's)
-        c = RL.config_for(task, sft, rm, str(cache_dir))
-        RL.run(task, c, str(tmp_path / "one"))
-        return c
+        with pytest.MonkeyPatch.context() as m:
+            m.syspath_prepend(str(rewards["one"]))
+            m.delitem(sys.modules, "counted_rewards", raising=False)  # (a former test's)
+            RL.run_all(TASKS, configs, str(root / "one"), str(rewards["one"]))
 
-    c = []
     mp.run_processes(lambda i: [SCRIPT, port, i, 2, *args], timeout=400,
-                     during=lambda: c.append(one_process()))  # fmt: skip
-    c = c[0]
-    one, both = read_metrics(tmp_path / "one"), read_metrics(two)
+                     during=one_process)  # fmt: skip
+    return root, configs, rewards
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_two_processes_train_like_one(task, trained):
+    assert jax.device_count() == 8
+    root, configs, rewards = trained
+    c, two = configs[task], root / "two" / task
+    one, both = read_metrics(root / "one" / task), read_metrics(two)
     losses = [r for r in one if "loss" in r]
     assert len(losses) == c.total_steps and [r for r in both if "loss" in r]
     # The rollouts and evaluations (decoded, judged, scored on the host of each process) are
@@ -73,12 +85,13 @@ def test_two_processes_train_like_one(task, runs, cache_dir, tmp_path, monkeypat
         assert any("eval/sft_heldout/sampled_accuracy" in r for r in both)
     assert len({r["rollout/iteration"] for r in one if "rollout/iteration" in r}) == 2
     if task != "ppo":  # each sample judged once, by one process: half of them each
-        calls_one = (rewards["one"] / "calls.0").read_text().splitlines()
-        calls_two = [(rewards["two"] / f"calls.{i}").read_text().splitlines() for i in (0, 1)]
+        calls_one = (rewards["one"] / f"{task}.calls.0").read_text().splitlines()
+        calls_two = [(rewards["two"] / f"{task}.calls.{i}").read_text().splitlines()
+                     for i in (0, 1)]  # fmt: skip
         assert len(calls_one) == len(calls_two[0]) + len(calls_two[1])
         assert len(calls_two[0]) == len(calls_two[1]) > 0
         assert sorted(calls_one) == sorted(calls_two[0] + calls_two[1])
     # The checkpoint the two processes wrote holds the policy the one process trained.
-    (_, want, _), (_, got, _) = (load_policy(str(d)) for d in (tmp_path / "one", two))
+    (_, want, _), (_, got, _) = (load_policy(str(d)) for d in (root / "one" / task, two))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
