@@ -67,6 +67,9 @@ GENERATE_OPTIONS = {
     # a stop string no token ever completes (models/stop_strings.py): the loop of "while" plus
     # the automaton's per-step gather, for its cost
     "strings": {"stop_tokens": (-1,), "stop_strings": "never"},
+    # int8 projection weights (models/quant.py): half the weight bytes; the HBM bound of the
+    # record counts its weights at one byte each
+    "int8": {"quantize": "int8"},
 }
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
@@ -89,17 +92,19 @@ def model_dims(variant: str) -> dict:
                 eps=c.norm_eps, params=counts["total"], embedding=counts["embedding"])  # fmt: skip
 
 
-def hbm_bound(dims: dict, batch: int, prompt: int, new: int, itemsize: int) -> dict:
-    weight = (dims["params"] - dims["embedding"]) * itemsize
+def hbm_bound(dims: dict, batch: int, prompt: int, new: int, itemsize: int,
+              weight_itemsize: int | None = None) -> dict:  # fmt: skip
+    weight = (dims["params"] - dims["embedding"]) * (weight_itemsize or itemsize)
     mean_ctx = prompt + new / 2
     kv = 2 * dims["layers"] * batch * dims["kv_heads"] * dims["head_dim"] * itemsize * mean_ctx
     step = (weight + kv) / HBM_BYTES_PER_S
     return {"weight_bytes": weight, "kv_bytes_per_step": kv, "hbm_bound_tokens_per_s": batch / step}
 
 
-def _finish(rec: dict, dims: dict, times: list, prefill: list, batch, prompt, new, itemsize):
+def _finish(rec: dict, dims: dict, times: list, prefill: list, batch, prompt, new, itemsize,
+            weight_itemsize: int | None = None):  # fmt: skip
     t, tp = statistics.median(times), statistics.median(prefill)
-    rec.update(hbm_bound(dims, batch, prompt, new, itemsize))
+    rec.update(hbm_bound(dims, batch, prompt, new, itemsize, weight_itemsize))
     rec.update(
         batch=batch, prompt_len=prompt, new_tokens=new, call_s=t, prefill_s=tp,
         tokens_per_s=batch * new / t,
@@ -187,8 +192,9 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
            }  # fmt: skip
     if profile:  # after every timing and the memory reading, so neither sees the profiler
         rec.update(profile_call(lambda: call(new, runs + 1)))
+    int8 = kw.get("quantize") == "int8"  # its bound counts the weights at a byte each
     return _finish(rec, model_dims(variant), times, prefill, batch, prompt, new,
-                   jnp.dtype(dtype).itemsize)  # fmt: skip
+                   jnp.dtype(dtype).itemsize, 1 if int8 else None)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

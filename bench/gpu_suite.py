@@ -60,6 +60,9 @@ GPU_CASES = [
         60,
         ["decode", "--cases", "1b:flax:b64:pallas:fused:no_triton_gemm"],
     ),  # fmt: skip
+    # int8 projection weights (models/quant.py): H200 compile 2.06 GiB per batch-64 token
+    # against 3.10 (1.00 against 1.97 at batch 1); the record's HBM bound counts int8 bytes.
+    ("decode 1b flaxlm int8", 90, ["decode", "--cases", "1b:flax:b64:int8,1b:flax:b1:int8"]),
     # Batch 1 against batch 64: equal step times would mean per-step overhead, not bandwidth.
     ("decode 1b flaxlm b1", 45, ["decode", "--cases", "1b:flax:b1"]),
     # 7B: bf16 params, no remat. XLA's buffer assignment for the H200 (bench/gpu_aot.py):

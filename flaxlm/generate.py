@@ -117,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="decode-step attention: one Pallas kernel per layer "
                    "(models/decode_attention.py; for GPUs, slow elsewhere), XLA's, or auto: "
                    "the kernel on CUDA GPUs, XLA's elsewhere")  # fmt: skip
+    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+                   help="int8: projection weights in int8 with a scale per output channel "
+                   "(models/quant.py; half the weight bytes a decode step reads; the quantized "
+                   "model's tokens)")  # fmt: skip
     p.add_argument("--full_cache", action="store_true",
                    help="sliding-window layers keep full KV caches, not rings of W slots "
                    "(the same tokens; more memory)")  # fmt: skip
@@ -229,6 +233,11 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         (any(not s for s in args.stop), "--stop needs a non-empty string"),
         (args.draft_tokens < 1, "--draft_tokens must be >= 1"),
         (args.ngram < 1, "--ngram must be >= 1"),
+        (
+            args.quantize != "none" and bool(args.draft),
+            "--quantize is for plain decoding, "
+            "not --draft (speculative decoding keeps the float weights)",
+        ),
     ]
     for is_bad, msg in bad:
         if is_bad:
@@ -343,7 +352,8 @@ def main(argv=None) -> None:
             out = generate(
                 cfg, params, [prompts[i] for i in chunk_full], rng=prompt_keys(rng, chunk_full),
                 num_samples=K, decode_attention=args.decode_attention,
-                window_cache=not args.full_cache, stop_strings=stop_strings, **sampler,
+                window_cache=not args.full_cache, stop_strings=stop_strings,
+                quantize=args.quantize, **sampler,
             )  # fmt: skip
         else:
             out = _speculate(cfg, params, draft, args, [prompts[i] for i in chunk_full],

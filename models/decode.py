@@ -97,6 +97,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.models import decode_attention as decode_kernel
+from flaxlm.models import quant
 from flaxlm.models import stop_strings as stop_text
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode_attention import BLOCK_K
@@ -139,18 +140,21 @@ MIN_ROWS = 2
 # The compiled program
 
 
-def _decode_params(cfg: ModelConfig, params, fused: bool):
-    """Unrolled layout in the compute dtype (fused projections if asked): decoding reads each
-    weight once per step, so it should not also convert fp32 master weights every step,
-    dynamic-slice stacked layers, or launch three small matmuls where one would do. Done once
-    per call, before the loop."""
+def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none"):
+    """Unrolled layout in the compute dtype (fused projections if asked; int8 projection
+    weights with `quantize="int8"`, models/quant.py, quantized from the stored weights):
+    decoding reads each weight once per step, so it should not also convert fp32 master
+    weights every step, dynamic-slice stacked layers, or launch three small matmuls where one
+    would do. Done once per call, before the loop."""
     if cfg.scan_layers:
         params = unstack_layers(params, cfg.n_layers)
+    if fused:
+        params = fuse_projections(params, cfg.n_layers)
+    params = quant.quantize_params(params, quantize)
     dt = cfg.compute_dtype
-    params = jax.tree.map(
+    return jax.tree.map(
         lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
     )
-    return fuse_projections(params, cfg.n_layers) if fused else params
 
 
 def _constrain_cache(cache, sharded: bool):
@@ -180,6 +184,7 @@ def _decode_fn(
     samples: int = 1,
     rows: int = 0,
     mlp: str = "xla",
+    quantize: str = "none",
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
 
@@ -205,7 +210,7 @@ def _decode_fn(
 
     def run(params, tokens_BP, lengths_B, rng, temperature, top_p, min_p, stop_ids, pad_id,
             strings=None):  # fmt: skip
-        variables = {"params": _decode_params(cfg, params, fused)}
+        variables = {"params": _decode_params(cfg, params, fused, quantize)}
         B, P = tokens_BP.shape
         sample = functools.partial(
             sample_logits,
@@ -388,6 +393,7 @@ def generate(
     num_samples: int = 1,
     stop_strings: stop_text.StopStrings | None = None,
     decode_mlp: str = "xla",
+    quantize: str = "none",
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -440,6 +446,9 @@ def generate(
         samples are those of the repeated prompts (up to float rounding); with per-prompt
         keys, sample g of prompt b draws from `fold_in(rng[b], g)` (a prompt's G samples
         depend only on its own key).
+      quantize: "int8" decodes with int8 projection weights and a scale per output channel
+        (models/quant.py; half the weight bytes of bf16, dequantized inside the matmuls):
+        the model decoded is the quantized one, its logprobs included. "none" (the default).
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
@@ -551,6 +560,7 @@ def _program(
     window_cache,
     num_samples,
     decode_mlp,
+    quantize,
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, output rows asked for
     (prompts × num_samples), rows the decode loop runs) of a generate call (every option as
@@ -571,6 +581,8 @@ def _program(
     decode_attention = resolve_decode_attention(decode_attention, mesh)
     if decode_mlp not in ("xla", "pallas"):
         raise ValueError(f"generate: decode_mlp must be 'xla' or 'pallas', got {decode_mlp!r}")
+    if quantize not in quant.MODES:
+        raise ValueError(f"generate: quantize must be one of {quant.MODES}, got {quantize!r}")
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, cfg.vocab_size)
     B = tokens.shape[0]
     longest = int(lengths.max()) + int(max_new_tokens)
@@ -613,6 +625,7 @@ def _program(
         G,
         loop_rows if G > 1 else 0,
         decode_mlp,
+        quantize,
     )
     rest = traced_options(temperature, top_p, min_p, stop_tokens, pad_id)
     if stop_strings is not None:

@@ -27,6 +27,28 @@ def _kernel_param(module: nn.Module, shape, axes, cfg: ModelConfig):
     return module.param("kernel", init, tuple(shape), cfg.weight_dtype)
 
 
+def load_kernel(module: nn.Module, shape, axes, cfg: ModelConfig):
+    """(kernel in the compute dtype, its output scale or None): the stored float kernel cast
+    and None, or an int8 one (decoding with `quantize="int8"`, models/quant.py) cast and its
+    per-output-channel "kernel_scale" (input axes kept as size 1), for the caller to apply
+    to the matmul's output — where it costs one multiply per output, and the int8→bf16
+    convert fuses into the matmul reading the weight. (Scaling the weight instead, compiled
+    for the H200 decode step, dequantized every weight into a bf16 copy every token: 3 GiB
+    more traffic per token.)"""
+    kernel = _kernel_param(module, shape, axes, cfg)
+    if kernel.dtype == jnp.int8 and module.has_variable("params", "kernel_scale"):
+        return kernel.astype(cfg.compute_dtype), module.get_variable("params", "kernel_scale")
+    return kernel.astype(cfg.compute_dtype), None
+
+
+def output_scale(scale, n_in: int, dtype):
+    """A kernel's "kernel_scale" (input axes of size 1) as the factor of its matmul's output
+    (the output axes), or 1 when the kernel is not quantized."""
+    if scale is None:
+        return 1
+    return scale.reshape(scale.shape[n_in:]).astype(dtype)
+
+
 def _bias_param(module: nn.Module, shape, axes, cfg: ModelConfig):
     """A projection's "bias" over its output axes (the last `len(shape)` of the kernel's)."""
     init = nn.with_logical_partitioning(nn.initializers.zeros, tuple(axes))
@@ -43,11 +65,22 @@ class ProjWeights(nn.Module):
     cfg: ModelConfig
     n_in: int = 1
     use_bias: bool = False
+    # True: an int8 kernel comes as is, with its "kernel_scale" (None if not quantized) as a
+    # third value, for the caller to scale its matmul's output (`load_kernel` says why)
+    keep_scale: bool = False
 
     @nn.compact
     def __call__(self):
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        kernel = _kernel_param(self, self.shape, self.axes, cfg).astype(dt)
+        kernel, scale = load_kernel(self, self.shape, self.axes, cfg)
+        if self.keep_scale:
+            bias = None
+            if self.use_bias:
+                out = len(self.shape) - self.n_in
+                bias = _bias_param(self, self.shape[-out:], self.axes[-out:], cfg).astype(dt)
+            return kernel, bias, scale
+        if scale is not None:  # (a caller joining kernels reads them dequantized)
+            kernel = kernel * scale.astype(dt)
         if not self.use_bias:
             return kernel, None
         out = len(self.shape) - self.n_in
@@ -95,11 +128,12 @@ class Proj(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        kernel = _kernel_param(self, self.shape, self.axes, cfg).astype(cfg.compute_dtype)
+        kernel, scale = load_kernel(self, self.shape, self.axes, cfg)
         x = x.astype(cfg.compute_dtype)
         n_out = len(self.shape) - self.n_in
         contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
         y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(self.n_in))), ((), ())))
+        y = y * output_scale(scale, self.n_in, cfg.compute_dtype)
         if self.use_bias:
             bias = _bias_param(self, self.shape[-n_out:], self.axes[-n_out:], cfg)
             y = y + bias.astype(cfg.compute_dtype)

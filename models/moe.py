@@ -113,14 +113,24 @@ class Experts(nn.Module):
         cfg = self.cfg
         E, D, F = cfg.n_experts, cfg.d_model, cfg.d_expert_
         up_axes, down_axes = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
-        gate = ProjWeights((E, D, F), up_axes, cfg, name="gate")()[0]
-        up = ProjWeights((E, D, F), up_axes, cfg, name="up")()[0]
-        down = ProjWeights((E, F, D), down_axes, cfg, name="down")()[0]
-        buf = buf.astype(cfg.compute_dtype)
+        dt = cfg.compute_dtype
+        # int8 kernels (decoding, models/quant.py) scale the outputs: (E, 1, out) -> (E, 1, out)
+        weights = {
+            name: ProjWeights(shape, axes, cfg, keep_scale=True, name=name)()
+            for name, shape, axes in (("gate", (E, D, F), up_axes), ("up", (E, D, F), up_axes),
+                                      ("down", (E, F, D), down_axes))
+        }  # fmt: skip
+
+        def matmul(x, name):
+            kernel, _, scale = weights[name]
+            y = jnp.einsum("becd,edf->becf", x, kernel)
+            return y if scale is None else y * scale[None].astype(dt)  # (1, E, 1, out)
+
+        buf = buf.astype(dt)
         act = nn.silu if cfg.mlp_activation == "silu" else nn.gelu
-        h = act(jnp.einsum("becd,edf->becf", buf, gate)) * jnp.einsum("becd,edf->becf", buf, up)
+        h = act(matmul(buf, "gate")) * matmul(buf, "up")
         h = nn.with_logical_constraint(h, ("act_batch", "act_expert", None, None))
-        return jnp.einsum("becf,efd->becd", h, down)
+        return matmul(h, "down")
 
 
 class MoE(nn.Module):

@@ -1,0 +1,84 @@
+"""Int8 weight-only decoding (models/quant.py, `generate(..., quantize="int8")`): the kernels'
+rounding bound, that the program decodes exactly the dequantized model (fused projections and
+experts included), and how far that model is from the float one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxlm.models import quant
+from flaxlm.models.config import get_variant
+from flaxlm.models.decode import generate
+from flaxlm.train.pretrain import model_fns
+
+
+def _params(cfg, seed=0):
+    boxed = model_fns(cfg)[0](jax.random.PRNGKey(seed))
+    return jax.tree.map(lambda x: getattr(x, "value", x), boxed,
+                        is_leaf=lambda x: hasattr(x, "value"))  # fmt: skip
+
+
+def _dequantized(params):
+    """The float model int8 decoding computes: every quantized kernel times its scale."""
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return node
+        if "kernel_scale" in node:
+            rest = {k: v for k, v in node.items() if k not in ("kernel", "kernel_scale")}
+            kernel = quant.dequantize(node["kernel"], node["kernel_scale"], jnp.float32)
+            return {**rest, "kernel": kernel}
+        return {k: walk(v) for k, v in node.items()}
+
+    return walk(params)
+
+
+@pytest.mark.parametrize("shape, axes", [((64, 48), (0,)), ((4, 16, 64), (0, 1)),
+                                         ((3, 32, 24), (1,))])  # fmt: skip
+def test_kernel_rounding_bound(shape, axes):
+    w = jax.random.normal(jax.random.PRNGKey(0), shape) * jnp.linspace(0.01, 3.0, shape[-1])
+    w = w.at[..., 0].set(0.0)  # an all-zero output channel: scale 1, zeros
+    q, scale = quant.quantize_kernel(w, axes)
+    assert q.dtype == jnp.int8 and int(jnp.abs(q.astype(jnp.int32)).max()) <= 127
+    assert scale.shape == tuple(1 if i in axes else n for i, n in enumerate(shape))
+    err = jnp.abs(quant.dequantize(q, scale, jnp.float32) - w)
+    assert bool(jnp.all(err <= scale / 2 + 1e-6))
+    assert int(jnp.abs(q.astype(jnp.int32)).max()) == 127  # the largest weight uses the range
+    np.testing.assert_array_equal(np.asarray(q[..., 0]), 0)
+
+
+def test_int8_decoding_is_the_dequantized_model_and_close_to_float():
+    cfg = get_variant("tiny", n_experts=4, d_expert=32, d_shared_expert=16, init_std=0.05)
+    params = _params(cfg)
+    q = quant.quantize_params(params)
+    assert q["layers_0"]["mlp"]["experts"]["up"]["kernel"].dtype == jnp.int8
+    assert q["layers_0"]["mlp"]["experts"]["up"]["kernel_scale"].shape == (4, 1, 32)  # per expert
+    assert q["layers_0"]["mlp"]["router"]["kernel"].dtype == jnp.float32  # kept
+    assert q["embed"]["embedding"].dtype == jnp.float32
+    assert q["lm_head"]["kernel"].dtype == jnp.int8
+    prompts = [[5, 9, 33, 2, 7], [11, 4]]
+    out = generate(cfg, params, prompts, max_new_tokens=6, rng=jax.random.PRNGKey(0),
+                   temperature=0.0, quantize="int8", fuse_projections=True)  # fmt: skip
+    apply = jax.jit(model_fns(cfg)[1])
+    deq = _dequantized(q)
+    width = 11
+    for row, prompt in enumerate(prompts):  # greedy over the dequantized model, recomputed
+        seq = list(prompt)
+        for _ in range(6):
+            logits = apply(deq, jnp.asarray([seq + [0] * (width - len(seq))]))
+            seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+        assert np.asarray(out.tokens[row]).tolist() == seq[len(prompt) :]
+        # its logprobs are the dequantized model's, and near the float model's
+        full = jnp.asarray([seq + [0] * (width + 1 - len(seq))])
+        n = len(prompt)
+        lp_deq = jax.nn.log_softmax(apply(deq, full)[0], -1)
+        lp_float = jax.nn.log_softmax(apply(params, full)[0], -1)
+        picked = [(n - 1 + i, t) for i, t in enumerate(seq[n:])]
+        want = np.asarray([lp_deq[p, t] for p, t in picked])
+        np.testing.assert_allclose(np.asarray(out.logprobs[row]), want, atol=1e-4)
+        err = max(abs(float(lp_deq[p, t] - lp_float[p, t])) for p, t in picked)
+        assert 0 < err < 0.05, err  # rounding moves the model, a little
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        generate(cfg, params, prompts, max_new_tokens=2, rng=jax.random.PRNGKey(0),
+                 quantize="int4")  # fmt: skip
