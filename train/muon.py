@@ -20,9 +20,9 @@ as orthogonal, within about 6% (Frobenius) of float32's result.
 Which weights: the kernels inside the layers — attention q, k, v (D × heads·head_dim), o
 (heads·head_dim × D), the MLP's gate, up, down — each its own matrix, per layer when layers
 are stacked for scan (the layer axis is a batch axis), per expert in a mixture of experts
-(models/moe.py; the expert axis is a batch axis too, the router is AdamW's). Everything else — the embedding, the
-LM head, norm scales, biases, scalar heads, LoRA adapters — is updated by AdamW with the same
-learning rate (`muon_labels`), as the references do.
+(models/moe.py; the expert axis is a batch axis too, the router is AdamW's). Everything else
+— the embedding, the LM head, norm scales, biases, scalar heads, LoRA adapters — is updated by
+AdamW with the same learning rate (`muon_labels`), as the references do.
 """
 
 from __future__ import annotations
