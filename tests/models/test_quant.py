@@ -79,6 +79,11 @@ def test_int8_decoding_is_the_dequantized_model_and_close_to_float():
         np.testing.assert_allclose(np.asarray(out.logprobs[row]), want, atol=1e-4)
         err = max(abs(float(lp_deq[p, t] - lp_float[p, t])) for p, t in picked)
         assert 0 < err < 0.05, err  # rounding moves the model, a little
+    # weights quantized once beforehand (a server's, or a rollout loop's) decode the same
+    pre = generate(cfg, q, prompts, max_new_tokens=6, rng=jax.random.PRNGKey(0),
+                   temperature=0.0, fuse_projections=False)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(pre.tokens), np.asarray(out.tokens))
+    np.testing.assert_allclose(np.asarray(pre.logprobs), np.asarray(out.logprobs), atol=1e-5)
     with pytest.raises(ValueError, match="quantize must be one of"):
         generate(cfg, params, prompts, max_new_tokens=2, rng=jax.random.PRNGKey(0),
                  quantize="int4")  # fmt: skip
