@@ -43,9 +43,7 @@ def load_kernel(module: nn.Module, shape, axes, cfg: ModelConfig):
 
 def output_scale(scale, n_in: int, dtype):
     """A kernel's "kernel_scale" (input axes of size 1) as the factor of its matmul's output
-    (the output axes), or 1 when the kernel is not quantized."""
-    if scale is None:
-        return 1
+    (the output axes)."""
     return scale.reshape(scale.shape[n_in:]).astype(dtype)
 
 
@@ -73,18 +71,15 @@ class ProjWeights(nn.Module):
     def __call__(self):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         kernel, scale = load_kernel(self, self.shape, self.axes, cfg)
+        bias = None
+        if self.use_bias:
+            out = len(self.shape) - self.n_in
+            bias = _bias_param(self, self.shape[-out:], self.axes[-out:], cfg).astype(dt)
         if self.keep_scale:
-            bias = None
-            if self.use_bias:
-                out = len(self.shape) - self.n_in
-                bias = _bias_param(self, self.shape[-out:], self.axes[-out:], cfg).astype(dt)
             return kernel, bias, scale
         if scale is not None:  # (a caller joining kernels reads them dequantized)
             kernel = kernel * scale.astype(dt)
-        if not self.use_bias:
-            return kernel, None
-        out = len(self.shape) - self.n_in
-        return kernel, _bias_param(self, self.shape[-out:], self.axes[-out:], cfg).astype(dt)
+        return kernel, bias
 
 
 def joins_projections(cfg: ModelConfig) -> bool:
@@ -133,7 +128,8 @@ class Proj(nn.Module):
         n_out = len(self.shape) - self.n_in
         contract_x = tuple(range(x.ndim - self.n_in, x.ndim))
         y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(self.n_in))), ((), ())))
-        y = y * output_scale(scale, self.n_in, cfg.compute_dtype)
+        if scale is not None:  # an int8 kernel (models/quant.py)
+            y = y * output_scale(scale, self.n_in, cfg.compute_dtype)
         if self.use_bias:
             bias = _bias_param(self, self.shape[-n_out:], self.axes[-n_out:], cfg)
             y = y + bias.astype(cfg.compute_dtype)

@@ -18,7 +18,6 @@ gather, and the tied head), norms, biases, the MoE router (few bytes; its top-k 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 # Input axes of each quantized kernel, by module name (after a scanned-layer or expert axis).
@@ -64,4 +63,4 @@ def quantize_params(params, mode: str = "int8"):
                 return {**node, "kernel": q, "kernel_scale": scale}
         return {k: walk(v, (*path, k)) for k, v in node.items()}
 
-    return walk(jax.tree.map(lambda x: x, params), ())
+    return walk(params, ())
