@@ -26,7 +26,9 @@ student and the teacher may pad their vocabularies differently (Qwen2.5's padded
 differs between model sizes); the divergence then runs over the ids both have, which must hold
 the whole tokenizer.
 With `loss.chunk_tokens` > 0 both models' logits exist one piece of the sequence at a time
-(train/losses.py `chunked_sums`).
+(train/losses.py `chunked_sums`). A mixture-of-experts student (n_experts > 0) adds
+pretraining's router losses of its forward pass, `loss.moe_aux` × load balance + `loss.moe_z` ×
+router z-loss (train/losses.py `router_coefs`), and logs `moe/*` (a frozen teacher needs none).
 
 Pretraining text (`configs/distill.py:text=True`: the `data` section is pretraining's, data/
 pipeline.py — packed, mixed, resumable grain batches of `data.sources`, or the built-in corpus):
@@ -79,7 +81,13 @@ from flaxlm.models.sharding import (
     use_mesh,
 )
 from flaxlm.train import loop, pretrain
-from flaxlm.train.losses import chunked_sums, token_logprobs
+from flaxlm.train.losses import (
+    add_router_losses,
+    chunked_sums,
+    router_coefs,
+    router_forward,
+    token_logprobs,
+)
 from flaxlm.train.pretrain import model_fns
 
 log = logging.getLogger("flaxlm")
@@ -139,10 +147,13 @@ def loss_and_metrics(sums, weight, d):
     return loss, {**means, "weight": weight}
 
 
-def distill_loss_fn(student_apply, teacher_apply, d, chunk: int = 0, prepare=None):
+def distill_loss_fn(student_apply, teacher_apply, d, chunk: int = 0, prepare=None,
+                    router: tuple | None = None):  # fmt: skip
     """The loop's loss `(params, batch, rng, teacher) -> (loss, metrics)` over packed SFT rows;
     `teacher` are the frozen teacher's weights (`Task.frozen`), `prepare` maps the student's
-    train params to its model's (LoRA merge), `chunk` = `loss.chunk_tokens`."""
+    train params to its model's (LoRA merge), `chunk` = `loss.chunk_tokens`. `router`
+    (train/losses.py `router_coefs`: a mixture-of-experts student) adds the router losses of
+    the student's forward pass and logs `moe/*`; the frozen teacher needs none."""
 
     def loss_fn(params, batch, rng, teacher):
         del rng
@@ -152,9 +163,10 @@ def distill_loss_fn(student_apply, teacher_apply, d, chunk: int = 0, prepare=Non
         weight = jnp.sum(mask.astype(jnp.float32))
         if not chunk:
             t = jax.lax.stop_gradient(teacher_apply(teacher, *args))
-            return loss_and_metrics(token_sums(student_apply(p, *args), t, targets, mask, d),
-                                    weight, d)  # fmt: skip
-        hs, _ = student_apply(p, *args, method="backbone")
+            logits, stats = router_forward(student_apply, router, p, *args)
+            out = loss_and_metrics(token_sums(logits, t, targets, mask, d), weight, d)
+            return add_router_losses(*out, stats, router)
+        (hs, _), stats = router_forward(student_apply, router, p, *args, method="backbone")
         ht, _ = teacher_apply(teacher, *args, method="backbone")
         ht = jax.lax.stop_gradient(ht)
 
@@ -164,7 +176,7 @@ def distill_loss_fn(student_apply, teacher_apply, d, chunk: int = 0, prepare=Non
             return token_sums(logits_s, logits_t, tg, m, d)
 
         sums = chunked_sums(piece, (hs, ht, targets, mask), chunk, len(SUMS))
-        return loss_and_metrics(sums, weight, d)
+        return add_router_losses(*loss_and_metrics(sums, weight, d), stats, router)
 
     return loss_fn
 
@@ -421,7 +433,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     check_vocab(tok, cfg, teacher_cfg, d.teacher)
     init_params, apply = model_fns(cfg)
     spec, init_params, prepare = lora_lib.for_training(init_params, config.lora)
-    loss_fn = distill_loss_fn(apply, teacher_apply, d, config.loss.chunk_tokens, prepare)
+    router = router_coefs(config.loss, cfg.n_experts > 0)  # (None: a dense student)
+    loss_fn = distill_loss_fn(apply, teacher_apply, d, config.loss.chunk_tokens, prepare, router)
     if text:  # packed documents: every token counts
         batches = pretrain.make_batches(config, seed=config.seed, tokenizer=tok,
                                         vocab_size=cfg.vocab_size)  # fmt: skip

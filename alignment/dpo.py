@@ -42,6 +42,11 @@ as `ref_chosen_logps` / `ref_rejected_logps`, so the loss is the same. The refer
 `init_from` model (with `init_from_ema` its EMA weights, the policy's start) unless `dpo.ref_from`
 names another run (read as its params); `dpo.ref_dtype` may be bfloat16.
 
+A mixture-of-experts policy (n_experts > 0) adds pretraining's router losses to the loss,
+`loss.moe_aux` × load balance + `loss.moe_z` × router z-loss of the policy's forward pass over
+both sides' rows (train/losses.py `router_coefs`, `add_router_losses`), and logs `moe/*`:
+without them DPO's gradient alone is free to collapse the router onto a few experts.
+
 Metrics (means over the batch's real pairs, `valid` = 1): `rewards/chosen`, `rewards/rejected`,
 `rewards/margin`, `rewards/accuracy` (implicit reward of chosen strictly > rejected, as TRL),
 `logps/chosen`, `logps/rejected`. Evaluation on held-out pairs: the same, with ties counted ½
@@ -76,7 +81,7 @@ from flaxlm.models.sharding import (
     use_mesh,
 )
 from flaxlm.train import loop
-from flaxlm.train.losses import token_logprobs
+from flaxlm.train.losses import add_router_losses, router_coefs, token_logprobs
 from flaxlm.train.pretrain import model_fns
 
 LOSS_TYPES = ("sigmoid", "conservative", "ipo", "hinge", "robust", "simpo", "orpo")
@@ -150,27 +155,40 @@ ROW_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 PAIR = ("chosen_", "rejected_")  # the row prefixes of a preference batch
 
 
-def rows_logps(apply, params, batch, prefixes=PAIR):
+def rows_logps(apply, params, batch, prefixes=PAIR, moe_stats: bool = False):
     """([sequence log-probability (B,) per prefix], [response length (B,) per prefix]): one
     forward pass over the rows of every prefix together (`{prefix}tokens`, ...; a pair's
-    chosen and rejected rows, KTO's matched and mismatched ones)."""
+    chosen and rejected rows, KTO's matched and mismatched ones). `moe_stats=True` (a
+    mixture-of-experts policy) appends the pass's router statistics (`apply`'s convention,
+    train/pretrain.py `model_fns`): over every row's real tokens, padding (segment id 0)
+    routed nowhere and counted in none."""
     x = {k: jnp.concatenate([batch[f"{p}{k}"] for p in prefixes]) for k in ROW_KEYS}
-    logits = apply(params, x["tokens"], x["positions"], x["segment_ids"])
+    args = (params, x["tokens"], x["positions"], x["segment_ids"])
+    logits, stats = apply(*args, moe_stats=True) if moe_stats else (apply(*args), None)
     lp = jnp.sum(token_logprobs(logits, x["targets"]) * x["loss_mask"], axis=-1)
     n = jnp.sum(x["loss_mask"], axis=-1)
-    return jnp.split(lp, len(prefixes)), jnp.split(n, len(prefixes))
+    out = jnp.split(lp, len(prefixes)), jnp.split(n, len(prefixes))
+    return (*out, stats) if moe_stats else out
 
 
-def pair_logps(apply, params, batch):
+def pair_logps(apply, params, batch, moe_stats: bool = False):
     """((π_c, π_r) sequence log-probabilities, (|y_c|, |y_r|) response lengths), each (B,):
-    one forward pass over the chosen and rejected rows together."""
-    return rows_logps(apply, params, batch, PAIR)
+    one forward pass over the chosen and rejected rows together (+ its router statistics
+    with `moe_stats`, as `rows_logps`)."""
+    return rows_logps(apply, params, batch, PAIR, moe_stats)
 
 
-def dpo_loss_fn(apply, d):
+def dpo_loss_fn(apply, d, router: tuple | None = None):
+    """The loop's loss over a batch of pairs with reference log-probabilities (offline DPO's
+    and online DPO's). `router` (train/losses.py `router_coefs`: a mixture-of-experts policy)
+    adds the router losses of the policy's forward pass and logs `moe/*`; the reference's
+    log-probabilities arrive in the batch, with no gradient and no router loss."""
+
     def loss_fn(params, batch, rng):
         del rng
-        (pc, pr), (lc, lr) = pair_logps(apply, params, batch)
+        out = pair_logps(apply, params, batch, moe_stats=router is not None)
+        (pc, pr), (lc, lr) = out[:2]
+        stats = out[2] if router is not None else {}
         losses, rew_c, rew_r = preference_loss(
             pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=d.beta,
             loss_type=d.loss_type, label_smoothing=d.label_smoothing, chosen_lengths=lc,
@@ -190,7 +208,7 @@ def dpo_loss_fn(apply, d):
             "logps/rejected": mean(pr),
             "weight": jnp.sum(w),
         }
-        return mean(losses), metrics
+        return add_router_losses(mean(losses), metrics, stats, router)
 
     return loss_fn
 
@@ -405,9 +423,10 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     ref.release()  # precompute: every training and held-out pair is scored by now
     data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
     common.write_report(workdir, data_report)
+    router = router_coefs(config.get("loss"), cfg.n_experts > 0)  # (None: a dense policy)
     return common.supervised_task(
         "dpo", "lm", config, cfg, spec, tok, workdir, data_report,
-        init_params=init_params, loss_fn=dpo_loss_fn(apply, d), train_batches=batches,
+        init_params=init_params, loss_fn=dpo_loss_fn(apply, d, router), train_batches=batches,
         eval_fn=eval_fn,
     )  # fmt: skip
 

@@ -81,7 +81,10 @@ carry its meta), `rollout/r_<name>` per reward function, `rollout/kl` (per-seque
 reference), `rollout/response_len`, the bad-input counts, the time split `rollout/gen_s`,
 `score_s`, `train_s`, `rollout/logprob_gap` (mean |decoder − scoring forward| logprob of the
 sampled tokens, both at T = 1: ~0 unless the decoder's numerics drift from the training
-forward's); loss-side `pg_loss`, `kl`, `clipfrac`, `entropy`.
+forward's); loss-side `pg_loss`, `kl`, `clipfrac`, `entropy`. A mixture-of-experts policy
+(n_experts > 0) adds pretraining's router losses on the training forward pass, `loss.moe_aux` ×
+load balance + `loss.moe_z` × router z-loss (train/losses.py `router_coefs`), and logs `moe/*`:
+without them the policy gradient alone is free to collapse the router onto a few experts.
 """
 
 from __future__ import annotations
@@ -112,7 +115,13 @@ from flaxlm.data.synthetic_judge import TASKS
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train import loop
-from flaxlm.train.losses import masked_mean, token_logprobs
+from flaxlm.train.losses import (
+    add_router_losses,
+    masked_mean,
+    router_coefs,
+    router_forward,
+    token_logprobs,
+)
 from flaxlm.train.pretrain import model_fns
 
 # ---------------------------------------------------------------------------------------------
@@ -300,13 +309,16 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="se
     return loss, metrics
 
 
-def grpo_loss_fn(apply, g, temperature: float = 1.0):
+def grpo_loss_fn(apply, g, temperature: float = 1.0, router: tuple | None = None):
     """`grpo_loss` over a rollout minibatch, with the policy's logprobs and entropy at
-    `temperature` (the rollout's, `scoring_temperature`)."""
+    `temperature` (the rollout's, `scoring_temperature`). `router` (train/losses.py
+    `router_coefs`: a mixture-of-experts policy) adds the router losses of this forward pass
+    (the one with gradient; the rollout's scoring passes have none) and logs `moe/*`."""
 
     def loss_fn(params, batch, rng):
         del rng
-        logits = apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])
+        args = (params, batch["tokens"], batch["positions"], batch["segment_ids"])
+        logits, stats = router_forward(apply, router, *args)
         logits = tempered(logits, temperature)
         logp = token_logprobs(logits, batch["targets"])
         loss, metrics = grpo_loss(
@@ -315,7 +327,7 @@ def grpo_loss_fn(apply, g, temperature: float = 1.0):
             clip_high=g.get("clip_high", 0.0), importance=g.get("importance", "token"),
         )  # fmt: skip
         metrics["entropy"] = aggregate(entropy(logits), batch["loss_mask"], g.loss_agg)[0]
-        return loss, {**metrics, **passthrough_stats(batch)}
+        return add_router_losses(loss, {**metrics, **passthrough_stats(batch)}, stats, router)
 
     return loss_fn
 
@@ -509,7 +521,9 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
                source_cls=GRPOSource, make_loss=None) -> loop.Task:  # fmt: skip
     """The GRPO Task. `rewards`: optional [(name, callable, weight)] replacing `grpo.rewards`.
     Online DPO (alignment/online_dpo.py) is this task with its own source (`source_cls`, whose
-    SECTION names its settings) and loss (`make_loss(apply)`, apply LoRA-wrapped if any)."""
+    SECTION names its settings) and loss (`make_loss(apply, router)`, apply LoRA-wrapped if
+    any, router the policy's router-loss coefficients or None: train/losses.py
+    `router_coefs`)."""
     k = source_cls.SECTION
     if not config.init_from:
         raise ValueError(f"{config.task}: set --config.init_from=SFT_RUN (policy and reference)")
@@ -555,10 +569,15 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
         eval_fn = lambda params: plain_eval(lora_lib.merge(params, spec))  # noqa: E731
     load, transform = common.init_hooks("lm", spec)
     temperature = scoring_temperature(config.rollout.temperature)
+    router = router_coefs(config.get("loss"), cfg.n_experts > 0)
+    if make_loss is None:
+        loss_fn = grpo_loss_fn(apply, config.grpo, temperature, router)
+    else:
+        loss_fn = make_loss(apply, router)
     return loop.Task(
         name=config.task,
         init_params=init_params,
-        loss_fn=make_loss(apply) if make_loss else grpo_loss_fn(apply, config.grpo, temperature),
+        loss_fn=loss_fn,
         train_batches=source,
         before_step=source.before_step,
         eval_fn=eval_fn,

@@ -38,6 +38,11 @@ batch (`ref_logps`, `ref_kl_logps`). No precompute: the mismatched rows change w
 epoch's shuffle. With LoRA (`lora.rank` > 0) the reference is the policy's own frozen base,
 scored inside the loss (no second copy of the model, GRPO's way).
 
+A mixture-of-experts policy (n_experts > 0) adds pretraining's router losses of the matched
+rows' forward pass (the one with gradient), `loss.moe_aux` × load balance + `loss.moe_z` ×
+router z-loss (train/losses.py `router_coefs`), and logs `moe/*`: without them KTO's gradient
+alone is free to collapse the router onto a few experts.
+
 Data (`data/formats.py` `render_unpaired`): `{"prompt", "completion", "label": true/false}` or
 `{"messages", "label"}` records, or preference records split into a desirable and an undesirable
 example (the built-in world's pairs by default). Bad input names file:line.
@@ -76,6 +81,7 @@ from flaxlm.models.sharding import (
     use_mesh,
 )
 from flaxlm.train import loop
+from flaxlm.train.losses import add_router_losses, router_coefs
 from flaxlm.train.pretrain import model_fns
 
 log = logging.getLogger("flaxlm")
@@ -120,16 +126,21 @@ def kto_loss(policy_logps, ref_logps, desirable, z0, *, beta: float,
     return losses, beta * delta
 
 
-def kto_logps(apply, params, batch, base_apply=None):
+def kto_logps(apply, params, batch, base_apply=None, moe_stats: bool = False):
     """(π, π̃, ρ, ρ̃), each (B,): the policy's log-probabilities of the matched rows (with
     gradient) and of the mismatched rows (a forward pass of their own, no gradient), and the
-    reference's — from the batch, or with LoRA (`base_apply`) of the policy's frozen base."""
-    (pol,), _ = rows_logps(apply, params, batch, ("",))
+    reference's — from the batch, or with LoRA (`base_apply`) of the policy's frozen base.
+    `moe_stats=True` appends the router statistics of the matched rows' pass, the only one
+    with gradient (a router loss on the others would train nothing)."""
+    matched = rows_logps(apply, params, batch, ("",), moe_stats)
+    (pol,), stats = matched[0], matched[2:]
     (pol_kl,), _ = rows_logps(apply, jax.lax.stop_gradient(params), batch, ("kl_",))
     if base_apply is None:
-        return pol, pol_kl, batch["ref_logps"], batch["ref_kl_logps"]
-    (ref, ref_kl), _ = rows_logps(base_apply, jax.lax.stop_gradient(params["base"]), batch, ROWS)
-    return pol, pol_kl, ref, ref_kl
+        ref, ref_kl = batch["ref_logps"], batch["ref_kl_logps"]
+    else:
+        frozen = jax.lax.stop_gradient(params["base"])
+        (ref, ref_kl), _ = rows_logps(base_apply, frozen, batch, ROWS)
+    return (pol, pol_kl, ref, ref_kl, *stats)
 
 
 def _metrics(losses, rewards, delta, policy_logps, z0, desirable, valid, xp=jnp):
@@ -153,13 +164,16 @@ def _metrics(losses, rewards, delta, policy_logps, z0, desirable, valid, xp=jnp)
     }
 
 
-def kto_loss_fn(apply, k, base_apply=None):
+def kto_loss_fn(apply, k, base_apply=None, router: tuple | None = None):
     """The loop's loss: KTO over a batch of `UnpairedBatches` (+ reference log-probabilities
-    unless `base_apply`, LoRA's, scores the reference in here)."""
+    unless `base_apply`, LoRA's, scores the reference in here). `router` (train/losses.py
+    `router_coefs`: a mixture-of-experts policy) adds the router losses of the matched rows'
+    forward pass and logs `moe/*`."""
 
     def loss_fn(params, batch, rng):
         del rng
-        pol, pol_kl, ref, ref_kl = kto_logps(apply, params, batch, base_apply)
+        out = kto_logps(apply, params, batch, base_apply, moe_stats=router is not None)
+        pol, pol_kl, ref, ref_kl = out[:4]
         z0 = kl_estimate(pol_kl, ref_kl, batch["kl_valid"])
         raw = mismatched_kl(pol_kl, ref_kl, batch["kl_valid"])  # (the same sum: XLA shares it)
         losses, rewards = kto_loss(
@@ -167,7 +181,9 @@ def kto_loss_fn(apply, k, base_apply=None):
             undesirable_weight=k.undesirable_weight,
         )  # fmt: skip
         m = _metrics(losses, rewards, pol - ref, pol, z0, batch["label"], batch["valid"])
-        return m.pop("loss"), {**m, "kl_unclamped": raw, "weight": jnp.sum(batch["valid"])}
+        loss = m.pop("loss")
+        metrics = {**m, "kl_unclamped": raw, "weight": jnp.sum(batch["valid"])}
+        return add_router_losses(loss, metrics, out[4] if router is not None else {}, router)
 
     return loss_fn
 
@@ -321,9 +337,10 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     data_report = {"train": {**report.to_dict(), **label_balance(train, k)},
                    "eval": eval_report.to_dict()}  # fmt: skip
     common.write_report(workdir, data_report)
+    router = router_coefs(config.get("loss"), cfg.n_experts > 0)  # (None: a dense policy)
     task = common.supervised_task(
         "kto", "lm", config, cfg, spec, tok, workdir, data_report,
-        init_params=init_params, loss_fn=kto_loss_fn(apply, k, base_apply),
+        init_params=init_params, loss_fn=kto_loss_fn(apply, k, base_apply, router),
         train_batches=batches, eval_fn=eval_fn,
     )  # fmt: skip
     # The loop counts every `*tokens` row: the matched rows train (6 FLOPs per parameter and

@@ -28,7 +28,8 @@ the model's own distribution: the policy's and the reference's log-probabilities
 LoRA (`lora.rank` > 0), the reference, the reward model, evaluation and checkpoints are GRPO's
 (the reference is the policy's frozen base under LoRA).
 
-Metrics: DPO's loss-side `rewards/chosen|rejected|margin|accuracy`, `logps/chosen|rejected`;
+Metrics: DPO's loss-side `rewards/chosen|rejected|margin|accuracy`, `logps/chosen|rejected`
+(and, for a mixture-of-experts policy, DPO's router losses and `moe/*`);
 per rollout GRPO's `rollout/*` (reward, lengths, KL to the reference, time split) and
 `rollout/pairs_valid` (share of pairs with a preference).
 """
@@ -102,9 +103,10 @@ class OnlineDPOSource(grpo.GRPOSource):
         return pairs, {**stats, "pairs_valid": float(valid.mean())}
 
 
-def online_dpo_loss_fn(apply, d):
-    """DPO's loss over a minibatch of pairs, with the rollout statistics passed through."""
-    dpo = dpo_loss_fn(apply, d)
+def online_dpo_loss_fn(apply, d, router: tuple | None = None):
+    """DPO's loss over a minibatch of pairs (with the router losses of a mixture-of-experts
+    policy: `router`, as `dpo_loss_fn`), with the rollout statistics passed through."""
+    dpo = dpo_loss_fn(apply, d, router)
 
     def loss_fn(params, batch, rng):
         loss, metrics = dpo(params, batch, rng)
@@ -118,7 +120,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None) -> loop.T
     DPO's loss. `rewards`: optional [(name, callable, weight)] replacing `online.rewards`."""
     return grpo.build_task(
         config, mesh, workdir, rewards, source_cls=OnlineDPOSource,
-        make_loss=lambda apply: online_dpo_loss_fn(apply, config.dpo),
+        make_loss=lambda apply, router: online_dpo_loss_fn(apply, config.dpo, router),
     )  # fmt: skip
 
 

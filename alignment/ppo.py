@@ -53,6 +53,12 @@ critic's head, new, trains whole); the reference is the policy's frozen base (no
 loaded); rollouts decode with the adapters merged. Readers of the run merge them (the policy of a
 PPO checkpoint loads as a plain language model either way).
 
+Mixture-of-experts models (n_experts > 0): the policy and the critic each add pretraining's
+router losses of their training forward pass, `loss.moe_aux` × load balance + `loss.moe_z` ×
+router z-loss (train/losses.py `router_coefs`), logged as `moe/*` and `value/moe/*`; the frozen
+reference and reward model only score, with no gradient and no router loss. Without them the
+RL gradient alone is free to collapse a router onto a few experts.
+
 Metrics (metrics.jsonl): loss-side `pg_loss`, `vf_loss`, `entropy`, `clipfrac`, `vf_clipfrac`,
 `approx_kl`; per rollout `rollout/score_mean|std` (reward model), `rollout/reward_mean|std`
 (sequence reward with penalties), `rollout/kl` (per-sequence KL to the reference),
@@ -91,7 +97,13 @@ from flaxlm.models.heads import scalar_model_fns, sequence_values
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import loop
-from flaxlm.train.losses import masked_mean, token_logprobs
+from flaxlm.train.losses import (
+    add_router_losses,
+    masked_mean,
+    router_coefs,
+    router_forward,
+    token_logprobs,
+)
 from flaxlm.train.pretrain import model_fns
 
 # ---------------------------------------------------------------------------------------------
@@ -177,17 +189,22 @@ class KLController:
             self.value *= 1.0 + err * n / self.horizon
 
 
-def ppo_loss_fn(policy_apply, value_apply, p, temperature: float = 1.0):
+def ppo_loss_fn(policy_apply, value_apply, p, temperature: float = 1.0,
+                routers: tuple = (None, None)):  # fmt: skip
     """The combined policy + critic loss (module docstring) over a rollout minibatch; the
-    policy's logprobs and entropy at `temperature` (the rollout's, `scoring_temperature`)."""
+    policy's logprobs and entropy at `temperature` (the rollout's, `scoring_temperature`).
+    `routers` = (policy's, critic's) router-loss coefficients (train/losses.py
+    `router_coefs`; None for a dense model): each mixture adds the router losses of its own
+    forward pass here, logged as `moe/*` (policy) and `value/moe/*` (critic)."""
 
     def loss_fn(params, batch, rng):
         del rng
         mask = batch["loss_mask"]
         args = (batch["tokens"], batch["positions"], batch["segment_ids"])
-        logits = tempered(policy_apply(params["policy"], *args), temperature)
+        logits, policy_stats = router_forward(policy_apply, routers[0], params["policy"], *args)
+        logits = tempered(logits, temperature)
         logp = token_logprobs(logits, batch["targets"])
-        values = value_apply(params["value"], *args)
+        values, value_stats = router_forward(value_apply, routers[1], params["value"], *args)
         pg, clipfrac = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, p.clip)
         vf, vf_clipfrac = value_loss(
             values, batch["old_values"], batch["returns"], mask, p.value_clip
@@ -204,7 +221,8 @@ def ppo_loss_fn(policy_apply, value_apply, p, temperature: float = 1.0):
             "weight": jnp.sum(mask),
             **passthrough_stats(batch),
         }
-        return loss, metrics
+        loss, metrics = add_router_losses(loss, metrics, policy_stats, routers[0])
+        return add_router_losses(loss, metrics, value_stats, routers[1], prefix="value/moe/")
 
     return loss_fn
 
@@ -368,11 +386,13 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     flops_causal = cfg.flops_per_token(config.seq_len, True) + vcfg.flops_per_token(
         config.seq_len, True
     )
+    # the trained mixtures' router losses (policy, critic); None for a dense one
+    routers = tuple(router_coefs(config.get("loss"), c.n_experts > 0) for c in (cfg, vcfg))
     return loop.Task(
         name="ppo",
         init_params=init_params,
         loss_fn=ppo_loss_fn(
-            lm_apply, v_apply, config.ppo, scoring_temperature(config.rollout.temperature)
+            lm_apply, v_apply, config.ppo, scoring_temperature(config.rollout.temperature), routers
         ),
         train_batches=source,
         before_step=source.before_step,

@@ -11,8 +11,10 @@ Loss (`pairwise_loss`), per pair with rewards r_c (chosen) and r_r (rejected):
 
 The optional margin (a per-pair number from the data, Llama 2) asks for a larger gap where
 annotators were more certain; the centering term (λ = `loss.center_coef`) keeps rewards near
-zero mean, since Bradley–Terry only fixes their differences. Metrics: `accuracy` (fraction with
-r_c > r_r) and `margin` (mean r_c − r_r). Held-out evaluation reports the same on `data.eval`,
+zero mean, since Bradley–Terry only fixes their differences. A mixture-of-experts backbone
+(n_experts > 0) adds pretraining's router losses, `loss.moe_aux` × load balance + `loss.moe_z` ×
+router z-loss (train/losses.py `router_coefs`), and logs `moe/*`. Metrics: `accuracy` (fraction
+with r_c > r_r) and `margin` (mean r_c − r_r). Held-out evaluation reports the same on `data.eval`,
 plus accuracy per pair kind when the records carry the built-in world's meta.
 """
 
@@ -28,6 +30,7 @@ from flaxlm.models import lora as lora_lib
 from flaxlm.models.heads import scalar_model_fns, sequence_values
 from flaxlm.models.sharding import fetch, make_mesh, same_batch_count, shard_batch
 from flaxlm.train import loop
+from flaxlm.train.losses import add_router_losses, router_coefs
 
 
 def pairwise_loss(r_chosen, r_rejected, margin=None, center_coef=None, valid=None):
@@ -62,18 +65,26 @@ def _both_sides(batch) -> dict[str, jnp.ndarray]:
     return {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in keys}
 
 
-def rewards(apply, params, batch):
-    """(r_chosen, r_rejected), each (B,)."""
+def rewards(apply, params, batch, moe_stats: bool = False):
+    """(r_chosen, r_rejected), each (B,); `moe_stats=True` (a mixture-of-experts backbone)
+    appends the pass's router statistics (over both sides' real tokens: padding, segment id 0,
+    counts in none)."""
     x = _both_sides(batch)
-    values = apply(params, x["tokens"], x["positions"], x["segment_ids"])
-    r = sequence_values(values, x["segment_ids"])
-    return jnp.split(r, 2)
+    args = (params, x["tokens"], x["positions"], x["segment_ids"])
+    values, stats = apply(*args, moe_stats=True) if moe_stats else (apply(*args), None)
+    r = jnp.split(sequence_values(values, x["segment_ids"]), 2)
+    return (*r, stats) if moe_stats else r
 
 
-def reward_loss_fn(apply, use_margin: bool, center_coef: float):
+def reward_loss_fn(apply, use_margin: bool, center_coef: float, router: tuple | None = None):
+    """The loop's loss over a batch of pairs. `router` (train/losses.py `router_coefs`: a
+    mixture-of-experts backbone) adds the router losses of the forward pass and logs `moe/*`,
+    so training the reward model cannot collapse its router either."""
+
     def loss_fn(params, batch, rng):
         del rng
-        r_c, r_r = rewards(apply, params, batch)
+        out = rewards(apply, params, batch, moe_stats=router is not None)
+        r_c, r_r = out[:2]
         margin = batch["margin"] if use_margin else None
         # Pairs with valid = 0 (a partial batch's padding) count nowhere: `weight` is the
         # number of real pairs, the loss's denominator, so accumulation weighs micro-batches
@@ -83,7 +94,7 @@ def reward_loss_fn(apply, use_margin: bool, center_coef: float):
         loss, metrics = pairwise_loss(r_c, r_r, margin, center_coef, w)
         metrics["reward_mean"] = jnp.sum((r_c + r_r) * w) / jnp.maximum(2.0 * jnp.sum(w), 1.0)
         metrics["weight"] = jnp.sum(w)  # pairs: the loss's mean
-        return loss, metrics
+        return add_router_losses(loss, metrics, out[2] if router is not None else {}, router)
 
     return loss_fn
 
@@ -169,12 +180,13 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         process_index=jax.process_index(), process_count=jax.process_count(),
     )  # fmt: skip
     eval_fn = make_eval_fn(config, mesh, apply, heldout) if heldout and config.eval_every else None
+    router = router_coefs(config.loss, cfg.n_experts > 0)  # (None: a dense backbone)
     # No vocabulary projection: 6·V·D FLOPs per token less than the LM (tokens_in_batch counts
     # the chosen and the rejected tokens).
     return common.supervised_task(
         "reward", "scalar", config, cfg, spec, tok, workdir, data_report,
         init_params=init_params,
-        loss_fn=reward_loss_fn(apply, config.loss.use_margin, config.loss.center_coef),
+        loss_fn=reward_loss_fn(apply, config.loss.use_margin, config.loss.center_coef, router),
         train_batches=batches, eval_fn=eval_fn, head_flops=6 * cfg.vocab_size * cfg.d_model,
     )  # fmt: skip
 

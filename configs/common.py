@@ -15,6 +15,7 @@ import ml_collections
 
 from flaxlm.models.config import ModelConfig, get_variant
 from flaxlm.train.ema import ema_config
+from flaxlm.train.losses import MOE_AUX, MOE_Z
 from flaxlm.train.optim import opt_config
 from flaxlm.train.step import guard_config
 
@@ -140,3 +141,15 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     c.progress_bar = True  # tqdm bar on stderr
     c.peak_tflops = 0.0  # per-chip peak TFLOP/s for MFU (> 0 overrides the built-in table)
     return c
+
+
+def router_loss_keys(loss: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """`loss` (a new section when None) with the router-loss keys added: every task that
+    trains a model with experts adds them to its loss (train/losses.py `router_coefs`), so
+    each config lists them where `--config.loss.moe_aux=...` can set them."""
+    loss = ml_collections.ConfigDict() if loss is None else loss
+    # models with experts (model.n_experts > 0; models/moe.py): router load-balancing loss
+    # (Switch; 1 when balanced) and router z-loss (ST-MoE) coefficients
+    loss.moe_aux = MOE_AUX
+    loss.moe_z = MOE_Z
+    return loss

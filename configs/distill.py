@@ -87,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill = distill_config()
     c.loss = ml_collections.ConfigDict()
     c.loss.chunk_tokens = 0  # > 0: both models' logits over chunks of this many positions
+    common.router_loss_keys(c.loss)  # moe_aux, moe_z: a student with experts (models/moe.py)
     c.lora = lora_config(a.lora)  # LoRA adapters for a pretrained student; rank 0 = off
     c.eval_gen = eval_gen_config("builtin:sft_heldout")
     # on-policy only: one sample per prompt, each rollout trained on once

@@ -111,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     size_rollout_rows(c, seq)
     c.rollout.empty_reward = 0.0  # an empty answer earns what a wrong one does
     c.grpo = grpo_config(a.group)
+    c.loss = common.router_loss_keys()  # moe_aux, moe_z: a policy with experts (models/moe.py)
     # LoRA adapters on the policy (models/lora.py); rank 0 = off. The reference is then the
     # policy's frozen base: no second copy of the model is loaded.
     c.lora = lora_config(a.lora)

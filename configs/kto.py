@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = common.model_config(a.variant)  # unused: the architecture comes from init_from
     c.data = align.data_config("builtin:preferences", "builtin:preferences_heldout")
     c.kto = kto_config()
+    c.loss = common.router_loss_keys()  # moe_aux, moe_z: a policy with experts (models/moe.py)
     c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
     # The task metric (greedy accuracy): the world's held-out questions, and the RL prompts
     # (questions that the preference pairs also ask: the trained distribution).

@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     size_rollout_rows(c, seq)
     c.rollout.empty_reward = 0.0  # an empty answer earns what a wrong one does
     c.online = online_config()
+    c.loss = common.router_loss_keys()  # moe_aux, moe_z: a policy with experts (models/moe.py)
     d = dpo_config(a.loss)
     c.dpo = ml_collections.ConfigDict(  # the loss keys of DPO's section (configs/dpo.py)
         {k: d[k] for k in ("loss_type", "beta", "label_smoothing", "simpo_gamma", "sft_coef")}

@@ -72,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rollout.epochs = 2  # PPO epochs over each rollout
     size_rollout_rows(c, seq)
     c.ppo = ppo_config()
+    # moe_aux, moe_z: a policy or critic with experts (models/moe.py), each its own router loss
+    c.loss = common.router_loss_keys()
     # LoRA adapters on the policy and the critic (models/lora.py; the critic's head trains
     # whole); rank 0 = off. The reference is then the policy's frozen base (no second copy).
     c.lora = lora_config(a.lora)

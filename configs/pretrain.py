@@ -60,10 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient (1e-4 stabilises bf16 runs)
     c.loss.chunk_tokens = 0  # > 0: CE over chunks of this many positions (no full logits)
-    # models with experts (model.n_experts > 0; models/moe.py): router load-balancing loss
-    # (Switch; 1 when balanced) and router z-loss (ST-MoE) coefficients
-    c.loss.moe_aux = 0.01
-    c.loss.moe_z = 0.001
+    common.router_loss_keys(c.loss)  # moe_aux, moe_z: models with experts (models/moe.py)
     c.data = data_config()  # text pipeline keys (data/pipeline.py documents each)
     c.data.kind = a.data  # text | markov
     c.data.markov_branching = 4  # markov: successors per token of the synthetic chain

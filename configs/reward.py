@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.use_margin = True  # subtract each pair's `margin` field (0 when the data has none)
     c.loss.center_coef = 0.01  # λ of the reward-centering term λ·mean((r_c + r_r)²); 0 = off
+    common.router_loss_keys(c.loss)  # moe_aux, moe_z: a backbone with experts (models/moe.py)
     c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
     c.lora.train_extra = "^head/"  # the scalar head is new: it always trains
     c.opt.lr = lr * (10 if a.lora else 1)  # adapters start at zero and need a larger step

@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient
     c.loss.chunk_tokens = 0  # > 0: CE over chunks of this many positions (no full logits)
+    common.router_loss_keys(c.loss)  # moe_aux, moe_z: models with experts (models/moe.py)
 
     c.opt.lr = LR_BASE * (64.0 / d.to_float()) ** LR_EXPONENT  # follows model.d_model
     total = c.get_ref("total_steps")

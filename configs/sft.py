@@ -52,10 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient
     c.loss.chunk_tokens = 0  # > 0: CE over chunks of this many positions (no full logits)
-    # models with experts (model.n_experts > 0; models/moe.py): router load-balancing loss
-    # (Switch; 1 when balanced) and router z-loss (ST-MoE) coefficients
-    c.loss.moe_aux = 0.01
-    c.loss.moe_z = 0.001
+    common.router_loss_keys(c.loss)  # moe_aux, moe_z: models with experts (models/moe.py)
     c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
     c.eval_gen = eval_gen_config("builtin:sft_heldout,builtin:heldout_facts")
     c.opt.lr = lr * (10 if a.lora else 1)  # adapters start at zero and need a larger step

@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxlm.models.config import ModelConfig
+from flaxlm.models.moe import COLLECTION as MOE_STATS
+from flaxlm.models.moe import collect_stats
 from flaxlm.models.transformer import Transformer
 
 
@@ -88,13 +90,19 @@ def sequence_values(values_BT, segment_ids_BT) -> jnp.ndarray:
 
 def scalar_model_fns(cfg: ModelConfig):
     """(init_params, apply) of a ScalarHeadModel: init is rng -> boxed params; apply returns
-    per-token values (B, T)."""
+    per-token values (B, T), and with `moe_stats=True` (values, {router statistic: mean over
+    layers}) — the LM's convention (train/pretrain.py `model_fns`), so a trained mixture-of-
+    experts reward model or critic gets the router losses ({} for a dense backbone)."""
     model = ScalarHeadModel(cfg)
 
     def init_params(rng):
         return model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
 
-    def apply(params, tokens, positions=None, segment_ids=None):
-        return model.apply({"params": params}, tokens, positions, segment_ids)
+    def apply(params, tokens, positions=None, segment_ids=None, moe_stats=False):
+        if not moe_stats:
+            return model.apply({"params": params}, tokens, positions, segment_ids)
+        out, state = model.apply({"params": params}, tokens, positions, segment_ids,
+                                 mutable=[MOE_STATS])  # fmt: skip
+        return out, collect_stats(state.get(MOE_STATS, {}))
 
     return init_params, apply

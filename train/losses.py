@@ -183,10 +183,41 @@ def lm_loss_fn(apply_fn: Callable, z_loss: float = 0.0, router: tuple | None = N
     return loss_fn
 
 
-def add_router_losses(loss, metrics, stats: dict, router: tuple):
+# Router-loss coefficients of a mixture-of-experts model: `loss.moe_aux` (Switch load balance)
+# and `loss.moe_z` (ST-MoE router z-loss); the configs' defaults (configs/common.py
+# `router_loss_keys`) and those of a config without the keys.
+MOE_AUX, MOE_Z = 0.01, 0.001
+
+
+def router_coefs(loss_cfg, moe: bool) -> tuple | None:
+    """`router` for the losses here and in every alignment trainer: (`loss.moe_aux`,
+    `loss.moe_z`) for a mixture-of-experts model (`moe`: n_experts > 0), `MOE_AUX` and
+    `MOE_Z` where the config has no such key (or no `loss` section); None for a dense model,
+    whose loss then asks for no router statistics at all — its compiled program stays what it
+    was before mixtures existed."""
+    if not moe:
+        return None
+    get = loss_cfg.get if loss_cfg is not None else {}.get
+    return (get("moe_aux", MOE_AUX), get("moe_z", MOE_Z))
+
+
+def router_forward(apply: Callable, router: tuple | None, *args, **kwargs):
+    """(apply(*args, **kwargs), router statistics) of a forward pass that carries gradient:
+    with `router` set (a mixture-of-experts model, `router_coefs`) the model's statistics
+    (`apply(..., moe_stats=True)`), else the plain call and {} — a dense model's program gets
+    no extra outputs. `add_router_losses` then takes the statistics."""
+    if router is None:
+        return apply(*args, **kwargs), {}
+    return apply(*args, moe_stats=True, **kwargs)
+
+
+def add_router_losses(loss, metrics, stats: dict, router: tuple | None, prefix: str = "moe/"):
     """loss + aux·load_balance + z·router_z (models/moe.py's statistics, means over layers),
-    and every statistic logged as `moe/<name>`."""
+    and every statistic logged as `<prefix><name>` (`moe/load_balance`, ...). Empty `stats`
+    (a dense model, `router` None) leave both as they are, so a trainer can call this
+    unconditionally on its gradient-carrying forward pass's statistics."""
+    if not stats:
+        return loss, metrics
     aux, z = router
-    if stats:
-        loss = loss + aux * stats["load_balance"] + z * stats["router_z"]
-    return loss, {**metrics, **{f"moe/{k}": v for k, v in stats.items()}}
+    loss = loss + aux * stats["load_balance"] + z * stats["router_z"]
+    return loss, {**metrics, **{f"{prefix}{k}": v for k, v in stats.items()}}

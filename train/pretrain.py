@@ -21,7 +21,7 @@ from flaxlm.models.moe import collect_stats
 from flaxlm.models.sharding import batch_divisor, make_mesh, shard_batch
 from flaxlm.models.transformer import Transformer
 from flaxlm.train import loop
-from flaxlm.train.losses import chunked_lm_loss_fn, lm_loss_fn
+from flaxlm.train.losses import chunked_lm_loss_fn, lm_loss_fn, router_coefs
 from flaxlm.train.step import eval_step
 
 
@@ -80,7 +80,7 @@ def lm_loss(apply, loss_cfg, prepare=None, moe: bool = False):
     (a model with experts) adds the router losses, `loss.moe_aux` × load balance +
     `loss.moe_z` × router z-loss, and logs the router statistics as `moe/...`."""
     chunk = loss_cfg.get("chunk_tokens", 0)
-    router = (loss_cfg.get("moe_aux", 0.01), loss_cfg.get("moe_z", 0.001)) if moe else None
+    router = router_coefs(loss_cfg, moe)
     if chunk:
         return chunked_lm_loss_fn(apply, chunk, loss_cfg.z_loss, prepare, router)
     if prepare is not None:

@@ -50,11 +50,12 @@ def write_run(workdir: str, params, meta: dict, ema=None) -> str:
     return workdir
 
 
-def fake_runs(root: str, cache_dir: str, ema: bool = False) -> tuple[str, str]:
+def fake_runs(root: str, cache_dir: str, ema: bool = False, **model) -> tuple[str, str]:
     """(sft_dir, rm_dir): random tiny LM and scalar-head runs sharing the small world's
     tokenizer; the reward model's backbone is the LM's (as a real chain would start). `ema`:
     each also holds an EMA of the weights, `random_params(init, EMA_SEED[kind])` (other
-    weights than its params)."""
+    weights than its params). `model`: ModelConfig fields over the tiny variant's (e.g. a
+    mixture of experts)."""
     import ml_collections
 
     from flaxlm.alignment.common import data_config
@@ -64,7 +65,7 @@ def fake_runs(root: str, cache_dir: str, ema: bool = False) -> tuple[str, str]:
     tok = common.resolve_tokenizer(c, {})
     tok_path = os.path.join(root, "tokenizer.model")
     tok.save(tok_path)
-    cfg = get_variant("tiny", vocab_size=VOCAB)
+    cfg = get_variant("tiny", vocab_size=VOCAB, **model)
     lm = random_params(model_fns(cfg)[0], 0)
     rm = random_params(scalar_model_fns(cfg)[0], 1)
     rm["transformer"] = jax.tree.map(np.copy, {k: v for k, v in lm.items() if k != "lm_head"})
