@@ -23,6 +23,7 @@ import numpy as np
 
 from flaxlm.models import decode_attention as decode_kernel
 from flaxlm.models.config import ModelConfig
+from flaxlm.models.flash_attention import flash_attention
 from flaxlm.models.layers import (
     Proj,
     ProjWeights,
@@ -379,7 +380,8 @@ def by_window(cfg: ModelConfig, ctx: dict, attend):
     """`attend(window)` for this layer: with its static window, or (a scanned layer of a mixed
     pattern, kind traced) with the local or the global one by `lax.cond` — both kernels
     compiled, one run, and the fast causal(+window) modes kept, no (B, T, T) masks built. An
-    explicit mask already carries the layer's window: window 0 then."""
+    explicit mask already carries the layer's window: window 0 then (packed rows under
+    attention_impl="flash" carry per-token ids instead, `ctx["segments"]`, and need theirs)."""
     if ctx["window"] is not None:
         return attend(ctx["window"])
     if ctx["mask"] is not None:
@@ -544,24 +546,40 @@ class Attention(nn.Module):
 
     def _self_attention(self, q, k, v, ctx, scale, cap):
         """Attention of the chunk's queries over its own keys (training, scoring, and a
-        prefill into an empty cache): cuDNN's flash kernel where the config asks for it and
-        it applies; XLA in blocks of query rows where it does not (soft-capped logits, a head
+        prefill into an empty cache): the blockwise kernel where the config asks for "flash"
+        (models/flash_attention.py); cuDNN's flash kernel where the config asks for it and it
+        applies; XLA in blocks of query rows where it does not (soft-capped logits, a head
         dim it does not take), and for every prefill (inference: a long prompt's float32
         scores one block of rows at a time, not (B, N, P, P) at once); else plain XLA. Under
         context parallelism, XLA over blocks of each device's own rows (`context_attention`)."""
         cfg = self.cfg
         split = not logical_axes_unsplit("act_len")  # context parallelism
         k, v = gather_sequence(k), gather_sequence(v)
+        T, S = q.shape[1], k.shape[1]
+        packed = ctx.get("segments")  # (segment ids, positions) of packed rows, for "flash"
+
+        def mask_of(window):  # the (B|1, 1, T, S) mask the kernels imply
+            if packed is not None:
+                seg, pos = packed
+                slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), seg.shape)
+                return attention_mask(seg, seg, slot, slot, pos, pos, window)
+            return causal_mask(T, S, window) if ctx["mask"] is None else ctx["mask"]
+
+        if cfg.attention_impl == "flash" and not split:
+            out = by_window(cfg, ctx, lambda w: flash_attention(
+                q, k, v, *(packed or ()), window=w, scale=scale, cap=cap,
+                block=cfg.flash_block))  # fmt: skip
+            self._sow_probs(q, k, ctx, mask_of, scale, cap)
+            return out
         if (cfg.attention_impl == "cudnn" and not cap and not split
                 and cudnn_supports_head_dim(q.shape[-1])):  # fmt: skip
             return by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
-        T, S = q.shape[1], k.shape[1]
         C = logical_axis_size("act_len")
         if split and T % C == 0:
             # cuDNN's partitioner refuses queries split along the sequence, and the row blocks
             # below would gather them: each device's own rows, in blocks (`context_attention`)
             return by_window(cfg, ctx, lambda w: context_attention(
-                q, k, v, ctx["mask"], w, C, scale, cap))  # fmt: skip
+                q, k, v, ctx["mask"] if packed is None else mask_of(w), w, C, scale, cap))  # fmt: skip
         if cfg.attention_impl == "cudnn" or ctx.get("prefill"):
 
             def rows_of(window):
@@ -580,16 +598,18 @@ class Attention(nn.Module):
             return by_window(cfg, ctx, lambda w: chunked_attention(
                 q, k, v, rows_of(w), scale, cap, kernel=kernel))  # fmt: skip
 
-        def mask_of(window):  # plain causal rows: the mask the kernels would imply
-            return causal_mask(T, S, window) if ctx["mask"] is None else ctx["mask"]
-
         out = by_window(cfg, ctx, lambda w: xla_attention(q, k, v, mask_of(w), scale, cap))
-        if self.is_mutable_collection("intermediates"):
-            # Inspection only (apply(..., mutable="intermediates")): weights as (B, N, T, S).
-            B, N = q.shape[0], q.shape[2]
-            probs = by_window(cfg, ctx, lambda w: attention_probs(q, k, mask_of(w), scale, cap))
-            self.sow("intermediates", "attn_probs", probs.reshape(B, N, T, S))  # n = k·G + g
+        self._sow_probs(q, k, ctx, mask_of, scale, cap)
         return out
+
+    def _sow_probs(self, q, k, ctx, mask_of, scale, cap):
+        """Inspection only (apply(..., mutable="intermediates")): the attention weights as
+        (B, N, T, S), sown as "attn_probs" (head n = k·G + g)."""
+        if self.is_mutable_collection("intermediates"):
+            (B, T, N, _), S = q.shape, k.shape[1]
+            probs = by_window(self.cfg, ctx,
+                              lambda w: attention_probs(q, k, mask_of(w), scale, cap))  # fmt: skip
+            self.sow("intermediates", "attn_probs", probs.reshape(B, N, T, S))
 
     def _heads(self) -> dict:
         cfg = self.cfg

@@ -95,7 +95,10 @@ class ModelConfig:
     nope_layer_interval: int = 0
     dtype: str = "float32"  # activation / matmul dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # parameter storage dtype (float32 master weights by default)
-    attention_impl: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention on NVIDIA GPUs)
+    # xla | cudnn (jax.nn.dot_product_attention on NVIDIA GPUs) | flash (blockwise, any backend:
+    # memory linear in the sequence, masked blocks skipped; models/flash_attention.py)
+    attention_impl: str = "xla"
+    flash_block: int = 512  # query and key rows per block of attention_impl="flash"
     # q|k|v and gate|up as one matmul each, joined in the per-step weight cast, when weights
     # are stored in another dtype than the compute dtype (layers.stacked_projection)
     join_projections: bool = True
@@ -119,7 +122,7 @@ class ModelConfig:
             "qk_norm": ("none", "head", "all"),
             "norm_placement": ("pre", "post", "sandwich"),
             "mlp_activation": ("silu", "gelu"),
-            "attention_impl": ("xla", "cudnn"),
+            "attention_impl": ("xla", "cudnn", "flash"),
             "remat_policy": ("none", "full", "dots", "dots_no_batch", "save_proj"),
         }
         for name, allowed in choices.items():
@@ -169,6 +172,8 @@ class ModelConfig:
                              "describe experts; set n_experts too")  # fmt: skip
         if self.shared_expert_gate and not self.d_shared_expert:
             raise ValueError("ModelConfig: shared_expert_gate needs a d_shared_expert")
+        if self.flash_block < 1:
+            raise ValueError(f"ModelConfig.flash_block={self.flash_block} must be >= 1")
         for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 0 (0 = off)")

@@ -197,6 +197,11 @@ class Transformer(nn.Module):
             # one unpadded document per row: the kernels' plain causal mode (each layer knows
             # its window, `attention.by_window`)
             masks = [None] * len(windows)
+        elif cfg.attention_impl == "flash":
+            # packed rows: the blockwise kernel masks tile by tile from the per-token ids (no
+            # (B, 1, T, T) mask; `attention.Attention` builds one where another kernel runs)
+            masks = [None] * len(windows)
+            ctx["segments"] = (segment_ids, positions)
         else:
             seg, slot = segment_ids, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             masks = [attention_mask(seg, seg, slot, slot, positions, positions, w)

@@ -77,7 +77,7 @@ RESUME_META_KEYS = ("task", "model_config", "head", "lora")
 # free to change on resume. `dtype` is the compute precision (e.g. bfloat16 compute on a GPU
 # after float32 on a CPU); `param_dtype`, the stored weights', is not free.
 EXECUTION_ONLY_MODEL_KEYS = frozenset(
-    {"attention_impl", "remat_policy", "join_projections", "dtype", "init_std"}
+    {"attention_impl", "flash_block", "remat_policy", "join_projections", "dtype", "init_std"}
 )
 
 
