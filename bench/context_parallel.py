@@ -1,8 +1,11 @@
 """Context parallelism's memory: one long row's training gradient compiled with its sequence
-split over 1, 2, ... devices (`mesh.context`, models/sharding.py), per device.
+split over 1, 2, ... devices (`mesh.context`, models/sharding.py), per device, with plain XLA
+attention (`context_attention`'s blocks of rows under a split) or the blockwise kernel
+(`attention_impl="flash"`, `context_flash_attention` under a split).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-        python -m flaxlm.bench.context_parallel --shapes small:8192,tiny:2048 --contexts 1,2,8
+        python -m flaxlm.bench.context_parallel --shapes small:8192,tiny:2048 --contexts 1,2,8 \\
+            --impls xla,flash
 
 Nothing runs: each program is compiled for this machine's (simulated) devices and XLA's buffer
 assignment gives its temporaries per device; the all-gathers in the program are counted with
@@ -19,7 +22,7 @@ import collections
 GiB = 2**30
 
 
-def measure(variant: str, seq: int, context: int) -> dict:
+def measure(variant: str, seq: int, context: int, impl: str = "xla") -> dict:
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -29,7 +32,7 @@ def measure(variant: str, seq: int, context: int) -> dict:
     from flaxlm.models.sharding import logical_axis_rules, make_mesh, use_mesh
     from flaxlm.train.pretrain import lm_loss, model_fns
 
-    cfg = get_variant(variant, max_seq_len=seq)
+    cfg = get_variant(variant, max_seq_len=seq, attention_impl=impl)
     init, apply = model_fns(cfg)
     params = jax.eval_shape(lambda: jax.tree.map(
         lambda x: getattr(x, "value", x), init(jax.random.PRNGKey(0)),
@@ -46,7 +49,7 @@ def measure(variant: str, seq: int, context: int) -> dict:
         for line in compiled.as_text().splitlines()
         if " all-gather(" in line
     )
-    return {"variant": variant, "seq": seq, "context": context,
+    return {"variant": variant, "seq": seq, "context": context, "impl": impl,
             "temp_gib": compiled.memory_analysis().temp_size_in_bytes / GiB,
             "all_gathers": dict(gathers)}  # fmt: skip
 
@@ -55,18 +58,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default="tiny:2048", help="VARIANT:SEQ,...")
     p.add_argument("--contexts", default="1,2,8")
+    p.add_argument("--impls", default="xla", help="attention_impl values: xla,flash")
     a = p.parse_args(argv)
-    print("| shape | context | temporaries per device, GiB | vs context 1 | all-gathers |")
-    print("|---|---|---|---|---|")
+    print("| shape | attention | context | temporaries per device, GiB | vs context 1 | "
+          "all-gathers |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for shape in a.shapes.split(","):
         variant, seq = shape.split(":")
-        base = None
-        for c in map(int, a.contexts.split(",")):
-            r = measure(variant, int(seq), c)
-            base = base or r["temp_gib"]
-            gathers = ", ".join(f"{n}× {s}" for s, n in r["all_gathers"].items()) or "none"
-            print(f"| {shape} | {c} | {r['temp_gib']:.3f} | {r['temp_gib'] / base:.3f} | "
-                  f"{gathers} |", flush=True)  # fmt: skip
+        for impl in a.impls.split(","):
+            base = None
+            for c in map(int, a.contexts.split(",")):
+                r = measure(variant, int(seq), c, impl)
+                base = base or r["temp_gib"]
+                gathers = ", ".join(f"{n}× {s}" for s, n in r["all_gathers"].items()) or "none"
+                print(f"| {shape} | {impl} | {c} | {r['temp_gib']:.3f} | "
+                      f"{r['temp_gib'] / base:.3f} | {gathers} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def kernel_time(variant: str, seq: int, impl: str, block: int, batch: int, doc: 
 
     from flaxlm.models.attention import attention_mask, causal_mask, xla_attention
     from flaxlm.models.config import get_variant
-    from flaxlm.models.flash_attention import block_ranges, flash_attention
+    from flaxlm.models.flash_attention import flash_attention, visited_tiles
 
     cfg = get_variant(variant)
     B, T, N, K, H = batch, seq, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_
@@ -107,13 +107,8 @@ def kernel_time(variant: str, seq: int, impl: str, block: int, batch: int, doc: 
         t0 = time.perf_counter()
         jax.block_until_ready(step(q, k, v))
         times.append(time.perf_counter() - t0)
-    n = -(-T // min(block, T))
-    meta = None
-    if packed is not None:
-        pad = n * min(block, T) - T
-        meta = tuple(jnp.pad(x, [(0, 0), (0, pad)]).reshape(B, n, -1) for x in packed)
-    lo, _ = block_ranges(n, min(block, T), 0, meta)
-    tiles = float(np.sum(np.arange(n) + 1 - np.asarray(lo))) / n**2
+    visited, _ = visited_tiles(T, T, *(packed or ()), block=block)
+    tiles = float(np.mean(np.asarray(visited)))
     return {"kind": "time", "variant": variant, "seq": seq, "impl": impl, "block": block,
             "batch": B, "doc": doc, "seconds": statistics.median(times),
             "tiles": tiles if impl == "flash" else 1.0}  # fmt: skip

@@ -86,6 +86,8 @@ PLANS = {
         "loss.chunk_tokens": 512,  # cross-entropy over 4 chunks of 512 positions
     },
     "xla_attn": dict(dtype="bfloat16", attention_impl="xla", remat_policy="none"),
+    # the blockwise kernel in plain JAX (models/flash_attention.py), against cuDNN's and XLA's
+    "flash_attn": dict(dtype="bfloat16", attention_impl="flash", remat_policy="none"),
     # `fast` with Muon for the layers' matrices (train/muon.py): Newton-Schulz's cost per step
     "fast_muon": {
         **dict(dtype="bfloat16", attention_impl="cudnn", remat_policy="none"),

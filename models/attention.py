@@ -278,6 +278,37 @@ def context_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int, C: int, sc
     return out.transpose(1, 2, 0, 3, 4, 5).reshape(B, T, N, H)
 
 
+def context_flash_attention(q_BTNH, k_BSKH, v_BSKH, packed, window: int, C: int, scale=None,
+                            cap: float = 0.0, block: int | None = None) -> jax.Array:  # fmt: skip
+    """`flash_attention` for queries split C ways along the sequence (context parallelism,
+    attention_impl="flash"): the rows viewed as (B, C, T/C) become B·C rows of the kernel, each
+    device's stretch of a row against the row's whole (gathered) keys, its queries' indices in
+    the row given (`q_rows_BT`), so no query moves. The loops' bounds are shared by the rows,
+    so every device walks the key blocks the last stretch needs, those its own rows cannot
+    see masked: `context_attention`'s FLOPs, with (block × block) tiles per head in place of
+    its (chunk × S) scores. `packed` is (segment ids, positions) (B, S) or None."""
+    B, T, N, H = q_BTNH.shape
+    L = T // C
+    split = ("act_batch", "act_len", None)
+
+    def rows_of(x, tail):  # (B, C, L|S, ...) -> (B·C, ...), each device its own stretch c
+        x = nn.with_logical_constraint(x, split + tail)
+        return x.reshape(B * C, *x.shape[2:])
+
+    def spread(x, tail=()):  # a row's keys (B, S, ...) to each of its C stretches
+        return rows_of(jnp.broadcast_to(x[:, None], (B, C, *x.shape[1:])), tail)
+
+    heads = ("act_heads", "head_dim")
+    q = rows_of(q_BTNH.reshape(B, C, L, N, H), heads)
+    k, v = (spread(x, ("act_kv_heads", "head_dim")) for x in (k_BSKH, v_BSKH))
+    q_rows = rows_of(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32).reshape(C, L), (B, C, L)), ())
+    seg_pos = () if packed is None else tuple(spread(x) for x in packed)
+    out = flash_attention(q, k, v, *seg_pos, q_rows_BT=q_rows, window=window, scale=scale,
+                          cap=cap, block=block)  # fmt: skip
+    out = nn.with_logical_constraint(out.reshape(B, C, L, N, H), split + heads)
+    return out.reshape(B, T, N, H)
+
+
 def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS, scale=None, cap: float = 0.0
                      ) -> jax.Array:  # fmt: skip
     """Attention over a heads-major (B, K, S, H) KV cache, laid out for few queries: each kv
@@ -578,8 +609,11 @@ class Attention(nn.Module):
         if split and T % C == 0:
             # cuDNN's partitioner refuses queries split along the sequence, and the row blocks
             # below would gather them: each device's own rows, in blocks (`context_attention`)
+            if cfg.attention_impl == "flash":
+                return by_window(cfg, ctx, lambda w: context_flash_attention(
+                    q, k, v, packed, w, C, scale, cap, cfg.flash_block))  # fmt: skip
             return by_window(cfg, ctx, lambda w: context_attention(
-                q, k, v, ctx["mask"] if packed is None else mask_of(w), w, C, scale, cap))  # fmt: skip
+                q, k, v, ctx["mask"], w, C, scale, cap))  # fmt: skip
         if cfg.attention_impl == "cudnn" or ctx.get("prefill"):
 
             def rows_of(window):

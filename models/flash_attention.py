@@ -52,63 +52,107 @@ BLOCK = 512
 _NEG = float(jnp.finfo(jnp.float32).min)  # a masked score: finite, so no inf - inf
 
 
-def flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, positions_BT=None, *,
-                    window: int = 0, scale: float | None = None, cap: float = 0.0,
-                    block: int | None = None) -> jax.Array:  # fmt: skip
-    """Causal self-attention of q over k, v (see the module docstring); (B, T, N, H).
+def flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BS=None, positions_BS=None, *,
+                    q_rows_BT=None, window: int = 0, scale: float | None = None,
+                    cap: float = 0.0, block: int | None = None) -> jax.Array:  # fmt: skip
+    """Causal attention of q over k, v (see the module docstring); (B, T, N, H).
 
-    `segment_ids_BT` None means one document per row and no padding; with segment ids,
-    `positions_BT` (default the index) are what the window measures. `scale` defaults to
-    head_dim^-1/2; `cap` soft-caps the logits (cap · tanh(s / cap), 0 = not)."""
+    The queries are the key row's own tokens (self-attention, T = S) unless `q_rows_BT` gives
+    each query's index in its key row (rising along the row): context parallelism runs a
+    device's stretch of a sequence against the whole row's keys so. `segment_ids_BS` None means
+    one document per row and no padding; with segment ids (of the keys' row), `positions_BS`
+    (default the index) are what the window measures. `scale` defaults to head_dim^-1/2;
+    `cap` soft-caps the logits (cap · tanh(s / cap), 0 = not)."""
     B, T, N, H = q_BTNH.shape
-    K = k_BTKH.shape[2]
-    b = min(block or BLOCK, T)
-    n = -(-T // b)
-    pad = n * b - T
-    if segment_ids_BT is not None and positions_BT is None:
-        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    K = k_BSKH.shape[2]
+    rows, meta, (nq, bq), (nk, bk) = _layout(B, T, k_BSKH.shape[1], segment_ids_BS,
+                                             positions_BS, q_rows_BT, block)  # fmt: skip
 
-    def blocks(x, fill=0):  # (B, T, ...) -> (B, n, b, ...), padded at the end of the row
-        if pad:
-            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    def blocks(x, n, b):  # (B, L, ...) -> (B, n, b, ...), zero-padded at the end
+        if n * b > x.shape[1]:
+            x = jnp.pad(x, [(0, 0), (0, n * b - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(B, n, b, *x.shape[2:])
 
-    # Padded keys sit after every real query (plain rows) or in segment 0 (packed rows): hidden.
-    q = blocks(q_BTNH).reshape(B, n, b, K, N // K, H)
-    k, v = blocks(k_BTKH), blocks(v_BTKH)
-    meta = None
-    if segment_ids_BT is not None:
-        meta = (blocks(segment_ids_BT.astype(jnp.int32)), blocks(positions_BT.astype(jnp.int32)))
+    q = blocks(q_BTNH, nq, bq).reshape(B, nq, bq, K, N // K, H)
+    k, v = blocks(k_BSKH, nk, bk), blocks(v_BSKH, nk, bk)
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
-    out = _flash(q, k, v, meta, window, scale, float(cap))
-    return out.reshape(B, n * b, N, H)[:, :T]
+    out = _flash(q, k, v, rows, meta, window, scale, float(cap))
+    return out.reshape(B, nq * bq, N, H)[:, :T]
+
+
+def _layout(B, T, S, segment_ids_BS, positions_BS, q_rows_BT, block):
+    """The blocks' bookkeeping: each query's index in the key row (B, nq, bq), the per-token
+    ids ("meta", None for plain rows), and (count, size) of the query and key blocks. Padded
+    keys sit after every query (plain rows) or in segment 0 (packed rows): hidden. Padded
+    queries repeat the last one's row (their outputs are cut, their cotangents 0)."""
+    if q_rows_BT is None:
+        if T != S:
+            raise ValueError(f"flash_attention: {T} queries and {S} keys need q_rows_BT")
+        q_rows_BT = jnp.arange(T, dtype=jnp.int32)[None]
+    q_rows_BT = jnp.broadcast_to(q_rows_BT.astype(jnp.int32), (B, T))
+    bq, bk = min(block or BLOCK, T), min(block or BLOCK, S)
+    nq, nk = -(-T // bq), -(-S // bk)
+
+    def blocks(x, n, b, mode="constant"):
+        if n * b > x.shape[1]:
+            x = jnp.pad(x, [(0, 0), (0, n * b - x.shape[1])], mode=mode)
+        return x.reshape(B, n, b)
+
+    rows = blocks(q_rows_BT, nq, bq, mode="edge")
+    meta = None
+    if segment_ids_BS is not None:
+        seg = jnp.broadcast_to(segment_ids_BS.astype(jnp.int32), (B, S))
+        pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32) if positions_BS is None
+                               else positions_BS.astype(jnp.int32), (B, S))  # fmt: skip
+        q_seg, q_pos = (jnp.take_along_axis(x, q_rows_BT, axis=1) for x in (seg, pos))
+        # the rows' ids rise (each document one stretch): the blocks before a query block's
+        # first document are skipped; otherwise none
+        rising = jnp.all((seg == 0) | (seg == jax.lax.cummax(seg, axis=1)))
+        q_start = jnp.take_along_axis(document_starts(seg), q_rows_BT, axis=1)
+        meta = {"q_seg": blocks(q_seg, nq, bq), "q_pos": blocks(q_pos, nq, bq),
+                "q_start": blocks(jnp.where(rising, q_start, 0), nq, bq, mode="edge"),
+                "kv_seg": blocks(seg, nk, bk), "kv_pos": blocks(pos, nk, bk)}  # fmt: skip
+    return rows, meta, (nq, bq), (nk, bk)
+
+
+def visited_tiles(T, S=None, segment_ids_BS=None, positions_BS=None, *, q_rows_BT=None,
+                  window: int = 0, block: int | None = None):  # fmt: skip
+    """(nq, nk) bool: the (query block, key block) tiles the forward visits, and the same
+    tiles as the backward enumerates them (key block by key block), for checks and benches."""
+    S = S or T
+    B = 1 if segment_ids_BS is None else segment_ids_BS.shape[0]
+    if q_rows_BT is not None:
+        B = max(B, q_rows_BT.shape[0])
+    rows, meta, (nq, _), (nk, bk) = _layout(B, T, S, segment_ids_BS, positions_BS, q_rows_BT,
+                                            block)  # fmt: skip
+    lo, hi, qlo, qhi = block_ranges(rows, nk, bk, window, meta)
+    i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]
+    return (lo[:, None] <= j) & (j < hi[:, None]), (qlo[None, :] <= i) & (i < qhi[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Which blocks each loop visits
 
 
-def block_ranges(n: int, b: int, window: int, meta):
-    """(lo, hi) int32 (n,) each: query block i visits key blocks lo[i] … i, and key block j is
-    visited by query blocks j … hi[j] - 1. Both are unions over the batch rows."""
-    idx = jnp.arange(n, dtype=jnp.int32)
-    if meta is None:
-        if not window:
-            return jnp.zeros(n, jnp.int32), jnp.full(n, n, jnp.int32)
-        # row r sees keys down to r - window + 1
-        lo = jnp.maximum(0, (idx * b - window + 1) // b)
-        hi = jnp.minimum(n, (idx * b + b - 1 + window - 1) // b + 1)
-        return lo, hi
-    seg = meta[0].reshape(meta[0].shape[0], n * b)
-    start = document_starts(seg)
-    # Rising ids: a query sees no key before its document's first token. Otherwise no skipping.
-    rising = jnp.all((seg == 0) | (seg == jax.lax.cummax(seg, axis=1)))
-    lo = jnp.where(rising, jnp.min(start[:, ::b], axis=0) // b, 0)
-    # key block j is seen by the queries whose document starts at or before its last key: a
-    # prefix of the row, since the starts never fall (`document_starts`)
-    seen = jnp.sum(start[:, None, :] <= (idx[None, :, None] * b + b - 1), axis=-1)  # (B, n)
-    hi = jnp.where(rising, -(-jnp.max(seen, axis=0) // b), n)
-    return lo.astype(jnp.int32), jnp.maximum(hi, idx + 1).astype(jnp.int32)
+def block_ranges(rows, nk: int, bk: int, window: int, meta):
+    """Query block i visits key blocks lo[i] … hi[i] - 1, and key block j is visited by query
+    blocks qlo[j] … qhi[j] - 1; (lo, hi, qlo, qhi), int32, unions over the batch rows.
+    `rows` (B, nq, bq) are the queries' indices in the key row."""
+    first, last = rows.min(axis=(0, 2)), rows.max(axis=(0, 2))  # (nq,)
+    hi = jnp.minimum(nk, last // bk + 1)
+    if meta is not None:  # no key before the document's first token (0 where ids do not rise)
+        lo = meta["q_start"].min(axis=(0, 2)) // bk
+    elif window:  # row r sees keys down to r - window + 1
+        lo = jnp.maximum(0, (first - window + 1) // bk)
+    else:
+        lo = jnp.zeros_like(first)
+    # Both rise with i for rising rows; made monotone (widening, never narrowing) for the
+    # inverse below: key block j is seen by the query blocks with lo <= j < hi, a stretch.
+    lo = jnp.flip(jax.lax.cummin(jnp.flip(lo)))
+    hi = jax.lax.cummax(hi)
+    j = jnp.arange(nk, dtype=hi.dtype)
+    qlo, qhi = jnp.searchsorted(hi, j, side="right"), jnp.searchsorted(lo, j, side="right")
+    return lo, hi, qlo.astype(lo.dtype), qhi.astype(lo.dtype)
 
 
 def document_starts(seg_BT):
@@ -122,30 +166,29 @@ def document_starts(seg_BT):
     return jax.lax.cummax(jnp.where(new, jnp.arange(T, dtype=jnp.int32), 0), axis=1)
 
 
-def _tile_mask(i, j, b: int, window: int, meta):
-    """(B|1, 1, 1, b, b): which keys of block j the queries of block i see."""
-    rows = i * b + jnp.arange(b)[:, None]
-    cols = j * b + jnp.arange(b)[None, :]
-    mask = cols <= rows
+def _tile_mask(rows, i, j, bk: int, window: int, meta):
+    """(B, 1, 1, bq, bk): which keys of block j the queries of block i see."""
+    r = rows[:, i][:, :, None]  # (B, bq, 1)
+    cols = j * bk + jnp.arange(bk)[None, None, :]
+    mask = cols <= r
     if meta is None:
         if window:
-            mask &= rows - cols < window
-        return mask[None, None, None]
-    seg, pos = meta
-    sq, sk = seg[:, i], seg[:, j]  # (B, b)
-    mask = mask[None] & (sq[:, :, None] == sk[:, None, :]) & (sq != 0)[:, :, None]
+            mask &= r - cols < window
+        return mask[:, None, None]
+    sq, sk = meta["q_seg"][:, i], meta["kv_seg"][:, j]  # (B, bq), (B, bk)
+    mask &= (sq[:, :, None] == sk[:, None, :]) & (sq != 0)[:, :, None]
     if window:
-        mask &= (pos[:, i][:, :, None] - pos[:, j][:, None, :]) < window
+        mask &= (meta["q_pos"][:, i][:, :, None] - meta["kv_pos"][:, j][:, None, :]) < window
     return mask[:, None, None]
 
 
 # ----------------------------------------------------------------------------------------------
-# The kernel: q (B, n, b, K, G, H), k and v (B, n, b, K, H)
+# The kernel: q (B, nq, bq, K, G, H), k and v (B, nk, bk, K, H), rows (B, nq, bq)
 
 
 def _scores(q_i, k_j, scale: float, cap: float):
-    """Scaled (and soft-capped) logits (B, K, G, b, b) in float32, and tanh(s / cap) if capped
-    (what the backward needs)."""
+    """Scaled (and soft-capped) logits (B, K, G, bq, bk) in float32, and tanh(s / cap) if
+    capped (what the backward needs)."""
     s = jnp.einsum("bqkgh,bskh->bkgqs", q_i, k_j, preferred_element_type=jnp.float32) * scale
     if not cap:
         return s, None
@@ -153,9 +196,10 @@ def _scores(q_i, k_j, scale: float, cap: float):
     return cap * t, t
 
 
-def _forward(q, k, v, meta, window: int, scale: float, cap: float):
-    B, n, b, K, G, H = q.shape
-    lo, _ = block_ranges(n, b, window, meta)
+def _forward(q, k, v, rows, meta, window: int, scale: float, cap: float):
+    B, nq, bq, K, G, H = q.shape
+    nk, bk = k.shape[1], k.shape[2]
+    lo, hi, _, _ = block_ranges(rows, nk, bk, window, meta)
 
     def row_block(i):
         q_i = q[:, i]
@@ -163,7 +207,7 @@ def _forward(q, k, v, meta, window: int, scale: float, cap: float):
         def visit(j, carry):
             m, total, acc = carry
             s, _ = _scores(q_i, k[:, j], scale, cap)
-            mask = _tile_mask(i, j, b, window, meta)
+            mask = _tile_mask(rows, i, j, bk, window, meta)
             s = jnp.where(mask, s, _NEG)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -173,34 +217,35 @@ def _forward(q, k, v, meta, window: int, scale: float, cap: float):
                             preferred_element_type=jnp.float32)  # fmt: skip
             return m_new, total, acc * fade[..., None] + pv
 
-        init = (jnp.full((B, K, G, b), _NEG, jnp.float32), jnp.zeros((B, K, G, b), jnp.float32),
-                jnp.zeros((B, K, G, b, H), jnp.float32))  # fmt: skip
-        m, total, acc = jax.lax.fori_loop(lo[i], i + 1, visit, init)
+        init = (jnp.full((B, K, G, bq), _NEG, jnp.float32), jnp.zeros((B, K, G, bq), jnp.float32),
+                jnp.zeros((B, K, G, bq, H), jnp.float32))  # fmt: skip
+        m, total, acc = jax.lax.fori_loop(lo[i], hi[i], visit, init)
         seen = total > 0  # rows that see no key (padding): output 0, lse 0
         total = jnp.where(seen, total, 1.0)
         out = acc / total[..., None]
         lse = jnp.where(seen, m + jnp.log(total), 0.0)
-        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse  # (B, b, K, G, H)
+        return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse  # (B, bq, K, G, H)
 
-    out, lse = jax.lax.map(row_block, jnp.arange(n))  # (n, B, b, K, G, H), (n, B, K, G, b)
+    out, lse = jax.lax.map(row_block, jnp.arange(nq))  # (nq, B, bq, K, G, H), (nq, B, K, G, bq)
     return out.transpose(1, 0, 2, 3, 4, 5), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, meta, window: int, scale: float, cap: float):
-    return _forward(q, k, v, meta, window, scale, cap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, rows, meta, window: int, scale: float, cap: float):
+    return _forward(q, k, v, rows, meta, window, scale, cap)[0]
 
 
-def _flash_fwd(q, k, v, meta, window, scale, cap):
-    out, lse = _forward(q, k, v, meta, window, scale, cap)
-    return out, (q, k, v, meta, out, lse)
+def _flash_fwd(q, k, v, rows, meta, window, scale, cap):
+    out, lse = _forward(q, k, v, rows, meta, window, scale, cap)
+    return out, (q, k, v, rows, meta, out, lse)
 
 
 def _flash_bwd(window, scale, cap, residuals, d_out):
-    q, k, v, meta, out, lse = residuals
-    B, n, b, K, G, H = q.shape
-    _, hi = block_ranges(n, b, window, meta)
-    # rowsum(dO ⊙ O): the softmax's backward term, (n, B, K, G, b) like lse
+    q, k, v, rows, meta, out, lse = residuals
+    B, nq, bq, K, G, H = q.shape
+    nk, bk = k.shape[1], k.shape[2]
+    _, _, qlo, qhi = block_ranges(rows, nk, bk, window, meta)
+    # rowsum(dO ⊙ O): the softmax's backward term, (nq, B, K, G, bq) like lse
     delta = jnp.einsum("bnqkgh,bnqkgh->nbkgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
     def key_block(dq, j):
@@ -210,7 +255,7 @@ def _flash_bwd(window, scale, cap, residuals, d_out):
             dq, dk, dv = carry
             q_i, do_i = q[:, i], d_out[:, i]
             s, t = _scores(q_i, k_j, scale, cap)
-            mask = _tile_mask(i, j, b, window, meta)
+            mask = _tile_mask(rows, i, j, bk, window, meta)
             p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
             dv += jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_i.dtype), do_i,
                              preferred_element_type=jnp.float32)  # fmt: skip
@@ -224,13 +269,13 @@ def _flash_bwd(window, scale, cap, residuals, d_out):
             dk += jnp.einsum("bkgqs,bqkgh->bskh", ds, q_i, preferred_element_type=jnp.float32)
             return dq, dk, dv
 
-        zeros = jnp.zeros((B, b, K, H), jnp.float32)
-        dq, dk, dv = jax.lax.fori_loop(j, hi[j], visit, (dq, zeros, zeros))
+        zeros = jnp.zeros((B, bk, K, H), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(qlo[j], qhi[j], visit, (dq, zeros, zeros))
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(n))
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
     dk, dv = (x.transpose(1, 0, 2, 3, 4).astype(y.dtype) for x, y in ((dk, k), (dv, v)))
-    return dq.astype(q.dtype), dk, dv, None
+    return dq.astype(q.dtype), dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

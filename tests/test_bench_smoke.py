@@ -185,3 +185,21 @@ def test_speculative_bench(tmp_path):
     assert [r["k"] for r in recs] == [0, 2]
     assert recs[1]["iterations"] >= 1 and recs[1]["iter_ms"] > 0
     assert "| tiny | cpu | 2 | 2 |" in (tmp_path / "speculative.md").read_text()
+
+
+def test_flash_attention_bench(tmp_path, capsys):
+    """bench/flash_attention.py on a tiny shape: both kernels' memory and time recorded, the
+    blockwise kernel's step temporaries smaller, and fewer tiles visited for short documents."""
+    from flaxlm.bench import flash_attention as fb
+
+    out = tmp_path / "flash.json"
+    fb.main(["--memory", "tiny:256", "--time", "tiny:128", "--docs", "0,16", "--block", "32",
+             "--runs", "1", "--json", str(out)])  # fmt: skip
+    recs = json.loads(out.read_text())
+    mem = {r["impl"]: r["temp_gib"] for r in recs if r["kind"] == "memory"}
+    assert mem["flash"] < mem["xla"]
+    times = [r for r in recs if r["kind"] == "time"]
+    assert len(times) == 4 and all(r["seconds"] > 0 for r in times)
+    tiles = {r["doc"]: r["tiles"] for r in times if r["impl"] == "flash"}
+    assert tiles[16] < tiles[0] < 1.0  # 4 × 4 blocks: 10 causal, 4 for 16-token documents
+    assert "| tiny | 128 | 1 | 16 | flash |" in capsys.readouterr().out

@@ -13,7 +13,7 @@ import pytest
 from flaxlm.models import attention
 from flaxlm.models.attention import attention_mask, causal_mask, xla_attention
 from flaxlm.models.config import ModelConfig, get_variant
-from flaxlm.models.flash_attention import block_ranges, flash_attention
+from flaxlm.models.flash_attention import flash_attention, visited_tiles
 from flaxlm.models.sharding import logical_axis_rules, make_mesh, use_mesh
 from flaxlm.train.pretrain import lm_loss, model_fns
 
@@ -104,35 +104,73 @@ def test_custom_scale_and_bfloat16():
     _check_against_xla(*bf, packed=_documents([[20, 28], [48]], 48), rtol=0.05, atol=0.05)
 
 
-def test_block_ranges_skip_exactly_the_hidden_blocks():
-    """Bounds from the ids: blocks of 8, two rows. Every tile outside the bounds is fully
-    masked (checked against the dense mask), and the bounds are tight where ids rise."""
+def _check_tiles(T, b, packed=None, window=0, q_rows=None):
+    """The visited tiles: the forward's and the backward's enumerations agree, every tile left
+    out is hidden by the dense mask; returns (visited, needed)."""
+    seg, pos = packed if packed is not None else (None, None)
+    Tq = T if q_rows is None else q_rows.shape[1]
+    fwd, bwd = visited_tiles(Tq, T, seg, pos, q_rows_BT=q_rows, window=window, block=b)
+    np.testing.assert_array_equal(np.asarray(fwd), np.asarray(bwd))
+    B = 1 if seg is None else seg.shape[0]
+    slot = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if seg is None:
+        dense = np.asarray(causal_mask(T, T, window))[:, 0]
+    else:
+        dense = np.asarray(attention_mask(seg, seg, slot, slot, pos, pos, window))[:, 0]
+    if q_rows is not None:
+        dense = dense[:, np.asarray(q_rows)[0]]
+    needed = dense.reshape(B, Tq // b, b, T // b, b).any(axis=(0, 2, 4))
+    assert not (needed & ~np.asarray(fwd)).any()
+    return np.asarray(fwd), needed
+
+
+def test_visited_tiles_skip_only_hidden_blocks():
+    """Blocks of 8 over 64 tokens: what is visited covers what the mask needs, forward and
+    backward alike, and skips what ids, windows and causality hide."""
     T, b, n = 64, 8, 8
-    seg, pos = _documents([[20, 20, 24], [12, 30, 22]], T)
-    meta = (seg.reshape(2, n, b), pos.reshape(2, n, b))
-    lo, hi = (np.asarray(x) for x in block_ranges(n, b, 0, meta))
-    # row 0 documents start at 0, 20, 40; row 1 at 0, 12, 42: query block i (rows 8i …) sees
-    # from the earliest start of its first row's document over both rows
-    starts = np.minimum([0, 0, 0, 20, 20, 40, 40, 40], [0, 0, 12, 12, 12, 12, 42, 42])
-    np.testing.assert_array_equal(lo, starts // b)
-    slot = jnp.broadcast_to(jnp.arange(T), (2, T))
-    dense = np.asarray(attention_mask(seg, seg, slot, slot, pos, pos))[:, 0]  # (2, T, T)
-    tiles = dense.reshape(2, n, b, n, b).any(axis=(0, 2, 4))  # (query block, key block)
-    for i in range(n):
-        for j in range(n):
-            visited = lo[i] <= j <= i
-            assert visited == (j <= i and i < hi[j]), (i, j)
-            if not visited:
-                assert not tiles[i, j], (i, j)
-    assert tiles[np.arange(n), lo].all()  # the first visited tile of each row block is needed
+    packed = _documents([[20, 20, 24], [12, 30, 22]], T)
+    visited, needed = _check_tiles(T, b, packed)
+    # documents start at 0, 20, 40 (row 0) and 0, 12, 42 (row 1): query block i starts at the
+    # earliest start of its first row's document, over both rows
+    lo = np.minimum([0, 0, 0, 20, 20, 40, 40, 40], [0, 0, 12, 12, 12, 12, 42, 42]) // b
+    np.testing.assert_array_equal(visited.argmax(axis=1), lo)
+    assert needed[np.arange(n), lo].all() and visited.sum() < n * (n + 1) // 2
     # ids that repeat in a row (not rising): every causal block
-    seg2 = seg.at[1, 50:].set(1)
-    lo2, hi2 = block_ranges(n, b, 0, (seg2.reshape(2, n, b), meta[1]))
-    assert not np.asarray(lo2).any() and (np.asarray(hi2) == n).all()
-    # a window over plain rows: 12 back from the block's first row
-    lo3, hi3 = (np.asarray(x) for x in block_ranges(n, b, 12, None))
-    np.testing.assert_array_equal(lo3, np.maximum(0, (np.arange(n) * b - 11) // b))
-    np.testing.assert_array_equal(hi3, np.minimum(n, (np.arange(n) * b + 18) // b + 1))
+    seg, pos = packed
+    visited, _ = _check_tiles(T, b, (seg.at[1, 50:].set(1), pos))
+    np.testing.assert_array_equal(visited, np.tri(n, dtype=bool))
+    # a window over plain rows: the band; the stretch of rows 24 … 47 of a longer row
+    visited, needed = _check_tiles(T, b, window=12)
+    np.testing.assert_array_equal(visited, needed)
+    q_rows = jnp.arange(24, 48)[None]
+    visited, needed = _check_tiles(T, b, q_rows=q_rows)
+    np.testing.assert_array_equal(visited, needed)
+
+
+def test_queries_from_a_stretch_of_the_row():
+    """`q_rows_BT`: 24 queries (rows 13 … 36) against the 40 keys of their row, as a device
+    under context parallelism computes them, equal those rows of the full attention."""
+    T, rows = 40, jnp.arange(13, 37)
+    q, k, v = _qkv(2, T, 4, 2, 8, seed=4)
+    seg, pos = _documents([[10, 20, 7], [3, 3, 3, 30]], T)
+    for packed, window in ((None, 0), ((seg, pos), 5)):
+        full = xla_attention(
+            q,
+            k,
+            v,
+            (
+                causal_mask(T, T, window)
+                if packed is None
+                else attention_mask(
+                    seg, seg, *[jnp.broadcast_to(jnp.arange(T), (2, T))] * 2, pos, pos, window
+                )
+            ),
+        )
+        got = flash_attention(q[:, rows], k, v, *(packed or ()), q_rows_BT=rows[None],
+                              window=window, block=8)  # fmt: skip
+        live = np.ones((2, len(rows)), bool) if packed is None else np.asarray(seg)[:, rows] != 0
+        np.testing.assert_allclose(np.asarray(got)[live], np.asarray(full[:, rows])[live],
+                                   rtol=2e-5, atol=2e-6)  # fmt: skip
 
 
 def _loss_grad_hlo(cfg, T):
@@ -236,3 +274,26 @@ def test_config_checks():
         ModelConfig(flash_block=0)
     with pytest.raises(ValueError, match="'flash'"):
         ModelConfig(attention_impl="splash")
+
+
+def test_context_parallel_flash_gathers_only_keys_and_values():
+    """Under context parallelism the blockwise kernel keeps each device's queries where they
+    are: the step's only all-gathers are each layer's keys and values, and its temporaries
+    per device are below `context_attention`'s (which holds (rows, T) scores per block)."""
+    cfg = get_variant("tiny", vocab_size=512, max_seq_len=1024, n_layers=2, flash_block=128)
+    params = jax.eval_shape(model_fns(cfg)[0], jax.random.PRNGKey(0))
+    batch = _batch(cfg, B=1, T=1024, packed=False)
+    temps = {}
+    for impl in ("xla", "flash"):
+        fn = model_fns(cfg.replace(attention_impl=impl))[1]
+        loss_fn = lm_loss(fn, ml_collections.ConfigDict({"z_loss": 0.0}))
+        step = jax.jit(jax.grad(lambda p, f=loss_fn: f(p, batch, None)[0]))
+        with use_mesh(make_mesh({"context": 4}, devices=jax.devices()[:4]),
+                      logical_axis_rules("fsdp")):  # fmt: skip
+            compiled = step.lower(params).compile()
+        temps[impl] = compiled.memory_analysis().temp_size_in_bytes
+    gathers = {line.split("=")[1].split("all-gather")[0].strip()
+               for line in compiled.as_text().splitlines() if " all-gather(" in line}  # fmt: skip
+    # keys / values f32[1,1024,2,16] (K = 2 heads of 16), nothing of the queries' (256 rows)
+    assert gathers and all("[1,1024,2,16]" in s for s in gathers), gathers
+    assert temps["flash"] < 0.8 * temps["xla"], temps
