@@ -78,14 +78,32 @@ RUN_OPTIONS = ("profile",)
 SHAPES = {
     "1b": ("1b", 128, 256, (1, 64), "bfloat16"),
     "tiny": ("tiny", 16, 32, (1, 4), "float32"),
+    "moe": ("moe", 128, 256, (1, 64), "bfloat16"),
 }
+# Variants of the benches only (models/config.py has no mixture-of-experts one). "moe": a
+# Qwen3-30B-A3B layer (128 experts of width 768, top 8, GQA 32/4 of head_dim 128, q/k norms)
+# in 8 layers of its 48, with a 32k vocab: what a decode step reads per expert layer
+# (models/moe.py `few_token_dispatch`). flaxlm only: the HF peer builds a dense Llama. Its
+# `hbm_bound` counts every expert's weights, more than a small batch needs to read.
+BENCH_VARIANTS = {
+    "moe": dict(vocab_size=32000, d_model=2048, n_layers=8, n_heads=32, n_kv_heads=4,
+                head_dim=128, d_ff=768, qk_norm="head", n_experts=128, n_experts_per_token=8,
+                d_expert=768),
+}  # fmt: skip
+
+
+def variant_config(variant: str, **overrides):
+    """`get_variant`, with the benches' own `BENCH_VARIANTS` (on the 1b's other fields)."""
+    from flaxlm.models.config import get_variant
+
+    if variant in BENCH_VARIANTS:
+        return get_variant("1b", **{**BENCH_VARIANTS[variant], **overrides})
+    return get_variant(variant, **overrides)
 
 
 def model_dims(variant: str) -> dict:
     """The model's shape as plain numbers (the HF subprocess imports no flaxlm/jax)."""
-    from flaxlm.models.config import get_variant
-
-    c = get_variant(variant)
+    c = variant_config(variant)
     counts = c.param_counts()
     return dict(vocab=c.vocab_size, d=c.d_model, layers=c.n_layers, heads=c.n_heads,
                 kv_heads=c.n_kv_heads, head_dim=c.head_dim_, ff=c.d_ff, theta=c.rope_theta,
@@ -128,12 +146,11 @@ def flax_case(shape: str, batch: int, options: dict | None = None) -> tuple:
     import jax.numpy as jnp
     import numpy as np
 
-    from flaxlm.models.config import get_variant
     from flaxlm.models.transformer import Transformer
     from flaxlm.train.state import unbox
 
     variant, prompt, new, _, dtype = SHAPES[shape]
-    cfg = get_variant(variant, dtype=dtype, param_dtype=dtype)
+    cfg = variant_config(variant, dtype=dtype, param_dtype=dtype)
     init = lambda r: unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)))["params"]  # noqa: E731
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, prompt), np.int32)
     kw = dict(prompt_lengths=np.full((batch,), prompt, np.int32), max_new_tokens=new,
@@ -354,6 +371,8 @@ def main(argv=None):
         extra = case.split(":")[3:]  # e.g. 1b:flax:b64:cmdbuf — other XLA flags or options
         if extra and impl != "flax":
             raise SystemExit(f"case {case!r}: flag sets and options are for flax cases only")
+        if impl != "flax" and SHAPES[s][0] in BENCH_VARIANTS:
+            raise SystemExit(f"case {case!r}: shape {s} is for flax cases only")
         allowed = (*GENERATE_OPTIONS, *RUN_OPTIONS)  # + driver.XLA_FLAG_SETS
         env = driver.case_env(case, extra, allowed=allowed)
         if impl == "hf":  # the HF side needs no flaxlm; keep JAX's memory settings out of it

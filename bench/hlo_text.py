@@ -110,18 +110,24 @@ def _operands(rest: str) -> list[str]:
 def _sliced_params(comps, fused: str) -> dict[int, int]:
     """{parameter index: bytes} for the parameters of fused computation `fused` that are only
     sliced inside it (a fused slice reads the slice, not the operand), also through bitcasts and
-    converts (a gradient sliced out of a stacked one, converted to float32 on the way)."""
+    converts (a gradient sliced out of a stacked one, converted to float32 on the way). A
+    gather's operand (not its indices) counts so too, an element per element gathered and at
+    most whole, in any kind of fusion: the chosen experts' kernels that a few-token MoE step's
+    reductions gather (models/moe.py) are read, not all E."""
     instrs = comps.get(fused, [])
     users: dict[str, list] = {}
     for uop, urest, uname, ushape in instrs:
         if uop != "parameter":
-            for o in set(_operands(urest)):
-                users.setdefault(o, []).append((uop, uname, ushape))
+            operands = _operands(urest)
+            for o in set(operands):
+                # (a gather's indices are read whole: only its operand 0 is read in part)
+                uop_o = "gather-indices" if uop == "gather" and o != operands[0] else uop
+                users.setdefault(o, []).append((uop_o, uname, ushape))
 
     def sliced_elements(name: str) -> int | None:  # None: some use reads it whole
         total = 0
         for uop, uname, ushape in users.get(name, []):
-            if uop in ("slice", "dynamic-slice"):
+            if uop in ("slice", "dynamic-slice", "gather"):
                 total += sum(n for _, n in _arrays(ushape))
             elif uop in ("bitcast", "convert") and (n := sliced_elements(uname)) is not None:
                 total += n
@@ -133,7 +139,8 @@ def _sliced_params(comps, fused: str) -> dict[int, int]:
     for op, rest, pname, pshape in instrs:
         if op == "parameter" and (n := sliced_elements(pname)) is not None:
             itemsize = _arrays(pshape)[0][0] if _arrays(pshape) else 1
-            out[int(rest.split(")")[0])] = n * itemsize
+            whole = sum(m for _, m in _arrays(pshape))  # (a gather may read an element twice)
+            out[int(rest.split(")")[0])] = min(n, whole) * itemsize
     return out
 
 
@@ -148,7 +155,7 @@ def kernel_traffic(comps, name: str) -> dict[str, int]:
     dynamic-update-slice counts
     its update only; a loop fusion reads at most one element of an operand per element it
     writes (an embedding lookup reads the rows it gathers, not the table); an operand a fusion
-    only slices counts as the slice."""
+    only slices, or gathers from, counts as the slice or the elements gathered."""
     shapes = {c: {ins[2]: ins[3] for ins in instrs} for c, instrs in comps.items()}
     out = {"matmul": 0, "attention": 0, "other": 0}
     for comp, (op, rest, iname, shape) in _kernels(comps, name):

@@ -21,6 +21,36 @@ index per (expert, slot), and one gather fills the (B, E, C, D) expert buffer; t
 another gather. The one-hot einsum would cost 2·T·E·C·D FLOPs per row, as much as the experts
 themselves at T ≈ F. Only the gathers are differentiated.
 
+Few tokens (a decode step, a speculative verify) dispatch otherwise (`few_token_dispatch`):
+when a call's A = B·T·k assignments are fewer than E, and capacity cannot drop (C = T: a
+factor of 0, or T = 1), each assignment gathers its own expert's kernels — gate, up, down,
+and their int8 scales when quantized (models/quant.py) — and applies them as batched
+matrix-vector products (`Experts.gathered`), combined with the router weights as above. The
+same function (dropless both; padding weighted 0; the same statistics, from the same
+`route`), reading A experts' kernels where the capacity path runs all E over a buffer that is
+mostly zeros. Compiled for the H200 (bench/gpu_aot.py), XLA fuses the gather into the
+reduction computing each product, so a chosen kernel is read once and never copied; a
+Qwen3-30B-A3B-shaped decode step (E = 128, k = 8) at batch 1 (two rows, 16 assignments)
+moved 1.55 GiB instead of 9.47 (8 layers; int8: 0.79 instead of 4.78), bench/RESULTS.md. The
+bytes meet at A = E (batch 16, 128 assignments: 9.97 GiB by capacity, 9.60 gathering), hence
+the threshold; batch 64 keeps the capacity path. The gather is differentiable (its transpose
+scatter-adds into the (E, D, F) kernels) and a test holds its gradients to the capacity
+path's, but training calls (B·T·k ≥ E at any sequence length worth training on) do not
+reach it.
+
+Under the fsdp_tp preset the experts are split G ways over `tensor` and their D over `fsdp`.
+A plain gather from an operand split along the gathered axis would make the partitioner
+gather in every shard with masked indices and all-reduce the gathered (A, D, F) kernels —
+weights over the interconnect every step. Instead the experts are viewed as (G, E/G) and each
+group gathers at the local index e mod E/G from its own shard, computing every assignment
+(the groups that do not hold its expert, on the wrong kernels, zeroed afterwards); the sum
+over G is one all-reduce of (B, k·T, D) activations. Compiled for 8 CPU devices (data, fsdp,
+tensor = 2, 2, 2), no kernel leaves its device: each gathers its D/fsdp slice for its fsdp
+group's rows, and only activations are reduced (the partial products over fsdp, the groups
+over tensor), where the capacity path all-gathers the experts over fsdp as FSDP does. A
+device then reads at most A kernels, against E/G for the capacity path: the threshold is
+A·G < E, A counted over the whole batch (conservative when the rows are split).
+
 Padding tokens (segment id 0) are routed nowhere and count in no statistic.
 
 Parameters, under the layer's "mlp": router/kernel (D, E); experts/{gate,up}/kernel (E, D, F)
@@ -48,6 +78,7 @@ import jax.numpy as jnp
 
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.layers import MLP, Proj, ProjWeights
+from flaxlm.models.sharding import logical_axis_size
 
 STATS = ("load_balance", "router_z", "dropped", "max_load")
 COLLECTION = "moe"  # where the layers sow them: apply(..., mutable=[COLLECTION])
@@ -104,40 +135,91 @@ def _scatter_rows(n_slots: int, slot_BA, fill: int):
 
 
 class Experts(nn.Module):
-    """E gated MLPs applied to their buffers (B, E, C, D) -> (B, E, C, D)."""
+    """E gated MLPs, over their capacity buffers (`__call__`: (B, E, C, D) -> (B, E, C, D)) or
+    per token assignment with its expert's weights gathered (`gathered`). The same parameters
+    either way."""
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, buf):
+    def setup(self):
         cfg = self.cfg
         E, D, F = cfg.n_experts, cfg.d_model, cfg.d_expert_
         up_axes, down_axes = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
-        dt = cfg.compute_dtype
         # int8 kernels (decoding, models/quant.py) scale the outputs: (E, 1, out) -> (E, 1, out)
-        weights = {
-            name: ProjWeights(shape, axes, cfg, keep_scale=True, name=name)()
-            for name, shape, axes in (("gate", (E, D, F), up_axes), ("up", (E, D, F), up_axes),
-                                      ("down", (E, F, D), down_axes))
-        }  # fmt: skip
+        self.gate = ProjWeights((E, D, F), up_axes, cfg, keep_scale=True)
+        self.up = ProjWeights((E, D, F), up_axes, cfg, keep_scale=True)
+        self.down = ProjWeights((E, F, D), down_axes, cfg, keep_scale=True)
 
-        def matmul(x, name):
-            kernel, _, scale = weights[name]
+    def _mlp(self, x, matmul):
+        act = nn.silu if self.cfg.mlp_activation == "silu" else nn.gelu
+        weights = {"gate": self.gate(), "up": self.up(), "down": self.down()}
+        h = act(matmul(x, weights["gate"])) * matmul(x, weights["up"])
+        return h, lambda h: matmul(h, weights["down"])
+
+    def __call__(self, buf):
+        dt = self.cfg.compute_dtype
+
+        def matmul(x, w):
+            kernel, _, scale = w
             y = jnp.einsum("becd,edf->becf", x, kernel)
             return y if scale is None else y * scale[None].astype(dt)  # (1, E, 1, out)
 
-        buf = buf.astype(dt)
-        act = nn.silu if cfg.mlp_activation == "silu" else nn.gelu
-        h = act(matmul(buf, "gate")) * matmul(buf, "up")
+        h, down = self._mlp(buf.astype(dt), matmul)
         h = nn.with_logical_constraint(h, ("act_batch", "act_expert", None, None))
-        return matmul(h, "down")
+        return down(h)
+
+    def gathered(self, x_BAD, expert_BA, groups: int = 1):
+        """Each assignment's token (B, A, D) through its own expert (B, A) int: (B, A, D).
+        The kernels (and int8 scales) of the chosen experts are gathered, A per row, and
+        applied as batched matrix-vector products: the step reads A experts, not E.
+
+        `groups` G > 1 (experts split G ways over a mesh axis, `few_token_dispatch`): the
+        experts are viewed as (G, E/G) and each group gathers every assignment's expert at
+        the local index e mod E/G, so the gather never leaves a device's own experts; the
+        outputs of groups that do not hold an assignment's expert are zeroed, and the sum
+        over G (one all-reduce of (B, A, D) activations) keeps the right one. Each device
+        reads A of its own experts' kernels, whatever the split (right, if not useful, ones
+        for the other groups' assignments): against E/G for the capacity path."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        G, per = groups, cfg.n_experts // groups
+        local = expert_BA % per
+
+        def pick(a):  # (E, ...) -> (G, B, A, ...): each group's kernel at the local index
+            return a.reshape(G, per, *a.shape[1:])[:, local]
+
+        def matmul(x, w):
+            kernel, _, scale = w
+            y = jnp.einsum("gbai,gbaio->gbao", x, pick(kernel))
+            return y if scale is None else y * pick(scale)[..., 0, :].astype(dt)
+
+        x = jnp.broadcast_to(x_BAD.astype(dt), (G, *x_BAD.shape))
+        h, down = self._mlp(x, matmul)
+        out = down(h)  # (G, B, A, D)
+        if G == 1:
+            return out[0]
+        mine = expert_BA // per == jnp.arange(G)[:, None, None]  # (G, B, A)
+        return jnp.sum(jnp.where(mine[..., None], out, 0), axis=0)
+
+
+def few_token_dispatch(cfg: ModelConfig, batch: int, tokens_per_row: int, groups: int = 1) -> bool:
+    """Whether a call of `batch` rows of `tokens_per_row` tokens gathers each assignment's
+    expert (`Experts.gathered`) instead of dispatching by capacity (module doc): when its
+    B·T·k assignments times `groups` (the ways the expert axis is split) are fewer than E —
+    a device then reads fewer expert kernels than its E/G — and the capacity path would not
+    drop (C = T: a capacity factor of 0, or T = 1), so both compute the same function."""
+    E, k = cfg.n_experts, cfg.n_experts_per_token
+    if E % groups or capacity(cfg, tokens_per_row) < tokens_per_row:
+        return False
+    return batch * tokens_per_row * k * groups < E
 
 
 class MoE(nn.Module):
     """The mixture-of-experts MLP of one layer (see module doc). `valid` (B, T) bool marks the
-    real tokens (None: all are)."""
+    real tokens (None: all are). `dispatch` "auto" picks by `few_token_dispatch`; "capacity"
+    or "gather" force one (tests, measurements; "gather" needs C = T)."""
 
     cfg: ModelConfig
+    dispatch: str = "auto"
 
     @nn.compact
     def __call__(self, x, valid=None):
@@ -151,19 +233,37 @@ class MoE(nn.Module):
         # its own collection: asking for "intermediates" would also make every attention layer
         # sow its (B, N, T, S) probabilities (models/attention.py, for inspection)
         self.sow(COLLECTION, "stats", stats)
+        experts = Experts(cfg, name="experts")
+        groups = logical_axis_size("expert")
+        if self.dispatch not in ("auto", "capacity", "gather"):
+            raise ValueError(f"MoE: dispatch={self.dispatch!r}; expected auto|capacity|gather")
+        if self.dispatch == "gather" and (C < T or E % groups):
+            raise ValueError(f"MoE: dispatch='gather' needs capacity {C} = T = {T} and "
+                             f"n_experts={E} divisible by the expert axis' {groups} "
+                             "shards")  # fmt: skip
+        gather = self.dispatch == "gather" or (
+            self.dispatch == "auto" and few_token_dispatch(cfg, B, T, groups))  # fmt: skip
 
-        # Dispatch: buffer slot (e, c) holds the token of the assignment ranked c for e.
-        src = _scatter_rows(E * C, slot, fill=k * T)  # (B, E·C): assignment or k·T (none)
-        token = jnp.where(src < k * T, src % T, T)  # row T of x_pad is zeros
-        x_pad = jnp.concatenate([x, jnp.zeros((B, 1, D), x.dtype)], axis=1)
-        buf = jnp.take_along_axis(x_pad, token[..., None], axis=1).reshape(B, E, C, D)
-        buf = nn.with_logical_constraint(buf, ("act_batch", "act_expert", None, "act_embed"))
-        out = Experts(cfg, name="experts")(buf).reshape(B, E * C, D)
+        if gather:
+            # C = T: nothing dropped, so `slot` = expert·T + rank for every valid assignment
+            # and the dump slot E·T for padding, whose output is zeroed (any expert computes it)
+            expert = jnp.minimum(slot // C, E - 1)
+            x_BAD = jnp.tile(x, (1, k, 1))  # assignment a = j·T + t reads token t
+            y = experts.gathered(x_BAD, expert, groups)
+            y = jnp.where((slot < E * C)[..., None], y * weight[..., None].astype(y.dtype), 0)
+        else:
+            # Dispatch: buffer slot (e, c) holds the token of the assignment ranked c for e.
+            src = _scatter_rows(E * C, slot, fill=k * T)  # (B, E·C): assignment or k·T (none)
+            token = jnp.where(src < k * T, src % T, T)  # row T of x_pad is zeros
+            x_pad = jnp.concatenate([x, jnp.zeros((B, 1, D), x.dtype)], axis=1)
+            buf = jnp.take_along_axis(x_pad, token[..., None], axis=1).reshape(B, E, C, D)
+            buf = nn.with_logical_constraint(buf, ("act_batch", "act_expert", None, "act_embed"))
+            out = experts(buf).reshape(B, E * C, D)
 
-        # Combine: each assignment reads its slot (the dump slot reads zeros), weighted.
-        out = jnp.concatenate([out, jnp.zeros((B, 1, D), out.dtype)], axis=1)
-        y = jnp.take_along_axis(out, slot[..., None], axis=1)  # (B, k·T, D)
-        y = y * weight[..., None].astype(y.dtype)
+            # Combine: each assignment reads its slot (the dump slot reads zeros), weighted.
+            out = jnp.concatenate([out, jnp.zeros((B, 1, D), out.dtype)], axis=1)
+            y = jnp.take_along_axis(out, slot[..., None], axis=1)  # (B, k·T, D)
+            y = y * weight[..., None].astype(y.dtype)
         y = jnp.sum(y.reshape(B, k, T, D), axis=1)
         if cfg.d_shared_expert:
             shared = MLP(cfg.replace(d_ff=cfg.d_shared_expert), name="shared")(x)

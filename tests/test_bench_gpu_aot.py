@@ -181,6 +181,48 @@ def test_kernel_traffic_of_sliced_and_repeated_operands():
     assert t["other"] == (2 * 8 * 2 + 64 + 64) + (4 * 8 * 2 + 2 * 8 * 2)
 
 
+GATHERED_HLO = """HloModule m
+
+%fused_reduce (w: bf16[8,4,16], x: bf16[4], i: s32[2,1]) -> bf16[2,16] {
+  %w = bf16[8,4,16]{2,1,0} parameter(0)
+  %i = s32[2,1]{1,0} parameter(2)
+  %g = bf16[2,4,16]{2,1,0} gather(%w, %i), offset_dims={1,2}, ROWS, slice_sizes={1,4,16}
+  %x = bf16[4]{0} parameter(1)
+  %xb = bf16[2,4,16]{2,1,0} broadcast(%x), dimensions={1}
+  %m = bf16[2,4,16]{2,1,0} multiply(%g, %xb)
+  %z = bf16[] constant(0)
+  ROOT %r = bf16[2,16]{1,0} reduce(%m, %z), dimensions={1}, to_apply=%add
+}
+
+%twice (t: f32[3,8], j: s32[10,1]) -> f32[10,8] {
+  %t = f32[3,8]{1,0} parameter(0)
+  %j = s32[10,1]{1,0} parameter(1)
+  ROOT %g = f32[10,8]{1,0} gather(%t, %j), offset_dims={1}, ROWS, slice_sizes={1,8}
+}
+
+ENTRY %main (w: bf16[8,4,16], x: bf16[4], i: s32[2,1], t: f32[3,8], j: s32[10,1]) -> bf16[2,16] {
+  %w = bf16[8,4,16]{2,1,0} parameter(0)
+  %x = bf16[4]{0} parameter(1)
+  %i = s32[2,1]{1,0} parameter(2)
+  %t = f32[3,8]{1,0} parameter(3)
+  %j = s32[10,1]{1,0} parameter(4)
+  %input_reduce_fusion = bf16[2,16]{1,0} fusion(%w, %x, %i), kind=kInput, calls=%fused_reduce
+  %input_gather_fusion = f32[10,8]{1,0} fusion(%t, %j), kind=kInput, calls=%twice
+  ROOT %r = bf16[2,16]{1,0} copy(%input_reduce_fusion)
+}
+""".replace("ROWS", "collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1")
+
+
+def test_kernel_traffic_of_gathered_operands():
+    """A reduction that gathers 2 of 8 experts' kernels (a few-token MoE step, models/moe.py)
+    reads those 2, not all 8, and its indices whole; a gather reading rows more than once
+    reads at most the whole operand."""
+    t = hlo_text.traffic(GATHERED_HLO)["program"]
+    reduce = 2 * 4 * 16 * 2 + 4 * 2 + 2 * 4 + 2 * 16 * 2  # gathered, x, indices, result
+    gather = 3 * 8 * 4 + 10 * 4 + 10 * 8 * 4  # the table once, indices, result
+    assert t["other"] == reduce + gather + 2 * (2 * 16 * 2)  # + the copy
+
+
 def test_case_names():
     bench, own, extra, env = gpu_aot.parse_case("train:1b:flax:fast:cmdbuf")
     assert (bench, own, extra) == ("train", "1b:flax:fast", ["cmdbuf"])

@@ -3,15 +3,18 @@ renormalisation, the shared expert, capacity drops by choice rank, padding, the 
 statistics; then the model around it — scanned layers, remat, meshes, KV-cache decoding, the
 LM loss's router terms, LoRA and Muon over expert kernels, parameter and FLOP counts."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from flaxlm.models import moe
 from flaxlm.models.config import get_variant
-from flaxlm.models.sharding import logical_axis_rules, make_mesh, use_mesh
+from flaxlm.models.sharding import logical_axis_rules, logical_axis_size, make_mesh, use_mesh
 from flaxlm.models.transformer import stack_layers
 from flaxlm.train.pretrain import lm_loss, model_fns
 
@@ -84,8 +87,9 @@ def reference(cfg, params, x, valid=None):
     return y, stats
 
 
-def _run_layer(cfg, params, x, valid=None):
-    out, state = moe.MoE(cfg).apply({"params": params}, jnp.asarray(x, jnp.float32),
+def _run_layer(cfg, params, x, valid=None, dispatch="auto"):
+    out, state = moe.MoE(cfg, dispatch=dispatch).apply({"params": params},
+                                                       jnp.asarray(x, jnp.float32),
                                     None if valid is None else jnp.asarray(valid),
                                     mutable=[moe.COLLECTION])  # fmt: skip
     return np.asarray(out), moe.collect_stats(state[moe.COLLECTION])
@@ -211,21 +215,177 @@ def test_router_losses_and_mesh_shapes_agree():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
 
 
-def test_kv_cache_greedy_equals_full_recompute():
+# The few-token dispatch (`few_token_dispatch`, `Experts.gathered`): enough experts that a few
+# rows' assignments are fewer. FEW for layers; DECODE_FEW for decoding, also on a mesh whose
+# tensor axis splits the experts in two (4 rows × 2 choices × 2 groups < 32).
+FEW = dict(BASE, n_experts=8)
+DECODE_FEW = dict(BASE, n_experts=32, d_shared_expert=16, shared_expert_gate=True)
+PROMPTS = [[5, 9, 33, 2, 7], [11, 4]]
+
+
+@pytest.mark.parametrize("n_experts", [4, 32])  # decode steps by capacity (4), by gather (32)
+def test_kv_cache_greedy_equals_full_recompute(n_experts):
     from flaxlm.models.decode import generate
 
-    cfg = get_variant("tiny", **BASE, d_shared_expert=16, shared_expert_gate=True)
+    cfg = get_variant("tiny", **{**DECODE_FEW, "n_experts": n_experts})
+    # a step's 2 rows × 2 choices: fewer than 32 experts, not fewer than 4
+    assert moe.few_token_dispatch(cfg, 2, 1) == (n_experts == 32)
+    assert not moe.few_token_dispatch(cfg, 2, 8)  # the prefill's bucket: capacity
     params, apply, _ = _model(cfg)
-    prompts = [[5, 9, 33, 2, 7], [11, 4]]
-    out = generate(cfg, params, prompts, max_new_tokens=6, rng=jax.random.PRNGKey(0),
+    out = generate(cfg, params, PROMPTS, max_new_tokens=6, rng=jax.random.PRNGKey(0),
                    temperature=0.0)  # fmt: skip
     full = jax.jit(apply)  # one shape: causal, and no capacity to share (factor 0)
-    for row, prompt in enumerate(prompts):
-        seq = list(prompt)
+    for row, prompt in enumerate(PROMPTS):
+        seq, n = list(prompt), len(prompt)
         for _ in range(6):
             logits = full(params, jnp.asarray([seq + [0] * (11 - len(seq))]))
             seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
-        assert np.asarray(out.tokens[row]).tolist() == seq[len(prompt) :]
+        assert np.asarray(out.tokens[row]).tolist() == seq[n:]
+        lp = jax.nn.log_softmax(full(params, jnp.asarray([seq + [0] * (12 - len(seq))]))[0], -1)
+        want = [float(lp[n - 1 + i, t]) for i, t in enumerate(seq[n:])]
+        np.testing.assert_allclose(np.asarray(out.logprobs[row]), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, B, T",
+    [
+        ({}, 3, 1),  # renormalised top 2: a decode step of 3 rows, 6 assignments
+        ({"router_norm_topk": False, "d_shared_expert": 40, "shared_expert_gate": True}, 3, 1),
+        ({"n_experts": 16}, 2, 3),  # T = 3 without drops (factor 0): 12 assignments of 16
+    ],
+)
+def test_few_token_dispatch_is_the_reference_and_the_capacity_path(extra, B, T):
+    cfg = get_variant("tiny", **{**FEW, **extra})
+    params, x = _layer_params(cfg, seed=2, B=B, T=T)
+    assert moe.few_token_dispatch(cfg, B, T)
+    y, stats = _run_layer(cfg, params, x)
+    want, want_stats = reference(cfg, params, x)
+    np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+    y_cap, stats_cap = _run_layer(cfg, params, x, dispatch="capacity")
+    np.testing.assert_allclose(y, y_cap, rtol=1e-5, atol=1e-6)
+    for name, v in want_stats.items():
+        np.testing.assert_allclose(float(stats[name]), v, rtol=1e-5, err_msg=name)
+        assert float(stats[name]) == float(stats_cap[name]), name  # the same `route`
+    if T > 1:  # (the shape a gradient could reach, were a training call ever this small)
+        _same_gradients(cfg, params, x)
+
+
+def _same_gradients(cfg, params, x):
+    """The gather is differentiable, with the capacity path's gradients (params and input)."""
+
+    def grads(dispatch):
+        def f(p, x):
+            return jnp.sum(jnp.sin(moe.MoE(cfg, dispatch=dispatch).apply({"params": p}, x)))
+
+        return jax.jit(jax.grad(f, argnums=(0, 1)))(params, jnp.asarray(x, jnp.float32))
+
+    for a, b in zip(jax.tree.leaves(grads("gather")), jax.tree.leaves(grads("capacity")),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_few_token_dispatch_padding_and_when_it_applies():
+    cfg = get_variant("tiny", **{**FEW, "n_experts": 16})
+    params, x = _layer_params(cfg, seed=4, B=2, T=3)
+    valid = np.ones((2, 3), bool)
+    valid[1, 1:] = False  # padding: routed nowhere, counted in no statistic
+    y, stats = _run_layer(cfg, params, x, valid)
+    want, want_stats = reference(cfg, params, x, valid)
+    np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(y[1, 1:], 0.0)
+    for name, v in want_stats.items():
+        np.testing.assert_allclose(float(stats[name]), v, rtol=1e-5, err_msg=name)
+    # A·G < E, counting the ways the expert axis is split; never where capacity could drop
+    assert moe.few_token_dispatch(cfg, 7, 1) and not moe.few_token_dispatch(cfg, 8, 1)
+    assert moe.few_token_dispatch(cfg, 2, 1, groups=2)
+    assert not moe.few_token_dispatch(cfg, 4, 1, groups=2)
+    assert not moe.few_token_dispatch(cfg, 1, 1, groups=3)  # 16 experts do not split 3 ways
+    drops = cfg.replace(moe_capacity_factor=1.0)  # C = ceil(3·2/16) = 1 < T = 3
+    assert moe.few_token_dispatch(drops, 2, 1) and not moe.few_token_dispatch(drops, 2, 3)
+    with pytest.raises(ValueError, match="needs capacity 1 = T = 3"):
+        _run_layer(drops, params, x, dispatch="gather")
+
+
+def test_few_token_dispatch_of_int8_experts_is_the_dequantized_model():
+    """Int8 kernels gathered with their own experts' scales: the dequantized float layer's
+    output, layer by layer and over a greedy decode (steps by gather: 2 rows × 2 of 8)."""
+    from flaxlm.models import quant
+    from flaxlm.models.decode import generate
+    from tests.models.test_quant import _dequantized
+
+    cfg = get_variant("tiny", **FEW, d_shared_expert=16)
+    params, x = _layer_params(cfg, seed=6, B=3, T=1)
+    q = quant.quantize_params({"experts": params["experts"]})["experts"]
+    assert q["up"]["kernel"].dtype == jnp.int8 and q["up"]["kernel_scale"].shape == (8, 1, 24)
+    deq = {**params, "experts": _dequantized(q)}
+    y, _ = _run_layer(cfg, {**params, "experts": q}, x)
+    np.testing.assert_allclose(y, _run_layer(cfg, deq, x, dispatch="capacity")[0], rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    assert np.abs(y - _run_layer(cfg, params, x)[0]).max() > 1e-4  # rounding shows
+
+    params, apply, _ = _model(cfg.replace(init_std=0.05))
+    deq = _dequantized(quant.quantize_params(params))
+    prompts = [[5, 9, 33, 2, 7], [11, 4]]
+    out = generate(cfg, params, prompts, max_new_tokens=5, rng=jax.random.PRNGKey(0),
+                   temperature=0.0, quantize="int8")  # fmt: skip
+    full = jax.jit(apply)
+    for row, prompt in enumerate(prompts):
+        seq, n = list(prompt), len(prompt)
+        for _ in range(5):
+            logits = full(deq, jnp.asarray([seq + [0] * (10 - len(seq))]))
+            seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+        assert np.asarray(out.tokens[row]).tolist() == seq[n:]
+        lp = jax.nn.log_softmax(full(deq, jnp.asarray([seq + [0] * (11 - len(seq))]))[0], -1)
+        want = [float(lp[n - 1 + i, t]) for i, t in enumerate(seq[n:])]
+        np.testing.assert_allclose(np.asarray(out.logprobs[row]), want, atol=1e-4)
+
+
+def test_few_token_dispatch_under_fsdp_tp_equals_one_device():
+    """Experts split 2 ways over `tensor` (and their D over `fsdp`): each group gathers from
+    its own shard, so no collective moves as much as one expert's kernel (the capacity path
+    all-gathers them over fsdp; a plain gather all-reduces the gathered ones over tensor), and
+    greedy decoding on the 2×2×2 mesh gives one device's tokens and logprobs."""
+    import re
+
+    import flax.linen as nn
+
+    from flaxlm.models.decode import generate
+    from flaxlm.models.transformer import Transformer
+
+    mesh, rules = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), logical_axis_rules("fsdp_tp")
+
+    def shard(params, init, *args):
+        boxed = jax.eval_shape(init, jax.random.PRNGKey(0), *args)["params"]
+        return jax.device_put(params, nn.logical_to_mesh_sharding(
+            nn.get_partition_spec(boxed), mesh, rules))  # fmt: skip
+
+    layer_cfg = get_variant("tiny", **{**FEW, "n_experts": 32})
+    params, x = _layer_params(layer_cfg, B=4, T=1)
+    x = jnp.asarray(x, jnp.float32)
+    sharded = shard(params, moe.MoE(layer_cfg).init, x)
+    assert sharded["experts"]["up"]["kernel"].sharding.spec == P("tensor", "fsdp", None)
+    with use_mesh(mesh, rules):
+        assert logical_axis_size("expert") == 2
+        assert moe.few_token_dispatch(layer_cfg, 4, 1, groups=2)
+        f = jax.jit(lambda p, x: moe.MoE(layer_cfg).apply({"params": p}, x))
+        got = f(sharded, x)
+        hlo = f.lower(sharded, x).compile().as_text()
+    want = moe.MoE(layer_cfg).apply({"params": params}, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    moved = [math.prod(int(d) for d in dims.split(",") if d)  # each collective's outputs
+             for m in re.finditer(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                                  r"collective-permute)\(", hlo)
+             for dims in re.findall(r"\[([\d,]*)\]", m.group(1))]  # fmt: skip
+    assert moved and max(moved) < layer_cfg.d_model * layer_cfg.d_expert_, moved
+
+    cfg = get_variant("tiny", **DECODE_FEW)
+    params, *_ = _model(cfg)
+    init = lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))  # noqa: E731
+    kw = dict(max_new_tokens=6, rng=jax.random.PRNGKey(0), temperature=0.0)
+    one = generate(cfg, params, PROMPTS, **kw)  # (compiled by the KV-cache test already)
+    got = generate(cfg, shard(params, init), PROMPTS, mesh=mesh, rules=rules, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(one.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(one.logprobs), atol=1e-5)
 
 
 def test_aux_loss_alone_balances_the_router():
