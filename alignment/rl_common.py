@@ -77,6 +77,11 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     # auto | xla | pallas: each decode step's attention as one Pallas kernel ("auto": on CUDA
     # GPUs, where it is faster; XLA's elsewhere — models/decode.py `generate`)
     c.decode_attention = "auto"
+    # KV cache dtype of the decoder: "" = the model's compute dtype; "int8" stores keys and
+    # values as int8 with a scale per token and head (53% of bf16's bytes at head dim 64: longer
+    # responses or more rows in the same memory; the decoder's logprobs then drift from the
+    # trainer's, logged as rollout/logprob_gap)
+    c.cache_dtype = ""
     c.empty_reward = -1.0  # reward of an empty response (the stop token alone)
     c.nonstop_penalty = 0.0  # subtracted from responses that hit max_new_tokens without stopping
     c.heldout_prompts = 0  # prompts of data.train kept out of training, evaluated as rl_heldout

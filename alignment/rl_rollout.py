@@ -275,6 +275,9 @@ class RolloutSource:
             )
         if r.get("check_every", 1) < 1:
             raise ValueError(f"rollout.check_every={r.check_every} must be >= 1")
+        if r.get("cache_dtype", "") not in ("", "int8", "bfloat16", "float32"):
+            raise ValueError(f"rollout.cache_dtype={r.cache_dtype!r}: '' (the model's dtype), "
+                             "int8, bfloat16 or float32")  # fmt: skip
         if r.get("decode_attention", "auto") not in ("auto", "xla", "pallas"):
             raise ValueError(
                 f"rollout.decode_attention={r.decode_attention!r}: auto, xla or pallas"
@@ -396,6 +399,7 @@ class RolloutSource:
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
             check_every=r.get("check_every", 1),  # configs older than the key: every token
             decode_attention=r.get("decode_attention", "auto"), num_samples=num_samples,
+            cache_dtype=r.get("cache_dtype", "") or None,
             stop_strings=self._stop_tables,
         )  # fmt: skip
         out = jax.device_get(out)

@@ -70,6 +70,9 @@ GENERATE_OPTIONS = {
     # int8 projection weights (models/quant.py): half the weight bytes; the HBM bound of the
     # record counts its weights at one byte each
     "int8": {"quantize": "int8"},
+    # int8 KV cache with a float32 scale per token and head (transformer.init_cache): the
+    # bound counts its KV bytes at (1 + 4 / head_dim) per value; decodes with XLA's attention
+    "kv8": {"cache_dtype": "int8", "decode_attention": "xla"},
 }
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
@@ -111,18 +114,20 @@ def model_dims(variant: str) -> dict:
 
 
 def hbm_bound(dims: dict, batch: int, prompt: int, new: int, itemsize: int,
-              weight_itemsize: int | None = None) -> dict:  # fmt: skip
+              weight_itemsize: int | None = None, kv_itemsize: float | None = None
+              ) -> dict:  # fmt: skip
     weight = (dims["params"] - dims["embedding"]) * (weight_itemsize or itemsize)
     mean_ctx = prompt + new / 2
-    kv = 2 * dims["layers"] * batch * dims["kv_heads"] * dims["head_dim"] * itemsize * mean_ctx
+    kv = (2 * dims["layers"] * batch * dims["kv_heads"] * dims["head_dim"]
+          * (kv_itemsize or itemsize) * mean_ctx)  # fmt: skip
     step = (weight + kv) / HBM_BYTES_PER_S
     return {"weight_bytes": weight, "kv_bytes_per_step": kv, "hbm_bound_tokens_per_s": batch / step}
 
 
 def _finish(rec: dict, dims: dict, times: list, prefill: list, batch, prompt, new, itemsize,
-            weight_itemsize: int | None = None):  # fmt: skip
+            weight_itemsize: int | None = None, kv_itemsize: float | None = None):  # fmt: skip
     t, tp = statistics.median(times), statistics.median(prefill)
-    rec.update(hbm_bound(dims, batch, prompt, new, itemsize, weight_itemsize))
+    rec.update(hbm_bound(dims, batch, prompt, new, itemsize, weight_itemsize, kv_itemsize))
     rec.update(
         batch=batch, prompt_len=prompt, new_tokens=new, call_s=t, prefill_s=tp,
         tokens_per_s=batch * new / t,
@@ -205,13 +210,16 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
            "device": jax.devices()[0].device_kind,
            "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
            "loop_body_kernels": sum(ops.values()), "loop_body_ops": ops,
-           "decode_attention": resolve_decode_attention(kw.get("decode_attention", "auto"))
+           "decode_attention": ("xla" if kw.get("cache_dtype") == "int8" else
+                                resolve_decode_attention(kw.get("decode_attention", "auto")))
            }  # fmt: skip
     if profile:  # after every timing and the memory reading, so neither sees the profiler
         rec.update(profile_call(lambda: call(new, runs + 1)))
     int8 = kw.get("quantize") == "int8"  # its bound counts the weights at a byte each
-    return _finish(rec, model_dims(variant), times, prefill, batch, prompt, new,
-                   jnp.dtype(dtype).itemsize, 1 if int8 else None)  # fmt: skip
+    dims = model_dims(variant)
+    kv8 = 1 + 4 / dims["head_dim"] if kw.get("cache_dtype") == "int8" else None
+    return _finish(rec, dims, times, prefill, batch, prompt, new,
+                   jnp.dtype(dtype).itemsize, 1 if int8 else None, kv8)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

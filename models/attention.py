@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.models import decode_attention as decode_kernel
+from flaxlm.models import quant
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.flash_attention import flash_attention
 from flaxlm.models.layers import (
@@ -178,6 +179,14 @@ def write_rows(buf, new, slots_B, axis: int):
     return jax.vmap(one)(buf, new, slots_B)
 
 
+def quantize_kv(k_BTKH, v_BTKH):
+    """An int8 cache's entries for new keys and values: (k int8, v int8, k scale, v scale),
+    one float32 scale per token and head, max |x| / 127 over the head dim (models/quant.py's
+    rounding: error ≤ scale / 2 per value)."""
+    (kq, ks), (vq, vs) = (quant.quantize_kernel(x, (3,)) for x in (k_BTKH, v_BTKH))
+    return kq, vq, ks, vs
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 
@@ -309,24 +318,36 @@ def context_flash_attention(q_BTNH, k_BSKH, v_BSKH, packed, window: int, C: int,
     return out.reshape(B, T, N, H)
 
 
-def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS, scale=None, cap: float = 0.0
-                     ) -> jax.Array:  # fmt: skip
+def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_B1TS, scale=None, cap: float = 0.0,
+                     kv_scales=()) -> jax.Array:  # fmt: skip
     """Attention over a heads-major (B, K, S, H) KV cache, laid out for few queries: each kv
     head's G query heads × T positions are the rows of one (G·T, H) × (H, S) matmul with (B, K)
     as batch dims, so a decode step reads the cache in place (no transpose of the buffer), and
     the scores leave the matmul in float32 with S minor, so the masked softmax is one row-wise
     fusion instead of separate max / sum / normalise passes. Compiled for the H200
     (bench/gpu_aot.py) that is 2 kernels fewer per layer and decode step than `xla_attention`'s
-    layout (44 fewer per step at the 1.1B shape)."""
+    layout (44 fewer per step at the 1.1B shape).
+
+    `kv_scales` (k_scale, v_scale), (B, K, S, 1) each: the cache holds int8 keys and values
+    (`quantize_kv`; passed here converted to q's dtype), each slot's and head's to be
+    multiplied by its scale. The scales multiply the score columns and the probabilities
+    instead, (q · k_s) s_k and Σ_s (p_s s_v) v_s: the same sums, with no dequantized copy
+    of the cache."""
     B, T, N, H = q_BTNH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
     G = N // K
     q = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
     scores = jnp.einsum("bkmh,bksh->bkms", q, k_BKSH, preferred_element_type=jnp.float32)
+    if kv_scales:
+        k_scale, v_scale = (x[..., 0][:, :, None, :].astype(jnp.float32) for x in kv_scales)
+        scores = scores * k_scale
     mask = jnp.broadcast_to(mask_B1TS[:, :, None], (B, 1, G, T, S)).reshape(B, 1, G * T, S)
     scores = scores / math.sqrt(H) if scale is None else scores * scale
     scores = jnp.where(mask, softcap(scores, cap), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if kv_scales:
+        probs = probs * v_scale
+    probs = probs.astype(v_BKSH.dtype)
     out = jnp.einsum("bkms,bksh->bkmh", probs, v_BKSH)  # (B, K, G·T, H), row m = g·T + t
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
@@ -517,6 +538,7 @@ class Attention(nn.Module):
         # logits' scale: None = head_dim^-1/2 as it always was (divided, bit for bit)
         scale, cap = (cfg.attn_scale if cfg.query_pre_attn_scalar else None), cfg.attn_logit_softcap
         if (layer_cache is not None and self.decode_attention == "pallas"
+                and len(layer_cache) == 2  # float keys and values (no int8 cache)
                 and cfg.rotary_dim_ == H  # the kernel rotates whole heads
                 and decode_kernel.supports(layer_cache[0].shape[2], T, H)
                 and decode_kernel.mesh_supports()):  # fmt: skip
@@ -542,35 +564,31 @@ class Attention(nn.Module):
             # Write this chunk's keys and values at the cache index (in place), then attend
             # over the whole buffer (the mask hides unwritten slots). A windowed layer's ring
             # (`transformer.init_cache`) takes a prefill's last W tokens of each row, and a
-            # decode step's one token at that row's own slot.
+            # decode step's one token at that row's own slot. An int8 cache (4 buffers) takes
+            # each token's and head's int8 values and their scale alike.
+            new = (k, v) if len(layer_cache) == 2 else quantize_kv(k, v)
+            new = [x.transpose(0, 2, 1, 3).astype(buf.dtype) for buf, x in zip(layer_cache, new)]
             if "ring_src" in ctx:
                 src, held = (x[:, None, :, None] for x in ctx["ring_src"])  # (B, 1, W, 1)
-                ck, cv = (jnp.where(held, jnp.take_along_axis(
-                    new.transpose(0, 2, 1, 3), src, axis=2), 0).astype(buf.dtype)
-                    for buf, new in zip(layer_cache, (k, v)))  # fmt: skip
-            elif "ring_slot" in ctx:
-                ck, cv = (write_rows(buf, new.transpose(0, 2, 1, 3).astype(buf.dtype),
-                                     ctx["ring_slot"], axis=1)
-                          for buf, new in zip(layer_cache, (k, v)))  # fmt: skip
-            elif jnp.ndim(ctx["index"]) == 1:  # each row writes at its own slot (speculative)
-                ck, cv = (write_rows(buf, new.transpose(0, 2, 1, 3).astype(buf.dtype),
-                                     ctx["index"], axis=1)
-                          for buf, new in zip(layer_cache, (k, v)))  # fmt: skip
+                layer_cache = tuple(
+                    jnp.where(held, jnp.take_along_axis(x, src, axis=2), 0).astype(x.dtype)
+                    for x in new
+                )
+            elif "ring_slot" in ctx or jnp.ndim(ctx["index"]) == 1:
+                # each row writes at its own slot (a ring's, or speculative decoding's)
+                slots = ctx["ring_slot"] if "ring_slot" in ctx else ctx["index"]
+                layer_cache = tuple(write_rows(buf, x, slots, axis=1)
+                                    for buf, x in zip(layer_cache, new))  # fmt: skip
             else:
                 idx = ctx["index"]
-                ck, cv = (
-                    jax.lax.dynamic_update_slice(
-                        buf, new.transpose(0, 2, 1, 3).astype(buf.dtype), (0, 0, idx, 0)
-                    )
-                    for buf, new in zip(layer_cache, (k, v))
-                )  # (B, K, S, H) each
-            layer_cache = (ck, cv)
+                layer_cache = tuple(jax.lax.dynamic_update_slice(buf, x, (0, 0, idx, 0))
+                                    for buf, x in zip(layer_cache, new))  # fmt: skip
             if ctx.get("prefill"):  # an empty cache, right-padded prompts: plain causal rows
                 out = self._self_attention(q, k, v, ctx, scale, cap)
             else:
-                out = cached_attention(
-                    q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"], scale, cap
-                )
+                ck, cv, *kv_scales = layer_cache
+                out = cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), ctx["mask"],
+                                       scale, cap, kv_scales)  # fmt: skip
         else:
             out = self._self_attention(q, k, v, ctx, scale, cap)
         return self._out_proj(out), layer_cache

@@ -313,6 +313,19 @@ def resolve_decode_attention(name: str, mesh=None) -> str:
     return name
 
 
+def checked_cache_dtype(cache_dtype, cfg: ModelConfig) -> str:
+    """The KV cache dtype's name: `cache_dtype`, default the model's compute dtype; a float
+    dtype or "int8" (`transformer.init_cache`), else a ValueError naming it."""
+    try:
+        dtype = jnp.dtype(cache_dtype or cfg.dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or not (jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.int8):
+        raise ValueError(f"generate: cache_dtype={cache_dtype!r}; expected a float dtype "
+                         "(bfloat16, float32, ...) or 'int8'")  # fmt: skip
+    return dtype.name
+
+
 def repeat_rows(x, samples: int, rows: int):
     """Row b of `x` repeated `samples` times in place (b·samples + g), the first `rows` kept."""
     return jnp.repeat(x, samples, axis=0, total_repeat_length=x.shape[0] * samples)[:rows]
@@ -419,7 +432,12 @@ def generate(
         ones so training-sharded params are used in place); the batch is split over data×fsdp
         (padded up to a multiple of it internally). Several processes: each passes the whole
         batch and gets the whole output (module docstring, "Several processes").
-      cache_dtype: KV cache dtype; default the model's compute dtype.
+      cache_dtype: KV cache dtype; default the model's compute dtype. "int8" stores int8 keys
+        and values with a float32 scale per token and head (`transformer.init_cache`; 53% of
+        a bf16 cache's bytes at head dim 64); attention reads them through the scales, no
+        dequantized copy (`attention.cached_attention`). The prefill attends over its own
+        float keys; every decode step over the quantized cache. Decodes with XLA's attention
+        (decode_attention "auto" picks it; "pallas" is refused).
       fuse_projections: decode with one q|k|v and one gate|up matmul per layer, the weights
         concatenated once per call (for backends without XLA:GPU's dot merger; see above).
       check_every: with stop tokens, test "every row stopped" once per this many tokens (a
@@ -578,7 +596,13 @@ def _program(
         raise ValueError(f"generate: need 0 <= min_p < 1, got {min_p}")
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
         raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
+    cache_dtype = checked_cache_dtype(cache_dtype, cfg)
+    if cache_dtype == "int8" and decode_attention == "pallas":
+        raise ValueError("generate: decode_attention='pallas' reads float caches; an int8 cache "
+                         "(cache_dtype='int8') decodes with 'xla' or 'auto'")  # fmt: skip
     decode_attention = resolve_decode_attention(decode_attention, mesh)
+    if cache_dtype == "int8":
+        decode_attention = "xla"
     if decode_mlp not in ("xla", "pallas"):
         raise ValueError(f"generate: decode_mlp must be 'xla' or 'pallas', got {decode_mlp!r}")
     if quantize not in quant.MODES:
@@ -613,7 +637,7 @@ def _program(
         bool(greedy),
         int(top_k),
         bool(top_p < 1.0 and not greedy),
-        jnp.dtype(cache_dtype or cfg.dtype).name,
+        cache_dtype,
         mesh,
         rules,
         bool(stop_tokens) or stop_strings is not None,

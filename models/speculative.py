@@ -393,7 +393,7 @@ def speculative_generate(
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - B, 0)])
     rng = decode._row_keys(rng, B, rows)
     greedy = temperature == 0
-    dtype = jnp.dtype(cache_dtype or cfg.dtype).name
+    dtype = decode.checked_cache_dtype(cache_dtype, cfg)
     fn = _speculative_fn(cfg, draft_cfg, int(max_new_tokens), int(draft_tokens), bool(greedy),
                          int(top_k), bool(top_p < 1.0 and not greedy),
                          bool(min_p > 0.0 and not greedy), dtype, mesh, rules,

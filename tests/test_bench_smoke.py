@@ -50,7 +50,8 @@ def test_train_table_pairs_each_plan_with_the_peer_of_the_same_memory_plan():
 
 
 def test_decode_driver(tmp_path):
-    cases = ["tiny:flax:b4", "tiny:flax:b4:fused", "tiny:flax:b4:while8", "tiny:flax:b4:profile"]
+    cases = ["tiny:flax:b4", "tiny:flax:b4:fused", "tiny:flax:b4:while8", "tiny:flax:b4:profile",
+             "tiny:flax:b4:kv8"]  # fmt: skip
     # medians of 3: one noisy run on a busy CPU can make decode time (call − prefill) ~0
     decode.main(["--tiny", "--out", str(tmp_path), "--cases", ",".join(cases), "--runs", "3"])
     recs = {r["case"]: r for r in driver.latest_records(str(tmp_path / "decode.jsonl"))}
@@ -77,6 +78,10 @@ def test_decode_driver(tmp_path):
     assert any(ln["events"] > 0 and ln["busy_us"] > 0 for ln in lines), prof["profile"]
     assert prof["profile_wall_us"] > 0
     assert all("profile" not in recs[c] for c in cases[:3])
+    # the int8 cache's bound: 1 + 4 / head_dim bytes per value (tiny: float32, head dim 16)
+    kv8, kv = recs["tiny:flax:b4:kv8"], recs["tiny:flax:b4"]
+    assert kv8["kv_bytes_per_step"] / kv["kv_bytes_per_step"] == pytest.approx((1 + 4 / 16) / 4)
+    assert kv8["decode_attention"] == "xla"
 
 
 def test_window_cache_bench(tmp_path):

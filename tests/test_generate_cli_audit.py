@@ -125,6 +125,14 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
         temperature=1.0, stop_tokens=(end, tok.eos_id), pad_id=0,
     )  # fmt: skip
     assert [r["n_tokens"] for r in recs] == np.asarray(out.lengths).tolist()
+    # --cache_dtype int8 reaches the decoder: the draws of a direct call with an int8 cache
+    lines = _main(args + ["--json", "--cache_dtype", "int8"], capsys).splitlines()
+    out = generate(
+        CFG, merged, [ids[i] for i, _ in jobs], max_new_tokens=8, rng=keys, temperature=1.0,
+        stop_tokens=(end, tok.eos_id), pad_id=0, cache_dtype="int8",
+    )  # fmt: skip
+    got = [json.loads(ln)["n_tokens"] for ln in lines]
+    assert got == np.asarray(out.lengths).tolist()
 
 
 def test_stop_strings_end_and_cut_the_completions(run, capsys):
