@@ -82,6 +82,9 @@ SHAPES = {
     "1b": ("1b", 128, 256, (1, 64), "bfloat16"),
     "tiny": ("tiny", 16, 32, (1, 4), "float32"),
     "moe": ("moe", 128, 256, (1, 64), "bfloat16"),
+    # long prompts (RL with long contexts, documents): the KV cache's share of a step's bytes
+    # grows with the context, what an int8 cache (":kv8") halves
+    "1b-long": ("1b", 4096, 256, (1, 64), "bfloat16"),
 }
 # Variants of the benches only (models/config.py has no mixture-of-experts one). "moe": a
 # Qwen3-30B-A3B layer (128 experts of width 768, top 8, GQA 32/4 of head_dim 128, q/k norms)

@@ -223,23 +223,22 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale=None, cap: float = 0.
 ATTENTION_CHUNK = 512
 
 
-def chunked_attention(q_BTNH, k, v, mask_fn, scale=None, cap: float = 0.0,
-                      chunk: int | None = None, kernel=None) -> jax.Array:  # fmt: skip
+def chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask_fn, scale=None, cap: float = 0.0,
+                      chunk: int | None = None) -> jax.Array:  # fmt: skip
     """`xla_attention` over blocks of `chunk` query rows, one after another (`lax.map`), each
     rematerialised in the backward pass: the float32 scores live one block at a time,
-    (B, N, chunk, S) instead of (B, N, T, S). For attention cuDNN cannot run (soft-capping,
-    Gemma 2) on an accelerator, and prefills. `mask_fn(start, rows)` is the (B|1, 1, rows, S)
-    mask of query rows start … start + rows - 1. Rows are the same computation as the
-    kernel's: `xla_attention` (k, v (B, S, K, H)) or `cached_attention` (k, v heads-major)."""
+    (B, N, chunk, S) instead of (B, N, T, S). For training where cuDNN is configured but
+    cannot run (soft-capped logits, Gemma 2, or a head dim it does not take). `mask_fn(start,
+    rows)` is the (B|1, 1, rows, S) mask of query rows start … start + rows - 1."""
     B, T, N, H = q_BTNH.shape
-    chunk, kernel = chunk or ATTENTION_CHUNK, kernel or xla_attention
+    chunk = chunk or ATTENTION_CHUNK
     if T % chunk or T <= chunk:
-        return kernel(q_BTNH, k, v, mask_fn(0, T), scale, cap)
+        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_fn(0, T), scale, cap)
 
     @jax.checkpoint
     def block(args):
         q, i = args
-        return kernel(q, k, v, mask_fn(i * chunk, chunk), scale, cap)
+        return xla_attention(q, k_BSKH, v_BSKH, mask_fn(i * chunk, chunk), scale, cap)
 
     blocks = q_BTNH.reshape(B, T // chunk, chunk, N, H).swapaxes(0, 1)
     out = jax.lax.map(block, (blocks, jnp.arange(T // chunk)))
@@ -597,10 +596,11 @@ class Attention(nn.Module):
         """Attention of the chunk's queries over its own keys (training, scoring, and a
         prefill into an empty cache): the blockwise kernel where the config asks for "flash"
         (models/flash_attention.py); cuDNN's flash kernel where the config asks for it and it
-        applies; XLA in blocks of query rows where it does not (soft-capped logits, a head
-        dim it does not take), and for every prefill (inference: a long prompt's float32
-        scores one block of rows at a time, not (B, N, P, P) at once); else plain XLA. Under
-        context parallelism, XLA over blocks of each device's own rows (`context_attention`)."""
+        applies; the blockwise kernel for every other prefill (inference: a long prompt's
+        float32 scores one (block × block) tile at a time, the causal half skipped); XLA in
+        blocks of query rows where cuDNN is asked for but cannot run (soft-capped logits, a
+        head dim it does not take); else plain XLA. Under context parallelism, blocks of each
+        device's own rows (`context_attention`, `context_flash_attention`)."""
         cfg = self.cfg
         split = not logical_axes_unsplit("act_len")  # context parallelism
         k, v = gather_sequence(k), gather_sequence(v)
@@ -632,7 +632,13 @@ class Attention(nn.Module):
                     q, k, v, packed, w, C, scale, cap, cfg.flash_block))  # fmt: skip
             return by_window(cfg, ctx, lambda w: context_attention(
                 q, k, v, ctx["mask"], w, C, scale, cap))  # fmt: skip
-        if cfg.attention_impl == "cudnn" or ctx.get("prefill"):
+        if ctx.get("prefill"):
+            # inference over plain causal rows: the blockwise kernel's forward, (block × block)
+            # score tiles, the causal half and what windows hide skipped (a 4096-token prompt:
+            # bench/RESULTS.md "prefill")
+            return by_window(cfg, ctx, lambda w: flash_attention(
+                q, k, v, window=w, scale=scale, cap=cap, block=cfg.flash_block))  # fmt: skip
+        if cfg.attention_impl == "cudnn":
 
             def rows_of(window):
                 def mask_fn(start, rows):
@@ -642,13 +648,8 @@ class Attention(nn.Module):
 
                 return mask_fn
 
-            kernel = None
-            if ctx.get("prefill"):  # no gradient: the cache's layout, its masked softmax in
-                # one pass (bench/window_cache.py's small shape, compiled for the CPU: 0.061
-                # GiB of temporaries instead of 0.090 with `xla_attention`'s)
-                k, v, kernel = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), cached_attention
             return by_window(cfg, ctx, lambda w: chunked_attention(
-                q, k, v, rows_of(w), scale, cap, kernel=kernel))  # fmt: skip
+                q, k, v, rows_of(w), scale, cap))  # fmt: skip
 
         out = by_window(cfg, ctx, lambda w: xla_attention(q, k, v, mask_of(w), scale, cap))
         self._sow_probs(q, k, ctx, mask_of, scale, cap)
