@@ -71,8 +71,8 @@ GENERATE_OPTIONS = {
     # record counts its weights at one byte each
     "int8": {"quantize": "int8"},
     # int8 KV cache with a float32 scale per token and head (transformer.init_cache): the
-    # bound counts its KV bytes at (1 + 4 / head_dim) per value; decodes with XLA's attention
-    "kv8": {"cache_dtype": "int8", "decode_attention": "xla"},
+    # bound counts its KV bytes at (1 + 4 / head_dim) per value
+    "kv8": {"cache_dtype": "int8"},
 }
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
@@ -213,8 +213,7 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
            "device": jax.devices()[0].device_kind,
            "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
            "loop_body_kernels": sum(ops.values()), "loop_body_ops": ops,
-           "decode_attention": ("xla" if kw.get("cache_dtype") == "int8" else
-                                resolve_decode_attention(kw.get("decode_attention", "auto")))
+           "decode_attention": resolve_decode_attention(kw.get("decode_attention", "auto"))
            }  # fmt: skip
     if profile:  # after every timing and the memory reading, so neither sees the profiler
         rec.update(profile_call(lambda: call(new, runs + 1)))

@@ -242,11 +242,6 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             "--quantize is for plain decoding, "
             "not --draft (speculative decoding keeps the float weights)",
         ),
-        (
-            args.cache_dtype == "int8" and args.decode_attention == "pallas",
-            "--cache_dtype int8 decodes with XLA's attention, not --decode_attention pallas "
-            "(the kernel reads float caches)",
-        ),
     ]
     for is_bad, msg in bad:
         if is_bad:

@@ -537,7 +537,6 @@ class Attention(nn.Module):
         # logits' scale: None = head_dim^-1/2 as it always was (divided, bit for bit)
         scale, cap = (cfg.attn_scale if cfg.query_pre_attn_scalar else None), cfg.attn_logit_softcap
         if (layer_cache is not None and self.decode_attention == "pallas"
-                and len(layer_cache) == 2  # float keys and values (no int8 cache)
                 and cfg.rotary_dim_ == H  # the kernel rotates whole heads
                 and decode_kernel.supports(layer_cache[0].shape[2], T, H)
                 and decode_kernel.mesh_supports()):  # fmt: skip
@@ -548,9 +547,10 @@ class Attention(nn.Module):
                 qkv,
                 ctx["cos"],
                 ctx["sin"],
-                *layer_cache,
+                *layer_cache[:2],
                 ctx["mask"],
                 ctx["ring_slot"] if ring else ctx["index"],
+                kv_scales=layer_cache[2:],  # an int8 cache's
                 scale=cfg.attn_scale,
                 cap=cap,
                 ring=ring,

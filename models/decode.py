@@ -435,9 +435,8 @@ def generate(
       cache_dtype: KV cache dtype; default the model's compute dtype. "int8" stores int8 keys
         and values with a float32 scale per token and head (`transformer.init_cache`; 53% of
         a bf16 cache's bytes at head dim 64); attention reads them through the scales, no
-        dequantized copy (`attention.cached_attention`). The prefill attends over its own
-        float keys; every decode step over the quantized cache. Decodes with XLA's attention
-        (decode_attention "auto" picks it; "pallas" is refused).
+        dequantized copy (`attention.cached_attention`; the Pallas kernel likewise). The
+        prefill attends over its own float keys; every decode step over the quantized cache.
       fuse_projections: decode with one q|k|v and one gate|up matmul per layer, the weights
         concatenated once per call (for backends without XLA:GPU's dot merger; see above).
       check_every: with stop tokens, test "every row stopped" once per this many tokens (a
@@ -597,12 +596,7 @@ def _program(
     if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
         raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
     cache_dtype = checked_cache_dtype(cache_dtype, cfg)
-    if cache_dtype == "int8" and decode_attention == "pallas":
-        raise ValueError("generate: decode_attention='pallas' reads float caches; an int8 cache "
-                         "(cache_dtype='int8') decodes with 'xla' or 'auto'")  # fmt: skip
     decode_attention = resolve_decode_attention(decode_attention, mesh)
-    if cache_dtype == "int8":
-        decode_attention = "xla"
     if decode_mlp not in ("xla", "pallas"):
         raise ValueError(f"generate: decode_mlp must be 'xla' or 'pallas', got {decode_mlp!r}")
     if quantize not in quant.MODES:

@@ -28,6 +28,11 @@ match it (tests/models/test_decode.py,
 run in Pallas' interpreter). On GPUs the Triton kernel runs; on other platforms the same
 kernel runs in the interpreter (tests, not speed).
 
+An int8 cache (`generate(..., cache_dtype="int8")`) is read as `attention.cached_attention`
+reads it: each key block's scores times its slots' key scales, the probabilities times the
+value scales; the kernel quantizes the new token's key and value itself and writes their
+scales beside them.
+
 Used for the one-token steps of `generate` when asked (`generate(..., decode_attention=
 "pallas")`, PPO/GRPO `rollout.decode_attention`, bench/decode.py option `:pallas`). Under a
 mesh each device runs it on its own rows (`shard_map` over the batch axes); with heads split
@@ -88,18 +93,40 @@ def _fold(carry, s, ok, weighted_values):
     return acc, new_max, row_sum * rescale + p.sum(axis=1)
 
 
-def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k_out_ref,
-            v_out_ref, *, groups: int, kv_heads: int, block_k: int, scale: float,
-            cap: float, ring: bool):  # fmt: skip
+def _quantize(x, dtype):
+    """`attention.quantize_kv` of one token's head inside the kernel: x rounded to the compute
+    `dtype` first (as the XLA path computes k and v), then int8 values and their float32
+    scale, max |x| / 127 (1 for an all-zero head). `x` is a list of float32 parts (the RoPE
+    halves): one scale over all of them."""
+    x = [p.astype(dtype).astype(jnp.float32) for p in x]
+    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(p)) for p in x])
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return [jnp.clip(_round_half_even(p / scale), -127, 127).astype(jnp.int8) for p in x], scale
+
+
+def _round_half_even(x):
+    """`jnp.round` (ties to even) from floor, which Pallas' Triton lowering has (not round)."""
+    r = jnp.floor(x + 0.5)
+    odd = r - 2.0 * jnp.floor(r * 0.5) != 0
+    return jnp.where((r - x == 0.5) & odd, r - 1.0, r)
+
+
+def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, *refs, groups: int, kv_heads: int,
+            block_k: int, scale: float, cap: float, ring: bool, quantized: bool):  # fmt: skip
     """One (batch row b, kv head h): this step's q|k|v heads of row b (N + 2K, H), the rope
-    angles of b's position (H/2,), the key and value caches (S, H) of (b, h), b's mask (S,).
-    The group's G query heads are rows h·G … h·G + G - 1 of q|k|v, loaded as M ≥ 16 rows (the
-    rest masked: zeros, never stored). `k_out_ref` / `v_out_ref` are `k_ref`'s / `v_ref`'s
-    buffers (aliased): the new slot is written through them. Scores are q·k · `scale`, then
-    soft-capped to cap·tanh(s / cap) when `cap` (Gemma 2; 0 = not). Row b writes at its slot
-    `idx_ref[0]`; the earlier slots are those before it, or with `ring` every other slot of
-    the ring (a windowed layer's, `transformer.init_cache`; the mask says which hold what)."""
-    del k_ref, v_ref  # read and written through their aliased output refs
+    angles of b's position (H/2,), the key and value caches (S, H) of (b, h) (with
+    `quantized`, int8 and their scales (S,) after them), b's mask (S,); then the outputs: the
+    attention (M, H) and the caches again. The group's G query heads are rows h·G … h·G + G - 1
+    of q|k|v, loaded as M ≥ 16 rows (the rest masked: zeros, never stored). The output caches
+    are the input ones' buffers (aliased): the new slot is written through them. Scores are
+    q·k · `scale`, then soft-capped to cap·tanh(s / cap) when `cap` (Gemma 2; 0 = not). Row b
+    writes at its slot `idx_ref[0]`; the earlier slots are those before it, or with `ring`
+    every other slot of the ring (a windowed layer's, `transformer.init_cache`; the mask says
+    which hold what). An int8 cache is read as `attention.cached_attention` reads it: a key
+    block's scores times its slots' key scales, the probabilities times the value scales."""
+    n_cache = 4 if quantized else 2
+    mask_ref, o_ref = refs[n_cache], refs[n_cache + 1]
+    k_out_ref, v_out_ref, *scale_refs = refs[n_cache + 2 :]  # (the inputs: aliased, unused)
     rows = o_ref.shape[0]
     H = qkv_ref.shape[1]
     half = H // 2
@@ -107,7 +134,9 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
     head = pl.program_id(1)
     n_q = groups * kv_heads
     real = (jnp.arange(rows) < groups)[:, None]
-    dtype = k_out_ref.dtype
+    # the dots' dtype: the cache's when it is a float one (a cache dtype narrower than the
+    # compute dtype: the XLA path widens the cache instead), else the compute dtype
+    dtype = qkv_ref.dtype if quantized else k_out_ref.dtype
     idx = idx_ref[0]
     cos, sin = cos_ref[...][None, :], sin_ref[...][None, :]
 
@@ -115,14 +144,20 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
         return plgpu.load(qkv_ref.at[pl.ds(head * groups, rows), part], mask=real, other=0.0)
 
     q1, q2 = _rotate(load_q(lo).astype(jnp.float32), load_q(hi).astype(jnp.float32), cos, sin)
-    # Rounded as `apply_rope` rounds q; then in the cache dtype for the dot (where a cache
-    # dtype narrower than the compute dtype is asked for, the XLA path widens the cache instead).
+    # Rounded as `apply_rope` rounds q; then in the dots' dtype.
     q1, q2 = q1.astype(dtype), q2.astype(dtype)
     k_row = n_q + head
     k1, k2 = _rotate(qkv_ref[k_row, lo].astype(jnp.float32)[None, :],
                      qkv_ref[k_row, hi].astype(jnp.float32)[None, :], cos, sin)  # fmt: skip
-    k1, k2 = k1[0].astype(dtype), k2[0].astype(dtype)
-    v_new = qkv_ref[n_q + kv_heads + head, :].astype(dtype)
+    v_new = qkv_ref[n_q + kv_heads + head, :]
+    if quantized:  # the new token's int8 key and value, and what the step reads back
+        (k1, k2), k_scale = _quantize([k1[0], k2[0]], qkv_ref.dtype)
+        (v_new,), v_scale = _quantize([v_new.astype(jnp.float32)], qkv_ref.dtype)
+        ks_out_ref, vs_out_ref = scale_refs
+        ks_out_ref[pl.ds(idx, 1)] = k_scale[None]
+        vs_out_ref[pl.ds(idx, 1)] = v_scale[None]
+    else:
+        k1, k2, v_new = k1[0].astype(dtype), k2[0].astype(dtype), v_new.astype(dtype)
     k_out_ref[idx, lo] = k1
     k_out_ref[idx, hi] = k2
     v_out_ref[idx, :] = v_new
@@ -135,10 +170,15 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
         slots = j * block_k + jnp.arange(block_k)
         earlier = (slots != idx) if ring else (slots < idx)
         ok = ((mask_ref[keys] != 0) & earlier)[None, :]
-        s = plgpu.dot(q1, k_out_ref[keys, lo], trans_b=True).astype(jnp.float32)
-        s += plgpu.dot(q2, k_out_ref[keys, hi], trans_b=True).astype(jnp.float32)
-        v = v_out_ref[keys, :]
-        return _fold(carry, logits(s), ok, lambda p: plgpu.dot(p.astype(dtype), v))
+        k_lo, k_hi = k_out_ref[keys, lo].astype(dtype), k_out_ref[keys, hi].astype(dtype)
+        s = plgpu.dot(q1, k_lo, trans_b=True).astype(jnp.float32)
+        s += plgpu.dot(q2, k_hi, trans_b=True).astype(jnp.float32)
+        v = v_out_ref[keys, :].astype(dtype)
+        if not quantized:
+            return _fold(carry, logits(s), ok, lambda p: plgpu.dot(p.astype(dtype), v))
+        k_scales, v_scales = (r[keys][None, :] for r in scale_refs)
+        return _fold(carry, logits(s * k_scales), ok,
+                     lambda p: plgpu.dot((p * v_scales).astype(dtype), v))  # fmt: skip
 
     init = (
         jnp.zeros((rows, H), jnp.float32),
@@ -148,19 +188,27 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, mask_ref, o_ref, k
     n_blocks = k_out_ref.shape[0] // block_k if ring else pl.cdiv(idx, block_k)
     carry = jax.lax.fori_loop(0, n_blocks, step, init)
     # The new token, a one-key block: always visible to itself (same segment and slot).
-    s_new = (q1.astype(jnp.float32) * k1.astype(jnp.float32)[None, :]).sum(axis=1)
-    s_new += (q2.astype(jnp.float32) * k2.astype(jnp.float32)[None, :]).sum(axis=1)
-    v_new = v_new.astype(jnp.float32)[None, :]
+    k1, k2, v_new = (x.astype(jnp.float32) for x in (k1, k2, v_new))
+    s_new = (q1.astype(jnp.float32) * k1[None, :]).sum(axis=1)
+    s_new += (q2.astype(jnp.float32) * k2[None, :]).sum(axis=1)
+    if quantized:
+        s_new = s_new * k_scale
+
+    def new_value(p):
+        if quantized:
+            p = p * v_scale
+        return p.astype(dtype).astype(jnp.float32) * v_new[None, :]
+
     ok = jnp.ones((1, 1), jnp.bool_)
-    acc, _, row_sum = _fold(carry, logits(s_new[:, None]), ok,
-                            lambda p: p.astype(dtype).astype(jnp.float32) * v_new)  # fmt: skip
+    acc, _, row_sum = _fold(carry, logits(s_new[:, None]), ok, new_value)
     out = (acc / row_sum[:, None]).astype(o_ref.dtype)
     plgpu.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
 
 
-def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret: bool,
-          scale: float, cap: float = 0.0, ring: bool = False, block_k: int = BLOCK_K,
-          num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):  # fmt: skip
+def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *scales_BKS,
+          interpret: bool, scale: float, cap: float = 0.0, ring: bool = False,
+          block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+          num_stages: int = NUM_STAGES):  # fmt: skip
     B, K, S, H = k_BKSH.shape
     R = qkv_BRH.shape[1]  # N + 2K rows
     G = (R - 2 * K) // K
@@ -169,38 +217,32 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *, interpret
         # masks it. Rows of zeros past the last group's M rows make both read the same.
         qkv_BRH = jnp.pad(qkv_BRH, ((0, 0), (0, M), (0, 0)))
         R += M
-    kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=block_k,
-                               scale=scale, cap=cap, ring=ring)  # fmt: skip
+    kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=block_k, scale=scale,
+                               cap=cap, ring=ring, quantized=bool(scales_BKS))  # fmt: skip
     cache = pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0))
+    scales = [pl.BlockSpec((None, None, S), lambda b, k: (b, k, 0))] * len(scales_BKS)
     per_row = lambda n: pl.BlockSpec((None, n), lambda b, k: (b, 0))  # noqa: E731
+    caches = (k_BKSH, v_BKSH, *scales_BKS)
     return pl.pallas_call(
         kernel,
         grid=(B, K),
-        in_specs=[
-            per_row(1),
-            pl.BlockSpec((None, R, H), lambda b, k: (b, 0, 0)),
-            per_row(H // 2),
-            per_row(H // 2),
-            cache,
-            cache,
-            per_row(S),
-        ],
-        out_specs=[pl.BlockSpec((None, None, M, H), lambda b, k: (b, k, 0, 0)), cache, cache],
-        out_shape=[
-            jax.ShapeDtypeStruct((B, K, G, H), qkv_BRH.dtype),
-            jax.ShapeDtypeStruct(k_BKSH.shape, k_BKSH.dtype),
-            jax.ShapeDtypeStruct(v_BKSH.shape, v_BKSH.dtype),
-        ],  # fmt: skip
-        input_output_aliases={4: 1, 5: 2},
+        in_specs=[per_row(1), pl.BlockSpec((None, R, H), lambda b, k: (b, 0, 0)),
+                  per_row(H // 2), per_row(H // 2), cache, cache, *scales, per_row(S)],
+        out_specs=[pl.BlockSpec((None, None, M, H), lambda b, k: (b, k, 0, 0)), cache, cache,
+                   *scales],
+        out_shape=[jax.ShapeDtypeStruct((B, K, G, H), qkv_BRH.dtype),
+                   *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in caches)],
+        # every cache buffer (inputs 4 …) is updated in place: outputs 1 …
+        input_output_aliases={4 + i: 1 + i for i in range(len(caches))},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS)
+    )(idx_B1, qkv_BRH, cos_Bh, sin_Bh, *caches, mask_BS)  # fmt: skip
 
 
 def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index, *,
-                     scale: float | None = None, cap: float = 0.0, ring: bool = False,
-                     block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                     kv_scales=(), scale: float | None = None, cap: float = 0.0,
+                     ring: bool = False, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                      num_stages: int = NUM_STAGES):  # fmt: skip
     """One decode step of attention over a layer's (B, K, S, H) key and value caches.
 
@@ -212,9 +254,13 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     q·k times `scale` (default head_dim^-1/2), soft-capped at `cap` (0 = not).
     With `ring`, the caches are a windowed layer's rings (`transformer.init_cache`): `index`
     is each row's own slot (B,), and attention covers every slot the mask lets through.
+    `kv_scales` (key scales, value scales), (B, K, S, 1) float32 each: the caches are int8
+    (`transformer.init_cache(..., "int8")`); the new key and value are quantized as
+    `attention.quantize_kv` does and their scales written too.
     `block_k` (a power of two dividing the slots), `num_warps`, `num_stages`: the kernel's
     tiling and Triton launch parameters (defaults: the module's constants).
-    Returns (out (B, 1, N, H), (the key cache, the value cache)).
+    Returns (out (B, 1, N, H), the caches: (keys, values) or (keys, values, key scales,
+    value scales)).
     """
     B, T, R, H = qkv_BTRH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
@@ -231,6 +277,7 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
         k_BKSH,
         v_BKSH,
         mask_B1TS.reshape(B, S).astype(jnp.int8),
+        *(x.reshape(B, K, S) for x in kv_scales),  # (the kernel's (S,) blocks)
     )
 
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
@@ -256,12 +303,13 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
         rows = P(batch_axes)
         run = jax.shard_map(
             run,
-            in_specs=(rows, rows, rows, rows, rows, rows, rows),
-            out_specs=(rows, rows, rows),
+            in_specs=(rows,) * len(args),
+            out_specs=(rows,) * (len(args) - 4),
             check_vma=False,
         )
-    out, k_BKSH, v_BKSH = run(*args)
-    return out.reshape(B, 1, R - 2 * K, H), (k_BKSH, v_BKSH)
+    out, *caches = run(*args)
+    caches[2:] = (x.reshape(B, K, S, 1) for x in caches[2:])
+    return out.reshape(B, 1, R - 2 * K, H), tuple(caches)
 
 
 def lowering_target(device_kind: str = "NVIDIA H200"):

@@ -23,7 +23,6 @@ from flaxlm import generate as cli
         (["--system", "Be brief."], "--system needs --chat"),
         (["--stop", ""], "--stop needs a non-empty string"),
         (["--quantize", "int8", "--draft", "ngram"], "--quantize is for plain decoding"),
-        (["--cache_dtype", "int8", "--decode_attention", "pallas"], "--cache_dtype int8 decodes"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags, message, tmp_path, capsys):

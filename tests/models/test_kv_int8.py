@@ -2,7 +2,7 @@
 bound, that attention through the scales equals attention over the dequantized cache, that a
 decode computes exactly the model whose decode-step attention reads quantized keys and values
 (rings, mixed local/global layers, shared prefills, speculative decoding and a mesh included),
-and the cache's size."""
+that the Pallas decode kernel reads the cache as the XLA path does, and the cache's size."""
 
 import jax
 import jax.numpy as jnp
@@ -121,13 +121,49 @@ def test_speculative_and_mesh_decode_the_same_tokens():
     np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(want.logprobs), atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 64, "sliding_window_pattern": 2,
+                                               "attn_logit_softcap": 30.0}])  # fmt: skip
+def test_pallas_kernel_reads_an_int8_cache_as_the_xla_path(overrides):
+    """`decode_attention="pallas"` over an int8 cache (the kernel quantizes the new token and
+    reads the blocks through their scales; Pallas' interpreter on this CPU): the tokens and
+    logprobs of the XLA path. Head dim 32 (the kernel's smallest); a window of 64 runs the
+    kernel over the local layers' rings too."""
+    cfg = get_variant("tiny", head_dim=32, init_std=0.1, **overrides)
+    params = _params(cfg)
+    kw = dict(cache_dtype="int8", max_new_tokens=70 if overrides else 10)
+    want = generate(cfg, params, [[5, 9, 33, 2], [11, 4, 6]], rng=jax.random.PRNGKey(0),
+                    temperature=0.0, decode_attention="xla", **kw)  # fmt: skip
+    got = generate(cfg, params, [[5, 9, 33, 2], [11, 4, 6]], rng=jax.random.PRNGKey(0),
+                   temperature=0.0, decode_attention="pallas", **kw)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-4)
+
+
+def test_pallas_kernel_lowers_with_int8_caches_in_place():
+    """Lowered for CUDA (no GPU needed): one Triton call, the int8 caches and their scales all
+    updated in place."""
+    from flaxlm.models import decode_attention as kernel
+
+    shapes = [((2, 1, 16, 64), jnp.bfloat16), ((2, 1, 32), jnp.float32),
+              ((2, 1, 32), jnp.float32), ((2, 2, 128, 64), jnp.int8),
+              ((2, 2, 128, 64), jnp.int8), ((2, 1, 1, 128), jnp.bool_), ((), jnp.int32),
+              ((2, 2, 128, 1), jnp.float32), ((2, 2, 128, 1), jnp.float32)]  # fmt: skip
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+
+    def step(*a):
+        return kernel.decode_attention(*a[:7], kv_scales=a[7:])
+
+    with kernel.lowering_target():
+        text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert text.count("output_operand_alias<") == 4
+
+
 def test_cache_size_and_bad_options():
     cfg = get_variant("tiny", head_dim=64, dtype="bfloat16")
     nbytes = [sum(x.nbytes for x in jax.tree.leaves(init_cache(cfg, 4, 128, dt)["kv"]))
               for dt in ("bfloat16", "int8")]  # fmt: skip
     assert nbytes[1] / nbytes[0] == pytest.approx((64 + 4) / (2 * 64))
     params = _params(get_variant("tiny"))
-    with pytest.raises(ValueError, match="pallas.*int8"):
-        _greedy(get_variant("tiny"), params, cache_dtype="int8", decode_attention="pallas")
     with pytest.raises(ValueError, match="cache_dtype='int32'"):
         _greedy(get_variant("tiny"), params, cache_dtype="int32")
