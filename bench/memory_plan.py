@@ -242,7 +242,7 @@ def plan_case(case: str) -> dict:
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     data = {"tokens": tokens, "targets": tokens}
     data["loss_mask"] = jax.ShapeDtypeStruct((batch, seq), jnp.float32)
-    loss_fn = lm_loss(apply, config.loss)
+    loss_fn = lm_loss(apply, config.loss, moe=cfg.n_experts > 0)  # (router losses' statistics)
     with _traceable_cudnn():
         params = jax.eval_shape(lambda r: unbox(init_params(r)), jax.random.PRNGKey(0))
         opt_state = jax.eval_shape(tx.init, params)
