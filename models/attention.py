@@ -23,6 +23,7 @@ import numpy as np
 
 from flaxlm.models import decode_attention as decode_kernel
 from flaxlm.models import quant
+from flaxlm.models import splash_attention as splash
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.flash_attention import flash_attention
 from flaxlm.models.layers import (
@@ -614,7 +615,14 @@ class Attention(nn.Module):
                 return attention_mask(seg, seg, slot, slot, pos, pos, window)
             return causal_mask(T, S, window) if ctx["mask"] is None else ctx["mask"]
 
-        if cfg.attention_impl == "flash" and not split:
+        if cfg.attention_impl == "splash" and not split and splash.supports(T, cfg.flash_block):
+            seg = None if packed is None else packed[0]
+            out = by_window(cfg, ctx, lambda w: splash.splash_attention(
+                q, k, v, seg, window=w, scale=scale, cap=cap, block=cfg.flash_block))  # fmt: skip
+            self._sow_probs(q, k, ctx, mask_of, scale, cap)
+            return out
+        if cfg.attention_impl in ("flash", "splash") and not split:
+            # (splash: rows it does not take; the same function)
             out = by_window(cfg, ctx, lambda w: flash_attention(
                 q, k, v, *(packed or ()), window=w, scale=scale, cap=cap,
                 block=cfg.flash_block))  # fmt: skip
@@ -627,7 +635,7 @@ class Attention(nn.Module):
         if split and T % C == 0:
             # cuDNN's partitioner refuses queries split along the sequence, and the row blocks
             # below would gather them: each device's own rows, in blocks (`context_attention`)
-            if cfg.attention_impl == "flash":
+            if cfg.attention_impl in ("flash", "splash"):
                 return by_window(cfg, ctx, lambda w: context_flash_attention(
                     q, k, v, packed, w, C, scale, cap, cfg.flash_block))  # fmt: skip
             return by_window(cfg, ctx, lambda w: context_attention(

@@ -96,9 +96,10 @@ class ModelConfig:
     dtype: str = "float32"  # activation / matmul dtype (bfloat16 on accelerators)
     param_dtype: str = "float32"  # parameter storage dtype (float32 master weights by default)
     # xla | cudnn (jax.nn.dot_product_attention on NVIDIA GPUs) | flash (blockwise, any backend:
-    # memory linear in the sequence, masked blocks skipped; models/flash_attention.py)
+    # memory linear in the sequence, masked blocks skipped; models/flash_attention.py) | splash
+    # (jax's TPU splash-attention kernel, models/splash_attention.py; interpreted elsewhere)
     attention_impl: str = "xla"
-    flash_block: int = 512  # query and key rows per block of attention_impl="flash"
+    flash_block: int = 512  # query and key rows per block of attention_impl="flash" / "splash"
     # q|k|v and gate|up as one matmul each, joined in the per-step weight cast, when weights
     # are stored in another dtype than the compute dtype (layers.stacked_projection)
     join_projections: bool = True
@@ -122,7 +123,7 @@ class ModelConfig:
             "qk_norm": ("none", "head", "all"),
             "norm_placement": ("pre", "post", "sandwich"),
             "mlp_activation": ("silu", "gelu"),
-            "attention_impl": ("xla", "cudnn", "flash"),
+            "attention_impl": ("xla", "cudnn", "flash", "splash"),
             "remat_policy": ("none", "full", "dots", "dots_no_batch", "save_proj"),
         }
         for name, allowed in choices.items():

@@ -197,8 +197,8 @@ class Transformer(nn.Module):
             # one unpadded document per row: the kernels' plain causal mode (each layer knows
             # its window, `attention.by_window`)
             masks = [None] * len(windows)
-        elif cfg.attention_impl == "flash":
-            # packed rows: the blockwise kernel masks tile by tile from the per-token ids (no
+        elif cfg.attention_impl in ("flash", "splash"):
+            # packed rows: the blockwise kernels mask tile by tile from the per-token ids (no
             # (B, 1, T, T) mask; `attention.Attention` builds one where another kernel runs)
             masks = [None] * len(windows)
             ctx["segments"] = (segment_ids, positions)
