@@ -428,7 +428,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         tok, cfg, template = _student_source(config, mesh)
     rules = logical_axis_rules(config.sharding)
     teacher_cfg, teacher_apply, teacher = rl_common.frozen_lm(
-        d.teacher, mesh, rules, d.teacher_dtype, d.teacher_ema
+        d.teacher, mesh, rules, d.teacher_dtype, d.teacher_ema, key="distill.teacher_dtype"
     )
     check_vocab(tok, cfg, teacher_cfg, d.teacher)
     init_params, apply = model_fns(cfg)

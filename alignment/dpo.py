@@ -391,7 +391,13 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     else:
         ref_ema = not d.ref_from and bool(config.get("init_from_ema", False))
         load_ref = functools.partial(
-            rl_common.frozen_lm, d.ref_from or config.init_from, mesh, rules, d.ref_dtype, ref_ema
+            rl_common.frozen_lm,
+            d.ref_from or config.init_from,
+            mesh,
+            rules,
+            d.ref_dtype,
+            ref_ema,
+            key="dpo.ref_dtype",
         )
         _, ref_apply, ref_params = load_ref()
         ref = RefLogps(

@@ -547,11 +547,12 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
         init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
     else:  # the policy's start: init_from's EMA weights with init_from_ema
         ref = rl_common.frozen_lm(config.init_from, mesh, rules, config.rollout.frozen_dtype,
-                                  ema=bool(config.get("init_from_ema", False)))  # fmt: skip
+                                  ema=bool(config.get("init_from_ema", False)),
+                                  key="rollout.frozen_dtype")  # fmt: skip
     rm = None
     if reward_from:
         rm = rl_common.frozen_scalar(reward_from, mesh, rules, config.rollout.frozen_dtype,
-                                     ema=rm_ema)  # fmt: skip
+                                     ema=rm_ema, key="rollout.frozen_dtype")  # fmt: skip
         if rm[0].vocab_size != cfg.vocab_size:
             raise ValueError(
                 f"reward_from={reward_from}: its vocab ({rm[0].vocab_size}) is not the policy's "

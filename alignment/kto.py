@@ -288,7 +288,9 @@ def _reference(config, mesh, rules):
     k = config.kto
     ema = not k.ref_from and bool(config.get("init_from_ema", False))
     src = k.ref_from or config.init_from
-    _, ref_apply, ref_params = rl_common.frozen_lm(src, mesh, rules, k.ref_dtype, ema)
+    _, ref_apply, ref_params = rl_common.frozen_lm(
+        src, mesh, rules, k.ref_dtype, ema, key="kto.ref_dtype"
+    )
     return RefLogps(ref_apply, ref_params, mesh, rules, cache=False, prefixes=ROWS)
 
 

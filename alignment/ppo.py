@@ -335,7 +335,9 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     dtype = config.rollout.frozen_dtype
-    rm = rl_common.frozen_scalar(config.reward_from, mesh, rules, dtype, ema=rm_ema)
+    rm = rl_common.frozen_scalar(
+        config.reward_from, mesh, rules, dtype, ema=rm_ema, key="rollout.frozen_dtype"
+    )
     vcfg = ModelConfig.from_dict(ckpt_lib.read_meta(config.reward_from)[1]["model_config"])
 
     lm_init, lm_apply = model_fns(cfg)
@@ -351,7 +353,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         v_init, v_apply = lora_lib.with_lora(v_init, vspec), lora_lib.lora_apply(v_apply, vspec)
     else:  # the policy's start: init_from's EMA weights with init_from_ema
         ref = rl_common.frozen_lm(config.init_from, mesh, rules, dtype,
-                                  ema=bool(config.get("init_from_ema", False)))  # fmt: skip
+                                  ema=bool(config.get("init_from_ema", False)),
+                                  key="rollout.frozen_dtype")  # fmt: skip
     plain = (lambda policy: lora_lib.merge(policy, spec)) if spec else (lambda policy: policy)
 
     def init_params(rng):

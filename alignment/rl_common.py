@@ -10,8 +10,9 @@ report) or drop (counted); malformed records are dropped and counted (strict mod
 file:line).
 
 Frozen models (`frozen_lm`, `frozen_scalar`): loaded from a run directory (LoRA adapters merged),
-sharded with the training run's logical rules, optionally in bfloat16 (`rollout.frozen_dtype`):
-they are never differentiated, so half precision costs little and halves their memory. With
+sharded with the training run's logical rules, optionally in bfloat16 or with int8 projection
+weights (`rollout.frozen_dtype`, DPO/KTO `ref_dtype`, distillation's `teacher_dtype`): they are
+never differentiated, so lower precision costs little and halves or quarters their memory. With
 `ema=True` they are the run's EMA weights: the reference of a run started with `init_from_ema`
 (it is the policy the run starts from), the reward model with `reward_from_ema`
 (`reward_from_ema` below).
@@ -39,6 +40,7 @@ from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.data import formats as F
 from flaxlm.data.synthetic_judge import TASKS
 from flaxlm.models import lora as lora_lib
+from flaxlm.models import quant
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode import generate, prompt_keys
 from flaxlm.models.heads import scalar_model_fns, sequence_values
@@ -85,7 +87,9 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     c.empty_reward = -1.0  # reward of an empty response (the stop token alone)
     c.nonstop_penalty = 0.0  # subtracted from responses that hit max_new_tokens without stopping
     c.heldout_prompts = 0  # prompts of data.train kept out of training, evaluated as rl_heldout
-    c.frozen_dtype = "float32"  # dtype of the frozen reference / reward models (bfloat16 halves)
+    # dtype of the frozen reference / reward models: bfloat16 halves their bytes; int8 keeps
+    # their projection matrices in int8 (bf16 compute, models/quant.py): a quarter of float32
+    c.frozen_dtype = "float32"
     # scoring and training see rows cut to the narrowest of seq_len·k/4 (k = 1..4) that holds
     # the rollout's (minibatch's) tokens: less padding computed, 4 programs at most; 1 = off
     c.trim_buckets = 4
@@ -212,10 +216,31 @@ def reward_from_ema(config) -> bool:
     return True
 
 
-def frozen_lm(source: str, mesh, rules, dtype: str = "float32", ema: bool = False):
+FROZEN_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def _check_frozen_dtype(dtype: str, key: str) -> None:
+    if dtype not in FROZEN_DTYPES:
+        raise ValueError(f"{key}={dtype!r}; expected one of {FROZEN_DTYPES}")
+
+
+def _frozen(cfg: ModelConfig, params, dtype: str):
+    """(cfg, params) of a frozen model kept in `dtype`: float32 or bfloat16 cast; "int8":
+    bfloat16 compute with int8 projection weights and a scale per output channel
+    (models/quant.py, as int8 decoding): a quarter of float32's bytes for the matrices, each
+    matmul's output scaled (no dequantized copy)."""
+    compute = "bfloat16" if dtype == "int8" else dtype
+    if dtype == "int8":  # from the stored weights, then the rest cast (as int8 decoding does)
+        params = jax.jit(quant.quantize_params)(params)
+    return cfg.replace(dtype=compute, param_dtype=compute), _cast(params, compute)
+
+
+def frozen_lm(source: str, mesh, rules, dtype: str = "float32", ema: bool = False,
+              key: str = "frozen dtype"):  # fmt: skip
     """(cfg, apply, params) of a language model run (plain or LoRA-merged) or "hf:DIR", frozen,
-    placed with the training rules; the model computes in `dtype`. `ema`: the run's EMA
-    weights (an HF source, or a run without them, is an error)."""
+    placed with the training rules; kept and computed in `dtype` (`_frozen`; `key`: the
+    config key that set it, for errors). `ema`: the run's EMA weights (an HF source, or a run
+    without them, is an error)."""
     meta = common.source_meta(source)
     if meta.get("model_config"):
         cfg = ModelConfig.from_dict(meta["model_config"])
@@ -225,10 +250,11 @@ def frozen_lm(source: str, mesh, rules, dtype: str = "float32", ema: bool = Fals
         cfg = hf.load_config(source[len(common.HF_PREFIX) :])
     else:
         raise ValueError(f"{source}: no model_config in its checkpoint meta")
+    _check_frozen_dtype(dtype, key)  # (before anything is loaded)
     init, _ = model_fns(cfg)
     params = common.load_lm_params(source, _placed_target(init, mesh, rules), ema=ema)
-    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    return cfg, model_fns(cfg)[1], _cast(params, dtype)
+    cfg, params = _frozen(cfg, params, dtype)
+    return cfg, model_fns(cfg)[1], params
 
 
 def load_scalar_params(run_dir: str, target, ema: bool = False):
@@ -245,14 +271,16 @@ def load_scalar_params(run_dir: str, target, ema: bool = False):
     return lora_lib.merge(both, spec)
 
 
-def frozen_scalar(run_dir: str, mesh, rules, dtype: str = "float32", ema: bool = False):
+def frozen_scalar(run_dir: str, mesh, rules, dtype: str = "float32", ema: bool = False,
+                  key: str = "frozen dtype"):  # fmt: skip
     """(cfg, apply, params) of a reward-model run, frozen (see `frozen_lm`; `ema`: its EMA
-    weights)."""
+    weights). The scalar head stays in the compute dtype with "int8"."""
+    _check_frozen_dtype(dtype, key)
     cfg = ModelConfig.from_dict(ckpt_lib.read_meta(run_dir)[1]["model_config"])
     init, _ = scalar_model_fns(cfg)
     params = load_scalar_params(run_dir, _placed_target(init, mesh, rules), ema)
-    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    return cfg, scalar_model_fns(cfg)[1], _cast(params, dtype)
+    cfg, params = _frozen(cfg, params, dtype)
+    return cfg, scalar_model_fns(cfg)[1], params
 
 
 # ---------------------------------------------------------------------------------------------

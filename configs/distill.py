@@ -59,7 +59,9 @@ def distill_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.teacher = ""  # the frozen teacher: a flaxlm run or hf:DIR (required)
     c.teacher_ema = False  # the teacher run's EMA weights instead of its params
-    c.teacher_dtype = "float32"  # compute / storage dtype of the teacher copy
+    # storage / compute dtype of the teacher copy: float32, bfloat16, or int8 (int8 projection
+    # weights, bf16 compute; models/quant.py)
+    c.teacher_dtype = "float32"
     c.divergence = "forward_kl"  # forward_kl | reverse_kl | jsd
     c.jsd_beta = 0.5  # jsd's β: the teacher's weight in the mixture M
     c.temperature = 1.0  # τ: both distributions softened; the loss is scaled by τ²

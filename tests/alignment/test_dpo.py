@@ -146,6 +146,27 @@ def test_reference_logps_precomputed_equal_online(runs, cache_dir):
     np.testing.assert_allclose(out["precompute"], out["online"], rtol=1e-6)
 
 
+def test_reference_with_int8_weights_scores_near_float32(runs, cache_dir):
+    """dpo.ref_dtype=int8: the reference's projections in int8 (a quarter of float32's bytes),
+    its sequence log-probabilities near the float32 reference's; a bad value names the key."""
+    from flaxlm.models.sharding import make_mesh
+
+    sft, _ = runs
+    out = {}
+    for dtype in ("float32", "int8"):
+        c = H.tiny(dpo_config, cache_dir, init_from=sft, **{
+            "batch_size": 8, "seq_len": 64, "dpo.ref_logps": "online", "data.eval": "",
+            "dpo.ref_dtype": dtype,
+        })  # fmt: skip
+        task = dpo.build_task(c, make_mesh(dict(c.mesh)), None)
+        out[dtype] = np.asarray(next(task.train_batches)["ref_chosen_logps"])
+    assert (out["float32"] < 0).all() and not np.array_equal(out["int8"], out["float32"])
+    np.testing.assert_allclose(out["int8"], out["float32"], rtol=0.02)
+    c.dpo.ref_dtype = "int4"
+    with pytest.raises(ValueError, match="dpo.ref_dtype='int4'"):
+        dpo.build_task(c, make_mesh(dict(c.mesh)), None)
+
+
 def test_init_from_ema_is_the_reference_unless_ref_from_names_one(cache_dir, tmp_path):
     """init_from_ema: the reference is the SFT run's EMA (the policy's start); dpo.ref_from
     names a reference of its own, read as its params."""

@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -207,8 +208,9 @@ def test_ppo_trains_in_the_loop_with_one_decoder_call_per_rollout(runs, cache_di
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_frozen_models_in_bfloat16_score_like_float32(runs):
-    """The reference and reward model may be kept in bf16: half the bytes, scores close."""
+def test_frozen_models_in_bfloat16_and_int8_score_like_float32(runs):
+    """The reference and reward model may be kept in bf16 (half the bytes) or with int8
+    projection weights (a quarter for the matrices): scores close."""
     from flaxlm.alignment import rl_common
     from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
@@ -219,16 +221,26 @@ def test_frozen_models_in_bfloat16_score_like_float32(runs):
     tokens = rng.integers(5, 500, (8, 6)).astype(np.int32)
     rows = rl_common.rollout_rows(prompts, tokens, np.full(8, 6), 24, 0)
     out = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "int8"):
         _, apply, params = rl_common.frozen_lm(sft, mesh, rules, dtype)
         _, rm_apply, rm_params = rl_common.frozen_scalar(rm, mesh, rules, dtype)
-        assert {x.dtype.name for x in jax.tree.leaves(params)} == {dtype}
+        if dtype == "int8":  # the projections' kernels int8 (the reward model's too)
+            for p in (params["layers_0"], rm_params["transformer"]["layers_0"]):
+                assert p["attn"]["q"]["kernel"].dtype == jnp.int8
+                assert p["mlp"]["down"]["kernel"].dtype == jnp.int8
+            assert params["embed"]["embedding"].dtype == jnp.bfloat16
+        else:
+            assert {x.dtype.name for x in jax.tree.leaves(params)} == {dtype}
         lp = jax.jit(lambda p, r, a=apply: rl_rollout.lm_logprobs(a, p, r))(params, rows)
         score = rl_common.reward_scorer(rm_apply)(rm_params, rows)
         out[dtype] = (np.asarray(lp) * rows["loss_mask"], np.asarray(score))
-    np.testing.assert_allclose(out["bfloat16"][0], out["float32"][0], atol=0.1)
-    np.testing.assert_allclose(out["bfloat16"][1], out["float32"][1], atol=0.05)
+    for dtype in ("bfloat16", "int8"):
+        np.testing.assert_allclose(out[dtype][0], out["float32"][0], atol=0.1)
+        np.testing.assert_allclose(out[dtype][1], out["float32"][1], atol=0.05)
     assert np.abs(out["float32"][0]).max() > 1  # real log-probabilities, not zeros
+    assert np.abs(out["int8"][0] - out["float32"][0]).max() > 1e-4  # quantized, not the same
+    with pytest.raises(ValueError, match="rollout.frozen_dtype='fp8'"):
+        rl_common.frozen_lm(sft, mesh, rules, "fp8", key="rollout.frozen_dtype")
 
 
 def test_lora_ppo_trains_adapters_on_the_policy_and_the_critic(runs, cache_dir, tmp_path,
