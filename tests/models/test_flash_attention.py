@@ -273,7 +273,7 @@ def test_config_checks():
     with pytest.raises(ValueError, match="flash_block=0"):
         ModelConfig(flash_block=0)
     with pytest.raises(ValueError, match="'flash'"):
-        ModelConfig(attention_impl="splash")
+        ModelConfig(attention_impl="ring")
 
 
 def test_context_parallel_flash_gathers_only_keys_and_values():
