@@ -250,7 +250,7 @@ def test_bad_config_values_name_the_field():
     with pytest.raises(ValueError, match="n_kv_heads"):
         get_variant("tiny", n_kv_heads=3)
     with pytest.raises(ValueError, match="attention_impl"):
-        get_variant("tiny", attention_impl="splash")
+        get_variant("tiny", attention_impl="ring")
     with pytest.raises(KeyError, match="unknown model variant"):
         get_variant("13b")
     with pytest.raises(ValueError, match="sliding_window_pattern=1"):
