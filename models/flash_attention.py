@@ -8,9 +8,9 @@ does not exist on TPUs or CPUs. This module is the portable answer, the algorith
 FlashAttention-2 written with `lax` loops:
 
   forward   for each block of `block` query rows, a loop over the key blocks it can see keeps
-            the running row max m, the running sum `total` of exp(s - m) and the unnormalised output
-            (the "online softmax"), so only one (block × block) score tile per head lives at a
-            time. It saves the output and the rows' log-sum-exp lse = m + log(total).
+            the running row max m, the running sum `total` of exp(s - m) and the unnormalised
+            output (the "online softmax"), so only one (block × block) score tile per head
+            lives at a time. It saves the output and the rows' log-sum-exp m + log(total).
   backward  (a `jax.custom_vjp`, so autodiff never stores the loops' intermediates) for each key
             block, a loop over the query blocks that see it recomputes P = exp(s - lse) from
             the saved lse, and accumulates dV += Pᵀ·dO, dS = P ⊙ (dP - rowsum(dO ⊙ O)),
@@ -32,10 +32,11 @@ its own non-zero segment, and with a window, `query pos - key pos < window` (pos
 index without segment ids). A query that sees nothing (padding, segment 0) outputs zeros —
 `xla_attention` gives such rows an average of the values instead; neither is ever used.
 
-Shapes: q (B, T, N, H), k and v (B, T, K, H) with N a multiple of K (grouped-query heads);
-sequences of any length (padded up to a multiple of the block inside). Scores and the softmax
-are float32; the matmuls take the inputs' dtype (bfloat16 on accelerators) with float32
-accumulation.
+Shapes: q (B, T, N, H), k and v (B, S, K, H) with N a multiple of K (grouped-query heads);
+T = S (self-attention) unless each query's index in the key row is given (`q_rows_BT`: a
+device's stretch of a row under context parallelism); any lengths (padded up to whole blocks
+inside). Scores and the softmax are float32; the matmuls take the inputs' dtype (bfloat16 on
+accelerators) with float32 accumulation.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ instead (models/flash_attention.py), which computes the same function.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
