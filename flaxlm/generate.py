@@ -237,11 +237,6 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         (any(not s for s in args.stop), "--stop needs a non-empty string"),
         (args.draft_tokens < 1, "--draft_tokens must be >= 1"),
         (args.ngram < 1, "--ngram must be >= 1"),
-        (
-            args.quantize != "none" and bool(args.draft),
-            "--quantize is for plain decoding, "
-            "not --draft (speculative decoding keeps the float weights)",
-        ),
     ]
     for is_bad, msg in bad:
         if is_bad:
@@ -352,13 +347,12 @@ def main(argv=None) -> None:
         sampler = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop_tokens=stops,
                        pad_id=max(tok.pad_id, 0), mesh=mesh, rules=rules,
-                       cache_dtype=args.cache_dtype or None)  # fmt: skip
+                       cache_dtype=args.cache_dtype or None, quantize=args.quantize)  # fmt: skip
         if draft is None:  # (--draft ngram gives (), not None)
             out = generate(
                 cfg, params, [prompts[i] for i in chunk_full], rng=prompt_keys(rng, chunk_full),
                 num_samples=K, decode_attention=args.decode_attention,
-                window_cache=not args.full_cache, stop_strings=stop_strings,
-                quantize=args.quantize, **sampler,
+                window_cache=not args.full_cache, stop_strings=stop_strings, **sampler,
             )  # fmt: skip
         else:
             out = _speculate(cfg, params, draft, args, [prompts[i] for i in chunk_full],

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.models import decode
+from flaxlm.models import decode, quant
 from flaxlm.models.attention import write_rows
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.sampling import filter_logits, is_key_batch, step_key
@@ -185,9 +185,11 @@ def lookup_drafts(seq_BL, last_B, k: int, ngram: int):
 @functools.lru_cache(maxsize=32)
 def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig | None, max_new: int, k: int,
                     greedy: bool, top_k: int, use_top_p: bool, use_min_p: bool,
-                    cache_dtype: str, mesh, rules, ngram: int = 0):  # fmt: skip
+                    cache_dtype: str, mesh, rules, ngram: int = 0,
+                    quantize: str = "none"):  # fmt: skip
     """The jitted program: prefills, then a while loop of (draft k tokens, verify, commit).
-    `draft_cfg` None: prompt lookup (`lookup_drafts`) with n-grams up to `ngram`."""
+    `draft_cfg` None: prompt lookup (`lookup_drafts`) with n-grams up to `ngram`. `quantize`
+    "int8": both models' projection weights in int8 (`decode._decode_params`)."""
     sharded = mesh is not None
     tcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
     target = Transformer(tcfg)
@@ -229,14 +231,14 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig | None, max_new: in
 
     def run(params, draft_params, tokens_BP, lengths_B, rng, temperature, top_p, min_p,
             stop_ids, pad_id):  # fmt: skip
-        tv = {"params": decode._decode_params(cfg, params, False)}
+        tv = {"params": decode._decode_params(cfg, params, False, quantize)}
         B, P = tokens_BP.shape
         # Slots: the prompt bucket, N tokens, and a chunk of k + 1 past the last one a row may
         # still feed (a done row's frontier stops at N).
         S = P + max_new + k + 1
         t_logits, t_cache = prefill(target, tv, tcfg, tokens_BP, lengths_B, S)
         if draft_cfg is not None:
-            dv = {"params": decode._decode_params(draft_cfg, draft_params, False)}
+            dv = {"params": decode._decode_params(draft_cfg, draft_params, False, quantize)}
             _, d_cache = prefill(draft, dv, dcfg, tokens_BP, lengths_B, S)
         else:
             d_cache = jnp.zeros((), jnp.int32)  # (prompt lookup keeps no draft state)
@@ -355,13 +357,18 @@ def speculative_generate(
     rules=None,
     cache_dtype=None,
     ngram: int = 3,
+    quantize: str = "none",
 ) -> SpeculativeOutput:
     """`generate` (models/decode.py) with a draft model proposing `draft_tokens` (k) tokens per
     target forward. Arguments as `generate`'s; `draft_cfg, draft_params` the draft model (same
     tokenizer; any size, any vocabulary padding), or both None for prompt lookup with n-grams
     up to `ngram` (`prompt_lookup_generate`). The output's distribution is the target's
     (module docstring); `iterations`, `accepted` and `alpha()` say how well the draft
-    guessed."""
+    guessed. `quantize` "int8": the target and the draft decode with int8 projection weights
+    (`generate`'s option; the output is the quantized target's distribution)."""
+    if quantize not in quant.MODES:
+        raise ValueError(f"speculative_generate: quantize must be one of {quant.MODES}, got "
+                         f"{quantize!r}")  # fmt: skip
     if (draft_cfg is None) != (draft_params is None):
         raise ValueError("speculative_generate: pass draft_cfg and draft_params, or neither "
                          "(prompt lookup)")  # fmt: skip
@@ -397,7 +404,7 @@ def speculative_generate(
     fn = _speculative_fn(cfg, draft_cfg, int(max_new_tokens), int(draft_tokens), bool(greedy),
                          int(top_k), bool(top_p < 1.0 and not greedy),
                          bool(min_p > 0.0 and not greedy), dtype, mesh, rules,
-                         int(ngram) if draft_cfg is None else 0)  # fmt: skip
+                         int(ngram) if draft_cfg is None else 0, quantize)  # fmt: skip
     rest = decode.traced_options(temperature, top_p, min_p, stop_tokens, pad_id)
     out = decode.call_program("speculative_generate", fn, (params, draft_params), tokens,
                               lengths, rng, rest, mesh, rules)  # fmt: skip

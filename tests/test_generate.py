@@ -22,7 +22,6 @@ from flaxlm import generate as cli
         (["--num_samples", "2", "--temperature", "0"], "--num_samples > 1 needs --temperature"),
         (["--system", "Be brief."], "--system needs --chat"),
         (["--stop", ""], "--stop needs a non-empty string"),
-        (["--quantize", "int8", "--draft", "ngram"], "--quantize is for plain decoding"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags, message, tmp_path, capsys):

@@ -87,3 +87,26 @@ def test_int8_decoding_is_the_dequantized_model_and_close_to_float():
     with pytest.raises(ValueError, match="quantize must be one of"):
         generate(cfg, params, prompts, max_new_tokens=2, rng=jax.random.PRNGKey(0),
                  quantize="int4")  # fmt: skip
+
+
+def test_speculative_decoding_with_int8_weights_keeps_the_quantized_greedy_tokens():
+    """`speculative_generate(quantize="int8")`: the target and a smaller draft in int8; the
+    greedy tokens are the int8 target's own (`generate(quantize="int8")`), and the draft's
+    proposals were checked (not every one accepted)."""
+    from flaxlm.models.speculative import speculative_generate
+
+    cfg = get_variant("tiny", init_std=0.1)
+    draft_cfg = get_variant("tiny", n_layers=1, init_std=0.1)
+    params, draft = _params(cfg), _params(draft_cfg, seed=1)
+    prompts = [[5, 9, 33, 2], [11, 4, 6]]
+    kw = dict(max_new_tokens=10, rng=jax.random.PRNGKey(0), temperature=0.0, quantize="int8")
+    want = generate(cfg, params, prompts, **kw)
+    out = speculative_generate(cfg, params, draft_cfg, draft, prompts, draft_tokens=3, **kw)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))
+    assert 0.0 <= out.alpha() < 1.0  # the draft guessed, and was corrected
+    # ...and the logprobs are the quantized target's, not the float one's
+    float_lp = generate(cfg, params, prompts, **{**kw, "quantize": "none"}).logprobs
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(want.logprobs), atol=1e-5)
+    assert np.abs(np.asarray(float_lp) - np.asarray(want.logprobs)).max() > 1e-4
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        speculative_generate(cfg, params, None, None, prompts, **{**kw, "quantize": "int4"})
