@@ -606,7 +606,7 @@ class Attention(nn.Module):
         split = not logical_axes_unsplit("act_len")  # context parallelism
         k, v = gather_sequence(k), gather_sequence(v)
         T, S = q.shape[1], k.shape[1]
-        packed = ctx.get("segments")  # (segment ids, positions) of packed rows, for "flash"
+        packed = ctx.get("segments")  # (segment ids, positions) of packed rows (flash, splash)
 
         def mask_of(window):  # the (B|1, 1, T, S) mask the kernels imply
             if packed is not None:
