@@ -68,17 +68,19 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BS=None, positions_BS=No
     K = k_BSKH.shape[2]
     rows, meta, (nq, bq), (nk, bk) = _layout(B, T, k_BSKH.shape[1], segment_ids_BS,
                                              positions_BS, q_rows_BT, block)  # fmt: skip
-
-    def blocks(x, n, b):  # (B, L, ...) -> (B, n, b, ...), zero-padded at the end
-        if n * b > x.shape[1]:
-            x = jnp.pad(x, [(0, 0), (0, n * b - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-        return x.reshape(B, n, b, *x.shape[2:])
-
-    q = blocks(q_BTNH, nq, bq).reshape(B, nq, bq, K, N // K, H)
-    k, v = blocks(k_BSKH, nk, bk), blocks(v_BSKH, nk, bk)
+    q = _blocks(q_BTNH, nq, bq).reshape(B, nq, bq, K, N // K, H)
+    k, v = _blocks(k_BSKH, nk, bk), _blocks(v_BSKH, nk, bk)
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
     out = _flash(q, k, v, rows, meta, window, scale, float(cap))
     return out.reshape(B, nq * bq, N, H)[:, :T]
+
+
+def _blocks(x, n: int, b: int, mode: str = "constant"):
+    """(B, L, ...) -> (B, n, b, ...): the row cut into n blocks of b, padded at its end (zeros,
+    or with mode "edge" the last entry repeated)."""
+    if n * b > x.shape[1]:
+        x = jnp.pad(x, [(0, 0), (0, n * b - x.shape[1])] + [(0, 0)] * (x.ndim - 2), mode=mode)
+    return x.reshape(x.shape[0], n, b, *x.shape[2:])
 
 
 def _layout(B, T, S, segment_ids_BS, positions_BS, q_rows_BT, block):
@@ -94,12 +96,7 @@ def _layout(B, T, S, segment_ids_BS, positions_BS, q_rows_BT, block):
     bq, bk = min(block or BLOCK, T), min(block or BLOCK, S)
     nq, nk = -(-T // bq), -(-S // bk)
 
-    def blocks(x, n, b, mode="constant"):
-        if n * b > x.shape[1]:
-            x = jnp.pad(x, [(0, 0), (0, n * b - x.shape[1])], mode=mode)
-        return x.reshape(B, n, b)
-
-    rows = blocks(q_rows_BT, nq, bq, mode="edge")
+    rows = _blocks(q_rows_BT, nq, bq, mode="edge")
     meta = None
     if segment_ids_BS is not None:
         seg = jnp.broadcast_to(segment_ids_BS.astype(jnp.int32), (B, S))
@@ -110,9 +107,9 @@ def _layout(B, T, S, segment_ids_BS, positions_BS, q_rows_BT, block):
         # first document are skipped; otherwise none
         rising = jnp.all((seg == 0) | (seg == jax.lax.cummax(seg, axis=1)))
         q_start = jnp.take_along_axis(document_starts(seg), q_rows_BT, axis=1)
-        meta = {"q_seg": blocks(q_seg, nq, bq), "q_pos": blocks(q_pos, nq, bq),
-                "q_start": blocks(jnp.where(rising, q_start, 0), nq, bq, mode="edge"),
-                "kv_seg": blocks(seg, nk, bk), "kv_pos": blocks(pos, nk, bk)}  # fmt: skip
+        meta = {"q_seg": _blocks(q_seg, nq, bq), "q_pos": _blocks(q_pos, nq, bq),
+                "q_start": _blocks(jnp.where(rising, q_start, 0), nq, bq, mode="edge"),
+                "kv_seg": _blocks(seg, nk, bk), "kv_pos": _blocks(pos, nk, bk)}  # fmt: skip
     return rows, meta, (nq, bq), (nk, bk)
 
 
