@@ -4,6 +4,7 @@ same subprocess driver and lands in the JSON and the markdown table. No figure i
 with a threshold (timings belong to benchmarks, not tests); the records must be sane."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -187,7 +188,10 @@ def test_speculative_bench(tmp_path):
     sb.main(["--out", str(tmp_path), "--shapes", "tiny"])
     recs = [json.loads(x) for x in (tmp_path / "speculative.jsonl").read_text().splitlines()]
     assert [r["k"] for r in recs] == [0, 2]
-    assert recs[1]["iterations"] >= 1 and recs[1]["iter_ms"] > 0
+    # iter_ms is (call - prefill) / iterations, a difference of ~4 ms wall times on this shape:
+    # a busy CPU can make it negative (it came out -0.59 once in a full run), so its sign is
+    # not a property of the code; the record must hold a number
+    assert recs[1]["iterations"] >= 1 and math.isfinite(recs[1]["iter_ms"])
     assert "| tiny | cpu | 2 | 2 |" in (tmp_path / "speculative.md").read_text()
 
 
