@@ -37,16 +37,6 @@ GPU_CASES = [
     # at both batch sizes in the 2026-11-30 lease). ":profile" adds, after the timed calls, a
     # kernel-time summary of one traced call (the step is one CUDA graph: bench/gpu_aot.py).
     ("decode 1b flaxlm b64", 75, ["decode", "--cases", "1b:flax:b64:profile"]),
-    ("train 1b hf eager", 45, ["train_throughput", "--cases", "1b:hf-eager"]),
-    ("decode 1b hf b64", 55, ["decode", "--cases", "1b:hf:b64"]),
-    # XLA's attention instead (the default before): the kernel's gain within this lease.
-    ("decode 1b flaxlm b64 xla", 60, ["decode", "--cases", "1b:flax:b64:xla"]),
-    # The 2026-11-30 profile: the GPU busy 98%, Triton gemm fusions 61-72% of it — the 64-row
-    # matmuls run below bandwidth. Each piece of a decode step alone (bench/decode_kernels.py):
-    # the five matmuls with Triton and with cuBLAS, the Pallas attention kernel over key
-    # blocks 64/128/256, 4/8 warps, 1-3 stages, and the XLA attention: what to change, in one
-    # case.
-    ("decode kernels", 180, ["decode_kernels"]),
     # The whole decode with the candidate gate|up + SiLU kernel (models/decode_mlp.py) in every
     # layer: 220 kernels per step in the H200 compile instead of 242, no split-K partials.
     ("decode 1b flaxlm b64 mlp", 60, ["decode", "--cases", "1b:flax:b64:mlp"]),
@@ -60,6 +50,17 @@ GPU_CASES = [
         60,
         ["decode", "--cases", "1b:flax:b64:pallas:fused:no_triton_gemm"],
     ),  # fmt: skip
+    # The in-run peers for the ratios, then the pieces of the decode step.
+    ("train 1b hf eager", 45, ["train_throughput", "--cases", "1b:hf-eager"]),
+    ("decode 1b hf b64", 55, ["decode", "--cases", "1b:hf:b64"]),
+    # The 2026-11-30 profile: the GPU busy 98%, Triton gemm fusions 61-72% of it — the 64-row
+    # matmuls run below bandwidth. Each piece of a decode step alone (bench/decode_kernels.py):
+    # the five matmuls with Triton and with cuBLAS, the Pallas attention kernel over key
+    # blocks 64/128/256, 4/8 warps, 1-3 stages, and the XLA attention: what to change, in one
+    # case.
+    ("decode kernels", 180, ["decode_kernels"]),
+    # XLA's attention instead (the default before): the kernel's gain within this lease.
+    ("decode 1b flaxlm b64 xla", 60, ["decode", "--cases", "1b:flax:b64:xla"]),
     # int8 projection weights (models/quant.py): H200 compile 2.06 GiB per batch-64 token
     # against 3.10 (1.00 against 1.97 at batch 1); the record's HBM bound counts int8 bytes.
     ("decode 1b flaxlm int8", 90, ["decode", "--cases", "1b:flax:b64:int8,1b:flax:b1:int8"]),
