@@ -282,6 +282,8 @@ class RolloutSource:
             raise ValueError(
                 f"rollout.decode_attention={r.decode_attention!r}: auto, xla or pallas"
             )
+        if r.get("decode_gemm", "auto") not in ("auto", "xla", "cublas"):
+            raise ValueError(f"rollout.decode_gemm={r.decode_gemm!r}: auto, xla or cublas")
         # (configs older than the key: none)
         self.stop_strings = strings = stop_string_tuple(r.get("stop_strings", ()))
         self._stop_tables = (
@@ -399,6 +401,7 @@ class RolloutSource:
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
             check_every=r.get("check_every", 1),  # configs older than the key: every token
             decode_attention=r.get("decode_attention", "auto"), num_samples=num_samples,
+            decode_gemm=r.get("decode_gemm", "auto"),
             cache_dtype=r.get("cache_dtype", "") or None,
             stop_strings=self._stop_tables,
         )  # fmt: skip

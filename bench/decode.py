@@ -73,6 +73,12 @@ GENERATE_OPTIONS = {
     # int8 KV cache with a float32 scale per token and head (transformer.init_cache): the
     # bound counts its KV bytes at (1 + 4 / head_dim) per value
     "kv8": {"cache_dtype": "int8"},
+    # the matmuls (`generate(..., decode_gemm=)`): Triton gemm fusions, unfused (the default
+    # until the 2026-11-30 second lease), or cuBLAS calls; "unfused" keeps q|k|v and gate|up
+    # apart whatever the gemms
+    "triton": {"decode_gemm": "xla"},
+    "cublas": {"decode_gemm": "cublas"},
+    "unfused": {"fuse_projections": False},
 }
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
@@ -180,7 +186,12 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
 
     from flaxlm.bench.hlo_text import loop_body_ops
     from flaxlm.bench.trace_summary import profile_call
-    from flaxlm.models.decode import compiled_generate_text, generate, resolve_decode_attention
+    from flaxlm.models.decode import (
+        compiled_generate_text,
+        generate,
+        resolve_decode_attention,
+        resolve_decode_gemm,
+    )
 
     cfg, init, tokens, kw = flax_case(shape, batch, options)
     params = jax.jit(init)(jax.random.PRNGKey(0))
@@ -213,7 +224,10 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
            "device": jax.devices()[0].device_kind,
            "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
            "loop_body_kernels": sum(ops.values()), "loop_body_ops": ops,
-           "decode_attention": resolve_decode_attention(kw.get("decode_attention", "auto"))
+           "decode_attention": resolve_decode_attention(kw.get("decode_attention", "auto")),
+           "decode_gemm": resolve_decode_gemm(kw.get("decode_gemm", "auto"),
+                                              quantize=kw.get("quantize", "none"),
+                                              rows=len(tokens)),
            }  # fmt: skip
     if profile:  # after every timing and the memory reading, so neither sees the profiler
         rec.update(profile_call(lambda: call(new, runs + 1)))

@@ -157,7 +157,7 @@ def compile_decode(case: str, extra: list[str], devices):
     import numpy as np
 
     from flaxlm.bench.decode import GENERATE_OPTIONS, flax_case
-    from flaxlm.models.decode import generate_program
+    from flaxlm.models.decode import MIN_ROWS, generate_program, resolve_decode_gemm
     from flaxlm.models.decode_attention import lowering_target
 
     shape, _, b = case.split(":")[:3]
@@ -167,6 +167,9 @@ def compile_decode(case: str, extra: list[str], devices):
     cfg, init, tokens, kw = flax_case(shape, int(b[1:]), options)
     # `generate`'s "auto" picks the kernel on CUDA GPUs: the target here, not this process's
     kw.setdefault("decode_attention", "pallas")
+    kw["decode_gemm"] = resolve_decode_gemm(kw.get("decode_gemm", "auto"),
+                                            quantize=kw.get("quantize", "none"), cuda=True,
+                                            rows=max(len(tokens), MIN_ROWS))  # fmt: skip
     one = jax.sharding.SingleDeviceSharding(devices[0])
     params = jax.tree.map(lambda x: _abstract(x, one), jax.eval_shape(init, jax.random.PRNGKey(0)))
     fn, args = generate_program(cfg, tokens, rng=jax.random.PRNGKey(0), **kw)

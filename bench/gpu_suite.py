@@ -26,46 +26,38 @@ PY = sys.executable
 # (name, estimated seconds, command args). Train cases: bench/train_throughput.py;
 # decode cases: bench/decode.py; alignment: bench/alignment_throughput.py.
 GPU_CASES = [
-    # Measured once (bench/RESULTS.md); rerun first so every ratio below is within one run.
+    # The decode goal (50% of the HBM bound at batch 64), `generate`'s default on CUDA GPUs:
+    # each layer's attention as one Pallas kernel over the written slots, every matmul a
+    # cuBLAS call over q|k|v and gate|up concatenated once per call (`decode_gemm="auto"`;
+    # 1.32 ms per step in the 2026-11-30 second lease, 42.9%). ":profile" adds, after the
+    # timed calls, a kernel-time summary of one traced call: where the rest of the step goes.
+    ("decode 1b flaxlm b64", 75, ["decode", "--cases", "1b:flax:b64:profile"]),
+    # Each piece of a decode step alone (bench/decode_kernels.py): the five matmuls with Triton
+    # and with cuBLAS, the Pallas attention kernel over key blocks 64/128/256, 4/8 warps, 1-3
+    # stages (the 2026-11-30 profile: 11.1 us per layer for 3.9 us of bytes), XLA's attention,
+    # and the gate|up + SiLU kernel's tilings: what to change next, in one case.
+    ("decode kernels", 180, ["decode_kernels"]),
+    # Triton's gemms, unfused (the default before): the in-lease ratio of the change.
+    ("decode 1b flaxlm b64 triton", 60, ["decode", "--cases", "1b:flax:b64:triton"]),
+    ("decode 1b hf b64", 55, ["decode", "--cases", "1b:hf:b64"]),
+    # Batch 1 (Triton's gemms: "auto" takes cuBLAS from 64 rows) against cuBLAS (H200 compile:
+    # 309 host launches and 2.29 GiB per token against 2 and 1.94).
+    ("decode 1b flaxlm b1", 60, ["decode", "--cases", "1b:flax:b1,1b:flax:b1:cublas"]),
+    # The 1.1B training goals (met in the 2026-11-30 second lease: 56.0% MFU, 1.24x the
+    # torch.compile peer, 1.40x eager), rerun so every ratio is within one lease.
     # ":profile": one more step traced after the timed ones — where the step's time goes.
     ("train 1b flaxlm", 90, ["train_throughput", "--cases", "1b:flax:fast:profile"]),
-    # The 1.1B goal's compiled ratio (1.2x): the torch.compile peer in the same lease, the one
-    # goal figure the 2026-11-30 lease did not reach.
     ("train 1b hf compile", 150, ["train_throughput", "--cases", "1b:hf-compile"]),
-    # The decode goal (50% of the HBM bound at batch 64), `generate`'s default: on CUDA GPUs
-    # each layer's attention as one Pallas kernel over the written slots (faster than XLA's
-    # at both batch sizes in the 2026-11-30 lease). ":profile" adds, after the timed calls, a
-    # kernel-time summary of one traced call (the step is one CUDA graph: bench/gpu_aot.py).
-    ("decode 1b flaxlm b64", 75, ["decode", "--cases", "1b:flax:b64:profile"]),
-    # The whole decode with the candidate gate|up + SiLU kernel (models/decode_mlp.py) in every
-    # layer: 220 kernels per step in the H200 compile instead of 242, no split-K partials.
-    ("decode 1b flaxlm b64 mlp", 60, ["decode", "--cases", "1b:flax:b64:mlp"]),
-    # cuBLAS for every matmul, with the kernel. With the projections concatenated once per
-    # call (":fused"): without, the H200 compile concatenates q|k|v and gate|up weights
-    # inside the loop, 2.4 GiB more traffic per token (XLA's dot merger feeding cuBLAS).
-    # The same compile leaves the cuBLASLt calls outside the step's CUDA graph (180 launches
-    # per token): the timing says whether the host keeps up.
-    (
-        "decode 1b flaxlm b64 pallas cublas",
-        60,
-        ["decode", "--cases", "1b:flax:b64:pallas:fused:no_triton_gemm"],
-    ),  # fmt: skip
-    # The in-run peers for the ratios, then the pieces of the decode step.
     ("train 1b hf eager", 45, ["train_throughput", "--cases", "1b:hf-eager"]),
-    ("decode 1b hf b64", 55, ["decode", "--cases", "1b:hf:b64"]),
-    # The 2026-11-30 profile: the GPU busy 98%, Triton gemm fusions 61-72% of it — the 64-row
-    # matmuls run below bandwidth. Each piece of a decode step alone (bench/decode_kernels.py):
-    # the five matmuls with Triton and with cuBLAS, the Pallas attention kernel over key
-    # blocks 64/128/256, 4/8 warps, 1-3 stages, and the XLA attention: what to change, in one
-    # case.
-    ("decode kernels", 180, ["decode_kernels"]),
-    # XLA's attention instead (the default before): the kernel's gain within this lease.
+    # The candidate gate|up + SiLU kernel (models/decode_mlp.py) with Triton's other gemms
+    # (1.41 ms against 1.48 in the second lease); with cuBLAS its q|k|v would be concatenated
+    # in the loop (the MLP kernel needs gate and up apart), so not combined.
+    ("decode 1b flaxlm b64 mlp", 60, ["decode", "--cases", "1b:flax:b64:mlp:triton"]),
+    # XLA's attention instead of the kernel (cuBLAS gemms): the kernel's gain within the lease.
     ("decode 1b flaxlm b64 xla", 60, ["decode", "--cases", "1b:flax:b64:xla"]),
     # int8 projection weights (models/quant.py): H200 compile 2.06 GiB per batch-64 token
     # against 3.10 (1.00 against 1.97 at batch 1); the record's HBM bound counts int8 bytes.
     ("decode 1b flaxlm int8", 90, ["decode", "--cases", "1b:flax:b64:int8,1b:flax:b1:int8"]),
-    # Batch 1 against batch 64: equal step times would mean per-step overhead, not bandwidth.
-    ("decode 1b flaxlm b1", 45, ["decode", "--cases", "1b:flax:b1"]),
     # 7B: bf16 params, no remat. XLA's buffer assignment for the H200 (bench/gpu_aot.py):
     # peak 71.2 GiB of 139.
     ("train 7b flaxlm", 120, ["train_throughput", "--cases", "7b:flax:bf16_params"]),
@@ -86,9 +78,9 @@ GPU_CASES = [
         90,
         ["train_throughput", "--cases", "1b:flax:fast_separate"],
     ),  # fmt: skip
-    # Projections concatenated by us (XLA's dot merger already merges them: no fewer kernels
-    # in the compiled step, 1.3 GiB more memory; the timing decides).
-    ("decode 1b flaxlm b64 fused", 60, ["decode", "--cases", "1b:flax:b64:fused"]),
+    # Triton's gemms over projections concatenated by us (XLA's dot merger already merges
+    # them for Triton: no fewer kernels in the compiled step, 1.3 GiB more memory).
+    ("decode 1b flaxlm b64 triton fused", 60, ["decode", "--cases", "1b:flax:b64:triton:fused"]),
     # The rollout loop (stop tokens): a condition read per token, or per 8 tokens.
     ("decode 1b flaxlm b64 while", 60, ["decode", "--cases", "1b:flax:b64:while"]),
     ("decode 1b flaxlm b64 while8", 90, ["decode", "--cases", "1b:flax:b64:while8"]),

@@ -117,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="decode-step attention: one Pallas kernel per layer "
                    "(models/decode_attention.py; for GPUs, slow elsewhere), XLA's, or auto: "
                    "the kernel on CUDA GPUs, XLA's elsewhere")  # fmt: skip
+    p.add_argument("--decode_gemm", default="auto", choices=("auto", "xla", "cublas"),
+                   help="GPU matmuls: cuBLAS calls with the projections concatenated once per "
+                   "call (faster on the H200, holds the concatenated copy), XLA's Triton gemm "
+                   "fusions, or auto: cuBLAS on CUDA GPUs for float weights")  # fmt: skip
     p.add_argument("--quantize", default="none", choices=("none", "int8"),
                    help="int8: projection weights in int8 with a scale per output channel "
                    "(models/quant.py; half the weight bytes a decode step reads; the quantized "
@@ -352,6 +356,7 @@ def main(argv=None) -> None:
             out = generate(
                 cfg, params, [prompts[i] for i in chunk_full], rng=prompt_keys(rng, chunk_full),
                 num_samples=K, decode_attention=args.decode_attention,
+                decode_gemm=args.decode_gemm,
                 window_cache=not args.full_cache, stop_strings=stop_strings, **sampler,
             )  # fmt: skip
         else:

@@ -37,10 +37,14 @@ layer's keys and values in two heads-major (B, K, S, H) buffers in the compute d
 (`cache_dtype`), updated in place (why two, not one: `transformer.init_cache`). The weights are
 cast to the compute dtype, unstacked if scanned, once per call before the loop
 (`_decode_params`). `fuse_projections=True` also concatenates the q|k|v and gate|up kernels
-there; it is off by default because on a GPU XLA already merges matmuls that share an input
-(its dot-merger pass): compiled for the H200 (bench/gpu_aot.py), the fused layout's decode step
-has no fewer kernels (306 either way at the 1.1B shape, batch 64, jax 0.10) and holds 1.3 GiB
-more, the concatenated copy.
+there. Matmuls (`decode_gemm`): on CUDA GPUs the program is compiled with every matmul a
+cuBLAS call, and then with the projections concatenated — XLA's dot merger joins matmuls that
+share an input, which Triton gemm fusions do by reading both weights in place but cuBLAS only
+by concatenating the weights, inside the loop, unless they already are. With Triton's gemms
+(`decode_gemm="xla"`, the choice elsewhere) nothing is concatenated by default: the fused
+layout has no fewer kernels there and holds the concatenated copy (1.3 GiB at the 1.1B shape).
+On the H200 the batch-64 1.1B step took 1.32 ms with cuBLAS and 1.48 ms with Triton
+(bench/RESULTS.md).
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what a plain forward
@@ -135,6 +139,19 @@ class GenerateOutput(NamedTuple):
 # 396 kernels and 2.28 GB.
 MIN_ROWS = 2
 
+# `decode_gemm="cublas"`: XLA:GPU's compiler options for the whole program — every matmul a
+# cuBLAS call instead of a Triton gemm fusion. On the H200 (bench/RESULTS.md, 2026-11-30 second
+# lease) the 1.1B batch-64 step took 1.32 ms this way (with concatenated projections) against
+# 1.48 with Triton's: Triton's split-K gemms at 64 rows ran at a third to a half of bandwidth
+# and left partial sums for extra kernels (196 kernels per step against 241).
+CUBLAS_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+DECODE_GEMMS = ("auto", "xla", "cublas")
+# ... from this many rows per device ("auto"). Measured at 64. At batch 1 (two rows) the H200
+# compile of the cuBLAS program moves 2.29 GiB per token against Triton's 1.94 and launches 309
+# kernels from the host per token (cuBLASLt calls stay outside the step's CUDA graph) against
+# 2: small batches keep Triton's gemms until the GPU times the rows in between.
+CUBLAS_MIN_ROWS = 64
+
 
 # ----------------------------------------------------------------------------------------------
 # The compiled program
@@ -185,6 +202,7 @@ def _decode_fn(
     rows: int = 0,
     mlp: str = "xla",
     quantize: str = "none",
+    gemm: str = "xla",
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
 
@@ -298,7 +316,28 @@ def _decode_fn(
         mask = (jnp.arange(max_new)[None, :] < n_gen[:, None]).astype(jnp.float32)
         return GenerateOutput(out_tok, out_lp, mask, n_gen)
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=CUBLAS_COMPILER_OPTIONS if gemm == "cublas" else None)
+
+
+def resolve_decode_gemm(name: str, mesh=None, quantize: str = "none", cuda: bool | None = None,
+                        rows: int = CUBLAS_MIN_ROWS) -> str:  # fmt: skip
+    """ "xla" or "cublas" for a `decode_gemm` option. "auto" is "cublas" on CUDA GPUs (the
+    mesh's devices, else jax's) when the weights are floats, no mesh axis splits the heads
+    (`tensor` of size 1) and each device decodes at least `CUBLAS_MIN_ROWS` `rows`, else "xla"
+    (XLA's own choice: Triton gemm fusions on GPUs).
+    int8 weights keep XLA's: the Triton gemm converts them as it loads them, where a cuBLAS
+    call would need a dequantized bf16 copy written every step. `cuda`: whether the program
+    targets a CUDA GPU, when not the devices' (bench/gpu_aot.py compiles for one from a CPU)."""
+    if name not in DECODE_GEMMS:
+        raise ValueError(f"generate: decode_gemm must be one of {DECODE_GEMMS}, got {name!r}")
+    if name != "auto":
+        return name
+    if cuda is None:
+        cuda = decode_kernel.runs_natively(None if mesh is None else list(mesh.devices.flat))
+    split_heads = mesh is not None and dict(mesh.shape).get("tensor", 1) > 1
+    if quantize != "none" or split_heads or rows < CUBLAS_MIN_ROWS or not cuda:
+        return "xla"
+    return "cublas"
 
 
 def resolve_decode_attention(name: str, mesh=None) -> str:
@@ -399,7 +438,7 @@ def generate(
     mesh=None,
     rules=None,
     cache_dtype=None,
-    fuse_projections: bool = False,
+    fuse_projections: bool | None = None,
     check_every: int = 1,
     decode_attention: str = "auto",
     window_cache: bool = True,
@@ -407,6 +446,7 @@ def generate(
     stop_strings: stop_text.StopStrings | None = None,
     decode_mlp: str = "xla",
     quantize: str = "none",
+    decode_gemm: str = "auto",
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -438,7 +478,17 @@ def generate(
         dequantized copy (`attention.cached_attention`; the Pallas kernel likewise). The
         prefill attends over its own float keys; every decode step over the quantized cache.
       fuse_projections: decode with one q|k|v and one gate|up matmul per layer, the weights
-        concatenated once per call (for backends without XLA:GPU's dot merger; see above).
+        concatenated once per call (see above). The concatenated copy lives for the call
+        (1.1B bf16 weights: 1.1 GB more peak). None (the default): True when `decode_gemm`
+        resolves to "cublas" and `decode_mlp` is "xla" — cuBLAS cannot read two weights as
+        one, so XLA's dot merger would otherwise concatenate them inside the loop, every
+        token (2.4 GiB more traffic per 1.1B batch-64 step compiled for the H200) — else False.
+      decode_gemm: how XLA:GPU runs the program's matmuls. "cublas": every matmul a cuBLAS
+        call (`CUBLAS_COMPILER_OPTIONS`); "xla": XLA's choice (Triton gemm fusions); "auto"
+        (the default): "cublas" on CUDA GPUs for float weights without a tensor-split mesh,
+        from 64 rows per device (`resolve_decode_gemm`), measured 11% faster per 1.1B
+        batch-64 step on the H200 (bench/RESULTS.md); "xla" elsewhere and for fewer rows.
+        Other backends ignore the choice.
       check_every: with stop tokens, test "every row stopped" once per this many tokens (a
         device-to-host read per test on a GPU); the output is the same for any value.
       decode_attention: "pallas": each decode step's attention as one fused kernel per layer
@@ -578,6 +628,7 @@ def _program(
     num_samples,
     decode_mlp,
     quantize,
+    decode_gemm,
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, output rows asked for
     (prompts × num_samples), rows the decode loop runs) of a generate call (every option as
@@ -624,6 +675,9 @@ def _program(
     if rows > B:
         tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - B, 0)])
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - B, 0)])
+    decode_gemm = resolve_decode_gemm(decode_gemm, mesh, quantize, rows=loop_rows // m)
+    if fuse_projections is None:
+        fuse_projections = decode_gemm == "cublas" and decode_mlp == "xla"
     greedy = temperature == 0
     fn = _decode_fn(
         cfg,
@@ -644,6 +698,7 @@ def _program(
         loop_rows if G > 1 else 0,
         decode_mlp,
         quantize,
+        decode_gemm,
     )
     rest = traced_options(temperature, top_p, min_p, stop_tokens, pad_id)
     if stop_strings is not None:

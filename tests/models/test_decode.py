@@ -142,17 +142,57 @@ def test_fused_projections_decode_the_same():
     np.testing.assert_allclose(b.logprobs, want, atol=2e-5, rtol=1e-5)
 
 
-def test_fusion_only_on_request(model, monkeypatch):
+def test_fusion_by_default_only_with_cublas(model, monkeypatch):
+    """The projections are concatenated when asked, and by default when the program's matmuls
+    are cuBLAS calls (which cannot read two weights as one) — unless the MLP runs as the Pallas
+    kernel, which reads gate and up apart. Triton's gemms (the CPU's "auto") leave them."""
     cfg, params = model
     seen = []
     real = decode._decode_fn
-    monkeypatch.setattr(decode, "_decode_fn", lambda *a: seen.append(a[9]) or real(*a))
+    monkeypatch.setattr(decode, "_decode_fn", lambda *a: seen.append((a[9], a[18])) or real(*a))
     kw = dict(max_new_tokens=2, rng=jax.random.PRNGKey(0), temperature=0)
     generate(cfg, params, PROMPTS, **kw)
     generate(cfg, params, PROMPTS, fuse_projections=True, **kw)
     mesh = make_mesh({"data": 4, "fsdp": 2})
     generate(cfg, params, PROMPTS + [[3]], mesh=mesh, rules=logical_axis_rules("fsdp"), **kw)
-    assert seen == [False, True, False]
+    generate(cfg, params, PROMPTS, decode_gemm="cublas", **kw)
+    generate(cfg, params, PROMPTS, decode_gemm="cublas", fuse_projections=False, **kw)
+    generate(cfg, params, PROMPTS, decode_gemm="cublas", decode_mlp="pallas", **kw)
+    assert seen == [(False, "xla"), (True, "xla"), (False, "xla"), (True, "cublas"),
+                    (False, "cublas"), (False, "cublas")]  # fmt: skip
+
+
+def test_decode_gemm_resolution_and_compiler_options(model, monkeypatch):
+    """`decode_gemm="auto"`: cuBLAS on CUDA GPUs for float weights and heads kept whole, else
+    XLA's gemms; "cublas" compiles the program with Triton gemms off, and decodes the same
+    tokens as XLA's (the CPU takes the option and ignores it)."""
+    from flaxlm.models.decode import CUBLAS_COMPILER_OPTIONS, resolve_decode_gemm
+
+    assert resolve_decode_gemm("auto") == "xla"  # this machine's CPU
+    assert resolve_decode_gemm("auto", cuda=True) == "cublas"
+    assert resolve_decode_gemm("auto", quantize="int8", cuda=True) == "xla"
+    assert resolve_decode_gemm("auto", cuda=True, rows=8) == "xla"  # small batches: Triton
+    tp = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    dp = make_mesh({"data": 4, "fsdp": 2})
+    assert resolve_decode_gemm("auto", tp, cuda=True) == "xla"
+    assert resolve_decode_gemm("auto", dp, cuda=True) == "cublas"
+    assert resolve_decode_gemm("cublas", tp) == "cublas"  # asked for: as asked
+    with pytest.raises(ValueError, match="decode_gemm must be one of"):
+        resolve_decode_gemm("triton")
+
+    cfg, params = model
+    options = []
+    real_jit = jax.jit
+    monkeypatch.setattr(decode.jax, "jit", lambda f, **k: options.append(k) or real_jit(f, **k))
+    kw = dict(max_new_tokens=N, rng=jax.random.PRNGKey(4), temperature=0)
+    decode._decode_fn.cache_clear()  # so both programs are built (and jitted) here
+    a = generate(cfg, params, PROMPTS, decode_gemm="xla", **kw)
+    b = generate(cfg, params, PROMPTS, decode_gemm="cublas", **kw)
+    monkeypatch.undo()
+    compiled = [k["compiler_options"] for k in options if "compiler_options" in k]
+    assert compiled == [None, CUBLAS_COMPILER_OPTIONS]
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
 def test_top_k_one_is_greedy(model):
