@@ -147,9 +147,11 @@ MIN_ROWS = 2
 CUBLAS_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 DECODE_GEMMS = ("auto", "xla", "cublas")
 # ... from this many rows per device ("auto"). Measured at 64. At batch 1 (two rows) the H200
-# compile of the cuBLAS program moves 2.29 GiB per token against Triton's 1.94 and launches 309
-# kernels from the host per token (cuBLASLt calls stay outside the step's CUDA graph) against
-# 2: small batches keep Triton's gemms until the GPU times the rows in between.
+# compile of the cuBLAS program moves 2.29 GiB per token against Triton's 1.94: small batches
+# keep Triton's gemms until the GPU times the rows in between. (The deviceless compile also
+# leaves cuBLAS calls outside CUDA graphs, 309 host launches per token at batch 1, but that
+# compile's target has no driver version, and XLA graphs cuBLAS calls only for drivers it
+# knows to be >= 12.3: on the GPU they may be graphed. The suite's profile will say.)
 CUBLAS_MIN_ROWS = 64
 
 
