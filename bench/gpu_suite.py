@@ -39,6 +39,10 @@ GPU_CASES = [
     ("decode kernels", 180, ["decode_kernels"]),
     # Triton's gemms, unfused (the default before): the in-lease ratio of the change.
     ("decode 1b flaxlm b64 triton", 60, ["decode", "--cases", "1b:flax:b64:triton"]),
+    # cuBLAS over the separate weights, XLA's dot merger off (no concatenated copy: peak 2.9
+    # GiB against 4.0 in the H200 compile, 285 kernels per step against 197): if near the
+    # default's time, "auto" can drop the copy.
+    ("decode 1b flaxlm b64 cublas unfused", 60, ["decode", "--cases", "1b:flax:b64:unfused"]),
     ("decode 1b hf b64", 55, ["decode", "--cases", "1b:hf:b64"]),
     # Batch 1 (Triton's gemms: "auto" takes cuBLAS from 64 rows) against cuBLAS (H200 compile:
     # 2.29 GiB per token against 1.94).

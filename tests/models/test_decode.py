@@ -166,7 +166,12 @@ def test_decode_gemm_resolution_and_compiler_options(model, monkeypatch):
     """`decode_gemm="auto"`: cuBLAS on CUDA GPUs for float weights and heads kept whole, else
     XLA's gemms; "cublas" compiles the program with Triton gemms off, and decodes the same
     tokens as XLA's (the CPU takes the option and ignores it)."""
-    from flaxlm.models.decode import CUBLAS_COMPILER_OPTIONS, resolve_decode_gemm
+    from flaxlm.models.decode import (
+        CUBLAS_COMPILER_OPTIONS,
+        NO_DOT_MERGER,
+        compiler_options,
+        resolve_decode_gemm,
+    )
 
     assert resolve_decode_gemm("auto") == "xla"  # this machine's CPU
     assert resolve_decode_gemm("auto", cuda=True) == "cublas"
@@ -179,6 +184,10 @@ def test_decode_gemm_resolution_and_compiler_options(model, monkeypatch):
     assert resolve_decode_gemm("cublas", tp) == "cublas"  # asked for: as asked
     with pytest.raises(ValueError, match="decode_gemm must be one of"):
         resolve_decode_gemm("triton")
+    # cuBLAS over separate weights: no dot merger (it would concatenate them every token)
+    assert compiler_options("xla", True) is None and compiler_options("xla", False) is None
+    assert compiler_options("cublas", True) == CUBLAS_COMPILER_OPTIONS
+    assert compiler_options("cublas", False) == {**CUBLAS_COMPILER_OPTIONS, **NO_DOT_MERGER}
 
     cfg, params = model
     options = []
