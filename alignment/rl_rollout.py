@@ -93,7 +93,7 @@ from flaxlm.alignment.rl_common import (
     stop_string_tuple,
 )
 from flaxlm.models import lora as lora_lib
-from flaxlm.models.decode import generate
+from flaxlm.models.decode import generate, resolve_decode_attention
 from flaxlm.models.sharding import fetch, global_batch, use_mesh
 from flaxlm.models.stop_strings import StopStrings
 from flaxlm.train.losses import token_logprobs
@@ -278,10 +278,11 @@ class RolloutSource:
         if r.get("cache_dtype", "") not in ("", "int8", "bfloat16", "float32"):
             raise ValueError(f"rollout.cache_dtype={r.cache_dtype!r}: '' (the model's dtype), "
                              "int8, bfloat16 or float32")  # fmt: skip
-        if r.get("decode_attention", "auto") not in ("auto", "xla", "pallas"):
-            raise ValueError(
-                f"rollout.decode_attention={r.decode_attention!r}: auto, xla or pallas"
-            )
+        try:
+            resolve_decode_attention(r.get("decode_attention", "auto"))
+        except ValueError:
+            raise ValueError(f"rollout.decode_attention={r.decode_attention!r}: auto, xla, "
+                             "pallas or pallas:BK:W:S") from None  # fmt: skip
         if r.get("decode_gemm", "auto") not in ("auto", "xla", "cublas"):
             raise ValueError(f"rollout.decode_gemm={r.decode_gemm!r}: auto, xla or cublas")
         # (configs older than the key: none)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -83,6 +84,31 @@ GENERATE_OPTIONS = {
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
 RUN_OPTIONS = ("profile",)
+# ":attnBK-W-S": the Pallas attention kernel with key block BK, W warps and S stages
+# (`generate(..., decode_attention="pallas:BK:W:S")`), e.g. the best of bench/decode_kernels.py
+# run whole (the GPU suite's "decode 1b flaxlm b64 tuned attention").
+_ATTENTION_VARIANT = re.compile(r"attn(\d+)-(\d+)-(\d+)$")
+
+
+def option_settings(name: str) -> dict:
+    """The `generate` keywords of a case option ({} for run options and XLA flag sets)."""
+    if m := _ATTENTION_VARIANT.match(name):
+        return {"decode_attention": "pallas:" + ":".join(m.groups())}
+    return GENERATE_OPTIONS.get(name, {})
+
+
+class _CaseOptions:
+    """The option names a flax case may carry (for `driver.case_env`'s check and message)."""
+
+    def __contains__(self, name) -> bool:
+        known = name in GENERATE_OPTIONS or name in RUN_OPTIONS
+        return known or bool(_ATTENTION_VARIANT.match(name))
+
+    def __iter__(self):
+        return iter((*GENERATE_OPTIONS, *RUN_OPTIONS, "attnBK-W-S"))
+
+
+CASE_OPTIONS = _CaseOptions()
 # (variant, prompt length, new tokens, batches, dtype); the runs per case are `--runs`
 SHAPES = {
     "1b": ("1b", 128, 256, (1, 64), "bfloat16"),
@@ -343,7 +369,7 @@ def _one(case: str, runs: int, dims_json: str) -> dict:
     batch = int(b[1:])
     options = {}
     for name in extra:
-        options.update(GENERATE_OPTIONS.get(name, {}))
+        options.update(option_settings(name))
     try:
         if impl == "flax":
             rec = run_flax(shape, batch, runs, options, profile="profile" in extra)
@@ -397,8 +423,7 @@ def main(argv=None):
             raise SystemExit(f"case {case!r}: flag sets and options are for flax cases only")
         if impl != "flax" and SHAPES[s][0] in BENCH_VARIANTS:
             raise SystemExit(f"case {case!r}: shape {s} is for flax cases only")
-        allowed = (*GENERATE_OPTIONS, *RUN_OPTIONS)  # + driver.XLA_FLAG_SETS
-        env = driver.case_env(case, extra, allowed=allowed)
+        env = driver.case_env(case, extra, allowed=CASE_OPTIONS)  # + driver.XLA_FLAG_SETS
         if impl == "hf":  # the HF side needs no flaxlm; keep JAX's memory settings out of it
             env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
         driver.run_case(cmd, case, path, a.timeout, env)

@@ -23,7 +23,39 @@ import time
 
 PY = sys.executable
 
-# (name, estimated seconds, command args). Train cases: bench/train_throughput.py;
+
+def tuned_attention(shape: str, batch: int):
+    """A case's args chosen when it runs: the whole decode with the fastest Pallas attention
+    tiling that bench/decode_kernels.py timed earlier in the same run (OUT/decode_kernels.jsonl,
+    at `batch`; outputs within bf16 rounding of XLA's), or why it is skipped — so one lease
+    both finds a better tiling and times it end to end."""
+
+    def args(out: str):
+        path = os.path.join(out, "decode_kernels.jsonl")
+        if not os.path.exists(path):
+            return "skipped (no decode_kernels.jsonl: run the decode kernels case first)"
+        with open(path) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        timed = [r for r in recs if r.get("piece", "").startswith("attention:pallas:")
+                 and r.get("batch") == batch and r.get("us", 0) > 0
+                 and r.get("max_abs_err_vs_xla", 1.0) < 0.05]  # fmt: skip
+        if not timed:
+            return f"skipped (no attention:pallas timing at batch {batch})"
+        best = min(timed, key=lambda r: r["us"])
+        bk, warps, stages = best["piece"].split(":")[2:]
+        if (int(bk), int(warps), int(stages)) == DEFAULT_ATTENTION:
+            return f"skipped (the default tiling {best['piece']} was the fastest)"
+        return ["decode", "--cases", f"{shape}:flax:b{batch}:attn{bk}-{warps}-{stages}"]
+
+    return args
+
+
+# models/decode_attention.py's BLOCK_K, NUM_WARPS, NUM_STAGES (not imported: the suite's
+# process loads no jax)
+DEFAULT_ATTENTION = (64, 4, 2)
+
+# (name, estimated seconds, command args — or a function of OUT giving them, or why the case
+# is skipped: `tuned_attention`). Train cases: bench/train_throughput.py;
 # decode cases: bench/decode.py; alignment: bench/alignment_throughput.py.
 GPU_CASES = [
     # The decode goal (50% of the HBM bound at batch 64), `generate`'s default on CUDA GPUs:
@@ -37,6 +69,9 @@ GPU_CASES = [
     # stages (the 2026-11-30 profile: 11.1 us per layer for 3.9 us of bytes), XLA's attention,
     # and the gate|up + SiLU kernel's tilings: what to change next, in one case.
     ("decode kernels", 180, ["decode_kernels"]),
+    # The fastest attention tiling of that case, if not the default, in the whole decode (the
+    # kernel's (64, 4, 2) is untuned): run right after it, from its records in this OUT.
+    ("decode 1b flaxlm b64 tuned attention", 60, tuned_attention("1b", 64)),
     # Triton's gemms, unfused (the default before): the in-lease ratio of the change.
     ("decode 1b flaxlm b64 triton", 60, ["decode", "--cases", "1b:flax:b64:triton"]),
     # cuBLAS over the separate weights, XLA's dot merger off (no concatenated copy: peak 2.9
@@ -158,6 +193,7 @@ TINY_CASES = [
     ("decode tiny flaxlm b4", 60, ["decode", "--tiny", "--cases", "tiny:flax:b4:profile"]),
     ("alignment tiny", 120, ["alignment_throughput", "--tiny"]),
     ("decode kernels tiny", 60, ["decode_kernels", "--tiny", "--pieces", "attention"]),
+    ("decode tiny tuned attention", 60, tuned_attention("tiny", 4)),
 ]
 
 # Extra flags per bench module (fewer repeats than their defaults: the lease is short).
@@ -252,6 +288,12 @@ def main(argv=None):
         if left < estimate:
             log.append({"name": name, "status": f"skipped ({left:.0f}s left < {estimate}s)"})
             continue
+        if callable(args):  # chosen from what earlier cases measured (`tuned_attention`)
+            args = args(a.out)
+            if isinstance(args, str):
+                log.append({"name": name, "status": args})
+                print(f"=== {name}: {args}", flush=True)
+                continue
         module, rest = args[0], args[1:]
         cmd = [PY, "-m", f"flaxlm.bench.{module}", "--out", a.out, *rest, *FLAGS[module]]
         t0 = time.time()

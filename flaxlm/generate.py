@@ -113,10 +113,11 @@ def _parser() -> argparse.ArgumentParser:
                         'false}\' (default: what the run trained with)')  # fmt: skip
     p.add_argument("--no_bos", action="store_true", help="do not prepend BOS (plain prompts)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of text")
-    p.add_argument("--decode_attention", default="auto", choices=("auto", "xla", "pallas"),
+    p.add_argument("--decode_attention", default="auto",
                    help="decode-step attention: one Pallas kernel per layer "
-                   "(models/decode_attention.py; for GPUs, slow elsewhere), XLA's, or auto: "
-                   "the kernel on CUDA GPUs, XLA's elsewhere")  # fmt: skip
+                   "(models/decode_attention.py; for GPUs, slow elsewhere; pallas:BK:W:S sets "
+                   "its key block, warps and stages), xla (XLA's), or auto: the kernel on CUDA "
+                   "GPUs, XLA's elsewhere")  # fmt: skip
     p.add_argument("--decode_gemm", default="auto", choices=("auto", "xla", "cublas"),
                    help="GPU matmuls: cuBLAS calls with the projections concatenated once per "
                    "call (faster on the H200, holds the concatenated copy), XLA's Triton gemm "
@@ -245,6 +246,13 @@ def _check(p: argparse.ArgumentParser, args) -> None:
     for is_bad, msg in bad:
         if is_bad:
             p.error(msg)
+    if args.decode_attention not in ("auto", "xla"):  # a kernel name: its variant checked
+        from flaxlm.models.decode_attention import variant_options
+
+        try:
+            variant_options(args.decode_attention)
+        except ValueError as e:
+            p.error(f"--decode_attention: {e}")
 
 
 def _unescape(s: str) -> str:

@@ -481,11 +481,12 @@ class Attention(nn.Module):
     "pallas" runs one-token steps over the cache — RoPE, cache write, attention over the
     written slots — as one kernel (models/decode_attention.py; the cache length must be a
     multiple of its BLOCK_K, which `generate` arranges); other shapes keep the XLA path.
+    "pallas:BK:W:S" runs it with key block BK, W warps and S stages (`variant_options`).
     """
 
     cfg: ModelConfig
     fused: bool = False
-    decode_attention: str = "xla"  # xla | pallas
+    decode_attention: str = "xla"  # xla | pallas | pallas:BK:W:S
 
     @nn.compact
     def __call__(self, x_BTD, ctx, layer_cache=None):
@@ -537,9 +538,12 @@ class Attention(nn.Module):
         T, H = q.shape[1], q.shape[3]
         # logits' scale: None = head_dim^-1/2 as it always was (divided, bit for bit)
         scale, cap = (cfg.attn_scale if cfg.query_pre_attn_scalar else None), cfg.attn_logit_softcap
-        if (layer_cache is not None and self.decode_attention == "pallas"
+        kernel_options = (decode_kernel.variant_options(self.decode_attention)
+                          if self.decode_attention.startswith("pallas") else None)  # fmt: skip
+        if (layer_cache is not None and kernel_options is not None
                 and cfg.rotary_dim_ == H  # the kernel rotates whole heads
-                and decode_kernel.supports(layer_cache[0].shape[2], T, H)
+                and decode_kernel.supports(layer_cache[0].shape[2], T, H,
+                                           kernel_options.get("block_k", decode_kernel.BLOCK_K))
                 and decode_kernel.mesh_supports()):  # fmt: skip
             # One kernel: RoPE, the cache write and attention over the written slots.
             qkv = jnp.concatenate([q, k, v], axis=2)  # the merged projection's own output
@@ -555,6 +559,7 @@ class Attention(nn.Module):
                 scale=cfg.attn_scale,
                 cap=cap,
                 ring=ring,
+                **kernel_options,
             )
             return self._out_proj(out), layer_cache
         q = apply_rope(q, ctx["cos"], ctx["sin"])

@@ -248,7 +248,9 @@ def _decode_fn(
         # windowed layers keep rings of W slots instead when that is less (`init_cache`).
         # The prefill attends over the prompts themselves (`backbone(..., prefill=True)`),
         # whatever the cache's length.
-        S = P + max_new + (-(P + max_new) % BLOCK_K if attention == "pallas" else 0)
+        S = P + max_new
+        if attention != "xla":  # whole key blocks of the kernel
+            S += -S % decode_kernel.variant_options(attention).get("block_k", BLOCK_K)
         slots = jnp.arange(P, dtype=jnp.int32)
         seg = (slots[None, :] < lengths_B[:, None]).astype(jnp.int32)
         pos = jnp.broadcast_to(slots, (B, P))
@@ -358,9 +360,12 @@ def resolve_decode_attention(name: str, mesh=None) -> str:
     if name == "auto":
         devices = None if mesh is None else list(mesh.devices.flat)
         return "pallas" if decode_kernel.runs_natively(devices) else "xla"
-    if name not in ("xla", "pallas"):
+    if name == "xla":
+        return name
+    if not name.startswith("pallas"):
         raise ValueError(f"generate: decode_attention must be 'auto', 'xla' or 'pallas', got "
                          f"{name!r}")  # fmt: skip
+    decode_kernel.variant_options(name)  # a tuned variant, "pallas:BK:W:S": checked here
     return name
 
 
@@ -512,6 +517,9 @@ def generate(
         jax's devices), where it measured faster (bench/RESULTS.md, 2026-11-30 lease: 8% at
         batch 64, 1% at batch 1), "xla" elsewhere. Under a mesh the kernel runs per device
         on the local rows; with heads split over a tensor axis the XLA path runs instead.
+        "pallas:BK:W:S": the kernel with key block BK, W warps and S pipeline stages
+        (`decode_attention.variant_options`; the defaults are 64, 4, 2), for tuning by
+        bench/decode_kernels.py's timings.
       decode_mlp: "pallas": each decode step's MLP silu(gate)·up as one Pallas kernel
         (models/decode_mlp.py; a candidate measured by bench/decode_kernels.py, not yet a
         default; without a mesh, or one whose axes are all of size 1); "xla" (the default).

@@ -66,6 +66,26 @@ NUM_STAGES = 2
 MIN_DOT_ROWS = 16
 
 
+def variant_options(name: str) -> dict:
+    """The kernel options a `decode_attention` name asks for: "pallas" the module's defaults
+    ({}), "pallas:BK:W:S" key block BK (a power of two >= 16), W warps and S pipeline stages
+    (bench/decode_kernels.py times them on the GPU; its best can be run whole with this name).
+    Anything else: a ValueError naming it."""
+    if name == "pallas":
+        return {}
+    parts = name.split(":")
+    try:
+        bk, warps, stages = (int(p) for p in parts[1:]) if len(parts) == 4 else (0, 0, 0)
+    except ValueError:
+        bk = warps = stages = 0
+    if parts[0] != "pallas" or bk < 16 or bk & (bk - 1) or warps < 1 or warps & (warps - 1) \
+            or stages < 1:  # fmt: skip
+        raise ValueError(f"decode_attention={name!r}: expected 'pallas' or 'pallas:BK:W:S' (key "
+                         "block BK a power of two >= 16, W warps a power of two, S >= 1 "
+                         "stages), e.g. 'pallas:128:8:3'")  # fmt: skip
+    return {"block_k": bk, "num_warps": warps, "num_stages": stages}
+
+
 def supports(kv_slots: int, n_queries: int, head_dim: int, block_k: int = BLOCK_K) -> bool:
     """Whether the kernel applies: one query per row (a decode step), whole key blocks, and a
     head dim whose halves are a power of two of at least 16 (Triton's tensor shapes and its

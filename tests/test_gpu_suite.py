@@ -32,3 +32,32 @@ def test_timeout_kills_the_case_and_its_children(tmp_path):
 def test_exit_status_is_reported():
     assert run_case([sys.executable, "-c", "pass"], timeout=30) == "ok"
     assert run_case([sys.executable, "-c", "raise SystemExit(3)"], timeout=30) == "exit 3"
+
+
+def test_tuned_attention_runs_the_fastest_timed_tiling(tmp_path):
+    """The case after "decode kernels" decodes with the fastest attention tiling that case
+    timed at its batch (outputs near XLA's), skipping when there is nothing to gain or read."""
+    import json
+
+    from flaxlm.bench.decode import CASE_OPTIONS, option_settings
+    from flaxlm.bench.gpu_suite import tuned_attention
+
+    pick = tuned_attention("1b", 64)
+    assert "no decode_kernels.jsonl" in pick(str(tmp_path))
+    recs = [
+        {"piece": "attention:pallas:64:4:2", "batch": 64, "us": 11.0, "max_abs_err_vs_xla": 0.01},
+        {"piece": "attention:pallas:128:8:3", "batch": 64, "us": 6.0, "max_abs_err_vs_xla": 0.01},
+        # faster, but wrong (not the step): never picked
+        {"piece": "attention:pallas:256:4:1", "batch": 64, "us": 2.0, "max_abs_err_vs_xla": 3.0},
+        {"piece": "attention:pallas:64:8:1", "batch": 2, "us": 1.0, "max_abs_err_vs_xla": 0.0},
+        {"piece": "attention:xla", "batch": 64, "us": 0.5},
+    ]
+    (tmp_path / "decode_kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = pick(str(tmp_path))
+    assert args == ["decode", "--cases", "1b:flax:b64:attn128-8-3"]
+    option = args[-1].split(":")[-1]
+    assert option in CASE_OPTIONS
+    assert option_settings(option) == {"decode_attention": "pallas:128:8:3"}
+    recs[1]["us"] = 12.0  # now the default tiling is the fastest correct one
+    (tmp_path / "decode_kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert "default tiling" in pick(str(tmp_path))

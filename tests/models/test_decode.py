@@ -706,6 +706,25 @@ def test_generate_with_the_kernel_equals_full_recompute(kw):
     )
 
 
+def test_a_tuned_kernel_variant_decodes_the_same():
+    """`decode_attention="pallas:BK:W:S"` (a tiling bench/decode_kernels.py can pick): key
+    blocks of 16 (the 16 + 10 slots rounded to 32, two blocks per loop) give the full
+    forward's greedy tokens and logprobs; malformed names are refused, naming the option."""
+    cfg, params = _kernel_model()
+    kw = dict(max_new_tokens=10, rng=jax.random.PRNGKey(1), temperature=0)
+    out = generate(cfg, params, PROMPTS, decode_attention="pallas:16:2:1", **kw)
+    want = _greedy_by_recompute(cfg, params, PROMPTS, 10)
+    np.testing.assert_array_equal(np.asarray(out.tokens), want)
+    np.testing.assert_allclose(
+        out.logprobs, _full_logprobs(cfg, params, PROMPTS, want), atol=2e-5, rtol=1e-5
+    )
+    assert kernel.variant_options("pallas:128:8:3") == dict(block_k=128, num_warps=8,
+                                                              num_stages=3)  # fmt: skip
+    for bad in ("pallas:100:4:2", "pallas:64:3:2", "pallas:64:4", "pallas:64:4:0", "pallasx"):
+        with pytest.raises(ValueError, match="pallas:BK:W:S"):
+            generate(cfg, params, PROMPTS, decode_attention=bad, **kw)
+
+
 def test_generate_with_the_kernel_samples_and_stops_as_the_xla_path():
     """Sampling, stop tokens, one prompt (run as two rows) and stop checks every 3 tokens
     (10 is not a multiple: the last block's extra steps write a clamped slot): the same
