@@ -696,9 +696,12 @@ def test_generate_with_the_kernel_equals_full_recompute(kw):
     forward's, with ragged prompts (padding holes in the cache), a sliding window, and Gemma
     2's mixed layers and soft-capped, rescaled logits; the cache (16 + 10 slots) is rounded up
     to whole key blocks."""
-    cfg, params = _kernel_model(**kw)
+    _assert_greedy_decode_is_recompute(*_kernel_model(**kw), decode_attention="pallas")
+
+
+def _assert_greedy_decode_is_recompute(cfg, params, **options):
     kw = dict(max_new_tokens=10, rng=jax.random.PRNGKey(1), temperature=0)
-    out = generate(cfg, params, PROMPTS, decode_attention="pallas", **kw)
+    out = generate(cfg, params, PROMPTS, **options, **kw)
     want = _greedy_by_recompute(cfg, params, PROMPTS, 10)
     np.testing.assert_array_equal(np.asarray(out.tokens), want)
     np.testing.assert_allclose(
@@ -711,18 +714,13 @@ def test_a_tuned_kernel_variant_decodes_the_same():
     blocks of 16 (the 16 + 10 slots rounded to 32, two blocks per loop) give the full
     forward's greedy tokens and logprobs; malformed names are refused, naming the option."""
     cfg, params = _kernel_model()
-    kw = dict(max_new_tokens=10, rng=jax.random.PRNGKey(1), temperature=0)
-    out = generate(cfg, params, PROMPTS, decode_attention="pallas:16:2:1", **kw)
-    want = _greedy_by_recompute(cfg, params, PROMPTS, 10)
-    np.testing.assert_array_equal(np.asarray(out.tokens), want)
-    np.testing.assert_allclose(
-        out.logprobs, _full_logprobs(cfg, params, PROMPTS, want), atol=2e-5, rtol=1e-5
-    )
+    _assert_greedy_decode_is_recompute(cfg, params, decode_attention="pallas:16:2:1")
     assert kernel.variant_options("pallas:128:8:3") == dict(block_k=128, num_warps=8,
                                                               num_stages=3)  # fmt: skip
     for bad in ("pallas:100:4:2", "pallas:64:3:2", "pallas:64:4", "pallas:64:4:0", "pallasx"):
         with pytest.raises(ValueError, match="pallas:BK:W:S"):
-            generate(cfg, params, PROMPTS, decode_attention=bad, **kw)
+            generate(cfg, params, PROMPTS, decode_attention=bad, max_new_tokens=2,
+                     rng=jax.random.PRNGKey(0))  # fmt: skip
 
 
 def test_generate_with_the_kernel_samples_and_stops_as_the_xla_path():
