@@ -142,7 +142,7 @@ MIN_ROWS = 2
 # `decode_gemm="cublas"`: XLA:GPU's compiler options for the whole program — every matmul a
 # cuBLAS call instead of a Triton gemm fusion. On the H200 (bench/RESULTS.md, 2026-11-30 second
 # lease) the 1.1B batch-64 step took 1.32 ms this way (with concatenated projections) against
-# 1.48 with Triton's: Triton's split-K gemms at 64 rows ran at a third to a half of bandwidth
+# 1.48 with Triton's: Triton's split-K gemms at 64 rows ran at 34-58% of bandwidth
 # and left partial sums for extra kernels (196 kernels per step against 241).
 CUBLAS_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 DECODE_GEMMS = ("auto", "xla", "cublas")
