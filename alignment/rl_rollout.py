@@ -93,7 +93,7 @@ from flaxlm.alignment.rl_common import (
     stop_string_tuple,
 )
 from flaxlm.models import lora as lora_lib
-from flaxlm.models.decode import generate, resolve_decode_attention
+from flaxlm.models.decode import DECODE_GEMMS, generate, resolve_decode_attention
 from flaxlm.models.sharding import fetch, global_batch, use_mesh
 from flaxlm.models.stop_strings import StopStrings
 from flaxlm.train.losses import token_logprobs
@@ -283,8 +283,8 @@ class RolloutSource:
         except ValueError:
             raise ValueError(f"rollout.decode_attention={r.decode_attention!r}: auto, xla, "
                              "pallas or pallas:BK:W:S") from None  # fmt: skip
-        if r.get("decode_gemm", "auto") not in ("auto", "xla", "cublas"):
-            raise ValueError(f"rollout.decode_gemm={r.decode_gemm!r}: auto, xla or cublas")
+        if r.get("decode_gemm", "auto") not in DECODE_GEMMS:
+            raise ValueError(f"rollout.decode_gemm={r.decode_gemm!r}: one of {DECODE_GEMMS}")
         # (configs older than the key: none)
         self.stop_strings = strings = stop_string_tuple(r.get("stop_strings", ()))
         self._stop_tables = (

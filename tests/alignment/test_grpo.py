@@ -192,7 +192,16 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
     with pytest.raises(ValueError, match="rollout.decode_attention='triton'"):
         grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
     with c.unlocked():
+        c.rollout.decode_attention = "pallas:64:4"  # a malformed kernel variant
+    with pytest.raises(ValueError, match="rollout.decode_attention='pallas:64:4'"):
+        grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
+    with c.unlocked():
         c.rollout.decode_attention = "xla"
+        c.rollout.decode_gemm = "triton"
+    with pytest.raises(ValueError, match="rollout.decode_gemm='triton'"):
+        grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
+    with c.unlocked():
+        c.rollout.decode_gemm = "auto"
 
     # A reward that takes `prompt` gets each sample's prompt as chat turns, a group's G
     # samples the same one; (meta, response) rewards next to it are called as before.
