@@ -93,9 +93,11 @@ from flaxlm.alignment.rl_common import (
     stop_string_tuple,
 )
 from flaxlm.models import lora as lora_lib
-from flaxlm.models.decode import DECODE_GEMMS, generate, resolve_decode_attention
+from flaxlm.models.decode import DECODE_GEMMS, DECODE_NORMS, generate, resolve_decode_attention
+from flaxlm.models.decode_mlp import variant_options as mlp_variant_options
 from flaxlm.models.sharding import fetch, global_batch, use_mesh
 from flaxlm.models.stop_strings import StopStrings
+from flaxlm.models.transformer import fold_norms_unsupported
 from flaxlm.train.losses import token_logprobs
 
 log = logging.getLogger("flaxlm")
@@ -285,6 +287,16 @@ class RolloutSource:
                              "pallas or pallas:BK:W:S") from None  # fmt: skip
         if r.get("decode_gemm", "auto") not in DECODE_GEMMS:
             raise ValueError(f"rollout.decode_gemm={r.decode_gemm!r}: one of {DECODE_GEMMS}")
+        if r.get("decode_mlp", "xla") != "xla":
+            try:
+                mlp_variant_options(r.decode_mlp)
+            except ValueError:
+                raise ValueError(f"rollout.decode_mlp={r.decode_mlp!r}: xla, pallas or "
+                                 "pallas:BN:BK:W:S") from None  # fmt: skip
+        if r.get("decode_norm", "xla") not in DECODE_NORMS:
+            raise ValueError(f"rollout.decode_norm={r.decode_norm!r}: one of {DECODE_NORMS}")
+        if r.get("decode_norm", "xla") == "fold" and (why := fold_norms_unsupported(cfg)):
+            raise ValueError(f"rollout.decode_norm='fold' does not apply to this model: {why}")
         # (configs older than the key: none)
         self.stop_strings = strings = stop_string_tuple(r.get("stop_strings", ()))
         self._stop_tables = (
@@ -402,7 +414,8 @@ class RolloutSource:
             stop_tokens=t.stop_tokens, pad_id=pad_id, mesh=self.mesh, rules=self.rules,
             check_every=r.get("check_every", 1),  # configs older than the key: every token
             decode_attention=r.get("decode_attention", "auto"), num_samples=num_samples,
-            decode_gemm=r.get("decode_gemm", "auto"),
+            decode_gemm=r.get("decode_gemm", "auto"), decode_mlp=r.get("decode_mlp", "xla"),
+            decode_norm=r.get("decode_norm", "xla"),
             cache_dtype=r.get("cache_dtype", "") or None,
             stop_strings=self._stop_tables,
         )  # fmt: skip

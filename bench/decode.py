@@ -80,6 +80,10 @@ GENERATE_OPTIONS = {
     "triton": {"decode_gemm": "xla"},
     "cublas": {"decode_gemm": "cublas"},
     "unfused": {"fuse_projections": False},
+    # the pre-norms folded into the projections (`generate(..., decode_norm="fold")`): the
+    # attention kernel divides q|k|v by rms(x) itself, no norm kernel before q|k|v; with
+    # "mlp" the gate|up kernel does the same for the MLP's norm (":fold:mlp")
+    "fold": {"decode_norm": "fold"},
 }
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
@@ -88,12 +92,17 @@ RUN_OPTIONS = ("profile",)
 # (`generate(..., decode_attention="pallas:BK:W:S")`), e.g. the best of bench/decode_kernels.py
 # run whole (the GPU suite's "decode 1b flaxlm b64 tuned attention").
 _ATTENTION_VARIANT = re.compile(r"attn(\d+)-(\d+)-(\d+)$")
+# ":mlpBN-BK-W-S": the Pallas gate|up kernel with column block BN, row step BK, W warps and S
+# stages (`generate(..., decode_mlp="pallas:BN:BK:W:S")`), bench/decode_kernels.py's best.
+_MLP_VARIANT = re.compile(r"mlp(\d+)-(\d+)-(\d+)-(\d+)$")
 
 
 def option_settings(name: str) -> dict:
     """The `generate` keywords of a case option ({} for run options and XLA flag sets)."""
     if m := _ATTENTION_VARIANT.match(name):
         return {"decode_attention": "pallas:" + ":".join(m.groups())}
+    if m := _MLP_VARIANT.match(name):
+        return {"decode_mlp": "pallas:" + ":".join(m.groups())}
     return GENERATE_OPTIONS.get(name, {})
 
 
@@ -102,10 +111,10 @@ class _CaseOptions:
 
     def __contains__(self, name) -> bool:
         known = name in GENERATE_OPTIONS or name in RUN_OPTIONS
-        return known or bool(_ATTENTION_VARIANT.match(name))
+        return known or bool(_ATTENTION_VARIANT.match(name) or _MLP_VARIANT.match(name))
 
     def __iter__(self):
-        return iter((*GENERATE_OPTIONS, *RUN_OPTIONS, "attnBK-W-S"))
+        return iter((*GENERATE_OPTIONS, *RUN_OPTIONS, "attnBK-W-S", "mlpBN-BK-W-S"))
 
 
 CASE_OPTIONS = _CaseOptions()

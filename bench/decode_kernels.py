@@ -70,7 +70,7 @@ SHAPES = {
         384,
         256,
         [(bk, w, s) for bk in (64, 128, 256) for w in (4, 8) for s in (1, 2, 3)],
-        [(bn, bk, 4, s) for bn in (32, 64) for bk in (64, 128) for s in (3, 4)],
+        [(bn, bk, 4, s) for bn in (16, 32, 64) for bk in (64, 128) for s in (3, 4)],
         20,
     ),  # fmt: skip
     "tiny": ("tiny", (4,), 128, 64, [(64, 4, 2)], [(32, 32, 4, 3)], 2),

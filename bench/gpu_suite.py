@@ -24,6 +24,27 @@ import time
 PY = sys.executable
 
 
+def _fastest_correct(out: str, kind: str, batch: int) -> tuple[dict | None, str]:
+    """(the fastest `kind` ("attention" or "gate_up") Pallas tiling record that
+    bench/decode_kernels.py timed earlier in this run at `batch`, its outputs within bf16
+    rounding of XLA's — or None and why not)."""
+    path = os.path.join(out, "decode_kernels.jsonl")
+    if not os.path.exists(path):
+        return None, "no decode_kernels.jsonl: run the decode kernels case first"
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    timed = [r for r in recs if r.get("piece", "").startswith(f"{kind}:pallas:")
+             and r.get("batch") == batch and r.get("us", 0) > 0
+             and r.get("max_abs_err_vs_xla", 1.0) < 0.05]  # fmt: skip
+    if not timed:
+        return None, f"no {kind}:pallas timing at batch {batch}"
+    return min(timed, key=lambda r: r["us"]), ""
+
+
+def _tiling(record: dict) -> tuple[int, ...]:
+    return tuple(int(n) for n in record["piece"].split(":")[2:])
+
+
 def tuned_attention(shape: str, batch: int):
     """A case's args chosen when it runs: the whole decode with the fastest Pallas attention
     tiling that bench/decode_kernels.py timed earlier in the same run (OUT/decode_kernels.jsonl,
@@ -31,21 +52,37 @@ def tuned_attention(shape: str, batch: int):
     both finds a better tiling and times it end to end."""
 
     def args(out: str):
-        path = os.path.join(out, "decode_kernels.jsonl")
-        if not os.path.exists(path):
-            return "skipped (no decode_kernels.jsonl: run the decode kernels case first)"
-        with open(path) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-        timed = [r for r in recs if r.get("piece", "").startswith("attention:pallas:")
-                 and r.get("batch") == batch and r.get("us", 0) > 0
-                 and r.get("max_abs_err_vs_xla", 1.0) < 0.05]  # fmt: skip
-        if not timed:
-            return f"skipped (no attention:pallas timing at batch {batch})"
-        best = min(timed, key=lambda r: r["us"])
-        bk, warps, stages = best["piece"].split(":")[2:]
-        if (int(bk), int(warps), int(stages)) == DEFAULT_ATTENTION:
+        best, why = _fastest_correct(out, "attention", batch)
+        if best is None:
+            return f"skipped ({why})"
+        if _tiling(best) == DEFAULT_ATTENTION:
             return f"skipped (the default tiling {best['piece']} was the fastest)"
-        return ["decode", "--cases", f"{shape}:flax:b{batch}:attn{bk}-{warps}-{stages}"]
+        tiles = "-".join(map(str, _tiling(best)))
+        return ["decode", "--cases", f"{shape}:flax:b{batch}:attn{tiles}"]
+
+    return args
+
+
+def tuned_fold_mlp(shape: str, batch: int):
+    """Like `tuned_attention`, for the decode with folded norms and the Pallas gate|up kernel
+    (`:fold:mlp`): the fastest correct attention and gate|up tilings decode_kernels timed
+    (each the default where it won or was not timed); skipped when both are the defaults
+    (the plain `:fold:mlp` case ran that)."""
+
+    def args(out: str):
+        options = []
+        attention, _ = _fastest_correct(out, "attention", batch)
+        if attention is not None and _tiling(attention) != DEFAULT_ATTENTION:
+            options.append("attn" + "-".join(map(str, _tiling(attention))))
+        mlp, _ = _fastest_correct(out, "gate_up", batch)
+        if mlp is not None and _tiling(mlp) != DEFAULT_GATE_UP:
+            options.append("mlp" + "-".join(map(str, _tiling(mlp))))
+        if not options:
+            return "skipped (no faster attention or gate|up tiling timed than the defaults)"
+        mlp_option = [o for o in options if o.startswith("mlp")] or ["mlp"]
+        attn_option = [o for o in options if o.startswith("attn")]
+        case = ":".join([f"{shape}:flax:b{batch}:fold", *mlp_option, *attn_option])
+        return ["decode", "--cases", case]
 
     return args
 
@@ -53,6 +90,8 @@ def tuned_attention(shape: str, batch: int):
 # models/decode_attention.py's BLOCK_K, NUM_WARPS, NUM_STAGES (not imported: the suite's
 # process loads no jax)
 DEFAULT_ATTENTION = (64, 4, 2)
+# models/decode_mlp.py's BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES
+DEFAULT_GATE_UP = (32, 128, 4, 3)
 
 # (name, estimated seconds, command args — or a function of OUT giving them, or why the case
 # is skipped: `tuned_attention`). Train cases: bench/train_throughput.py;
@@ -64,6 +103,12 @@ GPU_CASES = [
     # 1.32 ms per step in the 2026-11-30 second lease, 42.9%). ":profile" adds, after the
     # timed calls, a kernel-time summary of one traced call: where the rest of the step goes.
     ("decode 1b flaxlm b64", 75, ["decode", "--cases", "1b:flax:b64:profile"]),
+    # The candidate for the goal: the pre-norms folded into the projections and divided out
+    # inside the Pallas attention and gate|up kernels (`decode_norm="fold"`, `decode_mlp=
+    # "pallas"` reading the concatenated gate|up), cuBLAS for q|k|v, o, down and the LM head:
+    # 5 kernels per layer instead of 8 (H200 compile: 131 per step against 197, 2.80 GiB per
+    # token against 2.95). Profiled too: each kernel's share of bandwidth.
+    ("decode 1b flaxlm b64 fold mlp", 75, ["decode", "--cases", "1b:flax:b64:fold:mlp:profile"]),
     # Each piece of a decode step alone (bench/decode_kernels.py): the five matmuls with Triton
     # and with cuBLAS, the Pallas attention kernel over key blocks 64/128/256, 4/8 warps, 1-3
     # stages (the 2026-11-30 profile: 11.1 us per layer for 3.9 us of bytes), XLA's attention,
@@ -72,6 +117,8 @@ GPU_CASES = [
     # The fastest attention tiling of that case, if not the default, in the whole decode (the
     # kernel's (64, 4, 2) is untuned): run right after it, from its records in this OUT.
     ("decode 1b flaxlm b64 tuned attention", 60, tuned_attention("1b", 64)),
+    # The fold case again with that case's fastest attention and gate|up tilings.
+    ("decode 1b flaxlm b64 tuned fold mlp", 60, tuned_fold_mlp("1b", 64)),
     # Triton's gemms, unfused (the default before): the in-lease ratio of the change.
     ("decode 1b flaxlm b64 triton", 60, ["decode", "--cases", "1b:flax:b64:triton"]),
     # cuBLAS over the separate weights, XLA's dot merger off (no concatenated copy: peak 2.9
@@ -102,10 +149,15 @@ GPU_CASES = [
     ("train 1b flaxlm", 90, ["train_throughput", "--cases", "1b:flax:fast:profile"]),
     ("train 1b hf compile", 150, ["train_throughput", "--cases", "1b:hf-compile"]),
     ("train 1b hf eager", 45, ["train_throughput", "--cases", "1b:hf-eager"]),
-    # The candidate gate|up + SiLU kernel (models/decode_mlp.py) with Triton's other gemms
-    # (1.41 ms against 1.48 in the second lease); with cuBLAS its q|k|v would be concatenated
-    # in the loop (the MLP kernel needs gate and up apart), so not combined.
-    ("decode 1b flaxlm b64 mlp", 60, ["decode", "--cases", "1b:flax:b64:mlp:triton"]),
+    # The fold case's two halves apart: the gate|up + SiLU kernel alone (now reading the
+    # concatenated gate|up, with cuBLAS for the rest; with Triton's gemms it took 1.41 ms
+    # against 1.48 in the second lease), and the attention-side fold alone (7 kernels per
+    # layer; the MLP's norm then runs unscaled in XLA).
+    (
+        "decode 1b flaxlm b64 mlp, fold",
+        90,
+        ["decode", "--cases", "1b:flax:b64:mlp,1b:flax:b64:fold"],
+    ),  # fmt: skip
     # XLA's attention instead of the kernel (cuBLAS gemms): the kernel's gain within the lease.
     ("decode 1b flaxlm b64 xla", 60, ["decode", "--cases", "1b:flax:b64:xla"]),
     # int8 projection weights (models/quant.py): H200 compile 2.06 GiB per batch-64 token

@@ -122,6 +122,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="GPU matmuls: cuBLAS calls with the projections concatenated once per "
                    "call (faster on the H200, holds the concatenated copy), XLA's Triton gemm "
                    "fusions, or auto: cuBLAS on CUDA GPUs for float weights")  # fmt: skip
+    p.add_argument("--decode_mlp", default="xla",
+                   help="decode-step silu(gate)·up: xla, or one Pallas kernel per layer "
+                   "(models/decode_mlp.py; for GPUs, slow elsewhere; pallas:BN:BK:W:S sets its "
+                   "tiling) — a candidate, not the default")  # fmt: skip
+    p.add_argument("--decode_norm", default="xla", choices=("xla", "fold"),
+                   help="fold: each layer's pre-norm scales folded into the projections once "
+                   "per call and the division by rms done inside the Pallas attention and "
+                   "gate|up kernels, so no norm kernels run per step (pre-norm models, no "
+                   "q|k|v biases, q/k norms or experts); a candidate, not the default")  # fmt: skip
     p.add_argument("--quantize", default="none", choices=("none", "int8"),
                    help="int8: projection weights in int8 with a scale per output channel "
                    "(models/quant.py; half the weight bytes a decode step reads; the quantized "
@@ -253,6 +262,13 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             variant_options(args.decode_attention)
         except ValueError as e:
             p.error(f"--decode_attention: {e}")
+    if args.decode_mlp != "xla":
+        from flaxlm.models.decode_mlp import variant_options as mlp_variant_options
+
+        try:
+            mlp_variant_options(args.decode_mlp)
+        except ValueError as e:
+            p.error(f"--decode_mlp: {e}")
 
 
 def _unescape(s: str) -> str:
@@ -364,8 +380,9 @@ def main(argv=None) -> None:
             out = generate(
                 cfg, params, [prompts[i] for i in chunk_full], rng=prompt_keys(rng, chunk_full),
                 num_samples=K, decode_attention=args.decode_attention,
-                decode_gemm=args.decode_gemm,
-                window_cache=not args.full_cache, stop_strings=stop_strings, **sampler,
+                decode_gemm=args.decode_gemm, decode_mlp=args.decode_mlp,
+                decode_norm=args.decode_norm, window_cache=not args.full_cache,
+                stop_strings=stop_strings, **sampler,
             )  # fmt: skip
         else:
             out = _speculate(cfg, params, draft, args, [prompts[i] for i in chunk_full],

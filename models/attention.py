@@ -31,6 +31,7 @@ from flaxlm.models.layers import (
     ProjWeights,
     RMSNorm,
     joins_projections,
+    rms_normalize,
     stacked_projection,
 )
 from flaxlm.models.sharding import logical_axes_unsplit, logical_axis_size
@@ -482,6 +483,11 @@ class Attention(nn.Module):
     written slots — as one kernel (models/decode_attention.py; the cache length must be a
     multiple of its BLOCK_K, which `generate` arranges); other shapes keep the XLA path.
     "pallas:BK:W:S" runs it with key block BK, W warps and S stages (`variant_options`).
+
+    `norm_eps` (not None): x is the raw residual stream and the pre-norm's scale is folded into
+    the q|k|v weights (`transformer.fold_norms`, `generate(..., decode_norm="fold")`): the
+    decode kernel divides q|k|v by rms(x) itself (`decode_attention.norm_supports`: d_model a
+    power of two); every other path normalises x (unscaled) first.
     """
 
     cfg: ModelConfig
@@ -489,10 +495,25 @@ class Attention(nn.Module):
     decode_attention: str = "xla"  # xla | pallas | pallas:BK:W:S
 
     @nn.compact
-    def __call__(self, x_BTD, ctx, layer_cache=None):
+    def __call__(self, x_BTD, ctx, layer_cache=None, norm_eps: float | None = None):
         cfg = self.cfg
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim_
         bias = cfg.qkv_bias
+        kernel_options = (decode_kernel.variant_options(self.decode_attention)
+                          if self.decode_attention.startswith("pallas") else None)  # fmt: skip
+        T = x_BTD.shape[1]
+        runs_kernel = (layer_cache is not None and kernel_options is not None
+                       and cfg.rotary_dim_ == H  # the kernel rotates whole heads
+                       and decode_kernel.supports(layer_cache[0].shape[2], T, H,
+                                                  kernel_options.get("block_k",
+                                                                     decode_kernel.BLOCK_K))
+                       and decode_kernel.mesh_supports())  # fmt: skip
+        norm_x = None  # the raw input whose rms the kernel divides by
+        if norm_eps is not None:
+            if runs_kernel and decode_kernel.norm_supports(D):
+                norm_x = x_BTD
+            else:
+                x_BTD = rms_normalize(x_BTD, norm_eps, cfg.compute_dtype)
         if self.fused:
             qkv = Proj(
                 (D, N + 2 * K, H),
@@ -535,16 +556,9 @@ class Attention(nn.Module):
         # (v too: under context parallelism the partitioner would otherwise gather the layer's
         # input x and project the whole sequence's values on every device)
         v = nn.with_logical_constraint(v, ("act_batch", "act_len", "act_kv_heads", "head_dim"))
-        T, H = q.shape[1], q.shape[3]
         # logits' scale: None = head_dim^-1/2 as it always was (divided, bit for bit)
         scale, cap = (cfg.attn_scale if cfg.query_pre_attn_scalar else None), cfg.attn_logit_softcap
-        kernel_options = (decode_kernel.variant_options(self.decode_attention)
-                          if self.decode_attention.startswith("pallas") else None)  # fmt: skip
-        if (layer_cache is not None and kernel_options is not None
-                and cfg.rotary_dim_ == H  # the kernel rotates whole heads
-                and decode_kernel.supports(layer_cache[0].shape[2], T, H,
-                                           kernel_options.get("block_k", decode_kernel.BLOCK_K))
-                and decode_kernel.mesh_supports()):  # fmt: skip
+        if runs_kernel:
             # One kernel: RoPE, the cache write and attention over the written slots.
             qkv = jnp.concatenate([q, k, v], axis=2)  # the merged projection's own output
             ring = "ring_slot" in ctx  # a windowed layer's ring: each row's own slot
@@ -559,6 +573,8 @@ class Attention(nn.Module):
                 scale=cfg.attn_scale,
                 cap=cap,
                 ring=ring,
+                norm_x_BTD=norm_x,
+                norm_eps=norm_eps or 0.0,
                 **kernel_options,
             )
             return self._out_proj(out), layer_cache

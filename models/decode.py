@@ -44,7 +44,9 @@ by concatenating the weights, inside the loop, unless they already are. With Tri
 (`decode_gemm="xla"`, the choice elsewhere) nothing is concatenated by default: the fused
 layout has no fewer kernels there and holds the concatenated copy (1.3 GiB at the 1.1B shape).
 On the H200 the batch-64 1.1B step took 1.32 ms with cuBLAS and 1.48 ms with Triton
-(bench/RESULTS.md).
+(bench/RESULTS.md). `decode_norm="fold"` multiplies the pre-norm scales into the q|k|v and
+gate|up weights there too (`transformer.fold_norms`), and the Pallas attention and gate|up
+kernels divide by the rows' rms themselves: no RMSNorm kernels in the step.
 
 Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodified* model at
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what a plain forward
@@ -101,6 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.models import decode_attention as decode_kernel
+from flaxlm.models import decode_mlp as decode_mlp_kernel
 from flaxlm.models import quant
 from flaxlm.models import stop_strings as stop_text
 from flaxlm.models.config import ModelConfig
@@ -118,7 +121,14 @@ from flaxlm.models.sharding import (
     replicated,
     use_mesh,
 )
-from flaxlm.models.transformer import Transformer, fuse_projections, init_cache, unstack_layers
+from flaxlm.models.transformer import (
+    Transformer,
+    fold_norms,
+    fold_norms_unsupported,
+    fuse_projections,
+    init_cache,
+    unstack_layers,
+)
 
 MIN_BUCKET = 8  # smallest prompt bucket; prompt lengths round up to powers of two from here
 
@@ -160,9 +170,12 @@ CUBLAS_MIN_ROWS = 64
 # The compiled program
 
 
-def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none"):
-    """Unrolled layout in the compute dtype (fused projections if asked; int8 projection
-    weights with `quantize="int8"`, models/quant.py, quantized from the stored weights):
+def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none",
+                   norm: str = "xla"):  # fmt: skip
+    """Unrolled layout in the compute dtype (fused projections if asked; pre-norm scales folded
+    into the projections with `norm="fold"`, `transformer.fold_norms`, before the cast; int8
+    projection weights with `quantize="int8"`, models/quant.py, quantized from the stored
+    weights):
     decoding reads each weight once per step, so it should not also convert fp32 master
     weights every step, dynamic-slice stacked layers, or launch three small matmuls where one
     would do. Done once per call, before the loop."""
@@ -170,6 +183,8 @@ def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none"
         params = unstack_layers(params, cfg.n_layers)
     if fused:
         params = fuse_projections(params, cfg.n_layers)
+    if norm == "fold":
+        params = fold_norms(cfg, params, cfg.n_layers)
     params = quant.quantize_params(params, quantize)
     dt = cfg.compute_dtype
     return jax.tree.map(
@@ -206,6 +221,7 @@ def _decode_fn(
     mlp: str = "xla",
     quantize: str = "none",
     gemm: str = "xla",
+    norm: str = "xla",
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
 
@@ -227,11 +243,11 @@ def _decode_fn(
     sharded = mesh is not None
     dcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
     model = Transformer(dcfg, fused_projections=fused, decode_attention=attention,
-                        decode_mlp=mlp)  # fmt: skip
+                        decode_mlp=mlp, decode_norm=norm)  # fmt: skip
 
     def run(params, tokens_BP, lengths_B, rng, temperature, top_p, min_p, stop_ids, pad_id,
             strings=None):  # fmt: skip
-        variables = {"params": _decode_params(cfg, params, fused, quantize)}
+        variables = {"params": _decode_params(cfg, params, fused, quantize, norm)}
         B, P = tokens_BP.shape
         sample = functools.partial(
             sample_logits,
@@ -331,6 +347,9 @@ def compiler_options(gemm: str, fused: bool) -> dict | None:
     if gemm != "cublas":
         return None
     return CUBLAS_COMPILER_OPTIONS if fused else {**CUBLAS_COMPILER_OPTIONS, **NO_DOT_MERGER}
+
+
+DECODE_NORMS = ("xla", "fold")
 
 
 def resolve_decode_gemm(name: str, mesh=None, quantize: str = "none", cuda: bool | None = None,
@@ -464,6 +483,7 @@ def generate(
     decode_mlp: str = "xla",
     quantize: str = "none",
     decode_gemm: str = "auto",
+    decode_norm: str = "xla",
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -497,9 +517,10 @@ def generate(
       fuse_projections: decode with one q|k|v and one gate|up matmul per layer, the weights
         concatenated once per call (see above). The concatenated copy lives for the call
         (1.1B bf16 weights: 1.1 GB more peak). None (the default): True when `decode_gemm`
-        resolves to "cublas" and `decode_mlp` is "xla" — cuBLAS cannot read two weights as
-        one, so XLA's dot merger would concatenate them inside the loop, every token (2.4
-        GiB more traffic per 1.1B batch-64 step compiled for the H200) — else False. False
+        resolves to "cublas" — cuBLAS cannot read two weights as one, so XLA's dot merger
+        would concatenate them inside the loop, every token (2.4 GiB more traffic per 1.1B
+        batch-64 step compiled for the H200; `decode_mlp="pallas"` reads the concatenated
+        gate|up too) — else False. False
         with cuBLAS turns the dot merger off instead (`compiler_options`): separate calls
         over the stored weights, no copy (H200 compile: 285 kernels per step against 197).
       decode_gemm: how XLA:GPU runs the program's matmuls. "cublas": every matmul a cuBLAS
@@ -523,6 +544,17 @@ def generate(
       decode_mlp: "pallas": each decode step's MLP silu(gate)·up as one Pallas kernel
         (models/decode_mlp.py; a candidate measured by bench/decode_kernels.py, not yet a
         default; without a mesh, or one whose axes are all of size 1); "xla" (the default).
+        "pallas:BN:BK:W:S": the kernel with column block BN, row step BK, W warps and S
+        stages (`decode_mlp.variant_options`; the defaults are 32, 128, 4, 3).
+      decode_norm: "fold": each layer's pre-norm scales are multiplied into the q|k|v and
+        gate|up weights once per call (`transformer.fold_norms`), and the decode steps'
+        kernels divide by the rows' rms themselves — the Pallas attention kernel before RoPE
+        (d_model a power of two), the `decode_mlp="pallas"` kernel after its dots — so those
+        RMSNorm kernels do not run (x/rms(x)·g·W = x·(g⊙W)/rms(x); rounding differs from
+        the unfolded model's in the last bits). Paths without those kernels (prefill, XLA's)
+        normalise without the scale first. Pre-norm models without q|k|v biases, q/k norms
+        or experts (`transformer.fold_norms_unsupported`); a candidate, not yet a default.
+        "xla" (the default): RMSNorm as the model runs it.
       window_cache: sliding-window layers keep a ring of `cfg.sliding_window` slots instead of
         the whole prompt + N (`transformer.init_cache(..., rings=True)`) when that is fewer:
         the same tokens, less memory, and those layers' steps read W slots (with
@@ -651,6 +683,7 @@ def _program(
     decode_mlp,
     quantize,
     decode_gemm,
+    decode_norm,
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, output rows asked for
     (prompts × num_samples), rows the decode loop runs) of a generate call (every option as
@@ -670,10 +703,15 @@ def _program(
         raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
     cache_dtype = checked_cache_dtype(cache_dtype, cfg)
     decode_attention = resolve_decode_attention(decode_attention, mesh)
-    if decode_mlp not in ("xla", "pallas"):
-        raise ValueError(f"generate: decode_mlp must be 'xla' or 'pallas', got {decode_mlp!r}")
+    if decode_mlp != "xla":
+        decode_mlp_kernel.variant_options(decode_mlp)  # a ValueError naming a bad name
     if quantize not in quant.MODES:
         raise ValueError(f"generate: quantize must be one of {quant.MODES}, got {quantize!r}")
+    if decode_norm not in DECODE_NORMS:
+        raise ValueError(f"generate: decode_norm must be one of {DECODE_NORMS}, got "
+                         f"{decode_norm!r}")  # fmt: skip
+    if decode_norm == "fold" and (why := fold_norms_unsupported(cfg)):
+        raise ValueError(f"generate: decode_norm='fold' does not apply to this model: {why}")
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, cfg.vocab_size)
     B = tokens.shape[0]
     longest = int(lengths.max()) + int(max_new_tokens)
@@ -699,7 +737,7 @@ def _program(
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - B, 0)])
     decode_gemm = resolve_decode_gemm(decode_gemm, mesh, quantize, rows=loop_rows // m)
     if fuse_projections is None:
-        fuse_projections = decode_gemm == "cublas" and decode_mlp == "xla"
+        fuse_projections = decode_gemm == "cublas"
     greedy = temperature == 0
     fn = _decode_fn(
         cfg,
@@ -721,6 +759,7 @@ def _program(
         decode_mlp,
         quantize,
         decode_gemm,
+        decode_norm,
     )
     rest = traced_options(temperature, top_p, min_p, stop_tokens, pad_id)
     if stop_strings is not None:

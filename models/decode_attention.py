@@ -132,7 +132,8 @@ def _round_half_even(x):
 
 
 def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, *refs, groups: int, kv_heads: int,
-            block_k: int, scale: float, cap: float, ring: bool, quantized: bool):  # fmt: skip
+            block_k: int, scale: float, cap: float, ring: bool, quantized: bool,
+            norm_eps: float | None):  # fmt: skip
     """One (batch row b, kv head h): this step's q|k|v heads of row b (N + 2K, H), the rope
     angles of b's position (H/2,), the key and value caches (S, H) of (b, h) (with
     `quantized`, int8 and their scales (S,) after them), b's mask (S,); then the outputs: the
@@ -143,10 +144,13 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, *refs, groups: int, kv_heads: in
     writes at its slot `idx_ref[0]`; the earlier slots are those before it, or with `ring`
     every other slot of the ring (a windowed layer's, `transformer.init_cache`; the mask says
     which hold what). An int8 cache is read as `attention.cached_attention` reads it: a key
-    block's scores times its slots' key scales, the probabilities times the value scales."""
+    block's scores times its slots' key scales, the probabilities times the value scales.
+    With `norm_eps`, row b's residual stream x (D,) follows the mask, and q|k|v are the raw
+    x·W' of the folded weights (`transformer.fold_norms`): each is divided by rms(x) first."""
     n_cache = 4 if quantized else 2
-    mask_ref, o_ref = refs[n_cache], refs[n_cache + 1]
-    k_out_ref, v_out_ref, *scale_refs = refs[n_cache + 2 :]  # (the inputs: aliased, unused)
+    n_in = n_cache + (2 if norm_eps is not None else 1)
+    mask_ref, o_ref = refs[n_cache], refs[n_in]
+    k_out_ref, v_out_ref, *scale_refs = refs[n_in + 1 :]  # (the inputs: aliased, unused)
     rows = o_ref.shape[0]
     H = qkv_ref.shape[1]
     half = H // 2
@@ -159,17 +163,25 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, *refs, groups: int, kv_heads: in
     dtype = qkv_ref.dtype if quantized else k_out_ref.dtype
     idx = idx_ref[0]
     cos, sin = cos_ref[...][None, :], sin_ref[...][None, :]
+    if norm_eps is None:
+        normed = lambda t: t.astype(jnp.float32)  # noqa: E731
+    else:  # the pre-norm folded in: x·W' / rms(x), in float32 (as `layers.RMSNorm`)
+        x = refs[n_cache + 1][...].astype(jnp.float32)
+        inv_rms = jax.lax.rsqrt((x * x).sum() / x.shape[0] + norm_eps)
+        normed = lambda t: t.astype(jnp.float32) * inv_rms  # noqa: E731
 
     def load_q(part):
         return plgpu.load(qkv_ref.at[pl.ds(head * groups, rows), part], mask=real, other=0.0)
 
-    q1, q2 = _rotate(load_q(lo).astype(jnp.float32), load_q(hi).astype(jnp.float32), cos, sin)
+    q1, q2 = _rotate(normed(load_q(lo)), normed(load_q(hi)), cos, sin)
     # Rounded as `apply_rope` rounds q; then in the dots' dtype.
     q1, q2 = q1.astype(dtype), q2.astype(dtype)
     k_row = n_q + head
-    k1, k2 = _rotate(qkv_ref[k_row, lo].astype(jnp.float32)[None, :],
-                     qkv_ref[k_row, hi].astype(jnp.float32)[None, :], cos, sin)  # fmt: skip
+    k1, k2 = _rotate(normed(qkv_ref[k_row, lo])[None, :],
+                     normed(qkv_ref[k_row, hi])[None, :], cos, sin)  # fmt: skip
     v_new = qkv_ref[n_q + kv_heads + head, :]
+    if norm_eps is not None:
+        v_new = normed(v_new).astype(qkv_ref.dtype)  # rounded as the projection's output
     if quantized:  # the new token's int8 key and value, and what the step reads back
         (k1, k2), k_scale = _quantize([k1[0], k2[0]], qkv_ref.dtype)
         (v_new,), v_scale = _quantize([v_new.astype(jnp.float32)], qkv_ref.dtype)
@@ -225,10 +237,14 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, *refs, groups: int, kv_heads: in
     plgpu.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
 
 
-def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *scales_BKS,
+def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *rest,
           interpret: bool, scale: float, cap: float = 0.0, ring: bool = False,
-          block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
-          num_stages: int = NUM_STAGES):  # fmt: skip
+          block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
+          norm_eps: float | None = None):  # fmt: skip
+    """`rest`: the int8 cache's key and value scales, then with `norm_eps` the rows' residual
+    stream x (B, D)."""
+    scales_BKS = rest[:-1] if norm_eps is not None else rest
+    normed_x = rest[-1:] if norm_eps is not None else ()
     B, K, S, H = k_BKSH.shape
     R = qkv_BRH.shape[1]  # N + 2K rows
     G = (R - 2 * K) // K
@@ -238,7 +254,8 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *scales_BKS,
         qkv_BRH = jnp.pad(qkv_BRH, ((0, 0), (0, M), (0, 0)))
         R += M
     kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=block_k, scale=scale,
-                               cap=cap, ring=ring, quantized=bool(scales_BKS))  # fmt: skip
+                               cap=cap, ring=ring, quantized=bool(scales_BKS),
+                               norm_eps=norm_eps)  # fmt: skip
     cache = pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0))
     scales = [pl.BlockSpec((None, None, S), lambda b, k: (b, k, 0))] * len(scales_BKS)
     per_row = lambda n: pl.BlockSpec((None, n), lambda b, k: (b, 0))  # noqa: E731
@@ -247,7 +264,8 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *scales_BKS,
         kernel,
         grid=(B, K),
         in_specs=[per_row(1), pl.BlockSpec((None, R, H), lambda b, k: (b, 0, 0)),
-                  per_row(H // 2), per_row(H // 2), cache, cache, *scales, per_row(S)],
+                  per_row(H // 2), per_row(H // 2), cache, cache, *scales, per_row(S),
+                  *(per_row(x.shape[1]) for x in normed_x)],
         out_specs=[pl.BlockSpec((None, None, M, H), lambda b, k: (b, k, 0, 0)), cache, cache,
                    *scales],
         out_shape=[jax.ShapeDtypeStruct((B, K, G, H), qkv_BRH.dtype),
@@ -257,13 +275,14 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *scales_BKS,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
-    )(idx_B1, qkv_BRH, cos_Bh, sin_Bh, *caches, mask_BS)  # fmt: skip
+    )(idx_B1, qkv_BRH, cos_Bh, sin_Bh, *caches, mask_BS, *normed_x)  # fmt: skip
 
 
 def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index, *,
                      kv_scales=(), scale: float | None = None, cap: float = 0.0,
                      ring: bool = False, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
-                     num_stages: int = NUM_STAGES):  # fmt: skip
+                     num_stages: int = NUM_STAGES, norm_x_BTD=None,
+                     norm_eps: float = 1e-6):  # fmt: skip
     """One decode step of attention over a layer's (B, K, S, H) key and value caches.
 
     `qkv_BTRH`: this step's q, k and v heads before RoPE, concatenated on the head axis
@@ -279,6 +298,10 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     `attention.quantize_kv` does and their scales written too.
     `block_k` (a power of two dividing the slots), `num_warps`, `num_stages`: the kernel's
     tiling and Triton launch parameters (defaults: the module's constants).
+    `norm_x_BTD` (B, 1, D), D a power of two (`norm_supports`): the layer's pre-norm is folded
+    in — q|k|v are x·W' for the raw residual stream x and W' the norm's scale times W
+    (`transformer.fold_norms`), and the kernel divides them by rms(x) (RMSNorm's, with
+    `norm_eps`) before RoPE, so no norm kernel runs before the projection.
     Returns (out (B, 1, N, H), the caches: (keys, values) or (keys, values, key scales,
     value scales)).
     """
@@ -298,7 +321,11 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
         v_BKSH,
         mask_B1TS.reshape(B, S).astype(jnp.int8),
         *(x.reshape(B, K, S) for x in kv_scales),  # (the kernel's (S,) blocks)
+        *(() if norm_x_BTD is None else (norm_x_BTD.reshape(B, -1),)),
     )
+    if norm_x_BTD is not None and not norm_supports(norm_x_BTD.shape[-1]):
+        raise ValueError(f"decode_attention: a folded norm needs d_model a power of two >= 16, "
+                         f"got {norm_x_BTD.shape[-1]}")  # fmt: skip
 
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
 
@@ -309,6 +336,7 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
         block_k=int(block_k),
         num_warps=int(num_warps),
         num_stages=int(num_stages),
+        norm_eps=None if norm_x_BTD is None else float(norm_eps),
     )
 
     def run(*a):
@@ -324,7 +352,7 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
         run = jax.shard_map(
             run,
             in_specs=(rows,) * len(args),
-            out_specs=(rows,) * (len(args) - 4),
+            out_specs=(rows,) * (3 + len(kv_scales)),  # the output, then the caches
             check_vma=False,
         )
     out, *caches = run(*args)
@@ -351,6 +379,12 @@ def _batch_axes() -> tuple[str, ...]:
     axes = nn.logical_to_mesh_axes(("act_batch",))[0] or ()
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def norm_supports(d_model: int) -> bool:
+    """Whether the kernel can fold a pre-norm over rows of `d_model` in (`decode_attention`'s
+    `norm_x_BTD`): it loads a row whole, and Triton's tensors are powers of two."""
+    return d_model >= 16 and d_model & (d_model - 1) == 0
 
 
 def runs_natively(devices=None) -> bool:

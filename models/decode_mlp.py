@@ -17,6 +17,17 @@ times it alone over tilings against XLA's pair (`gate_up:*` pieces), and bench/d
 keeps XLA's ("xla", the default). Numerics: float32 accumulation and activation, one rounding
 to the compute dtype at the end — XLA rounds g and u to bf16 first, so bf16 results differ in
 the last bit (float32 models agree to ~1e-6: tests/models/test_decode_mlp.py).
+
+It reads gate and up either as two (D, F) weights or as the one stacked (D, 2, F) weight of
+`transformer.fuse_projections` (the layout the cuBLAS decode path concatenates once per call):
+the same array passed twice, its gate and up column blocks picked by the two index maps, so
+the kernel combines with the cuBLAS matmuls of the other projections.
+
+`norm_eps` folds the MLP's pre-norm into the kernel (`generate(..., decode_norm="fold")`):
+x is then the raw residual stream and the weights the norm's scale times W
+(`transformer.fold_norms`), and since x/rms(x)·W = (x·W)/rms(x) the per-row 1/rms is applied
+to the float32 products at the end — its sum of squares accumulated from the same x blocks
+the dots load — so the RMSNorm kernel before the MLP disappears.
 """
 
 from __future__ import annotations
@@ -37,44 +48,80 @@ NUM_STAGES = 3
 MIN_DOT_ROWS = 16
 
 
+def variant_options(name: str) -> dict:
+    """The kernel options a `decode_mlp` name asks for: "pallas" the module's defaults ({}),
+    "pallas:BN:BK:W:S" column block BN and row step BK (powers of two >= 16), W warps (a power
+    of two) and S pipeline stages (bench/decode_kernels.py times tilings on the GPU; its best
+    can be run whole with this name). Anything else: a ValueError naming it."""
+    if name == "pallas":
+        return {}
+    parts = name.split(":")
+    try:
+        bn, bk, warps, stages = (int(p) for p in parts[1:]) if len(parts) == 5 else (0,) * 4
+    except ValueError:
+        bn = bk = warps = stages = 0
+    pow2 = lambda n, least: n >= least and not n & (n - 1)  # noqa: E731
+    if parts[0] != "pallas" or not (pow2(bn, 16) and pow2(bk, 16) and pow2(warps, 1)
+                                    and stages >= 1):  # fmt: skip
+        raise ValueError(f"decode_mlp={name!r}: expected 'xla', 'pallas' or 'pallas:BN:BK:W:S' "
+                         "(column block BN and row step BK powers of two >= 16, W warps a power "
+                         "of two, S >= 1 stages), e.g. 'pallas:32:128:4:3'")  # fmt: skip
+    return {"block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages}
+
+
 def supports(d_model: int, d_ff: int, block_n: int = BLOCK_N, block_k: int = BLOCK_K) -> bool:
     """Whether the kernel tiles these dims: whole column and row blocks."""
     return d_ff % block_n == 0 and d_model % block_k == 0
 
 
-def _kernel(x_ref, wg_ref, wu_ref, o_ref, *, block_k: int, rows: int):
+def _kernel(x_ref, wg_ref, wu_ref, o_ref, *, block_k: int, rows: int, norm_eps: float | None):
     """One block of output columns: x (M, K) against the block's (K, BN) slices of W_gate and
     W_up, float32 accumulators, silu(g)·u stored in the output dtype. Only the first `rows`
     rows are real: on GPUs the block runs past the array's rows, so loads and stores are
-    masked there (Triton reads no memory for a masked element; the rows beyond are zeros)."""
+    masked there (Triton reads no memory for a masked element; the rows beyond are zeros).
+    With `norm_eps`, both products are divided by each row's rms(x) (+ eps) first."""
     M, BN = o_ref.shape
+    K = x_ref.shape[1]
     real = (jnp.arange(M) < rows)[:, None]
 
     def step(i, acc):
         ks = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         x = plgpu.load(x_ref.at[:, ks], mask=real, other=0.0)
         g = acc[0] + plgpu.dot(x, wg_ref[ks, :]).astype(jnp.float32)
-        return g, acc[1] + plgpu.dot(x, wu_ref[ks, :]).astype(jnp.float32)
+        u = acc[1] + plgpu.dot(x, wu_ref[ks, :]).astype(jnp.float32)
+        if norm_eps is None:
+            return g, u, acc[2]
+        x32 = x.astype(jnp.float32)
+        return g, u, acc[2] + (x32 * x32).sum(axis=1)
 
     zeros = jnp.zeros((M, BN), jnp.float32)
-    g, u = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step, (zeros, zeros))
+    init = (zeros, zeros, jnp.zeros((M,), jnp.float32))  # g, u, and each row's sum of x²
+    g, u, ss = jax.lax.fori_loop(0, K // block_k, step, init)
+    if norm_eps is not None:  # RMSNorm's 1/rms (float32, as `layers.RMSNorm`), per row
+        inv_rms = jax.lax.rsqrt(ss / K + norm_eps)[:, None]
+        g, u = g * inv_rms, u * inv_rms
     out = (jax.nn.silu(g) * u).astype(o_ref.dtype)
     plgpu.store(o_ref.at[:, :], out, mask=real)
 
 
 def _call(x, wg, wu, *, interpret: bool, block_n: int, block_k: int, num_warps: int,
-          num_stages: int):  # fmt: skip
+          num_stages: int, up_offset: int, norm_eps: float | None):  # fmt: skip
+    """`up_offset`: column blocks between a gate block and its up block — 0 for two arrays,
+    F // block_n for the stacked weight passed twice as a (K, 2F) array."""
     B, K = x.shape
-    N = wg.shape[1]
+    N = wg.shape[1] if up_offset == 0 else wg.shape[1] // 2
     M = max(MIN_DOT_ROWS, pl.next_power_of_2(B))
     if interpret:  # the interpreter clamps a block that runs past the array where Triton
         # reads through the masks: rows of zeros make both see the same
         x = jnp.pad(x, ((0, M - B), (0, 0)))
-    cols = pl.BlockSpec((K, block_n), lambda j: (0, j))
     out = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, rows=B),
+        functools.partial(_kernel, block_k=block_k, rows=B, norm_eps=norm_eps),
         grid=(N // block_n,),
-        in_specs=[pl.BlockSpec((M, K), lambda j: (0, 0)), cols, cols],
+        in_specs=[
+            pl.BlockSpec((M, K), lambda j: (0, 0)),
+            pl.BlockSpec((K, block_n), lambda j: (0, j)),
+            pl.BlockSpec((K, block_n), lambda j: (0, j + up_offset)),
+        ],  # fmt: skip
         out_specs=pl.BlockSpec((M, block_n), lambda j: (0, j)),
         out_shape=jax.ShapeDtypeStruct((x.shape[0], N), x.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -84,18 +131,34 @@ def _call(x, wg, wu, *, interpret: bool, block_n: int, block_k: int, num_warps: 
     return out[:B]
 
 
-def gate_up_silu(x_BD, wg_DF, wu_DF, *, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
-                 num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES):  # fmt: skip
-    """silu(x·W_gate) ⊙ x·W_up for x (B, D), weights (D, F), in x's dtype: Triton on CUDA GPUs,
-    Pallas' interpreter elsewhere (right, but slow: for tests)."""
+def gate_up_silu(x_BD, wg_DF, wu_DF=None, *, norm_eps: float | None = None,
+                 block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                 num_stages: int = NUM_STAGES):  # fmt: skip
+    """silu(x·W_gate) ⊙ x·W_up for x (B, D), weights (D, F) — or, with `wu_DF` None, `wg_DF`
+    the stacked (D, 2, F) gate|up weight — in x's dtype. With `norm_eps`, x is first
+    RMS-normalised without a scale (the scale folded into the weights): silu(x̂·W_gate) ⊙
+    x̂·W_up, x̂ = x / sqrt(mean(x²) + eps). Triton on CUDA GPUs, Pallas' interpreter
+    elsewhere (right, but slow: for tests)."""
     B, D = x_BD.shape
-    F = wg_DF.shape[1]
-    if not supports(D, F, block_n, block_k) or wu_DF.shape != wg_DF.shape or wg_DF.shape[0] != D:
-        raise ValueError(f"gate_up_silu: x {x_BD.shape}, weights {wg_DF.shape} and "
-                         f"{wu_DF.shape}; D a multiple of {block_k}, F of {block_n}")  # fmt: skip
+    stacked = wu_DF is None
+    if stacked:
+        ok_shapes = wg_DF.ndim == 3 and wg_DF.shape[:2] == (D, 2)
+        F = wg_DF.shape[-1]
+    else:
+        ok_shapes = wu_DF.shape == wg_DF.shape and wg_DF.shape[0] == D
+        F = wg_DF.shape[1]
+    if not supports(D, F, block_n, block_k) or not ok_shapes:
+        got = wg_DF.shape if stacked else f"{wg_DF.shape} and {wu_DF.shape}"
+        raise ValueError(f"gate_up_silu: x {x_BD.shape}, weights {got}; D a multiple of "
+                         f"{block_k}, F of {block_n}")  # fmt: skip
     x = x_BD
-    wg, wu = (w.astype(x.dtype) for w in (wg_DF, wu_DF))
-    options = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+    if stacked:  # (D, 2, F) -> (D, 2F), free: gate columns first, then up's
+        wg = wu = wg_DF.reshape(D, 2 * F).astype(x.dtype)
+    else:
+        wg, wu = (w.astype(x.dtype) for w in (wg_DF, wu_DF))
+    options = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+                   up_offset=F // block_n if stacked else 0,
+                   norm_eps=None if norm_eps is None else float(norm_eps))  # fmt: skip
     out = jax.lax.platform_dependent(
         x, wg, wu,
         cuda=functools.partial(_call, interpret=False, **options),

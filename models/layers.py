@@ -138,6 +138,14 @@ class Proj(nn.Module):
         return y
 
 
+def rms_normalize(x, eps: float, dtype):
+    """x / rms(x) in float32 (as HF Llama), in `dtype`: RMSNorm without its scale — what a
+    layer runs on its input when the scale is folded into the next weights
+    (`transformer.fold_norms`) and no kernel folds the division in."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(dtype)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) · scale, computed in float32 (as HF Llama does) and returned in compute dtype.
 
@@ -211,18 +219,30 @@ class MLP(nn.Module):
     pays); `join_projections=False` keeps them apart always.
 
     `decode_kernel="pallas"` computes a decode step's silu(gate)·up with one Pallas kernel
-    (models/decode_mlp.py) from the same "gate" and "up" kernels (`generate(...,
-    decode_mlp="pallas")`); other calls, and meshes with an axis of size > 1, keep XLA's.
+    (models/decode_mlp.py) from the same "gate" and "up" kernels, or the fused "gate_up"
+    (`generate(..., decode_mlp="pallas")`); other calls, and meshes with an axis of size > 1,
+    keep XLA's.
+
+    `norm_eps` (not None): x is the raw residual stream and the pre-norm's scale is folded into
+    the gate and up weights (`transformer.fold_norms`, `generate(..., decode_norm="fold")`):
+    the kernel divides by rms(x) itself; the XLA path normalises x (unscaled) first.
     """
 
     cfg: ModelConfig
     fused: bool = False
-    decode_kernel: str = "xla"  # "pallas": one-token steps' silu(gate)·up as one kernel
+    # "pallas" (or "pallas:BN:BK:W:S", `decode_mlp.variant_options`): one-token steps'
+    # silu(gate)·up as one kernel
+    decode_kernel: str = "xla"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, norm_eps: float | None = None):
         cfg = self.cfg
-        h = self._kernel_gate_up(x) if self._runs_kernel(x) else self._gate_up(x)
+        if self._runs_kernel(x):
+            h = self._kernel_gate_up(x, norm_eps)
+        else:
+            if norm_eps is not None:
+                x = rms_normalize(x, norm_eps, cfg.compute_dtype)
+            h = self._gate_up(x)
         h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
         return Proj(
             (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down", remat_name="mlp_out"
@@ -245,23 +265,34 @@ class MLP(nn.Module):
         act = nn.silu if cfg.mlp_activation == "silu" else nn.gelu
         return act(gate) * up
 
-    def _kernel_gate_up(self, x):
+    def _kernel_gate_up(self, x, norm_eps: float | None):
         """silu(gate)·up of a decode step as one kernel (models/decode_mlp.py), reading the
-        same "gate" and "up" kernels."""
+        same "gate" and "up" kernels (or the one "gate_up" of the fused layout); with
+        `norm_eps`, x / rms(x) inside it."""
         cfg = self.cfg
-        shape, axes = (cfg.d_model, cfg.d_ff), ("embed", "mlp")
-        gate_w, up_w = (ProjWeights(shape, axes, cfg, name=n)()[0] for n in ("gate", "up"))
-        B, T, D = x.shape
-        h = decode_mlp.gate_up_silu(x.reshape(B * T, D).astype(cfg.compute_dtype), gate_w, up_w)
-        return h.reshape(B, T, cfg.d_ff)
+        D, F = cfg.d_model, cfg.d_ff
+        if self.fused:
+            weights = [ProjWeights((D, 2, F), ("embed", None, "mlp"), cfg, name="gate_up")()[0]]
+        else:
+            weights = [ProjWeights((D, F), ("embed", "mlp"), cfg, name=n)()[0]
+                       for n in ("gate", "up")]  # fmt: skip
+        B, T, _ = x.shape
+        x_BD = x.reshape(B * T, D).astype(cfg.compute_dtype)
+        options = decode_mlp.variant_options(self.decode_kernel)
+        h = decode_mlp.gate_up_silu(x_BD, *weights, norm_eps=norm_eps, **options)
+        return h.reshape(B, T, F)
 
     def _runs_kernel(self, x) -> bool:
         """The kernel applies to one-token steps (decoding; prefill and training keep XLA's)
-        of a SwiGLU MLP with separate gate and up kernels, whole tiles, and no mesh axis of
+        of a SwiGLU MLP (separate or fused gate and up kernels), whole tiles, and no mesh axis of
         size > 1 (a custom call is not partitioned: split rows or weights keep XLA's)."""
         cfg = self.cfg
         mesh = jax.sharding.get_abstract_mesh()
-        return (self.decode_kernel == "pallas" and x.ndim == 3 and x.shape[1] == 1
-                and not self.fused and cfg.mlp_activation == "silu"
-                and decode_mlp.supports(cfg.d_model, cfg.d_ff)
+        if not self.decode_kernel.startswith("pallas"):
+            return False
+        tiles = decode_mlp.variant_options(self.decode_kernel)
+        tiles = {k: v for k, v in tiles.items() if k in ("block_n", "block_k")}
+        return (x.ndim == 3 and x.shape[1] == 1
+                and cfg.mlp_activation == "silu"
+                and decode_mlp.supports(cfg.d_model, cfg.d_ff, **tiles)
                 and (mesh.empty or all(n == 1 for n in mesh.shape.values())))  # fmt: skip

@@ -56,6 +56,9 @@ class Block(nn.Module):
     decode_attention: str = "xla"  # one-token cache attention: xla | pallas (see Attention)
     kind: tuple = ()
     decode_mlp: str = "xla"  # one-token steps' silu(gate)·up: xla | pallas (see MLP)
+    # "fold": the params' pre-norm scales are folded into the projections (`fold_norms`) and
+    # attention and MLP get the raw residual stream, dividing by its rms themselves
+    decode_norm: str = "xla"
 
     @nn.compact
     def __call__(self, x, ctx, layer_cache=None, kind=None):
@@ -77,6 +80,10 @@ class Block(nn.Module):
             a, layer_cache = attn(attn_norm(x), ctx, layer_cache)
             x = x + RMSNorm(cfg, name="attn_post_norm")(a)
             x = x + RMSNorm(cfg, name="mlp_post_norm")(mlp(mlp_norm(x)))
+        elif self.decode_norm == "fold":  # (`fold_norms` checked that the model allows it)
+            a, layer_cache = attn(x, ctx, layer_cache, norm_eps=cfg.norm_eps)
+            x = x + a
+            x = x + mlp(x, norm_eps=cfg.norm_eps)
         else:
             a, layer_cache = attn(attn_norm(x), ctx, layer_cache)
             x = x + a
@@ -113,6 +120,7 @@ class Transformer(nn.Module):
     fused_projections: bool = False
     decode_attention: str = "xla"
     decode_mlp: str = "xla"
+    decode_norm: str = "xla"  # "fold": params from `fold_norms` (see Block)
 
     def setup(self):
         cfg = self.cfg
@@ -127,7 +135,8 @@ class Transformer(nn.Module):
                 in_axes=(nn.broadcast, 0, 0),  # ctx, the layer's cache, its kind
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, fused, self.decode_attention, decode_mlp=self.decode_mlp, name="layers")
+            )(cfg, fused, self.decode_attention, decode_mlp=self.decode_mlp,
+              decode_norm=self.decode_norm, name="layers")  # fmt: skip
         else:
             self.layers = [
                 block(
@@ -136,6 +145,7 @@ class Transformer(nn.Module):
                     self.decode_attention,
                     kind=tuple(cfg.layer_kind(i).items()),
                     decode_mlp=self.decode_mlp,
+                    decode_norm=self.decode_norm,
                     name=f"layers_{i}",
                 )  # fmt: skip
                 for i in range(cfg.n_layers)
@@ -387,6 +397,54 @@ def fuse_projections(params, n_layers: int):
             gate, up = mlp.pop("gate"), mlp.pop("up")
             mlp["gate_up"] = {"kernel": jnp.stack([gate["kernel"], up["kernel"]], axis=1)}
         out[f"layers_{i}"] = {**layer, "attn": {**attn, "qkv": qkv}, "mlp": mlp}
+    return out
+
+
+def fold_norms_unsupported(cfg: ModelConfig) -> str:
+    """Why `fold_norms` does not apply to this model ("" when it does): it needs pre-norm
+    blocks whose normalised input goes only to plain matmuls — no q|k|v biases (added after
+    the division), no q/k norms, no experts' router."""
+    if cfg.norm_placement != "pre":
+        return f"norm_placement={cfg.norm_placement!r} (needs 'pre')"
+    if cfg.qkv_bias:
+        return "qkv_bias (the biases add after the division by rms)"
+    if cfg.qk_norm != "none":
+        return f"qk_norm={cfg.qk_norm!r}"
+    if cfg.n_experts:
+        return "a mixture of experts (its router reads the normalised input)"
+    return ""
+
+
+def fold_norms(cfg: ModelConfig, params, n_layers: int):
+    """Unrolled params (fused or not) → the same with each layer's pre-norm scale g (1 + g with
+    `norm_unit_offset`) multiplied into the input rows of the projections that read it: q, k,
+    v (or qkv) by attn_norm's, gate and up (or gate_up) by mlp_norm's. Then x/rms(x)·g·W =
+    (x·(g⊙W))/rms(x): a decode step can skip the norm kernel and divide the projection's
+    output rows by rms(x) where it reads them (`Transformer(..., decode_norm="fold")`). The
+    norm scales stay (unused). In the params' dtype: fold fp32 master weights before the cast
+    to the compute dtype, so W' is rounded once. ValueError when the model does not allow it
+    (`fold_norms_unsupported`)."""
+    if why := fold_norms_unsupported(cfg):
+        raise ValueError(f"decode_norm='fold' does not apply to this model: {why}")
+
+    def scaled(module: dict, names, scale):
+        out = dict(module)
+        for n in names:
+            if n in out:
+                w = out[n]["kernel"]
+                g = scale.reshape((-1,) + (1,) * (w.ndim - 1)).astype(w.dtype)
+                out[n] = {**out[n], "kernel": w * g}
+        return out
+
+    out = dict(params)
+    for i in range(n_layers):
+        layer = dict(params[f"layers_{i}"])
+        g_attn, g_mlp = (layer[n]["scale"] for n in ("attn_norm", "mlp_norm"))
+        if cfg.norm_unit_offset:
+            g_attn, g_mlp = 1.0 + g_attn, 1.0 + g_mlp
+        layer["attn"] = scaled(layer["attn"], ("q", "k", "v", "qkv"), g_attn)
+        layer["mlp"] = scaled(layer["mlp"], ("gate", "up", "gate_up"), g_mlp)
+        out[f"layers_{i}"] = layer
     return out
 
 

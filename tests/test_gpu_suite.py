@@ -61,3 +61,37 @@ def test_tuned_attention_runs_the_fastest_timed_tiling(tmp_path):
     recs[1]["us"] = 12.0  # now the default tiling is the fastest correct one
     (tmp_path / "decode_kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert "default tiling" in pick(str(tmp_path))
+
+
+def test_tuned_fold_mlp_runs_the_fastest_attention_and_gate_up_tilings(tmp_path):
+    """The folded-norm decode with the fastest correct tilings of both kernels (each left at
+    its default when that won), skipped when neither beat its default."""
+    import json
+
+    from flaxlm.bench.decode import CASE_OPTIONS, option_settings
+    from flaxlm.bench.gpu_suite import tuned_fold_mlp
+
+    pick = tuned_fold_mlp("1b", 64)
+    assert "skipped" in pick(str(tmp_path))  # nothing timed yet
+    recs = [
+        {"piece": "attention:pallas:64:4:2", "batch": 64, "us": 11.0, "max_abs_err_vs_xla": 0.01},
+        {"piece": "attention:pallas:128:8:3", "batch": 64, "us": 6.0, "max_abs_err_vs_xla": 0.01},
+        {"piece": "gate_up:pallas:32:128:4:3", "batch": 64, "us": 20.0, "max_abs_err_vs_xla": 0.02},
+        {"piece": "gate_up:pallas:16:64:4:4", "batch": 64, "us": 14.0, "max_abs_err_vs_xla": 0.02},
+        # faster, but wrong, or at another batch: never picked
+        {"piece": "gate_up:pallas:64:64:4:3", "batch": 64, "us": 1.0, "max_abs_err_vs_xla": 9.0},
+        {"piece": "gate_up:pallas:64:128:4:4", "batch": 2, "us": 1.0, "max_abs_err_vs_xla": 0.0},
+    ]
+    path = tmp_path / "decode_kernels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = pick(str(tmp_path))
+    assert args == ["decode", "--cases", "1b:flax:b64:fold:mlp16-64-4-4:attn128-8-3"]
+    options = args[-1].split(":")[3:]
+    assert all(o in CASE_OPTIONS for o in options)
+    assert option_settings("mlp16-64-4-4") == {"decode_mlp": "pallas:16:64:4:4"}
+    recs[1]["us"] = 12.0  # the attention default is now the fastest: only the MLP's tiling
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert pick(str(tmp_path))[-1] == "1b:flax:b64:fold:mlp16-64-4-4"
+    recs[3]["us"] = 30.0  # and the MLP's default too
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert "skipped" in pick(str(tmp_path))

@@ -202,6 +202,13 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
         grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
     with c.unlocked():
         c.rollout.decode_gemm = "auto"
+    for key, bad in (("decode_mlp", "pallas:16:64"), ("decode_norm", "folded")):
+        with c.unlocked():
+            c.rollout[key] = bad
+        with pytest.raises(ValueError, match=f"rollout.{key}='{bad}'"):
+            grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
+        with c.unlocked():
+            c.rollout[key] = "xla"
 
     # A reward that takes `prompt` gets each sample's prompt as chat turns, a group's G
     # samples the same one; (meta, response) rewards next to it are called as before.

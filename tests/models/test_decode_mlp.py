@@ -85,3 +85,29 @@ def test_a_mesh_that_splits_keeps_xla(monkeypatch):
     got = generate(cfg, params, PROMPTS, decode_mlp="pallas", **kw)
     assert not calls
     np.testing.assert_array_equal(got.tokens, generate(cfg, params, PROMPTS, **kw).tokens)
+
+
+def test_kernel_variants_are_parsed_and_bad_ones_refused():
+    assert decode_mlp.variant_options("pallas") == {}
+    assert decode_mlp.variant_options("pallas:16:64:8:4") == dict(
+        block_n=16, block_k=64, num_warps=8, num_stages=4)  # fmt: skip
+    for bad in ("pallas:24:64:4:3", "pallas:16:64:4", "pallas:16:8:4:3", "triton:16:64:4:3",
+                "pallas:a:64:4:3", "pallas:16:64:3:3"):  # fmt: skip
+        with pytest.raises(ValueError, match="decode_mlp="):
+            decode_mlp.variant_options(bad)
+
+
+def test_generate_with_a_kernel_variant(monkeypatch):
+    """A tiling other than the default (16 columns, 64-row steps), over the concatenated
+    gate|up of the fused layout: the XLA path's greedy tokens; a bad name refused by name."""
+    cfg, params = _model(d_model=128, d_ff=192, n_heads=4, n_kv_heads=2, head_dim=32)
+    calls = _counting(monkeypatch)
+    kw = dict(max_new_tokens=5, rng=jax.random.PRNGKey(2), temperature=0)
+    want = generate(cfg, params, PROMPTS, **kw)
+    got = generate(cfg, params, PROMPTS, decode_mlp="pallas:16:64:4:2", fuse_projections=True,
+                   **kw)  # fmt: skip
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    assert len(calls) == cfg.n_layers
+    with pytest.raises(ValueError, match="decode_mlp='pallas:16:64'"):
+        generate(cfg, params, PROMPTS, decode_mlp="pallas:16:64", **kw)

@@ -634,13 +634,22 @@ def test_generate_cli_on_an_hf_directory(tmp_path, capsys):
     from flaxlm.models import decode as decode_module  # (the CLI imports it when it runs)
 
     seen, real = [], decode_module.generate  # --full_cache reaches generate: window_cache=False
+    picked = ("window_cache", "decode_mlp", "decode_norm")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(decode_module, "generate",
-                   lambda *a, **k: seen.append(k["window_cache"]) or real(*a, **k))  # fmt: skip
+                   lambda *a, **k: seen.append([k[n] for n in picked]) or real(*a, **k),
+                   )  # fmt: skip
         cli.main(args + ["--full_cache"])
-        cli.main(args)
-    assert seen == [False, True]
+        cli.main(args + ["--decode_mlp", "pallas:16:64:4:2"])
+        # Qwen2's q|k|v biases: the norms cannot fold, refused by name
+        with pytest.raises(ValueError, match="decode_norm='fold' does not apply.*qkv_bias"):
+            cli.main(args + ["--decode_norm", "fold"])
+    assert seen == [[False, "xla", "xla"], [True, "pallas:16:64:4:2", "xla"],
+                    [True, "xla", "fold"]]  # fmt: skip
     assert [json.loads(ln) for ln in capsys.readouterr().out.splitlines()] == plain * 2
+    with pytest.raises(SystemExit):
+        cli.main(args + ["--decode_mlp", "pallas:16"])
+    assert "--decode_mlp: decode_mlp='pallas:16'" in capsys.readouterr().err
     assert all(0 < r["n_tokens"] <= 5 and isinstance(r["completion"], str) for r in plain)
     # The same greedy tokens as calling generate directly.
     cfg, params, tok = cli.load(d)
