@@ -84,6 +84,8 @@ GENERATE_OPTIONS = {
     # attention kernel divides q|k|v by rms(x) itself, no norm kernel before q|k|v; with
     # "mlp" the gate|up kernel does the same for the MLP's norm (":fold:mlp")
     "fold": {"decode_norm": "fold"},
+    # the gate|up kernel over the weight transposed once per call (models/decode_mlp.py)
+    "mlpt": {"decode_mlp": "pallas_t"},
 }
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
@@ -93,8 +95,9 @@ RUN_OPTIONS = ("profile",)
 # run whole (the GPU suite's "decode 1b flaxlm b64 tuned attention").
 _ATTENTION_VARIANT = re.compile(r"attn(\d+)-(\d+)-(\d+)$")
 # ":mlpBN-BK-W-S": the Pallas gate|up kernel with column block BN, row step BK, W warps and S
-# stages (`generate(..., decode_mlp="pallas:BN:BK:W:S")`), bench/decode_kernels.py's best.
-_MLP_VARIANT = re.compile(r"mlp(\d+)-(\d+)-(\d+)-(\d+)$")
+# stages (`generate(..., decode_mlp="pallas:BN:BK:W:S")`), bench/decode_kernels.py's best;
+# ":mlptBN-BK-W-S" the same over the transposed weight ("pallas_t:BN:BK:W:S").
+_MLP_VARIANT = re.compile(r"mlp(t?)(\d+)-(\d+)-(\d+)-(\d+)$")
 
 
 def option_settings(name: str) -> dict:
@@ -102,7 +105,8 @@ def option_settings(name: str) -> dict:
     if m := _ATTENTION_VARIANT.match(name):
         return {"decode_attention": "pallas:" + ":".join(m.groups())}
     if m := _MLP_VARIANT.match(name):
-        return {"decode_mlp": "pallas:" + ":".join(m.groups())}
+        kernel = "pallas_t" if m.group(1) else "pallas"
+        return {"decode_mlp": kernel + ":" + ":".join(m.groups()[1:])}
     return GENERATE_OPTIONS.get(name, {})
 
 
@@ -114,7 +118,7 @@ class _CaseOptions:
         return known or bool(_ATTENTION_VARIANT.match(name) or _MLP_VARIANT.match(name))
 
     def __iter__(self):
-        return iter((*GENERATE_OPTIONS, *RUN_OPTIONS, "attnBK-W-S", "mlpBN-BK-W-S"))
+        return iter((*GENERATE_OPTIONS, *RUN_OPTIONS, "attnBK-W-S", "mlp[t]BN-BK-W-S"))
 
 
 CASE_OPTIONS = _CaseOptions()

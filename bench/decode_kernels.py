@@ -33,6 +33,9 @@ as two rows):
                         BK-row steps, S stages in flight, and writes silu(g) ⊙ u): no float32
                         partials, one kernel. `generate(..., decode_mlp="pallas")` uses it
                         (not the default): measured here first, against gate_up:xla.
+  gate_up:pallas_t:BN:BK:W:S   the same kernel over the (2F, K) transposed weight
+                        (`decode_mlp="pallas_t"`): each program reads BK-long runs of its
+                        BN rows instead of BN-long runs of K rows.
 
 Timing: each program is called over rotating copies of its weights or caches (together at
 least 4× the H200's 50 MB L2, so every call reads HBM, as a decode step does), the calls traced
@@ -70,10 +73,12 @@ SHAPES = {
         384,
         256,
         [(bk, w, s) for bk in (64, 128, 256) for w in (4, 8) for s in (1, 2, 3)],
-        [(bn, bk, 4, s) for bn in (16, 32, 64) for bk in (64, 128) for s in (3, 4)],
+        # (K, N) weights as stored, then transposed to (N, K) (`decode_mlp="pallas_t"`)
+        [(bn, bk, 4, s) for bn in (16, 32, 64) for bk in (64, 128) for s in (3, 4)]
+        + [("t", bn, bk, 4, s) for bn in (16, 32) for bk in (128, 256) for s in (3, 4)],
         20,
     ),  # fmt: skip
-    "tiny": ("tiny", (4,), 128, 64, [(64, 4, 2)], [(32, 32, 4, 3)], 2),
+    "tiny": ("tiny", (4,), 128, 64, [(64, 4, 2)], [(32, 32, 4, 3), ("t", 32, 32, 4, 3)], 2),
 }
 
 
@@ -270,20 +275,36 @@ def run_gate_up(cfg, variant, batch: int, calls: int, tiny: bool) -> dict:
     ws = [(jax.random.normal(a, (K, F), dt) * 0.02, jax.random.normal(b, (K, F), dt) * 0.02)
           for a, b in zip(keys[1::2], keys[2::2])]  # fmt: skip
     x = jax.random.normal(keys[0], (batch, K), dt)
+    weights = ws  # each call's weight arguments
     if variant == "xla":
-        fn, piece = jax.jit(gate_up_xla), "gate_up:xla"
+        fn = jax.jit(gate_up_xla)
     else:
-        bn, bk, warps, stages = variant
-        fn = jax.jit(functools.partial(decode_mlp.gate_up_silu, block_n=bn, block_k=bk,
-                                       num_warps=warps,
-                                       num_stages=stages))  # fmt: skip
-        piece = "gate_up:pallas:" + ":".join(map(str, variant))
+        transposed = variant[0] == "t"
+        bn, bk, warps, stages = variant[1:] if transposed else variant
+        kernel = functools.partial(decode_mlp.gate_up_silu, block_n=bn, block_k=bk,
+                                   num_warps=warps, num_stages=stages)  # fmt: skip
+        if transposed:  # the (2F, K) weight `transformer.transpose_gate_up` makes per call
+            weights = [(jnp.concatenate([wg.T, wu.T]),) for wg, wu in ws]
+            fn = jax.jit(functools.partial(kernel, transposed=True))
+        else:
+            fn = jax.jit(kernel)
+    piece = gate_up_piece(variant)
     want = jax.jit(gate_up_xla)(x, *ws[0]).astype(jnp.float32)
-    err = float(jnp.max(jnp.abs(fn(x, *ws[0]).astype(jnp.float32) - want)))
-    jax.block_until_ready(fn(x, *ws[1]))
-    us, kernels = device_time(lambda i: fn(x, *ws[i % len(ws)]), calls)
+    err = float(jnp.max(jnp.abs(fn(x, *weights[0]).astype(jnp.float32) - want)))
+    jax.block_until_ready(fn(x, *weights[1]))
+    us, kernels = device_time(lambda i: fn(x, *weights[i % len(weights)]), calls)
     nbytes = (2 * K * F + batch * (K + F)) * dt.itemsize
     return _record(piece, batch, us, kernels, nbytes, shape=[K, F], max_abs_err_vs_xla=err)
+
+
+def gate_up_piece(variant) -> str:
+    """The piece name of a gate|up variant: gate_up:xla, gate_up:pallas:BN:BK:W:S, or for a
+    ("t", BN, BK, W, S) variant (the transposed weight) gate_up:pallas_t:BN:BK:W:S."""
+    if variant == "xla":
+        return "gate_up:xla"
+    if variant[0] == "t":
+        return "gate_up:pallas_t:" + ":".join(map(str, variant[1:]))
+    return "gate_up:pallas:" + ":".join(map(str, variant))
 
 
 def pieces(shape: str) -> list[tuple]:
@@ -312,8 +333,8 @@ def pieces(shape: str) -> list[tuple]:
                     run_matmul, cfg, name, backend, b, calls, tiny)))  # fmt: skip
         # the single prompt (a latency case, not the goal's): XLA and the last tiling only
         for v in ["xla", *(gate_ups if main else gate_ups[-1:])]:
-            name = "gate_up:xla" if v == "xla" else "gate_up:pallas:" + ":".join(map(str, v))
-            out.append((name, b, functools.partial(run_gate_up, cfg, v, b, calls, tiny)))
+            out.append((gate_up_piece(v), b,
+                        functools.partial(run_gate_up, cfg, v, b, calls, tiny)))  # fmt: skip
     return out
 
 

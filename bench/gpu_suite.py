@@ -26,14 +26,16 @@ PY = sys.executable
 
 def _fastest_correct(out: str, kind: str, batch: int) -> tuple[dict | None, str]:
     """(the fastest `kind` ("attention" or "gate_up") Pallas tiling record that
-    bench/decode_kernels.py timed earlier in this run at `batch`, its outputs within bf16
-    rounding of XLA's — or None and why not)."""
+    bench/decode_kernels.py timed earlier in this run at `batch` (gate_up: over either weight
+    layout, "pallas" or "pallas_t"), its outputs within bf16 rounding of XLA's — or None and
+    why not)."""
     path = os.path.join(out, "decode_kernels.jsonl")
     if not os.path.exists(path):
         return None, "no decode_kernels.jsonl: run the decode kernels case first"
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
-    timed = [r for r in recs if r.get("piece", "").startswith(f"{kind}:pallas:")
+    timed = [r for r in recs if r.get("piece", "").startswith((f"{kind}:pallas:",
+                                                                f"{kind}:pallas_t:"))
              and r.get("batch") == batch and r.get("us", 0) > 0
              and r.get("max_abs_err_vs_xla", 1.0) < 0.05]  # fmt: skip
     if not timed:
@@ -75,8 +77,9 @@ def tuned_fold_mlp(shape: str, batch: int):
         if attention is not None and _tiling(attention) != DEFAULT_ATTENTION:
             options.append("attn" + "-".join(map(str, _tiling(attention))))
         mlp, _ = _fastest_correct(out, "gate_up", batch)
-        if mlp is not None and _tiling(mlp) != DEFAULT_GATE_UP:
-            options.append("mlp" + "-".join(map(str, _tiling(mlp))))
+        transposed = mlp is not None and mlp["piece"].startswith("gate_up:pallas_t:")
+        if mlp is not None and (transposed or _tiling(mlp) != DEFAULT_GATE_UP):
+            options.append(("mlpt" if transposed else "mlp") + "-".join(map(str, _tiling(mlp))))
         if not options:
             return "skipped (no faster attention or gate|up tiling timed than the defaults)"
         mlp_option = [o for o in options if o.startswith("mlp")] or ["mlp"]
@@ -112,15 +115,20 @@ GPU_CASES = [
     # Each piece of a decode step alone (bench/decode_kernels.py): the five matmuls with Triton
     # and with cuBLAS, the Pallas attention kernel over key blocks 64/128/256, 4/8 warps, 1-3
     # stages (the 2026-11-30 profile: 11.1 us per layer for 3.9 us of bytes), XLA's attention,
-    # and the gate|up + SiLU kernel's tilings: what to change next, in one case.
-    ("decode kernels", 180, ["decode_kernels"]),
-    # The fastest attention tiling of that case, if not the default, in the whole decode (the
-    # kernel's (64, 4, 2) is untuned): run right after it, from its records in this OUT.
-    ("decode 1b flaxlm b64 tuned attention", 60, tuned_attention("1b", 64)),
-    # The fold case again with that case's fastest attention and gate|up tilings.
+    # and the gate|up + SiLU kernel's tilings over the weight as stored and transposed: what to
+    # change next, in one case.
+    ("decode kernels", 220, ["decode_kernels"]),
+    # The fold case again with that case's fastest attention and gate|up tilings (either
+    # weight layout), from its records in this OUT.
     ("decode 1b flaxlm b64 tuned fold mlp", 60, tuned_fold_mlp("1b", 64)),
+    # The fastest attention tiling of that case, if not the default, in the default decode (the
+    # kernel's (64, 4, 2) is untuned).
+    ("decode 1b flaxlm b64 tuned attention", 60, tuned_attention("1b", 64)),
     # Triton's gemms, unfused (the default before): the in-lease ratio of the change.
     ("decode 1b flaxlm b64 triton", 60, ["decode", "--cases", "1b:flax:b64:triton"]),
+    # The fold case with the gate|up kernel over the transposed weight (`decode_mlp=
+    # "pallas_t"`), default tiling: if decode kernels was cut short, the other layout whole.
+    ("decode 1b flaxlm b64 fold mlpt", 60, ["decode", "--cases", "1b:flax:b64:fold:mlpt"]),
     # cuBLAS over the separate weights, XLA's dot merger off (no concatenated copy: peak 2.9
     # GiB against 4.0 in the H200 compile, 285 kernels per step against 197): if near the
     # default's time, "auto" can drop the copy.

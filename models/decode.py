@@ -127,6 +127,7 @@ from flaxlm.models.transformer import (
     fold_norms_unsupported,
     fuse_projections,
     init_cache,
+    transpose_gate_up,
     unstack_layers,
 )
 
@@ -171,7 +172,7 @@ CUBLAS_MIN_ROWS = 64
 
 
 def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none",
-                   norm: str = "xla"):  # fmt: skip
+                   norm: str = "xla", mlp: str = "xla"):  # fmt: skip
     """Unrolled layout in the compute dtype (fused projections if asked; pre-norm scales folded
     into the projections with `norm="fold"`, `transformer.fold_norms`, before the cast; int8
     projection weights with `quantize="int8"`, models/quant.py, quantized from the stored
@@ -185,6 +186,8 @@ def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none"
         params = fuse_projections(params, cfg.n_layers)
     if norm == "fold":
         params = fold_norms(cfg, params, cfg.n_layers)
+    if mlp.split(":")[0] == "pallas_t":  # the gate|up kernel over W^T (models/decode_mlp.py)
+        params = transpose_gate_up(params, cfg.n_layers)
     params = quant.quantize_params(params, quantize)
     dt = cfg.compute_dtype
     return jax.tree.map(
@@ -247,7 +250,7 @@ def _decode_fn(
 
     def run(params, tokens_BP, lengths_B, rng, temperature, top_p, min_p, stop_ids, pad_id,
             strings=None):  # fmt: skip
-        variables = {"params": _decode_params(cfg, params, fused, quantize, norm)}
+        variables = {"params": _decode_params(cfg, params, fused, quantize, norm, mlp)}
         B, P = tokens_BP.shape
         sample = functools.partial(
             sample_logits,
@@ -545,7 +548,10 @@ def generate(
         (models/decode_mlp.py; a candidate measured by bench/decode_kernels.py, not yet a
         default; without a mesh, or one whose axes are all of size 1); "xla" (the default).
         "pallas:BN:BK:W:S": the kernel with column block BN, row step BK, W warps and S
-        stages (`decode_mlp.variant_options`; the defaults are 32, 128, 4, 3).
+        stages (`decode_mlp.variant_options`; the defaults are 32, 128, 4, 3). "pallas_t"
+        (and "pallas_t:BN:BK:W:S"): the kernel over gate|up transposed to (2F, D) once per
+        call (`transformer.transpose_gate_up`), whose rows it reads in longer contiguous runs;
+        dense float models.
       decode_norm: "fold": each layer's pre-norm scales are multiplied into the q|k|v and
         gate|up weights once per call (`transformer.fold_norms`), and the decode steps'
         kernels divide by the rows' rms themselves — the Pallas attention kernel before RoPE
@@ -704,7 +710,10 @@ def _program(
     cache_dtype = checked_cache_dtype(cache_dtype, cfg)
     decode_attention = resolve_decode_attention(decode_attention, mesh)
     if decode_mlp != "xla":
-        decode_mlp_kernel.variant_options(decode_mlp)  # a ValueError naming a bad name
+        transposed = decode_mlp_kernel.variant_options(decode_mlp).get("transposed", False)
+        if transposed and (quantize != "none" or cfg.n_experts):
+            raise ValueError(f"generate: decode_mlp={decode_mlp!r} streams a dense model's float "
+                             "gate|up (not with quantize or experts): use 'pallas'")  # fmt: skip
     if quantize not in quant.MODES:
         raise ValueError(f"generate: quantize must be one of {quant.MODES}, got {quantize!r}")
     if decode_norm not in DECODE_NORMS:

@@ -248,10 +248,19 @@ class MLP(nn.Module):
             (cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg, name="down", remat_name="mlp_out"
         )(h)
 
+    def _transposed(self) -> bool:
+        """The params hold "gate_up_t" (`transformer.transpose_gate_up`): decode_mlp="pallas_t"."""
+        return self.decode_kernel.split(":")[0] == "pallas_t"
+
     def _gate_up(self, x):
         cfg = self.cfg
         shape, axes = (cfg.d_model, cfg.d_ff), ("embed", "mlp")
-        if self.fused:
+        if self._transposed():  # (prefill and meshes, next to the kernel's decode steps)
+            w_t = ProjWeights((2 * cfg.d_ff, cfg.d_model), ("mlp", "embed"), cfg,
+                              name="gate_up_t")()[0]  # fmt: skip
+            h2 = jnp.einsum("...d,nd->...n", x.astype(w_t.dtype), w_t)
+            gate, up = h2[..., : cfg.d_ff], h2[..., cfg.d_ff :]
+        elif self.fused:
             gate_up = Proj((cfg.d_model, 2, cfg.d_ff), ("embed", None, "mlp"), cfg, name="gate_up")
             h2 = checkpoint_name(gate_up(x), "mlp_in")  # (..., 2, F)
             gate, up = h2[..., 0, :], h2[..., 1, :]
@@ -271,7 +280,9 @@ class MLP(nn.Module):
         `norm_eps`, x / rms(x) inside it."""
         cfg = self.cfg
         D, F = cfg.d_model, cfg.d_ff
-        if self.fused:
+        if self._transposed():
+            weights = [ProjWeights((2 * F, D), ("mlp", "embed"), cfg, name="gate_up_t")()[0]]
+        elif self.fused:
             weights = [ProjWeights((D, 2, F), ("embed", None, "mlp"), cfg, name="gate_up")()[0]]
         else:
             weights = [ProjWeights((D, F), ("embed", "mlp"), cfg, name=n)()[0]

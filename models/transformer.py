@@ -400,6 +400,25 @@ def fuse_projections(params, n_layers: int):
     return out
 
 
+def transpose_gate_up(params, n_layers: int):
+    """Unrolled params (fused or not) → each dense layer's gate and up kernels as one
+    "gate_up_t" (2F, D): gate's F rows, then up's — the layout `decode_mlp="pallas_t"` streams
+    (models/decode_mlp.py says why). Every other leaf is unchanged."""
+    out = dict(params)
+    for i in range(n_layers):
+        layer = dict(params[f"layers_{i}"])
+        mlp = dict(layer["mlp"])
+        if "gate_up" in mlp:  # (D, 2, F)
+            w = mlp.pop("gate_up")["kernel"]
+            w_t = w.reshape(w.shape[0], -1).T
+        elif "gate" in mlp and "up" in mlp:
+            w_t = jnp.concatenate([mlp.pop("gate")["kernel"].T, mlp.pop("up")["kernel"].T])
+        else:
+            continue
+        out[f"layers_{i}"] = {**layer, "mlp": {**mlp, "gate_up_t": {"kernel": w_t}}}
+    return out
+
+
 def fold_norms_unsupported(cfg: ModelConfig) -> str:
     """Why `fold_norms` does not apply to this model ("" when it does): it needs pre-norm
     blocks whose normalised input goes only to plain matmuls — no q|k|v biases (added after

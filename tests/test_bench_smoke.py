@@ -161,11 +161,14 @@ def test_decode_kernels_bench(tmp_path):
     recs = {r["case"]: r for r in map(json.loads, lines)}
     assert set(recs) == {"matmul:o:triton:b4", "matmul:o:cublas:b4", "attention:xla:b4",
                          "attention:pallas:64:4:2:b4", "gate_up:xla:b4",
-                         "gate_up:pallas:32:32:4:3:b4"}  # fmt: skip
+                         "gate_up:pallas:32:32:4:3:b4",
+                         "gate_up:pallas_t:32:32:4:3:b4"}  # fmt: skip
     assert all(r["us"] > 0 and r["bytes"] > 0 for r in recs.values()), recs
-    # the candidate kernels compute their XLA counterparts (float32 here)
+    # the candidate kernels compute their XLA counterparts (float32 here), the gate|up one
+    # over the weight as stored and transposed
     assert recs["attention:pallas:64:4:2:b4"]["max_abs_err_vs_xla"] < 1e-5
     assert recs["gate_up:pallas:32:32:4:3:b4"]["max_abs_err_vs_xla"] < 1e-5
+    assert recs["gate_up:pallas_t:32:32:4:3:b4"]["max_abs_err_vs_xla"] < 1e-5
     assert recs["matmul:o:cublas:b4"]["shape"] == [128, 64]  # (heads · head dim, d_model)
     assert "| attention:pallas:64:4:2 | 4 |" in (tmp_path / "decode_kernels.md").read_text()
 

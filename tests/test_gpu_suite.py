@@ -95,3 +95,10 @@ def test_tuned_fold_mlp_runs_the_fastest_attention_and_gate_up_tilings(tmp_path)
     recs[3]["us"] = 30.0  # and the MLP's default too
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert "skipped" in pick(str(tmp_path))
+    # a tiling over the transposed weight, fastest: ":mlpt…", `decode_mlp="pallas_t:…"`
+    recs.append({"piece": "gate_up:pallas_t:16:256:4:3", "batch": 64, "us": 10.0,
+                 "max_abs_err_vs_xla": 0.02})  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert pick(str(tmp_path))[-1] == "1b:flax:b64:fold:mlpt16-256-4-3"
+    assert option_settings("mlpt16-256-4-3") == {"decode_mlp": "pallas_t:16:256:4:3"}
+    assert "mlpt16-256-4-3" in CASE_OPTIONS

@@ -111,3 +111,41 @@ def test_generate_with_a_kernel_variant(monkeypatch):
     assert len(calls) == cfg.n_layers
     with pytest.raises(ValueError, match="decode_mlp='pallas:16:64'"):
         generate(cfg, params, PROMPTS, decode_mlp="pallas:16:64", **kw)
+
+
+def test_the_transposed_weight_gives_the_same_product():
+    """`transposed`: the (2F, D) weight of `transpose_gate_up` (gate rows, then up's) read in
+    row blocks — the formula's result, with and without the folded norm."""
+    r = np.random.default_rng(7)
+    x, wg, wu = (
+        jnp.asarray(r.normal(size=s), jnp.float32) for s in ((5, 256), (256, 64), (256, 64))
+    )
+    wg, wu = wg / 16, wu / 16  # products of order 1: float32's rounding under the tolerance
+    w_t = jnp.concatenate([wg.T, wu.T])
+    got = decode_mlp.gate_up_silu(x, w_t, transposed=True, block_n=16, block_k=64)
+    np.testing.assert_allclose(got, jax.nn.silu(x @ wg) * (x @ wu), rtol=2e-5, atol=2e-5)
+    x_hat = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    got = decode_mlp.gate_up_silu(x, w_t, transposed=True, norm_eps=1e-6, block_n=32, block_k=128)
+    np.testing.assert_allclose(got, jax.nn.silu(x_hat @ wg) * (x_hat @ wu), rtol=2e-5, atol=2e-5)
+    assert decode_mlp.variant_options("pallas_t") == {"transposed": True}
+    assert decode_mlp.variant_options("pallas_t:16:64:4:3")["transposed"]
+    with pytest.raises(ValueError, match=r"weights \(256, 128\)"):  # (D, 2F) is not (2F, D)
+        decode_mlp.gate_up_silu(x, w_t.T, transposed=True)
+
+
+def test_generate_over_the_transposed_gate_up(monkeypatch):
+    """decode_mlp="pallas_t" (the weight transposed once per call, the prefill's XLA path
+    reading it too), alone and with the folded norms: the XLA path's tokens and logprobs;
+    int8 weights refused (the transposed weight would stay float)."""
+    cfg, params = _model(d_model=128, d_ff=192, n_heads=4, n_kv_heads=2, head_dim=32)
+    calls = _counting(monkeypatch)
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_k=20)):
+        kw.update(max_new_tokens=5, rng=jax.random.PRNGKey(4))
+        want = generate(cfg, params, PROMPTS, **kw)
+        for extra in (dict(), dict(decode_norm="fold", decode_attention="pallas")):
+            got = generate(cfg, params, PROMPTS, decode_mlp="pallas_t:16:64:4:2", **extra, **kw)
+            np.testing.assert_array_equal(got.tokens, want.tokens)
+            np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+    assert len(calls) == 4 * cfg.n_layers
+    with pytest.raises(ValueError, match="decode_mlp='pallas_t'.*quantize"):
+        generate(cfg, params, PROMPTS, decode_mlp="pallas_t", quantize="int8", **kw)
