@@ -144,3 +144,21 @@ def test_unknown_decode_norm_is_refused():
     with pytest.raises(ValueError, match="decode_norm must be one of"):
         generate(cfg, params, PROMPTS, max_new_tokens=2, rng=jax.random.PRNGKey(0),
                  decode_norm="folded")  # fmt: skip
+
+
+def test_folded_decode_under_a_mesh_is_the_one_device_decode(monkeypatch):
+    """data 4 × fsdp 2: the attention kernel runs per device on its rows (the rows' x sharded
+    with them), the MLP on XLA's path (normalising unscaled) — the one-device tokens."""
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh
+
+    calls = _counting(monkeypatch)
+    cfg, params = _model(d_model=128, d_ff=192, n_heads=4, n_kv_heads=2, head_dim=32)
+    kw = dict(max_new_tokens=5, rng=jax.random.PRNGKey(5), temperature=0,
+              decode_attention="pallas", decode_norm="fold")  # fmt: skip
+    prompts = PROMPTS + [[7, 8], [9], [1, 2, 3, 4, 5]] * 2 + [[6]]  # 10, run as 16 rows
+    want = generate(cfg, params, prompts, **kw)
+    mesh = make_mesh({"data": 4, "fsdp": 2})
+    got = generate(cfg, params, prompts, mesh=mesh, rules=logical_axis_rules("fsdp"), **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+    assert calls["attention"] == [True] * 2 * cfg.n_layers  # both programs fold in the kernel
