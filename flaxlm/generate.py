@@ -250,6 +250,11 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         (bool(args.system) and not args.chat, "--system needs --chat"),
         (any(not s for s in args.stop), "--stop needs a non-empty string"),
         (args.draft_tokens < 1, "--draft_tokens must be >= 1"),
+        (
+            bool(args.draft) and (args.decode_mlp != "xla" or args.decode_norm != "xla"),
+            "--decode_mlp/--decode_norm do not apply with --draft (speculative decoding runs its "
+            "own programs)",
+        ),
         (args.ngram < 1, "--ngram must be >= 1"),
     ]
     for is_bad, msg in bad:

@@ -22,6 +22,8 @@ from flaxlm import generate as cli
         (["--num_samples", "2", "--temperature", "0"], "--num_samples > 1 needs --temperature"),
         (["--system", "Be brief."], "--system needs --chat"),
         (["--stop", ""], "--stop needs a non-empty string"),
+        (["--draft", "ngram", "--decode_norm", "fold"], "--decode_mlp/--decode_norm do not apply"),
+        (["--decode_mlp", "pallas:32"], "--decode_mlp: decode_mlp='pallas:32'"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags, message, tmp_path, capsys):
