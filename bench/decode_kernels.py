@@ -45,6 +45,10 @@ that make it up. `bytes` is what the piece must move at least (weights, activati
 out; the cache slots read and the new slot written), `tb_s` bytes / time, `hbm` its share of
 4.3 TB/s. Attention records also carry `max_abs_err_vs_xla`: the largest difference between
 the piece's output and the XLA step's on the same inputs (bf16 outputs: ~1e-2 is rounding).
+The default attention tiling's record and the first gate|up tiling of each weight layout also
+carry `fold_max_abs_err_vs_xla`: the same check with the pre-norm folded in (`decode_norm=
+"fold"`: raw rows in, the kernel dividing by their rms), so the lease shows the folded
+kernels compute the step on the device before their decode is timed.
 On a CPU (`--tiny`) `us` is the wall time per call and no bandwidth is reported.
 """
 
@@ -61,6 +65,7 @@ from flaxlm.bench import driver
 HBM_BYTES_PER_S = 4.3e12  # H200
 L2_BYTES = 50 * 2**20  # every call reads what the previous calls left out of L2
 CUBLAS = {"xla_gpu_enable_triton_gemm": False}
+FOLD_EPS = 1e-5  # the RMSNorm eps of the folded-norm checks
 
 # (model variant, batches, cache slots, tokens in the cache, the Pallas attention variants
 # (block_k, warps, stages), the Pallas gate|up variants (block_n, block_k, warps, stages),
@@ -242,6 +247,17 @@ def run_attention(cfg, variant, batch: int, slots: int, filled: int, calls: int,
     # record says the timed program computes the step (on the GPU: Triton's build of it).
     want = jax.jit(functools.partial(xla_attention_step, cfg))(qkv, cos, sin, *caches[0], mask,
                                                                 idx)[0]  # fmt: skip
+    extra = {}
+    if variant == (kernel.BLOCK_K, kernel.NUM_WARPS, kernel.NUM_STAGES):
+        # The pre-norm folded in (`decode_norm="fold"`), checked on the device once: q|k|v
+        # scaled by rms(x) of random rows x, which the kernel divides out again.
+        x = jax.random.normal(jax.random.PRNGKey(9), (batch, 1, cfg.d_model), dt) * 3
+        rms = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1) + FOLD_EPS)
+        raw = (qkv.astype(jnp.float32) * rms[:, :, None, None]).astype(dt)
+        folded = jax.jit(functools.partial(step, norm_x_BTD=x, norm_eps=FOLD_EPS))
+        got = folded(raw, cos, sin, *caches[0], mask, idx)[0]  # (not donated)
+        extra["fold_max_abs_err_vs_xla"] = float(jnp.max(jnp.abs(
+            got.astype(jnp.float32) - want.astype(jnp.float32))))  # fmt: skip
     got = call(0)
     err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
     jax.block_until_ready(call(1))
@@ -250,7 +266,7 @@ def run_attention(cfg, variant, batch: int, slots: int, filled: int, calls: int,
     nbytes = (2 * batch * K * read * H + 2 * batch * K * H
               + batch * (2 * N + 2 * K) * H) * dt.itemsize  # fmt: skip
     return _record(piece, batch, us, kernels, nbytes, slots=slots, filled=filled,
-                   max_abs_err_vs_xla=err)  # fmt: skip
+                   max_abs_err_vs_xla=err, **extra)  # fmt: skip
 
 
 def gate_up_xla(x_BK, wg_KN, wu_KN):
@@ -261,7 +277,7 @@ def gate_up_xla(x_BK, wg_KN, wu_KN):
     return jax.nn.silu(x_BK @ wg_KN) * (x_BK @ wu_KN)
 
 
-def run_gate_up(cfg, variant, batch: int, calls: int, tiny: bool) -> dict:
+def run_gate_up(cfg, variant, batch: int, calls: int, tiny: bool, check_fold: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -285,16 +301,25 @@ def run_gate_up(cfg, variant, batch: int, calls: int, tiny: bool) -> dict:
                                    num_warps=warps, num_stages=stages)  # fmt: skip
         if transposed:  # the (2F, K) weight `transformer.transpose_gate_up` makes per call
             weights = [(jnp.concatenate([wg.T, wu.T]),) for wg, wu in ws]
-            fn = jax.jit(functools.partial(kernel, transposed=True))
-        else:
-            fn = jax.jit(kernel)
+            kernel = functools.partial(kernel, transposed=True)
+        fn = jax.jit(kernel)
     piece = gate_up_piece(variant)
     want = jax.jit(gate_up_xla)(x, *ws[0]).astype(jnp.float32)
     err = float(jnp.max(jnp.abs(fn(x, *weights[0]).astype(jnp.float32) - want)))
+    extra = {}
+    if check_fold:  # the pre-norm folded in (`decode_norm="fold"`), checked on the device
+        from flaxlm.models.layers import rms_normalize
+
+        xs = x * 3  # rows whose rms the kernel divides out
+        want_f = jax.jit(gate_up_xla)(rms_normalize(xs, FOLD_EPS, dt), *ws[0])
+        got_f = jax.jit(functools.partial(kernel, norm_eps=FOLD_EPS))(xs, *weights[0])
+        extra["fold_max_abs_err_vs_xla"] = float(jnp.max(jnp.abs(
+            got_f.astype(jnp.float32) - want_f.astype(jnp.float32))))  # fmt: skip
     jax.block_until_ready(fn(x, *weights[1]))
     us, kernels = device_time(lambda i: fn(x, *weights[i % len(weights)]), calls)
     nbytes = (2 * K * F + batch * (K + F)) * dt.itemsize
-    return _record(piece, batch, us, kernels, nbytes, shape=[K, F], max_abs_err_vs_xla=err)
+    return _record(piece, batch, us, kernels, nbytes, shape=[K, F], max_abs_err_vs_xla=err,
+                   **extra)  # fmt: skip
 
 
 def gate_up_piece(variant) -> str:
@@ -332,9 +357,13 @@ def pieces(shape: str) -> list[tuple]:
                 out.append((f"matmul:{name}:{backend}", b, functools.partial(
                     run_matmul, cfg, name, backend, b, calls, tiny)))  # fmt: skip
         # the single prompt (a latency case, not the goal's): XLA and the last tiling only
+        layouts = set()  # the first tiling of each weight layout also checks the folded norm
         for v in ["xla", *(gate_ups if main else gate_ups[-1:])]:
-            out.append((gate_up_piece(v), b,
-                        functools.partial(run_gate_up, cfg, v, b, calls, tiny)))  # fmt: skip
+            first = v != "xla" and (v[0] == "t") not in layouts
+            if first:
+                layouts.add(v[0] == "t")
+            out.append((gate_up_piece(v), b, functools.partial(
+                run_gate_up, cfg, v, b, calls, tiny, check_fold=first)))  # fmt: skip
     return out
 
 

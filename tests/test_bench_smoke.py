@@ -169,6 +169,11 @@ def test_decode_kernels_bench(tmp_path):
     assert recs["attention:pallas:64:4:2:b4"]["max_abs_err_vs_xla"] < 1e-5
     assert recs["gate_up:pallas:32:32:4:3:b4"]["max_abs_err_vs_xla"] < 1e-5
     assert recs["gate_up:pallas_t:32:32:4:3:b4"]["max_abs_err_vs_xla"] < 1e-5
+    # the default attention tiling and each gate|up layout's first also check the folded
+    # pre-norm (`decode_norm="fold"`) once
+    for piece in ("attention:pallas:64:4:2", "gate_up:pallas:32:32:4:3",
+                  "gate_up:pallas_t:32:32:4:3"):  # fmt: skip
+        assert recs[piece + ":b4"]["fold_max_abs_err_vs_xla"] < 1e-4
     assert recs["matmul:o:cublas:b4"]["shape"] == [128, 64]  # (heads · head dim, d_model)
     assert "| attention:pallas:64:4:2 | 4 |" in (tmp_path / "decode_kernels.md").read_text()
 
