@@ -138,12 +138,17 @@ class Proj(nn.Module):
         return y
 
 
-def rms_normalize(x, eps: float, dtype):
-    """x / rms(x) in float32 (as HF Llama), in `dtype`: RMSNorm without its scale — what a
-    layer runs on its input when the scale is folded into the next weights
-    (`transformer.fold_norms`) and no kernel folds the division in."""
+def _normalized_f32(x, eps: float):
+    """x / sqrt(mean(x²) + eps) over the last axis, computed in float32 (as HF Llama does)."""
     x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(dtype)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def rms_normalize(x, eps: float, dtype):
+    """RMSNorm without its scale, in `dtype` — what a layer runs on its input when the scale
+    is folded into the next weights (`transformer.fold_norms`) and no kernel folds the
+    division in."""
+    return _normalized_f32(x, eps).astype(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -165,8 +170,7 @@ class RMSNorm(nn.Module):
             (x.shape[-1],),
             self.cfg.weight_dtype,
         )
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        x32 = _normalized_f32(x, self.cfg.norm_eps)
         if offset:
             return (x32 * (1.0 + scale.astype(jnp.float32))).astype(self.cfg.compute_dtype)
         # Match HF: normalise in fp32, cast back, then multiply by the weight.
