@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import subprocess
 import tempfile
+import time
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -39,10 +40,60 @@ import pytest  # noqa: E402
 # its reference count drops to zero; only cycles among frozen objects are never collected.)
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
+    _spent.clear()
+    start = time.perf_counter()
     yield  # the file's module-scoped fixtures are torn down by now if nextitem is in another
     if nextitem is None or nextitem.path != item.path:
         gc.collect()
         gc.freeze()
+    if _PROFILE:  # setup, call and teardown (module fixtures land on a file's first test)
+        _write_profile(item, time.perf_counter() - start)
+
+
+# --- where a test's time goes: FLAXLM_TEST_COMPILE_PROFILE=FILE -------------------------------
+# Appends one JSON line per test (this process only, not the subprocesses a test starts): its
+# wall time (setup, call and teardown) and the seconds jax spent tracing, lowering and compiling
+# (the XLA backend, reads of the persistent cache included), with the number of compiles and
+# cache hits and the compile seconds per jitted function. On a cold cache most of the suite is
+# compile time; this says which tests' programs cost it (tests/compile_profile_summary.py).
+_PROFILE = os.environ.get("FLAXLM_TEST_COMPILE_PROFILE")
+_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "compile_s",
+}
+_spent: dict = {}
+
+
+def _on_event(event, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+        _spent["cache_hits"] = _spent.get("cache_hits", 0) + 1
+
+
+def _on_duration(event, secs, fun_name="?", **_):
+    key = _EVENTS.get(event)
+    if key:
+        _spent[key] = _spent.get(key, 0.0) + secs
+        if key == "compile_s":
+            _spent["compiles"] = _spent.get("compiles", 0) + 1
+            by_name = _spent.setdefault("compile_s_by_fun", {})
+            by_name[fun_name] = by_name.get(fun_name, 0.0) + secs
+
+
+if _PROFILE:
+    import jax.monitoring  # noqa: E402
+
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    jax.monitoring.register_event_listener(_on_event)
+
+
+def _write_profile(item, wall_s):
+    record = {"test": item.nodeid, "wall_s": round(wall_s, 3)}
+    by_name = _spent.pop("compile_s_by_fun", {})
+    record.update({k: round(v, 3) for k, v in _spent.items()})
+    record["compile_s_by_fun"] = {k: round(v, 3) for k, v in by_name.items() if v >= 0.05}
+    with open(_PROFILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 @pytest.fixture(scope="session")

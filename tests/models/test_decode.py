@@ -148,16 +148,27 @@ def test_fusion_by_default_only_with_cublas(model, monkeypatch):
     the concatenated gate|up. Triton's gemms (the CPU's "auto") leave them."""
     cfg, params = model
     seen = []
-    real = decode._decode_fn
-    monkeypatch.setattr(decode, "_decode_fn", lambda *a: seen.append((a[9], a[18])) or real(*a))
+
+    class Built(Exception):  # the program's arguments are seen; compiling it would add nothing
+        pass
+
+    def spy(*a):
+        seen.append((a[9], a[18]))
+        raise Built
+
+    monkeypatch.setattr(decode, "_decode_fn", spy)
     kw = dict(max_new_tokens=2, rng=jax.random.PRNGKey(0), temperature=0)
-    generate(cfg, params, PROMPTS, **kw)
-    generate(cfg, params, PROMPTS, fuse_projections=True, **kw)
     mesh = make_mesh({"data": 4, "fsdp": 2})
-    generate(cfg, params, PROMPTS + [[3]], mesh=mesh, rules=logical_axis_rules("fsdp"), **kw)
-    generate(cfg, params, PROMPTS, decode_gemm="cublas", **kw)
-    generate(cfg, params, PROMPTS, decode_gemm="cublas", fuse_projections=False, **kw)
-    generate(cfg, params, PROMPTS, decode_gemm="cublas", decode_mlp="pallas", **kw)
+    for prompts, extra in [
+        (PROMPTS, {}),
+        (PROMPTS, dict(fuse_projections=True)),
+        (PROMPTS + [[3]], dict(mesh=mesh, rules=logical_axis_rules("fsdp"))),
+        (PROMPTS, dict(decode_gemm="cublas")),
+        (PROMPTS, dict(decode_gemm="cublas", fuse_projections=False)),
+        (PROMPTS, dict(decode_gemm="cublas", decode_mlp="pallas")),
+    ]:
+        with pytest.raises(Built):
+            generate(cfg, params, prompts, **kw, **extra)
     assert seen == [(False, "xla"), (True, "xla"), (False, "xla"), (True, "cublas"),
                     (False, "cublas"), (True, "cublas")]  # fmt: skip
 
