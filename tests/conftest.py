@@ -41,6 +41,7 @@ import pytest  # noqa: E402
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     _spent.clear()
+    _by_fun.clear()
     start = time.perf_counter()
     yield  # the file's module-scoped fixtures are torn down by now if nextitem is in another
     if nextitem is None or nextitem.path != item.path:
@@ -62,7 +63,8 @@ _EVENTS = {
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
     "/jax/core/compile/backend_compile_duration": "compile_s",
 }
-_spent: dict = {}
+_spent: dict = {}  # this test's totals
+_by_fun: dict = {}  # this test's compile seconds per jitted function
 
 
 def _on_event(event, **_):
@@ -76,12 +78,11 @@ def _on_duration(event, secs, fun_name="?", **_):
         _spent[key] = _spent.get(key, 0.0) + secs
         if key == "compile_s":
             _spent["compiles"] = _spent.get("compiles", 0) + 1
-            by_name = _spent.setdefault("compile_s_by_fun", {})
-            by_name[fun_name] = by_name.get(fun_name, 0.0) + secs
+            _by_fun[fun_name] = _by_fun.get(fun_name, 0.0) + secs
 
 
 if _PROFILE:
-    import jax.monitoring  # noqa: E402
+    import jax.monitoring
 
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
     jax.monitoring.register_event_listener(_on_event)
@@ -89,9 +90,8 @@ if _PROFILE:
 
 def _write_profile(item, wall_s):
     record = {"test": item.nodeid, "wall_s": round(wall_s, 3)}
-    by_name = _spent.pop("compile_s_by_fun", {})
     record.update({k: round(v, 3) for k, v in _spent.items()})
-    record["compile_s_by_fun"] = {k: round(v, 3) for k, v in by_name.items() if v >= 0.05}
+    record["compile_s_by_fun"] = {k: round(v, 3) for k, v in _by_fun.items() if v >= 0.05}
     with open(_PROFILE, "a") as f:
         f.write(json.dumps(record) + "\n")
 
