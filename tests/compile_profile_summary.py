@@ -1,5 +1,6 @@
-"""Sums a FLAXLM_TEST_COMPILE_PROFILE file (tests/conftest.py) per test file, slowest first:
-wall seconds, and of them tracing, lowering and XLA compiling, with compile and cache-hit counts;
+"""Sums a FLAXLM_TEST_COMPILE_PROFILE file (tests/conftest.py) per test file, costliest (CPU) first:
+wall seconds, CPU seconds of the test process and of the subprocesses it waited for, and of the
+wall seconds those spent tracing, lowering and XLA compiling, with compile and cache-hit counts;
 then the compile seconds per jitted function over the suite (a name like `jit(multiply)` is an
 op run eagerly, outside any jitted function: one small compile per new shape).
 
@@ -11,7 +12,16 @@ import collections
 import json
 import sys
 
-KEYS = ("wall_s", "trace_s", "lower_s", "compile_s", "compiles", "cache_hits")
+KEYS = (
+    "wall_s",
+    "cpu_s",
+    "child_cpu_s",
+    "trace_s",
+    "lower_s",
+    "compile_s",
+    "compiles",
+    "cache_hits",
+)
 
 
 def main(path: str, top: int = 40) -> None:
@@ -28,7 +38,7 @@ def main(path: str, top: int = 40) -> None:
             by_fun[name][1] += 1
     total = {k: sum(s[k] for s in per_file.values()) for k in KEYS}
     print(f"{'file':60s} " + " ".join(f"{k:>10s}" for k in KEYS))
-    rows = sorted(per_file.items(), key=lambda kv: -kv[1]["wall_s"])[:top]
+    rows = sorted(per_file.items(), key=lambda kv: -(kv[1]["cpu_s"] + kv[1]["child_cpu_s"]))[:top]
     for name, s in rows + [("TOTAL", total)]:
         print(f"{name[-60:]:60s} " + " ".join(f"{s[k]:10.1f}" for k in KEYS))
     print("\ncompile seconds by jitted function (over 0.05 s in a test), in how many tests:")

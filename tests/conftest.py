@@ -22,6 +22,12 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The subprocesses also load tests/subprocess_site/sitecustomize.py: every process of a
+# multi-process job writes its programs to that cache (jax writes process 0's alone).
+_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "subprocess_site")
+_paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+if _SITE not in _paths:
+    os.environ["PYTHONPATH"] = os.pathsep.join([_SITE, *filter(None, _paths)])
 
 import jax  # noqa: E402
 
@@ -42,21 +48,25 @@ import pytest  # noqa: E402
 def pytest_runtest_protocol(item, nextitem):
     _spent.clear()
     _by_fun.clear()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     yield  # the file's module-scoped fixtures are torn down by now if nextitem is in another
     if nextitem is None or nextitem.path != item.path:
         gc.collect()
         gc.freeze()
     if _PROFILE:  # setup, call and teardown (module fixtures land on a file's first test)
-        _write_profile(item, time.perf_counter() - start)
+        used = [round(after - before, 3) for before, after in zip(cpu, _cpu_seconds())]
+        _write_profile(item, time.perf_counter() - start, *used)
 
 
 # --- where a test's time goes: FLAXLM_TEST_COMPILE_PROFILE=FILE -------------------------------
-# Appends one JSON line per test (this process only, not the subprocesses a test starts): its
-# wall time (setup, call and teardown) and the seconds jax spent tracing, lowering and compiling
-# (the XLA backend, reads of the persistent cache included), with the number of compiles and
-# cache hits and the compile seconds per jitted function. On a cold cache most of the suite is
-# compile time; this says which tests' programs cost it (tests/compile_profile_summary.py).
+# Appends one JSON line per test: its xdist worker, when it ended (the workers' timelines),
+# its wall time (setup, call and teardown), the CPU seconds of
+# this process and of the subprocesses it started and waited for (on 2 cores the suite is CPU
+# bound: CPU seconds, not wall, are what a test costs), and the seconds jax spent tracing,
+# lowering and compiling (the XLA backend, reads of the persistent cache included), with the
+# number of compiles and cache hits and the compile seconds per jitted function. On a cold
+# cache most of the suite is compile time; this says which tests' programs cost it
+# (tests/compile_profile_summary.py).
 _PROFILE = os.environ.get("FLAXLM_TEST_COMPILE_PROFILE")
 _EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace_s",
@@ -88,8 +98,17 @@ if _PROFILE:
     jax.monitoring.register_event_listener(_on_event)
 
 
-def _write_profile(item, wall_s):
-    record = {"test": item.nodeid, "wall_s": round(wall_s, 3)}
+def _cpu_seconds():
+    """(this process's CPU seconds, all threads; its finished children's, user + system)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time(), children.ru_utime + children.ru_stime
+
+
+def _write_profile(item, wall_s, cpu_s, child_cpu_s):
+    record = {"test": item.nodeid, "wall_s": round(wall_s, 3), "cpu_s": cpu_s}
+    record.update(child_cpu_s=child_cpu_s, worker=_XDIST_WORKER or "", end=round(time.time(), 1))
     record.update({k: round(v, 3) for k, v in _spent.items()})
     record["compile_s_by_fun"] = {k: round(v, 3) for k, v in _by_fun.items() if v >= 0.05}
     with open(_PROFILE, "a") as f:
