@@ -60,9 +60,9 @@ def pytest_runtest_protocol(item, nextitem):
 
 # --- where a test's time goes: FLAXLM_TEST_COMPILE_PROFILE=FILE -------------------------------
 # Appends one JSON line per test: its xdist worker, when it ended (the workers' timelines),
-# its wall time (setup, call and teardown), the CPU seconds of
-# this process and of the subprocesses it started and waited for (on 2 cores the suite is CPU
-# bound: CPU seconds, not wall, are what a test costs), and the seconds jax spent tracing,
+# its wall time (setup, call and teardown), the CPU seconds of this process and of the
+# subprocesses it started and waited for (on 2 cores the suite is CPU bound: CPU seconds, not
+# wall, are what a test costs), and the seconds jax spent tracing,
 # lowering and compiling (the XLA backend, reads of the persistent cache included), with the
 # number of compiles and cache hits and the compile seconds per jitted function. On a cold
 # cache most of the suite is compile time; this says which tests' programs cost it
