@@ -48,7 +48,7 @@ import pytest  # noqa: E402
 def pytest_runtest_protocol(item, nextitem):
     _spent.clear()
     _by_fun.clear()
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), (_cpu_seconds() if _PROFILE else None)
     yield  # the file's module-scoped fixtures are torn down by now if nextitem is in another
     if nextitem is None or nextitem.path != item.path:
         gc.collect()
@@ -62,11 +62,10 @@ def pytest_runtest_protocol(item, nextitem):
 # Appends one JSON line per test: its xdist worker, when it ended (the workers' timelines),
 # its wall time (setup, call and teardown), the CPU seconds of this process and of the
 # subprocesses it started and waited for (on 2 cores the suite is CPU bound: CPU seconds, not
-# wall, are what a test costs), and the seconds jax spent tracing,
-# lowering and compiling (the XLA backend, reads of the persistent cache included), with the
-# number of compiles and cache hits and the compile seconds per jitted function. On a cold
-# cache most of the suite is compile time; this says which tests' programs cost it
-# (tests/compile_profile_summary.py).
+# wall, are what a test costs), and the seconds jax spent tracing, lowering and compiling (the
+# XLA backend, reads of the persistent cache included), with the number of compiles and cache
+# hits and the compile seconds per jitted function. On a cold cache most of the suite is
+# compile time; this says which tests' programs cost it (tests/compile_profile_summary.py).
 _PROFILE = os.environ.get("FLAXLM_TEST_COMPILE_PROFILE")
 _EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace_s",
