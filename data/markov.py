@@ -8,6 +8,8 @@ integer and resume is exact; each process generates only its own rows.
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 
@@ -48,6 +50,9 @@ class MarkovStream:
         )
         self.probs = rng.dirichlet(np.ones(branching), size=vocab_size)
         self.cum = np.cumsum(self.probs, axis=1)
+        # The sampler's copies as Python lists: `bisect_left` on a row is numpy's
+        # `searchsorted(side="left")` on the same float64 values, so the stream is unchanged.
+        self._successors_list, self._cum_list = self.successors.tolist(), self.cum.tolist()
         self.index = 0
 
     # --- entropies (nats) ----------------------------------------------------------------------
@@ -71,6 +76,7 @@ class MarkovStream:
     # --- iteration ---------------------------------------------------------------------------
     def _row(self, batch_index: int, row: int):
         rng = np.random.default_rng([self.seed, batch_index, row])
+        successors, cum = self._successors_list, self._cum_list
         T = self.seq_len
         tokens = np.zeros(T + 1, np.int32)
         seg = np.zeros(T + 1, np.int32)
@@ -80,10 +86,11 @@ class MarkovStream:
             n = min(int(rng.integers(self.doc_len[0], self.doc_len[1] + 1)), T + 1 - t)
             doc += 1
             x = int(rng.integers(self.vocab_size))
-            u = rng.random(n)
-            for i in range(n):
-                tokens[t + i] = x
-                x = int(self.successors[x, np.searchsorted(self.cum[x], u[i] * self.cum[x, -1])])
+            doc_tokens = []
+            for u in rng.random(n).tolist():  # Python scalars: numpy's per-call cost dominated
+                doc_tokens.append(x)
+                x = successors[x][bisect.bisect_left(cum[x], u * cum[x][-1])]
+            tokens[t : t + n] = doc_tokens
             seg[t : t + n] = doc
             pos[t : t + n] = np.arange(n)
             t += n

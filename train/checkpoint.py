@@ -58,6 +58,32 @@ from flaxlm.train.state import EmaTrainState, with_ema, without_ema
 log = logging.getLogger("flaxlm")
 
 ON_CORRUPT = ("fallback", "fail")  # config.ckpt_on_corrupt
+
+# Orbax saves a replicated array "replica-parallel" by default (off GPUs): each of its R replicas
+# writes 1/R of it, which takes an eager slice of the array per replica, each a program to lower
+# and dispatch. For small arrays (norm scales, biases, counters, the tiny models of tests and
+# notebooks) that costs far more than the bytes it spreads: a run on 8 CPU devices spent more
+# time slicing than writing. Arrays whose per-replica slice is under this many bytes are written
+# whole by one replica; bigger ones are still split.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+    """Replaces orbax's jax.Array handler (process-wide) by one with the threshold, keeping
+    the default's array-metadata store; an orbax without the option keeps its default."""
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    try:
+        handler = ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+            array_metadata_store=getattr(default, "_array_metadata_store", None),
+        )
+    except TypeError:
+        return
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+_register_array_handler()
+
 CORRUPT_DIR = "checkpoints_corrupt"  # beside WORKDIR/checkpoints, where orbax never looks
 # Multi-process resume: how long a process whose restore failed waits for the others to report
 # theirs (a restore that failed on only some processes leaves the others stuck in its
