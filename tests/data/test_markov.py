@@ -57,3 +57,18 @@ def test_processes_draw_their_rows_of_the_global_batch_and_resume_exactly():
         MarkovStream(32, 16, 4, seed=9).set_state(whole.get_state())
     with pytest.raises(ValueError, match="global_batch=3 not divisible by 2 procs"):
         MarkovStream(32, 16, 3, process_count=2)
+
+
+@pytest.mark.parametrize("vocab,branching", [(50, 3), (4096, 4)])
+def test_the_stationary_distribution_is_the_chains_fixed_point(vocab, branching):
+    """π P = π against the dense transition matrix, π a distribution; the sparse iteration
+    makes a 4096-token chain cheap (the dense one took ~40 s there)."""
+    s = MarkovStream(vocab, 16, 2, seed=3, branching=branching)
+    pi = s.stationary()
+    P = np.zeros((vocab, vocab))
+    np.put_along_axis(P, s.successors, s.probs, axis=1)
+    assert pi.min() >= 0 and abs(pi.sum() - 1) < 1e-12
+    np.testing.assert_allclose(pi @ P, pi, atol=1e-12)
+    assert s.stationary() is pi  # cached
+    want_rate = -(pi[:, None] * s.probs * np.log(s.probs)).sum()
+    assert s.entropy_rate() == pytest.approx(want_rate, rel=1e-12)
