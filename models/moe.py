@@ -118,7 +118,8 @@ def route(cfg: ModelConfig, logits_BTE, valid_BT, C: int):
     share = jnp.sum(onehot, axis=(0, 1), dtype=jnp.float32) / (n_tok * k)  # f_e, sums to 1
     mean_prob = jnp.sum(probs * vmask, axis=(0, 1)) / n_tok  # P_e
     z = jnp.sum(jnp.square(jax.nn.logsumexp(logits_BTE, axis=-1)) * valid_BT) / n_tok
-    dropped = 1.0 - jnp.sum(keep, dtype=jnp.float32) / (n_tok * k)
+    # Count, then divide: `1 - kept/assigned` under jit can round to -5e-8 with none dropped.
+    dropped = (n_tok * k - jnp.sum(keep, dtype=jnp.float32)) / (n_tok * k)
     # f_e counts (no gradient); the loss moves the router through P_e.
     stats = jnp.stack([E * jnp.sum(share * mean_prob), z, dropped, E * jnp.max(share)])
     return slot, weight, stats

@@ -1,10 +1,12 @@
 """flaxlm/demo_report.py `sequence_kl` (the report's "KL to the SFT model") against a plain
 reference written here: the same samples, each prompt + sample scored by the reference model in
-its own un-jitted, unpadded forward, KL = Σ over the sample of (log π − log π_ref)."""
+its own unpadded forward (jitted per length, not batched), KL = Σ over the sample of
+(log π − log π_ref)."""
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.demo_report import sequence_kl
@@ -19,11 +21,23 @@ PROMPTS = [[1, 9, 4], [1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [1], 
            [1, 50, 51, 52, 53, 54, 55]]  # fmt: skip
 
 
-def _params(seed):
+@jax.jit  # (one program for both seeds; eager, the init is hundreds of small ones)
+def _init(rng):
     from flaxlm.train.state import unbox
 
-    init = Transformer(CFG).init(jax.random.PRNGKey(seed), np.zeros((1, 4), np.int32))
-    return jax.tree.map(lambda x: 3.0 * x, unbox(init["params"]))  # peaked, unlike at init
+    params = unbox(Transformer(CFG).init(rng, jnp.zeros((1, 4), jnp.int32))["params"])
+    return jax.tree.map(lambda x: 3.0 * x, params)  # peaked, unlike at init
+
+
+def _params(seed):
+    return _init(jax.random.PRNGKey(seed))
+
+
+@jax.jit
+def _ref_log_softmax(params, tokens):
+    """The reference's forward: a program per sequence length (eager, it was hundreds of
+    small ones per prompt)."""
+    return jax.nn.log_softmax(forward(CFG, params, tokens).astype(jnp.float32), axis=-1)
 
 
 def _reference_kl(params, ref_params, max_new_tokens, seed):
@@ -36,8 +50,7 @@ def _reference_kl(params, ref_params, max_new_tokens, seed):
     kls = []
     for p, t, lp, m, n in zip(PROMPTS, toks, logp, mask, lengths):
         seq = np.asarray(list(p) + list(t[:n]), np.int32)
-        logits = forward(CFG, ref_params, seq[None, :-1])[0]
-        ref_all = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))
+        ref_all = np.asarray(_ref_log_softmax(ref_params, seq[None, :-1])[0])
         ref = ref_all[np.arange(len(seq) - 1), seq[1:]][len(p) - 1 :]
         kls.append(float(((lp[:n] - ref) * m[:n]).sum()))
     return float(np.mean(kls)), lengths

@@ -181,15 +181,16 @@ def test_dpo_ignores_padding_rows_and_prompt_targets(loss_type):
     batch, params = _dpo_batch(1, B=4)
     d = _dpo_cfg(loss_type, 0.5, 0.1 if loss_type in ("conservative", "robust") else 0.0, 0.5)
     fn = dpo.dpo_loss_fn(_table_apply, d)
-    loss, m = fn(params, batch, None)
-    g = jax.grad(lambda p: fn(p, batch, None)[0])(params)
+    # Jitted, the loss, metrics and gradient in one program per batch shape (eager, hundreds
+    # of small programs).
+    value_and_grad = jax.jit(jax.value_and_grad(fn, has_aux=True))
+    (loss, m), g = value_and_grad(params, batch, None)
 
     garbage, _ = _dpo_batch(2, B=3)
     garbage["valid"][:] = 0.0
     garbage["ref_chosen_logps"][:] = 1e4  # what a reference could say about a padding row
     padded = {k: np.concatenate([batch[k], garbage[k]]) for k in batch}
-    loss_p, m_p = fn(params, padded, None)
-    g_p = jax.grad(lambda p: fn(p, padded, None)[0])(params)
+    (loss_p, m_p), g_p = value_and_grad(params, padded, None)
     np.testing.assert_allclose(float(loss_p), float(loss), **TOL)
     for k in m:
         np.testing.assert_allclose(float(m_p[k]), float(m[k]), err_msg=k, **TOL)
@@ -202,7 +203,8 @@ def test_dpo_ignores_padding_rows_and_prompt_targets(loss_type):
         off = batch[f"{s}_loss_mask"] == 0
         tgt[off] = (tgt[off] + 5) % V
         shuffled[f"{s}_targets"] = tgt
-    np.testing.assert_allclose(float(fn(params, shuffled, None)[0]), float(loss), **TOL)
+    np.testing.assert_allclose(float(value_and_grad(params, shuffled, None)[0][0]), float(loss),
+                               **TOL)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def test_ppo_loss_fn_equals_the_formulas():
     vals = np.asarray(params["value"], np.float64)[tokens]
     batch["old_values"] = (vals + rng.normal(0, 0.5, (B, T))).astype(np.float32)
     batch["returns"] = rng.normal(0, 1, (B, T)).astype(np.float32)
-    loss, m = ppo.ppo_loss_fn(_table_apply, value_apply, p)(params, batch, None)
+    loss, m = jax.jit(ppo.ppo_loss_fn(_table_apply, value_apply, p))(params, batch, None)
 
     pg, vf, ent, n = 0.0, 0.0, 0.0, 0
     table, pos = np.asarray(params["policy"]["table"]), np.asarray(params["policy"]["pos"])
@@ -579,7 +581,7 @@ def test_grpo_loss_fn_from_logits_and_padding_rows(agg):
     batch["ref_logprobs"] = (lp + rng.normal(0, 0.5, (B, T))).astype(np.float32)
     batch["advantages"] = rng.normal(0, 1, B).astype(np.float32)
     g = ml_collections.ConfigDict({"clip": clip, "beta": beta, "loss_agg": agg})
-    fn = grpo.grpo_loss_fn(_table_apply, g)
+    fn = jax.jit(grpo.grpo_loss_fn(_table_apply, g))  # (eager: ~100 small programs)
     loss, m = fn(params, batch, None)
     want = _grpo_loss_reference(
         lp,

@@ -137,9 +137,13 @@ def test_ring_caches_hold_each_rows_last_w_positions(window_model):
     pos = np.broadcast_to(np.arange(32, dtype=np.int32), (3, 32))
     seg = (pos < lengths[:, None]).astype(np.int32)
 
+    # Jitted (one program per cache layout instead of hundreds of eager ops), both prefills
+    # by the same function: the bitwise checks compare two compiled programs.
+    apply = jax.jit(model.apply, static_argnames=("method", "prefill"))
+
     def prefill(rings):
         cache = init_cache(cfg, 3, 40, rings=rings)
-        return model.apply(v, toks, pos, seg, cache, method="backbone", prefill=True)
+        return apply(v, toks, pos, seg, cache, method="backbone", prefill=True)
 
     (h_full, full), (h_ring, rings) = prefill(False), prefill(True)
     np.testing.assert_array_equal(h_ring, h_full)
@@ -163,12 +167,12 @@ def test_ring_caches_hold_each_rows_last_w_positions(window_model):
     # One step: each row's next token at position len_b (slot 32 of the full cache, slot
     # len_b mod 8 of each ring).
     nxt, step_pos = jnp.asarray([[5], [6], [7]], jnp.int32), jnp.asarray(lengths)[:, None]
-    want, _ = model.apply(v, nxt, step_pos, cache=full)
-    got, after = model.apply(v, nxt, step_pos, cache=rings)
+    want, _ = apply(v, nxt, step_pos, cache=full)
+    got, after = apply(v, nxt, step_pos, cache=rings)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(after["ring"]["positions"][np.arange(3), lengths % 8], lengths)
     with pytest.raises(ValueError, match="one token per decode step"):
-        model.apply(v, jnp.zeros((3, 2), jnp.int32), jnp.zeros((3, 2), jnp.int32), cache=rings)
+        apply(v, jnp.zeros((3, 2), jnp.int32), jnp.zeros((3, 2), jnp.int32), cache=rings)
 
 
 def test_ring_caches_shrink_the_decode_programs_memory():
@@ -233,11 +237,12 @@ def test_head_dims_cudnn_does_not_take_run_the_xla_path(monkeypatch):
 
     monkeypatch.setattr(attention, "cudnn_attention", stand_in)
     toks = jnp.asarray(_right_padded(WINDOW_PROMPTS)[:, :16])
+    fwd = jax.jit(forward, static_argnums=0)  # (traced here: the stand-in in place)
     for head_dim, asked in ((256, False), (64, True)):
         cfg = _cfg(head_dim=head_dim, sliding_window=8)
         params = _params(cfg)
-        want = forward(cfg, params, toks)
-        got = forward(cfg.replace(attention_impl="cudnn"), params, toks)
+        want = fwd(cfg, params, toks)
+        got = fwd(cfg.replace(attention_impl="cudnn"), params, toks)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
         kw = dict(max_new_tokens=4, rng=jax.random.PRNGKey(0), temperature=0)
         np.testing.assert_array_equal(

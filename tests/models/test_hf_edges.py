@@ -69,7 +69,8 @@ def test_explicit_head_dim_and_bf16_round_trip_bit_exactly(tmp_path):
     cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
                       head_dim=16, d_ff=48, tie_embeddings=True, param_dtype="bfloat16",
                       dtype="bfloat16")  # fmt: skip
-    boxed = Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    init = jax.jit(Transformer(cfg).init)  # (one program; eager, the init is dozens)
+    boxed = init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
     params = nn.meta.unbox(boxed)
     out = str(tmp_path / "out")
     hf.save_pretrained(cfg, boxed, out, arch="mistral")  # boxed params export as they are

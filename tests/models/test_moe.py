@@ -3,6 +3,7 @@ renormalisation, the shared expert, capacity drops by choice rank, padding, the 
 statistics; then the model around it — scanned layers, remat, meshes, KV-cache decoding, the
 LM loss's router terms, LoRA and Muon over expert kernels, parameter and FLOP counts."""
 
+import functools
 import math
 
 import jax
@@ -26,9 +27,11 @@ def _unbox(tree):
                         is_leaf=lambda x: hasattr(x, "value"))  # fmt: skip
 
 
+# Inits and applies run jitted: one program each, where eagerly every op of a new shape is a
+# program of its own to lower and compile (the suite runs on a few CPU cores).
 def _layer_params(cfg, seed=0, B=3, T=10):
     x = jax.random.normal(jax.random.PRNGKey(seed + 1), (B, T, cfg.d_model))
-    params = _unbox(moe.MoE(cfg).init(jax.random.PRNGKey(seed), x)["params"])
+    params = _unbox(jax.jit(moe.MoE(cfg).init)(jax.random.PRNGKey(seed), x)["params"])
     return params, np.asarray(x, np.float64)
 
 
@@ -88,11 +91,14 @@ def reference(cfg, params, x, valid=None):
 
 
 def _run_layer(cfg, params, x, valid=None, dispatch="auto"):
-    out, state = moe.MoE(cfg, dispatch=dispatch).apply({"params": params},
-                                                       jnp.asarray(x, jnp.float32),
-                                    None if valid is None else jnp.asarray(valid),
-                                    mutable=[moe.COLLECTION])  # fmt: skip
-    return np.asarray(out), moe.collect_stats(state[moe.COLLECTION])
+    def run(params, x, valid):
+        out, state = moe.MoE(cfg, dispatch=dispatch).apply({"params": params}, x, valid,
+                                                           mutable=[moe.COLLECTION])  # fmt: skip
+        return out, moe.collect_stats(state[moe.COLLECTION])
+
+    out, stats = jax.jit(run)(params, jnp.asarray(x, jnp.float32),
+                              None if valid is None else jnp.asarray(valid))  # fmt: skip
+    return np.asarray(out), stats
 
 
 @pytest.mark.parametrize(
@@ -138,7 +144,7 @@ def test_config_errors_and_counts():
     with pytest.raises(ValueError, match="moe_capacity_factor"):
         get_variant("tiny", n_experts=4, moe_capacity_factor=-1.0)
     cfg = get_variant("tiny", **BASE, d_shared_expert=16, shared_expert_gate=True)
-    params = model_fns(cfg)[0](jax.random.PRNGKey(0))
+    params = jax.eval_shape(model_fns(cfg)[0], jax.random.PRNGKey(0))  # the shapes suffice
     n = sum(x.size for x in jax.tree.leaves(_unbox(params)))
     counts = cfg.param_counts()
     assert counts["total"] == n
@@ -150,18 +156,22 @@ def test_config_errors_and_counts():
 
 def _model(cfg, B=2, T=12, seed=0):
     tokens = jax.random.randint(jax.random.PRNGKey(seed + 7), (B, T), 0, cfg.vocab_size)
-    init, apply = model_fns(cfg)
-    return _unbox(init(jax.random.PRNGKey(seed))), apply, tokens
+    return _model_params(cfg, seed), model_fns(cfg)[1], tokens
+
+
+@functools.cache  # (the KV-cache and fsdp_tp decoding tests init the same model)
+def _model_params(cfg, seed):
+    return _unbox(jax.jit(model_fns(cfg)[0])(jax.random.PRNGKey(seed)))
 
 
 def test_scanned_and_rematerialised_layers_match_unrolled():
     cfg = get_variant("tiny", **BASE, moe_capacity_factor=1.0)
     params, apply, tokens = _model(cfg)
-    want, want_stats = apply(params, tokens, moe_stats=True)
+    want, want_stats = jax.jit(functools.partial(apply, moe_stats=True))(params, tokens)
     assert 0 < float(want_stats["dropped"]) < 1
     scan_cfg = cfg.replace(scan_layers=True, remat_policy="full")
     scanned = stack_layers(params, cfg.n_layers)
-    got, stats = model_fns(scan_cfg)[1](scanned, tokens, moe_stats=True)
+    got, stats = jax.jit(functools.partial(model_fns(scan_cfg)[1], moe_stats=True))(scanned, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     for name in moe.STATS:
         np.testing.assert_allclose(float(stats[name]), float(want_stats[name]), rtol=1e-5)
@@ -315,16 +325,16 @@ def test_few_token_dispatch_of_int8_experts_is_the_dequantized_model():
 
     cfg = get_variant("tiny", **FEW, d_shared_expert=16)
     params, x = _layer_params(cfg, seed=6, B=3, T=1)
-    q = quant.quantize_params({"experts": params["experts"]})["experts"]
+    q = jax.jit(quant.quantize_params)({"experts": params["experts"]})["experts"]
     assert q["up"]["kernel"].dtype == jnp.int8 and q["up"]["kernel_scale"].shape == (8, 1, 24)
-    deq = {**params, "experts": _dequantized(q)}
+    deq = {**params, "experts": jax.jit(_dequantized)(q)}
     y, _ = _run_layer(cfg, {**params, "experts": q}, x)
     np.testing.assert_allclose(y, _run_layer(cfg, deq, x, dispatch="capacity")[0], rtol=1e-5,
                                atol=1e-6)  # fmt: skip
     assert np.abs(y - _run_layer(cfg, params, x)[0]).max() > 1e-4  # rounding shows
 
     params, apply, _ = _model(cfg.replace(init_std=0.05))
-    deq = _dequantized(quant.quantize_params(params))
+    deq = jax.jit(lambda p: _dequantized(quant.quantize_params(p)))(params)
     prompts = [[5, 9, 33, 2, 7], [11, 4]]
     out = generate(cfg, params, prompts, max_new_tokens=5, rng=jax.random.PRNGKey(0),
                    temperature=0.0, quantize="int8")  # fmt: skip
@@ -364,13 +374,13 @@ def test_few_token_dispatch_under_fsdp_tp_equals_one_device():
     x = jnp.asarray(x, jnp.float32)
     sharded = shard(params, moe.MoE(layer_cfg).init, x)
     assert sharded["experts"]["up"]["kernel"].sharding.spec == P("tensor", "fsdp", None)
+    f = jax.jit(lambda p, x: moe.MoE(layer_cfg).apply({"params": p}, x))
     with use_mesh(mesh, rules):
         assert logical_axis_size("expert") == 2
         assert moe.few_token_dispatch(layer_cfg, 4, 1, groups=2)
-        f = jax.jit(lambda p, x: moe.MoE(layer_cfg).apply({"params": p}, x))
-        got = f(sharded, x)
-        hlo = f.lower(sharded, x).compile().as_text()
-    want = moe.MoE(layer_cfg).apply({"params": params}, x)
+        compiled = f.lower(sharded, x).compile()  # (run, and read, the one program)
+        got, hlo = compiled(sharded, x), compiled.as_text()
+    want = f(params, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     moved = [math.prod(int(d) for d in dims.split(",") if d)  # each collective's outputs
              for m in re.finditer(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
@@ -403,12 +413,12 @@ def test_aux_loss_alone_balances_the_router():
         _, state = moe.MoE(cfg).apply({"params": p}, x, mutable=[moe.COLLECTION])
         return moe.collect_stats(state[moe.COLLECTION])
 
-    start = lb(params)
+    start = jax.jit(lb)(params)
     grad = jax.grad(lambda q: lb(q)["load_balance"])
     step = jax.jit(lambda p: jax.tree.map(lambda a, g: a - 0.5 * g, p, grad(p)))
     for _ in range(40):
         params = step(params)
-    end = lb(params)
+    end = jax.jit(lb)(params)
     assert float(start["max_load"]) > 3.0  # expert 0 in nearly every token's top 2
     assert float(end["load_balance"]) < float(start["load_balance"]) - 0.1
     assert float(end["max_load"]) < float(start["max_load"])

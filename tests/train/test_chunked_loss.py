@@ -43,7 +43,7 @@ def _loss_cfg(chunk, z_loss=1e-3):
 def test_chunked_equals_full(tie):
     cfg = get_variant("tiny", init_std=0.2, tie_embeddings=tie)
     init, apply = model_fns(cfg)
-    params = unbox(init(jax.random.PRNGKey(0)))
+    params = jax.jit(lambda r: unbox(init(r)))(jax.random.PRNGKey(0))  # (eager: ~70 programs)
     batch = _batch(cfg.vocab_size)
     full = jax.value_and_grad(lm_loss(apply, _loss_cfg(0)), has_aux=True)
     chunked = jax.value_and_grad(lm_loss(apply, _loss_cfg(8)), has_aux=True)
@@ -62,8 +62,10 @@ def test_chunked_cross_entropy_against_the_formula():
     w = jnp.asarray(rng.standard_normal((16, 50)), jnp.float32)
     targets = jnp.asarray(rng.integers(0, 50, (B, T)), jnp.int32)
     mask = jnp.asarray(rng.random((B, T)) < 0.7, jnp.float32)
-    got, gm = chunked_cross_entropy(h, lambda x: x @ w, targets, mask, 4, z_loss=0.01)
-    want, wm = cross_entropy(h @ w, targets, mask, z_loss=0.01)
+    # Jitted (a program each rather than an eager op each), as the losses run in training.
+    got, gm = jax.jit(lambda h, w: chunked_cross_entropy(h, lambda x: x @ w, targets, mask, 4,
+                                                         z_loss=0.01))(h, w)  # fmt: skip
+    want, wm = jax.jit(lambda h, w: cross_entropy(h @ w, targets, mask, z_loss=0.01))(h, w)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # and by hand: mean over masked tokens of logsumexp - picked (+ 0.01 · mean lse²)
     logits = np.asarray(h @ w, np.float64)
@@ -80,19 +82,27 @@ def test_chunked_with_lora_equals_full():
     cfg = get_variant("tiny", init_std=0.2)
     init, apply = model_fns(cfg)
     spec = lora_lib.LoraSpec(rank=2, alpha=4.0)
-    params = unbox(lora_lib.with_lora(init, spec)(jax.random.PRNGKey(0)))
-    params["lora"] = jax.tree.map(lambda x: x + 0.05, params["lora"])  # b starts at 0: nudge
+
+    @jax.jit  # (eager: hundreds of small programs)
+    def lora_init(rng):
+        params = unbox(lora_lib.with_lora(init, spec)(rng))
+        params["lora"] = jax.tree.map(lambda x: x + 0.05, params["lora"])  # b starts at 0: nudge
+        return params
+
+    params = lora_init(jax.random.PRNGKey(0))
     prepare = functools.partial(lora_lib.merge, spec=spec, freeze_base=True)
     batch = _batch(cfg.vocab_size, seed=3)
-    outs = [
-        jax.value_and_grad(lm_loss(apply, _loss_cfg(c), prepare), has_aux=True)(params, batch, None)
+    outs = [  # jitted, as in training (eager, each is hundreds of small programs)
+        jax.jit(jax.value_and_grad(lm_loss(apply, _loss_cfg(c), prepare), has_aux=True))(
+            params, batch, None
+        )
         for c in (0, 16)
     ]
     (l0, _), g0 = outs[0]
     (l1, _), g1 = outs[1]
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g1, g0)
-    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g1["base"]))  # frozen
+    assert all(np.abs(x).max() == 0 for x in jax.tree.leaves(g1["base"]))  # frozen
 
 
 def test_chunking_removes_the_logits_from_the_residuals():

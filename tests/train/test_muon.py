@@ -35,15 +35,16 @@ def _ns_reference(G, steps=5):
 
 def test_newton_schulz_equals_the_reference_and_orthogonalises():
     rng = np.random.default_rng(0)
+    ns = jax.jit(muon.newton_schulz, static_argnames="dtype")  # (jitted, as the optimizer runs it)
     for shape in ((8, 8), (16, 40), (48, 12)):
         G = rng.standard_normal(shape)
-        got = np.asarray(muon.newton_schulz(jnp.asarray(G, jnp.float32)))
+        got = np.asarray(ns(jnp.asarray(G, jnp.float32)))
         want = _ns_reference(G)
         np.testing.assert_allclose(got, want, atol=2e-5)
         sv = np.linalg.svd(want, compute_uv=False)
         assert 0.6 < sv.min() and sv.max() < 1.25, sv  # near-orthogonal, not exactly
         # bfloat16 iterations (opt.muon_dtype): as orthogonal, within ~6% of float32's
-        half = muon.newton_schulz(jnp.asarray(G, jnp.float32), dtype=jnp.bfloat16)
+        half = ns(jnp.asarray(G, jnp.float32), dtype=jnp.bfloat16)
         assert half.dtype == jnp.float32
         half = np.asarray(half, np.float64)
         assert np.linalg.norm(half - want) < 0.08 * np.linalg.norm(want)
@@ -51,11 +52,14 @@ def test_newton_schulz_equals_the_reference_and_orthogonalises():
         assert 0.6 < sv.min() and sv.max() < 1.25, sv
 
 
+_stack = jax.jit(stack_layers, static_argnums=1)  # one program, not an eager op per leaf
+
+
 def _params(scan=False):
     cfg = get_variant("tiny", scan_layers=False)
     init = lambda r: unbox(Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)))["params"]  # noqa: E731
     p = jax.jit(init)(jax.random.PRNGKey(0))
-    return stack_layers(p, cfg.n_layers) if scan else p
+    return _stack(p, cfg.n_layers) if scan else p
 
 
 def _matrix(name, W):
@@ -86,9 +90,12 @@ def test_two_steps_equal_the_formula():
     adam, _ = make_optimizer(_cfg(name="adamw"), 10)
     state, astate, p, ap = tx.init(params), adam.init(params), params, params
     m = jax.tree.map(np.zeros_like, params)
+    # Jitted, as a train step runs them (eager, each is hundreds of small programs).
+    update, adam_update = jax.jit(tx.update), jax.jit(adam.update)
+    apply_updates = jax.jit(optax.apply_updates)
     for g in grads:
-        upd, state = tx.update(g, state, p)
-        aupd, astate = adam.update(g, astate, ap)
+        upd, state = update(g, state, p)
+        aupd, astate = adam_update(g, astate, ap)
         for layer in ("layers_0", "layers_1"):
             for block, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
                 for n in names:
@@ -105,7 +112,7 @@ def test_two_steps_equal_the_formula():
             get = lambda t, path=path: np.asarray(t[path[0]][path[1]] if len(path) == 2
                                                   else t[path[0]][path[1]][path[2]])  # fmt: skip
             np.testing.assert_allclose(get(upd), get(aupd), rtol=1e-6, atol=1e-9)
-        p, ap = optax.apply_updates(p, upd), optax.apply_updates(ap, aupd)
+        p, ap = apply_updates(p, upd), apply_updates(ap, aupd)
     labels = jax.tree.leaves(muon.muon_labels(params))
     assert labels.count("muon") == 14 and labels.count("adam") == 7
 
@@ -116,10 +123,10 @@ def test_scanned_layers_update_like_unrolled_ones():
     rng = np.random.default_rng(2)
     g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), flat)
     tx, _ = make_optimizer(_cfg(), 10)
-    u_flat, _ = tx.update(g, tx.init(flat), flat)
-    u_stack, _ = tx.update(stack_layers(g, 2), tx.init(stacked), stacked)
+    update = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])  # a trace per layout
+    u_flat, u_stack = update(g, flat), update(_stack(g, 2), stacked)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-                 stack_layers(u_flat, 2), u_stack)  # fmt: skip
+                 _stack(u_flat, 2), u_stack)  # fmt: skip
 
 
 def test_sharded_update_equals_unsharded():
@@ -130,12 +137,13 @@ def test_sharded_update_equals_unsharded():
     rng = np.random.default_rng(3)
     g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
     tx, _ = make_optimizer(_cfg(), 10)
-    want, _ = tx.update(g, tx.init(params), params)
+    update = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))  # one trace, a compile each
+    want, _ = update(g, params)
     mesh = make_mesh({"fsdp": 8})
     shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("fsdp") if x.shape[0] % 8 == 0
                                                        else P()))  # fmt: skip
     ps, gs = jax.tree.map(shard, params), jax.tree.map(shard, g)
-    got, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(gs, ps)
+    got, _ = update(gs, ps)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
 
 
@@ -164,7 +172,7 @@ def test_it_trains_a_transformer():
     for _ in range(30):
         params, state, value = step(params, state)
         first = float(value) if first is None else first
-    assert float(loss(params)) < 0.5 * first
+    assert float(jax.jit(loss)(params)) < 0.5 * first
 
 
 @pytest.mark.parametrize("key,value,match", [
