@@ -19,6 +19,8 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
+from flaxlm.train.sweep_plan import exit_with_sweep
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (path.py:arg).", lock_config=True
 )
@@ -69,6 +71,7 @@ def init_distributed(
 
 def main(argv):
     del argv
+    exit_with_sweep()  # a sweep's trainer: SIGTERM when the sweep dies
     logging.getLogger("flaxlm").setLevel(logging.INFO)
     from flaxlm.train.checkpoint import quiet_orbax_logs
 

@@ -14,16 +14,16 @@ exited cleanly and reached `total_steps` or the end of its finite data, or a che
 itself. A started run whose config arg or overrides changed since stops the sweep
 (sweep_plan.write_index): resuming it would mix two runs. While a run trains its directory holds
 `RUNNING` (the trainer's pid), so a second sweep never trains the same run twice.
-Trainers are started in their own session with SIGTERM as their parent-death signal: when the
-sweep is interrupted (Ctrl-C, SIGTERM, even SIGKILL) each running trainer saves a checkpoint and
-stops. After the runs, `ROOT/runs.csv` and `ROOT/runs.json` hold the run table (train/sweep_table).
+Trainers are started in their own session with SIGTERM as their parent-death signal (which the
+trainer sets itself: `sweep_plan.exit_with_sweep`): when the sweep is interrupted (Ctrl-C,
+SIGTERM, even SIGKILL) each running trainer saves a checkpoint and stops. After the runs,
+`ROOT/runs.csv` and `ROOT/runs.json` hold the run table (train/sweep_table).
 Cluster launch files are written by train/sweep_launch and never executed here.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 from flaxlm.train.metrics import data_end_step
 from flaxlm.train.sweep_plan import (  # noqa: F401 (the public names of the sweep API)
+    SWEEP_PID_ENV,
     Run,
     expand,
     format_value,
@@ -118,17 +119,6 @@ def _wait_for_stale(run: Run, timeout: float) -> bool:
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.5)
     return not _alive(pid)
-
-
-try:  # loaded here, not in the forked child: dlopen between fork and exec can deadlock
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-except (OSError, AttributeError):
-    _PRCTL = None
-
-
-def _set_pdeathsig():
-    """In the child, before exec: SIGTERM when the sweep dies (PR_SET_PDEATHSIG survives exec)."""
-    _PRCTL(1, signal.SIGTERM)
 
 
 def _say(msg: str):
@@ -223,9 +213,8 @@ def _start(config_arg: str, run: Run, env: dict) -> subprocess.Popen:
         train_command(config_arg, run),
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=env,
+        env={**env, SWEEP_PID_ENV: str(os.getpid())},  # SIGTERM when the sweep dies
         start_new_session=True,  # Ctrl-C reaches the sweep only; it forwards SIGTERM
-        preexec_fn=_set_pdeathsig if _PRCTL is not None else None,
     )
     log.close()
     with open(os.path.join(run.workdir, "RUNNING"), "w") as f:

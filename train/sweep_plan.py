@@ -1,5 +1,6 @@
 """Sweep planning: a config's `sweep(add, arg)` expanded into named runs with their overrides,
-sizes (N, D, FLOPs) and trainer commands, and the ROOT/sweep.json index (train/sweep.py runs them).
+sizes (N, D, FLOPs) and trainer commands, and the ROOT/sweep.json index (train/sweep.py runs them);
+and the trainer's side of a local sweep (`exit_with_sweep`: it ends with the sweep).
 """
 
 from __future__ import annotations
@@ -218,6 +219,35 @@ def train_command(config_arg: str, run: Run, python: str = "") -> list[str]:
     cmd += ["--workdir", run.workdir]
     cmd += [f"--config.{k}={format_value(v)}" for k, v in run.overrides.items()]
     return cmd
+
+
+# Set by train/sweep.py in a trainer's environment: the sweep's pid (`exit_with_sweep`).
+SWEEP_PID_ENV = "FLAXLM_SWEEP_PID"
+
+
+def exit_with_sweep() -> None:
+    """Called first thing by a trainer (train/main.py). When a sweep started it (`SWEEP_PID_ENV`
+    holds the sweep's pid), it gets SIGTERM once the sweep dies (Linux's PR_SET_PDEATHSIG), and
+    saves and stops as when preempted; if the sweep died before that was set, it exits now.
+
+    Set here, after exec, and not in a Popen `preexec_fn`: that runs between fork and exec in
+    a copy of the sweep's process, which is multithreaded once jax is loaded (a notebook's,
+    the tests'), and a child can deadlock there on a lock another thread held. The variable is
+    removed so that the trainer's own children do not take it for theirs."""
+    pid = os.environ.pop(SWEEP_PID_ENV, None)
+    if pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # no prctl here: the trainer outlives a dead sweep
+        return
+    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(pid):  # the sweep died before: no signal will come
+        raise SystemExit(f"flaxlm.train.main: the sweep (pid {pid}) that started this trainer "
+                         "has exited; not training")  # fmt: skip
 
 
 def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence[str]) -> str:

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from absl import app
@@ -218,6 +219,83 @@ def test_stale_running_file_of_another_process_is_not_busy(tmp_path, fake_traine
         other.kill()
         other.wait()
     assert status == {NAMES[0]: "done"}
+
+
+# --------------------------------------------------------------------------------------------
+# A sweep's trainers end with it
+
+# Stands in for train/main.py, which calls exit_with_sweep() first: writes DIR/READY once set
+# up, DIR/TERM (with what it sees of the variable) on SIGTERM.
+LIFETIME_TRAINER = r"""
+import os, signal, sys, time
+from flaxlm.train.sweep_plan import SWEEP_PID_ENV, exit_with_sweep
+workdir = sys.argv[1]
+
+def on_term(*_):
+    with open(os.path.join(workdir, "TERM"), "w") as f:
+        f.write(repr(os.environ.get(SWEEP_PID_ENV)))
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+exit_with_sweep()
+with open(os.path.join(workdir, "READY"), "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(120)
+"""
+
+# A sweep that starts one run with `sweep._start` (the trainer command replaced) and waits.
+LIFETIME_SWEEP = r"""
+import sys, time
+from flaxlm.train import sweep
+from flaxlm.train.sweep_plan import Run
+script, workdir = sys.argv[1], sys.argv[2]
+sweep.train_command = lambda config_arg, run, python="": [sys.executable, script, run.workdir]
+sweep._start("unused.py", Run(0, "r", {}, workdir), dict(__import__("os").environ))
+time.sleep(120)
+"""
+
+
+def _wait_for(path, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return os.path.exists(path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_trainer_gets_sigterm_when_its_sweep_dies(tmp_path):
+    """The sweep passes its pid (no Popen preexec_fn: it can deadlock a multithreaded parent);
+    the trainer asks for SIGTERM at its parent's death and drops the variable for its own
+    children. A sweep killed with SIGKILL (no chance to forward anything) still ends it."""
+    trainer, sweeper = tmp_path / "trainer.py", tmp_path / "sweep.py"
+    trainer.write_text(LIFETIME_TRAINER)
+    sweeper.write_text(LIFETIME_SWEEP)
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(sweeper), str(trainer), str(workdir)])
+    try:
+        assert _wait_for(workdir / "READY"), "the trainer did not start"
+        pid = int((workdir / "READY").read_text())
+        assert (workdir / "RUNNING").read_text().split() == [str(pid)]
+        assert not (workdir / "TERM").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _wait_for(workdir / "TERM", timeout=30), "the trainer outlived its sweep"
+    assert (workdir / "TERM").read_text() == "None"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_trainer_whose_sweep_already_died_does_not_train(tmp_path):
+    """Its parent is not the sweep named (the sweep died before the trainer asked for the
+    signal, and the trainer was handed to another parent): it exits at once, saying so."""
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(LIFETIME_TRAINER)
+    env = {**os.environ, sweep.SWEEP_PID_ENV: "1"}
+    out = subprocess.run([sys.executable, str(trainer), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1
+    assert "the sweep (pid 1) that started this trainer has exited" in out.stderr
+    assert not (tmp_path / "READY").exists()
 
 
 # --------------------------------------------------------------------------------------------
