@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from flaxlm.models import hf
 from flaxlm.models.decode import generate
-from flaxlm.models.sharding import logical_axis_rules, make_mesh
+from flaxlm.models.sharding import logical_axis_rules, make_mesh, use_mesh
 
 FIX = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf")
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "qwen3_yarn", "phi3", "olmo2",
@@ -469,15 +469,13 @@ def test_qk_norm_parity_with_heads_split_over_devices(family):
     """q/k norms per head (Qwen3) and over all heads (OLMo 2: a reduction across the devices
     holding the heads) with the heads split over the tensor axis (and fsdp, data): the sharded
     forward still matches transformers' logits."""
-    import flax.linen as nn
-
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     rules = logical_axis_rules("fsdp_tp")
     d = os.path.join(FIX, family)
     cfg, params = hf.load_pretrained(d, mesh=mesh, rules=rules)
     assert params["layers_0"]["attn"]["q"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
     ref = np.load(os.path.join(d, "reference.npz"))
-    with mesh, nn.logical_axis_rules(rules):
+    with use_mesh(mesh, rules):
         for layout in ("full", "left"):
             tokens = np.concatenate([ref[f"{layout}_tokens"]] * 2)  # batch 6 over data × fsdp
             mask, pos = (np.concatenate([ref[f"{layout}_{k}"]] * 2) for k in ("mask", "positions"))
