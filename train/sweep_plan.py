@@ -234,9 +234,14 @@ def exit_with_sweep() -> None:
     a copy of the sweep's process, which is multithreaded once jax is loaded (a notebook's,
     the tests'), and a child can deadlock there on a lock another thread held. The variable is
     removed so that the trainer's own children do not take it for theirs."""
-    pid = os.environ.pop(SWEEP_PID_ENV, None)
-    if pid is None or not sys.platform.startswith("linux"):
+    value = os.environ.pop(SWEEP_PID_ENV, None)
+    if value is None or not sys.platform.startswith("linux"):
         return
+    try:
+        pid = int(value)
+    except ValueError:
+        raise SystemExit(f"flaxlm.train.main: {SWEEP_PID_ENV}={value!r} is not a process id (a "
+                         "sweep sets it to its own pid; unset it otherwise)") from None  # fmt: skip
     import ctypes
     import signal
 
@@ -245,7 +250,7 @@ def exit_with_sweep() -> None:
     except (OSError, AttributeError):  # no prctl here: the trainer outlives a dead sweep
         return
     prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(pid):  # the sweep died before: no signal will come
+    if os.getppid() != pid:  # the sweep died before: no signal will come
         raise SystemExit(f"flaxlm.train.main: the sweep (pid {pid}) that started this trainer "
                          "has exited; not training")  # fmt: skip
 

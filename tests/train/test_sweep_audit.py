@@ -296,6 +296,11 @@ def test_a_trainer_whose_sweep_already_died_does_not_train(tmp_path):
     assert out.returncode == 1
     assert "the sweep (pid 1) that started this trainer has exited" in out.stderr
     assert not (tmp_path / "READY").exists()
+    env[sweep.SWEEP_PID_ENV] = "12a"  # not a pid: named, and nothing runs
+    out = subprocess.run([sys.executable, str(trainer), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1 and "FLAXLM_SWEEP_PID='12a' is not a process id" in out.stderr
+    assert not (tmp_path / "READY").exists()
 
 
 # --------------------------------------------------------------------------------------------
