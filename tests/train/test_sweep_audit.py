@@ -245,12 +245,12 @@ time.sleep(120)
 
 # A sweep that starts one run with `sweep._start` (the trainer command replaced) and waits.
 LIFETIME_SWEEP = r"""
-import sys, time
+import os, sys, time
 from flaxlm.train import sweep
 from flaxlm.train.sweep_plan import Run
 script, workdir = sys.argv[1], sys.argv[2]
 sweep.train_command = lambda config_arg, run, python="": [sys.executable, script, run.workdir]
-sweep._start("unused.py", Run(0, "r", {}, workdir), dict(__import__("os").environ))
+sweep._start("unused.py", Run(0, "r", {}, workdir), dict(os.environ))
 time.sleep(120)
 """
 
