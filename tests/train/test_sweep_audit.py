@@ -231,15 +231,18 @@ import os, signal, sys, time
 from flaxlm.train.sweep_plan import SWEEP_PID_ENV, exit_with_sweep
 workdir = sys.argv[1]
 
+def write(name, text):  # whole or not at all: the test polls for the file, then reads it
+    with open(os.path.join(workdir, name + ".tmp"), "w") as f:
+        f.write(text)
+    os.replace(os.path.join(workdir, name + ".tmp"), os.path.join(workdir, name))
+
 def on_term(*_):
-    with open(os.path.join(workdir, "TERM"), "w") as f:
-        f.write(repr(os.environ.get(SWEEP_PID_ENV)))
+    write("TERM", repr(os.environ.get(SWEEP_PID_ENV)))
     sys.exit(0)
 
 signal.signal(signal.SIGTERM, on_term)
 exit_with_sweep()
-with open(os.path.join(workdir, "READY"), "w") as f:
-    f.write(str(os.getpid()))
+write("READY", str(os.getpid()))
 time.sleep(120)
 """
 
