@@ -288,6 +288,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="se
     """
     a = advantages[:, None]
     high = clip_high or clip
+    # Masked positions (prompt, padding, invalid rows) must add nothing to the loss or its
+    # gradient. Multiplying by the mask afterwards does not do that: a masked log-ratio of
+    # ~90 nats overflows exp to inf, and inf·0 is NaN. So the inputs are zeroed first.
+    on = mask > 0
+    logp, old_logp, ref_logp = (jnp.where(on, x, 0.0) for x in (logp, old_logp, ref_logp))
     log_ratio = logp - old_logp
     if importance == "sequence":
         n = jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1.0)
@@ -482,6 +487,9 @@ class GRPOSource(RolloutSource):
         m = rows["loss_mask"] * valid[:, None]
         if g.get("mask_truncated", False):  # DAPO's overlong filtering: no loss on cut-off ones
             m = m * s["stopped"][:, None]
+        # zero outside the mask (as PPO does): a large value at a prompt position must not
+        # become inf·0 = NaN in kl_seq, nor reach the step as an old/ref logprob
+        lp, ref_lp = (np.where(m > 0, x, 0.0) for x in (lp, ref_lp))
         kl_seq = (np.asarray(kl_penalty(lp, ref_lp, "k3")) * m).sum(1)
         score_s = time.perf_counter() - t0 - s["gen_s"]  # rewards and scoring, no decoding
 

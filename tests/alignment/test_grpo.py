@@ -85,6 +85,35 @@ def test_grpo_loss_equals_the_formula(agg):
     assert float(m["weight"]) == (3 if agg == "seq" else mask.sum())
 
 
+@pytest.mark.parametrize("importance", ["token", "sequence"])
+def test_grpo_loss_ignores_extreme_values_outside_the_mask(importance):
+    """A prompt or padding position may hold anything (a policy 100 nats below the reference
+    on an untrained prompt token; inf from a low-precision reference): the loss, metrics and
+    gradient equal the clean ones. Masking by multiplication gave inf·0 = NaN."""
+    B, T = 2, 6
+    logp = np.full((B, T), -1.0, np.float32)
+    mask = np.zeros((B, T), np.float32)
+    mask[:, 3:] = 1
+    adv = np.array([1.0, -1.0], np.float32)
+    kw = dict(clip=0.2, beta=0.04, importance=importance)
+
+    def loss_and_grad(lp, old, ref):
+        f = lambda x: grpo.grpo_loss(x, old, ref, adv, mask, **kw)  # noqa: E731
+        (loss, metrics), g = jax.value_and_grad(f, has_aux=True)(lp)
+        return float(loss), {k: float(v) for k, v in metrics.items()}, np.asarray(g)
+
+    clean = loss_and_grad(logp, logp, logp)
+    bad_lp = logp.copy()
+    bad_lp[0, 0] = -101.0
+    bad_ref = logp.copy()
+    bad_ref[1, 1] = np.inf
+    bad_old = logp.copy()
+    bad_old[1, 2] = -np.inf
+    loss, metrics, g = loss_and_grad(bad_lp, bad_old, bad_ref)
+    assert loss == clean[0] and metrics == clean[1]
+    np.testing.assert_array_equal(g, clean[2])
+
+
 def test_builtin_rewards_use_the_world_judge():
     meta = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7"}
     assert grpo.exact_match(meta, "The answer is 7.") == 1.0
