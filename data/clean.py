@@ -318,7 +318,8 @@ _PII = [
         "::",
         # IPv6: all 8 groups, or "::" standing for zeros in the middle ("2001:db8::1"), at the
         # start ("::1") or at the end ("fe80::"). Not a lone "::" and not "std::vector" (a group
-        # must be hex digits, bounded by non-word characters).
+        # must be hex digits, bounded by non-word characters). A "::" match is then checked by
+        # _plausible_ipv6 (slices "a[1::2]" and names "ee::ff" match the pattern too).
         re.compile(
             r"(?P<IP>(?<![:\w])(?:(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}"
             r"|(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6}"
@@ -342,7 +343,36 @@ _PII = [
 _AFTER_CARD = re.compile(
     "|".join(f"(?P<{k}{i}>{p})" for i, (k, p) in enumerate(_NUMERIC) if i > _CARD_AT)
 )
-_DIGITS_RE = re.compile(r"\d\d")  # every numeric pattern needs two adjacent digits (or '::')
+# Every numeric pattern needs two digits with at most one separator between them: "8.8.8.8"
+# (one-digit octets) has no two adjacent digits, and r"\d\d" here skipped it.
+_DIGITS_RE = re.compile(r"\d[ .-]?\d")
+_IPV6_RE = dict(_PII)["::"]
+# The last label of an EMAIL match that makes it a file name, not an address ("logo@2x.png",
+# "node@latest.tgz"): common extensions that are no top-level domain (.zip, .mov, .md, .py, .pl,
+# .sh are domains, and addresses there are left to the pattern).
+_FILE_EXTENSIONS = frozenset(
+    "png jpg jpeg gif webp svg ico bmp tif tiff avif heic pdf tgz gz bz2 xz zst tar rar 7z js "
+    "mjs cjs ts tsx jsx css scss less html htm xhtml json jsonl xml txt csv tsv yaml yml toml "
+    "ini cfg conf lock log bak tmp mp3 mp4 m4a wav ogg webm mkv avi woff woff2 ttf otf eot map "
+    "exe dll whl jar apk dmg iso deb rpm msi bin dat".split()
+)
+
+
+def _plausible_ipv6(addr: str) -> bool:
+    """Whether an IPv6 match with "::" is an address rather than code or a name.
+
+    Leading "::": two groups or more ("::ffff:a00:1"), or loopback "::1"; one group is a Python
+    slice ("a[::2]"). Otherwise a decimal digit somewhere (not "ee::ff", "def::abc", "bad::")
+    and a first group of 4 hex digits ("fe80::1", "2001:db8::"; addresses in use start with
+    one, from 2000::/3 or fc00::/7 up) or three groups or more ("1080::8:800:200c:417a"); not
+    the slice "a[1::2]" nor "1::".
+    """
+    if "::" not in addr:
+        return True  # all eight groups
+    groups = [g for g in addr.split(":") if g]
+    if addr.startswith("::"):
+        return len(groups) >= 2 or groups == ["1"]
+    return any(c.isdigit() for c in addr) and (len(groups[0]) == 4 or len(groups) >= 3)
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -361,6 +391,10 @@ def redact_pii(text: str) -> tuple[str, Counter]:
 
     def sub(m):
         kind = m.lastgroup.rstrip("0123456789")
+        if m.re is _IPV6_RE and not _plausible_ipv6(m.group()):
+            return m.group()
+        if kind == "EMAIL" and m.group().rpartition(".")[2].lower() in _FILE_EXTENSIONS:
+            return m.group()
         if kind == "CARD" and not _luhn_ok(re.sub(r"\D", "", m.group())):
             # Not a card: the span may still hold a phone or ID number. Searched in the whole
             # text (pos/endpos), so lookbehinds see what precedes the span.

@@ -586,20 +586,22 @@ class DataReport:
 
 
 def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[tuple[dict, str]]:
-    """(record, "file:line") from jsonl / parquet files; malformed lines go to the report."""
+    """(record, "file:line") from jsonl (gzip/zstd too) / parquet files; a line that cannot be
+    read goes to the report as the pretraining reader counts it (`sources.jsonl_record`): a
+    UTF-8 BOM is skipped, invalid UTF-8 and a lone surrogate escape are "invalid_utf8",
+    malformed JSON "malformed_json"."""
     for path in S.expand_paths(patterns):
         fmt = S.file_format(path)
         if fmt == "jsonl":
-            with open(path, "rb") as f:
+            with S.open_bytes(path) as f:
                 for i, raw in enumerate(f):
                     if not raw.strip():
                         continue
                     loc = f"{path}:{i + 1}"
                     report.read += 1
-                    try:
-                        yield json.loads(raw.decode("utf-8")), loc
-                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        report.bad("malformed_json", loc, str(e)[:80])
+                    ok, obj = S.jsonl_record(raw, loc, report.log)
+                    if ok:
+                        yield obj, loc
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 

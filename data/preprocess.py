@@ -3,6 +3,8 @@
     python -m flaxlm.data.preprocess --input 'raw/*.jsonl' more.parquet --output out/ \\
         [--config my_cfg.py] [--config.clean.min_words=20] [--config.tokenizer=tok.model]
 
+Inputs: jsonl, plain text (either may be .gz / .zst compressed), parquet (data/sources.py).
+
 Output layout::
 
     out/tokens/shard-00000.arrayrecord ... + meta.json   int32 ids (when there is a tokenizer)
@@ -47,7 +49,7 @@ import numpy as np
 from flaxlm.data import sources as S
 from flaxlm.data.clean import Cleaner, clean_config, normalize_text, redact_pii
 from flaxlm.data.dedup import Deduper, dedup_config
-from flaxlm.data.tokenizer import Tokenizer, train
+from flaxlm.data.tokenizer import Tokenizer, fixed_pieces, train
 
 
 def preprocess_config() -> ml_collections.ConfigDict:
@@ -205,14 +207,26 @@ def _stage(name, seconds, rep):
 
 
 def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict:
-    """Runs the whole pipeline; returns (and writes) the report."""
+    """Runs the whole pipeline; returns (and writes) the report.
+
+    Everything that can be checked before the first pass is checked before anything is written
+    (an input pattern that matches nothing, a train_tokenizer_vocab too small to train): output
+    written first made the corrected rerun refuse ("already holds a preprocess run").
+    """
     t_start = time.time()
-    os.makedirs(out_dir, exist_ok=True)
+    S.expand_paths(inputs)  # FileNotFoundError naming an unmatched pattern
     log = S.BadInputLog(strict=cfg.strict)
     cleaner = Cleaner(cfg.clean)
     deduper = Deduper(cfg.dedup, load_eval_texts(cfg))
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     training = tok is None and cfg.train_tokenizer_vocab > 0
+    if training and cfg.train_tokenizer_vocab <= (n_fixed := fixed_pieces()):
+        raise ValueError(
+            f"train_tokenizer_vocab={cfg.train_tokenizer_vocab} is too small: it must be more "
+            f"than the {n_fixed} fixed pieces (special ids, chat tokens, 256 byte pieces), by one "
+            "per distinct character of the text (hundreds; thousands with Chinese)"
+        )
+    os.makedirs(out_dir, exist_ok=True)
     if tok is None:  # text shards: the output, or the input of the second (tokenizing) pass
         text_out = ShardWriter(os.path.join(out_dir, "text"), cfg.shard_docs, {"format": "text"})
     else:
@@ -274,14 +288,20 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict
         pool.close()
     shards = text_out.close() if text_out is not None else tok_out.close()
 
+    # No document survived: nothing to train on (SentencePiece raised with no report). The
+    # report is written and main() fails naming it, as it does without training.
+    training = training and counts["out"] > 0
     if training:  # second pass: train on the sample, tokenize the text shards
         t0 = time.time()
-        tok = train(
-            reservoir,
-            cfg.train_tokenizer_vocab,
-            model_type=cfg.tokenizer_model_type,
-            model_path=os.path.join(out_dir, "tokenizer.model"),
-        )
+        try:
+            tok = train(
+                reservoir,
+                cfg.train_tokenizer_vocab,
+                model_type=cfg.tokenizer_model_type,
+                model_path=os.path.join(out_dir, "tokenizer.model"),
+            )
+        except ValueError as e:  # e.g. fewer pieces than the sample's distinct characters
+            raise ValueError(f"train_tokenizer_vocab={cfg.train_tokenizer_vocab}: {e}") from None
         del reservoir
         tok_out = _token_writer(out_dir, tok, cfg)
         n_tokenized = 0
@@ -393,6 +413,10 @@ def main(argv=None) -> dict:
     args, rest = ap.parse_known_args(argv)
     cfg = load_config_file(args.config) if args.config else preprocess_config()
     apply_overrides(cfg, rest)
+    try:  # before anything is written or deleted (a typo left out/text/meta.json behind)
+        S.expand_paths(args.input)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--input: {e}") from None
     subs = [os.path.join(args.output, s) for s in ("text", "tokens")]
     if os.path.exists(os.path.join(args.output, "report.json")) or any(map(os.path.isdir, subs)):
         if not args.overwrite:

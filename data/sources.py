@@ -1,5 +1,10 @@
 """Readers for raw and prepared text: jsonl, plain text, parquet and ArrayRecord.
 
+jsonl and plain text may be gzip (``.gz``) or zstd (``.zst``, with the ``zstandard`` package)
+compressed; the codec is read from the file's first bytes (``compression``), and other codecs,
+or a ``.gz`` that is not gzip, are a ``DataError`` naming the file. A directory that is a
+``flaxlm.data.preprocess`` output reads as its corpus (``preprocess_corpus``).
+
 Two access patterns share one error policy:
 
 * ``iter_documents`` streams documents in a fixed order (sorted files, then record order); the
@@ -22,9 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import gzip
+import io
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -72,6 +80,8 @@ class BadInputLog:
 def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     """Globs (``*``, ``**``) and directories → sorted files; an unmatched pattern is an error.
 
+    A preprocess output directory is its corpus (``preprocess_corpus``), not its report files.
+
     An existing file is itself, whatever its name: ``part[1].jsonl`` read as a glob matched
     ``part1.jsonl`` (or nothing), never the file named. A glob keeps files only (``**`` also
     matches directories) and, like a directory, skips shards' ``meta.json``. A file that several
@@ -85,6 +95,7 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
         if os.path.isfile(pat):
             hits = [pat]
         elif os.path.isdir(pat):
+            pat = preprocess_corpus(pat)
             hits = sorted(
                 os.path.join(pat, f)
                 for f in os.listdir(pat)
@@ -103,9 +114,46 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     return list(out.values())
 
 
+def preprocess_corpus(path: str) -> str:
+    """The corpus inside a ``flaxlm.data.preprocess`` output directory, else ``path`` itself.
+
+    Such a directory (``report.json`` beside ``tokens/`` or ``text/``) holds one corpus in its
+    subdirectory and, at its top, files that are not data (report.md, report.json,
+    tokenizer.model): read as the directory's files, those were trained on as text. The corpus is
+    ``tokens/`` when there is one (what the loader trains on), else the text shards of a run
+    without a tokenizer.
+    """
+    if not os.path.isfile(os.path.join(path, "report.json")):
+        return path
+    for sub in ("tokens", "text"):
+        if os.path.isdir(os.path.join(path, sub)):
+            return os.path.join(path, sub)
+    return path
+
+
+# Compressed jsonl/text is decompressed as it is read. Which codec: the file's first bytes, not
+# its name (none of these magics is valid UTF-8 text, or even printable): a gzip file named
+# .jsonl is read, and a file named .gz that is not gzip is an error, never text.
+_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}
+_CODEC_SUFFIX = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_UNSUPPORTED = {
+    ".bz2": "bzip2", ".xz": "xz", ".lzma": "lzma", ".zip": "zip", ".7z": "7z", ".lz4": "lz4",
+    ".br": "brotli", ".tar": "tar", ".tgz": "tar",
+}  # fmt: skip
+_UNSUPPORTED_MAGIC = {b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip", b"7z\xbc\xaf": "7z"}
+
+
+def _codec_suffix(name: str) -> str:
+    """The compression suffix of a (lower-case) file name, or ""."""
+    ext = os.path.splitext(name)[1]
+    return ext if ext in _CODEC_SUFFIX or ext in _UNSUPPORTED else ""
+
+
 def file_format(path: str) -> str:
-    """'jsonl' | 'text' | 'parquet' | 'arrayrecord' from the file name."""
+    """'jsonl' | 'text' | 'parquet' | 'arrayrecord' from the file name (``x.jsonl.gz`` and
+    ``x.jsonl.zst`` are jsonl: see ``open_bytes``)."""
     name = path.lower()
+    name = name[: len(name) - len(_codec_suffix(name))]
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     if name.endswith(".parquet"):
@@ -113,6 +161,74 @@ def file_format(path: str) -> str:
     if ".arrayrecord" in name or name.endswith(".array_record"):
         return "arrayrecord"
     return "text"
+
+
+def compression(path: str) -> str | None:
+    """'gzip' | 'zstd' for a compressed file (by its first bytes), None for an uncompressed one;
+    ``DataError`` naming the file for a codec that is not read (bzip2, xz, zip, ...) or a file
+    whose name says gzip/zstd but whose bytes are not."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    codec = next((c for m, c in _MAGIC.items() if head.startswith(m)), None)
+    suffix = _codec_suffix(path.lower())
+    bad = _UNSUPPORTED.get(suffix) or next(
+        (c for m, c in _UNSUPPORTED_MAGIC.items() if head.startswith(m)), None
+    )
+    if codec is None and bad:
+        raise DataError(
+            f"{path}: {bad}-compressed input is not supported; decompress it, or recompress it "
+            "with gzip (.gz) or zstd (.zst)"
+        )
+    if codec is None and suffix in _CODEC_SUFFIX:
+        raise DataError(f"{path}: named {suffix} but is not {_CODEC_SUFFIX[suffix]}-compressed")
+    return codec
+
+
+class _Decompressed(io.RawIOBase):
+    """A decompressing reader whose corrupt or truncated stream is a ``DataError`` naming the
+    file (gzip's "Compressed file ended before the end-of-stream marker was reached" and zstd's
+    errors name nothing). The records before the damage have been read; the rest cannot be
+    counted, so this is an error in lenient mode too (as a corrupt parquet row group is)."""
+
+    def __init__(self, path: str, raw, errors: tuple[type[BaseException], ...]):
+        self.path, self._raw, self._errors = path, raw, errors
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        try:
+            data = self._raw.read(len(b))
+        except self._errors as e:
+            raise DataError(f"{self.path}: cannot decompress ({e})") from e
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_bytes(path: str):
+    """A binary reader of ``path``'s content, decompressed when it is gzip or zstd."""
+    codec = compression(path)
+    if codec is None:
+        return open(path, "rb")
+    if codec == "gzip":
+        raw, errors = gzip.open(path, "rb"), (OSError, EOFError, zlib.error)
+    else:
+        try:
+            import zstandard  # not a declared dependency of flaxlm (apache-beam installs it)
+        except ImportError:
+            raise DataError(
+                f"{path}: is zstd-compressed; reading it needs the zstandard package "
+                "(pip install zstandard), or decompress it first"
+            ) from None
+        raw = zstandard.ZstdDecompressor().stream_reader(
+            open(path, "rb"), read_across_frames=True, closefd=True
+        )
+        errors = (OSError, EOFError, zstandard.ZstdError)
+    return io.BufferedReader(_Decompressed(path, raw, errors), 1 << 16)
 
 
 def shard_meta(path: str) -> dict:
@@ -140,22 +256,67 @@ def _check_text(text, loc: str, log: BadInputLog) -> bool:
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
-def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str | None:
-    """One jsonl record's text, or None (the reason logged under ``loc``).
+def lone_surrogate(value, where: str = "") -> str | None:
+    """Where a JSON value (strings, keys and values of nested lists/objects) holds a lone
+    surrogate, as a report detail; None when it holds none.
 
-    A UTF-8 byte-order mark before the record (a file saved by Notepad) is not part of it. A
-    lone surrogate escape (``"\\ud83d"``, half an emoji cut by a truncating tool) makes text that
-    cannot be written as UTF-8: counted as ``invalid_utf8`` here, not a crash at write time.
+    A lone surrogate escape (``"\\ud83d"``, half an emoji cut by a truncating tool) makes text
+    that cannot be written as UTF-8 nor encoded by SentencePiece: counted as ``invalid_utf8``
+    where it is read, never a crash (with no location) where the text is used.
     """
+    if isinstance(value, str):
+        if m := _SURROGATE_RE.search(value):
+            at = f" of {where}" if where else ""
+            return f"lone surrogate {m.group()!a} at character {m.start()}{at}"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for k, v in items:
+        if isinstance(value, dict) and (found := lone_surrogate(k)):
+            return f"{found} of a key in {where or 'the record'}"  # the key itself: not printable
+        key = k if isinstance(value, list) else f".{k}" if where else str(k)
+        if found := lone_surrogate(v, where + key):
+            return found
+    return None
+
+
+def _json_value(raw: bytes, loc: str, log: BadInputLog) -> tuple[bool, object]:
+    """(True, the JSON value of one jsonl line) or (False, None) with the reason logged under
+    ``loc``. A UTF-8 byte-order mark before the record (a file saved by Notepad) is not part of
+    it."""
     try:
         line = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         log.add("invalid_utf8", loc, str(e)[:80])
-        return None
+        return False, None
     try:
-        obj = json.loads(line)
+        return True, json.loads(line)
     except json.JSONDecodeError as e:
         log.add("malformed_json", loc, str(e)[:80])
+        return False, None
+
+
+def jsonl_record(raw: bytes, loc: str, log: BadInputLog) -> tuple[bool, object]:
+    """(True, record) of one line of a chat/preference jsonl file, read as the pretraining reader
+    reads a line (BOM, invalid UTF-8, malformed JSON), or (False, None) with the reason logged:
+    a lone surrogate anywhere in the record is ``invalid_utf8`` (``lone_surrogate``). Any JSON
+    value is a record here; the chat format says what a record must hold."""
+    ok, obj = _json_value(raw, loc, log)
+    if ok and (where := lone_surrogate(obj)):
+        log.add("invalid_utf8", loc, where)
+        return False, None
+    return ok, obj
+
+
+def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str | None:
+    """One jsonl record's text, or None (the reason logged under ``loc``): see ``_json_value``
+    and ``lone_surrogate`` (only the text field is checked: nothing else is used)."""
+    ok, obj = _json_value(raw, loc, log)
+    if not ok:
         return None
     if not isinstance(obj, dict):
         log.add("missing_field", loc, f"not a JSON object: {type(obj).__name__}")
@@ -164,8 +325,8 @@ def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str
         log.add("missing_field", loc, f"no {field!r}")
         return None
     text = obj[field]
-    if isinstance(text, str) and (m := _SURROGATE_RE.search(text)):
-        log.add("invalid_utf8", loc, f"lone surrogate {m.group()!a} at character {m.start()}")
+    if isinstance(text, str) and (where := lone_surrogate(text)):
+        log.add("invalid_utf8", loc, where)
         return None
     return text if _check_text(text, loc, log) else None
 
@@ -173,7 +334,7 @@ def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str
 def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
     fmt = file_format(path)
     if fmt == "jsonl":
-        with open(path, "rb") as f:
+        with open_bytes(path) as f:
             for i, raw in enumerate(f):
                 if not raw.strip():  # blank separator lines are not records
                     continue
@@ -228,7 +389,7 @@ def _decode(raw: bytes, loc: str, log: BadInputLog) -> str | None:
 def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
     """Plain text: one document per file, per line, or per blank-line-separated block."""
     if txt_mode == "file":
-        with open(path, "rb") as f:
+        with open_bytes(path) as f:
             loc = f"{path}:1"
             text = _decode(f.read(), loc, log)
         yield 0, loc, (text if text is not None and _check_text(text, loc, log) else None)
@@ -239,13 +400,14 @@ def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
     # "blank" mode: a block with invalid UTF-8 is one document lost, counted once at its first
     # bad line (logging every bad line counted a block with two of them as two documents).
     start, bad = None, None  # first line of the current block; (loc, error) of its first bad line
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         for i, raw in enumerate(f):
             loc = f"{path}:{i + 1}"
             if txt_mode == "line":
                 line = _decode(raw, loc, log)
                 if line is None or line.strip():  # empty lines are separators, not documents
-                    yield i, loc, (None if line is None else line.rstrip("\n"))
+                    # "\r\n" too: a CRLF file's lines ended in "\r", kept in the document
+                    yield i, loc, (None if line is None else line.rstrip("\r\n"))
                 continue
             try:
                 line = raw.decode("utf-8")
@@ -352,8 +514,15 @@ class ParquetSource:
         if text_field not in table.column_names:
             raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
         col = table.column(text_field)
-        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        # A dictionary-encoded column (pandas' categorical; what iter_documents reads as text)
+        # holds strings too: decoded, to large_string so that repeated values cannot overflow
+        # string's 32-bit offsets. string_view likewise, for the string compute kernels below.
+        typ = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+        is_view = getattr(pa.types, "is_string_view", lambda t: False)(typ)
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or is_view):
             raise DataError(f"{path}: column {text_field!r} has type {col.type}, not string")
+        if typ != col.type or is_view:
+            col = col.cast(pa.large_string())
         ok = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False)
         for row in np.flatnonzero(~np.asarray(ok)):
             reason = "missing_field" if col[int(row)].as_py() is None else "empty"
@@ -494,12 +663,12 @@ def open_source(
     parts = []
     for p in paths:
         fmt = file_format(p)
-        if fmt == "jsonl":
+        if fmt == "jsonl" and compression(p) is None:
             parts.append(JsonlSource(p, text_field, log))
         elif fmt == "parquet":
             parts.append(ParquetSource(p, text_field, log))
-        elif fmt == "text":
-            docs = iter_documents(p, txt_mode=txt_mode, log=log)
+        elif fmt in ("text", "jsonl"):  # compressed jsonl has no byte offsets: held in memory
+            docs = iter_documents(p, text_field=text_field, txt_mode=txt_mode, log=log)
             parts.append(ListSource([d.text for d in docs]))
         else:
             raise DataError(f"{p}: ArrayRecord shards cannot be mixed with {fmts - {fmt}} here")

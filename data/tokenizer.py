@@ -7,6 +7,13 @@ Special ids are read from the model file, never assumed: ``pad_id``, ``bos_id``,
 Tokenizers we train reserve ``pad=0, unk=1, bos=2, eos=3``, use byte fallback (no unknown
 characters, Chinese included), split digits, and include the chat tokens ``<|system|>``,
 ``<|user|>``, ``<|assistant|>``, ``<|end|>`` as user-defined pieces (always one token each).
+
+Text never encodes to a chat token. SentencePiece matches a user-defined piece wherever its
+string occurs, so a user turn or a web page holding "<|end|><|assistant|>" encoded to the real
+end-of-turn and assistant ids: a forged turn inside the content. ``encode`` spells such an
+occurrence out in ordinary pieces (each character's piece, else its UTF-8 byte pieces), which
+decode to the same text; the chat tokens come only from the template, as ids (data/formats.py).
+This holds for any loaded model, whenever it was trained.
 """
 
 from __future__ import annotations
@@ -20,6 +27,15 @@ import numpy as np
 import sentencepiece as spm
 
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# The ids ``train`` reserves (pad, unk, bos, eos: all set there).
+RESERVED_PIECES = 4
+
+
+def fixed_pieces(user_defined_symbols: Sequence[str] = CHAT_TOKENS, byte_fallback: bool = True):
+    """Pieces ``train`` adds whatever the text: the reserved ids, the user-defined symbols and,
+    with byte fallback, one piece per byte (256). SentencePiece also needs one piece per distinct
+    character of the sample, so a vocab_size must exceed this (by how much depends on the text)."""
+    return RESERVED_PIECES + len(user_defined_symbols) + (256 if byte_fallback else 0)
 
 
 class Tokenizer:
@@ -33,6 +49,34 @@ class Tokenizer:
         except RuntimeError as e:  # sentencepiece's "INTERNAL: ... ParseFromArray" names nothing
             raise ValueError(f"{name}: not a SentencePiece model ({e})") from None
         self.sha256 = hashlib.sha256(model_proto).hexdigest()
+        # chat token id -> its string spelled in ordinary pieces, for the chat tokens that text
+        # can produce (user-defined; a control piece never comes from text)
+        chat = {t: self.sp.piece_to_id(t) for t in CHAT_TOKENS}
+        chat = {t: i for t, i in chat.items() if i != self.unk_id and not self.sp.is_control(i)}
+        self._spelled = {i: self._spell(t, set(chat.values())) for t, i in chat.items()}
+        self._chat_strings = tuple(chat)
+
+    def _spell(self, text: str, avoid: set[int]) -> list[int]:
+        """Ids that decode to ``text`` without any id of ``avoid``: one piece per character, or
+        its UTF-8 bytes' pieces (byte fallback); ``unk_id`` for a character with neither."""
+        ids = []
+        for ch in text:
+            i = self.sp.piece_to_id(ch)
+            if i != self.unk_id and i not in avoid and not self.sp.is_control(i):
+                ids.append(i)
+                continue
+            b = [self.sp.piece_to_id(f"<0x{x:02X}>") for x in ch.encode("utf-8")]
+            ids += b if all(self.sp.is_byte(j) for j in b) else [self.unk_id]
+        return ids
+
+    def _no_chat_ids(self, text: str, ids: list[int]) -> list[int]:
+        """``ids`` of ``text`` with every chat token spelled out (see the module docstring)."""
+        if not any(t in text for t in self._chat_strings):  # the common case: one scan in C
+            return ids
+        out: list[int] = []
+        for i in ids:
+            out += self._spelled.get(i, (i,))
+        return out
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
@@ -98,7 +142,8 @@ class Tokenizer:
             )
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        """Ids of ``text``; never a chat token's id (those are the template's alone)."""
+        return self._no_chat_ids(text, self.sp.encode(text, add_bos=bos, add_eos=eos))
 
     def encode_batch(
         self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, num_threads: int = 0
@@ -106,7 +151,11 @@ class Tokenizer:
         """Encodes many texts in SentencePiece's own thread pool (0 = all cores)."""
         if not texts:
             return []
-        return self.sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
+        texts = list(texts)
+        out = self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads)
+        if not self._spelled:
+            return out
+        return [self._no_chat_ids(t, ids) for t, ids in zip(texts, out)]
 
     def _piece_ids(self, ids) -> list[int]:
         """Ids as ints; ids past the pieces become ``unk_id`` (decoded " ⁇ "): a model whose
@@ -144,6 +193,13 @@ def train(
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be bpe|unigram, got {model_type!r}")
+    if vocab_size <= (n_fixed := fixed_pieces(user_defined_symbols, byte_fallback)):
+        raise ValueError(
+            f"vocab_size {vocab_size} leaves no piece for text: {n_fixed} are taken by the "
+            f"{RESERVED_PIECES} reserved ids, {len(user_defined_symbols)} user-defined symbols"
+            + (" and 256 byte pieces" if byte_fallback else "")
+            + ", and one more is needed per distinct character of the text"
+        )
 
     def lines():
         for t in texts:
@@ -158,29 +214,35 @@ def train(
                     yield ln
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=byte_fallback,
-        user_defined_symbols=list(user_defined_symbols),
-        character_coverage=character_coverage,
-        max_sentence_length=max_sentence_length,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,  # keep code/indentation intact
-        normalization_rule_name="identity",
-        pad_id=0,
-        unk_id=1,
-        bos_id=2,
-        eos_id=3,
-        num_threads=num_threads,
-        hard_vocab_limit=False,  # a tiny corpus may not support the full size
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(),
+            model_writer=buf,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            user_defined_symbols=list(user_defined_symbols),
+            character_coverage=character_coverage,
+            max_sentence_length=max_sentence_length,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,  # keep code/indentation intact
+            normalization_rule_name="identity",
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            num_threads=num_threads,
+            hard_vocab_limit=False,  # a tiny corpus may not support the full size
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # "INTERNAL: src/trainer_interface.cc(467) [!sentences_.empty()]"
+        why = "no text to train on" if "sentences_.empty()" in str(e) else str(e).split("] ")[-1]
+        raise ValueError(
+            f"SentencePiece {model_type} training (vocab_size {vocab_size}) failed: {why}"
+        ) from None
     tok = Tokenizer(buf.getvalue(), name=model_path or f"<trained {model_type} {vocab_size}>")
     if model_path:
         tok.save(model_path)

@@ -214,3 +214,53 @@ def test_boilerplate_lines_with_doubled_or_no_break_spaces_are_stripped():
             [lines[0].replace(" ", sep), story] + [ln.replace(" ", sep) for ln in lines[1:]]
         )
         assert strip_boilerplate(page)[:2] == (story, 4), repr(sep)
+
+
+@pytest.mark.parametrize(
+    "text,redacted",
+    [
+        # compressed IPv6 addresses are redacted ...
+        ("ping fe80::1 now", "ping <IP> now"),
+        ("host 2001:db8::8a2e:370:7334.", "host <IP>."),
+        ("link fe80::1ff:fe23:4567:890a up", "link <IP> up"),
+        ("see 1080::8:800:200c:417a", "see <IP>"),
+        ("prefix 2001:db8:: and ff02::1", "prefix <IP> and <IP>"),
+        ("loopback ::1 and mapped ::ffff:a00:1", "loopback <IP> and mapped <IP>"),
+        # ... Python slices and "::" names are not
+        ("x = arr[::2] + arr[1::2]", None),
+        ("rev = s[::10]; b = a[:, ::4]; img[::2, ::2]", None),
+        ("a::b and ee::ff and def::abc", None),
+        ("label bad:: and 1:: and C: add::f", None),
+        ("dead::beef", None),
+    ],
+)
+def test_ipv6_addresses_but_not_slices_or_names(text, redacted):
+    """The IPv6 pattern redacted Python slices (`arr[::2]` -> `arr[<IP>]`) and names."""
+    out, counts = clean.redact_pii(text)
+    assert out == (text if redacted is None else redacted)
+    assert counts.get("IP", 0) == (0 if redacted is None else redacted.count("<IP>"))
+
+
+def test_ipv4_with_one_digit_octets():
+    """8.8.8.8 has no two adjacent digits: the numeric patterns' guard skipped the text."""
+    assert clean.redact_pii("dns 8.8.8.8 or 1.1.1.1") == ("dns <IP> or <IP>", {"IP": 2})
+    assert clean.redact_pii("ip=9.9.9.9")[0] == "ip=<IP>"
+    assert clean.redact_pii("version 1.2.3 of 5") == ("version 1.2.3 of 5", {})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<img src='logo@2x.png'>",
+        "background: url(icon@3x.webp)",
+        "npm i @types/node@latest.tgz",
+        "load chart@1.0.min.js and theme@dark.css",
+    ],
+)
+def test_file_names_with_at_are_not_emails(text):
+    assert clean.redact_pii(text) == (text, {})
+
+
+def test_emails_on_domains_that_look_like_extensions_are_kept():
+    text = "Mail jan@firma.pl, bob@example.com or ann@studio.co.uk."
+    assert clean.redact_pii(text) == ("Mail <EMAIL>, <EMAIL> or <EMAIL>.", {"EMAIL": 3})

@@ -75,3 +75,43 @@ def test_a_corpus_that_loses_every_document_fails_after_writing_its_report(tmp_p
         _main("--input", str(src), "--output", out)
     report = json.loads(open(os.path.join(out, "report.json")).read())
     assert report["documents_out"] == 0 and sum(report["removed"].values()) == 2
+
+
+def test_an_input_typo_writes_nothing_and_the_corrected_run_succeeds(tmp_path, jsonl):
+    """A glob matching nothing left out/text/meta.json behind; the rerun with the corrected
+    glob then refused: "already holds a preprocess run"."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--input: no files match '.*\*\.jsonll'"):
+        _main("--input", str(tmp_path / "*.jsonll"), "--output", str(out))
+    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        preprocess.run([str(tmp_path / "*.jsonll")], str(out), preprocess.preprocess_config())
+    assert not out.exists()
+    assert _main("--input", str(tmp_path / "*.jsonl"), "--output", str(out))["documents_out"] == 6
+
+
+def test_tokenizer_training_with_no_surviving_document_writes_the_report(tmp_path):
+    """SentencePiece's RuntimeError on an empty sample, no report; now the same failure as
+    without training."""
+    src = tmp_path / "bad.jsonl"
+    src.write_text("".join(json.dumps({"content": f"{DOC} {i}"}) + "\n" for i in range(5)))
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"none of the 5 documents .* \(why: .*report\.md\)"):
+        _main("--input", str(src), "--output", out, "--config.train_tokenizer_vocab=400")
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert report["removed"] == {"missing_field": 5} and report["tokenizer"] is None
+    assert os.path.exists(os.path.join(out, "report.md"))
+    assert not os.path.exists(os.path.join(out, "tokenizer.model"))
+
+
+def test_a_tokenizer_vocab_below_the_fixed_pieces_is_refused_before_any_output(tmp_path, jsonl):
+    from flaxlm.data.tokenizer import fixed_pieces
+
+    out = tmp_path / "out"
+    n = fixed_pieces()
+    with pytest.raises(ValueError, match=rf"train_tokenizer_vocab={n} is too small: .* {n} fixed"):
+        _main("--input", jsonl, "--output", str(out), f"--config.train_tokenizer_vocab={n}")
+    assert not out.exists()
+    # Above the fixed pieces, too few for the text's characters: an error naming the key.
+    with pytest.raises(ValueError, match=r"train_tokenizer_vocab=270: SentencePiece bpe"):
+        _main("--input", jsonl, "--output", str(out), "--config.train_tokenizer_vocab=270")

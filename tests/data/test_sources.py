@@ -113,3 +113,95 @@ def test_concat_source(tmp_path):
     b.write_text("\n".join(json.dumps({"text": t}) for t in ["b0", "b1", "b2"]))
     src = S.open_source(str(tmp_path / "*.jsonl"))
     assert [src[i] for i in range(len(src))] == ["a0", "a1", "b0", "b1", "b2"]
+
+
+def _jsonl_bytes(texts):
+    return b"".join(json.dumps({"text": t}, ensure_ascii=False).encode() + b"\n" for t in texts)
+
+
+def test_gzip_and_zstd_inputs_are_decompressed(tmp_path):
+    """A .jsonl.gz was read as text: its 5 records counted as one invalid_utf8 document."""
+    import gzip
+
+    zstandard = pytest.importorskip("zstandard")
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes(GOOD)))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl_bytes(GOOD)))
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"line one\r\nline two\n"))
+    # named by what it holds, not by its codec: the magic bytes say gzip
+    (tmp_path / "d.jsonl").write_bytes(gzip.compress(_jsonl_bytes(["misnamed"])))
+    for name in ("a.jsonl.gz", "b.jsonl.zst"):
+        log = S.BadInputLog()
+        docs = list(S.iter_documents(str(tmp_path / name), log=log))
+        assert [d.text for d in docs] == GOOD and log.total == 0
+        assert docs[1].loc == f"{tmp_path / name}:2"
+        src = S.open_source(str(tmp_path / name))  # no byte offsets: held in memory
+        assert [src[i] for i in range(len(src))] == GOOD
+    lines = S.iter_documents(str(tmp_path / "c.txt.gz"), txt_mode="line")
+    assert [d.text for d in lines] == ["line one", "line two"]
+    assert [d.text for d in S.iter_documents(str(tmp_path / "d.jsonl"))] == ["misnamed"]
+    assert S.file_format("x.JSONL.GZ") == "jsonl" and S.file_format("x.txt.zst") == "text"
+
+
+def test_unreadable_compression_is_an_error_naming_the_file(tmp_path):
+    import gzip
+
+    (tmp_path / "plain.jsonl.gz").write_bytes(_jsonl_bytes(GOOD))  # named .gz, not gzip
+    (tmp_path / "a.jsonl.bz2").write_bytes(b"BZh91AY&SY...")
+    (tmp_path / "b.jsonl").write_bytes(b"\xfd7zXZ\x00\x00rest")  # xz under a .jsonl name
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes(GOOD * 50))[:60])
+    cases = {
+        "plain.jsonl.gz": r"plain\.jsonl\.gz: named \.gz but is not gzip-compressed",
+        "a.jsonl.bz2": r"a\.jsonl\.bz2: bzip2-compressed input is not supported",
+        "b.jsonl": r"b\.jsonl: xz-compressed input is not supported",
+        "cut.jsonl.gz": r"cut\.jsonl\.gz: cannot decompress \(Compressed file ended",
+    }
+    for name, message in cases.items():
+        with pytest.raises(S.DataError, match=message):
+            list(S.iter_documents(str(tmp_path / name)))  # lenient: not counted as one bad doc
+
+
+def test_text_lines_of_a_crlf_file_keep_no_carriage_return(tmp_path):
+    p = tmp_path / "crlf.txt"
+    p.write_bytes(b"first line\r\nsecond line\r\n\r\nthird\r\n")
+    assert [d.text for d in S.iter_documents(str(p), txt_mode="line")] == [
+        "first line",
+        "second line",
+        "third",
+    ]
+
+
+def test_dictionary_encoded_parquet_column_is_text(tmp_path):
+    """pandas' categorical columns are dictionary<string>: the loader rejected them."""
+    path = str(tmp_path / "dict.parquet")
+    col = pa.array(["hello world", "second", "hello world", None]).dictionary_encode()
+    pq.write_table(pa.table({"text": col}), path)
+    log = S.BadInputLog()
+    src = S.open_source(path, log=log)
+    assert [src[i] for i in range(len(src))] == ["hello world", "second", "hello world"]
+    assert log.counts == {"missing_field": 1}
+    assert [d.text for d in S.iter_documents(path, log=S.BadInputLog())] == [
+        src[i] for i in range(len(src))
+    ]
+    pq.write_table(pa.table({"text": pa.array([1, 2])}), path)
+    with pytest.raises(S.DataError, match=r"column 'text' has type int64, not string"):
+        S.open_source(path)
+
+
+def test_a_preprocess_output_directory_reads_its_corpus_not_its_report(tmp_path):
+    """data.sources=out/ trained on report.md and report.json as plain text."""
+    out = tmp_path / "out"
+    (out / "text").mkdir(parents=True)
+    w = ArrayRecordWriter(str(out / "text" / "shard-00000.arrayrecord"), "group_size:1")
+    for t in GOOD:
+        w.write(t.encode())
+    w.close()
+    (out / "text" / S.META_FILE).write_text(json.dumps({"format": "text"}))
+    (out / "report.json").write_text("{}")
+    (out / "report.md").write_text("# Preprocess report\n")
+    assert S.expand_paths(str(out)) == [str(out / "text" / "shard-00000.arrayrecord")]
+    assert [d.text for d in S.iter_documents(str(out))] == GOOD
+    (out / "tokens").mkdir()  # a run that tokenized: its token shards are the corpus
+    (out / "tokens" / "shard-00000.arrayrecord").write_bytes(b"")
+    assert S.expand_paths(str(out)) == [str(out / "tokens" / "shard-00000.arrayrecord")]
+    # An ordinary directory is still its files.
+    assert S.expand_paths(str(out / "text")) == [str(out / "text" / "shard-00000.arrayrecord")]
