@@ -8,12 +8,14 @@ MODEL is a flaxlm run directory (holds checkpoints/; read with train/checkpoint.
 LoRA run's adapters are merged into its base weights, a PPO run gives its policy) or an HF
 directory (config.json + safetensors; --step and --ema, the run's EMA weights, are for runs
 only). The tokenizer is --tokenizer,
-else the run's meta["tokenizer"] (a relative path is also looked up in the run directory), else
+else the run's meta["tokenizer"] (a relative path is looked up in the run directory, and so is
+an absolute one that no longer exists, by its file name: a moved or copied run), else
 the HF directory's tokenizer.json / tokenizer.model. --dtype (float32 | bfloat16 | float16)
 casts the weights and computes in that dtype.
 
 --chat renders each prompt as a user turn (after --system, if given) with a generation prompt:
-an HF tokenizer's own Jinja chat template when its tokenizer_config.json has one, else flaxlm's
+an HF tokenizer's own Jinja chat template when it has one (chat_template.jinja, else
+tokenizer_config.json's), else flaxlm's
 chat template (data/formats.py), whose end-of-turn token stops generation.
 
 Output: per prompt "### PROMPT" then the completion (stop token removed); with --json one JSON
@@ -163,9 +165,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer_path(given: str, meta: dict, model_dir: str) -> str:
-    """--tokenizer, else the run's meta["tokenizer"]; a relative path that does not exist here
-    is looked up in the run directory. A missing file is an error naming the path as given."""
-    path = given or meta.get("tokenizer", "")
+    """--tokenizer, else the run's meta["tokenizer"] as `run_tokenizer_path` finds it (a
+    relative path in the run directory; an absolute one that is gone, e.g. the run was moved,
+    as run_dir/<basename>); a relative --tokenizer that does not exist here is looked up in
+    the run directory. A missing file is an error naming the path as given."""
+    from flaxlm.models.hf_tokenizer import run_tokenizer_path
+
+    path = given or run_tokenizer_path(meta.get("tokenizer", ""), model_dir)
     if not path:
         raise SystemExit(f"{model_dir}: checkpoint meta has no 'tokenizer'; pass --tokenizer")
     if not os.path.exists(path) and os.path.exists(os.path.join(model_dir, path)):

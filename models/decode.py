@@ -425,6 +425,15 @@ def _prepare_prompts(prompts, prompt_lengths, vocab_size: int):
     ):
         if prompt_lengths is not None:
             raise ValueError("generate: prompt_lengths is only for (B, P) array prompts")
+        # A flat list of ids ([5, 9, 2], one tokenized prompt) would otherwise run as that
+        # many one-token prompts: each prompt must be a sequence of its own.
+        flat = [i for i, p in enumerate(prompts) if np.ndim(p) == 0]
+        if flat:
+            raise ValueError(
+                f"generate: prompts must be a list of token-id sequences, one per prompt; "
+                f"prompts[{flat[0]}] is the single value {prompts[flat[0]]!r} (for one "
+                "tokenized prompt `ids`, pass [ids])"
+            )
         rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
         lengths = np.asarray([len(r) for r in rows], np.int32)
     else:

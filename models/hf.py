@@ -72,6 +72,9 @@ it wins, as in transformers): each tensor is read from
 the memory-mapped file, converted and placed on device (in its shards when a mesh is given)
 before the next is read, so the host never holds a second copy of the model. Export writes a
 temporary directory and renames it into place: an interrupted export leaves nothing half-written.
+A run's export (model or adapter) refuses a target that is the run directory, holds it or lies
+inside it (with --overwrite the replaced directory is deleted). A run finds the tokenizer its
+meta names, or, moved or copied with the original gone, its own copy (`run_tokenizer_path`).
 
 Bad input (unsupported architecture, missing / unexpected tensors, shape mismatches, a
 tokenizer whose vocab does not fit) raises `HFError` naming the file and the key or tensor.
@@ -101,6 +104,7 @@ from flaxlm.models.hf_tokenizer import (
     HFTokenizer,
     copy_tokenizer,
     load_tokenizer,
+    run_tokenizer_path,
     sentencepiece_hf_files,
     set_template_kwargs,
 )
@@ -176,6 +180,8 @@ _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
 # router_aux_loss_coef written on export (a training setting: their config classes' defaults)
 _ROUTER_AUX_DEFAULT = {"mixtral": 0.001, "qwen2_moe": 0.001, "qwen3_moe": 0.001, "olmoe": 0.01}
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
+# Families whose config class ties the embeddings when config.json does not say (the others untie)
+_TIED_BY_DEFAULT = (*_GEMMA, "smollm3")
 # Families with every P-th layer global and the rest local: P when a config lists no layer_types
 _LAYER_PERIOD = {"gemma2": 2, "gemma3_text": 6, "olmo3": 4}
 # ... and with a RoPE per layer type: (global, local) base frequencies by default
@@ -203,6 +209,23 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # config.json
 
 
+def _number(d: dict, key: str, where: str, default=None, cast=float, null_is_default=False):
+    """d[key] as a number (`cast`): `default` when absent (and, with `null_is_default`, when
+    null: where transformers treats null as its default); a null that has no default, or a
+    value that is no number, is an HFError naming the key (not a TypeError from float(None))."""
+    value = d.get(key)
+    if value is None and (key not in d or null_is_default) and default is not None:
+        return cast(default)
+    if value is None:
+        raise HFError(f"{where}: {key} is {'null' if key in d else 'missing'}; expected a number")
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return cast(value)
+    except (TypeError, ValueError):
+        raise HFError(f"{where}: {key}={value!r} is not a number") from None
+
+
 def _rope_params(hf: dict, where: str) -> dict:
     params = dict(hf.get("rope_scaling") or {})
     new = hf.get("rope_parameters") or {}
@@ -214,8 +237,9 @@ def _rope_params(hf: dict, where: str) -> dict:
 
 def _rotary_dim(hf: dict, head_dim: int, where: str) -> int:
     """`rotary_dim` of a partial_rotary_factor (top level or in the rope parameters)."""
-    factor = float(_rope_params(hf, where).get("partial_rotary_factor",
-                                                hf.get("partial_rotary_factor", 1.0)))  # fmt: skip
+    params = _rope_params(hf, where)
+    src = params if params.get("partial_rotary_factor") is not None else hf
+    factor = _number(src, "partial_rotary_factor", where, 1.0, null_is_default=True)
     dim = int(head_dim * factor)
     if not 0 < dim <= head_dim or dim % 2:
         raise HFError(f"{where}: partial_rotary_factor={factor} gives {dim} rotary dims of "
@@ -226,16 +250,17 @@ def _rotary_dim(hf: dict, head_dim: int, where: str) -> int:
 def _rope_from_hf(hf: dict, where: str) -> dict:
     params = _rope_params(hf, where)
     kind = params.get("rope_type", params.get("type", "default"))
-    out = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    theta = params if "rope_theta" in params else hf
+    out = {"rope_theta": _number(theta, "rope_theta", where, 10000.0)}
     if kind in ("su", "yarn") and hf.get("model_type") == "phi3":
         kind = "longrope"  # (Phi-3's early configs' names for it, as Phi3Config reads them)
     if kind == "default":
         return out
     if kind == "longrope":
         return {**out, **_longrope_from_hf(params, hf, where)}
-    if "factor" not in params:
+    if params.get("factor") is None:
         raise HFError(f"{where}: rope scaling {kind!r} lacks 'factor'")
-    out.update(rope_scaling_factor=float(params["factor"]))
+    out.update(rope_scaling_factor=_number(params, "factor", where + " rope scaling"))
     if kind == "linear":
         return {**out, "rope_scaling": "linear"}
     if kind == "llama3":
@@ -243,8 +268,8 @@ def _rope_from_hf(hf: dict, where: str) -> dict:
             return {
                 **out,
                 "rope_scaling": "llama3",
-                "rope_low_freq_factor": float(params["low_freq_factor"]),
-                "rope_high_freq_factor": float(params["high_freq_factor"]),
+                "rope_low_freq_factor": _number(params, "low_freq_factor", where + " rope"),
+                "rope_high_freq_factor": _number(params, "high_freq_factor", where + " rope"),
                 "rope_original_max_len": _original_len(params, hf, where),
             }
         except KeyError as e:
@@ -276,11 +301,16 @@ def _longrope_from_hf(params: dict, hf: dict, where: str) -> dict:
     original) and the attention factor (default sqrt(1 + ln(factor) / ln(original)), kept
     explicit so export writes what was used)."""
     original = _original_len(params, hf, where)
+    for k in ("short_factor", "long_factor"):
+        if not isinstance(params.get(k), list):
+            raise HFError(f"{where}: longrope rope scaling lacks {k!r} (a list of numbers), got "
+                          f"{params.get(k)!r}")  # fmt: skip
     try:
         short, long = (list(map(float, params[k])) for k in ("short_factor", "long_factor"))
-    except KeyError as e:
-        raise HFError(f"{where}: longrope rope scaling lacks {e.args[0]!r}") from None
-    factor = float(params.get("factor") or hf.get("max_position_embeddings", original) / original)
+    except (TypeError, ValueError) as e:
+        raise HFError(f"{where}: longrope short_factor/long_factor: {e}") from None
+    context = hf.get("max_position_embeddings") or original
+    factor = float(params.get("factor") or context / original)
     attn = params.get("attention_factor")
     if attn is None:
         attn = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
@@ -319,7 +349,8 @@ def _window_from_hf(hf: dict, mt: str, n_layers: int, where: str) -> tuple[int, 
     window = int(hf.get("sliding_window") or 0)
     types = hf.get("layer_types")
     if types is None and mt in _QWEN:  # transformers < 4.53 derives them from these
-        start = hf.get("max_window_layers", n_layers) if hf.get("use_sliding_window") else n_layers
+        start = (_number(hf, "max_window_layers", where, n_layers, int)
+                 if hf.get("use_sliding_window") else n_layers)  # fmt: skip
         types = ["full_attention" if i < start else "sliding_attention" for i in range(n_layers)]
     if types is None and mt in _LAYER_PERIOD:  # (older configs: the period alone)
         period = int(hf.get("sliding_window_pattern") or _LAYER_PERIOD[mt])
@@ -378,8 +409,13 @@ def _rope_by_layer_type(hf: dict, mt: str, window: int, pattern: int, where: str
         loc = {"rope_type": "default"}
     glob.setdefault("rope_theta", glob_theta)
     loc.setdefault("rope_theta", loc_theta)
-    ours_glob = _rope_from_hf({"rope_parameters": glob}, where + " (full_attention rope)")
-    ours_loc = _rope_from_hf({"rope_parameters": loc}, where + " (sliding_attention rope)")
+    # The top-level keys scaled RoPEs fall back on (yarn's / llama3's original context: a
+    # top-level original_max_position_embeddings, else max_position_embeddings), as for
+    # every other family; the rest of the top level belongs to the flat layout read above.
+    top = {k: hf[k] for k in ("original_max_position_embeddings", "max_position_embeddings")
+           if k in hf}  # fmt: skip
+    ours_glob = _rope_from_hf({**top, "rope_parameters": glob}, where + " (full_attention rope)")
+    ours_loc = _rope_from_hf({**top, "rope_parameters": loc}, where + " (sliding_attention rope)")
     if not pattern:  # all layers of one kind: that kind's RoPE is the model's
         return ours_loc if window else ours_glob
     if ours_loc == ours_glob:
@@ -454,11 +490,12 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         n_kv_heads=int(hf.get("num_key_value_heads") or N),
         head_dim=0 if head_dim * N == D else head_dim,
         d_ff=int(need("intermediate_size")),
-        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        # (null: only a length warning in decoding hangs on it; missing and null alike 2048)
+        max_seq_len=_number(hf, "max_position_embeddings", where, 2048, int, null_is_default=True),
+        norm_eps=_number(hf, "rms_norm_eps", where, 1e-6),
         qkv_bias=_qkv_bias(hf, mt),
         rotary_dim=0 if mt in _ROPE_BY_TYPE else _rotary_dim(hf, head_dim, where),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", mt in _GEMMA)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", mt in _TIED_BY_DEFAULT)),
         mlp_activation=_ACTS[act],
         sliding_window=window,
         sliding_window_pattern=pattern,
@@ -1291,15 +1328,31 @@ def import_to_run(hf_dir: str, run_dir: str, dtype=None) -> str:
     return run_dir
 
 
+def check_export_target(run_dir: str, path: str) -> None:
+    """Refuses an export of the run `run_dir` to `path` when, real paths compared (symlinks,
+    "..", a trailing "/"), `path` is the run directory, a directory holding it, or inside it:
+    with --overwrite the export's replace-then-delete would remove the run (or part of it)."""
+    run, target = os.path.realpath(run_dir), os.path.realpath(path)
+    common = os.path.commonpath([run, target])
+    if common == target:
+        what = "is the run directory" if target == run else "holds the run directory"
+        raise HFError(f"export: target {path} {what} {run_dir}; export to a directory outside "
+                      "the run (an overwrite would delete the run)")  # fmt: skip
+    if common == run:
+        raise HFError(f"export: target {path} is inside the run directory {run_dir}; export to a "
+                      "directory outside the run")  # fmt: skip
+
+
 def export_run(run_dir: str, hf_dir: str, arch: str | None = None, step=None, dtype=None,
                overwrite: bool = False, ema: bool = False) -> str:  # fmt: skip
     """Writes a flaxlm run's params (latest or `step`; `ema`: its EMA weights) as an HF
-    checkpoint directory."""
+    checkpoint directory (outside the run: `check_export_target`)."""
     from flaxlm.train.checkpoint import load_model
 
+    check_export_target(run_dir, hf_dir)
     cfg, params, meta = load_model(run_dir, step, ema=ema)
     arch = arch or meta.get("hf_arch") or default_arch(cfg)
-    tok_path, extra, files = meta.get("tokenizer") or None, {}, {}
+    tok_path, extra, files = run_tokenizer_path(meta.get("tokenizer") or "", run_dir), {}, {}
     if tok_path and os.path.exists(tok_path):
         tok = load_tokenizer(tok_path, cfg.vocab_size)
         extra = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id))
@@ -1308,7 +1361,7 @@ def export_run(run_dir: str, hf_dir: str, arch: str | None = None, step=None, dt
             tok_path = os.path.dirname(tok_path)
         else:  # flaxlm's SentencePiece model: settings (and chat template) for AutoTokenizer
             files = sentencepiece_hf_files(tok)
-    save_pretrained(cfg, params, hf_dir, arch, dtype=dtype, tokenizer=tok_path,
+    save_pretrained(cfg, params, hf_dir, arch, dtype=dtype, tokenizer=tok_path or None,
                     overwrite=overwrite, extra_config=extra, extra_files=files)  # fmt: skip
     return hf_dir
 

@@ -16,6 +16,8 @@ import shutil
 
 import numpy as np
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
 
 class HFError(ValueError):
     """An HF checkpoint or tokenizer flaxlm cannot use; the message names the file and key."""
@@ -27,7 +29,11 @@ _TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    # transformers >= 4.5x saves the chat template here, not in tokenizer_config.json, and
+    # named templates other than the default as additional_chat_templates/NAME.jinja
+    CHAT_TEMPLATE_FILE,
 )
+_NAMED_TEMPLATES_DIR = "additional_chat_templates"
 
 
 def copy_tokenizer(src: str, dst_dir: str) -> None:
@@ -37,6 +43,27 @@ def copy_tokenizer(src: str, dst_dir: str) -> None:
         raise HFError(f"export: no tokenizer files in {src} (looked for {_TOKENIZER_FILES})")
     for f in files:
         shutil.copy(f, os.path.join(dst_dir, os.path.basename(f)))
+    named = os.path.join(src, _NAMED_TEMPLATES_DIR)
+    if os.path.isdir(named):
+        shutil.copytree(named, os.path.join(dst_dir, _NAMED_TEMPLATES_DIR), dirs_exist_ok=True)
+
+
+def run_tokenizer_path(recorded: str, run_dir: str) -> str:
+    """Where the tokenizer a run's checkpoint meta names (`recorded`) is now: a relative path
+    is relative to the run directory; an absolute one that no longer exists (the run was moved
+    or copied and the original deleted) is looked up as run_dir/<its basename>, where import
+    and training copy the tokenizer. Returns `recorded` as resolved even when nothing is
+    there, for the caller's error to name."""
+    if not recorded:
+        return recorded
+    if not os.path.isabs(recorded):
+        here = os.path.join(run_dir, recorded)
+        return here if os.path.exists(here) or not os.path.exists(recorded) else recorded
+    if not os.path.exists(recorded):
+        moved = os.path.join(run_dir, os.path.basename(recorded))
+        if os.path.exists(moved):
+            return moved
+    return recorded
 
 
 def sentencepiece_hf_files(tok) -> dict[str, dict]:
@@ -99,25 +126,33 @@ class HFTokenizer:
     encode(text, bos=, eos=) / decode(ids) / bos_id / eos_id / pad_id / vocab_size.
 
     Special ids come from tokenizer_config.json / special_tokens_map.json (bos_token, ...),
-    else config.json (bos_token_id, ...); -1 when absent. `pad_id` falls back to eos (HF's
+    else config.json (bos_token_id, ...); -1 when absent. `bos_id` is the BOS the tokenizer
+    adds: -1 when tokenizer_config.json says `add_bos_token: false` or `bos_token: null` (as
+    HF's tokenizer adds none then; config.json's bos_token_id counts only when the tokenizer's
+    files say nothing about BOS). `pad_id` falls back to eos (HF's
     usual choice), then 0 — padding is always masked, so it only has to be a valid id.
     `stop_ids` adds every eos id of generation_config.json (Llama 3 ends turns with <|eot_id|>);
-    `chat_template` is tokenizer_config.json's Jinja template ("" if none); `special_tokens`
+    `chat_template` is the Jinja template of chat_template.jinja, else of tokenizer_config.json
+    ("" if none; a list of named templates: `named_templates`, the default here); `special_tokens`
     the named special token strings the configs declare (bos_token, eos_token, unk_token,
     pad_token, ...), the variables transformers passes a chat template.
     """
 
     def __init__(self, tok, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1, name="",
-                 stop_ids=(), chat_template: str = "", special_tokens=None):  # fmt: skip
+                 stop_ids=(), chat_template: str = "", special_tokens=None,
+                 named_templates=None):  # fmt: skip
         self.tok, self.name = tok, name
         self.bos_id, self.eos_id = bos_id, eos_id
         self._pad = pad_id
         self.stop_ids = tuple(dict.fromkeys([i for i in (eos_id, *stop_ids) if i >= 0]))
         self.chat_template = chat_template
+        # a tokenizer_config.json `chat_template` list of named templates ({} for one template):
+        # `render_chat_text` picks "tool_use" when given tools, else "default" (as transformers)
+        self.named_templates = dict(named_templates or {})
         # extra variables every render passes the template (`enable_thinking`: Qwen3's switch;
         # set from `data.chat_template_kwargs` / the run's meta / `--chat_template_kwargs`)
         self.template_kwargs: dict = {}
-        self._compiled = ("", None)  # (template source, compiled): rendering is per record
+        self._compiled = {}  # template source -> compiled: rendering is per record
         if special_tokens is None:  # built in code: the BOS/EOS ids' pieces
             pieces = {"bos_token": bos_id, "eos_token": eos_id}
             special_tokens = {k: tok.id_to_token(i) for k, i in pieces.items() if i >= 0}
@@ -133,16 +168,19 @@ class HFTokenizer:
             tok = RawTokenizer.from_file(file)
         except Exception as e:
             raise HFError(f"{file}: cannot load tokenizer: {e}") from e
-        specials, stops = {}, []
+        specials, stops, tokenizer_side = {}, [], {}
         for meta in ("config.json", "generation_config.json", "special_tokens_map.json",
                      "tokenizer_config.json"):  # fmt: skip
             p = os.path.join(d, meta)
             if os.path.exists(p):
                 try:
                     with open(p) as f:
-                        specials.update(json.load(f))
+                        settings = json.load(f)
+                    specials.update(settings)
                 except (ValueError, TypeError) as e:  # malformed JSON, or not an object
                     raise HFError(f"{p}: cannot read tokenizer settings: {e}") from None
+                if meta in ("special_tokens_map.json", "tokenizer_config.json"):
+                    tokenizer_side.update(settings)
                 e = specials.get("eos_token_id")
                 stops += e if isinstance(e, list) else [] if e is None else [e]
 
@@ -161,13 +199,19 @@ class HFTokenizer:
             t = t.get("content") if isinstance(t, dict) else t
             if isinstance(t, str):
                 named[f"{kind}_token"] = t
-        template = specials.get("chat_template") or ""
-        if not isinstance(template, str):  # a list of named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or ""
-        return cls(tok, special("bos"), special("eos"), special("pad"), name=file,
+        bos = special("bos")
+        # The tokenizer's own settings decide BOS, as they decide HF's tokenizer(text): an
+        # explicit `bos_token: null` or `add_bos_token: false` (Qwen2.5) means none is added,
+        # whatever config.json's bos_token_id (every Qwen2 config has one) says; that id is
+        # used only when they say nothing (an imported run has no config.json: it would differ).
+        if tokenizer_side.get("add_bos_token") is False or (
+            "bos_token" in tokenizer_side and tokenizer_side["bos_token"] is None
+        ):
+            bos = -1
+        template, templates = _chat_templates(d, specials.get("chat_template"))
+        return cls(tok, bos, special("eos"), special("pad"), name=file,
                    stop_ids=[int(i) for i in stops], chat_template=template,
-                   special_tokens=named)  # fmt: skip
+                   special_tokens=named, named_templates=templates)  # fmt: skip
 
     @property
     def vocab_size(self) -> int:
@@ -227,16 +271,17 @@ class HFTokenizer:
             raise HFError(f"{self.name}: tokenizer_config.json has no chat_template")
         import jinja2
 
+        source = self._template_for(tools)
+
         msgs = []
         for m in messages:
             if not isinstance(m, dict):
                 raise HFError(f"{self.name}: chat messages must be dicts, got {m!r}")
             msgs.append({k: v for k, v in m.items() if v is not None})
         try:  # the template's own `raise_exception` is an HFError already (_jinja_env)
-            if self._compiled[0] != self.chat_template:  # compiled once per template text
-                compiled = _jinja_env(self.name).from_string(self.chat_template)
-                self._compiled = (self.chat_template, compiled)
-            return self._compiled[1].render(
+            if source not in self._compiled:  # compiled once per template text
+                self._compiled[source] = _jinja_env(self.name).from_string(source)
+            return self._compiled[source].render(
                 **self.special_tokens,
                 **self.template_kwargs,
                 messages=msgs,
@@ -246,6 +291,23 @@ class HFTokenizer:
             )
         except jinja2.TemplateError as e:  # a syntax error, an undefined value used
             raise HFError(f"{self.name}: chat template: {type(e).__name__}: {e}") from None
+
+    def _template_for(self, tools) -> str:
+        """The template source to render: with named templates, "tool_use" when tools are
+        given and there is one, else "default" (`chat_template`); without a default, an error
+        naming the templates there are (transformers' choice, and its refusal)."""
+        named = self.named_templates
+        if not named:
+            return self.chat_template
+        if tools is not None and "tool_use" in named:
+            return named["tool_use"]
+        if "default" in named:
+            return self.chat_template
+        raise HFError(
+            f"{self.name}: the chat templates are named {sorted(named)} and none is 'default'"
+            + (" (nor 'tool_use', for the tools given)" if tools is not None else "")
+            + "; rename the one to use to 'default' in tokenizer_config.json"
+        )
 
     def render_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Ids of `messages` rendered with the checkpoint's own Jinja chat template, as
@@ -268,6 +330,48 @@ class HFTokenizer:
 
     def decode_batch(self, batch) -> list[str]:
         return [self.decode(r) for r in batch]
+
+
+def _chat_templates(d: str, inline) -> tuple[str, dict[str, str]]:
+    """(default chat template, named templates or {}) of an HF tokenizer directory `d`:
+    `chat_template.jinja` (what transformers >= 4.5x saves) wins over tokenizer_config.json's
+    `chat_template` (`inline`: a string, or a list of {"name", "template"}), and
+    additional_chat_templates/NAME.jinja add named ones beside it. Without a "default" among
+    named templates the first stands in as `chat_template` (so chat paths reach
+    `render_chat_text`, which refuses unless tools pick "tool_use")."""
+    named = {}
+    if isinstance(inline, list):
+        for t in inline:
+            if not isinstance(t, dict) or not isinstance(t.get("template"), str):
+                raise HFError(f"{os.path.join(d, 'tokenizer_config.json')}: chat_template list "
+                              f"entry {t!r} is not a {{'name', 'template'}} object")  # fmt: skip
+            named[str(t.get("name"))] = t["template"]
+        inline = named.get("default", "")
+    elif inline is not None and not isinstance(inline, str):
+        raise HFError(f"{os.path.join(d, 'tokenizer_config.json')}: chat_template is a "
+                      f"{type(inline).__name__}, expected a string or a list of named "
+                      "templates")  # fmt: skip
+    template = inline or ""
+    extra = os.path.join(d, _NAMED_TEMPLATES_DIR)
+    for fname in sorted(os.listdir(extra)) if os.path.isdir(extra) else ():
+        if fname.endswith(".jinja"):
+            named[fname[: -len(".jinja")]] = _read_text(os.path.join(extra, fname))
+    file = os.path.join(d, CHAT_TEMPLATE_FILE)
+    if os.path.exists(file):
+        template = _read_text(file)
+        if named:
+            named["default"] = template
+    if named and "default" not in named:
+        template = next(iter(named.values()))
+    return template, named
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HFError(f"{path}: cannot read the chat template: {e}") from None
 
 
 def _jinja_env(name: str):

@@ -15,7 +15,10 @@ is W + (lora_alpha / r)·B·A — flaxlm's scale and factorisation (models/lora.
 b (r, out) = Bᵀ, flattened in the order the kernel's input and output dims are, which is the
 order HF's Linear uses: q rows n·H + h, o columns n·H + h). Modules: q/k/v/o_proj,
 gate/up/down_proj and lm_head (flaxlm's attn/q ... mlp/down, lm_head). use_rslora adapters
-(scale α/√r) import with √r folded into B.
+(scale α/√r) import with √r folded into B. An adapter covering only some layers (PEFT's
+`layers_to_transform`, or a `target_modules` regex naming some) imports with zero factors on
+the others (their update is exactly zero) and exports as it came: those left out again and
+`layers_to_transform` written; a tensor missing from a layer the config covers is an error.
 
 Not expressible (errors naming the key): DoRA, biases trained by PEFT (`bias` != "none"),
 `modules_to_save` (whole modules trained alongside, e.g. a reward head), per-module ranks or
@@ -105,6 +108,7 @@ def save_adapter(cfg: ModelConfig, lora, spec: lora_lib.LoraSpec, path: str, *,
             f"gate/up are one fused module each; adapters on them ({fused[0]}, ...) have no "
             "PEFT module to attach to (adapt o/down/lm_head only, or export the merged model)"
         )
+    tensors, layers = _drop_uncovered_layers(tensors, cfg.n_layers)
     if dtype is not None:
         tensors = {k: v.astype(np.dtype(dtype)) for k, v in tensors.items()}
     modules = sorted({k[len(_PREFIX) :].split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
@@ -115,6 +119,8 @@ def save_adapter(cfg: ModelConfig, lora, spec: lora_lib.LoraSpec, path: str, *,
         "modules_to_save": None, "inference_mode": True,
         "base_model_name_or_path": base_model or None,
     }  # fmt: skip
+    if layers is not None:  # a partial adapter (imported with layers_to_transform) stays one
+        config.update(layers_to_transform=layers, layers_pattern="layers")
     with atomic_directory(path, overwrite) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG), "w") as f:
@@ -183,12 +189,110 @@ def load_adapter(path: str, cfg: ModelConfig) -> tuple[lora_lib.LoraSpec, dict]:
         flat[kernel] = {"a": np.asarray(A.T, dt), "b": np.asarray(B.T * b_factor, dt)}
     if not flat:
         raise HFError(f"{weights}: no LoRA tensors")
+    _fill_uncovered_layers(flat, c, cfg, r, where, weights)
     modules = sorted({k.split("/")[-2] if k != "lm_head/kernel" else "lm_head" for k in flat})
     layer_mods = [m for m in modules if m != "lm_head"]
     groups = [f"(attn|mlp)/({'|'.join(layer_mods)})$"] if layer_mods else []
     targets = "|".join(groups + (["^lm_head$"] if "lm_head" in modules else []))
     spec = lora_lib.LoraSpec(rank=r, alpha=alpha, targets=targets)
     return spec, lora_lib._nest(flat)
+
+
+def _covers(c: dict, where: str, n_layers: int):
+    """A predicate over HF module names ("model.layers.3.self_attn.q_proj", "lm_head"): does
+    the adapter config say the adapter adapts it — `target_modules` (a list of module names
+    or suffixes, a regex over the full name, "all-linear") and `layers_to_transform` (an int
+    or a list of layer indices; `layers_pattern`, if given, must name "layers")."""
+    layers = c.get("layers_to_transform")
+    if layers is not None:
+        layers = [layers] if isinstance(layers, int) else layers
+        if not isinstance(layers, list) or not all(
+            isinstance(i, int) and 0 <= i < n_layers for i in layers
+        ):  # fmt: skip
+            raise HFError(f"{where}: layers_to_transform={c['layers_to_transform']!r}: expected "
+                          f"layer indices in [0, {n_layers})")  # fmt: skip
+        pattern = c.get("layers_pattern")
+        patterns = [pattern] if isinstance(pattern, str) else pattern or ["layers"]
+        if "layers" not in patterns:
+            raise HFError(f"{where}: layers_pattern={pattern!r}: the base model's layers are "
+                          "model.layers.N (layers_pattern 'layers')")  # fmt: skip
+        layers = set(layers)
+    targets = c.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            regex = re.compile(targets)
+        except re.error as e:
+            raise HFError(f"{where}: target_modules={targets!r} is not a regex: {e}") from None
+
+    def covers(name: str) -> bool:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if layers is not None and (not m or int(m.group(1)) not in layers):
+            return False
+        if targets is None:
+            return True
+        if targets == "all-linear":  # (PEFT's: every linear layer but the output head)
+            return name != "lm_head"
+        if isinstance(targets, str):
+            return regex.fullmatch(name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    return covers
+
+
+def _fill_uncovered_layers(flat: dict, c: dict, cfg: ModelConfig, r: int, where: str,
+                           weights: str) -> None:  # fmt: skip
+    """Completes `flat` (kernel path -> {"a", "b"}) to every layer of each adapted module: a
+    layer the adapter does not cover (PEFT's `layers_to_transform`, a `target_modules` regex
+    naming some layers) gets zero factors — its update B·A is exactly zero, as in PEFT, and
+    stays zero in training (both gradients vanish); export leaves it out again
+    (`_drop_uncovered_layers`). A missing layer the config says is covered is an error naming
+    the tensor (a truncated adapter, not a partial one)."""
+    covers = _covers(c, where, cfg.n_layers)
+    names = _kernel_names(cfg)
+    kinds = sorted({k.split("/", 1)[1] for k in flat if k.startswith("layers_")})
+    for i in range(cfg.n_layers):
+        for kind in kinds:
+            kernel = f"layers_{i}/{kind}"
+            if kernel in flat:
+                continue
+            if covers(names[kernel]):
+                raise HFError(
+                    f"{weights}: no tensor {_PREFIX}{names[kernel]}.lora_A.weight, though "
+                    f"{where} covers that module (target_modules={c.get('target_modules')!r}, "
+                    f"layers_to_transform={c.get('layers_to_transform')!r})"
+                )
+            d_in, d_out = _kernel_dims(kernel, cfg)
+            dt = cfg.weight_dtype
+            flat[kernel] = {"a": np.zeros((d_in, r), dt), "b": np.zeros((r, d_out), dt)}
+
+
+def _drop_uncovered_layers(tensors: dict, n_layers: int) -> tuple[dict, list[int] | None]:
+    """(tensors, layers_to_transform) for export: the modules whose factors are both all zero
+    (layers a partial PEFT adapter did not cover, zero-filled on import; a LoRA run's `a` is
+    random, never zero) left out, with the layers that remain as `layers_to_transform` —
+    when PEFT can express that: the same layers for every adapted module and no lm_head
+    (which has no layer index). Otherwise the tensors as they are (zeros included: the same
+    model once PEFT loads them), and None."""
+    pairs = {k.split(".lora_")[0]: k for k in tensors if ".lora_A." in k}
+    zero = {
+        m
+        for m, a in pairs.items()
+        if not tensors[a].any() and not tensors[a.replace(".lora_A.", ".lora_B.")].any()
+    }
+    if not zero or zero == set(pairs):
+        return tensors, None
+    by_kind: dict[str, set] = {}
+    for m in set(pairs) - zero:
+        hit = re.fullmatch(rf"{re.escape(_PREFIX)}model\.layers\.(\d+)\.(.+)", m)
+        if not hit:  # lm_head: PEFT adapts no module without a layer index then
+            return tensors, None
+        by_kind.setdefault(hit.group(2), set()).add(int(hit.group(1)))
+    layer_sets = {frozenset(v) for v in by_kind.values()}
+    if len(layer_sets) != 1:
+        return tensors, None
+    layers = sorted(next(iter(layer_sets)))
+    kept = {k: v for k, v in tensors.items() if k.split(".lora_")[0] not in zero}
+    return kept, (layers if len(layers) < n_layers else None)
 
 
 def _kernel_names(cfg: ModelConfig) -> dict[str, str]:
@@ -223,10 +327,12 @@ def export_run_adapter(run_dir: str, path: str, step=None, dtype=None,
     import jax
     import jax.numpy as jnp
 
+    from flaxlm.models.hf import check_export_target
     from flaxlm.models.transformer import Transformer
     from flaxlm.train import checkpoint as ckpt_lib
     from flaxlm.train.state import unbox
 
+    check_export_target(run_dir, path)
     step, meta = ckpt_lib.read_meta(run_dir, step)
     spec = lora_lib.LoraSpec(**meta["lora"]) if (meta.get("lora") or {}).get("rank") else None
     if spec is None:

@@ -384,6 +384,11 @@ def test_array_prompts_and_bad_inputs(model):
         generate(cfg, params, [[1], []], **kw)
     with pytest.raises(ValueError, match="token id 256 outside the vocab"):
         generate(cfg, params, [[1], [256]], **kw)
+    # One tokenized prompt passed flat ran as that many one-token prompts.
+    with pytest.raises(ValueError, match=r"prompts\[0\] is the single value 5 .*pass \[ids\]"):
+        generate(cfg, params, [5, 9, 2], **kw)
+    with pytest.raises(ValueError, match=r"prompts\[1\] is the single value 3"):
+        generate(cfg, params, ([1, 2], 3), **kw)
     with pytest.raises(ValueError, match="check_every must be >= 1"):
         generate(cfg, params, PROMPTS, check_every=0, **kw)
 

@@ -201,6 +201,74 @@ def test_yarn_settings_read_as_transformers_reads_them():
         read(factor=4.0, partial_rotary_factor=0.5)
 
 
+@pytest.mark.parametrize("family", ["olmo3", "gemma3"])
+def test_yarn_by_layer_type_falls_back_on_the_top_level_context(family):
+    """OLMo 3's / Gemma 3's RoPE per layer type was read from its rope parameters alone: a
+    yarn without its own original_max_position_embeddings failed instead of taking the
+    top-level key, else max_position_embeddings (as every other family, transformers 5)."""
+    base = json.loads(open(os.path.join(FIX, family, "config.json")).read())
+    theta = base["rope_parameters"]["full_attention"]["rope_theta"]
+    yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": theta}
+    per_type = {**base, "rope_parameters": {**base["rope_parameters"], "full_attention": yarn}}
+    flat = {k: v for k, v in base.items() if k != "rope_parameters"}
+    flat.update(rope_theta=theta, rope_scaling=yarn)
+    for c in (per_type, flat):
+        cfg = hf.config_from_hf(c)
+        assert (cfg.rope_scaling, cfg.rope_original_max_len) == ("yarn", 128)
+        assert hf.config_from_hf({**c, "original_max_position_embeddings": 64}
+                                 ).rope_original_max_len == 64  # fmt: skip
+        with pytest.raises(hf.HFError, match="lacks 'original_max_position_embeddings'"):
+            hf.config_from_hf({**c, "max_position_embeddings": None, "rope_scaling": None,
+                               "rope_parameters": {"full_attention": yarn}})  # fmt: skip
+
+
+def test_null_config_values_name_the_key():
+    """A null in config.json was a bare TypeError (float(None)): where transformers reads null
+    as its default it is that default here, elsewhere an HFError naming the key."""
+    base = json.loads(open(os.path.join(FIX, "llama3", "config.json")).read())
+    ref = hf.config_from_hf(base)
+
+    def read(**nulls):
+        return hf.config_from_hf({**base, **nulls})
+
+    assert read(num_key_value_heads=None).n_kv_heads == ref.n_heads
+    assert read(head_dim=None).head_dim_ == ref.d_model // ref.n_heads
+    assert read(sliding_window=None, rope_scaling=None, partial_rotary_factor=None) == ref
+    assert read(max_position_embeddings=None).max_seq_len == 2048  # (as when absent)
+    legacy = {k: v for k, v in base.items() if k != "rope_parameters"}
+    rope = base["rope_parameters"]
+    cases = [
+        ({**base, "rms_norm_eps": None}, "config.json: rms_norm_eps is null; expected a number"),
+        ({**base, "rms_norm_eps": "small"}, "config.json: rms_norm_eps='small' is not a number"),
+        ({**legacy, "rope_theta": None}, "config.json: rope_theta is null"),
+        ({**base, "rope_parameters": {**rope, "rope_theta": None}}, "rope_theta is null"),
+        ({**base, "rope_parameters": {**rope, "factor": None}}, "'llama3' lacks 'factor'"),
+        ({**base, "rope_parameters": {**rope, "low_freq_factor": None}},
+         "low_freq_factor is null"),
+        ({**base, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4,
+          "max_window_layers": None}, "max_window_layers is null"),
+    ]  # fmt: skip
+    for c, msg in cases:
+        with pytest.raises(hf.HFError, match=msg):
+            hf.config_from_hf(c)
+    phi = json.loads(open(os.path.join(FIX, "phi3_longrope", "config.json")).read())
+    rope = phi.get("rope_parameters") or phi["rope_scaling"]
+    key = "rope_parameters" if "rope_parameters" in phi else "rope_scaling"
+    with pytest.raises(hf.HFError, match="longrope rope scaling lacks 'short_factor'"):
+        hf.config_from_hf({**phi, key: {**rope, "short_factor": None}})
+    assert hf.config_from_hf({**phi, "max_position_embeddings": None})
+
+
+def test_tied_embeddings_default_per_family():
+    """A config.json without tie_word_embeddings reads as its family's config class default:
+    tied for Gemma and SmolLM3 (it was read as untied for SmolLM3), untied for the others."""
+    for family, tied in (("smollm3", True), ("gemma3", True), ("llama", False),
+                         ("qwen3", False), ("olmo3", False)):  # fmt: skip
+        c = json.loads(open(os.path.join(FIX, family, "config.json")).read())
+        c.pop("tie_word_embeddings", None)
+        assert hf.config_from_hf(c).tie_embeddings == tied, family
+
+
 def _copy(family, tmp_path, edit_config=None, name="src"):
     d = tmp_path / name
     shutil.copytree(os.path.join(FIX, family), d)
@@ -519,6 +587,132 @@ def test_tokenizers_behind_one_interface(tmp_path):
         hf.load_tokenizer(str(tmp_path / "sp"), vocab_size=64)
     with pytest.raises(hf.HFError, match="no tokenizer.json or tokenizer.model"):
         hf.load_tokenizer(str(tmp_path))
+
+
+def _edit_json(path, **changes):
+    c = json.loads(open(path).read()) if os.path.exists(path) else {}
+    for k, v in changes.items():
+        if v is ...:
+            c.pop(k, None)
+        else:
+            c[k] = v
+    with open(path, "w") as f:
+        json.dump(c, f)
+
+
+TURNS = "{% for m in messages %}<|user|> {{ m.content }}{% endfor %}"
+
+
+def test_chat_template_jinja_file_is_read_and_travels(tmp_path):
+    """transformers >= 4.5x saves the template as chat_template.jinja, not in
+    tokenizer_config.json: it was ignored (--chat fell back to flaxlm's template) and left
+    behind by import and export. It wins over an inline template, as in transformers."""
+    from flaxlm import generate as cli
+    from flaxlm.alignment.common import save_tokenizer
+
+    d = _copy("qwen2", tmp_path)
+    _write_hf_tokenizer(d, 50)
+    _edit_json(os.path.join(d, "tokenizer_config.json"), chat_template="INLINE")
+    with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+        f.write("{{ bos_token }}" + TURNS)
+    tok = hf.load_tokenizer(d)
+    assert tok.chat_template == "{{ bos_token }}" + TURNS
+    assert cli.encode_prompts(tok, ["w1 w2"], chat=True)[0] == [[1, 3, 5, 6]]
+    run = str(tmp_path / "run")
+    hf.import_to_run(d, run)
+    assert os.path.exists(os.path.join(run, "chat_template.jinja"))
+    assert cli.load(run)[2].chat_template == tok.chat_template
+    hf.export_run(run, str(tmp_path / "out"))
+    assert hf.load_tokenizer(str(tmp_path / "out")).chat_template == tok.chat_template
+    sft = tmp_path / "sft"  # a stage's workdir gets the tokenizer's files (save_tokenizer)
+    assert hf.load_tokenizer(save_tokenizer(tok, str(sft))).chat_template == tok.chat_template
+
+
+def test_named_chat_templates(tmp_path):
+    """tokenizer_config.json's chat_template as a list of {name, template}: the loader reused
+    the name of the special-token dict for it, so `{{ bos_token }}` rendered empty. "default"
+    renders; given tools, "tool_use" (as transformers picks); without a default, an error
+    naming the templates there are."""
+    d = str(tmp_path / "tok")
+    _write_hf_tokenizer(d, 50)
+    cfg_file = os.path.join(d, "tokenizer_config.json")
+    named = [{"name": "default", "template": "{{ bos_token }}" + TURNS},
+             {"name": "tool_use", "template": "{{ bos_token }}TOOLS " + TURNS}]  # fmt: skip
+    _edit_json(cfg_file, chat_template=named)
+    tok = hf.load_tokenizer(d)
+    msgs = [{"role": "user", "content": "w1"}]
+    assert tok.special_tokens["bos_token"] == "<s>"
+    assert tok.render_chat_text(msgs) == "<s><|user|> w1"
+    assert tok.render_chat_text(msgs, tools=[{"name": "f"}]) == "<s>TOOLS <|user|> w1"
+    _edit_json(cfg_file, chat_template=named[1:] + [{"name": "rag", "template": "RAG"}])
+    tok = hf.load_tokenizer(d)
+    with pytest.raises(hf.HFError, match=r"chat templates are named \['rag', 'tool_use'\] and "
+                       "none is 'default'"):  # fmt: skip
+        tok.render_chat_text(msgs)
+    assert tok.render_chat_text(msgs, tools=[]) == "<s>TOOLS <|user|> w1"
+    # transformers' own layout for named templates: chat_template.jinja (the default) and
+    # additional_chat_templates/NAME.jinja, copied along with the tokenizer
+    _edit_json(cfg_file, chat_template=...)
+    os.makedirs(os.path.join(d, "additional_chat_templates"))
+    for name, text in (("chat_template.jinja", "D " + TURNS),
+                       ("additional_chat_templates/tool_use.jinja", "T " + TURNS)):  # fmt: skip
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+    hf.copy_tokenizer(d, str(tmp_path))
+    tok = hf.load_tokenizer(str(tmp_path))
+    assert tok.render_chat_text(msgs) == "D <|user|> w1"
+    assert tok.render_chat_text(msgs, tools=[{"name": "f"}]) == "T <|user|> w1"
+
+
+def test_bos_follows_the_tokenizer_config_in_hf_dirs_and_imported_runs(tmp_path):
+    """Qwen2.5's tokenizer_config.json says bos_token null / add_bos_token false, its
+    config.json bos_token_id 151643: BOS (that id) was prepended to plain prompts of the HF
+    directory but not of the imported run (no config.json there). The tokenizer's own
+    settings decide; config.json's id counts only when they say nothing."""
+    from flaxlm import generate as cli
+
+    d = _copy("qwen2", tmp_path, lambda c: c.update(bos_token_id=1, eos_token_id=2))
+    _write_hf_tokenizer(d, 50)
+    cfg_file = os.path.join(d, "tokenizer_config.json")
+    run = str(tmp_path / "run")
+    for n, (settings, bos) in enumerate([
+        (dict(bos_token=None, add_bos_token=False), -1),  # Qwen2.5
+        (dict(bos_token="<s>", add_bos_token=False), -1),  # a BOS the tokenizer does not add
+        (dict(bos_token=None), -1),
+        (dict(bos_token=..., add_bos_token=True), 1),  # nothing named: config.json's id
+        (dict(bos_token="<s>"), 1),
+    ]):  # fmt: skip
+        _edit_json(cfg_file, **settings)
+        hf_tok = cli.load(d)[2]
+        assert hf_tok.bos_id == bos, settings
+        if isinstance(settings.get("bos_token"), str):  # still the template's {{ bos_token }}
+            assert hf_tok.special_tokens["bos_token"] == "<s>"
+        if bos == -1:  # the imported run (no config.json) encodes the same prompt ids
+            hf.import_to_run(d, f"{run}{n}")
+            run_tok = cli.load(f"{run}{n}")[2]
+            assert cli.encode_prompts(run_tok, ["w1 w2"], chat=False)[0] == \
+                cli.encode_prompts(hf_tok, ["w1 w2"], chat=False)[0] == [[5, 6]]  # fmt: skip
+
+
+def test_moved_run_finds_its_tokenizer(tmp_path):
+    """An imported run's meta names its tokenizer by absolute path: a run copied elsewhere
+    and the original deleted could neither generate nor export. The lookup (generate's and
+    export's alike) falls back to the run's own copy; a relative path is the run's."""
+    from flaxlm import generate as cli
+
+    d = _copy("qwen2", tmp_path)
+    _write_hf_tokenizer(d, 50)
+    hf.import_to_run(d, str(tmp_path / "a" / "run"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    moved = str(tmp_path / "b" / "run")
+    assert cli.load(moved)[2].eos_id == 2
+    hf.export_run(moved, str(tmp_path / "out"))
+    assert hf.load_tokenizer(str(tmp_path / "out")).eos_id == 2
+    old = str(tmp_path / "gone" / "tokenizer.json")
+    assert hf.run_tokenizer_path(old, moved) == os.path.join(moved, "tokenizer.json")
+    assert hf.run_tokenizer_path("tokenizer.json", moved) == os.path.join(moved, "tokenizer.json")
+    assert hf.run_tokenizer_path(old, str(tmp_path)) == old  # nowhere: named as recorded
 
 
 def test_cli_import_then_export(tmp_path):

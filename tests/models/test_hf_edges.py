@@ -82,3 +82,33 @@ def test_explicit_head_dim_and_bf16_round_trip_bit_exactly(tmp_path):
         np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)
     )
     jax.tree.map(same, params2, params)
+
+
+def test_export_refuses_the_run_directory_a_parent_of_it_or_inside_it(tmp_path):
+    """`export RUN RUN --overwrite` (or a directory holding RUN) moved the target aside and
+    deleted it: the run with it. Real paths are compared (a trailing "/", "..", a symlink)."""
+    from flaxlm.models import peft
+
+    run = tmp_path / "runs" / "run"
+    hf.import_to_run(os.path.join(FIX, "qwen2"), str(run))
+    before = sorted(os.listdir(run))
+    os.symlink(run, tmp_path / "link")
+    targets = [
+        (str(run), "is the run directory"),
+        (str(run) + "/", "is the run directory"),
+        (str(run / ".." / "run"), "is the run directory"),
+        (str(tmp_path / "link"), "is the run directory"),
+        (str(tmp_path / "runs"), "holds the run directory"),
+        (str(tmp_path), "holds the run directory"),
+        (str(run / "hf"), "is inside the run directory"),
+    ]
+    for target, what in targets:
+        for adapter in ([], ["--adapter"]):
+            with pytest.raises(SystemExit, match=f"error: export: target .* {what}"):
+                hf.main(["export", str(run), target, "--overwrite", *adapter])
+    with pytest.raises(hf.HFError, match="is the run directory"):
+        peft.export_run_adapter(str(run), str(run), overwrite=True)
+    assert sorted(os.listdir(run)) == before and not os.path.exists(run / "hf")
+    hf.main(["export", str(run), str(tmp_path / "out")])  # a sibling is fine
+    hf.main(["export", str(run), str(tmp_path / "out"), "--overwrite"])
+    assert os.path.exists(tmp_path / "out" / "config.json")

@@ -215,3 +215,102 @@ def test_live_peft_loads_the_adapter_onto_transformers(tmp_path, hf_live, family
     merged = L.merge({"base": params, "lora": lora}, SPEC)
     ours = np.asarray(hf.forward(cfg, merged, tokens))
     np.testing.assert_allclose(ours, live, atol=1e-4)
+
+
+def _partial_adapter(tmp_path, name, params, config=None, layers=(0,), seed=3):
+    """A PEFT adapter on q/v of `layers` only (what `layers_to_transform=[0]` saves)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    t = {}
+    for i in layers:
+        for m, out in (("q", params[f"layers_{i}"]["attn"]["q"]["kernel"]),
+                       ("v", params[f"layers_{i}"]["attn"]["v"]["kernel"])):  # fmt: skip
+            d_in, d_out = out.shape[0], int(np.prod(out.shape[1:]))
+            p = f"base_model.model.model.layers.{i}.self_attn.{m}_proj"
+            t[f"{p}.lora_A.weight"] = (0.3 * rng.standard_normal((4, d_in))).astype(np.float32)
+            t[f"{p}.lora_B.weight"] = (0.3 * rng.standard_normal((d_out, 4))).astype(np.float32)
+    d = tmp_path / name
+    d.mkdir()
+    save_file(t, str(d / peft.WEIGHTS), metadata={"format": "pt"})
+    c = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+         "bias": "none", **(config or {})}  # fmt: skip
+    (d / peft.CONFIG).write_text(json.dumps(c))
+    return str(d)
+
+
+def test_partial_adapter_imports_generates_and_exports_as_it_came(tmp_path):
+    """An adapter covering layer 0 only (layers_to_transform=[0]) used to import, then every
+    reader of the run failed ("checkpoint has no params ['lora']['layers_1']..."). Its other
+    layers now get zero factors: the run's model is the base with layer 0's update only (the
+    numpy reference merges the adapter's own tensors), generates and exports, and export
+    --adapter gives back the same tensors and layers_to_transform."""
+    from safetensors.numpy import load_file
+
+    from flaxlm.models.decode import generate
+    from flaxlm.train.checkpoint import load_model
+
+    cfg, params = hf.load_pretrained(FIX)
+    assert cfg.n_layers == 2
+    adapter = _partial_adapter(tmp_path, "adapter", params, {"layers_to_transform": [0]})
+    spec, lora = peft.load_adapter(adapter, cfg)
+    for m in ("q", "v"):  # layer 1: exact zeros, the update B·A = 0
+        assert not np.any(lora["layers_1"]["attn"][m]["kernel"]["a"])
+        assert not np.any(lora["layers_1"]["attn"][m]["kernel"]["b"])
+    run = str(tmp_path / "run")
+    hf.main(["import-adapter", FIX, adapter, run])
+    rcfg, merged, _ = load_model(run)
+    ref_dir, n = _reference_merged_dir(tmp_path, adapter)
+    assert n == 2
+    ref_cfg, ref_params = hf.load_pretrained(ref_dir)
+    np.testing.assert_allclose(_logits(rcfg, merged), _logits(ref_cfg, ref_params), atol=2e-5)
+    assert np.abs(_logits(cfg, merged) - _logits(cfg, params)).max() > 0.1
+    prompts = [[1, 5, 9, 13], [1, 7]]
+    kw = dict(max_new_tokens=5, rng=jax.random.PRNGKey(0), temperature=0)
+    got = generate(rcfg, merged, prompts, **kw)
+    want = generate(ref_cfg, ref_params, prompts, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    # the merged model exports; the adapter exports as it came
+    hf.main(["export", run, str(tmp_path / "merged")])
+    back_cfg, back = hf.load_pretrained(str(tmp_path / "merged"))
+    np.testing.assert_allclose(_logits(back_cfg, back), _logits(ref_cfg, ref_params), atol=2e-5)
+    hf.main(["export", run, str(tmp_path / "again"), "--adapter"])
+    a = load_file(os.path.join(adapter, peft.WEIGHTS))
+    b = load_file(str(tmp_path / "again" / peft.WEIGHTS))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    c = json.loads((tmp_path / "again" / peft.CONFIG).read_text())
+    assert (c["layers_to_transform"], c["layers_pattern"]) == ([0], "layers")
+    assert c["target_modules"] == ["q_proj", "v_proj"]
+    spec2, lora2 = peft.load_adapter(str(tmp_path / "again"), cfg)
+    assert spec2 == spec
+    jax.tree.map(np.testing.assert_array_equal, lora2, lora)
+    # a full adapter (every layer) exports without layers_to_transform, as before
+    full = peft.save_adapter(cfg, _adapters(params), SPEC, str(tmp_path / "full"))
+    assert "layers_to_transform" not in json.loads(open(os.path.join(full, peft.CONFIG)).read())
+
+
+def test_partial_adapter_coverage_comes_from_the_config(tmp_path):
+    """Which layers may lack tensors is what the config says: layers_to_transform (a list or
+    one int), or a target_modules regex naming some layers. A layer the config covers without
+    tensors is a truncated adapter: an error naming the tensor, not zeros."""
+    cfg, params = hf.load_pretrained(FIX)
+    for i, config in enumerate([
+        {"layers_to_transform": 1},
+        {"target_modules": r"model\.layers\.1\.self_attn\.(q|v)_proj"},
+    ]):  # fmt: skip
+        d = _partial_adapter(tmp_path, f"ok{i}", params, config, layers=(1,))
+        _, lora = peft.load_adapter(d, cfg)
+        assert not np.any(lora["layers_0"]["attn"]["q"]["kernel"]["b"])
+        assert np.any(lora["layers_1"]["attn"]["q"]["kernel"]["b"])
+    cases = [
+        ({}, r"no tensor base_model\.model\.model\.layers\.1\.self_attn\.q_proj\.lora_A\.weight"
+             r", though .*adapter_config\.json covers that module"),
+        ({"layers_to_transform": [0, 1]}, r"layers\.1\.self_attn\.q_proj\.lora_A\.weight"),
+        ({"layers_to_transform": [5]}, r"layers_to_transform=\[5\]: expected layer indices in "
+                                       r"\[0, 2\)"),
+        ({"layers_to_transform": [0], "layers_pattern": "h"}, "layers_pattern='h'"),
+    ]  # fmt: skip
+    for i, (config, msg) in enumerate(cases):
+        d = _partial_adapter(tmp_path, f"bad{i}", params, config)
+        with pytest.raises(hf.HFError, match=msg):
+            peft.load_adapter(d, cfg)
