@@ -244,7 +244,9 @@ def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir:
         "nonpad_fraction": real / seq, "flops_per_token": fpt,
         "mfu": _mfu(tps, fpt, env), "mfu_causal": _mfu(tps, fpt_c, env),
         "peak_mem_gb": _peak_mem(recs), "timed_steps": steps,
-        "warmup_s": recs[0]["step_time_s"] * steps, "loss": timed["loss"], **env,
+        # the first window: its compiling first step (logged apart) + the rest at their rate
+        "warmup_s": recs[0].get("first_step_s", 0.0)
+        + (recs[0]["step_time_s"] or 0.0) * (steps - 1), "loss": timed["loss"], **env,
     }  # fmt: skip
 
 

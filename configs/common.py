@@ -121,8 +121,9 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     c.opt = opt_config()  # optimizer and schedule (train/optim.py)
     c.guard = guard_config()  # NaN / spike handling (train/step.py)
     c.ema = ema_config()  # EMA of the weights (train/ema.py); decay 0 = none
-    # steps between metric fetches / log lines (the only host syncs; with several processes
-    # also where they agree on stopping: SIGTERM, end of data — train/stopping.py)
+    # steps between metric fetches / log lines, >= 1 (the only host syncs, and where the guard
+    # decides on rollbacks; with several processes also where they agree on stopping: SIGTERM,
+    # end of data — train/stopping.py)
     c.log_every = 10
     c.eval_every = 200  # steps between held-out evaluations (0 = never)
     c.eval_at_start = True  # also evaluate the initial model (a baseline for the curves)

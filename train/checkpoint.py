@@ -141,6 +141,28 @@ def meta_mismatch(saved: dict, expected: dict) -> list[str]:
     return out
 
 
+ABSENT = "<absent>"  # a key one side of a comparison lacks
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """{"opt.lr": (checkpoint's value, this run's)} for every config key (dotted) where the
+    config a checkpoint was saved with (its meta's `config`) and this run's differ; a key only
+    one side has is ABSENT on the other. Values compare as their JSON (tuples as lists)."""
+    a, b = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(current)))
+    return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
+            if a.get(k, ABSENT) != b.get(k, ABSENT)}  # fmt: skip
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, every: int = 0,
                  on_corrupt: str = "fallback"):  # fmt: skip
@@ -235,7 +257,7 @@ class Checkpointer:
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def _read_step_meta(self, step: int) -> dict | None:
+    def read_step_meta(self, step: int) -> dict | None:
         """The meta of one step, or None when it cannot be read (then the restore decides)."""
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -268,7 +290,7 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         failed: list[tuple[int, str]] = []  # (step, cause), newest first
         for step in steps:
-            saved = self._read_step_meta(step) if expect_meta else None
+            saved = self.read_step_meta(step) if expect_meta else None
             diff = meta_mismatch(saved, expect_meta) if saved is not None else []
             if diff:  # every process reads the same file: they all stop here
                 lines = "".join(f"\n  {d}" for d in diff)

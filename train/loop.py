@@ -16,8 +16,11 @@ What the loop does, so tasks never do it again:
     initial or `init_from` params, updated in the step, checkpointed) and evaluates it too,
     logged as `eval_ema/<metric>` beside `eval/<metric>`;
   * rolls back to the last checkpoint after `guard.max_bad_in_row` skipped steps in a row (the
-    data iterator keeps going, so the offending batches are skipped, as PaLM did);
-  * on SIGTERM (preemption) saves a checkpoint and returns cleanly; when a finite batch source
+    data iterator keeps going, so the offending batches are skipped, as PaLM did); after
+    `guard.max_rollbacks` rollbacks in a row that got no further than the step of the one
+    before, stops with an error instead (the checkpoints left as they are);
+  * on SIGTERM (preemption) logs the steps since the last log line, saves a checkpoint and
+    returns cleanly; when a finite batch source
     (`data.num_epochs` > 0) ends before `total_steps`, saves there and returns. With several
     processes both are agreed (train/stopping.py): every process stops at the same step, even
     when only one saw the signal or ran out of data. Saves (periodic and on SIGTERM) wait for
@@ -25,13 +28,19 @@ What the loop does, so tasks never do it again:
     rollout's minibatches, no generation), so every checkpoint resumes bit for bit;
   * keeps metrics.jsonl to one line per logged step of the run as it finally went: a rollback
     or a resume moves the lines of the steps it trains again to metrics.superseded.jsonl and
-    records the event in events.jsonl (train/metrics.py).
+    records the event in events.jsonl (train/metrics.py);
+  * on a resume, compares the checkpoint's saved config with this run's: each changed key is
+    logged (a changed seed, batch_size, seq_len or data key loudly: the data order does not
+    continue exactly) and recorded in events.jsonl (`config_changed`); an optimizer change
+    whose state does not fit the checkpoint's is an error naming the changed `opt.` keys; a
+    checkpoint at or past `total_steps` is said to leave nothing to train.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import os
 import signal
 import time
@@ -47,7 +56,7 @@ from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import ema as ema_lib
 from flaxlm.train import stopping
 from flaxlm.train.metrics import MetricWriter, Throughput, peak_memory_gb, tokens_in_batch
-from flaxlm.train.optim import make_optimizer
+from flaxlm.train.optim import make_optimizer, opt_config
 from flaxlm.train.state import (
     EmaTrainState,
     abstract_state,
@@ -139,20 +148,104 @@ def init_from_ema(config) -> bool:
     return True
 
 
+def check_cadence(config) -> None:
+    """Refuses, naming the key, a cadence the loop cannot mean. `log_every` < 1 used to turn off
+    the metrics and the guard's rollbacks silently (and the host kept every step's metrics);
+    `eval_every` / `ckpt_every` keep their documented 0 (never / only on SIGTERM), but a
+    negative value meant the same silently."""
+    is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
+    keys = {"log_every": 1, "eval_every": 0, "ckpt_every": 0, "guard.max_rollbacks": 0}
+    for key, least in keys.items():
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if not (is_int(value) and value >= least):
+            raise ValueError(f"config: {key}={value!r} must be an integer >= {least}")
+
+
+# Keys whose change makes a resumed run draw other batches than the checkpoint's run would have.
+DATA_ORDER_KEYS = ("seed", "batch_size", "seq_len")
+
+
+def _report_config_changes(config, saved: dict | None, step: int) -> dict:
+    """Logs each key where this run's config differs from the one checkpoint `step` was saved
+    with (`saved`: its meta's `config`; None for an older checkpoint without one); returns
+    {key: (checkpoint's value, this run's)} for events.jsonl."""
+    if not isinstance(saved, dict):
+        return {}
+    changes = ckpt_lib.config_changes(saved, config.to_dict())
+    data = []
+    for key, (old, new) in changes.items():
+        if key == "total_steps":  # extending a run is normal; its lr schedule now spans `new`
+            log.info("resume: total_steps changed from %s to %s (the lr schedule now spans "
+                     "%s steps)", old, new, new)  # fmt: skip
+            continue
+        log.warning("resume from step %d with a changed config key: %s: checkpoint %r, this "
+                    "run %r", step, key, old, new)  # fmt: skip
+        if key in DATA_ORDER_KEYS or key.startswith("data."):
+            data.append(key)
+    if data:
+        log.warning("RESUME WITH A DIFFERENT DATA ORDER: %s changed since checkpoint %d: the "
+                    "batches from here on are not those the checkpoint's run would have drawn "
+                    "(the data does not continue exactly)", ", ".join(data), step)  # fmt: skip
+    return changes
+
+
+def _refuse_another_optimizer(ckpt, config, tx, target, trainable_mask) -> None:
+    """Raises a CheckpointError naming the changed `opt.` keys when the latest checkpoint was
+    saved with optimizer settings whose state does not fit this run's (another `opt.name`,
+    `clip_norm` on or off, ...), before orbax fails on it with a dump of the two trees. Settings
+    that keep the state's structure (lr, betas, weight_decay) resume, warned as changed keys."""
+    step = ckpt.latest_step()
+    saved = ((ckpt.read_step_meta(step) or {}).get("config") or {}).get("opt")
+    if not isinstance(saved, dict):
+        return
+    changed = ckpt_lib.config_changes(saved, config.opt.to_dict())
+    if not changed:
+        return
+    try:  # the checkpoint's optimizer, on this run's params: its state's shapes
+        old = opt_config()
+        for k, v in saved.items():
+            if k in old:
+                old[k] = v
+        old.warmup_steps = 0  # the schedule is no part of the state: no warmup warning again
+        old_tx, _ = make_optimizer(old, int(config.total_steps), trainable_mask)
+        old_state = jax.eval_shape(old_tx.init, target.params)
+    except Exception:  # a config this version cannot build: the restore decides
+        return
+    new_state = jax.eval_shape(tx.init, target.params)
+    shapes = lambda t: [x.shape for x in jax.tree.leaves(t)]  # noqa: E731
+    if jax.tree.structure(old_state) == jax.tree.structure(new_state) and (
+        shapes(old_state) == shapes(new_state)
+    ):
+        return
+    lines = "".join(f"\n  opt.{k}: checkpoint {a!r}, this run {b!r}"
+                    for k, (a, b) in changed.items())  # fmt: skip
+    raise ckpt_lib.CheckpointError(
+        f"checkpoint {ckpt.directory}/{step} was saved with another optimizer: its state does "
+        f"not fit this run's. The opt keys that changed:{lines}\nResume with the checkpoint's "
+        "opt settings (its meta item holds its config), or start a new run in another workdir "
+        "(init_from=<this workdir> starts it from these params). Nothing was moved."
+    )
+
+
 def _init_or_resume(config, task, ckpt, tx, mesh, rules):
+    """(state, shardings, start step, resumed, config changes since the checkpoint)."""
     ema = dict(ema=ema_lib.settings(config)[0] > 0, trainable_mask=task.trainable_mask)
     shardings = state_shardings(task.init_params, tx, mesh, rules, **ema)
     if ckpt is not None and ckpt.latest_step() is not None:
         # The newest step that restores: an unreadable newer one is moved aside and logged
         # (ckpt_on_corrupt="fallback") or is an error ("fail"). Data state from the same step.
         target = abstract_state(task.init_params, tx, shardings)
+        _refuse_another_optimizer(ckpt, config, tx, target, task.trainable_mask)
         # A checkpoint of another task or model config is refused, naming the keys.
         expect = {"task": task.name, **task.model_meta}
-        latest, state, data_state, _ = ckpt.restore_latest(target, expect_meta=expect)
+        latest, state, data_state, saved = ckpt.restore_latest(target, expect_meta=expect)
         if data_state and hasattr(task.train_batches, "set_state"):
             task.train_batches.set_state(data_state)
         log.info("resumed from %s/%d", ckpt.directory, latest)
-        return state, shardings, latest, True
+        changes = _report_config_changes(config, saved.get("config"), latest)
+        return state, shardings, latest, True, changes
     from_ema = init_from_ema(config)  # a bad source fails before the init is compiled
     loaded = None
     if config.get("init_from"):
@@ -174,11 +267,12 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
     )
     if loaded is not None:
         log.info("initialised params from %s%s", config.init_from, " (EMA)" if from_ema else "")
-    return state, shardings, 0, False
+    return state, shardings, 0, False, {}
 
 
 def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
     """Trains `task` for `config.total_steps` steps in `workdir`. Returns (state, summary)."""
+    check_cadence(config)  # before anything is built or compiled
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh or make_mesh(dict(config.mesh))
     rules = logical_axis_rules(config.sharding)
@@ -197,7 +291,8 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
             # SIGTERM handler, which would swallow a notice arriving meanwhile (stopping.py).
             preempt.install()
         with use_mesh(mesh, rules):
-            state, shardings, start, resumed = _init_or_resume(config, task, ckpt, tx, mesh, rules)
+            state, shardings, start, resumed, changes = _init_or_resume(config, task, ckpt, tx,
+                                                                        mesh, rules)  # fmt: skip
             step_fn = jit_train_step(
                 task.loss_fn,
                 tx,
@@ -214,6 +309,16 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
                 jitted = step_fn
                 step_fn = lambda s, b: jitted(s, b, task.frozen)  # noqa: E731
             writer = MetricWriter(workdir, resume_step=start if resumed else None)
+            if changes:
+                writer.event("config_changed", f"resumed from checkpoint {start} with "
+                             f"{len(changes)} config key(s) changed", step=start,
+                             changes={k: {"checkpoint": a, "run": b}
+                                      for k, (a, b) in changes.items()})  # fmt: skip
+            if resumed and start >= total:
+                why = (f"checkpoint {start} is at or past total_steps={total}: nothing to train "
+                       "(raise total_steps to train on)")  # fmt: skip
+                log.warning("%s", why)
+                writer.event("nothing_to_train", why, step=start, total_steps=total)
             meter = Throughput(
                 task.flops_per_token, task.flops_per_token_causal, config.get("peak_tflops", 0.0)
             )
@@ -230,9 +335,10 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
     return summary.pop("state"), summary
 
 
-def _maybe_eval(task, state, step, writer, summary):
+def _maybe_eval(task, state, step, writer, summary) -> bool:
+    """Runs and logs the evaluation (when the task has one); returns whether it ran."""
     if task.eval_fn is None:
-        return
+        return False
     t0 = time.perf_counter()
     ev = {f"eval/{k}": v for k, v in task.eval_fn(state.params).items()}
     ev["eval/time_s"] = time.perf_counter() - t0
@@ -244,6 +350,7 @@ def _maybe_eval(task, state, step, writer, summary):
     writer.write(step, ev)
     summary["eval"] = ev
     log.info("step %d eval %s", step, {k: round(float(v), 4) for k, v in ev.items()})
+    return True
 
 
 def _log_window(window, meter, state, writer, summary, bar, step) -> dict:
@@ -260,10 +367,60 @@ def _log_window(window, meter, state, writer, summary, bar, step) -> dict:
     return rec
 
 
+class _RollbackLimit:
+    """`guard.max_rollbacks`: how many rollbacks in a row may get no further than the step that
+    triggered the one before (bad batches that never end rolled back for ever, each time
+    appending to events.jsonl and metrics.superseded.jsonl)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.steps: list[int] = []  # trigger steps of the rollbacks in a row without progress
+
+    def check(self, step: int, bad_in_row: int, ckpt, writer) -> None:
+        """Before a rollback triggered at `step`: raises once the limit is exceeded."""
+        if self.steps and step > self.steps[-1]:
+            self.steps = []  # the run got past the last rollback's step: progress
+        self.steps.append(step)
+        if self.limit <= 0 or len(self.steps) <= self.limit:
+            return
+        before = self.steps[:-1]
+        ckpt.wait()  # a save in flight lands first: the latest step named is the one on disk
+        why = (
+            f"step {step}: {bad_in_row} bad steps in a row (NaN/Inf or loss spikes) again, after "
+            f"{len(before)} rollbacks in a row (at steps {before}) none of which got past step "
+            f"{max(before)}: stopping instead of rolling back again "
+            f"(guard.max_rollbacks={self.limit}; 0 = no limit). "
+            f"The checkpoints are left as they are (latest: step {ckpt.latest_step()}); the "
+            "batches after it keep failing: check the data there, or lower the learning rate."
+        )
+        writer.event("rollback_limit", why, step=step, rollback_steps=before)
+        raise RuntimeError(why)
+
+
+def _log_and_guard(config, window, meter, state, step, writer, summary, bar, limit, ckpt, task,
+                   tx, shardings):  # fmt: skip
+    """Logs the window, then rolls back to the last checkpoint when the guard's streak of bad
+    steps is long enough. Returns (state, step, rolled back)."""
+    rec = _log_window(window, meter, state, writer, summary, bar, step)
+    # 0 turns rollback off (as 0 turns off the guard's other thresholds); without the first
+    # test every log step would roll back (bad_in_row >= 0 always).
+    max_bad = config.guard.max_bad_in_row
+    if not (max_bad > 0 and rec["bad_in_row"] >= max_bad):
+        return state, step, False
+    limit.check(step, int(rec["bad_in_row"]), ckpt, writer)
+    state, step = _rollback(ckpt, state, step, task, tx, shardings, summary, writer,
+                            int(rec["bad_in_row"]))  # fmt: skip
+    bar.n = step
+    meter.skip()  # the restore is no training time
+    return state, step, True
+
+
 def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta, shardings, tx,
           mesh, preempt, resumed):  # fmt: skip
     kill_at = int(os.environ.get(KILL_ENV, "-1"))
     window: list = []
+    limit = _RollbackLimit(config.guard.max_rollbacks)
+    first_step = True  # it compiles (and follows the restore or init): not in the tokens/s
     summary: dict = {"train": {}, "eval": {}, "rollbacks": 0, "preempted": False,
                      "data_exhausted": False}  # fmt: skip
     bar = tqdm(
@@ -282,6 +439,12 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
     sync.agree(step, preempt)  # several processes: SIGTERM while compiling, data in hand
     while step < total:
         if sync.stop_requested(preempt) and _at_boundary(task):
+            if window:  # the steps since the last log line, as at the end of the data
+                state, step, _ = _log_and_guard(config, window, meter, state, step, writer,
+                                                summary, bar, limit, ckpt, task, tx,
+                                                shardings)  # fmt: skip
+                window = []
+            # (After a rollback: the checkpoint it restored, already saved, so a no-op.)
             ckpt.save(step, state, _data_state(task), meta)
             ckpt.wait()
             summary["preempted"] = True
@@ -316,28 +479,28 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
         window.append(metrics)
         step += 1
         bar.update(1)
+        if first_step:
+            jax.block_until_ready(metrics)  # one host wait, once
+            meter.skip("first_step_s")
+            first_step = False
 
         rolled_back = False
         if itstime(step, config.log_every, total):
-            rec = _log_window(window, meter, state, writer, summary, bar, step)
+            state, step, rolled_back = _log_and_guard(config, window, meter, state, step, writer,
+                                                      summary, bar, limit, ckpt, task, tx,
+                                                      shardings)  # fmt: skip
             window = []
-            # 0 turns rollback off (as 0 turns off the guard's other thresholds); without
-            # the first test every log step would roll back (bad_in_row >= 0 always).
-            max_bad = config.guard.max_bad_in_row
-            if max_bad > 0 and rec["bad_in_row"] >= max_bad:
-                state, step = _rollback(ckpt, state, step, task, tx, shardings, summary, writer,
-                                        int(rec["bad_in_row"]))  # fmt: skip
-                bar.n = step
-                rolled_back = True
         if rolled_back:  # at the checkpoint's step, whose eval and save are done (and logged)
             if sync.multi:  # the steps until the next sync step are more now
                 sync.agree(step, preempt)
             continue
         if itstime(step, config.eval_every, total):
-            _maybe_eval(task, state, step, writer, summary)
+            if _maybe_eval(task, state, step, writer, summary):
+                meter.skip()  # evaluating is no training time
         save_due |= itstime(step, config.ckpt_every, total)
         if save_due and (_at_boundary(task) or step == total):
             ckpt.save(step, state, _data_state(task), meta)
+            meter.skip()  # nor is copying the state out for the save
             save_due = False
         if sync.due(step):
             sync.agree(step, preempt)

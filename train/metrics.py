@@ -61,6 +61,13 @@ class Throughput:
     `add` gets this process's batch slice (the loop feeds per-process slices, all of one size),
     so the job's rate is this process's × the process count; MFU divides that by the peak of
     every chip in the job.
+
+    The rate is of training steps only: the loop calls `skip` after what is not one — the
+    first step of a run or resume (startup, restore and compilation: its seconds are logged
+    once as `first_step_s`), an evaluation, a checkpoint save, a rollback's restore — which
+    drops the interval so far, its tokens and its time. A log line whose interval holds no
+    step after such a skip (log_every=1 at the first step) has tokens_per_s, step_time_s and
+    mfu null.
     """
 
     def __init__(
@@ -73,10 +80,18 @@ class Throughput:
         self.peak = peak_flops_per_device(peak_tflops)
         self.n_devices = jax.device_count()
         self.n_processes = jax.process_count()
+        self.notes: dict[str, float] = {}  # skipped intervals' seconds, for the next measure
         self.reset()
 
     def reset(self):
         self.t0, self.tokens, self.steps = time.perf_counter(), 0, 0
+
+    def skip(self, label: str = "") -> None:
+        """Leaves the interval so far out of the rate; with `label` the next `measure`
+        reports its seconds under that key."""
+        if label:
+            self.notes[label] = self.notes.get(label, 0.0) + time.perf_counter() - self.t0
+        self.reset()
 
     def add(self, tokens: int):
         self.tokens += tokens
@@ -84,11 +99,16 @@ class Throughput:
 
     def measure(self) -> dict:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        tps = self.tokens * self.n_processes / dt
-        out = {"tokens_per_s": tps, "step_time_s": dt / max(self.steps, 1), "mfu": None}
-        if self.peak and self.flops:
-            out["mfu"] = tps * self.flops / (self.peak * self.n_devices)
-            out["mfu_causal"] = tps * self.flops_causal / (self.peak * self.n_devices)
+        out: dict = {"tokens_per_s": None, "step_time_s": None, "mfu": None, **self.notes}
+        if self.steps:  # else nothing but skipped time since the last line: no rate
+            tps = self.tokens * self.n_processes / dt
+            out.update(tokens_per_s=tps, step_time_s=dt / self.steps)
+            if self.peak and self.flops:
+                out["mfu"] = tps * self.flops / (self.peak * self.n_devices)
+                out["mfu_causal"] = tps * self.flops_causal / (self.peak * self.n_devices)
+        elif self.peak and self.flops:
+            out["mfu_causal"] = None
+        self.notes = {}
         self.reset()
         return out
 

@@ -14,7 +14,8 @@ whose warmup was derived from a longer one), with a warning naming `opt.warmup_s
 schedule can mean (a negative warmup, a final fraction outside [0, 1], a wrong type) is an error
 naming its key.
 Weight decay applies to every weight but norm scales and biases (leaves named "scale" / "bias":
-`decay_mask`), whatever their shape.
+`decay_mask`), whatever their shape, and is decoupled: each step subtracts lr(t)·weight_decay·w
+(adafactor too; sgd adds it to the gradient, so its momentum carries it).
 Gradient accumulation is not an optax wrapper: train/step.py scans over micro-batches, so one
 call is one optimizer update and memory holds one micro-batch of activations.
 """
@@ -184,8 +185,15 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
             schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
         )
     elif name == "adafactor":
-        base = optax.adafactor(
-            schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask
+        # optax.adafactor's own `weight_decay_rate` adds decay·param after its lr scaling, so
+        # the decay ignored the schedule (weights shrank by weight_decay a step at lr 0). Its
+        # update without the lr, sign flipped back, then the AdamW tail: decay on the masked
+        # leaves, and both scaled by the schedule — lr(t)·weight_decay, as adamw/lion/muon.
+        base = optax.chain(
+            optax.adafactor(learning_rate=None),
+            optax.scale(-1.0),
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+            optax.scale_by_learning_rate(schedule),
         )
     elif name == "sgd":
         base = optax.chain(

@@ -47,6 +47,11 @@ def guard_config() -> ml_collections.ConfigDict:
     # (the loop checks every log_every steps): a streak a good step ends before then is only
     # skipped, not rolled back. 0 = never roll back (bad steps are only skipped).
     c.max_bad_in_row = 5
+    # Stop with an error (checkpoints left as they are) instead of rolling back again when this
+    # many rollbacks in a row got no further than the step that triggered the one before:
+    # bad batches that never end (a broken data shard) would otherwise roll back for ever.
+    # 0 = no limit.
+    c.max_rollbacks = 3
     return c
 
 

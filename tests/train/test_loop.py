@@ -1,6 +1,7 @@
 """The one training loop: learning, exact resume after SIGKILL, SIGTERM, rollback, init_from."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -148,6 +149,45 @@ def test_bad_steps_in_a_row_roll_back_and_skip_the_batches(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
+def test_bad_steps_that_never_end_stop_after_max_rollbacks(tmp_path):
+    """Every batch bad from 12 on: the run used to roll back to checkpoint 10 for ever (139
+    times until killed), growing events.jsonl and metrics.superseded.jsonl. Now it stops with
+    an error naming guard.max_rollbacks, the checkpoint left as it was."""
+    c = _config(total_steps=30, ckpt_every=10, log_every=1, eval_every=0, async_ckpt=False,
+                **{"guard.max_bad_in_row": 3, "guard.max_rollbacks": 2})  # fmt: skip
+    mesh = make_mesh({"data": -1})
+    task = pretrain.build_task(c, mesh)
+    stream = _PoisonedStream(256, c.seq_len, c.batch_size, chain_seed=c.seed)
+    stream.bad = range(12, 10**9)
+    task.train_batches = stream
+    with pytest.raises(RuntimeError, match=r"at steps \[15, 13\].*guard\.max_rollbacks=2"):
+        loop.run(c, str(tmp_path), task, mesh=mesh)
+    # Rollbacks at 15 (batches 12..14), 13 and 13 again: the third is refused.
+    assert stream.index == 21
+    events = [json.loads(x) for x in open(tmp_path / "events.jsonl")]
+    assert [e["event"] for e in events] == ["rollback", "rollback", "rollback_limit"]
+    assert events[-1]["rollback_steps"] == [15, 13] and events[-1]["step"] == 13
+    assert Checkpointer(tmp_path).all_steps() == [10]
+    assert read_meta(str(tmp_path))[0] == 10  # readable: a rerun resumes there
+
+
+def test_cadence_keys_below_their_least_are_named():
+    """log_every=0 used to turn off the metrics and the guard's rollbacks silently (and keep
+    every step's metrics); negative eval_every / ckpt_every meant 0 silently."""
+    for key, value in (
+        ("log_every", 0),
+        ("log_every", -1),
+        ("eval_every", -1),
+        ("ckpt_every", -5),
+        ("guard.max_rollbacks", -1),
+    ):
+        with pytest.raises(ValueError, match=rf"{key}={value!r} must be an integer >= [01]"):
+            loop.check_cadence(_config(**{key: value}))
+    loop.check_cadence(_config(eval_every=0, ckpt_every=0, **{"guard.max_rollbacks": 0}))
+    with pytest.raises(ValueError, match="log_every=0"):  # loop.run checks first
+        pretrain.run(_config(log_every=0), "/nonexistent/never-created")
+
+
 def test_rollback_over_an_unreadable_latest_checkpoint_takes_the_one_before(tmp_path):
     """The rollback restores like a resume: an unreadable newest step is moved aside and the
     one before it restored, instead of the run crashing."""
@@ -205,6 +245,61 @@ def test_saves_wait_for_the_batch_sources_boundary(tmp_path):
     assert Checkpointer(tmp_path / "b").all_steps() == [6, 7]
 
 
+class _SigtermPoisoned(_PoisonedStream):
+    sigterm_at = -1
+
+    def __next__(self):
+        if self.index == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().__next__()
+
+
+EVAL_S = 2.0  # the fake evaluation's time: far longer than a tiny step
+
+
+@pytest.fixture(scope="module")
+def preempted_run(tmp_path_factory):
+    """Metrics lines (no eval lines) of a run preempted while drawing batch 4 (so after step 5)
+    with log_every=3, then resumed to step 8. Every batch is NaN and rollback is off, so a
+    line's `skipped` counts the steps it averages; a fake eval sleeps EVAL_S at steps 4, 8."""
+    workdir = str(tmp_path_factory.mktemp("preempted"))
+    c = _config(total_steps=8, ckpt_every=0, log_every=3, eval_every=4, async_ckpt=False,
+                **{"guard.max_bad_in_row": 0})  # fmt: skip
+    mesh = make_mesh({"data": -1})
+    summaries = []
+    for sigterm_at in (4, -1):
+        task = pretrain.build_task(c, mesh)
+        task.eval_fn = lambda params: (time.sleep(EVAL_S), {"fake": 0.0})[1]
+        stream = _SigtermPoisoned(256, c.seq_len, c.batch_size, chain_seed=c.seed)
+        stream.bad, stream.sigterm_at = range(10**9), sigterm_at
+        task.train_batches = stream
+        summaries.append(loop.run(c, workdir, task, mesh=mesh)[1])
+    assert summaries[0]["preempted"] and summaries[0]["step"] == 5
+    assert summaries[1]["step"] == 8
+    return [r for r in read_metrics(workdir) if "loss" in r]
+
+
+def test_sigterm_logs_the_steps_since_the_last_line(preempted_run):
+    """Steps 4 and 5 were never logged (the end of the data logged its window, SIGTERM threw
+    it away); the resumed run's lines average the steps after the checkpoint only."""
+    got = [(r["step"], r["skipped"], r["n_skipped"]) for r in preempted_run]
+    assert got == [(3, 3, 3), (5, 2, 5), (6, 1, 6), (8, 2, 8)]
+
+
+def test_tokens_per_s_leaves_out_startup_compilation_and_eval(preempted_run):
+    """The first step of a run (and of its resume) compiles: it used to make step 1's
+    step_time_s tens of seconds, as an eval made the step after it's. Now that time is
+    logged once as first_step_s, and the rate is of training steps only."""
+    by_step = {r["step"]: r for r in preempted_run}
+    for step in (3, 5, 8):  # 3: step 1 left out; 5: the eval at 4 too; 8: a resumed window
+        assert by_step[step]["step_time_s"] < EVAL_S / 2, by_step[step]
+    for step in (3, 6):  # the first line of each start
+        assert by_step[step]["first_step_s"] > 5 * by_step[8]["step_time_s"]
+    assert "first_step_s" not in by_step[5] and "first_step_s" not in by_step[8]
+    # Resumed with log_every=3 at step 6: its one step compiled, so no rate to log.
+    assert by_step[6]["tokens_per_s"] is None and by_step[6]["step_time_s"] is None
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """(workdir, final state) of a finished 3-step run checkpointed at its end; the tests that
@@ -222,6 +317,43 @@ def test_init_from_loads_another_runs_params(tmp_path, finished_run):
     for x, y in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params)):
         np.testing.assert_array_equal(x, y)
     assert int(second.step) == 0  # a new run: fresh optimizer and step counter
+
+
+def test_resume_with_a_changed_config_says_what_changed(tmp_path, finished_run, caplog):
+    """A resume with other settings used to be silent, and one at or past total_steps looked
+    like a finished training."""
+    shutil.copytree(finished_run[0], tmp_path, dirs_exist_ok=True)
+    c = _config(total_steps=2, ckpt_every=3, eval_every=0,
+                **{"opt.lr": 1e-3, "data.markov_branching": 3})  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="flaxlm"):
+        state, _ = pretrain.run(c, str(tmp_path))
+    assert int(state.step) == 3
+    text = caplog.text
+    assert "total_steps changed from 3 to 2" in text
+    assert "opt.lr: checkpoint 0.003, this run 0.001" in text
+    assert "RESUME WITH A DIFFERENT DATA ORDER: data.markov_branching changed" in text
+    assert "checkpoint 3 is at or past total_steps=2: nothing to train" in text
+    events = {e["event"]: e for e in (json.loads(x) for x in open(tmp_path / "events.jsonl"))}
+    changes = events["config_changed"]["changes"]
+    assert set(changes) == {"data.markov_branching", "opt.lr", "total_steps"}
+    assert changes["total_steps"] == {"checkpoint": 3, "run": 2}
+    assert events["nothing_to_train"]["step"] == 3
+
+
+@pytest.mark.parametrize("opt", [{"opt.name": "lion"}, {"opt.clip_norm": 0.0}])
+def test_resume_with_an_optimizer_whose_state_does_not_fit_names_the_opt_keys(
+    tmp_path, finished_run, opt
+):
+    """Instead of orbax's dump of the two state trees (and a warning per step tried)."""
+    from flaxlm.train.checkpoint import CheckpointError
+
+    shutil.copytree(finished_run[0], tmp_path, dirs_exist_ok=True)
+    c = _config(total_steps=6, ckpt_every=3, eval_every=0, **{"opt.b1": 0.8, **opt})
+    (key,) = opt
+    with pytest.raises(CheckpointError, match=rf"another optimizer(.|\n)*{key}: checkpoint"):
+        pretrain.run(c, str(tmp_path))
+    assert Checkpointer(tmp_path).all_steps() == [3]  # nothing moved
+    assert not os.path.exists(tmp_path / "checkpoints_corrupt")
 
 
 def test_corrupt_checkpoint_error_names_the_directory(tmp_path, finished_run):

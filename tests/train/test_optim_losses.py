@@ -102,6 +102,39 @@ def test_every_optimizer_reduces_a_quadratic(name):
     assert float(loss(params)) < 0.2 * first
 
 
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
+def test_decoupled_weight_decay_follows_the_lr_schedule(name):
+    """With zero gradients only the decay moves the weights: w·Π(1 − lr(t)·wd) on decayed leaves,
+    norm scales untouched. Adafactor's decay used to skip the lr (w·0.9 a step at lr 0)."""
+    params = {"w": jnp.ones((8, 8)), "norm": {"scale": jnp.ones((8,))}}
+    c = _cfg(name=name, lr=1e-2, warmup_steps=4, weight_decay=0.1)
+    tx, sched = make_optimizer(c, 10)
+    state, p = tx.init(params), params
+    zero = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(6):
+        upd, state = tx.update(zero, state, p)
+        p = optax.apply_updates(p, upd)
+    want = np.prod([1 - float(sched(t)) * 0.1 for t in range(6)])  # lr(0) = 0: no decay
+    np.testing.assert_allclose(p["w"], want, rtol=1e-6)
+    np.testing.assert_array_equal(p["norm"]["scale"], 1.0)
+
+
+def test_adafactor_without_decay_is_optax_adafactor():
+    """Moving the lr after the decay left the algorithm as it was."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32), "b": jnp.zeros((4,))}
+    c = _cfg(name="adafactor", lr=1e-2, warmup_steps=2, weight_decay=0.0, clip_norm=0.0)
+    tx, sched = make_optimizer(c, 10)
+    ref = optax.adafactor(sched)
+    s1, s2, p1, p2 = tx.init(params), ref.init(params), params, params
+    for _ in range(4):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        u1, s1 = tx.update(g, s1, p1)
+        u2, s2 = ref.update(g, s2, p2)
+        p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p1, p2)
+
+
 def test_trainable_mask_freezes_and_drops_state():
     params = {"base": jnp.ones((64, 64)), "adapter": jnp.ones((64, 2))}
     mask = {"base": False, "adapter": True}

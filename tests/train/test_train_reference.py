@@ -538,6 +538,31 @@ def test_tokens_per_s_and_mfu_count_every_process(monkeypatch):
     assert out["mfu_causal"] == pytest.approx(2 * 1000 / 2.0 * 5e6 / (100e12 * 16))
 
 
+def test_skip_leaves_an_interval_out_of_the_rate(monkeypatch):
+    """What the loop skips (the compiling first step, an eval, a save) counts neither tokens
+    nor seconds; a labelled skip's seconds come once with the next measure."""
+    from flaxlm.train import metrics as metrics_lib
+
+    # reset, skip's note + reset, measure + reset, skip, measure + reset, measure + reset
+    clock = iter([0.0, 30.0, 30.0, 32.0, 32.0, 40.0, 41.0, 41.0, 42.0, 42.0])
+    monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: next(clock))
+    meter = metrics_lib.Throughput()
+    meter.add(100)  # the first step: 30 s with compilation
+    meter.skip("first_step_s")
+    meter.add(100)
+    meter.add(100)
+    out = meter.measure()
+    assert out["tokens_per_s"] == pytest.approx(100.0) and out["step_time_s"] == 1.0
+    assert out["first_step_s"] == 30.0
+    meter.add(100)
+    meter.skip()  # an eval until t=40
+    meter.add(100)
+    out = meter.measure()
+    assert out["tokens_per_s"] == pytest.approx(100.0) and "first_step_s" not in out
+    out = meter.measure()  # no step since: no rate
+    assert out["tokens_per_s"] is None and out["step_time_s"] is None
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop: exact resume, retention, saves on exit, rollback off
 
