@@ -560,7 +560,25 @@ def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
         ) from e
     finally:
         mgr.close()
-    return step, dict(meta)
+    return step, located_tokenizer(dict(meta), ckpt_dir)
+
+
+def located_tokenizer(meta: dict, run_dir: str) -> dict:
+    """`meta` with its `tokenizer` path found again after the run directory moved.
+
+    Runs record the tokenizer they copied into their own directory by absolute path. A run
+    copied to another machine or folder (the original gone) then named a missing file, and
+    every reader (generate, evaluation, init_from, distillation) failed; the copy's own file is
+    used instead. A relative path is relative to the run directory."""
+    path = meta.get("tokenizer")
+    if not isinstance(path, str) or not path:
+        return meta
+    here = os.path.join(os.path.abspath(run_dir), os.path.basename(path))
+    if not os.path.isabs(path):
+        here = os.path.join(os.path.abspath(run_dir), path)
+    if not os.path.exists(path) and os.path.exists(here):
+        meta["tokenizer"] = here
+    return meta
 
 
 def check_ema_source(source: str, key: str, source_key: str) -> int:

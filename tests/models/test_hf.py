@@ -713,6 +713,11 @@ def test_moved_run_finds_its_tokenizer(tmp_path):
     assert hf.run_tokenizer_path(old, moved) == os.path.join(moved, "tokenizer.json")
     assert hf.run_tokenizer_path("tokenizer.json", moved) == os.path.join(moved, "tokenizer.json")
     assert hf.run_tokenizer_path(old, str(tmp_path)) == old  # nowhere: named as recorded
+    # every other reader (init_from, evaluation, distillation, notebooks) reads the meta
+    # through read_meta, which finds it the same way
+    from flaxlm.train.checkpoint import read_meta
+
+    assert read_meta(moved)[1]["tokenizer"] == os.path.join(moved, "tokenizer.json")
 
 
 def test_cli_import_then_export(tmp_path):
