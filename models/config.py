@@ -108,6 +108,14 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal initialiser of every weight matrix
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads"):
+            if getattr(self, name) < 1:  # (n_kv_heads=0 was a ZeroDivisionError naming nothing)
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be >= 1")
+        if self.sliding_window < 0:  # -1 is "off" elsewhere (flash-attn); here it masked every
+            # key, and attention over all-masked scores averages every key, future ones too
+            raise ValueError(
+                f"ModelConfig.sliding_window={self.sliding_window}; must be >= 0 (0 = off)"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig: n_heads={self.n_heads} is not a multiple of "

@@ -83,6 +83,8 @@ def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> tuple[int, .
     if unknown:
         raise KeyError(f"mesh: unknown axis {unknown}; axes are {MESH_AXES}")
     sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if any(s < 1 and s != -1 for s in sizes):
+        raise ValueError(f"mesh {dict(shape)}: axis sizes must be >= 1, or -1 for the rest")
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {dict(shape)}")
     known = math.prod(s for s in sizes if s != -1)

@@ -29,6 +29,8 @@ def test_resolve_mesh_shape():
         resolve_mesh_shape({"data": 2, "fsdp": 2}, 8)
     with pytest.raises(KeyError, match="pipeline"):
         resolve_mesh_shape({"pipeline": 2}, 8)
+    with pytest.raises(ValueError, match="must be >= 1, or -1"):  # was a ZeroDivisionError
+        resolve_mesh_shape({"fsdp": 0, "data": -1}, 8)
     with pytest.raises(KeyError, match="unknown sharding preset"):
         logical_axis_rules("zero3")
 

@@ -259,6 +259,13 @@ def test_bad_config_values_name_the_field():
         get_variant("tiny", sliding_window_pattern=2)
     with pytest.raises(ValueError, match="norm_placement"):
         get_variant("tiny", norm_placement="middle")
+    # a negative window masked every key (attention then saw the future); zero heads divided
+    # by zero
+    with pytest.raises(ValueError, match=r"sliding_window=-1; must be >= 0"):
+        get_variant("tiny", sliding_window=-1)
+    for field in ("n_kv_heads", "n_heads", "n_layers", "vocab_size"):
+        with pytest.raises(ValueError, match=rf"{field}=0; must be >= 1"):
+            get_variant("tiny", **{field: 0})
 
 
 def test_bf16_compute_with_fp32_params():
