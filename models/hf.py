@@ -1305,6 +1305,9 @@ def import_to_run(hf_dir: str, run_dir: str, dtype=None) -> str:
     `init_from` and `python -m flaxlm.generate` read; copies the tokenizer along."""
     from flaxlm.train.checkpoint import Checkpointer
 
+    if os.path.realpath(run_dir) == os.path.realpath(hf_dir):  # (was shutil's SameFileError)
+        raise HFError(f"import: the run directory {run_dir} is the HF checkpoint; import into a "
+                      "new directory")  # fmt: skip
     ckpts = os.path.join(run_dir, "checkpoints")
     if os.path.isdir(ckpts) and os.listdir(ckpts):  # the step-0 save would be skipped or hidden
         raise HFError(f"import: {run_dir} already holds checkpoints; import into a new directory")

@@ -112,3 +112,7 @@ def test_export_refuses_the_run_directory_a_parent_of_it_or_inside_it(tmp_path):
     hf.main(["export", str(run), str(tmp_path / "out")])  # a sibling is fine
     hf.main(["export", str(run), str(tmp_path / "out"), "--overwrite"])
     assert os.path.exists(tmp_path / "out" / "config.json")
+    before = sorted(os.listdir(tmp_path / "out"))
+    with pytest.raises(hf.HFError, match="is the HF checkpoint"):  # import into its source
+        hf.import_to_run(str(tmp_path / "out"), str(tmp_path / "out" / "."))
+    assert sorted(os.listdir(tmp_path / "out")) == before
