@@ -152,6 +152,43 @@ def _resolve_tokenizer(config, meta: dict):
     return pipeline.load_tokenizer(pcfg, docs=texts)
 
 
+# Text that tells tokenizers apart (words, digits, punctuation, non-ASCII): two tokenizers that
+# encode it alike, with the same number of pieces, are taken to be the same.
+TOKENIZER_PROBE = "The quick brown fox, 42 times: does Kavo live in Brel? Yes. ünïcödé €!"
+
+
+def source_tokenizer_path(source: str) -> str:
+    """Where the tokenizer of another model lives: a flaxlm run's meta, or the HF directory of
+    "hf:DIR" ("" when the run records none)."""
+    if source.startswith(HF_PREFIX):
+        return source[len(HF_PREFIX) :]
+    return source_meta(source).get("tokenizer", "")
+
+
+def check_same_tokenizer(tok, source: str, key: str, advice: str = "") -> None:
+    """Refuses a second model (`key`=`source`: a DPO/KTO reference, a reward model, a
+    distillation teacher) whose tokenizer is not this run's `tok`: it would read this run's
+    token ids as other pieces — log-probabilities of another text, a score of another text —
+    and nothing downstream would notice. An error names the key, both tokenizers and their
+    sizes; a run that records no tokenizer is assumed to share this one (with a warning)."""
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    path = source_tokenizer_path(source)
+    if not path:
+        log.warning("%s=%s records no tokenizer; assuming this run's", key, source)
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{key}={source}: its tokenizer {path} is gone")
+    theirs = load_tokenizer(path)
+    probe = TOKENIZER_PROBE
+    if tok.vocab_size != theirs.vocab_size or tok.encode(probe) != theirs.encode(probe):
+        raise ValueError(
+            f"{key}={source}: its tokenizer {path} ({theirs.vocab_size} pieces) is not this "
+            f"run's {getattr(tok, 'name', '?')} ({tok.vocab_size} pieces): the same ids mean "
+            f"different pieces to the two models{'. ' + advice if advice else ''}"
+        )
+
+
 def resolve_model_config(config, meta: dict) -> ModelConfig:
     """The init_from checkpoint's architecture (its meta, or HF config.json), else config.model."""
     if meta.get("model_config"):
@@ -248,6 +285,34 @@ def save_tokenizer(tok, workdir: str | None) -> str:
         os.makedirs(workdir, exist_ok=True)
         copy_tokenizer(os.path.dirname(tok.name), workdir)
     return os.path.join(workdir, os.path.basename(tok.name))
+
+
+def eval_set_names(parts: list[str], taken: dict[str, str] | None = None) -> list[str]:
+    """The metric names of the `eval_gen.sets` sources `parts` (eval/<name>/accuracy, ...): a
+    source's file stem ("builtin:sft_heldout" -> sft_heldout, "data/a/heldout.jsonl" ->
+    heldout). Sources sharing a stem are named with their folder ("a_heldout", "b_heldout"):
+    under one name the later set's metrics overwrote the earlier's. A name that is still
+    shared, or one of `taken` ({name: what already reports under it}), is an error naming
+    both."""
+
+    def stem(part: str) -> str:
+        return part.split(":")[-1].rsplit("/", 1)[-1].split(".")[0]
+
+    def with_folder(part: str) -> str:
+        folder = os.path.basename(os.path.dirname(os.path.normpath(part.split(":")[-1])))
+        return f"{folder}_{stem(part)}" if folder else stem(part)
+
+    stems = [stem(p) for p in parts]
+    names = [with_folder(p) if stems.count(s) > 1 else s for p, s in zip(parts, stems)]
+    owner = dict(taken or {})
+    for part, name in zip(parts, names):
+        if name in owner:
+            raise ValueError(
+                f"eval_gen.sets: {part} and {owner[name]} would both report as eval/{name}/...; "
+                "rename one of the files"
+            )
+        owner[name] = part
+    return names
 
 
 def write_report(workdir: str | None, report: dict) -> None:

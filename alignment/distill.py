@@ -96,7 +96,6 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 # The sums a piece of the sequence contributes: divergence, student NLL, student top-1 hits,
 # top-1 agreements, teacher NLL (each over answer tokens).
 SUMS = ("kd", "nll", "accuracy", "agreement", "teacher_nll")
-PROBE = "The quick brown fox, 42 times: does Kavo live in Brel? Yes. ünïcödé €!"
 
 
 def _kl(log_p, log_q):
@@ -272,28 +271,16 @@ def check_config(d) -> None:
 def teacher_tokenizer_path(teacher: str) -> str:
     """Where the teacher's tokenizer lives: a flaxlm run's meta, or the HF directory ("" when
     the run records none)."""
-    if teacher.startswith(common.HF_PREFIX):
-        return teacher[len(common.HF_PREFIX) :]
-    return common.source_meta(teacher).get("tokenizer", "")
+    return common.source_tokenizer_path(teacher)
 
 
 def check_same_tokenizer(tok, teacher: str) -> None:
     """The student's tokenizer must be the teacher's: the same ids for the same text, or the
     distributions compared token by token mean different pieces. An error names both."""
-    from flaxlm.models.hf_tokenizer import load_tokenizer
-
-    path = teacher_tokenizer_path(teacher)
-    if not path:
-        log.warning("distill: teacher %s records no tokenizer; assuming the student's", teacher)
-        return
-    theirs = load_tokenizer(path)
-    if tok.vocab_size != theirs.vocab_size or tok.encode(PROBE) != theirs.encode(PROBE):
-        raise ValueError(
-            f"distill: the student's tokenizer {getattr(tok, 'name', '?')} "
-            f"({tok.vocab_size} pieces) is not teacher {teacher}'s {path} ({theirs.vocab_size} "
-            "pieces): their ids mean different pieces. Distil into a student with the "
-            "teacher's tokenizer (without init_from a fresh student takes it)"
-        )
+    common.check_same_tokenizer(
+        tok, teacher, "distill.teacher", "Distil into a student with the teacher's tokenizer "
+        "(without init_from a fresh student takes it)"
+    )  # fmt: skip
 
 
 def check_vocab(tok, cfg, teacher_cfg, teacher: str) -> None:
@@ -381,8 +368,9 @@ def _student_source(config, mesh):
 
 
 def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
-    """(train batches, held-out host batches, data report) on chats: the SFT conversations'
-    answers, or on-policy the student's own answers to the data's prompts (rollouts)."""
+    """(train batches, held-out host batches, generation eval sets, data report) on chats: the
+    SFT conversations' answers, or on-policy the student's own answers to the data's prompts
+    (rollouts)."""
     report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
     on_policy = config.distill.on_policy
     mixed = on_policy and config.distill.get("on_policy_fraction", 1.0) < 1.0
@@ -395,6 +383,8 @@ def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
     heldout = []
     if config.data.eval:
         heldout = sft.load_examples(config.data.eval, config, template, eval_report)
+    # (their drops counted in the eval report, before it is written)
+    sets = sft.gen_sets(config, template, eval_report) if config.eval_every else {}
     data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
     common.write_report(workdir, data_report)
     if on_policy:
@@ -412,7 +402,7 @@ def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
     host = []
     if heldout and config.eval_every:
         host = sft.loss_eval_batches(heldout, config, tok.pad_id)
-    return batches, host, data_report
+    return batches, host, sets, data_report
 
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
@@ -441,9 +431,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         host = pretrain.text_eval_batches(config, tok) if config.eval_every else []
         data_report, sets = {}, {}
     else:
-        batches, host, data_report = _chat_data(config, mesh, rules, tok, cfg, template, spec,
-                                                workdir)  # fmt: skip
-        sets = sft.gen_sets(config, template) if config.eval_every else {}
+        batches, host, sets, data_report = _chat_data(config, mesh, rules, tok, cfg, template,
+                                                      spec, workdir)  # fmt: skip
     if d.on_policy:
         loss_fn = on_policy_loss_fn(loss_fn)
     eval_fn = None

@@ -376,6 +376,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if not config.init_from:
         raise ValueError("dpo: set --config.init_from=SFT_RUN (the policy's start and reference)")
     tok, cfg, template = common.resolve_source(config, mesh)
+    if d.ref_from and d.loss_type not in REFERENCE_FREE:  # (before any data or model loads)
+        common.check_same_tokenizer(tok, d.ref_from, "dpo.ref_from")
     report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
     train = load_pairs(config.data.train, config, template, report)
     if not train:

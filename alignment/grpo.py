@@ -546,6 +546,8 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
         )  # fmt: skip
     rm_ema = rl_common.reward_from_ema(config)  # (a bad source fails here, before any load)
     tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
+    if reward_from:  # the reward model reads the policy's token ids (before any load)
+        common.check_same_tokenizer(tok, reward_from, "reward_from")
     prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     init_params, apply = model_fns(cfg)

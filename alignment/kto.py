@@ -309,6 +309,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if spec and k.ref_from:
         raise ValueError("kto.ref_from with LoRA: the reference is the policy's own frozen base")
     tok, cfg, template = common.resolve_source(config, mesh)
+    if k.ref_from:  # (before any data or model loads)
+        common.check_same_tokenizer(tok, k.ref_from, "kto.ref_from")
     report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
     train = load_examples(config.data.train, config, template, report)
     if not train:

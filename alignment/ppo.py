@@ -332,6 +332,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         raise ValueError("ppo: set --config.init_from=SFT_RUN and --config.reward_from=RM_RUN")
     rm_ema = rl_common.reward_from_ema(config)  # (a bad source fails here, before any load)
     tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
+    # The scorer and the critic read the policy's token ids (before any data or model loads)
+    common.check_same_tokenizer(tok, config.reward_from, "reward_from")
     prompts, held, report = rl_common.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     dtype = config.rollout.frozen_dtype

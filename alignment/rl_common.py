@@ -144,8 +144,11 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
         try:
             if not isinstance(obj, dict):
                 raise F.FormatError("bad_record", "record is not a JSON object")
-            prompt = F.prompt_messages(obj.get(fields.prompt, obj.get(fields.messages)), fields)
+            # (a null prompt is none: a parquet row of a file that mixes both forms)
+            key = fields.prompt if F.has(obj, fields.prompt) else fields.messages
+            prompt = F.prompt_messages(obj.get(key), fields)
             tools = F.record_tools(obj, fields)
+            meta = F.record_meta(obj, fields)
             with F.naming_record(loc):
                 full, _ = F.render_prompt(prompt, template, 1 << 30, tools=tools)
                 if len(full) > max_len and d.overlength == "drop":
@@ -158,7 +161,6 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
             report.truncation(loc, cut)
         report.used += 1
         report.tokens += len(ids)
-        meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
         out.append({"ids": np.asarray(ids, np.int32), "meta": meta, "loc": loc,
                     "messages": prompt})  # fmt: skip
     return out
@@ -415,24 +417,33 @@ def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, r
 
 
 def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=None) -> dict:
-    """{set name: examples {"ids", "meta", "answer"}}, the first `eval_gen.examples` of each of
-    `extra` ({name: prompts}, e.g. the held-out RL prompts) and of every source in
-    `eval_gen.sets` (conversations — `messages`, or `prompt` + `completion` — whose last
-    assistant turn is the reference answer, or prompt records, whose meta["answer"] is), minus
-    examples asking a training question (`question_key`; counted as
-    "eval_dropped_trained_question")."""
+    """{set name: examples {"ids", "meta", "answer", "loc"}}, the first `eval_gen.examples` of
+    each of `extra` ({name: prompts}, e.g. the held-out RL prompts) and the first
+    `eval_gen.examples` usable records of every source in `eval_gen.sets` (named by
+    `common.eval_set_names`): conversations — `messages`, or `prompt` + `completion` — whose
+    last assistant turn is the reference answer, or prompt records, whose meta["answer"] is.
+    Every stage's generation eval reads its sets here (SFT and distillation too). Bad records
+    are counted in `report` by reason with file:line; so are examples asking a training
+    question (`question_key`; "eval_dropped_trained_question"). A set left with no example is
+    an error naming it (its metrics would be NaN or missing)."""
     gen, fields = config.eval_gen, config.data.fields
     seen = {question_key(p) for p in train_prompts}
-    out = {name: [{"ids": p["ids"], "meta": p["meta"], "answer": str(p["meta"].get("answer", ""))}
-                  for p in prompts[: gen.examples]]
+    out = {name: [{"ids": p["ids"], "meta": p["meta"], "answer": str(p["meta"].get("answer", "")),
+                   "loc": p.get("loc", "")} for p in prompts[: gen.examples]]
            for name, prompts in (extra or {}).items()}  # fmt: skip
-    for part in filter(None, (p.strip() for p in gen.sets.split(","))):
-        name = part.split(":")[-1].rsplit("/", 1)[-1].split(".")[0]
-        kept = []
-        for obj, loc in common.records(part, config.data, report)[: gen.examples]:
-            meta = obj.get(fields.meta) if isinstance(obj.get(fields.meta), dict) else {}
+    parts = [p for p in (q.strip() for q in gen.sets.split(",")) if p]
+    taken = {name: f"the {name} prompts of rollout.heldout_prompts" for name in out}
+    for name, part in zip(common.eval_set_names(parts, taken), parts):
+        kept, dropped = [], {}  # (dropped: reason -> [count, first file:line])
+        for obj, loc in common.records(part, config.data, report):
+            if len(kept) == gen.examples:
+                break
+            bad = None
             try:
-                if fields.messages in obj or fields.completion in obj:  # a chat: its answer
+                if not isinstance(obj, dict):
+                    raise F.FormatError("bad_record", "record is not a JSON object")
+                meta = F.record_meta(obj, fields)
+                if F.has(obj, fields.messages) or F.has(obj, fields.completion):  # a chat
                     msgs = F.sft_messages(obj, fields)
                     last = msgs[-1]
                     answer = (last["content"] or "") if last["role"] == "assistant" else ""
@@ -442,15 +453,26 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
                 with F.naming_record(loc):
                     ids, _ = F.render_prompt(msgs, template, gen.max_prompt_len,
                                              tools=F.record_tools(obj, fields))  # fmt: skip
-            except (F.FormatError, TypeError, KeyError) as e:
-                report.bad("eval_bad_record", loc, str(e))
-                continue
-            ex = {"ids": np.asarray(ids, np.int32), "meta": meta, "answer": answer}
-            if question_key(ex) in seen:
-                report.bad("eval_dropped_trained_question", loc, "asked in training")
+            except F.FormatError as e:
+                bad = (e.reason, str(e))
+            except (TypeError, KeyError) as e:
+                bad = ("bad_record", f"{type(e).__name__}: {e}")
+            else:
+                ex = {"ids": np.asarray(ids, np.int32), "meta": meta, "answer": answer,
+                      "loc": loc}  # fmt: skip
+                if question_key(ex) in seen:
+                    bad = ("eval_dropped_trained_question", "asked in training")
+            if bad:
+                report.bad(bad[0], loc, bad[1])
+                dropped.setdefault(bad[0], [0, f"{loc}: {bad[1]}"])[0] += 1
                 continue
             kept.append(ex)
             report.used += 1
+        if not kept:
+            what = ", ".join(f"{n} {r} (e.g. {e})" for r, (n, e) in dropped.items())
+            raise ValueError(f"eval_gen.sets: {part} has no usable example (dropped: "
+                             f"{what or 'none, it holds no records'}); fix it or leave it out "
+                             "of eval_gen.sets")  # fmt: skip
         no_ref = sum(not ex["answer"].strip() for ex in kept)
         if no_ref:
             common.log.warning(

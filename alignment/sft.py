@@ -14,9 +14,12 @@ is only used for a fresh model). With `lora.rank > 0` only adapters train (model
 Evaluation (every `eval_every` steps, and at step 0 for the starting model's baseline):
   * `loss`/`nll`/`accuracy`: held-out answer-token loss on `data.eval`;
   * `<set>/accuracy`, `<set>/judge`, `<set>/stopped`: greedy generation on each `eval_gen.sets`
-    conversation's prompt, scored by the built-in world's judge when the record carries its
-    meta (exact match of "The answer is X."), else by exact match with the reference answer;
-    `stopped` is the fraction of answers that ended with `<|end|>` within `max_new_tokens`.
+    record's prompt, scored by the built-in world's judge when the record carries its meta
+    (exact match of "The answer is X."), else by exact match with the reference answer (a
+    conversation's last assistant turn, or a prompt record's meta.answer: the RL stages' sets
+    read the same, `rl_common.heldout_sets`); `stopped` is the fraction of answers that ended
+    with `<|end|>` within `max_new_tokens`. Dropped records are counted in the data report's
+    eval section; a set with no usable record is an error.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def eval_gen_config(sets: str) -> ml_collections.ConfigDict:
     """The `eval_gen` section: generation-based accuracy."""
     c = ml_collections.ConfigDict()
     # Comma-separated record sources (as data.train) whose last assistant turn is the reference
-    # answer; "" = none. The built-in ones are scored by the world's judge, others by exact match.
+    # answer, or prompt records with meta.answer; "" = none. The built-in ones are scored by the
+    # world's judge, others by exact match.
     c.sets = sets
     c.examples = 200  # conversations per set (the first ones, a fixed subset)
     c.max_new_tokens = 24  # answer budget; longer answers are cut (see the `stopped` metric)
@@ -92,14 +96,10 @@ def generate_answers(cfg, params, prompts, template, *, max_new_tokens, batch, m
 
 
 def generation_eval(cfg, params, examples, template, gen_cfg, mesh=None, rules=None) -> dict:
-    """Accuracy, mean judge score, stop rate (and accuracy per world task) on `examples`."""
-    prompts, refs = [], []
-    for ex in examples:
-        with F.naming_record(ex["loc"]):
-            ids, _ = F.render_prompt(ex["messages"], template, gen_cfg.max_prompt_len,
-                                     tools=ex.get("tools"))  # fmt: skip
-        prompts.append(ids)
-        refs.append(ex["messages"][-1]["content"] or "")  # (None: an answer that only calls)
+    """Accuracy, mean judge score, stop rate (and accuracy per world task) on `examples`
+    ({"ids" (the rendered prompt), "meta", "answer"}: `gen_sets`)."""
+    prompts = [ex["ids"] for ex in examples]
+    refs = [ex["answer"] for ex in examples]
     texts, stopped = generate_answers(
         cfg, params, prompts, template, max_new_tokens=gen_cfg.max_new_tokens,
         batch=gen_cfg.batch, mesh=mesh, rules=rules,
@@ -129,10 +129,12 @@ def loss_eval_batches(examples, config, pad_id) -> list[dict]:
 
 
 def make_eval_fn(config, mesh, cfg, loss_fn, template, heldout, gen_sets, spec):
-    """params -> held-out loss metrics and generation metrics per set."""
-    batches = [
-        shard_batch(b, mesh) for b in loss_eval_batches(heldout, config, template.tok.pad_id)
-    ]
+    """params -> held-out loss metrics (none without held-out examples: `data.eval` unset, or
+    every record of it dropped) and generation metrics per set."""
+    pad_id = template.tok.pad_id
+    # (SFTBatches of no examples is an error: loss metrics only when there are some)
+    batches = [shard_batch(b, mesh) for b in loss_eval_batches(heldout, config, pad_id)
+               ] if heldout else []  # fmt: skip
     step = jax.jit(lambda p, b: eval_step(p, b, None, loss_fn=loss_fn))
     rules = logical_axis_rules(config.sharding)
 
@@ -166,15 +168,13 @@ def load_examples(spec: str, config, template, report: F.DataReport) -> list[dic
     )
 
 
-def gen_sets(config, template) -> dict[str, list[dict]]:
-    """{set name: examples} for generation eval (a name is the source's last path part)."""
-    out = {}
-    for part in filter(None, (p.strip() for p in config.eval_gen.sets.split(","))):
-        report = F.DataReport(strict=config.data.strict)
-        examples = load_examples(part, config, template, report)[: config.eval_gen.examples]
-        name = part.split(":")[-1].rsplit("/", 1)[-1].split(".")[0]
-        out[name] = examples
-    return out
+def gen_sets(config, template, report: F.DataReport) -> dict[str, list[dict]]:
+    """{set name: examples} for generation eval: the RL stages' reader (conversations or
+    prompt records with meta.answer; unique names; an empty set is an error), its drops counted
+    in `report` (the data report's eval section) instead of vanishing."""
+    from flaxlm.alignment import rl_common  # (rl_common imports this module)
+
+    return rl_common.heldout_sets(config, template, [], report)
 
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
@@ -190,6 +190,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     heldout = (
         load_examples(config.data.eval, config, template, eval_report) if config.data.eval else []
     )
+    # the generation sets' drops go to the eval report too, before it is written
+    sets = gen_sets(config, template, eval_report) if config.eval_every else {}
     data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
     common.write_report(workdir, data_report)
 
@@ -202,10 +204,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         process_index=jax.process_index(), process_count=jax.process_count(),
     )  # fmt: skip
     eval_fn = None
-    if config.eval_every and (heldout or config.eval_gen.sets):
-        eval_fn = make_eval_fn(
-            config, mesh, cfg, loss_fn, template, heldout, gen_sets(config, template), spec
-        )
+    if config.eval_every and (heldout or sets):
+        eval_fn = make_eval_fn(config, mesh, cfg, loss_fn, template, heldout, sets, spec)
     return common.supervised_task(
         "sft", "lm", config, cfg, spec, tok, workdir, data_report,
         init_params=init_params, loss_fn=loss_fn, train_batches=batches, eval_fn=eval_fn,

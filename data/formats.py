@@ -79,7 +79,9 @@ pairs are one pair per row: `chosen_*` and `rejected_*` fields plus `margin` (B,
 
 Records come from jsonl or parquet (`read_records`), with configurable field names
 (`fields_config`): `messages` (a list of {role, content}), or `prompt` (text or messages) plus
-`completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`).
+`completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`). A null
+field is an absent one (`has`): parquet stores a mixed file's rows with every column, null
+where a row has none. `meta`, when present, must be a JSON object ("bad_meta" otherwise).
 
 Unpaired feedback (KTO, `render_unpaired`): a chat record with a boolean `label` (true =
 desirable, false = undesirable; anything else is bad input "bad_label"), its trailing assistant
@@ -436,10 +438,28 @@ def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None =
     return np.asarray(ids, np.int32), mask, keep, t.head(ids)
 
 
+def has(obj: dict, key: str) -> bool:
+    """Whether a record has field `key`: a null value is no value. A parquet file gives every
+    row every column, null where the row has none (prompt/completion rows next to messages
+    rows, a margin on some pairs only), as a jsonl writer may also write `"margin": null`."""
+    return obj.get(key) is not None
+
+
 def _get(obj: dict, key: str, what: str):
-    if key not in obj or obj[key] is None:
+    if not has(obj, key):
         raise FormatError("missing_field", f"no {what} field {key!r}")
     return obj[key]
+
+
+def record_meta(obj: dict, fields) -> dict:
+    """A record's `meta` object ({} when absent or null). Anything else is bad input
+    ("bad_meta"): read as {} it would be scored as a record without its reference answer."""
+    meta = obj.get(fields.meta)
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise FormatError("bad_meta", f"{fields.meta}={meta!r:.80} is not a JSON object")
+    return meta
 
 
 def prompt_messages(value, fields) -> list[dict]:
@@ -460,7 +480,7 @@ def sft_messages(obj, fields) -> list[dict]:
     turn; RL eval sets (alignment/rl_common.py) accept a trailing user turn."""
     if not isinstance(obj, dict):
         raise FormatError("bad_record", "record is not a JSON object")
-    if fields.messages in obj:
+    if has(obj, fields.messages):
         return _messages(obj[fields.messages], fields, fields.messages, record=True)
     prompt = prompt_messages(_get(obj, fields.prompt, "prompt"), fields)
     completion = _get(obj, fields.completion, "completion")
@@ -497,8 +517,10 @@ def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], f
         raise FormatError("missing_field", f"no prompt field {fields.prompt!r}")
     if sides[0] == sides[1]:  # no preference to learn: the pair only dilutes the loss
         raise FormatError("identical_pair", f"{fields.chosen} and {fields.rejected} are the same")
-    margin = obj.get(fields.margin, 0.0)
-    if margin is None or isinstance(margin, bool) or not isinstance(margin, (int, float)):
+    margin = obj.get(fields.margin)
+    if margin is None:  # absent, or null in a file where other pairs carry one
+        margin = 0.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise FormatError("bad_margin", f"{fields.margin}={margin!r} is not a number")
     if not math.isfinite(margin):  # json.loads reads NaN / Infinity
         raise FormatError("bad_margin", f"{fields.margin}={margin!r} is not finite")
@@ -512,8 +534,8 @@ def unpaired_parts(obj, fields) -> list[tuple[list[dict], list[dict], bool]]:
     rejected (undesirable), sharing the prompt."""
     if not isinstance(obj, dict):
         raise FormatError("bad_record", "record is not a JSON object")
-    if fields.label not in obj:
-        if fields.chosen in obj or fields.rejected in obj:
+    if not has(obj, fields.label):
+        if has(obj, fields.chosen) or has(obj, fields.rejected):
             prompt, chosen, rejected, _ = preference_parts(obj, fields)
             return [(prompt, chosen, True), (prompt, rejected, False)]
         raise FormatError("missing_field", f"no {fields.label!r} field (nor "
@@ -694,10 +716,6 @@ def _check_args(overlength, fields, report):
     return fields or fields_config(), report if report is not None else DataReport()
 
 
-def _meta(obj, fields) -> dict:
-    return obj[fields.meta] if isinstance(obj.get(fields.meta), dict) else {}
-
-
 def render_sft(
     records: Iterable[tuple[dict, str]],
     template: ChatTemplate,
@@ -730,13 +748,13 @@ def render_sft(
                 raise FormatError("no_assistant_turn", "conversation ends with a " +
                                   f"{msgs[-1]['role']} turn, not an assistant turn")  # fmt: skip
             tools = record_tools(obj, fields)
+            meta = record_meta(obj, fields)
             with naming_record(loc):
                 pieces = _sft_pieces(msgs, template, seq_len, overlength, loc, report, tools)
         except FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
         report.used += bool(pieces)
-        meta = _meta(obj, fields)
         for (ids, mask), conv in pieces:
             out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": conv,
                         "tools": tools})  # fmt: skip
@@ -825,6 +843,7 @@ def render_preferences(
             prompt, chosen, rejected, margin = preference_parts(obj, fields)
             convs = [prompt + chosen, prompt + rejected]
             tools = record_tools(obj, fields)
+            meta = record_meta(obj, fields)
             with naming_record(loc):
                 fitted = _fitted(convs, template, seq_len, overlength, loc, report, len(prompt),
                                  tools=tools)  # fmt: skip
@@ -835,7 +854,7 @@ def render_preferences(
         if fitted:
             out.append({
                 "chosen": fitted[0], "rejected": fitted[1], "margin": margin,
-                "meta": _meta(obj, fields), "loc": loc, "prompt": prompt,
+                "meta": meta, "loc": loc, "prompt": prompt,
             })  # fmt: skip
     return out
 
@@ -862,6 +881,7 @@ def render_unpaired(
             parts = unpaired_parts(obj, fields)
             convs = [prompt + completion for prompt, completion, _ in parts]
             tools = record_tools(obj, fields)
+            meta = record_meta(obj, fields)
             with naming_record(loc):
                 fitted = _fitted(convs, template, seq_len, overlength, loc, report,
                                  len(parts[0][0]), tools=tools, spans=True)  # fmt: skip
@@ -872,7 +892,7 @@ def render_unpaired(
         for (ids, mask, split, head), (prompt, _, label) in zip(fitted or [], parts):
             out.append({
                 "ids": ids, "mask": mask, "split": split, "head": head, "label": label,
-                "meta": _meta(obj, fields), "loc": loc, "prompt": prompt,
+                "meta": meta, "loc": loc, "prompt": prompt,
             })  # fmt: skip
     return out
 

@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     specs = resolve_tasks(names, args.world or None)
-    step, meta = read_meta(args.checkpoint, args.step)
+    try:  # no run there, no such step, an unreadable meta: a one-line usage error
+        step, meta = read_meta(args.checkpoint, args.step)
+    except CheckpointError as e:
+        raise SystemExit(str(e)) from None
     overrides = {}
     if args.num_fewshot is not None:
         overrides["num_fewshot"] = args.num_fewshot
@@ -154,10 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     tok_path = tokenizer_path(args.tokenizer, meta, args.checkpoint)
     try:
         cfg, params, _ = load_model(args.checkpoint, step, mesh, rules, ema=args.ema)
-    except CheckpointError as e:
-        if not args.ema:
-            raise
-        raise SystemExit(str(e)) from None  # the run has no EMA: a usage error
+    except CheckpointError as e:  # a reward-model run, no EMA with --ema, a broken step: the
+        raise SystemExit(str(e)) from None  # message says it all, a traceback adds nothing
     try:  # SentencePiece .model or HF tokenizer.json; its ids must fit the embedding
         tok = load_tokenizer(tok_path, cfg.vocab_size)
         set_template_kwargs(tok, args.chat_template_kwargs, meta.get("chat_template_kwargs"),

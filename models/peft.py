@@ -323,7 +323,7 @@ def export_run_adapter(run_dir: str, path: str, step=None, dtype=None,
                        overwrite: bool = False, ema: bool = False) -> str:  # fmt: skip
     """Writes the adapters of a flaxlm LoRA run (latest or `step`; a PPO run's: its policy's;
     `ema`: their EMA, train/ema.py) as a PEFT adapter directory; its base_model_name_or_path is
-    the HF checkpoint the run started from, if any."""
+    the HF checkpoint whose weights the adapters apply to, if one does (`_base_model`)."""
     import jax
     import jax.numpy as jnp
 
@@ -357,20 +357,41 @@ def export_run_adapter(run_dir: str, path: str, step=None, dtype=None,
 
 
 def _base_model(run_dir: str, meta: dict) -> str:
-    """The HF checkpoint a run descends from: its own hf_source, else its init_from's."""
+    """The HF checkpoint whose weights a LoRA run's adapters apply to, or "" (with a warning)
+    when no HF checkpoint holds them.
+
+    A LoRA run's base is exactly what its `init_from` loaded: an "hf:DIR" checkpoint, or a
+    flaxlm run's params (a LoRA run's merged). That is an HF checkpoint only for an imported
+    run (its own `hf_source`: import-adapter) or an init_from that is a plain `hf import`. Any
+    run that trained in between — full weights or LoRA, whose adapters init_from merges — left
+    weights no HF directory holds: naming the HF checkpoint further up would pair the adapter
+    with another model (PEFT would load it without a word). base_model_name_or_path is then
+    left unset (a flaxlm run directory is nothing PEFT or transformers can load) and the
+    warning says which run to export whole as the base."""
+    import warnings
+
     from flaxlm.train import checkpoint as ckpt_lib
 
-    seen = set()
-    while meta and run_dir not in seen:
-        seen.add(run_dir)
-        if meta.get("hf_source"):
-            return meta["hf_source"]
-        src = ((meta.get("config") or {}).get("init_from")) or ""
-        if src.startswith("hf:"):
-            return os.path.abspath(src[3:])
-        if not src or not os.path.isdir(os.path.join(src, "checkpoints")):
-            return ""
-        run_dir, meta = src, ckpt_lib.read_meta(src)[1]
+    if meta.get("hf_source"):
+        return meta["hf_source"]
+    src = (meta.get("config") or {}).get("init_from") or ""
+    if src.startswith("hf:"):
+        return os.path.abspath(src[3:])
+    if not src:
+        return ""  # trained from scratch: its base is the random init, nothing to name
+    why = f"init_from={src} is not a run directory (it may be relative to another cwd)"
+    if os.path.isdir(os.path.join(src, "checkpoints")):
+        src_meta = ckpt_lib.read_meta(src)[1]
+        if src_meta.get("hf_source") and not (src_meta.get("lora") or {}).get("rank"):
+            return src_meta["hf_source"]  # a plain `hf import`: its weights are the HF dir's
+        why = (f"init_from={src} is a trained flaxlm run ({src_meta.get('task', '?')}), "
+               "whose weights no HF checkpoint holds")  # fmt: skip
+    warnings.warn(
+        f"PEFT export of {run_dir}: its adapters apply to the weights of its init_from, and "
+        f"{why}; base_model_name_or_path is left unset. Export the base whole first "
+        f"(python -m flaxlm.models.hf export {src} BASE_DIR) and load the adapter onto BASE_DIR",
+        stacklevel=2,
+    )
     return ""
 
 

@@ -48,3 +48,8 @@ def sft_run(tmp_path_factory, cache_dir):
 @pytest.fixture
 def reward_cfg(cache_dir):
     return lambda **kw: tiny(reward_config, cache_dir, **kw)
+
+
+@pytest.fixture
+def sft_cfg(cache_dir):
+    return lambda **kw: tiny(sft_config, cache_dir, **kw)

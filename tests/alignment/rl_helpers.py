@@ -102,6 +102,24 @@ def forbid_reference_copy(monkeypatch):
     monkeypatch.setattr(rl_common, "frozen_lm", no_second_copy)
 
 
+def other_tokenizer_run(workdir: str, tokenizer: str, head: str = "lm") -> str:
+    """A run whose meta names another tokenizer (its params are a stand-in: a stage must refuse
+    it before loading them), and a monkeypatch-able loader that fails if anything is loaded."""
+    return write_run(workdir, {"w": np.zeros(2, np.float32)},
+                     {"tokenizer": tokenizer, "head": head, "lora": {}})  # fmt: skip
+
+
+def forbid_loads(monkeypatch):
+    """Loading any frozen model (reference, reward model) fails: a check ran too late."""
+    from flaxlm.alignment import rl_common
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the tokenizer check")
+
+    for name in ("frozen_lm", "frozen_scalar"):
+        monkeypatch.setattr(rl_common, name, no_load)
+
+
 def check_lora_rl_run(workdir: str, sft: str, policy) -> dict:
     """The checks of a two-rollout LoRA RL run whose final policy params are `policy`
     ({"base", "lora"}): the first rollout's KL is exactly 0 (b = 0: policy = reference = base)

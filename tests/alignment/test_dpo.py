@@ -188,6 +188,26 @@ def test_init_from_ema_is_the_reference_unless_ref_from_names_one(cache_dir, tmp
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_ref_from_with_another_tokenizer_is_refused_before_any_load(
+    runs, cache_dir, tmp_path, chat_tokenizer, monkeypatch
+):  # fmt: skip
+    """dpo.ref_from naming a run trained with another tokenizer used to train without a word:
+    the reference scored this run's ids as other pieces. Refused (as distill refuses a
+    teacher), naming the key and both tokenizers, before any data or model loads."""
+    from flaxlm.models.sharding import make_mesh
+
+    sft, _ = runs
+    other = H.other_tokenizer_run(str(tmp_path / "other"), chat_tokenizer[0])
+    H.forbid_loads(monkeypatch)
+    c = H.tiny(dpo_config, cache_dir, init_from=sft, **{"dpo.ref_from": other})
+    with pytest.raises(
+        ValueError,
+        match=rf"dpo.ref_from={other}: its tokenizer "
+        rf"{chat_tokenizer[0]} \(\d+ pieces\) is not this run's .*\(512 pieces\)",
+    ):
+        dpo.build_task(c, make_mesh(dict(c.mesh)), None)
+
+
 def test_dpo_trains_in_the_loop(runs, cache_dir, tmp_path):
     sft, _ = runs
     c = H.tiny(dpo_config, cache_dir, init_from=sft, **{

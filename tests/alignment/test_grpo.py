@@ -575,6 +575,24 @@ def test_reward_model_scores_next_to_reward_functions(runs, cache_dir):
             grpo.build_task(c, mesh, None)
 
 
+def test_reward_from_with_another_tokenizer_is_refused_before_any_load(
+    runs, cache_dir, tmp_path, chat_tokenizer, monkeypatch
+):  # fmt: skip
+    """The reward model's tokenizer, not only its vocab size, must be the policy's: a reward
+    model with another tokenizer of the same size scored other pieces without a word."""
+    sft, _ = runs
+    other = H.other_tokenizer_run(str(tmp_path / "other"), chat_tokenizer[0], "scalar")
+    H.forbid_loads(monkeypatch)
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, reward_from=other,
+               **{"grpo.rewards": "rm"})  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"reward_from={other}: its tokenizer "
+        rf"{chat_tokenizer[0]} \(\d+ pieces\) is not this run's",
+    ):
+        grpo.build_task(c, make_mesh(dict(c.mesh)), None)
+
+
 @pytest.fixture(scope="module")
 def ema_runs(tmp_path_factory, cache_dir):
     """fake_runs whose checkpoints also hold an EMA of the weights (other random weights)."""

@@ -455,6 +455,24 @@ def test_reference_is_init_from_or_its_ema_or_ref_from(cache_dir, tmp_path):
                            mesh, None)  # fmt: skip
 
 
+def test_ref_from_with_another_tokenizer_is_refused_before_any_load(
+    runs, cache_dir, tmp_path, chat_tokenizer, monkeypatch
+):  # fmt: skip
+    """kto.ref_from trained with another tokenizer: refused (it used to train silently)."""
+    from flaxlm.models.sharding import make_mesh
+
+    sft, _ = runs
+    other = H.other_tokenizer_run(str(tmp_path / "other"), chat_tokenizer[0])
+    H.forbid_loads(monkeypatch)
+    c = H.tiny(kto_config, cache_dir, init_from=sft, **{"kto.ref_from": other})
+    with pytest.raises(
+        ValueError,
+        match=rf"kto.ref_from={other}: its tokenizer "
+        rf"{chat_tokenizer[0]} \(\d+ pieces\) is not this run's",
+    ):
+        kto.build_task(c, make_mesh({"data": -1}), None)
+
+
 def test_kto_trains_in_the_loop(runs, cache_dir, tmp_path):
     sft, _ = runs
     c = H.tiny(kto_config, cache_dir, init_from=sft, **{

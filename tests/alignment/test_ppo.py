@@ -208,6 +208,25 @@ def test_ppo_trains_in_the_loop_with_one_decoder_call_per_rollout(runs, cache_di
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_reward_from_with_another_tokenizer_is_refused_before_any_load(
+    runs, cache_dir, tmp_path, chat_tokenizer, monkeypatch
+):  # fmt: skip
+    """A reward model trained with another tokenizer scored (and the critic read) the policy's
+    ids as other pieces without a word; refused, naming reward_from and both tokenizers."""
+    from flaxlm.models.sharding import make_mesh
+
+    sft, _ = runs
+    other = H.other_tokenizer_run(str(tmp_path / "other"), chat_tokenizer[0], "scalar")
+    H.forbid_loads(monkeypatch)
+    c = H.tiny(ppo_config, cache_dir, init_from=sft, reward_from=other)
+    with pytest.raises(
+        ValueError,
+        match=rf"reward_from={other}: its tokenizer "
+        rf"{chat_tokenizer[0]} \(\d+ pieces\) is not this run's",
+    ):
+        ppo.build_task(c, make_mesh(dict(c.mesh)), None)
+
+
 def test_frozen_models_in_bfloat16_and_int8_score_like_float32(runs):
     """The reference and reward model may be kept in bf16 (half the bytes) or with int8
     projection weights (a quarter for the matrices): scores close."""
@@ -255,9 +274,10 @@ def test_lora_ppo_trains_adapters_on_the_policy_and_the_critic(runs, cache_dir, 
         "ckpt_every": 4, "lora.rank": 4, "lora.targets": "attn/(q|v)|mlp/up",
     })  # fmt: skip
     H.forbid_reference_copy(monkeypatch)
-    state, summary = ppo.run(c, str(tmp_path))
+    run = str(tmp_path / "run")  # (the adapter is exported outside it: export refuses inside)
+    state, summary = ppo.run(c, run)
     assert summary["train"]["n_skipped"] == 0
-    meta = H.check_lora_rl_run(str(tmp_path), sft, state.params["policy"])
+    meta = H.check_lora_rl_run(run, sft, state.params["policy"])
     assert meta["head"] == "policy_value" and meta["lora"]["rank"] == 4
     value = state.params["value"]
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -281,10 +301,14 @@ def test_lora_ppo_trains_adapters_on_the_policy_and_the_critic(runs, cache_dir, 
     from flaxlm.models import lora as lora_lib
     from flaxlm.models import peft
 
-    adapter = peft.export_run_adapter(str(tmp_path), str(tmp_path / "adapter"))
+    # Their base is the SFT run, which no HF checkpoint holds: no base named, a warning
+    # saying to export the SFT run whole first.
+    with pytest.warns(UserWarning, match=f"left unset.*export {sft} BASE_DIR"):
+        adapter = peft.export_run_adapter(run, str(tmp_path / "adapter"))
+    assert json.load(open(os.path.join(adapter, peft.CONFIG)))["base_model_name_or_path"] is None
     cfg, base, _ = common.load_policy(sft)
     read_spec, read = peft.load_adapter(adapter, cfg)
-    _, merged, _ = common.load_policy(str(tmp_path))
+    _, merged, _ = common.load_policy(run)
     again = lora_lib.merge({"base": base, "lora": read}, read_spec)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(again), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -1,7 +1,10 @@
 """rl_common's question identity: the built-in world's meta groups paraphrases; a user's meta
 (often just the reference answer) does not merge different questions."""
 
+import re
+
 import numpy as np
+import pytest
 
 from flaxlm.alignment import rl_common
 
@@ -54,3 +57,100 @@ def test_heldout_sets_take_the_completion_as_reference(tmp_path, monkeypatch, ca
     assert [ex["answer"] for ex in sets["heldout"]] == ["It is 7.", "Hi.", "7", ""]
     assert report.to_dict()["used"] == 4
     assert "1 of 4 examples have no reference answer" in caplog.text
+
+
+def _fake_render(monkeypatch):
+    """F.render_prompt without a tokenizer: one id per call, the roles it saw recorded."""
+    from flaxlm.data import formats as F
+
+    seen = []
+
+    def fake_render(msgs, template, max_len, tools=None):
+        seen.append([m["role"] for m in msgs])
+        return np.asarray([len(seen)], np.int32), 0
+
+    monkeypatch.setattr(F, "render_prompt", fake_render)
+    return seen
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_null_fields_are_absent_and_a_bad_meta_is_counted(tmp_path, monkeypatch):
+    """Prompts and eval sets from a mixed parquet file (null where a row lacks a column): a
+    null prompt next to messages dropped the record as missing_field, a null messages next to
+    prompt + completion read it as a prompt record (its completion lost as the reference). A
+    meta that is not an object became {} silently; it is now "bad_meta" with file:line."""
+    from flaxlm.configs import grpo as grpo_config
+    from flaxlm.configs.common import override
+    from flaxlm.data import formats as F
+
+    user = [{"role": "user", "content": "What is 3 plus 4?"}]
+    rows = [
+        {"prompt": "What is 2 plus 5?", "messages": None, "completion": None,
+         "meta": {"answer": "7"}},
+        {"prompt": None, "messages": user, "completion": None, "meta": None},
+        {"prompt": "Hi?", "messages": None, "completion": "Hi.", "meta": None},
+        {"prompt": "What is 1 plus 1?", "messages": None, "completion": None, "meta": "2"},
+    ]  # fmt: skip
+    path = _jsonl(tmp_path / "mixed.jsonl", rows)  # (the rows a mixed parquet file reads as)
+    c = override(grpo_config.get_config("runlocal=True"), {"eval_gen.sets": str(path)})
+    _fake_render(monkeypatch)
+    report = F.DataReport()
+    prompts = rl_common.load_prompts(path, c, None, report)
+    assert [p["loc"] for p in prompts] == [f"{path}:{i}" for i in (1, 2, 3)]
+    assert [p["meta"] for p in prompts] == [{"answer": "7"}, {}, {}]
+    assert [m["content"] for m in prompts[1]["messages"]] == ["What is 3 plus 4?"]
+    bad = report.to_dict()["bad_input"]
+    assert bad["examples"] == {"bad_meta": [f"{path}:4: bad_meta (meta='2' is not a JSON object)"]}
+    report = F.DataReport()
+    sets = rl_common.heldout_sets(c, None, [], report)
+    assert [ex["answer"] for ex in sets["mixed"]] == ["7", "", "Hi."]
+    assert report.to_dict()["bad_input"]["counts"] == {"bad_meta": 1}
+
+
+def test_eval_set_names_are_unique_and_an_empty_set_is_an_error(tmp_path, monkeypatch):
+    """Two sets with one file name (a/heldout.jsonl, b/heldout.jsonl) reported under one name,
+    the second's metrics overwriting the first's: they are named with their folder. A set
+    whose every record is bad gave no metric (RL) or NaN (SFT) with no word: an error naming
+    it, its drops and the first bad line."""
+    from flaxlm.alignment import common
+    from flaxlm.configs import grpo as grpo_config
+    from flaxlm.configs.common import override
+    from flaxlm.data import formats as F
+
+    a = _jsonl(tmp_path / "a" / "heldout.jsonl", [{"prompt": "Hi?", "completion": "Hi."}])
+    b = _jsonl(tmp_path / "b" / "heldout.jsonl", [{"prompt": "Yo?", "meta": {"answer": "Yo."}}])
+    other = _jsonl(tmp_path / "other.jsonl", [{"prompt": "Hey?", "completion": "Hey."}])
+    _fake_render(monkeypatch)
+    c = override(grpo_config.get_config("runlocal=True"),
+                 {"eval_gen.sets": f"{a},{b},{other},builtin:sft_heldout"})  # fmt: skip
+    assert common.eval_set_names(c.eval_gen.sets.split(",")) == [
+        "a_heldout", "b_heldout", "other", "sft_heldout"]  # fmt: skip
+    override(c, {"eval_gen.sets": f"{a},{b}"})
+    sets = rl_common.heldout_sets(c, None, [], F.DataReport())
+    assert {k: [ex["answer"] for ex in v] for k, v in sets.items()} == {
+        "a_heldout": ["Hi."], "b_heldout": ["Yo."]}  # fmt: skip
+    with pytest.raises(ValueError, match=f"eval_gen.sets: {a} and {a} would both report as "
+                       "eval/a_heldout/"):  # fmt: skip
+        common.eval_set_names([a, a])
+    rl = _jsonl(tmp_path / "rl_heldout.jsonl", [{"prompt": "Hi?"}])
+    with pytest.raises(ValueError, match=f"{rl} and the rl_heldout prompts of rollout"):
+        common.eval_set_names([rl], {"rl_heldout": "the rl_heldout prompts of rollout..."})
+
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "Hi?", "meta": 1}, {"prompt": ""}])
+    override(c, {"eval_gen.sets": f"{a},{bad}"})
+    report = F.DataReport()
+    with pytest.raises(ValueError, match=re.escape(
+        f"eval_gen.sets: {bad} has no usable example (dropped: 1 bad_meta (e.g. {bad}:1: "
+        "meta=1 is not a JSON object), 1 empty (e.g. ")):  # fmt: skip
+        rl_common.heldout_sets(c, None, [], report)
+    empty = _jsonl(tmp_path / "empty.jsonl", [])
+    override(c, {"eval_gen.sets": empty})
+    with pytest.raises(ValueError, match="holds no records"):
+        rl_common.heldout_sets(c, None, [], F.DataReport())

@@ -214,3 +214,55 @@ def test_score_own_meta_with_a_task_is_exact_match():
     assert sft.score({"task": "math", "answer": "7"}, "It is 7.", "7") == (0.0, 0.0)
     world = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7"}
     assert sft.score(world, "The answer is 7.", "")[0] == 1.0
+
+
+def test_generation_sets_without_held_out_loss_report_their_drops(
+    tmp_path, sft_cfg, monkeypatch, caplog
+):
+    """data.eval="" ("no held-out eval") with eval_gen.sets crashed `ValueError: no examples`
+    (the loss batches were built from no examples), as did a data.eval whose every record was
+    bad. A set's bad records vanished (its report was thrown away) and a set of prompt records
+    (the RL stages' {"prompt", "meta": {"answer"}}) was all dropped, then logged NaN. Now: no
+    loss metrics without held-out examples, the sets read as the RL stages read them, their
+    drops in the data report's eval section, and a set with nothing usable is an error."""
+    from flaxlm.alignment import sft
+    from flaxlm.models.sharding import make_mesh
+
+    def jsonl(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    a = jsonl(tmp_path / "a" / "heldout.jsonl", [
+        {"prompt": "What is 3 plus 4?", "meta": {"answer": "7"}},
+        {"prompt": "What is 2 plus 2?", "completion": "4"},
+        {"prompt": "What is 1 plus 1?", "meta": "2"},
+    ])  # fmt: skip
+    b = jsonl(tmp_path / "b" / "heldout.jsonl", [{"prompt": "Say 9.", "meta": {"answer": "9"}}])
+    bad_eval = jsonl(tmp_path / "eval.jsonl", [{"prompt": "Hi?"}])  # no answer: dropped
+    answers = []
+
+    def fake_answers(cfg, params, prompts, template, **kw):  # no compile: fixed answers
+        answers.append(len(prompts))
+        return ["7"] * len(prompts), [True] * len(prompts)
+
+    monkeypatch.setattr(sft, "generate_answers", fake_answers)
+    mesh = make_mesh({"data": -1})
+    for data_eval in ("", bad_eval):
+        c = sft_cfg(**{"data.eval": data_eval, "eval_gen.sets": f"{a},{b}"})
+        workdir = str(tmp_path / f"wd{len(answers)}")
+        with caplog.at_level("WARNING", logger="flaxlm"):
+            task = sft.build_task(c, mesh, workdir)
+        out = task.eval_fn(None)
+        assert "nll" not in out and "loss" not in out
+        assert out["a_heldout/accuracy"] == 0.5 and out["b_heldout/accuracy"] == 0.0
+        ev = json.load(open(os.path.join(workdir, "data_report.json")))["eval"]
+        assert ev["bad_input"]["examples"]["bad_meta"] == [
+            f"{a}:3: bad_meta (meta='2' is not a JSON object)"]  # fmt: skip
+        assert ev["used"] == 3 and "data eval: " in caplog.text
+    assert answers == [2, 1, 2, 1]
+    bad = jsonl(tmp_path / "bad.jsonl", [{"prompt": " ", "completion": "x"}])
+    c = sft_cfg(**{"data.eval": "", "eval_gen.sets": f"{a},{bad}"})
+    with pytest.raises(ValueError, match=f"eval_gen.sets: {bad} has no usable example "
+                       rf"\(dropped: 1 empty \(e.g. {bad}:1: empty prompt\)"):  # fmt: skip
+        sft.build_task(c, mesh, None)

@@ -36,3 +36,66 @@ def test_identical_pairs_and_non_finite_margins_are_bad_input(tmp_path, template
     strict = F.DataReport(strict=True)
     with pytest.raises(DataError, match=r"pref\.jsonl:2: identical_pair"):
         F.render_preferences(F.read_records(str(path), strict), template, 64, report=strict)
+
+
+def test_null_fields_of_a_mixed_parquet_file_are_absent(tmp_path, template):
+    """Parquet gives every row every column, null where the row has none. A null field counted
+    as present: prompt/completion rows next to messages rows were dropped as bad_messages,
+    pairs without a margin as bad_margin, KTO's preference rows next to labelled chats as
+    bad_label. Null is now absent (margin 0.0, meta {})."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    msgs = [{"role": "user", "content": "the river"}, {"role": "assistant", "content": "a forest"}]
+    sft = pa.Table.from_pylist([
+        {"messages": msgs, "prompt": None, "completion": None, "meta": {"answer": "a"}},
+        {"messages": None, "prompt": "the river", "completion": "tall trees", "meta": None},
+    ])  # fmt: skip
+    pq.write_table(sft, tmp_path / "sft.parquet")
+    report = F.DataReport()
+    out = F.render_sft(F.read_records(str(tmp_path / "sft.parquet"), report), template, 64,
+                       report=report)  # fmt: skip
+    assert report.to_dict()["dropped"] == 0 and len(out) == 2
+    assert [ex["meta"] for ex in out] == [{"answer": "a"}, {}]
+    assert out[1]["messages"][-1]["content"] == "tall trees"
+
+    pairs = pa.Table.from_pylist([
+        {"prompt": "the river", "chosen": "a forest", "rejected": "light", "margin": 2.5},
+        {"prompt": "the river", "chosen": "tall trees", "rejected": "light", "margin": None},
+    ])  # fmt: skip
+    pq.write_table(pairs, tmp_path / "pairs.parquet")
+    report = F.DataReport()
+    out = F.render_preferences(F.read_records(str(tmp_path / "pairs.parquet"), report),
+                               template, 64, report=report)  # fmt: skip
+    assert report.to_dict()["dropped"] == 0 and [p["margin"] for p in out] == [2.5, 0.0]
+
+    kto = pa.Table.from_pylist([
+        {"messages": msgs, "label": True, "prompt": None, "chosen": None, "rejected": None},
+        {"messages": None, "label": None, "prompt": "the river", "chosen": "a forest",
+         "rejected": "light"},
+    ])  # fmt: skip
+    pq.write_table(kto, tmp_path / "kto.parquet")
+    report = F.DataReport()
+    out = F.render_unpaired(F.read_records(str(tmp_path / "kto.parquet"), report), template, 64,
+                            report=report)  # fmt: skip
+    assert report.to_dict()["dropped"] == 0 and [e["label"] for e in out] == [True, True, False]
+
+
+def test_a_meta_that_is_not_an_object_is_bad_input(tmp_path, template):
+    """A `meta` that is not a JSON object used to become {} without a word (its reference
+    answer lost); it is bad input "bad_meta" with file:line, in every reader."""
+    chat = {"prompt": "the river", "completion": "a forest"}
+    pair = {"prompt": "the river", "chosen": "a forest", "rejected": "light"}
+    for name, row, render in (("sft", chat, F.render_sft), ("pairs", pair, F.render_preferences),
+                              ("kto", {**chat, "label": True}, F.render_unpaired)):  # fmt: skip
+        path = tmp_path / f"{name}.jsonl"
+        rows = [{**row, "meta": {"answer": "7"}}, {**row, "meta": "7"}, {**row, "meta": None}]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        report = F.DataReport()
+        out = render(F.read_records(str(path), report), template, 64, report=report)
+        assert [e["loc"] for e in out][:1] == [f"{path}:1"] and len(out) == 2, name
+        bad = report.to_dict()["bad_input"]
+        assert bad["counts"] == {"bad_meta": 1}, name
+        assert bad["examples"]["bad_meta"] == [
+            f"{path}:2: bad_meta (meta='7' is not a JSON object)"
+        ], name

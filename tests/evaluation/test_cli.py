@@ -110,3 +110,28 @@ def test_tokenizer_and_chat_mode_come_from_the_checkpoint_meta(tmp_path, tok_pat
     assert chat_mode("auto", {"task": "pretrain"}) is None
     assert chat_mode("auto", {"task": "sft"}) is True
     assert chat_mode("off", {"task": "sft"}) is False and chat_mode("on", {}) is True
+
+
+def test_a_run_that_is_no_language_model_is_a_one_line_error(tmp_path, tok_path):
+    """--checkpoint naming a reward-model run printed a traceback (load_model's CheckpointError
+    was re-raised unless --ema); so did a directory without checkpoints. Both exit with the
+    message."""
+    import numpy as np
+
+    from flaxlm.models.config import get_variant
+    from flaxlm.train.checkpoint import Checkpointer
+
+    rows = [{"context": "a", "choices": ["x", "y"], "answer": 0}]
+    (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"name": "ok", "type": "multiple_choice", "file": "ok.jsonl"}]))
+    rm = str(tmp_path / "rm")
+    ck = Checkpointer(rm, async_save=False)
+    meta = {"model_config": get_variant("tiny", vocab_size=512).to_dict(), "head": "scalar"}
+    ck.save(1, {"params": {"w": np.zeros(2, np.float32)}}, meta=meta)
+    ck.close()
+    argv = ["--tokenizer", tok_path, "--tasks", str(tasks)]
+    with pytest.raises(SystemExit, match=r"rm: a reward-model run \(scalar head\), not a "):
+        main(["--checkpoint", rm, *argv])
+    with pytest.raises(SystemExit, match="no checkpoint under"):
+        main(["--checkpoint", str(tmp_path / "nowhere"), *argv])

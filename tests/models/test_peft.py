@@ -192,6 +192,38 @@ def test_runs_import_and_export_adapters(tmp_path, capsys):
         hf.main(["export", str(tmp_path / "nowhere"), str(tmp_path / "y"), "--adapter"])
 
 
+def test_adapter_base_is_named_only_when_an_hf_checkpoint_holds_its_weights(tmp_path):
+    """A LoRA run's base is what its init_from loaded. hf import -> full SFT -> DPO :lora used
+    to name the imported HF directory as the adapter's base, though the SFT run had trained
+    every weight (PEFT then loaded the adapter onto another model without a word). Only an
+    `hf:` init_from or a plain `hf import` run names one; a trained run in between (full or
+    LoRA: init_from merges its adapters) leaves it unset, with a warning naming the run to
+    export whole."""
+    from flaxlm.train.checkpoint import Checkpointer
+
+    plain = str(tmp_path / "imp")
+    hf.main(["import", FIX, plain])
+
+    def run(name, meta):
+        ckpt = Checkpointer(str(tmp_path / name), async_save=False)
+        ckpt.save(1, {"params": {"w": np.zeros(2, np.float32)}}, meta=meta)
+        ckpt.close()
+        return str(tmp_path / name)
+
+    sft = run("sft", {"task": "sft", "lora": {}, "config": {"init_from": plain}})
+    lora_sft = run("lsft", {"task": "sft", "lora": {"rank": 2}, "config": {"init_from": plain}})
+    dpo = lambda src: {"task": "dpo", "lora": {"rank": 8}, "config": {"init_from": src}}  # noqa: E731
+    assert peft._base_model("dpo", dpo(plain)) == os.path.abspath(FIX)
+    assert peft._base_model("dpo", dpo("hf:" + FIX)) == os.path.abspath(FIX)
+    assert peft._base_model("dpo", {"hf_source": "/x", "lora": {"rank": 2}}) == "/x"
+    for src, what in ((sft, r"a trained flaxlm run \(sft\)"),
+                      (lora_sft, r"a trained flaxlm run \(sft\)"),
+                      (str(tmp_path / "gone"), "not a run directory")):  # fmt: skip
+        with pytest.warns(UserWarning, match=rf"init_from={src} is {what}.*left unset.*"
+                          rf"export {src} BASE_DIR"):  # fmt: skip
+            assert peft._base_model("dpo", dpo(src)) == ""
+
+
 LIVE = """
 import json, sys
 import numpy as np, torch, transformers, peft
