@@ -165,13 +165,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer_path(given: str, meta: dict, model_dir: str) -> str:
-    """--tokenizer, else the run's meta["tokenizer"] as `run_tokenizer_path` finds it (a
-    relative path in the run directory; an absolute one that is gone, e.g. the run was moved,
-    as run_dir/<basename>); a relative --tokenizer that does not exist here is looked up in
+    """--tokenizer, else the run's meta["tokenizer"] (as read_meta found it: a relative path
+    in the run directory; an absolute one that is gone, e.g. the run was moved, as
+    run_dir/<basename>); a relative --tokenizer that does not exist here is looked up in
     the run directory. A missing file is an error naming the path as given."""
-    from flaxlm.models.hf_tokenizer import run_tokenizer_path
-
-    path = given or run_tokenizer_path(meta.get("tokenizer", ""), model_dir)
+    path = given or meta.get("tokenizer", "")
     if not path:
         raise SystemExit(f"{model_dir}: checkpoint meta has no 'tokenizer'; pass --tokenizer")
     if not os.path.exists(path) and os.path.exists(os.path.join(model_dir, path)):

@@ -74,7 +74,7 @@ before the next is read, so the host never holds a second copy of the model. Exp
 temporary directory and renames it into place: an interrupted export leaves nothing half-written.
 A run's export (model or adapter) refuses a target that is the run directory, holds it or lies
 inside it (with --overwrite the replaced directory is deleted). A run finds the tokenizer its
-meta names, or, moved or copied with the original gone, its own copy (`run_tokenizer_path`).
+meta names, or, moved or copied with the original gone, its own copy (checkpoint read_meta).
 
 Bad input (unsupported architecture, missing / unexpected tensors, shape mismatches, a
 tokenizer whose vocab does not fit) raises `HFError` naming the file and the key or tensor.
@@ -104,7 +104,6 @@ from flaxlm.models.hf_tokenizer import (
     HFTokenizer,
     copy_tokenizer,
     load_tokenizer,
-    run_tokenizer_path,
     sentencepiece_hf_files,
     set_template_kwargs,
 )
@@ -1355,7 +1354,7 @@ def export_run(run_dir: str, hf_dir: str, arch: str | None = None, step=None, dt
     check_export_target(run_dir, hf_dir)
     cfg, params, meta = load_model(run_dir, step, ema=ema)
     arch = arch or meta.get("hf_arch") or default_arch(cfg)
-    tok_path, extra, files = run_tokenizer_path(meta.get("tokenizer") or "", run_dir), {}, {}
+    tok_path, extra, files = meta.get("tokenizer") or "", {}, {}  # (read_meta located it)
     if tok_path and os.path.exists(tok_path):
         tok = load_tokenizer(tok_path, cfg.vocab_size)
         extra = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id))

@@ -568,16 +568,12 @@ def located_tokenizer(meta: dict, run_dir: str) -> dict:
 
     Runs record the tokenizer they copied into their own directory by absolute path. A run
     copied to another machine or folder (the original gone) then named a missing file, and
-    every reader (generate, evaluation, init_from, distillation) failed; the copy's own file is
-    used instead. A relative path is relative to the run directory."""
-    path = meta.get("tokenizer")
-    if not isinstance(path, str) or not path:
-        return meta
-    here = os.path.join(os.path.abspath(run_dir), os.path.basename(path))
-    if not os.path.isabs(path):
-        here = os.path.join(os.path.abspath(run_dir), path)
-    if not os.path.exists(path) and os.path.exists(here):
-        meta["tokenizer"] = here
+    every reader (generate, export, evaluation, init_from, distillation) failed; the lookup
+    (`run_tokenizer_path`) finds the copy's own file, and a relative path in the run."""
+    from flaxlm.models.hf_tokenizer import run_tokenizer_path
+
+    if isinstance(meta.get("tokenizer"), str) and meta["tokenizer"]:
+        meta["tokenizer"] = run_tokenizer_path(meta["tokenizer"], run_dir)
     return meta
 
 

@@ -699,6 +699,7 @@ def test_moved_run_finds_its_tokenizer(tmp_path):
     and the original deleted could neither generate nor export. The lookup (generate's and
     export's alike) falls back to the run's own copy; a relative path is the run's."""
     from flaxlm import generate as cli
+    from flaxlm.models.hf_tokenizer import run_tokenizer_path
 
     d = _copy("qwen2", tmp_path)
     _write_hf_tokenizer(d, 50)
@@ -710,9 +711,9 @@ def test_moved_run_finds_its_tokenizer(tmp_path):
     hf.export_run(moved, str(tmp_path / "out"))
     assert hf.load_tokenizer(str(tmp_path / "out")).eos_id == 2
     old = str(tmp_path / "gone" / "tokenizer.json")
-    assert hf.run_tokenizer_path(old, moved) == os.path.join(moved, "tokenizer.json")
-    assert hf.run_tokenizer_path("tokenizer.json", moved) == os.path.join(moved, "tokenizer.json")
-    assert hf.run_tokenizer_path(old, str(tmp_path)) == old  # nowhere: named as recorded
+    assert run_tokenizer_path(old, moved) == os.path.join(moved, "tokenizer.json")
+    assert run_tokenizer_path("tokenizer.json", moved) == os.path.join(moved, "tokenizer.json")
+    assert run_tokenizer_path(old, str(tmp_path)) == old  # nowhere: named as recorded
     # every other reader (init_from, evaluation, distillation, notebooks) reads the meta
     # through read_meta, which finds it the same way
     from flaxlm.train.checkpoint import read_meta
