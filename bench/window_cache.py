@@ -17,8 +17,9 @@ ways (`window_cache=True` / `False`), the same `generate` program:
                 float32, so on the CPU every shape runs in float32 (KV bytes double) and the
                 figure is the CPU's, a guide only. `--h200` compiles for an H200 on this machine
                 (bench/gpu_aot.py's way), in the shape's dtype, with cuDNN attention
-  decode_tok_s  (timed cases) B·(N−1) / (call time − prefill-only call time), medians of 3;
-                absent when the difference is not positive (too few new tokens to time)
+  call_s, prefill_call_s  (timed cases) medians of 3 calls decoding N and 1 new tokens
+  decode_tok_s  (timed cases) B·(N−1) / (call_s − prefill_call_s); absent when the difference
+                is not positive (too few new tokens to time: CI's tiny shape on a busy CPU)
 
 Shapes: "gemma3-1b" — Gemma 3 1B's dimensions (26 layers, 5 local in 6, W=512, 1 kv head of
 256 dims, vocab 262144), "mistral-7b" — Mistral 7B v0.1's (32 layers all local, W=4096, 8 kv
@@ -135,6 +136,7 @@ def measure(shape: str, timed: bool, target=None) -> list[dict]:
                                           ).tokens.block_until_ready()  # fmt: skip
 
             whole, prefill = median_s(call(N)), median_s(call(1))
+            rec["call_s"], rec["prefill_call_s"] = whole, prefill
             if whole > prefill:
                 rec["decode_tok_s"] = B * (N - 1) / (whole - prefill)
         rec["dtype"] = cfg.dtype

@@ -95,7 +95,11 @@ def test_window_cache_bench(tmp_path):
     full, ring = sorted(recs, key=lambda r: r["window_cache"])
     assert full["kv_gib"] * (160 + 8) == pytest.approx(ring["kv_gib"] * (160 + 160))
     assert ring["temp_gib"] < full["temp_gib"]
-    assert full["decode_tok_s"] > 0 and ring["decode_tok_s"] > 0
+    # timed: the tiny shape's decode is a difference of two ~ms wall times, absent when a
+    # busy CPU makes it negative (it was, once, in a fresh-clone .ci/run), so only the calls
+    # themselves must be timed
+    for r in (full, ring):
+        assert r["call_s"] > 0 and r["prefill_call_s"] > 0 and r.get("decode_tok_s", 1) > 0
     assert "| tiny-window | cpu | float32 | 2 | 32 + 128 | 8 | True |" in (
         tmp_path / "window_cache.md").read_text()  # fmt: skip
 
