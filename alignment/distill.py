@@ -268,12 +268,6 @@ def check_config(d) -> None:
         raise ValueError(f"distill.on_policy_fraction={fraction!r} needs distill.on_policy")
 
 
-def teacher_tokenizer_path(teacher: str) -> str:
-    """Where the teacher's tokenizer lives: a flaxlm run's meta, or the HF directory ("" when
-    the run records none)."""
-    return common.source_tokenizer_path(teacher)
-
-
 def check_same_tokenizer(tok, teacher: str) -> None:
     """The student's tokenizer must be the teacher's: the same ids for the same text, or the
     distributions compared token by token mean different pieces. An error names both."""
@@ -343,7 +337,7 @@ def _text_source(config, mesh):
                          f"{batch_divisor(mesh)}")  # fmt: skip
     loop.init_from_ema(config)
     meta = common.source_meta(config.init_from)
-    path = config.data.tokenizer or meta.get("tokenizer") or teacher_tokenizer_path(d.teacher)
+    path = config.data.tokenizer or meta.get("tokenizer") or common.source_tokenizer_path(d.teacher)
     if not path:
         raise ValueError("distill: no tokenizer for the text: set data.tokenizer (the teacher's)")
     tok = load_tokenizer(os.path.expanduser(path))
@@ -358,7 +352,7 @@ def _student_source(config, mesh):
     the teacher's tokenizer unless `data.tokenizer` names one."""
     d = config.distill
     if not config.init_from and not config.data.tokenizer:
-        path = teacher_tokenizer_path(d.teacher)
+        path = common.source_tokenizer_path(d.teacher)
         if path:
             log.info("distill: a fresh student takes the teacher's tokenizer %s", path)
             config.data.tokenizer = path  # (recorded with the run's config)
