@@ -152,9 +152,9 @@ def _resolve_tokenizer(config, meta: dict):
     return pipeline.load_tokenizer(pcfg, docs=texts)
 
 
-# Text that tells tokenizers apart (words, digits, punctuation, non-ASCII): two tokenizers that
-# encode it alike, with the same number of pieces, are taken to be the same.
-TOKENIZER_PROBE = "The quick brown fox, 42 times: does Kavo live in Brel? Yes. ünïcödé €!"
+# Text that tells tokenizers with the same pieces apart by their normalisers and pre-tokenisers
+# (words, digits, punctuation, spaces, non-ASCII).
+TOKENIZER_PROBE = "The quick brown fox, 42 times: does Kavo live in Brel? Yes.  ünïcödé €!"
 
 
 def source_tokenizer_path(source: str) -> str:
@@ -169,8 +169,9 @@ def check_same_tokenizer(tok, source: str, key: str, advice: str = "") -> None:
     """Refuses a second model (`key`=`source`: a DPO/KTO reference, a reward model, a
     distillation teacher) whose tokenizer is not this run's `tok`: it would read this run's
     token ids as other pieces — log-probabilities of another text, a score of another text —
-    and nothing downstream would notice. An error names the key, both tokenizers and their
-    sizes; a run that records no tokenizer is assumed to share this one (with a warning)."""
+    and nothing downstream would notice. Same means the same size, the same piece for every id
+    and the same ids for a probe text (normalisers). An error names the key, both tokenizers,
+    their sizes and the first differing id; a run that records no tokenizer is assumed to share this one (with a warning)."""
     from flaxlm.models.hf_tokenizer import load_tokenizer
 
     path = source_tokenizer_path(source)
@@ -180,13 +181,24 @@ def check_same_tokenizer(tok, source: str, key: str, advice: str = "") -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{key}={source}: its tokenizer {path} is gone")
     theirs = load_tokenizer(path)
-    probe = TOKENIZER_PROBE
-    if tok.vocab_size != theirs.vocab_size or tok.encode(probe) != theirs.encode(probe):
-        raise ValueError(
-            f"{key}={source}: its tokenizer {path} ({theirs.vocab_size} pieces) is not this "
-            f"run's {getattr(tok, 'name', '?')} ({tok.vocab_size} pieces): the same ids mean "
-            f"different pieces to the two models{'. ' + advice if advice else ''}"
-        )
+    if tok.vocab_size != theirs.vocab_size:
+        why = f"{theirs.vocab_size} pieces against {tok.vocab_size}"
+    else:
+        # Every piece, not a sample: two tokenizers trained on similar text share most pieces,
+        # and one differing piece is enough to score another text wherever it occurs.
+        ours, their_pieces = tok.pieces(), theirs.pieces()
+        diff = next((i for i, (a, b) in enumerate(zip(ours, their_pieces)) if a != b), None)
+        if diff is not None:
+            why = f"id {diff} is {their_pieces[diff]!r} there, {ours[diff]!r} here"
+        elif tok.encode(TOKENIZER_PROBE) != theirs.encode(TOKENIZER_PROBE):
+            why = f"the same pieces, but {TOKENIZER_PROBE!r} encodes differently"
+        else:
+            return
+    raise ValueError(
+        f"{key}={source}: its tokenizer {path} ({theirs.vocab_size} pieces) is not this run's "
+        f"{getattr(tok, 'name', '?')} ({tok.vocab_size} pieces): {why}, so the same ids mean "
+        f"different pieces to the two models{'. ' + advice if advice else ''}"
+    )
 
 
 def resolve_model_config(config, meta: dict) -> ModelConfig:

@@ -125,6 +125,11 @@ class Tokenizer:
                 out[t] = i
         return out
 
+    def pieces(self) -> list[str]:
+        """Every id's piece, in id order (two tokenizers with the same pieces and normaliser
+        read ids alike: see alignment/common.py `check_same_tokenizer`)."""
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+
     def token_id(self, piece: str) -> int:
         """Id of a single piece (e.g. a chat token); a missing piece is an error."""
         i = self.sp.piece_to_id(piece)

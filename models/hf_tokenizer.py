@@ -235,6 +235,14 @@ class HFTokenizer:
                 out[t] = i
         return out
 
+    def pieces(self) -> list[str]:
+        """Every id's token string, in id order ("" for an id the vocabulary skips)."""
+        out = [""] * self.vocab_size
+        for piece, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if 0 <= i < len(out):
+                out[i] = piece
+        return out
+
     def token_id(self, piece: str) -> int:
         i = self.tok.token_to_id(piece)
         if i is None:

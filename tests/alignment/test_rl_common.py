@@ -1,6 +1,8 @@
 """rl_common's question identity: the built-in world's meta groups paraphrases; a user's meta
-(often just the reference answer) does not merge different questions."""
+(often just the reference answer) does not merge different questions. Also common's tokenizer
+identity (the check every second model — reference, reward model, teacher — goes through)."""
 
+import os
 import re
 
 import numpy as np
@@ -154,3 +156,30 @@ def test_eval_set_names_are_unique_and_an_empty_set_is_an_error(tmp_path, monkey
     override(c, {"eval_gen.sets": empty})
     with pytest.raises(ValueError, match="holds no records"):
         rl_common.heldout_sets(c, None, [], F.DataReport())
+
+
+def test_same_size_tokenizers_that_differ_in_one_piece_are_told_apart(tmp_path):
+    """Two tokenizers of the same size whose pieces differ only where the probe text never
+    reaches (one merge: "Ġzz" against "Ġjj") used to pass check_same_tokenizer, which compared
+    the size and the probe's ids: the second model would have scored every "zz" as "jj"."""
+    import importlib.util
+
+    from flaxlm.alignment import common
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    spec = importlib.util.spec_from_file_location(
+        "hf_tokenizers", os.path.join(os.path.dirname(__file__), "..", "hf_tokenizers.py"))
+    hf_tokenizers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf_tokenizers)
+    ours = hf_tokenizers.write_hf_tokenizer(str(tmp_path / "ours"), "", {}, merge_words=["Ġzz"])
+    twin = hf_tokenizers.write_hf_tokenizer(str(tmp_path / "twin"), "", {}, merge_words=["Ġzz"])
+    other = hf_tokenizers.write_hf_tokenizer(str(tmp_path / "other"), "", {}, merge_words=["Ġjj"])
+    tok, theirs = load_tokenizer(ours), load_tokenizer(other)
+    assert tok.vocab_size == theirs.vocab_size
+    probe = common.TOKENIZER_PROBE
+    assert tok.encode(probe) == theirs.encode(probe)  # what the old check compared
+
+    common.check_same_tokenizer(tok, f"hf:{twin}", "dpo.ref_from")  # the same pieces: accepted
+    with pytest.raises(ValueError, match=r"dpo.ref_from=hf:.*other: its tokenizer .* is not "
+                       r"this run's .*: id 256 is 'Ġj' there, 'Ġz' here"):  # fmt: skip
+        common.check_same_tokenizer(tok, f"hf:{other}", "dpo.ref_from")
