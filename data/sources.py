@@ -3,7 +3,8 @@
 jsonl and plain text may be gzip (``.gz``) or zstd (``.zst``, with the ``zstandard`` package)
 compressed; the codec is read from the file's first bytes (``compression``), and other codecs,
 or a ``.gz`` that is not gzip, are a ``DataError`` naming the file. A directory that is a
-``flaxlm.data.preprocess`` output reads as its corpus (``preprocess_corpus``).
+``flaxlm.data.preprocess`` output reads as its corpus (``preprocess_corpus``); any other as its
+data files (``is_data_file``: a README, ``_SUCCESS`` or hidden ``.crc`` beside them is skipped).
 
 Two access patterns share one error policy:
 
@@ -30,6 +31,7 @@ import glob
 import gzip
 import io
 import json
+import logging
 import os
 import re
 import zlib
@@ -81,6 +83,9 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     """Globs (``*``, ``**``) and directories → sorted files; an unmatched pattern is an error.
 
     A preprocess output directory is its corpus (``preprocess_corpus``), not its report files.
+    Any other directory is its data files (``is_data_file``): hidden and ``_``-prefixed names
+    (``.part-0.jsonl.crc``, ``_SUCCESS``) are skipped silently, other names no reader knows
+    (``README.md``) with a warning naming them; were they all there is, the error names them.
 
     An existing file is itself, whatever its name: ``part[1].jsonl`` read as a glob matched
     ``part1.jsonl`` (or nothing), never the file named. A glob keeps files only (``**`` also
@@ -96,11 +101,7 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
             hits = [pat]
         elif os.path.isdir(pat):
             pat = preprocess_corpus(pat)
-            hits = sorted(
-                os.path.join(pat, f)
-                for f in os.listdir(pat)
-                if f != META_FILE and os.path.isfile(os.path.join(pat, f))
-            )
+            hits = _directory_files(pat)
         else:
             hits = sorted(
                 p
@@ -112,6 +113,58 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
         for h in hits:
             out.setdefault(os.path.realpath(h), h)
     return list(out.values())
+
+
+# What a directory holds that is data: the formats ``file_format`` reads by name, each possibly
+# compressed (``_codec_suffix``; an unsupported codec is kept, so that reading it names the file).
+# Plain text is any name to ``file_format``, but a directory also holds text that is not data.
+_DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".array_record", ".txt", ".text")
+_WARNED_DIRS: set[str] = set()  # directories whose skipped files were logged (once a process)
+
+
+def is_data_file(name: str) -> bool:
+    """Whether a file a directory holds is data: not hidden or ``_``-prefixed (checksums, Spark's
+    and Hadoop's ``_SUCCESS`` and ``_committed_*`` markers), not ``meta.json``, and named as a
+    format the readers know (jsonl/json/ndjson, parquet, ArrayRecord, .txt/.text, compressed or
+    not)."""
+    if name.startswith((".", "_")) or name == META_FILE:
+        return False
+    low = name.lower()
+    low = low[: len(low) - len(_codec_suffix(low))]
+    return low.endswith(_DATA_SUFFIXES) or ".arrayrecord" in low
+
+
+def _directory_files(path: str) -> list[str]:
+    """The sorted data files of directory ``path`` (``is_data_file``).
+
+    Its other files used to be trained on as text (a README, a ``_SUCCESS`` marker, a hidden
+    ``.crc`` checksum as invalid UTF-8). A README beside the data is common and harmless, so
+    names no reader knows are skipped with a warning rather than refused; hidden and
+    ``_``-prefixed ones are conventionally not data and are skipped without one. A directory of
+    nothing but skipped files is an error naming them: such names are read when given as files
+    or matched by a glob.
+    """
+    names = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    data = [f for f in names if is_data_file(f)]
+    other = [f for f in names if f not in data and f != META_FILE and f[:1] not in "._"]
+    if not data:
+        raise FileNotFoundError(
+            f"no data files in directory {path!r}"
+            + (f" (skipped {other}: not {'/'.join(_DATA_SUFFIXES)}/.arrayrecord)" if other else "")
+            + "; name the files, or match them with a glob such as "
+            + repr(os.path.join(path, "*"))
+        )
+    if other and path not in _WARNED_DIRS:
+        _WARNED_DIRS.add(path)
+        logging.warning(
+            "data: %s: skipped %d file(s) that are not data (%s); data files end in %s or "
+            "contain .arrayrecord, optionally compressed",
+            path,
+            len(other),
+            ", ".join(other[:10]) + (", ..." if len(other) > 10 else ""),
+            "/".join(_DATA_SUFFIXES),
+        )
+    return [os.path.join(path, f) for f in data]
 
 
 def preprocess_corpus(path: str) -> str:

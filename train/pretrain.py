@@ -9,6 +9,7 @@ in every checkpoint's meta, so a checkpoint alone is enough to generate from it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -131,23 +132,24 @@ def make_batches(config, *, seed: int, tokenizer=None, vocab_size: int | None = 
 
 
 def text_eval_batches(config, tokenizer) -> list[dict]:
-    """Held-out text packed into at most `eval_batches` global batches (this process's rows)."""
+    """Held-out text packed into at most `eval_batches` global batches (this process's rows).
+
+    Framed and packed as training is (data/pipeline.py `open_framed_source`, `data.pack_mode`):
+    token shards whose meta.json says `bos_eos: true` used to get a second BOS and EOS here, and
+    every eval was packed in split mode. Bad held-out records follow `data.strict` (raise, or
+    counted and logged; they used to be dropped without a line). Documents are tokenized as the
+    packer reaches them: only those the batches hold (and grain's read-ahead), not every one.
+    """
     import grain
 
     from flaxlm.data import pipeline, sources
 
     d = config.data
+    log = sources.BadInputLog(strict=d.strict)
     if d.eval_sources:
-        texts = []
-        for pattern, _ in pipeline.parse_sources(d.eval_sources):
-            src = sources.open_source(pattern, text_field=d.text_field, txt_mode=d.txt_mode)
-            meta = getattr(src, "meta", {})
-            if meta.get("format") == "tokens" and meta.get("tokenizer_sha256") != tokenizer.sha256:
-                raise sources.DataError(
-                    f"data.eval_sources {pattern}: shards were tokenized with tokenizer sha256 "
-                    f"{meta.get('tokenizer_sha256')}, but {tokenizer.name} is {tokenizer.sha256}"
-                )
-            texts += [src[i] for i in range(len(src))]
+        what, where = "data.eval_sources", f"data.eval_sources {d.eval_sources}"
+        parts = [pipeline.open_framed_source(p, d, tokenizer, log, what=what)
+                 for p, _ in pipeline.parse_sources(d.eval_sources)]  # fmt: skip
     elif d.sources:
         # The built-in world's held-out text says nothing about a model of other data (and is
         # scored with another tokenizer than the one it was made for): refuse, name the keys.
@@ -159,11 +161,21 @@ def text_eval_batches(config, tokenizer) -> list[dict]:
             "--config.eval_every=0"
         )
     else:
+        what = where = "built-in held-out text"
         texts = _builtin_world_texts("heldout_text")
-    tok = pipeline._Tokenize(tokenizer, d.add_bos, d.add_eos)
-    docs = grain.MapDataset.source([tok.map(t) for t in texts]).to_iter_dataset()
+        parts = [pipeline.open_framed_source("", d, tokenizer, log, texts, what)]
+    if log.total:
+        logging.warning("%s: skipped %d bad records: %s", where, log.total, log.to_dict())
+    # One random-access source of framed documents, in the sources' order.
+    framed = sources.ConcatSource([grain.MapDataset.source(s).map(f) for s, f in parts])
+    read = grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch)
+    docs = grain.MapDataset.source(framed).to_iter_dataset(read)
     packer = pipeline.PackedBatchIterator(
-        iter(docs), seq_len=config.seq_len, batch=config.batch_size, pad_id=tokenizer.pad_id
+        iter(docs),
+        seq_len=config.seq_len,
+        batch=config.batch_size,
+        pad_id=tokenizer.pad_id,
+        mode=d.pack_mode,
     )
     rows = config.batch_size // jax.process_count()
     lo = jax.process_index() * rows
@@ -172,6 +184,10 @@ def text_eval_batches(config, tokenizer) -> list[dict]:
         out.append({k: v[lo : lo + rows] for k, v in batch.items()})
         if len(out) == d.eval_batches:
             break
+    if not out:  # the held-out loss would be 0 over no tokens
+        raise sources.DataError(
+            f"{where}: no held-out document has the 2 tokens one (input, target) pair needs"
+        )
     return out
 
 

@@ -328,3 +328,99 @@ def test_documents_get_no_bos_or_eos_the_tokenizer_lacks():
     np.testing.assert_array_equal(_Tokenize(Tok(), True, True).map("ab"), [97, 98, 7])
     Tok.bos_id, Tok.eos_id = 5, -1
     np.testing.assert_array_equal(_Tokenize(Tok(), True, True).map(np.array([1, 2])), [5, 1, 2])
+
+
+def test_a_source_of_only_bad_records_says_why_it_has_no_documents(tmp_path, tok):
+    """Every line with another field name: the error said only "has no documents" (the warning
+    that counts bad records comes after every source has opened, so it was never logged)."""
+    good = write_jsonl(tmp_path / "good.jsonl", corpus(8, 5))
+    bad = tmp_path / "wrongfield.jsonl"
+    lines = [json.dumps({"content": f"the river {i}"}) for i in range(100)] + ['{"text": broken']
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        make(cfg_for(f"{good}:1,{bad}:1", tok))
+    msg = str(e.value)
+    assert f"data source {bad} has no documents: all 101 records were skipped" in msg
+    assert f"missing_field x100, e.g. {bad}:1: missing_field (no 'text')" in msg
+    assert "malformed_json x1" in msg and "check data.text_field ('text')" in msg
+
+
+def _next_or_error(it, seconds=120):
+    """next(it) in a thread: what it raised or returned, or "hung" after ``seconds``."""
+    import threading
+
+    box = []
+
+    def run():
+        try:
+            box.append(next(it))
+        except BaseException as e:  # the test inspects it
+            box.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    return box[0] if box else "hung"
+
+
+def test_data_without_a_single_pair_is_an_error_not_a_hang(tmp_path, tok):
+    """One-token documents (no BOS/EOS) make no (input, target) pair: with num_epochs=0 next()
+    read the endless stream forever; with num_epochs=1 the data silently "ended" at once."""
+    path = write_jsonl(tmp_path / "oneword.jsonl", ["river"] * 50)
+    assert len(T.Tokenizer.load(tok).encode("river")) == 1
+    for epochs in (0, 1):
+        it = make(cfg_for(path, tok, add_bos=False, add_eos=False, num_epochs=epochs), batch=2)
+        got = _next_or_error(it)
+        assert isinstance(got, DataError), (epochs, got)
+        assert f"data.sources {path}: no document has the 2 tokens" in str(got)
+    # With BOS and EOS the same documents train.
+    next(make(cfg_for(path, tok, num_epochs=1), batch=2))
+
+
+def test_a_process_whose_documents_hold_no_pair_is_an_error(tmp_path, tok):
+    """Process 1 of 2 got only one-token documents: its first batch was the end of its data, and
+    the run (which stops at the fewest batches of any process) trained nothing. A resumed
+    iterator's empty batch is still the end of the data."""
+    path = write_jsonl(tmp_path / "a.jsonl", ["the river runs past", "river"] * 4)
+    cfg = cfg_for(path, tok, add_bos=False, add_eos=False, num_epochs=1, shuffle=False)
+    with pytest.raises(DataError, match=r"no document of process 1 of 2 has the 2 tokens"):
+        next(make(cfg, pi=1, pc=2, batch=1))
+    assert sum(1 for _ in make(cfg, pi=0, pc=2, batch=1)) == 1  # process 0 has the pairs
+    done = make(cfg, batch=1)
+    assert sum(1 for _ in done) == 1
+    resumed = make(cfg, batch=1)
+    resumed.set_state(done.get_state())  # at the end of the data
+    with pytest.raises(StopIteration):
+        next(resumed)
+
+
+@pytest.mark.parametrize(
+    "seq_len,batch,message",
+    [(0, 2, "seq_len must be a positive integer, got 0"),
+     (-5, 2, "seq_len must be a positive integer, got -5"),
+     (8, 0, r"global_batch \(config.batch_size\) must be a positive integer, got 0")],
+)  # fmt: skip
+def test_rows_of_no_tokens_or_no_rows_are_refused(tmp_path, tok, seq_len, batch, message):
+    """seq_len=0 or global_batch=0 ended the data at the first batch (StopIteration, no
+    message); seq_len=-5 failed in numpy with "negative dimensions are not allowed"."""
+    path = write_jsonl(tmp_path / "a.jsonl", corpus(8, 10))
+    with pytest.raises(ValueError, match=rf"^{message}$"):
+        pipeline.make_pretrain_iterator(
+            cfg_for(path, tok), seq_len=seq_len, global_batch=batch, seed=0,
+            process_index=0, process_count=1,
+        )  # fmt: skip
+
+
+def test_weights_proportional_to_sizes_leave_documents_unread_as_documented():
+    """The module docstring said such weights "use every document"; grain truncates the weights
+    (the smallest scaled to 100) and ends the mixture at its first exhausted source. These are
+    the docstring's figures: if grain changes, so must the docstring."""
+    import grain
+
+    def unread(*sizes):
+        mixed = grain.MapDataset.mix([grain.MapDataset.range(n) for n in sizes], list(sizes))
+        return sum(sizes) - len(mixed)
+
+    assert (unread(12345, 678), unread(173943, 178924), unread(40, 10)) == (6, 1503, 0)
+    lost = [unread(a, b) for a in range(1, 120) for b in range(1, 120)]
+    assert (sum(n == 1 for n in lost), max(lost)) == (11252, 1)

@@ -205,3 +205,43 @@ def test_a_preprocess_output_directory_reads_its_corpus_not_its_report(tmp_path)
     assert S.expand_paths(str(out)) == [str(out / "tokens" / "shard-00000.arrayrecord")]
     # An ordinary directory is still its files.
     assert S.expand_paths(str(out / "text")) == [str(out / "text" / "shard-00000.arrayrecord")]
+
+
+def test_a_directory_reads_its_data_files_only(tmp_path, caplog):
+    """data.sources=DIR read every file in it: a README.md became a training document, and a
+    Hadoop `_SUCCESS` marker and a hidden `.part-0.jsonl.crc` were counted as bad records."""
+    import gzip
+
+    d = tmp_path / "crawl"
+    d.mkdir()
+    (d / "part-0.jsonl").write_bytes(_jsonl_bytes(GOOD[:2]))
+    (d / "part-1.JSONL.GZ").write_bytes(gzip.compress(_jsonl_bytes(GOOD[2:])))
+    (d / "notes.txt").write_text("a plain text document")
+    (d / "b.jsonl.bz2").write_bytes(b"BZh91AY&SY...")  # data, in a codec no reader has
+    (d / "README.md").write_text("# My dataset\nThe crawl of 2024. Do not share.\n")
+    (d / "_SUCCESS").write_text("")
+    (d / ".part-0.jsonl.crc").write_bytes(b"crc\x00\x01\xff\xfe")
+    (d / "sub").mkdir()
+    with caplog.at_level("WARNING"):
+        got = S.expand_paths(str(d))
+    names = ["b.jsonl.bz2", "notes.txt", "part-0.jsonl", "part-1.JSONL.GZ"]
+    assert got == [str(d / n) for n in names]
+    assert f"{d}: skipped 1 file(s) that are not data (README.md)" in caplog.text
+    assert "_SUCCESS" not in caplog.text and ".crc" not in caplog.text
+    (d / "b.jsonl.bz2").unlink()  # else reading it is an error naming it
+    log = S.BadInputLog()
+    src = S.open_source(str(d), log=log)
+    assert sorted(src[i] for i in range(len(src))) == sorted(GOOD + ["a plain text document"])
+    assert log.total == 0
+    # A skipped file is still read when named, and a directory of nothing else is an error.
+    assert [x.text for x in S.iter_documents(str(d / "README.md"))][0].startswith("# My")
+    e = tmp_path / "spark"
+    e.mkdir()
+    (e / "part-00000").write_text("text without a suffix\n")
+    (e / "_SUCCESS").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"no data files in directory .*spark.* \(skipped "
+                       r"\['part-00000'\]: not \.jsonl/.*; name the files, or match them with a "
+                       r"glob such as '.*spark/\*'"):  # fmt: skip
+        S.expand_paths(str(e))
+    assert S.expand_paths(str(e / "part-*")) == [str(e / "part-00000")]
+    assert S.is_data_file("shard-00000.arrayrecord") and not S.is_data_file("meta.json")
