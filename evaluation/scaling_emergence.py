@@ -35,13 +35,56 @@ def ensure_world(world_dir: str, heldout_docs: int = 0, preset: str = "demo", se
 
     `heldout_docs` > 0 asks for that many held-out documents instead of the preset's 100 (the
     first 100 are the same; the world's corpus and tasks come from other random streams and do
-    not change)."""
-    if not os.path.exists(os.path.join(world_dir, "manifest.json")):
+    not change); 0 takes the world as it is. A world already written with another count gets
+    its held-out file (and manifest) written again with the count asked for: the world is
+    generated again, deterministically, in half a second, and everything else in it is checked
+    to be unchanged (it used to keep its count silently: 100 documents where 1000 were asked)."""
+    manifest_path = os.path.join(world_dir, "manifest.json")
+    if not os.path.exists(manifest_path):
         from flaxlm.data import synthetic
 
         extra = {"n_heldout_text": heldout_docs} if heldout_docs else {}
         synthetic.write_world(world_dir, preset, seed, **extra)
+        return world_dir
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    have = manifest.get("config", {}).get("n_heldout_text")
+    if heldout_docs and have != heldout_docs:
+        _rewrite_heldout(world_dir, manifest, heldout_docs)
     return world_dir
+
+
+def _rewrite_heldout(world_dir: str, manifest: dict, heldout_docs: int) -> None:
+    """Writes WORLD/heldout_text.jsonl with `heldout_docs` documents and the manifest to match,
+    after checking that the world regenerated from the manifest's preset config and seed is the
+    one on disk in everything but that count."""
+    from flaxlm.data import synthetic
+
+    cfg = dict(manifest["config"])
+    cfg["task_weights"] = tuple(tuple(kw) for kw in cfg["task_weights"])
+    have, cfg["n_heldout_text"] = cfg["n_heldout_text"], heldout_docs
+    world = synthetic.build_world(synthetic.WorldConfig(**cfg), manifest["seed"])
+    new = world.manifest()
+
+    def rest(m: dict) -> dict:  # the manifest less the held-out count (JSON types)
+        m = json.loads(json.dumps(m))
+        del m["config"]["n_heldout_text"], m["counts"]["heldout_text"]
+        return m
+
+    if rest(manifest) != rest(new):
+        raise ValueError(
+            f"{world_dir}: has {have} held-out documents, {heldout_docs} were asked for, and "
+            "regenerating it from its manifest gives another world; use another directory"
+        )
+    for name, text in (
+        ("heldout_text.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                       for r in world.heldout_text)),
+        ("manifest.json", json.dumps(new, indent=1, ensure_ascii=False)),
+    ):  # fmt: skip
+        path = os.path.join(world_dir, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
 
 def evaluate_run(

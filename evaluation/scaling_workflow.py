@@ -16,6 +16,11 @@ Steps (each resumable; re-running the command skips what is done):
      E + A/N^alpha on the runs of the target's own token budget predicts it too.
 Wall time, CPU time of the trainers and the machine's load average during each step go to
 ROOT/timing.json (the machine may be shared; the report says how loaded it was).
+
+ROOT/workflow.json records the settings the runs depend on (--config, --heldout_docs): a re-run
+with others is refused, naming both, before anything trains (its runs would mix two studies). A
+target directory trained with another config (target.json, or a DONE target short of the
+config's total_steps) is refused the same way; the report's "Command:" is the full command line.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import sys
 import threading
 import time
@@ -35,7 +41,9 @@ import flaxlm.configs
 from flaxlm.evaluation import scaling_emergence as emergence
 from flaxlm.train import sweep as sweep_lib
 from flaxlm.train import sweep_table
+from flaxlm.train.sweep_plan import _check_same_runs, _same_config_arg
 
+SETTINGS_FILE = "workflow.json"  # the settings ROOT's runs were trained with
 DEFAULT_CONFIG = os.path.join(os.path.dirname(flaxlm.configs.__file__), "scaling.py")
 
 
@@ -89,6 +97,51 @@ def _record(root: str, step: str, result: dict, **extra):
         json.dump(timing, f, indent=1)
 
 
+def check_settings(root: str, config: str, heldout_docs: int) -> None:
+    """Refuses a workflow re-run in `root` with another --config or --heldout_docs than its runs
+    were started with (ROOT/workflow.json, `write_settings`; a workdir from before that file:
+    its sweep.json's config arg), naming both. The run names of two configs can
+    differ entirely (another sweep), so the sweep's own check of each run would never fire, and
+    the old runs would be skipped as finished, or fitted beside the new ones."""
+    path = os.path.join(root, SETTINGS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        same = _same_config_arg(old.get("config"), config)
+        if not same or old.get("heldout_docs") != heldout_docs:
+            raise ValueError(
+                f"{root} holds a study run with --config {old.get('config')} --heldout_docs "
+                f"{old.get('heldout_docs')}; now: --config {config} --heldout_docs "
+                f"{heldout_docs}. Re-run with the first settings, or use another --workdir"
+            )
+        return
+    index = os.path.join(root, "sweep", "sweep.json")
+    if os.path.exists(index):  # started before workflow.json was written
+        with open(index) as f:
+            old_arg = json.load(f).get("config")
+        new_arg = effective_config(root, config, heldout_docs)
+        if not _same_config_arg(old_arg, new_arg):
+            raise ValueError(
+                f"{root}/sweep was trained with --config {old_arg}; these settings give "
+                f"--config {new_arg}. Re-run with the first settings, or use another --workdir"
+            )
+
+
+def write_settings(root: str, config: str, heldout_docs: int) -> None:
+    """ROOT/workflow.json: the settings `check_settings` holds later runs to."""
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, SETTINGS_FILE), "w") as f:
+        json.dump({"config": config, "heldout_docs": heldout_docs}, f, indent=1)
+
+
+def effective_config(root: str, config: str, heldout_docs: int) -> str:
+    """The config arg the runs are trained with: --config plus the world's held-out file."""
+    if not heldout_docs:
+        return config
+    world = os.path.abspath(os.path.join(root, "world"))
+    return with_arg(config, f"heldout={world}/heldout_text.jsonl")
+
+
 def _train(root: str, step: str, config_arg: str, runs, parallel: int) -> dict:
     """Trains the unfinished `runs` (sweep_lib.run_local) under a Meter; records the timing."""
     todo = [r for r in runs if not sweep_lib.is_done(r)]
@@ -119,9 +172,12 @@ def with_arg(config: str, item: str) -> str:
     return f"{config},{item}" if ":" in config else f"{config}:{item}"
 
 
-def run_target(root: str, config: str, seeds: int = 1) -> list[sweep_lib.Run]:
-    """The bigger model: the config's predict=True variant in ROOT/target, and with seeds > 1
-    again in ROOT/target-seed<k> (`--config.seed=k`), so its actual loss is a mean over seeds."""
+def target_runs(root: str, config: str, seeds: int = 1) -> tuple[str, list[sweep_lib.Run]]:
+    """(config arg, runs) of the bigger model: the config's predict=True variant in ROOT/target,
+    and with seeds > 1 again in ROOT/target-seed<k> (`--config.seed=k`). A target directory
+    started with another config arg (ROOT/target.json), or finished (DONE) short of this
+    config's total_steps, is refused: it used to be skipped as finished, and then never
+    counted as finished by `target_row`."""
     module, _ = sweep_lib.load_config_module(config)
     config_arg = with_arg(config, "predict=True")
     info = sweep_lib.run_info(module.get_config(config_arg.partition(":")[2]))
@@ -129,6 +185,26 @@ def run_target(root: str, config: str, seeds: int = 1) -> list[sweep_lib.Run]:
     for k in range(seeds):
         name, ov = ("target", {}) if k == 0 else (f"target-seed{k}", {"seed": k})
         runs.append(sweep_lib.Run(k, name, ov, os.path.join(root, name), info["total_steps"], info))
+    path = os.path.join(root, "target.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            _check_same_runs(json.load(f), config_arg, runs)
+    for run in runs:
+        finished = sweep_table.final_metrics(run.workdir, run.total_steps) is not None
+        if sweep_lib.is_done(run) and not finished:
+            last = sweep_table.final_metrics(run.workdir)
+            raise ValueError(
+                f"{run.workdir} is finished (DONE) at step {last['step'] if last else None}, but "
+                f"the target of --config {config_arg} trains {run.total_steps} steps: it was "
+                "trained with other settings. Use another --workdir, or delete that directory "
+                "to train the target again"
+            )
+    return config_arg, runs
+
+
+def run_target(root: str, config: str, seeds: int = 1) -> list[sweep_lib.Run]:
+    """Trains the bigger model (`target_runs`), so its actual loss is a mean over seeds."""
+    config_arg, runs = target_runs(root, config, seeds)
     with open(os.path.join(root, "target.json"), "w") as f:
         json.dump({"config": config_arg, "runs": [r.to_dict() for r in runs]}, f, indent=1)
     _train(root, "target", config_arg, runs, parallel=1)
@@ -136,16 +212,22 @@ def run_target(root: str, config: str, seeds: int = 1) -> list[sweep_lib.Run]:
 
 
 def evaluate_tasks(root: str, run_dirs: Sequence[str], tasks: Sequence[str]) -> None:
+    """Task scores of every run (RUN/tasks.json). Each run goes to `emergence.evaluate_run`,
+    whose cache knows which tasks and checkpoint it holds: a run with a tasks.json used to be
+    skipped, so tasks asked for later were never evaluated."""
     world = os.path.join(root, "world")
-    todo = [d for d in run_dirs if not os.path.exists(os.path.join(d, sweep_table.TASKS_FILE))]
-    if not todo:
-        return
+    evaluated = 0
     with Meter() as m:
-        for d in todo:
+        for d in run_dirs:
+            path = os.path.join(d, sweep_table.TASKS_FILE)
+            before = os.stat(path).st_mtime_ns if os.path.exists(path) else None
             scores = emergence.evaluate_run(d, world, tasks)
-            accs = {t: round(v["acc"], 3) for t, v in scores.items()}
-            print(f"[workflow] tasks {os.path.basename(d)}: {accs}", flush=True)
-    _record(root, "tasks", m.result, evaluated=len(todo))
+            if not os.path.exists(path) or os.stat(path).st_mtime_ns != before:
+                evaluated += 1
+                accs = {t: round(v["acc"], 3) for t, v in scores.items() if t in tasks}
+                print(f"[workflow] tasks {os.path.basename(d)}: {accs}", flush=True)
+    if evaluated:
+        _record(root, "tasks", m.result, evaluated=evaluated)
 
 
 def target_row(runs: Sequence[sweep_lib.Run]) -> dict:
@@ -156,7 +238,8 @@ def target_row(runs: Sequence[sweep_lib.Run]) -> dict:
         if final is None:
             raise RuntimeError(f"{run.workdir}: the target run has not finished")
         finals.append(final)
-    row = {"index": -1, "name": "target", "overrides": {"predict": True}, **runs[0].info}
+    row = {"index": -1, "name": "target", "overrides": {"predict": True}}
+    row.update(sweep_table.trained_sizes(runs[0].info, finals[0]))
     row.update(finals[0])
     for key in ("final_loss", "heldout_loss"):
         row[f"{key}_seeds"] = [f[key] for f in finals]
@@ -243,14 +326,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--no_target", action="store_true", help="fit only; do not train the target")
     p.add_argument("--target_seeds", type=int, default=2,
                    help="seeds of the target; its actual loss is their mean")  # fmt: skip
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     root = args.workdir
     os.makedirs(root, exist_ok=True)
     tasks = [t for t in args.tasks.split(",") if t.strip()]
-    world = emergence.ensure_world(os.path.join(root, "world"), args.heldout_docs)
-    config = args.config
-    if args.heldout_docs:
-        config = with_arg(config, f"heldout={os.path.abspath(world)}/heldout_text.jsonl")
+    config = effective_config(root, args.config, args.heldout_docs)
+    try:  # before anything is written or trained
+        check_settings(root, args.config, args.heldout_docs)
+        if not args.no_target:
+            target_runs(root, config, max(1, args.target_seeds))
+    except ValueError as e:
+        p.error(str(e))
+    write_settings(root, args.config, args.heldout_docs)
+    emergence.ensure_world(os.path.join(root, "world"), args.heldout_docs)
 
     runs = run_sweep(root, config, args.parallel)
     targets = [] if args.no_target else run_target(root, config, max(1, args.target_seeds))
@@ -262,8 +351,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = fit(root, rows, t_row, tasks, args.n_boot)
     from flaxlm.evaluation.scaling_workflow_report import write_markdown
 
-    command = (f"python -m flaxlm.evaluation.scaling_workflow --workdir {root} --parallel "
-               f"{args.parallel} --target_seeds {args.target_seeds}")  # fmt: skip
+    # Every argument as given: re-running this line resumes this study (not another one).
+    command = shlex.join(["python", "-m", "flaxlm.evaluation.scaling_workflow", *argv])
     md = write_markdown(root, report, rows, t_row, tasks, config, command)
     print(f"[workflow] report: {md}", flush=True)
     with open(os.path.join(root, "report", "workflow_report.json"), "w") as f:

@@ -21,7 +21,8 @@ What the loop does, so tasks never do it again:
     before, stops with an error instead (the checkpoints left as they are);
   * on SIGTERM (preemption) logs the steps since the last log line, saves a checkpoint and
     returns cleanly; when a finite batch source
-    (`data.num_epochs` > 0) ends before `total_steps`, saves there and returns. With several
+    (`data.num_epochs` > 0) ends before `total_steps`, evaluates there (as at
+    `total_steps`), saves and returns. With several
     processes both are agreed (train/stopping.py): every process stops at the same step, even
     when only one saw the signal or ran out of data. Saves (periodic and on SIGTERM) wait for
     the batch source's boundary when it has one (`at_boundary()`: PPO/GRPO finish the current
@@ -455,8 +456,8 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
             summary["preempted"] = True  # logged once; saved at the boundary above
             log.warning("SIGTERM at step %d: finishing the rollout's minibatches first", step)
         if sync.data_end is not None and step >= sync.data_end:
-            _end_of_data(task, state, step, ckpt, writer, meter, meta, window, summary, bar,
-                         sync)  # fmt: skip
+            _end_of_data(config, task, state, step, ckpt, writer, meter, meta, window, summary,
+                         bar, sync)  # fmt: skip
             break
         if step == kill_at:
             # Once the saves started earlier have landed: a test then knows which step the
@@ -469,8 +470,8 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
             batch = next(task.train_batches)
         except StopIteration:
             sync.ran_out(step)  # one process (several: the sources agree ahead, or an error)
-            _end_of_data(task, state, step, ckpt, writer, meter, meta, window, summary, bar,
-                         sync)  # fmt: skip
+            _end_of_data(config, task, state, step, ckpt, writer, meter, meta, window, summary,
+                         bar, sync)  # fmt: skip
             break
         meter.add(tokens_in_batch(batch))
         batch = shard_batch(batch, mesh)
@@ -511,12 +512,20 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
     return summary
 
 
-def _end_of_data(task, state, step, ckpt, writer, meter, meta, window, summary, bar, sync):
+def _end_of_data(config, task, state, step, ckpt, writer, meter, meta, window, summary, bar,
+                 sync):  # fmt: skip
     """The batch source has ended (on some process): log the steps since the last log line,
-    save, and record why the run stopped before total_steps."""
+    evaluate, save, and record why the run stopped before total_steps.
+
+    The evaluation is the one the run makes at total_steps (`eval_every` > 0): a run stopped by
+    its data used to end without a held-out loss at its last step, so a sweep's table had none
+    for it. Skipped where the cadence evaluated this step already (and at step 0: nothing was
+    trained); every process decides alike, from the step and the config."""
     if window:
         _log_window(window, meter, state, writer, summary, bar, step)
         window.clear()
+    if config.eval_every > 0 and not itstime(step, config.eval_every, sync.total):
+        _maybe_eval(task, state, step, writer, summary)
     ckpt.save(step, state, _data_state(task), meta)
     ckpt.wait()
     summary["data_exhausted"] = True

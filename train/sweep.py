@@ -4,8 +4,10 @@ lines for a cluster; collect their final metrics into one table.
     python -m flaxlm.train.sweep --config configs/pretrain.py:variant=tiny --workdir runs/sw \
         [--parallel 2] [--launch local|slurm|pod|multihost|print] [--only 0,3] [--config.a.b=v]
 
-Every run is `ROOT/run-<index>-<k=v,...>` (overrides sorted by key, so names are deterministic)
-and is trained by `python -m flaxlm.train.main --config FILE:ARG --workdir RUN --config.k=v ...`.
+Every run is `ROOT/run-<k=v,...>`: its sweep() overrides sorted by key, so a run keeps its
+directory when runs are added to the sweep (a directory of the older `run-<index>-<k=v,...>`
+names is found by its overrides and kept: sweep_plan.resolve_name). It is trained by
+`python -m flaxlm.train.main --config FILE:ARG --workdir RUN --config.k=v ...`.
 `ROOT/sweep.json` indexes the runs with their overrides, sizes (N, D, FLOPs) and commands.
 
 Re-running the same command skips finished runs (a `DONE` marker, written once the trainer
@@ -38,8 +40,10 @@ from flaxlm.train.sweep_plan import (  # noqa: F401 (the public names of the swe
     Run,
     expand,
     format_value,
+    legacy_run_name,
     load_config_module,
     plan,
+    resolve_name,
     run_info,
     run_name,
     set_dotted,
@@ -230,9 +234,11 @@ def _finish(run: Run, returncode: int, seconds: float, interrupted: bool = False
     step = _logged_step(run.workdir)
     reached = run.total_steps is None or step >= run.total_steps
     data_end = data_end_step(run.workdir)  # finite data ended first: stopping was the end
-    if returncode == 0 and (
-        reached or final_checkpoint(run.workdir, run.total_steps) or data_end is not None
-    ):
+    # A run that logged no step trained nothing: never DONE (total_steps=0, or data that was
+    # empty), unless its final checkpoint says otherwise.
+    trained = step > 0 or bool(run.total_steps and final_checkpoint(run.workdir, run.total_steps))
+    ended = reached or final_checkpoint(run.workdir, run.total_steps) or data_end is not None
+    if returncode == 0 and trained and ended:
         done = {"seconds": round(seconds, 1), "step": step, "time": time.time()}
         if data_end is not None and not reached:
             done["data_end"] = data_end
@@ -257,7 +263,17 @@ def _finish(run: Run, returncode: int, seconds: float, interrupted: bool = False
 # Command line
 
 
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+def _parse_only(text: str) -> list[int] | None:
+    """`--only 0,3` as run indices (None: every run)."""
+    if not text:
+        return None
+    try:
+        return [int(i) for i in text.split(",") if i.strip()]
+    except ValueError:
+        raise ValueError(f"--only {text!r}: expected comma-separated run indices") from None
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flaxlm.train.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--config", required=True, help="config file with sweep(): FILE.py[:ARG]")
@@ -289,6 +305,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--zone", default="$ZONE", help="pod: zone")
     p.add_argument("--repo_dir", default="~/flaxlm", help="pod/multihost: checkout on the hosts")
     p.add_argument("--coordinator", default="$HOST0:1234", help="multihost: host:port of host 0")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = _parser()
     args, rest = p.parse_known_args(argv)
     extra = []
     for item in rest:
@@ -300,10 +321,16 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
-    only = [int(i) for i in args.only.split(",") if i.strip()] if args.only else None
     root = args.workdir
-    runs = plan(args.config, root, extra=extra, only=only)
-    write_index(root, args.config, runs, extra)
+    try:
+        only = _parse_only(args.only)
+        runs = plan(args.config, root, extra=extra, only=only)
+        write_index(root, args.config, runs, extra)
+    except (KeyError, ValueError, IndexError, FileNotFoundError) as e:
+        # Bad input (a misspelt key or config arg, --only out of range, a changed setting):
+        # the message names it; a traceback would bury it.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        _parser().error(msg)
     _say(f"{len(runs)} runs under {root} (index: {os.path.join(root, 'sweep.json')})")
     if args.launch != "local":
         from flaxlm.train import sweep_launch

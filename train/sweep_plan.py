@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -60,14 +61,66 @@ def format_value(value) -> str:
     return str(value)
 
 
-def run_name(index: int, overrides: dict) -> str:
-    """`run-003-model.d_model=128,opt.lr=0.001`: the index plus the overrides sorted by key."""
-    body = ",".join(f"{k}={format_value(v)}" for k, v in sorted(overrides.items()))
-    body = "".join(c if c.isalnum() or c in "._-=,+()" else "_" for c in body)
+def _body(overrides: dict) -> tuple[str, str]:
+    """(raw, safe): the overrides sorted by key as `k=v,...`, and that with the characters a
+    directory name cannot hold replaced by "_"."""
+    raw = ",".join(f"{k}={format_value(v)}" for k, v in sorted(overrides.items()))
+    return raw, "".join(c if c.isalnum() or c in "._-=,+()" else "_" for c in raw)
+
+
+def run_name(overrides: dict) -> str:
+    """`run-model.d_model=128,opt.lr=0.001`: the overrides sorted by key (`run` for none).
+
+    The name is the run's key: a run with the same overrides keeps its directory when runs are
+    added to or removed from the sweep (names used to start with the run's index, so one more
+    budget renamed every later run and trained it again). A body whose characters were replaced
+    (`data.sources=a/b` and `a_b`) or that is too long ends with a hash of the exact overrides."""
+    raw, safe = _body(overrides)
+    if safe != raw or len(safe) > MAX_NAME:
+        digest = hashlib.sha1(raw.encode()).hexdigest()[:8]
+        safe = safe[: MAX_NAME - 9] + "-" + digest
+    return "run" + (f"-{safe}" if safe else "")
+
+
+def legacy_run_name(index: int, overrides: dict) -> str:
+    """The name the same run had before names dropped the index: `run-003-k=v,...`."""
+    _, body = _body(overrides)
     if len(body) > MAX_NAME:
         digest = hashlib.sha1(body.encode()).hexdigest()[:8]
         body = body[: MAX_NAME - 9] + "-" + digest
     return f"run-{index:03d}" + (f"-{body}" if body else "")
+
+
+_LEGACY = re.compile(r"run-\d{3,}(?:-(?P<body>.*=.*))?")
+
+
+def _legacy_dirs(root: str) -> dict[str, list[str]]:
+    """{body: [directory names]} of the run directories under `root` named the old way
+    (`run-<index>-<body>`, `run-<index>` for no overrides)."""
+    out: dict[str, list[str]] = {}
+    if os.path.isdir(root):
+        for entry in sorted(os.listdir(root)):
+            m = _LEGACY.fullmatch(entry)
+            if m and os.path.isdir(os.path.join(root, entry)):
+                out.setdefault(m.group("body") or "", []).append(entry)
+    return out
+
+
+def resolve_name(root: str, overrides: dict, legacy: dict[str, list[str]] | None = None) -> str:
+    """The directory name of the run with these sweep overrides under `root`: `run_name`, or
+    the directory an older sweep made for the same overrides (`run-<index>-...`, whatever its
+    index was), so that a sweep started before the names changed resumes without retraining.
+    Of several such directories, a finished one (DONE) first."""
+    name = run_name(overrides)
+    if os.path.exists(os.path.join(root, name)):
+        return name
+    legacy = _legacy_dirs(root) if legacy is None else legacy
+    body = legacy_run_name(0, overrides)[len("run-000-") :]
+    found = legacy.get(body, [])
+    if not found:
+        return name
+    done = [d for d in found if os.path.exists(os.path.join(root, d, "DONE"))]
+    return (done or found)[0]
 
 
 def _convert(text: str, like):
@@ -179,7 +232,8 @@ def plan(
             f"--config.{swept[0]} is varied by {module.__file__}'s sweep(); a command-line "
             "override would give every run the same value (edit sweep() instead)"
         )
-    runs, seen = [], {}
+    runs, seen, names = [], {}, {}
+    legacy = _legacy_dirs(root)
     for i, ov in enumerate(sweeps):
         if only is not None and i not in only:
             continue
@@ -189,12 +243,22 @@ def plan(
         for k, v in base.items():
             set_dotted(config, k, v, from_string=True)
         overrides = {**ov, **{k: config_value(config, k) for k in base}}
-        name = run_name(i, ov)  # names come from the sweep alone; the CLI extras apply to all
+        # Names come from the sweep alone (the CLI extras apply to all), not from the run's
+        # position: adding a budget keeps the other runs' directories.
+        name = resolve_name(root, ov, legacy)
         # Two runs that build the same config would train the same model twice.
         fingerprint = json.dumps(config.to_dict(), sort_keys=True, default=repr)
         if fingerprint in seen:
-            raise ValueError(f"sweep(): runs {seen[fingerprint]} and {name} have the same config")
-        seen[fingerprint] = name
+            raise ValueError(f"sweep(): runs {seen[fingerprint]} and {i} ({name}) have the "
+                             "same config")  # fmt: skip
+        seen[fingerprint] = f"{i} ({name})"
+        if name in names:  # a hash collision of two different override sets
+            raise ValueError(f"sweep(): runs {names[name]} and {i} have the same name {name}")
+        names[name] = i
+        if "total_steps" in config and not int(config.total_steps) >= 1:
+            where = "--config.total_steps" if "total_steps" in base else "sweep()"
+            raise ValueError(f"run {i} ({name}): total_steps={config.total_steps!r} must be >= 1 "
+                             f"(set by {where}); a run of no steps trains nothing")  # fmt: skip
         info = run_info(config)
         runs.append(
             Run(i, name, overrides, os.path.join(root, name), info.get("total_steps"), info)
@@ -255,9 +319,20 @@ def exit_with_sweep() -> None:
                          "has exited; not training")  # fmt: skip
 
 
+def sweep_names(config_arg: str, root: str) -> set[str]:
+    """Directory names of every run the sweep of `config_arg` has now (all indices; no config
+    is built)."""
+    module, arg = load_config_module(config_arg)
+    legacy = _legacy_dirs(root)
+    return {resolve_name(root, ov, legacy) for ov in expand(module, arg)}
+
+
 def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence[str]) -> str:
-    """ROOT/sweep.json: the config, the common overrides and every run (merged with earlier
-    `--only` subsets, so the index always lists every run planned so far)."""
+    """ROOT/sweep.json: the config, the common overrides and every run of the sweep planned so
+    far: `runs` merged with earlier `--only` subsets of the same sweep. An earlier entry whose
+    run the sweep no longer has (a run dropped from sweep(), or listed under a name of the old
+    `run-<index>-` scheme beside the one that is kept) is left out, so the run table lists each
+    current run once."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "sweep.json")
     known = {}
@@ -265,7 +340,8 @@ def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence
         with open(path) as f:
             old = json.load(f)
         if _same_config_arg(old.get("config"), config_arg):
-            known = {r["name"]: r for r in old.get("runs", [])}
+            current = sweep_names(config_arg, root)
+            known = {r["name"]: r for r in old.get("runs", []) if r.get("name") in current}
         _check_same_runs(old, config_arg, runs)
     for r in runs:
         known[r.name] = {**r.to_dict(), "command": train_command(config_arg, r, "python")}
@@ -283,11 +359,24 @@ def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence
 
 def _same_config_arg(a: str | None, b: str) -> bool:
     """FILE:ARG strings that name the same file and args (`./configs/x.py:b=1,a=2` is
-    `configs/x.py:a=2,b=1`)."""
+    `configs/x.py:a=2,b=1`), or the same file with args its own parser reads alike
+    (`:runlocal` is `:runlocal=True`): the same base config and the same sweep()."""
     if a is None:
         return False
     norm = lambda s: (os.path.realpath(s.partition(":")[0]), sorted(s.partition(":")[2].split(",")))
-    return norm(a) == norm(b)
+    if norm(a) == norm(b):
+        return True
+    if norm(a)[0] != norm(b)[0]:
+        return False
+    try:
+        module, arg_b = load_config_module(b)
+        arg_a = a.partition(":")[2] or None
+        dump = lambda arg: json.dumps(  # noqa: E731
+            [module.get_config(arg).to_dict(), expand(module, arg)], sort_keys=True, default=repr
+        )
+        return dump(arg_a) == dump(arg_b)
+    except (KeyError, ValueError, TypeError, AttributeError, FileNotFoundError):
+        return False  # an arg the file no longer reads: not the same
 
 
 def _check_same_runs(old: dict, config_arg: str, runs: Sequence[Run]):

@@ -9,7 +9,10 @@ embeddings the LM head is that table, so it is excluded too), `n_params_embed`, 
 (D = steps x batch x seq_len), `c_6nd` (6 N_nonembed D), `flops` (exact training FLOPs,
 flops_per_token x D, DESIGN.md count), `final_loss` (train loss of the last logged window),
 `heldout_loss` (`eval/nll` at the last step), every other `eval/<metric>` logged at that step,
-and `task/<task>/<metric>` from the run's `tasks.json` when an evaluation wrote one. A finished
+and `task/<task>/<metric>` from the run's `tasks.json` when an evaluation wrote one. A run whose
+finite data ended before `total_steps` has `data_end` true, and its `tokens`, `c_6nd`, `flops`
+and `flops_causal` are those of the steps it trained (`step`), not of the plan's `total_steps`
+(`planned_tokens` keeps the plan's). A finished
 run whose metrics.jsonl or tasks.json is missing or malformed is named in a warning; the other
 runs' rows are kept.
 """
@@ -26,7 +29,8 @@ from flaxlm.train.metrics import data_end_step, read_metrics
 
 TASKS_FILE = "tasks.json"  # {task: {metric: value}} written by the evaluation of a run
 _FIRST = ("index", "name", "overrides", "step", "total_steps", "n_params", "n_params_nonembed",
-          "n_params_embed", "tokens", "c_6nd", "flops", "final_loss", "heldout_loss")  # fmt: skip
+          "n_params_embed", "tokens", "c_6nd", "flops", "final_loss", "heldout_loss",
+          "data_end")  # fmt: skip
 
 
 def final_metrics(run_dir: str, total_steps: int | None = None) -> dict | None:
@@ -57,6 +61,26 @@ def final_metrics(run_dir: str, total_steps: int | None = None) -> dict | None:
         ev = evals[-1]
         out["heldout_loss"] = ev.get("eval/nll", ev.get("eval/loss"))
         out.update({k: v for k, v in ev.items() if k.startswith("eval/") and k != "eval/time_s"})
+    return out
+
+
+_SCALED = ("tokens", "c_6nd", "flops", "flops_causal")  # grow with the steps trained
+
+
+def trained_sizes(info: dict, final: dict | None) -> dict:
+    """The planned sizes `info` (sweep_plan.run_info) of a run, with its token count and compute
+    scaled to the steps it trained when its data ended first (`final["data_end"]`): a fit that
+    took D from the plan put a run of 5 steps at its 16 steps' tokens."""
+    out = dict(info)
+    planned = info.get("total_steps")
+    if not (final and final.get("data_end") and planned):
+        return out
+    step = int(final["step"])
+    for key in _SCALED:
+        if key in out:
+            out[key] = out[key] * step // planned if key == "tokens" else out[key] * step / planned
+    if "tokens" in info:
+        out["planned_tokens"] = info["tokens"]
     return out
 
 
@@ -106,7 +130,7 @@ def collect(root: str, *, include_unfinished: bool = False) -> list[dict]:
         if final is None and not include_unfinished:
             continue
         row = {"index": run["index"], "name": run["name"], "overrides": run["overrides"]}
-        row.update(run.get("info", {}))
+        row.update(trained_sizes(run.get("info", {}), final))
         row.update(final or {"step": None})
         row.update(task_metrics(workdir))
         rows.append(row)

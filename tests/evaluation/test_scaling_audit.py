@@ -18,11 +18,13 @@ import pytest
 from scipy.optimize import curve_fit
 
 from flaxlm.evaluation.scaling import (
+    compute_optimal,
     fit_parametric,
     fit_power_law,
     predict_parametric,
     predict_power_law,
 )
+from flaxlm.evaluation.scaling_isoflop import group_by_compute
 from flaxlm.evaluation.scaling_plots import plot_prediction
 from flaxlm.evaluation.scaling_report import fit_report, load_runs
 from flaxlm.evaluation.scaling_report import main as report_main
@@ -146,6 +148,44 @@ def test_malformed_run_tables_name_file_and_line(tmp_path):
     (tmp_path / "runs.json").write_text('{"runs": [\n' + good + ",\n]}")
     with pytest.raises(ValueError, match=r"runs\.json:3: invalid JSON"):
         load_runs(str(tmp_path / "runs.json"))
+
+
+def test_a_compute_budget_spans_at_most_one_plus_rtol():
+    """Budgets were cut only where consecutive runs differed by more than 1 + rtol, so a dense
+    grid chained into one "budget": 56 runs spanning 6.9x in compute, whose parabola put N_opt
+    1.2x off the true optimum."""
+    chain = 1e18 * 1.04 ** np.arange(6)  # each 4% above the one before
+    assert [g.tolist() for g in group_by_compute(chain)] == [[0, 1], [2, 3], [4, 5]]  # was 1
+    assert [g.tolist() for g in group_by_compute(chain[::-1])] == [[4, 5], [2, 3], [0, 1]]
+    N, D = (a.ravel() for a in np.meshgrid(1e7 * 1.2 ** np.arange(12), 1e9 * 1.5 ** np.arange(8)))
+    C = 6 * N * D
+    groups = group_by_compute(C, rtol=0.05)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(C.size))
+    assert max(C[g].max() / C[g].min() for g in groups) <= 1.05
+    assert [C[g].min() for g in groups] == sorted(C[g].min() for g in groups)
+
+
+def test_the_report_leaves_out_isoflop_budgets_with_an_extrapolated_minimum():
+    """fit_report kept a budget whose parabola vertex lay outside its sampled sizes (only an
+    `interior` flag in the JSON said so), and fitted N_opt(C) through it. Such budgets are now
+    skipped, with the reason; the exponents come from the budgets that bracket their minimum."""
+    rows = []
+    for c in np.geomspace(1e18, 1e21, 4):
+        opt = float(compute_optimal(TRUE, c)["N"])
+        # the last budget's sizes all lie below its optimum: its vertex is extrapolated
+        sizes = opt * (np.geomspace(1 / 40, 1 / 4, 5) if c == 1e21 else np.geomspace(1 / 4, 4, 5))
+        for n in sizes:
+            d = c / (6 * n)
+            loss = float(predict_parametric(TRUE, n, d))
+            rows.append({"n_params": n, "n_params_nonembed": n, "tokens": d, "flops": c,
+                         "final_loss": loss, "heldout_loss": loss})  # fmt: skip
+    iso = fit_report(rows, None, n_boot=0)["isoflop"]
+    assert len(iso["budgets"]) == 3 and all(b["interior"] for b in iso["budgets"])
+    assert [s["reason"] for s in iso["skipped"]] == [
+        "parabola vertex outside the sampled model sizes"
+    ]
+    assert iso["skipped"][0]["C"] == pytest.approx(1e21)
+    assert iso["a"] == pytest.approx(compute_optimal(TRUE, 1.0)["a"], abs=0.02)
 
 
 def test_cached_task_scores_are_recomputed_for_a_new_checkpoint(tmp_path, monkeypatch):

@@ -8,12 +8,14 @@ skips training and the test checks everything after it, including that a re-run 
 
 import json
 import os
+import re
+import shlex
 
 import pytest
 
 from flaxlm.configs import scaling as scaling_config
 from flaxlm.configs.common import to_model_config
-from flaxlm.evaluation import scaling_workflow
+from flaxlm.evaluation import scaling_emergence, scaling_workflow
 from flaxlm.evaluation.scaling import predict_parametric
 from flaxlm.train import sweep
 
@@ -61,7 +63,14 @@ def _write_run(run_dir, steps, loss, tasks):
         json.dump({"mc_facts_train": tasks}, f)
 
 
-def test_workflow_fits_predicts_and_reports_from_finished_runs(tmp_path):
+def _cached_tasks(run_dir, world_dir, tasks, **kw):
+    """emergence.evaluate_run on a fake run (no checkpoint): its tasks.json, as its cache."""
+    with open(os.path.join(run_dir, "tasks.json")) as f:
+        return json.load(f)
+
+
+def test_workflow_fits_predicts_and_reports_from_finished_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(scaling_emergence, "evaluate_run", _cached_tasks)
     root = str(tmp_path)
     config = scaling_workflow.DEFAULT_CONFIG
     runs = sweep.plan(config, os.path.join(root, "sweep"))
@@ -95,7 +104,14 @@ def test_workflow_fits_predicts_and_reports_from_finished_runs(tmp_path):
     timing = json.load(open(os.path.join(root, "timing.json")))
     assert "sweep" not in timing and "target" not in timing and len(timing["fit"]) == 1
 
-    again = scaling_workflow.main(argv)  # everything finished: nothing retrains
+    # The report's command is the one that ran, every argument in it: it used to drop
+    # --tasks, --n_boot (and --config, --heldout_docs), so re-running it made another study.
+    command = re.search(r"Command: `([^`]*)`", md).group(1)
+    assert shlex.split(command) == ["python", "-m", "flaxlm.evaluation.scaling_workflow", *argv]
+    assert json.load(open(os.path.join(root, "workflow.json"))) == {
+        "config": config, "heldout_docs": 1000}  # fmt: skip
+
+    again = scaling_workflow.main(shlex.split(command)[3:])  # finished: nothing retrains
     assert again["prediction"]["predicted"] == pytest.approx(pred["predicted"])
     assert "sweep" not in json.load(open(os.path.join(root, "timing.json")))
 
@@ -107,3 +123,96 @@ def test_scaling_sweep_runlocal_shrinks_the_swept_budgets():
     budgets = sorted({r["total_steps"] for r in runs})
     assert budgets == list(scaling_config.RUNLOCAL_STEPS) and max(budgets) <= 16
     assert scaling_config.get_config("predict=True,runlocal=True").total_steps <= max(budgets)
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path, capsys):
+    """The workflow's runs depend on --config and --heldout_docs; a re-run with others planned
+    another sweep (other run names, so the sweep's own check never fired) beside the old one.
+    Refused before anything is written or trained, naming both settings."""
+    root = str(tmp_path)
+    config = scaling_workflow.DEFAULT_CONFIG
+    scaling_workflow.write_settings(root, config, 1000)
+    scaling_workflow.check_settings(root, config, 1000)  # the same settings: fine
+    for args, now in (
+        (["--config", config + ":runlocal=True"], f"--config {config}:runlocal=True "),
+        (["--heldout_docs", "0"], "--heldout_docs 0"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            scaling_workflow.main(["--workdir", root, *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--config {config} --heldout_docs 1000; now: " in err
+        assert now in err
+    assert sorted(os.listdir(root)) == ["workflow.json"]  # no world, no sweep
+    # A workdir from before workflow.json: its sweep.json's config arg is compared.
+    old = tmp_path / "old"
+    os.makedirs(old / "sweep")
+    (old / "sweep" / "sweep.json").write_text(json.dumps({"config": config + ":runlocal=True"}))
+    with pytest.raises(ValueError, match="sweep was trained with --config .*runlocal=True"):
+        scaling_workflow.check_settings(str(old), config, 0)
+    scaling_workflow.check_settings(str(old), config + ":runlocal", 0)  # the same, spelt apart
+
+
+def test_a_target_trained_with_another_config_is_refused(tmp_path, monkeypatch):
+    """The target was never checked against its config: a finished target of another config
+    (a runlocal smoke run's 8 steps) was skipped as finished, and target_row then raised "has
+    not finished" on every re-run. Refused, naming the directory and both configs or steps."""
+    monkeypatch.setattr(sweep, "run_local", lambda *a, **k: pytest.fail("trained"))
+    config = scaling_workflow.DEFAULT_CONFIG
+    small = scaling_workflow.with_arg(config, "runlocal=True")
+    root = str(tmp_path)
+    _write_run(os.path.join(root, "target"), 8, 3.0, {})
+    # target.json says which config trained it
+    run = {"index": 0, "name": "target", "overrides": {}, "workdir": os.path.join(root, "target")}
+    json.dump({"config": small + ",predict=True", "runs": [run]},
+              open(os.path.join(root, "target.json"), "w"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"target was started by a sweep with --config .*runlocal"):
+        scaling_workflow.run_target(root, config)
+    # without target.json (a workdir from before it): DONE short of the config's total_steps
+    os.remove(os.path.join(root, "target.json"))
+    steps = scaling_config.get_config("predict=True").total_steps
+    with pytest.raises(ValueError, match=f"DONE\\) at step 8, but .* trains {steps} steps"):
+        scaling_workflow.run_target(root, config)
+    assert not os.path.exists(os.path.join(root, "target.json"))
+    assert scaling_workflow.run_target(root, small)[0].total_steps == 8  # its own: finished
+
+
+def test_tasks_asked_for_later_are_evaluated(tmp_path, monkeypatch):
+    """A run with a tasks.json was skipped, so a task added to --tasks later was never
+    evaluated; every run goes to evaluate_run, whose cache decides."""
+    run = tmp_path / "sweep" / "run-a"
+    os.makedirs(run)
+    (run / "tasks.json").write_text(json.dumps({"mc_facts_train": {"acc": 0.5}}))
+    calls = []
+
+    def evaluate_run(run_dir, world_dir, tasks, **kw):
+        calls.append((run_dir, list(tasks)))
+        done = json.loads((run / "tasks.json").read_text())
+        done.update({t: {"acc": 0.25} for t in tasks if t not in done})
+        (run / "tasks.json").write_text(json.dumps(done))
+        return done
+
+    monkeypatch.setattr(scaling_emergence, "evaluate_run", evaluate_run)
+    scaling_workflow.evaluate_tasks(str(tmp_path), [str(run)], ["mc_facts_train", "mc_arithmetic"])
+    assert calls == [(str(run), ["mc_facts_train", "mc_arithmetic"])]
+    assert json.loads((run / "tasks.json").read_text())["mc_arithmetic"] == {"acc": 0.25}
+    assert json.load(open(tmp_path / "timing.json"))["tasks"][0]["evaluated"] == 1
+
+
+def test_the_world_gets_the_held_out_documents_asked_for(tmp_path):
+    """ensure_world kept an existing world's held-out count: a study asking for 1000 documents
+    after a smoke run that wrote the world with the preset's 100 got 100, silently. The file is
+    written again (the world regenerates deterministically); the rest of the world is kept."""
+    world = str(tmp_path / "world")
+    scaling_emergence.ensure_world(world, 0)
+    path = os.path.join(world, "heldout_text.jsonl")
+    first = open(path).read().splitlines()
+    corpus = open(os.path.join(world, "pretrain.jsonl")).read()
+    assert len(first) == 100
+    scaling_emergence.ensure_world(world, 150)
+    now = open(path).read().splitlines()
+    assert len(now) == 150 and now[:100] == first  # the first 100 are the same documents
+    manifest = json.load(open(os.path.join(world, "manifest.json")))
+    assert manifest["config"]["n_heldout_text"] == manifest["counts"]["heldout_text"] == 150
+    assert open(os.path.join(world, "pretrain.jsonl")).read() == corpus
+    scaling_emergence.ensure_world(world, 0)  # 0: the world as it is
+    assert len(open(path).read().splitlines()) == 150

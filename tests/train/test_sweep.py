@@ -20,10 +20,10 @@ from flaxlm.train.metrics import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "pretrain.py") + ":variant=tiny,runlocal=True,data=markov"
 NAMES = [
-    "run-000-model.d_model=64,opt.lr=0.001",
-    "run-001-model.d_model=128,opt.lr=0.001",
-    "run-002-model.d_model=64,opt.lr=0.003",
-    "run-003-model.d_model=128,opt.lr=0.003",
+    "run-model.d_model=64,opt.lr=0.001",
+    "run-model.d_model=128,opt.lr=0.001",
+    "run-model.d_model=64,opt.lr=0.003",
+    "run-model.d_model=128,opt.lr=0.003",
 ]
 STEPS = 12
 # Fast tiny runs: eval and checkpoints only at the end; resumed runs reuse the compile cache.
@@ -42,7 +42,7 @@ def test_sweep_expands_into_named_runs(tmp_path):
     assert "--config.model.d_model=128" in cmd and f"--config.total_steps={STEPS}" in cmd
 
     only = sweep.plan(CONFIG, str(tmp_path), extra=EXTRA, only=[1, 3])
-    assert [r.name for r in only] == [NAMES[1], NAMES[3]]  # names keep the full-sweep index
+    assert [r.name for r in only] == [NAMES[1], NAMES[3]] and [r.index for r in only] == [1, 3]
     sweep.write_index(str(tmp_path), CONFIG, only, EXTRA)
     index = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["name"] for r in index["runs"]] == [NAMES[1], NAMES[3]]
@@ -53,11 +53,14 @@ def test_sweep_expands_into_named_runs(tmp_path):
 
 
 def test_run_names_are_deterministic_and_safe():
-    a = sweep.run_name(3, {"opt.lr": 1e-3, "model.d_model": 128})
-    b = sweep.run_name(3, {"model.d_model": 128, "opt.lr": 0.001})
-    assert a == b == "run-003-model.d_model=128,opt.lr=0.001"
-    assert "/" not in sweep.run_name(0, {"data.sources": "a/b.jsonl"})
-    assert len(sweep.run_name(0, {f"k{i}": "x" * 20 for i in range(20)})) < 180
+    a = sweep.run_name({"opt.lr": 1e-3, "model.d_model": 128})
+    b = sweep.run_name({"model.d_model": 128, "opt.lr": 0.001})
+    assert a == b == "run-model.d_model=128,opt.lr=0.001"
+    assert "/" not in sweep.run_name({"data.sources": "a/b.jsonl"})
+    # a replaced character leaves a hash of the exact value: two paths never share a directory
+    assert sweep.run_name({"data.sources": "a/b"}) != sweep.run_name({"data.sources": "a_b"})
+    assert len(sweep.run_name({f"k{i}": "x" * 20 for i in range(20)})) < 180
+    assert sweep.run_name({}) == "run"
 
 
 def test_launch_files_have_one_line_per_pending_run(tmp_path, capsys):

@@ -5,6 +5,7 @@ DONE marking, jax.distributed flags), and main.py's multi-process flags."""
 
 import json
 import os
+import re
 import shlex
 import socket
 import stat
@@ -24,10 +25,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PRETRAIN = os.path.join(REPO, "configs", "pretrain.py")
 CONFIG = PRETRAIN + ":variant=tiny,runlocal=True,data=markov"
 NAMES = [
-    "run-000-model.d_model=64,opt.lr=0.001",
-    "run-001-model.d_model=128,opt.lr=0.001",
-    "run-002-model.d_model=64,opt.lr=0.003",
-    "run-003-model.d_model=128,opt.lr=0.003",
+    "run-model.d_model=64,opt.lr=0.001",
+    "run-model.d_model=128,opt.lr=0.001",
+    "run-model.d_model=64,opt.lr=0.003",
+    "run-model.d_model=128,opt.lr=0.003",
 ]
 STEPS = 12
 
@@ -82,7 +83,7 @@ def test_plan_names_bad_overrides(tmp_path):
 
 def test_duplicate_runs_are_an_error(tmp_path):
     same = _write_config(tmp_path, 'add(**{"opt.lr": 1e-3})\nadd(**{"opt.lr": 0.001})')
-    with pytest.raises(ValueError, match="runs run-000-opt.lr=0.001 and run-001-opt.lr=0.001"):
+    with pytest.raises(ValueError, match=r"runs 0 \(run-opt.lr=0.001\) and 1 \(run-opt.lr=0.001\)"):
         sweep.plan(same, str(tmp_path / "sw"))
     # {} is the default config, which already has lr 3e-3: the same run under two names
     default = _write_config(tmp_path, 'add(**{"opt.lr": 3e-3})\nadd()')
@@ -109,6 +110,110 @@ def test_resume_with_other_settings_is_an_error(tmp_path, monkeypatch):
         sweep.write_index(root, full, sweep.plan(full, root, extra=extra), extra)
     # An unstarted run may change: nothing to mix.
     sweep.write_index(root, CONFIG, sweep.plan(CONFIG, root, extra=longer, only=[0]), longer)
+
+
+def test_a_config_arg_spelt_another_way_is_the_same_sweep(tmp_path):
+    """`:runlocal` and `:runlocal=True` build the same runs; the resume check compared the
+    strings and refused the second spelling as a changed config."""
+    root = str(tmp_path / "sw")
+    extra = [f"total_steps={STEPS}"]
+    runs = sweep.plan(CONFIG, root, extra=extra)
+    sweep.write_index(root, CONFIG, runs, extra)
+    _finished(runs[0].workdir)
+    bare = CONFIG.replace("runlocal=True", "runlocal")
+    sweep.write_index(root, bare, sweep.plan(bare, root, extra=extra), extra)
+    assert [r["name"] for r in sweep_table.collect(root)] == NAMES[:1]
+    other = CONFIG.replace("runlocal=True", "runlocal=False")  # really another config
+    with pytest.raises(ValueError, match="was started by a sweep with --config"):
+        sweep.write_index(root, other, sweep.plan(other, root, extra=extra), extra)
+
+
+def test_bad_input_is_a_usage_error_that_names_it(tmp_path, capsys):
+    """`--only 0,a`, a misspelt `--config.` key or config arg, a missing config file used to end
+    the sweep in a traceback; now argparse's usage error (exit 2) with the message."""
+    root = str(tmp_path / "sw")
+    cases = [
+        ([CONFIG, "--only", "0,a"], "--only '0,a': expected comma-separated run indices"),
+        ([CONFIG, "--only", "9"], r"--only \[9\]: the sweep has runs 0..3"),
+        ([CONFIG, "--config.opt.lrr=3"], r"no key 'opt.lrr' \(did you mean 'opt.lr'\?\)"),
+        ([CONFIG.replace("runlocal", "runloca"), "--only", "0"], "unknown key 'runloca'"),
+        ([str(tmp_path / "nope.py")], "no config file"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            sweep.main(["--workdir", root, "--launch", "print", "--config", *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.search(f"error: .*{message}", err), err
+        assert "Traceback" not in err
+    assert not os.path.exists(root)
+
+
+def test_a_run_of_no_steps_is_refused_and_never_done(tmp_path):
+    """`--config.total_steps=0` planned a run that trained nothing, and the sweep marked it DONE
+    (its logged step 0 "reached" total_steps 0): a run of no steps in the table."""
+    root = str(tmp_path / "sw")
+    with pytest.raises(ValueError, match=r"total_steps=0 must be >= 1 \(set by --config.total"):
+        sweep.plan(CONFIG, root, extra=["total_steps=0"])
+    cfg = _write_config(tmp_path, 'add(**{"total_steps": -3})') + ":variant=tiny,runlocal=True"
+    with pytest.raises(ValueError, match=r"total_steps=-3 must be >= 1 \(set by sweep\(\)\)"):
+        sweep.plan(cfg, root)
+    # A trainer that exits cleanly without a logged step is not finished, whatever the plan.
+    for steps in (0, None):
+        run = sweep.Run(0, "r", {}, str(tmp_path / f"r{steps}"), steps)
+        os.makedirs(run.workdir)
+        assert sweep._finish(run, 0, 1.0) == "failed"
+        assert not os.path.exists(os.path.join(run.workdir, "DONE"))
+
+
+def test_a_run_keeps_its_directory_when_the_sweep_grows(tmp_path):
+    """Run names started with the run's index: a budget added to sweep() renamed every later
+    run (trained again under its new name), and sweep.json kept the old names beside the new,
+    so the run table listed those configs twice."""
+    root = str(tmp_path / "sw")
+
+    def plan(steps):
+        body = f"for s in {steps}:\n    for d in (64, 128):\n"
+        body += '        add(**{"model.d_model": d, "total_steps": s})'
+        cfg = _write_config(tmp_path, body) + ":variant=tiny,runlocal=True,data=markov"
+        runs = sweep.plan(cfg, root)
+        sweep.write_index(root, cfg, runs, [])
+        return runs
+
+    first = plan((8,))
+    for r in first:
+        _finished(r.workdir, steps=8)
+    second = plan((4, 8))  # the new budget comes first: every earlier run moves two places
+    assert [r.index for r in second if r.total_steps == 8] == [2, 3]
+    assert [(r.name, r.workdir) for r in second[2:]] == [(r.name, r.workdir) for r in first]
+    assert [sweep.is_done(r) for r in second] == [False, False, True, True]
+    rows = sweep_table.collect(root)
+    assert [(r["name"], r["index"]) for r in rows] == [(r.name, r.index) for r in second[2:]]
+    index = json.load(open(os.path.join(root, "sweep.json")))
+    assert [r["name"] for r in index["runs"]] == [r.name for r in second]
+    plan((8,))  # and the budget dropped again: its runs leave the index and the table
+    assert len(json.load(open(os.path.join(root, "sweep.json")))["runs"]) == 2
+
+
+def test_a_sweep_named_the_old_way_resumes_without_retraining(tmp_path):
+    """A sweep directory made while names held the index (`run-<index>-k=v,...`) keeps its runs:
+    each is found by its overrides, whatever its index is now, and is listed once."""
+    root = tmp_path / "sw"
+    body = 'for s in (4, 8):\n    add(**{"model.d_model": 64, "total_steps": s})'
+    cfg = _write_config(tmp_path, body) + ":variant=tiny,runlocal=True,data=markov"
+    # What the old names made of this sweep before its 4-step run was added: run 0, finished.
+    old = root / "run-000-model.d_model=64,total_steps=8"
+    _finished(str(old), steps=8)
+    overrides = {"model.d_model": 64, "total_steps": 8}
+    (root / "sweep.json").write_text(json.dumps({"config": cfg, "extra_overrides": [], "runs": [
+        {"index": 0, "name": old.name, "overrides": overrides, "workdir": str(old),
+         "total_steps": 8, "info": {"total_steps": 8}}]}))  # fmt: skip
+    runs = sweep.plan(cfg, str(root))
+    assert [r.name for r in runs] == ["run-model.d_model=64,total_steps=4", old.name]
+    assert runs[1].workdir == str(old) and runs[1].index == 1
+    assert sweep.is_done(runs[1]) and not sweep.is_done(runs[0])
+    sweep.write_index(str(root), cfg, runs, [])
+    assert [r["name"] for r in sweep_table.collect(str(root))] == [old.name]
+    assert sweep.legacy_run_name(0, overrides) == old.name
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +307,28 @@ def test_a_run_whose_data_ended_is_finished_not_failed(tmp_path, monkeypatch, ca
     assert rows[NAMES[0]]["step"] == STEPS and not rows[NAMES[0]].get("data_end")
     assert sweep.main(argv) == 0
     assert f"skip {NAMES[1]} (finished)" in capsys.readouterr().out
+
+
+def test_a_run_whose_data_ended_counts_the_steps_it_trained(tmp_path):
+    """The run table took D and the compute from the plan's total_steps: a run whose finite
+    data ended at step 5 of 16 entered the scaling fit with 16 steps' tokens and FLOPs."""
+    root = str(tmp_path / "sw")
+    (run,) = sweep.plan(CONFIG, root, extra=["total_steps=16"], only=[0])
+    sweep.write_index(root, CONFIG, [run], [])
+    os.makedirs(run.workdir)
+    with open(os.path.join(run.workdir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 5, "loss": 3.0}) + "\n")
+        f.write(json.dumps({"step": 5, "eval/nll": 3.1}) + "\n")
+    with open(os.path.join(run.workdir, "events.jsonl"), "w") as f:
+        f.write(json.dumps({"event": "data_end", "step": 5}) + "\n")
+    with open(os.path.join(run.workdir, "DONE"), "w") as f:
+        json.dump({"step": 5, "data_end": 5}, f)
+    (row,) = sweep_table.collect(root)
+    assert row["data_end"] is True and (row["step"], row["total_steps"]) == (5, 16)
+    assert row["tokens"] == 5 * 16 * 128 and row["planned_tokens"] == 16 * 16 * 128
+    for key in ("c_6nd", "flops", "flops_causal"):
+        assert row[key] == pytest.approx(run.info[key] * 5 / 16), key
+    assert row["heldout_loss"] == 3.1
 
 
 def test_stale_running_file_of_another_process_is_not_busy(tmp_path, fake_trainer):
