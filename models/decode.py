@@ -66,6 +66,16 @@ size, the length-sorted order or the mesh. Either way up to float rounding: the 
 the prompt bucket P (the longest prompt) pick the compiled program, whose logits can differ in
 the last bits and so, rarely, flip a sample.
 
+Mixtures of experts decode dropless: the program runs the model with `moe_capacity_factor=0`
+(`decode_config`), so no token assignment is dropped in the prefill, the steps or speculative
+verification, whatever factor the model was trained with — as MoE serving stacks (and HF)
+compute it. With a capacity, which is per forward and per row (models/moe.py), a prompt's
+tokens would depend on its batch mates (the prefill's capacity follows the padded prompt
+bucket) and speculative greedy would differ from greedy `generate` (verification's chunk of
+k + 1 tokens drops what one-token steps keep). A model trained with a factor > 0 therefore
+decodes a little differently from its training forward on the same tokens where that
+forward dropped assignments.
+
 Length: positions run up to len_b + N - 1. Past `cfg.max_seq_len` (the length the model is meant
 for) nothing is truncated — RoPE extrapolates to positions the model never saw — and `generate`
 warns (warnings.warn); callers that must stay within it cut prompts first (the evaluation
@@ -195,6 +205,20 @@ def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none"
     )
 
 
+def decode_config(cfg: ModelConfig) -> ModelConfig:
+    """The config a decode program's model runs with: layers unrolled, no remat, params in the
+    compute dtype, and a mixture of experts dropless (`moe_capacity_factor=0`). A capacity is
+    per forward and per row of T tokens (models/moe.py), and decoding's forwards are not
+    training's: the prefill's T is the padded prompt bucket (the longest prompt of the batch),
+    speculative verification's k + 1, a step's 1 — so with a capacity factor a prompt's
+    tokens would depend on its batch mates' lengths and on the chunk sizes, and speculative
+    greedy would differ from greedy `generate`. Without drops every forward computes the same
+    function of the tokens, the model's own (what MoE serving stacks and HF compute, whatever
+    factor the model was trained with). Shared with models/speculative.py."""
+    return cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype,
+                       moe_capacity_factor=0.0)  # fmt: skip
+
+
 def _constrain_cache(cache, sharded: bool):
     if not sharded:
         return cache
@@ -244,7 +268,7 @@ def _decode_fn(
     cache does not see.)
     """
     sharded = mesh is not None
-    dcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
+    dcfg = decode_config(cfg)
     model = Transformer(dcfg, fused_projections=fused, decode_attention=attention,
                         decode_mlp=mlp, decode_norm=norm)  # fmt: skip
 
@@ -356,14 +380,17 @@ DECODE_NORMS = ("xla", "fold")
 
 
 def resolve_decode_gemm(name: str, mesh=None, quantize: str = "none", cuda: bool | None = None,
-                        rows: int = CUBLAS_MIN_ROWS) -> str:  # fmt: skip
+                        rows: int = CUBLAS_MIN_ROWS, params=None) -> str:  # fmt: skip
     """ "xla" or "cublas" for a `decode_gemm` option. "auto" is "cublas" on CUDA GPUs (the
     mesh's devices, else jax's) when the weights are floats, no mesh axis splits the heads
     (`tensor` of size 1) and each device decodes at least `CUBLAS_MIN_ROWS` `rows`, else "xla"
     (XLA's own choice: Triton gemm fusions on GPUs).
     int8 weights keep XLA's: the Triton gemm converts them as it loads them, where a cuBLAS
-    call would need a dequantized bf16 copy written every step. `cuda`: whether the program
-    targets a CUDA GPU, when not the devices' (bench/gpu_aot.py compiles for one from a CPU)."""
+    call would need a dequantized bf16 copy written every step. They are int8 with
+    `quantize="int8"`, or when `params` (arrays or their shapes) hold int8 kernels already
+    (`quant.quantize_params` run beforehand, `quant.is_quantized`). `cuda`: whether the
+    program targets a CUDA GPU, when not the devices' (bench/gpu_aot.py compiles for one from
+    a CPU)."""
     if name not in DECODE_GEMMS:
         raise ValueError(f"generate: decode_gemm must be one of {DECODE_GEMMS}, got {name!r}")
     if name != "auto":
@@ -371,7 +398,8 @@ def resolve_decode_gemm(name: str, mesh=None, quantize: str = "none", cuda: bool
     if cuda is None:
         cuda = decode_kernel.runs_natively(None if mesh is None else list(mesh.devices.flat))
     split_heads = mesh is not None and dict(mesh.shape).get("tensor", 1) > 1
-    if quantize != "none" or split_heads or rows < CUBLAS_MIN_ROWS or not cuda:
+    int8 = quantize != "none" or quant.is_quantized(params)
+    if int8 or split_heads or rows < CUBLAS_MIN_ROWS or not cuda:
         return "xla"
     return "cublas"
 
@@ -512,7 +540,8 @@ def generate(
       top_k: keep only the k most likely tokens (0 = off). top_p: nucleus mass (1 = off).
         min_p: drop tokens less likely than min_p times the most likely one (0 = off); applied
         in HF's order, temperature → top-k → top-p → min-p.
-      stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths).
+      stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths):
+        a sequence, a set, a numpy or jax array, or one id (`stop_token_ids`).
       stop_strings: `models.stop_strings.StopStrings.build(tokenizer, ["\\n\\n", ...])`: a row
         also ends at the first token after which its generated text contains one of these
         strings (that token kept and counted; callers cut the text at the string).
@@ -585,11 +614,15 @@ def generate(
       quantize: "int8" decodes with int8 projection weights and a scale per output channel
         (models/quant.py; half the weight bytes of bf16, dequantized inside the matmuls):
         the model decoded is the quantized one, its logprobs included. "none" (the default).
+        Params quantized beforehand (`quant.quantize_params`) decode as that int8 model with
+        either value: fused projections concatenate their scales too, "auto" keeps XLA's
+        gemms for them as for "int8", and decode_norm="fold" is refused (a norm scale per
+        input row cannot be folded into a kernel quantized per output channel as it is).
 
     Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
     """
     options = {k: v for k, v in locals().items() if k not in ("cfg", "params", "prompts", "rng")}
-    fn, tokens, lengths, rest, B, rows = _program(cfg, prompts, **options)
+    fn, tokens, lengths, rest, B, rows = _program(cfg, prompts, params=params, **options)
     rng = _row_keys(rng, B // num_samples, rows, num_samples)
     out = call_program("generate", fn, (params,), tokens, lengths, rng, rest, mesh, rules)
     return out if rows == B else jax.tree.map(lambda x: x[:B], out)
@@ -699,11 +732,14 @@ def _program(
     quantize,
     decode_gemm,
     decode_norm,
+    params=None,
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, output rows asked for
     (prompts × num_samples), rows the decode loop runs) of a generate call (every option as
     `generate` documents and defaults it), its arguments checked; the rows padded up to
-    MIN_ROWS and the mesh's data×fsdp multiple (beyond the prompts)."""
+    MIN_ROWS and the mesh's data×fsdp multiple (beyond the prompts). `params` (or their
+    shapes; None: float weights assumed) only say whether the weights are int8 already."""
+    stop_tokens = stop_token_ids(stop_tokens)
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -718,9 +754,10 @@ def _program(
         raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
     cache_dtype = checked_cache_dtype(cache_dtype, cfg)
     decode_attention = resolve_decode_attention(decode_attention, mesh)
+    prequantized = quant.is_quantized(params)  # int8 kernels from quant.quantize_params
     if decode_mlp != "xla":
         transposed = decode_mlp_kernel.variant_options(decode_mlp).get("transposed", False)
-        if transposed and (quantize != "none" or cfg.n_experts):
+        if transposed and (quantize != "none" or prequantized or cfg.n_experts):
             raise ValueError(f"generate: decode_mlp={decode_mlp!r} streams a dense model's float "
                              "gate|up (not with quantize or experts): use 'pallas'")  # fmt: skip
     if quantize not in quant.MODES:
@@ -730,16 +767,17 @@ def _program(
                          f"{decode_norm!r}")  # fmt: skip
     if decode_norm == "fold" and (why := fold_norms_unsupported(cfg)):
         raise ValueError(f"generate: decode_norm='fold' does not apply to this model: {why}")
+    if decode_norm == "fold" and prequantized:
+        # A norm's scale is per input row of a kernel quantized per output channel: folding it
+        # in would mean quantizing g⊙W again — another model than the int8 one given.
+        raise ValueError("generate: decode_norm='fold' needs float weights, and these params "
+                         "hold int8 kernels quantized beforehand (quant.quantize_params): the "
+                         "norm scales cannot be folded into them without quantizing again. "
+                         "Pass the float params with quantize='int8' (folded, then quantized) "
+                         "or use decode_norm='xla'")  # fmt: skip
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, cfg.vocab_size)
     B = tokens.shape[0]
-    longest = int(lengths.max()) + int(max_new_tokens)
-    if longest > cfg.max_seq_len:
-        warnings.warn(
-            f"generate: prompt {int(np.argmax(lengths))} ({int(lengths.max())} tokens) + "
-            f"max_new_tokens={max_new_tokens} reaches position {longest - 1}, past the model's "
-            f"max_seq_len={cfg.max_seq_len}: RoPE extrapolates there (nothing is truncated)",
-            stacklevel=3,
-        )
+    warn_past_max_seq_len("generate", cfg, lengths, max_new_tokens, stacklevel=3)
     # Rows the program runs, beyond the prompts copies of row 0 (cut off again in `generate`):
     # at least MIN_ROWS, and under a mesh a multiple of data×fsdp, so the rows run sharded.
     # With num_samples G > 1 the prefill's rows (the prompts) and the loop's (G per prompt)
@@ -753,7 +791,8 @@ def _program(
     if rows > B:
         tokens = np.concatenate([tokens, np.repeat(tokens[:1], rows - B, 0)])
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - B, 0)])
-    decode_gemm = resolve_decode_gemm(decode_gemm, mesh, quantize, rows=loop_rows // m)
+    decode_gemm = resolve_decode_gemm(decode_gemm, mesh, quantize, rows=loop_rows // m,
+                                      params=params)  # fmt: skip
     if fuse_projections is None:
         fuse_projections = decode_gemm == "cublas"
     greedy = temperature == 0
@@ -794,6 +833,38 @@ def _program(
             )
         rest = (*rest, stop_strings.arrays())
     return fn, tokens, lengths, rest, B * G, loop_rows
+
+
+def warn_past_max_seq_len(name: str, cfg: ModelConfig, lengths, max_new_tokens: int,
+                          stacklevel: int = 2) -> None:  # fmt: skip
+    """Warns (warnings.warn) when a prompt of `lengths` plus `max_new_tokens` reaches past
+    `cfg.max_seq_len` (module docstring, "Length"); `name` the caller (`generate`, models/
+    speculative.py), `stacklevel` counted from that caller as warnings.warn counts it."""
+    longest = int(np.max(lengths)) + int(max_new_tokens)
+    if longest > cfg.max_seq_len:
+        warnings.warn(
+            f"{name}: prompt {int(np.argmax(lengths))} ({int(np.max(lengths))} tokens) + "
+            f"max_new_tokens={max_new_tokens} reaches position {longest - 1}, past the model's "
+            f"max_seq_len={cfg.max_seq_len}: RoPE extrapolates there (nothing is truncated)",
+            stacklevel=stacklevel + 1,
+        )
+
+
+def stop_token_ids(stop_tokens, name: str = "generate") -> tuple[int, ...]:
+    """`stop_tokens` as a tuple of Python ints: a sequence or set of ids, a numpy or jax array
+    of them (1-D), one id, or None (none). The program's options are decided on the host
+    (`bool(stop_tokens)`, their count), which an array of several ids cannot answer."""
+    if stop_tokens is None:
+        return ()
+    if isinstance(stop_tokens, (set, frozenset)):
+        stop_tokens = sorted(stop_tokens)
+    ids = np.asarray(stop_tokens)
+    if ids.size == 0:
+        return ()
+    if ids.ndim > 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name}: stop_tokens must be token ids (ints, one id or a 1-D "
+                         f"sequence), got {stop_tokens!r}")  # fmt: skip
+    return tuple(int(t) for t in ids.reshape(-1))
 
 
 def traced_options(temperature, top_p, min_p, stop_tokens, pad_id) -> tuple:
@@ -838,6 +909,7 @@ def generate_text(
     prompts = [tokenizer.encode(t, bos=add_bos and tokenizer.bos_id >= 0) for t in texts]
     eos = (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ()
     kw.setdefault("stop_tokens", tuple(getattr(tokenizer, "stop_ids", ()) or eos))
+    kw["stop_tokens"] = stop_token_ids(kw["stop_tokens"])  # (an array of ids too)
     kw.setdefault("pad_id", max(tokenizer.pad_id, 0))
     rng = jax.random.PRNGKey(0) if rng is None else rng
     out = generate(cfg, params, prompts, max_new_tokens=max_new_tokens, rng=rng, **kw)

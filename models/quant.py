@@ -18,6 +18,7 @@ gather, and the tied head), norms, biases, the MoE router (few bytes; its top-k 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 # Input axes of each quantized kernel, by module name (after a scanned-layer or expert axis).
@@ -39,6 +40,15 @@ def quantize_kernel(w, input_axes: tuple[int, ...]):
 
 def dequantize(q, scale, dtype):
     return q.astype(dtype) * scale.astype(dtype)
+
+
+def is_quantized(params) -> bool:
+    """Whether `params` (arrays or their shapes; None: no) hold int8 kernels already, with
+    their "kernel_scale" (`quantize_params` run beforehand: a server's weights, a rollout
+    loop's): decoding then treats them as `quantize="int8"` where the choice depends on it
+    (models/decode.py `resolve_decode_gemm`) and keeps each kernel's scale with it."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return any(getattr(path[-1], "key", None) == "kernel_scale" for path, _ in leaves)
 
 
 def quantize_params(params, mode: str = "int8"):

@@ -21,7 +21,8 @@ min(1, p_i(d_i) / q_i(d_i)) under the target's filtered p_i; at the first reject
 drawn from norm(max(0, p_i − q_i)), and when all k are kept one more comes from the target's
 next distribution. Greedy (temperature 0) keeps drafts while they equal the target's argmax and
 then takes the target's argmax: the tokens greedy `generate` gives, up to float rounding (the
-verification forward's logits are a k + 1-token chunk's, not a one-token step's). The
+verification forward's logits are a k + 1-token chunk's, not a one-token step's; a mixture of
+experts runs dropless in both, models/decode.py "Mixtures of experts"). The
 samples are not `generate`'s for the same key (other random draws), only their distribution.
 `logprobs` are the target's own at temperature 1, as `generate` returns them.
 
@@ -135,7 +136,9 @@ def accept_drafts(p_BKV, q_BKV, drafts_BK, p_next_BV, u_BK, key, greedy: bool):
     else:
         p_d = jnp.take_along_axis(p_BKV, drafts_BK[..., None], axis=-1)[..., 0]
         q_d = 1.0 if q_BKV is None else jnp.take_along_axis(q_BKV, drafts_BK[..., None], -1)[..., 0]
-        ok = u_BK * q_d <= p_d  # u < p/q without dividing (q_d > 0: the draft drew d)
+        # u < p/q without dividing (q_d > 0: the draft drew d). Strict: u is drawn from
+        # [0, 1), so u = 0 happens, and `<=` would then keep a draft the target gives p = 0.
+        ok = u_BK * q_d < p_d
     a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # leading accepts
     all_kept = a == K
     at = jnp.minimum(a, K - 1)[:, None, None]
@@ -191,11 +194,12 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig | None, max_new: in
     `draft_cfg` None: prompt lookup (`lookup_drafts`) with n-grams up to `ngram`. `quantize`
     "int8": both models' projection weights in int8 (`decode._decode_params`)."""
     sharded = mesh is not None
-    tcfg = cfg.replace(scan_layers=False, remat_policy="none", param_dtype=cfg.dtype)
+    # (mixtures of experts dropless, as `generate` runs them: verifying k + 1 tokens in one
+    # forward must not drop what one-token steps keep; `decode.decode_config`)
+    tcfg = decode.decode_config(cfg)
     target = Transformer(tcfg)
     if draft_cfg is not None:
-        dcfg = draft_cfg.replace(scan_layers=False, remat_policy="none",
-                                 param_dtype=draft_cfg.dtype)  # fmt: skip
+        dcfg = decode.decode_config(draft_cfg)
         draft = Transformer(dcfg)
     V = cfg.vocab_size
 
@@ -377,6 +381,7 @@ def speculative_generate(
     if not (isinstance(draft_tokens, (int, np.integer)) and draft_tokens >= 1):
         raise ValueError(f"speculative_generate: draft_tokens must be an int >= 1, got "
                          f"{draft_tokens!r}")  # fmt: skip
+    stop_tokens = decode.stop_token_ids(stop_tokens, "speculative_generate")
     if max_new_tokens < 1:
         raise ValueError(f"speculative_generate: max_new_tokens must be >= 1, got "
                          f"{max_new_tokens}")  # fmt: skip
@@ -389,6 +394,7 @@ def speculative_generate(
         raise ValueError(f"speculative_generate: a prompt has token id {int(tokens.max())} "
                          f"outside the draft's vocab [0, {draft_cfg.vocab_size}): the draft "
                          "needs the target's tokenizer")  # fmt: skip
+    decode.warn_past_max_seq_len("speculative_generate", cfg, lengths, max_new_tokens)
     B = tokens.shape[0]
     m = 1
     if mesh is not None:

@@ -384,18 +384,33 @@ def unstack_layers(params, n_layers: int):
 def fuse_projections(params, n_layers: int):
     """Unrolled params → the fused layout of `Transformer(cfg, fused_projections=True)`: per
     layer, attn q (D,N,H), k (D,K,H), v (D,K,H) become one "qkv" (D, N+2K, H) (biases too), and
-    mlp gate (D,F), up (D,F) become one "gate_up" (D, 2, F). Every other leaf is unchanged."""
+    mlp gate (D,F), up (D,F) become one "gate_up" (D, 2, F). Every other leaf is unchanged.
+
+    Int8 kernels (models/quant.py, quantized beforehand) are joined with their
+    "kernel_scale"s, (1, N+2K, H) and (1, 2, F): a scale is per output channel, and joining
+    kernels only lays their output channels side by side, so the fused int8 model is exactly
+    the unfused one (and what quantizing the fused float kernel gives)."""
+
+    def joined(mods, join, what):
+        out = {"kernel": join([m["kernel"] for m in mods], axis=1)}
+        scaled = ["kernel_scale" in m for m in mods]
+        if any(scaled):
+            if not all(scaled):
+                raise ValueError(f"fuse_projections: {what} mixes int8 and float kernels")
+            out["kernel_scale"] = join([m["kernel_scale"] for m in mods], axis=1)
+        return out
+
     out = dict(params)
     for i in range(n_layers):
         layer = dict(params[f"layers_{i}"])
         attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
         q, k, v = (attn.pop(n) for n in ("q", "k", "v"))
-        qkv = {"kernel": jnp.concatenate([q["kernel"], k["kernel"], v["kernel"]], axis=1)}
+        qkv = joined([q, k, v], jnp.concatenate, f"layers_{i}/attn q|k|v")
         if "bias" in q:
             qkv["bias"] = jnp.concatenate([q["bias"], k["bias"], v["bias"]], axis=0)
         if "gate" in mlp:  # (a mixture of experts keeps its layout: models/moe.py)
             gate, up = mlp.pop("gate"), mlp.pop("up")
-            mlp["gate_up"] = {"kernel": jnp.stack([gate["kernel"], up["kernel"]], axis=1)}
+            mlp["gate_up"] = joined([gate, up], jnp.stack, f"layers_{i}/mlp gate|up")
         out[f"layers_{i}"] = {**layer, "attn": {**attn, "qkv": qkv}, "mlp": mlp}
     return out
 
@@ -408,6 +423,9 @@ def transpose_gate_up(params, n_layers: int):
     for i in range(n_layers):
         layer = dict(params[f"layers_{i}"])
         mlp = dict(layer["mlp"])
+        if any("kernel_scale" in mlp.get(n, {}) for n in ("gate_up", "gate", "up")):
+            raise ValueError("transpose_gate_up: int8 kernels (models/quant.py); the "
+                             "transposed layout is for float weights")  # fmt: skip
         if "gate_up" in mlp:  # (D, 2, F)
             w = mlp.pop("gate_up")["kernel"]
             w_t = w.reshape(w.shape[0], -1).T
@@ -442,7 +460,10 @@ def fold_norms(cfg: ModelConfig, params, n_layers: int):
     output rows by rms(x) where it reads them (`Transformer(..., decode_norm="fold")`). The
     norm scales stay (unused). In the params' dtype: fold fp32 master weights before the cast
     to the compute dtype, so W' is rounded once. ValueError when the model does not allow it
-    (`fold_norms_unsupported`)."""
+    (`fold_norms_unsupported`), and for int8 kernels (models/quant.py, quantized beforehand):
+    g scales a kernel's input rows and an int8 kernel's scale is per output channel, so g⊙W
+    is no int8 kernel with those scales — folding would mean quantizing again, another model
+    (`generate` folds float weights before its `quantize="int8"` instead)."""
     if why := fold_norms_unsupported(cfg):
         raise ValueError(f"decode_norm='fold' does not apply to this model: {why}")
 
@@ -451,6 +472,9 @@ def fold_norms(cfg: ModelConfig, params, n_layers: int):
         for n in names:
             if n in out:
                 w = out[n]["kernel"]
+                if not jnp.issubdtype(w.dtype, jnp.floating):
+                    why = "the norm scales fold into float weights only (quantize after)"
+                    raise ValueError(f"fold_norms: {n} has a {w.dtype} kernel; {why}")
                 g = scale.reshape((-1,) + (1,) * (w.ndim - 1)).astype(w.dtype)
                 out[n] = {**out[n], "kernel": w * g}
         return out

@@ -322,6 +322,27 @@ def test_stop_tokens_end_rows(model):
     assert lens[0] <= 3
 
 
+def test_stop_tokens_as_arrays_or_one_id(model):
+    """Stop ids as a numpy or jax array or a single id stop rows as the tuple does
+    (`decode.stop_token_ids`); an array of several used to fail on its truth value."""
+    cfg, params = model
+    kw = dict(max_new_tokens=N, rng=jax.random.PRNGKey(0), temperature=0, pad_id=-1)
+    free = np.asarray(generate(cfg, params, PROMPTS, max_new_tokens=N,
+                               rng=jax.random.PRNGKey(0), temperature=0).tokens)  # fmt: skip
+    stop = int(free[0, 2])  # (test_stop_tokens_end_rows's calls: their programs)
+    want = generate(cfg, params, PROMPTS, stop_tokens=(stop, 255), **kw)
+    for stops in (np.asarray([stop, 255]), jnp.asarray([stop, 255]), [np.int64(stop), 255]):
+        got = generate(cfg, params, PROMPTS, stop_tokens=stops, **kw)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    assert decode.stop_token_ids(np.int32(stop)) == decode.stop_token_ids([stop]) == (stop,)
+    assert decode.stop_token_ids({9, 2}) == (2, 9)
+    assert decode.stop_token_ids(None) == decode.stop_token_ids(np.zeros(0)) == ()
+    for bad in ([1.5], np.ones((2, 2), np.int32), ["eos"]):
+        with pytest.raises(ValueError, match="stop_tokens must be token ids"):
+            generate(cfg, params, PROMPTS, stop_tokens=bad, **kw)
+
+
 @pytest.mark.parametrize("check_every", [3, 4])
 def test_blocked_stop_checks_give_the_same_output(model, check_every):
     """Testing "all rows stopped" once per block of steps changes nothing in the output, also

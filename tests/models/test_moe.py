@@ -256,6 +256,32 @@ def test_kv_cache_greedy_equals_full_recompute(n_experts):
         np.testing.assert_allclose(np.asarray(out.logprobs[row]), want, atol=1e-5)
 
 
+def test_decoding_is_dropless_whatever_the_capacity_factor():
+    """A model trained with a capacity factor decodes without drops (`decode.decode_config`):
+    `generate` gives the tokens and logprobs of the same model with factor 0, and greedy
+    speculative decoding (prompt lookup) gives greedy `generate`'s. It used to run the
+    factor: the prefill dropped by the capacity of the padded prompt bucket (a prompt's
+    tokens depended on its batch mates' lengths) and verifying k + 1 tokens dropped what
+    one-token steps keep, so the two greedy decodes differed."""
+    from flaxlm.models.decode import generate
+    from flaxlm.models.speculative import prompt_lookup_generate
+
+    cfg0 = get_variant("tiny", **{**DECODE_FEW, "n_experts": 4})  # the test above's model
+    cfg = cfg0.replace(moe_capacity_factor=0.5)
+    # capacities: 2 per expert of the prefill's bucket of 8 (the 5-token prompt routes 10
+    # assignments to 4 experts), 1 of a 4-token verification chunk: both forwards would drop
+    assert moe.capacity(cfg, 8) * 4 < 10 and moe.capacity(cfg, 4) * 4 < 8
+    params = _model_params(cfg0, 0)
+    kw = dict(max_new_tokens=6, rng=jax.random.PRNGKey(0), temperature=0.0)
+    want = generate(cfg0, params, PROMPTS, **kw)  # (the test above's program)
+    got = generate(cfg, params, PROMPTS, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-6)
+    spec = prompt_lookup_generate(cfg, params, PROMPTS, draft_tokens=3, **kw)
+    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(spec.logprobs), np.asarray(want.logprobs), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "extra, B, T",
     [

@@ -110,3 +110,56 @@ def test_speculative_decoding_with_int8_weights_keeps_the_quantized_greedy_token
     assert np.abs(np.asarray(float_lp) - np.asarray(want.logprobs)).max() > 1e-4
     with pytest.raises(ValueError, match="quantize must be one of"):
         speculative_generate(cfg, params, None, None, prompts, **{**kw, "quantize": "int4"})
+
+
+def test_weights_quantized_beforehand_decode_as_the_int8_model_every_way(monkeypatch):
+    """Params from `quant.quantize_params` decode as the int8 model with the projections
+    fused: their scales are joined with the kernels, as quantizing the fused float kernel
+    gives them (`fuse_projections` used to drop them: the raw integers were decoded). "auto"
+    keeps XLA's gemms for them as for `quantize="int8"` (it used to pick cuBLAS, and with it
+    the fused layout); `decode_norm="fold"` and the transposed MLP kernel are refused (the
+    fold used to multiply the int8 kernels by the norm scales cast to int8)."""
+    from flaxlm.models import decode
+    from flaxlm.models.transformer import fold_norms, fuse_projections
+
+    cfg = get_variant("tiny", init_std=0.1)  # the speculative test's model and call
+    params = _params(cfg)
+    q = quant.quantize_params(params)
+    prompts = [[5, 9, 33, 2], [11, 4, 6]]
+    kw = dict(max_new_tokens=10, rng=jax.random.PRNGKey(0), temperature=0.0)
+    want = generate(cfg, params, prompts, quantize="int8", **kw)
+    got = generate(cfg, q, prompts, fuse_projections=True, **kw)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+    fused_q, fused = (fuse_projections(p, cfg.n_layers)["layers_1"] for p in (q, params))
+    for module, name in (("attn", "qkv"), ("mlp", "gate_up")):
+        kernel, scale = quant.quantize_kernel(fused[module][name]["kernel"], (0,))
+        np.testing.assert_array_equal(np.asarray(fused_q[module][name]["kernel"]), kernel)
+        np.testing.assert_array_equal(np.asarray(fused_q[module][name]["kernel_scale"]), scale)
+
+    assert quant.is_quantized(q) and not quant.is_quantized(params)
+    assert decode.resolve_decode_gemm("auto", cuda=True, params=q) == "xla"
+    assert decode.resolve_decode_gemm("auto", cuda=True, params=params) == "cublas"
+    seen = []
+
+    class Built(Exception):  # the program's options are seen; compiling it would add nothing
+        pass
+
+    def spy(*a):
+        seen.append((a[9], a[18]))  # fused?, decode_gemm
+        raise Built
+
+    monkeypatch.setattr(decode.decode_kernel, "runs_natively", lambda devices=None: True)
+    monkeypatch.setattr(decode, "_decode_fn", spy)
+    for p in (q, params):  # 64 rows on a "CUDA GPU"
+        with pytest.raises(Built):
+            generate(cfg, p, [[1]] * 64, **kw)
+    assert seen == [(False, "xla"), (True, "cublas")]
+    monkeypatch.undo()
+
+    with pytest.raises(ValueError, match="decode_norm='fold' needs float weights"):
+        generate(cfg, q, prompts, decode_norm="fold", **kw)
+    with pytest.raises(ValueError, match="float weights only"):
+        fold_norms(cfg, q, cfg.n_layers)
+    with pytest.raises(ValueError, match="streams a dense model's float"):
+        generate(cfg, q, prompts, decode_mlp="pallas_t", **kw)

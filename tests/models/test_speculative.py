@@ -4,6 +4,8 @@ always accepted; sampled tokens follow the target's distribution, not the draft'
 marginals by enumeration over a 16-token vocabulary); per-prompt keys; prompt lookup (n-gram
 drafts from the row's own tokens); bad input."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,7 +78,8 @@ def test_self_draft_accepts_everything(target):
 
 def test_stop_tokens_inside_a_chunk(target):
     """A stop token among accepted drafts ends the row there (kept, counted), padded after,
-    exactly as `generate` does. (The target's layers scanned, the draft's unrolled.)"""
+    exactly as `generate` does. (The target's layers scanned, the draft's unrolled; the stop
+    ids a numpy array.)"""
     cfg, params = target
     free = _greedy(cfg, params).tokens
     stop = int(free[1, 4])  # row 1 stops at its 5th token (or earlier if it repeats)
@@ -84,7 +87,7 @@ def test_stop_tokens_inside_a_chunk(target):
     scanned = cfg.replace(scan_layers=True), stack_layers(params, cfg.n_layers)
     out = jax.device_get(speculative_generate(*scanned, cfg, params, PROMPTS,
                                               max_new_tokens=N, rng=KEY, temperature=0,
-                                              draft_tokens=3, stop_tokens=(stop,),
+                                              draft_tokens=3, stop_tokens=np.asarray([stop]),
                                               pad_id=-1))  # fmt: skip
     assert ref.lengths[1] <= 5
     np.testing.assert_array_equal(out.tokens, ref.tokens)
@@ -205,6 +208,53 @@ def test_accept_drafts_keeps_the_target_distribution(one_hot):
     first = np.asarray(jnp.where(a == 1, drafts[:, 0], nxt))
     emp = np.bincount(first, minlength=5) / R
     assert 0.5 * np.abs(emp - p).sum() < 0.01, emp
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_a_draft_the_target_never_draws_is_rejected_at_u_zero(one_hot):
+    """A draft is kept iff u < p/q: with p(d) = 0 never, also when the uniform is exactly 0
+    (u is drawn from [0, 1)). `u·q <= p` used to keep it there; the token is then the
+    residual's draw, here the only token p allows."""
+    from flaxlm.models.speculative import accept_drafts
+
+    p = jnp.asarray([[[0.0, 1.0, 0.0]]])  # (B, k, V) = (1, 1, 3): the target never draws 0
+    q = None if one_hot else jnp.asarray([[[0.9, 0.05, 0.05]]])
+    drafts = jnp.zeros((1, 1), jnp.int32)
+    a, nxt = accept_drafts(p, q, drafts, p[:, 0], jnp.zeros((1, 1)), KEY, greedy=False)
+    assert int(a[0]) == 0 and int(nxt[0]) == 1
+    # ...and a draft p allows is still kept at u = 0
+    a, _ = accept_drafts(p, q, drafts + 1, p[:, 0], jnp.zeros((1, 1)), KEY, greedy=False)
+    assert int(a[0]) == 1
+
+
+def test_past_max_seq_len_warns_as_generate_does(target, monkeypatch):
+    """A prompt plus max_new_tokens past cfg.max_seq_len warns, as `generate` does (the shared
+    `decode.warn_past_max_seq_len`; speculative decoding used to run silently); within it,
+    nothing."""
+    from flaxlm.models import speculative
+
+    cfg, params = target
+
+    class Built(Exception):  # the warning comes before the program; no need to compile it
+        pass
+
+    def spy(*a):
+        raise Built
+
+    monkeypatch.setattr(speculative, "_speculative_fn", spy)
+    short = cfg.replace(max_seq_len=16)
+    with pytest.warns(UserWarning, match=r"speculative_generate: prompt 2 \(12 tokens\).*"
+                                         r"past the model's max_seq_len=16"):  # fmt: skip
+        with pytest.raises(Built):
+            speculative_generate(short, params, short, params, PROMPTS, max_new_tokens=5,
+                                 rng=KEY)  # fmt: skip
+    with pytest.warns(UserWarning, match="past the model's max_seq_len"), pytest.raises(Built):
+        prompt_lookup_generate(short, params, PROMPTS, max_new_tokens=5, rng=KEY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Built):  # 12 + 4 tokens: positions up to 15
+            speculative_generate(short, params, short, params, PROMPTS, max_new_tokens=4,
+                                 rng=KEY)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
