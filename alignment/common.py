@@ -171,7 +171,8 @@ def check_same_tokenizer(tok, source: str, key: str, advice: str = "") -> None:
     token ids as other pieces — log-probabilities of another text, a score of another text —
     and nothing downstream would notice. Same means the same size, the same piece for every id
     and the same ids for a probe text (normalisers). An error names the key, both tokenizers,
-    their sizes and the first differing id; a run that records no tokenizer is assumed to share this one (with a warning)."""
+    their sizes and the first differing id; a run that records no tokenizer is assumed to share
+    this one (with a warning)."""
     from flaxlm.models.hf_tokenizer import load_tokenizer
 
     path = source_tokenizer_path(source)
@@ -202,14 +203,83 @@ def check_same_tokenizer(tok, source: str, key: str, advice: str = "") -> None:
 
 
 def resolve_model_config(config, meta: dict) -> ModelConfig:
-    """The init_from checkpoint's architecture (its meta, or HF config.json), else config.model."""
+    """The init_from checkpoint's architecture (its meta, or HF config.json), else config.model.
+
+    Over a source's architecture go the `model.` keys this run's config sets
+    (`model_keys_set`): the execution ones (`remat_policy`, `dtype`, `attention_impl`, ...)
+    and the context-length ones (`max_seq_len`, `rope_scaling`, ...: long-context fine-tuning),
+    each logged; one that would change what the source's weights compute (`d_model`,
+    `mlp_activation`, `norm_eps`, ...) and differs from the source's is an error naming each
+    key and both values (train/checkpoint.py `init_from_model_changes`). They used to be
+    dropped silently, and the checkpoint's model_config then named a model other than the
+    config's."""
     if meta.get("model_config"):
-        return ModelConfig.from_dict(meta["model_config"])
-    if config.init_from.startswith(HF_PREFIX):
+        source = ModelConfig.from_dict(meta["model_config"])
+    elif config.init_from.startswith(HF_PREFIX):
         from flaxlm.models import hf
 
-        return hf.load_config(config.init_from[len(HF_PREFIX) :])
-    return to_model_config(config.model)
+        source = hf.load_config(config.init_from[len(HF_PREFIX) :])
+    else:
+        return to_model_config(config.model)
+    return with_model_keys_set(config, source)
+
+
+def _default_model_sections(config) -> list[dict]:
+    """The `model` sections the config file builds by itself, one per `variant` arg
+    (`flaxlm.configs.<task>.get_config("variant=...")`; the variants' own configs when the
+    task has no config module there)."""
+    import importlib
+
+    from flaxlm.configs.common import model_config
+    from flaxlm.models.config import VARIANTS
+
+    out = []
+    try:
+        module = importlib.import_module(f"flaxlm.configs.{config.get('task', '')}")
+    except ImportError:
+        module = None
+    for name in VARIANTS:
+        try:
+            out.append(module.get_config(f"variant={name}").model.to_dict())
+        except Exception:  # no such module or arg, a variant it does not size
+            continue
+    if not out:
+        out = [model_config(name).to_dict() for name in VARIANTS]
+    return [to_model_config(m).to_dict() for m in out]
+
+
+def model_keys_set(config) -> dict:
+    """{key: value} of the `model.` keys this run's config sets itself (`--config.model.X=...`,
+    `override(config, {"model.X": ...})`): those where `config.model` differs from the model
+    section its config file builds for the variant closest to it (the stage configs take
+    `model` from their `variant` arg, which the config does not record; two variants differ in
+    several shape keys, so the closest one is the config's unless most of them were set)."""
+    ours = to_model_config(config.model).to_dict()
+    best = None
+    for default in _default_model_sections(config):
+        diff = {k: v for k, v in ours.items() if default.get(k) != v}
+        if best is None or len(diff) < len(best):
+            best = diff
+    return best or {}
+
+
+def with_model_keys_set(config, source: ModelConfig) -> ModelConfig:
+    """`source` (init_from's architecture) with the `model.` keys this run sets
+    (`model_keys_set`) that differ from it; each is logged, and any outside
+    `checkpoint.INIT_FROM_FREE_MODEL_KEYS` is refused (a ValueError naming each such key and
+    both values)."""
+    base = source.to_dict()
+    run = {**base, **model_keys_set(config)}
+    where = f"init_from={config.init_from}"
+    changes = ckpt_lib.init_from_model_changes(base, run, where)
+    if not changes:
+        return source
+    for key, (old, new) in changes.items():
+        execution = key in ckpt_lib.EXECUTION_ONLY_MODEL_KEYS
+        log.log(logging.INFO if execution else logging.WARNING,
+                "%s: model.%s=%r from this run's config, over the source's %r%s", where, key,
+                new, old, "" if execution else " (the context the model runs at)")  # fmt: skip
+    return ModelConfig.from_dict({**base, **{k: new for k, (_, new) in changes.items()}})
 
 
 def warn_builtin_eval(config) -> list[str]:

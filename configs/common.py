@@ -128,7 +128,7 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     c.eval_every = 200  # steps between held-out evaluations (0 = never)
     c.eval_at_start = True  # also evaluate the initial model (a baseline for the curves)
     c.ckpt_every = 500  # steps between checkpoints, and at the last step (0 = none but on SIGTERM)
-    c.keep_ckpts = 3  # checkpoints kept on disk
+    c.keep_ckpts = 3  # newest checkpoints kept on disk (0 keeps every checkpoint)
     c.async_ckpt = True  # write checkpoints in the background
     # Resuming when the latest checkpoint cannot be restored (a truncated or missing file):
     # "fallback" moves it to WORKDIR/checkpoints_corrupt/<step>-<UTC time>/ (nothing deleted),

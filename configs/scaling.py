@@ -96,7 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every = total.identity()  # one held-out evaluation, at the last step
     c.eval_at_start = False
     c.ckpt_every = total // 2  # halfway (resume point) and the last step
-    c.keep_ckpts = 1
+    c.keep_ckpts = 1  # the newest checkpoint only (0 keeps every checkpoint)
     c.log_every = 10
     c.progress_bar = False  # runs are logged to files by the sweep
     c.lock()

@@ -42,7 +42,7 @@ from flaxlm.data.synthetic_vocab import ATTRIBUTES, UNSAFE_WORDS, WORDS, Entity,
 
 __all__ = ["ATTRIBUTES", "NOISE_KINDS", "PRESETS", "UNSAFE_WORDS", "Entity", "World", "WorldConfig",
            "build_world", "extract_answers", "format_answer", "is_correct", "judge", "judge_parts",
-           "load_world", "read_jsonl", "write_world"]  # fmt: skip
+           "load_world", "read_jsonl", "write_unsafe_words", "write_world"]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,10 +259,13 @@ def write_world(out_dir: str, preset: str | WorldConfig = "demo", seed: int = 0,
 
     Files: <name>.jsonl for pretrain, pretrain_labels, heldout_text, sft_train, sft_heldout,
     heldout_facts, preferences, preferences_heldout, rl_prompts; entities.jsonl;
-    eval/<task>.jsonl; manifest.json (seed, config, counts, noise counts, eval task index).
+    eval/<task>.jsonl; unsafe_words.txt (the world's toxic words, one a line: the data
+    cleaner's extra word list, `clean.toxic_lists`); manifest.json (seed, config, counts, noise
+    counts, eval task index), written last.
     """
     world = build_world(preset, seed, **overrides)
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
+    write_unsafe_words(out_dir)
     for name in _RECORD_FILES:
         _write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), getattr(world, name))
     _write_jsonl(os.path.join(out_dir, "entities.jsonl"), [e.to_json() for e in world.entities])
@@ -271,6 +274,14 @@ def write_world(out_dir: str, preset: str | WorldConfig = "demo", seed: int = 0,
     with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(world.manifest(), f, indent=1, ensure_ascii=False)
     return world
+
+
+def write_unsafe_words(out_dir: str) -> str:
+    """Writes out_dir/unsafe_words.txt (UNSAFE_WORDS, one a line); returns its path."""
+    path = os.path.join(out_dir, "unsafe_words.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(UNSAFE_WORDS) + "\n")
+    return path
 
 
 def load_world(out_dir: str) -> World:

@@ -34,7 +34,10 @@ another task, head or LoRA spec, or a model config that differs in any key but t
 only ones (`EXECUTION_ONLY_MODEL_KEYS`: how the same function is computed). Without that check
 a changed `model.param_dtype` silently cast the float32 master weights, and a changed
 `rope_theta` silently resumed a different model; shape changes failed on every step with an
-error naming no key. Nothing is moved then (the steps are readable, just not this run's).
+error naming no key. Nothing is moved then (the steps are readable, just not this run's). A run
+started from another's weights (`init_from`) may also differ from its source in the context-length
+keys (`CONTEXT_MODEL_KEYS`: long-context fine-tuning); any other difference is refused the same
+way (`init_from_model_changes`, used by the loop and the alignment stages).
 """
 
 from __future__ import annotations
@@ -105,6 +108,47 @@ RESUME_META_KEYS = ("task", "model_config", "head", "lora")
 EXECUTION_ONLY_MODEL_KEYS = frozenset(
     {"attention_impl", "flash_block", "remat_policy", "join_projections", "dtype", "init_std"}
 )
+# ModelConfig keys of the context a model runs at: its length and RoPE's frequencies (base and
+# scaling). A run started from another's weights (`init_from`) may set them differently from its
+# source — long-context fine-tuning extends a model's context this way — but a resume may not:
+# that would be another model than the checkpoint's.
+CONTEXT_MODEL_KEYS = frozenset(
+    {"max_seq_len", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+     "rope_high_freq_factor", "rope_original_max_len", "rope_yarn_beta_fast",
+     "rope_yarn_beta_slow", "rope_yarn_truncate", "rope_attention_factor",
+     "rope_short_factors", "rope_long_factors"}
+)  # fmt: skip
+# What a run started from another run's weights may change of its source's model config: also
+# `param_dtype`, as a new run may store its weights otherwise (bfloat16 params to fit a 7B
+# fine-tune on one GPU, from float32 or an HF import; `load_params` reads each leaf in the
+# target's dtype). Every other key (shapes, activation, norms, MoE routing, ...) changes what
+# the loaded weights compute and is refused (`init_from_model_changes`).
+INIT_FROM_FREE_MODEL_KEYS = EXECUTION_ONLY_MODEL_KEYS | CONTEXT_MODEL_KEYS | {"param_dtype"}
+
+
+def init_from_model_changes(source: dict, run: dict, where: str) -> dict[str, tuple[Any, Any]]:
+    """{key: (the source's value, this run's)} for every ModelConfig key where the model config
+    of a run started from another's weights (`run`) differs from its source's (`source`, both
+    dicts; `where` names the source, "init_from=RUN"). Raises a ValueError naming each differing
+    key outside INIT_FROM_FREE_MODEL_KEYS with both values: loaded into another function (an
+    activation, a norm epsilon, another shape) the weights would train on silently as a
+    different model."""
+    a = json.loads(json.dumps(_normal_model_config(source)))  # tuples as lists on both sides
+    b = json.loads(json.dumps(_normal_model_config(run)))
+    changes = {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
+               if a.get(k, ABSENT) != b.get(k, ABSENT)}  # fmt: skip
+    refused = {k: v for k, v in changes.items() if k not in INIT_FROM_FREE_MODEL_KEYS}
+    if refused:
+        lines = "".join(f"\n  model.{k}: {where} has {old!r}, this run {new!r}"
+                        for k, (old, new) in refused.items())  # fmt: skip
+        raise ValueError(
+            f"{where}: this run's model config differs from its source's where that changes "
+            f"what the loaded weights compute (or their shapes or storage):{lines}\nSet these "
+            "keys as the source has them. Only the execution keys "
+            f"({', '.join(sorted(EXECUTION_ONLY_MODEL_KEYS))}) and the context-length ones "
+            f"({', '.join(sorted(CONTEXT_MODEL_KEYS))}) may differ."
+        )
+    return changes
 
 
 def _normal_model_config(d):

@@ -6,7 +6,10 @@ What the loop does, so tasks never do it again:
     in the workdir (state and data-iterator position; an unreadable latest step is moved aside
     and the next newest resumed, `ckpt_on_corrupt`; another run's checkpoints — another task
     or model config — are refused, naming the keys), or starts from `config.init_from` (its
-    latest params, or with `init_from_ema` its EMA weights: `init_from_ema` below);
+    latest params, or with `init_from_ema` its EMA weights: `init_from_ema` below; a model
+    config that differs from the source's where that changes what its weights compute is
+    refused, naming the keys, and the keys that may differ are logged and recorded in
+    events.jsonl, `init_from_model_changed`);
   * dispatches step N before reading step N−1's metrics and fetches metrics only every
     `log_every` steps, so the host never stalls the device; `jax_transfer_guard` is set to
     "disallow" around the step so an accidental host↔device copy is an error;
@@ -27,7 +30,8 @@ What the loop does, so tasks never do it again:
     when only one saw the signal or ran out of data. Saves (periodic and on SIGTERM) wait for
     the batch source's boundary when it has one (`at_boundary()`: PPO/GRPO finish the current
     rollout's minibatches, no generation), so every checkpoint resumes bit for bit;
-  * keeps metrics.jsonl to one line per logged step of the run as it finally went: a rollback
+  * keeps metrics.jsonl to one line per logged step of the run as it finally went (and one at
+    each checkpoint saved between log steps: no step is left out by a resume from it): a rollback
     or a resume moves the lines of the steps it trains again to metrics.superseded.jsonl and
     records the event in events.jsonl (train/metrics.py);
   * on a resume, compares the checkpoint's saved config with this run's: each changed key is
@@ -153,9 +157,11 @@ def check_cadence(config) -> None:
     """Refuses, naming the key, a cadence the loop cannot mean. `log_every` < 1 used to turn off
     the metrics and the guard's rollbacks silently (and the host kept every step's metrics);
     `eval_every` / `ckpt_every` keep their documented 0 (never / only on SIGTERM), but a
-    negative value meant the same silently."""
+    negative value meant the same silently. `keep_ckpts` (0 keeps every checkpoint) < 0 failed
+    in orbax's save with a traceback naming no key."""
     is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
-    keys = {"log_every": 1, "eval_every": 0, "ckpt_every": 0, "guard.max_rollbacks": 0}
+    keys = {"log_every": 1, "eval_every": 0, "ckpt_every": 0, "guard.max_rollbacks": 0,
+            "keep_ckpts": 0}  # fmt: skip
     for key, least in keys.items():
         value = config
         for part in key.split("."):
@@ -231,7 +237,9 @@ def _refuse_another_optimizer(ckpt, config, tx, target, trainable_mask) -> None:
 
 
 def _init_or_resume(config, task, ckpt, tx, mesh, rules):
-    """(state, shardings, start step, resumed, config changes since the checkpoint)."""
+    """(state, shardings, start step, resumed, changes): on a resume the config keys changed
+    since the checkpoint, on a start from `init_from` the model keys that differ from the
+    source's."""
     ema = dict(ema=ema_lib.settings(config)[0] > 0, trainable_mask=task.trainable_mask)
     shardings = state_shardings(task.init_params, tx, mesh, rules, **ema)
     if ckpt is not None and ckpt.latest_step() is not None:
@@ -248,6 +256,7 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
         changes = _report_config_changes(config, saved.get("config"), latest)
         return state, shardings, latest, True, changes
     from_ema = init_from_ema(config)  # a bad source fails before the init is compiled
+    model_changes = _init_from_model_changes(config, task)  # (likewise)
     loaded = None
     if config.get("init_from"):
         # Read into the training shardings, then one jitted init builds the state around them
@@ -268,7 +277,32 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
     )
     if loaded is not None:
         log.info("initialised params from %s%s", config.init_from, " (EMA)" if from_ema else "")
-    return state, shardings, 0, False, {}
+    return state, shardings, 0, False, model_changes
+
+
+def _init_from_model_changes(config, task) -> dict:
+    """{key: (init_from's value, this run's)} for each ModelConfig key where this run's model
+    (`task.model_meta["model_config"]`) differs from its `init_from` run's (that run's meta),
+    logged; one that changes what the loaded weights compute (an activation, a norm epsilon, a
+    shape) is an error naming each key and both values (checkpoint.init_from_model_changes),
+    before any weights are read: pretraining from a run with another `mlp_activation` used to load
+    silently into another function. {} without init_from, for an HF source ("hf:DIR": its
+    stage resolves the architecture from config.json) or where either side records none."""
+    source = config.get("init_from", "")
+    ours = task.model_meta.get("model_config")
+    if not source or source.startswith("hf:") or not ours:
+        return {}
+    theirs = ckpt_lib.read_meta(source)[1].get("model_config")
+    if not theirs:
+        return {}
+    changes = ckpt_lib.init_from_model_changes(theirs, ours, f"init_from={source}")
+    if changes:
+        context = any(k not in ckpt_lib.EXECUTION_ONLY_MODEL_KEYS for k in changes)
+        log.log(logging.WARNING if context else logging.INFO,
+                "init_from=%s: this run's model config differs from the source's: %s", source,
+                "; ".join(f"model.{k}: {a!r} there, {b!r} here"
+                          for k, (a, b) in changes.items()))  # fmt: skip
+    return changes
 
 
 def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
@@ -310,10 +344,16 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
                 jitted = step_fn
                 step_fn = lambda s, b: jitted(s, b, task.frozen)  # noqa: E731
             writer = MetricWriter(workdir, resume_step=start if resumed else None)
-            if changes:
+            if changes and resumed:
                 writer.event("config_changed", f"resumed from checkpoint {start} with "
                              f"{len(changes)} config key(s) changed", step=start,
                              changes={k: {"checkpoint": a, "run": b}
+                                      for k, (a, b) in changes.items()})  # fmt: skip
+            elif changes:  # a start from init_from: its model keys that differ
+                writer.event("init_from_model_changed", f"started from init_from="
+                             f"{config.init_from} with {len(changes)} model key(s) of its "
+                             "config changed", step=0,
+                             changes={f"model.{k}": {"init_from": a, "run": b}
                                       for k, (a, b) in changes.items()})  # fmt: skip
             if resumed and start >= total:
                 why = (f"checkpoint {start} is at or past total_steps={total}: nothing to train "
@@ -354,9 +394,14 @@ def _maybe_eval(task, state, step, writer, summary) -> bool:
     return True
 
 
-def _log_window(window, meter, state, writer, summary, bar, step) -> dict:
-    """Writes the metrics of the steps since the last log line (one device fetch)."""
+def _log_window(window, meter, state, writer, summary, bar, step,
+                cut_at_checkpoint: bool = False) -> dict:  # fmt: skip
+    """Writes the metrics of the steps since the last log line (one device fetch).
+    `cut_at_checkpoint`: a line before its log step, at a checkpoint saved there (marked
+    `"cut_at_checkpoint": true`; the next line averages the steps after it)."""
     rec = _summarise(jax.device_get(window))
+    if cut_at_checkpoint:
+        rec["cut_at_checkpoint"] = True
     rec.update(meter.measure())
     rec["n_skipped"] = int(jax.device_get(state.guard["n_skipped"]))
     mem = peak_memory_gb()
@@ -495,11 +540,17 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
             if sync.multi:  # the steps until the next sync step are more now
                 sync.agree(step, preempt)
             continue
+        save_due |= itstime(step, config.ckpt_every, total)
+        save_now = save_due and (_at_boundary(task) or step == total)
+        if save_now and window:
+            # Every checkpoint ends on a logged line: a resume or rollback to it trains from
+            # the next step on, and the steps since the last log line used to be in no line.
+            _log_window(window, meter, state, writer, summary, bar, step, cut_at_checkpoint=True)
+            window = []
         if itstime(step, config.eval_every, total):
             if _maybe_eval(task, state, step, writer, summary):
                 meter.skip()  # evaluating is no training time
-        save_due |= itstime(step, config.ckpt_every, total)
-        if save_due and (_at_boundary(task) or step == total):
+        if save_now:
             ckpt.save(step, state, _data_state(task), meta)
             meter.skip()  # nor is copying the state out for the save
             save_due = False

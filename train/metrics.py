@@ -2,9 +2,11 @@
 
 `metrics.jsonl` has one JSON object per logged step (`step`, `loss`, `lr`, `grad_norm`,
 `tokens_per_s` of the whole job, `mfu`, ... and `eval/...` keys at eval steps) of the run as it
-finally went: steps a guard rollback or a resume trains again have their earlier lines moved to
-`metrics.superseded.jsonl` (tagged with the event and why), and `events.jsonl` records each
-resume, rollback and early stop. Only process 0 writes.
+finally went, and one at each checkpoint saved between log steps (`"cut_at_checkpoint": true`,
+the steps since the line before: train/loop.py), so every checkpoint ends on a line and a resume
+or rollback to it leaves no step out of the file. Steps a guard rollback or a resume trains
+again have their earlier lines moved to `metrics.superseded.jsonl` (tagged with the event and
+why), and `events.jsonl` records each resume, rollback and early stop. Only process 0 writes.
 
 MFU = achieved model FLOP/s ÷ (peak FLOP/s per chip × chips), with model FLOPs per token from
 `ModelConfig.flops_per_token` (PaLM count: 6·N_matmul + 12·L·d_attn·T, a sliding-window layer's
@@ -190,11 +192,11 @@ class MetricWriter:
     """Appends to WORKDIR/metrics.jsonl and writes TensorBoard events (process 0 only).
 
     metrics.jsonl holds one line per logged step of the run as it finally went (and one per
-    eval): when a rollback or a resume trains steps again, the lines of the steps after the
-    checkpoint it continues from are moved, in one atomic replace, to
-    metrics.superseded.jsonl — each with a `superseded` entry naming the event and why — and
-    the event is appended to events.jsonl. Nothing logged is lost. TensorBoard hides the
-    superseded steps too (tensorboardX's `purge_step`).
+    eval, and one per checkpoint saved between log steps): when a rollback or a resume trains
+    steps again, the lines of the steps after the checkpoint it continues from are moved, in
+    one atomic replace, to metrics.superseded.jsonl — each with a `superseded` entry naming
+    the event and why — and the event is appended to events.jsonl. Nothing logged is lost.
+    TensorBoard hides the superseded steps too (tensorboardX's `purge_step`).
 
     Args:
       workdir: the run directory.

@@ -42,7 +42,9 @@ def guard_config() -> ml_collections.ConfigDict:
     c.spike_zscore = 0.0  # discard updates with loss > mean + z·std of recent losses (0 = off)
     c.spike_min_rel = 0.1  # ...and loss > (1 + this)·mean, so tiny variance cannot trigger it
     c.ema_decay = 0.98  # decay of the running loss mean/variance (≈ a 50-step window)
-    c.warmup_steps = 50  # accepted steps before spike detection starts
+    # accepted steps before spike detection starts (at least 2); the mean/variance restart a
+    # fifth of it (at least 5 steps) before, so the early descent is not in them
+    c.warmup_steps = 50
     # Roll back to the last checkpoint when this many bad steps in a row are seen at a log step
     # (the loop checks every log_every steps): a streak a good step ends before then is only
     # skipped, not rolled back. 0 = never roll back (bad steps are only skipped).
@@ -130,6 +132,15 @@ def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, t
     return loss / w, metrics, grads
 
 
+def _restart_at(warmup_steps: int) -> int:
+    """The count of accepted steps at which the spike statistics restart: a fifth of the warmup
+    (at least 5 steps) before detection starts, so that detection starts from the level and
+    spread of the losses just before it. Kept from step 1, they carried the steep early descent
+    (a mean far above the loss, a std of its whole fall) long past the warmup: a 5x spike at
+    step 71 of a 50-step warmup passed."""
+    return max(warmup_steps - max(warmup_steps // 5, 5), 0)
+
+
 def _guard_verdict(guard: dict, loss, grad_norm, cfg) -> jax.Array:
     """True when the update should be applied."""
     ok = jnp.ones((), bool)
@@ -138,7 +149,9 @@ def _guard_verdict(guard: dict, loss, grad_norm, cfg) -> jax.Array:
     if cfg.spike_zscore > 0:
         mean, std = guard["loss_mean"], jnp.sqrt(guard["loss_var"])
         spike = (
-            (guard["n_accepted"] >= cfg.warmup_steps)
+            # (at least 2 losses: with warmup_steps=0 the empty statistics, mean 0, used to
+            # call the first step a spike, and every later one, for ever)
+            (guard["n_accepted"] >= max(cfg.warmup_steps, 2))
             & (loss > mean + cfg.spike_zscore * std)
             & (loss > (1.0 + cfg.spike_min_rel) * mean)
         )
@@ -146,11 +159,24 @@ def _guard_verdict(guard: dict, loss, grad_norm, cfg) -> jax.Array:
     return ok
 
 
-def _update_guard(guard: dict, loss, ok, decay: float) -> dict:
-    first = guard["n_accepted"] == 0
-    d = jnp.where(first, 0.0, decay)
-    mean = d * guard["loss_mean"] + (1 - d) * loss
-    var = d * guard["loss_var"] + (1 - d) * jnp.square(loss - guard["loss_mean"]) * (1 - first)
+def _update_guard(guard: dict, loss, ok, cfg) -> dict:
+    """The guard's counters after a step, and its loss statistics after an accepted one: a
+    mean and variance over the accepted losses since the last restart (`_restart_at`: at the
+    start, and again shortly before the warmup ends), exponentially weighted (`ema_decay`) and
+    bias-corrected as Adam's moments are — the k-th loss since the restart gets the weight
+    (1 − d)/(1 − d^k) — so that right after a restart they average the few losses seen so far
+    equally, not mostly the first, and then forget at the EMA's rate (≈ a 50-step window).
+    The state's layout is unchanged: a checkpoint saved before the restart existed resumes
+    with its statistics as they were, which then forget its early losses at that rate."""
+    n = guard["n_accepted"]
+    start = _restart_at(cfg.warmup_steps)
+    k = jnp.where(n >= start, n - start, n) + 1  # losses in the statistics, this one included
+    decay = jnp.float32(cfg.ema_decay)
+    first = k == 1
+    w = jnp.where(first, 1.0, (1 - decay) / (1 - jnp.power(decay, k.astype(jnp.float32))))
+    dev = loss - guard["loss_mean"]
+    mean = jnp.where(first, loss, guard["loss_mean"] + w * dev)
+    var = jnp.where(first, 0.0, (1 - w) * guard["loss_var"] + w * jnp.square(dev))
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
     return {
         "loss_mean": keep(mean, guard["loss_mean"]),
@@ -191,7 +217,7 @@ def train_step(
         step=state.step + 1,
         params=keep(new_params, state.params),
         opt_state=keep(new_opt_state, state.opt_state),
-        guard=_update_guard(state.guard, loss, ok, guard.ema_decay),
+        guard=_update_guard(state.guard, loss, ok, guard),
     )
     extra = {}
     if isinstance(state, EmaTrainState):

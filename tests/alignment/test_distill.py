@@ -221,6 +221,13 @@ def runs(tmp_path_factory, cache_dir):
     return H.fake_runs(str(tmp_path_factory.mktemp("distill_runs")), cache_dir)
 
 
+# The shape of the fake "SFT" run (rl_helpers.fake_runs: the tiny variant's). A student started
+# from it (init_from) sets these as its source has them: the 1-layer student's set shape would
+# be refused, not ignored (alignment/common.py `resolve_model_config`).
+SFT_SHAPE = {f"model.{k}": getattr(get_variant("tiny"), k)
+             for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff")}  # fmt: skip
+
+
 def _config(cache_dir, **overrides):
     return H.tiny(distill_config, cache_dir, **{
         "model.vocab_size": H.VOCAB, "model.n_layers": 1, "model.d_model": 32,
@@ -263,7 +270,7 @@ def test_a_lora_student_starting_as_its_teacher_has_nothing_to_learn(runs, cache
     """init_from = the teacher, adapters at zero: divergence 0, agreement 1, the same NLL."""
     sft, _ = runs
     wd = tmp_path / "lora"
-    c = _config(cache_dir, init_from=sft, **{
+    c = _config(cache_dir, init_from=sft, **SFT_SHAPE, **{
         "distill.teacher": sft, "lora.rank": 4, "total_steps": 1, "eval_every": 1,
         "ckpt_every": 1, "eval_gen.sets": "", "distill.divergence": "jsd",
     })  # fmt: skip
@@ -430,10 +437,23 @@ def test_a_student_with_another_tokenizer_is_refused(runs, cache_dir, tmp_path, 
     assert chat_tokenizer[0] in str(e.value) and sft in str(e.value)
 
 
+def test_a_student_set_to_another_shape_than_its_init_from_is_refused(runs, cache_dir, tmp_path):
+    """The 1-layer student shape `_config` sets, with init_from the 2-layer "SFT" run: the set
+    keys used to be dropped silently (the student was the source's shape); now an error names
+    each, with both values, before the teacher is read or anything compiled."""
+    sft, _ = runs
+    c = _config(cache_dir, init_from=sft, **{"distill.teacher": sft})
+    with pytest.raises(ValueError) as e:
+        distill.run(c, str(tmp_path / "wd"))
+    for line in (f"model.n_layers: init_from={sft} has 2, this run 1",
+                 f"model.d_model: init_from={sft} has 64, this run 32"):  # fmt: skip
+        assert line in str(e.value)
+
+
 def test_a_teacher_whose_vocabulary_misses_tokenizer_ids_is_refused(runs, cache_dir, tmp_path):
     sft, _ = runs
     small = _lm_run(tmp_path / "teacher", read_meta(sft)[1]["tokenizer"], H.VOCAB // 2)
-    c = _config(cache_dir, init_from=sft, **{"distill.teacher": small})
+    c = _config(cache_dir, init_from=sft, **SFT_SHAPE, **{"distill.teacher": small})
     with pytest.raises(ValueError, match=f"teacher {small}'s vocab_size {H.VOCAB // 2}"):
         distill.run(c, str(tmp_path / "wd"))
 

@@ -205,6 +205,86 @@ def test_sizes_from_another_variant_than_init_from_are_warned(caplog):
     assert common.warn_sizes_from_another_variant(c, get_variant("125m")) is None
 
 
+def test_init_from_takes_the_execution_and_context_keys_the_config_sets(sft_run, sft_cfg, caplog):
+    """A stage started from init_from used to drop every --config.model.* key (remat_policy,
+    dtype, attention_impl, rope_scaling ...) silently: it trained the source's model as it was,
+    while its checkpoint's config said otherwise. Now the keys the config sets apply over the
+    source's architecture, each logged, and the checkpoint meta's model_config is the model
+    that trains; the loop records them in events.jsonl (what `init_from_model_changed` holds)."""
+    from flaxlm.alignment import sft
+    from flaxlm.models.sharding import make_mesh
+    from flaxlm.train import loop
+
+    src, _ = sft_run
+    source = read_meta(src)[1]["model_config"]
+    assert source["remat_policy"] == "none" and source["rope_scaling"] == "none"
+    set_keys = {
+        "remat_policy": "full",
+        "dtype": "bfloat16",
+        "attention_impl": "flash",
+        "rope_scaling": "linear",
+        "rope_scaling_factor": 4.0,
+        "max_seq_len": 1024,
+        "param_dtype": "bfloat16",  # a new run may store its weights otherwise (7B on one GPU)
+    }
+    c = sft_cfg(init_from=src, **{f"model.{k}": v for k, v in set_keys.items()})
+    assert common.model_keys_set(c) == {"vocab_size": 512, **set_keys}  # (512: conftest's)
+    with caplog.at_level("INFO", logger="flaxlm"):
+        task = sft.build_task(c, make_mesh({"data": -1}))
+    trained = json.loads(json.dumps(task.model_meta["model_config"]))  # (as the meta holds it)
+    assert {k: trained[k] for k in set_keys} == set_keys
+    assert {k: v for k, v in trained.items() if k not in set_keys} == {
+        k: v for k, v in source.items() if k not in set_keys
+    }  # the rest is the source's architecture
+    for key, value in set_keys.items():
+        assert f"init_from={src}: model.{key}={value!r} from this run's config" in caplog.text
+    changes = loop._init_from_model_changes(c, task)
+    assert changes == {k: (source[k], v) for k, v in set_keys.items()}
+
+
+def test_init_from_refuses_set_keys_that_change_what_the_weights_compute(sft_cfg):
+    """A set key that changes the source's shapes or function is an error naming each key and
+    both values (it used to be dropped silently); one set to the source's own value, and the
+    model section the config's variant brings (not set by anyone), are not."""
+    from flaxlm.configs import dpo as dpo_config
+    from flaxlm.configs.common import override
+    from flaxlm.models import hf
+
+    meta = {"model_config": get_variant("tiny", vocab_size=512).to_dict()}
+    c = sft_cfg(
+        init_from="runs/pt",
+        **{
+            "model.d_model": 128,
+            "model.mlp_activation": "gelu",
+            "model.norm_eps": 1e-6,
+            "model.remat_policy": "full",
+        },
+    )
+    with pytest.raises(ValueError) as e:
+        common.resolve_model_config(c, meta)
+    msg = str(e.value)
+    assert "model.d_model: init_from=runs/pt has 64, this run 128" in msg
+    assert "model.mlp_activation: init_from=runs/pt has 'silu', this run 'gelu'" in msg
+    assert "model.norm_eps: init_from=runs/pt has 1e-05, this run 1e-06" in msg
+    assert "remat_policy: init_from" not in msg  # (an execution key: free)
+    same = sft_cfg(init_from="runs/pt", **{"model.d_model": 64, "model.remat_policy": "full"})
+    assert common.resolve_model_config(same, meta).remat_policy == "full"
+    # dpo.py:variant=125m's own model section (another shape, vocab 32000): nothing set
+    big = override(dpo_config.get_config("variant=125m"), {"init_from": "runs/pt"})
+    assert common.model_keys_set(big) == {}
+    assert common.resolve_model_config(big, meta) == get_variant("tiny", vocab_size=512)
+    # An HF source: the same rules over its config.json.
+    path = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf", "llama")
+    hf_cfg = hf.load_config(path)
+    c = override(dpo_config.get_config("runlocal=True"),
+                 {"init_from": f"hf:{path}", "model.rope_theta": 5e5})  # fmt: skip
+    assert common.resolve_model_config(c, {}) == hf_cfg.replace(rope_theta=5e5)
+    override(c, {"model.n_layers": 3})
+    with pytest.raises(ValueError, match=rf"model.n_layers: init_from=hf:{path} has 2, this "
+                                         "run 3"):  # fmt: skip
+        common.resolve_model_config(c, {})
+
+
 def test_score_own_meta_with_a_task_is_exact_match():
     """eval_gen scoring: the world's judge only for the world's tasks; a user's meta that names
     its own task (e.g. "math") is exact match with the reference, not a judge error."""

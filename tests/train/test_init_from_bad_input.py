@@ -54,6 +54,45 @@ def test_init_from_another_shape_names_the_params(source, change, match):
     assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded))
 
 
+def test_init_from_another_function_is_refused_naming_each_key(source, tmp_path, monkeypatch):
+    """A run whose model config has the source's shapes but computes another function (GeGLU on
+    a SwiGLU run, another norm epsilon) used to load and train silently; now an error names each
+    key with both values, before the state is built (nothing is read or compiled)."""
+    from flaxlm.train import loop
+
+    def no_state(*a, **k):
+        raise AssertionError("the state was built before the model configs were compared")
+
+    monkeypatch.setattr(loop, "create_train_state", no_state)
+    c = _config(init_from=source, **{"model.mlp_activation": "gelu", "model.norm_eps": 0.1,
+                                     "model.remat_policy": "full"})  # fmt: skip
+    with pytest.raises(ValueError) as e:
+        pretrain.run(c, str(tmp_path / "run"))
+    msg = str(e.value)
+    assert f"model.mlp_activation: init_from={source} has 'silu', this run 'gelu'" in msg
+    assert f"model.norm_eps: init_from={source} has 1e-05, this run 0.1" in msg
+    assert "remat_policy: init_from" not in msg  # (how, not what, it computes: free)
+
+
+def test_init_from_with_other_execution_and_context_keys_is_logged_and_recorded(source, tmp_path,
+                                                                              caplog):  # fmt: skip
+    """The keys that may differ from the source (execution, context length: long-context
+    training from a run) are logged, and recorded in events.jsonl; they used to go unsaid."""
+    import json
+
+    c = _config(init_from=source, **{"model.max_seq_len": 512, "model.init_std": 0.01})
+    with caplog.at_level("INFO", logger="flaxlm"):
+        pretrain.run(c, str(tmp_path))
+    assert (f"init_from={source}: this run's model config differs from the source's: "
+            "model.init_std: 0.02 there, 0.01 here; model.max_seq_len: 256 there, 512 here"
+            ) in caplog.text  # fmt: skip
+    assert any(r.levelname == "WARNING" and "max_seq_len" in r.message for r in caplog.records)
+    (event,) = [json.loads(x) for x in open(tmp_path / "events.jsonl")
+                if json.loads(x)["event"] == "init_from_model_changed"]  # fmt: skip
+    assert event["changes"] == {"model.init_std": {"init_from": 0.02, "run": 0.01},
+                                "model.max_seq_len": {"init_from": 256, "run": 512}}  # fmt: skip
+
+
 def test_load_params_names_what_the_checkpoint_lacks(source):
     target = _target(_config())
     with pytest.raises(CheckpointError, match=r"has no params \[\"\['value'\]\['w'\]\"\]"):

@@ -188,6 +188,20 @@ def test_cadence_keys_below_their_least_are_named():
         pretrain.run(_config(log_every=0), "/nonexistent/never-created")
 
 
+def test_keep_ckpts_below_zero_is_named_and_zero_keeps_every_checkpoint(tmp_path):
+    """keep_ckpts=-1 used to fail in orbax's first save with a traceback naming no key."""
+    with pytest.raises(ValueError, match=r"config: keep_ckpts=-1 must be an integer >= 0"):
+        loop.check_cadence(_config(keep_ckpts=-1))
+    with pytest.raises(ValueError, match="keep_ckpts=-1"):  # loop.run checks first
+        pretrain.run(_config(keep_ckpts=-1), "/nonexistent/never-created")
+    loop.check_cadence(_config(keep_ckpts=0))
+    ckpt = Checkpointer(tmp_path, keep=0, async_save=False)  # what loop.run makes of it
+    for step in range(1, 6):
+        ckpt.save(step, {"x": np.full(2, step, np.float32)})
+    ckpt.close()
+    assert Checkpointer(tmp_path).all_steps() == [1, 2, 3, 4, 5]
+
+
 def test_rollback_over_an_unreadable_latest_checkpoint_takes_the_one_before(tmp_path):
     """The rollback restores like a resume: an unreadable newest step is moved aside and the
     one before it restored, instead of the run crashing."""

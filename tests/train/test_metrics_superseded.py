@@ -116,6 +116,40 @@ def test_resume_moves_the_interrupted_runs_lines_aside(tmp_path):
     assert resume["last_logged_step"] == 15 and resume["superseded_lines"] == 5
 
 
+def test_a_resume_from_a_checkpoint_between_log_steps_leaves_no_step_out(tmp_path):
+    """Every checkpoint ends on a logged line (`cut_at_checkpoint`). Resumed from checkpoint 12
+    of a log_every=5 run, steps 11 and 12 used to be in no line of metrics.jsonl, and the first
+    line after the resume (15) averaged 3 steps where the uninterrupted run's averaged 5. Now
+    the resumed run's file is the uninterrupted run's, line for line."""
+    c = _config(total_steps=20, ckpt_every=3, log_every=5)
+    _run(c, tmp_path / "ref")
+    with pytest.raises(RuntimeError, match="node lost"):
+        _run(c, tmp_path / "run", fail_at=14)  # 14 steps done, checkpoint 12
+    _run(c, tmp_path / "run")
+    ref, final = _files(tmp_path / "ref")[0], _files(tmp_path / "run")[0]
+    assert [r["step"] for r in final] == [3, 5, 6, 9, 10, 12, 15, 18, 20]
+    assert [r["step"] for r in final if r.get("cut_at_checkpoint")] == [3, 6, 9, 12, 18]
+    assert [r["step"] for r in ref] == [r["step"] for r in final]
+    assert [r["loss"] for r in ref] == [r["loss"] for r in final]  # (a bitwise resume)
+    (resume,) = _files(tmp_path / "run")[2]
+    assert resume["to_step"] == 12 and resume["last_logged_step"] == 12
+
+
+def test_a_rollback_to_a_checkpoint_between_log_steps_leaves_no_step_out(tmp_path):
+    """The rollback path: a checkpoint (10) saved inside a NaN streak, between log steps,
+    ends on a cut line; the rollback at log step 12 moves only line 12 aside, and the steps
+    trained again after it are in the lines that follow, each step of the run in one line."""
+    c = _config(total_steps=20, ckpt_every=5, log_every=4, **{"guard.max_bad_in_row": 3})
+    _, summary = _run(c, tmp_path, bad=range(6, 12))  # steps 7..12 are bad
+    assert summary["rollbacks"] == 1
+    final, superseded, events = _files(tmp_path)
+    assert [r["step"] for r in final] == [4, 5, 8, 10, 12, 15, 16, 20]
+    assert [r["step"] for r in final if r.get("cut_at_checkpoint")] == [5, 10, 15]
+    assert final[3]["skipped"] == 2 and final[4]["skipped"] == 0  # 9, 10 bad; 11, 12 redone
+    assert [r["step"] for r in superseded] == [12] and superseded[0]["skipped"] == 2
+    assert [(e["event"], e["to_step"]) for e in events] == [("rollback", 10)]
+
+
 def test_restart_without_a_checkpoint_moves_every_line_aside(tmp_path):
     c = _config(total_steps=4, ckpt_every=0, log_every=1)
     with pytest.raises(RuntimeError, match="node lost"):

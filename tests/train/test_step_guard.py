@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from flaxlm.train.optim import make_optimizer, opt_config
 from flaxlm.train.state import TrainState, new_guard
@@ -65,3 +66,55 @@ def test_loss_spike_is_skipped_after_warmup():
     state, m = _step(state, tx, sched, guard, jnp.ones((2, 3)), 50.0)  # 50× the usual loss
     assert float(m["skipped"]) == 1
     np.testing.assert_array_equal(state.params["w"], w)
+
+
+def _jitted(tx, sched, guard):
+    return jax.jit(lambda s, b: train_step(s, b, loss_fn=_loss, tx=tx, schedule=sched, guard=guard))
+
+
+def test_a_spike_after_a_steep_early_descent_is_caught():
+    """The spike statistics used to start at step 1 and still carry the early descent long after
+    the warmup (a mean far above the loss, the std of its whole fall): after 50 warmup steps
+    falling from 5.5 to 1.5, a 5x loss at step 71 passed. They now restart for the last fifth
+    of the warmup, so detection starts from the losses just before it: a 3x loss is caught, and
+    no ordinary step (noise of 2%) is skipped."""
+    c = opt_config()
+    c.warmup_steps, c.lr = 0, 1e-7  # the weights barely move: the loss is 9·scale
+    tx, sched = make_optimizer(c, 100)
+    guard = guard_config()
+    guard.spike_zscore = 3.0
+    assert guard.warmup_steps == 50 and guard.ema_decay == 0.98  # the documented defaults
+    step = _jitted(tx, sched, guard)
+    state, x = _state(tx), jnp.ones((2, 3))
+    rng = np.random.default_rng(0)
+    skipped = []
+    for t in range(1, 81):
+        loss = 1.4 + 4.1 * np.exp(-t / 15) + 0.03 * rng.standard_normal()
+        loss *= 3.0 if t == 71 else 1.0
+        state, m = step(state, {"x": x, "scale": jnp.float32(loss / 9)})
+        assert float(m["loss"]) == pytest.approx(loss, rel=1e-4)
+        if float(m["skipped"]):
+            skipped.append(t)
+    assert skipped == [71]
+    assert int(state.guard["n_accepted"]) == 79 and int(state.guard["n_skipped"]) == 1
+    # The statistics hold the recent losses (1.64 at step 41, 1.43 at 80), not the descent
+    # (the old ones, had the spike been skipped: mean 2.5, std 1.5 at step 80).
+    assert 1.43 < float(state.guard["loss_mean"]) < 1.55
+    assert float(state.guard["loss_var"]) < 0.1**2
+
+
+def test_spike_detection_without_warmup_needs_two_losses_first():
+    """guard.warmup_steps=0 compared the first loss with empty statistics (mean 0): a spike,
+    skipped, the statistics never updated, and so every later step too."""
+    c = opt_config()
+    c.warmup_steps, c.lr = 0, 1e-4
+    tx, sched = make_optimizer(c, 100)
+    guard = guard_config()
+    guard.spike_zscore, guard.warmup_steps = 3.0, 0
+    step = _jitted(tx, sched, guard)
+    state = _state(tx)
+    for _ in range(4):
+        state, m = step(state, {"x": jnp.ones((2, 3)), "scale": jnp.float32(1.0)})
+        assert float(m["skipped"]) == 0
+    state, m = step(state, {"x": jnp.ones((2, 3)), "scale": jnp.float32(50.0)})
+    assert float(m["skipped"]) == 1  # detection is on
