@@ -452,11 +452,17 @@ def main(argv=None):
                    "--iters", str(iters)]  # fmt: skip
             env = driver.case_env(case, parse_case(case)[2]["flags"])
             driver.run_case(cmd, case, path, a.timeout, env)
-            md = table(driver.latest_records(path))  # after every case: a run cut short
+            md = markdown(path)  # after every case: a run cut short
             driver.write_table(a.out, "alignment_throughput.md", md)  # keeps its table
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(md)
+    driver.exit_if_failed(path, cases)
+
+
+def markdown(path: str) -> str:
+    """The table of the latest record of every case in OUT/alignment_throughput.jsonl."""
+    return table(driver.latest_records(path))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import os
 import statistics
 import time
 
+from flaxlm.bench import driver
+
 GiB = 2**30
 
 
@@ -80,8 +82,13 @@ def main(argv, *, doc: str, name: str, shapes: dict, default: list, tiny: str, m
     for shape in chosen:
         with open(path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in measure(shape, a.time or a.tiny, target))
+    md = markdown(path, table, key)
+    driver.write_table(a.out, f"{name}.md", md.rstrip("\n"))
+    print(md)
+
+
+def markdown(path: str, table, key: tuple) -> str:
+    """`table` of the latest record of every `key` (record fields) in the JSONL file `path`."""
     with open(path) as f:  # in order of arrival
-        latest = {tuple(r[k] for k in key): r for r in map(json.loads, f)}
-    with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-        f.write(table(list(latest.values())))
-    print(table(list(latest.values())))
+        latest = {tuple(r[k] for k in key): r for r in map(json.loads, filter(str.strip, f))}
+    return table(list(latest.values()))

@@ -440,12 +440,20 @@ def main(argv=None):
         if impl == "hf":  # the HF side needs no flaxlm; keep JAX's memory settings out of it
             env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
         driver.run_case(cmd, case, path, a.timeout, env)
-    # every case run into OUT so far, the latest record of each
-    records = sorted(driver.latest_records(path),
-                     key=lambda r: (r["case"].split(":")[::-1], r["case"]))  # fmt: skip
-    md = table(records)
+    md = markdown(path)
     driver.write_table(a.out, "decode.md", md)
     print(md)
+    driver.exit_if_failed(path, cases)
+
+
+def markdown(path: str) -> str:
+    """The table of every case run into OUT/decode.jsonl (`path`) so far, the latest record of
+    each."""
+    from flaxlm.bench import driver
+
+    records = sorted(driver.latest_records(path),
+                     key=lambda r: (r["case"].split(":")[::-1], r["case"]))  # fmt: skip
+    return table(records)
 
 
 if __name__ == "__main__":

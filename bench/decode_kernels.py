@@ -396,17 +396,25 @@ def main(argv=None):
     if a.fresh and os.path.exists(path):
         os.remove(path)
     wanted = [w for w in a.pieces.split(",") if w]
+    ran = []
     for name, batch, run in pieces("tiny" if a.tiny else "1b"):
         if wanted and not any(name.startswith(w) for w in wanted):
             continue
         # in-process (compiler options are per program); a failing piece is recorded, and
         # the others still run
         driver.run_one(path, f"{name}:b{batch}", run)
+        ran.append(f"{name}:b{batch}")
         # the table so far after every piece: a run cut short still leaves it
-        driver.write_table(a.out, "decode_kernels.md", table(driver.latest_records(path)))
-    md = table(driver.latest_records(path))
+        driver.write_table(a.out, "decode_kernels.md", markdown(path))
+    md = markdown(path)
     driver.write_table(a.out, "decode_kernels.md", md)
     print(md)
+    driver.exit_if_failed(path, ran)
+
+
+def markdown(path: str) -> str:
+    """The table of the latest record of every piece in OUT/decode_kernels.jsonl (`path`)."""
+    return table(driver.latest_records(path))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
 """What the benchmark drivers share (train_throughput, decode, alignment_throughput).
 
 Every case runs in its own subprocess (a fresh accelerator; a crash, OOM or hang costs only
-that case) that appends one JSON record to OUT/<bench>.jsonl; the driver records a timeout as
-an error record and renders the table from the latest record of each case, so cases run by
-separate invocations (bench/gpu_suite.py) share one table.
+that case) that appends one JSON record to OUT/<bench>.jsonl; the driver records a timeout, and
+a child that died without writing its record (an abort, a segfault, an XLA CHECK, the OOM
+killer), as an error record, and renders the table from the latest record of each case, so
+cases run by separate invocations (bench/gpu_suite.py) share one table. A bench exits non-zero
+when the latest record of one of the cases it ran is an error (`exit_if_failed`), so whoever
+runs it (the GPU suite) sees the failure without reading the records.
+
+FLAXLM_BENCH_MD=0 in the environment: `write_table` writes no .md file (the GPU suite sets it:
+its OUT comes back from the device machine 8 files at most, and suite.md holds every table,
+built from the .jsonl files).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -44,14 +52,36 @@ def run_one(path: str, case: str, fn: Callable[[], dict]) -> dict:
     return rec
 
 
+def _records_since(path: str, offset: int) -> list[dict]:
+    """The records appended to the JSONL file after byte `offset` (a line cut short by a killed
+    writer is skipped)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    recs = []
+    for line in lines:
+        try:
+            recs.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in recs if isinstance(r, dict)]
+
+
 def run_case(cmd: list[str], case: str, path: str, timeout: float, env=None) -> float:
-    """The driver's side: runs a case's subprocess; a timeout is appended as an error record.
-    Returns the seconds it took."""
+    """The driver's side: runs a case's subprocess; a timeout is appended as an error record,
+    and so is a non-zero exit that left no record of the case (the child died before writing
+    it: "exit -6" is SIGABRT). Returns the seconds it took."""
     t0 = time.perf_counter()
+    offset = os.path.getsize(path) if os.path.exists(path) else 0
     try:
-        subprocess.run(cmd, timeout=timeout, check=False, env=env)
+        code = subprocess.run(cmd, timeout=timeout, check=False, env=env).returncode
     except subprocess.TimeoutExpired:
         append_record(path, {"case": case, "error": f"timeout {timeout}s"})
+    else:
+        if code != 0 and not any(r.get("case") == case for r in _records_since(path, offset)):
+            append_record(path, {"case": case, "error": f"exit {code}"})
     seconds = time.perf_counter() - t0
     print(f"[{case}] {seconds:.0f}s", flush=True)
     return seconds
@@ -87,6 +117,26 @@ def case_env(case: str, names: list[str], flag_sets: Mapping[str, str] = XLA_FLA
     return env
 
 
+def failed_cases(path: str, cases) -> list[dict]:
+    """The latest records of `cases` in the JSONL file that are errors (or missing)."""
+    latest = {r["case"]: r for r in latest_records(path)}
+    return [latest.get(c, {"case": c, "error": "no record"}) for c in dict.fromkeys(cases)
+            if "error" in latest.get(c, {"error": ""})]  # fmt: skip
+
+
+def exit_if_failed(path: str, cases) -> None:
+    """Exits 1, naming them, when the latest record of one of `cases` is an error."""
+    failed = failed_cases(path, cases)
+    if failed:
+        lines = [f"  {r['case']}: {str(r['error'])[:200]}" for r in failed]
+        print(f"{len(failed)} of {len(set(cases))} cases failed:", *lines, sep="\n",
+              file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(1)
+
+
 def write_table(out: str, name: str, md: str) -> None:
+    """OUT/NAME, unless FLAXLM_BENCH_MD=0 (module docstring)."""
+    if os.environ.get("FLAXLM_BENCH_MD", "1") == "0":
+        return
     with open(os.path.join(out, name), "w") as f:
         f.write(md + "\n")

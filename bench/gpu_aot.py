@@ -279,6 +279,7 @@ def main(argv=None):
     md = table(driver.latest_records(path))
     driver.write_table(a.out, "gpu_aot.md", md)
     print(md)
+    driver.exit_if_failed(path, cases)  # a case that fails to compile fails the command
 
 
 if __name__ == "__main__":

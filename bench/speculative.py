@@ -35,6 +35,7 @@ import json
 import os
 import time
 
+from flaxlm.bench import driver
 from flaxlm.bench.compiled_generate import backend_config, median_s
 
 KS = (1, 2, 4, 8)
@@ -250,9 +251,16 @@ def main(argv=None):
         name, table = "speculative", cost_table
     with open(os.path.join(a.out, f"{name}.jsonl"), "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    with open(os.path.join(a.out, f"{name}.md"), "w") as f:
-        f.write(table(records))
+    driver.write_table(a.out, f"{name}.md", table(records).rstrip("\n"))
     print(table(records))
+
+
+def markdown(path: str) -> str:
+    """The cost table of OUT/speculative.jsonl (`path`): the latest record of every shape,
+    backend, batch and k (the GPU suite's summary)."""
+    from flaxlm.bench.compiled_generate import markdown as latest_table
+
+    return latest_table(path, cost_table, ("shape", "backend", "batch", "k"))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ Both sides train the same model (Llama architecture, vocab 32000, bf16 compute),
 global-norm clipping at 1.0, on a fixed random batch of one unpadded document per row, and
 the same timing rule: `warmup` steps (compilation) excluded, then `steps` steps timed after a
 device sync. MFU uses DESIGN.md's PaLM count (6·N_matmul + 12·L·d_attn·T per token) and also
-the causal count, against 989 TFLOP/s (H100/H200 dense bf16).
+the causal count, against 989 TFLOP/s (H100/H200 dense bf16); off a GPU (the CPU smoke test)
+the record's MFU is null and the table prints n/a, as bench/alignment_throughput.py does.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def _flops(shape: str, seq: int):
     return cfg.flops_per_token(seq), cfg.flops_per_token(seq, causal=True), cfg
 
 
-def _record(case, tokens, dt, steps, peak_gb, extra=None):
+def _record(case, tokens, dt, steps, peak_gb, extra=None, gpu=True):
+    """A case's record; MFU only on a GPU (`gpu`): against a CPU, 989 TFLOP/s means nothing."""
     shape = case.split(":")[0]
     variant, batch, seq = SHAPES[shape]
     fpt, fpt_causal, cfg = _flops(shape, seq)
@@ -125,8 +127,8 @@ def _record(case, tokens, dt, steps, peak_gb, extra=None):
         "case": case,
         "tokens_per_s": tps,
         "step_time_s": dt / steps,
-        "mfu": tps * fpt / (PEAK_TFLOPS * 1e12),
-        "mfu_causal": tps * fpt_causal / (PEAK_TFLOPS * 1e12),
+        "mfu": tps * fpt / (PEAK_TFLOPS * 1e12) if gpu else None,
+        "mfu_causal": tps * fpt_causal / (PEAK_TFLOPS * 1e12) if gpu else None,
         "peak_mem_gb": peak_gb,
         "batch": batch,
         "seq_len": seq,
@@ -234,7 +236,8 @@ def run_flax(case: str, steps: int, warmup: int, profile: bool = False) -> dict:
                 jax.block_until_ready(step(state, b))
 
         extra.update(profile_call(one_step))
-    return _record(case, batch * seq, dt, steps, peak / 2**30 if peak else None, extra)
+    gpu = jax.default_backend() == "gpu"
+    return _record(case, batch * seq, dt, steps, peak / 2**30 if peak else None, extra, gpu)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,6 +322,7 @@ def run_hf(case: str, steps: int, warmup: int) -> dict:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
+        gpu=dev == "cuda",
     )
 
 
@@ -360,9 +364,19 @@ def table(records: list[dict]) -> str:
         mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else "n/a"
         lines.append(
             f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
-            f"{r['mfu']:.1%} | {r['mfu_causal']:.1%} | {mem} | {ratios[0]} | {ratios[1]} |"
+            f"{_pct(r.get('mfu'))} | {_pct(r.get('mfu_causal'))} | {mem} | {ratios[0]} | "
+            f"{ratios[1]} |"
         )
     return "\n".join(lines)
+
+
+def _pct(x):
+    return f"{x:.1%}" if x is not None else "n/a"
+
+
+def markdown(path: str) -> str:
+    """The table of the latest record of every case in OUT/train_throughput.jsonl (`path`)."""
+    return table(driver.latest_records(path))
 
 
 def main(argv=None):
@@ -414,9 +428,10 @@ def main(argv=None):
             raise SystemExit(f"case {case!r}: XLA flag sets are for flax cases only")
         env = driver.case_env(case, extra, allowed=("profile",))  # + driver.XLA_FLAG_SETS
         driver.run_case(cmd, case, path, a.timeout, env)
-    md = table(driver.latest_records(path))
+    md = markdown(path)
     driver.write_table(a.out, "train_throughput.md", md)
     print(md)
+    driver.exit_if_failed(path, cases)
 
 
 if __name__ == "__main__":

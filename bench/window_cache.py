@@ -168,8 +168,16 @@ def main(argv=None):
         default=["gemma3-1b", "mistral-7b", "gemma3-1b-rollout", "mistral-7b-rollout"],
         measure=measure,
         table=table,
-        key=("shape", "backend", "window_cache"),
+        key=KEY,
     )
+
+
+KEY = ("shape", "backend", "window_cache")  # the table shows the latest record of each
+
+
+def markdown(path: str) -> str:
+    """The table of OUT/window_cache.jsonl (`path`), as `main` prints it."""
+    return compiled_generate.markdown(path, table, KEY)
 
 
 if __name__ == "__main__":
