@@ -6,10 +6,20 @@
 Tasks are names of the built-in world's tasks (with --world), registered names, or paths to JSON
 spec files (evaluation/tasks.py). The tokenizer is --tokenizer or the checkpoint's
 meta["tokenizer"]: a SentencePiece .model or an HF tokenizer.json (an imported HF checkpoint's).
-Every task file and template is checked before the first task runs. --num_fewshot and --chat
-override every task's setting; by default a checkpoint of a post-training task (SFT, DPO, ...) is
-prompted with the chat template, and a pretrained or imported HF one (meta task hf_import) as
-each task says.
+Every task file and template is checked before the first task runs: every evaluated row is read
+and its prompt built with its shots (a placeholder a row lacks names file:line; too few shots,
+an empty choice, a generation budget that leaves no room for the prompt within the model's
+max_seq_len, a perplexity stride wider than its window, all-empty texts), before the model's
+weights are loaded. Should a task still fail when it runs, the command exits with a one-line
+message after writing --out with the finished tasks' results (and "failed": the task and the
+error); --out is rewritten after each task. --num_fewshot and --chat override every task's
+setting; by default a checkpoint of a post-training task (SFT, DPO, ...) is prompted with the
+chat template, and a pretrained or imported HF one (meta task hf_import) as each task says.
+
+The JSON records what reproduces the run: the checkpoint, step, tokenizer and task files as
+absolute paths, each task file's sha256 and row count, --limit, --seed, --batch_tokens, the
+chat mode (--chat and what it resolved to) and the chat-template variables used, besides each
+task's spec as run.
 
 A model too big for one device: `--mesh fsdp=-1` (or tensor=8 --sharding fsdp_tp, ...) splits it
 over the local devices; across hosts, the same command on each with --coordinator/--num_processes/
@@ -20,11 +30,22 @@ float rounding); with several processes, process 0 prints and writes --out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 
 from flaxlm.cli_mesh import add_mesh_args, is_writer, setup_mesh
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:  # 0 read no row and then said the task file had "no examples"
+        raise argparse.ArgumentTypeError(f"{n}: must be >= 1 (omit it for every example)")
+    return n
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world", default="", help="built-in world directory (its manifest.json)")
     p.add_argument("--tokenizer", default="", help="SentencePiece .model (default: from meta)")
     p.add_argument("--out", default="", help="write results JSON here")
-    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--limit", type=_positive, default=None, help="first N examples of each task")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--ema", action="store_true",
                    help="evaluate the run's EMA weights (trained with ema.decay > 0)")  # fmt: skip
@@ -110,18 +131,70 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def file_record(path: str) -> dict:
+    """{"path" (absolute), "sha256", "rows" (non-blank lines)} of a task file."""
+    digest, rows = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for line in f:
+            digest.update(line)
+            rows += bool(line.strip())
+    return {"path": os.path.abspath(path), "sha256": digest.hexdigest(), "rows": rows}
+
+
+def _absolute(spec):
+    """`spec` with its task files as absolute paths (results name them whatever the cwd)."""
+    few = spec.fewshot_file and os.path.abspath(spec.fewshot_file)
+    return spec.replace(file=os.path.abspath(spec.file), fewshot_file=few)
+
+
+def _message(e: Exception) -> str:
+    return str(e.args[0]) if e.args else str(e)  # (str(KeyError) adds quotes)
+
+
+def _write(path: str, out: dict) -> None:
+    """`out` as JSON at `path`, replaced whole (a kill mid-write leaves the previous file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def _check_tasks(specs, limit: int | None, meta: dict) -> None:
+    """Every task's rows, shots and templates, and the budgets the model config sets: a
+    SystemExit naming file:line or the task before any task runs (harness.check_task)."""
+    from flaxlm.evaluation.harness import check_task
+    from flaxlm.evaluation.tasks import read_examples
+    from flaxlm.models.config import ModelConfig
+
+    try:  # without a readable config, load_model says why
+        max_seq_len = ModelConfig.from_dict(meta["model_config"]).max_seq_len
+    except (KeyError, TypeError, ValueError, AttributeError):
+        max_seq_len = None
+    for spec in specs:
+        try:
+            examples = read_examples(spec, limit=limit)
+            pool = read_examples(spec, fewshot=True) if spec.num_fewshot else []
+            if max_seq_len is not None:
+                check_task(spec, examples, pool, max_seq_len)
+        except (KeyError, ValueError) as e:  # TaskFileError is a ValueError
+            raise SystemExit(_message(e)) from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = _parser()
     args = p.parse_args(argv)
     mesh, rules = setup_mesh(p, args)  # (first: connects the processes of a multi-host job)
     from flaxlm.evaluation.harness import Evaluator
-    from flaxlm.evaluation.prompts import check_templates
-    from flaxlm.evaluation.tasks import TaskFileError, read_examples, resolve_tasks
+    from flaxlm.evaluation.tasks import resolve_tasks
     from flaxlm.models.hf_tokenizer import HFError, load_tokenizer, set_template_kwargs
     from flaxlm.train.checkpoint import CheckpointError, load_model, read_meta
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    specs = resolve_tasks(names, args.world or None)
+    try:  # an unknown name, a missing or bad spec file: a one-line usage error
+        specs = [_absolute(s) for s in resolve_tasks(names, args.world or None)]
+    except (KeyError, ValueError) as e:  # TaskFileError is a ValueError
+        raise SystemExit(f"--tasks: {_message(e)}") from None
     try:  # no run there, no such step, an unreadable meta: a one-line usage error
         step, meta = read_meta(args.checkpoint, args.step)
     except CheckpointError as e:
@@ -143,18 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
         specs = [s.replace(**sampling) if s.type == "generation" else s for s in specs]
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    _check_tasks(specs, args.limit, meta)  # fails now, not after earlier tasks ran
 
-    for spec in specs:  # a bad task file or template fails now, not after earlier tasks ran
-        try:
-            first = read_examples(spec, limit=args.limit)[0]
-            shot = read_examples(spec, fewshot=True)[0] if spec.num_fewshot else None
-            check_templates(spec, first, shot)
-        except TaskFileError as e:
-            raise SystemExit(str(e)) from None
-        except (KeyError, ValueError) as e:  # a template's placeholder or syntax
-            raise SystemExit(e.args[0] if e.args else str(e)) from None
-
-    tok_path = tokenizer_path(args.tokenizer, meta, args.checkpoint)
+    tok_path = os.path.abspath(tokenizer_path(args.tokenizer, meta, args.checkpoint))
     try:
         cfg, params, _ = load_model(args.checkpoint, step, mesh, rules, ema=args.ema)
     except CheckpointError as e:  # a reward-model run, no EMA with --ema, a broken step: the
@@ -170,22 +234,37 @@ def main(argv: list[str] | None = None) -> dict:
     writer = is_writer()  # (several processes: each runs every task; process 0 reports)
 
     results = {}
+    out = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "ema": args.ema,
+           "tokenizer": tok_path, "limit": args.limit, "seed": args.seed,
+           "batch_tokens": args.batch_tokens, "chat": args.chat,
+           "chat_mode": {True: "on", False: "off", None: "per task"}[chat],
+           "chat_template_kwargs": dict(getattr(tok, "template_kwargs", None) or {}),
+           "tasks": results}  # fmt: skip
     for spec in specs:
-        r = ev.run(spec, limit=args.limit)
+        try:
+            r = ev.run(spec, limit=args.limit)
+        except (KeyError, ValueError) as e:  # what the checks could not foresee
+            out["failed"] = {"task": spec.name, "error": _message(e)}
+            saved = ""
+            if writer:
+                if results:
+                    print(format_table(results))
+                if args.out:
+                    _write(args.out, out)
+                    saved = f"; the {len(results)} finished task(s) are in {args.out}"
+            raise SystemExit(f"task {spec.name!r} failed: {_message(e)}{saved}") from None
         if not args.samples:
             r.pop("samples")
+        r["files"] = {k: file_record(getattr(spec, k)) for k in ("file", "fewshot_file")
+                      if getattr(spec, k) and (k == "file" or spec.num_fewshot)}  # fmt: skip
         results[spec.name] = r
         if writer:
             print(f"[eval] {spec.name}: {r['n']} examples in {r['seconds']:.1f}s",
                   file=sys.stderr)  # fmt: skip
+            if args.out:  # after each task: a later failure or kill keeps these
+                _write(args.out, out)
     if writer:
         print(format_table(results))
-    out = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "ema": args.ema,
-           "tokenizer": tok_path, "tasks": results}  # fmt: skip
-    if args.out and writer:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1, ensure_ascii=False)
     return out
 
 

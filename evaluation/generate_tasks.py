@@ -54,16 +54,23 @@ GenerateFn = Callable[..., list[list[int]]]
 _PUNCT = re.escape(string.punctuation)
 
 
+# A comma or space between a digit and a group of exactly three digits: a thousands separator
+# ("12,345", "1 234 567"; also no-break and thin spaces). "1 2" or "1,2" keep theirs.
+_THOUSANDS = re.compile(r"(?<=\d)[, \u00a0\u2009\u202f](?=\d{3}(?!\d))")
+
+
 def normalize_answer(text: str, mode: str = "basic") -> str:
-    """none: as is; basic: lower case, single spaces, no outer punctuation (so "-3" and "3"
+    """none: as is but for outer whitespace (the response is stripped, so the gold " Paris" is
+    too); basic: lower case, single spaces, no outer punctuation (so "-3" and "3"
     agree, as in SQuAD-style normalisation); number: the exact decimal value without thousands
-    separators or currency, integral values as integers ("1,000.0" → "1000", "2.50" → "2.5"),
-    compared exactly (decimal, not float: 9007199254740993 is not 9007199254740992); text that
-    is not a finite number falls back to basic."""
+    separators (a comma or space before each group of three digits: "12 345" and "1,234" are
+    numbers, "1 2" is not) or currency, integral values as integers ("1,000.0" → "1000", "2.50"
+    → "2.5"), compared exactly (decimal, not float: 9007199254740993 is not 9007199254740992);
+    text that is not a finite number falls back to basic."""
     if mode == "none":
-        return text
+        return text.strip()
     if mode == "number":
-        num = re.sub(r"[,$\s]", "", text).rstrip(".")
+        num = _THOUSANDS.sub("", text.replace("$", "").strip()).rstrip(".")
         try:
             x = decimal.Decimal(num)
         except decimal.InvalidOperation:

@@ -11,8 +11,44 @@ from __future__ import annotations
 import time
 
 from flaxlm.evaluation import generate_tasks, loglik
-from flaxlm.evaluation.prompts import choice_text, encode_prompt, select_shots
-from flaxlm.evaluation.tasks import TaskSpec, read_examples
+from flaxlm.evaluation.prompts import check_prompts, choice_text, encode_prompt, select_shots
+from flaxlm.evaluation.tasks import Example, TaskSpec, read_examples
+
+
+def prompt_room(spec: TaskSpec, max_seq_len: int) -> int:
+    """Prompt tokens a generation task leaves within `max_seq_len`; ValueError when a budget
+    leaves the prompt a token or two (answers to a prompt cut down to BOS)."""
+    room = max_seq_len - spec.max_new_tokens
+    if room < 2:
+        raise ValueError(
+            f"task {spec.name!r}: max_new_tokens={spec.max_new_tokens} leaves no room "
+            f"for the prompt within the model's max_seq_len={max_seq_len}; "
+            "lower max_new_tokens"
+        )
+    return room
+
+
+def check_task(spec: TaskSpec, examples: list[Example], pool: list[Example],
+               max_seq_len: int) -> None:  # fmt: skip
+    """Raises now (ValueError / KeyError naming file:line or the task) what `Evaluator.run`
+    would raise only when it reaches this task, after earlier tasks ran: a template a row
+    lacks a field for, too few shots, an empty choice (prompts.check_prompts), a generation
+    budget without room for the prompt, a perplexity stride wider than its window, or texts
+    that are all empty."""
+    check_prompts(spec, examples, pool)
+    if spec.type == "generation":
+        prompt_room(spec, max_seq_len)
+    if spec.type == "perplexity":
+        window = min(spec.max_len or max_seq_len, max_seq_len)  # as loglik.perplexity cuts it
+        if spec.stride > window:
+            raise ValueError(
+                f"task {spec.name!r} ({spec.file}): stride={spec.stride} is wider than the "
+                f"window max_len={window} (the model's max_seq_len is {max_seq_len}); tokens "
+                "between windows would go unscored"
+            )
+        if not spec.add_eos and not any(ex.fields["text"] for ex in examples):
+            raise ValueError(f"task {spec.name!r} ({spec.file}): every text is empty: no token "
+                             "to score")  # fmt: skip
 
 
 class Evaluator:
@@ -85,7 +121,8 @@ class Evaluator:
             texts = [ex.fields["text"] for ex in examples]
             try:
                 metrics = loglik.perplexity(self.scorer, self.tok, texts, max_len=spec.max_len,
-                                            stride=spec.stride, bos=self.bos)  # fmt: skip
+                                            stride=spec.stride, bos=self.bos,
+                                            eos=spec.add_eos)  # fmt: skip
             except ValueError as e:
                 raise ValueError(f"task {spec.name!r} ({spec.file}): {e}") from None
             return self._result(spec, examples, metrics, [], t0)
@@ -94,7 +131,9 @@ class Evaluator:
         if spec.type == "multiple_choice":
             choices, requests = [], []
             for ex, (text, ids) in zip(examples, prompts):
-                chs = [choice_text(spec, ex.fields, i) for i in range(len(ex.fields["choices"]))]
+                # plain mode: after the prompt text, joined by the spec's target_delimiter
+                chs = [choice_text(spec, ex.fields, i, "" if spec.chat else text)
+                       for i in range(len(ex.fields["choices"]))]  # fmt: skip
                 if spec.chat:  # the reply is encoded on its own after the assistant header
                     chs = [c.strip() for c in chs]
                     reqs = [(ids, self.tok.encode(c)) for c in chs]
@@ -117,15 +156,7 @@ class Evaluator:
             for s, ex, (text, _) in zip(samples, examples, prompts):
                 s.update(source=ex.source, prompt=text)
         else:
-            # Prompt + answer fit the model's max_seq_len: a budget that leaves the prompt a
-            # token or two would score answers to a prompt cut down to BOS.
-            room = self.cfg.max_seq_len - spec.max_new_tokens
-            if room < 2:
-                raise ValueError(
-                    f"task {spec.name!r}: max_new_tokens={spec.max_new_tokens} leaves no room "
-                    f"for the prompt within the model's max_seq_len={self.cfg.max_seq_len}; "
-                    "lower max_new_tokens"
-                )
+            room = prompt_room(spec, self.cfg.max_seq_len)  # prompt + answer fit the model
             metrics, samples = generate_tasks.generation(
                 spec,
                 examples,

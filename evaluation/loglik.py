@@ -33,6 +33,10 @@ token at least max_len - stride tokens of context; the last window is not extend
 full window as lm-eval-harness's rolling windows are). Nothing is truncated; the result reports
 the window and stride used (a max_len above the model's max_seq_len is cut to it), the windows
 run and the tokens scored. Texts that give no token to score are an error, not a perplexity of 1.
+A document is its prefix (BOS) + its text, and EOS is not scored (lm-eval-harness's rolling
+loglikelihood), whereas pretraining frames documents as BOS + text + EOS and its eval loss
+includes the EOS target: the two NLLs differ by that token. `eos=True` (a spec's `add_eos`)
+scores an EOS after each text too, as pretraining does; tokens then counts it, bytes do not.
 The NLL is token-weighted over the whole corpus (sum of every token's NLL / tokens scored, as
 lm-eval-harness's weighted perplexities), not a mean of per-document perplexities.
 
@@ -277,11 +281,14 @@ def window_requests(ids: Sequence[int], max_len: int, stride: int = 0):
     return reqs
 
 
-def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bool = True):
+def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bool = True,
+               eos: bool = False):  # fmt: skip
     """Token-level perplexity of held-out documents.
 
-    Every token of every document is predicted (the first from the prefix, BOS, when `bos`;
-    without it the first token is only context, yet its bytes count in bits_per_byte); a
+    Every text token of every document is predicted (the first from the prefix, BOS, when
+    `bos`; without it the first token is only context, yet its bytes count in bits_per_byte);
+    EOS is not, unless `eos` (then an EOS after each text is scored as well: pretraining's
+    framing, BOS + text + EOS, whose eval loss includes it); a
     document is scored in windows of `max_len` tokens (0 = the scorer's max_len; larger is cut
     to it) `stride` apart (0 = max_len). Returns nll (mean per token over all documents
     together, nats: long documents weigh more), ppl = exp(nll),
@@ -290,9 +297,14 @@ def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bo
     """
     max_len = min(max_len or scorer.max_len, scorer.max_len)
     head = prefix_ids(tok) if bos else []
+    tail = []
+    if eos:
+        if tok.eos_id is None or tok.eos_id < 0:
+            raise ValueError("perplexity: add_eos, but the tokenizer has no EOS token")
+        tail = [int(tok.eos_id)]
     requests = []
     for t in texts:
-        ids = head + tok.encode(t)
+        ids = head + tok.encode(t) + tail
         requests += window_requests(ids, max_len, stride)
     if not requests:
         raise ValueError(

@@ -8,9 +8,10 @@ prompt text equals the evaluated one (a duplicate in a separate train file).
 Plain mode (a base model):
     description + shot_1 + sep + ... + shot_k + sep + prompt
 where a shot is its prompt followed by its target (generation: `target_template`; multiple
-choice: its correct choice). Chat mode (an instruction-tuned model): shots become earlier
-user/assistant turns, rendered by the chat template of data/formats.py (token ids, BOS
-included), and the prompt ends where the assistant's reply starts.
+choice: its correct choice, after `target_delimiter` as every scored choice: `delimit`). Chat
+mode (an instruction-tuned model): shots become earlier user/assistant turns, rendered by the
+chat template of data/formats.py (token ids, BOS included), and the prompt ends where the
+assistant's reply starts.
 
 Plain-mode ids start with the document prefix (`prefix_ids`): BOS, as every training document
 starts; for a tokenizer without BOS (Qwen2's), EOS, which separates such a model's pretraining
@@ -19,6 +20,7 @@ documents (lm-eval-harness's prefix token); none if it has neither.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 from flaxlm.evaluation.tasks import LETTERS, Example, TaskSpec
@@ -53,32 +55,69 @@ def render(template: str, fields: dict, spec: TaskSpec, **extra) -> str:
         raise ValueError(f"task {spec.name!r}: bad template {template!r}: {e}") from None
 
 
-def check_templates(spec: TaskSpec, example: Example, shot: Example | None = None) -> None:
-    """Renders every template the task uses on one example (and one few-shot row), so a bad
-    placeholder fails before any task runs rather than when this one is reached."""
+def check_prompts(spec: TaskSpec, examples: list[Example], pool: list[Example]) -> None:
+    """Builds every prompt text the task will build (each example with its shots; multiple
+    choice: each choice), so a template placeholder a later row lacks, a few-shot pool smaller
+    than num_fewshot or an empty choice fails before any task runs rather than when this one is
+    reached. Raises ValueError / KeyError whose message starts with the row's file:line."""
     if spec.type == "perplexity":
         return
     template = spec.user_template if spec.chat else spec.prompt_template
-    render(template, example.fields, spec)
-    if spec.type == "multiple_choice":
-        for i in range(len(example.fields["choices"])):
-            choice_text(spec, example.fields, i)
-    if shot is not None:
-        render(template, shot.fields, spec)
-        target_text(spec, shot.fields)
+    checked: set[str] = set()
+    for ex in examples:
+        with _row(ex):
+            shots = select_shots(spec, ex, pool)
+        for s in shots:  # a bad shot row names its own line
+            if s.source not in checked:
+                checked.add(s.source)
+                with _row(s):
+                    prompt = render(template, s.fields, spec)
+                    target_text(spec, s.fields, "" if spec.chat else prompt)
+        with _row(ex):
+            if spec.chat:
+                chat_messages(spec, ex, shots)
+            context = "" if spec.chat else plain_prompt(spec, ex, shots)
+            if spec.type != "multiple_choice":
+                continue
+            for i in range(len(ex.fields["choices"])):
+                c = choice_text(spec, ex.fields, i, context)
+                if not (c.strip() if spec.chat else c):
+                    raise ValueError(f"task {spec.name!r}: choice {i} ({c!r}) is empty: no "
+                                     "tokens to score")  # fmt: skip
 
 
-def choice_text(spec: TaskSpec, fields: dict, i: int) -> str:
-    """The continuation scored for choice i."""
-    return render(
+@contextlib.contextmanager
+def _row(ex: Example):
+    """Re-raises a KeyError / ValueError with the row's file:line in front."""
+    try:
+        yield
+    except (KeyError, ValueError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise type(e)(f"{ex.source}: {msg}") from None
+
+
+def delimit(spec: TaskSpec, context: str, continuation: str) -> str:
+    """`continuation` as it follows `context`: `target_delimiter` first, unless the context
+    ends or the continuation starts with whitespace, or either is empty."""
+    if (spec.target_delimiter and context and continuation and not context[-1].isspace()
+            and not continuation[0].isspace()):  # fmt: skip
+        return spec.target_delimiter + continuation
+    return continuation
+
+
+def choice_text(spec: TaskSpec, fields: dict, i: int, context: str = "") -> str:
+    """The continuation scored for choice i; after `context` (the prompt text, plain mode)
+    with the spec's target_delimiter (`delimit`)."""
+    text = render(
         spec.choice_template, fields, spec, choice=fields["choices"][i], letter=LETTERS[i], index=i
     )
+    return delimit(spec, context, text)
 
 
-def target_text(spec: TaskSpec, fields: dict) -> str:
-    """What follows a shot's prompt: its correct choice or its answer."""
+def target_text(spec: TaskSpec, fields: dict, context: str = "") -> str:
+    """What follows a shot's prompt (`context`): its correct choice or its answer."""
     if spec.type == "multiple_choice":
-        return choice_text(spec, fields, fields["answer"])
+        return choice_text(spec, fields, fields["answer"], context)
     return render(spec.target_template, fields, spec)
 
 
@@ -124,8 +163,10 @@ def select_shots(
 def plain_prompt(spec: TaskSpec, example: Example, shots: list[Example]) -> str:
     """Plain-mode text the model continues: description, shots with their targets, then the
     example's prompt (for multiple choice, the context every choice is scored after)."""
-    parts = [render(spec.prompt_template, s.fields, spec) + target_text(spec, s.fields)
-             for s in shots]  # fmt: skip
+    parts = []
+    for s in shots:
+        prompt = render(spec.prompt_template, s.fields, spec)
+        parts.append(prompt + target_text(spec, s.fields, prompt))
     parts.append(render(spec.prompt_template, example.fields, spec))
     return spec.description + spec.fewshot_separator.join(parts)
 

@@ -31,6 +31,15 @@ built-in world's tasks come from its manifest.json (`world_tasks`). Bad rows rai
 `TaskFileError` naming file:line; a bad spec value names the spec file and entry
 ("spec.json[1]: task 'x': ..."), and two tasks of one name are an error.
 
+Multiple choice in plain mode scores each choice (`choice_template`) as a continuation of the
+prompt text, joined by `target_delimiter` (default " ", as lm-eval-harness): choices stored
+without their leading space (MMLU, ARC, HellaSwag) are scored as "Answer: Paris", not
+"Answer:Paris". Nothing is added when the prompt ends with whitespace, the choice starts with
+it (the built-in world's " Paris"; a choice_template " {letter}") or either is empty; a shot's
+answer is joined the same way. Chat mode strips choices (the reply is a turn of its own).
+Perplexity scores every token of a text after the BOS prefix but not EOS (lm-eval-harness's
+convention); `add_eos` also scores an EOS after each text, as pretraining's eval loss does.
+
 Chat mode (`chat`; the CLI's default for a post-trained checkpoint) renders the question as the
 user turn `chat_template`, by default the bare question field (as SFT data asks it), not
 `template`: a multiple-choice `template` that shows `{choices_block}` (lettered answers) must
@@ -73,6 +82,9 @@ class TaskSpec:
     fields: dict = dataclasses.field(default_factory=dict)  # canonical field -> key path in a row
     template: str = ""  # prompt text from the canonical fields; "" = "{context}" / "{prompt}"
     choice_template: str = "{choice}"  # a choice's continuation; also {letter}, {index}
+    target_delimiter: str = " "  # multiple choice, plain mode: put between the prompt and a
+    # choice (scored, and a shot's answer) unless the prompt ends or the choice starts with
+    # whitespace, or either is empty (lm-eval-harness's target_delimiter; "" = glue them)
     target_template: str = " {answer}"  # generation: a shot's answer text (or {answer_raw})
     chat_template: str = ""  # chat mode: the user turn ("" = "{context}" / "{prompt}", the bare
     # question as SFT data asks it; a multiple-choice `template` showing {choices_block} needs one)
@@ -104,6 +116,9 @@ class TaskSpec:
     chat: bool = False  # render prompts with the chat template (an instruction-tuned model)
     max_len: int = 0  # perplexity window in tokens (0 = the model's max_seq_len)
     stride: int = 0  # perplexity: tokens between window starts (0 = max_len, no overlap)
+    add_eos: bool = False  # perplexity: also score EOS after each text, as pretraining frames
+    # documents (BOS + text + EOS; its eval loss includes EOS); False = lm-eval-harness's
+    # convention, EOS not scored
 
     def __post_init__(self):
         where = f"task {self.name!r}"
@@ -131,6 +146,8 @@ class TaskSpec:
             raise ValueError(f"{where}: num_samples > 1 needs temperature > 0 (greedy repeats)")
         if self.num_fewshot < 0 or self.stride < 0 or self.max_len < 0:
             raise ValueError(f"{where}: num_fewshot, max_len and stride must be >= 0")
+        if self.add_eos and self.type != "perplexity":
+            raise ValueError(f"{where}: add_eos is for perplexity tasks, not {self.type}")
         if self.fewshot_fields and not self.fewshot_file:  # it would be silently unused
             raise ValueError(f"{where}: fewshot_fields needs fewshot_file (shots from the "
                              "task's own file are read with `fields`)")  # fmt: skip
@@ -380,6 +397,8 @@ def register(spec: TaskSpec) -> TaskSpec:
 
 def load_spec_file(path: str) -> list[TaskSpec]:
     """Task specs of a JSON file (one object or a list of objects)."""
+    if not os.path.isfile(path):  # (a traceback's FileNotFoundError named no task)
+        raise TaskFileError(f"{path}: no such task spec file")
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)

@@ -12,8 +12,12 @@ or any jsonl of {"prompt", "completion"}) with the same prompts in the same orde
     python -m flaxlm.evaluation.winrate --reward_model runs/rm dpo.jsonl sft.jsonl
 
 prints the win rate of A (first file) over B with a bootstrap 95% interval over prompts, the
-wins, losses and ties and both mean rewards (`--out FILE` also writes them and per-prompt scores
+wins, losses and ties and both mean rewards (`--out FILE` also writes them and per-line scores
 as JSON). Prompts are user turns, rendered with the chat template as in reward training.
+Lines with the same prompt are samples of one prompt (`generate --num_samples K --json` writes K
+lines per prompt, "sample" 0..K-1): the win rate counts every line (pair of responses), the
+interval resamples prompts with all their samples (K correlated samples are not K prompts: the
+interval would be about sqrt(K) too narrow), and `prompts` says how many there were.
 """
 
 from __future__ import annotations
@@ -150,14 +154,32 @@ def load_reward_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> Score
     return reward_model_scorer(cfg, load_scalar_params(run_dir, target), tok, batch_size=batch_size)
 
 
-def bootstrap_interval(margins: Sequence[float], tie_margin: float = 0.0, n_boot: int = 2000,
-                       seed: int = 0) -> tuple[float, float]:  # fmt: skip
-    """95% percentile interval of the win rate, resampling prompts with replacement."""
+def bootstrap_interval(
+    margins: Sequence[float], tie_margin: float = 0.0, n_boot: int = 2000, seed: int = 0,
+    groups: Sequence | None = None,
+) -> tuple[float, float]:  # fmt: skip
+    """95% percentile interval of the win rate (over every margin), resampling prompts with
+    replacement. `groups`: the prompt of each margin (any hashable), so the samples of one
+    prompt are drawn together (a cluster bootstrap); None: each margin is a prompt of its own."""
     d = np.asarray(margins, np.float64)
-    per_prompt = np.where(d > tie_margin, 1.0, np.where(d < -tie_margin, 0.0, 0.5))
-    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
-    rates = per_prompt[idx].mean(axis=1)
+    outcome = np.where(d > tie_margin, 1.0, np.where(d < -tie_margin, 0.0, 0.5))
+    if groups is None:
+        sums, counts = outcome, np.ones_like(outcome)
+    else:
+        if len(groups) != len(d):
+            raise ValueError(f"bootstrap_interval: {len(groups)} groups for {len(d)} margins")
+        ids = {}
+        gid = np.array([ids.setdefault(g, len(ids)) for g in groups], np.int64)
+        sums = np.bincount(gid, weights=outcome, minlength=len(ids))
+        counts = np.bincount(gid, minlength=len(ids)).astype(np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(sums), size=(n_boot, len(sums)))
+    rates = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
     return float(np.percentile(rates, 2.5)), float(np.percentile(rates, 97.5))
+
+
+def prompt_key(prompt) -> str:
+    """A hashable key of a prompt (a user turn's text or a list of messages)."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
 
 
 def read_completions(path: str) -> list[tuple[str, str]]:
@@ -220,16 +242,25 @@ def main(argv=None) -> dict:
             raise SystemExit(f"completion {i}: the prompts differ ({pa!r} vs {pb!r})")
     if not os.path.isdir(os.path.join(args.reward_model, "checkpoints")):
         raise SystemExit(f"--reward_model {args.reward_model}: not a run directory")
-    score = load_reward_scorer(args.reward_model, batch_size=args.batch)
+    from flaxlm.models.hf_tokenizer import HFError
+    from flaxlm.train.checkpoint import CheckpointError
+
+    try:  # not a reward-model run, no checkpoint there, its tokenizer missing: one line
+        score = load_reward_scorer(args.reward_model, batch_size=args.batch)
+    except (CheckpointError, HFError, OSError) as e:
+        raise SystemExit(f"--reward_model {args.reward_model}: {e}") from None
     prompts = [x[0] for x in a]
     sa = [float(x) for x in score(prompts, [x[1] for x in a])]
     sb = [float(x) for x in score(prompts, [x[1] for x in b])]
     res = win_rate_from_scores(sa, sb, tie_margin=args.tie_margin)
-    lo, hi = bootstrap_interval([x - y for x, y in zip(sa, sb)], args.tie_margin)
-    res.update(ci95_low=lo, ci95_high=hi, a=args.a, b=args.b, reward_model=args.reward_model)
-    print(f"win rate of {args.a} over {args.b}: {res['win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; "
-          f"{res['wins']} wins, {res['losses']} losses, {res['ties']} ties of {res['n']}); "
-          f"mean reward {res['mean_a']:.4f} vs {res['mean_b']:.4f}")  # fmt: skip
+    groups = [prompt_key(x) for x in prompts]
+    lo, hi = bootstrap_interval([x - y for x, y in zip(sa, sb)], args.tie_margin, groups=groups)
+    res.update(ci95_low=lo, ci95_high=hi, prompts=len(set(groups)), a=args.a, b=args.b,
+               reward_model=args.reward_model)  # fmt: skip
+    per = "" if res["prompts"] == res["n"] else f" samples of {res['prompts']} prompts"
+    print(f"win rate of {args.a} over {args.b}: {res['win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f} "
+          f"over prompts; {res['wins']} wins, {res['losses']} losses, {res['ties']} ties of "
+          f"{res['n']}{per}); mean reward {res['mean_a']:.4f} vs {res['mean_b']:.4f}")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**res, "scores_a": sa, "scores_b": sb}, f, indent=1)

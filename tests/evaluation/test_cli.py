@@ -68,12 +68,25 @@ def test_cli_sampling_is_seeded(run_dir, world_dir, tok_path):
     assert all(s["response"] == "" and isinstance(s["reasoning"], str) for s in r["samples"])
 
 
-def test_cli_errors(run_dir, world_dir, tok_path):
+def test_cli_errors(run_dir, world_dir, tok_path, tmp_path, capsys):
+    """--tasks naming an unknown task, a missing spec file or a spec with an unknown key, and
+    --limit 0 / -1, used to end in tracebacks (KeyError, FileNotFoundError, ValueError) or, for
+    --limit 0, in a misleading "no examples"; each is now a one-line usage error naming it."""
     with pytest.raises(SystemExit, match="pass --tokenizer"):
         main(["--checkpoint", run_dir, "--world", world_dir, "--tasks", "mc_arithmetic"])
-    with pytest.raises(KeyError, match="unknown task 'mc_nope'"):
-        main(["--checkpoint", run_dir, "--world", world_dir, "--tokenizer", tok_path,
-              "--tasks", "mc_nope"])  # fmt: skip
+    base = ["--checkpoint", run_dir, "--world", world_dir, "--tokenizer", tok_path]
+    with pytest.raises(SystemExit, match="^--tasks: unknown task 'mc_nope'; known: .*mc_arithm"):
+        main([*base, "--tasks", "mc_nope"])
+    with pytest.raises(SystemExit, match=r"^--tasks: .*gone\.json: no such task spec file$"):
+        main([*base, "--tasks", str(tmp_path / "gone.json")])
+    (tmp_path / "k.json").write_text(json.dumps({"name": "k", "type": "generation",
+                                                 "file": "g.jsonl", "bogus": 1}))  # fmt: skip
+    with pytest.raises(SystemExit, match=r"k\.json\[0\]: unknown spec key\(s\) \['bogus'\]"):
+        main([*base, "--tasks", str(tmp_path / "k.json")])
+    for limit in ("0", "-1"):
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--tasks", "mc_arithmetic", "--limit", limit])
+        assert e.value.code == 2 and f"--limit: {limit}: must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_checks_every_task_file_before_running_any(run_dir, tok_path, tmp_path, capsys):
@@ -135,3 +148,110 @@ def test_a_run_that_is_no_language_model_is_a_one_line_error(tmp_path, tok_path)
         main(["--checkpoint", rm, *argv])
     with pytest.raises(SystemExit, match="no checkpoint under"):
         main(["--checkpoint", str(tmp_path / "nowhere"), *argv])
+
+
+def _spec_file(tmp_path, name, specs):
+    (tmp_path / name).write_text(json.dumps(specs))
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize(
+    "spec, rows, match",
+    [
+        ({"type": "multiple_choice"},
+         [{"context": "a", "choices": [" x", " y"], "answer": 0},
+          {"context": "b", "choices": ["", " y"], "answer": 1}],
+         r"t\.jsonl:2: task 'late': choice 0 \(''\) is empty"),
+        ({"type": "generation", "max_new_tokens": 64}, [{"prompt": "a", "answer": "1"}],
+         r"task 'late': max_new_tokens=64 leaves no room for the prompt within the model's "
+         r"max_seq_len=64"),
+        ({"type": "generation", "max_new_tokens": 4, "num_fewshot": 5},
+         [{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}],
+         r"t\.jsonl:1: task 'late': wants 5 shots but the few-shot pool .* has only 1 usable"),
+        ({"type": "perplexity", "stride": 128}, [{"text": "Kavo lives in Paris."}],
+         r"task 'late' \(.*t\.jsonl\): stride=128 is wider than the window max_len=64"),
+        ({"type": "perplexity"}, [{"text": ""}, {"text": ""}],
+         r"task 'late' \(.*t\.jsonl\): every text is empty"),
+        ({"type": "generation", "template": "[{meta[s]}] {prompt}", "max_new_tokens": 4},
+         [{"prompt": "a", "answer": "1", "meta": {"s": "x"}}, {"prompt": "b", "answer": "2"}],
+         r"t\.jsonl:2: task 'late': template '\[\{meta\[s\]\}\] \{prompt\}' uses 'meta'"),
+    ],
+)  # fmt: skip
+def test_tasks_that_fail_when_reached_are_found_before_any_task_runs(
+    run_dir, tok_path, tmp_path, capsys, spec, rows, match
+):
+    """Each of these passed the up-front check (which read the first row only and knew no
+    max_seq_len) and failed with a traceback once the earlier task had run, --out unwritten:
+    an empty choice on line 2, a generation budget >= max_seq_len, more shots than the pool
+    holds, a perplexity stride wider than its window, all-empty texts, a template placeholder
+    row 2 lacks (which named no file:line)."""
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"context": "a", "choices": [" x", " y"],
+                                                   "answer": 0}) + "\n")  # fmt: skip
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    specs = [{"name": "ok", "type": "multiple_choice", "file": "ok.jsonl"},
+             {"name": "late", "file": "t.jsonl", **spec}]  # fmt: skip
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit, match=match):
+        main(["--checkpoint", run_dir, "--tokenizer", tok_path, "--out", str(out),
+              "--tasks", _spec_file(tmp_path, "s.json", specs)])  # fmt: skip
+    assert "[eval] ok" not in capsys.readouterr().err and not out.exists()  # nothing ran
+
+
+def test_a_task_failing_when_run_keeps_the_finished_tasks_results(
+    run_dir, tok_path, tmp_path, monkeypatch, capsys
+):
+    """A task that failed at run time (what no check foresees) ended in a traceback after the
+    earlier tasks ran, and --out was never written: their results were lost. Now it is a
+    one-line exit and --out holds the finished tasks and the failure."""
+    from flaxlm.evaluation.harness import Evaluator
+
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"context": "Kavo lives in",
+                                                   "choices": [" Paris", " Lima"],
+                                                   "answer": 0}) + "\n")  # fmt: skip
+    specs = [{"name": name, "type": "multiple_choice", "file": "ok.jsonl"}
+             for name in ("first", "boom", "never")]  # fmt: skip
+    run = Evaluator.run
+
+    def failing(self, spec, limit=None):
+        if spec.name == "boom":
+            raise KeyError("something only running finds")
+        return run(self, spec, limit)
+
+    monkeypatch.setattr(Evaluator, "run", failing)
+    out = tmp_path / "res" / "out.json"
+    with pytest.raises(SystemExit, match=r"^task 'boom' failed: something only running finds; "
+                       r"the 1 finished task\(s\) are in .*out\.json$"):  # fmt: skip
+        main(["--checkpoint", run_dir, "--tokenizer", tok_path, "--out", str(out), "--tasks",
+              _spec_file(tmp_path, "s.json", specs), "--batch_tokens", "128"])  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert list(saved["tasks"]) == ["first"] and saved["tasks"]["first"]["n"] == 1
+    assert saved["failed"] == {"task": "boom", "error": "something only running finds"}
+    assert "first" in capsys.readouterr().out  # the table of what finished
+
+
+def test_results_record_what_reproduces_the_run(run_dir, tok_path, tmp_path, monkeypatch):
+    """The JSON lacked --limit, --seed, --batch_tokens, the chat mode and template variables,
+    and stored the tokenizer and task files as given (cwd-relative): two runs differing by seed
+    had identical metadata. Paths are absolute now, with each task file's sha256 and rows."""
+    import hashlib
+
+    rows = [{"context": f"Kavo {i} lives in", "choices": [" Paris", " Lima"], "answer": i % 2}
+            for i in range(3)]  # fmt: skip
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    _spec_file(tmp_path, "s.json", [{"name": "mc", "type": "multiple_choice", "file": "mc.jsonl",
+                                     "num_fewshot": 1, "fewshot_file": "mc.jsonl"}])  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out.json"
+    main(["--checkpoint", run_dir, "--tokenizer", tok_path, "--tasks", "s.json", "--limit", "2",
+          "--seed", "3", "--batch_tokens", "128", "--chat", "off",
+          "--out", "out.json"])  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["tokenizer"] == tok_path and saved["checkpoint"] == run_dir
+    assert (saved["limit"], saved["seed"], saved["batch_tokens"]) == (2, 3, 128)
+    assert (saved["chat"], saved["chat_mode"], saved["chat_template_kwargs"]) == ("off", "off", {})
+    task = saved["tasks"]["mc"]
+    data = str(tmp_path / "mc.jsonl")
+    assert task["spec"]["file"] == task["spec"]["fewshot_file"] == data
+    want = {"path": data, "rows": 3,
+            "sha256": hashlib.sha256((tmp_path / "mc.jsonl").read_bytes()).hexdigest()}  # fmt: skip
+    assert task["files"] == {"file": want, "fewshot_file": want}

@@ -276,7 +276,7 @@ def test_cli_checks_templates_before_running_any_task(run_dir, tok_path, tmp_pat
     from flaxlm.evaluation.__main__ import main
 
     _write_jsonl(tmp_path / "mc.jsonl", [{"context": "a", "choices": [" x", " y"], "answer": 0}])
-    _write_jsonl(tmp_path / "g.jsonl", [{"prompt": "2+2", "answer": "4"}] * 3)
+    _write_jsonl(tmp_path / "g.jsonl", [{"prompt": f"2+{i}", "answer": "4"} for i in range(3)])
     ok = {"name": "ok", "type": "multiple_choice", "file": "mc.jsonl"}
     bad = [
         ({"name": "b1", "type": "multiple_choice", "file": "mc.jsonl",

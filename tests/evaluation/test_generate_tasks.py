@@ -13,7 +13,7 @@ from flaxlm.evaluation.winrate import win_rate
 def test_normalize_and_extract():
     assert G.normalize_answer("  The  Answer. ", "basic") == "the answer"
     assert G.normalize_answer("Paris!", "basic") == G.normalize_answer("paris", "basic")
-    assert G.normalize_answer(" Paris ", "none") == " Paris "
+    assert G.normalize_answer(" Paris ", "none") == "Paris"  # as the response is stripped
     for raw, want in [("1,000.00", "1000"), ("$5", "5"), ("-3", "-3"), ("2.50", "2.5"),
                       ("7.", "7"), ("seven", "seven")]:  # fmt: skip
         assert G.normalize_answer(raw, "number") == want, raw
@@ -24,6 +24,22 @@ def test_normalize_and_extract():
     assert G.extract_answer("nothing", r"#### (\d+)") is None
     assert G.truncate_at_stop("a b\n\nQuestion: c\nd", ["\n", "\n\nQuestion:"]) == "a b"
     assert G.truncate_at_stop("abc", ["", "x"]) == "abc"
+
+
+def test_none_strips_the_gold_and_number_keeps_spaces_that_separate_no_thousands():
+    """normalize="none" stripped the response (_response_text) but not the gold, so a gold
+    " Paris" never matched; "number" removed every space and comma, so "1 2" matched "12"."""
+    none = TaskSpec("t", "generation", "f", normalize="none")
+    for gold in (" Paris", "Paris\n", "Paris"):
+        assert G.score_response(none, {"answer": gold}, "Paris") == {"exact_match": 1.0}, gold
+    assert G.score_response(none, {"answer": "paris"}, "Paris") == {"exact_match": 0.0}
+    num = none.replace(normalize="number")
+    for response in ("1 2", "1,2", "12 34", "1,2345"):
+        assert G.score_response(num, {"answer": "12"}, response)["exact_match"] == 0.0, response
+        assert G.normalize_answer(response, "number") == response  # not a number: basic
+    for response, gold in [("12 345", "12345"), ("1,234", "1234"), ("1 234 567.5", "1234567.5"),
+                           ("$ 1,000", "1000"), ("12\u202f345", "12345")]:  # fmt: skip
+        assert G.score_response(num, {"answer": gold}, response)["exact_match"] == 1.0, response
 
 
 def test_score_response_exact_regex_judge():

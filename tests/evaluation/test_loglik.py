@@ -120,6 +120,37 @@ def test_perplexity_is_exp_mean_token_nll(model, tok, world_dir, ref_logprobs, L
         assert again["max_len"] == cfg.max_seq_len and again["nll"] == got["nll"]
 
 
+def test_perplexity_scores_eos_only_with_add_eos(model, tok, tmp_path, ref_logprobs):
+    """Perplexity never scored EOS, while pretraining frames documents as BOS + text + EOS and
+    its eval loss includes that target (the docstring said every token was predicted). The
+    default is unchanged (lm-eval-harness's convention, now documented); add_eos scores EOS."""
+    import json
+
+    from flaxlm.evaluation.harness import Evaluator
+    from flaxlm.evaluation.tasks import TaskSpec
+
+    cfg, params = model
+    texts = ["Kavo lives in Paris.", "The sky is blue.", "Radupin has a pet parrot."]
+    scorer = LoglikScorer(cfg, params, batch_tokens=BATCH_TOKENS, pad_id=tok.pad_id)
+    plain = loglik.perplexity(scorer, tok, texts)
+    with_eos = loglik.perplexity(scorer, tok, texts, eos=True)
+    docs = [[tok.bos_id] + tok.encode(t) for t in texts]
+    want = lambda seqs: -np.mean(np.concatenate([ref_logprobs(ids) for ids in seqs]))  # noqa: E731
+    assert plain["tokens"] == sum(len(d) - 1 for d in docs)
+    assert plain["nll"] == pytest.approx(want(docs), rel=1e-5)  # EOS not scored
+    assert with_eos["tokens"] == plain["tokens"] + len(texts)
+    assert with_eos["nll"] == pytest.approx(want([d + [tok.eos_id] for d in docs]), rel=1e-5)
+    assert with_eos["bytes"] == plain["bytes"]
+    # Through a task spec; add_eos is a perplexity option only.
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ev = Evaluator(cfg, params, tok, batch_tokens=BATCH_TOKENS)
+    spec = TaskSpec("p", "perplexity", str(tmp_path / "p.jsonl"))
+    assert ev.run(spec)["metrics"] == plain
+    assert ev.run(spec.replace(add_eos=True))["metrics"] == with_eos
+    with pytest.raises(ValueError, match="add_eos is for perplexity tasks"):
+        TaskSpec("m", "multiple_choice", "f", add_eos=True)
+
+
 def test_window_requests_score_each_token_once():
     ids = list(range(40))
     for L, s in [(16, 16), (16, 5), (16, 1), (64, 0)]:

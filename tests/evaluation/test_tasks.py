@@ -177,3 +177,61 @@ def test_mc_answer_that_is_a_choice_text_is_that_choice(tmp_path):
             {"context": "x", "choices": ["yes", "no"], "answer": "B"}]  # fmt: skip
     spec = TaskSpec("num", "multiple_choice", _write_jsonl(tmp_path / "n.jsonl", rows))
     assert [e.fields["answer"] for e in read_examples(spec)] == [0, 1, 1]
+
+
+class _RecordingScorer:
+    """A LoglikScorer stand-in: records the requests, scores every continuation 0."""
+
+    max_len = 1 << 20  # (cuts no context)
+
+    def __init__(self):
+        self.requests = []
+
+    def score(self, requests):
+        from flaxlm.evaluation.loglik import ContinuationScore
+
+        self.requests += requests
+        return [ContinuationScore(0.0, len(cont), False) for _, cont in requests]
+
+
+def test_mc_choices_stored_without_a_leading_space_follow_a_delimiter(tok, world_dir, tmp_path):
+    """Choices stored without their leading space (MMLU, ARC, HellaSwag) were glued to the
+    prompt: "Answer:" + "Paris" scored "Paris" as the continuation of "Answer:", and shots read
+    "Answer:Paris". target_delimiter (" ", as lm-eval-harness) now joins them, unless the prompt
+    ends or the choice starts with whitespace, so the built-in world's " Paris" is unchanged."""
+    from flaxlm.evaluation.harness import Evaluator
+    from flaxlm.models.config import get_variant
+
+    rows = [
+        {"question": "Where does Kavo live?", "choices": ["Paris", "Oslo"], "answer": 0},
+        {"question": "What color is the sky?", "choices": ["red", "blue"], "answer": 1},
+    ]
+    spec = TaskSpec("mmlu", "multiple_choice", _write_jsonl(tmp_path / "m.jsonl", rows),
+                    fields={"context": "question"}, template="Question: {context}\nAnswer:",
+                    num_fewshot=1)  # fmt: skip
+    ex, shot = read_examples(spec)[1], read_examples(spec)[0]
+    text = P.plain_prompt(spec, ex, [shot])
+    assert text == ("Question: Where does Kavo live?\nAnswer: Paris\n\n"
+                    "Question: What color is the sky?\nAnswer:")  # fmt: skip
+    assert [P.choice_text(spec, ex.fields, i, text) for i in (0, 1)] == [" red", " blue"]
+    # no delimiter after whitespace, before a spaced choice, or with target_delimiter ""
+    assert P.delimit(spec, "Answer: ", "red") == P.delimit(spec, "Answer:", " red")[1:] == "red"
+    assert P.delimit(spec.replace(target_delimiter=""), "Answer:", "red") == "red"
+    assert P.delimit(spec, "Answer:", "") == ""  # an empty choice stays an error
+
+    ev = Evaluator(get_variant("tiny", vocab_size=512), None, tok)  # (the model is never run)
+    ev.scorer = rec = _RecordingScorer()
+    ev.run(spec)
+    from flaxlm.evaluation.loglik import split_continuation
+
+    spaced = [split_continuation(tok, text, c) for c in (" red", " blue")]
+    assert rec.requests[2:] == spaced  # the second question's choices
+    assert spaced[0][1] != split_continuation(tok, text, "red")[1]  # (what was scored)
+
+    # The world's choices carry their space: the same requests with or without a delimiter.
+    world = world_tasks(world_dir)["mc_facts_heldout"].replace(num_fewshot=2)
+    ev.scorer = rec = _RecordingScorer()
+    ev.run(world, limit=4)
+    ev.scorer = bare = _RecordingScorer()
+    ev.run(world.replace(target_delimiter=""), limit=4)
+    assert rec.requests == bare.requests and len(rec.requests) == 16

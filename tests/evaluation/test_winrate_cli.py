@@ -80,3 +80,37 @@ def test_bad_completion_files_and_runs_are_named(rm_run, tmp_path):
     ck.wait()
     with pytest.raises(CheckpointError, match="not a reward-model run"):
         winrate.load_reward_scorer(str(lm))
+    # ... which the command line printed as a traceback: now a one-line error naming the flag
+    with pytest.raises(SystemExit, match=r"^--reward_model .*lm: .*not a reward-model run"):
+        winrate.main([a, a, "--reward_model", str(lm)])
+
+
+def test_samples_of_one_prompt_are_resampled_together(rm_run, tmp_path, capsys):
+    """`generate --num_samples K --json` writes K lines per prompt; the bootstrap resampled
+    lines, so K correlated samples counted as K prompts: the interval was ~sqrt(K) too narrow
+    and n counted lines. Now the prompts are resampled, each with all its samples."""
+    run, _ = rm_run
+    rng = np.random.default_rng(0)
+    margins = rng.normal(0.1, 1.0, 20)
+    per_prompt = winrate.bootstrap_interval(margins)
+    lines = winrate.bootstrap_interval(np.repeat(margins, 4))  # what it was
+    grouped = winrate.bootstrap_interval(np.repeat(margins, 4), groups=np.repeat(np.arange(20), 4))
+    assert grouped == per_prompt  # equal-size groups of equal margins: the per-prompt draw
+    assert lines[1] - lines[0] < 0.7 * (per_prompt[1] - per_prompt[0])
+
+    # The command line: K = 2 samples ("sample" 0, 1) of each of the 4 prompts.
+    def write(path, completions):
+        recs = [{"prompt": PROMPTS[i // 2], "completion": c, "sample": i % 2}
+                for i, c in enumerate(completions)]  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        return str(path)
+
+    a = write(tmp_path / "a.jsonl", ["yes", "Kavo lives in Brel", "a", "no", "42", "b", "c", "d"])
+    b = write(tmp_path / "b.jsonl", ["no", "the city", "yes or no", "a", "b", "x", "no", "e"])
+    res = winrate.main([a, b, "--reward_model", run, "--out", str(tmp_path / "r.json")])
+    assert (res["n"], res["prompts"]) == (8, 4)
+    assert "of 8 samples of 4 prompts" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    d = np.asarray(saved["scores_a"]) - np.asarray(saved["scores_b"])
+    want = winrate.bootstrap_interval(d, groups=[p for p in PROMPTS for _ in range(2)])
+    assert (res["ci95_low"], res["ci95_high"]) == want
