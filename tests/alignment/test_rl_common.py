@@ -168,7 +168,8 @@ def test_same_size_tokenizers_that_differ_in_one_piece_are_told_apart(tmp_path):
     from flaxlm.models.hf_tokenizer import load_tokenizer
 
     spec = importlib.util.spec_from_file_location(
-        "hf_tokenizers", os.path.join(os.path.dirname(__file__), "..", "hf_tokenizers.py"))
+        "hf_tokenizers", os.path.join(os.path.dirname(__file__), "..", "hf_tokenizers.py")
+    )
     hf_tokenizers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hf_tokenizers)
     ours = hf_tokenizers.write_hf_tokenizer(str(tmp_path / "ours"), "", {}, merge_words=["Ġzz"])
