@@ -129,6 +129,33 @@ def chat_tokenizer(tmp_path_factory):
     return path, tokenizer.train(texts, 400, model_path=path)
 
 
+def _write_token_shard(d, records, tok, bos_eos) -> str:
+    """Writes directory `d`: one token-id ArrayRecord shard of `records` and the meta.json that
+    preprocess (or another tool) writes beside it (`bos_eos`: records already framed); returns
+    `d`."""
+    import json
+
+    import numpy as np
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(d)
+    meta = {"format": "tokens", "dtype": "int32", "bos_eos": bos_eos}
+    meta.update(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    w = ArrayRecordWriter(os.path.join(d, "shard-00000.arrayrecord"), "group_size:1")
+    for r in records:
+        w.write(np.asarray(r, np.int32).tobytes())
+    w.close()
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def write_token_shard():
+    """`write(d, records, tok, bos_eos) -> d`: a token-id shard directory (`_write_token_shard`)."""
+    return _write_token_shard
+
+
 @pytest.fixture(scope="session")
 def byte_chat_tokenizer():
     """make(dir, chat_template) -> dir: an HF tokenizer.json whose ids are single bytes (byte

@@ -1,28 +1,13 @@
 """Token shards whose ``meta.json`` says ``bos_eos: true`` (records already framed with BOS/EOS,
 as other tools write them) are not framed a second time by the loader."""
 
-import json
 import os
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from flaxlm.data import pipeline
 from flaxlm.data.sources import DataError
-
-
-def write_shard(d, records, tok, bos_eos):
-    os.makedirs(d)
-    meta = {"format": "tokens", "dtype": "int32", "bos_eos": bos_eos}
-    meta.update(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    w = ArrayRecordWriter(os.path.join(d, "shard-00000.arrayrecord"), "group_size:1")
-    for r in records:
-        w.write(np.asarray(r, np.int32).tobytes())
-    w.close()
-    return os.path.join(d, "*.arrayrecord")
 
 
 def batches(pattern, tok_path, n=4):
@@ -34,8 +19,12 @@ def batches(pattern, tok_path, n=4):
     return [next(it) for _ in range(n)]
 
 
-def test_framed_token_shards_get_no_second_bos_eos(tmp_path, chat_tokenizer):
+def test_framed_token_shards_get_no_second_bos_eos(tmp_path, chat_tokenizer, write_token_shard):
     tok_path, tok = chat_tokenizer
+
+    def write_shard(*a, **k):  # the shard's files, as a data.sources pattern
+        return os.path.join(write_token_shard(*a, **k), "*.arrayrecord")
+
     assert tok.bos_id >= 0 and tok.eos_id >= 0
     rng = np.random.default_rng(0)
     docs = [rng.integers(8, 370, rng.integers(5, 30)) for _ in range(12)]
@@ -52,8 +41,9 @@ def test_framed_token_shards_get_no_second_bos_eos(tmp_path, chat_tokenizer):
     assert not np.any((toks[:-1] == tok.bos_id) & (toks[1:] == tok.bos_id))
 
 
-def test_bos_eos_that_is_not_a_bool_is_named(tmp_path, chat_tokenizer):
+def test_bos_eos_that_is_not_a_bool_is_named(tmp_path, chat_tokenizer, write_token_shard):
     tok_path, tok = chat_tokenizer
-    pattern = write_shard(tmp_path / "bad", [[10, 11, 12]] * 4, tok, bos_eos="yes")
+    shard = write_token_shard(tmp_path / "bad", [[10, 11, 12]] * 4, tok, bos_eos="yes")
+    pattern = os.path.join(shard, "*.arrayrecord")
     with pytest.raises(DataError, match=r"bad/\*\.arrayrecord.*bos_eos='yes'"):
         batches(pattern, tok_path, n=1)

@@ -2,11 +2,9 @@
 packed as training is, bad records under `data.strict`, documents tokenized as packing needs."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from flaxlm.configs import pretrain as pretrain_config
 from flaxlm.data import pipeline
@@ -14,20 +12,6 @@ from flaxlm.data.sources import DataError
 from flaxlm.train import pretrain
 
 KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-
-
-def write_shard(d, records, tok, bos_eos):
-    """One token-id ArrayRecord shard with the meta.json preprocess (or another tool) writes."""
-    os.makedirs(d)
-    meta = {"format": "tokens", "dtype": "int32", "bos_eos": bos_eos}
-    meta.update(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    w = ArrayRecordWriter(os.path.join(d, "shard-00000.arrayrecord"), "group_size:1")
-    for r in records:
-        w.write(np.asarray(r, np.int32).tobytes())
-    w.close()
-    return str(d)
 
 
 def config(eval_sources, tok_path, **data):
@@ -49,15 +33,17 @@ def training_batches(c, n):
 
 
 @pytest.mark.parametrize("mode", ["split", "pad"])
-def test_held_out_batches_are_framed_and_packed_as_training(tmp_path, chat_tokenizer, mode):
+def test_held_out_batches_are_framed_and_packed_as_training(
+    tmp_path, chat_tokenizer, write_token_shard, mode
+):
     """Token shards whose meta.json says `bos_eos: true` got a second BOS and EOS in the held-out
     batches only (training adds none), and the held-out text was always packed in split mode:
     the eval loss was measured on other sequences than the model trains on."""
     tok_path, tok = chat_tokenizer
     rng = np.random.default_rng(0)
     docs = [rng.integers(8, 370, rng.integers(5, 20)) for _ in range(12)]
-    plain = write_shard(tmp_path / "plain", docs, tok, bos_eos=False)
-    framed = write_shard(
+    plain = write_token_shard(tmp_path / "plain", docs, tok, bos_eos=False)
+    framed = write_token_shard(
         tmp_path / "framed", [[tok.bos_id, *d, tok.eos_id] for d in docs], tok, bos_eos=True
     )
     ref = training_batches(config(plain, tok_path, pack_mode=mode), 3)
