@@ -395,12 +395,17 @@ def _guard_loss(params, batch, rng):
 
 class _RefGuard:
     """The documented rule: skip when the loss or gradient norm is not finite, or (after
-    `warmup` accepted steps) when the loss exceeds both mean + z·std and (1 + rel)·mean of an
-    EMA of accepted losses; statistics move on accepted steps only."""
+    `warmup` accepted steps, and at least 2) when the loss exceeds both mean + z·std and
+    (1 + rel)·mean of the accepted losses' statistics; they move on accepted steps only, start
+    again a fifth of the warmup (at least 5 steps) before detection starts, and weigh the k-th
+    loss since a start as a bias-corrected EMA does: the mean is Σ_j d^(k−j)(1−d)·x_j / (1−d^k),
+    written out here over the losses themselves (train/step.py keeps a running update)."""
 
     def __init__(self, z, rel, decay, warmup):
         self.z, self.rel, self.decay, self.warmup = z, rel, decay, warmup
+        self.restart = max(warmup - max(warmup // 5, 5), 0)
         self.mean = self.var = 0.0
+        self.seen = []  # the accepted losses since the statistics last started
         self.n = self.skipped = self.bad = 0
 
     def threshold(self):
@@ -408,15 +413,18 @@ class _RefGuard:
 
     def step(self, loss, grad_finite=True):
         ok = math.isfinite(loss) and grad_finite
-        if ok and self.z > 0 and self.n >= self.warmup and loss > self.threshold():
+        if ok and self.z > 0 and self.n >= max(self.warmup, 2) and loss > self.threshold():
             ok = False
         if ok:
-            if self.n == 0:
-                self.mean, self.var = loss, 0.0
+            if self.n in (0, self.restart):
+                self.seen, self.mean, self.var = [loss], loss, 0.0
             else:
-                d = self.decay
-                self.var = d * self.var + (1 - d) * (loss - self.mean) ** 2
-                self.mean = d * self.mean + (1 - d) * loss
+                d, k = self.decay, len(self.seen) + 1
+                w = (1 - d) / (1 - d**k)  # the new loss's weight among the k
+                self.var = (1 - w) * self.var + w * (loss - self.mean) ** 2
+                self.seen.append(loss)
+                self.mean = sum(d ** (k - 1 - j) * (1 - d) * x for j, x in enumerate(self.seen))
+                self.mean /= 1 - d**k
             self.n += 1
             self.bad = 0
         else:
