@@ -364,6 +364,16 @@ def _check_shape(seq_len: int, batch: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_read_settings(data_cfg) -> None:
+    """``data.num_epochs``, ``read_threads`` and ``prefetch`` as non-negative integers: grain's
+    own errors for them ("num_epochs must be positive", "'float' object cannot be interpreted as
+    an integer") name no config key."""
+    for key in ("num_epochs", "read_threads", "prefetch"):
+        value = data_cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"data.{key} must be an integer >= 0, got {value!r}")
+
+
 def _skipped(log: S.BadInputLog, counts: dict, examples: dict, text_field: str) -> str:
     """What ``log`` counted beyond ``counts`` (its counts before a source was opened) and
     ``examples`` (its example list lengths then), for the error of a source with no documents:
@@ -449,6 +459,7 @@ def make_pretrain_iterator(
 
         process_index, process_count = jax.process_index(), jax.process_count()
     _check_shape(seq_len, global_batch)
+    _check_read_settings(data_cfg)
     if global_batch % process_count:
         raise ValueError(f"global_batch {global_batch} does not divide over {process_count} hosts")
     entries = parse_sources(data_cfg.sources) or [("", 1.0)]

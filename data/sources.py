@@ -89,7 +89,8 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
 
     An existing file is itself, whatever its name: ``part[1].jsonl`` read as a glob matched
     ``part1.jsonl`` (or nothing), never the file named. A glob keeps files only (``**`` also
-    matches directories) and, like a directory, skips shards' ``meta.json``. A file that several
+    matches directories) and, like a directory, skips shards' ``meta.json`` and ``_``-prefixed
+    markers (``_SUCCESS``) unless its last part starts with ``_``. A file that several
     patterns match is read once, where it first appears (reading it twice made its documents
     exact duplicates of themselves).
     """
@@ -106,13 +107,23 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
             hits = sorted(
                 p
                 for p in glob.glob(pat, recursive=True)
-                if os.path.isfile(p) and os.path.basename(p) != META_FILE
+                if os.path.isfile(p) and _glob_keeps(pat, os.path.basename(p))
             )
         if not hits:
             raise FileNotFoundError(f"no files match {pat!r}")
         for h in hits:
             out.setdefault(os.path.realpath(h), h)
     return list(out.values())
+
+
+def _glob_keeps(pattern: str, name: str) -> bool:
+    """Whether a glob's match ``name`` is read: not a shards' ``meta.json``, and not a
+    ``_``-prefixed marker (``_SUCCESS``, ``_committed_*``: ``out/*`` used to train on them as
+    text) unless the pattern's own last part starts with ``_`` (the user asked for them). Python's
+    glob already leaves hidden names to patterns that start with a dot."""
+    if name == META_FILE:
+        return False
+    return not name.startswith("_") or os.path.basename(pattern).startswith("_")
 
 
 # What a directory holds that is data: the formats ``file_format`` reads by name, each possibly

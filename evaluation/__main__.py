@@ -17,9 +17,9 @@ setting; by default a checkpoint of a post-training task (SFT, DPO, ...) is prom
 chat template, and a pretrained or imported HF one (meta task hf_import) as each task says.
 
 The JSON records what reproduces the run: the checkpoint, step, tokenizer and task files as
-absolute paths, each task file's sha256 and row count, --limit, --seed, --batch_tokens, the
-chat mode (--chat and what it resolved to) and the chat-template variables used, besides each
-task's spec as run.
+absolute paths, each task file's sha256 and row count, --limit, --seed, --batch_tokens,
+--gen_batch_size, the chat mode (--chat and what it resolved to) and the chat-template variables
+used, besides each task's spec as run.
 
 A model too big for one device: `--mesh fsdp=-1` (or tensor=8 --sharding fsdp_tp, ...) splits it
 over the local devices; across hosts, the same command on each with --coordinator/--num_processes/
@@ -84,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                    help='generation tasks: score the text after this end-of-thinking marker, '
                         'e.g. "</think>" (default: each task\'s reasoning_end)')  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per scoring batch")
+    p.add_argument("--batch_tokens", type=_positive, default=8192, help="tokens per scoring batch")
+    p.add_argument("--gen_batch_size", type=_positive, default=32,
+                   help="prompts per generation batch (samples do not depend on it)")
     p.add_argument("--samples", action="store_true", help="include per-example outputs in JSON")
     add_mesh_args(p)
     return p
@@ -230,13 +232,14 @@ def main(argv: list[str] | None = None) -> dict:
     except HFError as e:
         raise SystemExit(str(e)) from None
     ev = Evaluator(cfg, params, tok, batch_tokens=args.batch_tokens, seed=args.seed, mesh=mesh,
-                   rules=rules)  # fmt: skip
+                   rules=rules, gen_batch_size=args.gen_batch_size)  # fmt: skip
     writer = is_writer()  # (several processes: each runs every task; process 0 reports)
 
     results = {}
     out = {"checkpoint": os.path.abspath(args.checkpoint), "step": step, "ema": args.ema,
            "tokenizer": tok_path, "limit": args.limit, "seed": args.seed,
-           "batch_tokens": args.batch_tokens, "chat": args.chat,
+           "batch_tokens": args.batch_tokens, "gen_batch_size": args.gen_batch_size,
+           "chat": args.chat,
            "chat_mode": {True: "on", False: "off", None: "per task"}[chat],
            "chat_template_kwargs": dict(getattr(tok, "template_kwargs", None) or {}),
            "tasks": results}  # fmt: skip

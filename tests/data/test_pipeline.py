@@ -411,6 +411,23 @@ def test_rows_of_no_tokens_or_no_rows_are_refused(tmp_path, tok, seq_len, batch,
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "key,value",
+    [("num_epochs", -1), ("read_threads", -1), ("prefetch", -2),
+     ("num_epochs", True)],
+)  # fmt: skip
+def test_read_settings_are_checked_by_key(tmp_path, tok, key, value):
+    """grain refused these with messages naming no config key ("num_epochs must be positive",
+    "num_threads must be non-negative"; a bool passed as an epoch count)."""
+    path = write_jsonl(tmp_path / "a.jsonl", corpus(8, 10))
+    cfg = cfg_for(path, tok)
+    cfg[key] = value
+    with pytest.raises(ValueError, match=rf"^data\.{key} must be an integer >= 0, got {value!r}$"):
+        pipeline.make_pretrain_iterator(
+            cfg, seq_len=8, global_batch=2, seed=0, process_index=0, process_count=1
+        )
+
+
 def test_weights_proportional_to_sizes_leave_documents_unread_as_documented():
     """The module docstring said such weights "use every document"; grain truncates the weights
     (the smallest scaled to 100) and ends the mixture at its first exhausted source. These are

@@ -244,4 +244,8 @@ def test_a_directory_reads_its_data_files_only(tmp_path, caplog):
                        r"glob such as '.*spark/\*'"):  # fmt: skip
         S.expand_paths(str(e))
     assert S.expand_paths(str(e / "part-*")) == [str(e / "part-00000")]
+    # The glob that error suggests used to match the `_SUCCESS` marker too (an empty document,
+    # or a bad record in a jsonl glob); a pattern that asks for `_` names still gets them.
+    assert S.expand_paths(str(e / "*")) == [str(e / "part-00000")]
+    assert S.expand_paths(str(e / "_*")) == [str(e / "_SUCCESS")]
     assert S.is_data_file("shard-00000.arrayrecord") and not S.is_data_file("meta.json")

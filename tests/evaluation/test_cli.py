@@ -59,6 +59,9 @@ def test_cli_sampling_is_seeded(run_dir, world_dir, tok_path):
     responses = lambda r: [s["responses"] for s in r["gen_facts_train"]["samples"]]
     assert responses(a) == responses(b) and responses(a) != responses(c)
     assert a["mc_facts_heldout"]["spec"]["temperature"] == 0.0
+    # --gen_batch_size (the CLI had no way to set it) changes the batching, not the samples.
+    one = main(argv + ["--gen_batch_size", "1"])
+    assert one["gen_batch_size"] == 1 and responses(one["tasks"]) == responses(a)
     with pytest.raises(SystemExit, match="needs temperature > 0"):
         main(argv[:-4] + ["--num_samples", "2"])
     # --reasoning_end reaches every generation task: this model never writes the marker, so
