@@ -10,7 +10,8 @@ Phone numbers redacted: Chinese mobiles (bare or with 86 / +86 / 0086), North Am
 ("(415) 555-2671", "1-800-555-1234"), any number in international form ('+', then 8 to 15 digits
 in any grouping), and other 2-4 + 3-4 + 3-4 digit groups. Digit groups are ambiguous: "12 345 678"
 and "12.345.678" (thousands separators) and three 4-digit years in a row ("1999 2000 2001") are
-redacted as phones; national numbers written in pairs without '+' ("01 23 45 67 89") are not.
+redacted as phones; national numbers written in pairs without '+' ("01 23 45 67 89") are not. An
+extension after a number ("555-123-4567x89", "... ext. 89") is redacted with it.
 Card numbers are 13-19 digits (single spaces or dashes between them) that pass the Luhn check
 and do not start with 1 or 9 (millisecond timestamps, ISBN-13s: one in ten passes Luhn).
 
@@ -23,8 +24,14 @@ substrings, with '!' exceptions for benign words that contain one (``load_word_l
 Text without spaces (Chinese, Japanese, Korean) is handled by counting each CJK character as one
 word: "word" counts, n-gram repetition and stop words then mean the same thing in both scripts.
 Mean word length is measured on non-CJK words only (a CJK "word" is one character by construction).
-The language check is a script check (Han, Latin, Cyrillic, ...) plus stop words for English; it is
-not a statistical language-ID model.
+The language check is a script check (Han, Latin, Cyrillic, ...: the script with the most words,
+each word counted for the script of most of its letters) plus stop words, English for Latin text
+and Chinese for Han text; it is not a statistical language-ID model, and Latin-script text in
+another language fails the English stop words (``min_stop_words=0`` keeps it).
+
+Line cleaning (``strip_boilerplate``) removes web boilerplate lines by phrase ("This site uses
+cookies", "Subscribe to our newsletter", a line that is only "Read more"), never by a single word
+("cookie", "javascript"), and prose-like phrases ("privacy policy") only on short lines.
 """
 
 from __future__ import annotations
@@ -86,7 +93,11 @@ def clean_config() -> ml_collections.ConfigDict:
     # Characters covered by any repeated n-gram, for n = 5..10 (Gopher: .15 down to .10).
     c.max_dup_ngram_char_frac = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)
     c.min_alpha_words = 0.8  # fraction of words with a letter (CJK counts) below → "alpha_ratio"
-    c.min_stop_words = 2  # distinct stop words of the detected language below → "stop_words"
+    # Distinct stop words of the detected language below → "stop_words". The language is the
+    # script's: all Latin-script text is checked against the English list, so with the default
+    # scripts French, German, Spanish (any non-English Latin-script) documents are dropped as
+    # "stop_words". min_stop_words=0 keeps them.
+    c.min_stop_words = 2
     c.scripts = ("latin", "han")  # dominant script must be one of these → else "script"
     c.toxic_lists = "default"  # comma-separated word-list files ("default" = the bundled ones)
     c.max_toxic_hits = 0  # word-list hits above → "toxic"
@@ -118,7 +129,13 @@ class DocStats:
 
     @functools.cached_property
     def script(self) -> str:
-        counts = {name: len(rx.findall(self.text)) for name, rx in _SCRIPTS.items()}
+        """The script with the most words (CJK characters one each, other words by the script
+        most of their letters are in; words without letters count for none)."""
+        # Counted in words, as every other filter counts: counted in letters, a Chinese tutorial
+        # with English terms (99 Han characters, 30 words of 232 Latin letters) was "latin", so
+        # judged by English stop words and dropped.
+        per_word = Counter(map(_word_script, self.words))
+        counts = {name: per_word[name] for name in _SCRIPTS}  # ties: the first in _SCRIPTS
         if counts["kana"] and counts["kana"] >= 0.05 * counts["han"]:
             counts["kana"] += counts.pop("han")  # Japanese mixes kanji with kana
         best = max(counts, key=counts.get)
@@ -128,6 +145,18 @@ class DocStats:
     def language(self) -> str:
         """'zh' for Han text, 'en' for Latin text (stop words then judge), else the script."""
         return {"han": "zh", "latin": "en"}.get(self.script, self.script)
+
+
+_SCRIPT_RUN_RE = re.compile("|".join(f"(?P<{k}>{rx.pattern}+)" for k, rx in _SCRIPTS.items()))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # word frequencies are Zipfian: most lookups hit
+def _word_script(word: str) -> str | None:
+    """The script most of the word's letters are in (ties: the first in ``_SCRIPTS``)."""
+    letters: Counter = Counter()
+    for m in _SCRIPT_RUN_RE.finditer(word):
+        letters[m.lastgroup] += m.end() - m.start()
+    return max(_SCRIPTS, key=lambda k: letters[k]) if letters else None
 
 
 def count_words(text: str) -> int:
@@ -275,6 +304,9 @@ def toxic_hits(text: str, spec: str = "default") -> int:
 
 _NB = r"(?<![\dA-Za-z])"  # "not inside a number/word"; \b fails next to CJK (also \w)
 _NA = r"(?![\dA-Za-z])"
+# A phone's extension ("555-123-4567x89", "... ext. 89", "..., extension 12"), redacted with it: the
+# letter after the number failed the pattern's end, and "555-123-4567x89" was not redacted at all.
+_EXT = r"(?:,?[ ]?(?:[xX]|[eE]xt\.?|[eE]xtension)[ ]?\d{1,6})?"
 _NUMERIC = [  # (kind, pattern), tried in this order at each position
     (
         "IP",
@@ -301,18 +333,37 @@ _NUMERIC = [  # (kind, pattern), tried in this order at each position
         "PHONE",
         r"(?<![\dA-Za-z+])(?<!\d[ .-])"
         r"(?:\+\d{1,3}[ .-]?|1[ .-](?=\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}))?"
-        r"(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}(?![\dA-Za-z]|[ .-]\d)",
+        r"(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}"
+        + _EXT
+        + r"(?![\dA-Za-z]|[ .-]\d)",
     ),
     # International numbers in any grouping ("+33 1 23 45 67 89", "+91 98765 43210"): a '+', then
     # 8 to 15 digits (E.164's limit) with single separators.
-    ("PHONE", r"(?<![\dA-Za-z+])\+[1-9](?:[ .-]?\d){7,14}(?![\dA-Za-z]|[ .-]\d)"),
+    ("PHONE", r"(?<![\dA-Za-z+])\+[1-9](?:[ .-]?\d){7,14}" + _EXT + r"(?![\dA-Za-z]|[ .-]\d)"),
 ]
 _CARD_AT = next(i for i, (k, _) in enumerate(_NUMERIC) if k == "CARD")
+# Emails: local part and domain labels in letters of any script ("müller@firma.de",
+# "josé.garcía@example.es", "john@münchen.de"). With ASCII-only classes the match started after
+# the last accented letter ("josé.garcí<EMAIL>", the start of the address left in the text) or
+# found no domain. The lookbehind starts a match where the run of local-part characters starts
+# (combining accents U+0300-036F count: NFD text), never inside it; one class there, so the scan
+# tries each word once. CJK is not part of an address: in Chinese text nothing separates it from
+# the words before it ("我的邮箱是zhangsan@qq.com"; redact_pii keeps the run's text up to its last
+# CJK character), and a CJK top-level domain would take in the words after it.
+_EMAIL_CH = "\\w.%+\u0300-\u036f-"
+_EMAIL_LABEL = rf"(?:[^\W_{_CJK}]|[\u0300-\u036f-])+"
+_EMAIL = (
+    rf"(?<![{_EMAIL_CH}])[{_EMAIL_CH}]+@{_EMAIL_LABEL}(?:\.{_EMAIL_LABEL})*"
+    rf"\.[^\W\d_{_CJK}]{{2,}}"
+)
+_CJK_PREFIX_RE = re.compile(rf".*[{_CJK}]")  # an EMAIL match's text up to its last CJK character
+# An IPv4 address as the last 32 bits of an IPv6 one ("::ffff:192.168.1.1", "64:ff9b::1.2.3.4").
+_V4 = r"(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)"
 # One pass per family (a pass costs ~40 us per KB): named groups say which pattern matched.
 _PII = [
     (
         "@",
-        re.compile(r"(?P<EMAIL>[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})"),
+        re.compile(f"(?P<EMAIL>{_EMAIL})"),
     ),
     (
         "::",
@@ -320,11 +371,16 @@ _PII = [
         # start ("::1") or at the end ("fe80::"). Not a lone "::" and not "std::vector" (a group
         # must be hex digits, bounded by non-word characters). A "::" match is then checked by
         # _plausible_ipv6 (slices "a[1::2]" and names "ee::ff" match the pattern too).
+        # The forms ending in an IPv4 address come first: "::ffff:192.168.1.1" matched as
+        # "::ffff:192" and became "<IP>.168.1.1"; a match may not end before ".<digit>" now.
         re.compile(
-            r"(?P<IP>(?<![:\w])(?:(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}"
+            rf"(?P<IP>(?<![:\w])(?:(?:[0-9A-Fa-f]{{1,4}}:){{6}}{_V4}"
+            rf"|::(?:[0-9A-Fa-f]{{1,4}}:){{0,5}}{_V4}"
+            rf"|(?:[0-9A-Fa-f]{{1,4}}:){{1,5}}:(?:[0-9A-Fa-f]{{1,4}}:){{0,4}}{_V4}"
+            r"|(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}"
             r"|(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6}"
             r"|::(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{1,4}"
-            r"|(?:[0-9A-Fa-f]{1,4}:){1,7}:)(?![:\w]))"
+            r"|(?:[0-9A-Fa-f]{1,4}:){1,7}:)(?![:\w]|\.\d))"
         ),
     ),
     # The leading lookahead lets the engine skip positions that cannot start a number quickly.
@@ -367,8 +423,8 @@ def _plausible_ipv6(addr: str) -> bool:
     one, from 2000::/3 or fc00::/7 up) or three groups or more ("1080::8:800:200c:417a"); not
     the slice "a[1::2]" nor "1::".
     """
-    if "::" not in addr:
-        return True  # all eight groups
+    if "::" not in addr or "." in addr:
+        return True  # all eight groups, or an IPv4 tail (no slice or name has one)
     groups = [g for g in addr.split(":") if g]
     if addr.startswith("::"):
         return len(groups) >= 2 or groups == ["1"]
@@ -393,8 +449,15 @@ def redact_pii(text: str) -> tuple[str, Counter]:
         kind = m.lastgroup.rstrip("0123456789")
         if m.re is _IPV6_RE and not _plausible_ipv6(m.group()):
             return m.group()
-        if kind == "EMAIL" and m.group().rpartition(".")[2].lower() in _FILE_EXTENSIONS:
-            return m.group()
+        if kind == "EMAIL":
+            if m.group().rpartition(".")[2].lower() in _FILE_EXTENSIONS:
+                return m.group()
+            prefix = _CJK_PREFIX_RE.match(m.group())  # text before the address (CJK)
+            if prefix is not None:
+                if m.group()[prefix.end()] == "@":
+                    return m.group()  # an all-CJK local part ("张三@example.com"): not matched
+                counts[kind] += 1
+                return f"{prefix.group()}<{kind}>"
         if kind == "CARD" and not _luhn_ok(re.sub(r"\D", "", m.group())):
             # Not a card: the span may still hold a phone or ID number. Searched in the whole
             # text (pos/endpos), so lookbehinds see what precedes the span.
@@ -407,10 +470,11 @@ def redact_pii(text: str) -> tuple[str, Counter]:
         return f"<{kind}>"
 
     for guard, rx in _PII:
-        # Cheap guards: no '@' → no email; IPv6 needs "::" or 7 colons; numbers two digits.
+        # Cheap guards: no '@' → no email; IPv6 needs "::" or 6 colons (7 without an IPv4 tail);
+        # numbers two digits.
         if guard == "@" and "@" not in text:
             continue
-        if guard == "::" and "::" not in text and text.count(":") < 7:
+        if guard == "::" and "::" not in text and text.count(":") < 6:
             continue
         if guard == "00" and _DIGITS_RE.search(text) is None:
             continue
@@ -421,23 +485,77 @@ def redact_pii(text: str) -> tuple[str, Counter]:
 # ---------------------------------------------------------------------------------------------
 
 
-# C0/C1 controls except tab and newline, zero-width/direction marks, BOM, unassigned surrogates.
+# Characters removed from text before anything reads it (``normalize_text``) and before dedup
+# and decontamination compare it (``dedup.normalize``, ``dedup.match_words``): C0/C1 controls
+# except tab and newline, lone surrogates, every format character (category Cf: zero-width
+# spaces and joiners, soft hyphen U+00AD, direction marks, embeddings and isolates U+2066-2069,
+# Mongolian vowel separator U+180E, BOM, tags ...) and the other invisible characters Unicode
+# lists as default-ignorable: combining grapheme joiner U+034F, variation selectors (U+FE00-FE0F,
+# U+E0100-E01EF, Mongolian U+180B-180F), Hangul fillers, Khmer inherent vowels U+17B4-17B5.
+# The list of zero-width and direction characters missed the soft hyphen (&shy; in web text),
+# the isolates and the variation selectors, so a copy carrying them was neither an exact
+# duplicate nor a decontamination hit and evaded the word list.
+# Kept: the Cf characters that are visible signs (prepended concatenation marks: Arabic number
+# signs U+0600-0605, end of ayah U+06DD, Syriac U+070F, U+0890-0891, U+08E2, Kaithi U+110BD,
+# U+110CD). Removed too: the zero-width joiner U+200D (and non-joiner U+200C), as before. Nothing
+# here reads emoji sequences, and without it a ZWJ sequence shows its members (a family emoji
+# becomes its people); kept, a ZWJ inside a word ("ru\u200dns") would make a different word for
+# dedup, the word list and the model. (Persian and Indic text lose the joiner's shaping hint.)
 _CONTROL_RE = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff\ud800-\udfff]"
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+    "\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb"
+    "\ud800-\udfff\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0000-\U000e0fff]"
 )
 _ALPHA_RE = re.compile(r"[^\W\d_]")
 
 
-# Words are separated by any whitespace run: extracted web text often has doubled spaces or
-# no-break spaces (U+00A0, which NFC keeps) in exactly these footer/navigation lines.
-_BOILERPLATE_RE = re.compile(
-    r"cookie|privacy\s+policy|terms\s+of\s+(use|service)|all\s+rights\s+reserved|subscribe|"
-    r"newsletter|\blog\s?in\s*(\||to\b|$)|\bsign\s?up\b|forgot\s+(your\s+)?password|"
-    r"click\s+here|advertisement|share\s+on\s|read\s+more|javascript|\bhome\s+\|\s|"
-    r"skip\s+to\s+(main\s+)?content",
+# Boilerplate lines, matched by phrase, never by a single word: "cookie", "subscribe",
+# "advertisement", "read more" and "javascript" matched anywhere, so a cookie recipe was dropped
+# as boilerplate, a news paragraph on subscribers and advertisement revenue lost 3 of its 4 lines
+# and a JavaScript explainer half of its lines. Words are separated by any whitespace run:
+# extracted web text often has doubled spaces or no-break spaces (U+00A0, which NFC keeps) in
+# exactly these footer/navigation lines.
+# Banner phrases: boilerplate on a line of any length.
+_BANNER_RE = re.compile(
+    r"\b(?:(?:web)?site\s+uses\s+cookies|our\s+use\s+of\s+cookies|"
+    r"we\s+use\s+cookies\s+(?:and\s+similar|on\s+(?:our|this)\s+(?:web)?site|to\s+(?:improve|"
+    r"give|ensure|provide|enhance|personali[sz]e|analy[sz]e|understand|offer|measure|remember))|"
+    r"(?:accept|reject|allow)\s+all\s+cookies|"
+    r"subscribe\s+to\s+(?:our|the|my)\s+(?:free\s+)?(?:newsletter|channel|mailing\s+list)|"
+    r"sign\s?up\s+(?:for|to)\s+(?:our|the)\s+(?:free\s+)?newsletter|"
+    r"(?:enable|turn\s+on|activate)\s+javascript|javascript\s+(?:is\s+)?(?:required|disabled)|"
+    r"skip\s+to\s+(?:main\s+)?content)\b",
+    re.IGNORECASE,
+)
+# Phrases that prose uses too ("the company changed its privacy policy", "never accept cookies
+# from strangers"): boilerplate only on a short line (footers, navigation bars, buttons).
+_SHORT_LINE_WORDS = 20
+_FOOTER_RE = re.compile(
+    r"\b(?:cookies?\s+(?:policy|settings|preferences|consent|notice)|"
+    r"(?:accept|reject|decline)\s+cookies|privacy\s+policy|terms\s+of\s+(?:use|service)|"
+    r"all\s+rights\s+reserved|forgot\s+(?:your\s+)?password|click\s+here|"
+    r"share\s+(?:on|to)\s+(?:facebook|twitter|x|linkedin|whatsapp|pinterest|reddit|email))\b|"
+    r"\blog\s?in\s*(?:\||to\b|$)|\bsign\s?(?:up|in)\s*(?:\||$|now\b|(?:for\s+)?free\b)|"
+    r"\bhome\s+\|\s",
+    re.IGNORECASE,
+)
+# Lines that are nothing but a link or a label ("Read more >>", "Advertisement").
+_STUB_LINE_RE = re.compile(
+    r"[\W_]*(?:read\s+more|continue\s+reading|advertisement|sponsored(?:\s+content)?|"
+    r"subscribe(?:\s+now)?|newsletter|back\s+to\s+top)[\W_]*",
     re.IGNORECASE,
 )
 _SYMBOL_LINE_RE = re.compile(r"^[\W_]{3,}$")
+
+
+def _is_boilerplate(line: str) -> bool:
+    return bool(
+        _BANNER_RE.search(line)
+        or _STUB_LINE_RE.fullmatch(line)
+        or _SYMBOL_LINE_RE.match(line)
+        or (len(line.split()) <= _SHORT_LINE_WORDS and _FOOTER_RE.search(line))
+    )
 
 
 def strip_boilerplate(text: str) -> tuple[str, int, float]:
@@ -447,10 +565,7 @@ def strip_boilerplate(text: str) -> tuple[str, int, float]:
     each line stripped of its leading and trailing whitespace (inner spaces count).
     """
     lines = text.split("\n")
-    keep = [
-        ln for ln in lines
-        if not (ln.strip() and (_BOILERPLATE_RE.search(ln) or _SYMBOL_LINE_RE.match(ln.strip())))
-    ]  # fmt: skip
+    keep = [ln for ln in lines if not (ln.strip() and _is_boilerplate(ln.strip()))]
     out = "\n".join(keep).strip("\n")
     total = sum(len(ln.strip()) for ln in lines)
     # removed / total, not 1 - kept / total: 1 - 0.7 is 0.30000000000000004, so a page with
@@ -460,9 +575,13 @@ def strip_boilerplate(text: str) -> tuple[str, int, float]:
 
 
 def normalize_text(text: str) -> str:
-    """NFC, unified newlines, control characters (other than tab/newline) removed."""
-    text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    return _CONTROL_RE.sub("", text)
+    """Unified newlines, control and invisible characters (``_CONTROL_RE``) removed, then NFC.
+
+    Removed before NFC, so a letter and its accent that a soft hyphen separated compose
+    ("e<U+00AD><U+0301>" → "é", not the decomposed "e<U+0301>").
+    """
+    text = _CONTROL_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return unicodedata.normalize("NFC", text)
 
 
 def first_failure(s: DocStats, c: ml_collections.ConfigDict) -> str | None:

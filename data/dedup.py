@@ -3,8 +3,8 @@
 Rules, chosen so that one machine (``Deduper``, streaming) and many (``flaxlm.data.beam``,
 group-by-key) keep exactly the same documents:
 
-* exact: documents with the same normalized text (``normalize``: NFKC, case-folded, invisible
-  characters removed, whitespace runs collapsed) form a cluster; the earliest (smallest
+* exact: documents with the same normalized text (``normalize``: invisible characters removed,
+  NFKC, case-folded, whitespace runs collapsed) form a cluster; the earliest (smallest
   ``Document.key``) survives.
 * near: a document is a near-duplicate when one of its LSH band keys was produced by an earlier
   document (earlier among those that reached this stage, kept or not). With the banding chosen
@@ -23,9 +23,10 @@ group-by-key) keep exactly the same documents:
   Words keep their attached punctuation ("paris," is not "paris"), as in the cleaning filters;
   n-grams run across line and paragraph breaks.
 
-Both MinHash shingles and decontamination n-grams are made of ``match_words``: NFKC, case-folded,
-control/zero-width characters removed, so text that differs only in Unicode form (NFC vs NFD,
-full-width letters), case or invisible characters gives the same words.
+Both MinHash shingles and decontamination n-grams are made of ``match_words``: control and
+invisible characters removed (``clean._CONTROL_RE``: zero-width and format characters, soft
+hyphens, variation selectors), NFKC, case-folded, so text that differs only in Unicode form (NFC
+vs NFD, full-width letters), case or invisible characters gives the same words.
 
 Shingles are word n-grams (CJK characters are words), hashed deterministically (crc32 per word,
 combined polynomially in uint64), so signatures agree across processes and machines. MinHash
@@ -69,12 +70,14 @@ def dedup_config() -> ml_collections.ConfigDict:
 
 
 def normalize(text: str) -> str:
-    """What "the same text" means for exact dedup: NFKC, case-folded, control and zero-width
-    characters removed (as ``match_words`` and ``clean.normalize_text`` remove them), whitespace
+    """What "the same text" means for exact dedup: control and invisible characters removed (as
+    ``match_words`` and ``clean.normalize_text`` remove them), NFKC, case-folded, whitespace
     runs collapsed to one space. Without the removal, a copy with a zero-width space was not an
     exact duplicate when the Cleaner did not run first (``do_clean=False``), only a near one.
     """
-    text = _CONTROL_RE.sub("", unicodedata.normalize("NFKC", text))
+    # Removed before NFKC (as in ``clean.normalize_text``): NFKC turns the Hangul filler U+3164
+    # into U+1160, and a removed character between a letter and its accent kept them apart.
+    text = unicodedata.normalize("NFKC", _CONTROL_RE.sub("", text))
     return " ".join(text.casefold().split())
 
 
@@ -106,12 +109,12 @@ def _word_hashes(words: list[str]) -> list[int]:
 def match_words(text: str) -> list[str]:
     """The words MinHash shingles and decontamination n-grams are made of.
 
-    NFKC, case-folded, control and zero-width characters removed (what ``clean.normalize_text``
-    removes), then split like the cleaning filters (CJK characters one word each). Both sides of
+    Control and invisible characters removed (what ``clean.normalize_text`` removes), NFKC,
+    case-folded, then split like the cleaning filters (CJK characters one word each). Both sides of
     a comparison go through this, so an eval item or a copy in NFD, full-width letters or another
     case still matches (e.g. the Deduper used without the Cleaner, or ``do_clean=False``).
     """
-    return _WORD_RE.findall(_CONTROL_RE.sub("", unicodedata.normalize("NFKC", text)).casefold())
+    return _WORD_RE.findall(unicodedata.normalize("NFKC", _CONTROL_RE.sub("", text)).casefold())
 
 
 def shingles(text: str, n: int) -> np.ndarray:

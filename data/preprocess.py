@@ -378,7 +378,9 @@ def format_report(r: dict) -> str:
         "",
         f"inputs: {len(r['inputs'])} file(s) · output: {r['output']} · {r['seconds']:.1f} s",
         f"documents: {r['documents_in']} in → {r['documents_out']} out · "
-        f"{r['bytes_in'] / 1e6:.2f} MB kept text in · {r['tokens']} tokens out"
+        # bytes_in: the UTF-8 text of every document read, dropped ones too (beam's likewise),
+        # once labelled "kept text".
+        f"{r['bytes_in'] / 1e6:.2f} MB text read · {r['tokens']} tokens out"
         + (f" ({r['tokenizer']})" if r["tokenizer"] else ""),
         "",
         "| stage | in | out | removed (reason: count) | seconds |",

@@ -121,6 +121,30 @@ def test_script_check():
     assert clean.DocStats(ZH).language == "zh" and clean.DocStats(EN).language == "en"
 
 
+def test_script_is_decided_by_words_not_letters():
+    """The script was the one with the most letters: a Chinese tutorial with English terms (99
+    Han characters, 30 Latin words of 232 letters) was "latin", judged by English stop words and
+    dropped as "stop_words". Every other filter counts a CJK character as one word, so the
+    script is now the one with the most words."""
+    tutorial = (
+        "在本教程中，我们使用 PyTorch 和 HuggingFace Transformers 库来微调一个 BERT 模型。"
+        "首先安装依赖：pip install torch transformers datasets accelerate。"
+        "然后用 AutoTokenizer.from_pretrained 加载分词器，用 AutoModelForSequenceClassification "
+        "加载模型。训练时我们设置 learning_rate=2e-5、batch_size=32、num_train_epochs=3，并使用 "
+        "AdamW 优化器和 linear warmup scheduler。在 GLUE 的 SST-2 数据集上，验证集准确率达到了 "
+        "92.7%，和论文中报告的结果基本一致。如果显存不够，可以打开 gradient_checkpointing "
+        "或者使用 fp16 混合精度训练。"
+    )
+    s = clean.DocStats(tutorial)
+    assert (s.script, s.language) == ("han", "zh")
+    assert fails(tutorial) is None
+    # The other way round: English with a short Chinese quote stays English.
+    quote = EN + " The sign at the gate said 欢迎光临."
+    assert clean.DocStats(quote).script == "latin" and fails(quote) is None
+    # A word counts for the script of most of its letters; words without letters for none.
+    assert clean.DocStats("Москва Moskva Москваx 123 456 789").script == "cyrillic"
+
+
 def test_toxic_word_list_en_zh(tmp_path):
     assert fails(EN + " What an idiot.") == "toxic"
     assert fails(ZH + "你这个笨蛋。") == "toxic"
@@ -165,6 +189,30 @@ def test_pii_leaves_ordinary_numbers():
     assert clean.redact_pii(code) == (code, {})
     # A 16-digit number failing the Luhn check is not a card.
     assert clean.redact_pii("order 4111 1111 1111 1112")[1] == {}
+
+
+@pytest.mark.parametrize(
+    "text,redacted",
+    [
+        # Accented letters in the address: the match started after the last one, leaving the
+        # start of the address ("josé.garcí<EMAIL>"), or there was no match at all.
+        ("Write to josé.garcía@example.es today.", "Write to <EMAIL> today."),
+        ("Write to müller@firma.de today.", "Write to <EMAIL> today."),
+        ("Write to john@münchen.de today.", "Write to <EMAIL> today."),
+        ("我的邮箱是zhangsan@qq.com，谢谢。", "我的邮箱是<EMAIL>，谢谢。"),  # CJK: not the address
+        # An IPv4 address as the last 32 bits: "::ffff:192" was matched ("<IP>.168.1.1").
+        ("Reach me on ::ffff:192.168.1.1 now", "Reach me on <IP> now"),
+        ("nat64 64:ff9b::192.0.2.33 and 0:0:0:0:0:ffff:10.0.0.1", "nat64 <IP> and <IP>"),
+        # An extension: the letter after the number failed the pattern's end.
+        ("Call 555-123-4567x89 now.", "Call <PHONE> now."),
+        ("Call 555-123-4567 ext. 89 or +44 20 7946 0958 x12.", "Call <PHONE> or <PHONE>."),
+        ("Call 555 123 4567, ext 12.", "Call <PHONE>."),
+    ],
+)
+def test_pii_non_ascii_emails_ipv4_tails_and_phone_extensions(text, redacted):
+    out, counts = clean.redact_pii(text)
+    assert out == redacted
+    assert sum(counts.values()) == redacted.count("<")
 
 
 def test_cleaner_counts_reasons_and_examples():
@@ -214,6 +262,59 @@ def test_boilerplate_lines_with_doubled_or_no_break_spaces_are_stripped():
             [lines[0].replace(" ", sep), story] + [ln.replace(" ", sep) for ln in lines[1:]]
         )
         assert strip_boilerplate(page)[:2] == (story, 4), repr(sep)
+
+
+RECIPE = """Chocolate chip cookies are the most popular homemade cookie in the United States.
+Cream the butter and the sugar together until the mixture is light, then beat in the eggs and the vanilla.
+Fold the chocolate chips into the cookie dough with a spatula and chill it for an hour.
+Bake the cookies for ten to twelve minutes, until the edges are golden and the centres are still soft.
+Let the cookies cool on the tray for five minutes before you move them to a wire rack with care."""  # noqa: E501
+JAVASCRIPT = """JavaScript is a programming language that runs in every web browser and on servers with Node.
+It was created in ten days in 1995 and has since become one of the most widely used languages.
+Most of the interactive pages that you visit are built with JavaScript and a framework such as React.
+The language has first-class functions, closures and prototypes, which surprise programmers who come from Java."""  # noqa: E501
+NEWS = """The magazine said that it had lost a third of its subscribers since the price rise in the spring.
+Editors have to decide whether to cut the print edition and move the readers to the website.
+Advertisement revenue also fell, and the owners say that they will sell the title by the end of the year.
+Analysts who read more of the accounts think that the debt is larger than the company has admitted."""  # noqa: E501
+
+
+def test_boilerplate_words_in_content_are_not_boilerplate():
+    """Any line containing "cookie", "subscribe", "advertisement", "read more" or "javascript"
+    was boilerplate: the recipe lost 4 of 5 lines and was dropped as "boilerplate", the news
+    paragraph lost 3 of 4 (dropped), the JavaScript explainer half (then "too_short")."""
+    from flaxlm.data.clean import Cleaner, strip_boilerplate
+
+    for text in (RECIPE, JAVASCRIPT, NEWS):
+        assert strip_boilerplate(text) == (text, 0, 0.0)
+        cleaner = Cleaner()
+        assert cleaner(text) == text, dict(cleaner.removed)
+    # A long line of prose that names a privacy policy or terms of service is content too.
+    prose = (
+        "The regulator found that the privacy policy and the terms of service of the app did "
+        "not tell users that their location was shared with advertisers every few minutes."
+    )
+    assert strip_boilerplate(prose)[1] == 0
+    # Real banners, buttons and footers still go.
+    story = "The fisherman rowed out before dawn and came back with a boat full of silver fish."
+    banners = [
+        "This website uses cookies to improve your experience. By continuing to browse the site "
+        "you agree to our use of cookies, as described in our policy and the notice below it.",
+        "We use cookies to personalise content and ads and to analyse our traffic.",
+        "Accept all cookies",
+        "Cookie settings",
+        "Subscribe to our newsletter for the latest stories!",
+        "Sign up for our free newsletter",
+        "Please enable JavaScript to view the comments.",
+        "JavaScript is disabled in your browser.",
+        "Read more »",
+        "ADVERTISEMENT",
+        "Continue reading...",
+        "Privacy Policy | Terms of Service | © 2024 Example Ltd. All rights reserved.",
+        "Share on Facebook",
+    ]
+    page = "\n".join([story, *banners])
+    assert strip_boilerplate(page)[:2] == (story, len(banners))
 
 
 @pytest.mark.parametrize(

@@ -256,6 +256,64 @@ def test_exact_key_keeps_other_differences(variant):
     assert dedup.exact_key(variant) != dedup.exact_key(TEXT)
 
 
+INVISIBLE = {
+    "soft hyphen": "\u00ad",  # &shy; hyphenation hints in web text
+    "left-to-right isolate": "\u2066",
+    "pop directional isolate": "\u2069",
+    "Arabic letter mark": "\u061c",
+    "Mongolian vowel separator": "\u180e",
+    "combining grapheme joiner": "\u034f",
+    "variation selector 16": "\ufe0f",
+    "ideographic variation selector": "\U000e0101",
+    "Hangul filler": "\u3164",  # NFKC turns it into U+1160 (removed before NFKC)
+    "interlinear annotation anchor": "\ufff9",
+    "language tag": "\U000e0001",
+}
+ITEM = (
+    "The committee approved the proposal to extend the railway line from the harbour to the "
+    "northern suburbs by the end of next year"
+)
+
+
+@pytest.mark.parametrize("ch", INVISIBLE.values(), ids=INVISIBLE.keys())
+def test_invisible_characters_do_not_defeat_exact_dedup_decontamination_or_word_lists(ch):
+    """Only zero-width spaces/joiners, direction marks and embeddings, U+2060-2064 and the BOM
+    were removed: a copy with a soft hyphen (or an isolate, a variation selector ...) inside its
+    words was not an exact duplicate, shared no 13-gram with the eval item it copied (0 hits), and
+    "id<U+00AD>iot" passed the word list."""
+    from flaxlm.data import clean
+
+    variant = " ".join(w[:3] + ch + w[3:] if len(w) > 5 else w for w in ITEM.split())
+    for text in (variant, clean.normalize_text(variant)):  # raw (do_clean=False) and cleaned
+        assert dedup.exact_key(text) == dedup.exact_key(ITEM)
+        assert dedup.match_words(text) == dedup.match_words(ITEM)
+        assert dedup.Decontaminator([ITEM], 13).hits(text) == len(ITEM.split()) - 12
+    assert clean.normalize_text(variant) == ITEM
+    assert clean.toxic_hits(clean.normalize_text(f"what an id{ch}iot")) == 1
+    cfg = dedup.dedup_config()
+    cfg.near = False
+    d = dedup.Deduper(cfg)
+    assert d.keep_batch([ITEM, variant]) == [True, False]
+
+
+def test_every_format_character_is_removed_but_the_visible_ones():
+    """The removed set is every Unicode format character (category Cf) of this Python's Unicode
+    version, except the prepended concatenation marks, which are visible signs (Arabic number
+    sign U+0600 ...); the earlier hand-made list missed U+00AD, U+2066-2069, U+180E and more."""
+    import sys
+
+    from flaxlm.data import clean
+
+    visible = {*range(0x600, 0x606), 0x6DD, 0x70F, 0x890, 0x891, 0x8E2, 0x110BD, 0x110CD}
+    cf = [c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
+    wrong = [hex(c) for c in cf if (c in visible) != (clean._CONTROL_RE.match(chr(c)) is None)]
+    assert wrong == [] and len(cf) > 150
+    # A removed character between a letter and its accent: removed before NFC/NFKC, so they
+    # compose ("é", not "e" + U+0301), and the copy is the same text.
+    assert clean.normalize_text("cafe\u00ad\u0301") == "café"
+    assert dedup.exact_key("cafe\u2066\u0301") == dedup.exact_key("café")
+
+
 def test_spacing_between_cjk_characters_is_a_near_not_an_exact_duplicate():
     a = "".join(np.random.default_rng(3).choice(list(HAN), 200))
     b = " ".join(a)  # the same characters, spaced: the same words, another exact key

@@ -160,3 +160,21 @@ def test_decontamination_and_workers(tmp_path, inputs):
     )
     assert rep["removed"]["contaminated"] == 1
     assert rep["documents_in"] == rep["documents_out"] + sum(rep["removed"].values())
+
+
+def test_report_says_its_megabytes_are_of_the_text_read(tmp_path, inputs):
+    """report.md said "MB kept text in" for bytes_in, which counts the text of every document
+    read, the dropped ones too; the label now says "text read"."""
+    paths, _ = inputs
+    out = tmp_path / "r"
+    rep = preprocess.run([paths[0]], str(out), preprocess.preprocess_config())
+    texts = []
+    for line in open(paths[0], encoding="utf-8"):
+        try:
+            texts.append(json.loads(line)["text"])
+        except (ValueError, KeyError):
+            pass  # the broken line and the record without a text field are not read
+    assert rep["documents_out"] < len(texts)  # documents were dropped ...
+    assert rep["bytes_in"] == sum(len(t.encode()) for t in texts)  # ... and still counted
+    md = (out / "report.md").read_text()
+    assert f"{rep['bytes_in'] / 1e6:.2f} MB text read" in md and "kept text" not in md
