@@ -86,6 +86,23 @@ from flaxlm.train.pretrain import model_fns
 
 LOSS_TYPES = ("sigmoid", "conservative", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
+SMOOTHED = ("conservative", "robust")  # the types that read label_smoothing (ε)
+
+
+def check_loss_settings(d, key: str = "dpo") -> None:
+    """Raises on a bad loss setting of the DPO section `d`, naming the key: the loss type, and
+    ε of conservative / robust in [0, 0.5). At ε >= 0.5 the assumed labels are mostly wrong:
+    cDPO's loss is then smallest when the policy prefers the *rejected* answer (at 0.5 it is
+    flat), and robust DPO's divides by 1 − 2ε <= 0. build_task calls it before any load or
+    reference precompute (the loss, where robust was checked, is traced only after them)."""
+    if d.loss_type not in LOSS_TYPES:
+        raise ValueError(f"{key}.loss_type={d.loss_type!r}; expected one of {LOSS_TYPES}")
+    eps = d.get("label_smoothing", 0.0)
+    if d.loss_type in SMOOTHED and not 0.0 <= eps < 0.5:
+        raise ValueError(
+            f"{key}.label_smoothing={eps}: {key}.loss_type={d.loss_type} needs 0 <= ε < 0.5 "
+            "(the assumed label-flip rate; >= 0.5 trains towards the rejected answers)"
+        )
 
 
 def _log1mexp(a):
@@ -114,6 +131,8 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
     eps = float(label_smoothing)
+    if loss_type in SMOOTHED and not 0.0 <= eps < 0.5:  # (check_loss_settings: the why)
+        raise ValueError(f"{loss_type} DPO needs 0 <= label_smoothing < 0.5, got {eps}")
     if loss_type in REFERENCE_FREE:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"loss_type={loss_type!r} needs chosen_lengths / rejected_lengths")
@@ -138,8 +157,6 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     elif loss_type == "hinge":
         losses = jax.nn.relu(1.0 - beta * h)
     elif loss_type == "robust":
-        if not 0.0 <= eps < 0.5:
-            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
         losses = (
             -(1 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h)
         ) / (1 - 2 * eps)
@@ -369,8 +386,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The DPO-family Task; `init_from` (the SFT run) is required: it is also the reference
     (its EMA weights for both with `init_from_ema`, unless `dpo.ref_from` names the reference)."""
     d = config.dpo
-    if d.loss_type not in LOSS_TYPES:
-        raise ValueError(f"dpo.loss_type={d.loss_type!r}; expected one of {LOSS_TYPES}")
+    check_loss_settings(d)
     if d.ref_logps not in ("precompute", "online"):
         raise ValueError(f"dpo.ref_logps={d.ref_logps!r}; expected precompute | online")
     if not config.init_from:

@@ -74,17 +74,21 @@ model (`reward_from`, "rm" in the rewards) is its params, or its EMA weights wit
 
 The bad-input policy (a reward function that raises or returns NaN, empty responses, over-long
 prompts) is rl_rollout's: the sample is skipped with a count; a rollout with no valid sample
-raises.
+(or none among the samples judged) raises. A response without an answer (empty, or a reasoning
+that never ended) is not judged: the reward functions are not called on it and it gets
+`rollout.empty_reward`, a valid sample.
 
 Metrics: `rollout/reward_mean|std`, `rollout/accuracy` (the world's exact match, when prompts
-carry its meta), `rollout/r_<name>` per reward function, `rollout/kl` (per-sequence KL to the
-reference), `rollout/response_len`, the bad-input counts, the time split `rollout/gen_s`,
-`score_s`, `train_s`, `rollout/logprob_gap` (mean |decoder − scoring forward| logprob of the
-sampled tokens, both at T = 1: ~0 unless the decoder's numerics drift from the training
-forward's); loss-side `pg_loss`, `kl`, `clipfrac`, `entropy`. A mixture-of-experts policy
-(n_experts > 0) adds pretraining's router losses on the training forward pass, `loss.moe_aux` ×
-load balance + `loss.moe_z` × router z-loss (train/losses.py `router_coefs`), and logs `moe/*`:
-without them the policy gradient alone is free to collapse the router onto a few experts.
+carry its meta), `rollout/r_<name>` per reward function (over the samples it judged),
+`rollout/kl` (per-sequence KL of the valid responses to the reference, cut-off ones included
+under `mask_truncated`), `rollout/response_len`, the bad-input counts, the time split
+`rollout/gen_s`, `score_s`, `train_s`, `rollout/logprob_gap` (mean |decoder − scoring
+forward| logprob of the sampled tokens, both at T = 1: ~0 unless the decoder's numerics drift
+from the training forward's); loss-side `pg_loss`, `kl`, `clipfrac`, `entropy`. A
+mixture-of-experts policy (n_experts > 0) adds pretraining's router losses on the training
+forward pass, `loss.moe_aux` × load balance + `loss.moe_z` × router z-loss (train/losses.py
+`router_coefs`), and logs `moe/*`: without them the policy gradient alone is free to collapse
+the router onto a few experts.
 """
 
 from __future__ import annotations
@@ -260,6 +264,9 @@ def overlong_penalty(lengths, max_new_tokens: int, buffer: int) -> np.ndarray:
     return np.clip((start - n) / buffer, -1.0, 0.0).astype(np.float32)
 
 
+LOSS_AGGS = ("seq", "token")  # grpo.loss_agg: `aggregate`'s
+
+
 def aggregate(x, mask, agg: str):
     """(mean, weight) of per-token values `x` (B, T) over `mask` by `grpo.loss_agg`: "seq" the
     mean over responses of each response's token mean (weight: responses with a token),
@@ -380,11 +387,36 @@ class GRPOSource(RolloutSource):
     def __init__(self, config, mesh, rules, prompts, *, cfg, template, apply, ref, rewards,
                  spec=None, rm=None):  # fmt: skip
         super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template, spec=spec)
-        g, k = config[self.SECTION], self.SECTION
+        self.check_settings(config)  # (build_task checked them before any load; cheap)
+        # LoRA (`spec`): the policy's frozen base is the reference (ref[2] is None).
+        self.rewards, self.ref_params = rewards, ref[2]
+        # A reward model ("rm" in grpo.rewards; rm = (cfg, apply, params) of reward_from):
+        # its score at each response's last token, like PPO's.
+        self._rm = (rl_common.reward_scorer(rm[1]), rm[2]) if rm else None
+        temp = scoring_temperature(config.rollout.temperature)
+
+        def score(policy, ref_p, rows):
+            lp, lp_t1 = policy_logprobs(apply, policy, rows, temp)
+            return lp, lm_logprobs(ref[1], ref_p, rows, temp), lp_t1
+
+        self._score = jax.jit(score)
+
+    @classmethod
+    def check_settings(cls, config) -> None:
+        """Raises on a bad setting of the SECTION, naming the key. build_task calls it before
+        anything is loaded: a typo must not cost the reference's load and a decoder call."""
+        g, k = config[cls.SECTION], cls.SECTION
+        G = g.group_size
+        # A group of one is its own baseline: every advantage is 0 and only the KL term would
+        # train (a run that learns nothing from its rewards, without a word).
+        if not (isinstance(G, int) and G >= 2):
+            raise ValueError(
+                f"{k}.group_size={G!r}: a group needs at least 2 samples (the advantages are "
+                "relative to the group's other samples; 1 makes every one 0)"
+            )
         if config.rollout.batch % g.group_size:
             raise ValueError(
-                f"rollout.batch={config.rollout.batch} is not a multiple of "
-                f"{k}.group_size={g.group_size}"
+                f"rollout.batch={config.rollout.batch} is not a multiple of {k}.group_size={G}"
             )
         if g.get("baseline", "mean") not in ("mean", "loo"):
             raise ValueError(f"{k}.baseline={g.baseline!r}; expected mean | loo")
@@ -404,22 +436,11 @@ class GRPOSource(RolloutSource):
                 f"{k}.overlong_buffer={g.overlong_buffer} must be in "
                 f"[0, rollout.max_new_tokens={config.rollout.max_new_tokens}]"
             )
-        # LoRA (`spec`): the policy's frozen base is the reference (ref[2] is None).
-        self.rewards, self.ref_params = rewards, ref[2]
-        # A reward model ("rm" in grpo.rewards; rm = (cfg, apply, params) of reward_from):
-        # its score at each response's last token, like PPO's.
-        self._rm = (rl_common.reward_scorer(rm[1]), rm[2]) if rm else None
-        temp = scoring_temperature(config.rollout.temperature)
-
-        def score(policy, ref_p, rows):
-            lp, lp_t1 = policy_logprobs(apply, policy, rows, temp)
-            return lp, lm_logprobs(ref[1], ref_p, rows, temp), lp_t1
-
-        self._score = jax.jit(score)
 
     def _judged(self, s: dict) -> dict:
         """A `sample` result with its rewards: "reward", "valid", "errors", "answers" (what the
-        functions judged), "unfinished", "reasonings" and "parts" (each function's values)."""
+        functions judged), "unfinished", "reasonings", "no_answer" (empty or unfinished: not
+        judged, rollout.empty_reward) and "parts" (each function's values; 0 where no_answer)."""
         r, g = self.config.rollout, self.config[self.SECTION]
         n = len(s["texts"])
         answers, reasonings, unfinished = s["texts"], None, np.zeros(n, bool)
@@ -428,25 +449,37 @@ class GRPOSource(RolloutSource):
             split = [split_reasoning(t, marker) for t in answers]
             reasonings, answers, unfinished = (list(x) for x in zip(*split))
             unfinished = np.asarray(unfinished, bool)
+        # No answer (an empty response, or a reasoning that never ended): its reward is
+        # rollout.empty_reward by the stated policy, whatever the functions would say, so they
+        # are not called on it. Called on "", a function that raises or returns NaN there
+        # (`response.split()[-1]`) used to mark the sample invalid: dropped from the loss and
+        # its group's advantages instead of punished, the very answer the policy should learn
+        # to avoid.
+        no_answer = s["empty"] | unfinished
+        judged = np.flatnonzero(~no_answer)
         reward, valid, errors, parts = np.zeros(n, np.float32), np.ones(n, bool), [], {}
-        for name, fn, w in self.rewards:  # each function once per sample
-            if fn is None:  # the reward model, on the rendered rows
+        for name, fn, w in self.rewards:  # each function once per judged sample
+            if fn is None:  # the reward model, on the rendered rows (all of them: one call)
                 vals = np.asarray(self.score(self._rm[0], self._rm[1], s["rows"]), np.float32)
-                ok = np.isfinite(vals)
+                ok = np.isfinite(vals) | no_answer
                 errs = [
                     f"reward model score {v} (row {b})" for b, v in enumerate(vals) if not ok[b]
                 ]
-                vals = np.where(ok, vals, 0.0).astype(np.float32)
+                vals = np.where(np.isfinite(vals) & ~no_answer, vals, 0.0).astype(np.float32)
             else:
-                vals, ok, errs = call_reward_fns([fn], [1.0], s["metas"], answers, s["messages"],
-                                                 reasonings)  # fmt: skip
+                got, got_ok, errs = call_reward_fns(
+                    [fn], [1.0], *(None if xs is None else [xs[j] for j in judged]
+                                   for xs in (s["metas"], answers, s["messages"], reasonings))
+                )  # fmt: skip
+                vals, ok = np.zeros(n, np.float32), np.ones(n, bool)
+                vals[judged], ok[judged] = got, got_ok
             reward, valid, errors, parts[name] = reward + w * vals, valid & ok, errors + errs, vals
-        no_answer = s["empty"] | unfinished  # an unended reasoning answers nothing
         reward = np.where(no_answer, r.empty_reward, reward) - r.nonstop_penalty * (~s["stopped"])
         reward = reward + overlong_penalty(s["lengths"], r.max_new_tokens,
                                            g.get("overlong_buffer", 0))  # fmt: skip
         return {**s, "parts": parts, "reward": reward, "valid": valid, "errors": errors,
-                "answers": answers, "unfinished": unfinished, "reasonings": reasonings}  # fmt: skip
+                "answers": answers, "unfinished": unfinished, "reasonings": reasonings,
+                "no_answer": no_answer}  # fmt: skip
 
     def make_rollout(self, params, rng):
         r, g = self.config.rollout, self.config[self.SECTION]
@@ -474,7 +507,10 @@ class GRPOSource(RolloutSource):
         groups = (kept + aside)[:n_groups]  # (off: every group of the one call, in order)
         s = take_samples(drawn, [q * G + i for q in groups for i in range(G)])
         reward, valid, texts, unfinished = s["reward"], s["valid"], s["answers"], s["unfinished"]
-        self.log_errors(errors, int(valid.sum()))
+        judged = ~s["no_answer"]
+        # A broken reward must not pass for a run of empty answers (valid, empty_reward): a
+        # rollout whose judged samples all failed raises, as one with no valid sample does.
+        self.log_errors(errors, int(valid[judged].sum() if judged.any() else valid.sum()))
         adv = group_advantages(
             reward.reshape(-1, G),
             valid.reshape(-1, G),
@@ -484,13 +520,19 @@ class GRPOSource(RolloutSource):
         rows = s["rows"]
         ref_params = params["base"] if self.spec else self.ref_params
         lp, ref_lp, lp_t1 = self.score(self._score, params, ref_params, rows)
-        m = rows["loss_mask"] * valid[:, None]
+        responses = rows["loss_mask"] * valid[:, None]  # every valid sample's response tokens
+        # zero outside them (as PPO does): a large value at a prompt position must not become
+        # inf·0 = NaN in kl_seq, nor reach the step as an old/ref logprob
+        lp, ref_lp = (np.where(responses > 0, x, 0.0) for x in (lp, ref_lp))
+        # rollout/kl: the KL of the policy's responses to the reference, the mean over valid
+        # samples of each one's summed k3, cut-off ones included (they are the policy's too).
+        # Taken over the loss mask, grpo.mask_truncated's rows summed to 0 yet still counted in
+        # the mean over valid samples: the logged KL shrank with the share of cut-off responses.
+        kl_seq = (np.asarray(kl_penalty(lp, ref_lp, "k3")) * responses).sum(1)
+        m = responses
         if g.get("mask_truncated", False):  # DAPO's overlong filtering: no loss on cut-off ones
             m = m * s["stopped"][:, None]
-        # zero outside the mask (as PPO does): a large value at a prompt position must not
-        # become inf·0 = NaN in kl_seq, nor reach the step as an old/ref logprob
-        lp, ref_lp = (np.where(m > 0, x, 0.0) for x in (lp, ref_lp))
-        kl_seq = (np.asarray(kl_penalty(lp, ref_lp, "k3")) * m).sum(1)
+            lp, ref_lp = (np.where(m > 0, x, 0.0) for x in (lp, ref_lp))
         score_s = time.perf_counter() - t0 - s["gen_s"]  # rewards and scoring, no decoding
 
         # Flat: every valid reward of the group equal. Compared exactly, not as std == 0: the
@@ -507,7 +549,11 @@ class GRPOSource(RolloutSource):
         if extra:  # decoder calls, and the share of the groups they drew that had no signal
             stats["sample_calls"] = len(drawn)
             stats["drawn_without_signal"] = len(aside) / (len(drawn) * n_groups)
-        stats.update({f"r_{name}": vals[v].mean() for name, vals in s["parts"].items()})
+        # each function's mean over the samples it judged (a sample without an answer was not:
+        # its 0 in "parts" is no value of the function); 0 when it judged none
+        vj = v & judged
+        stats.update({f"r_{name}": vals[vj].mean() if vj.any() else 0.0
+                      for name, vals in s["parts"].items()})  # fmt: skip
         if g.get("reasoning_end", ""):
             stats["reasoning_unfinished"] = float(unfinished[v].mean())
         if all(mt.get("task") in TASKS and "answer" in mt for mt in s["metas"]):
@@ -535,6 +581,11 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     k = source_cls.SECTION
     if not config.init_from:
         raise ValueError(f"{config.task}: set --config.init_from=SFT_RUN (policy and reference)")
+    # Settings first, naming the key: before this, a typo surfaced only when the source was
+    # built (after the reference's load) or when the loss was first traced (after a rollout).
+    source_cls.check_settings(config)
+    if make_loss is None and config.grpo.loss_agg not in LOSS_AGGS:
+        raise ValueError(f"grpo.loss_agg={config.grpo.loss_agg!r}; expected seq | token")
     rewards = rewards if rewards is not None else parse_rewards(config[k].rewards, f"{k}.rewards")
     reward_from = config.get("reward_from", "")  # (configs older than the key: none)
     if any(fn is None for _, fn, _ in rewards) != bool(reward_from):

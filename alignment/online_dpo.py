@@ -14,7 +14,9 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
   2. rank: the sample with the higher reward is "chosen", the other "rejected"; a pair whose
      rewards tie, or with a sample whose reward is invalid, carries no preference and gets
      `valid` = 0 (`online.dynamic_sampling` = N draws more prompts to replace tied pairs, as for
-     GRPO's flat groups);
+     GRPO's flat groups); an empty answer (or an unfinished reasoning) is not judged: it has
+     `rollout.empty_reward`, so a pair of a rewarded answer and an empty one keeps its
+     preference;
   3. score: the reference's log-probability of each response (and the policy's, for the KL and
      logprob-gap statistics), both at temperature 1;
   4. train: `rollout.epochs` passes over the rollout's pairs in minibatches of `batch_size`
@@ -40,7 +42,7 @@ import jax
 import numpy as np
 
 from flaxlm.alignment import grpo
-from flaxlm.alignment.dpo import dpo_loss_fn
+from flaxlm.alignment.dpo import check_loss_settings, dpo_loss_fn
 from flaxlm.alignment.rl_rollout import lm_logprobs, passthrough_stats
 from flaxlm.models.sharding import make_mesh
 from flaxlm.train import loop
@@ -77,20 +79,28 @@ class OnlineDPOSource(grpo.GRPOSource):
 
     def __init__(self, config, mesh, rules, prompts, *, apply, ref, **kw):
         super().__init__(config, mesh, rules, prompts, apply=apply, ref=ref, **kw)
-        if config.online.group_size != 2:
-            raise ValueError(f"online.group_size={config.online.group_size}: a pair is 2")
-        pairs = config.rollout.batch // 2
-        if pairs % config.batch_size:
-            raise ValueError(
-                f"rollout.batch / 2 = {pairs} pairs is not a multiple of "
-                f"batch_size={config.batch_size} (pairs per minibatch)"
-            )
 
         def score(policy, ref_p, rows):  # at T = 1: DPO's objective (module docstring)
             lp = lm_logprobs(apply, policy, rows)
             return lp, lm_logprobs(ref[1], ref_p, rows), lp
 
         self._score = jax.jit(score)
+
+    @classmethod
+    def check_settings(cls, config) -> None:
+        """GRPO's checks of the `online` section, pairs that fill whole minibatches, and DPO's
+        loss settings (`dpo.*`, traced only at the first step after a rollout): build_task
+        calls it before any load."""
+        if config.online.group_size != 2:
+            raise ValueError(f"online.group_size={config.online.group_size}: a pair is 2")
+        super().check_settings(config)
+        pairs = config.rollout.batch // 2
+        if pairs % config.batch_size:
+            raise ValueError(
+                f"rollout.batch / 2 = {pairs} pairs is not a multiple of "
+                f"batch_size={config.batch_size} (pairs per minibatch)"
+            )
+        check_loss_settings(config.dpo)
 
     def make_rollout(self, params, rng):
         rows, stats = super().make_rollout(params, rng)

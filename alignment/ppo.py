@@ -80,6 +80,7 @@ import numpy as np
 
 from flaxlm.alignment import common, rl_common
 from flaxlm.alignment.rl_rollout import (
+    KL_ESTIMATORS,
     RolloutSource,
     entropy,
     kl_penalty,
@@ -231,12 +232,22 @@ def ppo_loss_fn(policy_apply, value_apply, p, temperature: float = 1.0,
 # Rollouts
 
 
+def check_settings(config) -> None:
+    """Raises on a bad `ppo.*` setting, naming the key. build_task calls it before anything is
+    loaded: `kl_estimator` is first read at the first rollout, after the decoder call and the
+    scoring, whose error ("kl estimator 'K3'") named no key."""
+    est = config.ppo.kl_estimator
+    if est not in KL_ESTIMATORS:
+        raise ValueError(f"ppo.kl_estimator={est!r}; expected {' | '.join(KL_ESTIMATORS)}")
+
+
 class PPOSource(RolloutSource):
     """Rollouts scored by the reward model, with KL-shaped rewards and GAE advantages."""
 
     def __init__(self, config, mesh, rules, prompts, *, cfg, template, applies, ref, rm,
                  spec=None):  # fmt: skip
         super().__init__(config, mesh, rules, prompts, cfg=cfg, template=template, spec=spec)
+        check_settings(config)  # (build_task checked them before any load; cheap)
         p = config.ppo
         self.kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
         # LoRA (`spec`): the policy's frozen base is the reference (ref[2] is None).
@@ -330,6 +341,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     for both with `reward_from_ema`) are required."""
     if not config.init_from or not config.reward_from:
         raise ValueError("ppo: set --config.init_from=SFT_RUN and --config.reward_from=RM_RUN")
+    check_settings(config)
     rm_ema = rl_common.reward_from_ema(config)  # (a bad source fails here, before any load)
     tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
     # The scorer and the critic read the policy's token ids (before any data or model loads)

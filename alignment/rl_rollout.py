@@ -66,8 +66,8 @@ Bad input (a stated policy; each case is counted in the "rollout/..." metrics):
     sample gets loss weight 0 and enters no statistic ("rollout/bad_reward"); the first few
     errors are logged with their message. A rollout with no valid sample raises RuntimeError,
     so a broken reward never turns into a silent no-op run, and NaN never reaches the loss;
-  * an empty response (the stop token alone): its reward is `rollout.empty_reward`
-    ("rollout/empty");
+  * an empty response (the stop token alone): its reward is `rollout.empty_reward`, the
+    reward functions are not called on it ("rollout/empty");
   * a response that reaches `max_new_tokens` without a stop token is scored as it is, minus
     `rollout.nonstop_penalty` ("rollout/nonstop");
   * over-long prompts: see alignment/rl_common.py (truncated or dropped when loaded).
@@ -164,6 +164,9 @@ def logprob_gap(sample_logprobs, logprobs_t1, mask) -> float:
     m = np.asarray(mask)
     d = np.where(m > 0, np.abs(np.asarray(sample_logprobs) - np.asarray(logprobs_t1)), 0.0)
     return float((d * m).sum() / max(m.sum(), 1.0))  # (where: a skipped row's NaN stays out)
+
+
+KL_ESTIMATORS = ("k1", "k3")  # `kl_penalty`'s kinds
 
 
 def kl_penalty(logp, ref_logp, kind: str):

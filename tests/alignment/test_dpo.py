@@ -208,6 +208,24 @@ def test_ref_from_with_another_tokenizer_is_refused_before_any_load(
         dpo.build_task(c, make_mesh(dict(c.mesh)), None)
 
 
+def test_label_smoothing_of_half_or_more_is_refused_before_any_load(cache_dir):
+    """dpo.loss_type=conservative with dpo.label_smoothing >= 0.5 was accepted: at ε > 0.5
+    cDPO's loss is smallest when the policy prefers the *rejected* answer (at 0.5 it is flat).
+    robust's ε was checked only when the loss was first traced, after the reference's
+    precompute. Both are refused when the task is built, naming the key, before anything is
+    read (init_from names no run)."""
+    for loss_type, eps in (("conservative", 0.5), ("conservative", 0.7), ("robust", 0.6),
+                           ("conservative", -0.1)):  # fmt: skip
+        c = H.tiny(dpo_config, cache_dir, init_from="/no/such/run", **{
+            "dpo.loss_type": loss_type, "dpo.label_smoothing": eps})  # fmt: skip
+        with pytest.raises(ValueError, match=f"dpo.label_smoothing={eps}: "
+                                             f"dpo.loss_type={loss_type}"):  # fmt: skip
+            dpo.build_task(c, None, None)
+    with pytest.raises(ValueError, match="conservative DPO needs 0 <= label_smoothing < 0.5"):
+        dpo.preference_loss(PC, PR, RC, RR, beta=0.1, loss_type="conservative",
+                            label_smoothing=0.7)  # fmt: skip
+
+
 def test_dpo_trains_in_the_loop(runs, cache_dir, tmp_path):
     sft, _ = runs
     c = H.tiny(dpo_config, cache_dir, init_from=sft, **{

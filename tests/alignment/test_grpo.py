@@ -172,7 +172,7 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
     })  # fmt: skip
     mesh = make_mesh(dict(c.mesh))
 
-    def flaky(meta, text):  # raises on one sample of every group, NaN on another
+    def flaky(meta, text):  # raises on one of every 4 calls, NaN on another
         flaky.n += 1
         if flaky.n % 4 == 1:
             raise ZeroDivisionError("boom")
@@ -182,13 +182,14 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
     task = grpo.build_task(c, mesh, None, rewards=[("flaky", flaky, 1.0)])
     source = task.train_batches
     end = source.template.end_id
+    empty_rows = [2, 10]
 
     def fake_generate(cfg, params, prompts, *, max_new_tokens, num_samples=1, **kw):
-        B = len(prompts) * num_samples  # rows 2, 10: empty
+        B = len(prompts) * num_samples
         tok = np.full((B, max_new_tokens), 5, np.int32)
         lengths = np.full(B, max_new_tokens, np.int32)
         tok[:, -1] = end
-        for b in (2, 10):
+        for b in empty_rows:
             tok[b, 0], lengths[b] = end, 1
         mask = (np.arange(max_new_tokens)[None] < lengths[:, None]).astype(np.float32)
         return GenerateOutput(tok, np.full((B, max_new_tokens), -1.0, np.float32), mask, lengths)
@@ -199,15 +200,16 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
     source.before_step(_State(params))
     batches = [next(source), next(source)]
     mb = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    assert mb["rollout/bad_reward"][0] == 8  # 2 of every 4 samples: raised or NaN
+    assert mb["rollout/bad_reward"][0] == 8  # 2 of every 4 calls (14 judged): raised or NaN
     assert mb["rollout/empty"][0] == 2
     assert np.isfinite(mb["advantages"]).all() and np.isfinite(mb["old_logprobs"]).all()
     weight = mb["loss_mask"].sum(1)
     assert (weight == 0).sum() == 8 and (weight > 0).sum() == 8
-    # Valid: the 3rd and 4th sample of each group, reward 1 — or −0.5 for the two empty ones.
+    # Valid: 6 judged samples (reward 1) and the two empty ones, not judged (−0.5).
     assert mb["rollout/reward_mean"][0] == pytest.approx((6 * 1.0 + 2 * -0.5) / 8)
 
     flaky.n = 0
+    # (the two empty rows, valid with empty_reward, do not hide a reward broken on the rest)
     task = grpo.build_task(c, mesh, None, rewards=[("always", lambda m, t: 1 / 0, 1.0)])
     with pytest.raises(RuntimeError, match="no valid sample"):
         task.train_batches.before_step(_State(params))
@@ -241,6 +243,7 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
 
     # A reward that takes `prompt` gets each sample's prompt as chat turns, a group's G
     # samples the same one; (meta, response) rewards next to it are called as before.
+    empty_rows.clear()  # (every sample judged)
     seen = []
 
     def with_prompt(meta, response, prompt):
@@ -591,6 +594,19 @@ def test_reward_from_with_another_tokenizer_is_refused_before_any_load(
         rf"{chat_tokenizer[0]} \(\d+ pieces\) is not this run's",
     ):
         grpo.build_task(c, make_mesh(dict(c.mesh)), None)
+
+
+def test_bad_settings_are_refused_when_the_task_is_built(cache_dir):
+    """grpo.group_size=1 was accepted (only rollout.batch % group_size was checked): each
+    sample is its own group's baseline, every advantage 0, and the run trained on the KL term
+    alone without a word. grpo.loss_agg was checked only when the loss was first traced, after
+    the reference's load and a whole rollout. Both are refused first, naming the key (init_from
+    names no run: a check after the source's resolution would fail on that instead)."""
+    for key, bad, match in (("grpo.group_size", 1, "grpo.group_size=1"),
+                            ("grpo.loss_agg", "mean", "grpo.loss_agg='mean'")):  # fmt: skip
+        c = H.tiny(grpo_config, cache_dir, init_from="/no/such/run", **{key: bad})
+        with pytest.raises(ValueError, match=re.escape(match)):
+            grpo.build_task(c, None, None)
 
 
 @pytest.fixture(scope="module")

@@ -620,16 +620,16 @@ def test_grpo_rollout_advantages_and_masks():
     stopped = [1, 1, 0, 1, 1, 1, 1, 1]
     empty = [0, 0, 0, 1, 0, 0, 0, 0]
     s = _fake_sample(rng, prompt_lens, resp_lens, T, stopped, empty)
+    s["metas"] = [{"i": i} for i in range(8)]
     base = np.array([1.0, 0.0, 1.0, 0.7, 0.2, 0.2, 0.2, 0.9], np.float32)
     bad = {5}  # this sample's reward function raises
 
     def rew(meta, text):
-        rew.i += 1
-        if rew.i - 1 in bad:
+        assert meta["i"] != 3  # the empty response is not judged
+        if meta["i"] in bad:
             raise ValueError("boom")
-        return float(base[rew.i - 1])
+        return float(base[meta["i"]])
 
-    rew.i = 0
     lp = rng.normal(-2, 0.5, (8, T)).astype(np.float32)
     ref_lp = (lp + rng.normal(0, 0.3, (8, T))).astype(np.float32)
     src = _source(grpo.GRPOSource, cfg, s, (lp, ref_lp, lp))
@@ -773,12 +773,82 @@ def test_grpo_reasoning_rewards_judge_the_answer_after_the_marker():
     src = _source(grpo.GRPOSource, cfg, s, (lp, lp, lp))
     src.rewards, src.ref_params = [("r", rew, 1.0)], None
     rows, stats = src.make_rollout(None, None)
-    assert seen == [("4", "<think>so 4"), ("5", "<think>hmm</think> a "),
-                    ("", "<think>thinking on and on"), ("", "no think block at all")]  # fmt: skip
-    r = np.array([1.0, 0.5, -1.0, -1.0])  # the two unended ones: no answer
+    # the two unended ones have no answer: not judged
+    assert seen == [("4", "<think>so 4"), ("5", "<think>hmm</think> a ")]
+    r = np.array([1.0, 0.5, -1.0, -1.0])
     want = (r.reshape(-1, G) - r.reshape(-1, G).mean(1, keepdims=True)).reshape(-1)
     np.testing.assert_allclose(rows["advantages"], want, **TOL)
     assert stats["reasoning_unfinished"] == 0.5 and stats["reward_mean"] == pytest.approx(r.mean())
+
+
+def test_grpo_responses_without_an_answer_get_empty_reward_unjudged():
+    """Regression: the reward functions were called on empty answers and unfinished reasonings
+    too, and one that raised or returned NaN on "" (`response.split()[-1]`) marked the sample
+    invalid: the empty_reward it got afterwards reached no advantage (0) and no loss (weight
+    0), so the policy was never pushed away from answering nothing. Such samples are now not
+    judged and stay valid with empty_reward; a reward that fails on every judged sample still
+    raises, empty ones or not."""
+    rng = np.random.default_rng(17)
+    G, T = 4, 14
+    cfg = ml_collections.ConfigDict()
+    cfg.rollout = rl_common.rollout_config(G)
+    cfg.rollout.empty_reward = -1.0
+    cfg.seq_len = T
+    cfg.grpo = ml_collections.ConfigDict({"group_size": G, "scale_by_std": True,
+                                          "reasoning_end": "</think>"})  # fmt: skip
+    s = _fake_sample(rng, [3] * G, [5, 5, 1, 8], T, [1, 1, 1, 0], [0, 0, 1, 0])
+    s["texts"] = ["<think>ok</think> 7", "<think>ok</think> 3", "", "<think>still thinking"]
+    s["metas"] = [{"answer": "7"}] * G
+
+    def last_number(meta, response):  # a plausible user reward: IndexError on ""
+        return float(response.split()[-1] == meta["answer"])
+
+    lp = rng.normal(-2, 0.5, (G, T)).astype(np.float32)
+    src = _source(grpo.GRPOSource, cfg, s, (lp, lp, lp))
+    src.rewards, src.ref_params = [("last_number", last_number, 1.0)], None
+    rows, stats = src.make_rollout(None, None)
+    r = np.array([1.0, 0.0, -1.0, -1.0])
+    np.testing.assert_allclose(rows["advantages"], (r - r.mean()) / (r.std() + 1e-4), **TOL)
+    assert (rows["advantages"][2:] < 0).all() and (rows["loss_mask"].sum(1) > 0).all()
+    assert stats["bad_reward"] == 0 and stats["reward_mean"] == pytest.approx(r.mean())
+    assert stats["r_last_number"] == pytest.approx(0.5)  # over the two it judged
+
+    src = _source(grpo.GRPOSource, cfg, s, (lp, lp, lp))
+    src.rewards, src.ref_params = [("broken", lambda meta, text: 1 / 0, 1.0)], None
+    with pytest.raises(RuntimeError, match="no valid sample"):
+        src.make_rollout(None, None)
+
+
+def test_grpo_kl_metric_is_over_every_valid_response_with_mask_truncated():
+    """Regression: rollout/kl summed each sample's k3 over the loss mask, which
+    grpo.mask_truncated zeroes for cut-off responses, then averaged over the valid samples,
+    cut-off ones included: their KL entered as 0 and the metric shrank with their share (2.02
+    logged as 0.37 here). It is the KL of the policy's responses to the reference: the same
+    with the flag on or off; only the loss mask differs."""
+    rng = np.random.default_rng(18)
+    G, T = 4, 14
+    cfg = ml_collections.ConfigDict()
+    cfg.rollout = rl_common.rollout_config(G)
+    cfg.seq_len = T
+    resp_lens = [4, 5, 6, 7]
+    s = _fake_sample(rng, [3] * G, resp_lens, T, [1, 0, 0, 0], [0] * G)
+    s["metas"] = [{"r": x} for x in (1.0, 0.0, 0.5, 0.0)]
+    lp = rng.normal(-2, 0.5, (G, T)).astype(np.float32)
+    ref_lp = (lp + rng.normal(0, 0.5, (G, T))).astype(np.float32)
+    resp = s["rows"]["loss_mask"]  # each row's response tokens
+    want = np.mean([
+        sum(math.exp(ref_lp[b, t] - lp[b, t]) - (ref_lp[b, t] - lp[b, t]) - 1
+            for t in range(T) if resp[b, t])
+        for b in range(G)
+    ])  # fmt: skip
+    for flag in (False, True):
+        cfg.grpo = ml_collections.ConfigDict({"group_size": G, "scale_by_std": True,
+                                              "mask_truncated": flag})  # fmt: skip
+        src = _source(grpo.GRPOSource, cfg, s, (lp, ref_lp, lp))
+        src.rewards, src.ref_params = [("r", lambda meta, text: meta["r"], 1.0)], None
+        rows, stats = src.make_rollout(None, None)
+        np.testing.assert_allclose(stats["kl"], want, rtol=1e-5)
+        assert (rows["loss_mask"].sum(1) > 0).tolist() == [True] + [not flag] * 3
 
 
 @pytest.mark.parametrize("agg", ["seq", "token"])

@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -42,6 +43,53 @@ def test_preference_pairs_rank_by_reward_and_drop_ties():
     np.testing.assert_allclose(pairs["ref_chosen_logps"], (ref * mask).sum(1)[chosen], rtol=1e-6)
     np.testing.assert_allclose(pairs["ref_rejected_logps"], (ref * mask).sum(1)[rejected])
     np.testing.assert_array_equal(pairs["valid"], valid.astype(np.float32))
+
+
+def test_a_pair_of_an_answer_and_an_empty_one_keeps_its_preference():
+    """Regression: the rollout's reward functions (GRPO's `_judged`) were called on empty
+    answers too, and one that raised on "" made the sample invalid: the pair "good answer vs
+    empty" lost its preference (valid 0), and the policy never learnt to prefer answering. The
+    empty one is now not judged: rollout.empty_reward, rejected, the pair valid."""
+    T, n = 12, 4
+    config = ml_collections.ConfigDict({"seq_len": T, "batch_size": 2})
+    config.rollout = rl_common.rollout_config(n)
+    config.rollout.empty_reward = -1.0
+    config.online = odpo_config.online_config()
+    texts, lengths = ["7", "", "7", "3"], np.array([2, 1, 2, 2])  # pair 0: an answer, empty
+    prompts = [np.full(3, 5 + b, np.int32) for b in range(n)]
+    rows = rl_common.rollout_rows(prompts, np.full((n, 2), 9, np.int32), lengths, T, 0)
+    sample = {
+        "rows": rows, "texts": texts, "empty": np.array([not t for t in texts]),
+        "stopped": np.ones(n, bool), "lengths": lengths, "gen_s": 0.0,
+        "metas": [{"answer": "7"}] * n, "messages": [None] * n,
+        "sample_logprobs": np.zeros((n, T), np.float32),
+    }  # fmt: skip
+
+    def last_word(meta, response):  # a plausible user reward: IndexError on ""
+        return float(response.split()[-1] == meta["answer"])
+
+    src = object.__new__(online_dpo.OnlineDPOSource)  # decoder and scoring replaced
+    src.config, src.iteration, src.errors_logged, src.spec = config, 0, 0, None
+    src.cursor = type("Cursor", (), {"take": lambda self, k: list(range(k))})()
+    src.sample = lambda params, idx, rng, num_samples=1: sample
+    lp = np.full((n, T), -2.0, np.float32)
+    src.score, src._score = (lambda fn, *args: (lp, lp, lp)), None
+    src.rewards, src.ref_params = [("last_word", last_word, 1.0)], None
+    pairs, stats = src.make_rollout(None, None)
+    np.testing.assert_array_equal(pairs["valid"], [1.0, 1.0])
+    np.testing.assert_array_equal(pairs["chosen_tokens"][0], rows["tokens"][0])
+    np.testing.assert_array_equal(pairs["rejected_tokens"][0], rows["tokens"][1])
+    assert stats["pairs_valid"] == 1.0 and stats["bad_reward"] == 0
+
+
+def test_dpo_loss_settings_are_refused_when_the_task_is_built(cache_dir):
+    """The `dpo` loss settings were first read when the loss was traced, after the reference's
+    load and a whole rollout; cDPO's ε (dpo.label_smoothing) >= 0.5, which trains towards the
+    rejected answers, never. Refused first, naming the key (init_from names no run)."""
+    c = H.tiny(odpo_config, cache_dir, init_from="/no/such/run", **{
+        "dpo.loss_type": "conservative", "dpo.label_smoothing": 0.5})  # fmt: skip
+    with pytest.raises(ValueError, match="dpo.label_smoothing=0.5"):
+        online_dpo.build_task(c, None, None, rewards=LENGTH)
 
 
 @pytest.fixture(scope="module")

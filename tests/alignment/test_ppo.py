@@ -227,6 +227,17 @@ def test_reward_from_with_another_tokenizer_is_refused_before_any_load(
         ppo.build_task(c, make_mesh(dict(c.mesh)), None)
 
 
+def test_kl_estimator_typo_is_refused_when_the_task_is_built(cache_dir):
+    """ppo.kl_estimator was first read at the first rollout, after the models' loads, the
+    decoder call and the scoring, and its error ("kl estimator 'K3'") named no key. Refused
+    when the task is built, naming the key and the choices (the runs named do not exist: a
+    check after their resolution would fail on that instead)."""
+    c = H.tiny(ppo_config, cache_dir, init_from="/no/such/run", reward_from="/no/such/rm",
+               **{"ppo.kl_estimator": "K3"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"ppo.kl_estimator='K3'; expected k1 \| k3"):
+        ppo.build_task(c, None, None)
+
+
 def test_frozen_models_in_bfloat16_and_int8_score_like_float32(runs):
     """The reference and reward model may be kept in bf16 (half the bytes) or with int8
     projection weights (a quarter for the matrices): scores close."""

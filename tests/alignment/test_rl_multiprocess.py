@@ -89,7 +89,9 @@ def test_two_processes_train_like_one(task, trained):
         calls_two = [(rewards["two"] / f"{task}.calls.{i}").read_text().splitlines()
                      for i in (0, 1)]  # fmt: skip
         assert len(calls_one) == len(calls_two[0]) + len(calls_two[1])
-        assert len(calls_two[0]) == len(calls_two[1]) > 0
+        # process p judges samples p, p + 2, ... of a rollout's judged ones (empty answers are
+        # not judged): process 0 takes the odd one of each of the 2 rollouts with an odd count
+        assert 0 <= len(calls_two[0]) - len(calls_two[1]) <= 2 and calls_two[1]
         assert sorted(calls_one) == sorted(calls_two[0] + calls_two[1])
     # The checkpoint the two processes wrote holds the policy the one process trained.
     (_, want, _), (_, got, _) = (load_policy(str(d)) for d in (root / "one" / task, two))
