@@ -34,7 +34,7 @@ from flaxlm.configs.common import to_model_config
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
-from flaxlm.models.sharding import batch_divisor
+from flaxlm.models.sharding import check_batch_divides
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import loop
 
@@ -334,9 +334,7 @@ def resolve_source(config, mesh):
     the checks every stage makes: the batch splits over the mesh's data×fsdp devices, the
     tokenizer fits the vocabulary, and with `init_from_ema` the source has EMA weights (an error
     naming the key and the run before any model is loaded)."""
-    divisor = batch_divisor(mesh)
-    if config.batch_size % divisor:
-        raise ValueError(f"batch_size={config.batch_size} is not a multiple of data×fsdp={divisor}")
+    check_batch_divides(config.batch_size, mesh)
     loop.init_from_ema(config)
     meta = source_meta(config.init_from)
     warn_builtin_eval(config)

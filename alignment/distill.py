@@ -74,7 +74,7 @@ from flaxlm.alignment.rl_rollout import RolloutSource, passthrough_stats, sample
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
-    batch_divisor,
+    check_batch_divides,
     logical_axis_rules,
     make_mesh,
     shard_batch,
@@ -332,9 +332,7 @@ def _text_source(config, mesh):
     from flaxlm.models.hf_tokenizer import load_tokenizer
 
     d = config.distill
-    if config.batch_size % batch_divisor(mesh):
-        raise ValueError(f"batch_size={config.batch_size} is not a multiple of data×fsdp="
-                         f"{batch_divisor(mesh)}")  # fmt: skip
+    check_batch_divides(config.batch_size, mesh)
     loop.init_from_ema(config)
     meta = common.source_meta(config.init_from)
     path = config.data.tokenizer or meta.get("tokenizer") or common.source_tokenizer_path(d.teacher)

@@ -239,6 +239,21 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
+    """Raises unless ``batch_size`` (config.batch_size) splits over the mesh's data×fsdp
+    devices, saying how to fix it: by default (``mesh.data=-1``) every visible device is a data
+    device, so a config's small batch (configs/scaling.py's 4) fails on a host with more."""
+    divisor = batch_divisor(mesh)
+    if batch_size % divisor:
+        shape = {k: v for k, v in mesh.shape.items() if v > 1} or {"data": 1}
+        raise ValueError(
+            f"batch_size={batch_size} is not a multiple of data×fsdp={divisor} (mesh {shape} "
+            f"over {mesh.size} devices): set --config.batch_size to a multiple of {divisor}, "
+            "split the devices otherwise (e.g. --config.mesh.tensor=2), or make fewer devices "
+            "visible (CUDA_VISIBLE_DEVICES=0,1)"
+        )
+
+
 def logical_axes_unsplit(*names: str) -> bool:
     """Whether, in the ambient mesh and rules (`use_mesh`), no logical axis of `names` is split
     over a mesh axis of size > 1 (True outside a mesh). Lets model code pick a layout that

@@ -95,16 +95,21 @@ print("rows sum to 1:", np.allclose(probs.sum(-1), 1, atol=1e-4),
     ("md", "## Loss curves from metrics.jsonl (and metrics.superseded.jsonl)"),
     (
         "code",
-        """fig, ax = plt.subplots(figsize=(6, 3.5))
-# superseded=True overlays, faint, the steps a rollback or resume trained again (from
-# metrics.superseded.jsonl, when the run has one); False plots the final run only.
-curves = plot_loss(ax, RUN_DIR, superseded=True)
-plt.show()
-train, evals, old = curves["train"], curves["eval"], curves["superseded"]
-print(f"{len(train)} train records, {len(evals)} eval records; last loss {train[-1][1]:.3f}; "
-      f"superseded segments overlaid: {len(old)}")
-for seg in old:
-    print(f"  {seg['event']} ({seg['reason']}): steps {seg['steps'][0]}-{seg['steps'][-1]}")""",
+        """# A run made by `hf import` (or copied without its logs) has no metrics.jsonl.
+if not os.path.exists(os.path.join(RUN_DIR, "metrics.jsonl")):
+    print("this run has no metrics.jsonl (imported, not trained here); skipping the curves")
+else:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    # superseded=True overlays, faint, the steps a rollback or resume trained again (from
+    # metrics.superseded.jsonl, when the run has one); False plots the final run only.
+    curves = plot_loss(ax, RUN_DIR, superseded=True)
+    plt.show()
+    train, evals, old = curves["train"], curves["eval"], curves["superseded"]
+    last = f"; last loss {train[-1][1]:.3f}" if train else ""
+    print(f"{len(train)} train records, {len(evals)} eval records{last}; "
+          f"superseded segments overlaid: {len(old)}")
+    for seg in old:
+        print(f"  {seg['event']} ({seg['reason']}): steps {seg['steps'][0]}-{seg['steps'][-1]}")""",
     ),
 ]
 
@@ -116,10 +121,10 @@ def build() -> nbformat.NotebookNode:
         "display_name": "Python 3",
         "language": "python",
     }
-    for kind, src in CELLS:
-        nb.cells.append(
-            nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-        )
+    for i, (kind, src) in enumerate(CELLS):
+        cell = nbformat.v4.new_markdown_cell if kind == "md" else nbformat.v4.new_code_cell
+        # Fixed ids (nbformat draws random ones): rebuilding changes only the cells edited.
+        nb.cells.append(cell(src, id=f"cell-{i:02d}"))
     return nb
 
 

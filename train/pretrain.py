@@ -19,7 +19,7 @@ import numpy as np
 from flaxlm.configs.common import to_model_config
 from flaxlm.models.moe import COLLECTION as MOE_STATS
 from flaxlm.models.moe import collect_stats
-from flaxlm.models.sharding import batch_divisor, make_mesh, shard_batch
+from flaxlm.models.sharding import check_batch_divides, make_mesh, shard_batch
 from flaxlm.models.transformer import Transformer
 from flaxlm.train import loop
 from flaxlm.train.losses import chunked_lm_loss_fn, lm_loss_fn, router_coefs
@@ -221,10 +221,7 @@ def make_eval_fn(config, mesh, loss_fn, tokenizer=None):
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The pretraining Task; with a workdir the text tokenizer is saved there for the meta."""
     cfg = to_model_config(config.model)
-    if config.batch_size % batch_divisor(mesh):
-        raise ValueError(
-            f"batch_size={config.batch_size} is not a multiple of data×fsdp={batch_divisor(mesh)}"
-        )
+    check_batch_divides(config.batch_size, mesh)
     init_params, apply = model_fns(cfg)
     loss_fn = lm_loss(apply, config.loss, moe=cfg.n_experts > 0)
     batches = make_batches(config, seed=config.seed)

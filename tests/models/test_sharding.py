@@ -155,3 +155,19 @@ def test_a_weight_the_mesh_cannot_split_is_named():
     not jax's IndivisibleError about an anonymous array."""
     with pytest.raises(ValueError, match=r"\['k'\]\['kernel'\].*'kv_heads', size 2.*tensor=4"):
         _setup({"data": 1, "fsdp": 2, "tensor": 4}, "fsdp_tp")
+
+
+def test_a_batch_that_does_not_split_says_how_to_fix_it():
+    """configs/scaling.py's batch of 4 on a host of 8 devices failed every sweep run with only
+    "batch_size=4 is not a multiple of data×fsdp=8"; the message now names the mesh, the device
+    count and the three ways out. One check, shared by pretraining, SFT-style stages and distill."""
+    from flaxlm.models.sharding import check_batch_divides
+
+    mesh = make_mesh({"data": -1})
+    check_batch_divides(16, mesh)  # 8 devices: fine
+    with pytest.raises(ValueError) as e:
+        check_batch_divides(4, mesh)
+    msg = str(e.value)
+    assert msg.startswith("batch_size=4 is not a multiple of data×fsdp=8 (mesh {'data': 8} over 8")
+    assert "--config.mesh.tensor=2" in msg and "CUDA_VISIBLE_DEVICES" in msg
+    check_batch_divides(4, make_mesh({"data": -1, "tensor": 2}))  # the suggested split works

@@ -41,3 +41,22 @@ def test_inspect_notebook_runs(tmp_path, monkeypatch):
         o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})
     ]
     assert len(images) == 2  # attention map and loss curve
+
+
+def test_inspect_notebook_runs_on_a_run_without_metrics(tmp_path, monkeypatch):
+    """A run made by `hf import` has a checkpoint but no metrics.jsonl: the loss-curve cell
+    failed with FileNotFoundError and stopped the notebook. It now says so and skips."""
+    c = pretrain_config.get_config("variant=tiny,runlocal=True")
+    with c.unlocked():
+        c.progress_bar = False
+        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 1, 0, 1, 1
+    run = tmp_path / "run"
+    pretrain.run(c, str(run))
+    os.remove(run / "metrics.jsonl")
+    monkeypatch.setenv("FLAXLM_RUN", str(run))
+    nb = nbformat.read(os.path.join(REPO, "notebooks", "inspect.ipynb"), as_version=4)
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    last = nb.cells[-1].get("outputs", [])
+    assert "no metrics.jsonl (imported, not trained here)" in last[0]["text"]
