@@ -3,6 +3,7 @@ lines for a cluster; collect their final metrics into one table.
 
     python -m flaxlm.train.sweep --config configs/pretrain.py:variant=tiny --workdir runs/sw \
         [--parallel 2] [--launch local|slurm|pod|multihost|print] [--only 0,3] [--config.a.b=v]
+        [--gpus auto --gpus_per_run 1]   # local on a GPU host: each trainer its own GPU(s)
 
 Every run is `ROOT/run-<k=v,...>`: its sweep() overrides sorted by key, so a run keeps its
 directory when runs are added to the sweep (a directory of the older `run-<index>-<k=v,...>`
@@ -35,6 +36,7 @@ import time
 from collections.abc import Sequence
 
 from flaxlm.train.metrics import data_end_step
+from flaxlm.train.sweep_devices import GPUSlots, nvidia_smi_gpus, visible_gpus
 from flaxlm.train.sweep_plan import (  # noqa: F401 (the public names of the sweep API)
     SWEEP_PID_ENV,
     Run,
@@ -158,9 +160,20 @@ def run_local(
     parallel: int = 1,
     cache_dir: str = "",
     stale_timeout: float = 120.0,
+    gpus: Sequence[str] = (),
+    gpus_per_run: int = 1,
 ) -> dict[str, str]:
     """Trains the runs that are not finished, `parallel` at a time; returns name -> status
-    (done | skipped | failed | busy | interrupted)."""
+    (done | skipped | failed | busy | interrupted). With `gpus`, each trainer sees only its
+    own `gpus_per_run` of them (CUDA_VISIBLE_DEVICES; train/sweep_devices.py), and at most as
+    many run at once as there are such slices."""
+    slots = GPUSlots(gpus, gpus_per_run) if gpus else None
+    if slots is not None and parallel > slots.size:
+        _say(f"--parallel {parallel}: {slots.size} at once ({len(gpus)} GPUs, {gpus_per_run} each)")
+        parallel = slots.size
+    elif slots is None and parallel > 1 and len(nvidia_smi_gpus()) > 0:
+        _say(f"warning: {parallel} trainers at once will each see every GPU (and preallocate "
+             "75% of each one's memory); --gpus auto gives each its own")  # fmt: skip
     status: dict[str, str] = {}
     pending = []
     for r in runs:
@@ -170,12 +183,12 @@ def run_local(
         else:
             pending.append(r)
     env = run_env(parallel, cache_dir)
-    active: dict[str, tuple[subprocess.Popen, Run, float]] = {}
+    active: dict[str, tuple[subprocess.Popen, Run, float, tuple[str, ...]]] = {}
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         stop["signal"] = signum
-        for proc, _, _ in active.values():
+        for proc, *_ in active.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and returns
 
@@ -188,14 +201,19 @@ def run_local(
                     status[r.name] = "busy"
                     _say(f"{r.name}: another trainer still runs in it; not started")
                     continue
-                active[r.name] = (_start(config_arg, r, env), r, time.monotonic())
-                _say(f"start {r.name} ({len(status) + len(active)}/{len(runs)})")
+                own = slots.take() if slots is not None else ()
+                own_env = {**env, "CUDA_VISIBLE_DEVICES": ",".join(own)} if own else env
+                active[r.name] = (_start(config_arg, r, own_env), r, time.monotonic(), own)
+                on = f" on GPU {','.join(own)}" if own else ""
+                _say(f"start {r.name} ({len(status) + len(active)}/{len(runs)}){on}")
             time.sleep(0.2)
-            for name, (proc, r, t0) in list(active.items()):
+            for name, (proc, r, t0, own) in list(active.items()):
                 if proc.poll() is not None:
                     del active[name]
+                    if own:
+                        slots.give(own)
                     status[name] = _finish(r, proc.returncode, time.monotonic() - t0)
-        for name, (proc, r, t0) in active.items():  # interrupted: let trainers save and stop
+        for name, (proc, r, t0, _) in active.items():  # interrupted: let trainers save and stop
             proc.wait()
             status[name] = _finish(r, proc.returncode, time.monotonic() - t0, interrupted=True)
     finally:
@@ -284,6 +302,13 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="local trainers at once (slurm: array tasks at once)",
     )
+    p.add_argument(
+        "--gpus",
+        default="",
+        help="local: GPUs to split between the trainers ('auto' or '0,1,...'; each "
+        "sees only its own, CUDA_VISIBLE_DEVICES); '' = every trainer sees all",
+    )
+    p.add_argument("--gpus_per_run", type=int, default=1, help="local, with --gpus: GPUs per run")
     p.add_argument("--launch", default="local",
                    choices=("local", "slurm", "pod", "multihost", "print"),
                    help="local: train here; slurm/pod/multihost: write that launch file; "
@@ -344,7 +369,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     cache = os.path.join(root, ".jax_cache") if args.cache_dir is None else args.cache_dir
     t0 = time.monotonic()
-    status = run_local(args.config, runs, parallel=max(1, args.parallel), cache_dir=cache)
+    try:
+        gpus = visible_gpus(args.gpus)
+        GPUSlots(gpus, args.gpus_per_run) if gpus else None  # refuses a bad split up front
+    except ValueError as e:
+        _parser().error(str(e))
+    status = run_local(args.config, runs, parallel=max(1, args.parallel), cache_dir=cache,
+                       gpus=gpus, gpus_per_run=args.gpus_per_run)  # fmt: skip
     _say(f"{sum(s in ('done', 'skipped') for s in status.values())}/{len(runs)} runs finished "
          f"({time.monotonic() - t0:.0f}s)")  # fmt: skip
     if not args.no_table:

@@ -243,6 +243,13 @@ with open(path, "a") as f:
             rec["eval/nll"] = 9.0 / step
         f.write(json.dumps(rec) + "\n")
 print("trained", name, "to", last)
+if os.environ.get("FAKE_GPU_LOG"):  # which GPUs this trainer saw, and when it ran
+    import time
+    t0 = time.time()
+    time.sleep(0.5)
+    with open(os.environ["FAKE_GPU_LOG"], "a") as f:
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        f.write(json.dumps({"name": name, "gpus": gpus, "t0": t0, "t1": time.time()}) + "\n")
 sys.exit(1 if last < total - 4 else 0)
 """
 
@@ -256,7 +263,34 @@ def fake_trainer(tmp_path, monkeypatch):
     monkeypatch.delenv("FAKE_FAIL", raising=False)
     monkeypatch.delenv("FAKE_STOP", raising=False)
     monkeypatch.delenv("FAKE_DATA_END", raising=False)
+    monkeypatch.delenv("FAKE_GPU_LOG", raising=False)
     return script
+
+
+def test_parallel_trainers_each_get_their_own_gpus(tmp_path, monkeypatch, capsys, fake_trainer):
+    """`--parallel 8` on a GPU host started every trainer on every GPU: XLA preallocates 75% of
+    each visible GPU per process, so the second one ran out of memory. `--gpus` splits them:
+    each trainer sees only its slice (CUDA_VISIBLE_DEVICES), never one a running trainer has."""
+    root, log = str(tmp_path / "sw"), tmp_path / "gpus.jsonl"
+    monkeypatch.setenv("FAKE_GPU_LOG", str(log))
+    argv = ["--config", CONFIG, "--workdir", root, "--cache_dir", "", "--parallel", "4",
+            "--gpus", "0,1,2,3,4", "--gpus_per_run", "2", f"--config.total_steps={STEPS}"]  # fmt: skip
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--parallel 4: 2 at once (5 GPUs, 2 each)" in out  # GPU 4 is left over
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(r["name"] for r in seen) == sorted(NAMES)
+    assert {r["gpus"] for r in seen} <= {"0,1", "2,3"}
+    for a in seen:  # trainers that ran at the same time had disjoint GPUs
+        for b in seen:
+            if a is not b and a["t0"] < b["t1"] and b["t0"] < a["t1"]:
+                assert a["gpus"] != b["gpus"], (a, b)
+    assert f"start {seen[0]['name']}" in out and " on GPU " in out
+    for bad, message in ((["--gpus", "0", "--gpus_per_run", "2"], "--gpus gives 1 GPU"),
+                         (["--gpus", "0,0"], "a GPU is named twice")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            sweep.main(argv[:6] + bad + argv[-1:])
+        assert message in capsys.readouterr().err
 
 
 def test_failed_runs_keep_the_others_and_rerun(tmp_path, monkeypatch, capsys, fake_trainer):
