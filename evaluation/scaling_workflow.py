@@ -1,7 +1,7 @@
 """Predictable scaling, end to end: sweep → run table → fit → predict → train the bigger model →
 compare → report.
 
-    python -m flaxlm.evaluation.scaling_workflow --workdir runs/scaling [--parallel 2]
+    python -m flaxlm.evaluation.scaling_workflow --workdir runs/scaling [--parallel 2] [--gpus auto]
 
 Steps (each resumable; re-running the command skips what is done):
   1. sweep: the runs of `configs/scaling.py`'s sweep() under ROOT/sweep (train/sweep.py);
@@ -40,7 +40,7 @@ import numpy as np
 import flaxlm.configs
 from flaxlm.evaluation import scaling_emergence as emergence
 from flaxlm.train import sweep as sweep_lib
-from flaxlm.train import sweep_table
+from flaxlm.train import sweep_devices, sweep_table
 from flaxlm.train.sweep_plan import _check_same_runs, _same_config_arg
 
 SETTINGS_FILE = "workflow.json"  # the settings ROOT's runs were trained with
@@ -142,15 +142,18 @@ def effective_config(root: str, config: str, heldout_docs: int) -> str:
     return with_arg(config, f"heldout={world}/heldout_text.jsonl")
 
 
-def _train(root: str, step: str, config_arg: str, runs, parallel: int) -> dict:
-    """Trains the unfinished `runs` (sweep_lib.run_local) under a Meter; records the timing."""
+def _train(root: str, step: str, config_arg: str, runs, parallel: int, gpus=()) -> dict:
+    """Trains the unfinished `runs` (sweep_lib.run_local) under a Meter; records the timing.
+    `gpus`: (ids, per run) to split between the trainers (train/sweep_devices.py), or ()."""
     todo = [r for r in runs if not sweep_lib.is_done(r)]
     if not todo:
         print(f"[workflow] {step}: all {len(runs)} runs finished; skipping", flush=True)
         return {"skipped": True}
     cache = os.path.join(root, ".jax_cache")
     with Meter() as m:
-        status = sweep_lib.run_local(config_arg, runs, parallel=parallel, cache_dir=cache)
+        ids, per_run = gpus or ((), 1)
+        status = sweep_lib.run_local(config_arg, runs, parallel=parallel, cache_dir=cache,
+                                     gpus=ids, gpus_per_run=per_run)  # fmt: skip
     _record(root, step, m.result, trained=len(todo), of=len(runs))
     failed = [n for n, s in status.items() if s in ("failed", "busy")]
     if failed:
@@ -159,11 +162,11 @@ def _train(root: str, step: str, config_arg: str, runs, parallel: int) -> dict:
     return m.result
 
 
-def run_sweep(root: str, config: str, parallel: int) -> list:
+def run_sweep(root: str, config: str, parallel: int, gpus=()) -> list:
     sweep_root = os.path.join(root, "sweep")
     runs = sweep_lib.plan(config, sweep_root)
     sweep_lib.write_index(sweep_root, config, runs, [])
-    _train(root, "sweep", config, runs, parallel)
+    _train(root, "sweep", config, runs, parallel, gpus)
     return runs
 
 
@@ -202,12 +205,12 @@ def target_runs(root: str, config: str, seeds: int = 1) -> tuple[str, list[sweep
     return config_arg, runs
 
 
-def run_target(root: str, config: str, seeds: int = 1) -> list[sweep_lib.Run]:
+def run_target(root: str, config: str, seeds: int = 1, gpus=()) -> list[sweep_lib.Run]:
     """Trains the bigger model (`target_runs`), so its actual loss is a mean over seeds."""
     config_arg, runs = target_runs(root, config, seeds)
     with open(os.path.join(root, "target.json"), "w") as f:
         json.dump({"config": config_arg, "runs": [r.to_dict() for r in runs]}, f, indent=1)
-    _train(root, "target", config_arg, runs, parallel=1)
+    _train(root, "target", config_arg, runs, parallel=1, gpus=gpus)
     return runs
 
 
@@ -317,6 +320,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument(
         "--parallel", type=int, default=2, help="sweep trainers at once (one thread each)"
     )
+    p.add_argument("--gpus", default="",
+                   help="GPUs to split between the trainers ('auto' or '0,1,...'; "
+                   "train.sweep's --gpus)")  # fmt: skip
+    p.add_argument("--gpus_per_run", type=int, default=1, help="with --gpus: GPUs per run")
     p.add_argument("--tasks", default=",".join(emergence.DEFAULT_TASKS),
                    help="multiple-choice tasks of the built-in world ('' = none)")  # fmt: skip
     p.add_argument("--n_boot", type=int, default=200, help="bootstrap resamples of the fit")
@@ -336,13 +343,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         check_settings(root, args.config, args.heldout_docs)
         if not args.no_target:
             target_runs(root, config, max(1, args.target_seeds))
+        gpus = sweep_devices.visible_gpus(args.gpus)
+        if gpus:
+            sweep_devices.GPUSlots(gpus, args.gpus_per_run)  # a bad split, refused up front
     except ValueError as e:
         p.error(str(e))
     write_settings(root, args.config, args.heldout_docs)
     emergence.ensure_world(os.path.join(root, "world"), args.heldout_docs)
 
-    runs = run_sweep(root, config, args.parallel)
-    targets = [] if args.no_target else run_target(root, config, max(1, args.target_seeds))
+    split = (gpus, args.gpus_per_run) if gpus else ()
+    runs = run_sweep(root, config, args.parallel, split)
+    targets = [] if args.no_target else run_target(root, config, max(1, args.target_seeds), split)
     if tasks:
         evaluate_tasks(root, [r.workdir for r in runs + targets[:1]], tasks)
     rows = sweep_table.collect(os.path.join(root, "sweep"))

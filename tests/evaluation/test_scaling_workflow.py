@@ -216,3 +216,24 @@ def test_the_world_gets_the_held_out_documents_asked_for(tmp_path):
     assert open(os.path.join(world, "pretrain.jsonl")).read() == corpus
     scaling_emergence.ensure_world(world, 0)  # 0: the world as it is
     assert len(open(path).read().splitlines()) == 150
+
+
+def test_gpus_reach_every_trainer_and_a_bad_split_is_refused(tmp_path, monkeypatch):
+    """The study's runs (batch 4) on an 8-GPU host each saw all 8 GPUs and failed; `--gpus`
+    reaches the sweep's and the target's `run_local`, and a split that cannot be made is a
+    usage error before anything trains."""
+    calls = []
+
+    def fake_run_local(config_arg, runs, **kw):
+        calls.append((kw["gpus"], kw["gpus_per_run"]))
+        return {r.name: "skipped" for r in runs}
+
+    monkeypatch.setattr(sweep, "run_local", fake_run_local)
+    monkeypatch.setattr(scaling_workflow.sweep_lib, "is_done", lambda run: False)
+    split = (["0", "1", "2"], 1)
+    scaling_workflow.run_sweep(str(tmp_path), scaling_workflow.DEFAULT_CONFIG, 3, split)
+    scaling_workflow.run_target(str(tmp_path), scaling_workflow.DEFAULT_CONFIG, 1, split)
+    assert calls == [split, split]
+    with pytest.raises(SystemExit):
+        scaling_workflow.main(["--workdir", str(tmp_path / "w"), "--gpus", "0",
+                               "--gpus_per_run", "2"])  # fmt: skip
