@@ -1,0 +1,306 @@
+"""Chat, prompt-completion, preference and unpaired-feedback records: field names, the checks
+that turn a record into validated messages, the data report and the jsonl/parquet reader.
+
+Separate from rendering (data/chat_template.py) because none of it needs a tokenizer: RL prompt
+sets and held-out sets (alignment/rl_common.py) check records with these functions without
+rendering examples, and every stage counts what happened to its records in a `DataReport`.
+`data/formats.py` re-exports every name.
+
+Records come from jsonl or parquet (`read_records`), with configurable field names
+(`fields_config`): `messages` (a list of {role, content}), or `prompt` (text or messages) plus
+`completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`). A null
+field is an absent one (`has`): parquet stores a mixed file's rows with every column, null
+where a row has none. `meta`, when present, must be a JSON object ("bad_meta" otherwise).
+
+SFT records must end with an assistant turn; a blank system/user turn (like a blank `prompt`)
+is bad input ("empty"), as are missing/unknown roles and non-string content (file:line).
+
+Messages are checked into [{"role", "content"}] turns (`ROLES`, plus `TOOL_ROLE` for a tool's
+result), keeping the tool-use keys `MESSAGE_EXTRAS` a Jinja chat template reads; a record's
+`tools` (tool schemas) are checked by `record_tools`. A preference record is split into (prompt,
+chosen, rejected, margin) (`preference_parts`), an unpaired one into (prompt, completion, label)
+examples (`unpaired_parts`). A record that does not fit is a `FormatError` whose `reason` is the
+report's counter name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import ml_collections
+
+from flaxlm.data import sources as S
+
+ROLES = ("system", "user", "assistant")  # flaxlm's own template's roles
+TOOL_ROLE = "tool"  # a tool's result: context, rendered only by a Jinja chat template
+# message keys passed to a Jinja template besides role and content (tool use, reasoning)
+MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
+
+
+def fields_config() -> ml_collections.ConfigDict:
+    """Field names of chat/preference records (the `data.fields` config section)."""
+    c = ml_collections.ConfigDict()
+    c.messages = "messages"  # list of {role, content} (a whole conversation)
+    c.prompt = "prompt"  # text (one user turn) or a list of messages
+    c.completion = "completion"  # assistant answer to `prompt` (when there is no `messages`)
+    c.chosen = "chosen"  # preferred answer (text or a list of assistant-ending messages)
+    c.rejected = "rejected"  # dispreferred answer
+    c.margin = "margin"  # optional per-pair margin (number); absent = 0
+    c.label = "label"  # unpaired feedback (KTO): true = desirable answer, false = undesirable
+    c.meta = "meta"  # optional dict carried along for evaluation (the world's judge)
+    c.role = "role"  # key of a message's role
+    c.content = "content"  # key of a message's content
+    c.tools = "tools"  # optional list of tool (function) schemas, for a Jinja chat template
+    return c
+
+
+class FormatError(S.DataError):
+    """A record that does not fit the chat format; `reason` is the report's counter name."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _messages(value, fields, what: str, record: bool = False) -> list[dict]:
+    """Validates a list of messages into [{"role", "content"}] (roles/contents checked).
+
+    `record=True` (training/eval records, not prompts built by code): a blank system or user
+    turn is bad input ("empty"), as a blank `prompt` text is — it only teaches the template."""
+    if not isinstance(value, list) or not value:
+        raise FormatError("bad_messages", f"{what} is not a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or fields.role not in m or fields.content not in m:
+            raise FormatError(
+                "bad_messages", f"{what}[{i}] lacks {fields.role!r}/{fields.content!r}"
+            )
+        role, content = m[fields.role], m[fields.content]
+        calls = m.get("tool_calls")
+        if role not in (*ROLES, TOOL_ROLE):
+            raise FormatError("unknown_role", f"{what}[{i}] has unknown role {role!r}")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls
+                                  or not all(isinstance(c, dict) for c in calls)):  # fmt: skip
+            raise FormatError("bad_messages", f"{what}[{i}] tool_calls must be a non-empty list "
+                              "of objects on an assistant turn")  # fmt: skip
+        given = content  # None stays None for the template (transformers drops the key)
+        if content is None and calls:  # an assistant turn that only calls tools
+            content = ""
+        if not isinstance(content, str):
+            raise FormatError("bad_messages", f"{what}[{i}] content is not a string")
+        if role == "system" and i > 0:
+            raise FormatError("bad_messages", f"{what}[{i}]: a system message must come first")
+        if role == "assistant" and not content.strip() and not calls:
+            raise FormatError("empty_assistant", f"{what}[{i}] is an empty assistant turn")
+        if record and not content.strip() and not calls:
+            raise FormatError("empty", f"{what}[{i}] is an empty {role} turn")
+        msg = {"role": role, "content": given}
+        msg.update({k: m[k] for k in MESSAGE_EXTRAS if m.get(k) is not None})
+        out.append(msg)
+    return out
+
+
+def record_tools(obj, fields):
+    """A record's tool schemas (`fields.tools`): None, or a list of objects."""
+    tools = obj.get(fields.tools) if isinstance(obj, dict) else None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict)
+                                                                  for t in tools)):  # fmt: skip
+        raise FormatError("bad_tools", f"{fields.tools} is not a list of objects")
+    return tools or None
+
+
+def has(obj: dict, key: str) -> bool:
+    """Whether a record has field `key`: a null value is no value. A parquet file gives every
+    row every column, null where the row has none (prompt/completion rows next to messages
+    rows, a margin on some pairs only), as a jsonl writer may also write `"margin": null`."""
+    return obj.get(key) is not None
+
+
+def _get(obj: dict, key: str, what: str):
+    if not has(obj, key):
+        raise FormatError("missing_field", f"no {what} field {key!r}")
+    return obj[key]
+
+
+def record_meta(obj: dict, fields) -> dict:
+    """A record's `meta` object ({} when absent or null). Anything else is bad input
+    ("bad_meta"): read as {} it would be scored as a record without its reference answer."""
+    meta = obj.get(fields.meta)
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise FormatError("bad_meta", f"{fields.meta}={meta!r:.80} is not a JSON object")
+    return meta
+
+
+def prompt_messages(value, fields) -> list[dict]:
+    """A record's prompt — a text (one user turn) or messages under `fields.role` /
+    `fields.content` — as checked [{"role", "content"}] turns; FormatError otherwise."""
+    if value is None:
+        raise FormatError("missing_field", f"no prompt field {fields.prompt!r}")
+    if isinstance(value, str):
+        if not value.strip():
+            raise FormatError("empty", "empty prompt")
+        return [{"role": "user", "content": value}]
+    return _messages(value, fields, "prompt", record=True)
+
+
+def sft_messages(obj, fields) -> list[dict]:
+    """The conversation of a chat record: `messages`, or `prompt` + `completion` (the same
+    turns, so the same ids and mask). `render_sft` also requires it to end with an assistant
+    turn; RL eval sets (alignment/rl_common.py) accept a trailing user turn."""
+    if not isinstance(obj, dict):
+        raise FormatError("bad_record", "record is not a JSON object")
+    if has(obj, fields.messages):
+        return _messages(obj[fields.messages], fields, fields.messages, record=True)
+    prompt = prompt_messages(_get(obj, fields.prompt, "prompt"), fields)
+    completion = _get(obj, fields.completion, "completion")
+    if not isinstance(completion, str) or not completion.strip():
+        raise FormatError("empty_assistant", "completion is empty or not a string")
+    return prompt + [{"role": "assistant", "content": completion}]
+
+
+def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], float]:
+    """(prompt messages, chosen turns, rejected turns, margin) of a preference record.
+
+    `chosen`/`rejected` are answer texts, or message lists (then the prompt may be absent and
+    the longest common prefix of the two lists is the prompt)."""
+    if not isinstance(obj, dict):
+        raise FormatError("bad_record", "record is not a JSON object")
+    sides = []
+    for key in (fields.chosen, fields.rejected):
+        v = _get(obj, key, key)
+        if isinstance(v, str):
+            if not v.strip():
+                raise FormatError("empty_assistant", f"{key} is empty")
+            v = [{"role": "assistant", "content": v}]
+        sides.append(_messages(v, fields, key, record=True))
+    prompt = prompt_messages(obj[fields.prompt], fields) if obj.get(fields.prompt) else []
+    if not prompt:  # full conversations: split off their common prefix
+        n = 0
+        while n < min(map(len, sides)) - 1 and sides[0][n] == sides[1][n]:
+            n += 1
+        prompt, sides = sides[0][:n], [s[n:] for s in sides]
+    for key, s in zip((fields.chosen, fields.rejected), sides):
+        if s[-1]["role"] != "assistant":
+            raise FormatError("no_assistant_turn", f"{key} does not end with an assistant turn")
+    if not prompt:
+        raise FormatError("missing_field", f"no prompt field {fields.prompt!r}")
+    if sides[0] == sides[1]:  # no preference to learn: the pair only dilutes the loss
+        raise FormatError("identical_pair", f"{fields.chosen} and {fields.rejected} are the same")
+    margin = obj.get(fields.margin)
+    if margin is None:  # absent, or null in a file where other pairs carry one
+        margin = 0.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise FormatError("bad_margin", f"{fields.margin}={margin!r} is not a number")
+    if not math.isfinite(margin):  # json.loads reads NaN / Infinity
+        raise FormatError("bad_margin", f"{fields.margin}={margin!r} is not finite")
+    return prompt, sides[0], sides[1], float(margin)
+
+
+def unpaired_parts(obj, fields) -> list[tuple[list[dict], list[dict], bool]]:
+    """[(prompt messages, completion turns, desirable)] of an unpaired-feedback record (KTO): a
+    chat record with a boolean `label` — one example, its trailing assistant turns the
+    completion — or a preference record without one: two examples, chosen (desirable) and
+    rejected (undesirable), sharing the prompt."""
+    if not isinstance(obj, dict):
+        raise FormatError("bad_record", "record is not a JSON object")
+    if not has(obj, fields.label):
+        if has(obj, fields.chosen) or has(obj, fields.rejected):
+            prompt, chosen, rejected, _ = preference_parts(obj, fields)
+            return [(prompt, chosen, True), (prompt, rejected, False)]
+        raise FormatError("missing_field", f"no {fields.label!r} field (nor "
+                          f"{fields.chosen!r} / {fields.rejected!r} to split)")  # fmt: skip
+    label = obj[fields.label]
+    if not isinstance(label, bool):  # 0/1 or "good" could be either convention: say which
+        raise FormatError("bad_label", f"{fields.label}={label!r} is not true or false")
+    msgs = sft_messages(obj, fields)
+    n = len(msgs)
+    while n and msgs[n - 1]["role"] == "assistant":
+        n -= 1
+    if n == len(msgs):
+        raise FormatError("no_assistant_turn", f"conversation ends with a {msgs[-1]['role']} "
+                          "turn, not the assistant completion the label judges")  # fmt: skip
+    if n == 0:
+        raise FormatError("missing_field", "no prompt before the assistant completion")
+    return [(msgs[:n], msgs[n:], label)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and the data report
+
+
+class DataReport:
+    """Counts of what happened to every record: used, truncated, dropped (bad input, by
+    reason, with file:line examples). Strict mode raises on the first bad record."""
+
+    def __init__(self, strict: bool = False):
+        self.log = S.BadInputLog(strict=strict)
+        self.read = self.used = self.truncated = 0
+        self.truncated_examples: list[str] = []
+        self.tokens = self.loss_tokens = 0
+        self.chat_template = ""  # a Jinja template's name (JinjaChatTemplate), "" for flaxlm's
+        self.split_by_turn = 0  # conversations trained one assistant turn per example
+        self.split_examples: list[str] = []
+
+    def bad(self, reason: str, loc: str, detail: str = "") -> None:
+        self.log.add(reason, loc, detail)
+
+    def truncation(self, loc: str, n_cut: int) -> None:
+        self.truncated += 1
+        if len(self.truncated_examples) < S.MAX_EXAMPLES:
+            self.truncated_examples.append(f"{loc}: {n_cut} prompt tokens cut from the left")
+
+    def split(self, loc: str, n_pieces: int) -> None:
+        self.split_by_turn += 1
+        if len(self.split_examples) < S.MAX_EXAMPLES:
+            self.split_examples.append(
+                f"{loc}: {n_pieces} examples, one per assistant turn (the chat template "
+                "rewrites earlier turns once later ones follow)"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "records": self.read,
+            "used": self.used,
+            "truncated": self.truncated,
+            "truncated_examples": self.truncated_examples,
+            "dropped": self.log.total,
+            "bad_input": self.log.to_dict(),
+            "tokens": self.tokens,
+            "loss_tokens": self.loss_tokens,
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
+            **(
+                {"split_by_turn": self.split_by_turn, "split_examples": self.split_examples}
+                if self.split_by_turn
+                else {}
+            ),  # fmt: skip
+        }
+
+
+def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[tuple[dict, str]]:
+    """(record, "file:line") from jsonl (gzip/zstd too) / parquet files; a line that cannot be
+    read goes to the report as the pretraining reader counts it (`sources.jsonl_record`): a
+    UTF-8 BOM is skipped, invalid UTF-8 and a lone surrogate escape are "invalid_utf8",
+    malformed JSON "malformed_json"."""
+    for path in S.expand_paths(patterns):
+        fmt = S.file_format(path)
+        if fmt == "jsonl":
+            with S.open_bytes(path) as f:
+                for i, raw in enumerate(f):
+                    if not raw.strip():
+                        continue
+                    loc = f"{path}:{i + 1}"
+                    report.read += 1
+                    ok, obj = S.jsonl_record(raw, loc, report.log)
+                    if ok:
+                        yield obj, loc
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            for i, row in enumerate(pq.read_table(path).to_pylist()):
+                report.read += 1
+                yield row, f"{path}:{i + 1}"
+        else:
+            raise S.DataError(f"{path}: chat/preference data must be .jsonl or .parquet")
