@@ -1,0 +1,231 @@
+"""Random-access sources for the loader: ``len`` + ``__getitem__`` for grain's ``MapDataset``.
+
+``open_source`` opens matching files as one source, which the loader (data/pipeline.py) uses to
+shuffle, shard and resume by index: jsonl through a byte-offset index of its good lines,
+parquet as an Arrow column, ArrayRecord shards through grain (their records decode to ``str``
+or ``np.int32`` token ids, as their ``meta.json`` says), compressed jsonl and plain text held in
+memory. Bad records are reported to the ``BadInputLog`` at open time, so they never reach
+training.
+
+ArrayRecord shards written by ``flaxlm.data.preprocess`` hold token ids without BOS/EOS
+(``"bos_eos": false`` in ``meta.json``) and the loader adds them; shards from other tools whose
+records are already framed say ``"bos_eos": true`` and get none added.
+
+Separate from the streaming readers (data/source_readers.py), which it builds on: those read
+every record once in order, these are indexed and read many times, from grain's threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from flaxlm.data.source_codecs import compression
+from flaxlm.data.source_errors import BadInputLog, DataError
+from flaxlm.data.source_paths import META_FILE, expand_paths, file_format, shard_meta
+from flaxlm.data.source_readers import _open_arrayrecord, _parse_jsonl_line, iter_documents
+
+
+class JsonlSource:
+    """Random access to a jsonl file through a byte-offset index of its good lines.
+
+    The index is built in one pass that also validates every line (so bad lines are reported once,
+    at open time, and never reach training); only 8 bytes per document stay in memory.
+    """
+
+    def __init__(self, path: str, text_field: str, log: BadInputLog):
+        self.path, self.text_field = path, text_field
+        offsets = []
+        with open(path, "rb") as f:
+            pos = 0
+            for i, raw in enumerate(f):
+                if raw.strip() and _parse_jsonl_line(raw, f"{path}:{i + 1}", text_field, log):
+                    offsets.append(pos)
+                pos += len(raw)
+        self._offsets = np.asarray(offsets, np.int64)
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, i: int) -> str:
+        # One handle per process; pread keeps concurrent reads from grain's threads independent.
+        if self._file is None:
+            self._file = os.open(self.path, os.O_RDONLY)
+        off = int(self._offsets[i])
+        chunk = b""
+        while not chunk.endswith(b"\n"):
+            more = os.pread(self._file, 1 << 16, off + len(chunk))
+            if not more:
+                break
+            chunk += more
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                chunk = chunk[: nl + 1]
+        return json.loads(chunk)[self.text_field]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+
+class ParquetSource:
+    """Random access to one text column of a parquet file (held as an Arrow array, not objects)."""
+
+    def __init__(self, path: str, text_field: str, log: BadInputLog):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        try:  # pyarrow's errors do not name the file
+            table = pq.read_table(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from e
+        if text_field not in table.column_names:
+            raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
+        col = table.column(text_field)
+        # A dictionary-encoded column (pandas' categorical; what iter_documents reads as text)
+        # holds strings too: decoded, to large_string so that repeated values cannot overflow
+        # string's 32-bit offsets. string_view likewise, for the string compute kernels below.
+        typ = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+        is_view = getattr(pa.types, "is_string_view", lambda t: False)(typ)
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or is_view):
+            raise DataError(f"{path}: column {text_field!r} has type {col.type}, not string")
+        if typ != col.type or is_view:
+            col = col.cast(pa.large_string())
+        ok = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False)
+        for row in np.flatnonzero(~np.asarray(ok)):
+            reason = "missing_field" if col[int(row)].as_py() is None else "empty"
+            log.add(reason, f"{path}:{row + 1}")
+        self._col = col.filter(ok).combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self._col)
+
+    def __getitem__(self, i: int) -> str:
+        return self._col[i].as_py()
+
+
+def _count_records(path: str) -> int:
+    reader = _open_arrayrecord(path)
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
+
+
+class ArrayRecordSource:
+    """Shards written by preprocess: records decode to ``str`` or ``np.int32`` token arrays.
+
+    A shard that cannot be opened (truncated, not ArrayRecord) or a record that cannot be read
+    or decoded (corrupt chunk, a byte count that is not whole int32 ids, ids outside the
+    ``vocab_size`` of ``meta.json``, text that is not UTF-8) raises ``DataError`` naming
+    ``shard:record`` (1-based); nothing is skipped."""
+
+    def __init__(self, paths: list[str]):
+        import concurrent.futures
+
+        import grain
+
+        metas = {json.dumps(shard_meta(p), sort_keys=True) for p in paths}
+        if len(metas) != 1:
+            raise DataError(f"shards {paths[0]}... mix formats/tokenizers: {sorted(metas)}")
+        self.meta = shard_meta(paths[0])
+        self.tokens = self.meta.get("format") == "tokens"
+        self._vocab = self.meta.get("vocab_size") if self.tokens else None
+        self.paths = list(paths)
+        with concurrent.futures.ThreadPoolExecutor(min(16, len(paths))) as pool:
+            counts = list(pool.map(_count_records, self.paths))
+        self._ends = np.cumsum(counts)
+        # "path[0:n]": grain takes the counts from here instead of opening every shard again.
+        self._src = grain.sources.ArrayRecordDataSource(
+            [f"{p}[0:{n}]" for p, n in zip(self.paths, counts)]
+        )
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def _loc(self, i: int) -> str:
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        return f"{self.paths[k]}:{i - (int(self._ends[k - 1]) if k else 0) + 1}"
+
+    def __getitem__(self, i: int):
+        try:
+            raw = self._src[i]
+        except Exception as e:
+            raise DataError(f"{self._loc(i)}: cannot read the record ({e})") from e
+        if not self.tokens:
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{self._loc(i)}: invalid UTF-8 in a text shard ({str(e)[:80]}); token-id "
+                    f"shards need the {META_FILE} preprocess wrote beside them"
+                ) from e
+        if len(raw) % 4:
+            raise DataError(f"{self._loc(i)}: {len(raw)} bytes is not a whole number of int32 ids")
+        ids = np.frombuffer(raw, np.int32)
+        if self._vocab and ids.size and (ids.min() < 0 or ids.max() >= self._vocab):
+            raise DataError(
+                f"{self._loc(i)}: token id {int(ids.min() if ids.min() < 0 else ids.max())} is "
+                f"outside the shards' vocab_size {self._vocab}"
+            )
+        return ids
+
+
+class ListSource:
+    """In-memory documents (the built-in corpus, tests, plain text files)."""
+
+    def __init__(self, docs: Sequence):
+        self._docs = list(docs)
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __getitem__(self, i: int):
+        return self._docs[i]
+
+
+class ConcatSource:
+    """Several random-access sources seen as one."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self._ends = np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        return self.parts[k][i - (int(self._ends[k - 1]) if k else 0)]
+
+
+def open_source(
+    patterns: str | Sequence[str],
+    *,
+    text_field: str = "text",
+    txt_mode: str = "file",
+    log: BadInputLog | None = None,
+):
+    """Random-access source over matching files; bad records are reported to ``log`` at open."""
+    log = log if log is not None else BadInputLog()
+    paths = expand_paths(patterns)
+    fmts = {file_format(p) for p in paths}
+    if fmts == {"arrayrecord"}:
+        return ArrayRecordSource(paths)
+    parts = []
+    for p in paths:
+        fmt = file_format(p)
+        if fmt == "jsonl" and compression(p) is None:
+            parts.append(JsonlSource(p, text_field, log))
+        elif fmt == "parquet":
+            parts.append(ParquetSource(p, text_field, log))
+        elif fmt in ("text", "jsonl"):  # compressed jsonl has no byte offsets: held in memory
+            docs = iter_documents(p, text_field=text_field, txt_mode=txt_mode, log=log)
+            parts.append(ListSource([d.text for d in docs]))
+        else:
+            raise DataError(f"{p}: ArrayRecord shards cannot be mixed with {fmts - {fmt}} here")
+    return parts[0] if len(parts) == 1 else ConcatSource(parts)

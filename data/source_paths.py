@@ -1,0 +1,164 @@
+"""Which files a data pattern names: globs, directories, preprocess outputs, and their formats.
+
+``expand_paths`` turns patterns (files, globs, directories) into the sorted files to read. A
+directory that is a ``flaxlm.data.preprocess`` output reads as its corpus
+(``preprocess_corpus``); any other as its data files (``is_data_file``: a README, ``_SUCCESS``
+or hidden ``.crc`` beside them is skipped). ``file_format`` says which reader a file's name
+calls for, and ``shard_meta`` reads the ``meta.json`` written beside ArrayRecord shards.
+
+Separate from the readers because these rules are about names and directories, not content:
+the preprocess CLI, the Beam pipeline and the loader (data/pipeline.py) call them before
+reading anything. ``_WARNED_DIRS`` (directories whose skipped files were already logged) lives
+here only; ``flaxlm.data.sources`` re-exports the same set.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+from flaxlm.data.source_codecs import _codec_suffix
+
+META_FILE = "meta.json"
+
+
+def expand_paths(patterns: str | Sequence[str]) -> list[str]:
+    """Globs (``*``, ``**``) and directories → sorted files; an unmatched pattern is an error.
+
+    A preprocess output directory is its corpus (``preprocess_corpus``), not its report files.
+    Any other directory is its data files (``is_data_file``): hidden and ``_``-prefixed names
+    (``.part-0.jsonl.crc``, ``_SUCCESS``) are skipped silently, other names no reader knows
+    (``README.md``) with a warning naming them; were they all there is, the error names them.
+
+    An existing file is itself, whatever its name: ``part[1].jsonl`` read as a glob matched
+    ``part1.jsonl`` (or nothing), never the file named. A glob keeps files only (``**`` also
+    matches directories) and, like a directory, skips shards' ``meta.json`` and ``_``-prefixed
+    markers (``_SUCCESS``) unless its last part starts with ``_``. A file that several
+    patterns match is read once, where it first appears (reading it twice made its documents
+    exact duplicates of themselves).
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out: dict[str, str] = {}  # real path -> the path as matched, in first-seen order
+    for pat in patterns:
+        if os.path.isfile(pat):
+            hits = [pat]
+        elif os.path.isdir(pat):
+            pat = preprocess_corpus(pat)
+            hits = _directory_files(pat)
+        else:
+            hits = sorted(
+                p
+                for p in glob.glob(pat, recursive=True)
+                if os.path.isfile(p) and _glob_keeps(pat, os.path.basename(p))
+            )
+        if not hits:
+            raise FileNotFoundError(f"no files match {pat!r}")
+        for h in hits:
+            out.setdefault(os.path.realpath(h), h)
+    return list(out.values())
+
+
+def _glob_keeps(pattern: str, name: str) -> bool:
+    """Whether a glob's match ``name`` is read: not a shards' ``meta.json``, and not a
+    ``_``-prefixed marker (``_SUCCESS``, ``_committed_*``: ``out/*`` used to train on them as
+    text) unless the pattern's own last part starts with ``_`` (the user asked for them). Python's
+    glob already leaves hidden names to patterns that start with a dot."""
+    if name == META_FILE:
+        return False
+    return not name.startswith("_") or os.path.basename(pattern).startswith("_")
+
+
+# What a directory holds that is data: the formats ``file_format`` reads by name, each possibly
+# compressed (``_codec_suffix``; an unsupported codec is kept, so that reading it names the file).
+# Plain text is any name to ``file_format``, but a directory also holds text that is not data.
+_DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".array_record", ".txt", ".text")
+_WARNED_DIRS: set[str] = set()  # directories whose skipped files were logged (once a process)
+
+
+def is_data_file(name: str) -> bool:
+    """Whether a file a directory holds is data: not hidden or ``_``-prefixed (checksums, Spark's
+    and Hadoop's ``_SUCCESS`` and ``_committed_*`` markers), not ``meta.json``, and named as a
+    format the readers know (jsonl/json/ndjson, parquet, ArrayRecord, .txt/.text, compressed or
+    not)."""
+    if name.startswith((".", "_")) or name == META_FILE:
+        return False
+    low = name.lower()
+    low = low[: len(low) - len(_codec_suffix(low))]
+    return low.endswith(_DATA_SUFFIXES) or ".arrayrecord" in low
+
+
+def _directory_files(path: str) -> list[str]:
+    """The sorted data files of directory ``path`` (``is_data_file``).
+
+    Its other files used to be trained on as text (a README, a ``_SUCCESS`` marker, a hidden
+    ``.crc`` checksum as invalid UTF-8). A README beside the data is common and harmless, so
+    names no reader knows are skipped with a warning rather than refused; hidden and
+    ``_``-prefixed ones are conventionally not data and are skipped without one. A directory of
+    nothing but skipped files is an error naming them: such names are read when given as files
+    or matched by a glob.
+    """
+    names = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+    data = [f for f in names if is_data_file(f)]
+    other = [f for f in names if f not in data and f != META_FILE and f[:1] not in "._"]
+    if not data:
+        raise FileNotFoundError(
+            f"no data files in directory {path!r}"
+            + (f" (skipped {other}: not {'/'.join(_DATA_SUFFIXES)}/.arrayrecord)" if other else "")
+            + "; name the files, or match them with a glob such as "
+            + repr(os.path.join(path, "*"))
+        )
+    if other and path not in _WARNED_DIRS:
+        _WARNED_DIRS.add(path)
+        logging.warning(
+            "data: %s: skipped %d file(s) that are not data (%s); data files end in %s or "
+            "contain .arrayrecord, optionally compressed",
+            path,
+            len(other),
+            ", ".join(other[:10]) + (", ..." if len(other) > 10 else ""),
+            "/".join(_DATA_SUFFIXES),
+        )
+    return [os.path.join(path, f) for f in data]
+
+
+def preprocess_corpus(path: str) -> str:
+    """The corpus inside a ``flaxlm.data.preprocess`` output directory, else ``path`` itself.
+
+    Such a directory (``report.json`` beside ``tokens/`` or ``text/``) holds one corpus in its
+    subdirectory and, at its top, files that are not data (report.md, report.json,
+    tokenizer.model): read as the directory's files, those were trained on as text. The corpus is
+    ``tokens/`` when there is one (what the loader trains on), else the text shards of a run
+    without a tokenizer.
+    """
+    if not os.path.isfile(os.path.join(path, "report.json")):
+        return path
+    for sub in ("tokens", "text"):
+        if os.path.isdir(os.path.join(path, sub)):
+            return os.path.join(path, sub)
+    return path
+
+
+def file_format(path: str) -> str:
+    """'jsonl' | 'text' | 'parquet' | 'arrayrecord' from the file name (``x.jsonl.gz`` and
+    ``x.jsonl.zst`` are jsonl: see ``open_bytes``)."""
+    name = path.lower()
+    name = name[: len(name) - len(_codec_suffix(name))]
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if ".arrayrecord" in name or name.endswith(".array_record"):
+        return "arrayrecord"
+    return "text"
+
+
+def shard_meta(path: str) -> dict:
+    """The ``meta.json`` beside an ArrayRecord shard, or ``{"format": "text"}`` if there is none."""
+    meta_path = os.path.join(os.path.dirname(path), META_FILE)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return json.load(f)
+    return {"format": "text"}

@@ -1,0 +1,263 @@
+"""Streaming readers of raw and prepared text: jsonl, plain text, parquet and ArrayRecord.
+
+``iter_documents`` streams documents in a fixed order (sorted files, then record order); the
+preprocess CLI and the Beam pipeline use it (the Beam pipeline reads one file with
+``_iter_file``), so memory does not grow with the input. Every record read is either yielded
+or counted in the ``BadInputLog`` (data/source_errors.py). ``jsonl_record`` reads one jsonl
+line as this reader does, for the chat/preference records (data/chat_records.py).
+
+ArrayRecord shards written by ``flaxlm.data.preprocess`` hold either UTF-8 text or int32 token ids
+(little-endian bytes); a ``meta.json`` beside the shards says which. Only text shards are read
+here; token-id shards are the loader's (data/source_access.py).
+
+Separate from the random-access sources (data/source_access.py): those index files to read
+records many times, in any order, and build on this module's per-record checks
+(``_parse_jsonl_line``, ``_open_arrayrecord``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator, Sequence
+
+from flaxlm.data.source_codecs import open_bytes
+from flaxlm.data.source_errors import BadInputLog, DataError
+from flaxlm.data.source_paths import expand_paths, file_format, shard_meta
+
+
+@dataclasses.dataclass
+class Document:
+    text: str
+    loc: str  # "path:line" (1-based line or record number), for reports and errors
+    key: tuple[int, int]  # (file index, record index): a total, deterministic order
+
+
+def _check_text(text, loc: str, log: BadInputLog) -> bool:
+    if text is None:
+        log.add("missing_field", loc)
+        return False
+    if not isinstance(text, str):
+        log.add("missing_field", loc, f"not a string: {type(text).__name__}")
+        return False
+    if not text.strip():
+        log.add("empty", loc)
+        return False
+    return True
+
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value, where: str = "") -> str | None:
+    """Where a JSON value (strings, keys and values of nested lists/objects) holds a lone
+    surrogate, as a report detail; None when it holds none.
+
+    A lone surrogate escape (``"\\ud83d"``, half an emoji cut by a truncating tool) makes text
+    that cannot be written as UTF-8 nor encoded by SentencePiece: counted as ``invalid_utf8``
+    where it is read, never a crash (with no location) where the text is used.
+    """
+    if isinstance(value, str):
+        if m := _SURROGATE_RE.search(value):
+            at = f" of {where}" if where else ""
+            return f"lone surrogate {m.group()!a} at character {m.start()}{at}"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for k, v in items:
+        if isinstance(value, dict) and (found := lone_surrogate(k)):
+            return f"{found} of a key in {where or 'the record'}"  # the key itself: not printable
+        key = k if isinstance(value, list) else f".{k}" if where else str(k)
+        if found := lone_surrogate(v, where + key):
+            return found
+    return None
+
+
+def _json_value(raw: bytes, loc: str, log: BadInputLog) -> tuple[bool, object]:
+    """(True, the JSON value of one jsonl line) or (False, None) with the reason logged under
+    ``loc``. A UTF-8 byte-order mark before the record (a file saved by Notepad) is not part of
+    it."""
+    try:
+        line = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        log.add("invalid_utf8", loc, str(e)[:80])
+        return False, None
+    try:
+        return True, json.loads(line)
+    except json.JSONDecodeError as e:
+        log.add("malformed_json", loc, str(e)[:80])
+        return False, None
+
+
+def jsonl_record(raw: bytes, loc: str, log: BadInputLog) -> tuple[bool, object]:
+    """(True, record) of one line of a chat/preference jsonl file, read as the pretraining reader
+    reads a line (BOM, invalid UTF-8, malformed JSON), or (False, None) with the reason logged:
+    a lone surrogate anywhere in the record is ``invalid_utf8`` (``lone_surrogate``). Any JSON
+    value is a record here; the chat format says what a record must hold."""
+    ok, obj = _json_value(raw, loc, log)
+    if ok and (where := lone_surrogate(obj)):
+        log.add("invalid_utf8", loc, where)
+        return False, None
+    return ok, obj
+
+
+def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str | None:
+    """One jsonl record's text, or None (the reason logged under ``loc``): see ``_json_value``
+    and ``lone_surrogate`` (only the text field is checked: nothing else is used)."""
+    ok, obj = _json_value(raw, loc, log)
+    if not ok:
+        return None
+    if not isinstance(obj, dict):
+        log.add("missing_field", loc, f"not a JSON object: {type(obj).__name__}")
+        return None
+    if field not in obj:
+        log.add("missing_field", loc, f"no {field!r}")
+        return None
+    text = obj[field]
+    if isinstance(text, str) and (where := lone_surrogate(text)):
+        log.add("invalid_utf8", loc, where)
+        return None
+    return text if _check_text(text, loc, log) else None
+
+
+def _open_arrayrecord(path: str):
+    """An ArrayRecordReader of ``path``; DataError naming it when the shard is truncated or not
+    ArrayRecord (the reader then reports 0 records, and only ``close`` raises the cause)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(path)
+    if reader.ok():
+        return reader
+    try:
+        reader.close()
+        cause = "unreadable"
+    except Exception as e:
+        cause = str(e) or "truncated or empty"
+    raise DataError(f"{path}: not a readable ArrayRecord shard ({cause})")
+
+
+def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
+    fmt = file_format(path)
+    if fmt == "jsonl":
+        with open_bytes(path) as f:
+            for i, raw in enumerate(f):
+                if not raw.strip():  # blank separator lines are not records
+                    continue
+                loc = f"{path}:{i + 1}"
+                text = _parse_jsonl_line(raw, loc, field, log)
+                yield i, loc, text
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        # pyarrow's errors do not name the file ("Parquet magic bytes not found in footer").
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from e
+        if field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column {field!r} (columns: {pf.schema_arrow.names})")
+        row, batches = 0, pf.iter_batches(columns=[field], batch_size=1024)
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:  # a corrupt row group: the rows after it cannot be counted
+                raise DataError(f"{path}:{row + 1}: cannot read the parquet rows ({e})") from e
+            if batch is None:
+                break
+            for text in batch.column(0).to_pylist():
+                loc = f"{path}:{row + 1}"
+                yield row, loc, (text if _check_text(text, loc, log) else None)
+                row += 1
+    elif fmt == "arrayrecord":
+        if shard_meta(path).get("format") != "text":
+            raise DataError(f"{path}: holds token ids, not text; read it with the loader")
+        reader = _open_arrayrecord(path)
+        try:
+            for i in range(reader.num_records()):
+                loc = f"{path}:{i + 1}"
+                text = _decode(reader.read([i])[0], loc, log)
+                yield i, loc, (text if text is not None and _check_text(text, loc, log) else None)
+        finally:
+            reader.close()
+    else:
+        yield from _iter_text_file(path, txt_mode, log)
+
+
+def _decode(raw: bytes, loc: str, log: BadInputLog) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        log.add("invalid_utf8", loc, str(e)[:80])
+        return None
+
+
+def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
+    """Plain text: one document per file, per line, or per blank-line-separated block."""
+    if txt_mode == "file":
+        with open_bytes(path) as f:
+            loc = f"{path}:1"
+            text = _decode(f.read(), loc, log)
+        yield 0, loc, (text if text is not None and _check_text(text, loc, log) else None)
+        return
+    if txt_mode not in ("line", "blank"):
+        raise ValueError(f"txt_mode must be file|line|blank, got {txt_mode!r}")
+    block: list[str] = []
+    # "blank" mode: a block with invalid UTF-8 is one document lost, counted once at its first
+    # bad line (logging every bad line counted a block with two of them as two documents).
+    start, bad = None, None  # first line of the current block; (loc, error) of its first bad line
+    with open_bytes(path) as f:
+        for i, raw in enumerate(f):
+            loc = f"{path}:{i + 1}"
+            if txt_mode == "line":
+                line = _decode(raw, loc, log)
+                if line is None or line.strip():  # empty lines are separators, not documents
+                    # "\r\n" too: a CRLF file's lines ended in "\r", kept in the document
+                    yield i, loc, (None if line is None else line.rstrip("\r\n"))
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                start = i if start is None else start
+                bad = bad or (loc, str(e)[:80])
+                continue
+            if not line.strip():
+                if start is not None:
+                    yield start, f"{path}:{start + 1}", _end_block(block, bad, log)
+                block, start, bad = [], None, None
+                continue
+            start = i if start is None else start
+            block.append(line)
+    if start is not None:
+        yield start, f"{path}:{start + 1}", _end_block(block, bad, log)
+
+
+def _end_block(block: list[str], bad: tuple[str, str] | None, log: BadInputLog) -> str | None:
+    """The text of a finished blank-line block, or None after logging its first bad line."""
+    if bad is None:
+        return "".join(block).strip()
+    log.add("invalid_utf8", *bad)
+    return None
+
+
+def iter_documents(
+    patterns: str | Sequence[str],
+    *,
+    text_field: str = "text",
+    txt_mode: str = "file",
+    log: BadInputLog | None = None,
+    file_index_offset: int = 0,
+) -> Iterator[Document]:
+    """Streams good documents in a deterministic order; bad records go to ``log``.
+
+    Every record read is either yielded or counted in ``log`` (or raises when ``log.strict``).
+    """
+    log = log if log is not None else BadInputLog()
+    for fi, path in enumerate(expand_paths(patterns)):
+        for ri, loc, text in _iter_file(path, fi, text_field, txt_mode, log):
+            if text is not None:
+                yield Document(text=text, loc=loc, key=(fi + file_index_offset, ri))
