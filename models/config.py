@@ -139,6 +139,21 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {allowed}"
                 )
+        floats = ("float32", "bfloat16", "float16")
+        for name in ("dtype", "param_dtype"):
+            # A name jnp.dtype reads (or a dtype object) of a float type the model computes in;
+            # a bad one ("bfloat", "int8") used to fail deep inside init, naming no key.
+            value = getattr(self, name)
+            try:
+                ok = jnp.dtype(value).name in floats
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                hint = ("; int8 weights are for decoding (generate --quantize int8, "
+                        "rollout.frozen_dtype=int8), not for the model's own params or "
+                        "compute" if str(value) == "int8" else "")  # fmt: skip
+                raise ValueError(f"ModelConfig.{name}={value!r}; expected one of "
+                                 f"{floats}{hint}")  # fmt: skip
         if self.head_dim_ % 2:
             raise ValueError(f"ModelConfig: head_dim={self.head_dim_} must be even for RoPE")
         if self.rotary_dim_ % 2 or not 0 < self.rotary_dim_ <= self.head_dim_:

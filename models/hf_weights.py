@@ -351,7 +351,15 @@ def export_tensors(cfg: ModelConfig, params, arch: str, np_dtype, max_shard_byte
     def host(path):  # one param on the host
         if last[0] != path:
             last[:] = path, None  # (the previous one freed first)
-            last[1] = np.asarray(jax.device_get(_get(params, path)))
+            x = np.asarray(jax.device_get(_get(params, path)))
+            scale = _get(params, path[:-1]).get("kernel_scale") if path[-1] == "kernel" else None
+            if scale is not None:
+                # quant.quantize_params' int8 kernel: HF has no per-channel int8 format, and
+                # written as it is, its integers (up to ±127) would load as the float weights.
+                # Dequantized in float32 as the model does (quant.dequantize); the scale keeps
+                # the input axes as size 1, so it broadcasts over this kernel's own layout.
+                x = x.astype(np.float32) * np.asarray(jax.device_get(scale), np.float32)
+            last[1] = x
         return last[1]
 
     def ours_on_host(ours):

@@ -93,8 +93,13 @@ def save_adapter(cfg: ModelConfig, lora, spec: lora_lib.LoraSpec, path: str, *,
     `arch`: the HF family of the base (default: the one `cfg` exports as)."""
     from safetensors.numpy import save_file
 
-    from flaxlm.models.hf import _FUSED_WEIGHTS, atomic_directory, default_arch
+    from flaxlm.models.hf import _FUSED_WEIGHTS, _dtype_name, atomic_directory, default_arch
 
+    if dtype is not None:
+        # the float dtypes the whole-model export allows (hf_arch._DTYPES): np.dtype took
+        # anything — an int8 cast rounds the factors (|x| < 1) to an all-zero adapter, float64
+        # passed, and a misspelt name was a TypeError traceback naming no option.
+        dtype = _dtype_name(dtype, "PEFT export")
     if spec.train_extra:
         raise HFError(
             f"PEFT export: lora.train_extra={spec.train_extra!r} trains base params too; an "

@@ -56,11 +56,23 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+from flaxlm.models.sharding import (
+    any_process,
+    logical_axis_rules,
+    make_mesh,
+    shard_batch,
+    use_mesh,
+)
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import ema as ema_lib
 from flaxlm.train import stopping
-from flaxlm.train.metrics import MetricWriter, Throughput, peak_memory_gb, tokens_in_batch
+from flaxlm.train.metrics import (
+    MetricWriter,
+    Throughput,
+    peak_memory_gb,
+    read_metrics,
+    tokens_in_batch,
+)
 from flaxlm.train.optim import make_optimizer, opt_config
 from flaxlm.train.state import (
     EmaTrainState,
@@ -477,6 +489,7 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
         dynamic_ncols=True,
     )
     step = start
+    trained = False  # a step trained since the start or resume (a rollback does not undo it)
     if not resumed and config.get("eval_at_start", False):  # a resume at 0 already logged it
         _maybe_eval(task, state, 0, writer, summary)
     save_due = False  # a periodic save waiting for the batch source's next boundary
@@ -502,7 +515,7 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
             log.warning("SIGTERM at step %d: finishing the rollout's minibatches first", step)
         if sync.data_end is not None and step >= sync.data_end:
             _end_of_data(config, task, state, step, ckpt, writer, meter, meta, window, summary,
-                         bar, sync)  # fmt: skip
+                         bar, sync, idle=resumed and not trained)  # fmt: skip
             break
         if step == kill_at:
             # Once the saves started earlier have landed: a test then knows which step the
@@ -516,7 +529,7 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
         except StopIteration:
             sync.ran_out(step)  # one process (several: the sources agree ahead, or an error)
             _end_of_data(config, task, state, step, ckpt, writer, meter, meta, window, summary,
-                         bar, sync)  # fmt: skip
+                         bar, sync, idle=resumed and not trained)  # fmt: skip
             break
         meter.add(tokens_in_batch(batch))
         batch = shard_batch(batch, mesh)
@@ -524,6 +537,7 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
             state, metrics = step_fn(state, batch)
         window.append(metrics)
         step += 1
+        trained = True
         bar.update(1)
         if first_step:
             jax.block_until_ready(metrics)  # one host wait, once
@@ -564,25 +578,58 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
 
 
 def _end_of_data(config, task, state, step, ckpt, writer, meter, meta, window, summary, bar,
-                 sync):  # fmt: skip
+                 sync, idle: bool = False):  # fmt: skip
     """The batch source has ended (on some process): log the steps since the last log line,
     evaluate, save, and record why the run stopped before total_steps.
 
     The evaluation is the one the run makes at total_steps (`eval_every` > 0): a run stopped by
     its data used to end without a held-out loss at its last step, so a sweep's table had none
     for it. Skipped where the cadence evaluated this step already (and at step 0: nothing was
-    trained); every process decides alike, from the step and the config."""
+    trained); every process decides alike, from the step and the config.
+
+    `idle`: a resumed run that trained no step before its data ended — a rerun of a run whose
+    data had ended (each rerun used to append another eval line and data_end event at the same
+    step), or a run stopped (SIGTERM, a kill) at its last batch before it got here. Nothing to
+    train, said as a resume at total_steps says it; the evaluation is skipped when metrics.jsonl
+    holds one at this step already (these very params: the checkpoint's), else made (the
+    stopped run's was never logged)."""
     if window:
         _log_window(window, meter, state, writer, summary, bar, step)
         window.clear()
-    if config.eval_every > 0 and not itstime(step, config.eval_every, sync.total):
+    if idle:
+        log.warning("resumed from checkpoint %d, where the batch source had already ended: "
+                    "nothing to train", step)  # fmt: skip
+    due = config.eval_every > 0 and not itstime(step, config.eval_every, sync.total)
+    if due and not (idle and _eval_logged(writer, step)):
         _maybe_eval(task, state, step, writer, summary)
     ckpt.save(step, state, _data_state(task), meta)
     ckpt.wait()
     summary["data_exhausted"] = True
     left = {"batches_left": sync.batches_left} if sync.batches_left else {}
-    writer.event("data_end", f"the batch source ended after step {step} of total_steps "
-                 f"{sync.total}: checkpoint saved there", step=step, **left)  # fmt: skip
+    # Written on an idle rerun too: the resume event MetricWriter appended must not be the last
+    # one, since a data_end last is how a sweep and its table tell a run that its data ended
+    # (metrics.data_end_step) from one stopped short; its reason says nothing was trained.
+    if idle:
+        why = (f"resumed at checkpoint {step}, where the batch source had already ended: "
+               f"nothing to train (total_steps {sync.total})")  # fmt: skip
+    else:
+        why = (f"the batch source ended after step {step} of total_steps {sync.total}: "
+               "checkpoint saved there")  # fmt: skip
+    writer.event("data_end", why, step=step, **left)
+
+
+def _eval_logged(writer, step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation line at `step` (read on process 0, the one
+    that writes it; agreed by every process, as each must make the same jitted calls)."""
+    logged = False
+    if writer.active:
+        try:
+            records = read_metrics(writer.workdir)
+        except OSError:
+            records = []  # (none to read: evaluate)
+        logged = any(isinstance(r, dict) and r.get("step") == step
+                     and any(k.startswith("eval/") for k in r) for r in records)  # fmt: skip
+    return any_process(logged)
 
 
 def _data_state(task) -> dict:

@@ -413,6 +413,41 @@ def test_export_fills_what_the_arch_needs_and_refuses_what_it_cannot_express(tmp
     jax.tree.map(np.testing.assert_array_equal, bparams, _with_qkv_bias(q3params))
 
 
+@pytest.mark.parametrize("family, arch, scan", [("qwen2_moe", "qwen2_moe", True),
+                                                ("llama", "phi3", False)])  # fmt: skip
+def test_export_of_int8_params_writes_the_dequantized_weights(family, arch, scan, tmp_path):
+    """save_pretrained of `quant.quantize_params` output wrote each int8 kernel's integers
+    (up to ±127) as the float weight and dropped its kernel_scale: a garbage model, ~100x too
+    large. Now each is written as kernel · scale — experts, shared expert, untied head,
+    Phi-3's fused q|k|v and gate|up, and scanned layers (a leading layer axis) included."""
+    from flaxlm.models import quant
+    from flaxlm.models.transformer import stack_layers
+
+    cfg, params = hf.load_pretrained(os.path.join(FIX, family))
+    q = quant.quantize_params(params)
+    assert q["lm_head"]["kernel"].dtype == np.int8  # (the head is quantized too)
+
+    def dequantized(node):  # the float model int8 decoding computes: kernel · kernel_scale
+        if not isinstance(node, dict):
+            return np.asarray(node)
+        if "kernel_scale" in node:
+            rest = {k: v for k, v in node.items() if k not in ("kernel", "kernel_scale")}
+            kernel = quant.dequantize(node["kernel"], node["kernel_scale"], np.float32)
+            return {**rest, "kernel": np.asarray(kernel)}
+        return {k: dequantized(v) for k, v in node.items()}
+
+    want = dequantized(q)
+    if scan:
+        cfg, q = cfg.replace(scan_layers=True), stack_layers(q, cfg.n_layers)
+    hf.save_pretrained(cfg, q, str(tmp_path / "out"), arch=arch)
+    _, back = hf.load_pretrained(str(tmp_path / "out"))
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), back, want)
+    # (and the dequantized model is the float one to int8 rounding, not the integers)
+    k, exported = params["layers_0"]["attn"]["q"]["kernel"], back["layers_0"]["attn"]["q"]["kernel"]
+    assert np.abs(np.asarray(exported) - k).max() <= np.abs(k).max() / 127
+
+
 def _with_qkv_bias(params):
     """params with nonzero q/k/v biases added to every layer's attention."""
     out = {k: v for k, v in params.items()}

@@ -161,6 +161,26 @@ def test_bad_adapters_name_the_key_or_tensor(tmp_path):
         peft.save_adapter(cfg, {}, L.LoraSpec(rank=2, train_extra="^head/"), str(tmp_path / "x"))
 
 
+def test_adapter_dtype_is_checked_like_the_model_export(tmp_path):
+    """save_adapter cast with np.dtype(dtype) unchecked: "int8" wrote an all-zero adapter (the
+    factors, |x| < 1, round to 0), "float64" was accepted and "bfloat" was a TypeError
+    traceback. Now the whole-model export's float dtypes, or an HFError naming the option."""
+    from safetensors.numpy import load_file
+
+    cfg, params = hf.load_pretrained(FIX)
+    spec = L.LoraSpec(rank=2, alpha=4.0, targets="attn/q$")
+    lora = _adapters(params, spec)
+    for bad in ("int8", "float64", "bfloat"):
+        with pytest.raises(hf.HFError, match=rf"PEFT export: dtype '{bad}' is not supported; "
+                           r"choose one of \('float32', 'bfloat16', 'float16'\)"):  # fmt: skip
+            peft.save_adapter(cfg, lora, spec, str(tmp_path / bad), dtype=bad)
+        assert not os.path.exists(tmp_path / bad)
+    out = peft.save_adapter(cfg, lora, spec, str(tmp_path / "bf16"), dtype="bfloat16")
+    t = load_file(os.path.join(out, peft.WEIGHTS))
+    assert {str(v.dtype) for v in t.values()} == {"bfloat16"}
+    assert all(np.asarray(v, np.float32).any() for v in t.values())
+
+
 def test_runs_import_and_export_adapters(tmp_path, capsys):
     from flaxlm.train.checkpoint import load_model
 
@@ -190,6 +210,10 @@ def test_runs_import_and_export_adapters(tmp_path, capsys):
         hf.main(["export", plain, str(tmp_path / "x"), "--adapter"])
     with pytest.raises(SystemExit, match="error: "):
         hf.main(["export", str(tmp_path / "nowhere"), str(tmp_path / "y"), "--adapter"])
+    # --dtype as the whole-model export checks it (int8 wrote an all-zero adapter)
+    with pytest.raises(SystemExit, match=r"error: PEFT export: dtype 'int8' is not supported"):
+        hf.main(["export", run, str(tmp_path / "i8"), "--adapter", "--dtype", "int8"])
+    assert not os.path.exists(tmp_path / "i8")
 
 
 def test_adapter_base_is_named_only_when_an_hf_checkpoint_holds_its_weights(tmp_path):

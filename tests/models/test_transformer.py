@@ -268,6 +268,24 @@ def test_bad_config_values_name_the_field():
             get_variant("tiny", **{field: 0})
 
 
+def test_bad_dtypes_name_the_key():
+    """model.dtype / model.param_dtype were not checked: "bfloat" or "int8" failed deep inside
+    init ("data type 'bfloat' not understood", "dtype argument to `normal` must be a float",
+    "logistic does not accept dtype int8"), naming no key. Now the config names the key, and
+    int8 points to where int8 weights belong."""
+    for key in ("dtype", "param_dtype"):
+        for bad in ("bfloat", "float64", "int32"):
+            with pytest.raises(ValueError, match=rf"ModelConfig.{key}='{bad}'; expected one of "
+                               r"\('float32', 'bfloat16', 'float16'\)$"):  # fmt: skip
+                get_variant("tiny", **{key: bad})
+        with pytest.raises(ValueError, match=rf"ModelConfig.{key}='int8'; .*decoding \(generate "
+                           r"--quantize int8, rollout.frozen_dtype=int8\)"):  # fmt: skip
+            get_variant("tiny", **{key: "int8"})
+    # names and dtype objects both still work
+    for ok in ("float16", jnp.bfloat16, jnp.dtype("float32")):
+        assert get_variant("tiny", dtype=ok, param_dtype=ok).weight_dtype == jnp.dtype(ok)
+
+
 def test_bf16_compute_with_fp32_params():
     cfg = get_variant("tiny", dtype="bfloat16")
     model, params, tokens = _init(cfg)

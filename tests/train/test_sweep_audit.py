@@ -274,7 +274,8 @@ def test_parallel_trainers_each_get_their_own_gpus(tmp_path, monkeypatch, capsys
     root, log = str(tmp_path / "sw"), tmp_path / "gpus.jsonl"
     monkeypatch.setenv("FAKE_GPU_LOG", str(log))
     argv = ["--config", CONFIG, "--workdir", root, "--cache_dir", "", "--parallel", "4",
-            "--gpus", "0,1,2,3,4", "--gpus_per_run", "2", f"--config.total_steps={STEPS}"]  # fmt: skip
+            "--gpus", "0,1,2,3,4", "--gpus_per_run", "2",
+            f"--config.total_steps={STEPS}"]  # fmt: skip
     assert sweep.main(argv) == 0
     out = capsys.readouterr().out
     assert "--parallel 4: 2 at once (5 GPUs, 2 each)" in out  # GPU 4 is left over
