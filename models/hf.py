@@ -120,6 +120,7 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
     absent/old or complete. Shards above `max_shard_bytes` with an index, as HF does.
     `tokenizer`: a tokenizer file or directory whose tokenizer files are copied along;
     `extra_files`: JSON files (name → object) written last, e.g. a tokenizer_config.json.
+    Int8 params (`quant.quantize_params`) are written dequantized, kernel · kernel_scale.
     """
     config = config_to_hf(cfg, arch, **(extra_config or {}))
     params = flax.linen.meta.unbox(params)  # boxed, as `Transformer.init` returns them, too
