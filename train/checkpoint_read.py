@@ -1,0 +1,223 @@
+"""Readers of a run's checkpoint: meta, params and the whole model, never writing anything.
+
+`read_meta` (with the tokenizer found again in a moved run), `load_params` (`init_from`,
+notebooks; the EMA weights on request), `load_model` (inference: eval, generate, notebooks),
+`check_ema_source` and `shape_diff`. They read a given or the latest step and never fall back
+to another: their errors name the step directory and the other steps there. Separate from the
+Checkpointer (train/checkpointer.py), which a training run resumes with.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from flaxlm.train.checkpoint_inspect import (
+    CheckpointError,
+    _describe,
+    _other_steps_hint,
+    _require_step,
+    saved_state_keys,
+)
+from flaxlm.train.checkpoint_orbax import _read_only_options
+
+
+def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, meta) of a run's checkpoint without loading arrays (latest step by default)."""
+    mgr = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(ckpt_dir), "checkpoints"),
+        options=_read_only_options(),
+        item_names=("state", "data", "meta"),
+    )
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        mgr.close()
+        raise CheckpointError(f"no checkpoint under {ckpt_dir}/checkpoints")
+    _require_step(mgr, str(mgr.directory), step)
+    try:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+        path = f"{mgr.directory}/{step}"
+        raise CheckpointError(
+            f"cannot read the meta of checkpoint {path}: {_describe(e, path)}."
+            + _other_steps_hint(mgr, str(mgr.directory), step)
+        ) from e
+    finally:
+        mgr.close()
+    return step, located_tokenizer(dict(meta), ckpt_dir)
+
+
+def located_tokenizer(meta: dict, run_dir: str) -> dict:
+    """`meta` with its `tokenizer` path found again after the run directory moved.
+
+    Runs record the tokenizer they copied into their own directory by absolute path. A run
+    copied to another machine or folder (the original gone) then named a missing file, and
+    every reader (generate, export, evaluation, init_from, distillation) failed; the lookup
+    (`run_tokenizer_path`) finds the copy's own file, and a relative path in the run."""
+    from flaxlm.models.hf_tokenizer import run_tokenizer_path
+
+    if isinstance(meta.get("tokenizer"), str) and meta["tokenizer"]:
+        meta["tokenizer"] = run_tokenizer_path(meta["tokenizer"], run_dir)
+    return meta
+
+
+def check_ema_source(source: str, key: str, source_key: str) -> int:
+    """Refuses, naming `key` and the run, a source whose EMA weights are asked for (`key`=True:
+    `init_from_ema` of `init_from`, `reward_from_ema` of `reward_from`) but that has none: no
+    source, an HF checkpoint ("hf:DIR"), or a run whose latest step was saved without an EMA
+    (trained with ema.decay=0). Reads no array; returns that step."""
+    from flaxlm.train import checkpoint  # imports this module
+
+    if not source:
+        raise ValueError(f"{key}=True but {source_key} is not set: no run to take EMA weights from")
+    if source.startswith("hf:"):
+        raise CheckpointError(
+            f"{key}=True: {source_key}={source} is an HF checkpoint, which holds no EMA of the "
+            f"weights; set {key}=False"
+        )
+    try:
+        step, _ = checkpoint.read_meta(source)  # the facade's: tests patch it there
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}=True: {source_key}={source}: {e}") from e
+    path = os.path.join(os.path.abspath(source), "checkpoints", str(step))
+    keys = saved_state_keys(path)
+    if keys is not None and "ema" not in keys:  # unknown: the read names what is wrong
+        raise CheckpointError(
+            f"{key}=True: {source_key}={source} holds no EMA of the weights (its latest step "
+            f"{path} was saved without one: that run trained with ema.decay=0); set {key}=False "
+            "to start from its params, or name a run trained with ema.decay > 0"
+        )
+    return step
+
+
+def shape_diff(expected, found) -> list[str]:
+    """How `found` differs from `expected` (parameter pytrees): missing, extra and reshaped
+    leaves, by path."""
+    flat = lambda t: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in  # noqa: E731
+                      jax.tree_util.tree_flatten_with_path(t)[0]}  # fmt: skip
+    a, b = flat(expected), flat(found)
+    out = [f"no {k}" for k in a if k not in b]
+    out += [f"extra {k}" for k in b if k not in a]
+    out += [f"{k} has shape {b[k]}, expected {a[k]}" for k in a if k in b and a[k] != b[k]]
+    return out
+
+
+def load_params(run_dir: str, target_params, step: int | None = None, ema: bool = False):
+    """Parameters of another run's checkpoint (for `init_from` and notebooks).
+
+    `target_params` is a pytree of ShapeDtypeStructs (with shardings) of the parameters; only
+    the `params` subtree of the saved state is read. With `ema`, the EMA of the weights where
+    the run kept one (its trainable leaves) and the params elsewhere (frozen leaves), each
+    leaf read once, in the target's dtype; a step without an EMA is an error.
+    """
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    mgr = ocp.CheckpointManager(
+        directory,
+        options=_read_only_options(),
+        item_names=("state", "data", "meta"),
+    )
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        mgr.close()
+        raise CheckpointError(f"init_from: no checkpoint under {directory}")
+    _require_step(mgr, directory, step)
+    path = f"{directory}/{step}"
+
+    def read(key, target):
+        args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
+                            target)  # fmt: skip
+        item = ocp.args.PyTreeRestore(item={key: target}, restore_args={key: args},
+                                      partial_restore=True)  # fmt: skip
+        return mgr.restore(step, args=ocp.args.Composite(state=item))["state"][key]
+
+    try:
+        if ema and "ema" not in (saved_state_keys(path) or {"ema"}):  # unknown: try to read
+            raise CheckpointError(
+                f"checkpoint {path} holds no EMA of the weights (its run trained with "
+                "ema.decay=0, or it is an import); read its params without ema"
+            )
+        params = read("ema" if ema else "params", target_params)
+        if ema:  # a frozen leaf (LoRA's base) restores as None: the EMA keeps none of it
+            frozen = _where_none(target_params, params)
+            if frozen is not None:
+                params = _fill(params, read("params", frozen))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read the {'EMA weights' if ema else 'params'} of checkpoint {path}: "
+            f"{_describe(e, path)}." + _other_steps_hint(mgr, directory, step)
+        ) from e
+    finally:
+        mgr.close()
+    # partial_restore leaves target leaves the checkpoint lacks as ShapeDtypeStructs.
+    missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+               if isinstance(x, jax.ShapeDtypeStruct)]  # fmt: skip
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"init_from: checkpoint {directory}/{step} has no params {missing[:5]}{more}; it "
+            "holds a different model (or task) than the one being initialised"
+        )
+    return params
+
+
+def _where_none(target, got):
+    """The part of `target` (nested dicts) where the partial restore `got` of it is None."""
+    if not isinstance(target, dict):
+        return target if got is None else None
+    sub = {k: _where_none(target[k], got[k]) for k in target}
+    return {k: v for k, v in sub.items() if v is not None} or None
+
+
+def _fill(got, more):
+    """`got` with its None leaves taken from `more` (a sparse tree of the same keys)."""
+    if more is None:
+        return got
+    if isinstance(got, dict):
+        return {k: _fill(v, more.get(k)) for k, v in got.items()}
+    return more if got is None else got
+
+
+def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema: bool = False):
+    """(ModelConfig, params, meta) of a run's checkpoint — for notebooks, eval and generation.
+
+    The model config comes from the checkpoint's meta, so nothing else is needed. Params are
+    placed replicated on one device unless a mesh (and logical-axis rules) is given. Any language
+    model run loads: plain, LoRA (adapters merged) or PPO (its policy); a reward-model run is
+    refused. `ema`: the run's EMA weights instead (`load_params`).
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from flaxlm.models.config import ModelConfig
+    from flaxlm.models.transformer import Transformer
+    from flaxlm.train import checkpoint  # imports this module
+    from flaxlm.train.state import unbox
+
+    step, meta = checkpoint.read_meta(run_dir, step)  # the facade's: tests patch it there
+    if "model_config" not in meta:
+        raise CheckpointError(
+            f"{run_dir}: checkpoint meta has no model_config (task "
+            f"{meta.get('task')!r}); use load_params with an explicit target"
+        )
+    if meta.get("head") == "scalar":
+        raise CheckpointError(f"{run_dir}: a reward-model run (scalar head), not a language model")
+    cfg = ModelConfig.from_dict(meta["model_config"])
+    boxed = jax.eval_shape(
+        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
+        jax.random.PRNGKey(0),
+    )
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: dev, unbox(boxed))
+    else:
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unbox(boxed), shardings
+    )
+    from flaxlm.alignment.common import load_lm_params  # LoRA / PPO trees (it imports us)
+
+    return cfg, load_lm_params(run_dir, target, step, ema=ema), meta
