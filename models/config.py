@@ -108,9 +108,40 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal initialiser of every weight matrix
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads"):
-            if getattr(self, name) < 1:  # (n_kv_heads=0 was a ZeroDivisionError naming nothing)
+        # (n_kv_heads=0 was a ZeroDivisionError naming nothing; d_ff=0 trained without an MLP,
+        # max_seq_len=0 was accepted)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                     "max_seq_len"):  # fmt: skip
+            if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be >= 1")
+        # 0 is "d_ff" / "no shared expert"; a negative width was an MLIRError naming nothing
+        for name, zero in (("d_expert", "d_ff"), ("d_shared_expert", "no shared expert")):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be >= 0 "
+                                 f"(0 = {zero})")  # fmt: skip
+        # These gave every logit NaN (a zero or negative RoPE base, a negative RMSNorm epsilon;
+        # eps=0 divides a zero vector by zero): no HF config uses 0.
+        for name in ("rope_theta", "norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be > 0")
+        if self.rope_local_theta < 0:
+            raise ValueError(f"ModelConfig.rope_local_theta={self.rope_local_theta}; must be "
+                             ">= 0 (0 = the global layers' tables)")  # fmt: skip
+        if self.rope_scaling != "none":  # (rope_scaling="none" ignores these fields)
+            # factor 0 divided every frequency by zero (NaN logits); an original length of 0
+            # was a math domain error in YaRN's log
+            with_scaling = f"with rope_scaling={self.rope_scaling!r}"
+            if not self.rope_scaling_factor > 0:
+                raise ValueError(f"ModelConfig.rope_scaling_factor={self.rope_scaling_factor}; "
+                                 f"must be > 0 {with_scaling}")  # fmt: skip
+            if self.rope_scaling != "linear" and self.rope_original_max_len < 1:
+                raise ValueError(f"ModelConfig.rope_original_max_len={self.rope_original_max_len}"
+                                 f"; must be >= 1 {with_scaling}")  # fmt: skip
+        if self.rope_scaling == "yarn":  # (0 divided by zero, < 0 was a math domain error)
+            for name in ("rope_yarn_beta_fast", "rope_yarn_beta_slow"):
+                if not getattr(self, name) > 0:
+                    raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be > 0 "
+                                     "with rope_scaling='yarn'")  # fmt: skip
         if self.sliding_window < 0:  # -1 is "off" elsewhere (flash-attn); here it masked every
             # key, and attention over all-masked scores averages every key, future ones too
             raise ValueError(

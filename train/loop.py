@@ -80,7 +80,7 @@ from flaxlm.train.state import (
     create_train_state,
     state_shardings,
 )
-from flaxlm.train.step import jit_train_step
+from flaxlm.train.step import check_guard, jit_train_step
 
 log = logging.getLogger("flaxlm")
 
@@ -320,6 +320,7 @@ def _init_from_model_changes(config, task) -> dict:
 def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
     """Trains `task` for `config.total_steps` steps in `workdir`. Returns (state, summary)."""
     check_cadence(config)  # before anything is built or compiled
+    check_guard(config.guard)  # (every trainer's loop: pretraining and each alignment stage)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh or make_mesh(dict(config.mesh))
     rules = logical_axis_rules(config.sharding)

@@ -17,7 +17,8 @@ Weight decay applies to every weight but norm scales and biases (leaves named "s
 `decay_mask`), whatever their shape, and is decoupled: each step subtracts lr(t)·weight_decay·w
 (adafactor too; sgd adds it to the gradient, so its momentum carries it).
 Gradient accumulation is not an optax wrapper: train/step.py scans over micro-batches, so one
-call is one optimizer update and memory holds one micro-batch of activations.
+call is one optimizer update and memory holds one micro-batch of activations (exact but for a
+mixture of experts' load-balancing loss: `loss_and_grads`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def opt_config() -> ml_collections.ConfigDict:
     c.eps = 1e-8  # adamw epsilon
     c.weight_decay = 0.1  # decoupled weight decay on weights (not norm scales or biases)
     c.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
-    c.grad_accum = 1  # micro-batches per optimizer step (the batch is split, not repeated)
+    # micro-batches per optimizer step (the batch is split, not repeated); the same update as
+    # one big batch, except a mixture of experts' load-balancing loss (`loss.moe_aux`), taken
+    # per micro-batch (train/step.py `loss_and_grads`)
+    c.grad_accum = 1
     c.mu_dtype = ""  # adamw / muon first-moment dtype ("" = param dtype; "bfloat16" saves memory)
     # muon (train/muon.py): momentum, Newton–Schulz steps, and the update RMS that lets lr and
     # weight_decay carry over from AdamW (Moonshot's 0.2)

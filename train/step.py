@@ -4,7 +4,9 @@
 function (tests call it directly). It
 
   1. computes loss and gradients, scanning over `grad_accum` micro-batches and weighting each by
-     its target count (`metrics["weight"]`), so accumulation equals one big batch exactly;
+     its target count (`metrics["weight"]`), so accumulation equals one big batch exactly for a
+     loss that is a mean over target tokens — except a mixture of experts' router terms
+     (`loss_and_grads`);
   2. applies the optimizer;
   3. runs the trouble guard: if the loss or the gradient norm is NaN/Inf, or the loss is a spike
      (far above the running mean of recent accepted losses), the update is discarded —
@@ -24,6 +26,7 @@ many bad steps in a row.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -57,6 +60,27 @@ def guard_config() -> ml_collections.ConfigDict:
     return c
 
 
+def check_guard(cfg) -> None:
+    """Refuses, naming the key, a `guard` setting the guard cannot mean. ema_decay=1 made the
+    loss statistics' weight (1 − d)/(1 − d^k) 0/0: a NaN mean, and no loss ever counted as a
+    spike, silently; a negative threshold, warmup or count was read as 0 or as "off",
+    silently. loop.run checks before anything is built, train_step when it is traced."""
+    is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
+    is_real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)  # noqa: E731
+    checks = {
+        "skip_nonfinite": (lambda x: isinstance(x, bool), "True or False"),
+        "spike_zscore": (lambda x: is_real(x) and x >= 0, "a number >= 0 (0 = off)"),
+        "spike_min_rel": (lambda x: is_real(x) and x >= 0, "a number >= 0"),
+        "ema_decay": (lambda x: is_real(x) and 0 <= x < 1, "a number in [0, 1)"),
+        "warmup_steps": (lambda x: is_int(x) and x >= 0, "an integer >= 0"),
+        "max_bad_in_row": (lambda x: is_int(x) and x >= 0, "an integer >= 0 (0 = never roll back)"),
+        "max_rollbacks": (lambda x: is_int(x) and x >= 0, "an integer >= 0 (0 = no limit)"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in cfg and not ok(cfg[key]):
+            raise ValueError(f"guard.{key}={cfg[key]!r} must be {what}")
+
+
 def _split_micro(batch, n: int):
     """(B, ...) leaves -> (n, B/n, ...): micro-batch k holds rows k, k + n, k + 2n, ...
 
@@ -84,6 +108,23 @@ def _split_micro(batch, n: int):
 
 def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, trainable_mask=None):
     """(loss, metrics, grads), averaged over micro-batches weighted by metrics['weight'].
+
+    For a mean over target tokens (the cross-entropy, its z-loss) that is the whole batch's
+    value exactly. Not for a mixture of experts' load-balancing term `loss.moe_aux`·E·Σ_e f_e·P_e:
+    a product of two batch means (f_e: share of assignments routed to expert e, P_e: its mean
+    router probability), which each micro-batch computes from its own f and P (transformers'
+    MoE models likewise take it per forward pass); the step averages those. Exact accumulation
+    would need the whole batch's f_e before any micro-batch's backward (a second routing pass,
+    or a gradient tree per expert and layer). The difference grows as micro-batches get smaller:
+    a one-layer tiny model with 2 micro-batches of 32 tokens logged `moe/load_balance` 1.021
+    against the full batch's 1.003 and, at `moe_aux=0.01`, its router kernel's gradient was
+    76% off (relative norm), the weights under the router's input 0.2-6%, the experts and
+    the LM head exact; the tiny model, 256 tokens in 2 micro-batches, ended one AdamW step
+    with weights up to 6e-3 apart. The router z-loss (`loss.moe_z`) and the `moe/...` statistics
+    are per-micro-batch means over valid tokens, weighted by target counts: exact when those
+    are proportional (pretraining), not when a loss mask leaves prompts out (SFT).
+    tests/train/test_train_reference.py `test_grad_accum_with_experts_averages_micro_batches`
+    pins this.
 
     `trainable_mask` (a pytree of bools like `params`, or a function params -> one; None = all
     train): frozen leaves (LoRA's base weights, which the model reads through stop_gradient) get
@@ -203,6 +244,7 @@ def train_step(
     """One optimizer step (see the module docstring). Returns (new_state, metrics).
 
     `ema_decay` and `ema_warmup` apply to an EmaTrainState (which must have a decay > 0)."""
+    check_guard(guard)  # (at trace time: Python values)
     rng = jax.random.fold_in(state.rng, state.step)
     loss, metrics, grads = loss_and_grads(
         state.params, batch, rng, loss_fn, grad_accum, trainable_mask

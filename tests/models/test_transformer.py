@@ -268,6 +268,41 @@ def test_bad_config_values_name_the_field():
             get_variant("tiny", **{field: 0})
 
 
+def test_bad_numeric_fields_name_the_field():
+    """These fields were never checked: rope_scaling_factor=0 (linear, yarn), rope_theta <= 0
+    and norm_eps < 0 built a model whose every logit was NaN; d_expert / d_shared_expert < 0
+    failed in XLA with an MLIRError naming nothing; rope_original_max_len=0 with yarn was a
+    "math domain error"; d_ff=0 trained with no MLP and max_seq_len=0 was accepted. Now the
+    config names the field and the value."""
+    bad = [
+        ({"rope_scaling": "linear", "rope_scaling_factor": 0.0},
+         r"ModelConfig.rope_scaling_factor=0.0; must be > 0 with rope_scaling='linear'"),
+        ({"rope_scaling": "yarn", "rope_scaling_factor": -2.0},
+         r"ModelConfig.rope_scaling_factor=-2.0; must be > 0 with rope_scaling='yarn'"),
+        ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_original_max_len": 0},
+         r"ModelConfig.rope_original_max_len=0; must be >= 1"),
+        ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_beta_slow": 0.0},
+         r"ModelConfig.rope_yarn_beta_slow=0.0; must be > 0"),
+        ({"rope_theta": 0.0}, r"ModelConfig.rope_theta=0.0; must be > 0"),
+        ({"rope_theta": -1.0}, r"ModelConfig.rope_theta=-1.0; must be > 0"),
+        ({"sliding_window": 4, "sliding_window_pattern": 2, "rope_local_theta": -1.0},
+         r"ModelConfig.rope_local_theta=-1.0; must be >= 0"),
+        ({"norm_eps": -1.0}, r"ModelConfig.norm_eps=-1.0; must be > 0"),
+        ({"norm_eps": 0.0}, r"ModelConfig.norm_eps=0.0; must be > 0"),
+        ({"d_ff": 0}, r"ModelConfig.d_ff=0; must be >= 1"),
+        ({"max_seq_len": 0}, r"ModelConfig.max_seq_len=0; must be >= 1"),
+        ({"n_experts": 4, "d_expert": -4}, r"ModelConfig.d_expert=-4; must be >= 0 \(0 = d_ff\)"),
+        ({"n_experts": 4, "d_shared_expert": -3}, r"ModelConfig.d_shared_expert=-3; must be >= 0"),
+    ]  # fmt: skip
+    for kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            get_variant("tiny", **kw)
+    # the sentinels and the fields rope_scaling="none" ignores still pass
+    get_variant("tiny", rope_scaling_factor=0.0, rope_original_max_len=0, rope_yarn_beta_slow=0)
+    get_variant("tiny", rope_scaling="linear", rope_scaling_factor=2.0, rope_original_max_len=0)
+    get_variant("tiny", n_experts=4, d_expert=0, d_shared_expert=0)
+
+
 def test_bad_dtypes_name_the_key():
     """model.dtype / model.param_dtype were not checked: "bfloat" or "int8" failed deep inside
     init ("data type 'bfloat' not understood", "dtype argument to `normal` must be a float",

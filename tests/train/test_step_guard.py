@@ -118,3 +118,42 @@ def test_spike_detection_without_warmup_needs_two_losses_first():
         assert float(m["skipped"]) == 0
     state, m = step(state, {"x": jnp.ones((2, 3)), "scale": jnp.float32(50.0)})
     assert float(m["skipped"]) == 1  # detection is on
+
+
+def test_bad_guard_values_name_the_key():
+    """guard.ema_decay=1.0 made the loss statistics' weight (1 − d)/(1 − d^k) 0/0: their mean
+    was NaN, so no loss ever counted as a spike, and nothing said so (the repro's 50x loss
+    after 8 steps near 3 was accepted). A negative threshold, warmup or count was likewise
+    read as 0 or "off". Now the traced step and, before anything is built, every trainer's
+    loop (loop.run) refuse them naming the key."""
+    from flaxlm.configs import pretrain as pretrain_config
+    from flaxlm.train import loop
+
+    c = opt_config()
+    c.warmup_steps = 0
+    tx, sched = make_optimizer(c, 100)
+    bad = [("ema_decay", 1.0, r"a number in \[0, 1\)"), ("ema_decay", -0.5, r"a number in \["),
+           ("spike_zscore", -3.0, "a number >= 0"), ("spike_min_rel", -0.1, "a number >= 0"),
+           ("warmup_steps", -1, "an integer >= 0"), ("max_bad_in_row", -2, "an integer >= 0"),
+           ("max_rollbacks", -1, "an integer >= 0"),
+           ("skip_nonfinite", 1.0, "True or False")]  # fmt: skip
+    batch = {"x": jnp.ones((2, 3)), "scale": jnp.float32(1.0)}
+    trace = lambda guard: jax.eval_shape(  # noqa: E731
+        lambda s: train_step(s, batch, loss_fn=_loss, tx=tx, schedule=sched, guard=guard),
+        _state(tx),
+    )
+    for key, value, what in bad:
+        guard = guard_config()
+        with guard.ignore_type():
+            guard[key] = value
+        message = rf"guard.{key}={value!r} must be {what}"
+        with pytest.raises(ValueError, match=message):
+            trace(guard)
+        config = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
+        config.guard = guard
+        with pytest.raises(ValueError, match=message):  # before the task is even looked at
+            loop.run(config, "/nonexistent/never-created", task=None)
+    # the documented ends of each range still pass
+    guard = guard_config()
+    guard.ema_decay, guard.spike_zscore, guard.warmup_steps, guard.max_bad_in_row = 0.0, 0.0, 0, 0
+    trace(guard)

@@ -254,6 +254,51 @@ def test_train_step_matches_a_float64_step(grad_accum):
     np.testing.assert_allclose(new.params["w"], want_w, rtol=1e-5, atol=1e-6)
 
 
+def test_grad_accum_with_experts_averages_micro_batches():
+    """The step's docstring said accumulation equals one big batch exactly; for a mixture of
+    experts it does not: the load-balancing term E·Σ f_e·P_e is a product of batch means, and
+    each micro-batch takes it from its own routing. Pinned as documented (train/step.py
+    `loss_and_grads`): without that term (`moe_aux`=0; the z-loss is exact here, every token a
+    target) 2 micro-batches give the full batch's loss and gradients; with it, the weighted
+    mean of the micro-batches' losses and gradients, which differs from the full batch's."""
+    from flaxlm.models.config import get_variant
+    from flaxlm.train.losses import lm_loss_fn
+    from flaxlm.train.pretrain import model_fns
+    from flaxlm.train.state import unbox
+    from flaxlm.train.step import loss_and_grads
+
+    cfg = get_variant("tiny", n_layers=1, n_experts=4, d_expert=32, moe_capacity_factor=1.0)
+    init, apply = model_fns(cfg)
+    params = unbox(init(jax.random.PRNGKey(0)))
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 17))
+    batch = {"tokens": jnp.asarray(tok[:, :-1], jnp.int32),
+             "targets": jnp.asarray(tok[:, 1:], jnp.int32),
+             "loss_mask": jnp.ones((4, 16))}  # fmt: skip
+
+    @jax.jit
+    def run(aux):  # (full batch, 2 micro-batches, micro-batch 0 alone, micro-batch 1 alone)
+        loss_fn = lm_loss_fn(apply, router=(aux, 1e-3))
+        go = lambda b, n: loss_and_grads(params, b, jax.random.PRNGKey(0), loss_fn, n)  # noqa: E731
+        halves = [jax.tree.map(lambda x: x[k::2], batch) for k in range(2)]  # noqa: B023
+        return go(batch, 1), go(batch, 2), *(go(h, 1) for h in halves)  # (the strided split)
+
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)  # noqa: E731
+    (l1, _, g1), (l2, m2, g2), *micro = run(0.0)
+    close(l2, l1)
+    jax.tree.map(close, g2, g1)
+
+    (l1, m1, g1), (l2, m2, g2), (la, ma, ga), (lb, mb, gb) = run(0.1)
+    close(l2, (la + lb) / 2)  # equal weights: 32 targets each
+    close(m2["moe/load_balance"], (ma["moe/load_balance"] + mb["moe/load_balance"]) / 2)
+    jax.tree.map(lambda g, a, b: close(g, (a + b) / 2), g2, ga, gb)
+    # ...and not the full batch's: the micro-batches' routing is less even than the batch's
+    assert float(m2["moe/load_balance"]) > float(m1["moe/load_balance"]) + 1e-3
+    assert float(l2) > float(l1) + 1e-4
+    router = lambda g: jnp.asarray(g["layers_0"]["mlp"]["router"]["kernel"])  # noqa: E731
+    off = jnp.linalg.norm(router(g2) - router(g1)) / jnp.linalg.norm(router(g1))
+    assert float(off) > 0.1
+
+
 def test_grad_accum_that_does_not_divide_the_batch_names_the_key():
     c = _opt(warmup_steps=0, grad_accum=3)
     tx, sched = make_optimizer(c, 10)
