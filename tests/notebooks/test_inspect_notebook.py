@@ -12,21 +12,33 @@ from flaxlm.train.metrics import MetricWriter
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_inspect_notebook_runs(tmp_path, monkeypatch):
+def _train(tmp_path, steps: int, eval_every: int):
+    """A tiny pretraining run of `steps` steps under tmp_path/run."""
     c = pretrain_config.get_config("variant=tiny,runlocal=True")
     with c.unlocked():
         c.progress_bar = False
-        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 4, 2, 4, 1
+        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = steps, eval_every, steps, 1
     run = tmp_path / "run"
     pretrain.run(c, str(run))
-    # What a resume from step 2 does first: the lines of steps 3-4 move to
-    # metrics.superseded.jsonl (the loss plot overlays them).
-    MetricWriter(str(run), resume_step=2, tensorboard=False).close()
+    return run
+
+
+def _execute(run, tmp_path, monkeypatch):
+    """The notebook, executed top to bottom on `run` (FLAXLM_RUN)."""
     monkeypatch.setenv("FLAXLM_RUN", str(run))
     nb = nbformat.read(os.path.join(REPO, "notebooks", "inspect.ipynb"), as_version=4)
     NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
+    return nb
+
+
+def test_inspect_notebook_runs(tmp_path, monkeypatch):
+    run = _train(tmp_path, steps=4, eval_every=2)
+    # What a resume from step 2 does first: the lines of steps 3-4 move to
+    # metrics.superseded.jsonl (the loss plot overlays them).
+    MetricWriter(str(run), resume_step=2, tensorboard=False).close()
+    nb = _execute(run, tmp_path, monkeypatch)
     text = "\n".join(
         o.get("text", "")
         for cell in nb.cells
@@ -46,17 +58,8 @@ def test_inspect_notebook_runs(tmp_path, monkeypatch):
 def test_inspect_notebook_runs_on_a_run_without_metrics(tmp_path, monkeypatch):
     """A run made by `hf import` has a checkpoint but no metrics.jsonl: the loss-curve cell
     failed with FileNotFoundError and stopped the notebook. It now says so and skips."""
-    c = pretrain_config.get_config("variant=tiny,runlocal=True")
-    with c.unlocked():
-        c.progress_bar = False
-        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 1, 0, 1, 1
-    run = tmp_path / "run"
-    pretrain.run(c, str(run))
+    run = _train(tmp_path, steps=1, eval_every=0)
     os.remove(run / "metrics.jsonl")
-    monkeypatch.setenv("FLAXLM_RUN", str(run))
-    nb = nbformat.read(os.path.join(REPO, "notebooks", "inspect.ipynb"), as_version=4)
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
+    nb = _execute(run, tmp_path, monkeypatch)
     last = nb.cells[-1].get("outputs", [])
     assert "no metrics.jsonl (imported, not trained here)" in last[0]["text"]
