@@ -37,6 +37,7 @@ from flaxlm.models.config import ModelConfig
 from flaxlm.models.sharding import check_batch_divides
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import loop
+from flaxlm.train.checkpoint_compat import init_from_rope_original_len
 
 HF_PREFIX = "hf:"
 log = logging.getLogger("flaxlm")
@@ -268,9 +269,16 @@ def with_model_keys_set(config, source: ModelConfig) -> ModelConfig:
     (`model_keys_set`) that differ from it; each is logged, and any outside
     `checkpoint.INIT_FROM_FREE_MODEL_KEYS` is refused (a ValueError naming each such key and
     both values)."""
-    base = source.to_dict()
-    run = {**base, **model_keys_set(config)}
+    base, keys_set = source.to_dict(), model_keys_set(config)
+    run = {**base, **keys_set}
     where = f"init_from={config.init_from}"
+    # Scaling turned on over an unscaled source: its original context is the source's.
+    original, note = init_from_rope_original_len(base, run, "rope_original_max_len" in keys_set,
+                                                 where)  # fmt: skip
+    if original is not None:
+        run["rope_original_max_len"] = original
+    if note:
+        log.log(logging.INFO if original is not None else logging.WARNING, "%s", note)
     changes = ckpt_lib.init_from_model_changes(base, run, where)
     if not changes:
         return source

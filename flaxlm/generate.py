@@ -192,6 +192,7 @@ def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
 
     from flaxlm.models import hf
     from flaxlm.train.checkpoint import CheckpointError
+    from flaxlm.train.checkpoint_read import MeshError
 
     meta = {}
     try:
@@ -221,7 +222,7 @@ def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
         hf.set_template_kwargs(tok, template_kwargs, meta.get("chat_template_kwargs"),
                                "--chat_template_kwargs")  # fmt: skip
         return cfg, params, tok
-    except (CheckpointError, hf.HFError) as e:
+    except (CheckpointError, MeshError, hf.HFError) as e:
         raise SystemExit(str(e)) from None
 
 
@@ -241,7 +242,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
     """Bad sampling flags fail here, before a checkpoint is loaded."""
     bad = [
         (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
-        (args.temperature < 0, "--temperature must be >= 0"),
+        # (NaN fails this test, not `< 0`: it used to decode token 0s)
+        (not 0 <= args.temperature < float("inf"), "--temperature must be >= 0 and finite"),
         (args.top_k < 0, "--top_k must be >= 0"),
         (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
         (not 0 <= args.min_p < 1, "--min_p must be in [0, 1)"),

@@ -66,6 +66,7 @@ from flaxlm.models.rope import (  # noqa: F401
     apply_rope,
     local_rope_config,
     longrope_inv_freqs,
+    longrope_long,
     rope_attention_factor,
     rope_inv_freq,
     rope_tables,

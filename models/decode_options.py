@@ -109,8 +109,8 @@ def check_sampler_options(max_new_tokens, temperature, check_every, top_k, top_p
     `check_every` / `num_samples` value."""
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < float("inf"):  # (NaN passed `temperature < 0`: all token 0s)
+        raise ValueError(f"generate: temperature must be finite and >= 0, got {temperature}")
     if check_every < 1:
         raise ValueError(f"generate: check_every must be >= 1, got {check_every}")
     if top_k < 0 or not 0.0 < top_p <= 1.0:

@@ -16,10 +16,12 @@ layers' `rope_local_theta`; OLMo 3 is OLMo 2's blocks with such layers. Phi-3/Ph
 qkv_proj and gate_up_proj weights split into q/k/v and gate/up (joined again on export,
 models/hf_weights.py), `partial_rotary_factor` is `rotary_dim`, a `sliding_window` covers every
 layer; their long-context LongRoPE (Phi-3.5, Phi-4-mini; "su" and "yarn" in Phi-3's first
-configs) is `rope_scaling="longrope"`, short or long factors chosen per forward as transformers
-chooses them. (One difference in generation: when a sequence grows past the original context,
-transformers' Phi-3 `generate` recomputes its whole cache with the long factors once; flaxlm's
-decode keeps the keys it cached.) Gemma 3 loads as `gemma3_text` (Gemma3ForCausalLM), also from
+configs) is `rope_scaling="longrope"`, short or long factors chosen per row by the row's own
+last real position (models/rope.py `longrope_long`): as transformers chooses for one unpadded
+sequence, but transformers takes one choice for a padded batch from its longest row, so its
+shorter rows there depend on their batch mates and flaxlm's do not. (In generation too: when a
+sequence grows past the original context, transformers' Phi-3 `generate` recomputes its whole
+cache with the long factors once; flaxlm's decode keeps the keys it cached.) Gemma 3 loads as `gemma3_text` (Gemma3ForCausalLM), also from
 the image-text checkpoints of Gemma 3 4B-27B (model_type "gemma3", MULTIMODAL): their
 text_config (sparse; Gemma3TextConfig's defaults fill it) and the tensors under
 language_model.; the image tower is skipped, export writes gemma3_text. SmolLM3's layers

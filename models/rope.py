@@ -45,7 +45,7 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
         inv_freq = np.where(medium, blended, scaled)
     elif cfg.rope_scaling == "yarn":
         inv_freq = _yarn_inv_freq(cfg, inv_freq)
-    elif cfg.rope_scaling == "longrope":  # the short factors (rope_tables picks per forward)
+    elif cfg.rope_scaling == "longrope":  # the short factors (`longrope_long` picks per row)
         return longrope_inv_freqs(cfg)[0]
     return inv_freq.astype(np.float32)
 
@@ -104,15 +104,14 @@ def local_rope_config(cfg: ModelConfig) -> ModelConfig:
                        rope_scaling_factor=1.0)  # fmt: skip
 
 
-def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_tables(cfg: ModelConfig, positions_BT: jax.Array, segment_ids_BT=None, *,
+                per_token: bool = False) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """cos and sin of position × frequency, (B, T, H/2), float32 (times YaRN's or LongRoPE's
-    attention factor, as HF applies it). LongRoPE takes its long frequencies when the batch's
-    largest position + 1 exceeds the original context, its short ones otherwise: transformers'
-    choice, per forward (a decode step decides by its own positions)."""
+    attention factor, as HF applies it). LongRoPE's short or long frequencies: `longrope_long`."""
     pos = positions_BT.astype(jnp.float32)[..., None]
     if cfg.rope_scaling == "longrope":
         short, long = longrope_inv_freqs(cfg)
-        use_long = jnp.max(positions_BT) + 1 > cfg.rope_original_max_len
+        use_long = longrope_long(cfg, positions_BT, segment_ids_BT, per_token)[..., None]
         angles = pos * jnp.where(use_long, jnp.asarray(long), jnp.asarray(short))
     else:
         angles = pos * jnp.asarray(rope_inv_freq(cfg))
@@ -120,6 +119,34 @@ def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, j
     if scale == 1.0:
         return jnp.cos(angles), jnp.sin(angles)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def longrope_long(cfg: ModelConfig, positions_BT: jax.Array, segment_ids_BT=None,
+                  per_token: bool = False) -> jax.Array:  # fmt: skip
+    """Whether LongRoPE rotates by its long factors, (B, 1) per row or (B, T) per token.
+
+    transformers decides once per forward, by the batch's largest position + 1 against the
+    original context. Taken over a batch, that lets padding and batch mates choose: a prompt
+    in a prefill bucket wider than the original context, or next to a longer prompt, got the
+    long factors a forward over its own tokens would not use, so its output depended on the
+    bucket and the batch. Here each row decides by its own largest real position (segment id
+    > 0; padding has 0): on one unpadded sequence, transformers' choice. A packed row's
+    documents share their row's choice.
+
+    `per_token` (cached decode steps and speculative chunks): each token decides by its own
+    position, as the forward that ends at it would — a one-token step is its row's decision,
+    and a chunk of drafts then rotates each token as plain decoding would have. Keys already
+    in the cache keep the rotation of the step that wrote them (transformers' Phi-3 `generate`
+    instead recomputes its whole cache once a sequence outgrows the original context).
+    """
+    if per_token:
+        reach = positions_BT
+    else:
+        real = positions_BT  # (no segment ids: every token is real)
+        if segment_ids_BT is not None:
+            real = jnp.where(segment_ids_BT > 0, positions_BT, -1)
+        reach = jnp.max(real, axis=-1, keepdims=True)
+    return reach + 1 > cfg.rope_original_max_len
 
 
 def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:

@@ -385,8 +385,10 @@ def speculative_generate(
     if max_new_tokens < 1:
         raise ValueError(f"speculative_generate: max_new_tokens must be >= 1, got "
                          f"{max_new_tokens}")  # fmt: skip
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0 or not 0.0 <= min_p < 1.0:
-        raise ValueError(f"speculative_generate: need temperature >= 0, top_k >= 0, "
+    # (written so that NaN fails each test: NaN passed `temperature < 0`, decoding token 0s)
+    if (not 0 <= temperature < float("inf") or top_k < 0 or not 0.0 < top_p <= 1.0
+            or not 0.0 <= min_p < 1.0):  # fmt: skip
+        raise ValueError(f"speculative_generate: need a finite temperature >= 0, top_k >= 0, "
                          f"0 < top_p <= 1 and 0 <= min_p < 1, got {temperature}, {top_k}, "
                          f"{top_p}, {min_p}")  # fmt: skip
     tokens, lengths = decode._prepare_prompts(prompts, prompt_lengths, cfg.vocab_size)

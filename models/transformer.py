@@ -166,7 +166,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        cos, sin = rope_tables(cfg, positions)
+        # (a cached step that is no prefill decides LongRoPE's factors per token: `longrope_long`)
+        step = cache is not None and not prefill
+        cos, sin = rope_tables(cfg, positions, segment_ids, per_token=step)
         ctx = {"cos": cos, "sin": sin, "index": None}
         if cfg.n_experts and segment_ids is not None:  # real tokens, for the MoE router
             ctx["valid"] = segment_ids != 0

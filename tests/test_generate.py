@@ -13,6 +13,8 @@ from flaxlm import generate as cli
     [
         (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--temperature", "nan"], "--temperature must be >= 0 and finite"),  # (decoded 0s)
+        (["--temperature", "inf"], "--temperature must be >= 0 and finite"),
         (["--top_k", "-2"], "--top_k must be >= 0"),
         (["--top_p", "0"], r"--top_p must be in \(0, 1\]"),
         (["--top_p", "1.5"], r"--top_p must be in \(0, 1\]"),

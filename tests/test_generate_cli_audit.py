@@ -212,6 +212,12 @@ BAD = {
                        "{lost}) does not exist", None),
     "step": ("run", [*HI, "--step", "7"], None, "checkpoints/7: FileNotFoundError"),
     "reward_run": ("rm", HI, None, "a reward-model run (scalar head), not a language model"),
+    # a mesh the weights do not split over (2 kv heads, tensor=4): it was blamed on the
+    # checkpoint ("cannot read the params ... read one with --step N or move it aside")
+    "mesh": ("run", [*HI, "--mesh", "tensor=4", "--sharding", "fsdp_tp"], None,
+             "{run}: parameter ['layers_0']['attn']['k']['kernel'] (64, 2, 16): its dim 1 "
+             "('kv_heads', size 2) does not split over mesh axes tensor=4 = 4; read it under "
+             "another mesh or sharding (python -m flaxlm.generate: --mesh, --sharding)"),
     "hf_step": ("hf", [*HI, "--step", "3"], None, "--step is for flaxlm runs"),
     # the index among all prompts (generate would name the row within its batch)
     "draft_tokenizer": ("run", [*HI, "--draft", "{bytes}"],

@@ -66,6 +66,38 @@ def init_from_model_changes(source: dict, run: dict, where: str) -> dict[str, tu
     return changes
 
 
+# RoPE scalings that stretch the frequencies of an original context (`rope_original_max_len`).
+ORIGINAL_CONTEXT_SCALINGS = ("llama3", "yarn", "longrope")
+
+
+def init_from_rope_original_len(source: dict, run: dict, set_here: bool,
+                                where: str) -> tuple[int | None, str | None]:  # fmt: skip
+    """(the `rope_original_max_len` a run started from another's weights should take, a
+    message) where the run turns on a scaling that stretches an original context (llama3,
+    yarn, longrope) over a source without scaling; (None, None) elsewhere.
+
+    The original context is the one the source was trained at, its `max_seq_len`. Left unset
+    (`set_here` False), the run used to keep ModelConfig's default 8192 silently, and a source
+    trained at 256 tokens got another extension than meant (llama3's nearly none): the value
+    is then the source's max_seq_len, the message the line to log. Set larger than that, the
+    value stays the run's (None) and the message is a warning."""
+    src, ours = _normal_model_config(source), _normal_model_config(run)
+    scaling = ours.get("rope_scaling", "none")
+    if src.get("rope_scaling", "none") != "none" or scaling not in ORIGINAL_CONTEXT_SCALINGS:
+        return None, None
+    trained, original = int(src["max_seq_len"]), int(ours["rope_original_max_len"])
+    if not set_here:
+        return trained, (f"{where}: model.rope_scaling={scaling!r} turned on over a source trained "
+                         f"at max_seq_len {trained}: model.rope_original_max_len (unset, "
+                         f"{original}) is taken as {trained}")  # fmt: skip
+    if original > trained:
+        return None, (f"{where}: model.rope_original_max_len={original} is more than the "
+                      f"max_seq_len {trained} the source was trained at: model.rope_scaling="
+                      f"{scaling!r} then extends a context the model never saw (the original "
+                      f"context is usually the source's max_seq_len, {trained})")  # fmt: skip
+    return None, None
+
+
 def _normal_model_config(d):
     """A model_config dict with every field (defaults filled in for an older checkpoint's)."""
     from flaxlm.models.config import ModelConfig

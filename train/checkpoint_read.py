@@ -181,6 +181,26 @@ def _fill(got, more):
     return more if got is None else got
 
 
+class MeshError(ValueError):
+    """A mesh (and sharding rules) that cannot hold a model's weights: a weight dimension does
+    not split evenly over the mesh axes the rules put it on."""
+
+
+def _check_mesh_fits(run_dir: str, boxed, shardings, mesh) -> None:
+    """Refuses, before anything is read, a mesh that splits a weight dimension unevenly
+    (mesh tensor=4 over 2 kv heads), naming the parameter, its dimension and the mesh axes:
+    orbax's IndivisibleError surfaced from the read, reported as an unreadable checkpoint
+    ("read another step or move it aside"), though every step fails the same way."""
+    from flaxlm.train.state import _check_divisible, unbox
+
+    try:
+        _check_divisible(unbox(boxed), boxed, shardings, mesh)
+    except ValueError as e:  # (its advice names the training config's keys)
+        what = str(e).rpartition("; change ")[0] or str(e)
+        raise MeshError(f"{run_dir}: {what}; read it under another mesh or sharding (python -m "
+                        "flaxlm.generate: --mesh, --sharding)") from None  # fmt: skip
+
+
 def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema: bool = False):
     """(ModelConfig, params, meta) of a run's checkpoint — for notebooks, eval and generation.
 
@@ -215,6 +235,7 @@ def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema
         shardings = jax.tree.map(lambda _: dev, unbox(boxed))
     else:
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+        _check_mesh_fits(run_dir, boxed, shardings, mesh)
     target = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unbox(boxed), shardings
     )

@@ -64,8 +64,8 @@ from flaxlm.models.sharding import (
     use_mesh,
 )
 from flaxlm.train import checkpoint as ckpt_lib
+from flaxlm.train import checkpoint_compat, stopping
 from flaxlm.train import ema as ema_lib
-from flaxlm.train import stopping
 from flaxlm.train.metrics import (
     MetricWriter,
     Throughput,
@@ -308,6 +308,7 @@ def _init_from_model_changes(config, task) -> dict:
     if not theirs:
         return {}
     changes = ckpt_lib.init_from_model_changes(theirs, ours, f"init_from={source}")
+    _check_rope_original_len(config, theirs, ours, f"init_from={source}")
     if changes:
         context = any(k not in ckpt_lib.EXECUTION_ONLY_MODEL_KEYS for k in changes)
         log.log(logging.WARNING if context else logging.INFO,
@@ -315,6 +316,37 @@ def _init_from_model_changes(config, task) -> dict:
                 "; ".join(f"model.{k}: {a!r} there, {b!r} here"
                           for k, (a, b) in changes.items()))  # fmt: skip
     return changes
+
+
+def _check_rope_original_len(config, theirs: dict, ours: dict, where: str) -> None:
+    """A run whose model is its config's own (pretraining continued from `init_from`) and turns
+    on llama3/yarn/longrope scaling over an unscaled source: without model.rope_original_max_len
+    it is an error naming the value to set (the source's max_seq_len) — the model was built from
+    the config before this, too late to take that default, and the ModelConfig default 8192
+    used to apply silently; set larger than that, a warning. The alignment stages build their
+    model over the source's (`alignment.common.with_model_keys_set`), which defaults and warns."""
+    from flaxlm.alignment.common import model_keys_set
+    from flaxlm.configs.common import to_model_config
+    from flaxlm.models.config import ModelConfig
+
+    try:
+        own = to_model_config(config.model) == ModelConfig.from_dict(ours)
+    except Exception:  # no model section of its own, or an older meta's keys
+        return
+    if not own:
+        return
+    set_here = "rope_original_max_len" in model_keys_set(config)
+    original, note = checkpoint_compat.init_from_rope_original_len(theirs, ours, set_here, where)
+    if original is not None and original != ours["rope_original_max_len"]:
+        raise ValueError(
+            f"{where}: model.rope_scaling={ours['rope_scaling']!r} is turned on over a source "
+            f"trained at max_seq_len {original} without model.rope_original_max_len (the "
+            f"default {ours['rope_original_max_len']} would apply): set "
+            f"--config.model.rope_original_max_len={original}, the source's context, or the "
+            "original context you mean"
+        )
+    if note and original is None:
+        log.warning("%s", note)
 
 
 def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:

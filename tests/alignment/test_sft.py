@@ -285,6 +285,40 @@ def test_init_from_refuses_set_keys_that_change_what_the_weights_compute(sft_cfg
         common.resolve_model_config(c, {})
 
 
+def test_rope_scaling_turned_on_over_init_from_takes_its_context(sft_cfg, caplog):
+    """YaRN or Llama 3 scaling turned on over an unscaled source, without
+    model.rope_original_max_len, used to keep ModelConfig's default 8192 silently, though the
+    source was trained at 256 tokens (Llama 3's extension then nearly none): the original
+    context is now the source's max_seq_len, logged; one set larger than that is warned of."""
+    meta = {"model_config": get_variant("tiny", vocab_size=512).to_dict()}  # max_seq_len 256
+    longer = {"model.max_seq_len": 1024, "model.rope_scaling_factor": 4.0}
+    for scaling in ("yarn", "llama3"):
+        c = sft_cfg(init_from="runs/pt", **longer, **{"model.rope_scaling": scaling})
+        with caplog.at_level("INFO", logger="flaxlm"):
+            cfg = common.resolve_model_config(c, meta)
+        assert (cfg.rope_scaling, cfg.rope_original_max_len) == (scaling, 256)
+        assert "model.rope_original_max_len (unset, 8192) is taken as 256" in caplog.text
+    caplog.clear()
+    c = sft_cfg(init_from="runs/pt", **longer, **{"model.rope_scaling": "yarn",
+                                                  "model.rope_original_max_len": 128})  # fmt: skip
+    with caplog.at_level("INFO", logger="flaxlm"):
+        assert common.resolve_model_config(c, meta).rope_original_max_len == 128  # (set: kept)
+    logged = caplog.text.replace("model.rope_original_max_len=128 from this run's config", "")
+    assert "rope_original_max_len" not in logged  # (only the set key's own line)
+    c = sft_cfg(init_from="runs/pt", **longer, **{"model.rope_scaling": "yarn",
+                                                  "model.rope_original_max_len": 2048})  # fmt: skip
+    with caplog.at_level("WARNING", logger="flaxlm"):
+        assert common.resolve_model_config(c, meta).rope_original_max_len == 2048
+    assert "model.rope_original_max_len=2048 is more than the max_seq_len 256" in caplog.text
+    # A source scaled already, or linear scaling (no original context), keep what they had.
+    scaled = {"model_config": get_variant("tiny", vocab_size=512, rope_scaling="yarn",
+                                          rope_scaling_factor=2.0).to_dict()}  # fmt: skip
+    c = sft_cfg(init_from="runs/pt", **longer, **{"model.rope_scaling": "yarn"})
+    assert common.resolve_model_config(c, scaled).rope_original_max_len == 8192
+    c = sft_cfg(init_from="runs/pt", **longer, **{"model.rope_scaling": "linear"})
+    assert common.resolve_model_config(c, meta).rope_original_max_len == 8192
+
+
 def test_score_own_meta_with_a_task_is_exact_match():
     """eval_gen scoring: the world's judge only for the world's tasks; a user's meta that names
     its own task (e.g. "math") is exact match with the reference, not a judge error."""

@@ -414,6 +414,16 @@ def test_array_prompts_and_bad_inputs(model):
         generate(cfg, params, PROMPTS, check_every=0, **kw)
 
 
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_a_temperature_that_is_no_number_is_refused(model, temperature):
+    """temperature=NaN passed the `temperature < 0` check and decoded token 0s (NaN logits);
+    NaN and infinity are refused as negatives are, naming the argument (nothing compiled)."""
+    cfg, params = model
+    with pytest.raises(ValueError, match=r"generate: temperature must be finite and >= 0"):
+        generate(cfg, params, PROMPTS, max_new_tokens=2, rng=jax.random.PRNGKey(0),
+                 temperature=temperature)  # fmt: skip
+
+
 def test_a_prompts_sample_depends_on_its_row_not_its_batch_mates(model):
     """As the module docstring promises: fixed by (rng, row index, prompt) — other prompts in
     the batch (same bucket here: bit-identical logits) and the batch size do not matter."""
@@ -425,6 +435,41 @@ def test_a_prompts_sample_depends_on_its_row_not_its_batch_mates(model):
     np.testing.assert_array_equal(alone[0], mates[0])
     second = np.asarray(generate(cfg, params, [[9, 9], p], **kw).tokens)
     assert not np.array_equal(alone[0], second[1])  # another row index: another sample
+
+
+def _longrope_model():
+    """The tiny model with LongRoPE past an original context of 12 tokens: far-apart short and
+    long factors, so rotating by the wrong set changes the argmax."""
+    base = get_variant("tiny", init_std=0.15)
+    half = base.rotary_dim_ // 2
+    cfg = base.replace(rope_scaling="longrope", rope_scaling_factor=4.0, rope_original_max_len=12,
+                       rope_short_factors=tuple(1.0 + 0.3 * i for i in range(half)),
+                       rope_long_factors=tuple(2.0 + 1.5 * i for i in range(half)))  # fmt: skip
+    return cfg, random_params(cfg)
+
+
+def test_longrope_factors_follow_the_row_not_its_bucket_or_batch_mates():
+    """LongRoPE used to choose its short or long factors by the largest position of the whole
+    batch, padding included: a 9-token prompt (original context 12) in the prefill's 16-slot
+    bucket, or next to a 14-token prompt, was rotated by the long factors that a forward over
+    its own tokens does not use, so its tokens depended on the bucket and its batch mates."""
+    cfg, params = _longrope_model()
+    a = [7, 31, 200, 4, 99, 12, 180, 3, 55]
+    b = [9, 140, 2, 77, 61, 8, 230, 19, 5, 44, 101, 6, 88, 17]
+    kw = dict(max_new_tokens=6, rng=jax.random.PRNGKey(0), temperature=0)
+    both = jax.device_get(generate(cfg, params, [a, b], **kw))
+    alone = jax.device_get(generate(cfg, params, [a], **kw))  # (two rows, a and its copy)
+    for row, p in enumerate((a, b)):  # the first token: a one-sequence forward's argmax
+        own = np.asarray(forward(cfg, params, jnp.asarray([p])))[0]
+        assert both.tokens[row, 0] == np.argmax(own[-1]), row
+    np.testing.assert_array_equal(alone.tokens[0], both.tokens[0])
+    # A padded forward (training's: segment id 0 marks padding) gives a row its own logits.
+    toks = np.zeros((2, len(b)), np.int32)
+    toks[0, : len(a)], toks[1] = a, b
+    seg = (np.arange(len(b))[None, :] < np.asarray([[len(a)], [len(b)]])).astype(np.int32)
+    padded = np.asarray(forward(cfg, params, jnp.asarray(toks), segment_ids=jnp.asarray(seg)))
+    own = np.asarray(forward(cfg, params, jnp.asarray([a])))[0]
+    np.testing.assert_allclose(padded[0, : len(a)], own, atol=1e-4)
 
 
 def test_per_prompt_keys_make_a_sample_independent_of_its_row(model):

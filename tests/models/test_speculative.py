@@ -285,6 +285,22 @@ def test_prompt_lookup_greedy_equals_generate(target):
     assert out.accepted[0] >= 4 and out.iterations[0] < 23
 
 
+def test_longrope_chunks_rotate_as_plain_decoding():
+    """LongRoPE past an original context of 12: a verified chunk of drafts used to take the
+    short or long factors by the largest position in the whole batch's chunks (and the
+    prefill by its padded bucket), so rows near the original context were rotated unlike
+    `generate`'s one-token steps; each token now takes the factors of its own position."""
+    from tests.models.test_decode import _longrope_model
+
+    cfg, params = _longrope_model()
+    prompts = PROMPTS[:2]  # 3 and 7 tokens (an 8-slot bucket): they cross 12 while decoding
+    kw = dict(max_new_tokens=N, rng=KEY, temperature=0)
+    ref = jax.device_get(generate(cfg, params, prompts, **kw))
+    out = jax.device_get(prompt_lookup_generate(cfg, params, prompts, draft_tokens=4, **kw))
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
 def test_prompt_keys_make_samples_independent_of_batch_mates(target):
     """Per-prompt keys: a prompt's sample follows its key, whatever its row; one key per call
     reproduces."""
@@ -310,6 +326,10 @@ def test_bad_input(target):
         speculative_generate(cfg, params, cfg, None, PROMPTS, max_new_tokens=4, rng=KEY)
     with pytest.raises(ValueError, match="ngram must be"):
         prompt_lookup_generate(cfg, params, PROMPTS, max_new_tokens=4, rng=KEY, ngram=0)
+    for temperature in (float("nan"), float("inf")):  # (NaN used to decode token 0s)
+        with pytest.raises(ValueError, match="need a finite temperature >= 0"):
+            prompt_lookup_generate(cfg, params, PROMPTS, max_new_tokens=4, rng=KEY,
+                                   temperature=temperature)  # fmt: skip
     with pytest.raises(ValueError, match="draft's vocab"):
         speculative_generate(cfg, params, small, random_params(small), PROMPTS,
                              max_new_tokens=4, rng=KEY)  # fmt: skip

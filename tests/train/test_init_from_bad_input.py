@@ -93,6 +93,37 @@ def test_init_from_with_other_execution_and_context_keys_is_logged_and_recorded(
                                 "model.max_seq_len": {"init_from": 256, "run": 512}}  # fmt: skip
 
 
+def test_scaling_turned_on_without_the_original_context_is_refused(monkeypatch, caplog):
+    """Pretraining continued from a 256-token run with model.rope_scaling=yarn but no
+    model.rope_original_max_len used to train with ModelConfig's default 8192 silently (another
+    extension than meant); the model is built from the config before init_from is read, so it
+    is an error naming the value to set. Set larger than the source's context: a warning."""
+    import types
+
+    from flaxlm.train import checkpoint as ckpt_lib
+    from flaxlm.train import loop
+
+    source = to_model_config(_config().model).to_dict()  # max_seq_len 256, no scaling
+    monkeypatch.setattr(ckpt_lib, "read_meta", lambda run, *a, **k: (1, {"model_config": source}))
+
+    def changes(**model):
+        c = _config(init_from="runs/pt", **{"model.max_seq_len": 512, "model.rope_scaling": "yarn",
+                                            "model.rope_scaling_factor": 2.0, **model})  # fmt: skip
+        ours = to_model_config(c.model).to_dict()
+        task = types.SimpleNamespace(model_meta={"model_config": ours})
+        return loop._init_from_model_changes(c, task)
+
+    want = r"init_from=runs/pt: model.rope_scaling='yarn' .* set --config.model.rope_original_"
+    with pytest.raises(ValueError, match=want + "max_len=256"):
+        changes()
+    with caplog.at_level("WARNING", logger="flaxlm"):
+        changed = changes(**{"model.rope_original_max_len": 256})
+        assert changed["rope_original_max_len"] == (8192, 256)
+        assert "is more than the max_seq_len" not in caplog.text
+        changes(**{"model.rope_original_max_len": 1024})
+    assert "model.rope_original_max_len=1024 is more than the max_seq_len 256" in caplog.text
+
+
 def test_load_params_names_what_the_checkpoint_lacks(source):
     target = _target(_config())
     with pytest.raises(CheckpointError, match=r"has no params \[\"\['value'\]\['w'\]\"\]"):
