@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_tokens", type=_positive, default=8192, help="tokens per scoring batch")
     p.add_argument("--gen_batch_size", type=_positive, default=32,
-                   help="prompts per generation batch (samples do not depend on it)")
+                   help="prompts per generation batch (samples do not depend on it)")  # fmt: skip
     p.add_argument("--samples", action="store_true", help="include per-example outputs in JSON")
     add_mesh_args(p)
     return p

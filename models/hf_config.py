@@ -21,10 +21,11 @@ last real position (models/rope.py `longrope_long`): as transformers chooses for
 sequence, but transformers takes one choice for a padded batch from its longest row, so its
 shorter rows there depend on their batch mates and flaxlm's do not. (In generation too: when a
 sequence grows past the original context, transformers' Phi-3 `generate` recomputes its whole
-cache with the long factors once; flaxlm's decode keeps the keys it cached.) Gemma 3 loads as `gemma3_text` (Gemma3ForCausalLM), also from
-the image-text checkpoints of Gemma 3 4B-27B (model_type "gemma3", MULTIMODAL): their
-text_config (sparse; Gemma3TextConfig's defaults fill it) and the tensors under
-language_model.; the image tower is skipped, export writes gemma3_text. SmolLM3's layers
+cache with the long factors once; flaxlm's decode keeps the keys it cached.) Gemma 3 loads as
+`gemma3_text` (Gemma3ForCausalLM), also from the image-text checkpoints of Gemma 3 4B-27B
+(model_type "gemma3", MULTIMODAL): their text_config (sparse; Gemma3TextConfig's defaults fill
+it) and the tensors under language_model.; the image tower is skipped, export writes
+gemma3_text. SmolLM3's layers
 without RoPE (`no_rope_layers`, or every `no_rope_layer_interval`-th) are
 `nope_layer_interval`; its windows (on those layers) are refused.
 
