@@ -48,6 +48,7 @@ from flaxlm.models.hf_arch import (
     load_hf_json,
 )
 from flaxlm.models.hf_tokenizer import HFError
+from flaxlm.models.sharding import uneven_split
 from flaxlm.models.transformer import Transformer
 
 
@@ -230,8 +231,9 @@ def _get(tree: dict, path: tuple):
     return tree
 
 
-def _placements(cfg: ModelConfig, mesh, rules):
-    """Our param path -> sharding (or None: default device)."""
+def _placements(cfg: ModelConfig, mesh, rules, where: str = ""):
+    """Our param path -> sharding (or None: default device). `where`: the HF directory, for
+    the error of a mesh that cannot hold the model."""
     if mesh is None:
         return lambda path: None
     import flax.linen as nn
@@ -240,6 +242,11 @@ def _placements(cfg: ModelConfig, mesh, rules):
         lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32)), jax.random.PRNGKey(0)
     )["params"]
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    # Checked before any tensor is read: placing one that does not split evenly raised jax's
+    # IndivisibleError, naming neither the weight nor the mesh that was asked for.
+    what = uneven_split(nn.meta.unbox(boxed), boxed, shardings, mesh)
+    if what:
+        raise HFError(f"{where}: {what}; load it under another mesh or sharding rules")
     return lambda path: _get(shardings, path)
 
 
@@ -251,7 +258,7 @@ def read_params(path: str, cfg: ModelConfig, arch: str | None, mesh=None, rules=
 
     prefix = MULTIMODAL[arch][1] if arch in MULTIMODAL else ""
     fused = bool(cfg.n_experts) and _has_fused_experts(path)
-    plan, place = _plan(cfg, arch, fused), _placements(cfg, mesh, rules)
+    plan, place = _plan(cfg, arch, fused), _placements(cfg, mesh, rules, path)
     params, seen = {}, set()
     stacks = {}  # our expert kernel -> [host buffer (E, ...), rows filled], until complete
     for fname in _shard_files(path):

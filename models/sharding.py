@@ -239,6 +239,32 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def uneven_split(abstract, boxed, shardings, mesh: Mesh) -> str | None:
+    """The first weight dimension the shardings split unevenly over the mesh, described
+    ("parameter ['layers_0']['attn']['k']['kernel'] (64, 2, 16): its dim 1 ('kv_heads', size
+    2) does not split over mesh axes tensor=4 = 4"), or None. `abstract`: the params (shapes
+    suffice), `boxed`: the same tree with its logical names (nn.Partitioned), `shardings`:
+    their NamedShardings. Every caller turns it into its own error with its own advice: jax's
+    and orbax's errors name neither the weight nor the flag to change."""
+    names = jax.tree_util.tree_flatten_with_path(
+        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]
+    for (path, box), leaf, sharding in zip(
+        names, jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True
+    ):
+        logical = getattr(box, "names", (None,) * leaf.ndim)
+        for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec, strict=False)):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            parts = math.prod(mesh.shape[a] for a in axes)
+            if size % parts:
+                return (
+                    f"parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: its dim {dim} "
+                    f"({logical[dim]!r}, size {size}) does not split over mesh axes "
+                    f"{' × '.join(f'{a}={mesh.shape[a]}' for a in axes)} = {parts}"
+                )
+    return None
+
+
 def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
     """Raises unless ``batch_size`` (config.batch_size) splits over the mesh's data×fsdp
     devices, saying how to fix it: by default (``mesh.data=-1``) every visible device is a data

@@ -191,14 +191,13 @@ def _check_mesh_fits(run_dir: str, boxed, shardings, mesh) -> None:
     (mesh tensor=4 over 2 kv heads), naming the parameter, its dimension and the mesh axes:
     orbax's IndivisibleError surfaced from the read, reported as an unreadable checkpoint
     ("read another step or move it aside"), though every step fails the same way."""
-    from flaxlm.train.state import _check_divisible, unbox
+    from flaxlm.models.sharding import uneven_split
+    from flaxlm.train.state import unbox
 
-    try:
-        _check_divisible(unbox(boxed), boxed, shardings, mesh)
-    except ValueError as e:  # (its advice names the training config's keys)
-        what = str(e).rpartition("; change ")[0] or str(e)
+    what = uneven_split(unbox(boxed), boxed, shardings, mesh)
+    if what:
         raise MeshError(f"{run_dir}: {what}; read it under another mesh or sharding (python -m "
-                        "flaxlm.generate: --mesh, --sharding)") from None  # fmt: skip
+                        "flaxlm.generate: --mesh, --sharding)")  # fmt: skip
 
 
 def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema: bool = False):

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flaxlm.models.sharding import uneven_split
 from flaxlm.train import ema as ema_lib
 
 
@@ -120,25 +121,9 @@ def param_shardings(init_params: Callable, rng, mesh: Mesh, rules):
 def _check_divisible(abstract, boxed, shardings, mesh: Mesh) -> None:
     """Refuses, naming the parameter, a mesh that splits a weight dimension unevenly (e.g.
     mesh.tensor=4 over 2 kv heads): jax's own error names neither the weight nor the config."""
-    names = jax.tree_util.tree_flatten_with_path(
-        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )[0]
-    for (path, box), leaf, sharding in zip(
-        names, jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True
-    ):
-        logical = getattr(box, "names", (None,) * leaf.ndim)
-        for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec, strict=False)):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            parts = 1
-            for a in axes:
-                parts *= mesh.shape[a]
-            if size % parts:
-                raise ValueError(
-                    f"parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: its dim {dim} "
-                    f"({logical[dim]!r}, size {size}) does not split over mesh axes "
-                    f"{' × '.join(f'{a}={mesh.shape[a]}' for a in axes)} = {parts}; change "
-                    f"config.mesh or config.sharding (or the model size)"
-                )
+    what = uneven_split(abstract, boxed, shardings, mesh)
+    if what:
+        raise ValueError(f"{what}; change config.mesh or config.sharding (or the model size)")
 
 
 def create_train_state(

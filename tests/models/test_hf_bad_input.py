@@ -77,3 +77,17 @@ def test_import_refuses_a_directory_with_checkpoints(tmp_path):
         hf.import_to_run(_copy(tmp_path, "b", family="qwen2"), run)
     with pytest.raises(SystemExit, match="error: import: .* already holds checkpoints"):
         hf.main(["import", _copy(tmp_path, "c", family="qwen2"), run])
+
+
+def test_a_mesh_that_cannot_hold_the_model_is_named_before_reading(tmp_path):
+    """Loading under tensor=4 a model of 2 kv heads raised jax's IndivisibleError while placing
+    a tensor, naming neither the weight nor the directory; now an HFError names both, the mesh
+    axes and the logical axis, before any tensor is read."""
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh
+
+    d = os.path.join(FIX, "llama")  # 2 kv heads
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    with pytest.raises(hf.HFError, match=r"llama: parameter .*\['k'\]\['kernel'\] .*'kv_heads', "
+                       r"size 2\) does not split over mesh axes tensor=4 = 4; load it under "
+                       r"another mesh"):  # fmt: skip
+        hf.load_pretrained(d, mesh=mesh, rules=logical_axis_rules("fsdp_tp"))
