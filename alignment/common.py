@@ -30,7 +30,7 @@ import ml_collections
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flaxlm.configs.common import to_model_config
+from flaxlm.configs.common import model_keys_set, to_model_config  # noqa: F401 (model_keys_set: its API)
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
@@ -223,45 +223,6 @@ def resolve_model_config(config, meta: dict) -> ModelConfig:
     else:
         return to_model_config(config.model)
     return with_model_keys_set(config, source)
-
-
-def _default_model_sections(config) -> list[dict]:
-    """The `model` sections the config file builds by itself, one per `variant` arg
-    (`flaxlm.configs.<task>.get_config("variant=...")`; the variants' own configs when the
-    task has no config module there)."""
-    import importlib
-
-    from flaxlm.configs.common import model_config
-    from flaxlm.models.config import VARIANTS
-
-    out = []
-    try:
-        module = importlib.import_module(f"flaxlm.configs.{config.get('task', '')}")
-    except ImportError:
-        module = None
-    for name in VARIANTS:
-        try:
-            out.append(module.get_config(f"variant={name}").model.to_dict())
-        except Exception:  # no such module or arg, a variant it does not size
-            continue
-    if not out:
-        out = [model_config(name).to_dict() for name in VARIANTS]
-    return [to_model_config(m).to_dict() for m in out]
-
-
-def model_keys_set(config) -> dict:
-    """{key: value} of the `model.` keys this run's config sets itself (`--config.model.X=...`,
-    `override(config, {"model.X": ...})`): those where `config.model` differs from the model
-    section its config file builds for the variant closest to it (the stage configs take
-    `model` from their `variant` arg, which the config does not record; two variants differ in
-    several shape keys, so the closest one is the config's unless most of them were set)."""
-    ours = to_model_config(config.model).to_dict()
-    best = None
-    for default in _default_model_sections(config):
-        diff = {k: v for k, v in ours.items() if default.get(k) != v}
-        if best is None or len(diff) < len(best):
-            best = diff
-    return best or {}
 
 
 def with_model_keys_set(config, source: ModelConfig) -> ModelConfig:

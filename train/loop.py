@@ -325,8 +325,7 @@ def _check_rope_original_len(config, theirs: dict, ours: dict, where: str) -> No
     the config before this, too late to take that default, and the ModelConfig default 8192
     used to apply silently; set larger than that, a warning. The alignment stages build their
     model over the source's (`alignment.common.with_model_keys_set`), which defaults and warns."""
-    from flaxlm.alignment.common import model_keys_set
-    from flaxlm.configs.common import to_model_config
+    from flaxlm.configs.common import model_keys_set, to_model_config
     from flaxlm.models.config import ModelConfig
 
     try:
