@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     from flaxlm.train.checkpoint import CheckpointError, load_model, read_meta
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:  # an empty $TASKS in a script would run nothing, print a bare table, exit 0
+        raise SystemExit(f"--tasks: no task names given ({args.tasks!r})")
     try:  # an unknown name, a missing or bad spec file: a one-line usage error
         specs = [_absolute(s) for s in resolve_tasks(names, args.world or None)]
     except (KeyError, ValueError) as e:  # TaskFileError is a ValueError

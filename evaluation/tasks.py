@@ -357,8 +357,14 @@ def read_examples(
     fmap = (spec.fewshot_fields or spec.fields) if fewshot and spec.fewshot_file else spec.fields
     if not os.path.exists(path):
         raise TaskFileError(f"{path}: no such file (task {spec.name!r})")
+    if not os.path.isfile(path):  # a directory (e.g. "file": ".") would be an IsADirectoryError
+        raise TaskFileError(f"{path}: not a file (task {spec.name!r})")
     out: list[Example] = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # unreadable (permissions, a dangling mount): name the task too
+        raise TaskFileError(f"{path}: cannot read (task {spec.name!r}): {e.strerror}") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             if limit is not None and len(out) >= limit:
                 break

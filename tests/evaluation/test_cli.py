@@ -86,6 +86,9 @@ def test_cli_errors(run_dir, world_dir, tok_path, tmp_path, capsys):
                                                  "file": "g.jsonl", "bogus": 1}))  # fmt: skip
     with pytest.raises(SystemExit, match=r"k\.json\[0\]: unknown spec key\(s\) \['bogus'\]"):
         main([*base, "--tasks", str(tmp_path / "k.json")])
+    for empty in ("", " , "):  # an empty $TASKS ran nothing, printed a bare table, exit 0
+        with pytest.raises(SystemExit, match="^--tasks: no task names given"):
+            main([*base, "--tasks", empty])
     for limit in ("0", "-1"):
         with pytest.raises(SystemExit) as e:
             main([*base, "--tasks", "mc_arithmetic", "--limit", limit])

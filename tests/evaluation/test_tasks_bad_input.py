@@ -48,3 +48,15 @@ def test_a_spec_list_of_non_objects_and_a_bad_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text('{"eval_tasks": {')
     with pytest.raises(TaskFileError, match=r"manifest\.json:1: invalid JSON manifest"):
         world_tasks(str(tmp_path))
+
+
+def test_a_task_file_that_is_a_directory_is_named(tmp_path):
+    """A task "file": "." was an IsADirectoryError traceback naming neither the task nor key."""
+    (tmp_path / "mc.jsonl").write_text(json.dumps(ROW) + "\n")
+    for key in ("file", "fewshot_file"):
+        spec = {"name": "t", "type": "multiple_choice", "file": "mc.jsonl", key: "."}
+        if key == "fewshot_file":
+            spec["num_fewshot"] = 1
+        spec = load_spec_file(_spec_file(tmp_path, spec))[0]
+        with pytest.raises(TaskFileError, match=r": not a file \(task 't'\)$"):
+            read_examples(spec, fewshot=key == "fewshot_file")

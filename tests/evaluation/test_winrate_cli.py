@@ -61,7 +61,7 @@ def test_win_rate_of_two_completion_files(rm_run, tmp_path, capsys):
     )  # fmt: skip
 
 
-def test_bad_completion_files_and_runs_are_named(rm_run, tmp_path):
+def test_bad_completion_files_and_runs_are_named(rm_run, tmp_path, capsys):
     run, _ = rm_run
     a = _write(tmp_path / "a.jsonl", ["x"] * 4)
     swapped = [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3]]
@@ -70,6 +70,10 @@ def test_bad_completion_files_and_runs_are_named(rm_run, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "completion": "c"}\n{"prompt": 1}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: not a"):
         winrate.main([a, str(tmp_path / "bad.jsonl"), "--reward_model", run])
+    for batch in ("0", "-1"):  # 0 was range()'s traceback; -1 scored nothing, then "no prompts"
+        with pytest.raises(SystemExit) as e:
+            winrate.main([a, a, "--reward_model", run, "--batch", batch])
+        assert e.value.code == 2 and f"--batch: {batch}: must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="has 4 completions"):
         winrate.main([a, _write(tmp_path / "c.jsonl", ["x"] * 3), "--reward_model", run])
     with pytest.raises(SystemExit, match="not a run directory"):
