@@ -24,7 +24,7 @@ group-by-key) keep exactly the same documents:
   n-grams run across line and paragraph breaks.
 
 Both MinHash shingles and decontamination n-grams are made of ``match_words``: control and
-invisible characters removed (``clean._CONTROL_RE``: zero-width and format characters, soft
+invisible characters removed (``clean_text._CONTROL_RE``: zero-width and format characters, soft
 hyphens, variation selectors), NFKC, case-folded, so text that differs only in Unicode form (NFC
 vs NFD, full-width letters), case or invisible characters gives the same words.
 
@@ -46,7 +46,7 @@ from collections import Counter
 import ml_collections
 import numpy as np
 
-from flaxlm.data.clean import _CONTROL_RE, _WORD_RE
+from flaxlm.data.clean_text import _CONTROL_RE, _WORD_RE
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier for polynomial combination
 

@@ -1,0 +1,201 @@
+"""PII redaction: emails, phone numbers, IP addresses, card and ID numbers → placeholders.
+
+``redact_pii(text)`` replaces each match by ``<EMAIL>``, ``<PHONE>``, ``<IP>``, ``<CARD>`` or
+``<ID>`` and counts them per kind.
+
+Phone numbers redacted: Chinese mobiles (bare or with 86 / +86 / 0086), North American numbers
+("(415) 555-2671", "1-800-555-1234"), any number in international form ('+', then 8 to 15 digits
+in any grouping), and other 2-4 + 3-4 + 3-4 digit groups. Digit groups are ambiguous: "12 345 678"
+and "12.345.678" (thousands separators) and three 4-digit years in a row ("1999 2000 2001") are
+redacted as phones; national numbers written in pairs without '+' ("01 23 45 67 89") are not. An
+extension after a number ("555-123-4567x89", "... ext. 89") is redacted with it.
+Card numbers are 13-19 digits (single spaces or dashes between them) that pass the Luhn check
+and do not start with 1 or 9 (millisecond timestamps, ISBN-13s: one in ten passes Luhn).
+Order matters: longer number patterns first, so a card number is not read as a phone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from flaxlm.data.clean_text import _CJK
+
+_NB = r"(?<![\dA-Za-z])"  # "not inside a number/word"; \b fails next to CJK (also \w)
+_NA = r"(?![\dA-Za-z])"
+# A phone's extension ("555-123-4567x89", "... ext. 89", "..., extension 12"), redacted with it: the
+# letter after the number failed the pattern's end, and "555-123-4567x89" was not redacted at all.
+_EXT = r"(?:,?[ ]?(?:[xX]|[eE]xt\.?|[eE]xtension)[ ]?\d{1,6})?"
+_NUMERIC = [  # (kind, pattern), tried in this order at each position
+    (
+        "IP",
+        r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\d|\.\d)",
+    ),
+    # Chinese resident ID: 6-digit region, birth date, 3 digits, check digit or X.
+    (
+        "ID",
+        _NB
+        + r"[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
+        + _NA,
+    ),
+    # Kept only if Luhn-valid; a Luhn-invalid run is searched again with the patterns after it
+    # (a Chinese mobile written "86 138 1234 5678" is 13 digits, as long as a short card number).
+    # Not starting with 1 or 9 (ISO 7812 major industry: airlines, national use; no payment
+    # network issues those): one in ten 13-digit millisecond timestamps (1.7e12) and ISBN-13s
+    # (978/979...) passes the Luhn check by chance and was redacted as a card.
+    ("CARD", _NB + r"[02-8](?:[ -]?\d){12,18}" + _NA),
+    ("ID", _NB + r"(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}" + _NA),  # US SSN
+    ("PHONE", _NB + r"(?:(?:\+|00)?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}" + _NA),  # Chinese mobile
+    # Other phones; not part of a longer digit-group run (e.g. a Luhn-invalid 16-digit number).
+    # "1-800-555-1234" / "1 415 555 2671": North American numbers with the trunk prefix 1.
+    (
+        "PHONE",
+        r"(?<![\dA-Za-z+])(?<!\d[ .-])"
+        r"(?:\+\d{1,3}[ .-]?|1[ .-](?=\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}))?"
+        r"(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}"
+        + _EXT
+        + r"(?![\dA-Za-z]|[ .-]\d)",
+    ),
+    # International numbers in any grouping ("+33 1 23 45 67 89", "+91 98765 43210"): a '+', then
+    # 8 to 15 digits (E.164's limit) with single separators.
+    ("PHONE", r"(?<![\dA-Za-z+])\+[1-9](?:[ .-]?\d){7,14}" + _EXT + r"(?![\dA-Za-z]|[ .-]\d)"),
+]
+_CARD_AT = next(i for i, (k, _) in enumerate(_NUMERIC) if k == "CARD")
+# Emails: local part and domain labels in letters of any script ("müller@firma.de",
+# "josé.garcía@example.es", "john@münchen.de"). With ASCII-only classes the match started after
+# the last accented letter ("josé.garcí<EMAIL>", the start of the address left in the text) or
+# found no domain. The lookbehind starts a match where the run of local-part characters starts
+# (combining accents U+0300-036F count: NFD text), never inside it; one class there, so the scan
+# tries each word once. CJK is not part of an address: in Chinese text nothing separates it from
+# the words before it ("我的邮箱是zhangsan@qq.com"; redact_pii keeps the run's text up to its last
+# CJK character), and a CJK top-level domain would take in the words after it.
+_EMAIL_CH = "\\w.%+\u0300-\u036f-"
+_EMAIL_LABEL = rf"(?:[^\W_{_CJK}]|[\u0300-\u036f-])+"
+_EMAIL = (
+    rf"(?<![{_EMAIL_CH}])[{_EMAIL_CH}]+@{_EMAIL_LABEL}(?:\.{_EMAIL_LABEL})*"
+    rf"\.[^\W\d_{_CJK}]{{2,}}"
+)
+_CJK_PREFIX_RE = re.compile(rf".*[{_CJK}]")  # an EMAIL match's text up to its last CJK character
+# An IPv4 address as the last 32 bits of an IPv6 one ("::ffff:192.168.1.1", "64:ff9b::1.2.3.4").
+_V4 = r"(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)"
+# One pass per family (a pass costs ~40 us per KB): named groups say which pattern matched.
+_PII = [
+    (
+        "@",
+        re.compile(f"(?P<EMAIL>{_EMAIL})"),
+    ),
+    (
+        "::",
+        # IPv6: all 8 groups, or "::" standing for zeros in the middle ("2001:db8::1"), at the
+        # start ("::1") or at the end ("fe80::"). Not a lone "::" and not "std::vector" (a group
+        # must be hex digits, bounded by non-word characters). A "::" match is then checked by
+        # _plausible_ipv6 (slices "a[1::2]" and names "ee::ff" match the pattern too).
+        # The forms ending in an IPv4 address come first: "::ffff:192.168.1.1" matched as
+        # "::ffff:192" and became "<IP>.168.1.1"; a match may not end before ".<digit>" now.
+        re.compile(
+            rf"(?P<IP>(?<![:\w])(?:(?:[0-9A-Fa-f]{{1,4}}:){{6}}{_V4}"
+            rf"|::(?:[0-9A-Fa-f]{{1,4}}:){{0,5}}{_V4}"
+            rf"|(?:[0-9A-Fa-f]{{1,4}}:){{1,5}}:(?:[0-9A-Fa-f]{{1,4}}:){{0,4}}{_V4}"
+            r"|(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}"
+            r"|(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6}"
+            r"|::(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{1,4}"
+            r"|(?:[0-9A-Fa-f]{1,4}:){1,7}:)(?![:\w]|\.\d))"
+        ),
+    ),
+    # The leading lookahead lets the engine skip positions that cannot start a number quickly.
+    (
+        "00",
+        re.compile(
+            "(?=[\\d+(])(?:"
+            + "|".join(f"(?P<{k}{i}>{p})" for i, (k, p) in enumerate(_NUMERIC))
+            + ")"
+        ),
+    ),
+]
+
+
+# The numeric patterns after CARD, for the span of a Luhn-invalid CARD match.
+_AFTER_CARD = re.compile(
+    "|".join(f"(?P<{k}{i}>{p})" for i, (k, p) in enumerate(_NUMERIC) if i > _CARD_AT)
+)
+# Every numeric pattern needs two digits with at most one separator between them: "8.8.8.8"
+# (one-digit octets) has no two adjacent digits, and r"\d\d" here skipped it.
+_DIGITS_RE = re.compile(r"\d[ .-]?\d")
+_IPV6_RE = dict(_PII)["::"]
+# The last label of an EMAIL match that makes it a file name, not an address ("logo@2x.png",
+# "node@latest.tgz"): common extensions that are no top-level domain (.zip, .mov, .md, .py, .pl,
+# .sh are domains, and addresses there are left to the pattern).
+_FILE_EXTENSIONS = frozenset(
+    "png jpg jpeg gif webp svg ico bmp tif tiff avif heic pdf tgz gz bz2 xz zst tar rar 7z js "
+    "mjs cjs ts tsx jsx css scss less html htm xhtml json jsonl xml txt csv tsv yaml yml toml "
+    "ini cfg conf lock log bak tmp mp3 mp4 m4a wav ogg webm mkv avi woff woff2 ttf otf eot map "
+    "exe dll whl jar apk dmg iso deb rpm msi bin dat".split()
+)
+
+
+def _plausible_ipv6(addr: str) -> bool:
+    """Whether an IPv6 match with "::" is an address rather than code or a name.
+
+    Leading "::": two groups or more ("::ffff:a00:1"), or loopback "::1"; one group is a Python
+    slice ("a[::2]"). Otherwise a decimal digit somewhere (not "ee::ff", "def::abc", "bad::")
+    and a first group of 4 hex digits ("fe80::1", "2001:db8::"; addresses in use start with
+    one, from 2000::/3 or fc00::/7 up) or three groups or more ("1080::8:800:200c:417a"); not
+    the slice "a[1::2]" nor "1::".
+    """
+    if "::" not in addr or "." in addr:
+        return True  # all eight groups, or an IPv4 tail (no slice or name has one)
+    groups = [g for g in addr.split(":") if g]
+    if addr.startswith("::"):
+        return len(groups) >= 2 or groups == ["1"]
+    return any(c.isdigit() for c in addr) and (len(groups[0]) == 4 or len(groups) >= 3)
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def redact_pii(text: str) -> tuple[str, Counter]:
+    """Replaces PII with ``<KIND>`` placeholders; returns the text and counts per kind."""
+    counts: Counter = Counter()
+
+    def sub(m):
+        kind = m.lastgroup.rstrip("0123456789")
+        if m.re is _IPV6_RE and not _plausible_ipv6(m.group()):
+            return m.group()
+        if kind == "EMAIL":
+            if m.group().rpartition(".")[2].lower() in _FILE_EXTENSIONS:
+                return m.group()
+            prefix = _CJK_PREFIX_RE.match(m.group())  # text before the address (CJK)
+            if prefix is not None:
+                if m.group()[prefix.end()] == "@":
+                    return m.group()  # an all-CJK local part ("张三@example.com"): not matched
+                counts[kind] += 1
+                return f"{prefix.group()}<{kind}>"
+        if kind == "CARD" and not _luhn_ok(re.sub(r"\D", "", m.group())):
+            # Not a card: the span may still hold a phone or ID number. Searched in the whole
+            # text (pos/endpos), so lookbehinds see what precedes the span.
+            out, last = [], m.start()
+            for m2 in _AFTER_CARD.finditer(m.string, m.start(), m.end()):
+                out += [m.string[last : m2.start()], sub(m2)]
+                last = m2.end()
+            return "".join(out) + m.string[last : m.end()]
+        counts[kind] += 1
+        return f"<{kind}>"
+
+    for guard, rx in _PII:
+        # Cheap guards: no '@' → no email; IPv6 needs "::" or 6 colons (7 without an IPv4 tail);
+        # numbers two digits.
+        if guard == "@" and "@" not in text:
+            continue
+        if guard == "::" and "::" not in text and text.count(":") < 6:
+            continue
+        if guard == "00" and _DIGITS_RE.search(text) is None:
+            continue
+        text = rx.sub(sub, text)
+    return text, counts

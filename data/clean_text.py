@@ -1,0 +1,75 @@
+"""Text units shared by the cleaning filters and dedup: characters, words, scripts.
+
+``normalize_text`` is the first thing every document goes through (unified newlines, control and
+invisible characters removed, NFC); dedup and decontamination compare text in that form too.
+
+Text without spaces (Chinese, Japanese, Korean) is handled by counting each CJK character as one
+word (``_WORD_RE``), so word counts, n-gram repetition and stop words mean the same thing in both
+kinds of script. ``_SCRIPTS`` names the scripts the language check knows (``clean_stats``).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Scripts written without spaces: every character is a word.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+# CJK punctuation and full-width forms are not words.
+_CJK_PUNCT = "\u3000-\u303f\uff00-\uffef"
+_WORD_RE = re.compile(rf"[{_CJK}]|[^\s{_CJK}{_CJK_PUNCT}]+")
+_CJK_RE = re.compile(rf"[{_CJK}]")
+_SCRIPTS = {  # name → regex of its letters (Latin includes accented letters)
+    "latin": re.compile(r"[A-Za-z\u00c0-\u024f]"),
+    "han": re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"),
+    "kana": re.compile(r"[\u3040-\u30ff]"),
+    "hangul": re.compile(r"[\uac00-\ud7af]"),
+    "cyrillic": re.compile(r"[\u0400-\u04ff]"),
+    "greek": re.compile(r"[\u0370-\u03ff]"),
+    "arabic": re.compile(r"[\u0600-\u06ff]"),
+    "devanagari": re.compile(r"[\u0900-\u097f]"),
+}
+STOP_WORDS = {  # Gopher's English list; frequent Chinese function characters
+    "en": {"the", "be", "to", "of", "and", "that", "have", "with"},
+    "zh": set("的了是在和有不这也就都我他们"),
+}
+
+
+# Characters removed from text before anything reads it (``normalize_text``) and before dedup
+# and decontamination compare it (``dedup.normalize``, ``dedup.match_words``): C0/C1 controls
+# except tab and newline, lone surrogates, every format character (category Cf: zero-width
+# spaces and joiners, soft hyphen U+00AD, direction marks, embeddings and isolates U+2066-2069,
+# Mongolian vowel separator U+180E, BOM, tags ...) and the other invisible characters Unicode
+# lists as default-ignorable: combining grapheme joiner U+034F, variation selectors (U+FE00-FE0F,
+# U+E0100-E01EF, Mongolian U+180B-180F), Hangul fillers, Khmer inherent vowels U+17B4-17B5.
+# The list of zero-width and direction characters missed the soft hyphen (&shy; in web text),
+# the isolates and the variation selectors, so a copy carrying them was neither an exact
+# duplicate nor a decontamination hit and evaded the word list.
+# Kept: the Cf characters that are visible signs (prepended concatenation marks: Arabic number
+# signs U+0600-0605, end of ayah U+06DD, Syriac U+070F, U+0890-0891, U+08E2, Kaithi U+110BD,
+# U+110CD). Removed too: the zero-width joiner U+200D (and non-joiner U+200C), as before. Nothing
+# here reads emoji sequences, and without it a ZWJ sequence shows its members (a family emoji
+# becomes its people); kept, a ZWJ inside a word ("ru\u200dns") would make a different word for
+# dedup, the word list and the model. (Persian and Indic text lose the joiner's shaping hint.)
+_CONTROL_RE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+    "\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb"
+    "\ud800-\udfff\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0000-\U000e0fff]"
+)
+_ALPHA_RE = re.compile(r"[^\W\d_]")
+
+
+def count_words(text: str) -> int:
+    """Words as the filters count them: CJK characters one each, other runs by whitespace."""
+    return len(_WORD_RE.findall(text))
+
+
+def normalize_text(text: str) -> str:
+    """Unified newlines, control and invisible characters (``_CONTROL_RE``) removed, then NFC.
+
+    Removed before NFC, so a letter and its accent that a soft hyphen separated compose
+    ("e<U+00AD><U+0301>" → "é", not the decomposed "e<U+0301>").
+    """
+    text = _CONTROL_RE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return unicodedata.normalize("NFC", text)
