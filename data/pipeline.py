@@ -46,9 +46,11 @@ still names the next batch trained) and stops all of them after the fewest
 (train/stopping.py). A source too small to give every process a document is an error, and so
 is data with no document of the 2 tokens one (input, target) pair needs (one-token documents
 without BOS/EOS): all of it, found once a process has read a pass's worth of documents without
-one (``num_epochs=0`` used to wait forever), or one process's share when its first batch would
-be empty (``num_epochs > 0`` used to end the data there, silently). ``seq_len`` and
-``global_batch`` must be > 0.
+one (``num_epochs=0`` used to wait forever), or one process's share: with ``num_epochs > 0`` when
+its first batch would be empty (that used to end the data there, silently), with
+``num_epochs=0`` when its first pass's worth of documents has none, found once it has read that
+many in a row without one (it used to wait forever while other processes trained). ``seq_len``
+and ``global_batch`` must be > 0.
 
 With no ``sources`` the built-in corpus is used: a function registered with
 ``register_builtin_corpus`` returns its documents, and a small tokenizer is trained on them once
@@ -203,16 +205,35 @@ class PairCheck:
     One unshuffled pass over every process's documents (``framed``: (pattern, one epoch of that
     source, framed) pairs), stopping at the first such document; the answer is kept. The packer
     asks only when a process has found no pair for a while, so normal data costs nothing.
+    ``local()``: the same for this process's first ``local_docs`` documents (``local``, its
+    stream from the start: a pass's worth of its share, whatever position it resumed at).
     """
 
-    def __init__(self, framed: Sequence[tuple[str, grain.MapDataset]], what: str = "data.sources"):
+    def __init__(
+        self,
+        framed: Sequence[tuple[str, grain.MapDataset]],
+        what: str = "data.sources",
+        local: grain.MapDataset | None = None,
+        local_docs: int = 0,
+    ):
         self.names = f"{what} " + ", ".join(p or "<built-in>" for p, _ in framed)
         self._framed, self._any = framed, None
+        self._local, self._local_docs, self._any_local = local, local_docs, None
 
     def __call__(self) -> bool:
         if self._any is None:
             self._any = any(len(ds[i]) >= 2 for _, ds in self._framed for i in range(len(ds)))
         return self._any
+
+    def local(self) -> bool:
+        if self._any_local is None:
+            ds, n = self._local, self._local_docs
+            if ds is None:  # no stream to look at: the sources' answer
+                self._any_local = self()
+            else:
+                n = min(len(ds), n)
+                self._any_local = self() and any(len(ds[i]) >= 2 for i in range(n))
+        return self._any_local
 
 
 class PackedBatchIterator(Lookahead):
@@ -224,6 +245,8 @@ class PackedBatchIterator(Lookahead):
     ``pairs`` (a ``PairCheck``) turns data without a pair into a ``DataError``: asked after
     ``pass_docs`` documents in a row had none (else ``num_epochs=0`` read on forever), and when
     the first batch of a finite stream read from its start is empty (else the data "ended").
+    An endless stream also fails when this process's own first ``pass_docs`` documents have
+    none: whether other processes' have is no help to it (it read on forever).
     """
 
     state_name = "pretrain"
@@ -269,8 +292,11 @@ class PackedBatchIterator(Lookahead):
                 self._carry, self._carry_state, self._offset = doc, state, 0
                 return True
             short += 1
-            if short == self._pass_docs and self._pairs is not None and not self._pairs():
-                raise self._no_pairs_error()  # an endless stream would be read forever
+            if short == self._pass_docs and self._pairs is not None:
+                # A finite stream ends (its first empty batch says why); an endless one would
+                # be read forever, for want of a pair anywhere or in this process's share.
+                if not self._pairs() or (not self.finite and not self._pairs.local()):
+                    raise self._no_pairs_error()
             state = self._docs.get_state()
         self._done = True
         return False
@@ -505,6 +531,7 @@ def make_pretrain_iterator(
     read = grain.ReadOptions(
         num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.prefetch
     )
+    pass_docs = max(1, sum(len(d) for _, d in passes) // process_count)  # one epoch's share
     it = PackedBatchIterator(
         iter(ds.to_iter_dataset(read)),
         seq_len=seq_len,
@@ -514,8 +541,8 @@ def make_pretrain_iterator(
         process_index=process_index,
         process_count=process_count,
         finite=bool(data_cfg.num_epochs),
-        pairs=PairCheck(passes),
-        pass_docs=max(1, sum(len(d) for _, d in passes) // process_count),
+        pairs=PairCheck(passes, local=ds, local_docs=pass_docs),
+        pass_docs=pass_docs,
     )
     it.tokenizer, it.bad_input = tok, log  # for the trainer's logs and generation
     return it

@@ -47,7 +47,13 @@ import ml_collections
 import numpy as np
 
 from flaxlm.data import sources as S
-from flaxlm.data.clean import Cleaner, clean_config, normalize_text, redact_pii
+from flaxlm.data.clean import (
+    Cleaner,
+    clean_config,
+    normalize_text,
+    redact_pii,
+    strip_boilerplate,
+)
 from flaxlm.data.dedup import Deduper, dedup_config
 from flaxlm.data.tokenizer import Tokenizer, fixed_pieces, train
 
@@ -68,7 +74,7 @@ def preprocess_config() -> ml_collections.ConfigDict:
     c.shard_docs = 100_000  # documents per ArrayRecord shard
     c.batch_docs = 512  # documents per processing batch (memory is bounded by one batch)
     c.workers = 1  # processes for cleaning
-    c.seed = 0  # reservoir sampling seed
+    c.seed = 0  # seed of the tokenizer's samples: documents (reservoir), then their lines
     return c
 
 
@@ -154,21 +160,36 @@ class ShardWriter:
         return self.paths
 
 
+def decontam_paths(cfg: ml_collections.ConfigDict) -> list[str]:
+    """The patterns of ``dedup.decontam_paths`` (comma-separated files, globs or directories),
+    spaces around a comma ignored ("eval.jsonl, eval2.jsonl" looked for " eval2.jsonl"). One
+    that matches nothing is a ``FileNotFoundError`` naming the key."""
+    patterns = [p for p in (p.strip() for p in cfg.dedup.decontam_paths.split(",")) if p]
+    try:
+        S.expand_paths(patterns)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"dedup.decontam_paths: {e}") from None
+    return patterns
+
+
 def load_eval_texts(cfg: ml_collections.ConfigDict) -> list[str]:
     """The decontamination texts, in the form training text has when it reaches dedup.
 
     Training text is cleaned first, PII included: an eval item holding an IP address or a phone
     number appears in a training document as "... <IP> ... <PHONE> ...", so the eval side gets the
-    same normalisation and placeholders, or no n-gram spanning them could ever match.
+    same normalisation and placeholders, or no n-gram spanning them could ever match. Likewise
+    the lines the cleaner strips (symbol-only lines such as "***", code fences, banners): an eval
+    item holding one was never found in a training document that held the item, since the
+    n-grams spanning that line were in the eval text only. The steps run in ``Cleaner``'s order.
 
     An eval record that cannot be read (malformed JSON, no text field, invalid UTF-8) is a
     ``DataError`` naming file:line, whatever ``strict`` says for the training input: skipped, as
     the reader's default log did without a word, its n-grams were left out of decontamination.
     Empty eval texts are skipped (they hold no n-gram).
     """
-    if not cfg.dedup.decontam_paths:
+    paths = decontam_paths(cfg)
+    if not paths:
         return []
-    paths = cfg.dedup.decontam_paths.split(",")
     log = S.BadInputLog()
     texts = [d.text for d in S.iter_documents(paths, text_field=cfg.dedup.decontam_field, log=log)]
     lost = {k: v for k, v in log.counts.items() if k != "empty"}
@@ -180,6 +201,8 @@ def load_eval_texts(cfg: ml_collections.ConfigDict) -> list[str]:
         )
     if cfg.do_clean:
         texts = [normalize_text(t) for t in texts]
+        if cfg.clean.strip_boilerplate_lines:
+            texts = [strip_boilerplate(t)[0] for t in texts]
         if cfg.clean.redact_pii:
             texts = [redact_pii(t)[0] for t in texts]
     return texts
@@ -298,6 +321,7 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict
                 reservoir,
                 cfg.train_tokenizer_vocab,
                 model_type=cfg.tokenizer_model_type,
+                seed=cfg.seed,
                 model_path=os.path.join(out_dir, "tokenizer.model"),
             )
         except ValueError as e:  # e.g. fewer pieces than the sample's distinct characters
@@ -419,6 +443,10 @@ def main(argv=None) -> dict:
         S.expand_paths(args.input)
     except FileNotFoundError as e:
         raise SystemExit(f"--input: {e}") from None
+    try:  # likewise: --overwrite deleted the earlier output before this failed
+        decontam_paths(cfg)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     subs = [os.path.join(args.output, s) for s in ("text", "tokens")]
     if os.path.exists(os.path.join(args.output, "report.json")) or any(map(os.path.isdir, subs)):
         if not args.overwrite:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -186,6 +187,7 @@ def train(
     character_coverage: float = 0.9995,
     max_sentence_length: int = 16384,
     input_sentence_size: int = 1_000_000,
+    seed: int = 0,
     num_threads: int = 2,
     model_path: str | None = None,
 ) -> Tokenizer:
@@ -193,8 +195,10 @@ def train(
 
     Documents are split into lines for training (SentencePiece's unit is a sentence); a line
     longer than ``max_sentence_length`` UTF-8 bytes (SentencePiece's unit) is cut to that many
-    bytes at a character boundary, not dropped. ``input_sentence_size`` caps the sample
-    (SentencePiece samples it deterministically).
+    bytes at a character boundary, not dropped. ``input_sentence_size`` caps the lines trained on
+    (<= 0: no cap): more lines than that are sampled here, uniformly and in their order, with
+    ``seed``, so the same texts and seed give the same model in any process. SentencePiece's own
+    sampler, used before, drew a different sample in every process.
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be bpe|unigram, got {model_type!r}")
@@ -218,10 +222,17 @@ def train(
                         ln = b.decode("utf-8", "ignore")
                     yield ln
 
+    sample = _sample_lines(lines(), input_sentence_size, seed)
+
+    def drained():  # hands each line over once: the sample is not held twice while it loads
+        for i in range(len(sample)):
+            ln, sample[i] = sample[i], None
+            yield ln
+
     buf = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines(),
+            sentence_iterator=drained(),
             model_writer=buf,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -229,7 +240,10 @@ def train(
             user_defined_symbols=list(user_defined_symbols),
             character_coverage=character_coverage,
             max_sentence_length=max_sentence_length,
-            input_sentence_size=input_sentence_size,
+            # SentencePiece samples only when it gets more lines than this, which it no longer
+            # does. Kept as before, so a corpus under the cap trains the same model as it did
+            # (0 trains another one on the same lines); SentencePiece refuses caps of 1..100.
+            input_sentence_size=input_sentence_size if input_sentence_size > 100 else 0,
             shuffle_input_sentence=True,
             split_digits=True,
             allow_whitespace_only_pieces=True,
@@ -252,6 +266,22 @@ def train(
     if model_path:
         tok.save(model_path)
     return tok
+
+
+def _sample_lines(lines: Iterable[str], cap: int, seed: int) -> list[str]:
+    """All of ``lines`` when there are at most ``cap`` (or ``cap <= 0``), else ``cap`` of them
+    drawn uniformly (reservoir sampling, ``random.Random(seed)``), kept in their order."""
+    if cap <= 0:
+        return list(lines)
+    keep: list[tuple[int, str]] = []
+    rng = random.Random(seed)
+    for i, ln in enumerate(lines):
+        if i < cap:
+            keep.append((i, ln))
+        elif (j := rng.randrange(i + 1)) < cap:
+            keep[j] = (i, ln)
+    keep.sort(key=lambda p: p[0])  # a no-op unless lines were sampled
+    return [ln for _, ln in keep]
 
 
 def train_or_load(path: str, texts: Iterable[str], vocab_size: int, **kw) -> Tokenizer:

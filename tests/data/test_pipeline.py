@@ -394,6 +394,33 @@ def test_a_process_whose_documents_hold_no_pair_is_an_error(tmp_path, tok):
         next(resumed)
 
 
+def test_an_endless_stream_whose_process_share_holds_no_pair_is_an_error_not_a_hang(tmp_path, tok):
+    """num_epochs=0: process 1 of 2 got only one-token documents while process 0's had pairs, so
+    its next() read its endless share forever (only data without any pair was an error)."""
+    path = write_jsonl(tmp_path / "a.jsonl", ["the river runs past", "river"] * 4)
+    cfg = cfg_for(path, tok, add_bos=False, add_eos=False, num_epochs=0, shuffle=False)
+    got = _next_or_error(make(cfg, pi=1, pc=2, batch=1), seconds=30)
+    assert isinstance(got, DataError), got
+    assert "no document of process 1 of 2 has the 2 tokens" in str(got)
+    assert next(make(cfg, pi=0, pc=2, batch=1))["loss_mask"].all()  # process 0 trains
+
+
+def test_an_endless_stream_reads_on_past_runs_without_a_pair_when_its_first_pass_had_one(
+    tmp_path, tok
+):
+    """Only process 1's share of the first pass is checked: with 9 documents (one with pairs)
+    over 2 processes its stream is documents 1 3 5 7 | 0 2 4 6 8 | 1 ..., so after document 1
+    come 8 without a pair (a pass's worth is 4) before document 1 comes again."""
+    docs = ["river"] * 9
+    docs[1] = "the river runs past"
+    path = write_jsonl(tmp_path / "a.jsonl", docs)
+    cfg = cfg_for(path, tok, add_bos=False, add_eos=False, num_epochs=0, shuffle=False)
+    it = make(cfg, pi=1, pc=2, seq_len=16, batch=1)
+    b = _next_or_error(it, seconds=30)
+    assert isinstance(b, dict), b
+    assert b["loss_mask"].all() and b["segment_ids"].max() > 1  # document 1, again and again
+
+
 @pytest.mark.parametrize(
     "seq_len,batch,message",
     [(0, 2, "seq_len must be a positive integer, got 0"),

@@ -178,3 +178,26 @@ def test_report_says_its_megabytes_are_of_the_text_read(tmp_path, inputs):
     assert rep["bytes_in"] == sum(len(t.encode()) for t in texts)  # ... and still counted
     md = (out / "report.md").read_text()
     assert f"{rep['bytes_in'] / 1e6:.2f} MB text read" in md and "kept text" not in md
+
+
+def test_decontamination_finds_eval_items_holding_a_line_the_cleaner_strips(tmp_path):
+    """The cleaner strips symbol-only lines ("***") from training text, and the eval texts were
+    only normalised: every n-gram spanning that line was in the eval item alone, so a training
+    document holding the item was kept."""
+    rng = np.random.default_rng(1)
+    item = (
+        "Question: what is the capital city of the small northern province\n***\n"
+        "Answer: the capital city is Brelford on the coast"
+    )
+    evalf = tmp_path / "eval.jsonl"
+    evalf.write_text(json.dumps({"text": item}) + "\n")
+    rows = [en_doc(rng) + "\n\n" + item + "\n\n" + en_doc(rng), en_doc(rng)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    cfg = preprocess.preprocess_config()
+    cfg.dedup.decontam_paths, cfg.dedup.near = str(evalf), False
+    rep = preprocess.run([str(src)], str(tmp_path / "out"), cfg)
+    assert rep["removed"].get("contaminated") == 1 and rep["documents_out"] == 1
+    assert "***" not in preprocess.load_eval_texts(cfg)[0]
+    cfg.clean.strip_boilerplate_lines = False  # the eval side mirrors the cleaner's settings
+    assert "***" in preprocess.load_eval_texts(cfg)[0]

@@ -90,6 +90,27 @@ def test_an_input_typo_writes_nothing_and_the_corrected_run_succeeds(tmp_path, j
     assert _main("--input", str(tmp_path / "*.jsonl"), "--output", str(out))["documents_out"] == 6
 
 
+def test_decontam_paths_may_have_spaces_and_a_missing_one_names_the_key(tmp_path, jsonl):
+    """A decontam_paths of "a.jsonl, b.jsonl" looked for " b.jsonl": a FileNotFoundError that
+    did not say which setting held the path (and main had already deleted an --overwrite'd
+    output)."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps({"text": "first eval item"}) + "\n")
+    b.write_text(json.dumps({"text": "second eval item"}) + "\n")
+    cfg = preprocess.preprocess_config()
+    cfg.dedup.decontam_paths = f"{a}, {b} ,"
+    assert preprocess.load_eval_texts(cfg) == ["first eval item", "second eval item"]
+    cfg.dedup.decontam_paths = f"{a}, {tmp_path / 'nope.jsonl'}"
+    with pytest.raises(FileNotFoundError, match=r"^dedup\.decontam_paths: no files match '/"):
+        preprocess.load_eval_texts(cfg)
+    out = tmp_path / "out"
+    _main("--input", jsonl, "--output", str(out))
+    with pytest.raises(SystemExit, match=r"^dedup\.decontam_paths: no files match .*nope\.jsonl"):
+        _main("--input", jsonl, "--output", str(out), "--overwrite",
+              f"--config.dedup.decontam_paths={cfg.dedup.decontam_paths}")  # fmt: skip
+    assert (out / "text").is_dir()  # the earlier run is still there
+
+
 def test_tokenizer_training_with_no_surviving_document_writes_the_report(tmp_path):
     """SentencePiece's RuntimeError on an empty sample, no report; now the same failure as
     without training."""

@@ -1,5 +1,8 @@
 """SentencePiece training/loading, special and chat tokens, batch encode, vocab fit check."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -82,6 +85,32 @@ def test_training_is_deterministic_and_unigram_works(tmp_path):
     assert a.sha256 == b.sha256 and T.Tokenizer.load(str(tmp_path / "b.model")).sha256 == a.sha256
     u = T.train(EN + ZH, 450, model_type="unigram")
     assert u.decode(u.encode(ZH[3])) == ZH[3] and u.eos_id == 3
+
+
+SAMPLED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from test_tokenizer import EN, ZH
+from flaxlm.data import tokenizer as T
+print(T.train(EN + ZH, 450, input_sentence_size=150, seed=int(sys.argv[2])).sha256)
+"""
+
+
+def test_training_on_a_sample_gives_the_same_model_in_every_process():
+    """More lines than input_sentence_size: SentencePiece drew its sample with a generator
+    seeded per process, so rerunning preprocess on the same corpus trained another tokenizer
+    (and the loader then refused the shards of the first). The sample is now drawn with ``seed``.
+    """
+    assert len(EN + ZH) > 150
+    here = __file__.rsplit("/", 1)[0]
+
+    def sha(seed):
+        run = [sys.executable, "-c", SAMPLED, here, str(seed)]
+        return subprocess.run(run, check=True, capture_output=True, text=True, timeout=120).stdout
+
+    first = sha(0)
+    assert first == sha(0)
+    assert first != sha(1)  # the seed draws the sample
 
 
 def test_check_fits(tok):
