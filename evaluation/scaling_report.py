@@ -22,6 +22,11 @@ a run table file::
 
     python -m flaxlm.evaluation.scaling_report runs/sw [--out runs/sw/fit] [--n_boot 200]
         [--n_key n_params_nonembed] [--loss_key heldout_loss] [--target_json big.json]
+        [--drop_nonfinite]
+
+A run whose loss is nan or inf (diverged) is an error naming it (its name and sweep index);
+``--drop_nonfinite`` leaves such runs out instead, naming each. A scaling_workflow's sweep is
+``ROOT/sweep``.
 """
 
 from __future__ import annotations
@@ -51,8 +56,23 @@ from flaxlm.evaluation.scaling_isoflop import fit_isoflop, group_by_compute
 RUN_COLUMNS = ("n_params", "n_params_nonembed", "tokens", "flops", "final_loss", "heldout_loss")
 
 
+def _run_label(row, where: str) -> str:
+    """`where` (file:line, runs[i]) with the run's name and sweep index when the row has them:
+    a sweep's table lists only finished runs, so a row's position is not its run's index."""
+    if not isinstance(row, Mapping) or not row.get("name"):
+        return where
+    index = row.get("index")
+    at = f", sweep index {index}" if index not in (None, "") else ""
+    return f"{where} ({row['name']}{at})"
+
+
 def _read_rows(source) -> tuple[list[Mapping], list[str]]:
     """Rows of a run table and a location label per row for error messages."""
+    rows, where = _read_rows_at(source)
+    return rows, [_run_label(row, loc) for row, loc in zip(rows, where)]
+
+
+def _read_rows_at(source) -> tuple[list[Mapping], list[str]]:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         name = os.path.basename(path)
@@ -85,21 +105,73 @@ def _read_rows(source) -> tuple[list[Mapping], list[str]]:
     return rows, [f"runs[{i}]" for i in range(len(rows))]
 
 
-def load_runs(source, *, required: Sequence[str] = RUN_COLUMNS) -> dict[str, np.ndarray]:
+def _nonfinite(row, columns: Sequence[str]) -> list[str]:
+    """The columns of `row` that hold a number that is not finite (a diverged run's nan)."""
+    bad = []
+    for col in columns:
+        v = row.get(col) if isinstance(row, Mapping) else None
+        try:
+            if v not in (None, "") and not np.isfinite(float(v)):
+                bad.append(col)
+        except (TypeError, ValueError):
+            continue  # not a number: load_runs names it
+    return bad
+
+
+def _drop_nonfinite(rows, where, columns: Sequence[str]) -> tuple[list, list, list[str]]:
+    """(rows, labels) without the rows whose `columns` hold nan or inf, and what was dropped
+    (label: values); a warning names each dropped run and its values."""
+    kept, dropped = [], []
+    for row, loc in zip(rows, where):
+        bad = _nonfinite(row, columns)
+        if bad:
+            dropped.append(f"{loc}: " + ", ".join(f"{c}={row[c]}" for c in bad))
+        else:
+            kept.append((row, loc))
+    if dropped:
+        warnings.warn(
+            f"run table: left out {len(dropped)} run(s) with a non-finite value "
+            f"(--drop_nonfinite): {'; '.join(dropped)}",
+            stacklevel=3,
+        )
+    return [r for r, _ in kept], [loc for _, loc in kept], dropped
+
+
+def finite_rows(rows: Sequence[Mapping], columns: Sequence[str]) -> list[Mapping]:
+    """The rows (dicts, e.g. sweep_table.collect's) whose `columns` are finite, with a warning
+    naming each run left out (a diverged run's nan loss)."""
+    rows = list(rows)
+    _, where = _read_rows(rows)
+    return _drop_nonfinite(rows, where, columns)[0]
+
+
+def load_runs(
+    source, *, required: Sequence[str] = RUN_COLUMNS, drop_nonfinite: bool = False
+) -> dict[str, np.ndarray]:
     """Read a run table into float columns.
 
     Args:
       source: list of dicts, or path to a .csv / .json / .jsonl file.
-      required: columns every row must have, finite and > 0 (a clear error names the row and
-        column).
+      required: columns every row must have, finite and > 0 (a clear error names the row, by
+        its run's name and sweep index when the table has them, and the column).
+      drop_nonfinite: leave out, with a warning naming each, the rows whose required columns
+        hold nan or inf (diverged runs) instead of refusing the table.
 
     Returns:
       {column: float array} for the required columns and every other ``RUN_COLUMNS`` column that
       all rows have. Rows equal to an earlier one in every column are kept, with a warning.
     """
+    return _load_runs(source, required, drop_nonfinite)[0]
+
+
+def _load_runs(source, required, drop_nonfinite) -> tuple[dict[str, np.ndarray], list[str]]:
+    """`load_runs`, and the runs `drop_nonfinite` left out."""
     rows, where = _read_rows(source)
+    dropped = []
+    if drop_nonfinite:
+        rows, where, dropped = _drop_nonfinite(rows, where, required)
     if not rows:
-        raise ValueError("run table is empty")
+        raise ValueError("run table is empty" + (" (every run non-finite)" if dropped else ""))
     out = {}
     for col in dict.fromkeys([*required, *RUN_COLUMNS]):
         values = []
@@ -115,12 +187,15 @@ def load_runs(source, *, required: Sequence[str] = RUN_COLUMNS) -> dict[str, np.
                 raise ValueError(f"{loc}: column {col!r} = {v!r} is not a number") from None
             if col in required and not (np.isfinite(x) and x > 0):
                 # e.g. a diverged run's nan loss: name the row here, not an index in the fit
-                raise ValueError(f"{loc}: column {col!r} = {v!r} is not a finite positive number")
+                hint = "" if np.isfinite(x) else " (--drop_nonfinite leaves such runs out)"
+                raise ValueError(
+                    f"{loc}: column {col!r} = {v!r} is not a finite positive number{hint}"
+                )
             values.append(x)
         else:
             out[col] = np.asarray(values, dtype=np.float64)
     _warn_repeated_rows(out, where)
-    return out
+    return out, dropped
 
 
 def _warn_repeated_rows(columns: dict[str, np.ndarray], where: Sequence[str]) -> list[str]:
@@ -214,6 +289,7 @@ def fit_report(
     n_boot: int = 200,
     level: float = 0.95,
     seed: int = 0,
+    drop_nonfinite: bool = False,
 ) -> dict:
     """Fit every scaling law to a run table; optionally predict a target run; write plots.
 
@@ -230,14 +306,17 @@ def fit_report(
         ``loss_key`` value, if present, is the actual loss to compare against.
       n_boot: bootstrap resamples for the parametric intervals (0: none).
       level, seed: bootstrap interval coverage and seed.
+      drop_nonfinite: leave out the runs whose loss (or N, D, compute) is nan or inf, e.g.
+        diverged runs, with a warning naming each (``load_runs``); else they are an error.
 
     Returns:
-      JSON-serialisable dict: ``settings``, ``n_runs``, ``power_laws``, ``parametric``,
+      JSON-serialisable dict: ``settings``, ``n_runs``, ``dropped_runs`` (those left out by
+      ``drop_nonfinite``), ``power_laws``, ``parametric``,
       ``parametric_intervals``, ``warnings`` (``fit_warnings``: why not to trust the fit),
       ``compute_optimal``, ``isoflop``, ``prediction`` (if target), ``plots`` (paths).
     """
     required = [n_key, "tokens", loss_key] + ([] if compute == "6nd" else [compute])
-    cols = load_runs(runs, required=required)
+    cols, dropped = _load_runs(runs, required, drop_nonfinite)
     N, D, loss = cols[n_key], cols["tokens"], cols[loss_key]
     C = 6.0 * N * D if compute == "6nd" else cols[compute]
     # The compute-optimal formulas take C = k N D. With an exact FLOPs column, k is the sweep's
@@ -279,8 +358,10 @@ def fit_report(
             "bootstrap_failed": n_failed,
             "level": level,
             "seed": seed,
+            "drop_nonfinite": drop_nonfinite,
         },
         "n_runs": int(N.shape[0]),
+        "dropped_runs": dropped,
         "power_laws": _power_laws(N, D, C, loss),
         "parametric": fit,
         "parametric_intervals": intervals,
@@ -365,25 +446,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--compute", default="6nd", help="6nd or a FLOPs column (e.g. flops)")
     p.add_argument("--n_boot", type=int, default=200, help="bootstrap resamples (0: none)")
     p.add_argument("--target_json", default="", help="a run row (JSON) to predict")
+    p.add_argument("--drop_nonfinite", action="store_true",
+                   help="leave out runs whose loss is nan/inf (diverged), naming each; "
+                   "default: such a run is an error")  # fmt: skip
     args = p.parse_args(argv)
-    if os.path.isdir(args.runs):
-        from flaxlm.train.sweep_table import collect
+    try:  # bad input (a folder without sweep.json, a missing file): its message, no traceback
+        if os.path.isdir(args.runs):
+            from flaxlm.train.sweep_table import collect
 
-        runs = collect(args.runs)
-        out = args.out or os.path.join(args.runs, "fit")
-    else:
-        runs = args.runs
-        out = args.out or os.path.splitext(args.runs)[0] + "_fit"
-    target = None
-    if args.target_json:
-        with open(args.target_json) as f:
-            target = json.load(f)
-    try:
+            runs = collect(args.runs)
+            out = args.out or os.path.join(args.runs, "fit")
+        else:
+            runs = args.runs
+            out = args.out or os.path.splitext(args.runs)[0] + "_fit"
+        target = None
+        if args.target_json:
+            with open(args.target_json) as f:
+                target = json.load(f)
         report = fit_report(runs, out, n_key=args.n_key, loss_key=args.loss_key,
-                            compute=args.compute, target=target, n_boot=args.n_boot)  # fmt: skip
-    except ValueError as e:
+                            compute=args.compute, target=target, n_boot=args.n_boot,
+                            drop_nonfinite=args.drop_nonfinite)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"scaling_report: {e}") from None
     fit, ci = report["parametric"], report["parametric_intervals"]
+    for d in report["dropped_runs"]:
+        print(f"  left out (non-finite): {d}")
     print(f"{report['n_runs']} runs; L(N, D) = E + A/N^alpha + B/D^beta "
           f"(rms log residual {fit['rms_log_residual']:.3g})")  # fmt: skip
     for k in ("E", "A", "alpha", "B", "beta"):

@@ -13,7 +13,9 @@ Steps (each resumable; re-running the command skips what is done):
   5. fit: `fit_report` on the sweep's runs only (N = non-embedding parameters, held-out loss),
      with the target's prediction against its actual loss; plots and scaling_report.json in
      ROOT/report, plus emergence.png and ROOT/report/report.md. As a cross-check, L(N) =
-     E + A/N^alpha on the runs of the target's own token budget predicts it too.
+     E + A/N^alpha on the runs of the target's own token budget predicts it too. A run whose
+     held-out loss is nan (diverged) stops the fit, naming it; --drop_nonfinite fits without
+     such runs (named in the report's warnings; runs.csv keeps them).
 Wall time, CPU time of the trainers and the machine's load average during each step go to
 ROOT/timing.json (the machine may be shared; the report says how loaded it was).
 
@@ -288,7 +290,24 @@ def fixed_budget_prediction(rows, target, n_key: str = "n_params_nonembed") -> d
     return out
 
 
-def fit(root: str, rows: list, target: dict | None, tasks: Sequence[str], n_boot: int) -> dict:
+FIT_COLUMNS = ("n_params_nonembed", "tokens", "heldout_loss")  # what `fit` reads of each run
+
+
+def fitted_rows(rows: list, drop_nonfinite: bool) -> tuple[list, list[str]]:
+    """(rows to fit, names of the runs left out). A run whose held-out loss is nan or inf
+    (diverged) is fit_report's ValueError naming it; with `drop_nonfinite` it is left out,
+    with a warning naming it."""
+    if not drop_nonfinite:
+        return rows, []
+    from flaxlm.evaluation.scaling_report import finite_rows
+
+    kept = finite_rows(rows, FIT_COLUMNS)
+    return kept, [r["name"] for r in rows if not any(r is k for k in kept)]
+
+
+def fit(root: str, rows: list, target: dict | None, tasks: Sequence[str], n_boot: int,
+        dropped: Sequence[str] = ()) -> dict:  # fmt: skip
+    """The fit step on `rows`; `dropped`: runs `fitted_rows` left out (the report warns)."""
     from flaxlm.evaluation.scaling_report import fit_report
     from flaxlm.evaluation.scaling_workflow_report import plot_fixed_budget
 
@@ -296,6 +315,12 @@ def fit(root: str, rows: list, target: dict | None, tasks: Sequence[str], n_boot
     with Meter() as m:
         report = fit_report(rows, out_dir, target=target, n_boot=n_boot)
     _record(root, "fit", m.result)
+    if dropped:
+        report["dropped_runs"] = list(dropped)
+        report["warnings"].append(
+            f"{len(dropped)} run(s) with a non-finite held-out loss left out of the fit "
+            f"(--drop_nonfinite): {', '.join(dropped)}"
+        )
     report["slopes_by_budget"] = slopes_by_budget(rows)
     if target is not None:
         fixed = fixed_budget_prediction(rows, target)
@@ -333,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--no_target", action="store_true", help="fit only; do not train the target")
     p.add_argument("--target_seeds", type=int, default=2,
                    help="seeds of the target; its actual loss is their mean")  # fmt: skip
+    p.add_argument("--drop_nonfinite", action="store_true",
+                   help="fit without the sweep's runs whose held-out loss is nan/inf (diverged), "
+                   "naming each; default: such a run stops the fit, naming it")  # fmt: skip
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     root = args.workdir
@@ -359,7 +387,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = sweep_table.collect(os.path.join(root, "sweep"))
     t_row = target_row(targets) if targets else None
     sweep_table.write_table(rows + ([t_row] if t_row else []), root)
-    report = fit(root, rows, t_row, tasks, args.n_boot)
+    rows, dropped = fitted_rows(rows, args.drop_nonfinite)  # runs.csv above keeps them all
+    try:
+        report = fit(root, rows, t_row, tasks, args.n_boot, dropped)
+    except ValueError as e:  # a diverged run, too few sizes: the message names it
+        raise SystemExit(f"[workflow] fit: {e}") from None
     from flaxlm.evaluation.scaling_workflow_report import write_markdown
 
     # Every argument as given: re-running this line resumes this study (not another one).

@@ -48,8 +48,21 @@ def load_config_module(config_arg: str):
     return module, (arg or None)
 
 
+def plain(value):
+    """`value` with numpy scalars (np.float64 from np.geomspace, np.int64 from np.arange) as the
+    Python numbers they hold, inside tuples and lists too. Under numpy 2 their repr is
+    `np.float64(0.001)`, which a run's name and the trainer's `--config.opt.lr=` got, and
+    json cannot write an np.int64 into sweep.json."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()  # np.generic or a 0-d array
+    return value
+
+
 def format_value(value) -> str:
     """A value as `--config.k=v` expects it (and as it appears in run names)."""
+    value = plain(value)
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, float):
@@ -124,7 +137,9 @@ def resolve_name(root: str, overrides: dict, legacy: dict[str, list[str]] | None
 
 
 def _convert(text: str, like):
-    """A command-line string typed like the config field it overrides."""
+    """A command-line string typed like the config field it overrides, read as the trainer's
+    flags (ml_collections' config_flags) read it, so a sweep takes the overrides train/main.py
+    takes: a tuple field as a Python literal (`(1.0,2.0)`; a lone value is a 1-tuple)."""
     if isinstance(like, bool):
         if text.lower() in ("1", "true", "yes"):
             return True
@@ -135,7 +150,19 @@ def _convert(text: str, like):
         return int(text)
     if isinstance(like, float):
         return float(text)
+    if isinstance(like, tuple):
+        from ml_collections.config_flags.tuple_parser import TupleParser
+
+        return TupleParser().parse(text)  # the trainer's own parser of tuple fields
+    if not isinstance(like, str):
+        # config_flags defines no flag for a None or list field: every trainer would fail
+        raise ValueError(f"the trainer's --config flags cannot set a {type(like).__name__} field")
     return text
+
+
+class OverrideError(TypeError, ValueError):
+    """A value a config key cannot take. A TypeError, as ConfigDict's own, and a ValueError, so
+    that the sweep's command line reports it as bad input rather than a traceback."""
 
 
 def set_dotted(config, key: str, value, *, from_string: bool = False):
@@ -157,6 +184,10 @@ def set_dotted(config, key: str, value, *, from_string: bool = False):
         if i < len(parts) - 1:
             node = node[part]
     last = parts[-1]
+    if isinstance(node[last], ConfigDict) and not isinstance(value, (dict, ConfigDict)):
+        # `--config.opt=3`: ConfigDict's "3 ... cannot be casted to ConfigDict" names no key
+        raise KeyError(f"override {key}={value!r}: {key!r} is a section, not a value (set its "
+                       f"keys: --config.{key}.<key>=...)")  # fmt: skip
     if from_string:
         try:
             value = _convert(value, node[last])
@@ -165,15 +196,15 @@ def set_dotted(config, key: str, value, *, from_string: bool = False):
     try:
         node[last] = value
     except TypeError as e:  # ConfigDict's "Could not override field 'lr'" omits the path
-        raise TypeError(f"override {key}={value!r}: {e}") from None
+        raise OverrideError(f"override {key}={value!r}: {e}") from None
 
 
 def expand(module, arg: str | None) -> list[dict]:
     """The override dicts of `module.sweep(add, arg)`, in the order they were added."""
     if not hasattr(module, "sweep"):
-        raise AttributeError(f"{module.__file__} defines no sweep(add, arg)")
+        raise ValueError(f"{module.__file__} defines no sweep(add, arg): not a sweep config")
     out: list[dict] = []
-    module.sweep(lambda **kw: out.append(dict(kw)), arg)
+    module.sweep(lambda **kw: out.append({k: plain(v) for k, v in kw.items()}), arg)
     if not out:
         raise ValueError(f"{module.__file__}: sweep() added no runs")
     return out

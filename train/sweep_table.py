@@ -108,15 +108,23 @@ def task_metrics(run_dir: str) -> dict:
 def collect(root: str, *, include_unfinished: bool = False) -> list[dict]:
     """Rows of the sweep under `root` (from its sweep.json), finished runs only by default. A
     finished run (DONE) whose metrics are missing, cut short or malformed is left out with a
-    warning naming its metrics file: one bad run does not cost the table the others."""
-    with open(os.path.join(root, "sweep.json")) as f:
+    warning naming its metrics file: one bad run does not cost the table the others.
+
+    Each run is read from ROOT/<name>, where the sweep puts it (sweep_plan.plan), never from
+    the `workdir` sweep.json recorded: that is where the run was started, and after the sweep
+    folder was copied or moved (off a cluster, aside for a new study in its place) that path
+    holds another sweep's run, or nothing."""
+    path = os.path.join(root, "sweep.json")
+    if not os.path.exists(path):
+        hint = ""
+        if os.path.exists(os.path.join(root, "sweep", "sweep.json")):  # a scaling_workflow root
+            hint = f"; for a scaling_workflow root pass {os.path.join(root, 'sweep')}"
+        raise FileNotFoundError(f"{root}: not a sweep folder (no sweep.json){hint}")
+    with open(path) as f:
         index = json.load(f)
     rows = []
     for run in index["runs"]:
-        workdir = run["workdir"]
-        if not os.path.isdir(workdir):
-            # The index moved with its sweep (copied off a cluster; absolute paths too).
-            workdir = os.path.join(root, run["name"])
+        workdir = os.path.join(root, run["name"])
         metrics = os.path.join(workdir, "metrics.jsonl")
         try:
             final = final_metrics(workdir, run.get("total_steps"))

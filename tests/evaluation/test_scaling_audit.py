@@ -242,3 +242,40 @@ def test_cached_task_scores_are_recomputed_for_a_new_checkpoint(tmp_path, monkey
     assert seen == [4, 4, 8]
     with open(os.path.join(run, "tasks.source.json")) as f:
         assert json.load(f) == {"step": 2, "limit": 8}
+
+
+def test_a_diverged_run_is_named_and_can_be_left_out(tmp_path):
+    """A sweep's table lists finished runs only: the error named `runs[2]` (the position among
+    those) for the run of sweep index 3, and the report had no way past a diverged run."""
+    N, D = (a.ravel() for a in np.meshgrid(np.geomspace(1e6, 1e8, 3), np.geomspace(1e8, 1e10, 3)))
+    rows = _rows(N, D, predict_parametric(TRUE, N, D))
+    for i, row in enumerate(rows):
+        row.update(index=i + (i > 1), name=f"run-{i}")  # sweep index 2 failed: not in the table
+    rows[2]["heldout_loss"] = float("nan")
+    with pytest.raises(ValueError, match=r"run-2, sweep index 3\): column 'heldout_loss' = nan "
+                       r".*--drop_nonfinite"):  # fmt: skip
+        fit_report(rows, None, n_boot=0)
+    with pytest.warns(UserWarning, match=r"left out 1 run.*run-2, sweep index 3\): heldout_loss"):
+        report = fit_report(rows, None, n_boot=0, drop_nonfinite=True)
+    assert report["n_runs"] == 8 and len(report["dropped_runs"]) == 1
+    assert report["parametric"]["alpha"] == pytest.approx(TRUE["alpha"], rel=1e-2)
+
+    (tmp_path / "runs.json").write_text(json.dumps({"runs": rows}))
+    with pytest.raises(SystemExit, match=r"runs.json run 2 \(run-2, sweep index 3\)"):
+        report_main([str(tmp_path / "runs.json"), "--n_boot", "0"])
+    with pytest.warns(UserWarning, match="left out 1 run"):
+        cli = report_main([str(tmp_path / "runs.json"), "--n_boot", "0", "--drop_nonfinite"])
+    assert cli["n_runs"] == 8
+
+
+def test_a_folder_that_is_not_a_sweep_is_a_one_line_error(tmp_path):
+    """A folder without sweep.json (a scaling_workflow root keeps its sweep in ROOT/sweep)
+    ended in a FileNotFoundError traceback."""
+    with pytest.raises(SystemExit, match=r"not a sweep folder \(no sweep.json\)$"):
+        report_main([str(tmp_path), "--n_boot", "0"])
+    os.makedirs(tmp_path / "sweep")
+    (tmp_path / "sweep" / "sweep.json").write_text('{"runs": []}')
+    with pytest.raises(SystemExit, match=f"for a scaling_workflow root pass {tmp_path}/sweep"):
+        report_main([str(tmp_path), "--n_boot", "0"])
+    with pytest.raises(SystemExit, match="scaling_report: .*nope.csv"):
+        report_main([str(tmp_path / "nope.csv"), "--n_boot", "0"])

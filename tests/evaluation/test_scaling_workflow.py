@@ -237,3 +237,25 @@ def test_gpus_reach_every_trainer_and_a_bad_split_is_refused(tmp_path, monkeypat
     with pytest.raises(SystemExit):
         scaling_workflow.main(["--workdir", str(tmp_path / "w"), "--gpus", "0",
                                "--gpus_per_run", "2"])  # fmt: skip
+
+
+def test_a_diverged_run_stops_the_fit_naming_it_or_is_left_out(tmp_path):
+    """A run with a nan held-out loss stopped the fit with a traceback naming `runs[i]`, a
+    position among the finished runs; --drop_nonfinite fits without it and says so."""
+    root = str(tmp_path)
+    runs = sweep.plan(scaling_workflow.DEFAULT_CONFIG, os.path.join(root, "sweep"))
+    bad = runs[3]
+    for r in runs:
+        loss = predict_parametric(LAW, r.info["n_params_nonembed"], r.info["tokens"])
+        _write_run(r.workdir, r.total_steps, float("nan") if r is bad else float(loss), {})
+    argv = ["--workdir", root, "--n_boot", "0", "--tasks", "", "--no_target"]
+    with pytest.raises(SystemExit, match=rf"fit: .*\({re.escape(bad.name)}, sweep index 3\): "
+                       "column 'heldout_loss' = nan .*--drop_nonfinite"):  # fmt: skip
+        scaling_workflow.main(argv)
+    with pytest.warns(UserWarning, match=re.escape(bad.name)):
+        report = scaling_workflow.main([*argv, "--drop_nonfinite"])
+    assert report["n_runs"] == len(runs) - 1 and report["dropped_runs"] == [bad.name]
+    md = open(os.path.join(root, "report", "report.md")).read()
+    assert f"left out of the fit (--drop_nonfinite): {bad.name}" in md
+    table = open(os.path.join(root, "runs.csv")).read()
+    assert bad.name in table  # the run table keeps every run

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import stat
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 from absl import app
 
@@ -138,6 +140,14 @@ def test_bad_input_is_a_usage_error_that_names_it(tmp_path, capsys):
         ([CONFIG, "--config.opt.lrr=3"], r"no key 'opt.lrr' \(did you mean 'opt.lr'\?\)"),
         ([CONFIG.replace("runlocal", "runloca"), "--only", "0"], "unknown key 'runloca'"),
         ([str(tmp_path / "nope.py")], "no config file"),
+        # a section given a value, a sweep() value of the wrong type, a file without sweep():
+        # TypeError / AttributeError tracebacks
+        ([CONFIG, "--config.opt=3"], "override opt='3': 'opt' is a section, not a value"),
+        ([_write_config(tmp_path, 'add(**{"opt.lr": "fast"})')], "override opt.lr='fast'"),
+        (
+            [os.path.join(REPO, "configs", "preprocess_world.py")],
+            r"preprocess_world.py defines no sweep\(add, arg\)",
+        ),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -146,6 +156,39 @@ def test_bad_input_is_a_usage_error_that_names_it(tmp_path, capsys):
         assert e.value.code == 2 and re.search(f"error: .*{message}", err), err
         assert "Traceback" not in err
     assert not os.path.exists(root)
+
+
+def test_numpy_values_plan_like_python_numbers(tmp_path):
+    """A sweep() of np.geomspace / np.arange values named its runs `opt.lr=np.float64(0.001)` and
+    passed that to the trainer (every run failed); an np.int64 made sweep.json unwritable."""
+    body = ('import numpy as np\nfor lr in np.array([1e-3, 3e-3]):\n'
+            '    for d in np.array([64, 128], dtype=np.int64):\n'
+            '        add(**{"model.d_model": d, "opt.lr": lr})')  # fmt: skip
+    cfg = _write_config(tmp_path, body) + ":variant=tiny,runlocal=True,data=markov"
+    root = str(tmp_path / "sw")
+    runs = sweep.plan(cfg, root, extra=[f"total_steps={STEPS}"])
+    assert [r.name for r in runs] == NAMES
+    plain = sweep.plan(CONFIG, root, extra=[f"total_steps={STEPS}"])
+    for r, p in zip(runs, plain):
+        assert r.overrides == p.overrides
+        assert all(type(r.overrides[k]) is type(v) for k, v in p.overrides.items())
+        assert sorted(train_command(cfg, r)[5:]) == sorted(train_command(CONFIG, p)[5:])
+    sweep.write_index(root, cfg, runs, [])  # np.int64 was not JSON serializable
+    assert [r["name"] for r in json.load(open(os.path.join(root, "sweep.json")))["runs"]] == NAMES
+    assert sweep.format_value((np.float64(0.5), np.int64(2))) == "(0.5,2)"
+
+
+def test_tuple_fields_take_what_the_trainer_takes(tmp_path):
+    """`--config.model.rope_long_factors=(1.0,2.0)` (the trainer's flags read tuples as Python
+    literals) reached the config as a string and the sweep died with a TypeError."""
+    root = str(tmp_path / "sw")
+    runs = sweep.plan(CONFIG, root, extra=["model.rope_long_factors=(1.0,2.0)"], only=[0])
+    assert runs[0].overrides["model.rope_long_factors"] == (1.0, 2.0)
+    assert "--config.model.rope_long_factors=(1.0,2.0)" in train_command(CONFIG, runs[0])
+    one = sweep.plan(CONFIG, root, extra=["model.rope_long_factors=3"], only=[0])
+    assert one[0].overrides["model.rope_long_factors"] == (3,)  # as the trainer: one element
+    with pytest.raises(ValueError, match=r"override model.rope_long_factors='\(1.0 2.0\)'"):
+        sweep.plan(CONFIG, root, extra=["model.rope_long_factors=(1.0 2.0)"])
 
 
 def test_a_run_of_no_steps_is_refused_and_never_done(tmp_path):
@@ -505,6 +548,26 @@ def test_table_names_missing_and_malformed_files(tmp_path):
     assert [r["name"] for r in rows] == NAMES[:2]
     assert rows[0]["task/qa/accuracy"] == 0.5 and "task/qa/accuracy" not in rows[1]
     assert rows[0]["heldout_loss"] == 2.0 and rows[0]["final_loss"] == 1.0 / STEPS
+
+
+def test_table_of_a_copied_sweep_reads_the_copy(tmp_path):
+    """sweep.json holds the path each run was started at; the table read that path whenever
+    it existed, so a sweep folder copied or moved aside read the original's runs (or those of
+    a new study started where it was) and not its own."""
+    old = tmp_path / "sw"
+    runs = sweep.plan(CONFIG, str(old), extra=[f"total_steps={STEPS}"], only=[0, 1])
+    sweep.write_index(str(old), CONFIG, runs, [])
+    for r in runs:
+        _finished(r.workdir)
+    copy = tmp_path / "sw_copy"
+    shutil.copytree(old, copy)
+    shutil.rmtree(copy / NAMES[1])  # not (yet) in the copy: not a row of it
+    with open(old / NAMES[0] / "metrics.jsonl", "a") as f:  # the original trains on
+        f.write(json.dumps({"step": STEPS, "loss": 0.5, "eval/nll": 1.25}) + "\n")
+    assert [r["heldout_loss"] for r in sweep_table.collect(str(old))] == [1.25, 2.0]
+    assert [(r["name"], r["heldout_loss"]) for r in sweep_table.collect(str(copy))] == [
+        (NAMES[0], 2.0)
+    ]
 
 
 def test_table_reads_a_sweep_moved_with_absolute_paths(tmp_path):
