@@ -61,6 +61,7 @@ import collections
 import functools
 import hashlib
 import logging
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -94,15 +95,30 @@ def check_loss_settings(d, key: str = "dpo") -> None:
     ε of conservative / robust in [0, 0.5). At ε >= 0.5 the assumed labels are mostly wrong:
     cDPO's loss is then smallest when the policy prefers the *rejected* answer (at 0.5 it is
     flat), and robust DPO's divides by 1 − 2ε <= 0. build_task calls it before any load or
-    reference precompute (the loss, where robust was checked, is traced only after them)."""
+    reference precompute (the loss, where robust was checked, is traced only after them).
+    β > 0 for every type: at 0 IPO's target 1/(2β) divided by zero and the others' losses are
+    constants (nothing trains), below 0 they prefer the rejected answers; the RPO weight
+    `sft_coef` >= 0 (below 0 it raises the chosen answers' NLL)."""
     if d.loss_type not in LOSS_TYPES:
         raise ValueError(f"{key}.loss_type={d.loss_type!r}; expected one of {LOSS_TYPES}")
+    if not _positive(d.beta):
+        raise ValueError(
+            f"{key}.beta={d.beta!r} must be > 0 (the scale of the implicit reward"
+            f"{'; ORPO: the odds-ratio term' if d.loss_type == 'orpo' else ''})"
+        )
+    coef = d.get("sft_coef", 0.0)
+    if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or not coef >= 0:
+        raise ValueError(f"{key}.sft_coef={coef!r} must be >= 0 (0 = off)")
     eps = d.get("label_smoothing", 0.0)
     if d.loss_type in SMOOTHED and not 0.0 <= eps < 0.5:
         raise ValueError(
             f"{key}.label_smoothing={eps}: {key}.loss_type={d.loss_type} needs 0 <= ε < 0.5 "
             "(the assumed label-flip rate; >= 0.5 trains towards the rejected answers)"
         )
+
+
+def _positive(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and x > 0
 
 
 def _log1mexp(a):
@@ -133,6 +149,8 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     eps = float(label_smoothing)
     if loss_type in SMOOTHED and not 0.0 <= eps < 0.5:  # (check_loss_settings: the why)
         raise ValueError(f"{loss_type} DPO needs 0 <= label_smoothing < 0.5, got {eps}")
+    if isinstance(beta, numbers.Real) and not _positive(beta):  # (a traced β: the caller's)
+        raise ValueError(f"{loss_type} DPO needs beta > 0, got {beta!r}")
     if loss_type in REFERENCE_FREE:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"loss_type={loss_type!r} needs chosen_lengths / rejected_lengths")

@@ -424,6 +424,11 @@ class GRPOSource(RolloutSource):
             raise ValueError(f"{k}.importance={g.importance!r}; expected token | sequence")
         if not g.get("clip_high", 0.0) >= 0:
             raise ValueError(f"{k}.clip_high={g.clip_high} must be >= 0 (0 = {k}.clip)")
+        # (online DPO's section has neither: its loss reads dpo.*)
+        if "clip" in g and not g.clip > 0:  # (<= 0: [1 − ε, 1 + ε] a point, or upside down)
+            raise ValueError(f"{k}.clip={g.clip} must be > 0 (the ratio's ε)")
+        if "beta" in g and not g.beta >= 0:  # < 0 rewarded moving away from the reference
+            raise ValueError(f"{k}.beta={g.beta} must be >= 0 (the KL weight; 0 = no KL term)")
         if not (
             isinstance(g.get("dynamic_sampling", 0), int) and g.get("dynamic_sampling", 0) >= 0
         ):

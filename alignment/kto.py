@@ -47,7 +47,9 @@ Data (`data/formats.py` `render_unpaired`): `{"prompt", "completion", "label": t
 `{"messages", "label"}` records, or preference records split into a desirable and an undesirable
 example (the built-in world's pairs by default). Bad input names file:line.
 
-Metrics (means over the batch's desirable / undesirable examples; 0 for a batch without any):
+Metrics (means over the batch's desirable / undesirable examples, 0 for a batch without any;
+with `opt.grad_accum` > 1 still the whole batch's — sums and counts that the step adds up over
+the micro-batches, train/step.py `finish_metrics` — except the per-micro-batch z0 above):
 `rewards/desirable`, `rewards/undesirable`, `rewards/margin` (their difference),
 `rewards/accuracy` (share with Δ > z0 if desirable, Δ < z0 if not), `kl` (z0), `kl_unclamped`
 (the estimate before the clamp: it falls below 0 when training lowers the data's completions
@@ -63,6 +65,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +86,7 @@ from flaxlm.models.sharding import (
 from flaxlm.train import loop
 from flaxlm.train.losses import add_router_losses, router_coefs
 from flaxlm.train.pretrain import model_fns
+from flaxlm.train.step import RATIOS, SUMS
 
 log = logging.getLogger("flaxlm")
 ROWS = ("", "kl_")  # the row prefixes of a KTO batch: matched, mismatched (KL)
@@ -182,7 +186,23 @@ def kto_loss_fn(apply, k, base_apply=None, router: tuple | None = None):
         )  # fmt: skip
         m = _metrics(losses, rewards, pol - ref, pol, z0, batch["label"], batch["valid"])
         loss = m.pop("loss")
-        metrics = {**m, "kl_unclamped": raw, "weight": jnp.sum(batch["valid"])}
+        # The per-kind metrics as sums and counts (train/step.py `finish_metrics`): with
+        # opt.grad_accum > 1 they are then the whole batch's, not an average over micro-batches
+        # (counts divided by their number, a micro-batch without one kind pulling its means to 0)
+        good = batch["valid"] * batch["label"]
+        bad = batch["valid"] * (1.0 - batch["label"])
+        n = jnp.stack([jnp.sum(good), jnp.sum(bad)])
+        r = jnp.stack([jnp.sum(rewards * good), jnp.sum(rewards * bad)])
+        lp = jnp.stack([jnp.sum(pol * good), jnp.sum(pol * bad)])
+        ratios = {
+            "rewards/desirable": (r[:1], n[:1]), "rewards/undesirable": (r[1:], n[1:]),
+            "rewards/margin": (r * jnp.array([1.0, -1.0]), n),
+            "logps/desirable": (lp[:1], n[:1]), "logps/undesirable": (lp[1:], n[1:]),
+        }  # fmt: skip
+        sums = {"count/desirable": n[0], "count/undesirable": n[1]}
+        m = {k: v for k, v in m.items() if k not in ratios and k not in sums}
+        metrics = {**m, "kl_unclamped": raw, "weight": jnp.sum(batch["valid"]),
+                   SUMS: sums, RATIOS: ratios}  # fmt: skip
         return add_router_losses(loss, metrics, out[4] if router is not None else {}, router)
 
     return loss_fn
@@ -294,10 +314,26 @@ def _reference(config, mesh, rules):
     return RefLogps(ref_apply, ref_params, mesh, rules, cache=False, prefixes=ROWS)
 
 
+def check_settings(k) -> None:
+    """Raises on a bad `kto.*` number, naming the key; build_task calls it before anything is
+    loaded. β > 0: at 0 every loss is λ/2 whatever the policy (nothing trains), below 0 the
+    value function prefers the undesirable examples; λ_D, λ_U >= 0 (a negative weight
+    trains a kind of example the wrong way) and not both 0."""
+    real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)  # noqa: E731
+    if not (real(k.beta) and k.beta > 0):
+        raise ValueError(f"kto.beta={k.beta!r} must be > 0 (the scale of the implicit reward)")
+    for key in ("desirable_weight", "undesirable_weight"):
+        if not (real(k[key]) and k[key] >= 0):
+            raise ValueError(f"kto.{key}={k[key]!r} must be >= 0")
+    if k.desirable_weight == 0 and k.undesirable_weight == 0:
+        raise ValueError("kto.desirable_weight = kto.undesirable_weight = 0: no loss to train")
+
+
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The KTO Task; `init_from` (the SFT run) is required: it is the policy's start and, unless
     `kto.ref_from` names another run, the reference (LoRA: the policy's frozen base)."""
     k = config.kto
+    check_settings(k)
     if not config.init_from:
         raise ValueError("kto: set --config.init_from=SFT_RUN (the policy's start and reference)")
     if config.batch_size // jax.process_count() < 2:

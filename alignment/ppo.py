@@ -72,6 +72,7 @@ answers on held-out prompts — world-judge accuracy and the reward model's mean
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 
 import jax
@@ -235,10 +236,30 @@ def ppo_loss_fn(policy_apply, value_apply, p, temperature: float = 1.0,
 def check_settings(config) -> None:
     """Raises on a bad `ppo.*` setting, naming the key. build_task calls it before anything is
     loaded: `kl_estimator` is first read at the first rollout, after the decoder call and the
-    scoring, whose error ("kl estimator 'K3'") named no key."""
-    est = config.ppo.kl_estimator
+    scoring, whose error ("kl estimator 'K3'") named no key; the numbers were never checked —
+    λ = 2 or γ = 1.5 made GAE's sums grow with the response length, and a clip ε <= 0 made the
+    surrogate clip(ρ, 1 − ε, 1 + ε) a constant 1 − ε (0.1 at ratio 1 and advantage 1 for ε =
+    −0.2, not 0), all of it trained on without a word."""
+    p = config.ppo
+    est = p.kl_estimator
     if est not in KL_ESTIMATORS:
         raise ValueError(f"ppo.kl_estimator={est!r}; expected {' | '.join(KL_ESTIMATORS)}")
+    checks = {
+        "gamma": (lambda x: 0 <= x <= 1, "in [0, 1] (GAE's discount)"),
+        "lam": (lambda x: 0 <= x <= 1, "in [0, 1] (GAE's λ)"),
+        "clip": (lambda x: x > 0, "> 0 (the policy ratio's ε)"),
+        # (0 is not "off": the clipped term is then V_old's error, a floor under the loss, so V
+        # is never trained closer to the return than V_old was; a large ε turns clipping off)
+        "value_clip": (lambda x: x > 0, "> 0 (the value's ε; e.g. 1e9 turns clipping off)"),
+        "kl_coef": (lambda x: x >= 0, ">= 0 (β of the KL penalty)"),
+        "kl_target": (lambda x: x >= 0, ">= 0 (0 = a fixed β)"),
+        "kl_horizon": (lambda x: x > 0, "> 0 (sequences)"),
+        "vf_coef": (lambda x: x >= 0, ">= 0"),
+    }
+    for key, (ok, what) in checks.items():
+        v = p[key]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
+            raise ValueError(f"ppo.{key}={v!r} must be {what}")
 
 
 class PPOSource(RolloutSource):

@@ -108,11 +108,15 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
 
 def rl_run_config(c: ml_collections.ConfigDict, lr: float, runlocal: bool) -> None:
     """What the RL configs (PPO, GRPO, online DPO) share after their own sections: held-out
-    greedy and sampled accuracy (`eval_gen`, the world's held-out questions; `rollout.
-    heldout_prompts` RL prompts kept out), a constant learning rate after a short warmup with
-    Adam's β2 = 0.999 and no weight decay, and the evaluation / checkpoint cadence."""
+    greedy and sampled accuracy (`eval_gen`, the world's held-out questions, prompts cut as
+    the rollouts' — `eval_gen.max_prompt_len` follows `rollout.max_prompt_len` unless set
+    itself; `rollout.heldout_prompts` RL prompts kept out), a constant learning rate after a
+    short warmup with Adam's β2 = 0.999 and no weight decay, and the evaluation / checkpoint
+    cadence."""
     c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy
-    c.eval_gen.max_prompt_len = c.rollout.max_prompt_len
+    # Follows rollout.max_prompt_len, also when that is set on the command line (identity(): a
+    # reference of its own, so setting eval_gen.max_prompt_len leaves the rollout's alone).
+    c.eval_gen.max_prompt_len = c.rollout.get_ref("max_prompt_len").identity()
     c.eval_gen.sample_temperature = 1.0  # also report the accuracy of samples (0: off)
     c.eval_gen.samples = 1  # ...this many per prompt
     c.rollout.heldout_prompts = 0 if runlocal else 200  # evaluated as eval/rl_heldout/...
@@ -299,17 +303,19 @@ def frozen_scalar(run_dir: str, mesh, rules, dtype: str = "float32", ema: bool =
 # Rows of prompt + response, decoding
 
 
-def rollout_rows(prompts: Sequence[np.ndarray], tokens, lengths, seq_len: int, pad_id: int):
+def rollout_rows(prompts: Sequence[np.ndarray], tokens, lengths, seq_len: int, pad_id: int,
+                 width_name: str = "seq_len"):  # fmt: skip
     """Rows of prompts + their generated tokens (B, N): `tokens` = prompt + response,
     right-padded to `seq_len`; `loss_mask` marks the targets that are response tokens (see
-    alignment/rl_rollout.py)."""
+    alignment/rl_rollout.py). `width_name`: what set `seq_len`, for the error."""
     B = len(prompts)
     out = F.empty_rows(B, seq_len, pad_id)
     for b, (p, n) in enumerate(zip(prompts, lengths)):
         ids = np.concatenate([p, tokens[b, :n]])
         L = len(ids)
         if L > seq_len:
-            raise ValueError(f"rollout row {b}: {L} tokens > seq_len {seq_len}")
+            raise ValueError(f"rollout row {b}: {len(p)} prompt + {n} response tokens = {L} > "
+                             f"the row width {seq_len} ({width_name})")  # fmt: skip
         out["tokens"][b, :L] = ids
         out["targets"][b, : L - 1] = ids[1:]
         out["segment_ids"][b, :L] = 1
@@ -499,7 +505,12 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     tables = StopStrings.build(template.tok, strings, cfg.vocab_size) if strings else None
 
     score = reward_scorer(rm[1]) if rm is not None else None
-    width = gen_cfg.max_prompt_len + gen_cfg.max_new_tokens
+    # The reward model's rows hold the longest prompt of the sets and a whole answer: one
+    # width (one compile). Not eval_gen.max_prompt_len: the held-out RL prompts are cut to
+    # rollout.max_prompt_len when loaded, which may be longer.
+    longest = max((len(ex["ids"]) for exs in sets.values() for ex in exs), default=0)
+    width = longest + gen_cfg.max_new_tokens
+    width_name = f"longest held-out prompt {longest} + eval_gen.max_new_tokens"
     pad_id = max(template.tok.pad_id, 0)
     temp = float(gen_cfg.get("sample_temperature", 0.0))
     n_samples = int(gen_cfg.get("samples", 1))
@@ -519,7 +530,8 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
             texts, stop = decode_responses(template.tok, out.tokens, out.lengths,
                                            template.stop_tokens, strings)  # fmt: skip
             if score is not None:
-                rows = rollout_rows(prompts, out.tokens, out.lengths, width, pad_id)
+                rows = rollout_rows(prompts, out.tokens, out.lengths, width, pad_id,
+                                    width_name)  # fmt: skip
                 with use_mesh(mesh, rules):
                     s = fetch(score(rm[2], global_batch(rows, mesh)))
                 scores += list(s[: len(chunk)])

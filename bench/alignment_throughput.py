@@ -292,7 +292,10 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
     score = np.mean([by_it[i]["rollout/score_s"] for i in its])
     train = np.mean([by_it[i + 1]["rollout/train_s"] for i in its])
     resp = np.mean([by_it[i]["rollout/response_len"] for i in its])
-    wall = np.mean([by_it[i]["step_time_s"] * n for i in its])  # the loop's window = 1 iteration
+    # the loop's window = 1 iteration: its steps, and the rollout before them (left out of
+    # step_time_s, logged as before_step_s)
+    wall = np.mean([by_it[i]["step_time_s"] * n + by_it[i].get("before_step_s", 0.0)
+                    for i in its])  # fmt: skip
     cfg = ModelConfig.from_dict(common.source_meta(sft)["model_config"])
     T = prompt + new
     head = 6 * cfg.vocab_size * cfg.d_model  # the critic has no vocabulary projection

@@ -44,7 +44,7 @@ def dpo_config(loss_type: str = "sigmoid") -> ml_collections.ConfigDict:
     """The `dpo` section."""
     c = ml_collections.ConfigDict()
     c.loss_type = loss_type  # sigmoid | conservative | ipo | hinge | robust | simpo | orpo
-    c.beta = common.lookup(_BETA, loss_type, "loss")  # β (ORPO: weight λ of the odds-ratio term)
+    c.beta = common.lookup(_BETA, loss_type, "loss")  # β > 0 (ORPO: weight λ of the odds ratio)
     c.label_smoothing = 0.1 if loss_type in ("conservative", "robust") else 0.0  # flip rate ε
     c.simpo_gamma = 1.0  # SimPO target reward margin γ
     c.sft_coef = 0.0  # α of an added per-token NLL of the chosen response (RPO); 0 = off

@@ -72,7 +72,7 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     # mean: the group's mean reward | loo: the mean of the *other* samples' (RLOO with
     # scale_by_std=False)
     c.baseline = "mean"
-    c.clip = 0.2  # ε of the clipped ratio: [1 − ε, 1 + ε]
+    c.clip = 0.2  # ε > 0 of the clipped ratio: [1 − ε, 1 + ε]
     c.clip_high = 0.0  # upper ε when > 0: [1 − clip, 1 + clip_high] (DAPO's clip-higher, 0.28)
     # token: per-token ratio π/π_old (GRPO) | sequence: each response's length-normalised ratio
     # exp(mean log π/π_old) for all its tokens (GSPO; use clip ~3e-4 / clip_high ~4e-4 there)
@@ -86,7 +86,7 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     # DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are set aside and
     # up to this many extra decoder calls per rollout draw more prompts; 0 = off
     c.dynamic_sampling = 0
-    c.beta = 0.04  # weight of the per-token KL (k3) to the reference
+    c.beta = 0.04  # weight >= 0 of the per-token KL (k3) to the reference (0: no KL term)
     c.loss_agg = "seq"  # seq: mean over each response, then over responses | token: token mean
     # a reasoning model's end-of-thinking marker (e.g. "</think>"): rewards judge the text after
     # it; a response without it gets rollout.empty_reward. "" = the whole response is judged

@@ -42,7 +42,7 @@ _SIZES = dpo_config._SIZES
 def kto_config() -> ml_collections.ConfigDict:
     """The `kto` section."""
     c = ml_collections.ConfigDict()
-    c.beta = 0.1  # β: scale of the implicit reward log π/π_ref in the value function
+    c.beta = 0.1  # β > 0: scale of the implicit reward log π/π_ref in the value function
     c.desirable_weight = 1.0  # λ_D, weight of the desirable examples' loss
     c.undesirable_weight = 1.0  # λ_U, weight of the undesirable examples' loss
     c.ref_from = ""  # reference run ("" = init_from; its EMA with init_from_ema); not with LoRA

@@ -43,11 +43,11 @@ _SIZES = {
 def ppo_config() -> ml_collections.ConfigDict:
     """The `ppo` section: advantage estimation, clipping, KL penalty, loss weights."""
     c = ml_collections.ConfigDict()
-    c.gamma = 1.0  # discount γ of GAE (1: the reward at the end counts fully for every token)
-    c.lam = 0.95  # λ of GAE (bias–variance trade-off)
+    c.gamma = 1.0  # GAE discount γ in [0, 1] (1: the final reward counts fully at every token)
+    c.lam = 0.95  # λ of GAE, in [0, 1] (bias–variance trade-off)
     c.whiten_advantages = True  # normalise advantages over each rollout
-    c.clip = 0.2  # ε of the clipped policy ratio
-    c.value_clip = 0.2  # ε_V of the clipped value loss
+    c.clip = 0.2  # ε > 0 of the clipped policy ratio
+    c.value_clip = 0.2  # ε_V > 0 of the clipped value loss (a large ε_V turns clipping off)
     c.vf_coef = 0.1  # weight of the value loss in the combined loss
     c.ent_coef = 0.0  # weight of the entropy bonus
     c.kl_coef = 0.05  # β of the per-token KL penalty (initial value when adaptive)

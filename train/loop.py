@@ -109,7 +109,9 @@ class Task:
         to reading the whole params tree of the same structure. With `init_from_ema` it is
         called with `ema=True` too and must then read the run's EMA weights.
       before_step: optional hook called with the current state before each batch is drawn
-        (PPO/GRPO refresh their rollouts with the current policy here).
+        (PPO/GRPO refresh their rollouts with the current policy here). At the batch source's
+        boundaries (`at_boundary()`; every step without one) its time is no training time:
+        left out of step_time_s, tokens_per_s and mfu (`_before_step`).
       model_meta: JSON-able description stored in every checkpoint (e.g. the model config).
       frozen: optional pytree of arrays the loss reads but never trains (distillation's
         teacher weights, placed on the mesh): passed to every step as an argument, and
@@ -555,7 +557,7 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
         if task.before_step is not None:
-            task.before_step(state)
+            _before_step(task, state, meter)
         try:
             batch = next(task.train_batches)
         except StopIteration:
@@ -667,6 +669,23 @@ def _eval_logged(writer, step: int) -> bool:
 def _data_state(task) -> dict:
     get = getattr(task.train_batches, "get_state", None)
     return get() if get else {}
+
+
+def _before_step(task, state, meter) -> None:
+    """Runs the task's hook, at its batch source's boundaries outside the step time: PPO/GRPO
+    make a rollout there (generation, scoring, their compiles), timed as `rollout/gen_s` and
+    `rollout/score_s`; in step_time_s, tokens_per_s and mfu it made a rollout's steps look
+    several times slower. Its seconds are logged as `before_step_s` (summed over the line's
+    steps). The steps dispatched before it are waited for first, so their time stays in.
+    Elsewhere the hook is expected to return at once (the rollout sources' does) and
+    is not waited for: a wait every step would stall the dispatch of the next."""
+    if not _at_boundary(task):
+        task.before_step(state)
+        return
+    jax.block_until_ready(state.params)
+    t0 = time.perf_counter()
+    task.before_step(state)
+    meter.exclude(time.perf_counter() - t0, "before_step_s")
 
 
 def _at_boundary(task) -> bool:

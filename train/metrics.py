@@ -67,9 +67,10 @@ class Throughput:
     The rate is of training steps only: the loop calls `skip` after what is not one — the
     first step of a run or resume (startup, restore and compilation: its seconds are logged
     once as `first_step_s`), an evaluation, a checkpoint save, a rollback's restore — which
-    drops the interval so far, its tokens and its time. A log line whose interval holds no
-    step after such a skip (log_every=1 at the first step) has tokens_per_s, step_time_s and
-    mfu null.
+    drops the interval so far, its tokens and its time; and `exclude` for a task's
+    `before_step` work between steps (PPO/GRPO's rollouts: `before_step_s`). A log line whose
+    interval holds no step after such a skip (log_every=1 at the first step) has tokens_per_s,
+    step_time_s and mfu null.
     """
 
     def __init__(
@@ -94,6 +95,14 @@ class Throughput:
         if label:
             self.notes[label] = self.notes.get(label, 0.0) + time.perf_counter() - self.t0
         self.reset()
+
+    def exclude(self, seconds: float, label: str = "") -> None:
+        """Leaves `seconds` just spent out of the rate, keeping the interval's steps and tokens
+        (a task's `before_step` work between two steps); with `label` the next `measure`
+        reports them under that key, summed."""
+        self.t0 += seconds
+        if label:
+            self.notes[label] = self.notes.get(label, 0.0) + seconds
 
     def add(self, tokens: int):
         self.tokens += tokens

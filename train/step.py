@@ -6,7 +6,8 @@ function (tests call it directly). It
   1. computes loss and gradients, scanning over `grad_accum` micro-batches and weighting each by
      its target count (`metrics["weight"]`), so accumulation equals one big batch exactly for a
      loss that is a mean over target tokens — except a mixture of experts' router terms
-     (`loss_and_grads`);
+     (`loss_and_grads`). Metrics that are not means over those targets say how to combine
+     (`finish_metrics`: counts, and means over a group of the batch's rows of their own);
   2. applies the optimizer;
   3. runs the trouble guard: if the loss or the gradient norm is NaN/Inf, or the loss is a spike
      (far above the running mean of recent accepted losses), the update is discarded —
@@ -106,13 +107,46 @@ def _split_micro(batch, n: int):
     return jax.tree.map(split, batch)
 
 
+SUMS = "sums"  # metrics key: {name: value} summed over the micro-batches (counts)
+RATIOS = "ratios"  # metrics key: {name: (numerators (G,), denominators (G,))}, see finish_metrics
+
+
+def finish_metrics(metrics: dict) -> dict:
+    """A loss's metrics as logged: its reserved entries resolved into plain metrics.
+
+    Every plain metric is combined over micro-batches weighted by `metrics["weight"]`, right for
+    a mean over the loss's own items. Two entries say otherwise (each optional):
+
+      * SUMS {name: value}: a count, summed over the micro-batches;
+      * RATIOS {name: (numerators (G,), denominators (G,))}: Σ_g numerator_g / denominator_g
+        over the whole batch (a term with denominator 0 adds 0), the micro-batches adding their
+        numerators and denominators — a mean over a group of rows of its own (G = 1: KTO's
+        rewards of its desirable examples), or a difference of two (G = 2, one numerator
+        negated: their margin). Weighted by `weight`, a micro-batch without such rows would
+        pull the mean towards 0.
+
+    `loss_and_grads` and `eval_step` call it on what they return; a caller of a loss function
+    itself calls it on the metrics (one batch: the ratios of its own sums)."""
+    out = {k: v for k, v in metrics.items() if k not in (SUMS, RATIOS)}
+    out.update(metrics.get(SUMS, {}))
+    for name, (num, den) in metrics.get(RATIOS, {}).items():
+        num, den = jnp.asarray(num, jnp.float32), jnp.asarray(den, jnp.float32)
+        out[name] = jnp.sum(jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0))
+    return out
+
+
+def _accumulate(acc, metrics, scale):
+    return jax.tree.map(lambda a, m: a + scale * m, acc, metrics)
+
+
 def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, trainable_mask=None):
     """(loss, metrics, grads), averaged over micro-batches weighted by metrics['weight'].
 
     For a mean over target tokens (the cross-entropy, its z-loss) that is the whole batch's
-    value exactly. Not for a mixture of experts' load-balancing term `loss.moe_aux`·E·Σ_e f_e·P_e:
-    a product of two batch means (f_e: share of assignments routed to expert e, P_e: its mean
-    router probability), which each micro-batch computes from its own f and P (transformers'
+    value exactly; so are the counts and group means a loss declares (`finish_metrics`). Not
+    for a mixture of experts' load-balancing term `loss.moe_aux`·E·Σ_e f_e·P_e: a product of
+    two batch means (f_e: share of assignments routed to expert e, P_e: its mean router
+    probability), which each micro-batch computes from its own f and P (transformers'
     MoE models likewise take it per forward pass); the step averages those. Exact accumulation
     would need the whole batch's f_e before any micro-batch's backward (a second routing pass,
     or a gradient tree per expert and layer). The difference grows as micro-batches get smaller:
@@ -134,7 +168,7 @@ def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, t
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
         (loss, metrics), grads = grad_fn(params, batch, rng)
-        return loss, metrics, grads
+        return loss, finish_metrics(metrics), grads
 
     micro = _split_micro(batch, grad_accum)
     rngs = jax.random.split(rng, grad_accum)
@@ -152,7 +186,9 @@ def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, t
         w = metrics.get("weight", jnp.ones((), jnp.float32))
         acc_g, acc_l, acc_m, acc_w = carry
         acc_g = [a + w * g.astype(jnp.float32) for a, g in zip(acc_g, trained(grads))]
-        acc_m = jax.tree.map(lambda a, m: a + w * m, acc_m, metrics)
+        # sums and ratios' numerators and denominators add up; the rest is weighted by w
+        acc_m = {k: _accumulate(acc_m[k], v, 1.0 if k in (SUMS, RATIOS) else w)
+                 for k, v in metrics.items()}  # fmt: skip
         return (acc_g, acc_l + w * loss, acc_m, acc_w + w), None
 
     zeros_g = [jnp.zeros(p.shape, jnp.float32) for p in trained(params)]
@@ -167,10 +203,11 @@ def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, t
     grads = treedef.unflatten(
         [(next(acc) / w).astype(p.dtype) if t else jnp.zeros_like(p) for p, t in zip(leaves, train)]
     )
-    metrics = jax.tree.map(lambda m: m / w, metrics)
+    metrics = {k: v if k in (SUMS, RATIOS) else jax.tree.map(lambda m: m / w, v)
+               for k, v in metrics.items()}  # fmt: skip
     if "weight" in metrics:
         metrics["weight"] = w
-    return loss / w, metrics, grads
+    return loss / w, finish_metrics(metrics), grads
 
 
 def _restart_at(warmup_steps: int) -> int:
@@ -289,7 +326,7 @@ def train_step(
 def eval_step(params, batch, rng, *, loss_fn: Callable) -> dict:
     """Loss metrics of one batch, without an update."""
     loss, metrics = loss_fn(params, batch, rng)
-    return {**metrics, "loss": loss}
+    return {**finish_metrics(metrics), "loss": loss}
 
 
 def with_frozen(loss_fn: Callable, frozen) -> Callable:

@@ -226,6 +226,20 @@ def test_label_smoothing_of_half_or_more_is_refused_before_any_load(cache_dir):
                             label_smoothing=0.7)  # fmt: skip
 
 
+def test_beta_of_zero_or_below_and_a_negative_sft_coef_are_refused_before_any_load(cache_dir):
+    """dpo.beta=0 passed the settings check: IPO then failed at its first traced step with a
+    bare ZeroDivisionError (its target 1/(2β)) and every other type trained on a constant loss.
+    Refused when the task is built, naming the key; `preference_loss` itself says so too."""
+    for loss_type, key, bad in (("ipo", "beta", 0.0), ("sigmoid", "beta", -0.1),
+                                ("orpo", "beta", 0.0), ("sigmoid", "sft_coef", -1.0)):  # fmt: skip
+        c = H.tiny(dpo_config, cache_dir, f"runlocal=True,loss={loss_type}",
+                   init_from="/no/such/run", **{f"dpo.{key}": bad})  # fmt: skip
+        with pytest.raises(ValueError, match=rf"dpo\.{key}={bad} must be"):
+            dpo.build_task(c, None, None)
+    with pytest.raises(ValueError, match="ipo DPO needs beta > 0, got 0.0"):
+        dpo.preference_loss(PC, PR, RC, RR, beta=0.0, loss_type="ipo")
+
+
 def test_dpo_trains_in_the_loop(runs, cache_dir, tmp_path):
     sft, _ = runs
     c = H.tiny(dpo_config, cache_dir, init_from=sft, **{

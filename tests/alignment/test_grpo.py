@@ -603,7 +603,10 @@ def test_bad_settings_are_refused_when_the_task_is_built(cache_dir):
     the reference's load and a whole rollout. Both are refused first, naming the key (init_from
     names no run: a check after the source's resolution would fail on that instead)."""
     for key, bad, match in (("grpo.group_size", 1, "grpo.group_size=1"),
-                            ("grpo.loss_agg", "mean", "grpo.loss_agg='mean'")):  # fmt: skip
+                            ("grpo.loss_agg", "mean", "grpo.loss_agg='mean'"),
+                            ("grpo.clip", 0.0, "grpo.clip=0.0 must be > 0"),
+                            ("grpo.clip", -0.2, "grpo.clip=-0.2 must be > 0"),
+                            ("grpo.beta", -0.04, "grpo.beta=-0.04 must be >= 0")):  # fmt: skip
         c = H.tiny(grpo_config, cache_dir, init_from="/no/such/run", **{key: bad})
         with pytest.raises(ValueError, match=re.escape(match)):
             grpo.build_task(c, None, None)

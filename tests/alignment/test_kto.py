@@ -24,6 +24,7 @@ from flaxlm.data import formats as F
 from flaxlm.data.sources import DataError
 from flaxlm.data.tokenizer import train as train_tokenizer
 from flaxlm.train.metrics import read_metrics
+from flaxlm.train.step import finish_metrics, loss_and_grads
 
 _spec = importlib.util.spec_from_file_location(
     "rl_helpers", os.path.join(os.path.dirname(__file__), "rl_helpers.py")
@@ -123,6 +124,7 @@ def test_loss_fn_equals_the_formula(kl_shift, beta, wd, wu):
     params, batch = _batch(np.random.default_rng(0), kl_shift=kl_shift)
     k = _cfg(beta, wd, wu)
     loss, metrics = kto.kto_loss_fn(_table_apply, k)(params, batch, None)
+    metrics = finish_metrics(metrics)  # (the counts and per-kind means as logged)
     want, z0, per = _reference_of(params, batch, k)
     # The estimate is the mean over rows 0, 1, 3, 4, 5, 6 (row 2 has no mismatched row, row 7 is
     # padding): about kl_shift; a negative estimate is clamped to 0.
@@ -141,6 +143,10 @@ def test_loss_fn_equals_the_formula(kl_shift, beta, wd, wu):
     np.testing.assert_allclose(float(metrics["rewards/undesirable"]),
                                beta * (pol - ref)[bad].mean(), **TOL)  # fmt: skip
     np.testing.assert_allclose(float(metrics["logps/desirable"]), pol[good].mean(), **TOL)
+    np.testing.assert_allclose(float(metrics["logps/undesirable"]), pol[bad].mean(), **TOL)
+    np.testing.assert_allclose(float(metrics["rewards/margin"]),
+                               beta * ((pol - ref)[good].mean() - (pol - ref)[bad].mean()),
+                               **TOL)  # fmt: skip
     right = np.where(batch["label"] > 0, pol - ref > z0, pol - ref < z0)[batch["valid"] > 0]
     np.testing.assert_allclose(float(metrics["rewards/accuracy"]), right.mean(), **TOL)
     assert (float(metrics["count/desirable"]), float(metrics["count/undesirable"])) == (4, 3)
@@ -148,6 +154,35 @@ def test_loss_fn_equals_the_formula(kl_shift, beta, wd, wu):
     # The weights scale each kind's losses, nothing else.
     _, _, per1 = _reference_of(params, batch, _cfg(beta), z0)
     np.testing.assert_allclose(per, np.where(batch["label"] > 0, wd, wu) * per1, rtol=1e-12)
+
+
+def test_metrics_are_the_batchs_own_with_grad_accum():
+    """With opt.grad_accum > 1 the step combines micro-batches weighted by their examples: the
+    counts and per-kind means used to come out divided by the number of micro-batches
+    (count/desirable 4 → 2 → 1 at grad_accum 1, 2, 4) and pulled toward 0 by a micro-batch
+    without one kind. They are sums now (train/step.py `finish_metrics`): the same at any
+    grad_accum. (The loss, the gradient and z0 are each micro-batch's, as documented.)"""
+    params, batch = _batch(np.random.default_rng(5), kl_shift=0.0)
+    # grad_accum=4 splits rows strided (0, 4 | 1, 5 | 2, 6 | 3, 7): micro-batch 3 holds only
+    # desirable examples (row 7 is padding), micro-batch 1 only undesirable ones.
+    batch["label"] = np.array([1, 0, 0, 1, 1, 0, 1, 1], np.float32)
+    batch["kl_valid"] = np.zeros_like(batch["kl_valid"])  # z0 = 0 in every micro-batch
+    k = _cfg(beta=0.5)
+    fn, rng = kto.kto_loss_fn(_table_apply, k), jax.random.PRNGKey(0)
+    runs = {n: jax.jit(lambda p, b, n=n: loss_and_grads(p, b, rng, fn, grad_accum=n)[1])(
+        params, batch) for n in (1, 2, 4)}  # fmt: skip
+    assert (float(runs[1]["count/desirable"]), float(runs[1]["count/undesirable"])) == (4, 3)
+    pol, ref = _seq_logps(params, batch, ""), batch["ref_logps"].astype(np.float64)
+    good = (batch["label"] > 0) & (batch["valid"] > 0)
+    np.testing.assert_allclose(float(runs[4]["rewards/desirable"]),
+                               0.5 * (pol - ref)[good].mean(), **TOL)  # fmt: skip
+    for n in (2, 4):
+        for key in ("count/desirable", "count/undesirable", "rewards/desirable",
+                    "rewards/undesirable", "rewards/margin", "rewards/accuracy",
+                    "logps/desirable", "logps/undesirable", "weight"):  # fmt: skip
+            np.testing.assert_allclose(float(runs[n][key]), float(runs[1][key]), **TOL,
+                                       err_msg=f"{key} at grad_accum={n}")  # fmt: skip
+        assert not {"sums", "ratios"} & set(runs[n])
 
 
 @pytest.mark.parametrize("kl_shift", [2.0, -2.0])
@@ -453,6 +488,26 @@ def test_reference_is_init_from_or_its_ema_or_ref_from(cache_dir, tmp_path):
         with pytest.raises(ValueError, match=match):
             kto.build_task(H.tiny(kto_config, cache_dir, **{"init_from": sft, **overrides}),
                            mesh, None)  # fmt: skip
+
+
+def test_nonsense_numbers_are_refused_before_any_load(cache_dir):
+    """kto.beta=0 (every loss λ/2 whatever the policy: nothing trains) or below, and negative
+    weights, were accepted without a word. Refused when the task is built, naming the key
+    (init_from names no run)."""
+    for key, bad, match in (("beta", 0.0, "kto.beta=0.0 must be > 0"),
+                            ("beta", -0.1, "kto.beta=-0.1 must be > 0"),
+                            ("undesirable_weight", -1.0, "kto.undesirable_weight=-1.0 must be"),
+                            ("desirable_weight", 0.0, None)):  # fmt: skip
+        c = H.tiny(kto_config, cache_dir, init_from="/no/such/run", **{f"kto.{key}": bad})
+        if match is None:  # one kind weighted 0 is allowed: the run fails on the missing run
+            with pytest.raises(Exception) as e:
+                kto.build_task(c, None, None)
+            assert "kto." not in str(e.value)
+            with c.unlocked():
+                c.kto.undesirable_weight = 0.0
+            match = "no loss to train"
+        with pytest.raises(ValueError, match=match):
+            kto.build_task(c, None, None)
 
 
 def test_ref_from_with_another_tokenizer_is_refused_before_any_load(

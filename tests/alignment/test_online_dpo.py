@@ -90,6 +90,9 @@ def test_dpo_loss_settings_are_refused_when_the_task_is_built(cache_dir):
         "dpo.loss_type": "conservative", "dpo.label_smoothing": 0.5})  # fmt: skip
     with pytest.raises(ValueError, match="dpo.label_smoothing=0.5"):
         online_dpo.build_task(c, None, None, rewards=LENGTH)
+    c = H.tiny(odpo_config, cache_dir, init_from="/no/such/run", **{"dpo.beta": 0.0})
+    with pytest.raises(ValueError, match="dpo.beta=0.0 must be > 0"):
+        online_dpo.build_task(c, None, None, rewards=LENGTH)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ the shared loop with one jitted decoder call per rollout."""
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +237,29 @@ def test_kl_estimator_typo_is_refused_when_the_task_is_built(cache_dir):
                **{"ppo.kl_estimator": "K3"})  # fmt: skip
     with pytest.raises(ValueError, match=r"ppo.kl_estimator='K3'; expected k1 \| k3"):
         ppo.build_task(c, None, None)
+
+
+@pytest.mark.parametrize("key,bad,what", [
+    ("gamma", 1.5, r"in \[0, 1\]"), ("lam", 2.0, r"in \[0, 1\]"), ("lam", -0.1, r"in \[0, 1\]"),
+    ("clip", -0.2, "> 0"), ("clip", 0.0, "> 0"), ("value_clip", 0.0, "> 0"),
+    ("kl_target", -1.0, ">= 0"), ("kl_coef", -0.1, ">= 0"), ("kl_horizon", 0, "> 0"),
+    ("gamma", float("nan"), r"in \[0, 1\]"),
+])  # fmt: skip
+def test_nonsense_numbers_are_refused_when_the_task_is_built(cache_dir, key, bad, what):
+    """ppo.lam=2, gamma=1.5 (GAE's sums then grow with the response length) and clip=-0.2 (the
+    surrogate at ratio 1 became 0.1 instead of 0) trained without a word; value_clip=0 is no
+    "off" (V never trained closer to the return than V_old). Refused before any load, naming
+    the key (the runs named do not exist)."""
+    c = H.tiny(ppo_config, cache_dir, init_from="/no/such/run", reward_from="/no/such/rm",
+               **{f"ppo.{key}": bad})  # fmt: skip
+    with pytest.raises(ValueError, match=rf"ppo\.{key}={re.escape(repr(bad))} must be {what}"):
+        ppo.build_task(c, None, None)
+    good = H.tiny(
+        ppo_config,
+        cache_dir,
+        **{"ppo.gamma": 0.0, "ppo.lam": 1.0, "ppo.value_clip": 1e9, "ppo.kl_target": 0.0},
+    )
+    ppo.check_settings(good)  # the ends of the ranges, and value clipping turned off
 
 
 def test_frozen_models_in_bfloat16_and_int8_score_like_float32(runs):

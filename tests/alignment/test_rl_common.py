@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 
 from flaxlm.alignment import rl_common
+from flaxlm.configs import grpo as grpo_config
+from flaxlm.configs import online_dpo as online_dpo_config
+from flaxlm.configs import ppo as ppo_config
+from flaxlm.configs.common import override
 
 
 def _p(ids, meta):
@@ -184,3 +188,18 @@ def test_same_size_tokenizers_that_differ_in_one_piece_are_told_apart(tmp_path):
     with pytest.raises(ValueError, match=r"dpo.ref_from=hf:.*other: its tokenizer .* is not "
                        r"this run's .*: id 256 is 'Ġj' there, 'Ġz' here"):  # fmt: skip
         common.check_same_tokenizer(tok, f"hf:{other}", "dpo.ref_from")
+
+
+@pytest.mark.parametrize("module", [ppo_config, grpo_config, online_dpo_config])
+def test_eval_gen_max_prompt_len_follows_a_rollout_max_prompt_len_override(module):
+    """The RL configs set eval_gen.max_prompt_len from rollout.max_prompt_len once, so raising
+    the latter on the command line left the evaluation's cap behind (and PPO's reward-model
+    rows too narrow for the held-out RL prompts). It follows now; set itself, it is its own
+    and leaves the rollout's alone."""
+    c = module.get_config("runlocal=True,variant=tiny")
+    override(c, {"rollout.max_prompt_len": 64, "seq_len": 96})
+    assert c.eval_gen.max_prompt_len == 64
+    override(c, {"eval_gen.max_prompt_len": 40})
+    assert (c.eval_gen.max_prompt_len, c.rollout.max_prompt_len) == (40, 64)
+    override(c, {"rollout.max_prompt_len": 50})
+    assert (c.eval_gen.max_prompt_len, c.rollout.max_prompt_len) == (40, 50)

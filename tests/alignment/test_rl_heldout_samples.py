@@ -5,6 +5,7 @@ keys, and near temperature 0 they are the greedy answers."""
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 from flaxlm.alignment import grpo, rl_common, sft
@@ -50,3 +51,27 @@ def test_sampled_accuracy_shares_prefills_and_follows_each_prompts_keys(
     cold = evaluate(batch=8, samples=4, sample_temperature=1e-4)
     assert cold["x/sampled_accuracy"] == pytest.approx(cold["x/accuracy"])
     assert 0 < cold["x/accuracy"] < 1  # the stand-in score is not constant
+
+
+def test_reward_model_rows_hold_prompts_longer_than_eval_gen_max_prompt_len(tmp_path, cache_dir):
+    """The reward model's rows were eval_gen.max_prompt_len + max_new_tokens wide, but the
+    held-out RL prompts are cut to rollout.max_prompt_len when loaded: PPO with a raised
+    rollout.max_prompt_len crashed at its first evaluation ("rollout row 1: 76 tokens > seq_len
+    64", a width that was no seq_len). The rows now hold the sets' longest prompt."""
+    sft_dir, rm_dir = H.fake_runs(str(tmp_path), cache_dir)
+    c = H.tiny(grpo_config, cache_dir, init_from=sft_dir, **{
+        "batch_size": 8, "rollout.batch": 8, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6,
+    })  # fmt: skip
+    mesh, rules = make_mesh(dict(c.mesh)), logical_axis_rules("fsdp")
+    source = grpo.build_task(c, mesh, None, rewards=[("one", lambda m, t: 1.0, 1.0)]).train_batches
+    params = H.placed_params(model_fns(source.cfg)[0], mesh, rules)
+    examples = [{"ids": p["ids"], "meta": p["meta"], "answer": ""} for p in source.prompts[:8]]
+    g = c.eval_gen.copy_and_resolve_references()
+    with g.unlocked():
+        g.update(batch=8, sample_temperature=0.0, max_prompt_len=8)
+    assert max(len(ex["ids"]) for ex in examples) > g.max_prompt_len + g.max_new_tokens
+    rm = rl_common.frozen_scalar(rm_dir, mesh, rules)
+    out = rl_common.make_policy_eval(source.cfg, source.template, {"x": examples}, g, mesh,
+                                     rules, rm=rm)(params)  # fmt: skip
+    assert np.isfinite(out["x/rm_score"])

@@ -314,6 +314,33 @@ def test_tokens_per_s_leaves_out_startup_compilation_and_eval(preempted_run):
     assert by_step[6]["tokens_per_s"] is None and by_step[6]["step_time_s"] is None
 
 
+def test_step_time_leaves_out_the_before_step_hook(tmp_path):
+    """PPO/GRPO generate and score a rollout in `before_step` at their source's boundaries
+    (logged as rollout/gen_s, rollout/score_s): that time used to be in step_time_s,
+    tokens_per_s and mfu. A hook that sleeps HOOK_S at a boundary (every third step of the
+    `_RolloutLike` source) leaves the rate of the steps as it is."""
+    HOOK_S = 2.0
+    c = _config(total_steps=7, ckpt_every=0, log_every=6, eval_every=0, async_ckpt=False)
+    mesh = make_mesh({"data": -1})
+    task = pretrain.build_task(c, mesh)
+    task.train_batches = _RolloutLike(256, c.seq_len, c.batch_size, chain_seed=c.seed)
+    slept = []
+
+    def before_step(state):  # at the boundaries before steps 1, 4, 7
+        if task.train_batches.at_boundary():
+            slept.append(int(state.step))
+            if state.step == 3:  # (the one inside a logged window of timed steps)
+                time.sleep(HOOK_S)
+
+    task.before_step = before_step
+    loop.run(c, str(tmp_path), task, mesh=mesh)
+    assert slept == [0, 3, 6]
+    line = next(r for r in read_metrics(str(tmp_path)) if r["step"] == 6)
+    # steps 2..6 (step 1 compiled: first_step_s), HOOK_S among them: it made them >= HOOK_S / 5
+    assert line["step_time_s"] < HOOK_S / 10, line
+    assert HOOK_S <= line["before_step_s"] < HOOK_S * 1.5  # the hook's time, logged apart
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """(workdir, final state) of a finished 3-step run checkpointed at its end; the tests that

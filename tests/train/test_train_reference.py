@@ -311,6 +311,46 @@ def test_grad_accum_that_does_not_divide_the_batch_names_the_key():
                    guard=guard_config(), grad_accum=3)  # fmt: skip
 
 
+def test_counts_and_group_means_are_the_whole_batchs_at_any_grad_accum():
+    """A loss's SUMS (counts) and RATIOS (means over a group of rows of its own, and a margin of
+    two) are the whole batch's at grad_accum 1, 2 and 4, against numpy; an empty group is 0.
+    Weighted by `weight` with the other metrics, counts came out divided by the number of
+    micro-batches and a micro-batch without a group's rows pulled its mean toward 0."""
+    from flaxlm.train.step import RATIOS, SUMS, finish_metrics, loss_and_grads
+
+    x = np.arange(8, dtype=np.float32) - 2.0
+    # grad_accum=4 takes rows (0, 4), (1, 5), (2, 6), (3, 7): one has only group a, one only b
+    a = np.array([1, 0, 1, 1, 1, 0, 0, 1], np.float32)
+    b, valid = 1.0 - a, np.r_[np.ones(7), 0.0].astype(np.float32)
+    a, b = a * valid, b * valid
+
+    def loss_fn(params, batch, rng):
+        ga, gb, w = batch["a"], batch["b"], batch["valid"]
+        sa, sb = jnp.sum(batch["x"] * ga), jnp.sum(batch["x"] * gb)
+        na, nb = jnp.sum(ga), jnp.sum(gb)
+        loss = params["w"] * jnp.sum(batch["x"] * w) / jnp.maximum(jnp.sum(w), 1.0)
+        return loss, {
+            "weight": jnp.sum(w), "mean": jnp.sum(batch["x"] * w) / jnp.maximum(jnp.sum(w), 1.0),
+            SUMS: {"count/a": na, "count/b": nb},
+            RATIOS: {"x/a": (sa[None], na[None]), "x/margin": (jnp.stack([sa, -sb]),
+                     jnp.stack([na, nb])), "x/none": (sa[None] * 0, na[None] * 0)},
+        }  # fmt: skip
+
+    batch = {"x": x, "a": a, "b": b, "valid": valid}
+    params, key = {"w": jnp.ones(())}, jax.random.PRNGKey(0)
+    want = {"count/a": a.sum(), "count/b": b.sum(), "x/a": (x * a).sum() / a.sum(),
+            "x/margin": (x * a).sum() / a.sum() - (x * b).sum() / b.sum(), "x/none": 0.0,
+            "mean": (x * valid).sum() / valid.sum(), "weight": valid.sum()}  # fmt: skip
+    assert float(finish_metrics(loss_fn(params, batch, key)[1])["x/a"]) == pytest.approx(
+        want["x/a"]
+    )
+    for n in (1, 2, 4):
+        _, m, _ = jax.jit(lambda p, bt, n=n: loss_and_grads(p, bt, key, loss_fn, n))(params, batch)
+        assert set(m) == set(want)
+        for k, v in want.items():
+            assert float(m[k]) == pytest.approx(float(v), rel=1e-6), (k, n)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cross-entropy and its written-out gradient
 
