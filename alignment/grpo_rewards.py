@@ -1,0 +1,105 @@
+"""GRPO's reward functions: the built-in ones, the registry, and the `grpo.rewards` parser.
+
+A reward function is `(meta, response_text) -> float` (alignment/grpo.py's docstring says what
+`meta` holds and which extra arguments a function may ask for). `grpo.rewards` names them with
+optional weights ("exact_match,format:0.1"), by registry name (`register_reward`), as
+"module:function", or "rm" for the reward model of `reward_from`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flaxlm.data.synthetic_judge import TASKS
+
+
+def exact_match(meta: dict, response: str) -> float:
+    """1 when the response is right, else 0: for the built-in world's prompts, when it states
+    the right answer as "The answer is X." (the world's `is_correct`); for your own prompts, when
+    it equals `meta["answer"]` (whitespace stripped) — the eval_gen accuracy's rule."""
+    from flaxlm.data import synthetic
+
+    if meta.get("task") in TASKS:
+        return float(synthetic.is_correct(meta, response))
+    if "answer" not in meta:
+        raise KeyError("exact_match needs the prompt record's meta.answer (the reference)")
+    return float(response.strip() == str(meta["answer"]).strip())
+
+
+def format_reward(meta: dict, response: str) -> float:
+    """1 when the whole response is exactly one "The answer is X." sentence, else 0."""
+    from flaxlm.data.synthetic_judge import is_well_formed
+
+    del meta
+    return float(is_well_formed(response))
+
+
+def judge_reward(meta: dict, response: str) -> float:
+    """The world's rule-based judge (correctness, format, length, safety)."""
+    from flaxlm.data import synthetic
+
+    return float(synthetic.judge(meta, response))
+
+
+REWARD_MODEL = "rm"  # the name of the reward model (reward_from) in grpo.rewards
+REWARDS: dict[str, Callable[[dict, str], float]] = {
+    "exact_match": exact_match,
+    "format": format_reward,
+    "judge": judge_reward,
+}
+
+
+def register_reward(name: str, fn: Callable[[dict, str], float]) -> None:
+    """Makes `fn` usable as `grpo.rewards=name[:weight]`."""
+    REWARDS[name] = fn
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def import_reward(name: str) -> Callable[[dict, str], float]:
+    """The function `fn` of "module:fn" (imported like any module: installed, on PYTHONPATH or
+    in the working directory)."""
+    import importlib
+
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"grpo.rewards: cannot load reward {name!r}: {e}") from None
+    if not callable(fn):
+        raise TypeError(f"grpo.rewards: {name!r} is not callable")
+    return fn
+
+
+def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Callable, float]]:
+    """Parses "exact_match,format:0.1,my_rewards:numeric:0.5" into [(name, fn, weight), ...]:
+    each part is a name of REWARDS or "module:function" (imported), then an optional ":weight"
+    (default 1); "rm" is the reward model of `reward_from` (its fn is None: the source scores
+    it). Unknown names and unimportable functions are errors."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, w = part.rpartition(":")
+        if not name or not _is_number(w):  # no weight
+            name, w = part, ""
+        if name == REWARD_MODEL:
+            fn = None
+        elif name in REWARDS:
+            fn = REWARDS[name]
+        elif ":" in name:
+            fn = import_reward(name)
+            name = name.replace(":", ".")  # metric rollout/r_module.function
+        else:
+            raise KeyError(
+                f"{key}: unknown reward {name!r}; known: {sorted(REWARDS)}, "
+                f"{REWARD_MODEL!r} (the reward model of reward_from), or module:function"
+            )
+        out.append((name, fn, float(w) if w else 1.0))
+    if not out:
+        raise ValueError(f"{key} is empty")
+    return out
