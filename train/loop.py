@@ -53,33 +53,32 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
-from flaxlm.models.sharding import (
-    any_process,
-    logical_axis_rules,
-    make_mesh,
-    shard_batch,
-    use_mesh,
-)
+from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
 from flaxlm.train import checkpoint as ckpt_lib
-from flaxlm.train import checkpoint_compat, stopping
 from flaxlm.train import ema as ema_lib
-from flaxlm.train.metrics import (
-    MetricWriter,
-    Throughput,
-    peak_memory_gb,
-    read_metrics,
-    tokens_in_batch,
+from flaxlm.train import stopping
+
+# The loop's parts in their own modules, re-exported here (tests and callers use loop.<name>).
+from flaxlm.train.loop_guard import _log_and_guard, _rollback, _RollbackLimit  # noqa: F401
+from flaxlm.train.loop_logging import (  # noqa: F401
+    _eval_logged,
+    _log_window,
+    _maybe_eval,
+    _summarise,
 )
-from flaxlm.train.optim import make_optimizer, opt_config
-from flaxlm.train.state import (
-    EmaTrainState,
-    abstract_state,
-    create_train_state,
-    state_shardings,
+from flaxlm.train.loop_resume import (  # noqa: F401
+    DATA_ORDER_KEYS,
+    _check_rope_original_len,
+    _init_from_model_changes,
+    _refuse_another_optimizer,
+    _report_config_changes,
+    init_from_ema,
 )
+from flaxlm.train.metrics import MetricWriter, Throughput, tokens_in_batch
+from flaxlm.train.optim import make_optimizer
+from flaxlm.train.state import abstract_state, create_train_state, state_shardings
 from flaxlm.train.step import check_guard, jit_train_step
 
 log = logging.getLogger("flaxlm")
@@ -140,33 +139,6 @@ def itstime(step: int, every: int, total: int | None = None, first: bool = False
     return step % every == 0 or (total is not None and step == total) or (first and step == 0)
 
 
-def _summarise(window: list[dict]) -> dict:
-    """Averages a window of per-step metric dicts fetched from the device."""
-    out = {}
-    for key in window[-1]:
-        vals = np.asarray([float(np.asarray(m[key])) for m in window])
-        if key == "skipped":
-            out[key] = float(vals.sum())
-        elif key in ("bad_in_row", "lr", "ema_decay"):
-            out[key] = float(vals[-1])
-        else:
-            out[key] = float(vals.mean())
-    return out
-
-
-def init_from_ema(config) -> bool:
-    """Whether the run starts from the EMA weights of its `init_from` run (`init_from_ema`,
-    configs/common.py) instead of its params. Checked when set, before anything is built or
-    compiled: an unset `init_from`, an HF checkpoint or a run saved without an EMA is an error
-    naming the key and the run (`checkpoint.check_ema_source`). The tasks with a reference
-    model (DPO, PPO, GRPO, online DPO) take that reference from the same weights: it is the
-    policy the run starts from."""
-    if not config.get("init_from_ema", False):  # (configs older than the key: params)
-        return False
-    ckpt_lib.check_ema_source(config.get("init_from", ""), "init_from_ema", "init_from")
-    return True
-
-
 def check_cadence(config) -> None:
     """Refuses, naming the key, a cadence the loop cannot mean. `log_every` < 1 used to turn off
     the metrics and the guard's rollbacks silently (and the host kept every step's metrics);
@@ -182,72 +154,6 @@ def check_cadence(config) -> None:
             value = value[part]
         if not (is_int(value) and value >= least):
             raise ValueError(f"config: {key}={value!r} must be an integer >= {least}")
-
-
-# Keys whose change makes a resumed run draw other batches than the checkpoint's run would have.
-DATA_ORDER_KEYS = ("seed", "batch_size", "seq_len")
-
-
-def _report_config_changes(config, saved: dict | None, step: int) -> dict:
-    """Logs each key where this run's config differs from the one checkpoint `step` was saved
-    with (`saved`: its meta's `config`; None for an older checkpoint without one); returns
-    {key: (checkpoint's value, this run's)} for events.jsonl."""
-    if not isinstance(saved, dict):
-        return {}
-    changes = ckpt_lib.config_changes(saved, config.to_dict())
-    data = []
-    for key, (old, new) in changes.items():
-        if key == "total_steps":  # extending a run is normal; its lr schedule now spans `new`
-            log.info("resume: total_steps changed from %s to %s (the lr schedule now spans "
-                     "%s steps)", old, new, new)  # fmt: skip
-            continue
-        log.warning("resume from step %d with a changed config key: %s: checkpoint %r, this "
-                    "run %r", step, key, old, new)  # fmt: skip
-        if key in DATA_ORDER_KEYS or key.startswith("data."):
-            data.append(key)
-    if data:
-        log.warning("RESUME WITH A DIFFERENT DATA ORDER: %s changed since checkpoint %d: the "
-                    "batches from here on are not those the checkpoint's run would have drawn "
-                    "(the data does not continue exactly)", ", ".join(data), step)  # fmt: skip
-    return changes
-
-
-def _refuse_another_optimizer(ckpt, config, tx, target, trainable_mask) -> None:
-    """Raises a CheckpointError naming the changed `opt.` keys when the latest checkpoint was
-    saved with optimizer settings whose state does not fit this run's (another `opt.name`,
-    `clip_norm` on or off, ...), before orbax fails on it with a dump of the two trees. Settings
-    that keep the state's structure (lr, betas, weight_decay) resume, warned as changed keys."""
-    step = ckpt.latest_step()
-    saved = ((ckpt.read_step_meta(step) or {}).get("config") or {}).get("opt")
-    if not isinstance(saved, dict):
-        return
-    changed = ckpt_lib.config_changes(saved, config.opt.to_dict())
-    if not changed:
-        return
-    try:  # the checkpoint's optimizer, on this run's params: its state's shapes
-        old = opt_config()
-        for k, v in saved.items():
-            if k in old:
-                old[k] = v
-        old.warmup_steps = 0  # the schedule is no part of the state: no warmup warning again
-        old_tx, _ = make_optimizer(old, int(config.total_steps), trainable_mask)
-        old_state = jax.eval_shape(old_tx.init, target.params)
-    except Exception:  # a config this version cannot build: the restore decides
-        return
-    new_state = jax.eval_shape(tx.init, target.params)
-    shapes = lambda t: [x.shape for x in jax.tree.leaves(t)]  # noqa: E731
-    if jax.tree.structure(old_state) == jax.tree.structure(new_state) and (
-        shapes(old_state) == shapes(new_state)
-    ):
-        return
-    lines = "".join(f"\n  opt.{k}: checkpoint {a!r}, this run {b!r}"
-                    for k, (a, b) in changed.items())  # fmt: skip
-    raise ckpt_lib.CheckpointError(
-        f"checkpoint {ckpt.directory}/{step} was saved with another optimizer: its state does "
-        f"not fit this run's. The opt keys that changed:{lines}\nResume with the checkpoint's "
-        "opt settings (its meta item holds its config), or start a new run in another workdir "
-        "(init_from=<this workdir> starts it from these params). Nothing was moved."
-    )
 
 
 def _init_or_resume(config, task, ckpt, tx, mesh, rules):
@@ -292,62 +198,6 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
     if loaded is not None:
         log.info("initialised params from %s%s", config.init_from, " (EMA)" if from_ema else "")
     return state, shardings, 0, False, model_changes
-
-
-def _init_from_model_changes(config, task) -> dict:
-    """{key: (init_from's value, this run's)} for each ModelConfig key where this run's model
-    (`task.model_meta["model_config"]`) differs from its `init_from` run's (that run's meta),
-    logged; one that changes what the loaded weights compute (an activation, a norm epsilon, a
-    shape) is an error naming each key and both values (checkpoint.init_from_model_changes),
-    before any weights are read: pretraining from a run with another `mlp_activation` used to load
-    silently into another function. {} without init_from, for an HF source ("hf:DIR": its
-    stage resolves the architecture from config.json) or where either side records none."""
-    source = config.get("init_from", "")
-    ours = task.model_meta.get("model_config")
-    if not source or source.startswith("hf:") or not ours:
-        return {}
-    theirs = ckpt_lib.read_meta(source)[1].get("model_config")
-    if not theirs:
-        return {}
-    changes = ckpt_lib.init_from_model_changes(theirs, ours, f"init_from={source}")
-    _check_rope_original_len(config, theirs, ours, f"init_from={source}")
-    if changes:
-        context = any(k not in ckpt_lib.EXECUTION_ONLY_MODEL_KEYS for k in changes)
-        log.log(logging.WARNING if context else logging.INFO,
-                "init_from=%s: this run's model config differs from the source's: %s", source,
-                "; ".join(f"model.{k}: {a!r} there, {b!r} here"
-                          for k, (a, b) in changes.items()))  # fmt: skip
-    return changes
-
-
-def _check_rope_original_len(config, theirs: dict, ours: dict, where: str) -> None:
-    """A run whose model is its config's own (pretraining continued from `init_from`) and turns
-    on llama3/yarn/longrope scaling over an unscaled source: without model.rope_original_max_len
-    it is an error naming the value to set (the source's max_seq_len) — the model was built from
-    the config before this, too late to take that default, and the ModelConfig default 8192
-    used to apply silently; set larger than that, a warning. The alignment stages build their
-    model over the source's (`alignment.common.with_model_keys_set`), which defaults and warns."""
-    from flaxlm.configs.common import model_keys_set, to_model_config
-    from flaxlm.models.config import ModelConfig
-
-    try:
-        own = to_model_config(config.model) == ModelConfig.from_dict(ours)
-    except Exception:  # no model section of its own, or an older meta's keys
-        return
-    if not own:
-        return
-    set_here = "rope_original_max_len" in model_keys_set(config)
-    original, note = checkpoint_compat.init_from_rope_original_len(theirs, ours, set_here, where)
-    if original is not None and original != ours["rope_original_max_len"]:
-        raise ValueError(
-            f"{where}: model.rope_scaling={ours['rope_scaling']!r} is turned on over a source "
-            f"trained at max_seq_len {original} without model.rope_original_max_len (the "
-            f"default {ours['rope_original_max_len']} would apply): set "
-            f"--config.model.rope_original_max_len={original}, the source's context, or the "
-            "original context you mean"
-        )
-    if note and original is None:
-        log.warning("%s", note)
 
 
 def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
@@ -420,91 +270,6 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
             writer.close()
         ckpt.close()
     return summary.pop("state"), summary
-
-
-def _maybe_eval(task, state, step, writer, summary) -> bool:
-    """Runs and logs the evaluation (when the task has one); returns whether it ran."""
-    if task.eval_fn is None:
-        return False
-    t0 = time.perf_counter()
-    ev = {f"eval/{k}": v for k, v in task.eval_fn(state.params).items()}
-    ev["eval/time_s"] = time.perf_counter() - t0
-    if isinstance(state, EmaTrainState):  # the same evaluation of the EMA weights
-        t0 = time.perf_counter()
-        ema_params = ema_lib.swap_in(state.params, state.ema)
-        ev.update({f"eval_ema/{k}": v for k, v in task.eval_fn(ema_params).items()})
-        ev["eval_ema/time_s"] = time.perf_counter() - t0
-    writer.write(step, ev)
-    summary["eval"] = ev
-    log.info("step %d eval %s", step, {k: round(float(v), 4) for k, v in ev.items()})
-    return True
-
-
-def _log_window(window, meter, state, writer, summary, bar, step,
-                cut_at_checkpoint: bool = False) -> dict:  # fmt: skip
-    """Writes the metrics of the steps since the last log line (one device fetch).
-    `cut_at_checkpoint`: a line before its log step, at a checkpoint saved there (marked
-    `"cut_at_checkpoint": true`; the next line averages the steps after it)."""
-    rec = _summarise(jax.device_get(window))
-    if cut_at_checkpoint:
-        rec["cut_at_checkpoint"] = True
-    rec.update(meter.measure())
-    rec["n_skipped"] = int(jax.device_get(state.guard["n_skipped"]))
-    mem = peak_memory_gb()
-    if mem is not None:
-        rec["peak_mem_gb"] = mem
-    writer.write(step, rec)
-    summary["train"] = rec
-    bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
-    return rec
-
-
-class _RollbackLimit:
-    """`guard.max_rollbacks`: how many rollbacks in a row may get no further than the step that
-    triggered the one before (bad batches that never end rolled back for ever, each time
-    appending to events.jsonl and metrics.superseded.jsonl)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.steps: list[int] = []  # trigger steps of the rollbacks in a row without progress
-
-    def check(self, step: int, bad_in_row: int, ckpt, writer) -> None:
-        """Before a rollback triggered at `step`: raises once the limit is exceeded."""
-        if self.steps and step > self.steps[-1]:
-            self.steps = []  # the run got past the last rollback's step: progress
-        self.steps.append(step)
-        if self.limit <= 0 or len(self.steps) <= self.limit:
-            return
-        before = self.steps[:-1]
-        ckpt.wait()  # a save in flight lands first: the latest step named is the one on disk
-        why = (
-            f"step {step}: {bad_in_row} bad steps in a row (NaN/Inf or loss spikes) again, after "
-            f"{len(before)} rollbacks in a row (at steps {before}) none of which got past step "
-            f"{max(before)}: stopping instead of rolling back again "
-            f"(guard.max_rollbacks={self.limit}; 0 = no limit). "
-            f"The checkpoints are left as they are (latest: step {ckpt.latest_step()}); the "
-            "batches after it keep failing: check the data there, or lower the learning rate."
-        )
-        writer.event("rollback_limit", why, step=step, rollback_steps=before)
-        raise RuntimeError(why)
-
-
-def _log_and_guard(config, window, meter, state, step, writer, summary, bar, limit, ckpt, task,
-                   tx, shardings):  # fmt: skip
-    """Logs the window, then rolls back to the last checkpoint when the guard's streak of bad
-    steps is long enough. Returns (state, step, rolled back)."""
-    rec = _log_window(window, meter, state, writer, summary, bar, step)
-    # 0 turns rollback off (as 0 turns off the guard's other thresholds); without the first
-    # test every log step would roll back (bad_in_row >= 0 always).
-    max_bad = config.guard.max_bad_in_row
-    if not (max_bad > 0 and rec["bad_in_row"] >= max_bad):
-        return state, step, False
-    limit.check(step, int(rec["bad_in_row"]), ckpt, writer)
-    state, step = _rollback(ckpt, state, step, task, tx, shardings, summary, writer,
-                            int(rec["bad_in_row"]))  # fmt: skip
-    bar.n = step
-    meter.skip()  # the restore is no training time
-    return state, step, True
 
 
 def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta, shardings, tx,
@@ -652,20 +417,6 @@ def _end_of_data(config, task, state, step, ckpt, writer, meter, meta, window, s
     writer.event("data_end", why, step=step, **left)
 
 
-def _eval_logged(writer, step: int) -> bool:
-    """Whether metrics.jsonl holds an evaluation line at `step` (read on process 0, the one
-    that writes it; agreed by every process, as each must make the same jitted calls)."""
-    logged = False
-    if writer.active:
-        try:
-            records = read_metrics(writer.workdir)
-        except OSError:
-            records = []  # (none to read: evaluate)
-        logged = any(isinstance(r, dict) and r.get("step") == step
-                     and any(k.startswith("eval/") for k in r) for r in records)  # fmt: skip
-    return any_process(logged)
-
-
 def _data_state(task) -> dict:
     get = getattr(task.train_batches, "get_state", None)
     return get() if get else {}
@@ -693,30 +444,3 @@ def _at_boundary(task) -> bool:
     has buffered (PPO/GRPO: a rollout's unused minibatches) says so with `at_boundary()`."""
     at = getattr(task.train_batches, "at_boundary", None)
     return at() if at else True
-
-
-def _rollback(ckpt, state, step, task, tx, shardings, summary, writer, bad_in_row):
-    """Restores the last readable checkpoint's model and optimizer (an unreadable newest step
-    is handled as on resume, `ckpt.on_corrupt`); the data iterator keeps its place. The metrics
-    lines after the checkpoint move to metrics.superseded.jsonl (the steps are trained again)."""
-    ckpt.wait()
-    got = None
-    if ckpt.latest_step() is not None:
-        got = ckpt.restore_latest(abstract_state(task.init_params, tx, shardings))
-    if got is None:
-        raise RuntimeError(
-            f"step {step}: {int(state.guard['bad_in_row'])} bad steps in a row (NaN/Inf or loss "
-            "spikes) and no checkpoint to roll back to; lower the learning rate or check the data"
-        )
-    last, restored = got[0], got[1]
-    summary["rollbacks"] += 1
-    moved = writer.rolled_back(
-        step, last, f"{bad_in_row} bad steps in a row (NaN/Inf or loss spikes) at step {step}: "
-        f"rolled back to checkpoint {last}", checkpoint=last, bad_in_row=bad_in_row,
-    )  # fmt: skip
-    log.warning(
-        "step %d: rolled back to checkpoint %d, skipping the batches in between (%d metrics "
-        "lines of steps %d..%d moved to metrics.superseded.jsonl)",
-        step, last, moved, last + 1, step,
-    )  # fmt: skip
-    return restored, int(jax.device_get(restored.step))

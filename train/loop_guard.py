@@ -1,0 +1,91 @@
+"""Rollbacks: after `guard.max_bad_in_row` bad steps in a row (NaN/Inf or loss spikes, counted
+by the step's guard, train/step.py) the loop restores the last checkpoint and keeps the data
+iterator's place, so the offending batches are skipped (`_log_and_guard`, `_rollback`);
+`guard.max_rollbacks` rollbacks in a row without progress stop the run (`_RollbackLimit`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+
+from flaxlm.train.loop_logging import _log_window
+from flaxlm.train.state import abstract_state
+
+log = logging.getLogger("flaxlm")
+
+
+class _RollbackLimit:
+    """`guard.max_rollbacks`: how many rollbacks in a row may get no further than the step that
+    triggered the one before (bad batches that never end rolled back for ever, each time
+    appending to events.jsonl and metrics.superseded.jsonl)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.steps: list[int] = []  # trigger steps of the rollbacks in a row without progress
+
+    def check(self, step: int, bad_in_row: int, ckpt, writer) -> None:
+        """Before a rollback triggered at `step`: raises once the limit is exceeded."""
+        if self.steps and step > self.steps[-1]:
+            self.steps = []  # the run got past the last rollback's step: progress
+        self.steps.append(step)
+        if self.limit <= 0 or len(self.steps) <= self.limit:
+            return
+        before = self.steps[:-1]
+        ckpt.wait()  # a save in flight lands first: the latest step named is the one on disk
+        why = (
+            f"step {step}: {bad_in_row} bad steps in a row (NaN/Inf or loss spikes) again, after "
+            f"{len(before)} rollbacks in a row (at steps {before}) none of which got past step "
+            f"{max(before)}: stopping instead of rolling back again "
+            f"(guard.max_rollbacks={self.limit}; 0 = no limit). "
+            f"The checkpoints are left as they are (latest: step {ckpt.latest_step()}); the "
+            "batches after it keep failing: check the data there, or lower the learning rate."
+        )
+        writer.event("rollback_limit", why, step=step, rollback_steps=before)
+        raise RuntimeError(why)
+
+
+def _log_and_guard(config, window, meter, state, step, writer, summary, bar, limit, ckpt, task,
+                   tx, shardings):  # fmt: skip
+    """Logs the window, then rolls back to the last checkpoint when the guard's streak of bad
+    steps is long enough. Returns (state, step, rolled back)."""
+    rec = _log_window(window, meter, state, writer, summary, bar, step)
+    # 0 turns rollback off (as 0 turns off the guard's other thresholds); without the first
+    # test every log step would roll back (bad_in_row >= 0 always).
+    max_bad = config.guard.max_bad_in_row
+    if not (max_bad > 0 and rec["bad_in_row"] >= max_bad):
+        return state, step, False
+    limit.check(step, int(rec["bad_in_row"]), ckpt, writer)
+    state, step = _rollback(ckpt, state, step, task, tx, shardings, summary, writer,
+                            int(rec["bad_in_row"]))  # fmt: skip
+    bar.n = step
+    meter.skip()  # the restore is no training time
+    return state, step, True
+
+
+def _rollback(ckpt, state, step, task, tx, shardings, summary, writer, bad_in_row):
+    """Restores the last readable checkpoint's model and optimizer (an unreadable newest step
+    is handled as on resume, `ckpt.on_corrupt`); the data iterator keeps its place. The metrics
+    lines after the checkpoint move to metrics.superseded.jsonl (the steps are trained again)."""
+    ckpt.wait()
+    got = None
+    if ckpt.latest_step() is not None:
+        got = ckpt.restore_latest(abstract_state(task.init_params, tx, shardings))
+    if got is None:
+        raise RuntimeError(
+            f"step {step}: {int(state.guard['bad_in_row'])} bad steps in a row (NaN/Inf or loss "
+            "spikes) and no checkpoint to roll back to; lower the learning rate or check the data"
+        )
+    last, restored = got[0], got[1]
+    summary["rollbacks"] += 1
+    moved = writer.rolled_back(
+        step, last, f"{bad_in_row} bad steps in a row (NaN/Inf or loss spikes) at step {step}: "
+        f"rolled back to checkpoint {last}", checkpoint=last, bad_in_row=bad_in_row,
+    )  # fmt: skip
+    log.warning(
+        "step %d: rolled back to checkpoint %d, skipping the batches in between (%d metrics "
+        "lines of steps %d..%d moved to metrics.superseded.jsonl)",
+        step, last, moved, last + 1, step,
+    )  # fmt: skip
+    return restored, int(jax.device_get(restored.step))

@@ -1,0 +1,84 @@
+"""The loop's log lines and evaluations: one device fetch per log window (`_log_window`,
+averaged by `_summarise`), the evaluation of the params and of the EMA weights (`_maybe_eval`),
+and whether metrics.jsonl already holds a step's evaluation (`_eval_logged`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import numpy as np
+
+from flaxlm.models.sharding import any_process
+from flaxlm.train import ema as ema_lib
+from flaxlm.train.metrics import peak_memory_gb, read_metrics
+from flaxlm.train.state import EmaTrainState
+
+log = logging.getLogger("flaxlm")
+
+
+def _summarise(window: list[dict]) -> dict:
+    """Averages a window of per-step metric dicts fetched from the device."""
+    out = {}
+    for key in window[-1]:
+        vals = np.asarray([float(np.asarray(m[key])) for m in window])
+        if key == "skipped":
+            out[key] = float(vals.sum())
+        elif key in ("bad_in_row", "lr", "ema_decay"):
+            out[key] = float(vals[-1])
+        else:
+            out[key] = float(vals.mean())
+    return out
+
+
+def _maybe_eval(task, state, step, writer, summary) -> bool:
+    """Runs and logs the evaluation (when the task has one); returns whether it ran."""
+    if task.eval_fn is None:
+        return False
+    t0 = time.perf_counter()
+    ev = {f"eval/{k}": v for k, v in task.eval_fn(state.params).items()}
+    ev["eval/time_s"] = time.perf_counter() - t0
+    if isinstance(state, EmaTrainState):  # the same evaluation of the EMA weights
+        t0 = time.perf_counter()
+        ema_params = ema_lib.swap_in(state.params, state.ema)
+        ev.update({f"eval_ema/{k}": v for k, v in task.eval_fn(ema_params).items()})
+        ev["eval_ema/time_s"] = time.perf_counter() - t0
+    writer.write(step, ev)
+    summary["eval"] = ev
+    log.info("step %d eval %s", step, {k: round(float(v), 4) for k, v in ev.items()})
+    return True
+
+
+def _log_window(window, meter, state, writer, summary, bar, step,
+                cut_at_checkpoint: bool = False) -> dict:  # fmt: skip
+    """Writes the metrics of the steps since the last log line (one device fetch).
+    `cut_at_checkpoint`: a line before its log step, at a checkpoint saved there (marked
+    `"cut_at_checkpoint": true`; the next line averages the steps after it)."""
+    rec = _summarise(jax.device_get(window))
+    if cut_at_checkpoint:
+        rec["cut_at_checkpoint"] = True
+    rec.update(meter.measure())
+    rec["n_skipped"] = int(jax.device_get(state.guard["n_skipped"]))
+    mem = peak_memory_gb()
+    if mem is not None:
+        rec["peak_mem_gb"] = mem
+    writer.write(step, rec)
+    summary["train"] = rec
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
+    return rec
+
+
+def _eval_logged(writer, step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation line at `step` (read on process 0, the one
+    that writes it; agreed by every process, as each must make the same jitted calls)."""
+    logged = False
+    if writer.active:
+        try:
+            records = read_metrics(writer.workdir)
+        except OSError:
+            records = []  # (none to read: evaluate)
+        logged = any(isinstance(r, dict) and r.get("step") == step
+                     and any(k.startswith("eval/") for k in r) for r in records)  # fmt: skip
+    return any_process(logged)
