@@ -101,7 +101,7 @@ import time
 import jax
 import numpy as np
 
-from flaxlm.alignment import common, rl_common
+from flaxlm.alignment import common, rl_common, rl_eval
 from flaxlm.alignment.grpo_loss import (  # noqa: F401
     LOSS_AGGS,
     aggregate,
@@ -398,7 +398,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
     if reward_from:  # the reward model reads the policy's token ids (before any load)
         common.check_same_tokenizer(tok, reward_from, "reward_from")
-    prompts, held, report = rl_common.training_prompts(config, template)
+    prompts, held, report = rl_eval.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     init_params, apply = model_fns(cfg)
     spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
@@ -422,7 +422,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
         config, mesh, rules, prompts, cfg=cfg, template=template, apply=apply, ref=ref,
         rewards=rewards, spec=spec, rm=rm,
     )  # fmt: skip
-    eval_fn, data_report = rl_common.policy_eval_and_report(
+    eval_fn, data_report = rl_eval.policy_eval_and_report(
         config, cfg, template, prompts, held, report, mesh, rules, workdir
     )
     if spec and eval_fn:

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.alignment import common, rl_common
+from flaxlm.alignment import common, rl_common, rl_eval
 from flaxlm.alignment.dpo import RefLogps, WithRefLogps, rows_logps
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
@@ -370,8 +370,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if config.eval_every and (heldout or config.eval_gen.sets):
         gen_eval = None
         if config.eval_gen.sets:
-            sets = rl_common.heldout_sets(config, template, [], eval_report)
-            gen_eval = rl_common.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
+            sets = rl_eval.heldout_sets(config, template, [], eval_report)
+            gen_eval = rl_eval.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
         eval_fn = make_eval_fn(config, mesh, apply, ref, heldout, tok.pad_id, gen_eval, spec,
                                base_apply)  # fmt: skip
     data_report = {"train": {**report.to_dict(), **label_balance(train, k)},

@@ -79,7 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.alignment import common, rl_common
+from flaxlm.alignment import common, rl_common, rl_eval
 from flaxlm.alignment.rl_rollout import (
     KL_ESTIMATORS,
     RolloutSource,
@@ -367,7 +367,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
     # The scorer and the critic read the policy's token ids (before any data or model loads)
     common.check_same_tokenizer(tok, config.reward_from, "reward_from")
-    prompts, held, report = rl_common.training_prompts(config, template)
+    prompts, held, report = rl_eval.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     dtype = config.rollout.frozen_dtype
     rm = rl_common.frozen_scalar(
@@ -415,7 +415,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         config, mesh, rules, prompts, cfg=cfg, template=template,
         applies=(lm_apply, v_apply), ref=ref, rm=rm, spec=spec,
     )  # fmt: skip
-    policy_eval, data_report = rl_common.policy_eval_and_report(
+    policy_eval, data_report = rl_eval.policy_eval_and_report(
         config, cfg, template, prompts, held, report, mesh, rules, workdir, rm=rm
     )
     eval_fn = None if policy_eval is None else (lambda p: policy_eval(plain(p["policy"])))

@@ -17,7 +17,7 @@ Evaluation (every `eval_every` steps, and at step 0 for the starting model's bas
     record's prompt, scored by the built-in world's judge when the record carries its meta
     (exact match of "The answer is X."), else by exact match with the reference answer (a
     conversation's last assistant turn, or a prompt record's meta.answer: the RL stages' sets
-    read the same, `rl_common.heldout_sets`); `stopped` is the fraction of answers that ended
+    read the same, `rl_eval.heldout_sets`); `stopped` is the fraction of answers that ended
     with `<|end|>` within `max_new_tokens`. Dropped records are counted in the data report's
     eval section; a set with no usable record is an error.
 """
@@ -172,9 +172,9 @@ def gen_sets(config, template, report: F.DataReport) -> dict[str, list[dict]]:
     """{set name: examples} for generation eval: the RL stages' reader (conversations or
     prompt records with meta.answer; unique names; an empty set is an error), its drops counted
     in `report` (the data report's eval section) instead of vanishing."""
-    from flaxlm.alignment import rl_common  # (rl_common imports this module)
+    from flaxlm.alignment import rl_eval  # (rl_eval imports rl_common, which imports this module)
 
-    return rl_common.heldout_sets(config, template, [], report)
+    return rl_eval.heldout_sets(config, template, [], report)
 
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:

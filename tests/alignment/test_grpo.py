@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxlm.alignment import common, grpo, rl_common, rl_rollout
+from flaxlm.alignment import common, grpo, rl_common, rl_eval, rl_rollout
 from flaxlm.configs import grpo as grpo_config
 from flaxlm.data import formats as F
 from flaxlm.models.decode import GenerateOutput
@@ -330,7 +330,7 @@ def test_rollouts_end_at_stop_strings(runs, cache_dir):
     examples = [{"ids": p["ids"], "meta": p["meta"], "answer": p["meta"].get("answer", "")}
                 for p in source.prompts[:8]]  # fmt: skip
     rules = logical_axis_rules("fsdp")
-    runs = [rl_common.make_policy_eval(source.cfg, source.template, {"x": examples}, c.eval_gen,
+    runs = [rl_eval.make_policy_eval(source.cfg, source.template, {"x": examples}, c.eval_gen,
                                        mesh, rules, stop_strings=strings)(params)
             for strings in ((), ("e", "?"))]  # fmt: skip
     assert runs[1]["x/response_len"] < runs[0]["x/response_len"]

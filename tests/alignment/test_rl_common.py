@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from flaxlm.alignment import rl_common
+from flaxlm.alignment import rl_common, rl_eval
 from flaxlm.configs import grpo as grpo_config
 from flaxlm.configs import online_dpo as online_dpo_config
 from flaxlm.configs import ppo as ppo_config
@@ -22,14 +22,14 @@ def _p(ids, meta):
 def test_question_key_own_meta_is_not_the_question():
     # "2 plus 5" and "3 plus 4": different prompts sharing the reference answer.
     a, b = _p([1, 2, 5], {"answer": "7"}), _p([1, 3, 4], {"answer": "7"})
-    assert rl_common.question_key(a) != rl_common.question_key(b)
-    assert rl_common.question_key(a) == rl_common.question_key(_p([1, 2, 5], {"answer": "7"}))
+    assert rl_eval.question_key(a) != rl_eval.question_key(b)
+    assert rl_eval.question_key(a) == rl_eval.question_key(_p([1, 2, 5], {"answer": "7"}))
     # The world's paraphrases (other ids, same meta) stay one question.
     world = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7"}
-    assert rl_common.question_key(_p([1, 3], world)) == rl_common.question_key(_p([9, 9], world))
+    assert rl_eval.question_key(_p([1, 3], world)) == rl_eval.question_key(_p([9, 9], world))
     # Held-out split: 4 own prompts with one shared answer are 4 questions, not 1.
     prompts = [_p([1, i], {"answer": "7"}) for i in range(4)]
-    train, held = rl_common.split_prompts(prompts, 1, seed=0)
+    train, held = rl_eval.split_prompts(prompts, 1, seed=0)
     assert (len(train), len(held)) == (3, 1)
 
 
@@ -59,7 +59,7 @@ def test_heldout_sets_take_the_completion_as_reference(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(F, "render_prompt", fake_render)
     report = F.DataReport()
-    sets = rl_common.heldout_sets(c, None, [], report)
+    sets = rl_eval.heldout_sets(c, None, [], report)
     assert [ex["answer"] for ex in sets["heldout"]] == ["It is 7.", "Hi.", "7", ""]
     assert report.to_dict()["used"] == 4
     assert "1 of 4 examples have no reference answer" in caplog.text
@@ -115,7 +115,7 @@ def test_null_fields_are_absent_and_a_bad_meta_is_counted(tmp_path, monkeypatch)
     bad = report.to_dict()["bad_input"]
     assert bad["examples"] == {"bad_meta": [f"{path}:4: bad_meta (meta='2' is not a JSON object)"]}
     report = F.DataReport()
-    sets = rl_common.heldout_sets(c, None, [], report)
+    sets = rl_eval.heldout_sets(c, None, [], report)
     assert [ex["answer"] for ex in sets["mixed"]] == ["7", "", "Hi."]
     assert report.to_dict()["bad_input"]["counts"] == {"bad_meta": 1}
 
@@ -139,7 +139,7 @@ def test_eval_set_names_are_unique_and_an_empty_set_is_an_error(tmp_path, monkey
     assert common.eval_set_names(c.eval_gen.sets.split(",")) == [
         "a_heldout", "b_heldout", "other", "sft_heldout"]  # fmt: skip
     override(c, {"eval_gen.sets": f"{a},{b}"})
-    sets = rl_common.heldout_sets(c, None, [], F.DataReport())
+    sets = rl_eval.heldout_sets(c, None, [], F.DataReport())
     assert {k: [ex["answer"] for ex in v] for k, v in sets.items()} == {
         "a_heldout": ["Hi."], "b_heldout": ["Yo."]}  # fmt: skip
     with pytest.raises(ValueError, match=f"eval_gen.sets: {a} and {a} would both report as "
@@ -155,11 +155,11 @@ def test_eval_set_names_are_unique_and_an_empty_set_is_an_error(tmp_path, monkey
     with pytest.raises(ValueError, match=re.escape(
         f"eval_gen.sets: {bad} has no usable example (dropped: 1 bad_meta (e.g. {bad}:1: "
         "meta=1 is not a JSON object), 1 empty (e.g. ")):  # fmt: skip
-        rl_common.heldout_sets(c, None, [], report)
+        rl_eval.heldout_sets(c, None, [], report)
     empty = _jsonl(tmp_path / "empty.jsonl", [])
     override(c, {"eval_gen.sets": empty})
     with pytest.raises(ValueError, match="holds no records"):
-        rl_common.heldout_sets(c, None, [], F.DataReport())
+        rl_eval.heldout_sets(c, None, [], F.DataReport())
 
 
 def test_same_size_tokenizers_that_differ_in_one_piece_are_told_apart(tmp_path):

@@ -1,4 +1,4 @@
-"""The RL held-out evaluation's sampled accuracy (`rl_common.make_policy_eval`): samples of a
+"""The RL held-out evaluation's sampled accuracy (`rl_eval.make_policy_eval`): samples of a
 prompt share its prefill (`generate(..., num_samples=)`), each prompt's samples follow its own
 keys, and near temperature 0 they are the greedy answers."""
 
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from flaxlm.alignment import grpo, rl_common, sft
+from flaxlm.alignment import grpo, rl_common, rl_eval, sft
 from flaxlm.configs import grpo as grpo_config
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train.pretrain import model_fns
@@ -41,7 +41,7 @@ def test_sampled_accuracy_shares_prefills_and_follows_each_prompts_keys(
         g = c.eval_gen.copy_and_resolve_references()
         with g.unlocked():
             g.update(gen)
-        return rl_common.make_policy_eval(source.cfg, source.template, {"x": examples}, g,
+        return rl_eval.make_policy_eval(source.cfg, source.template, {"x": examples}, g,
                                           mesh, rules)(params)  # fmt: skip
 
     hot = [evaluate(batch=b, samples=4, sample_temperature=2.0) for b in (8, 16)]
@@ -72,6 +72,6 @@ def test_reward_model_rows_hold_prompts_longer_than_eval_gen_max_prompt_len(tmp_
         g.update(batch=8, sample_temperature=0.0, max_prompt_len=8)
     assert max(len(ex["ids"]) for ex in examples) > g.max_prompt_len + g.max_new_tokens
     rm = rl_common.frozen_scalar(rm_dir, mesh, rules)
-    out = rl_common.make_policy_eval(source.cfg, source.template, {"x": examples}, g, mesh,
+    out = rl_eval.make_policy_eval(source.cfg, source.template, {"x": examples}, g, mesh,
                                      rules, rm=rm)(params)  # fmt: skip
     assert np.isfinite(out["x/rm_score"])

@@ -367,7 +367,7 @@ def test_a_template_that_fails_on_a_record_is_an_error_naming_its_file_and_line(
 
     import ml_collections
 
-    from flaxlm.alignment import rl_common
+    from flaxlm.alignment import rl_common, rl_eval
     from flaxlm.models.hf_tokenizer import HFError
 
     tok = _load(tmp_path, "chatml")
@@ -404,7 +404,7 @@ def test_a_template_that_fails_on_a_record_is_an_error_naming_its_file_and_line(
     with pytest.raises(HFError, match=rf"^{prompts_re}:2: .*chat template: no rivers here$"):
         rl_common.load_prompts(prompts, c, t, F.DataReport())
     with pytest.raises(HFError, match=rf"^{prompts_re}:2: .*chat template: no rivers here$"):
-        rl_common.heldout_sets(c, t, [], F.DataReport())
+        rl_eval.heldout_sets(c, t, [], F.DataReport())
     # A render that fails in Jinja itself (an undefined value used) names the record too.
     tok.chat_template = "{% for m in messages %}{{ m.content ~ m.meta.x }}{% endfor %}" + base
     with pytest.raises(HFError, match=rf"^{sft_re}:1: .*chat template: UndefinedError: "):

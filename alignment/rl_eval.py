@@ -1,0 +1,244 @@
+"""Held-out evaluation of the alignment tasks: greedy (and optionally sampled) answers to
+held-out prompts, scored by the built-in world's judge and by a reward model when one is given.
+
+The RL tasks hold out whole questions of their own prompt set (`rollout.heldout_prompts`,
+`split_prompts`: every paraphrase of a held-out question stays out of training), and any
+evaluation example asking a training question is removed (counted), so the metric is never
+measured on trained questions (`heldout_sets`). `make_policy_eval` builds the eval_fn the loop
+calls; `policy_eval_and_report` puts it together for an RL run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+
+from flaxlm.alignment import common
+from flaxlm.alignment.rl_common import (
+    decode_responses,
+    load_prompts,
+    reward_scorer,
+    rollout_rows,
+    stop_string_tuple,
+)
+from flaxlm.data import formats as F
+from flaxlm.data.synthetic_judge import TASKS
+from flaxlm.models.decode import generate, prompt_keys
+from flaxlm.models.sharding import fetch, global_batch, use_mesh
+
+
+def question_key(prompt: dict) -> str:
+    """Prompts with equal built-in-world `meta` ask the same question (the world's meta names
+    the task, the entity or word and the answer: paraphrases share it); any other prompt is the
+    question of its ids — your own meta may hold just the reference answer, which different
+    questions share ("2 plus 5" and "3 plus 4")."""
+    meta = prompt.get("meta") or {}
+    if meta.get("task") in TASKS:
+        return json.dumps(meta, sort_keys=True)
+    return " ".join(map(str, prompt["ids"].tolist()))
+
+
+def split_prompts(prompts: list[dict], n_heldout: int, seed: int):
+    """(train, held-out) prompts: whole questions (`question_key`), drawn with a fixed seed,
+    are held out until at least `n_heldout` prompts are, so no paraphrase of a held-out question
+    is ever trained on."""
+    if n_heldout <= 0:
+        return prompts, []
+    if n_heldout >= len(prompts):
+        raise ValueError(f"rollout.heldout_prompts={n_heldout} >= {len(prompts)} prompts")
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(question_key(p), []).append(i)
+    keys = sorted(groups)
+    held: set[int] = set()
+    for k in np.random.default_rng([seed, 7]).permutation(len(keys)):
+        if len(held) >= n_heldout:
+            break
+        held.update(groups[keys[k]])
+    train = [p for i, p in enumerate(prompts) if i not in held]
+    return train, [prompts[i] for i in sorted(held)]
+
+
+def training_prompts(config, template):
+    """(train prompts, held-out prompts, data report) of an RL run: `data.train` loaded and
+    checked, and `rollout.heldout_prompts` whole questions set aside (`split_prompts`)."""
+    report = F.DataReport(strict=config.data.strict)
+    prompts = load_prompts(config.data.train, config, template, report)
+    prompts, held = split_prompts(prompts, config.rollout.heldout_prompts, config.seed)
+    if not prompts:
+        raise ValueError(f"data.train={config.data.train!r}: no usable prompts")
+    return prompts, held, report
+
+
+def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, rules, workdir,
+                           rm=None):  # fmt: skip
+    """(eval_fn(policy params) or None, data report) of an RL run: the `eval_gen` sets plus the
+    held-out RL prompts and as many training prompts (a fixed sample, for comparison); the
+    report (prompts kept/dropped, eval sets) is also written to the workdir."""
+    eval_report = F.DataReport(strict=config.data.strict)
+    eval_fn = None
+    if config.eval_every and (config.eval_gen.sets or held):
+        extra = {"rl_heldout": held, "rl_train": prompts[: len(held)]} if held else None
+        sets = heldout_sets(config, template, prompts, eval_report, extra)
+        eval_fn = make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules, rm=rm,
+                                   stop_strings=config.rollout.get("stop_strings", ()))  # fmt: skip
+    data_report = {
+        "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
+        "eval": eval_report.to_dict(),
+    }
+    common.write_report(workdir, data_report)
+    return eval_fn, data_report
+
+
+def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=None) -> dict:
+    """{set name: examples {"ids", "meta", "answer", "loc"}}, the first `eval_gen.examples` of
+    each of `extra` ({name: prompts}, e.g. the held-out RL prompts) and the first
+    `eval_gen.examples` usable records of every source in `eval_gen.sets` (named by
+    `common.eval_set_names`): conversations — `messages`, or `prompt` + `completion` — whose
+    last assistant turn is the reference answer, or prompt records, whose meta["answer"] is.
+    Every stage's generation eval reads its sets here (SFT and distillation too). Bad records
+    are counted in `report` by reason with file:line; so are examples asking a training
+    question (`question_key`; "eval_dropped_trained_question"). A set left with no example is
+    an error naming it (its metrics would be NaN or missing)."""
+    gen, fields = config.eval_gen, config.data.fields
+    seen = {question_key(p) for p in train_prompts}
+    out = {name: [{"ids": p["ids"], "meta": p["meta"], "answer": str(p["meta"].get("answer", "")),
+                   "loc": p.get("loc", "")} for p in prompts[: gen.examples]]
+           for name, prompts in (extra or {}).items()}  # fmt: skip
+    parts = [p for p in (q.strip() for q in gen.sets.split(",")) if p]
+    taken = {name: f"the {name} prompts of rollout.heldout_prompts" for name in out}
+    for name, part in zip(common.eval_set_names(parts, taken), parts):
+        kept, dropped = [], {}  # (dropped: reason -> [count, first file:line])
+        for obj, loc in common.records(part, config.data, report):
+            if len(kept) == gen.examples:
+                break
+            bad = None
+            try:
+                if not isinstance(obj, dict):
+                    raise F.FormatError("bad_record", "record is not a JSON object")
+                meta = F.record_meta(obj, fields)
+                if F.has(obj, fields.messages) or F.has(obj, fields.completion):  # a chat
+                    msgs = F.sft_messages(obj, fields)
+                    last = msgs[-1]
+                    answer = (last["content"] or "") if last["role"] == "assistant" else ""
+                else:
+                    msgs = F.prompt_messages(obj.get(fields.prompt), fields)
+                    answer = str(meta.get("answer", ""))
+                with F.naming_record(loc):
+                    ids, _ = F.render_prompt(msgs, template, gen.max_prompt_len,
+                                             tools=F.record_tools(obj, fields))  # fmt: skip
+            except F.FormatError as e:
+                bad = (e.reason, str(e))
+            except (TypeError, KeyError) as e:
+                bad = ("bad_record", f"{type(e).__name__}: {e}")
+            else:
+                ex = {"ids": np.asarray(ids, np.int32), "meta": meta, "answer": answer,
+                      "loc": loc}  # fmt: skip
+                if question_key(ex) in seen:
+                    bad = ("eval_dropped_trained_question", "asked in training")
+            if bad:
+                report.bad(bad[0], loc, bad[1])
+                dropped.setdefault(bad[0], [0, f"{loc}: {bad[1]}"])[0] += 1
+                continue
+            kept.append(ex)
+            report.used += 1
+        if not kept:
+            what = ", ".join(f"{n} {r} (e.g. {e})" for r, (n, e) in dropped.items())
+            raise ValueError(f"eval_gen.sets: {part} has no usable example (dropped: "
+                             f"{what or 'none, it holds no records'}); fix it or leave it out "
+                             "of eval_gen.sets")  # fmt: skip
+        no_ref = sum(not ex["answer"].strip() for ex in kept)
+        if no_ref:
+            common.log.warning(
+                "eval_gen.sets %s: %d of %d examples have no reference answer (no completion "
+                "or meta.answer): their accuracy is 0", part, no_ref, len(kept),
+            )  # fmt: skip
+        out[name] = kept
+    return out
+
+
+def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, stop_strings=()):
+    """policy params -> {"<set>/accuracy", "/judge", "/stopped", "/response_len"
+    [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts), and
+    with `gen_cfg.sample_temperature` > 0 also "<set>/sampled_accuracy": `gen_cfg.samples`
+    samples per prompt at that temperature (sample k of example j from fold_in(fold_in(
+    PRNGKey(1), j), k), whatever `gen_cfg.batch`; what on-policy RL optimises), each prompt
+    prefilled once for its samples (`generate(..., num_samples=)`, `gen_cfg.batch` //
+    samples prompts per call). `stop_strings` (the rollouts' `rollout.stop_strings`) end
+    answers as they end rollouts."""
+    from flaxlm.alignment import sft
+    from flaxlm.models.stop_strings import StopStrings
+
+    strings = stop_string_tuple(stop_strings)
+    tables = StopStrings.build(template.tok, strings, cfg.vocab_size) if strings else None
+
+    score = reward_scorer(rm[1]) if rm is not None else None
+    # The reward model's rows hold the longest prompt of the sets and a whole answer: one
+    # width (one compile). Not eval_gen.max_prompt_len: the held-out RL prompts are cut to
+    # rollout.max_prompt_len when loaded, which may be longer.
+    longest = max((len(ex["ids"]) for exs in sets.values() for ex in exs), default=0)
+    width = longest + gen_cfg.max_new_tokens
+    width_name = f"longest held-out prompt {longest} + eval_gen.max_new_tokens"
+    pad_id = max(template.tok.pad_id, 0)
+    temp = float(gen_cfg.get("sample_temperature", 0.0))
+    n_samples = int(gen_cfg.get("samples", 1))
+
+    def run_set(policy, examples) -> dict:
+        acc, jud, stopped, lens, scores, sampled = [], [], [], [], [], []
+        bs = gen_cfg.batch
+        for i in range(0, len(examples), bs):
+            chunk = examples[i : i + bs]
+            prompts = [ex["ids"] for ex in chunk]
+            prompts += [prompts[-1]] * (bs - len(prompts))  # one shape: one compile
+            out = jax.device_get(generate(
+                cfg, policy, prompts, max_new_tokens=gen_cfg.max_new_tokens,
+                rng=jax.random.PRNGKey(0), temperature=0.0, stop_tokens=template.stop_tokens,
+                pad_id=pad_id, mesh=mesh, rules=rules, stop_strings=tables,
+            ))  # fmt: skip
+            texts, stop = decode_responses(template.tok, out.tokens, out.lengths,
+                                           template.stop_tokens, strings)  # fmt: skip
+            if score is not None:
+                rows = rollout_rows(prompts, out.tokens, out.lengths, width, pad_id,
+                                    width_name)  # fmt: skip
+                with use_mesh(mesh, rules):
+                    s = fetch(score(rm[2], global_batch(rows, mesh)))
+                scores += list(s[: len(chunk)])
+            for ex, text in zip(chunk, texts):
+                ok, j = sft.score(ex["meta"], text, ex["answer"])
+                acc.append(ok)
+                jud.append(j)
+            stopped += list(stop[: len(chunk)])
+            lens += list(out.lengths[: len(chunk)])
+            per = max(1, bs // n_samples)  # prompts per sampling call: ~bs rows
+            for s in range(0, len(chunk) if temp > 0 else 0, per):
+                part = chunk[s : s + per]
+                ids = [ex["ids"] for ex in part]
+                ids += [ids[-1]] * (per - len(ids))  # one shape: one compile
+                out = jax.device_get(generate(
+                    cfg, policy, ids, max_new_tokens=gen_cfg.max_new_tokens,
+                    rng=prompt_keys(jax.random.PRNGKey(1), range(i + s, i + s + per)),
+                    temperature=temp, stop_tokens=template.stop_tokens, pad_id=pad_id,
+                    mesh=mesh, rules=rules, stop_strings=tables, num_samples=n_samples,
+                ))  # fmt: skip
+                texts, _ = decode_responses(template.tok, out.tokens, out.lengths,
+                                            template.stop_tokens)  # fmt: skip
+                sampled += [sft.score(ex["meta"], texts[r * n_samples + g], ex["answer"])[0]
+                            for r, ex in enumerate(part) for g in range(n_samples)]  # fmt: skip
+        res = {"accuracy": np.mean(acc), "judge": np.mean(jud), "stopped": np.mean(stopped),
+               "response_len": np.mean(lens)}  # fmt: skip
+        if scores:
+            res["rm_score"] = np.mean(scores)
+        if sampled:
+            res["sampled_accuracy"] = np.mean(sampled)
+        return {k: float(v) for k, v in res.items()}
+
+    def eval_fn(policy) -> dict:
+        out = {}
+        for name, examples in sets.items():
+            if examples:
+                out.update({f"{name}/{k}": v for k, v in run_set(policy, examples).items()})
+        return out
+
+    return eval_fn
