@@ -483,20 +483,21 @@ def supervised_task(
     loss_fn,
     train_batches,
     eval_fn,
-    head_flops: int = 0,
 ):
     """The loop.Task of a stage that trains one model on fixed data (SFT, reward model, DPO):
-    what they share — FLOPs per token (less `head_flops` for a scalar head), the LoRA trainable
-    mask, the init_from hooks, and the checkpoint meta that load_policy reads back."""
+    what they share — FLOPs per token (`ModelConfig.flops_per_token`: a "scalar" head has no
+    vocabulary projection; under LoRA the frozen base gets no weight gradients), the LoRA
+    trainable mask, the init_from hooks, and the checkpoint meta that load_policy reads back."""
     load, transform = init_hooks(head, spec)
+    count = dict(frozen_base=spec is not None, lm_head=head != "scalar")
     return loop.Task(
         name=name,
         init_params=init_params,
         loss_fn=loss_fn,
         train_batches=train_batches,
         eval_fn=eval_fn,
-        flops_per_token=cfg.flops_per_token(config.seq_len) - head_flops,
-        flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True) - head_flops,
+        flops_per_token=cfg.flops_per_token(config.seq_len, **count),
+        flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True, **count),
         trainable_mask=(lambda p: lora_lib.trainable_mask(p, spec)) if spec else None,
         load_init_params=load,
         init_from_transform=transform,

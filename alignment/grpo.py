@@ -442,8 +442,11 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
         train_batches=source,
         before_step=source.before_step,
         eval_fn=eval_fn,
-        flops_per_token=cfg.flops_per_token(config.seq_len),
-        flops_per_token_causal=cfg.flops_per_token(config.seq_len, causal=True),
+        # under LoRA the frozen base gets no weight gradients (ModelConfig.flops_per_token)
+        flops_per_token=cfg.flops_per_token(config.seq_len, frozen_base=spec is not None),
+        flops_per_token_causal=cfg.flops_per_token(
+            config.seq_len, causal=True, frozen_base=spec is not None
+        ),
         trainable_mask=(lambda p: lora_lib.trainable_mask(p, spec)) if spec else None,
         load_init_params=load,
         init_from_transform=transform,

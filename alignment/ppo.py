@@ -356,6 +356,19 @@ class PPOSource(RolloutSource):
 # Task
 
 
+def train_flops_per_token(cfg: ModelConfig, vcfg: ModelConfig, seq_len: int,
+                          lora: bool) -> tuple[float, float]:  # fmt: skip
+    """(PaLM, causal) training FLOPs per token of a PPO step: the policy's and the critic's
+    forward+backward (the critic has no vocabulary projection; under LoRA neither frozen base
+    gets weight gradients: `ModelConfig.flops_per_token`). The loop's MFU and
+    bench/alignment_throughput.py both count with this."""
+    return tuple(
+        cfg.flops_per_token(seq_len, causal, frozen_base=lora)
+        + vcfg.flops_per_token(seq_len, causal, frozen_base=lora, lm_head=False)
+        for causal in (False, True)
+    )
+
+
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The PPO Task; `init_from` (SFT run: policy and reference — its EMA weights for both with
     `init_from_ema`) and `reward_from` (reward model run: scorer and critic — its EMA weights
@@ -419,11 +432,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         config, cfg, template, prompts, held, report, mesh, rules, workdir, rm=rm
     )
     eval_fn = None if policy_eval is None else (lambda p: policy_eval(plain(p["policy"])))
-    head_flops = 6 * vcfg.vocab_size * vcfg.d_model  # the critic has no vocabulary projection
-    flops = cfg.flops_per_token(config.seq_len) + vcfg.flops_per_token(config.seq_len)
-    flops_causal = cfg.flops_per_token(config.seq_len, True) + vcfg.flops_per_token(
-        config.seq_len, True
-    )
+    flops, flops_causal = train_flops_per_token(cfg, vcfg, config.seq_len, spec is not None)
     # the trained mixtures' router losses (policy, critic); None for a dense one
     routers = tuple(router_coefs(config.get("loss"), c.n_experts > 0) for c in (cfg, vcfg))
     return loop.Task(
@@ -435,8 +444,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         train_batches=source,
         before_step=source.before_step,
         eval_fn=eval_fn,
-        flops_per_token=flops - head_flops,
-        flops_per_token_causal=flops_causal - head_flops,
+        flops_per_token=flops,
+        flops_per_token_causal=flops_causal,
         trainable_mask=trainable if spec else None,
         load_init_params=load,
         init_from_transform=transform if spec else None,

@@ -181,13 +181,13 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     )  # fmt: skip
     eval_fn = make_eval_fn(config, mesh, apply, heldout) if heldout and config.eval_every else None
     router = router_coefs(config.loss, cfg.n_experts > 0)  # (None: a dense backbone)
-    # No vocabulary projection: 6·V·D FLOPs per token less than the LM (tokens_in_batch counts
-    # the chosen and the rejected tokens).
+    # "scalar": no vocabulary projection in the FLOP count (tokens_in_batch counts the chosen
+    # and the rejected tokens).
     return common.supervised_task(
         "reward", "scalar", config, cfg, spec, tok, workdir, data_report,
         init_params=init_params,
         loss_fn=reward_loss_fn(apply, config.loss.use_margin, config.loss.center_coef, router),
-        train_batches=batches, eval_fn=eval_fn, head_flops=6 * cfg.vocab_size * cfg.d_model,
+        train_batches=batches, eval_fn=eval_fn,
     )  # fmt: skip
 
 

@@ -59,6 +59,8 @@ What is counted:
        FLOPs are not counted.
   GRPO as PPO (score: policy and reference forwards; train: the policy alone), FLOPs of the
        policy only.
+  LoRA ("loraN") the frozen bases get no weight gradients: 4·N_matmul instead of 6, adapters
+       left out (ModelConfig.flops_per_token, the count the run's own MFU uses too).
   MFU  against the device's dense bf16 peak (flaxlm.train.metrics: 989 TFLOP/s H100/H200) ×
        devices, also with the causal count (attention halved); null where the peak is unknown
        (CPU). peak_mem_gb: the backend's peak_bytes_in_use, null where it reports none.
@@ -199,10 +201,19 @@ def _lora_overrides(rank: int) -> dict:
 
 
 def _policy_flops(cfg, seq: int, lora: int, causal: bool = False) -> float:
-    """The policy's training FLOPs per token; LoRA (rank > 0) skips the weight gradients of the
-    frozen base (2·N_matmul of the 6·N_matmul), the adapters' own FLOPs are negligible."""
-    fpt = cfg.flops_per_token(seq, causal=causal)
-    return fpt - 2 * cfg.param_counts()["matmul"] if lora else fpt
+    """The policy's training FLOPs per token, the loop's own count (ModelConfig.flops_per_token):
+    LoRA (rank > 0) skips the frozen base's weight gradients (4·N_matmul, not 6)."""
+    return cfg.flops_per_token(seq, causal, frozen_base=bool(lora))
+
+
+def _rl_flops(cfg, seq: int, lora: int, algo: str) -> tuple[float, float]:
+    """(PaLM, causal) training FLOPs per token of a PPO step (policy + critic, ppo.py's count)
+    or a GRPO one (the policy alone), as the task's own MFU counts them."""
+    if algo == "ppo":
+        from flaxlm.alignment.ppo import train_flops_per_token
+
+        return train_flops_per_token(cfg, cfg, seq, bool(lora))  # the critic's backbone = cfg
+    return _policy_flops(cfg, seq, lora), _policy_flops(cfg, seq, lora, causal=True)
 
 
 def run_dpo(shape: str, online: bool, steps: int, sft: str, plan: dict, workdir: str,
@@ -298,14 +309,7 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
                     for i in its])  # fmt: skip
     cfg = ModelConfig.from_dict(common.source_meta(sft)["model_config"])
     T = prompt + new
-    head = 6 * cfg.vocab_size * cfg.d_model  # the critic has no vocabulary projection
-    # The critic (PPO; GRPO trains the policy alone): the policy's count less the LM head it
-    # lacks and, under LoRA, less its frozen backbone's weight gradients (its head is tiny).
-    frozen = 2 * (cfg.param_counts()["matmul"] - cfg.vocab_size * cfg.d_model) if lora else 0
-    critic = algo == "ppo"
-    fpt = _policy_flops(cfg, T, lora) + critic * (cfg.flops_per_token(T) - head - frozen)
-    fpt_c = _policy_flops(cfg, T, lora, True) + critic * (
-        cfg.flops_per_token(T, causal=True) - head - frozen)  # fmt: skip
+    fpt, fpt_c = _rl_flops(cfg, T, lora, algo)
     total = gen + score + train
     train_tps = epochs * rbatch * T / train
     env = _env(plan)

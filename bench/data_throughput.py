@@ -13,7 +13,8 @@ insertions, truncation), and measures:
 5. the grain loader: packed tokens/s from pre-tokenized shards and with on-the-fly tokenization,
    next to what the tiny/mini models consume in a train step on this CPU.
 
-Prints a markdown table to paste into bench/RESULTS.md.
+Prints the results as JSON and writes them to OUT/results.json (`--out`; a temp dir without it),
+beside the generated corpus and the preprocess output.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ a child that died without writing its record (an abort, a segfault, an XLA CHECK
 killer), as an error record, and renders the table from the latest record of each case, so
 cases run by separate invocations (bench/gpu_suite.py) share one table. A bench exits non-zero
 when the latest record of one of the cases it ran is an error (`exit_if_failed`), so whoever
-runs it (the GPU suite) sees the failure without reading the records.
+runs it (the GPU suite) sees the failure without reading the records. A case that cannot run
+here (the HF peer without torch: `skip_record`) is recorded with a "skipped" key instead of
+"error": the table shows why, and it counts as no failure.
 
 FLAXLM_BENCH_MD=0 in the environment: `write_table` writes no .md file (the GPU suite sets it:
 its OUT comes back from the device machine 8 files at most, and suite.md holds every table,
@@ -35,9 +37,28 @@ XLA_FLAG_SETS = {
 }
 
 
+# The HF peer's packages: a case that misses one is skipped (`skip_record`), not failed.
+PEER_PACKAGES = ("torch", "transformers")
+
+
+def skip_record(case: str, e: ModuleNotFoundError) -> dict | None:
+    """The record of a peer case whose python lacks `PEER_PACKAGES` (a "skipped" note, no
+    "error"), or None for any other missing module (a failure)."""
+    if (e.name or "").split(".")[0] not in PEER_PACKAGES:
+        return None
+    return {"case": case, "skipped": f"{e} (the HF peer needs {' and '.join(PEER_PACKAGES)})"}
+
+
 def append_record(path: str, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    """Appends `rec` as one line; on a new line if the file's last one was cut short (a child
+    killed mid-write leaves no newline), so the record is not glued onto the cut one."""
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        cut = False
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        f.write((("\n" if cut else "") + json.dumps(rec) + "\n").encode())
 
 
 def run_one(path: str, case: str, fn: Callable[[], dict]) -> dict:
@@ -88,15 +109,13 @@ def run_case(cmd: list[str], case: str, path: str, timeout: float, env=None) -> 
 
 
 def latest_records(path: str) -> list[dict]:
-    """The latest record of every case in the JSONL file, in the order of their last runs."""
+    """The latest record of every case in the JSONL file, in the order of their last runs (a
+    line cut short by a killed writer is skipped, as in `_records_since`)."""
     latest: dict[str, dict] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    rec = json.loads(line)
-                    latest.pop(rec["case"], None)
-                    latest[rec["case"]] = rec
+    for rec in _records_since(path, 0):
+        if "case" in rec:
+            latest.pop(rec["case"], None)
+            latest[rec["case"]] = rec
     return list(latest.values())
 
 
@@ -118,7 +137,8 @@ def case_env(case: str, names: list[str], flag_sets: Mapping[str, str] = XLA_FLA
 
 
 def failed_cases(path: str, cases) -> list[dict]:
-    """The latest records of `cases` in the JSONL file that are errors (or missing)."""
+    """The latest records of `cases` in the JSONL file that are errors (or missing); a skipped
+    case ("skipped", no "error") is not one."""
     latest = {r["case"]: r for r in latest_records(path)}
     return [latest.get(c, {"case": c, "error": "no record"}) for c in dict.fromkeys(cases)
             if "error" in latest.get(c, {"error": ""})]  # fmt: skip

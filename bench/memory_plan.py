@@ -31,11 +31,13 @@ Two totals of `params + opt state + grads + residuals + dlogits`:
   fused estimate  with `fused_residual_bytes`: only what a fusing compiler must write (matmul,
                   attention and gather outputs, and elementwise values a matmul reads).
 Checked against the GPU: the 1.1B `fast` plan peaked at 37.2 GiB on the H200
-(bench/RESULTS.md); its fused estimate is 42.4 GiB (1.14×), its bound 60.9 GiB. The estimate
-stays above the peak because in the backward pass the residuals of the last layers are freed
-before the gradients of the first ones exist. So a plan whose bound fits fits, and one whose
-fused estimate fits very likely does. (Compiling the step for the CPU instead is no guide:
-XLA:CPU fuses less; its buffer assignment for the 1.1B step needs 58 GiB of temporaries alone.)
+(bench/RESULTS.md), when its fused estimate was 42.4 GiB (1.14×) and its bound 60.9 GiB; since
+the cross-entropy change they are 40.4 and 58.9 GiB (RESULTS.md's table, where the H200 compile
+of the same step needs 35.6). The estimate stays above the peak because in the backward pass
+the residuals of the last layers are freed before the gradients of the first ones exist. So a
+plan whose bound fits fits, and one whose fused estimate fits very likely does. (Compiling the
+step for the CPU instead is no guide: XLA:CPU fuses less; its buffer assignment for the 1.1B
+step needs 58 GiB of temporaries alone.)
 
 Where jax's CUDA plugin can be installed, bench/gpu_aot.py gives the exact figure instead: XLA's
 GPU compiler itself, compiling the step for an H200 on this machine, and its buffer assignment

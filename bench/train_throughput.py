@@ -1,11 +1,12 @@
 """Training throughput and MFU: flaxlm against the HF PyTorch peer, same shapes, same batch.
 
     python -m flaxlm.bench.train_throughput --out OUT [--cases 1b:flax,1b:hf-eager,...]
-    python -m flaxlm.bench.train_throughput --tiny --out OUT     # CPU smoke test
+    python -m flaxlm.bench.train_throughput --tiny --out OUT     # CPU smoke test (HF if torch)
 
 Each case runs in its own subprocess (so every case starts with an empty accelerator and a
 crash or OOM costs only that case) and appends one JSON record to OUT/train_throughput.jsonl;
-the driver then writes OUT/train_throughput.md with the table and the flaxlm/peer ratios.
+the driver then writes OUT/train_throughput.md with the table and the flaxlm/peer ratios. The
+HF cases need torch and transformers; without them they are recorded as skipped (no failure).
 
 Cases are "SHAPE:IMPL[:PLAN[:FLAGS|profile]]" (FLAGS: a key of driver.XLA_FLAG_SETS; flax
 only; "profile": after the timed steps one more step is traced and summarised into the
@@ -20,8 +21,12 @@ Both sides train the same model (Llama architecture, vocab 32000, bf16 compute),
 global-norm clipping at 1.0, on a fixed random batch of one unpadded document per row, and
 the same timing rule: `warmup` steps (compilation) excluded, then `steps` steps timed after a
 device sync. MFU uses DESIGN.md's PaLM count (6·N_matmul + 12·L·d_attn·T per token) and also
-the causal count, against 989 TFLOP/s (H100/H200 dense bf16); off a GPU (the CPU smoke test)
-the record's MFU is null and the table prints n/a, as bench/alignment_throughput.py does.
+the causal count, against the dense bf16 peak of the device kind (flaxlm.train.metrics: 989
+TFLOP/s for H100/H200 SXM) × the devices the step ran on, as bench/alignment_throughput.py
+does: flaxlm splits the batch over gcd(batch, devices) of them, the HF peer runs on one. The
+record names the device kind and count ("device", "devices", "peak_tflops"), and the table's
+"vs hf-*" ratios are of tokens/s per device. Where the table has no peak (a CPU: the smoke
+test) the record's MFU is null and the table prints n/a.
 """
 
 from __future__ import annotations
@@ -106,8 +111,6 @@ PLANS = {
     ),
 }
 
-PEAK_TFLOPS = 989.0
-
 
 def _flops(shape: str, seq: int):
     """(FLOPs per token, causal count, ModelConfig) of a shape (experts: active weights)."""
@@ -117,22 +120,31 @@ def _flops(shape: str, seq: int):
     return cfg.flops_per_token(seq), cfg.flops_per_token(seq, causal=True), cfg
 
 
-def _record(case, tokens, dt, steps, peak_gb, extra=None, gpu=True):
-    """A case's record; MFU only on a GPU (`gpu`): against a CPU, 989 TFLOP/s means nothing."""
+def _record(case, tokens, dt, steps, peak_gb, extra=None, device="cpu", devices=1):
+    """A case's record: `tokens` per step over `devices` devices of kind `device`. MFU is
+    against their summed dense bf16 peak (train/metrics.py's table); null where the table has
+    none (a CPU: a datasheet figure means nothing there)."""
+    from flaxlm.train.metrics import peak_flops_for_kind
+
     shape = case.split(":")[0]
     variant, batch, seq = SHAPES[shape]
     fpt, fpt_causal, cfg = _flops(shape, seq)
     tps = tokens * steps / dt
+    peak = peak_flops_for_kind(device)
     rec = {
         "case": case,
         "tokens_per_s": tps,
+        "tokens_per_s_per_device": tps / devices,
         "step_time_s": dt / steps,
-        "mfu": tps * fpt / (PEAK_TFLOPS * 1e12) if gpu else None,
-        "mfu_causal": tps * fpt_causal / (PEAK_TFLOPS * 1e12) if gpu else None,
+        "mfu": tps * fpt / (peak * devices) if peak else None,
+        "mfu_causal": tps * fpt_causal / (peak * devices) if peak else None,
         "peak_mem_gb": peak_gb,
         "batch": batch,
         "seq_len": seq,
         "params": cfg.param_counts()["total"],
+        "device": device,
+        "devices": devices,
+        "peak_tflops": peak / 1e12 if peak else None,
     }
     rec.update(extra or {})
     return rec
@@ -236,8 +248,9 @@ def run_flax(case: str, steps: int, warmup: int, profile: bool = False) -> dict:
                 jax.block_until_ready(step(state, b))
 
         extra.update(profile_call(one_step))
-    gpu = jax.default_backend() == "gpu"
-    return _record(case, batch * seq, dt, steps, peak / 2**30 if peak else None, extra, gpu)
+    extra["devices_visible"] = len(jax.devices())  # the mesh may use fewer (gcd with batch)
+    return _record(case, batch * seq, dt, steps, peak / 2**30 if peak else None, extra,
+                   jax.devices()[0].device_kind, mesh.devices.size)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +335,8 @@ def run_hf(case: str, steps: int, warmup: int) -> dict:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         },
-        gpu=dev == "cuda",
+        device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        devices=1,
     )
 
 
@@ -333,7 +347,13 @@ def run_hf(case: str, steps: int, warmup: int) -> dict:
 def run_case(case: str, steps: int, warmup: int) -> dict:
     impl = case.split(":")[1]
     if impl != "flax":
-        return run_hf(case, steps, warmup)
+        try:
+            return run_hf(case, steps, warmup)
+        except ModuleNotFoundError as e:  # no torch here: the peer's case is skipped, not failed
+            rec = driver.skip_record(case, e)
+            if rec is None:
+                raise
+            return rec
     return run_flax(case, steps, warmup, profile="profile" in case.split(":")[3:])
 
 
@@ -346,13 +366,14 @@ def _peer(records, shape: str, impl: str, remat: bool):
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| case | tokens/s | step (s) | MFU (PaLM) | MFU (causal) | peak GB | vs hf-eager |"
-        " vs hf-compile |",
+        "| case | tokens/s | step (s) | MFU (PaLM) | MFU (causal) | peak GB |"
+        " vs hf-eager (per device) | vs hf-compile (per device) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['case']} | failed: {r.get('error', '?')[:100]} | | | | | | |")
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r.get('error', '?')}"
+            lines.append(f"| {r['case']} | {why[:110]} | | | | | | |")
             continue
         ratios = ["", ""]
         if r.get("impl") == "flaxlm":
@@ -360,7 +381,7 @@ def table(records: list[dict]) -> str:
             for i, impl in enumerate(("hf-eager", "hf-compile")):
                 ref = _peer(records, r["case"].split(":")[0], impl, remat)
                 if ref is not None:
-                    ratios[i] = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x ({ref['case']})"
+                    ratios[i] = f"{_per_device(r) / _per_device(ref):.2f}x ({ref['case']})"
         mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") else "n/a"
         lines.append(
             f"| {r['case']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | "
@@ -368,6 +389,11 @@ def table(records: list[dict]) -> str:
             f"{ratios[1]} |"
         )
     return "\n".join(lines)
+
+
+def _per_device(r: dict) -> float:
+    """Tokens/s per device (records from before "devices" was recorded ran on one)."""
+    return r["tokens_per_s"] / r.get("devices", 1)
 
 
 def _pct(x):

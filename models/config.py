@@ -351,7 +351,10 @@ class ModelConfig:
             "matmul": matmul,
         }
 
-    def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
+    def flops_per_token(
+        self, seq_len: int, causal: bool = False, *, frozen_base: bool = False,
+        lm_head: bool = True,
+    ) -> float:  # fmt: skip
         """Training FLOPs per token: 6·N_matmul + 12·L·d_attn·T (PaLM, appendix B).
 
         Attention is counted non-causal by default (PaLM); `causal=True` halves the attention
@@ -359,6 +362,16 @@ class ModelConfig:
         window W attends to at most W keys: its T is min(T, W), and causally its average span,
         T/2 up to W and W − W²/(2T) beyond (each query sees min(t, W) keys). Full-attention
         models count exactly as before.
+
+        `frozen_base=True` is a LoRA run's count: the base weights are frozen, so the backward
+        pass computes their activation gradients (2·N) but no weight gradients (the other 2·N):
+        4·N_matmul + the attention term, which is unchanged (the backward still runs through
+        every score to reach the adapters). The adapters' own 6·r·(d_in + d_out) per adapted
+        kernel are left out (1.4% of the 1.1B shape's count at rank 16 on all seven
+        projections). The training loop's MFU (alignment/) and bench/alignment_throughput.py
+        both count through here, so a run and its benchmark report one MFU.
+        `lm_head=False`: a scalar-head model (reward model, PPO critic), which has no
+        vocabulary projection (V·D fewer matmul weights).
         """
         per_layer = 12 * self.n_heads * self.head_dim_
         attn = 0.0
@@ -370,7 +383,8 @@ class ModelConfig:
                 attn += per_layer * seq_len / 2
             else:
                 attn += per_layer * (W - W * W / (2 * seq_len))
-        return 6 * self.param_counts()["matmul"] + attn
+        matmul = self.param_counts()["matmul"] - (0 if lm_head else self.vocab_size * self.d_model)
+        return (4 if frozen_base else 6) * matmul + attn
 
 
 # Named variants. `tiny` is for tests; `125m` is GPT-3-small sized; `1b` is the TinyLlama-1.1B

@@ -85,6 +85,35 @@ def test_ppo_lora_flops_leave_out_the_frozen_weights_gradients(records):
     assert "LoRA rank 4" in A.table([r])
 
 
+@pytest.mark.parametrize("algo", ["dpo", "ppo", "grpo"])
+def test_lora_run_counts_the_flops_its_benchmark_counts(work, tmp_path, algo):
+    """A LoRA run's own MFU (the task's FLOPs per token, what the loop divides by) and the
+    bench's record count one figure: 4·N_matmul for the frozen base (no weight gradients), not
+    the loop's 6·N beside the bench's 4·N (1.34x apart on this shape before)."""
+    import importlib
+
+    from flaxlm.alignment import common
+    from flaxlm.models.config import ModelConfig
+    from flaxlm.models.sharding import make_mesh
+
+    sft, rm, _ = A.build_chain(work, "tiny")
+    only = {"ppo": {"reward_from": rm}, "grpo": {"grpo.rewards": "format"}}.get(algo, {})
+    overrides = {"batch_size": 8, "seq_len": 96, **only, **A._lora_overrides(4)}
+    config = A._base(importlib.import_module(f"flaxlm.configs.{algo}"), "tiny", sft, **overrides)
+    task = importlib.import_module(f"flaxlm.alignment.{algo}").build_task(
+        config, make_mesh(dict(config.mesh)), str(tmp_path)
+    )
+    cfg = ModelConfig.from_dict(common.source_meta(sft)["model_config"])
+    if algo == "dpo":
+        bench = (A._policy_flops(cfg, 96, 4), A._policy_flops(cfg, 96, 4, causal=True))
+    else:
+        bench = A._rl_flops(cfg, 96, 4, algo)
+    assert (task.flops_per_token, task.flops_per_token_causal) == bench
+    # and that count is the LoRA one: the frozen weights' gradients (2·N_matmul) left out
+    n = cfg.param_counts()["matmul"]
+    assert A._policy_flops(cfg, 96, 4) == cfg.flops_per_token(96) - 2 * n
+
+
 def test_table_and_case_parsing(records):
     md = A.table([*records.values(), {"case": "1b:ppo", "error": "RuntimeError: boom"}])
     lines = md.splitlines()

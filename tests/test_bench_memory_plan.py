@@ -149,3 +149,14 @@ def test_cudnn_attention_is_restored_after_planning(tiny_plans):
     # The real kernel, which the CPU cannot run: jax 0.10 says no cuDNN, 0.11 no CPU lowering.
     with pytest.raises(RuntimeError, match="cuDNN|dot_product_attention.* platform cpu"):
         attention.cudnn_attention(x, x, x, None)
+
+
+def test_docstring_quotes_the_estimates_the_code_gives():
+    """The module docstring's current 1.1B `fast` figures are the planner's (it quoted 42.4 /
+    60.9 GiB, the estimates from before the cross-entropy change, as current)."""
+    m = re.search(r"since\s+the cross-entropy change they are ([\d.]+) and ([\d.]+) GiB",
+                  memory_plan.__doc__)  # fmt: skip
+    assert m, "memory_plan's docstring no longer states the current 1b:flax:fast estimates"
+    r = memory_plan.plan_case("1b:flax:fast")
+    fused, bound = (round(r[k] / 2**30, 1) for k in ("fused_estimate_bytes", "estimate_bytes"))
+    assert (float(m.group(1)), float(m.group(2))) == (fused, bound)

@@ -23,7 +23,7 @@ def test_train_throughput_driver(tmp_path):
     assert set(recs) == set(cases)
     for r in recs.values():
         assert "error" not in r, r
-        # MFU is against an H200's 989 TFLOP/s: null on the CPU (n/a in the table)
+        # MFU is against the device kind's datasheet peak: none for a CPU (n/a in the table)
         assert r["tokens_per_s"] > 0 and r["mfu"] is None and r["mfu_causal"] is None
         assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["batch"] * r["seq_len"])
         assert r["plan"] == "cpu" and r["loss"] > 0
@@ -37,14 +37,47 @@ def test_train_throughput_driver(tmp_path):
 
 
 def test_train_mfu_is_a_gpu_figure():
-    """MFU divides by an H200's 989 TFLOP/s: off a GPU the record holds null and the table
-    prints n/a (it printed 0.0% on the CPU), as bench/alignment_throughput.py does."""
-    cpu = train_throughput._record("tiny:flax", 256, 1.0, 2, None, {"impl": "flaxlm"}, gpu=False)
+    """MFU divides by the device kind's datasheet peak: off a GPU (no peak in the table) the
+    record holds null and the table prints n/a (it printed 0.0% on the CPU), as
+    bench/alignment_throughput.py does."""
+    cpu = train_throughput._record("tiny:flax", 256, 1.0, 2, None, {"impl": "flaxlm"})
     assert cpu["mfu"] is None and cpu["mfu_causal"] is None and cpu["tokens_per_s"] == 512
-    gpu = train_throughput._record("tiny:flax", 256, 1.0, 2, None, {"impl": "flaxlm"})
-    assert 0 < gpu["mfu_causal"] < gpu["mfu"]
+    gpu = train_throughput._record("tiny:flax", 256, 1.0, 2, None, {"impl": "flaxlm"},
+                                   device="NVIDIA H200")  # fmt: skip
+    assert 0 < gpu["mfu_causal"] < gpu["mfu"] and gpu["peak_tflops"] == 989.0
     row = train_throughput.table([{**cpu, "plan": "cpu"}]).splitlines()[-1]
     assert row.startswith("| tiny:flax | 512 | 0.500 | n/a | n/a | n/a |"), row
+
+
+def test_train_mfu_counts_every_device_the_step_ran_on(monkeypatch):
+    """The flax case splits the batch over gcd(batch, devices) devices (4 of the 8 simulated
+    here): its MFU divides by that many devices' peak, looked up by device kind (it divided
+    by one hard-coded 989 TFLOP/s: 4x too high here, 8x on an 8-GPU host), and the record
+    says which devices and how many."""
+    from flaxlm.train import metrics
+
+    monkeypatch.setitem(metrics.PEAK_TFLOPS, "cpu", 100.0)  # give the CPU a "datasheet" peak
+    rec = train_throughput.run_flax("tiny:flax", steps=1, warmup=1)
+    fpt, fpt_causal, _ = train_throughput._flops("tiny", rec["seq_len"])
+    assert (rec["device"], rec["devices"], rec["devices_visible"]) == ("cpu", 4, 8)
+    assert rec["peak_tflops"] == 100.0
+    assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * fpt / (100e12 * 4))
+    assert rec["mfu_causal"] == pytest.approx(rec["tokens_per_s"] * fpt_causal / (100e12 * 4))
+    assert rec["tokens_per_s_per_device"] == pytest.approx(rec["tokens_per_s"] / 4)
+
+
+def test_train_table_compares_tokens_per_device_with_the_peer():
+    """flaxlm on 4 devices against HF on one: the ratio is per device, not 4 GPUs' tokens/s
+    against one GPU's."""
+
+    def rec(case, tps, impl, plan, devices):
+        return {"case": case, "tokens_per_s": tps, "step_time_s": 1.0, "mfu": 0.5,
+                "mfu_causal": 0.4, "peak_mem_gb": 1.0, "impl": impl, "plan": plan,
+                "devices": devices}  # fmt: skip
+
+    md = train_throughput.table([rec("1b:hf-eager", 10000.0, "hf-eager", "bf16", 1),
+                                 rec("1b:flax", 48000.0, "flaxlm", "fast", 4)])  # fmt: skip
+    assert "| 1.20x (1b:hf-eager) |" in md and "(per device)" in md.splitlines()[0]
 
 
 def test_train_table_pairs_each_plan_with_the_peer_of_the_same_memory_plan():
@@ -95,6 +128,50 @@ def test_decode_driver(tmp_path):
     # the int8 cache's bound: 1 + 4 / head_dim bytes per value (tiny: float32, head dim 16)
     kv8, kv = recs["tiny:flax:b4:kv8"], recs["tiny:flax:b4"]
     assert kv8["kv_bytes_per_step"] / kv["kv_bytes_per_step"] == pytest.approx((1 + 4 / 16) / 4)
+
+
+def test_hf_cases_without_torch_are_skipped_not_failed(tmp_path, monkeypatch):
+    """The documented --tiny smoke commands on a python without torch: the HF cases are
+    recorded as skipped (a note, no error), the table says so, and the bench exits 0 (it
+    recorded "skipped: ..." as an error and exited 1, or recorded ModuleNotFoundError)."""
+    no_torch = tmp_path / "no_torch" / "torch"  # `import torch` fails here whatever is installed
+    no_torch.mkdir(parents=True)
+    (no_torch / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+    )
+    path = os.pathsep.join([str(no_torch.parent), os.environ.get("PYTHONPATH", "")])
+    monkeypatch.setenv("PYTHONPATH", path)
+    out = tmp_path / "out"
+    train_throughput.main(["--out", str(out), "--cases", "tiny:hf-eager"])  # no SystemExit
+    decode.main(["--tiny", "--out", str(out), "--cases", "tiny:hf:b4", "--runs", "1"])
+    for bench, case in (("train_throughput", "tiny:hf-eager"), ("decode", "tiny:hf:b4")):
+        (rec,) = driver.latest_records(str(out / f"{bench}.jsonl"))
+        assert rec["case"] == case and "error" not in rec and "torch" in rec["skipped"], rec
+        assert f"| {case} | skipped: No module named 'torch'" in (out / f"{bench}.md").read_text()
+        assert driver.failed_cases(str(out / f"{bench}.jsonl"), [case]) == []
+    # any other missing module is still a failure
+    assert driver.skip_record("c", ModuleNotFoundError("no", name="flaxlm_gone")) is None
+
+
+def test_a_record_cut_short_by_a_kill_leaves_the_rest_readable(tmp_path):
+    """A case killed mid-write leaves a line without its newline; the driver's timeout record
+    went onto that line, and the table and the exit check then died of a JSONDecodeError."""
+    from flaxlm.bench import gpu_suite
+
+    path = str(tmp_path / "decode.jsonl")
+    done = {"case": "tiny:hf:b4", "skipped": "No module named 'torch'"}
+    with open(path, "w") as f:
+        f.write(json.dumps(done) + "\n" + '{"case": "tiny:flax:b1", "impl": "flaxl')
+    sleep = [sys.executable, "-c", "import time; time.sleep(30)"]
+    driver.run_case(sleep, "tiny:flax:b4", path, timeout=1)
+    lines = open(path).read().splitlines()
+    assert json.loads(lines[-1]) == {"case": "tiny:flax:b4", "error": "timeout 1s"}
+    recs = driver.latest_records(path)
+    assert [r["case"] for r in recs] == ["tiny:hf:b4", "tiny:flax:b4"]
+    assert "| tiny:flax:b4 | timeout 1s |" in gpu_suite.bench_table("decode", path)
+    with pytest.raises(SystemExit) as e:  # the timeout is the failure reported, not a crash
+        driver.exit_if_failed(path, ["tiny:hf:b4", "tiny:flax:b4"])
+    assert e.value.code == 1
 
 
 def test_window_cache_bench(tmp_path):

@@ -25,8 +25,15 @@ import time
 import jax
 import numpy as np
 
-# Dense bf16 peak TFLOP/s per chip, by substring of jax's device_kind.
+# Dense bf16 peak TFLOP/s per chip, by substring of jax's device_kind, first match wins: the
+# PCIe and NVL cards come before the generic SXM names they contain. NVIDIA's datasheets quote
+# bf16 "with sparsity", twice the dense rate: H100 SXM 1,979 → 989; H100 PCIe (and H800 PCIe)
+# 1,513 → 756; H100 NVL and H200 NVL 1,671 → 835 (H100 / H200 Tensor Core GPU datasheets).
 PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H800 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
     "H100": 989.0,
     "H200": 989.0,
     "H800": 989.0,
@@ -42,14 +49,19 @@ PEAK_TFLOPS = {
 }
 
 
-def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    kind = jax.devices()[0].device_kind
+def peak_flops_for_kind(kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a device named `kind` (jax's device_kind, or torch's
+    get_device_name: "NVIDIA H100 PCIe"); None when the table has no entry (a CPU)."""
     for name, tflops in PEAK_TFLOPS.items():
         if name.lower() in kind.lower():
             return tflops * 1e12
     return None
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    return peak_flops_for_kind(jax.devices()[0].device_kind)
 
 
 def tokens_in_batch(batch) -> int:
