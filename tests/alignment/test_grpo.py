@@ -331,7 +331,7 @@ def test_rollouts_end_at_stop_strings(runs, cache_dir):
                 for p in source.prompts[:8]]  # fmt: skip
     rules = logical_axis_rules("fsdp")
     runs = [rl_eval.make_policy_eval(source.cfg, source.template, {"x": examples}, c.eval_gen,
-                                       mesh, rules, stop_strings=strings)(params)
+                                     mesh, rules, stop_strings=strings)(params)
             for strings in ((), ("e", "?"))]  # fmt: skip
     assert runs[1]["x/response_len"] < runs[0]["x/response_len"]
     assert runs[1]["x/stopped"] > runs[0]["x/stopped"]

@@ -20,18 +20,24 @@ H = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(H)
 
 
-def test_sampled_accuracy_shares_prefills_and_follows_each_prompts_keys(
-    tmp_path, cache_dir, monkeypatch
-):
-    sft_dir, _ = H.fake_runs(str(tmp_path), cache_dir)
+def _grpo_source(tmp_path, cache_dir):
+    """(config, mesh, rules, GRPO batch source, random policy params, reward-model run) of a
+    tiny GRPO run over the fake SFT run."""
+    sft_dir, rm_dir = H.fake_runs(str(tmp_path), cache_dir)
     c = H.tiny(grpo_config, cache_dir, init_from=sft_dir, **{
         "batch_size": 8, "rollout.batch": 8, "grpo.group_size": 4, "seq_len": 48,
         "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6,
     })  # fmt: skip
     mesh, rules = make_mesh(dict(c.mesh)), logical_axis_rules("fsdp")
     source = grpo.build_task(c, mesh, None, rewards=[("one", lambda m, t: 1.0, 1.0)]).train_batches
-    init, _ = model_fns(source.cfg)
-    params = H.placed_params(init, mesh, rules)
+    params = H.placed_params(model_fns(source.cfg)[0], mesh, rules)
+    return c, mesh, rules, source, params, rm_dir
+
+
+def test_sampled_accuracy_shares_prefills_and_follows_each_prompts_keys(
+    tmp_path, cache_dir, monkeypatch
+):
+    c, mesh, rules, source, params, _ = _grpo_source(tmp_path, cache_dir)
     examples = [{"ids": p["ids"], "meta": p["meta"], "answer": ""} for p in source.prompts[:6]]
     # A random model answers nothing right: score a property of the text instead (its first
     # character's code parity), so the accuracies below are not all zero.
@@ -42,7 +48,7 @@ def test_sampled_accuracy_shares_prefills_and_follows_each_prompts_keys(
         with g.unlocked():
             g.update(gen)
         return rl_eval.make_policy_eval(source.cfg, source.template, {"x": examples}, g,
-                                          mesh, rules)(params)  # fmt: skip
+                                        mesh, rules)(params)  # fmt: skip
 
     hot = [evaluate(batch=b, samples=4, sample_temperature=2.0) for b in (8, 16)]
     # The batch (prompts per call: 2 or 4) does not change a prompt's samples.
@@ -58,14 +64,7 @@ def test_reward_model_rows_hold_prompts_longer_than_eval_gen_max_prompt_len(tmp_
     held-out RL prompts are cut to rollout.max_prompt_len when loaded: PPO with a raised
     rollout.max_prompt_len crashed at its first evaluation ("rollout row 1: 76 tokens > seq_len
     64", a width that was no seq_len). The rows now hold the sets' longest prompt."""
-    sft_dir, rm_dir = H.fake_runs(str(tmp_path), cache_dir)
-    c = H.tiny(grpo_config, cache_dir, init_from=sft_dir, **{
-        "batch_size": 8, "rollout.batch": 8, "grpo.group_size": 4, "seq_len": 48,
-        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6,
-    })  # fmt: skip
-    mesh, rules = make_mesh(dict(c.mesh)), logical_axis_rules("fsdp")
-    source = grpo.build_task(c, mesh, None, rewards=[("one", lambda m, t: 1.0, 1.0)]).train_batches
-    params = H.placed_params(model_fns(source.cfg)[0], mesh, rules)
+    c, mesh, rules, source, params, rm_dir = _grpo_source(tmp_path, cache_dir)
     examples = [{"ids": p["ids"], "meta": p["meta"], "answer": ""} for p in source.prompts[:8]]
     g = c.eval_gen.copy_and_resolve_references()
     with g.unlocked():
@@ -73,5 +72,5 @@ def test_reward_model_rows_hold_prompts_longer_than_eval_gen_max_prompt_len(tmp_
     assert max(len(ex["ids"]) for ex in examples) > g.max_prompt_len + g.max_new_tokens
     rm = rl_common.frozen_scalar(rm_dir, mesh, rules)
     out = rl_eval.make_policy_eval(source.cfg, source.template, {"x": examples}, g, mesh,
-                                     rules, rm=rm)(params)  # fmt: skip
+                                   rules, rm=rm)(params)  # fmt: skip
     assert np.isfinite(out["x/rm_score"])
