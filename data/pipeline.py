@@ -39,10 +39,13 @@ Each process packs its own documents: its rows are not a slice of what one proce
 (the global batch is the processes' rows together), and their positions differ, so with several
 processes ``get_state`` gathers every process's position (a collective: all processes call it at
 the same step, as the training loop does when it saves) and ``set_state`` takes its own
-(data/process_state.py). With ``num_epochs > 0`` the processes' streams end after different
-numbers of batches (their documents differ in length): the training loop has every process pack
-the batches up to its next sync step ahead (``prefetch(n)``, data/lookahead.py; ``get_state``
-still names the next batch trained) and stops all of them after the fewest
+(data/process_state.py); a state saved by another process count goes through global positions:
+resumed at the first document a saved process had not finished, none skipped, a few read again
+(only near it per source, with a mixture). With ``num_epochs > 0`` the processes' streams end
+after different numbers of batches (their documents differ in length): the training loop has
+every process pack the batches up to its next sync step ahead (``prefetch(n)``,
+data/lookahead.py; ``get_state`` still names the next batch trained) and stops all of them
+after the fewest
 (train/stopping.py). A source too small to give every process a document is an error, and so
 is data with no document of the 2 tokens one (input, target) pair needs (one-token documents
 without BOS/EOS): all of it, found once a process has read a pass's worth of documents without
@@ -68,6 +71,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from flaxlm.data import process_state
 from flaxlm.data import sources as S
 from flaxlm.data.lookahead import Lookahead
 from flaxlm.data.tokenizer import Tokenizer, train_or_load
@@ -264,6 +268,7 @@ class PackedBatchIterator(Lookahead):
         finite: bool = False,
         pairs: PairCheck | None = None,
         pass_docs: int = 0,
+        sources: int = 1,
     ):
         if mode not in ("split", "pad"):
             raise ValueError(f"pack_mode must be split|pad, got {mode!r}")
@@ -276,6 +281,7 @@ class PackedBatchIterator(Lookahead):
         )
         self.process_index, self.process_count = process_index, process_count
         self.finite = finite
+        self.sources = sources  # mixed in the document stream (a resharded resume: set_state)
         self._carry: np.ndarray | None = None  # document being placed
         self._carry_state: dict | None = None  # doc iterator state before it was read
         self._offset = 0  # pairs of _carry already placed
@@ -369,6 +375,43 @@ class PackedBatchIterator(Lookahead):
             "carry": carrying,
             "offset": self._offset if carrying else 0,
         }
+
+    def set_state(self, state: dict) -> None:
+        local = process_state.unwrap(
+            state, self.process_index, self.process_count, self.state_name, self._reshard
+        )
+        self._queue.clear()
+        self._set_local_state(local)
+
+    def _reshard(self, saved: list[dict], process_index: int, process_count: int):
+        """This process's position from the states of a run with another process count
+        (data/process_state.py): the document shards differ, so go through global positions.
+        The document a process was cutting (``carry``) is read again whole."""
+        for st in saved:
+            if st.get("version") != STATE_VERSION:
+                raise ValueError(f"data iterator state version {st.get('version')} unsupported")
+        index = process_state.shard_index(
+            [int(st["docs"]["next_index"]) for st in saved], process_index, process_count
+        )
+        local = {
+            "version": STATE_VERSION,
+            "docs": {**saved[0]["docs"], "next_index": index},
+            "carry": False,
+            "offset": 0,
+        }
+        if self.sources == 1:
+            note = (
+                "resuming from the first document some saved process had not finished; none "
+                "is skipped, and the few the other processes had finished past it are trained "
+                "again"
+            )
+        else:  # the saved index counts the mixed stream: each source's share is only near it
+            note = (
+                f"the {self.sources} sources' documents are mixed per process, so resuming near "
+                "the first mixed document some saved process had not finished: a few documents "
+                "of each source will be repeated or skipped"
+            )
+        return local, note
 
     def _set_local_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -543,6 +586,7 @@ def make_pretrain_iterator(
         finite=bool(data_cfg.num_epochs),
         pairs=PairCheck(passes, local=ds, local_docs=pass_docs),
         pass_docs=pass_docs,
+        sources=len(datasets),
     )
     it.tokenizer, it.bad_input = tok, log  # for the trainer's logs and generation
     return it

@@ -10,12 +10,20 @@ process 0's place in *its* shard (documents skipped or repeated, not the uninter
 ``get_state`` at the same step, as the training loop does) and ``unwrap`` picks this process's.
 Processes simulated in one Python process (``process_count`` > ``jax.process_count()``, the
 tests) cannot gather; each keeps its own entry.
+
+A run resumed with another process count (a state without per-process entries is a
+single-process run's) shards the documents differently, so a saved shard index means another
+document there. An iterator that can convert passes ``reshard`` to ``unwrap``; pretraining's
+(data/pipeline.py) goes through global positions (``shard_index``): it restarts at the first
+document some saved process had not finished, so none is skipped and the few the faster
+processes had finished past it are trained again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -59,38 +67,67 @@ def wrap(local: dict, process_index: int, process_count: int) -> dict:
     }
 
 
-def unwrap(state: dict, process_index: int, process_count: int, what: str) -> dict:
+def shard_index(saved: list[int], process_index: int, process_count: int) -> int:
+    """Where process ``process_index`` of ``process_count`` starts in its shard
+    (``ds[process_index::process_count]``), given each saved process's next unfinished shard
+    index (``saved[p]`` of process ``p`` of ``len(saved)``).
+
+    Shard index ``i`` of process ``p`` of ``P`` is global position ``i * P + p``; every global
+    position below ``g = min_p(saved[p] * P + p)`` is finished in its shard, so the new
+    processes start at the first of their positions ``>= g``: none is skipped, and what is read
+    again is what the faster processes had finished past ``g``."""
+    g = min(i * len(saved) + p for p, i in enumerate(saved))
+    return max(0, -(-(g - process_index) // process_count))
+
+
+def unwrap(
+    state: dict,
+    process_index: int,
+    process_count: int,
+    what: str,
+    reshard: Callable[[list[dict], int, int], tuple[dict, str]] | None = None,
+) -> dict:
     """This process's position in a state from ``wrap``.
 
-    A state with another process count, or a single-process state on several processes (from a
-    single-process run, or written before per-process states existed), resumes every process
-    from one position: logged as a warning, since the order then differs from the uninterrupted
-    run's."""
+    A state without per-process entries is a single-process run's. With another process count
+    ``reshard(entries, process_index, process_count)`` (all saved processes' entries in process
+    order) gives this process's position and a note for the warning logged; without it (or when
+    the state lacks some process's entry) every process resumes from one saved position, logged
+    as a warning, since the order then differs from the uninterrupted run's."""
     if PROCESSES not in state:
-        if process_count > 1:
-            logging.warning(
-                "%s: the data state holds one position (a single-process run's, or process 0's "
-                "from a checkpoint written before per-process states); all %d processes resume "
-                "from it, so the data order differs from the uninterrupted run's",
-                what,
-                process_count,
-            )
-        return state
-    entries, saved = state[PROCESSES], state.get("process_count")
-    if saved != process_count:
-        logging.warning(
-            "%s: the data state was saved by %s processes, this run has %d: the document shards "
-            "differ, so the data order differs from the uninterrupted run's",
-            what,
-            saved,
-            process_count,
-        )
+        entries, saved = {"0": state}, 1
+    else:
+        entries, saved = state[PROCESSES], state.get("process_count")
     key = str(process_index)
-    if key not in entries:
-        if saved == process_count:
+    if saved == process_count:
+        if key not in entries:
             raise ValueError(
                 f"{what}: the data state has no position for process {process_index} "
                 f"(it holds processes {sorted(entries, key=int)})"
             )
+        return entries[key]
+    keys = [str(p) for p in range(saved)] if isinstance(saved, int) else []
+    if reshard is not None and keys and all(k in entries for k in keys):
+        local, note = reshard([entries[k] for k in keys], process_index, process_count)
+        logging.warning(
+            "%s: the data state was saved by %d processes, this run has %d, so the document "
+            "shards differ: %s",
+            what,
+            saved,
+            process_count,
+            note,
+        )
+        return local
+    if key not in entries:
         key = min(entries, key=int)
+    logging.warning(
+        "%s: the data state was saved by %s processes (holding %s), this run has %d: every "
+        "process resumes from process %s's position, so the data order differs from the "
+        "uninterrupted run's",
+        what,
+        saved,
+        sorted(entries, key=int),
+        process_count,
+        key,
+    )
     return entries[key]

@@ -468,3 +468,72 @@ def test_weights_proportional_to_sizes_leave_documents_unread_as_documented():
     assert (unread(12345, 678), unread(173943, 178924), unread(40, 10)) == (6, 1503, 0)
     lost = [unread(a, b) for a in range(1, 120) for b in range(1, 120)]
     assert (sum(n == 1 for n in lost), max(lost)) == (11252, 1)
+
+
+class _Recorder:
+    """The document iterator of a packer, noting every document read (its token bytes)."""
+
+    def __init__(self, it, seen):
+        self.it, self.seen = it, seen
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        doc = next(self.it)
+        self.seen.append(doc.tobytes())
+        return doc
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+@pytest.mark.parametrize("saved_count,resumed_count", [(2, 1), (1, 2), (2, 3)])
+def test_resuming_on_another_process_count_skips_no_document(
+    tmp_path, tok, saved_count, resumed_count
+):
+    """The saved shard indices are converted through global positions (data/process_state.py):
+    the resumed processes start at the first document a saved process had not finished, so no
+    document of the global stream is skipped and only the few the faster processes had finished
+    past it are read again (it used to hand each shard index over unchanged: half of what 2
+    processes trained read again on 1, a checkpoint's worth skipped going from 1 to 2)."""
+    cfg = cfg_for(write_jsonl(tmp_path / "a.jsonl", corpus(7, 200, hi=40)), tok, read_threads=1)
+
+    def packer(p, count, seen):
+        it = make(cfg, p, count, seq_len=32, batch=2)
+        it._docs = _Recorder(it._docs, seen)
+        return it
+
+    before, entries = [], {}
+    for p in range(saved_count):
+        it = packer(p, saved_count, before)
+        for _ in range(3):
+            next(it)
+        state = it.get_state()
+        entries.update(state.get("processes", {str(p): state}))
+    state = (
+        {"process_count": saved_count, "processes": entries} if saved_count > 1 else entries["0"]
+    )
+    after, firsts = [], []
+    for p in range(resumed_count):
+        seen = []
+        it = packer(p, resumed_count, seen)
+        it.set_state(state)
+        for _ in range(3):
+            next(it)
+        after += seen
+        firsts.append(seen[0])
+    stream = []  # the global order of the documents (one process reads them all)
+    whole = packer(0, 1, stream)._docs
+    for _ in range(len(before) + len(after) + 20):
+        next(whole)
+    position = {doc: i for i, doc in enumerate(stream)}
+    # The resumed processes start at consecutive global positions, every one before them read.
+    starts = sorted(position[d] for d in firsts)
+    assert starts == list(range(starts[0], starts[0] + resumed_count)), starts
+    assert sorted(set(range(starts[0])) - {position[d] for d in before}) == []
+    again = set(before) & set(after)
+    assert len(again) <= max(3, len(set(before)) // 8), (len(again), len(set(before)))
