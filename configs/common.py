@@ -70,7 +70,21 @@ def override(c: ml_collections.ConfigDict, overrides: dict) -> ml_collections.Co
             if not isinstance(node, ml_collections.ConfigDict) or last not in node:
                 raise KeyError(f"config has no key {key!r}{_hint(last, node, prefix)}")
             node[last] = value
+    note_model_keys_given(c, overrides)
     return c
+
+
+def note_model_keys_given(c: ml_collections.ConfigDict, overrides) -> None:
+    """Adds the `model.X` keys among `overrides` (dotted names: `override`'s, or the
+    `--config.` flags' `config_flags.get_override_values`) to `c.model_keys_given`, which
+    `model_keys_set` reads: a key given equal to the variant's default is still this run's
+    (over an init_from source whose value differs)."""
+    if "model_keys_given" not in c:  # a config without the trainer sections
+        return
+    given = {k[len("model.") :] for k in overrides if k.startswith("model.")}
+    if given - set(c.model_keys_given):
+        with c.unlocked():
+            c.model_keys_given = tuple(sorted(given | set(c.model_keys_given)))
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -139,6 +153,10 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     # True: start from init_from's EMA weights (a run trained with ema.decay > 0; train/ema.py)
     # instead of its params; DPO/PPO/GRPO/online DPO's reference is then that EMA too
     c.init_from_ema = False
+    # The `model.` keys this run gave (`--config.model.X=...`, recorded by train/main.py, and
+    # `override`): with init_from they apply over the source's even when equal to the variant's
+    # default; () = none or unknown (`model_keys_set` also diffs against the variant)
+    c.model_keys_given = ()
     c.progress_bar = True  # tqdm bar on stderr
     c.peak_tflops = 0.0  # per-chip peak TFLOP/s for MFU (> 0 overrides the built-in table)
     return c
@@ -180,15 +198,18 @@ def _default_model_sections(config) -> list[dict]:
 
 
 def model_keys_set(config) -> dict:
-    """{key: value} of the `model.` keys this run's config sets itself (`--config.model.X=...`,
-    `override(config, {"model.X": ...})`): those where `config.model` differs from the model
-    section its config file builds for the variant closest to it (the stage configs take
-    `model` from their `variant` arg, which the config does not record; two variants differ in
-    several shape keys, so the closest one is the config's unless most of them were set)."""
+    """{key: value} of the `model.` keys this run's config sets itself: those it records as
+    given (`model_keys_given`: `--config.model.X=...` through train/main.py,
+    `override(config, {"model.X": ...})`), and those where `config.model` differs from the model
+    section its config file builds for the variant closest to it (a Python config file or an
+    older config that edits config.model directly; the stage configs take `model` from their
+    `variant` arg, which the config does not record; two variants differ in several shape keys,
+    so the closest one is the config's unless most of them were set)."""
     ours = to_model_config(config.model).to_dict()
     best = None
     for default in _default_model_sections(config):
         diff = {k: v for k, v in ours.items() if default.get(k) != v}
         if best is None or len(diff) < len(best):
             best = diff
-    return best or {}
+    given = {k: ours[k] for k in config.get("model_keys_given", ()) if k in ours}
+    return {**(best or {}), **given}

@@ -81,10 +81,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.vocab_size = c.data.get_ref("builtin_vocab_size").identity()  # the world's tokenizer
     c.data.kind = "text"  # text | markov (pretrain.py)
     c.data.markov_branching = 4  # markov only (unused here; pretrain.py reads the key)
-    # Held-out text: "" = the built-in world's 100 documents (11.8k tokens; 24 batches hold them
-    # all), or a jsonl of more documents from the same generator (the workflow writes 1000).
+    # Held-out text: "" = the built-in world's 100 documents (11.8k tokens: 23 batches), or a
+    # jsonl of more documents from the same generator (the workflow writes 1000).
     c.data.eval_sources = a.heldout
-    c.data.eval_batches = 100_000 if a.heldout else 24  # batches per evaluation: all of it
+    # Batches per evaluation: a bound no held-out set reaches, so each evaluation reads all of
+    # it (it ends with the documents), whether heldout= or --config.data.eval_sources named it.
+    c.data.eval_batches = 100_000
     c.loss = ml_collections.ConfigDict()
     c.loss.z_loss = 0.0  # PaLM z-loss coefficient
     c.loss.chunk_tokens = 0  # > 0: CE over chunks of this many positions (no full logits)

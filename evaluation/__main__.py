@@ -48,6 +48,35 @@ def _positive(text: str) -> int:
     return n
 
 
+def _at_least_0(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: must be >= 0")
+    return n
+
+
+def _temperature(text: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not t >= 0:  # (NaN fails >= 0 too)
+        raise argparse.ArgumentTypeError(f"{t}: must be >= 0 (0 = greedy)")
+    return t
+
+
+def _replaced(specs, flags: str, only: str | None = None, **values):
+    """`specs` with `values` set (those of type `only`, when given); a spec the values make
+    invalid is a one-line error naming the flags that set them (`flags`: "--chat on")."""
+    try:
+        return [s.replace(**values) if only in (None, s.type) else s for s in specs]
+    except ValueError as e:
+        raise SystemExit(f"{e} ({flags})") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -60,20 +89,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--ema", action="store_true",
                    help="evaluate the run's EMA weights (trained with ema.decay > 0)")  # fmt: skip
-    p.add_argument("--num_fewshot", type=int, default=None, help="shots for every task")
+    p.add_argument("--num_fewshot", type=_at_least_0, default=None, help="shots for every task")
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="chat-template prompts for every task (on/off); auto: on for a "
                    "checkpoint post-trained here (meta task not pretrain or hf_import), else "
                    "per task")  # fmt: skip
     p.add_argument(
         "--temperature",
-        type=float,
+        type=_temperature,
         default=None,
         help="generation tasks: sample at this temperature (default: each task's)",
     )
     p.add_argument(
         "--num_samples",
-        type=int,
+        type=_positive,
         default=None,
         help="generation tasks: samples per prompt (needs --temperature > 0)",
     )
@@ -203,23 +232,19 @@ def main(argv: list[str] | None = None) -> dict:
         step, meta = read_meta(args.checkpoint, args.step)
     except CheckpointError as e:
         raise SystemExit(str(e)) from None
-    overrides = {}
+    # Each flag's values in turn, so that an error names the flag at fault (`_replaced`).
     if args.num_fewshot is not None:
-        overrides["num_fewshot"] = args.num_fewshot
+        specs = _replaced(specs, f"--num_fewshot {args.num_fewshot}", num_fewshot=args.num_fewshot)
     chat = chat_mode(args.chat, meta)
-    if chat is not None:
-        overrides["chat"] = chat
-    try:  # e.g. --chat on for a task whose chat-mode user turn would hide its choices
-        specs = [s.replace(**overrides) for s in specs]
-    except ValueError as e:
-        raise SystemExit(f"{e} (--chat {args.chat})") from None
+    if chat is not None:  # e.g. on for a task whose chat-mode user turn would hide its choices
+        specs = _replaced(specs, f"--chat {args.chat}", chat=chat)
     given = (("temperature", args.temperature), ("num_samples", args.num_samples),
              ("reasoning_end", args.reasoning_end))  # fmt: skip
     sampling = {k: v for k, v in given if v is not None}
-    try:
-        specs = [s.replace(**sampling) if s.type == "generation" else s for s in specs]
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    if sampling:  # e.g. --num_samples 4 over a greedy task's temperature 0
+        flags = " ".join(f"--{k} {v!r}" if k == "reasoning_end" else f"--{k} {v}"
+                         for k, v in sampling.items())  # fmt: skip
+        specs = _replaced(specs, flags, "generation", **sampling)
     _check_tasks(specs, args.limit, meta)  # fails now, not after earlier tasks ran
 
     tok_path = os.path.abspath(tokenizer_path(args.tokenizer, meta, args.checkpoint))

@@ -69,6 +69,18 @@ def init_distributed(
         )
 
 
+def parsed_config(config_flag=None):
+    """The --config ConfigDict, with the `--config.model.X` flags given recorded in its
+    `model_keys_given` (configs/common.py `model_keys_set`): over an init_from source they
+    apply even when equal to the variant's default, which a diff against it cannot tell."""
+    from flaxlm.configs.common import note_model_keys_given
+
+    config_flag = config_flag if config_flag is not None else flags.FLAGS["config"]
+    config = config_flag.value
+    note_model_keys_given(config, config_flags.get_override_values(config_flag))
+    return config
+
+
 def main(argv):
     del argv
     exit_with_sweep()  # a sweep's trainer: SIGTERM when the sweep dies
@@ -77,7 +89,7 @@ def main(argv):
 
     quiet_orbax_logs()
     init_distributed(_COORD.value, _NPROC.value, _PID.value, _DISTRIBUTED.value)
-    config = _CONFIG.value
+    config = parsed_config()
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     module = TASKS.get(config.task)

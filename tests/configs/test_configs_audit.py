@@ -122,6 +122,16 @@ def test_command_line_override_forms(monkeypatch):
     assert c.opt.lr == pytest.approx(6e-3 * 64 / 48)
 
 
+def test_scaling_evaluates_all_of_a_heldout_set_however_it_is_named(monkeypatch):
+    """scaling.py's `heldout=` arg and `--config.data.eval_sources` read the same number of
+    held-out batches (the latter used to keep the built-in set's 24: 1000 documents cut short)."""
+    scaling = os.path.join(REPO, "configs", "scaling.py")
+    by_arg = _cli(monkeypatch, "--config", scaling + ":heldout=/tmp/h.jsonl")
+    by_key = _cli(monkeypatch, "--config", scaling, "--config.data.eval_sources=/tmp/h.jsonl")
+    assert by_key.data.eval_sources == by_arg.data.eval_sources == "/tmp/h.jsonl"
+    assert by_key.data.eval_batches == by_arg.data.eval_batches >= 100_000
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 def test_every_key_survives_the_sweeps_command_line(monkeypatch, path):
     """What a sweep passes the trainer (`--config.k=format_value(v)`) parses back to v, for every

@@ -93,6 +93,30 @@ def test_cli_errors(run_dir, world_dir, tok_path, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main([*base, "--tasks", "mc_arithmetic", "--limit", limit])
         assert e.value.code == 2 and f"--limit: {limit}: must be >= 1" in capsys.readouterr().err
+    # Each bad override names its own flag (--num_fewshot's was reported as a --chat problem,
+    # --temperature's and --num_samples' named no flag).
+    for flag, value, why in (("--num_fewshot", "-1", "-1: must be >= 0"),
+                             ("--temperature", "-1", "-1.0: must be >= 0"),
+                             ("--temperature", "nan", "nan: must be >= 0"),
+                             ("--num_samples", "0", "0: must be >= 1")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--tasks", "gen_facts_train", flag, value])
+        assert e.value.code == 2 and f"{flag}: {why}" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"num_samples > 1 needs temperature > 0 .*"
+                                         r"\(--num_samples 3\)$"):  # fmt: skip
+        main([*base, "--tasks", "gen_facts_train", "--num_samples", "3"])
+    (tmp_path / "c.json").write_text(
+        json.dumps(
+            {
+                "name": "c",
+                "type": "multiple_choice",
+                "file": "c.jsonl",
+                "template": "{context}\n{choices_block}",
+            }
+        )
+    )
+    with pytest.raises(SystemExit, match=r"chat mode's user turn .*\(--chat on\)$"):
+        main([*base, "--tasks", str(tmp_path / "c.json"), "--num_fewshot", "0", "--chat", "on"])
 
 
 def test_cli_checks_every_task_file_before_running_any(run_dir, tok_path, tmp_path, capsys):
