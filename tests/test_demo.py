@@ -72,11 +72,13 @@ def _config_from_command(command: str, workdir: str):
     fv = flags.FlagValues()
     args = [argv[0]] + argv[3 : argv.index("--workdir")]
     # sys_argv: the override flags (--config.a.b=...) are defined from the arguments to parse.
-    holder = config_flags.DEFINE_config_file(
+    config_flags.DEFINE_config_file(
         "config", None, "", flag_values=fv, lock_config=True, sys_argv=args
     )
     fv(args)
-    return holder.value
+    from flaxlm.train.main import parsed_config
+
+    return parsed_config(fv["config"])  # as train.main reads it (records model keys given)
 
 
 @pytest.mark.parametrize(

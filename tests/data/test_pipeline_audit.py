@@ -373,7 +373,9 @@ def test_a_state_from_another_process_layout_resumes_with_a_warning(tmp_path, to
     with caplog.at_level("WARNING"):
         two = make(cfg, pi=1, pc=2)
         two.set_state(one.get_state())  # a single-process state on 2 processes
-    assert "holds one position" in caplog.text
+    # (a single-process state is mapped onto the new shards: data/process_state.shard_index)
+    assert "saved by 1 processes, this run has 2" in caplog.text
+    assert "none is skipped" in caplog.text
     next(two)
     other = make(cfg, pi=0, pc=2)
     with pytest.raises(ValueError, match="no position for process 0"):
