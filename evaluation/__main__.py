@@ -36,26 +36,11 @@ import os
 import sys
 
 from flaxlm.cli_mesh import add_mesh_args, is_writer, setup_mesh
+from flaxlm.evaluation.cli_types import int_at_least
 
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:  # 0 read no row and then said the task file had "no examples"
-        raise argparse.ArgumentTypeError(f"{n}: must be >= 1 (omit it for every example)")
-    return n
-
-
-def _at_least_0(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n}: must be >= 0")
-    return n
+# --limit 0 read no row and then said the task file had "no examples".
+_positive = int_at_least(1, " (omit it for every example)")
+_at_least_0 = int_at_least(0)
 
 
 def _temperature(text: str) -> float:

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from flaxlm.evaluation.cli_types import int_at_least
+
 ScoreFn = Callable[[Sequence, Sequence[str]], Sequence[float]]
 
 
@@ -219,16 +221,6 @@ def read_completions(path: str) -> list[tuple[str, str]]:
     return out
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:  # 0 was range()'s traceback; -1 scored nothing and then said "no prompts"
-        raise argparse.ArgumentTypeError(f"{n}: must be >= 1")
-    return n
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation.winrate",
                                 description=__doc__.split("\n\n")[0])  # fmt: skip
@@ -236,7 +228,7 @@ def main(argv=None) -> dict:
     p.add_argument("b", help="completion file of model B, the same prompts in the same order")
     p.add_argument("--reward_model", required=True, help="reward-model run directory")
     p.add_argument("--tie_margin", type=float, default=0.0, help="|a - b| <= this is a tie")
-    p.add_argument("--batch", type=_positive_int, default=16, help="rows per reward-model call")
+    p.add_argument("--batch", type=int_at_least(1), default=16, help="rows per reward-model call")
     p.add_argument("--out", default="", help="also write the result (and per-prompt scores) here")
     args = p.parse_args(argv)
     if not args.tie_margin >= 0:
