@@ -66,7 +66,9 @@ class Lookahead:
 
     def set_state(self, state: dict) -> None:
         name = self.state_name or type(self).__name__
-        local = process_state.unwrap(state, self.process_index, self.process_count, name)
+        local = process_state.unwrap(
+            state, self.process_index, self.process_count, name, self._reshard
+        )
         self._queue.clear()
         self._set_local_state(local)
 
@@ -79,3 +81,7 @@ class Lookahead:
 
     def _set_local_state(self, state: dict) -> None:
         raise NotImplementedError
+
+    # A position from the states of a run with another process count (process_state.unwrap's
+    # `reshard`), for an iterator that can convert one; None: one saved position is reused.
+    _reshard = None

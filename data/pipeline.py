@@ -376,13 +376,6 @@ class PackedBatchIterator(Lookahead):
             "offset": self._offset if carrying else 0,
         }
 
-    def set_state(self, state: dict) -> None:
-        local = process_state.unwrap(
-            state, self.process_index, self.process_count, self.state_name, self._reshard
-        )
-        self._queue.clear()
-        self._set_local_state(local)
-
     def _reshard(self, saved: list[dict], process_index: int, process_count: int):
         """This process's position from the states of a run with another process count
         (data/process_state.py): the document shards differ, so go through global positions.
