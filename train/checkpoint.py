@@ -4,7 +4,8 @@ Each step directory holds three items:
     state  the TrainState (params, optimizer state, step, base RNG, guard counters), sharded
     data   the data iterator's state (JSON), so a resumed run sees exactly the next batches
     meta   JSON: the run's config, the model config and the flaxlm version — a checkpoint
-           describes itself, so notebooks and `init_from` need nothing else
+           describes itself, so notebooks and `init_from` need nothing else — and a
+           fingerprint of each array of the state
 Saves are asynchronous (training continues while the write finishes) and atomic (orbax writes a
 temporary directory and renames it), so a killed process never leaves a half checkpoint that
 looks complete (a leftover `<step>.orbax-checkpoint-tmp*` directory is not a step, for resuming
@@ -23,7 +24,9 @@ resuming run's config, as the learning rate does. Readers take the EMA weights i
 params with `ema=True`; a step without an EMA is then an error naming it.
 
 A step can still become unreadable afterwards (a file truncated or deleted by a full disk or a
-node that died mid-copy). Resuming (`Checkpointer.restore_latest`) then moves it aside to
+node that died mid-copy), or read back changed (a flipped bit, which TensorStore does not see:
+every save records a fingerprint of each array in its meta, and every restore and reader
+checks them, train/checkpoint_fingerprint.py). Resuming (`Checkpointer.restore_latest`) then moves it aside to
 `WORKDIR/checkpoints_corrupt/<step>-<UTC time>/`, never deleting anything, and resumes from the
 next newest readable step; `ckpt_on_corrupt="fail"` stops instead. Readers of a given or the
 latest step (`read_meta`, `load_params`, `load_model`) never fall back: their errors name the
@@ -49,6 +52,7 @@ reaches the readers, which call it through this module:
                                 config_changes
     train/checkpoint_inspect.py CheckpointError; a step's saved keys and why it did not read
     train/checkpoint_orbax.py   process-wide orbax settings (array handler, log filter)
+    train/checkpoint_fingerprint.py  the arrays' fingerprints a save records and restores check
 """
 
 from __future__ import annotations

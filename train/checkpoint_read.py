@@ -14,6 +14,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from flaxlm.train import checkpoint_fingerprint as fingerprint
 from flaxlm.train.checkpoint_inspect import (
     CheckpointError,
     _describe,
@@ -130,7 +131,14 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
                             target)  # fmt: skip
         item = ocp.args.PyTreeRestore(item={key: target}, restore_args={key: args},
                                       partial_restore=True)  # fmt: skip
-        return mgr.restore(step, args=ocp.args.Composite(state=item))["state"][key]
+        got = mgr.restore(step, args=ocp.args.Composite(state=item))["state"][key]
+        saved = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        bad = fingerprint.mismatches(saved, got, prefix=f".{key}")
+        if bad:
+            raise CheckpointError(
+                fingerprint.describe(path, bad) + "." + _other_steps_hint(mgr, directory, step)
+            )
+        return got
 
     try:
         if ema and "ema" not in (saved_state_keys(path) or {"ema"}):  # unknown: try to read

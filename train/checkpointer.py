@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from flaxlm import __version__
+from flaxlm.train import checkpoint_fingerprint as fingerprint
 from flaxlm.train import ema as ema_lib
 from flaxlm.train.checkpoint_compat import meta_mismatch
 from flaxlm.train.checkpoint_inspect import CheckpointError, _describe, saved_state_keys
@@ -77,7 +78,8 @@ class Checkpointer:
         """
         if step in self.manager.all_steps():
             return
-        meta = {"flaxlm_version": __version__, **(meta or {})}
+        meta = {"flaxlm_version": __version__, **(meta or {}),
+                fingerprint.META_KEY: fingerprint.record(state)}  # fmt: skip
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -129,7 +131,11 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return out["state"], dict(out["data"] or {}), dict(out["meta"] or {})
+        meta = dict(out["meta"] or {})
+        bad = fingerprint.mismatches(meta, out["state"])
+        if bad:
+            raise CheckpointError(fingerprint.describe(self._step_dir(step), bad))
+        return out["state"], dict(out["data"] or {}), meta
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))

@@ -6,6 +6,7 @@ readers of one step (read_meta, load_model) name the step and the others instead
 
 import glob
 import hashlib
+import json
 import logging
 import os
 import re
@@ -116,6 +117,20 @@ def _delete_array_data(step_dir):
         os.remove(path)
 
 
+def _flip_a_bit(step_dir):
+    """One flipped bit in the middle of the biggest array file: TensorStore reads it back without
+    complaint, only the fingerprints recorded at the save (train/checkpoint_fingerprint.py) see
+    it."""
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+             if os.path.isfile(f)]  # fmt: skip
+    path = max(files, key=os.path.getsize)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+
+
 @pytest.mark.parametrize(
     "corrupt, cause",
     [
@@ -123,8 +138,15 @@ def _delete_array_data(step_dir):
         (_cut_data_state, r"JSONDecodeError.*not readable JSON: .*/6/data/metadata"),
         (_empty_state_metadata, r"not readable JSON: .*/6/state/_METADATA"),
         (_delete_array_data, r"Error reading .* of local file .*/6/state/.*d/"),
+        (_flip_a_bit, r"checkpoint .*/6: 1 array\(s\) read back differ from what was saved"),
     ],
-    ids=["meta-missing", "data-state-cut", "state-metadata-empty", "array-data-deleted"],
+    ids=[
+        "meta-missing",
+        "data-state-cut",
+        "state-metadata-empty",
+        "array-data-deleted",
+        "bit-flipped",
+    ],  # fmt: skip
 )
 def test_restore_latest_falls_back_over_each_kind_of_damage(
     source, tmp_path, caplog, corrupt, cause
@@ -199,3 +221,49 @@ def test_readers_of_one_step_do_not_fall_back_but_name_the_others(source, tmp_pa
     with pytest.raises(CheckpointError, match=rf"params of checkpoint .*/6: .*{file}.*{hint}"):
         load_model(run)
     assert not os.path.exists(os.path.join(run, CORRUPT_DIR))  # readers move nothing
+
+
+def _forge_fingerprint(step_dir, path):
+    """Records another fingerprint for one array in the step's meta: what the verifier sees when
+    that array's bytes changed after the save, aimed at an array of our choosing."""
+    meta_file = os.path.join(step_dir, "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    arrays = meta["state_fingerprints"]["arrays"]
+    dtype, value = arrays[path].split(":")
+    arrays[path] = f"{dtype}:{int(value, 16) ^ 1:08x}"
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+
+
+def test_an_array_that_reads_back_changed_is_refused_by_resume_and_readers(source, tmp_path):
+    from flaxlm.train.checkpoint import load_model
+
+    embed = ".params['embed']['embedding']"
+    run = _copy(source[0], tmp_path / "run")
+    _forge_fingerprint(os.path.join(run, "checkpoints", "6"), embed)
+    with pytest.raises(CheckpointError, match=re.escape(f"differ from what was saved (their "
+                       f"fingerprints in the step's meta do not match): {embed}")):  # fmt: skip
+        load_model(run)
+    assert load_model(run, step=4)[1] is not None  # the other steps read
+    ckpt = Checkpointer(run)
+    with pytest.raises(CheckpointError, match=r"checkpoints/6: .*read back differ.*embedding"):
+        ckpt.restore_latest(_target(_config()), on_corrupt="fail")
+    step, *_ = ckpt.restore_latest(_target(_config()))
+    assert step == 4 and ckpt.all_steps() == [2, 4]
+    ckpt.close()
+
+
+def test_a_checkpoint_saved_without_fingerprints_still_restores(source, tmp_path):
+    run = _copy(source[0], tmp_path / "run")
+    meta_file = os.path.join(run, "checkpoints", "6", "meta", "metadata")
+    with open(meta_file) as f:
+        meta = json.load(f)
+    del meta["state_fingerprints"]  # as written before fingerprints existed
+    with open(meta_file, "w") as f:
+        json.dump(meta, f)
+    ckpt = Checkpointer(run)
+    step, state, _, _ = ckpt.restore_latest(_target(_config()))
+    assert step == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), source[1])
+    ckpt.close()
