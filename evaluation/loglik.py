@@ -10,7 +10,9 @@ chosen so a batch holds about `batch_tokens` tokens, a bucket's last batch padde
 up to a power of two) and run through one jitted forward, so an evaluation compiles a couple of
 shapes per bucket, not one per example, and a small bucket does not run hundreds of empty rows.
 Right padding needs no segment ids: causal attention never lets a real token see the padding
-after it.
+after it. A mixture of experts is scored dropless (`moe_capacity_factor=0`, as `generate`
+decodes it: models/decode_program.py's `decode_config`): an expert's capacity is a share of the
+row's T tokens, padding included, so with drops a score would depend on its bucket's length.
 
 Multiple choice (`multiple_choice`): each choice is scored as a continuation of the prompt;
     acc        argmax of the summed log-probability
@@ -86,7 +88,7 @@ def _jitted_scorer(cfg, mesh=None, rules=None):
     rules when traced), shared by every LoglikScorer of it (its compiled shapes are reused
     when a notebook or the demo scores several checkpoints)."""
     del mesh, rules  # (cache keys)
-    return jax.jit(functools.partial(_score_rows, cfg))
+    return jax.jit(functools.partial(_score_rows, cfg.replace(moe_capacity_factor=0.0)))
 
 
 def _pow2_at_least(n: int) -> int:

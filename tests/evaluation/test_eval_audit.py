@@ -100,6 +100,31 @@ def test_scores_do_not_depend_on_batch_composition_or_padding(model):
         assert [g.greedy for g in got] == [a.greedy for a in alone]
 
 
+def test_a_mixture_of_experts_scores_alike_in_every_bucket():
+    """With a capacity factor, padding took expert slots and the capacity grew with the bucket
+    length: the same request scored -37.90 in a 16-token bucket and -38.03 in a 64-token one.
+    The scorer runs the model dropless, as `generate` decodes it."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxlm.models.config import get_variant
+    from flaxlm.models.transformer import Transformer, forward
+
+    cfg = get_variant("tiny", n_experts=4, moe_capacity_factor=1.0)
+    params = Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, params)  # sharper routing
+    reqs = _requests(5, 4, max_ctx=12, max_cont=5, vocab=cfg.vocab_size)
+    scores = [[g.logprob for g in LoglikScorer(cfg, params, min_len=m).score(reqs)]
+              for m in (16, 64)]  # fmt: skip
+    np.testing.assert_allclose(scores[0], scores[1], rtol=0, atol=5e-5)
+    dropless = cfg.replace(moe_capacity_factor=0.0)
+    ctx, cont = reqs[0]
+    logits = forward(dropless, params, jnp.asarray([ctx + cont[:-1]]))[0]
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    want = sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+    assert scores[0][0] == pytest.approx(want, abs=1e-4)
+
+
 def test_split_continuation_scores_the_joint_tokenisation(tok):
     """The scored ids are exactly BOS + encode(context + continuation): a space (or any text)
     that merges with the continuation's first token is scored as continuation, never dropped
