@@ -47,6 +47,8 @@ def parse_mesh(text: str) -> dict[str, int]:
         name = name.strip()
         if not eq or name not in MESH_AXES:
             raise ValueError(f"--mesh {text!r}: {part!r} is not AXIS=SIZE with AXIS in {MESH_AXES}")
+        if name in out:  # a typo for another axis, not an override: say so rather than guess
+            raise ValueError(f"--mesh {text!r}: axis {name} is given twice")
         try:
             out[name] = int(size)
         except ValueError:

@@ -90,6 +90,7 @@ def test_generate_on_a_mesh_and_two_processes_matches_one_device(run_dir, tok_pa
     [
         (["--mesh", "pipeline=2"], "'pipeline=2' is not AXIS=SIZE"),
         (["--mesh", "fsdp=two"], "size 'two' of fsdp is not an integer"),
+        (["--mesh", "data=2,data=4"], "axis data is given twice"),
         (["--mesh", "fsdp=3,data=3"], "needs 9 devices, have 8"),
         (["--num_processes", "2"], "--num_processes / --process_id need --coordinator"),
     ],
