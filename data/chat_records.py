@@ -6,7 +6,7 @@ sets and held-out sets (alignment/rl_common.py) check records with these functio
 rendering examples, and every stage counts what happened to its records in a `DataReport`.
 `data/formats.py` re-exports every name.
 
-Records come from jsonl or parquet (`read_records`), with configurable field names
+Records come from jsonl, a .json array or parquet (`read_records`), with configurable field names
 (`fields_config`): `messages` (a list of {role, content}), or `prompt` (text or messages) plus
 `completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`). A null
 field is an absent one (`has`): parquet stores a mixed file's rows with every column, null
@@ -25,6 +25,7 @@ report's counter name.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Sequence
 
@@ -279,14 +280,54 @@ class DataReport:
         }
 
 
+def _holds_json_array(path: str) -> bool:
+    """Whether a .json file (gzip/zstd too) holds one JSON array (Alpaca style): its first
+    character after a BOM and whitespace is "[". A .json file of JSON lines (what `datasets`
+    writes) starts with "{"."""
+    name = path.lower()
+    if not name[: len(name) - len(S._codec_suffix(name))].endswith(".json"):
+        return False
+    with S.open_bytes(path) as f:
+        while chunk := f.read(1 << 12):
+            head = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head:
+                return head.startswith(b"[")
+    return False
+
+
+def _json_array_records(path: str, report: DataReport) -> Iterator[tuple[object, str]]:
+    """(element, "file[index]") of a file holding one JSON array; DataError naming the file when
+    it is not UTF-8 or does not parse (one error for the file, not one per line); an element
+    with a lone surrogate escape is "invalid_utf8", as a jsonl line's is."""
+    with S.open_bytes(path) as f:
+        raw = f.read()
+    try:
+        rows = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+    except UnicodeDecodeError as e:
+        raise S.DataError(f"{path}: holds a JSON array that is not UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise S.DataError(f"{path}: holds a JSON array (it starts with '[') that does not "
+                          f"parse: {e}") from None  # fmt: skip
+    for i, obj in enumerate(rows):
+        loc = f"{path}[{i}]"
+        report.read += 1
+        if where := S.lone_surrogate(obj):
+            report.bad("invalid_utf8", loc, where)
+            continue
+        yield obj, loc
+
+
 def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[tuple[dict, str]]:
     """(record, "file:line") from jsonl (gzip/zstd too) / parquet files; a line that cannot be
     read goes to the report as the pretraining reader counts it (`sources.jsonl_record`): a
     UTF-8 BOM is skipped, invalid UTF-8 and a lone surrogate escape are "invalid_utf8",
-    malformed JSON "malformed_json"."""
+    malformed JSON "malformed_json". A .json file that holds one JSON array (Alpaca style) is
+    its elements, (record, "file[index]")."""
     for path in S.expand_paths(patterns):
         fmt = S.file_format(path)
-        if fmt == "jsonl":
+        if fmt == "jsonl" and _holds_json_array(path):
+            yield from _json_array_records(path, report)
+        elif fmt == "jsonl":
             with S.open_bytes(path) as f:
                 for i, raw in enumerate(f):
                     if not raw.strip():

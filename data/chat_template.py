@@ -43,9 +43,13 @@ where even the final turn cannot be located it is a `TemplateError` (a hard erro
 template and record — nothing falls back silently). The prompt's ids must equal the prefix text
 tokenized alone (what `generation_prompt` gives), else the record is dropped as
 "template_boundary" (a merge across the turn boundary). The mask covers the assistant content
-and the template text after it up to and including the first stop id (`tok.stop_ids`, EOS and
-generation_config.json's: `<|eot_id|>`, `<|im_end|>`, Gemma's `<end_of_turn>`); a turn without
-a stop id is a `TemplateError`. `end_id` is the stop id the template ends a turn with (found
+and the template text after it up to and including the first stop id after the content's text
+(`tok.stop_ids`, EOS and generation_config.json's: `<|eot_id|>`, `<|im_end|>`, Gemma's
+`<end_of_turn>`): an answer that spells a stop token ("ends with <|im_end|>", which the
+tokenizer turns into that id) is trained whole. Where the template does not render the content
+as it is (stripped), the turn ends at the first stop id after its start, and an answer holding a
+stop token's text is dropped ("stop_in_content": its end cannot be located); a turn without a
+stop id is a `TemplateError`. `end_id` is the stop id the template ends a turn with (found
 by rendering a probe turn), which closes a response scored outside a rendered conversation
 (win rate). The rendered ids
 are then closed as flaxlm's template closes them: exactly one untrained id after the final
@@ -62,8 +66,10 @@ Tool use (Jinja templates only): a record's `tools` (a list of tool schemas) rea
 template as `tools`; messages keep `tool_calls` (assistant turns; content may then be empty or
 null), `tool_call_id`, `name` and `reasoning_content`, and role "tool" (a tool's result) is
 context like a user turn. An assistant turn that calls a tool is trained like any answer (the
-call is its text); flaxlm's own template has no format for these, so they are a
-`TemplateError` with it.
+call is its text); flaxlm's own template has no format for tools nor for an answer's
+`reasoning_content` (GRPO and evaluation read reasoning from the response text, with a marker
+the run names: `grpo.reasoning_end`), so these are a `TemplateError` with it, naming the
+record; a speaker's `name` is ignored by it (the turn renders the same).
 
 `render_chat` returns (ids, loss_mask) aligned with ids: `loss_mask[i] = 1` when `ids[i]` is a
 target. A row then holds `tokens = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]`.
@@ -78,7 +84,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from flaxlm.data.chat_records import (
-    MESSAGE_EXTRAS,
     ROLES,
     TOOL_ROLE,
     FormatError,
@@ -151,7 +156,10 @@ class JinjaChatTemplate(ChatTemplate):
     def __init__(self, tok):
         import hashlib
 
-        self.tok, self.bos_id, self.eos_id = tok, tok.bos_id, tok.eos_id
+        self.tok, self.eos_id = tok, tok.eos_id
+        # the template's BOS: the token it writes ({{ bos_token }}), whether or not the
+        # tokenizer adds it to plain text (HFTokenizer.bos_token_id vs bos_id)
+        self.bos_id = getattr(tok, "bos_token_id", tok.bos_id)
         self.special, self.prefix, self.headers = False, [], {}
         self.stops = tuple(int(i) for i in getattr(tok, "stop_ids", ()) if i >= 0)
         if not self.stops:
@@ -210,15 +218,20 @@ def training_template(tok) -> ChatTemplate:
 
 
 def _needs_jinja(msgs: list[dict], tools) -> str:
-    """Why flaxlm's own template cannot render `msgs` ("" if it can): tool turns, tool calls
-    and tool schemas exist only in a tokenizer's Jinja chat template."""
+    """Why flaxlm's own template cannot render `msgs` ("" if it can): tool turns, tool calls,
+    tool schemas and an answer's reasoning (`reasoning_content`) have a format only in a
+    tokenizer's Jinja chat template — rendered without them, a turn would train or prompt with
+    less than the record says. A speaker's `name` (OpenAI's messages carry one on any turn)
+    changes nothing the template shows: ignored."""
     if tools:
         return "tool schemas (`tools`)"
     for m in msgs:
         if m["role"] == TOOL_ROLE:
             return "a tool turn"
-        if any(k in m for k in MESSAGE_EXTRAS if k != "reasoning_content"):
+        if "tool_calls" in m or "tool_call_id" in m:
             return "tool calls"
+        if (m.get("reasoning_content") or "").strip():  # (a blank one loses nothing)
+            return "reasoning (`reasoning_content`)"
     return ""
 
 
@@ -280,6 +293,21 @@ def generation_prompt(
     return [int(i) for i in ids], template.stop_tokens
 
 
+def _content_end(text: str, start: int, end: int, msg: dict) -> int | None:
+    """Where an assistant message's content ends in `text`, searched in text[start:end] (its
+    turn after the generation prompt) after its reasoning (a template that renders
+    `reasoning_content` puts it first); None when the template does not render the content
+    as it is (stripped: templates trim it)."""
+    for key in ("reasoning_content", "content"):
+        part = (msg.get(key) or "").strip()
+        j = text.find(part, start, end) if part else start
+        if j < 0 and key == "content":
+            return None
+        if j >= 0:
+            start = j + len(part)
+    return start
+
+
 def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None = None,
                   train_from: int = 0, tools=None):  # fmt: skip
     """(ids, mask, keep_from, head) of a conversation through a Jinja template (module
@@ -294,8 +322,11 @@ def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None =
     starts = np.asarray([a for a, _ in offsets], np.int64)
     at = lambda char: int(np.searchsorted(starts, char, side="left"))  # noqa: E731
     stops, mask, last = set(t.stops), np.zeros(len(ids), np.float32), -1
+    parts: dict[tuple[int, bool], str] = {}  # (k, gen) -> text of msgs[:k], rendered once
 
     def prefix(k: int, gen: bool) -> str:
+        if (k, gen) in parts:
+            return parts[k, gen]
         part = t.text(msgs[:k], gen, tools)
         if not text.startswith(part):
             kwargs = getattr(t.tok, "template_kwargs", {})
@@ -307,6 +338,7 @@ def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None =
                 f"with add_generation_prompt={gen} is not a prefix of the whole conversation, "
                 f"so the assistant turns (the loss mask) cannot be located{hint}"
             )
+        parts[k, gen] = part
         return part
 
     def prompt_ids(k: int, gen: bool) -> int:
@@ -319,8 +351,17 @@ def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None =
     for i, m in enumerate(msgs):
         if m["role"] != "assistant" or i < train_from:
             continue
-        k0, k1 = prompt_ids(i, True), at(len(prefix(i + 1, False)))
-        stop = next((j for j in range(k0, k1) if ids[j] in stops), None)
+        k0, end = prompt_ids(i, True), len(prefix(i + 1, False))
+        # the turn's end: the first stop id after the answer's text, not after its start (an
+        # answer may spell a stop token, "<|im_end|>", which the tokenizer makes that id)
+        c = _content_end(text, len(prefix(i, True)), end, m)
+        said = (m["content"] or "") + (m.get("reasoning_content") or "")
+        if c is None and any(j in stops for j in t.tok.encode(said)):
+            raise FormatError("stop_in_content", f"assistant turn {i} holds a stop token's "
+                              f"text and the chat template {t.describe()} does not render it "
+                              "as it is, so where the turn ends cannot be located")  # fmt: skip
+        after = k0 if c is None else max(k0, at(c))  # (None: no stop id inside the content)
+        stop = next((j for j in range(after, at(end)) if ids[j] in stops), None)
         if stop is None:
             raise TemplateError(f"chat template {t.describe()}: assistant turn {i} has no stop "
                                 f"id {sorted(stops)} after its content to train")  # fmt: skip

@@ -434,6 +434,64 @@ def test_tokenizers_without_a_jinja_template_keep_flaxlms_template(tmp_path):
     assert "chat_template" not in report.to_dict()
 
 
+def _stop_text(tok, t) -> str:
+    return tok.tok.id_to_token(t.end_id)  # "<|im_end|>", "<|eot_id|>", "<end_of_turn>"
+
+
+def test_a_stop_token_spelled_inside_an_answer_is_trained_whole(hf):
+    """An answer whose text holds the template's end-of-turn token (a tokenizer turns the text
+    into the special id) used to be trained only up to that id: the mask ended at the first stop
+    id after the answer started, and the rest of the answer was neither trained nor counted.
+    The turn ends at the first stop id after the answer's text."""
+    name, tok, t = hf
+    stop = _stop_text(tok, t)
+    conv = [U("the river?"), A(f"Each turn ends with {stop} and then a newline. That is all.")]
+    report = F.DataReport()
+    (ex,) = F.render_sft([({"messages": conv}, "c:1")], t, 512, report=report)
+    assert (ex["ids"].tolist(), ex["mask"].astype(int).tolist()) == _reference(name, tok, conv)
+    assert report.truncated == 0 and report.log.total == 0
+    # Multi-turn: an earlier answer holding the stop text is trained whole too.
+    conv = [U("Q1"), A(f"Write {stop} at the end of each turn."), U("Q2"), A("the forest")]
+    ids, mask = F.render_chat(conv, t)
+    assert (ids.tolist(), mask.astype(int).tolist()) == _reference(name, tok, conv)
+    # Preference pairs: the chosen answer whole, as the rejected one.
+    rec = {"prompt": "the river?", "chosen": f"Use {stop} to close a turn, then a newline.",
+           "rejected": "No idea."}  # fmt: skip
+    (pair,) = F.render_preferences([(rec, "p:1")], t, 512)
+    want, _ = F.generation_prompt([U(rec["prompt"])], tok)
+    for side in ("chosen", "rejected"):
+        ids, mask = pair[side]
+        resp = tok.encode(rec[side]) + [t.end_id]
+        assert ids[len(want) : len(want) + len(resp)].tolist() == resp
+        assert mask[len(want) : len(want) + len(resp)].tolist() == [1.0] * len(resp)
+        assert ids[-2] == t.end_id and mask[-1] == 0
+
+
+def test_a_stop_token_inside_an_answer_the_template_rewrites_is_a_counted_drop(tmp_path):
+    """A template that does not render the answer's text as it is (here: it replaces "a" by
+    "b"): where the answer ends cannot be found in the text, so an answer holding a stop
+    token's text cannot be trained whole; it is dropped, counted with its file:line. An answer
+    without one trains as before (up to the first stop id after it starts)."""
+    tok = _load(tmp_path, "chatml")
+    tok.chat_template = (
+        CHATML.replace("[[G]]", "")
+        .replace("[[/G]]", "")
+        .replace(
+            "message.content + '<|im_end|>'", "(message.content | replace('a', 'b')) + '<|im_end|>'"
+        )
+    )
+    t = F.training_template(tok)
+    recs = [({"messages": [U("x"), A("a <|im_end|> a")]}, "c:1"),
+            ({"messages": [U("x"), A("a forest")]}, "c:2")]  # fmt: skip
+    report = F.DataReport()
+    (ex,) = F.render_sft(recs, t, 512, report=report)
+    assert report.log.counts == {"stop_in_content": 1} and ex["loc"] == "c:2"
+    (example,) = report.to_dict()["bad_input"]["examples"]["stop_in_content"]
+    assert example.startswith("c:1: stop_in_content (")
+    trained = [int(i) for i, m in zip(ex["ids"], ex["mask"]) if m]
+    assert trained == tok.encode("b forest") + [t.end_id]
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: SFT from an imported HF checkpoint whose tokenizer has a chat template
 

@@ -156,3 +156,32 @@ print(json.dumps([tok.apply_chat_template(conv, tools=tools, tokenize=False),
 def test_live_transformers_renders_the_same_text(tmp_path, hf_live, byte_chat_tokenizer):
     d = byte_chat_tokenizer(str(tmp_path / "live"), TOOLS_TEMPLATE)
     assert hf_live(LIVE, d, CONV, TOOLS) == [TEXT, TEXT[: TEXT.index("It is 4.")]]
+
+
+def test_flaxlms_template_ignores_a_speaker_name_and_refuses_reasoning():
+    """OpenAI-style messages may name their speaker ({"role": "user", "name": "alice"}): that is
+    no tool call, and flaxlm's template renders the turn as without it (it used to stop the run
+    with "tool calls need(s) the tokenizer's own Jinja chat template"). An answer's
+    `reasoning_content` has no place in flaxlm's template: an error naming the record, as a
+    tool call is (it used to be dropped silently, training the answer without its reasoning)."""
+    from flaxlm.data.tokenizer import train as train_tokenizer
+
+    own = F.ChatTemplate(train_tokenizer(["2 plus 2 is 4 and the answer"] * 50, 300))
+    plain = [U("Hi"), A("Hello")]
+    named = [{**U("Hi"), "name": "alice"}, {**A("Hello"), "name": "bot"}]
+    report = F.DataReport()
+    (ex,) = F.render_sft([({"messages": named}, "n:1")], own, 128, report=report)
+    want, mask = F.render_chat(plain, own)
+    assert ex["ids"].tolist() == want.tolist() and ex["mask"].tolist() == mask.tolist()
+    assert report.used == 1 and report.log.total == 0
+    prompt, _ = F.generation_prompt(named[:1], own.tok)
+    assert prompt == F.generation_prompt(plain[:1], own.tok)[0]
+    reasoned = [U("2+2?"), A("The answer is 4.", reasoning_content="2 plus 2 is 4")]
+    with pytest.raises(F.TemplateError, match=r"^r:1: reasoning \(`reasoning_content`\) "
+                       r"need\(s\) the tokenizer's own Jinja chat template"):  # fmt: skip
+        F.render_sft([({"messages": reasoned}, "r:1")], own, 128)
+    with pytest.raises(F.TemplateError, match=r"^r:2: reasoning"):
+        rec = {"prompt": "2+2?", "chosen": reasoned[1:], "rejected": "5"}
+        F.render_preferences([(rec, "r:2")], own, 128)
+    blank = [U("2+2?"), A("The answer is 4.", reasoning_content="")]  # nothing to lose
+    assert len(F.render_sft([({"messages": blank}, "r:3")], own, 128)) == 1

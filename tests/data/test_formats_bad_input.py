@@ -99,3 +99,44 @@ def test_a_meta_that_is_not_an_object_is_bad_input(tmp_path, template):
         assert bad["examples"]["bad_meta"] == [
             f"{path}:2: bad_meta (meta='7' is not a JSON object)"
         ], name
+
+
+def test_a_json_file_holding_an_array_is_its_records(tmp_path, template):
+    """A .json file holding one top-level JSON array (Alpaca style) was read as jsonl: every
+    line of a pretty-printed one malformed_json ("22 of 22 records dropped"), a one-line one a
+    single bad_record. Its elements are now the records, each located as file[index]; a .json
+    file of JSON lines (what `datasets` writes) is still read by line."""
+    import gzip
+
+    rows = [{"prompt": f"the river {i}", "completion": f"a forest {i}"} for i in range(4)]
+    paths = {"pretty.json": json.dumps(rows, indent=2), "oneline.json": json.dumps(rows),
+             "bom.json": "\ufeff" + json.dumps(rows)}  # fmt: skip
+    for name, text in paths.items():
+        (tmp_path / name).write_text(text)
+    with gzip.open(tmp_path / "packed.json.gz", "wt") as f:
+        f.write(json.dumps(rows, indent=1))
+    for name in [*paths, "packed.json.gz"]:
+        path = str(tmp_path / name)
+        report = F.DataReport()
+        out = F.render_sft(F.read_records(path, report), template, 64, report=report)
+        r = report.to_dict()
+        assert (r["records"], r["used"], r["dropped"]) == (4, 4, 0), (name, r)
+        assert [ex["loc"] for ex in out] == [f"{path}[{i}]" for i in range(4)]
+        assert [ex["messages"][-1]["content"] for ex in out] == [x["completion"] for x in rows]
+    lines = tmp_path / "lines.json"  # JSON lines under a .json name
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = F.DataReport()
+    assert len(F.render_sft(F.read_records(str(lines), report), template, 64, report=report)) == 4
+    # An element that is no record is counted where it is; an array that does not parse names
+    # the file (not one malformed_json per line).
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps([rows[0], "the river", {"prompt": "\ud800", "completion": "x"}]))
+    report = F.DataReport()
+    assert len(F.render_sft(F.read_records(str(mixed), report), template, 64,
+                            report=report)) == 1  # fmt: skip
+    assert report.to_dict()["bad_input"]["counts"] == {"bad_record": 1, "invalid_utf8": 1}
+    assert report.to_dict()["bad_input"]["examples"]["bad_record"][0].startswith(f"{mixed}[1]: ")
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(rows, indent=2)[:-3])
+    with pytest.raises(DataError, match=rf"^{broken}: holds a JSON array .*does not parse"):
+        list(F.read_records(str(broken), F.DataReport()))
