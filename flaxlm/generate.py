@@ -16,7 +16,9 @@ casts the weights and computes in that dtype.
 --chat renders each prompt as a user turn (after --system, if given) with a generation prompt:
 an HF tokenizer's own Jinja chat template when it has one (chat_template.jinja, else
 tokenizer_config.json's), else flaxlm's
-chat template (data/formats.py), whose end-of-turn token stops generation.
+chat template (data/formats.py), whose end-of-turn token stops generation. Plain prompts start
+with the BOS the tokenizer adds, as transformers' tokenizer(text) (an HF tokenizer.json whose
+post-processor adds none, SmolLM2's, gets none; models/hf_tokenizer.py); --no_bos drops it.
 
 Output: per prompt "### PROMPT" then the completion (stop token removed); with --json one JSON
 object per line, in prompt order: {"prompt", "completion", "n_tokens" (generated, the stop token
@@ -52,7 +54,9 @@ prints.
 Bad input fails before any generation with a message, not a traceback: sampling flags, --dtype,
 an unreadable --prompts_file (usage errors, exit 2); a missing model directory, checkpoint
 step or tokenizer, a reward-model run, --step with an HF directory, a prompt that encodes to no
-tokens (--no_bos with an empty prompt) (exit 1, the message naming the path or prompt).
+tokens (--no_bos with an empty prompt), a --chat template that fails on the prompts (its own
+raise_exception, e.g. "System role not supported"; an undefined value) (exit 1, the message
+naming the path, prompt or tokenizer).
 """
 
 from __future__ import annotations
@@ -370,7 +374,11 @@ def main(argv=None) -> None:
     cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype,
                             args.chat_template_kwargs, args.ema, mesh, rules)  # fmt: skip
     writer = is_writer()  # (several processes: each decodes every batch; process 0 prints)
-    prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
+    try:
+        prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
+    except ValueError as e:  # --chat: the template's raise_exception or a failed render (an
+        # HFError naming the tokenizer), a tokenizer with neither chat tokens nor EOS
+        raise SystemExit(f"--chat: {e}") from None
     for i, ids in enumerate(prompts):
         if not ids:  # generate would name its row in the batch, not the prompt
             raise SystemExit(f"prompt {i} ({texts[i]!r}) encodes to no tokens (--no_bos)")

@@ -257,7 +257,9 @@ def export_run(run_dir: str, hf_dir: str, arch: str | None = None, step=None, dt
     tok_path, extra, files = meta.get("tokenizer") or "", {}, {}  # (read_meta located it)
     if tok_path and os.path.exists(tok_path):
         tok = load_tokenizer(tok_path, cfg.vocab_size)
-        extra = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id))
+        # config.json names the BOS token even when the tokenizer adds none (SmolLM2's)
+        bos = getattr(tok, "bos_token_id", tok.bos_id)
+        extra = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", tok.eos_id))
                  if v >= 0}  # fmt: skip
         if tok_path.endswith(".json"):
             tok_path = os.path.dirname(tok_path)

@@ -38,7 +38,9 @@ touching weights (`load_config`); the public API is models/hf.py, which re-expor
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import warnings
 
 import jax.numpy as jnp
@@ -160,34 +162,91 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         rope = _rope_from_hf(hf, where)
     gemma2 = mt in ("gemma2", "gemma3_text")
     nope = _nope_interval(hf, L, where) if mt == "smollm3" else 0
-    return ModelConfig(
-        vocab_size=int(need("vocab_size")),
-        d_model=D,
-        n_layers=L,
-        n_heads=N,
-        n_kv_heads=int(hf.get("num_key_value_heads") or N),
-        head_dim=0 if head_dim * N == D else head_dim,
-        d_ff=int(need("intermediate_size")),
-        # (null: only a length warning in decoding hangs on it; missing and null alike 2048)
-        max_seq_len=_number(hf, "max_position_embeddings", where, 2048, int, null_is_default=True),
-        norm_eps=_number(hf, "rms_norm_eps", where, 1e-6),
-        qkv_bias=_qkv_bias(hf, mt),
-        rotary_dim=0 if mt in _ROPE_BY_TYPE else _rotary_dim(hf, head_dim, where),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", mt in _TIED_BY_DEFAULT)),
-        mlp_activation=_ACTS[act],
-        sliding_window=window,
-        sliding_window_pattern=pattern,
-        nope_layer_interval=nope,
-        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256) if gemma2 else 0.0,
-        # (transformers' Gemma 3 ignores attn_logit_softcapping: so do we)
-        attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0) if mt == "gemma2" else 0.0,
-        final_logit_softcap=float(hf.get("final_logit_softcapping") or 0) if gemma2 else 0.0,
-        dtype=dtype,
-        param_dtype=dtype,
-        **{**LLAMA_FIXED, **ARCH_FIXED.get(mt, {})},
-        **rope,
-        **moe,
-    )
+    with _config_rejected(hf, where):
+        return ModelConfig(
+            vocab_size=int(need("vocab_size")),
+            d_model=D,
+            n_layers=L,
+            n_heads=N,
+            n_kv_heads=int(hf.get("num_key_value_heads") or N),
+            head_dim=0 if head_dim * N == D else head_dim,
+            d_ff=int(need("intermediate_size")),
+            # (null: only a length warning in decoding hangs on it; missing and null alike 2048)
+            max_seq_len=_number(
+                hf, "max_position_embeddings", where, 2048, int, null_is_default=True
+            ),
+            norm_eps=_number(hf, "rms_norm_eps", where, 1e-6),
+            qkv_bias=_qkv_bias(hf, mt),
+            rotary_dim=0 if mt in _ROPE_BY_TYPE else _rotary_dim(hf, head_dim, where),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", mt in _TIED_BY_DEFAULT)),
+            mlp_activation=_ACTS[act],
+            sliding_window=window,
+            sliding_window_pattern=pattern,
+            nope_layer_interval=nope,
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256) if gemma2 else 0.0,
+            # (transformers' Gemma 3 ignores attn_logit_softcapping: so do we)
+            attn_logit_softcap=(
+                float(hf.get("attn_logit_softcapping") or 0) if mt == "gemma2" else 0.0
+            ),
+            final_logit_softcap=float(hf.get("final_logit_softcapping") or 0) if gemma2 else 0.0,
+            dtype=dtype,
+            param_dtype=dtype,
+            **{**LLAMA_FIXED, **ARCH_FIXED.get(mt, {})},
+            **rope,
+            **moe,
+        )
+
+
+# config.json keys each ModelConfig field is read from (what a rejection of the field names)
+_HF_KEYS = {
+    "vocab_size": ("vocab_size",),
+    "d_model": ("hidden_size",),
+    "n_layers": ("num_hidden_layers",),
+    "n_heads": ("num_attention_heads",),
+    "n_kv_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "d_ff": ("intermediate_size",),
+    "max_seq_len": ("max_position_embeddings",),
+    "norm_eps": ("rms_norm_eps",),
+    "rotary_dim": ("partial_rotary_factor", "rotary_dim"),
+    "sliding_window": ("sliding_window",),
+    "sliding_window_pattern": ("sliding_window_pattern", "layer_types"),
+    "rope_theta": ("rope_theta", "rope_parameters"),
+    "rope_local_theta": ("rope_local_base_freq", "rope_parameters"),
+    "n_experts": ("num_experts", "num_local_experts"),
+    "n_experts_per_token": ("num_experts_per_tok",),
+    "d_expert": ("moe_intermediate_size",),
+    "d_shared_expert": ("shared_expert_intermediate_size",),
+    "query_pre_attn_scalar": ("query_pre_attn_scalar",),
+    "attn_logit_softcap": ("attn_logit_softcapping",),
+    "final_logit_softcap": ("final_logit_softcapping",),
+    **dict.fromkeys(("rope_scaling_factor", "rope_original_max_len", "rope_yarn_beta_fast",
+                     "rope_yarn_beta_slow", "rope_short_factors", "rope_long_factors"),
+                    ("rope_scaling", "rope_parameters")),
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _config_rejected(hf: dict, where: str):
+    """ModelConfig's own checks (a head count the kv heads do not divide, an odd head_dim)
+    raised a bare ValueError naming neither the file nor its keys: re-raised as an HFError
+    naming `where` and the config.json keys (with their values) of the fields it names."""
+    try:
+        yield
+    except ValueError as e:
+        if isinstance(e, HFError):
+            raise
+        msg = str(e)
+        fields = [f for f in _HF_KEYS if re.search(rf"\b{f}\b", msg)]
+        keys = [k for f in fields for k in _HF_KEYS[f]]
+        if "head_dim" in fields and hf.get("head_dim") is None:  # derived: D // N
+            keys += ["hidden_size", "num_attention_heads"]
+        shown = [
+            f"{k}={hf[k]!r}" if isinstance(hf[k], (int, float, str)) else k
+            for k in dict.fromkeys(keys) if hf.get(k) is not None
+        ]  # fmt: skip
+        head = f"{where}: {', '.join(shown)}: " if shown else f"{where}: "
+        raise HFError(f"{head}not a model flaxlm can build ({msg})") from None
 
 
 def _qkv_bias(hf: dict, mt: str) -> bool:

@@ -126,11 +126,17 @@ class HFTokenizer:
     encode(text, bos=, eos=) / decode(ids) / bos_id / eos_id / pad_id / vocab_size.
 
     Special ids come from tokenizer_config.json / special_tokens_map.json (bos_token, ...),
-    else config.json (bos_token_id, ...); -1 when absent. `bos_id` is the BOS the tokenizer
-    adds: -1 when tokenizer_config.json says `add_bos_token: false` or `bos_token: null` (as
-    HF's tokenizer adds none then; config.json's bos_token_id counts only when the tokenizer's
-    files say nothing about BOS). `pad_id` falls back to eos (HF's
-    usual choice), then 0 — padding is always masked, so it only has to be a valid id.
+    else config.json (bos_token_id, ...); -1 when absent. Two BOS ids, kept apart:
+    `bos_token_id` is the BOS token the files declare (-1 for `bos_token: null`); `bos_id` is
+    the BOS the tokenizer *adds* — what encode(bos=True), document framing (data/pipeline.py),
+    evaluation's prefix_ids and generate's plain prompts prepend: that token when
+    tokenizer.json's post-processor starts an encoding with it (as transformers'
+    tokenizer(text) does; GPT-2-style byte-level tokenizers such as SmolLM2's and Phi-4's
+    declare a bos_token their post-processor never adds), else -1; also -1 when
+    tokenizer_config.json says `add_bos_token: false` or `bos_token: null` (Qwen2.5).
+    A Jinja chat template writes its BOS itself, from `special_tokens["bos_token"]`, either
+    way. `pad_id` falls back to eos (HF's usual choice), then 0 — padding is always masked,
+    so it only has to be a valid id.
     `stop_ids` adds every eos id of generation_config.json (Llama 3 ends turns with <|eot_id|>);
     `chat_template` is the Jinja template of chat_template.jinja, else of tokenizer_config.json
     ("" if none; a list of named templates: `named_templates`, the default here); `special_tokens`
@@ -140,9 +146,10 @@ class HFTokenizer:
 
     def __init__(self, tok, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1, name="",
                  stop_ids=(), chat_template: str = "", special_tokens=None,
-                 named_templates=None):  # fmt: skip
+                 named_templates=None, bos_token_id: int | None = None):  # fmt: skip
         self.tok, self.name = tok, name
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.bos_token_id = bos_id if bos_token_id is None else bos_token_id
         self._pad = pad_id
         self.stop_ids = tuple(dict.fromkeys([i for i in (eos_id, *stop_ids) if i >= 0]))
         self.chat_template = chat_template
@@ -154,7 +161,7 @@ class HFTokenizer:
         self.template_kwargs: dict = {}
         self._compiled = {}  # template source -> compiled: rendering is per record
         if special_tokens is None:  # built in code: the BOS/EOS ids' pieces
-            pieces = {"bos_token": bos_id, "eos_token": eos_id}
+            pieces = {"bos_token": self.bos_token_id, "eos_token": eos_id}
             special_tokens = {k: tok.id_to_token(i) for k, i in pieces.items() if i >= 0}
         self.special_tokens = dict(special_tokens)
 
@@ -199,19 +206,22 @@ class HFTokenizer:
             t = t.get("content") if isinstance(t, dict) else t
             if isinstance(t, str):
                 named[f"{kind}_token"] = t
-        bos = special("bos")
-        # The tokenizer's own settings decide BOS, as they decide HF's tokenizer(text): an
-        # explicit `bos_token: null` or `add_bos_token: false` (Qwen2.5) means none is added,
-        # whatever config.json's bos_token_id (every Qwen2 config has one) says; that id is
-        # used only when they say nothing (an imported run has no config.json: it would differ).
-        if tokenizer_side.get("add_bos_token") is False or (
-            "bos_token" in tokenizer_side and tokenizer_side["bos_token"] is None
-        ):
-            bos = -1
+        # An explicit `bos_token: null` (Qwen2.5) declares none, whatever config.json's
+        # bos_token_id (every Qwen2 config has one) says; that id is used only when the
+        # tokenizer's files say nothing (an imported run has no config.json: it would differ).
+        no_bos = "bos_token" in tokenizer_side and tokenizer_side["bos_token"] is None
+        bos_token = -1 if no_bos else special("bos")
+        # Added only when the tokenizer adds it: tokenizer.json's post-processor decides, as it
+        # decides transformers' tokenizer(text) (5.x ignores add_bos_token; a Llama tokenizer
+        # saved by 4.x carries the post-processor its add_bos_token made); an explicit
+        # `add_bos_token: false` still means none (4.x's Llama tokenizers rebuild the
+        # post-processor from it).
+        adds = tokenizer_side.get("add_bos_token") is not False and _adds_bos(tok, bos_token)
         template, templates = _chat_templates(d, specials.get("chat_template"))
-        return cls(tok, bos, special("eos"), special("pad"), name=file,
+        return cls(tok, bos_token if adds else -1, special("eos"), special("pad"), name=file,
                    stop_ids=[int(i) for i in stops], chat_template=template,
-                   special_tokens=named, named_templates=templates)  # fmt: skip
+                   special_tokens=named, named_templates=templates,
+                   bos_token_id=bos_token)  # fmt: skip
 
     @property
     def vocab_size(self) -> int:
@@ -338,6 +348,18 @@ class HFTokenizer:
 
     def decode_batch(self, batch) -> list[str]:
         return [self.decode(r) for r in batch]
+
+
+def _adds_bos(tok, bos: int) -> bool:
+    """Whether the `tokenizers` Tokenizer `tok` starts an encoding with the id `bos` when
+    adding special tokens (its post-processor: a TemplateProcessing "<bos> $A" does, GPT-2's
+    ByteLevel none): encodes a probe text both ways."""
+    if bos < 0:
+        return False
+    probe = "Hello world"
+    added = tok.encode(probe, add_special_tokens=True).ids
+    plain = tok.encode(probe, add_special_tokens=False).ids
+    return added[:1] == [bos] and plain[:1] != [bos]
 
 
 def _chat_templates(d: str, inline) -> tuple[str, dict[str, str]]:

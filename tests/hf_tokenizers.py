@@ -16,8 +16,10 @@ def write_hf_tokenizer(d: str, chat_template: str, config: dict, *, specials=CHA
 
     Every byte is a token; each word of `merge_words` (byte-level spelling, "Ġthe") adds the
     merges that build it prefix by prefix. `pre_tokenizer` replaces the plain byte-level one;
-    `config` holds the special-token names (eos_token, ...) beside the chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    `config` holds the special-token names (eos_token, ...) beside the chat template; a
+    `bos_token` among `specials` is added to every text by the post-processor, as Llama 3's and
+    Gemma's tokenizers add theirs (what makes an HF tokenizer's `bos_id`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab, merges = {c: i for i, c in enumerate(alphabet)}, []
@@ -30,6 +32,13 @@ def write_hf_tokenizer(d: str, chat_template: str, config: dict, *, specials=CHA
     tk.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens(list(specials))
+    bos = config.get("bos_token")
+    if bos and bos in specials:  # as Llama 3's and Gemma's: the post-processor adds the BOS
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tk.token_to_id(bos))],
+        )
     os.makedirs(d, exist_ok=True)
     tk.save(os.path.join(d, "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat_template, **config}

@@ -180,6 +180,7 @@ def bad_dirs(run, tmp_path_factory, chat_tokenizer, byte_chat_tokenizer):
     hf.save_pretrained(CFG, merged, str(root / "hf"), tokenizer=chat_tokenizer[0])
     hf.save_pretrained(CFG, merged, str(root / "bytes"))
     byte_chat_tokenizer(str(root / "bytes"), "{{ messages[0]['content'] }}")
+    byte_chat_tokenizer(str(root / "strict"), STRICT)  # a tokenizer only: --tokenizer
     names = ("lost", "rm", "hf", "bytes")
     return {"run": run[0], **{k: str(root / k) for k in names}, "root": str(root)}
 
@@ -200,6 +201,9 @@ def test_speculative_draft_keeps_the_greedy_completions(bad_dirs, capsys):
 
 
 HI = ["--prompt", "hi", "--max_new_tokens", "2"]
+# a chat template refusing system turns (Gemma's, Mistral's) and using an undefined value
+STRICT = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+          "supported') }}{% endif %}{{ messages[0]['content'] }}{{ missing.key }}")  # fmt: skip
 BAD = {
     # flags: argparse usage errors (exit 2), before anything is loaded
     "dtype": ("run", [*HI, "--dtype", "int8"], 2, "--dtype: invalid choice: 'int8'"),
@@ -227,6 +231,13 @@ BAD = {
     "ngram": ("run", [*HI, "--draft", "ngram", "--ngram", "0"], 2, "--ngram must be >= 1"),
     "empty_prompt": ("run", ["--prompt", "hi", "--prompt", "", "--no_bos", "--batch", "1"],
                      "prompt 1 ('') encodes to no tokens (--no_bos)", None),
+    # the chat template's own errors (they were tracebacks): one line naming the tokenizer
+    "chat_raise": ("bytes", [*HI, "--chat", "--system", "be brief", "--tokenizer", "{root}/strict"],
+                   None, "--chat: {root}/strict/tokenizer.json: chat template: System role not "
+                   "supported"),
+    "chat_undefined": ("bytes", [*HI, "--chat", "--tokenizer", "{root}/strict"], None,
+                       "--chat: {root}/strict/tokenizer.json: chat template: UndefinedError: "
+                       "'missing' is undefined"),
 }  # fmt: skip
 
 

@@ -617,12 +617,14 @@ def test_qk_norm_parity_with_heads_split_over_devices(family):
 
 
 def _write_hf_tokenizer(d, vocab):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A Llama-2-style tokenizer.json: its post-processor adds BOS <s> (id 1)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     words = ["<unk>", "<s>", "</s>", "<|user|>"] + [f"w{i}" for i in range(vocab - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(words[:4])  # already in the vocab: marks them special (not decoded)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     os.makedirs(d, exist_ok=True)
     tok.save(os.path.join(d, "tokenizer.json"))
     cfg = {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": None}
@@ -756,6 +758,59 @@ def test_bos_follows_the_tokenizer_config_in_hf_dirs_and_imported_runs(tmp_path)
             run_tok = cli.load(f"{run}{n}")[2]
             assert cli.encode_prompts(run_tok, ["w1 w2"], chat=False)[0] == \
                 cli.encode_prompts(hf_tok, ["w1 w2"], chat=False)[0] == [[5, 6]]  # fmt: skip
+
+
+def test_bos_is_added_only_when_the_tokenizer_adds_it(tmp_path):
+    """GPT-2-style byte-level tokenizers (SmolLM2, Phi-4) declare a bos_token that their
+    tokenizer.json post-processor never adds: encode(bos=True) — generate's plain prompts,
+    document framing, evaluation's prefix — prepended it anyway, so every prompt differed from
+    transformers' tokenizer(text) (and the greedy output with it). The post-processor decides;
+    the declared token stays known (`bos_token_id`: a chat template's BOS, export's
+    config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from flaxlm import generate as cli
+    from flaxlm.data.chat_template import JinjaChatTemplate
+    from flaxlm.evaluation.prompts import prefix_ids
+
+    text = ["hello world this is a test", "the quick brown fox jumps over the lazy dog"] * 20
+    for post in (False, True):
+        d = str(tmp_path / f"post{int(post)}")
+        raw = Tokenizer(models.BPE())
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        raw.decoder = decoders.ByteLevel()
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        raw.train_from_iterator(text, _bpe_trainer(specials))
+        bos = raw.token_to_id("<|im_start|>")
+        if post:
+            raw.post_processor = processors.TemplateProcessing(
+                single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)]
+            )
+        os.makedirs(d)
+        raw.save(os.path.join(d, "tokenizer.json"))
+        _edit_json(os.path.join(d, "tokenizer_config.json"), tokenizer_class="GPT2Tokenizer",
+                   bos_token="<|im_start|>", eos_token="<|im_end|>",
+                   chat_template="{{ bos_token }}{{ messages[0]['content'] }}")  # fmt: skip
+        tok = hf.load_tokenizer(d)
+        want = raw.encode("hello world", add_special_tokens=True).ids  # transformers' ids
+        assert (want[0] == bos) == post
+        assert tok.encode("hello world", bos=True) == want, post
+        assert cli.encode_prompts(tok, ["hello world"], chat=False)[0] == [want]
+        assert tok.bos_id == (bos if post else -1) and tok.bos_token_id == bos
+        assert tok.special_tokens["bos_token"] == "<|im_start|>"
+        eos = raw.token_to_id("<|im_end|>")
+        assert prefix_ids(tok) == [bos if post else eos]  # without BOS: lm-eval's EOS prefix
+        # a template that writes the BOS token itself: truncation keeps it either way
+        chat = tok.render_chat_template([{"role": "user", "content": "hello"}])
+        assert chat[0] == bos and JinjaChatTemplate(tok).head(chat) == 1
+
+
+def _bpe_trainer(specials):
+    from tokenizers import pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    return trainers.BpeTrainer(vocab_size=120, special_tokens=specials, initial_alphabet=alphabet,
+                               show_progress=False)  # fmt: skip
 
 
 def test_moved_run_finds_its_tokenizer(tmp_path):

@@ -2,6 +2,7 @@
 of an existing run."""
 
 import os
+import re
 import shutil
 
 import pytest
@@ -91,3 +92,30 @@ def test_a_mesh_that_cannot_hold_the_model_is_named_before_reading(tmp_path):
                        r"size 2\) does not split over mesh axes tensor=4 = 4; load it under "
                        r"another mesh"):  # fmt: skip
         hf.load_pretrained(d, mesh=mesh, rules=logical_axis_rules("fsdp_tp"))
+
+
+@pytest.mark.parametrize(
+    "family, change, match",
+    [
+        ("llama3", {"num_key_value_heads": 3},
+         r"num_attention_heads=4, num_key_value_heads=3: .*n_heads=4 is not a multiple of "
+         r"n_kv_heads=3"),
+        ("gemma3", {"head_dim": 7}, r"head_dim=7: .*head_dim=7 must be even for RoPE"),
+    ],
+)  # fmt: skip
+def test_a_config_the_model_rejects_names_the_file_and_keys(tmp_path, family, change, match):
+    """ModelConfig's own checks (kv heads that do not divide the heads; an odd head_dim where
+    no partial_rotary_factor check comes first) were a bare ValueError naming neither
+    config.json nor the key, a traceback from `import` and `generate`."""
+    import json
+
+    d = _copy(tmp_path, "src", family)
+    where = os.path.join(d, "config.json")
+    with open(where) as f:
+        c = json.load(f)
+    with open(where, "w") as f:
+        json.dump({**c, **change}, f)
+    with pytest.raises(hf.HFError, match=rf"^{re.escape(where)}: {match}"):
+        hf.load_config(d)
+    with pytest.raises(SystemExit, match=rf"error: {re.escape(where)}: {match}"):
+        hf.main(["import", d, str(tmp_path / "run")])
