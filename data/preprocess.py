@@ -10,7 +10,8 @@ Output layout::
     out/tokens/shard-00000.arrayrecord ... + meta.json   int32 ids (when there is a tokenizer)
     out/text/shard-00000.arrayrecord ...   + meta.json   cleaned text (no tokenizer, or training)
     out/tokenizer.model                                   the tokenizer the ids belong to
-    out/report.json, out/report.md                        documents in/out per stage and reason
+    out/report.json, out/report.md                        documents in/out per stage and reason,
+                                                          the tokenizer's vocab_size
 
 The loader reads ``out/tokens`` directly (``--config.data.sources=out/tokens``).
 
@@ -20,7 +21,9 @@ plus the dedup tables (~90 bytes per document, not text: ``Deduper``). With
 a reservoir sample to train SentencePiece on; a second pass tokenizes the text shards. The sample
 is bounded in documents (``tokenizer_sample_docs``), not bytes: its text stays in memory (~0.5 GB
 for 200k documents of 2.4 KB), and SentencePiece training on it took another ~1.3 GB (peak RSS
-2.4 GB for 1 GB / 440k documents on 2 cores, 28 min with ``workers=1``). ``workers > 1`` cleans
+2.4 GB for 1 GB / 440k documents on 2 cores, 28 min with ``workers=1``). A corpus too small for
+``train_tokenizer_vocab`` pieces gets fewer (a warning; report.md's vocab_size is the one to
+train with). ``workers > 1`` cleans
 in a process pool (order is preserved; dedup and writing stay in this process because they are
 sequential, so dedup's ~0.6 ms per document bounds the rate whatever the workers).
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -56,6 +60,8 @@ from flaxlm.data.clean import (
 )
 from flaxlm.data.dedup import Deduper, dedup_config
 from flaxlm.data.tokenizer import Tokenizer, fixed_pieces, train
+
+logger = logging.getLogger("flaxlm")  # (`log` is each run's BadInputLog)
 
 
 def preprocess_config() -> ml_collections.ConfigDict:
@@ -327,6 +333,7 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict
         except ValueError as e:  # e.g. fewer pieces than the sample's distinct characters
             raise ValueError(f"train_tokenizer_vocab={cfg.train_tokenizer_vocab}: {e}") from None
         del reservoir
+        warn_smaller_vocab(tok, cfg.train_tokenizer_vocab)
         tok_out = _token_writer(out_dir, tok, cfg)
         n_tokenized = 0
         for batch in _batches(S.iter_documents(os.path.join(out_dir, "text")), cfg.batch_docs):
@@ -359,6 +366,9 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict
         "bytes_in": counts["bytes_in"],
         "tokens": counts["tokens"],
         "tokenizer": tok.name if tok is not None else None,
+        # the ids' range: what --config.model.vocab_size must be at least; and what was asked
+        "vocab_size": tok.vocab_size if tok is not None else None,
+        "train_tokenizer_vocab": cfg.train_tokenizer_vocab if training else None,
         "shards": [os.path.relpath(p, out_dir) for p in shards],
         "seconds": round(time.time() - t_start, 3),
         "stages": stages,
@@ -370,6 +380,21 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(format_report(report))
     return report
+
+
+def warn_smaller_vocab(tok: Tokenizer, asked: int) -> bool:
+    """Logs a warning when the trained tokenizer has fewer pieces than `train_tokenizer_vocab`
+    asked (SentencePiece trains with `hard_vocab_limit=False`: a small corpus stops it early,
+    32000 asked, 1384 made) and returns whether it did: the model's vocab_size is then this
+    tokenizer's, not the number asked for (report.md states both)."""
+    if tok.vocab_size >= asked:
+        return False
+    logger.warning(
+        "train_tokenizer_vocab=%d: the corpus supported only %d pieces, so the tokenizer %s has "
+        "%d; pretrain with --config.model.vocab_size=%d (report.md's vocab_size)",
+        asked, tok.vocab_size, tok.name, tok.vocab_size, tok.vocab_size,
+    )  # fmt: skip
+    return True
 
 
 def _token_writer(out_dir: str, tok: Tokenizer, cfg) -> ShardWriter:
@@ -406,6 +431,15 @@ def format_report(r: dict) -> str:
         # once labelled "kept text".
         f"{r['bytes_in'] / 1e6:.2f} MB text read · {r['tokens']} tokens out"
         + (f" ({r['tokenizer']})" if r["tokenizer"] else ""),
+    ]
+    if r.get("vocab_size"):  # (flaxlm.data.beam's report has none)
+        asked = r.get("train_tokenizer_vocab")
+        lines.append(
+            f"vocab_size: {r['vocab_size']} (--config.model.vocab_size for this data)"
+            + (f" · train_tokenizer_vocab asked {asked}" if asked else "")
+            + (": the corpus supported no more pieces" if asked and asked > r["vocab_size"] else "")
+        )
+    lines += [
         "",
         "| stage | in | out | removed (reason: count) | seconds |",
         "|---|---|---|---|---|",

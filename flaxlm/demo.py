@@ -55,7 +55,7 @@ STUDENT = {"model.d_model": 32, "model.n_heads": 2, "model.n_kv_heads": 1, "mode
 VOCAB = (2048, 512)  # the tokenizer's (and so the models') vocabulary: (full, runlocal)
 
 # Stage sizes: (full, runlocal). Steps are optimizer steps; the full sizes fit ≈15 minutes on 2
-# CPU cores with the tiny model (2 layers, d=64, vocab 2048: ≈0.4M parameters).
+# CPU cores with the tiny model (2 layers, d=64, vocab 2048: ≈0.34M parameters).
 PLAN = {
     "pretrain_steps": (800, 30),
     "sft_steps": (120, 12),

@@ -1,7 +1,8 @@
 """What the loop checks when a run starts or resumes (train/loop.py `_init_or_resume`).
 
 On a resume: the checkpoint's saved config against this run's (`_report_config_changes`: each
-changed key logged and recorded, data-order keys loudly) and its optimizer state against this
+changed key logged and recorded, data-order keys loudly; data paths compared resolved, so the
+same files written relative or absolute are no change) and its optimizer state against this
 run's optimizer (`_refuse_another_optimizer`: an error naming the changed `opt.` keys). From
 `init_from`: whether its EMA weights can be read (`init_from_ema`), and which model-config keys
 differ from the source's (`_init_from_model_changes`: keys that change what the weights compute
@@ -12,6 +13,8 @@ are refused; RoPE scaling turned on without `rope_original_max_len` is named,
 from __future__ import annotations
 
 import logging
+import os
+import re
 
 import jax
 
@@ -38,6 +41,43 @@ def init_from_ema(config) -> bool:
 # Keys whose change makes a resumed run draw other batches than the checkpoint's run would have.
 DATA_ORDER_KEYS = ("seed", "batch_size", "seq_len")
 
+# Keys whose values are comma-separated paths or globs (pretraining's with ":weight"; data/
+# pipeline.py `parse_sources`): the same files spelled another way — relative against absolute,
+# "~", through a symlink — are no change (`_same_paths`).
+DATA_PATH_KEYS = ("data.sources", "data.eval_sources", "data.train", "data.eval",
+                  "data.tokenizer", "data.cache_dir")  # fmt: skip
+
+# "builtin:sft_train", "hf:DIR", "gs://bucket/x": a spec, not a local path; compared as written.
+_SCHEME = re.compile(r"^[A-Za-z][\w+.-]*:")
+
+
+def _path_entries(value) -> list[str] | None:
+    """The entries of a path-list value, each local path resolved (`os.path.realpath` after
+    "~", against this run's directory: the checkpoint records no other) and its ":weight" kept
+    as written; None for a value that is not a string."""
+    if not isinstance(value, str):
+        return None
+    out = []
+    for entry in filter(None, (e.strip() for e in value.split(","))):
+        path, sep, weight = entry.rpartition(":")
+        try:
+            float(weight)
+        except ValueError:
+            path, sep, weight = entry, "", ""  # no weight: a ':' of the spec or path itself
+        if path and not _SCHEME.match(path):
+            path = os.path.realpath(os.path.expanduser(path))
+        out.append(path + sep + weight)
+    return out
+
+
+def _same_paths(key: str, old, new) -> bool:
+    """Whether a changed `DATA_PATH_KEYS` value names the same paths, in the same order, with
+    the same weights (the order and the weights decide the mixture's draws)."""
+    if key not in DATA_PATH_KEYS:
+        return False
+    a, b = _path_entries(old), _path_entries(new)
+    return a is not None and a == b
+
 
 def _report_config_changes(config, saved: dict | None, step: int) -> dict:
     """Logs each key where this run's config differs from the one checkpoint `step` was saved
@@ -46,6 +86,11 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
     if not isinstance(saved, dict):
         return {}
     changes = ckpt_lib.config_changes(saved, config.to_dict())
+    for key, (old, new) in list(changes.items()):
+        if _same_paths(key, old, new):
+            log.info("resume: %s spelled differently (checkpoint %r, this run %r): the same "
+                     "paths", key, old, new)  # fmt: skip
+            del changes[key]
     data = []
     for key, (old, new) in changes.items():
         if key == "total_steps":  # extending a run is normal; its lr schedule now spans `new`

@@ -201,3 +201,33 @@ def test_decontamination_finds_eval_items_holding_a_line_the_cleaner_strips(tmp_
     assert "***" not in preprocess.load_eval_texts(cfg)[0]
     cfg.clean.strip_boilerplate_lines = False  # the eval side mirrors the cleaner's settings
     assert "***" in preprocess.load_eval_texts(cfg)[0]
+
+
+def test_a_tokenizer_smaller_than_asked_is_warned_and_reported(tmp_path, inputs, caplog):
+    """train_tokenizer_vocab=32000 on a corpus of a few thousand words: SentencePiece makes
+    fewer pieces (hard_vocab_limit off). That used to pass without a word, and report.md never
+    said the vocab size the model needs; now a warning names both, and so does the report."""
+    import logging
+
+    paths, _ = inputs
+    out = tmp_path / "v"
+    cfg = preprocess.preprocess_config()
+    cfg.train_tokenizer_vocab = 32000
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        rep = preprocess.run(paths, str(out), cfg)
+    made = Tokenizer.load(str(out / "tokenizer.model")).vocab_size
+    assert made < 32000
+    assert (rep["vocab_size"], rep["train_tokenizer_vocab"]) == (made, 32000)
+    assert f"train_tokenizer_vocab=32000: the corpus supported only {made} pieces" in caplog.text
+    assert f"--config.model.vocab_size={made}" in caplog.text
+    md = (out / "report.md").read_text()
+    assert f"vocab_size: {made} (--config.model.vocab_size" in md and "asked 32000" in md
+    # a tokenizer given: its size reported, nothing asked and nothing warned
+    caplog.clear()
+    cfg = preprocess.preprocess_config()
+    cfg.tokenizer = str(out / "tokenizer.model")
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        rep = preprocess.run([paths[0]], str(tmp_path / "given"), cfg)
+    assert (rep["vocab_size"], rep["train_tokenizer_vocab"]) == (made, None)
+    assert "supported only" not in caplog.text
+    assert f"vocab_size: {made} (" in (tmp_path / "given" / "report.md").read_text()

@@ -381,6 +381,40 @@ def test_resume_with_a_changed_config_says_what_changed(tmp_path, finished_run, 
     assert events["nothing_to_train"]["step"] == 3
 
 
+def test_resume_with_the_same_data_paths_written_otherwise_is_no_change(tmp_path, monkeypatch,
+                                                                       caplog):  # fmt: skip
+    """The checkpoint's data paths relative (with a weight, a glob, "~", a builtin spec), this
+    run's absolute or through a symlink: the same files, so no data-order warning and no
+    recorded change; another path, weight or order still is one."""
+    from flaxlm.train.loop_resume import _report_config_changes
+
+    (tmp_path / "d").mkdir()
+    os.symlink(tmp_path / "d", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    saved = _config(**{"data.sources": "d/tokens:0.7,d/*.jsonl:0.3",
+                       "data.eval_sources": "d/heldout", "data.tokenizer": "~/d/tok.model",
+                       "data.cache_dir": "builtin:x"}).to_dict()  # fmt: skip
+    same = _config(**{"data.sources": f" {tmp_path}/d/tokens:0.7, {tmp_path}/link/*.jsonl:0.3",
+                      "data.eval_sources": f"{tmp_path}/d/./heldout",
+                      "data.tokenizer": f"{tmp_path}/d/tok.model",
+                      "data.cache_dir": "builtin:x"})  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="flaxlm"):
+        assert _report_config_changes(same, saved, 3) == {}
+    assert "DIFFERENT DATA ORDER" not in caplog.text
+    assert "data.sources spelled differently" in caplog.text
+    for key, value in [
+        ("data.sources", "d/tokens:0.7,d/*.jsonl:0.4"),
+        ("data.sources", "d/*.jsonl:0.3,d/tokens:0.7"),
+        ("data.eval_sources", "d/heldout2"),
+        ("data.cache_dir", "builtin:y"),
+    ]:
+        other = _config(**{**{k: saved["data"][k.split(".")[1]] for k in (
+            "data.sources", "data.eval_sources", "data.tokenizer", "data.cache_dir")},
+            key: value})  # fmt: skip
+        assert set(_report_config_changes(other, saved, 3)) == {key}, (key, value)
+
+
 @pytest.mark.parametrize("opt", [{"opt.name": "lion"}, {"opt.clip_norm": 0.0}])
 def test_resume_with_an_optimizer_whose_state_does_not_fit_names_the_opt_keys(
     tmp_path, finished_run, opt
