@@ -26,8 +26,9 @@ params with `ema=True`; a step without an EMA is then an error naming it.
 A step can still become unreadable afterwards (a file truncated or deleted by a full disk or a
 node that died mid-copy), or read back changed (a flipped bit, which TensorStore does not see:
 every save records a fingerprint of each array in its meta, and every restore and reader
-checks them, train/checkpoint_fingerprint.py). Resuming (`Checkpointer.restore_latest`) then moves it aside to
-`WORKDIR/checkpoints_corrupt/<step>-<UTC time>/`, never deleting anything, and resumes from the
+checks them, train/checkpoint_fingerprint.py). Resuming (`Checkpointer.restore_latest`) then
+moves it aside to `WORKDIR/checkpoints_corrupt/<step>-<UTC time>/`, never deleting anything,
+and resumes from the
 next newest readable step; `ckpt_on_corrupt="fail"` stops instead. Readers of a given or the
 latest step (`read_meta`, `load_params`, `load_model`) never fall back: their errors name the
 step directory and the other steps there.

@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-META_KEY = "state_fingerprints"  # in a step's meta: {"version": 1, "arrays": {path: "dtype:hex"}}
-VERSION = 1
+META_KEY = "state_fingerprints"  # in a step's meta: {"version": 2, "arrays": {path: "dtype:hex"}}
+VERSION = (
+    2  # 1 (never released) keyed arrays by keystr, which differs between dicts and dataclasses
+)
 
 
 def _bits(x: jax.Array) -> jax.Array:
@@ -57,12 +59,26 @@ def _dtype_name(x) -> str:
     return str(x.dtype)
 
 
+def _name(key) -> str:
+    for attr in ("name", "key", "idx"):  # GetAttrKey, DictKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_name(path) -> str:
+    """ "params/layers_0/attn/q/kernel": a leaf's path, the same whether its state is a
+    TrainState (attributes) or a dict ({"params": ...}: HF and PEFT imports save one)."""
+    return "/".join(_name(k) for k in path)
+
+
 def _arrays(tree, prefix: str = "") -> dict[str, jax.Array]:
-    """{path: array} of the array leaves of `tree` (None and abstract leaves are left out)."""
+    """{path: array} of the array leaves of `tree` (None and abstract leaves are left out),
+    paths after `prefix` ("params" for a state's params read on their own)."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(leaf, (jax.Array, np.ndarray)):
-            out[prefix + jax.tree_util.keystr(path)] = leaf
+            out["/".join(filter(None, (prefix, path_name(path))))] = leaf
     return out
 
 
@@ -74,8 +90,8 @@ def _hex(arrays: dict[str, jax.Array]) -> dict[str, str]:
 
 
 def fingerprints(tree, prefix: str = "") -> dict[str, str]:
-    """{path: "dtype:8 hex digits"} of every array of `tree`; paths are `jax.tree_util.keystr`
-    ones after `prefix` (".params" for a state's params read on their own)."""
+    """{path: "dtype:8 hex digits"} of every array of `tree`; paths are `path_name`s after
+    `prefix` ("params" for a state's params read on their own)."""
     return _hex(_arrays(tree, prefix))
 
 

@@ -133,7 +133,7 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
                                       partial_restore=True)  # fmt: skip
         got = mgr.restore(step, args=ocp.args.Composite(state=item))["state"][key]
         saved = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        bad = fingerprint.mismatches(saved, got, prefix=f".{key}")
+        bad = fingerprint.mismatches(saved, got, prefix=key)
         if bad:
             raise CheckpointError(
                 fingerprint.describe(path, bad) + "." + _other_steps_hint(mgr, directory, step)

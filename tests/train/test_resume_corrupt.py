@@ -239,7 +239,7 @@ def _forge_fingerprint(step_dir, path):
 def test_an_array_that_reads_back_changed_is_refused_by_resume_and_readers(source, tmp_path):
     from flaxlm.train.checkpoint import load_model
 
-    embed = ".params['embed']['embedding']"
+    embed = "params/embed/embedding"
     run = _copy(source[0], tmp_path / "run")
     _forge_fingerprint(os.path.join(run, "checkpoints", "6"), embed)
     with pytest.raises(CheckpointError, match=re.escape(f"differ from what was saved (their "
@@ -267,3 +267,17 @@ def test_a_checkpoint_saved_without_fingerprints_still_restores(source, tmp_path
     assert step == 6
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), source[1])
     ckpt.close()
+
+
+def test_an_imported_run_is_checked_too(tmp_path):
+    """HF imports save a dict state ({"params": ...}), whose arrays the readers looked up under
+    a TrainState's path spelling: a flipped bit in one loaded without a word."""
+    from flaxlm.models import hf
+    from flaxlm.train.checkpoint import load_model
+
+    run = str(tmp_path / "imported")
+    hf.import_to_run(os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf", "llama3"), run)
+    load_model(run)
+    _flip_a_bit(os.path.join(run, "checkpoints", "0"))
+    with pytest.raises(CheckpointError, match=r"checkpoints/0: 1 array\(s\) read back differ"):
+        load_model(run)
