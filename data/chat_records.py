@@ -90,6 +90,9 @@ def _messages(value, fields, what: str, record: bool = False) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise FormatError("bad_messages", f"{what}[{i}] content is not a string")
+        for key in ("reasoning_content", "name", "tool_call_id"):  # text, when given at all
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise FormatError("bad_messages", f"{what}[{i}] {key} is not a string")
         if role == "system" and i > 0:
             raise FormatError("bad_messages", f"{what}[{i}]: a system message must come first")
         if role == "assistant" and not content.strip() and not calls:

@@ -124,11 +124,13 @@ def _number(d: dict, key: str, where: str, default=None, cast=float, null_is_def
     if value is None:
         raise HFError(f"{where}: {key} is {'null' if key in d else 'missing'}; expected a number")
     try:
-        if isinstance(value, bool):
-            raise TypeError
+        if isinstance(value, bool) or (cast is int and isinstance(value, float)
+                                       and not value.is_integer()):  # fmt: skip
+            raise TypeError  # (int(1.5) would be 1: a size that is no integer is no size)
         return cast(value)
     except (TypeError, ValueError):
-        raise HFError(f"{where}: {key}={value!r} is not a number") from None
+        what = "an integer" if cast is int else "a number"
+        raise HFError(f"{where}: {key}={value!r} is not {what}") from None
 
 
 def load_hf_json(path: str, name: str = "config.json") -> dict:

@@ -133,16 +133,18 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             f"supported; supported: {sorted(ARCHS)}"
         )
 
-    def need(key):
+    def need(key):  # a required integer; a value that is no number names its key
         if hf.get(key) is None:
             raise HFError(f"{where}: missing key {key!r}")
-        return hf[key]
+        return _number(hf, key, where, cast=int)
 
-    D, N, L = (
-        int(need("hidden_size")),
-        int(need("num_attention_heads")),
-        int(need("num_hidden_layers")),
-    )
+    def count(key, default):  # an optional integer: null or 0 mean the default
+        return _number(hf, key, where, default, int, null_is_default=True) or default
+
+    def scalar(key, default=0.0):  # an optional float: null or 0 mean the default
+        return _number(hf, key, where, default, float, null_is_default=True) or default
+
+    D, N, L = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
     act = _hidden_act(hf, mt)
     if act not in _ACTS:
         raise HFError(f"{where}: hidden_act {act!r} is not supported ({sorted(_ACTS)})")
@@ -151,7 +153,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
     if dtype not in _DTYPES:
         raise HFError(f"{where}: dtype {dtype!r} is not supported ({_DTYPES})")
-    head_dim = int(hf.get("head_dim") or D // N)
+    head_dim = count("head_dim", D // N)
     moe = _moe_from_hf(hf, mt, D, N, head_dim, where) if mt in _MOE else {}
     window, pattern = _window_from_hf(hf, mt, L, where)
     if mt == "gemma3_text" and hf.get("use_bidirectional_attention"):
@@ -164,13 +166,13 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     nope = _nope_interval(hf, L, where) if mt == "smollm3" else 0
     with _config_rejected(hf, where):
         return ModelConfig(
-            vocab_size=int(need("vocab_size")),
+            vocab_size=need("vocab_size"),
             d_model=D,
             n_layers=L,
             n_heads=N,
-            n_kv_heads=int(hf.get("num_key_value_heads") or N),
+            n_kv_heads=count("num_key_value_heads", N),
             head_dim=0 if head_dim * N == D else head_dim,
-            d_ff=int(need("intermediate_size")),
+            d_ff=need("intermediate_size"),
             # (null: only a length warning in decoding hangs on it; missing and null alike 2048)
             max_seq_len=_number(
                 hf, "max_position_embeddings", where, 2048, int, null_is_default=True
@@ -178,23 +180,32 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             norm_eps=_number(hf, "rms_norm_eps", where, 1e-6),
             qkv_bias=_qkv_bias(hf, mt),
             rotary_dim=0 if mt in _ROPE_BY_TYPE else _rotary_dim(hf, head_dim, where),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", mt in _TIED_BY_DEFAULT)),
+            tie_embeddings=_flag(hf, "tie_word_embeddings", mt in _TIED_BY_DEFAULT, where),
             mlp_activation=_ACTS[act],
             sliding_window=window,
             sliding_window_pattern=pattern,
             nope_layer_interval=nope,
-            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 256) if gemma2 else 0.0,
+            query_pre_attn_scalar=scalar("query_pre_attn_scalar", 256.0) if gemma2 else 0.0,
             # (transformers' Gemma 3 ignores attn_logit_softcapping: so do we)
-            attn_logit_softcap=(
-                float(hf.get("attn_logit_softcapping") or 0) if mt == "gemma2" else 0.0
-            ),
-            final_logit_softcap=float(hf.get("final_logit_softcapping") or 0) if gemma2 else 0.0,
+            attn_logit_softcap=scalar("attn_logit_softcapping") if mt == "gemma2" else 0.0,
+            final_logit_softcap=scalar("final_logit_softcapping") if gemma2 else 0.0,
             dtype=dtype,
             param_dtype=dtype,
             **{**LLAMA_FIXED, **ARCH_FIXED.get(mt, {})},
             **rope,
             **moe,
         )
+
+
+def _flag(hf: dict, key: str, default: bool, where: str) -> bool:
+    """A true/false config.json key (null or absent: `default`); the string "false" would be
+    true to bool(), so a value that is no JSON boolean is an HFError naming the key."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HFError(f"{where}: {key}={value!r} is not true or false")
+    return value
 
 
 # config.json keys each ModelConfig field is read from (what a rejection of the field names)
@@ -233,7 +244,7 @@ def _config_rejected(hf: dict, where: str):
     naming `where` and the config.json keys (with their values) of the fields it names."""
     try:
         yield
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         if isinstance(e, HFError):
             raise
         msg = str(e)

@@ -185,3 +185,15 @@ def test_flaxlms_template_ignores_a_speaker_name_and_refuses_reasoning():
         F.render_preferences([(rec, "r:2")], own, 128)
     blank = [U("2+2?"), A("The answer is 4.", reasoning_content="")]  # nothing to lose
     assert len(F.render_sft([({"messages": blank}, "r:3")], own, 128)) == 1
+    # a reasoning_content (or name) that is not text is bad input counted with its record, not
+    # an AttributeError from inside the template
+    report = F.DataReport()
+    for k, bad in enumerate([["step 1", "step 2"], {"a": 1}, 7]):
+        listed = [U("2+2?"), A("The answer is 4.", reasoning_content=bad)]
+        assert F.render_sft([({"messages": listed}, f"r:{4 + k}")], own, 128, report=report) == []
+    named_badly = [{**U("Hi"), "name": ["alice"]}, A("Hello")]
+    assert F.render_sft([({"messages": named_badly}, "r:7")], own, 128, report=report) == []
+    assert report.log.counts == {"bad_messages": 4}, report.log.counts
+    assert "r:4: bad_messages (messages[1] reasoning_content is not a string)" in str(
+        report.to_dict()
+    )

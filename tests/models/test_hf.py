@@ -805,6 +805,28 @@ def test_bos_is_added_only_when_the_tokenizer_adds_it(tmp_path):
         assert chat[0] == bos and JinjaChatTemplate(tok).head(chat) == 1
 
 
+def test_a_word_level_tokenizer_without_an_unknown_token_loads(tmp_path):
+    """Whether the post-processor adds a BOS was probed by encoding "Hello world": a character
+    vocabulary without an unknown token (an arithmetic task's) could not encode it, and the
+    tokenizer no longer loaded ("WordLevel error: Missing [UNK] token")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    chars = list("0123456789+=")
+    raw = Tokenizer(models.WordLevel(vocab={"<bos>": 0, "<eos>": 1,
+                                            **{c: i + 2 for i, c in enumerate(chars)}},
+                                     unk_token=None))  # fmt: skip
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    raw.add_special_tokens(["<bos>", "<eos>"])
+    raw.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                       special_tokens=[("<bos>", 0)])  # fmt: skip
+    d = str(tmp_path / "digits")
+    os.makedirs(d)
+    raw.save(os.path.join(d, "tokenizer.json"))
+    _edit_json(os.path.join(d, "tokenizer_config.json"), bos_token="<bos>", eos_token="<eos>")
+    tok = hf.load_tokenizer(d)
+    assert tok.bos_id == 0 and tok.encode("12+3=15", bos=True) == raw.encode("12+3=15").ids
+
+
 def _bpe_trainer(specials):
     from tokenizers import pre_tokenizers, trainers
 

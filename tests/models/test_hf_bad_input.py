@@ -101,6 +101,13 @@ def test_a_mesh_that_cannot_hold_the_model_is_named_before_reading(tmp_path):
          r"num_attention_heads=4, num_key_value_heads=3: .*n_heads=4 is not a multiple of "
          r"n_kv_heads=3"),
         ("gemma3", {"head_dim": 7}, r"head_dim=7: .*head_dim=7 must be even for RoPE"),
+        # values that are no integer or boolean: named, not int()'s message or a TypeError,
+        # and never truncated (int(1.5) is 1) or read as true ("false" is a true string)
+        ("qwen2", {"num_key_value_heads": "2x"}, r"num_key_value_heads='2x' is not an integer"),
+        ("qwen2", {"num_key_value_heads": [2]}, r"num_key_value_heads=\[2\] is not an integer"),
+        ("qwen2", {"vocab_size": 1.5}, r"vocab_size=1.5 is not an integer"),
+        ("qwen2", {"tie_word_embeddings": "false"}, r"tie_word_embeddings='false' is not true "
+         r"or false"),
     ],
 )  # fmt: skip
 def test_a_config_the_model_rejects_names_the_file_and_keys(tmp_path, family, change, match):
