@@ -13,8 +13,8 @@ unsigned integer) times (2 * its flat index + 1). Integer sums are exact and do 
 the order of the additions, so it is the same on any mesh, any device count and any backend;
 the odd weights make every single flipped bit change it (a flip of bit k of an element changes
 the sum by 2**k times an odd number, never 0 modulo 2**32), and most larger damage too. It is
-computed on the devices, one jitted reduction per array (one pass over it, no host copy), the
-per-element index built from iotas of each axis, so sharded arrays are never gathered.
+computed on the devices, one jitted program over all the arrays (one pass over each, no host
+copy), the per-element index built from iotas of each axis, so sharded arrays are never gathered.
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ def _fingerprint(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * (index * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
 
 
-# One program per array shape, dtype and sharding (a state has few: every layer's alike), not
-# one over the whole state: that one compiled for a second per state structure, in every run.
-_fingerprint_one = jax.jit(_fingerprint)
+# One program over every array, not one per array: programs with collectives in flight side
+# by side (the sums of arrays sharded over different device groups) deadlocked XLA's CPU
+# runtime in a PPO save ("Termination timeout for all reduce ... only 1 of 2 arrived"). It
+# compiles once per state structure (about a second for a tiny model on a CPU).
+_fingerprint_all = jax.jit(lambda arrays: [_fingerprint(x) for x in arrays])
 
 
 def _dtype_name(x) -> str:
@@ -85,7 +87,7 @@ def _arrays(tree, prefix: str = "") -> dict[str, jax.Array]:
 def _hex(arrays: dict[str, jax.Array]) -> dict[str, str]:
     if not arrays:
         return {}
-    sums = jax.device_get([_fingerprint_one(x) for x in arrays.values()])
+    sums = jax.device_get(_fingerprint_all(list(arrays.values())))
     return {k: f"{_dtype_name(x)}:{int(s):08x}" for (k, x), s in zip(arrays.items(), sums)}
 
 
