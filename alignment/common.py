@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import filecmp
+import functools
 import json
 import logging
 import os
@@ -176,7 +177,10 @@ def check_same_tokenizer(tok, source: str, key: str, advice: str = "") -> None:
     this one (with a warning)."""
     from flaxlm.models.hf_tokenizer import load_tokenizer
 
-    path = source_tokenizer_path(source)
+    try:
+        path = source_tokenizer_path(source)
+    except ckpt_lib.CheckpointError as e:  # (a missing run: "no checkpoint under ...")
+        raise ckpt_lib.CheckpointError(f"{key}={source}: {e}") from e
     if not path:
         log.warning("%s=%s records no tokenizer; assuming this run's", key, source)
         return
@@ -413,13 +417,15 @@ def _select(full, target, where: str):
     return {k: _select(full[k], target[k], f"{where}/{k}") for k in target}
 
 
-def load_lm_params(source: str, target, step: int | None = None, ema: bool = False):
+def load_lm_params(source: str, target, step: int | None = None, ema: bool = False, *,
+                   key: str = "init_from"):  # fmt: skip
     """Language-model params shaped like `target` (ShapeDtypeStructs with shardings).
 
     `source` is "hf:DIR" or a flaxlm run: a plain LM run, a LoRA run (adapters merged), a
     scalar-head run (its "transformer" backbone; then `target` must lack `lm_head`), or a PPO
     run (its policy). `ema`: the run's EMA weights (a LoRA run: its adapters' EMA merged into
-    the base); a run without an EMA, or an HF source, is an error.
+    the base); a run without an EMA, or an HF source, is an error. `key`: the reader the
+    errors name (ckpt_lib.load_params).
     """
     if source.startswith(HF_PREFIX):
         if ema:
@@ -431,35 +437,37 @@ def load_lm_params(source: str, target, step: int | None = None, ema: bool = Fal
     # The step read from here on: "latest" resolved once, so a save that lands meanwhile (a
     # run still training) cannot pair this meta with another step's params.
     step, meta = ckpt_lib.read_meta(source, step)
+    load = functools.partial(ckpt_lib.load_params, source, key=key)
     scalar = meta.get("head") == "scalar"
     spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
     if meta.get("head") == "policy_value":  # a PPO run: {"policy": LM, "value": critic}
         if spec is None:
-            return ckpt_lib.load_params(source, {"policy": target}, step, ema)["policy"]
+            return load({"policy": target}, step, ema)["policy"]
         adapters = replicated_like(lora_lib.abstract_adapters(target, spec), target)
         both = {"policy": {"base": target, "lora": adapters}}
-        return lora_lib.merge(ckpt_lib.load_params(source, both, step, ema)["policy"], spec)
+        return lora_lib.merge(load(both, step, ema)["policy"], spec)
     inner = {"transformer": target} if scalar else target
     if spec is None:
-        loaded = ckpt_lib.load_params(source, inner, step, ema)
+        loaded = load(inner, step, ema)
     else:
         adapters = replicated_like(lora_lib.abstract_adapters(inner, spec), target)
-        both = ckpt_lib.load_params(source, {"base": inner, "lora": adapters}, step, ema)
+        both = load({"base": inner, "lora": adapters}, step, ema)
         loaded = lora_lib.merge(both, spec)
     return loaded["transformer"] if scalar else loaded
 
 
-def init_hooks(kind: str, spec: lora_lib.LoraSpec | None):
+def init_hooks(kind: str, spec: lora_lib.LoraSpec | None, step: int | None = None):
     """(load_init_params, init_from_transform) for a task whose params are an LM ("lm") or a
     scalar-head model ("scalar"), with or without LoRA; the loader reads the source's EMA
-    weights when the loop passes `ema=True` (`init_from_ema`)."""
+    weights when the loop passes `ema=True` (`init_from_ema`), and its `step` (None: the
+    latest; GRPO: the step its frozen reference copy was pinned to, rl_frozen.FrozenSources)."""
 
     def backbone(tree):
         tree = tree["base"] if spec else tree
         return tree["transformer"] if kind == "scalar" else tree
 
     def load(source, target, ema=False):
-        return load_lm_params(source, backbone(target), ema=ema)
+        return load_lm_params(source, backbone(target), step, ema=ema)
 
     def transform(loaded, fresh):
         inner = fresh["base"] if spec else fresh
@@ -483,11 +491,13 @@ def supervised_task(
     loss_fn,
     train_batches,
     eval_fn,
+    extra_meta: dict | None = None,
 ):
     """The loop.Task of a stage that trains one model on fixed data (SFT, reward model, DPO):
     what they share — FLOPs per token (`ModelConfig.flops_per_token`: a "scalar" head has no
     vocabulary projection; under LoRA the frozen base gets no weight gradients), the LoRA
-    trainable mask, the init_from hooks, and the checkpoint meta that load_policy reads back."""
+    trainable mask, the init_from hooks, and the checkpoint meta that load_policy reads back
+    (plus `extra_meta`: DPO/KTO's pinned reference step, rl_frozen.FrozenSources)."""
     load, transform = init_hooks(head, spec)
     count = dict(frozen_base=spec is not None, lm_head=head != "scalar")
     return loop.Task(
@@ -507,6 +517,7 @@ def supervised_task(
             "head": head,
             "lora": spec.to_dict() if spec else {},
             "data_report": data_report,
+            **(extra_meta or {}),
         },
     )
 

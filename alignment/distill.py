@@ -5,7 +5,8 @@ chats, on pretraining text, or on its own samples — through the shared step an
         --config.distill.teacher=runs/sft --workdir runs/distill
 
 The student is `init_from` (a smaller pretrained or SFT run, LoRA or not) or, without one, a
-fresh `config.model`, which then takes the teacher's tokenizer. The teacher (`distill.teacher`:
+fresh `config.model`, which then takes the teacher's tokenizer and vocab_size (unless
+`--config.model.vocab_size` is given: `fresh_student_vocab`). The teacher (`distill.teacher`:
 a flaxlm run or "hf:DIR", its EMA weights with `distill.teacher_ema`) is read straight into
 the training shardings in `distill.teacher_dtype` and runs forward inside the jitted step, on
 the same packed rows (`loop.Task.frozen`: its weights are an argument of the step, never
@@ -23,8 +24,10 @@ and the loss is  α·CE + (1 − α)·τ²·D  averaged over the answer tokens: 
 mixes in the data's own next-token cross-entropy (at temperature 1), and τ² keeps the
 gradient's scale as τ changes (the divergence's gradient in the logits scales as 1/τ). The
 student and the teacher may pad their vocabularies differently (Qwen2.5's padded vocabulary
-differs between model sizes); the divergence then runs over the ids both have, which must hold
-the whole tokenizer.
+differs between model sizes): p_T is then over the ids both have (which must hold the whole
+tokenizer), p_S over all the student's ids, and the student's mass m on ids past the teacher's
+adds −log(1 − m) to D (`token_sums`: forward KL over the student's full vocabulary), so a
+student with the larger vocabulary learns to leave its extra ids empty.
 With `loss.chunk_tokens` > 0 both models' logits exist one piece of the sequence at a time
 (train/losses.py `chunked_sums`). A mixture-of-experts student (n_experts > 0) adds
 pretraining's router losses of its forward pass, `loss.moe_aux` × load balance + `loss.moe_z` ×
@@ -69,7 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.alignment import common, rl_common, sft
+from flaxlm.alignment import common, rl_common, rl_eval, sft
 from flaxlm.alignment.rl_rollout import RolloutSource, passthrough_stats, sample_stats
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
@@ -122,15 +125,29 @@ def token_divergence(student_logits, teacher_logits, kind: str = "forward_kl",
 
 def token_sums(student_logits, teacher_logits, targets, mask, d):
     """(len(SUMS),) float32: the divergence and the other metrics summed over answer tokens.
-    Both vocabularies are cut to the ids they share (the tokenizer's, checked at build)."""
-    V = min(student_logits.shape[-1], teacher_logits.shape[-1])
+
+    The teacher's distribution is over the ids both models have (V = the smaller vocabulary:
+    a teacher padded past the student's is cut there and renormalised; both hold the whole
+    tokenizer, checked at build). The student's is over its FULL vocabulary: the divergence is
+    taken between the teacher and the student renormalised over the V shared ids, plus
+    −log(1 − m) for the student's mass m on its ids past V (0 when it has none). For forward KL
+    that sum is exactly KL(p_T ‖ p_S) with p_S normalised over all the student's ids; it is what
+    pushes a larger-vocabulary student's extra ids (which no teacher probability names) down.
+    Cut before the softmax, they were never trained and a fresh student kept most of its mass
+    there."""
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    V = min(vs, vt)
     s, t = student_logits[..., :V], teacher_logits[..., :V]
     m = mask.astype(jnp.float32)
     div = token_divergence(s, t, d.divergence, d.temperature, d.jsd_beta)
-    top_s, top_t = jnp.argmax(s, axis=-1), jnp.argmax(t, axis=-1)
+    if vs > V:  # −log(1 − m) = log Σ_all e^{z/τ} − log Σ_{<V} e^{z/τ}, at the divergence's τ
+        z = student_logits.astype(jnp.float32) / d.temperature
+        div = div + jax.nn.logsumexp(z, axis=-1) - jax.nn.logsumexp(z[..., :V], axis=-1)
+    # the student's top-1 over all its ids: one past the teacher's is a miss, not skipped
+    top_s, top_t = jnp.argmax(student_logits, axis=-1), jnp.argmax(t, axis=-1)
     cols = (
         div,
-        -token_logprobs(student_logits, targets),
+        -token_logprobs(student_logits, targets),  # (over the student's full vocabulary)
         (top_s == targets).astype(jnp.float32),
         (top_s == top_t).astype(jnp.float32),
         -token_logprobs(teacher_logits, targets),
@@ -326,9 +343,41 @@ def make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template, hos
     return eval_fn
 
 
+def teacher_vocab_size(teacher: str) -> int | None:
+    """The teacher's vocab_size (its run's model_config, or HF config.json); None when its
+    checkpoint records none (`rl_common.frozen_lm` then names the problem)."""
+    meta = common.source_meta(teacher)
+    if meta.get("model_config"):
+        return int(meta["model_config"]["vocab_size"])
+    if teacher.startswith(common.HF_PREFIX):
+        from flaxlm.models import hf
+
+        return int(hf.load_config(teacher[len(common.HF_PREFIX) :]).vocab_size)
+    return None
+
+
+def fresh_student_vocab(config) -> None:
+    """A fresh student (no init_from) takes the teacher's vocab_size unless this run sets
+    `model.vocab_size` (`model_keys_set`: given on the command line, or not the config's
+    default). The default (the built-in tokenizer's 2048 for tiny/mini/small) says nothing of
+    the teacher's tokenizer: a larger one left the student ids no token is, a smaller one did
+    not hold the tokenizer. Set in the config, so the run's recorded config says it."""
+    from flaxlm.configs.common import model_keys_set
+
+    if config.init_from or "vocab_size" in model_keys_set(config):
+        return
+    vocab = teacher_vocab_size(config.distill.teacher)
+    if vocab and vocab != config.model.vocab_size:
+        log.info("distill: a fresh student takes the teacher's vocab_size %d (not the config's "
+                 "%d; --config.model.vocab_size sets another)", vocab,
+                 config.model.vocab_size)  # fmt: skip
+        config.model.vocab_size = vocab
+
+
 def _text_source(config, mesh):
     """(tokenizer, ModelConfig) of a student trained on pretraining text: `data.tokenizer`,
-    else init_from's, else the teacher's; init_from's architecture, else `config.model`."""
+    else init_from's, else the teacher's; init_from's architecture, else `config.model` with
+    the teacher's vocab_size (`fresh_student_vocab`)."""
     from flaxlm.models.hf_tokenizer import load_tokenizer
 
     d = config.distill
@@ -339,6 +388,7 @@ def _text_source(config, mesh):
     if not path:
         raise ValueError("distill: no tokenizer for the text: set data.tokenizer (the teacher's)")
     tok = load_tokenizer(os.path.expanduser(path))
+    fresh_student_vocab(config)
     cfg = common.resolve_model_config(config, meta)
     tok.check_fits(cfg.vocab_size)
     check_same_tokenizer(tok, d.teacher)
@@ -347,13 +397,15 @@ def _text_source(config, mesh):
 
 def _student_source(config, mesh):
     """(tokenizer, ModelConfig, template) of the student. A fresh student (no init_from) takes
-    the teacher's tokenizer unless `data.tokenizer` names one."""
+    the teacher's tokenizer unless `data.tokenizer` names one, and its vocab_size
+    (`fresh_student_vocab`)."""
     d = config.distill
     if not config.init_from and not config.data.tokenizer:
         path = common.source_tokenizer_path(d.teacher)
         if path:
             log.info("distill: a fresh student takes the teacher's tokenizer %s", path)
             config.data.tokenizer = path  # (recorded with the run's config)
+    fresh_student_vocab(config)
     tok, cfg, template = common.resolve_source(config, mesh)
     check_same_tokenizer(tok, d.teacher)
     return tok, cfg, template
@@ -375,9 +427,11 @@ def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
     heldout = []
     if config.data.eval:
         heldout = sft.load_examples(config.data.eval, config, template, eval_report)
-    # (their drops counted in the eval report, before it is written)
-    sets = sft.gen_sets(config, template, eval_report) if config.eval_every else {}
-    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
+    # (their drops and cuts counted in a section of their own, before the report is written)
+    gen_report = F.DataReport(config.data.strict)
+    sets = sft.gen_sets(config, template, gen_report) if config.eval_every else {}
+    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict(),
+                   **rl_eval.gen_report_section(gen_report)}  # fmt: skip
     common.write_report(workdir, data_report)
     if on_policy:
         prompts = prompts_of(train, config, template) if mixed else train
@@ -401,6 +455,9 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The distillation Task (module docstring); writes data_report.json into `workdir`."""
     d = config.distill
     check_config(d)
+    # The teacher's step: the one this run started with, also on a resume (a missing teacher
+    # is named here, before the student's tokenizer is looked for in it)
+    pins = rl_common.FrozenSources(workdir, {"distill.teacher": d.teacher})
     text = config.data.get("kind") == "text"  # pretraining's data section
     if text and d.on_policy:
         raise ValueError("distill.on_policy needs prompts, not pretraining text (data.kind)")
@@ -410,8 +467,9 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         tok, cfg, template = _student_source(config, mesh)
     rules = logical_axis_rules(config.sharding)
     teacher_cfg, teacher_apply, teacher = rl_common.frozen_lm(
-        d.teacher, mesh, rules, d.teacher_dtype, d.teacher_ema, key="distill.teacher_dtype"
-    )
+        d.teacher, mesh, rules, d.teacher_dtype, d.teacher_ema, key="distill.teacher_dtype",
+        source_key="distill.teacher", step=pins.step("distill.teacher"),
+    )  # fmt: skip
     check_vocab(tok, cfg, teacher_cfg, d.teacher)
     init_params, apply = model_fns(cfg)
     spec, init_params, prepare = lora_lib.for_training(init_params, config.lora)
@@ -442,7 +500,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         task, frozen=teacher, before_step=batches.before_step if d.on_policy else None,
         flops_per_token=task.flops_per_token + forward,
         flops_per_token_causal=task.flops_per_token_causal + forward_causal,
-        model_meta={**task.model_meta, "teacher": d.teacher},
+        model_meta={**task.model_meta, "teacher": d.teacher, **pins.meta()},
     )  # fmt: skip
 
 

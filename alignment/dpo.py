@@ -422,6 +422,12 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
 
     rules = logical_axis_rules(config.sharding)
     free = d.loss_type in REFERENCE_FREE
+    # The reference's step: the one this run started with, also on a resume (its logps are
+    # scored again on every start)
+    ref_key = "dpo.ref_from" if d.ref_from else "init_from"
+    pins = rl_common.FrozenSources(
+        workdir, {} if free else {ref_key: d.ref_from or config.init_from}
+    )
     if free:
         ref = RefLogps(None, None, mesh, rules, cache=False, zeros=True)
     else:
@@ -434,6 +440,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             d.ref_dtype,
             ref_ema,
             key="dpo.ref_dtype",
+            source_key=ref_key,
+            step=pins.step(ref_key),
         )
         _, ref_apply, ref_params = load_ref()
         ref = RefLogps(
@@ -456,20 +464,19 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         ref,
     )
     eval_fn = None
+    gen_report = F.DataReport(config.data.strict)  # its own section: a file may be both
     if config.eval_every and (heldout or config.eval_gen.sets):
-        gen_eval = None
-        if config.eval_gen.sets:
-            sets = rl_eval.heldout_sets(config, template, [], eval_report)
-            gen_eval = rl_eval.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
+        gen_eval = rl_eval.sets_eval(config, template, cfg, mesh, rules, gen_report)
         eval_fn = make_eval_fn(config, mesh, apply, ref, heldout, tok.pad_id, gen_eval, spec)
     ref.release()  # precompute: every training and held-out pair is scored by now
-    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
+    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict(),
+                   **rl_eval.gen_report_section(gen_report)}  # fmt: skip
     common.write_report(workdir, data_report)
     router = router_coefs(config.get("loss"), cfg.n_experts > 0)  # (None: a dense policy)
     return common.supervised_task(
         "dpo", "lm", config, cfg, spec, tok, workdir, data_report,
         init_params=init_params, loss_fn=dpo_loss_fn(apply, d, router), train_batches=batches,
-        eval_fn=eval_fn,
+        eval_fn=eval_fn, extra_meta=pins.meta(),
     )  # fmt: skip
 
 

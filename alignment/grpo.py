@@ -70,7 +70,8 @@ checkpoint holds {"base", "lora"}; every reader merges (as for SFT/DPO LoRA runs
 The reference is the policy the run starts from: `init_from`'s params, or with `init_from_ema`
 its EMA weights (as the policy's start; under LoRA the frozen base is then that EMA). The reward
 model (`reward_from`, "rm" in the rewards) is its params, or its EMA weights with
-`reward_from_ema`.
+`reward_from_ema`. Both are read at the step of their run this run started with, also on a
+resume after that run trained on (alignment/rl_frozen.py `FrozenSources`).
 
 The bad-input policy (a reward function that raises or returns NaN, empty responses, over-long
 prompts) is rl_rollout's: the sample is skipped with a count; a rollout with no valid sample
@@ -123,6 +124,7 @@ from flaxlm.alignment.grpo_rewards import (  # noqa: F401
 from flaxlm.alignment.rl_rollout import (
     RolloutSource,
     call_reward_fns,
+    check_sampling,
     kl_penalty,
     lm_logprobs,
     logprob_gap,
@@ -383,6 +385,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     # Settings first, naming the key: before this, a typo surfaced only when the source was
     # built (after the reference's load) or when the loss was first traced (after a rollout).
     source_cls.check_settings(config)
+    check_sampling(config.rollout)
     if make_loss is None and config.grpo.loss_agg not in LOSS_AGGS:
         raise ValueError(f"grpo.loss_agg={config.grpo.loss_agg!r}; expected seq | token")
     rewards = rewards if rewards is not None else parse_rewards(config[k].rewards, f"{k}.rewards")
@@ -398,21 +401,29 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
     if reward_from:  # the reward model reads the policy's token ids (before any load)
         common.check_same_tokenizer(tok, reward_from, "reward_from")
+    spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
+    # The steps of the frozen copies: the ones this run started with, also on a resume
+    # (LoRA's reference is the policy's own base, restored with the state).
+    pins = rl_common.FrozenSources(
+        workdir, {"reward_from": reward_from, **({} if spec else {"init_from": config.init_from})}
+    )
     prompts, held, report = rl_eval.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     init_params, apply = model_fns(cfg)
-    spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
     if spec:  # the reference is the policy's frozen base: no second copy of the model
         ref = (cfg, apply, None)
         init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
     else:  # the policy's start: init_from's EMA weights with init_from_ema
         ref = rl_common.frozen_lm(config.init_from, mesh, rules, config.rollout.frozen_dtype,
                                   ema=bool(config.get("init_from_ema", False)),
-                                  key="rollout.frozen_dtype")  # fmt: skip
+                                  key="rollout.frozen_dtype", source_key="init_from",
+                                  step=pins.step("init_from"))  # fmt: skip
     rm = None
     if reward_from:
         rm = rl_common.frozen_scalar(reward_from, mesh, rules, config.rollout.frozen_dtype,
-                                     ema=rm_ema, key="rollout.frozen_dtype")  # fmt: skip
+                                     ema=rm_ema, key="rollout.frozen_dtype",
+                                     source_key="reward_from",
+                                     step=pins.step("reward_from"))  # fmt: skip
         if rm[0].vocab_size != cfg.vocab_size:
             raise ValueError(
                 f"reward_from={reward_from}: its vocab ({rm[0].vocab_size}) is not the policy's "
@@ -428,7 +439,8 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     if spec and eval_fn:
         plain_eval = eval_fn
         eval_fn = lambda params: plain_eval(lora_lib.merge(params, spec))  # noqa: E731
-    load, transform = common.init_hooks("lm", spec)
+    # (a fresh start: the policy starts at its reference's step)
+    load, transform = common.init_hooks("lm", spec, pins.step("init_from"))
     temperature = scoring_temperature(config.rollout.temperature)
     router = router_coefs(config.get("loss"), cfg.n_experts > 0)
     if make_loss is None:
@@ -456,6 +468,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
             "head": "lm",
             "lora": spec.to_dict() if spec else {},
             "data_report": data_report,
+            **pins.meta(),
         },
     )
 

@@ -302,15 +302,17 @@ def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base
     return eval_fn
 
 
-def _reference(config, mesh, rules):
+def _reference(config, mesh, rules, pins):
     """DPO's per-batch reference scorer (`RefLogps`, no cache) over KTO's rows, on a frozen copy
-    of `kto.ref_from` or `init_from` (its EMA weights with `init_from_ema`)."""
+    of `kto.ref_from` or `init_from` (its EMA weights with `init_from_ema`), at the step `pins`
+    (rl_frozen.FrozenSources) holds for it."""
     k = config.kto
     ema = not k.ref_from and bool(config.get("init_from_ema", False))
-    src = k.ref_from or config.init_from
+    src, key = (k.ref_from, "kto.ref_from") if k.ref_from else (config.init_from, "init_from")
     _, ref_apply, ref_params = rl_common.frozen_lm(
-        src, mesh, rules, k.ref_dtype, ema, key="kto.ref_dtype"
-    )
+        src, mesh, rules, k.ref_dtype, ema, key="kto.ref_dtype", source_key=key,
+        step=pins.step(key),
+    )  # fmt: skip
     return RefLogps(ref_apply, ref_params, mesh, rules, cache=False, prefixes=ROWS)
 
 
@@ -358,30 +360,35 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     rules = logical_axis_rules(config.sharding)
     init_params, apply = model_fns(cfg)
     base_apply, ref = None, None
+    # The reference's step: the one this run started with, also on a resume (its logps are
+    # scored again on every start; LoRA: none, the reference is the policy's own base)
+    ref_key = "kto.ref_from" if k.ref_from else "init_from"
+    pins = rl_common.FrozenSources(
+        workdir, {} if spec else {ref_key: k.ref_from or config.init_from}
+    )
     if spec:  # the reference is the policy's frozen base: no second copy of the model
         base_apply = apply
         init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
     else:
-        ref = _reference(config, mesh, rules)
+        ref = _reference(config, mesh, rules, pins)
     batches = _batches(train, config, tok.pad_id, seed=config.seed, shuffle=config.data.shuffle)
     if ref is not None:
         batches = WithRefLogps(batches, ref)
     eval_fn = None
+    gen_report = F.DataReport(config.data.strict)  # its own section: a file may be both
     if config.eval_every and (heldout or config.eval_gen.sets):
-        gen_eval = None
-        if config.eval_gen.sets:
-            sets = rl_eval.heldout_sets(config, template, [], eval_report)
-            gen_eval = rl_eval.make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
+        gen_eval = rl_eval.sets_eval(config, template, cfg, mesh, rules, gen_report)
         eval_fn = make_eval_fn(config, mesh, apply, ref, heldout, tok.pad_id, gen_eval, spec,
                                base_apply)  # fmt: skip
     data_report = {"train": {**report.to_dict(), **label_balance(train, k)},
-                   "eval": eval_report.to_dict()}  # fmt: skip
+                   "eval": eval_report.to_dict(),
+                   **rl_eval.gen_report_section(gen_report)}  # fmt: skip
     common.write_report(workdir, data_report)
     router = router_coefs(config.get("loss"), cfg.n_experts > 0)  # (None: a dense policy)
     task = common.supervised_task(
         "kto", "lm", config, cfg, spec, tok, workdir, data_report,
         init_params=init_params, loss_fn=kto_loss_fn(apply, k, base_apply, router),
-        train_batches=batches, eval_fn=eval_fn,
+        train_batches=batches, eval_fn=eval_fn, extra_meta=pins.meta(),
     )  # fmt: skip
     # The loop counts every `*tokens` row: the matched rows train (6 FLOPs per parameter and
     # token), the mismatched ones only run forward (2): 4 on average, 2/3 of the count. The

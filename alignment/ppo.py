@@ -43,10 +43,11 @@ the policy's, with no second loop or optimizer to keep in sync. The two trees sh
 parameter, so each gets its own Adam statistics; the only coupling is the global-norm clip
 (which `vf_coef` weighs). The critic starts from the reward model (`reward_from`), whose
 backbone already reads responses; the frozen reward model and reference are separate copies
-kept out of the state (optionally bfloat16, `rollout.frozen_dtype`). `init_from_ema` takes the
-policy's start and the reference from the SFT run's EMA weights (the reference is the policy
-the run starts from); `reward_from_ema` takes the scorer and the critic's start from the
-reward-model run's.
+kept out of the state (optionally bfloat16, `rollout.frozen_dtype`), read at the step of their
+runs this run started with, also on a resume after those runs trained on (alignment/rl_frozen.py
+`FrozenSources`). `init_from_ema` takes the policy's start and the reference from the SFT
+run's EMA weights (the reference is the policy the run starts from); `reward_from_ema` takes
+the scorer and the critic's start from the reward-model run's.
 
 LoRA (`lora.rank` > 0): adapters on the policy and the critic (each {"base", "lora"}; the
 critic's head, new, trains whole); the reference is the policy's frozen base (no reference copy
@@ -83,6 +84,7 @@ from flaxlm.alignment import common, rl_common, rl_eval
 from flaxlm.alignment.rl_rollout import (
     KL_ESTIMATORS,
     RolloutSource,
+    check_sampling,
     entropy,
     kl_penalty,
     lm_logprobs,
@@ -376,24 +378,34 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if not config.init_from or not config.reward_from:
         raise ValueError("ppo: set --config.init_from=SFT_RUN and --config.reward_from=RM_RUN")
     check_settings(config)
+    check_sampling(config.rollout)
     rm_ema = rl_common.reward_from_ema(config)  # (a bad source fails here, before any load)
     tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
     # The scorer and the critic read the policy's token ids (before any data or model loads)
     common.check_same_tokenizer(tok, config.reward_from, "reward_from")
+    spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
+    # The steps of the frozen copies: the ones this run started with, also on a resume
+    # (LoRA's reference is the policy's own base, restored with the state).
+    pins = rl_common.FrozenSources(
+        workdir,
+        {"reward_from": config.reward_from, **({} if spec else {"init_from": config.init_from})},
+    )
     prompts, held, report = rl_eval.training_prompts(config, template)
     rules = logical_axis_rules(config.sharding)
     dtype = config.rollout.frozen_dtype
     rm = rl_common.frozen_scalar(
-        config.reward_from, mesh, rules, dtype, ema=rm_ema, key="rollout.frozen_dtype"
+        config.reward_from, mesh, rules, dtype, ema=rm_ema, key="rollout.frozen_dtype",
+        source_key="reward_from", step=pins.step("reward_from"),
+    )  # fmt: skip
+    vcfg = ModelConfig.from_dict(
+        ckpt_lib.read_meta(config.reward_from, pins.step("reward_from"))[1]["model_config"]
     )
-    vcfg = ModelConfig.from_dict(ckpt_lib.read_meta(config.reward_from)[1]["model_config"])
 
     lm_init, lm_apply = model_fns(cfg)
     v_init, v_apply = scalar_model_fns(vcfg)
     # LoRA: adapters on the policy and on the critic (whose new head trains whole, as a LoRA
     # reward model's); the reference is the policy's frozen base, so no second copy of the
     # model is loaded.
-    spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
     vspec = dataclasses.replace(spec, train_extra="^head/") if spec else None
     if spec:
         ref = (cfg, lm_apply, None)
@@ -402,20 +414,24 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     else:  # the policy's start: init_from's EMA weights with init_from_ema
         ref = rl_common.frozen_lm(config.init_from, mesh, rules, dtype,
                                   ema=bool(config.get("init_from_ema", False)),
-                                  key="rollout.frozen_dtype")  # fmt: skip
+                                  key="rollout.frozen_dtype", source_key="init_from",
+                                  step=pins.step("init_from"))  # fmt: skip
     plain = (lambda policy: lora_lib.merge(policy, spec)) if spec else (lambda policy: policy)
 
     def init_params(rng):
         return {"policy": lm_init(rng), "value": v_init(jax.random.fold_in(rng, 1))}
 
     def load(source, target, ema=False):  # ema: init_from_ema (the loop passes it)
+        # (a fresh start: the policy is its reference, the critic the scorer, step for step)
         base = (lambda t: t["base"]) if spec else (lambda t: t)
         return {
-            "policy": common.load_lm_params(source, base(target["policy"]), ema=ema),
+            "policy": common.load_lm_params(source, base(target["policy"]),
+                                            pins.step("init_from"), ema=ema),
             "value": rl_common.load_scalar_params(
-                config.reward_from, base(target["value"]), rm_ema
+                config.reward_from, base(target["value"]), rm_ema, pins.step("reward_from"),
+                source_key="reward_from",
             ),
-        }
+        }  # fmt: skip
 
     def transform(loaded, fresh):  # fresh adapters on the loaded policy and critic
         return {k: {"base": loaded[k], "lora": fresh[k]["lora"]} for k in ("policy", "value")}
@@ -456,6 +472,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             "head": "policy_value",
             "lora": spec.to_dict() if spec else {},  # (the policy's adapters)
             "data_report": data_report,
+            **pins.meta(),
         },
     )
 

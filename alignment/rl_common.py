@@ -11,7 +11,8 @@ file:line).
 
 Frozen models (`frozen_lm`, `frozen_scalar`: alignment/rl_frozen.py, re-exported here): the
 reference policy and the reward model, loaded from a run directory and placed like the trained
-params, optionally in bfloat16 or int8.
+params, optionally in bfloat16 or int8; each read at the step the run started with, also on a
+resume (`FrozenSources`).
 
 Held-out evaluation (alignment/rl_eval.py: `make_policy_eval`, `heldout_sets`): greedy (and
 optionally sampled) answers to held-out prompts, scored by the built-in world's judge and by a
@@ -29,6 +30,7 @@ import numpy as np
 from flaxlm.alignment import common
 from flaxlm.alignment.rl_frozen import (  # noqa: F401  (callers and tests use rl_common.<name>)
     FROZEN_DTYPES,
+    FrozenSources,
     frozen_lm,
     frozen_scalar,
     load_scalar_params,

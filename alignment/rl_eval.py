@@ -40,6 +40,13 @@ def question_key(prompt: dict) -> str:
     return " ".join(map(str, prompt["ids"].tolist()))
 
 
+def gen_report_section(report: F.DataReport) -> dict:
+    """`{"eval_gen": ...}` for a stage's data report when its generation sets read records
+    (their drops and prompt cuts), else `{}`. A section of its own: a file that is both
+    `data.eval` and a set is read by both readers, and one section would count it twice."""
+    return {"eval_gen": report.to_dict()} if report.read else {}
+
+
 def split_prompts(prompts: list[dict], n_heldout: int, seed: int):
     """(train, held-out) prompts: whole questions (`question_key`), drawn with a fixed seed,
     are held out until at least `n_heldout` prompts are, so no paraphrase of a held-out question
@@ -100,9 +107,16 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
     last assistant turn is the reference answer, or prompt records, whose meta["answer"] is.
     Every stage's generation eval reads its sets here (SFT and distillation too). Bad records
     are counted in `report` by reason with file:line; so are examples asking a training
-    question (`question_key`; "eval_dropped_trained_question"). A set left with no example is
+    question (`question_key`; "eval_dropped_trained_question"), and prompts cut from the left
+    to `eval_gen.max_prompt_len` (`truncated`). A set left with no example is
     an error naming it (its metrics would be NaN or missing)."""
     gen, fields = config.eval_gen, config.data.fields
+    if gen.sets.strip() and gen.max_prompt_len < 1:  # (it follows seq_len in most configs)
+        raise ValueError(
+            f"eval_gen.max_prompt_len={gen.max_prompt_len}: a prompt needs >= 1 token (SFT, DPO, "
+            "KTO and distillation default it to seq_len − eval_gen.max_new_tokens: raise "
+            "seq_len, lower eval_gen.max_new_tokens or set eval_gen.max_prompt_len)"
+        )
     seen = {question_key(p) for p in train_prompts}
     out = {name: [{"ids": p["ids"], "meta": p["meta"], "answer": str(p["meta"].get("answer", "")),
                    "loc": p.get("loc", "")} for p in prompts[: gen.examples]]
@@ -127,8 +141,8 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
                     msgs = F.prompt_messages(obj.get(fields.prompt), fields)
                     answer = str(meta.get("answer", ""))
                 with F.naming_record(loc):
-                    ids, _ = F.render_prompt(msgs, template, gen.max_prompt_len,
-                                             tools=F.record_tools(obj, fields))  # fmt: skip
+                    ids, cut = F.render_prompt(msgs, template, gen.max_prompt_len,
+                                               tools=F.record_tools(obj, fields))  # fmt: skip
             except F.FormatError as e:
                 bad = (e.reason, str(e))
             except (TypeError, KeyError) as e:
@@ -144,6 +158,8 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
                 continue
             kept.append(ex)
             report.used += 1
+            if cut:  # cut from the left to eval_gen.max_prompt_len: counted, as RL prompts are
+                report.truncation(loc, cut)
         if not kept:
             what = ", ".join(f"{n} {r} (e.g. {e})" for r, (n, e) in dropped.items())
             raise ValueError(f"eval_gen.sets: {part} has no usable example (dropped: "
@@ -157,6 +173,15 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
             )  # fmt: skip
         out[name] = kept
     return out
+
+
+def sets_eval(config, template, cfg, mesh, rules, report: F.DataReport):
+    """The generation eval of `eval_gen.sets` for an offline stage (DPO, KTO), or None
+    without sets; their drops and cuts counted in `report`."""
+    if not config.eval_gen.sets:
+        return None
+    sets = heldout_sets(config, template, [], report)
+    return make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
 
 
 def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, stop_strings=()):

@@ -6,9 +6,21 @@ rules, optionally in bfloat16 or with int8 projection weights (`rollout.frozen_d
 costs little and halves or quarters their memory. With `ema=True` they are the run's EMA
 weights (`reward_from_ema`). Re-exported by alignment/rl_common.py; callers use
 `rl_common.frozen_lm` (tests patch it there).
+
+Which step of its source a frozen model is (`FrozenSources`): they are loaded again on every
+start of a run, resumes included, so "the source's latest step" would silently be another
+model once the source run trained on (a reference, a reward model or a teacher that changes
+mid-run, and no bit-for-bit resume). A fresh start resolves each source's latest step and
+records it in the run's checkpoint meta (`frozen_sources`: {config key: {"path", "step"}}); a
+resume reads exactly the recorded step, and stops, naming the key, the run and both steps, when
+that step is gone. A checkpoint written before steps were recorded resumes from the latest
+step, with a warning.
 """
 
 from __future__ import annotations
+
+import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +31,91 @@ from flaxlm.models import quant
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.heads import scalar_model_fns
 from flaxlm.train import checkpoint as ckpt_lib
+from flaxlm.train.checkpoint_read import run_steps
 from flaxlm.train.pretrain import model_fns
 from flaxlm.train.state import param_shardings
+
+log = logging.getLogger("flaxlm")
+FROZEN_SOURCES = "frozen_sources"  # checkpoint meta: {config key: {"path", "step"}}
+
+
+def _same_path(a: str, b: str) -> bool:
+    real = lambda p: os.path.realpath(os.path.expanduser(p))  # noqa: E731
+    return real(a) == real(b)
+
+
+def _recorded_sources(workdir: str | None):
+    """(step, its meta's `frozen_sources` or None) of the newest checkpoint of `workdir` whose
+    meta reads; None when there is none (a fresh start: the loop resumes nothing either)."""
+    for step in run_steps(workdir) if workdir else []:
+        try:
+            meta = ckpt_lib.read_meta(workdir, step)[1]
+        except ckpt_lib.CheckpointError:  # (the loop's resume moves or names it)
+            continue
+        return step, meta.get(FROZEN_SOURCES)
+    return None
+
+
+class FrozenSources:
+    """The step each frozen model's source run is read at (module docstring): `sources` maps
+    the config key that names it ("init_from" as the reference, "reward_from",
+    "distill.teacher", "dpo.ref_from", ...) to its run; an empty or "hf:DIR" source has no
+    steps and is skipped. On a fresh start (`workdir` without a checkpoint) the latest step;
+    on a resume the step its checkpoint meta records. `step(key)` for the loads, `meta()` for
+    the task's model_meta (so every checkpoint of the run records the same steps)."""
+
+    def __init__(self, workdir: str | None, sources: dict[str, str]):
+        self.steps: dict[str, int] = {}
+        self.paths: dict[str, str] = {}
+        recorded = _recorded_sources(workdir)
+        for key, path in sources.items():
+            if path and not path.startswith(common.HF_PREFIX):
+                self.steps[key] = _source_step(key, path, recorded, workdir)
+                self.paths[key] = path
+
+    def step(self, key: str) -> int | None:
+        return self.steps.get(key)
+
+    def meta(self) -> dict:
+        return {FROZEN_SOURCES: {k: {"path": self.paths[k], "step": s}
+                                 for k, s in self.steps.items()}}  # fmt: skip
+
+
+def _source_step(key: str, path: str, recorded, workdir) -> int:
+    """The step of `key`=`path` this start reads (`FrozenSources`)."""
+    steps = run_steps(path)
+    latest = steps[0] if steps else None
+    if latest is None:
+        raise ckpt_lib.CheckpointError(f"{key}={path}: no checkpoint under {path}/checkpoints")
+    if recorded is None:  # a fresh start
+        return latest
+    ckpt_step, pins = recorded
+    pin = (pins or {}).get(key)
+    if pin is None or not _same_path(pin["path"], path):
+        why = (
+            "records no step of its frozen models (it was written before they were recorded)"
+            if pins is None else f"records no step of {key}" if pin is None
+            else f"recorded {key}={pin['path']}, another run"
+        )  # fmt: skip
+        log.warning(
+            "%s=%s: checkpoint %d of %s %s; reading that run's latest step %d, which need not "
+            "be the one this run started from (recorded from now on)",
+            key, path, ckpt_step, workdir, why, latest,
+        )  # fmt: skip
+        return latest
+    step = int(pin["step"])
+    if step not in steps:
+        raise ckpt_lib.CheckpointError(
+            f"{key}={path}: this run read its step {step} (recorded in checkpoint {ckpt_step} "
+            f"of {workdir}), and that step is gone; the run's latest step is now {latest} "
+            f"(steps there: {sorted(steps)}). Resuming with another step would swap the model "
+            f"mid-run: put step {step} back under {path}/checkpoints, or start afresh in "
+            "another workdir."
+        )
+    if step != latest:
+        log.info("%s=%s: reading step %d, as this run started with (its latest is %d)",
+                 key, path, step, latest)  # fmt: skip
+    return step
 
 
 def _placed_target(init_params, mesh, rules):
@@ -70,13 +165,29 @@ def _frozen(cfg: ModelConfig, params, dtype: str):
     return cfg.replace(dtype=compute, param_dtype=compute), _cast(params, compute)
 
 
+def _source_meta(source: str, step: int | None, where: str) -> tuple[int | None, dict]:
+    """(step, meta) of a flaxlm run at `step` (None: its latest), errors prefixed with `where`
+    (the config key and the run); (None, {}) for "hf:DIR"."""
+    if source.startswith(common.HF_PREFIX):
+        return None, {}
+    try:
+        return ckpt_lib.read_meta(source, step)
+    except ckpt_lib.CheckpointError as e:
+        raise ckpt_lib.CheckpointError(f"{where}: {e}") from e
+
+
 def frozen_lm(source: str, mesh, rules, dtype: str = "float32", ema: bool = False,
-              key: str = "frozen dtype"):  # fmt: skip
+              key: str = "frozen dtype", *, source_key: str = "",
+              step: int | None = None):  # fmt: skip
     """(cfg, apply, params) of a language model run (plain or LoRA-merged) or "hf:DIR", frozen,
     placed with the training rules; kept and computed in `dtype` (`_frozen`; `key`: the
     config key that set it, for errors). `ema`: the run's EMA weights (an HF source, or a run
-    without them, is an error)."""
-    meta = common.source_meta(source)
+    without them, is an error). `step`: the run's step to read (None: its latest;
+    `FrozenSources.step`); `source_key`: the config key that named the run, for errors."""
+    where = f"{source_key}={source}" if source_key else source
+    step, meta = _source_meta(source, step, where)
+    if meta.get("head") == "scalar":  # (its backbone has no lm_head: the read fails on that)
+        raise ValueError(f"{where}: a reward-model run (scalar head), not a language model")
     if meta.get("model_config"):
         cfg = ModelConfig.from_dict(meta["model_config"])
     elif source.startswith(common.HF_PREFIX):
@@ -84,35 +195,46 @@ def frozen_lm(source: str, mesh, rules, dtype: str = "float32", ema: bool = Fals
 
         cfg = hf.load_config(source[len(common.HF_PREFIX) :])
     else:
-        raise ValueError(f"{source}: no model_config in its checkpoint meta")
+        raise ValueError(f"{where}: no model_config in its checkpoint meta")
     _check_frozen_dtype(dtype, key)  # (before anything is loaded)
     init, _ = model_fns(cfg)
-    params = common.load_lm_params(source, _placed_target(init, mesh, rules), ema=ema)
+    params = common.load_lm_params(source, _placed_target(init, mesh, rules), step, ema=ema,
+                                   key=where)  # fmt: skip
     cfg, params = _frozen(cfg, params, dtype)
     return cfg, model_fns(cfg)[1], params
 
 
-def load_scalar_params(run_dir: str, target, ema: bool = False):
+def load_scalar_params(run_dir: str, target, ema: bool = False, step: int | None = None, *,
+                       source_key: str = ""):  # fmt: skip
     """A scalar-head run's {"transformer", "head"} params (LoRA adapters merged) like `target`
-    (`ema`: its EMA weights)."""
-    step, meta = ckpt_lib.read_meta(run_dir)  # the params below come from this step
+    (`ema`: its EMA weights; `step`: None = the latest; `source_key`: the config key that
+    named the run, for errors)."""
+    where = f"{source_key}={run_dir}" if source_key else run_dir
+    step, meta = _source_meta(run_dir, step, where)  # the params below come from this step
     if meta.get("head") != "scalar":
-        raise ValueError(f"{run_dir}: not a reward-model run (meta head={meta.get('head')!r})")
+        raise ValueError(f"{where}: not a reward-model run (meta head={meta.get('head')!r})")
     spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
     if spec is None:
-        return ckpt_lib.load_params(run_dir, target, step, ema)
+        return ckpt_lib.load_params(run_dir, target, step, ema, key=where)
     adapters = common.replicated_like(lora_lib.abstract_adapters(target, spec), target)
-    both = ckpt_lib.load_params(run_dir, {"base": target, "lora": adapters}, step, ema)
+    both = ckpt_lib.load_params(run_dir, {"base": target, "lora": adapters}, step, ema, key=where)
     return lora_lib.merge(both, spec)
 
 
 def frozen_scalar(run_dir: str, mesh, rules, dtype: str = "float32", ema: bool = False,
-                  key: str = "frozen dtype"):  # fmt: skip
+                  key: str = "frozen dtype", *, source_key: str = "",
+                  step: int | None = None):  # fmt: skip
     """(cfg, apply, params) of a reward-model run, frozen (see `frozen_lm`; `ema`: its EMA
-    weights). The scalar head stays in the compute dtype with "int8"."""
+    weights; `step`, `source_key` as there). The scalar head stays in the compute dtype with
+    "int8"."""
     _check_frozen_dtype(dtype, key)
-    cfg = ModelConfig.from_dict(ckpt_lib.read_meta(run_dir)[1]["model_config"])
+    where = f"{source_key}={run_dir}" if source_key else run_dir
+    step, meta = _source_meta(run_dir, step, where)
+    if meta.get("head") != "scalar":  # (before a target is built for it)
+        raise ValueError(f"{where}: not a reward-model run (meta head={meta.get('head')!r})")
+    cfg = ModelConfig.from_dict(meta["model_config"])
     init, _ = scalar_model_fns(cfg)
-    params = load_scalar_params(run_dir, _placed_target(init, mesh, rules), ema)
+    params = load_scalar_params(run_dir, _placed_target(init, mesh, rules), ema, step,
+                                source_key=source_key)  # fmt: skip
     cfg, params = _frozen(cfg, params, dtype)
     return cfg, scalar_model_fns(cfg)[1], params

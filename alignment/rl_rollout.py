@@ -78,6 +78,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 import time
 from collections.abc import Sequence
 
@@ -258,6 +259,32 @@ def passthrough_stats(batch) -> dict:
 # The batch source
 
 
+def _integer(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def check_sampling(r) -> None:
+    """Raises on a bad `rollout.*` pass count or sampling value, naming the key. PPO's and
+    GRPO's build_task call it before anything is loaded (and `RolloutSource` again): epochs=0
+    used to fail only after a whole rollout ("no rollout"), and top_p=1.5, top_k=-1, min_p=2 or
+    max_new_tokens=0 at the first rollout, in `generate`'s words without the `rollout.` key."""
+    checks = {
+        "epochs": (lambda x: _integer(x) and x >= 1, "an integer >= 1 (passes over a rollout)"),
+        "max_new_tokens": (lambda x: _integer(x) and x >= 1, "an integer >= 1"),
+        "temperature": (lambda x: _real(x) and x >= 0, "finite and >= 0 (0: greedy)"),
+        "top_k": (lambda x: _integer(x) and x >= 0, "an integer >= 0 (0: off)"),
+        "top_p": (lambda x: _real(x) and 0 < x <= 1, "in (0, 1] (1: off)"),
+        "min_p": (lambda x: _real(x) and 0 <= x < 1, "in [0, 1) (0: off)"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in r and not ok(r[key]):
+            raise ValueError(f"rollout.{key}={r[key]!r} must be {what}")
+
+
 class RolloutSource:
     """Iterator of rollout minibatches for the loop (see the module docstring).
 
@@ -269,6 +296,7 @@ class RolloutSource:
 
     def __init__(self, config, mesh, rules, prompts: list[dict], *, cfg, template, spec=None):
         r = config.rollout
+        check_sampling(r)
         if r.batch % config.batch_size:
             raise ValueError(
                 f"rollout.batch={r.batch} is not a multiple of batch_size={config.batch_size}"

@@ -18,8 +18,9 @@ Evaluation (every `eval_every` steps, and at step 0 for the starting model's bas
     (exact match of "The answer is X."), else by exact match with the reference answer (a
     conversation's last assistant turn, or a prompt record's meta.answer: the RL stages' sets
     read the same, `rl_eval.heldout_sets`); `stopped` is the fraction of answers that ended
-    with `<|end|>` within `max_new_tokens`. Dropped records are counted in the data report's
-    eval section; a set with no usable record is an error.
+    with `<|end|>` within `max_new_tokens`. Dropped records, and prompts cut to
+    `max_prompt_len` (default seq_len − max_new_tokens), are counted in the data report's
+    `eval_gen` section; a set with no usable record is an error.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ from flaxlm.train.pretrain import lm_loss, model_fns
 from flaxlm.train.step import eval_step
 
 
-def eval_gen_config(sets: str) -> ml_collections.ConfigDict:
-    """The `eval_gen` section: generation-based accuracy."""
+def eval_gen_config(sets: str, seq_len=None) -> ml_collections.ConfigDict:
+    """The `eval_gen` section: generation-based accuracy. `seq_len` (the config's
+    `get_ref("seq_len")`): `max_prompt_len` follows seq_len − max_new_tokens, so a prompt and
+    its answer fit a training row, also when either is set on the command line; else 256."""
     c = ml_collections.ConfigDict()
     # Comma-separated record sources (as data.train) whose last assistant turn is the reference
     # answer, or prompt records with meta.answer; "" = none. The built-in ones are scored by the
@@ -49,7 +52,8 @@ def eval_gen_config(sets: str) -> ml_collections.ConfigDict:
     c.examples = 200  # conversations per set (the first ones, a fixed subset)
     c.max_new_tokens = 24  # answer budget; longer answers are cut (see the `stopped` metric)
     c.batch = 64  # prompts per generate call
-    c.max_prompt_len = 256  # prompts are cut from the left (BOS kept) beyond this
+    # prompts are cut from the left (BOS kept) beyond this, counted in the data report
+    c.max_prompt_len = 256 if seq_len is None else seq_len - c.get_ref("max_new_tokens")
     return c
 
 
@@ -170,8 +174,8 @@ def load_examples(spec: str, config, template, report: F.DataReport) -> list[dic
 
 def gen_sets(config, template, report: F.DataReport) -> dict[str, list[dict]]:
     """{set name: examples} for generation eval: the RL stages' reader (conversations or
-    prompt records with meta.answer; unique names; an empty set is an error), its drops counted
-    in `report` (the data report's eval section) instead of vanishing."""
+    prompt records with meta.answer; unique names; an empty set is an error), its drops and
+    prompt cuts counted in `report` (the data report's eval_gen section) instead of vanishing."""
     from flaxlm.alignment import rl_eval  # (rl_eval imports rl_common, which imports this module)
 
     return rl_eval.heldout_sets(config, template, [], report)
@@ -190,9 +194,14 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     heldout = (
         load_examples(config.data.eval, config, template, eval_report) if config.data.eval else []
     )
-    # the generation sets' drops go to the eval report too, before it is written
-    sets = gen_sets(config, template, eval_report) if config.eval_every else {}
-    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
+    # the generation sets' drops and cuts in a section of their own (a file that is both
+    # data.eval and a set is read by both: one report would count its records twice)
+    gen_report = F.DataReport(strict=config.data.strict)
+    sets = gen_sets(config, template, gen_report) if config.eval_every else {}
+    from flaxlm.alignment import rl_eval  # (as in gen_sets)
+
+    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict(),
+                   **rl_eval.gen_report_section(gen_report)}  # fmt: skip
     common.write_report(workdir, data_report)
 
     init_params, apply = model_fns(cfg)

@@ -13,7 +13,8 @@
     #   --config.data.eval_sources=HELDOUT_DIR
 
 arg keys: variant (the run's sizes — steps, batch, seq_len, lr — and a fresh student's
-architecture when init_from is empty), runlocal (a CPU-sized run), steps (0 = default), lora
+architecture when init_from is empty; its vocab_size is the teacher's unless
+--config.model.vocab_size is given), runlocal (a CPU-sized run), steps (0 = default), lora
 (adapter rank for a pretrained student; 0 = full; > 0 also multiplies opt.lr by 10),
 on_policy (distill.on_policy on, the built-in world's RL prompts as data.train, rows sized to
 rollout.max_prompt_len + rollout.max_new_tokens), text (pretraining text instead of chats: the
@@ -85,13 +86,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = common.model_config(a.variant)  # a fresh student's architecture (no init_from)
     c.data = align.data_config("builtin:sft_train", "builtin:sft_heldout")
     if a.variant in ("tiny", "mini", "small"):
-        c.model.vocab_size = c.data.builtin_vocab_size  # the built-in tokenizer's vocab
+        # the built-in tokenizer's vocab; a fresh student takes the teacher's vocab_size instead
+        # unless --config.model.vocab_size is given (alignment/distill.py fresh_student_vocab)
+        c.model.vocab_size = c.data.builtin_vocab_size
     c.distill = distill_config()
     c.loss = ml_collections.ConfigDict()
     c.loss.chunk_tokens = 0  # > 0: both models' logits over chunks of this many positions
     common.router_loss_keys(c.loss)  # moe_aux, moe_z: a student with experts (models/moe.py)
     c.lora = lora_config(a.lora)  # LoRA adapters for a pretrained student; rank 0 = off
-    c.eval_gen = eval_gen_config("builtin:sft_heldout")
+    c.eval_gen = eval_gen_config("builtin:sft_heldout", c.get_ref("seq_len"))
     # on-policy only: one sample per prompt, each rollout trained on once
     c.rollout = rl_common.rollout_config(batch)
     if a.on_policy:

@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
     # The task metric (greedy accuracy): the world's held-out questions, and the RL prompts
     # (questions that the preference pairs also ask: the trained distribution).
-    c.eval_gen = eval_gen_config("builtin:sft_heldout,builtin:rl_prompts")
+    c.eval_gen = eval_gen_config("builtin:sft_heldout,builtin:rl_prompts", c.get_ref("seq_len"))
     c.opt.lr = lr * (10 if a.lora else 1)
     c.opt.schedule = "linear"
     c.opt.warmup_steps = max(c.total_steps // 10, 1)

@@ -11,8 +11,8 @@ the sizes still come from variant), runlocal (a CPU-sized run), steps (0 = defau
 `--config.lora.rank` alone does not).
 
 Data: `data.train`, `data.eval` and `eval_gen.sets` default to the built-in demo world's splits;
-for your own chats set all three (jsonl/parquet records of data/formats.py: `messages`, or
-`prompt` + `completion`; `eval_gen.sets=""` skips generation eval):
+for your own chats set all three (jsonl/parquet or .json array records of data/formats.py:
+`messages`, or `prompt` + `completion`; `eval_gen.sets=""` skips generation eval):
 
     --config.data.train=chat.jsonl --config.data.eval=heldout.jsonl \
         --config.eval_gen.sets=heldout.jsonl
@@ -54,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.chunk_tokens = 0  # > 0: CE over chunks of this many positions (no full logits)
     common.router_loss_keys(c.loss)  # moe_aux, moe_z: models with experts (models/moe.py)
     c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
-    c.eval_gen = eval_gen_config("builtin:sft_heldout,builtin:heldout_facts")
+    # (eval_gen.max_prompt_len follows seq_len − eval_gen.max_new_tokens unless set itself)
+    c.eval_gen = eval_gen_config("builtin:sft_heldout,builtin:heldout_facts", c.get_ref("seq_len"))
     c.opt.lr = lr * (10 if a.lora else 1)  # adapters start at zero and need a larger step
     c.opt.warmup_steps = max(c.total_steps // 20, 1)
     c.opt.weight_decay = 0.0  # fine-tuning: stay near the pretrained weights by few steps

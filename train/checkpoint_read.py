@@ -1,10 +1,11 @@
 """Readers of a run's checkpoint: meta, params and the whole model, never writing anything.
 
-`read_meta` (with the tokenizer found again in a moved run), `load_params` (`init_from`,
-notebooks; the EMA weights on request), `load_model` (inference: eval, generate, notebooks),
-`check_ema_source` and `shape_diff`. They read a given or the latest step and never fall back
-to another: their errors name the step directory and the other steps there. Separate from the
-Checkpointer (train/checkpointer.py), which a training run resumes with.
+`read_meta` (with the tokenizer found again in a moved run), `run_steps`, `load_params`
+(`init_from`, frozen models, notebooks; the EMA weights on request), `load_model` (inference:
+eval, generate, notebooks), `check_ema_source` and `shape_diff`. They read a given or the
+latest step and never fall back to another: their errors name the step directory and the
+other steps there. Separate from the Checkpointer (train/checkpointer.py), which a training
+run resumes with.
 """
 
 from __future__ import annotations
@@ -48,6 +49,18 @@ def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
     finally:
         mgr.close()
     return step, located_tokenizer(dict(meta), ckpt_dir)
+
+
+def run_steps(run_dir: str) -> list[int]:
+    """The saved steps of a run, newest first ([] when it has no checkpoint directory; an
+    unfinished `<step>.orbax-checkpoint-tmp` is not one). Reads no meta or array, and lists
+    the directory itself: constructing an orbax CheckpointManager is a barrier of all
+    processes, so one made or not by timing (a workdir whose `checkpoints/` another process
+    just created) would leave the processes waiting in different barriers."""
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    return sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True)
 
 
 def located_tokenizer(meta: dict, run_dir: str) -> dict:
@@ -105,13 +118,15 @@ def shape_diff(expected, found) -> list[str]:
     return out
 
 
-def load_params(run_dir: str, target_params, step: int | None = None, ema: bool = False):
-    """Parameters of another run's checkpoint (for `init_from` and notebooks).
+def load_params(run_dir: str, target_params, step: int | None = None, ema: bool = False, *,
+                key: str = "init_from"):  # fmt: skip
+    """Parameters of another run's checkpoint (for `init_from`, frozen models and notebooks).
 
     `target_params` is a pytree of ShapeDtypeStructs (with shardings) of the parameters; only
     the `params` subtree of the saved state is read. With `ema`, the EMA of the weights where
     the run kept one (its trainable leaves) and the params elsewhere (frozen leaves), each
-    leaf read once, in the target's dtype; a step without an EMA is an error.
+    leaf read once, in the target's dtype; a step without an EMA is an error. `key`: what the
+    errors name as the reader ("init_from", "distill.teacher=RUN", ...).
     """
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
     mgr = ocp.CheckpointManager(
@@ -122,7 +137,7 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
     step = mgr.latest_step() if step is None else step
     if step is None:
         mgr.close()
-        raise CheckpointError(f"init_from: no checkpoint under {directory}")
+        raise CheckpointError(f"{key}: no checkpoint under {directory}")
     _require_step(mgr, directory, step)
     path = f"{directory}/{step}"
 
@@ -166,8 +181,8 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(
-            f"init_from: checkpoint {directory}/{step} has no params {missing[:5]}{more}; it "
-            "holds a different model (or task) than the one being initialised"
+            f"{key}: checkpoint {directory}/{step} has no params {missing[:5]}{more}; it "
+            "holds a different model (or task) than the one being read"
         )
     return params
 

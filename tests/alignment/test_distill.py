@@ -59,16 +59,23 @@ def _np_divergence(s_logits, t_logits, kind, tau, beta):
 
 
 def _np_sums(s_logits, t_logits, targets, mask, kind, tau, beta):
-    """kd, student nll, student accuracy, agreement, teacher nll: sums over the mask, with the
-    two vocabularies cut to the shorter one for the divergence and the agreement."""
+    """kd, student nll, student accuracy, agreement, teacher nll: sums over the mask. The teacher
+    is cut to the shared V ids and renormalised there; the student is normalised over its FULL
+    vocabulary: forward KL is Σ_{v<V} p_T (log p_T − log p_S) with that p_S; the other two are
+    taken against the student renormalised over V, plus −log(1 − m), m = p_S's mass past V."""
     V = min(s_logits.shape[-1], t_logits.shape[-1])
     s, t = np.asarray(s_logits, np.float64), np.asarray(t_logits, np.float64)
-    div = _np_divergence(s[..., :V], t[..., :V], kind, tau, beta)
+    if kind == "forward_kl":
+        log_ps, log_pt = _log_softmax(s / tau)[..., :V], _log_softmax(t[..., :V] / tau)
+        div = (np.exp(log_pt) * (log_pt - log_ps)).sum(-1)
+    else:
+        outside = np.exp(_log_softmax(s / tau))[..., V:].sum(-1)
+        div = _np_divergence(s[..., :V], t[..., :V], kind, tau, beta) - np.log1p(-outside)
 
     def nll(x):
         return -np.take_along_axis(_log_softmax(x), targets[..., None], -1)[..., 0]
 
-    top_s, top_t = s[..., :V].argmax(-1), t[..., :V].argmax(-1)
+    top_s, top_t = s.argmax(-1), t[..., :V].argmax(-1)
     cols = [div, nll(s), top_s == targets, top_s == top_t, nll(t)]
     return np.array([(np.asarray(c, np.float64) * mask).sum() for c in cols])
 
@@ -79,12 +86,14 @@ def _logits(rng, shape, scale=2.0):
 
 @pytest.mark.parametrize("kind", distill.DIVERGENCES)
 @pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_sums_match_numpy(kind, tau):
-    """Every column, with a teacher whose vocabulary is padded past the student's (13 vs 16:
-    the divergence over the 13 both have) and a mask with holes."""
+@pytest.mark.parametrize("vs,vt", [(13, 16), (16, 13)])
+def test_sums_match_numpy(kind, tau, vs, vt):
+    """Every column, with a mask with holes, and a teacher whose vocabulary is padded past the
+    student's (13 vs 16: the teacher over the 13 both have) or a student's past the teacher's
+    (16 vs 13: the student normalised over all its 16 ids, its mass on the last 3 counted)."""
     rng = np.random.default_rng(0)
     B, T = 3, 5
-    s, t = _logits(rng, (B, T, 13)), _logits(rng, (B, T, 16))
+    s, t = _logits(rng, (B, T, vs)), _logits(rng, (B, T, vt))
     targets = jnp.asarray(rng.integers(0, 13, (B, T)), jnp.int32)
     mask = jnp.asarray(rng.random((B, T)) < 0.7, jnp.float32)
     d = _d(divergence=kind, temperature=tau, jsd_beta=0.3)
@@ -93,6 +102,24 @@ def test_sums_match_numpy(kind, tau):
                     tau, 0.3)  # fmt: skip
     np.testing.assert_allclose(np.asarray(got), want, **TOL)
     assert want[0] > 0.1  # (distributions far apart: the check is not of zeros)
+
+
+@pytest.mark.parametrize("kind", distill.DIVERGENCES)
+def test_a_student_vocabulary_past_the_teachers_is_pushed_down(kind):
+    """Student 12 ids, teacher 8: the gradient of every divergence raises none of the 4 extra
+    logits (each lowered, in proportion to its probability), and a student equal to the teacher
+    on the 8 with mass m on the other 4 pays −log(1 − m) — no divergence lets mass hide there."""
+    rng = np.random.default_rng(5)
+    t = _logits(rng, (6, 8))
+    s = jnp.concatenate([t, _logits(rng, (6, 4))], -1)
+    mask = jnp.ones((6,), jnp.float32)
+    d = _d(divergence=kind, jsd_beta=0.3)
+    targets = jnp.zeros((6,), jnp.int32)
+    kd = lambda x: distill.token_sums(x, t, targets, mask, d)[0]  # noqa: E731
+    p = np.exp(_log_softmax(np.asarray(s)))
+    np.testing.assert_allclose(float(kd(s)), -np.log1p(-p[:, 8:].sum(-1)).sum(), rtol=1e-5)
+    g = np.asarray(jax.grad(kd)(s))[:, 8:]
+    assert (g > 0).all(), g  # (descent lowers them)
 
 
 def test_divergences_vanish_at_the_teacher_and_jsd_is_symmetric_at_one_half():
@@ -264,6 +291,59 @@ def test_a_fresh_student_learns_the_teacher(runs, cache_dir, tmp_path):
     assert meta["teacher"] == sft
     theirs = read_meta(sft)[1]["tokenizer"]
     assert open(meta["tokenizer"], "rb").read() == open(theirs, "rb").read()
+
+
+def _mass_past(run_dir: str, vocab: int) -> float:
+    """The mean probability a run's model puts on ids >= `vocab`, over a held-out text."""
+    from flaxlm.data.tokenizer import Tokenizer
+    from flaxlm.train.checkpoint import load_model
+
+    cfg, params, meta = load_model(run_dir)
+    tok = Tokenizer.load(meta["tokenizer"])
+    ids = np.asarray([tok.encode("Radupin lives in Oslo. Sanu is a baker and likes red.",
+                                 bos=True)], np.int32)  # fmt: skip
+    logits = model_fns(cfg)[1](params, ids, None, None)
+    return float(jax.nn.softmax(logits.astype(jnp.float32), -1)[..., vocab:].sum(-1).mean())
+
+
+def test_a_student_vocabulary_past_the_teachers_learns_to_leave_it_empty(runs, cache_dir,
+                                                                         tmp_path):  # fmt: skip
+    """A student of 2048 ids (given) and a teacher of 512: after 20 steps the student puts
+    under 1% of its probability on the 1536 ids no token is (it starts near 75%). Cut before
+    the student's softmax, those logits were never trained and kept most of the mass."""
+    sft, _ = runs
+    wd = tmp_path / "wide"
+    c = _config(cache_dir, **{"distill.teacher": sft, "model.vocab_size": 4 * H.VOCAB,
+                              "total_steps": 20, "eval_every": 0, "ckpt_every": 20,
+                              "eval_gen.sets": "", "opt.lr": 3e-2})  # fmt: skip
+    distill.run(c, str(wd))
+    assert read_meta(str(wd))[1]["model_config"]["vocab_size"] == 4 * H.VOCAB  # (as given)
+    assert _mass_past(str(wd), H.VOCAB) < 0.01
+
+
+def test_a_fresh_student_takes_the_teachers_vocab_size(runs, cache_dir, tmp_path):
+    """Without --config.model.vocab_size a fresh student has the teacher's vocab_size (512),
+    not the config's default (the built-in tokenizer's 2048); given, or with init_from, the
+    run's own is kept."""
+    sft, _ = runs
+    shape = {"model.n_layers": 1, "model.d_model": 32, "model.n_heads": 2,
+             "model.n_kv_heads": 1, "model.d_ff": 64}  # fmt: skip
+    c = H.tiny(distill_config, cache_dir, "variant=tiny,runlocal=True", **shape, **{
+        "distill.teacher": sft, "total_steps": 2, "eval_every": 0, "ckpt_every": 2,
+        "eval_gen.sets": "", "async_ckpt": False, "batch_size": 8, "seq_len": 64,
+    })  # fmt: skip
+    assert c.model.vocab_size == 2048 != H.VOCAB
+    wd = tmp_path / "fresh"
+    distill.run(c, str(wd))
+    assert read_meta(str(wd))[1]["model_config"]["vocab_size"] == H.VOCAB
+    given = H.tiny(distill_config, cache_dir, "variant=tiny,runlocal=True",
+                   **{"distill.teacher": sft, "model.vocab_size": 2048})  # fmt: skip
+    distill.fresh_student_vocab(given)
+    assert given.model.vocab_size == 2048
+    started = H.tiny(distill_config, cache_dir, "variant=tiny,runlocal=True",
+                     **{"distill.teacher": sft, "init_from": sft})  # fmt: skip
+    distill.fresh_student_vocab(started)
+    assert started.model.vocab_size == 2048  # (init_from's architecture rules; untouched)
 
 
 def test_a_lora_student_starting_as_its_teacher_has_nothing_to_learn(runs, cache_dir, tmp_path):

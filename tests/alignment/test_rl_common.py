@@ -203,3 +203,34 @@ def test_eval_gen_max_prompt_len_follows_a_rollout_max_prompt_len_override(modul
     assert (c.eval_gen.max_prompt_len, c.rollout.max_prompt_len) == (40, 64)
     override(c, {"rollout.max_prompt_len": 50})
     assert (c.eval_gen.max_prompt_len, c.rollout.max_prompt_len) == (40, 50)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "distill"])
+def test_generation_eval_prompts_follow_seq_len_in_every_supervised_stage(stage):
+    """DPO, KTO and distillation cut their generation-eval prompts to a fixed 256 tokens, as
+    SFT did, whatever seq_len: all four follow seq_len − eval_gen.max_new_tokens now."""
+    import importlib
+
+    from flaxlm.data import formats as F
+
+    c = importlib.import_module(f"flaxlm.configs.{stage}").get_config("variant=tiny")
+    assert c.eval_gen.max_prompt_len == c.seq_len - c.eval_gen.max_new_tokens
+    override(c, {"seq_len": 300, "eval_gen.max_new_tokens": 30})
+    assert c.eval_gen.max_prompt_len == 270
+    override(c, {"seq_len": 16, "eval_gen.max_new_tokens": 16})
+    with pytest.raises(ValueError, match=r"eval_gen.max_prompt_len=0: .* raise seq_len"):
+        rl_eval.heldout_sets(c, None, [], F.DataReport())
+
+
+def test_generation_sets_report_in_a_section_of_their_own(tmp_path, monkeypatch):
+    from flaxlm.configs import sft as sft_config
+    from flaxlm.data import formats as F
+
+    _fake_render(monkeypatch)
+    c = sft_config.get_config("variant=tiny,runlocal=True")
+    path = _jsonl(tmp_path / "h.jsonl", [{"prompt": "Hi?", "completion": "Yo."}])
+    override(c, {"eval_gen.sets": path})
+    report = F.DataReport()
+    rl_eval.heldout_sets(c, None, [], report)
+    assert rl_eval.gen_report_section(report)["eval_gen"]["records"] == 1
+    assert rl_eval.gen_report_section(F.DataReport()) == {}

@@ -2,8 +2,10 @@
 checkpoint inside a rollout (its unused minibatches are not saved) is warned about on resume."""
 
 import logging
+import re
 
 import numpy as np
+import pytest
 
 from flaxlm.alignment import rl_rollout
 from flaxlm.configs import grpo as grpo_config
@@ -141,3 +143,34 @@ def test_processes_cut_their_parts_of_a_minibatch_to_one_width(monkeypatch):
     assert widths[0] == widths[1] and sorted(widths[0]) == [16, 48]  # the long row's: 48
     for a, b in zip(*parts):
         assert a["tokens"].shape[0] == b["tokens"].shape[0] == 4
+
+
+@pytest.mark.parametrize("key,bad,what", [
+    ("epochs", 0, "an integer >= 1"),
+    ("top_p", 1.5, r"in \(0, 1\]"), ("top_p", 0.0, r"in \(0, 1\]"),
+    ("top_k", -1, "an integer >= 0"), ("min_p", 2.0, r"in \[0, 1\)"),
+    ("max_new_tokens", 0, "an integer >= 1"), ("temperature", float("nan"), "finite and >= 0"),
+])  # fmt: skip
+def test_bad_sampling_values_are_refused_when_the_task_is_built(cache_dir, key, bad, what):
+    """rollout.epochs=0 failed after a whole rollout ("RolloutSource: no rollout"), top_p=1.5,
+    top_k=-1, min_p=2 and max_new_tokens=0 at the first rollout in `generate`'s words, without
+    the `rollout.` key. Refused when PPO's and GRPO's tasks are built, before any load (the
+    runs named do not exist: a later check would fail on them instead)."""
+    from flaxlm.alignment import grpo, ppo
+    from flaxlm.configs import ppo as ppo_config
+
+    for module, task in ((ppo_config, ppo), (grpo_config, grpo)):
+        c = override(module.get_config("runlocal=True"), {
+            "init_from": "/no/such/run", "reward_from": "/no/such/rm",
+            "data.cache_dir": str(cache_dir), f"rollout.{key}": bad,
+        })  # fmt: skip
+        if task is grpo:
+            c = override(c, {"grpo.rewards": "rm"})
+        with pytest.raises(ValueError, match=rf"rollout\.{key}={re.escape(repr(bad))} must be "
+                                             rf"{what}"):  # fmt: skip
+            task.build_task(c, None, None)
+    good = override(grpo_config.get_config("runlocal=True"), {
+        "rollout.top_p": 1.0, "rollout.min_p": 0.0, "rollout.top_k": 0, "rollout.epochs": 1,
+        "rollout.temperature": 0.0,
+    })  # fmt: skip
+    rl_rollout.check_sampling(good.rollout)  # the ends of the ranges

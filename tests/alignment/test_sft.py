@@ -338,7 +338,7 @@ def test_generation_sets_without_held_out_loss_report_their_drops(
     bad. A set's bad records vanished (its report was thrown away) and a set of prompt records
     (the RL stages' {"prompt", "meta": {"answer"}}) was all dropped, then logged NaN. Now: no
     loss metrics without held-out examples, the sets read as the RL stages read them, their
-    drops in the data report's eval section, and a set with nothing usable is an error."""
+    drops in the data report's eval_gen section, and a set with nothing usable is an error."""
     from flaxlm.alignment import sft
     from flaxlm.models.sharding import make_mesh
 
@@ -370,13 +370,84 @@ def test_generation_sets_without_held_out_loss_report_their_drops(
         out = task.eval_fn(None)
         assert "nll" not in out and "loss" not in out
         assert out["a_heldout/accuracy"] == 0.5 and out["b_heldout/accuracy"] == 0.0
-        ev = json.load(open(os.path.join(workdir, "data_report.json")))["eval"]
+        ev = json.load(open(os.path.join(workdir, "data_report.json")))["eval_gen"]
         assert ev["bad_input"]["examples"]["bad_meta"] == [
             f"{a}:3: bad_meta (meta='2' is not a JSON object)"]  # fmt: skip
-        assert ev["used"] == 3 and "data eval: " in caplog.text
+        assert ev["used"] == 3 and "data eval_gen: " in caplog.text
     assert answers == [2, 1, 2, 1]
     bad = jsonl(tmp_path / "bad.jsonl", [{"prompt": " ", "completion": "x"}])
     c = sft_cfg(**{"data.eval": "", "eval_gen.sets": f"{a},{bad}"})
     with pytest.raises(ValueError, match=f"eval_gen.sets: {bad} has no usable example "
                        rf"\(dropped: 1 empty \(e.g. {bad}:1: empty prompt\)"):  # fmt: skip
         sft.build_task(c, mesh, None)
+
+
+def test_generation_prompts_cut_to_max_prompt_len_are_counted(setup, tmp_path):
+    """eval_gen prompts longer than eval_gen.max_prompt_len were cut from the left silently (the
+    data report said truncated 0): the cut is now counted in the report, as the RL stages count
+    their training prompts'."""
+    import ml_collections
+
+    from flaxlm.alignment import rl_eval
+
+    template = setup[0]
+    long = "Context: " + "the river " * 60 + "Question: what is the first word?"
+    path = tmp_path / "sets.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"messages": [{"role": "user", "content": long},
+                      {"role": "assistant", "content": "Context"}]},
+        {"prompt": "What is 2 plus 2?", "completion": "4"},
+    ]))  # fmt: skip
+    c = ml_collections.ConfigDict({"data": {"fields": F.fields_config(), "world": "",
+                                            "world_seed": 0},
+                                   "eval_gen": {"sets": str(path), "examples": 8,
+                                                "max_prompt_len": 48}})  # fmt: skip
+    report = F.DataReport()
+    (sets,) = rl_eval.heldout_sets(c, template, [], report).values()
+    full, _ = F.render_prompt([{"role": "user", "content": long}], template, 1 << 20)
+    assert [len(ex["ids"]) for ex in sets][0] == 48 < len(full)
+    assert report.used == 2 and report.truncated == 1
+    assert report.truncated_examples == [f"{path}:1: {len(full) - 48} prompt tokens cut from "
+                                         "the left"]  # fmt: skip
+
+
+def test_eval_gen_max_prompt_len_follows_seq_len_minus_max_new_tokens():
+    """configs/sft.py's eval_gen.max_prompt_len was a fixed 256, whatever seq_len: it now
+    follows seq_len − eval_gen.max_new_tokens (a prompt and its answer fit a training row), also
+    when either is set on the command line; set itself, it leaves seq_len alone."""
+    from flaxlm.configs import sft as sft_config
+    from flaxlm.configs.common import override
+
+    c = sft_config.get_config("variant=125m")
+    assert c.eval_gen.max_prompt_len == c.seq_len - c.eval_gen.max_new_tokens == 1024 - 24
+    c = sft_config.get_config("variant=tiny,runlocal=True")
+    assert c.eval_gen.max_prompt_len == 128 - 12
+    override(c, {"seq_len": 512, "eval_gen.max_new_tokens": 40})
+    assert c.eval_gen.max_prompt_len == 512 - 40
+    override(c, {"eval_gen.max_prompt_len": 100})
+    assert c.eval_gen.max_prompt_len == 100 and c.seq_len == 512
+
+
+def test_a_file_in_data_eval_and_eval_gen_sets_is_counted_once_per_section(
+    tmp_path, sft_cfg, monkeypatch
+):
+    """data.eval and eval_gen.sets naming the same file: both readers counted into one eval
+    report, so each record was counted twice ("records": 6 for a file of 3). The generation
+    sets now have their own section, `eval_gen`."""
+    from flaxlm.alignment import sft
+    from flaxlm.models.sharding import make_mesh
+
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "What is 3 plus 4?", "completion": "7"},
+        {"prompt": "What is 2 plus 2?", "completion": "4"},
+        {"prompt": " ", "completion": "1"},  # bad: counted once in each section
+    ]))  # fmt: skip
+    monkeypatch.setattr(sft, "make_eval_fn", lambda *a, **k: None)  # (no compile)
+    c = sft_cfg(**{"data.eval": str(path), "eval_gen.sets": str(path)})
+    workdir = str(tmp_path / "wd")
+    sft.build_task(c, make_mesh({"data": -1}), workdir)
+    report = json.load(open(os.path.join(workdir, "data_report.json")))
+    for section in ("eval", "eval_gen"):
+        r = report[section]
+        assert (r["records"], r["used"], r["dropped"]) == (3, 2, 1), (section, r)
