@@ -340,6 +340,9 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
         "bytes_in": read.get("bytes", 0),
         "tokens": st.get("tokens", 0),
         "tokenizer": tok.name if tok is not None else None,
+        # as data/preprocess.py's report (this pipeline trains no tokenizer: none asked)
+        "vocab_size": tok.vocab_size if tok is not None else None,
+        "train_tokenizer_vocab": None,
         "shards": [f"{sub}/{s}" for s in shards],
         "seconds": round(time.time() - t0, 3),
         "stages": [

@@ -432,7 +432,7 @@ def format_report(r: dict) -> str:
         f"{r['bytes_in'] / 1e6:.2f} MB text read · {r['tokens']} tokens out"
         + (f" ({r['tokenizer']})" if r["tokenizer"] else ""),
     ]
-    if r.get("vocab_size"):  # (flaxlm.data.beam's report has none)
+    if r.get("vocab_size"):  # (none without a tokenizer)
         asked = r.get("train_tokenizer_vocab")
         lines.append(
             f"vocab_size: {r['vocab_size']} (--config.model.vocab_size for this data)"
