@@ -313,3 +313,16 @@ def test_flash_attention_bench(tmp_path, capsys):
     tiles = {r["doc"]: r["tiles"] for r in times if r["impl"] == "flash"}
     assert tiles[16] < tiles[0] < 1.0  # 4 × 4 blocks: 10 causal, 4 for 16-token documents
     assert "| tiny | 128 | 1 | 16 | flash |" in capsys.readouterr().out
+
+
+def test_checkpoint_fingerprint_bench(tmp_path):
+    """bench/checkpoint_fingerprint.py end to end on the tiny state: every time recorded, the
+    state's arrays counted (params and both AdamW moments), the JSON written."""
+    from flaxlm.bench import checkpoint_fingerprint
+
+    out = checkpoint_fingerprint.main(["--variant", "tiny", "--repeats", "1", "--out",
+                                       str(tmp_path)])  # fmt: skip
+    assert out["arrays"] > 3 * 10 and out["state_gb"] > 0
+    assert all(out[k] > 0 for k in ("fingerprint_cold_s", "fingerprint_s", "save_s", "restore_s"))
+    with open(tmp_path / "checkpoint_fingerprint.json") as f:
+        assert json.load(f) == out
