@@ -141,14 +141,18 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
     _require_step(mgr, directory, step)
     path = f"{directory}/{step}"
 
-    def read(key, target):
+    saved_meta: list[dict] = []  # the step's meta, read once for both reads below
+
+    def read(subtree: str, target):  # ("params" or "ema"; `key` is the reader's config key)
         args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
                             target)  # fmt: skip
-        item = ocp.args.PyTreeRestore(item={key: target}, restore_args={key: args},
+        item = ocp.args.PyTreeRestore(item={subtree: target}, restore_args={subtree: args},
                                       partial_restore=True)  # fmt: skip
-        got = mgr.restore(step, args=ocp.args.Composite(state=item))["state"][key]
-        saved = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        bad = fingerprint.mismatches(saved, got, prefix=key)
+        got = mgr.restore(step, args=ocp.args.Composite(state=item))["state"][subtree]
+        if not saved_meta:
+            meta = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            saved_meta.append(mgr.restore(step, args=meta)["meta"])
+        bad = fingerprint.mismatches(saved_meta[0], got, prefix=subtree)
         if bad:
             raise CheckpointError(
                 fingerprint.describe(path, bad) + "." + _other_steps_hint(mgr, directory, step)
