@@ -17,7 +17,8 @@ Document keys are (file index in the sorted input list, record index), the same 
 hash of their key, sorted by key inside a shard) plus ``meta.json``, ``report.json`` and
 ``report.md`` as the CLI writes them; on a cluster ``--output`` must be a filesystem every worker
 can write (ArrayRecord writes local paths). Tokenizer training is not done here: pass a tokenizer
-(e.g. one the CLI trained on a sample), or get cleaned text shards.
+(e.g. one the CLI trained on a sample), or get cleaned text shards; ``train_tokenizer_vocab``
+is refused.
 """
 
 from __future__ import annotations
@@ -251,13 +252,15 @@ def _dedup_stage(docs, cfg, eval_texts):
     return docs, stats
 
 
-def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int):
-    """Adds the preprocess graph to pipeline ``p``; stats land in ``out_dir/_stats.json``."""
+def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int, eval_texts=None):
+    """Adds the preprocess graph to pipeline ``p``; stats land in ``out_dir/_stats.json``.
+    ``eval_texts``: the decontamination texts when the caller loaded them (``run`` does)."""
     files = S.expand_paths(inputs)
     check_config(cfg.dedup)  # here, not in a worker's setup after the input was read
     Cleaner(cfg.clean)  # the same for the cleaning settings
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
-    eval_texts = P.load_eval_texts(cfg)  # cleaned like the training text (placeholders too)
+    if eval_texts is None:  # cleaned like the training text (placeholders too)
+        eval_texts = P.load_eval_texts(cfg)
     read = (
         p
         | "Files" >> beam.Create(list(enumerate(files)))
@@ -296,9 +299,27 @@ def _save_json(x, path):
 
 
 def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=()) -> dict:
-    """Runs the pipeline (DirectRunner unless ``beam_args`` say otherwise); returns the report."""
+    """Runs the pipeline (DirectRunner unless ``beam_args`` say otherwise); returns the report.
+
+    ``train_tokenizer_vocab > 0`` is refused (this pipeline trains no tokenizer: it ran and
+    wrote text shards without one, without a word)."""
     t0 = time.time()
+    if cfg.train_tokenizer_vocab > 0:
+        raise ValueError(
+            f"train_tokenizer_vocab={cfg.train_tokenizer_vocab}: the Beam pipeline trains no "
+            "tokenizer; train one with the preprocess CLI (python -m flaxlm.data.preprocess "
+            "--config.train_tokenizer_vocab=N, on a sample of the corpus if need be) and pass "
+            "it here as --config.tokenizer=OUT/tokenizer.model, or leave train_tokenizer_vocab "
+            "at 0 to write cleaned text shards"
+        )
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    # Loaded once, here: the report's eval-set counts and their warnings (as the CLI's Deduper
+    # gives them), and the pipeline's Decontaminate stage.
+    eval_texts, decontam = [], None
+    if P.decontam_paths(cfg):
+        eval_texts = P.load_eval_texts(cfg)
+        decontam = Decontaminator(eval_texts, cfg.dedup.decontam_ngram)
+        decontam.warn()
     sub = "tokens" if tok else "text"
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     if tok is not None:
@@ -306,7 +327,7 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
     else:
         P.ShardWriter(os.path.join(out_dir, sub), 1, {"format": "text"}).close()
     with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
-        build(p, inputs, out_dir, cfg, num_shards)
+        build(p, inputs, out_dir, cfg, num_shards, eval_texts)
     with open(os.path.join(out_dir, "_stats.json")) as f:
         st = json.load(f)
     os.remove(os.path.join(out_dir, "_stats.json"))
@@ -328,6 +349,8 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
     dedup = {"in": dedup_in, "out": st.get("out", 0), **dedup}
     bands, rows = lsh_params(cfg.dedup)
     dedup["lsh"] = {"bands": bands, "rows": rows, "threshold": cfg.dedup.threshold}
+    if decontam is not None:
+        dedup["decontam"] = decontam.summary()
     removed = {**read.get("counts", {}), **clean["removed"], **dedup["removed"]}
     shards = sorted(f for f in os.listdir(os.path.join(out_dir, sub)) if f.endswith(".arrayrecord"))
     report = {

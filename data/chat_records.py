@@ -25,13 +25,13 @@ report's counter name.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 
 import ml_collections
 
 from flaxlm.data import sources as S
+from flaxlm.data.source_readers import holds_json_array, read_json_array
 
 ROLES = ("system", "user", "assistant")  # flaxlm's own template's roles
 TOOL_ROLE = "tool"  # a tool's result: context, rendered only by a Jinja chat template
@@ -283,34 +283,12 @@ class DataReport:
         }
 
 
-def _holds_json_array(path: str) -> bool:
-    """Whether a .json file (gzip/zstd too) holds one JSON array (Alpaca style): its first
-    character after a BOM and whitespace is "[". A .json file of JSON lines (what `datasets`
-    writes) starts with "{"."""
-    name = path.lower()
-    if not name[: len(name) - len(S._codec_suffix(name))].endswith(".json"):
-        return False
-    with S.open_bytes(path) as f:
-        while chunk := f.read(1 << 12):
-            head = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
-            if head:
-                return head.startswith(b"[")
-    return False
-
-
 def _json_array_records(path: str, report: DataReport) -> Iterator[tuple[object, str]]:
-    """(element, "file[index]") of a file holding one JSON array; DataError naming the file when
-    it is not UTF-8 or does not parse (one error for the file, not one per line); an element
-    with a lone surrogate escape is "invalid_utf8", as a jsonl line's is."""
-    with S.open_bytes(path) as f:
-        raw = f.read()
-    try:
-        rows = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
-    except UnicodeDecodeError as e:
-        raise S.DataError(f"{path}: holds a JSON array that is not UTF-8 ({e})") from None
-    except json.JSONDecodeError as e:
-        raise S.DataError(f"{path}: holds a JSON array (it starts with '[') that does not "
-                          f"parse: {e}") from None  # fmt: skip
+    """(element, "file[index]") of a file holding one JSON array (`holds_json_array`, shared
+    with the pretraining reader); DataError naming the file when it is not UTF-8 or does not
+    parse (`read_json_array`); an element with a lone surrogate escape is "invalid_utf8", as a
+    jsonl line's is."""
+    rows = read_json_array(path)
     for i, obj in enumerate(rows):
         loc = f"{path}[{i}]"
         report.read += 1
@@ -328,7 +306,7 @@ def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[
     its elements, (record, "file[index]")."""
     for path in S.expand_paths(patterns):
         fmt = S.file_format(path)
-        if fmt == "jsonl" and _holds_json_array(path):
+        if fmt == "jsonl" and holds_json_array(path):
             yield from _json_array_records(path, report)
         elif fmt == "jsonl":
             with S.open_bytes(path) as f:

@@ -19,7 +19,8 @@ group-by-key) keep exactly the same documents:
   the first of them are near duplicates.
 * decontamination: a document sharing any ``decontam_ngram``-gram (13 words by default; CJK
   characters count as words) with the evaluation sets is dropped or flagged. An evaluation text
-  or a document shorter than ``decontam_ngram`` words has no such n-gram and never matches.
+  or a document shorter than ``decontam_ngram`` words has no such n-gram and never matches: the
+  report's ``decontam`` entry counts such eval texts, and a warning is logged when there are any.
   Words keep their attached punctuation ("paris," is not "paris"), as in the cleaning filters;
   n-grams run across line and paragraph breaks.
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import unicodedata
 import zlib
 from collections import Counter
@@ -48,6 +50,7 @@ import numpy as np
 
 from flaxlm.data.clean_text import _CONTROL_RE, _WORD_RE
 
+logger = logging.getLogger("flaxlm")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier for polynomial combination
 
 
@@ -218,12 +221,48 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 class Decontaminator:
-    """Flags documents sharing an ``n``-gram with evaluation texts."""
+    """Flags documents sharing an ``n``-gram with evaluation texts.
+
+    ``summary()`` says what the eval set gave (texts, distinct n-grams, texts too short to have
+    one) and ``warn()`` logs the texts that can never match: an eval set of short items (10-word
+    questions against 13-grams) otherwise decontaminated nothing without a word."""
 
     def __init__(self, eval_texts, n: int = 13):
         self.n = n
         grams = [_ngrams_exact(t, n) for t in eval_texts]
         self.table = np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
+        self.eval_texts = len(grams)
+        self.too_short = sum(1 for g in grams if not len(g))  # fewer than n words: no n-gram
+
+    def summary(self) -> dict:
+        """The report's ``decontam`` entry (its ``dedup`` stage; Beam's the same)."""
+        return {
+            "eval_texts": self.eval_texts,
+            "ngrams": int(len(self.table)),
+            "too_short": self.too_short,
+            "ngram": self.n,
+        }
+
+    def warn(self) -> None:
+        """Logs eval texts shorter than ``n`` words (they never match; the rule is kept), and an
+        eval set that gives no n-gram at all (decontamination then matches nothing)."""
+        if not self.eval_texts:
+            logger.warning("dedup.decontam_paths: no eval text (every record empty): "
+                           "decontamination matches nothing")  # fmt: skip
+        elif not len(self.table):
+            logger.warning(
+                "dedup.decontam_paths: the %d eval text(s) give no %d-word n-gram (each is "
+                "shorter than dedup.decontam_ngram=%d words): decontamination matches nothing; "
+                "lower dedup.decontam_ngram to check them",
+                self.eval_texts, self.n, self.n,
+            )  # fmt: skip
+        elif self.too_short:
+            logger.warning(
+                "dedup.decontam_paths: %d of the %d eval text(s) are shorter than "
+                "dedup.decontam_ngram=%d words and can never match (report.md counts them); "
+                "lower dedup.decontam_ngram to check them",
+                self.too_short, self.eval_texts, self.n,
+            )  # fmt: skip
 
     def hits(self, text: str) -> int:
         if not len(self.table):
@@ -303,11 +342,16 @@ class Deduper:
     beyond one machine use ``flaxlm.data.beam``, which applies the same rules with group-by-key.
     """
 
-    def __init__(self, cfg: ml_collections.ConfigDict | None = None, eval_texts=()):
+    def __init__(self, cfg: ml_collections.ConfigDict | None = None, eval_texts=None):
         self.cfg = cfg = cfg if cfg is not None else dedup_config()
         self.bands, self.rows = lsh_params(cfg)
         self.hasher = MinHasher(cfg.num_perm, cfg.seed)
-        self.decontam = Decontaminator(eval_texts, cfg.decontam_ngram) if eval_texts else None
+        # None: no decontamination. A list, even an empty one (eval files of empty records),
+        # decontaminates, and its summary and warnings say what the eval set gave.
+        self.decontam = None
+        if eval_texts is not None:
+            self.decontam = Decontaminator(eval_texts, cfg.decontam_ngram)
+            self.decontam.warn()
         self._exact = KeySet("S12")
         self._bands = KeySet(np.uint64)
         self.seen = 0
@@ -375,6 +419,7 @@ class Deduper:
             "examples": self.examples,
             "flagged_contaminated": self.flagged,
             "lsh": {"bands": self.bands, "rows": self.rows, "threshold": self.cfg.threshold},
+            **({"decontam": self.decontam.summary()} if self.decontam is not None else {}),
         }
 
 

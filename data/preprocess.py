@@ -3,7 +3,8 @@
     python -m flaxlm.data.preprocess --input 'raw/*.jsonl' more.parquet --output out/ \\
         [--config my_cfg.py] [--config.clean.min_words=20] [--config.tokenizer=tok.model]
 
-Inputs: jsonl, plain text (either may be .gz / .zst compressed), parquet (data/sources.py).
+Inputs: jsonl, plain text (either may be .gz / .zst compressed), parquet (data/sources.py); a
+.json file is JSON lines or one JSON array of records (read whole).
 
 Output layout::
 
@@ -11,7 +12,8 @@ Output layout::
     out/text/shard-00000.arrayrecord ...   + meta.json   cleaned text (no tokenizer, or training)
     out/tokenizer.model                                   the tokenizer the ids belong to
     out/report.json, out/report.md                        documents in/out per stage and reason,
-                                                          the tokenizer's vocab_size
+                                                          the tokenizer's vocab_size, what the
+                                                          decontamination eval set gave
 
 The loader reads ``out/tokens`` directly (``--config.data.sources=out/tokens``).
 
@@ -235,26 +237,47 @@ def _stage(name, seconds, rep):
     return {"stage": name, "seconds": round(seconds, 3), **rep}
 
 
-def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict) -> dict:
-    """Runs the whole pipeline; returns (and writes) the report.
+def check_settings(
+    inputs: list[str], cfg: ml_collections.ConfigDict
+) -> tuple[Cleaner, Deduper, Tokenizer | None]:
+    """Everything that can be checked before the first pass, and the stages it builds: (the
+    cleaner, the deduper with its decontamination texts, the tokenizer or None).
 
-    Everything that can be checked before the first pass is checked before anything is written
-    (an input pattern that matches nothing, a train_tokenizer_vocab too small to train): output
-    written first made the corrected rerun refuse ("already holds a preprocess run").
+    An input pattern that matches nothing, the cleaning and dedup settings (``Cleaner``,
+    ``Deduper``), the decontamination files, the tokenizer's path, a ``train_tokenizer_vocab``
+    too small to train, a ``tokenizer_model_type`` SentencePiece has not: ``main`` calls this
+    before ``--overwrite`` deletes the earlier output (a typo then lost it), ``run`` before it
+    writes anything (output written first made the corrected rerun refuse, "already holds a
+    preprocess run"; a misspelt model type failed after the whole clean/dedup pass).
     """
-    t_start = time.time()
     S.expand_paths(inputs)  # FileNotFoundError naming an unmatched pattern
-    log = S.BadInputLog(strict=cfg.strict)
+    if cfg.tokenizer_model_type not in ("bpe", "unigram"):
+        raise ValueError(
+            f"tokenizer_model_type must be bpe|unigram, got {cfg.tokenizer_model_type!r}"
+        )
     cleaner = Cleaner(cfg.clean)
-    deduper = Deduper(cfg.dedup, load_eval_texts(cfg))
+    # None without decontam_paths: no decontamination (and no eval-set counts in the report).
+    deduper = Deduper(cfg.dedup, load_eval_texts(cfg) if decontam_paths(cfg) else None)
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
-    training = tok is None and cfg.train_tokenizer_vocab > 0
-    if training and cfg.train_tokenizer_vocab <= (n_fixed := fixed_pieces()):
+    if tok is None and 0 < cfg.train_tokenizer_vocab <= (n_fixed := fixed_pieces()):
         raise ValueError(
             f"train_tokenizer_vocab={cfg.train_tokenizer_vocab} is too small: it must be more "
             f"than the {n_fixed} fixed pieces (special ids, chat tokens, 256 byte pieces), by one "
             "per distinct character of the text (hundreds; thousands with Chinese)"
         )
+    return cleaner, deduper, tok
+
+
+def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, checked=None) -> dict:
+    """Runs the whole pipeline; returns (and writes) the report.
+
+    ``checked``: what ``check_settings(inputs, cfg)`` returned (main calls it first), else it
+    is called here, before anything is written.
+    """
+    t_start = time.time()
+    cleaner, deduper, tok = checked if checked is not None else check_settings(inputs, cfg)
+    log = S.BadInputLog(strict=cfg.strict)
+    training = tok is None and cfg.train_tokenizer_vocab > 0
     os.makedirs(out_dir, exist_ok=True)
     if tok is None:  # text shards: the output, or the input of the second (tokenizing) pass
         text_out = ShardWriter(os.path.join(out_dir, "text"), cfg.shard_docs, {"format": "text"})
@@ -461,7 +484,24 @@ def format_report(r: dict) -> str:
     pii = next((s.get("pii_redacted") for s in r["stages"] if s["stage"] == "clean"), None)
     if pii:
         lines += ["", "PII redacted: " + ", ".join(f"{k}: {v}" for k, v in sorted(pii.items()))]
+    lines += _decontam_lines(next((s for s in r["stages"] if s["stage"] == "dedup"), {}))
     return "\n".join(lines) + "\n"
+
+
+def _decontam_lines(dedup: dict) -> list[str]:
+    """report.md's decontamination lines: what the eval set gave (an item shorter than
+    ``decontam_ngram`` words can never match), and the documents ``decontam_mode=flag`` kept."""
+    out = []
+    if dc := dedup.get("decontam"):
+        n, short = dc["ngram"], dc["too_short"]
+        out.append(
+            f"decontamination: {dc['eval_texts']} eval text(s) → {dc['ngrams']} distinct "
+            f"{n}-word n-grams"
+            + (f"; {short} shorter than {n} words, which can never match" if short else "")
+        )
+    if flagged := dedup.get("flagged_contaminated"):
+        out.append(f"flagged as contaminated (decontam_mode=flag, kept): {flagged}")
+    return ["", *out] if out else []
 
 
 def main(argv=None) -> dict:
@@ -481,6 +521,10 @@ def main(argv=None) -> dict:
         decontam_paths(cfg)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
+    try:  # every other setting, too (a typo such as dedup.bands=500 lost the earlier output)
+        checked = check_settings(args.input, cfg)
+    except S.DataError as e:  # an unreadable decontamination record: file:line says it all
+        raise SystemExit(str(e)) from None
     subs = [os.path.join(args.output, s) for s in ("text", "tokens")]
     if os.path.exists(os.path.join(args.output, "report.json")) or any(map(os.path.isdir, subs)):
         if not args.overwrite:
@@ -491,7 +535,18 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"--overwrite would delete input {p}; write elsewhere")
         for sub in subs:
             shutil.rmtree(sub, ignore_errors=True)
-    report = run(args.input, args.output, cfg)
+        # The deleted run's reports (and tokenizer): left, they described shards that were
+        # gone when this run failed, and the directory then read as its report.json. A
+        # tokenizer.model this run tokenizes with stays (it is loaded; the same bytes).
+        keep = os.path.realpath(cfg.tokenizer) if cfg.tokenizer else None
+        for name in ("report.json", "report.md", "tokenizer.model"):
+            path = os.path.join(args.output, name)
+            if os.path.isfile(path) and os.path.realpath(path) != keep:
+                os.remove(path)
+    try:
+        report = run(args.input, args.output, cfg, checked=checked)
+    except S.DataError as e:  # bad input (file:line, a truncated .gz): one line, not a traceback
+        raise SystemExit(str(e)) from None
     sys.stdout.write(format_report(report))
     if report["documents_out"] == 0:  # an empty corpus is never what was meant: fail loudly
         raise SystemExit(

@@ -3,9 +3,9 @@
 ``open_source`` opens matching files as one source, which the loader (data/pipeline.py) uses to
 shuffle, shard and resume by index: jsonl through a byte-offset index of its good lines,
 parquet as an Arrow column, ArrayRecord shards through grain (their records decode to ``str``
-or ``np.int32`` token ids, as their ``meta.json`` says), compressed jsonl and plain text held in
-memory. Bad records are reported to the ``BadInputLog`` at open time, so they never reach
-training.
+or ``np.int32`` token ids, as their ``meta.json`` says), compressed jsonl, a .json file of one
+JSON array and plain text held in memory. Bad records are reported to the ``BadInputLog`` at
+open time, so they never reach training.
 
 ArrayRecord shards written by ``flaxlm.data.preprocess`` hold token ids without BOS/EOS
 (``"bos_eos": false`` in ``meta.json``) and the loader adds them; shards from other tools whose
@@ -26,7 +26,12 @@ import numpy as np
 from flaxlm.data.source_codecs import compression
 from flaxlm.data.source_errors import BadInputLog, DataError
 from flaxlm.data.source_paths import META_FILE, expand_paths, file_format, shard_meta
-from flaxlm.data.source_readers import _open_arrayrecord, _parse_jsonl_line, iter_documents
+from flaxlm.data.source_readers import (
+    _open_arrayrecord,
+    _parse_jsonl_line,
+    holds_json_array,
+    iter_documents,
+)
 
 
 class JsonlSource:
@@ -219,11 +224,11 @@ def open_source(
     parts = []
     for p in paths:
         fmt = file_format(p)
-        if fmt == "jsonl" and compression(p) is None:
+        if fmt == "jsonl" and compression(p) is None and not holds_json_array(p):
             parts.append(JsonlSource(p, text_field, log))
         elif fmt == "parquet":
             parts.append(ParquetSource(p, text_field, log))
-        elif fmt in ("text", "jsonl"):  # compressed jsonl has no byte offsets: held in memory
+        elif fmt in ("text", "jsonl"):  # compressed, or a JSON array: no line offsets; in memory
             docs = iter_documents(p, text_field=text_field, txt_mode=txt_mode, log=log)
             parts.append(ListSource([d.text for d in docs]))
         else:

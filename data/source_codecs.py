@@ -3,7 +3,9 @@
 jsonl and plain text may be gzip (``.gz``) or zstd (``.zst``, with the ``zstandard`` package)
 compressed; the codec is read from the file's first bytes (``compression``), and other codecs,
 or a ``.gz`` that is not gzip, are a ``DataError`` naming the file. ``open_bytes`` is the one
-way the readers open a jsonl/text file (data/source_readers.py; data/chat_records.py too).
+way the readers open a jsonl/text file (data/source_readers.py; data/chat_records.py too);
+``numbered_lines`` and ``read_all`` read one by lines or whole, naming the line
+(``path:<line>: cannot decompress``) where a truncated or corrupt stream breaks off.
 
 Separate because it is about bytes, not records or paths: the directory rules use only
 ``_codec_suffix`` (a compressed data file is still data), and the random-access loader only
@@ -16,6 +18,7 @@ import gzip
 import io
 import os
 import zlib
+from collections.abc import Iterator
 
 from flaxlm.data.source_errors import DataError
 
@@ -58,23 +61,40 @@ def compression(path: str) -> str | None:
     return codec
 
 
+class DecompressError(DataError):
+    """A corrupt or truncated compressed stream (``path: cannot decompress (cause)``); a reader
+    that counts lines re-raises it as ``at_line(n)``, naming the line it could not read."""
+
+    def __init__(self, path: str, cause: BaseException):
+        super().__init__(f"{path}: cannot decompress ({cause})")
+        self.path, self.cause = path, cause
+
+    def at_line(self, line: int) -> DataError:
+        return DataError(f"{self.path}:{line}: cannot decompress ({self.cause})")
+
+
 class _Decompressed(io.RawIOBase):
-    """A decompressing reader whose corrupt or truncated stream is a ``DataError`` naming the
-    file (gzip's "Compressed file ended before the end-of-stream marker was reached" and zstd's
-    errors name nothing). The records before the damage have been read; the rest cannot be
-    counted, so this is an error in lenient mode too (as a corrupt parquet row group is)."""
+    """A decompressing reader whose corrupt or truncated stream is a ``DecompressError`` naming
+    the file (gzip's "Compressed file ended before the end-of-stream marker was reached" and
+    zstd's errors name nothing). The records before the damage have been read; the rest cannot
+    be counted, so this is an error in lenient mode too (as a corrupt parquet row group is).
+
+    It reads with ``read1`` (one decompressed chunk at a time): gzip's ``read(n)`` collects n
+    bytes before returning any, so a truncated stream raised before the lines that were intact,
+    and the error could not say how far the file was good."""
 
     def __init__(self, path: str, raw, errors: tuple[type[BaseException], ...]):
         self.path, self._raw, self._errors = path, raw, errors
+        self._read = getattr(raw, "read1", raw.read)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
         try:
-            data = self._raw.read(len(b))
+            data = self._read(len(b))
         except self._errors as e:
-            raise DataError(f"{self.path}: cannot decompress ({e})") from e
+            raise DecompressError(self.path, e) from e
         b[: len(data)] = data
         return len(data)
 
@@ -103,3 +123,35 @@ def open_bytes(path: str):
         )
         errors = (OSError, EOFError, zstandard.ZstdError)
     return io.BufferedReader(_Decompressed(path, raw, errors), 1 << 16)
+
+
+def numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(0-based line index, raw line) of ``path``'s content, decompressed; a corrupt or
+    truncated stream is a ``DataError`` naming ``path:<line>``, the line after the last one
+    read (the first that could not be)."""
+    with open_bytes(path) as f:
+        i, lines = -1, iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except DecompressError as e:
+                raise e.at_line(i + 2) from e.cause
+            i += 1
+            yield i, raw
+
+
+def read_all(path: str) -> bytes:
+    """``path``'s whole content, decompressed; a corrupt or truncated stream is a ``DataError``
+    naming ``path:<line>``, the line it broke off in (1 + the newlines read before)."""
+    chunks: list[bytes] = []
+    with open_bytes(path) as f:
+        while True:
+            try:
+                chunk = f.read1(1 << 16)  # read(n) would lose the chunks before the damage
+            except DecompressError as e:
+                raise e.at_line(1 + sum(c.count(b"\n") for c in chunks)) from e.cause
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)

@@ -143,7 +143,9 @@ def preprocess_corpus(path: str) -> str:
 
 def file_format(path: str) -> str:
     """'jsonl' | 'text' | 'parquet' | 'arrayrecord' from the file name (``x.jsonl.gz`` and
-    ``x.jsonl.zst`` are jsonl: see ``open_bytes``)."""
+    ``x.jsonl.zst`` are jsonl: see ``open_bytes``). A "jsonl" file named .json may hold one JSON
+    array instead of lines: the readers tell by its first character (``holds_json_array`` in
+    data/source_readers.py)."""
     name = path.lower()
     name = name[: len(name) - len(_codec_suffix(name))]
     if name.endswith((".jsonl", ".json", ".ndjson")):

@@ -6,6 +6,10 @@ preprocess CLI and the Beam pipeline use it (the Beam pipeline reads one file wi
 or counted in the ``BadInputLog`` (data/source_errors.py). ``jsonl_record`` reads one jsonl
 line as this reader does, for the chat/preference records (data/chat_records.py).
 
+A .json file is JSON lines, or one JSON array of records (``holds_json_array``, from its first
+character): an array is read whole (``read_json_array``) and its elements are the records,
+counted by element index; the chat/preference reader shares both.
+
 ArrayRecord shards written by ``flaxlm.data.preprocess`` hold either UTF-8 text or int32 token ids
 (little-endian bytes); a ``meta.json`` beside the shards says which. Only text shards are read
 here; token-id shards are the loader's (data/source_access.py).
@@ -22,7 +26,7 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 
-from flaxlm.data.source_codecs import open_bytes
+from flaxlm.data.source_codecs import _codec_suffix, numbered_lines, open_bytes, read_all
 from flaxlm.data.source_errors import BadInputLog, DataError
 from flaxlm.data.source_paths import expand_paths, file_format, shard_meta
 
@@ -30,7 +34,7 @@ from flaxlm.data.source_paths import expand_paths, file_format, shard_meta
 @dataclasses.dataclass
 class Document:
     text: str
-    loc: str  # "path:line" (1-based line or record number), for reports and errors
+    loc: str  # "path:line" (1-based line or record number; "path[i]": a JSON array's element i)
     key: tuple[int, int]  # (file index, record index): a total, deterministic order
 
 
@@ -108,10 +112,15 @@ def jsonl_record(raw: bytes, loc: str, log: BadInputLog) -> tuple[bool, object]:
 
 def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str | None:
     """One jsonl record's text, or None (the reason logged under ``loc``): see ``_json_value``
-    and ``lone_surrogate`` (only the text field is checked: nothing else is used)."""
+    and ``_record_text``."""
     ok, obj = _json_value(raw, loc, log)
-    if not ok:
-        return None
+    return _record_text(obj, loc, field, log) if ok else None
+
+
+def _record_text(obj, loc: str, field: str, log: BadInputLog) -> str | None:
+    """The text field of one JSON record (a jsonl line's, a JSON array's element), or None with
+    the reason logged under ``loc``; a lone surrogate is ``invalid_utf8`` (``lone_surrogate``:
+    only the text field is checked, nothing else is used)."""
     if not isinstance(obj, dict):
         log.add("missing_field", loc, f"not a JSON object: {type(obj).__name__}")
         return None
@@ -123,6 +132,38 @@ def _parse_jsonl_line(raw: bytes, loc: str, field: str, log: BadInputLog) -> str
         log.add("invalid_utf8", loc, where)
         return None
     return text if _check_text(text, loc, log) else None
+
+
+def holds_json_array(path: str) -> bool:
+    """Whether a .json file (gzip/zstd too) holds one JSON array (``json.dump(records)``, the
+    Alpaca style): its first character after a BOM and whitespace is "[". A .json file of JSON
+    lines (what `datasets` writes) starts with "{". Other names are never arrays (.jsonl and
+    .ndjson are lines by definition), so only a .json file's first bytes are read."""
+    name = path.lower()
+    if not name[: len(name) - len(_codec_suffix(name))].endswith(".json"):
+        return False
+    with open_bytes(path) as f:
+        while chunk := f.read(1 << 12):
+            head = chunk.lstrip(b"\xef\xbb\xbf \t\r\n")
+            if head:
+                return head.startswith(b"[")
+    return False
+
+
+def read_json_array(path: str) -> list:
+    """The elements of a file holding one JSON array (``holds_json_array``). The file is read
+    and parsed whole: its records are not lines, so there is no streaming through it (a large
+    corpus belongs in jsonl). ``DataError`` naming the file when it is not UTF-8 or does not
+    parse (one error for the file, not one per line)."""
+    raw = read_all(path)
+    try:
+        value = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: holds a JSON array that is not UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: holds a JSON array (it starts with '[') that does not "
+                        f"parse: {e}") from None  # fmt: skip
+    return value
 
 
 def _open_arrayrecord(path: str):
@@ -142,15 +183,22 @@ def _open_arrayrecord(path: str):
 
 
 def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
+    """(record index, loc, text or None) of one file: the record index is what a document's key
+    (and a resumed position) counts, a jsonl file's line index (blank lines skipped, not
+    renumbered) or a JSON array's element index (loc ``path[index]``, 0-based as in
+    data/chat_records.py)."""
     fmt = file_format(path)
-    if fmt == "jsonl":
-        with open_bytes(path) as f:
-            for i, raw in enumerate(f):
-                if not raw.strip():  # blank separator lines are not records
-                    continue
-                loc = f"{path}:{i + 1}"
-                text = _parse_jsonl_line(raw, loc, field, log)
-                yield i, loc, text
+    if fmt == "jsonl" and holds_json_array(path):
+        for i, obj in enumerate(read_json_array(path)):
+            loc = f"{path}[{i}]"
+            yield i, loc, _record_text(obj, loc, field, log)
+    elif fmt == "jsonl":
+        for i, raw in numbered_lines(path):
+            if not raw.strip():  # blank separator lines are not records
+                continue
+            loc = f"{path}:{i + 1}"
+            text = _parse_jsonl_line(raw, loc, field, log)
+            yield i, loc, text
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -199,9 +247,8 @@ def _decode(raw: bytes, loc: str, log: BadInputLog) -> str | None:
 def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
     """Plain text: one document per file, per line, or per blank-line-separated block."""
     if txt_mode == "file":
-        with open_bytes(path) as f:
-            loc = f"{path}:1"
-            text = _decode(f.read(), loc, log)
+        loc = f"{path}:1"
+        text = _decode(read_all(path), loc, log)
         yield 0, loc, (text if text is not None and _check_text(text, loc, log) else None)
         return
     if txt_mode not in ("line", "blank"):
@@ -210,28 +257,27 @@ def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
     # "blank" mode: a block with invalid UTF-8 is one document lost, counted once at its first
     # bad line (logging every bad line counted a block with two of them as two documents).
     start, bad = None, None  # first line of the current block; (loc, error) of its first bad line
-    with open_bytes(path) as f:
-        for i, raw in enumerate(f):
-            loc = f"{path}:{i + 1}"
-            if txt_mode == "line":
-                line = _decode(raw, loc, log)
-                if line is None or line.strip():  # empty lines are separators, not documents
-                    # "\r\n" too: a CRLF file's lines ended in "\r", kept in the document
-                    yield i, loc, (None if line is None else line.rstrip("\r\n"))
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                start = i if start is None else start
-                bad = bad or (loc, str(e)[:80])
-                continue
-            if not line.strip():
-                if start is not None:
-                    yield start, f"{path}:{start + 1}", _end_block(block, bad, log)
-                block, start, bad = [], None, None
-                continue
+    for i, raw in numbered_lines(path):
+        loc = f"{path}:{i + 1}"
+        if txt_mode == "line":
+            line = _decode(raw, loc, log)
+            if line is None or line.strip():  # empty lines are separators, not documents
+                # "\r\n" too: a CRLF file's lines ended in "\r", kept in the document
+                yield i, loc, (None if line is None else line.rstrip("\r\n"))
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
             start = i if start is None else start
-            block.append(line)
+            bad = bad or (loc, str(e)[:80])
+            continue
+        if not line.strip():
+            if start is not None:
+                yield start, f"{path}:{start + 1}", _end_block(block, bad, log)
+            block, start, bad = [], None, None
+            continue
+        start = i if start is None else start
+        block.append(line)
     if start is not None:
         yield start, f"{path}:{start + 1}", _end_block(block, bad, log)
 

@@ -136,9 +136,18 @@ def test_given_tokenizer_single_pass_and_overwrite(tmp_path, inputs):
         )
 
 
+def _strict():
+    cfg = preprocess.preprocess_config()
+    cfg.strict = True
+    return cfg
+
+
 def test_strict_raises_with_file_line(tmp_path, inputs):
     paths, _ = inputs
     with pytest.raises(DataError, match=r"in\.jsonl:56: missing_field"):
+        preprocess.run([paths[0]], str(tmp_path / "r"), _strict())
+    # The CLI: the same message, as one line and a non-zero exit (no traceback).
+    with pytest.raises(SystemExit, match=r"in\.jsonl:56: missing_field"):
         preprocess.main(
             ["--input", paths[0], "--output", str(tmp_path / "s"), "--config.strict=True"]
         )

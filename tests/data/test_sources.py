@@ -153,7 +153,7 @@ def test_unreadable_compression_is_an_error_naming_the_file(tmp_path):
         "plain.jsonl.gz": r"plain\.jsonl\.gz: named \.gz but is not gzip-compressed",
         "a.jsonl.bz2": r"a\.jsonl\.bz2: bzip2-compressed input is not supported",
         "b.jsonl": r"b\.jsonl: xz-compressed input is not supported",
-        "cut.jsonl.gz": r"cut\.jsonl\.gz: cannot decompress \(Compressed file ended",
+        "cut.jsonl.gz": r"cut\.jsonl\.gz:\d+: cannot decompress \(Compressed file ended",
     }
     for name, message in cases.items():
         with pytest.raises(S.DataError, match=message):

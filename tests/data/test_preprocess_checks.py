@@ -1,0 +1,243 @@
+"""Preprocess CLI and its readers: settings checked before --overwrite deletes anything, .json
+array files read as records, decontamination's eval-set counts and the report, a truncated .gz
+named at its line, and Beam refusing what it does not do (tokenizer training)."""
+
+import gzip
+import json
+import logging
+import os
+
+import pytest
+
+from flaxlm.data import preprocess
+from flaxlm.data import sources as S
+
+WORDS = "river mountain forest light water stone cloud field garden valley bridge tower".split()
+
+
+def doc(i: int, n: int = 30) -> str:
+    """A distinct English-looking document (passes the default cleaning filters)."""
+    ws = [WORDS[(i * 7 + k * (i % 5 + 1)) % len(WORDS)] + str(i * 100 + k) for k in range(n)]
+    for k in range(0, n, 3):
+        ws[k] = ("the", "and", "of", "with", "that")[k % 5]
+    return " ".join(ws) + "."
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": doc(i)}) + "\n" for i in range(6)))
+    return str(path)
+
+
+def _main(*argv):
+    return preprocess.main([*argv, "--config.dedup.near=False", "--config.clean.min_words=1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# --overwrite: every setting is checked before the old output is deleted.
+
+
+@pytest.mark.parametrize(
+    "override,error,message",
+    [
+        ("--config.dedup.bands=500", ValueError, r"dedup\.bands must be in"),
+        ("--config.tokenizer=/nonexistent/tok.model", OSError, "tok.model"),
+        ("--config.clean.scripts=('latn',)", ValueError, r"clean\.scripts: unknown"),
+        ("--config.train_tokenizer_vocab=100", ValueError, "train_tokenizer_vocab=100"),
+        ("--config.tokenizer_model_type=BPE", ValueError, "tokenizer_model_type"),
+    ],
+)
+def test_overwrite_with_a_bad_setting_keeps_the_earlier_output(
+    tmp_path, jsonl, override, error, message
+):
+    out = tmp_path / "out"
+    first = _main("--input", jsonl, "--output", str(out))
+    before = sorted(os.listdir(out / "text"))
+    with pytest.raises(error, match=message):
+        _main("--input", jsonl, "--output", str(out), "--overwrite", override)
+    assert sorted(os.listdir(out / "text")) == before
+    assert json.loads((out / "report.json").read_text())["documents_out"] == first["documents_out"]
+
+
+def test_an_overwrite_that_fails_later_leaves_no_stale_report(tmp_path, jsonl):
+    """The reports of the deleted run stayed: reading the directory then gave report.json as a
+    document, and report.md described shards that were gone."""
+    out = tmp_path / "out"
+    from flaxlm.data.tokenizer import train
+
+    tok = str(tmp_path / "tok.model")
+    train([doc(i) for i in range(40)], 400, model_path=tok)
+    _main("--input", jsonl, "--output", str(out), f"--config.tokenizer={tok}")
+    assert (out / "tokenizer.model").exists()
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(_truncated_gzip(200))
+    with pytest.raises(SystemExit, match="cannot decompress"):
+        _main("--input", str(bad), "--output", str(out), "--overwrite")
+    assert sorted(os.listdir(out)) == ["text"]  # not report.json/md, not tokenizer.model
+    # An overwrite that uses the earlier run's tokenizer keeps it (and writes its ids).
+    _main("--input", jsonl, "--output", str(out), "--overwrite", f"--config.tokenizer={tok}")
+    again = str(out / "tokenizer.model")
+    rep = _main(
+        "--input", jsonl, "--output", str(out), "--overwrite", f"--config.tokenizer={again}"
+    )
+    assert rep["shards"] == ["tokens/shard-00000.arrayrecord"] and os.path.exists(again)
+
+
+def test_tokenizer_model_type_is_checked_before_the_first_pass(tmp_path, jsonl):
+    """A misspelt model type failed only after the whole clean/dedup pass, blaming
+    train_tokenizer_vocab, and left out/text behind (so the corrected rerun refused)."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"^tokenizer_model_type must be bpe\|unigram, got 'BPE'"):
+        _main("--input", jsonl, "--output", str(out), "--config.train_tokenizer_vocab=400",
+              "--config.tokenizer_model_type=BPE")  # fmt: skip
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# .json files holding one JSON array.
+
+
+def _array_file(path, texts, **extra):
+    with open(path, "w") as f:
+        json.dump([{"text": t, **extra} for t in texts], f, indent=2)
+    return str(path)
+
+
+def test_a_json_array_file_is_read_as_its_records(tmp_path):
+    """json.dump(records, indent=2) was read as JSON lines: every record lost, each of its
+    lines counted as malformed JSON."""
+    texts = [doc(i) for i in range(10)]
+    path = _array_file(tmp_path / "docs.json", texts)
+    log = S.BadInputLog()
+    docs = list(S.iter_documents(path, log=log))
+    assert [d.text for d in docs] == texts and log.total == 0
+    assert [d.loc for d in docs[:2]] == [f"{path}[0]", f"{path}[1]"]
+    assert [d.key for d in docs[:2]] == [(0, 0), (0, 1)]  # element index: the resume position
+    src = S.open_source(path)  # the loader's random access (an uncompressed file, too)
+    assert [src[i] for i in range(len(src))] == texts
+    gz = tmp_path / "docs.json.gz"
+    gz.write_bytes(gzip.compress(open(path, "rb").read()))
+    assert [d.text for d in S.iter_documents(str(gz))] == texts
+    # A .json of JSON lines (what `datasets` writes) is still lines.
+    lines = tmp_path / "lines.json"
+    lines.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert [d.loc for d in S.iter_documents(str(lines))][1] == f"{lines}:2"
+
+
+def test_a_json_array_files_bad_records_are_counted_at_their_index(tmp_path):
+    path = tmp_path / "docs.json"
+    path.write_text(json.dumps([{"text": doc(0)}, {"txt": "x"}, "a string", {"text": "  "}]))
+    log = S.BadInputLog()
+    assert len(list(S.iter_documents(str(path), log=log))) == 1
+    assert log.counts == {"missing_field": 2, "empty": 1}
+    assert log.examples["missing_field"][0].startswith(f"{path}[1]: missing_field")
+    path.write_text('[{"text": "a"},\n {"text": "b"')
+    with pytest.raises(S.DataError, match=rf"^{path}: holds a JSON array .*does not parse"):
+        list(S.iter_documents(str(path)))
+
+
+def test_preprocess_and_decontamination_read_json_array_files(tmp_path, jsonl):
+    texts = [doc(i) for i in range(100, 120)]
+    arr = _array_file(tmp_path / "docs.json", texts)
+    rep = _main("--input", jsonl, arr, "--output", str(tmp_path / "out"))
+    assert rep["documents_in"] == 26 and rep["documents_out"] == 26 and rep["removed"] == {}
+    ev = _array_file(tmp_path / "eval.json", [" ".join(texts[3].split()[5:25])])
+    rep = _main("--input", jsonl, arr, "--output", str(tmp_path / "out2"),
+                f"--config.dedup.decontam_paths={ev}")  # fmt: skip
+    assert rep["removed"] == {"contaminated": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Decontamination: what the eval set gave, in the report; flagged documents in report.md.
+
+
+def _ngrams(text: str, n: int) -> set:
+    ws = text.lower().split()
+    return {tuple(ws[k : k + n]) for k in range(len(ws) - n + 1)}
+
+
+def test_eval_items_too_short_to_match_are_counted_and_warned(tmp_path, jsonl, caplog):
+    """An eval item shorter than decontam_ngram words never matches (the rule); that was
+    silent, even when no eval item could match at all."""
+    long_item = " ".join(doc(3).split()[2:22])  # 20 words: 8 13-grams, one in doc 3
+    short = [" ".join(doc(i).split()[:10]) for i in range(4)]  # 10 words: shorter than 13
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("".join(json.dumps({"text": t}) + "\n" for t in [long_item, *short]))
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        rep = _main("--input", jsonl, "--output", str(tmp_path / "o1"),
+                    f"--config.dedup.decontam_paths={ev}")  # fmt: skip
+    want = {"eval_texts": 5, "ngrams": len(_ngrams(long_item, 13)), "too_short": 4, "ngram": 13}
+    assert rep["stages"][2]["decontam"] == want
+    assert rep["removed"] == {"contaminated": 1}  # doc 3 holds the long item; the rule is kept
+    assert json.loads((tmp_path / "o1" / "report.json").read_text())["stages"][2]["decontam"]
+    md = (tmp_path / "o1" / "report.md").read_text()
+    assert "5 eval text(s)" in md and "4 shorter than 13 words" in md, md
+    assert "4 of the 5 eval text(s)" in caplog.text and "dedup.decontam_ngram=13" in caplog.text
+    caplog.clear()
+    ev.write_text("".join(json.dumps({"text": t}) + "\n" for t in short))
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        rep = _main("--input", jsonl, "--output", str(tmp_path / "o2"),
+                    f"--config.dedup.decontam_paths={ev}")  # fmt: skip
+    assert rep["stages"][2]["decontam"] == {**want, "eval_texts": 4, "ngrams": 0}
+    assert "no 13-word n-gram" in caplog.text and "matches nothing" in caplog.text
+    # Without decontam_paths: no such section, and no warning.
+    caplog.clear()
+    rep = _main("--input", jsonl, "--output", str(tmp_path / "o3"))
+    assert "decontam" not in rep["stages"][2] and "decontam" not in caplog.text
+
+
+def test_flagged_documents_are_in_report_md(tmp_path, jsonl):
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text(json.dumps({"text": " ".join(doc(2).split()[:15])}) + "\n")
+    out = tmp_path / "out"
+    rep = _main("--input", jsonl, "--output", str(out), f"--config.dedup.decontam_paths={ev}",
+                "--config.dedup.decontam_mode=flag")  # fmt: skip
+    assert rep["stages"][2]["flagged_contaminated"] == 1 and rep["documents_out"] == 6
+    md = (out / "report.md").read_text()
+    assert "flagged as contaminated (decontam_mode=flag, kept): 1" in md, md
+
+
+# ---------------------------------------------------------------------------------------------
+# A truncated compressed file: its line, and one message from the CLI.
+
+
+def _truncated_gzip(n_lines: int) -> bytes:
+    body = "".join(json.dumps({"text": doc(i)}) + "\n" for i in range(n_lines)).encode()
+    whole = gzip.compress(body)
+    return whole[: len(whole) // 2]
+
+
+def test_a_truncated_gzip_is_named_at_the_line_after_the_last_read(tmp_path, jsonl):
+    path = tmp_path / "trunc.jsonl.gz"
+    path.write_bytes(_truncated_gzip(300))
+    docs, err = [], None
+    try:
+        for d in S.iter_documents(str(path)):
+            docs.append(d)
+    except S.DataError as e:
+        err = str(e)
+    assert err is not None and len(docs) > 1, (err, len(docs))
+    assert err.startswith(f"{path}:{len(docs) + 1}: cannot decompress ("), err
+    # A whole-file read (a JSON array, a text file read as one document) counts its lines too.
+    arr = tmp_path / "docs.json.gz"
+    whole = gzip.compress(json.dumps([{"text": doc(i)} for i in range(300)], indent=2).encode())
+    arr.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(S.DataError, match=rf"^{arr}:[1-9]\d+: cannot decompress \("):
+        list(S.iter_documents(str(arr)))
+    # The CLI: one message, a non-zero exit, no traceback.
+    with pytest.raises(SystemExit) as e:
+        _main("--input", str(path), "--output", str(tmp_path / "out"))
+    assert str(e.value).startswith(f"{path}:{len(docs) + 1}: cannot decompress")
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam trains no tokenizer: asking it to is an error, not a run without one.
+
+
+def test_beam_refuses_train_tokenizer_vocab(tmp_path, jsonl):
+    beam = pytest.importorskip("flaxlm.data.beam")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"train_tokenizer_vocab=2000: .*flaxlm\.data\.preprocess"):
+        beam.main(["--input", jsonl, "--output", str(out), "--config.train_tokenizer_vocab=2000"])
+    assert not out.exists()
