@@ -3,16 +3,21 @@
     tx, schedule = make_optimizer(config.opt, total_steps)
 
 Optimizers: adamw | lion | adafactor | sgd | muon (Muon for the layers' matrices, AdamW for the
-rest: train/muon.py). Schedules (after a linear warmup from 0):
-    cosine    cosine decay to lr·final_lr_frac at total_steps
+rest: train/muon.py). Schedules (after a linear warmup from 0 that peaks at lr on update
+warmup_steps):
+    cosine    cosine decay to lr·final_lr_frac
     linear    linear decay to lr·final_lr_frac
     wsd       warmup-stable-decay: constant, then a linear decay over the last wsd_decay_frac of
-              the steps
+              the updates (at least one), every one of them below lr
     constant  no decay
+Every decay reaches lr·final_lr_frac on the run's last update, schedule(total_steps − 1) (update
+t uses schedule(t), t = 0 .. total_steps − 1), and holds it after; it used to end at
+schedule(total_steps), which no update uses (a one-update wsd window never decayed). When the
+warmup leaves a single update (or the run has one), that update is at the peak.
 Warmup is cut to total_steps − 1 steps when it is longer than the run (short test runs of a config
 whose warmup was derived from a longer one), with a warning naming `opt.warmup_steps`; a value no
-schedule can mean (a negative warmup, a final fraction outside [0, 1], a wrong type) is an error
-naming its key.
+schedule or optimizer can mean (a negative warmup, a final fraction outside [0, 1], b2 = 1,
+eps = 0, a negative clip_norm or weight_decay, a wrong type) is an error naming its key.
 Weight decay applies to every weight but norm scales and biases (leaves named "scale" / "bias":
 `decay_mask`), whatever their shape, and is decoupled: each step subtracts lr(t)·weight_decay·w
 (adafactor too; sgd adds it to the gradient, so its momentum carries it).
@@ -43,16 +48,18 @@ def opt_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 100  # linear warmup from 0 to lr
     c.final_lr_frac = 0.1  # cosine/linear/wsd end at lr·final_lr_frac
     c.wsd_decay_frac = 0.2  # wsd: fraction of steps spent in the final decay
-    c.b1 = 0.9  # first-moment decay (adamw, lion); sgd: its momentum
-    c.b2 = 0.95  # second-moment decay (adamw, lion)
-    c.eps = 1e-8  # adamw epsilon
-    c.weight_decay = 0.1  # decoupled weight decay on weights (not norm scales or biases)
-    c.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+    c.b1 = 0.9  # first-moment decay (adamw, lion, muon's AdamW), in [0, 1); sgd: its momentum
+    c.b2 = 0.95  # second-moment decay (adamw, lion, muon's AdamW), in [0, 1)
+    c.eps = 1e-8  # adamw / muon's AdamW epsilon, > 0
+    c.weight_decay = 0.1  # decoupled weight decay on weights (not norm scales or biases), >= 0
+    c.clip_norm = 1.0  # global-norm gradient clipping, >= 0; 0 disables
     # micro-batches per optimizer step (the batch is split, not repeated); the same update as
     # one big batch, except a mixture of experts' load-balancing loss (`loss.moe_aux`), taken
     # per micro-batch (train/step.py `loss_and_grads`)
     c.grad_accum = 1
-    c.mu_dtype = ""  # adamw / muon first-moment dtype ("" = param dtype; "bfloat16" saves memory)
+    # first-moment dtype of adamw / muon / lion, sgd's momentum ("" = param dtype; "bfloat16"
+    # saves memory); adafactor keeps no first moment and refuses one
+    c.mu_dtype = ""
     # muon (train/muon.py): momentum, Newton–Schulz steps, and the update RMS that lets lr and
     # weight_decay carry over from AdamW (Moonshot's 0.2)
     c.muon_momentum = 0.95
@@ -81,6 +88,19 @@ def _check(cfg, total_steps) -> None:
     if cfg.schedule == "wsd":
         need("wsd_decay_frac", lambda x: is_real(x) and 0 < x <= 1, "a number in (0, 1]")
     need("grad_accum", lambda x: is_int(x) and x >= 1, "an integer >= 1")
+    # The optimizer's own keys, where its update reads them: b2 = 1 made AdamW's bias correction
+    # 0/0 (NaN params after the first update), eps = 0 NaN wherever a gradient is exactly 0 (an
+    # embedding row no token used); a negative clip_norm silently turned clipping off, a negative
+    # weight_decay grew the weights, b1 >= 1 never forgets (and > 1 diverges).
+    if cfg.name in ("adamw", "muon", "lion", "sgd"):
+        what = "a number in [0, 1)" + (" (sgd: its momentum)" if cfg.name == "sgd" else "")
+        need("b1", lambda x: is_real(x) and 0 <= x < 1, what)
+    if cfg.name in ("adamw", "muon", "lion"):
+        need("b2", lambda x: is_real(x) and 0 <= x < 1, "a number in [0, 1)")
+    if cfg.name in ("adamw", "muon"):
+        need("eps", lambda x: is_real(x) and x > 0, "a number > 0")
+    need("weight_decay", lambda x: is_real(x) and x >= 0, "a number >= 0 (0 = none)")
+    need("clip_norm", lambda x: is_real(x) and x >= 0, "a number >= 0 (0 disables clipping)")
     if total_steps > 0 and cfg.warmup_steps >= total_steps:
         log.warning(
             "opt.warmup_steps=%d >= total_steps=%d: warmup cut to %d steps, so the run peaks "
@@ -93,15 +113,20 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     _check(cfg, total_steps)
     lr, warmup = cfg.lr, min(cfg.warmup_steps, max(total_steps - 1, 0))
     final = lr * cfg.final_lr_frac
-    rest = max(total_steps - warmup, 1)
+    # Updates warmup .. total_steps − 1 follow the decay, which starts at lr (the peak, on update
+    # `warmup`) and reaches `final` `span` updates later: on the last one, total_steps − 1.
+    # At least 1, so a run whose warmup leaves one update (or a one-update run) takes it at lr.
+    span = max(total_steps - warmup - 1, 1)
     if cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(lr, rest, alpha=cfg.final_lr_frac)
+        after = optax.cosine_decay_schedule(lr, span, alpha=cfg.final_lr_frac)
     elif cfg.schedule == "linear":
-        after = optax.linear_schedule(lr, final, rest)
+        after = optax.linear_schedule(lr, final, span)
     elif cfg.schedule == "wsd":
-        decay = min(max(int(total_steps * cfg.wsd_decay_frac), 1), rest)
+        # the last `decay` updates are below lr, the last of them at `final`; the update before
+        # them (the warmup's peak at the latest) at lr
+        decay = min(max(int(total_steps * cfg.wsd_decay_frac), 1), span)
         after = optax.join_schedules(
-            [optax.constant_schedule(lr), optax.linear_schedule(lr, final, decay)], [rest - decay]
+            [optax.constant_schedule(lr), optax.linear_schedule(lr, final, decay)], [span - decay]
         )
     elif cfg.schedule == "constant":
         after = optax.constant_schedule(lr)
@@ -152,6 +177,23 @@ def _muon(cfg, schedule, mu_dtype, adam):
     return optax.multi_transform({"muon": matrices, "adam": adam}, muon.muon_labels)
 
 
+def _mu_dtype(cfg):
+    """`opt.mu_dtype` as a float dtype, None for "" (the parameters' dtype); anything else is
+    refused naming the key, whichever optimizer is named (lion and sgd used to ignore it)."""
+    if not cfg.mu_dtype:
+        return None
+    try:
+        dtype = jnp.dtype(cfg.mu_dtype)
+    except TypeError:
+        dtype = None  # not a dtype name
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"opt.mu_dtype={cfg.mu_dtype!r}; expected a float dtype name such as "
+            "'bfloat16' or 'float32', or '' for the parameters' dtype"
+        )
+    return dtype
+
+
 def make_optimizer(cfg, total_steps: int, trainable_mask=None):
     """Builds (tx, schedule) from the `opt` config section.
 
@@ -163,16 +205,8 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
     """
     schedule = make_schedule(cfg, total_steps)
     name = cfg.name
+    mu_dtype = _mu_dtype(cfg)
     if name in ("adamw", "muon"):
-        try:
-            mu_dtype = jnp.dtype(cfg.mu_dtype) if cfg.mu_dtype else None
-        except TypeError:
-            mu_dtype = None  # not a dtype name: refused below
-        if cfg.mu_dtype and (mu_dtype is None or not jnp.issubdtype(mu_dtype, jnp.floating)):
-            raise ValueError(
-                f"opt.mu_dtype={cfg.mu_dtype!r}; expected a float dtype name such as "
-                "'bfloat16' or 'float32', or '' for the parameters' dtype"
-            )
         base = optax.adamw(
             schedule,
             b1=cfg.b1,
@@ -186,9 +220,15 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
             base = _muon(cfg, schedule, mu_dtype, adam=base)
     elif name == "lion":
         base = optax.lion(
-            schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask
-        )
+            schedule, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype, weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )  # fmt: skip
     elif name == "adafactor":
+        if mu_dtype is not None:
+            raise ValueError(
+                f"opt.mu_dtype={cfg.mu_dtype!r}: adafactor keeps no first moment (its factored "
+                "second moment stays float32); set opt.mu_dtype='' with opt.name='adafactor'"
+            )
         # optax.adafactor's own `weight_decay_rate` adds decay·param after its lr scaling, so
         # the decay ignored the schedule (weights shrank by weight_decay a step at lr 0). Its
         # update without the lr, sign flipped back, then the AdamW tail: decay on the masked
@@ -202,7 +242,7 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
     elif name == "sgd":
         base = optax.chain(
             optax.add_decayed_weights(cfg.weight_decay, decay_mask),
-            optax.sgd(schedule, momentum=cfg.b1),
+            optax.sgd(schedule, momentum=cfg.b1, accumulator_dtype=mu_dtype),
         )
     else:
         raise ValueError(f"opt.name={name!r}; expected adamw | lion | adafactor | sgd | muon")

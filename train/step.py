@@ -9,9 +9,11 @@ function (tests call it directly). It
      (`loss_and_grads`). Metrics that are not means over those targets say how to combine
      (`finish_metrics`: counts, and means over a group of the batch's rows of their own);
   2. applies the optimizer;
-  3. runs the trouble guard: if the loss or the gradient norm is NaN/Inf, or the loss is a spike
-     (far above the running mean of recent accepted losses), the update is discarded —
-     params and optimizer state stay as they were — and counted in `state.guard`;
+  3. runs the trouble guard: if the loss, the gradient norm or the update is NaN/Inf, or the
+     loss is a spike (far above the running mean of recent accepted losses), the update is
+     discarded — params and optimizer state stay as they were — and counted in `state.guard`
+     (a finite gradient can still give a non-finite update: optimizer state overflowing, a
+     float16 moment);
   4. with an EmaTrainState (config `ema.decay` > 0), moves the EMA of the weights towards the new
      params (train/ema.py); a discarded update leaves the EMA and its count as they were.
 
@@ -42,7 +44,7 @@ from flaxlm.train.state import EmaTrainState, TrainState
 def guard_config() -> ml_collections.ConfigDict:
     """Defaults of the `guard` section: what counts as a bad step and what happens then."""
     c = ml_collections.ConfigDict()
-    c.skip_nonfinite = True  # discard updates whose loss or gradient norm is NaN/Inf
+    c.skip_nonfinite = True  # discard updates whose loss, gradient norm or update is NaN/Inf
     c.spike_zscore = 0.0  # discard updates with loss > mean + z·std of recent losses (0 = off)
     c.spike_min_rel = 0.1  # ...and loss > (1 + this)·mean, so tiny variance cannot trigger it
     c.ema_decay = 0.98  # decay of the running loss mean/variance (≈ a 50-step window)
@@ -219,11 +221,22 @@ def _restart_at(warmup_steps: int) -> int:
     return max(warmup_steps - max(warmup_steps // 5, 5), 0)
 
 
-def _guard_verdict(guard: dict, loss, grad_norm, cfg) -> jax.Array:
-    """True when the update should be applied."""
+def _all_finite(tree) -> jax.Array:
+    """True when no element of `tree` is NaN/Inf: one fused reduction per leaf, inside the step
+    (no host sync). Not the update's norm, whose squares overflow float32 for finite updates."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones((), bool)
+
+
+def _guard_verdict(guard: dict, loss, grad_norm, cfg, updates=None) -> jax.Array:
+    """True when the update should be applied. `updates` (the optimizer's output): a finite
+    gradient can give a non-finite update (optimizer state overflowing, a float16 moment),
+    which would poison the params for good."""
     ok = jnp.ones((), bool)
     if cfg.skip_nonfinite:
         ok &= jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if updates is not None:
+            ok &= _all_finite(updates)
     if cfg.spike_zscore > 0:
         mean, std = guard["loss_mean"], jnp.sqrt(guard["loss_var"])
         spike = (
@@ -290,7 +303,7 @@ def train_step(
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
 
-    ok = _guard_verdict(state.guard, loss, grad_norm, guard)
+    ok = _guard_verdict(state.guard, loss, grad_norm, guard, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new_state = state.replace(
         step=state.step + 1,

@@ -52,18 +52,21 @@ def _ref_lr(step, kind, lr, warmup, total, frac, wsd_frac):
     w = min(warmup, max(total - 1, 0))  # a warmup longer than the run is cut to total − 1
     if step < w:
         return lr * step / w
-    rest = max(total - w, 1)
-    t = min(step - w, rest)  # past the end the schedule holds its final value
+    # the decay runs from the peak (step w) to the final value on the last update, step
+    # total − 1 (at least one step: a lone update after the warmup is at the peak)
+    span = max(total - w - 1, 1)
+    t = min(step - w, span)  # past the end the schedule holds its final value
     final = lr * frac
     if kind == "constant":
         return lr
     if kind == "linear":
-        return lr + (final - lr) * t / rest
+        return lr + (final - lr) * t / span
     if kind == "cosine":
-        return final + (lr - final) * 0.5 * (1 + math.cos(math.pi * t / rest))
+        return final + (lr - final) * 0.5 * (1 + math.cos(math.pi * t / span))
     assert kind == "wsd"
-    decay = min(max(int(total * wsd_frac), 1), rest)  # the last wsd_frac of the run's steps
-    start = rest - decay
+    # the last wsd_frac of the run's updates (at least 1) decay; the one before is at lr
+    decay = min(max(int(total * wsd_frac), 1), span)
+    start = span - decay
     return lr if t <= start else lr + (final - lr) * (t - start) / decay
 
 
@@ -82,9 +85,10 @@ def test_schedule_matches_the_formula_at_every_step(kind, warmup, total):
         assert float(s(0)) == 0.0  # the first step of a warmup is at lr 0
     assert float(s(w)) == pytest.approx(lr, rel=1e-6)  # the end of warmup is the peak
     end = lr if kind == "constant" else lr * frac
-    if total > 1:  # a one-step run is all "end"
-        for i in (total, total + 1, 100 * total):
-            assert float(s(i)) == pytest.approx(end, rel=1e-5)
+    # the last update is at the end value, unless it is the only one after the warmup (the peak)
+    last = [total - 1] if total - w > 1 else []
+    for i in last + [total, total + 1, 100 * total]:
+        assert float(s(i)) == pytest.approx(end, rel=1e-5)
 
 
 def _plain(**kw):
