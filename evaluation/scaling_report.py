@@ -22,11 +22,14 @@ a run table file::
 
     python -m flaxlm.evaluation.scaling_report runs/sw [--out runs/sw/fit] [--n_boot 200]
         [--n_key n_params_nonembed] [--loss_key heldout_loss] [--target_json big.json]
-        [--drop_nonfinite]
+        [--drop_nonfinite] [--require_all]
 
 A run whose loss is nan or inf (diverged) is an error naming it (its name and sweep index);
-``--drop_nonfinite`` leaves such runs out instead, naming each. A scaling_workflow's sweep is
-``ROOT/sweep``.
+``--drop_nonfinite`` leaves such runs out instead, naming each. A planned run of the sweep that
+has no row (failed, unfinished, not started: train/sweep_table.collect_all) is named, with why,
+in the report's ``warnings`` and ``missing_runs``; ``--require_all`` refuses to fit without it.
+A one-variable law whose exponent sits at a bound of its fit is a warning too. A
+scaling_workflow's sweep is ``ROOT/sweep``.
 """
 
 from __future__ import annotations
@@ -252,6 +255,27 @@ def fit_warnings(fit: Mapping, intervals: Mapping, loss) -> list[str]:
     return out
 
 
+def power_law_warnings(power_laws: Mapping) -> list[str]:
+    """A one-variable law (L(N), L(D), L(C)) whose exponent sits at a bound of the fit (0 or
+    MAX_EXPONENT): the points it was fitted on do not bend like a power law (too few, or a
+    gap: runs missing from one end), so its exponent says nothing."""
+    out = []
+    for name, law in power_laws.items():
+        a = law.get("alpha")
+        if a is not None and (a <= 1e-6 or a >= MAX_EXPONENT * (1 - 1e-6)):
+            out.append(f"L({name}): alpha = {a:.3g} is at a bound (0 or {MAX_EXPONENT:g}) of "
+                       f"the fit on {law.get('n_runs')} points ({law.get('fitted_on')}): "
+                       "unconstrained")  # fmt: skip
+    return out
+
+
+def missing_run_warnings(missing: Sequence[Mapping]) -> list[str]:
+    """One line per planned run of the sweep that is not in the fit (sweep_table.collect_all:
+    failed, unfinished, not started): the fit stands on the others only."""
+    return [f"run {m['name']} (sweep index {m.get('index')}) is not in the fit: {m['why']}"
+            for m in missing]  # fmt: skip
+
+
 def _power_laws(N, D, C, loss) -> dict:
     """Kaplan-style one-variable laws, each on the runs that bound loss for that variable."""
     # Kaplan et al. fit L(N) on models trained to convergence and L(C) on the compute frontier;
@@ -290,6 +314,7 @@ def fit_report(
     level: float = 0.95,
     seed: int = 0,
     drop_nonfinite: bool = False,
+    missing_runs: Sequence[Mapping] = (),
 ) -> dict:
     """Fit every scaling law to a run table; optionally predict a target run; write plots.
 
@@ -308,11 +333,14 @@ def fit_report(
       level, seed: bootstrap interval coverage and seed.
       drop_nonfinite: leave out the runs whose loss (or N, D, compute) is nan or inf, e.g.
         diverged runs, with a warning naming each (``load_runs``); else they are an error.
+      missing_runs: the sweep's planned runs that have no row, with why
+        (``sweep_table.collect_all``): recorded, and each named in ``warnings``.
 
     Returns:
       JSON-serialisable dict: ``settings``, ``n_runs``, ``dropped_runs`` (those left out by
-      ``drop_nonfinite``), ``power_laws``, ``parametric``,
-      ``parametric_intervals``, ``warnings`` (``fit_warnings``: why not to trust the fit),
+      ``drop_nonfinite``), ``missing_runs``, ``power_laws``, ``parametric``,
+      ``parametric_intervals``, ``warnings`` (why not to trust the fit: ``fit_warnings``,
+      ``power_law_warnings``, ``missing_run_warnings``),
       ``compute_optimal``, ``isoflop``, ``prediction`` (if target), ``plots`` (paths).
     """
     required = [n_key, "tokens", loss_key] + ([] if compute == "6nd" else [compute])
@@ -362,15 +390,20 @@ def fit_report(
         },
         "n_runs": int(N.shape[0]),
         "dropped_runs": dropped,
+        "missing_runs": [dict(m) for m in missing_runs],
         "power_laws": _power_laws(N, D, C, loss),
         "parametric": fit,
         "parametric_intervals": intervals,
-        "warnings": fit_warnings(fit, intervals, loss),
         # Only budgets whose parabola has its vertex among the sizes sampled: an extrapolated
         # vertex is the parabola's shape, not the data's (a dense grid's edge budgets put N_opt
         # 20% off, all on one side); those budgets are in `skipped`, with why.
         "isoflop": fit_isoflop(N, D, loss, C, require_interior=True),
     }
+    report["warnings"] = [
+        *missing_run_warnings(missing_runs),
+        *fit_warnings(fit, intervals, loss),
+        *power_law_warnings(report["power_laws"]),
+    ]
     try:
         opt = compute_optimal(fit, np.asarray(budgets), flops_per_param_token=k_flops)
         report["compute_optimal"] = {
@@ -432,6 +465,18 @@ def _write_plots(report, N, D, C, loss, fit, out_dir, compute, k_flops=6.0) -> d
     return paths
 
 
+def _read_target(path: str) -> dict:
+    """The --target_json run row; a file that is not a JSON object is an error naming it."""
+    with open(path) as f:
+        try:
+            target = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(target, dict):
+        raise ValueError(f"{path}: expected a run row (a JSON object), got {type(target).__name__}")
+    return target
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Fits a sweep directory or run table and prints the laws (see the module docstring)."""
     import argparse
@@ -449,23 +494,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--drop_nonfinite", action="store_true",
                    help="leave out runs whose loss is nan/inf (diverged), naming each; "
                    "default: such a run is an error")  # fmt: skip
+    p.add_argument("--require_all", action="store_true",
+                   help="sweep directory: refuse to fit when a planned run has no row (failed, "
+                   "unfinished, not started); default: fit the others, naming each")  # fmt: skip
     args = p.parse_args(argv)
     try:  # bad input (a folder without sweep.json, a missing file): its message, no traceback
+        missing = []
         if os.path.isdir(args.runs):
-            from flaxlm.train.sweep_table import collect
+            from flaxlm.train.sweep_table import collect_all
 
-            runs = collect(args.runs)
+            runs, missing = collect_all(args.runs)
             out = args.out or os.path.join(args.runs, "fit")
+            if missing and args.require_all:
+                raise ValueError(
+                    f"--require_all: {len(missing)} of {len(runs) + len(missing)} planned runs "
+                    "have no row: " + "; ".join(f"{m['name']} {m['why']}" for m in missing)
+                )
         else:
             runs = args.runs
             out = args.out or os.path.splitext(args.runs)[0] + "_fit"
-        target = None
-        if args.target_json:
-            with open(args.target_json) as f:
-                target = json.load(f)
+        target = _read_target(args.target_json) if args.target_json else None
         report = fit_report(runs, out, n_key=args.n_key, loss_key=args.loss_key,
                             compute=args.compute, target=target, n_boot=args.n_boot,
-                            drop_nonfinite=args.drop_nonfinite)  # fmt: skip
+                            drop_nonfinite=args.drop_nonfinite,
+                            missing_runs=missing)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"scaling_report: {e}") from None
     fit, ci = report["parametric"], report["parametric_intervals"]

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -338,20 +339,29 @@ class MetricWriter:
 def read_metrics(workdir_or_file: str) -> list[dict]:
     """All records of a run's metrics.jsonl (for notebooks, reports and tests): one per logged
     step (and eval) of the run as it finally went, in step order. A line that is not JSON (cut
-    short by a killed trainer, or being written) is skipped. Also reads any other JSONL file
-    given by path."""
+    short by a killed trainer, or being written) is skipped. A line that is not UTF-8 text (a
+    corrupt byte: the writer writes ASCII) is skipped too, with a warning naming the file and
+    line. Also reads any other JSONL file given by path."""
     path = workdir_or_file
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILE)
-    out = []
-    with open(path) as f:
-        for line in f:
+    out, undecodable = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                undecodable.append(lineno)
+                continue
             if not line.strip():
                 continue
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # the resumed run moves it to metrics.superseded.jsonl
+    if undecodable:
+        more = f" (and {len(undecodable) - 1} more)" if len(undecodable) > 1 else ""
+        warnings.warn(f"{path}:{undecodable[0]}: not UTF-8 text{more}; skipped", stacklevel=2)
     return out
 
 

@@ -16,7 +16,9 @@ exited cleanly and reached `total_steps` or the end of its finite data, or a che
 `total_steps`) and resumes the others: the trainer restarts from the run's latest checkpoint by
 itself. A started run whose config arg or overrides changed since stops the sweep
 (sweep_plan.write_index): resuming it would mix two runs. While a run trains its directory holds
-`RUNNING` (the trainer's pid), so a second sweep never trains the same run twice.
+`RUNNING` (the trainer's pid), so a second sweep never trains the same run twice; a run that
+failed holds `FAILED` (its exit code and step) until it is started again, for the run table to
+say why the run has no row.
 Trainers are started in their own session with SIGTERM as their parent-death signal (which the
 trainer sets itself: `sweep_plan.exit_with_sweep`): when the sweep is interrupted (Ctrl-C,
 SIGTERM, even SIGKILL) each running trainer saves a checkpoint and stops. After the runs,
@@ -68,7 +70,8 @@ def _logged_step(run_dir: str) -> int:
     path = os.path.join(run_dir, "metrics.jsonl")
     best = 0
     if os.path.exists(path):
-        with open(path) as f:
+        # errors="replace": a corrupt byte spoils its line only (it fails to parse below)
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     best = max(best, int(json.loads(line).get("step", 0)))
@@ -212,7 +215,10 @@ def run_local(
                     del active[name]
                     if own:
                         slots.give(own)
-                    status[name] = _finish(r, proc.returncode, time.monotonic() - t0)
+                    # A trainer still starting up when the sweep was interrupted dies of the
+                    # forwarded SIGTERM (rc=-15) before its handler is set: interrupted too.
+                    status[name] = _finish(r, proc.returncode, time.monotonic() - t0,
+                                           interrupted=stop["signal"] is not None)  # fmt: skip
         for name, (proc, r, t0, _) in active.items():  # interrupted: let trainers save and stop
             proc.wait()
             status[name] = _finish(r, proc.returncode, time.monotonic() - t0, interrupted=True)
@@ -226,6 +232,7 @@ def run_local(
 
 def _start(config_arg: str, run: Run, env: dict) -> subprocess.Popen:
     os.makedirs(run.workdir, exist_ok=True)
+    _remove(os.path.join(run.workdir, FAILED_FILE))  # this attempt replaces the record
     log = open(os.path.join(run.workdir, "train.log"), "a")  # noqa: SIM115 (child owns it)
     log.write(
         f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(train_command(config_arg, run))}\n"
@@ -244,11 +251,19 @@ def _start(config_arg: str, run: Run, env: dict) -> subprocess.Popen:
     return proc
 
 
-def _finish(run: Run, returncode: int, seconds: float, interrupted: bool = False) -> str:
+# Written by `_finish` for a failed run (rc, step): the run table says why the run has no row.
+FAILED_FILE = "FAILED"
+
+
+def _remove(path: str):
     try:
-        os.remove(os.path.join(run.workdir, "RUNNING"))
+        os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def _finish(run: Run, returncode: int, seconds: float, interrupted: bool = False) -> str:
+    _remove(os.path.join(run.workdir, "RUNNING"))
     step = _logged_step(run.workdir)
     reached = run.total_steps is None or step >= run.total_steps
     data_end = data_end_step(run.workdir)  # finite data ended first: stopping was the end
@@ -262,6 +277,7 @@ def _finish(run: Run, returncode: int, seconds: float, interrupted: bool = False
             done["data_end"] = data_end
         with open(os.path.join(run.workdir, "DONE"), "w") as f:
             json.dump(done, f)
+        _remove(os.path.join(run.workdir, FAILED_FILE))
         early = (
             f" (its data ended at step {data_end} of {run.total_steps})"
             if "data_end" in done
@@ -274,6 +290,9 @@ def _finish(run: Run, returncode: int, seconds: float, interrupted: bool = False
         return "interrupted"
     why = f"rc={returncode}" if returncode else f"stopped at step {step} of {run.total_steps}"
     _say(f"FAILED {run.name} ({why}, {seconds:.1f}s); see {run.workdir}/train.log")
+    with open(os.path.join(run.workdir, FAILED_FILE), "w") as f:
+        json.dump({"rc": returncode, "step": step, "total_steps": run.total_steps,
+                   "seconds": round(seconds, 1), "time": time.time()}, f)  # fmt: skip
     return "failed"
 
 
@@ -381,9 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_table:
         from flaxlm.train import sweep_table
 
-        rows = sweep_table.collect(root)
+        rows, missing = sweep_table.collect_all(root)
         csv_path, _ = sweep_table.write_table(rows, root)
         _say(f"run table: {csv_path} ({len(rows)} finished runs)")
+        for m in missing:
+            _say(f"  no row for {m['name']}: {m['why']}")
     return 1 if any(s in ("failed", "busy") for s in status.values()) else 0
 
 

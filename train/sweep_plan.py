@@ -358,6 +358,22 @@ def sweep_names(config_arg: str, root: str) -> set[str]:
     return {resolve_name(root, ov, legacy) for ov in expand(module, arg)}
 
 
+def read_index(path: str) -> dict:
+    """A sweep's index (ROOT/sweep.json). A file that is not one (cut short by a full disk or a
+    killed copy, not UTF-8, no "runs" list) is a ValueError naming it, with the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); not a sweep index (move it "
+                         "aside and re-run the sweep to write it again)") from None  # fmt: skip
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); not a sweep index") from None
+    if not isinstance(index, dict) or not isinstance(index.get("runs"), list):
+        raise ValueError(f"{path}: not a sweep index (expected {{'runs': [...], ...}})")
+    return index
+
+
 def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence[str]) -> str:
     """ROOT/sweep.json: the config, the common overrides and every run of the sweep planned so
     far: `runs` merged with earlier `--only` subsets of the same sweep. An earlier entry whose
@@ -368,8 +384,7 @@ def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence
     path = os.path.join(root, "sweep.json")
     known = {}
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = read_index(path)
         if _same_config_arg(old.get("config"), config_arg):
             current = sweep_names(config_arg, root)
             known = {r["name"]: r for r in old.get("runs", []) if r.get("name") in current}

@@ -12,9 +12,10 @@ flops_per_token x D, DESIGN.md count), `final_loss` (train loss of the last logg
 and `task/<task>/<metric>` from the run's `tasks.json` when an evaluation wrote one. A run whose
 finite data ended before `total_steps` has `data_end` true, and its `tokens`, `c_6nd`, `flops`
 and `flops_causal` are those of the steps it trained (`step`), not of the plan's `total_steps`
-(`planned_tokens` keeps the plan's). A finished
-run whose metrics.jsonl or tasks.json is missing or malformed is named in a warning; the other
-runs' rows are kept.
+(`planned_tokens` keeps the plan's). A planned run without a row (failed, unfinished, not
+started, or finished with a metrics.jsonl missing or malformed) is named with why
+(`collect_all`; `collect` warns), as is a tasks.json that is malformed; the other runs' rows are
+kept.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import warnings
 from collections.abc import Sequence
 
 from flaxlm.train.metrics import data_end_step, read_metrics
+from flaxlm.train.sweep_plan import read_index
 
 TASKS_FILE = "tasks.json"  # {task: {metric: value}} written by the evaluation of a run
 _FIRST = ("index", "name", "overrides", "step", "total_steps", "n_params", "n_params_nonembed",
@@ -106,9 +108,21 @@ def task_metrics(run_dir: str) -> dict:
 
 
 def collect(root: str, *, include_unfinished: bool = False) -> list[dict]:
-    """Rows of the sweep under `root` (from its sweep.json), finished runs only by default. A
-    finished run (DONE) whose metrics are missing, cut short or malformed is left out with a
-    warning naming its metrics file: one bad run does not cost the table the others.
+    """Rows of the sweep under `root` (from its sweep.json), finished runs only by default;
+    one warning names every planned run left without a row, and why (`collect_all`)."""
+    rows, missing = collect_all(root, include_unfinished=include_unfinished)
+    if missing:
+        warnings.warn(_missing_message(root, missing, len(rows) + len(missing)), stacklevel=2)
+    return rows
+
+
+def collect_all(root: str, *, include_unfinished: bool = False) -> tuple[list[dict], list[dict]]:
+    """(rows, missing): the rows of the sweep under `root` (finished runs only by default), and
+    each planned run of its sweep.json without a row: {index, name, status, why}, status one of
+    "failed" (the sweep recorded its exit code; `why` has the last line of its train.log),
+    "running", "unfinished" (its last logged step short of total_steps: interrupted, cut short,
+    or run by a launch file), "not started", "unreadable" (a finished run (DONE) whose metrics
+    are missing, cut short or malformed: one bad run does not cost the table the others).
 
     Each run is read from ROOT/<name>, where the sweep puts it (sweep_plan.plan), never from
     the `workdir` sweep.json recorded: that is where the run was started, and after the sweep
@@ -120,29 +134,82 @@ def collect(root: str, *, include_unfinished: bool = False) -> list[dict]:
         if os.path.exists(os.path.join(root, "sweep", "sweep.json")):  # a scaling_workflow root
             hint = f"; for a scaling_workflow root pass {os.path.join(root, 'sweep')}"
         raise FileNotFoundError(f"{root}: not a sweep folder (no sweep.json){hint}")
-    with open(path) as f:
-        index = json.load(f)
-    rows = []
+    index = read_index(path)
+    rows, missing = [], []
     for run in index["runs"]:
         workdir = os.path.join(root, run["name"])
         metrics = os.path.join(workdir, "metrics.jsonl")
+        gone = {"index": run.get("index"), "name": run["name"]}
         try:
             final = final_metrics(workdir, run.get("total_steps"))
         except ValueError as e:
-            warnings.warn(f"run {run['name']} left out: {e}", stacklevel=2)
+            missing.append({**gone, "status": "unreadable", "why": f"left out: {e}"})
             continue
         if final is None and os.path.exists(os.path.join(workdir, "DONE")):
             steps = run.get("total_steps")
             why = "is missing" if not os.path.exists(metrics) else f"has no loss at step {steps}"
-            warnings.warn(f"run {run['name']} is DONE but {metrics} {why}", stacklevel=2)
+            why = f"is DONE but {metrics} {why}"
+            if not include_unfinished:
+                missing.append({**gone, "status": "unreadable", "why": why})
+                continue
+            warnings.warn(f"run {run['name']} {why}", stacklevel=2)
         if final is None and not include_unfinished:
+            missing.append({**gone, **_why_unfinished(workdir, run.get("total_steps"))})
             continue
         row = {"index": run["index"], "name": run["name"], "overrides": run["overrides"]}
         row.update(trained_sizes(run.get("info", {}), final))
         row.update(final or {"step": None})
         row.update(task_metrics(workdir))
         rows.append(row)
-    return rows
+    return rows, missing
+
+
+def _why_unfinished(workdir: str, total_steps: int | None) -> dict:
+    """{status, why} of a planned run that has not reached its last step."""
+    from flaxlm.train.sweep import FAILED_FILE, _running_pid  # (sweep imports this module)
+
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    with warnings.catch_warnings():  # final_metrics has read (and warned about) this file
+        warnings.simplefilter("ignore")
+        records = read_metrics(workdir) if os.path.exists(metrics) else None
+    steps = [r.get("step") for r in records or () if isinstance(r, dict)]
+    at = f"at step {max((s for s in steps if isinstance(s, int)), default=0)} of {total_steps}"
+    log = os.path.join(workdir, "train.log")
+    pid = _running_pid(workdir)
+    if pid is not None:
+        return {"status": "running", "why": f"running (pid {pid}), {at}"}
+    if os.path.exists(os.path.join(workdir, FAILED_FILE)):
+        try:
+            with open(os.path.join(workdir, FAILED_FILE)) as f:
+                rc = json.load(f).get("rc")
+        except (ValueError, AttributeError):  # a record cut short: the failure stands
+            rc = "?"
+        last = _last_line(log)
+        return {
+            "status": "failed",
+            "why": f"failed (rc={rc}) {at}; see {log}" + (f": {last}" if last else ""),
+        }
+    if records is None and not os.path.exists(log):
+        return {"status": "not started", "why": f"not started (no {metrics})"}
+    see = f"; see {log}" if os.path.exists(log) else ""
+    return {"status": "unfinished", "why": f"unfinished: stopped {at}{see}"}
+
+
+def _last_line(path: str, limit: int = 160) -> str:
+    """The last non-empty line of a (possibly large) log, cut to `limit` characters."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 4096))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    return lines[-1][:limit] if lines else ""
+
+
+def _missing_message(root: str, missing: Sequence[dict], planned: int) -> str:
+    return (f"{root}: {len(missing)} of {planned} planned runs have no row: "
+            + "; ".join(f"{m['name']} {m['why']}" for m in missing))  # fmt: skip
 
 
 def _columns(rows: Sequence[dict]) -> list[str]:
