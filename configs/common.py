@@ -157,6 +157,11 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     # `override`): with init_from they apply over the source's even when equal to the variant's
     # default; () = none or unknown (`model_keys_set` also diffs against the variant)
     c.model_keys_given = ()
+    # Wall-clock limit in minutes since the process started (0 = none): past it the run stops
+    # as on SIGTERM — a checkpoint (PPO/GRPO: at the rollout's end), a clean exit — so a job
+    # resubmitted after a cluster's time limit resumes bit for bit (train/stopping.py). Leave
+    # the save's time below the job's limit.
+    c.max_runtime_minutes = 0.0
     c.progress_bar = True  # tqdm bar on stderr
     c.peak_tflops = 0.0  # per-chip peak TFLOP/s for MFU (> 0 overrides the built-in table)
     return c

@@ -38,6 +38,14 @@ class MarkovStream:
         process_count: int = 1,
         chain_seed: int | None = None,
     ):
+        # (A zero made no row: numpy's IndexError at the first batch, or rows without a token.)
+        for name, value, least in (("global_batch", global_batch, 1), ("seq_len", seq_len, 1),
+                                   ("branching", branching, 1)):  # fmt: skip
+            if value < least:
+                raise ValueError(f"MarkovStream: {name}={value} must be >= {least}")
+        if branching > vocab_size:  # every successor is another token
+            raise ValueError(f"MarkovStream: branching={branching} must be <= vocab_size="
+                             f"{vocab_size}")  # fmt: skip
         if global_batch % process_count:
             raise ValueError(f"global_batch={global_batch} not divisible by {process_count} procs")
         self.vocab_size, self.seq_len = vocab_size, seq_len

@@ -167,7 +167,8 @@ class StageRecords:
         step = summary.get("step", total)
         where = f"at step {step} of {total} (checkpoint saved in {self.dir[stage]})"
         if summary.get("preempted") or (step < total and not summary.get("data_exhausted")):
-            why = "was stopped by SIGTERM" if summary.get("preempted") else "stopped"
+            stop = summary.get("stop_reason") or "SIGTERM"  # (or max_runtime_minutes)
+            why = f"was stopped by {stop}" if summary.get("preempted") else "stopped"
             raise SystemExit(f"demo: {stage} {why} {where}; the stages after it were not run: "
                              "rerun to resume")  # fmt: skip
         if summary.get("data_exhausted"):

@@ -22,8 +22,9 @@ What the loop does, so tasks never do it again:
     data iterator keeps going, so the offending batches are skipped, as PaLM did); after
     `guard.max_rollbacks` rollbacks in a row that got no further than the step of the one
     before, stops with an error instead (the checkpoints left as they are);
-  * on SIGTERM (preemption) logs the steps since the last log line, saves a checkpoint and
-    returns cleanly; when a finite batch source
+  * on SIGTERM (preemption), or once the process has run `max_runtime_minutes` (> 0; a job's
+    time limit), logs the steps since the last log line, saves a checkpoint and returns cleanly
+    (`summary["preempted"]`, `summary["stop_reason"]`); when a finite batch source
     (`data.num_epochs` > 0) ends before `total_steps`, evaluates there (as at
     `total_steps`), saves and returns. With several
     processes both are agreed (train/stopping.py): every process stops at the same step, even
@@ -144,16 +145,18 @@ def check_cadence(config) -> None:
     the metrics and the guard's rollbacks silently (and the host kept every step's metrics);
     `eval_every` / `ckpt_every` keep their documented 0 (never / only on SIGTERM), but a
     negative value meant the same silently. `keep_ckpts` (0 keeps every checkpoint) < 0 failed
-    in orbax's save with a traceback naming no key."""
+    in orbax's save with a traceback naming no key. `total_steps=0` trained nothing and exited
+    0, looking like a finished run (the optimizer allows 0: it is built for reading as well)."""
     is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
-    keys = {"log_every": 1, "eval_every": 0, "ckpt_every": 0, "guard.max_rollbacks": 0,
-            "keep_ckpts": 0}  # fmt: skip
+    keys = {"total_steps": 1, "log_every": 1, "eval_every": 0, "ckpt_every": 0,
+            "guard.max_rollbacks": 0, "keep_ckpts": 0}  # fmt: skip
     for key, least in keys.items():
         value = config
         for part in key.split("."):
             value = value[part]
         if not (is_int(value) and value >= least):
             raise ValueError(f"config: {key}={value!r} must be an integer >= {least}")
+    stopping.check_max_runtime(config.get(stopping.TIME_LIMIT, 0.0))
 
 
 def _init_or_resume(config, task, ckpt, tx, mesh, rules):
@@ -215,7 +218,7 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
     meta = {"task": task.name, "config": config.to_dict(), **task.model_meta}
 
     writer = None
-    preempt = stopping.Preemption()
+    preempt = stopping.Preemption(config.get(stopping.TIME_LIMIT, 0.0))
     try:
         if jax.process_count() > 1:
             # Before the restore and compilation: jax.distributed.initialize installed jax's own
@@ -278,8 +281,9 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
     window: list = []
     limit = _RollbackLimit(config.guard.max_rollbacks)
     first_step = True  # it compiles (and follows the restore or init): not in the tokens/s
+    # preempted: stopped early by SIGTERM or the time limit (`stop_reason`), a checkpoint saved
     summary: dict = {"train": {}, "eval": {}, "rollbacks": 0, "preempted": False,
-                     "data_exhausted": False}  # fmt: skip
+                     "stop_reason": None, "data_exhausted": False}  # fmt: skip
     bar = tqdm(
         total=total,
         initial=start,
@@ -296,7 +300,9 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
     sync = stopping.StopSync(task.train_batches, config.log_every, total)
     sync.agree(step, preempt)  # several processes: SIGTERM while compiling, data in hand
     while step < total:
-        if sync.stop_requested(preempt) and _at_boundary(task):
+        # SIGTERM or max_runtime_minutes (agreed by every process at sync steps): the same stop
+        stop = sync.stop_reason(preempt)
+        if stop and _at_boundary(task):
             if window:  # the steps since the last log line, as at the end of the data
                 state, step, _ = _log_and_guard(config, window, meter, state, step, writer,
                                                 summary, bar, limit, ckpt, task, tx,
@@ -305,13 +311,16 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
             # (After a rollback: the checkpoint it restored, already saved, so a no-op.)
             ckpt.save(step, state, _data_state(task), meta)
             ckpt.wait()
-            summary["preempted"] = True
-            log.warning("SIGTERM: saved checkpoint at step %d and stopping", step)
-            writer.event("preempted", f"SIGTERM: checkpoint saved at step {step}", step=step)
+            summary["preempted"], summary["stop_reason"] = True, stop
+            why = preempt.describe(stop)
+            log.warning("%s: saved checkpoint at step %d and stopping", why, step)
+            writer.event("preempted", f"{why}: checkpoint saved at step {step}", step=step,
+                         stopped_by=stop)  # fmt: skip
             break
-        if sync.stop_requested(preempt) and not summary["preempted"]:
-            summary["preempted"] = True  # logged once; saved at the boundary above
-            log.warning("SIGTERM at step %d: finishing the rollout's minibatches first", step)
+        if stop and not summary["preempted"]:
+            summary["preempted"], summary["stop_reason"] = True, stop  # saved at the boundary
+            log.warning("%s at step %d: finishing the rollout's minibatches first",
+                        preempt.describe(stop), step)  # fmt: skip
         if sync.data_end is not None and step >= sync.data_end:
             _end_of_data(config, task, state, step, ckpt, writer, meter, meta, window, summary,
                          bar, sync, idle=resumed and not trained)  # fmt: skip

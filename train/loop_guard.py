@@ -1,6 +1,7 @@
 """Rollbacks: after `guard.max_bad_in_row` bad steps in a row (NaN/Inf or loss spikes, counted
 by the step's guard, train/step.py) the loop restores the last checkpoint and keeps the data
-iterator's place, so the offending batches are skipped (`_log_and_guard`, `_rollback`);
+iterator's place, so the offending batches are skipped (`_log_and_guard`, `_rollback`); the
+restored streak starts at 0, so every rollback takes `guard.max_bad_in_row` new bad steps.
 `guard.max_rollbacks` rollbacks in a row without progress stop the run (`_RollbackLimit`).
 """
 
@@ -67,7 +68,15 @@ def _log_and_guard(config, window, meter, state, step, writer, summary, bar, lim
 def _rollback(ckpt, state, step, task, tx, shardings, summary, writer, bad_in_row):
     """Restores the last readable checkpoint's model and optimizer (an unreadable newest step
     is handled as on resume, `ckpt.on_corrupt`); the data iterator keeps its place. The metrics
-    lines after the checkpoint move to metrics.superseded.jsonl (the steps are trained again)."""
+    lines after the checkpoint move to metrics.superseded.jsonl (the steps are trained again).
+
+    The restored guard's streak (`bad_in_row`) starts at 0: a checkpoint saved while a streak
+    was open (saves go on while the guard skips steps) used to bring its count back, so each
+    rollback to it took only the rest of `max_bad_in_row` new bad steps, and three of them at
+    the same step stopped the run claiming `max_bad_in_row` bad steps again. The rest of the
+    guard is kept: its loss statistics and `n_skipped` (the lr schedule skips the skipped
+    steps) are those of the steps the checkpoint holds, and the skipped steps changed neither
+    the params nor the optimizer, so that checkpoint is the one before the streak, renumbered."""
     ckpt.wait()
     got = None
     if ckpt.latest_step() is not None:
@@ -78,6 +87,9 @@ def _rollback(ckpt, state, step, task, tx, shardings, summary, writer, bad_in_ro
             "spikes) and no checkpoint to roll back to; lower the learning rate or check the data"
         )
     last, restored = got[0], got[1]
+    streak = restored.guard["bad_in_row"]
+    # `* 0`: the same dtype and sharding as restored (a fresh array would be one device's)
+    restored = restored.replace(guard={**restored.guard, "bad_in_row": streak * 0})
     summary["rollbacks"] += 1
     moved = writer.rolled_back(
         step, last, f"{bad_in_row} bad steps in a row (NaN/Inf or loss spikes) at step {step}: "

@@ -97,6 +97,9 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
             log.info("resume: total_steps changed from %s to %s (the lr schedule now spans "
                      "%s steps)", old, new, new)  # fmt: skip
             continue
+        if key == "max_runtime_minutes":  # a resubmitted job's limit: it changes nothing trained
+            log.info("resume: max_runtime_minutes changed from %s to %s", old, new)
+            continue
         log.warning("resume from step %d with a changed config key: %s: checkpoint %r, this "
                     "run %r", step, key, old, new)  # fmt: skip
         if key in DATA_ORDER_KEYS or key.startswith("data."):

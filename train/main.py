@@ -96,7 +96,7 @@ def main(argv):
     if module is None:
         raise app.UsageError(f"config.task={config.task!r}; known tasks: {sorted(TASKS)}")
     _, summary = importlib.import_module(module).run(config, _WORKDIR.value)
-    keys = ("step", "train", "eval", "preempted", "data_exhausted")
+    keys = ("step", "train", "eval", "preempted", "stop_reason", "data_exhausted")
     print({k: v for k, v in summary.items() if k in keys})
 
 

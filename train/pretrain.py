@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 
 import jax
@@ -90,6 +91,30 @@ def lm_loss(apply, loss_cfg, prepare=None, moe: bool = False):
     return lm_loss_fn(apply, z_loss=loss_cfg.z_loss, router=router)
 
 
+def _least(key: str, value, least: int, most: int | None = None, why: str = "") -> None:
+    """Refuses, naming the key, a `value` that is not an integer in [least, most]."""
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not (is_int and value >= least and (most is None or value <= most)):
+        what = f"an integer >= {least}" + (f" and <= {most}" if most is not None else "")
+        raise ValueError(f"config: {key}={value!r} must be {what}{why}")
+
+
+def check_sizes(config) -> None:
+    """Refuses, naming the key, a batch the data cannot make, before anything is built: a
+    markov `batch_size=0` failed in numpy (IndexError) at the first batch, `seq_len=0` trained
+    on rows without a token (loss 0.0), `data.markov_branching=0` failed in the sampler
+    (IndexError; one above `model.vocab_size` in numpy's rng). `data.eval_batches` < 1 made
+    every text eval pack the whole held-out set, and a markov eval average nothing (KeyError
+    'nll')."""
+    _least("batch_size", config.batch_size, 1)
+    _least("seq_len", config.seq_len, 1, why=" (tokens per row; one makes one next-token pair)")
+    _least("data.eval_batches", config.data.eval_batches, 1, why=" (held-out batches per eval)")
+    if config.data.kind == "markov":
+        why = " (model.vocab_size: the successors of each token)"
+        _least("data.markov_branching", config.data.markov_branching, 1, config.model.vocab_size,
+               why)  # fmt: skip
+
+
 def _builtin_world_texts(split: str = "pretrain") -> list[str]:
     from flaxlm.data import synthetic
 
@@ -145,6 +170,8 @@ def text_eval_batches(config, tokenizer) -> list[dict]:
     from flaxlm.data import pipeline, sources
 
     d = config.data
+    # (Also distillation's held-out set, which is built here without `check_sizes`.)
+    _least("data.eval_batches", d.eval_batches, 1, why=" (held-out batches per eval)")
     log = sources.BadInputLog(strict=d.strict)
     if d.eval_sources:
         what, where = "data.eval_sources", f"data.eval_sources {d.eval_sources}"
@@ -220,6 +247,7 @@ def make_eval_fn(config, mesh, loss_fn, tokenizer=None):
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The pretraining Task; with a workdir the text tokenizer is saved there for the meta."""
+    check_sizes(config)
     cfg = to_model_config(config.model)
     check_batch_divides(config.batch_size, mesh)
     init_params, apply = model_fns(cfg)
@@ -246,5 +274,6 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
 
 
 def run(config, workdir: str):
+    loop.check_cadence(config)  # (again in loop.run) before the data and tokenizer are built
     mesh = make_mesh(dict(config.mesh))
     return loop.run(config, workdir, build_task(config, mesh, workdir), mesh=mesh)

@@ -1,17 +1,21 @@
-"""Stopping before `total_steps`, together: SIGTERM (preemption) and the end of the data.
+"""Stopping before `total_steps`, together: SIGTERM (preemption), the wall-clock limit and the
+end of the data.
 
 One process: SIGTERM sets a flag the loop checks before every step (it saves a checkpoint and
-returns); a batch source that ends (StopIteration: `data.num_epochs` > 0) stops the run at that
-step, with a checkpoint.
+returns); `max_runtime_minutes` > 0 (a cluster job's time limit) stops the run the same way once
+the process has run that long (`runtime_s`: since the process started, not since the loop did);
+a batch source that ends (StopIteration: `data.num_epochs` > 0) stops the run at that step, with
+a checkpoint.
 
 Several processes have to stop at the same step: each step is a collective, and so are saves
 (orbax) and the data state (data/process_state.py), so a process that stopped alone would leave
 the others waiting in a collective for ever (or would save a checkpoint the others never join).
 They agree at *sync steps*, with one tiny `process_allgather` of
-[SIGTERM seen, batches in hand, seconds per step] per process:
+[SIGTERM seen / time up, batches in hand, seconds per step] per process:
 
-  * SIGTERM on any process: every process stops at that sync step (PPO/GRPO at the rollout
-    boundary after it, which every process reaches at the same step) and saves there;
+  * SIGTERM or the time limit on any process: every process stops at that sync step (PPO/GRPO
+    at the rollout boundary after it, which every process reaches at the same step) and saves
+    there (the processes' clocks differ a little; the first past the limit decides);
   * a finite batch source (`finite` and `prefetch(n)`, data/lookahead.py) draws the batches of
     the steps up to the next sync step ahead; when some process has fewer, every process stops
     after the fewest, and the log names the processes and the step.
@@ -19,9 +23,9 @@ They agree at *sync steps*, with one tiny `process_allgather` of
 Sync steps are the loop's start, the step a guard rollback returns to, and then the multiples
 of `interval`: as many steps as take about SYNC_SECONDS (by the slowest process's step time at
 the sync before), at most `log_every`. With fast steps they are the log steps, where the loop
-waits for the device anyway; with slow ones a SIGTERM is acted on within about SYNC_SECONDS (or
-one step, if longer), plus the save. Between sync steps the training step has no extra host
-sync.
+waits for the device anyway; with slow ones a SIGTERM (or the time limit) is acted on within
+about SYNC_SECONDS (or one step, if longer), plus the save. Between sync steps the training step
+has no extra host sync.
 
 Why not `jax.experimental.multihost_utils.reached_preemption_sync_point`: its SIGTERM handler
 (installed by `jax.distributed.initialize`, C++) and Python's `signal` module replace each other,
@@ -35,6 +39,9 @@ first sync step.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+import os
 import signal
 import time
 
@@ -45,18 +52,72 @@ log = logging.getLogger("flaxlm")
 
 SYNC_SECONDS = 5.0  # aim: one agreement per this much training (or per step, if slower)
 
+SIGTERM = "SIGTERM"
+TIME_LIMIT = "max_runtime_minutes"  # the config key, and the reason `Preemption.reason` gives
+
+
+def _seconds_since_start() -> float | None:
+    """How long this process has been running (Linux: its start time in /proc/self/stat, clock
+    ticks after boot, against CLOCK_BOOTTIME); None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": comm may hold spaces
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, `starttime`
+        since = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return since if 0 <= since < 10 * 365 * 86400 else None
+
+
+# The process's start on the monotonic clock: a job's time limit counts from its start, and the
+# imports and the compiles before the loop count too. Where the start cannot be read, this
+# module's import (one of the first flaxlm imports of a trainer).
+_STARTED = time.monotonic() - (_seconds_since_start() or 0.0)
+
+
+def runtime_s() -> float:
+    """Seconds since this process started (the clock `max_runtime_minutes` reads)."""
+    return time.monotonic() - _STARTED
+
+
+def check_max_runtime(value) -> None:
+    """Refuses, naming the key, a `max_runtime_minutes` that is not a number >= 0 (0 = off)."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and value >= 0):
+        raise ValueError(f"config: {TIME_LIMIT}={value!r} must be a number >= 0 (0 = no limit)")
+
 
 class Preemption:
-    """Turns SIGTERM into a flag (`requested`) the loop checks between steps.
+    """This process's reasons to stop early, which the loop checks between steps: SIGTERM, as
+    a flag (`requested`), and the wall-clock limit (`max_runtime_minutes` > 0: once `runtime_s`
+    passes it; then it stays passed).
 
     `install()` may come early (before the restore) and is idempotent; `uninstall()` restores
     the previous handler.
     """
 
-    def __init__(self):
+    def __init__(self, max_runtime_minutes: float = 0.0):
         self.requested = False
+        self.max_runtime_minutes = float(max_runtime_minutes)
+        self.timed_out = False
         self._old = None
         self._installed = False
+
+    def reason(self) -> str | None:
+        """SIGTERM, TIME_LIMIT or None: why this process wants to stop."""
+        if self.requested:
+            return SIGTERM
+        if not self.timed_out and self.max_runtime_minutes > 0:
+            self.timed_out = runtime_s() >= 60.0 * self.max_runtime_minutes
+        return TIME_LIMIT if self.timed_out else None
+
+    def describe(self, reason: str) -> str:
+        """`reason` for the log and events.jsonl (an agreed one may be another process's)."""
+        if reason != TIME_LIMIT:
+            return reason
+        where = (f"{runtime_s() / 60:.1f} min since the process started"
+                 if self.reason() == TIME_LIMIT else "by another process")  # fmt: skip
+        return f"{TIME_LIMIT}={self.max_runtime_minutes:g} reached ({where})"
 
     def install(self) -> Preemption:
         if not self._installed:
@@ -103,7 +164,8 @@ class StopSync:
         )
         self.max_interval = log_every if log_every > 0 else 100
         self.total = total
-        self.sigterm = False  # agreed: every process stops at the next boundary
+        self.stop: str | None = None  # agreed (SIGTERM or TIME_LIMIT): every process stops at
+        # the next boundary
         self.data_end: int | None = None  # agreed (or, one process, seen): the last step
         self.batches_left: list[int] = []  # per process, at the sync that set data_end
         self._interval = 1  # length of the window the next sync step starts
@@ -111,17 +173,18 @@ class StopSync:
         self._seconds_per_step = 0.0
         self._last: tuple[float, int] | None = None  # (time, step) of the last sync
 
-    def stop_requested(self, preempt: Preemption) -> bool:
-        """Whether to stop at the next boundary: this process's SIGTERM with one process, the
-        agreed one with several (a SIGTERM seen since the last sync waits for the next)."""
-        return self.sigterm if self.multi else preempt.requested
+    def stop_reason(self, preempt: Preemption) -> str | None:
+        """Why to stop at the next boundary (SIGTERM, TIME_LIMIT), or None: this process's
+        reason with one process, the agreed one with several (a SIGTERM seen, or the limit
+        passed, since the last sync waits for the next)."""
+        return self.stop if self.multi else preempt.reason()
 
     def due(self, step: int) -> bool:
         return self.multi and step < self.total and (self._next is None or step >= self._next)
 
     def agree(self, step: int, preempt: Preemption) -> None:
-        """A sync step (every process calls it at the same step): agrees on SIGTERM and on how
-        many batches are left; schedules the next sync step."""
+        """A sync step (every process calls it at the same step): agrees on SIGTERM and the time
+        limit and on how many batches are left; schedules the next sync step."""
         if not self.multi or step >= self.total:
             return
         end = min((step // self._interval + 1) * self._interval, self.total)
@@ -133,16 +196,20 @@ class StopSync:
         self._last = (now, step)
         from jax.experimental import multihost_utils
 
-        mine = [int(preempt.requested), int(have), int(min(self._seconds_per_step * 1e3, 2**30))]
+        flag = {None: 0, SIGTERM: 1, TIME_LIMIT: 2}[preempt.reason()]
+        mine = [flag, int(have), int(min(self._seconds_per_step * 1e3, 2**30))]
         rows = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32)))
         rows = rows.reshape(jax.process_count(), 3)
-        sigterm = [p for p in range(len(rows)) if rows[p, 0]]
-        if sigterm and not self.sigterm:
-            self.sigterm = True
+        names = {1: SIGTERM, 2: TIME_LIMIT}
+        stop = {p: names[int(rows[p, 0])] for p in range(len(rows)) if rows[p, 0]}
+        if stop and self.stop is None:
+            # Every process reads the same rows, so every process names the same reason.
+            self.stop = SIGTERM if SIGTERM in stop.values() else TIME_LIMIT
             log.warning(
-                "SIGTERM on process(es) %s: every process stops at step %d (or at the batch "
+                "%s on process(es) %s: every process stops at step %d (or at the batch "
                 "source's next boundary) and saves a checkpoint",
-                sigterm,
+                self.stop,
+                sorted(p for p, r in stop.items() if r == self.stop),
                 step,
             )
         fewest = int(rows[:, 1].min())
