@@ -79,8 +79,9 @@ prompts) is rl_rollout's: the sample is skipped with a count; a rollout with no 
 that never ended) is not judged: the reward functions are not called on it and it gets
 `rollout.empty_reward`, a valid sample.
 
-Metrics: `rollout/reward_mean|std`, `rollout/accuracy` (the world's exact match, when prompts
-carry its meta), `rollout/r_<name>` per reward function (over the samples it judged),
+Metrics: `rollout/reward_mean|std`, `rollout/accuracy` (`exact_match`, when every prompt's
+meta has an `answer`: the world's judge on its questions, else the stripped answer),
+`rollout/r_<name>` per reward function (over the samples it judged),
 `rollout/kl` (per-sequence KL of the valid responses to the reference, cut-off ones included
 under `mask_truncated`), `rollout/response_len`, the bad-input counts, the time split
 `rollout/gen_s`, `score_s`, `train_s`, `rollout/logprob_gap` (mean |decoder − scoring
@@ -133,7 +134,6 @@ from flaxlm.alignment.rl_rollout import (
     scoring_temperature,
 )
 from flaxlm.data.formats import split_reasoning
-from flaxlm.data.synthetic_judge import TASKS
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train import loop
@@ -357,7 +357,8 @@ class GRPOSource(RolloutSource):
                       for name, vals in s["parts"].items()})  # fmt: skip
         if g.get("reasoning_end", ""):
             stats["reasoning_unfinished"] = float(unfinished[v].mean())
-        if all(mt.get("task") in TASKS and "answer" in mt for mt in s["metas"]):
+        # exact_match: the world's judge on its questions, else the stripped `answer` (yours)
+        if all("answer" in mt for mt in s["metas"]):
             hits = [exact_match(mt, tx) for mt, tx in zip(s["metas"], texts)]
             stats["accuracy"] = np.mean(hits)
         train_rows = {

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flaxlm.data.synthetic_judge import TASKS
+from flaxlm.data.synthetic_judge import is_world_meta
 
 
 def exact_match(meta: dict, response: str) -> float:
-    """1 when the response is right, else 0: for the built-in world's prompts, when it states
-    the right answer as "The answer is X." (the world's `is_correct`); for your own prompts, when
-    it equals `meta["answer"]` (whitespace stripped) — the eval_gen accuracy's rule."""
+    """1 when the response is right, else 0: for the built-in world's prompts (their meta carries
+    the world's mark, `synthetic_judge.is_world_meta`), when it states the right answer as "The
+    answer is X." (the world's `is_correct`); for your own prompts, when it equals
+    `meta["answer"]` (whitespace stripped) — the eval_gen accuracy's rule — whatever their
+    meta's "task" says (one named like a world task, "sort", is yours too)."""
     from flaxlm.data import synthetic
 
-    if meta.get("task") in TASKS:
+    if is_world_meta(meta):
         return float(synthetic.is_correct(meta, response))
     if "answer" not in meta:
         raise KeyError("exact_match needs the prompt record's meta.answer (the reference)")
@@ -62,18 +64,28 @@ def _is_number(s: str) -> bool:
     return True
 
 
-def import_reward(name: str) -> Callable[[dict, str], float]:
+def _module(name: str) -> bool:
+    """Whether `name` is an importable module's."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def import_reward(name: str, key: str = "grpo.rewards") -> Callable[[dict, str], float]:
     """The function `fn` of "module:fn" (imported like any module: installed, on PYTHONPATH or
-    in the working directory)."""
+    in the working directory); errors name the config `key` the spec came from."""
     import importlib
 
     module, _, attr = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"grpo.rewards: cannot load reward {name!r}: {e}") from None
+        raise ValueError(f"{key}: cannot load reward {name!r}: {e}") from None
     if not callable(fn):
-        raise TypeError(f"grpo.rewards: {name!r} is not callable")
+        raise TypeError(f"{key}: {name!r} is not callable")
     return fn
 
 
@@ -81,18 +93,23 @@ def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Calla
     """Parses "exact_match,format:0.1,my_rewards:numeric:0.5" into [(name, fn, weight), ...]:
     each part is a name of REWARDS or "module:function" (imported), then an optional ":weight"
     (default 1); "rm" is the reward model of `reward_from` (its fn is None: the source scores
-    it). Unknown names and unimportable functions are errors."""
+    it). Unknown names, unimportable functions and a weight that is no number are errors, each
+    naming `key` (the config key of `spec`)."""
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, w = part.rpartition(":")
-        if not name or not _is_number(w):  # no weight
+        if not name or not _is_number(w):
+            # "module:fn:abc", "exact_match:abc": a weight that is no number (a function's name
+            # has no ":"; a module named like a built-in still imports); else no weight
+            if part.count(":") > 1 or (name in (*REWARDS, REWARD_MODEL) and not _module(name)):
+                raise ValueError(f"{key}: bad weight {w!r} in {part!r} (name[:weight], a number)")
             name, w = part, ""
         if name == REWARD_MODEL:
             fn = None
         elif name in REWARDS:
             fn = REWARDS[name]
         elif ":" in name:
-            fn = import_reward(name)
+            fn = import_reward(name, key)
             name = name.replace(":", ".")  # metric rollout/r_module.function
         else:
             raise KeyError(

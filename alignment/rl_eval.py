@@ -24,7 +24,7 @@ from flaxlm.alignment.rl_common import (
     stop_string_tuple,
 )
 from flaxlm.data import formats as F
-from flaxlm.data.synthetic_judge import TASKS
+from flaxlm.data.synthetic_judge import is_world_meta
 from flaxlm.models.decode import generate, prompt_keys
 from flaxlm.models.sharding import fetch, global_batch, use_mesh
 
@@ -35,7 +35,7 @@ def question_key(prompt: dict) -> str:
     question of its ids — your own meta may hold just the reference answer, which different
     questions share ("2 plus 5" and "3 plus 4")."""
     meta = prompt.get("meta") or {}
-    if meta.get("task") in TASKS:
+    if is_world_meta(meta):  # (a task name alone is no mark: your own records may use one)
         return json.dumps(meta, sort_keys=True)
     return " ".join(map(str, prompt["ids"].tolist()))
 

@@ -14,13 +14,13 @@ is only used for a fresh model). With `lora.rank > 0` only adapters train (model
 Evaluation (every `eval_every` steps, and at step 0 for the starting model's baseline):
   * `loss`/`nll`/`accuracy`: held-out answer-token loss on `data.eval`;
   * `<set>/accuracy`, `<set>/judge`, `<set>/stopped`: greedy generation on each `eval_gen.sets`
-    record's prompt, scored by the built-in world's judge when the record carries its meta
-    (exact match of "The answer is X."), else by exact match with the reference answer (a
-    conversation's last assistant turn, or a prompt record's meta.answer: the RL stages' sets
-    read the same, `rl_eval.heldout_sets`); `stopped` is the fraction of answers that ended
-    with `<|end|>` within `max_new_tokens`. Dropped records, and prompts cut to
-    `max_prompt_len` (default seq_len − max_new_tokens), are counted in the data report's
-    `eval_gen` section; a set with no usable record is an error.
+    record's prompt, scored by the built-in world's judge when the record is the world's (its
+    meta carries the world's mark: exact match of "The answer is X."), else by exact match with
+    the reference answer (a conversation's last assistant turn, or a prompt record's
+    meta.answer: the RL stages' sets read the same, `rl_eval.heldout_sets`); `stopped` is the
+    fraction of answers that ended with `<|end|>` within `max_new_tokens`. Dropped records, and
+    prompts cut to `max_prompt_len` (default seq_len − max_new_tokens), are counted in the data
+    report's `eval_gen` section; a set with no usable record is an error.
 """
 
 from __future__ import annotations
@@ -63,11 +63,12 @@ def eval_gen_config(sets: str, seq_len=None) -> ml_collections.ConfigDict:
 
 def score(meta: dict, response: str, reference: str) -> tuple[float, float]:
     """(exact-match correctness, judge score) of a response; the world's judge when the record
-    carries its meta (a task of the world's), else exact match with the reference (judge =
-    correctness) — your own meta may name other tasks."""
-    from flaxlm.data.synthetic_judge import TASKS
+    is the built-in world's (its meta carries the world's mark, `synthetic_judge.is_world_meta`),
+    else exact match with the reference (judge = correctness) — your own meta may name any task,
+    one of the world's names ("sort") too."""
+    from flaxlm.data.synthetic_judge import is_world_meta
 
-    if meta.get("task") in TASKS and "answer" in meta:
+    if is_world_meta(meta) and "answer" in meta:
         from flaxlm.data import synthetic
 
         return float(synthetic.is_correct(meta, response)), float(synthetic.judge(meta, response))

@@ -13,9 +13,11 @@ Your own prompts and rewards. `data.train` (and `eval_gen.sets`, held-out) are j
 records {"prompt": text or messages, "meta": {"answer": "42", ...}}: `meta` is what every reward
 function sees (other fields are ignored; one that asks for it also gets the prompt, below),
 `meta.answer` the reference answer. The built-in `exact_match` then compares the whole response
-to `meta.answer` (stripped); `format` and `judge` are the demo world's. Your own reward is a
-function (meta: dict, response: str) -> float in any importable module (the working directory
-counts), named as module:function:
+to `meta.answer` (stripped), whatever else `meta` holds ("task": "sort" too: the world's rules
+score only the world's records, whose meta carries its mark, "world": "flaxlm-builtin");
+`format` and `judge` are the demo world's. Your own reward is a function (meta: dict,
+response: str) -> float in any importable module (the working directory counts), named as
+module:function:
 
     # my_rewards.py
     def numeric(meta, response):

@@ -11,10 +11,11 @@ multiplies opt.lr by 10). One rollout holds rollout.batch / 2 prompts × 2 sampl
 pairs, and gives rollout.epochs × pairs / batch_size optimizer steps (`batch_size` counts pairs).
 
 Rewards rank each pair: `online.rewards` names reward functions as GRPO's `grpo.rewards` does
-(configs/grpo.py: built-ins, module:function, "rm" for the reward model of `reward_from`); the
-prompts are `data.train` records {"prompt", "meta"} as GRPO's. The `dpo` section is DPO's loss
-(configs/dpo.py); the reference is the `init_from` run (frozen, `rollout.frozen_dtype`), or the
-policy's frozen base under LoRA.
+(configs/grpo.py: built-ins, module:function, "rm" for the reward model of `reward_from`;
+errors name online.rewards); the prompts are `data.train` records {"prompt", "meta"} as GRPO's
+(`exact_match` compares with meta.answer unless the record is the built-in world's). The `dpo`
+section is DPO's loss (configs/dpo.py); the reference is the `init_from` run (frozen,
+`rollout.frozen_dtype`), or the policy's frozen base under LoRA.
 """
 
 from __future__ import annotations

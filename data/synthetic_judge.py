@@ -28,11 +28,21 @@ LEN_MAX = 0.3
 UNSAFE_PENALTY = 1.2
 
 TASKS = ("attribute", "arithmetic", "reverse", "sort")
+# Every question the world generates carries this in its meta (and so in the files write_world
+# writes): what picks the world's rules in exact_match and eval_gen's `score`. A task name alone
+# does not: a user's own {"task": "sort", "answer": ...} is compared with its answer as is.
+WORLD_KEY, WORLD_MARK = "world", "flaxlm-builtin"
 
 _SPAN = re.compile(r"the answer is\s+([^\n.!?,;]*)", re.IGNORECASE)
 _FORMAT = re.compile(r"The answer is [^\n.!?]+\.")
 _INT = re.compile(r"-?\d+")
 _UNSAFE = re.compile(r"\b(" + "|".join(re.escape(w) for w in UNSAFE_WORDS) + r")\b", re.I)
+
+
+def is_world_meta(meta: dict) -> bool:
+    """Whether `meta` is a built-in world question's (marked by its generator, with a task of
+    the world's): only those are scored by the world's rules."""
+    return meta.get(WORLD_KEY) == WORLD_MARK and meta.get("task") in TASKS
 
 
 def format_answer(answer: str) -> str:

@@ -1,8 +1,10 @@
 """Instruction data, preference pairs, RL prompts and evaluation tasks of the built-in world.
 
 Every question is an *item*: (question text, meta) where meta holds what the judge needs
-("task", "answer", ...). Items come from pools split into train and held-out parts; the held-out
-entities' pool is only ever used for `heldout_facts` and the evaluation files.
+("task", "answer", ...) and the world's mark (`synthetic_judge.WORLD_KEY`: what makes
+exact_match and eval_gen score it by the world's rules). Items come from pools split into train
+and held-out parts; the held-out entities' pool is only ever used for `heldout_facts` and the
+evaluation files.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from flaxlm.data.synthetic_judge import format_answer, judge
+from flaxlm.data.synthetic_judge import WORLD_KEY, WORLD_MARK, format_answer, judge
 from flaxlm.data.synthetic_text import (
     MC_CONTEXTS,
     arithmetic_facts,
@@ -60,18 +62,18 @@ Item = tuple[str, dict]
 
 def attribute_item(e: Entity, attr: str, template: str, split: str) -> Item:
     meta = {"task": "attribute", "entity": e.name, "attribute": attr, "answer": e.value(attr)}
-    return template.format(n=e.name), {**meta, "split": split}
+    return template.format(n=e.name), {**meta, "split": split, WORLD_KEY: WORLD_MARK}
 
 
 def arithmetic_item(fact: tuple[str, int, int, int], rng: random.Random, split: str) -> Item:
     op, a, b, c = fact
     meta = {"task": "arithmetic", "op": op, "a": a, "b": b, "answer": str(c), "split": split}
-    return rng.choice(ARITH_QUESTIONS[op]).format(a=a, b=b), meta
+    return rng.choice(ARITH_QUESTIONS[op]).format(a=a, b=b), {**meta, WORLD_KEY: WORLD_MARK}
 
 
 def string_item(task: str, word: str, rng: random.Random, split: str) -> Item:
     answer = reverse_letters(word) if task == "reverse" else sort_letters(word)
-    meta = {"task": task, "word": word, "answer": answer, "split": split}
+    meta = {"task": task, "word": word, "answer": answer, "split": split, WORLD_KEY: WORLD_MARK}
     return rng.choice(STRING_QUESTIONS[task]).format(s=spaced(word)), meta
 
 

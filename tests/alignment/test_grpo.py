@@ -115,7 +115,9 @@ def test_grpo_loss_ignores_extreme_values_outside_the_mask(importance):
 
 
 def test_builtin_rewards_use_the_world_judge():
-    meta = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7"}
+    from flaxlm.data.synthetic_judge import WORLD_KEY, WORLD_MARK
+
+    meta = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7", WORLD_KEY: WORLD_MARK}
     assert grpo.exact_match(meta, "The answer is 7.") == 1.0
     assert grpo.exact_match(meta, "The answer is 8.") == 0.0
     assert grpo.format_reward(meta, "The answer is 8.") == 1.0

@@ -13,6 +13,7 @@ from flaxlm.configs import grpo as grpo_config
 from flaxlm.configs import online_dpo as online_dpo_config
 from flaxlm.configs import ppo as ppo_config
 from flaxlm.configs.common import override
+from flaxlm.data.synthetic_judge import WORLD_KEY, WORLD_MARK
 
 
 def _p(ids, meta):
@@ -25,8 +26,11 @@ def test_question_key_own_meta_is_not_the_question():
     assert rl_eval.question_key(a) != rl_eval.question_key(b)
     assert rl_eval.question_key(a) == rl_eval.question_key(_p([1, 2, 5], {"answer": "7"}))
     # The world's paraphrases (other ids, same meta) stay one question.
-    world = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7"}
+    world = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7", WORLD_KEY: WORLD_MARK}
     assert rl_eval.question_key(_p([1, 3], world)) == rl_eval.question_key(_p([9, 9], world))
+    # Your own records may name a task the world has: their meta is still not the question.
+    own = {"task": "arithmetic", "answer": "7"}
+    assert rl_eval.question_key(_p([1, 3], own)) != rl_eval.question_key(_p([9, 9], own))
     # Held-out split: 4 own prompts with one shared answer are 4 questions, not 1.
     prompts = [_p([1, i], {"answer": "7"}) for i in range(4)]
     train, held = rl_eval.split_prompts(prompts, 1, seed=0)

@@ -320,13 +320,14 @@ def test_rope_scaling_turned_on_over_init_from_takes_its_context(sft_cfg, caplog
 
 
 def test_score_own_meta_with_a_task_is_exact_match():
-    """eval_gen scoring: the world's judge only for the world's tasks; a user's meta that names
-    its own task (e.g. "math") is exact match with the reference, not a judge error."""
+    """eval_gen scoring: the world's judge only for the world's (marked) records; a user's meta
+    that names its own task (e.g. "math") is exact match with the reference, not a judge error."""
     from flaxlm.alignment import sft
+    from flaxlm.data.synthetic_judge import WORLD_KEY, WORLD_MARK
 
     assert sft.score({"task": "math", "answer": "7"}, "7", "7") == (1.0, 1.0)
     assert sft.score({"task": "math", "answer": "7"}, "It is 7.", "7") == (0.0, 0.0)
-    world = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7"}
+    world = {"task": "arithmetic", "a": 3, "b": 4, "answer": "7", WORLD_KEY: WORLD_MARK}
     assert sft.score(world, "The answer is 7.", "")[0] == 1.0
 
 
