@@ -10,7 +10,8 @@
     `ema=True`: the run's EMA weights (train/ema.py);
   * `init_hooks(kind, spec)`: the loop Task's `load_init_params` / `init_from_transform`
     that put those params into the task's own param tree ({"transformer", "head"}, LoRA's
-    {"base", "lora"}); `load_policy(run_dir)`: (cfg, plain params, meta) of any LM run.
+    {"base", "lora"}; a reward model's head too when `init_from` is one);
+    `load_policy(run_dir)`: (cfg, plain params, meta) of any LM run.
 
 `init_from` is a flaxlm run directory, or "hf:DIR" for an imported HF checkpoint
 (flaxlm.models.hf.load_pretrained). `init_from_ema=True` starts from that run's EMA weights
@@ -297,7 +298,7 @@ def _select(full, target, where: str):
 
 
 def load_lm_params(source: str, target, step: int | None = None, ema: bool = False, *,
-                   key: str = "init_from"):  # fmt: skip
+                   key: str = "init_from", with_head: bool = False):  # fmt: skip
     """Language-model params shaped like `target` (ShapeDtypeStructs with shardings).
 
     `source` is "hf:DIR" or a flaxlm run: a plain LM run, a LoRA run (adapters merged), a
@@ -305,14 +306,20 @@ def load_lm_params(source: str, target, step: int | None = None, ema: bool = Fal
     run (its policy). `ema`: the run's EMA weights (a LoRA run: its adapters' EMA merged into
     the base); a run without an EMA, or an HF source, is an error. `key`: the reader the
     errors name (ckpt_lib.load_params).
+
+    `with_head` (a scalar-head task): `target` is the whole {"transformer", "head"} tree; a
+    scalar-head source fills both, any other source only "transformer" (the returned tree lacks
+    "head": the caller keeps its fresh head).
     """
+    lm_target = target["transformer"] if with_head else target
+    wrap = (lambda lm: {"transformer": lm}) if with_head else (lambda lm: lm)  # noqa: E731
     if source.startswith(HF_PREFIX):
         if ema:
             raise ckpt_lib.CheckpointError(f"{source}: an HF checkpoint holds no EMA weights")
         from flaxlm.models import hf
 
         _, params = hf.load_pretrained(source[len(HF_PREFIX) :])
-        return _select(params, target, source)
+        return wrap(_select(params, lm_target, source))
     # The step read from here on: "latest" resolved once, so a save that lands meanwhile (a
     # run still training) cannot pair this meta with another step's params.
     step, meta = ckpt_lib.read_meta(source, step)
@@ -321,36 +328,46 @@ def load_lm_params(source: str, target, step: int | None = None, ema: bool = Fal
     spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
     if meta.get("head") == "policy_value":  # a PPO run: {"policy": LM, "value": critic}
         if spec is None:
-            return load({"policy": target}, step, ema)["policy"]
-        adapters = replicated_like(lora_lib.abstract_adapters(target, spec), target)
-        both = {"policy": {"base": target, "lora": adapters}}
-        return lora_lib.merge(load(both, step, ema)["policy"], spec)
-    inner = {"transformer": target} if scalar else target
+            return wrap(load({"policy": lm_target}, step, ema)["policy"])
+        adapters = replicated_like(lora_lib.abstract_adapters(lm_target, spec), lm_target)
+        both = {"policy": {"base": lm_target, "lora": adapters}}
+        return wrap(lora_lib.merge(load(both, step, ema)["policy"], spec))
+    # a scalar-head source read into a scalar-head task: the head too (its base head: a LoRA
+    # reward model trains it whole, `lora.train_extra`)
+    inner = (target if with_head else {"transformer": target}) if scalar else lm_target
     if spec is None:
         loaded = load(inner, step, ema)
     else:
-        adapters = replicated_like(lora_lib.abstract_adapters(inner, spec), target)
+        adapters = replicated_like(lora_lib.abstract_adapters(inner, spec), lm_target)
         both = load({"base": inner, "lora": adapters}, step, ema)
         loaded = lora_lib.merge(both, spec)
-    return loaded["transformer"] if scalar else loaded
+    if scalar:
+        return loaded if with_head else loaded["transformer"]
+    return wrap(loaded)
 
 
 def init_hooks(kind: str, spec: lora_lib.LoraSpec | None, step: int | None = None):
     """(load_init_params, init_from_transform) for a task whose params are an LM ("lm") or a
     scalar-head model ("scalar"), with or without LoRA; the loader reads the source's EMA
     weights when the loop passes `ema=True` (`init_from_ema`), and its `step` (None: the
-    latest; GRPO: the step its frozen reference copy was pinned to, rl_frozen.FrozenSources)."""
+    latest; GRPO: the step its frozen reference copy was pinned to, rl_frozen.FrozenSources).
 
-    def backbone(tree):
-        tree = tree["base"] if spec else tree
-        return tree["transformer"] if kind == "scalar" else tree
+    A scalar-head task from a scalar-head run (a reward model trained on) takes its head too,
+    logged; from a language model its backbone, with a fresh head. (It kept only the backbone
+    of a reward model, silently.)"""
 
     def load(source, target, ema=False):
-        return load_lm_params(source, backbone(target), step, ema=ema)
+        target = target["base"] if spec else target
+        if kind != "scalar":
+            return load_lm_params(source, target, step, ema=ema)
+        loaded = load_lm_params(source, target, step, ema=ema, with_head=True)
+        log.info("init_from=%s: %s", source, "a scalar-head run: its backbone and head loaded"
+                 if "head" in loaded else "backbone loaded, the scalar head is fresh")  # fmt: skip
+        return loaded
 
     def transform(loaded, fresh):
         inner = fresh["base"] if spec else fresh
-        inner = {**inner, "transformer": loaded} if kind == "scalar" else loaded
+        inner = {**inner, **loaded} if kind == "scalar" else loaded
         return {"base": inner, "lora": fresh["lora"]} if spec else inner
 
     return load, transform

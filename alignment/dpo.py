@@ -49,10 +49,12 @@ without them DPO's gradient alone is free to collapse the router onto a few expe
 
 Metrics (means over the batch's real pairs, `valid` = 1): `rewards/chosen`, `rewards/rejected`,
 `rewards/margin`, `rewards/accuracy` (implicit reward of chosen strictly > rejected, as TRL),
-`logps/chosen`, `logps/rejected`. Evaluation on held-out pairs: the same, with ties counted ½
-(at step 0 every DPO-variant margin is 0), `logp_accuracy` (mean token log-probability of
-chosen > rejected: a reference-free preference accuracy that is meaningful at step 0 too),
-accuracy per pair kind, and greedy generation accuracy on `eval_gen.sets` (the task metric).
+`logps/chosen`, `logps/rejected`. Evaluation on held-out pairs: `loss` (the training objective,
+RPO term included; with `sft_coef` > 0 also its parts, `pref_loss` and `sft_nll`), the
+accuracy and margin with ties counted ½ (at step 0 every DPO-variant margin is 0),
+`logp_accuracy` (mean token log-probability of chosen > rejected: a reference-free preference
+accuracy that is meaningful at step 0 too), accuracy per pair kind, and greedy generation
+accuracy on `eval_gen.sets` (the task metric).
 """
 
 from __future__ import annotations
@@ -386,6 +388,10 @@ def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, 
                 label_smoothing=d.label_smoothing, chosen_lengths=c["lc"],
                 rejected_lengths=c["lr"], simpo_gamma=d.simpo_gamma,
             ))  # fmt: skip
+            if d.sft_coef:  # the training objective's RPO term too (dpo_loss_fn), and its parts
+                nll = -c["pc"] / np.maximum(c["lc"], 1.0)
+                out.update({"pref_loss": float(np.mean(losses)), "sft_nll": float(np.mean(nll))})
+                losses = losses + d.sft_coef * nll
             won = (rew_c > rew_r) + 0.5 * (rew_c == rew_r)
             out.update({
                 "loss": float(np.mean(losses)), "accuracy": float(np.mean(won)),

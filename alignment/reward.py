@@ -3,8 +3,9 @@
     python -m flaxlm.train.main --config configs/reward.py:runlocal=True \
         --config.init_from=runs/sft --workdir runs/rm
 
-Model: `models/heads.py` ScalarHeadModel, params {"transformer": SFT params, "head": fresh},
-reward read at each sequence's last real token (the conversation's final `<|end|>`).
+Model: `models/heads.py` ScalarHeadModel, params {"transformer": SFT params, "head": fresh}
+(`init_from` a reward-model run: its head too, trained on), reward read at each sequence's last
+real token (the conversation's final `<|end|>`).
 Loss (`pairwise_loss`), per pair with rewards r_c (chosen) and r_r (rejected):
 
     −log σ(r_c − r_r − margin)  averaged over pairs   [+ λ · mean((r_c + r_r)²)]

@@ -8,9 +8,11 @@ rendering examples, and every stage counts what happened to its records in a `Da
 
 Records come from jsonl, a .json array or parquet (`read_records`), with configurable field names
 (`fields_config`): `messages` (a list of {role, content}), or `prompt` (text or messages) plus
-`completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`). A null
-field is an absent one (`has`): parquet stores a mixed file's rows with every column, null
-where a row has none. `meta`, when present, must be a JSON object ("bad_meta" otherwise).
+`completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`; conversations
+in chosen/rejected may repeat the prompt's turns, which are stripped, "prompt_mismatch" when they
+open with other user/system turns). A null field is an absent one (`has`): parquet stores a
+mixed file's rows with every column, null where a row has none. `meta`, when present, must be a
+JSON object ("bad_meta" otherwise).
 
 SFT records must end with an assistant turn; a blank system/user turn (like a blank `prompt`)
 is bad input ("empty"), as are missing/unknown roles and non-string content (file:line).
@@ -165,11 +167,28 @@ def sft_messages(obj, fields) -> list[dict]:
     return prompt + [{"role": "assistant", "content": completion}]
 
 
+def _without_prompt(side: list[dict], prompt: list[dict], key: str) -> list[dict]:
+    """`side` less a leading copy of the record's `prompt` turns (compared by role and content,
+    as checked by `_messages`). Conversational datasets (HuggingFaceH4/ultrafeedback_binarized)
+    give `prompt` and full `chosen`/`rejected` conversations that repeat it: kept, every pair
+    would render the user turn twice. A side that opens with a system or user turn that is not
+    the prompt's is a different conversation ("prompt_mismatch"); one that opens with an
+    assistant (or a tool result) turn is the answer, as before."""
+    head = [(m["role"], m["content"]) for m in side[: len(prompt)]]
+    if head == [(m["role"], m["content"]) for m in prompt]:
+        return side[len(prompt) :]
+    if side[0]["role"] in ("system", "user"):
+        raise FormatError("prompt_mismatch", f"{key} starts with a {side[0]['role']} turn but "
+                          "not with the record's prompt turns")  # fmt: skip
+    return side
+
+
 def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], float]:
     """(prompt messages, chosen turns, rejected turns, margin) of a preference record.
 
-    `chosen`/`rejected` are answer texts, or message lists (then the prompt may be absent and
-    the longest common prefix of the two lists is the prompt)."""
+    `chosen`/`rejected` are answer texts, or message lists: then the prompt may be absent (the
+    longest common prefix of the two lists is the prompt), or given and repeated at the start of
+    either list (HF conversational layout: stripped, `_without_prompt`)."""
     if not isinstance(obj, dict):
         raise FormatError("bad_record", "record is not a JSON object")
     sides = []
@@ -180,14 +199,18 @@ def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], f
                 raise FormatError("empty_assistant", f"{key} is empty")
             v = [{"role": "assistant", "content": v}]
         sides.append(_messages(v, fields, key, record=True))
-    prompt = prompt_messages(obj[fields.prompt], fields) if obj.get(fields.prompt) else []
-    if not prompt:  # full conversations: split off their common prefix
+    # a presence check: a blank prompt is bad input ("empty"), not an absent one
+    prompt = prompt_messages(obj[fields.prompt], fields) if has(obj, fields.prompt) else []
+    if prompt:
+        sides = [_without_prompt(s, prompt, key)
+                 for key, s in zip((fields.chosen, fields.rejected), sides)]  # fmt: skip
+    else:  # full conversations: split off their common prefix
         n = 0
         while n < min(map(len, sides)) - 1 and sides[0][n] == sides[1][n]:
             n += 1
         prompt, sides = sides[0][:n], [s[n:] for s in sides]
     for key, s in zip((fields.chosen, fields.rejected), sides):
-        if s[-1]["role"] != "assistant":
+        if not s or s[-1]["role"] != "assistant":
             raise FormatError("no_assistant_turn", f"{key} does not end with an assistant turn")
     if not prompt:
         raise FormatError("missing_field", f"no prompt field {fields.prompt!r}")
