@@ -313,8 +313,11 @@ def _load_draft(args, tok, texts, mesh, rules):
     for prompt lookup (--draft ngram)."""
     if args.draft == "ngram":
         return ()
-    dcfg, dparams, dtok = load(args.draft, args.tokenizer, None, args.dtype, "", False, mesh,
-                               rules)  # fmt: skip
+    try:
+        dcfg, dparams, dtok = load(args.draft, args.tokenizer, None, args.dtype, "", False,
+                                   mesh, rules)  # fmt: skip
+    except SystemExit as e:  # `load` names the directory; say which flag gave it
+        raise SystemExit(f"--draft {e.code}" if isinstance(e.code, str) else e.code) from None
     probe = [*texts, "The quick brown fox, 1234."]
     if dtok.vocab_size != tok.vocab_size or any(dtok.encode(t) != tok.encode(t) for t in probe):
         raise SystemExit(

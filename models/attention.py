@@ -29,6 +29,7 @@ from flaxlm.models import splash_attention as splash
 from flaxlm.models.attention_cache import (  # noqa: F401
     cached_attention,
     quantize_kv,
+    write_cache_rows,
     write_rows,
 )
 from flaxlm.models.attention_context_parallel import (  # noqa: F401
@@ -201,10 +202,13 @@ class Attention(nn.Module):
                     jnp.where(held, jnp.take_along_axis(x, src, axis=2), 0).astype(x.dtype)
                     for x in new
                 )
-            elif "ring_slot" in ctx or jnp.ndim(ctx["index"]) == 1:
-                # each row writes at its own slot (a ring's, or speculative decoding's)
-                slots = ctx["ring_slot"] if "ring_slot" in ctx else ctx["index"]
-                layer_cache = tuple(write_rows(buf, x, slots, axis=1)
+            elif "ring_slot" in ctx:  # each row writes at its own slot of its ring
+                layer_cache = tuple(write_rows(buf, x, ctx["ring_slot"], axis=1)
+                                    for buf, x in zip(layer_cache, new))  # fmt: skip
+            elif jnp.ndim(ctx["index"]) == 1:  # each row at its own slot (speculative decoding)
+                # (the slot axis whole under a mesh: a split one was written wrong,
+                # `write_cache_rows`)
+                layer_cache = tuple(write_cache_rows(buf, x, ctx["index"])
                                     for buf, x in zip(layer_cache, new))  # fmt: skip
             else:
                 idx = ctx["index"]

@@ -1,7 +1,8 @@
 """The KV cache's side of attention: writing each row's new keys and values at its own slot
-(`write_rows`), an int8 cache's quantized entries (`quantize_kv`) and attention of a few
-queries over the heads-major (B, K, S, H) cache (`cached_attention`, int8 scales applied to
-the scores and probabilities, never to a dequantized copy).
+(`write_rows`; into a cache under a mesh `write_cache_rows`), an int8 cache's quantized
+entries (`quantize_kv`) and attention of a few queries over the heads-major (B, K, S, H)
+cache (`cached_attention`, int8 scales applied to the scores and probabilities, never to a
+dequantized copy).
 
 Separate from models/attention.py because decoding code beyond the `Attention` module uses
 it: transformer.py and speculative.py write rows of their caches with `write_rows`, and the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +31,33 @@ def write_rows(buf, new, slots_B, axis: int):
         return jax.lax.dynamic_update_slice(row, value, start)
 
     return jax.vmap(one)(buf, new, slots_B)
+
+
+# A cache buffer's logical axes with its slot axis whole on every device (None, not `act_len`,
+# which every preset splits over `context`): (B, K, S, H) keys, values and int8 scales; (B, S)
+# segment ids and positions. decode_program._constrain_cache(per_row=True) keeps them so.
+WHOLE_SLOTS = {4: ("act_batch", "act_kv_heads", None, "head_dim"), 2: ("act_batch", None)}
+
+
+def write_cache_rows(buf, new, slots_B):
+    """`write_rows` into a cache buffer, (B, K, S, H) or (B, S), at a slot per row, its slot
+    axis whole on every device before and after (`WHOLE_SLOTS`; no-ops outside a mesh).
+
+    Why: with the slot axis split over `context`, XLA (jax 0.10, CPU) partitions the per-row
+    write as a scatter at shard-relative slots, out of range on the shards that do not hold
+    the slot (a scatter skips those). Its scatter expander writes the old value back there,
+    read at the slot clamped into the shard; the algebraic simplifier then folds that read —
+    a dynamic slice of the shard, itself a dynamic slice of the whole buffer where that was
+    made earlier in the same program (a prefill) — into one slice at shard offset + slot,
+    clamped over the whole buffer: the shard's edge slot took the next shard's old value.
+    Speculative decoding's 1- and 2-token draft steps so emptied the first shard's last slot
+    (segment id 0, other keys): wrong draft logits, the model as its own draft accepted
+    less than always (tests/models/test_speculative_context_mesh.py). With the slot axis
+    whole, every write is at an in-range slot of the device's own rows."""
+    names = WHOLE_SLOTS[buf.ndim]
+    buf = nn.with_logical_constraint(buf, names)
+    new = write_rows(buf, new, slots_B, axis=buf.ndim // 2 - 1)  # (B, S): 0; (B, K, S, H): 1
+    return nn.with_logical_constraint(new, names)
 
 
 def quantize_kv(k_BTKH, v_BTKH):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flaxlm.models import decode_attention as decode_kernel
 from flaxlm.models import quant
 from flaxlm.models import stop_strings as stop_text
+from flaxlm.models.attention_cache import WHOLE_SLOTS
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode_attention import BLOCK_K
 from flaxlm.models.decode_options import compiler_options
@@ -84,12 +85,21 @@ def decode_config(cfg: ModelConfig) -> ModelConfig:
                        moe_capacity_factor=0.0)  # fmt: skip
 
 
-def _constrain_cache(cache, sharded: bool):
+def _constrain_cache(cache, sharded: bool, per_row: bool = False):
+    """The cache's buffers (B, K, S, H) as a sharded program keeps them: rows over the batch
+    axes, slots over `context` (`act_len`). `per_row`: a program that writes the cache at a
+    slot per row (models/speculative.py) keeps the slot axis whole instead, segment ids and
+    positions too (`attention_cache.write_cache_rows`: written split, slots went wrong) —
+    each device of a context group then holds its rows' whole cache."""
     if not sharded:
         return cache
-    names = ("act_batch", "act_kv_heads", "act_len", "head_dim")  # (B, K, S, H)
+    names = WHOLE_SLOTS[4] if per_row else ("act_batch", "act_kv_heads", "act_len", "head_dim")
     kv = [tuple(nn.with_logical_constraint(x, names) for x in pair) for pair in cache["kv"]]
-    return {**cache, "kv": kv}
+    if not per_row:
+        return {**cache, "kv": kv}
+    meta = {k: nn.with_logical_constraint(cache[k], WHOLE_SLOTS[2])
+            for k in ("segment_ids", "positions")}  # fmt: skip
+    return {**cache, "kv": kv, **meta}
 
 
 @functools.lru_cache(maxsize=64)

@@ -43,7 +43,9 @@ Vocabularies: the draft needs the target's tokenizer; its vocabulary may be padd
 size (its logits are cut or padded with -inf to the target's). Every (target config, draft
 config, batch, prompt bucket, max_new_tokens, k, sampler kind, mesh) compiles one program.
 Under a mesh the rows are split over data×fsdp as in `generate`; several processes pass the
-whole batch each and get the whole output.
+whole batch each and get the whole output. The caches' slot axis is whole on every device,
+not split over `context` as `generate`'s (models/attention_cache.py `write_cache_rows`: XLA
+wrote per-row slots of a split one wrong).
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig | None, max_new: in
         slots = jnp.arange(P, dtype=jnp.int32)
         seg = (slots[None, :] < lengths_B[:, None]).astype(jnp.int32)
         pos = jnp.broadcast_to(slots, (B, P))
-        cache = decode._constrain_cache(init_cache(mcfg, B, S, cache_dtype), sharded)
+        cache = decode._constrain_cache(init_cache(mcfg, B, S, cache_dtype), sharded, per_row=True)
         h, cache = model.apply(variables, tokens_BP, pos, seg, cache, method="backbone",
                                prefill=True)  # fmt: skip
         h_last = jnp.take_along_axis(h, (lengths_B - 1)[:, None, None], axis=1)
@@ -231,7 +233,7 @@ def _speculative_fn(cfg: ModelConfig, draft_cfg: ModelConfig | None, max_new: in
         # draft then guesses badly for one step, and verification keeps the output right.
         tokens_BT = jnp.minimum(tokens_BT, model.cfg.vocab_size - 1)
         logits, cache = model.apply(variables, tokens_BT, pos, cache={**cache, "index": start_B})
-        return logits.astype(jnp.float32), decode._constrain_cache(cache, sharded)
+        return logits.astype(jnp.float32), decode._constrain_cache(cache, sharded, per_row=True)
 
     def run(params, draft_params, tokens_BP, lengths_B, rng, temperature, top_p, min_p,
             stop_ids, pad_id):  # fmt: skip

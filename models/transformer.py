@@ -33,6 +33,7 @@ from flaxlm.models.attention import (
     layer_context,
     local_rope_config,
     rope_tables,
+    write_cache_rows,
     write_rows,
 )
 from flaxlm.models.config import ModelConfig
@@ -186,8 +187,9 @@ class Transformer(nn.Module):
                 if "ring" in cache or prefill:
                     raise ValueError("Transformer: a per-row cache index needs full caches "
                                      "(no rings) and no prefill")  # fmt: skip
-                kv_seg = write_rows(cache["segment_ids"], seg, idx, axis=0)
-                kv_pos = write_rows(cache["positions"], positions, idx, axis=0)
+                # (slot axis whole under a mesh: a split one was written wrong, `write_cache_rows`)
+                kv_seg = write_cache_rows(cache["segment_ids"], seg, idx)
+                kv_pos = write_cache_rows(cache["positions"], positions, idx)
                 q_slot = idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
             else:
                 kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], seg, (0, idx))
