@@ -21,6 +21,7 @@ import jax
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import checkpoint_compat
 from flaxlm.train.optim import make_optimizer, opt_config
+from flaxlm.train.sweep_plan import RESULT_NEUTRAL_KEYS
 
 log = logging.getLogger("flaxlm")
 
@@ -97,8 +98,8 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
             log.info("resume: total_steps changed from %s to %s (the lr schedule now spans "
                      "%s steps)", old, new, new)  # fmt: skip
             continue
-        if key == "max_runtime_minutes":  # a resubmitted job's limit: it changes nothing trained
-            log.info("resume: max_runtime_minutes changed from %s to %s", old, new)
+        if key in RESULT_NEUTRAL_KEYS:  # a job's time limit, the tqdm bar: nothing trained
+            log.info("resume: %s changed from %s to %s", key, old, new)
             continue
         log.warning("resume from step %d with a changed config key: %s: checkpoint %r, this "
                     "run %r", step, key, old, new)  # fmt: skip

@@ -10,9 +10,11 @@ Every trainer gets `--distributed` (or the explicit coordinator flags), so
 `jax.distributed.initialize()` connects the processes of a run. Only runs that are not finished
 are listed; the SLURM script also skips a run whose DONE marker appeared since, and marks a run
 DONE only when its final checkpoint exists (a preempted trainer exits cleanly too). On pods and
-multi-node clusters ROOT must be storage every host sees (a bucket or a shared filesystem); the
-pod and multi-host scripts name the config file and the run directories by their absolute paths
-at the sweep (they `cd` to --repo_dir), the SLURM script runs where it was written (`--chdir`).
+multi-node clusters ROOT must be storage every host sees (a bucket or a shared filesystem). The
+pod and multi-host scripts `cd` to --repo_dir (the hosts' flaxlm checkout): they name the run
+directories by their absolute paths, a config file inside the local checkout relative to its root
+(the same file in the hosts' checkout) and any other config file by its absolute path (which must
+then be on shared storage too); the SLURM script runs where it was written (`--chdir`).
 
 Under SLURM, `jax.distributed.initialize()` gives each task one GPU (the task's SLURM_LOCALID), so
 the SLURM script starts one task per GPU (`--ntasks-per-node=--gpus_per_node`); the pod and
@@ -24,6 +26,7 @@ The launch files name `--python` (default `python`): pass the venv's interpreter
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import shlex
 from collections.abc import Sequence
@@ -36,14 +39,31 @@ def _trainer(config_arg: str, run, python: str) -> str:
     return shlex.join(train_command(config_arg, run, python))
 
 
-def _absolute(config_arg: str, runs: Sequence) -> tuple[str, list]:
-    """The config file (its ":args" kept) and the runs' directories as absolute paths: the pod
-    and host scripts `cd` to --repo_dir first, where a path typed relative to the sweep's
-    directory names another file (or trains the run under the repo, where the sweep never
-    looks). The hosts must see these paths (shared storage, as for ROOT)."""
+def checkout_root() -> str | None:
+    """The local flaxlm checkout: the folder holding the `configs/` folder that setup.py's
+    package_dir maps to `flaxlm.configs` (None when that is not found)."""
+    spec = importlib.util.find_spec("flaxlm.configs")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return os.path.dirname(os.path.realpath(locations[0])) if locations else None
+
+
+def _host_paths(config_arg: str, runs: Sequence) -> tuple[str, list]:
+    """The config file (its ":args" kept) and the runs' directories as the pod and host
+    scripts name them, after their `cd` to --repo_dir: a config file inside the local flaxlm
+    checkout relative to the checkout's root, so it names the same file of the hosts' checkout
+    at --repo_dir (the local checkout's absolute path is no path there); a config file outside
+    it, and the run directories, absolute, so a path typed relative to the sweep's directory
+    does not name another file (or train the run under the repo, where the sweep never looks).
+    The hosts must see those absolute paths (shared storage, as for ROOT)."""
     path, sep, arg = config_arg.partition(":")
-    config = os.path.abspath(os.path.expanduser(path)) + sep + arg
-    return config, [dataclasses.replace(r, workdir=os.path.abspath(r.workdir)) for r in runs]
+    config = os.path.realpath(os.path.expanduser(path))
+    root = checkout_root()
+    if root and os.path.commonpath([root, config]) == root:
+        config = os.path.relpath(config, root)
+    else:
+        config = os.path.abspath(os.path.expanduser(path))
+    runs = [dataclasses.replace(r, workdir=os.path.abspath(r.workdir)) for r in runs]
+    return config + sep + arg, runs
 
 
 def slurm_script(config_arg: str, runs: Sequence, root: str, *, python: str = "python",
@@ -91,8 +111,8 @@ def pod_script(config_arg: str, runs: Sequence, *, python: str = "python",
                tpu_name: str = "$TPU_NAME", zone: str = "$ZONE",
                repo_dir: str = "~/flaxlm") -> str:  # fmt: skip
     """One gcloud line per run: the same trainer command on every worker of a TPU pod; runs
-    follow each other. Config and run paths are absolute (`_absolute`)."""
-    config_arg, runs = _absolute(config_arg, runs)
+    follow each other. Config and run paths as `_host_paths` writes them."""
+    config_arg, runs = _host_paths(config_arg, runs)
     lines = [
         "#!/bin/bash",
         f"# {len(runs)} runs of {config_arg} on TPU pod {tpu_name}, one after another",
@@ -112,8 +132,8 @@ def host_script(config_arg: str, runs: Sequence, host: int, n_hosts: int, *,
                 repo_dir: str = "~/flaxlm") -> str:  # fmt: skip
     """Host `host`'s lines of a multi-node run without torchrun: the same command on every
     host, differing only in --process_id; start all hosts' scripts together. Config and run
-    paths are absolute (`_absolute`)."""
-    config_arg, runs = _absolute(config_arg, runs)
+    paths as `_host_paths` writes them."""
+    config_arg, runs = _host_paths(config_arg, runs)
     lines = [
         "#!/bin/bash",
         f"# host {host} of {n_hosts}: {len(runs)} runs of {config_arg}, one after another",

@@ -15,6 +15,10 @@ import sys
 from collections.abc import Sequence
 
 MAX_NAME = 160  # characters of the k=v part of a run name before it is shortened with a hash
+# Config keys that change how a run is carried out but not what it trains: a resumed run
+# (train/loop_resume.py) and a resubmitted sweep (`_check_same_runs`) take a new value as no
+# change (a job's time limit, the tqdm bar). Kept here, free of jax, for both to import.
+RESULT_NEUTRAL_KEYS = ("max_runtime_minutes", "progress_bar")
 
 
 @dataclasses.dataclass
@@ -429,16 +433,26 @@ def _check_same_runs(old: dict, config_arg: str, runs: Sequence[Run]):
     """Stops a sweep whose run directories were started with other settings: names come from
     the sweep's own overrides only, so a different config arg (`:variant=`) or command-line
     override (`--config.total_steps=`) would skip those runs as finished, or resume their
-    checkpoints with the new settings (two runs mixed)."""
+    checkpoints with the new settings (two runs mixed). `RESULT_NEUTRAL_KEYS` (a resubmitted
+    job's `max_runtime_minutes`) may change."""
     before = {r["name"]: r for r in old.get("runs", [])}
     for r in runs:
         prev = before.get(r.name)
         if prev is None or not os.path.isdir(r.workdir) or not os.listdir(r.workdir):
             continue  # never started: nothing to mix
         now = json.loads(json.dumps(r.overrides))  # tuples as lists, as the index stores them
-        if not _same_config_arg(old.get("config"), config_arg) or prev.get("overrides") != now:
+        if not _same_config_arg(old.get("config"), config_arg) or _results_keys(
+            prev.get("overrides")
+        ) != _results_keys(now):
             raise ValueError(
                 f"{r.workdir} was started by a sweep with --config {old.get('config')} and "
                 f"overrides {prev.get('overrides')}; now: --config {config_arg}, {now}. Use "
                 "another --workdir, or delete that run directory to retrain it"
             )
+
+
+def _results_keys(overrides) -> dict | None:
+    """`overrides` without `RESULT_NEUTRAL_KEYS`: the ones that decide a run's results."""
+    if not isinstance(overrides, dict):
+        return overrides
+    return {k: v for k, v in overrides.items() if k not in RESULT_NEUTRAL_KEYS}

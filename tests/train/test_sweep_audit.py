@@ -4,6 +4,7 @@ table's malformed files, the launch files executed with fake srun / gcloud / pyt
 DONE marking, jax.distributed flags), and main.py's multi-process flags."""
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -112,6 +113,34 @@ def test_resume_with_other_settings_is_an_error(tmp_path, monkeypatch):
         sweep.write_index(root, full, sweep.plan(full, root, extra=extra), extra)
     # An unstarted run may change: nothing to mix.
     sweep.write_index(root, CONFIG, sweep.plan(CONFIG, root, extra=longer, only=[0]), longer)
+
+
+def test_a_new_time_limit_or_progress_bar_resubmits_the_same_runs(tmp_path, caplog):
+    """A job resubmitted with `--config.max_runtime_minutes=` (or `progress_bar=`) was refused
+    as a changed run, while the trainer resumes it as no change; other keys still stop it."""
+    from ml_collections import ConfigDict
+
+    from flaxlm.train.loop_resume import _report_config_changes
+
+    root = str(tmp_path / "sw")
+    extra = [f"total_steps={STEPS}"]
+    runs = sweep.plan(CONFIG, root, extra=extra, only=[0])
+    sweep.write_index(root, CONFIG, runs, extra)
+    os.makedirs(runs[0].workdir)
+    (tmp_path / "sw" / NAMES[0] / "metrics.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
+    limit = extra + ["max_runtime_minutes=55", "progress_bar=False"]
+    sweep.write_index(root, CONFIG, sweep.plan(CONFIG, root, extra=limit, only=[0]), limit)
+    sweep.write_index(root, CONFIG, sweep.plan(CONFIG, root, extra=extra, only=[0]), extra)
+    seed = limit + ["seed=1"]
+    with pytest.raises(ValueError, match=f"{NAMES[0]} was started .*'seed': 1"):
+        sweep.write_index(root, CONFIG, sweep.plan(CONFIG, root, extra=seed, only=[0]), seed)
+    # The trainer's side takes the same keys as no change: logged, no warning.
+    saved = {"max_runtime_minutes": 0.0, "progress_bar": True, "seed": 0}
+    now = ConfigDict({"max_runtime_minutes": 55.0, "progress_bar": False, "seed": 0})
+    with caplog.at_level(logging.INFO, logger="flaxlm"):
+        _report_config_changes(now, saved, 4)
+    assert "progress_bar changed from True to False" in caplog.text
+    assert not [r for r in caplog.records if r.name == "flaxlm" and r.levelno >= logging.WARNING]
 
 
 def test_a_config_arg_spelt_another_way_is_the_same_sweep(tmp_path):
@@ -644,8 +673,11 @@ def test_launch_files_run_the_exact_commands(tmp_path, capsys):
         calls = [json.loads(ln) for ln in log.read_text().splitlines()] if log.exists() else []
         return out, calls
 
-    def expected(run, *tail):
-        return train_command(CONFIG, run, python)[1:] + list(tail)
+    def expected(run, *tail, config=CONFIG):
+        return train_command(config, run, python)[1:] + list(tail)
+
+    # the pod and host scripts `cd` to the hosts' checkout: its config file, relative to it
+    on_hosts = os.path.relpath(PRETRAIN, REPO) + CONFIG[len(PRETRAIN) :]
 
     # SLURM: every #SBATCH option is one word for sbatch; task i runs runs[i] under srun.
     slurm = (launch / "slurm_array.sh").read_text()
@@ -664,14 +696,16 @@ def test_launch_files_run_the_exact_commands(tmp_path, capsys):
 
     # TPU pod: the same command on every worker (one fake worker here), from the repo dir.
     _, calls = run("tpu_pod.sh")
-    assert [c["argv"] for c in calls] == [expected(r, "--distributed") for r in runs]
+    assert [c["argv"] for c in calls] == [
+        expected(r, "--distributed", config=on_hosts) for r in runs
+    ]
     assert {c["cwd"] for c in calls} == {str(repo)}
 
     # Multi-host: host h passes the coordinator, the host count and its own index.
     for h in range(2):
         _, calls = run(f"host-{h}.sh")
         tail = ["--coordinator=10.0.0.1:1234", "--num_processes=2", f"--process_id={h}"]
-        assert [c["argv"] for c in calls] == [expected(r, *tail) for r in runs]
+        assert [c["argv"] for c in calls] == [expected(r, *tail, config=on_hosts) for r in runs]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A sweep's gaps, without training (a tiny config without a model; fake trainers): the run table
-names every planned run it has no row for and why, launch files for other hosts hold absolute
-paths, a corrupt sweep.json or metrics line names its file, and Ctrl-C while trainers start up
+names every planned run it has no row for and why, launch files for other hosts hold paths the
+hosts have, a corrupt sweep.json or metrics line names its file, and Ctrl-C while trainers start up
 reports them interrupted, not failed."""
 
 import json
@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 
-from flaxlm.train import sweep, sweep_plan, sweep_table
+from flaxlm.train import sweep, sweep_launch, sweep_plan, sweep_table
 from flaxlm.train.metrics import read_metrics
 
 STEPS = 12
@@ -139,15 +139,26 @@ def _executable(path, text):
     return str(path)
 
 
-def test_pod_and_host_scripts_name_absolute_paths(tmp_path, config, monkeypatch):
+@pytest.mark.parametrize("in_checkout", [False, True])
+def test_pod_and_host_scripts_name_paths_the_hosts_have(tmp_path, config, monkeypatch,
+                                                        in_checkout):  # fmt: skip
     """The pod and multi-host scripts `cd` to --repo_dir, then passed --config and --workdir as
     typed: a relative sweep root trained (and finished) its runs under the repo, not the
-    sweep's root, whose table stayed empty."""
+    sweep's root, whose table stayed empty. Then every path was made absolute, and a config
+    file of the local checkout (the README's `configs/pretrain.py`) named a path the hosts,
+    whose checkout is at --repo_dir, do not have. Run directories are absolute; a config file
+    in the checkout is relative to its root; one outside it absolute."""
     bin_dir, repo, here = tmp_path / "bin", tmp_path / "repo", tmp_path / "here"
     for d in (bin_dir, repo, here):
         d.mkdir()
     python = _executable(bin_dir / "python", FAKE_PYTHON)
     _executable(bin_dir / "gcloud", FAKE_GCLOUD)
+    if in_checkout:  # the local checkout is `here`; the hosts' checkout (repo) has the file too
+        for d in (here, repo):
+            (d / "configs").mkdir()
+            (d / "configs" / "cfg.py").write_text(CONFIG_PY)
+        config = str(here / "configs" / "cfg.py")
+        monkeypatch.setattr(sweep_launch, "checkout_root", lambda: str(here))
     monkeypatch.chdir(here)
     rel_config = os.path.relpath(config) + ":arg=1"  # the ':args' part is kept as written
     argv = ["--config", rel_config, "--workdir", "sw", "--launch", "print", "--only", "0",
@@ -166,8 +177,23 @@ def test_pod_and_host_scripts_name_absolute_paths(tmp_path, config, monkeypatch)
         (call,) = [json.loads(line) for line in log.read_text().splitlines()]
         assert call["cwd"] == str(repo)
         args = call["argv"]
-        assert args[args.index("--config") + 1] == f"{config}:arg=1", script
+        want = "configs/cfg.py" if in_checkout else config
+        assert args[args.index("--config") + 1] == f"{want}:arg=1", script
+        assert os.path.isfile(os.path.join(call["cwd"], want)), script  # the hosts' file
         assert args[args.index("--workdir") + 1] == str(here / run.workdir), script
+
+
+def test_the_checkout_root_holds_the_config_package(tmp_path, monkeypatch):
+    """The real checkout's root (setup.py maps flaxlm.configs to its configs/ folder): its
+    config files are written relative to it, from any working directory."""
+    root = sweep_launch.checkout_root()
+    assert os.path.isfile(os.path.join(root, "setup.py"))
+    assert os.path.isfile(os.path.join(root, "configs", "pretrain.py"))
+    monkeypatch.chdir(tmp_path)
+    arg = os.path.join(root, "configs", "pretrain.py") + ":variant=tiny"
+    assert sweep_launch._host_paths(arg, [])[0] == "configs/pretrain.py:variant=tiny"
+    monkeypatch.chdir(root)
+    assert sweep_launch._host_paths("./configs/pretrain.py", [])[0] == "configs/pretrain.py"
 
 
 def test_ctrl_c_while_trainers_start_reports_them_interrupted(tmp_path, config, monkeypatch,
