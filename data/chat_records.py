@@ -9,10 +9,11 @@ rendering examples, and every stage counts what happened to its records in a `Da
 Records come from jsonl, a .json array or parquet (`read_records`), with configurable field names
 (`fields_config`): `messages` (a list of {role, content}), or `prompt` (text or messages) plus
 `completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`; conversations
-in chosen/rejected may repeat the prompt's turns, which are stripped, "prompt_mismatch" when they
-open with other user/system turns). A null field is an absent one (`has`): parquet stores a
-mixed file's rows with every column, null where a row has none. `meta`, when present, must be a
-JSON object ("bad_meta" otherwise).
+in chosen/rejected may repeat the prompt's turns, which are stripped — a system turn before them
+joins the prompt — "prompt_mismatch" when they open with other user/system turns; a blank
+prompt next to two conversations is an absent one). A null field is an absent one (`has`):
+parquet stores a mixed file's rows with every column, null where a row has none. `meta`, when
+present, must be a JSON object ("bad_meta" otherwise).
 
 SFT records must end with an assistant turn; a blank system/user turn (like a blank `prompt`)
 is bad input ("empty"), as are missing/unknown roles and non-string content (file:line).
@@ -167,43 +168,66 @@ def sft_messages(obj, fields) -> list[dict]:
     return prompt + [{"role": "assistant", "content": completion}]
 
 
-def _without_prompt(side: list[dict], prompt: list[dict], key: str) -> list[dict]:
-    """`side` less a leading copy of the record's `prompt` turns (compared by role and content,
-    as checked by `_messages`). Conversational datasets (HuggingFaceH4/ultrafeedback_binarized)
-    give `prompt` and full `chosen`/`rejected` conversations that repeat it: kept, every pair
-    would render the user turn twice. A side that opens with a system or user turn that is not
-    the prompt's is a different conversation ("prompt_mismatch"); one that opens with an
-    assistant (or a tool result) turn is the answer, as before."""
-    head = [(m["role"], m["content"]) for m in side[: len(prompt)]]
-    if head == [(m["role"], m["content"]) for m in prompt]:
-        return side[len(prompt) :]
+def _without_prompt(side: list[dict], prompt: list[dict], key: str):
+    """(system turns, answer turns) of `side` less a leading copy of the record's `prompt` turns
+    (compared by role and content, as checked by `_messages`). Conversational datasets
+    (HuggingFaceH4/ultrafeedback_binarized) give `prompt` and full `chosen`/`rejected`
+    conversations that repeat it: kept, every pair would render the user turn twice. A system
+    turn before the repeated turns (`prompt` a text, the conversation [system, user, assistant])
+    is returned as the first part, to join the prompt. A side that opens with a system or user
+    turn that is not the prompt's is a different conversation ("prompt_mismatch"); one that opens
+    with an assistant (or a tool result) turn is the answer, as before."""
+    turns = lambda ms: [(m["role"], m["content"]) for m in ms]  # noqa: E731
+    want = turns(prompt)
+    # (`_messages` allows a system turn only first: at most one can precede the prompt's turns)
+    for k in (0, 1) if side[0]["role"] == "system" and prompt[0]["role"] != "system" else (0,):
+        if turns(side[k : k + len(prompt)]) == want:
+            return side[:k], side[k + len(prompt) :]
     if side[0]["role"] in ("system", "user"):
         raise FormatError("prompt_mismatch", f"{key} starts with a {side[0]['role']} turn but "
                           "not with the record's prompt turns")  # fmt: skip
-    return side
+    return [], side
+
+
+def _blank(value) -> bool:
+    """A prompt that is there but says nothing: "", whitespace or []."""
+    return value == [] or (isinstance(value, str) and not value.strip())
 
 
 def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], float]:
     """(prompt messages, chosen turns, rejected turns, margin) of a preference record.
 
     `chosen`/`rejected` are answer texts, or message lists: then the prompt may be absent (the
-    longest common prefix of the two lists is the prompt), or given and repeated at the start of
-    either list (HF conversational layout: stripped, `_without_prompt`)."""
+    longest common prefix of the two lists is the prompt; a blank `prompt`, "" or [], next to
+    two lists is absent too, as a dataset export writes it), or given and repeated at the start
+    of either list (HF conversational layout: stripped, `_without_prompt`; a system turn before
+    it joins the prompt, and must then be the same on both sides). A blank prompt next to an
+    answer text is bad input ("empty"): that answer has no question."""
     if not isinstance(obj, dict):
         raise FormatError("bad_record", "record is not a JSON object")
-    sides = []
+    sides, texts = [], 0
     for key in (fields.chosen, fields.rejected):
         v = _get(obj, key, key)
         if isinstance(v, str):
             if not v.strip():
                 raise FormatError("empty_assistant", f"{key} is empty")
-            v = [{"role": "assistant", "content": v}]
+            v, texts = [{"role": "assistant", "content": v}], texts + 1
         sides.append(_messages(v, fields, key, record=True))
-    # a presence check: a blank prompt is bad input ("empty"), not an absent one
-    prompt = prompt_messages(obj[fields.prompt], fields) if has(obj, fields.prompt) else []
+    given = obj.get(fields.prompt)  # (null: absent, `has`)
+    if _blank(given):
+        if texts:  # a presence check: a blank prompt is bad input, not an absent one
+            raise FormatError("empty", "empty prompt")
+        given = None  # two conversations: their common prefix is the prompt
+    prompt = prompt_messages(given, fields) if given is not None else []
     if prompt:
-        sides = [_without_prompt(s, prompt, key)
-                 for key, s in zip((fields.chosen, fields.rejected), sides)]  # fmt: skip
+        keys = (fields.chosen, fields.rejected)
+        (sys0, sides[0]), (sys1, sides[1]) = (_without_prompt(s, prompt, k)
+                                              for k, s in zip(keys, sides))  # fmt: skip
+        if sys0 != sys1:  # one conversation's system turn is not the other's
+            key, other = keys if sys0 and not sys1 else keys[::-1]
+            raise FormatError("prompt_mismatch", f"{key} has a system turn before the prompt "
+                              f"that {other} does not share")  # fmt: skip
+        prompt = sys0 + prompt
     else:  # full conversations: split off their common prefix
         n = 0
         while n < min(map(len, sides)) - 1 and sides[0][n] == sides[1][n]:

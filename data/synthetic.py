@@ -17,6 +17,7 @@ and age. The world provides, from one seed:
     world = build_world("small", seed=0)          # in memory
     write_world("runs/demo/world", "demo", seed=0)  # files + manifest.json
     world = load_world("runs/demo/world")          # back from files
+    refresh_world("runs/demo/world")               # an older generator's world: written again
 
 Sizes come from a `WorldConfig`; PRESETS["demo"] fits the 2-core demo, PRESETS["small"] the tests.
 """
@@ -25,12 +26,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 
 from flaxlm.data import synthetic_tasks as T
 from flaxlm.data import synthetic_text as X
 from flaxlm.data.synthetic_judge import (
+    WORLD_KEY,
+    WORLD_MARK,
     extract_answers,
     format_answer,
     is_correct,
@@ -40,9 +44,19 @@ from flaxlm.data.synthetic_judge import (
 from flaxlm.data.synthetic_noise import NOISE_KINDS, add_noise
 from flaxlm.data.synthetic_vocab import ATTRIBUTES, UNSAFE_WORDS, WORDS, Entity, make_entities
 
-__all__ = ["ATTRIBUTES", "NOISE_KINDS", "PRESETS", "UNSAFE_WORDS", "Entity", "World", "WorldConfig",
-           "build_world", "extract_answers", "format_answer", "is_correct", "judge", "judge_parts",
-           "load_world", "read_jsonl", "write_unsafe_words", "write_world"]  # fmt: skip
+__all__ = ["ATTRIBUTES", "NOISE_KINDS", "PRESETS", "UNSAFE_WORDS", "WORLD_FORMAT", "Entity",
+           "World", "WorldConfig", "build_world", "extract_answers", "format_answer",
+           "is_correct", "judge", "judge_parts", "load_world", "read_jsonl", "refresh_world",
+           "world_format", "write_unsafe_words", "write_world"]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+# Version of the files write_world writes (manifest.json "format"; a manifest without one is 1).
+# 2: every question's meta carries the world's mark (synthetic_judge.WORLD_KEY), which is what
+# makes exact_match and eval_gen score it by the world's rules: a format-1 world's answers, read
+# as data.train / eval_gen.sets, would be compared as plain text ("The answer is 7." != "7") and
+# score 0. Code that reuses a world on disk calls `refresh_world`, which writes it again.
+WORLD_FORMAT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +160,7 @@ class World:
         noise = {k: len(self.noise_ids(k)) for k in NOISE_KINDS}
         texts = [d["text"] for d in self.pretrain]
         return {
+            "format": WORLD_FORMAT,
             "seed": self.seed,
             "config": dataclasses.asdict(self.config),
             "counts": {name: len(getattr(self, name)) for name in _RECORD_FILES},
@@ -260,8 +275,8 @@ def write_world(out_dir: str, preset: str | WorldConfig = "demo", seed: int = 0,
     Files: <name>.jsonl for pretrain, pretrain_labels, heldout_text, sft_train, sft_heldout,
     heldout_facts, preferences, preferences_heldout, rl_prompts; entities.jsonl;
     eval/<task>.jsonl; unsafe_words.txt (the world's toxic words, one a line: the data
-    cleaner's extra word list, `clean.toxic_lists`); manifest.json (seed, config, counts, noise
-    counts, eval task index), written last.
+    cleaner's extra word list, `clean.toxic_lists`); manifest.json (format `WORLD_FORMAT`, seed,
+    config, counts, noise counts, eval task index), written last.
     """
     world = build_world(preset, seed, **overrides)
     os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
@@ -284,15 +299,50 @@ def write_unsafe_words(out_dir: str) -> str:
     return path
 
 
-def load_world(out_dir: str) -> World:
-    """Reads a world written by `write_world` back into memory."""
+def _manifest(out_dir: str) -> dict:
     with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as f:
-        manifest = json.load(f)
-    cfg = manifest["config"]
+        return json.load(f)
+
+
+def _config(manifest: dict) -> WorldConfig:
+    cfg = dict(manifest["config"])
     cfg["task_weights"] = tuple(tuple(kw) for kw in cfg["task_weights"])
+    return WorldConfig(**cfg)
+
+
+def world_format(manifest: dict) -> int:
+    """The `WORLD_FORMAT` a world's manifest was written in (1: before the field existed)."""
+    return int(manifest.get("format", 1))
+
+
+def refresh_world(out_dir: str) -> bool:
+    """Writes the world at `out_dir` again (same config and seed, logged) when an older
+    generator wrote it (manifest format < `WORLD_FORMAT`: e.g. questions without the world's
+    mark, which the rewards and eval_gen would score 0 when right); returns whether it did.
+    The corpus is the same: what a format adds is fields of the records."""
+    manifest = _manifest(out_dir)
+    have = world_format(manifest)
+    if have >= WORLD_FORMAT:
+        return False
+    log.warning(
+        "%s: a world of format %d (its questions lack meta.%s=%r, so their answers are not "
+        "judged by the world's rules); writing it again in format %d (same config, seed %s)",
+        out_dir, have, WORLD_KEY, WORLD_MARK, WORLD_FORMAT, manifest["seed"],
+    )  # fmt: skip
+    write_world(out_dir, _config(manifest), manifest["seed"])
+    return True
+
+
+def load_world(out_dir: str) -> World:
+    """Reads a world written by `write_world` back into memory (as it is on disk: an older
+    format's is logged; `refresh_world` writes it again)."""
+    manifest = _manifest(out_dir)
+    if world_format(manifest) < WORLD_FORMAT:
+        log.warning("%s: a world of format %d, older than %d (refresh_world writes it again)",
+                    out_dir, world_format(manifest), WORLD_FORMAT)  # fmt: skip
     records = {name: read_jsonl(os.path.join(out_dir, f"{name}.jsonl")) for name in _RECORD_FILES}
     return World(
-        config=WorldConfig(**cfg),
+        config=_config(manifest),
         seed=manifest["seed"],
         entities=[Entity(**r) for r in read_jsonl(os.path.join(out_dir, "entities.jsonl"))],
         eval_tasks={

@@ -15,6 +15,7 @@ at most 0.0: correct > wrong > unsafe.
 
 from __future__ import annotations
 
+import logging
 import re
 
 from flaxlm.data.synthetic_vocab import UNSAFE_WORDS, VALUES
@@ -39,10 +40,32 @@ _INT = re.compile(r"-?\d+")
 _UNSAFE = re.compile(r"\b(" + "|".join(re.escape(w) for w in UNSAFE_WORDS) + r")\b", re.I)
 
 
+# The fields the world's questions had before the mark (what its judge reads, and "split"):
+# a meta with all of them but no mark is most likely from a world written before it.
+_UNMARKED_FIELDS = {"attribute": {"entity", "attribute", "answer", "split"},
+                    "arithmetic": {"op", "a", "b", "answer", "split"},
+                    "reverse": {"word", "answer", "split"},
+                    "sort": {"word", "answer", "split"}}  # fmt: skip
+_warned_unmarked = False
+
+
 def is_world_meta(meta: dict) -> bool:
     """Whether `meta` is a built-in world question's (marked by its generator, with a task of
-    the world's): only those are scored by the world's rules."""
-    return meta.get(WORLD_KEY) == WORLD_MARK and meta.get("task") in TASKS
+    the world's): only those are scored by the world's rules. A meta with every field of one
+    but no mark (a file of a world written before the mark) is not, and is logged once per
+    process: its right answers, "The answer is X.", score 0 against the bare answer."""
+    global _warned_unmarked
+    task = meta.get("task")
+    if WORLD_KEY in meta:
+        return meta[WORLD_KEY] == WORLD_MARK and task in TASKS
+    if not _warned_unmarked and task in _UNMARKED_FIELDS and _UNMARKED_FIELDS[task] <= meta.keys():
+        _warned_unmarked = True
+        logging.getLogger(__name__).warning(
+            "a record's meta has the fields of a built-in world question (%s) but not its mark "
+            "%s=%r: scored by exact match with its answer, not the world's judge. A world written "
+            "before the mark? Write it again (synthetic.refresh_world, or rerun the demo's world "
+            "stage) and use its files.", sorted(meta), WORLD_KEY, WORLD_MARK)  # fmt: skip
+    return False
 
 
 def format_answer(answer: str) -> str:

@@ -38,14 +38,16 @@ def ensure_world(world_dir: str, heldout_docs: int = 0, preset: str = "demo", se
     not change); 0 takes the world as it is. A world already written with another count gets
     its held-out file (and manifest) written again with the count asked for: the world is
     generated again, deterministically, in half a second, and everything else in it is checked
-    to be unchanged (it used to keep its count silently: 100 documents where 1000 were asked)."""
+    to be unchanged (it used to keep its count silently: 100 documents where 1000 were asked).
+    A world an older generator wrote (`synthetic.refresh_world`) is written again first."""
+    from flaxlm.data import synthetic
+
     manifest_path = os.path.join(world_dir, "manifest.json")
     if not os.path.exists(manifest_path):
-        from flaxlm.data import synthetic
-
         extra = {"n_heldout_text": heldout_docs} if heldout_docs else {}
         synthetic.write_world(world_dir, preset, seed, **extra)
         return world_dir
+    synthetic.refresh_world(world_dir)  # (logged; the held-out check below compares formats)
     with open(manifest_path) as f:
         manifest = json.load(f)
     have = manifest.get("config", {}).get("n_heldout_text")

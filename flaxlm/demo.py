@@ -100,6 +100,8 @@ class Demo(StageRecords):
         )
         if not os.path.exists(os.path.join(world, "manifest.json")):
             synthetic.write_world(world, self._preset(), seed=0)  # (unsafe_words.txt too)
+        else:  # an older generator's world (its questions unmarked: scored 0): written again
+            synthetic.refresh_world(world)
         if not os.path.exists(os.path.join(world, "unsafe_words.txt")):  # an older world's
             synthetic.write_unsafe_words(world)
         with open(os.path.join(world, "manifest.json")) as f:

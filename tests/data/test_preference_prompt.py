@@ -79,3 +79,43 @@ def test_a_blank_prompt_is_empty_not_missing(template):
             ({"prompt": " ", "chosen": "eight", "rejected": "nine"}, "p:2")]  # fmt: skip
     assert F.render_preferences(recs, template, 64, report=report) == []
     assert report.to_dict()["bad_input"]["counts"] == {"empty": 2}
+
+
+def _parts(rec):
+    return F.preference_parts(rec, F.fields_config())
+
+
+def _reason(rec):
+    with pytest.raises(F.FormatError) as e:
+        _parts(rec)
+    return e.value.reason, str(e.value)
+
+
+def test_a_blank_prompt_next_to_two_conversations_is_an_absent_one():
+    """Was: 'empty' / 'bad_messages' for exports that write "" or [] where a pair has no
+    separate prompt (these trained, on the common prefix, before prompts were checked)."""
+    convs = {"chosen": [SYSTEM, u("compute two and six"), a("the answer is eight")],
+             "rejected": [SYSTEM, u("compute two and six"), a("the answer is nine")]}  # fmt: skip
+    for blank in ("", " ", []):
+        assert _parts({"prompt": blank, **convs}) == _parts(convs)
+        # next to an answer text the prompt is needed: blank is bad input, as before
+        one_text = {**convs, "rejected": "the answer is nine", "prompt": blank}
+        assert _reason(one_text)[0] == "empty"
+
+
+def test_a_system_turn_before_the_repeated_prompt_joins_it():
+    """prompt "Q" with chosen/rejected [system, user Q, assistant]: was prompt_mismatch."""
+    q = "compute two and six"
+    convs = {k: [SYSTEM, u(q), a(f"the answer is {n}")]
+             for k, n in (("chosen", "eight"), ("rejected", "nine"))}  # fmt: skip
+    prompt, chosen, rejected, _ = _parts({"prompt": q, **convs})
+    assert (prompt, chosen, rejected) == ([SYSTEM, u(q)], [a("the answer is eight")],
+                                          [a("the answer is nine")])  # fmt: skip
+    assert _parts({"prompt": q, **convs}) == _parts(convs) == _parts({"prompt": [u(q)], **convs})
+    # the two sides must agree on it
+    other = {"role": "system", "content": "answer at length"}
+    differ = {"prompt": q, **convs, "rejected": [other, u(q), a("the answer is nine")]}
+    assert _reason(differ) == ("prompt_mismatch", "rejected has a system turn before the prompt "
+                               "that chosen does not share")  # fmt: skip
+    one = {"prompt": q, **convs, "rejected": [u(q), a("the answer is nine")]}
+    assert _reason(one)[0] == "prompt_mismatch" and str(_reason(one)[1]).startswith("chosen")
