@@ -168,7 +168,12 @@ class TaskSpec:
             bad = {k: v for k, v in fmap.items() if not isinstance(v, str)}
             if bad:
                 raise ValueError(f"{where}: {name} key paths must be strings, got {bad}")
-        object.__setattr__(self, "stop", tuple(self.stop))
+        # One string is one stop (tuple("ab") would be two); an empty one was refused only by
+        # the decoder, after the earlier tasks had run (or skipped with a reasoning_end).
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(x, str) or not x for x in stops):
+            raise ValueError(f"{where}: stop strings must be non-empty strings, got {stops!r}")
+        object.__setattr__(self, "stop", stops)
 
     @property
     def prompt_template(self) -> str:

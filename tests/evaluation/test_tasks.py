@@ -112,6 +112,17 @@ def test_bad_task_files_name_file_and_line(tmp_path):
         resolve_tasks(["nope"])
 
 
+def test_stop_strings_are_checked_with_the_spec(tmp_path):
+    """An empty stop string used to pass the spec checks and fail only in the decoder, after
+    every earlier task had run; one string given alone is one stop, not its characters."""
+    spec = {"name": "g", "type": "generation", "file": "f"}
+    for stop in ([""], ["\n", ""]):
+        with pytest.raises(ValueError, match=r"task 'g'.*stop strings must be non-empty"):
+            TaskSpec.from_dict({**spec, "stop": stop})
+    assert TaskSpec("g", "generation", "f", stop="Q:").stop == ("Q:",)  # (Python API)
+    assert TaskSpec.from_dict({**spec, "stop": ["Q:", "\n\n"]}).stop == ("Q:", "\n\n")
+
+
 def _gen_rows(n):
     return [{"prompt": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(n)]
 
