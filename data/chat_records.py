@@ -170,14 +170,17 @@ def sft_messages(obj, fields) -> list[dict]:
 
 def _without_prompt(side: list[dict], prompt: list[dict], key: str):
     """(system turns, answer turns) of `side` less a leading copy of the record's `prompt` turns
-    (compared by role and content, as checked by `_messages`). Conversational datasets
-    (HuggingFaceH4/ultrafeedback_binarized) give `prompt` and full `chosen`/`rejected`
-    conversations that repeat it: kept, every pair would render the user turn twice. A system
-    turn before the repeated turns (`prompt` a text, the conversation [system, user, assistant])
-    is returned as the first part, to join the prompt. A side that opens with a system or user
-    turn that is not the prompt's is a different conversation ("prompt_mismatch"); one that opens
-    with an assistant (or a tool result) turn is the answer, as before."""
-    turns = lambda ms: [(m["role"], m["content"]) for m in ms]  # noqa: E731
+    (compared by role and content, as checked by `_messages`, less surrounding whitespace).
+    Conversational datasets (HuggingFaceH4/ultrafeedback_binarized) give `prompt` and full
+    `chosen`/`rejected` conversations that repeat it: kept, every pair would render the user
+    turn twice. A system turn before the repeated turns (`prompt` a text, the conversation
+    [system, user, assistant]) is returned as the first part, to join the prompt. A side that
+    opens with a system or user turn that is not the prompt's is a different conversation
+    ("prompt_mismatch"); one that opens with an assistant (or a tool result) turn is the answer,
+    as before."""
+    # Content compared without surrounding whitespace: exports often keep the prompt's trailing
+    # newline that the conversation's turn does not (or the other way round).
+    turns = lambda ms: [(m["role"], m["content"].strip()) for m in ms]  # noqa: E731
     want = turns(prompt)
     # (`_messages` allows a system turn only first: at most one can precede the prompt's turns)
     for k in (0, 1) if side[0]["role"] == "system" and prompt[0]["role"] != "system" else (0,):

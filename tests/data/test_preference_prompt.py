@@ -51,6 +51,12 @@ def test_a_prompt_repeated_in_the_conversations_is_rendered_once(template):
     kto = F.render_unpaired(recs[:3], template, 64, report=report)
     assert [ex["ids"].tolist() for ex in kto[4:6]] == [ex["ids"].tolist() for ex in kto[:2]]
     assert [ex["split"] for ex in kto[4:6]] == [ex["split"] for ex in kto[:2]]
+    # An export's trailing newline on the prompt (not on the conversation's turn) is the same
+    # prompt: stripped like the others, and the record's prompt renders as given.
+    nl = [({**uf, "prompt": "compute two and six\n"}, "nl"),
+          ({**texts, "prompt": "compute two and six\n"}, "nl_texts")]  # fmt: skip
+    nl_rows = F.render_preferences(nl, template, 64, report=report)
+    assert len(nl_rows) == 2 and _ids(nl_rows)[0] == _ids(nl_rows)[1]
 
 
 def test_a_conversation_that_is_not_the_prompts_is_bad_input(tmp_path, template):
