@@ -180,7 +180,9 @@ def _without_prompt(side: list[dict], prompt: list[dict], key: str):
     as before."""
     # Content compared without surrounding whitespace: exports often keep the prompt's trailing
     # newline that the conversation's turn does not (or the other way round).
-    turns = lambda ms: [(m["role"], m["content"].strip()) for m in ms]  # noqa: E731
+    # (A tool-call turn's content may be None.)
+    strip = lambda c: c.strip() if isinstance(c, str) else c  # noqa: E731
+    turns = lambda ms: [(m["role"], strip(m["content"])) for m in ms]  # noqa: E731
     want = turns(prompt)
     # (`_messages` allows a system turn only first: at most one can precede the prompt's turns)
     for k in (0, 1) if side[0]["role"] == "system" and prompt[0]["role"] != "system" else (0,):
