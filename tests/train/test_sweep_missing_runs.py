@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ import pytest
 
 from flaxlm.train import sweep, sweep_launch, sweep_plan, sweep_table
 from flaxlm.train.metrics import read_metrics
+from tests.train.test_sweep_audit import FAKE_GCLOUD, _executable
 
 STEPS = 12
 CONFIG_PY = f"""
@@ -127,16 +127,6 @@ import json, os, sys
 with open(os.environ["ARGV_LOG"], "a") as f:
     f.write(json.dumps({{"cwd": os.getcwd(), "argv": sys.argv[1:]}}) + "\\n")
 """
-FAKE_GCLOUD = """#!/bin/bash
-for a in "$@"; do case "$a" in --command=*) exec bash -c "${a#--command=}";; esac; done
-exit 2
-"""
-
-
-def _executable(path, text):
-    path.write_text(text)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return str(path)
 
 
 @pytest.mark.parametrize("in_checkout", [False, True])
