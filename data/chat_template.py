@@ -51,7 +51,7 @@ as it is (stripped), the turn ends at the first stop id after its start, and an 
 stop token's text is dropped ("stop_in_content": its end cannot be located); a turn without a
 stop id is a `TemplateError`. `end_id` is the stop id the template ends a turn with (found
 by rendering a probe turn), which closes a response scored outside a rendered conversation
-(win rate). The rendered ids
+(the demo report). The rendered ids
 are then closed as flaxlm's template closes them: exactly one untrained id after the final
 stop id (the template's next id, else EOS), so the last input is the stop id (the reward
 model's score position). Truncation cuts after a leading BOS and keeps the final assistant
@@ -176,7 +176,7 @@ class JinjaChatTemplate(ChatTemplate):
 
     def _turn_end_id(self) -> int:
         """The first stop id after the answer of a rendered probe conversation: what a scored
-        response (win rate, demo report) is closed with, as training closed its answers."""
+        response (the demo report) is closed with, as training closed its answers."""
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         try:
             prompt = self.tok.encode(self.text(probe[:1], add_generation_prompt=True))

@@ -11,7 +11,13 @@ from __future__ import annotations
 import time
 
 from flaxlm.evaluation import generate_tasks, loglik
-from flaxlm.evaluation.prompts import check_prompts, choice_text, encode_prompt, select_shots
+from flaxlm.evaluation.prompts import (
+    chat_messages,
+    check_prompts,
+    choice_text,
+    encode_prompt,
+    select_shots,
+)
 from flaxlm.evaluation.tasks import Example, TaskSpec, read_examples
 
 
@@ -95,6 +101,7 @@ class Evaluator:
         stops = [*specials, *getattr(tok, "stop_ids", ())]
         self.stop_tokens = tuple(dict.fromkeys(i for i in stops if i >= 0))
         self._generate_fn, self._gen_batch, self._seed = generate_fn, gen_batch_size, seed
+        self._template = None  # chat-mode multiple choice's (`_chat_choices`), made once
 
     @property
     def generate_fn(self) -> generate_tasks.GenerateFn:
@@ -130,13 +137,13 @@ class Evaluator:
                    for ex in examples]  # fmt: skip
         if spec.type == "multiple_choice":
             choices, requests = [], []
-            for ex, (text, ids) in zip(examples, prompts):
+            for ex, (text, _) in zip(examples, prompts):
                 # plain mode: after the prompt text, joined by the spec's target_delimiter
                 chs = [choice_text(spec, ex.fields, i, "" if spec.chat else text)
                        for i in range(len(ex.fields["choices"]))]  # fmt: skip
-                if spec.chat:  # the reply is encoded on its own after the assistant header
+                if spec.chat:  # the reply's ids where the chat template puts them
                     chs = [c.strip() for c in chs]
-                    reqs = [(ids, self.tok.encode(c)) for c in chs]
+                    reqs = self._chat_choices(spec, ex, pool, chs)
                 else:
                     try:
                         reqs = [loglik.split_continuation(self.tok, text, c, bos=self.bos)
@@ -167,6 +174,32 @@ class Evaluator:
                 stop_tokens=self.stop_tokens,
             )
         return self._result(spec, examples, metrics, samples, t0)
+
+    def _chat_choices(self, spec: TaskSpec, ex: Example, pool: list[Example],
+                      choices: list[str]) -> list[tuple[list[int], list[int]]]:  # fmt: skip
+        """(context, continuation) ids of each chat-mode choice: the conversation with the choice
+        as the assistant's reply, rendered as SFT renders it (evaluation/chat_answer.py), split
+        at the end of the generation prompt; the continuation stops before the closing stop id
+        (an answer encoded alone differs with many Jinja templates: "▁Paris" for "Paris")."""
+        from flaxlm.data.formats import training_template
+        from flaxlm.evaluation.chat_answer import render_answer
+
+        if self._template is None:
+            self._template = training_template(self.tok)
+        msgs = chat_messages(spec, ex, select_shots(spec, ex, pool))
+        reqs = []
+        for i, choice in enumerate(choices):
+            try:
+                r = render_answer(self._template, msgs, choice)
+            except ValueError as e:  # FormatError, TemplateError, HFError (a failed template)
+                why = getattr(e, "reason", type(e).__name__)
+                raise ValueError(
+                    f"{ex.source}: task {spec.name!r}: choice {i} ({choice!r}) cannot be scored "
+                    f"as the chat template renders it ({why}): {e}"
+                ) from None
+            reqs.append(([int(x) for x in r.ids[: r.start]],
+                         [int(x) for x in r.ids[r.start : r.stop]]))  # fmt: skip
+        return reqs
 
     @staticmethod
     def _result(spec, examples, metrics, samples, t0) -> dict:

@@ -215,8 +215,9 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
 
     Args:
       requests: per question, one (context ids, continuation ids) per choice — from
-        `split_continuation(tok, prompt, choice)` in plain text, or the chat prompt's ids and
-        the encoded choice in chat mode.
+        `split_continuation(tok, prompt, choice)` in plain text; in chat mode the generation
+        prompt's ids and the choice's ids as the chat template renders the reply in place
+        (evaluation/chat_answer.py; its closing stop id not scored).
       choices: per question, the choice texts (their lengths without leading whitespace
         normalise acc_norm / acc_byte; see the module docstring).
       answers: per question, the index of the correct choice.

@@ -13,7 +13,8 @@ or any jsonl of {"prompt", "completion"}) with the same prompts in the same orde
 
 prints the win rate of A (first file) over B with a bootstrap 95% interval over prompts, the
 wins, losses and ties and both mean rewards (`--out FILE` also writes them and per-line scores
-as JSON). Prompts are user turns, rendered with the chat template as in reward training.
+as JSON). Prompts are user turns (or lists of messages); prompt + completion is rendered with the
+chat template as reward training renders a pair's side (evaluation/chat_answer.py).
 Lines with the same prompt are samples of one prompt (`generate --num_samples K --json` writes K
 lines per prompt, "sample" 0..K-1): the win rate counts every line (pair of responses), the
 interval resamples prompts with all their samples (K correlated samples are not K prompts: the
@@ -98,24 +99,34 @@ def win_rate_from_scores(sa: Sequence[float], sb: Sequence[float], *,
 def reward_model_scorer(cfg, params, tok, *, batch_size: int = 16) -> ScoreFn:
     """A ScoreFn over a reward model (ScalarHeadModel params, as alignment/reward.py trains).
 
-    A prompt is a user turn (text) or a list of messages; prompt + response are rendered with
-    the chat template (data/formats.py) and the reward is read at the response's closing
-    `<|end|>`, where the reward model was trained to put it. Rows are right-padded to a power of
-    two (sequences longer than max_seq_len keep their end).
+    A prompt is a user turn (text) or a list of messages; prompt + response is rendered as
+    reward training renders a pair's side (evaluation/chat_answer.py: with a Jinja chat template
+    the whole conversation tokenized once) and the reward is read at the response's closing stop
+    id (`<|end|>`), where the reward model was trained to put it. Rows are right-padded to a
+    power of two; a row longer than max_seq_len is cut as training cuts it (the prompt from the
+    left, its BOS kept). A prompt + response that cannot be rendered is a ValueError naming its
+    index.
     """
-    from flaxlm.data.formats import render_chat, training_template
+    from flaxlm.data.formats import training_template
+    from flaxlm.evaluation.chat_answer import render_answer
     from flaxlm.models.heads import scalar_model_fns, sequence_values
 
     template = training_template(tok)  # the template the reward model was trained with
     _, apply = scalar_model_fns(cfg)
     fn = jax.jit(lambda p, t, s: sequence_values(apply(p, t, None, s), s))
 
+    def row(i: int, p, r: str) -> list[int]:
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        try:
+            ids = render_answer(template, msgs, r, max_len=cfg.max_seq_len).ids
+        except ValueError as e:  # FormatError, TemplateError, HFError (a failed template)
+            why = getattr(e, "reason", type(e).__name__)
+            raise ValueError(f"response {i}: cannot be rendered with the chat template "
+                             f"({why}): {e}") from None  # fmt: skip
+        return [int(x) for x in ids[:-1]]  # a training row's inputs: the last is the stop id
+
     def score(prompts, responses) -> list[float]:
-        rows = []
-        for p, r in zip(prompts, responses, strict=True):
-            msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-            ids, _ = render_chat(msgs, template, add_generation_prompt=True)
-            rows.append((list(ids) + template.encode(r) + [template.end_id])[-cfg.max_seq_len :])
+        rows = [row(i, p, r) for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
         out: list[float] = []
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
@@ -186,6 +197,8 @@ def prompt_key(prompt) -> str:
 
 def read_completions(path: str) -> list[tuple[str, str]]:
     """(prompt, completion) of each line of a completion file; bad lines name file:line."""
+    from flaxlm.data.chat_records import FormatError, _messages, fields_config
+
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -198,23 +211,24 @@ def read_completions(path: str) -> list[tuple[str, str]]:
                 raise ValueError(
                     f'{path}:{lineno}: not a {{"prompt", "completion"}} JSON object ({e!r})'
                 ) from None
-            # Checked here: a null completion or a numeric prompt failed inside the reward
-            # model's tokenizer, naming no line.
+            # Checked here: a null completion, a numeric prompt or bad messages (an unknown
+            # role, no content, an assistant turn last) failed inside the reward model's
+            # rendering, after the model loaded, naming no line.
             if not isinstance(completion, str):
                 raise ValueError(f"{path}:{lineno}: completion must be a string, got "
                                  f"{type(completion).__name__}")  # fmt: skip
-            if not (
-                isinstance(prompt, str)
-                or (
-                    isinstance(prompt, list)
-                    and prompt
-                    and all(
-                        isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt
-                    )
-                )
-            ):
+            if not isinstance(prompt, (str, list)):
                 raise ValueError(f"{path}:{lineno}: prompt must be a string or a list of "
                                  "{role, content} messages")  # fmt: skip
+            if isinstance(prompt, list):  # checked before the reward model loads, by line
+                try:
+                    msgs = _messages(prompt, fields_config(), "prompt")
+                    if msgs[-1]["role"] == "assistant":
+                        raise FormatError("bad_messages", "the last message is an assistant "
+                                          "turn: nothing for the completion to answer")  # fmt: skip
+                except FormatError as e:
+                    raise ValueError(f"{path}:{lineno}: prompt must be a string or a list of "
+                                     f"{{role, content}} messages ({e})") from None  # fmt: skip
             out.append((prompt, completion))
     if not out:
         raise ValueError(f"{path}: no completions")
@@ -252,8 +266,13 @@ def main(argv=None) -> dict:
     except (CheckpointError, HFError, OSError) as e:
         raise SystemExit(f"--reward_model {args.reward_model}: {e}") from None
     prompts = [x[0] for x in a]
-    sa = [float(x) for x in score(prompts, [x[1] for x in a])]
-    sb = [float(x) for x in score(prompts, [x[1] for x in b])]
+    scores = []
+    for path, lines in ((args.a, a), (args.b, b)):
+        try:  # a response the chat template cannot render: one line naming file and index
+            scores.append([float(x) for x in score(prompts, [x[1] for x in lines])])
+        except ValueError as e:
+            raise SystemExit(f"{path}: {e}") from None
+    sa, sb = scores
     res = win_rate_from_scores(sa, sb, tie_margin=args.tie_margin)
     groups = [prompt_key(x) for x in prompts]
     lo, hi = bootstrap_interval([x - y for x, y in zip(sa, sb)], args.tie_margin, groups=groups)
