@@ -19,7 +19,9 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      (`grpo.reasoning_end`, e.g. "</think>"): the functions judge the answer after the marker
      (one taking `reasoning` also gets the text before it), and a response whose reasoning
      never ends gets `rollout.empty_reward` (no answer), counted as
-     `rollout/reasoning_unfinished`;
+     `rollout/reasoning_unfinished`, as does one with nothing after the marker (counted as
+     `rollout/empty`); the held-out evaluation judges the answer after the marker too (an
+     unfinished reasoning is wrong, `eval/<set>/reasoning_unfinished`: alignment/rl_eval.py);
   3. advantages per group (`group_advantages`): A_i = (r_i − mean_g r) / (std_g r + ε)
      over the group's valid samples (population std, ε = 1e-4; TRL divides by the unbiased
      std), so a group of equal rewards gets A = 0, not 0/0 (`scale_by_std=False`: just
@@ -74,13 +76,15 @@ model (`reward_from`, "rm" in the rewards) is its params, or its EMA weights wit
 resume after that run trained on (alignment/rl_frozen.py `FrozenSources`).
 
 The bad-input policy (a reward function that raises or returns NaN, empty responses, over-long
-prompts) is rl_rollout's: the sample is skipped with a count; a rollout with no valid sample
-(or none among the samples judged) raises. A response without an answer (empty, or a reasoning
-that never ended) is not judged: the reward functions are not called on it and it gets
-`rollout.empty_reward`, a valid sample.
+prompts) is rl_rollout's: the sample is skipped with a count; so is one whose combined reward
+is not finite (`grpo.rewards` refuses an inf or NaN weight); a rollout with no valid sample
+(or none among the samples judged) raises. A response without an answer (empty, a reasoning
+that never ended, or nothing after it) is not judged: the reward functions are not called on it
+and it gets `rollout.empty_reward`, a valid sample.
 
 Metrics: `rollout/reward_mean|std`, `rollout/accuracy` (`exact_match`, when every prompt's
-meta has an `answer`: the world's judge on its questions, else the stripped answer),
+meta has an `answer`: the world's judge on its questions, else the stripped answer; an
+unfinished reasoning is wrong),
 `rollout/r_<name>` per reward function (over the samples it judged),
 `rollout/kl` (per-sequence KL of the valid responses to the reference, cut-off ones included
 under `mask_truncated`), `rollout/response_len`, the bad-input counts, the time split
@@ -241,7 +245,8 @@ class GRPOSource(RolloutSource):
     def _judged(self, s: dict) -> dict:
         """A `sample` result with its rewards: "reward", "valid", "errors", "answers" (what the
         functions judged), "unfinished", "reasonings", "no_answer" (empty or unfinished: not
-        judged, rollout.empty_reward) and "parts" (each function's values; 0 where no_answer)."""
+        judged, rollout.empty_reward) and "parts" (each function's values; 0 where no_answer).
+        With a reasoning marker "empty" is the answer's: "<think>…</think>" alone is empty."""
         r, g = self.config.rollout, self.config[self.SECTION]
         n = len(s["texts"])
         answers, reasonings, unfinished = s["texts"], None, np.zeros(n, bool)
@@ -250,6 +255,11 @@ class GRPOSource(RolloutSource):
             split = [split_reasoning(t, marker) for t in answers]
             reasonings, answers, unfinished = (list(x) for x in zip(*split))
             unfinished = np.asarray(unfinished, bool)
+            # A finished reasoning with nothing after it is an empty answer: judged on "" it
+            # used to raise in `response.split()[-1]` (skipped as bad_reward, never punished).
+            # (An unfinished one is counted as such, not as empty, unless the text is.)
+            s = {**s, "empty": s["empty"] | (~unfinished & np.asarray(
+                [not a.strip() for a in answers], bool))}  # fmt: skip
         # No answer (an empty response, or a reasoning that never ended): its reward is
         # rollout.empty_reward by the stated policy, whatever the functions would say, so they
         # are not called on it. Called on "", a function that raises or returns NaN there
@@ -278,6 +288,11 @@ class GRPOSource(RolloutSource):
         reward = np.where(no_answer, r.empty_reward, reward) - r.nonstop_penalty * (~s["stopped"])
         reward = reward + overlong_penalty(s["lengths"], r.max_new_tokens,
                                            g.get("overlong_buffer", 0))  # fmt: skip
+        # Finite values can still combine to inf or NaN (a weight × value past float32, inf −
+        # inf): such a sample is skipped like a bad reward, not passed on as NaN advantages.
+        bad = valid & ~np.isfinite(reward)
+        errors = errors + [f"combined reward {reward[b]} (row {b})" for b in np.flatnonzero(bad)]
+        valid, reward = valid & ~bad, np.where(bad, 0.0, reward).astype(np.float32)
         return {**s, "parts": parts, "reward": reward, "valid": valid, "errors": errors,
                 "answers": answers, "unfinished": unfinished, "reasonings": reasonings,
                 "no_answer": no_answer}  # fmt: skip
@@ -358,8 +373,9 @@ class GRPOSource(RolloutSource):
         if g.get("reasoning_end", ""):
             stats["reasoning_unfinished"] = float(unfinished[v].mean())
         # exact_match: the world's judge on its questions, else the stripped `answer` (yours)
-        if all("answer" in mt for mt in s["metas"]):
-            hits = [exact_match(mt, tx) for mt, tx in zip(s["metas"], texts)]
+        if all("answer" in mt for mt in s["metas"]):  # (an unfinished reasoning: wrong, as in eval)
+            hits = [0.0 if u else exact_match(mt, tx)
+                    for mt, tx, u in zip(s["metas"], texts, unfinished)]  # fmt: skip
             stats["accuracy"] = np.mean(hits)
         train_rows = {
             **{k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids")},
@@ -434,9 +450,11 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
         config, mesh, rules, prompts, cfg=cfg, template=template, apply=apply, ref=ref,
         rewards=rewards, spec=spec, rm=rm,
     )  # fmt: skip
+    # (the eval judges the answer after grpo.reasoning_end, as the rollouts' rewards do)
     eval_fn, data_report = rl_eval.policy_eval_and_report(
-        config, cfg, template, prompts, held, report, mesh, rules, workdir
-    )
+        config, cfg, template, prompts, held, report, mesh, rules, workdir,
+        reasoning_end=config[k].get("reasoning_end", ""),
+    )  # fmt: skip
     if spec and eval_fn:
         plain_eval = eval_fn
         eval_fn = lambda params: plain_eval(lora_lib.merge(params, spec))  # noqa: E731

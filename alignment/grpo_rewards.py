@@ -8,6 +8,7 @@ optional weights ("exact_match,format:0.1"), by registry name (`register_reward`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from flaxlm.data.synthetic_judge import is_world_meta
@@ -93,8 +94,8 @@ def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Calla
     """Parses "exact_match,format:0.1,my_rewards:numeric:0.5" into [(name, fn, weight), ...]:
     each part is a name of REWARDS or "module:function" (imported), then an optional ":weight"
     (default 1); "rm" is the reward model of `reward_from` (its fn is None: the source scores
-    it). Unknown names, unimportable functions and a weight that is no number are errors, each
-    naming `key` (the config key of `spec`)."""
+    it). Unknown names, unimportable functions and a weight that is no finite number are
+    errors, each naming `key` (the config key of `spec`)."""
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, w = part.rpartition(":")
@@ -104,6 +105,10 @@ def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Calla
             if part.count(":") > 1 or (name in (*REWARDS, REWARD_MODEL) and not _module(name)):
                 raise ValueError(f"{key}: bad weight {w!r} in {part!r} (name[:weight], a number)")
             name, w = part, ""
+        elif not math.isfinite(float(w)):  # float() takes "inf" and "nan": NaN rewards
+            raise ValueError(
+                f"{key}: bad weight {w!r} in {part!r} (name[:weight], a finite number)"
+            )
         if name == REWARD_MODEL:
             fn = None
         elif name in REWARDS:

@@ -24,6 +24,7 @@ from flaxlm.alignment.rl_common import (
     stop_string_tuple,
 )
 from flaxlm.data import formats as F
+from flaxlm.data.formats import split_reasoning
 from flaxlm.data.synthetic_judge import is_world_meta
 from flaxlm.models.decode import generate, prompt_keys
 from flaxlm.models.sharding import fetch, global_batch, use_mesh
@@ -80,17 +81,20 @@ def training_prompts(config, template):
 
 
 def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, rules, workdir,
-                           rm=None):  # fmt: skip
+                           rm=None, reasoning_end=""):  # fmt: skip
     """(eval_fn(policy params) or None, data report) of an RL run: the `eval_gen` sets plus the
     held-out RL prompts and as many training prompts (a fixed sample, for comparison); the
-    report (prompts kept/dropped, eval sets) is also written to the workdir."""
+    report (prompts kept/dropped, eval sets) is also written to the workdir. `reasoning_end`:
+    the run's end-of-thinking marker (`grpo.reasoning_end`), so answers are judged after it as
+    the rollouts judge them (`make_policy_eval`)."""
     eval_report = F.DataReport(strict=config.data.strict)
     eval_fn = None
     if config.eval_every and (config.eval_gen.sets or held):
         extra = {"rl_heldout": held, "rl_train": prompts[: len(held)]} if held else None
         sets = heldout_sets(config, template, prompts, eval_report, extra)
         eval_fn = make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules, rm=rm,
-                                   stop_strings=config.rollout.get("stop_strings", ()))  # fmt: skip
+                                   stop_strings=config.rollout.get("stop_strings", ()),
+                                   reasoning_end=reasoning_end)  # fmt: skip
     data_report = {
         "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
         "eval": eval_report.to_dict(),
@@ -184,7 +188,8 @@ def sets_eval(config, template, cfg, mesh, rules, report: F.DataReport):
     return make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
 
 
-def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, stop_strings=()):
+def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, stop_strings=(),
+                     reasoning_end=""):  # fmt: skip
     """policy params -> {"<set>/accuracy", "/judge", "/stopped", "/response_len"
     [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts), and
     with `gen_cfg.sample_temperature` > 0 also "<set>/sampled_accuracy": `gen_cfg.samples`
@@ -192,7 +197,11 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     PRNGKey(1), j), k), whatever `gen_cfg.batch`; what on-policy RL optimises), each prompt
     prefilled once for its samples (`generate(..., num_samples=)`, `gen_cfg.batch` //
     samples prompts per call). `stop_strings` (the rollouts' `rollout.stop_strings`) end
-    answers as they end rollouts."""
+    answers as they end rollouts. `reasoning_end` (a reasoning model's end-of-thinking marker,
+    `grpo.reasoning_end`): the answer after it is judged, as the rollouts' rewards judge it; a
+    reasoning that never ended is no answer (accuracy and judge 0), and
+    "<set>/reasoning_unfinished" (greedy) and "/sampled_reasoning_unfinished" count how often.
+    (Judged whole, "<think>…</think>42" was wrong here and right in rollout/accuracy.)"""
     from flaxlm.alignment import sft
     from flaxlm.models.stop_strings import StopStrings
 
@@ -210,8 +219,18 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     temp = float(gen_cfg.get("sample_temperature", 0.0))
     n_samples = int(gen_cfg.get("samples", 1))
 
+    def judge(ex, text) -> tuple[float, float, bool]:
+        """(correct, judge score, reasoning unfinished) of one response to example `ex`."""
+        if not reasoning_end:
+            return (*sft.score(ex["meta"], text, ex["answer"]), False)
+        _, answer, unfinished = split_reasoning(text, reasoning_end)
+        if unfinished:  # no answer: wrong, even if the reasoning spells the reference
+            return 0.0, 0.0, True
+        return (*sft.score(ex["meta"], answer, ex["answer"]), False)
+
     def run_set(policy, examples) -> dict:
         acc, jud, stopped, lens, scores, sampled = [], [], [], [], [], []
+        unfinished, sampled_unfinished = [], []
         bs = gen_cfg.batch
         for i in range(0, len(examples), bs):
             chunk = examples[i : i + bs]
@@ -231,9 +250,10 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
                     s = fetch(score(rm[2], global_batch(rows, mesh)))
                 scores += list(s[: len(chunk)])
             for ex, text in zip(chunk, texts):
-                ok, j = sft.score(ex["meta"], text, ex["answer"])
+                ok, j, unf = judge(ex, text)
                 acc.append(ok)
                 jud.append(j)
+                unfinished.append(unf)
             stopped += list(stop[: len(chunk)])
             lens += list(out.lengths[: len(chunk)])
             per = max(1, bs // n_samples)  # prompts per sampling call: ~bs rows
@@ -249,14 +269,20 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
                 ))  # fmt: skip
                 texts, _ = decode_responses(template.tok, out.tokens, out.lengths,
                                             template.stop_tokens)  # fmt: skip
-                sampled += [sft.score(ex["meta"], texts[r * n_samples + g], ex["answer"])[0]
-                            for r, ex in enumerate(part) for g in range(n_samples)]  # fmt: skip
+                judged = [judge(ex, texts[r * n_samples + g])
+                          for r, ex in enumerate(part) for g in range(n_samples)]  # fmt: skip
+                sampled += [ok for ok, _, _ in judged]
+                sampled_unfinished += [unf for _, _, unf in judged]
         res = {"accuracy": np.mean(acc), "judge": np.mean(jud), "stopped": np.mean(stopped),
                "response_len": np.mean(lens)}  # fmt: skip
         if scores:
             res["rm_score"] = np.mean(scores)
         if sampled:
             res["sampled_accuracy"] = np.mean(sampled)
+        if reasoning_end:
+            res["reasoning_unfinished"] = np.mean(unfinished)
+            if sampled:
+                res["sampled_reasoning_unfinished"] = np.mean(sampled_unfinished)
         return {k: float(v) for k, v in res.items()}
 
     def eval_fn(policy) -> dict:

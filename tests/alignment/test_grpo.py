@@ -302,6 +302,91 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
         c.data.fields.role, c.data.fields.content = "role", "content"
 
 
+def _texts_generate(tok, stop, texts):
+    """A stand-in decoder whose row b answers texts[b % len(texts)], then the stop token."""
+    ids = [list(tok.encode(t)) + [stop] for t in texts]
+
+    def fake_generate(cfg, params, prompts, *, max_new_tokens, num_samples=1, **kw):
+        B = len(prompts) * num_samples
+        tokens, lengths = np.zeros((B, max_new_tokens), np.int32), np.zeros(B, np.int32)
+        for b in range(B):
+            row = ids[b % len(ids)]
+            tokens[b, : len(row)], lengths[b] = row, len(row)
+        mask = (np.arange(max_new_tokens)[None] < lengths[:, None]).astype(np.float32)
+        return GenerateOutput(tokens, np.zeros(tokens.shape, np.float32), mask, lengths)
+
+    return fake_generate
+
+
+def test_an_empty_answer_after_the_reasoning_gets_empty_reward(runs, cache_dir, monkeypatch):
+    """With grpo.reasoning_end, "<think>...</think>" then the stop token (a finished reasoning,
+    no answer) was judged on "": a reward like `response.split()[-1]` raised and the sample was
+    skipped (bad_reward, dropped from the loss) instead of getting rollout.empty_reward like an
+    unfinished reasoning. It is now no answer: not judged, empty_reward, counted as empty."""
+    sft, _ = runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
+        "batch_size": 8, "rollout.batch": 8, "grpo.group_size": 4, "seq_len": 64,
+        "rollout.max_prompt_len": 40, "rollout.max_new_tokens": 24,
+        "grpo.reasoning_end": "</think>", "rollout.empty_reward": -1.0,
+    })  # fmt: skip
+    called = []
+
+    def last_word(meta, response):  # a typical user reward: the last word is the answer
+        called.append(response)
+        return float(response.split()[-1] == "red")
+
+    src = grpo.build_task(c, make_mesh(dict(c.mesh)), None,
+                          rewards=[("last_word", last_word, 1.0)]).train_batches  # fmt: skip
+    kinds = [
+        "<think>hm</think> red",
+        "<think>hm</think> blue",
+        "<think>hm</think> \n",
+        "<think>hm hm",
+    ]  # right, wrong, no answer, unfinished
+    t = src.template
+    monkeypatch.setattr(rl_rollout, "generate",
+                        _texts_generate(t.tok, t.stop_tokens[0], kinds))  # fmt: skip
+    rows, stats = src.make_rollout(src.ref_params, jax.random.PRNGKey(0))
+    assert stats["bad_reward"] == 0 and stats["empty"] == 2  # (one no-answer row per group)
+    assert sorted(called) == ["blue", "blue", "red", "red"]  # no answer: never judged
+    assert (rows["loss_mask"].sum(1) > 0).all()
+    adv = rows["advantages"][:4]
+    # no answer and unfinished: both empty_reward (−1), below wrong (0), below right (1)
+    assert adv[2] == adv[3] < adv[1] < adv[0]
+    assert stats["reasoning_unfinished"] == pytest.approx(0.25)
+    assert stats["reward_mean"] == pytest.approx((1 + 0 - 1 - 1) / 4)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_non_finite_weights_are_refused_and_non_finite_rewards_skipped(runs, cache_dir,
+                                                                     monkeypatch):  # fmt: skip
+    """grpo.rewards="format:inf" (or nan) was taken as a weight: every reward and advantage
+    NaN, with bad_reward 0. Such a weight is now an error naming the key; and a combined
+    reward that is not finite (a value that overflows float32) marks its sample invalid."""
+    for spec, w in (("format:inf", "inf"), ("exact_match,format:nan", "nan"),
+                    ("format:-Infinity", "-Infinity")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"grpo.rewards: bad weight '{w}' in 'format:{w}'"):
+            grpo.parse_rewards(spec)
+    with pytest.raises(ValueError, match="online.rewards: bad weight 'nan'"):
+        grpo.parse_rewards("exact_match:nan", "online.rewards")
+    sft, _ = runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
+        "batch_size": 8, "rollout.batch": 8, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 8,
+    })  # fmt: skip
+    # finite as a Python float, inf once a float32 reward (one sample of every group of 4)
+    huge = ("huge", lambda meta, t: 1e39 if t == "b" else 1.0, 1.0)
+    src = grpo.build_task(c, make_mesh(dict(c.mesh)), None, rewards=[huge]).train_batches
+    t = src.template
+    monkeypatch.setattr(
+        rl_rollout, "generate", _texts_generate(t.tok, t.stop_tokens[0], ["a", "b", "c", "d"])
+    )
+    rows, stats = src.make_rollout(src.ref_params, jax.random.PRNGKey(0))
+    assert stats["bad_reward"] == 2 and np.isfinite(stats["reward_mean"])
+    assert np.isfinite(rows["advantages"]).all()
+    assert (rows["loss_mask"].sum(1) == 0).tolist() == [False, True, False, False] * 2
+
+
 def test_rollouts_end_at_stop_strings(runs, cache_dir):
     """rollout.stop_strings: a response ends at the first token after which its text holds a
     string (kept in the text, counted as stopped) — or at a stop token, or the budget."""

@@ -3,13 +3,16 @@ prompt share its prefill (`generate(..., num_samples=)`), each prompt's samples 
 keys, and near temperature 0 they are the greedy answers."""
 
 import importlib.util
+import json
 import os
 
 import numpy as np
 import pytest
 
-from flaxlm.alignment import grpo, rl_common, rl_eval, sft
+from flaxlm.alignment import grpo, online_dpo, rl_common, rl_eval, sft
 from flaxlm.configs import grpo as grpo_config
+from flaxlm.configs import online_dpo as odpo_config
+from flaxlm.models.decode import GenerateOutput
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train.pretrain import model_fns
 
@@ -74,3 +77,53 @@ def test_reward_model_rows_hold_prompts_longer_than_eval_gen_max_prompt_len(tmp_
     out = rl_eval.make_policy_eval(source.cfg, source.template, {"x": examples}, g, mesh,
                                    rules, rm=rm)(params)  # fmt: skip
     assert np.isfinite(out["x/rm_score"])
+
+
+@pytest.mark.parametrize("module", [grpo_config, odpo_config], ids=["grpo", "online_dpo"])
+def test_reasoning_end_scores_the_answer_after_the_reasoning(tmp_path, cache_dir, monkeypatch,
+                                                              module):  # fmt: skip
+    """With `<section>.reasoning_end`, the held-out eval (greedy and sampled) judged the whole
+    response, reasoning included, while the rollouts judged the answer after the marker:
+    "<think>...</think>42" was right in rollout/accuracy and wrong in <set>/accuracy. It now
+    scores the answer after the marker, a reasoning that never ended is wrong (even one that
+    spells the reference) and `<set>/reasoning_unfinished` counts how often."""
+    section = "online" if module is odpo_config else "grpo"
+    sft_dir, _ = H.fake_runs(str(tmp_path), cache_dir)
+    held = tmp_path / "held.jsonl"
+    held.write_text(
+        "".join(
+            json.dumps({"prompt": f"What is {i} plus {42 - i}?", "meta": {"answer": "42"}}) + "\n"
+            for i in range(8)
+        )
+    )
+    c = H.tiny(module, cache_dir, init_from=sft_dir, **{
+        "batch_size": 8, "rollout.batch": 16, f"{section}.group_size": 2, "seq_len": 64,
+        "rollout.max_prompt_len": 40, "rollout.max_new_tokens": 24,
+        f"{section}.reasoning_end": "</think>", "eval_every": 1, "eval_gen.sets": str(held),
+        "eval_gen.examples": 8, "eval_gen.batch": 8, "eval_gen.max_new_tokens": 24,
+        "eval_gen.max_prompt_len": 40, "eval_gen.sample_temperature": 1.0,
+        "eval_gen.samples": 4,
+    })  # fmt: skip
+    mesh = make_mesh(dict(c.mesh))
+    task = (online_dpo if module is odpo_config else grpo).build_task(
+        c, mesh, None, rewards=[("one", lambda m, t: 1.0, 1.0)])  # fmt: skip
+    t = task.train_batches.template
+    # right, right, wrong, and an unfinished reasoning that spells the reference
+    kinds = ["<think>add</think>42", "<think>add</think> 42", "<think>add</think>41", "42"]
+    ids = [list(t.tok.encode(k)) + [t.stop_tokens[0]] for k in kinds]
+
+    def fake_generate(cfg, params, prompts, *, max_new_tokens, num_samples=1, **kw):
+        B = len(prompts) * num_samples
+        tokens, lengths = np.zeros((B, max_new_tokens), np.int32), np.zeros(B, np.int32)
+        for b in range(B):
+            row = ids[b % len(ids)]
+            tokens[b, : len(row)], lengths[b] = row, len(row)
+        mask = (np.arange(max_new_tokens)[None] < lengths[:, None]).astype(np.float32)
+        return GenerateOutput(tokens, np.zeros(tokens.shape, np.float32), mask, lengths)
+
+    monkeypatch.setattr(rl_eval, "generate", fake_generate)
+    out = task.eval_fn(task.train_batches.ref_params)
+    assert out["held/accuracy"] == pytest.approx(0.5)
+    assert out["held/sampled_accuracy"] == pytest.approx(0.5)
+    assert out["held/reasoning_unfinished"] == pytest.approx(0.25)
+    assert out["held/sampled_reasoning_unfinished"] == pytest.approx(0.25)
