@@ -66,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.markov_branching = 4  # markov: successors per token of the synthetic chain
     # Held-out text for the eval loss: jsonl/parquet/text or token shards. "" = the built-in
     # world's held-out text, which is refused when data.sources is set (or set eval_every=0).
+    # Several "PATTERN[:WEIGHT]" entries are interleaved by weight in documents (no weights: in
+    # turn) in the eval_batches, so each is measured; one that runs out early is logged
+    # (train/pretrain.py text_eval_batches)
     c.data.eval_sources = ""
     c.data.eval_batches = 4  # held-out batches per evaluation
     if a.data == "text" and a.variant in ("tiny", "mini", "small"):

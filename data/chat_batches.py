@@ -47,6 +47,16 @@ def place(out: dict, r: int, start: int, seg: int, ids, mask, prefix: str = "") 
     return n
 
 
+def order_seed(seed: int) -> int:
+    """The entropy numpy's generators get for a run ``seed``: the seed itself when it is >= 0
+    (the orders runs have always had), a negative one mapped past every 64-bit seed (numpy
+    takes only non-negative entropy: ``seed=-1`` used to stop with "expected non-negative
+    integer"), so no two seeds share an order. Pretraining maps its seeds likewise
+    (data/pipeline.py ``shuffle_seed``)."""
+    seed = int(seed)
+    return seed if seed >= 0 else 2**64 - seed
+
+
 class _EpochOrder:
     """Every example in a per-epoch shuffled order (the same on every process); state is
     (epoch, position)."""
@@ -62,7 +72,7 @@ class _EpochOrder:
     def _make(self, epoch):
         if not self.shuffle:
             return self.idx
-        return np.random.default_rng([self.seed, epoch]).permutation(self.idx)
+        return np.random.default_rng([order_seed(self.seed), epoch]).permutation(self.idx)
 
     def peek(self) -> int | None:
         if self.pos == len(self._order):
@@ -108,7 +118,7 @@ class _GlobalOrder:
         if self.num_epochs and epoch >= self.num_epochs:
             return None
         if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([order_seed(self.seed), epoch])
             self._perm = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
             self._perm_epoch = epoch
         return int(self._perm[pos])
@@ -172,6 +182,31 @@ class _Batches(Lookahead):
 
     def _set_local_state(self, state: dict) -> None:
         self.order.set_state(state)
+
+    def _reshard(self, saved: list[dict], process_index: int, process_count: int):
+        """This process's position from the states of a run with another process count
+        (data/process_state.py): the global order does not depend on it, so the lowest saved
+        process's position is where the next global batch starts, and every process of this
+        layout resumes from it (``_GlobalOrder.set_state`` finds its own part). Each saved
+        process's own entry used to be reused, which with more processes than were saved put
+        them at different global batches (pairs skipped and repeated)."""
+        first = saved[0]
+        at = f"epoch {first['epoch']}, item {first['pos']}"
+        if not self.ONE_PER_ROW:  # every process packed the whole global batch: one position
+            if all(st == first for st in saved):
+                return first, f"one global position ({at}): resumed exactly", True
+            note = f"the saved processes stand at different positions {saved}: resuming at {at}"
+            return first, note, False
+        width = self.order.width  # this run's global batch
+        if (int(first["epoch"]) * self.order.n + int(first["pos"])) % width == 0:
+            note = f"the global batches do not depend on it: resumed exactly ({at})"
+            return first, note, True
+        note = (
+            f"process 0's position ({at}) is not the start of one of this run's global batches "
+            f"of {width} rows (another batch size?): resuming near it, a few items repeated "
+            "or skipped"
+        )
+        return first, note, False
 
 
 class SFTBatches(_Batches):

@@ -83,5 +83,6 @@ class Lookahead:
         raise NotImplementedError
 
     # A position from the states of a run with another process count (process_state.unwrap's
-    # `reshard`), for an iterator that can convert one; None: one saved position is reused.
+    # `reshard`: (position, note, exact)), for an iterator that can convert one; None: one
+    # saved position is reused, with a warning.
     _reshard = None

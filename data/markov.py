@@ -12,6 +12,8 @@ import bisect
 
 import numpy as np
 
+from flaxlm.data.chat_batches import order_seed
+
 
 class MarkovStream:
     """Infinite iterator of packed batches (tokens/targets/loss_mask/segment_ids/positions).
@@ -52,7 +54,7 @@ class MarkovStream:
         self.global_batch, self.seed, self.doc_len = global_batch, seed, doc_len
         self.rows = global_batch // process_count
         self.row0 = process_index * self.rows
-        rng = np.random.default_rng(seed if chain_seed is None else chain_seed)
+        rng = np.random.default_rng(order_seed(seed if chain_seed is None else chain_seed))
         self.successors = np.stack(
             [rng.choice(vocab_size, size=branching, replace=False) for _ in range(vocab_size)]
         )
@@ -96,7 +98,7 @@ class MarkovStream:
 
     # --- iteration ---------------------------------------------------------------------------
     def _row(self, batch_index: int, row: int):
-        rng = np.random.default_rng([self.seed, batch_index, row])
+        rng = np.random.default_rng([order_seed(self.seed), batch_index, row])
         successors, cum = self._successors_list, self._cum_list
         T = self.seq_len
         tokens = np.zeros(T + 1, np.int32)

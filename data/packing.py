@@ -7,6 +7,8 @@ row). Its state is the document iterator's state before the document being cut, 
 that document's pairs are already placed, so `set_state` resumes on exactly the next pair; with
 several processes the state goes through global positions (data/process_state.py). `PairCheck`
 turns data with no (input, target) pair into a DataError instead of a stream that never yields.
+With ``fingerprint`` (data/source_fingerprint.py) the state also records what each source held
+(``"sources"``), and ``set_state`` refuses (or warns about) data that changed since.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from flaxlm.data import process_state
+from flaxlm.data import process_state, source_fingerprint
 from flaxlm.data import sources as S
 from flaxlm.data.lookahead import Lookahead
 
@@ -71,6 +73,8 @@ class PackedBatchIterator(Lookahead):
     the first batch of a finite stream read from its start is empty (else the data "ended").
     An endless stream also fails when this process's own first ``pass_docs`` documents have
     none: whether other processes' have is no help to it (it read on forever).
+    ``fingerprint`` (one record per source, data/source_fingerprint.py) goes into the state as
+    ``"sources"``; ``set_state`` checks it against the saved one, per ``on_changed_sources``.
     """
 
     state_name = "pretrain"
@@ -89,6 +93,8 @@ class PackedBatchIterator(Lookahead):
         pairs: PairCheck | None = None,
         pass_docs: int = 0,
         sources: int = 1,
+        fingerprint: list[dict] | None = None,
+        on_changed_sources: str = "error",
     ):
         if mode not in ("split", "pad"):
             raise ValueError(f"pack_mode must be split|pad, got {mode!r}")
@@ -109,6 +115,7 @@ class PackedBatchIterator(Lookahead):
         self._pairs, self._pass_docs = pairs, pass_docs
         self._packed = False  # whether a row was filled: an empty batch then is the end
         self._resumed = False  # set_state: an empty first batch may then be the data's end
+        self.fingerprint, self.on_changed_sources = fingerprint, on_changed_sources
 
     def _fetch(self) -> bool:
         state = self._docs.get_state()
@@ -185,6 +192,23 @@ class PackedBatchIterator(Lookahead):
             raise StopIteration  # end of the last epoch; a partial last batch keeps zero rows
         return out
 
+    def get_state(self) -> dict:
+        """Lookahead's state plus, with a fingerprint, what each source held (``"sources"``:
+        the same on every process, so recorded once, beside the processes' positions)."""
+        state = super().get_state()
+        if self.fingerprint is None:
+            return state
+        return {**state, "sources": [source_fingerprint.record(f) for f in self.fingerprint]}
+
+    def set_state(self, state: dict) -> None:
+        state = dict(state)
+        saved = state.pop("sources", None)
+        if self.fingerprint is not None:
+            source_fingerprint.check(
+                saved, self.fingerprint, self.on_changed_sources, self.state_name
+            )
+        super().set_state(state)
+
     def _local_state(self) -> dict:
         """This process's position (``get_state`` gathers every process's; Lookahead)."""
         carrying = self._carry is not None
@@ -214,17 +238,17 @@ class PackedBatchIterator(Lookahead):
         }
         if self.sources == 1:
             note = (
-                "resuming from the first document some saved process had not finished; none "
-                "is skipped, and the few the other processes had finished past it are trained "
-                "again"
+                "the document shards differ, so resuming from the first document some saved "
+                "process had not finished; none is skipped, and the few the other processes "
+                "had finished past it are trained again"
             )
         else:  # the saved index counts the mixed stream: each source's share is only near it
             note = (
-                f"the {self.sources} sources' documents are mixed per process, so resuming near "
-                "the first mixed document some saved process had not finished: a few documents "
-                "of each source will be repeated or skipped"
+                f"the document shards differ; the {self.sources} sources' documents are mixed "
+                "per process, so resuming near the first mixed document some saved process had "
+                "not finished: a few documents of each source will be repeated or skipped"
             )
-        return local, note
+        return local, note, False
 
     def _set_local_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:

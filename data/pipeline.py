@@ -33,7 +33,9 @@ leave 1503; each process's mixture ends on its own, so 4 processes leave 4 of 70
 47 + 23 mixture unread per epoch. Every step is index arithmetic, so the whole state is the next
 document index plus the packer's position inside the document it was cutting: ``get_state()``
 returns a small JSON dict and ``set_state`` resumes exactly (the tests check it in a fresh
-process).
+process). The state also records what each source held (its files' names and sizes, its
+document count: data/source_fingerprint.py), so a resume onto files that changed since is an
+error naming the source, or with ``data.on_changed_sources="warn"`` a warning.
 
 Each process packs its own documents: its rows are not a slice of what one process would pack
 (the global batch is the processes' rows together), and their positions differ, so with several
@@ -73,6 +75,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from flaxlm.data import source_fingerprint
 from flaxlm.data import sources as S
 from flaxlm.data.packing import STATE_VERSION as STATE_VERSION
 from flaxlm.data.packing import PackedBatchIterator as PackedBatchIterator
@@ -104,6 +107,11 @@ def data_config() -> ml_collections.ConfigDict:
     c.read_threads = 4  # grain threads that read and tokenize
     c.prefetch = 256  # documents grain reads ahead
     c.strict = False  # True: bad input raises with file:line; False: counted, logged, skipped
+    # On resume, a source whose files or document count changed since the checkpoint (a new
+    # file under a glob, an edited or truncated one) would repeat and skip documents: "error"
+    # stops, naming the source and what changed; "warn" resumes anyway at the saved position
+    # (data/source_fingerprint.py)
+    c.on_changed_sources = "error"
     return c
 
 
@@ -316,9 +324,16 @@ def make_pretrain_iterator(
     if vocab_size is not None:
         tok.check_fits(vocab_size)
     log = S.BadInputLog(strict=data_cfg.strict)
-    datasets, passes = [], []
+    on_changed = data_cfg.get("on_changed_sources", "error")  # (configs older than the key)
+    if on_changed not in source_fingerprint.POLICIES:
+        raise ValueError(
+            f"data.on_changed_sources must be one of {source_fingerprint.POLICIES}, got "
+            f"{on_changed!r}"
+        )
+    datasets, passes, prints = [], [], []
     for i, (pattern, _) in enumerate(entries):
         src, frame = open_framed_source(pattern, data_cfg, tok, log, builtin)
+        prints.append(source_fingerprint.fingerprint(pattern, len(src), builtin))
         passes.append((pattern, grain.MapDataset.source(src).map(frame)))  # for PairCheck
         ds = grain.MapDataset.source(src)
         if data_cfg.shuffle:
@@ -366,6 +381,8 @@ def make_pretrain_iterator(
         pairs=PairCheck(passes, local=ds, local_docs=pass_docs),
         pass_docs=pass_docs,
         sources=len(datasets),
+        fingerprint=prints,
+        on_changed_sources=on_changed,
     )
     it.tokenizer, it.bad_input = tok, log  # for the trainer's logs and generation
     return it

@@ -16,7 +16,9 @@ single-process run's) shards the documents differently, so a saved shard index m
 document there. An iterator that can convert passes ``reshard`` to ``unwrap``; pretraining's
 (data/pipeline.py) goes through global positions (``shard_index``): it restarts at the first
 document some saved process had not finished, so none is skipped and the few the faster
-processes had finished past it are trained again.
+processes had finished past it are trained again (a warning). The chat and preference batches
+(data/chat_batches.py) draw global batches that do not depend on the process count, so theirs
+maps the lowest saved process's position onto the new layout exactly (logged at info).
 """
 
 from __future__ import annotations
@@ -85,15 +87,16 @@ def unwrap(
     process_index: int,
     process_count: int,
     what: str,
-    reshard: Callable[[list[dict], int, int], tuple[dict, str]] | None = None,
+    reshard: Callable[[list[dict], int, int], tuple[dict, str, bool]] | None = None,
 ) -> dict:
     """This process's position in a state from ``wrap``.
 
     A state without per-process entries is a single-process run's. With another process count
     ``reshard(entries, process_index, process_count)`` (all saved processes' entries in process
-    order) gives this process's position and a note for the warning logged; without it (or when
-    the state lacks some process's entry) every process resumes from one saved position, logged
-    as a warning, since the order then differs from the uninterrupted run's."""
+    order) gives this process's position, a note for the line logged and whether the data
+    continues exactly (logged at info; else a warning); without it (or when the state lacks
+    some process's entry) every process resumes from one saved position, logged as a warning,
+    since the order then differs from the uninterrupted run's."""
     if PROCESSES not in state:
         entries, saved = {"0": state}, 1
     else:
@@ -108,10 +111,10 @@ def unwrap(
         return entries[key]
     keys = [str(p) for p in range(saved)] if isinstance(saved, int) else []
     if reshard is not None and keys and all(k in entries for k in keys):
-        local, note = reshard([entries[k] for k in keys], process_index, process_count)
-        logging.warning(
-            "%s: the data state was saved by %d processes, this run has %d, so the document "
-            "shards differ: %s",
+        local, note, exact = reshard([entries[k] for k in keys], process_index, process_count)
+        logging.log(
+            logging.INFO if exact else logging.WARNING,
+            "%s: the data state was saved by %d processes, this run has %d: %s",
             what,
             saved,
             process_count,

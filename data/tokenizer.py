@@ -45,6 +45,8 @@ class Tokenizer:
     def __init__(self, model_proto: bytes, name: str = "<memory>"):
         self.proto = model_proto
         self.name = name
+        if not model_proto:  # sentencepiece accepts b"" and fails later, at an id lookup
+            raise ValueError(f"{name}: not a SentencePiece model (empty file)")
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except RuntimeError as e:  # sentencepiece's "INTERNAL: ... ParseFromArray" names nothing

@@ -1,8 +1,9 @@
 """What the loop checks when a run starts or resumes (train/loop.py `_init_or_resume`).
 
 On a resume: the checkpoint's saved config against this run's (`_report_config_changes`: each
-changed key logged and recorded, data-order keys loudly; data paths compared resolved, so the
-same files written relative or absolute are no change) and its optimizer state against this
+changed key logged and recorded, data-order keys loudly, keys that only say how the data is
+read at info, held-out data keys as such; data paths compared resolved, so the same files
+written relative or absolute are no change) and its optimizer state against this
 run's optimizer (`_refuse_another_optimizer`: an error naming the changed `opt.` keys). From
 `init_from`: whether its EMA weights can be read (`init_from_ema`), and which model-config keys
 differ from the source's (`_init_from_model_changes`: keys that change what the weights compute
@@ -41,6 +42,17 @@ def init_from_ema(config) -> bool:
 
 # Keys whose change makes a resumed run draw other batches than the checkpoint's run would have.
 DATA_ORDER_KEYS = ("seed", "batch_size", "seq_len")
+
+# data.* keys that change how the data is read, never which batches are drawn: grain hands the
+# documents over in order whatever its threads and read-ahead (tests/train/
+# test_resume_neutral_keys.py), and on_changed_sources only decides whether changed files stop
+# the resume (data/source_fingerprint.py). Logged at info.
+ORDER_NEUTRAL_DATA_KEYS = ("data.read_threads", "data.prefetch", "data.on_changed_sources")
+
+# data.* keys that choose only the held-out data (pretraining's held-out text, the stages'
+# held-out chats or pairs): the training batches continue exactly, the held-out metrics from
+# here on measure other data. Warned as a changed key, not as a different data order.
+EVAL_DATA_KEYS = ("data.eval_sources", "data.eval_batches", "data.eval")
 
 # Keys whose values are comma-separated paths or globs (pretraining's with ":weight"; data/
 # pipeline.py `parse_sources`): the same files spelled another way — relative against absolute,
@@ -98,8 +110,15 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
             log.info("resume: total_steps changed from %s to %s (the lr schedule now spans "
                      "%s steps)", old, new, new)  # fmt: skip
             continue
-        if key in RESULT_NEUTRAL_KEYS:  # a job's time limit, the tqdm bar: nothing trained
+        if key in RESULT_NEUTRAL_KEYS or key in ORDER_NEUTRAL_DATA_KEYS:
+            # a job's time limit, the tqdm bar, grain's threads: the same batches trained
             log.info("resume: %s changed from %s to %s", key, old, new)
+            continue
+        if key in EVAL_DATA_KEYS:
+            log.warning("resume from step %d with a changed held-out data key: %s: checkpoint "
+                        "%r, this run %r (the training data continues exactly; held-out "
+                        "metrics from here on measure other data)", step, key, old,
+                        new)  # fmt: skip
             continue
         log.warning("resume from step %d with a changed config key: %s: checkpoint %r, this "
                     "run %r", step, key, old, new)  # fmt: skip

@@ -156,6 +156,72 @@ def make_batches(config, *, seed: int, tokenizer=None, vocab_size: int | None = 
     raise ValueError(f"config.data.kind={d.kind!r}; expected 'text' or 'markov'")
 
 
+def eval_order(sizes: list[int], weights: list[float]) -> np.ndarray:
+    """The order held-out documents are read in: indices into the sources concatenated, the
+    sources interleaved by weight (counted in documents, as training's mixture is), each in its
+    own order, deterministically: document j of source k comes at (j + 1) / weight_k, ties to
+    the earlier source, so every prefix holds each source's share to within a document, and
+    once a source runs out the others go on. One source: its documents in order."""
+    keys = np.concatenate([(np.arange(n) + 1) / w for n, w in zip(sizes, weights)])
+    source = np.concatenate([np.full(n, k) for k, n in enumerate(sizes)])
+    return np.lexsort((source, keys))  # by key, then by source (stable within a source)
+
+
+class _Reordered:
+    """Random access to `docs` in `order` (a grain source)."""
+
+    def __init__(self, docs, order: np.ndarray):
+        self.docs, self.order = docs, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        return self.docs[int(self.order[i])]
+
+
+class _Counted:
+    """A document iterator that counts what the packer took (data/packing.py reads it)."""
+
+    def __init__(self, it):
+        self.it, self.taken = it, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        doc = next(self.it)
+        self.taken += 1
+        return doc
+
+    def get_state(self) -> dict:
+        return self.it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.it.set_state(state)
+
+
+def _warn_short_eval_sources(entries, sizes, order, taken: int, batches: int) -> None:
+    """Logs a warning when a held-out source ran out before the batches were full (the packer
+    took `taken` documents of `order`), so it weighs less in the held-out loss than its weight
+    says; names it, with the documents measured per source."""
+    source = np.searchsorted(np.cumsum(sizes), order[:taken], side="right")
+    counts = np.bincount(source, minlength=len(sizes))
+    total = sum(w for _, w in entries)
+    short = [p for (p, w), c in zip(entries, counts) if c < taken * w / total - 1]
+    if short:
+        logging.warning(
+            "data.eval_sources: %s ran out before the held-out batches (data.eval_batches=%d) "
+            "were full, so the held-out loss weighs it below its weight; documents measured "
+            "per source: %s of %s (weights %s)",
+            ", ".join(short),
+            batches,
+            counts.tolist(),
+            list(sizes),
+            [w for _, w in entries],
+        )
+
+
 def text_eval_batches(config, tokenizer) -> list[dict]:
     """Held-out text packed into at most `eval_batches` global batches (this process's rows).
 
@@ -164,6 +230,11 @@ def text_eval_batches(config, tokenizer) -> list[dict]:
     every eval was packed in split mode. Bad held-out records follow `data.strict` (raise, or
     counted and logged; they used to be dropped without a line). Documents are tokenized as the
     packer reaches them: only those the batches hold (and grain's read-ahead), not every one.
+    Several `data.eval_sources` are interleaved by their weights (`eval_order`; no weights: one
+    document of each in turn), so each is measured: they were read one after the other, and the
+    batches held only the first source's documents. A source that runs out before the batches
+    are full is logged. The loss is a mean over tokens, so a source of longer documents weighs
+    more than its document share. One source gives the batches it always did.
     """
     import grain
 
@@ -175,8 +246,9 @@ def text_eval_batches(config, tokenizer) -> list[dict]:
     log = sources.BadInputLog(strict=d.strict)
     if d.eval_sources:
         what, where = "data.eval_sources", f"data.eval_sources {d.eval_sources}"
+        entries = pipeline.parse_sources(d.eval_sources)
         parts = [pipeline.open_framed_source(p, d, tokenizer, log, what=what)
-                 for p, _ in pipeline.parse_sources(d.eval_sources)]  # fmt: skip
+                 for p, _ in entries]  # fmt: skip
     elif d.sources:
         # The built-in world's held-out text says nothing about a model of other data (and is
         # scored with another tokenizer than the one it was made for): refuse, name the keys.
@@ -190,15 +262,19 @@ def text_eval_batches(config, tokenizer) -> list[dict]:
     else:
         what = where = "built-in held-out text"
         texts = _builtin_world_texts("heldout_text")
+        entries = [("", 1.0)]
         parts = [pipeline.open_framed_source("", d, tokenizer, log, texts, what)]
     if log.total:
         logging.warning("%s: skipped %d bad records: %s", where, log.total, log.to_dict())
-    # One random-access source of framed documents, in the sources' order.
+    # One random-access source of framed documents, the sources interleaved by weight.
+    sizes = [len(s) for s, _ in parts]
+    order = eval_order(sizes, [w for _, w in entries])
     framed = sources.ConcatSource([grain.MapDataset.source(s).map(f) for s, f in parts])
     read = grain.ReadOptions(num_threads=d.read_threads, prefetch_buffer_size=d.prefetch)
-    docs = grain.MapDataset.source(framed).to_iter_dataset(read)
+    docs = grain.MapDataset.source(_Reordered(framed, order)).to_iter_dataset(read)
+    counted = _Counted(iter(docs))
     packer = pipeline.PackedBatchIterator(
-        iter(docs),
+        counted,
         seq_len=config.seq_len,
         batch=config.batch_size,
         pad_id=tokenizer.pad_id,
@@ -215,6 +291,8 @@ def text_eval_batches(config, tokenizer) -> list[dict]:
         raise sources.DataError(
             f"{where}: no held-out document has the 2 tokens one (input, target) pair needs"
         )
+    if len(parts) > 1:
+        _warn_short_eval_sources(entries, sizes, order, counted.taken, d.eval_batches)
     return out
 
 

@@ -174,3 +174,12 @@ def test_vocab_size_lower_bound_and_empty_text():
         T.train(EN + ZH, 270)
     with pytest.raises(ValueError, match="no text to train on"):
         T.train(["", "  "], 400)
+
+
+def test_empty_model_file_is_a_value_error_naming_it(tmp_path):
+    """A zero-byte .model (a failed download, a truncated copy) used to load into an
+    uninitialised processor and fail later with an IndexError naming no file."""
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a SentencePiece model \(empty"):
+        T.Tokenizer.load(str(path))

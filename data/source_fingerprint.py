@@ -1,0 +1,118 @@
+"""What each pretraining source held when a data state was saved, to catch it changing by resume.
+
+The pretraining iterator's position (data/packing.py) is a document index into each source's
+shuffled documents, and the shuffle depends on how many there are: a file added under a glob,
+or one edited, truncated or appended to between a save and the resume, makes the saved index
+mean other documents, so the resumed run silently trained some documents again and skipped
+others. ``fingerprint`` records, per source, the files its pattern matched (their count, total
+bytes and a digest of their names and sizes) and its document count; the iterator's state
+carries it (``get_state``'s ``"sources"``) and ``check`` compares it with the data found on
+resume.
+
+A change is an error by default (``data.on_changed_sources="error"``), naming the source and
+what changed: a resumed run that does not continue its data is a different experiment, and a
+researcher should decide that, not find it in the curves. ``"warn"`` resumes anyway at the saved
+index, with a warning. A change to the ``data.sources`` patterns themselves (another mixture) is
+not checked here: the trainer reports that config change loudly (train/loop_resume.py). Cheap by
+design: no file is read for it, so an edit that keeps a file's size and document count is not
+seen (the names and sizes of every file, and the document count, are). A state saved before
+this field existed resumes unchecked (logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+
+from flaxlm.data.source_errors import DataError
+from flaxlm.data.source_paths import expand_paths
+
+POLICIES = ("error", "warn")
+
+
+def _place(pattern: str) -> str:
+    """A short digest of where ``pattern`` points (relative or absolute, "~" alike): a state
+    stays a position, not a copy of the config, and a changed pattern is told apart."""
+    where = os.path.realpath(os.path.expanduser(pattern)) if pattern else ""
+    return hashlib.sha256(where.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def fingerprint(pattern: str, docs: int, builtin: Sequence[str] | None = None) -> dict:
+    """One source's record: ``at`` (a digest of the configured pattern), its matched ``files``,
+    their total ``bytes``, its ``docs`` (documents after bad records were skipped) and ``sha``,
+    a digest of the files' names and sizes in reading order (the built-in corpus: of its text).
+    ``pattern`` itself is kept out of the state (``check`` names this run's)."""
+    h = hashlib.sha256()
+    files, size = 0, 0
+    if builtin is not None:
+        for doc in builtin:
+            h.update(doc.encode("utf-8", "surrogatepass") + b"\x00")
+    else:
+        paths = expand_paths(pattern)
+        sizes = [os.path.getsize(p) for p in paths]
+        for p, n in zip(paths, sizes):  # names, not directories: a moved corpus is no change
+            h.update(f"{os.path.basename(p)}\t{n}\n".encode())
+        files, size = len(paths), sum(sizes)
+    return {"at": _place(pattern), "files": files, "bytes": size, "docs": docs,
+            "sha": h.hexdigest()[:12], "pattern": pattern}  # fmt: skip
+
+
+def record(fp: dict) -> dict:
+    """What the state keeps of a ``fingerprint`` (all but the pattern)."""
+    return {k: v for k, v in fp.items() if k != "pattern"}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = [f"{what} {old.get(k)} -> {new[k]}" for k, what in
+           (("files", "files"), ("bytes", "bytes"), ("docs", "documents"))
+           if old.get(k) != new[k]]  # fmt: skip
+    if not out and old.get("sha") != new["sha"]:
+        out.append("file names or sizes differ (same totals)")
+    return out
+
+
+def check(saved: list[dict] | None, current: list[dict], policy: str, what: str) -> None:
+    """Compares the records a state was saved with (``saved``; None: an older state) with
+    this run's fingerprints (``current``); on a difference raises a ``DataError``
+    (``policy="error"``) or logs a warning (``"warn"``) naming each changed source. Sources
+    whose configured pattern changed, or a changed number of sources, are the config's change,
+    not checked here."""
+    if policy not in POLICIES:
+        raise ValueError(f"data.on_changed_sources must be one of {POLICIES}, got {policy!r}")
+    if saved is None:
+        logging.info("%s: the data state records no source fingerprints (saved by an older "
+                     "version): changes to the files since are not checked", what)  # fmt: skip
+        return
+    if not isinstance(saved, list) or len(saved) != len(current):
+        return
+    changed, recount = [], False
+    for old, new in zip(saved, current):
+        if not isinstance(old, dict) or old.get("at") != new["at"]:
+            continue
+        diff = _differences(old, new)
+        if diff:
+            changed.append(f"{new['pattern'] or '<built-in>'}: {', '.join(diff)}")
+            recount = recount or old.get("docs") != new["docs"]
+    if not changed:
+        return
+    why = (
+        "the saved position is an index into the old documents' order (shuffled by their "
+        "count, epochs of their length), so resuming there would train some documents again "
+        "and skip others"
+        if recount
+        else "the document count is the same, so the order is kept, but what some of the "
+        "documents hold is not what the checkpoint's run was reading"
+    )
+    msg = (
+        f"{what}: data.sources changed since the checkpoint's data state was saved ("
+        + "; ".join(changed)
+        + f"): {why}"
+    )
+    if policy == "error":
+        raise DataError(
+            msg + ". Restore the files, start a new run (another workdir), or resume anyway at "
+            "the saved position with --config.data.on_changed_sources=warn"
+        )
+    logging.warning("%s (resuming anyway: data.on_changed_sources=warn)", msg)
