@@ -75,6 +75,7 @@ import numpy as np
 from flaxlm.alignment import common, rl_common, rl_eval, sft
 from flaxlm.alignment.rl_rollout import RolloutSource, passthrough_stats, sample_stats
 from flaxlm.data import formats as F
+from flaxlm.data.chat_batches import order_seed
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
     check_batch_divides,
@@ -223,7 +224,7 @@ class StudentRollouts(RolloutSource):
     def on_policy_now(self) -> bool:
         if self.fraction >= 1.0:
             return True
-        draw = np.random.default_rng([self.config.seed, 7, self.iteration]).random()
+        draw = np.random.default_rng([order_seed(self.config.seed), 7, self.iteration]).random()
         return bool(draw < self.fraction)
 
     def make_rollout(self, params, rng):

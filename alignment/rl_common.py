@@ -38,6 +38,7 @@ from flaxlm.alignment.rl_frozen import (  # noqa: F401  (callers and tests use r
 )
 from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.data import formats as F
+from flaxlm.data.chat_batches import order_seed
 from flaxlm.models.heads import sequence_values
 
 
@@ -172,7 +173,7 @@ class PromptCursor:
         self.seed, self.epoch, self.pos = seed, 0, 0
 
     def _order(self):
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.idx)
+        return np.random.default_rng([order_seed(self.seed), self.epoch]).permutation(self.idx)
 
     def take(self, k: int) -> list[int]:
         out, order = [], self._order()

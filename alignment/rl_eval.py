@@ -24,6 +24,7 @@ from flaxlm.alignment.rl_common import (
     stop_string_tuple,
 )
 from flaxlm.data import formats as F
+from flaxlm.data.chat_batches import order_seed
 from flaxlm.data.formats import split_reasoning
 from flaxlm.data.synthetic_judge import is_world_meta
 from flaxlm.models.decode import generate, prompt_keys
@@ -61,7 +62,7 @@ def split_prompts(prompts: list[dict], n_heldout: int, seed: int):
         groups.setdefault(question_key(p), []).append(i)
     keys = sorted(groups)
     held: set[int] = set()
-    for k in np.random.default_rng([seed, 7]).permutation(len(keys)):
+    for k in np.random.default_rng([order_seed(seed), 7]).permutation(len(keys)):
         if len(held) >= n_heldout:
             break
         held.update(groups[keys[k]])

@@ -99,6 +99,7 @@ from flaxlm.alignment.rl_rows import (  # noqa: F401 (re-exported: the row layou
     trim_rows,
     trimmed_width,
 )
+from flaxlm.data.chat_batches import order_seed
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.decode import DECODE_GEMMS, DECODE_NORMS, generate, resolve_decode_attention
 from flaxlm.models.decode_mlp import variant_options as mlp_variant_options
@@ -407,7 +408,7 @@ class RolloutSource:
         process p takes the p-th of P equal parts of each (the loop assembles them in process
         order, so the global minibatch is the one a single process would train on)."""
         B, mb = len(next(iter(rows.values()))), self.config.batch_size  # rows (or pairs)
-        rng = np.random.default_rng([self.config.seed, self.iteration])
+        rng = np.random.default_rng([order_seed(self.config.seed), self.iteration])
         part, p = mb // jax.process_count(), jax.process_index()
         out = []
         for _ in range(self.config.rollout.epochs):
