@@ -288,7 +288,9 @@ def _loop(config, task, state, step_fn, ckpt, writer, meter, start, total, meta,
         total=total,
         initial=start,
         desc=task.name,
-        disable=not config.progress_bar,
+        # One bar per job: every process ran one (a SLURM job's merged output got a copy per
+        # task, their carriage returns garbling each other). Process 0 reports, as it writes.
+        disable=not config.progress_bar or not writer.active,
         dynamic_ncols=True,
     )
     step = start

@@ -47,7 +47,8 @@ def _maybe_eval(task, state, step, writer, summary) -> bool:
         ev["eval_ema/time_s"] = time.perf_counter() - t0
     writer.write(step, ev)
     summary["eval"] = ev
-    log.info("step %d eval %s", step, {k: round(float(v), 4) for k, v in ev.items()})
+    if writer.active:  # once per job (process 0, the one writing metrics.jsonl)
+        log.info("step %d eval %s", step, {k: round(float(v), 4) for k, v in ev.items()})
     return True
 
 

@@ -97,7 +97,10 @@ def main(argv):
         raise app.UsageError(f"config.task={config.task!r}; known tasks: {sorted(TASKS)}")
     _, summary = importlib.import_module(module).run(config, _WORKDIR.value)
     keys = ("step", "train", "eval", "preempted", "stop_reason", "data_exhausted")
-    print({k: v for k, v in summary.items() if k in keys})
+    import jax  # (initialised above)
+
+    if jax.process_index() == 0:  # once per job, as the metrics are written
+        print({k: v for k, v in summary.items() if k in keys})
 
 
 if __name__ == "__main__":

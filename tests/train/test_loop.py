@@ -531,3 +531,28 @@ def test_load_model_merges_lora_takes_ppo_policy_refuses_reward_model(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, got, base)
     with pytest.raises(CheckpointError, match="reward-model run"):
         load_model(str(tmp_path / "rm"))
+
+
+def test_only_the_writing_process_reports_progress_and_eval(tmp_path, monkeypatch, caplog,
+                                                             capsys):  # fmt: skip
+    """Every process of a multi-process job drew the tqdm bar and logged each eval line (a
+    SLURM job's merged output got a copy per task). A process that does not write the metrics
+    (process ≠ 0; simulated by its writer) now reports neither; process 0 reports both."""
+    from flaxlm.train import metrics
+
+    class Silent(metrics.MetricWriter):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.active = False
+
+    c = _config(total_steps=2, eval_every=2, ckpt_every=0, log_every=1, progress_bar=True)
+    for writer_cls, reports in ((Silent, False), (metrics.MetricWriter, True)):
+        monkeypatch.setattr(loop, "MetricWriter", writer_cls)
+        capsys.readouterr()
+        with caplog.at_level(logging.INFO, logger="flaxlm"):
+            caplog.clear()
+            pretrain.run(c, str(tmp_path / writer_cls.__name__))
+        bar = capsys.readouterr().err
+        evals = [r for r in caplog.records if r.getMessage().startswith("step 2 eval")]
+        assert ("2/2" in bar) == reports, bar
+        assert bool(evals) == reports
