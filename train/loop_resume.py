@@ -22,7 +22,7 @@ import jax
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import checkpoint_compat
 from flaxlm.train.optim import make_optimizer, opt_config
-from flaxlm.train.sweep_plan import RESULT_NEUTRAL_KEYS
+from flaxlm.train.sweep_plan import ORDER_NEUTRAL_DATA_KEYS, RESULT_NEUTRAL_KEYS
 
 log = logging.getLogger("flaxlm")
 
@@ -42,12 +42,6 @@ def init_from_ema(config) -> bool:
 
 # Keys whose change makes a resumed run draw other batches than the checkpoint's run would have.
 DATA_ORDER_KEYS = ("seed", "batch_size", "seq_len")
-
-# data.* keys that change how the data is read, never which batches are drawn: grain hands the
-# documents over in order whatever its threads and read-ahead (tests/train/
-# test_resume_neutral_keys.py), and on_changed_sources only decides whether changed files stop
-# the resume (data/source_fingerprint.py). Logged at info.
-ORDER_NEUTRAL_DATA_KEYS = ("data.read_threads", "data.prefetch", "data.on_changed_sources")
 
 # data.* keys that choose only the held-out data (pretraining's held-out text, the stages'
 # held-out chats or pairs): the training batches continue exactly, the held-out metrics from

@@ -17,8 +17,11 @@ from collections.abc import Sequence
 MAX_NAME = 160  # characters of the k=v part of a run name before it is shortened with a hash
 # Config keys that change how a run is carried out but not what it trains: a resumed run
 # (train/loop_resume.py) and a resubmitted sweep (`_check_same_runs`) take a new value as no
-# change (a job's time limit, the tqdm bar). Kept here, free of jax, for both to import.
-RESULT_NEUTRAL_KEYS = ("max_runtime_minutes", "progress_bar")
+# change (a job's time limit, the tqdm bar; grain's read threads and read-ahead, which hand the
+# documents over in order whatever their values, and whether changed data files stop a resume:
+# a sweep resubmitted on a machine with more cores). Kept here, free of jax, for both to import.
+ORDER_NEUTRAL_DATA_KEYS = ("data.read_threads", "data.prefetch", "data.on_changed_sources")
+RESULT_NEUTRAL_KEYS = ("max_runtime_minutes", "progress_bar", *ORDER_NEUTRAL_DATA_KEYS)
 
 
 @dataclasses.dataclass

@@ -116,8 +116,8 @@ def test_resume_with_other_settings_is_an_error(tmp_path, monkeypatch):
 
 
 def test_a_new_time_limit_or_progress_bar_resubmits_the_same_runs(tmp_path, caplog):
-    """A job resubmitted with `--config.max_runtime_minutes=` (or `progress_bar=`) was refused
-    as a changed run, while the trainer resumes it as no change; other keys still stop it."""
+    """A job resubmitted with `--config.max_runtime_minutes=` (or `progress_bar=`, or grain's
+    `data.read_threads=` on a machine with more cores) was refused as a changed run, while the trainer resumes it as no change; other keys still stop it."""
     from ml_collections import ConfigDict
 
     from flaxlm.train.loop_resume import _report_config_changes
@@ -128,7 +128,7 @@ def test_a_new_time_limit_or_progress_bar_resubmits_the_same_runs(tmp_path, capl
     sweep.write_index(root, CONFIG, runs, extra)
     os.makedirs(runs[0].workdir)
     (tmp_path / "sw" / NAMES[0] / "metrics.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
-    limit = extra + ["max_runtime_minutes=55", "progress_bar=False"]
+    limit = extra + ["max_runtime_minutes=55", "progress_bar=False", "data.read_threads=8"]
     sweep.write_index(root, CONFIG, sweep.plan(CONFIG, root, extra=limit, only=[0]), limit)
     sweep.write_index(root, CONFIG, sweep.plan(CONFIG, root, extra=extra, only=[0]), extra)
     seed = limit + ["seed=1"]
