@@ -22,6 +22,7 @@ This module is the public API; the work is done in
   models/hf_moe.py      the mixture-of-experts families' config keys (Mixtral, Qwen2-MoE, ...);
   models/hf_weights.py  tensor names and layouts, shard-by-shard loading, the export's shards;
   models/hf_tokenizer.py  tokenizers (tokenizer.json, SentencePiece) and chat templates;
+  models/hf_sentencepiece.py  a SentencePiece model as a tokenizer.json (the export's);
 and every name callers used from here is still importable from here.
 
 Export writes a temporary directory and renames it into place: an interrupted export leaves
@@ -74,6 +75,7 @@ from flaxlm.models.hf_tokenizer import (
     load_tokenizer,
     sentencepiece_hf_files,
     set_template_kwargs,
+    tokenizer_file,
 )
 from flaxlm.models.hf_weights import (  # noqa: F401
     cfg_summary,
@@ -151,7 +153,8 @@ def atomic_directory(path: str, overwrite: bool = False):
     if os.path.exists(path) and not os.path.isdir(path):  # overwrite replaces directories only
         raise HFError(f"export: {path} exists and is not a directory")
     if os.path.exists(path) and os.listdir(path) and not overwrite:
-        raise HFError(f"export: {path} exists and is not empty (pass overwrite=True)")
+        raise HFError(f"export: {path} exists and is not empty (pass --overwrite, or "
+                      "overwrite=True, to replace it)")  # fmt: skip
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -217,13 +220,11 @@ def import_to_run(hf_dir: str, run_dir: str, dtype=None) -> str:
         "hf_source": os.path.abspath(hf_dir),
         "hf_arch": text_config(load_hf_json(hf_dir))["model_type"],
     }
-    for f in ("tokenizer.json", "tokenizer.model"):
-        if os.path.exists(os.path.join(hf_dir, f)):
-            load_tokenizer(os.path.join(hf_dir, f), cfg.vocab_size)  # unreadable: fail now
-            os.makedirs(run_dir, exist_ok=True)
-            copy_tokenizer(hf_dir, run_dir)
-            meta["tokenizer"] = os.path.join(os.path.abspath(run_dir), f)
-            break
+    if tok_file := tokenizer_file(hf_dir):  # (a flaxlm export's: its tokenizer.model)
+        load_tokenizer(tok_file, cfg.vocab_size)  # unreadable: fail now
+        os.makedirs(run_dir, exist_ok=True)
+        copy_tokenizer(hf_dir, run_dir)
+        meta["tokenizer"] = os.path.join(os.path.abspath(run_dir), os.path.basename(tok_file))
     ckpt = Checkpointer(run_dir, async_save=False)
     ckpt.save(0, {"params": params}, meta=meta)
     ckpt.close()
@@ -263,7 +264,7 @@ def export_run(run_dir: str, hf_dir: str, arch: str | None = None, step=None, dt
                  if v >= 0}  # fmt: skip
         if tok_path.endswith(".json"):
             tok_path = os.path.dirname(tok_path)
-        else:  # flaxlm's SentencePiece model: settings (and chat template) for AutoTokenizer
+        else:  # flaxlm's SentencePiece model: tokenizer.json, settings, chat template for HF
             files = sentencepiece_hf_files(tok)
     save_pretrained(cfg, params, hf_dir, arch, dtype=dtype, tokenizer=tok_path or None,
                     overwrite=overwrite, extra_config=extra, extra_files=files)  # fmt: skip

@@ -66,27 +66,56 @@ def run_tokenizer_path(recorded: str, run_dir: str) -> str:
     return recorded
 
 
-def sentencepiece_hf_files(tok) -> dict[str, dict]:
-    """`tokenizer_config.json` and `generation_config.json` for exporting a flaxlm SentencePiece
-    tokenizer (flaxlm.data.tokenizer.Tokenizer) next to its `tokenizer.model`.
+# tokenizer_config.json key of a flaxlm export: its tokenizer.json was written from this
+# SentencePiece model for transformers; flaxlm reads the model itself (`tokenizer_file`)
+SENTENCEPIECE_KEY = "flaxlm_sentencepiece"
 
-    With them transformers' AutoTokenizer loads the model as a Llama tokenizer that adds BOS,
-    keeps the special and chat tokens whole, and whose `apply_chat_template` gives exactly the
-    ids of data/formats.py `render_chat` (the template writes one space after each role token:
-    a SentencePiece segment after a special token gets no "▁" of its own, and our turns encode
-    their content on its own, with one); `generate` stops at `<|end|>` as well as at EOS.
-    tests/fixtures/make_hf_fixtures.py --check verifies both against transformers live.
+
+def tokenizer_file(d: str) -> str | None:
+    """The tokenizer file flaxlm reads in HF directory `d`: tokenizer.json, else
+    tokenizer.model; but tokenizer.model where tokenizer_config.json names it as the source of
+    the tokenizer.json (a flaxlm export, `sentencepiece_hf_files`), so that importing an export
+    gives back the run's own SentencePiece tokenizer. None when neither file is there."""
+    model = os.path.join(d, "tokenizer.model")
+    try:
+        with open(os.path.join(d, "tokenizer_config.json")) as f:
+            source = json.load(f).get(SENTENCEPIECE_KEY)
+    except (OSError, ValueError, AttributeError):  # absent, malformed, not an object
+        source = None
+    if source == "tokenizer.model" and os.path.exists(model):
+        return model
+    for f in ("tokenizer.json", "tokenizer.model"):
+        if os.path.exists(os.path.join(d, f)):
+            return os.path.join(d, f)
+    return None
+
+
+def sentencepiece_hf_files(tok) -> dict[str, dict]:
+    """`tokenizer.json`, `tokenizer_config.json` and `generation_config.json` for exporting a
+    flaxlm SentencePiece tokenizer (flaxlm.data.tokenizer.Tokenizer) next to its
+    `tokenizer.model`.
+
+    With them transformers' AutoTokenizer encodes text as SentencePiece does (leading, trailing
+    and repeated spaces included: models/hf_sentencepiece.py says why the file is needed), adds
+    BOS, keeps the special and chat tokens whole, and its `apply_chat_template` gives exactly
+    the ids of data/chat_template.py `render_chat`: the template puts each turn's content right
+    after its role token, and tokenizer.json gives every segment after a special token its own
+    "▁", as our turns encode their content on its own. `generate` stops at `<|end|>` as well as
+    at EOS. tests/fixtures/make_hf_fixtures.py --check verifies both against transformers live.
     A tokenizer without the chat tokens gets no chat template (its turns use text headers that
-    a string template cannot reproduce token for token).
+    a string template cannot reproduce token for token). A model tokenizer.json cannot express
+    (WORD or CHAR type) gets the Llama tokenizer settings instead, whose template puts a space
+    after each role token (transformers gives a segment after a special token no "▁").
     """
     from flaxlm.data.tokenizer import CHAT_TOKENS
+    from flaxlm.models.hf_sentencepiece import tokenizer_json
 
     ids = tok.special_ids()
     piece = tok.sp.id_to_piece
     specials = sorted({i for i in ids.values() if i >= 0})  # pad/unk/bos/eos + chat tokens
+    fast = tokenizer_json(tok.proto, set(specials), tok.bos_id)
     config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "legacy": False,  # a segment after a special token gets no "▁" (SentencePiece's own)
+        "tokenizer_class": "PreTrainedTokenizerFast" if fast else "LlamaTokenizer",
         "add_bos_token": tok.bos_id >= 0,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
@@ -102,6 +131,10 @@ def sentencepiece_hf_files(tok) -> dict[str, dict]:
             for i in specials
         },
     }
+    if fast:
+        config[SENTENCEPIECE_KEY] = "tokenizer.model"
+    else:
+        config["legacy"] = False  # a segment after a special token gets no "▁"
     for name in ("bos", "eos", "unk", "pad"):
         if ids[name] >= 0:
             config[f"{name}_token"] = piece(ids[name])
@@ -110,15 +143,17 @@ def sentencepiece_hf_files(tok) -> dict[str, dict]:
     if all(t in ids for t in CHAT_TOKENS):
         bos = "{{ bos_token }}" if tok.bos_id >= 0 else ""
         close = "{{ eos_token }}" if tok.eos_id >= 0 else ""
+        space = "" if fast else " "
         config["chat_template"] = (
-            bos + "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}<|end|>"
-            "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% else %}" + close +
+            bos + "{% for m in messages %}<|{{ m['role'] }}|>" + space + "{{ m['content'] }}"
+            "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% else %}" + close +
             "{% endif %}"
         )  # fmt: skip
         eos = [ids["<|end|>"], *eos]
     if eos:
         generation["eos_token_id"] = eos if len(eos) > 1 else eos[0]
-    return {"tokenizer_config.json": config, "generation_config.json": generation}
+    files = {"tokenizer_config.json": config, "generation_config.json": generation}
+    return {"tokenizer.json": fast, **files} if fast else files
 
 
 class HFTokenizer:
@@ -470,9 +505,8 @@ def load_tokenizer(path: str, vocab_size: int | None = None):
     from flaxlm.data.tokenizer import Tokenizer
 
     if os.path.isdir(path):
-        for f in ("tokenizer.json", "tokenizer.model"):
-            if os.path.exists(os.path.join(path, f)):
-                return load_tokenizer(os.path.join(path, f), vocab_size)
+        if f := tokenizer_file(path):
+            return load_tokenizer(f, vocab_size)
         raise HFError(f"{path}: no tokenizer.json or tokenizer.model")
     if not os.path.exists(path):
         raise HFError(f"tokenizer {path} does not exist")

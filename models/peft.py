@@ -418,13 +418,11 @@ def import_adapter_to_run(hf_dir: str, adapter_dir: str, run_dir: str) -> str:
         "hf_arch": hf.text_config(hf.load_hf_json(hf_dir))["model_type"],
         "peft_source": os.path.abspath(adapter_dir),
     }  # fmt: skip
-    for f in ("tokenizer.json", "tokenizer.model"):
-        if os.path.exists(os.path.join(hf_dir, f)):
-            hf.load_tokenizer(os.path.join(hf_dir, f), cfg.vocab_size)
-            os.makedirs(run_dir, exist_ok=True)
-            hf.copy_tokenizer(hf_dir, run_dir)
-            meta["tokenizer"] = os.path.join(os.path.abspath(run_dir), f)
-            break
+    if tok_file := hf.tokenizer_file(hf_dir):  # (a flaxlm export's: its tokenizer.model)
+        hf.load_tokenizer(tok_file, cfg.vocab_size)
+        os.makedirs(run_dir, exist_ok=True)
+        hf.copy_tokenizer(hf_dir, run_dir)
+        meta["tokenizer"] = os.path.join(os.path.abspath(run_dir), os.path.basename(tok_file))
     ckpt = Checkpointer(run_dir, async_save=False)
     ckpt.save(0, {"params": {"base": params, "lora": lora}}, meta=meta)
     ckpt.close()

@@ -8,7 +8,6 @@ is that script's --check mode; set FLAXLM_HF_LIVE=1 with .venv-hf present to run
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -883,21 +882,27 @@ def test_cli_import_then_export(tmp_path):
     c = json.loads((tmp_path / "back" / "config.json").read_text())
     assert c["architectures"] == ["Qwen2ForCausalLM"] and c["eos_token_id"] == 2
     assert os.path.exists(tmp_path / "back" / "tokenizer.json")
-    with pytest.raises(SystemExit, match="exists and is not empty"):
+    # the CLI's error names its own flag (it said "pass overwrite=True", the Python argument)
+    with pytest.raises(SystemExit, match="exists and is not empty .*pass --overwrite"):
         hf.main(["export", str(tmp_path / "run"), str(tmp_path / "back")])
+    hf.main(["export", str(tmp_path / "run"), str(tmp_path / "back"), "--overwrite"])
 
 
 def test_export_gives_transformers_flaxlm_chat_template(tmp_path, chat_tokenizer):
-    """A run with flaxlm's own SentencePiece tokenizer exports tokenizer_config.json (chat
+    """A run with flaxlm's own SentencePiece tokenizer exports tokenizer.json (SentencePiece's
+    own encoding: tests/models/test_hf_sentencepiece.py), tokenizer_config.json (chat
     template, special tokens) and generation_config.json (stop tokens). The template is
-    rendered with jinja2 as transformers renders it, and the text tokenized by the rule of
-    transformers' non-legacy Llama tokenizer (split at special tokens; a later segment gets no
-    "▁" of its own); that must give render_chat's ids. make_hf_fixtures.py --check runs
-    transformers itself on the same export."""
+    rendered with jinja2 as transformers renders it, and the text encoded by the exported
+    tokenizer.json (the `tokenizers` package, as transformers loads it); that must give
+    render_chat's ids, and plain text starting with spaces SentencePiece's. flaxlm itself
+    reads the export's tokenizer.model again. make_hf_fixtures.py --check runs transformers
+    itself on the same export."""
     import jinja2
+    from tokenizers import Tokenizer as HFTok
 
     from flaxlm.data import formats, tokenizer
     from flaxlm.models.config import get_variant
+    from flaxlm.train.checkpoint import read_meta
     from flaxlm.train.pretrain import model_fns
     from flaxlm.train.state import unbox
 
@@ -911,30 +916,32 @@ def test_export_gives_transformers_flaxlm_chat_template(tmp_path, chat_tokenizer
     gc = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     template = formats.ChatTemplate(tok)
     assert sorted(gc["eos_token_id"]) == sorted(template.stop_tokens)
-    assert tc["bos_token"] == "<s>" and tc["add_bos_token"] and tc["legacy"] is False
+    assert tc["bos_token"] == "<s>" and tc["add_bos_token"]
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast"  # tokenizer.json as it is
     special = {v["content"]: int(k) for k, v in tc["added_tokens_decoder"].items()}
     assert {t: special[t] for t in tokenizer.CHAT_TOKENS} == {
         t: i for t, i in tok.special_ids().items() if t in tokenizer.CHAT_TOKENS
     }
+    fast = HFTok.from_file(str(tmp_path / "out" / "tokenizer.json"))
     render = jinja2.Environment().from_string(tc["chat_template"]).render
     chats = [
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "where  Kavo"},
          {"role": "assistant", "content": "Brel, 42"}, {"role": "user", "content": "yes\nno"}],
         [{"role": "user", "content": "où ☃"}, {"role": "assistant", "content": " the city"}],
+        [{"role": "user", "content": "  two leading"}, {"role": "assistant", "content": "a  "},
+         {"role": "user", "content": "\n x"}],
     ]  # fmt: skip
-    split = "(" + "|".join(map(re.escape, special)) + ")"
     for chat in chats:
         gen = chat[-1]["role"] == "user"
         text = render(messages=chat, add_generation_prompt=gen, bos_token="<s>", eos_token="</s>")
-        ids = []
-        for i, part in enumerate(re.split(split, text)):
-            if part in special:
-                ids.append(special[part])
-            elif part:  # after a special token: its leading space is the word's "▁"
-                assert i > 0 and part.startswith(" "), part
-                ids += tok.encode(part[1:])
         want = formats.render_chat(chat, tok, add_generation_prompt=gen)[0].tolist()
-        assert ids == want
+        assert fast.encode(text, add_special_tokens=False).ids == want
+    for text in (" x", "  where does", "Kavo  \n", " \n city ☃"):  # the dummy "▁" always
+        assert fast.encode(text).ids == tok.encode(text, bos=True), text
+    # flaxlm reads the export's SentencePiece model, not the tokenizer.json written from it
+    assert hf.load_tokenizer(str(tmp_path / "out")).sha256 == tok.sha256
+    hf.import_to_run(str(tmp_path / "out"), str(tmp_path / "run2"))
+    assert read_meta(str(tmp_path / "run2"))[1]["tokenizer"].endswith("tokenizer.model")
 
 
 @pytest.mark.skipif(
