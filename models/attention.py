@@ -18,6 +18,9 @@ The functions the module uses live in modules of their own; every name callers i
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -73,6 +76,35 @@ from flaxlm.models.rope import (  # noqa: F401
     rope_tables,
 )
 from flaxlm.models.sharding import logical_axes_unsplit, logical_axis_size
+
+log = logging.getLogger(__name__)
+
+
+# The kernel itself, to tell a stand-in patched over `cudnn_attention` apart (`_cudnn_or_rows`)
+_real_cudnn_attention = cudnn_attention
+
+
+@functools.cache
+def cudnn_present() -> bool:
+    """Whether jax can stage out cuDNN attention at all: its cuDNN path traces only with jax's
+    CUDA plugin (and its cuDNN) installed — "cuDNN is not detected." otherwise, and then no
+    program can target a CUDA GPU. Tried once, on a small causal problem."""
+    q = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
+    try:
+        jax.eval_shape(lambda q: jax.nn.dot_product_attention(
+            q, q, q, is_causal=True, implementation="cudnn"), q)  # fmt: skip
+    except Exception as e:  # (RuntimeError without the plugin; whatever else, the same answer)
+        level = logging.WARNING if jax.default_backend() == "gpu" else logging.INFO
+        log.log(level, "attention_impl='cudnn': jax cannot stage out cuDNN attention here "
+                "(%s: %s), so attention runs as XLA in blocks of query rows",
+                type(e).__name__, e)  # fmt: skip
+        return False
+    return True
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 class Attention(nn.Module):
@@ -224,15 +256,17 @@ class Attention(nn.Module):
             out = self._self_attention(q, k, v, ctx, scale, cap)
         return self._out_proj(out), layer_cache
 
-    def _self_attention(self, q, k, v, ctx, scale, cap):
+    def _self_attention(self, q, k, v, ctx, scale, cap, cudnn: bool = True):
         """Attention of the chunk's queries over its own keys (training, scoring, and a
         prefill into an empty cache): the blockwise kernel where the config asks for "flash"
         (models/flash_attention.py); cuDNN's flash kernel where the config asks for it and it
         applies; the blockwise kernel for every other prefill (inference: a long prompt's
         float32 scores one (block × block) tile at a time, the causal half skipped); XLA in
         blocks of query rows where cuDNN is asked for but cannot run (soft-capped logits, a
-        head dim it does not take); else plain XLA. Under context parallelism, blocks of each
-        device's own rows (`context_attention`, `context_flash_attention`)."""
+        head dim it does not take) or where the program does not target a CUDA GPU
+        (`_cudnn_or_rows`, which asks with `cudnn=False`); else plain XLA. Under context
+        parallelism, blocks of each device's own rows (`context_attention`,
+        `context_flash_attention`)."""
         cfg = self.cfg
         split = not logical_axes_unsplit("act_len")  # context parallelism
         k, v = gather_sequence(k), gather_sequence(v)
@@ -259,9 +293,9 @@ class Attention(nn.Module):
                 block=cfg.flash_block))  # fmt: skip
             self._sow_probs(q, k, ctx, mask_of, scale, cap)
             return out
-        if (cfg.attention_impl == "cudnn" and not cap and not split
+        if (cudnn and cfg.attention_impl == "cudnn" and not cap and not split
                 and cudnn_supports_head_dim(q.shape[-1])):  # fmt: skip
-            return by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
+            return self._cudnn_or_rows(q, k, v, ctx, scale)
         C = logical_axis_size("act_len")
         if split and T % C == 0:
             # cuDNN's partitioner refuses queries split along the sequence, and the row blocks
@@ -294,6 +328,38 @@ class Attention(nn.Module):
         out = by_window(cfg, ctx, lambda w: xla_attention(q, k, v, mask_of(w), scale, cap))
         self._sow_probs(q, k, ctx, mask_of, scale, cap)
         return out
+
+    def _cudnn_or_rows(self, q, k, v, ctx, scale):
+        """cuDNN's kernel where the program is lowered for a CUDA GPU, the path it takes where
+        cuDNN cannot run (XLA in blocks of query rows, the blockwise kernel for a prefill)
+        anywhere else. attention_impl is an execution key (a checkpoint trained on GPUs keeps
+        it), and cuDNN fails to trace without jax's CUDA plugin ("cuDNN is not detected.") and
+        to compile for a CPU: evaluating such a checkpoint on a CPU failed. Chosen by
+        `lax.platform_dependent`, not by this process's devices: bench/gpu_aot.py compiles
+        for an H200 from a CPU-only process (JAX_PLATFORMS=cpu, the CUDA plugin installed),
+        and gets cuDNN's kernel; only the chosen branch is lowered."""
+        cfg = self.cfg
+
+        def on_cuda(q, k, v):
+            return by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
+
+        def elsewhere(q, k, v):
+            return self._self_attention(q, k, v, ctx, scale, 0.0, cudnn=False)
+
+        if cudnn_attention is not _real_cudnn_attention:
+            # a stand-in (tests; bench/memory_plan.py, which traces a GPU's program on a CPU):
+            # called where the kernel would run on a GPU, as before
+            return on_cuda(q, k, v)
+        if not cudnn_present():  # (no CUDA target possible: the fallback, nothing to choose)
+            return elsewhere(q, k, v)
+        if jax.default_backend() != "gpu":
+            _log_once("attention_impl='cudnn': cuDNN's kernel runs where a program is lowered "
+                      "for a CUDA GPU; for other targets, XLA in blocks of query rows")  # fmt: skip
+        # Rematerialised whole under the switch: a switch's branches hand the backward pass
+        # one set of residuals, each branch zeros for those only the other saves; checkpointed,
+        # this one saves just its inputs (the shapes of cuDNN's own), no (B, N, T, S) weights.
+        return jax.lax.platform_dependent(q, k, v, cuda=on_cuda,
+                                          default=jax.checkpoint(elsewhere))  # fmt: skip
 
     def _sow_probs(self, q, k, ctx, mask_of, scale, cap):
         """Inspection only (apply(..., mutable="intermediates")): the attention weights as

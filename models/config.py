@@ -119,29 +119,47 @@ class ModelConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be >= 0 "
                                  f"(0 = {zero})")  # fmt: skip
+
+        # Float fields are checked as `not x > 0` / `not x >= 0` plus finiteness: NaN fails
+        # every comparison, so `x < 0` let it through (NaN logits, or a math.ceil error naming
+        # no key), and an infinite value gave inf/NaN tables or logits the same way.
+        def check_float(name: str, value: float, lowest: str, why: str = "") -> None:
+            ok = value > 0 if lowest == "> 0" else value >= 0
+            if not (ok and math.isfinite(value)):
+                raise ValueError(f"ModelConfig.{name}={value}; must be {lowest}{why}, and finite")
+
         # These gave every logit NaN (a zero or negative RoPE base, a negative RMSNorm epsilon;
         # eps=0 divides a zero vector by zero): no HF config uses 0.
         for name in ("rope_theta", "norm_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be > 0")
-        if self.rope_local_theta < 0:
-            raise ValueError(f"ModelConfig.rope_local_theta={self.rope_local_theta}; must be "
-                             ">= 0 (0 = the global layers' tables)")  # fmt: skip
+            check_float(name, getattr(self, name), "> 0")
+        check_float("rope_local_theta", self.rope_local_theta, ">= 0",
+                    " (0 = the global layers' tables)")  # fmt: skip
         if self.rope_scaling != "none":  # (rope_scaling="none" ignores these fields)
             # factor 0 divided every frequency by zero (NaN logits); an original length of 0
             # was a math domain error in YaRN's log
-            with_scaling = f"with rope_scaling={self.rope_scaling!r}"
-            if not self.rope_scaling_factor > 0:
-                raise ValueError(f"ModelConfig.rope_scaling_factor={self.rope_scaling_factor}; "
-                                 f"must be > 0 {with_scaling}")  # fmt: skip
+            with_scaling = f" with rope_scaling={self.rope_scaling!r}"
+            check_float("rope_scaling_factor", self.rope_scaling_factor, "> 0", with_scaling)
             if self.rope_scaling != "linear" and self.rope_original_max_len < 1:
                 raise ValueError(f"ModelConfig.rope_original_max_len={self.rope_original_max_len}"
-                                 f"; must be >= 1 {with_scaling}")  # fmt: skip
+                                 f"; must be >= 1{with_scaling}")  # fmt: skip
+        if self.rope_scaling == "llama3":
+            # The band between the two wavelengths old_len / low and old_len / high is blended
+            # over (high - low): a factor 0 was a ZeroDivisionError in init, low == high a
+            # division by zero, low > high an empty band (HF requires low < high too; Llama
+            # 3.1/3.2 have 1 and 4)
+            for name in ("rope_low_freq_factor", "rope_high_freq_factor"):
+                check_float(name, getattr(self, name), "> 0", " with rope_scaling='llama3'")
+            if not self.rope_low_freq_factor < self.rope_high_freq_factor:
+                low, high = self.rope_low_freq_factor, self.rope_high_freq_factor
+                raise ValueError(f"ModelConfig.rope_low_freq_factor={low} must be < "
+                                 f"rope_high_freq_factor={high} with "
+                                 "rope_scaling='llama3'")  # fmt: skip
         if self.rope_scaling == "yarn":  # (0 divided by zero, < 0 was a math domain error)
             for name in ("rope_yarn_beta_fast", "rope_yarn_beta_slow"):
-                if not getattr(self, name) > 0:
-                    raise ValueError(f"ModelConfig.{name}={getattr(self, name)}; must be > 0 "
-                                     "with rope_scaling='yarn'")  # fmt: skip
+                check_float(name, getattr(self, name), "> 0", " with rope_scaling='yarn'")
+        if self.rope_scaling in ("yarn", "longrope"):  # (cos and sin are multiplied by it)
+            check_float("rope_attention_factor", self.rope_attention_factor, ">= 0",
+                        f" (0 = derived) with rope_scaling={self.rope_scaling!r}")  # fmt: skip
         if self.sliding_window < 0:  # -1 is "off" elsewhere (flash-attn); here it masked every
             # key, and attention over all-masked scores averages every key, future ones too
             raise ValueError(
@@ -198,6 +216,10 @@ class ModelConfig:
                 if len(getattr(self, name)) != half:
                     raise ValueError(f"ModelConfig.{name} has {len(getattr(self, name))} factors; "
                                      f"longrope needs rotary_dim / 2 = {half}")  # fmt: skip
+                # each frequency is divided by its factor: 0 divided by zero, a negative or
+                # non-finite one turned the rotation backwards or into NaN
+                for i, f in enumerate(getattr(self, name)):
+                    check_float(f"{name}[{i}]", f, "> 0", " with rope_scaling='longrope'")
         nope = self.nope_layer_interval
         if nope < 0 or nope == 1:
             raise ValueError(f"ModelConfig: nope_layer_interval={nope}; expected 0 (RoPE "
@@ -218,9 +240,7 @@ class ModelConfig:
         if self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts:
             raise ValueError(f"ModelConfig: n_experts_per_token={self.n_experts_per_token} must be "
                              f"in [1, n_experts={self.n_experts}]")  # fmt: skip
-        if self.moe_capacity_factor < 0:
-            raise ValueError(f"ModelConfig.moe_capacity_factor={self.moe_capacity_factor} must be "
-                             ">= 0 (0 = no drops)")  # fmt: skip
+        check_float("moe_capacity_factor", self.moe_capacity_factor, ">= 0", " (0 = no drops)")
         expert_keys = (self.d_expert, self.d_shared_expert, self.shared_expert_gate)
         if not self.n_experts and any(expert_keys):
             raise ValueError("ModelConfig: d_expert / d_shared_expert / shared_expert_gate "
@@ -230,8 +250,8 @@ class ModelConfig:
         if self.flash_block < 1:
             raise ValueError(f"ModelConfig.flash_block={self.flash_block} must be >= 1")
         for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be >= 0 (0 = off)")
+            check_float(name, getattr(self, name), ">= 0", " (0 = off)")
+        check_float("init_std", self.init_std, ">= 0")  # (NaN / inf initialised NaN weights)
 
     # --- derived quantities -------------------------------------------------------------------
     @property

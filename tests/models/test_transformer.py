@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from flaxlm.models.config import VARIANTS, get_variant
+from flaxlm.models.rope import rope_inv_freq
 from flaxlm.models.transformer import (
     Transformer,
     init_cache,
@@ -124,6 +125,51 @@ def test_soft_capped_attention_in_query_blocks_on_accelerators(packed, monkeypat
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_got, g_want)
     blocks = jax.make_jaxpr(lambda p: loss(p, "cudnn"))(params)
     assert "checkpoint" in str(blocks) or "remat" in str(blocks)  # the blocks are recomputed
+
+
+def test_cudnn_config_runs_where_cudnn_cannot(monkeypatch):
+    """attention_impl="cudnn" is an execution key a GPU-trained checkpoint keeps; rebuilt on a
+    CPU (evaluation, a notebook) it failed with "RuntimeError: cuDNN is not detected.". Now
+    attention there is XLA's in blocks of query rows: the XLA config's logits and gradients.
+    With a cuDNN in place (a stand-in: jax's needs its CUDA plugin), the choice is made by the
+    target the program is lowered for, not by this process's devices (bench/gpu_aot.py
+    compiles for an H200 from a CPU): lowered for CUDA it runs the stand-in, for the CPU the
+    row blocks."""
+    from flaxlm.models import attention
+
+    monkeypatch.setattr(attention, "ATTENTION_CHUNK", 4)  # several row blocks of 16 tokens
+    # (local and global layers, scanned: by_window's lax.cond inside the choice)
+    cfg = get_variant("tiny", sliding_window=4, sliding_window_pattern=2, scan_layers=True)
+    model, params, tokens = _init(cfg, B=2, T=16)
+
+    def loss(p, impl):
+        out = Transformer(cfg.replace(attention_impl=impl)).apply({"params": p}, tokens)
+        return (out * out).mean(), out
+
+    def grad(impl):  # (a fresh jit each time: traced with what is patched in now)
+        return jax.jit(jax.value_and_grad(lambda p: loss(p, impl), has_aux=True))(params)
+
+    (_, want), g_want = grad("xla")
+    got = jax.jit(lambda p: loss(p, "cudnn")[1])(params)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    calls = []
+
+    def stand_in(q, k, v, mask, window=0, scale=None):  # wrong on purpose, and recognisable
+        calls.append(window)
+        return jnp.cbrt(q)
+
+    # as if jax had its CUDA plugin, and this were its kernel
+    monkeypatch.setattr(attention, "cudnn_attention", stand_in)
+    monkeypatch.setattr(attention, "_real_cudnn_attention", stand_in)
+    monkeypatch.setattr(attention, "cudnn_present", lambda: True)
+    (_, got), g_got = grad("cudnn")
+    assert calls
+    np.testing.assert_allclose(got, want, atol=1e-5)  # the CPU ran the row blocks
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_got, g_want)
+    for platform, standin_lowered in (("cuda", True), ("cpu", False)):
+        lowered = jax.export.export(jax.jit(lambda p: loss(p, "cudnn")), platforms=(platform,))
+        assert ("cbrt" in lowered(params).mlir_module()) == standin_lowered, platform
 
 
 def test_unit_offset_norms_start_as_plain_norms():
@@ -301,6 +347,59 @@ def test_bad_numeric_fields_name_the_field():
     get_variant("tiny", rope_scaling_factor=0.0, rope_original_max_len=0, rope_yarn_beta_slow=0)
     get_variant("tiny", rope_scaling="linear", rope_scaling_factor=2.0, rope_original_max_len=0)
     get_variant("tiny", n_experts=4, d_expert=0, d_shared_expert=0)
+
+
+def test_rope_band_factors_and_nan_floats_name_the_key():
+    """llama3's low/high frequency factors were not checked: 0 passed the config and was a
+    ZeroDivisionError in init, low == high a numpy divide-by-zero; a LongRoPE factor 0 divided
+    a frequency by zero. NaN passed every `< 0` check (moe_capacity_factor=nan failed later in
+    math.ceil naming no key, soft-caps of nan gave NaN logits) and inf every `> 0` one. Now the
+    config names the key."""
+    llama3 = dict(rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_len=64)
+    longrope = dict(rope_scaling="longrope", rope_scaling_factor=4.0, rope_original_max_len=8,
+                    rope_long_factors=[1.0] * 8)  # fmt: skip
+    nan, inf = float("nan"), float("inf")
+    bad = [
+        ({**llama3, "rope_low_freq_factor": 0.0},
+         r"ModelConfig.rope_low_freq_factor=0.0; must be > 0 with rope_scaling='llama3'"),
+        ({**llama3, "rope_high_freq_factor": 0.0}, r"ModelConfig.rope_high_freq_factor=0.0; "),
+        ({**llama3, "rope_high_freq_factor": nan}, r"ModelConfig.rope_high_freq_factor=nan; "),
+        ({**llama3, "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 4.0},
+         r"ModelConfig.rope_low_freq_factor=4.0 must be < rope_high_freq_factor=4.0"),
+        ({**llama3, "rope_low_freq_factor": 4.0, "rope_high_freq_factor": 1.0},
+         r"rope_low_freq_factor=4.0 must be < rope_high_freq_factor=1.0"),
+        ({**longrope, "rope_short_factors": [1.0] * 7 + [0.0]},
+         r"ModelConfig.rope_short_factors\[7\]=0.0; must be > 0 with rope_scaling='longrope'"),
+        ({**longrope, "rope_short_factors": [-1.0] * 8}, r"rope_short_factors\[0\]=-1.0; "),
+        ({**longrope, "rope_short_factors": [1.0] * 8, "rope_long_factors": [inf] * 8},
+         r"rope_long_factors\[0\]=inf; must be > 0 .*and finite"),
+        ({**longrope, "rope_short_factors": [1.0] * 8, "rope_attention_factor": -1.0},
+         r"ModelConfig.rope_attention_factor=-1.0; must be >= 0 \(0 = derived\)"),
+        ({"rope_scaling": "yarn", "rope_scaling_factor": 4.0, "rope_yarn_beta_fast": inf},
+         r"ModelConfig.rope_yarn_beta_fast=inf; must be > 0 with rope_scaling='yarn', and finite"),
+        ({"rope_scaling": "linear", "rope_scaling_factor": inf}, r"rope_scaling_factor=inf; "),
+        ({"n_experts": 4, "moe_capacity_factor": nan},
+         r"ModelConfig.moe_capacity_factor=nan; must be >= 0 \(0 = no drops\), and finite"),
+        ({"n_experts": 4, "moe_capacity_factor": inf}, r"ModelConfig.moe_capacity_factor=inf; "),
+        ({"attn_logit_softcap": nan}, r"ModelConfig.attn_logit_softcap=nan; must be >= 0"),
+        ({"final_logit_softcap": nan}, r"ModelConfig.final_logit_softcap=nan; must be >= 0"),
+        ({"query_pre_attn_scalar": nan}, r"ModelConfig.query_pre_attn_scalar=nan; "),
+        ({"norm_eps": inf}, r"ModelConfig.norm_eps=inf; must be > 0, and finite"),
+        ({"rope_theta": nan}, r"ModelConfig.rope_theta=nan; "),
+        ({"sliding_window": 4, "sliding_window_pattern": 2, "rope_local_theta": nan},
+         r"ModelConfig.rope_local_theta=nan; "),
+        ({"init_std": nan}, r"ModelConfig.init_std=nan; "),
+    ]  # fmt: skip
+    for kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            get_variant("tiny", **kw)
+    # Llama 3.1/3.2's band (1, 4) still builds, with finite frequencies slowed at the long end
+    cfg = get_variant("tiny", **llama3, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
+    inv = rope_inv_freq(cfg)
+    plain = rope_inv_freq(cfg.replace(rope_scaling="none"))
+    assert np.isfinite(inv).all() and inv[-1] == pytest.approx(plain[-1] / 8.0)
+    # rope_scaling="none" still ignores the llama3 / longrope fields
+    get_variant("tiny", rope_low_freq_factor=0.0, rope_high_freq_factor=0.0)
 
 
 def test_bad_dtypes_name_the_key():
