@@ -2,12 +2,16 @@
 
 ``strip_boilerplate`` removes lines by phrase ("This site uses cookies", "Subscribe to our
 newsletter", a line that is only "Read more"), never by a single word ("cookie", "javascript"),
-and prose-like phrases ("privacy policy") only on short lines (C4-style line cleaning).
+and prose-like phrases ("privacy policy", "JavaScript is disabled") only on short lines
+(C4-style line cleaning), log-in and sign-up links only on navigation-like lines (a few words,
+or links separated by '|' or '»'). Separator lines (one symbol repeated: "-----", "* * *") go
+too; other lines of symbols (code such as "});", table rows "|---|---|", emoji) stay.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # Boilerplate lines, matched by phrase, never by a single word: "cookie", "subscribe",
 # "advertisement", "read more" and "javascript" matched anywhere, so a cookie recipe was dropped
@@ -23,20 +27,29 @@ _BANNER_RE = re.compile(
     r"(?:accept|reject|allow)\s+all\s+cookies|"
     r"subscribe\s+to\s+(?:our|the|my)\s+(?:free\s+)?(?:newsletter|channel|mailing\s+list)|"
     r"sign\s?up\s+(?:for|to)\s+(?:our|the)\s+(?:free\s+)?newsletter|"
-    r"(?:enable|turn\s+on|activate)\s+javascript|javascript\s+(?:is\s+)?(?:required|disabled)|"
     r"skip\s+to\s+(?:main\s+)?content)\b",
     re.IGNORECASE,
 )
 # Phrases that prose uses too ("the company changed its privacy policy", "never accept cookies
-# from strangers"): boilerplate only on a short line (footers, navigation bars, buttons).
+# from strangers", "if JavaScript is disabled, the form falls back to ..."): boilerplate only on
+# a short line (footers, navigation bars, buttons, notices).
 _SHORT_LINE_WORDS = 20
 _FOOTER_RE = re.compile(
     r"\b(?:cookies?\s+(?:policy|settings|preferences|consent|notice)|"
     r"(?:accept|reject|decline)\s+cookies|privacy\s+policy|terms\s+of\s+(?:use|service)|"
     r"all\s+rights\s+reserved|forgot\s+(?:your\s+)?password|click\s+here|"
-    r"share\s+(?:on|to)\s+(?:facebook|twitter|x|linkedin|whatsapp|pinterest|reddit|email))\b|"
-    r"\blog\s?in\s*(?:\||to\b|$)|\bsign\s?(?:up|in)\s*(?:\||$|now\b|(?:for\s+)?free\b)|"
+    r"share\s+(?:on|to)\s+(?:facebook|twitter|x|linkedin|whatsapp|pinterest|reddit|email)|"
+    r"(?:enable|turn\s+on|activate)\s+javascript|javascript\s+(?:is\s+)?(?:required|disabled))\b|"
     r"\bhome\s+\|\s",
+    re.IGNORECASE,
+)
+# Log-in and sign-up links: only on a navigation-like line, one of a few words or one with a
+# '|' or '»' between links. On any line of 20 words they took instructions with them ("Students
+# must log in to the portal before the exam starts.").
+_NAV_LINE_WORDS = 6
+_NAV_SEP_RE = re.compile(r"[|»]")
+_LOGIN_RE = re.compile(
+    r"\blog\s?in\s*(?:\||to\b|$)|\bsign\s?(?:up|in)\s*(?:\||$|now\b|(?:for\s+)?free\b)",
     re.IGNORECASE,
 )
 # Lines that are nothing but a link or a label ("Read more >>", "Advertisement").
@@ -45,20 +58,41 @@ _STUB_LINE_RE = re.compile(
     r"subscribe(?:\s+now)?|newsletter|back\s+to\s+top)[\W_]*",
     re.IGNORECASE,
 )
-_SYMBOL_LINE_RE = re.compile(r"^[\W_]{3,}$")
+# Separator lines: one symbol repeated, 3 times or more, spaces allowed between ("-----",
+# "=====", "* * *", "#####", "────"). Any line of 3 non-word characters was one, and code lost
+# its closing lines ("  });"), markdown tables their separator row ("|---|---|") and a line of
+# emoji went too ("🎉🎉🎉"). Never brackets, '|', quotes or backticks (code: '"""', closing
+# fences), nor other symbols of category So (emoji, dingbats) but box drawing U+2500-257F.
+_SYMBOL_LINE_RE = re.compile(r"([^\w\s]|_)(?:\s*\1){2,}")
+_NOT_SEPARATOR = frozenset("|\"'`")
+
+
+def _is_separator_line(line: str) -> bool:
+    m = _SYMBOL_LINE_RE.fullmatch(line)
+    if m is None:
+        return False
+    ch = m.group(1)
+    cat = unicodedata.category(ch)
+    return (
+        ch not in _NOT_SEPARATOR
+        and cat not in ("Ps", "Pe", "Pi", "Pf")
+        and (cat != "So" or "\u2500" <= ch <= "\u257f")
+    )
 
 
 def _is_boilerplate(line: str) -> bool:
-    return bool(
-        _BANNER_RE.search(line)
-        or _STUB_LINE_RE.fullmatch(line)
-        or _SYMBOL_LINE_RE.match(line)
-        or (len(line.split()) <= _SHORT_LINE_WORDS and _FOOTER_RE.search(line))
+    if _BANNER_RE.search(line) or _STUB_LINE_RE.fullmatch(line) or _is_separator_line(line):
+        return True
+    words = len(line.split())
+    return (words <= _SHORT_LINE_WORDS and _FOOTER_RE.search(line) is not None) or (
+        (words <= _NAV_LINE_WORDS or _NAV_SEP_RE.search(line) is not None)
+        and words <= _SHORT_LINE_WORDS
+        and _LOGIN_RE.search(line) is not None
     )
 
 
 def strip_boilerplate(text: str) -> tuple[str, int, float]:
-    """Removes boilerplate and symbol-only lines.
+    """Removes boilerplate and separator lines.
 
     Returns (text, lines removed, fraction of the characters they held), characters counted on
     each line stripped of its leading and trailing whitespace (inner spaces count).

@@ -8,9 +8,16 @@ Phone numbers redacted: Chinese mobiles (bare or with 86 / +86 / 0086), North Am
 in any grouping), and other 2-4 + 3-4 + 3-4 digit groups. Digit groups are ambiguous: "12 345 678"
 and "12.345.678" (thousands separators) and three 4-digit years in a row ("1999 2000 2001") are
 redacted as phones; national numbers written in pairs without '+' ("01 23 45 67 89") are not. An
-extension after a number ("555-123-4567x89", "... ext. 89") is redacted with it.
+extension after a number ("555-123-4567x89", "... ext. 89") is redacted with it, and so is a
+trunk prefix after the country code ("+41 (0)44 668 18 00").
+IPv4 addresses are four dotted numbers of 0-255, unless a version or section word comes right
+before ("version 1.2.3.4", "v1.2.3.4", "Chapter 10.1.1.1", "§ 4.1.2.3"); otherwise a four-part
+version is ambiguous and redacted ("Python 3.12.0.1" → "Python <IP>"). IPv6 addresses with
+"::" are checked against slices and names (``_plausible_ipv6``).
 Card numbers are 13-19 digits (single spaces or dashes between them) that pass the Luhn check
-and do not start with 1 or 9 (millisecond timestamps, ISBN-13s: one in ten passes Luhn).
+and do not start with 1 or 9 (millisecond timestamps, ISBN-13s: one in ten passes Luhn); in a
+longer run that fails it, a prefix ending at a separator that passes is the card ("4111 1111
+1111 1111 123": a CVV after it, "<CARD> 123").
 Order matters: longer number patterns first, so a card number is not read as a phone.
 """
 
@@ -57,8 +64,15 @@ _NUMERIC = [  # (kind, pattern), tried in this order at each position
         + r"(?![\dA-Za-z]|[ .-]\d)",
     ),
     # International numbers in any grouping ("+33 1 23 45 67 89", "+91 98765 43210"): a '+', then
-    # 8 to 15 digits (E.164's limit) with single separators.
-    ("PHONE", r"(?<![\dA-Za-z+])\+[1-9](?:[ .-]?\d){7,14}" + _EXT + r"(?![\dA-Za-z]|[ .-]\d)"),
+    # 8 to 15 digits (E.164's limit) with single separators. The trunk prefix may follow the
+    # country code in parentheses ("+41 (0)44 668 18 00", 7-13 digits after it): it stopped the
+    # match, and "+44 (0)20 7946 0958" became "+44 (0)<PHONE>" (the country code left in the
+    # text).
+    (
+        "PHONE",
+        r"(?<![\dA-Za-z+])\+(?:[1-9]\d{0,2}[ .-]?\(0\)[ .-]?\d(?:[ .-]?\d){6,12}"
+        r"|[1-9](?:[ .-]?\d){7,14})" + _EXT + r"(?![\dA-Za-z]|[ .-]\d)",
+    ),
 ]
 _CARD_AT = next(i for i, (k, _) in enumerate(_NUMERIC) if k == "CARD")
 # Emails: local part and domain labels in letters of any script ("müller@firma.de",
@@ -133,21 +147,53 @@ _FILE_EXTENSIONS = frozenset(
 )
 
 
-def _plausible_ipv6(addr: str) -> bool:
+# The words before a dotted quad that make it a version or section number, not an address
+# ("version 1.2.3.4", "v1.2.3.4", "Chapter 10.1.1.1", "§ 4.1.2.3"). Without one, a quad of
+# valid octets is an address: "Python 3.12.0.1" is redacted, the text does not say which.
+_NOT_IPV4_BEFORE_RE = re.compile(
+    r"(?:\b(?:versions?|ver|v|releases?|rel|build|revision|rev|chapters?|chap|ch|sections?|sec|"
+    r"clauses?|articles?|art|paragraphs?|para|appendix|figures?|fig|tables?|steps?|rules?|"
+    r"editions?)\.?|§)\s?$",
+    re.IGNORECASE,
+)
+
+
+def _plausible_ipv6(addr: str, before: str = "", after: str = "") -> bool:
     """Whether an IPv6 match with "::" is an address rather than code or a name.
 
+    ``before``/``after``: the characters around the match. Two colons inside a subscript, "["
+    right after a name or a closing bracket and "]" right after the match, are a slice
+    ("a[1024::4]", "t[2048::]"); a bracketed address in a URL ("http://[2001:db8::1]:80")
+    follows no name.
     Leading "::": two groups or more ("::ffff:a00:1"), or loopback "::1"; one group is a Python
     slice ("a[::2]"). Otherwise a decimal digit somewhere (not "ee::ff", "def::abc", "bad::")
-    and a first group of 4 hex digits ("fe80::1", "2001:db8::"; addresses in use start with
-    one, from 2000::/3 or fc00::/7 up) or three groups or more ("1080::8:800:200c:417a"); not
-    the slice "a[1::2]" nor "1::".
+    and a first group of 4 hex digits from 0x2000 up ("fe80::1", "2001:db8::"; addresses in use
+    are from 2000::/3 or fc00::/7 up), or three groups or more ("1080::8:800:200c:417a"); not
+    the slice "a[1::2]" nor "1::" nor "1024::4".
     """
     if "::" not in addr or "." in addr:
         return True  # all eight groups, or an IPv4 tail (no slice or name has one)
+    slice_ = addr.count(":") == 2 and before[-1:] == "[" and after[:1] == "]"  # start:stop:step
+    if slice_ and re.match(r"[\w)\]]", before[-2:-1]):
+        return False
     groups = [g for g in addr.split(":") if g]
     if addr.startswith("::"):
         return len(groups) >= 2 or groups == ["1"]
-    return any(c.isdigit() for c in addr) and (len(groups[0]) == 4 or len(groups) >= 3)
+    return any(c.isdigit() for c in addr) and (
+        (len(groups[0]) == 4 and int(groups[0], 16) >= 0x2000) or len(groups) >= 3
+    )
+
+
+def _card_prefix_ends(run: str) -> list[int]:
+    """Ends of the prefixes of a CARD match that end before a separator and hold 13 digits or
+    more, longest first (the whole match is not one)."""
+    ends, digits = [], 0
+    for i, ch in enumerate(run):
+        if ch.isdigit():
+            digits += 1
+        elif digits >= 13:
+            ends.append(i)
+    return ends[::-1]
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -166,8 +212,13 @@ def redact_pii(text: str) -> tuple[str, Counter]:
 
     def sub(m):
         kind = m.lastgroup.rstrip("0123456789")
-        if m.re is _IPV6_RE and not _plausible_ipv6(m.group()):
-            return m.group()
+        if m.re is _IPV6_RE:
+            before, after = m.string[max(0, m.start() - 2) : m.start()], m.string[m.end() :][:1]
+            if not _plausible_ipv6(m.group(), before, after):
+                return m.group()
+        if kind == "IP" and m.re is not _IPV6_RE:
+            if _NOT_IPV4_BEFORE_RE.search(m.string, max(0, m.start() - 16), m.start()):
+                return m.group()
         if kind == "EMAIL":
             if m.group().rpartition(".")[2].lower() in _FILE_EXTENSIONS:
                 return m.group()
@@ -178,6 +229,13 @@ def redact_pii(text: str) -> tuple[str, Counter]:
                 counts[kind] += 1
                 return f"{prefix.group()}<{kind}>"
         if kind == "CARD" and not _luhn_ok(re.sub(r"\D", "", m.group())):
+            # A card number followed by its CVV or expiry ("4111 1111 1111 1111 123", "... 12/25")
+            # is one longer digit run that fails the check: its prefixes that end at a separator
+            # are tried, longest first, 13 digits at least.
+            for end in _card_prefix_ends(m.group()):
+                if _luhn_ok(re.sub(r"\D", "", m.group()[:end])):
+                    counts[kind] += 1
+                    return f"<{kind}>{m.group()[end:]}"
             # Not a card: the span may still hold a phone or ID number. Searched in the whole
             # text (pos/endpos), so lookbehinds see what precedes the span.
             out, last = [], m.start()

@@ -25,9 +25,10 @@ group-by-key) keep exactly the same documents:
   n-grams run across line and paragraph breaks.
 
 Both MinHash shingles and decontamination n-grams are made of ``match_words``: control and
-invisible characters removed (``clean_text._CONTROL_RE``: zero-width and format characters, soft
-hyphens, variation selectors), NFKC, case-folded, so text that differs only in Unicode form (NFC
-vs NFD, full-width letters), case or invisible characters gives the same words.
+invisible characters removed (``clean_text.remove_controls``: zero-width and format characters,
+soft hyphens, variation selectors; the controls that separate text, such as form feed, become
+whitespace), NFKC, case-folded, so text that differs only in Unicode form (NFC vs NFD,
+full-width letters), case or invisible characters gives the same words.
 
 Shingles are word n-grams (CJK characters are words), hashed deterministically (crc32 per word,
 combined polynomially in uint64), so signatures agree across processes and machines. MinHash
@@ -48,7 +49,7 @@ from collections import Counter
 import ml_collections
 import numpy as np
 
-from flaxlm.data.clean_text import _CONTROL_RE, _WORD_RE
+from flaxlm.data.clean_text import _WORD_RE, remove_controls
 
 logger = logging.getLogger("flaxlm")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier for polynomial combination
@@ -80,7 +81,7 @@ def normalize(text: str) -> str:
     """
     # Removed before NFKC (as in ``clean.normalize_text``): NFKC turns the Hangul filler U+3164
     # into U+1160, and a removed character between a letter and its accent kept them apart.
-    text = unicodedata.normalize("NFKC", _CONTROL_RE.sub("", text))
+    text = unicodedata.normalize("NFKC", remove_controls(text))
     return " ".join(text.casefold().split())
 
 
@@ -117,7 +118,7 @@ def match_words(text: str) -> list[str]:
     a comparison go through this, so an eval item or a copy in NFD, full-width letters or another
     case still matches (e.g. the Deduper used without the Cleaner, or ``do_clean=False``).
     """
-    return _WORD_RE.findall(unicodedata.normalize("NFKC", _CONTROL_RE.sub("", text)).casefold())
+    return _WORD_RE.findall(unicodedata.normalize("NFKC", remove_controls(text)).casefold())
 
 
 def shingles(text: str, n: int) -> np.ndarray:
@@ -225,11 +226,15 @@ class Decontaminator:
 
     ``summary()`` says what the eval set gave (texts, distinct n-grams, texts too short to have
     one) and ``warn()`` logs the texts that can never match: an eval set of short items (10-word
-    questions against 13-grams) otherwise decontaminated nothing without a word."""
+    questions against 13-grams) otherwise decontaminated nothing without a word.
+
+    An eval text is a string, or a tuple of forms of one item (``preprocess.load_eval_texts``:
+    with and without the lines line cleaning strips): the item's n-grams are those of all its
+    forms, and it is too short when none has one."""
 
     def __init__(self, eval_texts, n: int = 13):
         self.n = n
-        grams = [_ngrams_exact(t, n) for t in eval_texts]
+        grams = [_item_ngrams(t, n) for t in eval_texts]
         self.table = np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
         self.eval_texts = len(grams)
         self.too_short = sum(1 for g in grams if not len(g))  # fewer than n words: no n-gram
@@ -244,23 +249,24 @@ class Decontaminator:
         }
 
     def warn(self) -> None:
-        """Logs eval texts shorter than ``n`` words (they never match; the rule is kept), and an
-        eval set that gives no n-gram at all (decontamination then matches nothing)."""
+        """Logs eval texts shorter than ``n`` words as the caller cleaned them (they never
+        match; the rule is kept), and an eval set that gives no n-gram at all (decontamination
+        then matches nothing)."""
         if not self.eval_texts:
             logger.warning("dedup.decontam_paths: no eval text (every record empty): "
                            "decontamination matches nothing")  # fmt: skip
         elif not len(self.table):
             logger.warning(
                 "dedup.decontam_paths: the %d eval text(s) give no %d-word n-gram (each is "
-                "shorter than dedup.decontam_ngram=%d words): decontamination matches nothing; "
-                "lower dedup.decontam_ngram to check them",
+                "shorter than dedup.decontam_ngram=%d words after cleaning): decontamination "
+                "matches nothing; lower dedup.decontam_ngram to check them",
                 self.eval_texts, self.n, self.n,
             )  # fmt: skip
         elif self.too_short:
             logger.warning(
                 "dedup.decontam_paths: %d of the %d eval text(s) are shorter than "
-                "dedup.decontam_ngram=%d words and can never match (report.md counts them); "
-                "lower dedup.decontam_ngram to check them",
+                "dedup.decontam_ngram=%d words after cleaning (no n-gram) and can never match "
+                "(report.md counts them); lower dedup.decontam_ngram to check them",
                 self.too_short, self.eval_texts, self.n,
             )  # fmt: skip
 
@@ -269,6 +275,13 @@ class Decontaminator:
             return 0
         g = _ngrams_exact(text, self.n)
         return int(np.isin(g, self.table, assume_unique=False).sum())
+
+
+def _item_ngrams(item, n: int) -> np.ndarray:
+    """The n-grams of an eval text, or the union of those of its forms (a tuple)."""
+    if isinstance(item, str):
+        return _ngrams_exact(item, n)
+    return np.unique(np.concatenate([np.zeros(0, np.uint64), *(_ngrams_exact(t, n) for t in item)]))
 
 
 def _ngrams_exact(text: str, n: int) -> np.ndarray:

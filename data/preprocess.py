@@ -180,15 +180,18 @@ def decontam_paths(cfg: ml_collections.ConfigDict) -> list[str]:
     return patterns
 
 
-def load_eval_texts(cfg: ml_collections.ConfigDict) -> list[str]:
+def load_eval_texts(cfg: ml_collections.ConfigDict) -> list[str | tuple[str, ...]]:
     """The decontamination texts, in the form training text has when it reaches dedup.
 
     Training text is cleaned first, PII included: an eval item holding an IP address or a phone
     number appears in a training document as "... <IP> ... <PHONE> ...", so the eval side gets the
     same normalisation and placeholders, or no n-gram spanning them could ever match. Likewise
-    the lines the cleaner strips (symbol-only lines such as "***", code fences, banners): an eval
+    the lines the cleaner strips (separator lines such as "***", banners, footers): an eval
     item holding one was never found in a training document that held the item, since the
-    n-grams spanning that line were in the eval text only. The steps run in ``Cleaner``'s order.
+    n-grams spanning that line were in the eval text only. Whether a line is boilerplate depends
+    on its context, though, so an item that loses lines that way is a tuple of both forms, the
+    stripped one first (``_with_stripped``; ``Decontaminator`` looks for the n-grams of
+    either). The steps run in ``Cleaner``'s order.
 
     An eval record that cannot be read (malformed JSON, no text field, invalid UTF-8) is a
     ``DataError`` naming file:line, whatever ``strict`` says for the training input: skipped, as
@@ -210,10 +213,27 @@ def load_eval_texts(cfg: ml_collections.ConfigDict) -> list[str]:
     if cfg.do_clean:
         texts = [normalize_text(t) for t in texts]
         if cfg.clean.strip_boilerplate_lines:
-            texts = [strip_boilerplate(t)[0] for t in texts]
+            texts = [_with_stripped(t) for t in texts]
         if cfg.clean.redact_pii:
-            texts = [redact_pii(t)[0] for t in texts]
+            texts = [
+                redact_pii(t)[0] if isinstance(t, str) else tuple(redact_pii(f)[0] for f in t)
+                for t in texts
+            ]
     return texts
+
+
+def _with_stripped(text: str) -> str | tuple[str, ...]:
+    """An eval text, and its form with the lines ``strip_boilerplate`` strips, when they differ.
+
+    Whether a line is stripped depends on its context (a phrase such as "privacy policy" only
+    on a short line), and an eval item's lines are not those of the training document that
+    quotes it: a one-line quiz question naming a privacy policy was stripped to nothing, and
+    the document holding it inside a paragraph was kept. Both forms' n-grams are looked for
+    (``Decontaminator``); the stripped one finds a document that lost the item's lines too.
+    """
+    stripped = strip_boilerplate(text)[0]
+    forms = tuple(f for f in (stripped, text) if f)
+    return forms if stripped != text and len(forms) > 1 else text
 
 
 def _clean_batch(args):
@@ -490,14 +510,17 @@ def format_report(r: dict) -> str:
 
 def _decontam_lines(dedup: dict) -> list[str]:
     """report.md's decontamination lines: what the eval set gave (an item shorter than
-    ``decontam_ngram`` words can never match), and the documents ``decontam_mode=flag`` kept."""
+    ``decontam_ngram`` words once cleaned can never match), and the documents
+    ``decontam_mode=flag`` kept."""
     out = []
     if dc := dedup.get("decontam"):
         n, short = dc["ngram"], dc["too_short"]
+        never = (
+            f"; {short} shorter than {n} words after cleaning (no n-gram), which can never match"
+        )
         out.append(
             f"decontamination: {dc['eval_texts']} eval text(s) → {dc['ngrams']} distinct "
-            f"{n}-word n-grams"
-            + (f"; {short} shorter than {n} words, which can never match" if short else "")
+            f"{n}-word n-grams" + (never if short else "")
         )
     if flagged := dedup.get("flagged_contaminated"):
         out.append(f"flagged as contaminated (decontam_mode=flag, kept): {flagged}")
