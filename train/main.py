@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -81,6 +82,58 @@ def parsed_config(config_flag=None):
     return config
 
 
+def _config_flags(argv) -> tuple[str | None, dict]:
+    """The `--config` argument and the `--config.KEY` overrides (KEY -> value text) in argv."""
+    config_arg, overrides = None, {}
+    args = list(argv[1:])
+    for i, a in enumerate(args):
+        name, eq, value = a.partition("=")
+        if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]  # `--config.k v`
+        if name in ("--config", "-config"):
+            config_arg = value
+        elif name.startswith(("--config.", "-config.")):
+            overrides[name.split("config.", 1)[1]] = value
+    return config_arg, overrides
+
+
+def bad_override(argv) -> str | None:
+    """What is wrong with the first `--config.KEY` flag that the config file's config has no
+    KEY for (or whose value KEY cannot take), as the sweeps and `override()` say it: the dotted
+    key and the closest existing one. None when none is (or the config cannot be loaded)."""
+    from flaxlm.train.sweep_plan import load_config_module, set_dotted
+
+    config_arg, overrides = _config_flags(argv)
+    if not config_arg or not overrides:
+        return None
+    try:
+        module, arg = load_config_module(config_arg)
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except Exception:  # (a config that does not load: absl's own error says why)
+        return None
+    for key, value in overrides.items():
+        try:
+            set_dotted(config, key, value, from_string=True)
+        except (KeyError, TypeError, ValueError) as e:
+            why = str(e.args[0] if e.args else e).removeprefix(f"override {key!r}: ")
+            return f"--config.{key}: {why}"
+    return None
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, where a misspelt `--config.KEY` ended in ml_collections' traceback
+    naming only the leaf (`'d_modle' ... Did you mean "d_model"`), or for a key of a section
+    another task's config has, just `AttributeError: "'sources'"`: now one line naming the
+    flag, the dotted key and the closest one (as the sweeps and configs/common.py `override`)."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        why = bad_override(argv)
+        if why is None:
+            raise
+        sys.exit(f"FATAL Flags parsing error: {why}")  # (absl's own words for a bad flag)
+
+
 def main(argv):
     del argv
     exit_with_sweep()  # a sweep's trainer: SIGTERM when the sweep dies
@@ -105,4 +158,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

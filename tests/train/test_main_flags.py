@@ -1,0 +1,37 @@
+"""The trainer's command line: a `--config.KEY` flag the config has no KEY for is one line naming
+the flag, the dotted key and the closest one (ml_collections' traceback named only the leaf,
+or for SFT's `data.sources` nothing but "'sources'")."""
+
+import os
+import subprocess
+import sys
+
+from flaxlm.train.main import bad_override
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRETRAIN = os.path.join(REPO, "configs/pretrain.py") + ":variant=tiny,data=markov"
+SFT = os.path.join(REPO, "configs/sft.py") + ":variant=tiny"
+
+
+def test_bad_override_names_the_dotted_key_and_the_closest_one():
+    argv = ["main", "--config", PRETRAIN, "--workdir", "w", "--config.model.d_modle=32"]
+    assert bad_override(argv) == (
+        "--config.model.d_modle: config has no key 'model.d_modle' (did you mean 'model.d_model'?)"
+    )
+    spaced = ["main", f"--config={PRETRAIN}", "--config.opt.lrr", "3"]
+    assert "did you mean 'opt.lr'?" in bad_override(spaced)
+    assert "config has no key 'data.sources'" in bad_override(
+        ["main", "--config", SFT, "--config.data.sources=a.jsonl"]
+    )
+    good = ["main", "--config", PRETRAIN, "--config.model.d_model=32", "--config.opt.lr", "3"]
+    assert bad_override(good) is None
+
+
+def test_the_trainer_stops_with_one_line_not_a_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "flaxlm.train.main", "--config", PRETRAIN,
+           "--workdir", str(tmp_path), "--config.model.d_modle=32"]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "--config.model.d_modle: config has no key 'model.d_modle'" in out.stderr
