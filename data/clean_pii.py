@@ -184,16 +184,26 @@ def _plausible_ipv6(addr: str, before: str = "", after: str = "") -> bool:
     )
 
 
-def _card_prefix_ends(run: str) -> list[int]:
-    """Ends of the prefixes of a CARD match that end before a separator and hold 13 digits or
-    more, longest first (the whole match is not one)."""
-    ends, digits = [], 0
-    for i, ch in enumerate(run):
-        if ch.isdigit():
-            digits += 1
-        elif digits >= 13:
-            ends.append(i)
-    return ends[::-1]
+# How cards are printed (Visa/Mastercard/Discover 4-4-4-4, Amex 4-6-5, Diners 4-6-4): the only
+# groupings a card followed by its CVV or expiry is looked for in (`_card_before_cvv`).
+_CARD_GROUPINGS = ((4, 4, 4, 4), (4, 6, 5), (4, 6, 4))
+
+
+def _card_before_cvv(run: str, after: str) -> int | None:
+    """Where the card ends in a CARD match that is a card followed by its CVV or expiry
+    ("4111 1111 1111 1111 123", "4111-1111-1111-1111 12/25"), the whole run failing the Luhn
+    check: the groups before the last are printed as a card is, and the last is a CVV (3 or 4
+    digits) or an expiry's month (2 digits, "/" after the match). Else None. Narrow on purpose:
+    any prefix of 13+ digits passes Luhn one time in ten, so trying every one redacted rows of
+    scores, lottery draws and sudoku lines as cards."""
+    groups = list(re.finditer(r"\d+", run))
+    if len(groups) < 2:
+        return None
+    lengths = tuple(len(g.group()) for g in groups[:-1])
+    tail = len(groups[-1].group())
+    if lengths in _CARD_GROUPINGS and (tail in (3, 4) or (tail == 2 and after[:1] == "/")):
+        return groups[-2].end()
+    return None
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -230,12 +240,11 @@ def redact_pii(text: str) -> tuple[str, Counter]:
                 return f"{prefix.group()}<{kind}>"
         if kind == "CARD" and not _luhn_ok(re.sub(r"\D", "", m.group())):
             # A card number followed by its CVV or expiry ("4111 1111 1111 1111 123", "... 12/25")
-            # is one longer digit run that fails the check: its prefixes that end at a separator
-            # are tried, longest first, 13 digits at least.
-            for end in _card_prefix_ends(m.group()):
-                if _luhn_ok(re.sub(r"\D", "", m.group()[:end])):
-                    counts[kind] += 1
-                    return f"<{kind}>{m.group()[end:]}"
+            # is one longer digit run that fails the check: the card as printed is tried.
+            end = _card_before_cvv(m.group(), m.string[m.end() :])
+            if end is not None and _luhn_ok(re.sub(r"\D", "", m.group()[:end])):
+                counts[kind] += 1
+                return f"<{kind}>{m.group()[end:]}"
             # Not a card: the span may still hold a phone or ID number. Searched in the whole
             # text (pos/endpos), so lookbehinds see what precedes the span.
             out, last = [], m.start()

@@ -162,3 +162,17 @@ def test_decontamination_keeps_eval_items_the_line_cleaner_would_empty(tmp_path,
     with caplog.at_level(logging.WARNING, logger="flaxlm"):
         dedup.Decontaminator(["Name the river", q], 13).warn()
     assert "shorter than dedup.decontam_ngram=13 words after cleaning" in caplog.text
+
+
+def test_rows_of_numbers_are_no_card_followed_by_a_cvv():
+    """The CVV rule tries only the card as printed (4-4-4-4, 4-6-5, 4-6-4, then a 3-4 digit CVV
+    or an expiry): trying every 13+ digit prefix at a separator redacted scores, draws and
+    sudoku lines, one prefix in ten passing Luhn by chance."""
+    rows = [
+        "Scores 23 45 67 12 89 34 56 78 90 today",
+        "lottery 2 3 4 5 6 7 8 9 2 3 4 5 6 7 8 9 2",
+        "5 3 4 6 7 8 9 1 2 6 7 2 1 9 5 3 4 8 1 9 8 3 4 2 5 6 7",
+    ]
+    for text in rows:
+        assert clean.redact_pii(text) == (text, {}), text
+    assert clean.redact_pii("Amex 3782 822463 10005 1234 x")[0] == "Amex <CARD> 1234 x"
