@@ -32,15 +32,26 @@ from flaxlm.data.source_paths import expand_paths
 POLICIES = ("error", "warn")
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
 def _place(pattern: str) -> str:
     """A short digest of where ``pattern`` points (relative or absolute, "~" alike): a state
     stays a position, not a copy of the config, and a changed pattern is told apart."""
-    where = os.path.realpath(os.path.expanduser(pattern)) if pattern else ""
-    return hashlib.sha256(where.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return _digest(os.path.realpath(os.path.expanduser(pattern)) if pattern else "")
+
+
+def _written(pattern: str) -> str:
+    """A short digest of ``pattern`` as the config writes it ("~" expanded): the same source
+    when where it resolves to moved (a "current" symlink repointed at a new data version, a
+    relative path resumed from another directory), which `_place` alone called another."""
+    return _digest(os.path.expanduser(pattern) if pattern else "")
 
 
 def fingerprint(pattern: str, docs: int, builtin: Sequence[str] | None = None) -> dict:
-    """One source's record: ``at`` (a digest of the configured pattern), its matched ``files``,
+    """One source's record: ``at`` (a digest of where the configured pattern resolves to),
+    ``as`` (of the pattern as written), its matched ``files``,
     their total ``bytes``, its ``docs`` (documents after bad records were skipped) and ``sha``,
     a digest of the files' names and sizes in reading order (the built-in corpus: of its text).
     ``pattern`` itself is kept out of the state (``check`` names this run's)."""
@@ -55,8 +66,8 @@ def fingerprint(pattern: str, docs: int, builtin: Sequence[str] | None = None) -
         for p, n in zip(paths, sizes):  # names, not directories: a moved corpus is no change
             h.update(f"{os.path.basename(p)}\t{n}\n".encode())
         files, size = len(paths), sum(sizes)
-    return {"at": _place(pattern), "files": files, "bytes": size, "docs": docs,
-            "sha": h.hexdigest()[:12], "pattern": pattern}  # fmt: skip
+    return {"at": _place(pattern), "as": _written(pattern), "files": files, "bytes": size,
+            "docs": docs, "sha": h.hexdigest()[:12], "pattern": pattern}  # fmt: skip
 
 
 def record(fp: dict) -> dict:
@@ -89,7 +100,10 @@ def check(saved: list[dict] | None, current: list[dict], policy: str, what: str)
         return
     changed, recount = [], False
     for old, new in zip(saved, current):
-        if not isinstance(old, dict) or old.get("at") != new["at"]:
+        # Another source only when both where it points and how it is written changed (a
+        # state from before "as" was recorded: where it points)
+        if not isinstance(old, dict) or (old.get("at") != new["at"]
+                                         and old.get("as") != new["as"]):  # fmt: skip
             continue
         diff = _differences(old, new)
         if diff:

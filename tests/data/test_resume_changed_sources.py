@@ -112,3 +112,19 @@ def test_another_pattern_is_the_configs_change_and_state_holds_one_record(tmp_pa
     assert "sources" not in wrapped["processes"]["1"]
     with pytest.raises(ValueError, match="data.on_changed_sources must be one of"):
         _make(_cfg(a, tok, on_changed_sources="ignore"))
+
+
+def test_a_repointed_symlink_is_the_same_source_and_its_change_is_refused(tmp_path, tok):
+    """`data.sources=current/a.jsonl` with `current` a symlink moved to a new data version
+    resolves elsewhere: the source was skipped as another pattern, which the config check did
+    not see either (the pattern string is the same), so the run resumed on other data."""
+    for version, n in (("v1", 40), ("v2", 55)):
+        (tmp_path / version).mkdir()
+        _write(tmp_path / version / "a.jsonl", [f"apple {version} {i}" for i in range(n)])
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
+    cfg = _cfg(str(tmp_path / "current" / "a.jsonl"), tok)
+    state = _saved(cfg)
+    (tmp_path / "current").unlink()
+    (tmp_path / "current").symlink_to(tmp_path / "v2")
+    with pytest.raises(DataError, match=r"current/a\.jsonl: .*documents 40 -> 55"):
+        _make(cfg).set_state(state)
