@@ -74,6 +74,9 @@ from flaxlm.train.checkpoint_inspect import _describe as _describe
 from flaxlm.train.checkpoint_inspect import _one_line as _one_line
 from flaxlm.train.checkpoint_inspect import _other_steps_hint as _other_steps_hint
 from flaxlm.train.checkpoint_inspect import _require_step as _require_step
+from flaxlm.train.checkpoint_inspect import _saved_tree as _saved_tree
+from flaxlm.train.checkpoint_inspect import permission_denied as permission_denied
+from flaxlm.train.checkpoint_inspect import saved_param_keys as saved_param_keys
 from flaxlm.train.checkpoint_inspect import saved_state_keys as saved_state_keys
 from flaxlm.train.checkpoint_orbax import MIN_REPLICA_SLICE_BYTES as MIN_REPLICA_SLICE_BYTES
 from flaxlm.train.checkpoint_orbax import _NoReadOnlyNotice as _NoReadOnlyNotice
@@ -93,6 +96,6 @@ from flaxlm.train.checkpointer import ON_CORRUPT as ON_CORRUPT
 from flaxlm.train.checkpointer import RESTORE_WAIT_ENV as RESTORE_WAIT_ENV
 from flaxlm.train.checkpointer import Checkpointer as Checkpointer
 from flaxlm.train.checkpointer import _agreements as _agreements
-from flaxlm.train.checkpointer import _processes_that_failed as _processes_that_failed
+from flaxlm.train.checkpointer import _restore_agreement as _restore_agreement
 from flaxlm.train.checkpointer import _restore_wait_s as _restore_wait_s
 from flaxlm.train.checkpointer import log as log

@@ -1,8 +1,9 @@
 """CheckpointError, and what inspects a step directory without restoring it.
 
 Why a step did not restore, in one line (`_describe`: the exception, its root cause, a missing
-item or an unparsable JSON file), which top-level keys its saved state holds
-(`saved_state_keys`, from the tree metadata: whether a step has an EMA), and which steps a
+item, an unparsable JSON file or one this user may not read: `permission_denied`), which
+top-level keys its saved state and params hold (`saved_state_keys`: whether a step has an EMA;
+`saved_param_keys`: a LoRA, PPO or reward-model run's nesting), and which steps a
 reader could take instead (`_require_step`, `_other_steps_hint`). Separate because both the
 resuming Checkpointer (train/checkpointer.py) and the readers of another run's checkpoint
 (train/checkpoint_read.py) name the step and the cause the same way.
@@ -42,7 +43,11 @@ def _describe(e: BaseException, step_dir: str) -> str:
 
 
 def _bad_file(step_dir: str) -> str | None:
-    """A missing item directory or an unparsable JSON file of a step, if there is one."""
+    """A missing item directory or an unparsable JSON file of a step, or a file or directory
+    of it this user may not read (`permission_denied`), if there is one."""
+    denied = permission_denied(step_dir)
+    if denied:
+        return f"permission denied: {denied}"
     for item in ("state", "data", "meta"):
         if not os.path.isdir(os.path.join(step_dir, item)):
             return f"missing: {os.path.join(step_dir, item)}"
@@ -53,8 +58,43 @@ def _bad_file(step_dir: str) -> str | None:
                 json.load(f)
         except FileNotFoundError:
             continue  # orbax versions differ in which files they write
+        except PermissionError:
+            return f"permission denied: {path}"
         except (OSError, ValueError):
             return f"not readable JSON: {path}"
+    return None
+
+
+def permission_denied(step_dir: str, error: BaseException | None = None) -> str | None:
+    """The first file or directory of a step that this user may not read (EACCES: the step may
+    well be intact), or None: the path of a PermissionError in `error`'s chain, else the first
+    directory of the step that cannot be listed or file that cannot be opened (nothing is read;
+    a step has a few dozen files)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, PermissionError):
+            return str(error.filename or step_dir)
+        error = error.__cause__ or error.__context__
+    todo = [step_dir]
+    while todo:
+        directory = todo.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name, reverse=True)
+        except PermissionError:
+            return directory
+        except OSError:  # missing: the other checks name it
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+                elif entry.is_file():
+                    open(entry.path, "rb").close()
+            except PermissionError:
+                return entry.path
+            except OSError:
+                continue
     return None
 
 
@@ -62,11 +102,26 @@ def saved_state_keys(step_dir: str) -> set[str] | None:
     """The top-level keys of a step's saved state ("params", "opt_state", "ema", ...), from its
     tree metadata (no array is read); None when that cannot be read: then the restore itself
     fails or succeeds as it did before EMAs existed (its error names the cause)."""
+    tree = _saved_tree(step_dir)
+    return None if tree is None else set(tree)
+
+
+def saved_param_keys(step_dir: str) -> set[str] | None:
+    """The top-level keys of a step's saved params ("embed", ... for a plain LM; "base" and
+    "lora" for a LoRA run; "policy" and "value" for PPO; "transformer" and "head" for a reward
+    model), from its tree metadata; None when that cannot be read."""
+    tree = _saved_tree(step_dir)
+    params = tree.get("params") if isinstance(tree, dict) else None
+    return set(params) if isinstance(params, dict) else None
+
+
+def _saved_tree(step_dir: str):
+    """The tree metadata of a step's state item (nested dicts; no array is read), or None."""
     from etils import epath
 
     handler = ocp.StandardCheckpointHandler()
     try:
-        return set(handler.metadata(epath.Path(step_dir) / "state").tree)
+        return handler.metadata(epath.Path(step_dir) / "state").tree
     except Exception:  # orbax raises many types; a missing or truncated file among them
         return None
     finally:

@@ -21,6 +21,7 @@ from flaxlm.train.checkpoint_inspect import (
     _describe,
     _other_steps_hint,
     _require_step,
+    saved_param_keys,
     saved_state_keys,
 )
 from flaxlm.train.checkpoint_orbax import _read_only_options
@@ -183,12 +184,37 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
     missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
                if isinstance(x, jax.ShapeDtypeStruct)]  # fmt: skip
     if missing:
+        nested = _nested_params(path, target_params)
+        if nested:
+            raise CheckpointError(
+                f"{key}: checkpoint {path} is {nested}; this reader takes a plain language "
+                "model's (at the top of params/): read it with flaxlm.alignment.common."
+                "load_lm_params (adapters merged, the policy, the backbone), as init_from does"
+            )
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(
             f"{key}: checkpoint {directory}/{step} has no params {missing[:5]}{more}; it "
             "holds a different model (or task) than the one being read"
         )
     return params
+
+
+# How the runs that wrap a language model keep its weights: the key under params/ -> the words.
+_NESTED = {
+    "base": "a LoRA run: its base weights are under params/base, the adapters under params/lora",
+    "policy": "a PPO run: its policy's weights are under params/policy, the critic under "
+              "params/value",
+    "transformer": "a reward-model run (scalar head): its backbone's weights are under "
+                   "params/transformer, the head under params/head",
+}  # fmt: skip
+
+
+def _nested_params(step_dir: str, target) -> str | None:
+    """What wraps the weights of the step (`_NESTED`'s words) when they sit under a key that
+    `target` (the tree being read) does not have; None otherwise."""
+    keys = saved_param_keys(step_dir) or set()
+    top = set(target) if isinstance(target, dict) else set()
+    return next((what for k, what in _NESTED.items() if k in keys and k not in top), None)
 
 
 def _where_none(target, got):

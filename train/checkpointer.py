@@ -3,7 +3,8 @@
 Saves (async, atomic; `keep` prunes only after a commit), restores into the target's shardings
 (adapting to an EMA turned on or off since the save), and `restore_latest`: the newest step
 that restores, refusing another run's steps (`meta_mismatch`), moving unreadable ones to
-`WORKDIR/checkpoints_corrupt/` or failing (`ckpt_on_corrupt`), with the processes of a
+`WORKDIR/checkpoints_corrupt/` or failing (`ckpt_on_corrupt`; a step this user may not read
+is an error naming the path, never moved), with the processes of a
 multi-process job agreeing on every attempt through the coordination service. Separate from
 the readers of a finished run's checkpoint (train/checkpoint_read.py), which never write, move
 or fall back. train/checkpoint.py describes the format and re-exports all of this.
@@ -26,7 +27,13 @@ from flaxlm import __version__
 from flaxlm.train import checkpoint_fingerprint as fingerprint
 from flaxlm.train import ema as ema_lib
 from flaxlm.train.checkpoint_compat import meta_mismatch
-from flaxlm.train.checkpoint_inspect import CheckpointError, _describe, saved_state_keys
+from flaxlm.train.checkpoint_inspect import (
+    CheckpointError,
+    _describe,
+    permission_denied,
+    saved_state_keys,
+)
+from flaxlm.train.checkpoint_orbax import _read_only_options
 from flaxlm.train.state import EmaTrainState, with_ema, without_ema
 
 log = logging.getLogger("flaxlm")
@@ -118,24 +125,38 @@ class Checkpointer:
             log.warning("checkpoint %s holds an EMA of the weights; this run has ema.decay=0: "
                         "it is not restored, and the checkpoints saved from here on have none",
                         self._step_dir(step))  # fmt: skip
-            args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding,
-                                                               dtype=s.dtype), target)  # fmt: skip
-            state = ocp.args.PyTreeRestore(target, restore_args=args, partial_restore=True)
+            out = {"state": self._restore_without_ema(step, target)}
+            out |= self.manager.restore(step, args=ocp.args.Composite(
+                data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))  # fmt: skip
         else:
-            state = ocp.args.StandardRestore(target)
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=state,
-                data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
         meta = dict(out["meta"] or {})
         bad = fingerprint.mismatches(meta, out["state"])
         if bad:
             raise CheckpointError(fingerprint.describe(self._step_dir(step), bad))
         return out["state"], dict(out["data"] or {}), meta
+
+    def _restore_without_ema(self, step: int, target):
+        """The state of an EMA step without its EMA (`target` has none): a partial read, through
+        a read-only manager of its own. Through self.manager it bound the `state` item to
+        orbax's PyTreeCheckpointHandler for good, and every later save (StandardSave) failed
+        with a ValueError, leaving a `<step>.orbax-checkpoint-tmp`."""
+        args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
+                            target)  # fmt: skip
+        item = ocp.args.PyTreeRestore(target, restore_args=args, partial_restore=True)
+        reader = ocp.CheckpointManager(self.directory, options=_read_only_options(),
+                                       item_names=("state", "data", "meta"))  # fmt: skip
+        try:
+            return reader.restore(step, args=ocp.args.Composite(state=item))["state"]
+        finally:
+            reader.close()
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -164,8 +185,10 @@ class Checkpointer:
         intact, out of orbax's sight, so the run saves those steps afresh) and the manager
         forgets them. When no step restores (corruption everywhere, or a config that no longer
         fits the checkpoints) the CheckpointError lists every step and why, and nothing is
-        moved. With several processes they agree on each attempt before any keeps a state;
-        a step that fails on only some of them stops the job, moving nothing.
+        moved. A step this user may not read (permission denied) is no damage: the
+        CheckpointError names the path, and nothing is moved or skipped. With several
+        processes they agree on each attempt before any keeps a state; a step that fails on
+        only some of them stops the job, moving nothing.
         """
         on_corrupt = on_corrupt or self.on_corrupt
         if on_corrupt not in ON_CORRUPT:
@@ -190,15 +213,30 @@ class Checkpointer:
                 restored, err = None, e
             path = self._step_dir(step)
             cause = _describe(err, path) if err is not None else ""
+            denied = permission_denied(path, err) if err is not None else None
+            if denied and f"permission denied: {denied}" not in cause:
+                cause += f"; permission denied: {denied}"
             if err is not None:
                 log.warning("checkpoint %s cannot be restored: %s", path, cause)
-            bad = _processes_that_failed(err is not None)
-            if bad is None:  # only some processes failed: the others hang in orbax's restore
+            status = "ok" if err is None else "denied" if denied else "failed"
+            flags = _restore_agreement(status)
+            if flags is None:  # only some processes failed: the others hang in orbax's restore
                 self._give_up_on_step(step, cause)
+            bad = sorted(p for p, f in flags.items() if f != "ok")
             if not bad:
                 break
             restored = None  # never keep one process's state when another's failed
             cause = cause or f"it failed to restore on process(es) {bad} (see their logs)"
+            if any(f == "denied" for f in flags.values()):
+                # Not damage: the step may be intact, so neither moved aside nor skipped for an
+                # older one (which would train its steps again); and "fail" says the same.
+                who = [p for p, f in flags.items() if f == "denied"]
+                raise CheckpointError(
+                    f"cannot restore checkpoint {path}: {cause}. Nothing was moved: this user "
+                    f"may not read the step (permission denied on process(es) {sorted(who)}), "
+                    "which says nothing of whether it is intact. Give this user read access to "
+                    "it (or resume as the user that wrote it) and resume again."
+                ) from err
             if on_corrupt == "fail":
                 raise CheckpointError(
                     f"cannot restore checkpoint {path}: {cause}. Nothing was moved. It may be "
@@ -297,8 +335,9 @@ def _restore_wait_s() -> int:
     return int(os.environ.get(RESTORE_WAIT_ENV, "900"))
 
 
-def _processes_that_failed(failed: bool) -> list[int] | None:
-    """The processes whose restore attempt failed; every process calls this once per attempt.
+def _restore_agreement(status: str) -> dict[int, str] | None:
+    """{process: its status} of one restore attempt, which every process calls once: "ok",
+    "failed" (unreadable) or "denied" (permission denied: not moved aside).
 
     Through the coordination service, not device collectives: when only some processes failed,
     the others are still inside orbax's restore, waiting in its collectives for them; they never
@@ -306,14 +345,14 @@ def _processes_that_failed(failed: bool) -> list[int] | None:
     of joining them in a mismatched collective.
     """
     if jax.process_count() == 1:
-        return [0] if failed else []
+        return {0: status}
     client = ocp.multihost.get_jax_distributed_client()
     key = f"flaxlm_restore_{next(_agreements)}"
-    client.key_value_set(f"{key}/{jax.process_index()}", "1" if failed else "0")
+    client.key_value_set(f"{key}/{jax.process_index()}", status)
     try:
         # A process that restored waits as long as it takes: only failed ones give up.
-        client.wait_at_barrier(key, (_restore_wait_s() if failed else 24 * 3600) * 1000)
+        ok = status == "ok"
+        client.wait_at_barrier(key, (24 * 3600 if ok else _restore_wait_s()) * 1000)
     except Exception:  # the barrier timed out
         return None
-    flags = dict(client.key_value_dir_get(key))
-    return sorted(int(k.rsplit("/", 1)[-1]) for k, v in flags.items() if v == "1")
+    return {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(key)}

@@ -54,11 +54,15 @@ def model_fns(cfg):
 def init_loader(init_params):
     """`Task.load_init_params` for an LM: refuses (naming the parameters) an `init_from` run
     whose model config has other parameter shapes or layers, before anything is read; `ema`
-    (`init_from_ema`): the run's EMA weights."""
+    (`init_from_ema`): the run's EMA weights. Any language-model run reads as every alignment
+    stage reads it (alignment/common.py `load_lm_params`): plain, LoRA (adapters merged), PPO
+    (its policy), or a reward model's backbone where the LM head is the embedding."""
     from flaxlm.train import checkpoint as ckpt_lib
     from flaxlm.train.state import unbox
 
     def load(run_dir, target, ema=False):
+        from flaxlm.alignment.common import load_lm_params  # (alignment imports train)
+
         step, meta = ckpt_lib.read_meta(run_dir)  # then that step, not a newer latest
         if meta.get("model_config"):
             init = model_fns(to_model_config(meta["model_config"]))[0]
@@ -70,7 +74,13 @@ def init_loader(init_params):
                     f"init_from={run_dir}: its checkpoint does not fit config.model; it has "
                     f"{'; '.join(diff[:5])}{more}"
                 )
-        return ckpt_lib.load_params(run_dir, target, step, ema)
+        if meta.get("head") == "scalar" and "lm_head" in target:
+            raise ckpt_lib.CheckpointError(
+                f"init_from={run_dir}: a reward-model run (scalar head): its backbone has no LM "
+                "head (lm_head), which this model has (model.tie_embeddings=False); start from "
+                "the language model it was trained from (its init_from) instead"
+            )
+        return load_lm_params(run_dir, target, step, ema=ema)
 
     return load
 

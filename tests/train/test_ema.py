@@ -41,6 +41,7 @@ from flaxlm.train.state import (
     abstract_state,
     create_train_state,
     state_shardings,
+    unbox,
 )
 from flaxlm.train.step import jit_train_step
 
@@ -212,6 +213,27 @@ def test_a_step_without_an_ema_starts_one_at_its_params_and_one_with_it_drops_it
     assert "holds an EMA of the weights; this run has ema.decay=0" in caplog.text
     assert type(state) is TrainState and _bitwise(state.params, ema.params)
     assert _bitwise(state.opt_state, ema.opt_state) and int(state.step) == STEPS
+
+
+def test_an_ema_run_resumed_with_the_ema_off_saves_and_resumes_again(runs, tmp_path, caplog):
+    """An EMA run resumed with ema.decay=0 used to crash at its first save: the partial read
+    that drops the EMA tied the manager's `state` item to orbax's PyTreeCheckpointHandler, and
+    the save's StandardSave then failed (ValueError, a tmp step left behind), on every rerun."""
+    ema_dir, _ = runs["ema"]
+    plain_dir, plain = runs["plain"]
+    workdir = str(tmp_path / "ema_off")
+    shutil.copytree(ema_dir, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(STEPS)))  # resume at step 4 (EMA)
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        state, _ = pretrain.run(_config(), workdir)  # saves step 8, without an EMA
+    assert "holds an EMA of the weights; this run has ema.decay=0" in caplog.text
+    assert type(state) is TrainState and _bitwise(state.params, plain.params)
+    steps_dir = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(steps_dir)) == ["4", str(STEPS)]  # no *.orbax-checkpoint-tmp
+    assert "ema" not in ckpt_lib.saved_state_keys(os.path.join(steps_dir, str(STEPS)))
+    # ... and that run resumes again (from its own step 8) and saves on.
+    state, _ = pretrain.run(_config(total_steps=STEPS + 4), workdir)
+    assert int(state.step) == STEPS + 4 and ckpt_lib.Checkpointer(workdir).all_steps()[-1] == 12
 
 
 def test_sharded_ema_matches_one_device(tmp_path):
@@ -407,3 +429,22 @@ def test_sft_from_a_lora_runs_ema_starts_at_its_merged_ema(lora_sft, tmp_path, m
     for a, b in zip(_leaves(params), _leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert not _bitwise(params, common.load_lm_params(src, target))
+
+
+def test_pretraining_from_a_lora_runs_ema_reads_its_merged_ema(lora_sft):
+    """Pretraining's init_from (with init_from_ema) of a LoRA run: its EMA adapters merged into
+    its base, as the alignment stages read it; it used to be refused as another model."""
+    from flaxlm.alignment import common
+    from flaxlm.configs.common import to_model_config
+
+    _, src, _, _ = lora_sft
+    _, meta = ckpt_lib.read_meta(src)
+    init = pretrain.model_fns(to_model_config(meta["model_config"]))[0]
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                          unbox(jax.eval_shape(init, jax.random.PRNGKey(0))))  # fmt: skip
+    load = pretrain.init_loader(init)
+    ema = load(src, target, ema=True)
+    assert _bitwise(ema, common.load_lm_params(src, target, ema=True))
+    assert _bitwise(load(src, target), common.load_lm_params(src, target))
+    assert not _bitwise(ema, load(src, target))

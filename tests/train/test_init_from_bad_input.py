@@ -144,3 +144,63 @@ def test_reading_a_checkpoint_logs_no_read_only_notice(source, caplog):
     caplog.set_level(logging.INFO)
     read_meta(source)
     assert "Given directory is read only" not in caplog.text
+
+
+def _write(workdir, params, meta):
+    from flaxlm.train.checkpoint import Checkpointer
+
+    ck = Checkpointer(workdir, async_save=False)
+    ck.save(1, {"params": params}, {}, meta)
+    ck.close()
+    return workdir
+
+
+def test_pretraining_starts_from_a_lora_ppo_or_reward_model_run(source, tmp_path):
+    """Pretraining's init_from read only a plain LM tree: a LoRA run (params under base/ and
+    lora/), a PPO run (policy/) and a reward model (transformer/) were refused as "has no
+    params [...]; it holds a different model". It now reads them as every alignment stage
+    does: the adapters merged, the policy, the backbone."""
+    import numpy as np
+
+    from flaxlm.models import lora as lora_lib
+
+    c = _config(init_from=source)
+    target = _target(c)
+    base = jax.device_get(load_params(source, target))
+    spec = lora_lib.LoraSpec(rank=2)
+    adapters = jax.tree.map(lambda s: np.full(s.shape, 0.05, s.dtype),
+                            lora_lib.abstract_adapters(target, spec))  # fmt: skip
+    _, meta = read_meta(source)
+    meta = {"model_config": meta["model_config"], "lora": {}}
+    lora = _write(str(tmp_path / "lora"), {"base": base, "lora": adapters},
+                  {**meta, "head": "lm", "lora": spec.to_dict()})  # fmt: skip
+    ppo = _write(str(tmp_path / "ppo"), {"policy": base, "value": {"w": np.ones(3, np.float32)}},
+                 {**meta, "head": "policy_value"})  # fmt: skip
+    load = pretrain.build_task(c, make_mesh(dict(c.mesh))).load_init_params
+    merged = lora_lib.merge({"base": base, "lora": adapters}, spec)
+    got = jax.device_get(load(lora, target))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, merged)
+    assert not np.allclose(got["layers_0"]["attn"]["q"]["kernel"],
+                           base["layers_0"]["attn"]["q"]["kernel"])  # fmt: skip
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(load(ppo, target)), base)
+
+    # A reward model: its backbone, which is a whole LM when the LM head is the embedding.
+    tied = _config(init_from=source, **{"model.tie_embeddings": True})
+    tied_target = _target(tied)
+    backbone = {k: v for k, v in base.items() if k != "lm_head"}
+    rm_meta = {**meta, "head": "scalar", "model_config": to_model_config(tied.model).to_dict()}
+    rm = _write(str(tmp_path / "rm"), {"transformer": backbone, "head": {"w": np.ones(3)}},
+                rm_meta)  # fmt: skip
+    load_tied = pretrain.build_task(tied, make_mesh(dict(tied.mesh))).load_init_params
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(load_tied(rm, tied_target)),
+                 backbone)  # fmt: skip
+    # With an untied head the reward model lacks one: named, not "a different model".
+    rm_untied = _write(str(tmp_path / "rm_untied"), {"transformer": backbone},
+                       {**meta, "head": "scalar"})  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"reward-model run .* no LM head \(lm_head\)"):
+        load(rm_untied, target)
+    # load_params, which reads a plain LM tree, says where such a run keeps its weights.
+    with pytest.raises(CheckpointError, match=r"LoRA run: .* under params/base,.*load_lm_params"):
+        load_params(lora, target)
+    with pytest.raises(CheckpointError, match=r"PPO run: .* under params/policy"):
+        load_params(ppo, target)
