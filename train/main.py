@@ -83,18 +83,29 @@ def parsed_config(config_flag=None):
 
 
 def _config_flags(argv) -> tuple[str | None, dict]:
-    """The `--config` argument and the `--config.KEY` overrides (KEY -> value text) in argv."""
+    """The `--config` argument and the `--config.KEY` overrides in argv: KEY -> (the value
+    after "=", else None; the next argument, else None) — a bare `--config.KEY` is a boolean
+    flag set to True when KEY is a boolean, else takes the next argument as its value."""
     config_arg, overrides = None, {}
     args = list(argv[1:])
     for i, a in enumerate(args):
         name, eq, value = a.partition("=")
-        if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = args[i + 1]  # `--config.k v`
+        following = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("-") else None
         if name in ("--config", "-config"):
-            config_arg = value
+            config_arg = value if eq else following
         elif name.startswith(("--config.", "-config.")):
-            overrides[name.split("config.", 1)[1]] = value
+            overrides[name.split("config.", 1)[1]] = (value if eq else None, following)
     return config_arg, overrides
+
+
+def _field(config, key: str):
+    """The value at dotted `key` of `config`, or None where it has none."""
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def bad_override(argv) -> str | None:
@@ -111,7 +122,11 @@ def bad_override(argv) -> str | None:
         config = module.get_config(arg) if arg is not None else module.get_config()
     except Exception:  # (a config that does not load: absl's own error says why)
         return None
-    for key, value in overrides.items():
+    for key, (value, following) in overrides.items():
+        if value is None:
+            if isinstance(_field(config, key), bool):
+                continue  # a bare boolean flag: True
+            value = following if following is not None else ""
         try:
             set_dotted(config, key, value, from_string=True)
         except (KeyError, TypeError, ValueError) as e:

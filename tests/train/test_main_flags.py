@@ -25,6 +25,10 @@ def test_bad_override_names_the_dotted_key_and_the_closest_one():
     )
     good = ["main", "--config", PRETRAIN, "--config.model.d_model=32", "--config.opt.lr", "3"]
     assert bad_override(good) is None
+    # A bare boolean flag is True (absl's): the misspelt key after it is the one named.
+    bare = ["main", "--config", PRETRAIN, "--config.progress_bar", "--config.model.d_modle=32"]
+    assert bad_override(bare).startswith("--config.model.d_modle: config has no key")
+    assert bad_override(["main", "--config", PRETRAIN, "--config.progress_bar"]) is None
 
 
 def test_the_trainer_stops_with_one_line_not_a_traceback(tmp_path):
