@@ -92,9 +92,11 @@ def _json_value(raw: bytes, loc: str, log: BadInputLog) -> tuple[bool, object]:
         log.add("invalid_utf8", loc, str(e)[:80])
         return False, None
     try:
-        return True, json.loads(line)
+        # Without the line's end: a truncated record's error was about that newline ("Invalid
+        # control character", or "line 2 column 1" beside the file's own line number).
+        return True, json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        log.add("malformed_json", loc, str(e)[:80])
+        log.add("malformed_json", loc, f"{e.msg}: column {e.colno}"[:80])
         return False, None
 
 

@@ -140,3 +140,19 @@ def test_a_json_file_holding_an_array_is_its_records(tmp_path, template):
     broken.write_text(json.dumps(rows, indent=2)[:-3])
     with pytest.raises(DataError, match=rf"^{broken}: holds a JSON array .*does not parse"):
         list(F.read_records(str(broken), F.DataReport()))
+
+
+def test_a_truncated_jsonl_line_names_its_own_fault(tmp_path):
+    """The line's newline went to json.loads, so a record cut off mid-string was reported as
+    an "Invalid control character" and a missing comma at "line 2 column 1" beside the file's
+    own line number; the detail now says what is wrong in that line, and where."""
+    from flaxlm.data.source_readers import _json_value
+    from flaxlm.data.sources import BadInputLog
+
+    log = BadInputLog(strict=False)
+    for raw in (b'{"text": "unterminated\n', b'{"role": "user"\n'):
+        assert _json_value(raw, "a.jsonl:2", log) == (False, None)
+    details = str(log.examples)
+    assert "Unterminated string starting at: column 10" in details
+    assert "Expecting ',' delimiter: column 16" in details
+    assert "control character" not in details and "line 2" not in details
