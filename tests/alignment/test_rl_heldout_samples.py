@@ -12,9 +12,9 @@ import pytest
 from flaxlm.alignment import grpo, online_dpo, rl_common, rl_eval, sft
 from flaxlm.configs import grpo as grpo_config
 from flaxlm.configs import online_dpo as odpo_config
-from flaxlm.models.decode import GenerateOutput
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.train.pretrain import model_fns
+from tests.alignment.test_grpo import _texts_generate
 
 _spec = importlib.util.spec_from_file_location(
     "rl_helpers", os.path.join(os.path.dirname(__file__), "rl_helpers.py")
@@ -110,18 +110,7 @@ def test_reasoning_end_scores_the_answer_after_the_reasoning(tmp_path, cache_dir
     t = task.train_batches.template
     # right, right, wrong, and an unfinished reasoning that spells the reference
     kinds = ["<think>add</think>42", "<think>add</think> 42", "<think>add</think>41", "42"]
-    ids = [list(t.tok.encode(k)) + [t.stop_tokens[0]] for k in kinds]
-
-    def fake_generate(cfg, params, prompts, *, max_new_tokens, num_samples=1, **kw):
-        B = len(prompts) * num_samples
-        tokens, lengths = np.zeros((B, max_new_tokens), np.int32), np.zeros(B, np.int32)
-        for b in range(B):
-            row = ids[b % len(ids)]
-            tokens[b, : len(row)], lengths[b] = row, len(row)
-        mask = (np.arange(max_new_tokens)[None] < lengths[:, None]).astype(np.float32)
-        return GenerateOutput(tokens, np.zeros(tokens.shape, np.float32), mask, lengths)
-
-    monkeypatch.setattr(rl_eval, "generate", fake_generate)
+    monkeypatch.setattr(rl_eval, "generate", _texts_generate(t.tok, t.stop_tokens[0], kinds))
     out = task.eval_fn(task.train_batches.ref_params)
     assert out["held/accuracy"] == pytest.approx(0.5)
     assert out["held/sampled_accuracy"] == pytest.approx(0.5)

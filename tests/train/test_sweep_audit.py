@@ -117,7 +117,8 @@ def test_resume_with_other_settings_is_an_error(tmp_path, monkeypatch):
 
 def test_a_new_time_limit_or_progress_bar_resubmits_the_same_runs(tmp_path, caplog):
     """A job resubmitted with `--config.max_runtime_minutes=` (or `progress_bar=`, or grain's
-    `data.read_threads=` on a machine with more cores) was refused as a changed run, while the trainer resumes it as no change; other keys still stop it."""
+    `data.read_threads=` on a machine with more cores) was refused as a changed run, while the
+    trainer resumes it as no change; other keys still stop it."""
     from ml_collections import ConfigDict
 
     from flaxlm.train.loop_resume import _report_config_changes
