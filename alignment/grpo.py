@@ -82,9 +82,11 @@ is not finite (`grpo.rewards` refuses an inf or NaN weight); a rollout with no v
 that never ended, or nothing after it) is not judged: the reward functions are not called on it
 and it gets `rollout.empty_reward`, a valid sample.
 
-Metrics: `rollout/reward_mean|std`, `rollout/accuracy` (`exact_match`, when every prompt's
-meta has an `answer`: the world's judge on its questions, else the stripped answer; an
-unfinished reasoning is wrong),
+Metrics: `rollout/reward_mean|std`, `rollout/accuracy` (`exact_match` over the samples whose
+prompt's meta has an `answer`: the world's judge on its questions, else the stripped answer; an
+unfinished reasoning is wrong) and `rollout/accuracy_n` (how many samples that is; a log line
+whose rollouts had none leaves `rollout/accuracy` out, and one that mixes rollouts weights
+each by its count),
 `rollout/r_<name>` per reward function (over the samples it judged),
 `rollout/kl` (per-sequence KL of the valid responses to the reference, cut-off ones included
 under `mask_truncated`), `rollout/response_len`, the bad-input counts, the time split
@@ -372,11 +374,16 @@ class GRPOSource(RolloutSource):
                       for name, vals in s["parts"].items()})  # fmt: skip
         if g.get("reasoning_end", ""):
             stats["reasoning_unfinished"] = float(unfinished[v].mean())
-        # exact_match: the world's judge on its questions, else the stripped `answer` (yours)
-        if all("answer" in mt for mt in s["metas"]):  # (an unfinished reasoning: wrong, as in eval)
-            hits = [0.0 if u else exact_match(mt, tx)
-                    for mt, tx, u in zip(s["metas"], texts, unfinished)]  # fmt: skip
-            stats["accuracy"] = np.mean(hits)
+        # exact_match: the world's judge on its questions, else the stripped `answer` (yours),
+        # over the samples whose prompt has an answer (an unfinished reasoning: wrong, as in
+        # eval); accuracy_n counts them. Both keys in every rollout (0 and 0 when none has
+        # one; the log line then leaves accuracy out, train/loop_logging.py `_summarise`): the
+        # stats become batch fields, and a key present in some rollouts only changed the
+        # batch's structure (a recompile of the step) and broke the log line's average.
+        hits = [0.0 if u else exact_match(mt, tx)
+                for mt, tx, u in zip(s["metas"], texts, unfinished) if "answer" in mt]  # fmt: skip
+        stats["accuracy"] = float(np.mean(hits)) if hits else 0.0
+        stats["accuracy_n"] = float(len(hits))
         train_rows = {
             **{k: rows[k] for k in ("tokens", "targets", "positions", "segment_ids")},
             "loss_mask": m.astype(np.float32), "old_logprobs": lp.astype(np.float32),

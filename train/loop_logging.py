@@ -20,14 +20,24 @@ log = logging.getLogger("flaxlm")
 
 
 def _summarise(window: list[dict]) -> dict:
-    """Averages a window of per-step metric dicts fetched from the device."""
+    """Averages a window of per-step metric dicts fetched from the device. Each key over the
+    steps that have it (the keys of a step can differ from its neighbours': a KeyError at the
+    log step once did). A key `K` next to a count `K_n` (GRPO's rollout/accuracy and
+    rollout/accuracy_n: the accuracy over that many samples) is averaged weighted by the
+    count, and left out when the counts are all 0: a 0 there is no measurement."""
     out = {}
-    for key in window[-1]:
-        vals = np.asarray([float(np.asarray(m[key])) for m in window])
+    keys = list(dict.fromkeys(k for m in window for k in m))  # (first-seen order)
+    for key in keys:
+        steps = [m for m in window if key in m]
+        vals = np.asarray([float(np.asarray(m[key])) for m in steps])
         if key == "skipped":
             out[key] = float(vals.sum())
         elif key in ("bad_in_row", "lr", "ema_decay"):
             out[key] = float(vals[-1])
+        elif key + "_n" in keys:
+            n = np.asarray([float(np.asarray(m.get(key + "_n", 0.0))) for m in steps])
+            if n.sum() > 0:
+                out[key] = float((vals * n).sum() / n.sum())
         else:
             out[key] = float(vals.mean())
     return out

@@ -357,6 +357,66 @@ def test_an_empty_answer_after_the_reasoning_gets_empty_reward(runs, cache_dir, 
     assert stats["reward_mean"] == pytest.approx((1 + 0 - 1 - 1) / 4)
 
 
+def test_accuracy_stats_keep_one_batch_structure_when_some_prompts_lack_an_answer(
+        runs, cache_dir, monkeypatch):  # fmt: skip
+    """rollout/accuracy was added only when every prompt of the rollout had a meta.answer: a
+    prompt mix changed the minibatches' keys between rollouts (a recompile of the step) and the
+    log line's average raised KeyError: 'rollout/accuracy'. Now every rollout carries accuracy
+    (over the samples whose prompt has an answer) and accuracy_n (their count); a log window
+    weights accuracy by the count and leaves it out when no sample had an answer."""
+    from flaxlm.train.loop_logging import _summarise
+
+    sft, _ = runs
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{
+        "batch_size": 8, "rollout.batch": 16, "grpo.group_size": 4, "seq_len": 48,
+        "rollout.max_prompt_len": 32, "rollout.max_new_tokens": 6,
+    })  # fmt: skip
+    src = grpo.build_task(c, make_mesh(dict(c.mesh)), None,
+                          rewards=[("one", lambda m, t: 1.0, 1.0)]).train_batches  # fmt: skip
+    t = src.template
+    fake = _texts_generate(t.tok, t.stop_tokens[0], ["7"])  # every sample answers "7"
+    drawn = []
+
+    def generate(cfg, params, prompts, **kw):
+        drawn.extend(tuple(p) for p in prompts)
+        return fake(cfg, params, prompts, **kw)
+
+    monkeypatch.setattr(rl_rollout, "generate", generate)
+
+    def answer(ids):  # by content: right ("7"), wrong ("8") or none (an open-ended prompt)
+        return ("7", "8", None)[sum(ids) % 3]
+
+    def rollout(kind: str) -> list[dict]:
+        for p in src.prompts:
+            a = {"none": None, "all": "7", "mixed": answer(p["ids"])}[kind]
+            p["meta"] = {} if a is None else {"answer": a}
+        drawn.clear()
+        src.before_step(_State(src.ref_params))
+        out = [next(src) for _ in range(len(src.queue))]
+        assert not src.queue
+        return out
+
+    every, none, mixed = rollout("all"), rollout("none"), rollout("mixed")
+    answers = [answer(ids) for ids in drawn for _ in range(4)]  # (G = 4 samples per prompt)
+    n = sum(a is not None for a in answers)
+    assert 0 < n < len(answers), "the prompts drawn should mix answered and open-ended ones"
+    # one batch structure: the same keys, shapes and dtypes (no recompile of the step)
+    spec = lambda b: {k: (v.shape, v.dtype) for k, v in b.items()}  # noqa: E731
+    assert all(spec(b) == spec(every[0]) for b in every + none + mixed)
+    assert every[0]["rollout/accuracy"][0] == 1 and every[0]["rollout/accuracy_n"][0] == 16
+    assert none[0]["rollout/accuracy_n"][0] == 0 and none[0]["rollout/accuracy"][0] == 0
+    acc = sum(a == "7" for a in answers) / n
+    assert mixed[0]["rollout/accuracy_n"][0] == n
+    assert mixed[0]["rollout/accuracy"][0] == pytest.approx(acc)
+
+    # The log line (per-step metrics: each stat field's mean, as rl_rollout.passthrough_stats)
+    step = lambda b: {k: v.mean() for k, v in b.items() if k.startswith("rollout/")}  # noqa: E731
+    rec = _summarise([step(b) for b in none + mixed])
+    assert rec["rollout/accuracy"] == pytest.approx(acc)  # not pulled down by the 0 of none
+    assert "rollout/accuracy" not in _summarise([step(b) for b in none])  # no 0 pretended
+    assert _summarise([step(b) for b in none])["rollout/accuracy_n"] == 0
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_non_finite_weights_are_refused_and_non_finite_rewards_skipped(runs, cache_dir,
                                                                      monkeypatch):  # fmt: skip
