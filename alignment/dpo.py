@@ -36,11 +36,14 @@ responses down alone, and off-policy rejected responses are not what the policy 
 
 Reference log-probabilities (`dpo.ref_logps`): "precompute" runs the reference once over every
 training and held-out pair when the task is built (a table keyed by each pair's tokens, so any
-order or epoch finds them) and then frees the reference weights (`RefLogps.release`); "online"
-runs it on every batch and keeps them. Either way they arrive in the batch
-as `ref_chosen_logps` / `ref_rejected_logps`, so the loss is the same. The reference is the
-`init_from` model (with `init_from_ema` its EMA weights, the policy's start) unless `dpo.ref_from`
-names another run (read as its params); `dpo.ref_dtype` may be bfloat16.
+order or epoch finds them), so they arrive in the batch as `ref_chosen_logps` /
+`ref_rejected_logps`, and then frees the reference weights (`RefLogps.release`); "online"
+keeps them and scores every batch inside the jitted step (`loop.Task.frozen`, an argument of
+the step as distillation's teacher is), so the host never waits on the device for a batch;
+the held-out pairs are scored once when the task is built either way. The loss is the same.
+The reference is the `init_from` model (with `init_from_ema` its EMA weights, the policy's
+start) unless `dpo.ref_from` names another run (read as its params); `dpo.ref_dtype` may be
+bfloat16.
 
 A mixture-of-experts policy (n_experts > 0) adds pretraining's router losses to the loss,
 `loss.moe_aux` × load balance + `loss.moe_z` × router z-loss of the policy's forward pass over
@@ -60,6 +63,7 @@ accuracy on `eval_gen.sets` (the task metric).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -215,19 +219,25 @@ def pair_logps(apply, params, batch, moe_stats: bool = False):
     return rows_logps(apply, params, batch, PAIR, moe_stats)
 
 
-def dpo_loss_fn(apply, d, router: tuple | None = None):
-    """The loop's loss over a batch of pairs with reference log-probabilities (offline DPO's
-    and online DPO's). `router` (train/losses.py `router_coefs`: a mixture-of-experts policy)
-    adds the router losses of the policy's forward pass and logs `moe/*`; the reference's
-    log-probabilities arrive in the batch, with no gradient and no router loss."""
+def dpo_loss_fn(apply, d, router: tuple | None = None, ref_apply=None):
+    """The loop's loss over a batch of pairs (offline DPO's and online DPO's). `router`
+    (train/losses.py `router_coefs`: a mixture-of-experts policy) adds the router losses of the
+    policy's forward pass and logs `moe/*`. The reference's log-probabilities, with no gradient
+    and no router loss, arrive in the batch (`ref_chosen_logps`, `ref_rejected_logps`; the loss
+    is `(params, batch, rng)`), or with `ref_apply` are scored here from the frozen reference
+    weights the step passes in (`loop.Task.frozen`; the loss is `(params, batch, rng, ref)`)."""
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, ref=None):
         del rng
         out = pair_logps(apply, params, batch, moe_stats=router is not None)
         (pc, pr), (lc, lr) = out[:2]
         stats = out[2] if router is not None else {}
+        if ref_apply is None:
+            rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            (rc, rr), _ = pair_logps(ref_apply, jax.lax.stop_gradient(ref), batch)
         losses, rew_c, rew_r = preference_loss(
-            pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta=d.beta,
+            pc, pr, rc, rr, beta=d.beta,
             loss_type=d.loss_type, label_smoothing=d.label_smoothing, chosen_lengths=lc,
             rejected_lengths=lr, simpo_gamma=d.simpo_gamma,
         )  # fmt: skip
@@ -434,6 +444,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     pins = rl_common.FrozenSources(
         workdir, {} if free else {ref_key: d.ref_from or config.init_from}
     )
+    frozen, ref_cfg, ref_apply = None, None, None  # (online: the reference, scored in the step)
     if free:
         ref = RefLogps(None, None, mesh, rules, cache=False, zeros=True)
     else:
@@ -449,7 +460,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             source_key=ref_key,
             step=pins.step(ref_key),
         )
-        _, ref_apply, ref_params = load_ref()
+        ref_cfg, ref_apply, ref_params = load_ref()
         ref = RefLogps(
             ref_apply,
             ref_params,
@@ -458,17 +469,21 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             cache=d.ref_logps == "precompute",
             reload=lambda: load_ref()[2],
         )
-        del ref_params  # `ref` holds the only reference to them: release() frees them
-        if d.ref_logps == "precompute":
+        online = d.ref_logps == "online"
+        # precompute: `ref` holds the only reference to them, release() frees them; online:
+        # they are the step's frozen argument (`ref` scores the held-out pairs with them)
+        frozen = ref_params if online else None
+        del ref_params
+        if not online:
             ref.precompute(_pair_batches(train, config, tok.pad_id, shuffle=False, num_epochs=1))
     init_params, apply = model_fns(cfg)
     spec = lora_lib.spec_from_config(config.lora)
     if spec:
         init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
-    batches = WithRefLogps(
-        _pair_batches(train, config, tok.pad_id, seed=config.seed, shuffle=config.data.shuffle),
-        ref,
-    )
+    batches = _pair_batches(train, config, tok.pad_id, seed=config.seed,
+                            shuffle=config.data.shuffle)  # fmt: skip
+    if frozen is None:  # precompute (a table look-up) or reference-free (zeros): no forward pass
+        batches = WithRefLogps(batches, ref)
     eval_fn = None
     gen_report = F.DataReport(config.data.strict)  # its own section: a file may be both
     if config.eval_every and (heldout or config.eval_gen.sets):
@@ -479,10 +494,21 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
                    **rl_eval.gen_report_section(gen_report)}  # fmt: skip
     common.write_report(workdir, data_report)
     router = router_coefs(config.get("loss"), cfg.n_experts > 0)  # (None: a dense policy)
-    return common.supervised_task(
+    loss_fn = dpo_loss_fn(apply, d, router, ref_apply if frozen is not None else None)
+    task = common.supervised_task(
         "dpo", "lm", config, cfg, spec, tok, workdir, data_report,
-        init_params=init_params, loss_fn=dpo_loss_fn(apply, d, router), train_batches=batches,
+        init_params=init_params, loss_fn=loss_fn, train_batches=batches,
         eval_fn=eval_fn, extra_meta=pins.meta(),
+    )  # fmt: skip
+    if frozen is None:
+        return task
+    # online: the reference's forward pass over every row is part of the step (distill counts
+    # its teacher's so): 2 of the 6 FLOPs per parameter and token of training
+    return dataclasses.replace(
+        task, frozen=frozen,
+        flops_per_token=task.flops_per_token + ref_cfg.flops_per_token(config.seq_len) / 3,
+        flops_per_token_causal=task.flops_per_token_causal
+        + ref_cfg.flops_per_token(config.seq_len, causal=True) / 3,
     )  # fmt: skip
 
 

@@ -32,11 +32,12 @@ The weights λ_D, λ_U (`kto.desirable_weight`, `kto.undesirable_weight`): the p
 warns outside it and records the counts and the ratio in data_report.json.
 
 Reference: the `init_from` run (with `init_from_ema` its EMA weights, the policy's start) or
-`kto.ref_from`, a frozen copy (`kto.ref_dtype`) run over every batch in the data path — DPO's
-`RefLogps` in "online" mode, with KTO's row prefixes — so its log-probabilities arrive in the
-batch (`ref_logps`, `ref_kl_logps`). No precompute: the mismatched rows change with every
-epoch's shuffle. With LoRA (`lora.rank` > 0) the reference is the policy's own frozen base,
-scored inside the loss (no second copy of the model, GRPO's way).
+`kto.ref_from`, a frozen copy (`kto.ref_dtype`) scored over every batch's rows inside the
+jitted step (`loop.Task.frozen`, an argument of the step as distillation's teacher is), so the
+host never waits on the device for a batch. No precompute: the mismatched rows change with
+every epoch's shuffle. The held-out examples are scored once when the task is built (DPO's
+`RefLogps`, with KTO's row prefixes). With LoRA (`lora.rank` > 0) the reference is the
+policy's own frozen base, scored inside the loss (no second copy of the model, GRPO's way).
 
 A mixture-of-experts policy (n_experts > 0) adds pretraining's router losses of the matched
 rows' forward pass (the one with gradient), `loss.moe_aux` × load balance + `loss.moe_z` ×
@@ -72,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.alignment import common, rl_common, rl_eval
-from flaxlm.alignment.dpo import RefLogps, WithRefLogps, rows_logps
+from flaxlm.alignment.dpo import RefLogps, rows_logps
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
@@ -130,16 +131,20 @@ def kto_loss(policy_logps, ref_logps, desirable, z0, *, beta: float,
     return losses, beta * delta
 
 
-def kto_logps(apply, params, batch, base_apply=None, moe_stats: bool = False):
+def kto_logps(apply, params, batch, base_apply=None, moe_stats: bool = False, ref_apply=None,
+              ref_params=None):  # fmt: skip
     """(π, π̃, ρ, ρ̃), each (B,): the policy's log-probabilities of the matched rows (with
     gradient) and of the mismatched rows (a forward pass of their own, no gradient), and the
-    reference's — from the batch, or with LoRA (`base_apply`) of the policy's frozen base.
+    reference's — from the batch, with LoRA (`base_apply`) of the policy's frozen base, or with
+    `ref_apply` of the frozen reference weights `ref_params`.
     `moe_stats=True` appends the router statistics of the matched rows' pass, the only one
     with gradient (a router loss on the others would train nothing)."""
     matched = rows_logps(apply, params, batch, ("",), moe_stats)
     (pol,), stats = matched[0], matched[2:]
     (pol_kl,), _ = rows_logps(apply, jax.lax.stop_gradient(params), batch, ("kl_",))
-    if base_apply is None:
+    if ref_apply is not None:
+        (ref, ref_kl), _ = rows_logps(ref_apply, jax.lax.stop_gradient(ref_params), batch, ROWS)
+    elif base_apply is None:
         ref, ref_kl = batch["ref_logps"], batch["ref_kl_logps"]
     else:
         frozen = jax.lax.stop_gradient(params["base"])
@@ -168,15 +173,18 @@ def _metrics(losses, rewards, delta, policy_logps, z0, desirable, valid, xp=jnp)
     }
 
 
-def kto_loss_fn(apply, k, base_apply=None, router: tuple | None = None):
-    """The loop's loss: KTO over a batch of `UnpairedBatches` (+ reference log-probabilities
-    unless `base_apply`, LoRA's, scores the reference in here). `router` (train/losses.py
-    `router_coefs`: a mixture-of-experts policy) adds the router losses of the matched rows'
-    forward pass and logs `moe/*`."""
+def kto_loss_fn(apply, k, base_apply=None, router: tuple | None = None, ref_apply=None):
+    """The loop's loss: KTO over a batch of `UnpairedBatches`. The reference is scored in here:
+    with `ref_apply`, from the frozen reference weights the step passes in (`loop.Task.frozen`;
+    the loss is `(params, batch, rng, ref)`), or with `base_apply` (LoRA's) from the policy's
+    frozen base; else its log-probabilities are read from the batch (`ref_logps`,
+    `ref_kl_logps`). `router` (train/losses.py `router_coefs`: a mixture-of-experts policy)
+    adds the router losses of the matched rows' forward pass and logs `moe/*`."""
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, batch, rng, ref=None):
         del rng
-        out = kto_logps(apply, params, batch, base_apply, moe_stats=router is not None)
+        out = kto_logps(apply, params, batch, base_apply, moe_stats=router is not None,
+                        ref_apply=ref_apply, ref_params=ref)  # fmt: skip
         pol, pol_kl, ref, ref_kl = out[:4]
         z0 = kl_estimate(pol_kl, ref_kl, batch["kl_valid"])
         raw = mismatched_kl(pol_kl, ref_kl, batch["kl_valid"])  # (the same sum: XLA shares it)
@@ -303,17 +311,16 @@ def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base
 
 
 def _reference(config, mesh, rules, pins):
-    """DPO's per-batch reference scorer (`RefLogps`, no cache) over KTO's rows, on a frozen copy
-    of `kto.ref_from` or `init_from` (its EMA weights with `init_from_ema`), at the step `pins`
-    (rl_frozen.FrozenSources) holds for it."""
+    """(cfg, apply, params) of the frozen reference copy of `kto.ref_from` or `init_from` (its
+    EMA weights with `init_from_ema`), at the step `pins` (rl_frozen.FrozenSources) holds for
+    it."""
     k = config.kto
     ema = not k.ref_from and bool(config.get("init_from_ema", False))
     src, key = (k.ref_from, "kto.ref_from") if k.ref_from else (config.init_from, "init_from")
-    _, ref_apply, ref_params = rl_common.frozen_lm(
+    return rl_common.frozen_lm(
         src, mesh, rules, k.ref_dtype, ema, key="kto.ref_dtype", source_key=key,
         step=pins.step(key),
     )  # fmt: skip
-    return RefLogps(ref_apply, ref_params, mesh, rules, cache=False, prefixes=ROWS)
 
 
 def check_settings(k) -> None:
@@ -359,7 +366,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     )
     rules = logical_axis_rules(config.sharding)
     init_params, apply = model_fns(cfg)
-    base_apply, ref = None, None
+    base_apply, ref, ref_cfg, ref_apply, frozen = None, None, None, None, None
     # The reference's step: the one this run started with, also on a resume (its logps are
     # scored again on every start; LoRA: none, the reference is the policy's own base)
     ref_key = "kto.ref_from" if k.ref_from else "init_from"
@@ -369,11 +376,10 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if spec:  # the reference is the policy's frozen base: no second copy of the model
         base_apply = apply
         init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
-    else:
-        ref = _reference(config, mesh, rules, pins)
+    else:  # a frozen copy: the step's argument, scored in the loss; held-out pairs: `ref`
+        ref_cfg, ref_apply, frozen = _reference(config, mesh, rules, pins)
+        ref = RefLogps(ref_apply, frozen, mesh, rules, cache=False, prefixes=ROWS)
     batches = _batches(train, config, tok.pad_id, seed=config.seed, shuffle=config.data.shuffle)
-    if ref is not None:
-        batches = WithRefLogps(batches, ref)
     eval_fn = None
     gen_report = F.DataReport(config.data.strict)  # its own section: a file may be both
     if config.eval_every and (heldout or config.eval_gen.sets):
@@ -387,15 +393,21 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     router = router_coefs(config.get("loss"), cfg.n_experts > 0)  # (None: a dense policy)
     task = common.supervised_task(
         "kto", "lm", config, cfg, spec, tok, workdir, data_report,
-        init_params=init_params, loss_fn=kto_loss_fn(apply, k, base_apply, router),
+        init_params=init_params, loss_fn=kto_loss_fn(apply, k, base_apply, router, ref_apply),
         train_batches=batches, eval_fn=eval_fn, extra_meta=pins.meta(),
     )  # fmt: skip
     # The loop counts every `*tokens` row: the matched rows train (6 FLOPs per parameter and
-    # token), the mismatched ones only run forward (2): 4 on average, 2/3 of the count. The
-    # reference's forward passes are not counted (as DPO's are not).
+    # token), the mismatched ones only run forward (2): 4 on average, 2/3 of the count. A
+    # frozen reference copy's forward pass over every row is part of the step too (2; distill
+    # counts its teacher's so); LoRA's base pass is not counted.
+    ref_fwd, ref_fwd_causal = (
+        (ref_cfg.flops_per_token(config.seq_len) / 3,
+         ref_cfg.flops_per_token(config.seq_len, causal=True) / 3)
+        if ref_cfg is not None else (0.0, 0.0)
+    )  # fmt: skip
     return dataclasses.replace(
-        task, flops_per_token=task.flops_per_token * 2 / 3,
-        flops_per_token_causal=task.flops_per_token_causal * 2 / 3,
+        task, frozen=frozen, flops_per_token=task.flops_per_token * 2 / 3 + ref_fwd,
+        flops_per_token_causal=task.flops_per_token_causal * 2 / 3 + ref_fwd_causal,
     )  # fmt: skip
 
 

@@ -48,7 +48,7 @@ def dpo_config(loss_type: str = "sigmoid") -> ml_collections.ConfigDict:
     c.label_smoothing = 0.1 if loss_type in ("conservative", "robust") else 0.0  # flip rate ε
     c.simpo_gamma = 1.0  # SimPO target reward margin γ
     c.sft_coef = 0.0  # α of an added per-token NLL of the chosen response (RPO); 0 = off
-    c.ref_logps = "precompute"  # precompute (once, when the task is built) | online (per batch)
+    c.ref_logps = "precompute"  # precompute (once, when the task is built) | online (in the step)
     c.ref_from = ""  # reference run, its params ("" = init_from; its EMA with init_from_ema)
     # dtype of the frozen reference: bfloat16 halves its memory, int8 (int8 projection weights,
     # bf16 compute) quarters its matrices

@@ -114,7 +114,8 @@ class Task:
         left out of step_time_s, tokens_per_s and mfu (`_before_step`).
       model_meta: JSON-able description stored in every checkpoint (e.g. the model config).
       frozen: optional pytree of arrays the loss reads but never trains (distillation's
-        teacher weights, placed on the mesh): passed to every step as an argument, and
+        teacher, the reference model of KTO and of DPO's `ref_logps=online`; placed on the
+        mesh): passed to every step as an argument, and
         `loss_fn` then takes it as a 4th argument. Not checkpointed.
     """
 

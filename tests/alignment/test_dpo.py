@@ -119,6 +119,16 @@ def runs(tmp_path_factory, cache_dir):
     return H.fake_runs(str(tmp_path_factory.mktemp("dpo_runs")), cache_dir)
 
 
+def _ref_chosen_in_step(task, batches):
+    """Online mode: the reference's chosen log-probabilities as the step scores them, from the
+    task's frozen argument (`loop.Task.frozen`)."""
+    from flaxlm.train.pretrain import model_fns
+
+    apply = model_fns(H.get_variant("tiny", vocab_size=H.VOCAB))[1]
+    fn = jax.jit(lambda f, b: dpo.pair_logps(apply, f, b)[0][0])
+    return np.concatenate([np.asarray(fn(task.frozen, b)) for b in batches])
+
+
 def test_reference_logps_precomputed_equal_online(runs, cache_dir):
     from flaxlm.models.sharding import make_mesh
 
@@ -129,39 +139,56 @@ def test_reference_logps_precomputed_equal_online(runs, cache_dir):
             "batch_size": 8, "seq_len": 64, "dpo.ref_logps": mode, "data.eval": "",
         })  # fmt: skip
         task = dpo.build_task(c, make_mesh(dict(c.mesh)), None)
+        if mode == "online":  # scored in the step from its frozen argument, not in the batches
+            batches = [next(task.train_batches) for _ in range(3)]
+            assert not any(k.startswith("ref_") for b in batches for k in b)
+            out[mode] = _ref_chosen_in_step(task, batches)
+            continue
+        assert task.frozen is None
         ref = task.train_batches.ref
         before = ref.forward_rows
         batches = [next(task.train_batches) for _ in range(3)]
         out[mode] = np.concatenate([b["ref_chosen_logps"] for b in batches])
         # precompute: the reference ran over every pair once, at build time, and never again
-        assert (ref.forward_rows - before) == (0 if mode == "precompute" else 3 * 8)
+        assert ref.forward_rows == before
         assert (out[mode] < 0).all()
-        # ...and its weights are released once every pair is scored (online keeps them).
-        assert (ref.params is None) == (mode == "precompute")
-        if mode == "precompute":  # a pair the table lacks reloads the reference to score it
-            ref.table.clear()
-            again = ref.add({k: v for k, v in batches[0].items() if not k.startswith("ref_")})
-            assert ref.params is not None and ref.forward_rows - before == 8
-            np.testing.assert_allclose(again["ref_chosen_logps"], out[mode][:8], rtol=1e-6)
+        # ...and its weights are released once every pair is scored.
+        assert ref.params is None
+        # a pair the table lacks reloads the reference to score it
+        ref.table.clear()
+        again = ref.add({k: v for k, v in batches[0].items() if not k.startswith("ref_")})
+        assert ref.params is not None and ref.forward_rows - before == 8
+        np.testing.assert_allclose(again["ref_chosen_logps"], out[mode][:8], rtol=1e-6)
     np.testing.assert_allclose(out["precompute"], out["online"], rtol=1e-6)
 
 
 def test_reference_with_int8_weights_scores_near_float32(runs, cache_dir):
     """dpo.ref_dtype=int8: the reference's projections in int8 (a quarter of float32's bytes),
-    its sequence log-probabilities near the float32 reference's; a bad value names the key."""
+    its sequence log-probabilities near the float32 reference's, precomputed or scored in the
+    step (online); a bad value names the key."""
     from flaxlm.models.sharding import make_mesh
+    from flaxlm.train.pretrain import model_fns
 
     sft, _ = runs
-    out = {}
+    out, loss = {}, {}
+    policy = H.random_params(model_fns(H.get_variant("tiny", vocab_size=H.VOCAB))[0], 0)
     for dtype in ("float32", "int8"):
-        c = H.tiny(dpo_config, cache_dir, init_from=sft, **{
-            "batch_size": 8, "seq_len": 64, "dpo.ref_logps": "online", "data.eval": "",
-            "dpo.ref_dtype": dtype,
-        })  # fmt: skip
-        task = dpo.build_task(c, make_mesh(dict(c.mesh)), None)
-        out[dtype] = np.asarray(next(task.train_batches)["ref_chosen_logps"])
+        for mode in ("precompute", "online"):
+            c = H.tiny(dpo_config, cache_dir, init_from=sft, **{
+                "batch_size": 8, "seq_len": 64, "dpo.ref_logps": mode, "data.eval": "",
+                "dpo.ref_dtype": dtype,
+            })  # fmt: skip
+            task = dpo.build_task(c, make_mesh(dict(c.mesh)), None)
+            batch = next(task.train_batches)
+            if mode == "precompute":
+                out[dtype] = np.asarray(batch["ref_chosen_logps"])
+            else:  # the int8 weights as the step's frozen argument: the policy (the SFT
+                # weights, in float32) against them, log 2 against the float32 reference
+                loss[dtype] = float(jax.jit(task.loss_fn)(policy, batch, None, task.frozen)[0])
     assert (out["float32"] < 0).all() and not np.array_equal(out["int8"], out["float32"])
     np.testing.assert_allclose(out["int8"], out["float32"], rtol=0.02)
+    assert loss["float32"] == pytest.approx(np.log(2), abs=1e-6)
+    assert loss["int8"] != loss["float32"] and loss["int8"] == pytest.approx(np.log(2), abs=0.05)
     c.dpo.ref_dtype = "int4"
     with pytest.raises(ValueError, match="dpo.ref_dtype='int4'"):
         dpo.build_task(c, make_mesh(dict(c.mesh)), None)
@@ -182,7 +209,7 @@ def test_init_from_ema_is_the_reference_unless_ref_from_names_one(cache_dir, tmp
         task = dpo.build_task(c, make_mesh(dict(c.mesh)), None)
         cfg = H.get_variant("tiny", vocab_size=H.VOCAB)
         want = H.random_params(model_fns(cfg)[0], seed)
-        got = jax.device_get(task.train_batches.ref.params)
+        got = jax.device_get(task.frozen)  # (online: the step's frozen argument)
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
