@@ -1,6 +1,7 @@
 """The loop's log lines and evaluations: one device fetch per log window (`_log_window`,
-averaged by `_summarise`), the evaluation of the params and of the EMA weights (`_maybe_eval`),
-and whether metrics.jsonl already holds a step's evaluation (`_eval_logged`).
+averaged by `_summarise` over the steps whose update the guard accepted), the evaluation of
+the params and of the EMA weights (`_maybe_eval`), and whether metrics.jsonl already holds a
+step's evaluation (`_eval_logged`).
 """
 
 from __future__ import annotations
@@ -19,27 +20,57 @@ from flaxlm.train.state import EmaTrainState
 log = logging.getLogger("flaxlm")
 
 
+_LAST = ("bad_in_row", "lr", "ema_decay")  # the state at the window's end: the last step's
+_ALL_STEPS = "rollout/"  # the RL tasks' rollout statistics (alignment/rl_rollout.py)
+
+
+def _mean(steps: list[dict], key: str, keys: list) -> float | None:
+    """`key` averaged over `steps` (those that have it); weighted by its count `key_n` when
+    there is one, and None when those counts are all 0 (a 0 there is no measurement)."""
+    steps = [m for m in steps if key in m]
+    if not steps:
+        return None
+    vals = np.asarray([float(np.asarray(m[key])) for m in steps])
+    if key + "_n" not in keys:
+        return float(vals.mean())
+    n = np.asarray([float(np.asarray(m.get(key + "_n", 0.0))) for m in steps])
+    return float((vals * n).sum() / n.sum()) if n.sum() > 0 else None
+
+
 def _summarise(window: list[dict]) -> dict:
     """Averages a window of per-step metric dicts fetched from the device. Each key over the
     steps that have it (the keys of a step can differ from its neighbours': a KeyError at the
     log step once did). A key `K` next to a count `K_n` (GRPO's rollout/accuracy and
     rollout/accuracy_n: the accuracy over that many samples) is averaged weighted by the
-    count, and left out when the counts are all 0: a 0 there is no measurement."""
+    count, and left out when the counts are all 0: a 0 there is no measurement.
+
+    A step the guard skipped (`skipped` 1: a NaN/Inf loss, gradient or update, or a loss spike)
+    is left out of the averages of the loss, the gradient norm and the other metrics of the
+    step: its update was discarded, and one NaN step made the whole line NaN (and a sweep's
+    final loss, so the scaling report took the run for diverged), a skipped spike inflated
+    it. Its loss is logged apart, `skipped_loss` (the mean over the window's skipped steps,
+    present when there is one), and `skipped` counts them. A window whose steps were all
+    skipped averages them all, so a NaN stays in sight. Averaged over every step regardless:
+    the rollout statistics `rollout/...` (of the samples drawn before the step, whatever became
+    of its update); `lr`, `bad_in_row` and `ema_decay` are the last step's."""
     out = {}
     keys = list(dict.fromkeys(k for m in window for k in m))  # (first-seen order)
+    # (a step without the key, a task that logs none, counts as accepted)
+    bad = [bool(float(np.asarray(m.get("skipped", 0.0)))) for m in window]
+    accepted = [m for m, b in zip(window, bad) if not b] or window
     for key in keys:
-        steps = [m for m in window if key in m]
-        vals = np.asarray([float(np.asarray(m[key])) for m in steps])
         if key == "skipped":
-            out[key] = float(vals.sum())
-        elif key in ("bad_in_row", "lr", "ema_decay"):
-            out[key] = float(vals[-1])
-        elif key + "_n" in keys:
-            n = np.asarray([float(np.asarray(m.get(key + "_n", 0.0))) for m in steps])
-            if n.sum() > 0:
-                out[key] = float((vals * n).sum() / n.sum())
+            out[key] = float(sum(bad))
+        elif key in _LAST:
+            out[key] = float(np.asarray([m for m in window if key in m][-1][key]))
         else:
-            out[key] = float(vals.mean())
+            # (a key only skipped steps have is still their average: kept, not dropped)
+            every = key.startswith(_ALL_STEPS) or not any(key in m for m in accepted)
+            mean = _mean(window if every else accepted, key, keys)
+            if mean is not None:
+                out[key] = mean
+    if any(bad) and "loss" in keys:
+        out["skipped_loss"] = _mean([m for m, b in zip(window, bad) if b], "loss", keys)
     return out
 
 

@@ -1,0 +1,68 @@
+"""train/pretrain.py `make_eval_fn`: the held-out eval runs each batch in `opt.grad_accum`
+micro-batches, as the train step does. It ignored grad_accum and jitted one pass over the whole
+global batch, full-batch float32 logits included: a run sized with grad_accum to fit its memory
+could run out of it in the eval at step 0 (`eval_at_start`). The metrics are those of the
+unsplit eval; the program's temporary memory that of one micro-batch."""
+
+import jax
+import pytest
+
+from flaxlm.configs import pretrain as pretrain_config
+from flaxlm.configs.common import override, to_model_config
+from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+from flaxlm.train import pretrain
+from flaxlm.train.state import unbox
+
+BATCH = 32  # rows: 8 devices × 4 micro-batches of one row per device
+
+
+def _setup(grad_accum: int, **extra):
+    c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
+    c = override(c, {"batch_size": BATCH, "seq_len": 32, "model.vocab_size": 1024,
+                     "model.d_model": 32, "model.n_layers": 1, "model.d_ff": 64,
+                     "opt.grad_accum": grad_accum, "data.eval_batches": 2, **extra})  # fmt: skip
+    mesh = make_mesh({"data": -1})
+    cfg = to_model_config(c.model)
+    init_params, apply = pretrain.model_fns(cfg)
+    loss_fn = pretrain.lm_loss(apply, c.loss, moe=cfg.n_experts > 0)
+    params = unbox(init_params(jax.random.key(0)))
+    return c, mesh, loss_fn, params
+
+
+def _evaluate(grad_accum: int, **extra) -> dict:
+    c, mesh, loss_fn, params = _setup(grad_accum, **extra)
+    with use_mesh(mesh, logical_axis_rules(c.sharding)):
+        return pretrain.make_eval_fn(c, mesh, loss_fn)(params)
+
+
+def test_eval_in_micro_batches_gives_the_whole_batch_metrics():
+    one, four = _evaluate(1), _evaluate(4)
+    assert set(one) == set(four) and {"loss", "nll", "perplexity"} <= set(one)
+    for k in one:
+        assert four[k] == pytest.approx(one[k], rel=1e-5), k
+
+
+def test_eval_uses_opt_grad_accum(monkeypatch):
+    """make_eval_fn builds its program with the run's grad_accum (not the whole batch at once)."""
+    seen = []
+    real = pretrain.jit_eval_step
+    monkeypatch.setattr(pretrain, "jit_eval_step", lambda f, n: seen.append(n) or real(f, n))
+    _evaluate(4)
+    assert seen == [4]
+
+
+def test_eval_in_micro_batches_needs_less_temporary_memory():
+    c, mesh, loss_fn, params = _setup(4)
+    batch = shard_batch(next(pretrain.make_batches(c, seed=1)), mesh)
+    with use_mesh(mesh, logical_axis_rules(c.sharding)):
+        temp = {n: pretrain.jit_eval_step(loss_fn, n).lower(params, batch).compile()
+                .memory_analysis().temp_size_in_bytes for n in (1, 4)}  # fmt: skip
+    # (the full batch's float32 logits alone are 32·32·1024·4 B / 8 devices = 512 KiB)
+    assert temp[4] < 0.5 * temp[1], temp
+
+
+def test_a_grad_accum_that_does_not_divide_the_batch_is_named():
+    c, mesh, loss_fn, params = _setup(1)
+    batch = shard_batch(next(pretrain.make_batches(c, seed=1)), mesh)
+    with pytest.raises(ValueError, match=r"opt\.grad_accum=3 does not divide the batch of 32"):
+        pretrain.jit_eval_step(loss_fn, 3)(params, batch)
