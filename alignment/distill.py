@@ -412,6 +412,15 @@ def _student_source(config, mesh):
     return tok, cfg, template
 
 
+def _mix_needs_chats(fraction: float) -> str:
+    """Why GKD's mix found nothing to train on: its rollouts that are not the student's are the
+    data's answers, so prompts alone (on_policy=True's default data.train, the built-in RL
+    prompts, or a GRPO prompt file) are all dropped for lacking one."""
+    return (f": distill.on_policy_fraction={fraction} < 1 also trains on the data's answers, so "
+            "data.train must hold chats with completions ({\"messages\"} ending with an "
+            "assistant turn, or {\"prompt\", \"completion\"}), not prompts alone")  # fmt: skip
+
+
 def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
     """(train batches, held-out host batches, generation eval sets, data report) on chats: the
     SFT conversations' answers, or on-policy the student's own answers to the data's prompts
@@ -423,7 +432,8 @@ def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
     load = rl_common.load_prompts if on_policy and not mixed else sft.load_examples
     train = load(config.data.train, config, template, report)
     if not train:
-        raise ValueError(f"data.train={config.data.train!r}: no usable examples "
+        why = _mix_needs_chats(config.distill.on_policy_fraction) if mixed else ""
+        raise ValueError(f"data.train={config.data.train!r}: no usable examples{why} "
                          f"({report.to_dict()})")  # fmt: skip
     heldout = []
     if config.data.eval:

@@ -16,8 +16,9 @@ and drops are counted in the `DataReport` with file:line examples; a drop is bad
 (raises in strict mode), a truncation is the stated policy.
 
 Unpaired feedback (KTO, `render_unpaired`): a chat record with a boolean `label` (true =
-desirable, false = undesirable; anything else is bad input "bad_label"), its trailing assistant
-turns the completion and what precedes them the prompt; or a preference record without a
+desirable, false = undesirable; anything else is bad input "bad_label"): its `completion` judged
+after its `prompt`, or for a `messages` record its trailing assistant turns after what precedes
+them (data/chat_records.py `unpaired_parts`); or a preference record without a
 label, split into its chosen answer (desirable) and its rejected one (undesirable), rendered
 and truncated as the pair is.
 """

@@ -7,13 +7,14 @@ rendering examples, and every stage counts what happened to its records in a `Da
 `data/formats.py` re-exports every name.
 
 Records come from jsonl, a .json array or parquet (`read_records`), with configurable field names
-(`fields_config`): `messages` (a list of {role, content}), or `prompt` (text or messages) plus
-`completion`; preferences: `prompt` + `chosen` + `rejected` (+ optional `margin`; conversations
-in chosen/rejected may repeat the prompt's turns, which are stripped — a system turn before them
-joins the prompt — "prompt_mismatch" when they open with other user/system turns; a blank
-prompt next to two conversations is an absent one). A null field is an absent one (`has`):
-parquet stores a mixed file's rows with every column, null where a row has none. `meta`, when
-present, must be a JSON object ("bad_meta" otherwise).
+(`fields_config`): `messages` (a list of {role, content}), or `prompt` plus `completion` (each
+text or messages, TRL's conversational layout: a completion's turns are the assistant's, with
+the tool results between them); preferences: `prompt` + `chosen` + `rejected` (+ optional
+`margin`; conversations in chosen/rejected may repeat the prompt's turns, which are stripped —
+a system turn before them joins the prompt — "prompt_mismatch" when they open with other
+user/system turns; a blank prompt next to two conversations is an absent one). A null field is
+an absent one (`has`): parquet stores a mixed file's rows with every column, null where a row
+has none. `meta`, when present, must be a JSON object ("bad_meta" otherwise).
 
 SFT records must end with an assistant turn; a blank system/user turn (like a blank `prompt`)
 is bad input ("empty"), as are missing/unknown roles and non-string content (file:line).
@@ -47,7 +48,7 @@ def fields_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.messages = "messages"  # list of {role, content} (a whole conversation)
     c.prompt = "prompt"  # text (one user turn) or a list of messages
-    c.completion = "completion"  # assistant answer to `prompt` (when there is no `messages`)
+    c.completion = "completion"  # answer to `prompt`: text or assistant turns (no `messages`)
     c.chosen = "chosen"  # preferred answer (text or a list of assistant-ending messages)
     c.rejected = "rejected"  # dispreferred answer
     c.margin = "margin"  # optional per-pair margin (number); absent = 0
@@ -153,19 +154,49 @@ def prompt_messages(value, fields) -> list[dict]:
     return _messages(value, fields, "prompt", record=True)
 
 
+def _completion_turns(value, fields) -> list[dict]:
+    """A record's `completion` — a text (one assistant turn) or, TRL's conversational layout,
+    messages — as checked turns; FormatError otherwise. A list holds what the model says:
+    assistant turns (tool calls among them) and the tool results between them, opening and
+    ending with an assistant turn (a tool result before the first call is the prompt's)."""
+    key = fields.completion
+    if _blank(value):
+        raise FormatError("empty_assistant", f"{key} is empty")
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if not isinstance(value, list):  # (a dict, a number: not one of the layouts)
+        raise FormatError("bad_completion", f"{key} is neither text nor a list of messages")
+    turns = _messages(value, fields, key, record=True)
+    for i, m in enumerate(turns):
+        if m["role"] not in ("assistant", TOOL_ROLE):  # a later question is another record's
+            raise FormatError("bad_completion", f"{key}[{i}] is a {m['role']} turn: a "
+                              "completion holds assistant turns and tool results")  # fmt: skip
+    if turns[0]["role"] != "assistant":
+        raise FormatError("bad_completion", f"{key} opens with a tool result, not the "
+                          "assistant turn that calls the tool")  # fmt: skip
+    if turns[-1]["role"] != "assistant":
+        raise FormatError("no_assistant_turn", f"{key} ends with a tool result, not an "
+                          "assistant turn")  # fmt: skip
+    return turns
+
+
+def _prompt_completion(obj: dict, fields) -> tuple[list[dict], list[dict]]:
+    """(prompt messages, completion turns) of a prompt-completion record."""
+    prompt = prompt_messages(_get(obj, fields.prompt, "prompt"), fields)
+    return prompt, _completion_turns(_get(obj, fields.completion, "completion"), fields)
+
+
 def sft_messages(obj, fields) -> list[dict]:
     """The conversation of a chat record: `messages`, or `prompt` + `completion` (the same
-    turns, so the same ids and mask). `render_sft` also requires it to end with an assistant
-    turn; RL eval sets (alignment/rl_common.py) accept a trailing user turn."""
+    turns, so the same ids and mask, whether each is text or messages). `render_sft` also
+    requires it to end with an assistant turn; RL eval sets (alignment/rl_common.py) accept a
+    trailing user turn."""
     if not isinstance(obj, dict):
         raise FormatError("bad_record", "record is not a JSON object")
     if has(obj, fields.messages):
         return _messages(obj[fields.messages], fields, fields.messages, record=True)
-    prompt = prompt_messages(_get(obj, fields.prompt, "prompt"), fields)
-    completion = _get(obj, fields.completion, "completion")
-    if not isinstance(completion, str) or not completion.strip():
-        raise FormatError("empty_assistant", "completion is empty or not a string")
-    return prompt + [{"role": "assistant", "content": completion}]
+    prompt, completion = _prompt_completion(obj, fields)
+    return prompt + completion
 
 
 def _without_prompt(side: list[dict], prompt: list[dict], key: str):
@@ -257,9 +288,10 @@ def preference_parts(obj, fields) -> tuple[list[dict], list[dict], list[dict], f
 
 def unpaired_parts(obj, fields) -> list[tuple[list[dict], list[dict], bool]]:
     """[(prompt messages, completion turns, desirable)] of an unpaired-feedback record (KTO): a
-    chat record with a boolean `label` — one example, its trailing assistant turns the
-    completion — or a preference record without one: two examples, chosen (desirable) and
-    rejected (undesirable), sharing the prompt."""
+    chat record with a boolean `label` — one example: `prompt` and `completion` (each text or
+    messages, `_completion_turns`), or `messages`, its trailing assistant turns the completion —
+    or a preference record without one: two examples, chosen (desirable) and rejected
+    (undesirable), sharing the prompt."""
     if not isinstance(obj, dict):
         raise FormatError("bad_record", "record is not a JSON object")
     if not has(obj, fields.label):
@@ -271,6 +303,8 @@ def unpaired_parts(obj, fields) -> list[tuple[list[dict], list[dict], bool]]:
     label = obj[fields.label]
     if not isinstance(label, bool):  # 0/1 or "good" could be either convention: say which
         raise FormatError("bad_label", f"{fields.label}={label!r} is not true or false")
+    if not has(obj, fields.messages):  # the record says where its completion starts
+        return [(*_prompt_completion(obj, fields), label)]
     msgs = sft_messages(obj, fields)
     n = len(msgs)
     while n and msgs[n - 1]["role"] == "assistant":
