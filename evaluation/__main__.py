@@ -10,11 +10,14 @@ Every task file and template is checked before the first task runs: every evalua
 and its prompt built with its shots (a placeholder a row lacks names file:line; too few shots,
 an empty choice, a generation budget that leaves no room for the prompt within the model's
 max_seq_len, a perplexity stride wider than its window, all-empty texts), before the model's
-weights are loaded. Should a task still fail when it runs, the command exits with a one-line
+weights are loaded; so is --out (not a directory; its parent a directory that can be written,
+or one to create). Should a task still fail when it runs, the command exits with a one-line
 message after writing --out with the finished tasks' results (and "failed": the task and the
 error); --out is rewritten after each task. --num_fewshot and --chat override every task's
 setting; by default a checkpoint of a post-training task (SFT, DPO, ...) is prompted with the
-chat template, and a pretrained or imported HF one (meta task hf_import) as each task says.
+chat template, and a base model as each task says: a pretrained or imported HF one (meta task
+hf_import), or a run of any task on pretraining data (its config's data.kind text or markov,
+e.g. a configs/distill.py:text=True student), which never saw the chat template.
 
 The JSON records what reproduces the run: the checkpoint, step, tokenizer and task files as
 absolute paths, each task file's sha256 and row count, --limit, --seed, --batch_tokens,
@@ -77,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num_fewshot", type=_at_least_0, default=None, help="shots for every task")
     p.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
                    help="chat-template prompts for every task (on/off); auto: on for a "
-                   "checkpoint post-trained here (meta task not pretrain or hf_import), else "
-                   "per task")  # fmt: skip
+                   "checkpoint post-trained here on chats (meta task not pretrain or "
+                   "hf_import, config data.kind not text or markov), else per task")  # fmt: skip
     p.add_argument(
         "--temperature",
         type=_temperature,
@@ -109,14 +112,29 @@ def _parser() -> argparse.ArgumentParser:
 # Checkpoint meta tasks that are not post-training in flaxlm's chat template: a pretrained run,
 # and an imported HF checkpoint (base or instruct, tuned on its own template if at all).
 NOT_CHAT_TUNED = ("pretrain", "hf_import")
+# data.kind of pretraining's `data` section (train/pretrain.py; the chat tasks' sections have no
+# `kind`): documents or synthetic token streams, never a chat-template conversation.
+PRETRAINING_DATA = ("text", "markov")
+
+
+def trained_on_chats(meta: dict) -> bool:
+    """Whether the checkpoint's run tuned it on flaxlm's chat template: a post-training task
+    (SFT, DPO, ...) on conversations. Not a pretrained or imported HF one, nor a run of any task
+    on pretraining data (its config's data.kind, which train/loop.py stores in the meta; e.g. a
+    configs/distill.py:text=True student): that is a base model, whatever the task."""
+    if meta.get("task", "pretrain") in NOT_CHAT_TUNED:
+        return False
+    data = (meta.get("config") or {}).get("data") or {}
+    return not (isinstance(data, dict) and data.get("kind") in PRETRAINING_DATA)
 
 
 def chat_mode(arg: str, meta: dict) -> bool | None:
-    """--chat on/off, or for auto: on for a checkpoint post-trained here (SFT, DPO, ...), None
-    (each task's own setting) for a pretrained or imported HF one."""
+    """--chat on/off, or for auto: on for a checkpoint tuned on chats here (`trained_on_chats`),
+    None (each task's own setting) for a base model (pretrained, imported HF, or trained on
+    pretraining text)."""
     if arg != "auto":
         return arg == "on"
-    return True if meta.get("task", "pretrain") not in NOT_CHAT_TUNED else None
+    return True if trained_on_chats(meta) else None
 
 
 def tokenizer_path(arg: str, meta: dict, run_dir: str) -> str:
@@ -167,13 +185,34 @@ def _message(e: Exception) -> str:
     return str(e.args[0]) if e.args else str(e)  # (str(KeyError) adds quotes)
 
 
+def check_out(path: str) -> None:
+    """A one-line SystemExit naming --out unless `_write` can write `path`: checked before the
+    model loads (an existing directory there failed only once the first task had run, leaving
+    `path`.tmp behind). Missing parent directories are fine, `_write` makes them."""
+    where = os.path.abspath(path)
+    if os.path.isdir(where):
+        raise SystemExit(f"--out {path}: is a directory (name the results JSON file)")
+    parent = os.path.dirname(where)
+    while not os.path.exists(parent):  # the nearest existing ancestor
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SystemExit(f"--out {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {path}: cannot write in {parent}")
+
+
 def _write(path: str, out: dict) -> None:
     """`out` as JSON at `path`, replaced whole (a kill mid-write leaves the previous file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1, ensure_ascii=False)
+        os.replace(tmp, path)
+    except BaseException:  # (a full disk, Ctrl-C): no half-written .tmp beside the results
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _check_tasks(specs, limit: int | None, meta: dict) -> None:
@@ -209,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:  # an empty $TASKS in a script would run nothing, print a bare table, exit 0
         raise SystemExit(f"--tasks: no task names given ({args.tasks!r})")
+    if args.out and is_writer():  # now, not after the model loaded and a task ran (only
+        check_out(args.out)  # process 0 writes it, maybe on a disk of its own)
     try:  # an unknown name, a missing or bad spec file: a one-line usage error
         specs = [_absolute(s) for s in resolve_tasks(names, args.world or None)]
     except (KeyError, ValueError) as e:  # TaskFileError is a ValueError

@@ -324,6 +324,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_out(path: str) -> None:
+    """A one-line SystemExit naming --out unless `write_tasks` can make or use the directory
+    `path`: checked before any row is built (a file there was a FileExistsError traceback from
+    os.makedirs once the work was done)."""
+    where = os.path.abspath(path)
+    if os.path.exists(where) and not os.path.isdir(where):
+        raise SystemExit(f"--out {path}: not a directory (the task files' directory)")
+    parent = where
+    while not os.path.exists(parent):  # the nearest existing ancestor: makedirs makes the rest
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SystemExit(f"--out {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {path}: cannot write in {parent}")
+
+
 def main(argv: list[str] | None = None) -> str:
     """Writes the tasks (returns the spec path), or with --table prints the grid (returns it)."""
     args = _parser().parse_args(argv)
@@ -339,6 +355,7 @@ def main(argv: list[str] | None = None) -> str:
     for flag, value in (("--out", args.out), ("--tokenizer", args.tokenizer)):
         if not value:
             raise SystemExit(f"{flag} is required (or --table RESULTS_JSON)")
+    _check_out(args.out)
     lengths, depths = _ints("--lengths", args.lengths), _depths(args.depths)
     for flag, v in (("--n", args.n), ("--max_new_tokens", args.max_new_tokens),
                     ("--key_digits", args.key_digits)):  # fmt: skip
@@ -361,6 +378,8 @@ def main(argv: list[str] | None = None) -> str:
                            key_digits=args.key_digits)  # fmt: skip
     except ValueError as e:  # a length the needle does not fit in
         raise SystemExit(f"--lengths: {e}") from None
+    except OSError as e:  # what _check_out could not foresee (a full disk, a race)
+        raise SystemExit(f"--out {args.out}: {e}") from None
     print(f"{len(lengths) * len(depths)} passkey tasks x {args.n} examples -> {path}",
           file=sys.stderr)  # fmt: skip
     print(f"run: python -m flaxlm.evaluation --checkpoint RUN --tokenizer {args.tokenizer} "

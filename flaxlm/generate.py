@@ -21,7 +21,9 @@ with the BOS the tokenizer adds, as transformers' tokenizer(text) (an HF tokeniz
 post-processor adds none, SmolLM2's, gets none; models/hf_tokenizer.py); --no_bos drops it.
 
 Output: per prompt "### PROMPT" then the completion (stop token removed); with --json one JSON
-object per line, in prompt order: {"prompt", "completion", "n_tokens" (generated, the stop token
+object per line, in prompt order: {"prompt" (the text; with --system the messages rendered,
+[{"role": "system", ...}, {"role": "user", ...}], so that evaluation/winrate.py scores the
+conversation answered), "completion", "n_tokens" (generated, the stop token
 included), "stopped" (ended at a stop token or --stop string rather than --max_new_tokens)};
 with --num_samples K, K in a row per prompt (and "sample": k in 0..K-1). --stop STR (repeatable)
 ends a completion inside the decode loop once its text contains STR (models/stop_strings.py),
@@ -230,6 +232,12 @@ def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
         raise SystemExit(str(e)) from None
 
 
+def chat_messages(text: str, system: str = "") -> list[dict]:
+    """The conversation --chat renders for a prompt: the --system turn, if any, then the user's."""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": text}]
+
+
 def encode_prompts(tok, texts, chat: bool, system: str = "", bos: bool = True):
     """(prompt ids per text, stop token ids)."""
     if not chat:
@@ -237,9 +245,15 @@ def encode_prompts(tok, texts, chat: bool, system: str = "", bos: bool = True):
         return [tok.encode(t, bos=bos and tok.bos_id >= 0) for t in texts], tuple(stops)
     from flaxlm.data.formats import generation_prompt
 
-    head = [{"role": "system", "content": system}] if system else []
-    rendered = [generation_prompt(head + [{"role": "user", "content": t}], tok) for t in texts]
+    rendered = [generation_prompt(chat_messages(t, system), tok) for t in texts]
     return [ids for ids, _ in rendered], rendered[0][1] if rendered else ()
+
+
+def json_prompt(text: str, chat: bool, system: str = ""):
+    """--json's "prompt": the text, or with --system the messages rendered (a list), so that a
+    reader of the file (evaluation/winrate.py, which takes a text as one user turn) has the
+    conversation that was answered, not one without its system turn."""
+    return chat_messages(text, system) if chat and system else text
 
 
 def _check(p: argparse.ArgumentParser, args) -> None:
@@ -419,7 +433,8 @@ def main(argv=None) -> None:
             if cut >= 0:  # ended at a stop string: the text before it
                 completion, stopped = completion[:cut], True
             if args.json:
-                rec = {"prompt": texts[i], "completion": completion, "n_tokens": len(ids),
+                rec = {"prompt": json_prompt(texts[i], args.chat, args.system),
+                       "completion": completion, "n_tokens": len(ids),
                        "stopped": stopped, **({"sample": k} if K > 1 else {})}  # fmt: skip
                 print(json.dumps(rec, ensure_ascii=False), flush=True)
             else:

@@ -106,14 +106,17 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
     for rec, (i, k), row, n in zip(recs, jobs, tokens, lengths):
         gen = [int(t) for t in row[:n]]
         stopped = gen[-1] in (end, tok.eos_id)
-        want = {"prompt": TEXTS[i], "completion": tok.decode(gen[:-1] if stopped else gen),
+        # with --system, the prompt is the conversation rendered (evaluation/winrate.py reads it)
+        prompt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TEXTS[i]}]
+        want = {"prompt": prompt, "completion": tok.decode(gen[:-1] if stopped else gen),
                 "n_tokens": int(n), "stopped": stopped, "sample": k}  # fmt: skip
         assert rec == want
     assert {r["stopped"] for r in recs} == {True, False}  # both endings are exercised
     # Text output: the same completions under "### prompt (sample k/K)" headers.
     text = _main(args, capsys)
     want = "".join(
-        f"### {r['prompt']} (sample {r['sample'] + 1}/{K})\n{r['completion']}\n\n" for r in recs
+        f"### {r['prompt'][-1]['content']} (sample {r['sample'] + 1}/{K})\n{r['completion']}\n\n"
+        for r in recs
     )
     assert text == want
     # --min_p reaches the sampler: the same draws as a direct call with it

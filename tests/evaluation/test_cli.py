@@ -153,6 +153,47 @@ def test_tokenizer_and_chat_mode_come_from_the_checkpoint_meta(tmp_path, tok_pat
     assert chat_mode("auto", {"task": "pretrain"}) is None
     assert chat_mode("auto", {"task": "sft"}) is True
     assert chat_mode("off", {"task": "sft"}) is False and chat_mode("on", {}) is True
+    # What the run trained on decides, not its task's name: a distill student of
+    # configs/distill.py:text=True saw pretraining text (data.kind "text"), never the chat
+    # template, and was prompted with it; distilled on chats (no data.kind), it is chat-tuned.
+    text = {"task": "distill", "config": {"task": "distill", "data": {"kind": "text"}}}
+    chats = {"task": "distill", "config": {"task": "distill", "data": {"train": "c.jsonl"}}}
+    assert chat_mode("auto", text) is None and chat_mode("auto", chats) is True
+    assert chat_mode("on", text) is True  # --chat on still overrides
+    for kind in ("text", "markov"):  # any task on pretraining data is a base model
+        assert chat_mode("auto", {"task": "sft", "config": {"data": {"kind": kind}}}) is None
+    # a pretrain run's meta (data.kind markov or text) stays per task
+    assert chat_mode("auto", {"task": "pretrain", "config": {"data": {"kind": "text"}}}) is None
+
+
+def test_a_student_distilled_on_text_is_prompted_as_each_task_says(run_dir, tok_path, tmp_path):
+    """A configs/distill.py:text=True student (trained on pretraining text, a base model) got
+    --chat auto's chat prompts like any post-trained run: every task's own template ignored and
+    "chat_mode": "on". Its meta's config (data.kind "text") now makes it per task, as a
+    pretrained run; the same checkpoint distilled on chats is still prompted as a chat model."""
+    from flaxlm.train.checkpoint import Checkpointer, load_model
+
+    cfg, params, _ = load_model(run_dir)
+
+    def distilled(name, data):
+        meta = {"model_config": cfg.to_dict(), "head": "lm", "lora": {}, "task": "distill",
+                "config": {"task": "distill", "data": data}}  # fmt: skip
+        ck = Checkpointer(str(tmp_path / name), async_save=False)
+        ck.save(2, {"params": params}, meta=meta)
+        ck.close()
+        return str(tmp_path / name)
+
+    (tmp_path / "g.jsonl").write_text(json.dumps({"prompt": "Kavo lives in", "answer": "Lima"}))
+    tasks = _spec_file(tmp_path, "g.json", [{"name": "g", "type": "generation", "file": "g.jsonl",
+                                             "template": "Q: {prompt}\nA:",
+                                             "max_new_tokens": 2}])  # fmt: skip
+    argv = ["--tokenizer", tok_path, "--tasks", tasks, "--samples"]
+    out = main(["--checkpoint", distilled("text", {"kind": "text", "sources": ""}), *argv])
+    assert (out["chat"], out["chat_mode"]) == ("auto", "per task")
+    gen = out["tasks"]["g"]
+    assert gen["spec"]["chat"] is False and gen["samples"][0]["prompt"] == "Q: Kavo lives in\nA:"
+    chats = main(["--checkpoint", distilled("chats", {"train": "builtin:sft_train"}), *argv])
+    assert chats["chat_mode"] == "on" and chats["tasks"]["g"]["spec"]["chat"] is True
 
 
 def test_a_run_that_is_no_language_model_is_a_one_line_error(tmp_path, tok_path):
