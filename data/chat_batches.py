@@ -13,16 +13,26 @@ pairs are one pair per row: `chosen_*` and `rejected_*` fields plus `margin` (B,
 
 Unpaired examples (KTO) are one per row, each with a mismatched row for KTO's KL estimate: its
 completion after the prompt of another row of the batch (`kl_partners`, `mismatched`).
+
+A state is an index into a shuffle of every example, so it means other examples once the data
+files gained, lost or changed records. The state therefore also records what the examples'
+files held (`source_fingerprints`, the records pretraining keeps: data/source_fingerprint.py),
+and `set_state` refuses a resume onto files that changed since, naming each (or, with
+`on_changed_sources="warn"`, resumes anyway with a warning).
 """
 
 from __future__ import annotations
 
+import collections
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from flaxlm.data import source_fingerprint
 from flaxlm.data.chat_examples import fit_length
 from flaxlm.data.lookahead import Lookahead
+from flaxlm.data.source_paths import expand_paths
 
 
 def empty_rows(b: int, t: int, pad_id: int, prefix: str = "") -> dict[str, np.ndarray]:
@@ -55,6 +65,42 @@ def order_seed(seed: int) -> int:
     (data/pipeline.py ``shuffle_seed``)."""
     seed = int(seed)
     return seed if seed >= 0 else 2**64 - seed
+
+
+def _item_source(loc: str) -> str:
+    """The file (or built-in split) an example was read from, by the location the readers gave
+    its record (data/chat_records.py): "file:line" (jsonl, parquet), "file[i]" (the i-th
+    element of a .json array), "builtin:split:i"."""
+    if loc.endswith("]") and "[" in loc:
+        head, _, index = loc[:-1].rpartition("[")
+        if index.isdigit():
+            return head
+    return loc.rpartition(":")[0] or loc
+
+
+def _source_record(part: str, examples: collections.Counter) -> dict:
+    """``part``'s fingerprint; its ``docs``: the examples read from its files."""
+    if part.startswith("builtin:"):  # the built-in world's split: made by the config, no files
+        return source_fingerprint.fingerprint(part, examples[part], builtin=())
+    return source_fingerprint.fingerprint(part, sum(examples[f] for f in expand_paths(part)))
+
+
+def source_fingerprints(items: Sequence[dict], spec: str | None = None) -> list[dict] | None:
+    """What the files the examples were read from hold (data/source_fingerprint.py): a record
+    per part of ``spec`` (data.train's comma-separated patterns), or without one per file the
+    examples' "loc" names, in reading order; its ``docs`` counts the examples from it, what a
+    saved position indexes. Only a spec's record of a glob sees a file added under it (by the
+    examples, that is another source). None when the examples name no file there is (examples
+    built in memory, with made-up locations): their state is the position alone."""
+    locs = [ex.get("loc") if isinstance(ex, dict) else None for ex in items]
+    if not locs or not all(isinstance(loc, str) for loc in locs):
+        return None
+    examples = collections.Counter(_item_source(loc) for loc in locs)  # (first-seen order)
+    if spec:
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+    else:
+        parts = [s for s in examples if s.startswith("builtin:") or os.path.isfile(s)]
+    return [_source_record(part, examples) for part in parts] or None
 
 
 class _EpochOrder:
@@ -146,12 +192,26 @@ class _Batches(Lookahead):
     The global batches do not depend on the number of processes: with one item per row
     (`ONE_PER_ROW`) each process draws just its part of each global batch (`_GlobalOrder`);
     otherwise (packed rows, rows that refer to each other) every process builds the whole
-    global batch from the same global order and keeps its rows, as pretraining does."""
+    global batch from the same global order and keeps its rows, as pretraining does.
+
+    The state records what the items' files held (`source_fingerprints`: per part of
+    `sources`, data.train's spec, else per file the items' "loc" names), once beside the
+    processes' positions; `set_state` checks it per `on_changed_sources` ("error" | "warn")."""
 
     ONE_PER_ROW = False  # each row holds one item, built independently of the others
 
     def __init__(self, items, *, seq_len, batch, pad_id, seed=0, shuffle=True, num_epochs=0,
-                 process_index=0, process_count=1, with_index=False):  # fmt: skip
+                 process_index=0, process_count=1, with_index=False, sources=None,
+                 on_changed_sources="error"):  # fmt: skip
+        if on_changed_sources not in source_fingerprint.POLICIES:
+            raise ValueError(
+                f"data.on_changed_sources must be one of {source_fingerprint.POLICIES}, got "
+                f"{on_changed_sources!r}"
+            )
+        # Taken as the iterator is built, just after its items were read: a file edited
+        # later (while the run trains) is not what they hold
+        self.fingerprint = source_fingerprints(items, sources)
+        self.on_changed_sources = on_changed_sources
         self.items, self.seq_len, self.batch, self.pad_id = items, seq_len, batch, pad_id
         # with_index: rows carry `index` (B,) int32, the item each row holds (-1: none), so an
         # evaluation can group rows gathered from every process by their items' metadata
@@ -176,6 +236,25 @@ class _Batches(Lookahead):
 
     def _build(self, rows: int) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def get_state(self) -> dict:
+        """Lookahead's state plus, with a fingerprint, what each source held (``"sources"``:
+        the same on every process, so recorded once, beside the processes' positions)."""
+        state = super().get_state()
+        if self.fingerprint is None:
+            return state
+        return {**state, "sources": [source_fingerprint.record(f) for f in self.fingerprint]}
+
+    def set_state(self, state: dict) -> None:
+        # The records are taken out before the positions are read (resharded or not): they
+        # describe the data, which no process count changes.
+        state = dict(state)
+        saved = state.pop("sources", None)
+        if self.fingerprint is not None:
+            name = self.state_name or type(self).__name__
+            source_fingerprint.check(saved, self.fingerprint, self.on_changed_sources, name,
+                                     key="data.train")  # fmt: skip
+        super().set_state(state)
 
     def _local_state(self) -> dict:
         return self.order.get_state()

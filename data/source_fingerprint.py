@@ -7,7 +7,9 @@ mean other documents, so the resumed run silently trained some documents again a
 others. ``fingerprint`` records, per source, the files its pattern matched (their count, total
 bytes and a digest of their names and sizes) and its document count; the iterator's state
 carries it (``get_state``'s ``"sources"``) and ``check`` compares it with the data found on
-resume.
+resume. The SFT, preference and unpaired batches (data/chat_batches.py), whose position is an
+index into a shuffle of every example, keep the same records for the files their examples were
+read from (``check``'s ``key``: data.train).
 
 A change is an error by default (``data.on_changed_sources="error"``), naming the source and
 what changed: a resumed run that does not continue its data is a different experiment, and a
@@ -84,12 +86,19 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def check(saved: list[dict] | None, current: list[dict], policy: str, what: str) -> None:
+def check(
+    saved: list[dict] | None,
+    current: list[dict],
+    policy: str,
+    what: str,
+    key: str = "data.sources",
+) -> None:
     """Compares the records a state was saved with (``saved``; None: an older state) with
     this run's fingerprints (``current``); on a difference raises a ``DataError``
     (``policy="error"``) or logs a warning (``"warn"``) naming each changed source. Sources
     whose configured pattern changed, or a changed number of sources, are the config's change,
-    not checked here."""
+    not checked here. ``key``: the config key the sources come from, for the message (the chat
+    and preference batches' ``data.train``, data/chat_batches.py)."""
     if policy not in POLICIES:
         raise ValueError(f"data.on_changed_sources must be one of {POLICIES}, got {policy!r}")
     if saved is None:
@@ -120,7 +129,7 @@ def check(saved: list[dict] | None, current: list[dict], policy: str, what: str)
         "documents hold is not what the checkpoint's run was reading"
     )
     msg = (
-        f"{what}: data.sources changed since the checkpoint's data state was saved ("
+        f"{what}: {key} changed since the checkpoint's data state was saved ("
         + "; ".join(changed)
         + f"): {why}"
     )

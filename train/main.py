@@ -85,12 +85,16 @@ def parsed_config(config_flag=None):
 def _config_flags(argv) -> tuple[str | None, dict]:
     """The `--config` argument and the `--config.KEY` overrides in argv: KEY -> (the value
     after "=", else None; the next argument, else None) — a bare `--config.KEY` is a boolean
-    flag set to True when KEY is a boolean, else takes the next argument as its value."""
+    flag set to True when KEY is a boolean, else takes the next argument as its value.
+
+    The next argument is a value unless it starts with "--" (another flag): absl takes it
+    whatever it is, so `--config.seed -1` sets seed to -1. Refusing every "-" left seed with
+    no value, blamed in place of a misspelt flag after it."""
     config_arg, overrides = None, {}
     args = list(argv[1:])
     for i, a in enumerate(args):
         name, eq, value = a.partition("=")
-        following = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("-") else None
+        following = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
         if name in ("--config", "-config"):
             config_arg = value if eq else following
         elif name.startswith(("--config.", "-config.")):

@@ -39,3 +39,23 @@ def test_the_trainer_stops_with_one_line_not_a_traceback(tmp_path):
     assert out.returncode == 1
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "--config.model.d_modle: config has no key 'model.d_modle'" in out.stderr
+
+
+def test_a_negative_value_after_a_space_is_the_value_and_the_misspelt_key_is_named():
+    """absl takes the argument after a non-boolean flag as its value, `-1` too: the space form
+    of a negative seed used to leave seed without one (blamed: "invalid literal for int()"),
+    not the misspelt flag after it."""
+    spaced = ["main", "--config", PRETRAIN, "--config.seed", "-1", "--config.opt.lrr=1e-3"]
+    assert bad_override(spaced) == (
+        "--config.opt.lrr: config has no key 'opt.lrr' (did you mean 'opt.lr'?)"
+    )
+    assert bad_override(["main", "--config", PRETRAIN, "--config.seed", "-1"]) is None
+    assert bad_override(["main", "--config", PRETRAIN, "--config.opt.lr", "-1e-3"]) is None
+    # a misspelt key taking the negative value is still the one named
+    assert bad_override(["main", "--config", PRETRAIN, "--config.sed", "-1"]).startswith(
+        "--config.sed: config has no key 'sed'"
+    )
+    # a flag after a valueless one is a flag, not the value (the key without one is named)
+    assert bad_override(
+        ["main", "--config", PRETRAIN, "--config.seed", "--config.opt.lr=1"]
+    ).startswith("--config.seed: ")
