@@ -153,6 +153,30 @@ def _parse_flags(argv):
         sys.exit(f"FATAL Flags parsing error: {why}")  # (absl's own words for a bad flag)
 
 
+def _input_errors() -> tuple[type, ...]:
+    """The errors that are about the user's input (data files, templates, an HF checkpoint, a
+    mesh, a checkpoint directory), each naming the file, key or line: the message is the answer,
+    a traceback into the reader only hides it."""
+    from flaxlm.data.chat_template import TemplateError
+    from flaxlm.data.source_errors import DataError
+    from flaxlm.models.hf_tokenizer import HFError
+    from flaxlm.train.checkpoint_inspect import CheckpointError
+    from flaxlm.train.checkpoint_read import MeshError
+
+    return DataError, TemplateError, HFError, MeshError, CheckpointError
+
+
+def run_task(module: str, config, workdir: str):
+    """`module.run(config, workdir)`; bad input stops with one line naming the error's kind and
+    what it names (a DataError at resume, "data.train changed since the checkpoint ...", was a
+    traceback through the batch iterator)."""
+    errors = _input_errors()
+    try:
+        return importlib.import_module(module).run(config, workdir)
+    except errors as e:
+        sys.exit(f"{type(e).__name__}: {e}")
+
+
 def main(argv):
     del argv
     exit_with_sweep()  # a sweep's trainer: SIGTERM when the sweep dies
@@ -167,7 +191,7 @@ def main(argv):
     module = TASKS.get(config.task)
     if module is None:
         raise app.UsageError(f"config.task={config.task!r}; known tasks: {sorted(TASKS)}")
-    _, summary = importlib.import_module(module).run(config, _WORKDIR.value)
+    _, summary = run_task(module, config, _WORKDIR.value)
     keys = ("step", "train", "eval", "preempted", "stop_reason", "data_exhausted")
     import jax  # (initialised above)
 

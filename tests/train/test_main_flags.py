@@ -59,3 +59,22 @@ def test_a_negative_value_after_a_space_is_the_value_and_the_misspelt_key_is_nam
     assert bad_override(
         ["main", "--config", PRETRAIN, "--config.seed", "--config.opt.lr=1"]
     ).startswith("--config.seed: ")
+
+
+def test_bad_input_during_the_run_is_one_line_naming_the_file(tmp_path):
+    """A DataError (here: a chat file that is not JSON lines) stops the trainer with one line,
+    its kind and the file:line it names, not a traceback through the batch iterator."""
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text('{"prompt": "hi", "completion": "there"}\n{not json\n')
+    from flaxlm.train import main
+
+    config = __import__("flaxlm.configs.sft", fromlist=["get_config"]).get_config("variant=tiny")
+    config.data.train = str(bad)
+    config.data.strict = True
+    try:
+        main.run_task(main.TASKS["sft"], config, str(tmp_path / "run"))
+    except SystemExit as e:
+        message = str(e.code)
+    else:
+        raise AssertionError("the run did not stop")
+    assert message.startswith("DataError: ") and f"{bad}:2" in message, message
