@@ -44,11 +44,29 @@ def _top_filtered(x, top_k: int, use_top_p: bool, top_p):
         vals = -jnp.sort(-x, axis=-1)  # (B, V) descending
     thresh = vals[:, -1]
     if use_top_p:
-        probs = jax.nn.softmax(vals, axis=-1)
+        probs = _kept_probs(x, vals)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         n_keep = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)  # (B,)
         thresh = jnp.maximum(thresh, jnp.take_along_axis(vals, n_keep[:, None] - 1, -1)[:, 0])
     return jnp.where(x < thresh[:, None], -jnp.inf, x)
+
+
+def _kept_probs(x, vals):
+    """Probabilities of `vals` (the top values of `x`, descending) in the distribution renormalised
+    over every token of `x` at or above the last of them.
+
+    Top-k keeps the tokens tied with the k-th too, so more than k may survive: their mass is in
+    the normaliser, or top-p would measure a different distribution than the one sampled. They
+    come after the k values in descending order, so the k values' cumulative mass is all top-p
+    needs — if the nucleus reaches the k-th, its ties are kept with it. Counting them is one pass
+    over the vocab, not the full sort top_k avoids.
+    """
+    e = jnp.exp(vals - vals[:, :1])  # (B, k)
+    z = jnp.sum(e, axis=-1)
+    if vals.shape[-1] < x.shape[-1]:  # (a full sort has no tokens beyond its values)
+        n_ties = jnp.sum(x >= vals[:, -1:], axis=-1) - vals.shape[-1]  # (B,) beyond the k values
+        z = z + n_ties.astype(e.dtype) * e[:, -1]
+    return e / z[:, None]
 
 
 def is_key_batch(rng) -> bool:
