@@ -117,15 +117,26 @@ def _delete_array_data(step_dir):
         os.remove(path)
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # the first bytes of every zstd frame (one per array chunk)
+
+
 def _flip_a_bit(step_dir):
-    """One flipped bit in the middle of the biggest array file: TensorStore reads it back without
-    complaint, only the fingerprints recorded at the save (train/checkpoint_fingerprint.py) see
-    it."""
+    """One flipped bit in the middle of the largest array chunk (a zstd frame) of the biggest
+    array file: TensorStore reads it back without complaint, only the fingerprints recorded at
+    the save (train/checkpoint_fingerprint.py) see it. Not the file's middle byte: the chunks'
+    order in the file varies from save to save, and when a frame's header descriptor landed
+    there (a fresh clone's CI), the flip hit its one bit zstd ignores: the data read back were
+    the saved data and step 6 restored — rightly."""
     files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
              if os.path.isfile(f)]  # fmt: skip
     path = max(files, key=os.path.getsize)
+    with open(path, "rb") as f:
+        data = f.read()
+    starts = [m.start() for m in re.finditer(re.escape(ZSTD_MAGIC), data)]
+    assert starts, f"no zstd frame in {path}"
+    start, end = max(zip(starts, starts[1:] + [len(data)]), key=lambda se: se[1] - se[0])
     with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
+        f.seek((start + end) // 2)
         byte = f.read(1)[0]
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte ^ 0x10]))
