@@ -76,6 +76,7 @@ from flaxlm.alignment import common, rl_common, rl_eval, sft
 from flaxlm.alignment.rl_rollout import RolloutSource, passthrough_stats, sample_stats
 from flaxlm.data import formats as F
 from flaxlm.data.chat_batches import order_seed
+from flaxlm.data.source_errors import DataError
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
     check_batch_divides,
@@ -93,6 +94,7 @@ from flaxlm.train.losses import (
     token_logprobs,
 )
 from flaxlm.train.pretrain import model_fns
+from flaxlm.train.step import jit_eval_step
 
 log = logging.getLogger("flaxlm")
 
@@ -309,9 +311,12 @@ def make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template, hos
                  spec, perplexity: bool = False):  # fmt: skip
     """params -> held-out distillation metrics (over every process's target tokens of
     `host_batches`, this process's rows) and greedy generation metrics per set; the teacher's
-    generation metrics once, first. `perplexity`: also exp(nll), the student's (text)."""
+    generation metrics once, first. `perplexity`: also exp(nll), the student's (text). Each
+    batch runs in `opt.grad_accum` micro-batches, as the train step splits it (train/step.py
+    `eval_step`: the student's and the teacher's logits of one micro-batch at a time), the
+    teacher an argument of the program as in the train step."""
     batches = [shard_batch(b, mesh) for b in host_batches]
-    fn = jax.jit(lambda p, t, b: loss_fn(p, b, None, t))
+    fn = jit_eval_step(loss_fn, config.opt.grad_accum, frozen=True)
     rules = logical_axis_rules(config.sharding)
     teacher_marks = {}
 
@@ -327,11 +332,11 @@ def make_eval_fn(config, mesh, cfg, loss_fn, teacher, teacher_gen, template, hos
         sums, weight = collections.Counter(), 0.0
         for b in batches:
             with use_mesh(mesh, rules):
-                loss, m = jax.device_get(fn(params, teacher, b))
+                m = jax.device_get(fn(params, b, teacher))
             w = float(m["weight"])
             weight += w
             for k in ("loss", *SUMS):
-                sums[k] += w * float(loss if k == "loss" else m[k])
+                sums[k] += w * float(m[k])
         out = {k: v / max(weight, 1.0) for k, v in sums.items()}
         if perplexity and batches:
             out["perplexity"] = float(np.exp(min(out["nll"], 50.0)))
@@ -375,6 +380,25 @@ def fresh_student_vocab(config) -> None:
         config.model.vocab_size = vocab
 
 
+def _text_tokenizer_path(config, init_meta: dict) -> str:
+    """The text's tokenizer: `data.tokenizer`, else init_from's, else the teacher's. None of
+    them (a teacher trained on synthetic data records none) is a DataError naming the key to
+    set — the trainer's one-line input error (train/main.py), not a traceback — raised before
+    the teacher loads."""
+    teacher = config.distill.teacher
+    path = (config.data.tokenizer or init_meta.get("tokenizer")
+            or common.source_tokenizer_path(teacher))  # fmt: skip
+    if not path:
+        sources = f"distill.teacher={teacher}" + (
+            f" nor init_from={config.init_from}" if config.init_from else ""
+        )
+        raise DataError(
+            f"distill: no tokenizer for the text: set --config.data.tokenizer (the teacher's "
+            f"tokenizer.model); data.tokenizer is empty and {sources} records none"
+        )
+    return path
+
+
 def _text_source(config, mesh):
     """(tokenizer, ModelConfig) of a student trained on pretraining text: `data.tokenizer`,
     else init_from's, else the teacher's; init_from's architecture, else `config.model` with
@@ -385,10 +409,7 @@ def _text_source(config, mesh):
     check_batch_divides(config.batch_size, mesh)
     loop.init_from_ema(config)
     meta = common.source_meta(config.init_from)
-    path = config.data.tokenizer or meta.get("tokenizer") or common.source_tokenizer_path(d.teacher)
-    if not path:
-        raise ValueError("distill: no tokenizer for the text: set data.tokenizer (the teacher's)")
-    tok = load_tokenizer(os.path.expanduser(path))
+    tok = load_tokenizer(os.path.expanduser(_text_tokenizer_path(config, meta)))
     fresh_student_vocab(config)
     cfg = common.resolve_model_config(config, meta)
     tok.check_fits(cfg.vocab_size)

@@ -90,6 +90,7 @@ from flaxlm.models.sharding import (
 from flaxlm.train import loop
 from flaxlm.train.losses import add_router_losses, router_coefs, token_logprobs
 from flaxlm.train.pretrain import model_fns
+from flaxlm.train.step import jit_eval_rows
 
 LOSS_TYPES = ("sigmoid", "conservative", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -367,7 +368,11 @@ def _pair_batches(pairs, config, pad_id, **kw):
 
 
 def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, spec):
-    """params -> held-out preference metrics (+ greedy generation metrics)."""
+    """params -> held-out preference metrics (+ greedy generation metrics). The policy's
+    log-probabilities of each batch's pairs come from `opt.grad_accum` micro-batches of pairs,
+    as the train step splits them (train/step.py `eval_rows`: a pair's chosen and rejected
+    rows together): one pass over both sides of the whole batch could run out of memory where
+    training fits. The metrics are over the whole held-out set's pairs, whatever the split."""
     d = config.dpo
     # Several processes: each holds its share of the held-out pairs; the metrics are over
     # every process's rows (gathered), the same on all.
@@ -375,7 +380,7 @@ def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, 
                        with_index=True) if heldout else None  # fmt: skip
     host = [ref.add(b) for b in same_batch_count(list(it), it.blank)] if heldout else []
     kinds = [p["meta"].get("pair", "") for p in heldout]
-    fn = jax.jit(lambda p, b: pair_logps(apply, p, b))
+    fn = jit_eval_rows(lambda p, b: pair_logps(apply, p, b), config.opt.grad_accum)
 
     def eval_fn(params):
         out, cols = {}, collections.defaultdict(list)

@@ -87,7 +87,7 @@ from flaxlm.models.sharding import (
 from flaxlm.train import loop
 from flaxlm.train.losses import add_router_losses, router_coefs
 from flaxlm.train.pretrain import model_fns
-from flaxlm.train.step import RATIOS, SUMS
+from flaxlm.train.step import RATIOS, SUMS, jit_eval_rows
 
 log = logging.getLogger("flaxlm")
 ROWS = ("", "kl_")  # the row prefixes of a KTO batch: matched, mismatched (KL)
@@ -259,7 +259,12 @@ def _batches(examples, config, pad_id, **kw):
 
 def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base_apply):
     """params -> held-out KTO metrics, z0 estimated over every held-out mismatched row
-    (+ greedy generation metrics)."""
+    (+ greedy generation metrics). The log-probabilities of each batch's rows come from
+    `opt.grad_accum` micro-batches, as the train step splits them (train/step.py `eval_rows`:
+    an example's matched and mismatched rows together): one pass over the whole batch could
+    run out of memory where training fits. Unlike training's z0 (each micro-batch's, as TRL's
+    is each forward pass's), the held-out z0 and every metric are taken over the whole
+    held-out set on the host, so the split changes none of them."""
     k = config.kto
     # Several processes: each holds its share of the held-out examples (as many batches on
     # each); the metrics are over every process's rows (gathered), the same on all.
@@ -268,7 +273,7 @@ def make_eval_fn(config, mesh, apply, ref, heldout, pad_id, gen_eval, spec, base
     host = same_batch_count(list(it), it.blank) if heldout else []
     host = [ref.add(b) if ref is not None else b for b in host]
     kinds = [ex["meta"].get("pair", "") for ex in heldout]
-    fn = jax.jit(lambda p, b: kto_logps(apply, p, b, base_apply))
+    fn = jit_eval_rows(lambda p, b: kto_logps(apply, p, b, base_apply), config.opt.grad_accum)
     rules = logical_axis_rules(config.sharding)
 
     def eval_fn(params):

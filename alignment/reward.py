@@ -32,6 +32,7 @@ from flaxlm.models.heads import scalar_model_fns, sequence_values
 from flaxlm.models.sharding import fetch, make_mesh, same_batch_count, shard_batch
 from flaxlm.train import loop
 from flaxlm.train.losses import add_router_losses, router_coefs
+from flaxlm.train.step import jit_eval_rows
 
 
 def pairwise_loss(r_chosen, r_rejected, margin=None, center_coef=None, valid=None):
@@ -111,7 +112,10 @@ def np_pairwise_loss(r_c, r_r, margin=None, center_coef=None) -> float:
 
 
 def make_eval_fn(config, mesh, apply, pairs):
-    """params -> held-out loss, accuracy, margin (and accuracy per world pair kind)."""
+    """params -> held-out loss, accuracy, margin (and accuracy per world pair kind). The
+    rewards of each batch's pairs come from `opt.grad_accum` micro-batches of pairs, as the
+    train step splits them (train/step.py `eval_rows`: a pair's two sides together); the
+    metrics are over the whole held-out set, whatever the split."""
     it = F.PreferenceBatches(
         pairs, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
         pad_id=0, shuffle=False, num_epochs=1, process_index=jax.process_index(),
@@ -121,7 +125,7 @@ def make_eval_fn(config, mesh, apply, pairs):
     # metrics are over every process's rows (gathered), the same on all.
     host = same_batch_count(list(it), it.blank)
     batches = [shard_batch(b, mesh) for b in host]
-    fn = jax.jit(lambda p, b: rewards(apply, p, b))
+    fn = jit_eval_rows(lambda p, b: rewards(apply, p, b), config.opt.grad_accum)
     kinds = [p["meta"].get("pair", "") for p in pairs]
 
     def eval_fn(params):

@@ -37,7 +37,7 @@ from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import logical_axis_rules, make_mesh, same_batch_count, shard_batch
 from flaxlm.train import loop
 from flaxlm.train.pretrain import lm_loss, model_fns
-from flaxlm.train.step import eval_step
+from flaxlm.train.step import jit_eval_step
 
 
 def eval_gen_config(sets: str, seq_len=None) -> ml_collections.ConfigDict:
@@ -135,12 +135,14 @@ def loss_eval_batches(examples, config, pad_id) -> list[dict]:
 
 def make_eval_fn(config, mesh, cfg, loss_fn, template, heldout, gen_sets, spec):
     """params -> held-out loss metrics (none without held-out examples: `data.eval` unset, or
-    every record of it dropped) and generation metrics per set."""
+    every record of it dropped) and generation metrics per set. Each batch runs in
+    `opt.grad_accum` micro-batches, as the train step splits it (train/step.py `eval_step`):
+    one pass over the whole batch could run out of memory where training fits."""
     pad_id = template.tok.pad_id
     # (SFTBatches of no examples is an error: loss metrics only when there are some)
     batches = [shard_batch(b, mesh) for b in loss_eval_batches(heldout, config, pad_id)
                ] if heldout else []  # fmt: skip
-    step = jax.jit(lambda p, b: eval_step(p, b, None, loss_fn=loss_fn))
+    step = jit_eval_step(loss_fn, config.opt.grad_accum)
     rules = logical_axis_rules(config.sharding)
 
     def eval_fn(params):

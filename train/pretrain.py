@@ -15,7 +15,6 @@ import numbers
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.configs.common import to_model_config
@@ -25,7 +24,7 @@ from flaxlm.models.sharding import check_batch_divides, make_mesh, shard_batch
 from flaxlm.models.transformer import Transformer
 from flaxlm.train import loop
 from flaxlm.train.losses import chunked_lm_loss_fn, lm_loss_fn, router_coefs
-from flaxlm.train.step import RATIOS, SUMS, _accumulate, _split_micro, eval_step, finish_metrics
+from flaxlm.train.step import jit_eval_step
 
 
 def model_fns(cfg):
@@ -307,47 +306,10 @@ def text_eval_batches(config, tokenizer) -> list[dict]:
     return out
 
 
-def eval_micro_step(params, batch, *, loss_fn, grad_accum: int) -> dict:
-    """`eval_step` of one batch computed in `grad_accum` micro-batches (train/step.py
-    `_split_micro`: the train step's split), one `lax.scan`: the memory of a micro-batch's
-    forward (its float32 logits), not the whole batch's, which a run that needs grad_accum to
-    fit its train step may not have. Combined as the train step combines them
-    (`loss_and_grads`): weighted by `metrics["weight"]`, counts and ratios summed, so the
-    metrics are the whole batch's (to float rounding) — except, as in training, a mixture of
-    experts' router terms, per micro-batch means here too."""
-    if grad_accum == 1:
-        return eval_step(params, batch, None, loss_fn=loss_fn)
-
-    def body(carry, mb):
-        loss, metrics = loss_fn(params, mb, None)
-        w = metrics.get("weight", jnp.ones((), jnp.float32))
-        acc_l, acc_m, acc_w = carry
-        acc_m = {k: _accumulate(acc_m[k], v, 1.0 if k in (SUMS, RATIOS) else w)
-                 for k, v in metrics.items()}  # fmt: skip
-        return (acc_l + w * loss, acc_m, acc_w + w), None
-
-    micro = _split_micro(batch, grad_accum)
-    shapes = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), None))
-    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[1])
-    zero = jnp.zeros((), jnp.float32)
-    (loss, metrics, w), _ = jax.lax.scan(body, (zero, zeros_m, zero), micro)
-    w = jnp.maximum(w, 1e-8)
-    metrics = {k: v if k in (SUMS, RATIOS) else jax.tree.map(lambda m: m / w, v)
-               for k, v in metrics.items()}  # fmt: skip
-    if "weight" in metrics:
-        metrics["weight"] = w
-    return {**finish_metrics(metrics), "loss": loss / w}
-
-
-def jit_eval_step(loss_fn, grad_accum: int):
-    """The jitted held-out step: (params, batch) -> its metrics (`eval_micro_step`)."""
-    return jax.jit(lambda p, b: eval_micro_step(p, b, loss_fn=loss_fn, grad_accum=grad_accum))
-
-
 def make_eval_fn(config, mesh, loss_fn, tokenizer=None):
     """Held-out loss over a fixed set of batches (text: held-out documents; markov: the same
     chain, a different seed), each in `opt.grad_accum` micro-batches as training splits its
-    batches (`eval_micro_step`): it jitted the whole batch at once, so a run sized with
+    batches (train/step.py `eval_step`): it jitted the whole batch at once, so a run sized with
     grad_accum could run out of memory in the eval at step 0 (`eval_at_start`)."""
     if config.data.kind == "text":
         host_batches = text_eval_batches(config, tokenizer)

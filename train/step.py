@@ -17,6 +17,13 @@ function (tests call it directly). It
   4. with an EmaTrainState (config `ema.decay` > 0), moves the EMA of the weights towards the new
      params (train/ema.py); a discarded update leaves the EMA and its count as they were.
 
+Every held-out eval runs through `eval_step` (loss metrics; `jit_eval_step`) or `eval_rows`
+(per-row outputs that an eval combines over its whole held-out set: DPO's, KTO's, the reward
+model's; `jit_eval_rows`), in the run's `grad_accum` micro-batches as the train step splits
+them: over the whole batch at once, a run that needs grad_accum to fit could run out of memory
+in the eval at step 0. `eval_step` combines the micro-batches with the train step's own code
+(`_micro_mean`), so its metrics are the whole batch's as the train step's are.
+
 A task whose loss reads a frozen model (distillation's teacher: `loop.Task.frozen`) gets its
 weights as an argument of the jitted step (`jit_train_step(..., frozen=True)`, then
 `step(state, batch, frozen)`) and its loss as `loss_fn(params, batch, rng, frozen)`: a closure
@@ -141,6 +148,41 @@ def _accumulate(acc, metrics, scale):
     return jax.tree.map(lambda a, m: a + scale * m, acc, metrics)
 
 
+def _micro_mean(fn: Callable, xs):
+    """(loss, metrics, extra) of `fn` over the micro-batches `xs` (leaves (n, ...)), one
+    `lax.scan`: `fn(x) -> (loss, metrics, extra)` for micro-batch x, each weighted by its
+    `metrics["weight"]` (1 without one) into a mean over the whole batch — the loss, the plain
+    metrics and `extra` (a pytree: the gradients, or nothing) — while SUMS and RATIOS add up
+    (`finish_metrics`, applied here; "weight" is then the total). The one way micro-batches
+    are combined, for training (`loss_and_grads`) and evaluation (`eval_step`) alike."""
+
+    def body(carry, x):
+        loss, metrics, extra = fn(x)
+        w = metrics.get("weight", jnp.ones((), jnp.float32))
+        acc_l, acc_m, acc_e, acc_w = carry
+        acc_e = jax.tree.map(lambda a, e: a + w * e, acc_e, extra)
+        # sums and ratios' numerators and denominators add up; the rest is weighted by w
+        acc_m = {k: _accumulate(acc_m[k], v, 1.0 if k in (SUMS, RATIOS) else w)
+                 for k, v in metrics.items()}  # fmt: skip
+        return (acc_l + w * loss, acc_m, acc_e, acc_w + w), None
+
+    shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], xs))
+    _, zeros_m, zeros_e = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    zero = jnp.zeros((), jnp.float32)
+    (loss, metrics, extra, w), _ = jax.lax.scan(body, (zero, zeros_m, zeros_e, zero), xs)
+    w = jnp.maximum(w, 1e-8)
+    metrics = {k: v if k in (SUMS, RATIOS) else jax.tree.map(lambda m: m / w, v)
+               for k, v in metrics.items()}  # fmt: skip
+    if "weight" in metrics:
+        metrics["weight"] = w
+    return loss / w, finish_metrics(metrics), jax.tree.map(lambda e: e / w, extra)
+
+
+def _micro_rngs(rng, n: int):
+    """One key per micro-batch (None: the loss takes none)."""
+    return None if rng is None else jax.random.split(rng, n)
+
+
 def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, trainable_mask=None):
     """(loss, metrics, grads), averaged over micro-batches weighted by metrics['weight'].
 
@@ -173,7 +215,6 @@ def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, t
         return loss, finish_metrics(metrics), grads
 
     micro = _split_micro(batch, grad_accum)
-    rngs = jax.random.split(rng, grad_accum)
     leaves, treedef = jax.tree.flatten(params)
     if trainable_mask is None:
         train = [True] * len(leaves)
@@ -182,34 +223,16 @@ def loss_and_grads(params, batch, rng, loss_fn: Callable, grad_accum: int = 1, t
         train = [bool(t) for t in treedef.flatten_up_to(mask)]
     trained = lambda tree: [x for x, t in zip(treedef.flatten_up_to(tree), train) if t]  # noqa: E731
 
-    def body(carry, xs):
-        mb, r = xs
-        (loss, metrics), grads = grad_fn(params, mb, r)
-        w = metrics.get("weight", jnp.ones((), jnp.float32))
-        acc_g, acc_l, acc_m, acc_w = carry
-        acc_g = [a + w * g.astype(jnp.float32) for a, g in zip(acc_g, trained(grads))]
-        # sums and ratios' numerators and denominators add up; the rest is weighted by w
-        acc_m = {k: _accumulate(acc_m[k], v, 1.0 if k in (SUMS, RATIOS) else w)
-                 for k, v in metrics.items()}  # fmt: skip
-        return (acc_g, acc_l + w * loss, acc_m, acc_w + w), None
+    def micro_step(xs):  # (the trained leaves' gradients in float32: the accumulators' type)
+        (loss, metrics), grads = grad_fn(params, *xs)
+        return loss, metrics, [g.astype(jnp.float32) for g in trained(grads)]
 
-    zeros_g = [jnp.zeros(p.shape, jnp.float32) for p in trained(params)]
-    zeros_m = jax.eval_shape(
-        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rngs[0])[0][1]
-    )
-    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_m)
-    init = (zeros_g, jnp.zeros((), jnp.float32), zeros_m, jnp.zeros((), jnp.float32))
-    (g, loss, metrics, w), _ = jax.lax.scan(body, init, (micro, rngs))
-    w = jnp.maximum(w, 1e-8)
+    loss, metrics, g = _micro_mean(micro_step, (micro, _micro_rngs(rng, grad_accum)))
     acc = iter(g)
     grads = treedef.unflatten(
-        [(next(acc) / w).astype(p.dtype) if t else jnp.zeros_like(p) for p, t in zip(leaves, train)]
+        [next(acc).astype(p.dtype) if t else jnp.zeros_like(p) for p, t in zip(leaves, train)]
     )
-    metrics = {k: v if k in (SUMS, RATIOS) else jax.tree.map(lambda m: m / w, v)
-               for k, v in metrics.items()}  # fmt: skip
-    if "weight" in metrics:
-        metrics["weight"] = w
-    return loss / w, finish_metrics(metrics), grads
+    return loss, metrics, grads
 
 
 def _restart_at(warmup_steps: int) -> int:
@@ -336,10 +359,42 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params, batch, rng, *, loss_fn: Callable) -> dict:
-    """Loss metrics of one batch, without an update."""
-    loss, metrics = loss_fn(params, batch, rng)
-    return {**finish_metrics(metrics), "loss": loss}
+def eval_step(params, batch, rng, *, loss_fn: Callable, grad_accum: int = 1) -> dict:
+    """Loss metrics of one batch, without an update: in `grad_accum` micro-batches (the train
+    step's split, `_split_micro`), combined as `loss_and_grads` combines them (`_micro_mean`),
+    so they are the whole batch's (to float rounding) — except, as in training, what a loss
+    computes per micro-batch (a mixture of experts' router terms). The memory is a
+    micro-batch's forward (its float32 logits), not the whole batch's, which a run that needs
+    grad_accum to fit its train step may not have: every held-out eval runs through here."""
+    if grad_accum == 1:
+        loss, metrics = loss_fn(params, batch, rng)
+        return {**finish_metrics(metrics), "loss": loss}
+
+    def micro_step(xs):
+        loss, metrics = loss_fn(params, *xs)
+        return loss, metrics, ()
+
+    micro = _split_micro(batch, grad_accum)
+    loss, metrics, _ = _micro_mean(micro_step, (micro, _micro_rngs(rng, grad_accum)))
+    return {**metrics, "loss": loss}
+
+
+def _join_micro(x):
+    """(n, B/n, ...) -> (B, ...) in the batch's row order: `_split_micro` undone (row j of
+    micro-batch k is row j·n + k)."""
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def eval_rows(params, batch, *, rows_fn: Callable, grad_accum: int = 1):
+    """`rows_fn(params, batch)`'s per-row outputs (a pytree of (B, ...) arrays: a pair's
+    sequence log-probabilities, a reward) in `grad_accum` micro-batches, back in the batch's
+    row order: for the evals that combine rows on the host (over the whole held-out set:
+    DPO's, KTO's, the reward model's), the memory of `eval_step`'s micro-batch. Each row's
+    outputs are its own, so they do not depend on the split."""
+    if grad_accum == 1:
+        return rows_fn(params, batch)
+    out = jax.lax.map(lambda mb: rows_fn(params, mb), _split_micro(batch, grad_accum))
+    return jax.tree.map(_join_micro, out)
 
 
 def with_frozen(loss_fn: Callable, frozen) -> Callable:
@@ -379,7 +434,17 @@ def jit_train_step(
     )
 
 
-def jit_eval_step(loss_fn, param_shardings, mesh):
-    step = functools.partial(eval_step, loss_fn=loss_fn)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(step, in_shardings=(param_shardings, None, rep), out_shardings=rep)
+def jit_eval_step(loss_fn, grad_accum: int = 1, frozen: bool = False):
+    """The jitted held-out step (`eval_step`, in `grad_accum` micro-batches): (params, batch)
+    -> its metrics; `frozen=True` (`loop.Task.frozen`, as `jit_train_step`): (params, batch,
+    frozen) with the loss `loss_fn(params, batch, rng, frozen)`, the frozen weights an argument
+    of the program, not its constants. Held-out losses take no rng."""
+    if frozen:
+        return jax.jit(lambda p, b, f: eval_step(p, b, None, loss_fn=with_frozen(loss_fn, f),
+                                                 grad_accum=grad_accum))  # fmt: skip
+    return jax.jit(lambda p, b: eval_step(p, b, None, loss_fn=loss_fn, grad_accum=grad_accum))
+
+
+def jit_eval_rows(rows_fn, grad_accum: int = 1):
+    """The jitted per-row held-out pass (`eval_rows`): (params, batch) -> `rows_fn`'s outputs."""
+    return jax.jit(lambda p, b: eval_rows(p, b, rows_fn=rows_fn, grad_accum=grad_accum))

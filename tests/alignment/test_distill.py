@@ -542,3 +542,25 @@ def test_config_sections_are_complete():
     c = distill_config.get_config("variant=mini,runlocal=True")
     assert isinstance(c.distill, ml_collections.ConfigDict)
     assert set(c.distill) == set(distill_config.distill_config())
+
+
+def test_text_without_a_tokenizer_anywhere_is_one_line_naming_the_key(cache_dir, tmp_path):
+    """`text=True` with `data.tokenizer` empty and a teacher that records none (one trained on
+    synthetic data): a DataError naming the key to set, raised before the teacher loads, which
+    the trainer CLI prints as one line (it was a ValueError traceback)."""
+    from flaxlm.data.source_errors import DataError
+    from flaxlm.train import main as train_main
+
+    cfg = get_variant("tiny", vocab_size=H.VOCAB)
+    teacher = H.write_run(
+        str(tmp_path / "markov_teacher"),
+        H.random_params(model_fns(cfg)[0], 0),
+        {"model_config": cfg.to_dict(), "head": "lm", "lora": {}},
+    )
+    c = H.tiny(distill_config, cache_dir, "runlocal=True,text=True",
+               **{"distill.teacher": teacher, "data.tokenizer": ""})  # fmt: skip
+    want = rf"data\.tokenizer.*distill\.teacher={teacher} records none"
+    with pytest.raises(DataError, match=want):
+        distill.run(c, str(tmp_path / "wd"))
+    with pytest.raises(SystemExit, match=rf"^DataError: distill: no tokenizer .*{want}"):
+        train_main.run_task("flaxlm.alignment.distill", c, str(tmp_path / "wd"))
