@@ -283,15 +283,18 @@ def _power_laws(N, D, C, loss) -> dict:
     # On an IsoFLOP sweep every size is distinct, so L(N) and L(D) then mix budgets: read them
     # with that in mind (``fitted_on`` says what was used).
     frontier = pareto_frontier(C, loss)
+    # (x, loss, what was fitted, what too few of it are): L(C) sees only the frontier's runs,
+    # so its count is of those, not of every distinct C (12 budgets, 3 on the frontier).
     subsets = {
-        "N": (*envelope(N, loss), "best loss per distinct N"),
-        "D": (*envelope(D, loss), "best loss per distinct D"),
-        "C": (C[frontier], loss[frontier], "runs on the compute frontier"),
-    }
+        "N": (*envelope(N, loss), "best loss per distinct N", "distinct N values"),
+        "D": (*envelope(D, loss), "best loss per distinct D", "distinct D values"),
+        "C": (C[frontier], loss[frontier], "runs on the compute frontier",
+              f"runs on the compute frontier (of {np.unique(C).size} distinct C)"),
+    }  # fmt: skip
     out = {}
-    for name, (x, y, fitted_on) in subsets.items():
+    for name, (x, y, fitted_on, counted) in subsets.items():
         if np.unique(x).size < 4:
-            out[name] = {"skipped": f"{np.unique(x).size} distinct {name} values; need >= 4"}
+            out[name] = {"skipped": f"{np.unique(x).size} {counted}; need >= 4"}
             continue
         out[name] = {
             **fit_power_law(x, y),

@@ -23,6 +23,13 @@ ROOT/workflow.json records the settings the runs depend on (--config, --heldout_
 with others is refused, naming both, before anything trains (its runs would mix two studies). A
 target directory trained with another config (target.json, or a DONE target short of the
 config's total_steps) is refused the same way; the report's "Command:" is the full command line.
+
+The records name no place: the config file of the checkout relative to the checkout's root
+(configs/scaling.py; another file by its absolute path), the held-out file relative to ROOT
+(`heldout=world/heldout_text.jsonl` in sweep/sweep.json and target.json). A study moved or
+copied (trained on a cluster, reported at home), or re-run from another directory or checkout,
+resumes; the trainers get both paths absolute. ROOT is a local folder (a bucket: mount it, e.g.
+gcsfuse) without ',' in its path (the held-out file reaches the trainers in comma-separated lists).
 """
 
 from __future__ import annotations
@@ -39,14 +46,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-import flaxlm.configs
 from flaxlm.evaluation import scaling_emergence as emergence
 from flaxlm.train import sweep as sweep_lib
 from flaxlm.train import sweep_devices, sweep_table
-from flaxlm.train.sweep_plan import _check_same_runs, _same_config_arg
+from flaxlm.train.sweep_plan import (
+    _check_same_runs,
+    _same_config_arg,
+    as_recorded,
+    check_local_workdir,
+    portable_config,
+    resolve_config,
+)
 
 SETTINGS_FILE = "workflow.json"  # the settings ROOT's runs were trained with
-DEFAULT_CONFIG = os.path.join(os.path.dirname(flaxlm.configs.__file__), "scaling.py")
+# The checkout's scaling config, named as a study records it (relative to the checkout's root:
+# sweep_plan.resolve_config finds it from any directory), so that a moved checkout's study, whose
+# workflow.json names this, is the same study.
+DEFAULT_CONFIG = os.path.join("configs", "scaling.py")
+HELDOUT = os.path.join("world", "heldout_text.jsonl")  # the held-out documents, in ROOT
 
 
 class Meter:
@@ -109,7 +126,7 @@ def check_settings(root: str, config: str, heldout_docs: int) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        same = _same_config_arg(old.get("config"), config)
+        same = _same_config_arg(old.get("config"), config)  # (each file resolved)
         if not same or old.get("heldout_docs") != heldout_docs:
             raise ValueError(
                 f"{root} holds a study run with --config {old.get('config')} --heldout_docs "
@@ -121,8 +138,10 @@ def check_settings(root: str, config: str, heldout_docs: int) -> None:
     if os.path.exists(index):  # started before workflow.json was written
         with open(index) as f:
             old_arg = json.load(f).get("config")
-        new_arg = effective_config(root, config, heldout_docs)
-        if not _same_config_arg(old_arg, new_arg):
+        new_arg = study_config(config, heldout_docs)
+        trainers = effective_config(root, config, heldout_docs)  # as recorded before relative
+        if not _same_config_arg(as_recorded({"config": old_arg}, trainers, new_arg)["config"],
+                                new_arg):  # fmt: skip
             raise ValueError(
                 f"{root}/sweep was trained with --config {old_arg}; these settings give "
                 f"--config {new_arg}. Re-run with the first settings, or use another --workdir"
@@ -130,18 +149,42 @@ def check_settings(root: str, config: str, heldout_docs: int) -> None:
 
 
 def write_settings(root: str, config: str, heldout_docs: int) -> None:
-    """ROOT/workflow.json: the settings `check_settings` holds later runs to."""
+    """ROOT/workflow.json: the settings `check_settings` holds later runs to (the config file
+    as `portable_config` names it: the same wherever the checkout lies)."""
     os.makedirs(root, exist_ok=True)
+    config = portable_config(resolve_config(config))
     with open(os.path.join(root, SETTINGS_FILE), "w") as f:
         json.dump({"config": config, "heldout_docs": heldout_docs}, f, indent=1)
 
 
+def check_workdir(root: str, heldout_docs: int) -> None:
+    """Refuses a ROOT the trainers could not be given: a URL (`check_local_workdir`), or, with
+    held-out documents, a path with a ',': the held-out file reaches the trainers inside the
+    config arg's `k=v,k=v` and then `data.eval_sources`, both lists split at commas."""
+    check_local_workdir(root)
+    if heldout_docs and "," in os.path.abspath(root):
+        raise ValueError(
+            f"--workdir {root}: a ',' in its path cannot reach the trainers (they get "
+            f"ROOT/{HELDOUT} in comma-separated lists: the config arg, data.eval_sources); use "
+            "a --workdir without ',', or --heldout_docs 0 (the config's own held-out set)"
+        )
+
+
+def study_config(config: str, heldout_docs: int) -> str:
+    """The config arg the study records (sweep/sweep.json; with predict=True, target.json) and
+    holds re-runs to: the config file as `portable_config` names it and the held-out file
+    relative to ROOT, so the records stay true wherever ROOT and the checkout are moved."""
+    recorded = portable_config(resolve_config(config))
+    return with_arg(recorded, f"heldout={HELDOUT}") if heldout_docs else recorded
+
+
 def effective_config(root: str, config: str, heldout_docs: int) -> str:
-    """The config arg the runs are trained with: --config plus the world's held-out file."""
+    """The config arg the runs are trained with: --config plus the world's held-out file, both
+    absolute (`study_config` resolved), as the trainers need them from their directory."""
+    config = resolve_config(config)
     if not heldout_docs:
         return config
-    world = os.path.abspath(os.path.join(root, "world"))
-    return with_arg(config, f"heldout={world}/heldout_text.jsonl")
+    return with_arg(config, f"heldout={os.path.join(os.path.abspath(root), HELDOUT)}")
 
 
 def _train(root: str, step: str, config_arg: str, runs, parallel: int, gpus=()) -> dict:
@@ -164,11 +207,20 @@ def _train(root: str, step: str, config_arg: str, runs, parallel: int, gpus=()) 
     return m.result
 
 
-def run_sweep(root: str, config: str, parallel: int, gpus=()) -> list:
+def plan_sweep(root: str, config: str, heldout_docs: int = 0) -> tuple[str, list]:
+    """(the trainers' config arg, runs) of the sweep in ROOT/sweep, its index written with
+    `study_config` (write_index refuses a started run of other settings, naming it)."""
     sweep_root = os.path.join(root, "sweep")
-    runs = sweep_lib.plan(config, sweep_root)
-    sweep_lib.write_index(sweep_root, config, runs, [])
-    _train(root, "sweep", config, runs, parallel, gpus)
+    trainers = effective_config(root, config, heldout_docs)
+    runs = sweep_lib.plan(trainers, sweep_root)
+    recorded = study_config(config, heldout_docs)
+    sweep_lib.write_index(sweep_root, trainers, runs, [], recorded=recorded)
+    return trainers, runs
+
+
+def run_sweep(root: str, config: str, parallel: int, gpus=(), heldout_docs: int = 0) -> list:
+    trainers, runs = plan_sweep(root, config, heldout_docs)
+    _train(root, "sweep", trainers, runs, parallel, gpus)
     return runs
 
 
@@ -177,15 +229,17 @@ def with_arg(config: str, item: str) -> str:
     return f"{config},{item}" if ":" in config else f"{config}:{item}"
 
 
-def target_runs(root: str, config: str, seeds: int = 1) -> tuple[str, list[sweep_lib.Run]]:
-    """(config arg, runs) of the bigger model: the config's predict=True variant in ROOT/target,
-    and with seeds > 1 again in ROOT/target-seed<k> (`--config.seed=k`). A target directory
-    started with another config arg (ROOT/target.json), or finished (DONE) short of this
-    config's total_steps, is refused: it used to be skipped as finished, and then never
-    counted as finished by `target_row`."""
-    module, _ = sweep_lib.load_config_module(config)
-    config_arg = with_arg(config, "predict=True")
-    info = sweep_lib.run_info(module.get_config(config_arg.partition(":")[2]))
+def target_runs(root: str, config: str, seeds: int = 1,
+                heldout_docs: int = 0) -> tuple[str, str, list[sweep_lib.Run]]:  # fmt: skip
+    """(the trainers' config arg, the one target.json records, runs) of the bigger model: the
+    config's predict=True variant in ROOT/target, and with seeds > 1 again in
+    ROOT/target-seed<k> (`--config.seed=k`). A target directory started with another config arg
+    (ROOT/target.json), or finished (DONE) short of this config's total_steps, is refused: it
+    used to be skipped as finished, and then never counted as finished by `target_row`."""
+    config_arg = with_arg(effective_config(root, config, heldout_docs), "predict=True")
+    recorded = with_arg(study_config(config, heldout_docs), "predict=True")
+    module, arg = sweep_lib.load_config_module(config_arg)
+    info = sweep_lib.run_info(module.get_config(arg))
     runs = []
     for k in range(seeds):
         name, ov = ("target", {}) if k == 0 else (f"target-seed{k}", {"seed": k})
@@ -193,7 +247,7 @@ def target_runs(root: str, config: str, seeds: int = 1) -> tuple[str, list[sweep
     path = os.path.join(root, "target.json")
     if os.path.exists(path):
         with open(path) as f:
-            _check_same_runs(json.load(f), config_arg, runs)
+            _check_same_runs(as_recorded(json.load(f), config_arg, recorded), recorded, runs)
     for run in runs:
         finished = sweep_table.final_metrics(run.workdir, run.total_steps) is not None
         if sweep_lib.is_done(run) and not finished:
@@ -204,14 +258,22 @@ def target_runs(root: str, config: str, seeds: int = 1) -> tuple[str, list[sweep
                 "trained with other settings. Use another --workdir, or delete that directory "
                 "to train the target again"
             )
+    return config_arg, recorded, runs
+
+
+def plan_target(root: str, config: str, seeds: int = 1,
+                heldout_docs: int = 0) -> tuple[str, list[sweep_lib.Run]]:  # fmt: skip
+    """(the trainers' config arg, runs) of `target_runs`, recorded in ROOT/target.json."""
+    config_arg, recorded, runs = target_runs(root, config, seeds, heldout_docs)
+    with open(os.path.join(root, "target.json"), "w") as f:
+        json.dump({"config": recorded, "runs": [r.to_dict() for r in runs]}, f, indent=1)
     return config_arg, runs
 
 
-def run_target(root: str, config: str, seeds: int = 1, gpus=()) -> list[sweep_lib.Run]:
+def run_target(root: str, config: str, seeds: int = 1, gpus=(),
+               heldout_docs: int = 0) -> list[sweep_lib.Run]:  # fmt: skip
     """Trains the bigger model (`target_runs`), so its actual loss is a mean over seeds."""
-    config_arg, runs = target_runs(root, config, seeds)
-    with open(os.path.join(root, "target.json"), "w") as f:
-        json.dump({"config": config_arg, "runs": [r.to_dict() for r in runs]}, f, indent=1)
+    config_arg, runs = plan_target(root, config, seeds, heldout_docs)
     _train(root, "target", config_arg, runs, parallel=1, gpus=gpus)
     return runs
 
@@ -363,25 +425,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    "naming each; default: such a run stops the fit, naming it")  # fmt: skip
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    root = args.workdir
-    os.makedirs(root, exist_ok=True)
+    root, heldout, seeds = args.workdir, args.heldout_docs, max(1, args.target_seeds)
     tasks = [t for t in args.tasks.split(",") if t.strip()]
-    config = effective_config(root, args.config, args.heldout_docs)
     try:  # before anything is written or trained
-        check_settings(root, args.config, args.heldout_docs)
+        check_workdir(root, heldout)
+        check_settings(root, args.config, heldout)
         if not args.no_target:
-            target_runs(root, config, max(1, args.target_seeds))
+            target_runs(root, args.config, seeds, heldout)
         gpus = sweep_devices.visible_gpus(args.gpus)
         if gpus:
             sweep_devices.GPUSlots(gpus, args.gpus_per_run)  # a bad split, refused up front
-    except ValueError as e:
-        p.error(str(e))
-    write_settings(root, args.config, args.heldout_docs)
-    emergence.ensure_world(os.path.join(root, "world"), args.heldout_docs)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        p.error(_message(e))
+    write_settings(root, args.config, heldout)
+    emergence.ensure_world(os.path.join(root, "world"), heldout)
 
     split = (gpus, args.gpus_per_run) if gpus else ()
-    runs = run_sweep(root, config, args.parallel, split)
-    targets = [] if args.no_target else run_target(root, config, max(1, args.target_seeds), split)
+    try:  # the sweep's index: a run started with other settings is named, before any training
+        trainers, runs = plan_sweep(root, args.config, heldout)
+        target_arg, targets = ("", []) if args.no_target else plan_target(
+            root, args.config, seeds, heldout)  # fmt: skip
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        p.error(_message(e))
+    _train(root, "sweep", trainers, runs, args.parallel, split)
+    if targets:
+        _train(root, "target", target_arg, targets, parallel=1, gpus=split)
     if tasks:
         evaluate_tasks(root, [r.workdir for r in runs + targets[:1]], tasks)
     rows = sweep_table.collect(os.path.join(root, "sweep"))
@@ -396,6 +464,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # Every argument as given: re-running this line resumes this study (not another one).
     command = shlex.join(["python", "-m", "flaxlm.evaluation.scaling_workflow", *argv])
+    config = study_config(args.config, heldout)  # the report names no place either
     md = write_markdown(root, report, rows, t_row, tasks, config, command)
     print(f"[workflow] report: {md}", flush=True)
     with open(os.path.join(root, "report", "workflow_report.json"), "w") as f:
@@ -412,6 +481,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"[workflow] fixed-budget L(N): predicted {fixed['predicted']:.4f}, actual "
               f"{fixed['actual']:.4f}, error {err:+.2f}%", flush=True)  # fmt: skip
     return report
+
+
+def _message(e: Exception) -> str:
+    """The message of a bad-input error (a KeyError's str() is its repr, quotes and all)."""
+    return e.args[0] if isinstance(e, KeyError) and e.args else str(e)
 
 
 if __name__ == "__main__":

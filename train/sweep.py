@@ -42,6 +42,7 @@ from flaxlm.train.sweep_devices import GPUSlots, nvidia_smi_gpus, visible_gpus
 from flaxlm.train.sweep_plan import (  # noqa: F401 (the public names of the sweep API)
     SWEEP_PID_ENV,
     Run,
+    check_local_workdir,
     expand,
     format_value,
     legacy_run_name,
@@ -367,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     root = args.workdir
     try:
+        check_local_workdir(root)  # before anything is made: gs://b/sw became ./gs:/b/sw
         only = _parse_only(args.only)
         runs = plan(args.config, root, extra=extra, only=only)
         write_index(root, args.config, runs, extra)

@@ -10,8 +10,10 @@ Every trainer gets `--distributed` (or the explicit coordinator flags), so
 `jax.distributed.initialize()` connects the processes of a run. Only runs that are not finished
 are listed; the SLURM script also skips a run whose DONE marker appeared since, and marks a run
 DONE only when its final checkpoint exists (a preempted trainer exits cleanly too). On pods and
-multi-node clusters ROOT must be storage every host sees (a bucket or a shared filesystem). The
-pod and multi-host scripts `cd` to --repo_dir (the hosts' flaxlm checkout): they name the run
+multi-node clusters ROOT must be a folder every host sees at the same path: a shared filesystem,
+or a bucket mounted on every host (gcsfuse); a bucket's URL (gs://...) is refused, since the
+sweep and the trainers write local paths (sweep_plan.check_local_workdir). The pod and
+multi-host scripts `cd` to --repo_dir (the hosts' flaxlm checkout): they name the run
 directories by their absolute paths, a config file inside the local checkout relative to its root
 (the same file in the hosts' checkout) and any other config file by its absolute path (which must
 then be on shared storage too); the SLURM script runs where it was written (`--chdir`).
@@ -26,25 +28,16 @@ The launch files name `--python` (default `python`): pass the venv's interpreter
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import shlex
 from collections.abc import Sequence
 
 from flaxlm.train.sweep import is_done
-from flaxlm.train.sweep_plan import train_command
+from flaxlm.train.sweep_plan import checkout_root, portable_config, train_command
 
 
 def _trainer(config_arg: str, run, python: str) -> str:
     return shlex.join(train_command(config_arg, run, python))
-
-
-def checkout_root() -> str | None:
-    """The local flaxlm checkout: the folder holding the `configs/` folder that setup.py's
-    package_dir maps to `flaxlm.configs` (None when that is not found)."""
-    spec = importlib.util.find_spec("flaxlm.configs")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    return os.path.dirname(os.path.realpath(locations[0])) if locations else None
 
 
 def _host_paths(config_arg: str, runs: Sequence) -> tuple[str, list]:
@@ -55,15 +48,8 @@ def _host_paths(config_arg: str, runs: Sequence) -> tuple[str, list]:
     it, and the run directories, absolute, so a path typed relative to the sweep's directory
     does not name another file (or train the run under the repo, where the sweep never looks).
     The hosts must see those absolute paths (shared storage, as for ROOT)."""
-    path, sep, arg = config_arg.partition(":")
-    config = os.path.realpath(os.path.expanduser(path))
-    root = checkout_root()
-    if root and os.path.commonpath([root, config]) == root:
-        config = os.path.relpath(config, root)
-    else:
-        config = os.path.abspath(os.path.expanduser(path))
     runs = [dataclasses.replace(r, workdir=os.path.abspath(r.workdir)) for r in runs]
-    return config + sep + arg, runs
+    return portable_config(config_arg, checkout_root()), runs
 
 
 def slurm_script(config_arg: str, runs: Sequence, root: str, *, python: str = "python",

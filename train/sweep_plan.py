@@ -43,6 +43,58 @@ class Run:
 # Config files, overrides and names
 
 
+def checkout_root() -> str | None:
+    """The local flaxlm checkout: the folder holding the `configs/` folder that setup.py's
+    package_dir maps to `flaxlm.configs` (None when that is not found)."""
+    spec = importlib.util.find_spec("flaxlm.configs")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return os.path.dirname(os.path.realpath(locations[0])) if locations else None
+
+
+def portable_config(config_arg: str, checkout: str | None = None) -> str:
+    """`config_arg` with its file named the same wherever the checkout lies: a file inside the
+    flaxlm checkout (`checkout`, default `checkout_root()`) relative to the checkout's root, any
+    other file by its absolute path; the ":args" part as written. How a study records its
+    config (scaling_workflow: a study moved, or a checkout moved, is the same study), and how
+    the pod and host scripts name it after their `cd` to the hosts' checkout (sweep_launch).
+    `resolve_config` finds the file again."""
+    path, sep, arg = config_arg.partition(":")
+    path = os.path.expanduser(path)
+    checkout = checkout_root() if checkout is None else checkout
+    real = os.path.realpath(path)
+    if checkout and os.path.commonpath([checkout, real]) == checkout:
+        return os.path.relpath(real, checkout) + sep + arg
+    return os.path.abspath(path) + sep + arg
+
+
+def resolve_config(config_arg: str) -> str:
+    """`config_arg` with its file by its absolute path: a relative path as usual against the
+    working directory or, where no such file is, against the flaxlm checkout's root (how
+    `portable_config` records a file of the checkout, which a study re-run from another
+    directory, or after the checkout moved, must still find). The ":args" part as written."""
+    path, sep, arg = config_arg.partition(":")
+    path = os.path.expanduser(path)
+    checkout = checkout_root()
+    if not os.path.isabs(path) and not os.path.exists(path) and checkout:
+        if os.path.isfile(os.path.join(checkout, path)):
+            path = os.path.join(checkout, path)
+    return os.path.abspath(path) + sep + arg
+
+
+# "gs://bucket/x", "s3://...", "file:///...": a URL, which os.makedirs takes for a local folder
+_URL = re.compile(r"^[A-Za-z][\w+.-]*://")
+
+
+def check_local_workdir(path: str, flag: str = "--workdir") -> None:
+    """Refuses a URL as a sweep's (or study's) root: every folder of a sweep is made and read
+    through local paths, by the sweep and by its trainers, so `gs://b/sw` became ./gs:/b/sw
+    here (and a different local folder on every host of a pod)."""
+    if _URL.match(path):
+        raise ValueError(f"{flag} {path}: a URL, not a folder; the sweep and its trainers "
+                         "write local paths only. Mount the bucket (e.g. gcsfuse) or use a "
+                         f"shared filesystem, and pass the mounted path as {flag}")  # fmt: skip
+
+
 def load_config_module(config_arg: str):
     """(module, arg) for "path/to/file.py:arg"; the module is imported from its path."""
     path, _, arg = config_arg.partition(":")
@@ -381,25 +433,32 @@ def read_index(path: str) -> dict:
     return index
 
 
-def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence[str]) -> str:
+def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence[str], *,
+                recorded: str | None = None) -> str:  # fmt: skip
     """ROOT/sweep.json: the config, the common overrides and every run of the sweep planned so
     far: `runs` merged with earlier `--only` subsets of the same sweep. An earlier entry whose
     run the sweep no longer has (a run dropped from sweep(), or listed under a name of the old
     `run-<index>-` scheme beside the one that is kept) is left out, so the run table lists each
-    current run once."""
+    current run once.
+
+    `recorded`: the config arg to record and hold later sweeps to, when the trainers' own
+    (`config_arg`, in the runs' commands) names paths that move with the study (scaling_workflow
+    records its held-out file relative to its root). An index that recorded the trainers'
+    config arg itself (written before the caller passed `recorded`) is the same sweep."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "sweep.json")
+    record = config_arg if recorded is None else recorded
     known = {}
     if os.path.exists(path):
-        old = read_index(path)
-        if _same_config_arg(old.get("config"), config_arg):
+        old = as_recorded(read_index(path), config_arg, recorded)
+        if _same_config_arg(old.get("config"), record):
             current = sweep_names(config_arg, root)
             known = {r["name"]: r for r in old.get("runs", []) if r.get("name") in current}
-        _check_same_runs(old, config_arg, runs)
+        _check_same_runs(old, record, runs)
     for r in runs:
         known[r.name] = {**r.to_dict(), "command": train_command(config_arg, r, "python")}
     index = {
-        "config": config_arg,
+        "config": record,
         "extra_overrides": list(extra),
         "runs": sorted(known.values(), key=lambda r: r["index"]),
     }
@@ -410,12 +469,23 @@ def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence
     return path
 
 
+def as_recorded(old: dict, config_arg: str, recorded: str | None) -> dict:
+    """`old` (sweep.json, or a record like it) with a config arg that is the trainers'
+    `config_arg` itself, as it was recorded before its caller recorded `recorded` instead, taken
+    for `recorded`: the same sweep, where it was started (its absolute paths still hold)."""
+    if recorded is not None and _same_config_arg(old.get("config"), config_arg):
+        return {**old, "config": recorded}
+    return old
+
+
 def _same_config_arg(a: str | None, b: str) -> bool:
     """FILE:ARG strings that name the same file and args (`./configs/x.py:b=1,a=2` is
-    `configs/x.py:a=2,b=1`), or the same file with args its own parser reads alike
-    (`:runlocal` is `:runlocal=True`): the same base config and the same sweep()."""
+    `configs/x.py:a=2,b=1`; a file of the checkout as `portable_config` records it is that
+    file), or the same file with args its own parser reads alike (`:runlocal` is
+    `:runlocal=True`): the same base config and the same sweep()."""
     if a is None:
         return False
+    a, b = resolve_config(a), resolve_config(b)
     norm = lambda s: (os.path.realpath(s.partition(":")[0]), sorted(s.partition(":")[2].split(",")))
     if norm(a) == norm(b):
         return True
