@@ -718,8 +718,10 @@ def test_dpo_heldout_eval_equals_the_reference(same_reference):
     T = 10
     mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     rules = logical_axis_rules("fsdp")
+    # (the eval's log-probabilities in 2 micro-batches of 4 pairs, as grad_accum=2 trains)
     cfg = ml_collections.ConfigDict({"seq_len": T, "batch_size": 8, "sharding": "fsdp",
-                                     "dpo": _dpo_cfg("sigmoid", 0.5)})  # fmt: skip
+                                     "dpo": _dpo_cfg("sigmoid", 0.5),
+                                     "opt": {"grad_accum": 2}})  # fmt: skip
     params = _table_params(rng, T)
     ref_params = params if same_reference else _table_params(rng, T)
     pairs = _heldout_pairs(rng, 11, T)
