@@ -72,7 +72,19 @@ def data_config(train: str, eval_: str) -> ml_collections.ConfigDict:
     c.overlength = "truncate_left"  # truncate_left (cut oldest prompt tokens) | drop
     c.strict = False  # True: the first bad record raises with file:line
     c.shuffle = True  # reshuffle training examples every epoch
+    # A resume whose data.train files changed since the checkpoint: "error" stops naming them
+    # (the saved position indexes the old records' order), "warn" resumes there anyway
+    c.on_changed_sources = "error"
     return c
+
+
+def train_source_check(config) -> dict:
+    """The training batches' keyword arguments for checking, at a resume, that data.train's
+    files hold what the checkpoint's run read (data/chat_batches.py `source_fingerprints`):
+    per part of data.train (a glob sees a file added under it), per `data.on_changed_sources`
+    (configs older than the key: "error")."""
+    return {"sources": config.data.train,
+            "on_changed_sources": config.data.get("on_changed_sources", "error")}  # fmt: skip
 
 
 def world(preset: str, seed: int):

@@ -476,6 +476,7 @@ def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
             train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
             pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
             process_index=jax.process_index(), process_count=jax.process_count(),
+            **common.train_source_check(config),
         )  # fmt: skip
     host = []
     if heldout and config.eval_every:

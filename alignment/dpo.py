@@ -486,7 +486,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if spec:
         init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
     batches = _pair_batches(train, config, tok.pad_id, seed=config.seed,
-                            shuffle=config.data.shuffle)  # fmt: skip
+                            shuffle=config.data.shuffle,
+                            **common.train_source_check(config))  # fmt: skip
     if frozen is None:  # precompute (a table look-up) or reference-free (zeros): no forward pass
         batches = WithRefLogps(batches, ref)
     eval_fn = None

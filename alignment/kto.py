@@ -384,7 +384,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     else:  # a frozen copy: the step's argument, scored in the loss; held-out pairs: `ref`
         ref_cfg, ref_apply, frozen = _reference(config, mesh, rules, pins)
         ref = RefLogps(ref_apply, frozen, mesh, rules, cache=False, prefixes=ROWS)
-    batches = _batches(train, config, tok.pad_id, seed=config.seed, shuffle=config.data.shuffle)
+    batches = _batches(train, config, tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
+                       **common.train_source_check(config))  # fmt: skip
     eval_fn = None
     gen_report = F.DataReport(config.data.strict)  # its own section: a file may be both
     if config.eval_every and (heldout or config.eval_gen.sets):

@@ -183,6 +183,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
         pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(),
+        **common.train_source_check(config),
     )  # fmt: skip
     eval_fn = make_eval_fn(config, mesh, apply, heldout) if heldout and config.eval_every else None
     router = router_coefs(config.loss, cfg.n_experts > 0)  # (None: a dense backbone)

@@ -99,7 +99,8 @@ from flaxlm.alignment.rl_rows import (  # noqa: F401 (re-exported: the row layou
     trim_rows,
     trimmed_width,
 )
-from flaxlm.data.chat_batches import order_seed
+from flaxlm.data import source_fingerprint
+from flaxlm.data.chat_batches import order_seed, source_fingerprints
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.decode import DECODE_GEMMS, DECODE_NORMS, generate, resolve_decode_attention
 from flaxlm.models.decode_mlp import variant_options as mlp_variant_options
@@ -345,6 +346,14 @@ class RolloutSource:
         # LoRA (`spec`): the policy is {"base", "lora"}; the decoder gets the merged weights
         self.spec, self._merged = spec, None
         self.cursor = PromptCursor(len(prompts), config.seed)  # the same on every process
+        # What data.train's files held as the prompts were read: the cursor indexes their
+        # shuffled order, so a resume over changed files is checked (`set_state`) as the chat
+        # batches' is (data/chat_batches.py), per data.on_changed_sources
+        self.source_fingerprint = source_fingerprints(prompts, config.data.train)
+        self.on_changed_sources = policy = config.data.get("on_changed_sources", "error")
+        if policy not in source_fingerprint.POLICIES:
+            raise ValueError(f"data.on_changed_sources must be one of "
+                             f"{source_fingerprint.POLICIES}, got {policy!r}")  # fmt: skip
         # Rows are cut to one of these widths for scoring and training (`trim_rows`); configs
         # older than the key: never.
         self._buckets = row_buckets(config.seq_len, r.get("trim_buckets", 1))
@@ -384,10 +393,17 @@ class RolloutSource:
     def get_state(self) -> dict:
         # A resumed run starts a fresh rollout: the unused minibatches of an interrupted one
         # are not checkpointed (they are cheap to regenerate and depend on the old policy).
-        return {"cursor": self.cursor.get_state(), "iteration": self.iteration,
-                "unused_minibatches": len(self.queue)}  # fmt: skip
+        state = {"cursor": self.cursor.get_state(), "iteration": self.iteration,
+                 "unused_minibatches": len(self.queue)}  # fmt: skip
+        if self.source_fingerprint is not None:
+            state["sources"] = [source_fingerprint.record(f) for f in self.source_fingerprint]
+        return state
 
     def set_state(self, st: dict) -> None:
+        if self.source_fingerprint is not None:  # (a state saved before: None, logged)
+            source_fingerprint.check(st.get("sources"), self.source_fingerprint,
+                                     self.on_changed_sources, "the RL prompts",
+                                     key="data.train")  # fmt: skip
         self.cursor.set_state(st["cursor"])
         self.iteration = int(st["iteration"])
         self.queue = []

@@ -214,6 +214,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
         pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
         process_index=jax.process_index(), process_count=jax.process_count(),
+        **common.train_source_check(config),
     )  # fmt: skip
     eval_fn = None
     if config.eval_every and (heldout or sets):
