@@ -295,7 +295,10 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
     # Iteration 0 compiles; 1..iters are timed; one step of iteration iters+1 reports the train
     # time of iteration `iters` (rollout/train_s is logged with the *next* rollout).
     override(config, {"total_steps": (iters + 1) * n + 1, "log_every": n})
-    task.run(config, workdir)
+    try:
+        task.run(config, workdir)
+    except RuntimeError as e:  # (the guard's stop: say where the non-finite values began)
+        raise RuntimeError(f"{e}; logged: {failure_details(workdir)}") from e
     recs = [r for r in read_metrics(workdir) if "rollout/iteration" in r]
     by_it = {int(round(r["rollout/iteration"])): r for r in recs}
     its = list(range(1, iters + 1))
@@ -332,6 +335,35 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
             by_it[0]["rollout/gen_s"] + by_it[0]["rollout/score_s"] + by_it[1]["rollout/train_s"]),
         **env,
     }  # fmt: skip
+
+
+# What a failed RL case's record shows of each logged row besides its non-finite values: where
+# a NaN entered (the reward model's scores, the KL to the reference, the decoder against the
+# scoring forward, the losses).
+DIAGNOSTIC_KEYS = ("rollout/score_mean", "rollout/reward_mean", "rollout/kl",
+                   "rollout/logprob_gap", "rollout/response_len", "rollout/explained_var",
+                   "skipped_loss", "pg_loss", "vf_loss", "grad_norm")  # fmt: skip
+
+
+def failure_details(workdir: str) -> str:
+    """The rows a failed run logged, compact: each row's step, its non-finite values by key and
+    the DIAGNOSTIC_KEYS it has (the 2026-12-04 lease's PPO cases stopped at step 8 with
+    "8 bad steps in a row" and nothing else to go on)."""
+    import json
+    import math
+
+    from flaxlm.train.metrics import read_metrics
+
+    try:
+        rows = read_metrics(workdir)
+    except (OSError, ValueError) as e:
+        return f"no metrics ({type(e).__name__}: {e})"
+    out = []
+    for r in rows:
+        bad = sorted(k for k, v in r.items() if isinstance(v, float) and not math.isfinite(v))
+        keep = {k: r[k] for k in DIAGNOSTIC_KEYS if k in r and k not in bad}
+        out.append({"step": r.get("step"), "nonfinite": bad, **keep})
+    return json.dumps(out) if out else "no rows"
 
 
 def parse_case(case: str) -> tuple[str, str, dict]:

@@ -83,7 +83,15 @@ SHAPES = {
         [(bk, w, s) for bk in (64, 128, 256) for w in (4, 8) for s in (1, 2, 3)],
         # (K, N) weights as stored, then transposed to (N, K) (`decode_mlp="pallas_t"`)
         [(bn, bk, 4, s) for bn in (16, 32, 64) for bk in (64, 128) for s in (3, 4)]
-        + [("t", bn, bk, 4, s) for bn in (16, 32) for bk in (128, 256) for s in (3, 4)],
+        + [
+            ("t", bn, bk, 4, s)
+            for bn in (16, 32)
+            for bk in (128, 256)
+            for s in (3, 4)
+            # (32, 256) in 4 stages asks for 256 KiB of shared memory, over the H200's 227
+            # (RESOURCE_EXHAUSTED in the 2026-12-04 lease)
+            if (bn, bk, s) != (32, 256, 4)
+        ],
         20,
     ),  # fmt: skip
     "tiny": ("tiny", (4,), 128, 64, [(64, 4, 2)], [(32, 32, 4, 3), ("t", 32, 32, 4, 3)], 2),

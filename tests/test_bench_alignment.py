@@ -155,3 +155,23 @@ def test_grpo_record_counts_the_policy_alone(records):
     assert r["group_size"] == A.GRPO_GROUP and r["rollout_batch"] % A.GRPO_GROUP == 0
     assert r["flops_per_token"] == cfg.flops_per_token(r["seq_len"])
     assert "groups of 4" in A.table([r])
+
+
+def test_a_failed_rl_case_names_where_the_non_finite_values_are(tmp_path):
+    """The guard's "8 bad steps in a row" alone (the 2026-12-04 lease's PPO cases) says nothing
+    of where a NaN entered: the record now carries each logged row's non-finite keys and the
+    rollout's scores, KL and decoder gap."""
+    import json
+
+    rows = [{"step": 4, "loss": 0.5, "rollout/score_mean": 0.1, "rollout/kl": 0.0},
+            {"step": 8, "skipped_loss": float("nan"), "rollout/score_mean": float("nan"),
+             "rollout/logprob_gap": 0.02, "lr": 1e-5}]  # fmt: skip
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    got = json.loads(A.failure_details(str(tmp_path)))
+    assert got == [
+        {"step": 4, "nonfinite": [], "rollout/score_mean": 0.1, "rollout/kl": 0.0},
+        {"step": 8, "nonfinite": ["rollout/score_mean", "skipped_loss"],
+         "rollout/logprob_gap": 0.02},
+    ]  # fmt: skip
+    assert A.failure_details(str(tmp_path / "none")).startswith("no metrics (")
