@@ -8,6 +8,7 @@ restored streak starts at 0, so every rollback takes `guard.max_bad_in_row` new 
 from __future__ import annotations
 
 import logging
+import math
 
 import jax
 
@@ -26,7 +27,7 @@ class _RollbackLimit:
         self.limit = limit
         self.steps: list[int] = []  # trigger steps of the rollbacks in a row without progress
 
-    def check(self, step: int, bad_in_row: int, ckpt, writer) -> None:
+    def check(self, step: int, bad_in_row: int, ckpt, writer, detail: str = "") -> None:
         """Before a rollback triggered at `step`: raises once the limit is exceeded."""
         if self.steps and step > self.steps[-1]:
             self.steps = []  # the run got past the last rollback's step: progress
@@ -38,7 +39,7 @@ class _RollbackLimit:
         why = (
             f"step {step}: {bad_in_row} bad steps in a row (NaN/Inf or loss spikes) again, after "
             f"{len(before)} rollbacks in a row (at steps {before}) none of which got past step "
-            f"{max(before)}: stopping instead of rolling back again "
+            f"{max(before)}{detail}: stopping instead of rolling back again "
             f"(guard.max_rollbacks={self.limit}; 0 = no limit). "
             f"The checkpoints are left as they are (latest: step {ckpt.latest_step()}); the "
             "batches after it keep failing: check the data there, or lower the learning rate."
@@ -57,15 +58,34 @@ def _log_and_guard(config, window, meter, state, step, writer, summary, bar, lim
     max_bad = config.guard.max_bad_in_row
     if not (max_bad > 0 and rec["bad_in_row"] >= max_bad):
         return state, step, False
-    limit.check(step, int(rec["bad_in_row"]), ckpt, writer)
+    detail = bad_steps_detail(rec)
+    limit.check(step, int(rec["bad_in_row"]), ckpt, writer, detail)
     state, step = _rollback(ckpt, state, step, task, tx, shardings, summary, writer,
-                            int(rec["bad_in_row"]))  # fmt: skip
+                            int(rec["bad_in_row"]), detail)  # fmt: skip
     bar.n = step
     meter.skip()  # the restore is no training time
     return state, step, True
 
 
-def _rollback(ckpt, state, step, task, tx, shardings, summary, writer, bad_in_row):
+def bad_steps_detail(rec: dict) -> str:
+    """What the logged line says of the window's skipped steps, for the errors that stop a run:
+    whether the loss or the gradient norm was non-finite, or neither (then the update was —
+    the optimizer's state — or the loss a spike). The bare count left a user (and a GPU
+    benchmark's record) nothing to look at."""
+    loss = rec.get("skipped_loss", rec.get("loss"))
+    grad = rec.get("grad_norm")
+    if loss is None and grad is None:
+        return ""
+    shown = [f"{name} {float(v):.4g}" for name, v in (("loss", loss), ("grad_norm", grad))
+             if v is not None]  # fmt: skip
+    finite = all(math.isfinite(float(v)) for v in (loss, grad) if v is not None)
+    why = ("both finite: the updates were non-finite (the optimizer's state) or the losses "
+           "spikes" if finite else "a NaN/Inf in the forward or backward pass")  # fmt: skip
+    return f" (the skipped steps' mean {', '.join(shown)}: {why})"
+
+
+def _rollback(ckpt, state, step, task, tx, shardings, summary, writer, bad_in_row,
+              detail: str = ""):  # fmt: skip
     """Restores the last readable checkpoint's model and optimizer (an unreadable newest step
     is handled as on resume, `ckpt.on_corrupt`); the data iterator keeps its place. The metrics
     lines after the checkpoint move to metrics.superseded.jsonl (the steps are trained again).
@@ -84,7 +104,8 @@ def _rollback(ckpt, state, step, task, tx, shardings, summary, writer, bad_in_ro
     if got is None:
         raise RuntimeError(
             f"step {step}: {int(state.guard['bad_in_row'])} bad steps in a row (NaN/Inf or loss "
-            "spikes) and no checkpoint to roll back to; lower the learning rate or check the data"
+            f"spikes){detail} and no checkpoint to roll back to; lower the learning rate or "
+            "check the data"
         )
     last, restored = got[0], got[1]
     streak = restored.guard["bad_in_row"]

@@ -149,6 +149,31 @@ def test_bad_steps_in_a_row_roll_back_and_skip_the_batches(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
+def test_bad_steps_without_a_checkpoint_stop_saying_what_was_non_finite(tmp_path):
+    """No checkpoint to roll back to: the error names the skipped steps' loss and gradient norm
+    and which was non-finite (the bare count was all a failed GPU benchmark recorded)."""
+    c = _config(total_steps=12, ckpt_every=0, log_every=4, eval_every=0,
+                **{"guard.max_bad_in_row": 3})  # fmt: skip
+    mesh = make_mesh({"data": -1})
+    task = pretrain.build_task(c, mesh)
+    stream = _PoisonedStream(256, c.seq_len, c.batch_size, chain_seed=c.seed)
+    stream.bad = range(0, 10**9)
+    task.train_batches = stream
+    with pytest.raises(RuntimeError, match=r"step 4: 4 bad steps in a row .*\(the skipped steps' "
+                       r"mean loss nan, grad_norm nan: a NaN/Inf in the forward or backward "
+                       r"pass\) and no checkpoint to roll back to"):  # fmt: skip
+        loop.run(c, str(tmp_path), task, mesh=mesh)
+
+
+def test_the_detail_says_when_loss_and_gradient_were_finite():
+    from flaxlm.train.loop_guard import bad_steps_detail
+
+    assert "both finite: the updates were non-finite" in bad_steps_detail(
+        {"skipped_loss": 2.5, "grad_norm": 1.0}
+    )
+    assert bad_steps_detail({"lr": 1e-3}) == ""
+
+
 def test_bad_steps_that_never_end_stop_after_max_rollbacks(tmp_path):
     """Every batch bad from 12 on: the run used to roll back to checkpoint 10 for ever (139
     times until killed), growing events.jsonl and metrics.superseded.jsonl. Now it stops with
@@ -160,7 +185,8 @@ def test_bad_steps_that_never_end_stop_after_max_rollbacks(tmp_path):
     stream = _PoisonedStream(256, c.seq_len, c.batch_size, chain_seed=c.seed)
     stream.bad = range(12, 10**9)
     task.train_batches = stream
-    with pytest.raises(RuntimeError, match=r"at steps \[15, 13\].*guard\.max_rollbacks=2"):
+    want = r"at steps \[15, 13\].*loss nan.*a NaN/Inf in the forward.*guard\.max_rollbacks=2"
+    with pytest.raises(RuntimeError, match=want):
         loop.run(c, str(tmp_path), task, mesh=mesh)
     # Rollbacks at 15 (batches 12..14), 13 and 13 again: the third is refused.
     assert stream.index == 21
