@@ -350,10 +350,9 @@ class RolloutSource:
         # shuffled order, so a resume over changed files is checked (`set_state`) as the chat
         # batches' is (data/chat_batches.py), per data.on_changed_sources
         self.source_fingerprint = source_fingerprints(prompts, config.data.train)
-        self.on_changed_sources = policy = config.data.get("on_changed_sources", "error")
-        if policy not in source_fingerprint.POLICIES:
-            raise ValueError(f"data.on_changed_sources must be one of "
-                             f"{source_fingerprint.POLICIES}, got {policy!r}")  # fmt: skip
+        self.on_changed_sources = source_fingerprint.valid_policy(
+            config.data.get("on_changed_sources", "error")
+        )
         # Rows are cut to one of these widths for scoring and training (`trim_rows`); configs
         # older than the key: never.
         self._buckets = row_buckets(config.seq_len, r.get("trim_buckets", 1))
@@ -395,15 +394,12 @@ class RolloutSource:
         # are not checkpointed (they are cheap to regenerate and depend on the old policy).
         state = {"cursor": self.cursor.get_state(), "iteration": self.iteration,
                  "unused_minibatches": len(self.queue)}  # fmt: skip
-        if self.source_fingerprint is not None:
-            state["sources"] = [source_fingerprint.record(f) for f in self.source_fingerprint]
-        return state
+        return source_fingerprint.with_records(state, self.source_fingerprint)
 
     def set_state(self, st: dict) -> None:
-        if self.source_fingerprint is not None:  # (a state saved before: None, logged)
-            source_fingerprint.check(st.get("sources"), self.source_fingerprint,
-                                     self.on_changed_sources, "the RL prompts",
-                                     key="data.train")  # fmt: skip
+        st = source_fingerprint.checked_state(st, self.source_fingerprint,
+                                              self.on_changed_sources, "the RL prompts",
+                                              key="data.train")  # fmt: skip
         self.cursor.set_state(st["cursor"])
         self.iteration = int(st["iteration"])
         self.queue = []

@@ -203,11 +203,7 @@ class _Batches(Lookahead):
     def __init__(self, items, *, seq_len, batch, pad_id, seed=0, shuffle=True, num_epochs=0,
                  process_index=0, process_count=1, with_index=False, sources=None,
                  on_changed_sources="error"):  # fmt: skip
-        if on_changed_sources not in source_fingerprint.POLICIES:
-            raise ValueError(
-                f"data.on_changed_sources must be one of {source_fingerprint.POLICIES}, got "
-                f"{on_changed_sources!r}"
-            )
+        source_fingerprint.valid_policy(on_changed_sources)
         # Taken as the iterator is built, just after its items were read: a file edited
         # later (while the run trains) is not what they hold
         self.fingerprint = source_fingerprints(items, sources)
@@ -240,21 +236,17 @@ class _Batches(Lookahead):
     def get_state(self) -> dict:
         """Lookahead's state plus, with a fingerprint, what each source held (``"sources"``:
         the same on every process, so recorded once, beside the processes' positions)."""
-        state = super().get_state()
-        if self.fingerprint is None:
-            return state
-        return {**state, "sources": [source_fingerprint.record(f) for f in self.fingerprint]}
+        return source_fingerprint.with_records(super().get_state(), self.fingerprint)
 
     def set_state(self, state: dict) -> None:
         # The records are taken out before the positions are read (resharded or not): they
         # describe the data, which no process count changes.
-        state = dict(state)
-        saved = state.pop("sources", None)
-        if self.fingerprint is not None:
-            name = self.state_name or type(self).__name__
-            source_fingerprint.check(saved, self.fingerprint, self.on_changed_sources, name,
-                                     key="data.train")  # fmt: skip
-        super().set_state(state)
+        name = self.state_name or type(self).__name__
+        super().set_state(
+            source_fingerprint.checked_state(
+                state, self.fingerprint, self.on_changed_sources, name, key="data.train"
+            )
+        )
 
     def _local_state(self) -> dict:
         return self.order.get_state()

@@ -195,19 +195,14 @@ class PackedBatchIterator(Lookahead):
     def get_state(self) -> dict:
         """Lookahead's state plus, with a fingerprint, what each source held (``"sources"``:
         the same on every process, so recorded once, beside the processes' positions)."""
-        state = super().get_state()
-        if self.fingerprint is None:
-            return state
-        return {**state, "sources": [source_fingerprint.record(f) for f in self.fingerprint]}
+        return source_fingerprint.with_records(super().get_state(), self.fingerprint)
 
     def set_state(self, state: dict) -> None:
-        state = dict(state)
-        saved = state.pop("sources", None)
-        if self.fingerprint is not None:
-            source_fingerprint.check(
-                saved, self.fingerprint, self.on_changed_sources, self.state_name
+        super().set_state(
+            source_fingerprint.checked_state(
+                state, self.fingerprint, self.on_changed_sources, self.state_name
             )
-        super().set_state(state)
+        )
 
     def _local_state(self) -> dict:
         """This process's position (``get_state`` gathers every process's; Lookahead)."""

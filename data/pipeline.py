@@ -324,12 +324,8 @@ def make_pretrain_iterator(
     if vocab_size is not None:
         tok.check_fits(vocab_size)
     log = S.BadInputLog(strict=data_cfg.strict)
-    on_changed = data_cfg.get("on_changed_sources", "error")  # (configs older than the key)
-    if on_changed not in source_fingerprint.POLICIES:
-        raise ValueError(
-            f"data.on_changed_sources must be one of {source_fingerprint.POLICIES}, got "
-            f"{on_changed!r}"
-        )
+    # (configs older than the key: "error")
+    on_changed = source_fingerprint.valid_policy(data_cfg.get("on_changed_sources", "error"))
     datasets, passes, prints = [], [], []
     for i, (pattern, _) in enumerate(entries):
         src, frame = open_framed_source(pattern, data_cfg, tok, log, builtin)

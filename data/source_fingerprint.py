@@ -86,6 +86,14 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
+def valid_policy(policy) -> str:
+    """`policy` (data.on_changed_sources), checked as a data source is built: a ValueError
+    naming the key, not a surprise at the first resume."""
+    if policy not in POLICIES:
+        raise ValueError(f"data.on_changed_sources must be one of {POLICIES}, got {policy!r}")
+    return policy
+
+
 def check(
     saved: list[dict] | None,
     current: list[dict],
@@ -99,8 +107,7 @@ def check(
     whose configured pattern changed, or a changed number of sources, are the config's change,
     not checked here. ``key``: the config key the sources come from, for the message (the chat
     and preference batches' ``data.train``, data/chat_batches.py)."""
-    if policy not in POLICIES:
-        raise ValueError(f"data.on_changed_sources must be one of {POLICIES}, got {policy!r}")
+    valid_policy(policy)
     if saved is None:
         logging.info("%s: the data state records no source fingerprints (saved by an older "
                      "version): changes to the files since are not checked", what)  # fmt: skip
@@ -139,3 +146,24 @@ def check(
             "the saved position with --config.data.on_changed_sources=warn"
         )
     logging.warning("%s (resuming anyway: data.on_changed_sources=warn)", msg)
+
+
+def with_records(state: dict, current: list[dict] | None) -> dict:
+    """A data state with what each source held when its items were read (``"sources"``: the
+    same on every process, so recorded once beside the processes' positions); `state` itself
+    when there is nothing to record. The batch iterators' get_state (data/packing.py,
+    data/chat_batches.py) and the RL prompt cursor's (alignment/rl_rollout.py)."""
+    if current is None:
+        return state
+    return {**state, "sources": [record(f) for f in current]}
+
+
+def checked_state(state: dict, current: list[dict] | None, policy: str, what: str,
+                  key: str = "data.sources") -> dict:  # fmt: skip
+    """`state` without its ``"sources"``, after `check`ing them against `current` (when this
+    run has fingerprints): a set_state's first step, before the positions are read."""
+    state = dict(state)
+    saved = state.pop("sources", None)
+    if current is not None:
+        check(saved, current, policy, what, key)
+    return state
