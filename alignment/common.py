@@ -44,6 +44,7 @@ from flaxlm.alignment.run_tokenizer import (  # noqa: F401 (re-exported: the tok
 )
 from flaxlm.configs.common import model_keys_set, to_model_config  # noqa: F401 (model_keys_set: its API)
 from flaxlm.data import formats as F
+from flaxlm.data.source_errors import DataError
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.sharding import check_batch_divides
@@ -76,6 +77,15 @@ def data_config(train: str, eval_: str) -> ml_collections.ConfigDict:
     # (the saved position indexes the old records' order), "warn" resumes there anyway
     c.on_changed_sources = "error"
     return c
+
+
+def no_usable(config, what: str, report: F.DataReport, why: str = "") -> DataError:
+    """The error of a data.train that gave no usable `what` (examples, pairs, prompts): a
+    DataError (one line from the trainer CLI) saying what became of its records, reason by
+    reason with a file:line example (`DataReport.dropped_summary`); `why` first, when the
+    stage knows more (GKD's mix needs completions)."""
+    return DataError(f"data.train={config.data.train!r}: no usable {what}{why}: "
+                       f"{report.dropped_summary()}")  # fmt: skip
 
 
 def train_source_check(config) -> dict:

@@ -454,8 +454,7 @@ def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
     train = load(config.data.train, config, template, report)
     if not train:
         why = _mix_needs_chats(config.distill.on_policy_fraction) if mixed else ""
-        raise ValueError(f"data.train={config.data.train!r}: no usable examples{why} "
-                         f"({report.to_dict()})")  # fmt: skip
+        raise common.no_usable(config, "examples", report, why)
     heldout = []
     if config.data.eval:
         heldout = sft.load_examples(config.data.eval, config, template, eval_report)

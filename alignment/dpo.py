@@ -436,7 +436,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
     train = load_pairs(config.data.train, config, template, report)
     if not train:
-        raise ValueError(f"data.train={config.data.train!r}: no usable pairs ({report.to_dict()})")
+        raise common.no_usable(config, "pairs", report)
     heldout = (
         load_pairs(config.data.eval, config, template, eval_report) if config.data.eval else []
     )

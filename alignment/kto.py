@@ -364,8 +364,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     report, eval_report = F.DataReport(config.data.strict), F.DataReport(config.data.strict)
     train = load_examples(config.data.train, config, template, report)
     if not train:
-        raise ValueError(f"data.train={config.data.train!r}: no usable examples "
-                         f"({report.to_dict()})")  # fmt: skip
+        raise common.no_usable(config, "examples", report)
     heldout = (
         load_examples(config.data.eval, config, template, eval_report) if config.data.eval else []
     )

@@ -63,11 +63,16 @@ RL gradient alone is free to collapse a router onto a few experts.
 Metrics (metrics.jsonl): loss-side `pg_loss`, `vf_loss`, `entropy`, `clipfrac`, `vf_clipfrac`,
 `approx_kl`; per rollout `rollout/score_mean|std` (reward model), `rollout/reward_mean|std`
 (sequence reward with penalties), `rollout/kl` (per-sequence KL to the reference),
-`rollout/kl_coef`, `rollout/explained_var`, `rollout/response_len`, the bad-input counts, and
-the time split `rollout/gen_s`, `rollout/score_s`, `rollout/train_s`, and `rollout/logprob_gap`
-(mean |decoder − scoring forward| logprob of the sampled tokens, both at T = 1: ~0 unless the
-decoder's numerics drift from the training forward's). Evaluation: greedy
-answers on held-out prompts — world-judge accuracy and the reward model's mean score.
+`rollout/kl_coef`, `rollout/non_score_reward` (−β × that KL: the penalty's share of the
+reward), `rollout/explained_var`, `rollout/value_mean` (the critic's mean value over response
+tokens), `rollout/adv_std` (the spread of the GAE advantages before whitening),
+`rollout/response_len`, `rollout/stopped` (the fraction of responses that ended with a stop
+token; `rollout/nonstop`, `rollout/empty` and `rollout/bad_reward` count the others), the
+rollout's number `rollout/iteration`, and the time split `rollout/gen_s`, `rollout/score_s`,
+`rollout/train_s`, and `rollout/logprob_gap` (mean |decoder − scoring forward| logprob of the
+sampled tokens, both at T = 1: ~0 unless the decoder's numerics drift from the training
+forward's). Evaluation: greedy answers on held-out prompts — world-judge accuracy and the
+reward model's mean score.
 """
 
 from __future__ import annotations

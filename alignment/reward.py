@@ -167,7 +167,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     report = F.DataReport(strict=config.data.strict)
     train = load_pairs(config.data.train, config, template, report)
     if not train:
-        raise ValueError(f"data.train={config.data.train!r}: no usable pairs ({report.to_dict()})")
+        raise common.no_usable(config, "pairs", report)
     eval_report = F.DataReport(strict=config.data.strict)
     heldout = (
         load_pairs(config.data.eval, config, template, eval_report) if config.data.eval else []

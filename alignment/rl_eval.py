@@ -26,6 +26,7 @@ from flaxlm.alignment.rl_common import (
 from flaxlm.data import formats as F
 from flaxlm.data.chat_batches import order_seed
 from flaxlm.data.formats import split_reasoning
+from flaxlm.data.source_errors import DataError
 from flaxlm.data.synthetic_judge import is_world_meta
 from flaxlm.models.decode import generate, prompt_keys
 from flaxlm.models.sharding import fetch, global_batch, use_mesh
@@ -56,7 +57,7 @@ def split_prompts(prompts: list[dict], n_heldout: int, seed: int):
     if n_heldout <= 0:
         return prompts, []
     if n_heldout >= len(prompts):
-        raise ValueError(f"rollout.heldout_prompts={n_heldout} >= {len(prompts)} prompts")
+        raise DataError(f"rollout.heldout_prompts={n_heldout} >= {len(prompts)} prompts")
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(question_key(p), []).append(i)
@@ -75,9 +76,16 @@ def training_prompts(config, template):
     checked, and `rollout.heldout_prompts` whole questions set aside (`split_prompts`)."""
     report = F.DataReport(strict=config.data.strict)
     prompts = load_prompts(config.data.train, config, template, report)
+    if not prompts:  # (the drops, with file:line: the report is written only later)
+        raise common.no_usable(config, "prompts", report)
+    usable = len(prompts)
     prompts, held = split_prompts(prompts, config.rollout.heldout_prompts, config.seed)
     if not prompts:
-        raise ValueError(f"data.train={config.data.train!r}: no usable prompts")
+        raise DataError(
+            f"data.train={config.data.train!r}: its {usable} usable prompts all ask what the "
+            f"rollout.heldout_prompts={config.rollout.heldout_prompts} held-out ones ask (whole "
+            "questions are held out): lower it or add other questions"
+        )
     return prompts, held, report
 
 

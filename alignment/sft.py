@@ -190,9 +190,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     report = F.DataReport(strict=config.data.strict)
     train = load_examples(config.data.train, config, template, report)
     if not train:
-        raise ValueError(
-            f"data.train={config.data.train!r}: no usable examples ({report.to_dict()})"
-        )
+        raise common.no_usable(config, "examples", report)
     eval_report = F.DataReport(strict=config.data.strict)
     heldout = (
         load_examples(config.data.eval, config, template, eval_report) if config.data.eval else []

@@ -350,6 +350,18 @@ class DataReport:
                 "rewrites earlier turns once later ones follow)"
             )
 
+    def dropped_summary(self) -> str:
+        """What became of the records, for the error of a file that gave nothing usable: how
+        many were read and dropped, each reason's count with its first file:line example (a
+        prompt file of malformed lines said only "no usable prompts")."""
+        if not self.read:
+            return "no records read"
+        parts = [f"{n} {reason}" + (f" (e.g. {ex[0]})" if (ex := self.log.examples.get(reason))
+                                    else "") for reason, n in self.log.counts.items()]  # fmt: skip
+        return f"{self.read} record(s) read, {self.log.total} dropped" + (
+            ": " + "; ".join(parts) if parts else ""
+        )
+
     def to_dict(self) -> dict:
         return {
             "records": self.read,

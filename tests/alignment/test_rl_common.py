@@ -238,3 +238,32 @@ def test_generation_sets_report_in_a_section_of_their_own(tmp_path, monkeypatch)
     rl_eval.heldout_sets(c, None, [], report)
     assert rl_eval.gen_report_section(report)["eval_gen"]["records"] == 1
     assert rl_eval.gen_report_section(F.DataReport()) == {}
+
+
+def test_a_prompt_file_with_nothing_usable_says_what_became_of_its_records(tmp_path, monkeypatch):
+    """Every record malformed: the error said only "no usable prompts" (the report naming
+    file:line is written later, so nothing else did). It is a DataError (one line from the
+    trainer CLI) with each reason's count and first file:line; prompts that are all held out
+    say so, naming rollout.heldout_prompts."""
+    from flaxlm.data.source_errors import DataError
+
+    bad = tmp_path / "onlybad.jsonl"
+    bad.write_text('{"prompt": "hi"\n{"text": "no prompt field"}\n')
+    c = override(grpo_config.get_config("runlocal=True"), {"data.train": str(bad)})
+    _fake_render(monkeypatch)
+    with pytest.raises(DataError, match=re.escape(
+            f"data.train={str(bad)!r}: no usable prompts: 2 record(s) read, 2 dropped: "
+            f"1 malformed_json (e.g. {bad}:1: malformed_json")) as e:  # fmt: skip
+        rl_eval.training_prompts(c, None)
+    assert f"1 missing_field (e.g. {bad}:2: missing_field" in str(e.value)
+
+    # one question asked three times: holding out one prompt holds out the whole question
+    world = {"task": "arithmetic", "a": 1, "b": 1, "answer": "2", WORLD_KEY: WORLD_MARK}
+    same = _jsonl(tmp_path / "same.jsonl", [{"prompt": "What is 1 plus 1?", "meta": world}] * 3)
+    c = override(c, {"data.train": str(same), "rollout.heldout_prompts": 1})
+    with pytest.raises(DataError, match=r"its 3 usable prompts all ask what the "
+                       r"rollout.heldout_prompts=1 held-out ones ask"):  # fmt: skip
+        rl_eval.training_prompts(c, None)
+    c = override(c, {"rollout.heldout_prompts": 3})
+    with pytest.raises(DataError, match=r"rollout.heldout_prompts=3 >= 3 prompts"):
+        rl_eval.training_prompts(c, None)

@@ -168,4 +168,4 @@ def test_gkd_mix_on_prompts_says_it_needs_chats_with_completions(template):
     assert msg.startswith("data.train='builtin:rl_prompts': no usable examples: "
                           "distill.on_policy_fraction=0.5 < 1 also trains on the data's answers, "
                           "so data.train must hold chats with completions")  # fmt: skip
-    assert "'missing_field'" in msg  # the report still says what happened to the records
+    assert "missing_field (e.g. builtin:rl_prompts:1" in msg  # what happened to the records
