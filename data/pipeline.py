@@ -80,7 +80,11 @@ from flaxlm.data import sources as S
 from flaxlm.data.packing import STATE_VERSION as STATE_VERSION
 from flaxlm.data.packing import PackedBatchIterator as PackedBatchIterator
 from flaxlm.data.packing import PairCheck as PairCheck
+from flaxlm.data.source_errors import DataError
+from flaxlm.data.source_readers import check_txt_mode
 from flaxlm.data.tokenizer import Tokenizer, train_or_load
+
+PACK_MODES = ("split", "pad")  # data/packing.py's
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -108,7 +112,8 @@ def data_config() -> ml_collections.ConfigDict:
     c.prefetch = 256  # documents grain reads ahead
     c.strict = False  # True: bad input raises with file:line; False: counted, logged, skipped
     # On resume, a source whose files or document count changed since the checkpoint (a new
-    # file under a glob, an edited or truncated one) would repeat and skip documents: "error"
+    # file under a glob, one edited to another size or truncated; a same-size edit is not
+    # seen) would repeat and skip documents: "error"
     # stops, naming the source and what changed; "warn" resumes anyway at the saved position
     # (data/source_fingerprint.py)
     c.on_changed_sources = "error"
@@ -139,19 +144,49 @@ def builtin_corpus() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_sources(spec: str) -> list[tuple[str, float]]:
-    """ "a/*.jsonl:0.7,b:0.3" → [("a/*.jsonl", 0.7), ("b", 0.3)]; weight defaults to 1."""
+def parse_sources(spec: str, key: str = "data.sources") -> list[tuple[str, float]]:
+    """ "a/*.jsonl:0.7,b:0.3" → [("a/*.jsonl", 0.7), ("b", 0.3)]; weight defaults to 1.
+
+    What follows an entry's last ':' is its weight when it reads as a number, else part of the
+    path (``a:b.jsonl``), unless the entry matches no file and the part before the ':' does:
+    then it is a weight that is not a number (``tokens:0.3x``, reported as "no files match
+    'tokens:0.3x'"), a ``DataError`` naming ``key`` (the config key ``spec`` comes from), as is
+    a weight not > 0 and finite. Only such an entry is looked up on disk."""
     out = []
     for entry in filter(None, (e.strip() for e in spec.split(","))):
         path, _, w = entry.rpartition(":")
         try:
             out.append((path, float(w)) if path else (entry, 1.0))
         except ValueError:
+            if not _matches(entry) and _matches(path):
+                raise DataError(
+                    f"{key}: the weight {w!r} of {path!r} is not a number (PATTERN:WEIGHT)"
+                ) from None
             out.append((entry, 1.0))  # a ':' that is part of the path
     for path, w in out:
         if not 0 < w < float("inf"):  # also NaN, which grain's mix fails on without a name
-            raise ValueError(f"data.sources: weight of {path!r} must be > 0 and finite, got {w}")
+            raise DataError(f"{key}: weight of {path!r} must be > 0 and finite, got {w}")
     return out
+
+
+def _matches(pattern: str) -> bool:
+    try:
+        return bool(S.expand_paths(pattern))
+    except FileNotFoundError:
+        return False
+
+
+def source_entries(spec: str, key: str = "data.sources") -> list[tuple[str, float]]:
+    """``parse_sources(spec, key)``, every pattern checked to match a file: a ``DataError``
+    naming ``key`` and the pattern, before any tokenizer or source is opened (it was the
+    reader's FileNotFoundError traceback, naming no key)."""
+    entries = parse_sources(spec, key)
+    for pattern, _ in entries:
+        try:
+            S.expand_paths(pattern)
+        except FileNotFoundError as e:
+            raise DataError(f"{key}: {e}") from None
+    return entries
 
 
 def shuffle_seed(seed: int, source: int) -> int:
@@ -168,7 +203,14 @@ def shuffle_seed(seed: int, source: int) -> int:
 def load_tokenizer(data_cfg: ml_collections.ConfigDict, docs: Sequence[str] | None = None):
     """The tokenizer the config implies (see ``data_config``'s ``tokenizer`` comment)."""
     if data_cfg.tokenizer:
-        return Tokenizer.load(os.path.expanduser(data_cfg.tokenizer))
+        try:
+            return Tokenizer.load(os.path.expanduser(data_cfg.tokenizer))
+        except OSError as e:
+            raise DataError(
+                f"data.tokenizer: cannot read {data_cfg.tokenizer!r} ({e.strerror or e})"
+            ) from None
+        except ValueError as e:  # not a SentencePiece model (the message names the file)
+            raise DataError(f"data.tokenizer: {e}") from None
     for pattern, _ in parse_sources(data_cfg.sources):
         for path in S.expand_paths(pattern)[:1]:
             meta = S.shard_meta(path)
@@ -176,7 +218,7 @@ def load_tokenizer(data_cfg: ml_collections.ConfigDict, docs: Sequence[str] | No
             if meta.get("format") == "tokens" and os.path.isfile(tok_path):
                 return Tokenizer.load(tok_path)
     if data_cfg.sources:
-        raise ValueError("data.tokenizer is empty and the sources carry no tokenizer.model")
+        raise DataError("data.tokenizer is empty and the sources carry no tokenizer.model")
     docs = builtin_corpus() if docs is None else docs
     digest = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
     cache = os.path.expanduser(data_cfg.cache_dir)
@@ -217,17 +259,22 @@ def _check_shape(seq_len: int, batch: int) -> None:
     batch), a negative one to fail in numpy naming neither."""
     for name, value in (("seq_len", seq_len), ("global_batch (config.batch_size)", batch)):
         if not (isinstance(value, (int, np.integer)) and value > 0):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_read_settings(data_cfg) -> None:
     """``data.num_epochs``, ``read_threads`` and ``prefetch`` as non-negative integers: grain's
     own errors for them ("num_epochs must be positive", "'float' object cannot be interpreted as
-    an integer") name no config key."""
+    an integer") name no config key. ``data.pack_mode`` and ``txt_mode`` too: a misspelt mode
+    was refused by the packer or the first plain-text file, after every source was opened."""
     for key in ("num_epochs", "read_threads", "prefetch"):
         value = data_cfg[key]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"data.{key} must be an integer >= 0, got {value!r}")
+            raise DataError(f"data.{key} must be an integer >= 0, got {value!r}")
+    if data_cfg.pack_mode not in PACK_MODES:
+        raise DataError(f"data.pack_mode must be {'|'.join(PACK_MODES)}, got "
+                        f"{data_cfg.pack_mode!r}")  # fmt: skip
+    check_txt_mode(data_cfg.txt_mode, "data.txt_mode")
 
 
 def _skipped(log: S.BadInputLog, counts: dict, examples: dict, text_field: str) -> str:
@@ -316,16 +363,16 @@ def make_pretrain_iterator(
         process_index, process_count = jax.process_index(), jax.process_count()
     _check_shape(seq_len, global_batch)
     _check_read_settings(data_cfg)
+    # (configs older than the key: "error")
+    on_changed = source_fingerprint.valid_policy(data_cfg.get("on_changed_sources", "error"))
     if global_batch % process_count:
-        raise ValueError(f"global_batch {global_batch} does not divide over {process_count} hosts")
-    entries = parse_sources(data_cfg.sources) or [("", 1.0)]
+        raise DataError(f"global_batch {global_batch} does not divide over {process_count} hosts")
+    entries = source_entries(data_cfg.sources) or [("", 1.0)]
     builtin = builtin_corpus() if not data_cfg.sources else None
     tok = tokenizer or load_tokenizer(data_cfg, builtin)
     if vocab_size is not None:
         tok.check_fits(vocab_size)
     log = S.BadInputLog(strict=data_cfg.strict)
-    # (configs older than the key: "error")
-    on_changed = source_fingerprint.valid_policy(data_cfg.get("on_changed_sources", "error"))
     datasets, passes, prints = [], [], []
     for i, (pattern, _) in enumerate(entries):
         src, frame = open_framed_source(pattern, data_cfg, tok, log, builtin)

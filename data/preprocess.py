@@ -60,7 +60,9 @@ from flaxlm.data.clean import (
     redact_pii,
     strip_boilerplate,
 )
+from flaxlm.data.clean_wordlist import load_word_list
 from flaxlm.data.dedup import Deduper, dedup_config
+from flaxlm.data.source_readers import check_txt_mode
 from flaxlm.data.tokenizer import Tokenizer, fixed_pieces, train
 
 logger = logging.getLogger("flaxlm")  # (`log` is each run's BadInputLog)
@@ -263,22 +265,38 @@ def check_settings(
     """Everything that can be checked before the first pass, and the stages it builds: (the
     cleaner, the deduper with its decontamination texts, the tokenizer or None).
 
-    An input pattern that matches nothing, the cleaning and dedup settings (``Cleaner``,
-    ``Deduper``), the decontamination files, the tokenizer's path, a ``train_tokenizer_vocab``
-    too small to train, a ``tokenizer_model_type`` SentencePiece has not: ``main`` calls this
-    before ``--overwrite`` deletes the earlier output (a typo then lost it), ``run`` before it
-    writes anything (output written first made the corrected rerun refuse, "already holds a
-    preprocess run"; a misspelt model type failed after the whole clean/dedup pass).
+    An input pattern that matches nothing, ``txt_mode``, ``shard_docs`` and ``batch_docs``, the
+    cleaning and dedup settings (``Cleaner``, ``Deduper``) and the word lists, the
+    decontamination files, the tokenizer's path, a ``train_tokenizer_vocab`` too small to
+    train, a ``tokenizer_model_type`` SentencePiece has not: ``main`` calls this before
+    ``--overwrite`` deletes the earlier output (a typo then lost it), ``run`` before it writes
+    anything (output written first made the corrected rerun refuse, "already holds a preprocess
+    run"; a misspelt model type failed after the whole clean/dedup pass). Every error but an
+    unmatched input (``FileNotFoundError``) is a ``ValueError`` naming the key.
     """
     S.expand_paths(inputs)  # FileNotFoundError naming an unmatched pattern
+    check_txt_mode(cfg.txt_mode)  # (found by the first plain-text file, after meta.json)
+    # 0 put every document in one shard, or the whole corpus in one batch (memory: one batch)
+    for key in ("shard_docs", "batch_docs"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise S.DataError(f"{key} must be an integer >= 1, got {value!r}")
     if cfg.tokenizer_model_type not in ("bpe", "unigram"):
         raise ValueError(
             f"tokenizer_model_type must be bpe|unigram, got {cfg.tokenizer_model_type!r}"
         )
     cleaner = Cleaner(cfg.clean)
+    if cfg.do_clean and cfg.clean.toxic_lists:  # read at the first document that gets that far
+        try:
+            load_word_list(cfg.clean.toxic_lists)
+        except OSError as e:
+            raise S.DataError(_unreadable("clean.toxic_lists", e, cfg.clean.toxic_lists)) from None
     # None without decontam_paths: no decontamination (and no eval-set counts in the report).
     deduper = Deduper(cfg.dedup, load_eval_texts(cfg) if decontam_paths(cfg) else None)
-    tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    try:
+        tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    except OSError as e:
+        raise S.DataError(_unreadable("tokenizer", e, cfg.tokenizer)) from None
     if tok is None and 0 < cfg.train_tokenizer_vocab <= (n_fixed := fixed_pieces()):
         raise ValueError(
             f"train_tokenizer_vocab={cfg.train_tokenizer_vocab} is too small: it must be more "
@@ -286,6 +304,13 @@ def check_settings(
             "per distinct character of the text (hundreds; thousands with Chinese)"
         )
     return cleaner, deduper, tok
+
+
+def _unreadable(key: str, e: OSError, value: str) -> str:
+    """One line for a file named by config ``key`` (set to ``value``) that cannot be read: it
+    was a bare "[Errno 2] No such file or directory" traceback."""
+    path = e.filename if e.filename is not None else value
+    return f"{key}: cannot read {path!r} ({e.strerror or e})"
 
 
 def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, checked=None) -> dict:
@@ -546,7 +571,7 @@ def main(argv=None) -> dict:
         raise SystemExit(str(e)) from None
     try:  # every other setting, too (a typo such as dedup.bands=500 lost the earlier output)
         checked = check_settings(args.input, cfg)
-    except S.DataError as e:  # an unreadable decontamination record: file:line says it all
+    except ValueError as e:  # a setting's key (or a decontamination record's file:line) says it
         raise SystemExit(str(e)) from None
     subs = [os.path.join(args.output, s) for s in ("text", "tokens")]
     if os.path.exists(os.path.join(args.output, "report.json")) or any(map(os.path.isdir, subs)):

@@ -19,7 +19,7 @@ MAX_EXAMPLES = 5  # bad-input examples kept per reason for the report
 
 
 class DataError(ValueError):
-    """Bad input; the message starts with ``file:line``."""
+    """Bad input; the message starts with ``file:line``, or the config key that holds it."""
 
 
 @dataclasses.dataclass

@@ -87,10 +87,10 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def valid_policy(policy) -> str:
-    """`policy` (data.on_changed_sources), checked as a data source is built: a ValueError
-    naming the key, not a surprise at the first resume."""
+    """`policy` (data.on_changed_sources), checked as a data source is built: a DataError
+    naming the key (one line from the trainer), not a surprise at the first resume."""
     if policy not in POLICIES:
-        raise ValueError(f"data.on_changed_sources must be one of {POLICIES}, got {policy!r}")
+        raise DataError(f"data.on_changed_sources must be one of {POLICIES}, got {policy!r}")
     return policy
 
 

@@ -246,15 +246,27 @@ def _decode(raw: bytes, loc: str, log: BadInputLog) -> str | None:
         return None
 
 
+TXT_MODES = ("file", "line", "blank")  # plain text: one document per file, line or block
+
+
+def check_txt_mode(txt_mode, key: str = "txt_mode") -> str:
+    """``txt_mode`` if it is one of ``TXT_MODES``, else a ``DataError`` naming ``key`` (the
+    preprocess CLI's ``txt_mode``, the trainer's ``data.txt_mode``). Both check it before they
+    read or write anything: found by the first plain-text file, it left a preprocess output
+    behind that the corrected rerun refused to overwrite."""
+    if txt_mode not in TXT_MODES:
+        raise DataError(f"{key} must be {'|'.join(TXT_MODES)}, got {txt_mode!r}")
+    return txt_mode
+
+
 def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
     """Plain text: one document per file, per line, or per blank-line-separated block."""
+    check_txt_mode(txt_mode)
     if txt_mode == "file":
         loc = f"{path}:1"
         text = _decode(read_all(path), loc, log)
         yield 0, loc, (text if text is not None and _check_text(text, loc, log) else None)
         return
-    if txt_mode not in ("line", "blank"):
-        raise ValueError(f"txt_mode must be file|line|blank, got {txt_mode!r}")
     block: list[str] = []
     # "blank" mode: a block with invalid UTF-8 is one document lost, counted once at its first
     # bad line (logging every bad line counted a block with two of them as two documents).

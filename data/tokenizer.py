@@ -141,9 +141,12 @@ class Tokenizer:
         return i
 
     def check_fits(self, vocab_size: int) -> None:
-        """Raises if token ids could reach past the model's embedding table."""
+        """Raises if token ids could reach past the model's embedding table: a ``DataError``
+        (a config mismatch, which the trainer reports in one line, not a traceback)."""
+        from flaxlm.data.source_errors import DataError  # (imports nothing of flaxlm)
+
         if self.vocab_size > vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"tokenizer {self.name} has {self.vocab_size} pieces but the model's vocab_size is "
                 f"{vocab_size}: ids up to {self.vocab_size - 1} would index past the embedding. "
                 f"Set model vocab_size >= {self.vocab_size}."

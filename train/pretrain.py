@@ -256,13 +256,15 @@ def text_eval_batches(config, tokenizer) -> list[dict]:
     log = sources.BadInputLog(strict=d.strict)
     if d.eval_sources:
         what, where = "data.eval_sources", f"data.eval_sources {d.eval_sources}"
-        entries = pipeline.parse_sources(d.eval_sources)
+        # (a pattern matching nothing, or a weight that is not a number: named by its key)
+        entries = pipeline.source_entries(d.eval_sources, "data.eval_sources")
         parts = [pipeline.open_framed_source(p, d, tokenizer, log, what=what)
                  for p, _ in entries]  # fmt: skip
     elif d.sources:
         # The built-in world's held-out text says nothing about a model of other data (and is
-        # scored with another tokenizer than the one it was made for): refuse, name the keys.
-        raise ValueError(
+        # scored with another tokenizer than the one it was made for): refuse, name the keys
+        # (a DataError: one line from the trainer).
+        raise sources.DataError(
             f"data.sources={d.sources!r} but data.eval_sources is empty: the held-out loss "
             "would be measured on the built-in demo world's text. Set "
             "--config.data.eval_sources=HELDOUT (jsonl/parquet/text, or token shards from "

@@ -473,7 +473,7 @@ def test_shards_of_another_tokenizer_are_refused(tmp_path, tok):
 
 def test_missing_and_empty_sources_are_errors(tmp_path, tok):
     tok_path, t = tok
-    with pytest.raises(FileNotFoundError, match="no files match"):
+    with pytest.raises(DataError, match=r"^data\.sources: no files match"):
         make(cfg_for(str(tmp_path / "nope*.jsonl"), tok_path))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -130,7 +130,7 @@ def test_a_tokenizer_vocab_below_the_fixed_pieces_is_refused_before_any_output(t
 
     out = tmp_path / "out"
     n = fixed_pieces()
-    with pytest.raises(ValueError, match=rf"train_tokenizer_vocab={n} is too small: .* {n} fixed"):
+    with pytest.raises(SystemExit, match=rf"train_tokenizer_vocab={n} is too small: .* {n} fixed"):
         _main("--input", jsonl, "--output", str(out), f"--config.train_tokenizer_vocab={n}")
     assert not out.exists()
     # Above the fixed pieces, too few for the text's characters: an error naming the key.

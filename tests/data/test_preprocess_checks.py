@@ -41,11 +41,16 @@ def _main(*argv):
 @pytest.mark.parametrize(
     "override,error,message",
     [
-        ("--config.dedup.bands=500", ValueError, r"dedup\.bands must be in"),
-        ("--config.tokenizer=/nonexistent/tok.model", OSError, "tok.model"),
-        ("--config.clean.scripts=('latn',)", ValueError, r"clean\.scripts: unknown"),
-        ("--config.train_tokenizer_vocab=100", ValueError, "train_tokenizer_vocab=100"),
-        ("--config.tokenizer_model_type=BPE", ValueError, "tokenizer_model_type"),
+        # (one line from the CLI, before anything is written: SystemExit with the message)
+        ("--config.dedup.bands=500", SystemExit, r"dedup\.bands must be in"),
+        (
+            "--config.tokenizer=/nonexistent/tok.model",
+            SystemExit,
+            r"^tokenizer: cannot read .*tok\.model",
+        ),
+        ("--config.clean.scripts=('latn',)", SystemExit, r"clean\.scripts: unknown"),
+        ("--config.train_tokenizer_vocab=100", SystemExit, "train_tokenizer_vocab=100"),
+        ("--config.tokenizer_model_type=BPE", SystemExit, "tokenizer_model_type"),
     ],
 )
 def test_overwrite_with_a_bad_setting_keeps_the_earlier_output(
@@ -88,7 +93,7 @@ def test_tokenizer_model_type_is_checked_before_the_first_pass(tmp_path, jsonl):
     """A misspelt model type failed only after the whole clean/dedup pass, blaming
     train_tokenizer_vocab, and left out/text behind (so the corrected rerun refused)."""
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"^tokenizer_model_type must be bpe\|unigram, got 'BPE'"):
+    with pytest.raises(SystemExit, match=r"^tokenizer_model_type must be bpe\|unigram, got 'BPE'"):
         _main("--input", jsonl, "--output", str(out), "--config.train_tokenizer_vocab=400",
               "--config.tokenizer_model_type=BPE")  # fmt: skip
     assert not out.exists()
