@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -166,15 +167,26 @@ def _input_errors() -> tuple[type, ...]:
     return DataError, TemplateError, HFError, MeshError, CheckpointError
 
 
+TRACEBACK_ENV = "FLAXLM_TRACEBACK"  # set (to anything but "" or 0): a ValueError's traceback
+
+
 def run_task(module: str, config, workdir: str):
     """`module.run(config, workdir)`; bad input stops with one line naming the error's kind and
     what it names (a DataError at resume, "data.train changed since the checkpoint ...", was a
-    traceback through the batch iterator)."""
+    traceback through the batch iterator). So does any other ValueError — how the trainers
+    refuse a config value, each naming its key ("config: batch_size=0 must be ...",
+    "distill.temperature=0 must be > 0"): hundreds of checks, whose tracebacks only buried the
+    line that says what to change. FLAXLM_TRACEBACK=1 re-raises it, traceback and all (a
+    ValueError from a bug, not from the config)."""
     errors = _input_errors()
     try:
         return importlib.import_module(module).run(config, workdir)
     except errors as e:
         sys.exit(f"{type(e).__name__}: {e}")
+    except ValueError as e:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        sys.exit(f"{type(e).__name__}: {e}\n({TRACEBACK_ENV}=1 shows where it was raised)")
 
 
 def main(argv):

@@ -78,3 +78,28 @@ def test_bad_input_during_the_run_is_one_line_naming_the_file(tmp_path):
     else:
         raise AssertionError("the run did not stop")
     assert message.startswith("DataError: ") and f"{bad}:2" in message, message
+
+
+def test_a_config_value_the_trainer_refuses_is_one_line_with_a_traceback_on_request(
+    tmp_path, monkeypatch
+):
+    """The trainers refuse a bad config value with a ValueError naming the key (here pretrain's
+    `check_sizes`): it was a traceback with that line at its end; now it is the line and how to
+    get the traceback, which FLAXLM_TRACEBACK=1 gives."""
+    import pytest
+
+    from flaxlm.train import main
+
+    config = __import__("flaxlm.configs.pretrain", fromlist=["get_config"]).get_config(
+        "variant=tiny,runlocal=True,data=markov"
+    )
+    config.batch_size = 0
+    monkeypatch.delenv(main.TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main.run_task(main.TASKS["pretrain"], config, str(tmp_path / "run"))
+    first, hint = str(e.value.code).split("\n")
+    assert first.startswith("ValueError: ") and "batch_size=0" in first, first
+    assert hint == "(FLAXLM_TRACEBACK=1 shows where it was raised)"
+    monkeypatch.setenv(main.TRACEBACK_ENV, "1")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        main.run_task(main.TASKS["pretrain"], config, str(tmp_path / "run"))
