@@ -8,6 +8,7 @@ optional weights ("exact_match,format:0.1"), by registry name (`register_reward`
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -86,8 +87,28 @@ def import_reward(name: str, key: str = "grpo.rewards") -> Callable[[dict, str],
     except (ImportError, AttributeError) as e:
         raise ValueError(f"{key}: cannot load reward {name!r}: {e}") from None
     if not callable(fn):
-        raise TypeError(f"{key}: {name!r} is not callable")
+        raise ValueError(f"{key}: {name!r} is {type(fn).__name__}, not a function")
+    check_signature(fn, name, key)
     return fn
+
+
+def check_signature(fn: Callable, name: str, key: str) -> None:
+    """Refuses, naming `key`, a function that cannot be called as the rollouts call it:
+    fn(meta, response) (plus `prompt=` / `reasoning=` where it names them, rl_rollout.py
+    `wants_arg`). A wrong one failed every sample of the first rollout, after the reference
+    had loaded and the decoder had run, in a traceback naming neither the key nor the function's
+    parameters. A function without a signature to read (a builtin) is let through."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(None, None)
+    except TypeError as e:
+        raise ValueError(
+            f"{key}: reward {name!r} has the signature {sig}, but a reward is called as "
+            f"fn(meta, response) (plus prompt= and reasoning= where it names them): {e}"
+        ) from None
 
 
 def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Callable, float]]:
@@ -114,10 +135,13 @@ def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Calla
         elif name in REWARDS:
             fn = REWARDS[name]
         elif ":" in name:
+            first, _, second = name.partition(":")
+            if first in (*REWARDS, REWARD_MODEL) and _is_number(second) and not _module(first):
+                raise ValueError(f"{key}: {part!r} has two weights (name[:weight], one number)")
             fn = import_reward(name, key)
             name = name.replace(":", ".")  # metric rollout/r_module.function
         else:
-            raise KeyError(
+            raise ValueError(
                 f"{key}: unknown reward {name!r}; known: {sorted(REWARDS)}, "
                 f"{REWARD_MODEL!r} (the reward model of reward_from), or module:function"
             )

@@ -206,6 +206,17 @@ def wants_prompt(fn) -> bool:
     return wants_arg(fn, "prompt")
 
 
+def reward_value(out) -> float | None:
+    """A reward function's return value as a float: a Python or numpy number, a bool (a pass /
+    fail check) or a one-element array; None for anything else (None, a string, a list)."""
+    if isinstance(out, (numbers.Real, np.bool_)):
+        return float(out)
+    if isinstance(out, (np.ndarray, jax.Array)) and out.size == 1 and (
+            np.issubdtype(out.dtype, np.number) or out.dtype == np.bool_):  # fmt: skip
+        return float(out.reshape(()))
+    return None
+
+
 def call_reward_fns(
     fns, weights, metas, texts, prompts=None, reasonings=None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -213,8 +224,9 @@ def call_reward_fns(
     that takes `prompt` (`wants_prompt`), `prompts` giving each sample's prompt as chat
     messages, and `reasoning=` its reasoning text for a function that takes `reasoning` when
     `reasonings` are given (a reasoning model's rollout, where `texts` are the answers);
-    (rewards, valid, error messages). A function that raises or returns a non-finite number
-    invalidates the sample (the policy above).
+    (rewards, valid, error messages). A function that raises, or returns anything but a finite
+    number (`reward_value`: a bool counts, a string does not), invalidates the sample (the
+    policy above).
 
     Several processes (each holding the whole rollout): process p judges samples p, p + P, ...
     and the values are exchanged, so a costly reward (running code, a judge) is computed once
@@ -235,10 +247,16 @@ def call_reward_fns(
             if with_reasoning:
                 kw["reasoning"] = reasonings[j]
             try:
-                r = float(fn(meta, text, **kw))
+                out = fn(meta, text, **kw)
             except Exception as e:  # a user's function: any failure is that sample's
                 valid[j] = False
                 errors.append(f"reward {name} raised {type(e).__name__}: {e}")
+                break
+            r = reward_value(out)
+            if r is None:  # None, a string ("0.5" was taken for 0.5), a list: not a reward
+                valid[j] = False
+                errors.append(f"reward {name} returned {out!r} ({type(out).__name__}), "
+                              "not a number")  # fmt: skip
                 break
             if not math.isfinite(r):
                 valid[j] = False

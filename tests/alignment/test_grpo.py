@@ -125,7 +125,7 @@ def test_builtin_rewards_use_the_world_judge():
     assert grpo.judge_reward(meta, "The answer is 7.") == pytest.approx(1.0)
     fns = grpo.parse_rewards("exact_match,format:0.25")
     assert [(n, w) for n, _, w in fns] == [("exact_match", 1.0), ("format", 0.25)]
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(ValueError, match="unknown reward .nope."):
         grpo.parse_rewards("exact_match,nope")
 
 
