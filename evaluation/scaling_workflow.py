@@ -471,9 +471,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         json.dump(report, f, indent=1)
     pred = report.get("prediction")
     if pred and "actual" in pred:
+        # No interval without a bootstrap (--n_boot 0): not "[nan, nan]"
+        iv = f" [{pred['lo']:.4f}, {pred['hi']:.4f}]" if "lo" in pred and "hi" in pred else ""
         print(f"[workflow] target N={pred['N']:.4g} D={pred['D']:.4g}: predicted "
-              f"{pred['predicted']:.4f} [{pred.get('lo', float('nan')):.4f}, "
-              f"{pred.get('hi', float('nan')):.4f}], actual {pred['actual']:.4f}, "
+              f"{pred['predicted']:.4f}{iv}, actual {pred['actual']:.4f}, "
               f"error {100 * pred['rel_error']:+.2f}%", flush=True)  # fmt: skip
     fixed = report.get("prediction_fixed_budget", {})
     if "actual" in fixed:

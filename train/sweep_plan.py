@@ -88,11 +88,21 @@ _URL = re.compile(r"^[A-Za-z][\w+.-]*://")
 def check_local_workdir(path: str, flag: str = "--workdir") -> None:
     """Refuses a URL as a sweep's (or study's) root: every folder of a sweep is made and read
     through local paths, by the sweep and by its trainers, so `gs://b/sw` became ./gs:/b/sw
-    here (and a different local folder on every host of a pod)."""
+    here (and a different local folder on every host of a pod). Refuses a path that is a file,
+    or lies under one, too: os.makedirs and the metrics readers raised FileExistsError or
+    NotADirectoryError from deep inside the sweep."""
     if _URL.match(path):
         raise ValueError(f"{flag} {path}: a URL, not a folder; the sweep and its trainers "
                          "write local paths only. Mount the bucket (e.g. gcsfuse) or use a "
                          f"shared filesystem, and pass the mounted path as {flag}")  # fmt: skip
+    # The path itself, or its nearest existing ancestor: the folder it would be made in.
+    full = existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        what = "a file" if existing == full else f"under {existing}, a file"
+        raise ValueError(f"{flag} {path}: {what}, not a directory; pass a folder (or a path to "
+                         "make one at) instead")  # fmt: skip
 
 
 def load_config_module(config_arg: str):
@@ -262,8 +272,23 @@ def expand(module, arg: str | None) -> list[dict]:
     """The override dicts of `module.sweep(add, arg)`, in the order they were added."""
     if not hasattr(module, "sweep"):
         raise ValueError(f"{module.__file__} defines no sweep(add, arg): not a sweep config")
-    out: list[dict] = []
-    module.sweep(lambda **kw: out.append({k: plain(v) for k, v in kw.items()}), arg)
+    where, out = module.__file__, []
+    shape = 'sweep() must be `def sweep(add, arg=None)` calling `add(**{"key": value})`'
+
+    def add(*args, **kw):
+        if args:  # add({"k": v}): the lambda's "takes 0 positional arguments" named no file
+            raise ValueError(f"{where}: sweep() called add() with {len(args)} positional "
+                             f"argument(s); {shape}")  # fmt: skip
+        for k, v in kw.items():
+            if v is None:  # the trainer's --config.k=None is a string; run_info crashed on it
+                raise ValueError(f"{where}: sweep() added {k}=None; a sweep value cannot be "
+                                 "None (leave the key out to keep the config's value)")  # fmt: skip
+        out.append({k: plain(v) for k, v in kw.items()})
+
+    try:
+        module.sweep(add, arg)
+    except TypeError as e:  # `def sweep(add):` and the like: a traceback naming no file
+        raise ValueError(f"{where}: calling sweep(add, arg) failed ({e}); {shape}") from None
     if not out:
         raise ValueError(f"{module.__file__}: sweep() added no runs")
     return out

@@ -3,6 +3,8 @@
     rows = collect("runs/sw")            # reads runs/sw/sweep.json and every run's metrics.jsonl
     write_table(rows, "runs/sw")         # runs/sw/runs.csv and runs/sw/runs.json
 
+    python -m flaxlm.train.sweep_table runs/sw [--csv OUT.csv]   # the same, and prints the CSV
+
 Columns (the names evaluation/scaling_report.py reads): `name`, `index`, `overrides` (JSON in the
 CSV), `n_params` (total), `n_params_nonembed` (total minus the input embedding; with tied
 embeddings the LM head is that table, so it is excluded too), `n_params_embed`, `tokens`
@@ -20,9 +22,11 @@ kept.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 
@@ -234,3 +238,38 @@ def write_table(rows: Sequence[dict], out_dir: str, stem: str = "runs") -> tuple
     with open(json_path, "w") as f:
         json.dump({"runs": list(rows)}, f, indent=1)
     return csv_path, json_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """(Re)writes the run table of a sweep, as the sweep does after its runs (ROOT/runs.csv and
+    runs.json, or OUT.csv and OUT.json with --csv), prints the CSV, and names on stderr each
+    planned run without a row. Without this the module ran nothing: `python -m` printed nothing
+    and exited 0."""
+    p = argparse.ArgumentParser(
+        prog="python -m flaxlm.train.sweep_table", description="Write and print a run table."
+    )
+    p.add_argument("root", help="the sweep's --workdir (the folder holding sweep.json)")
+    p.add_argument(
+        "--csv", default=None, help="write it here (and OUT.json beside it), not ROOT/runs.csv"
+    )
+    args = p.parse_args(argv)
+    try:
+        rows, missing = collect_all(args.root)
+    except (FileNotFoundError, ValueError) as e:  # not a sweep folder, a malformed sweep.json
+        p.error(str(e))
+    if args.csv:
+        out_dir, name = os.path.split(os.path.abspath(args.csv))
+        stem = name[: -len(".csv")] if name.endswith(".csv") else name
+        csv_path, _ = write_table(rows, out_dir, stem)
+    else:
+        csv_path, _ = write_table(rows, args.root)
+    with open(csv_path) as f:
+        sys.stdout.write(f.read())
+    print(f"run table: {csv_path} ({len(rows)} finished runs)", file=sys.stderr)
+    for m in missing:
+        print(f"  no row for {m['name']}: {m['why']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
