@@ -102,8 +102,8 @@ def check_signature(fn: Callable, name: str, key: str) -> None:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return
-    try:
-        sig.bind(None, None)
+    try:  # (the keywords the rollout passes to a function that names them, `wants_arg`)
+        sig.bind(None, None, **{n: None for n in ("prompt", "reasoning") if n in sig.parameters})
     except TypeError as e:
         raise ValueError(
             f"{key}: reward {name!r} has the signature {sig}, but a reward is called as "

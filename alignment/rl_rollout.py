@@ -207,14 +207,18 @@ def wants_prompt(fn) -> bool:
 
 
 def reward_value(out) -> float | None:
-    """A reward function's return value as a float: a Python or numpy number, a bool (a pass /
-    fail check) or a one-element array; None for anything else (None, a string, a list)."""
-    if isinstance(out, (numbers.Real, np.bool_)):
+    """A reward function's return value as a float: a number of any kind float() takes (Python,
+    numpy, a bfloat16 scalar, a Decimal), a bool (a pass / fail check) or a one-element numeric
+    array; None for anything else — None, a string (float("0.5") would take it), a list."""
+    if out is None or isinstance(out, (str, bytes)):
+        return None
+    if isinstance(out, (np.ndarray, jax.Array)):
+        numeric = jnp.issubdtype(out.dtype, jnp.number) or out.dtype == np.bool_
+        return float(out.reshape(())) if out.size == 1 and numeric else None
+    try:
         return float(out)
-    if isinstance(out, (np.ndarray, jax.Array)) and out.size == 1 and (
-            np.issubdtype(out.dtype, np.number) or out.dtype == np.bool_):  # fmt: skip
-        return float(out.reshape(()))
-    return None
+    except (TypeError, ValueError):
+        return None
 
 
 def call_reward_fns(

@@ -342,7 +342,8 @@ def run_ppo(shape: str, new: int | None, iters: int, sft: str, rm: str, plan: di
 # scoring forward, the losses).
 DIAGNOSTIC_KEYS = ("rollout/score_mean", "rollout/reward_mean", "rollout/kl",
                    "rollout/logprob_gap", "rollout/response_len", "rollout/explained_var",
-                   "skipped_loss", "pg_loss", "vf_loss", "grad_norm")  # fmt: skip
+                   "skipped_loss", "skipped_grad_norm", "pg_loss", "vf_loss",
+                   "grad_norm")  # fmt: skip
 
 
 def failure_details(workdir: str) -> str:

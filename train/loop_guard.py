@@ -72,8 +72,10 @@ def bad_steps_detail(rec: dict) -> str:
     whether the loss or the gradient norm was non-finite, or neither (then the update was —
     the optimizer's state — or the loss a spike). The bare count left a user (and a GPU
     benchmark's record) nothing to look at."""
+    # (the skipped steps' own: a window's accepted steps, averaged into loss and grad_norm,
+    # said "both finite" of a streak of NaN gradients)
     loss = rec.get("skipped_loss", rec.get("loss"))
-    grad = rec.get("grad_norm")
+    grad = rec.get("skipped_grad_norm", rec.get("grad_norm"))
     if loss is None and grad is None:
         return ""
     shown = [f"{name} {float(v):.4g}" for name, v in (("loss", loss), ("grad_norm", grad))

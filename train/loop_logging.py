@@ -48,8 +48,9 @@ def _summarise(window: list[dict]) -> dict:
     is left out of the averages of the loss, the gradient norm and the other metrics of the
     step: its update was discarded, and one NaN step made the whole line NaN (and a sweep's
     final loss, so the scaling report took the run for diverged), a skipped spike inflated
-    it. Its loss is logged apart, `skipped_loss` (the mean over the window's skipped steps,
-    present when there is one), and `skipped` counts them. A window whose steps were all
+    it. Its loss and gradient norm are logged apart, `skipped_loss` and `skipped_grad_norm` (the
+    means over the window's skipped steps, present when there is one), and `skipped` counts
+    them. A window whose steps were all
     skipped averages them all, so a NaN stays in sight. Averaged over every step regardless:
     the rollout statistics `rollout/...` (of the samples drawn before the step, whatever became
     of its update); `lr`, `bad_in_row` and `ema_decay` are the last step's."""
@@ -69,8 +70,10 @@ def _summarise(window: list[dict]) -> dict:
             mean = _mean(window if every else accepted, key, keys)
             if mean is not None:
                 out[key] = mean
-    if any(bad) and "loss" in keys:
-        out["skipped_loss"] = _mean([m for m, b in zip(window, bad) if b], "loss", keys)
+    skipped = [m for m, b in zip(window, bad) if b]
+    for key in ("loss", "grad_norm"):  # what the guard's stop message reads (loop_guard.py)
+        if skipped and key in keys:
+            out[f"skipped_{key}"] = _mean(skipped, key, keys)
     return out
 
 

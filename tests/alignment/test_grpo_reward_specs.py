@@ -22,6 +22,8 @@ def good(meta, response): return 1.0
 def with_prompt(meta, response, prompt=None): return 1.0
 def with_kwargs(meta, response, **kw): return 1.0
 def optional_third(meta, response, extra=0): return 1.0
+def needs_prompt(meta, response, prompt): return 1.0
+def needs_reasoning(meta, response, reasoning): return 1.0
 notfn = 3
 """
 
@@ -45,9 +47,12 @@ def test_a_reward_with_the_wrong_signature_is_refused_when_parsed(rewards_module
 
 
 def test_rewards_callable_as_the_rollouts_call_them_pass(rewards_module):
-    spec = ",".join(f"{rewards_module}:{f}:0.5" for f in
-                    ("good", "with_prompt", "with_kwargs", "optional_third"))  # fmt: skip
-    assert [w for _, _, w in parse_rewards(spec)] == [0.5] * 4
+    # (prompt= and reasoning= are passed to a function that names them: configs/grpo.py's own
+    # example takes `prompt` without a default)
+    names = ("good", "with_prompt", "with_kwargs", "optional_third", "needs_prompt",
+             "needs_reasoning")  # fmt: skip
+    spec = ",".join(f"{rewards_module}:{f}:0.5" for f in names)
+    assert [w for _, _, w in parse_rewards(spec)] == [0.5] * len(names)
 
 
 def test_unknown_names_non_functions_and_two_weights_are_value_errors(rewards_module):
@@ -60,15 +65,20 @@ def test_unknown_names_non_functions_and_two_weights_are_value_errors(rewards_mo
 
 
 def test_what_a_reward_returns_must_be_a_number():
-    returns = [None, "0.5", [1.0], True, np.float32(0.25), np.asarray([2.0]), 3]
+    import decimal
+
+    import jax.numpy as jnp
+
+    returns = [None, "0.5", [1.0], True, np.float32(0.25), np.asarray([2.0]), 3,
+               jnp.asarray(0.5, jnp.bfloat16), decimal.Decimal("0.75")]  # fmt: skip
 
     def reward(meta, response):
         return returns[meta["i"]]
 
     metas = [{"i": i} for i in range(len(returns))]
     rewards, valid, errors = call_reward_fns([reward], [1.0], metas, [""] * len(returns))
-    assert valid.tolist() == [False, False, False, True, True, True, True]
-    assert rewards[valid].tolist() == [1.0, 0.25, 2.0, 3.0]
+    assert valid.tolist() == [False, False, False, True, True, True, True, True, True]
+    assert rewards[valid].tolist() == [1.0, 0.25, 2.0, 3.0, 0.5, 0.75]
     assert errors == ["reward reward returned None (NoneType), not a number",
                       "reward reward returned '0.5' (str), not a number",
                       "reward reward returned [1.0] (list), not a number"]  # fmt: skip

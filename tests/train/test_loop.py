@@ -167,10 +167,18 @@ def test_bad_steps_without_a_checkpoint_stop_saying_what_was_non_finite(tmp_path
 
 def test_the_detail_says_when_loss_and_gradient_were_finite():
     from flaxlm.train.loop_guard import bad_steps_detail
+    from flaxlm.train.loop_logging import _summarise
 
     assert "both finite: the updates were non-finite" in bad_steps_detail(
-        {"skipped_loss": 2.5, "grad_norm": 1.0}
+        {"skipped_loss": 2.5, "skipped_grad_norm": 1.0}
     )
+    # A streak sharing its window with good steps: the skipped steps' NaN gradient norm, not
+    # the accepted steps' mean (which said "both finite" of NaN gradients)
+    good = {"loss": 2.0, "grad_norm": 1.0, "skipped": 0.0, "bad_in_row": 0.0}
+    bad = {"loss": 2.1, "grad_norm": float("nan"), "skipped": 1.0, "bad_in_row": 1.0}
+    rec = _summarise([good, good, bad, bad, bad])
+    assert rec["grad_norm"] == 1.0 and np.isnan(rec["skipped_grad_norm"])
+    assert "grad_norm nan: a NaN/Inf in the forward or backward pass" in bad_steps_detail(rec)
     assert bad_steps_detail({"lr": 1e-3}) == ""
 
 
