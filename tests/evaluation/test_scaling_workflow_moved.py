@@ -1,7 +1,9 @@
 """A scaling study is the same study wherever it lies: moved or copied (trained on a cluster,
 reported at home), re-run from another directory, or started before its records were written
 relative to ROOT. Runs are written as a finished sweep would leave them (no training), so the
-workflow skips them and a re-run that wanted to retrain one calls a fake trainer instead."""
+workflow skips them and a re-run that wanted to retrain one calls a fake trainer instead. Also
+the workflow CLI's other one-line refusals (a comma, a URL or a file as --workdir) and its
+summary line without a bootstrap."""
 
 import json
 import os
@@ -167,3 +169,28 @@ def test_the_compute_law_names_the_frontier_when_it_is_too_short():
     d = [x / (6 * y) for x, y in zip(c, n)]
     laws = scaling_report._power_laws(*(np.array(v) for v in (n, d, c, loss)))
     assert laws["C"] == {"skipped": "3 runs on the compute frontier (of 12 distinct C); need >= 4"}
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_a_workdir_that_is_a_file_is_refused(tmp_path, capsys, sub):
+    """A --workdir that is a file (or lies under one): one usage line, not a
+    NotADirectoryError from reading the target's metrics."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    root = str(afile / sub) if sub else str(afile)
+    with pytest.raises(SystemExit) as e:
+        scaling_workflow.main(_argv(root))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--workdir {root}" in err and "not a directory" in err
+    assert afile.read_text() == "x"
+
+
+def test_no_bootstrap_prints_no_nan_interval(tmp_path, monkeypatch, capsys):
+    """--n_boot 0 (no bootstrap, so no interval): the summary line printed `[nan, nan]`."""
+    root = str(tmp_path / "study")
+    _finished_study(root)
+    monkeypatch.setattr(sweep, "run_local", lambda *a, **k: pytest.fail("nothing to train"))
+    report = scaling_workflow.main(_argv(root))
+    assert "lo" not in report["prediction"]
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "predicted" in ln][0]
+    assert "nan" not in line and "actual" in line, line
