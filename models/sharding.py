@@ -71,10 +71,23 @@ RULE_PRESETS: dict[str, tuple] = {
 
 
 def logical_axis_rules(preset: str) -> tuple:
-    """The logical→mesh rule table for a named preset (dp | fsdp | fsdp_tp)."""
+    """The logical→mesh rule table for a named preset (dp | fsdp | fsdp_tp); a ValueError
+    naming `config.sharding` for another (the trainer CLI's one line: it was a KeyError
+    traceback naming no key)."""
     if preset not in RULE_PRESETS:
-        raise KeyError(f"unknown sharding preset {preset!r}; known: {sorted(RULE_PRESETS)}")
+        raise ValueError(f"config.sharding={preset!r}: unknown sharding preset; known: "
+                         f"{', '.join(sorted(RULE_PRESETS))}")  # fmt: skip
     return RULE_PRESETS[preset]
+
+
+def unused_mesh_axes(mesh: Mesh, rules) -> list[str]:
+    """The mesh axes of size > 1 that no rule of `rules` splits anything over: their devices
+    repeat each other's work (mesh.tensor=2 under sharding=fsdp, whose rules leave `tensor`
+    out, ran twice the devices for the same steps, silently)."""
+    used = set()
+    for _, axes in rules:
+        used.update((axes,) if isinstance(axes, str) else (axes or ()))
+    return [a for a, n in mesh.shape.items() if n > 1 and a not in used]
 
 
 def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
@@ -275,8 +288,9 @@ def check_batch_divides(batch_size: int, mesh: Mesh) -> None:
         raise ValueError(
             f"batch_size={batch_size} is not a multiple of data×fsdp={divisor} (mesh {shape} "
             f"over {mesh.size} devices): set --config.batch_size to a multiple of {divisor}, "
-            "split the devices otherwise (e.g. --config.mesh.tensor=2), or make fewer devices "
-            "visible (CUDA_VISIBLE_DEVICES=0,1)"
+            "split the devices otherwise (e.g. --config.mesh.tensor=2 --config.sharding=fsdp_tp: "
+            "only fsdp_tp splits anything over tensor), or make fewer devices visible "
+            "(CUDA_VISIBLE_DEVICES=0,1)"
         )
 
 

@@ -56,7 +56,13 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
-from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+from flaxlm.models.sharding import (
+    logical_axis_rules,
+    make_mesh,
+    shard_batch,
+    unused_mesh_axes,
+    use_mesh,
+)
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import ema as ema_lib
 from flaxlm.train import stopping
@@ -211,6 +217,11 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh or make_mesh(dict(config.mesh))
     rules = logical_axis_rules(config.sharding)
+    for axis in unused_mesh_axes(mesh, rules):
+        log.warning("mesh.%s=%d but sharding=%r splits nothing over %r: those devices repeat "
+                    "each other's work (--config.sharding=fsdp_tp splits the heads, MLP and "
+                    "vocabulary over tensor; or give the devices to mesh.data / mesh.fsdp)",
+                    axis, mesh.shape[axis], config.sharding, axis)  # fmt: skip
     total = int(config.total_steps)
     tx, schedule = make_optimizer(config.opt, total, task.trainable_mask)
     # An unknown ckpt_on_corrupt fails here, on every start, not first on a resume.

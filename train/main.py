@@ -180,6 +180,10 @@ def run_task(module: str, config, workdir: str):
     ValueError from a bug, not from the config)."""
     errors = _input_errors()
     try:
+        if "sharding" in config:  # before a task writes anything (SFT's data report did)
+            from flaxlm.models.sharding import logical_axis_rules
+
+            logical_axis_rules(config.sharding)
         return importlib.import_module(module).run(config, workdir)
     except errors as e:
         sys.exit(f"{type(e).__name__}: {e}")

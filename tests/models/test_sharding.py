@@ -31,7 +31,7 @@ def test_resolve_mesh_shape():
         resolve_mesh_shape({"pipeline": 2}, 8)
     with pytest.raises(ValueError, match="must be >= 1, or -1"):  # was a ZeroDivisionError
         resolve_mesh_shape({"fsdp": 0, "data": -1}, 8)
-    with pytest.raises(KeyError, match="unknown sharding preset"):
+    with pytest.raises(ValueError, match=r"^config\.sharding='zero3': unknown sharding preset"):
         logical_axis_rules("zero3")
 
 
@@ -171,3 +171,16 @@ def test_a_batch_that_does_not_split_says_how_to_fix_it():
     assert msg.startswith("batch_size=4 is not a multiple of data×fsdp=8 (mesh {'data': 8} over 8")
     assert "--config.mesh.tensor=2" in msg and "CUDA_VISIBLE_DEVICES" in msg
     check_batch_divides(4, make_mesh({"data": -1, "tensor": 2}))  # the suggested split works
+
+
+def test_a_mesh_axis_no_rule_uses_is_named():
+    """mesh.tensor=2 under sharding=fsdp (the default): no rule splits anything over tensor, so
+    its devices repeat each other's work; the loop warns (train/loop.py), naming fsdp_tp."""
+    from flaxlm.models.sharding import unused_mesh_axes
+
+    mesh = make_mesh({"data": 4, "tensor": 2})
+    assert unused_mesh_axes(mesh, logical_axis_rules("fsdp")) == ["tensor"]
+    assert unused_mesh_axes(mesh, logical_axis_rules("dp")) == ["tensor"]
+    assert unused_mesh_axes(mesh, logical_axis_rules("fsdp_tp")) == []
+    mesh = make_mesh({"data": 2, "fsdp": 2, "context": 2})
+    assert unused_mesh_axes(mesh, logical_axis_rules("dp")) == []

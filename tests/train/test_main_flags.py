@@ -103,3 +103,20 @@ def test_a_config_value_the_trainer_refuses_is_one_line_with_a_traceback_on_requ
     monkeypatch.setenv(main.TRACEBACK_ENV, "1")
     with pytest.raises(ValueError, match="batch_size=0"):
         main.run_task(main.TASKS["pretrain"], config, str(tmp_path / "run"))
+
+
+def test_an_unknown_sharding_preset_is_one_line_before_anything_is_written(tmp_path):
+    """--config.sharding=zero3: a 25-line KeyError traceback naming no key, after SFT had written
+    its data report; now one line naming config.sharding, and no workdir."""
+    import pytest
+
+    from flaxlm.train import main
+
+    config = __import__("flaxlm.configs.sft", fromlist=["get_config"]).get_config("variant=tiny")
+    config.sharding = "zero3"
+    with pytest.raises(SystemExit) as e:
+        main.run_task(main.TASKS["sft"], config, str(tmp_path / "run"))
+    first = str(e.value.code).split("\n")[0]
+    assert first.startswith("ValueError: config.sharding='zero3': unknown sharding preset; "
+                            "known: dp, fsdp, fsdp_tp"), first  # fmt: skip
+    assert not (tmp_path / "run").exists()
