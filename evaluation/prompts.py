@@ -81,7 +81,9 @@ def check_prompts(spec: TaskSpec, examples: list[Example], pool: list[Example]) 
                 continue
             for i in range(len(ex.fields["choices"])):
                 c = choice_text(spec, ex.fields, i, context)
-                if not (c.strip() if spec.chat else c):
+                # (whitespace alone too: in plain mode " " scored as the bare space piece,
+                # length 0 for acc_norm, and could win every metric)
+                if not c.strip():
                     raise ValueError(f"task {spec.name!r}: choice {i} ({c!r}) is empty: no "
                                      "tokens to score")  # fmt: skip
 

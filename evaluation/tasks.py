@@ -283,7 +283,7 @@ def _mc_answer(value, choices: list[str]) -> int:
         idx = value
     elif isinstance(value, str) and value.strip() in texts:
         idx = texts.index(value.strip())
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and value.strip().isdecimal():  # (isdigit() takes "²")
         idx = int(value.strip())
     elif isinstance(value, str) and len(value.strip()) == 1 and value.strip() in LETTERS:
         idx = LETTERS.index(value.strip())

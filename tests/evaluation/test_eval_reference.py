@@ -301,3 +301,19 @@ def test_fewshot_fields_without_fewshot_file_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="task 't': fewshot_fields needs fewshot_file"):
         TaskSpec.from_dict(spec, str(tmp_path))
     TaskSpec.from_dict({**spec, "fewshot_file": "train.jsonl"}, str(tmp_path))
+
+
+def test_a_whitespace_choice_is_refused_in_plain_mode_too(tmp_path):
+    """Plain mode tested only `if not choice`: " " was scored as the bare space piece (length 0
+    for acc_norm) and won every metric; chat mode already refused it. An answer of "²" (which
+    str.isdigit() takes) is read as no index, not as int()'s raw error."""
+    from flaxlm.evaluation.harness import check_task
+
+    rows = [{"context": "a b", "choices": ["x", " "], "answer": 0}]
+    spec = TaskSpec("ws", "multiple_choice", _write_jsonl(tmp_path / "ws.jsonl", rows))
+    with pytest.raises(ValueError, match=r"ws\.jsonl:1: task 'ws': choice 1 \(.*\) is empty"):
+        check_task(spec, read_examples(spec), [], 64)
+    rows = [{"context": "a b", "choices": ["x", "y"], "answer": "²"}]
+    spec = TaskSpec("sup", "multiple_choice", _write_jsonl(tmp_path / "sup.jsonl", rows))
+    with pytest.raises(ValueError, match=r"answer '²' is not an index, letter or choice"):
+        read_examples(spec)
