@@ -297,6 +297,10 @@ def check_settings(
         tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     except OSError as e:
         raise S.DataError(_unreadable("tokenizer", e, cfg.tokenizer)) from None
+    sample = cfg.tokenizer_sample_docs  # (0: an empty reservoir, found after the whole pass)
+    if tok is None and cfg.train_tokenizer_vocab > 0 and (
+            isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):  # fmt: skip
+        raise S.DataError(f"tokenizer_sample_docs must be an integer >= 1, got {sample!r}")
     if tok is None and 0 < cfg.train_tokenizer_vocab <= (n_fixed := fixed_pieces()):
         raise ValueError(
             f"train_tokenizer_vocab={cfg.train_tokenizer_vocab} is too small: it must be more "

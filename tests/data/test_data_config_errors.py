@@ -186,3 +186,14 @@ def test_bad_preprocess_settings_are_one_line_and_write_nothing(tmp_path, overri
     out = tmp_path / "out"
     assert message in _pre_error(src, out, override)
     assert _pre(src, out)["documents_out"] == 8
+
+
+def test_no_tokenizer_sample_is_refused_when_one_is_trained(tmp_path):
+    """tokenizer_sample_docs=0 with a tokenizer to train: the reservoir stayed empty and the
+    training failed after the whole clean/dedup pass; now one line, nothing written."""
+    src = _jsonl(tmp_path / "in.jsonl")
+    out = tmp_path / "out"
+    msg = _pre_error(src, out, "--config.train_tokenizer_vocab=400",
+                     "--config.tokenizer_sample_docs=0")  # fmt: skip
+    assert msg == "tokenizer_sample_docs must be an integer >= 1, got 0"
+    assert _pre(src, out, "--config.tokenizer_sample_docs=0")["documents_out"] == 8  # no training
