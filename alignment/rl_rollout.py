@@ -86,6 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from flaxlm.alignment import common
 from flaxlm.alignment.rl_common import (
     PromptCursor,
     decode_responses,
@@ -371,10 +372,9 @@ class RolloutSource:
         # What data.train's files held as the prompts were read: the cursor indexes their
         # shuffled order, so a resume over changed files is checked (`set_state`) as the chat
         # batches' is (data/chat_batches.py), per data.on_changed_sources
-        self.source_fingerprint = source_fingerprints(prompts, config.data.train)
-        self.on_changed_sources = source_fingerprint.valid_policy(
-            config.data.get("on_changed_sources", "error")
-        )
+        check = common.train_source_check(config)  # (the chat batches' own keywords)
+        self.source_fingerprint = source_fingerprints(prompts, check["sources"])
+        self.on_changed_sources = source_fingerprint.valid_policy(check["on_changed_sources"])
         # Rows are cut to one of these widths for scoring and training (`trim_rows`); configs
         # older than the key: never.
         self._buckets = row_buckets(config.seq_len, r.get("trim_buckets", 1))
