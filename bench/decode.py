@@ -94,10 +94,10 @@ GENERATE_OPTIONS = {
 # Case options that change what is recorded, not what `generate` runs (":profile": a traced
 # extra call summarised into the record; see the docstring). Combinable with the above.
 RUN_OPTIONS = ("profile",)
-# ":attnBK-W-S": the Pallas attention kernel with key block BK, W warps and S stages
-# (`generate(..., decode_attention="pallas:BK:W:S")`), e.g. the best of bench/decode_kernels.py
-# run whole (the GPU suite's "decode 1b flaxlm b64 tuned attention").
-_ATTENTION_VARIANT = re.compile(r"attn(\d+)-(\d+)-(\d+)$")
+# ":attnBK-W-S[-P]": the Pallas attention kernel with key block BK, W warps, S stages and P
+# split-K parts (`generate(..., decode_attention="pallas:BK:W:S[:P]")`), e.g. the best of
+# bench/decode_kernels.py run whole (the GPU suite's "decode 1b flaxlm b64 tuned attention").
+_ATTENTION_VARIANT = re.compile(r"attn(\d+)-(\d+)-(\d+)(?:-(\d+))?$")
 # ":mlpBN-BK-W-S": the Pallas gate|up kernel with column block BN, row step BK, W warps and S
 # stages (`generate(..., decode_mlp="pallas:BN:BK:W:S")`), bench/decode_kernels.py's best;
 # ":mlptBN-BK-W-S" the same over the transposed weight ("pallas_t:BN:BK:W:S").
@@ -107,7 +107,7 @@ _MLP_VARIANT = re.compile(r"mlp(t?)(\d+)-(\d+)-(\d+)-(\d+)$")
 def option_settings(name: str) -> dict:
     """The `generate` keywords of a case option ({} for run options and XLA flag sets)."""
     if m := _ATTENTION_VARIANT.match(name):
-        return {"decode_attention": "pallas:" + ":".join(m.groups())}
+        return {"decode_attention": "pallas:" + ":".join(g for g in m.groups() if g)}
     if m := _MLP_VARIANT.match(name):
         kernel = "pallas_t" if m.group(1) else "pallas"
         return {"decode_mlp": kernel + ":" + ":".join(m.groups()[1:])}
@@ -122,7 +122,7 @@ class _CaseOptions:
         return known or bool(_ATTENTION_VARIANT.match(name) or _MLP_VARIANT.match(name))
 
     def __iter__(self):
-        return iter((*GENERATE_OPTIONS, *RUN_OPTIONS, "attnBK-W-S", "mlp[t]BN-BK-W-S"))
+        return iter((*GENERATE_OPTIONS, *RUN_OPTIONS, "attnBK-W-S[-P]", "mlp[t]BN-BK-W-S"))
 
 
 CASE_OPTIONS = _CaseOptions()

@@ -80,7 +80,13 @@ SHAPES = {
         (64, 2),  # 2: one prompt, which `generate` decodes as two rows (decode.MIN_ROWS)
         384,
         256,
-        [(bk, w, s) for bk in (64, 128, 256) for w in (4, 8) for s in (1, 2, 3)],
+        # Measured over every (64, 128, 256) × (4, 8) warps × (1, 2, 3) stages in the
+        # 2026-12-04 lease (128/4/2 fastest, 10.4 µs; 64/4/2 11.1): the four best of them,
+        # then split-K (a fourth number: parts per row and kv head; `decode_attention`'s
+        # `splits`), whose programs each read a part of the key blocks.
+        [(64, 4, 2), (64, 4, 3), (128, 4, 2), (256, 4, 2)]
+        + [(64, 4, 2, 2), (64, 4, 2, 4), (64, 4, 3, 4), (128, 4, 2, 2), (32, 4, 2, 4),
+           (32, 4, 2, 8), (32, 4, 1, 8), (16, 4, 2, 8)],
         # (K, N) weights as stored, then transposed to (N, K) (`decode_mlp="pallas_t"`)
         [(bn, bk, 4, s) for bn in (16, 32, 64) for bk in (64, 128) for s in (3, 4)]
         + [
@@ -94,7 +100,8 @@ SHAPES = {
         ],
         20,
     ),  # fmt: skip
-    "tiny": ("tiny", (4,), 128, 64, [(64, 4, 2)], [(32, 32, 4, 3), ("t", 32, 32, 4, 3)], 2),
+    "tiny": ("tiny", (4,), 128, 64, [(64, 4, 2), (16, 4, 2, 2)],
+             [(32, 32, 4, 3), ("t", 32, 32, 4, 3)], 2),
 }
 
 
@@ -243,10 +250,11 @@ def run_attention(cfg, variant, batch: int, slots: int, filled: int, calls: int,
         step = functools.partial(xla_attention_step, cfg)
         piece, read = "attention:xla", slots  # it reads the whole buffer
     else:
-        bk, warps, stages = variant
+        bk, warps, stages, *splits = variant
         step = functools.partial(kernel.decode_attention, block_k=bk, num_warps=warps,
-                                 num_stages=stages)  # fmt: skip
-        piece, read = f"attention:pallas:{bk}:{warps}:{stages}", filled  # the written slots
+                                 num_stages=stages, splits=splits[0] if splits else 1)  # fmt: skip
+        piece = "attention:pallas:" + ":".join(map(str, variant))
+        read = filled  # the written slots
     fn = jax.jit(lambda q, c, s, k, v, m, i: step(q, c, s, k, v, m, i), donate_argnums=(3, 4))
 
     def call(i):
@@ -333,6 +341,61 @@ def run_gate_up(cfg, variant, batch: int, calls: int, tiny: bool, check_fold: bo
                    **extra)  # fmt: skip
 
 
+def run_masked_grad(T: int, opened: bool, tiny: bool, calls: int) -> dict:
+    """cuDNN's training attention (forward and backward) over PPO-like rows: B rows of T tokens,
+    each left-padded (a prompt shorter than the longest) and right-padded (a response that
+    stopped early), under the mask the model builds (`attention_mask`: padding queries see no
+    key). `opened`: the mask passed as `cudnn_attention` passes it (`open_empty_rows`), else
+    raw. The loss weighs padding queries 0, as every trainer does, so the gradients must equal
+    the XLA path's; `max_abs_err_vs_xla` is the largest difference of the real rows' outputs and
+    of dq, dk, dv (NaN if any is not finite: the 2026-12-04 lease's PPO failure, suspected to be
+    cuDNN's backward over fully masked rows at a T that is not a multiple of 128). On a CPU
+    (`tiny`) jax's XLA attention stands in for cuDNN: a smoke test of the piece only."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxlm.models.attention_kernels import open_empty_rows, xla_attention
+    from flaxlm.models.attention_masks import attention_mask
+
+    B, N, K, H = (2, 4, 2, 32) if tiny else (16, 12, 12, 64)  # the 125m shape's heads
+    dt = jnp.float32 if tiny else jnp.bfloat16
+    r = np.random.default_rng(T)
+    slots = np.broadcast_to(np.arange(T), (B, T))
+    start = r.integers(0, T // 3, B)  # left padding
+    stop = r.integers(T // 2, T + 1, B)  # right padding from here
+    seg = ((slots >= start[:, None]) & (slots < stop[:, None])).astype(np.int32)
+    seg, slots = jnp.asarray(seg), jnp.asarray(slots)
+    mask = attention_mask(seg, seg, slots, slots, slots, slots)
+    q, k, v = (jnp.asarray(r.normal(size=(B, T, n, H)), dt) for n in (N, K, K))
+    weight = jnp.asarray(r.normal(size=(B, T, N, H)), jnp.float32) * (seg > 0)[:, :, None, None]
+
+    def loss(attend, q, k, v):
+        out = attend(q, k, v)
+        return (out.astype(jnp.float32) * weight).sum(), out
+
+    shown = open_empty_rows(mask) if opened else mask
+    impl = "xla" if tiny else "cudnn"
+    cudnn = functools.partial(jax.nn.dot_product_attention, mask=shown, implementation=impl)
+    grad = jax.jit(jax.value_and_grad(functools.partial(loss, cudnn), argnums=(0, 1, 2),
+                                      has_aux=True))  # fmt: skip
+    ref = jax.jit(jax.value_and_grad(
+        functools.partial(loss, lambda q, k, v: xla_attention(q, k, v, mask)),
+        argnums=(0, 1, 2), has_aux=True))  # fmt: skip
+    (_, out), grads = grad(q, k, v)
+    (_, want), want_grads = ref(q, k, v)
+    real = (seg > 0)[:, :, None, None]
+    diffs = [jnp.where(real, out.astype(jnp.float32) - want.astype(jnp.float32), 0.0)]
+    diffs += [g.astype(jnp.float32) - w.astype(jnp.float32) for g, w in zip(grads, want_grads)]
+    finite = all(bool(jnp.isfinite(g).all()) for g in grads)
+    err = max(float(jnp.max(jnp.abs(d))) for d in diffs) if finite else float("nan")
+    us, kernels = device_time(lambda i: grad(q, k, v), calls)
+    nbytes = 2 * (q.size + out.size + 2 * (k.size + v.size)) * jnp.dtype(dt).itemsize
+    piece = f"cudnn_grad:T{T}:{'opened' if opened else 'raw'}"
+    return _record(piece, B, us, kernels, nbytes, max_abs_err_vs_xla=err, finite=finite,
+                   fully_masked_rows=int((~mask.any(-1)).sum()))  # fmt: skip
+
+
 def gate_up_piece(variant) -> str:
     """The piece name of a gate|up variant: gate_up:xla, gate_up:pallas:BN:BK:W:S, or for a
     ("t", BN, BK, W, S) variant (the transposed weight) gate_up:pallas_t:BN:BK:W:S."""
@@ -354,11 +417,19 @@ def pieces(shape: str) -> list[tuple]:
         dtype="bfloat16", param_dtype="bfloat16")  # fmt: skip
     cfg = get_variant(variant, **dims)
     out = []
+    # cuDNN's training attention over padded rows first (a correctness check, seconds): the
+    # PPO failure of the 2026-12-04 lease. 96 is the PPO bench's row, 192 and 128 the
+    # suspect's (T % 128 != 0) and the control's.
+    for T in (96,) if tiny else (96, 192, 128):
+        for opened in (False, True):
+            out.append((f"cudnn_grad:T{T}:{'opened' if opened else 'raw'}", 2 if tiny else 16,
+                        functools.partial(
+                run_masked_grad, T, opened, tiny, calls)))  # fmt: skip
     for b in batches:
         # Attention first: the GPU suite's next case decodes with its fastest tiling, so a
         # case cut short by the lease's clock should have timed those at least.
         main = b == batches[0]  # the goal's batch: every variant; the single prompt: fewer
-        variants = ["xla", *kernels] if main else ["xla", *[v for v in kernels if v[1:] == (4, 2)]]
+        variants = ["xla", *kernels] if main else ["xla", *[v for v in kernels if v[1:3] == (4, 2)]]
         for v in variants:
             name = "attention:xla" if v == "xla" else "attention:pallas:" + ":".join(map(str, v))
             out.append((name, b, functools.partial(
@@ -380,18 +451,20 @@ def pieces(shape: str) -> list[tuple]:
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| piece | batch | µs per call | bytes (MB) | TB/s | of HBM | kernels (per call: n, µs) |",
-        "|---|---|---|---|---|---|---|",
+        "| piece | batch | µs per call | bytes (MB) | TB/s | of HBM | max err vs XLA "
+        "| kernels (per call: n, µs) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['case']} | | error: {r['error'][:150]} |||||")
+            lines.append(f"| {r['case']} | | error: {r['error'][:150]} ||||||")
             continue
         top = "; ".join(f"{k} {n:g}× {t:g}" for k, n, t in r["kernels"][:3])
         tb = f"{r['tb_s']:.2f}" if "tb_s" in r else "–"
         frac = f"{r['hbm']:.0%}" if "hbm" in r else "–"
+        err = f"{r['max_abs_err_vs_xla']:.2g}" if "max_abs_err_vs_xla" in r else "–"
         lines.append(f"| {r['piece']} | {r['batch']} | {r['us']:.1f} | {r['bytes'] / 1e6:.1f} "
-                     f"| {tb} | {frac} | {top} |")  # fmt: skip
+                     f"| {tb} | {frac} | {err} | {top} |")  # fmt: skip
     return "\n".join(lines)
 
 

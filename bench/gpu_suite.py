@@ -140,52 +140,31 @@ DEFAULT_GATE_UP = (32, 128, 4, 3)
 # whatever its own estimate. Cases never run on a GPU (decode kernels, alignment) are guesses.
 #
 # Order: the open goals first. They are the decode goal (>= 50% of the HBM bound at batch 64,
-# best so far 42.9%) and PPO's generation share (<= 70% of an iteration, never timed on a GPU).
-# The training goals are met (2026-11-30 second lease), and the other cases decide defaults.
-# A lease is two calls, `gpu_run.sh 480` then one of ~300-335 s that resumes (gpu_run.sh). The
-# first call runs "decode kernels" (each piece of the step, every kernel tiling: what the
-# goal's next change is, and what the tuned cases read) and the PPO case: 240 + 120 s of the
-# ~465 s left after start-up. The fold + Pallas gate|up candidate then waits for the second
-# call, where as that call's first decode it counts FIRST_DECODE_S (180 s), and the tuned and
-# default decodes (40-45 s each) follow it: 180 + 40 + 40 + 45 = 305 s. Put before the PPO
-# case it would push PPO out of the first call, and after it it does not fit there.
+# best so far 42.9%) and PPO's generation share (<= 70% of an iteration, never timed on a GPU:
+# PPO stopped with NaN in the 2026-12-04 lease). The training goals are met (2026-11-30 second
+# lease), and the other cases decide defaults. A lease is two calls, `gpu_run.sh 480` then one
+# of ~300-335 s that resumes (gpu_run.sh). The first call runs the attention pieces (cuDNN's
+# backward over padded rows, the suspect of PPO's NaN; every Pallas decode attention tiling,
+# split-K included: ~30 pieces, measured at ~1.1 s each), then PPO, then the whole decode with
+# the fastest attention tiling (the call's first decode: FIRST_DECODE_S) and the default's.
 GPU_CASES = [
-    # Each piece of a decode step alone (bench/decode_kernels.py): the five matmuls with Triton
-    # and with cuBLAS, the Pallas attention kernel over key blocks 64/128/256, 4/8 warps, 1-3
-    # stages (the 2026-11-30 profile: 11.1 us per layer for 3.9 us of bytes), XLA's attention,
-    # and the gate|up + SiLU kernel's tilings over the weight as stored and transposed: what to
-    # change next, in one case. 66 pieces in one process, a compile and a traced run each.
-    ("decode kernels", 240, ["decode_kernels"]),
+    # cuDNN's training attention over PPO-like padded rows, raw mask against `open_empty_rows`
+    # (gradients against XLA's: NaN says the suspect is found), and each decode attention
+    # tiling alone, split-K (models/decode_attention.py `splits`) against the unsplit kernel.
+    ("decode kernels attention", 90, ["decode_kernels", "--pieces", "cudnn_grad,attention"]),
     # The issue's PPO goal (generation <= 70% of an iteration), stop checks every 8 tokens
-    # (rollouts decode with the Pallas kernel by default on the GPU): never timed on the GPU.
-    ("alignment ppo c8", 120, ["alignment_throughput", "--cases", "125m:ppo:c8"]),
-    # The candidate for the decode goal: the pre-norms folded into the projections and divided
-    # out inside the Pallas attention and gate|up kernels (`decode_norm="fold"`, `decode_mlp=
-    # "pallas"` reading the concatenated gate|up), cuBLAS for q|k|v, o, down and the LM head:
-    # 5 kernels per layer instead of 8 (H200 compile: 131 per step against 197, 2.80 GiB per
-    # token against 2.95). Profiled too: each kernel's share of bandwidth.
-    ("decode 1b flaxlm b64 fold mlp", 45, ["decode", "--cases", "1b:flax:b64:fold:mlp:profile"]),
-    # The fold case again with the fastest attention and gate|up tilings (either weight
-    # layout) that "decode kernels" timed, in this call or an earlier one of the lease.
-    ("decode 1b flaxlm b64 tuned fold mlp", 40, tuned_fold_mlp("1b", 64)),
-    # The fastest attention tiling of that case, if not the default, in the default decode (the
-    # kernel's (64, 4, 2) is untuned).
+    # (rollouts decode with the Pallas kernel by default on the GPU). Measured 81 s to its
+    # failure at step 8 on 2026-12-04.
+    ("alignment ppo c8", 150, ["alignment_throughput", "--cases", "125m:ppo:c8"]),
+    # The fastest attention tiling that "decode kernels attention" timed, if not the default,
+    # in the default decode.
     ("decode 1b flaxlm b64 tuned attention", 40, tuned_attention("1b", 64)),
     # `generate`'s default on CUDA GPUs, the baseline of the goal within the lease: each layer's
     # attention as one Pallas kernel over the written slots, every matmul a cuBLAS call over
-    # q|k|v and gate|up concatenated once per call (`decode_gemm="auto"`; 1.32 ms per step in
-    # the 2026-11-30 second lease, 42.9%). ":profile" adds, after the timed calls, a
-    # kernel-time summary of one traced call: where the rest of the step goes.
+    # q|k|v and gate|up concatenated once per call (`decode_gemm="auto"`; 1.32-1.34 ms per
+    # step in the last two leases). ":profile" adds, after the timed calls, a kernel-time
+    # summary of one traced call: where the rest of the step goes.
     ("decode 1b flaxlm b64", 45, ["decode", "--cases", "1b:flax:b64:profile"]),
-    # The fold case with the gate|up kernel over the transposed weight (`decode_mlp=
-    # "pallas_t"`), default tiling: if decode kernels was cut short, the other layout whole.
-    ("decode 1b flaxlm b64 fold mlpt", 40, ["decode", "--cases", "1b:flax:b64:fold:mlpt"]),
-    # Triton's gemms, unfused (the default before): the in-lease ratio of the change.
-    ("decode 1b flaxlm b64 triton", 40, ["decode", "--cases", "1b:flax:b64:triton"]),
-    # cuBLAS over the separate weights, XLA's dot merger off (no concatenated copy: peak 2.9
-    # GiB against 4.0 in the H200 compile, 285 kernels per step against 197): if near the
-    # default's time, "auto" can drop the copy.
-    ("decode 1b flaxlm b64 cublas unfused", 40, ["decode", "--cases", "1b:flax:b64:unfused"]),
     # DPO/PPO policy tokens/s and PPO's split with the configs' default (stop checks every
     # token). Two cases, each compiles.
     ("alignment dpo+ppo", 150, ["alignment_throughput"]),
@@ -195,7 +174,29 @@ GPU_CASES = [
         160,
         ["alignment_throughput", "--cases", "125m:ppo:c8:decode_xla,125m:ppo:cmdbuf"],
     ),  # fmt: skip
-    ("decode 1b hf b64", 50, ["decode", "--cases", "1b:hf:b64"]),  # measured 38-40 s
+    ("decode 1b hf b64", 50, ["decode", "--cases", "1b:hf:b64"]),  # measured 38-41 s
+    # The other pieces of the step alone: the five matmuls with Triton and with cuBLAS, XLA's
+    # gate|up and the gate|up + SiLU kernel's tilings over the weight as stored and
+    # transposed (measured 2026-12-04: 75 s with the attention pieces).
+    ("decode kernels", 120, ["decode_kernels", "--pieces", "matmul,gate_up"]),
+    # The candidate of the 2026-11-30 leases: the pre-norms folded into the projections and
+    # divided out inside the Pallas attention and gate|up kernels (`decode_norm="fold"`,
+    # `decode_mlp="pallas"` reading the concatenated gate|up), cuBLAS for q|k|v, o, down and
+    # the LM head: 5 kernels per layer instead of 8 — slower on 2026-12-04 (1.39 ms against
+    # 1.32). Profiled: each kernel's share of bandwidth.
+    ("decode 1b flaxlm b64 fold mlp", 45, ["decode", "--cases", "1b:flax:b64:fold:mlp:profile"]),
+    # The fold case again with the fastest attention and gate|up tilings (either weight
+    # layout) that "decode kernels" timed, in this call or an earlier one of the lease.
+    ("decode 1b flaxlm b64 tuned fold mlp", 40, tuned_fold_mlp("1b", 64)),
+    # The fold case with the gate|up kernel over the transposed weight (`decode_mlp=
+    # "pallas_t"`), default tiling: if decode kernels was cut short, the other layout whole.
+    ("decode 1b flaxlm b64 fold mlpt", 40, ["decode", "--cases", "1b:flax:b64:fold:mlpt"]),
+    # Triton's gemms, unfused (the default before): the in-lease ratio of the change.
+    ("decode 1b flaxlm b64 triton", 40, ["decode", "--cases", "1b:flax:b64:triton"]),
+    # cuBLAS over the separate weights, XLA's dot merger off (no concatenated copy: peak 2.9
+    # GiB against 4.0 in the H200 compile, 285 kernels per step against 197): if near the
+    # default's time, "auto" can drop the copy.
+    ("decode 1b flaxlm b64 cublas unfused", 40, ["decode", "--cases", "1b:flax:b64:unfused"]),
     # Batch 1 (Triton's gemms: "auto" takes cuBLAS from 64 rows) against cuBLAS (H200 compile:
     # 2.29 GiB per token against 1.94).
     ("decode 1b flaxlm b1", 65, ["decode", "--cases", "1b:flax:b1,1b:flax:b1:cublas"]),

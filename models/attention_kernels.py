@@ -93,9 +93,31 @@ def cudnn_supports_head_dim(head_dim: int) -> bool:
         return False
 
 
+def open_empty_rows(mask_B1TS: jax.Array) -> jax.Array:
+    """The mask with every query row that sees no key opened to all keys.
+
+    `attention_mask` gives a padding query (segment 0) no key at all. jax hands cuDNN a boolean
+    mask as a bias of -2^41 on the masked logits, so such a row's log-sum-exp is about -2^41.
+    cuDNN's flash backward on Hopper scores the zero-filled tail of its last key tile as 0
+    instead of -inf when the key length is not a multiple of the tile. For a row with a
+    log-sum-exp below ln(FLT_MAX) ≈ -88.7, exp(0 - lse) overflows to inf, and inf times the
+    tail's zeros is NaN in dQ. Through the q projection that NaN reaches every gradient of
+    the step. PPO's rollout rows (left-padded prompts, 96 tokens in bench/
+    alignment_throughput.py) lost every update this way on the H200 (the 2026-12-04 lease),
+    while DPO's 1024-token rows trained. pytorch/pytorch#196678 reports the same kernel bug.
+
+    An opened row's output is still never used: no real query attends to a padding key, and
+    the loss weights padding positions 0. Its cotangent is therefore zero, and the real rows'
+    outputs and every gradient are unchanged. Only the cuDNN path needs this: XLA's softmax
+    over a fully masked row is finite."""
+    return mask_B1TS | ~jnp.any(mask_B1TS, axis=-1, keepdims=True)
+
+
 def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0, scale=None
                     ) -> jax.Array:  # fmt: skip
-    """cuDNN flash attention (NVIDIA GPUs). Pure causal rows take the fast CAUSAL mask type."""
+    """cuDNN flash attention (NVIDIA GPUs). Pure causal rows take the fast CAUSAL mask type; a
+    mask has its fully masked rows opened first (`open_empty_rows`: cuDNN's backward turns
+    them into NaN)."""
     local = (window - 1, 0) if window else None
     if mask_B1TS is None:
         return jax.nn.dot_product_attention(
@@ -108,5 +130,6 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, window: int = 0, scale=No
             implementation="cudnn",
         )
     return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation="cudnn"
-    )
+        q_BTNH, k_BSKH, v_BSKH, mask=open_empty_rows(mask_B1TS), scale=scale,
+        implementation="cudnn",
+    )  # fmt: skip

@@ -68,22 +68,27 @@ MIN_DOT_ROWS = 16
 
 def variant_options(name: str) -> dict:
     """The kernel options a `decode_attention` name asks for: "pallas" the module's defaults
-    ({}), "pallas:BK:W:S" key block BK (a power of two >= 16), W warps and S pipeline stages
-    (bench/decode_kernels.py times them on the GPU; its best can be run whole with this name).
-    Anything else: a ValueError naming it."""
+    ({}), "pallas:BK:W:S" key block BK (a power of two >= 16), W warps and S pipeline stages,
+    "pallas:BK:W:S:P" the same split into P >= 1 parts over the key blocks (split-K: P times
+    the programs, then a combine; `_kernel`). bench/decode_kernels.py times them on the GPU;
+    its best can be run whole with this name. Anything else: a ValueError naming it."""
     if name == "pallas":
         return {}
     parts = name.split(":")
     try:
-        bk, warps, stages = (int(p) for p in parts[1:]) if len(parts) == 4 else (0, 0, 0)
+        numbers = [int(p) for p in parts[1:]] if len(parts) in (4, 5) else [0, 0, 0]
     except ValueError:
-        bk = warps = stages = 0
+        numbers = [0, 0, 0]
+    bk, warps, stages, *split = numbers
+    splits = split[0] if split else 1
     if parts[0] != "pallas" or bk < 16 or bk & (bk - 1) or warps < 1 or warps & (warps - 1) \
-            or stages < 1:  # fmt: skip
-        raise ValueError(f"decode_attention={name!r}: expected 'pallas' or 'pallas:BK:W:S' (key "
-                         "block BK a power of two >= 16, W warps a power of two, S >= 1 "
-                         "stages), e.g. 'pallas:128:8:3'")  # fmt: skip
-    return {"block_k": bk, "num_warps": warps, "num_stages": stages}
+            or stages < 1 or splits < 1:  # fmt: skip
+        raise ValueError(f"decode_attention={name!r}: expected 'pallas', 'pallas:BK:W:S' or "
+                         "'pallas:BK:W:S:P' (key block BK a power of two >= 16, W warps a "
+                         "power of two, S >= 1 stages, P >= 1 parts), e.g. 'pallas:128:8:3' "
+                         "or 'pallas:64:4:2:4'")  # fmt: skip
+    options = {"block_k": bk, "num_warps": warps, "num_stages": stages}
+    return {**options, "splits": splits} if split else options
 
 
 def supports(kv_slots: int, n_queries: int, head_dim: int, block_k: int = BLOCK_K) -> bool:
@@ -133,7 +138,7 @@ def _round_half_even(x):
 
 def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, *refs, groups: int, kv_heads: int,
             block_k: int, scale: float, cap: float, ring: bool, quantized: bool,
-            norm_eps: float | None):  # fmt: skip
+            norm_eps: float | None, splits: int = 1):  # fmt: skip
     """One (batch row b, kv head h): this step's q|k|v heads of row b (N + 2K, H), the rope
     angles of b's position (H/2,), the key and value caches (S, H) of (b, h) (with
     `quantized`, int8 and their scales (S,) after them), b's mask (S,); then the outputs: the
@@ -146,11 +151,16 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, *refs, groups: int, kv_heads: in
     which hold what). An int8 cache is read as `attention.cached_attention` reads it: a key
     block's scores times its slots' key scales, the probabilities times the value scales.
     With `norm_eps`, row b's residual stream x (D,) follows the mask, and q|k|v are the raw
-    x·W' of the folded weights (`transformer.fold_norms`): each is divided by rms(x) first."""
+    x·W' of the folded weights (`transformer.fold_norms`): each is divided by rms(x) first.
+    With `splits` > 1 (split-K, "flash decoding"), program (b, h, p) covers the p-th of
+    `splits` runs of the key blocks and writes its part normalised, float32, and the part's
+    log-sum-exp (M,) after it (`_combine_splits` joins them); part 0 also folds in the new
+    token. Every part writes the new slot (the same bytes) and none reads it."""
     n_cache = 4 if quantized else 2
     n_in = n_cache + (2 if norm_eps is not None else 1)
+    n_out = 2 if splits > 1 else 1
     mask_ref, o_ref = refs[n_cache], refs[n_in]
-    k_out_ref, v_out_ref, *scale_refs = refs[n_in + 1 :]  # (the inputs: aliased, unused)
+    k_out_ref, v_out_ref, *scale_refs = refs[n_in + n_out :]  # (the inputs: aliased, unused)
     rows = o_ref.shape[0]
     H = qkv_ref.shape[1]
     half = H // 2
@@ -218,7 +228,10 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, *refs, groups: int, kv_heads: in
         jnp.zeros((rows,), jnp.float32),
     )
     n_blocks = k_out_ref.shape[0] // block_k if ring else pl.cdiv(idx, block_k)
-    carry = jax.lax.fori_loop(0, n_blocks, step, init)
+    part = pl.program_id(2) if splits > 1 else 0
+    # part p's run of blocks: [p·n / P, (p + 1)·n / P), as even as whole blocks allow
+    first, stop = (part * n_blocks) // splits, ((part + 1) * n_blocks) // splits
+    carry = jax.lax.fori_loop(first, stop, step, init)
     # The new token, a one-key block: always visible to itself (same segment and slot).
     k1, k2, v_new = (x.astype(jnp.float32) for x in (k1, k2, v_new))
     s_new = (q1.astype(jnp.float32) * k1[None, :]).sum(axis=1)
@@ -231,18 +244,27 @@ def _kernel(idx_ref, qkv_ref, cos_ref, sin_ref, *refs, groups: int, kv_heads: in
             p = p * v_scale
         return p.astype(dtype).astype(jnp.float32) * v_new[None, :]
 
-    ok = jnp.ones((1, 1), jnp.bool_)
-    acc, _, row_sum = _fold(carry, logits(s_new[:, None]), ok, new_value)
-    out = (acc / row_sum[:, None]).astype(o_ref.dtype)
+    ok = jnp.full((1, 1), part == 0)  # (the new token: part 0's)
+    acc, row_max, row_sum = _fold(carry, logits(s_new[:, None]), ok, new_value)
+    if splits == 1:
+        out = (acc / row_sum[:, None]).astype(o_ref.dtype)
+        plgpu.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
+        return
+    # A part that saw no key (more parts than blocks) has sum 0: output 0, log-sum-exp -inf,
+    # which the combine weighs 0.
+    seen = row_sum > 0
+    out = jnp.where(seen[:, None], acc / jnp.where(seen, row_sum, 1.0)[:, None], 0.0)
+    lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
     plgpu.store(o_ref.at[pl.ds(0, rows), :], out, mask=real)
+    plgpu.store(refs[n_in + 1].at[pl.ds(0, rows)], lse, mask=jnp.arange(rows) < groups)
 
 
 def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *rest,
           interpret: bool, scale: float, cap: float = 0.0, ring: bool = False,
           block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES,
-          norm_eps: float | None = None):  # fmt: skip
+          norm_eps: float | None = None, splits: int = 1):  # fmt: skip
     """`rest`: the int8 cache's key and value scales, then with `norm_eps` the rows' residual
-    stream x (B, D)."""
+    stream x (B, D). Returns (out (B, K, G, H), the caches)."""
     scales_BKS = rest[:-1] if norm_eps is not None else rest
     normed_x = rest[-1:] if norm_eps is not None else ()
     B, K, S, H = k_BKSH.shape
@@ -255,34 +277,63 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *rest,
         R += M
     kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=block_k, scale=scale,
                                cap=cap, ring=ring, quantized=bool(scales_BKS),
-                               norm_eps=norm_eps)  # fmt: skip
-    cache = pl.BlockSpec((None, None, S, H), lambda b, k: (b, k, 0, 0))
-    scales = [pl.BlockSpec((None, None, S), lambda b, k: (b, k, 0))] * len(scales_BKS)
-    per_row = lambda n: pl.BlockSpec((None, n), lambda b, k: (b, 0))  # noqa: E731
+                               norm_eps=norm_eps, splits=splits)  # fmt: skip
+    P_ = splits
+    cache = pl.BlockSpec((None, None, S, H), lambda b, k, p=0: (b, k, 0, 0))
+    scales = [pl.BlockSpec((None, None, S), lambda b, k, p=0: (b, k, 0))] * len(scales_BKS)
+    per_row = lambda n: pl.BlockSpec((None, n), lambda b, k, p=0: (b, 0))  # noqa: E731
     caches = (k_BKSH, v_BKSH, *scales_BKS)
-    return pl.pallas_call(
+    if P_ == 1:
+        outs = [pl.BlockSpec((None, None, M, H), lambda b, k: (b, k, 0, 0))]
+        out_shapes = [jax.ShapeDtypeStruct((B, K, G, H), qkv_BRH.dtype)]
+    else:  # each part's output (float32) and log-sum-exp
+        outs = [
+            pl.BlockSpec((None, None, None, M, H), lambda b, k, p: (b, k, p, 0, 0)),
+            pl.BlockSpec((None, None, None, M), lambda b, k, p: (b, k, p, 0)),
+        ]
+        out_shapes = [
+            jax.ShapeDtypeStruct((B, K, P_, G, H), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, P_, G), jnp.float32),
+        ]
+    n_out = len(outs)
+    out, *rest_out = pl.pallas_call(
         kernel,
-        grid=(B, K),
-        in_specs=[per_row(1), pl.BlockSpec((None, R, H), lambda b, k: (b, 0, 0)),
+        grid=(B, K) if P_ == 1 else (B, K, P_),
+        in_specs=[per_row(1), pl.BlockSpec((None, R, H), lambda b, k, p=0: (b, 0, 0)),
                   per_row(H // 2), per_row(H // 2), cache, cache, *scales, per_row(S),
                   *(per_row(x.shape[1]) for x in normed_x)],
-        out_specs=[pl.BlockSpec((None, None, M, H), lambda b, k: (b, k, 0, 0)), cache, cache,
-                   *scales],
-        out_shape=[jax.ShapeDtypeStruct((B, K, G, H), qkv_BRH.dtype),
-                   *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in caches)],
-        # every cache buffer (inputs 4 …) is updated in place: outputs 1 …
-        input_output_aliases={4 + i: 1 + i for i in range(len(caches))},
+        out_specs=[*outs, cache, cache, *scales],
+        out_shape=[*out_shapes, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in caches)],
+        # every cache buffer (inputs 4 …) is updated in place: the outputs after the result
+        input_output_aliases={4 + i: n_out + i for i in range(len(caches))},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="decode_attention",
     )(idx_B1, qkv_BRH, cos_Bh, sin_Bh, *caches, mask_BS, *normed_x)  # fmt: skip
+    if P_ == 1:
+        return out, *rest_out
+    lse, *cache_out = rest_out
+    return _combine_splits(out, lse).astype(qkv_BRH.dtype), *cache_out
+
+
+def _combine_splits(out_BKPGH, lse_BKPG):
+    """The parts of a split-K step joined: each part's normalised output weighed by its share
+    of the softmax mass, exp(lse_p - lse). Part 0 holds the new token, so lse is finite."""
+    # Over the few parts one by one, as elementwise ops: XLA fuses the whole combine into one
+    # kernel (a max and a sum reduced over the part axis compiled to two for the H200).
+    P = lse_BKPG.shape[2]
+    lse = [lse_BKPG[:, :, p] for p in range(P)]
+    top = functools.reduce(jnp.maximum, lse)
+    w = [jnp.exp(x - top) for x in lse]  # (B, K, G) each; a part that saw nothing: 0
+    total = functools.reduce(jnp.add, [out_BKPGH[:, :, p] * w[p][..., None] for p in range(P)])
+    return total / functools.reduce(jnp.add, w)[..., None]
 
 
 def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index, *,
                      kv_scales=(), scale: float | None = None, cap: float = 0.0,
                      ring: bool = False, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                      num_stages: int = NUM_STAGES, norm_x_BTD=None,
-                     norm_eps: float = 1e-6):  # fmt: skip
+                     norm_eps: float = 1e-6, splits: int = 1):  # fmt: skip
     """One decode step of attention over a layer's (B, K, S, H) key and value caches.
 
     `qkv_BTRH`: this step's q, k and v heads before RoPE, concatenated on the head axis
@@ -297,7 +348,9 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     (`transformer.init_cache(..., "int8")`); the new key and value are quantized as
     `attention.quantize_kv` does and their scales written too.
     `block_k` (a power of two dividing the slots), `num_warps`, `num_stages`: the kernel's
-    tiling and Triton launch parameters (defaults: the module's constants).
+    tiling and Triton launch parameters (defaults: the module's constants). `splits` > 1:
+    each (row, kv head) runs as that many programs over parts of its key blocks, joined after
+    (split-K: more programs in flight when the batch × kv heads alone leave the GPU short).
     `norm_x_BTD` (B, 1, D), D a power of two (`norm_supports`): the layer's pre-norm is folded
     in — q|k|v are x·W' for the raw residual stream x and W' the norm's scale times W
     (`transformer.fold_norms`), and the kernel divides them by rms(x) (RMSNorm's, with
@@ -337,6 +390,7 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
         num_warps=int(num_warps),
         num_stages=int(num_stages),
         norm_eps=None if norm_x_BTD is None else float(norm_eps),
+        splits=int(splits),
     )
 
     def run(*a):

@@ -250,17 +250,25 @@ def test_decode_kernels_bench(tmp_path):
     from flaxlm.models import decode_attention as kernel
     from flaxlm.models.config import get_variant
 
-    dk.main(["--out", str(tmp_path), "--tiny", "--pieces", "matmul:o,attention,gate_up"])
+    dk.main(["--out", str(tmp_path), "--tiny", "--pieces",
+             "matmul:o,attention,gate_up,cudnn_grad"])  # fmt: skip
     lines = (tmp_path / "decode_kernels.jsonl").read_text().splitlines()
     recs = {r["case"]: r for r in map(json.loads, lines)}
     assert set(recs) == {"matmul:o:triton:b4", "matmul:o:cublas:b4", "attention:xla:b4",
-                         "attention:pallas:64:4:2:b4", "gate_up:xla:b4",
-                         "gate_up:pallas:32:32:4:3:b4",
-                         "gate_up:pallas_t:32:32:4:3:b4"}  # fmt: skip
+                         "attention:pallas:64:4:2:b4", "attention:pallas:16:4:2:2:b4",
+                         "gate_up:xla:b4", "gate_up:pallas:32:32:4:3:b4",
+                         "gate_up:pallas_t:32:32:4:3:b4", "cudnn_grad:T96:raw:b2",
+                         "cudnn_grad:T96:opened:b2"}  # fmt: skip
     assert all(r["us"] > 0 and r["bytes"] > 0 for r in recs.values()), recs
     # the candidate kernels compute their XLA counterparts (float32 here), the gate|up one
-    # over the weight as stored and transposed
+    # over the weight as stored and transposed; split-K too
     assert recs["attention:pallas:64:4:2:b4"]["max_abs_err_vs_xla"] < 1e-5
+    assert recs["attention:pallas:16:4:2:2:b4"]["max_abs_err_vs_xla"] < 1e-5
+    # the padded-rows check (XLA standing in for cuDNN here): rows with no key exist, and
+    # the gradients of both masks are finite and equal XLA's
+    for mask in ("raw", "opened"):
+        rec = recs[f"cudnn_grad:T96:{mask}:b2"]
+        assert rec["finite"] and rec["max_abs_err_vs_xla"] < 1e-4 and rec["fully_masked_rows"]
     assert recs["gate_up:pallas:32:32:4:3:b4"]["max_abs_err_vs_xla"] < 1e-5
     assert recs["gate_up:pallas_t:32:32:4:3:b4"]["max_abs_err_vs_xla"] < 1e-5
     # the default attention tiling and each gate|up layout's first also check the folded

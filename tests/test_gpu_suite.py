@@ -243,7 +243,7 @@ def test_first_call_reaches_the_decode_kernels_and_the_ppo_case():
         if est <= left:
             left -= est
             ran.append(name)
-    assert "decode kernels" in ran and "alignment ppo c8" in ran
+    assert "decode kernels attention" in ran and "alignment ppo c8" in ran
     assert len({c[0] for c in GPU_CASES}) == len(GPU_CASES)  # --resume keys on the names
 
 

@@ -14,7 +14,13 @@ from jax.sharding import PartitionSpec as P
 
 from flaxlm.models import attention, decode, sampling
 from flaxlm.models import decode_attention as kernel
-from flaxlm.models.attention import apply_rope, attention_mask, cached_attention, rope_tables
+from flaxlm.models.attention import (
+    apply_rope,
+    attention_mask,
+    cached_attention,
+    quantize_kv,
+    rope_tables,
+)
 from flaxlm.models.config import ModelConfig, get_variant
 from flaxlm.models.decode import generate, generate_program, generate_text
 from flaxlm.models.sampling import sample_logits
@@ -663,6 +669,51 @@ def test_key_block_size_does_not_change_the_step(block_k, index):
         kernel.decode_attention(*args, index, block_k=48)
 
 
+@pytest.mark.parametrize(
+    "splits,index,block_k",
+    [
+        (2, 70, 16),  # 5 blocks in 2 parts (2 and 3)
+        (4, 10, 16),  # 1 block, 4 parts: three see no key and must weigh 0
+        (3, 0, 16),  # the first slot: no earlier block, only the new token (part 0's)
+        (8, 200, 16),  # 13 blocks, 8 parts
+        (4, 255, 64),  # the last slot, whole blocks of 64
+    ],
+)
+def test_split_k_equals_the_xla_step(splits, index, block_k):
+    """Split-K (`splits` programs per row and kv head, each over a run of the key blocks, then
+    a combine by log-sum-exp): the XLA step's output and caches, including parts that see no
+    key (more parts than blocks) and the write slot in any part."""
+    args = _step(2, 8, 2, 32, 256, index, seed=splits)
+    out, cache = kernel.decode_attention(*args, index, block_k=block_k, splits=splits)
+    want_out, want_cache = _xla_step(*args, index)
+    np.testing.assert_allclose(out, want_out, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(cache, want_cache, atol=1e-6, rtol=1e-6)
+
+
+def test_split_k_over_a_ring_and_an_int8_cache():
+    """Split-K over a windowed layer's ring (each row its own slot; the parts cover the whole
+    ring) and over an int8 cache: the unsplit kernel's results."""
+    B, N, K, H, S = 3, 8, 2, 32, 128
+    qkv, cos, sin, k_cache, v_cache, _ = _step(B, N, K, H, S, 0)
+    slots = jnp.asarray([0, 77, S - 1])
+    mask = np.random.default_rng(5).random((B, 1, 1, S)) < 0.5
+    mask[np.arange(B), 0, 0, np.asarray(slots)] = True
+    ring = (qkv, cos, sin, k_cache, v_cache, jnp.asarray(mask), slots)
+    want = kernel.decode_attention(*ring, ring=True, block_k=16)
+    got = kernel.decode_attention(*ring, ring=True, block_k=16, splits=3)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=1e-5)
+    np.testing.assert_array_equal(got[1][0], want[1][0])
+
+    args = _step(2, 8, 2, 32, 128, 90, seed=3)
+    k8, v8, ks, vs = quantize_kv(args[3], args[4])  # ((B, K, S, H): per slot and head)
+    int8 = (*args[:3], k8, v8, args[5], 90)
+    want = kernel.decode_attention(*int8, kv_scales=(ks, vs), block_k=16)
+    got = kernel.decode_attention(*int8, kv_scales=(ks, vs), block_k=16, splits=4)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_sliding_window_masks_whole_leading_blocks():
     """A window of 20 at slot 150: the first two key blocks are entirely masked, which the
     online softmax must skip without letting them into the normaliser."""
@@ -744,6 +795,11 @@ def test_gpu_lowering_is_one_triton_kernel():
     text = lowered.as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert text.count("output_operand_alias<") == 2  # both caches updated in place
+    with kernel.lowering_target():  # split-K: still one kernel, the caches still in place
+        split = jax.jit(functools.partial(kernel.decode_attention, splits=4))
+        text = split.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert text.count("output_operand_alias<") == 2
 
 
 def test_unsupported_shapes():
@@ -799,7 +855,11 @@ def test_a_tuned_kernel_variant_decodes_the_same():
     _assert_greedy_decode_is_recompute(cfg, params, decode_attention="pallas:16:2:1")
     assert kernel.variant_options("pallas:128:8:3") == dict(block_k=128, num_warps=8,
                                                               num_stages=3)  # fmt: skip
-    for bad in ("pallas:100:4:2", "pallas:64:3:2", "pallas:64:4", "pallas:64:4:0", "pallasx"):
+    assert kernel.variant_options("pallas:64:4:2:4") == dict(block_k=64, num_warps=4,
+                                                               num_stages=2, splits=4)  # fmt: skip
+    _assert_greedy_decode_is_recompute(cfg, params, decode_attention="pallas:16:2:1:3")
+    for bad in ("pallas:100:4:2", "pallas:64:3:2", "pallas:64:4", "pallas:64:4:0", "pallasx",
+                "pallas:64:4:2:0", "pallas:64:4:2:2:2"):  # fmt: skip
         with pytest.raises(ValueError, match="pallas:BK:W:S"):
             generate(cfg, params, PROMPTS, decode_attention=bad, max_new_tokens=2,
                      rng=jax.random.PRNGKey(0))  # fmt: skip
