@@ -85,8 +85,16 @@ SHAPES = {
         # then split-K (a fourth number: parts per row and kv head; `decode_attention`'s
         # `splits`), whose programs each read a part of the key blocks.
         [(64, 4, 2), (64, 4, 3), (128, 4, 2), (256, 4, 2)]
-        + [(64, 4, 2, 2), (64, 4, 2, 4), (64, 4, 3, 4), (128, 4, 2, 2), (32, 4, 2, 4),
-           (32, 4, 2, 8), (32, 4, 1, 8), (16, 4, 2, 8)],
+        + [
+            (64, 4, 2, 2),
+            (64, 4, 2, 4),
+            (64, 4, 3, 4),
+            (128, 4, 2, 2),
+            (32, 4, 2, 4),
+            (32, 4, 2, 8),
+            (32, 4, 1, 8),
+            (16, 4, 2, 8),
+        ],
         # (K, N) weights as stored, then transposed to (N, K) (`decode_mlp="pallas_t"`)
         [(bn, bk, 4, s) for bn in (16, 32, 64) for bk in (64, 128) for s in (3, 4)]
         + [
@@ -100,8 +108,15 @@ SHAPES = {
         ],
         20,
     ),  # fmt: skip
-    "tiny": ("tiny", (4,), 128, 64, [(64, 4, 2), (16, 4, 2, 2)],
-             [(32, 32, 4, 3), ("t", 32, 32, 4, 3)], 2),
+    "tiny": (
+        "tiny",
+        (4,),
+        128,
+        64,
+        [(64, 4, 2), (16, 4, 2, 2)],
+        [(32, 32, 4, 3), ("t", 32, 32, 4, 3)],
+        2,
+    ),
 }
 
 

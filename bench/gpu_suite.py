@@ -78,22 +78,47 @@ def _tiling(record: dict) -> tuple[int, ...]:
     return tuple(int(n) for n in record["piece"].split(":")[2:])
 
 
-def tuned_attention(shape: str, batch: int):
+def tuned_attention(shape: str, batch: int, options: str = ""):
     """A case's args chosen when it runs: the whole decode with the fastest Pallas attention
     tiling that bench/decode_kernels.py timed earlier in the same lease (decode_kernels.jsonl
     in OUT or the state folder, at `batch`; outputs within bf16 rounding of XLA's), or why it
-    is skipped — so one lease both finds a better tiling and times it end to end."""
+    is skipped — so one lease both finds a better tiling and times it end to end. `options`:
+    decode case options to add (e.g. "fold"); with them the case runs even when the default
+    tiling was the fastest."""
 
     def args(where):
         best, why = _fastest_correct(where, "attention", batch)
         if best is None:
             return f"skipped ({why})"
+        case = f"{shape}:flax:b{batch}" + (f":{options}" if options else "")
         if _tiling(best) == DEFAULT_ATTENTION:
+            if options:
+                return ["decode", "--cases", case]
             return f"skipped (the default tiling {best['piece']} was the fastest)"
         tiles = "-".join(map(str, _tiling(best)))
-        return ["decode", "--cases", f"{shape}:flax:b{batch}:attn{tiles}"]
+        return ["decode", "--cases", f"{case}:attn{tiles}"]
 
     return args
+
+
+def if_failed(case: str, args: list[str]):
+    """A control case's args, run only when `case`'s latest alignment record (earlier in this
+    run or lease) is an error: else why it is skipped. The PPO case's failure then costs the
+    lease the one case that tells the suspects apart, and its success costs nothing."""
+
+    def chosen(where):
+        # the state's (earlier calls') first, then this call's: the last record is the latest
+        folders = reversed(_folders(where))
+        paths = [os.path.join(d, "alignment_throughput.jsonl") for d in folders]
+        recs = [r for p in paths if os.path.exists(p) for r in _jsonl(p)
+                if r.get("case") == case]  # fmt: skip
+        if not recs:
+            return f"skipped (no record of {case} yet)"
+        if "error" not in recs[-1]:
+            return f"skipped ({case} ran: no control needed)"
+        return args
+
+    return chosen
 
 
 def tuned_fold_mlp(shape: str, batch: int):
@@ -156,6 +181,13 @@ GPU_CASES = [
     # (rollouts decode with the Pallas kernel by default on the GPU). Measured 81 s to its
     # failure at step 8 on 2026-12-04.
     ("alignment ppo c8", 150, ["alignment_throughput", "--cases", "125m:ppo:c8"]),
+    # Only if that failed again: the same with XLA's attention in every forward and backward
+    # (":xla"; the rollouts' decode kernel kept), which says whether cuDNN is still the cause.
+    (
+        "alignment ppo c8 xla (if ppo failed)",
+        150,
+        if_failed("125m:ppo:c8", ["alignment_throughput", "--cases", "125m:ppo:c8:xla"]),
+    ),  # fmt: skip
     # The fastest attention tiling that "decode kernels attention" timed, if not the default,
     # in the default decode.
     ("decode 1b flaxlm b64 tuned attention", 40, tuned_attention("1b", 64)),
@@ -165,6 +197,10 @@ GPU_CASES = [
     # step in the last two leases). ":profile" adds, after the timed calls, a kernel-time
     # summary of one traced call: where the rest of the step goes.
     ("decode 1b flaxlm b64", 45, ["decode", "--cases", "1b:flax:b64:profile"]),
+    # The attention's pre-norm folded into the q|k|v weights and divided out in the kernel
+    # (`decode_norm="fold"`; one kernel fewer per layer, the MLP as the default's), with that
+    # fastest tiling: never timed alone.
+    ("decode 1b flaxlm b64 tuned attention fold", 40, tuned_attention("1b", 64, "fold")),
     # DPO/PPO policy tokens/s and PPO's split with the configs' default (stop checks every
     # token). Two cases, each compiles.
     ("alignment dpo+ppo", 150, ["alignment_throughput"]),
@@ -327,7 +363,8 @@ FLAGS = {
 }
 # The records each bench module appends in OUT; suite.md shows their tables in this order.
 JSONL = {m: f"{m}.jsonl" for m in FLAGS}
-STATE_RECORDS = ("decode_kernels.jsonl",)  # copied into --state: the tuned cases read them
+# copied into --state: the tuned and control cases read them
+STATE_RECORDS = ("decode_kernels.jsonl", "alignment_throughput.jsonl")
 
 
 def environment() -> dict:

@@ -70,6 +70,51 @@ def test_tuned_attention_runs_the_fastest_timed_tiling(tmp_path):
     assert "default tiling" in pick(str(tmp_path))
 
 
+def test_a_split_k_tiling_is_picked_and_run_whole(tmp_path):
+    """A split-K record (a fourth number, the parts) is a tiling like the others: the tuned
+    case decodes with it, and the decode bench's option hands it to `generate`."""
+    import json
+
+    from flaxlm.bench.decode import CASE_OPTIONS, option_settings
+    from flaxlm.bench.gpu_suite import tuned_attention
+
+    recs = [
+        {"piece": "attention:pallas:64:4:2", "batch": 64, "us": 11.0, "max_abs_err_vs_xla": 0.01},
+        {"piece": "attention:pallas:32:4:2:8", "batch": 64, "us": 7.0, "max_abs_err_vs_xla": 0.01},
+    ]
+    (tmp_path / "decode_kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    args = tuned_attention("1b", 64)(str(tmp_path))
+    assert args == ["decode", "--cases", "1b:flax:b64:attn32-4-2-8"]
+    assert "attn32-4-2-8" in CASE_OPTIONS and "attn32-4-2-8-1-1" not in CASE_OPTIONS
+    assert option_settings("attn32-4-2-8") == {"decode_attention": "pallas:32:4:2:8"}
+    assert option_settings("attn128-8-3") == {"decode_attention": "pallas:128:8:3"}
+    folded = tuned_attention("1b", 64, "fold")
+    assert folded(str(tmp_path)) == ["decode", "--cases", "1b:flax:b64:fold:attn32-4-2-8"]
+    recs[1]["us"] = 12.0  # the default tiling fastest: the folded case still runs, untuned
+    (tmp_path / "decode_kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert folded(str(tmp_path)) == ["decode", "--cases", "1b:flax:b64:fold"]
+
+
+def test_the_ppo_control_runs_only_after_a_failure(tmp_path):
+    """`if_failed`: skipped before the case has a record and when its latest one succeeded;
+    the control's args when it failed, in this call's OUT or an earlier call's state."""
+    import json
+
+    from flaxlm.bench.gpu_suite import if_failed
+
+    control = if_failed("125m:ppo:c8", ["alignment_throughput", "--cases", "125m:ppo:c8:xla"])
+    out, state = tmp_path / "out", tmp_path / "state"
+    out.mkdir(), state.mkdir()
+    assert "no record" in control([str(out), str(state)])
+    ok = {"case": "125m:ppo:c8", "gen_share": 0.5}
+    failed = {"case": "125m:ppo:c8", "error": "RuntimeError: step 8: 8 bad steps"}
+    (state / "alignment_throughput.jsonl").write_text(json.dumps(failed) + "\n")
+    assert control([str(out), str(state)]) == ["alignment_throughput", "--cases",
+                                               "125m:ppo:c8:xla"]  # fmt: skip
+    (out / "alignment_throughput.jsonl").write_text(json.dumps(ok) + "\n")
+    assert "ran" in control([str(out), str(state)])  # (the state's first, then OUT's: latest)
+
+
 def test_tuned_fold_mlp_runs_the_fastest_attention_and_gate_up_tilings(tmp_path):
     """The folded-norm decode with the fastest correct tilings of both kernels (each left at
     its default when that won), skipped when neither beat its default."""
