@@ -76,11 +76,11 @@ def rollout_config(batch: int, max_new_tokens: int = 24) -> ml_collections.Confi
     # 1.1B step on the H200; XLA's Triton gemms otherwise — models/decode.py `generate`)
     c.decode_gemm = "auto"
     # xla | pallas | pallas:BN:BK:W:S: each decode step's silu(gate)·up as one Pallas kernel
-    # (models/decode_mlp.py; GPUs) — and xla | fold: the pre-norms folded into the projections,
-    # divided out inside the attention and gate|up kernels (5 kernels per layer instead of 8
-    # with both). Candidates measured on the H200 before they become defaults (bench/RESULTS.md)
+    # (models/decode_mlp.py; GPUs; a candidate: slower in the step on the H200) — and auto |
+    # xla | fold: the pre-norms folded into the projections, divided out inside the attention
+    # (and gate|up) kernels; "auto" folds where it measured faster (`generate`'s decode_norm)
     c.decode_mlp = "xla"
-    c.decode_norm = "xla"
+    c.decode_norm = "auto"
     # KV cache dtype of the decoder: "" = the model's compute dtype; "int8" stores keys and
     # values as int8 with a scale per token and head (53% of bf16's bytes at head dim 64: longer
     # responses or more rows in the same memory; the decoder's logprobs then drift from the

@@ -355,9 +355,9 @@ class RolloutSource:
             except ValueError:
                 raise ValueError(f"rollout.decode_mlp={r.decode_mlp!r}: xla, pallas or "
                                  "pallas:BN:BK:W:S") from None  # fmt: skip
-        if r.get("decode_norm", "xla") not in DECODE_NORMS:
+        if r.get("decode_norm", "auto") not in DECODE_NORMS:
             raise ValueError(f"rollout.decode_norm={r.decode_norm!r}: one of {DECODE_NORMS}")
-        if r.get("decode_norm", "xla") == "fold" and (why := fold_norms_unsupported(cfg)):
+        if r.get("decode_norm", "auto") == "fold" and (why := fold_norms_unsupported(cfg)):
             raise ValueError(f"rollout.decode_norm='fold' does not apply to this model: {why}")
         # (configs older than the key: none)
         self.stop_strings = strings = stop_string_tuple(r.get("stop_strings", ()))
@@ -487,7 +487,7 @@ class RolloutSource:
             check_every=r.get("check_every", 1),  # configs older than the key: every token
             decode_attention=r.get("decode_attention", "auto"), num_samples=num_samples,
             decode_gemm=r.get("decode_gemm", "auto"), decode_mlp=r.get("decode_mlp", "xla"),
-            decode_norm=r.get("decode_norm", "xla"),
+            decode_norm=r.get("decode_norm", "auto"),
             cache_dtype=r.get("cache_dtype", "") or None,
             stop_strings=self._stop_tables,
         )  # fmt: skip

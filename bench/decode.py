@@ -234,6 +234,7 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
         generate,
         resolve_decode_attention,
         resolve_decode_gemm,
+        resolve_decode_norm,
     )
 
     cfg, init, tokens, kw = flax_case(shape, batch, options)
@@ -272,6 +273,9 @@ def run_flax(shape: str, batch: int, runs: int, options: dict | None = None,
                                               quantize=kw.get("quantize", "none"),
                                               rows=len(tokens)),
            }  # fmt: skip
+    rec["decode_norm"] = resolve_decode_norm(
+        kw.get("decode_norm", "auto"), cfg, rec["decode_attention"], rec["decode_gemm"],
+        kw.get("decode_mlp", "xla"), kw.get("quantize", "none") != "none")  # fmt: skip
     if profile:  # after every timing and the memory reading, so neither sees the profiler
         rec.update(profile_call(lambda: call(new, runs + 1)))
     int8 = kw.get("quantize") == "int8"  # its bound counts the weights at a byte each

@@ -113,7 +113,7 @@ SHAPES = {
         (4,),
         128,
         64,
-        [(64, 4, 2), (16, 4, 2, 2)],
+        [(128, 4, 2), (16, 4, 2, 2)],
         [(32, 32, 4, 3), ("t", 32, 32, 4, 3)],
         2,
     ),
@@ -363,9 +363,11 @@ def run_masked_grad(T: int, opened: bool, tiny: bool, calls: int) -> dict:
     key). `opened`: the mask passed as `cudnn_attention` passes it (`open_empty_rows`), else
     raw. The loss weighs padding queries 0, as every trainer does, so the gradients must equal
     the XLA path's; `max_abs_err_vs_xla` is the largest difference of the real rows' outputs and
-    of dq, dk, dv (NaN if any is not finite: the 2026-12-04 lease's PPO failure, suspected to be
-    cuDNN's backward over fully masked rows at a T that is not a multiple of 128). On a CPU
-    (`tiny`) jax's XLA attention stands in for cuDNN: a smoke test of the piece only."""
+    of dq, dk, dv (NaN if any is not finite). The 2026-12-04 evening lease measured NaN at T =
+    192 with the raw mask and XLA's gradients opened, T = 96 and 128 clean either way: cuDNN's
+    backward over fully masked rows when T is 64 past a multiple of 128, what made PPO's 320-
+    token rows fail (`attention_kernels.open_empty_rows`). On a CPU (`tiny`) jax's XLA
+    attention stands in for cuDNN: a smoke test of the piece only."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -433,8 +435,8 @@ def pieces(shape: str) -> list[tuple]:
     cfg = get_variant(variant, **dims)
     out = []
     # cuDNN's training attention over padded rows first (a correctness check, seconds): the
-    # PPO failure of the 2026-12-04 lease. 96 is the PPO bench's row, 192 and 128 the
-    # suspect's (T % 128 != 0) and the control's.
+    # PPO failure of the first 2026-12-04 lease. 192 fails raw (T % 128 == 64, as PPO's 320),
+    # 96 and 128 do not.
     for T in (96,) if tiny else (96, 192, 128):
         for opened in (False, True):
             out.append((f"cudnn_grad:T{T}:{'opened' if opened else 'raw'}", 2 if tiny else 16,

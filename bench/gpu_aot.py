@@ -160,7 +160,12 @@ def compile_decode(case: str, extra: list[str], devices):
     import numpy as np
 
     from flaxlm.bench.decode import flax_case, option_settings
-    from flaxlm.models.decode import MIN_ROWS, generate_program, resolve_decode_gemm
+    from flaxlm.models.decode import (
+        MIN_ROWS,
+        generate_program,
+        resolve_decode_gemm,
+        resolve_decode_norm,
+    )
     from flaxlm.models.decode_attention import lowering_target
 
     shape, _, b = case.split(":")[:3]
@@ -173,6 +178,11 @@ def compile_decode(case: str, extra: list[str], devices):
     kw["decode_gemm"] = resolve_decode_gemm(kw.get("decode_gemm", "auto"),
                                             quantize=kw.get("quantize", "none"), cuda=True,
                                             rows=max(len(tokens), MIN_ROWS))  # fmt: skip
+    kw["decode_norm"] = resolve_decode_norm(kw.get("decode_norm", "auto"), cfg,
+                                            kw["decode_attention"], kw["decode_gemm"],
+                                            kw.get("decode_mlp", "xla"),
+                                            kw.get("quantize", "none") != "none",
+                                            cuda=True)  # fmt: skip
     one = jax.sharding.SingleDeviceSharding(devices[0])
     params = jax.tree.map(lambda x: _abstract(x, one), jax.eval_shape(init, jax.random.PRNGKey(0)))
     fn, args = generate_program(cfg, tokens, rng=jax.random.PRNGKey(0), **kw)

@@ -148,7 +148,7 @@ def tuned_fold_mlp(shape: str, batch: int):
 
 # models/decode_attention.py's BLOCK_K, NUM_WARPS, NUM_STAGES (not imported: the suite's
 # process loads no jax)
-DEFAULT_ATTENTION = (64, 4, 2)
+DEFAULT_ATTENTION = (128, 4, 2)
 # models/decode_mlp.py's BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES
 DEFAULT_GATE_UP = (32, 128, 4, 3)
 

@@ -134,11 +134,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="decode-step silu(gate)·up: xla, or one Pallas kernel per layer "
                    "(models/decode_mlp.py; for GPUs, slow elsewhere; pallas:BN:BK:W:S sets its "
                    "tiling) — a candidate, not the default")  # fmt: skip
-    p.add_argument("--decode_norm", default="xla", choices=("xla", "fold"),
+    p.add_argument("--decode_norm", default="auto", choices=("auto", "xla", "fold"),
                    help="fold: each layer's pre-norm scales folded into the projections once "
                    "per call and the division by rms done inside the Pallas attention and "
                    "gate|up kernels, so no norm kernels run per step (pre-norm models, no "
-                   "q|k|v biases, q/k norms or experts); a candidate, not the default")  # fmt: skip
+                   "q|k|v biases, q/k norms or experts); auto: fold with the attention kernel "
+                   "and cuBLAS gemms on CUDA GPUs, where it measured faster")  # fmt: skip
     p.add_argument("--quantize", default="none", choices=("none", "int8"),
                    help="int8: projection weights in int8 with a scale per output channel "
                    "(models/quant.py; half the weight bytes a decode step reads; the quantized "
@@ -275,7 +276,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         (any(not s for s in args.stop), "--stop needs a non-empty string"),
         (args.draft_tokens < 1, "--draft_tokens must be >= 1"),
         (
-            bool(args.draft) and (args.decode_mlp != "xla" or args.decode_norm != "xla"),
+            bool(args.draft)
+            and (args.decode_mlp != "xla" or args.decode_norm not in ("xla", "auto")),
             "--decode_mlp/--decode_norm do not apply with --draft (speculative decoding runs its "
             "own programs)",
         ),

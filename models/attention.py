@@ -143,9 +143,9 @@ class Attention(nn.Module):
         T = x_BTD.shape[1]
         runs_kernel = (layer_cache is not None and kernel_options is not None
                        and cfg.rotary_dim_ == H  # the kernel rotates whole heads
+                       # (no block_k: the default, or one that divides a ring's W slots)
                        and decode_kernel.supports(layer_cache[0].shape[2], T, H,
-                                                  kernel_options.get("block_k",
-                                                                     decode_kernel.BLOCK_K))
+                                                  kernel_options.get("block_k"))
                        and decode_kernel.mesh_supports())  # fmt: skip
         norm_x = None  # the raw input whose rms the kernel divides by
         if norm_eps is not None:

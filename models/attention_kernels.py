@@ -98,13 +98,15 @@ def open_empty_rows(mask_B1TS: jax.Array) -> jax.Array:
 
     `attention_mask` gives a padding query (segment 0) no key at all. jax hands cuDNN a boolean
     mask as a bias of -2^41 on the masked logits, so such a row's log-sum-exp is about -2^41.
-    cuDNN's flash backward on Hopper scores the zero-filled tail of its last key tile as 0
-    instead of -inf when the key length is not a multiple of the tile. For a row with a
-    log-sum-exp below ln(FLT_MAX) ≈ -88.7, exp(0 - lse) overflows to inf, and inf times the
-    tail's zeros is NaN in dQ. Through the q projection that NaN reaches every gradient of
-    the step. PPO's rollout rows (left-padded prompts, 96 tokens in bench/
-    alignment_throughput.py) lost every update this way on the H200 (the 2026-12-04 lease),
-    while DPO's 1024-token rows trained. pytorch/pytorch#196678 reports the same kernel bug.
+    cuDNN's flash backward on Hopper then puts NaN in dQ when the key length is 64 past a
+    multiple of 128 (the zero-filled half of its last 128-key tile scored 0 instead of -inf:
+    exp(0 - lse) overflows, and inf times the tile's zeros is NaN; pytorch/pytorch#196678
+    reports the same kernel bug). Through the q projection that NaN reaches every gradient of
+    the step. Measured on the H200 (bench/decode_kernels.py `cudnn_grad`, 2026-12-04): rows of
+    192 tokens gave NaN gradients with the raw mask and XLA's gradients (to bf16 rounding)
+    opened; 96 and 128 were clean either way. PPO's rollout rows in bench/
+    alignment_throughput.py are 64 + 256 = 320 tokens: every update was rejected as NaN until
+    the mask was opened, and then PPO trained (bench/RESULTS.md).
 
     An opened row's output is still never used: no real query attends to a padding key, and
     the loss weights padding positions 0. Its cotangent is therefore zero, and the real rows'

@@ -146,6 +146,7 @@ from flaxlm.models.decode_options import (  # noqa: F401  (re-exported)
     compiler_options,
     resolve_decode_attention,
     resolve_decode_gemm,
+    resolve_decode_norm,
     stop_token_ids,
     traced_options,
 )
@@ -193,7 +194,7 @@ def generate(
     decode_mlp: str = "xla",
     quantize: str = "none",
     decode_gemm: str = "auto",
-    decode_norm: str = "xla",
+    decode_norm: str = "auto",
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -250,7 +251,7 @@ def generate(
         batch 64, 1% at batch 1), "xla" elsewhere. Under a mesh the kernel runs per device
         on the local rows; with heads split over a tensor axis the XLA path runs instead.
         "pallas:BK:W:S": the kernel with key block BK, W warps and S pipeline stages
-        (`decode_attention.variant_options`; the defaults are 64, 4, 2), for tuning by
+        (`decode_attention.variant_options`; the defaults are 128, 4, 2), for tuning by
         bench/decode_kernels.py's timings.
       decode_mlp: "pallas": each decode step's MLP silu(gate)·up as one Pallas kernel
         (models/decode_mlp.py; a candidate measured by bench/decode_kernels.py, not yet a
@@ -267,13 +268,17 @@ def generate(
         RMSNorm kernels do not run (x/rms(x)·g·W = x·(g⊙W)/rms(x); rounding differs from
         the unfolded model's in the last bits). Paths without those kernels (prefill, XLA's)
         normalise without the scale first. Pre-norm models without q|k|v biases, q/k norms
-        or experts (`transformer.fold_norms_unsupported`); a candidate, not yet a default.
-        "xla" (the default): RMSNorm as the model runs it.
+        or experts (`transformer.fold_norms_unsupported`). "xla": RMSNorm as the model runs
+        it. "auto" (the default): "fold" where it measured faster — the Pallas attention
+        kernel on a CUDA GPU with cuBLAS gemms and decode_mlp "xla", float weights, d_model a
+        power of two (the H200's 1.1B batch-64 step: 1.27 ms against 1.32,
+        `decode_options.resolve_decode_norm`) — else "xla".
       window_cache: sliding-window layers keep a ring of `cfg.sliding_window` slots instead of
         the whole prompt + N (`transformer.init_cache(..., rings=True)`) when that is fewer:
         the same tokens, less memory, and those layers' steps read W slots (with
-        decode_attention="pallas", through the kernel when W is a multiple of its key
-        block, 64; else the XLA path). False keeps full caches everywhere.
+        decode_attention="pallas", through the kernel when W is a multiple of 16: key blocks
+        of 128, or the largest power of two that divides W; else the XLA path). False keeps
+        full caches everywhere.
       num_samples: G >= 1 samples of each prompt, rows b·G + g of the output (prompt b, sample
         g): the rows `[p for p in prompts for _ in range(G)]` would give, but each prompt's
         prefill runs once and its cache is copied to its G rows (GRPO's groups: a long
@@ -362,7 +367,9 @@ def _program(
     cache_dtype = checked_cache_dtype(cache_dtype, cfg)
     decode_attention = resolve_decode_attention(decode_attention, mesh)
     prequantized = quant.is_quantized(params)  # int8 kernels from quant.quantize_params
-    check_weight_options(cfg, decode_mlp, quantize, decode_norm, prequantized)
+    # ("auto" resolves below, once the matmuls are chosen; it never asks for what cannot fold)
+    check_weight_options(cfg, decode_mlp, quantize, "xla" if decode_norm == "auto" else decode_norm,
+                         prequantized)  # fmt: skip
     tokens, lengths = _prepare_prompts(prompts, prompt_lengths, cfg.vocab_size)
     B = tokens.shape[0]
     warn_past_max_seq_len("generate", cfg, lengths, max_new_tokens, stacklevel=3)
@@ -381,6 +388,9 @@ def _program(
         lengths = np.concatenate([lengths, np.repeat(lengths[:1], rows - B, 0)])
     decode_gemm = resolve_decode_gemm(decode_gemm, mesh, quantize, rows=loop_rows // m,
                                       params=params)  # fmt: skip
+    decode_norm = resolve_decode_norm(decode_norm, cfg, decode_attention, decode_gemm,
+                                      decode_mlp, quantize != "none" or prequantized,
+                                      mesh=mesh)  # fmt: skip
     if fuse_projections is None:
         fuse_projections = decode_gemm == "cublas"
     greedy = temperature == 0

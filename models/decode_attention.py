@@ -54,8 +54,12 @@ from jax.sharding import PartitionSpec as P
 from flaxlm.models.sharding import logical_axes_unsplit
 
 # Key slots per loop iteration. The cache length must be a multiple (`generate` rounds the
-# buffer it allocates up to one).
-BLOCK_K = 64
+# buffer it allocates up to one; a ring of W slots takes the largest power of two <= this that
+# divides W, `block_for`). 128: the fastest on the H200 at batch 64 (10.2-10.4 µs per 1.1B
+# layer against 11.1 for 64) and at batch 1 (5.5 against 8.0) in both 2026-12-04 leases
+# (bench/decode_kernels.py).
+BLOCK_K = 128
+MIN_BLOCK_K = 16  # Triton's tensor-core dot: at least 16 keys
 # Triton launch parameters: warps per program, and how many loop iterations' loads are in
 # flight (software pipelining). bench/decode_kernels.py times the kernel alone over block
 # sizes, warps and stages on the GPU, the measurements these defaults should follow.
@@ -91,12 +95,26 @@ def variant_options(name: str) -> dict:
     return {**options, "splits": splits} if split else options
 
 
-def supports(kv_slots: int, n_queries: int, head_dim: int, block_k: int = BLOCK_K) -> bool:
-    """Whether the kernel applies: one query per row (a decode step), whole key blocks, and a
-    head dim whose halves are a power of two of at least 16 (Triton's tensor shapes and its
-    tensor-core dot: 32, 64, 128, 256)."""
+def block_for(kv_slots: int) -> int | None:
+    """The default key block for a buffer of `kv_slots`: BLOCK_K, or the largest power of two
+    below it (at least MIN_BLOCK_K) that divides the slots — a windowed layer's ring of W slots,
+    which `generate` does not round — or None when none does."""
+    block = BLOCK_K
+    while block >= MIN_BLOCK_K:
+        if kv_slots % block == 0:
+            return block
+        block //= 2
+    return None
+
+
+def supports(kv_slots: int, n_queries: int, head_dim: int, block_k: int | None = None) -> bool:
+    """Whether the kernel applies: one query per row (a decode step), whole key blocks (of
+    `block_k`; None: `block_for`'s), and a head dim whose halves are a power of two of at least
+    16 (Triton's tensor shapes and its tensor-core dot: 32, 64, 128, 256)."""
     half = head_dim // 2
-    return n_queries == 1 and kv_slots % block_k == 0 and half >= 16 and half & (half - 1) == 0
+    block = block_for(kv_slots) if block_k is None else block_k
+    return (n_queries == 1 and block is not None and kv_slots % block == 0 and half >= 16
+            and half & (half - 1) == 0)  # fmt: skip
 
 
 def _rotate(x1, x2, cos, sin):
@@ -331,7 +349,7 @@ def _combine_splits(out_BKPGH, lse_BKPG):
 
 def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, index, *,
                      kv_scales=(), scale: float | None = None, cap: float = 0.0,
-                     ring: bool = False, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                     ring: bool = False, block_k: int | None = None, num_warps: int = NUM_WARPS,
                      num_stages: int = NUM_STAGES, norm_x_BTD=None,
                      norm_eps: float = 1e-6, splits: int = 1):  # fmt: skip
     """One decode step of attention over a layer's (B, K, S, H) key and value caches.
@@ -347,8 +365,9 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     `kv_scales` (key scales, value scales), (B, K, S, 1) float32 each: the caches are int8
     (`transformer.init_cache(..., "int8")`); the new key and value are quantized as
     `attention.quantize_kv` does and their scales written too.
-    `block_k` (a power of two dividing the slots), `num_warps`, `num_stages`: the kernel's
-    tiling and Triton launch parameters (defaults: the module's constants). `splits` > 1:
+    `block_k` (a power of two dividing the slots; default `block_for`'s: BLOCK_K, or less for
+    a ring it does not divide), `num_warps`, `num_stages`: the kernel's tiling and Triton
+    launch parameters (defaults: the module's constants). `splits` > 1:
     each (row, kv head) runs as that many programs over parts of its key blocks, joined after
     (split-K: more programs in flight when the batch × kv heads alone leave the GPU short).
     `norm_x_BTD` (B, 1, D), D a power of two (`norm_supports`): the layer's pre-norm is folded
@@ -360,7 +379,9 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     """
     B, T, R, H = qkv_BTRH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
-    if not supports(S, T, H, block_k) or block_k & (block_k - 1) or block_k < 16:
+    block_k = block_for(S) if block_k is None else block_k
+    if block_k is None or not supports(S, T, H, block_k) or block_k & (block_k - 1) \
+            or block_k < MIN_BLOCK_K:  # fmt: skip
         raise ValueError(f"decode_attention: needs 1 query, slots % block_k == 0 (block_k a "
                          f"power of two >= 16, {block_k}) and head dim 2^n >= 32, got {T}, "
                          f"{S}, {H}")  # fmt: skip

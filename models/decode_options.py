@@ -1,8 +1,9 @@
 """The decode program's options as the host settles them, before any program is built
 (`generate` in models/decode.py documents each): the "auto" choices resolved for the devices
-(`resolve_decode_gemm`, `resolve_decode_attention`), the other values checked with errors that
-name `generate`'s argument, the XLA compiler options a matmul choice compiles with
-(`compiler_options`), and the program's traced arguments after the rng (`traced_options`).
+(`resolve_decode_gemm`, `resolve_decode_attention`, `resolve_decode_norm`), the other values
+checked with errors that name `generate`'s argument, the XLA compiler options a matmul choice
+compiles with (`compiler_options`), and the program's traced arguments after the rng
+(`traced_options`).
 
 Separate from the program itself (models/decode_program.py) because none of this is traced:
 it decides which program to build and with what, and models/speculative.py and the RL
@@ -47,7 +48,7 @@ def compiler_options(gemm: str, fused: bool) -> dict | None:
     return CUBLAS_COMPILER_OPTIONS if fused else {**CUBLAS_COMPILER_OPTIONS, **NO_DOT_MERGER}
 
 
-DECODE_NORMS = ("xla", "fold")
+DECODE_NORMS = ("auto", "xla", "fold")
 
 
 def resolve_decode_gemm(name: str, mesh=None, quantize: str = "none", cuda: bool | None = None,
@@ -88,6 +89,31 @@ def resolve_decode_attention(name: str, mesh=None) -> str:
                          f"{name!r}")  # fmt: skip
     decode_kernel.variant_options(name)  # a tuned variant, "pallas:BK:W:S": checked here
     return name
+
+
+def resolve_decode_norm(name: str, cfg: ModelConfig, attention: str, gemm: str, mlp: str,
+                        int8: bool, cuda: bool | None = None, mesh=None) -> str:  # fmt: skip
+    """ "xla" or "fold" for a `decode_norm` option, after the other options are resolved
+    (`attention`, `gemm`; `int8`: quantize="int8" or int8 params). "auto" is "fold" where it
+    was measured faster: the H200's 1.1B batch-64 step took 1.27 ms with the attention's norm
+    folded against 1.32 without, both with the Pallas attention kernel (key blocks 128), cuBLAS
+    gemms and XLA's MLP (bench/RESULTS.md, 2026-12-04 evening lease) — one RMSNorm kernel per
+    layer fewer. So: the Pallas attention kernel on a CUDA GPU (`cuda`: whether the program
+    targets one, when not the devices'), cuBLAS gemms, decode_mlp "xla" (folded with the
+    Pallas gate|up kernel the step was slower, 1.35-1.39 ms), float weights, a model the fold
+    applies to (`fold_norms_unsupported`) whose rows the kernel can load whole (d_model a
+    power of two) and whose heads it rotates whole. Else "xla"; "xla" and "fold" as given."""
+    if name != "auto":
+        return name
+    if cuda is None:
+        cuda = decode_kernel.runs_natively(None if mesh is None else list(mesh.devices.flat))
+    half = cfg.head_dim_ // 2
+    kernel_runs = (attention.startswith("pallas") and cfg.rotary_dim_ == cfg.head_dim_
+                   and half >= 16 and half & (half - 1) == 0)  # fmt: skip
+    applies = not fold_norms_unsupported(cfg) and decode_kernel.norm_supports(cfg.d_model)
+    if cuda and kernel_runs and gemm == "cublas" and mlp == "xla" and not int8 and applies:
+        return "fold"
+    return "xla"
 
 
 def checked_cache_dtype(cache_dtype, cfg: ModelConfig) -> str:

@@ -255,14 +255,14 @@ def test_decode_kernels_bench(tmp_path):
     lines = (tmp_path / "decode_kernels.jsonl").read_text().splitlines()
     recs = {r["case"]: r for r in map(json.loads, lines)}
     assert set(recs) == {"matmul:o:triton:b4", "matmul:o:cublas:b4", "attention:xla:b4",
-                         "attention:pallas:64:4:2:b4", "attention:pallas:16:4:2:2:b4",
+                         "attention:pallas:128:4:2:b4", "attention:pallas:16:4:2:2:b4",
                          "gate_up:xla:b4", "gate_up:pallas:32:32:4:3:b4",
                          "gate_up:pallas_t:32:32:4:3:b4", "cudnn_grad:T96:raw:b2",
                          "cudnn_grad:T96:opened:b2"}  # fmt: skip
     assert all(r["us"] > 0 and r["bytes"] > 0 for r in recs.values()), recs
     # the candidate kernels compute their XLA counterparts (float32 here), the gate|up one
     # over the weight as stored and transposed; split-K too
-    assert recs["attention:pallas:64:4:2:b4"]["max_abs_err_vs_xla"] < 1e-5
+    assert recs["attention:pallas:128:4:2:b4"]["max_abs_err_vs_xla"] < 1e-5
     assert recs["attention:pallas:16:4:2:2:b4"]["max_abs_err_vs_xla"] < 1e-5
     # the padded-rows check (XLA standing in for cuDNN here): rows with no key exist, and
     # the gradients of both masks are finite and equal XLA's
@@ -273,11 +273,11 @@ def test_decode_kernels_bench(tmp_path):
     assert recs["gate_up:pallas_t:32:32:4:3:b4"]["max_abs_err_vs_xla"] < 1e-5
     # the default attention tiling and each gate|up layout's first also check the folded
     # pre-norm (`decode_norm="fold"`) once
-    for piece in ("attention:pallas:64:4:2", "gate_up:pallas:32:32:4:3",
+    for piece in ("attention:pallas:128:4:2", "gate_up:pallas:32:32:4:3",
                   "gate_up:pallas_t:32:32:4:3"):  # fmt: skip
         assert recs[piece + ":b4"]["fold_max_abs_err_vs_xla"] < 1e-4
     assert recs["matmul:o:cublas:b4"]["shape"] == [128, 64]  # (heads · head dim, d_model)
-    assert "| attention:pallas:64:4:2 | 4 |" in (tmp_path / "decode_kernels.md").read_text()
+    assert "| attention:pallas:128:4:2 | 4 |" in (tmp_path / "decode_kernels.md").read_text()
 
     cfg = get_variant("tiny", head_dim=32, dtype="float32", param_dtype="float32")
     qkv, cos, sin, caches, mask, idx = dk._attention_inputs(cfg, 2, 128, 70, 1)

@@ -737,9 +737,9 @@ def test_blocks_past_the_write_index_are_not_read():
     stops. NaN in every later slot, with the mask even letting them through: a kernel that
     read them would return NaN."""
     qkv, cos, sin, k_cache, v_cache, mask = _step(2, 8, 2, 32, 128, 40)
-    poisoned = [c.at[:, :, kernel.BLOCK_K :].set(jnp.nan) for c in (k_cache, v_cache)]
-    open_mask = mask | (jnp.arange(128) >= kernel.BLOCK_K)
-    out, _ = kernel.decode_attention(qkv, cos, sin, *poisoned, open_mask, 40)
+    poisoned = [c.at[:, :, 64:].set(jnp.nan) for c in (k_cache, v_cache)]
+    open_mask = mask | (jnp.arange(128) >= 64)
+    out, _ = kernel.decode_attention(qkv, cos, sin, *poisoned, open_mask, 40, block_k=64)
     want = _xla_step(qkv, cos, sin, k_cache, v_cache, mask, 40)[0]
     np.testing.assert_allclose(out, want, atol=2e-6)
 
@@ -802,8 +802,17 @@ def test_gpu_lowering_is_one_triton_kernel():
     assert text.count("output_operand_alias<") == 2
 
 
+def test_default_key_block_fits_a_ring():
+    """The default key block is BLOCK_K (128, the H200's fastest) where it divides the slots
+    (`generate` rounds a full cache up to it); a ring of W slots takes the largest power of
+    two that divides W, down to 16, and none below."""
+    assert kernel.BLOCK_K == 128
+    assert [kernel.block_for(s) for s in (384, 128, 64, 96, 48, 40)] == [128, 128, 64, 32, 16,
+                                                                         None]  # fmt: skip
+
+
 def test_unsupported_shapes():
-    assert kernel.supports(128, 1, 64) and kernel.supports(64, 1, 32)
+    assert kernel.supports(128, 1, 64) and kernel.supports(64, 1, 32, block_k=64)
     assert not kernel.supports(100, 1, 64)  # not whole key blocks
     assert not kernel.supports(128, 2, 64)  # prefill
     assert not kernel.supports(128, 1, 16) and not kernel.supports(128, 1, 96)
@@ -948,6 +957,46 @@ def test_auto_picks_the_kernel_on_cuda_gpus_only():
     assert resolve_decode_attention("pallas") == "pallas"
     with pytest.raises(ValueError, match="'auto', 'xla' or 'pallas'"):
         resolve_decode_attention("triton")
+
+
+def test_auto_folds_the_norms_only_where_it_measured_faster(monkeypatch):
+    """`decode_norm="auto"` (the default) is "fold" with the Pallas attention kernel on a CUDA
+    GPU, cuBLAS gemms, XLA's MLP, float weights and a model the fold and the kernel take (the
+    H200's 1.1B step: 1.27 ms against 1.32), and "xla" as soon as one of those is missing;
+    `generate` hands the program the resolved value."""
+    from flaxlm.models.decode import resolve_decode_norm
+
+    cfg = get_variant("1b")
+    ok = dict(attention="pallas", gemm="cublas", mlp="xla", int8=False, cuda=True)
+    assert resolve_decode_norm("auto", cfg, **ok) == "fold"
+    assert resolve_decode_norm("auto", cfg, **{**ok, "attention": "pallas:64:4:2:2"}) == "fold"
+    for change in (dict(cuda=False), dict(attention="xla"), dict(gemm="xla"),
+                   dict(mlp="pallas"), dict(int8=True)):  # fmt: skip
+        assert resolve_decode_norm("auto", cfg, **{**ok, **change}) == "xla", change
+    for other in (get_variant("125m"),  # d_model 768: the kernel loads rows of 2^n only
+                  cfg.replace(qkv_bias=True), cfg.replace(norm_placement="sandwich"),
+                  cfg.replace(head_dim=24)):  # fmt: skip
+        assert resolve_decode_norm("auto", other, **ok) == "xla"
+    assert resolve_decode_norm("xla", cfg, **ok) == "xla"
+    assert resolve_decode_norm("fold", cfg, **{**ok, "cuda": False}) == "fold"
+    assert resolve_decode_norm("auto", cfg, **{**ok, "cuda": None}) == "xla"  # this CPU
+
+    seen = []
+
+    class Built(Exception):  # the program's options are seen; compiling it adds nothing
+        pass
+
+    def spy(*a):
+        seen.append((a[11], a[18], a[19]))  # attention, decode_gemm, decode_norm
+        raise Built
+
+    kcfg, params = _kernel_model()
+    monkeypatch.setattr(decode, "_decode_fn", spy)
+    for cuda in (False, True):  # 64 rows here, then on a "CUDA GPU"
+        monkeypatch.setattr(decode.decode_kernel, "runs_natively", lambda devices=None, c=cuda: c)
+        with pytest.raises(Built):
+            generate(kcfg, params, [[1]] * 64, max_new_tokens=2, rng=jax.random.PRNGKey(0))
+    assert seen == [("xla", "xla", "xla"), ("pallas", "cublas", "fold")]
 
 
 @pytest.mark.parametrize("shape,runs_kernel", [

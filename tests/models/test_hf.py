@@ -990,7 +990,7 @@ def test_generate_cli_on_an_hf_directory(tmp_path, capsys):
         # Qwen2's q|k|v biases: the norms cannot fold, refused by name
         with pytest.raises(ValueError, match="decode_norm='fold' does not apply.*qkv_bias"):
             cli.main(args + ["--decode_norm", "fold"])
-    assert seen == [[False, "xla", "xla"], [True, "pallas:16:64:4:2", "xla"],
+    assert seen == [[False, "xla", "auto"], [True, "pallas:16:64:4:2", "auto"],
                     [True, "xla", "fold"]]  # fmt: skip
     assert [json.loads(ln) for ln in capsys.readouterr().out.splitlines()] == plain * 2
     with pytest.raises(SystemExit):
