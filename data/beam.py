@@ -312,6 +312,10 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
             "it here as --config.tokenizer=OUT/tokenizer.model, or leave train_tokenizer_vocab "
             "at 0 to write cleaned text shards"
         )
+    # What the CLI checks before it writes anything (meta.json below would otherwise be written
+    # before a worker met a misspelt txt_mode at the first file, and the corrected rerun would
+    # find an output folder already begun).
+    P.check_settings(inputs, cfg)
     tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
     # Loaded once, here: the report's eval-set counts and their warnings (as the CLI's Deduper
     # gives them), and the pipeline's Decontaminate stage.

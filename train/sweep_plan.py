@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -285,10 +286,15 @@ def expand(module, arg: str | None) -> list[dict]:
                                  "None (leave the key out to keep the config's value)")  # fmt: skip
         out.append({k: plain(v) for k, v in kw.items()})
 
-    try:
-        module.sweep(add, arg)
-    except TypeError as e:  # `def sweep(add):` and the like: a traceback naming no file
+    try:  # `def sweep(add):` and the like: a traceback naming no file
+        inspect.signature(module.sweep).bind(add, arg)
+    except TypeError as e:
         raise ValueError(f"{where}: calling sweep(add, arg) failed ({e}); {shape}") from None
+    except ValueError:  # (a builtin or C callable without a signature: calling it will say)
+        pass
+    # A TypeError raised inside the body is the body's own error: its traceback says where
+    # (it used to be reported as a sweep of the wrong shape).
+    module.sweep(add, arg)
     if not out:
         raise ValueError(f"{module.__file__}: sweep() added no runs")
     return out

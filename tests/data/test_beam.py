@@ -80,3 +80,14 @@ def test_beam_matches_streaming_cli(tmp_path):
 
     assert docs("beam") == docs("cli")
     assert "| dedup |" in open(tmp_path / "beam" / "report.md").read()
+
+
+def test_a_bad_setting_is_refused_before_anything_is_written(tmp_path):
+    """A misspelt txt_mode (found by the CLI before it writes) stops the Beam pipeline by name
+    before meta.json or a shard folder exists: the corrected rerun starts clean."""
+    (tmp_path / "in.txt").write_text("some plain text\n" * 3)
+    out = tmp_path / "beam"
+    with pytest.raises(ValueError, match="txt_mode"):
+        beam_mod.main(["--input", str(tmp_path / "in.txt"), "--output", str(out),
+                       "--config.txt_mode=paragraphz", "--runner=DirectRunner"])  # fmt: skip
+    assert not out.exists() or not any(out.iterdir())

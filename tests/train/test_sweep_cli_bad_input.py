@@ -71,6 +71,15 @@ def test_a_sweep_of_the_wrong_shape_is_one_line(tmp_path, capsys, src, expect):
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_type_error_inside_the_sweep_body_is_its_own(tmp_path):
+    """A sweep of the right shape whose body fails with a TypeError keeps that error (with its
+    traceback into the body); it is not reported as a sweep of the wrong shape."""
+    src = 'def sweep(add, arg=None):\n    add(**{"model.d_model": 48 + "1"})\n'
+    module, _ = sweep_plan.load_config_module(_config(tmp_path, src))
+    with pytest.raises(TypeError, match="unsupported operand"):
+        sweep_plan.expand(module, "runlocal=True")
+
+
 def _finished_sweep(root):
     runs = sweep.plan(CONFIG, root)
     sweep.write_index(root, CONFIG, runs, [])
