@@ -88,6 +88,9 @@ GENERATE_OPTIONS = {
     # attention kernel divides q|k|v by rms(x) itself, no norm kernel before q|k|v; with
     # "mlp" the gate|up kernel does the same for the MLP's norm (":fold:mlp")
     "fold": {"decode_norm": "fold"},
+    # the pre-norms as the model runs them (`decode_norm="xla"`), where "auto" (the default)
+    # folds the attention's on CUDA: the in-lease ratio of that default
+    "nofold": {"decode_norm": "xla"},
     # the gate|up kernel over the weight transposed once per call (models/decode_mlp.py)
     "mlpt": {"decode_mlp": "pallas_t"},
 }

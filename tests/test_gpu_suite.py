@@ -279,7 +279,7 @@ def test_estimates_cover_the_committed_measurements():
     assert checked >= 10
 
 
-def test_first_call_reaches_the_decode_kernels_and_the_ppo_case():
+def test_first_call_reaches_the_ppo_case_and_the_default_decode():
     """The open goals' cases fit the first 480 s call by their estimates (start-up counted:
     the wheels and imports take ~15 s of the budget)."""
     from flaxlm.bench import gpu_suite
@@ -290,7 +290,8 @@ def test_first_call_reaches_the_decode_kernels_and_the_ppo_case():
         if est <= left:
             left -= est
             ran.append(name)
-    assert "decode kernels attention" in ran and "alignment ppo c8" in ran
+    assert "alignment ppo c8" in ran and "decode 1b flaxlm b64" in ran
+    assert "alignment ppo c8 xla (if ppo failed)" in ran  # (planned for: PPO failing again)
     assert len({c[0] for c in GPU_CASES}) == len(GPU_CASES)  # --resume keys on the names
 
 
