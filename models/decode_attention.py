@@ -131,7 +131,10 @@ def _fold(carry, s, ok, weighted_values):
     # Until a row has seen a visible key its max is -inf: keep the exponents finite.
     safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
     p = jnp.where(ok, jnp.exp(s - safe_max[:, None]), 0.0)
-    rescale = jnp.exp(jnp.where(row_max == -jnp.inf, 0.0, row_max) - safe_max)
+    # exp(-inf) = 0 until a row has seen a key (its accumulator and sum are 0 then). Replacing
+    # that -inf by 0 instead gave exp(-new_max): inf for a first visible block whose best score
+    # is below -88, and 0·inf = NaN in the row (found by review; the XLA path stayed finite).
+    rescale = jnp.exp(row_max - safe_max)
     acc = acc * rescale[:, None] + weighted_values(p).astype(jnp.float32)
     return acc, new_max, row_sum * rescale + p.sum(axis=1)
 
@@ -380,6 +383,9 @@ def decode_attention(qkv_BTRH, cos_BTh, sin_BTh, k_BKSH, v_BKSH, mask_B1TS, inde
     B, T, R, H = qkv_BTRH.shape
     K, S = k_BKSH.shape[1], k_BKSH.shape[2]
     block_k = block_for(S) if block_k is None else block_k
+    if int(splits) < 1:
+        raise ValueError(f"decode_attention: splits must be >= 1 (parts per row and kv head), "
+                         f"got {splits}")  # fmt: skip
     if block_k is None or not supports(S, T, H, block_k) or block_k & (block_k - 1) \
             or block_k < MIN_BLOCK_K:  # fmt: skip
         raise ValueError(f"decode_attention: needs 1 query, slots % block_k == 0 (block_k a "

@@ -690,6 +690,22 @@ def test_split_k_equals_the_xla_step(splits, index, block_k):
     np.testing.assert_allclose(cache, want_cache, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_a_block_of_very_negative_scores_stays_finite(splits):
+    """A row's first visible key block whose best score is below -88 (exp of its negation
+    overflows float32): the XLA step's output, unsplit and split (a split part starts afresh,
+    so each part's first block meets this); splits < 1 is refused by name."""
+    qkv, cos, sin, k_cache, v_cache, mask = _step(1, 2, 1, 32, 64, 40, seed=4, holes=False)
+    cos, sin = jnp.ones_like(cos), jnp.zeros_like(sin)  # RoPE the identity
+    qkv = qkv.at[0, 0, :3].set(3.0)  # both query heads and the new key: all 3s
+    k_cache = k_cache.at[0, 0, :16].set(-6.0)  # block 0: scores 3·(-6)·32/√32 ≈ -102
+    args = (qkv, cos, sin, k_cache, v_cache, mask)
+    out, _ = kernel.decode_attention(*args, 40, block_k=16, splits=splits)
+    np.testing.assert_allclose(out, _xla_step(*args, 40)[0], atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="splits must be >= 1"):
+        kernel.decode_attention(*args, 40, block_k=16, splits=0)
+
+
 def test_split_k_over_a_ring_and_an_int8_cache():
     """Split-K over a windowed layer's ring (each row its own slot; the parts cover the whole
     ring) and over an int8 cache: the unsplit kernel's results."""
