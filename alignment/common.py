@@ -46,7 +46,7 @@ from flaxlm.configs.common import model_keys_set, to_model_config  # noqa: F401 
 from flaxlm.data import formats as F
 from flaxlm.data.source_errors import DataError
 from flaxlm.models import lora as lora_lib
-from flaxlm.models.config import ModelConfig
+from flaxlm.models.config import ModelConfig, rows_past_max_seq_len
 from flaxlm.models.sharding import check_batch_divides
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import loop
@@ -138,7 +138,15 @@ def resolve_model_config(config, meta: dict) -> ModelConfig:
     `mlp_activation`, `norm_eps`, ...) and differs from the source's is an error naming each
     key and both values (train/checkpoint.py `init_from_model_changes`). They used to be
     dropped silently, and the checkpoint's model_config then named a model other than the
-    config's."""
+    config's. Rows of `seq_len` past its max_seq_len are warned about (`rows_past_max_seq_len`:
+    a long-context run that forgot `model.max_seq_len` trained without a word)."""
+    cfg = _source_model_config(config, meta)
+    if why := rows_past_max_seq_len(cfg, config.get("seq_len", 0)):
+        log.warning("%s", why)
+    return cfg
+
+
+def _source_model_config(config, meta: dict) -> ModelConfig:
     if meta.get("model_config"):
         source = ModelConfig.from_dict(meta["model_config"])
     elif config.init_from.startswith(HF_PREFIX):

@@ -190,9 +190,15 @@ def sft_messages(obj, fields) -> list[dict]:
     """The conversation of a chat record: `messages`, or `prompt` + `completion` (the same
     turns, so the same ids and mask, whether each is text or messages). `render_sft` also
     requires it to end with an assistant turn; RL eval sets (alignment/rl_common.py) accept a
-    trailing user turn."""
+    trailing user turn. A record with both `messages` and a `completion` names two answers:
+    "ambiguous_record" (the completion was dropped without a word). `messages` beside a bare
+    `prompt` is the conversation (UltraChat's rows repeat their first user turn as `prompt`)."""
     if not isinstance(obj, dict):
         raise FormatError("bad_record", "record is not a JSON object")
+    if has(obj, fields.messages) and has(obj, fields.completion):
+        raise FormatError("ambiguous_record", f"record has both {fields.messages!r} and "
+                          f"{fields.completion!r}: one conversation to train on, not two (drop "
+                          "one field, or point data.fields at the one meant)")  # fmt: skip
     if has(obj, fields.messages):
         return _messages(obj[fields.messages], fields, fields.messages, record=True)
     prompt, completion = _prompt_completion(obj, fields)

@@ -407,6 +407,21 @@ class ModelConfig:
         return (4 if frozen_base else 6) * matmul + attn
 
 
+def rows_past_max_seq_len(cfg: ModelConfig, seq_len: int) -> str:
+    """A warning's text ("" when none) for training rows of `seq_len` tokens that run past the
+    model's `max_seq_len`: RoPE extrapolates past it, and the checkpoint still records the old
+    length (`generate` then warns about positions the run trained on). A run meant to extend
+    the context sets `model.max_seq_len` (and, for a pretrained source, `model.rope_scaling`),
+    which `init_from` runs take over the source's (README: long context)."""
+    if not seq_len or seq_len <= cfg.max_seq_len:
+        return ""
+    return (f"seq_len={seq_len} is past the model's max_seq_len={cfg.max_seq_len}: positions "
+            f"{cfg.max_seq_len}..{seq_len - 1} extrapolate RoPE, and the checkpoint will record "
+            f"max_seq_len={cfg.max_seq_len}; set --config.model.max_seq_len={seq_len} (and "
+            "model.rope_scaling for a pretrained source) if the longer context is meant"
+            )  # fmt: skip
+
+
 # Named variants. `tiny` is for tests; `125m` is GPT-3-small sized; `1b` is the TinyLlama-1.1B
 # shape (GQA 32/4); `7b` is the Llama-2-7B shape.
 VARIANTS: dict[str, ModelConfig] = {

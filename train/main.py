@@ -147,8 +147,13 @@ def _parse_flags(argv):
     flag, the dotted key and the closest one (as the sweeps and configs/common.py `override`)."""
     try:
         return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         why = bad_override(argv)
+        if why is None and isinstance(e, KeyError) and str(e.args[0] if e.args else "").startswith(
+                "config arg:"):  # fmt: skip
+            # configs/common.py `parse_arg` / `lookup` on the part after "file.py:" (a misspelt
+            # name, an unknown variant): its message names the key and the known ones
+            why = f"--config: {e.args[0]}"
         if why is None:
             raise
         sys.exit(f"FATAL Flags parsing error: {why}")  # (absl's own words for a bad flag)
@@ -187,10 +192,41 @@ def run_task(module: str, config, workdir: str):
         return importlib.import_module(module).run(config, workdir)
     except errors as e:
         sys.exit(f"{type(e).__name__}: {e}")
+    except FileNotFoundError as e:  # a data path that matches nothing: one line naming its key
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        keys = keys_naming(config, getattr(e, "filename", None) or _quoted(str(e)))
+        where = f" ({', '.join(keys)})" if keys else ""
+        sys.exit(f"{type(e).__name__}: {e}{where}")
     except ValueError as e:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         sys.exit(f"{type(e).__name__}: {e}\n({TRACEBACK_ENV}=1 shows where it was raised)")
+
+
+def _quoted(message: str) -> str | None:
+    """The first 'quoted' part of an error message (`expand_paths`: "no files match 'x'")."""
+    parts = message.split("'")
+    return parts[1] if len(parts) >= 3 else None
+
+
+def keys_naming(config, path: str | None) -> list[str]:
+    """The dotted config keys whose string value names `path` (one of its comma-separated
+    parts): which setting a missing file came from."""
+    if not path:
+        return []
+    found = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if hasattr(v, "items"):
+                walk(v, key + ".")
+            elif isinstance(v, str) and path in (p.strip() for p in v.split(",")):
+                found.append(key)
+
+    walk(config, "")
+    return found
 
 
 def main(argv):

@@ -169,3 +169,15 @@ def test_gkd_mix_on_prompts_says_it_needs_chats_with_completions(template):
                           "distill.on_policy_fraction=0.5 < 1 also trains on the data's answers, "
                           "so data.train must hold chats with completions")  # fmt: skip
     assert "missing_field (e.g. builtin:rl_prompts:1" in msg  # what happened to the records
+
+
+def test_a_record_with_messages_and_a_completion_is_ambiguous():
+    """`messages` and `completion` in one record name two answers: refused as
+    "ambiguous_record" (the completion used to vanish without a word). `messages` beside a
+    bare `prompt` (UltraChat's rows repeat their first user turn there) is the conversation."""
+    fields = F.fields_config()
+    conv = [u("where does kavo live"), a("in brel")]
+    with pytest.raises(F.FormatError, match="both 'messages' and 'completion'") as e:
+        F.sft_messages({"messages": conv, "prompt": "x", "completion": "y"}, fields)
+    assert e.value.reason == "ambiguous_record"
+    assert F.sft_messages({"messages": conv, "prompt": "where does kavo live"}, fields) == conv

@@ -120,3 +120,34 @@ def test_an_unknown_sharding_preset_is_one_line_before_anything_is_written(tmp_p
     assert first.startswith("ValueError: config.sharding='zero3': unknown sharding preset; "
                             "known: dp, fsdp, fsdp_tp"), first  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+def test_a_data_path_that_matches_nothing_is_one_line_naming_its_key(tmp_path, monkeypatch):
+    """data.eval='nothere.jsonl': one line naming the pattern and the key that holds it (it was
+    a 34-line FileNotFoundError traceback naming no key)."""
+    import pytest
+
+    from flaxlm.train import main
+
+    config = __import__("flaxlm.configs.sft", fromlist=["get_config"]).get_config("variant=tiny")
+    config.data.eval = "nothere.jsonl"
+    monkeypatch.delenv(main.TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main.run_task(main.TASKS["sft"], config, str(tmp_path / "run"))
+    message = str(e.value.code)
+    assert message.startswith("FileNotFoundError: ") and "nothere.jsonl" in message, message
+    assert message.endswith("(data.eval)") and "\n" not in message, message
+    assert main.keys_naming(config, "nothere.jsonl") == ["data.eval"]
+
+
+def test_a_misspelt_config_arg_is_one_line(tmp_path):
+    """`configs/sft.py:varient=tiny` (the part after the file) was a 35-line traceback ending
+    in configs/common.py's KeyError; now that message as absl's one-line flag error."""
+    config = os.path.join(REPO, "configs/sft.py") + ":varient=tiny"
+    cmd = [sys.executable, "-m", "flaxlm.train.main", "--config", config,
+           "--workdir", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "FATAL Flags parsing error: --config: config arg: unknown key 'varient'" in out.stderr
