@@ -315,8 +315,7 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
     # What the CLI checks before it writes anything (meta.json below would otherwise be written
     # before a worker met a misspelt txt_mode at the first file, and the corrected rerun would
     # find an output folder already begun).
-    P.check_settings(inputs, cfg)
-    tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    _, _, tok = P.check_settings(inputs, cfg)  # (the tokenizer it loads: cfg.tokenizer's)
     # Loaded once, here: the report's eval-set counts and their warnings (as the CLI's Deduper
     # gives them), and the pipeline's Decontaminate stage.
     eval_texts, decontam = [], None
