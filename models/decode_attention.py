@@ -299,12 +299,11 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *rest,
     kernel = functools.partial(_kernel, groups=G, kv_heads=K, block_k=block_k, scale=scale,
                                cap=cap, ring=ring, quantized=bool(scales_BKS),
                                norm_eps=norm_eps, splits=splits)  # fmt: skip
-    P_ = splits
     cache = pl.BlockSpec((None, None, S, H), lambda b, k, p=0: (b, k, 0, 0))
     scales = [pl.BlockSpec((None, None, S), lambda b, k, p=0: (b, k, 0))] * len(scales_BKS)
     per_row = lambda n: pl.BlockSpec((None, n), lambda b, k, p=0: (b, 0))  # noqa: E731
     caches = (k_BKSH, v_BKSH, *scales_BKS)
-    if P_ == 1:
+    if splits == 1:
         outs = [pl.BlockSpec((None, None, M, H), lambda b, k: (b, k, 0, 0))]
         out_shapes = [jax.ShapeDtypeStruct((B, K, G, H), qkv_BRH.dtype)]
     else:  # each part's output (float32) and log-sum-exp
@@ -313,13 +312,13 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *rest,
             pl.BlockSpec((None, None, None, M), lambda b, k, p: (b, k, p, 0)),
         ]
         out_shapes = [
-            jax.ShapeDtypeStruct((B, K, P_, G, H), jnp.float32),
-            jax.ShapeDtypeStruct((B, K, P_, G), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, splits, G, H), jnp.float32),
+            jax.ShapeDtypeStruct((B, K, splits, G), jnp.float32),
         ]
     n_out = len(outs)
     out, *rest_out = pl.pallas_call(
         kernel,
-        grid=(B, K) if P_ == 1 else (B, K, P_),
+        grid=(B, K) if splits == 1 else (B, K, splits),
         in_specs=[per_row(1), pl.BlockSpec((None, R, H), lambda b, k, p=0: (b, 0, 0)),
                   per_row(H // 2), per_row(H // 2), cache, cache, *scales, per_row(S),
                   *(per_row(x.shape[1]) for x in normed_x)],
@@ -331,7 +330,7 @@ def _call(idx_B1, qkv_BRH, cos_Bh, sin_Bh, k_BKSH, v_BKSH, mask_BS, *rest,
         interpret=interpret,
         name="decode_attention",
     )(idx_B1, qkv_BRH, cos_Bh, sin_Bh, *caches, mask_BS, *normed_x)  # fmt: skip
-    if P_ == 1:
+    if splits == 1:
         return out, *rest_out
     lse, *cache_out = rest_out
     return _combine_splits(out, lse).astype(qkv_BRH.dtype), *cache_out
