@@ -159,13 +159,15 @@ def _parser() -> argparse.ArgumentParser:
         "'ngram': prompt lookup, the tokens that followed the last --ngram tokens earlier "
         "in the prompt or output",
     )
-    p.add_argument("--ngram", type=int, default=3,
-                   help="with --draft ngram: the longest n-gram looked up")  # fmt: skip
+    # (None when not given: each is refused without the --draft it applies to, then takes
+    # its default in _check)
+    p.add_argument("--ngram", type=int, default=None,
+                   help="with --draft ngram: the longest n-gram looked up (default 3)")  # fmt: skip
     p.add_argument(
         "--draft_tokens",
         type=int,
-        default=4,
-        help="tokens the draft proposes per MODEL forward (with --draft)",
+        default=None,
+        help="tokens the draft proposes per MODEL forward (with --draft; default 4)",
     )
     add_mesh_args(p)
     return p
@@ -258,8 +260,15 @@ def json_prompt(text: str, chat: bool, system: str = ""):
 
 
 def _check(p: argparse.ArgumentParser, args) -> None:
-    """Bad sampling flags fail here, before a checkpoint is loaded."""
-    bad = [
+    """Bad sampling flags fail here, before a checkpoint is loaded; so does a flag that would
+    be ignored (a draft's flags without --draft, kernel choices with it)."""
+    draft_flags_bad = [
+        (args.ngram is not None and args.draft != "ngram", "--ngram needs --draft ngram"),
+        (args.draft_tokens is not None and not args.draft, "--draft_tokens needs --draft"),
+    ]
+    args.ngram = 3 if args.ngram is None else args.ngram
+    args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
+    bad = draft_flags_bad + [
         (args.max_new_tokens < 1, "--max_new_tokens must be >= 1"),
         # (NaN fails this test, not `< 0`: it used to decode token 0s)
         (not 0 <= args.temperature < float("inf"), "--temperature must be >= 0 and finite"),
@@ -277,9 +286,14 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         (args.draft_tokens < 1, "--draft_tokens must be >= 1"),
         (
             bool(args.draft)
-            and (args.decode_mlp != "xla" or args.decode_norm not in ("xla", "auto")),
-            "--decode_mlp/--decode_norm do not apply with --draft (speculative decoding runs its "
-            "own programs)",
+            and (
+                args.decode_mlp != "xla"
+                or args.decode_norm not in ("xla", "auto")
+                or args.decode_attention not in ("xla", "auto")
+                or args.decode_gemm not in ("xla", "auto")
+            ),
+            "--decode_attention/--decode_gemm/--decode_mlp/--decode_norm do not apply with "
+            "--draft (speculative decoding runs its own programs, XLA's attention and gemms)",
         ),
         (args.ngram < 1, "--ngram must be >= 1"),
     ]
@@ -387,11 +401,20 @@ def main(argv=None) -> None:
     import jax
     import numpy as np
 
+    from flaxlm.models import quant
     from flaxlm.models.decode import generate, prompt_keys
+    from flaxlm.models.decode_options import check_weight_options
     from flaxlm.models.stop_strings import StopStrings
 
     cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype,
                             args.chat_template_kwargs, args.ema, mesh, rules)  # fmt: skip
+    if not args.draft:  # the kernel options this model's weights cannot take: one line, now
+        try:
+            norm = "xla" if args.decode_norm == "auto" else args.decode_norm  # (as generate)
+            check_weight_options(cfg, args.decode_mlp, args.quantize, norm,
+                                 quant.is_quantized(params))  # fmt: skip
+        except ValueError as e:
+            raise SystemExit(f"{args.model}: {e}") from None
     writer = is_writer()  # (several processes: each decodes every batch; process 0 prints)
     try:
         prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)

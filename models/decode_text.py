@@ -38,7 +38,10 @@ def generate_text(
     strings = kw.get("stop_strings")
     if strings is not None and not isinstance(strings, stop_text.StopStrings):
         strings = [strings] if isinstance(strings, str) else list(strings)
-        kw["stop_strings"] = stop_text.StopStrings.build(tokenizer, strings, cfg.vocab_size)
+        # An empty list is no stop strings (as None), not a bad one.
+        kw["stop_strings"] = (
+            stop_text.StopStrings.build(tokenizer, strings, cfg.vocab_size) if strings else None
+        )
     cut_at = kw["stop_strings"].strings if kw.get("stop_strings") is not None else ()
     prompts = [tokenizer.encode(t, bos=add_bos and tokenizer.bos_id >= 0) for t in texts]
     eos = (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ()

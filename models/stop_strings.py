@@ -109,8 +109,9 @@ class StopStrings:
     def build(cls, tok, strings: Sequence[str], vocab_size: int | None = None) -> StopStrings:
         """Tables for `strings` over `tok` (our SentencePiece Tokenizer or an HFTokenizer: any
         object with encode / decode / decode_batch / vocab_size). `vocab_size`: the model's
-        (default the tokenizer's); a model may have more ids than its tokenizer."""
-        strings = tuple(dict.fromkeys(strings))
+        (default the tokenizer's); a model may have more ids than its tokenizer. A bare str is
+        one stop string (not one per character, as iterating it would give)."""
+        strings = tuple(dict.fromkeys([strings] if isinstance(strings, str) else strings))
         if not strings or any(not isinstance(s, str) or not s for s in strings):
             raise ValueError(f"stop strings must be non-empty strings, got {strings!r}")
         V = int(vocab_size or tok.vocab_size)

@@ -230,7 +230,21 @@ BAD = {
     "draft_tokenizer": ("run", [*HI, "--draft", "{bytes}"],
                         "--draft {bytes}: its tokenizer (259 pieces) is not {run}'s (374 "
                         "pieces): the draft must share MODEL's tokenizer", None),
-    "draft_tokens": ("run", [*HI, "--draft_tokens", "0"], 2, "--draft_tokens must be >= 1"),
+    "draft_tokens": ("run", [*HI, "--draft", "ngram", "--draft_tokens", "0"], 2,
+                     "--draft_tokens must be >= 1"),
+    # flags that would be ignored (they were, silently): a draft's without --draft, the plain
+    # decoder's kernels with it
+    "draft_tokens_alone": ("run", [*HI, "--draft_tokens", "3"], 2, "--draft_tokens needs --draft"),
+    "ngram_alone": ("run", [*HI, "--ngram", "2"], 2, "--ngram needs --draft ngram"),
+    "draft_attention": ("run", [*HI, "--draft", "ngram", "--decode_attention", "pallas"], 2,
+                        "--decode_attention/--decode_gemm/--decode_mlp/--decode_norm do not "
+                        "apply with --draft"),
+    "draft_gemm": ("run", [*HI, "--draft", "ngram", "--decode_gemm", "cublas"], 2,
+                   "do not apply with --draft"),
+    # a kernel the weights cannot take: one line once they are loaded (it was a traceback)
+    "mlp_t_int8": ("run", [*HI, "--decode_mlp", "pallas_t", "--quantize", "int8"], None,
+                   "{run}: generate: decode_mlp='pallas_t' streams a dense model's float gate|up "
+                   "(not with quantize or experts): use 'pallas'"),
     "ngram": ("run", [*HI, "--draft", "ngram", "--ngram", "0"], 2, "--ngram must be >= 1"),
     "empty_prompt": ("run", ["--prompt", "hi", "--prompt", "", "--no_bos", "--batch", "1"],
                      "prompt 1 ('') encodes to no tokens (--no_bos)", None),

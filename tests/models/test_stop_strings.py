@@ -123,6 +123,11 @@ def test_bad_strings(chat_tokenizer):
     for i, m in enumerate((1, 2)):
         assert np.all(s.table[i, : m + 2, tok.eos_id] == np.arange(m + 2))
     assert s.start.tolist() == [2, 3] and s.found.tolist() == [1, 2]
+    # a bare str is one string (iterated, it was one string per character: "Question:" ended
+    # rows at the first token holding a Q, u, e, ...)
+    one = StopStrings.build(tok, "Question:", vocab_size=512)
+    assert one.strings == ("Question:",)
+    np.testing.assert_array_equal(one.table, StopStrings.build(tok, ["Question:"], 512).table)
 
 
 # --- generate ---------------------------------------------------------------------------------
@@ -195,3 +200,5 @@ def test_generate_text_takes_plain_strings(model):
     cut = generate_text(cfg, params, tok, texts, stop_strings=[stop], **kw)
     assert cut == [t[: t.index(stop)] if stop in t else t for t in free]
     assert cut != free
+    assert generate_text(cfg, params, tok, texts, stop_strings=stop, **kw) == cut  # a bare str
+    assert generate_text(cfg, params, tok, texts, stop_strings=[], **kw) == free  # none
