@@ -297,12 +297,14 @@ class Attention(nn.Module):
                 and cudnn_supports_head_dim(q.shape[-1])):  # fmt: skip
             return self._cudnn_or_rows(q, k, v, ctx, scale)
         C = logical_axis_size("act_len")
+        if split and cfg.attention_impl in ("flash", "splash"):
+            # each device's own rows against the gathered keys (any T: the queries padded to
+            # a multiple of C inside)
+            return by_window(cfg, ctx, lambda w: context_flash_attention(
+                q, k, v, packed, w, C, scale, cap, cfg.flash_block))  # fmt: skip
         if split and T % C == 0:
             # cuDNN's partitioner refuses queries split along the sequence, and the row blocks
             # below would gather them: each device's own rows, in blocks (`context_attention`)
-            if cfg.attention_impl in ("flash", "splash"):
-                return by_window(cfg, ctx, lambda w: context_flash_attention(
-                    q, k, v, packed, w, C, scale, cap, cfg.flash_block))  # fmt: skip
             # (the row blocks' size: this module's ATTENTION_CHUNK, which tests patch)
             return by_window(cfg, ctx, lambda w: context_attention(
                 q, k, v, ctx["mask"], w, C, scale, cap, chunk=ATTENTION_CHUNK))  # fmt: skip

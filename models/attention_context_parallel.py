@@ -70,9 +70,16 @@ def context_flash_attention(q_BTNH, k_BSKH, v_BSKH, packed, window: int, C: int,
     the row given (`q_rows_BT`), so no query moves. The loops' bounds are shared by the rows,
     so every device walks the key blocks the last stretch needs, those its own rows cannot
     see masked: `context_attention`'s FLOPs, with (block × block) tiles per head in place of
-    its (chunk × S) scores. `packed` is (segment ids, positions) (B, S) or None."""
-    B, T, N, H = q_BTNH.shape
-    L = T // C
+    its (chunk × S) scores. `packed` is (segment ids, positions) (B, S) or None.
+
+    T need not divide by C: the queries are padded to the next multiple, each padding query
+    a copy of the row's last (its index clamped to T - 1, so it sees what that one sees), and
+    cut off again. (Without this such rows fell back to XLA's whole (T × S) scores: 2046
+    tokens over 4 devices took 10× the flash run's temporaries.)"""
+    B, T0, N, H = q_BTNH.shape
+    L = -(-T0 // C)
+    T = C * L
+    q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, T - T0), (0, 0), (0, 0)))
     split = ("act_batch", "act_len", None)
 
     def rows_of(x, tail):  # (B, C, L|S, ...) -> (B·C, ...), each device its own stretch c
@@ -85,12 +92,13 @@ def context_flash_attention(q_BTNH, k_BSKH, v_BSKH, packed, window: int, C: int,
     heads = ("act_heads", "head_dim")
     q = rows_of(q_BTNH.reshape(B, C, L, N, H), heads)
     k, v = (spread(x, ("act_kv_heads", "head_dim")) for x in (k_BSKH, v_BSKH))
-    q_rows = rows_of(jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32).reshape(C, L), (B, C, L)), ())
+    index = jnp.minimum(jnp.arange(T, dtype=jnp.int32), T0 - 1).reshape(C, L)
+    q_rows = rows_of(jnp.broadcast_to(index, (B, C, L)), ())
     seg_pos = () if packed is None else tuple(spread(x) for x in packed)
     out = flash_attention(q, k, v, *seg_pos, q_rows_BT=q_rows, window=window, scale=scale,
                           cap=cap, block=block)  # fmt: skip
     out = nn.with_logical_constraint(out.reshape(B, C, L, N, H), split + heads)
-    return out.reshape(B, T, N, H)
+    return out.reshape(B, T, N, H)[:, :T0]
 
 
 def gather_sequence(x_BSKH):

@@ -72,6 +72,21 @@ def test_split_sequence_gives_one_devices_loss_and_grads(overrides, packed, shap
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_flash_over_a_row_the_devices_do_not_divide(packed):
+    """30 tokens over 4 devices with attention_impl="flash": the loss and gradients of one
+    device (the queries padded to 32 inside `context_flash_attention`, then cut)."""
+    cfg = get_variant("tiny", attention_impl="flash", flash_block=8, sliding_window=9)
+    one_device = cfg.replace(attention_impl="xla")
+    params = _unbox(model_fns(one_device)[0](jax.random.PRNGKey(0)))
+    batch = _batch(cfg, B=2, T=30, packed=packed)
+    want_loss, want_grads = _loss_and_grads(one_device, params, batch)
+    loss, grads = _loss_and_grads(cfg, params, batch, make_mesh({"data": 2, "context": 4}))
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+
 def _compiled(cfg, params, batch, mesh):
     loss_cfg = ml_collections.ConfigDict({"z_loss": 0.0})
     loss_fn = lm_loss(model_fns(cfg)[1], loss_cfg)
@@ -116,3 +131,18 @@ def test_a_sequence_split_over_processes_is_refused():
     with pytest.raises(ValueError, match=r"span processes \[0, 1\].*context × tensor"):
         _check_rows_per_process(Mesh(devices.reshape(1, 1, 8, 1), MESH_AXES))
     _check_rows_per_process(Mesh(devices.reshape(2, 1, 2, 2), MESH_AXES))  # 4 per process
+
+
+def test_flash_keeps_its_memory_when_the_devices_do_not_divide_the_row():
+    """2046 tokens over 4 devices take the blockwise kernel's temporaries, as 2048 do (they
+    fell back to XLA's whole (T × S) scores: ~10× as much)."""
+    cfg = get_variant("tiny", vocab_size=512, max_seq_len=2048, n_layers=2,
+                      attention_impl="flash", flash_block=128)  # fmt: skip
+    params = _unbox(model_fns(cfg)[0](jax.random.PRNGKey(0)))
+    mesh = make_mesh({"context": 4}, devices=jax.devices()[:4])
+    temp = {T: _compiled(cfg, params, _batch(cfg, B=1, T=T, packed=False), mesh)
+            .memory_analysis().temp_size_in_bytes for T in (2046, 2048)}  # fmt: skip
+    xla = _compiled(cfg.replace(attention_impl="xla"), params,
+                    _batch(cfg, B=1, T=2046, packed=False), mesh)  # fmt: skip
+    assert temp[2046] < 1.2 * temp[2048], temp
+    assert temp[2046] < 0.3 * xla.memory_analysis().temp_size_in_bytes, temp
