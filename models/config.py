@@ -36,7 +36,9 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base frequency
     rotary_dim: int = 0  # leading head dims RoPE rotates (Phi's partial rotary); 0 = head_dim
     rope_scaling: str = "none"  # none | linear | llama3 | yarn | longrope
-    rope_scaling_factor: float = 1.0  # context extension factor for linear / llama3 / yarn
+    # context extension factor for linear / llama3 / yarn; longrope's attention factor's (1:
+    # max_seq_len / rope_original_max_len, transformers' default)
+    rope_scaling_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 scaling: long wavelengths are fully scaled
     rope_high_freq_factor: float = 4.0  # llama3 scaling: short wavelengths are kept
     rope_original_max_len: int = 8192  # llama3 / yarn / longrope: pretraining context length

@@ -84,13 +84,17 @@ def _yarn_inv_freq(cfg: ModelConfig, inv_freq: np.ndarray) -> np.ndarray:
 
 def rope_attention_factor(cfg: ModelConfig) -> float:
     """The factor YaRN multiplies cos and sin by (so attention logits by its square): the
-    config's, or the paper's 0.1·ln(factor) + 1; 1 for other rope types."""
+    config's, or the paper's 0.1·ln(factor) + 1; LongRoPE's sqrt(1 + ln(factor) / ln(original
+    context)), its factor max_seq_len / rope_original_max_len where none is set (as
+    transformers defaults it); 1 for other rope types."""
     if cfg.rope_scaling not in ("yarn", "longrope"):
         return 1.0
     if cfg.rope_attention_factor:
         return cfg.rope_attention_factor
     f = cfg.rope_scaling_factor
     if cfg.rope_scaling == "longrope":
+        if f <= 1:  # not given (a hand-built config): transformers' default, context / original
+            f = cfg.max_seq_len / cfg.rope_original_max_len
         return 1.0 if f <= 1 else math.sqrt(1 + math.log(f) / math.log(cfg.rope_original_max_len))
     return 1.0 if f <= 1 else 0.1 * math.log(f) + 1.0
 

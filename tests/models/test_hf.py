@@ -201,6 +201,24 @@ def test_yarn_frequencies_match_transformers(truncate):
     assert rope_attention_factor(cfg) == pytest.approx(1.138629436111989)
 
 
+def test_longrope_attention_factor_defaults_as_transformers():
+    """A hand-built LongRoPE config without a factor: transformers takes max positions /
+    original (131072 / 4096 = 32), so sqrt(1 + ln 32 / ln 4096) = 1.1902 (it was 1.0); the
+    imported value and a given factor are kept."""
+    from flaxlm.models.attention import rope_attention_factor
+    from flaxlm.models.config import ModelConfig
+
+    cfg = ModelConfig(d_model=64, n_heads=4, head_dim=16, max_seq_len=131072,
+                      rope_scaling="longrope", rope_original_max_len=4096,
+                      rope_short_factors=(1.0,) * 8, rope_long_factors=(2.0,) * 8)  # fmt: skip
+    want = np.sqrt(1 + np.log(32) / np.log(4096))
+    assert rope_attention_factor(cfg) == pytest.approx(want) and want == pytest.approx(1.1902, 1e-4)
+    assert rope_attention_factor(cfg.replace(rope_scaling_factor=8.0)) == pytest.approx(
+        np.sqrt(1 + np.log(8) / np.log(4096)))  # fmt: skip
+    assert rope_attention_factor(cfg.replace(rope_attention_factor=1.3)) == 1.3
+    assert rope_attention_factor(cfg.replace(max_seq_len=4096)) == 1.0  # no extension
+
+
 def test_yarn_settings_read_as_transformers_reads_them():
     """YaRN's optional keys (transformers 5 modeling_rope_utils): DeepSeek's mscale pair sets
     the attention factor, an explicit one wins, the original context defaults to
