@@ -39,7 +39,9 @@ Scoring: `regex` with answer_regex "[0-9]+" (the first number of the response) a
 normalize "number", so " 48213. Remember it." scores 1 for the key 48213 and a wrong or missing
 number 0. Keys have `key_digits` digits and no leading zero (so "number" normalisation cannot
 make a shorter number match), distinct within a task, drawn from a `random.Random` seeded by
-(seed, length, depth): the same arguments give the same files.
+(seed, length, depth): the same arguments give the same files. A max_new_tokens that cannot
+spell the longest key (a space and its digits: 7 tokens of 5 digits with the built-in
+tokenizer) is refused, since a perfect answer would score 0 there.
 """
 
 from __future__ import annotations
@@ -192,6 +194,16 @@ def _too_short(tok, length: int, need: int, bos: bool) -> str:
             f"({what}) with tokenizer {name}")  # fmt: skip
 
 
+class BudgetError(ValueError):
+    """max_new_tokens too small for the keys' spelling (`write_tasks`)."""
+
+
+def answer_tokens(tok, key: str) -> int:
+    """Tokens of the key as the model continues "... The pass key is": a space, then digits
+    (no BOS; a digit-per-piece tokenizer spells a 5-digit key in 6 or 7)."""
+    return len(tok.encode(" " + key, bos=False))
+
+
 def make_spec(name: str, file: str, max_new_tokens: int = 8) -> dict:
     """The harness's spec (tasks.TaskSpec.from_dict) of one passkey task file."""
     return {
@@ -223,6 +235,14 @@ def write_tasks(
         for depth in depths:
             files[task_name(length, depth)] = make_examples(tok, length, depth, n, seed,
                                                             key_digits=key_digits)  # fmt: skip
+    # A key the budget cannot spell scores 0 even when copied perfectly, and still looks
+    # 'extracted' (a shorter number matches the regex): refused, naming the tokens it needs.
+    answers = {r["answer"] for rows in files.values() for r in rows}
+    need, longest = max((answer_tokens(tok, a), a) for a in answers)
+    if need > max_new_tokens:
+        raise BudgetError(f"max_new_tokens={max_new_tokens} cannot hold a pass key: ' {longest}' "
+                          f"is {need} tokens of this tokenizer (key_digits={key_digits}); give "
+                          f"max_new_tokens >= {need}")  # fmt: skip
     os.makedirs(out_dir, exist_ok=True)
     specs = []
     for name, rows in files.items():
@@ -239,10 +259,19 @@ def accuracy_table(results: dict, metric: str = "exact_match") -> str:
     """Length x depth grid of `metric` from `python -m flaxlm.evaluation --out` JSON (or its
     "tasks" dict); tasks not named like passkey ones are ignored. A `mean` column averages each
     length over its depths; tasks whose prompts the harness cut are listed below the grid."""
+    if not isinstance(results, dict):
+        kind = type(results).__name__
+        raise ValueError(f"not an evaluation --out JSON: its top level is a {kind} (a "
+                         "spec.json? --table reads the results)")  # fmt: skip
     tasks = results.get("tasks", results)
+    if not isinstance(tasks, dict):
+        raise ValueError(f"not an evaluation --out JSON: 'tasks' is a {type(tasks).__name__}")
     cells, n, cut = {}, set(), []
     for name, r in tasks.items():
         m = NAME_RE.match(name)
+        if m and not isinstance(r, dict):
+            raise ValueError(f"not an evaluation --out JSON: task {name!r} is {r!r}, not a dict "
+                             "with its metrics")  # fmt: skip
         if not m or metric not in r.get("metrics", {}):
             continue
         cells[(int(m.group(1)), float(m.group(2)))] = r["metrics"][metric]
@@ -376,6 +405,8 @@ def main(argv: list[str] | None = None) -> str:
         path = write_tasks(args.out, tok, lengths, depths, args.n, args.seed,
                            max_new_tokens=args.max_new_tokens,
                            key_digits=args.key_digits)  # fmt: skip
+    except BudgetError as e:
+        raise SystemExit(f"--max_new_tokens: {e}") from None
     except ValueError as e:  # a length the needle does not fit in
         raise SystemExit(f"--lengths: {e}") from None
     except OSError as e:  # what _check_out could not foresee (a full disk, a race)

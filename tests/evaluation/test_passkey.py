@@ -113,7 +113,7 @@ def test_spec_file_loads_through_the_harness_and_rows_read_back(tok, tok_path, t
     out = tmp_path / "pk"
     path = P.main(["--out", str(out), "--tokenizer", tok_path, "--lengths", "128,256",
                    "--depths", "0,0.5,1", "--n", "3", "--seed", "7",
-                   "--max_new_tokens", "6"])  # fmt: skip
+                   "--max_new_tokens", "9"])  # fmt: skip
     assert path == str(out / "spec.json")
     specs = load_spec_file(path)
     want = [P.task_name(n, d) for n in (128, 256) for d in (0, 0.5, 1)]
@@ -123,7 +123,7 @@ def test_spec_file_loads_through_the_harness_and_rows_read_back(tok, tok_path, t
     assert P.task_name(128, 0.1234567) != P.task_name(128, 0.1234568)  # names never collide
     assert P.NAME_RE.match(P.task_name(64, 1e-7)).group(2) == "1e-07"
     for s in specs:
-        assert s.type == "generation" and s.max_new_tokens == 6 and s.scoring == "regex"
+        assert s.type == "generation" and s.max_new_tokens == 9 and s.scoring == "regex"
         assert s.normalize == "number" and os.path.isabs(s.file) and os.path.exists(s.file)
         length, depth = int(s.name.split("_")[1][1:]), float(s.name.split("_d")[1])
         rows = P.make_examples(tok, length, depth, 3, seed=7)
@@ -190,7 +190,7 @@ def test_end_to_end_with_a_tiny_random_model_and_the_table(tiny_model, tok, tok_
     from flaxlm.evaluation.tasks import resolve_tasks
 
     spec_path = P.main(["--out", str(tmp_path / "pk"), "--tokenizer", tok_path, "--lengths",
-                        "128", "--depths", "0,1", "--n", "2", "--max_new_tokens", "4"])  # fmt: skip
+                        "128", "--depths", "0,1", "--n", "2", "--max_new_tokens", "7"])  # fmt: skip
     cfg, params = tiny_model
     ev = Evaluator(cfg, params, tok, gen_batch_size=2)
     results = {s.name: ev.run(s) for s in resolve_tasks([spec_path])}
@@ -250,6 +250,24 @@ def test_bad_input_names_the_flag(tok, tok_path, tmp_path):
     with pytest.raises(SystemExit, match="--table .*: no passkey tasks"):
         (tmp_path / "r.json").write_text(json.dumps({"tasks": {}}))
         P.main(["--table", str(tmp_path / "r.json")])
+    # the file the first step printed, and a task that is no dict: one line, not a traceback
+    spec = P.main(base + ["--lengths", "128", "--depths", "0", "--n", "1"])
+    with pytest.raises(SystemExit, match="--table .*spec.json: not an evaluation --out JSON: "
+                       "its top level is a list"):  # fmt: skip
+        P.main(["--table", spec])
+    (tmp_path / "t.json").write_text(json.dumps({"tasks": {"passkey_L64_d0": 5}}))
+    with pytest.raises(SystemExit, match="task 'passkey_L64_d0' is 5, not a dict"):
+        P.main(["--table", str(tmp_path / "t.json")])
+    # a budget that cannot spell the keys (each digit a piece of the built-in tokenizer): the
+    # ideal answer would score 0 with 'extracted' 1
+    need = P.answer_tokens(tok, "1234567")
+    assert need > 7
+    with pytest.raises(SystemExit, match=f"--max_new_tokens: max_new_tokens=7 cannot hold a "
+                       f"pass key: ' [0-9]{{7}}' is {need} tokens .* give max_new_tokens >= "
+                       f"{need}"):  # fmt: skip
+        P.main([*base[:1], str(tmp_path / "o7"), *base[2:], "--key_digits", "7",
+                "--max_new_tokens", "7", "--lengths", "128", "--n", "2"])  # fmt: skip
+    assert not (tmp_path / "o7").exists()
     with pytest.raises(ValueError, match=r"depth 1.5 is outside \[0, 1\]"):
         P.make_examples(tok, 128, 1.5, 1)
     with pytest.raises(ValueError, match="length 10 is too short"):
