@@ -426,6 +426,12 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     if reward_from:  # the reward model reads the policy's token ids (before any load)
         common.check_same_tokenizer(tok, reward_from, "reward_from")
     spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
+    lora_lib.check_base_is_reference(spec, "grpo" if k == "grpo" else "online_dpo")
+    if spec and not reward_from and config.rollout.frozen_dtype != "float32":
+        raise ValueError(
+            f"rollout.frozen_dtype={config.rollout.frozen_dtype!r} has no frozen model to apply "
+            "to: with LoRA the reference is the policy's own base and no reward_from is set"
+        )
     # The steps of the frozen copies: the ones this run started with, also on a resume
     # (LoRA's reference is the policy's own base, restored with the state).
     pins = rl_common.FrozenSources(

@@ -356,6 +356,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
             "fewer than 2 examples per process: the KL estimate needs another example's prompt"
         )
     spec = lora_lib.spec_from_config(config.lora)
+    lora_lib.check_base_is_reference(spec, "kto")
     if spec and k.ref_from:
         raise ValueError("kto.ref_from with LoRA: the reference is the policy's own frozen base")
     tok, cfg, template = common.resolve_source(config, mesh)

@@ -80,6 +80,19 @@ def lora_config(rank: int = 0) -> ml_collections.ConfigDict:
     return c
 
 
+def check_base_is_reference(spec: LoraSpec | None, stage: str) -> None:
+    """A ValueError for `lora.train_extra` in a stage whose reference model is the policy's
+    own frozen base (GRPO, online DPO, PPO, KTO): the base leaves it trains would move the
+    reference with the policy, and the KL terms would be measured against a moving target."""
+    if spec and spec.train_extra:
+        raise ValueError(
+            f"{stage}: lora.train_extra={spec.train_extra!r} trains base parameters, but with "
+            "LoRA the reference is the policy's own base (params['base']): it would move with "
+            "training. Drop lora.train_extra, or train without LoRA (lora.rank=0) for a frozen "
+            "reference copy"
+        )
+
+
 def spec_from_config(section) -> LoraSpec | None:
     """The `lora` config section → LoraSpec, or None when rank == 0. A negative rank, an
     alpha that is not a positive finite number (alpha = 0 would train adapters that change

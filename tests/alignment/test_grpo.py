@@ -631,6 +631,32 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_have_signal(
         grpo.build_task(c, mesh, None, rewards=[("r", reward, 1.0)])
 
 
+def test_lora_refuses_what_would_move_or_miss_its_reference(runs, cache_dir):
+    """With LoRA the reference is params["base"]: lora.train_extra (base leaves that train)
+    would move it with the policy (the KL against a moving target), so GRPO and online DPO
+    refuse it by name, before anything loads; rollout.frozen_dtype=int8 with no frozen model to
+    apply to (no reward_from) is refused too (it was silently unused)."""
+    from flaxlm.alignment import online_dpo
+    from flaxlm.configs import online_dpo as odpo_config
+
+    sft, _ = runs
+    base = {"batch_size": 8, "rollout.batch": 16, "seq_len": 48, "lora.rank": 4}
+    mesh = make_mesh({"data": -1})
+    reward = [("r", lambda m, t: 1.0, 1.0)]
+    for module, build, stage in ((grpo_config, grpo.build_task, "grpo"),
+                                 (odpo_config, online_dpo.build_task, "online_dpo")):  # fmt: skip
+        c = H.tiny(module, cache_dir, init_from=sft, **{**base, "lora.train_extra": "norm"})
+        want = (
+            f"{stage}: lora.train_extra='norm' trains base parameters, but with LoRA the "
+            "reference is the policy's own base"
+        )
+        with pytest.raises(ValueError, match=want):
+            build(c, mesh, None, rewards=reward)
+    c = H.tiny(grpo_config, cache_dir, init_from=sft, **{**base, "rollout.frozen_dtype": "int8"})
+    with pytest.raises(ValueError, match="rollout.frozen_dtype='int8' has no frozen model"):
+        grpo.build_task(c, mesh, None, rewards=reward)
+
+
 def test_lora_grpo_trains_adapters_against_its_frozen_base(runs, cache_dir, tmp_path,
                                                            monkeypatch):  # fmt: skip
     """lora.rank > 0: only the adapters train; the frozen base is the reference (no second copy

@@ -483,7 +483,10 @@ def test_reference_is_init_from_or_its_ema_or_ref_from(cache_dir, tmp_path):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     bad = [({"init_from": ""}, "init_from=SFT_RUN"), ({"batch_size": 1}, "fewer than 2"),
-           ({"lora.rank": 8, "kto.ref_from": sft}, "frozen base")]  # fmt: skip
+           ({"lora.rank": 8, "kto.ref_from": sft}, "frozen base"),
+           # base leaves that train would move the reference (params["base"]) with the policy
+           ({"lora.rank": 8, "lora.train_extra": "norm"},
+            "kto: lora.train_extra='norm' trains")]  # fmt: skip
     for overrides, match in bad:
         with pytest.raises(ValueError, match=match):
             kto.build_task(H.tiny(kto_config, cache_dir, **{"init_from": sft, **overrides}),

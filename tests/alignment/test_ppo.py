@@ -309,6 +309,14 @@ def test_lora_ppo_trains_adapters_on_the_policy_and_the_critic(runs, cache_dir, 
         "ckpt_every": 4, "lora.rank": 4, "lora.targets": "attn/(q|v)|mlp/up",
     })  # fmt: skip
     H.forbid_reference_copy(monkeypatch)
+    from flaxlm.models.sharding import make_mesh
+
+    with c.unlocked():  # base leaves that train would move the reference (params["base"])
+        c.lora.train_extra = "norm"
+    with pytest.raises(ValueError, match="ppo: lora.train_extra='norm' trains base parameters"):
+        ppo.build_task(c, make_mesh({"data": -1}), None)
+    with c.unlocked():
+        c.lora.train_extra = ""
     run = str(tmp_path / "run")  # (the adapter is exported outside it: export refuses inside)
     state, summary = ppo.run(c, run)
     assert summary["train"]["n_skipped"] == 0
