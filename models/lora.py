@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import logging
 import math
 import re
 
@@ -252,11 +254,84 @@ def lora_apply(apply_fn, spec: LoraSpec):
     return apply
 
 
+def _top_level_split(regex: str, sep: str = "|") -> list[str]:
+    """`regex` split at the `sep` characters outside (), [] and escapes."""
+    parts, depth, cls, esc, cur = [], 0, False, False, ""
+    for ch in regex:
+        if esc:
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif cls:
+            cls = ch != "]"
+        elif ch == "[":
+            cls = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    return parts + [cur]
+
+
+# A group of plain alternatives, e.g. "(q|k|v)" or "(?:gate|up)": expanded member by member.
+_PLAIN_GROUP = re.compile(r"\((?:\?:)?([\w/.]+(?:\|[\w/.]+)+)\)")
+_MAX_SPELLINGS = 256
+
+
+def target_spellings(regex: str) -> list[str]:
+    """The alternatives a targets regex spells out: each top-level `|` alternative, with its
+    groups of plain words ("attn/(q|k|v|o)") expanded into one pattern per member (up to
+    _MAX_SPELLINGS; a regex with more, or with other constructs, is kept whole there)."""
+    out = []
+    for alt in _top_level_split(regex):
+        groups = list(_PLAIN_GROUP.finditer(alt))
+        members = [g.group(1).split("|") for g in groups]
+        if not groups or math.prod(len(m) for m in members) > _MAX_SPELLINGS:
+            out.append(alt)
+            continue
+        pieces = re.split(_PLAIN_GROUP.pattern, alt)[::2]  # the text around the groups
+        for choice in itertools.product(*members):
+            out.append("".join(p + c for p, c in zip(pieces, (*choice, ""), strict=True)))
+    return out
+
+
+def unmatched_spellings(params, spec: LoraSpec) -> list[str]:
+    """The spellings of `spec.targets` (`target_spellings`) that select no kernel: a misspelt
+    member ("mlp/(gate|up|dwon)") silently adapts fewer modules when the rest matches."""
+    modules = [p.rpartition("/")[0] for p in target_paths(params, spec)]
+    kernels = [
+        _path_str(path).rpartition("/")[0]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(_unbox(params))[0]
+        if _path_str(path).endswith("/kernel") and jnp.ndim(leaf) >= 2
+    ]
+    bad = []
+    for alt in target_spellings(spec.targets):
+        try:
+            pat = re.compile(alt)
+        except re.error:  # a piece that only compiles within the whole regex
+            continue
+        if modules and not any(pat.search(m) for m in kernels):
+            bad.append(alt)
+    return bad
+
+
+def module_kinds(paths) -> list[str]:
+    """Kernel module paths without their layer index ("layers_3/attn/q" -> "attn/q")."""
+    kinds = {re.sub(r"(^|/)layers(_\d+)?/", r"\1", p.rpartition("/kernel")[0]) for p in paths}
+    return sorted(kinds)
+
+
 def trainable_mask(params, spec: LoraSpec):
     """Bools for make_optimizer: every adapter, and base params matching `train_extra`.
 
     A `train_extra` that matches no base param is an error (a misspelt "^head/" would leave a
-    reward model's fresh head frozen at its random init, silently)."""
+    reward model's fresh head frozen at its random init, silently). Logs which kernels get
+    adapters, and warns of each spelling of `targets` that selects none."""
     extra = re.compile(spec.train_extra) if spec.train_extra else None
     base = jax.tree_util.tree_map_with_path(
         lambda p, _: bool(extra and extra.search(_path_str(p))), params["base"]
@@ -267,7 +342,19 @@ def trainable_mask(params, spec: LoraSpec):
             f"lora.train_extra={spec.train_extra!r} matches no base parameter (paths look like "
             f"'head/kernel', 'layers_0/attn/q/kernel'; top-level names: {top})"
         )
+    paths = target_paths(params["base"], spec)
+    _report_targets(spec, len(paths), tuple(module_kinds(paths)),
+                    tuple(unmatched_spellings(params["base"], spec)))  # fmt: skip
     return {"base": base, "lora": jax.tree.map(lambda _: True, params["lora"])}
+
+
+@functools.cache  # once per run: the loop asks for the mask for the optimizer, step and EMA
+def _report_targets(spec: LoraSpec, n: int, kinds: tuple, unmatched: tuple) -> None:
+    logging.info("LoRA rank %d (alpha %g) on %d kernels: %s", spec.rank, spec.alpha, n,
+                 ", ".join(kinds))  # fmt: skip
+    for alt in unmatched:
+        logging.warning("lora.targets=%r: %r selects no kernel (module paths look like "
+                        "'layers_0/attn/q', 'layers_0/mlp/down')", spec.targets, alt)  # fmt: skip
 
 
 def count_params(tree, mask=None) -> int:

@@ -156,6 +156,33 @@ def test_only_adapters_update_and_optimizer_state_shrinks():
     assert all(moved)
 
 
+def test_targets_are_logged_and_a_misspelt_member_is_warned_about(caplog):
+    """A member of the targets regex that selects no kernel ("dwon", "out": the module is o)
+    while the rest matches used to adapt fewer modules silently: warned, each by name, with
+    the kinds adapted logged; a regex whose every member matches warns of nothing."""
+    spec = L.LoraSpec(rank=4, alpha=8.0, targets="attn/(q|k|v|out)|mlp/(gate|up|dwon)")
+    params, _ = _lora_params(spec=spec)
+    L._report_targets.cache_clear()
+    with caplog.at_level("INFO"):
+        L.trainable_mask(params, spec)
+        L.trainable_mask(params, spec)  # (asked again by the step and EMA: logged once)
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert "LoRA rank 4 (alpha 8) on 10 kernels: attn/k, attn/q, attn/v, mlp/gate, mlp/up" in info
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and "'attn/out' selects no kernel" in warned[0], warned
+    assert "'mlp/dwon' selects no kernel" in warned[1]
+    assert len(info) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        L.trainable_mask(*_lora_params()[:1], SPEC)  # attn/(q|v|o): every member matches
+        L.trainable_mask(*_lora_params(spec=L.LoraSpec(4, 8.0, "^layers_0/|[ab|c]x"))[:1],
+                         L.LoraSpec(4, 8.0, "^layers_0/|[ab|c]x"))  # fmt: skip
+    assert [r.getMessage() for r in caplog.records] == [
+        "lora.targets='^layers_0/|[ab|c]x': '[ab|c]x' selects no kernel (module paths look like "
+        "'layers_0/attn/q', 'layers_0/mlp/down')"
+    ]
+
+
 def test_spec_from_config_and_train_extra():
     assert L.spec_from_config(L.lora_config(0)) is None
     c = L.lora_config(8)
