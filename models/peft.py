@@ -37,6 +37,7 @@ import numpy as np
 
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
+from flaxlm.models.hf_arch import MULTIMODAL, load_hf_json
 from flaxlm.models.hf_tokenizer import HFError
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -378,17 +379,18 @@ def _base_model(run_dir: str, meta: dict) -> str:
     from flaxlm.train import checkpoint as ckpt_lib
 
     if meta.get("hf_source"):
-        return meta["hf_source"]
+        return _text_only_base(run_dir, meta["hf_source"])
     src = (meta.get("config") or {}).get("init_from") or ""
     if src.startswith("hf:"):
-        return os.path.abspath(src[3:])
+        return _text_only_base(run_dir, os.path.abspath(src[3:]))
     if not src:
         return ""  # trained from scratch: its base is the random init, nothing to name
     why = f"init_from={src} is not a run directory (it may be relative to another cwd)"
     if os.path.isdir(os.path.join(src, "checkpoints")):
         src_meta = ckpt_lib.read_meta(src)[1]
         if src_meta.get("hf_source") and not (src_meta.get("lora") or {}).get("rank"):
-            return src_meta["hf_source"]  # a plain `hf import`: its weights are the HF dir's
+            # a plain `hf import`: its weights are the HF dir's
+            return _text_only_base(run_dir, src_meta["hf_source"])
         why = (f"init_from={src} is a trained flaxlm run ({src_meta.get('task', '?')}), "
                "whose weights no HF checkpoint holds")  # fmt: skip
     warnings.warn(
@@ -396,6 +398,31 @@ def _base_model(run_dir: str, meta: dict) -> str:
         f"{why}; base_model_name_or_path is left unset. Export the base whole first "
         f"(python -m flaxlm.models.hf export {src} BASE_DIR) and load the adapter onto BASE_DIR",
         stacklevel=2,
+    )
+    return ""
+
+
+def _text_only_base(run_dir: str, hf_dir: str) -> str:
+    """`hf_dir`, unless it is an image-text checkpoint (hf_arch.MULTIMODAL: Gemma 3 4B-27B):
+    the adapter names the text model's modules (model.layers.N...), which such a checkpoint
+    holds under its language model, and its vision tower has q_proj/v_proj of its own, so
+    PEFT would attach the adapter to none of the tuned modules (or to the wrong ones) without a
+    word. Then "" with a warning naming the text-only base to export."""
+    import warnings
+
+    try:
+        model_type = load_hf_json(hf_dir).get("model_type")
+    except (OSError, ValueError, HFError):  # moved or unreadable: named as recorded
+        return hf_dir
+    if model_type not in MULTIMODAL:
+        return hf_dir
+    warnings.warn(
+        f"PEFT export of {run_dir}: its base {hf_dir} is an image-text checkpoint "
+        f"({model_type}), whose text model's modules PEFT would not find under the adapter's "
+        f"names; base_model_name_or_path is left unset. Load the adapter onto the text model "
+        f"alone: python -m flaxlm.models.hf import {hf_dir} RUN0, then python -m "
+        f"flaxlm.models.hf export RUN0 BASE_DIR ({MULTIMODAL[model_type][0]})",
+        stacklevel=3,
     )
     return ""
 

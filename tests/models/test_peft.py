@@ -246,6 +246,19 @@ def test_adapter_base_is_named_only_when_an_hf_checkpoint_holds_its_weights(tmp_
         with pytest.warns(UserWarning, match=rf"init_from={src} is {what}.*left unset.*"
                           rf"export {src} BASE_DIR"):  # fmt: skip
             assert peft._base_model("dpo", dpo(src)) == ""
+    # an image-text base (Gemma 3 4B-27B): the adapter's text-model names are not its modules'
+    # (language_model...; its vision tower has q_proj/v_proj too): unset, naming the text
+    # model to export (it was named, and PEFT would have attached the adapter to nothing)
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    (mm / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {}}))
+    for meta in ({"hf_source": str(mm), "lora": {"rank": 2}}, dpo("hf:" + str(mm))):
+        want = (
+            rf"its base {mm} is an image-text checkpoint \(gemma3\).*left unset.*"
+            r"export RUN0 BASE_DIR \(gemma3_text\)"
+        )
+        with pytest.warns(UserWarning, match=want):
+            assert peft._base_model("dpo", meta) == ""
 
 
 LIVE = """
