@@ -29,6 +29,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -320,7 +321,14 @@ def _select(full, target, where: str):
     if not isinstance(target, dict):
         if tuple(full.shape) != tuple(target.shape):
             raise ValueError(f"{where}: shape {full.shape} != expected {target.shape}")
-        return jnp.asarray(full, target.dtype)
+        sharding = getattr(target, "sharding", None)
+        if sharding is None:
+            return jnp.asarray(full, target.dtype)
+        # Into the target's shardings, each device given its own block (an HF teacher or
+        # reference on one device failed every multi-device step, and a large one would not
+        # fit there); works across processes, each holding the whole host array.
+        host = np.asarray(full).astype(target.dtype)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
     missing = sorted(set(target) - set(full))
     if missing:
         raise KeyError(f"{where}: params lack {missing}")

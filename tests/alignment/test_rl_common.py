@@ -267,3 +267,26 @@ def test_a_prompt_file_with_nothing_usable_says_what_became_of_its_records(tmp_p
     c = override(c, {"rollout.heldout_prompts": 3})
     with pytest.raises(DataError, match=r"rollout.heldout_prompts=3 >= 3 prompts"):
         rl_eval.training_prompts(c, None)
+
+
+def test_an_hf_frozen_model_is_read_into_the_training_shardings():
+    """A frozen "hf:DIR" teacher or reference lands in the mesh's shardings, like a run's (its
+    weights went to device 0, and the first step on 8 devices failed with "incompatible
+    devices"); a jitted forward under the mesh gives the single-device logits."""
+    import jax
+
+    from flaxlm.models import hf
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh, use_mesh
+
+    fix = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "hf", "llama")
+    mesh, rules = make_mesh({"data": 2, "fsdp": 4}), logical_axis_rules("fsdp")
+    cfg, apply, params = rl_common.frozen_lm("hf:" + fix, mesh, rules)
+    embed = params["embed"]["embedding"]
+    assert len(embed.sharding.device_set) == 8 and not embed.sharding.is_fully_replicated
+    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(params))
+    tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % cfg.vocab_size
+    with use_mesh(mesh, rules):
+        got = jax.jit(apply)(params, tokens)
+    _, plain = hf.load_pretrained(fix)
+    want = apply(plain, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
