@@ -22,7 +22,8 @@ p_S = softmax(student logits / τ) (`token_divergence`, `distill.divergence`):
 
 and the loss is  α·CE + (1 − α)·τ²·D  averaged over the answer tokens: α = `distill.ce_weight`
 mixes in the data's own next-token cross-entropy (at temperature 1), and τ² keeps the
-gradient's scale as τ changes (the divergence's gradient in the logits scales as 1/τ). The
+gradient's scale as τ changes (the divergence's gradient in the logits scales as 1/τ²: an
+explicit 1/τ times a difference of softened distributions that itself shrinks as 1/τ). The
 student and the teacher may pad their vocabularies differently (Qwen2.5's padded vocabulary
 differs between model sizes): p_T is then over the ids both have (which must hold the whole
 tokenizer), p_S over all the student's ids, and the student's mass m on ids past the teacher's
@@ -85,6 +86,7 @@ from flaxlm.models.sharding import (
     shard_batch,
     use_mesh,
 )
+from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import loop, pretrain
 from flaxlm.train.losses import (
     add_router_losses,
@@ -386,8 +388,10 @@ def _text_tokenizer_path(config, init_meta: dict) -> str:
     set — the trainer's one-line input error (train/main.py), not a traceback — raised before
     the teacher loads."""
     teacher = config.distill.teacher
-    path = (config.data.tokenizer or init_meta.get("tokenizer")
-            or common.source_tokenizer_path(teacher))  # fmt: skip
+    # (an "hf:DIR" init_from has no run meta: its own tokenizer is the directory's; skipping it
+    # took the teacher's, and compared the teacher's with itself)
+    own = common.source_tokenizer_path(config.init_from) if config.init_from else ""
+    path = config.data.tokenizer or own or common.source_tokenizer_path(teacher)
     if not path:
         sources = f"distill.teacher={teacher}" + (
             f" nor init_from={config.init_from}" if config.init_from else ""
@@ -493,10 +497,21 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     text = config.data.get("kind") == "text"  # pretraining's data section
     if text and d.on_policy:
         raise ValueError("distill.on_policy needs prompts, not pretraining text (data.kind)")
+    if d.teacher_ema:  # (a run without an EMA is named with the key, before anything loads)
+        ckpt_lib.check_ema_source(d.teacher, "distill.teacher_ema", "distill.teacher")
     if text:
         (tok, cfg), template = _text_source(config, mesh), None
     else:
         tok, cfg, template = _student_source(config, mesh)
+    teacher_vocab = teacher_vocab_size(d.teacher)
+    if d.on_policy and teacher_vocab and cfg.vocab_size > teacher_vocab:
+        # the student samples from all its ids; those past the teacher's have no teacher
+        # probability (NaN losses from the first rollout)
+        raise ValueError(
+            f"distill.on_policy: the student's vocab_size {cfg.vocab_size} is larger than "
+            f"distill.teacher's {teacher_vocab}, so its samples would hold ids the teacher "
+            f"cannot score; set model.vocab_size <= {teacher_vocab} or train off-policy"
+        )
     rules = logical_axis_rules(config.sharding)
     teacher_cfg, teacher_apply, teacher = rl_common.frozen_lm(
         d.teacher, mesh, rules, d.teacher_dtype, d.teacher_ema, key="distill.teacher_dtype",

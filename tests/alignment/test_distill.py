@@ -564,3 +564,31 @@ def test_text_without_a_tokenizer_anywhere_is_one_line_naming_the_key(cache_dir,
         distill.run(c, str(tmp_path / "wd"))
     with pytest.raises(SystemExit, match=rf"^DataError: distill: no tokenizer .*{want}"):
         train_main.run_task("flaxlm.alignment.distill", c, str(tmp_path / "wd"))
+
+
+def test_settings_that_would_fail_later_or_silently_are_refused_first(runs, cache_dir, tmp_path):
+    """Each before the teacher loads: on-policy with a student vocabulary past the teacher's
+    (its samples held ids the teacher cannot score: NaN from the first rollout), and
+    distill.teacher_ema on a teacher run without an EMA (a CheckpointError naming neither key).
+    With text=True an "hf:" init_from's own tokenizer is the text's, not the teacher's (that one
+    was taken, and compared with itself)."""
+    from flaxlm.models.sharding import make_mesh
+
+    sft, _ = runs
+    mesh = make_mesh({"data": -1})
+    c = H.tiny(distill_config, cache_dir, "runlocal=True,on_policy=True", **{
+        "distill.teacher": sft, "model.vocab_size": 4 * H.VOCAB, "model.n_layers": 1,
+        "model.d_model": 32, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 64,
+    })  # fmt: skip
+    with pytest.raises(ValueError, match=rf"distill.on_policy: the student's vocab_size "
+                       rf"{4 * H.VOCAB} is larger than distill.teacher's {H.VOCAB}"):  # fmt: skip
+        distill.build_task(c, mesh, str(tmp_path / "wide"))
+    c = _config(cache_dir, **{"distill.teacher": sft, "distill.teacher_ema": True})
+    with pytest.raises(Exception, match=r"distill.teacher_ema=True.*distill.teacher="):
+        distill.build_task(c, mesh, str(tmp_path / "ema"))
+    text = H.tiny(distill_config, cache_dir, "runlocal=True,text=True",
+                  **{"distill.teacher": sft, "init_from": "hf:/student/dir"})  # fmt: skip
+    assert distill._text_tokenizer_path(text, {}) == "/student/dir"
+    with text.unlocked():
+        text.data.tokenizer = "/given.model"  # (data.tokenizer still comes first)
+    assert distill._text_tokenizer_path(text, {}) == "/given.model"
