@@ -199,8 +199,14 @@ def _why_unfinished(workdir: str, total_steps: int | None) -> dict:
     return {"status": "unfinished", "why": f"unfinished: stopped {at}{see}"}
 
 
+# The hint train/main.py prints after a refused config's one-line error (its TRACEBACK_ENV):
+# not the line that says why the run failed.
+_HINT_PREFIX = "(FLAXLM_TRACEBACK="
+
+
 def _last_line(path: str, limit: int = 160) -> str:
-    """The last non-empty line of a (possibly large) log, cut to `limit` characters."""
+    """The last non-empty line of a (possibly large) log, cut to `limit` characters — the
+    error, not the traceback hint that follows a refused config's."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.path.getsize(path) - 4096))
@@ -208,6 +214,7 @@ def _last_line(path: str, limit: int = 160) -> str:
     except OSError:
         return ""
     lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(_HINT_PREFIX)] or lines
     return lines[-1][:limit] if lines else ""
 
 

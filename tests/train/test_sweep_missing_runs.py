@@ -60,7 +60,8 @@ def test_the_table_names_each_planned_run_it_has_no_row_for(tmp_path, config, ca
     _metrics(done.workdir, STEPS)
     _metrics(failed.workdir, 4, final=False)
     with open(os.path.join(failed.workdir, "train.log"), "w") as f:
-        f.write("=== start\nTraceback (most recent call last):\nValueError: boom\n")
+        # (as train/main.py ends a refused config: the error, then its traceback hint)
+        f.write("=== start\nValueError: boom\n(FLAXLM_TRACEBACK=1 shows where it was raised)\n")
     assert sweep._finish(failed, 1, 2.0) == "failed"  # what run_local records of it
     _metrics(cut.workdir, 8, final=False)  # a killed sweep, or a launch-file run cut short
 
@@ -214,3 +215,9 @@ def test_ctrl_c_while_trainers_start_reports_them_interrupted(tmp_path, config, 
     for r in runs:
         assert f"interrupted {r.name} at step 0" in out
         assert not os.path.exists(os.path.join(r.workdir, "FAILED"))
+
+
+def test_the_skipped_hint_is_the_one_the_trainer_prints():
+    from flaxlm.train import main
+
+    assert sweep_table._HINT_PREFIX == f"({main.TRACEBACK_ENV}="
