@@ -14,9 +14,10 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
   2. rank: the sample with the higher reward is "chosen", the other "rejected"; a pair whose
      rewards tie, or with a sample whose reward is invalid, carries no preference and gets
      `valid` = 0 (`online.dynamic_sampling` = N draws more prompts to replace tied pairs, as for
-     GRPO's flat groups); an empty answer (or an unfinished reasoning) is not judged: it has
-     `rollout.empty_reward`, so a pair of a rewarded answer and an empty one keeps its
-     preference;
+     GRPO's flat groups; a rollout with no valid pair is warned about and its steps train on
+     nothing, as GRPO's all-flat ones); an empty answer (or an unfinished reasoning) is not
+     judged: it has `rollout.empty_reward`, so a pair of a rewarded answer and an empty one
+     keeps its preference;
   3. score: the reference's log-probability of each response (and the policy's, for the KL and
      logprob-gap statistics), both at temperature 1;
   4. train: `rollout.epochs` passes over the rollout's pairs in minibatches of `batch_size`
@@ -38,6 +39,8 @@ per rollout GRPO's `rollout/*` (reward, lengths, KL to the reference, time split
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 
@@ -46,6 +49,8 @@ from flaxlm.alignment.dpo import check_loss_settings, dpo_loss_fn
 from flaxlm.alignment.rl_rollout import lm_logprobs, passthrough_stats
 from flaxlm.models.sharding import make_mesh
 from flaxlm.train import loop
+
+log = logging.getLogger(__name__)
 
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -106,9 +111,13 @@ class OnlineDPOSource(grpo.GRPOSource):
         rows, stats = super().make_rollout(params, rng)
         pairs, valid = preference_pairs(rows, rows["advantages"], rows["ref_logprobs"])
         if not valid.any():
-            raise RuntimeError(
-                f"rollout {self.iteration}: no pair with a preference (every pair's rewards "
-                "tie); check online.rewards, or set online.dynamic_sampling"
+            # As GRPO's all-flat groups: the rollout's steps have nothing to learn (zero
+            # gradients), logged, and the run goes on (it raised, ending a long run at a rollout
+            # its resume would draw again)
+            log.warning(
+                "rollout %d: no pair with a preference (every pair's rewards tie): its steps "
+                "train on nothing; check online.rewards, or set online.dynamic_sampling",
+                self.iteration,
             )
         return pairs, {**stats, "pairs_valid": float(valid.mean())}
 

@@ -45,7 +45,7 @@ def test_preference_pairs_rank_by_reward_and_drop_ties():
     np.testing.assert_array_equal(pairs["valid"], valid.astype(np.float32))
 
 
-def test_a_pair_of_an_answer_and_an_empty_one_keeps_its_preference():
+def test_a_pair_of_an_answer_and_an_empty_one_keeps_its_preference(caplog):
     """Regression: the rollout's reward functions (GRPO's `_judged`) were called on empty
     answers too, and one that raised on "" made the sample invalid: the pair "good answer vs
     empty" lost its preference (valid 0), and the policy never learnt to prefer answering. The
@@ -80,6 +80,16 @@ def test_a_pair_of_an_answer_and_an_empty_one_keeps_its_preference():
     np.testing.assert_array_equal(pairs["chosen_tokens"][0], rows["tokens"][0])
     np.testing.assert_array_equal(pairs["rejected_tokens"][0], rows["tokens"][1])
     assert stats["pairs_valid"] == 1.0 and stats["bad_reward"] == 0
+
+    # every pair tied (both answers right): warned, and the rollout's pairs carry no weight
+    # (it raised a RuntimeError, ending the run with a traceback at that rollout)
+    texts[:] = ["7"] * n
+    sample["empty"] = np.zeros(n, bool)
+    with caplog.at_level("WARNING"):
+        pairs, stats = src.make_rollout(None, None)
+    np.testing.assert_array_equal(pairs["valid"], [0.0, 0.0])
+    assert stats["pairs_valid"] == 0.0
+    assert any("no pair with a preference" in r.getMessage() for r in caplog.records)
 
 
 def test_dpo_loss_settings_are_refused_when_the_task_is_built(cache_dir):
