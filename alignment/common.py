@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from flaxlm.alignment.run_tokenizer import (  # noqa: F401 (re-exported: the tokenizer half)
     HF_PREFIX,
     TOKENIZER_PROBE,
+    check_same_chat_template,
     check_same_tokenizer,
     resolve_tokenizer,
     save_tokenizer,

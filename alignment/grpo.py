@@ -425,6 +425,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
     if reward_from:  # the reward model reads the policy's token ids (before any load)
         common.check_same_tokenizer(tok, reward_from, "reward_from")
+        common.check_same_chat_template(tok, reward_from, "reward_from")
     spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
     lora_lib.check_base_is_reference(spec, "grpo" if k == "grpo" else "online_dpo")
     if spec and not reward_from and config.rollout.frozen_dtype != "float32":

@@ -388,6 +388,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     tok, cfg, template = common.resolve_source(config, mesh)  # (checks init_from_ema)
     # The scorer and the critic read the policy's token ids (before any data or model loads)
     common.check_same_tokenizer(tok, config.reward_from, "reward_from")
+    common.check_same_chat_template(tok, config.reward_from, "reward_from")
     spec = lora_lib.spec_from_config(config.get("lora", {}))  # (configs older than the key)
     lora_lib.check_base_is_reference(spec, "ppo")
     # The steps of the frozen copies: the ones this run started with, also on a resume

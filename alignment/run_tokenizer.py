@@ -12,6 +12,7 @@ Re-exported by flaxlm.alignment.common, where callers have always found these na
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import logging
 import os
 
@@ -132,6 +133,42 @@ def check_same_tokenizer(tok, source: str, key: str, advice: str = "") -> None:
         f"{key}={source}: its tokenizer {path} ({theirs.vocab_size} pieces) is not this run's "
         f"{getattr(tok, 'name', '?')} ({tok.vocab_size} pieces): {why}, so the same ids mean "
         f"different pieces to the two models{'. ' + advice if advice else ''}"
+    )
+
+
+def _template_of(tok) -> tuple[str, dict]:
+    """(the tokenizer's Jinja chat template, "" for flaxlm's own; its template variables)."""
+    return getattr(tok, "chat_template", "") or "", dict(getattr(tok, "template_kwargs", {}) or {})
+
+
+def _describe_template(template: str, kwargs: dict) -> str:
+    if not template:
+        return "flaxlm's own chat template"
+    digest = hashlib.sha256(template.encode()).hexdigest()[:12]
+    return f"the Jinja chat template sha256:{digest}" + (f" with {kwargs}" if kwargs else "")
+
+
+def check_same_chat_template(tok, source: str, key: str) -> None:
+    """Refuses a reward model (`key`=`source`) that learnt chats rendered otherwise than this
+    run renders them: another template (a base tokenizer's flaxlm template against an instruct
+    one's Jinja, with the same pieces) or other template variables (`chat_template_kwargs`,
+    e.g. enable_thinking). It scores this run's token rows, and would score text laid out unlike
+    anything it was trained on, silently. `check_same_tokenizer` checks the pieces first."""
+    from flaxlm.models.hf_tokenizer import load_tokenizer, set_template_kwargs
+
+    path = source_tokenizer_path(source)
+    if not path or not os.path.exists(path):
+        return  # (check_same_tokenizer has warned or refused)
+    theirs = set_template_kwargs(load_tokenizer(path), None,
+                                 source_meta(source).get("chat_template_kwargs"))  # fmt: skip
+    if _template_of(theirs) == _template_of(tok):
+        return
+    raise ValueError(
+        f"{key}={source} learnt chats rendered with {_describe_template(*_template_of(theirs))}; "
+        f"this run renders them with {_describe_template(*_template_of(tok))}, so it would "
+        "score text laid out unlike anything it was trained on. Train it with this run's "
+        "tokenizer and data.chat_template_kwargs, or give this run its (data.tokenizer, "
+        "data.chat_template_kwargs)"
     )
 
 

@@ -194,6 +194,46 @@ def test_same_size_tokenizers_that_differ_in_one_piece_are_told_apart(tmp_path):
         common.check_same_tokenizer(tok, f"hf:{other}", "dpo.ref_from")
 
 
+def test_a_reward_model_that_learnt_another_chat_layout_is_refused(tmp_path):
+    """Same pieces, another chat template (ChatML against '### role:'), flaxlm's own against a
+    Jinja one, or other template variables: the reward model would score the policy's rows laid
+    out unlike anything it learnt (check_same_tokenizer passed them all)."""
+    import importlib.util
+
+    from flaxlm.alignment import common
+    from flaxlm.models.hf_tokenizer import load_tokenizer, set_template_kwargs
+
+    spec = importlib.util.spec_from_file_location(
+        "hf_tokenizers", os.path.join(os.path.dirname(__file__), "..", "hf_tokenizers.py")
+    )
+    hf_tokenizers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf_tokenizers)
+    chatml = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    other = ("{% for m in messages %}### {{ m.role }}: {{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}### assistant: {% endif %}")  # fmt: skip
+    cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    dirs = {name: hf_tokenizers.write_hf_tokenizer(str(tmp_path / name), t, cfg)
+            for name, t in (("chatml", chatml), ("twin", chatml), ("other", other),
+                            ("plain", ""))}  # fmt: skip
+    tok = load_tokenizer(dirs["chatml"])
+    for name in dirs:
+        common.check_same_tokenizer(tok, f"hf:{dirs[name]}", "reward_from")  # pieces: the same
+    common.check_same_chat_template(tok, f"hf:{dirs['twin']}", "reward_from")  # accepted
+    with pytest.raises(ValueError, match=r"reward_from=hf:.*other learnt chats rendered with "
+                       r"the Jinja chat template sha256:\w{12}; this run renders them with the "
+                       r"Jinja chat template sha256:\w{12}, so"):  # fmt: skip
+        common.check_same_chat_template(tok, f"hf:{dirs['other']}", "reward_from")
+    with pytest.raises(ValueError, match="rendered with flaxlm's own chat template; this run"):
+        common.check_same_chat_template(tok, f"hf:{dirs['plain']}", "reward_from")
+    set_template_kwargs(tok, '{"enable_thinking": false}')
+    with pytest.raises(ValueError, match=r"this run renders them with the Jinja chat template "
+                       r"sha256:\w{12} with \{'enable_thinking': False\}"):  # fmt: skip
+        common.check_same_chat_template(tok, f"hf:{dirs['twin']}", "reward_from")
+
+
 @pytest.mark.parametrize("module", [ppo_config, grpo_config, online_dpo_config])
 def test_eval_gen_max_prompt_len_follows_a_rollout_max_prompt_len_override(module):
     """The RL configs set eval_gen.max_prompt_len from rollout.max_prompt_len once, so raising
