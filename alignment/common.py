@@ -364,6 +364,11 @@ def load_lm_params(source: str, target, step: int | None = None, ema: bool = Fal
     step, meta = ckpt_lib.read_meta(source, step)
     load = functools.partial(ckpt_lib.load_params, source, key=key)
     scalar = meta.get("head") == "scalar"
+    if scalar and not with_head and isinstance(lm_target, dict) and "lm_head" in lm_target:
+        # (its backbone has no lm_head: the read would fail naming a missing tensor; an LM
+        # with tied embeddings takes the backbone on purpose)
+        raise ValueError(f"{key}={source}: a reward-model run (scalar head), not a language "
+                         "model")  # fmt: skip
     spec = lora_lib.LoraSpec(**meta["lora"]) if meta.get("lora", {}).get("rank") else None
     if meta.get("head") == "policy_value":  # a PPO run: {"policy": LM, "value": critic}
         if spec is None:

@@ -25,6 +25,7 @@ from flaxlm.train import loop
 from flaxlm.train.checkpoint import Checkpointer, CheckpointError, read_meta
 from flaxlm.train.metrics import read_metrics
 from flaxlm.train.pretrain import model_fns
+from flaxlm.train.state import unbox
 
 _spec = importlib.util.spec_from_file_location(
     "rl_helpers", os.path.join(os.path.dirname(__file__), "rl_helpers.py")
@@ -153,6 +154,16 @@ def test_a_reward_model_as_teacher_and_missing_sources_are_named_by_their_key(
         f"distill.teacher={rm}: a reward-model run (scalar head), not a language model"
     )):  # fmt: skip
         distill.build_task(c, mesh, None)
+    # the same run as an init_from read by SFT or a LoRA policy (no frozen copy loaded first):
+    # it was "checkpoint ... has no params ['transformer']['lm_head']"
+    from flaxlm.alignment import common
+
+    lm = model_fns(ModelConfig.from_dict(read_meta(sft)[1]["model_config"]))[0]
+    target = jax.eval_shape(lambda: unbox(lm(jax.random.PRNGKey(0))))
+    with pytest.raises(ValueError, match=re.escape(
+        f"init_from={rm}: a reward-model run (scalar head), not a language model"
+    )):  # fmt: skip
+        common.load_lm_params(rm, target, key="init_from")
     missing = str(tmp_path / "nothing")
     c = H.tiny(distill_config, cache_dir, **{"distill.teacher": missing})
     with pytest.raises(CheckpointError, match=re.escape(
