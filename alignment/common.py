@@ -48,7 +48,7 @@ from flaxlm.configs.common import model_keys_set, to_model_config  # noqa: F401 
 from flaxlm.data import formats as F
 from flaxlm.data.source_errors import DataError
 from flaxlm.models import lora as lora_lib
-from flaxlm.models.config import ModelConfig, rows_past_max_seq_len
+from flaxlm.models.config import ModelConfig, check_trainable_dtypes, rows_past_max_seq_len
 from flaxlm.models.sharding import check_batch_divides
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import loop
@@ -143,6 +143,7 @@ def resolve_model_config(config, meta: dict) -> ModelConfig:
     config's. Rows of `seq_len` past its max_seq_len are warned about (`rows_past_max_seq_len`:
     a long-context run that forgot `model.max_seq_len` trained without a word)."""
     cfg = _source_model_config(config, meta)
+    check_trainable_dtypes(cfg)
     if why := rows_past_max_seq_len(cfg, config.get("seq_len", 0)):
         log.warning("%s", why)
     return cfg

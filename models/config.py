@@ -424,6 +424,25 @@ def rows_past_max_seq_len(cfg: ModelConfig, seq_len: int) -> str:
             )  # fmt: skip
 
 
+def check_trainable_dtypes(cfg: ModelConfig) -> None:
+    """A ValueError naming the key for float16 in a model about to train: the trainers do no
+    loss scaling, so float16 compute underflows most of the logits' gradient at real batch sizes
+    (each entry is about p / tokens) and float16 weights drop updates below their rounding.
+    float16 stays for import, export and generation (an HF float16 checkpoint imports as one:
+    training it needs the keys below given)."""
+    if cfg.dtype == "float16":
+        raise ValueError(
+            "model.dtype='float16': training in float16 has no loss scaling here, so small "
+            "gradients underflow to zero; train with --config.model.dtype=bfloat16 (and "
+            "--config.model.param_dtype=float32)"
+        )
+    if cfg.param_dtype == "float16":
+        raise ValueError(
+            "model.param_dtype='float16': float16 weights lose every update below their "
+            "rounding; set --config.model.param_dtype=float32 (or bfloat16)"
+        )
+
+
 # Named variants. `tiny` is for tests; `125m` is GPT-3-small sized; `1b` is the TinyLlama-1.1B
 # shape (GQA 32/4); `7b` is the Llama-2-7B shape.
 VARIANTS: dict[str, ModelConfig] = {

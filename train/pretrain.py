@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from flaxlm.configs.common import to_model_config
-from flaxlm.models.config import rows_past_max_seq_len
+from flaxlm.models.config import check_trainable_dtypes, rows_past_max_seq_len
 from flaxlm.models.moe import COLLECTION as MOE_STATS
 from flaxlm.models.moe import collect_stats
 from flaxlm.models.sharding import check_batch_divides, make_mesh, shard_batch
@@ -342,6 +342,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The pretraining Task; with a workdir the text tokenizer is saved there for the meta."""
     check_sizes(config)
     cfg = to_model_config(config.model)
+    check_trainable_dtypes(cfg)
     if why := rows_past_max_seq_len(cfg, config.seq_len):
         logging.getLogger("flaxlm").warning("%s", why)
     check_batch_divides(config.batch_size, mesh)

@@ -55,3 +55,35 @@ def test_python_override_records_model_keys_and_the_diff_still_counts():
     with c.unlocked():
         c.model.remat_policy = "full"
     assert model_keys_set(c) == {"dtype": "float32", "remat_policy": "full"}
+
+
+def test_training_in_float16_is_refused_naming_the_key():
+    """No loss scaling: float16 compute underflowed most of the logits' gradient (and float16
+    weights drop small updates), silently. An HF float16 source imports as one, so the
+    alignment stages (resolve_model_config) and pretraining both refuse it, naming the key
+    to set; a float16 source with the keys given trains."""
+    import pytest
+
+    from flaxlm.alignment import common
+    from flaxlm.configs import pretrain
+    from flaxlm.models.config import check_trainable_dtypes
+    from flaxlm.models.sharding import make_mesh
+    from flaxlm.train.pretrain import build_task
+
+    check_trainable_dtypes(get_variant("tiny", dtype="bfloat16", param_dtype="bfloat16"))
+    with pytest.raises(ValueError, match=r"model.dtype='float16'.*--config.model.dtype=bfloat16"):
+        check_trainable_dtypes(get_variant("tiny", dtype="float16"))
+    with pytest.raises(ValueError, match=r"model.param_dtype='float16'.*param_dtype=float32"):
+        check_trainable_dtypes(get_variant("tiny", param_dtype="float16"))
+    c = override(pretrain.get_config("variant=tiny,runlocal=True,data=markov"),
+                 {"model.dtype": "float16"})  # fmt: skip
+    with pytest.raises(ValueError, match="model.dtype='float16'"):
+        build_task(c, make_mesh({"data": -1}))
+    meta = {"model_config": get_variant("tiny", dtype="float16", param_dtype="float16").to_dict()}
+    plain = override(sft.get_config("variant=tiny"), {"init_from": "src"})
+    with pytest.raises(ValueError, match="model.dtype='float16'"):
+        common.resolve_model_config(plain, meta)
+    given = override(sft.get_config("variant=tiny"), {
+        "init_from": "src", "model.dtype": "bfloat16", "model.param_dtype": "float32"})  # fmt: skip
+    cfg = common.resolve_model_config(given, meta)
+    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
