@@ -157,3 +157,28 @@ def test_bad_guard_values_name_the_key():
     guard = guard_config()
     guard.ema_decay, guard.spike_zscore, guard.warmup_steps, guard.max_bad_in_row = 0.0, 0.0, 0, 0
     trace(guard)
+
+
+def test_norms_of_bfloat16_weights_are_summed_in_float32():
+    """optax.tree.norm sums in the leaves' dtype: bfloat16 weights logged param_norm (and
+    grad_norm) to ~3 digits, flat while the weights grew. Now float32 sums of the bf16 values."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(40, 25)), jnp.bfloat16)
+    c = opt_config()
+    c.warmup_steps = 0
+    tx, sched = make_optimizer(c, 10)
+    params = {"w": w}
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0),
+                       new_guard())  # fmt: skip
+    x = jnp.asarray(rng.normal(size=(4, 40)), jnp.bfloat16)
+
+    def loss(p, batch, rng_):
+        return jnp.mean((batch["x"] @ p["w"]).astype(jnp.float32) ** 2), {}
+
+    step = jax.jit(lambda s, b: train_step(s, b, loss_fn=loss, tx=tx, schedule=sched,
+                                           guard=guard_config()))  # fmt: skip
+    new, metrics = step(state, {"x": x})
+    exact = np.linalg.norm(np.asarray(new.params["w"], np.float64))
+    assert metrics["param_norm"].dtype == jnp.float32
+    assert abs(float(metrics["param_norm"]) - exact) < 1e-5 * exact
+    assert metrics["grad_norm"].dtype == jnp.float32  # (the same sum over the bf16 gradient)
