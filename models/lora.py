@@ -303,7 +303,6 @@ def target_spellings(regex: str) -> list[str]:
 def unmatched_spellings(params, spec: LoraSpec) -> list[str]:
     """The spellings of `spec.targets` (`target_spellings`) that select no kernel: a misspelt
     member ("mlp/(gate|up|dwon)") silently adapts fewer modules when the rest matches."""
-    modules = [p.rpartition("/")[0] for p in target_paths(params, spec)]
     kernels = [
         _path_str(path).rpartition("/")[0]
         for path, leaf in jax.tree_util.tree_flatten_with_path(_unbox(params))[0]
@@ -315,7 +314,7 @@ def unmatched_spellings(params, spec: LoraSpec) -> list[str]:
             pat = re.compile(alt)
         except re.error:  # a piece that only compiles within the whole regex
             continue
-        if modules and not any(pat.search(m) for m in kernels):
+        if not any(pat.search(m) for m in kernels):
             bad.append(alt)
     return bad
 
