@@ -36,7 +36,9 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
          KL_t = π_ref/π − log(π_ref/π) − 1            (k3: unbiased, >= 0)
 
      averaged over each response's tokens, then over responses (`loss_agg="seq"`, the paper's
-     1/G Σ_i 1/|o_i| Σ_t) or over all tokens of the minibatch (`"token"`, DAPO).
+     1/G Σ_i 1/|o_i| Σ_t), over all tokens of the minibatch (`"token"`, DAPO), or summed and
+     divided by a constant, rows × row length (`"constant"`: Dr. GRPO, with
+     `scale_by_std=False`; no response-length bias).
      Variants: `clip_high` > 0 clips ρ to [1 − ε, 1 + clip_high] (DAPO's clip-higher);
      `importance="sequence"` replaces ρ by the response's length-normalised sequence ratio
      s_i = exp(1/|o_i| Σ_t log π/π_old) for all its tokens (GSPO, Zheng et al. 2025);
@@ -411,7 +413,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     source_cls.check_settings(config)
     check_sampling(config.rollout)
     if make_loss is None and config.grpo.loss_agg not in LOSS_AGGS:
-        raise ValueError(f"grpo.loss_agg={config.grpo.loss_agg!r}; expected seq | token")
+        raise ValueError(f"grpo.loss_agg={config.grpo.loss_agg!r}; expected one of {LOSS_AGGS}")
     rewards = rewards if rewards is not None else parse_rewards(config[k].rewards, f"{k}.rewards")
     reward_from = config.get("reward_from", "")  # (configs older than the key: none)
     if any(fn is None for _, fn, _ in rewards) != bool(reward_from):

@@ -1,9 +1,9 @@
 """GRPO's advantages and loss (pure functions; tests check them against the formulas).
 
 `group_advantages` (GRPO, Dr. GRPO, RLOO baselines), `overlong_penalty` (DAPO), `aggregate`
-(`grpo.loss_agg`: "seq" or "token"), `grpo_loss` (the clipped objective with a k3 KL to the
-reference; token or GSPO sequence importance ratios) and `grpo_loss_fn`, the loss the shared
-step trains. The objective is written out in alignment/grpo.py's docstring.
+(`grpo.loss_agg`: "seq", "token" or "constant"), `grpo_loss` (the clipped objective with a
+k3 KL to the reference; token or GSPO sequence importance ratios) and `grpo_loss_fn`, the loss
+the shared step trains. The objective is written out in alignment/grpo.py's docstring.
 """
 
 from __future__ import annotations
@@ -51,15 +51,17 @@ def overlong_penalty(lengths, max_new_tokens: int, buffer: int) -> np.ndarray:
     return np.clip((start - n) / buffer, -1.0, 0.0).astype(np.float32)
 
 
-LOSS_AGGS = ("seq", "token")  # grpo.loss_agg: `aggregate`'s
+LOSS_AGGS = ("seq", "token", "constant")  # grpo.loss_agg: `aggregate`'s
 
 
 def aggregate(x, mask, agg: str):
     """(mean, weight) of per-token values `x` (B, T) over `mask` by `grpo.loss_agg`: "seq" the
     mean over responses of each response's token mean (weight: responses with a token),
-    "token" the mean over all tokens (weight: tokens). The loss and every per-token metric
-    use it, so a metric means the same with any `grad_accum` (the step weighs micro-batches
-    by `weight`)."""
+    "token" the mean over all tokens (weight: tokens), "constant" the sum over all tokens
+    divided by rows × row length (weight: rows) — Dr. GRPO's constant normaliser in place of
+    1/|o_i|, so a long response's tokens weigh what a short one's do. The loss and every
+    per-token metric use it, so a metric means the same with any `grad_accum` (the step weighs
+    micro-batches by `weight`)."""
     if agg == "seq":
         n = jnp.sum(mask, axis=1)
         has = (n > 0).astype(jnp.float32)
@@ -67,7 +69,10 @@ def aggregate(x, mask, agg: str):
         return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0), jnp.sum(has)
     if agg == "token":
         return masked_mean(x, mask), jnp.sum(mask)
-    raise ValueError(f"grpo.loss_agg={agg!r}; expected seq | token")
+    if agg == "constant":
+        rows, length = mask.shape
+        return jnp.sum(x * mask) / (rows * length), jnp.asarray(rows, jnp.float32)
+    raise ValueError(f"grpo.loss_agg={agg!r}; expected one of {LOSS_AGGS}")
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="seq",

@@ -70,7 +70,8 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.group_size = group  # samples per prompt (G)
     c.rewards = "exact_match"  # name[:weight],...: alignment/grpo.py REWARDS or module:function
-    c.scale_by_std = True  # A = (r − mean)/std per group; False: r − mean (Dr. GRPO)
+    # A = (r − mean)/std per group; False: r − mean (Dr. GRPO, with loss_agg="constant")
+    c.scale_by_std = True
     # mean: the group's mean reward | loo: the mean of the *other* samples' (RLOO with
     # scale_by_std=False)
     c.baseline = "mean"
@@ -89,7 +90,9 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     # up to this many extra decoder calls per rollout draw more prompts; 0 = off
     c.dynamic_sampling = 0
     c.beta = 0.04  # weight >= 0 of the per-token KL (k3) to the reference (0: no KL term)
-    c.loss_agg = "seq"  # seq: mean over each response, then over responses | token: token mean
+    # seq: mean over each response, then over responses | token: token mean (DAPO) | constant:
+    # token sum / (rows × row length) (Dr. GRPO: no 1/|o_i|, so no response-length bias)
+    c.loss_agg = "seq"
     # a reasoning model's end-of-thinking marker (e.g. "</think>"): rewards judge the text after
     # it; a response without it gets rollout.empty_reward. "" = the whole response is judged
     c.reasoning_end = ""

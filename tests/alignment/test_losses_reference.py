@@ -561,10 +561,12 @@ def _grpo_loss_reference(logp, old, ref, adv, mask, clip, beta, agg, clip_high=0
         if terms:
             per_seq.append(sum(terms) / len(terms))  # 1/|o_i| Σ_t
         terms_all += terms
+    if agg == "constant":  # Dr. GRPO: Σ_i Σ_t over a constant, rows × row length
+        return sum(terms_all) / (logp.shape[0] * logp.shape[1])
     return (sum(per_seq) / len(per_seq)) if agg == "seq" else sum(terms_all) / len(terms_all)
 
 
-@pytest.mark.parametrize("agg", ["seq", "token"])
+@pytest.mark.parametrize("agg", ["seq", "token", "constant"])
 def test_grpo_loss_fn_from_logits_and_padding_rows(agg):
     rng = np.random.default_rng(10)
     B, T, clip, beta = 5, 11, 0.2, 0.04
@@ -595,14 +597,51 @@ def test_grpo_loss_fn_from_logits_and_padding_rows(agg):
     )
     np.testing.assert_allclose(float(loss), want, **TOL)
     np.testing.assert_allclose(float(m["pg_loss"]) + beta * float(m["kl"]), want, **TOL)
-    assert float(m["weight"]) == (4 if agg == "seq" else batch["loss_mask"].sum())
-    # More fully masked rows (skipped samples, padding) change nothing.
+    weight = {"seq": 4, "token": batch["loss_mask"].sum(), "constant": B}[agg]
+    assert float(m["weight"]) == weight
+    # More fully masked rows (skipped samples, padding) add nothing to the sum ("constant":
+    # they count in its rows, as Dr. GRPO's G counts every sample)
     pad = {k: np.concatenate([v, v[:2]]) for k, v in batch.items()}
     pad["loss_mask"][B:] = 0
     pad["advantages"][B:] = 1e3
     loss_p, m_p = fn(params, pad, None)
-    np.testing.assert_allclose(float(loss_p), float(loss), **TOL)
-    assert float(m_p["weight"]) == float(m["weight"])
+    scale = B / (B + 2) if agg == "constant" else 1.0
+    np.testing.assert_allclose(float(loss_p), float(loss) * scale, **TOL)
+    assert float(m_p["weight"]) == float(m["weight"]) + (2 if agg == "constant" else 0)
+
+
+def test_dr_grpo_gives_every_response_token_the_same_weight():
+    """Dr. GRPO (scale_by_std=False, loss_agg="constant"): a 2-token and an 8-token answer
+    with the same |advantage| get the same per-token gradient (with "seq", the paper's
+    1/|o_i|, the long wrong answer's tokens were pushed down a quarter as hard)."""
+    from flaxlm.alignment.grpo_loss import group_advantages, grpo_loss
+
+    adv = jnp.asarray(group_advantages(np.array([[1.0, 0.0, 1.0, 0.0]]), scale_by_std=False)[0])
+    mask = np.zeros((4, 8), np.float32)
+    mask[:2, :2] = 1
+    mask[2:, :8] = 1
+    lp = jnp.full((4, 8), -1.0)
+    for agg, long_over_short in (("seq", 0.25), ("constant", 1.0)):
+        g = jax.grad(lambda x, agg=agg: grpo_loss(x, lp, lp, adv, mask, clip=0.2, beta=0.0,
+                                                  agg=agg)[0])(lp)  # fmt: skip
+        np.testing.assert_allclose(float(g[3, 0] / g[1, 0]), long_over_short, rtol=1e-6)
+        np.testing.assert_allclose(float(g[2, 0] / g[0, 0]), long_over_short, rtol=1e-6)
+    # micro-batches weigh by their rows: grad_accum 2 gives the whole batch's loss and grads
+    from flaxlm.train.step import loss_and_grads
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(-1, 0.3, (4, 8)), jnp.float32)
+    batch = {"old": lp, "adv": adv, "mask": jnp.asarray(mask)}
+
+    def per_row(p, b, _):  # (x is per row: each micro-batch reads its own rows of it)
+        return grpo_loss(p["x"][b["row"]], b["old"], b["old"], b["adv"], b["mask"], clip=0.2,
+                         beta=0.0, agg="constant")  # fmt: skip
+
+    batch["row"] = jnp.arange(4)
+    whole = loss_and_grads({"x": x}, batch, None, per_row, 1)
+    accum = loss_and_grads({"x": x}, batch, jax.random.PRNGKey(0), per_row, 2)
+    np.testing.assert_allclose(float(accum[0]), float(whole[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(accum[2]["x"]), np.asarray(whole[2]["x"]), atol=1e-7)
 
 
 def test_grpo_rollout_advantages_and_masks():
