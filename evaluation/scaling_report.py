@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -230,11 +231,28 @@ def _jsonable(x):
     return x
 
 
+def _target_number(target: Mapping, key: str) -> float:
+    """target[key] as a finite positive number, or a ValueError naming the key (a bad N or D
+    gave a NaN prediction, a string float()'s bare message)."""
+    if key not in target:
+        raise ValueError(f"target: missing {key!r}")
+    try:
+        v = float(target[key])
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"target: {key!r} = {target[key]!r} is not a finite positive number")
+    return v
+
+
 def fit_warnings(fit: Mapping, intervals: Mapping, loss) -> list[str]:
     """What makes an L(N, D) fit untrustworthy even though it converged: E collapsed to ~0 (the
     runs do not pin the irreducible loss, and a bootstrap interval of E then looks exact), an
     exponent at a bound, a coefficient whose interval spans more than 100x."""
     out = []
+    if not fit.get("converged", True):  # (the bootstrap's bound warnings miss it at n_boot 0)
+        out.append("the L(N, D) fit did not converge (L-BFGS-B stopped short of an optimum): "
+                   "do not trust its parameters")  # fmt: skip
     if fit["E"] < 1e-6 * float(np.min(loss)):
         out.append(f"E = {fit['E']:.3g} collapsed to ~0: the runs do not constrain the "
                    "irreducible loss (its interval is not a measure of certainty)")  # fmt: skip
@@ -262,6 +280,8 @@ def power_law_warnings(power_laws: Mapping) -> list[str]:
     out = []
     for name, law in power_laws.items():
         a = law.get("alpha")
+        if a is not None and not law.get("converged", True):
+            out.append(f"L({name}): the fit did not converge: do not trust alpha = {a:.3g}")
         if a is not None and (a <= 1e-6 or a >= MAX_EXPONENT * (1 - 1e-6)):
             out.append(f"L({name}): alpha = {a:.3g} is at a bound (0 or {MAX_EXPONENT:g}) of "
                        f"the fit on {law.get('n_runs')} points ({law.get('fitted_on')}): "
@@ -364,10 +384,8 @@ def fit_report(
 
     point = None
     if target is not None:
-        for key in (n_key, "tokens"):
-            if key not in target:
-                raise ValueError(f"target: missing {key!r}")
-        point = (float(target[n_key]), float(target["tokens"]))
+        point = (_target_number(target, n_key), _target_number(target, "tokens"))
+        actual = _target_number(target, loss_key) if target.get(loss_key) is not None else None
     if n_boot > 0:
         boot = bootstrap_parametric(
             N, D, loss, predict_at=[point] if point else [], n_boot=n_boot, level=level, seed=seed
@@ -427,8 +445,7 @@ def fit_report(
         if n_boot > 0:
             ci = boot["predictions"][0]
             prediction.update(lo=ci["lo"], hi=ci["hi"])
-        if target.get(loss_key) is not None:
-            actual = float(target[loss_key])
+        if actual is not None:
             prediction.update(actual=actual, rel_error=pred / actual - 1.0)
         report["prediction"] = prediction
 
@@ -527,7 +544,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for d in report["dropped_runs"]:
         print(f"  left out (non-finite): {d}")
     print(f"{report['n_runs']} runs; L(N, D) = E + A/N^alpha + B/D^beta "
-          f"(rms log residual {fit['rms_log_residual']:.3g})")  # fmt: skip
+          f"(rms log residual {fit['rms_log_residual']:.3g}"
+          f"{'' if fit.get('converged', True) else '; NOT CONVERGED'})")  # fmt: skip
     for k in ("E", "A", "alpha", "B", "beta"):
         band = f"  [{ci[k]['lo']:.4g}, {ci[k]['hi']:.4g}]" if k in ci else ""
         print(f"  {k:<6} {fit[k]:.4g}{band}")

@@ -254,3 +254,36 @@ def test_fit_warnings_flag_a_collapsed_E_bounded_exponents_and_wide_intervals():
     assert len(warnings) == 3
     assert "E = 4e-13 collapsed" in warnings[0] and "alpha" in warnings[1] and "A's" in warnings[2]
     assert fit_warnings({**TRUE}, {}, np.array([2.0])) == []
+    # a fit that stopped short (n_boot 0 has no bootstrap bounds to warn instead)
+    unconverged = fit_warnings({**TRUE, "converged": False}, {}, np.array([2.0]))
+    assert unconverged == ["the L(N, D) fit did not converge (L-BFGS-B stopped short of an "
+                           "optimum): do not trust its parameters"]  # fmt: skip
+    from flaxlm.evaluation.scaling_report import power_law_warnings
+
+    laws = {"N": {"alpha": 0.3, "converged": False}, "D": {"alpha": 0.3, "converged": True}}
+    assert power_law_warnings(laws) == ["L(N): the fit did not converge: do not trust alpha = 0.3"]
+
+
+def test_bootstrap_counts_resamples_too_degenerate_to_fit_as_failed(monkeypatch):
+    """A 3 x 3 sweep: a resample with fewer than 3 distinct N or D (the table fit_report
+    refuses) is counted in n_failed, not refitted into a spuriously exact interval."""
+    from flaxlm.evaluation import scaling_bootstrap
+
+    N, D = (a.ravel() for a in np.meshgrid(np.geomspace(1e7, 1e9, 3), np.geomspace(3e8, 3e10, 3)))
+    noise = np.exp(0.01 * np.random.default_rng(0).standard_normal(9))
+    loss = predict_parametric(TRUE, N, D) * noise
+    fitted, real = [], scaling_bootstrap.fit_parametric
+
+    def counted(n, d, *a, **k):
+        fitted.append((n, d))
+        return real(n, d, *a, **k)
+
+    monkeypatch.setattr(scaling_bootstrap, "fit_parametric", counted)
+    boot = bootstrap_parametric(N, D, loss, n_boot=40, seed=0)
+    assert all(min(len(np.unique(n)), len(np.unique(d))) >= 3 for n, d in fitted)
+    degenerate = 0
+    rng = np.random.default_rng(0)
+    for _ in range(40):  # bootstrap's own resampling: the same draws
+        idx = rng.integers(0, 9, size=9)
+        degenerate += min(len(np.unique(N[idx])), len(np.unique(D[idx]))) < 3
+    assert boot["n_failed"] == degenerate > 0

@@ -86,3 +86,19 @@ def test_a_target_json_that_is_not_json_names_its_file(tmp_path):
     bad.write_text('{"tokens": \n')  # cut short
     with pytest.raises(SystemExit, match=re.escape(f"scaling_report: {bad}:2: invalid JSON")):
         report_main([str(root), "--n_boot", "0", "--target_json", str(bad)])
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("n_params_nonembed", "4e8x", "'n_params_nonembed' = '4e8x' is not a finite positive number"),
+    ("n_params_nonembed", -4e8, "'n_params_nonembed' = -400000000.0 is not a finite positive"),
+    ("tokens", None, "'tokens' = None is not a finite positive number"),
+    ("heldout_loss", "n/a", "'heldout_loss' = 'n/a' is not a finite positive number"),
+])  # fmt: skip
+def test_a_target_value_that_is_no_positive_number_names_its_key(tmp_path, field, value, why):
+    """(float()'s bare 'could not convert' without file or key; a negative N predicted NaN)"""
+    root = tmp_path / "sw"
+    _fake_sweep(root)
+    target = {"n_params_nonembed": 4e8, "tokens": 1e10, field: value}
+    (tmp_path / "t.json").write_text(json.dumps(target))
+    with pytest.raises(SystemExit, match=re.escape(f"scaling_report: target: {why}")):
+        report_main([str(root), "--n_boot", "0", "--target_json", str(tmp_path / "t.json")])
