@@ -5,7 +5,6 @@ guard) and per-step metrics; the same run over data=2 x fsdp=4 logs data=8's met
 float rounding. (GRPO, PPO, distillation and pretraining have their own resume tests.)"""
 
 import importlib
-import importlib.util
 import os
 import signal
 
@@ -16,12 +15,7 @@ import pytest
 from flaxlm.models.sharding import make_mesh
 from flaxlm.train import loop
 from flaxlm.train.metrics import read_metrics
-
-_spec = importlib.util.spec_from_file_location(
-    "rl_helpers", os.path.join(os.path.dirname(__file__), "rl_helpers.py")
-)
-H = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(H)
+from tests.alignment import rl_helpers as H
 
 
 @pytest.fixture(scope="module")
