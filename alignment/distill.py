@@ -390,7 +390,8 @@ def _text_tokenizer_path(config, init_meta: dict) -> str:
     teacher = config.distill.teacher
     # (an "hf:DIR" init_from has no run meta: its own tokenizer is the directory's; skipping it
     # took the teacher's, and compared the teacher's with itself)
-    own = common.source_tokenizer_path(config.init_from) if config.init_from else ""
+    hf_dir = config.init_from.startswith(common.HF_PREFIX)
+    own = common.source_tokenizer_path(config.init_from) if hf_dir else init_meta.get("tokenizer")
     path = config.data.tokenizer or own or common.source_tokenizer_path(teacher)
     if not path:
         sources = f"distill.teacher={teacher}" + (
