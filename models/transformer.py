@@ -12,8 +12,11 @@ Call: `Transformer(cfg).apply({"params": p}, tokens, positions, segment_ids, cac
 `Transformer.backbone` returns the final normed hidden states (B, T, D) instead of logits (used
 by the reward model and critic heads, which never need the vocabulary projection).
 
-Layers are unrolled or `nn.scan`-ned (`cfg.scan_layers`), optionally rematerialised with a named
-policy (`cfg.remat_policy`):
+Layers are unrolled or `nn.scan`-ned (`cfg.scan_layers`). The two layouts hold the same model
+(`stack_layers` / `unstack_layers` convert a checkpoint) but draw different initial weights from
+one seed (scan splits the layer rng, unrolled layers fold in their names), so a scan-vs-unrolled
+comparison from scratch differs by the init, not only by rounding. Either way, layers can be
+rematerialised with a named policy (`cfg.remat_policy`):
     none           keep every activation (fastest, most memory)
     full           keep only block inputs, recompute everything in the backward pass
     dots           keep all matmul outputs (jax checkpoint_dots)
