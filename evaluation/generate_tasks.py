@@ -38,6 +38,7 @@ import inspect
 import logging
 import re
 import string
+import unicodedata
 from collections.abc import Callable, Sequence
 
 import jax
@@ -57,6 +58,9 @@ _PUNCT = re.escape(string.punctuation)
 # A comma or space between a digit and a group of exactly three digits: a thousands separator
 # ("12,345", "1 234 567"; also no-break and thin spaces). "1 2" or "1,2" keep theirs.
 _THOUSANDS = re.compile(r"(?<=\d)[, \u00a0\u2009\u202f](?=\d{3}(?!\d))")
+# What is left must be a plain decimal: `Decimal` alone would also take "1_2" (PEP 515
+# underscores) as 12, letting a separator the rule above refuses through.
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def normalize_answer(text: str, mode: str = "basic") -> str:
@@ -64,19 +68,17 @@ def normalize_answer(text: str, mode: str = "basic") -> str:
     too); basic: lower case, single spaces, no outer punctuation (so "-3" and "3"
     agree, as in SQuAD-style normalisation); number: the exact decimal value without thousands
     separators (a comma or space before each group of three digits: "12 345" and "1,234" are
-    numbers, "1 2" is not) or currency, integral values as integers ("1,000.0" → "1000", "2.50"
+    numbers, "1 2" and "1_2" are not) or currency signs ("$", "€", any Unicode Sc), integral values as integers ("1,000.0" → "1000", "2.50"
     → "2.5"), compared exactly (decimal, not float: 9007199254740993 is not 9007199254740992);
     text that is not a finite number falls back to basic."""
     if mode == "none":
         return text.strip()
     if mode == "number":
-        num = _THOUSANDS.sub("", text.replace("$", "").strip()).rstrip(".")
-        try:
-            x = decimal.Decimal(num)
-        except decimal.InvalidOperation:
+        unsigned = "".join(c for c in text if unicodedata.category(c) != "Sc")
+        num = _THOUSANDS.sub("", unsigned.strip()).rstrip(".")
+        if not _DECIMAL.fullmatch(num):  # (so also no "NaN" or "Infinity")
             return normalize_answer(text, "basic")
-        if not x.is_finite():
-            return normalize_answer(text, "basic")
+        x = decimal.Decimal(num)
         if x == 0:
             return "0"
         digits = max(1, len(x.as_tuple().digits))  # normalize at full precision: exact

@@ -34,12 +34,15 @@ def test_none_strips_the_gold_and_number_keeps_spaces_that_separate_no_thousands
         assert G.score_response(none, {"answer": gold}, "Paris") == {"exact_match": 1.0}, gold
     assert G.score_response(none, {"answer": "paris"}, "Paris") == {"exact_match": 0.0}
     num = none.replace(normalize="number")
-    for response in ("1 2", "1,2", "12 34", "1,2345"):
+    for response in ("1 2", "1,2", "12 34", "1,2345", "1_2"):  # ("1_2": Decimal's PEP 515)
         assert G.score_response(num, {"answer": "12"}, response)["exact_match"] == 0.0, response
         assert G.normalize_answer(response, "number") == response  # not a number: basic
     for response, gold in [("12 345", "12345"), ("1,234", "1234"), ("1 234 567.5", "1234567.5"),
-                           ("$ 1,000", "1000"), ("12\u202f345", "12345")]:  # fmt: skip
+                           ("$ 1,000", "1000"), ("12\u202f345", "12345"), ("€5", "5"),
+                           ("£1,000.50", "1000.5"), ("-2.5e1", "-25")]:  # fmt: skip
         assert G.score_response(num, {"answer": gold}, response)["exact_match"] == 1.0, response
+    for text in ("NaN", "Infinity", "1_000", "0x10"):  # not numbers: basic, as the docstring says
+        assert G.normalize_answer(text, "number") == G.normalize_answer(text, "basic"), text
 
 
 def test_score_response_exact_regex_judge():
