@@ -1,7 +1,9 @@
 """The word-list ("toxic") filter: bundled and user word lists, matched as whole words.
 
 Entries of spaced scripts match whole words (a letter, then letters and combining marks), so
-benign words containing an entry are not hits, and multi-word entries match as phrases; CJK
+benign words containing an entry are not hits, and multi-word entries match as phrases;
+entries spelled with digits or symbols ("a55", "b!tch", "a_s_s", common in public lists)
+match whitespace-separated tokens that are spelled the same (``_spelled_tokens``); CJK
 entries match as substrings, with '!' exceptions for benign words that contain one
 (``load_word_list``). Words of text and entries are compared case-folded, in NFKC, without the
 optional Arabic and Hebrew vowel marks (``_match_words``), so look-alike letters (full-width,
@@ -103,6 +105,36 @@ def _match_words(text: str) -> list[str]:
     return words
 
 
+def _is_outer_punct(c: str) -> bool:
+    return unicodedata.category(c)[0] == "P"
+
+
+def _spelled_tokens(text: str) -> list[str]:
+    """The whitespace-separated tokens of a text or an entry, case-folded, in NFKC, without
+    optional marks and outer punctuation ("B!TCH!" → "b!tch"): how entries spelled with digits
+    or symbols are matched. Split into letter runs, "a55" was the word "a" (so the article hit
+    in nearly every English text) and "b!tch" the phrase ("b", "tch")."""
+    text = _OPTIONAL_MARKS_RE.sub("", unicodedata.normalize("NFKC", text.casefold()))
+    tokens = []
+    for t in text.split():
+        i, j = 0, len(t)
+        while i < j and _is_outer_punct(t[i]):
+            i += 1
+        while j > i and _is_outer_punct(t[j - 1]):
+            j -= 1
+        if i < j:
+            tokens.append(t[i:j])
+    return tokens
+
+
+def _is_spelled(tokens: list[str]) -> bool:
+    """Whether an entry's tokens hold a character that is not a letter, a mark, a hyphen or an
+    apostrophe (so that ``_match_words`` would drop it)."""
+    return any(
+        not (unicodedata.category(c)[0] in "LM" or c in "-'’") for t in tokens for c in t
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class WordList:
     """A loaded word list (``load_word_list``).
@@ -110,13 +142,15 @@ class WordList:
     ``words``: one-word entries of spaced scripts; ``phrases``: longer ones as tuples of their
     words (``_match_words``; "son of a" and "son-of-a" are the same 3-tuple), by first word.
     ``cjk``: a regex of CJK entries and exceptions, longest first; ``allowed``: the exceptions
-    it may match, which count 0.
+    it may match, which count 0. ``spelled``: entries spelled with digits or symbols, as tuples
+    of their ``_spelled_tokens``, by first token.
     """
 
     words: frozenset
     phrases: dict
     cjk: re.Pattern | None
     allowed: frozenset
+    spelled: dict = dataclasses.field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,7 +165,9 @@ def load_word_list(spec: str) -> WordList:
     substrings, which also hits benign words that contain them (the Scunthorpe problem: 傻瓜 in
     傻瓜相机, a point-and-shoot camera); a line ``!傻瓜相机`` names such a word, and an exception
     that contains an entry and starts at or before it hides that occurrence. ('!' lines of spaced
-    scripts are ignored: whole-word matching needs none.)
+    scripts are ignored: whole-word matching needs none.) An entry spelled with a digit or a
+    symbol inside ("a55", "5h1t", "b!tch", "a_s_s") matches tokens spelled the same
+    (``_spelled_tokens``: split at whitespace, outer punctuation dropped), never its letter runs.
     """
     if not spec:
         return WordList(frozenset(), {}, None, frozenset())
@@ -141,6 +177,7 @@ def load_word_list(spec: str) -> WordList:
     phrases: set[tuple[str, ...]] = set()
     cjk: set[str] = set()
     allowed: set[str] = set()
+    spelled: dict[str, set] = {}
     for path in ",".join(paths).split(","):
         with open(path.strip(), encoding="utf-8") as f:
             for line in f:
@@ -149,6 +186,8 @@ def load_word_list(spec: str) -> WordList:
                 w = w.removeprefix("!").strip()
                 if w and _CJK_RE.search(w):
                     (allowed if exception else cjk).add(w.lower())
+                elif w and not exception and _is_spelled(tokens := _spelled_tokens(w)):
+                    spelled.setdefault(tokens[0], set()).add(tuple(tokens))
                 elif w and not exception and (entry := tuple(_match_words(w))):
                     phrases.add(entry)
     alts = sorted(cjk | allowed, key=lambda x: (-len(x), x))
@@ -158,7 +197,7 @@ def load_word_list(spec: str) -> WordList:
     for p in phrases:
         if len(p) > 1:
             by_first.setdefault(p[0], set()).add(p)
-    return WordList(words, by_first, rx, frozenset(allowed - cjk))
+    return WordList(words, by_first, rx, frozenset(allowed - cjk), spelled)
 
 
 def toxic_hits(text: str, spec: str = "default") -> int:
@@ -170,6 +209,10 @@ def toxic_hits(text: str, spec: str = "default") -> int:
         hits += sum(1 for w in words if w in wl.words)
         for i, w in enumerate(words) if wl.phrases else ():
             hits += sum(tuple(words[i : i + len(p)]) == p for p in wl.phrases.get(w, ()))
+    if wl.spelled:
+        tokens = _spelled_tokens(text)
+        for i, t in enumerate(tokens):
+            hits += sum(tuple(tokens[i : i + len(p)]) == p for p in wl.spelled.get(t, ()))
     if wl.cjk is not None:
         hits += sum(1 for m in wl.cjk.finditer(text) if m.group() not in wl.allowed)
     return hits

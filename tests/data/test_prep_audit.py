@@ -385,6 +385,20 @@ def test_multi_word_entries_match(tmp_path):
     assert clean.toxic_hits("傻瓜相机", f"default,{spec}") == 0
 
 
+def test_entries_spelled_with_digits_or_symbols_match_only_themselves(tmp_path):
+    """Public lists spell entries with digits and symbols; split into letter runs, "a55" was
+    the word "a" (every English text was toxic) and "b!tch" the phrase ("b", "tch")."""
+    lst = tmp_path / "list.txt"
+    lst.write_text("4r5e\n5h1t\na55\na_s_s\nb!tch\nb00bs\nbastard\nsh!t head\n")
+    spec = str(lst)
+    benign = "It was a sunny day at 8 a.m.; b tch, r e and the h t came. A bastardised form."
+    assert clean.toxic_hits(benign, spec) == 0
+    assert decide(benign, loose(toxic_lists=spec)) is None
+    toxic = "You A55! What 5h1t, a_s_s and (b!tch). B00BS? Sh!t   Head. a bastard"
+    assert clean.toxic_hits(toxic, spec) == 7
+    assert clean.toxic_hits("ａ５５ b!tchy xa55 a55a", spec) == 1  # full-width is NFKC; whole tokens
+
+
 # ---------------------------------------------------------------------------------------------
 # Readers: every record in the output or in one reason, named file:line.
 
