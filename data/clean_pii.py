@@ -9,7 +9,8 @@ in any grouping), and other 2-4 + 3-4 + 3-4 digit groups. Digit groups are ambig
 and "12.345.678" (thousands separators) and three 4-digit years in a row ("1999 2000 2001") are
 redacted as phones; national numbers written in pairs without '+' ("01 23 45 67 89") are not. An
 extension after a number ("555-123-4567x89", "... ext. 89") is redacted with it, and so is a
-trunk prefix after the country code ("+41 (0)44 668 18 00").
+trunk prefix or an area code in parentheses after the country code ("+41 (0)44 668 18 00",
+"+7 (495) 123-45-67").
 IPv4 addresses are four dotted numbers of 0-255, unless a version or section word comes right
 before ("version 1.2.3.4", "v1.2.3.4", "Chapter 10.1.1.1", "§ 4.1.2.3"); otherwise a four-part
 version is ambiguous and redacted ("Python 3.12.0.1" → "Python <IP>"). IPv6 addresses with
@@ -65,12 +66,13 @@ _NUMERIC = [  # (kind, pattern), tried in this order at each position
     ),
     # International numbers in any grouping ("+33 1 23 45 67 89", "+91 98765 43210"): a '+', then
     # 8 to 15 digits (E.164's limit) with single separators. The trunk prefix may follow the
-    # country code in parentheses ("+41 (0)44 668 18 00", 7-13 digits after it): it stopped the
-    # match, and "+44 (0)20 7946 0958" became "+44 (0)<PHONE>" (the country code left in the
-    # text).
+    # country code in parentheses ("+41 (0)44 668 18 00"), and so may the area code ("+7 (495)
+    # 123-45-67", "+55 (11) 91234-5678"; 6-13 digits after it): they stopped the match, and
+    # "+44 (0)20 7946 0958" became "+44 (0)<PHONE>" (the country code left in the text), and the
+    # bracketed area codes of Russia, Brazil, Ukraine or Turkey left the whole number.
     (
         "PHONE",
-        r"(?<![\dA-Za-z+])\+(?:[1-9]\d{0,2}[ .-]?\(0\)[ .-]?\d(?:[ .-]?\d){6,12}"
+        r"(?<![\dA-Za-z+])\+(?:[1-9]\d{0,2}[ .-]?\(\d{1,4}\)[ .-]?\d(?:[ .-]?\d){5,12}"
         r"|[1-9](?:[ .-]?\d){7,14})" + _EXT + r"(?![\dA-Za-z]|[ .-]\d)",
     ),
 ]
@@ -82,11 +84,16 @@ _CARD_AT = next(i for i, (k, _) in enumerate(_NUMERIC) if k == "CARD")
 # (combining accents U+0300-036F count: NFD text), never inside it; one class there, so the scan
 # tries each word once. CJK is not part of an address: in Chinese text nothing separates it from
 # the words before it ("我的邮箱是zhangsan@qq.com"; redact_pii keeps the run's text up to its last
-# CJK character), and a CJK top-level domain would take in the words after it.
+# CJK character), and a CJK top-level domain would take in the words after it. An apostrophe
+# inside the local part is part of it ("patrick.o'neill@..."; it left "patrick.o'" in the
+# text), a quote before or after the address is not. (The lookahead first asks for an '@' after
+# the run: else each word's run was backtracked through the apostrophe group, 2x the scan time.)
 _EMAIL_CH = "\\w.%+\u0300-\u036f-"
 _EMAIL_LABEL = rf"(?:[^\W_{_CJK}]|[\u0300-\u036f-])+"
 _EMAIL = (
-    rf"(?<![{_EMAIL_CH}])[{_EMAIL_CH}]+@{_EMAIL_LABEL}(?:\.{_EMAIL_LABEL})*"
+    rf"(?<![{_EMAIL_CH}])(?=[{_EMAIL_CH}'\u2019]*@)[{_EMAIL_CH}]+(?:['\u2019][{_EMAIL_CH}]+)*"
+    rf"@{_EMAIL_LABEL}"
+    rf"(?:\.{_EMAIL_LABEL})*"
     rf"\.[^\W\d_{_CJK}]{{2,}}"
 )
 _CJK_PREFIX_RE = re.compile(rf".*[{_CJK}]")  # an EMAIL match's text up to its last CJK character

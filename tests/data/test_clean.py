@@ -200,6 +200,10 @@ def test_pii_leaves_ordinary_numbers():
         ("Write to müller@firma.de today.", "Write to <EMAIL> today."),
         ("Write to john@münchen.de today.", "Write to <EMAIL> today."),
         ("我的邮箱是zhangsan@qq.com，谢谢。", "我的邮箱是<EMAIL>，谢谢。"),  # CJK: not the address
+        # An apostrophe inside the local part: "patrick.o'" was left in the text.
+        ("Email patrick.o'neill@company.com today", "Email <EMAIL> today"),
+        ("Mail: d'angelo.maria@uni.it, mary.o\u2019brien@corp.ie", "Mail: <EMAIL>, <EMAIL>"),
+        ("Quoted: 'bob@example.com' isn't it", "Quoted: '<EMAIL>' isn't it"),
         # An IPv4 address as the last 32 bits: "::ffff:192" was matched ("<IP>.168.1.1").
         ("Reach me on ::ffff:192.168.1.1 now", "Reach me on <IP> now"),
         ("nat64 64:ff9b::192.0.2.33 and 0:0:0:0:0:ffff:10.0.0.1", "nat64 <IP> and <IP>"),

@@ -29,6 +29,10 @@ EN = (
         ("Tel. +41 (0)44 668 18 00", "Tel. <PHONE>"),
         ("Tel +33 (0)1 23 45 67 89", "Tel <PHONE>"),
         ("Tel. +44 (0)20 7946 0958.", "Tel. <PHONE>."),
+        # A bracketed area code after the country code: the whole number was left.
+        ("Tel. +7 (495) 123-45-67.", "Tel. <PHONE>."),
+        ("Tel +55 (11) 91234-5678 or +380 (44) 123-45-67", "Tel <PHONE> or <PHONE>"),
+        ("Tel +90 (212) 123 45 67, +1 (415) 555 26 71", "Tel <PHONE>, <PHONE>"),
         # Bracketed IPv6 addresses in URLs are still addresses.
         ("open http://[2001:db8::1]:8080/ now", "open http://[<IP>]:8080/ now"),
         ("peer [fe80::1] up", "peer [<IP>] up"),
