@@ -13,7 +13,11 @@ of spaced scripts, so benign words containing an entry are not hits, and CJK ent
 substrings, with '!' exceptions for benign words that contain one (``load_word_list``).
 
 Text without spaces (Chinese, Japanese, Korean) is handled by counting each CJK character as one
-word: "word" counts, n-gram repetition and stop words then mean the same thing in both scripts.
+word, so word counts and thresholds (``min_words``) count characters there. A word of these
+scripts is one to two characters, so the n-gram repetition rules (Gopher's n words) are applied
+to n-grams of round(n × ``cjk_chars_per_word``) characters where the dominant script is CJK:
+measured on single characters, ordinary repeated terms (国务院, 委员会) took a passage of the
+Chinese constitution over the 5-gram limit that its English translation passed.
 Mean word length is measured on non-CJK words only (a CJK "word" is one character by construction).
 The language check is a script check (Han, Latin, Cyrillic, ...: the script with the most words,
 each word counted for the script of most of its letters) plus stop words, English for Latin text
@@ -32,6 +36,7 @@ scripts), ``clean_stats`` (``DocStats``), ``clean_wordlist`` (the word-list filt
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections import Counter
 
 import ml_collections
@@ -76,6 +81,9 @@ def clean_config() -> ml_collections.ConfigDict:
     c.max_top_ngram_char_frac = (0.20, 0.18, 0.16)
     # Characters covered by any repeated n-gram, for n = 5..10 (Gopher: .15 down to .10).
     c.max_dup_ngram_char_frac = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)
+    # Where the dominant script is han, kana or hangul, the n-gram rules above read n words as
+    # round(n × this) characters (a Chinese word is about 1.5 characters); 1 = one per character.
+    c.cjk_chars_per_word = 1.5
     c.min_alpha_words = 0.8  # fraction of words with a letter (CJK counts) below → "alpha_ratio"
     # Distinct stop words of the detected language below → "stop_words". The language is the
     # script's: all Latin-script text is checked against the English list, so with the default
@@ -91,6 +99,9 @@ def clean_config() -> ml_collections.ConfigDict:
     c.strip_boilerplate_lines = True
     c.max_boilerplate_char_frac = 0.5  # stripped lines held more of the text → "boilerplate"
     return c
+
+
+_CJK_SCRIPTS = ("han", "kana", "hangul")  # scripts whose characters are words (_WORD_RE)
 
 
 def first_failure(s: DocStats, c: ml_collections.ConfigDict) -> str | None:
@@ -124,8 +135,9 @@ def first_failure(s: DocStats, c: ml_collections.ConfigDict) -> str | None:
         or para_chars > c.max_dup_para_char_frac
     ):
         return "repetition"
-    top_ns = range(2, 2 + len(c.max_top_ngram_char_frac))
-    dup_ns = range(5, 5 + len(c.max_dup_ngram_char_frac))
+    per_word = c.cjk_chars_per_word if s.script in _CJK_SCRIPTS else 1
+    top_ns = [int(n * per_word + 0.5) for n in range(2, 2 + len(c.max_top_ngram_char_frac))]
+    dup_ns = [int(n * per_word + 0.5) for n in range(5, 5 + len(c.max_dup_ngram_char_frac))]
     tops, dups = _ngram_fracs(s.words, tuple(top_ns), tuple(dup_ns))
     if any(f > t for f, t in zip(tops, c.max_top_ngram_char_frac)) or any(
         f > t for f, t in zip(dups, c.max_dup_ngram_char_frac)
@@ -161,6 +173,10 @@ class Cleaner:
         unknown = sorted(set(self.cfg.scripts) - set(_SCRIPTS))
         if unknown:
             raise ValueError(f"clean.scripts: unknown {unknown} (known: {sorted(_SCRIPTS)})")
+        per_word = self.cfg.cjk_chars_per_word
+        if isinstance(per_word, bool) or not isinstance(per_word, numbers.Real) or per_word < 1:
+            # (below 1, two rules' n-grams could round to one size)
+            raise ValueError(f"clean.cjk_chars_per_word={per_word!r}: a number >= 1 expected")
 
     def __call__(self, text: str, loc: str = "") -> str | None:
         self.seen += 1

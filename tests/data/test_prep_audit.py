@@ -171,6 +171,47 @@ def test_each_rule_passes_at_its_own_statistic_and_fails_just_past_it():
     assert min(checked.values()) == 60, checked
 
 
+def test_cjk_ngram_rules_count_words_as_characters_per_word():
+    """Gopher's n-gram rules count n words; a CJK document's words are its characters, so they
+    were applied to 5-character n-grams, and terms repeated as often as in English (国务院统一)
+    failed the 5-gram limit. Rule n now reads int(n × cjk_chars_per_word + 0.5) characters."""
+    rng = random.Random(0)
+    han = [chr(0x4E00 + i) for i in range(3000)]
+    term = "国务院统一"  # a repeated 5-character term, ~2-3 words
+    parts = []
+    for _ in range(12):
+        parts += [term] + rng.sample(han, 20)
+    text = "".join(parts)  # 300 characters, the term's 12 copies = 20% of them
+
+    def dup_cover(text, n):  # brute force: characters inside any occurrence of a repeated n-gram
+        grams = [text[i : i + n] for i in range(len(text) - n + 1)]
+        count = collections.Counter(grams)
+        covered = {j for i, g in enumerate(grams) if count[g] > 1 for j in range(i, i + n)}
+        return Fraction(len(covered), len(text))
+
+    assert dup_cover(text, 5) == Fraction(1, 5) and dup_cover(text, 8) == 0  # (random 20-grams)
+    default = clean.clean_config().max_dup_ngram_char_frac
+    assert decide(text, loose(max_dup_ngram_char_frac=default)) is None  # rule 5 reads 8 chars
+    per_char = loose(max_dup_ngram_char_frac=default, cjk_chars_per_word=1)
+    assert decide(text, per_char) == "repetition"  # 0.2 > 0.15 on 5 characters
+    # The scaled sizes, exactly: rule 5 at 2.0 characters per word reads 10-grams; a threshold
+    # at their coverage passes, the float below it fails.
+    text = "".join(
+        "".join(rng.sample(han, 7) + [term + term] + rng.sample(han, 9) + [term] * (i % 2))
+        for i in range(4)
+    )
+    cover = float(dup_cover(text, 10))
+    assert 0 < cover < float(dup_cover(text, 5))
+    for frac, expect in [(cover, None), (float(np.nextafter(cover, -np.inf)), "repetition")]:
+        cfg = loose(max_dup_ngram_char_frac=(frac,) + (1e9,) * 5, cjk_chars_per_word=2.0)
+        assert decide(text, cfg) == expect
+    # English is untouched by the setting, and a setting below 1 is refused by name.
+    english = " ".join(distinct_words(60))
+    assert decide(english, loose(cjk_chars_per_word=3.0)) is None
+    with pytest.raises(ValueError, match="clean.cjk_chars_per_word"):
+        clean.Cleaner(loose(cjk_chars_per_word=0.5))
+
+
 def distinct_words(n, length=5):
     letters = string.ascii_lowercase
     out = ("".join(p) for p in itertools.product(letters, repeat=length))
