@@ -27,8 +27,8 @@ import jax
 import matplotlib.pyplot as plt
 import numpy as np
 
-from flaxlm.data.tokenizer import Tokenizer
 from flaxlm.models.decode import generate_text
+from flaxlm.models.hf_tokenizer import load_tokenizer
 from flaxlm.models.sharding import logical_axis_rules, make_mesh
 from flaxlm.models.transformer import Transformer, unstack_layers
 from flaxlm.train.checkpoint import load_model
@@ -43,7 +43,8 @@ print("run:", os.path.abspath(RUN_DIR), "| devices:", jax.device_count())""",
         """mesh = make_mesh({"fsdp": -1})
 rules = logical_axis_rules("fsdp")
 cfg, params, meta = load_model(RUN_DIR, mesh=mesh, rules=rules)
-tokenizer = Tokenizer.load(meta["tokenizer"]) if meta.get("tokenizer") else None
+# SentencePiece (.model) or an imported HF tokenizer.json: load_tokenizer reads either.
+tokenizer = load_tokenizer(meta["tokenizer"]) if meta.get("tokenizer") else None
 print(f"task={meta['task']}  params={cfg.param_counts()['total']:,}")
 print(cfg)""",
     ),

@@ -1,6 +1,8 @@
 """notebooks/inspect.ipynb executes top to bottom against a tiny run, so it never rots."""
 
+import json
 import os
+import shutil
 
 import nbformat
 from nbclient import NotebookClient
@@ -55,11 +57,36 @@ def test_inspect_notebook_runs(tmp_path, monkeypatch):
     assert len(images) == 2  # attention map and loss curve
 
 
-def test_inspect_notebook_runs_on_a_run_without_metrics(tmp_path, monkeypatch):
+def test_inspect_notebook_runs_on_an_hf_import(tmp_path, monkeypatch):
     """A run made by `hf import` has a checkpoint but no metrics.jsonl: the loss-curve cell
-    failed with FileNotFoundError and stopped the notebook. It now says so and skips."""
-    run = _train(tmp_path, steps=1, eval_every=0)
-    os.remove(run / "metrics.jsonl")
+    failed with FileNotFoundError and stopped the notebook; it now says so and skips. Its
+    tokenizer is the model's tokenizer.json, which the load cell read as SentencePiece (a
+    ValueError, "not a SentencePiece model"): it is loaded as generation loads it now."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from flaxlm.models import hf
+
+    src = tmp_path / "src"
+    shutil.copytree(os.path.join(REPO, "tests", "fixtures", "hf", "qwen2"), src)
+    words = ["<unk>", "<|endoftext|>", "Once", "upon", "a", "time"] + [f"w{i}" for i in range(40)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(words[:2])
+    tok.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": None})
+    )
+    run = tmp_path / "run"
+    hf.main(["import", str(src), str(run)])
+    assert not (run / "metrics.jsonl").exists()
     nb = _execute(run, tmp_path, monkeypatch)
+    text = "\n".join(
+        o.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+    )
+    assert "'Once upon a time' →" in text  # generation with the imported tokenizer
+    assert "rows sum to 1: True | causal: True" in text
     last = nb.cells[-1].get("outputs", [])
     assert "no metrics.jsonl (imported, not trained here)" in last[0]["text"]
