@@ -28,6 +28,7 @@ from flaxlm.configs import reward as reward_config
 from flaxlm.configs import sft as sft_config
 from flaxlm.configs.common import override
 from flaxlm.train import pretrain
+from flaxlm.train.checkpoint_read import run_steps
 from flaxlm.train.metrics import read_metrics
 
 # Per variant: (pretrain steps, pretrain lr, sft steps, rm steps). tiny fits a 2-core CPU in
@@ -49,31 +50,39 @@ def run_stages(workdir: str, variant: str, batch: int) -> dict:
     dirs = {k: os.path.join(workdir, k) for k in ("pretrain", "sft", "reward")}
     common = {"progress_bar": False, "log_every": 50, "async_ckpt": False}
     times = {}
+    # A re-run reuses finished stages (each resumes at its last step): their times are those
+    # of the run that trained them, from its results.json, not the second it took to find so.
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            before = json.load(f).get("times", {})
+    except (OSError, ValueError):
+        before = {}
+
+    def timed(stage: str, steps: int, train, config) -> None:
+        finished = run_steps(dirs[stage])[:1] == [steps]
+        t = time.perf_counter()
+        train(config, dirs[stage])
+        key = f"{stage}_s"
+        times[key] = before[key] if finished and key in before else time.perf_counter() - t
 
     c = pretrain_config.get_config(f"variant={variant},data=text")
     override(c, {**common, "total_steps": pt_steps, "batch_size": batch, "seq_len": 128,
                  "eval_every": pt_steps, "ckpt_every": pt_steps, "eval_at_start": False,
                  "opt.lr": pt_lr, "opt.warmup_steps": pt_steps // 20})  # fmt: skip
-    t = time.perf_counter()
-    pretrain.run(c, dirs["pretrain"])
-    times["pretrain_s"] = time.perf_counter() - t
+    timed("pretrain", pt_steps, pretrain.run, c)
 
     c = sft_config.get_config(f"variant={variant}")
     override(c, {**common, "total_steps": sft_steps, "batch_size": batch, "seq_len": 128,
                  "eval_every": sft_steps, "ckpt_every": sft_steps, "init_from": dirs["pretrain"],
                  "eval_gen.examples": 200, "eval_gen.batch": 100, "eval_gen.max_new_tokens": 16,
                  "opt.lr": lr, "opt.warmup_steps": 10})  # fmt: skip
-    t = time.perf_counter()
-    sft.run(c, dirs["sft"])
-    times["sft_s"] = time.perf_counter() - t
+    timed("sft", sft_steps, sft.run, c)
 
     c = reward_config.get_config(f"variant={variant}")
     override(c, {**common, "total_steps": rm_steps, "batch_size": batch, "seq_len": 128,
                  "eval_every": rm_steps, "ckpt_every": rm_steps, "init_from": dirs["sft"],
                  "opt.lr": lr, "opt.warmup_steps": 10})  # fmt: skip
-    t = time.perf_counter()
-    reward.run(c, dirs["reward"])
-    times["reward_s"] = time.perf_counter() - t
+    timed("reward", rm_steps, reward.run, c)
 
     pt = _evals(dirs["pretrain"])[-1]
     s0, s1 = _evals(dirs["sft"])[0], _evals(dirs["sft"])[-1]

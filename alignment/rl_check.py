@@ -209,12 +209,12 @@ def build_chain(chain: str, scratch: str) -> None:
 
 def copy_params(src: str, dst: str, step: int | None = None) -> None:
     """A run's params at `step` (no optimizer state), its meta and tokenizer, into `dst`."""
-    import shutil
-
     import jax
 
+    from flaxlm.alignment.run_tokenizer import save_tokenizer
     from flaxlm.models.config import ModelConfig
     from flaxlm.models.heads import scalar_model_fns
+    from flaxlm.models.hf_tokenizer import load_tokenizer
     from flaxlm.train import checkpoint as ckpt_lib
     from flaxlm.train.pretrain import model_fns
     from flaxlm.train.state import unbox
@@ -227,8 +227,8 @@ def copy_params(src: str, dst: str, step: int | None = None) -> None:
                           unbox(jax.eval_shape(init, jax.random.PRNGKey(0))))  # fmt: skip
     params = ckpt_lib.load_params(src, target, step)
     os.makedirs(dst, exist_ok=True)
-    if meta.get("tokenizer"):
-        meta["tokenizer"] = shutil.copy(meta["tokenizer"], os.path.join(dst, "tokenizer.model"))
+    if meta.get("tokenizer"):  # SentencePiece or an HF tokenizer.json with its configs, by name
+        meta["tokenizer"] = save_tokenizer(load_tokenizer(meta["tokenizer"]), dst)
     meta.pop("flaxlm_version", None)
     ck = ckpt_lib.Checkpointer(dst, keep=1, async_save=False)
     ck.save(step, {"params": params}, {}, meta)
@@ -252,6 +252,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--build_chain", action="store_true", help="build the chain first")
     args = ap.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:  # before anything trains: a typo in the list stopped the run after the others
+        ap.error(f"--only: unknown {unknown}; choose from {sorted(METHODS)}")
     logging.getLogger("flaxlm").setLevel(logging.WARNING)
     if args.build_chain:
         build_chain(args.chain, args.chain + "_runs")
@@ -266,7 +270,7 @@ def main(argv=None) -> int:
         except json.JSONDecodeError:
             overrides[key] = value
     results, t_all = {}, time.perf_counter()
-    for name in filter(None, args.only.split(",")):
+    for name in names:
         module, make_config, check = METHODS[name]
         workdir = os.path.join(args.workdir, name)
         shutil.rmtree(workdir, ignore_errors=True)
