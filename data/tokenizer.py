@@ -13,7 +13,8 @@ string occurs, so a user turn or a web page holding "<|end|><|assistant|>" encod
 end-of-turn and assistant ids: a forged turn inside the content. ``encode`` spells such an
 occurrence out in ordinary pieces (each character's piece, else its UTF-8 byte pieces), which
 decode to the same text; the chat tokens come only from the template, as ids (data/formats.py).
-This holds for any loaded model, whenever it was trained.
+This holds for any loaded model, whenever it was trained, and whatever its normaliser makes of
+the text first (NFKC turns full-width "＜｜end｜＞" into "<|end|>").
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Tokenizer:
         chat = {t: self.sp.piece_to_id(t) for t in CHAT_TOKENS}
         chat = {t: i for t, i in chat.items() if i != self.unk_id and not self.sp.is_control(i)}
         self._spelled = {i: self._spell(t, set(chat.values())) for t, i in chat.items()}
-        self._chat_strings = tuple(chat)
+        self._chat_ids = frozenset(chat.values())
 
     def _spell(self, text: str, avoid: set[int]) -> list[int]:
         """Ids that decode to ``text`` without any id of ``avoid``: one piece per character, or
@@ -72,9 +73,12 @@ class Tokenizer:
             ids += b if all(self.sp.is_byte(j) for j in b) else [self.unk_id]
         return ids
 
-    def _no_chat_ids(self, text: str, ids: list[int]) -> list[int]:
-        """``ids`` of ``text`` with every chat token spelled out (see the module docstring)."""
-        if not any(t in text for t in self._chat_strings):  # the common case: one scan in C
+    def _no_chat_ids(self, ids: list[int]) -> list[int]:
+        """``ids`` of a text with every chat token spelled out (see the module docstring)."""
+        # The ids, not the text: a model that normalises (nmt_nfkc) matches its pieces in the
+        # normalised text, so full-width "＜｜end｜＞" encoded to <|end|>'s id past a scan of the
+        # raw text for "<|end|>". (One C pass over the ids, as cheap as that scan was.)
+        if self._chat_ids.isdisjoint(ids):  # the common case
             return ids
         out: list[int] = []
         for i in ids:
@@ -154,7 +158,7 @@ class Tokenizer:
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """Ids of ``text``; never a chat token's id (those are the template's alone)."""
-        return self._no_chat_ids(text, self.sp.encode(text, add_bos=bos, add_eos=eos))
+        return self._no_chat_ids(self.sp.encode(text, add_bos=bos, add_eos=eos))
 
     def encode_batch(
         self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, num_threads: int = 0
@@ -166,7 +170,7 @@ class Tokenizer:
         out = self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=num_threads)
         if not self._spelled:
             return out
-        return [self._no_chat_ids(t, ids) for t, ids in zip(texts, out)]
+        return [self._no_chat_ids(ids) for ids in out]
 
     def _piece_ids(self, ids) -> list[int]:
         """Ids as ints; ids past the pieces become ``unk_id`` (decoded " ⁇ "): a model whose
