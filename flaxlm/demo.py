@@ -31,7 +31,8 @@ the preprocessing settings, a training stage's config and the checkpoint step of
 starts from); asking for something else there (e.g. `--plan sft_steps=200` after a finished
 SFT, a full run in a --runlocal workdir, a stage whose source run was trained further since)
 stops with a message naming the stages to delete, rather than mixing the two runs. `eval`
-re-evaluates when any evaluated checkpoint changed since its results were written
+re-evaluates when any checkpoint it reads (the policies', the students', the reward model's)
+changed since its results were written
 (WORKDIR/eval/inputs.json), and otherwise reuses them.
 """
 
@@ -247,7 +248,8 @@ class Demo(StageRecords):
         path = os.path.join(self.dir["eval"], "results.json")
         inputs_path = os.path.join(self.dir["eval"], "inputs.json")
         inputs = {"eval_examples": self.plan["eval_examples"], "checkpoints": {
-            s: records.latest_checkpoint(self.dir[s]) for s in POLICIES + STUDENTS
+            # (the reward model too: it scores the held-out responses, the report's rm_score)
+            s: records.latest_checkpoint(self.dir[s]) for s in (*POLICIES, *STUDENTS, "reward")
         }}  # fmt: skip
         if os.path.exists(path) and os.path.exists(inputs_path):
             with open(inputs_path) as f:

@@ -106,7 +106,7 @@ def test_rerun_resumes_finished_stages(demo_dir, demo_main):
 
 def test_changed_settings_refuse_and_changed_checkpoints_reevaluate(demo_dir, demo_main):
     """`--plan sft_steps=N` on a finished SFT stops and names the stages to delete (resuming
-    would mix two runs); eval re-evaluates once an evaluated checkpoint changed."""
+    would mix two runs); eval re-evaluates once a checkpoint it reads changed."""
     with pytest.raises(SystemExit, match=r"sft in .* total_steps: 12 -> 13.*rm -r \S*/sft "
                                          r"\S*/reward \S*/dpo \S*/ppo \S*/grpo"):  # fmt: skip
         demo_main(["--workdir", demo_dir, "--runlocal", "--plan", "sft_steps=13",
@@ -116,7 +116,9 @@ def test_changed_settings_refuse_and_changed_checkpoints_reevaluate(demo_dir, de
     inputs = json.load(open(inputs_path))
     assert inputs["checkpoints"]["grpo"][0] == demo.PLAN["grpo_steps"][1]
     stale = json.loads(json.dumps(inputs))
-    stale["checkpoints"]["grpo"][1] -= 1  # as if GRPO had been retrained since
+    # As if the reward model had been retrained since: it scores the held-out responses (the
+    # report's reward-model row), and eval reused the old model's scores beside the new one.
+    stale["checkpoints"]["reward"][1] -= 1
     json.dump(stale, open(inputs_path, "w"))
     before = os.path.getmtime(results)
     demo_main(["--workdir", demo_dir, "--runlocal", "--stages", "eval"])
