@@ -20,7 +20,9 @@ reference, estimated per batch from mismatched pairs and never differentiated (`
 π̃, ρ̃ the log-probabilities of each example's completion after the prompt of another example of
 the batch (`data/formats.py` `kl_partners`: the next row with another prompt, a shift by one
 when the prompts are distinct, so the mismatched rows hold the batch's own completions, each
-once; `UnpairedBatches` builds them as `kl_*` rows). In reward units the reference point is β·z0;
+once; `UnpairedBatches` builds them as `kl_*` rows; a batch whose rows all share one prompt has
+none, and its z0 is 0 — `label_balance` warns when the whole training set has one prompt). In
+reward units the reference point is β·z0;
 the `kl` metric is z0 in nats. z0 is a mean over the global batch: the loss is jitted over the
 global (data×fsdp-sharded) arrays, so XLA reduces across devices and processes; with
 `opt.grad_accum` > 1 it is each micro-batch's (as TRL's is each forward pass's). The mismatched
@@ -229,8 +231,18 @@ def load_examples(spec: str, config, template, report: F.DataReport) -> list[dic
 
 
 def label_balance(examples, k) -> dict:
-    """{"desirable": n_D, "undesirable": n_U, "weighted_ratio": λ_D·n_D / (λ_U·n_U)}; warns
-    when the ratio is outside the paper's advised [1, 4/3], naming the weight that fixes it."""
+    """{"desirable": n_D, "undesirable": n_U, "weighted_ratio": λ_D·n_D / (λ_U·n_U),
+    "distinct_prompts": n}; warns when the ratio is outside the paper's advised [1, 4/3],
+    naming the weight that fixes it, and when every example has one prompt: a row's KL
+    partner must have another prompt (data/chat_batches.py `kl_partners`), so then no row has
+    one, z0 is 0 at every step and the logged kl reads 0 however far the policy moves."""
+    prompts = len({ex["ids"][: ex["split"]].tobytes() for ex in examples})
+    if len(examples) > 1 and prompts < 2:
+        log.warning(
+            "kto: all %d training examples share one prompt, so no batch has a mismatched "
+            "(other prompt) row to estimate the reference point z0 from: z0 = 0 at every step, "
+            "and the logged kl is 0 whatever the policy does", len(examples),
+        )  # fmt: skip
     n_d = sum(bool(ex["label"]) for ex in examples)
     n_u = len(examples) - n_d
     num, den = k.desirable_weight * n_d, k.undesirable_weight * n_u
@@ -247,7 +259,8 @@ def label_balance(examples, k) -> dict:
             k.desirable_weight, n_d, k.undesirable_weight, n_u,
             "∞" if ratio is None else f"{ratio:.3g}", hint,
         )  # fmt: skip
-    return {"desirable": n_d, "undesirable": n_u, "weighted_ratio": ratio}
+    return {"desirable": n_d, "undesirable": n_u, "weighted_ratio": ratio,
+            "distinct_prompts": prompts}  # fmt: skip
 
 
 def _batches(examples, config, pad_id, **kw):
@@ -402,18 +415,23 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         init_params=init_params, loss_fn=kto_loss_fn(apply, k, base_apply, router, ref_apply),
         train_batches=batches, eval_fn=eval_fn, extra_meta=pins.meta(),
     )  # fmt: skip
-    # The loop counts every `*tokens` row: the matched rows train (6 FLOPs per parameter and
-    # token), the mismatched ones only run forward (2): 4 on average, 2/3 of the count. A
-    # frozen reference copy's forward pass over every row is part of the step too (2; distill
-    # counts its teacher's so); LoRA's base pass is not counted.
+
+    # The loop counts every `*tokens` row: the matched rows train (the task's count: 6 FLOPs
+    # per parameter and token, 4 under LoRA), the mismatched ones only run forward (2, a third
+    # of a full training count): the mean of the two. (2/3 of the task's count was that mean
+    # for full fine-tuning only; under LoRA it undercounted the matmuls by a ninth.) A frozen
+    # reference copy's forward pass over every row is part of the step too (2; distill counts
+    # its teacher's so); LoRA's base pass is not counted.
+    def fwd(model_cfg, causal):
+        return model_cfg.flops_per_token(config.seq_len, causal=causal) / 3
+
     ref_fwd, ref_fwd_causal = (
-        (ref_cfg.flops_per_token(config.seq_len) / 3,
-         ref_cfg.flops_per_token(config.seq_len, causal=True) / 3)
-        if ref_cfg is not None else (0.0, 0.0)
-    )  # fmt: skip
+        (fwd(ref_cfg, False), fwd(ref_cfg, True)) if ref_cfg is not None else (0.0, 0.0)
+    )
     return dataclasses.replace(
-        task, frozen=frozen, flops_per_token=task.flops_per_token * 2 / 3 + ref_fwd,
-        flops_per_token_causal=task.flops_per_token_causal * 2 / 3 + ref_fwd_causal,
+        task, frozen=frozen,
+        flops_per_token=(task.flops_per_token + fwd(cfg, False)) / 2 + ref_fwd,
+        flops_per_token_causal=(task.flops_per_token_causal + fwd(cfg, True)) / 2 + ref_fwd_causal,
     )  # fmt: skip
 
 

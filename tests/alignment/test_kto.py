@@ -253,20 +253,34 @@ def test_lora_reference_is_the_frozen_base():
 
 
 def test_label_balance_warns_outside_the_papers_range(caplog):
-    def examples(n_d, n_u):
-        return [{"label": True}] * n_d + [{"label": False}] * n_u
+    def examples(n_d, n_u):  # (each its own prompt: ids[:split])
+        return [{"label": i < n_d, "ids": np.array([7, i], np.int32), "split": 2}
+                for i in range(n_d + n_u)]  # fmt: skip
 
     with caplog.at_level(logging.WARNING, logger="flaxlm"):
         assert kto.label_balance(examples(50, 50), _cfg())["weighted_ratio"] == 1.0
         assert kto.label_balance(examples(12, 10), _cfg())["weighted_ratio"] == 1.2
         assert not caplog.records
         out = kto.label_balance(examples(10, 100), _cfg())  # 1:10, the paper's example
-        assert out == {"desirable": 10, "undesirable": 100, "weighted_ratio": 0.1}
+        assert out == {"desirable": 10, "undesirable": 100, "weighted_ratio": 0.1,
+                       "distinct_prompts": 110}  # fmt: skip
         assert "desirable_weight=10 (ratio 1)" in caplog.records[-1].getMessage()
         ok = kto.label_balance(examples(10, 100), _cfg(wd=12.0))  # λ_D in [10, 13.3]: no warning
         assert ok["weighted_ratio"] == pytest.approx(1.2) and len(caplog.records) == 1
         assert kto.label_balance(examples(5, 0), _cfg())["weighted_ratio"] is None
         assert "only one kind" in caplog.records[-1].getMessage()
+
+
+def test_one_prompt_for_every_example_is_named(caplog):
+    """With one prompt, no row has a KL partner (another prompt): z0 = 0 at every step and the
+    logged kl read 0 while the policy moved, without a word."""
+    one = [{"label": i % 2 == 0, "ids": np.array([7, 8, 9, i], np.int32), "split": 3}
+           for i in range(40)]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        assert kto.label_balance(one, _cfg())["distinct_prompts"] == 1
+    assert "share one prompt" in caplog.records[-1].getMessage()
+    # (what the batches then do: no row of a batch has a partner)
+    assert F.kl_partners([ex["ids"][: ex["split"]].tobytes() for ex in one[:4]]) == [-1] * 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +505,32 @@ def test_reference_is_init_from_or_its_ema_or_ref_from(cache_dir, tmp_path):
         with pytest.raises(ValueError, match=match):
             kto.build_task(H.tiny(kto_config, cache_dir, **{"init_from": sft, **overrides}),
                            mesh, None)  # fmt: skip
+
+
+def test_flops_per_token_is_the_mean_of_a_trained_and_a_forward_row(runs, cache_dir):
+    """Half the rows train, the mismatched half only runs forward (2·N + A/3 per token, N the
+    matmul weights, A the training count's attention term); a frozen copy's forward runs over
+    both. The count was 2/3 of the task's training count, right for full fine-tuning only:
+    under LoRA (4·N + A training) it was 8/3·N + 2A/3, not 3·N + 2A/3."""
+    from flaxlm.models.sharding import make_mesh
+
+    sft, _ = runs
+    mesh = make_mesh({"data": -1})
+    cfg = H.get_variant("tiny", vocab_size=H.VOCAB)
+    T = 64
+    for lora in (0, 8):
+        c = H.tiny(kto_config, cache_dir, f"runlocal=True,lora={lora}", init_from=sft,
+                   **{"batch_size": 8, "seq_len": T, "data.eval": ""})  # fmt: skip
+        task = kto.build_task(c, mesh, None)
+        for causal, got in ((False, task.flops_per_token), (True, task.flops_per_token_causal)):
+            full = cfg.flops_per_token(T, causal=causal)
+            N = cfg.param_counts()["matmul"]
+            A = full - 6 * N
+            trained = (4 if lora else 6) * N + A
+            forward = 2 * N + A / 3
+            ref_copy = 0 if lora else forward  # (LoRA's reference is the base: not counted)
+            want = (trained + forward) / 2 + ref_copy
+            assert got == pytest.approx(want, rel=1e-9), (lora, causal, got, want)
 
 
 def test_nonsense_numbers_are_refused_before_any_load(cache_dir):
