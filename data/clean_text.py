@@ -6,7 +6,8 @@ decontamination compare text in that form too.
 
 Text without spaces (Chinese, Japanese, Korean) is handled by counting each CJK character as one
 word (``_WORD_RE``); ``clean.first_failure`` reads the n-gram repetition rules' n words as about
-1.5 characters there (``clean_config().cjk_chars_per_word``). ``_SCRIPTS`` names the scripts the language check knows (``clean_stats``).
+1.5 characters there (``clean_config().cjk_chars_per_word``). ``_SCRIPTS`` names the scripts
+the language check knows (``clean_stats``).
 """
 
 from __future__ import annotations

@@ -130,9 +130,7 @@ def _spelled_tokens(text: str) -> list[str]:
 def _is_spelled(tokens: list[str]) -> bool:
     """Whether an entry's tokens hold a character that is not a letter, a mark, a hyphen or an
     apostrophe (so that ``_match_words`` would drop it)."""
-    return any(
-        not (unicodedata.category(c)[0] in "LM" or c in "-'’") for t in tokens for c in t
-    )
+    return any(not (unicodedata.category(c)[0] in "LM" or c in "-'’") for t in tokens for c in t)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,9 +68,10 @@ def normalize_answer(text: str, mode: str = "basic") -> str:
     too); basic: lower case, single spaces, no outer punctuation (so "-3" and "3"
     agree, as in SQuAD-style normalisation); number: the exact decimal value without thousands
     separators (a comma or space before each group of three digits: "12 345" and "1,234" are
-    numbers, "1 2" and "1_2" are not) or currency signs ("$", "€", any Unicode Sc), integral values as integers ("1,000.0" → "1000", "2.50"
-    → "2.5"), compared exactly (decimal, not float: 9007199254740993 is not 9007199254740992);
-    text that is not a finite number falls back to basic."""
+    numbers, "1 2" and "1_2" are not) or currency signs ("$", "€", any Unicode Sc), integral
+    values as integers ("1,000.0" → "1000", "2.50" → "2.5"), compared exactly (decimal, not
+    float: 9007199254740993 is not 9007199254740992); text that is not a finite number falls
+    back to basic."""
     if mode == "none":
         return text.strip()
     if mode == "number":

@@ -437,7 +437,7 @@ def test_entries_spelled_with_digits_or_symbols_match_only_themselves(tmp_path):
     assert decide(benign, loose(toxic_lists=spec)) is None
     toxic = "You A55! What 5h1t, a_s_s and (b!tch). B00BS? Sh!t   Head. a bastard"
     assert clean.toxic_hits(toxic, spec) == 7
-    assert clean.toxic_hits("ａ５５ b!tchy xa55 a55a", spec) == 1  # full-width is NFKC; whole tokens
+    assert clean.toxic_hits("ａ５５ b!tchy xa55 a55a", spec) == 1  # full-width: NFKC; whole tokens
 
 
 # ---------------------------------------------------------------------------------------------
