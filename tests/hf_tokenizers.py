@@ -1,7 +1,8 @@
 """Deterministic HF tokenizer directories for the chat-template tests (not a test module):
 a byte-level BPE tokenizer.json — optionally with merges spelling some words, so templates meet
-multi-byte tokens — plus a tokenizer_config.json holding the chat template. Loaded by path
-(tests have no package): tests/conftest.py `byte_chat_tokenizer`, tests/data/test_chat_*.py.
+multi-byte tokens — plus a tokenizer_config.json holding the chat template
+(tests/conftest.py `byte_chat_tokenizer`, tests/data/test_chat_*.py); and `imported_qwen2_run`,
+the Qwen2 fixture imported with a word-level tokenizer.json (`from tests.hf_tokenizers import`).
 """
 
 import json
@@ -45,3 +46,30 @@ def write_hf_tokenizer(d: str, chat_template: str, config: dict, *, specials=CHA
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f)
     return d
+
+
+QWEN2_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf", "qwen2")
+
+
+def imported_qwen2_run(root, words=()) -> tuple[str, str]:
+    """(run dir, tokenizer.json path): the Qwen2 test checkpoint, with a word-level HF
+    tokenizer that (like Qwen2's) has an EOS (<|endoftext|>) and no BOS — ids 0 <unk>, 1 EOS,
+    then `words`, then w0 … w39 — imported with `hf import` into `root`/run."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from flaxlm.models import hf
+
+    src = os.path.join(root, "src")
+    shutil.copytree(QWEN2_FIXTURE, src)
+    vocab = ["<unk>", "<|endoftext|>", *words] + [f"w{i}" for i in range(40)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(vocab[:2])
+    tok.save(os.path.join(src, "tokenizer.json"))
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": None}, f)
+    run = os.path.join(root, "run")
+    hf.main(["import", src, run])
+    return run, os.path.join(src, "tokenizer.json")

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from flaxlm.alignment import check, rl_check
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.hf_tokenizers import imported_qwen2_run
 
 
 def test_rl_check_refuses_an_unknown_method_before_training(capsys):
@@ -57,24 +56,11 @@ def test_check_rerun_keeps_the_times_of_the_stages_it_reuses(tmp_path, monkeypat
 def test_copy_params_keeps_an_hf_tokenizer_readable(tmp_path):
     """copy_params saved any tokenizer as tokenizer.model, so an imported tokenizer.json was
     then read as SentencePiece ("not a SentencePiece model")."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from flaxlm.models import hf
     from flaxlm.models.hf_tokenizer import load_tokenizer
     from flaxlm.train import checkpoint as ckpt_lib
 
-    src = tmp_path / "src"
-    shutil.copytree(os.path.join(REPO, "tests", "fixtures", "hf", "qwen2"), src)
-    words = ["<unk>", "<|endoftext|>"] + [f"w{i}" for i in range(40)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(words[:2])
-    tok.save(str(src / "tokenizer.json"))
-    (src / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": None})
-    )
-    run, copy = str(tmp_path / "run"), str(tmp_path / "copy")
-    hf.main(["import", str(src), run])
+    run, _ = imported_qwen2_run(str(tmp_path))
+    copy = str(tmp_path / "copy")
     rl_check.copy_params(run, copy)
     _, meta = ckpt_lib.read_meta(copy)
     assert os.path.dirname(meta["tokenizer"]) == copy

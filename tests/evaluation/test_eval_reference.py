@@ -5,7 +5,6 @@ the CLI), exact number matching, and bad task rows / templates that must fail ea
 where."""
 
 import json
-import os
 import shutil
 
 import jax
@@ -15,8 +14,7 @@ import pytest
 from flaxlm.evaluation import generate_tasks as G
 from flaxlm.evaluation import loglik
 from flaxlm.evaluation.tasks import TaskFileError, TaskSpec, read_examples
-
-HF_FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "hf", "qwen2")
+from tests.hf_tokenizers import imported_qwen2_run
 
 
 def _write_jsonl(path, rows):
@@ -72,23 +70,7 @@ def test_overlong_question_is_cut_once_for_all_its_choices(model, ref_logprobs):
 def hf_run(tmp_path_factory):
     """(run dir, tokenizer.json path): the Qwen2 test checkpoint imported as a flaxlm run, with a
     word-level HF tokenizer that, like Qwen2's, has an EOS (<|endoftext|>) and no BOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from flaxlm.models import hf
-
-    root = tmp_path_factory.mktemp("hf_eval")
-    src = root / "src"
-    shutil.copytree(HF_FIXTURE, src)
-    words = ["<unk>", "<|endoftext|>"] + [f"w{i}" for i in range(40)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(words[:2])
-    tok.save(str(src / "tokenizer.json"))
-    (src / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": None})
-    )
-    hf.main(["import", str(src), str(root / "run")])
-    return str(root / "run"), str(src / "tokenizer.json")
+    return imported_qwen2_run(str(tmp_path_factory.mktemp("hf_eval")))
 
 
 def test_checkpoint_with_an_hf_tokenizer_without_bos(hf_run, tmp_path):

@@ -1,8 +1,7 @@
 """notebooks/inspect.ipynb executes top to bottom against a tiny run, so it never rots."""
 
-import json
 import os
-import shutil
+import pathlib
 
 import nbformat
 from nbclient import NotebookClient
@@ -10,6 +9,7 @@ from nbclient import NotebookClient
 from flaxlm.configs import pretrain as pretrain_config
 from flaxlm.train import pretrain
 from flaxlm.train.metrics import MetricWriter
+from tests.hf_tokenizers import imported_qwen2_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,22 +62,8 @@ def test_inspect_notebook_runs_on_an_hf_import(tmp_path, monkeypatch):
     failed with FileNotFoundError and stopped the notebook; it now says so and skips. Its
     tokenizer is the model's tokenizer.json, which the load cell read as SentencePiece (a
     ValueError, "not a SentencePiece model"): it is loaded as generation loads it now."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from flaxlm.models import hf
-
-    src = tmp_path / "src"
-    shutil.copytree(os.path.join(REPO, "tests", "fixtures", "hf", "qwen2"), src)
-    words = ["<unk>", "<|endoftext|>", "Once", "upon", "a", "time"] + [f"w{i}" for i in range(40)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(words[:2])
-    tok.save(str(src / "tokenizer.json"))
-    (src / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": None})
-    )
-    run = tmp_path / "run"
-    hf.main(["import", str(src), str(run)])
+    run, _ = imported_qwen2_run(str(tmp_path), words=["Once", "upon", "a", "time"])
+    run = pathlib.Path(run)
     assert not (run / "metrics.jsonl").exists()
     nb = _execute(run, tmp_path, monkeypatch)
     text = "\n".join(
