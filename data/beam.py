@@ -216,7 +216,8 @@ def _write_shard(item, out_dir, num_shards):
 
 
 def _dedup_stage(docs, cfg, eval_texts):
-    """Exact → decontaminate → near, by group-by-key; returns (survivors, [stats pcollections])."""
+    """Exact → decontaminate → near, by group-by-key; returns (survivors, [stats pcollections]).
+    With ``decontam_mode="flag"`` the flags are counted after the near stage, on the kept ones."""
     stats = []
     if cfg.exact:
         res = (
@@ -227,7 +228,7 @@ def _dedup_stage(docs, cfg, eval_texts):
         )
         docs = res.docs
         stats.append(res.stats)
-    if eval_texts:
+    if eval_texts and cfg.decontam_mode == "drop":
         res = docs | "Decontam" >> beam.ParDo(_Decontaminate(cfg, eval_texts)).with_outputs(
             "stats", main="docs"
         )
@@ -246,6 +247,14 @@ def _dedup_stage(docs, cfg, eval_texts):
             {"doc": keyed, "dup": dups}
             | "Join" >> beam.CoGroupByKey()
             | "DropDups" >> beam.FlatMap(_drop_marked).with_outputs("stats", main="docs")
+        )
+        docs = res.docs
+        stats.append(res.stats)
+    if eval_texts and cfg.decontam_mode != "drop":
+        # Flagged documents are counted among the kept ones, after the near stage (as the
+        # streaming Deduper counts them): a flagged near-duplicate is not in the output.
+        res = docs | "Flag" >> beam.ParDo(_Decontaminate(cfg, eval_texts)).with_outputs(
+            "stats", main="docs"
         )
         docs = res.docs
         stats.append(res.stats)
@@ -298,12 +307,12 @@ def _save_json(x, path):
         json.dump(x, f)
 
 
-def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=()) -> dict:
-    """Runs the pipeline (DirectRunner unless ``beam_args`` say otherwise); returns the report.
-
-    ``train_tokenizer_vocab > 0`` is refused (this pipeline trains no tokenizer: it ran and
-    wrote text shards without one, without a word)."""
-    t0 = time.time()
+def check_settings(inputs: list[str], cfg):
+    """What can be refused before anything is written: ``preprocess.check_settings`` (inputs,
+    cleaning, dedup and tokenizer settings, decontamination files), and ``train_tokenizer_vocab
+    > 0`` (this pipeline trains no tokenizer: it ran and wrote text shards without one, without
+    a word). Returns (the tokenizer or None, the decontamination texts, their Decontaminator
+    or None). A ValueError or FileNotFoundError names the setting or file."""
     if cfg.train_tokenizer_vocab > 0:
         raise ValueError(
             f"train_tokenizer_vocab={cfg.train_tokenizer_vocab}: the Beam pipeline trains no "
@@ -312,9 +321,9 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
             "it here as --config.tokenizer=OUT/tokenizer.model, or leave train_tokenizer_vocab "
             "at 0 to write cleaned text shards"
         )
-    # What the CLI checks before it writes anything (meta.json below would otherwise be written
-    # before a worker met a misspelt txt_mode at the first file, and the corrected rerun would
-    # find an output folder already begun).
+    # What the CLI checks before it writes anything (else `run` wrote meta.json before a
+    # worker met a misspelt txt_mode at the first file, and the corrected rerun found an
+    # output folder already begun).
     _, _, tok = P.check_settings(inputs, cfg)  # (the tokenizer it loads: cfg.tokenizer's)
     # Loaded once, here: the report's eval-set counts and their warnings (as the CLI's Deduper
     # gives them), and the pipeline's Decontaminate stage.
@@ -323,6 +332,16 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
         eval_texts = P.load_eval_texts(cfg)
         decontam = Decontaminator(eval_texts, cfg.dedup.decontam_ngram)
         decontam.warn()
+    return tok, eval_texts, decontam
+
+
+def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=(),
+        checked=None) -> dict:  # fmt: skip
+    """Runs the pipeline (DirectRunner unless ``beam_args`` say otherwise); returns the report.
+    ``checked``: what ``check_settings(inputs, cfg)`` returned (``main`` calls it first), else
+    it is called here, before anything is written."""
+    t0 = time.time()
+    tok, eval_texts, decontam = checked if checked is not None else check_settings(inputs, cfg)
     sub = "tokens" if tok else "text"
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     if tok is not None:
@@ -398,7 +417,15 @@ def main(argv=None) -> dict:
     ours = [a for a in rest if a.startswith("--config.")]
     P.apply_overrides(cfg, ours)
     beam_args = [a for a in rest if not a.startswith("--config.")]
-    report = run(args.input, args.output, cfg, num_shards=args.num_shards, beam_args=beam_args)
+    try:  # a setting or file named in one line, as the preprocess CLI says it (not a traceback)
+        checked = check_settings(args.input, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+    try:
+        report = run(args.input, args.output, cfg, num_shards=args.num_shards,
+                     beam_args=beam_args, checked=checked)  # fmt: skip
+    except S.DataError as e:  # bad input (file:line): one line, as the preprocess CLI says it
+        raise SystemExit(str(e)) from None
     sys.stdout.write(P.format_report(report))
     return report
 

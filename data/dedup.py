@@ -22,7 +22,8 @@ group-by-key) keep exactly the same documents:
   or a document shorter than ``decontam_ngram`` words has no such n-gram and never matches: the
   report's ``decontam`` entry counts such eval texts, and a warning is logged when there are any.
   Words keep their attached punctuation ("paris," is not "paris"), as in the cleaning filters;
-  n-grams run across line and paragraph breaks.
+  n-grams run across line and paragraph breaks, but never across two eval items (a plain-text
+  eval file holds one per line: ``decontam_txt_mode``).
 
 Both MinHash shingles and decontamination n-grams are made of ``match_words``: control and
 invisible characters removed (``clean_text.remove_controls``: zero-width and format characters,
@@ -50,6 +51,7 @@ import ml_collections
 import numpy as np
 
 from flaxlm.data.clean_text import _WORD_RE, remove_controls
+from flaxlm.data.source_readers import check_txt_mode
 
 logger = logging.getLogger("flaxlm")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier for polynomial combination
@@ -68,6 +70,10 @@ def dedup_config() -> ml_collections.ConfigDict:
     c.method = "numpy"  # "numpy" (vectorised multiply-shift) or "datasketch"
     c.decontam_paths = ""  # comma-separated eval files (jsonl/txt/parquet) to decontaminate against
     c.decontam_field = "text"  # text field of jsonl/parquet eval files
+    # Plain-text eval files: one item per "line" (an eval set's usual layout), per
+    # "blank"-separated block, or the whole "file" as one item. Items are what the report counts
+    # (and warns of when shorter than decontam_ngram); n-grams never run across two items.
+    c.decontam_txt_mode = "line"
     c.decontam_ngram = 13  # shared n-gram length (words; CJK characters) that flags a document
     c.decontam_mode = "drop"  # "drop" the document, or "flag" it (counted, kept)
     return c
@@ -81,8 +87,15 @@ def normalize(text: str) -> str:
     """
     # Removed before NFKC (as in ``clean.normalize_text``): NFKC turns the Hangul filler U+3164
     # into U+1160, and a removed character between a letter and its accent kept them apart.
-    text = unicodedata.normalize("NFKC", remove_controls(text))
-    return " ".join(text.casefold().split())
+    return " ".join(_fold(text).split())
+
+
+def _fold(text: str) -> str:
+    """Unicode's NFKC_Casefold, less its removal of default-ignorables (``remove_controls`` does
+    that): NFKC, case-folded, NFKC again — ``casefold`` decomposes a few letters (Greek ΐ, ΰ
+    and their kin) that the upper-case text gives composed, so one NFKC left them unequal."""
+    folded = unicodedata.normalize("NFKC", remove_controls(text)).casefold()
+    return folded if folded.isascii() else unicodedata.normalize("NFKC", folded)
 
 
 def exact_key(text: str) -> bytes:
@@ -114,11 +127,11 @@ def match_words(text: str) -> list[str]:
     """The words MinHash shingles and decontamination n-grams are made of.
 
     Control and invisible characters removed (what ``clean.normalize_text`` removes), NFKC,
-    case-folded, then split like the cleaning filters (CJK characters one word each). Both sides of
-    a comparison go through this, so an eval item or a copy in NFD, full-width letters or another
-    case still matches (e.g. the Deduper used without the Cleaner, or ``do_clean=False``).
+    case-folded (``_fold``), then split like the cleaning filters (CJK characters one word
+    each). Both sides of a comparison go through this, so an eval item or a copy in NFD,
+    full-width letters or another case still matches (e.g. the Deduper used without the Cleaner, or ``do_clean=False``).
     """
-    return _WORD_RE.findall(unicodedata.normalize("NFKC", remove_controls(text)).casefold())
+    return _WORD_RE.findall(_fold(text))
 
 
 def shingles(text: str, n: int) -> np.ndarray:
@@ -383,7 +396,7 @@ class Deduper:
         """Decisions for documents in order (batched so MinHash is vectorised over them)."""
         locs = locs or [""] * len(texts)
         out = [True] * len(texts)
-        survivors = []
+        survivors, flagged = [], []
         exact_dup = np.zeros(len(texts), bool)
         if self.cfg.exact and texts:  # seen in an earlier batch, or earlier in this one
             keys = np.array([exact_key(t) for t in texts], "S12")
@@ -397,7 +410,7 @@ class Deduper:
                 if self.cfg.decontam_mode == "drop":
                     reason = "contaminated"
                 else:
-                    self.flagged += 1
+                    flagged.append(i)
             if reason is None:
                 survivors.append(i)
             else:
@@ -412,6 +425,9 @@ class Deduper:
             for i in np.flatnonzero(dup):
                 self._drop("near_duplicate", locs[survivors[i]], texts[survivors[i]])
                 out[survivors[i]] = False
+        # Counted once the near stage has run: "flagged" documents are the kept ones (a flagged
+        # near-duplicate of an earlier document is dropped as that, and not counted here).
+        self.flagged += sum(out[i] for i in flagged)
         return out
 
     def table_bytes(self) -> int:
@@ -447,7 +463,8 @@ def lsh_params(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
 def check_config(cfg: ml_collections.ConfigDict) -> None:
     """Errors naming the key for settings that would silently do something else: more bands
     than permutations (0 rows: every band key equal, every document after the first a "near
-    duplicate"), a misspelt ``decontam_mode`` (anything but "drop" only flagged)."""
+    duplicate"), a misspelt ``decontam_mode`` (anything but "drop" only flagged) or
+    ``decontam_txt_mode``."""
     if not (isinstance(cfg.num_perm, int) and cfg.num_perm >= 1):
         raise ValueError(f"dedup.num_perm must be an integer >= 1, got {cfg.num_perm!r}")
     if not 0 <= cfg.bands <= cfg.num_perm:
@@ -457,6 +474,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     for key in ("ngram", "decontam_ngram"):
         if cfg[key] < 1:
             raise ValueError(f"dedup.{key} must be >= 1, got {cfg[key]}")
+    check_txt_mode(cfg.decontam_txt_mode, "dedup.decontam_txt_mode")
     if cfg.decontam_mode not in ("drop", "flag"):
         raise ValueError(f"dedup.decontam_mode must be drop|flag, got {cfg.decontam_mode!r}")
     if cfg.method not in ("numpy", "datasketch"):

@@ -204,7 +204,10 @@ def load_eval_texts(cfg: ml_collections.ConfigDict) -> list[str | tuple[str, ...
     if not paths:
         return []
     log = S.BadInputLog()
-    texts = [d.text for d in S.iter_documents(paths, text_field=cfg.dedup.decontam_field, log=log)]
+    txt_mode = check_txt_mode(cfg.dedup.decontam_txt_mode, "dedup.decontam_txt_mode")
+    docs = S.iter_documents(paths, text_field=cfg.dedup.decontam_field, txt_mode=txt_mode,
+                            log=log)  # fmt: skip
+    texts = [d.text for d in docs]
     lost = {k: v for k, v in log.counts.items() if k != "empty"}
     if lost:
         first = next(e for k in lost for e in log.examples[k])

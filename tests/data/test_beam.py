@@ -88,6 +88,46 @@ def test_a_bad_setting_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "in.txt").write_text("some plain text\n" * 3)
     out = tmp_path / "beam"
     with pytest.raises(ValueError, match="txt_mode"):
-        beam_mod.main(["--input", str(tmp_path / "in.txt"), "--output", str(out),
-                       "--config.txt_mode=paragraphz", "--runner=DirectRunner"])  # fmt: skip
+        beam_mod.run([str(tmp_path / "in.txt")], str(out), _config("txt_mode=paragraphz"))
     assert not out.exists() or not any(out.iterdir())
+
+
+def _config(*overrides):
+    cfg = preprocess.preprocess_config()
+    preprocess.apply_overrides(cfg, [f"--config.{o}" for o in overrides])
+    return cfg
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("txt_mode=paragraphz", "txt_mode must be"),
+    ("dedup.bands=500", "dedup.bands must be in"),
+    ("dedup.decontam_paths=nope.jsonl", "dedup.decontam_paths: no files match"),
+])  # fmt: skip
+def test_the_cli_names_a_bad_setting_in_one_line(tmp_path, bad, says):
+    """The Beam CLI stops on a bad setting or a missing eval file with the line the preprocess
+    CLI gives (it was a traceback), before anything is written."""
+    (tmp_path / "in.txt").write_text("some plain text\n" * 3)
+    out = tmp_path / "beam"
+    with pytest.raises(SystemExit, match=says) as e:
+        beam_mod.main(["--input", str(tmp_path / "in.txt"), "--output", str(out),
+                       f"--config.{bad}", "--runner=DirectRunner"])  # fmt: skip
+    assert "\n" not in str(e.value) and (not out.exists() or not any(out.iterdir()))
+
+
+def test_flagged_count_is_of_the_kept_documents_as_in_the_cli(tmp_path):
+    """decontam_mode="flag": a flagged document that the near stage drops is not counted as
+    flagged (kept), in Beam as in the streaming CLI."""
+    question = "the quick brown fox jumps over the lazy dog"
+    base = " ".join(f"filler{k}" for k in range(40)) + " "
+    rows = [base + question, base + question.replace("dog", "cat"), "other words " * 20]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text(json.dumps({"text": question}) + "\n")
+    over = [f"--config.dedup.decontam_paths={ev}", "--config.dedup.decontam_mode=flag",
+            "--config.dedup.decontam_ngram=5", "--config.do_clean=false"]  # fmt: skip
+    args = ["--input", str(tmp_path / "in.jsonl"), *over]
+    ref = preprocess.main([*args, "--output", str(tmp_path / "cli")])
+    got = beam_mod.main([*args, "--output", str(tmp_path / "beam"), "--runner=DirectRunner"])
+    for rep in (ref, got):
+        dd = next(s for s in rep["stages"] if s["stage"] == "dedup")
+        assert (rep["documents_out"], dd["flagged_contaminated"]) == (2, 1), rep

@@ -149,6 +149,30 @@ def test_decontamination_drop_and_flag():
     assert f.keep_batch(train) == [True, True, True] and f.report()["flagged_contaminated"] == 1
 
 
+def test_flagged_count_is_of_the_kept_documents():
+    """decontam_mode="flag" counts the flagged documents the output holds: a flagged document
+    later dropped as a near duplicate was counted too ("kept: 2" of one document out)."""
+    question = "the quick brown fox jumps over the lazy dog"
+    base = " ".join(f"filler{k}" for k in range(40)) + " "
+    cfg = dedup.dedup_config()
+    cfg.decontam_mode, cfg.decontam_ngram = "flag", 5
+    d = dedup.Deduper(cfg, eval_texts=[question])
+    assert d.keep_batch([base + question, base + question.replace("dog", "cat")]) == [True, False]
+    assert d.report()["flagged_contaminated"] == 1 and d.report()["removed"] == {
+        "near_duplicate": 1}  # fmt: skip
+    # Across batches too: the second batch's flagged near duplicate is not counted.
+    assert d.keep_batch([base + question.replace("dog", "cow")]) == [False]
+    assert d.report()["flagged_contaminated"] == 1
+
+
+def test_case_folding_leaves_no_decomposed_letters():
+    """casefold() decomposes Greek ΐ, ΰ (and kin); the upper-case text gave them composed, so
+    text differing only in case was neither an exact nor a word-level match."""
+    a = "Το προΐόν ΐ και ΰ ῒ ΐ ῗ ῢ ΰ ῧ"
+    assert dedup.exact_key(a) == dedup.exact_key(a.upper()) == dedup.exact_key(a.lower())
+    assert dedup.match_words(a) == dedup.match_words(a.upper())
+
+
 def _reference_keep(d, texts):
     """The rule spelled out with Python sets, one document at a time (the previous tables)."""
     exact, bands, out = set(), set(), []

@@ -192,6 +192,35 @@ def test_eval_items_too_short_to_match_are_counted_and_warned(tmp_path, jsonl, c
     assert "decontam" not in rep["stages"][2] and "decontam" not in caplog.text
 
 
+def test_plain_text_eval_files_hold_one_item_per_line(tmp_path, jsonl, caplog):
+    """A .txt eval set was read as one item (whatever txt_mode the training input had): its
+    items' n-grams ran across their boundaries and the too-short count and warning never came.
+    One item per line now (dedup.decontam_txt_mode), "file" still reads it whole."""
+    short = [" ".join(doc(i).split()[:10]) for i in range(3)]  # 10 words each: < 13
+    ev = tmp_path / "eval.txt"
+    ev.write_text("".join(t + "\n" for t in short))
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        rep = _main("--input", jsonl, "--output", str(tmp_path / "o1"),
+                    f"--config.dedup.decontam_paths={ev}")  # fmt: skip
+    assert rep["stages"][2]["decontam"] == {"eval_texts": 3, "ngrams": 0, "too_short": 3,
+                                            "ngram": 13}  # fmt: skip
+    assert "no 13-word n-gram" in caplog.text
+    # An item that a training document holds is found on its own line; whole, the file's
+    # n-grams (across the items) were what the documents were checked against.
+    ev.write_text(short[0] + "\n" + " ".join(doc(4).split()[3:20]) + "\n")
+    rep = _main("--input", jsonl, "--output", str(tmp_path / "o2"),
+                f"--config.dedup.decontam_paths={ev}")  # fmt: skip
+    assert rep["stages"][2]["decontam"]["eval_texts"] == 2 and rep["removed"] == {
+        "contaminated": 1}  # fmt: skip
+    rep = _main("--input", jsonl, "--output", str(tmp_path / "o3"),
+                f"--config.dedup.decontam_paths={ev}",
+                "--config.dedup.decontam_txt_mode=file")  # fmt: skip
+    assert rep["stages"][2]["decontam"]["eval_texts"] == 1
+    with pytest.raises(SystemExit, match="dedup.decontam_txt_mode"):
+        _main("--input", jsonl, "--output", str(tmp_path / "o4"),
+              f"--config.dedup.decontam_paths={ev}", "--config.dedup.decontam_txt_mode=lines")
+
+
 def test_flagged_documents_are_in_report_md(tmp_path, jsonl):
     ev = tmp_path / "eval.jsonl"
     ev.write_text(json.dumps({"text": " ".join(doc(2).split()[:15])}) + "\n")
@@ -243,6 +272,6 @@ def test_a_truncated_gzip_is_named_at_the_line_after_the_last_read(tmp_path, jso
 def test_beam_refuses_train_tokenizer_vocab(tmp_path, jsonl):
     beam = pytest.importorskip("flaxlm.data.beam")
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=r"train_tokenizer_vocab=2000: .*flaxlm\.data\.preprocess"):
+    with pytest.raises(SystemExit, match=r"train_tokenizer_vocab=2000: .*flaxlm\.data\.preprocess"):
         beam.main(["--input", jsonl, "--output", str(out), "--config.train_tokenizer_vocab=2000"])
     assert not out.exists()
