@@ -129,7 +129,8 @@ def match_words(text: str) -> list[str]:
     Control and invisible characters removed (what ``clean.normalize_text`` removes), NFKC,
     case-folded (``_fold``), then split like the cleaning filters (CJK characters one word
     each). Both sides of a comparison go through this, so an eval item or a copy in NFD,
-    full-width letters or another case still matches (e.g. the Deduper used without the Cleaner, or ``do_clean=False``).
+    full-width letters or another case still matches (e.g. the Deduper used without the
+    Cleaner, or ``do_clean=False``).
     """
     return _WORD_RE.findall(_fold(text))
 
