@@ -218,7 +218,8 @@ def test_plain_text_eval_files_hold_one_item_per_line(tmp_path, jsonl, caplog):
     assert rep["stages"][2]["decontam"]["eval_texts"] == 1
     with pytest.raises(SystemExit, match="dedup.decontam_txt_mode"):
         _main("--input", jsonl, "--output", str(tmp_path / "o4"),
-              f"--config.dedup.decontam_paths={ev}", "--config.dedup.decontam_txt_mode=lines")
+              f"--config.dedup.decontam_paths={ev}",
+              "--config.dedup.decontam_txt_mode=lines")  # fmt: skip
 
 
 def test_flagged_documents_are_in_report_md(tmp_path, jsonl):
