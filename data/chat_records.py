@@ -41,6 +41,9 @@ ROLES = ("system", "user", "assistant")  # flaxlm's own template's roles
 TOOL_ROLE = "tool"  # a tool's result: context, rendered only by a Jinja chat template
 # message keys passed to a Jinja template besides role and content (tool use, reasoning)
 MESSAGE_EXTRAS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
+# other spellings of `reasoning_content` (gpt-oss's own records say `thinking`): read as it, so
+# the reasoning reaches the template (transformers aliases them too) instead of vanishing
+REASONING_ALIASES = ("reasoning", "thinking")
 
 
 def fields_config() -> ml_collections.ConfigDict:
@@ -94,6 +97,12 @@ def _messages(value, fields, what: str, record: bool = False) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise FormatError("bad_messages", f"{what}[{i}] content is not a string")
+        said = {k: m[k] for k in ("reasoning_content", *REASONING_ALIASES) if m.get(k) is not None}
+        if len(set(map(str, said.values()))) > 1:
+            raise FormatError("bad_messages", f"{what}[{i}] gives two different reasonings "
+                              f"({', '.join(said)}); keep one")  # fmt: skip
+        if said:
+            m = {**m, "reasoning_content": next(iter(said.values()))}
         for key in ("reasoning_content", "name", "tool_call_id"):  # text, when given at all
             if m.get(key) is not None and not isinstance(m[key], str):
                 raise FormatError("bad_messages", f"{what}[{i}] {key} is not a string")

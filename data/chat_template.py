@@ -64,12 +64,13 @@ file:line (`naming_record`), as a not prefix-stable one is.
 
 Tool use (Jinja templates only): a record's `tools` (a list of tool schemas) reaches the
 template as `tools`; messages keep `tool_calls` (assistant turns; content may then be empty or
-null), `tool_call_id`, `name` and `reasoning_content`, and role "tool" (a tool's result) is
-context like a user turn. An assistant turn that calls a tool is trained like any answer (the
-call is its text); flaxlm's own template has no format for tools nor for an answer's
+null), `tool_call_id`, `name` and `reasoning_content` (read from `reasoning` or `thinking` when
+so named; the template gets it as `reasoning_content` and `thinking`), and role "tool" (a tool's
+result) is context like a user turn. An assistant turn that calls a tool is trained like any
+answer (the call is its text); flaxlm's own template has no format for tools nor for an answer's
 `reasoning_content` (GRPO and evaluation read reasoning from the response text, with a marker
-the run names: `grpo.reasoning_end`), so these are a `TemplateError` with it, naming the
-record; a speaker's `name` is ignored by it (the turn renders the same).
+the run names: `grpo.reasoning_end`), so these are a `TemplateError` with it, naming the record;
+a speaker's `name` is ignored by it (the turn renders the same).
 
 `render_chat` returns (ids, loss_mask) aligned with ids: `loss_mask[i] = 1` when `ids[i]` is a
 target. A row then holds `tokens = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]`.
@@ -328,6 +329,13 @@ def _render_jinja(msgs: list[dict], t: JinjaChatTemplate, n_prompt: int | None =
         if (k, gen) in parts:
             return parts[k, gen]
         part = t.text(msgs[:k], gen, tools)
+        eos = "" if gen else getattr(t.tok, "special_tokens", {}).get("eos_token") or ""
+        if (eos and not text.startswith(part) and part.endswith(eos)
+                and text.startswith(part[: -len(eos)])):  # fmt: skip
+            # Phi-3/Phi-4-mini end a render without the generation prompt with EOS
+            # ({% else %}{{ eos_token }}): the turns before it are the prefix; only the close is
+            # the render's own
+            part = part[: -len(eos)]
         if not text.startswith(part):
             kwargs = getattr(t.tok, "template_kwargs", {})
             hint = (f"; with chat_template_kwargs {kwargs} the generation prompt may pre-fill "

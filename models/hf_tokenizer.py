@@ -18,6 +18,9 @@ import numpy as np
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
+# a message's reasoning, by each name templates read it under (transformers' aliases)
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
 
 class HFError(ValueError):
     """An HF checkpoint or tokenizer flaxlm cannot use; the message names the file and key."""
@@ -316,7 +319,9 @@ class HFTokenizer:
         """`messages` rendered as text with the checkpoint's own Jinja chat template, as
         transformers 5.24 apply_chat_template renders them (see `render_chat_template`): a
         message's keys whose value is None are dropped first (OpenAI-style `tool_calls=None`:
-        `{% if message.tool_calls is defined %}` must be false, not print "None"), and `tools`
+        `{% if message.tool_calls is defined %}` must be false, not print "None"), a message's
+        reasoning (`reasoning_content`, `reasoning` or `thinking`) is given as both
+        `reasoning_content` and `thinking` (what Qwen3's and gpt-oss's templates read), and `tools`
         and `documents` are defined (`tools` as given: tool schemas, else None).
         `template_kwargs` are passed as variables too
         (transformers' apply_chat_template(**kwargs)). The caller's messages are not modified."""
@@ -330,7 +335,13 @@ class HFTokenizer:
         for m in messages:
             if not isinstance(m, dict):
                 raise HFError(f"{self.name}: chat messages must be dicts, got {m!r}")
-            msgs.append({k: v for k, v in m.items() if v is not None})
+            msg = {k: v for k, v in m.items() if v is not None}
+            # transformers' aliases: the reasoning under every name a template may read
+            # (gpt-oss's reads `thinking`, Qwen3's `reasoning_content`)
+            said = next((msg[k] for k in REASONING_KEYS if k in msg), None)
+            if said is not None:
+                msg = {"thinking": said, **msg, "reasoning_content": said}
+            msgs.append(msg)
         try:  # the template's own `raise_exception` is an HFError already (_jinja_env)
             if source not in self._compiled:  # compiled once per template text
                 self._compiled[source] = _jinja_env(self.name).from_string(source)
@@ -366,7 +377,8 @@ class HFTokenizer:
         """Ids of `messages` rendered with the checkpoint's own Jinja chat template, as
         transformers' apply_chat_template(tokenize=True) gives them: the same Jinja environment
         (sandboxed, trim_blocks, lstrip_blocks, loop controls `{% break %}`/`{% continue %}`, a
-        `tojson` that does not HTML-escape, `strftime_now`, `raise_exception`), the named
+        `tojson` that does not HTML-escape, `strftime_now`, `raise_exception`, the
+        `{% generation %}` block), the named
         special tokens as variables, and the text encoded without adding special tokens (the
         template writes BOS itself). tests/data/test_chat_audit.py checks it against
         transformers. Training renders through the same text (data/formats.py
@@ -438,11 +450,32 @@ def _read_text(path: str) -> str:
         raise HFError(f"{path}: cannot read the chat template: {e}") from None
 
 
+def _generation_tag():
+    """A Jinja extension for `{% generation %}...{% endgeneration %}`, the block templates
+    written for assistant-only losses (TRL's `assistant_only_loss`) wrap each answer in:
+    transformers registers it and renders the body as it is. Without it such a template does
+    not compile. The loss mask here is located from the rendered turns (data/chat_template.py),
+    so the block only has to render its body."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    return Generation
+
+
 def _jinja_env(name: str):
     """transformers' chat-template environment (utils/chat_template_utils.py): without its
     `tojson` override Jinja's own escapes <, >, & and ' (a tool schema or JSON content renders
-    differently), without loopcontrols a template using `{% break %}` does not compile, and
-    without `strftime_now` Llama 3.1+ templates print their fallback date."""
+    differently), without loopcontrols a template using `{% break %}` does not compile, without
+    `strftime_now` Llama 3.1+ templates print their fallback date, and without the
+    `generation` block (`_generation_tag`) templates made for assistant-only losses fail."""
     import datetime
     import json as json_lib
 
@@ -457,8 +490,9 @@ def _jinja_env(name: str):
                               separators=separators, sort_keys=sort_keys)  # fmt: skip
 
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, _generation_tag()],
+    )  # fmt: skip
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = fail
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)

@@ -407,3 +407,156 @@ print(json.dumps([[t.apply_chat_template(c, add_generation_prompt=True, tokenize
 def test_live_none_keys_are_transformers(tmp_path, hf_live):
     live = hf_live(LIVE_NONE, _hf_dir(str(tmp_path / "t"), "chatml", NONE_KEYS), NONE_CONVS)
     assert live == [FROZEN_NONE_TEXT, FROZEN_NONE_IDS], json.dumps(live)
+
+
+# Templates made for assistant-only losses wrap each answer in {% generation %} blocks (TRL's
+# assistant_only_loss); transformers renders the block's body as it is. Without the tag such a
+# template did not compile: rendering, generate --chat and every training record failed.
+GEN_TAG = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+    "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+GEN_CONV = [U("the river"), A("the forest"), U("is a river"), A("Hello")]
+# transformers 5.25.0 apply_chat_template(GEN_CONV, add_generation_prompt=g, tokenize=False) for
+# g = True, False (test_live_new_templates_are_transformers prints them): the block renders its
+# body, and trim_blocks takes the newline after {% endgeneration %} as after any block tag.
+FROZEN_GEN_TEXT = [
+    "<|im_start|>user\nthe river<|im_end|>\n<|im_start|>assistant\nthe forest<|im_end|>"
+    "<|im_start|>user\nis a river<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>"
+    "<|im_start|>assistant\n",
+    "<|im_start|>user\nthe river<|im_end|>\n<|im_start|>assistant\nthe forest<|im_end|>"
+    "<|im_start|>user\nis a river<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>",
+]
+
+
+def test_generation_blocks_render_their_body(tmp_path):
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    tagged = load_tokenizer(_hf_dir(str(tmp_path / "g"), "chatml", GEN_TAG))
+    conv = GEN_CONV
+    assert [tagged.render_chat_text(conv, g) for g in (True, False)] == FROZEN_GEN_TEXT
+    (ex,) = F.render_sft([({"messages": conv}, "f:1")], F.training_template(tagged), 128)
+    trained = [int(i) for i, m in zip(ex["ids"], ex["mask"]) if m]
+    end = tagged.tok.token_to_id("<|im_end|>")
+    assert trained == tagged.encode("the forest") + [end] + tagged.encode("Hello") + [end]
+
+
+# Phi-3 and Phi-4-mini end a render without the generation prompt with EOS ({% else %}
+# {{ eos_token }}), so messages[:j] rendered that way is not a prefix of the conversation. It
+# was called not prefix-stable: SFT on such a checkpoint stopped at its first record.
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_SPECIALS = ("<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def _phi3(d):
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    T.write_hf_tokenizer(d, PHI3, {"eos_token": "<|endoftext|>"}, specials=PHI3_SPECIALS,
+                         merge_words=MERGE_WORDS)  # fmt: skip
+    with open(os.path.join(d, "generation_config.json"), "w") as f:  # Phi-3's: <|end|> stops
+        json.dump({"eos_token_id": [0, 3]}, f)  # (the specials' ids: 256 bytes first)
+    tok = load_tokenizer(d)
+    ids = {s: tok.tok.token_to_id(s) for s in PHI3_SPECIALS}
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [ids["<|endoftext|>"], ids["<|end|>"]]}, f)
+    return load_tokenizer(d), ids
+
+
+def test_sft_on_a_template_that_closes_with_eos(tmp_path):
+    tok, ids = _phi3(str(tmp_path / "phi3"))
+    t = F.training_template(tok)
+    end = ids["<|end|>"]
+    one = [U("the river"), A("Hello")]
+    many = [U("the river"), A("the forest"), U("is a river"), A("Hello")]
+    report = F.DataReport()
+    got = F.render_sft([({"messages": one}, "f:1"), ({"messages": many}, "f:2")], t, 128,
+                       report=report)  # fmt: skip
+    assert len(got) == 2 and report.split_by_turn == 0
+    for ex, answers in zip(got, (["Hello"], ["the forest", "Hello"])):
+        trained = [int(i) for i, m in zip(ex["ids"], ex["mask"]) if m]
+        assert trained == sum((tok.encode(a) + [end] for a in answers), [])
+        # the conversation as the template writes it, closed one id after the last <|end|>
+        whole = tok.encode(tok.render_chat_text(ex["messages"], False))
+        assert whole[: len(ex["ids"])] == ex["ids"].tolist() and ex["ids"][-2] == end
+    # a prompt of a preference pair is located too (it always was: the generation prompt)
+    pair = {"prompt": [U("the river")], "chosen": "Hello", "rejected": "the forest"}
+    assert len(F.render_preferences([(pair, "f:3")], t, 128)) == 1
+
+
+# gpt-oss's template reads an answer's reasoning as `message.thinking`, Qwen3's as
+# `reasoning_content`; transformers gives a message's reasoning under both names. flaxlm passed
+# `reasoning_content` only (gpt-oss then rendered no reasoning) and a record's `thinking` key
+# was dropped: SFT trained without the chain of thought, without a word.
+THINKING = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and m.thinking is defined %}think: {{ m.thinking }}\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+THINK_KEYS = ["reasoning_content", "thinking", "reasoning"]
+# transformers 5.25.0 renders the reasoning under each of these keys as
+FROZEN_THINK_TEXT = ("<|im_start|>user\nthe river<|im_end|>\n<|im_start|>assistant\n"
+                     "think: the forest\nHello<|im_end|>\n")  # fmt: skip
+
+
+def _think_conv(key):
+    return [U("the river"), {"role": "assistant", "content": "Hello", key: "the forest"}]
+
+
+@pytest.mark.parametrize("key", THINK_KEYS)
+def test_reasoning_reaches_a_template_under_any_name(tmp_path, key):
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(_hf_dir(str(tmp_path / "t"), "chatml", THINKING))
+    conv = _think_conv(key)
+    assert tok.render_chat_text(conv, False) == FROZEN_THINK_TEXT
+    (ex,) = F.render_sft([({"messages": conv}, "f:1")], F.training_template(tok), 128)
+    assert ex["messages"][-1]["reasoning_content"] == "the forest"
+    trained = tok.tok.decode([int(i) for i, m in zip(ex["ids"], ex["mask"]) if m],
+                             skip_special_tokens=False)  # fmt: skip
+    assert trained == "think: the forest\nHello<|im_end|>"
+
+
+def test_two_different_reasonings_are_refused(tmp_path):
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(_hf_dir(str(tmp_path / "t"), "chatml", THINKING))
+    conv = [U("the river"), {"role": "assistant", "content": "Hello", "thinking": "a",
+                             "reasoning_content": "b"}]  # fmt: skip
+    report = F.DataReport()
+    assert F.render_sft([({"messages": conv}, "f:1")], F.training_template(tok), 128,
+                        report=report) == []  # fmt: skip
+    assert report.log.counts == {"bad_messages": 1}
+    assert "two different reasonings" in json.dumps(report.log.examples)
+
+
+LIVE_NEW = """
+import json, sys
+from transformers import AutoTokenizer
+gen, think, conv, keys = json.loads(sys.argv[1])
+t = AutoTokenizer.from_pretrained(gen)
+out = [[t.apply_chat_template(conv, add_generation_prompt=g, tokenize=False) for g in (1, 0)]]
+t = AutoTokenizer.from_pretrained(think)
+user = {"role": "user", "content": "the river"}
+out.append([t.apply_chat_template([user, {"role": "assistant", "content": "Hello",
+                                          k: "the forest"}], tokenize=False) for k in keys])
+print(json.dumps(out))
+"""
+
+
+def test_live_new_templates_are_transformers(tmp_path, hf_live):
+    dirs = [_hf_dir(str(tmp_path / n), "chatml", t) for n, t in (("g", GEN_TAG), ("t", THINKING))]
+    live = hf_live(LIVE_NEW, [*dirs, GEN_CONV, THINK_KEYS])
+    assert live == [FROZEN_GEN_TEXT, [FROZEN_THINK_TEXT] * 3], json.dumps(live)
