@@ -28,6 +28,7 @@ from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode_attention import BLOCK_K
 from flaxlm.models.decode_options import compiler_options
 from flaxlm.models.sampling import sample_logits, step_key
+from flaxlm.models.sharding import unboxed
 from flaxlm.models.transformer import (
     Transformer,
     fold_norms,
@@ -55,7 +56,9 @@ def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none"
     weights):
     decoding reads each weight once per step, so it should not also convert fp32 master
     weights every step, dynamic-slice stacked layers, or launch three small matmuls where one
-    would do. Done once per call, before the loop."""
+    would do. Done once per call, before the loop. Boxed params (as `Transformer.init`
+    returns them) are unboxed first: the restructuring walks arrays."""
+    params = unboxed(params)
     if cfg.scan_layers:
         params = unstack_layers(params, cfg.n_layers)
     if fused:

@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from flaxlm.models.sharding import unboxed
+
 # Kernels whose first two dims are inputs ((N, H) -> D of the attention output projection).
 IN_DIMS = {"o": 2}
 
@@ -121,16 +123,6 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _is_box(x) -> bool:
-    return isinstance(x, nn.meta.AxisMetadata)
-
-
-def _unbox(tree):
-    return jax.tree.map(
-        lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, tree, is_leaf=_is_box
-    )
-
-
 def kernel_layout(path: str, shape) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(leading, input, output) dims of the kernel at param path `path` (".../name/kernel")."""
     parts = path.split("/")
@@ -147,7 +139,7 @@ def target_paths(params, spec: LoraSpec) -> dict[str, tuple]:
     """{param path: kernel shape} of the kernels `spec.targets` selects (an error if none)."""
     pat = re.compile(spec.targets)
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(_unbox(params))[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(unboxed(params))[0]:
         p = _path_str(path)
         module, _, name = p.rpartition("/")
         if name == "kernel" and jnp.ndim(leaf) >= 2 and pat.search(module):
@@ -179,7 +171,7 @@ def init_adapters(rng, params, spec: LoraSpec, boxed: bool = False) -> dict:
     flat = {}
     dtypes = {
         _path_str(p): leaf.dtype for p, leaf in jax.tree_util.tree_flatten_with_path(
-            _unbox(params))[0]
+            unboxed(params))[0]
     }  # fmt: skip
     for i, (path, shape) in enumerate(sorted(target_paths(params, spec).items())):
         lead, ins, outs = kernel_layout(path, shape)
@@ -230,7 +222,7 @@ def merge(params, spec: LoraSpec, freeze_base: bool = False):
     (nn.Partitioned) params are unboxed first: the box would add a level to every path, so no
     adapter would find its kernel.
     """
-    base, lora = _unbox(params["base"]), _unbox(params["lora"])
+    base, lora = unboxed(params["base"]), unboxed(params["lora"])
     extra = re.compile(spec.train_extra) if spec.train_extra else None
     adapters = {_path_str(p[:-1]): None for p, _ in jax.tree_util.tree_flatten_with_path(lora)[0]}
 
@@ -305,7 +297,7 @@ def unmatched_spellings(params, spec: LoraSpec) -> list[str]:
     member ("mlp/(gate|up|dwon)") silently adapts fewer modules when the rest matches."""
     kernels = [
         _path_str(path).rpartition("/")[0]
-        for path, leaf in jax.tree_util.tree_flatten_with_path(_unbox(params))[0]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(unboxed(params))[0]
         if _path_str(path).endswith("/kernel") and jnp.ndim(leaf) >= 2
     ]
     bad = []
@@ -358,7 +350,7 @@ def _report_targets(spec: LoraSpec, n: int, kinds: tuple, unmatched: tuple) -> N
 
 def count_params(tree, mask=None) -> int:
     """Number of scalars in `tree` (only where `mask` is True, if given)."""
-    leaves = jax.tree.leaves(_unbox(tree))
+    leaves = jax.tree.leaves(unboxed(tree))
     if mask is None:
         return sum(math.prod(jnp.shape(x)) for x in leaves)
     return sum(math.prod(jnp.shape(x)) for x, m in zip(leaves, jax.tree.leaves(mask)) if m)

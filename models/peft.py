@@ -39,6 +39,7 @@ from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.hf_arch import MULTIMODAL, load_hf_json
 from flaxlm.models.hf_tokenizer import HFError
+from flaxlm.models.sharding import unboxed
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # flaxlm module path (after layers_i/) -> HF module path (after model.layers.i.)
@@ -70,7 +71,7 @@ def adapter_tensors(lora, spec: lora_lib.LoraSpec, cfg: ModelConfig) -> dict[str
 
     out = {}
     flat = {}
-    for p, leaf in jax.tree_util.tree_flatten_with_path(lora_lib._unbox(lora))[0]:
+    for p, leaf in jax.tree_util.tree_flatten_with_path(unboxed(lora))[0]:
         path = lora_lib._path_str(p)
         kernel, _, ab = path.rpartition("/")
         flat.setdefault(kernel, {})[ab] = np.asarray(jax.device_get(leaf))

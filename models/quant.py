@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flaxlm.models.sharding import unboxed
+
 # Input axes of each quantized kernel, by module name (after a scanned-layer or expert axis).
 INPUT_AXES = {
     "q": (0,), "k": (0,), "v": (0,), "qkv": (0,), "o": (0, 1),
@@ -47,7 +49,7 @@ def is_quantized(params) -> bool:
     their "kernel_scale" (`quantize_params` run beforehand: a server's weights, a rollout
     loop's): decoding then treats them as `quantize="int8"` where the choice depends on it
     (models/decode.py `resolve_decode_gemm`) and keeps each kernel's scale with it."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
+    leaves = jax.tree_util.tree_leaves_with_path(unboxed(params))
     return any(getattr(path[-1], "key", None) == "kernel_scale" for path, _ in leaves)
 
 
@@ -59,6 +61,7 @@ def quantize_params(params, mode: str = "int8"):
         raise ValueError(f"quantize={mode!r}; expected one of {MODES}")
     if mode == "none":
         return params
+    params = unboxed(params)  # (as `Transformer.init` returns them: boxed)
 
     def walk(node, path):
         if not isinstance(node, dict):

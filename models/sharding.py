@@ -70,6 +70,19 @@ RULE_PRESETS: dict[str, tuple] = {
 }
 
 
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
+def unboxed(tree):
+    """`tree` with every flax axis-metadata box (`nn.Partitioned`, `nn.LogicallyPartitioned`:
+    the params `Transformer.init` returns) replaced by its value, no sharding constraint
+    applied: code that walks params by path or reads `.dtype` sees the arrays."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, tree, is_leaf=_is_box
+    )
+
+
 def logical_axis_rules(preset: str) -> tuple:
     """The logical→mesh rule table for a named preset (dp | fsdp | fsdp_tp); a ValueError
     naming `config.sharding` for another (the trainer CLI's one line: it was a KeyError

@@ -163,3 +163,33 @@ def test_weights_quantized_beforehand_decode_as_the_int8_model_every_way(monkeyp
         fold_norms(cfg, q, cfg.n_layers)
     with pytest.raises(ValueError, match="streams a dense model's float"):
         generate(cfg, q, prompts, decode_mlp="pallas_t", **kw)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"fuse_projections": True},
+        {"decode_norm": "fold"},
+        {"quantize": "int8"},
+        {"quantize": "int8", "draft": True},
+    ],
+)
+def test_boxed_params_decode_as_the_unboxed_ones_with_every_weight_option(option):
+    """Params as `Transformer.init` returns them (boxed) decode with the options that
+    restructure the weights (fused projections, folded norms, int8): they crashed with a raw
+    AttributeError/TypeError, and on a CUDA GPU fuse_projections and decode_norm="auto"
+    choose those paths by default. `quant.quantize_params` and `is_quantized` take them too."""
+    from flaxlm.models.speculative import prompt_lookup_generate
+
+    cfg = get_variant("tiny", init_std=0.1)
+    boxed = model_fns(cfg)[0](jax.random.PRNGKey(0))
+    assert any(hasattr(x, "unbox") for x in jax.tree.leaves(boxed, is_leaf=lambda x: hasattr(
+        x, "unbox")))  # fmt: skip
+    option = dict(option)
+    run = prompt_lookup_generate if option.pop("draft", False) else generate
+    kw = dict(max_new_tokens=6, rng=jax.random.PRNGKey(0), temperature=0.0, **option)
+    prompts = [[5, 9, 33, 2], [11, 4, 6]]
+    want, got = (run(cfg, p, prompts, **kw) for p in (_params(cfg), boxed))
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-6)
+    assert quant.is_quantized(quant.quantize_params(boxed)) and not quant.is_quantized(boxed)
