@@ -47,6 +47,7 @@ from flaxlm.alignment.run_tokenizer import (  # noqa: F401 (re-exported: the tok
 from flaxlm.configs.common import model_keys_set, to_model_config  # noqa: F401 (model_keys_set: its API)
 from flaxlm.data import formats as F
 from flaxlm.data.source_errors import DataError
+from flaxlm.data.source_paths import expand_paths
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig, check_trainable_dtypes, rows_past_max_seq_len
 from flaxlm.models.sharding import check_batch_divides
@@ -110,8 +111,10 @@ def world(preset: str, seed: int):
 
 
 def records(spec: str, data_cfg, report: F.DataReport) -> list[tuple[dict, str]]:
-    """(record, location) pairs of every source in `spec` (see `data_config`)."""
-    out = []
+    """(record, location) pairs of every source in `spec` (see `data_config`). A file that
+    several parts match is read once, where it first appears, with a warning naming it
+    (`train/*.jsonl,train/extra.jsonl` read extra.jsonl twice, as pretraining's paths do not)."""
+    out, seen = [], set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if part.startswith("builtin:"):
             name = part.split(":", 1)[1]
@@ -122,7 +125,12 @@ def records(spec: str, data_cfg, report: F.DataReport) -> list[tuple[dict, str]]
             report.read += len(rows)
             out += [(r, f"{part}:{i + 1}") for i, r in enumerate(rows)]
         else:
-            out += list(F.read_records(part, report))
+            paths = expand_paths(part)
+            again = [p for p in paths if os.path.realpath(p) in seen]
+            if again:
+                log.warning("data: %s named again by %r; read once", ", ".join(again), part)
+            seen.update(os.path.realpath(p) for p in paths)
+            out += list(F.read_records([p for p in paths if p not in again], report))
     return out
 
 

@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 import ml_collections
 
 from flaxlm.data import sources as S
+from flaxlm.data.source_codecs import numbered_lines
 from flaxlm.data.source_readers import holds_json_array, read_json_array
 
 ROLES = ("system", "user", "assistant")  # flaxlm's own template's roles
@@ -422,15 +423,14 @@ def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[
         if fmt == "jsonl" and holds_json_array(path):
             yield from _json_array_records(path, report)
         elif fmt == "jsonl":
-            with S.open_bytes(path) as f:
-                for i, raw in enumerate(f):
-                    if not raw.strip():
-                        continue
-                    loc = f"{path}:{i + 1}"
-                    report.read += 1
-                    ok, obj = S.jsonl_record(raw, loc, report.log)
-                    if ok:
-                        yield obj, loc
+            for i, raw in numbered_lines(path):  # damage names its line, as in pretraining
+                if not raw.strip():
+                    continue
+                loc = f"{path}:{i + 1}"
+                report.read += 1
+                ok, obj = S.jsonl_record(raw, loc, report.log)
+                if ok:
+                    yield obj, loc
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 

@@ -60,17 +60,15 @@ class JsonlSource:
         # One handle per process; pread keeps concurrent reads from grain's threads independent.
         if self._file is None:
             self._file = os.open(self.path, os.O_RDONLY)
-        off = int(self._offsets[i])
-        chunk = b""
-        while not chunk.endswith(b"\n"):
-            more = os.pread(self._file, 1 << 16, off + len(chunk))
-            if not more:
+        pos, pieces = int(self._offsets[i]), []
+        while True:  # pieces until the line's end: each searched once (a 32 MB line took 9 s)
+            more = os.pread(self._file, 1 << 16, pos)
+            nl = more.find(b"\n")
+            pieces.append(more if nl < 0 else more[:nl])
+            if nl >= 0 or not more:
                 break
-            chunk += more
-            nl = chunk.find(b"\n")
-            if nl >= 0:
-                chunk = chunk[: nl + 1]
-        return json.loads(chunk)[self.text_field]
+            pos += len(more)
+        return json.loads(b"".join(pieces))[self.text_field]
 
     def __getstate__(self):
         return {**self.__dict__, "_file": None}
@@ -85,12 +83,15 @@ class ParquetSource:
         import pyarrow.parquet as pq
 
         try:  # pyarrow's errors do not name the file
-            table = pq.read_table(path)
+            columns = pq.read_schema(path).names
+            if text_field not in columns:
+                raise DataError(f"{path}: no column {text_field!r} (columns: {columns})")
+            # the text column alone: the others (images, metadata) may be most of the file
+            col = pq.read_table(path, columns=[text_field]).column(text_field)
+        except DataError:
+            raise
         except Exception as e:
             raise DataError(f"{path}: not a readable parquet file ({e})") from e
-        if text_field not in table.column_names:
-            raise DataError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
-        col = table.column(text_field)
         # A dictionary-encoded column (pandas' categorical; what iter_documents reads as text)
         # holds strings too: decoded, to large_string so that repeated values cannot overflow
         # string's 32-bit offsets. string_view likewise, for the string compute kernels below.

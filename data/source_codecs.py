@@ -51,6 +51,9 @@ def compression(path: str) -> str | None:
     bad = _UNSUPPORTED.get(suffix) or next(
         (c for m, c in _UNSUPPORTED_MAGIC.items() if head.startswith(m)), None
     )
+    stem_ext = os.path.splitext(os.path.splitext(path.lower())[0])[1]
+    if bad == "tar" or stem_ext == ".tar":  # .tar.gz/.tgz too: gzip outside, an archive inside
+        raise _tar_archive(path)
     if codec is None and bad:
         raise DataError(
             f"{path}: {bad}-compressed input is not supported; decompress it, or recompress it "
@@ -103,26 +106,92 @@ class _Decompressed(io.RawIOBase):
         super().close()
 
 
+class _ZstdFrames:
+    """The decompressed bytes of a zstd file of one or more frames, whose truncation is an
+    ``EOFError`` as gzip's is. (``zstandard``'s ``stream_reader`` returns a clean end of file
+    where a cut file's bytes run out: half a corpus read as if whole, without a word.)"""
+
+    def __init__(self, path: str, decompressor):
+        self._file, self._decompressor = open(path, "rb"), decompressor
+        self._frame, self._frame_started, self._ready = decompressor.decompressobj(), False, b""
+
+    def read(self, n: int) -> bytes:
+        while not self._ready:
+            compressed = self._file.read(1 << 16)
+            if not compressed:
+                if self._frame_started:  # bytes of a frame that never reached its end
+                    raise EOFError("zstd stream ended before the end of its last frame")
+                return b""
+            self._ready = self._decompress(compressed)
+        out, self._ready = self._ready[:n], self._ready[n:]
+        return out
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        """What ``compressed`` decodes to, starting a new frame where one ends (a file may be
+        several frames: ``zstd`` of concatenated files, or a file written in pieces)."""
+        pieces = []
+        while compressed:
+            self._frame_started = True
+            pieces.append(self._frame.decompress(compressed))
+            if not self._frame.eof:
+                break
+            compressed = self._frame.unused_data
+            self._frame, self._frame_started = self._decompressor.decompressobj(), False
+        return b"".join(pieces)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _tar_archive(path: str) -> DataError:
+    return DataError(
+        f"{path}: a tar archive is not read (its headers and padding would become text); "
+        "extract it and give its files"
+    )
+
+
+def _starts_a_tar(reader) -> bool:
+    """Whether the (decompressed) stream begins with a tar header: "ustar" at byte 257. Read
+    from its own reader, so a damaged stream is left for the line-counting reads to name."""
+    head = b""
+    try:
+        while len(head) < 262 and (more := reader.read(262 - len(head))):
+            head += more
+    except Exception:  # damage is reported where the lines are read, with its line
+        return False
+    finally:
+        reader.close()
+    return head[257:262] == b"ustar"
+
+
 def open_bytes(path: str):
-    """A binary reader of ``path``'s content, decompressed when it is gzip or zstd."""
+    """A binary reader of ``path``'s content, decompressed when it is gzip or zstd; a tar
+    archive (by its name or, under any name, by its header) is a ``DataError``."""
     codec = compression(path)
+    if _starts_a_tar(_open_raw(path, codec)[0]):
+        raise _tar_archive(path)
+    raw, errors = _open_raw(path, codec)
     if codec is None:
-        return open(path, "rb")
-    if codec == "gzip":
-        raw, errors = gzip.open(path, "rb"), (OSError, EOFError, zlib.error)
-    else:
-        try:
-            import zstandard  # not a declared dependency of flaxlm (apache-beam installs it)
-        except ImportError:
-            raise DataError(
-                f"{path}: is zstd-compressed; reading it needs the zstandard package "
-                "(pip install zstandard), or decompress it first"
-            ) from None
-        raw = zstandard.ZstdDecompressor().stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True
-        )
-        errors = (OSError, EOFError, zstandard.ZstdError)
+        return raw
     return io.BufferedReader(_Decompressed(path, raw, errors), 1 << 16)
+
+
+def _open_raw(path: str, codec: str | None):
+    """(reader, its decompression errors) of ``path`` by ``codec``: the file itself for None."""
+    if codec is None:
+        return open(path, "rb"), ()
+    if codec == "gzip":
+        return gzip.open(path, "rb"), (OSError, EOFError, zlib.error)
+    try:
+        import zstandard  # not a declared dependency of flaxlm (apache-beam installs it)
+    except ImportError:
+        raise DataError(
+            f"{path}: is zstd-compressed; reading it needs the zstandard package "
+            "(pip install zstandard), or decompress it first"
+        ) from None
+    return _ZstdFrames(path, zstandard.ZstdDecompressor()), (
+        OSError, EOFError, zstandard.ZstdError,
+    )  # fmt: skip
 
 
 def numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:

@@ -104,15 +104,28 @@ def _directory_files(path: str) -> list[str]:
     names = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     data = [f for f in names if is_data_file(f)]
     other = [f for f in names if f not in data and f != META_FILE and f[:1] not in "._"]
+    # not read: a directory is its own files, not its subdirectories' (say so, and how to)
+    subdirs = sorted(
+        f + "/" for f in os.listdir(path)
+        if f[:1] not in "._" and os.path.isdir(os.path.join(path, f))
+    )  # fmt: skip
+    if subdirs and path not in _WARNED_DIRS:
+        logging.warning(
+            "data: %s: subdirectories are not read (%s); to read them, match them with a glob "
+            "such as %r",
+            path,
+            ", ".join(subdirs[:10]) + (", ..." if len(subdirs) > 10 else ""),
+            os.path.join(path, "**", "*"),
+        )
     if not data:
         raise FileNotFoundError(
             f"no data files in directory {path!r}"
             + (f" (skipped {other}: not {'/'.join(_DATA_SUFFIXES)}/.arrayrecord)" if other else "")
+            + (f" (subdirectories are not read: {subdirs})" if subdirs else "")
             + "; name the files, or match them with a glob such as "
-            + repr(os.path.join(path, "*"))
+            + repr(os.path.join(path, "**", "*") if subdirs else os.path.join(path, "*"))
         )
     if other and path not in _WARNED_DIRS:
-        _WARNED_DIRS.add(path)
         logging.warning(
             "data: %s: skipped %d file(s) that are not data (%s); data files end in %s or "
             "contain .arrayrecord, optionally compressed",
@@ -121,6 +134,7 @@ def _directory_files(path: str) -> list[str]:
             ", ".join(other[:10]) + (", ..." if len(other) > 10 else ""),
             "/".join(_DATA_SUFFIXES),
         )
+    _WARNED_DIRS.add(path)
     return [os.path.join(path, f) for f in data]
 
 

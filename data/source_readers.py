@@ -260,11 +260,15 @@ def check_txt_mode(txt_mode, key: str = "txt_mode") -> str:
 
 
 def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
-    """Plain text: one document per file, per line, or per blank-line-separated block."""
+    """Plain text: one document per file, per line, or per blank-line-separated block. A
+    leading UTF-8 BOM is not text, and a CRLF file's line ends are "\n" (as jsonl reads them:
+    the BOM and the "\r"s were trained on when the text came straight to training)."""
     check_txt_mode(txt_mode)
     if txt_mode == "file":
         loc = f"{path}:1"
         text = _decode(read_all(path), loc, log)
+        if text is not None:
+            text = text.removeprefix("\ufeff").replace("\r\n", "\n")
         yield 0, loc, (text if text is not None and _check_text(text, loc, log) else None)
         return
     block: list[str] = []
@@ -275,12 +279,15 @@ def _iter_text_file(path: str, txt_mode: str, log: BadInputLog):
         loc = f"{path}:{i + 1}"
         if txt_mode == "line":
             line = _decode(raw, loc, log)
+            if i == 0 and line is not None:
+                line = line.removeprefix("\ufeff")
             if line is None or line.strip():  # empty lines are separators, not documents
                 # "\r\n" too: a CRLF file's lines ended in "\r", kept in the document
                 yield i, loc, (None if line is None else line.rstrip("\r\n"))
             continue
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8").replace("\r\n", "\n")
+            line = line.removeprefix("\ufeff") if i == 0 else line
         except UnicodeDecodeError as e:
             start = i if start is None else start
             bad = bad or (loc, str(e)[:80])
