@@ -37,7 +37,7 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
 
      averaged over each response's tokens, then over responses (`loss_agg="seq"`, the paper's
      1/G Σ_i 1/|o_i| Σ_t), over all tokens of the minibatch (`"token"`, DAPO), or summed and
-     divided by a constant, rows × row length (`"constant"`: Dr. GRPO, with
+     divided by a constant, rows × seq_len (`"constant"`: Dr. GRPO, with
      `scale_by_std=False`; no response-length bias).
      Variants: `clip_high` > 0 clips ρ to [1 − ε, 1 + clip_high] (DAPO's clip-higher);
      `importance="sequence"` replaces ρ by the response's length-normalised sequence ratio
@@ -479,7 +479,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     temperature = scoring_temperature(config.rollout.temperature)
     router = router_coefs(config.get("loss"), cfg.n_experts > 0)
     if make_loss is None:
-        loss_fn = grpo_loss_fn(apply, config.grpo, temperature, router)
+        loss_fn = grpo_loss_fn(apply, config.grpo, temperature, router, config.seq_len)
     else:
         loss_fn = make_loss(apply, router)
     return loop.Task(

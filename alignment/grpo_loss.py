@@ -54,14 +54,17 @@ def overlong_penalty(lengths, max_new_tokens: int, buffer: int) -> np.ndarray:
 LOSS_AGGS = ("seq", "token", "constant")  # grpo.loss_agg: `aggregate`'s
 
 
-def aggregate(x, mask, agg: str):
+def aggregate(x, mask, agg: str, row_length: int | None = None):
     """(mean, weight) of per-token values `x` (B, T) over `mask` by `grpo.loss_agg`: "seq" the
     mean over responses of each response's token mean (weight: responses with a token),
     "token" the mean over all tokens (weight: tokens), "constant" the sum over all tokens
-    divided by rows × row length (weight: rows) — Dr. GRPO's constant normaliser in place of
-    1/|o_i|, so a long response's tokens weigh what a short one's do. The loss and every
-    per-token metric use it, so a metric means the same with any `grad_accum` (the step weighs
-    micro-batches by `weight`)."""
+    divided by rows × `row_length` (weight: rows) — Dr. GRPO's constant normaliser in place of
+    1/|o_i|, so a long response's tokens weigh what a short one's do. `row_length` is the run's
+    `seq_len`, not T: the rollout cuts each minibatch to the width its longest row needs
+    (`rollout.trim_buckets`), and dividing by that width scaled a minibatch of short answers'
+    loss and gradient up to 3× (the length bias the constant is there to remove); None: T.
+    The loss and every per-token metric use it, so a metric means the same with any
+    `grad_accum` (the step weighs micro-batches by `weight`)."""
     if agg == "seq":
         n = jnp.sum(mask, axis=1)
         has = (n > 0).astype(jnp.float32)
@@ -70,20 +73,21 @@ def aggregate(x, mask, agg: str):
     if agg == "token":
         return masked_mean(x, mask), jnp.sum(mask)
     if agg == "constant":
-        rows, length = mask.shape
+        rows, width = mask.shape
+        length = width if row_length is None else row_length
         return jnp.sum(x * mask) / (rows * length), jnp.asarray(rows, jnp.float32)
     raise ValueError(f"grpo.loss_agg={agg!r}; expected one of {LOSS_AGGS}")
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="seq",
-              clip_high=0.0, importance="token"):  # fmt: skip
+              clip_high=0.0, importance="token", row_length=None):  # fmt: skip
     """(loss, metrics) of the clipped group-relative objective (module docstring); the metrics
     (pg_loss + beta·kl = loss, clipfrac) are aggregated like the loss (`aggregate`).
 
     logp, old_logp, ref_logp, mask: (B, T); advantages: (B,) per sequence. The ratio is
     clipped to [1 − clip, 1 + clip_high] (clip_high 0: 1 + clip). `importance` "sequence"
     (GSPO) uses each response's length-normalised sequence ratio exp(mean_t log π/π_old) for
-    all its tokens instead of the per-token ratio.
+    all its tokens instead of the per-token ratio. `row_length`: "constant"'s (`aggregate`).
     """
     a = advantages[:, None]
     high = clip_high or clip
@@ -102,22 +106,25 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip, beta, agg="se
     ratio = jnp.exp(log_ratio)
     pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - clip, 1 + high) * a)
     kl = kl_penalty(logp, ref_logp, "k3")
-    loss, weight = aggregate(pg + beta * kl, mask, agg)
+    loss, weight = aggregate(pg + beta * kl, mask, agg, row_length)
     clipped = ((ratio < 1 - clip) | (ratio > 1 + high)).astype(jnp.float32)
     metrics = {
-        "pg_loss": aggregate(pg, mask, agg)[0],
-        "kl": aggregate(kl, mask, agg)[0],
-        "clipfrac": aggregate(clipped, mask, agg)[0],
+        "pg_loss": aggregate(pg, mask, agg, row_length)[0],
+        "kl": aggregate(kl, mask, agg, row_length)[0],
+        "clipfrac": aggregate(clipped, mask, agg, row_length)[0],
         "weight": weight,
     }
     return loss, metrics
 
 
-def grpo_loss_fn(apply, g, temperature: float = 1.0, router: tuple | None = None):
+def grpo_loss_fn(apply, g, temperature: float = 1.0, router: tuple | None = None,
+                 row_length: int | None = None):  # fmt: skip
     """`grpo_loss` over a rollout minibatch, with the policy's logprobs and entropy at
-    `temperature` (the rollout's, `scoring_temperature`). `router` (train/losses.py
-    `router_coefs`: a mixture-of-experts policy) adds the router losses of this forward pass
-    (the one with gradient; the rollout's scoring passes have none) and logs `moe/*`."""
+    `temperature` (the rollout's, `scoring_temperature`); `row_length` (the run's seq_len) is
+    `loss_agg="constant"`'s divisor, whatever width the minibatch was cut to. `router`
+    (train/losses.py `router_coefs`: a mixture-of-experts policy) adds the router losses of
+    this forward pass (the one with gradient; the rollout's scoring passes have none) and
+    logs `moe/*`."""
 
     def loss_fn(params, batch, rng):
         del rng
@@ -129,8 +136,10 @@ def grpo_loss_fn(apply, g, temperature: float = 1.0, router: tuple | None = None
             logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
             batch["loss_mask"], clip=g.clip, beta=g.beta, agg=g.loss_agg,
             clip_high=g.get("clip_high", 0.0), importance=g.get("importance", "token"),
+            row_length=row_length,
         )  # fmt: skip
-        metrics["entropy"] = aggregate(entropy(logits), batch["loss_mask"], g.loss_agg)[0]
+        metrics["entropy"] = aggregate(entropy(logits), batch["loss_mask"], g.loss_agg,
+                                       row_length)[0]  # fmt: skip
         return add_router_losses(loss, {**metrics, **passthrough_stats(batch)}, stats, router)
 
     return loss_fn

@@ -91,7 +91,7 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     c.dynamic_sampling = 0
     c.beta = 0.04  # weight >= 0 of the per-token KL (k3) to the reference (0: no KL term)
     # seq: mean over each response, then over responses | token: token mean (DAPO) | constant:
-    # token sum / (rows × row length) (Dr. GRPO: no 1/|o_i|, so no response-length bias)
+    # token sum / (rows × seq_len) (Dr. GRPO: no 1/|o_i|, so no response-length bias)
     c.loss_agg = "seq"
     # a reasoning model's end-of-thinking marker (e.g. "</think>"): rewards judge the text after
     # it; a response without it gets rollout.empty_reward. "" = the whole response is judged

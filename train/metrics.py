@@ -326,8 +326,10 @@ class MetricWriter:
         rec = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
+        if self.tb is not None:  # the values before _clean: a NaN/Inf loss is a point, not a gap
+            for k, v in metrics.items():
+                if isinstance(v, (np.generic, np.ndarray)) and np.size(v) == 1:
+                    v = v.item()
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, v, step)
 

@@ -159,23 +159,36 @@ def _micro_mean(fn: Callable, xs):
     def body(carry, x):
         loss, metrics, extra = fn(x)
         w = metrics.get("weight", jnp.ones((), jnp.float32))
-        acc_l, acc_m, acc_e, acc_w = carry
+        acc_l, acc_m, acc_plain, acc_e, acc_w = carry
         acc_e = jax.tree.map(lambda a, e: a + w * e, acc_e, extra)
         # sums and ratios' numerators and denominators add up; the rest is weighted by w
         acc_m = {k: _accumulate(acc_m[k], v, 1.0 if k in (SUMS, RATIOS) else w)
                  for k, v in metrics.items()}  # fmt: skip
-        return (acc_l + w * loss, acc_m, acc_e, acc_w + w), None
+        acc_plain = _accumulate(acc_plain, _plain(metrics), 1.0)
+        return (acc_l + w * loss, acc_m, acc_plain, acc_e, acc_w + w), None
 
     shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], xs))
     _, zeros_m, zeros_e = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     zero = jnp.zeros((), jnp.float32)
-    (loss, metrics, extra, w), _ = jax.lax.scan(body, (zero, zeros_m, zeros_e, zero), xs)
+    carry = (zero, zeros_m, _plain(zeros_m), zeros_e, zero)
+    (loss, metrics, plain, extra, w), _ = jax.lax.scan(body, carry, xs)
+    # A batch whose every micro-batch weighs 0 (all pairs tied, every response truncated under
+    # mask_truncated) has no weighted mean: its metrics are the micro-batches' plain mean, as
+    # one micro-batch logs them (the rollout/* statistics read 0 where grad_accum > 1).
+    n = jax.tree.leaves(xs)[0].shape[0]
+    nothing = w <= 0
     w = jnp.maximum(w, 1e-8)
-    metrics = {k: v if k in (SUMS, RATIOS) else jax.tree.map(lambda m: m / w, v)
+    metrics = {k: v if k in (SUMS, RATIOS)
+               else jax.tree.map(lambda m, p: jnp.where(nothing, p / n, m / w), v, plain[k])
                for k, v in metrics.items()}  # fmt: skip
     if "weight" in metrics:
         metrics["weight"] = w
     return loss / w, finish_metrics(metrics), jax.tree.map(lambda e: e / w, extra)
+
+
+def _plain(metrics: dict) -> dict:
+    """The metrics a micro-batch's weight averages (not SUMS or RATIOS)."""
+    return {k: v for k, v in metrics.items() if k not in (SUMS, RATIOS)}
 
 
 def _micro_rngs(rng, n: int):

@@ -109,15 +109,20 @@ def test_trimmed_rows_give_the_same_logprobs_loss_and_gradients():
     for f, s in zip(full, short):
         np.testing.assert_allclose(rl_rollout.pad_columns(s, 24, T) * rows["loss_mask"],
                                    f * rows["loss_mask"], rtol=1e-5, atol=1e-6)  # fmt: skip
-    c = override(grpo_config.get_config("runlocal=True"), {"grpo.loss_agg": "seq"})
-    loss = grpo.grpo_loss_fn(apply, c.grpo, 0.7)
-    loss_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    (l_full, m_full), g_full = loss_and_grad(params, rows, None)
-    (l_cut, m_cut), g_cut = loss_and_grad(params, cut, None)
-    np.testing.assert_allclose(l_cut, l_full, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-    assert m_cut.keys() == m_full.keys()
+    # every loss_agg: Dr. GRPO's "constant" divided by the cut width (2x here) until it took
+    # the run's seq_len (grpo.py passes it)
+    for agg in ("seq", "token", "constant"):
+        c = override(grpo_config.get_config("runlocal=True"), {"grpo.loss_agg": agg})
+        loss = grpo.grpo_loss_fn(apply, c.grpo, 0.7, row_length=T)
+        loss_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        (l_full, m_full), g_full = loss_and_grad(params, rows, None)
+        (l_cut, m_cut), g_cut = loss_and_grad(params, cut, None)
+        np.testing.assert_allclose(l_cut, l_full, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(g_cut), jax.tree.leaves(g_full), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        assert m_cut.keys() == m_full.keys()
+        for k in ("pg_loss", "kl", "clipfrac", "entropy"):
+            np.testing.assert_allclose(m_cut[k], m_full[k], rtol=1e-5, atol=1e-7)
 
 
 def test_processes_cut_their_parts_of_a_minibatch_to_one_width(monkeypatch):

@@ -114,3 +114,24 @@ def test_eval_rows_gives_each_row_its_own_outputs_in_the_batch_order():
         got = step.jit_eval_rows(rows_fn, n)(2.0, batch)
         for a, b in zip(got, whole, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_micro_batches_that_all_weigh_nothing_keep_their_metrics():
+    """A GRPO or online-DPO minibatch whose every row weighs 0 (all pairs tied, every answer
+    truncated under mask_truncated) logged its rollout/* statistics as 0 with grad_accum > 1
+    (0·x / 1e-8), where one micro-batch logs them as they are."""
+
+    def fn(x):
+        w, stat = x
+        return w * 2.0, {"weight": w, "rollout/nonstop": stat, "kl": w * 3.0}, jnp.ones(2) * w
+
+    stat = jnp.asarray([32.0, 32.0, 30.0])
+    loss, metrics, grads = step._micro_mean(fn, (jnp.zeros(3), stat))
+    assert float(loss) == 0 and not np.asarray(grads).any()
+    np.testing.assert_allclose(metrics["rollout/nonstop"], 94.0 / 3, rtol=1e-6)
+    assert float(metrics["kl"]) == 0
+    # any weight at all: the weighted mean, as before
+    loss, metrics, _ = step._micro_mean(fn, (jnp.asarray([0.0, 1.0, 3.0]), stat))
+    np.testing.assert_allclose(metrics["rollout/nonstop"], (32.0 + 3 * 30.0) / 4, rtol=1e-6)
+    np.testing.assert_allclose(metrics["weight"], 4.0)
+    np.testing.assert_allclose(loss, 2.0 * (1 + 9) / 4, rtol=1e-6)

@@ -197,3 +197,34 @@ def test_a_kill_inside_the_move_leaves_old_or_new_files(tmp_path, monkeypatch, f
     assert sum(e["superseded_lines"] for e in events) == 3
     assert sorted(os.listdir(tmp_path)) == ["events.jsonl", "metrics.jsonl",
                                             "metrics.superseded.jsonl"]  # fmt: skip
+
+
+def _tensorboard_scalars(tb_dir) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in a directory of TFRecord event files."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for name in sorted(os.listdir(tb_dir)):
+        data = open(os.path.join(tb_dir, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4  # length, its crc, the record, its crc
+            out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def test_a_nan_or_inf_metric_reaches_tensorboard(tmp_path):
+    """metrics.jsonl writes a NaN as "nan" (JSON has none); TensorBoard was given that string,
+    skipped it, and showed a diverged loss as a gap in the curve."""
+    w = metrics.MetricWriter(str(tmp_path))
+    w.write(1, {"loss": 2.5, "grad_norm": np.float32(1.0)})
+    w.write(2, {"loss": float("nan"), "grad_norm": np.float32("inf")})
+    w.close()
+    got = {(s, t): v for s, t, v in _tensorboard_scalars(tmp_path / "tb")}
+    assert got[(1, "loss")] == 2.5 and got[(1, "grad_norm")] == 1.0
+    assert np.isnan(got[(2, "loss")]) and got[(2, "grad_norm")] == float("inf")
+    assert metrics.read_metrics(str(tmp_path))[1] == {"step": 2, "loss": "nan", "grad_norm": "inf"}
