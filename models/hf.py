@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -71,7 +72,11 @@ from flaxlm.models.hf_config import (  # noqa: F401
 from flaxlm.models.hf_tokenizer import (
     HFError,
     HFTokenizer,
+    _chat_templates,
+    _eos_list,
+    _json_object,
     copy_tokenizer,
+    exported_template_files,
     load_tokenizer,
     sentencepiece_hf_files,
     set_template_kwargs,
@@ -84,6 +89,8 @@ from flaxlm.models.hf_weights import (  # noqa: F401
     write_shards,
 )
 from flaxlm.models.transformer import Transformer, unstack_layers
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HFError", "HFTokenizer", "load_tokenizer", "load_config", "load_pretrained",
            "save_pretrained", "forward", "config_from_hf", "config_to_hf",
@@ -138,8 +145,12 @@ def save_pretrained(cfg: ModelConfig, params, path: str, arch: str = "llama", *,
         if tokenizer:
             copy_tokenizer(tokenizer, tmp)
         for name, obj in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=2, ensure_ascii=False)
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                if isinstance(obj, str):  # a text file (a chat template's .jinja)
+                    f.write(obj)
+                else:
+                    json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
 @contextlib.contextmanager
@@ -264,11 +275,58 @@ def export_run(run_dir: str, hf_dir: str, arch: str | None = None, step=None, dt
                  if v >= 0}  # fmt: skip
         if tok_path.endswith(".json"):
             tok_path = os.path.dirname(tok_path)
+            # the template variables the run trained with, as the exported templates' defaults
+            files = exported_template_files(tok_path, meta.get("chat_template_kwargs") or {},
+                                            files)  # fmt: skip
         else:  # flaxlm's SentencePiece model: tokenizer.json, settings, chat template for HF
-            files = sentencepiece_hf_files(tok)
+            files = _over_source_files(sentencepiece_hf_files(tok), os.path.dirname(tok_path))
+        _warn_if_chat_untemplated(meta, files, tok_path)
     save_pretrained(cfg, params, hf_dir, arch, dtype=dtype, tokenizer=tok_path or None,
                     overwrite=overwrite, extra_config=extra, extra_files=files)  # fmt: skip
     return hf_dir
+
+
+def _over_source_files(generated: dict, tok_dir: str) -> dict:
+    """A SentencePiece run's generated HF tokenizer files, merged over the tokenizer_config /
+    generation_config an HF import copied beside its tokenizer.model (an import of a Llama-2
+    style checkpoint): the source's chat template (the generated files have one only for
+    flaxlm's chat tokens) and sampling defaults stay, and its stop ids join the generated
+    ones. They were replaced: an import and export without training changed how the model
+    is served."""
+    out = dict(generated)
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        source = _json_object(os.path.join(tok_dir, name))
+        if not source or name not in out:
+            continue
+        merged = {**source, **out[name]}
+        if name == "generation_config.json":
+            ids = [*_eos_list(out[name]), *_eos_list(source)]
+            ids = list(dict.fromkeys(ids))
+            if ids:
+                merged["eos_token_id"] = ids if len(ids) > 1 else ids[0]
+        out[name] = merged
+    return out
+
+
+# the tasks that train on chat-formatted data (their runs render with a chat template)
+_CHAT_TASKS = ("sft", "dpo", "kto", "reward", "grpo", "ppo", "online_dpo", "distill")
+
+
+def _warn_if_chat_untemplated(meta: dict, files: dict, tok_path: str) -> None:
+    """A chat-trained run whose export carries no chat template (an HF base without one:
+    flaxlm trained its text-header fallback) is served without its chat format: say so."""
+    if meta.get("task") not in _CHAT_TASKS:
+        return
+    if os.path.isdir(tok_path):
+        config = files.get("tokenizer_config.json") or _json_object(
+            os.path.join(tok_path, "tokenizer_config.json"))  # fmt: skip
+        has = bool(_chat_templates(tok_path, config.get("chat_template"))[0])
+    else:
+        has = bool((files.get("tokenizer_config.json") or {}).get("chat_template"))
+    if not has:
+        log.warning("export: this %s run's tokenizer has no chat template, so the export has "
+                    "none: it trained on flaxlm's text-header chat format, which HF's "
+                    "apply_chat_template cannot reproduce", meta["task"])  # fmt: skip
 
 
 def main(argv=None) -> None:

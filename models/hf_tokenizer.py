@@ -40,6 +40,11 @@ _NAMED_TEMPLATES_DIR = "additional_chat_templates"
 
 
 def copy_tokenizer(src: str, dst_dir: str) -> None:
+    """Copies the tokenizer file `src`, or an HF directory's tokenizer files, into `dst_dir`.
+    The stop ids an HF directory declares only in its config.json (`eos_token_id`, which
+    `HFTokenizer.load` reads; a model config is not a tokenizer file) go into the copy's
+    generation_config.json: an imported or fine-tuned run's tokenizer, and its export, lost
+    them, and a model that ends its turns with <|im_end|> was never stopped there."""
     files = [src] if os.path.isfile(src) else [os.path.join(src, f) for f in _TOKENIZER_FILES]
     files = [f for f in files if os.path.exists(f)]
     if not files:
@@ -49,6 +54,94 @@ def copy_tokenizer(src: str, dst_dir: str) -> None:
     named = os.path.join(src, _NAMED_TEMPLATES_DIR)
     if os.path.isdir(named):
         shutil.copytree(named, os.path.join(dst_dir, _NAMED_TEMPLATES_DIR), dirs_exist_ok=True)
+    if os.path.isdir(src):
+        _carry_config_stop_ids(src, dst_dir)
+
+
+def _eos_list(settings: dict) -> list[int]:
+    e = settings.get("eos_token_id")
+    return [int(i) for i in (e if isinstance(e, list) else [] if e is None else [e])]
+
+
+def _json_object(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except ValueError as e:
+        raise HFError(f"{path}: cannot read tokenizer settings: {e}") from None
+    if not isinstance(obj, dict):
+        raise HFError(f"{path}: cannot read tokenizer settings: not a JSON object")
+    return obj
+
+
+def _carry_config_stop_ids(src: str, dst_dir: str) -> None:
+    config_ids = _eos_list(_json_object(os.path.join(src, "config.json")))
+    path = os.path.join(dst_dir, "generation_config.json")
+    generation = _json_object(path)
+    ids = _eos_list(generation)
+    missing = [i for i in config_ids if i not in ids]
+    if missing:
+        merged = ids + missing
+        generation["eos_token_id"] = merged if len(merged) > 1 else merged[0]
+        with open(path, "w") as f:
+            json.dump(generation, f, indent=2)
+
+
+def _jinja_literal(value) -> str:
+    """`value` (from JSON) as a Jinja expression: JSON's own text but for true/false/null."""
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    if isinstance(value, list):
+        return "[" + ", ".join(_jinja_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{json.dumps(str(k))}: {_jinja_literal(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    return json.dumps(value)
+
+
+def template_with_defaults(template: str, kwargs: dict) -> str:
+    """`template` with the variables `kwargs` set first unless the caller passes them: what a
+    run trained with (`data.chat_template_kwargs`, e.g. Qwen3's enable_thinking=false) is
+    then what transformers, vLLM or TGI render by default, and a caller can still override."""
+    head = "".join(f"{{%- if {k} is not defined %}}{{%- set {k} = {_jinja_literal(v)} %}}"
+                   "{%- endif %}" for k, v in kwargs.items())  # fmt: skip
+    return head + template
+
+
+def exported_template_files(tok_dir: str, kwargs: dict, files: dict) -> dict:
+    """The files (name → JSON object or text) an export writes over the copied tokenizer
+    files of `tok_dir` so that each chat template there (chat_template.jinja, the
+    tokenizer_config.json `chat_template`, string or named list, and the named .jinja
+    templates) defaults to the run's template variables `kwargs`; `files` are the files
+    already to be written (a tokenizer_config.json there is the one changed)."""
+    out = dict(files)
+    if not kwargs:
+        return out
+    jinja = os.path.join(tok_dir, CHAT_TEMPLATE_FILE)
+    if os.path.exists(jinja):
+        out[CHAT_TEMPLATE_FILE] = template_with_defaults(_read_text(jinja), kwargs)
+    named = os.path.join(tok_dir, _NAMED_TEMPLATES_DIR)
+    for fname in sorted(os.listdir(named)) if os.path.isdir(named) else ():
+        if fname.endswith(".jinja"):
+            text = _read_text(os.path.join(named, fname))
+            out[f"{_NAMED_TEMPLATES_DIR}/{fname}"] = template_with_defaults(text, kwargs)
+    config = out.get("tokenizer_config.json")
+    if config is None:
+        config = _json_object(os.path.join(tok_dir, "tokenizer_config.json"))
+    inline = config.get("chat_template")
+    if isinstance(inline, str):
+        config = {**config, "chat_template": template_with_defaults(inline, kwargs)}
+    elif isinstance(inline, list):
+        config = {**config, "chat_template": [
+            {**t, "template": template_with_defaults(t["template"], kwargs)}
+            if isinstance(t, dict) and isinstance(t.get("template"), str) else t
+            for t in inline
+        ]}  # fmt: skip
+    if inline is not None:
+        out["tokenizer_config.json"] = config
+    return out
 
 
 def run_tokenizer_path(recorded: str, run_dir: str) -> str:
