@@ -1,5 +1,7 @@
 """Cleaning filters and PII redaction, each with English and Chinese examples."""
 
+import itertools
+
 import pytest
 
 from flaxlm.data import clean
@@ -106,6 +108,32 @@ def test_stop_words_en_zh():
         )
         == "stop_words"
     )
+
+
+def _pseudo_words(n):
+    """n distinct five-letter non-words (no stop word, no word-list entry, no shared n-grams)."""
+    words = ("".join(w) for w in itertools.product("bdfgk", "aeiou", "lmnpr", "aeiou", "stvxz"))
+    return [next(words) for _ in range(n)]
+
+
+def test_thresholds_pass_at_their_value_and_fail_one_past_it():
+    """At the defaults (every filter on), documents built to sit exactly on a threshold pass
+    and one step past it fail with its reason, as clean_config's comments say: "fewer" than
+    min_stop_words distinct stop words, ('#' + ellipses) per word "above" max_symbol_ratio,
+    "more" words than max_words. (tests/data/test_prep_audit.py checks every rule one at a
+    time, the others switched off; this is the shipped configuration.)"""
+    c = clean.clean_config()
+    assert (c.min_stop_words, c.max_symbol_ratio) == (2, 0.1)
+    # exactly 2 distinct English stop words in 50 words; "the the" is one
+    assert fails(" ".join(["the", "of"] + _pseudo_words(48))) is None
+    assert fails(" ".join(["the", "the"] + _pseudo_words(48))) == "stop_words"
+    # 5 '#' in 50 words is 0.1 (5 / 50 == 0.1 in floats too); 6 is above
+    words = ["the", "of"] + _pseudo_words(48)
+    assert fails(" ".join(words[:45] + [w + "#" for w in words[45:]])) is None
+    assert fails(" ".join(words[:44] + [w + "#" for w in words[44:]])) == "symbol_ratio"
+    # max_words=60: 60 words pass, 61 are too long
+    for n, want in [(60, None), (61, "too_long")]:
+        assert fails(" ".join(["the", "of"] + _pseudo_words(n - 2)), max_words=60) == want, n
 
 
 def test_script_check():

@@ -72,6 +72,24 @@ def test_score_response_exact_regex_judge():
     assert rude["unsafe"] == 1.0 and rude["judge"] <= 0.0
 
 
+def test_a_response_that_opens_with_a_stop_string_is_empty_and_wrong():
+    """lm-eval-harness "until" semantics: the response is the text before the first occurrence
+    of any stop string, also when that occurrence is at position 0 — a model that answers
+    "\n" + "Paris" under stop "\n" gave an empty answer, not "Paris". (A match at index 0 read
+    as no match kept the whole text, and scored what came after the stop.)"""
+    for stop in ("\n", "\n\nQuestion:", "Q:"):
+        assert G.truncate_at_stop(stop + "x", [stop]) == "", stop
+        assert G.truncate_at_stop(stop + "x", ["never", stop]) == "", stop
+        assert G.truncate_at_stop("x" + stop + "y", [stop]) == "x", stop
+    em = TaskSpec("em", "generation", "f")
+    rx = TaskSpec("rx", "generation", "f", scoring="regex", answer_regex=r"#### (\S+)")
+    for spec, stop, text in [(em, "\n", "\nParis"), (rx, "Q:", "Q: so #### Paris")]:
+        response = G.truncate_at_stop(text, [stop]).strip()  # as _response_text cuts it
+        assert response == "", text
+        assert G.score_response(spec, {"answer": "Paris"}, response)["exact_match"] == 0.0
+        assert G.score_response(spec, {"answer": "Paris"}, text)["exact_match"] == 1.0  # uncut
+
+
 def test_generation_task_with_stand_in_decoder(world_dir, tok):
     spec = world_tasks(world_dir)["gen_facts_train"].replace(num_fewshot=2)
     examples = read_examples(spec, limit=3)

@@ -72,6 +72,7 @@ def _check_against_xla(q, k, v, packed=None, window=0, cap=0.0, scale=None, bloc
 @pytest.mark.parametrize(
     "window, cap, T, block",
     [(0, 0.0, 40, 8), (11, 5.0, 40, 8),
+     (10, 0.0, 40, 8),  # window - 1 = 1 mod block: a block's first row needs a key 9 back
      (11, 0.0, 37, 8),  # padded up to 40 inside
      (0, 5.0, 40, 64)],  # one block, larger than the row
 )  # fmt: skip
@@ -120,7 +121,8 @@ def _check_tiles(T, b, packed=None, window=0, q_rows=None):
     if q_rows is not None:
         dense = dense[:, np.asarray(q_rows)[0]]
     needed = dense.reshape(B, Tq // b, b, T // b, b).any(axis=(0, 2, 4))
-    assert not (needed & ~np.asarray(fwd)).any()
+    missed = np.argwhere(needed & ~np.asarray(fwd)).tolist()
+    assert not missed, f"window={window}: needed (query, key) blocks not visited: {missed}"
     return np.asarray(fwd), needed
 
 
@@ -145,6 +147,21 @@ def test_visited_tiles_skip_only_hidden_blocks():
     q_rows = jnp.arange(24, 48)[None]
     visited, needed = _check_tiles(T, b, q_rows=q_rows)
     np.testing.assert_array_equal(visited, needed)
+
+
+def test_visited_tiles_are_the_band_of_every_window():
+    """Plain rows, every window from 1 to past two blocks: the visited key blocks are exactly
+    the needed ones. Query block i's first row, b·i, sees keys down to b·i − window + 1, so its
+    first key block is floor((b·i − window + 1) / b); the windows where that key is a block's
+    last (window = 2 mod b: 2, 10, ...) are the ones a range one key short loses, and a model
+    with them drops keys it must see (outputs ~0.5 off XLA's at window 10, block 8)."""
+    T, b = 64, 8
+    for window in range(1, 2 * b + 2):
+        visited, needed = _check_tiles(T, b, window=window)
+        np.testing.assert_array_equal(visited, needed, err_msg=f"window={window}")
+        i = np.arange(T // b)
+        np.testing.assert_array_equal(visited.argmax(axis=1),
+                                      np.maximum(0, (b * i - window + 1) // b))  # fmt: skip
 
 
 def test_queries_from_a_stretch_of_the_row():

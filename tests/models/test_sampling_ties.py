@@ -1,6 +1,7 @@
 """`filter_logits` with tied logits (frequent with bf16 logits): top-k keeps every token tied with
 the k-th, and top-p then measures the nucleus of that same renormalised set — checked against a
-numpy reference of the documented semantics on random cases with forced ties."""
+numpy reference of the documented semantics on random cases with forced ties; and the cut-offs
+themselves, on dyadic probabilities exact in float32 (where the random cases skip rows)."""
 
 import itertools
 
@@ -76,3 +77,37 @@ def test_filter_logits_matches_reference_with_ties():
         np.testing.assert_array_equal(got[~ambiguous], want[~ambiguous], err_msg=str((T, k, p, m)))
         checked, total = checked + int((~ambiguous).sum()), total + len(logits)
     assert checked > 0.95 * total  # few rows skipped as too close to call
+
+
+# probabilities .5 / .25 / .125 / .125, exact in float32 (and so are their partial sums)
+_DYADIC = [[0.0, -np.log(2), -2 * np.log(2), -2 * np.log(2)]]
+
+
+def test_top_p_stops_at_the_first_token_whose_mass_reaches_p_exactly():
+    """Top-p keeps the smallest most-likely prefix whose mass reaches p (HF's TopPLogitsWarper):
+    a token is kept iff the mass before it is *below* p. With masses before of 0, .5, .75, .875,
+    p = .5 is reached by token 0 alone and p = .75 by {0, 1}; a prefix one token longer (mass
+    before == p counted as not yet reached) samples tokens outside the nucleus. The random
+    reference test skips rows this close to p, so only exact masses pin the comparison."""
+    x = jnp.asarray(_DYADIC, jnp.float32)
+    jitted = jax.jit(lambda x, p: filter_logits(x, 1.0, top_p=p, use_top_p=True))
+    for p, want in [
+        (0.5, [True, False, False, False]),
+        (0.75, [True, True, False, False]),
+        (0.5001, [True, True, False, False]),  # just past .5: token 1 needed
+        (0.875, [True, True, True, True]),  # token 2 reaches it; token 3 is its tie
+    ]:
+        for got in (filter_logits(x, 1.0, top_p=p, use_top_p=True), jitted(x, p)):
+            np.testing.assert_array_equal(np.isfinite(np.asarray(got)), [want], err_msg=str(p))
+
+
+def test_min_p_keeps_a_token_at_exactly_min_p_times_the_top_probability():
+    """Min-p removes only tokens with p_i < min_p·p_max (HF's MinPLogitsWarper), so a token at
+    exactly half the top probability survives min_p = .5 — here as logit log(.5) in float32,
+    which is also the float32 log(min_p) the cut-off adds: x_i == max + log(min_p) is kept.
+    Just above .5 it goes."""
+    x = jnp.asarray([[0.0, np.log(0.5)]], jnp.float32)
+    jitted = jax.jit(lambda x, m: filter_logits(x, 1.0, min_p=m, use_min_p=True))
+    for m, want in [(0.5, [True, True]), (0.5000001, [True, False])]:
+        for got in (filter_logits(x, 1.0, min_p=m, use_min_p=True), jitted(x, m)):
+            np.testing.assert_array_equal(np.isfinite(np.asarray(got)), [want], err_msg=str(m))

@@ -3,7 +3,8 @@
 * learning-rate schedules: every step (0, end of warmup, the last step, past the end) against
   closed-form formulas; impossible settings are refused naming their key;
 * AdamW (masked weight decay, global-norm clipping, warmup) against a float64 numpy AdamW,
-  also with bfloat16 first moments;
+  also with bfloat16 first moments and with an eps as large as the gradients; Lion (b1 ≠ b2)
+  against a float64 numpy Lion;
 * one train step with gradient accumulation and clipping against a float64 numpy gradient of
   a linear softmax model (uneven masks, an empty micro-batch);
 * the cross-entropy and its hand-written backward (`_token_sums_bwd`) against central finite
@@ -168,15 +169,26 @@ def _ref_adamw(params, grads, lr_at, b1, b2, eps, wd, clip):
     return jax.tree.unflatten(tdef, p)
 
 
-@pytest.mark.parametrize("mu_dtype", ["", "bfloat16"])
-def test_adamw_matches_a_float64_reference(mu_dtype):
+def _max_gap(a, b):
+    return max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize(
+    "mu_dtype, eps, grad_scale",
+    [("", 1e-8, 1.0), ("bfloat16", 1e-8, 1.0),
+     ("", 1e-3, 1e-2)],  # gradients ~1e-4 … 1e-1 per entry: eps=1e-3 changes every update
+)  # fmt: skip
+def test_adamw_matches_a_float64_reference(mu_dtype, eps, grad_scale):
+    """Also pins `opt.eps` reaching the optimizer: at eps=1e-8 the default (optax's 1e-8) would
+    pass too, so one case has small gradients and eps=1e-3, where eps moves each update by
+    several percent."""
     params = _tree()
     rng = np.random.default_rng(1)
     # Gradient scales around the clip norm: some steps are clipped, some not.
-    scales = (0.02, 3.0, 0.1, 10.0, 0.05, 1.0, 0.3)
+    scales = [s * grad_scale for s in (0.02, 3.0, 0.1, 10.0, 0.05, 1.0, 0.3)]
     grads = [jax.tree.map(lambda x, s=s: rng.normal(size=x.shape) * s, params) for s in scales]
     c = _opt(lr=1e-2, warmup_steps=2, schedule="cosine", final_lr_frac=0.1, b1=0.9, b2=0.95,
-             eps=1e-8, weight_decay=0.1, clip_norm=1.0, mu_dtype=mu_dtype)  # fmt: skip
+             eps=eps, weight_decay=0.1, clip_norm=1.0, mu_dtype=mu_dtype)  # fmt: skip
     total = len(grads)
     tx, _ = make_optimizer(c, total)
     p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
@@ -185,16 +197,65 @@ def test_adamw_matches_a_float64_reference(mu_dtype):
         upd, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, p)
         p = optax.apply_updates(p, upd)
     lr_at = lambda t: _ref_lr(t, "cosine", 1e-2, 2, total, 0.1, 0.0)  # noqa: E731
-    want = _ref_adamw(params, grads, lr_at, 0.9, 0.95, 1e-8, 0.1, 1.0)
+    want = _ref_adamw(params, grads, lr_at, 0.9, 0.95, eps, 0.1, 1.0)
     # bf16 first moments: ~3 significant digits per step of a ~lr-sized update.
     atol = 1e-6 if not mu_dtype else 2e-4
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol), p, want)
+    if eps != 1e-8:  # the case can tell eps from optax's default
+        other = _ref_adamw(params, grads, lr_at, 0.9, 0.95, 1e-8, 0.1, 1.0)
+        assert _max_gap(want, other) > 100 * atol, _max_gap(want, other)
     adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
             if hasattr(s, "mu")]  # fmt: skip
     assert len(adam) == 1 and int(adam[0].count) == total
     want_mu = jnp.bfloat16 if mu_dtype else jnp.float32
     assert {x.dtype for x in jax.tree.leaves(adam[0].mu)} == {jnp.dtype(want_mu)}
     assert {x.dtype for x in jax.tree.leaves(adam[0].nu)} == {jnp.dtype(jnp.float32)}
+
+
+def _ref_lion(params, grads, lr_at, b1, b2, wd, clip):
+    """float64 Lion (Chen et al. 2023, as optax.lion): clip the global norm; the update is
+    sign(b1·m + (1 − b1)·g), then the momentum m ← b2·m + (1 − b2)·g; decoupled decay
+    (times the lr) on every leaf not named 'scale' or 'bias'."""
+    flat, tdef = jax.tree_util.tree_flatten_with_path(params)
+    names = [str(getattr(path[-1], "key", "")) for path, _ in flat]
+    p = [np.asarray(x, np.float64) for _, x in flat]
+    m = [np.zeros_like(x) for x in p]
+    for t, g_tree in enumerate(grads):
+        g = [np.asarray(x, np.float64) for x in jax.tree.leaves(g_tree)]
+        norm = math.sqrt(sum(float((x**2).sum()) for x in g))
+        if clip > 0 and norm > clip:
+            g = [x * clip / norm for x in g]
+        for i in range(len(p)):
+            u = np.sign(b1 * m[i] + (1 - b1) * g[i])
+            m[i] = b2 * m[i] + (1 - b2) * g[i]
+            if names[i] not in ("scale", "bias"):
+                u = u + wd * p[i]
+            p[i] = p[i] - lr_at(t) * u
+    return jax.tree.unflatten(tdef, p)
+
+
+def test_lion_matches_a_float64_reference():
+    """Lion's two rates do different things: b1 mixes the momentum into this step's sign, b2
+    is the momentum's own decay. With b1 = 0.5 and b2 = 0.9 and gradients that change sign,
+    steps 2 and 3 have entries whose sign differs with the rates swapped (checked below), so
+    `opt.b1`/`opt.b2` must reach optax.lion in that order."""
+    params = _tree()
+    rng = np.random.default_rng(2)
+    scales = (0.1, 3.0, 0.2)  # around the clip norm: the second step is clipped
+    grads = [jax.tree.map(lambda x, s=s: rng.normal(size=x.shape) * s, params) for s in scales]
+    c = _opt(name="lion", lr=1e-2, warmup_steps=0, schedule="cosine", final_lr_frac=0.1, b1=0.5,
+             b2=0.9, weight_decay=0.3, clip_norm=1.0)  # fmt: skip
+    tx, _ = make_optimizer(c, len(grads))
+    p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    state = tx.init(p)
+    for g in grads:
+        upd, state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), state, p)
+        p = optax.apply_updates(p, upd)
+    lr_at = lambda t: _ref_lr(t, "cosine", 1e-2, 0, len(grads), 0.1, 0.0)  # noqa: E731
+    want = _ref_lion(params, grads, lr_at, 0.5, 0.9, 0.3, 1.0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), p, want)
+    swapped = _ref_lion(params, grads, lr_at, 0.9, 0.5, 0.3, 1.0)
+    assert _max_gap(want, swapped) > 1e-3  # a sign flip moves an entry by 2·lr(t)
 
 
 # ---------------------------------------------------------------------------------------------
