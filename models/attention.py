@@ -293,8 +293,11 @@ class Attention(nn.Module):
                 block=cfg.flash_block))  # fmt: skip
             self._sow_probs(q, k, ctx, mask_of, scale, cap)
             return out
+        # cuDNN's kernel takes float16/bfloat16 only: a cudnn checkpoint evaluated with
+        # model.dtype=float32 (where jax has its CUDA plugin) failed to trace, on a CPU too
         if (cudnn and cfg.attention_impl == "cudnn" and not cap and not split
-                and cudnn_supports_head_dim(q.shape[-1])):  # fmt: skip
+                and cudnn_supports_head_dim(q.shape[-1])
+                and q.dtype in (jnp.bfloat16, jnp.float16)):  # fmt: skip
             return self._cudnn_or_rows(q, k, v, ctx, scale)
         C = logical_axis_size("act_len")
         if split and cfg.attention_impl in ("flash", "splash"):

@@ -94,6 +94,9 @@ def test_two_processes_train_like_one(task, trained):
         assert 0 <= len(calls_two[0]) - len(calls_two[1]) <= 2 and calls_two[1]
         assert sorted(calls_one) == sorted(calls_two[0] + calls_two[1])
     # The checkpoint the two processes wrote holds the policy the one process trained.
+    # (atol 1e-5: Adam divides by sqrt(v), so where a gradient is ~0 the reduction order's
+    # last bits move that weight by a few thousandths of lr = 1e-3: jax 0.11.2 moved 1 of 32768
+    # by 6.5e-6)
     (_, want, _), (_, got, _) = (load_policy(str(d)) for d in (root / "one" / task, two))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)

@@ -163,10 +163,17 @@ def test_cudnn_config_runs_where_cudnn_cannot(monkeypatch):
     monkeypatch.setattr(attention, "cudnn_attention", stand_in)
     monkeypatch.setattr(attention, "_real_cudnn_attention", stand_in)
     monkeypatch.setattr(attention, "cudnn_present", lambda: True)
+    # float32 is not cuDNN's (it failed to trace where jax has its CUDA plugin): row blocks
+    (_, got), g_got = grad("cudnn")
+    assert not calls
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_got, g_want)
+    cfg = cfg.replace(dtype="bfloat16")  # (loss and grad read it)
+    (_, want), g_want = grad("xla")
     (_, got), g_got = grad("cudnn")
     assert calls
-    np.testing.assert_allclose(got, want, atol=1e-5)  # the CPU ran the row blocks
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_got, g_want)
+    np.testing.assert_allclose(got, want, atol=2e-2)  # the CPU ran the row blocks
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-3), g_got, g_want)
     for platform, standin_lowered in (("cuda", True), ("cpu", False)):
         lowered = jax.export.export(jax.jit(lambda p: loss(p, "cudnn")), platforms=(platform,))
         assert ("cbrt" in lowered(params).mlir_module()) == standin_lowered, platform
