@@ -123,6 +123,8 @@ from flaxlm.alignment.grpo_loss import (  # noqa: F401
 from flaxlm.alignment.grpo_rewards import (  # noqa: F401
     REWARD_MODEL,
     REWARDS,
+    check_references,
+    check_rewards,
     exact_match,
     format_reward,
     import_reward,
@@ -415,6 +417,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     if make_loss is None and config.grpo.loss_agg not in LOSS_AGGS:
         raise ValueError(f"grpo.loss_agg={config.grpo.loss_agg!r}; expected one of {LOSS_AGGS}")
     rewards = rewards if rewards is not None else parse_rewards(config[k].rewards, f"{k}.rewards")
+    check_rewards(rewards, f"{k}.rewards", f"{k}.reasoning_end", config[k].get("reasoning_end", ""))
     reward_from = config.get("reward_from", "")  # (configs older than the key: none)
     if any(fn is None for _, fn, _ in rewards) != bool(reward_from):
         raise ValueError(
@@ -441,6 +444,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
         workdir, {"reward_from": reward_from, **({} if spec else {"init_from": config.init_from})}
     )
     prompts, held, report = rl_eval.training_prompts(config, template)
+    check_references(rewards, prompts + held, f"{k}.rewards")
     rules = logical_axis_rules(config.sharding)
     init_params, apply = model_fns(cfg)
     if spec:  # the reference is the policy's frozen base: no second copy of the model

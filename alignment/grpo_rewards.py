@@ -86,29 +86,51 @@ def import_reward(name: str, key: str = "grpo.rewards") -> Callable[[dict, str],
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"{key}: cannot load reward {name!r}: {e}") from None
+    except (TypeError, ValueError) as e:  # "./my_rewards.py", ".my_rewards": a relative import
+        raise ValueError(f"{key}: cannot load reward {name!r} ({e}); name it module:function, "
+                         "e.g. my_rewards:numeric for my_rewards.py in the working directory or "
+                         "on PYTHONPATH, not by a file path") from None  # fmt: skip
     if not callable(fn):
         raise ValueError(f"{key}: {name!r} is {type(fn).__name__}, not a function")
     check_signature(fn, name, key)
     return fn
 
 
-def check_signature(fn: Callable, name: str, key: str) -> None:
+def check_signature(fn: Callable, name: str, key: str, reasoning_key: str | None = None) -> None:
     """Refuses, naming `key`, a function that cannot be called as the rollouts call it:
     fn(meta, response) (plus `prompt=` / `reasoning=` where it names them, rl_rollout.py
     `wants_arg`). A wrong one failed every sample of the first rollout, after the reference
     had loaded and the decoder had run, in a traceback naming neither the key nor the function's
-    parameters. A function without a signature to read (a builtin) is let through."""
+    parameters. A function without a signature to read (a builtin) is let through.
+    `reasoning_key` (the task's "grpo.reasoning_end", unset): `reasoning=` is not passed, so
+    a function that needs it is refused, naming that key."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return
+    passed = ("prompt",) if reasoning_key else ("prompt", "reasoning")
     try:  # (the keywords the rollout passes to a function that names them, `wants_arg`)
-        sig.bind(None, None, **{n: None for n in ("prompt", "reasoning") if n in sig.parameters})
+        sig.bind(None, None, **{n: None for n in passed if n in sig.parameters})
     except TypeError as e:
+        if reasoning_key and "reasoning" in sig.parameters:
+            raise ValueError(
+                f"{key}: reward {name!r} takes reasoning=, which the rollouts pass only with "
+                f"{reasoning_key} set (the marker that ends the reasoning, e.g. '</think>'); "
+                f"set it, or give `reasoning` a default ({e})"
+            ) from None
         raise ValueError(
             f"{key}: reward {name!r} has the signature {sig}, but a reward is called as "
             f"fn(meta, response) (plus prompt= and reasoning= where it names them): {e}"
         ) from None
+
+
+def check_rewards(rewards, key: str, reasoning_key: str, reasoning_end: str) -> None:
+    """`check_signature` for every [(name, fn, weight)] a task trains with, whatever named it:
+    the spec, `register_reward`, or `rewards=` given to build_task (those went unchecked);
+    with `reasoning_end` unset, a function that needs `reasoning=` is refused."""
+    for name, fn, _ in rewards:
+        if fn is not None:
+            check_signature(fn, name, key, None if reasoning_end else reasoning_key)
 
 
 def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Callable, float]]:
@@ -149,3 +171,26 @@ def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Calla
     if not out:
         raise ValueError(f"{key} is empty")
     return out
+
+
+def check_references(rewards, prompts: list[dict], key: str) -> None:
+    """exact_match judges a prompt by its record's meta.answer: with none among the loaded
+    prompts (`data.train`), every sample failed after the reference had loaded and the first
+    rollout had run, in a traceback. A `DataError` naming the data says so before anything
+    loads; some prompts without one are warned about (their samples are invalid)."""
+    import logging
+
+    from flaxlm.data.source_errors import DataError
+
+    if not any(fn is exact_match for _, fn, _ in rewards):
+        return
+    missing = [p["loc"] for p in prompts
+               if not is_world_meta(p["meta"]) and "answer" not in p["meta"]]  # fmt: skip
+    if not missing:
+        return
+    why = (f"{len(missing)} of {len(prompts)} prompts (e.g. {missing[0]}) have no meta.answer, "
+           f"the reference {key}'s exact_match judges by (an \"answer\" outside the record's "
+           "\"meta\" object is not read)")  # fmt: skip
+    if len(missing) == len(prompts):
+        raise DataError(f"data.train: {why}")
+    logging.getLogger(__name__).warning("data.train: %s; their samples are invalid", why)

@@ -39,6 +39,7 @@ from flaxlm.alignment.rl_frozen import (  # noqa: F401  (callers and tests use r
 from flaxlm.alignment.sft import eval_gen_config
 from flaxlm.data import formats as F
 from flaxlm.data.chat_batches import order_seed
+from flaxlm.data.chat_examples import prompt_turns
 from flaxlm.models.heads import sequence_values
 
 
@@ -157,8 +158,10 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
             report.truncation(loc, cut)
         report.used += 1
         report.tokens += len(ids)
+        # the turns the policy was prompted with, for rewards' `prompt=`: not the reference
+        # answer an SFT chat reused as a prompt ends in (render_prompt drops it too)
         out.append({"ids": np.asarray(ids, np.int32), "meta": meta, "loc": loc,
-                    "messages": prompt})  # fmt: skip
+                    "messages": prompt_turns(prompt)})  # fmt: skip
     return out
 
 

@@ -212,15 +212,22 @@ def _sft_pieces(msgs, template, seq_len, overlength, loc, report, tools=None):
     return pieces
 
 
+def prompt_turns(messages: Sequence[dict]) -> list[dict]:
+    """The turns a generation prompt renders: the conversation without its trailing assistant
+    turns (an SFT chat reused as an RL prompt ends in its reference answer)."""
+    msgs = list(messages)
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    return msgs
+
+
 def render_prompt(
     messages: Sequence[dict], template: ChatTemplate, max_len: int, tools=None
 ) -> tuple[np.ndarray, int]:
     """Generation-prompt ids of a conversation (its last assistant turn, if any, removed),
     truncated from the left (BOS kept) to at most `max_len`. Returns (ids, n_cut). `tools`:
     tool schemas for a Jinja template."""
-    msgs = list(messages)
-    while msgs and msgs[-1]["role"] == "assistant":
-        msgs.pop()
+    msgs = prompt_turns(messages)
     if template.jinja:  # the header after the last message is kept; a leading BOS too
         text = template.text(msgs, True, tools)
         ids, offsets = template.tok.encode_offsets(text)

@@ -28,6 +28,7 @@ The launch files name `--python` (default `python`): pass the venv's interpreter
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shlex
 from collections.abc import Sequence
@@ -48,8 +49,38 @@ def _host_paths(config_arg: str, runs: Sequence) -> tuple[str, list]:
     it, and the run directories, absolute, so a path typed relative to the sweep's directory
     does not name another file (or train the run under the repo, where the sweep never looks).
     The hosts must see those absolute paths (shared storage, as for ROOT)."""
-    runs = [dataclasses.replace(r, workdir=os.path.abspath(r.workdir)) for r in runs]
+    runs = [dataclasses.replace(r, workdir=os.path.abspath(r.workdir),
+                                overrides={k: _absolute_paths(v) for k, v in r.overrides.items()})
+            for r in runs]  # fmt: skip
     return portable_config(config_arg, checkout_root()), runs
+
+
+def _sweep_modules() -> str:
+    """PYTHONPATH with the sweep's directory after the hosts' own entries: a reward or task
+    module there (`grpo.rewards=my_rewards:numeric`) imports after the `cd` to the checkout."""
+    return f"PYTHONPATH=${{PYTHONPATH:+$PYTHONPATH:}}{shlex.quote(os.getcwd())}"
+
+
+def _absolute_paths(value):
+    """An override value with each part that names an existing file or directory relative to
+    the sweep's directory made absolute (`init_from=runs/sft`, `hf:DIR`, `data.train=a.jsonl,
+    b.jsonl`): after the scripts' `cd` to the checkout, the relative path named another file
+    (a `runs/sft` there silently became the init_from) or none. Other values are unchanged."""
+    if not isinstance(value, str) or not value:
+        return value
+
+    def part(p: str) -> str:
+        prefix = "hf:" if p.startswith("hf:") else ""
+        path = p[len(prefix) :]
+        if (
+            path
+            and not os.path.isabs(path)
+            and (os.path.exists(path) or (glob.has_magic(path) and glob.glob(path, recursive=True)))
+        ):
+            return prefix + os.path.abspath(path)
+        return p
+
+    return ",".join(part(p) for p in value.split(","))
 
 
 def slurm_script(config_arg: str, runs: Sequence, root: str, *, python: str = "python",
@@ -105,7 +136,9 @@ def pod_script(config_arg: str, runs: Sequence, *, python: str = "python",
         "set -euo pipefail",
     ]
     for run in runs:
-        remote = f"cd {repo_dir} && {_trainer(config_arg, run, python)} --distributed"
+        remote = (
+            f"cd {repo_dir} && {_sweep_modules()} {_trainer(config_arg, run, python)} --distributed"
+        )
         lines.append(
             f"gcloud compute tpus tpu-vm ssh {tpu_name} --zone={zone} --worker=all "
             f"--command={shlex.quote(remote)}"
@@ -125,6 +158,7 @@ def host_script(config_arg: str, runs: Sequence, host: int, n_hosts: int, *,
         f"# host {host} of {n_hosts}: {len(runs)} runs of {config_arg}, one after another",
         "set -euo pipefail",
         f"cd {repo_dir}",
+        f"export {_sweep_modules()}",
     ]
     for run in runs:
         lines.append(

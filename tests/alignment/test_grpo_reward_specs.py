@@ -82,3 +82,55 @@ def test_what_a_reward_returns_must_be_a_number():
     assert errors == ["reward reward returned None (NoneType), not a number",
                       "reward reward returned '0.5' (str), not a number",
                       "reward reward returned [1.0] (list), not a number"]  # fmt: skip
+
+
+def test_a_reward_named_by_a_file_path_says_how_to_name_it():
+    """ "./my_rewards.py:numeric" was a raw TypeError from importlib (a relative import)."""
+    for spec in ("./my_rewards.py:numeric", ".my_rewards:numeric"):
+        with pytest.raises(ValueError, match=r"grpo.rewards: cannot load reward .*name it "
+                                             r"module:function"):  # fmt: skip
+            parse_rewards(spec)
+
+
+def test_every_reward_a_task_trains_with_is_checked_against_how_it_is_called():
+    """Rewards given by `register_reward` or `rewards=` were never checked; one that needs
+    `reasoning=` passed the check although the rollouts pass it only with grpo.reasoning_end
+    set, and every sample failed after the first rollout."""
+    from flaxlm.alignment.grpo_rewards import check_rewards
+
+    def needs_reasoning(meta, response, reasoning):
+        return 1.0
+
+    def may_take_reasoning(meta, response, reasoning=None):
+        return 1.0
+
+    with pytest.raises(ValueError, match=r"grpo.rewards: reward 'mine' has the signature"):
+        check_rewards([("mine", lambda response: 1.0, 1.0)], "grpo.rewards",
+                      "grpo.reasoning_end", "")  # fmt: skip
+    with pytest.raises(ValueError, match=r"reward 'think' takes reasoning=, which the rollouts "
+                                         r"pass only with grpo.reasoning_end set"):  # fmt: skip
+        check_rewards([("think", needs_reasoning, 1.0)], "grpo.rewards", "grpo.reasoning_end",
+                      "")  # fmt: skip
+    check_rewards([("think", needs_reasoning, 1.0), ("rm", None, 1.0)], "grpo.rewards",
+                  "grpo.reasoning_end", "</think>")  # fmt: skip
+    check_rewards([("maybe", may_take_reasoning, 1.0)], "grpo.rewards", "grpo.reasoning_end", "")
+
+
+def test_exact_match_without_any_reference_is_refused_before_anything_loads(caplog):
+    """Prompts with their answer outside "meta" (or none) and grpo.rewards=exact_match: every
+    sample failed after the reference loaded and a rollout ran, in a traceback."""
+    import logging
+
+    from flaxlm.alignment.grpo_rewards import REWARDS, check_references
+    from flaxlm.data.source_errors import DataError
+
+    rewards = [("exact_match", REWARDS["exact_match"], 1.0)]
+    none = [{"meta": {}, "loc": f"p.jsonl:{i}"} for i in (1, 2)]
+    with pytest.raises(DataError, match=r"data.train: 2 of 2 prompts \(e.g. p.jsonl:1\) have no "
+                                        r"meta.answer"):  # fmt: skip
+        check_references(rewards, none, "grpo.rewards")
+    some = none + [{"meta": {"answer": "4"}, "loc": "p.jsonl:3"}]
+    with caplog.at_level(logging.WARNING):
+        check_references(rewards, some, "grpo.rewards")
+    assert "2 of 3 prompts (e.g. p.jsonl:1) have no meta.answer" in caplog.text
+    check_references([("format", REWARDS["format"], 1.0)], none, "grpo.rewards")  # not judged

@@ -330,3 +330,21 @@ def test_an_hf_frozen_model_is_read_into_the_training_shardings():
     _, plain = hf.load_pretrained(fix)
     want = apply(plain, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_a_rewards_prompt_is_what_the_policy_was_prompted_with(tmp_path, monkeypatch):
+    """An SFT chat reused as an RL prompt ends in its reference answer: the policy's prompt
+    drops it (render_prompt), but the `prompt=` a reward gets kept it, so
+    `prompt[-1]["content"]` was the answer and a judge reward saw it."""
+    from flaxlm.configs import grpo as grpo_config
+    from flaxlm.data import formats as F
+    from flaxlm.data.chat_examples import prompt_turns
+
+    chat = [{"role": "user", "content": "What is 2 plus 2?"},
+            {"role": "assistant", "content": "REFERENCE 4"}]  # fmt: skip
+    path = _jsonl(tmp_path / "chats.jsonl", [{"messages": chat, "meta": {"answer": "4"}}])
+    _fake_render(monkeypatch)
+    prompts = rl_common.load_prompts(path, grpo_config.get_config("runlocal=True"), None,
+                                     F.DataReport())  # fmt: skip
+    assert prompts[0]["messages"] == chat[:1]
+    assert prompt_turns(chat) == chat[:1]  # the turns render_prompt renders

@@ -221,3 +221,32 @@ def test_the_skipped_hint_is_the_one_the_trainer_prints():
     from flaxlm.train import main
 
     assert sweep_table._HINT_PREFIX == f"({main.TRACEBACK_ENV}="
+
+
+def test_path_overrides_name_the_sweeps_files_after_the_cd(tmp_path, monkeypatch):
+    """The scripts `cd` to the checkout, and then path-valued overrides typed relative to the
+    sweep's directory named the checkout's files: a `runs/sft` there silently became the
+    init_from, and a reward module beside the sweep could not be imported. Existing relative
+    paths (globs, hf: and comma lists too) are made absolute, and the sweep's directory joins
+    PYTHONPATH."""
+    from flaxlm.train.sweep_plan import Run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    (tmp_path / "d").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / "d" / name).write_text("{}\n")
+    overrides = {"init_from": "runs/sft", "distill.teacher": "hf:runs/sft",
+                 "data.train": "d/*.jsonl,d/a.jsonl,builtin:sft", "grpo.rewards": "mine:fn",
+                 "data.eval": "nowhere.jsonl", "lr": 0.1}  # fmt: skip
+    _, (run,) = sweep_launch._host_paths("cfg.py", [Run(0, "r", overrides, "sw/r")])
+    assert run.overrides == {
+        "init_from": f"{tmp_path}/runs/sft", "distill.teacher": f"hf:{tmp_path}/runs/sft",
+        "data.train": f"{tmp_path}/d/*.jsonl,{tmp_path}/d/a.jsonl,builtin:sft",
+        "grpo.rewards": "mine:fn", "data.eval": "nowhere.jsonl", "lr": 0.1,
+    }  # fmt: skip
+    script = sweep_launch.host_script("cfg.py", [run], 0, 2, repo_dir="/repo")
+    assert f"export PYTHONPATH=${{PYTHONPATH:+$PYTHONPATH:}}{tmp_path}\n" in script
+    assert f"--config.init_from={tmp_path}/runs/sft" in script
+    pod = sweep_launch.pod_script("cfg.py", [run], tpu_name="t", zone="z", repo_dir="/repo")
+    assert f"PYTHONPATH=${{PYTHONPATH:+$PYTHONPATH:}}{tmp_path} " in pod
