@@ -3,8 +3,9 @@
     python -m flaxlm.evaluation --checkpoint runs/pt --world runs/demo/world \
         --tasks mc_facts_heldout,gen_facts_heldout,ppl_heldout_text --out runs/pt/eval.json
 
-Tasks are names of the built-in world's tasks (with --world), registered names, or paths to JSON
-spec files (evaluation/tasks.py). The tokenizer is --tokenizer or the checkpoint's
+Tasks are names of the built-in world's tasks (with --world), registered names (a module of
+--tasks_module registers them, evaluation/tasks.py `register`), or paths to JSON spec files
+(evaluation/tasks.py). The tokenizer is --tokenizer or the checkpoint's
 meta["tokenizer"]: a SentencePiece .model or an HF tokenizer.json (an imported HF checkpoint's).
 Every task file and template is checked before the first task runs: every evaluated row is read
 and its prompt built with its shots (a placeholder a row lacks names file:line; too few shots,
@@ -65,12 +66,33 @@ def _replaced(specs, flags: str, only: str | None = None, **values):
         raise SystemExit(f"{e} ({flags})") from None
 
 
+def _import_task_modules(spec: str) -> None:
+    """Imports each module of `--tasks_module` (installed, on PYTHONPATH or in the working
+    directory): a plug-in that registers its tasks. Without it the command line's registry
+    was always empty, whatever the docstring said of registered names."""
+    import importlib
+    import sys
+
+    if "" not in sys.path:  # the working directory, as `python -m` puts it first
+        sys.path.insert(0, "")
+    for name in filter(None, (n.strip() for n in spec.split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # (ImportError, a relative name, the module's own error)
+            why = f"{type(e).__name__}: {e}"
+            raise SystemExit(f"--tasks_module: cannot import {name!r} ({why}); name a module, "
+                             "not a file path") from None  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--checkpoint", required=True, help="run directory (holds checkpoints/)")
     p.add_argument("--tasks", required=True, help="comma-separated task names or spec .json")
     p.add_argument("--world", default="", help="built-in world directory (its manifest.json)")
+    p.add_argument("--tasks_module", default="",
+                   help="comma-separated modules to import first, which register tasks "
+                        "(evaluation/tasks.py `register`) that --tasks names")  # fmt: skip
     p.add_argument("--tokenizer", default="", help="SentencePiece .model (default: from meta)")
     p.add_argument("--out", default="", help="write results JSON here")
     p.add_argument("--limit", type=_positive, default=None, help="first N examples of each task")
@@ -250,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--tasks: no task names given ({args.tasks!r})")
     if args.out and is_writer():  # now, not after the model loaded and a task ran (only
         check_out(args.out)  # process 0 writes it, maybe on a disk of its own)
+    _import_task_modules(args.tasks_module)
     try:  # an unknown name, a missing or bad spec file: a one-line usage error
         specs = [_absolute(s) for s in resolve_tasks(names, args.world or None)]
     except (KeyError, ValueError) as e:  # TaskFileError is a ValueError

@@ -326,3 +326,25 @@ def test_results_record_what_reproduces_the_run(run_dir, tok_path, tmp_path, mon
     want = {"path": data, "rows": 3,
             "sha256": hashlib.sha256((tmp_path / "mc.jsonl").read_bytes()).hexdigest()}  # fmt: skip
     assert task["files"] == {"file": want, "fewshot_file": want}
+
+
+def test_tasks_a_plugin_module_registers_are_named_on_the_command_line(
+        run_dir, tok_path, tmp_path, monkeypatch, capsys):  # fmt: skip
+    """The docstring promised registered names, but the command line could import nothing:
+    its registry was always empty ("known: []"). --tasks_module imports plug-ins first."""
+    data = tmp_path / "mini.jsonl"
+    data.write_text(json.dumps({"question": "2 + 2 =", "options": ["3", "4"], "label": 1}) + "\n")
+    (tmp_path / "my_tasks.py").write_text(
+        "from flaxlm.evaluation.tasks import TaskSpec, register\n"
+        f"register(TaskSpec(name='my_mc', type='multiple_choice', file={str(data)!r}, "
+        "fields={'context': 'question', 'choices': 'options', 'answer': 'label'}))\n"
+    )  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", run_dir, "--tokenizer", tok_path, "--tasks", "my_mc"]
+    with pytest.raises(SystemExit, match="my_mc"):
+        main(argv)
+    res = main([*argv, "--tasks_module", "my_tasks"])
+    assert res["tasks"]["my_mc"]["n"] == 1 and "my_mc" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--tasks_module: cannot import './my_tasks.py' .*"
+                                         r"name a module, not a file path"):  # fmt: skip
+        main([*argv, "--tasks_module", "./my_tasks.py"])
