@@ -293,11 +293,8 @@ class Attention(nn.Module):
                 block=cfg.flash_block))  # fmt: skip
             self._sow_probs(q, k, ctx, mask_of, scale, cap)
             return out
-        # cuDNN's kernel takes float16/bfloat16 only: a cudnn checkpoint evaluated with
-        # model.dtype=float32 (where jax has its CUDA plugin) failed to trace, on a CPU too
         if (cudnn and cfg.attention_impl == "cudnn" and not cap and not split
-                and cudnn_supports_head_dim(q.shape[-1])
-                and q.dtype in (jnp.bfloat16, jnp.float16)):  # fmt: skip
+                and cudnn_supports_head_dim(q.shape[-1])):  # fmt: skip
             return self._cudnn_or_rows(q, k, v, ctx, scale)
         C = logical_axis_size("act_len")
         if split and cfg.attention_impl in ("flash", "splash"):
@@ -355,6 +352,14 @@ class Attention(nn.Module):
             # a stand-in (tests; bench/memory_plan.py, which traces a GPU's program on a CPU):
             # called where the kernel would run on a GPU, as before
             return on_cuda(q, k, v)
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            # cuDNN's kernel takes float16/bfloat16 only: a cudnn checkpoint evaluated with
+            # model.dtype=float32 failed to trace where jax has its CUDA plugin, on a CPU too
+            _log_once(
+                "attention_impl='cudnn' with float32 activations: cuDNN takes float16 and "
+                "bfloat16 only, so attention runs as XLA in blocks of query rows"
+            )
+            return elsewhere(q, k, v)
         if not cudnn_present():  # (no CUDA target possible: the fallback, nothing to choose)
             return elsewhere(q, k, v)
         if jax.default_backend() != "gpu":
