@@ -13,6 +13,8 @@ With ``fingerprint`` (data/source_fingerprint.py) the state also records what ea
 
 from __future__ import annotations
 
+import logging
+import zlib
 from collections.abc import Sequence
 
 import grain
@@ -208,12 +210,15 @@ class PackedBatchIterator(Lookahead):
         """This process's position (``get_state`` gathers every process's; Lookahead)."""
         carrying = self._carry is not None
         docs_state = self._carry_state if carrying else self._docs.get_state()
-        return {
+        state = {
             "version": STATE_VERSION,
             "docs": docs_state,
             "carry": carrying,
             "offset": self._offset if carrying else 0,
         }
+        if carrying:  # which document was being cut, for the resume to recognise it
+            state["carry_doc"] = _doc_digest(self._carry)
+        return state
 
     def _reshard(self, saved: list[dict], process_index: int, process_count: int):
         """This process's position from the states of a run with another process count
@@ -254,4 +259,26 @@ class PackedBatchIterator(Lookahead):
         if state["carry"]:
             if not self._fetch():
                 raise ValueError("data iterator state points past the end of the data")
-            self._offset = state["offset"]
+            offset, saved = int(state["offset"]), state.get("carry_doc")
+            if (
+                saved is not None
+                and saved != _doc_digest(self._carry)
+                or (offset >= len(self._carry) - 1)
+            ):
+                # Another document stands where the saved one was being cut (a resume with a
+                # changed seed, mixture, source or tokenizer: warned about as a new data
+                # order). Its own start is read, not the saved document's offset into it: that
+                # failed in numpy's broadcast when it was shorter, and skipped its beginning.
+                logging.getLogger(__name__).warning(
+                    "data: the document the checkpoint was cutting (%d of its pairs trained) is "
+                    "not the one at that position now; starting that one from its beginning",
+                    offset,
+                )
+                offset = 0
+            self._offset = offset
+
+
+def _doc_digest(doc) -> str:
+    """A document's length and CRC-32 of its ids: which document a saved state was cutting."""
+    ids = np.ascontiguousarray(doc)
+    return f"{len(ids)}:{zlib.crc32(ids.tobytes()):08x}"

@@ -537,3 +537,37 @@ def test_resuming_on_another_process_count_skips_no_document(
     assert sorted(set(range(starts[0])) - {position[d] for d in before}) == []
     again = set(before) & set(after)
     assert len(again) <= max(3, len(set(before)) // 8), (len(again), len(set(before)))
+
+
+def test_a_resume_where_another_document_stands_starts_that_one_whole(tmp_path, tok, caplog):
+    """A state saved mid-document holds how many of its pairs were trained. Resumed with a
+    changed seed (or mixture, sources, tokenizer: warned about as a new data order), another
+    document stands at that position: the offset into it failed in numpy ("could not
+    broadcast input array") when it was shorter, and skipped its beginning when not. That
+    document is now read from its start (its BOS first); the same order still resumes
+    exactly."""
+    import logging
+
+    path = write_jsonl(tmp_path / "long.jsonl", corpus(3, 40, lo=5, hi=300))
+    cfg = cfg_for(path, tok)
+    bos = T.Tokenizer.load(tok).bos_id
+    it = make(cfg, seq_len=64, batch=2)
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    ref = make(cfg, seq_len=64, batch=2)
+    next(ref)
+    same = make(cfg, seq_len=64, batch=2)
+    same.set_state(state)
+    want = next(ref)
+    assert all(np.array_equal(v, want[k]) for k, v in next(same).items())
+    moved = 0
+    for seed in range(1, 13):
+        other = make(cfg, seq_len=64, batch=2, seed=seed)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            other.set_state(state)
+            b = next(other)
+        if "not the one at that position now" in caplog.text:
+            moved += 1
+            assert b["tokens"][0, 0] == bos  # the document from its start
+    assert moved >= 6
