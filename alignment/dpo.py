@@ -266,9 +266,13 @@ def dpo_loss_fn(apply, d, router: tuple | None = None, ref_apply=None):
 
 
 def _row_key(batch, b: int, prefixes) -> bytes:
+    """Batch row b's cache key: every field the reference's log-probability depends on, of
+    every prefix's row. (Tokens and targets alone gave two rows that split the same text at
+    another prompt/response boundary, another `loss_mask`, one key: the second got a sum over
+    the first's span.)"""
     h = hashlib.blake2b(digest_size=16)
     for p in prefixes:
-        for k in ("tokens", "targets"):
+        for k in ROW_KEYS:
             h.update(np.ascontiguousarray(batch[f"{p}{k}"][b]).tobytes())
     return h.digest()
 

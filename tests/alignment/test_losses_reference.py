@@ -950,3 +950,35 @@ def test_grpo_overlong_penalty_is_dapos_soft_punishment():
     rows, stats = src.make_rollout(None, None)
     r = 1.0 + np.asarray(want)
     np.testing.assert_allclose(rows["advantages"], r - r.mean(), atol=1e-6)
+
+
+def test_cached_reference_logps_equal_the_uncached_ones():
+    """RefLogps(cache=True) keyed a row by its tokens and targets only: two pairs with the same
+    text split at another prompt/response boundary (another loss_mask) shared a key, and the
+    second got the reference log-probability summed over the first one's span. Pairs that
+    share their chosen rows (several rejected answers per prompt) keep their own values."""
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh
+
+    rng = np.random.default_rng(21)
+    T, B = 10, 8
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    rules = logical_axis_rules("fsdp")
+    params = _table_params(rng, T)
+    tokens = rng.integers(0, V, (2, T)).astype(np.int32)
+    batch = {"valid": np.ones(B, np.float32)}
+    for side, row in (("chosen_", 0), ("rejected_", 1)):
+        batch[f"{side}tokens"] = np.repeat(tokens[row : row + 1, :-1], B, 0)
+        batch[f"{side}targets"] = np.repeat(tokens[row : row + 1, 1:], B, 0)
+        batch[f"{side}positions"] = np.tile(np.arange(T - 1, dtype=np.int32), (B, 1))
+        batch[f"{side}segment_ids"] = np.ones((B, T - 1), np.int32)
+        # row b's response starts at token 1 + b % 4: the same text, other boundaries
+        batch[f"{side}loss_mask"] = (np.arange(T - 1)[None] >= 1 + np.arange(B)[:, None] % 4
+                                     ).astype(np.float32)  # fmt: skip
+    batch["rejected_targets"][4:, -1] = (batch["rejected_targets"][4:, -1] + 1) % V
+    cached = dpo.RefLogps(_table_apply, params, mesh, rules, cache=True)
+    cached.precompute([batch])
+    got = cached.add(batch)
+    want = dpo.RefLogps(_table_apply, params, mesh, rules, cache=False).add(batch)
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+    assert len(set(np.round(want["ref_chosen_logps"], 5))) == 4  # four spans
