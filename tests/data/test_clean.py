@@ -397,3 +397,14 @@ def test_file_names_with_at_are_not_emails(text):
 def test_emails_on_domains_that_look_like_extensions_are_kept():
     text = "Mail jan@firma.pl, bob@example.com or ann@studio.co.uk."
     assert clean.redact_pii(text) == ("Mail <EMAIL>, <EMAIL> or <EMAIL>.", {"EMAIL": 3})
+
+
+@pytest.mark.parametrize("ssn,redacted", [
+    ("123-45-6789", True), ("000-12-3456", False), ("666-12-3456", False),
+    ("912-34-5678", False), ("123-00-4567", False), ("123-45-0000", False),
+])  # fmt: skip
+def test_only_a_possible_ssn_is_redacted(ssn, redacted):
+    """The SSA never issues area 000, 666 or 9xx, group 00 or serial 0000: such numbers are
+    not IDs (dropping the 666 exclusion survived the suite)."""
+    out, counts = clean.redact_pii(f"SSN {ssn} on file.")
+    assert (out == "SSN <ID> on file.") == redacted and (counts.get("ID", 0) == 1) == redacted

@@ -497,3 +497,18 @@ def _at(tree, path):
     for k in path:
         tree = tree[k.key]
     return tree
+
+
+def test_longrope_takes_its_long_factors_from_one_past_the_original_context():
+    """transformers switches to the long factors when a row's length exceeds the original
+    context: a row of exactly `rope_original_max_len` tokens keeps the short ones, one more
+    token takes the long (no fixture had a row of exactly orig + 1 tokens)."""
+    from flaxlm.models import rope
+
+    base = get_variant("tiny")
+    half = (base.d_model // base.n_heads) // 2
+    cfg = get_variant("tiny", rope_scaling="longrope", rope_scaling_factor=4.0,
+                      rope_original_max_len=12, rope_long_factors=[2.0] * half,
+                      rope_short_factors=[1.0] * half)  # fmt: skip
+    assert not bool(np.asarray(rope.longrope_long(cfg, jnp.arange(12)[None])).any())
+    assert bool(np.asarray(rope.longrope_long(cfg, jnp.arange(13)[None])).all())

@@ -81,3 +81,12 @@ def test_a_rerun_after_the_data_ended_logs_no_second_evaluation(tmp_path, caplog
     summary = _run(tmp_path, 6)
     assert [r["step"] for r in read_metrics(tmp_path) if "eval/nll" in r] == [4, 6]
     assert summary["eval"]["eval/nll"] == pytest.approx(final["heldout_loss"])
+
+
+def test_the_final_loss_is_the_last_steps_not_the_lowest(tmp_path):
+    """The tiny runs' losses only fall, so a table reading the minimum passed as the last."""
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step, loss in ((1, 3.0), (2, 2.0), (3, 2.5)):
+            f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+    final = sweep_table.final_metrics(str(tmp_path), 3)
+    assert final["step"] == 3 and final["final_loss"] == 2.5
