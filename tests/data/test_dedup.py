@@ -219,3 +219,25 @@ def test_compact_tables_keep_the_same_documents_in_8_bytes_per_band_key():
         ks.add(np.concatenate([perm[20 * c : 20 * c + 20], perm[: 20 * c + 1][-15:]]))
     assert len(ks) == 1000 and ks.nbytes == 8000 and len(ks._runs) <= 10
     assert ks.contains(np.arange(1002, dtype=np.uint64)).tolist() == [True] * 1000 + [False] * 2
+
+
+def test_equal_rows_in_different_bands_make_different_keys():
+    """All bands' keys go into one key set: without the band index in the hash, document A's
+    band 0 and document B's band 1 holding the same rows would make B A's near-duplicate
+    (dropping the salt survived the suite). Keys equal exactly when (band, rows) are equal."""
+    from flaxlm.data.dedup import band_keys
+
+    rows = np.array([1, 2, 3], np.uint32)
+    a = np.concatenate([rows, [7, 8, 9]]).astype(np.uint32)
+    b = np.concatenate([[4, 5, 6], rows]).astype(np.uint32)
+    keys = band_keys(np.stack([a, b, a]), bands=2, rows=3)
+    assert not np.intersect1d(keys[0], keys[1]).size
+    np.testing.assert_array_equal(keys[0], keys[2])
+    rng = np.random.default_rng(0)
+    sigs = rng.integers(0, 3, (40, 6)).astype(np.uint32)  # many equal bands, by chance
+    keys = band_keys(sigs, bands=2, rows=3)
+    ref = [(j, tuple(s[3 * j : 3 * j + 3])) for s in sigs for j in range(2)]
+    flat = keys.reshape(-1)
+    for i in range(len(ref)):
+        for k in range(len(ref)):
+            assert (flat[i] == flat[k]) == (ref[i] == ref[k])
