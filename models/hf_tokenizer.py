@@ -319,8 +319,7 @@ class HFTokenizer:
                     raise HFError(f"{p}: cannot read tokenizer settings: {e}") from None
                 if meta in ("special_tokens_map.json", "tokenizer_config.json"):
                     tokenizer_side.update(settings)
-                e = specials.get("eos_token_id")
-                stops += e if isinstance(e, list) else [] if e is None else [e]
+                stops += _eos_list(specials)
 
         def special(kind):
             t = specials.get(f"{kind}_token")

@@ -154,10 +154,7 @@ def _ref_adamw(params, grads, lr_at, b1, b2, eps, wd, clip):
     mu = [np.zeros_like(x) for x in p]
     nu = [np.zeros_like(x) for x in p]
     for t, g_tree in enumerate(grads):
-        g = [np.asarray(x, np.float64) for x in jax.tree.leaves(g_tree)]
-        norm = math.sqrt(sum(float((x**2).sum()) for x in g))
-        if clip > 0 and norm > clip:
-            g = [x * clip / norm for x in g]
+        g = _clipped_f64(g_tree, clip)
         for i in range(len(p)):
             mu[i] = b1 * mu[i] + (1 - b1) * g[i]
             nu[i] = b2 * nu[i] + (1 - b2) * g[i] ** 2
@@ -212,6 +209,13 @@ def test_adamw_matches_a_float64_reference(mu_dtype, eps, grad_scale):
     assert {x.dtype for x in jax.tree.leaves(adam[0].nu)} == {jnp.dtype(jnp.float32)}
 
 
+def _clipped_f64(g_tree, clip):
+    """A gradient tree's leaves in float64, their global norm clipped to `clip` (0: not)."""
+    g = [np.asarray(x, np.float64) for x in jax.tree.leaves(g_tree)]
+    norm = math.sqrt(sum(float((x**2).sum()) for x in g))
+    return [x * clip / norm for x in g] if clip > 0 and norm > clip else g
+
+
 def _ref_lion(params, grads, lr_at, b1, b2, wd, clip):
     """float64 Lion (Chen et al. 2023, as optax.lion): clip the global norm; the update is
     sign(b1·m + (1 − b1)·g), then the momentum m ← b2·m + (1 − b2)·g; decoupled decay
@@ -221,10 +225,7 @@ def _ref_lion(params, grads, lr_at, b1, b2, wd, clip):
     p = [np.asarray(x, np.float64) for _, x in flat]
     m = [np.zeros_like(x) for x in p]
     for t, g_tree in enumerate(grads):
-        g = [np.asarray(x, np.float64) for x in jax.tree.leaves(g_tree)]
-        norm = math.sqrt(sum(float((x**2).sum()) for x in g))
-        if clip > 0 and norm > clip:
-            g = [x * clip / norm for x in g]
+        g = _clipped_f64(g_tree, clip)
         for i in range(len(p)):
             u = np.sign(b1 * m[i] + (1 - b1) * g[i])
             m[i] = b2 * m[i] + (1 - b2) * g[i]
