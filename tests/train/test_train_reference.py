@@ -549,8 +549,9 @@ class _RefGuard:
     `warmup` accepted steps, and at least 2) when the loss exceeds both mean + z·std and
     (1 + rel)·mean of the accepted losses' statistics; they move on accepted steps only, start
     again a fifth of the warmup (at least 5 steps) before detection starts, and weigh the k-th
-    loss since a start as a bias-corrected EMA does: the mean is Σ_j d^(k−j)(1−d)·x_j / (1−d^k),
-    written out here over the losses themselves (train/step.py keeps a running update)."""
+    loss since a start as a bias-corrected EMA does: the mean is Σ_j d^(k−j)(1−d)·x_j / (1−d^k)
+    and the variance the same weighted mean of (x_j − mean)², written out here over the losses
+    themselves (train/step.py keeps a running update)."""
 
     def __init__(self, z, rel, decay, warmup):
         self.z, self.rel, self.decay, self.warmup = z, rel, decay, warmup
@@ -570,12 +571,13 @@ class _RefGuard:
             if self.n in (0, self.restart):
                 self.seen, self.mean, self.var = [loss], loss, 0.0
             else:
-                d, k = self.decay, len(self.seen) + 1
-                w = (1 - d) / (1 - d**k)  # the new loss's weight among the k
-                self.var = (1 - w) * self.var + w * (loss - self.mean) ** 2
+                # The weighted mean and variance of the losses since the restart, from scratch:
+                # loss j of k weighs d^(k-1-j)·(1 - d)/(1 - d^k) (the weights sum to 1).
                 self.seen.append(loss)
-                self.mean = sum(d ** (k - 1 - j) * (1 - d) * x for j, x in enumerate(self.seen))
-                self.mean /= 1 - d**k
+                d, k = self.decay, len(self.seen)
+                w = [d ** (k - 1 - j) * (1 - d) / (1 - d**k) for j in range(k)]
+                self.mean = sum(wj * x for wj, x in zip(w, self.seen))
+                self.var = sum(wj * (x - self.mean) ** 2 for wj, x in zip(w, self.seen))
             self.n += 1
             self.bad = 0
         else:
