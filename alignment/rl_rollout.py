@@ -64,8 +64,10 @@ Every checkpoint then resumes bit for bit. A checkpoint that still holds unused 
 Bad input (a stated policy; each case is counted in the "rollout/..." metrics):
   * a reward function that raises, or a reward (or reward-model score) that is NaN/Inf: the
     sample gets loss weight 0 and enters no statistic ("rollout/bad_reward"); the first few
-    errors are logged with their message. A rollout with no valid sample raises RuntimeError,
-    so a broken reward never turns into a silent no-op run, and NaN never reaches the loss;
+    errors are logged with their message and the line of the reward's code that raised. A
+    rollout with no valid sample raises `RewardError` (a RuntimeError; the CLIs print it as one
+    line), so a broken reward never turns into a silent no-op run, and NaN never reaches the
+    loss;
   * an empty response (the stop token alone): its reward is `rollout.empty_reward`, the
     reward functions are not called on it ("rollout/empty");
   * a response that reaches `max_new_tokens` without a stop token is scored as it is, minus
@@ -79,7 +81,9 @@ import inspect
 import logging
 import math
 import numbers
+import os
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +117,21 @@ from flaxlm.train.losses import token_logprobs
 log = logging.getLogger("flaxlm")
 STAT_PREFIX = "rollout/"
 MAX_LOGGED_ERRORS = 5
+
+
+class RewardError(RuntimeError):
+    """A rollout none of whose samples has a valid reward: every reward call raised or returned
+    no finite number. The message carries the first failure and where it was raised."""
+
+
+def _raised_at(e: BaseException) -> str:
+    """' (file.py:LINE in fn)': the innermost frame of `e`'s traceback, the line of a user's
+    reward that raised (its traceback would otherwise be lost with the sample)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" ({os.path.basename(f.filename)}:{f.lineno} in {f.name})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +274,7 @@ def call_reward_fns(
                 out = fn(meta, text, **kw)
             except Exception as e:  # a user's function: any failure is that sample's
                 valid[j] = False
-                errors.append(f"reward {name} raised {type(e).__name__}: {e}")
+                errors.append(f"reward {name} raised {type(e).__name__}: {e}{_raised_at(e)}")
                 break
             r = reward_value(out)
             if r is None:  # None, a string ("0.5" was taken for 0.5), a list: not a reward
@@ -529,7 +548,7 @@ class RolloutSource:
             self.errors_logged += 1
         if n == 0:  # (decided on the whole rollout: every process raises alike)
             first = errors[0] if errors else "judged on another process"
-            raise RuntimeError(
+            raise RewardError(
                 f"rollout {self.iteration}: no valid sample ({len(errors)} bad rewards here; "
                 f"first: {first}). See the bad-input policy in flaxlm/alignment/rl_rollout.py."
             )

@@ -161,15 +161,16 @@ def _parse_flags(argv):
 
 def _input_errors() -> tuple[type, ...]:
     """The errors that are about the user's input (data files, templates, an HF checkpoint, a
-    mesh, a checkpoint directory), each naming the file, key or line: the message is the answer,
-    a traceback into the reader only hides it."""
+    mesh, a checkpoint directory, a reward function that fails on every sample), each naming the
+    file, key or line: the message is the answer, a traceback into the reader only hides it."""
+    from flaxlm.alignment.rl_rollout import RewardError
     from flaxlm.data.chat_template import TemplateError
     from flaxlm.data.source_errors import DataError
     from flaxlm.models.hf_tokenizer import HFError
     from flaxlm.train.checkpoint_inspect import CheckpointError
     from flaxlm.train.checkpoint_read import MeshError
 
-    return DataError, TemplateError, HFError, MeshError, CheckpointError
+    return DataError, TemplateError, HFError, MeshError, CheckpointError, RewardError
 
 
 TRACEBACK_ENV = "FLAXLM_TRACEBACK"  # set (to anything but "" or 0): a ValueError's traceback

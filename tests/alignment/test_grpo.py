@@ -213,7 +213,9 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
     flaky.n = 0
     # (the two empty rows, valid with empty_reward, do not hide a reward broken on the rest)
     task = grpo.build_task(c, mesh, None, rewards=[("always", lambda m, t: 1 / 0, 1.0)])
-    with pytest.raises(RuntimeError, match="no valid sample"):
+    # (the message says where the reward raised: its traceback is not kept with the sample)
+    where = r"ZeroDivisionError: division by zero \(test_grpo.py:\d+ in <lambda>\)"
+    with pytest.raises(rl_rollout.RewardError, match="no valid sample.*" + where):
         task.train_batches.before_step(_State(params))
     with c.unlocked():
         c.rollout.check_every = 0

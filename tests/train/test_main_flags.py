@@ -151,3 +151,39 @@ def test_a_misspelt_config_arg_is_one_line(tmp_path):
     assert out.returncode == 1
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "FATAL Flags parsing error: --config: config arg: unknown key 'varient'" in out.stderr
+
+
+def test_a_reward_failing_on_every_sample_is_one_line_naming_where_it_raised(tmp_path, monkeypatch):
+    """A rollout with no valid sample (every reward call raised) was a RuntimeError traceback
+    through the loop; its message already says which reward raised what, and where: one line."""
+    import sys
+    import types
+
+    import pytest
+
+    from flaxlm.alignment import rl_rollout
+    from flaxlm.train import main
+
+    def broken(meta, text):
+        return 1 / 0
+
+    _, valid, errors = rl_rollout.call_reward_fns([broken], [1.0], [{}], ["x"])
+    assert not valid.any() and len(errors) == 1
+    assert errors[0].startswith("reward broken raised ZeroDivisionError: division by zero")
+    assert errors[0].endswith(
+        f"(test_main_flags.py:{broken.__code__.co_firstlineno + 1} in broken)"
+    )
+
+    task = types.ModuleType("fake_rl_task")
+
+    def run(config, workdir):
+        raise rl_rollout.RewardError(
+            f"rollout 0: no valid sample (1 bad rewards here; first: {errors[0]})"
+        )
+
+    task.run = run
+    monkeypatch.setitem(sys.modules, "fake_rl_task", task)
+    with pytest.raises(SystemExit) as e:
+        main.run_task("fake_rl_task", {}, str(tmp_path / "run"))
+    message = str(e.value.code)
+    assert message.startswith("RewardError: rollout 0: no valid sample") and "\n" not in message
