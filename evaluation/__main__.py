@@ -12,13 +12,17 @@ and its prompt built with its shots (a placeholder a row lacks names file:line; 
 an empty choice, a generation budget that leaves no room for the prompt within the model's
 max_seq_len, a perplexity stride wider than its window, all-empty texts), before the model's
 weights are loaded; so is --out (not a directory; its parent a directory that can be written,
-or one to create). Should a task still fail when it runs, the command exits with a one-line
-message after writing --out with the finished tasks' results (and "failed": the task and the
-error); --out is rewritten after each task. --num_fewshot and --chat override every task's
-setting; by default a checkpoint of a post-training task (SFT, DPO, ...) is prompted with the
-chat template, and a base model as each task says: a pretrained or imported HF one (meta task
-hf_import), or a run of any task on pretraining data (its config's data.kind text or markov,
-e.g. a configs/distill.py:text=True student), which never saw the chat template.
+or one to create). --out is written once every task has run; until then the finished tasks'
+results are in OUT.partial, rewritten after each task (removed at the end), so a run killed or
+failing part way keeps them and never replaces an earlier complete OUT. Should a task still fail
+when it runs, the command exits with a one-line message after writing OUT.partial with the
+finished tasks' results (and "failed": the task and the error). Both files record the tasks
+asked for (`tasks_requested`) and whether all of them ran (`complete`). --num_fewshot and
+--chat override every task's setting; by default a checkpoint of a post-training task (SFT,
+DPO, ...) is prompted with the chat template, and a base model as each task says: a pretrained
+or imported HF one (meta task hf_import), or a run of any task on pretraining data (its
+config's data.kind text or markov, e.g. a configs/distill.py:text=True student), which never
+saw the chat template.
 
 The JSON records what reproduces the run: the checkpoint, step, tokenizer and task files as
 absolute paths, each task file's sha256 and row count, --limit, --seed, --batch_tokens,
@@ -318,7 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
            "chat": args.chat,
            "chat_mode": {True: "on", False: "off", None: "per task"}[chat],
            "chat_template_kwargs": dict(getattr(tok, "template_kwargs", None) or {}),
+           "tasks_requested": [spec.name for spec in specs], "complete": False,
            "tasks": results}  # fmt: skip
+    partial = f"{args.out}.partial" if args.out else ""
     for spec in specs:
         try:
             r = ev.run(spec, limit=args.limit)
@@ -329,8 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if results:
                     print(format_table(results))
                 if args.out:
-                    _write(args.out, out)
-                    saved = f"; the {len(results)} finished task(s) are in {args.out}"
+                    _write(partial, out)
+                    saved = f"; the {len(results)} finished task(s) are in {partial}"
             raise SystemExit(f"task {spec.name!r} failed: {_message(e)}{saved}") from None
         if not args.samples:
             r.pop("samples")
@@ -341,9 +347,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[eval] {spec.name}: {r['n']} examples in {r['seconds']:.1f}s",
                   file=sys.stderr)  # fmt: skip
             if args.out:  # after each task: a later failure or kill keeps these
-                _write(args.out, out)
+                _write(partial, out)
+    out["complete"] = True
     if writer:
         print(format_table(results))
+        if args.out:  # (an earlier OUT stands until this run has every result)
+            _write(args.out, out)
+            if os.path.exists(partial):
+                os.remove(partial)
     return out
 
 

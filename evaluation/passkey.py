@@ -258,7 +258,8 @@ def write_tasks(
 def accuracy_table(results: dict, metric: str = "exact_match") -> str:
     """Length x depth grid of `metric` from `python -m flaxlm.evaluation --out` JSON (or its
     "tasks" dict); tasks not named like passkey ones are ignored. A `mean` column averages each
-    length over its depths; tasks whose prompts the harness cut are listed below the grid."""
+    length over its depths; tasks whose prompts the harness cut are listed below the grid, and
+    so, for an incomplete run's OUT.partial, are the tasks it never reached."""
     if not isinstance(results, dict):
         kind = type(results).__name__
         raise ValueError(f"not an evaluation --out JSON: its top level is a {kind} (a "
@@ -295,6 +296,11 @@ def accuracy_table(results: dict, metric: str = "exact_match") -> str:
     if cut:
         lines.append("truncated (prompts longer than max_seq_len - max_new_tokens, cut from the "
                      "left): " + ", ".join(cut))  # fmt: skip
+    if results.get("complete") is False:  # an OUT.partial: the run stopped before these ran
+        never = [t for t in results.get("tasks_requested", ()) if t not in tasks]
+        lines.append(f"incomplete run: {len(never)} requested task(s) have no results"
+                     + (f" ({', '.join(never[:6])}{', ...' if len(never) > 6 else ''})"
+                        if never else ""))  # fmt: skip
     return "\n".join(lines)
 
 

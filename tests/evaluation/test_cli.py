@@ -273,7 +273,9 @@ def test_a_task_failing_when_run_keeps_the_finished_tasks_results(
 ):
     """A task that failed at run time (what no check foresees) ended in a traceback after the
     earlier tasks ran, and --out was never written: their results were lost. Now it is a
-    one-line exit and --out holds the finished tasks and the failure."""
+    one-line exit and OUT.partial holds the finished tasks and the failure; an earlier
+    complete OUT is left as it was (a rerun that failed, or was killed, after its first task
+    replaced it with that one task's results)."""
     from flaxlm.evaluation.harness import Evaluator
 
     (tmp_path / "ok.jsonl").write_text(json.dumps({"context": "Kavo lives in",
@@ -290,14 +292,25 @@ def test_a_task_failing_when_run_keeps_the_finished_tasks_results(
 
     monkeypatch.setattr(Evaluator, "run", failing)
     out = tmp_path / "res" / "out.json"
+    out.parent.mkdir()
+    out.write_text('{"earlier": "complete results"}')
     with pytest.raises(SystemExit, match=r"^task 'boom' failed: something only running finds; "
-                       r"the 1 finished task\(s\) are in .*out\.json$"):  # fmt: skip
+                       r"the 1 finished task\(s\) are in .*out\.json\.partial$"):  # fmt: skip
         main(["--checkpoint", run_dir, "--tokenizer", tok_path, "--out", str(out), "--tasks",
               _spec_file(tmp_path, "s.json", specs), "--batch_tokens", "128"])  # fmt: skip
-    saved = json.loads(out.read_text())
+    saved = json.loads((tmp_path / "res" / "out.json.partial").read_text())
     assert list(saved["tasks"]) == ["first"] and saved["tasks"]["first"]["n"] == 1
     assert saved["failed"] == {"task": "boom", "error": "something only running finds"}
+    assert saved["tasks_requested"] == ["first", "boom", "never"] and not saved["complete"]
+    assert json.loads(out.read_text()) == {"earlier": "complete results"}
     assert "first" in capsys.readouterr().out  # the table of what finished
+
+    monkeypatch.setattr(Evaluator, "run", run)  # the rerun that completes replaces both
+    main(["--checkpoint", run_dir, "--tokenizer", tok_path, "--out", str(out), "--tasks",
+          _spec_file(tmp_path, "s.json", specs), "--batch_tokens", "128"])  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert list(saved["tasks"]) == ["first", "boom", "never"] and saved["complete"]
+    assert not (tmp_path / "res" / "out.json.partial").exists()
 
 
 def test_results_record_what_reproduces_the_run(run_dir, tok_path, tmp_path, monkeypatch):

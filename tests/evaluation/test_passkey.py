@@ -278,3 +278,16 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "flaxlm.evaluation.passkey", "--help"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "--lengths" in out and "--depths" in out and "--table" in out
+
+
+def test_the_table_of_an_incomplete_run_names_the_tasks_it_never_reached():
+    """An evaluation stopped part way leaves OUT.partial (`complete: false`): its grid showed
+    the lengths that ran as if they were all, with no note."""
+    done = {"passkey_L128_d0": {"n": 2, "metrics": {"exact_match": 1.0}}}
+    asked = ["passkey_L128_d0", "passkey_L128_d1", "passkey_L256_d0"]
+    table = P.accuracy_table({"tasks": done, "tasks_requested": asked, "complete": False})
+    assert table.splitlines()[-1] == (
+        "incomplete run: 2 requested task(s) have no results (passkey_L128_d1, passkey_L256_d0)"
+    )
+    complete = P.accuracy_table({"tasks": done, "tasks_requested": asked[:1], "complete": True})
+    assert "incomplete" not in complete
