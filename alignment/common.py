@@ -370,7 +370,10 @@ def load_lm_params(source: str, target, step: int | None = None, ema: bool = Fal
         return wrap(_select(params, lm_target, source))
     # The step read from here on: "latest" resolved once, so a save that lands meanwhile (a
     # run still training) cannot pair this meta with another step's params.
+    latest = step is None
     step, meta = ckpt_lib.read_meta(source, step)
+    if latest:
+        ckpt_lib.warn_if_unfinished(source, step, meta, key)
     load = functools.partial(ckpt_lib.load_params, source, key=key)
     scalar = meta.get("head") == "scalar"
     if scalar and not with_head and isinstance(lm_target, dict) and "lm_head" in lm_target:

@@ -48,7 +48,8 @@ The code lives in modules of its own; this one describes the format and re-expor
 `from flaxlm.train.checkpoint import ...` keep working, and patching `checkpoint.read_meta`
 reaches the readers, which call it through this module:
     train/checkpointer.py       Checkpointer: save, restore, resume with the corrupt-step fallback
-    train/checkpoint_read.py    readers: read_meta, load_params, load_model, check_ema_source
+    train/checkpoint_read.py    readers: read_meta, load_params, load_model, check_ema_source,
+                                warn_if_unfinished
     train/checkpoint_compat.py  is a checkpoint this run's: meta_mismatch, init_from_model_changes,
                                 config_changes
     train/checkpoint_inspect.py CheckpointError; a step's saved keys and why it did not read
@@ -91,6 +92,7 @@ from flaxlm.train.checkpoint_read import load_params as load_params
 from flaxlm.train.checkpoint_read import located_tokenizer as located_tokenizer
 from flaxlm.train.checkpoint_read import read_meta as read_meta
 from flaxlm.train.checkpoint_read import shape_diff as shape_diff
+from flaxlm.train.checkpoint_read import warn_if_unfinished as warn_if_unfinished
 from flaxlm.train.checkpointer import CORRUPT_DIR as CORRUPT_DIR
 from flaxlm.train.checkpointer import ON_CORRUPT as ON_CORRUPT
 from flaxlm.train.checkpointer import RESTORE_WAIT_ENV as RESTORE_WAIT_ENV

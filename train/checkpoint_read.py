@@ -10,6 +10,7 @@ run resumes with.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -25,6 +26,8 @@ from flaxlm.train.checkpoint_inspect import (
     saved_state_keys,
 )
 from flaxlm.train.checkpoint_orbax import _read_only_options
+
+log = logging.getLogger("flaxlm")
 
 
 def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
@@ -135,6 +138,7 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
         options=_read_only_options(),
         item_names=("state", "data", "meta"),
     )
+    latest = step is None
     step = mgr.latest_step() if step is None else step
     if step is None:
         mgr.close()
@@ -180,6 +184,9 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
         ) from e
     finally:
         mgr.close()
+    log.info("%s: read %s", key, path)
+    if latest:
+        warn_if_unfinished(run_dir, step, saved_meta[0] if saved_meta else {}, key)
     # partial_restore leaves target leaves the checkpoint lacks as ShapeDtypeStructs.
     missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
                if isinstance(x, jax.ShapeDtypeStruct)]  # fmt: skip
@@ -207,6 +214,31 @@ _NESTED = {
     "transformer": "a reward-model run (scalar head): its backbone's weights are under "
                    "params/transformer, the head under params/head",
 }  # fmt: skip
+
+
+def warn_if_unfinished(run_dir: str, step: int, meta: dict, key: str) -> None:
+    """Warns when the latest checkpoint of the run `key` reads stopped short of the run's own
+    `total_steps`, and not because its data ended: a preempted (SIGTERM, time limit) or killed
+    run, whose trainer may even have exited 0. A chain `pretrain && sft` went on from it with
+    only "initialised params from RUN"."""
+    from flaxlm.train.metrics import read_events  # (metrics imports checkpoint modules)
+
+    total = ((meta or {}).get("config") or {}).get("total_steps")
+    if not isinstance(total, int) or isinstance(total, bool) or step >= total:
+        return
+    try:
+        events = read_events(run_dir)
+    except (OSError, ValueError):
+        events = []
+    if any(e.get("event") == "data_end" and e.get("step") == step for e in events):
+        return  # its finite data ended it there: that is the run's end
+    why = next((e.get("reason") for e in reversed(events)
+                if e.get("event") == "preempted" and e.get("step") == step), None)  # fmt: skip
+    log.warning(
+        "%s: %s stopped at step %d of its total_steps=%d%s; reading that checkpoint (resume "
+        "that run first if it was meant to train on).",
+        key, run_dir, step, total, f" ({why})" if why else " (preempted or killed?)",
+    )  # fmt: skip
 
 
 def _nested_params(step_dir: str, target) -> str | None:

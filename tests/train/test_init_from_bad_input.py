@@ -204,3 +204,44 @@ def test_pretraining_starts_from_a_lora_ppo_or_reward_model_run(source, tmp_path
         load_params(lora, target)
     with pytest.raises(CheckpointError, match=r"PPO run: .* under params/policy"):
         load_params(ppo, target)
+
+
+def test_init_from_a_run_stopped_short_of_its_total_steps_is_warned_about(source, tmp_path, caplog):
+    """A preempted run (SIGTERM: checkpoint saved, exit 0) or a killed one was read as
+    init_from (and reward_from, ref_from, a teacher) with only "initialised params from RUN": a
+    chain `pretrain && sft` went on from a barely trained model. Its latest step short of its
+    own total_steps, not at the end of its data, is now warned about, with the stop's reason."""
+    import json
+    import logging
+
+    from flaxlm.alignment.common import load_lm_params
+
+    caplog.set_level(logging.INFO, logger="flaxlm")
+    target = _target(_config())
+    base = jax.device_get(load_params(source, target))  # a finished run (1 of 1 steps)
+    assert "stopped at step" not in caplog.text
+    assert f"init_from: read {source}/checkpoints/1" in caplog.text
+
+    _, meta = read_meta(source)
+    meta = {"model_config": meta["model_config"], "config": {"total_steps": 200}}
+    run = _write(str(tmp_path / "cut"), base, meta)
+    events = os.path.join(run, "events.jsonl")
+    with open(events, "w") as f:
+        f.write(json.dumps({"event": "preempted", "reason": "SIGTERM: checkpoint saved at step 1",
+                            "step": 1}) + "\n")  # fmt: skip
+    for read in (lambda: load_params(run, target), lambda: load_lm_params(run, target)):
+        caplog.clear()
+        read()
+        assert (f"init_from: {run} stopped at step 1 of its total_steps=200 (SIGTERM: "
+                "checkpoint saved at step 1); reading that checkpoint") in caplog.text  # fmt: skip
+    caplog.clear()
+    load_params(run, target, step=1)  # a step named on purpose
+    assert "stopped at step" not in caplog.text
+    os.remove(events)  # killed: no event at all
+    load_params(run, target)
+    assert "stopped at step 1 of its total_steps=200 (preempted or killed?)" in caplog.text
+    with open(events, "w") as f:  # its finite data ended there: the run's end
+        f.write(json.dumps({"event": "data_end", "reason": "data ended", "step": 1}) + "\n")
+    caplog.clear()
+    load_params(run, target)
+    assert "stopped at step" not in caplog.text
