@@ -14,7 +14,9 @@ transforms; where the streaming CLI keeps a table, Beam groups by key instead:
 
 Document keys are (file index in the sorted input list, record index), the same as
 ``Document.key``. Output shards are ``shard-XXXXX-of-YYYYY.arrayrecord`` (documents assigned by a
-hash of their key, sorted by key inside a shard) plus ``meta.json``, ``report.json`` and
+hash of their key, sorted by key inside a shard; every one of the YYYYY written, empty or not,
+each renamed into place when complete, so a killed job leaves an incomplete set the loader
+refuses) plus ``meta.json``, ``report.json`` and
 ``report.md`` as the CLI writes them; on a cluster ``--output`` must be a filesystem every worker
 can write (ArrayRecord writes local paths). Tokenizer training is not done here: pass a tokenizer
 (e.g. one the CLI trained on a sample), or get cleaned text shards; ``train_tokenizer_vocab``
@@ -207,11 +209,16 @@ def _write_shard(item, out_dir, num_shards):
     from array_record.python.array_record_module import ArrayRecordWriter
 
     shard, records = item
-    path = os.path.join(out_dir, f"shard-{shard:05d}-of-{num_shards:05d}.arrayrecord")
-    w = ArrayRecordWriter(path, "group_size:1")
+    name = f"shard-{shard:05d}-of-{num_shards:05d}.arrayrecord"
+    path = os.path.join(out_dir, name)
+    # Written under a hidden name, renamed when complete: a worker killed mid-write leaves no
+    # shard that looks whole (a retried bundle rewrites the same name).
+    tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
+    w = ArrayRecordWriter(tmp, "group_size:1")
     for _, rec in sorted(records):
         w.write(rec)
     w.close()
+    os.replace(tmp, path)
     return path
 
 
@@ -286,10 +293,16 @@ def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int, eval_texts=N
     stats.append(docs | "One" >> beam.Map(lambda _: {"out": 1}))
     records = docs | "Tokenize" >> beam.ParDo(_Tokenize(tok)).with_outputs("stats", main="r")
     stats.append(records.stats)
+    sharded = records.r | "Shard" >> beam.Map(
+        lambda kr: (zlib.crc32(repr(kr[0]).encode()) % num_shards, kr)
+    )
+    # Every shard key, so a shard no document hashed to is written too (empty): a set of N
+    # shards is complete, and the loader refuses one that is not (source_paths.check_shard_sets)
+    every = p | "EveryShard" >> beam.Create([(i, None) for i in range(num_shards)])
     _ = (
-        records.r
-        | "Shard" >> beam.Map(lambda kr: (zlib.crc32(repr(kr[0]).encode()) % num_shards, kr))
-        | "ShardGroup" >> beam.GroupByKey()
+        {"docs": sharded, "every": every}
+        | "ShardGroup" >> beam.CoGroupByKey()
+        | "Docs" >> beam.Map(lambda kv: (kv[0], list(kv[1]["docs"])))
         | "Write"
         >> beam.Map(_write_shard, os.path.join(out_dir, "tokens" if tok else "text"), num_shards)
     )

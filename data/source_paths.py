@@ -18,9 +18,11 @@ import glob
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 
 from flaxlm.data.source_codecs import _codec_suffix
+from flaxlm.data.source_errors import DataError
 
 META_FILE = "meta.json"
 
@@ -39,6 +41,11 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     markers (``_SUCCESS``) unless its last part starts with ``_``. A file that several
     patterns match is read once, where it first appears (reading it twice made its documents
     exact duplicates of themselves).
+
+    Files a directory or glob gives that are named as one of N shards (``NAME-00003-of-00008``)
+    must have all N beside them (``check_shard_sets``): a write that was killed, or a copy cut
+    short, left a few and trained on part of the corpus without a word. A file named itself is
+    read as it is.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -49,17 +56,55 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
         elif os.path.isdir(pat):
             pat = preprocess_corpus(pat)
             hits = _directory_files(pat)
+            check_shard_sets(hits, pat)
         else:
             hits = sorted(
                 p
                 for p in glob.glob(pat, recursive=True)
                 if os.path.isfile(p) and _glob_keeps(pat, os.path.basename(p))
             )
+            check_shard_sets(hits, pat)
         if not hits:
             raise FileNotFoundError(f"no files match {pat!r}")
         for h in hits:
             out.setdefault(os.path.realpath(h), h)
     return list(out.values())
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.*)-(?P<index>\d+)-of-(?P<count>\d+)(?P<rest>(\.[^-]*)?)$")
+
+
+def check_shard_sets(files: Sequence[str], pattern: str) -> None:
+    """A DataError naming the missing members when one of `files` is named as shard i of N
+    (``shard-00003-of-00008.arrayrecord``, ``train-00000-of-00004.parquet``; numbered from 0
+    or from 1) and its directory lacks some of the other N − 1 (a glob may pick some of a
+    complete set on purpose)."""
+    sets: dict[tuple, set[int]] = {}
+    for f in files:
+        m = _SHARD_NAME.match(os.path.basename(f))
+        if m and 0 < int(m["count"]) and int(m["index"]) <= int(m["count"]):
+            key = (os.path.dirname(f), m["stem"], len(m["index"]), m["count"], m["rest"])
+            sets.setdefault(key, set())
+    for (folder, stem, width, count, rest), _ in sets.items():
+        present = set()
+        for name in os.listdir(folder or "."):
+            m = _SHARD_NAME.match(name)
+            if (m and (m["stem"], len(m["index"]), m["count"], m["rest"]) == (stem, width, count,
+                                                                                rest)
+                    and os.path.isfile(os.path.join(folder, name))):  # fmt: skip
+                present.add(int(m["index"]))
+        # numbered from 0 (Beam, HF datasets) or from 1 (HF's model-00001-of-00003): whichever
+        # the present ones fit better
+        missing = min(([i for i in range(first, int(count) + first) if i not in present]
+                       for first in (0, 1)), key=len)  # fmt: skip
+        if missing:
+            shown = ", ".join(f"{stem}-{i:0{width}d}-of-{count}{rest}" for i in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise DataError(
+                f"{pattern}: {len(missing)} of the {int(count)} shards {stem}-*-of-{count}{rest} "
+                f"are missing from {folder or '.'}: {shown}{more} (a write that was interrupted, "
+                "or a copy cut short?); to read the others anyway, name those files"
+            )
 
 
 def _glob_keeps(pattern: str, name: str) -> bool:

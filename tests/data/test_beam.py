@@ -131,3 +131,45 @@ def test_flagged_count_is_of_the_kept_documents_as_in_the_cli(tmp_path):
     for rep in (ref, got):
         dd = next(s for s in rep["stages"] if s["stage"] == "dedup")
         assert (rep["documents_out"], dd["flagged_contaminated"]) == (2, 1), rep
+
+
+def test_every_shard_is_written_and_a_set_missing_some_is_refused(tmp_path):
+    """A killed Beam job left the shards its finished workers wrote under their final names,
+    and training read `tokens/` (3 of 8 shards) with no warning. Shards are now renamed into
+    place when complete, all N are written (empty ones too: a complete job's set is whole),
+    and the loader refuses a directory or glob whose N-shard set lacks members."""
+    import os
+    import shutil
+
+    from flaxlm.data.source_errors import DataError
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": en_doc(rng)}) + "\n" for _ in range(2)))
+    out = tmp_path / "beam"
+    beam_mod.main(["--input", str(src), "--output", str(out), "--num_shards=8",
+                   "--runner=DirectRunner"])  # fmt: skip
+    text = out / "text"
+    names = sorted(os.listdir(text))
+    assert names == ["meta.json"] + [f"shard-{i:05d}-of-00008.arrayrecord" for i in range(8)]
+    assert len(sources.open_source(str(text))) == 2  # 2 documents, 6 shards empty
+
+    cut = tmp_path / "cut"
+    shutil.copytree(text, cut)
+    for i in (0, 3):
+        os.remove(cut / f"shard-{i:05d}-of-00008.arrayrecord")
+    for pattern in (str(cut), str(cut / "shard-*")):
+        with pytest.raises(DataError, match=r"2 of the 8 shards shard-\*-of-00008.arrayrecord "
+                           r"are missing from .*cut: shard-00000-of-00008.arrayrecord, "
+                           r"shard-00003-of-00008.arrayrecord"):  # fmt: skip
+            sources.expand_paths(pattern)
+    one = str(cut / "shard-00001-of-00008.arrayrecord")  # a file named itself: read as it is
+    assert sources.expand_paths(one) == [one]
+    assert sources.expand_paths(str(text / "shard-0000[0-2]-*")) == [  # a subset, on purpose
+        str(text / f"shard-{i:05d}-of-00008.arrayrecord") for i in range(3)
+    ]
+    hf = tmp_path / "hf"  # HF numbers its shards from 1: model-00001-of-00002 is complete
+    hf.mkdir()
+    for i in (1, 2):
+        (hf / f"model-{i:05d}-of-00002.jsonl").write_text('{"text": "x"}\n')
+    assert len(sources.expand_paths(str(hf))) == 2
