@@ -157,6 +157,11 @@ def collect_all(root: str, *, include_unfinished: bool = False) -> tuple[list[di
                 missing.append({**gone, "status": "unreadable", "why": why})
                 continue
             warnings.warn(f"run {run['name']} {why}", stacklevel=2)
+        if final is not None and _stopped_after_last_step(workdir) and not include_unfinished:
+            # its last step logged, then killed or failed (in the final evaluation, or saving
+            # the final checkpoint): the row would lack what that stage writes (heldout_loss)
+            missing.append({**gone, **_why_unfinished(workdir, run.get("total_steps"))})
+            continue
         if final is None and not include_unfinished:
             missing.append({**gone, **_why_unfinished(workdir, run.get("total_steps"))})
             continue
@@ -166,6 +171,17 @@ def collect_all(root: str, *, include_unfinished: bool = False) -> tuple[list[di
         row.update(task_metrics(workdir))
         rows.append(row)
     return rows, missing
+
+
+def _stopped_after_last_step(workdir: str) -> bool:
+    """Whether the sweep recorded a run as failed, or it is still running, although its metrics
+    reach the last step: no `DONE` marker, and a `FAILED` record or a live trainer. (A run that
+    a launch file ran has neither marker: its metrics are all there is to go by.)"""
+    from flaxlm.train.sweep import FAILED_FILE, _running_pid  # (sweep imports this module)
+
+    if os.path.exists(os.path.join(workdir, "DONE")):
+        return False
+    return os.path.exists(os.path.join(workdir, FAILED_FILE)) or _running_pid(workdir) is not None
 
 
 def _why_unfinished(workdir: str, total_steps: int | None) -> dict:

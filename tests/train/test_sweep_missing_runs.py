@@ -89,6 +89,27 @@ def test_the_table_names_each_planned_run_it_has_no_row_for(tmp_path, config, ca
     assert [m["name"] for m in missing] == [cut.name, unstarted.name]
 
 
+def test_a_run_killed_after_its_last_step_has_no_row(tmp_path, config):
+    """A trainer killed in its final evaluation (rc=-9) after logging its last step: the sweep
+    said FAILED, but the table listed the run as finished, without heldout_loss, and the
+    scaling report then failed on the missing column. Now the run is named as failed; one the
+    sweep finished (DONE), or one a launch file ran (no marker at all), keeps its row."""
+    root = str(tmp_path / "sw")
+    runs = sweep.plan(config, root)
+    sweep.write_index(root, config, runs, [])
+    killed, done, launched, _ = runs
+    for r in (killed, done, launched):
+        _metrics(r.workdir, STEPS, final=False)
+    assert sweep._finish(killed, -9, 2.0) == "failed"
+    assert sweep._finish(done, 0, 2.0) == "done"
+    rows, missing = sweep_table.collect_all(root)
+    assert [r["name"] for r in rows] == [done.name, launched.name]
+    assert (missing[0]["name"], missing[0]["status"]) == (killed.name, "failed")
+    assert "rc=-9" in missing[0]["why"]
+    rows, _ = sweep_table.collect_all(root, include_unfinished=True)
+    assert killed.name in [r["name"] for r in rows]
+
+
 def test_a_sweep_json_cut_short_names_its_file(tmp_path, config, capsys):
     root = tmp_path / "sw"
     root.mkdir()
