@@ -161,6 +161,7 @@ def atomic_directory(path: str, overwrite: bool = False):
     deleted. Files get the umask's mode (safetensors writes its own 0600, which left a shared
     or served export unreadable), the directory 0755."""
     path = os.path.abspath(path)
+    _recover_interrupted(path)
     if os.path.exists(path) and not os.path.isdir(path):  # overwrite replaces directories only
         raise HFError(f"export: {path} exists and is not a directory")
     if os.path.exists(path) and os.listdir(path) and not overwrite:
@@ -186,6 +187,34 @@ def atomic_directory(path: str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _recover_interrupted(path: str) -> None:
+    """Mends what an export to `path` killed part way left beside it (`atomic_directory`): the
+    previous export, moved aside into `.NAME.old-*/x` just before the new one was renamed in,
+    goes back to `path` when `path` is missing (else it would stay hidden there); unfinished
+    `.NAME.tmp-*` writes (full-size copies no later run removed) and emptied `.NAME.old-*` are
+    deleted. Each is logged."""
+    parent, name = os.path.split(path)
+    if not os.path.isdir(parent):
+        return
+    olds = sorted(
+        (os.path.join(parent, d) for d in os.listdir(parent) if d.startswith(f".{name}.old-")),
+        key=os.path.getmtime,
+        reverse=True,  # the newest first: the export an interrupted overwrite last replaced
+    )
+    for old in olds:
+        moved = os.path.join(old, "x")
+        if not os.path.lexists(path) and os.path.isdir(moved):
+            os.replace(moved, path)
+            log.warning("export: restored %s, moved aside by an --overwrite export that was "
+                        "interrupted", path)  # fmt: skip
+        shutil.rmtree(old, ignore_errors=True)
+    for d in os.listdir(parent):
+        if d.startswith(f".{name}.tmp-"):
+            log.warning("export: removing %s, left by an export that was interrupted",
+                        os.path.join(parent, d))  # fmt: skip
+            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
 
 
 def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
@@ -222,8 +251,13 @@ def import_to_run(hf_dir: str, run_dir: str, dtype=None) -> str:
         raise HFError(f"import: the run directory {run_dir} is the HF checkpoint; import into a "
                       "new directory")  # fmt: skip
     ckpts = os.path.join(run_dir, "checkpoints")
-    if os.path.isdir(ckpts) and os.listdir(ckpts):  # the step-0 save would be skipped or hidden
+    held = sorted(os.listdir(ckpts)) if os.path.isdir(ckpts) else []
+    unfinished = [n for n in held if ".orbax-checkpoint-tmp" in n]
+    if len(unfinished) < len(held):  # the step-0 save would be skipped or hidden
         raise HFError(f"import: {run_dir} already holds checkpoints; import into a new directory")
+    for name in unfinished:  # a save that never finished (an import killed mid-write)
+        log.warning("import: removing %s, an unfinished save", os.path.join(ckpts, name))
+        shutil.rmtree(os.path.join(ckpts, name))
     cfg, params = load_pretrained(hf_dir, dtype)
     meta = {
         "model_config": cfg.to_dict(),

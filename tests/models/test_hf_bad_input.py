@@ -80,6 +80,42 @@ def test_import_refuses_a_directory_with_checkpoints(tmp_path):
         hf.main(["import", _copy(tmp_path, "c", family="qwen2"), run])
 
 
+def test_an_import_killed_mid_save_can_be_rerun_and_an_interrupted_export_is_mended(
+    tmp_path, caplog
+):
+    """A killed import left only checkpoints/0.orbax-checkpoint-tmp: the rerun said "already
+    holds checkpoints" while generate said "no checkpoint". An --overwrite export killed
+    between its two renames left no export at all, the previous one hidden in .NAME.old-*/x;
+    one killed while writing left a full-size .NAME.tmp-* for good. Now the rerun imports, and
+    the next export to that name restores or removes what was left (each logged)."""
+    import logging
+
+    from flaxlm.train.checkpoint import load_model
+
+    caplog.set_level(logging.WARNING)
+    run = str(tmp_path / "run")
+    tmp = os.path.join(run, "checkpoints", "0.orbax-checkpoint-tmp-1234")
+    os.makedirs(os.path.join(tmp, "state"))
+    hf.import_to_run(_copy(tmp_path, "a"), run)
+    assert f"import: removing {tmp}, an unfinished save" in caplog.text
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0"]
+    cfg, params, _ = load_model(run)
+
+    out = tmp_path / "exp"
+    hf.save_pretrained(cfg, params, str(out))
+    good = sorted(os.listdir(out))
+    os.makedirs(tmp_path / ".exp.old-abc")
+    os.replace(out, tmp_path / ".exp.old-abc" / "x")  # killed between the renames
+    os.makedirs(tmp_path / ".exp.tmp-def" / "junk")  # and a write killed part way
+    caplog.clear()
+    with pytest.raises(hf.HFError, match="exists and is not empty"):  # the restored one
+        hf.save_pretrained(cfg, params, str(out))
+    assert sorted(os.listdir(out)) == good
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".exp")) == []
+    assert f"export: restored {out}, moved aside" in caplog.text
+    assert f"export: removing {tmp_path / '.exp.tmp-def'}" in caplog.text
+
+
 def test_a_mesh_that_cannot_hold_the_model_is_named_before_reading(tmp_path):
     """Loading under tensor=4 a model of 2 kv heads raised jax's IndivisibleError while placing
     a tensor, naming neither the weight nor the directory; now an HFError names both, the mesh
