@@ -322,3 +322,39 @@ def test_loss_fn_reads_sequences_off_the_batch_and_adds_the_sft_term():
     with_sft, _ = dpo.dpo_loss_fn(apply, d)(logits, batch, None)
     nll = -(seq["chosen"][0] / seq["chosen"][1]).mean()
     np.testing.assert_allclose(float(with_sft), float(want) + 0.5 * nll, **TOL)
+
+
+def test_reward_accuracy_counts_strict_wins_only():
+    """rewards/accuracy: the share of real pairs whose chosen answer's implicit reward is
+    strictly above the rejected one's (TRL's chosen_rewards > rejected_rewards). At step 0 the
+    policy is the reference, every reward is 0 and no pair is won: accuracy 0, not 1."""
+    import ml_collections
+
+    rng = np.random.default_rng(1)
+    B, T, V = 4, 6, 9
+    batch = {"valid": np.array([1, 1, 1, 0], np.float32)}  # (the last row: padding)
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_tokens"] = rng.integers(0, V, (B, T)).astype(np.int32)
+        batch[f"{side}_targets"] = rng.integers(0, V, (B, T)).astype(np.int32)
+        batch[f"{side}_positions"] = np.tile(np.arange(T, dtype=np.int32), (B, 1))
+        batch[f"{side}_segment_ids"] = np.ones((B, T), np.int32)
+        batch[f"{side}_loss_mask"] = np.ones((B, T), np.float32)
+    logits = rng.normal(size=(2 * B, T, V)).astype(np.float32)
+    apply = lambda p, tokens, positions, segment_ids: p  # noqa: E731  (logits as "params")
+    (pc, pr), _ = dpo.pair_logps(apply, logits, batch)
+    pc, pr = np.asarray(pc), np.asarray(pr)
+    d = ml_collections.ConfigDict({"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
+                                   "simpo_gamma": 0.0, "sft_coef": 0.0})  # fmt: skip
+    loss_fn = dpo.dpo_loss_fn(apply, d)
+    # the reference is the policy: rewards exactly 0 on both sides, every pair a tie
+    _, m = loss_fn(logits, {**batch, "ref_chosen_logps": pc, "ref_rejected_logps": pr}, None)
+    assert float(m["rewards/margin"]) == 0.0
+    assert float(m["rewards/accuracy"]) == 0.0
+    # pair 0 won (chosen up 1 nat), pair 1 a tie, pair 2 lost (rejected up 1 nat); pair 3 is
+    # padding, won but weighed 0
+    up_c, up_r = np.array([1.0, 0, 0, 1.0], np.float32), np.array([0, 0, 1.0, 0], np.float32)
+    _, m = loss_fn(logits, {**batch, "ref_chosen_logps": pc - up_c,
+                            "ref_rejected_logps": pr - up_r}, None)  # fmt: skip
+    won = ((d.beta * up_c > d.beta * up_r) * batch["valid"]).sum() / batch["valid"].sum()
+    assert won == pytest.approx(1 / 3)
+    np.testing.assert_allclose(float(m["rewards/accuracy"]), won, **TOL)

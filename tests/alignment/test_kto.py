@@ -156,6 +156,29 @@ def test_loss_fn_equals_the_formula(kl_shift, beta, wd, wu):
     np.testing.assert_allclose(per, np.where(batch["label"] > 0, wd, wu) * per1, rtol=1e-12)
 
 
+def test_reward_accuracy_counts_strict_wins_only():
+    """rewards/accuracy: a desirable example is right when Δ > z0, an undesirable one when
+    Δ < z0, strictly (the module docstring). With the policy as its own reference (step 0)
+    every Δ is 0 and z0 is 0: no example is right, desirable ones no more than undesirable
+    ones (the held-out accuracy counts such ties ½)."""
+    from flaxlm.alignment.dpo import rows_logps
+
+    params, batch = _batch(np.random.default_rng(3))
+    (pol,), _ = rows_logps(_table_apply, params, batch, ("",))
+    (pol_kl,), _ = rows_logps(_table_apply, params, batch, ("kl_",))
+    fn = kto.kto_loss_fn(_table_apply, _cfg())
+    same = {**batch, "ref_logps": np.asarray(pol), "ref_kl_logps": np.asarray(pol_kl)}
+    m = finish_metrics(fn(params, same, None)[1])
+    assert float(m["kl"]) == 0.0 and float(m["rewards/margin"]) == 0.0
+    assert float(m["rewards/accuracy"]) == 0.0
+    # row 0 (desirable) up 1 nat, row 1 (undesirable) down 1 nat: right; the rest tied
+    assert batch["label"][:2].tolist() == [1, 0] and batch["valid"].sum() == 7
+    shift = np.zeros_like(batch["ref_logps"])
+    shift[:2] = [1.0, -1.0]
+    m = finish_metrics(fn(params, {**same, "ref_logps": np.asarray(pol) - shift}, None)[1])
+    np.testing.assert_allclose(float(m["rewards/accuracy"]), 2 / 7, **TOL)
+
+
 def test_metrics_are_the_batchs_own_with_grad_accum():
     """With opt.grad_accum > 1 the step combines micro-batches weighted by their examples: the
     counts and per-kind means used to come out divided by the number of micro-batches

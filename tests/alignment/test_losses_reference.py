@@ -928,6 +928,21 @@ def test_grpo_variants_equal_their_formulas(agg, clip_high, importance):
             assert not np.asarray(g[b])[mask[b] == 0].any()
 
 
+def test_grpo_clipfrac_counts_ratios_outside_the_clip_range_clip_high_included():
+    """clipfrac: the share of response tokens whose ratio lies outside the range the objective
+    clips to, [1 − clip, 1 + clip_high] (DAPO's clip-higher; clip_high 0: 1 + clip). With
+    clip 0.2 and clip_high 0.28 a ratio of 1.25 is inside: not clipped."""
+    ratio = np.array([[0.7, 0.9, 1.0, 1.1, 1.25, 1.3]], np.float32)
+    logp = np.log(ratio).astype(np.float32)
+    old, mask, adv = np.zeros_like(logp), np.ones_like(logp), np.ones(1, np.float32)
+    for clip_high, hi in ((0.0, 1.2), (0.28, 1.28)):
+        want = np.mean((ratio < 0.8) | (ratio > hi))
+        _, m = grpo.grpo_loss(logp, old, logp, adv, mask, clip=0.2, beta=0.0, agg="token",
+                              clip_high=clip_high)  # fmt: skip
+        np.testing.assert_allclose(float(m["clipfrac"]), want, **TOL)
+    assert want == pytest.approx(2 / 6)  # (0.7 and 1.3; 1.25 is inside with clip_high)
+
+
 def test_grpo_overlong_penalty_is_dapos_soft_punishment():
     L_max, buf = 20, 6
     lengths = [5, 14, 15, 17, 20]

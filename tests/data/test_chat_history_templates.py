@@ -96,6 +96,28 @@ def test_history_rewriting_template_trains_one_turn_per_example(reasoning):
     assert only["ids"].tolist() == first["ids"].tolist() and "split_by_turn" not in report.to_dict()
 
 
+def test_consecutive_assistant_turns_are_one_example(reasoning):
+    """A run of assistant turns with no user turn between them is generated after the same
+    user turn: it is one example, every turn of the run trained in it (each with its reasoning,
+    as the latest answers are shown), not one example per turn repeating the earlier ones as
+    context."""
+    tok, t = reasoning
+    conv = [U("2+2?"), A("<think>add them</think>4"), A("so 4"), U("and 3+3?"), A("6")]
+    assert t.text(conv[:3], False) == (
+        "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nadd them\n</think>\n\n4<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nso 4<|im_end|>\n"
+    )
+    report = F.DataReport()
+    out = F.render_sft([({"messages": conv}, "c:1")], t, 512, report=report)
+    assert [ex["messages"] for ex in out] == [conv[:3], conv]
+    assert _trained_text(tok, out[0]["ids"], out[0]["mask"]) == (
+        "<think>\nadd them\n</think>\n\n4<|im_end|><think>\n\n</think>\n\nso 4<|im_end|>"
+    )
+    assert _trained_text(tok, out[1]["ids"], out[1]["mask"]) == "<think>\n\n</think>\n\n6<|im_end|>"
+    assert report.to_dict()["split_examples"][0].startswith("c:1: 2 examples")
+
+
 def test_split_examples_truncate_and_pack_on_their_own(reasoning):
     tok, t = reasoning
     long = [U("x" * 40), A("<think>y</think>z"), U("and 3+3?"), A("6")]

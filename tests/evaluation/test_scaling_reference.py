@@ -16,8 +16,10 @@ from scipy import optimize
 from flaxlm.evaluation.scaling import (
     HUBER_DELTA,
     compute_optimal,
+    envelope,
     fit_parametric,
     fit_power_law,
+    pareto_frontier,
     predict_parametric,
     predict_power_law,
 )
@@ -255,3 +257,42 @@ def test_a_run_listed_twice_is_warned(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_runs(rows, required=("n_params", "tokens", "heldout_loss"))
+
+
+def _frontier_brute_force(x, loss):
+    """Kaplan's L(C) frontier by its definition: run i is on it when its loss is strictly below
+    that of every run before it, a run being before i when it has less compute, or the same
+    compute and a lower loss (or the same loss and a lower index): one run per compute value,
+    and a run no better than a cheaper one is off it."""
+    x, loss = np.asarray(x, np.float64), np.asarray(loss, np.float64)
+    keep = []
+    for i in range(len(x)):
+        before = [j for j in range(len(x)) if j != i and (
+            x[j] < x[i] or (x[j] == x[i] and (loss[j], j) < (loss[i], i)))]  # fmt: skip
+        if all(loss[i] < loss[j] for j in before):
+            keep.append(i)
+    return sorted(keep, key=lambda i: (x[i], loss[i]))
+
+
+def test_pareto_frontier_keeps_strict_improvements_only():
+    # a duplicated run (x 2), a plateau (x 3 no better than x 2), a tie at x 4, a plateau at x 5
+    x = [1.0, 2.0, 2.0, 3.0, 4.0, 4.0, 5.0]
+    loss = [3.0, 2.5, 2.5, 2.5, 2.0, 1.0, 1.0]
+    assert _frontier_brute_force(x, loss) == [0, 1, 5]
+    np.testing.assert_array_equal(pareto_frontier(x, loss), [0, 1, 5])
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # coarse values: many ties in x and in loss
+        x, loss = rng.integers(1, 6, 12).astype(float), rng.integers(1, 5, 12).astype(float)
+        np.testing.assert_array_equal(pareto_frontier(x, loss), _frontier_brute_force(x, loss))
+
+
+def test_envelope_is_the_lowest_loss_of_each_distinct_x():
+    """L(N) and L(D) are fitted on the best run of each size (the envelope): for each distinct
+    x, ascending, the lowest loss among its runs."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(1, 5, 15).astype(float)
+    loss = rng.uniform(1.0, 3.0, 15)
+    xs, best = envelope(x, loss)
+    want = sorted({v: min(lo for u, lo in zip(x, loss) if u == v) for v in x}.items())
+    np.testing.assert_array_equal(xs, [v for v, _ in want])
+    np.testing.assert_array_equal(best, [lo for _, lo in want])

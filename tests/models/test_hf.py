@@ -175,6 +175,55 @@ def test_config_translation():
     assert (cfg.qk_norm, cfg.norm_placement, hf.default_arch(cfg)) == ("all", "post", "olmo2")
 
 
+def _qwen2_old_layout(**edits):
+    """The qwen2 fixture's config.json as transformers < 4.53 writes it: no layer_types, each
+    layer's kind derived from use_sliding_window / max_window_layers."""
+    base = json.loads(open(os.path.join(FIX, "qwen2", "config.json")).read())
+    return {**{k: v for k, v in base.items() if k != "layer_types"}, **edits}
+
+
+def test_qwen_sliding_layers_follow_max_window_layers_as_transformers():
+    """Qwen2Attention (transformers < 4.53): layer i slides when use_sliding_window is set and
+    i >= max_window_layers, else it attends to everything. Written out for the fixture's 2
+    layers: max_window_layers 0 -> both sliding (the window on every layer), 2 -> both full (no
+    window), 1 -> full then sliding (a pattern flaxlm refuses, not one read as all full)."""
+    n = _qwen2_old_layout()["num_hidden_layers"]
+    assert n == 2
+
+    def kinds(mwl):  # transformers' rule
+        return ["sliding_attention" if i >= mwl else "full_attention" for i in range(n)]
+
+    def read(mwl):
+        return hf.config_from_hf(_qwen2_old_layout(use_sliding_window=True, sliding_window=4,
+                                                   max_window_layers=mwl))  # fmt: skip
+
+    assert set(kinds(0)) == {"sliding_attention"} and read(0).sliding_window == 4
+    assert set(kinds(n)) == {"full_attention"} and read(n).sliding_window == 0
+    assert kinds(1) == ["full_attention", "sliding_attention"]
+    with pytest.raises(hf.HFError, match="supported: all full, all sliding"):
+        read(1)
+    # without use_sliding_window every layer is full, whatever max_window_layers says
+    assert hf.config_from_hf(_qwen2_old_layout(sliding_window=4, max_window_layers=0)
+                             ).sliding_window == 0  # fmt: skip
+
+
+def test_qwen_export_with_a_window_slides_every_layer_for_old_readers():
+    """An exported Qwen2/Qwen3 config with a sliding window: transformers < 4.53 ignores
+    layer_types and slides layer i only when i >= max_window_layers, so max_window_layers must
+    be 0 for the window to reach every layer, as layer_types says."""
+    cfg = hf.config_from_hf(_qwen2_old_layout()).replace(sliding_window=4)
+    for arch in ("qwen2", "qwen3"):
+        out = hf.config_to_hf(cfg.replace(qk_norm="head") if arch == "qwen3" else cfg, arch)
+        assert out["use_sliding_window"] and out["sliding_window"] == 4
+        assert out["layer_types"] == ["sliding_attention"] * cfg.n_layers
+        slides = [
+            out["use_sliding_window"] and i >= out["max_window_layers"] for i in range(cfg.n_layers)
+        ]  # (Qwen2Attention's rule)
+        assert all(slides), (arch, out["max_window_layers"])
+        legacy = {k: v for k, v in out.items() if k != "layer_types"}
+        assert hf.config_from_hf(legacy).sliding_window == 4, arch
+
+
 # transformers 5.24 `ROPE_INIT_FUNCTIONS["yarn"]` for a Qwen3Config with head_dim 16, rope_theta
 # 1e4, factor 4, original_max_position_embeddings 64 (attention factor 1.138629436111989):
 # inverse frequencies with truncate=True (the default) and truncate=False. At this head dim the
@@ -534,6 +583,30 @@ def test_export_is_all_or_nothing(tmp_path, monkeypatch):
         hf.save_pretrained(cfg, params, str(tmp_path / "out"), arch="qwen2",
                            max_shard_bytes=30_000, overwrite=True)  # fmt: skip
     assert os.listdir(tmp_path) == ["out"] and hf.load_config(str(tmp_path / "out")) == cfg
+
+
+def test_export_shards_fill_up_to_max_shard_bytes():
+    """Export shards (HF order) hold at most max_shard_bytes each and are full: a tensor starts
+    a new shard only when it would take the current one past the limit (transformers' rule),
+    so a limit of exactly the model's bytes is one model.safetensors, and one of exactly the
+    first k tensors' bytes puts those k in the first shard. Only the shapes are read here."""
+    from flaxlm.models.hf_weights import export_tensors
+
+    cfg, f32 = hf.load_config(os.path.join(FIX, "qwen2")), np.dtype(np.float32)
+
+    def shards(limit):  # each shard's tensor sizes in bytes
+        return [[int(np.prod(shape)) * 4 for _, shape, _ in s]
+                for s in export_tensors(cfg, None, "qwen2", f32, limit)]  # fmt: skip
+
+    (sizes,) = shards(1 << 40)
+    assert len(shards(sum(sizes))) == 1
+    for k in (1, 3, 5):
+        assert len(shards(sum(sizes[:k]))[0]) == k
+    for limit in (max(sizes), 30_000, sum(sizes) // 3):
+        got = shards(limit)
+        assert [n for s in got for n in s] == sizes  # every tensor once, in order
+        assert all(sum(s) <= limit for s in got)
+        assert all(sum(a) + b[0] > limit for a, b in zip(got, got[1:]))  # each one full
 
 
 def test_export_files_are_readable_like_config_json(tmp_path):

@@ -62,6 +62,21 @@ def test_configs_translate():
     assert hf.default_arch(cfg) == "gemma3_text"
 
 
+def test_layers_all_of_one_kind_take_that_kinds_rope():
+    """Gemma 3 with every layer of one type: each layer rotates with its own type's RoPE
+    (transformers picks rope_parameters[layer_type] per layer), so all sliding is the local
+    RoPE (base 1e4, unscaled) on every layer, all full the global one (1e6, linear ×8)."""
+    c = json.loads(open(os.path.join(FIX, "gemma3", "config.json")).read())
+    n = c["num_hidden_layers"]
+    local = hf.config_from_hf({**c, "layer_types": ["sliding_attention"] * n})
+    assert (local.sliding_window, local.sliding_window_pattern) == (4, 0)
+    assert (local.rope_theta, local.rope_scaling, local.rope_local_theta) == (1e4, "none", 0.0)
+    full = hf.config_from_hf({**c, "layer_types": ["full_attention"] * n})
+    assert (full.sliding_window, full.sliding_window_pattern) == (0, 0)
+    assert (full.rope_theta, full.rope_scaling, full.rope_scaling_factor) == (1e6, "linear", 8)
+    assert full.rope_local_theta == 0.0
+
+
 def test_each_gemma_feature_shows_in_the_logits():
     """Dropping any one feature moves the logits by > 1e-2: the fixtures would catch its bug."""
     cfg, params, ref = _load("gemma")

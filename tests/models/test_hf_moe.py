@@ -95,6 +95,17 @@ def test_moe_config_translation():
     assert hf.config_from_hf({**_config("qwen2_moe"), "router_aux_loss_coef": 0.5}) == q2
 
 
+def test_qwen2_moe_config_without_qkv_bias_has_the_biases():
+    """Qwen2-MoE's attention always had q/k/v biases before transformers 5 added the qkv_bias
+    key (Qwen1.5-MoE-A2.7B's config.json has none): a config without the key has them; the
+    fixture (transformers 5) writes it, and qkv_bias=false drops them."""
+    c = _config("qwen2_moe")
+    assert c["qkv_bias"] is True
+    old = {k: v for k, v in c.items() if k != "qkv_bias"}
+    assert hf.config_from_hf(old).qkv_bias
+    assert not hf.config_from_hf({**c, "qkv_bias": False}).qkv_bias
+
+
 @pytest.mark.parametrize(
     "family,edit,match",
     [("qwen2_moe", dict(decoder_sparse_step=2), r"decoder_sparse_step=2, mlp_only_layers=\[\]: "

@@ -31,3 +31,24 @@ def test_peak_table_tells_pcie_and_nvl_cards_from_sxm(monkeypatch):
         assert metrics.peak_flops_per_device() == tflops * 1e12, kind
         assert metrics.peak_flops_for_kind(kind) == tflops * 1e12, kind
     assert metrics.peak_flops_for_kind("cpu") is None
+
+
+def test_tokens_in_batch_counts_every_row_the_model_reads():
+    """Throughput's token count (tokens_per_s, MFU): every row of tokens a step runs through the
+    model, B·T each, whatever the task prefixes them with — a preference batch's chosen and
+    rejected rows, KTO's matched and mismatched (kl_) ones — and nothing else (targets, masks,
+    per-row scalars)."""
+    import numpy as np
+
+    from flaxlm.data.chat_batches import empty_rows
+    from flaxlm.train.metrics import tokens_in_batch
+
+    B, T = 3, 8
+    sft = empty_rows(B, T, 0)
+    assert tokens_in_batch(sft) == B * T
+    pairs = {**empty_rows(B, T, 0, "chosen_"), **empty_rows(B, T, 0, "rejected_"),
+             "margin": np.zeros(B), "valid": np.ones(B)}  # fmt: skip
+    assert tokens_in_batch(pairs) == 2 * B * T
+    kto = {**empty_rows(B, T, 0), **empty_rows(B, T, 0, "kl_"), "label": np.ones(B),
+           "valid": np.ones(B), "kl_valid": np.ones(B)}  # fmt: skip
+    assert tokens_in_batch(kto) == 2 * B * T
