@@ -166,14 +166,18 @@ def _frozen(cfg: ModelConfig, params, dtype: str):
 
 
 def _source_meta(source: str, step: int | None, where: str) -> tuple[int | None, dict]:
-    """(step, meta) of a flaxlm run at `step` (None: its latest), errors prefixed with `where`
-    (the config key and the run); (None, {}) for "hf:DIR"."""
+    """(step, meta) of a flaxlm run at `step` (None: its latest, warned about when the run
+    stopped short of its total_steps: `warn_if_unfinished`), errors prefixed with `where` (the
+    config key and the run); (None, {}) for "hf:DIR"."""
     if source.startswith(common.HF_PREFIX):
         return None, {}
     try:
-        return ckpt_lib.read_meta(source, step)
+        found, meta = ckpt_lib.read_meta(source, step)
     except ckpt_lib.CheckpointError as e:
         raise ckpt_lib.CheckpointError(f"{where}: {e}") from e
+    if step is None:
+        ckpt_lib.warn_if_unfinished(source, found, meta, where)
+    return found, meta
 
 
 def frozen_lm(source: str, mesh, rules, dtype: str = "float32", ema: bool = False,

@@ -216,6 +216,9 @@ _NESTED = {
 }  # fmt: skip
 
 
+_WARNED_UNFINISHED: set[tuple[str, int]] = set()  # (run, step) already warned about, per process
+
+
 def warn_if_unfinished(run_dir: str, step: int, meta: dict, key: str) -> None:
     """Warns when the latest checkpoint of the run `key` reads stopped short of the run's own
     `total_steps`, and not because its data ended: a preempted (SIGTERM, time limit) or killed
@@ -232,6 +235,9 @@ def warn_if_unfinished(run_dir: str, step: int, meta: dict, key: str) -> None:
         events = []
     if any(e.get("event") == "data_end" and e.get("step") == step for e in events):
         return  # its finite data ended it there: that is the run's end
+    if (os.path.abspath(run_dir), step) in _WARNED_UNFINISHED:  # (a policy and its reference)
+        return
+    _WARNED_UNFINISHED.add((os.path.abspath(run_dir), step))
     why = next((e.get("reason") for e in reversed(events)
                 if e.get("event") == "preempted" and e.get("step") == step), None)  # fmt: skip
     log.warning(

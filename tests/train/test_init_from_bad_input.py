@@ -215,6 +215,8 @@ def test_init_from_a_run_stopped_short_of_its_total_steps_is_warned_about(source
     import logging
 
     from flaxlm.alignment.common import load_lm_params
+    from flaxlm.alignment.rl_frozen import _source_meta
+    from flaxlm.train import checkpoint_read
 
     caplog.set_level(logging.INFO, logger="flaxlm")
     target = _target(_config())
@@ -229,12 +231,19 @@ def test_init_from_a_run_stopped_short_of_its_total_steps_is_warned_about(source
     with open(events, "w") as f:
         f.write(json.dumps({"event": "preempted", "reason": "SIGTERM: checkpoint saved at step 1",
                             "step": 1}) + "\n")  # fmt: skip
-    for read in (lambda: load_params(run, target), lambda: load_lm_params(run, target)):
+    said = f"{run} stopped at step 1 of its total_steps=200 (SIGTERM: checkpoint saved at step 1)"
+    reads = {"init_from": lambda: load_params(run, target),
+             "init_from ": lambda: load_lm_params(run, target),  # (SFT and the other stages)
+             f"ref_from={run}": lambda: _source_meta(run, None, f"ref_from={run}")}  # fmt: skip
+    for key, read in reads.items():
         caplog.clear()
+        checkpoint_read._WARNED_UNFINISHED.clear()
         read()
-        assert (f"init_from: {run} stopped at step 1 of its total_steps=200 (SIGTERM: "
-                "checkpoint saved at step 1); reading that checkpoint") in caplog.text  # fmt: skip
-    caplog.clear()
+        assert f"{key.strip()}: {said}; reading that checkpoint" in caplog.text, key
+        caplog.clear()
+        read()  # once per run and step (a policy and its reference read the same run)
+        assert "stopped at step" not in caplog.text
+    checkpoint_read._WARNED_UNFINISHED.clear()
     load_params(run, target, step=1)  # a step named on purpose
     assert "stopped at step" not in caplog.text
     os.remove(events)  # killed: no event at all
@@ -243,5 +252,6 @@ def test_init_from_a_run_stopped_short_of_its_total_steps_is_warned_about(source
     with open(events, "w") as f:  # its finite data ended there: the run's end
         f.write(json.dumps({"event": "data_end", "reason": "data ended", "step": 1}) + "\n")
     caplog.clear()
+    checkpoint_read._WARNED_UNFINISHED.clear()
     load_params(run, target)
     assert "stopped at step" not in caplog.text
