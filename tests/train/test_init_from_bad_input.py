@@ -240,18 +240,19 @@ def test_init_from_a_run_stopped_short_of_its_total_steps_is_warned_about(source
         checkpoint_read._WARNED_UNFINISHED.clear()
         read()
         assert f"{key.strip()}: {said}; reading that checkpoint" in caplog.text, key
-        caplog.clear()
-        read()  # once per run and step (a policy and its reference read the same run)
-        assert "stopped at step" not in caplog.text
-    checkpoint_read._WARNED_UNFINISHED.clear()
-    load_params(run, target, step=1)  # a step named on purpose
+    caplog.clear()
+    _source_meta(run, None, "ref_from")  # once per run and step (a policy and its reference)
+    _source_meta(run, 1, "ref_from")  # a step named on purpose
     assert "stopped at step" not in caplog.text
+
+    def warned():  # what a read of the latest step says now
+        caplog.clear()
+        checkpoint_read._WARNED_UNFINISHED.clear()
+        checkpoint_read.warn_if_unfinished(run, 1, meta, "init_from")
+        return caplog.text
+
     os.remove(events)  # killed: no event at all
-    load_params(run, target)
-    assert "stopped at step 1 of its total_steps=200 (preempted or killed?)" in caplog.text
+    assert "stopped at step 1 of its total_steps=200 (preempted or killed?)" in warned()
     with open(events, "w") as f:  # its finite data ended there: the run's end
         f.write(json.dumps({"event": "data_end", "reason": "data ended", "step": 1}) + "\n")
-    caplog.clear()
-    checkpoint_read._WARNED_UNFINISHED.clear()
-    load_params(run, target)
-    assert "stopped at step" not in caplog.text
+    assert "stopped at step" not in warned()
