@@ -163,6 +163,16 @@ def test_every_shard_is_written_and_a_set_missing_some_is_refused(tmp_path):
                            r"are missing from .*cut: shard-00000-of-00008.arrayrecord, "
                            r"shard-00003-of-00008.arrayrecord"):  # fmt: skip
             sources.expand_paths(pattern)
+    # A finished run's report.json listing exactly the shards present: Beam before 2026-12-06
+    # wrote no file for an empty shard, and such a complete output still reads
+    listed = sorted(f"cut/{n}" for n in os.listdir(cut) if n.startswith("shard-"))
+    (tmp_path / "report.json").write_text(json.dumps({"shards": listed}))
+    assert len(sources.expand_paths(str(cut))) == 6
+    (tmp_path / "report.json").write_text(json.dumps({"shards": listed + ["cut/x"]}))
+    assert len(sources.expand_paths(str(cut))) == 6  # (not a shard name: ignored)
+    (tmp_path / "report.json").write_text(json.dumps({"shards": listed[1:]}))
+    with pytest.raises(DataError, match="2 of the 8 shards"):  # one present it never wrote
+        sources.expand_paths(str(cut))
     one = str(cut / "shard-00001-of-00008.arrayrecord")  # a file named itself: read as it is
     assert sources.expand_paths(one) == [one]
     assert sources.expand_paths(str(text / "shard-0000[0-2]-*")) == [  # a subset, on purpose
