@@ -89,7 +89,8 @@ def _same_paths(key: str, old, new) -> bool:
 def _report_config_changes(config, saved: dict | None, step: int) -> dict:
     """Logs each key where this run's config differs from the one checkpoint `step` was saved
     with (`saved`: its meta's `config`; None for an older checkpoint without one); returns
-    {key: (checkpoint's value, this run's)} for events.jsonl."""
+    {key: (checkpoint's value, this run's)} for events.jsonl. Keys the checkpoint's config lacks
+    (added to flaxlm since) are named together in one warning."""
     if not isinstance(saved, dict):
         return {}
     changes = ckpt_lib.config_changes(saved, config.to_dict())
@@ -98,8 +99,13 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
             log.info("resume: %s spelled differently (checkpoint %r, this run %r): the same "
                      "paths", key, old, new)  # fmt: skip
             del changes[key]
-    data = []
+    data, added = [], []
     for key, (old, new) in changes.items():
+        if old == ckpt_lib.ABSENT and new != ckpt_lib.ABSENT:  # a key flaxlm added since the save
+            added.append(f"{key}={new!r}")
+            if key in DATA_ORDER_KEYS or key.startswith("data."):
+                data.append(key)
+            continue
         if key == "total_steps":  # extending a run is normal; its lr schedule now spans `new`
             log.info("resume: total_steps changed from %s to %s (the lr schedule now spans "
                      "%s steps)", old, new, new)  # fmt: skip
@@ -118,6 +124,10 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
                     "run %r", step, key, old, new)  # fmt: skip
         if key in DATA_ORDER_KEYS or key.startswith("data."):
             data.append(key)
+    if added:  # one line, not one warning each: 13 after a week of flaxlm changes
+        log.warning("resume from step %d: %d config key(s) are new since the checkpoint was "
+                    "saved (an older flaxlm), their values here apply from now on: %s", step,
+                    len(added), ", ".join(added))  # fmt: skip
     if data:
         log.warning("RESUME WITH A DIFFERENT DATA ORDER: %s changed since checkpoint %d: the "
                     "batches from here on are not those the checkpoint's run would have drawn "
