@@ -230,6 +230,7 @@ def copy_params(src: str, dst: str, step: int | None = None) -> None:
     if meta.get("tokenizer"):  # SentencePiece or an HF tokenizer.json with its configs, by name
         meta["tokenizer"] = save_tokenizer(load_tokenizer(meta["tokenizer"]), dst)
     meta.pop("flaxlm_version", None)
+    meta.pop("flaxlm_commit", None)
     ck = ckpt_lib.Checkpointer(dst, keep=1, async_save=False)
     ck.save(step, {"params": params}, {}, meta)
     ck.wait()

@@ -80,6 +80,7 @@ from flaxlm.train.loop_resume import (  # noqa: F401
     _check_rope_original_len,
     _init_from_model_changes,
     _refuse_another_optimizer,
+    _report_code_change,
     _report_config_changes,
     init_from_ema,
 )
@@ -183,6 +184,7 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
         if data_state and hasattr(task.train_batches, "set_state"):
             task.train_batches.set_state(data_state)
         log.info("resumed from %s/%d", ckpt.directory, latest)
+        _report_code_change(saved, latest)
         changes = _report_config_changes(config, saved.get("config"), latest)
         return state, shardings, latest, True, changes
     from_ema = init_from_ema(config)  # a bad source fails before the init is compiled

@@ -20,7 +20,7 @@ import re
 import jax
 
 from flaxlm.train import checkpoint as ckpt_lib
-from flaxlm.train import checkpoint_compat
+from flaxlm.train import checkpoint_compat, checkpointer
 from flaxlm.train.optim import make_optimizer, opt_config
 from flaxlm.train.sweep_plan import ORDER_NEUTRAL_DATA_KEYS, RESULT_NEUTRAL_KEYS
 
@@ -84,6 +84,19 @@ def _same_paths(key: str, old, new) -> bool:
         return False
     a, b = _path_entries(old), _path_entries(new)
     return a is not None and a == b
+
+
+def _report_code_change(saved_meta: dict, step: int) -> None:
+    """Says when checkpoint `step` was saved by another flaxlm commit than this process runs
+    (`Checkpointer.code_commit`): a changed schedule or default then trains the rest of the run,
+    and nothing else records which code trained which steps."""
+    then = (saved_meta or {}).get("flaxlm_commit")
+    now = checkpointer.code_commit().get("flaxlm_commit")
+    if now and then != now:
+        log.warning("resume from step %d: the checkpoint was saved by flaxlm %s, this is %s: "
+                    "the steps from here on train under this code", step,
+                    f"commit {then}" if then else "from before commits were recorded",
+                    now)  # fmt: skip
 
 
 def _report_config_changes(config, saved: dict | None, step: int) -> dict:

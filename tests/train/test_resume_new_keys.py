@@ -25,3 +25,24 @@ def test_keys_new_since_the_checkpoint_are_one_warning(caplog):
     assert f"mesh.context={now.mesh.context!r}" in new
     assert any("changed config key: opt.lr" in m for m in warned)
     assert "DIFFERENT DATA ORDER" not in caplog.text
+
+
+def test_a_checkpoint_of_another_commit_is_said_on_resume(caplog, monkeypatch):
+    """Checkpoints record the flaxlm commit that saved them (`flaxlm_version` stays 0.1.0 while
+    the code changes daily); a resume under another commit says so, once, naming both."""
+    from flaxlm.train import checkpointer
+
+    here = checkpointer.code_commit()
+    assert set(here) <= {"flaxlm_commit"}  # {} outside a git checkout
+    monkeypatch.setattr(checkpointer, "code_commit", lambda: {"flaxlm_commit": "bbbbbbbbbbbb"})
+    for saved, said in [({"flaxlm_commit": "aaaaaaaaaaaa"}, "commit aaaaaaaaaaaa"),
+                        ({}, "from before commits were recorded")]:  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flaxlm"):
+            loop_resume._report_code_change(saved, 7)
+        assert caplog.messages == [f"resume from step 7: the checkpoint was saved by flaxlm "
+                                   f"{said}, this is bbbbbbbbbbbb: the steps from here on "
+                                   "train under this code"]  # fmt: skip
+    caplog.clear()
+    loop_resume._report_code_change({"flaxlm_commit": "bbbbbbbbbbbb"}, 7)
+    assert not caplog.messages
