@@ -38,6 +38,25 @@ def test_identical_pairs_and_non_finite_margins_are_bad_input(tmp_path, template
         F.render_preferences(F.read_records(str(path), strict), template, 64, report=strict)
 
 
+def test_a_bool_margin_a_late_system_turn_and_trailing_assistant_turns():
+    """A boolean margin is no number (JSON's true read as a margin of 1.0); a system turn after
+    the first message is refused, at index 1 too; an unpaired (KTO) record's completion is all
+    of its trailing assistant turns, not only the last."""
+    fields = F.fields_config()
+    pair = {"prompt": "the river", "chosen": "a forest", "rejected": "tall trees"}
+    for margin in (True, False):
+        with pytest.raises(F.FormatError, match="is not a number") as e:
+            F.preference_parts({**pair, "margin": margin}, fields)
+        assert e.value.reason == "bad_margin"
+    assert F.preference_parts({**pair, "margin": 2}, fields)[3] == 2.0
+    user, system = {"role": "user", "content": "hi"}, {"role": "system", "content": "be brief"}
+    one, two = {"role": "assistant", "content": "one"}, {"role": "assistant", "content": "two"}
+    with pytest.raises(F.FormatError, match=r"messages\[1\]: a system message must come first"):
+        F.sft_messages({"messages": [user, system, one]}, fields)
+    rec = {"messages": [system, user, one, two], "label": False}
+    assert F.unpaired_parts(rec, fields) == [([system, user], [one, two], False)]
+
+
 def test_null_fields_of_a_mixed_parquet_file_are_absent(tmp_path, template):
     """Parquet gives every row every column, null where the row has none. A null field counted
     as present: prompt/completion rows next to messages rows were dropped as bad_messages,

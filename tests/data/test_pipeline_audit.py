@@ -392,6 +392,36 @@ def test_a_state_from_another_process_layout_resumes_with_a_warning(tmp_path, to
     sft.set_state(st)
 
 
+def test_shard_index_and_unwrap_against_a_brute_force_reference(caplog):
+    """shard_index: shard index i of process p of P is global position i·P + p; each new process
+    starts at the first of its positions at or past the first position no saved process had
+    finished (enumerated here). unwrap with another process count: a state lacking some saved
+    process's entry (simulated processes keep only their own) is not resharded — one saved
+    position, the lowest process's, with a warning — and neither is one without `reshard`."""
+    import itertools
+
+    from flaxlm.data import process_state as PS
+
+    for P in (1, 2, 3):
+        for saved in itertools.product(range(4), repeat=P):
+            finished = {i * P + p for p in range(P) for i in range(saved[p])}
+            first = min(set(range(4 * P + 1)) - finished)
+            for Q in (1, 2, 3, 4):
+                for q in range(Q):
+                    want = next(i for i in itertools.count() if i * Q + q >= first)
+                    assert PS.shard_index(list(saved), q, Q) == want, (saved, q, Q)
+
+    def reshard(entries, pi, pc):
+        raise AssertionError("not every saved process's entry is there")
+
+    partial = {"process_count": 2, PS.PROCESSES: {"0": {"pos": 5}}}
+    with caplog.at_level("WARNING"):
+        assert PS.unwrap(partial, 0, 3, "x", reshard) == {"pos": 5}
+    assert "saved by 2 processes (holding ['0']), this run has 3" in caplog.text
+    both = {"process_count": 2, PS.PROCESSES: {"0": {"pos": 5}, "1": {"pos": 7}}}
+    assert PS.unwrap(both, 2, 3, "x") == {"pos": 5}
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 

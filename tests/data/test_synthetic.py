@@ -162,6 +162,25 @@ def test_judge_details():
         S.judge({"task": "poetry", "answer": "x"}, "x")
 
 
+def test_judge_length_penalty_starts_past_15_words_and_operands_are_no_rivals():
+    """The docstring's rules at their edges: 0.02 per word *beyond* 15 (15 words free, the
+    16th costs 0.02), an arithmetic question's operands are no rival answers for loose credit,
+    and a marked meta of a task the world does not have is no world question."""
+    from flaxlm.data.synthetic_judge import WORLD_KEY, WORLD_MARK, is_world_meta
+
+    meta = {"task": "attribute", "attribute": "city", "answer": "Lima"}
+    for n_words, penalty in [(15, 0.0), (16, 0.02), (17, 0.04)]:
+        response = "The answer is Lima. " + "x " * (n_words - 4)
+        assert len(response.split()) == n_words
+        assert judge_parts(meta, response)["length_penalty"] == pytest.approx(penalty)
+    sums = {"task": "arithmetic", "a": 17, "b": 25, "answer": "42"}
+    assert judge_parts(sums, "17 plus 25 makes 42")["correct"] == 0.5  # the operands are named
+    assert judge_parts(sums, "17 plus 25 makes 42 or 41")["correct"] == 0.0
+    marked = {WORLD_KEY: WORLD_MARK, "answer": "x"}
+    assert is_world_meta({**marked, "task": "sort"})
+    assert not is_world_meta({**marked, "task": "poetry"})
+
+
 def test_preference_pairs_ordered_by_judge(demo):
     kinds = collections.Counter()
     for pair in demo.preferences + demo.preferences_heldout:

@@ -184,6 +184,21 @@ def test_win_rate_truncates_as_reward_training_does(tmp_path, monkeypatch):
     assert row == full[:1] + full[-(L - 1) :]
 
 
+def test_a_blank_answer_renders_through_a_jinja_template(tmp_path):
+    """A model that stopped at once answers "": with a Jinja template the conversation is the
+    template's own rendering of an empty assistant turn (then the one untrained id after the
+    stop id), its answer span empty (start == stop, the stop id right after the prompt)."""
+    from flaxlm.evaluation.chat_answer import render_answer
+
+    tok = _hf_tok(tmp_path / "tok", "metaspace", MISTRAL)
+    msgs = [{"role": "user", "content": "Capital of France?"}]
+    r = render_answer(training_template(tok), msgs, "")
+    whole = tok.render_chat_template(msgs + [{"role": "assistant", "content": ""}],
+                                     add_generation_prompt=False)  # fmt: skip
+    assert r.ids[:-1].tolist() == whole
+    assert r.start == r.stop == len(whole) - 1 and whole[-1] == tok.eos_id
+
+
 def test_bad_prompt_messages_fail_by_line_before_the_reward_model_loads(tmp_path):
     good = json.dumps({"prompt": "where does Kavo live", "completion": "in Brel"})
     bad = [

@@ -308,6 +308,23 @@ def test_win_rate_matches_a_pairwise_count_and_rejects_nan():
         win_rate_from_scores([1.0, 0.0], [1.0, 0.0], tie_margin=-1.0)
 
 
+def test_win_rate_means_and_a_cluster_bootstrap_over_prompts_of_unequal_samples():
+    """The means are over every line; the cluster bootstrap's win rate pools each resample's
+    lines (the win rate counts every line), so its interval holds the point estimate when the
+    prompts have different numbers of samples: 50 prompts with 3 won samples and 50 with 1 lost
+    one win 150 of 200 lines (0.75), while a mean of per-prompt rates would sit near 0.5."""
+    sa, sb = [1.0, 2.0, 4.5, -1.0], [0.5, 3.0, 1.0, -1.0]
+    r = win_rate_from_scores(sa, sb)
+    assert (r["mean_a"], r["mean_b"]) == pytest.approx((np.mean(sa), np.mean(sb)))
+    assert r["mean_margin"] == pytest.approx(np.mean(np.subtract(sa, sb)))
+    margins = [1.0] * 150 + [-1.0] * 50
+    groups = [i // 3 for i in range(150)] + [100 + i for i in range(50)]
+    rate = win_rate_from_scores(margins, [0.0] * 200)["win_rate"]
+    assert rate == 0.75
+    lo, hi = bootstrap_interval(margins, groups=groups, n_boot=400)
+    assert lo < rate < hi and hi - lo < 0.2
+
+
 def test_reward_scores_do_not_depend_on_the_batch_padding(model, tok):
     from flaxlm.evaluation.winrate import reward_model_scorer
 

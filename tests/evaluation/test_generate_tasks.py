@@ -15,7 +15,8 @@ def test_normalize_and_extract():
     assert G.normalize_answer("Paris!", "basic") == G.normalize_answer("paris", "basic")
     assert G.normalize_answer(" Paris ", "none") == "Paris"  # as the response is stripped
     for raw, want in [("1,000.00", "1000"), ("$5", "5"), ("-3", "-3"), ("2.50", "2.5"),
-                      ("7.", "7"), ("seven", "seven")]:  # fmt: skip
+                      ("7.", "7"), ("seven", "seven"),
+                      ("2.50.", "2.5"), ("1e3.", "1000")]:  # fmt: skip
         assert G.normalize_answer(raw, "number") == want, raw
     text = "We get 3 + 4 = 7.\n#### 7\nThen #### 8"
     assert G.extract_answer(text, r"#### (\d+)") == "7"
@@ -126,6 +127,30 @@ def test_generation_task_with_stand_in_decoder(world_dir, tok):
     no_bos = [(text, q[1:]) for text, q in prompts]
     G.generation(spec, examples, no_bos, fake_generate, tok, max_prompt_len=8)
     assert all(p == q[-8:] for p, (_, q) in zip(seen["ids"], no_bos))
+
+
+def test_an_id_at_the_tokenizers_size_ends_the_response_and_a_fitting_prompt_is_not_cut(
+    world_dir, tok
+):
+    """Ids from tok.vocab_size up are past the tokenizer (a model's padded vocabulary): the
+    first of them ends the response as a stop token does. A prompt of exactly max_prompt_len
+    tokens fits: neither cut nor counted as truncated."""
+    new = tok.encode(" yes") + [tok.vocab_size] + tok.encode(" no")
+    assert G._response_text(new, tok, (), ()) == ("yes", None, False)
+    spec = world_tasks(world_dir)["gen_facts_train"]
+    examples = read_examples(spec, limit=2)
+    prompts = [encode_prompt(spec, ex, [], tok) for ex in examples]
+    longest = max(len(ids) for _, ids in prompts)
+    seen = []
+
+    def fake_generate(prompt_ids, max_new_tokens):
+        seen.extend(prompt_ids)
+        return [tok.encode(" no")] * len(prompt_ids)
+
+    metrics, samples = G.generation(spec, examples, prompts, fake_generate, tok,
+                                    max_prompt_len=longest)  # fmt: skip
+    assert seen == [ids for _, ids in prompts]
+    assert metrics["truncated"] == 0 and not any(s["truncated"] for s in samples)
 
 
 def test_sampled_generation_averages_samples_and_reports_pass_at_k(world_dir, tok):

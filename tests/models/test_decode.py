@@ -179,6 +179,29 @@ def test_fusion_by_default_only_with_cublas(model, monkeypatch):
                     (False, "cublas"), (True, "cublas")]  # fmt: skip
 
 
+def test_top_p_one_and_min_p_zero_build_no_filter(model, monkeypatch):
+    """top_p=1 and min_p=0 are off (the programs' key: "top_p<1?", "min_p>0?"): no sort of the
+    vocabulary per token for them, and none at all when greedy."""
+    cfg, params = model
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def spy(*a):
+        seen.append((a[2], a[4], a[12]))  # greedy, use_top_p, use_min_p
+        raise Built
+
+    monkeypatch.setattr(decode, "_decode_fn", spy)
+    kw = dict(max_new_tokens=2, rng=jax.random.PRNGKey(0))
+    for extra in [dict(temperature=1.0, top_p=1.0, min_p=0.0),
+                  dict(temperature=1.0, top_p=0.9, min_p=0.1),
+                  dict(temperature=0.0, top_p=0.9, min_p=0.1)]:  # fmt: skip
+        with pytest.raises(Built):
+            generate(cfg, params, PROMPTS, **kw, **extra)
+    assert seen == [(False, False, False), (False, True, True), (True, False, False)]
+
+
 def test_decode_gemm_resolution_and_compiler_options(model, monkeypatch):
     """`decode_gemm="auto"`: cuBLAS on CUDA GPUs for float weights and heads kept whole, else
     XLA's gemms; "cublas" compiles the program with Triton gemms off, and decodes the same
@@ -588,6 +611,34 @@ def test_generate_text_decodes_until_eos(model):
     for s, row, n in zip(out, np.asarray(ref.tokens), np.asarray(ref.lengths)):
         ids = [int(i) for i in row[:n] if i != 2]
         assert s == tok.decode(ids)
+
+
+def test_generate_text_leaves_out_any_stop_id_and_cuts_at_a_leading_stop_string(monkeypatch):
+    """With `decode.generate` replaced (no model): a tokenizer's `stop_ids` beyond its eos (Llama
+    3's <|eot_id|>) are the default stop tokens, the completion leaves out whichever ended it,
+    and it is cut before the first stop string, one it opens with included."""
+    from flaxlm.models import decode
+    from flaxlm.models.stop_strings import StopStrings
+
+    class Tok(_CharTokenizer):
+        stop_ids = (2, ord(";"))
+
+    tok, seen = Tok(), {}
+    rows = ["ab;", "--x", "plain"]
+
+    def fake_generate(cfg, params, prompts, *, max_new_tokens, rng, **kw):
+        seen.update(kw)
+        ids = [tok.encode(r) + [0] * (max_new_tokens - len(r)) for r in rows]
+        n = np.asarray([len(r) for r in rows], np.int32)
+        mask = (np.arange(max_new_tokens) < n[:, None]).astype(np.float32)
+        return decode.GenerateOutput(np.asarray(ids, np.int32), mask * 0, mask, n)
+
+    monkeypatch.setattr(decode, "generate", fake_generate)
+    strings = StopStrings(("--",), np.zeros((1, 8, 256), np.int32), np.zeros(1, np.int32),
+                          np.full(1, 2, np.int32))  # fmt: skip
+    out = generate_text(None, None, tok, ["p"] * 3, max_new_tokens=8, stop_strings=strings)
+    assert tuple(seen["stop_tokens"]) == (2, ord(";"))
+    assert out == ["ab", "", "plain"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -262,6 +262,16 @@ def model():
     return cfg, _params(cfg)
 
 
+def test_the_prompt_bucket_is_the_least_power_of_two_that_holds_the_prompt():
+    """A prompt that fills a power of two exactly stays in that bucket (no wasted doubling:
+    the bucket picks the compiled program and the prefill's cost)."""
+    from flaxlm.models.decode import MIN_BUCKET, prompt_bucket
+
+    for n in range(1, 300):
+        want = max(MIN_BUCKET, next(2**k for k in range(20) if 2**k >= n))
+        assert prompt_bucket(n) == want, n
+
+
 def test_bucket_boundaries_one_token_prompts_and_one_new_token(model):
     """Prompts that fill their bucket exactly (8; 16, no padding slot at all), a 1-token prompt
     beside a 16-token one, and max_new_tokens=1 (prefill only, no decode step)."""

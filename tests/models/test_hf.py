@@ -850,6 +850,29 @@ def test_bos_follows_the_tokenizer_config_in_hf_dirs_and_imported_runs(tmp_path)
                 cli.encode_prompts(hf_tok, ["w1 w2"], chat=False)[0] == [[5, 6]]  # fmt: skip
 
 
+def test_a_null_bos_in_either_tokenizer_file_and_an_eos_id_list_alone(tmp_path):
+    """`bos_token: null` declares no BOS (`bos_token_id` -1: what export writes to config.json
+    and a Jinja template's truncation keeps) whether tokenizer_config.json or
+    special_tokens_map.json says it, and whatever config.json's bos_token_id; add_bos_token is
+    left unset here. An eos_token_id list without an eos_token string: EOS is its first id and
+    every one of them stops."""
+    d = str(tmp_path / "hf")
+    _write_hf_tokenizer(d, 40)
+    raw = json.loads(open(os.path.join(d, "tokenizer.json")).read())
+    raw["post_processor"] = None  # a tokenizer that adds no BOS (Qwen2.5's)
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        json.dump(raw, f)
+    _edit_json(os.path.join(d, "config.json"), bos_token_id=1, eos_token_id=[2, 3])
+    cfg_file = os.path.join(d, "tokenizer_config.json")
+    _edit_json(cfg_file, eos_token=...)
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        _edit_json(cfg_file, bos_token=...)
+        _edit_json(os.path.join(d, file), bos_token=None)
+        tok = hf.load_tokenizer(d)
+        assert (tok.bos_id, tok.bos_token_id) == (-1, -1), file
+        assert tok.eos_id == 2 and tok.stop_ids == (2, 3), file
+
+
 def test_bos_is_added_only_when_the_tokenizer_adds_it(tmp_path):
     """GPT-2-style byte-level tokenizers (SmolLM2, Phi-4) declare a bos_token that their
     tokenizer.json post-processor never adds: encode(bos=True) — generate's plain prompts,

@@ -113,3 +113,32 @@ def test_models_tokenizer_json_cannot_express_get_none(model_type):
                                    vocab_size=40, model_type=model_type, minloglevel=2,
                                    use_all_vocab=True)  # fmt: skip
     assert tokenizer_json(buf.getvalue(), set()) is None
+
+
+def test_the_exports_bos_setting_follows_the_tokenizer_and_its_unknown_piece_is_special(
+    chat_tokenizer,
+):
+    """The export's tokenizer_config.json says add_bos_token as its tokenizer.json does it: a
+    SentencePiece model without BOS (T5-style, bos_id -1) adds none and declares none. The
+    UNKNOWN piece is a special added token even when the caller names no special ids."""
+    from flaxlm.models.hf_tokenizer import sentencepiece_hf_files
+
+    _, tok = chat_tokenizer
+
+    class NoBos:  # the same model, its BOS off
+        bos_id = -1
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def special_ids(self):
+            return {**tok.special_ids(), "bos": -1}
+
+    for t, bos in ((tok, True), (NoBos(), False)):
+        files = sentencepiece_hf_files(t)
+        config = files["tokenizer_config.json"]
+        assert config["add_bos_token"] is bos and ("bos_token" in config) is bos
+        ids = HFTok.from_str(json.dumps(files["tokenizer.json"])).encode("yes").ids
+        assert (ids[0] == tok.bos_id) is bos
+    added = {t["content"]: t["special"] for t in tokenizer_json(tok.proto, set())["added_tokens"]}
+    assert added[tok.sp.id_to_piece(tok.sp.unk_id())] is True

@@ -46,6 +46,7 @@ def test_kernel_rounding_bound(shape, axes):
     assert bool(jnp.all(err <= scale / 2 + 1e-6))
     assert int(jnp.abs(q.astype(jnp.int32)).max()) == 127  # the largest weight uses the range
     np.testing.assert_array_equal(np.asarray(q[..., 0]), 0)
+    np.testing.assert_array_equal(np.asarray(scale[..., 0]), 1.0)  # not 0: no 0/0 = NaN
 
 
 def test_int8_decoding_is_the_dequantized_model_and_close_to_float():

@@ -93,6 +93,9 @@ def test_stop_tokens_inside_a_chunk(target):
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_array_equal(out.lengths, ref.lengths)
     np.testing.assert_array_equal(out.mask, ref.mask)
+    # a row's counts stop with it: no more than k kept drafts per iteration it took part in
+    assert out.iterations[1] < out.iterations.max()
+    assert np.all(out.accepted <= 3 * out.iterations), (out.accepted, out.iterations)
 
 
 def test_sliding_window_target_larger_draft_vocab(target):
@@ -175,6 +178,10 @@ def test_samples_follow_the_target(temperature, top_k, k, lookup):
     # one-hot decision is also checked exactly, test_accept_drafts_keeps_the_target_distribution)
     assert (0.02 if lookup else 0.1) < out.alpha() < 0.9, out.alpha()
     toks = np.asarray(out.tokens)
+    # logprobs are the unmodified model's at temperature 1, whatever the sampler (token 0's
+    # from the prefill too)
+    lp = np.asarray(jax.nn.log_softmax(_forward(cfg, params, jnp.asarray([PROMPT]))[0, -1]))
+    np.testing.assert_allclose(np.asarray(out.logprobs)[:, 0], lp[toks[:, 0]], atol=1e-5)
     want = _exact_marginals(cfg, params, 3, temperature, top_k)
     draft = None if lookup else _exact_marginals(dcfg, dparams, 3, temperature, top_k)
     for j in range(1, 3):  # token 0 comes from the target's prefill; 1 and 2 speculatively
@@ -208,6 +215,25 @@ def test_accept_drafts_keeps_the_target_distribution(one_hot):
     first = np.asarray(jnp.where(a == 1, drafts[:, 0], nxt))
     emp = np.bincount(first, minlength=5) / R
     assert 0.5 * np.abs(emp - p).sum() < 0.01, emp
+
+
+def test_no_residual_mass_falls_back_on_p_and_a_smaller_draft_vocab_proposes_none_past_it():
+    """p == q leaves max(0, p - q) no mass: a rejection there (forced here by u = 1) draws
+    from p itself, never from an empty residual (token 0, which p does not allow). A draft's
+    logits over a smaller vocabulary are padded with -inf to the target's V: it proposes no id
+    past its own; over a larger one they are cut."""
+    from flaxlm.models.speculative import _to_vocab, accept_drafts
+
+    p = jnp.asarray([[[0.0, 0.25, 0.75]]])
+    for seed in range(3):
+        a, nxt = accept_drafts(p, p, jnp.ones((1, 1), jnp.int32), p[:, 0], jnp.ones((1, 1)),
+                               jax.random.PRNGKey(seed), greedy=False)  # fmt: skip
+        assert int(a[0]) == 0 and int(nxt[0]) in (1, 2)
+    logits = jnp.asarray([[0.5, -1.0, 2.0]])
+    padded = _to_vocab(logits, 5)
+    np.testing.assert_array_equal(padded[:, :3], logits)
+    np.testing.assert_allclose(jax.nn.softmax(padded)[:, 3:], 0.0)
+    np.testing.assert_array_equal(_to_vocab(logits, 2), logits[:, :2])
 
 
 @pytest.mark.parametrize("one_hot", [False, True])

@@ -290,3 +290,34 @@ def test_reader_during_an_async_save_sees_a_whole_step(source, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), final.params)
     writer.close()
     assert ckpt_lib.read_meta(run)[0] == 6
+
+
+def test_saving_a_saved_step_is_a_no_op_and_a_hidden_denial_is_named(tmp_path, monkeypatch):
+    """A second save of a step (a preemption right after the periodic save) keeps the first
+    (orbax raised StepAlreadyExistsError). A restore error that does not carry the
+    PermissionError behind it still names the file this user may not read, and nothing moves."""
+    import jax.numpy as jnp
+
+    from flaxlm.train import checkpointer as checkpointer_lib
+
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(2, {"w": jnp.ones(3)}, {"pos": 1})
+    ckpt.save(2, {"w": jnp.zeros(3)}, {"pos": 9})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2]
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"w": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=one)}
+    state, data, _ = ckpt.restore(2, target)
+    np.testing.assert_array_equal(state["w"], 1.0)
+    assert data == {"pos": 1}
+    hidden = str(tmp_path / "checkpoints" / "2" / "state" / "a_file")
+
+    def unreadable(self, step, target):
+        raise ValueError("could not read the state")
+
+    monkeypatch.setattr(checkpointer_lib, "permission_denied", lambda path, err=None: hidden)
+    monkeypatch.setattr(Checkpointer, "_restore", unreadable)
+    with pytest.raises(CheckpointError, match=rf"permission denied: {re.escape(hidden)}(.|\n)*"
+                                              "Nothing was moved"):  # fmt: skip
+        ckpt.restore_latest(target)
+    assert ckpt.all_steps() == [2] and not os.path.exists(tmp_path / CORRUPT_DIR)

@@ -349,6 +349,22 @@ def test_a_decay_outside_0_1_is_an_error_naming_the_key():
             ema_lib.settings(_config(ema=bad))
 
 
+def test_swap_in_gives_the_params_dtype_and_keeps_frozen_leaves():
+    """The float32 EMA replaces the trainable leaves in the params' own dtype (bfloat16 params
+    evaluate as bfloat16, not float32); a frozen leaf is the params' own."""
+    import jax.numpy as jnp
+
+    from flaxlm.train import ema as ema_lib
+
+    params = {"w": jnp.full((2, 3), 1.5, jnp.bfloat16), "frozen": jnp.ones(4, jnp.bfloat16)}
+    mask = {"w": True, "frozen": False}
+    avg = ema_lib.update(ema_lib.init(params, mask), {**params, "w": params["w"] * 3}, 0.5)
+    out = ema_lib.swap_in(params, avg)
+    assert {k: v.dtype for k, v in out.items()} == {"w": jnp.bfloat16, "frozen": jnp.bfloat16}
+    np.testing.assert_array_equal(np.asarray(out["w"], np.float32), 3.0)  # 1.5 + 0.5 · 3
+    assert out["frozen"] is params["frozen"]
+
+
 def _capture_start(monkeypatch):
     """A list that receives (params, ema) of every state the loop starts with, before the first
     step (whose buffers it then donates)."""

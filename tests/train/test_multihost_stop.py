@@ -187,3 +187,52 @@ def test_sync_interval_follows_the_step_time():
     assert next_interval(0.01, 10) == 10  # fast steps: only the log steps
     assert next_interval(1.0, 10) == 5  # about SYNC_SECONDS apart
     assert next_interval(30.0, 10) == 1
+
+
+def test_a_sync_step_asks_for_the_batches_up_to_the_next_one_and_no_further(monkeypatch):
+    """StopSync with two processes (the allgather replaced: process 1 reports what this one
+    does, at `other_ms` per step): the batches asked for are those of the steps up to the next
+    sync step, never past total_steps; having them all is no end of the data; the next sync
+    step is that step, not the one after; the interval follows the slowest process's step
+    time, up to log_every (100 when 0)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from flaxlm.train import stopping
+    from flaxlm.train.stopping import Preemption, StopSync
+
+    other_ms = [0]
+    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: 0.0)})
+    monkeypatch.setattr(stopping, "time", clock)  # this process's own step time: 0
+
+    def allgather(x):
+        return np.stack([x, np.asarray([x[0], x[1], other_ms[0]], x.dtype)])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+
+    class Source:
+        finite, left, asked = True, 2, []
+
+        def prefetch(self, n):
+            self.asked.append(n)
+            return min(n, self.left)
+
+    sync = StopSync(Source(), log_every=4, total=10)
+    sync._interval = 4  # (as after a sync that measured the step time)
+    sync.agree(8, Preemption())
+    assert Source.asked == [2] and sync.data_end is None  # steps 8 and 9, then the end
+    sync._interval = 4
+    sync.agree(4, Preemption())
+    assert Source.asked[-1] == 4 and sync.data_end == 6  # two of the four: stop after step 6
+    assert not sync.due(7) and sync.due(8)
+    Source.left, other_ms[0] = 10**6, 2000  # process 1 takes 2 s a step: every 2 steps
+    sync = StopSync(Source(), log_every=4, total=100)
+    for step in (0, 1, 2):
+        sync.agree(step, Preemption())
+    assert not sync.due(3) and sync.due(4)
+    other_ms[0] = 1  # fast steps and log_every=0: every 100 steps
+    sync = StopSync(Source(), log_every=0, total=1000)
+    for step in (0, 1):
+        sync.agree(step, Preemption())
+    assert not sync.due(99) and sync.due(100)

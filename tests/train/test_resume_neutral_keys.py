@@ -77,3 +77,21 @@ def test_a_resume_with_neutral_data_keys_is_no_data_order_change(changed, caplog
     with caplog.at_level(logging.INFO, logger="flaxlm"):
         loop_resume._report_config_changes(now, saved, 100)
     assert "RESUME WITH A DIFFERENT DATA ORDER: data.shuffle changed" in caplog.text
+
+
+def test_each_data_order_key_warns_and_a_url_is_compared_as_written(caplog):
+    """seed, batch_size and seq_len change which batches a resumed run draws: each is named
+    in the data-order warning. A URL or spec in a data path key is compared as written (in a
+    bucket "a/../x" is another object than "x"; only local paths are resolved), and values
+    that are not path lists differ when they differ."""
+    saved = pretrain_config.get_config("variant=tiny").to_dict()
+    for key, value in [("seed", 7), ("batch_size", 3), ("seq_len", 48)]:
+        now = pretrain_config.get_config("variant=tiny")
+        override(now, {key: value})
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flaxlm"):
+            assert set(loop_resume._report_config_changes(now, saved, 100)) == {key}
+        assert f"RESUME WITH A DIFFERENT DATA ORDER: {key} changed" in caplog.text
+    assert not loop_resume._same_paths("data.sources", "gs://b/a/../x", "gs://b/x")
+    assert loop_resume._same_paths("data.sources", "gs://b/x:0.5", " gs://b/x:0.5")
+    assert not loop_resume._same_paths("data.sources", ["a"], ["b"])

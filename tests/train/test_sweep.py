@@ -63,6 +63,32 @@ def test_run_names_are_deterministic_and_safe():
     assert sweep.run_name({}) == "run"
 
 
+def test_run_name_edges_a_finished_legacy_directory_and_bool_flags(tmp_path):
+    """A body of exactly MAX_NAME characters is kept; one more is cut and hashed back to
+    MAX_NAME; a float's exponent keeps its "+" (no hash); of two directories an older sweep
+    made for the same overrides the finished one is resumed; a bool override from the command
+    line is read case-insensitively, as the trainer's flags read it."""
+    import re
+
+    import ml_collections
+
+    from flaxlm.train.sweep_plan import MAX_NAME
+
+    body = "x" * (MAX_NAME - 2)  # "k=" + body: MAX_NAME characters
+    assert sweep.run_name({"k": body}) == "run-k=" + body
+    longer = sweep.run_name({"k": body + "x"})
+    assert len(longer) == len("run-") + MAX_NAME and re.fullmatch(r"run-k=x+-[0-9a-f]{8}", longer)
+    assert sweep.run_name({"opt.lr": 1e20}) == "run-opt.lr=1e+20"
+    for d in ("run-000-model.d_model=64", "run-003-model.d_model=64"):
+        os.makedirs(tmp_path / d)
+    (tmp_path / "run-003-model.d_model=64" / "DONE").write_text("{}")
+    assert sweep.resolve_name(str(tmp_path), {"model.d_model": 64}) == "run-003-model.d_model=64"
+    config = ml_collections.ConfigDict({"flag": False})
+    for text, want in [("True", True), ("TRUE", True), ("1", True), ("False", False), ("0", False)]:
+        sweep.set_dotted(config, "flag", text, from_string=True)
+        assert config.flag is want, text
+
+
 def test_launch_files_have_one_line_per_pending_run(tmp_path, capsys):
     root = tmp_path / "sw"
     os.makedirs(root / NAMES[2])
