@@ -79,13 +79,12 @@ def check_shard_sets(files: Sequence[str], pattern: str) -> None:
     (``shard-00003-of-00008.arrayrecord``, ``train-00000-of-00004.parquet``; numbered from 0
     or from 1) and its directory lacks some of the other N − 1 (a glob may pick some of a
     complete set on purpose)."""
-    sets: dict[tuple, set[int]] = {}
+    sets: set[tuple] = set()  # (folder, stem, index width, count, suffix) of each set named
     for f in files:
         m = _SHARD_NAME.match(os.path.basename(f))
         if m and 0 < int(m["count"]) and int(m["index"]) <= int(m["count"]):
-            key = (os.path.dirname(f), m["stem"], len(m["index"]), m["count"], m["rest"])
-            sets.setdefault(key, set())
-    for (folder, stem, width, count, rest), _ in sets.items():
+            sets.add((os.path.dirname(f), m["stem"], len(m["index"]), m["count"], m["rest"]))
+    for folder, stem, width, count, rest in sorted(sets):
         present = set()
         for name in os.listdir(folder or "."):
             m = _SHARD_NAME.match(name)
@@ -123,7 +122,7 @@ def _listed_by_report(folder, present, stem, width, count, rest) -> bool:
         return False
     mine = {f"{stem}-{i:0{width}d}-of-{count}{rest}" for i in present}
     names = {os.path.basename(str(x)) for x in listed}
-    return mine == {n for n in names if _SHARD_NAME.match(n)} and mine
+    return bool(mine) and mine == {n for n in names if _SHARD_NAME.match(n)}
 
 
 def _glob_keeps(pattern: str, name: str) -> bool:
