@@ -86,9 +86,14 @@ def _same_paths(key: str, old, new) -> bool:
     return a is not None and a == b
 
 
+def _orders_data(key: str) -> bool:
+    """Whether a config key can change which batches a resumed run draws."""
+    return key in DATA_ORDER_KEYS or key.startswith("data.")
+
+
 def _report_code_change(saved_meta: dict, step: int) -> None:
     """Says when checkpoint `step` was saved by another flaxlm commit than this process runs
-    (`Checkpointer.code_commit`): a changed schedule or default then trains the rest of the run,
+    (`checkpointer.code_commit`): a changed schedule or default then trains the rest of the run,
     and nothing else records which code trained which steps."""
     then = (saved_meta or {}).get("flaxlm_commit")
     now = checkpointer.code_commit().get("flaxlm_commit")
@@ -116,7 +121,7 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
     for key, (old, new) in changes.items():
         if old == ckpt_lib.ABSENT and new != ckpt_lib.ABSENT:  # a key flaxlm added since the save
             added.append(f"{key}={new!r}")
-            if key in DATA_ORDER_KEYS or key.startswith("data."):
+            if _orders_data(key):
                 data.append(key)
             continue
         if key == "total_steps":  # extending a run is normal; its lr schedule now spans `new`
@@ -135,7 +140,7 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
             continue
         log.warning("resume from step %d with a changed config key: %s: checkpoint %r, this "
                     "run %r", step, key, old, new)  # fmt: skip
-        if key in DATA_ORDER_KEYS or key.startswith("data."):
+        if _orders_data(key):
             data.append(key)
     if added:  # one line, not one warning each: 13 after a week of flaxlm changes
         log.warning("resume from step %d: %d config key(s) are new since the checkpoint was "
