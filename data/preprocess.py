@@ -45,13 +45,13 @@ import multiprocessing as mp
 import os
 import random
 import runpy
-import shutil
 import sys
 import time
 
 import ml_collections
 import numpy as np
 
+from flaxlm.data import preprocess_aside as aside_mod
 from flaxlm.data import sources as S
 from flaxlm.data.clean import (
     Cleaner,
@@ -272,7 +272,7 @@ def check_settings(
     cleaning and dedup settings (``Cleaner``, ``Deduper``) and the word lists, the
     decontamination files, the tokenizer's path, a ``train_tokenizer_vocab`` too small to
     train, a ``tokenizer_model_type`` SentencePiece has not: ``main`` calls this before
-    ``--overwrite`` deletes the earlier output (a typo then lost it), ``run`` before it writes
+    ``--overwrite`` sets the earlier output aside (a typo then lost it), ``run`` before it writes
     anything (output written first made the corrected rerun refuse, "already holds a preprocess
     run"; a misspelt model type failed after the whole clean/dedup pass). Every error but an
     unmatched input (``FileNotFoundError``) is a ``ValueError`` naming the key.
@@ -580,30 +580,44 @@ def main(argv=None) -> dict:
         checked = check_settings(args.input, cfg)
     except ValueError as e:  # a setting's key (or a decontamination record's file:line) says it
         raise SystemExit(str(e)) from None
+    aside_mod.recover(args.output)  # an earlier --overwrite killed part way: its run goes back
     subs = [os.path.join(args.output, s) for s in ("text", "tokens")]
+    aside = None
     if os.path.exists(os.path.join(args.output, "report.json")) or any(map(os.path.isdir, subs)):
         if not args.overwrite:
             raise SystemExit(f"{args.output} already holds a preprocess run (use --overwrite)")
         doomed = [os.path.realpath(sub) + os.sep for sub in subs]
-        for p in S.expand_paths(args.input):  # never delete what this run is about to read
+        for p in S.expand_paths(args.input):  # never replace what this run is about to read
             if os.path.realpath(p).startswith(tuple(doomed)):
                 raise SystemExit(f"--overwrite would delete input {p}; write elsewhere")
-        for sub in subs:
-            shutil.rmtree(sub, ignore_errors=True)
-        # The deleted run's reports (and tokenizer): left, they described shards that were
-        # gone when this run failed, and the directory then read as its report.json. A
-        # tokenizer.model this run tokenizes with stays (it is loaded; the same bytes).
+        # Set aside, not deleted, until this run has finished (preprocess_aside.py). The
+        # earlier reports and tokenizer go too: left, they described shards that were gone and
+        # the directory read as its report.json. A tokenizer.model this run tokenizes with
+        # stays (it is loaded; the same bytes).
         keep = os.path.realpath(cfg.tokenizer) if cfg.tokenizer else None
-        for name in ("report.json", "report.md", "tokenizer.model"):
-            path = os.path.join(args.output, name)
-            if os.path.isfile(path) and os.path.realpath(path) != keep:
-                os.remove(path)
+        aside = aside_mod.set_aside(args.output, keep)
     try:
         report = run(args.input, args.output, cfg, checked=checked)
+        if aside and report["documents_out"] == 0:
+            sys.stdout.write(format_report(report))
+            aside_mod.put_back(args.output, aside)  # an empty result replaces nothing
+            aside = None
+            raise SystemExit(
+                f"{args.output}: none of the {report['documents_in']} documents read from "
+                f"{args.input} survived (why: the report above); the earlier run there is kept"
+            )
     except S.DataError as e:  # bad input (file:line, a truncated .gz): one line, not a traceback
+        if aside:
+            aside_mod.put_back(args.output, aside)
         raise SystemExit(str(e)) from None
+    except BaseException:  # anything else (Ctrl-C too): the earlier run goes back
+        if aside:
+            aside_mod.put_back(args.output, aside)
+        raise
+    if aside:
+        aside_mod.discard(aside)
     sys.stdout.write(format_report(report))
-    if report["documents_out"] == 0:  # an empty corpus is never what was meant: fail loudly
+    if report["documents_out"] == 0:  # never what was meant: fail loudly (--overwrite: above)
         raise SystemExit(
             f"{args.output}: none of the {report['documents_in']} documents read from "
             f"{args.input} survived (why: {args.output}/report.md)"

@@ -65,21 +65,31 @@ def test_overwrite_with_a_bad_setting_keeps_the_earlier_output(
     assert json.loads((out / "report.json").read_text())["documents_out"] == first["documents_out"]
 
 
-def test_an_overwrite_that_fails_later_leaves_no_stale_report(tmp_path, jsonl):
-    """The reports of the deleted run stayed: reading the directory then gave report.json as a
-    document, and report.md described shards that were gone."""
+def _snapshot(out) -> dict:
+    """Every file under ``out`` (relative path -> bytes)."""
+    return {
+        os.path.relpath(os.path.join(root, f), out): open(os.path.join(root, f), "rb").read()
+        for root, _, files in os.walk(out)
+        for f in files
+    }
+
+
+def test_an_overwrite_that_fails_later_puts_the_earlier_run_back(tmp_path, jsonl):
+    """--overwrite deleted the earlier output before the new run started: one that failed part
+    way (a truncated .gz found after its first documents) left only its own partial text/."""
     out = tmp_path / "out"
     from flaxlm.data.tokenizer import train
 
     tok = str(tmp_path / "tok.model")
     train([doc(i) for i in range(40)], 400, model_path=tok)
     _main("--input", jsonl, "--output", str(out), f"--config.tokenizer={tok}")
-    assert (out / "tokenizer.model").exists()
+    earlier = _snapshot(out)
+    assert {"report.json", "report.md", "tokenizer.model"} <= set(earlier)
     bad = tmp_path / "bad.jsonl.gz"
     bad.write_bytes(_truncated_gzip(200))
     with pytest.raises(SystemExit, match="cannot decompress"):
         _main("--input", str(bad), "--output", str(out), "--overwrite")
-    assert sorted(os.listdir(out)) == ["text"]  # not report.json/md, not tokenizer.model
+    assert _snapshot(out) == earlier  # byte for byte, and nothing of the failed run's text/
     # An overwrite that uses the earlier run's tokenizer keeps it (and writes its ids).
     _main("--input", jsonl, "--output", str(out), "--overwrite", f"--config.tokenizer={tok}")
     again = str(out / "tokenizer.model")
@@ -87,6 +97,74 @@ def test_an_overwrite_that_fails_later_leaves_no_stale_report(tmp_path, jsonl):
         "--input", jsonl, "--output", str(out), "--overwrite", f"--config.tokenizer={again}"
     )
     assert rep["shards"] == ["tokens/shard-00000.arrayrecord"] and os.path.exists(again)
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no set-aside copy left
+
+
+def test_an_overwrite_with_an_empty_result_keeps_the_earlier_run(tmp_path, jsonl, capsys):
+    out = tmp_path / "out"
+    _main("--input", jsonl, "--output", str(out))
+    earlier = _snapshot(out)
+    with pytest.raises(SystemExit, match="survived .why: the report above.; the earlier run"):
+        _main("--input", jsonl, "--output", str(out), "--overwrite", "--config.clean.max_words=3")
+    assert "too_long: 6" in capsys.readouterr().out  # the empty run's report, printed
+    assert _snapshot(out) == earlier
+
+
+def test_an_interrupted_overwrite_puts_the_earlier_run_back(tmp_path, jsonl, monkeypatch):
+    """Ctrl-C (any exception) in the new run puts the earlier one back at once."""
+    out = tmp_path / "out"
+    _main("--input", jsonl, "--output", str(out))
+    earlier = _snapshot(out)
+    real_run = preprocess.run
+
+    def interrupted(inputs, out_dir, cfg, **kw):
+        os.makedirs(os.path.join(out_dir, "text"))
+        open(os.path.join(out_dir, "text", "shard-00000.arrayrecord"), "w").close()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preprocess, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _main("--input", jsonl, "--output", str(out), "--overwrite")
+    assert _snapshot(out) == earlier
+    monkeypatch.setattr(preprocess, "run", real_run)
+
+
+def test_a_killed_overwrite_is_mended_by_the_next_run(tmp_path, jsonl, caplog):
+    """A run killed with the earlier one set aside (SIGKILL: no except clause runs) left it
+    hidden in .previous-run-PID; the next preprocess into the directory puts it back first."""
+    from flaxlm.data import preprocess_aside
+
+    out = tmp_path / "out"
+    _main("--input", jsonl, "--output", str(out), "--config.train_tokenizer_vocab=300")
+    earlier = _snapshot(out)
+    aside = preprocess_aside.set_aside(str(out))  # what the killed run did first, then it wrote:
+    os.makedirs(out / "text")
+    (out / "text" / "shard-00000.arrayrecord").write_bytes(b"partial")
+    (out / "tokenizer.model").write_bytes(b"a tokenizer the killed run trained")
+    assert sorted(os.listdir(out)) == [os.path.basename(aside), "text", "tokenizer.model"]
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit, match="already holds"):
+        _main("--input", jsonl, "--output", str(out))  # no --overwrite: refused, after mending
+    assert "putting back the earlier run" in caplog.text
+    assert _snapshot(out) == earlier and not os.path.exists(aside)
+
+
+def test_a_set_aside_run_is_removed_once_the_overwrite_had_finished(tmp_path, jsonl):
+    """Killed after writing its report.json, before deleting the set-aside copy: that copy is
+    stale, and the finished run stays."""
+    from flaxlm.data import preprocess_aside
+
+    out = tmp_path / "out"
+    _main("--input", jsonl, "--output", str(out))
+    aside = preprocess_aside.set_aside(str(out))
+    new = tmp_path / "new"  # the new run's outputs, as the killed run had written them
+    _main("--input", jsonl, "--output", str(new), "--config.shard_docs=2")
+    for name in os.listdir(new):
+        os.rename(new / name, out / name)
+    later = _snapshot(out)
+    with pytest.raises(SystemExit, match="already holds"):
+        _main("--input", jsonl, "--output", str(out))
+    assert not os.path.exists(aside)
+    assert _snapshot(out) == {k: v for k, v in later.items() if not k.startswith(".")}
 
 
 def test_tokenizer_model_type_is_checked_before_the_first_pass(tmp_path, jsonl):
