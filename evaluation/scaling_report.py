@@ -56,6 +56,7 @@ from flaxlm.evaluation.scaling import (
 )
 from flaxlm.evaluation.scaling_bootstrap import bootstrap_parametric
 from flaxlm.evaluation.scaling_isoflop import fit_isoflop, group_by_compute
+from flaxlm.train.code_version import mixed_commits
 
 RUN_COLUMNS = ("n_params", "n_params_nonembed", "tokens", "flops", "final_loss", "heldout_loss")
 
@@ -168,8 +169,9 @@ def load_runs(
     return _load_runs(source, required, drop_nonfinite)[0]
 
 
-def _load_runs(source, required, drop_nonfinite) -> tuple[dict[str, np.ndarray], list[str]]:
-    """`load_runs`, and the runs `drop_nonfinite` left out."""
+def _load_runs(source, required, drop_nonfinite) -> tuple[dict[str, np.ndarray], list, list]:
+    """`load_runs`, and the warnings about its rows: the runs `drop_nonfinite` left out, and
+    runs trained under different flaxlm commits (a sweep table's ``flaxlm_commit`` column)."""
     rows, where = _read_rows(source)
     dropped = []
     if drop_nonfinite:
@@ -199,7 +201,12 @@ def _load_runs(source, required, drop_nonfinite) -> tuple[dict[str, np.ndarray],
         else:
             out[col] = np.asarray(values, dtype=np.float64)
     _warn_repeated_rows(out, where)
-    return out, dropped
+    commits = {loc: row.get("flaxlm_commit") for row, loc in zip(rows, where)
+               if isinstance(row, Mapping)}  # fmt: skip
+    mixed = mixed_commits(commits)
+    if mixed:
+        warnings.warn(f"run table: {mixed}", stacklevel=3)
+    return out, dropped, [mixed] if mixed else []
 
 
 def _warn_repeated_rows(columns: dict[str, np.ndarray], where: Sequence[str]) -> list[str]:
@@ -363,11 +370,11 @@ def fit_report(
       JSON-serialisable dict: ``settings``, ``n_runs``, ``dropped_runs`` (those left out by
       ``drop_nonfinite``), ``missing_runs``, ``power_laws``, ``parametric``,
       ``parametric_intervals``, ``warnings`` (why not to trust the fit: ``fit_warnings``,
-      ``power_law_warnings``, ``missing_run_warnings``),
+      ``power_law_warnings``, ``missing_run_warnings``, runs of different flaxlm commits),
       ``compute_optimal``, ``isoflop``, ``prediction`` (if target), ``plots`` (paths).
     """
     required = [n_key, "tokens", loss_key] + ([] if compute == "6nd" else [compute])
-    cols, dropped = _load_runs(runs, required, drop_nonfinite)
+    cols, dropped, code = _load_runs(runs, required, drop_nonfinite)
     N, D, loss = cols[n_key], cols["tokens"], cols[loss_key]
     C = 6.0 * N * D if compute == "6nd" else cols[compute]
     # The compute-optimal formulas take C = k N D. With an exact FLOPs column, k is the sweep's
@@ -422,6 +429,7 @@ def fit_report(
     }
     report["warnings"] = [
         *missing_run_warnings(missing_runs),
+        *code,
         *fit_warnings(fit, intervals, loss),
         *power_law_warnings(report["power_laws"]),
     ]

@@ -13,13 +13,11 @@ or fall back. train/checkpoint.py describes the format and re-exports all of thi
 from __future__ import annotations
 
 import datetime
-import functools
 import gc
 import itertools
 import logging
 import os
 import shutil
-import subprocess
 from typing import Any
 
 import jax
@@ -36,6 +34,7 @@ from flaxlm.train.checkpoint_inspect import (
     saved_state_keys,
 )
 from flaxlm.train.checkpoint_orbax import _read_only_options
+from flaxlm.train.code_version import code_commit  # noqa: F401 (loop_resume reads it here)
 from flaxlm.train.state import EmaTrainState, with_ema, without_ema
 
 log = logging.getLogger("flaxlm")
@@ -48,22 +47,6 @@ CORRUPT_DIR = "checkpoints_corrupt"  # beside WORKDIR/checkpoints, where orbax n
 # collectives).
 RESTORE_WAIT_ENV = "FLAXLM_RESTORE_WAIT_S"
 _agreements = itertools.count()  # the same sequence on every process
-
-
-@functools.lru_cache(maxsize=1)
-def code_commit() -> dict:
-    """{"flaxlm_commit": the git commit of the flaxlm checkout this process runs ("+dirty" with
-    uncommitted changes)}, or {} outside a git checkout: which code trained a checkpoint (the
-    version number stays 0.1.0 while the code changes daily; a resume across an upgrade says so)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True)  # fmt: skip
-        commit = run(["git", "rev-parse", "--short=12", "HEAD"]).stdout.strip()
-        dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"flaxlm_commit": commit + ("+dirty" if dirty else "")} if commit else {}
 
 
 class Checkpointer:

@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from flaxlm.train.code_version import code_commit
 from flaxlm.train.metrics import data_end_step
 from flaxlm.train.sweep_devices import GPUSlots, nvidia_smi_gpus, visible_gpus
 from flaxlm.train.sweep_plan import (  # noqa: F401 (the public names of the sweep API)
@@ -273,7 +274,9 @@ def _finish(run: Run, returncode: int, seconds: float, interrupted: bool = False
     trained = step > 0 or bool(run.total_steps and final_checkpoint(run.workdir, run.total_steps))
     ended = reached or final_checkpoint(run.workdir, run.total_steps) or data_end is not None
     if returncode == 0 and trained and ended:
-        done = {"seconds": round(seconds, 1), "step": step, "time": time.time()}
+        # the code that finished it (the trainer runs from this checkout): sweep_table says
+        # when a sweep's runs trained under different commits
+        done = {"seconds": round(seconds, 1), "step": step, "time": time.time(), **code_commit()}
         if data_end is not None and not reached:
             done["data_end"] = data_end
         with open(os.path.join(run.workdir, "DONE"), "w") as f:
@@ -407,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"run table: {csv_path} ({len(rows)} finished runs)")
         for m in missing:
             _say(f"  no row for {m['name']}: {m['why']}")
+        if mixed := sweep_table.code_warning(rows):
+            _say(f"  WARNING: {mixed}")
     return 1 if any(s in ("failed", "busy") for s in status.values()) else 0
 
 

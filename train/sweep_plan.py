@@ -15,6 +15,8 @@ import re
 import sys
 from collections.abc import Sequence
 
+from flaxlm.train.code_version import code_commit
+
 MAX_NAME = 160  # characters of the k=v part of a run name before it is shortened with a hash
 # Config keys that change how a run is carried out but not what it trains: a resumed run
 # (train/loop_resume.py) and a resubmitted sweep (`_check_same_runs`) take a new value as no
@@ -490,6 +492,7 @@ def write_index(root: str, config_arg: str, runs: Sequence[Run], extra: Sequence
         known[r.name] = {**r.to_dict(), "command": train_command(config_arg, r, "python")}
     index = {
         "config": record,
+        **code_commit(),  # the code that planned it (each run's DONE names the code that ran it)
         "extra_overrides": list(extra),
         "runs": sorted(known.values(), key=lambda r: r["index"]),
     }

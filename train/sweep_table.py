@@ -30,6 +30,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from flaxlm.train.code_version import mixed_commits
 from flaxlm.train.metrics import data_end_step, read_metrics
 from flaxlm.train.sweep_plan import read_index
 
@@ -117,6 +118,8 @@ def collect(root: str, *, include_unfinished: bool = False) -> list[dict]:
     rows, missing = collect_all(root, include_unfinished=include_unfinished)
     if missing:
         warnings.warn(_missing_message(root, missing, len(rows) + len(missing)), stacklevel=2)
+    if mixed := code_warning(rows):
+        warnings.warn(f"{root}: {mixed}", stacklevel=2)
     return rows
 
 
@@ -169,8 +172,27 @@ def collect_all(root: str, *, include_unfinished: bool = False) -> tuple[list[di
         row.update(trained_sizes(run.get("info", {}), final))
         row.update(final or {"step": None})
         row.update(task_metrics(workdir))
+        row.update(_done_commit(workdir))
         rows.append(row)
     return rows, missing
+
+
+def _done_commit(workdir: str) -> dict:
+    """{"flaxlm_commit": ...} from the run's DONE marker (the code that finished it, since
+    2026-12-06), else {}."""
+    try:
+        with open(os.path.join(workdir, "DONE")) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    commit = done.get("flaxlm_commit") if isinstance(done, dict) else None
+    return {"flaxlm_commit": commit} if isinstance(commit, str) else {}
+
+
+def code_warning(rows: Sequence[dict]) -> str | None:
+    """`code_version.mixed_commits` over the rows' ``flaxlm_commit``."""
+    labelled = {str(r.get("name", i)): r.get("flaxlm_commit") for i, r in enumerate(rows)}
+    return mixed_commits(labelled)
 
 
 def _stopped_after_last_step(workdir: str) -> bool:
@@ -291,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run table: {csv_path} ({len(rows)} finished runs)", file=sys.stderr)
     for m in missing:
         print(f"  no row for {m['name']}: {m['why']}", file=sys.stderr)
+    if mixed := code_warning(rows):
+        print(f"  WARNING: {mixed}", file=sys.stderr)
     return 0
 
 
