@@ -114,16 +114,21 @@ class _ZstdFrames:
     def __init__(self, path: str, decompressor):
         self._file, self._decompressor = open(path, "rb"), decompressor
         self._frame, self._frame_started, self._ready = decompressor.decompressobj(), False, b""
+        self._at = 0  # how much of `_ready` has been handed out
 
     def read(self, n: int) -> bytes:
-        while not self._ready:
+        while self._at == len(self._ready):
             compressed = self._file.read(1 << 16)
             if not compressed:
                 if self._frame_started:  # bytes of a frame that never reached its end
                     raise EOFError("zstd stream ended before the end of its last frame")
                 return b""
-            self._ready = self._decompress(compressed)
-        out, self._ready = self._ready[:n], self._ready[n:]
+            self._ready, self._at = self._decompress(compressed), 0
+        # A position, not `_ready[n:]`: 64 KB of a highly compressible file can decode to
+        # hundreds of MB, and re-slicing the rest at every read was quadratic (139 s for a
+        # 12 KB file of 128 MB of repeated lines, against 3 s as .gz).
+        out = self._ready[self._at : self._at + n]
+        self._at += len(out)
         return out
 
     def _decompress(self, compressed: bytes) -> bytes:

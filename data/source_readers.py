@@ -98,6 +98,9 @@ def _json_value(raw: bytes, loc: str, log: BadInputLog) -> tuple[bool, object]:
     except json.JSONDecodeError as e:
         log.add("malformed_json", loc, f"{e.msg}: column {e.colno}"[:80])
         return False, None
+    except RecursionError:  # nested past Python's recursion limit: a traceback ended the run
+        log.add("malformed_json", loc, "nested too deeply to parse")
+        return False, None
 
 
 def jsonl_record(raw: bytes, loc: str, log: BadInputLog) -> tuple[bool, object]:
@@ -165,6 +168,8 @@ def read_json_array(path: str) -> list:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: holds a JSON array (it starts with '[') that does not "
                         f"parse: {e}") from None  # fmt: skip
+    except RecursionError:
+        raise DataError(f"{path}: holds a JSON array nested too deeply to parse") from None
     return value
 
 

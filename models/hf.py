@@ -174,8 +174,14 @@ def atomic_directory(path: str, overwrite: bool = False):
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        # (mkdtemp made `tmp` 0700 and orbax/shutil files may be 0600: an export is shared.
+        # Directories need their x bit: additional_chat_templates/ made 0644 could not be
+        # listed or read by its owner when not root.)
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~umask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~umask)
         os.chmod(tmp, 0o755)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
@@ -334,7 +340,7 @@ def _over_source_files(generated: dict, tok_dir: str) -> dict:
             continue
         merged = {**source, **out[name]}
         if name == "generation_config.json":
-            ids = [*_eos_list(out[name]), *_eos_list(source)]
+            ids = [*_eos_list(out[name]), *_eos_list(source, os.path.join(tok_dir, name))]
             ids = list(dict.fromkeys(ids))
             if ids:
                 merged["eos_token_id"] = ids if len(ids) > 1 else ids[0]

@@ -141,6 +141,8 @@ def load_hf_json(path: str, name: str = "config.json") -> dict:
             out = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HFError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:  # (a traceback through every CLI)
+        raise HFError(f"{where}: nested too deeply to parse") from None
     if not isinstance(out, dict):
         raise HFError(f"{where}: expected a JSON object, got {type(out).__name__}")
     return out

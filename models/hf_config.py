@@ -145,6 +145,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         return _number(hf, key, where, default, float, null_is_default=True) or default
 
     D, N, L = need("hidden_size"), need("num_attention_heads"), need("num_hidden_layers")
+    for key, value in (("hidden_size", D), ("num_attention_heads", N), ("num_hidden_layers", L)):
+        if value < 1:  # (0 heads was a ZeroDivisionError below, before ModelConfig's checks)
+            raise HFError(f"{where}: {key} must be >= 1, got {value}")
     act = _hidden_act(hf, mt)
     if act not in _ACTS:
         raise HFError(f"{where}: hidden_act {act!r} is not supported ({sorted(_ACTS)})")

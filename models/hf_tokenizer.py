@@ -11,6 +11,7 @@ if the tokenizer's ids would index past the model's embedding.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -37,6 +38,8 @@ _TOKENIZER_FILES = (
     CHAT_TEMPLATE_FILE,
 )
 _NAMED_TEMPLATES_DIR = "additional_chat_templates"
+log = logging.getLogger("flaxlm")
+MAX_REPEAT = 1 << 20  # items a chat template's `x * n` may make (`_jinja_env`)
 
 
 def copy_tokenizer(src: str, dst_dir: str) -> None:
@@ -50,17 +53,51 @@ def copy_tokenizer(src: str, dst_dir: str) -> None:
     if not files:
         raise HFError(f"export: no tokenizer files in {src} (looked for {_TOKENIZER_FILES})")
     for f in files:
+        if f != src:  # (a file named itself is copied wherever it lives)
+            _check_inside(f, src)
         shutil.copy(f, os.path.join(dst_dir, os.path.basename(f)))
     named = os.path.join(src, _NAMED_TEMPLATES_DIR)
-    if os.path.isdir(named):
-        shutil.copytree(named, os.path.join(dst_dir, _NAMED_TEMPLATES_DIR), dirs_exist_ok=True)
+    if os.path.isdir(named):  # its templates only: `name.jinja` files
+        _check_inside(named, src)
+        os.makedirs(os.path.join(dst_dir, _NAMED_TEMPLATES_DIR), exist_ok=True)
+        for name in sorted(os.listdir(named)):
+            path = os.path.join(named, name)
+            if not name.endswith(".jinja") or not os.path.isfile(path):
+                log.warning("%s: not copied (a named chat template is a NAME.jinja file)", path)
+                continue
+            _check_inside(path, named)
+            shutil.copy(path, os.path.join(dst_dir, _NAMED_TEMPLATES_DIR, name))
     if os.path.isdir(src):
         _carry_config_stop_ids(src, dst_dir)
 
 
-def _eos_list(settings: dict) -> list[int]:
+def _check_inside(path: str, directory: str) -> None:
+    """Refuses to copy `path` when it is a link to a file outside `directory` (and outside the
+    Hugging Face cache's blob store that a snapshot's files link to): a downloaded repository
+    with `chat_template.jinja -> ~/.ssh/id_rsa` had that file copied into the run and into
+    every export of it, ready to be uploaded."""
+    real, home = os.path.realpath(path), os.path.realpath(directory)
+    if real == home or real.startswith(home + os.sep):
+        return
+    parts = os.path.abspath(directory).split(os.sep)  # .../models--org--name/snapshots/<rev>
+    if len(parts) >= 3 and parts[-2] == "snapshots":
+        blobs = os.path.realpath(os.path.join(directory, os.pardir, os.pardir, "blobs"))
+        if os.path.dirname(real) == blobs:
+            return
+    raise HFError(f"{path} links to {real}, outside {directory}: not copied (copy the file "
+                  "itself into the directory if it is meant to be there)")  # fmt: skip
+
+
+def _eos_list(settings: dict, where: str = "") -> list[int]:
+    """The `eos_token_id` of a config (an id or a list of ids) as a list; a value that is no
+    whole number ("x", [null], {}) is an HFError naming `where` (a raw int() error before)."""
     e = settings.get("eos_token_id")
-    return [int(i) for i in (e if isinstance(e, list) else [] if e is None else [e])]
+    ids = e if isinstance(e, list) else [] if e is None else [e]
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, float)) or i != int(i):
+            raise HFError(f"{where or 'tokenizer settings'}: eos_token_id {e!r} is not a token "
+                          "id or a list of them")  # fmt: skip
+    return [int(i) for i in ids]
 
 
 def _json_object(path: str) -> dict:
@@ -69,7 +106,7 @@ def _json_object(path: str) -> dict:
     try:
         with open(path) as f:
             obj = json.load(f)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise HFError(f"{path}: cannot read tokenizer settings: {e}") from None
     if not isinstance(obj, dict):
         raise HFError(f"{path}: cannot read tokenizer settings: not a JSON object")
@@ -77,10 +114,11 @@ def _json_object(path: str) -> dict:
 
 
 def _carry_config_stop_ids(src: str, dst_dir: str) -> None:
-    config_ids = _eos_list(_json_object(os.path.join(src, "config.json")))
+    config = os.path.join(src, "config.json")
+    config_ids = _eos_list(_json_object(config), config)
     path = os.path.join(dst_dir, "generation_config.json")
     generation = _json_object(path)
-    ids = _eos_list(generation)
+    ids = _eos_list(generation, path)
     missing = [i for i in config_ids if i not in ids]
     if missing:
         merged = ids + missing
@@ -176,8 +214,8 @@ def tokenizer_file(d: str) -> str | None:
     try:
         with open(os.path.join(d, "tokenizer_config.json")) as f:
             source = json.load(f).get(SENTENCEPIECE_KEY)
-    except (OSError, ValueError, AttributeError):  # absent, malformed, not an object
-        source = None
+    except (OSError, ValueError, AttributeError, RecursionError):  # absent, malformed, not
+        source = None  # an object (HFTokenizer.load names a malformed file)
     if source == "tokenizer.model" and os.path.exists(model):
         return model
     for f in ("tokenizer.json", "tokenizer.model"):
@@ -291,6 +329,7 @@ class HFTokenizer:
         # set from `data.chat_template_kwargs` / the run's meta / `--chat_template_kwargs`)
         self.template_kwargs: dict = {}
         self._compiled = {}  # template source -> compiled: rendering is per record
+        self._id_range = None  # `vocab_size`, computed once
         if special_tokens is None:  # built in code: the BOS/EOS ids' pieces
             pieces = {"bos_token": self.bos_token_id, "eos_token": eos_id}
             special_tokens = {k: tok.id_to_token(i) for k, i in pieces.items() if i >= 0}
@@ -315,11 +354,11 @@ class HFTokenizer:
                     with open(p) as f:
                         settings = json.load(f)
                     specials.update(settings)
-                except (ValueError, TypeError) as e:  # malformed JSON, or not an object
+                except (ValueError, TypeError, RecursionError) as e:  # malformed, or not an object
                     raise HFError(f"{p}: cannot read tokenizer settings: {e}") from None
                 if meta in ("special_tokens_map.json", "tokenizer_config.json"):
                     tokenizer_side.update(settings)
-                stops += _eos_list(specials)
+                stops += _eos_list(specials, p)
 
         def special(kind):
             t = specials.get(f"{kind}_token")
@@ -328,6 +367,8 @@ class HFTokenizer:
             if i is None:
                 i = specials.get(f"{kind}_token_id")
                 i = i[0] if isinstance(i, list) and i else i
+            if i is not None and (isinstance(i, bool) or not isinstance(i, int)):
+                raise HFError(f"{d}: {kind}_token_id {i!r} is not a token id")
             return -1 if i is None else int(i)
 
         named = {}  # what transformers' special_tokens_map holds: the declared strings
@@ -355,7 +396,14 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
+        """The ids' range, the largest id + 1: a vocabulary with gaps in its ids (a hand-made
+        WordLevel {..., "world": 5000}) counts fewer tokens than that (the count passed
+        `check_fits` and id 5000 indexed past a 64-row embedding: NaN logits)."""
+        if self._id_range is None:
+            ids = self.tok.get_vocab(with_added_tokens=True).values()
+            count = self.tok.get_vocab_size(with_added_tokens=True)
+            self._id_range = max(count, max(ids, default=-1) + 1)
+        return self._id_range
 
     @property
     def pad_id(self) -> int:
@@ -390,10 +438,24 @@ class HFTokenizer:
         return i
 
     def check_fits(self, vocab_size: int) -> None:
+        """Raises when an id the tokenizer makes, or a special id its settings declare (bos,
+        eos, pad, generation_config.json's stop ids), indexes past the model's embedding:
+        `jnp.take` reads such a row as NaN, and one NaN id poisons every position of its
+        sequence (an eos_token_id of 100000 in config.json gave perplexity nan, silently)."""
         if self.vocab_size > vocab_size:
             raise HFError(
-                f"tokenizer {self.name} has {self.vocab_size} tokens but the model's vocab_size "
-                f"is {vocab_size}: ids up to {self.vocab_size - 1} would index past the embedding"
+                f"tokenizer {self.name} has ids up to {self.vocab_size - 1} but the model's "
+                f"vocab_size is {vocab_size}: they would index past the embedding"
+            )
+        specials = {"bos": self.bos_token_id, "eos": self.eos_id, "pad": self._pad,
+                    **{f"stop id {i}": i for i in self.stop_ids if i != self.eos_id}}  # fmt: skip
+        past = {k: i for k, i in specials.items() if i >= vocab_size}
+        if past:
+            said = ", ".join(f"{k} {i}" if not k.startswith("stop") else k for k, i in past.items())
+            raise HFError(
+                f"tokenizer {self.name}: the settings beside it (config.json, "
+                f"generation_config.json, tokenizer_config.json, special_tokens_map.json) declare "
+                f"{said}, past the model's vocab_size {vocab_size}"
             )
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
@@ -447,6 +509,11 @@ class HFTokenizer:
             )
         except jinja2.TemplateError as e:  # a syntax error, an undefined value used
             raise HFError(f"{self.name}: chat template: {type(e).__name__}: {e}") from None
+        except (RecursionError, MemoryError) as e:  # a macro calling itself; a huge string
+            raise HFError(
+                f"{self.name}: chat template: {type(e).__name__} while rendering "
+                "(a macro that recurses without end, or a string too large)"
+            ) from None
 
     def _template_for(self, tools) -> str:
         """The template source to render: with named templates, "tool_use" when tools are
@@ -572,6 +639,7 @@ def _jinja_env(name: str):
     import json as json_lib
 
     import jinja2.ext
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def fail(msg):
@@ -581,7 +649,24 @@ def _jinja_env(name: str):
         return json_lib.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
                               separators=separators, sort_keys=sort_keys)  # fmt: skip
 
-    env = ImmutableSandboxedEnvironment(
+    class Sandbox(ImmutableSandboxedEnvironment):
+        """Also bounds `*` and `**`: jinja's sandbox caps range() at 100,000 but let
+        `{{ 'a' * 10**9 }}` take gigabytes (a downloaded template is untrusted input)."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            sized = lambda x: isinstance(x, (str, list, tuple))  # noqa: E731
+            count = right if sized(left) else left if sized(right) else None
+            seq = left if sized(left) else right
+            if operator == "*" and isinstance(count, int) and len(seq) * count > MAX_REPEAT:
+                raise SecurityError(f"a repetition of {len(seq) * count} items (the limit is "
+                                    f"{MAX_REPEAT})")  # fmt: skip
+            if operator == "**" and isinstance(right, int) and abs(right) > 1000:
+                raise SecurityError(f"an exponent of {right} (the limit is 1000)")
+            return super().call_binop(context, operator, left, right)
+
+    env = Sandbox(
         trim_blocks=True, lstrip_blocks=True,
         extensions=[jinja2.ext.loopcontrols, _generation_tag()],
     )  # fmt: skip
@@ -620,6 +705,10 @@ def set_template_kwargs(tok, given=None, inherited=None, where: str = "chat_temp
     reserved = {"messages", "add_generation_prompt", "tools", "documents"}
     if reserved & set(kwargs):
         raise HFError(f"{where}: {sorted(reserved & set(kwargs))} are set by the renderer")
+    # (a name such as "enable-thinking" rendered here, but the exported template that sets
+    # it as a default did not compile: `template_with_defaults`)
+    if bad := [k for k in kwargs if not (isinstance(k, str) and k.isidentifier())]:
+        raise HFError(f"{where}: {bad} are not template variable names (letters, digits, _)")
     tok.template_kwargs = dict(kwargs)
     return tok
 

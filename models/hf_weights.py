@@ -188,21 +188,35 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
 
 
-def _has_fused_experts(path: str) -> bool:
-    """Whether a checkpoint keeps its experts fused (transformers 5's in-memory layout:
-    mlp.experts.gate_up_proj / down_proj), judged by the tensor names (headers only)."""
+def _tensor_names(path: str) -> list[str]:
+    """The tensor names of an HF directory's weights (headers or the index only); [] when
+    they cannot be read (`read_params` then names the problem)."""
     from safetensors import safe_open
 
     try:
         files = _shard_files(path)
         if files == ["model.safetensors"]:
             with safe_open(os.path.join(path, files[0]), framework="numpy") as f:
-                names = list(f.keys())
-        else:
-            names = load_hf_json(path, "model.safetensors.index.json")["weight_map"]
-    except Exception:  # (unreadable: load_pretrained names the problem)
-        return False
+                return list(f.keys())
+        return list(load_hf_json(path, "model.safetensors.index.json")["weight_map"])
+    except Exception:
+        return []
+
+
+def _has_fused_experts(names: list[str]) -> bool:
+    """Whether a checkpoint keeps its experts fused (transformers 5's in-memory layout:
+    mlp.experts.gate_up_proj / down_proj), judged by its tensor names."""
     return any(n.endswith(".experts.gate_up_proj") for n in names)
+
+
+def _check_layer_count(names: list[str], cfg: ModelConfig, path: str) -> None:
+    """Refuses a config.json with more layers than the weights hold before the per-layer plan
+    is built (num_hidden_layers=1000000 beside a 2-layer checkpoint took 62 s and 4.8 GB, then
+    MemoryError). A missing tensor of a layer that is there is named later, as ever."""
+    found = [int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))]
+    if names and max(found, default=-1) + 1 < cfg.n_layers:
+        raise HFError(f"{path}: config.json says num_hidden_layers={cfg.n_layers}, but the "
+                      f"weights hold {max(found, default=-1) + 1} layer(s)")  # fmt: skip
 
 
 def _shard_files(path: str) -> list[str]:
@@ -215,6 +229,14 @@ def _shard_files(path: str) -> list[str]:
         weight_map = load_hf_json(path, "model.safetensors.index.json").get("weight_map")
         if not weight_map:
             raise HFError(f"{index}: no 'weight_map'")
+        if not isinstance(weight_map, dict):
+            raise HFError(f"{index}: 'weight_map' is not a {{tensor: file}} object")
+        for tensor, file in weight_map.items():
+            # A shard is a file of this directory: a '../x' or absolute name read a file
+            # elsewhere (a downloaded index could point anywhere), a number was a TypeError.
+            if not isinstance(file, str) or not file or os.path.basename(file) != file:
+                raise HFError(f"{index}: weight_map[{tensor!r}] = {file!r} is not the name of "
+                              "a file in this directory")  # fmt: skip
         return sorted(set(weight_map.values()))
     raise HFError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
@@ -257,7 +279,9 @@ def read_params(path: str, cfg: ModelConfig, arch: str | None, mesh=None, rules=
     from safetensors import safe_open
 
     prefix = MULTIMODAL[arch][1] if arch in MULTIMODAL else ""
-    fused = bool(cfg.n_experts) and _has_fused_experts(path)
+    names = _tensor_names(path)
+    _check_layer_count(names, cfg, path)
+    fused = bool(cfg.n_experts) and _has_fused_experts(names)
     plan, place = _plan(cfg, arch, fused), _placements(cfg, mesh, rules, path)
     params, seen = {}, set()
     stacks = {}  # our expert kernel -> [host buffer (E, ...), rows filled], until complete
@@ -327,7 +351,21 @@ def read_params(path: str, cfg: ModelConfig, arch: str | None, mesh=None, rules=
     return params
 
 
+# safetensors dtypes a weight may be stored in. An integer one (a quantized checkpoint's I8/U8
+# weights, whose scales live in other tensors) was cast to float as it was: |w| up to 127.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
 def _tensor(f, name: str, full: str) -> np.ndarray:
+    try:
+        dtype = f.get_slice(name).get_dtype()
+    except Exception:  # (read below: `get_tensor` names what is wrong with the file)
+        dtype = None
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        hint = ("an FP8-quantized checkpoint: dequantize it to bfloat16 first" if "F8" in dtype
+                else "a quantized checkpoint? flaxlm reads float weights only")  # fmt: skip
+        raise HFError(f"{full}: tensor {name} is stored as {dtype}, not as a float "
+                      f"({'/'.join(FLOAT_DTYPES)}): {hint}")  # fmt: skip
     try:
         return f.get_tensor(name)
     except Exception as e:  # a truncated or corrupt file

@@ -136,3 +136,42 @@ def test_plain_text_drops_a_bom_and_reads_crlf_as_newlines(tmp_path):
         "line": ["first para", "still first", "second"],
         "blank": ["first para\nstill first", "second"],
     }
+
+
+def test_a_jsonl_line_nested_past_the_recursion_limit_is_a_malformed_record(tmp_path):
+    """A RecursionError's traceback ended the run (a crafted or corrupt line of a web dump)."""
+    from flaxlm.data.source_readers import read_json_array
+
+    path = tmp_path / "deep.jsonl"
+    deep = '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    path.write_text(json.dumps({"text": "before"}) + "\n" + deep + "\n"
+                    + json.dumps({"text": "after"}) + "\n")  # fmt: skip
+    log = S.BadInputLog()
+    assert [d.text for d in S.iter_documents(str(path), log=log)] == ["before", "after"]
+    assert log.counts == {"malformed_json": 1}
+    assert "nested too deeply" in log.examples["malformed_json"][0]
+    array = tmp_path / "deep.json"
+    array.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(S.DataError, match=r"deep\.json: holds a JSON array nested too deeply"):
+        read_json_array(str(array))
+
+
+def test_zstd_reads_of_any_size_return_the_bytes_in_order(tmp_path):
+    """The reader hands out a decoded 64 KiB chunk (here 4 MB of one repeated line) piece by
+    piece, across frame ends; each read returns the next bytes, none twice or skipped."""
+    zstandard = pytest.importorskip("zstandard")
+    from flaxlm.data.source_codecs import _ZstdFrames
+
+    first = b"the same line again\n" * 200_000
+    second = b"a line of the second frame\n" * 1000
+    path = tmp_path / "two.txt.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(first)
+                     + zstandard.ZstdCompressor().compress(second))  # fmt: skip
+    reader, out, sizes = _ZstdFrames(str(path), zstandard.ZstdDecompressor()), [], [1, 7, 4096]
+    while chunk := reader.read(sizes[len(out) % 3]):
+        assert len(chunk) <= sizes[len(out) % 3]
+        out.append(chunk)
+    reader.close()
+    assert b"".join(out) == first + second
+    lines = [d.text for d in S.iter_documents(str(path), txt_mode="line")]
+    assert len(lines) == 201_000 and lines[0] == "the same line again"

@@ -730,7 +730,7 @@ def test_tokenizers_behind_one_interface(tmp_path):
     ids = tok.encode("w3 w7 w3", bos=True, eos=True)
     assert ids == [1, 7, 11, 7, 2] and tok.decode(ids) == "w3 w7 w3"
     assert tok.special_ids()["<|user|>"] == 3
-    with pytest.raises(hf.HFError, match="40 tokens but the model's vocab_size is 32"):
+    with pytest.raises(hf.HFError, match="has ids up to 39 but the model.s vocab_size is 32"):
         hf.load_tokenizer(str(tmp_path / "hf"), vocab_size=32)
     # SentencePiece tokenizer.model through the same call.
     from flaxlm.data.tokenizer import train
