@@ -997,3 +997,16 @@ def test_cached_reference_logps_equal_the_uncached_ones():
     for k in ("ref_chosen_logps", "ref_rejected_logps"):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
     assert len(set(np.round(want["ref_chosen_logps"], 5))) == 4  # four spans
+
+
+def test_value_loss_counts_only_tokens_where_the_clipped_term_is_larger():
+    """Values within ±ε of the old ones: V_clip = V, the two terms are equal, nothing is
+    clipped (vf_clipfrac 0); past ε where clipping raises the error: counted."""
+    v = jnp.asarray([[0.5, 1.0, 3.0]])
+    ret, mask = jnp.asarray([[0.0, 0.0, 0.0]]), jnp.ones((1, 3))
+    loss, frac = ppo.value_loss(v, v, ret, mask, 0.2)
+    assert float(frac) == 0.0
+    np.testing.assert_allclose(float(loss), 0.5 * (0.25 + 1.0 + 9.0) / 3, **TOL)
+    old = jnp.asarray([[0.5, 1.0, 2.0]])  # the last value moved by 1.0 > ε
+    loss, frac = ppo.value_loss(jnp.asarray([[0.5, 1.0, 1.0]]), old, ret, mask, 0.2)
+    assert float(frac) == pytest.approx(1 / 3)  # V_clip = 1.8: (1.8)^2 > 1^2

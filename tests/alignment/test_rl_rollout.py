@@ -179,3 +179,24 @@ def test_bad_sampling_values_are_refused_when_the_task_is_built(cache_dir, key, 
         "rollout.temperature": 0.0,
     })  # fmt: skip
     rl_rollout.check_sampling(good.rollout)  # the ends of the ranges
+
+
+def test_row_buckets_round_up_to_multiples_of_8():
+    """seq_len·k/n rounded up, then up to a multiple of 8: 100·1/6 = 16.7 is 24, not 16."""
+    assert rl_rollout.row_buckets(100, 6) == [24, 40, 56, 72, 88, 100]
+    assert rl_rollout.row_buckets(100, 3) == [40, 72, 100]
+
+
+def test_trimmed_width_keeps_the_last_real_token():
+    seg = np.zeros((2, 24), np.int32)
+    seg[1, :9] = 1  # 9 real tokens: columns 0..8
+    assert rl_rollout.trimmed_width({"segment_ids": seg}, [8, 16, 24]) == 16
+    seg[1, 8] = 0
+    assert rl_rollout.trimmed_width({"segment_ids": seg}, [8, 16, 24]) == 8
+
+
+def test_response_values_past_the_row_end_are_cut():
+    """A response that would run past seq_len (prompt of 7, 4 values, rows of 8): the values
+    that fit go to columns 6 and 7, the rest are dropped."""
+    out = rl_rollout.response_to_rows(np.asarray([[1.0, 2.0, 3.0, 4.0]]), [7], 8)
+    np.testing.assert_array_equal(out, [[0, 0, 0, 0, 0, 0, 1, 2]])

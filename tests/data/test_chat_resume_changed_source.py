@@ -153,3 +153,19 @@ def test_examples_without_files_keep_the_plain_position_and_policies_are_checked
     path = _write(tmp_path / "chat.jsonl", range(5))
     with pytest.raises(ValueError, match="data.on_changed_sources must be one of"):
         _make("sft", path, on_changed_sources="ignore")
+
+
+def test_each_file_and_built_in_split_of_the_examples_is_its_own_source(tmp_path):
+    """An example's "loc" is "file:line" or "builtin:split:i": its source is all but the last
+    ':' part, so a directory with a ':' in its name ("run:1/") and a built-in split keep
+    their whole names."""
+    from flaxlm.data.chat_batches import source_fingerprints
+
+    d = tmp_path / "run:1"
+    d.mkdir()
+    path = d / "chat.jsonl"
+    path.write_text("{}\n{}\n")
+    items = [{"loc": f"{path}:{i + 1}"} for i in range(2)] + [{"loc": "builtin:sft_train:0"}]
+    recs = source_fingerprints(items)
+    assert [(r["pattern"], r["docs"], r["files"]) for r in recs] == [
+        (str(path), 2, 1), ("builtin:sft_train", 1, 0)]  # fmt: skip

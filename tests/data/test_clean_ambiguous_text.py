@@ -180,3 +180,36 @@ def test_rows_of_numbers_are_no_card_followed_by_a_cvv():
     for text in rows:
         assert clean.redact_pii(text) == (text, {}), text
     assert clean.redact_pii("Amex 3782 822463 10005 1234 x")[0] == "Amex <CARD> 1234 x"
+
+
+@pytest.mark.parametrize(
+    "text,redacted",
+    [
+        # A card followed by a 2-digit group is a card and its expiry only with a '/' after:
+        # a row of numbers ending in a score stays (the Luhn-valid prefix is chance).
+        ("4111 1111 1111 1111 12 ok", "4111 1111 1111 1111 12 ok"),
+        # The lowest first group of an address in use, 2000::/3.
+        ("server 2000::1 down", "server <IP> down"),
+        # All six leading groups and an IPv4 tail: six colons, no "::".
+        ("addr 0:0:0:0:0:ffff:192.168.1.1 x", "addr <IP> x"),
+    ],
+)
+def test_pii_at_the_edges_of_the_card_and_ipv6_rules(text, redacted):
+    assert clean.redact_pii(text)[0] == redacted
+
+
+def test_line_cleaning_at_its_word_limits_and_on_unstripped_lines():
+    """A footer phrase on a line of exactly 20 words goes (<= 20 is short); a '|'-separated
+    line with a log-in link is navigation only up to 20 words; a separator line is one symbol
+    three times or more, with leading spaces too; two symbols are no separator."""
+    twenty = " ".join(["word"] * 18) + " privacy policy"
+    assert clean.strip_boilerplate(f"intro\n{twenty}\nmore")[0] == "intro\nmore"
+    prose = " ".join(["students"] * 22) + " | log in to the portal"
+    assert clean.strip_boilerplate(f"intro\n{prose}\nmore")[0] == f"intro\n{prose}\nmore"
+    out, removed, _ = clean.strip_boilerplate("intro\n   * * *\n  -----  \nmore")
+    assert (out, removed) == ("intro\nmore", 2)
+    assert clean.strip_boilerplate("intro\n--\nmore")[0] == "intro\n--\nmore"
+
+
+def test_windows_line_ends_become_one_newline():
+    assert clean.normalize_text("first\r\nsecond\rthird") == "first\nsecond\nthird"

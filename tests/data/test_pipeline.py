@@ -571,3 +571,65 @@ def test_a_resume_where_another_document_stands_starts_that_one_whole(tmp_path, 
             moved += 1
             assert b["tokens"][0, 0] == bos  # the document from its start
     assert moved >= 6
+
+
+def test_a_two_token_document_is_a_pair():
+    """Two tokens are one (input, target) pair: data whose only such documents have exactly
+    two tokens has something to train on (`PairCheck` with `> 2` called it pairless)."""
+    two, one = [np.asarray([5, 6], np.int32)], [np.asarray([5], np.int32)]
+    check = pipeline.PairCheck([("two.jsonl", two)], local=two, local_docs=1)
+    assert check() and check.local()
+    assert not pipeline.PairCheck([("one.jsonl", one)])()
+
+
+def test_a_process_without_pairs_fails_after_its_own_pass_of_documents(tmp_path, tok):
+    """An endless stream gives up after one pass's worth of this process's share (8 documents
+    over 2 processes: 4), not after every process's documents (8) read in a row."""
+    path = write_jsonl(tmp_path / "a.jsonl", ["the river runs past", "river"] * 4)
+    cfg = cfg_for(path, tok, add_bos=False, add_eos=False, num_epochs=0, shuffle=False)
+    it = make(cfg, pi=1, pc=2, batch=1)
+    with pytest.raises(DataError, match="no document of process 1 of 2"):
+        next(it)
+    (local,) = it.get_state()["processes"].values()
+    assert local["docs"]["next_index"] == 4
+
+
+class _ListDocs:
+    """A document iterator over a list with grain's get_state/set_state."""
+
+    def __init__(self, docs):
+        self.docs, self.i = [np.asarray(d, np.int32) for d in docs], 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.i >= len(self.docs):
+            raise StopIteration
+        self.i += 1
+        return self.docs[self.i - 1]
+
+    def get_state(self):
+        return {"next_index": self.i}
+
+    def set_state(self, st):
+        self.i = int(st["next_index"])
+
+
+def test_a_saved_offset_past_the_documents_pairs_starts_it_whole():
+    """A state without the cut document's digest (saved before it was recorded) whose offset
+    is the whole of the document now at that position (a changed data order): that document
+    is read from its start, not skipped as fully trained."""
+    from flaxlm.data.packing import PackedBatchIterator
+
+    kw = dict(seq_len=4, batch=1, pad_id=0)
+    it = PackedBatchIterator(_ListDocs([range(10, 20)]), **kw)
+    next(it)
+    state = it.get_state()
+    assert state["carry"] and state["offset"] == 4
+    del state["carry_doc"]
+    other = PackedBatchIterator(_ListDocs([[30, 31, 32, 33, 34], [40, 41, 42]]), **kw)
+    other.set_state(state)  # offset 4: every pair of the 5-token document now there
+    b = next(other)
+    np.testing.assert_array_equal(b["tokens"][0], [30, 31, 32, 33])
+    np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 1])

@@ -537,3 +537,33 @@ def test_large_and_negative_run_seeds_shuffle(tmp_path, tok):
         np.testing.assert_array_equal(next(make(cfg, seed=seed))["tokens"], firsts[seed])
     assert len({v.tobytes() for v in firsts.values()}) == len(firsts)
     assert pipeline.shuffle_seed(7, 3) == 7003  # small seeds keep their order
+
+
+def test_shuffle_seeds_at_the_edge_of_graines_range():
+    """The largest seed grain takes, 2**32 - 1, is kept; 2**32 itself is out of its range."""
+    assert pipeline.shuffle_seed(4294967, 295) == 2**32 - 1
+    s = pipeline.shuffle_seed(4294967, 296)  # seed * 1000 + source == 2**32
+    assert 0 <= s < 2**32
+
+
+def test_sources_of_one_size_are_shuffled_in_different_orders(tmp_path, tok):
+    """Each source is shuffled with its own seed: two sources of the same size read their
+    documents in unrelated orders, not the same permutation side by side."""
+    tok_path, t = tok
+    paths = []
+    for s in range(2):  # document k of source s: [source marker, 100 + k, 200 + k]
+        docs = [np.asarray([10 + s, 100 + k, 200 + k], np.int32) for k in range(40)]
+        paths.append(write_token_shards(tmp_path / f"src{s}", docs, t))
+    it = make(cfg_for(f"{paths[0]}:1,{paths[1]}:1", tok_path), seq_len=64, batch=2, seed=3)
+    stream = []
+    for _ in range(4):
+        b = next(it)
+        for r in range(b["tokens"].shape[0]):
+            stream += b["tokens"][r][b["segment_ids"][r] > 0].tolist()
+    orders = {10: [], 11: []}
+    for i, x in enumerate(stream[:-2]):
+        if x == t.bos_id:
+            orders[stream[i + 1]].append(stream[i + 2] - 100)
+    n = min(len(orders[10]), len(orders[11]))
+    assert n >= 20, orders
+    assert orders[10][:n] != orders[11][:n], orders

@@ -203,3 +203,32 @@ def test_empty_model_file_is_a_value_error_naming_it(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(ValueError, match=r"tokenizer\.model: not a SentencePiece model \(empty"):
         T.Tokenizer.load(str(path))
+
+
+def test_a_cjk_line_over_the_byte_limit_is_cut_not_dropped():
+    """max_sentence_length counts UTF-8 bytes: a 40-character Chinese line is 120 bytes, over a
+    limit of 100 though its 40 characters are not. It is cut to 100 bytes and trained on (its
+    characters get pieces of their own); SentencePiece would skip it whole."""
+    zh = ["河水从山上流下来流过老磨坊一直流进山谷" * 2] * 60
+    tok = T.train(EN[:20] + zh, 340, max_sentence_length=100)
+    assert tok.sp.piece_to_id("磨") != tok.unk_id
+
+
+def test_line_sampling_is_uniform_over_positions():
+    """Reservoir sampling keeps every line with the same chance, cap / n."""
+    lines = [str(i) for i in range(6)]
+    counts = np.zeros(6)
+    for seed in range(600):
+        sample = T._sample_lines(iter(lines), 2, seed)
+        assert len(sample) == 2 and sample == sorted(sample, key=int)
+        counts[[int(x) for x in sample]] += 1
+    expect = 600 * 2 / 6
+    chi2 = float(((counts - expect) ** 2 / expect).sum())
+    assert chi2 < 20.5, counts  # chi-square, 5 degrees of freedom, p = 0.001
+
+
+def test_token_id_of_the_unknown_piece_itself(tok):
+    unk = tok.sp.id_to_piece(tok.unk_id)
+    assert tok.token_id(unk) == tok.unk_id
+    with pytest.raises(KeyError, match="no piece"):
+        tok.token_id("<|no such piece|>")

@@ -291,3 +291,32 @@ def test_the_table_of_an_incomplete_run_names_the_tasks_it_never_reached():
     )
     complete = P.accuracy_table({"tasks": done, "tasks_requested": asked[:1], "complete": True})
     assert "incomplete" not in complete
+
+
+def test_every_key_of_the_digits_asked_and_no_more_keys_than_exist(tok):
+    """Keys have exactly `key_digits` digits, no leading zero: n = 90 two-digit keys are
+    10..99, each once; 9 one-digit keys exist (1..9), 10 do not."""
+    rows = P.make_examples(tok, 80, 0.5, 90, seed=0, key_digits=2)
+    assert sorted(int(r["answer"]) for r in rows) == list(range(10, 100))
+    assert sorted(r["answer"] for r in P.make_examples(tok, 80, 0.5, 9, key_digits=1)) == [
+        str(i) for i in range(1, 10)]  # fmt: skip
+    with pytest.raises(ValueError, match="n=10 distinct keys do not exist with key_digits=1"):
+        P.make_examples(tok, 80, 0.5, 10, key_digits=1)
+
+
+def test_a_needle_halfway_between_two_boundaries_takes_the_earlier():
+    """Three sentences of 4 tokens, depth 0.5: boundaries 1 and 2 are equally near (4 and 8
+    tokens against 6); the earlier one is taken."""
+    text, k = P._build(3, "NEEDLE", 0.5, 0, [4] * len(P.FILLER))
+    assert k == 1
+    assert text.split(" NEEDLE ")[0] == P.FILLER[0]
+
+
+def test_the_mean_column_averages_the_cells_a_length_has():
+    """A length without a result at some depth (a '-' cell) is averaged over the cells it has."""
+    tasks = {"passkey_L128_d0": {"n": 2, "metrics": {"exact_match": 1.0}},
+             "passkey_L128_d1": {"n": 2, "metrics": {"exact_match": 0.5}},
+             "passkey_L256_d0": {"n": 2, "metrics": {"exact_match": 0.5}}}  # fmt: skip
+    rows = P.accuracy_table({"tasks": tasks}).splitlines()
+    assert rows[2].split() == ["128", "1.000", "0.500", "0.750"]
+    assert rows[3].split() == ["256", "0.500", "-", "0.500"]

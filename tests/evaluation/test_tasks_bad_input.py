@@ -60,3 +60,36 @@ def test_a_task_file_that_is_a_directory_is_named(tmp_path):
         spec = load_spec_file(_spec_file(tmp_path, spec))[0]
         with pytest.raises(TaskFileError, match=r": not a file \(task 't'\)$"):
             read_examples(spec, fewshot=key == "fewshot_file")
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [({"temperature": float("nan")}, "temperature must be >= 0"),
+     ({"max_new_tokens": 1.5}, "max_new_tokens=1.5 must be of type int"),
+     ({"num_fewshot": 2.0}, "num_fewshot=2.0 must be of type int")],
+)  # fmt: skip
+def test_a_nan_temperature_and_fractional_counts_are_refused(tmp_path, extra, match):
+    spec = {"name": "g", "type": "generation", "file": "g.jsonl", **extra}
+    with pytest.raises(ValueError, match=match):
+        load_spec_file(_spec_file(tmp_path, spec))
+
+
+@pytest.mark.parametrize("answer", [2, "2", "C"])
+def test_a_multiple_choice_answer_one_past_the_choices_is_named(tmp_path, answer):
+    (tmp_path / "mc.jsonl").write_text(json.dumps({**ROW, "answer": answer}) + "\n")
+    (spec,) = load_spec_file(_spec_file(tmp_path, {"name": "mc", "type": "multiple_choice",
+                                                   "file": "mc.jsonl"}))  # fmt: skip
+    with pytest.raises(TaskFileError, match=r"mc.jsonl:1: .*answer index 2 out of range for 2"):
+        read_examples(spec)
+
+
+def test_rows_are_numbered_without_blank_lines_and_fewshot_files_join_the_spec_dir(tmp_path):
+    rows = [json.dumps({**ROW, "context": q}) for q in ("A", "B", "C")]
+    (tmp_path / "mc.jsonl").write_text(f"{rows[0]}\n\n{rows[1]}\n   \n{rows[2]}\n")
+    (spec,) = load_spec_file(_spec_file(tmp_path, {
+        "name": "mc", "type": "multiple_choice", "file": "mc.jsonl",
+        "fewshot_file": "shots.jsonl", "num_fewshot": 1}))  # fmt: skip
+    assert spec.fewshot_file == str(tmp_path / "shots.jsonl")
+    got = read_examples(spec)
+    assert [(e.fields["context"], e.index) for e in got] == [("A", 0), ("B", 1), ("C", 2)]
+    assert [e.source.rsplit(":", 1)[1] for e in got] == ["1", "3", "5"]

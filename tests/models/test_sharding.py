@@ -184,3 +184,40 @@ def test_a_mesh_axis_no_rule_uses_is_named():
     assert unused_mesh_axes(mesh, logical_axis_rules("fsdp_tp")) == []
     mesh = make_mesh({"data": 2, "fsdp": 2, "context": 2})
     assert unused_mesh_axes(mesh, logical_axis_rules("dp")) == []
+
+
+def test_fsdp_splits_the_embed_axis_over_fsdp():
+    import flax.linen as nn
+
+    for preset in ("fsdp", "fsdp_tp"):
+        rules = logical_axis_rules(preset)
+        assert nn.logical_to_mesh_axes(("embed", "mlp"), rules)[0] == "fsdp"
+    assert nn.logical_to_mesh_axes(("embed",), logical_axis_rules("dp")) == P(None)
+
+
+def test_a_dimension_larger_than_its_split_but_not_a_multiple_is_named():
+    """6 rows over fsdp=4: not smaller than the split, still uneven."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding
+
+    from flaxlm.models.sharding import uneven_split
+
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    abstract = {"w": jax.ShapeDtypeStruct((6, 8), np.float32)}
+    boxed = {"w": nn.Partitioned(abstract["w"], names=("embed", "mlp"))}
+    shardings = {"w": NamedSharding(mesh, P("fsdp", None))}
+    msg = uneven_split(abstract, boxed, shardings, mesh)
+    assert msg is not None and "'embed', size 6" in msg and "fsdp=4" in msg
+    ok = {"w": jax.ShapeDtypeStruct((8, 8), np.float32)}
+    assert uneven_split(ok, {"w": nn.Partitioned(ok["w"], names=("embed", "mlp"))},
+                        shardings, mesh) is None  # fmt: skip
+
+
+def test_logical_axes_unsplit_needs_every_axis_unsplit():
+    from flaxlm.models.sharding import logical_axes_unsplit, use_mesh
+
+    assert logical_axes_unsplit("act_heads")  # outside a mesh
+    with use_mesh(make_mesh({"data": 4, "tensor": 2}), logical_axis_rules("fsdp_tp")):
+        assert logical_axes_unsplit("embed", "head_dim")  # fsdp=1, none
+        assert not logical_axes_unsplit("act_heads")
+        assert not logical_axes_unsplit("embed", "act_heads")  # one of them split: tensor=2

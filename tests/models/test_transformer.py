@@ -512,3 +512,23 @@ def test_longrope_takes_its_long_factors_from_one_past_the_original_context():
                       rope_short_factors=[1.0] * half)  # fmt: skip
     assert not bool(np.asarray(rope.longrope_long(cfg, jnp.arange(12)[None])).any())
     assert bool(np.asarray(rope.longrope_long(cfg, jnp.arange(13)[None])).all())
+
+
+def test_rms_norm_in_bf16_rounds_as_llama_does():
+    """The Llama-style norm (HF's order): normalise in float32, cast to the compute dtype,
+    then multiply by the weight in that dtype; Gemma's offset norm multiplies in float32
+    first. The two round differently in bfloat16."""
+    from flaxlm.models.layers import RMSNorm
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 64), jnp.float32) * 3
+    scale = 1.0 + 0.37 * jax.random.normal(jax.random.PRNGKey(1), (64,), jnp.float32)
+    for offset in (False, True):
+        cfg = get_variant("tiny", dtype="bfloat16", param_dtype="float32", norm_unit_offset=offset)
+        out = RMSNorm(cfg).apply({"params": {"scale": scale - 1.0 if offset else scale}}, x)
+        x32 = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.norm_eps)
+        if offset:
+            want = (x32 * (1.0 + (scale - 1.0))).astype(jnp.bfloat16)
+        else:
+            want = x32.astype(jnp.bfloat16) * scale.astype(jnp.bfloat16)
+        assert out.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))

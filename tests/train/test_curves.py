@@ -76,3 +76,20 @@ def test_a_run_never_rolled_back_plots_only_its_curve(tmp_path):
     drawn = curves.plot_loss(ax, str(tmp_path))
     assert list(_lines(ax)) == ["train loss"] and drawn["superseded"] == []
     plt.close(fig)
+
+
+def test_superseded_lines_without_a_step_are_skipped_and_a_step_again_starts_a_segment(tmp_path):
+    """Lines of one event are one segment while their steps increase: a step seen again
+    (steps 5, 6, 6) starts another; a line with a loss but no integer step is left out."""
+    import json
+
+    tag = {"event": "restart", "time": "t0", "reason": "r"}
+    lines = [{"step": 5, "loss": 1.0}, {"step": 6, "loss": 2.0}, {"loss": 9.0},
+             {"step": "7", "loss": 9.0}, {"step": 6, "loss": 3.0}]  # fmt: skip
+    with open(tmp_path / "metrics.superseded.jsonl", "w") as f:
+        for ln in lines:
+            f.write(json.dumps({**ln, "superseded": tag}) + "\n")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5}) + "\n")
+    c = curves.loss_curves(str(tmp_path))
+    assert [(s["steps"], s["values"]) for s in c["superseded"]] == [([5, 6], [1.0, 2.0]),
+                                                                   ([6], [3.0])]  # fmt: skip

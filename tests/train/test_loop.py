@@ -120,9 +120,12 @@ class _PoisonedStream(MarkovStream):
     """Batches [bad_from, bad_to) have NaN loss masks."""
 
     bad = range(0)
+    limit = None  # batches a test expects the run to stay under (a run that never stops fails)
 
     def __next__(self):
         i = self.index
+        if self.limit is not None and i >= self.limit:
+            raise AssertionError(f"the run read batch {i}: it should have stopped before")
         out = super().__next__()
         if i in self.bad:
             out["loss_mask"] = out["loss_mask"] * np.nan
@@ -191,7 +194,7 @@ def test_bad_steps_that_never_end_stop_after_max_rollbacks(tmp_path):
     mesh = make_mesh({"data": -1})
     task = pretrain.build_task(c, mesh)
     stream = _PoisonedStream(256, c.seq_len, c.batch_size, chain_seed=c.seed)
-    stream.bad = range(12, 10**9)
+    stream.bad, stream.limit = range(12, 10**9), 100
     task.train_batches = stream
     want = r"at steps \[15, 13\].*loss nan.*a NaN/Inf in the forward.*guard\.max_rollbacks=2"
     with pytest.raises(RuntimeError, match=want):
@@ -590,3 +593,14 @@ def test_only_the_writing_process_reports_progress_and_eval(tmp_path, monkeypatc
         evals = [r for r in caplog.records if r.getMessage().startswith("step 2 eval")]
         assert ("2/2" in bar) == reports, bar
         assert bool(evals) == reports
+
+
+def test_the_detail_shows_the_skipped_steps_values_not_the_windows():
+    """With both in the logged line, the detail reads the skipped steps' loss and gradient
+    norm, not the window's mean over its accepted steps."""
+    from flaxlm.train.loop_guard import bad_steps_detail
+
+    rec = {"loss": 2.0, "grad_norm": 1.0, "skipped_loss": float("nan"),
+           "skipped_grad_norm": 3.5}  # fmt: skip
+    detail = bad_steps_detail(rec)
+    assert "mean loss nan, grad_norm 3.5:" in detail and "a NaN/Inf in the forward" in detail

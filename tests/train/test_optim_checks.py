@@ -110,3 +110,18 @@ def test_every_decay_reaches_the_final_lr_on_the_last_update(kind, total, warmup
 def test_the_one_update_left_after_warmup_is_at_the_peak():
     s = make_schedule(_opt(lr=1.0, warmup_steps=4, schedule="linear"), 5)
     assert [float(s(t)) for t in range(6)] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0, 0.1])
+
+
+def test_a_warmup_as_long_as_the_run_is_cut_with_a_warning(caplog):
+    import logging
+
+    cfg = opt_config()
+    cfg.warmup_steps = 10
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        schedule = make_schedule(cfg, 10)
+    assert "opt.warmup_steps=10 >= total_steps=10: warmup cut to 9 steps" in caplog.text
+    assert float(schedule(9)) == pytest.approx(cfg.lr)  # the last update at the peak
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        make_schedule(cfg, 11)
+    assert "warmup_steps" not in caplog.text
