@@ -169,6 +169,32 @@ def _source_model_config(config, meta: dict) -> ModelConfig:
     return with_model_keys_set(config, source)
 
 
+# Keys a user sets to choose how a model runs, which the source's value silently overrode when
+# this run's config held the variant's default (`_warn_kept_source_keys`).
+# (Not dtype: a bfloat16 pretraining run's SFT would warn at every stage; a float16 source is
+# refused by `check_trainable_dtypes`, naming the key.)
+_KEPT_SOURCE_NOTICE_KEYS = ("attention_impl", "flash_block", "remat_policy", "join_projections")
+
+
+def _warn_kept_source_keys(config, base: dict, keys_set: dict, where: str) -> None:
+    """Warns where init_from's value of an execution key is kept over a different one in this
+    run's config: a value equal to the variant's default is not known to be this run's choice
+    (`model_keys_set`), so `config.model.attention_impl = "xla"` typed in a notebook, the
+    default, was dropped for a source's "cudnn" without a word. `--config.model.X` and
+    `override(config, {"model.X": ...})` record the choice."""
+    ours = to_model_config(config.model).to_dict()
+    kept = {k: (base[k], ours[k]) for k in _KEPT_SOURCE_NOTICE_KEYS
+            if k in base and k not in keys_set and ours.get(k) != base[k]}  # fmt: skip
+    if kept:
+        said = ", ".join(
+            f"model.{k}={src!r} (this config: {cfg!r})" for k, (src, cfg) in kept.items()
+        )
+        log.warning("%s: keeps the source's %s; to use this config's value, set it with "
+                    "--config.model.KEY=VALUE or configs.common.override(config, {'model.KEY': "
+                    "VALUE}) (a plain assignment equal to the variant's default is not told "
+                    "apart from it)", where, said)  # fmt: skip
+
+
 def with_model_keys_set(config, source: ModelConfig) -> ModelConfig:
     """`source` (init_from's architecture) with the `model.` keys this run sets
     (`model_keys_set`) that differ from it; each is logged, and any outside
@@ -177,6 +203,7 @@ def with_model_keys_set(config, source: ModelConfig) -> ModelConfig:
     base, keys_set = source.to_dict(), model_keys_set(config)
     run = {**base, **keys_set}
     where = f"init_from={config.init_from}"
+    _warn_kept_source_keys(config, base, keys_set, where)
     # Scaling turned on over an unscaled source: its original context is the source's.
     original, note = init_from_rope_original_len(base, run, "rope_original_max_len" in keys_set,
                                                  where)  # fmt: skip

@@ -44,9 +44,10 @@ keys (`CONTEXT_MODEL_KEYS`: long-context fine-tuning); any other difference is r
 way (`init_from_model_changes`, used by the loop and the alignment stages).
 
 The code lives in modules of its own; this one describes the format and re-exports every name
-(private ones included), so `from flaxlm.train import checkpoint` and
-`from flaxlm.train.checkpoint import ...` keep working, and patching `checkpoint.read_meta`
-reaches the readers, which call it through this module:
+of the first five below (private ones included; tests/train/test_checkpoint_reexports.py), so
+`from flaxlm.train import checkpoint` and `from flaxlm.train.checkpoint import ...` keep
+working, and patching `checkpoint.read_meta` reaches the readers, which call it through this
+module:
     train/checkpointer.py       Checkpointer: save, restore, resume with the corrupt-step fallback
     train/checkpoint_read.py    readers: read_meta, load_params, load_model, check_ema_source,
                                 warn_if_unfinished
@@ -68,6 +69,9 @@ from flaxlm.train.checkpoint_compat import _flat as _flat
 from flaxlm.train.checkpoint_compat import _normal_model_config as _normal_model_config
 from flaxlm.train.checkpoint_compat import config_changes as config_changes
 from flaxlm.train.checkpoint_compat import init_from_model_changes as init_from_model_changes
+from flaxlm.train.checkpoint_compat import (
+    init_from_rope_original_len as init_from_rope_original_len,
+)
 from flaxlm.train.checkpoint_compat import meta_mismatch as meta_mismatch
 from flaxlm.train.checkpoint_inspect import CheckpointError as CheckpointError
 from flaxlm.train.checkpoint_inspect import _bad_file as _bad_file
@@ -80,17 +84,24 @@ from flaxlm.train.checkpoint_inspect import permission_denied as permission_deni
 from flaxlm.train.checkpoint_inspect import saved_param_keys as saved_param_keys
 from flaxlm.train.checkpoint_inspect import saved_state_keys as saved_state_keys
 from flaxlm.train.checkpoint_orbax import MIN_REPLICA_SLICE_BYTES as MIN_REPLICA_SLICE_BYTES
+from flaxlm.train.checkpoint_orbax import _DropMessage as _DropMessage
 from flaxlm.train.checkpoint_orbax import _NoReadOnlyNotice as _NoReadOnlyNotice
 from flaxlm.train.checkpoint_orbax import _read_only_options as _read_only_options
 from flaxlm.train.checkpoint_orbax import _register_array_handler as _register_array_handler
 from flaxlm.train.checkpoint_orbax import quiet_orbax_logs as quiet_orbax_logs
+from flaxlm.train.checkpoint_read import MeshError as MeshError
+from flaxlm.train.checkpoint_read import _check_mesh_fits as _check_mesh_fits
 from flaxlm.train.checkpoint_read import _fill as _fill
+from flaxlm.train.checkpoint_read import _nested_params as _nested_params
+from flaxlm.train.checkpoint_read import _not_a_run as _not_a_run
+from flaxlm.train.checkpoint_read import _step_arg as _step_arg
 from flaxlm.train.checkpoint_read import _where_none as _where_none
 from flaxlm.train.checkpoint_read import check_ema_source as check_ema_source
 from flaxlm.train.checkpoint_read import load_model as load_model
 from flaxlm.train.checkpoint_read import load_params as load_params
 from flaxlm.train.checkpoint_read import located_tokenizer as located_tokenizer
 from flaxlm.train.checkpoint_read import read_meta as read_meta
+from flaxlm.train.checkpoint_read import run_steps as run_steps
 from flaxlm.train.checkpoint_read import shape_diff as shape_diff
 from flaxlm.train.checkpoint_read import warn_if_unfinished as warn_if_unfinished
 from flaxlm.train.checkpointer import CORRUPT_DIR as CORRUPT_DIR

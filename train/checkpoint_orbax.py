@@ -35,7 +35,25 @@ def _register_array_handler() -> None:
         )
     except TypeError:
         return
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    # (orbax warns 'Type handler registry type ... overriding jax.Array' for the override asked
+    # for here: a WARNING line on every import of flaxlm's checkpoints, in every CLI and test)
+    quiet = _DropMessage("Type handler registry type")
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 _register_array_handler()

@@ -87,3 +87,25 @@ def test_training_in_float16_is_refused_naming_the_key():
         "init_from": "src", "model.dtype": "bfloat16", "model.param_dtype": "float32"})  # fmt: skip
     cfg = common.resolve_model_config(given, meta)
     assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
+
+
+def test_an_assignment_the_source_overrides_is_warned_about(caplog):
+    """`config.model.attention_impl = "xla"` in a notebook equals the variant's default, so
+    it cannot be told from it: the source's "cudnn" was kept without a word. Now a warning
+    names the key, both values and how to set it; `override` sets it."""
+    import logging
+
+    c = sft.get_config("variant=tiny")
+    with c.unlocked():
+        c.init_from = "hf:/x"
+        c.model.attention_impl = c.model.attention_impl  # the default, "typed in"
+    source = get_variant("tiny", attention_impl="cudnn")
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        assert with_model_keys_set(c, source).attention_impl == "cudnn"
+    assert "keeps the source's model.attention_impl='cudnn' (this config: 'xla')" in caplog.text
+    assert "override(config" in caplog.text
+    caplog.clear()
+    c = override(c, {"model.attention_impl": "xla"})
+    with caplog.at_level(logging.WARNING, logger="flaxlm"):
+        assert with_model_keys_set(c, source).attention_impl == "xla"
+    assert "keeps the source's" not in caplog.text
