@@ -107,6 +107,21 @@ def _log_once(message: str) -> None:
     log.info(message)
 
 
+def _mask_fn(ctx, T: int, S: int):
+    """window -> the (B|1, 1, T, S) mask the self-attention kernels imply for `ctx`: packed
+    rows' segments and positions, else the given mask, else plain causal."""
+    packed = ctx.get("segments")
+
+    def mask_of(window):
+        if packed is not None:
+            seg, pos = packed
+            slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), seg.shape)
+            return attention_mask(seg, seg, slot, slot, pos, pos, window)
+        return causal_mask(T, S, window) if ctx["mask"] is None else ctx["mask"]
+
+    return mask_of
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query self-attention with RoPE and an optional cache.
 
@@ -244,7 +259,8 @@ class Attention(nn.Module):
                                     for buf, x in zip(layer_cache, new))  # fmt: skip
             else:
                 idx = ctx["index"]
-                layer_cache = tuple(jax.lax.dynamic_update_slice(buf, x, (0, 0, idx, 0))
+                zero = jnp.zeros_like(idx)  # (one integer type under jax_enable_x64 too)
+                layer_cache = tuple(jax.lax.dynamic_update_slice(buf, x, (zero, zero, idx, zero))
                                     for buf, x in zip(layer_cache, new))  # fmt: skip
             if ctx.get("prefill"):  # an empty cache, right-padded prompts: plain causal rows
                 out = self._self_attention(q, k, v, ctx, scale, cap)
@@ -256,7 +272,18 @@ class Attention(nn.Module):
             out = self._self_attention(q, k, v, ctx, scale, cap)
         return self._out_proj(out), layer_cache
 
-    def _self_attention(self, q, k, v, ctx, scale, cap, cudnn: bool = True):
+    def _self_attention(self, q, k, v, ctx, scale, cap):
+        """Attention of the chunk's queries over its own keys (`_attend`), and, for inspection
+        (`apply(..., mutable="intermediates")`), its weights sown whichever kernel ran: the
+        cuDNN, context-parallel and prefill paths sowed none, and the inspect notebook failed
+        with KeyError 'intermediates' on a run trained with attention_impl='cudnn'."""
+        out = self._attend(q, k, v, ctx, scale, cap)
+        if self.is_mutable_collection("intermediates"):
+            k = gather_sequence(k)
+            self._sow_probs(q, k, ctx, _mask_fn(ctx, q.shape[1], k.shape[1]), scale, cap)
+        return out
+
+    def _attend(self, q, k, v, ctx, scale, cap, cudnn: bool = True):
         """Attention of the chunk's queries over its own keys (training, scoring, and a
         prefill into an empty cache): the blockwise kernel where the config asks for "flash"
         (models/flash_attention.py); cuDNN's flash kernel where the config asks for it and it
@@ -272,27 +299,15 @@ class Attention(nn.Module):
         k, v = gather_sequence(k), gather_sequence(v)
         T, S = q.shape[1], k.shape[1]
         packed = ctx.get("segments")  # (segment ids, positions) of packed rows (flash, splash)
-
-        def mask_of(window):  # the (B|1, 1, T, S) mask the kernels imply
-            if packed is not None:
-                seg, pos = packed
-                slot = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), seg.shape)
-                return attention_mask(seg, seg, slot, slot, pos, pos, window)
-            return causal_mask(T, S, window) if ctx["mask"] is None else ctx["mask"]
-
         if cfg.attention_impl == "splash" and not split and splash.supports(T, cfg.flash_block):
             seg = None if packed is None else packed[0]
-            out = by_window(cfg, ctx, lambda w: splash.splash_attention(
+            return by_window(cfg, ctx, lambda w: splash.splash_attention(
                 q, k, v, seg, window=w, scale=scale, cap=cap, block=cfg.flash_block))  # fmt: skip
-            self._sow_probs(q, k, ctx, mask_of, scale, cap)
-            return out
         if cfg.attention_impl in ("flash", "splash") and not split:
             # (splash: rows it does not take; the same function)
-            out = by_window(cfg, ctx, lambda w: flash_attention(
+            return by_window(cfg, ctx, lambda w: flash_attention(
                 q, k, v, *(packed or ()), window=w, scale=scale, cap=cap,
                 block=cfg.flash_block))  # fmt: skip
-            self._sow_probs(q, k, ctx, mask_of, scale, cap)
-            return out
         if (cudnn and cfg.attention_impl == "cudnn" and not cap and not split
                 and cudnn_supports_head_dim(q.shape[-1])):  # fmt: skip
             return self._cudnn_or_rows(q, k, v, ctx, scale)
@@ -327,9 +342,8 @@ class Attention(nn.Module):
             return by_window(cfg, ctx, lambda w: chunked_attention(
                 q, k, v, rows_of(w), scale, cap, chunk=ATTENTION_CHUNK))  # fmt: skip
 
-        out = by_window(cfg, ctx, lambda w: xla_attention(q, k, v, mask_of(w), scale, cap))
-        self._sow_probs(q, k, ctx, mask_of, scale, cap)
-        return out
+        mask_of = _mask_fn(ctx, T, S)
+        return by_window(cfg, ctx, lambda w: xla_attention(q, k, v, mask_of(w), scale, cap))
 
     def _cudnn_or_rows(self, q, k, v, ctx, scale):
         """cuDNN's kernel where the program is lowered for a CUDA GPU, the path it takes where
@@ -346,7 +360,7 @@ class Attention(nn.Module):
             return by_window(cfg, ctx, lambda w: cudnn_attention(q, k, v, ctx["mask"], w, scale))
 
         def elsewhere(q, k, v):
-            return self._self_attention(q, k, v, ctx, scale, 0.0, cudnn=False)
+            return self._attend(q, k, v, ctx, scale, 0.0, cudnn=False)
 
         if cudnn_attention is not _real_cudnn_attention:
             # a stand-in (tests; bench/memory_plan.py, which traces a GPU's program on a CPU):
@@ -374,11 +388,10 @@ class Attention(nn.Module):
     def _sow_probs(self, q, k, ctx, mask_of, scale, cap):
         """Inspection only (apply(..., mutable="intermediates")): the attention weights as
         (B, N, T, S), sown as "attn_probs" (head n = k·G + g)."""
-        if self.is_mutable_collection("intermediates"):
-            (B, T, N, _), S = q.shape, k.shape[1]
-            probs = by_window(self.cfg, ctx,
-                              lambda w: attention_probs(q, k, mask_of(w), scale, cap))  # fmt: skip
-            self.sow("intermediates", "attn_probs", probs.reshape(B, N, T, S))
+        (B, T, N, _), S = q.shape, k.shape[1]
+        probs = by_window(self.cfg, ctx,
+                          lambda w: attention_probs(q, k, mask_of(w), scale, cap))  # fmt: skip
+        self.sow("intermediates", "attn_probs", probs.reshape(B, N, T, S))
 
     def _heads(self) -> dict:
         cfg = self.cfg

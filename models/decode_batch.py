@@ -115,6 +115,9 @@ def _row_keys(rng, n_prompts: int, rows: int, samples: int = 1):
     """`rng` as the program takes it: one key as is; per-prompt keys checked against the
     prompts, made one per sample (`fold_in(key, g)`) when `samples` > 1, and padded (with
     row 0's key) to the rows the program's loop runs."""
+    if isinstance(rng, (int, np.integer)):  # (jax's own error spoke of "invalid PRNG key data")
+        raise TypeError(f"generate: rng={rng!r} is a number, not a PRNG key: pass "
+                        f"jax.random.PRNGKey({rng!r}) (generate_text takes a seed)")  # fmt: skip
     if not is_key_batch(rng):
         return rng
     if rng.shape[0] != n_prompts:

@@ -210,8 +210,9 @@ def _decode_fn(
             new, lp = sample(logits[:, 0], step_key(rng, i), temperature)
             new = jnp.where(done, pad_id, new)
             lp = jnp.where(done, 0.0, lp)
-            out_tok = jax.lax.dynamic_update_slice(out_tok, new[:, None], (0, i))
-            out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], (0, i))
+            at = (jnp.zeros_like(i), i)  # (one integer type under jax_enable_x64 too)
+            out_tok = jax.lax.dynamic_update_slice(out_tok, new[:, None], at)
+            out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], at)
             n_gen = n_gen + (~done).astype(jnp.int32)
             done = done | jnp.isin(new, stop_ids)
             if strings is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 
 from flaxlm.models import stop_strings as stop_text
 from flaxlm.models.config import ModelConfig
@@ -32,9 +33,11 @@ def generate_text(
     `tokenizer` has encode(text, bos=) / decode(ids) / eos_id / pad_id / bos_id (our
     SentencePiece Tokenizer and hf.HFTokenizer both do). Stops at eos (an HF tokenizer's
     `stop_ids`) unless `stop_tokens` is given; `stop_strings` may be plain strings here (the
-    tables are built for `tokenizer`), each completion cut before the first; `rng` defaults to
-    PRNGKey(0); other keywords go to `generate`.
+    tables are built for `tokenizer`), each completion cut before the first; `rng` (a key, or
+    an int seed) defaults to PRNGKey(0); other keywords go to `generate`.
     """
+    if isinstance(texts, (str, bytes)):  # (iterated, it was one prompt per character)
+        raise TypeError("generate_text: texts is one string; pass a list of prompts, [text]")
     strings = kw.get("stop_strings")
     if strings is not None and not isinstance(strings, stop_text.StopStrings):
         strings = [strings] if isinstance(strings, str) else list(strings)
@@ -48,7 +51,7 @@ def generate_text(
     kw.setdefault("stop_tokens", tuple(getattr(tokenizer, "stop_ids", ()) or eos))
     kw["stop_tokens"] = stop_token_ids(kw["stop_tokens"])  # (an array of ids too)
     kw.setdefault("pad_id", max(tokenizer.pad_id, 0))
-    rng = jax.random.PRNGKey(0) if rng is None else rng
+    rng = jax.random.PRNGKey(0 if rng is None else rng) if _is_seed(rng) else rng
     from flaxlm.models import decode  # (decode.py imports this module)
 
     out = decode.generate(cfg, params, prompts, max_new_tokens=max_new_tokens, rng=rng, **kw)
@@ -63,3 +66,7 @@ def generate_text(
         cut = min((i for i in (text.find(s) for s in cut_at) if i >= 0), default=len(text))
         texts_out.append(text[:cut])
     return texts_out
+
+
+def _is_seed(rng) -> bool:
+    return rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool))

@@ -88,7 +88,7 @@ from flaxlm.models.hf_weights import (  # noqa: F401
     read_params,
     write_shards,
 )
-from flaxlm.models.transformer import Transformer, unstack_layers
+from flaxlm.models.transformer import Transformer, checked_tokens, unstack_layers
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,8 @@ def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
     HF-style batches map as: segment_ids = attention_mask, positions = cumsum(mask) - 1 (left
     padding) — padded positions get meaningless logits; compare only real ones.
     """
-    return _forward_fn(cfg)(params, jnp.asarray(tokens), positions, segment_ids)
+    tokens = checked_tokens(cfg, tokens, "forward")
+    return _forward_fn(cfg)(params, tokens, positions, segment_ids)
 
 
 @functools.lru_cache(maxsize=16)

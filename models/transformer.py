@@ -195,8 +195,11 @@ class Transformer(nn.Module):
                 kv_pos = write_cache_rows(cache["positions"], positions, idx)
                 q_slot = idx[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
             else:
-                kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], seg, (0, idx))
-                kv_pos = jax.lax.dynamic_update_slice(cache["positions"], positions, (0, idx))
+                # (zeros_like: a literal 0 is int64 under jax_enable_x64, the index int32,
+                # and dynamic_update_slice wants one integer type)
+                at = (jnp.zeros_like(idx), idx)
+                kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], seg, at)
+                kv_pos = jax.lax.dynamic_update_slice(cache["positions"], positions, at)
                 q_slot = jnp.broadcast_to(idx + jnp.arange(T, dtype=jnp.int32), (B, T))
             S = kv_seg.shape[1]
             kv_slot = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -499,5 +502,28 @@ def fold_norms(cfg: ModelConfig, params, n_layers: int):
 
 
 def forward(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None):
-    """Logits (B, T, V) of a parameter pytree — the functional entry point for notebooks."""
+    """Logits (B, T, V) of a parameter pytree — the functional entry point for notebooks.
+    `tokens`: (B, T) token ids (a nested list too)."""
+    tokens = checked_tokens(cfg, tokens, "forward")
     return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def checked_tokens(cfg: ModelConfig, tokens, where: str):
+    """`tokens` as a (B, T) integer array, or an error naming `where`: a 1-D list broadcast
+    into a wrong shape deep in the model, and an id past the embedding (or a negative one,
+    which wraps) gave NaN or another token's logits without a word. Ids are checked where
+    they are concrete (a call from a notebook), not under jit."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        hint = ": one sequence is [ids]" if tokens.ndim == 1 else ""
+        raise ValueError(f"{where}: tokens must be (batch, length) ids, got shape "
+                         f"{tokens.shape}{hint}")  # fmt: skip
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"{where}: tokens must be integer ids, got {tokens.dtype}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= cfg.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{where}: token id {bad} is outside the model's vocabulary "
+                             f"(0..{cfg.vocab_size - 1})")  # fmt: skip
+    return tokens

@@ -641,6 +641,31 @@ def test_generate_text_leaves_out_any_stop_id_and_cuts_at_a_leading_stop_string(
     assert out == ["ab", "", "plain"]
 
 
+def test_generate_text_refuses_one_string_and_takes_an_int_seed(monkeypatch):
+    """A bare string was generated from one character per prompt; generate_text takes an int
+    seed as its rng (its docstring's promise), generate says to make a key of it."""
+    from flaxlm.models import decode
+
+    tok, keys = _CharTokenizer(), []
+
+    def fake_generate(cfg, params, prompts, *, max_new_tokens, rng, **kw):
+        keys.append(np.asarray(jax.random.key_data(rng)))
+        z = np.zeros((len(prompts), max_new_tokens), np.int32)
+        return decode.GenerateOutput(z, z * 0.0, z * 0.0, np.zeros(len(prompts), np.int32))
+
+    with pytest.raises(TypeError, match=r"texts is one string; pass a list of prompts, \[text\]"):
+        generate_text(None, None, tok, "hello", max_new_tokens=4)
+    monkeypatch.setattr(decode, "generate", fake_generate)
+    generate_text(None, None, tok, ["a"], max_new_tokens=4, rng=7)
+    generate_text(None, None, tok, ["a"], max_new_tokens=4, rng=np.int64(7))
+    want = np.asarray(jax.random.key_data(jax.random.PRNGKey(7)))
+    assert all(np.array_equal(k, want) for k in keys) and len(keys) == 2
+    monkeypatch.undo()
+    cfg, params = _model()
+    with pytest.raises(TypeError, match=r"rng=0 is a number, not a PRNG key: pass jax\.random"):
+        generate(cfg, params, [[1, 2]], max_new_tokens=2, rng=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # The Pallas decode-step kernel (models/decode_attention.py: RoPE, cache write, attention):
 # equal to the XLA path (`apply_rope`, `dynamic_update_slice`, `cached_attention`; the kernel

@@ -292,6 +292,23 @@ def test_bucket_boundaries_one_token_prompts_and_one_new_token(model):
         np.testing.assert_allclose(out.logprobs, lp, atol=2e-5, rtol=1e-5)
 
 
+def test_generation_under_jax_enable_x64_matches_the_default(model):
+    """A notebook that turned on jax_enable_x64 could not generate: a literal 0 beside an int32
+    cache index reached dynamic_update_slice as int64 ("must be integers of the same type")."""
+    cfg, params = model
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9]]
+    kw = dict(max_new_tokens=5, rng=jax.random.PRNGKey(0), temperature=0)
+    want = generate(cfg, params, prompts, **kw)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        got = generate(cfg, params, prompts, **kw)
+        sampled = generate(cfg, params, prompts, **{**kw, "temperature": 0.8, "top_k": 5})
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    assert np.asarray(sampled.tokens).shape == (2, 5)
+
+
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_rows_stopping_at_their_first_token_and_a_pad_id_that_is_a_real_token(model, check_every):
     """Every row's first token a stop token: the decode loop never runs, each row is that one

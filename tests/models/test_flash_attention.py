@@ -270,12 +270,15 @@ def test_model_trains_as_with_xla(overrides, packed, mesh, monkeypatch):
     _assert_same(_loss_and_grads(cfg, params, batch, *(mesh or ())), want)
 
 
-def test_sown_attention_weights_are_the_xla_models():
+@pytest.mark.parametrize("impl", ["flash", "cudnn"])
+def test_sown_attention_weights_are_the_xla_models(impl):
+    """Whichever kernel ran: the cuDNN path sowed nothing (the inspect notebook's KeyError
+    'intermediates' on a run trained with attention_impl='cudnn')."""
     cfg = get_variant("tiny", sliding_window=5)
     params = _unbox(model_fns(cfg)[0](jax.random.PRNGKey(0)))
     batch = _batch(cfg, B=2, T=32, packed=True)
     probs = []
-    for c in (cfg, cfg.replace(attention_impl="flash", flash_block=8)):
+    for c in (cfg, cfg.replace(attention_impl=impl, flash_block=8)):
         from flaxlm.models.transformer import Transformer
 
         _, sown = Transformer(c).apply({"params": params}, batch["tokens"], batch["positions"],

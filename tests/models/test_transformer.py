@@ -532,3 +532,28 @@ def test_rms_norm_in_bf16_rounds_as_llama_does():
             want = x32.astype(jnp.bfloat16) * scale.astype(jnp.bfloat16)
         assert out.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+
+
+def test_forward_takes_nested_lists_and_names_bad_tokens():
+    """A notebook's `forward(cfg, params, ids)` with one flat list, float ids, or an id past
+    the embedding (NaN logits) or below 0 (wrapped: another token's logits), silently."""
+    from flaxlm.models import hf
+    from flaxlm.models.transformer import forward
+
+    cfg = get_variant("tiny")
+    _, params, tokens = _init(cfg, B=1, T=5)
+    ids = np.asarray(tokens).tolist()
+    want = forward(cfg, params, tokens)
+    np.testing.assert_array_equal(forward(cfg, params, ids), want)
+    for fwd in (forward, hf.forward):
+        with pytest.raises(ValueError, match=r"got shape \(5,\): one sequence is \[ids\]"):
+            fwd(cfg, params, ids[0])
+        with pytest.raises(TypeError, match="tokens must be integer ids, got float32"):
+            fwd(cfg, params, np.asarray(ids, np.float32))
+        for bad in (cfg.vocab_size, -1):
+            with pytest.raises(ValueError, match=f"token id {bad} is outside the model's "
+                               rf"vocabulary \(0\.\.{cfg.vocab_size - 1}\)"):  # fmt: skip
+                fwd(cfg, params, [[3, bad, 4]])
+    # under jit the ids are not looked at (no host sync in a compiled program)
+    jitted = jax.jit(lambda p, t: forward(cfg, p, t))
+    np.testing.assert_allclose(jitted(params, tokens), want, rtol=1e-6, atol=1e-6)
