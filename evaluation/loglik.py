@@ -52,6 +52,7 @@ import dataclasses
 import functools
 import logging
 import math
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -133,6 +134,7 @@ class LoglikScorer:
                     f"(got {len(ctx)} and {len(cont)}); prepend BOS to an empty context"
                 )
             seq = list(ctx) + list(cont)
+            _check_ids(i, seq, self.cfg.vocab_size)
             n_cut = max(0, len(seq) - (self.max_len + 1))
             rows.append((seq[n_cut:], min(len(cont), len(seq) - n_cut - 1), n_cut > 0))
         if any(r[2] for r in rows):
@@ -178,6 +180,35 @@ class LoglikScorer:
             return fetch(self._fn(self.params, b["tokens"], b["targets"], b["mask"]))
 
 
+def _check_ids(i: int, seq, vocab_size: int) -> None:
+    """Refuses request `i`'s token ids unless they are integers in [0, vocab_size), on the host
+    before anything reaches the device: the embedding lookup would wrap a negative id around and
+    read NaN or garbage past the table, and a score from either looks like any other."""
+    ids = np.asarray(seq)
+    if ids.dtype.kind not in "iu":  # (floats would be cast to ids silently; bools too)
+        raise TypeError(f"request {i}: token ids must be integers, got dtype {ids.dtype}")
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+        raise ValueError(
+            f"request {i}: token id {int(ids[bad[0]])} at position {int(bad[0])} of its context +"
+            f" continuation is outside the model's vocabulary [0, vocab_size={vocab_size})"
+        )
+
+
+def _texts_arg(texts, where: str, name: str, hint: str = "") -> list[str]:
+    """`texts` as a list of strings. A bare string is refused: iterated, it is a list of
+    one-character documents (or choices), scored without any error."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(
+            f"{where}: {name} must be a list of strings, got a {type(texts).__name__}{hint}"
+        )
+    texts = list(texts)  # (a generator would be used up by the first pass over it)
+    for j, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{where}: {name}[{j}] must be a string, got {type(t).__name__}")
+    return texts
+
+
 def split_continuation(tok, context: str, continuation: str, *, bos: bool = True):
     """(context ids, continuation ids) of `context + continuation`, split at a token boundary.
 
@@ -220,7 +251,8 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
         (evaluation/chat_answer.py; its closing stop id not scored).
       choices: per question, the choice texts (their lengths without leading whitespace
         normalise acc_norm / acc_byte; see the module docstring).
-      answers: per question, the index of the correct choice.
+      answers: per question, the index of the correct choice (an int in [0, its choices); any
+        other value is a ValueError naming the question, not a question scored wrong).
     Returns:
       (metrics, samples): metrics acc, acc_norm, acc_byte, acc_token (means), truncated (a
       count; see the module docstring) and n; one sample per question with the per-choice
@@ -228,10 +260,23 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
     """
     # (A stand-in scorer without max_len, as in tests of the metric logic, cuts nothing here.)
     limit = getattr(scorer, "max_len", math.inf) + 1
+    if isinstance(choices, (str, bytes)):
+        raise TypeError("multiple_choice: choices must hold one list of choice texts per "
+                        f"question, got a {type(choices).__name__}")  # fmt: skip
+    choices = [_texts_arg(chs, "multiple_choice", f"choices[{q}]") for q, chs in enumerate(choices)]
+    answers = list(answers)
     flat, cut_questions, n_long = [], [], 0
-    for reqs, chs in zip(requests, choices, strict=True):
+    for q, (reqs, chs, gold) in enumerate(zip(requests, choices, answers, strict=True)):
         if len(reqs) != len(chs):
-            raise ValueError(f"{len(reqs)} requests for {len(chs)} choices")
+            raise ValueError(f"question {q}: {len(reqs)} requests for {len(chs)} choices")
+        # An answer outside the choices would never equal a prediction: acc 0, silently.
+        try:
+            ok = not isinstance(gold, bool) and 0 <= operator.index(gold) < len(chs)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"question {q}: answer {gold!r} is not a choice index in "
+                             f"[0, {len(chs)}) ({len(chs)} choices)")  # fmt: skip
         # One left cut for the whole question (what its longest choice needs), so the choices
         # are scored after the same context (at least its last token); a continuation longer
         # than max_len alone is then cut by the scorer (its first tokens become context).
@@ -250,6 +295,7 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
     samples, hits = [], {k: [] for k in ("acc", "acc_norm", "acc_byte", "acc_token")}
     n_truncated = 0
     for reqs, chs, gold, cut_q in zip(requests, choices, answers, cut_questions, strict=True):
+        gold = operator.index(gold)  # (a numpy int in, a plain int in the samples)
         sc = [next(scores) for _ in reqs]
         lp = [s.logprob for s in sc]
         ntok = [s.n_tokens for s in sc]
@@ -296,8 +342,10 @@ def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bo
     to it) `stride` apart (0 = max_len). Returns nll (mean per token over all documents
     together, nats: long documents weigh more), ppl = exp(nll),
     bits_per_byte, tokens (scored), bytes, docs, and the max_len, stride and windows used.
-    Raises ValueError when no text has a token to score (nll would be 0/0).
+    Raises ValueError when no text has a token to score (nll would be 0/0), TypeError when
+    `texts` is not a list of strings (a bare string would be scored as one-character documents).
     """
+    texts = _texts_arg(texts, "perplexity", "texts", "; pass [text] to score one document")
     max_len = min(max_len or scorer.max_len, scorer.max_len)
     head = prefix_ids(tok) if bos else []
     tail = []

@@ -10,7 +10,9 @@ run resumes with.
 
 from __future__ import annotations
 
+import glob
 import logging
+import operator
 import os
 
 import jax
@@ -32,15 +34,17 @@ log = logging.getLogger("flaxlm")
 
 def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
     """(step, meta) of a run's checkpoint without loading arrays (latest step by default)."""
+    step = _step_arg(step, "read_meta")
     mgr = ocp.CheckpointManager(
         os.path.join(os.path.abspath(ckpt_dir), "checkpoints"),
         options=_read_only_options(),
         item_names=("state", "data", "meta"),
     )
-    step = mgr.latest_step() if step is None else step
-    if step is None:
+    latest = mgr.latest_step()
+    if latest is None:  # (a step asked for is not there either: say what the directory is)
         mgr.close()
-        raise CheckpointError(f"no checkpoint under {ckpt_dir}/checkpoints")
+        raise CheckpointError(f"no checkpoint under {ckpt_dir}/checkpoints{_not_a_run(ckpt_dir)}")
+    step = latest if step is None else step
     _require_step(mgr, str(mgr.directory), step)
     try:
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -53,6 +57,51 @@ def read_meta(ckpt_dir: str, step: int | None = None) -> tuple[int, dict]:
     finally:
         mgr.close()
     return step, located_tokenizer(dict(meta), ckpt_dir)
+
+
+def _step_arg(step, where: str) -> int | None:
+    """`step` as an int (None stays None): anything `operator.index` takes but a bool. A str or
+    a float is refused, naming the argument: "50" was looked up as no step ("there is no step
+    50; steps there: [50]") and 50.0 as a directory "50.0"."""
+    if step is None:
+        return None
+    if not isinstance(step, bool):
+        try:
+            return operator.index(step)
+        except TypeError:
+            pass
+    integral = (isinstance(step, str) and step.strip().isdecimal()) or (
+        isinstance(step, float) and step.is_integer()
+    )
+    hint = f"; pass int({step!r})" if integral else ""
+    raise TypeError(f"{where}: step={step!r} must be an int or None, not a "
+                    f"{type(step).__name__}{hint}")  # fmt: skip
+
+
+def _not_a_run(path: str) -> str:
+    """A hint when `path`, which holds no checkpoint, is something else a reader may be pointed
+    at: a Hugging Face directory, or a run's checkpoints/ (or step) directory; "" otherwise."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "config.json")) and glob.glob(
+        os.path.join(glob.escape(path), "*.safetensors*")
+    ):
+        return (
+            f"; {path} is a Hugging Face checkpoint directory (config.json, *.safetensors), not "
+            "a flaxlm run: load it with flaxlm.models.hf.load_pretrained(dir), or make it a run "
+            "with python -m flaxlm.models.hf import DIR RUN_DIR"
+        )
+    parent, name = os.path.split(path)
+    if name.isdecimal() and os.path.basename(parent) == "checkpoints":
+        run = os.path.dirname(parent)
+        return f"; {path} is a step directory: pass the run directory {run} and step={int(name)}"
+    steps = os.path.isdir(path) and any(
+        d.isdecimal() and os.path.isdir(os.path.join(path, d, "meta")) for d in os.listdir(path)
+    )  # (step directories: digits holding a meta item)
+    if name == "checkpoints" or steps:
+        return (
+            f"; {path} looks like a run's checkpoints/ directory: pass the run directory {parent}"
+        )
+    return ""
 
 
 def run_steps(run_dir: str) -> list[int]:
@@ -132,6 +181,7 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
     leaf read once, in the target's dtype; a step without an EMA is an error. `key`: what the
     errors name as the reader ("init_from", "distill.teacher=RUN", ...).
     """
+    step = _step_arg(step, key)
     directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
     mgr = ocp.CheckpointManager(
         directory,
@@ -139,10 +189,11 @@ def load_params(run_dir: str, target_params, step: int | None = None, ema: bool 
         item_names=("state", "data", "meta"),
     )
     latest = step is None
-    step = mgr.latest_step() if step is None else step
-    if step is None:
+    newest = mgr.latest_step()
+    if newest is None:
         mgr.close()
-        raise CheckpointError(f"{key}: no checkpoint under {directory}")
+        raise CheckpointError(f"{key}: no checkpoint under {directory}{_not_a_run(run_dir)}")
+    step = newest if step is None else step
     _require_step(mgr, directory, step)
     path = f"{directory}/{step}"
 
@@ -297,7 +348,8 @@ def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema
     The model config comes from the checkpoint's meta, so nothing else is needed. Params are
     placed replicated on one device unless a mesh (and logical-axis rules) is given. Any language
     model run loads: plain, LoRA (adapters merged) or PPO (its policy); a reward-model run is
-    refused. `ema`: the run's EMA weights instead (`load_params`).
+    refused. `ema`: the run's EMA weights instead (`load_params`). A Hugging Face directory or
+    a run's checkpoints/ directory is refused (CheckpointError) with what to read it with.
     """
     import flax.linen as nn
     import jax.numpy as jnp
@@ -307,6 +359,7 @@ def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema
     from flaxlm.train import checkpoint  # imports this module
     from flaxlm.train.state import unbox
 
+    step = _step_arg(step, "load_model")  # (named here: read_meta's error would name read_meta)
     step, meta = checkpoint.read_meta(run_dir, step)  # the facade's: tests patch it there
     if "model_config" not in meta:
         raise CheckpointError(
