@@ -359,3 +359,26 @@ def test_bad_input(target):
     with pytest.raises(ValueError, match="draft's vocab"):
         speculative_generate(cfg, params, small, random_params(small), PROMPTS,
                              max_new_tokens=4, rng=KEY)  # fmt: skip
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_one_new_token_is_the_prefills_and_equals_generate(target, lookup):
+    """max_new_tokens=1: the prefill's token alone, no draft iteration (the loop starts at
+    token 1), greedy and sampled, as `generate` gives it."""
+    cfg, params = target
+    dcfg, dparams = _near_draft(cfg, params, 0.1)
+    for temperature in (0.0, 0.8):
+        want = jax.device_get(generate(cfg, params, PROMPTS, max_new_tokens=1, rng=KEY,
+                                       temperature=temperature))  # fmt: skip
+        if lookup:
+            out = prompt_lookup_generate(cfg, params, PROMPTS, max_new_tokens=1, rng=KEY,
+                                         temperature=temperature, draft_tokens=3)  # fmt: skip
+        else:
+            out = speculative_generate(cfg, params, dcfg, dparams, PROMPTS, rng=KEY,
+                                       max_new_tokens=1, temperature=temperature,
+                                       draft_tokens=3)  # fmt: skip
+        out = jax.device_get(out)
+        np.testing.assert_array_equal(out.tokens, want.tokens)
+        np.testing.assert_allclose(out.logprobs, want.logprobs, atol=1e-5)
+        np.testing.assert_array_equal(out.lengths, [1, 1, 1])
+        np.testing.assert_array_equal(out.iterations, [0, 0, 0])
