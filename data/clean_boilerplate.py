@@ -5,7 +5,8 @@ newsletter", a line that is only "Read more"), never by a single word ("cookie",
 and prose-like phrases ("privacy policy", "JavaScript is disabled") only on short lines
 (C4-style line cleaning), log-in and sign-up links only on navigation-like lines (a few words,
 or links separated by '|' or '»'). Separator lines (one symbol repeated: "-----", "* * *") go
-too; other lines of symbols (code such as "});", table rows "|---|---|", emoji) stay.
+too; other lines of symbols (code such as "});", ">>>", "~~~", table rows "|---|---|", emoji)
+stay.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ _STUB_LINE_RE = re.compile(
 # its closing lines ("  });"), markdown tables their separator row ("|---|---|") and a line of
 # emoji went too ("🎉🎉🎉"). Never brackets, '|', quotes or backticks (code: '"""', closing
 # fences), nor other symbols of category So (emoji, dingbats) but box drawing U+2500-257F.
+# Nor '~' (markdown's other code fence, "~~~"), '<', '>' or '.': Python's empty prompt lines
+# ">>>" and "..." are code, and went from every interpreter session in a tutorial.
 _SYMBOL_LINE_RE = re.compile(r"([^\w\s]|_)(?:\s*\1){2,}")
-_NOT_SEPARATOR = frozenset("|\"'`")
+_NOT_SEPARATOR = frozenset("|\"'`~<>.")
 
 
 def _is_separator_line(line: str) -> bool:

@@ -533,9 +533,12 @@ def format_report(r: dict) -> str:
         for reason, exs in sorted(s.get("examples", {}).items()):
             lines.append(f"- **{s['stage']} / {reason}**")
             lines += [f"  - {e}" for e in exs]
-    pii = next((s.get("pii_redacted") for s in r["stages"] if s["stage"] == "clean"), None)
-    if pii:
+    clean = next((s for s in r["stages"] if s["stage"] == "clean"), {})
+    if pii := clean.get("pii_redacted"):
         lines += ["", "PII redacted: " + ", ".join(f"{k}: {v}" for k, v in sorted(pii.items()))]
+    if stripped := clean.get("boilerplate_lines_stripped"):  # (report.json only, before)
+        why = "navigation, cookie notices, separator lines; clean.strip_boilerplate_lines"
+        lines += ["", f"Boilerplate lines stripped from kept documents: {stripped} ({why})"]
     lines += _decontam_lines(next((s for s in r["stages"] if s["stage"] == "dedup"), {}))
     return "\n".join(lines) + "\n"
 

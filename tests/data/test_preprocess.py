@@ -87,6 +87,11 @@ def test_cli_end_to_end_with_trained_tokenizer(tmp_path, inputs):
     md = open(f"{out}/report.md").read()
     assert "| dedup |" in md and "near_duplicate: 1" in md and "in.jsonl:" in md
     assert json.load(open(f"{out}/report.json"))["documents_out"] == 54
+    # report.md states the boilerplate lines line cleaning stripped (report.json only, before)
+    stages = [{**s, "boilerplate_lines_stripped": 3} if s["stage"] == "clean" else s
+              for s in rep["stages"]]  # fmt: skip
+    md = preprocess.format_report({**rep, "stages": stages})
+    assert "Boilerplate lines stripped from kept documents: 3 (" in md
 
     # The loader reads the token shards (tokenizer found beside them) ...
     cfg = pipeline.data_config()
