@@ -21,6 +21,13 @@ eps = 0, a negative clip_norm or weight_decay, a wrong type) is an error naming 
 Weight decay applies to every weight but norm scales and biases (leaves named "scale" / "bias":
 `decay_mask`), whatever their shape, and is decoupled: each step subtracts lr(t)·weight_decay·w
 (adafactor too; sgd adds it to the gradient, so its momentum carries it).
+Clipping takes the global norm over every trainable leaf in float32 (`clip_by_global_norm32`):
+optax's sums in the leaves' dtype, and with bfloat16 weights (so bfloat16 gradients) one large
+leaf swallowed the small ones after it, a norm of 1.127 read as 1.0 and went unclipped.
+A moment decay the optimizer state's dtype cannot carry is refused, naming its key, when the
+state is made (`_refuse_frozen_moments`): kept in bfloat16 (bfloat16 weights: Adam's second
+moment always, the first unless `opt.mu_dtype` says otherwise), β·m rounds back to m once
+1 − β is near bfloat16's rounding step, so a moment at b2 = 0.999 froze at 2.3× its value.
 Gradient accumulation is not an optax wrapper: train/step.py scans over micro-batches, so one
 call is one optimizer update and memory holds one micro-batch of activations (exact but for a
 mixture of experts' load-balancing loss: `loss_and_grads`).
@@ -194,6 +201,69 @@ def _mu_dtype(cfg):
     return dtype
 
 
+def clip_by_global_norm32(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm with the norm summed in float32 and each leaf scaled in float32
+    (then cast back): optax sums the squares in the leaves' dtype, so with bfloat16 gradients
+    1 + 0.0009 stayed 1 — one leaf of norm 1 and 300 of norm 0.03 (norm 1.127) were not clipped
+    at 1.0 — and the norm kept 3 digits (the tiny model's gradients clipped to 1.0 came out
+    0.3% over). Float32 leaves get optax's arithmetic exactly, and the same empty state."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), updates))
+
+        def clip(t):
+            scaled = ((t.astype(jnp.float32) / norm) * max_norm).astype(t.dtype)
+            return jnp.where(norm < max_norm, t, scaled)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def _refuse_frozen_moments(tx, cfg, mu_dtype):
+    """`tx`, its init refusing a moment decay β that the moment's dtype cannot carry: each step
+    must move m by more than two of its rounding steps (1 − β > 2·eps of the dtype), or
+    β·m rounds back to m. The moments live in the weights' dtype (Adam's second moment always,
+    the momenta unless `opt.mu_dtype` names one), so bfloat16 weights are what trips it: a
+    bfloat16 moment replayed over 300 squared gradients of 1 then 700 of 0.01 froze at 2.3×
+    the float64 value at β = 0.999 (the RL configs' b2) and ran 27% low at 0.99; at 0.95 it
+    is within 2%. bfloat16 allows β <= 0.984; float32 any β < 1 - 2.4e-7."""
+    # (key, β, whether opt.mu_dtype sets the moment's dtype) of each decaying state kept
+    moments = {
+        "adamw": [("b1", cfg.b1, True), ("b2", cfg.b2, False)],
+        "muon": [("b1", cfg.b1, True), ("b2", cfg.b2, False),
+                 ("muon_momentum", cfg.get("muon_momentum", 0.95), True)],
+        "lion": [("b2", cfg.b2, True)],  # (b1 only mixes this step's sign)
+        "sgd": [("b1", cfg.b1, True)],
+    }.get(cfg.name, [])  # fmt: skip
+
+    def init(params):
+        dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params)}
+        for key, beta, follows_mu in moments:
+            kept = {mu_dtype if follows_mu and mu_dtype else d for d in dtypes}
+            for dtype in sorted(kept, key=str):
+                if not jnp.issubdtype(dtype, jnp.floating):
+                    continue
+                limit = 1 - 2 * float(jnp.finfo(dtype).eps)
+                if beta > limit:
+                    if follows_mu and mu_dtype:
+                        where, fix = "opt.mu_dtype", "set opt.mu_dtype='float32'"
+                    else:
+                        where = "the weights' dtype (model.param_dtype)"
+                        fix = "keep the weights in float32 (model.param_dtype='float32')" + (
+                            " or set opt.mu_dtype='float32'" if follows_mu else ""
+                        )
+                    raise ValueError(
+                        f"opt.{key}={beta!r} is a decay a {dtype} moment cannot carry (β·m rounds "
+                        f"back to m; it must be <= {limit:.4g} in {dtype}): that moment is kept "
+                        f"in {where}; lower opt.{key}, or {fix}"
+                    )
+        return tx.init(params)
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
+
+
 def make_optimizer(cfg, total_steps: int, trainable_mask=None):
     """Builds (tx, schedule) from the `opt` config section.
 
@@ -246,7 +316,8 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
         )
     else:
         raise ValueError(f"opt.name={name!r}; expected adamw | lion | adafactor | sgd | muon")
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    base = _refuse_frozen_moments(base, cfg, mu_dtype)
+    parts = [clip_by_global_norm32(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     tx = optax.chain(*parts, base)
     if trainable_mask is not None:
 
