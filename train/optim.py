@@ -3,7 +3,10 @@
     tx, schedule = make_optimizer(config.opt, total_steps)
 
 Optimizers: adamw | lion | adafactor | sgd | muon (Muon for the layers' matrices, AdamW for the
-rest: train/muon.py). Schedules (after a linear warmup from 0 that peaks at lr on update
+rest: train/muon.py). Adafactor is optax's with its defaults (updates relative to each weight's
+RMS, its own update clipping at 1.0, decay rate 0.8; b1, b2 and eps unused), so its `opt.lr`
+is a relative step: a weight of RMS 0.02 moves ~50x less than under AdamW at the same lr.
+Schedules (after a linear warmup from 0 that peaks at lr on update
 warmup_steps):
     cosine    cosine decay to lr·final_lr_frac
     linear    linear decay to lr·final_lr_frac
