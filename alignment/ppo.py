@@ -35,7 +35,10 @@ Conventions (tests/alignment/test_losses_reference.py checks each against its fo
 response's end is terminal (V = 0 after its last token) whether it stopped or ran out of
 tokens, as in TRL; whitening uses the population variance over the rollout's valid response
 tokens; `clipfrac` counts tokens with |ρ − 1| > ε (OpenAI baselines), a superset of those where
-the clipped term is the active one (TRL's count).
+the clipped term is the active one (TRL's count); `approx_kl` is the k2 estimator
+mean_t ½(log π − log π_old)² of KL(π_old‖π) (OpenAI baselines, TRL), `vf_clipfrac` the share of
+tokens where the clipped squared error is the larger. A fixed β (`kl_target` = 0) is always
+`ppo.kl_coef`, also on a resume; an adaptive one continues from the checkpoint's value.
 
 Why one TrainState with params {"policy": LM, "value": scalar-head model}: the loop and the step
 own exactly one state, so the critic's update rides in the same jitted step and checkpoint as
@@ -262,11 +265,21 @@ def check_settings(config) -> None:
         "kl_target": (lambda x: x >= 0, ">= 0 (0 = a fixed β)"),
         "kl_horizon": (lambda x: x > 0, "> 0 (sequences)"),
         "vf_coef": (lambda x: x >= 0, ">= 0"),
+        # (the loss is … − ent_coef·H: a negative weight would be an entropy penalty)
+        "ent_coef": (lambda x: x >= 0, ">= 0 (the entropy bonus's weight; 0 = none)"),
     }
     for key, (ok, what) in checks.items():
         v = p[key]
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
             raise ValueError(f"ppo.{key}={v!r} must be {what}")
+        # (inf passed ">= 0"; kl_coef=inf gave −inf·0 = NaN rewards: every advantage NaN)
+        if not np.isfinite(v):
+            raise ValueError(f"ppo.{key}={v!r} must be finite")
+    # The adaptive controller multiplies β by (1 + e·n/horizon): from 0 it stays 0, so
+    # kl_target > 0 with kl_coef = 0 trained with no KL penalty at all, the target unread.
+    if p.kl_target > 0 and p.kl_coef == 0:
+        raise ValueError(f"ppo.kl_coef={p.kl_coef!r} must be > 0 when ppo.kl_target > 0 (the "
+                         "adaptive β is multiplied each rollout: from 0 it stays 0)")  # fmt: skip
 
 
 class PPOSource(RolloutSource):
@@ -356,7 +369,11 @@ class PPOSource(RolloutSource):
 
     def set_state(self, st: dict) -> None:
         super().set_state(st)
-        self.kl.value = float(st.get("kl_coef", self.kl.value))
+        # An adaptive β is the controller's state and continues; a fixed one (kl_target = 0) is
+        # the config's ppo.kl_coef, so a resume with another value uses it (restoring the
+        # checkpoint's kept the old β while the loop reported the key as changed).
+        if self.kl.target > 0:
+            self.kl.value = float(st.get("kl_coef", self.kl.value))
 
 
 # ---------------------------------------------------------------------------------------------

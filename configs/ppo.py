@@ -49,8 +49,10 @@ def ppo_config() -> ml_collections.ConfigDict:
     c.clip = 0.2  # ε > 0 of the clipped policy ratio
     c.value_clip = 0.2  # ε_V > 0 of the clipped value loss (a large ε_V turns clipping off)
     c.vf_coef = 0.1  # weight of the value loss in the combined loss
-    c.ent_coef = 0.0  # weight of the entropy bonus
-    c.kl_coef = 0.05  # β of the per-token KL penalty (initial value when adaptive)
+    c.ent_coef = 0.0  # weight >= 0 of the entropy bonus (0 = none)
+    # β >= 0 of the per-token KL penalty. Adaptive (kl_target > 0): the initial value (> 0),
+    # continued from the checkpoint on a resume; fixed: this value, also on a resume.
+    c.kl_coef = 0.05
     c.kl_estimator = "k1"  # k1 (log-ratio) | k3 ((r − 1) − log r, always >= 0)
     c.kl_target = 0.0  # > 0: adapt β toward this per-sequence KL (Ziegler et al.); 0 = fixed β
     c.kl_horizon = 10000  # horizon (sequences) of the adaptive β controller
