@@ -22,7 +22,7 @@ uses the sequence sums for every reference-based type — IPO included, as in th
 (TRL length-normalises IPO's log-probabilities instead); `hinge` is SLiC's calibration hinge
 on the reference-normalised h with margin 1/β (RSO's form, TRL's "hinge"), not SLiC-HF's raw
 log-likelihood hinge; ε is read by conservative and robust only (TRL folds cDPO into its
-sigmoid loss; here it is `loss_type=conservative`).
+sigmoid loss; here it is `loss_type=conservative`), and ε ≠ 0 with another type is refused.
 
 SimPO and ORPO are reference-free and length-normalised: they need each response's token count
 |y| (`chosen_lengths`, `rejected_lengths`), which the loss reads off the batch's loss mask; ORPO's
@@ -67,6 +67,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import numbers
 
 import jax
@@ -99,33 +100,52 @@ SMOOTHED = ("conservative", "robust")  # the types that read label_smoothing (ε
 
 def check_loss_settings(d, key: str = "dpo") -> None:
     """Raises on a bad loss setting of the DPO section `d`, naming the key: the loss type, and
-    ε of conservative / robust in [0, 0.5). At ε >= 0.5 the assumed labels are mostly wrong:
-    cDPO's loss is then smallest when the policy prefers the *rejected* answer (at 0.5 it is
-    flat), and robust DPO's divides by 1 − 2ε <= 0. build_task calls it before any load or
-    reference precompute (the loss, where robust was checked, is traced only after them).
-    β > 0 for every type: at 0 IPO's target 1/(2β) divided by zero and the others' losses are
-    constants (nothing trains), below 0 they prefer the rejected answers; the RPO weight
-    `sft_coef` >= 0 (below 0 it raises the chosen answers' NLL)."""
+    ε of conservative / robust in [0, 0.5). cDPO's loss is smallest at βh = log((1 − ε)/ε):
+    at ε > 0.5 that is where the policy prefers the *rejected* answer, at 0.5 at h = 0 (it
+    pulls every pair back to the reference's preference), and robust DPO's divides by
+    1 − 2ε <= 0. ε ≠ 0 with any other type is refused too: it would be ignored (TRL's sigmoid
+    loss reads it as cDPO; here that is loss_type=conservative). build_task calls it before
+    any load or reference precompute (the loss, where robust was checked, is traced only
+    after them). β > 0 and finite for every type: at 0 IPO's target 1/(2β) divided by zero and
+    the others' losses are constants (nothing trains), below 0 they prefer the rejected
+    answers, at ∞ the rewards are ±∞ (losses 0, ∞ or NaN); the RPO weight `sft_coef` finite
+    and >= 0 (below 0 it raises the chosen answers' NLL); SimPO's target margin γ
+    (`simpo_gamma`, read by simpo only) finite and >= 0 (the paper's γ > 0, 0 its ablation;
+    below 0 it asks the chosen answer to lose by up to |γ|/β per token)."""
     if d.loss_type not in LOSS_TYPES:
         raise ValueError(f"{key}.loss_type={d.loss_type!r}; expected one of {LOSS_TYPES}")
-    if not _positive(d.beta):
+    if not (_positive(d.beta) and math.isfinite(d.beta)):
         raise ValueError(
-            f"{key}.beta={d.beta!r} must be > 0 (the scale of the implicit reward"
+            f"{key}.beta={d.beta!r} must be > 0 and finite (the scale of the implicit reward"
             f"{'; ORPO: the odds-ratio term' if d.loss_type == 'orpo' else ''})"
         )
     coef = d.get("sft_coef", 0.0)
-    if isinstance(coef, bool) or not isinstance(coef, numbers.Real) or not coef >= 0:
-        raise ValueError(f"{key}.sft_coef={coef!r} must be >= 0 (0 = off)")
+    if not (_real(coef) and 0 <= coef < math.inf):
+        raise ValueError(f"{key}.sft_coef={coef!r} must be >= 0 and finite (0 = off)")
     eps = d.get("label_smoothing", 0.0)
-    if d.loss_type in SMOOTHED and not 0.0 <= eps < 0.5:
+    if d.loss_type in SMOOTHED and not (_real(eps) and 0.0 <= eps < 0.5):
         raise ValueError(
             f"{key}.label_smoothing={eps}: {key}.loss_type={d.loss_type} needs 0 <= ε < 0.5 "
             "(the assumed label-flip rate; >= 0.5 trains towards the rejected answers)"
         )
+    if d.loss_type not in SMOOTHED and eps != 0:
+        raise ValueError(
+            f"{key}.label_smoothing={eps}: {key}.loss_type={d.loss_type} does not read it (only "
+            f"{' and '.join(SMOOTHED)} do); for cDPO set {key}.loss_type=conservative"
+        )
+    gamma = d.get("simpo_gamma", 0.0)
+    if d.loss_type == "simpo" and not (_real(gamma) and 0 <= gamma < math.inf):
+        raise ValueError(
+            f"{key}.simpo_gamma={gamma!r} must be >= 0 and finite (SimPO's target reward margin)"
+        )
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _positive(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and x > 0
+    return _real(x) and x > 0
 
 
 def _log1mexp(a):

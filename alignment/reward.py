@@ -21,6 +21,9 @@ plus accuracy per pair kind when the records carry the built-in world's meta.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +62,17 @@ def pairwise_loss(r_chosen, r_rejected, margin=None, center_coef=None, valid=Non
         loss = loss + center_coef * mean(jnp.square(r_c + r_r))
     metrics = {"accuracy": mean((diff > 0).astype(jnp.float32)), "margin": mean(diff)}
     return loss, metrics
+
+
+def check_settings(loss) -> None:
+    """Raises on a bad `loss.*` number of the reward model, naming the key; build_task calls it
+    before anything is loaded. The centering weight λ (`center_coef`) finite and >= 0: below 0
+    the term rewards large |r_c + r_r| and the loss is unbounded below (the rewards drift off
+    together, which Bradley–Terry cannot see), NaN / ∞ make every loss NaN / ∞."""
+    lam = loss.center_coef
+    real = isinstance(lam, numbers.Real) and not isinstance(lam, bool)
+    if not (real and 0 <= lam < math.inf):
+        raise ValueError(f"loss.center_coef={lam!r} must be >= 0 and finite (0 = off)")
 
 
 def _both_sides(batch) -> dict[str, jnp.ndarray]:
@@ -163,6 +177,7 @@ def load_pairs(spec: str, config, template, report: F.DataReport) -> list[dict]:
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The reward-model Task; writes data_report.json into `workdir`."""
+    check_settings(config.loss)
     tok, cfg, template = common.resolve_source(config, mesh)
     report = F.DataReport(strict=config.data.strict)
     train = load_pairs(config.data.train, config, template, report)

@@ -45,8 +45,9 @@ def dpo_config(loss_type: str = "sigmoid") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.loss_type = loss_type  # sigmoid | conservative | ipo | hinge | robust | simpo | orpo
     c.beta = common.lookup(_BETA, loss_type, "loss")  # β > 0 (ORPO: weight λ of the odds ratio)
-    c.label_smoothing = 0.1 if loss_type in ("conservative", "robust") else 0.0  # flip rate ε
-    c.simpo_gamma = 1.0  # SimPO target reward margin γ
+    # flip rate ε, read by conservative / robust only (another type refuses ε ≠ 0)
+    c.label_smoothing = 0.1 if loss_type in ("conservative", "robust") else 0.0
+    c.simpo_gamma = 1.0  # SimPO target reward margin γ >= 0 (read by simpo only)
     c.sft_coef = 0.0  # α of an added per-token NLL of the chosen response (RPO); 0 = off
     c.ref_logps = "precompute"  # precompute (once, when the task is built) | online (in the step)
     c.ref_from = ""  # reference run, its params ("" = init_from; its EMA with init_from_ema)

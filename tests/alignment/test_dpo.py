@@ -237,7 +237,7 @@ def test_ref_from_with_another_tokenizer_is_refused_before_any_load(
 
 def test_label_smoothing_of_half_or_more_is_refused_before_any_load(cache_dir):
     """dpo.loss_type=conservative with dpo.label_smoothing >= 0.5 was accepted: at ε > 0.5
-    cDPO's loss is smallest when the policy prefers the *rejected* answer (at 0.5 it is flat).
+    cDPO's loss is smallest when the policy prefers the *rejected* answer (at 0.5 at h = 0).
     robust's ε was checked only when the loss was first traced, after the reference's
     precompute. Both are refused when the task is built, naming the key, before anything is
     read (init_from names no run)."""
