@@ -101,11 +101,12 @@ def _log_window(window, meter, state, writer, summary, bar, step,
     """Writes the metrics of the steps since the last log line (one device fetch).
     `cut_at_checkpoint`: a line before its log step, at a checkpoint saved there (marked
     `"cut_at_checkpoint": true`; the next line averages the steps after it)."""
-    rec = _summarise(jax.device_get(window))
+    window, n_skipped = jax.device_get((window, state.guard["n_skipped"]))
+    rec = _summarise(window)
     if cut_at_checkpoint:
         rec["cut_at_checkpoint"] = True
     rec.update(meter.measure())
-    rec["n_skipped"] = int(jax.device_get(state.guard["n_skipped"]))
+    rec["n_skipped"] = int(n_skipped)
     mem = peak_memory_gb()
     if mem is not None:
         rec["peak_mem_gb"] = mem
