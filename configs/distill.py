@@ -97,13 +97,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_gen = eval_gen_config("builtin:sft_heldout", c.get_ref("seq_len"))
     # on-policy only: one sample per prompt, each rollout trained on once
     c.rollout = rl_common.rollout_config(batch)
+    # The RL stages' keys that distillation never reads: no rewards (empty_reward,
+    # nonstop_penalty), no held-out RL prompts (held-out data is data.eval), and the teacher's
+    # dtype is distill.teacher_dtype (frozen_dtype)
+    for key in ("empty_reward", "nonstop_penalty", "heldout_prompts", "frozen_dtype"):
+        del c.rollout[key]
     if a.on_policy:
         c.distill.on_policy = True
         c.data.train = "builtin:rl_prompts"
         rl_common.size_rollout_rows(c, seq)
     if a.text:  # pretraining's data section: packed documents, every token distilled
         c.data = data_config()
-        c.data.kind = "text"
+        c.data.kind = "text"  # stays "text": distill.py tells this section from the chat one by it
         c.data.eval_sources = ""  # held-out text ("" = the built-in world's; required with sources)
         c.data.eval_batches = 4  # held-out batches per evaluation
         c.eval_gen.sets = ""  # (no chats to answer)

@@ -72,6 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The task metric (greedy accuracy): the world's held-out questions, and the RL prompts
     # (questions that the preference pairs also ask: the trained distribution).
     c.eval_gen = eval_gen_config("builtin:sft_heldout,builtin:rl_prompts", c.get_ref("seq_len"))
+    # > 0: also the accuracy of answers sampled at this temperature, `samples` per prompt
+    # (alignment/rl_eval.py `make_policy_eval`, as the RL stages report it); 0 = greedy only
+    c.eval_gen.sample_temperature = 0.0
+    c.eval_gen.samples = 1
     c.opt.lr = lr * (10 if a.lora else 1)
     c.opt.schedule = "linear"
     c.opt.warmup_steps = max(c.total_steps // 10, 1)

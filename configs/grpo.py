@@ -40,8 +40,9 @@ Each is logged as rollout/r_<module>.<function> (rollout/r_my_rewards.numeric); 
 reward raises or is NaN is skipped and counted (rollout/bad_reward). The held-out eval's
 accuracy is exact match with the reference (alignment/sft.py `score`), not your reward.
 
-`data.eval` and `data.shuffle` are not read here: held-out prompts come from `eval_gen.sets`
-and `rollout.heldout_prompts`, and the prompts are reshuffled every epoch (by `seed`).
+`data.eval` is not read here (held-out prompts come from `eval_gen.sets` and
+`rollout.heldout_prompts`), and there is no `data.shuffle`: the prompts are reshuffled every
+epoch (by `seed`).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reward_from = ""
     c.reward_from_ema = False  # True: reward_from's EMA weights (a run with ema.decay > 0)
     c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the RL prompts
+    # no data.shuffle: the prompts are reshuffled every epoch (by `seed`), always
+    del c.data["shuffle"]
     c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)
     size_rollout_rows(c, seq)
     c.rollout.empty_reward = 0.0  # an empty answer earns what a wrong one does

@@ -15,7 +15,9 @@ Rewards rank each pair: `online.rewards` names reward functions as GRPO's `grpo.
 errors name online.rewards); the prompts are `data.train` records {"prompt", "meta"} as GRPO's
 (`exact_match` compares with meta.answer unless the record is the built-in world's). The `dpo`
 section is DPO's loss (configs/dpo.py); the reference is the `init_from` run (frozen,
-`rollout.frozen_dtype`), or the policy's frozen base under LoRA.
+`rollout.frozen_dtype`), or the policy's frozen base under LoRA. `data.eval` is not read here
+(held-out prompts come from `eval_gen.sets` and `rollout.heldout_prompts`), and there is no
+`data.shuffle`: the prompts are reshuffled every epoch (by `seed`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reward_from = ""  # a reward-model run, named "rm[:weight]" in online.rewards
     c.reward_from_ema = False  # True: reward_from's EMA weights (a run with ema.decay > 0)
     c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the prompts
+    # no data.shuffle: the prompts are reshuffled every epoch (by `seed`), always
+    del c.data["shuffle"]
     c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)
     size_rollout_rows(c, seq)
     c.rollout.empty_reward = 0.0  # an empty answer earns what a wrong one does

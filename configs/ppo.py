@@ -15,8 +15,9 @@ held-out: chats or prompts with meta.answer, scored by exact match; "" = no gene
 
     --config.data.train=prompts.jsonl --config.eval_gen.sets=chat_heldout.jsonl
 
-`data.eval` and `data.shuffle` are not read here: held-out prompts come from `eval_gen.sets`
-and `rollout.heldout_prompts`, and the prompts are reshuffled every epoch (by `seed`).
+`data.eval` is not read here (held-out prompts come from `eval_gen.sets` and
+`rollout.heldout_prompts`), and there is no `data.shuffle`: the prompts are reshuffled every
+epoch (by `seed`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reward_from_ema = False  # True: reward_from's EMA weights (a run with ema.decay > 0)
     c.model = common.model_config(a.variant)  # unused: the architecture comes from init_from
     c.data = align.data_config("builtin:rl_prompts", "")  # data.train: the RL prompts
+    # no data.shuffle: the prompts are reshuffled every epoch (by `seed`), always
+    del c.data["shuffle"]
     c.rollout = rollout_config(rbatch)  # generation and bad-input policy (alignment/rl_common)
     c.rollout.epochs = 2  # PPO epochs over each rollout
     size_rollout_rows(c, seq)

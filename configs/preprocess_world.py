@@ -25,13 +25,13 @@ def get_config(arg=None):
     c.clean.min_alpha_words = 0.3  # arithmetic drills are mostly numbers
     c.clean.max_symbol_ratio = 0.05  # but '#' banners are noise
     c.clean.max_top_ngram_char_frac = (0.4, 0.35, 0.3)  # drills repeat their templates
-    c.clean.max_dup_ngram_char_frac = (0.6,) * 6
+    c.clean.max_dup_ngram_char_frac = (0.6,) * 6  # text in repeated 5..10-grams: templates again
     c.dedup.threshold = 0.7  # the world's near-duplicates are ≥ 0.75 word-5-gram Jaccard
     # Held-out text comes from the same templates, so shared 13-grams are expected: flag them
     # (counted in the report) rather than drop facts the evaluation asks about.
     c.dedup.decontam_mode = "flag"
     c.train_tokenizer_vocab = 2048  # SentencePiece BPE with byte fallback and chat tokens
-    c.shard_docs = 1000
-    c.batch_docs = 256
+    c.shard_docs = 1000  # documents per ArrayRecord shard (the world's corpus: several, not one)
+    c.batch_docs = 256  # documents per processing batch (memory holds one)
     c.lock()
     return c
