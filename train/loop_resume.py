@@ -108,7 +108,9 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
     """Logs each key where this run's config differs from the one checkpoint `step` was saved
     with (`saved`: its meta's `config`; None for an older checkpoint without one); returns
     {key: (checkpoint's value, this run's)} for events.jsonl. Keys the checkpoint's config lacks
-    (added to flaxlm since) are named together in one warning."""
+    (added to flaxlm since) are named together in one warning, and so are the keys this run's
+    config lacks (removed since: read by nothing here, so neither a data-order change nor
+    another result)."""
     if not isinstance(saved, dict):
         return {}
     changes = ckpt_lib.config_changes(saved, config.to_dict())
@@ -117,12 +119,18 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
             log.info("resume: %s spelled differently (checkpoint %r, this run %r): the same "
                      "paths", key, old, new)  # fmt: skip
             del changes[key]
-    data, added = [], []
+    data, added, gone = [], [], []
     for key, (old, new) in changes.items():
         if old == ckpt_lib.ABSENT and new != ckpt_lib.ABSENT:  # a key flaxlm added since the save
             added.append(f"{key}={new!r}")
             if _orders_data(key):
                 data.append(key)
+            continue
+        if new == ckpt_lib.ABSENT and old != ckpt_lib.ABSENT:
+            # a key flaxlm removed since the save (one no code read: the RL configs' data.shuffle,
+            # distillation's rollout.empty_reward): this run cannot read it, so it changes neither
+            # the data order nor the results (it was read as a changed data key)
+            gone.append(f"{key}={old!r}")
             continue
         if key == "total_steps":  # extending a run is normal; its lr schedule now spans `new`
             log.info("resume: total_steps changed from %s to %s (the lr schedule now spans "
@@ -146,6 +154,10 @@ def _report_config_changes(config, saved: dict | None, step: int) -> dict:
         log.warning("resume from step %d: %d config key(s) are new since the checkpoint was "
                     "saved (an older flaxlm), their values here apply from now on: %s", step,
                     len(added), ", ".join(added))  # fmt: skip
+    if gone:
+        log.warning("resume from step %d: %d config key(s) of the checkpoint no longer exist "
+                    "(removed from flaxlm since, or not keys of this config): nothing here reads "
+                    "them: %s", step, len(gone), ", ".join(gone))  # fmt: skip
     if data:
         log.warning("RESUME WITH A DIFFERENT DATA ORDER: %s changed since checkpoint %d: the "
                     "batches from here on are not those the checkpoint's run would have drawn "

@@ -46,3 +46,23 @@ def test_a_checkpoint_of_another_commit_is_said_on_resume(caplog, monkeypatch):
     caplog.clear()
     loop_resume._report_code_change({"flaxlm_commit": "bbbbbbbbbbbb"}, 7)
     assert not caplog.messages
+
+
+def test_keys_removed_since_the_checkpoint_are_one_warning_and_no_data_order_change(caplog):
+    """The RL configs dropped data.shuffle (prompts are reshuffled by seed whatever it says):
+    a run saved before must resume without 'RESUME WITH A DIFFERENT DATA ORDER: data.shuffle'
+    (its 'data.' prefix made a removed key read as a changed data key)."""
+    now = pretrain_config.get_config("variant=tiny")
+    saved = now.to_dict()
+    saved["data"]["shuffle_removed"] = True
+    saved["rollout"] = {"empty_reward": 0.0}
+    with caplog.at_level(logging.INFO, logger="flaxlm"):
+        changes = loop_resume._report_config_changes(now, saved, 100)
+    assert set(changes) == {"data.shuffle_removed", "rollout.empty_reward"}  # for events.jsonl
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [
+        "resume from step 100: 2 config key(s) of the checkpoint no longer exist (removed from "
+        "flaxlm since, or not keys of this config): nothing here reads them: "
+        "data.shuffle_removed=True, rollout.empty_reward=0.0"
+    ]
+    assert "DIFFERENT DATA ORDER" not in caplog.text
