@@ -53,7 +53,7 @@ def kto_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0, lora=0)
+    a = common.parse_arg(arg, variant="tiny", runlocal=False, steps=0, lora=0)
     steps, batch, seq, lr = common.lookup(_SIZES, a.variant, "variant")
     if a.runlocal:
         steps, batch, seq = min(steps, 40), min(batch, 16), min(seq, 128)

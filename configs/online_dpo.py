@@ -59,7 +59,7 @@ def online_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = common.parse_arg(arg, variant="mini", runlocal=False, steps=0, loss="sigmoid", lora=0)
+    a = common.parse_arg(arg, variant="tiny", runlocal=False, steps=0, loss="sigmoid", lora=0)
     steps, rbatch, mbatch, seq, lr = common.lookup(_SIZES, a.variant, "variant")
     if a.runlocal:
         steps, rbatch, mbatch, seq = min(steps, 16), min(rbatch, 32), min(mbatch, 8), min(seq, 96)

@@ -199,3 +199,17 @@ def test_trainer_names_a_wrong_type_before_training(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--config.total_steps=1e3" in out.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_every_stage_defaults_to_the_variant_pretraining_and_sft_default_to():
+    """The configs' docstring chain (pretrain.py:runlocal=True → sft.py → dpo.py/kto.py/grpo.py/
+    ppo.py/online_dpo.py with init_from the run before) starts no stage with another variant's
+    sizes: the preference and RL stages defaulted to mini while pretraining and SFT made tiny
+    models, so every later stage warned 'pass :variant=tiny for its sizes'."""
+    from flaxlm.configs import distill, dpo, grpo, kto, online_dpo, ppo, pretrain, reward, sft
+
+    shape = lambda m: (m.n_layers, m.d_model, m.n_heads)  # noqa: E731
+    made = shape(pretrain.get_config("runlocal=True").model)
+    for stage in (sft, reward, distill, dpo, kto, grpo, ppo, online_dpo):
+        for arg in ("runlocal=True", ""):
+            assert shape(stage.get_config(arg).model) == made, (stage.__name__, arg)
