@@ -150,7 +150,11 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
                 full, _ = F.render_prompt(prompt, template, 1 << 30, tools=tools)
                 if len(full) > max_len and d.overlength == "drop":
                     raise F.FormatError("too_long", f"{len(full)} prompt tokens > {max_len}")
-                ids, cut = F.render_prompt(prompt, template, max_len, tools=tools)
+                # Rendered again (cut to max_len) only when over it: a prompt that fits is its
+                # uncut render (fit_length cuts nothing), and rendering every prompt twice
+                # doubled the tokenizing of 1M RL prompts.
+                ids, cut = ((full, 0) if len(full) <= max_len else
+                            F.render_prompt(prompt, template, max_len, tools=tools))  # fmt: skip
         except F.FormatError as e:
             report.bad(e.reason, loc, str(e))
             continue
@@ -174,9 +178,16 @@ class PromptCursor:
         if not n:
             raise ValueError("no prompts")
         self.seed, self.epoch, self.pos = seed, 0, 0
+        self._made = (None, None)  # (epoch, its order)
 
     def _order(self):
-        return np.random.default_rng([order_seed(self.seed), self.epoch]).permutation(self.idx)
+        # The epoch's permutation, drawn once per epoch: drawn at every `take`, a rollout of a
+        # few prompts cost a permutation of all N (1M prompts: ~20 ms per rollout, N²/k over
+        # an epoch of k-prompt rollouts).
+        if self._made[0] != self.epoch:
+            rng = np.random.default_rng([order_seed(self.seed), self.epoch])
+            self._made = (self.epoch, rng.permutation(self.idx))
+        return self._made[1]
 
     def take(self, k: int) -> list[int]:
         out, order = [], self._order()

@@ -80,12 +80,12 @@ def _messages(value, fields, what: str, record: bool = False) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise FormatError("bad_messages", f"{what} is not a non-empty list of messages")
     out = []
+    # read once: a ConfigDict attribute costs ~2 us, four per message of every record
+    role_key, content_key = fields.role, fields.content
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or fields.role not in m or fields.content not in m:
-            raise FormatError(
-                "bad_messages", f"{what}[{i}] lacks {fields.role!r}/{fields.content!r}"
-            )
-        role, content = m[fields.role], m[fields.content]
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            raise FormatError("bad_messages", f"{what}[{i}] lacks {role_key!r}/{content_key!r}")
+        role, content = m[role_key], m[content_key]
         calls = m.get("tool_calls")
         if role not in (*ROLES, TOOL_ROLE):
             raise FormatError("unknown_role", f"{what}[{i}] has unknown role {role!r}")

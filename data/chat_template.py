@@ -236,6 +236,19 @@ def _needs_jinja(msgs: list[dict], tools) -> str:
     return ""
 
 
+def _default_fields():
+    """The default record field names, built once: `fields_config()` is an ml_collections
+    ConfigDict whose every setattr calls dir(), and building one per conversation was a third
+    of rendering 200k preference pairs (two conversations each). Only read here."""
+    global _DEFAULT_FIELDS
+    if _DEFAULT_FIELDS is None:
+        _DEFAULT_FIELDS = fields_config()
+    return _DEFAULT_FIELDS
+
+
+_DEFAULT_FIELDS = None
+
+
 def render_chat(
     messages: Sequence[dict],
     template: ChatTemplate | Tokenizer,
@@ -248,7 +261,7 @@ def render_chat(
     turn (without `add_generation_prompt`) or one ending in an assistant turn (with it).
     """
     t = template if isinstance(template, ChatTemplate) else ChatTemplate(template)
-    msgs = _messages(list(messages), fields_config(), "messages")
+    msgs = _messages(list(messages), _default_fields(), "messages")
     if t.jinja:
         if add_generation_prompt:
             if msgs[-1]["role"] == "assistant":

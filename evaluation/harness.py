@@ -16,6 +16,7 @@ from flaxlm.evaluation.prompts import (
     check_prompts,
     choice_text,
     encode_prompt,
+    plain_prompt,
     select_shots,
 )
 from flaxlm.evaluation.tasks import Example, TaskSpec, read_examples
@@ -55,6 +56,37 @@ def check_task(spec: TaskSpec, examples: list[Example], pool: list[Example],
         if not spec.add_eos and not any(ex.fields["text"] for ex in examples):
             raise ValueError(f"task {spec.name!r} ({spec.file}): every text is empty: no token "
                              "to score")  # fmt: skip
+
+
+def _fewshot_pool(spec: TaskSpec, examples: list[Example], limit: int | None) -> list[Example]:
+    """The rows shots are drawn from: the task's own rows when it has no `fewshot_file` and was
+    read whole (the same rows: read again, a 50k-item task was parsed and held twice), else
+    `read_examples(spec, fewshot=True)`."""
+    if not spec.num_fewshot:
+        return []
+    if not spec.fewshot_file and limit is None:
+        return examples
+    return read_examples(spec, fewshot=True)
+
+
+class _ContextOnce:
+    """A tokenizer for one question's choices whose `encode` keeps each text's ids:
+    `loglik.split_continuation` encodes the question's context once per choice, the same text
+    each time. Cached ids are returned as a copy (the caller owns its list, as with the
+    tokenizer's own)."""
+
+    def __init__(self, tok):
+        self._tok, self._ids = tok, {}
+
+    def encode(self, text: str, **kw) -> list[int]:
+        if kw:
+            return self._tok.encode(text, **kw)
+        if text not in self._ids:
+            self._ids[text] = self._tok.encode(text)
+        return list(self._ids[text])
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
 
 
 class Evaluator:
@@ -123,7 +155,7 @@ class Evaluator:
         """{"metrics", "samples", "n", "seconds", "spec"} of one task (first `limit` rows)."""
         t0 = time.perf_counter()
         examples = read_examples(spec, limit=limit)
-        pool = read_examples(spec, fewshot=True) if spec.num_fewshot else []
+        pool = _fewshot_pool(spec, examples, limit)
         if spec.type == "perplexity":
             texts = [ex.fields["text"] for ex in examples]
             try:
@@ -133,11 +165,21 @@ class Evaluator:
             except ValueError as e:
                 raise ValueError(f"task {spec.name!r} ({spec.file}): {e}") from None
             return self._result(spec, examples, metrics, [], t0)
-        prompts = [encode_prompt(spec, ex, select_shots(spec, ex, pool), self.tok, bos=self.bos)
-                   for ex in examples]  # fmt: skip
+        if spec.type == "multiple_choice" and not spec.chat:
+            # Plain multiple choice scores `split_continuation`'s ids of the prompt text: the
+            # prompt's own ids (encode_prompt) were never used, one more encoding of every
+            # few-shot context (of 50k questions) for nothing.
+            prompts = [(plain_prompt(spec, ex, select_shots(spec, ex, pool)), None)
+                       for ex in examples]  # fmt: skip
+        else:
+            prompts = [encode_prompt(spec, ex, select_shots(spec, ex, pool), self.tok,
+                                     bos=self.bos) for ex in examples]  # fmt: skip
         if spec.type == "multiple_choice":
             choices, requests = [], []
             for ex, (text, _) in zip(examples, prompts):
+                # `split_continuation` encodes the context alone for each choice: the same text
+                # c times per question; encoded once (`_ContextOnce`)
+                tok = _ContextOnce(self.tok)
                 # plain mode: after the prompt text, joined by the spec's target_delimiter
                 chs = [choice_text(spec, ex.fields, i, "" if spec.chat else text)
                        for i in range(len(ex.fields["choices"]))]  # fmt: skip
@@ -146,7 +188,7 @@ class Evaluator:
                     reqs = self._chat_choices(spec, ex, pool, chs)
                 else:
                     try:
-                        reqs = [loglik.split_continuation(self.tok, text, c, bos=self.bos)
+                        reqs = [loglik.split_continuation(tok, text, c, bos=self.bos)
                                 for c in chs]  # fmt: skip
                     except ValueError as e:
                         raise ValueError(f"{ex.source}: task {spec.name!r}: {e}") from None
