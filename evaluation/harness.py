@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from flaxlm.evaluation import generate_tasks, loglik
 from flaxlm.evaluation.prompts import (
     chat_messages,
@@ -87,6 +89,31 @@ class _ContextOnce:
 
     def __getattr__(self, name):
         return getattr(self._tok, name)
+
+
+def _compact_ids(reqs: list[tuple[list[int], list[int]]]) -> list[tuple]:
+    """One question's (context, continuation) ids as int32 arrays until they are scored: a
+    choice's context is the longest choice context's array, or a view of its start (the choices
+    of a question share their context, usually the same ids; a token that merges across the
+    boundary makes a choice's context a shorter prefix). As Python int lists each context was
+    held once per choice at ~36 bytes a token (a 50k-question 5-shot task held gigabytes).
+    Ids that do not fit an int32 (or are no integers) are left as they are, for the scorer to
+    refuse with its own message."""
+    arrays = [np.asarray(ids) for pair in reqs for ids in pair]
+    if not all(a.ndim == 1 and a.dtype.kind in "iu" and a.size for a in arrays) or any(
+        a.min() < 0 or a.max() > np.iinfo(np.int32).max for a in arrays
+    ):
+        return reqs
+    conts = [a.astype(np.int32) for a in arrays[1::2]]
+    base = max(arrays[0::2], key=len).astype(np.int32)
+    out = []
+    for ctx, cont in zip(arrays[0::2], conts):
+        n = len(ctx)
+        if n <= len(base) and np.array_equal(base[:n], ctx):
+            out.append((base if n == len(base) else base[:n], cont))
+        else:
+            out.append((ctx.astype(np.int32), cont))
+    return out
 
 
 class Evaluator:
@@ -171,6 +198,9 @@ class Evaluator:
             # few-shot context (of 50k questions) for nothing.
             prompts = [(plain_prompt(spec, ex, select_shots(spec, ex, pool)), None)
                        for ex in examples]  # fmt: skip
+        elif spec.type == "multiple_choice":  # (chat: only the readable text is used)
+            prompts = [(encode_prompt(spec, ex, select_shots(spec, ex, pool), self.tok,
+                                      bos=self.bos)[0], None) for ex in examples]  # fmt: skip
         else:
             prompts = [encode_prompt(spec, ex, select_shots(spec, ex, pool), self.tok,
                                      bos=self.bos) for ex in examples]  # fmt: skip
@@ -198,7 +228,7 @@ class Evaluator:
                             f"{ex.source}: task {spec.name!r}: choice {i} ({chs[i]!r}) gives "
                             f"{'no tokens to score' if not cont else 'an empty context'}"
                         )
-                requests.append(reqs)
+                requests.append(_compact_ids(reqs))
                 choices.append(chs)
             answers = [ex.fields["answer"] for ex in examples]
             metrics, samples = loglik.multiple_choice(self.scorer, requests, choices, answers)

@@ -125,34 +125,50 @@ class LoglikScorer:
         return min(max(_pow2_at_least(n), self.min_len), self.max_len)
 
     def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]):
-        """ContinuationScore per (context ids, continuation ids), in request order."""
-        rows = []
-        for i, (ctx, cont) in enumerate(requests):
+        """ContinuationScore per (context ids, continuation ids), in request order.
+
+        A request's ids are read where they lie (lists, or the int32 arrays `multiple_choice`
+        passes in a `TokenRequests`): only each row's length is kept across requests, and a row
+        is joined and cut to the window when its batch is filled (a task's requests are not
+        copied into a second set of Python lists first).
+        """
+        if isinstance(requests, TokenRequests):
+            get, n_req = requests.ids, len(requests)
+        else:
+            reqs = requests if isinstance(requests, (list, tuple)) else list(requests)
+            get, n_req = reqs.__getitem__, len(reqs)
+        lens = np.zeros(n_req, np.int64)  # row length after the cut (at most max_len + 1)
+        cuts = np.zeros(n_req, np.int64)  # tokens cut from the left
+        n_conts = np.zeros(n_req, np.int64)  # continuation tokens scored
+        for i in range(n_req):
+            ctx, cont = get(i)
             if len(ctx) == 0 or len(cont) == 0:
                 raise ValueError(
                     f"request {i}: context and continuation need at least one token each "
                     f"(got {len(ctx)} and {len(cont)}); prepend BOS to an empty context"
                 )
-            seq = list(ctx) + list(cont)
-            _check_ids(i, seq, self.cfg.vocab_size)
-            n_cut = max(0, len(seq) - (self.max_len + 1))
-            rows.append((seq[n_cut:], min(len(cont), len(seq) - n_cut - 1), n_cut > 0))
-        if any(r[2] for r in rows):
+            n = len(ctx) + len(cont)
+            _check_ids(i, _joined(ctx, cont), self.cfg.vocab_size)
+            n_cut = max(0, n - (self.max_len + 1))
+            lens[i], cuts[i], n_conts[i] = n - n_cut, n_cut, min(len(cont), n - n_cut - 1)
+        n_trunc = int(np.count_nonzero(cuts))
+        if n_trunc:
             log.warning(
                 "loglik: %d of %d requests are longer than max_len + 1 = %d tokens; their "
                 "context was cut from the left (ContinuationScore.truncated)",
-                sum(r[2] for r in rows), len(rows), self.max_len + 1,
+                n_trunc, n_req, self.max_len + 1,
             )  # fmt: skip
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        out: list[ContinuationScore | None] = [None] * len(rows)
+        lens_l = lens.tolist()
+        order = sorted(range(n_req), key=lambda i: -lens_l[i])
+        out: list[ContinuationScore | None] = [None] * n_req
         pos = 0
         while pos < len(order):
-            T = self.bucket(len(rows[order[pos]][0]) - 1)
+            T = self.bucket(lens_l[order[pos]] - 1)
             # Rows per batch: the largest power of two within the token budget. A bucket's last
             # batch is padded to the next power of two (not to B: with short rows B is in the
             # hundreds), so a bucket compiles a full and a tail shape.
             B = 1 << (max(1, self.batch_tokens // T).bit_length() - 1)
-            idx = [i for i in order[pos : pos + B] if self.bucket(len(rows[i][0]) - 1) == T]
+            idx = [i for i in order[pos : pos + B] if self.bucket(lens_l[i] - 1) == T]
             pos += len(idx)
             B = min(B, _pow2_at_least(len(idx)))
             if mesh := self.mesh:  # rows split over data×fsdp: a multiple of it
@@ -161,15 +177,16 @@ class LoglikScorer:
             targets = np.full((B, T), self.pad_id, np.int32)
             mask = np.zeros((B, T), np.float32)
             for r, i in enumerate(idx):
-                seq, n_cont, _ = rows[i]
-                n = len(seq) - 1
+                seq = np.asarray(_joined(*get(i)))[int(cuts[i]) :]
+                n, n_cont = len(seq) - 1, int(n_conts[i])
                 tokens[r, :n] = seq[:-1]
                 targets[r, :n] = seq[1:]
                 mask[r, n - n_cont : n] = 1.0
             self.shapes.add((B, T))
             sums, greedy = self._run(tokens, targets, mask)
             for r, i in enumerate(idx):
-                out[i] = ContinuationScore(float(sums[r]), rows[i][1], bool(greedy[r]), rows[i][2])
+                out[i] = ContinuationScore(float(sums[r]), int(n_conts[i]), bool(greedy[r]),
+                                           bool(cuts[i]))  # fmt: skip
         return out
 
     def _run(self, tokens, targets, mask):
@@ -178,6 +195,45 @@ class LoglikScorer:
         with use_mesh(self.mesh, self.rules):
             b = global_batch({"tokens": tokens, "targets": targets, "mask": mask}, self.mesh)
             return fetch(self._fn(self.params, b["tokens"], b["targets"], b["mask"]))
+
+
+def _joined(ctx, cont):
+    """context + continuation: one array when both are arrays, else one list (as before: what
+    `_check_ids` reads, so its dtype rules are unchanged for list requests)."""
+    if isinstance(ctx, np.ndarray) and isinstance(cont, np.ndarray) and ctx.dtype == cont.dtype:
+        return np.concatenate((ctx, cont))
+    return list(ctx) + list(cont)
+
+
+class TokenRequests(Sequence):
+    """(context ids, continuation ids) requests that keep the ids as given, e.g. int32 arrays
+    (a question's choices sharing one context array, a cut context a view of it). Read as a
+    sequence, each item is a (list, list) pair, as the requests were before, so any scorer
+    (a stand-in in tests) sees plain lists; `LoglikScorer.score` reads the stored ids directly
+    (`ids`) and never builds those lists."""
+
+    def __init__(self):
+        self._items: list[tuple] = []
+
+    def append(self, ctx, cont) -> None:
+        self._items.append((ctx, cont))
+
+    def ids(self, i: int) -> tuple:
+        """Request i's (context, continuation) as stored."""
+        return self._items[i]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        ctx, cont = self._items[i]
+        return _as_list(ctx), _as_list(cont)
+
+
+def _as_list(ids):
+    return ids.tolist() if isinstance(ids, np.ndarray) else ids
 
 
 def _check_ids(i: int, seq, vocab_size: int) -> None:
@@ -248,7 +304,9 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
       requests: per question, one (context ids, continuation ids) per choice — from
         `split_continuation(tok, prompt, choice)` in plain text; in chat mode the generation
         prompt's ids and the choice's ids as the chat template renders the reply in place
-        (evaluation/chat_answer.py; its closing stop id not scored).
+        (evaluation/chat_answer.py; its closing stop id not scored). Ids may be lists or 1-D
+        integer arrays: `Evaluator` passes int32 arrays, a question's choices sharing one
+        context array, which a cut only views (as lists a 5-shot question held ~185 KB).
       choices: per question, the choice texts (their lengths without leading whitespace
         normalise acc_norm / acc_byte; see the module docstring).
       answers: per question, the index of the correct choice (an int in [0, its choices); any
@@ -265,7 +323,7 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
                         f"question, got a {type(choices).__name__}")  # fmt: skip
     choices = [_texts_arg(chs, "multiple_choice", f"choices[{q}]") for q, chs in enumerate(choices)]
     answers = list(answers)
-    flat, cut_questions, n_long = [], [], 0
+    flat, cut_questions, n_long = TokenRequests(), [], 0
     for q, (reqs, chs, gold) in enumerate(zip(requests, choices, answers, strict=True)):
         if len(reqs) != len(chs):
             raise ValueError(f"question {q}: {len(reqs)} requests for {len(chs)} choices")
@@ -284,7 +342,12 @@ def multiple_choice(scorer: LoglikScorer, requests, choices, answers):
         cut = max([0, *over])
         n_long += sum(o > 0 for o in over)
         cut_questions.append(cut > 0)
-        flat += [(list(ctx)[min(cut, max(len(ctx) - 1, 0)) :], cont) for ctx, cont in reqs]
+        for ctx, cont in reqs:
+            c = min(cut, max(len(ctx) - 1, 0))
+            if isinstance(ctx, np.ndarray):  # (a view: the question's context is not copied)
+                flat.append(ctx[c:] if c else ctx, cont)
+            else:  # (a list as given, when not cut: a copy of every context was held too)
+                flat.append(ctx if c == 0 and isinstance(ctx, list) else list(ctx)[c:], cont)
     if n_long:
         log.warning(
             "loglik: %d of %d requests are longer than max_len + 1 = %d tokens; their "
