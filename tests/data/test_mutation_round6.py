@@ -7,6 +7,7 @@ import pytest
 from scipy.integrate import quad
 
 from flaxlm.data import dedup
+from tests.data.test_pipeline import _ListDocs
 
 # ---------------------------------------------------------------------------------------------
 # dedup
@@ -129,26 +130,7 @@ def test_an_exact_copy_of_a_contaminated_document_counts_as_a_duplicate():
 # packing
 
 
-class _ListDocs:
-    """A document iterator over a list with grain's get_state/set_state."""
-
-    def __init__(self, docs):
-        self.docs, self.i = [np.asarray(d, np.int32) for d in docs], 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.i >= len(self.docs):
-            raise StopIteration
-        self.i += 1
-        return self.docs[self.i - 1]
-
-    def get_state(self):
-        return {"next_index": self.i}
-
-    def set_state(self, st):
-        self.i = int(st["next_index"])
+# (_ListDocs: the list-backed document iterator of test_pipeline.py)
 
 
 def test_a_resume_where_another_document_of_the_same_length_stands_starts_it_whole(caplog):
