@@ -28,9 +28,12 @@ Clipping takes the global norm over every trainable leaf in float32 (`clip_by_gl
 optax's sums in the leaves' dtype, and with bfloat16 weights (so bfloat16 gradients) one large
 leaf swallowed the small ones after it, a norm of 1.127 read as 1.0 and went unclipped.
 A moment decay the optimizer state's dtype cannot carry is refused, naming its key, when the
-state is made (`_refuse_frozen_moments`): kept in bfloat16 (bfloat16 weights: Adam's second
-moment always, the first unless `opt.mu_dtype` says otherwise), β·m rounds back to m once
-1 − β is near bfloat16's rounding step, so a moment at b2 = 0.999 froze at 2.3× its value.
+state is made (`_refuse_frozen_moments`): kept in bfloat16 (bfloat16 weights: Adam's first
+and second moments unless `opt.mu_dtype` / `opt.nu_dtype` say otherwise), β·m rounds back to
+m once 1 − β is near bfloat16's rounding step, so a moment at b2 = 0.999 froze at 2.3× its
+value. `opt.nu_dtype='float32'` keeps AdamW's second moment in float32 beside bfloat16
+weights (optax's adamw has no such option: `_nu_in`); its update is then computed in float32
+from the gradient cast up, and cast to the weights' dtype when applied.
 Gradient accumulation is not an optax wrapper: train/step.py scans over micro-batches, so one
 call is one optimizer update and memory holds one micro-batch of activations (exact but for a
 mixture of experts' load-balancing loss: `loss_and_grads`).
@@ -70,6 +73,10 @@ def opt_config() -> ml_collections.ConfigDict:
     # first-moment dtype of adamw / muon / lion, sgd's momentum ("" = param dtype; "bfloat16"
     # saves memory); adafactor keeps no first moment and refuses one
     c.mu_dtype = ""
+    # second-moment dtype of adamw / muon's AdamW ("" = param dtype). "float32" with bfloat16
+    # weights costs 2 bytes a weight and lets b2 be any decay below 1 - 2.4e-7 (a bfloat16
+    # second moment carries b2 <= 0.984 only: `_refuse_frozen_moments`)
+    c.nu_dtype = ""
     # muon (train/muon.py): momentum, Newton–Schulz steps, and the update RMS that lets lr and
     # weight_decay carry over from AdamW (Moonshot's 0.2)
     c.muon_momentum = 0.95
@@ -190,18 +197,53 @@ def _muon(cfg, schedule, mu_dtype, adam):
 def _mu_dtype(cfg):
     """`opt.mu_dtype` as a float dtype, None for "" (the parameters' dtype); anything else is
     refused naming the key, whichever optimizer is named (lion and sgd used to ignore it)."""
-    if not cfg.mu_dtype:
+    return _state_dtype(cfg, "mu_dtype")
+
+
+def _state_dtype(cfg, key):
+    """`opt.<key>` (a moment's dtype) as a float dtype, None for "" (the parameters' dtype)."""
+    value = cfg.get(key, "")
+    if not value:
         return None
     try:
-        dtype = jnp.dtype(cfg.mu_dtype)
+        dtype = jnp.dtype(value)
     except TypeError:
         dtype = None  # not a dtype name
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
-            f"opt.mu_dtype={cfg.mu_dtype!r}; expected a float dtype name such as "
+            f"opt.{key}={value!r}; expected a float dtype name such as "
             "'bfloat16' or 'float32', or '' for the parameters' dtype"
         )
     return dtype
+
+
+def _nu_in(tx, nu_dtype):
+    """`tx` (an AdamW) with every second moment (`optax.ScaleByAdamState.nu`) kept in
+    `nu_dtype`, the gradients it reads cast up to `nu_dtype` first (a bfloat16 g² alone is
+    0.4% off) and each first moment kept in the dtype it was made in (optax casts μ only when
+    given a mu_dtype: a float32 gradient would otherwise turn a bfloat16 μ float32 after the
+    first step, another state dtype than the checkpoint's and the jitted step's)."""
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+
+    def adam_states(state, fn):
+        return jax.tree.map(lambda s: fn(s) if is_adam(s) else s, state, is_leaf=is_adam)
+
+    def init(params):
+        recast = lambda s: s._replace(nu=jax.tree.map(lambda v: v.astype(nu_dtype), s.nu))  # noqa: E731
+        return adam_states(tx.init(params), recast)
+
+    def update(updates, state, params=None, **extra):
+        up = lambda g: g.astype(jnp.promote_types(g.dtype, nu_dtype))  # noqa: E731
+        updates, new = tx.update(jax.tree.map(up, updates), state, params, **extra)
+        old_mu = [s.mu for s in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(s)]
+        mus = iter(old_mu)
+
+        def keep_mu(s):
+            return s._replace(mu=jax.tree.map(lambda m, o: m.astype(o.dtype), s.mu, next(mus)))
+
+        return updates, adam_states(new, keep_mu)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def clip_by_global_norm32(max_norm: float) -> optax.GradientTransformation:
@@ -224,38 +266,41 @@ def clip_by_global_norm32(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-def _refuse_frozen_moments(tx, cfg, mu_dtype):
+def _refuse_frozen_moments(tx, cfg, mu_dtype, nu_dtype=None):
     """`tx`, its init refusing a moment decay β that the moment's dtype cannot carry: each step
     must move m by more than two of its rounding steps (1 − β > 2·eps of the dtype), or
     β·m rounds back to m. The moments live in the weights' dtype (Adam's second moment always,
-    the momenta unless `opt.mu_dtype` names one), so bfloat16 weights are what trips it: a
+    the momenta unless `opt.mu_dtype` names one, Adam's second moment unless `opt.nu_dtype`
+    does), so bfloat16 weights are what trips it: a
     bfloat16 moment replayed over 300 squared gradients of 1 then 700 of 0.01 froze at 2.3×
     the float64 value at β = 0.999 (the RL configs' b2) and ran 27% low at 0.99; at 0.95 it
     is within 2%. bfloat16 allows β <= 0.984; float32 any β < 1 - 2.4e-7."""
-    # (key, β, whether opt.mu_dtype sets the moment's dtype) of each decaying state kept
+    # (key, β, the opt key that sets the moment's dtype) of each decaying state kept
     moments = {
-        "adamw": [("b1", cfg.b1, True), ("b2", cfg.b2, False)],
-        "muon": [("b1", cfg.b1, True), ("b2", cfg.b2, False),
-                 ("muon_momentum", cfg.get("muon_momentum", 0.95), True)],
-        "lion": [("b2", cfg.b2, True)],  # (b1 only mixes this step's sign)
-        "sgd": [("b1", cfg.b1, True)],
+        "adamw": [("b1", cfg.b1, "mu_dtype"), ("b2", cfg.b2, "nu_dtype")],
+        "muon": [("b1", cfg.b1, "mu_dtype"), ("b2", cfg.b2, "nu_dtype"),
+                 ("muon_momentum", cfg.get("muon_momentum", 0.95), "mu_dtype")],
+        "lion": [("b2", cfg.b2, "mu_dtype")],  # (b1 only mixes this step's sign)
+        "sgd": [("b1", cfg.b1, "mu_dtype")],
     }.get(cfg.name, [])  # fmt: skip
+    asked = {"mu_dtype": mu_dtype, "nu_dtype": nu_dtype}
 
     def init(params):
         dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params)}
-        for key, beta, follows_mu in moments:
-            kept = {mu_dtype if follows_mu and mu_dtype else d for d in dtypes}
+        for key, beta, dtype_key in moments:
+            kept = {asked[dtype_key] or d for d in dtypes}
             for dtype in sorted(kept, key=str):
                 if not jnp.issubdtype(dtype, jnp.floating):
                     continue
                 limit = 1 - 2 * float(jnp.finfo(dtype).eps)
                 if beta > limit:
-                    if follows_mu and mu_dtype:
-                        where, fix = "opt.mu_dtype", "set opt.mu_dtype='float32'"
+                    if asked[dtype_key]:
+                        where, fix = f"opt.{dtype_key}", f"set opt.{dtype_key}='float32'"
                     else:
                         where = "the weights' dtype (model.param_dtype)"
-                        fix = "keep the weights in float32 (model.param_dtype='float32')" + (
-                            " or set opt.mu_dtype='float32'" if follows_mu else ""
+                        fix = (
+                            "keep the weights in float32 (model.param_dtype='float32') or set "
+                            f"opt.{dtype_key}='float32'"
                         )
                     raise ValueError(
                         f"opt.{key}={beta!r} is a decay a {dtype} moment cannot carry (β·m rounds "
@@ -279,6 +324,12 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
     schedule = make_schedule(cfg, total_steps)
     name = cfg.name
     mu_dtype = _mu_dtype(cfg)
+    nu_dtype = _state_dtype(cfg, "nu_dtype")
+    if nu_dtype is not None and name not in ("adamw", "muon"):
+        raise ValueError(
+            f"opt.nu_dtype={cfg.nu_dtype!r}: {name} keeps no Adam second moment (adamw and "
+            f"muon's AdamW do); set opt.nu_dtype='' with opt.name={name!r}"
+        )
     if name in ("adamw", "muon"):
         base = optax.adamw(
             schedule,
@@ -289,6 +340,8 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
             weight_decay=cfg.weight_decay,
             mask=decay_mask,
         )
+        if nu_dtype is not None:
+            base = _nu_in(base, nu_dtype)
         if name == "muon":
             base = _muon(cfg, schedule, mu_dtype, adam=base)
     elif name == "lion":
@@ -319,7 +372,7 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
         )
     else:
         raise ValueError(f"opt.name={name!r}; expected adamw | lion | adafactor | sgd | muon")
-    base = _refuse_frozen_moments(base, cfg, mu_dtype)
+    base = _refuse_frozen_moments(base, cfg, mu_dtype, nu_dtype)
     parts = [clip_by_global_norm32(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     tx = optax.chain(*parts, base)
     if trainable_mask is not None:
