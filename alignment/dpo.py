@@ -76,6 +76,7 @@ import numpy as np
 
 from flaxlm.alignment import common, rl_common, rl_eval
 from flaxlm.alignment.reward import load_pairs
+from flaxlm.config_values import is_real
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
@@ -120,10 +121,10 @@ def check_loss_settings(d, key: str = "dpo") -> None:
             f"{'; ORPO: the odds-ratio term' if d.loss_type == 'orpo' else ''})"
         )
     coef = d.get("sft_coef", 0.0)
-    if not (_real(coef) and 0 <= coef < math.inf):
+    if not (is_real(coef) and 0 <= coef < math.inf):
         raise ValueError(f"{key}.sft_coef={coef!r} must be >= 0 and finite (0 = off)")
     eps = d.get("label_smoothing", 0.0)
-    if d.loss_type in SMOOTHED and not (_real(eps) and 0.0 <= eps < 0.5):
+    if d.loss_type in SMOOTHED and not (is_real(eps) and 0.0 <= eps < 0.5):
         raise ValueError(
             f"{key}.label_smoothing={eps}: {key}.loss_type={d.loss_type} needs 0 <= ε < 0.5 "
             "(the assumed label-flip rate; >= 0.5 trains towards the rejected answers)"
@@ -134,18 +135,14 @@ def check_loss_settings(d, key: str = "dpo") -> None:
             f"{' and '.join(SMOOTHED)} do); for cDPO set {key}.loss_type=conservative"
         )
     gamma = d.get("simpo_gamma", 0.0)
-    if d.loss_type == "simpo" and not (_real(gamma) and 0 <= gamma < math.inf):
+    if d.loss_type == "simpo" and not (is_real(gamma) and 0 <= gamma < math.inf):
         raise ValueError(
             f"{key}.simpo_gamma={gamma!r} must be >= 0 and finite (SimPO's target reward margin)"
         )
 
 
-def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _positive(x) -> bool:
-    return _real(x) and x > 0
+    return is_real(x) and x > 0
 
 
 def _log1mexp(a):

@@ -69,7 +69,6 @@ import collections
 import dataclasses
 import logging
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +76,7 @@ import numpy as np
 
 from flaxlm.alignment import common, rl_common, rl_eval
 from flaxlm.alignment.dpo import RefLogps, rows_logps
+from flaxlm.config_values import is_real
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.sharding import (
@@ -349,13 +349,12 @@ def check_settings(k) -> None:
     loaded. β > 0: at 0 every loss is λ/2 whatever the policy (nothing trains), below 0 the
     value function prefers the undesirable examples; λ_D, λ_U >= 0 (a negative weight
     trains a kind of example the wrong way) and not both 0; all finite (∞ gives NaN losses)."""
-    real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)  # noqa: E731
-    if not (real(k.beta) and 0 < k.beta < math.inf):
+    if not (is_real(k.beta) and 0 < k.beta < math.inf):
         raise ValueError(
             f"kto.beta={k.beta!r} must be > 0 and finite (the scale of the implicit reward)"
         )
     for key in ("desirable_weight", "undesirable_weight"):
-        if not (real(k[key]) and 0 <= k[key] < math.inf):
+        if not (is_real(k[key]) and 0 <= k[key] < math.inf):
             raise ValueError(f"kto.{key}={k[key]!r} must be >= 0 and finite")
     if k.desirable_weight == 0 and k.undesirable_weight == 0:
         raise ValueError("kto.desirable_weight = kto.undesirable_weight = 0: no loss to train")

@@ -81,7 +81,6 @@ reward model's mean score.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import time
 
 import jax
@@ -103,6 +102,7 @@ from flaxlm.alignment.rl_rollout import (
     scoring_temperature,
     tempered,
 )
+from flaxlm.config_values import is_real
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.heads import scalar_model_fns, sequence_values
@@ -270,7 +270,7 @@ def check_settings(config) -> None:
     }
     for key, (ok, what) in checks.items():
         v = p[key]
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(v):
+        if not is_real(v) or not ok(v):
             raise ValueError(f"ppo.{key}={v!r} must be {what}")
         # (inf passed ">= 0"; kl_coef=inf gave −inf·0 = NaN rewards: every advantage NaN)
         if not np.isfinite(v):

@@ -22,13 +22,13 @@ plus accuracy per pair kind when the records carry the built-in world's meta.
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.alignment import common
+from flaxlm.config_values import is_real
 from flaxlm.data import formats as F
 from flaxlm.models import lora as lora_lib
 from flaxlm.models.heads import scalar_model_fns, sequence_values
@@ -70,8 +70,7 @@ def check_settings(loss) -> None:
     the term rewards large |r_c + r_r| and the loss is unbounded below (the rewards drift off
     together, which Bradley–Terry cannot see), NaN / ∞ make every loss NaN / ∞."""
     lam = loss.center_coef
-    real = isinstance(lam, numbers.Real) and not isinstance(lam, bool)
-    if not (real and 0 <= lam < math.inf):
+    if not (is_real(lam) and 0 <= lam < math.inf):
         raise ValueError(f"loss.center_coef={lam!r} must be >= 0 and finite (0 = off)")
 
 

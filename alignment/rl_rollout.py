@@ -80,7 +80,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import numbers
 import os
 import time
 import traceback
@@ -104,6 +103,7 @@ from flaxlm.alignment.rl_rows import (  # noqa: F401 (re-exported: the row layou
     trim_rows,
     trimmed_width,
 )
+from flaxlm.config_values import is_finite_real, is_int
 from flaxlm.data import source_fingerprint
 from flaxlm.data.chat_batches import order_seed, source_fingerprints
 from flaxlm.models import lora as lora_lib
@@ -309,26 +309,18 @@ def passthrough_stats(batch) -> dict:
 # The batch source
 
 
-def _integer(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and np.isfinite(x)
-
-
 def check_sampling(r) -> None:
     """Raises on a bad `rollout.*` pass count or sampling value, naming the key. PPO's and
     GRPO's build_task call it before anything is loaded (and `RolloutSource` again): epochs=0
     used to fail only after a whole rollout ("no rollout"), and top_p=1.5, top_k=-1, min_p=2 or
     max_new_tokens=0 at the first rollout, in `generate`'s words without the `rollout.` key."""
     checks = {
-        "epochs": (lambda x: _integer(x) and x >= 1, "an integer >= 1 (passes over a rollout)"),
-        "max_new_tokens": (lambda x: _integer(x) and x >= 1, "an integer >= 1"),
-        "temperature": (lambda x: _real(x) and x >= 0, "finite and >= 0 (0: greedy)"),
-        "top_k": (lambda x: _integer(x) and x >= 0, "an integer >= 0 (0: off)"),
-        "top_p": (lambda x: _real(x) and 0 < x <= 1, "in (0, 1] (1: off)"),
-        "min_p": (lambda x: _real(x) and 0 <= x < 1, "in [0, 1) (0: off)"),
+        "epochs": (lambda x: is_int(x) and x >= 1, "an integer >= 1 (passes over a rollout)"),
+        "max_new_tokens": (lambda x: is_int(x) and x >= 1, "an integer >= 1"),
+        "temperature": (lambda x: is_finite_real(x) and x >= 0, "finite and >= 0 (0: greedy)"),
+        "top_k": (lambda x: is_int(x) and x >= 0, "an integer >= 0 (0: off)"),
+        "top_p": (lambda x: is_finite_real(x) and 0 < x <= 1, "in (0, 1] (1: off)"),
+        "min_p": (lambda x: is_finite_real(x) and 0 <= x < 1, "in [0, 1) (0: off)"),
     }
     for key, (ok, what) in checks.items():
         if key in r and not ok(r[key]):

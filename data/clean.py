@@ -36,11 +36,11 @@ scripts), ``clean_stats`` (``DocStats``), ``clean_wordlist`` (the word-list filt
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections import Counter
 
 import ml_collections
 
+from flaxlm.config_values import is_real
 from flaxlm.data.clean_boilerplate import _is_boilerplate, strip_boilerplate  # noqa: F401
 from flaxlm.data.clean_pii import _luhn_ok, _plausible_ipv6, redact_pii  # noqa: F401
 from flaxlm.data.clean_stats import DocStats, _dup_frac, _ngram_fracs, _word_script  # noqa: F401
@@ -174,7 +174,7 @@ class Cleaner:
         if unknown:
             raise ValueError(f"clean.scripts: unknown {unknown} (known: {sorted(_SCRIPTS)})")
         per_word = self.cfg.cjk_chars_per_word
-        if isinstance(per_word, bool) or not isinstance(per_word, numbers.Real) or per_word < 1:
+        if not is_real(per_word) or per_word < 1:
             # (below 1, two rules' n-grams could round to one size)
             raise ValueError(f"clean.cjk_chars_per_word={per_word!r}: a number >= 1 expected")
 

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from flaxlm.config_values import is_real
+
 WARMUP_OFFSET = 10.0  # d = (1 + n) / (10 + n) during warmup: TF's and timm's constant
 
 
@@ -53,7 +55,7 @@ def settings(config) -> tuple[float, bool]:
     is an error naming the key."""
     section = config.get("ema") or {}
     decay, warmup = section.get("decay", 0.0), section.get("warmup", True)
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+    if not is_real(decay) or not 0 <= decay < 1:
         raise ValueError(f"ema.decay={decay!r} must be a number in [0, 1) (0 = no EMA)")
     return float(decay), bool(warmup)
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
 import os
 import signal
 import time
@@ -56,6 +55,7 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
+from flaxlm.config_values import is_int
 from flaxlm.models.sharding import (
     logical_axis_rules,
     make_mesh,
@@ -155,7 +155,6 @@ def check_cadence(config) -> None:
     negative value meant the same silently. `keep_ckpts` (0 keeps every checkpoint) < 0 failed
     in orbax's save with a traceback naming no key. `total_steps=0` trained nothing and exited
     0, looking like a finished run (the optimizer allows 0: it is built for reading as well)."""
-    is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
     keys = {"total_steps": 1, "log_every": 1, "eval_every": 0, "ckpt_every": 0,
             "guard.max_rollbacks": 0, "keep_ckpts": 0}  # fmt: skip
     for key, least in keys.items():

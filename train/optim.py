@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from flaxlm.config_values import is_int, is_real
+
 log = logging.getLogger("flaxlm")
 
 
@@ -96,8 +98,6 @@ def _check(cfg, total_steps) -> None:
             name = key if key == "total_steps" else f"opt.{key}"
             raise ValueError(f"{name}={value!r} must be {what}")
 
-    is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
-    is_real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)  # noqa: E731
     need("total_steps", lambda x: is_int(x) and x >= 0, "an integer >= 0")
     need("warmup_steps", lambda x: is_int(x) and x >= 0, "an integer >= 0")
     need("lr", lambda x: is_real(x) and x >= 0, "a number >= 0")

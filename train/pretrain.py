@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
 
 import jax
 import numpy as np
 
+from flaxlm.config_values import is_int
 from flaxlm.configs.common import to_model_config
 from flaxlm.models.config import check_trainable_dtypes, rows_past_max_seq_len
 from flaxlm.models.moe import COLLECTION as MOE_STATS
@@ -104,8 +104,7 @@ def lm_loss(apply, loss_cfg, prepare=None, moe: bool = False):
 
 def _least(key: str, value, least: int, most: int | None = None, why: str = "") -> None:
     """Refuses, naming the key, a `value` that is not an integer in [least, most]."""
-    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not (is_int and value >= least and (most is None or value <= most)):
+    if not (is_int(value) and value >= least and (most is None or value <= most)):
         what = f"an integer >= {least}" + (f" and <= {most}" if most is not None else "")
         raise ValueError(f"config: {key}={value!r} must be {what}{why}")
 

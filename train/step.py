@@ -36,7 +36,6 @@ many bad steps in a row.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Callable
 
 import jax
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from flaxlm.config_values import is_int, is_real
 from flaxlm.train import ema as ema_lib
 from flaxlm.train.state import EmaTrainState, TrainState
 
@@ -75,8 +75,6 @@ def check_guard(cfg) -> None:
     loss statistics' weight (1 − d)/(1 − d^k) 0/0: a NaN mean, and no loss ever counted as a
     spike, silently; a negative threshold, warmup or count was read as 0 or as "off",
     silently. loop.run checks before anything is built, train_step when it is traced."""
-    is_int = lambda x: isinstance(x, numbers.Integral) and not isinstance(x, bool)  # noqa: E731
-    is_real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)  # noqa: E731
     checks = {
         "skip_nonfinite": (lambda x: isinstance(x, bool), "True or False"),
         "spike_zscore": (lambda x: is_real(x) and x >= 0, "a number >= 0 (0 = off)"),

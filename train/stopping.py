@@ -39,14 +39,14 @@ first sync step.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
 import signal
 import time
 
 import jax
 import numpy as np
+
+from flaxlm.config_values import is_finite_real
 
 log = logging.getLogger("flaxlm")
 
@@ -82,8 +82,7 @@ def runtime_s() -> float:
 
 def check_max_runtime(value) -> None:
     """Refuses, naming the key, a `max_runtime_minutes` that is not a number >= 0 (0 = off)."""
-    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not (real and math.isfinite(value) and value >= 0):
+    if not (is_finite_real(value) and value >= 0):
         raise ValueError(f"config: {TIME_LIMIT}={value!r} must be a number >= 0 (0 = no limit)")
 
 
