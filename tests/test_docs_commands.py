@@ -1,6 +1,8 @@
-"""README's commands stay true to the code: every `--config.KEY` it shows is a key of a stage
-config (or of preprocessing's), every `python -m flaxlm.X` it shows is a module, and every
-`--flag` written after one is a flag that module (or a flaxlm module it imports) defines.
+"""The docs' commands stay true to the code (README, docs/CONTRIBUTING.md and bench/RESULTS.md:
+a GPU lease runs what RESULTS.md says, with no time to debug a renamed flag): every
+`--config.KEY` shown is a key of a stage config (or of preprocessing's), every
+`python -m flaxlm.X` shown is a module, and every `--flag` written after one is a flag that
+module (or a flaxlm module it imports) defines.
 
 Static, so it runs in a second: the configs are built, the CLIs are read, nothing runs. The
 commands themselves run elsewhere (the demo, the journeys, tests/test_python_api.py)."""
@@ -16,8 +18,9 @@ from flaxlm.configs import distill, dpo, grpo, kto, online_dpo, ppo, pretrain, r
 from flaxlm.data.preprocess import preprocess_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-PLACEHOLDERS = {"a.b"}  # "Any key can be overridden with `--config.a.b=value`"
+DOCS = ("README.md", "docs/CONTRIBUTING.md", "bench/RESULTS.md")
+TEXT = "\n".join(open(os.path.join(REPO, p), encoding="utf-8").read() for p in DOCS)
+PLACEHOLDERS = {"a.b"}  # README: "Any key can be overridden with `--config.a.b=value`"
 
 
 def _configs():
@@ -36,18 +39,18 @@ def _has(config, key) -> bool:
 
 
 def test_every_config_key_the_readme_shows_exists():
-    keys = {k.rstrip(".") for k in re.findall(r"--config\.([A-Za-z_][\w.]*)", README)}
-    assert len(keys) > 30, "the pattern no longer finds README's overrides"
+    keys = {k.rstrip(".") for k in re.findall(r"--config\.([A-Za-z_][\w.]*)", TEXT)}
+    assert len(keys) > 30, "the pattern no longer finds the docs' overrides"
     configs = _configs()
     missing = sorted(k for k in keys - PLACEHOLDERS if not any(_has(c, k) for c in configs))
-    assert not missing, f"README names config keys no config has: {missing}"
+    assert not missing, f"the docs name config keys no config has: {missing}"
 
 
 def _sources(module: str) -> str:
     """The module's source, its package's modules when it is a package (`python -m` runs its
     __main__), and the flaxlm modules it imports (a bench's flags live in a shared helper)."""
     spec = importlib.util.find_spec(module)
-    assert spec is not None and spec.origin, f"README runs `python -m {module}`: no such module"
+    assert spec is not None and spec.origin, f"the docs run `python -m {module}`: no such module"
     paths = [spec.origin]
     if spec.origin.endswith("__init__.py"):
         main = os.path.join(os.path.dirname(spec.origin), "__main__.py")
@@ -70,11 +73,11 @@ def _sources(module: str) -> str:
 
 
 def _commands():
-    """(module, flags, line) of each `python -m flaxlm...` in README. A comment after the
+    """(module, flags, line) of each `python -m flaxlm...` in the docs. A comment after the
     command may show more of its flags, but from a mention of another command on ("# generate
     --json files") its flags are that command's."""
     found = []
-    for line in README.splitlines():
+    for line in TEXT.splitlines():
         for m in re.finditer(r"python -m (flaxlm[\w.]*)((?:(?!python -m)[^`\n])*)", line):
             found.append((m.group(1), m.group(2), line.strip()))
     names = {module.rsplit(".", 1)[-1] for module, _, _ in found}
@@ -105,4 +108,4 @@ def test_each_module_the_readme_runs_exists_and_defines_its_flags(module):
         for flag in flags
         if f'"{flag}"' not in src and f"'{flag}'" not in src
     ]
-    assert not missing, f"README shows flags `python -m {module}` does not define: {missing}"
+    assert not missing, f"the docs show flags `python -m {module}` does not define: {missing}"
