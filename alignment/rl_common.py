@@ -104,8 +104,9 @@ def rl_run_config(c: ml_collections.ConfigDict, lr: float, runlocal: bool) -> No
     greedy and sampled accuracy (`eval_gen`, the world's held-out questions, prompts cut as
     the rollouts' — `eval_gen.max_prompt_len` follows `rollout.max_prompt_len` unless set
     itself; `rollout.heldout_prompts` RL prompts kept out), a constant learning rate after a
-    short warmup with Adam's β2 = 0.999 and no weight decay, and the evaluation / checkpoint
-    cadence."""
+    short warmup with Adam's β2 = 0.999 (its second moment in float32 whatever the weights'
+    dtype: a bfloat16 one cannot carry that decay) and no weight decay, and the evaluation /
+    checkpoint cadence."""
     c.eval_gen = eval_gen_config("builtin:sft_heldout")  # held-out greedy accuracy
     # Follows rollout.max_prompt_len, also when that is set on the command line (identity(): a
     # reference of its own, so setting eval_gen.max_prompt_len leaves the rollout's alone).
@@ -118,6 +119,10 @@ def rl_run_config(c: ml_collections.ConfigDict, lr: float, runlocal: bool) -> No
     c.opt.warmup_steps = max(c.total_steps // 20, 1)
     c.opt.weight_decay = 0.0
     c.opt.b2 = 0.999
+    # With float32 weights this is what optax keeps anyway (the same state and updates, bit
+    # for bit); with bfloat16 ones it costs 2 bytes a weight and makes b2 = 0.999 trainable
+    # (a bfloat16 second moment freezes at that decay: refused by train/optim.py).
+    c.opt.nu_dtype = "float32"
     c.eval_every = c.total_steps // 2 if runlocal else 64
     c.ckpt_every = c.total_steps if runlocal else 256
     c.log_every = 4

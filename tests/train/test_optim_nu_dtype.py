@@ -163,3 +163,31 @@ def test_a_bfloat16_run_at_b2_0999_trains_checkpoints_and_resumes_bitwise(tmp_pa
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(final)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_rl_configs_train_bfloat16_weights_at_their_b2_and_change_nothing_for_float32():
+    """The RL configs' b2 = 0.999 with a float32 second moment: bfloat16 weights are accepted
+    (refused before), and float32 weights get optax's state and updates bit for bit."""
+    from flaxlm.configs import grpo, online_dpo, ppo
+
+    rng = np.random.default_rng(0)
+    grads = [{"w": rng.normal(size=(4, 4)).astype(np.float32)} for _ in range(3)]
+    for module in (grpo, ppo, online_dpo):
+        opt = module.get_config("").opt
+        assert opt.b2 == 0.999 and opt.nu_dtype == "float32", module.__name__
+        tx, _ = make_optimizer(opt, 10)
+        state = jax.eval_shape(tx.init, {"w": jnp.zeros((4, 4), jnp.bfloat16)})
+        (adam,) = _adam_states(state)
+        assert adam.nu["w"].dtype == jnp.float32
+        plain = opt.copy_and_resolve_references()
+        plain.nu_dtype = ""
+        ref, _ = make_optimizer(plain, 10)
+        p = {"w": jnp.ones((4, 4), jnp.float32)}
+        s_new, s_ref = tx.init(p), ref.init(p)
+        for g in grads:
+            u_new, s_new = tx.update(g, s_new, p)
+            u_ref, s_ref = ref.update(g, s_ref, p)
+            np.testing.assert_array_equal(np.asarray(u_new["w"]), np.asarray(u_ref["w"]))
+        for a, b in zip(jax.tree.leaves(s_new), jax.tree.leaves(s_ref), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
