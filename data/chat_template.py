@@ -98,6 +98,9 @@ class ChatTemplate:
     """Token ids of the template for one tokenizer (see the module docstring)."""
 
     jinja = False  # JinjaChatTemplate: the tokenizer's own Jinja template
+    # content -> ids of the conversation `render_chat` last rendered for training, without a
+    # generation prompt (replaced, never mutated)
+    _recent: dict[str, list[int]] = {}
 
     def __init__(self, tok: Tokenizer):
         self.tok, self.bos_id, self.eos_id = tok, tok.bos_id, tok.eos_id
@@ -119,7 +122,13 @@ class ChatTemplate:
         return tuple(dict.fromkeys((self.end_id, self.eos_id)))
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
+        """`text`'s ids. The contents of the conversation rendered last are not tokenized again:
+        rendering a training example reads back the length of its final answer
+        (data/chat_examples.py `_final_len`) and a preference pair the length of its shared
+        prompt, which re-encoded them (a final answer was ~11% of rendering time). Keyed by the
+        text itself, so the ids are the tokenizer's whatever was rendered before."""
+        ids = self._recent.get(text)
+        return list(ids) if ids is not None else self.tok.encode(text)
 
 
 class TemplateError(ValueError):
@@ -274,8 +283,11 @@ def render_chat(
         raise TemplateError(f"{_needs_jinja(msgs, tools)} need(s) the tokenizer's own Jinja "
                             "chat template; flaxlm's template has none")  # fmt: skip
     ids, mask = list(t.prefix), [0.0] * len(t.prefix)
+    encoded: dict[str, list[int]] = {}  # becomes t._recent (`ChatTemplate.encode`)
     for m in msgs:
-        body = t.encode(m["content"]) + [t.end_id]
+        if m["content"] not in encoded:
+            encoded[m["content"]] = t.encode(m["content"])
+        body = encoded[m["content"]] + [t.end_id]
         train = 1.0 if m["role"] == "assistant" else 0.0
         ids += t.headers[m["role"]] + body
         mask += [0.0] * len(t.headers[m["role"]]) + [train] * len(body)
@@ -289,6 +301,7 @@ def render_chat(
             raise FormatError("no_assistant_turn", "conversation has no assistant turn")
         ids.append(t.eos_id)
         mask.append(0.0)
+        t._recent = encoded  # (a training render: its lengths are read back)
     return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
 
 
