@@ -167,12 +167,16 @@ def make_eval_fn(config, mesh, cfg, loss_fn, template, heldout, gen_sets, spec):
 # Task
 
 
-def load_examples(spec: str, config, template, report: F.DataReport) -> list[dict]:
+def load_examples(spec: str, config, template, report: F.DataReport, *,
+                  compact: bool = False) -> list[dict]:  # fmt: skip
+    """Rendered SFT examples of `spec`'s records. `compact` (SFT's own training and held-out
+    examples, which are only packed into rows): {"ids", "mask", "loc"} each, without the
+    record's messages, meta and tools (`render_sft`); distill's GKD mix renders prompts from
+    the messages, so the default keeps them."""
     d = config.data
     recs = common.records(spec, d, report)
-    return F.render_sft(
-        recs, template, config.seq_len, fields=d.fields, overlength=d.overlength, report=report
-    )
+    return F.render_sft(recs, template, config.seq_len, fields=d.fields,
+                        overlength=d.overlength, report=report, compact=compact)  # fmt: skip
 
 
 def gen_sets(config, template, report: F.DataReport) -> dict[str, list[dict]]:
@@ -188,13 +192,14 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The SFT Task (see the module docstring); writes data_report.json into `workdir`."""
     tok, cfg, template = common.resolve_source(config, mesh)
     report = F.DataReport(strict=config.data.strict)
-    train = load_examples(config.data.train, config, template, report)
+    # (compact: only packed into rows; generation eval reads its prompts itself, `gen_sets`)
+    train = load_examples(config.data.train, config, template, report, compact=True)
     if not train:
         raise common.no_usable(config, "examples", report)
     eval_report = F.DataReport(strict=config.data.strict)
-    heldout = (
-        load_examples(config.data.eval, config, template, eval_report) if config.data.eval else []
-    )
+    heldout = []
+    if config.data.eval:
+        heldout = load_examples(config.data.eval, config, template, eval_report, compact=True)
     # the generation sets' drops and cuts in a section of their own (a file that is both
     # data.eval and a set is read by both: one report would count its records twice)
     gen_report = F.DataReport(strict=config.data.strict)

@@ -140,8 +140,18 @@ def render_sft(
     fields=None,
     overlength: str = "truncate_left",
     report: DataReport | None = None,
+    compact: bool = False,
 ) -> list[dict]:
-    """Rendered SFT examples {"ids", "mask", "meta", "loc", "messages"}, each fitting a row.
+    """Rendered SFT examples {"ids", "mask", "meta", "loc", "messages", "tools"}, each fitting
+    a row; `compact`: {"ids" int32, "mask" bool, "loc"} only.
+
+    `compact` is for a consumer that only packs the examples into rows (SFT's training and
+    held-out batches: data/chat_batches.py `SFTBatches` reads ids, mask and, for a resume's
+    source check, loc). The record's messages, meta and tools, kept otherwise for whoever
+    renders a prompt from them again (distill's GKD mix), were most of what an example held:
+    4.9 KB for a 180-token chat, 1.4 KB without them and with a bool mask
+    (tests/data/test_sft_example_memory.py). The mask is 0/1, so as bool it places the same
+    float32 loss mask in a row; the examples and their order are the same either way.
 
     A conversation must end with an assistant turn ("no_assistant_turn" otherwise): a trailing
     user turn is never a target, and truncation keeps only the final assistant turn(s) whole,
@@ -172,8 +182,12 @@ def render_sft(
             continue
         report.used += bool(pieces)
         for (ids, mask), conv in pieces:
-            out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc, "messages": conv,
-                        "tools": tools})  # fmt: skip
+            if compact:
+                out.append({"ids": ids.astype(np.int32, copy=False), "mask": mask.astype(bool),
+                            "loc": loc})  # fmt: skip
+            else:
+                out.append({"ids": ids, "mask": mask, "meta": meta, "loc": loc,
+                            "messages": conv, "tools": tools})  # fmt: skip
     return out
 
 
