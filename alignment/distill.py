@@ -455,14 +455,16 @@ def _chat_data(config, mesh, rules, tok, cfg, template, spec, workdir):
     on_policy = config.distill.on_policy
     mixed = on_policy and config.distill.get("on_policy_fraction", 1.0) < 1.0
     # prompts (on-policy) | chats (off-policy, and GKD's mix: their prompts and answers)
-    load = rl_common.load_prompts if on_policy and not mixed else sft.load_examples
-    train = load(config.data.train, config, template, report)
+    if on_policy and not mixed:
+        train = rl_common.load_prompts(config.data.train, config, template, report)
+    else:  # (compact off-policy: only packed into rows; the mix renders prompts from messages)
+        train = sft.load_examples(config.data.train, config, template, report, compact=not mixed)
     if not train:
         why = _mix_needs_chats(config.distill.on_policy_fraction) if mixed else ""
         raise common.no_usable(config, "examples", report, why)
     heldout = []
     if config.data.eval:
-        heldout = sft.load_examples(config.data.eval, config, template, eval_report)
+        heldout = sft.load_examples(config.data.eval, config, template, eval_report, compact=True)
     # (their drops and cuts counted in a section of their own, before the report is written)
     gen_report = F.DataReport(config.data.strict)
     sets = sft.gen_sets(config, template, gen_report) if config.eval_every else {}
