@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import os
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -111,10 +112,17 @@ def world(preset: str, seed: int):
 
 
 def records(spec: str, data_cfg, report: F.DataReport) -> list[tuple[dict, str]]:
-    """(record, location) pairs of every source in `spec` (see `data_config`). A file that
-    several parts match is read once, where it first appears, with a warning naming it
-    (`train/*.jsonl,train/extra.jsonl` read extra.jsonl twice, as pretraining's paths do not)."""
-    out, seen = [], set()
+    """(record, location) pairs of every source in `spec` (see `data_config`), as a list."""
+    return list(iter_records(spec, data_cfg, report))
+
+
+def iter_records(spec: str, data_cfg, report: F.DataReport) -> Iterator[tuple[dict, str]]:
+    """(record, location) pairs of every source in `spec`, read as they are consumed: a stage
+    that renders each record into a smaller example (SFT, pairs, KTO) never holds every raw
+    record at once. A file that several parts match is read once, where it first appears,
+    with a warning naming it (`train/*.jsonl,train/extra.jsonl` read extra.jsonl twice, as
+    pretraining's paths do not)."""
+    seen = set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if part.startswith("builtin:"):
             name = part.split(":", 1)[1]
@@ -123,15 +131,14 @@ def records(spec: str, data_cfg, report: F.DataReport) -> list[tuple[dict, str]]
                 raise ValueError(f"data: {part!r} is not a record split of the built-in world")
             rows = getattr(w, name)
             report.read += len(rows)
-            out += [(r, f"{part}:{i + 1}") for i, r in enumerate(rows)]
+            yield from ((r, f"{part}:{i + 1}") for i, r in enumerate(rows))
         else:
             paths = expand_paths(part)
             again = [p for p in paths if os.path.realpath(p) in seen]
             if again:
                 log.warning("data: %s named again by %r; read once", ", ".join(again), part)
             seen.update(os.path.realpath(p) for p in paths)
-            out += list(F.read_records([p for p in paths if p not in again], report))
-    return out
+            yield from F.read_records([p for p in paths if p not in again], report)
 
 
 # ---------------------------------------------------------------------------------------------

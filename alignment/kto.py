@@ -227,7 +227,7 @@ def kto_loss_fn(apply, k, base_apply=None, router: tuple | None = None, ref_appl
 
 def load_examples(spec: str, config, template, report: F.DataReport) -> list[dict]:
     d = config.data
-    recs = common.records(spec, d, report)
+    recs = common.iter_records(spec, d, report)
     return F.render_unpaired(
         recs, template, config.seq_len, fields=d.fields, overlength=d.overlength, report=report
     )

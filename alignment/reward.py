@@ -168,7 +168,7 @@ def make_eval_fn(config, mesh, apply, pairs):
 
 def load_pairs(spec: str, config, template, report: F.DataReport) -> list[dict]:
     d = config.data
-    recs = common.records(spec, d, report)
+    recs = common.iter_records(spec, d, report)
     return F.render_preferences(
         recs, template, config.seq_len, fields=d.fields, overlength=d.overlength, report=report
     )

@@ -174,7 +174,7 @@ def load_examples(spec: str, config, template, report: F.DataReport, *,
     record's messages, meta and tools (`render_sft`); distill's GKD mix renders prompts from
     the messages, so the default keeps them."""
     d = config.data
-    recs = common.records(spec, d, report)
+    recs = common.iter_records(spec, d, report)
     return F.render_sft(recs, template, config.seq_len, fields=d.fields,
                         overlength=d.overlength, report=report, compact=compact)  # fmt: skip
 

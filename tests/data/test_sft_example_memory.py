@@ -77,6 +77,29 @@ def test_sft_examples_are_held_compactly(tmp_path, template):
     assert ex_large[0]["ids"].dtype == np.int32 and ex_large[0]["mask"].dtype == bool
 
 
+def _peak(fn):
+    """Traced bytes at the peak of `fn()`."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_loading_never_holds_every_raw_record(tmp_path, template):
+    """The peak while loading, per record (100 -> 400): the records were read into one list
+    before any was rendered (`common.records`), so every raw record was held at once, 4.6 KB
+    each at the peak; SFT, pairs and KTO read them as they render them
+    (`common.iter_records`), and the peak is the compact examples plus one record (1.4 KB)."""
+    n, cfg = 100, _config("")
+    small, large = _write_chats(tmp_path / "s.jsonl", n), _write_chats(tmp_path / "l.jsonl", 4 * n)
+    load = lambda p: sft.load_examples(p, cfg, template, F.DataReport(), compact=True)  # noqa: E731
+    load(small)
+    per_record = (_peak(lambda: load(large)) - _peak(lambda: load(small))) / (3 * n)
+    assert per_record < 2_500, f"{per_record:.0f} bytes per record at the peak (was ~4.6 KB)"
+
+
 def _equal_batches(xs, ys):
     assert len(xs) == len(ys) > 0
     for x, y in zip(xs, ys):
