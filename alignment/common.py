@@ -1,7 +1,8 @@
 """What every alignment task (SFT, reward model, DPO, ...) needs besides its loss.
 
-  * `records(spec, data_cfg, report)`: chat / preference records from jsonl or parquet files, or
-    from the built-in world ("builtin:sft_train", "builtin:preferences_heldout", ...);
+  * `records(spec, data_cfg, report)` (`iter_records`: read as consumed): chat / preference
+    records from jsonl or parquet files, or from the built-in world ("builtin:sft_train",
+    "builtin:preferences_heldout", ...);
   * `resolve_tokenizer` / `resolve_model_config`: from the config, the `init_from` checkpoint's
     meta (where pretraining records its tokenizer), an HF directory, or the built-in world (the
     tokenizer half lives in run_tokenizer.py, re-exported here);
