@@ -3,8 +3,8 @@
 ``Cleaner(clean_config())`` runs a fixed chain of filters over each document; the first filter that
 rejects a document names the reason, is counted, and keeps a few examples for the report. Surviving
 documents have PII replaced by placeholders (``<EMAIL>``, ``<PHONE>``, ``<IP>``, ``<CARD>``,
-``<ID>``). Thresholds follow the Gopher rules (Rae et al. 2021, appendix A) unless a comment says
-otherwise.
+``<IBAN>``, ``<ID>``). Thresholds follow the Gopher rules (Rae et al. 2021, appendix A)
+unless a comment says otherwise.
 
 Thresholds are strict: "above"/"below" a threshold fails, a statistic equal to it passes (a page
 with exactly 30% duplicated lines passes ``max_dup_line_frac=0.3``); tests/data/test_prep_audit.py
@@ -93,7 +93,7 @@ def clean_config() -> ml_collections.ConfigDict:
     c.scripts = ("latin", "han")  # dominant script must be one of these → else "script"
     c.toxic_lists = "default"  # comma-separated word-list files ("default" = the bundled ones)
     c.max_toxic_hits = 0  # word-list hits above → "toxic"
-    c.redact_pii = True  # replace emails, phones, IPs, card and ID numbers by placeholders
+    c.redact_pii = True  # replace emails, phones, IPs, card, IBAN, ID numbers by placeholders
     # C4-style line cleaning before the filters: drop web boilerplate lines (cookie banners,
     # "click here", navigation bars) and lines made only of symbols.
     c.strip_boilerplate_lines = True

@@ -1,7 +1,8 @@
-"""PII redaction: emails, phone numbers, IP addresses, card and ID numbers → placeholders.
+"""PII redaction: emails, phone numbers, IP addresses, card, bank account and ID numbers →
+placeholders.
 
-``redact_pii(text)`` replaces each match by ``<EMAIL>``, ``<PHONE>``, ``<IP>``, ``<CARD>`` or
-``<ID>`` and counts them per kind.
+``redact_pii(text)`` replaces each match by ``<EMAIL>``, ``<PHONE>``, ``<IP>``, ``<CARD>``,
+``<IBAN>`` or ``<ID>`` and counts them per kind.
 
 Phone numbers redacted: Chinese mobiles (bare or with 86 / +86 / 0086), North American numbers
 ("(415) 555-2671", "1-800-555-1234"), any number in international form ('+' or '00', then 8 to 15
@@ -20,6 +21,10 @@ Card numbers are 13-19 digits (single spaces or dashes between them) that pass t
 and do not start with 1 or 9 (millisecond timestamps, ISBN-13s: one in ten passes Luhn); in a
 longer run that fails it, a prefix ending at a separator that passes is the card ("4111 1111
 1111 1111 123": a CVV after it, "<CARD> 123").
+IBANs (bank accounts: "DE89 3704 0044 0532 0130 00", "GB29NWBK60161331926819") are a country
+code of the IBAN registry, the length that country's IBANs have, printed whole or in groups of
+four, and pass the ISO 7064 mod-97 check (one random string in 97 does); they are found before
+the numbers inside them are read as phones or cards ("0044 0532 0130": a call prefix).
 Order matters: longer number patterns first, so a card number is not read as a phone.
 Full-width forms (Japanese and Chinese pages: "０３－１２３４－５６７８",
 "ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ") are matched as their ASCII letters where the text has a
@@ -142,6 +147,10 @@ _PII = [
             r"|(?:[0-9A-Fa-f]{1,4}:){1,7}:)(?![:\w]|\.\d))"
         ),
     ),
+    # IBANs, before the numbers: their digit groups read as phones and cards. A candidate is
+    # two capitals, two check digits and up to 30 more letters or digits (single spaces
+    # between): `_iban_end` cuts it to its country's length and checks it.
+    ("IBAN", re.compile(r"(?<![\dA-Za-z_])(?P<IBAN>[A-Z]{2}\d{2}(?:[ ]?[A-Z\d]){11,30})")),
     # The leading lookahead lets the engine skip positions that cannot start a number quickly.
     (
         "00",
@@ -162,6 +171,19 @@ _AFTER_CARD = re.compile(
 # (one-digit octets) has no two adjacent digits, and r"\d\d" here skipped it.
 _DIGITS_RE = re.compile(r"\d[ .-]?\d")
 _IPV6_RE = dict(_PII)["::"]
+# Each country's IBAN length (the SWIFT IBAN registry): a candidate is cut to it, and a country
+# not here is no IBAN.
+_IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
+    "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28,
+    "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23,
+    "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26,
+    "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20,
+    "LV": 21, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18,
+    "NO": 15, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24,
+    "SC": 31, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28, "TL": 23, "TN": 24,
+    "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+}  # fmt: skip
 # The last label of an EMAIL match that makes it a file name, not an address ("logo@2x.png",
 # "node@latest.tgz"): common extensions that are no top-level domain (.zip, .mov, .md, .py, .pl,
 # .sh are domains, and addresses there are left to the pattern).
@@ -232,6 +254,34 @@ def _card_before_cvv(run: str, after: str) -> int | None:
     return None
 
 
+def _iban_end(run: str, after: str) -> int | None:
+    """Where the IBAN ends in an IBAN candidate `run` (`after`: the text after it), or None
+    when it holds none: its country's length of letters and digits, printed whole or in
+    groups of four (the last shorter), not followed by a letter or digit of the same group,
+    and the mod-97 check of ISO 7064 equal to 1 (the first four moved to the end, letters as
+    10..35)."""
+    length = _IBAN_LENGTHS.get(run[:2])
+    if length is None:
+        return None
+    chars, end = 0, len(run)
+    for i, ch in enumerate(run):
+        chars += ch != " "
+        if chars == length:
+            end = i + 1
+            break
+    else:
+        return None  # shorter than its country's IBANs
+    tail = run[end:] + after
+    if tail[:1].isalnum():
+        return None  # longer than its country's IBANs: another code
+    groups = run[:end].split(" ")
+    if len(groups) > 1 and any(len(g) != 4 for g in groups[:-1]):
+        return None  # spaced, but not in fours: an IBAN is printed whole or in fours
+    code = run[:end].replace(" ", "")
+    number = int("".join(str(int(c, 36)) for c in code[4:] + code[:4]))
+    return end if number % 97 == 1 else None
+
+
 def _luhn_ok(digits: str) -> bool:
     total = 0
     for i, ch in enumerate(reversed(digits)):
@@ -264,6 +314,12 @@ def redact_pii(text: str) -> tuple[str, Counter]:
                     return m.group()  # an all-CJK local part ("张三@example.com"): not matched
                 counts[kind] += 1
                 return f"{prefix.group()}<{kind}>"
+        if kind == "IBAN":
+            end = _iban_end(m.group(), m.string[m.end() :][:1])
+            if end is None:
+                return m.group()  # (its numbers are read by the numeric pass next)
+            counts[kind] += 1
+            return f"<{kind}>{m.group()[end:]}"
         if kind == "CARD" and not _luhn_ok(re.sub(r"\D", "", m.group())):
             # A card number followed by its CVV or expiry ("4111 1111 1111 1111 123", "... 12/25")
             # is one longer digit run that fails the check: the card as printed is tried.
@@ -295,7 +351,7 @@ def redact_pii(text: str) -> tuple[str, Counter]:
             continue
         if guard == "::" and "::" not in t and t.count(":") < 6:
             continue
-        if guard == "00" and _DIGITS_RE.search(t) is None:
+        if guard in ("00", "IBAN") and _DIGITS_RE.search(t) is None:
             continue
         if seen is None:
             text = rx.sub(sub, text)
