@@ -18,6 +18,7 @@ import pytest
 
 from flaxlm.alignment import common, sft
 from flaxlm.data import formats as F
+from tests.evaluation.test_perplexity_memory import _peak
 
 WORDS = "where does Kavo live in Brel the city of 42 yes no a number say or".split()
 
@@ -75,16 +76,6 @@ def test_sft_examples_are_held_compactly(tmp_path, template):
     assert per_example < 2_500, f"{per_example:.0f} bytes per example (the old code: 4.85 KB)"
     assert set(ex_large[0]) == {"ids", "mask", "loc"}
     assert ex_large[0]["ids"].dtype == np.int32 and ex_large[0]["mask"].dtype == bool
-
-
-def _peak(fn):
-    """Traced bytes at the peak of `fn()`."""
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def test_loading_never_holds_every_raw_record(tmp_path, template):
