@@ -194,14 +194,10 @@ def _muon(cfg, schedule, mu_dtype, adam):
     return optax.multi_transform({"muon": matrices, "adam": adam}, muon.muon_labels)
 
 
-def _mu_dtype(cfg):
-    """`opt.mu_dtype` as a float dtype, None for "" (the parameters' dtype); anything else is
-    refused naming the key, whichever optimizer is named (lion and sgd used to ignore it)."""
-    return _state_dtype(cfg, "mu_dtype")
-
-
 def _state_dtype(cfg, key):
-    """`opt.<key>` (a moment's dtype) as a float dtype, None for "" (the parameters' dtype)."""
+    """`opt.<key>` (`mu_dtype`, `nu_dtype`: a moment's dtype) as a float dtype, None for ""
+    (the parameters' dtype); anything else is refused naming the key, whichever optimizer is
+    named (lion and sgd used to ignore mu_dtype)."""
     value = cfg.get(key, "")
     if not value:
         return None
@@ -269,12 +265,12 @@ def clip_by_global_norm32(max_norm: float) -> optax.GradientTransformation:
 def _refuse_frozen_moments(tx, cfg, mu_dtype, nu_dtype=None):
     """`tx`, its init refusing a moment decay β that the moment's dtype cannot carry: each step
     must move m by more than two of its rounding steps (1 − β > 2·eps of the dtype), or
-    β·m rounds back to m. The moments live in the weights' dtype (Adam's second moment always,
-    the momenta unless `opt.mu_dtype` names one, Adam's second moment unless `opt.nu_dtype`
-    does), so bfloat16 weights are what trips it: a
-    bfloat16 moment replayed over 300 squared gradients of 1 then 700 of 0.01 froze at 2.3×
-    the float64 value at β = 0.999 (the RL configs' b2) and ran 27% low at 0.99; at 0.95 it
-    is within 2%. bfloat16 allows β <= 0.984; float32 any β < 1 - 2.4e-7."""
+    β·m rounds back to m. The moments live in the weights' dtype (the momenta unless
+    `opt.mu_dtype` names one, Adam's second moment unless `opt.nu_dtype` does), so bfloat16
+    weights are what trips it: a bfloat16 moment replayed over 300 squared gradients of 1 then
+    700 of 0.01 froze at 2.3× the float64 value at β = 0.999 (the RL configs' b2) and ran 27%
+    low at 0.99; at 0.95 it is within 2%. bfloat16 allows β <= 0.984; float32 any
+    β < 1 - 2.4e-7."""
     # (key, β, the opt key that sets the moment's dtype) of each decaying state kept
     moments = {
         "adamw": [("b1", cfg.b1, "mu_dtype"), ("b2", cfg.b2, "nu_dtype")],
@@ -323,7 +319,7 @@ def make_optimizer(cfg, total_steps: int, trainable_mask=None):
     """
     schedule = make_schedule(cfg, total_steps)
     name = cfg.name
-    mu_dtype = _mu_dtype(cfg)
+    mu_dtype = _state_dtype(cfg, "mu_dtype")
     nu_dtype = _state_dtype(cfg, "nu_dtype")
     if nu_dtype is not None and name not in ("adamw", "muon"):
         raise ValueError(
