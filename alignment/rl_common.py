@@ -142,7 +142,7 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
     d, fields = config.data, config.data.fields
     max_len = config.rollout.max_prompt_len
     out = []
-    for obj, loc in common.records(spec, d, report):
+    for obj, loc in common.iter_records(spec, d, report):
         try:
             if not isinstance(obj, dict):
                 raise F.FormatError("bad_record", "record is not a JSON object")

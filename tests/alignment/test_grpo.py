@@ -274,7 +274,7 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
         with c.unlocked():
             c.data.overlength = policy
         report = F.DataReport()
-        monkeypatch.setattr(rl_common.common, "records", lambda *a: [(long_prompt[0], "x:1")])
+        monkeypatch.setattr(rl_common.common, "iter_records", lambda *a: [(long_prompt[0], "x:1")])
         out = rl_common.load_prompts("x", c, tpl, report)
         assert len(out) == used and report.to_dict()["used"] == used
         assert (report.truncated, report.log.total) == ((1, 0) if used else (0, 1))
@@ -292,7 +292,7 @@ def test_bad_input_policy(runs, cache_dir, monkeypatch):
         with c.unlocked():
             c.data.fields.role, c.data.fields.content = role, content
         report = F.DataReport()
-        monkeypatch.setattr(rl_common.common, "records", lambda *a, r=rec: [(r, "x:1")])
+        monkeypatch.setattr(rl_common.common, "iter_records", lambda *a, r=rec: [(r, "x:1")])
         out = rl_common.load_prompts("x", c, tpl, report)
         if rec is bad:
             assert out == [] and report.log.total == 1
