@@ -12,11 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from flaxlm.configs import pretrain as pretrain_config
-from flaxlm.configs.common import override
 from flaxlm.train import pretrain
 from flaxlm.train.checkpoint import Checkpointer
 from flaxlm.train.optim import make_optimizer, opt_config
+from tests.train.test_checkpoint_audit import STEPS
+from tests.train.test_checkpoint_audit import _config as _audit_config
 
 
 def _opt(**kw):
@@ -132,15 +132,11 @@ def test_the_default_keeps_the_state_of_earlier_versions():
     assert [x.dtype for x in jax.tree.leaves(got)] == [x.dtype for x in jax.tree.leaves(want)]
 
 
-STEPS = 4
-
-
 def _config(**kw):
-    c = pretrain_config.get_config("variant=tiny,runlocal=True,data=markov")
-    return override(c, {"progress_bar": False, "eval_at_start": False, "eval_every": 0,
-                        "log_every": 2, "total_steps": STEPS, "ckpt_every": 2, "keep_ckpts": 0,
-                        "opt.warmup_steps": 1, "model.param_dtype": "bfloat16",
-                        "opt.b2": 0.999, "opt.nu_dtype": "float32", **kw})  # fmt: skip
+    """The checkpoint audit's 4-step run (saves at 2 and 4), with bfloat16 weights at b2 =
+    0.999 and a float32 second moment."""
+    return _audit_config(**{"model.param_dtype": "bfloat16", "opt.b2": 0.999,
+                            "opt.nu_dtype": "float32", **kw})  # fmt: skip
 
 
 def test_a_bfloat16_run_at_b2_0999_trains_checkpoints_and_resumes_bitwise(tmp_path):
