@@ -374,6 +374,7 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
         "examples": {},
         "pii_redacted": {},
         "boilerplate_lines_stripped": 0,
+        "languages": {},
     }
     clean = merge_stats(empty, st["clean"]) if "clean" in st else {**empty, "in": read["out"]}
     clean["out"] = clean["in"] - sum(clean["removed"].values())

@@ -20,9 +20,12 @@ measured on single characters, ordinary repeated terms (国务院, 委员会) to
 Chinese constitution over the 5-gram limit that its English translation passed.
 Mean word length is measured on non-CJK words only (a CJK "word" is one character by construction).
 The language check is a script check (Han, Latin, Cyrillic, ...: the script with the most words,
-each word counted for the script of most of its letters) plus stop words, English for Latin text
-and Chinese for Han text; it is not a statistical language-ID model, and Latin-script text in
-another language fails the English stop words (``min_stop_words=0`` keeps it).
+each word counted for the script of most of its letters), then the language its function words
+name (``clean_lang``: English, German, French, Spanish, Italian, Portuguese, Dutch, Swedish,
+Polish, Russian, Ukrainian; Han text Chinese), kept when ``languages`` lists it, and Gopher's
+stop-word rule with that language's own list. Latin text no profile recognises ("und") is held
+to the English list, as all Latin text was before languages were told apart. The report counts
+the kept documents per language.
 
 Line cleaning (``strip_boilerplate``) removes web boilerplate lines by phrase ("This site uses
 cookies", "Subscribe to our newsletter", a line that is only "Read more"), never by a single word
@@ -42,6 +45,13 @@ import ml_collections
 
 from flaxlm.config_values import is_real
 from flaxlm.data.clean_boilerplate import _is_boilerplate, strip_boilerplate  # noqa: F401
+from flaxlm.data.clean_lang import (  # noqa: F401
+    STOP_WORDS,
+    UNDETERMINED,
+    identify,
+    known_languages,
+    stop_words_for,
+)
 from flaxlm.data.clean_pii import _luhn_ok, _plausible_ipv6, redact_pii  # noqa: F401
 from flaxlm.data.clean_stats import DocStats, _dup_frac, _ngram_fracs, _word_script  # noqa: F401
 from flaxlm.data.clean_text import (  # noqa: F401
@@ -51,7 +61,6 @@ from flaxlm.data.clean_text import (  # noqa: F401
     _CONTROL_RE,
     _SCRIPTS,
     _WORD_RE,
-    STOP_WORDS,
     count_words,
     normalize_text,
 )
@@ -85,12 +94,14 @@ def clean_config() -> ml_collections.ConfigDict:
     # round(n × this) characters (a Chinese word is about 1.5 characters); 1 = one per character.
     c.cjk_chars_per_word = 1.5
     c.min_alpha_words = 0.8  # fraction of words with a letter (CJK counts) below → "alpha_ratio"
-    # Distinct stop words of the detected language below → "stop_words". The language is the
-    # script's: all Latin-script text is checked against the English list, so with the default
-    # scripts French, German, Spanish (any non-English Latin-script) documents are dropped as
-    # "stop_words". min_stop_words=0 keeps them.
+    # Distinct stop words of the document's language (clean_lang.STOP_WORDS) below →
+    # "stop_words"; Latin text of no recognised language ("und") is held to the English list.
     c.min_stop_words = 2
     c.scripts = ("latin", "han")  # dominant script must be one of these → else "script"
+    # The languages kept (clean_lang: en de fr es it pt nl sv pl ru uk, zh ja ko, or a script's
+    # name for greek / arabic / devanagari text); a document identified as another → "language".
+    # () keeps every language. Undetermined text ("und") is left to the stop-word rule.
+    c.languages = ("en", "zh")
     c.toxic_lists = "default"  # comma-separated word-list files ("default" = the bundled ones)
     c.max_toxic_hits = 0  # word-list hits above → "toxic"
     c.redact_pii = True  # replace emails, phones, IPs, card, IBAN, ID numbers by placeholders
@@ -113,6 +124,8 @@ def first_failure(s: DocStats, c: ml_collections.ConfigDict) -> str | None:
         return "too_long"
     if c.scripts and s.script not in c.scripts:
         return "script"
+    if c.languages and s.language != UNDETERMINED and s.language not in c.languages:
+        return "language"
     spaced = [w for w in s.words if not _CJK_RE.match(w)]
     if spaced and len(spaced) >= 0.5 * n:  # mostly spaced text: word length is meaningful
         mean = sum(map(len, spaced)) / len(spaced)
@@ -145,7 +158,7 @@ def first_failure(s: DocStats, c: ml_collections.ConfigDict) -> str | None:
         return "repetition"
     if sum(1 for w in s.words if _ALPHA_RE.search(w)) / n < c.min_alpha_words:
         return "alpha_ratio"
-    stops = STOP_WORDS.get(s.language)
+    stops = stop_words_for(s.language, s.script)
     if stops is not None and len(stops.intersection(s.words)) < c.min_stop_words:
         return "stop_words"
     if c.toxic_lists and toxic_hits(s.text, c.toxic_lists) > c.max_toxic_hits:
@@ -167,12 +180,27 @@ class Cleaner:
     examples: dict = dataclasses.field(default_factory=dict)
     pii: Counter = dataclasses.field(default_factory=Counter)
     lines_stripped: int = 0  # boilerplate / symbol-only lines removed from kept and dropped docs
+    languages: Counter = dataclasses.field(default_factory=Counter)  # of the kept documents
 
     def __post_init__(self):
         # A misspelt script ("cyrilic") dropped every document of that script as "script".
         unknown = sorted(set(self.cfg.scripts) - set(_SCRIPTS))
         if unknown:
             raise ValueError(f"clean.scripts: unknown {unknown} (known: {sorted(_SCRIPTS)})")
+        languages = self.cfg.languages
+        if isinstance(languages, str):  # "fr" is not ("f", "r")
+            raise ValueError(
+                f"clean.languages={languages!r}: a tuple of language names expected, e.g. "
+                f"('en', 'fr')"
+            )
+        known = known_languages(_SCRIPTS)
+        unknown = sorted(set(languages) - set(known) | ({UNDETERMINED} & set(languages)))
+        if unknown:
+            # A misspelt code ("ge" for German) would drop every document of that language.
+            raise ValueError(
+                f"clean.languages: unknown {unknown} (known: {sorted(set(known) - {UNDETERMINED})};"
+                f" undetermined text is judged by the stop-word rule, min_stop_words)"
+            )
         per_word = self.cfg.cjk_chars_per_word
         if not is_real(per_word) or per_word < 1:
             # (below 1, two rules' n-grams could round to one size)
@@ -187,7 +215,8 @@ class Cleaner:
             self.lines_stripped += n_removed
             if char_frac > self.cfg.max_boilerplate_char_frac:
                 reason = "boilerplate"
-        reason = reason or first_failure(DocStats(text), self.cfg)
+        stats = DocStats(text)
+        reason = reason or first_failure(stats, self.cfg)
         if reason is not None:
             self.removed[reason] += 1
             ex = self.examples.setdefault(reason, [])
@@ -195,6 +224,7 @@ class Cleaner:
                 shown = original if reason == "boilerplate" else text
                 ex.append(f"{loc}: {shown[:200]!r}" if loc else repr(shown[:200]))
             return None
+        self.languages[stats.language] += 1
         if self.cfg.redact_pii:
             text, counts = redact_pii(text)
             self.pii.update(counts)
@@ -205,6 +235,7 @@ class Cleaner:
         self.removed.update(other.removed)
         self.pii.update(other.pii)
         self.lines_stripped += other.lines_stripped
+        self.languages.update(other.languages)
         for k, v in other.examples.items():
             self.examples.setdefault(k, []).extend(v[: MAX_EXAMPLES - len(self.examples[k])])
 
@@ -216,4 +247,5 @@ class Cleaner:
             "examples": self.examples,
             "pii_redacted": dict(self.pii),
             "boilerplate_lines_stripped": self.lines_stripped,
+            "languages": dict(self.languages),
         }

@@ -14,6 +14,7 @@ from collections import Counter
 
 import numpy as np
 
+from flaxlm.data.clean_lang import identify
 from flaxlm.data.clean_text import _SCRIPTS, _WORD_RE
 
 
@@ -51,8 +52,10 @@ class DocStats:
 
     @functools.cached_property
     def language(self) -> str:
-        """'zh' for Han text, 'en' for Latin text (stop words then judge), else the script."""
-        return {"han": "zh", "latin": "en"}.get(self.script, self.script)
+        """The language its function words name among its script's (``clean_lang.identify``:
+        "en", "fr", ... or "und"); "zh" / "ja" / "ko" for Han / kana / hangul text; other
+        scripts' text by the script's name."""
+        return identify(self.text, self.script)
 
 
 _SCRIPT_RUN_RE = re.compile("|".join(f"(?P<{k}>{rx.pattern}+)" for k, rx in _SCRIPTS.items()))

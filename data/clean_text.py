@@ -31,10 +31,6 @@ _SCRIPTS = {  # name → regex of its letters (Latin includes accented letters)
     "arabic": re.compile(r"[\u0600-\u06ff]"),
     "devanagari": re.compile(r"[\u0900-\u097f]"),
 }
-STOP_WORDS = {  # Gopher's English list; frequent Chinese function characters
-    "en": {"the", "be", "to", "of", "and", "that", "have", "with"},
-    "zh": set("的了是在和有不这也就都我他们"),
-}
 
 
 # Characters removed from text before anything reads it (``normalize_text``) and before dedup

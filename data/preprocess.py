@@ -539,6 +539,11 @@ def format_report(r: dict) -> str:
     if stripped := clean.get("boilerplate_lines_stripped"):  # (report.json only, before)
         why = "navigation, cookie notices, separator lines; clean.strip_boilerplate_lines"
         lines += ["", f"Boilerplate lines stripped from kept documents: {stripped} ({why})"]
+    if langs := clean.get("languages"):  # (report.json only, before)
+        counts = ", ".join(
+            f"{k}: {v}" for k, v in sorted(langs.items(), key=lambda kv: (-kv[1], kv[0]))
+        )
+        lines += ["", f"Languages of the documents cleaning kept: {counts} (clean.languages)"]
     lines += _decontam_lines(next((s for s in r["stages"] if s["stage"] == "dedup"), {}))
     return "\n".join(lines) + "\n"
 

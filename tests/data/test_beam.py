@@ -14,11 +14,11 @@ beam_mod = pytest.importorskip("flaxlm.data.beam")  # apache-beam is in install_
 STOP = ["the", "of", "and", "to", "that", "with", "have", "be"]
 
 
-def en_doc(rng, n=100):
+def en_doc(rng, n=100, stop=STOP):
     letters = np.array(list(string.ascii_lowercase))
     words = ["".join(rng.choice(letters, rng.integers(3, 9))) for _ in range(n)]
     for i in range(0, n, 6):
-        words[i] = STOP[i % len(STOP)]
+        words[i] = stop[i % len(stop)]
     return " ".join(words)
 
 
@@ -37,6 +37,8 @@ def test_beam_matches_streaming_cli(tmp_path):
         if i % 11 == 0:
             rows.append({"text": d + " call 415-555-2671 you idiot"})  # toxic
     rows.append({"text": "short"})
+    french = ["le", "la", "les", "et", "est", "que", "des", "pour"]
+    rows += [{"text": en_doc(rng, stop=french)} for _ in range(3)]  # dropped as "language"
     for k in range(2):  # two files, so keys span files
         with open(tmp_path / f"in{k}.jsonl", "w") as f:
             for r in rows[k::2]:
@@ -69,10 +71,14 @@ def test_beam_matches_streaming_cli(tmp_path):
         "contaminated",
         "malformed_json",
         "too_short",
+        "language",
     }
     assert len(got["shards"]) == 3
     for a, b in zip(got["stages"][:3], ref["stages"][:3]):
         assert (a["stage"], a["in"], a["out"]) == (b["stage"], b["in"], b["out"])
+    kept = ref["stages"][1]["out"]  # every document cleaning kept is English here
+    assert got["stages"][1]["languages"] == ref["stages"][1]["languages"] == {"en": kept}
+    assert ref["removed"]["language"] == got["removed"]["language"] == 3
 
     def docs(d):
         src = sources.open_source(str(tmp_path / d / "tokens"))
