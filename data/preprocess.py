@@ -113,6 +113,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
         old = node[leaf]
         if isinstance(old, str):
             val = raw
+        elif isinstance(old, tuple):
+            val = _tuple_value(key, raw)
         elif isinstance(old, bool):
             if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
                 raise SystemExit(f"config key {key!r}: expected a boolean, got {raw!r}")
@@ -125,12 +127,26 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> Non
                     isinstance(val, bool) or not isinstance(val, (int, float)) or val != int(val)
                 ):
                     raise ValueError
-                val = type(old)(val) if isinstance(old, (int, float, tuple)) else val
+                val = type(old)(val) if isinstance(old, (int, float)) else val
             except (ValueError, TypeError, SyntaxError, OverflowError):
                 raise SystemExit(
                     f"config key {key!r}: cannot read {raw!r} as {type(old).__name__}"
                 ) from None
         node[leaf] = val
+
+
+def _tuple_value(key: str, raw: str) -> tuple:
+    """A tuple key's value: a Python literal ("('en', 'fr')", "(0.2, 0.1)", "()"), or bare
+    comma-separated words ("en,fr"); one value is a tuple of one ("fr" and "'fr'" are ('fr',),
+    where tuple('fr') was ('f', 'r'))."""
+    try:
+        val = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        words = [w.strip() for w in raw.split(",")]
+        if not all(w and w.replace("_", "").replace("-", "").isalnum() for w in words):
+            raise SystemExit(f"config key {key!r}: cannot read {raw!r} as tuple") from None
+        return tuple(words)
+    return tuple(val) if isinstance(val, (tuple, list)) else (val,)
 
 
 class ShardWriter:

@@ -245,9 +245,23 @@ def test_unknown_or_malformed_languages_are_refused_naming_the_key():
         clean.Cleaner(_config(languages=("und",)))
     with pytest.raises(ValueError, match=r"clean.languages='fr': a tuple"):  # not ('f', 'r')
         clean.Cleaner(ml_collections.ConfigDict({**_config().to_dict(), "languages": "fr"}))
-    with pytest.raises(SystemExit, match=r"clean.languages': cannot read 'fr' as tuple"):
-        preprocess.apply_overrides(preprocess.preprocess_config(), ["--config.clean.languages=fr"])
     clean.Cleaner(_config(languages=("greek", "ja", "uk")))  # script-named and CJK ones are known
+
+
+@pytest.mark.parametrize(
+    "raw,value",
+    [("('en','fr')", ("en", "fr")), ("en,fr", ("en", "fr")), (" en , fr ", ("en", "fr")),
+     ("fr", ("fr",)), ("'fr'", ("fr",)), ("()", ()), ("[]", ())],
+)  # fmt: skip
+def test_the_cli_reads_a_tuple_of_names_as_written(raw, value):
+    cfg = preprocess.preprocess_config()
+    preprocess.apply_overrides(cfg, [f"--config.clean.languages={raw}"])
+    assert cfg.clean.languages == value  # ("'fr'" was ('f', 'r'); fr and en,fr were refused)
+    preprocess.apply_overrides(cfg, ["--config.clean.max_top_ngram_char_frac=0.3,0.2,0.1"])
+    assert cfg.clean.max_top_ngram_char_frac == (0.3, 0.2, 0.1)
+    for bad in ("en,,fr", "en fr", "(en"):
+        with pytest.raises(SystemExit, match=r"clean.languages': cannot read .* as tuple"):
+            preprocess.apply_overrides(cfg, [f"--config.clean.languages={bad}"])
 
 
 def test_the_report_counts_kept_documents_per_language_and_merges():
