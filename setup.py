@@ -34,7 +34,7 @@ setup(
         "matplotlib",
         "tqdm",
         "safetensors",
-        "tokenizers",
+        "tokenizers>=0.15.1",  # (Tokenizer.encode_special_tokens: HFTokenizer.text_only)
         "jinja2",  # HF checkpoints' chat templates (models/hf_tokenizer.py)
         "pyarrow",
         "threadpoolctl",

@@ -149,7 +149,9 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     # warns and resumes from the next newest readable step; "fail" stops with an error, nothing
     # moved. When no step restores, both stop and move nothing.
     c.ckpt_on_corrupt = "fallback"
-    c.init_from = ""  # a run directory whose latest params start this run ("" = fresh init)
+    # A run directory whose latest params start this run, or hf:DIR for an HF checkpoint
+    # ("" = fresh init)
+    c.init_from = ""
     # True: start from init_from's EMA weights (a run trained with ema.decay > 0; train/ema.py)
     # instead of its params; DPO/PPO/GRPO/online DPO's reference is then that EMA too
     c.init_from_ema = False

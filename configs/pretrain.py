@@ -19,6 +19,12 @@ Your own data (token shards from `python -m flaxlm.data.preprocess`, which carry
 shards come from preprocessing held-out raw text with `--config.tokenizer=data/tokenizer.model`.
 tiny/mini/small set `model.vocab_size` to the built-in tokenizer's (2048): set it to your
 tokenizer's vocab (a larger value trains, but leaves unused embedding rows).
+
+Continued pretraining of an HF checkpoint (`--config.init_from=hf:DIR`): the model is the
+checkpoint's (config.json; `--config.model.X` execution and context keys apply over it, as in
+the alignment stages), its weights the start, its tokenizer (tokenizer.json or tokenizer.model)
+the data's unless `data.tokenizer` names another (a warning), copied into the workdir. A flaxlm
+run as init_from keeps `config.model` (checked against the run's) and also lends its tokenizer.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from flaxlm.data.dedup import (
     exact_key,
     lsh_params,
 )
-from flaxlm.data.tokenizer import Tokenizer
+from flaxlm.data.tokenizer import Tokenizer, open_tokenizer, text_encoder
 
 MAX_EXAMPLES = 5
 
@@ -193,7 +193,7 @@ def _drop_marked(item):
 
 class _Tokenize(beam.DoFn):
     def __init__(self, tok: Tokenizer | None):
-        self.tok = tok
+        self.tok = None if tok is None else text_encoder(tok)  # (HF: specials' strings as text)
 
     def process(self, doc):
         key, _, text = doc
@@ -274,7 +274,7 @@ def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int, eval_texts=N
     files = S.expand_paths(inputs)
     check_config(cfg.dedup)  # here, not in a worker's setup after the input was read
     Cleaner(cfg.clean)  # the same for the cleaning settings
-    tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
+    tok = open_tokenizer(cfg.tokenizer, "tokenizer") if cfg.tokenizer else None
     if eval_texts is None:  # cleaned like the training text (placeholders too)
         eval_texts = P.load_eval_texts(cfg)
     read = (

@@ -82,7 +82,7 @@ from flaxlm.data.packing import PackedBatchIterator as PackedBatchIterator
 from flaxlm.data.packing import PairCheck as PairCheck
 from flaxlm.data.source_errors import DataError
 from flaxlm.data.source_readers import check_txt_mode
-from flaxlm.data.tokenizer import Tokenizer, train_or_load
+from flaxlm.data.tokenizer import Tokenizer, open_tokenizer, text_encoder, train_or_load
 
 PACK_MODES = ("split", "pad")  # data/packing.py's
 
@@ -96,7 +96,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.sources = ""
     c.text_field = "text"  # jsonl/parquet field that holds the document
     c.txt_mode = "file"  # plain text: one document per "file", "line" or "blank"-separated block
-    c.tokenizer = ""  # SentencePiece .model; "" = the shards' own, or one trained on built-in text
+    # SentencePiece .model, HF tokenizer.json or HF directory; "" = the shards' own (pretraining
+    # from init_from: its tokenizer), or one trained on the built-in text
+    c.tokenizer = ""
     c.builtin_vocab_size = 2048  # vocab of the tokenizer trained for the built-in corpus
     c.cache_dir = "~/.cache/flaxlm"  # where that tokenizer is cached
     c.add_bos = True  # start every document with BOS (if the tokenizer has one)
@@ -203,22 +205,19 @@ def shuffle_seed(seed: int, source: int) -> int:
 def load_tokenizer(data_cfg: ml_collections.ConfigDict, docs: Sequence[str] | None = None):
     """The tokenizer the config implies (see ``data_config``'s ``tokenizer`` comment)."""
     if data_cfg.tokenizer:
-        try:
-            return Tokenizer.load(os.path.expanduser(data_cfg.tokenizer))
-        except OSError as e:
-            raise DataError(
-                f"data.tokenizer: cannot read {data_cfg.tokenizer!r} ({e.strerror or e})"
-            ) from None
-        except ValueError as e:  # not a SentencePiece model (the message names the file)
-            raise DataError(f"data.tokenizer: {e}") from None
+        return open_tokenizer(data_cfg.tokenizer)
     for pattern, _ in parse_sources(data_cfg.sources):
         for path in S.expand_paths(pattern)[:1]:
             meta = S.shard_meta(path)
             tok_path = os.path.join(os.path.dirname(path), meta.get("tokenizer", ""))
             if meta.get("format") == "tokens" and os.path.isfile(tok_path):
-                return Tokenizer.load(tok_path)
+                return open_tokenizer(tok_path, f"{pattern}: {S.META_FILE} tokenizer")
     if data_cfg.sources:
-        raise DataError("data.tokenizer is empty and the sources carry no tokenizer.model")
+        raise DataError(
+            "data.tokenizer is empty and the sources carry no tokenizer (a SentencePiece "
+            ".model, an HF tokenizer.json or HF directory; pretraining from init_from takes "
+            "its tokenizer)"
+        )
     docs = builtin_corpus() if docs is None else docs
     digest = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
     cache = os.path.expanduser(data_cfg.cache_dir)
@@ -241,7 +240,8 @@ class _Tokenize(grain.transforms.Map):
     """str → int32 ids with BOS/EOS; pre-tokenized arrays only get BOS/EOS added."""
 
     def __init__(self, tok: Tokenizer, bos: bool, eos: bool):
-        self.tok, self.bos, self.eos = tok, bos, eos
+        # An HF tokenizer encodes a special token's string in a document as text (text_only)
+        self.tok, self.bos, self.eos = text_encoder(tok), bos, eos
 
     def map(self, doc):
         ids = self.tok.encode(doc) if isinstance(doc, str) else doc

@@ -3,6 +3,10 @@
     python -m flaxlm.data.preprocess --input 'raw/*.jsonl' more.parquet --output out/ \\
         [--config my_cfg.py] [--config.clean.min_words=20] [--config.tokenizer=tok.model]
 
+``--config.tokenizer``: a SentencePiece .model, or an HF tokenizer.json / HF directory (the
+tokenizer of a checkpoint to continue pretraining; a special token's string in a document is
+encoded as text).
+
 Inputs: jsonl, plain text (either may be .gz / .zst compressed), parquet (data/sources.py); a
 .json file is JSON lines or one JSON array of records (read whole).
 
@@ -10,7 +14,8 @@ Output layout::
 
     out/tokens/shard-00000.arrayrecord ... + meta.json   int32 ids (when there is a tokenizer)
     out/text/shard-00000.arrayrecord ...   + meta.json   cleaned text (no tokenizer, or training)
-    out/tokenizer.model                                   the tokenizer the ids belong to
+    out/tokenizer.model                                   the tokenizer the ids belong to (HF:
+                                                          tokenizer.json + its settings files)
     out/report.json, out/report.md                        documents in/out per stage and reason,
                                                           the tokenizer's vocab_size, what the
                                                           decontamination eval set gave
@@ -63,7 +68,7 @@ from flaxlm.data.clean import (
 from flaxlm.data.clean_wordlist import load_word_list
 from flaxlm.data.dedup import Deduper, dedup_config
 from flaxlm.data.source_readers import check_txt_mode
-from flaxlm.data.tokenizer import Tokenizer, fixed_pieces, train
+from flaxlm.data.tokenizer import Tokenizer, fixed_pieces, open_tokenizer, text_encoder, train
 
 logger = logging.getLogger("flaxlm")  # (`log` is each run's BadInputLog)
 
@@ -312,10 +317,8 @@ def check_settings(
             raise S.DataError(_unreadable("clean.toxic_lists", e, cfg.clean.toxic_lists)) from None
     # None without decontam_paths: no decontamination (and no eval-set counts in the report).
     deduper = Deduper(cfg.dedup, load_eval_texts(cfg) if decontam_paths(cfg) else None)
-    try:
-        tok = Tokenizer.load(cfg.tokenizer) if cfg.tokenizer else None
-    except OSError as e:
-        raise S.DataError(_unreadable("tokenizer", e, cfg.tokenizer)) from None
+    # a SentencePiece .model, an HF tokenizer.json or an HF directory
+    tok = open_tokenizer(cfg.tokenizer, "tokenizer") if cfg.tokenizer else None
     sample = cfg.tokenizer_sample_docs  # (0: an empty reservoir, found after the whole pass)
     if tok is None and cfg.train_tokenizer_vocab > 0 and (
             isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):  # fmt: skip
@@ -488,15 +491,42 @@ def warn_smaller_vocab(tok: Tokenizer, asked: int) -> bool:
     return True
 
 
+def _tokenizer_files(path: str) -> set[str]:
+    """The real paths of the files tokenizer `path` is read from: a SentencePiece .model
+    alone; an HF tokenizer.json (or directory) with the settings files beside it."""
+    if not path:
+        return set()
+    path = os.path.expanduser(path)
+    if os.path.isfile(path) and not path.endswith(".json"):
+        return {os.path.realpath(path)}
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return {os.path.realpath(os.path.join(d, f)) for f in aside_mod.TOKENIZER_OUTPUTS}
+
+
+def _save_tokenizer(out_dir: str, tok) -> str:
+    """Copies the tokenizer into `out_dir` (unless that copy is already it); returns the copy's
+    file name. SentencePiece: tokenizer.model. HF: tokenizer.json with the settings files beside
+    it (its BOS/EOS and pad ids, which the loader frames the documents with)."""
+    if hasattr(tok, "save"):
+        model_path = os.path.join(out_dir, "tokenizer.model")
+        if not os.path.exists(model_path) or Tokenizer.load(model_path).sha256 != tok.sha256:
+            tok.save(model_path)
+        return "tokenizer.model"
+    from flaxlm.models.hf_tokenizer import copy_tokenizer
+
+    src = os.path.dirname(os.path.abspath(tok.name))
+    if os.path.realpath(src) != os.path.realpath(out_dir):
+        copy_tokenizer(src, out_dir)
+    return os.path.basename(tok.name)
+
+
 def _token_writer(out_dir: str, tok: Tokenizer, cfg) -> ShardWriter:
-    model_path = os.path.join(out_dir, "tokenizer.model")
-    if not os.path.exists(model_path) or Tokenizer.load(model_path).sha256 != tok.sha256:
-        tok.save(model_path)
+    name = _save_tokenizer(out_dir, tok)
     meta = {
         "format": "tokens",
         "dtype": "int32",
         "bos_eos": False,  # ids only; the loader adds BOS/EOS
-        "tokenizer": "../tokenizer.model",
+        "tokenizer": f"../{name}",
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
     }
@@ -505,7 +535,7 @@ def _token_writer(out_dir: str, tok: Tokenizer, cfg) -> ShardWriter:
 
 def _write_tokens(writer: ShardWriter, tok: Tokenizer, texts: list[str]) -> int:
     n = 0
-    for ids in tok.encode_batch(texts):
+    for ids in text_encoder(tok).encode_batch(texts):  # (HF: a special's string stays text)
         writer.write(np.asarray(ids, np.int32).tobytes())
         n += len(ids)
     return n
@@ -618,8 +648,7 @@ def main(argv=None) -> dict:
         # earlier reports and tokenizer go too: left, they described shards that were gone and
         # the directory read as its report.json. A tokenizer.model this run tokenizes with
         # stays (it is loaded; the same bytes).
-        keep = os.path.realpath(cfg.tokenizer) if cfg.tokenizer else None
-        aside = aside_mod.set_aside(args.output, keep)
+        aside = aside_mod.set_aside(args.output, _tokenizer_files(cfg.tokenizer))
     try:
         report = run(args.input, args.output, cfg, checked=checked)
         if aside and report["documents_out"] == 0:

@@ -21,18 +21,24 @@ logger = logging.getLogger(__name__)
 
 PREFIX = ".previous-run-"
 # What a preprocess run writes into its output directory (module docstring of preprocess.py).
-OUTPUTS = ("text", "tokens", "report.json", "report.md", "tokenizer.model")
+# The tokenizer files: a trained or given SentencePiece model, or an HF tokenizer.json with the
+# settings files beside it (models/hf_tokenizer.py `copy_tokenizer`).
+TOKENIZER_OUTPUTS = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
+                     "additional_chat_templates")  # fmt: skip
+OUTPUTS = ("text", "tokens", "report.json", "report.md", *TOKENIZER_OUTPUTS)
 
 
-def set_aside(output: str, keep: str | None = None) -> str:
+def set_aside(output: str, keep=()) -> str:
     """Moves the earlier run's outputs under ``output`` into ``output/.previous-run-PID/`` and
-    returns that directory. ``keep``: a real path left in place (the tokenizer.model the new
-    run tokenizes with: it is the same file, and read again when the ids' meta is written)."""
+    returns that directory. ``keep``: real paths left in place (the tokenizer files the new run
+    tokenizes with: the same files, read again when the ids' meta is written)."""
+    keep = {keep} if isinstance(keep, str) else set(keep or ())
     aside = os.path.join(output, f"{PREFIX}{os.getpid()}")
     os.makedirs(aside)
     for name in OUTPUTS:
         path = os.path.join(output, name)
-        if os.path.lexists(path) and os.path.realpath(path) != keep:
+        if os.path.lexists(path) and os.path.realpath(path) not in keep:
             os.rename(path, os.path.join(aside, name))
     return aside
 
@@ -46,9 +52,10 @@ def put_back(output: str, aside: str) -> None:
         path = os.path.join(output, name)
         if not os.path.lexists(path):
             continue
-        # A tokenizer.model left in place is the one the new run tokenized with (``keep``):
-        # the earlier run's, unless the new run wrote it after the set-aside.
-        if name in moved or name != "tokenizer.model" or os.path.getmtime(path) >= set_aside_at:
+        # A tokenizer file left in place is one the new run tokenized with (``keep``): the
+        # earlier run's, unless the new run wrote it after the set-aside.
+        if (name in moved or name not in TOKENIZER_OUTPUTS
+                or os.path.getmtime(path) >= set_aside_at):  # fmt: skip
             _remove(path)
     for name in moved:
         os.rename(os.path.join(aside, name), os.path.join(output, name))

@@ -1,4 +1,6 @@
-"""SentencePiece tokenizer: train our own, or load any ``.model`` (e.g. a Llama tokenizer.model).
+"""SentencePiece tokenizer: train our own, or load any ``.model`` (e.g. a Llama tokenizer.model);
+and ``open_tokenizer``, which also opens an HF tokenizer.json (models/hf_tokenizer.py) for text
+data, with ``text_encoder`` to encode documents by either.
 
 Special ids are read from the model file, never assumed: ``pad_id``, ``bos_id``, ``eos_id``,
 ``unk_id``. A model without a pad piece (Llama's) pads with ``unk_id``; padded positions carry
@@ -27,6 +29,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from flaxlm.data.source_errors import DataError
 
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 # The ids ``train`` reserves (pad, unk, bos, eos: all set there).
@@ -303,3 +307,26 @@ def train_or_load(path: str, texts: Iterable[str], vocab_size: int, **kw) -> Tok
     os.replace(tmp, path)
     tok.name = path
     return tok
+
+
+def text_encoder(tok):
+    """The tokenizer to encode documents with: an HF tokenizer's `text_only()` twin (a special
+    token's string in a document stays text), flaxlm's SentencePiece one as it is (it always
+    does so)."""
+    return tok.text_only() if hasattr(tok, "text_only") else tok
+
+
+def open_tokenizer(path: str, key: str = "data.tokenizer"):
+    """A SentencePiece ``.model``, an HF ``tokenizer.json`` or an HF directory (with either;
+    models/hf_tokenizer.py ``load_tokenizer``); an unreadable one is a DataError naming `key`."""
+    from flaxlm.models.hf_tokenizer import load_tokenizer as load_any
+
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise DataError(f"{key}: cannot read {path!r} (No such file or directory)")
+    try:
+        return load_any(path)
+    except OSError as e:
+        raise DataError(f"{key}: cannot read {path!r} ({e.strerror or e})") from None
+    except ValueError as e:  # not a tokenizer (HFError; the message names the file)
+        raise DataError(f"{key}: {e}") from None

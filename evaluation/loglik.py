@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.data.tokenizer import text_encoder
 from flaxlm.evaluation.prompts import prefix_ids
 from flaxlm.models.sharding import batch_divisor, fetch, global_batch, use_mesh
 from flaxlm.models.transformer import forward
@@ -436,8 +437,9 @@ def perplexity(scorer: LoglikScorer, tok, texts, *, max_len=0, stride=0, bos: bo
             raise ValueError("perplexity: add_eos, but the tokenizer has no EOS token")
         tail = [int(tok.eos_id)]
     requests = TokenRequests()  # (views of one int32 array per document: `window_requests`)
+    text_tok = text_encoder(tok)  # documents as pretraining encodes them (HF: specials as text)
     for t in texts:
-        requests.extend(window_requests(head + tok.encode(t) + tail, max_len, stride))
+        requests.extend(window_requests(head + text_tok.encode(t) + tail, max_len, stride))
     if not requests:
         raise ValueError(
             f"perplexity: none of the {len(texts)} texts has a token to score (all empty"

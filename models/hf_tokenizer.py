@@ -10,6 +10,8 @@ if the tokenizer's ids would index past the model's embedding.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import os
@@ -330,6 +332,8 @@ class HFTokenizer:
         self.template_kwargs: dict = {}
         self._compiled = {}  # template source -> compiled: rendering is per record
         self._id_range = None  # `vocab_size`, computed once
+        self._sha256 = None  # `sha256`, read once
+        self._text_only = None  # `text_only()`, built once
         if special_tokens is None:  # built in code: the BOS/EOS ids' pieces
             pieces = {"bos_token": self.bos_token_id, "eos_token": eos_id}
             special_tokens = {k: tok.id_to_token(i) for k, i in pieces.items() if i >= 0}
@@ -467,7 +471,48 @@ class HFTokenizer:
         )
 
     def encode_batch(self, texts, *, bos: bool = False, eos: bool = False, num_threads: int = 0):
-        return [self.encode(t, bos=bos, eos=eos) for t in texts]
+        """`encode` of each text (the `tokenizers` batch call: its own threads)."""
+        head = [self.bos_id] if bos and self.bos_id >= 0 else []
+        tail = [self.eos_id] if eos and self.eos_id >= 0 else []
+        encs = self.tok.encode_batch(list(texts), add_special_tokens=False)
+        return [head + e.ids + tail for e in encs]
+
+    @property
+    def sha256(self) -> str:
+        """What token shards and runs record to name this tokenizer (`meta.json`
+        `tokenizer_sha256`, data/pipeline.py): the sha256 of its tokenizer.json bytes (a copy
+        made with `copy_tokenizer` keeps them), or of its serialisation when built in code."""
+        if self._sha256 is None:
+            try:
+                with open(self.name, "rb") as f:
+                    data = f.read()
+            except OSError:
+                data = self.tok.to_str().encode()
+            self._sha256 = hashlib.sha256(data).hexdigest()
+        return self._sha256
+
+    def text_only(self) -> HFTokenizer:
+        """This tokenizer for document text (pretraining data, token shards): a special
+        token's string inside the text ("<|endoftext|>" on a web page about tokenizers) is
+        encoded as the text it is, never as the special id — one such string used to end a
+        document, or start a forged chat turn, in the middle of its text. (`encode` keeps
+        them special: a rendered chat template writes its role and end-of-turn tokens as text.)
+        flaxlm's SentencePiece Tokenizer always encodes text so (data/tokenizer.py)."""
+        if self._text_only is None:
+            from tokenizers import Tokenizer as RawTokenizer
+
+            raw = RawTokenizer.from_str(self.tok.to_str())
+            raw.encode_special_tokens = True
+            twin = copy.copy(self)
+            twin.tok, twin._text_only, twin._compiled = raw, twin, {}
+            twin._sha256 = self.sha256
+            self._text_only = twin
+        return self._text_only
+
+    def __setstate__(self, state):  # (Beam workers): `tokenizers` pickles drop the flag
+        self.__dict__.update(state)
+        if state.get("_text_only") is self:
+            self.tok.encode_special_tokens = True
 
     def render_chat_text(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
         """`messages` rendered as text with the checkpoint's own Jinja chat template, as

@@ -64,6 +64,8 @@ def init_loader(init_params):
     def load(run_dir, target, ema=False):
         from flaxlm.alignment.common import load_lm_params  # (alignment imports train)
 
+        if run_dir.startswith(HF_PREFIX):  # (its architecture is this run's: model_config)
+            return load_lm_params(run_dir, target, ema=ema)
         step, meta = ckpt_lib.read_meta(run_dir)  # then that step, not a newer latest
         if meta.get("model_config"):
             init = model_fns(to_model_config(meta["model_config"]))[0]
@@ -123,6 +125,57 @@ def check_sizes(config) -> None:
         why = " (model.vocab_size: the successors of each token)"
         _least("data.markov_branching", config.data.markov_branching, 1, config.model.vocab_size,
                why)  # fmt: skip
+
+
+HF_PREFIX = "hf:"
+
+
+def model_config(config):
+    """The model pretraining builds: config.model, or with `init_from=hf:DIR` (continued
+    pretraining of an HF checkpoint) that checkpoint's architecture from its config.json, with
+    the `model.` keys this run sets over it (the execution ones, the context ones: as every
+    alignment stage, `alignment.common.with_model_keys_set`, which refuses one that would change
+    what the weights compute). A flaxlm run as init_from keeps config.model (the variant's
+    shapes, checked against the run's before anything is read: loop_resume)."""
+    if config.get("init_from", "").startswith(HF_PREFIX):
+        from flaxlm.alignment.common import with_model_keys_set  # (alignment imports train)
+        from flaxlm.models import hf
+
+        return with_model_keys_set(config, hf.load_config(config.init_from[len(HF_PREFIX) :]))
+    return to_model_config(config.model)
+
+
+def source_tokenizer(config):
+    """The tokenizer of text data when data.tokenizer is empty and init_from names a model:
+    the HF directory's, or the flaxlm run's (its checkpoint meta); None otherwise (the shards'
+    own tokenizer, or the built-in one, as before). Token shards made with another tokenizer
+    are then refused by the pipeline (their tokenizer_sha256) rather than read as the model's
+    ids. With data.tokenizer set and the source's differing, a warning (as the alignment
+    stages'): its ids mean other pieces than the model learnt."""
+    source = config.get("init_from", "")
+    if config.data.kind != "text" or not source:
+        return None
+    from flaxlm.alignment.run_tokenizer import source_tokenizer_path
+    from flaxlm.data import pipeline
+
+    path = source_tokenizer_path(source)
+    if not path:
+        return None
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"init_from={source}: its tokenizer {path} is gone; set data.tokenizer"
+        )
+    theirs = pipeline.open_tokenizer(path, f"init_from={source}: tokenizer")
+    if not config.data.tokenizer:
+        return theirs
+    ours = pipeline.open_tokenizer(config.data.tokenizer)
+    if ours.sha256 != theirs.sha256:
+        logging.getLogger("flaxlm").warning(
+            "data.tokenizer=%s is not the tokenizer init_from=%s was trained with (%s): token "
+            "ids will mean other pieces than the model learnt", config.data.tokenizer, source,
+            path,
+        )  # fmt: skip
+    return ours
 
 
 def _builtin_world_texts(split: str = "pretrain") -> list[str]:
@@ -340,21 +393,21 @@ def make_eval_fn(config, mesh, loss_fn, tokenizer=None):
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The pretraining Task; with a workdir the text tokenizer is saved there for the meta."""
     check_sizes(config)
-    cfg = to_model_config(config.model)
+    cfg = model_config(config)
     check_trainable_dtypes(cfg)
     if why := rows_past_max_seq_len(cfg, config.seq_len):
         logging.getLogger("flaxlm").warning("%s", why)
     check_batch_divides(config.batch_size, mesh)
     init_params, apply = model_fns(cfg)
     loss_fn = lm_loss(apply, config.loss, moe=cfg.n_experts > 0)
-    batches = make_batches(config, seed=config.seed)
+    batches = make_batches(config, seed=config.seed, tokenizer=source_tokenizer(config),
+                           vocab_size=cfg.vocab_size)  # fmt: skip
     tokenizer = getattr(batches, "tokenizer", None)
     meta = {"model_config": cfg.to_dict()}
     if tokenizer is not None and workdir is not None:
-        path = os.path.join(os.path.abspath(workdir), "tokenizer.model")
-        if jax.process_index() == 0:
-            tokenizer.save(path)
-        meta["tokenizer"] = path
+        from flaxlm.alignment.run_tokenizer import save_tokenizer  # (alignment imports train)
+
+        meta["tokenizer"] = save_tokenizer(tokenizer, workdir)  # .model, or HF's files
     return loop.Task(
         name="pretrain",
         init_params=init_params,
@@ -370,5 +423,6 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
 
 def run(config, workdir: str):
     loop.check_cadence(config)  # (again in loop.run) before the data and tokenizer are built
+    loop.init_from_ema(config)  # (likewise) before an HF source's config.json is read
     mesh = make_mesh(dict(config.mesh))
     return loop.run(config, workdir, build_task(config, mesh, workdir), mesh=mesh)
