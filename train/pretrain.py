@@ -157,19 +157,23 @@ def source_tokenizer(config):
         return None
     from flaxlm.alignment.run_tokenizer import source_tokenizer_path
     from flaxlm.data import pipeline
+    from flaxlm.data.source_errors import DataError
 
     path = source_tokenizer_path(source)
-    if not path:
-        return None
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"init_from={source}: its tokenizer {path} is gone; set data.tokenizer"
-        )
-    theirs = pipeline.open_tokenizer(path, f"init_from={source}: tokenizer")
     if not config.data.tokenizer:
-        return theirs
+        if not path:
+            return None
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"init_from={source}: its tokenizer {path} is gone; set data.tokenizer"
+            )
+        return pipeline.open_tokenizer(path, f"init_from={source}: tokenizer")
     ours = pipeline.open_tokenizer(config.data.tokenizer)
-    if ours.sha256 != theirs.sha256:
+    try:  # (a source without a readable tokenizer: nothing to compare)
+        theirs = pipeline.open_tokenizer(path, "init_from") if path else None
+    except DataError:
+        theirs = None
+    if theirs is not None and ours.sha256 != theirs.sha256:
         logging.getLogger("flaxlm").warning(
             "data.tokenizer=%s is not the tokenizer init_from=%s was trained with (%s): token "
             "ids will mean other pieces than the model learnt", config.data.tokenizer, source,

@@ -231,3 +231,16 @@ def test_perplexity_encodes_documents_as_pretraining_does(hf_dir):
     got = perplexity(scorer, tok, [text], bos=False, eos=False)
     # every byte an id (the first only context): "<|im_end|>" as the special id was one
     assert got["tokens"] == len(text.encode()) - 1
+
+
+def test_a_checkpoint_without_a_tokenizer_needs_data_tokenizer(hf_dir, tmp_path):
+    bare = tmp_path / "bare"  # weights and config.json only
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes(open(os.path.join(hf_dir, f), "rb").read())
+    c = _config(str(bare))
+    with pytest.raises(DataError, match=r"init_from=hf:.*bare: tokenizer: .*no tokenizer\.json"):
+        pretrain.source_tokenizer(c)
+    with c.unlocked():
+        c.data.tokenizer = hf_dir  # named: taken, with nothing to compare it to
+    assert pretrain.source_tokenizer(c).sha256 == pipeline.open_tokenizer(hf_dir).sha256
