@@ -244,3 +244,24 @@ def test_a_checkpoint_without_a_tokenizer_needs_data_tokenizer(hf_dir, tmp_path)
     with c.unlocked():
         c.data.tokenizer = hf_dir  # named: taken, with nothing to compare it to
     assert pretrain.source_tokenizer(c).sha256 == pipeline.open_tokenizer(hf_dir).sha256
+
+
+def test_a_continued_run_resumes_bitwise(hf_dir, tmp_path):
+    """Killed after its step-3 save (the step-6 checkpoint gone), a run started from an HF
+    checkpoint resumes from its own checkpoint to the weights of the uninterrupted run."""
+    import shutil
+
+    c = _config(hf_dir, steps=6, **{"ckpt_every": 3, "async_ckpt": False})
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    pretrain.run(c, straight)
+    pretrain.run(c, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+    pretrain.run(c, resumed)
+    assert read_meta(resumed)[0] == 6
+    for run in (straight, resumed):
+        hf.export_run(run, run + "-hf")
+    _, a = hf.load_pretrained(straight + "-hf")
+    _, b = hf.load_pretrained(resumed + "-hf")
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    _, start = hf.load_pretrained(hf_dir)
+    assert not np.array_equal(a["embed"]["embedding"], start["embed"]["embedding"])  # it trained
