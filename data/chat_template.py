@@ -13,7 +13,8 @@ The template (token ids, not text, so no merge ever crosses a boundary):
 
   * BOS opens every conversation, as it opens every pretraining document (none if the
     tokenizer has no BOS, as Qwen2's).
-  * Each turn is its role token, the content (SentencePiece-encoded on its own) and `<|end|>`.
+  * Each turn is its role token, the content (encoded on its own, as text: a chat or special
+    token's string in it never becomes that token, with an HF tokenizer.json too) and `<|end|>`.
   * Loss: on assistant content and the assistant's `<|end|>` only — `<|end|>` is how the model
     learns to stop, and it is the generation stop token (`ChatTemplate.stop_tokens`). Role tokens,
     system and user turns are never targets; every assistant turn of a multi-turn conversation is.
@@ -91,7 +92,7 @@ from flaxlm.data.chat_records import (
     _messages,
     fields_config,
 )
-from flaxlm.data.tokenizer import Tokenizer
+from flaxlm.data.tokenizer import Tokenizer, text_encoder
 
 
 class ChatTemplate:
@@ -104,6 +105,10 @@ class ChatTemplate:
 
     def __init__(self, tok: Tokenizer):
         self.tok, self.bos_id, self.eos_id = tok, tok.bos_id, tok.eos_id
+        # Contents are text: an HF tokenizer's special token spelled inside one ("<|eot_id|>"
+        # in a question about Llama 3) is encoded as its characters, never as the special id,
+        # as flaxlm's SentencePiece tokenizer encodes its chat tokens (data/tokenizer.py)
+        self.text_tok = text_encoder(tok)
         self.prefix = [tok.bos_id] if tok.bos_id >= 0 else []  # tokenizers without BOS: none
         ids = tok.special_ids()
         names = {r: f"<|{r}|>" for r in ROLES}
@@ -128,7 +133,7 @@ class ChatTemplate:
         prompt, which re-encoded them (a final answer was ~11% of rendering time). Keyed by the
         text itself, so the ids are the tokenizer's whatever was rendered before."""
         ids = self._recent.get(text)
-        return list(ids) if ids is not None else self.tok.encode(text)
+        return list(ids) if ids is not None else self.text_tok.encode(text)
 
 
 class TemplateError(ValueError):
@@ -167,6 +172,9 @@ class JinjaChatTemplate(ChatTemplate):
         import hashlib
 
         self.tok, self.eos_id = tok, tok.eos_id
+        # (a rendered Jinja template is text whose special tokens are the template's: its
+        # `encode` keeps them special, as transformers' apply_chat_template does)
+        self.text_tok = tok
         # the template's BOS: the token it writes ({{ bos_token }}), whether or not the
         # tokenizer adds it to plain text (HFTokenizer.bos_token_id vs bos_id)
         self.bos_id = getattr(tok, "bos_token_id", tok.bos_id)
