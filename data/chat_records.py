@@ -1,20 +1,21 @@
 """Chat, prompt-completion, preference and unpaired-feedback records: field names, the checks
-that turn a record into validated messages, the data report and the jsonl/parquet reader.
+that turn a record into validated messages, the data report and the jsonl/parquet/Arrow reader.
 
 Separate from rendering (data/chat_template.py) because none of it needs a tokenizer: RL prompt
 sets and held-out sets (alignment/rl_common.py) check records with these functions without
 rendering examples, and every stage counts what happened to its records in a `DataReport`.
 `data/formats.py` re-exports every name.
 
-Records come from jsonl, a .json array or parquet (`read_records`), with configurable field names
+Records come from jsonl, a .json array, parquet or Arrow IPC files (.arrow/.feather, what HF
+`datasets` writes) (`read_records`), with configurable field names
 (`fields_config`): `messages` (a list of {role, content}), or `prompt` plus `completion` (each
 text or messages, TRL's conversational layout: a completion's turns are the assistant's, with
 the tool results between them); preferences: `prompt` + `chosen` + `rejected` (+ optional
 `margin`; conversations in chosen/rejected may repeat the prompt's turns, which are stripped —
 a system turn before them joins the prompt — "prompt_mismatch" when they open with other
 user/system turns; a blank prompt next to two conversations is an absent one). A null field is
-an absent one (`has`): parquet stores a mixed file's rows with every column, null where a row
-has none. `meta`, when present, must be a JSON object ("bad_meta" otherwise).
+an absent one (`has`): parquet and Arrow store a mixed file's rows with every column, null where
+a row has none. `meta`, when present, must be a JSON object ("bad_meta" otherwise).
 
 SFT records must end with an assistant turn; a blank system/user turn (like a blank `prompt`)
 is bad input ("empty"), as are missing/unknown roles and non-string content (file:line).
@@ -36,7 +37,7 @@ import ml_collections
 
 from flaxlm.data import sources as S
 from flaxlm.data.source_codecs import numbered_lines
-from flaxlm.data.source_readers import holds_json_array, read_json_array
+from flaxlm.data.source_readers import arrow_batches, holds_json_array, open_arrow, read_json_array
 
 ROLES = ("system", "user", "assistant")  # flaxlm's own template's roles
 TOOL_ROLE = "tool"  # a tool's result: context, rendered only by a Jinja chat template
@@ -413,11 +414,13 @@ def _json_array_records(path: str, report: DataReport) -> Iterator[tuple[object,
 
 
 def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[tuple[dict, str]]:
-    """(record, "file:line") from jsonl (gzip/zstd too) / parquet files; a line that cannot be
-    read goes to the report as the pretraining reader counts it (`sources.jsonl_record`): a
-    UTF-8 BOM is skipped, invalid UTF-8 and a lone surrogate escape are "invalid_utf8",
-    malformed JSON "malformed_json". A .json file that holds one JSON array (Alpaca style) is
-    its elements, (record, "file[index]")."""
+    """(record, "file:line") from jsonl (gzip/zstd too) / parquet / Arrow IPC files; a line that
+    cannot be read goes to the report as the pretraining reader counts it
+    (`sources.jsonl_record`): a UTF-8 BOM is skipped, invalid UTF-8 and a lone surrogate escape
+    are "invalid_utf8", malformed JSON "malformed_json". A .json file that holds one JSON array
+    (Alpaca style) is its elements, (record, "file[index]"). A parquet or Arrow row is a dict of
+    every column, "file:row" (1-based); an Arrow file (HF `datasets`' .arrow, or Feather v2)
+    that cannot be read is a DataError naming the file, or the first row it could not read."""
     for path in S.expand_paths(patterns):
         fmt = S.file_format(path)
         if fmt == "jsonl" and holds_json_array(path):
@@ -437,5 +440,15 @@ def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[
             for i, row in enumerate(pq.read_table(path).to_pylist()):
                 report.read += 1
                 yield row, f"{path}:{i + 1}"
+        elif fmt == "arrow":
+            # batch by batch, as dicts like parquet's rows: HF's files are memory-mapped and may
+            # be far larger than their rows as Python objects would fit in memory at once
+            i = 0
+            for batch in arrow_batches(path, open_arrow(path)):
+                for row in batch.to_pylist():
+                    i += 1
+                    report.read += 1
+                    yield row, f"{path}:{i}"
         else:
-            raise S.DataError(f"{path}: chat/preference data must be .jsonl or .parquet")
+            raise S.DataError(f"{path}: chat/preference data must be .jsonl, .json, .parquet or "
+                              ".arrow")  # fmt: skip

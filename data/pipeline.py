@@ -91,10 +91,11 @@ def data_config() -> ml_collections.ConfigDict:
     """Defaults of the ``data`` section of the pretraining configs (configs/pretrain.py and
     configs/scaling.py call this)."""
     c = ml_collections.ConfigDict()
-    # Comma-separated "PATTERN[:WEIGHT]" entries: jsonl, parquet, text files or ArrayRecord shard
-    # directories from flaxlm.data.preprocess. "" = the built-in corpus. Weights count documents.
+    # Comma-separated "PATTERN[:WEIGHT]" entries: jsonl, parquet, Arrow (.arrow/.feather, HF
+    # datasets' files), text files or ArrayRecord shard directories from flaxlm.data.preprocess.
+    # "" = the built-in corpus. Weights count documents.
     c.sources = ""
-    c.text_field = "text"  # jsonl/parquet field that holds the document
+    c.text_field = "text"  # jsonl/parquet/Arrow field that holds the document
     c.txt_mode = "file"  # plain text: one document per "file", "line" or "blank"-separated block
     # SentencePiece .model, HF tokenizer.json or HF directory; "" = the shards' own (pretraining
     # from init_from: its tokenizer), or one trained on the built-in text

@@ -7,8 +7,9 @@
 tokenizer of a checkpoint to continue pretraining; a special token's string in a document is
 encoded as text).
 
-Inputs: jsonl, plain text (either may be .gz / .zst compressed), parquet (data/sources.py); a
-.json file is JSON lines or one JSON array of records (read whole).
+Inputs: jsonl, plain text (either may be .gz / .zst compressed), parquet, Arrow IPC files
+(.arrow / .feather: HF ``datasets``' save_to_disk and cache files) (data/sources.py); a .json
+file is JSON lines or one JSON array of records (read whole).
 
 Output layout::
 
@@ -76,7 +77,7 @@ logger = logging.getLogger("flaxlm")  # (`log` is each run's BadInputLog)
 def preprocess_config() -> ml_collections.ConfigDict:
     """Defaults for the CLI (``--config FILE.py`` returns one from ``get_config()``)."""
     c = ml_collections.ConfigDict()
-    c.text_field = "text"  # jsonl/parquet field holding the document
+    c.text_field = "text"  # jsonl/parquet/Arrow field holding the document
     c.txt_mode = "file"  # plain text: one document per "file", "line" or "blank"-separated block
     c.strict = False  # True: the first bad record raises with file:line
     c.clean = clean_config()  # quality filters + PII (see flaxlm.data.clean)

@@ -2,10 +2,11 @@
 
 ``open_source`` opens matching files as one source, which the loader (data/pipeline.py) uses to
 shuffle, shard and resume by index: jsonl through a byte-offset index of its good lines,
-parquet as an Arrow column, ArrayRecord shards through grain (their records decode to ``str``
-or ``np.int32`` token ids, as their ``meta.json`` says), compressed jsonl, a .json file of one
-JSON array and plain text held in memory. Bad records are reported to the ``BadInputLog`` at
-open time, so they never reach training.
+parquet and Arrow IPC files (.arrow/.feather, HF ``datasets``' format) as an Arrow column of
+their good rows (``_good_text``), ArrayRecord shards through grain (their records decode to
+``str`` or ``np.int32`` token ids, as their ``meta.json`` says), compressed jsonl, a .json file
+of one JSON array and plain text held in memory. Bad records are reported to the
+``BadInputLog`` at open time, so they never reach training.
 
 ArrayRecord shards written by ``flaxlm.data.preprocess`` hold token ids without BOS/EOS
 (``"bos_eos": false`` in ``meta.json``) and the loader adds them; shards from other tools whose
@@ -29,8 +30,11 @@ from flaxlm.data.source_paths import META_FILE, expand_paths, file_format, shard
 from flaxlm.data.source_readers import (
     _open_arrayrecord,
     _parse_jsonl_line,
+    _text_column,
+    arrow_batches,
     holds_json_array,
     iter_documents,
+    open_arrow,
 )
 
 
@@ -74,12 +78,39 @@ class JsonlSource:
         return {**self.__dict__, "_file": None}
 
 
-class ParquetSource:
+def _good_text(col, path: str, field: str, log: BadInputLog):
+    """The good rows of text column ``field`` of ``path`` (an Arrow array or chunked array, as
+    read from a parquet or Arrow file) as one contiguous string/large_string array; a null row
+    is logged as "missing_field", a blank one as "empty", at ``path:row`` (1-based, as the
+    streaming reader counts rows). A column that does not hold strings is a ``DataError``
+    (``_text_column``: dictionary-encoded and string_view columns are cast to large_string)."""
+    import pyarrow.compute as pc
+
+    col = _text_column(col, path, field)
+    ok = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False)
+    for row in np.flatnonzero(~np.asarray(ok)):
+        reason = "missing_field" if col[int(row)].as_py() is None else "empty"
+        log.add(reason, f"{path}:{row + 1}")
+    return col.filter(ok).combine_chunks()
+
+
+class _TextColumnSource:
+    """``len`` + ``__getitem__`` over ``_col``, the good rows of one text column (``_good_text``),
+    shared by the parquet and Arrow sources (neither is a kind of the other)."""
+
+    _col = None  # set by the subclass's __init__
+
+    def __len__(self) -> int:
+        return len(self._col)
+
+    def __getitem__(self, i: int) -> str:
+        return self._col[i].as_py()
+
+
+class ParquetSource(_TextColumnSource):
     """Random access to one text column of a parquet file (held as an Arrow array, not objects)."""
 
     def __init__(self, path: str, text_field: str, log: BadInputLog):
-        import pyarrow as pa
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         try:  # pyarrow's errors do not name the file
@@ -92,26 +123,25 @@ class ParquetSource:
             raise
         except Exception as e:
             raise DataError(f"{path}: not a readable parquet file ({e})") from e
-        # A dictionary-encoded column (pandas' categorical; what iter_documents reads as text)
-        # holds strings too: decoded, to large_string so that repeated values cannot overflow
-        # string's 32-bit offsets. string_view likewise, for the string compute kernels below.
-        typ = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
-        is_view = getattr(pa.types, "is_string_view", lambda t: False)(typ)
-        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or is_view):
-            raise DataError(f"{path}: column {text_field!r} has type {col.type}, not string")
-        if typ != col.type or is_view:
-            col = col.cast(pa.large_string())
-        ok = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0), False)
-        for row in np.flatnonzero(~np.asarray(ok)):
-            reason = "missing_field" if col[int(row)].as_py() is None else "empty"
-            log.add(reason, f"{path}:{row + 1}")
-        self._col = col.filter(ok).combine_chunks()
+        self._col = _good_text(col, path, text_field, log)
 
-    def __len__(self) -> int:
-        return len(self._col)
 
-    def __getitem__(self, i: int) -> str:
-        return self._col[i].as_py()
+class ArrowSource(_TextColumnSource):
+    """Random access to one text column of an Arrow IPC file (.arrow/.feather: the stream format
+    of HF ``datasets``, or the file format), held as an Arrow array like a parquet file's.
+
+    Only that column is read (``open_arrow``), batch by batch (``arrow_batches``: each
+    validated, a damaged one a ``DataError`` naming its first row); the good rows are copied
+    out of the memory map (``_good_text``), so the source pickles to grain's workers without
+    the file."""
+
+    def __init__(self, path: str, text_field: str, log: BadInputLog):
+        import pyarrow as pa
+
+        reader = open_arrow(path, text_field)
+        chunks = [b.column(0) for b in arrow_batches(path, reader, rows=None)]
+        col = pa.chunked_array(chunks, type=reader.schema.field(0).type)
+        self._col = _good_text(col, path, text_field, log)
 
 
 def _count_records(path: str) -> int:
@@ -229,6 +259,8 @@ def open_source(
             parts.append(JsonlSource(p, text_field, log))
         elif fmt == "parquet":
             parts.append(ParquetSource(p, text_field, log))
+        elif fmt == "arrow":
+            parts.append(ArrowSource(p, text_field, log))
         elif fmt in ("text", "jsonl"):  # compressed, or a JSON array: no line offsets; in memory
             docs = iter_documents(p, text_field=text_field, txt_mode=txt_mode, log=log)
             parts.append(ListSource([d.text for d in docs]))

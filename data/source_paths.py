@@ -138,15 +138,18 @@ def _glob_keeps(pattern: str, name: str) -> bool:
 # What a directory holds that is data: the formats ``file_format`` reads by name, each possibly
 # compressed (``_codec_suffix``; an unsupported codec is kept, so that reading it names the file).
 # Plain text is any name to ``file_format``, but a directory also holds text that is not data.
-_DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".array_record", ".txt", ".text")
+_DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".arrow", ".feather", ".array_record",
+                  ".txt", ".text")  # fmt: skip
+# The metadata HF `datasets` writes beside its .arrow shards (save_to_disk), not records.
+_HF_DATASET_META = ("dataset_info.json", "state.json", "dataset_dict.json")
 _WARNED_DIRS: set[str] = set()  # directories whose skipped files were logged (once a process)
 
 
 def is_data_file(name: str) -> bool:
     """Whether a file a directory holds is data: not hidden or ``_``-prefixed (checksums, Spark's
     and Hadoop's ``_SUCCESS`` and ``_committed_*`` markers), not ``meta.json``, and named as a
-    format the readers know (jsonl/json/ndjson, parquet, ArrayRecord, .txt/.text, compressed or
-    not)."""
+    format the readers know (jsonl/json/ndjson, parquet, Arrow, ArrayRecord, .txt/.text,
+    compressed or not)."""
     if name.startswith((".", "_")) or name == META_FILE:
         return False
     low = name.lower()
@@ -166,7 +169,12 @@ def _directory_files(path: str) -> list[str]:
     """
     names = sorted(f for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
     data = [f for f in names if is_data_file(f)]
-    other = [f for f in names if f not in data and f != META_FILE and f[:1] not in "._"]
+    if any(file_format(f) == "arrow" for f in data):
+        # An HF `datasets` save_to_disk directory: its JSON files describe the .arrow shards
+        # (read as jsonl data, they were bad records, and fatal with strict)
+        data = [f for f in data if f not in _HF_DATASET_META]
+    other = [f for f in names if f not in data and f != META_FILE and f[:1] not in "._"
+             and f not in _HF_DATASET_META]  # fmt: skip
     # not read: a directory is its own files, not its subdirectories' (say so, and how to)
     subdirs = sorted(
         f + "/" for f in os.listdir(path)
@@ -219,16 +227,21 @@ def preprocess_corpus(path: str) -> str:
 
 
 def file_format(path: str) -> str:
-    """'jsonl' | 'text' | 'parquet' | 'arrayrecord' from the file name (``x.jsonl.gz`` and
-    ``x.jsonl.zst`` are jsonl: see ``open_bytes``). A "jsonl" file named .json may hold one JSON
-    array instead of lines: the readers tell by its first character (``holds_json_array`` in
-    data/source_readers.py)."""
+    """'jsonl' | 'text' | 'parquet' | 'arrow' | 'arrayrecord' from the file name (``x.jsonl.gz``
+    and ``x.jsonl.zst`` are jsonl: see ``open_bytes``). A "jsonl" file named .json may hold one
+    JSON array instead of lines: the readers tell by its first character (``holds_json_array`` in
+    data/source_readers.py). "arrow" is an Arrow IPC file, ``.arrow`` or ``.feather``: the stream
+    format HF ``datasets`` writes (``save_to_disk``, its cache) or the file format (Feather v2);
+    the readers tell which by its first bytes (``open_arrow``). Read as text, such a file was
+    trained on as binary garbage."""
     name = path.lower()
     name = name[: len(name) - len(_codec_suffix(name))]
     if name.endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
+    if name.endswith((".arrow", ".feather")):
+        return "arrow"
     if ".arrayrecord" in name or name.endswith(".array_record"):
         return "arrayrecord"
     return "text"

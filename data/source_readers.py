@@ -1,4 +1,4 @@
-"""Streaming readers of raw and prepared text: jsonl, plain text, parquet and ArrayRecord.
+"""Streaming readers of raw and prepared text: jsonl, plain text, parquet, Arrow and ArrayRecord.
 
 ``iter_documents`` streams documents in a fixed order (sorted files, then record order); the
 preprocess CLI and the Beam pipeline use it (the Beam pipeline reads one file with
@@ -9,6 +9,12 @@ line as this reader does, for the chat/preference records (data/chat_records.py)
 A .json file is JSON lines, or one JSON array of records (``holds_json_array``, from its first
 character): an array is read whole (``read_json_array``) and its elements are the records,
 counted by element index; the chat/preference reader shares both.
+
+Arrow IPC files (.arrow/.feather: the stream format HF ``datasets`` writes with ``save_to_disk``
+and in its cache, or the file format, Feather v2) are memory-mapped and read as parquet is, one
+column batch by batch (``open_arrow``, ``arrow_batches``; the chat/preference reader reads whole
+rows through them); a text column may be string, large_string, string_view or those
+dictionary-encoded (``_text_type``).
 
 ArrayRecord shards written by ``flaxlm.data.preprocess`` hold either UTF-8 text or int32 token ids
 (little-endian bytes); a ``meta.json`` beside the shards says which. Only text shards are read
@@ -189,6 +195,106 @@ def _open_arrayrecord(path: str):
     raise DataError(f"{path}: not a readable ArrayRecord shard ({cause})")
 
 
+def _text_type(typ, path: str, field: str) -> bool:
+    """Whether column ``field`` of ``path``, of Arrow type ``typ``, must be cast to large_string
+    for the string compute kernels (``_text_column``); ``DataError`` naming the column and its
+    type when it does not hold strings. A dictionary-encoded column (pandas' categorical) holds
+    strings too, and is cast so that repeated values cannot overflow string's 32-bit offsets;
+    string_view likewise, as the kernels do not all take it."""
+    import pyarrow as pa
+
+    value = typ.value_type if pa.types.is_dictionary(typ) else typ
+    # (an older pyarrow has no string_view, nor a test for it)
+    is_view = getattr(pa.types, "is_string_view", lambda t: False)(value)
+    if not (pa.types.is_string(value) or pa.types.is_large_string(value) or is_view):
+        raise DataError(f"{path}: column {field!r} has type {typ}, not string")
+    return value != typ or is_view
+
+
+def _text_column(col, path: str, field: str):
+    """Column ``field`` of ``path`` (an Arrow array or chunked array) as string or large_string
+    (``_text_type``), or a ``DataError`` when it does not hold strings."""
+    import pyarrow as pa
+
+    return col.cast(pa.large_string()) if _text_type(col.type, path, field) else col
+
+
+_ARROW_FILE_MAGIC = b"ARROW1"  # how the IPC file format starts (and ends); a stream does not
+ARROW_BATCH_ROWS = 1024  # rows made Python objects at a time: a file may be one large batch
+
+
+def open_arrow(path: str, field: str | None = None):
+    """A reader of the Arrow IPC file ``path``, memory-mapped (nothing is read into memory until
+    a batch's values are used): the file format (Feather v2) when it opens as one, else the
+    stream format (HF ``datasets``' .arrow files). With ``field``, the reader reads that column
+    alone (``reader.schema`` is that one field): the others (images, token lists) may be most of
+    the file, and a compressed file's would be decompressed for nothing.
+
+    ``DataError`` naming the file when it is neither (pyarrow's errors do not name it), or has
+    no column ``field``. A damaged file-format file gets the file format's own error: read as a
+    stream its magic is a meaningless message length."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    def reader(options=None):
+        source = pa.memory_map(path)
+        try:
+            return ipc.open_file(source, options=options)
+        except Exception:
+            if source.read_at(len(_ARROW_FILE_MAGIC), 0) == _ARROW_FILE_MAGIC:
+                raise
+        source.seek(0)
+        return ipc.open_stream(source, options=options)
+
+    try:
+        whole = reader()  # a stream's schema is its first message: cheap either way
+    except Exception as e:
+        raise DataError(f"{path}: not a readable Arrow file ({e})") from e
+    if field is None:
+        return whole
+    schema = whole.schema
+    if field not in schema.names:
+        raise DataError(f"{path}: no column {field!r} (columns: {schema.names})")
+    index = schema.get_field_index(field)
+    if index < 0:  # a name given twice: which one is the text is not ours to guess
+        raise DataError(f"{path}: column {field!r} appears {schema.names.count(field)} times "
+                        f"(columns: {schema.names})")  # fmt: skip
+    try:
+        return reader(ipc.IpcReadOptions(included_fields=[index]))
+    except Exception as e:
+        raise DataError(f"{path}: not a readable Arrow file ({e})") from e
+
+
+def arrow_batches(path: str, reader, rows: int | None = ARROW_BATCH_ROWS):
+    """The record batches of ``open_arrow``'s ``reader`` of ``path`` in file order, cut into at
+    most ``rows`` rows each (None: as written). Each batch is validated in full before its rows
+    are used: IPC reading checks little of what it maps, and invalid UTF-8 (or a corrupt
+    offset) would surface from ``to_pylist`` as a ``UnicodeDecodeError`` (or worse) naming no
+    file. ``DataError`` naming
+    ``path:row`` (1-based, the first row not read) where a batch cannot be read or is invalid
+    (a file cut short mid-batch): the rows after it cannot be counted."""
+    import pyarrow.ipc as ipc
+
+    if isinstance(reader, ipc.RecordBatchFileReader):
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    else:
+        batches = iter(reader)
+    row = 0
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is not None:
+                batch.validate(full=True)
+        except Exception as e:
+            raise DataError(f"{path}:{row + 1}: cannot read the Arrow rows ({e})") from e
+        if batch is None:
+            return
+        step = rows or max(batch.num_rows, 1)
+        for start in range(0, batch.num_rows, step):
+            yield batch.slice(start, step)
+        row += batch.num_rows
+
+
 def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
     """(record index, loc, text or None) of one file: the record index is what a document's key
     (and a resumed position) counts, a jsonl file's line index (blank lines skipped, not
@@ -224,6 +330,17 @@ def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
                 raise DataError(f"{path}:{row + 1}: cannot read the parquet rows ({e})") from e
             if batch is None:
                 break
+            for text in batch.column(0).to_pylist():
+                loc = f"{path}:{row + 1}"
+                yield row, loc, (text if _check_text(text, loc, log) else None)
+                row += 1
+    elif fmt == "arrow":
+        reader = open_arrow(path, field)
+        # a column that is not text is the file's error, before any row (not each row's)
+        _text_type(reader.schema.field(0).type, path, field)
+        row = 0
+        for batch in arrow_batches(path, reader):
+            # (to_pylist gives str for dictionary-encoded and string_view values alike)
             for text in batch.column(0).to_pylist():
                 loc = f"{path}:{row + 1}"
                 yield row, loc, (text if _check_text(text, loc, log) else None)

@@ -1,4 +1,4 @@
-"""Readers for raw and prepared text: jsonl, plain text, parquet and ArrayRecord.
+"""Readers for raw and prepared text: jsonl, plain text, parquet, Arrow and ArrayRecord.
 
 The front door: callers import ``from flaxlm.data import sources as S`` (the loader, preprocess,
 Beam, the chat records, the tests), and this module re-exports the names of the five modules
@@ -11,13 +11,16 @@ that hold the code (each imports only the ones listed before it):
   * data/source_paths.py — which files a pattern names: ``expand_paths``, ``is_data_file``,
     ``preprocess_corpus``, ``file_format``, ``shard_meta``, ``META_FILE``.
   * data/source_readers.py — streaming: ``iter_documents`` / ``Document``, the per-format
-    readers (``_iter_file``), ``jsonl_record`` and ``lone_surrogate``.
+    readers (``_iter_file``; Arrow IPC files through ``open_arrow`` and ``arrow_batches``),
+    ``jsonl_record`` and ``lone_surrogate``.
   * data/source_access.py — random access for the loader: ``open_source`` and the
-    ``JsonlSource``, ``ParquetSource``, ``ArrayRecordSource``, ``ListSource`` and
-    ``ConcatSource`` it builds.
+    ``JsonlSource``, ``ParquetSource``, ``ArrowSource``, ``ArrayRecordSource``, ``ListSource``
+    and ``ConcatSource`` it builds.
 
-jsonl and plain text may be gzip (``.gz``) or zstd (``.zst``) compressed. A directory that is a
-``flaxlm.data.preprocess`` output reads as its corpus; any other as its data files.
+jsonl and plain text may be gzip (``.gz``) or zstd (``.zst``) compressed. Arrow means Arrow IPC
+files named .arrow or .feather: the stream format HF ``datasets`` writes (``save_to_disk``, its
+cache) or the file format (Feather v2), read one column at a time as parquet is. A directory that
+is a ``flaxlm.data.preprocess`` output reads as its corpus; any other as its data files.
 
 Two access patterns share one error policy:
 
@@ -47,11 +50,13 @@ from __future__ import annotations
 
 from flaxlm.data.source_access import (
     ArrayRecordSource,
+    ArrowSource,
     ConcatSource,
     JsonlSource,
     ListSource,
     ParquetSource,
     _count_records,
+    _good_text,
     open_source,
 )
 from flaxlm.data.source_codecs import (
@@ -79,6 +84,7 @@ from flaxlm.data.source_paths import (
 )
 from flaxlm.data.source_readers import (
     _SURROGATE_RE,
+    ARROW_BATCH_ROWS,
     Document,
     _check_text,
     _decode,
@@ -88,9 +94,13 @@ from flaxlm.data.source_readers import (
     _json_value,
     _open_arrayrecord,
     _parse_jsonl_line,
+    _text_column,
+    _text_type,
+    arrow_batches,
     iter_documents,
     jsonl_record,
     lone_surrogate,
+    open_arrow,
 )
 
 __all__ = [
@@ -119,6 +129,7 @@ __all__ = [
     "preprocess_corpus",
     "shard_meta",
     # source_readers
+    "ARROW_BATCH_ROWS",
     "Document",
     "_SURROGATE_RE",
     "_check_text",
@@ -129,15 +140,21 @@ __all__ = [
     "_json_value",
     "_open_arrayrecord",
     "_parse_jsonl_line",
+    "_text_column",
+    "_text_type",
+    "arrow_batches",
     "iter_documents",
     "jsonl_record",
     "lone_surrogate",
+    "open_arrow",
     # source_access
     "ArrayRecordSource",
+    "ArrowSource",
     "ConcatSource",
     "JsonlSource",
     "ListSource",
     "ParquetSource",
     "_count_records",
+    "_good_text",
     "open_source",
 ]
