@@ -187,6 +187,13 @@ def test_what_no_profile_names_is_undetermined():
     assert identify("de la", "latin") == "und"  # French and Spanish tie: neither is named
     assert identify("de la de", "latin") == "und"
     assert identify("de la el", "latin") == "es"
+
+
+def test_words_are_letter_runs_and_the_most_profile_words_win():
+    # French elision: "l'homme" is "l" + "homme", "qu'il" is "qu" + "il"
+    assert identify("C'est l'homme qu'il aime, d'un pays où l'on rêve.", "latin") == "fr"
+    # occurrences, not distinct words, decide (es: 6 of 2 words; it: 4 of 4)
+    assert identify("el el el el el la casa il che non", "latin") == "es"
     assert clean.DocStats("Καλημέρα σας, τι κάνετε σήμερα;").language == "greek"
     assert clean.DocStats("東京は日本の首都です。とても大きな都市です。").language == "ja"
 
