@@ -145,6 +145,23 @@ def test_preprocess_writes_token_shards_with_an_hf_tokenizer(hf_dir, tmp_path):
     for _ in range(3):
         a, b = next(shards), next(raw)
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    # a special token's string in a document is text in the shards too (Beam tokenizes alike)
+    src = tmp_path / "special.jsonl"
+    text = "a document that mentions <|im_end|> and <|endoftext|> in its text"
+    src.write_text(json.dumps({"text": text}) + "\n")
+    out2 = tmp_path / "special"
+    preprocess.main(["--input", str(src), "--output", str(out2), f"--config.tokenizer={hf_dir}",
+                     "--config.do_clean=False", "--config.dedup.near=False"])  # fmt: skip
+    from flaxlm.data.sources import open_source
+
+    ids = [int(i) for i in open_source(str(out2 / "tokens"))[0]]
+    assert not {EOS, PAD} & set(ids) and tok.decode(ids) == text
+    beam = pytest.importorskip("flaxlm.data.beam")
+    out3 = tmp_path / "special_beam"
+    beam.main(["--input", str(src), "--output", str(out3), f"--config.tokenizer={hf_dir}",
+               "--config.do_clean=False", "--config.dedup.near=False", "--num_shards=1",
+               "--runner=DirectRunner"])  # fmt: skip
+    assert [int(i) for i in open_source(str(out3 / "tokens"))[0]] == ids
 
 
 def test_shards_of_another_tokenizer_are_refused_with_an_hf_source(hf_dir, tmp_path):
