@@ -37,7 +37,15 @@ import ml_collections
 
 from flaxlm.data import sources as S
 from flaxlm.data.source_codecs import numbered_lines
-from flaxlm.data.source_readers import arrow_batches, holds_json_array, open_arrow, read_json_array
+from flaxlm.data.source_readers import (
+    arrow_batches,
+    field_index,
+    holds_json_array,
+    open_arrow,
+    open_parquet,
+    parquet_batches,
+    read_json_array,
+)
 
 ROLES = ("system", "user", "assistant")  # flaxlm's own template's roles
 TOOL_ROLE = "tool"  # a tool's result: context, rendered only by a Jinja chat template
@@ -419,8 +427,9 @@ def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[
     (`sources.jsonl_record`): a UTF-8 BOM is skipped, invalid UTF-8 and a lone surrogate escape
     are "invalid_utf8", malformed JSON "malformed_json". A .json file that holds one JSON array
     (Alpaca style) is its elements, (record, "file[index]"). A parquet or Arrow row is a dict of
-    every column, "file:row" (1-based); an Arrow file (HF `datasets`' .arrow, or Feather v2)
-    that cannot be read is a DataError naming the file, or the first row it could not read."""
+    every column, "file:row" (1-based); a parquet or Arrow file (HF `datasets`' .arrow, or
+    Feather v2) that cannot be read, or that names a column twice, is a DataError naming the
+    file, or the first row it could not read."""
     for path in S.expand_paths(patterns):
         fmt = S.file_format(path)
         if fmt == "jsonl" and holds_json_array(path):
@@ -434,17 +443,21 @@ def read_records(patterns: str | Sequence[str], report: DataReport) -> Iterator[
                 ok, obj = S.jsonl_record(raw, loc, report.log)
                 if ok:
                     yield obj, loc
-        elif fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            for i, row in enumerate(pq.read_table(path).to_pylist()):
-                report.read += 1
-                yield row, f"{path}:{i + 1}"
-        elif fmt == "arrow":
-            # batch by batch, as dicts like parquet's rows: HF's files are memory-mapped and may
-            # be far larger than their rows as Python objects would fit in memory at once
+        elif fmt in ("parquet", "arrow"):
+            # Batch by batch, each validated (a corrupt row group, a damaged Arrow batch or
+            # invalid UTF-8 is a DataError naming file:row, not a bare pyarrow or Unicode error
+            # naming nothing): HF's Arrow files are memory-mapped, and either may be far larger
+            # than its rows as Python objects would fit in memory at once.
+            if fmt == "parquet":
+                pf = open_parquet(path)
+                schema, batches = pf.schema_arrow, parquet_batches(path, pf)
+            else:
+                reader = open_arrow(path)
+                schema, batches = reader.schema, arrow_batches(path, reader)
+            for name in schema.names:  # a name twice: a row's dict would keep one value unsaid
+                field_index(schema, path, name)
             i = 0
-            for batch in arrow_batches(path, open_arrow(path)):
+            for batch in batches:
                 for row in batch.to_pylist():
                     i += 1
                     report.read += 1

@@ -31,10 +31,14 @@ from flaxlm.data.source_readers import (
     _open_arrayrecord,
     _parse_jsonl_line,
     _text_column,
+    _text_type,
     arrow_batches,
+    field_index,
     holds_json_array,
     iter_documents,
     open_arrow,
+    open_parquet,
+    valid_batches,
 )
 
 
@@ -108,21 +112,28 @@ class _TextColumnSource:
 
 
 class ParquetSource(_TextColumnSource):
-    """Random access to one text column of a parquet file (held as an Arrow array, not objects)."""
+    """Random access to one text column of a parquet file (held as an Arrow array, not objects).
+
+    A file that cannot be read, a missing, repeated or non-string column (checked from the
+    footer, before any row is read), a corrupt row group and invalid UTF-8 are ``DataError``s
+    naming the file, as the streaming reader's (and an Arrow file's) are."""
 
     def __init__(self, path: str, text_field: str, log: BadInputLog):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        schema = open_parquet(path).schema_arrow
+        _text_type(schema.field(field_index(schema, path, text_field)).type, path, text_field)
         try:  # pyarrow's errors do not name the file
-            columns = pq.read_schema(path).names
-            if text_field not in columns:
-                raise DataError(f"{path}: no column {text_field!r} (columns: {columns})")
             # the text column alone: the others (images, metadata) may be most of the file
             col = pq.read_table(path, columns=[text_field]).column(text_field)
-        except DataError:
-            raise
         except Exception as e:
             raise DataError(f"{path}: not a readable parquet file ({e})") from e
+        # Each chunk validated before the string kernels see it (``valid_batches``): parquet
+        # reading does not check string bytes, and invalid UTF-8 was an ArrowInvalid from
+        # ``_good_text`` naming no file.
+        chunks = list(valid_batches(path, iter(col.chunks), "parquet", rows=None))
+        col = pa.chunked_array(chunks, type=col.type)
         self._col = _good_text(col, path, text_field, log)
 
 

@@ -14,7 +14,10 @@ Arrow IPC files (.arrow/.feather: the stream format HF ``datasets`` writes with 
 and in its cache, or the file format, Feather v2) are memory-mapped and read as parquet is, one
 column batch by batch (``open_arrow``, ``arrow_batches``; the chat/preference reader reads whole
 rows through them); a text column may be string, large_string, string_view or those
-dictionary-encoded (``_text_type``).
+dictionary-encoded (``_text_type``). Parquet files go through the same checks (``open_parquet``,
+``parquet_batches``): a missing, repeated (``field_index``) or non-string column is one
+``DataError`` for the file, and every batch is validated (``valid_batches``), so a damaged file
+or invalid UTF-8 is a ``DataError`` naming the file (and row), never a bare pyarrow error.
 
 ArrayRecord shards written by ``flaxlm.data.preprocess`` hold either UTF-8 text or int32 token ids
 (little-endian bytes); a ``meta.json`` beside the shards says which. Only text shards are read
@@ -219,6 +222,19 @@ def _text_column(col, path: str, field: str):
     return col.cast(pa.large_string()) if _text_type(col.type, path, field) else col
 
 
+def field_index(schema, path: str, field: str) -> int:
+    """The index of column ``field`` in ``schema``, the Arrow schema of ``path`` (an Arrow or
+    parquet file); ``DataError`` naming the file and its columns when it has no such column, or
+    has two of that name (which one is the text, or a record's value, is not ours to guess)."""
+    if field not in schema.names:
+        raise DataError(f"{path}: no column {field!r} (columns: {schema.names})")
+    index = schema.get_field_index(field)
+    if index < 0:  # (-1 for a name given twice as for a missing one)
+        raise DataError(f"{path}: column {field!r} appears {schema.names.count(field)} times "
+                        f"(columns: {schema.names})")  # fmt: skip
+    return index
+
+
 _ARROW_FILE_MAGIC = b"ARROW1"  # how the IPC file format starts (and ends); a stream does not
 ARROW_BATCH_ROWS = 1024  # rows made Python objects at a time: a file may be one large batch
 
@@ -252,13 +268,7 @@ def open_arrow(path: str, field: str | None = None):
         raise DataError(f"{path}: not a readable Arrow file ({e})") from e
     if field is None:
         return whole
-    schema = whole.schema
-    if field not in schema.names:
-        raise DataError(f"{path}: no column {field!r} (columns: {schema.names})")
-    index = schema.get_field_index(field)
-    if index < 0:  # a name given twice: which one is the text is not ours to guess
-        raise DataError(f"{path}: column {field!r} appears {schema.names.count(field)} times "
-                        f"(columns: {schema.names})")  # fmt: skip
+    index = field_index(whole.schema, path, field)
     try:
         return reader(ipc.IpcReadOptions(included_fields=[index]))
     except Exception as e:
@@ -267,18 +277,26 @@ def open_arrow(path: str, field: str | None = None):
 
 def arrow_batches(path: str, reader, rows: int | None = ARROW_BATCH_ROWS):
     """The record batches of ``open_arrow``'s ``reader`` of ``path`` in file order, cut into at
-    most ``rows`` rows each (None: as written). Each batch is validated in full before its rows
-    are used: IPC reading checks little of what it maps, and invalid UTF-8 (or a corrupt
-    offset) would surface from ``to_pylist`` as a ``UnicodeDecodeError`` (or worse) naming no
-    file. ``DataError`` naming
-    ``path:row`` (1-based, the first row not read) where a batch cannot be read or is invalid
-    (a file cut short mid-batch): the rows after it cannot be counted."""
+    most ``rows`` rows each (None: as written), each validated (``valid_batches``): IPC reading
+    checks little of what it maps."""
     import pyarrow.ipc as ipc
 
     if isinstance(reader, ipc.RecordBatchFileReader):
         batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     else:
         batches = iter(reader)
+    yield from valid_batches(path, batches, "Arrow", rows)
+
+
+def valid_batches(path: str, batches, kind: str, rows: int | None = ARROW_BATCH_ROWS):
+    """The record batches (or arrays) of the iterator ``batches`` over the rows of ``path``, a
+    ``kind`` ("Arrow", "parquet") file, in order, cut into at most ``rows`` rows each (None: as
+    read). Each is validated in full before its rows are used: neither IPC nor parquet reading
+    checks string bytes, and invalid UTF-8 (or a corrupt offset) would surface from ``to_pylist``
+    as a ``UnicodeDecodeError`` (or from a compute kernel as ``ArrowInvalid``) naming no file.
+    ``DataError`` naming ``path:row`` (1-based, the first row not read) where a batch cannot be
+    read (a file cut short mid-batch, a corrupt row group) or is invalid: the rows after it
+    cannot be counted."""
     row = 0
     while True:
         try:
@@ -286,13 +304,34 @@ def arrow_batches(path: str, reader, rows: int | None = ARROW_BATCH_ROWS):
             if batch is not None:
                 batch.validate(full=True)
         except Exception as e:
-            raise DataError(f"{path}:{row + 1}: cannot read the Arrow rows ({e})") from e
+            raise DataError(f"{path}:{row + 1}: cannot read the {kind} rows ({e})") from e
         if batch is None:
             return
-        step = rows or max(batch.num_rows, 1)
-        for start in range(0, batch.num_rows, step):
+        step = rows or max(len(batch), 1)
+        for start in range(0, len(batch), step):
             yield batch.slice(start, step)
-        row += batch.num_rows
+        row += len(batch)
+
+
+def open_parquet(path: str):
+    """A ``pyarrow.parquet.ParquetFile`` of ``path`` (its footer read, no rows); ``DataError``
+    naming the file when it is not readable parquet (truncated, empty, not parquet): pyarrow's
+    errors do not name it ("Parquet magic bytes not found in footer")."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from e
+
+
+def parquet_batches(path: str, pf, columns: list[str] | None = None):
+    """The record batches of ``open_parquet``'s ``pf`` of ``path`` (``columns`` alone, or all),
+    ``ARROW_BATCH_ROWS`` rows at a time (batches run across row groups) and each validated
+    (``valid_batches``): a corrupt row group or invalid UTF-8 is a ``DataError`` naming
+    ``path:row``."""
+    batches = pf.iter_batches(batch_size=ARROW_BATCH_ROWS, columns=columns)
+    return valid_batches(path, batches, "parquet", rows=None)
 
 
 def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
@@ -313,23 +352,13 @@ def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
             text = _parse_jsonl_line(raw, loc, field, log)
             yield i, loc, text
     elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        # pyarrow's errors do not name the file ("Parquet magic bytes not found in footer").
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:
-            raise DataError(f"{path}: not a readable parquet file ({e})") from e
-        if field not in pf.schema_arrow.names:
-            raise DataError(f"{path}: no column {field!r} (columns: {pf.schema_arrow.names})")
-        row, batches = 0, pf.iter_batches(columns=[field], batch_size=1024)
-        while True:
-            try:
-                batch = next(batches, None)
-            except Exception as e:  # a corrupt row group: the rows after it cannot be counted
-                raise DataError(f"{path}:{row + 1}: cannot read the parquet rows ({e})") from e
-            if batch is None:
-                break
+        pf = open_parquet(path)
+        schema = pf.schema_arrow
+        # A column that is not text is the file's error, before any row (it was each row's
+        # "missing_field", a whole file of them counted as bad input), as an Arrow file's is.
+        _text_type(schema.field(field_index(schema, path, field)).type, path, field)
+        row = 0
+        for batch in parquet_batches(path, pf, [field]):
             for text in batch.column(0).to_pylist():
                 loc = f"{path}:{row + 1}"
                 yield row, loc, (text if _check_text(text, loc, log) else None)
