@@ -334,6 +334,12 @@ def check_settings(inputs: list[str], cfg):
             "it here as --config.tokenizer=OUT/tokenizer.model, or leave train_tokenizer_vocab "
             "at 0 to write cleaned text shards"
         )
+    if cfg.quality.model:
+        raise ValueError(
+            f"quality.model={cfg.quality.model}: the reference-model perplexity filter runs in "
+            "the preprocess CLI (python -m flaxlm.data.preprocess, on the accelerators of one "
+            "host), not on Beam; filter the Beam output with it, or leave quality.model empty"
+        )
     # What the CLI checks before it writes anything (else `run` wrote meta.json before a
     # worker met a misspelt txt_mode at the first file, and the corrected rerun found an
     # output folder already begun).

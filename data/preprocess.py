@@ -68,6 +68,8 @@ from flaxlm.data.clean import (
 )
 from flaxlm.data.clean_wordlist import load_word_list
 from flaxlm.data.dedup import Deduper, dedup_config
+from flaxlm.data.quality import QualityFilter, quality_config
+from flaxlm.data.quality import check_config as check_quality
 from flaxlm.data.source_readers import check_txt_mode
 from flaxlm.data.tokenizer import Tokenizer, fixed_pieces, open_tokenizer, text_encoder, train
 
@@ -83,6 +85,8 @@ def preprocess_config() -> ml_collections.ConfigDict:
     c.clean = clean_config()  # quality filters + PII (see flaxlm.data.clean)
     c.do_clean = True  # False: skip the filters (dedup/tokenize only)
     c.dedup = dedup_config()  # exact/near dedup + decontamination (see flaxlm.data.dedup)
+    # a reference model's perplexity filter after dedup (see flaxlm.data.quality; off: no model)
+    c.quality = quality_config()
     c.tokenizer = ""  # SentencePiece .model to tokenize with; "" = train one or write text only
     c.train_tokenizer_vocab = 0  # > 0 and no tokenizer: train a tokenizer of this size
     c.tokenizer_model_type = "bpe"  # "bpe" or "unigram" when training
@@ -311,6 +315,7 @@ def check_settings(
             f"tokenizer_model_type must be bpe|unigram, got {cfg.tokenizer_model_type!r}"
         )
     cleaner = Cleaner(cfg.clean)
+    check_quality(cfg.quality)  # (the model itself is loaded by run)
     if cfg.do_clean and cfg.clean.toxic_lists:  # read at the first document that gets that far
         try:
             load_word_list(cfg.clean.toxic_lists)
@@ -356,7 +361,8 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
     else:
         text_out, tok_out = None, _token_writer(out_dir, tok, cfg)
     reservoir, rng, n_res = [], random.Random(cfg.seed), 0
-    times = {"read": 0.0, "clean": 0.0, "dedup": 0.0, "tokenize": 0.0}
+    times = {"read": 0.0, "clean": 0.0, "dedup": 0.0, "quality": 0.0, "tokenize": 0.0}
+    quality = QualityFilter(cfg.quality) if cfg.quality.model else None
     counts = {"read_records": 0, "bytes_in": 0, "tokens": 0, "out": 0}
     pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
 
@@ -392,8 +398,14 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
             kept = [(d, t) for d, t in zip(batch, texts) if t is not None]
             t0 = time.time()
             keep = deduper.keep_batch([t for _, t in kept], [d.loc for d, _ in kept])
-            survivors = [t for (_, t), k in zip(kept, keep) if k]
+            kept = [(d, t) for (d, t), k in zip(kept, keep) if k]
             times["dedup"] += time.time() - t0
+            if quality is not None and kept:
+                t0 = time.time()
+                keep = quality.keep_batch([t for _, t in kept], [d.loc for d, _ in kept])
+                kept = [(d, t) for (d, t), k in zip(kept, keep) if k]
+                times["quality"] += time.time() - t0
+            survivors = [t for _, t in kept]
             counts["out"] += len(survivors)
             if text_out is not None:
                 for t in survivors:
@@ -449,9 +461,11 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
         _stage("read", times["read"], {"in": n_in + read_in, "out": n_in, **log.to_dict()}),
         _stage("clean", times["clean"], cleaner.report()),
         _stage("dedup", times["dedup"], deduper.report()),
+        *([_stage("quality", times["quality"], quality.report())] if quality else []),
         _stage("tokenize", times["tokenize"], {"tokens": counts["tokens"]}),
     ]
-    removed = {**log.counts, **cleaner.removed, **deduper.removed}
+    removed = {**log.counts, **cleaner.removed, **deduper.removed,
+               **(quality.removed if quality else {})}  # fmt: skip
     report = {
         "inputs": S.expand_paths(inputs),
         "output": out_dir,
@@ -592,6 +606,11 @@ def format_report(r: dict) -> str:
         )
         lines += ["", f"Languages of the documents cleaning kept: {counts} (clean.languages)"]
     lines += _decontam_lines(next((s for s in r["stages"] if s["stage"] == "dedup"), {}))
+    if q := next((s for s in r["stages"] if s["stage"] == "quality"), None):
+        dist = ", ".join(f"{k} {v}" for k, v in q["perplexity"].items()) or "none scored"
+        lines += ["", f"Perplexity under {q['model']} (first {q['max_tokens']} tokens) of the "
+                  f"documents dedup kept: {dist}; {q['unscored']} too short to score "
+                  "(quality.min_ppl / max_ppl drop below / above)"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,192 @@
+"""Reference-model perplexity filtering: drop documents a trusted language model finds
+improbable (CCNet, Wenzek et al. 2020; "Perplexed by Perplexity", Ankner et al. 2024).
+
+The heuristics of data/clean.py judge the surface of a page (length, repetition, symbols, stop
+words); they pass fluent-looking junk and spam that a language model trained on text you trust
+(a small flaxlm run on curated data, or any HF checkpoint) scores as unlike it. `QualityFilter`
+scores each document that survived cleaning and dedup by that model's perplexity over its first
+`max_tokens` tokens (BOS, then the document encoded as pretraining encodes it) and drops one
+
+  * above `max_ppl` as "perplexity_high" (unlike the reference text), or
+  * below `min_ppl` as "perplexity_low" (repeated or templated text a model predicts too well),
+
+strictly (a document at a threshold passes, as cleaning's thresholds). Both off by default
+with `model` unset; with a model and no threshold every document is scored and kept, and the
+report gives the perplexity distribution to choose thresholds from (percentiles from a
+log-spaced histogram: 50 bins a decade, so within about 5 % of the exact value, and mergeable).
+
+A document of fewer than two tokens (BOS and one more) has no prediction to score: it is kept
+and counted as "unscored". The model runs on the default JAX device (a GPU when there is one),
+`batch_tokens` tokens a forward pass (evaluation/loglik.py `LoglikScorer`). It runs in the
+streaming preprocess CLI; Beam refuses it (data/beam.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+import numpy as np
+
+from flaxlm.config_values import is_int, is_real
+
+MAX_EXAMPLES = 3  # removed-document examples kept per reason (first 200 characters)
+# Perplexity histogram: log10(ppl) from 0 to 7 (1 to 10 million) in 50 bins a decade; beyond
+# either end counts in the end bins.
+_BINS_PER_DECADE, _DECADES = 50, 7
+PERCENTILES = (5, 25, 50, 75, 95)
+HF_PREFIX = "hf:"
+
+
+def quality_config() -> ml_collections.ConfigDict:
+    """Defaults of the `quality` section of preprocess: off (no model)."""
+    c = ml_collections.ConfigDict()
+    c.model = ""  # a flaxlm run directory or hf:DIR; "" = no perplexity filter
+    c.max_ppl = 0.0  # perplexity above → "perplexity_high" (0 = no upper limit)
+    c.min_ppl = 0.0  # perplexity below → "perplexity_low" (0 = no lower limit)
+    c.max_tokens = 512  # tokens of each document scored (its start; BOS included)
+    c.batch_tokens = 16384  # tokens per forward pass
+    return c
+
+
+def check_config(c) -> None:
+    """Refuses, naming the key, a setting the filter cannot mean, before anything is read."""
+    for key in ("max_ppl", "min_ppl"):
+        value = c[key]
+        if not (is_real(value) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"quality.{key}={value!r}: a perplexity >= 0 expected (0: no limit)")
+    if c.max_ppl and c.min_ppl and c.min_ppl >= c.max_ppl:
+        raise ValueError(
+            f"quality.min_ppl={c.min_ppl} >= quality.max_ppl={c.max_ppl}: no document could pass"
+        )
+    for key, least in (("max_tokens", 2), ("batch_tokens", 16)):
+        if not (is_int(c[key]) and c[key] >= least):
+            raise ValueError(f"quality.{key}={c[key]!r}: an integer >= {least} expected")
+    if (c.max_ppl or c.min_ppl) and not c.model:
+        raise ValueError("quality.max_ppl / min_ppl are set but quality.model is empty")
+    if c.model:
+        path = c.model[len(HF_PREFIX) :] if c.model.startswith(HF_PREFIX) else c.model
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"quality.model={c.model!r}: no such directory")
+
+
+def load_reference(source: str):
+    """(ModelConfig, params, tokenizer) of a flaxlm run directory or "hf:DIR"."""
+    from flaxlm.models.hf_tokenizer import load_tokenizer
+
+    if source.startswith(HF_PREFIX):
+        from flaxlm.models import hf
+
+        path = os.path.expanduser(source[len(HF_PREFIX) :])
+        cfg, params = hf.load_pretrained(path)
+        return cfg, params, load_tokenizer(path, cfg.vocab_size)
+    from flaxlm.train.checkpoint import load_model
+
+    cfg, params, meta = load_model(os.path.expanduser(source))
+    if not meta.get("tokenizer"):
+        raise ValueError(f"quality.model={source}: the run records no tokenizer")
+    return cfg, params, load_tokenizer(meta["tokenizer"], cfg.vocab_size)
+
+
+class Histogram:
+    """Counts of log10(perplexity) in fixed bins: percentiles without keeping every score."""
+
+    def __init__(self, counts=None):
+        n = _BINS_PER_DECADE * _DECADES
+        self.counts = np.zeros(n, np.int64) if counts is None else np.asarray(counts, np.int64)
+
+    def add(self, ppl: np.ndarray) -> None:
+        idx = np.floor(np.log10(np.maximum(ppl, 1.0)) * _BINS_PER_DECADE).astype(np.int64)
+        np.add.at(self.counts, np.clip(idx, 0, len(self.counts) - 1), 1)
+
+    def merge(self, other: Histogram) -> None:
+        self.counts += other.counts
+
+    def percentiles(self, qs=PERCENTILES) -> dict[str, float]:
+        """{"p50": ...}: each the geometric middle of the bin the q-th percentile falls in."""
+        total = int(self.counts.sum())
+        if not total:
+            return {}
+        cum = np.cumsum(self.counts)
+        out = {}
+        for q in qs:
+            b = int(np.searchsorted(cum, q / 100 * total, side="left"))
+            out[f"p{q}"] = round(10 ** ((b + 0.5) / _BINS_PER_DECADE), 2)
+        return out
+
+
+class QualityFilter:
+    """Scores and filters batches of documents (see the module docstring); counts like
+    data/clean.py's Cleaner (`removed`, `examples`, `report`)."""
+
+    def __init__(self, cfg, reference=None):
+        from flaxlm.data.tokenizer import text_encoder
+        from flaxlm.evaluation.loglik import LoglikScorer
+
+        check_config(cfg)
+        self.cfg = cfg
+        self.model_cfg, params, self.tok = reference or load_reference(cfg.model)
+        self.encoder = text_encoder(self.tok)  # a special token's string in a page stays text
+        self.scorer = LoglikScorer(
+            self.model_cfg,
+            params,
+            max_len=cfg.max_tokens,
+            batch_tokens=cfg.batch_tokens,
+            pad_id=self.tok.pad_id,
+        )
+        self.seen, self.unscored = 0, 0
+        self.removed: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+        self.hist = Histogram()
+
+    def perplexities(self, texts: list[str]) -> np.ndarray:
+        """Each text's perplexity over its first max_tokens tokens; nan for one too short."""
+        from flaxlm.evaluation.prompts import prefix_ids
+
+        head = prefix_ids(self.tok)
+        out = np.full(len(texts), np.nan)
+        requests, where = [], []
+        for i, ids in enumerate(self.encoder.encode_batch(texts)):
+            seq = (head + list(ids))[: self.cfg.max_tokens]
+            if len(seq) >= 2:
+                requests.append((seq[:1], seq[1:]))
+                where.append(i)
+        for i, s in zip(where, self.scorer.score(requests) if requests else []):
+            out[i] = math.exp(-s.logprob / s.n_tokens)
+        return out
+
+    def keep_batch(self, texts: list[str], locs: list[str]) -> list[bool]:
+        """Which of `texts` pass; counts the others by reason."""
+        ppl = self.perplexities(texts)
+        scored = ~np.isnan(ppl)
+        self.seen += len(texts)
+        self.unscored += int((~scored).sum())
+        self.hist.add(ppl[scored])
+        keep = []
+        for text, loc, p in zip(texts, locs, ppl):
+            reason = None
+            if not np.isnan(p):
+                if self.cfg.max_ppl and p > self.cfg.max_ppl:
+                    reason = "perplexity_high"
+                elif self.cfg.min_ppl and p < self.cfg.min_ppl:
+                    reason = "perplexity_low"
+            keep.append(reason is None)
+            if reason is not None:
+                self.removed[reason] = self.removed.get(reason, 0) + 1
+                ex = self.examples.setdefault(reason, [])
+                if len(ex) < MAX_EXAMPLES:
+                    ex.append(f"{loc}: ppl {p:.1f}: {text[:200]!r}")
+        return keep
+
+    def report(self) -> dict:
+        return {
+            "in": self.seen,
+            "out": self.seen - sum(self.removed.values()),
+            "removed": dict(self.removed),
+            "examples": self.examples,
+            "model": self.cfg.model,
+            "max_tokens": self.cfg.max_tokens,
+            "unscored": self.unscored,
+            "perplexity": self.hist.percentiles(),
+        }

@@ -1,0 +1,146 @@
+"""Reference-model perplexity filtering (data/quality.py): each document's perplexity equals the
+one computed here from the model's logits, the thresholds drop what they say (strictly), the
+preprocess report accounts for every document and shows the distribution, and bad settings are
+refused naming the key before anything is written."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from flaxlm.configs import pretrain as pretrain_config
+from flaxlm.data import preprocess, quality
+from flaxlm.evaluation.prompts import prefix_ids
+from flaxlm.models.transformer import Transformer
+from flaxlm.train import pretrain
+
+SENTENCES = [
+    "Kavo lives in Brel and works as a baker.",
+    "The river flows past the old mill every spring.",
+    "Mira keeps three goats and a small garden behind the house.",
+]
+GIBBERISH = "qzx vbn wqp lkj mnb zzq xkc pqw jhg fds " * 4
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A tiny model trained on the built-in world (its tokenizer beside it)."""
+    run = tmp_path_factory.mktemp("ref")
+    c = pretrain_config.get_config("variant=tiny,runlocal=True")
+    with c.unlocked():
+        c.progress_bar = False
+        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 40, 0, 40, 40
+    pretrain.run(c, str(run))
+    return str(run), quality.load_reference(str(run))
+
+
+def _cfg(run, **kw):
+    c = quality.quality_config()
+    c.model = run
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def _ppl_by_hand(ref, text, max_tokens):
+    cfg, params, tok = ref
+    seq = (prefix_ids(tok) + tok.encode(text))[:max_tokens]
+    logits = Transformer(cfg).apply({"params": params}, np.asarray([seq[:-1]], np.int32))
+    logp = jax.nn.log_softmax(np.asarray(logits[0], np.float64), -1)
+    nll = -np.mean([logp[i, t] for i, t in enumerate(seq[1:])])
+    return math.exp(nll)
+
+
+def test_each_perplexity_is_the_models_over_the_documents_start(reference):
+    run, ref = reference
+    f = quality.QualityFilter(_cfg(run, max_tokens=24), ref)
+    texts = [" ".join(SENTENCES), GIBBERISH, SENTENCES[0] * 5]
+    got = f.perplexities(texts)
+    for text, p in zip(texts, got):
+        assert p == pytest.approx(_ppl_by_hand(ref, text, 24), rel=1e-4)
+    assert got[0] < got[1]  # the world's text is likelier than letters at random
+    assert np.isnan(f.perplexities([""])[0])  # BOS alone: nothing to predict
+
+
+def test_thresholds_drop_strictly_and_count_by_reason(reference):
+    run, ref = reference
+    texts = [" ".join(SENTENCES), GIBBERISH, " ".join(SENTENCES[::-1]), ""]
+    ppl = quality.QualityFilter(_cfg(run), ref).perplexities(texts)
+    # max_ppl at the world text's own perplexity: it passes (equal), the gibberish does not
+    f = quality.QualityFilter(_cfg(run, max_ppl=float(max(ppl[0], ppl[2]))), ref)
+    keep = f.keep_batch(texts, ["a:1", "a:2", "a:3", "a:4"])
+    assert keep == [True, False, True, True]  # the empty one is unscored, and kept
+    rep = f.report()
+    assert rep["removed"] == {"perplexity_high": 1} and rep["in"] == 4 and rep["out"] == 3
+    assert rep["unscored"] == 1 and rep["examples"]["perplexity_high"][0].startswith("a:2: ppl")
+    low = quality.QualityFilter(_cfg(run, min_ppl=float(min(ppl[0], ppl[2])) + 1e-3), ref)
+    assert low.keep_batch(texts[:3], ["b:1", "b:2", "b:3"]).count(False) == 1
+    assert low.removed == {"perplexity_low": 1}
+
+
+def test_histogram_percentiles_are_within_a_bin_of_numpy():
+    rng = np.random.default_rng(0)
+    ppl = np.exp(rng.normal(3.0, 1.0, 5000))
+    h, other = quality.Histogram(), quality.Histogram()
+    h.add(ppl[:2000])
+    other.add(ppl[2000:])
+    h.merge(other)
+    for q, v in h.percentiles().items():
+        want = np.percentile(ppl, int(q[1:]))
+        assert v == pytest.approx(want, rel=0.05), q
+
+
+def test_preprocess_filters_reports_and_accounts_for_every_document(reference, tmp_path):
+    run, ref = reference
+    rows = [" ".join(SENTENCES) + f" Entry {i}." for i in range(6)]
+    rows += [GIBBERISH + str(i) for i in range(3)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    ppl = quality.QualityFilter(_cfg(run), ref).perplexities(rows)
+    cut = float((ppl[:6].max() + ppl[6:].min()) / 2)
+    assert ppl[:6].max() < cut < ppl[6:].min()
+    out = tmp_path / "out"
+    report = preprocess.main(["--input", str(src), "--output", str(out),
+                              "--config.do_clean=False", "--config.dedup.near=False",
+                              f"--config.quality.model={run}",
+                              f"--config.quality.max_ppl={cut}"])  # fmt: skip
+    assert report["documents_out"] == 6 and report["removed"] == {"perplexity_high": 3}
+    stage = next(s for s in report["stages"] if s["stage"] == "quality")
+    assert (stage["in"], stage["out"], stage["unscored"]) == (9, 6, 0)
+    assert set(stage["perplexity"]) == {"p5", "p25", "p50", "p75", "p95"}
+    assert [s["stage"] for s in report["stages"]] == ["read", "clean", "dedup", "quality",
+                                                      "tokenize"]  # fmt: skip
+    md = (out / "report.md").read_text()
+    assert f"Perplexity under {run}" in md and "perplexity_high: 3" in md
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.quality.max_ppl=-1", r"quality.max_ppl=-1.0: a perplexity >= 0"),
+        ("--config.quality.max_ppl=50", r"max_ppl / min_ppl are set but quality.model is empty"),
+        ("--config.quality.model=/nonexistent/run", r"quality.model='/nonexistent/run': no such"),
+        ("--config.quality.max_tokens=1", r"quality.max_tokens=1: an integer >= 2"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, override, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": GIBBERISH}) + "\n")
+    with pytest.raises(SystemExit, match=message):
+        preprocess.main(["--input", str(src), "--output", str(tmp_path / "out"), override])
+    assert not (tmp_path / "out").exists()
+
+
+def test_min_not_below_max_and_beam_are_refused(reference, tmp_path):
+    run, _ = reference
+    with pytest.raises(ValueError, match=r"min_ppl=9.0 >= quality.max_ppl=9.0"):
+        quality.check_config(_cfg(run, min_ppl=9.0, max_ppl=9.0))
+    beam = pytest.importorskip("flaxlm.data.beam")
+    cfg = preprocess.preprocess_config()
+    cfg.quality.model = run
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": GIBBERISH}) + "\n")
+    with pytest.raises(ValueError, match=r"runs in the preprocess CLI .*not on Beam"):
+        beam.check_settings([str(src)], cfg)
