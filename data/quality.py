@@ -72,21 +72,13 @@ def check_config(c) -> None:
 
 
 def load_reference(source: str):
-    """(ModelConfig, params, tokenizer) of a flaxlm run directory or "hf:DIR"."""
-    from flaxlm.models.hf_tokenizer import load_tokenizer
+    """(ModelConfig, params, tokenizer) of a flaxlm run directory or "hf:DIR" (or an HF
+    directory named plainly), read as `python -m flaxlm.generate` reads a model; one that cannot
+    be read is a SystemExit naming the file."""
+    from flaxlm.generate import load
 
-    if source.startswith(HF_PREFIX):
-        from flaxlm.models import hf
-
-        path = os.path.expanduser(source[len(HF_PREFIX) :])
-        cfg, params = hf.load_pretrained(path)
-        return cfg, params, load_tokenizer(path, cfg.vocab_size)
-    from flaxlm.train.checkpoint import load_model
-
-    cfg, params, meta = load_model(os.path.expanduser(source))
-    if not meta.get("tokenizer"):
-        raise ValueError(f"quality.model={source}: the run records no tokenizer")
-    return cfg, params, load_tokenizer(meta["tokenizer"], cfg.vocab_size)
+    path = source[len(HF_PREFIX) :] if source.startswith(HF_PREFIX) else source
+    return load(os.path.expanduser(path))
 
 
 class Histogram:
@@ -145,10 +137,12 @@ class QualityFilter:
         from flaxlm.evaluation.prompts import prefix_ids
 
         head = prefix_ids(self.tok)
+        # (a model whose context is shorter than max_tokens: its context, never cut rows)
+        limit = min(self.cfg.max_tokens, self.scorer.max_len + 1)
         out = np.full(len(texts), np.nan)
         requests, where = [], []
         for i, ids in enumerate(self.encoder.encode_batch(texts)):
-            seq = (head + list(ids))[: self.cfg.max_tokens]
+            seq = (head + list(ids))[:limit]
             if len(seq) >= 2:
                 requests.append((seq[:1], seq[1:]))
                 where.append(i)

@@ -31,7 +31,7 @@ def reference(tmp_path_factory):
     c = pretrain_config.get_config("variant=tiny,runlocal=True")
     with c.unlocked():
         c.progress_bar = False
-        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 40, 0, 40, 40
+        c.total_steps, c.eval_every, c.ckpt_every, c.log_every = 20, 0, 20, 20
     pretrain.run(c, str(run))
     return str(run), quality.load_reference(str(run))
 
@@ -62,6 +62,12 @@ def test_each_perplexity_is_the_models_over_the_documents_start(reference):
         assert p == pytest.approx(_ppl_by_hand(ref, text, 24), rel=1e-4)
     assert got[0] < got[1]  # the world's text is likelier than letters at random
     assert np.isnan(f.perplexities([""])[0])  # BOS alone: nothing to predict
+    # max_tokens past the model's context: its context (+1 for the first target), never a row
+    # cut from the left
+    ctx = ref[0].max_seq_len
+    long = quality.QualityFilter(_cfg(run, max_tokens=4 * ctx), ref)
+    text = " ".join(SENTENCES * 40)
+    assert long.perplexities([text])[0] == pytest.approx(_ppl_by_hand(ref, text, ctx + 1), rel=1e-4)
 
 
 def test_thresholds_drop_strictly_and_count_by_reason(reference):
@@ -144,3 +150,16 @@ def test_min_not_below_max_and_beam_are_refused(reference, tmp_path):
     src.write_text(json.dumps({"text": GIBBERISH}) + "\n")
     with pytest.raises(ValueError, match=r"runs in the preprocess CLI .*not on Beam"):
         beam.check_settings([str(src)], cfg)
+
+
+def test_an_hf_checkpoint_is_a_reference_too(reference, tmp_path):
+    """The same model exported to HF scores the same (its tokenizer travels with it)."""
+    from flaxlm.models import hf
+
+    run, ref = reference
+    out = str(tmp_path / "hf")
+    hf.export_run(run, out)
+    texts = [" ".join(SENTENCES), GIBBERISH]
+    want = quality.QualityFilter(_cfg(run), ref).perplexities(texts)
+    got = quality.QualityFilter(_cfg(f"hf:{out}")).perplexities(texts)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
