@@ -11,7 +11,6 @@ every batch). Good files read exactly as before: as the same rows written as jso
 chat file's records and "file:row" locations as `pq.read_table(path).to_pylist()` gave them.
 Every parquet file is written here with pyarrow."""
 
-import json
 import re
 
 import pyarrow as pa
@@ -21,33 +20,27 @@ import pytest
 
 from flaxlm.data import formats as F
 from flaxlm.data import sources as S
-from flaxlm.data.tokenizer import train as train_tokenizer
+from tests.data.test_sources_arrow import (  # noqa: F401 (template: a fixture used here)
+    BAD,
+    PAIRS,
+    SFT,
+    TEXTS,
+    _chat,
+    _table,
+    docs_and_log,
+    template,
+    text_table,
+    write_jsonl,
+)
 
-# Text rows with the bad ones the readers count: a null (missing_field), "" and blanks (empty).
-TEXTS = ["a first doc", None, "", "另一个 document", "   \n", "the fifth", "last one"]
-BAD = {"missing_field": [2], "empty": [3, 5]}  # 1-based rows
+# (TEXTS: text rows with the bad ones the readers count; the chat records and the template,
+# shared with the Arrow tests)
 ROWS = S.ARROW_BATCH_ROWS  # rows the streaming readers read (and validate) at a time
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def write_parquet(path, table, row_group_size: int | None = None) -> str:
     pq.write_table(table, str(path), row_group_size=row_group_size)
     return str(path)
-
-
-def text_table(texts=TEXTS, col=None) -> pa.Table:
-    """A "text" column beside another column the readers must not need."""
-    col = pa.array(texts) if col is None else col
-    return pa.table({"id": pa.array(range(len(col)), pa.int64()), "text": col})
-
-
-def docs_and_log(path, **kw):
-    log = S.BadInputLog()
-    return list(S.iter_documents(path, log=log, **kw)), log
 
 
 def read_all(src) -> list:
@@ -113,37 +106,6 @@ def test_a_parquet_file_of_many_batches_reads_whole_and_in_order(tmp_path):
     assert read_all(S.open_source(path, log=S.BadInputLog(strict=True))) == texts
 
 
-WORDS = "the river and mountain have a forest of tall trees that grow with light".split()
-
-
-@pytest.fixture(scope="module")
-def template():
-    texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(30)) for i in range(200)]
-    return F.ChatTemplate(train_tokenizer(texts, 320))
-
-
-def _chat(user, answer):
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-
-
-SFT = [
-    {"messages": _chat("the river", "a forest"), "meta": {"answer": "a"}},
-    {"messages": [{"role": "system", "content": "be brief"}, *_chat("tall trees", "light")]},
-    {"prompt": "the mountain", "completion": "grow with light"},  # other columns: null here
-    {"messages": _chat("the river", "   ")},  # bad input: an empty assistant turn
-]
-PAIRS = [
-    {"prompt": "the river", "chosen": "a forest", "rejected": "light", "margin": 1.5},
-    {"prompt": "the river", "chosen": "tall trees", "rejected": "light"},
-]
-
-
-def _table(rows) -> pa.Table:
-    """`rows` as a table of every column any row has (from_pylist takes the first row's)."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-
-
 def _no_nulls(records):
     return [{k: v for k, v in r.items() if v is not None} for r in records]
 
@@ -153,7 +115,7 @@ def _plain(example: dict) -> dict:
     return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in example.items() if k != "loc"}
 
 
-def test_good_chat_parquet_records_are_as_before(tmp_path, template):
+def test_good_chat_parquet_records_are_as_before(tmp_path, template):  # noqa: F811
     """Read batch by batch now: the same records (nulls and all) and "file:row" locations as
     the whole-table read gave, the jsonl's records once nulls are dropped (the chat format reads
     a null as absent), and the same rendered examples."""
@@ -212,7 +174,7 @@ def test_a_non_string_text_column_is_one_error_naming_file_and_column(tmp_path, 
         S.ParquetSource(path, "text", S.BadInputLog())
 
 
-def test_chat_records_take_columns_of_any_type(tmp_path, template):
+def test_chat_records_take_columns_of_any_type(tmp_path, template):  # noqa: F811
     """Not an error for the chat/preference reader: it reads whole rows without knowing which
     fields are texts (`data.fields` is applied after it), and numbers (`margin`), booleans
     (`label`) and lists of structs (`messages`) are columns of its records. A prompt column of
