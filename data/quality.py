@@ -17,8 +17,10 @@ log-spaced histogram: 50 bins a decade, so within about 5 % of the exact value, 
 
 A document of fewer than two tokens (BOS and one more) has no prediction to score: it is kept
 and counted as "unscored". The model runs on the default JAX device (a GPU when there is one),
-`batch_tokens` tokens a forward pass (evaluation/loglik.py `LoglikScorer`). It runs in the
-streaming preprocess CLI; Beam refuses it (data/beam.py).
+`batch_tokens` tokens a forward pass (evaluation/loglik.py `LoglikScorer`), or over `mesh`:
+every device of the host scoring its share of each batch's rows (`data=-1`), or a model too
+big for one device split over several (`fsdp=-1`). It runs in the streaming preprocess CLI;
+Beam refuses it (data/beam.py).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def quality_config() -> ml_collections.ConfigDict:
     c.min_ppl = 0.0  # perplexity below → "perplexity_low" (0 = no lower limit)
     c.max_tokens = 512  # tokens of each document scored (its start; BOS included)
     c.batch_tokens = 16384  # tokens per forward pass
+    # Devices to score on: "" one; "data=-1" every device, each scoring its share of a batch's
+    # rows; "fsdp=-1" a model too big for one device, split along its embedding (flaxlm/
+    # cli_mesh.py's --mesh, with `sharding` its logical-rules preset: dp | fsdp | fsdp_tp)
+    c.mesh = ""
+    c.sharding = "fsdp"
     return c
 
 
@@ -63,6 +70,8 @@ def check_config(c) -> None:
     for key, least in (("max_tokens", 2), ("batch_tokens", 16)):
         if not (is_int(c[key]) and c[key] >= least):
             raise ValueError(f"quality.{key}={c[key]!r}: an integer >= {least} expected")
+    if c.mesh:
+        _mesh(c)  # (a bad axis or size: named now, before the first pass)
     if (c.max_ppl or c.min_ppl) and not c.model:
         raise ValueError("quality.max_ppl / min_ppl are set but quality.model is empty")
     if c.model:
@@ -71,14 +80,29 @@ def check_config(c) -> None:
             raise ValueError(f"quality.model={c.model!r}: no such directory")
 
 
-def load_reference(source: str):
+def _mesh(c):
+    """(mesh, rules) of `quality.mesh` / `quality.sharding`; (None, None) for one device."""
+    if not c.mesh:
+        return None, None
+    from flaxlm.cli_mesh import build_mesh
+
+    try:
+        return build_mesh(c.mesh, c.sharding)
+    except (ValueError, KeyError) as e:
+        why = str(e.args[0] if e.args else e).replace("--mesh ", "")
+        raise ValueError(
+            f"quality.mesh={c.mesh!r}, quality.sharding={c.sharding!r}: {why}"
+        ) from None
+
+
+def load_reference(source: str, mesh=None, rules=None):
     """(ModelConfig, params, tokenizer) of a flaxlm run directory or "hf:DIR" (or an HF
-    directory named plainly), read as `python -m flaxlm.generate` reads a model; one that cannot
-    be read is a SystemExit naming the file."""
+    directory named plainly), read as `python -m flaxlm.generate` reads a model (params placed
+    by `mesh` / `rules` when given); one that cannot be read is a SystemExit naming the file."""
     from flaxlm.generate import load
 
     path = source[len(HF_PREFIX) :] if source.startswith(HF_PREFIX) else source
-    return load(os.path.expanduser(path))
+    return load(os.path.expanduser(path), mesh=mesh, rules=rules)
 
 
 class Histogram:
@@ -118,7 +142,8 @@ class QualityFilter:
 
         check_config(cfg)
         self.cfg = cfg
-        self.model_cfg, params, self.tok = reference or load_reference(cfg.model)
+        mesh, rules = _mesh(cfg)
+        self.model_cfg, params, self.tok = reference or load_reference(cfg.model, mesh, rules)
         self.encoder = text_encoder(self.tok)  # a special token's string in a page stays text
         self.scorer = LoglikScorer(
             self.model_cfg,
@@ -126,6 +151,8 @@ class QualityFilter:
             max_len=cfg.max_tokens,
             batch_tokens=cfg.batch_tokens,
             pad_id=self.tok.pad_id,
+            mesh=mesh,
+            rules=rules,
         )
         self.seen, self.unscored = 0, 0
         self.removed: dict[str, int] = {}

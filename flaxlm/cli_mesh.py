@@ -72,20 +72,29 @@ def setup_mesh(p: argparse.ArgumentParser, args):
 
     import jax
 
-    from flaxlm.models.sharding import logical_axis_rules, make_mesh
-
     text = args.mesh or ("data=-1" if jax.process_count() > 1 else "")
     if not text:
         return None, None
     try:
-        shape = parse_mesh(text)
-        devices = jax.devices()
-        n = math.prod(shape.values())
-        if -1 not in shape.values() and n < len(devices) and jax.process_count() == 1:
-            devices = devices[:n]  # a mesh smaller than the machine: its first n devices
-        return make_mesh(shape, devices), logical_axis_rules(args.sharding)
+        return build_mesh(text, args.sharding)
     except (ValueError, KeyError) as e:
         p.error(f"{e.args[0] if e.args else e} (--mesh {text})")
+
+
+def build_mesh(text: str, sharding: str):
+    """(mesh, rules) of a `--mesh` text and a `--sharding` preset: a mesh of fewer devices than
+    the machine has (no -1, one process) takes its first ones. ValueError / KeyError naming
+    what is wrong."""
+    import jax
+
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh
+
+    shape = parse_mesh(text)
+    devices = jax.devices()
+    n = math.prod(shape.values())
+    if -1 not in shape.values() and n < len(devices) and jax.process_count() == 1:
+        devices = devices[:n]  # a mesh smaller than the machine: its first n devices
+    return make_mesh(shape, devices), logical_axis_rules(sharding)
 
 
 def is_writer() -> bool:

@@ -163,3 +163,27 @@ def test_an_hf_checkpoint_is_a_reference_too(reference, tmp_path):
     want = quality.QualityFilter(_cfg(run), ref).perplexities(texts)
     got = quality.QualityFilter(_cfg(f"hf:{out}")).perplexities(texts)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh,sharding,devices", [("data=-1", "fsdp", 8),
+                                                   ("data=2,fsdp=4", "fsdp", 8),
+                                                   ("tensor=2", "fsdp_tp", 2)])  # fmt: skip
+def test_a_mesh_scores_as_one_device(reference, mesh, sharding, devices):
+    """Every device scoring its rows (data), the weights split over devices (fsdp, tensor):
+    the same perplexities as on one device."""
+    run, ref = reference
+    texts = [" ".join(SENTENCES), GIBBERISH, SENTENCES[1], "x"]
+    want = quality.QualityFilter(_cfg(run), ref).perplexities(texts)
+    f = quality.QualityFilter(_cfg(run, mesh=mesh, sharding=sharding))
+    assert f.scorer.mesh.size == devices
+    np.testing.assert_allclose(f.perplexities(texts), want, rtol=1e-5)
+
+
+def test_a_bad_mesh_is_refused_naming_the_keys():
+    c = quality.quality_config()
+    c.mesh = "dta=2"
+    with pytest.raises(ValueError, match=r"quality.mesh='dta=2', quality.sharding='fsdp': 'dta=2'"):
+        quality.check_config(c)
+    c.mesh, c.sharding = "data=-1", "zero"
+    with pytest.raises(ValueError, match=r"quality.sharding='zero': .*unknown sharding preset"):
+        quality.check_config(c)
