@@ -28,6 +28,7 @@ from tests.data.test_sources_arrow import (  # noqa: F401 (template: a fixture u
     _chat,
     _table,
     docs_and_log,
+    raises_in_each_reader,
     template,
     text_table,
     write_jsonl,
@@ -50,19 +51,6 @@ def read_all(src) -> list:
 def invalid_utf8(values: list[bytes]) -> pa.Array:
     """A string array holding ``values``' bytes as they are (not checked as UTF-8)."""
     return pa.array(values, pa.binary()).view(pa.string())
-
-
-def raises_in_each_reader(path, message, readers=("stream", "random", "chat")):
-    """Each of ``readers`` raises a DataError matching ``^{path}{message}``."""
-    p = re.escape(str(path))
-    for reader in readers:
-        with pytest.raises(S.DataError, match=rf"^{p}{message}"):
-            if reader == "stream":
-                list(S.iter_documents(str(path)))
-            elif reader == "random":
-                S.open_source(str(path))
-            else:
-                list(F.read_records(str(path), F.DataReport()))
 
 
 # ---------------------------------------------------------------------------------------------

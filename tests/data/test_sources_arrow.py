@@ -172,18 +172,22 @@ def test_missing_and_non_string_columns_name_the_file(tmp_path, kind):
         S.open_source(path)
 
 
-def test_damaged_arrow_files_are_errors_naming_them(tmp_path):
-    def check(path, message, readers=("stream", "random", "chat")):
-        p = re.escape(str(path))
-        for reader in readers:
-            with pytest.raises(S.DataError, match=rf"^{p}{message}"):
-                if reader == "stream":
-                    list(S.iter_documents(str(path)))
-                elif reader == "random":
-                    S.open_source(str(path))
-                else:
-                    list(F.read_records(str(path), F.DataReport()))
+def raises_in_each_reader(path, message, readers=("stream", "random", "chat")):
+    """Each of ``readers`` (streaming, random access, chat records) raises a DataError matching
+    ``^{path}{message}``."""
+    p = re.escape(str(path))
+    for reader in readers:
+        with pytest.raises(S.DataError, match=rf"^{p}{message}"):
+            if reader == "stream":
+                list(S.iter_documents(str(path)))
+            elif reader == "random":
+                S.open_source(str(path))
+            else:
+                list(F.read_records(str(path), F.DataReport()))
 
+
+def test_damaged_arrow_files_are_errors_naming_them(tmp_path):
+    check = raises_in_each_reader
     garbage = tmp_path / "garbage.arrow"
     garbage.write_bytes(b'{"text": "this is jsonl, not Arrow"}\n')
     check(garbage, ": not a readable Arrow file")
