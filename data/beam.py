@@ -108,19 +108,20 @@ class _ReadFile(beam.DoFn):
 
 
 class _Clean(beam.DoFn):
-    """One ``Cleaner`` per bundle; its counters leave as one stats record per bundle."""
+    """One ``Cleaner`` per bundle; its counters leave as one stats record per bundle. With
+    ``split``, a kept document's key gains its language: (file, record, language)."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, split: bool = False):
+        self.cfg, self.split = cfg, split
 
     def start_bundle(self):
         self.cleaner = Cleaner(self.cfg)
 
     def process(self, doc):
         key, loc, text = doc
-        out = self.cleaner(text, loc)
+        out, lang = self.cleaner.clean(text, loc)
         if out is not None:
-            yield key, loc, out
+            yield ((*key, lang) if self.split else key), loc, out
 
     def finish_bundle(self):
         rep = self.cleaner.report()
@@ -192,23 +193,44 @@ def _drop_marked(item):
 
 
 class _Tokenize(beam.DoFn):
-    def __init__(self, tok: Tokenizer | None):
+    """doc → (key, record bytes); with ``split`` the per-language counts of the report (the
+    language is the key's third part)."""
+
+    def __init__(self, tok: Tokenizer | None, split: bool = False):
         self.tok = None if tok is None else text_encoder(tok)  # (HF: specials' strings as text)
+        self.split = split
 
     def process(self, doc):
         key, _, text = doc
-        if self.tok is None:
+        ids = None if self.tok is None else self.tok.encode(text)
+        if self.split:
+            n = 0 if ids is None else len(ids)
+            yield _stats({"split_languages": {key[2]: {"documents": 1, "tokens": n}}})
+        if ids is None:
             yield key, text.encode("utf-8")
             return
-        ids = self.tok.encode(text)
         yield _stats({"tokens": len(ids)})
         yield key, np.asarray(ids, np.int32).tobytes()
 
 
-def _write_shard(item, out_dir, num_shards):
+def _write_json_atomic(obj, path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _write_shard(item, out_dir, num_shards, meta=None):
+    """Writes shard `item` = (shard, records) into `out_dir`, or with ``split_languages``
+    ((language, shard), records) into ``out_dir/<language>/`` with its ``meta.json``."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     shard, records = item
+    if isinstance(shard, tuple):
+        lang, shard = shard
+        out_dir = os.path.join(out_dir, lang)
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json_atomic(meta, os.path.join(out_dir, S.META_FILE))  # (the same from each)
     name = f"shard-{shard:05d}-of-{num_shards:05d}.arrayrecord"
     path = os.path.join(out_dir, name)
     # Written under a hidden name, renamed when complete: a worker killed mid-write leaves no
@@ -268,9 +290,11 @@ def _dedup_stage(docs, cfg, eval_texts):
     return docs, stats
 
 
-def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int, eval_texts=None):
+def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int, eval_texts=None,
+          meta: dict | None = None):  # fmt: skip
     """Adds the preprocess graph to pipeline ``p``; stats land in ``out_dir/_stats.json``.
-    ``eval_texts``: the decontamination texts when the caller loaded them (``run`` does)."""
+    ``eval_texts``: the decontamination texts when the caller loaded them (``run`` does).
+    ``meta``: with ``split_languages``, the ``meta.json`` each language's shard set gets."""
     files = S.expand_paths(inputs)
     check_config(cfg.dedup)  # here, not in a worker's setup after the input was read
     Cleaner(cfg.clean)  # the same for the cleaning settings
@@ -284,27 +308,43 @@ def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int, eval_texts=N
     )
     stats = [read.stats]
     docs = read.docs
+    split = bool(cfg.split_languages)
     if cfg.do_clean:
-        cleaned = docs | "Clean" >> beam.ParDo(_Clean(cfg.clean)).with_outputs("stats", main="docs")
+        cleaned = docs | "Clean" >> beam.ParDo(_Clean(cfg.clean, split)).with_outputs(
+            "stats", main="docs"
+        )
         docs = cleaned.docs
         stats.append(cleaned.stats)
+    elif split:  # passed through unjudged: the language as the cleaner would name it
+        docs = docs | "Language" >> beam.Map(
+            lambda d: ((*d[0], P.document_language(d[2])), d[1], d[2])
+        )
     docs, dedup_stats = _dedup_stage(docs, cfg.dedup, eval_texts)
     stats += dedup_stats
     stats.append(docs | "One" >> beam.Map(lambda _: {"out": 1}))
-    records = docs | "Tokenize" >> beam.ParDo(_Tokenize(tok)).with_outputs("stats", main="r")
+    records = docs | "Tokenize" >> beam.ParDo(_Tokenize(tok, split)).with_outputs("stats", main="r")
     stats.append(records.stats)
-    sharded = records.r | "Shard" >> beam.Map(
-        lambda kr: (zlib.crc32(repr(kr[0]).encode()) % num_shards, kr)
-    )
+    # The shard from the (file, record) key, the same with and without a language in it
+    sharded = records.r | "Shard" >> beam.Map(lambda kr: (_shard_of(kr[0], num_shards), kr))
     # Every shard key, so a shard no document hashed to is written too (empty): a set of N
     # shards is complete, and the loader refuses one that is not (source_paths.check_shard_sets)
-    every = p | "EveryShard" >> beam.Create([(i, None) for i in range(num_shards)])
+    if split:  # N shards for each language some document has
+        every = (
+            records.r
+            | "Languages" >> beam.Map(lambda kr: kr[0][2])
+            | "DistinctLanguages" >> beam.Distinct()
+            | "EveryShard" >> beam.FlatMap(lambda g: [((g, i), None) for i in range(num_shards)])
+        )
+    else:
+        every = p | "EveryShard" >> beam.Create([(i, None) for i in range(num_shards)])
     _ = (
         {"docs": sharded, "every": every}
         | "ShardGroup" >> beam.CoGroupByKey()
         | "Docs" >> beam.Map(lambda kv: (kv[0], list(kv[1]["docs"])))
         | "Write"
-        >> beam.Map(_write_shard, os.path.join(out_dir, "tokens" if tok else "text"), num_shards)
+        >> beam.Map(
+            _write_shard, os.path.join(out_dir, "tokens" if tok else "text"), num_shards, meta
+        )  # fmt: skip
     )
     _ = (
         stats
@@ -313,6 +353,13 @@ def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int, eval_texts=N
         | "Save" >> beam.Map(_save_json, os.path.join(out_dir, "_stats.json"))
     )
     return tok
+
+
+def _shard_of(key: tuple, num_shards: int):
+    """A document's shard: a hash of its (file, record) key; with a language (``split``), the
+    language's shard set too."""
+    shard = zlib.crc32(repr(tuple(key[:2])).encode()) % num_shards
+    return (key[2], shard) if len(key) > 2 else shard
 
 
 def _save_json(x, path):
@@ -363,12 +410,14 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
     tok, eval_texts, decontam = checked if checked is not None else check_settings(inputs, cfg)
     sub = "tokens" if tok else "text"
     os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    if tok is not None:
-        P._token_writer(out_dir, tok, cfg).close()  # writes meta.json and tokenizer.model
-    else:
-        P.ShardWriter(os.path.join(out_dir, sub), 1, {"format": "text"}).close()
+    meta = P.token_meta(out_dir, tok) if tok is not None else {"format": "text"}  # (saves tok)
+    # meta.json here, or (split_languages) checks that no earlier run's shards are here; each
+    # language's set gets its meta.json from the worker that writes its shards
+    P.ShardSets(os.path.join(out_dir, sub), 1, meta, bool(cfg.split_languages)).close()
+    if cfg.split_languages and "tokenizer" in meta:
+        meta = {**meta, "tokenizer": "../" + meta["tokenizer"]}  # (one level further down)
     with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
-        build(p, inputs, out_dir, cfg, num_shards, eval_texts)
+        build(p, inputs, out_dir, cfg, num_shards, eval_texts, meta)
     with open(os.path.join(out_dir, "_stats.json")) as f:
         st = json.load(f)
     os.remove(os.path.join(out_dir, "_stats.json"))
@@ -394,7 +443,12 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
     if decontam is not None:
         dedup["decontam"] = decontam.summary()
     removed = {**read.get("counts", {}), **clean["removed"], **dedup["removed"]}
-    shards = sorted(f for f in os.listdir(os.path.join(out_dir, sub)) if f.endswith(".arrayrecord"))
+    shards = sorted(
+        os.path.relpath(os.path.join(d, f), os.path.join(out_dir, sub))
+        for d in S.shard_set_dirs(os.path.join(out_dir, sub))
+        for f in os.listdir(d)
+        if f.endswith(".arrayrecord")
+    )
     report = {
         "inputs": S.expand_paths(inputs),
         "output": out_dir,
@@ -417,6 +471,8 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
             {"stage": "tokenize", "seconds": 0.0, "tokens": st.get("tokens", 0)},
         ],
     }
+    if cfg.split_languages:  # as the CLI's report ({language: {"documents", "tokens"}})
+        report["split_languages"] = dict(sorted(st.get("split_languages", {}).items()))
     if report["documents_in"] != report["documents_out"] + sum(removed.values()):
         raise AssertionError(f"document accounting does not add up: {report}")
     with open(os.path.join(out_dir, "report.json"), "w") as f:

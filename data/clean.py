@@ -207,6 +207,13 @@ class Cleaner:
             raise ValueError(f"clean.cjk_chars_per_word={per_word!r}: a number >= 1 expected")
 
     def __call__(self, text: str, loc: str = "") -> str | None:
+        return self.clean(text, loc)[0]
+
+    def clean(self, text: str, loc: str = "") -> tuple[str | None, str | None]:
+        """(the cleaned text, its language as ``DocStats.language`` names it: "en", "zh",
+        "und", ...), or (None, None) when the document is removed. The language is the one the
+        filters judged the text by, before PII redaction (preprocess's ``split_languages``
+        shards by it)."""
         self.seen += 1
         text = original = normalize_text(text)
         reason = None
@@ -223,12 +230,12 @@ class Cleaner:
             if len(ex) < MAX_EXAMPLES:
                 shown = original if reason == "boilerplate" else text
                 ex.append(f"{loc}: {shown[:200]!r}" if loc else repr(shown[:200]))
-            return None
+            return None, None
         self.languages[stats.language] += 1
         if self.cfg.redact_pii:
             text, counts = redact_pii(text)
             self.pii.update(counts)
-        return text
+        return text, stats.language
 
     def merge(self, other: Cleaner) -> None:
         self.seen += other.seen

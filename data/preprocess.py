@@ -23,6 +23,14 @@ Output layout::
 
 The loader reads ``out/tokens`` directly (``--config.data.sources=out/tokens``).
 
+``--config.split_languages=True`` writes one shard set per language instead (``out/tokens/en/``,
+``out/tokens/fr/``, ... and ``und/`` for text of no language the cleaner knows, each with its
+``meta.json``; the text shards likewise), by the language the cleaner judged each document by.
+``data.sources=out/tokens/en:0.7,out/tokens/fr:0.3`` weights them; ``out`` or ``out/tokens``
+reads them all. report.md gives each language's documents and tokens and the weights of a
+temperature-sampled mix (``language_mix``). One tokenizer serves every language (trained on a
+sample drawn in the corpus's own proportions).
+
 It streams: documents flow through in batches of ``batch_docs``, so memory holds one batch of text
 plus the dedup tables (~90 bytes per document, not text: ``Deduper``). With
 ``train_tokenizer_vocab > 0`` and no tokenizer, the first pass writes cleaned text shards and keeps
@@ -66,6 +74,7 @@ from flaxlm.data.clean import (
     redact_pii,
     strip_boilerplate,
 )
+from flaxlm.data.clean_stats import DocStats
 from flaxlm.data.clean_wordlist import load_word_list
 from flaxlm.data.dedup import Deduper, dedup_config
 from flaxlm.data.quality import QualityFilter, quality_config
@@ -92,6 +101,10 @@ def preprocess_config() -> ml_collections.ConfigDict:
     c.tokenizer_model_type = "bpe"  # "bpe" or "unigram" when training
     c.tokenizer_sample_docs = 200_000  # reservoir sample (documents) to train the tokenizer on
     c.shard_docs = 100_000  # documents per ArrayRecord shard
+    # True: one shard set per language the cleaner names (out/tokens/en/, out/tokens/fr/, ...,
+    # "und" for text of no language it knows), to weight languages in data.sources; report.md
+    # gives each one's documents and tokens and a temperature-sampled mix (language_mix)
+    c.split_languages = False
     c.batch_docs = 512  # documents per processing batch (memory is bounded by one batch)
     c.workers = 1  # processes for cleaning
     c.seed = 0  # seed of the tokenizer's samples: documents (reservoir), then their lines
@@ -196,6 +209,93 @@ class ShardWriter:
         return self.paths
 
 
+class ShardSets:
+    """The output's shards: one set in ``root`` (``out/tokens``, ``out/text``), or with
+    ``split_languages`` one set per language in ``root/<language>/``, each opened at the
+    language's first document (a language no document has gets no directory). Counts the
+    documents and tokens written per language.
+
+    Each language's set is a complete shard directory with its own ``meta.json`` (its
+    ``tokenizer`` path one level further up), so ``data.sources=out/tokens/fr`` reads one
+    language and ``out/tokens`` (or ``out``) all of them (``source_paths.expand_paths``).
+    """
+
+    def __init__(self, root: str, per_shard: int, meta: dict, split: bool):
+        self.root, self.per_shard, self.split = root, per_shard, split
+        self.documents: dict[str, int] = {}
+        self.tokens: dict[str, int] = {}
+        self._writers: dict[str, ShardWriter] = {}
+        if not split:
+            self._meta = meta
+            self._writers[""] = ShardWriter(root, per_shard, meta)
+            return
+        self._meta = (
+            {**meta, "tokenizer": "../" + meta["tokenizer"]} if "tokenizer" in meta else meta
+        )
+        os.makedirs(root, exist_ok=True)
+        # An earlier (interrupted) unsplit run's shards here would be what reading `root` finds
+        # (a directory's own files come before its subdirectories'), not the languages.
+        stale = sorted(
+            f for f in os.listdir(root) if f.endswith(".arrayrecord") or f == S.META_FILE
+        )
+        if stale:
+            raise S.DataError(
+                f"{root} already holds {stale[0]} from an earlier (possibly interrupted) run; "
+                "remove it first (preprocess: --overwrite)"
+            )
+
+    def write(self, record: bytes, language: str | None, tokens: int = 0) -> None:
+        key = (language or "und") if self.split else ""
+        w = self._writers.get(key)
+        if w is None:
+            w = self._writers[key] = ShardWriter(os.path.join(self.root, key), self.per_shard,
+                                                 self._meta)  # fmt: skip
+        w.write(record)
+        lang = language or "und"
+        self.documents[lang] = self.documents.get(lang, 0) + 1
+        self.tokens[lang] = self.tokens.get(lang, 0) + tokens
+
+    def languages(self) -> list[str]:
+        """The languages written, sorted (split output only)."""
+        return sorted(k for k in self._writers if k)
+
+    def close(self) -> list[str]:
+        return [p for k in sorted(self._writers) for p in self._writers[k].close()]
+
+
+def language_mix(languages: dict, alpha: float = 0.3) -> dict[str, dict]:
+    """Weights for ``data.sources`` that sample each language's tokens in proportion to its
+    token count to the power ``alpha`` (temperature sampling: 1 is the corpus's own mix, 0 every
+    language equally; 0.3 is what mT5 and XLM-R chose, raising small languages without
+    repeating them as often as a uniform mix would).
+
+    ``languages``: report.json's ``split_languages`` ({language: {"documents", "tokens"}}).
+    Returns {language: {"token_share", "sampled_share", "weight"}}. grain mixes sources by
+    documents, not tokens (data/pipeline.py), so a language's weight is its sampled token share
+    divided by its mean document length, scaled to sum to 1. Languages with no tokens are left
+    out (text output has none)."""
+    langs = {k: v for k, v in languages.items() if v.get("tokens", 0) > 0 and v["documents"] > 0}
+    total = sum(v["tokens"] for v in langs.values())
+    powered = {k: v["tokens"] ** alpha for k, v in langs.items()}
+    norm = sum(powered.values())
+    raw = {k: powered[k] / norm * v["documents"] / v["tokens"] for k, v in langs.items()}
+    raw_sum = sum(raw.values())
+    return {
+        k: {
+            "token_share": v["tokens"] / total,
+            "sampled_share": powered[k] / norm,
+            "weight": raw[k] / raw_sum,
+        }
+        for k, v in langs.items()
+    }
+
+
+def document_language(text: str) -> str:
+    """A document's language as the cleaner names it (``DocStats.language``), for
+    ``split_languages`` when ``do_clean=False`` passes documents through unjudged."""
+    return DocStats(normalize_text(text)).language
+
+
 def decontam_paths(cfg: ml_collections.ConfigDict) -> list[str]:
     """The patterns of ``dedup.decontam_paths`` (comma-separated files, globs or directories),
     spaces around a comma ignored ("eval.jsonl, eval2.jsonl" looked for " eval2.jsonl"). One
@@ -268,9 +368,11 @@ def _with_stripped(text: str) -> str | tuple[str, ...]:
 
 
 def _clean_batch(args):
+    """(the cleaned texts or None, their languages, the batch's Cleaner with its counts)."""
     cfg, batch = args
     c = Cleaner(cfg)
-    return [c(d.text, d.loc) for d in batch], c
+    texts, langs = zip(*(c.clean(d.text, d.loc) for d in batch)) if batch else ((), ())
+    return list(texts), list(langs), c
 
 
 def _batches(it, n):
@@ -355,9 +457,11 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
     cleaner, deduper, tok = checked if checked is not None else check_settings(inputs, cfg)
     log = S.BadInputLog(strict=cfg.strict)
     training = tok is None and cfg.train_tokenizer_vocab > 0
+    split = bool(cfg.split_languages)
     os.makedirs(out_dir, exist_ok=True)
     if tok is None:  # text shards: the output, or the input of the second (tokenizing) pass
-        text_out = ShardWriter(os.path.join(out_dir, "text"), cfg.shard_docs, {"format": "text"})
+        text_out = ShardSets(os.path.join(out_dir, "text"), cfg.shard_docs, {"format": "text"},
+                             split)  # fmt: skip
     else:
         text_out, tok_out = None, _token_writer(out_dir, tok, cfg)
     reservoir, rng, n_res = [], random.Random(cfg.seed), 0
@@ -384,32 +488,36 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
         t0 = time.time()
         if not cfg.do_clean:  # passed through: the clean stage counts them in and out
             cleaned = [
-                ([d.text for d in b], Cleaner(cfg.clean, seen=len(b))) for b in round_batches
-            ]
+                ([d.text for d in b],
+                 [document_language(d.text) for d in b] if split else [None] * len(b),
+                 Cleaner(cfg.clean, seen=len(b)))
+                for b in round_batches
+            ]  # fmt: skip
         elif pool is not None:
             cleaned = pool.map(_clean_batch, [(cfg.clean, b) for b in round_batches])
         else:
             cleaned = [_clean_batch((cfg.clean, b)) for b in round_batches]
-        for _, part in cleaned:
+        for *_, part in cleaned:
             cleaner.merge(part)
         times["clean"] += time.time() - t0
-        for batch, (texts, _) in zip(round_batches, cleaned):
+        for batch, (texts, langs, _) in zip(round_batches, cleaned):
             counts["bytes_in"] += sum(len(d.text.encode()) for d in batch)
-            kept = [(d, t) for d, t in zip(batch, texts) if t is not None]
+            kept = [(d, t, g) for d, t, g in zip(batch, texts, langs) if t is not None]
             t0 = time.time()
-            keep = deduper.keep_batch([t for _, t in kept], [d.loc for d, _ in kept])
-            kept = [(d, t) for (d, t), k in zip(kept, keep) if k]
+            keep = deduper.keep_batch([t for _, t, _ in kept], [d.loc for d, _, _ in kept])
+            kept = [doc for doc, k in zip(kept, keep) if k]
             times["dedup"] += time.time() - t0
             if quality is not None and kept:
                 t0 = time.time()
-                keep = quality.keep_batch([t for _, t in kept], [d.loc for d, _ in kept])
-                kept = [(d, t) for (d, t), k in zip(kept, keep) if k]
+                keep = quality.keep_batch([t for _, t, _ in kept], [d.loc for d, _, _ in kept])
+                kept = [doc for doc, k in zip(kept, keep) if k]
                 times["quality"] += time.time() - t0
-            survivors = [t for _, t in kept]
+            survivors = [t for _, t, _ in kept]
+            survivor_langs = [g for _, _, g in kept]
             counts["out"] += len(survivors)
             if text_out is not None:
-                for t in survivors:
-                    text_out.write(t.encode("utf-8"))
+                for t, g in zip(survivors, survivor_langs):
+                    text_out.write(t.encode("utf-8"), g)
                 for t in survivors if training else ():
                     n_res += 1  # reservoir sampling (Algorithm R): bounded, uniform
                     if len(reservoir) < cfg.tokenizer_sample_docs:
@@ -418,11 +526,12 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
                         reservoir[j] = t
             else:
                 t0 = time.time()
-                counts["tokens"] += _write_tokens(tok_out, tok, survivors)
+                counts["tokens"] += _write_tokens(tok_out, tok, survivors, survivor_langs)
                 times["tokenize"] += time.time() - t0
     if pool is not None:
         pool.close()
     shards = text_out.close() if text_out is not None else tok_out.close()
+    written = text_out if text_out is not None else tok_out
 
     # No document survived: nothing to train on (SentencePiece raised with no report). The
     # report is written and main() fails naming it, as it does without training.
@@ -443,10 +552,15 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
         warn_smaller_vocab(tok, cfg.train_tokenizer_vocab)
         tok_out = _token_writer(out_dir, tok, cfg)
         n_tokenized = 0
-        for batch in _batches(S.iter_documents(os.path.join(out_dir, "text")), cfg.batch_docs):
-            counts["tokens"] += _write_tokens(tok_out, tok, [d.text for d in batch])
-            n_tokenized += len(batch)
+        text_dir = os.path.join(out_dir, "text")
+        for lang in text_out.languages() if split else [None]:  # each language's set in turn
+            texts = S.iter_documents(os.path.join(text_dir, lang) if lang else text_dir)
+            for batch in _batches(texts, cfg.batch_docs):
+                counts["tokens"] += _write_tokens(tok_out, tok, [d.text for d in batch],
+                                                  [lang] * len(batch))  # fmt: skip
+                n_tokenized += len(batch)
         shards = tok_out.close()
+        written = tok_out
         if n_tokenized != counts["out"]:
             raise AssertionError(
                 f"{n_tokenized} documents tokenized from the text shards, {counts['out']} written"
@@ -482,6 +596,11 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
         "seconds": round(time.time() - t_start, 3),
         "stages": stages,
     }
+    if split:  # {language: {"documents", "tokens"}} of the output (tokens 0: text shards)
+        report["split_languages"] = {
+            k: {"documents": written.documents[k], "tokens": written.tokens.get(k, 0)}
+            for k in sorted(written.documents)
+        }
     if report["documents_in"] != report["documents_out"] + sum(removed.values()):
         raise AssertionError(f"document accounting does not add up: {report}")
     with open(os.path.join(out_dir, "report.json"), "w") as f:
@@ -535,9 +654,11 @@ def _save_tokenizer(out_dir: str, tok) -> str:
     return os.path.basename(tok.name)
 
 
-def _token_writer(out_dir: str, tok: Tokenizer, cfg) -> ShardWriter:
+def token_meta(out_dir: str, tok: Tokenizer) -> dict:
+    """Saves the tokenizer into `out_dir` (``_save_tokenizer``) and returns the ``meta.json``
+    of token shards in ``out_dir/tokens`` (one level further down: ``ShardSets`` adds it)."""
     name = _save_tokenizer(out_dir, tok)
-    meta = {
+    return {
         "format": "tokens",
         "dtype": "int32",
         "bos_eos": False,  # ids only; the loader adds BOS/EOS
@@ -545,13 +666,19 @@ def _token_writer(out_dir: str, tok: Tokenizer, cfg) -> ShardWriter:
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
     }
-    return ShardWriter(os.path.join(out_dir, "tokens"), cfg.shard_docs, meta)
 
 
-def _write_tokens(writer: ShardWriter, tok: Tokenizer, texts: list[str]) -> int:
+def _token_writer(out_dir: str, tok: Tokenizer, cfg) -> ShardSets:
+    meta = token_meta(out_dir, tok)
+    return ShardSets(os.path.join(out_dir, "tokens"), cfg.shard_docs, meta,
+                     bool(cfg.split_languages))  # fmt: skip
+
+
+def _write_tokens(writer: ShardSets, tok: Tokenizer, texts: list[str], langs: list) -> int:
     n = 0
-    for ids in text_encoder(tok).encode_batch(texts):  # (HF: a special's string stays text)
-        writer.write(np.asarray(ids, np.int32).tobytes())
+    # (HF: a special's string stays text)
+    for ids, lang in zip(text_encoder(tok).encode_batch(texts), langs):
+        writer.write(np.asarray(ids, np.int32).tobytes(), lang, len(ids))
         n += len(ids)
     return n
 
@@ -605,6 +732,7 @@ def format_report(r: dict) -> str:
             f"{k}: {v}" for k, v in sorted(langs.items(), key=lambda kv: (-kv[1], kv[0]))
         )
         lines += ["", f"Languages of the documents cleaning kept: {counts} (clean.languages)"]
+    lines += _split_lines(r)
     lines += _decontam_lines(next((s for s in r["stages"] if s["stage"] == "dedup"), {}))
     if q := next((s for s in r["stages"] if s["stage"] == "quality"), None):
         dist = ", ".join(f"{k} {v}" for k, v in q["perplexity"].items()) or "none scored"
@@ -612,6 +740,37 @@ def format_report(r: dict) -> str:
                   f"documents dedup kept: {dist}; {q['unscored']} too short to score "
                   "(quality.min_ppl / max_ppl drop below / above)"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+MIX_ALPHA = 0.3  # the report's suggested mix (language_mix): mT5's and XLM-R's temperature
+
+
+def _split_lines(r: dict) -> list[str]:
+    """report.md's table of a ``split_languages`` output: each language's shard set, documents
+    and tokens, and the ``data.sources`` weights of a temperature-sampled mix of them."""
+    langs = r.get("split_languages")
+    if not langs:
+        return []
+    sub = "tokens" if r.get("tokens") else "text"
+    mix = language_mix(langs, MIX_ALPHA)
+    lines = ["", "## Languages (split_languages: one shard set each)", "",
+             f"| shard set | documents | tokens | share of tokens | sampled ∝ tokens^{MIX_ALPHA} "
+             "| passes over it in a run of the corpus's size |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for k, v in sorted(langs.items(), key=lambda kv: (-kv[1]["documents"], kv[0])):
+        m = mix.get(k)
+        share = (f"{m['token_share']:.1%} | {m['sampled_share']:.1%} | "
+                 f"{m['sampled_share'] / m['token_share']:.2f}" if m else "- | - | -")  # fmt: skip
+        lines.append(f"| {sub}/{k} | {v['documents']} | {v['tokens']} | {share} |")
+    if len(mix) > 1:
+        out = r["output"].rstrip("/")
+        spec = ",".join(f"{out}/{sub}/{k}:{m['weight']:.4g}" for k, m in sorted(mix.items()))
+        lines += ["", f"To sample languages ∝ tokens^{MIX_ALPHA} (grain mixes documents, so each "
+                  "weight is the sampled share over the language's mean document length; "
+                  "preprocess.language_mix(report['split_languages'], alpha) for another alpha; "
+                  f"{out} or {out}/{sub} alone reads every language in the corpus's own mix):",
+                  "", f"    --config.data.sources={spec}"]  # fmt: skip
+    return lines
 
 
 def _decontam_lines(dedup: dict) -> list[str]:

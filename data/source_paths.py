@@ -30,7 +30,9 @@ META_FILE = "meta.json"
 def expand_paths(patterns: str | Sequence[str]) -> list[str]:
     """Globs (``*``, ``**``) and directories → sorted files; an unmatched pattern is an error.
 
-    A preprocess output directory is its corpus (``preprocess_corpus``), not its report files.
+    A preprocess output directory is its corpus (``preprocess_corpus``), not its report files;
+    a directory of shard sets (``split_languages``' ``tokens/en/``, ``tokens/fr/``) is all of
+    their files (``shard_set_dirs``).
     Any other directory is its data files (``is_data_file``): hidden and ``_``-prefixed names
     (``.part-0.jsonl.crc``, ``_SUCCESS``) are skipped silently, other names no reader knows
     (``README.md``) with a warning naming them; were they all there is, the error names them.
@@ -54,9 +56,11 @@ def expand_paths(patterns: str | Sequence[str]) -> list[str]:
         if os.path.isfile(pat):
             hits = [pat]
         elif os.path.isdir(pat):
-            pat = preprocess_corpus(pat)
-            hits = _directory_files(pat)
-            check_shard_sets(hits, pat)
+            hits = []
+            for folder in shard_set_dirs(preprocess_corpus(pat)):
+                files = _directory_files(folder)
+                check_shard_sets(files, folder)
+                hits += files
         else:
             hits = sorted(
                 p
@@ -207,6 +211,19 @@ def _directory_files(path: str) -> list[str]:
         )
     _WARNED_DIRS.add(path)
     return [os.path.join(path, f) for f in data]
+
+
+def shard_set_dirs(path: str) -> list[str]:
+    """The directories whose files directory ``path`` stands for: its subdirectories, sorted,
+    when it holds no files of its own and every one of them is a shard set (has a ``meta.json``:
+    the per-language sets ``split_languages`` writes, ``out/tokens/en/``, ``out/tokens/fr/``);
+    else ``path`` alone (a directory is its own files, and says so of its subdirectories)."""
+    entries = [e for e in os.listdir(path) if e[:1] not in "._"]
+    subdirs = sorted(e for e in entries if os.path.isdir(os.path.join(path, e)))
+    sets = [d for d in subdirs if os.path.isfile(os.path.join(path, d, META_FILE))]
+    if not sets or len(sets) != len(entries):  # (a file of its own, or a subdirectory that is not)
+        return [path]
+    return [os.path.join(path, d) for d in sets]
 
 
 def preprocess_corpus(path: str) -> str:

@@ -9,7 +9,7 @@ that hold the code (each imports only the ones listed before it):
   * data/source_codecs.py — compression: ``compression`` (the codec from the file's first
     bytes), ``open_bytes`` (a decompressing reader).
   * data/source_paths.py — which files a pattern names: ``expand_paths``, ``is_data_file``,
-    ``preprocess_corpus``, ``file_format``, ``shard_meta``, ``META_FILE``.
+    ``preprocess_corpus``, ``shard_set_dirs``, ``file_format``, ``shard_meta``, ``META_FILE``.
   * data/source_readers.py — streaming: ``iter_documents`` / ``Document``, the per-format
     readers (``_iter_file``; Arrow IPC files through ``open_arrow`` and ``arrow_batches``),
     ``jsonl_record`` and ``lone_surrogate``.
@@ -81,6 +81,7 @@ from flaxlm.data.source_paths import (
     is_data_file,
     preprocess_corpus,
     shard_meta,
+    shard_set_dirs,
 )
 from flaxlm.data.source_readers import (
     _SURROGATE_RE,
@@ -128,6 +129,7 @@ __all__ = [
     "is_data_file",
     "preprocess_corpus",
     "shard_meta",
+    "shard_set_dirs",
     # source_readers
     "ARROW_BATCH_ROWS",
     "Document",
