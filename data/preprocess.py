@@ -28,8 +28,9 @@ The loader reads ``out/tokens`` directly (``--config.data.sources=out/tokens``).
 ``meta.json``; the text shards likewise), by the language the cleaner judged each document by.
 ``data.sources=out/tokens/en:0.7,out/tokens/fr:0.3`` weights them; ``out`` or ``out/tokens``
 reads them all. report.md gives each language's documents and tokens and the weights of a
-temperature-sampled mix (``language_mix``). One tokenizer serves every language (trained on a
-sample drawn in the corpus's own proportions).
+temperature-sampled mix (``language_mix``). One tokenizer serves every language; its training
+sample is drawn in the corpus's own proportions, or with ``tokenizer_language_alpha < 1`` each
+language ∝ its documents^alpha (``TokenizerSample``; split or not).
 
 It streams: documents flow through in batches of ``batch_docs``, so memory holds one batch of text
 plus the dedup tables (~90 bytes per document, not text: ``Deduper``). With
@@ -100,6 +101,10 @@ def preprocess_config() -> ml_collections.ConfigDict:
     c.train_tokenizer_vocab = 0  # > 0 and no tokenizer: train a tokenizer of this size
     c.tokenizer_model_type = "bpe"  # "bpe" or "unigram" when training
     c.tokenizer_sample_docs = 200_000  # reservoir sample (documents) to train the tokenizer on
+    # < 1: the sample draws each language's documents ∝ its document count^alpha (one reservoir
+    # per language, each up to tokenizer_sample_docs), so a small language gets pieces of its
+    # own (mT5 sampled its SentencePiece corpus at 0.3); 1: the corpus's own mix, one reservoir
+    c.tokenizer_language_alpha = 1.0
     c.shard_docs = 100_000  # documents per ArrayRecord shard
     # True: one shard set per language the cleaner names (out/tokens/en/, out/tokens/fr/, ...,
     # "und" for text of no language it knows), to weight languages in data.sources; report.md
@@ -207,6 +212,60 @@ class ShardWriter:
         self._close_current()
         self._w = None
         return self.paths
+
+
+class TokenizerSample:
+    """The documents the tokenizer trains on: a uniform reservoir sample (Algorithm R, bounded
+    by ``size`` documents) of every document written; with ``alpha < 1`` one reservoir per
+    language, drawn from at the end in proportion to each language's documents^alpha
+    (``sample_counts``). ``composition``: {language: documents drawn} once drawn that way."""
+
+    def __init__(self, size: int, alpha: float, seed: int):
+        self.size, self.alpha, self.rng = size, alpha, random.Random(seed)
+        self.pools: dict[str, list[str]] = {}
+        self.seen: dict[str, int] = {}
+        self.composition: dict[str, int] = {}
+
+    def add(self, text: str, language: str | None) -> None:
+        key = (language or "und") if self.alpha != 1 else ""
+        n = self.seen[key] = self.seen.get(key, 0) + 1
+        pool = self.pools.setdefault(key, [])
+        if len(pool) < self.size:
+            pool.append(text)
+        elif (j := self.rng.randrange(n)) < self.size:
+            pool[j] = text
+
+    def documents(self) -> list[str]:
+        if self.alpha == 1:
+            return self.pools.get("", [])
+        self.composition = sample_counts(self.seen, self.size, self.alpha)
+        return [t for k in sorted(self.composition)
+                for t in self.rng.sample(self.pools[k], self.composition[k])]  # fmt: skip
+
+
+def sample_counts(seen: dict[str, int], size: int, alpha: float) -> dict[str, int]:
+    """How many documents of each language a sample of ``size`` takes when languages are drawn
+    ∝ documents^alpha: ``min(size, documents)`` in all, none more than a language has (nor than
+    its reservoir of ``size`` holds; what a capped language cannot give goes to the others in
+    the same proportions), rounded by largest remainder so they add up."""
+    free = {k: min(n, size) for k, n in seen.items() if n > 0}
+    left = min(size, sum(seen.values()))
+    counts: dict[str, int] = {}
+    while free and left > 0:
+        weight = {k: seen[k] ** alpha for k in free}
+        norm = sum(weight.values())
+        want = {k: left * weight[k] / norm for k in free}
+        capped = [k for k in free if want[k] >= free[k]]
+        if capped:
+            for k in capped:
+                counts[k] = free.pop(k)
+                left -= counts[k]
+            continue
+        floors = {k: int(want[k]) for k in free}
+        extra = sorted(free, key=lambda k: (floors[k] - want[k], k))[: left - sum(floors.values())]
+        counts.update({k: floors[k] + (k in extra) for k in free})
+        break
+    return {k: v for k, v in sorted(counts.items()) if v}
 
 
 class ShardSets:
@@ -431,6 +490,9 @@ def check_settings(
     if tok is None and cfg.train_tokenizer_vocab > 0 and (
             isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):  # fmt: skip
         raise S.DataError(f"tokenizer_sample_docs must be an integer >= 1, got {sample!r}")
+    alpha = cfg.tokenizer_language_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise S.DataError(f"tokenizer_language_alpha must be a number in [0, 1], got {alpha!r}")
     if tok is None and 0 < cfg.train_tokenizer_vocab <= (n_fixed := fixed_pieces()):
         raise ValueError(
             f"train_tokenizer_vocab={cfg.train_tokenizer_vocab} is too small: it must be more "
@@ -458,13 +520,15 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
     log = S.BadInputLog(strict=cfg.strict)
     training = tok is None and cfg.train_tokenizer_vocab > 0
     split = bool(cfg.split_languages)
+    # languages named for documents the cleaner does not judge (do_clean=False)
+    named = split or (training and cfg.tokenizer_language_alpha != 1)
     os.makedirs(out_dir, exist_ok=True)
     if tok is None:  # text shards: the output, or the input of the second (tokenizing) pass
         text_out = ShardSets(os.path.join(out_dir, "text"), cfg.shard_docs, {"format": "text"},
                              split)  # fmt: skip
     else:
         text_out, tok_out = None, _token_writer(out_dir, tok, cfg)
-    reservoir, rng, n_res = [], random.Random(cfg.seed), 0
+    sample = TokenizerSample(cfg.tokenizer_sample_docs, cfg.tokenizer_language_alpha, cfg.seed)
     times = {"read": 0.0, "clean": 0.0, "dedup": 0.0, "quality": 0.0, "tokenize": 0.0}
     quality = QualityFilter(cfg.quality) if cfg.quality.model else None
     counts = {"read_records": 0, "bytes_in": 0, "tokens": 0, "out": 0}
@@ -489,7 +553,7 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
         if not cfg.do_clean:  # passed through: the clean stage counts them in and out
             cleaned = [
                 ([d.text for d in b],
-                 [document_language(d.text) for d in b] if split else [None] * len(b),
+                 [document_language(d.text) for d in b] if named else [None] * len(b),
                  Cleaner(cfg.clean, seen=len(b)))
                 for b in round_batches
             ]  # fmt: skip
@@ -518,12 +582,8 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
             if text_out is not None:
                 for t, g in zip(survivors, survivor_langs):
                     text_out.write(t.encode("utf-8"), g)
-                for t in survivors if training else ():
-                    n_res += 1  # reservoir sampling (Algorithm R): bounded, uniform
-                    if len(reservoir) < cfg.tokenizer_sample_docs:
-                        reservoir.append(t)
-                    elif (j := rng.randrange(n_res)) < cfg.tokenizer_sample_docs:
-                        reservoir[j] = t
+                for t, g in zip(survivors, survivor_langs) if training else ():
+                    sample.add(t, g)
             else:
                 t0 = time.time()
                 counts["tokens"] += _write_tokens(tok_out, tok, survivors, survivor_langs)
@@ -538,9 +598,10 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
     training = training and counts["out"] > 0
     if training:  # second pass: train on the sample, tokenize the text shards
         t0 = time.time()
+        sampled = sample.documents()
         try:
             tok = train(
-                reservoir,
+                sampled,
                 cfg.train_tokenizer_vocab,
                 model_type=cfg.tokenizer_model_type,
                 seed=cfg.seed,
@@ -548,7 +609,7 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
             )
         except ValueError as e:  # e.g. fewer pieces than the sample's distinct characters
             raise ValueError(f"train_tokenizer_vocab={cfg.train_tokenizer_vocab}: {e}") from None
-        del reservoir
+        del sampled
         warn_smaller_vocab(tok, cfg.train_tokenizer_vocab)
         tok_out = _token_writer(out_dir, tok, cfg)
         n_tokenized = 0
@@ -592,6 +653,8 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
         # the ids' range: what --config.model.vocab_size must be at least; and what was asked
         "vocab_size": tok.vocab_size if tok is not None else None,
         "train_tokenizer_vocab": cfg.train_tokenizer_vocab if training else None,
+        # {language: documents} of the tokenizer's training sample (tokenizer_language_alpha < 1)
+        **({"tokenizer_sample": sample.composition} if training and sample.composition else {}),
         "shards": [os.path.relpath(p, out_dir) for p in shards],
         "seconds": round(time.time() - t_start, 3),
         "stages": stages,
@@ -702,6 +765,10 @@ def format_report(r: dict) -> str:
             + (f" · train_tokenizer_vocab asked {asked}" if asked else "")
             + (": the corpus supported no more pieces" if asked and asked > r["vocab_size"] else "")
         )
+    if sample := r.get("tokenizer_sample"):  # (tokenizer_language_alpha < 1)
+        drawn = ", ".join(f"{k} {v}" for k, v in sorted(sample.items(), key=lambda kv: -kv[1]))
+        lines.append(f"tokenizer trained on documents drawn per language: {drawn} "
+                     "(tokenizer_language_alpha)")  # fmt: skip
     lines += [
         "",
         "| stage | in | out | removed (reason: count) | seconds |",

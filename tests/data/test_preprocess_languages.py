@@ -222,3 +222,34 @@ def test_beam_writes_the_same_sets(tmp_path, corpus):
         len(got["shards"]) == 6 and got["shards"][0] == "tokens/en/shard-00000-of-00002.arrayrecord"
     )
     assert "## Languages" in (tmp_path / "beam" / "report.md").read_text()
+
+
+def test_sample_counts_take_languages_by_temperature():
+    # by hand: weights 1000^.3, 50^.3, 10^.3 want (120.6, 49.1, 30.3) of 200: zh has 10, so
+    # 190 go to en and fr, (135.1, 54.9): fr has 50, so en takes the other 140
+    assert preprocess.sample_counts({"en": 1000, "fr": 50, "zh": 10}, 200, 0.3) == {
+        "en": 140, "fr": 50, "zh": 10}  # fmt: skip
+    assert preprocess.sample_counts({"en": 300, "fr": 100}, 100, 1.0) == {"en": 75, "fr": 25}
+    assert preprocess.sample_counts({"en": 300, "fr": 100}, 100, 0.0) == {"en": 50, "fr": 50}
+    assert preprocess.sample_counts({"en": 3, "fr": 2}, 100, 0.3) == {"en": 3, "fr": 2}
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # never more than a language has, and min(size, documents) in all
+        seen = {f"l{i}": int(n) for i, n in enumerate(rng.integers(0, 500, rng.integers(1, 6)))}
+        size, alpha = int(rng.integers(1, 400)), float(rng.uniform(0, 1))
+        got = preprocess.sample_counts(seen, size, alpha)
+        assert sum(got.values()) == min(size, sum(seen.values()))
+        assert all(0 < got[k] <= min(seen[k], size) for k in got)
+
+
+def test_the_tokenizer_sample_balances_languages(tmp_path, corpus):
+    inp, _, _ = corpus
+    common = ["--config.train_tokenizer_vocab=700", "--config.clean.languages=en,fr,zh",
+              "--config.tokenizer_sample_docs=12"]  # fmt: skip
+    got = _run(tmp_path, "flat", inp, *common, "--config.tokenizer_language_alpha=0")
+    # 12 documents, 4 a language (α = 0: every language alike; each has more than 4)
+    assert got["tokenizer_sample"] == {"en": 4, "fr": 4, "zh": 4}
+    assert "drawn per language: en 4, fr 4, zh 4" in (tmp_path / "flat" / "report.md").read_text()
+    own = _run(tmp_path, "own", inp, *common)  # α = 1: one reservoir, as before
+    assert "tokenizer_sample" not in own
+    with pytest.raises(SystemExit, match=r"tokenizer_language_alpha must be a number in \[0, 1\]"):
+        _run(tmp_path, "bad", inp, *common, "--config.tokenizer_language_alpha=1.5")
