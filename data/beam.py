@@ -90,7 +90,8 @@ def _stats(x: dict):
 
 
 class _ReadFile(beam.DoFn):
-    """(file index, path) → (key, loc, text) documents; bad records go to the stats output."""
+    """(file index, path) → (key, loc, text, url) documents; bad records go to the stats
+    output."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -99,11 +100,12 @@ class _ReadFile(beam.DoFn):
         fi, path = item
         log = S.BadInputLog(strict=self.cfg.strict)
         n, nbytes = 0, 0
-        for ri, loc, text in S._iter_file(path, fi, self.cfg.text_field, self.cfg.txt_mode, log):
+        fields = (self.cfg.text_field, self.cfg.txt_mode, log, self.cfg.url_field)
+        for ri, loc, text, url in S._iter_file(path, fi, *fields):
             if text is not None:
                 n += 1
                 nbytes += len(text.encode())
-                yield (fi, ri), loc, text
+                yield (fi, ri), loc, text, url
         yield _stats({"read": {"in": n + log.total, "out": n, "bytes": nbytes, **log.to_dict()}})
 
 
@@ -118,8 +120,8 @@ class _Clean(beam.DoFn):
         self.cleaner = Cleaner(self.cfg)
 
     def process(self, doc):
-        key, loc, text = doc
-        out, lang = self.cleaner.clean(text, loc)
+        key, loc, text, url = doc
+        out, lang = self.cleaner.clean(text, loc, url)
         if out is not None:
             yield ((*key, lang) if self.split else key), loc, out
 
@@ -319,6 +321,8 @@ def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int, eval_texts=N
         docs = docs | "Language" >> beam.Map(
             lambda d: ((*d[0], P.document_language(d[2])), d[1], d[2])
         )
+    else:
+        docs = docs | "NoUrl" >> beam.Map(lambda d: d[:3])
     docs, dedup_stats = _dedup_stage(docs, cfg.dedup, eval_texts)
     stats += dedup_stats
     stats.append(docs | "One" >> beam.Map(lambda _: {"out": 1}))

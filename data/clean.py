@@ -27,13 +27,18 @@ stop-word rule with that language's own list. Latin text no profile recognises (
 to the English list, as all Latin text was before languages were told apart. The report counts
 the kept documents per language.
 
+A document whose URL (preprocess's ``url_field``) is under a domain of ``blocked_domains`` is
+dropped before anything else ("blocked_domain"; ``clean_url``: the domain blocklists RefinedWeb
+and FineWeb start with).
+
 Line cleaning (``strip_boilerplate``) removes web boilerplate lines by phrase ("This site uses
 cookies", "Subscribe to our newsletter", a line that is only "Read more"), never by a single word
 ("cookie", "javascript"), and prose-like phrases ("privacy policy") only on short lines.
 
 The parts live in their own modules, all re-exported here: ``clean_text`` (normalization, words,
 scripts), ``clean_stats`` (``DocStats``), ``clean_wordlist`` (the word-list filter), ``clean_pii``
-(redaction; which phones, cards and IDs it redacts) and ``clean_boilerplate`` (line cleaning).
+(redaction; which phones, cards and IDs it redacts), ``clean_boilerplate`` (line cleaning) and
+``clean_url`` (the domain blocklist).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from flaxlm.data.clean_text import (  # noqa: F401
     count_words,
     normalize_text,
 )
+from flaxlm.data.clean_url import host_of, load_domain_list
 from flaxlm.data.clean_wordlist import RESOURCES, WordList, load_word_list, toxic_hits  # noqa: F401
 
 MAX_EXAMPLES = 3  # removed-document examples kept per reason (first 200 characters each)
@@ -109,6 +115,9 @@ def clean_config() -> ml_collections.ConfigDict:
     # "click here", navigation bars) and lines made only of symbols.
     c.strip_boilerplate_lines = True
     c.max_boilerplate_char_frac = 0.5  # stripped lines held more of the text → "boilerplate"
+    # Comma-separated domain blocklists (one domain a line, subdomains included: UT1's lists);
+    # a document whose URL (preprocess's url_field) is on one → "blocked_domain" (clean_url)
+    c.blocked_domains = ""
     return c
 
 
@@ -181,6 +190,7 @@ class Cleaner:
     pii: Counter = dataclasses.field(default_factory=Counter)
     lines_stripped: int = 0  # boilerplate / symbol-only lines removed from kept and dropped docs
     languages: Counter = dataclasses.field(default_factory=Counter)  # of the kept documents
+    urls: Counter = dataclasses.field(default_factory=Counter)  # "checked" / "no_url"
 
     def __post_init__(self):
         # A misspelt script ("cyrilic") dropped every document of that script as "script".
@@ -206,15 +216,23 @@ class Cleaner:
             # (below 1, two rules' n-grams could round to one size)
             raise ValueError(f"clean.cjk_chars_per_word={per_word!r}: a number >= 1 expected")
 
-    def __call__(self, text: str, loc: str = "") -> str | None:
-        return self.clean(text, loc)[0]
+    def __call__(self, text: str, loc: str = "", url: str | None = None) -> str | None:
+        return self.clean(text, loc, url)[0]
 
-    def clean(self, text: str, loc: str = "") -> tuple[str | None, str | None]:
+    def clean(self, text: str, loc: str = "", url: str | None = None
+              ) -> tuple[str | None, str | None]:  # fmt: skip
         """(the cleaned text, its language as ``DocStats.language`` names it: "en", "zh",
         "und", ...), or (None, None) when the document is removed. The language is the one the
         filters judged the text by, before PII redaction (preprocess's ``split_languages``
-        shards by it)."""
+        shards by it). ``url``: the document's URL, checked against ``blocked_domains`` first
+        (no URL: not checked, counted in ``urls["no_url"]``)."""
         self.seen += 1
+        if self.cfg.blocked_domains:
+            host = host_of(url) if url else None
+            self.urls["checked" if host else "no_url"] += 1
+            if host and load_domain_list(self.cfg.blocked_domains).blocks(host):
+                self._remove("blocked_domain", f"{loc}: {url}" if loc else url)
+                return None, None
         text = original = normalize_text(text)
         reason = None
         if self.cfg.strip_boilerplate_lines:
@@ -225,11 +243,8 @@ class Cleaner:
         stats = DocStats(text)
         reason = reason or first_failure(stats, self.cfg)
         if reason is not None:
-            self.removed[reason] += 1
-            ex = self.examples.setdefault(reason, [])
-            if len(ex) < MAX_EXAMPLES:
-                shown = original if reason == "boilerplate" else text
-                ex.append(f"{loc}: {shown[:200]!r}" if loc else repr(shown[:200]))
+            shown = original if reason == "boilerplate" else text
+            self._remove(reason, f"{loc}: {shown[:200]!r}" if loc else repr(shown[:200]))
             return None, None
         self.languages[stats.language] += 1
         if self.cfg.redact_pii:
@@ -237,12 +252,19 @@ class Cleaner:
             self.pii.update(counts)
         return text, stats.language
 
+    def _remove(self, reason: str, example: str) -> None:
+        self.removed[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < MAX_EXAMPLES:
+            ex.append(example)
+
     def merge(self, other: Cleaner) -> None:
         self.seen += other.seen
         self.removed.update(other.removed)
         self.pii.update(other.pii)
         self.lines_stripped += other.lines_stripped
         self.languages.update(other.languages)
+        self.urls.update(other.urls)
         for k, v in other.examples.items():
             self.examples.setdefault(k, []).extend(v[: MAX_EXAMPLES - len(self.examples[k])])
 
@@ -255,4 +277,6 @@ class Cleaner:
             "pii_redacted": dict(self.pii),
             "boilerplate_lines_stripped": self.lines_stripped,
             "languages": dict(self.languages),
+            # with blocked_domains: documents whose URL was checked / that had none
+            **({"urls": dict(self.urls)} if self.cfg.blocked_domains else {}),
         }

@@ -76,6 +76,7 @@ from flaxlm.data.clean import (
     strip_boilerplate,
 )
 from flaxlm.data.clean_stats import DocStats
+from flaxlm.data.clean_url import load_domain_list
 from flaxlm.data.clean_wordlist import load_word_list
 from flaxlm.data.dedup import Deduper, dedup_config
 from flaxlm.data.quality import QualityFilter, quality_config
@@ -90,6 +91,8 @@ def preprocess_config() -> ml_collections.ConfigDict:
     """Defaults for the CLI (``--config FILE.py`` returns one from ``get_config()``)."""
     c = ml_collections.ConfigDict()
     c.text_field = "text"  # jsonl/parquet/Arrow field holding the document
+    # jsonl/parquet/Arrow field holding its URL ("url"; "" = none): clean.blocked_domains reads it
+    c.url_field = ""
     c.txt_mode = "file"  # plain text: one document per "file", "line" or "blank"-separated block
     c.strict = False  # True: the first bad record raises with file:line
     c.clean = clean_config()  # quality filters + PII (see flaxlm.data.clean)
@@ -430,7 +433,7 @@ def _clean_batch(args):
     """(the cleaned texts or None, their languages, the batch's Cleaner with its counts)."""
     cfg, batch = args
     c = Cleaner(cfg)
-    texts, langs = zip(*(c.clean(d.text, d.loc) for d in batch)) if batch else ((), ())
+    texts, langs = zip(*(c.clean(d.text, d.loc, d.url) for d in batch)) if batch else ((), ())
     return list(texts), list(langs), c
 
 
@@ -482,6 +485,20 @@ def check_settings(
             load_word_list(cfg.clean.toxic_lists)
         except OSError as e:
             raise S.DataError(_unreadable("clean.toxic_lists", e, cfg.clean.toxic_lists)) from None
+    if cfg.do_clean and cfg.clean.blocked_domains:
+        if not cfg.url_field:  # (every document would pass unchecked, "no_url")
+            raise S.DataError(
+                "clean.blocked_domains needs url_field: the records' field that holds each "
+                "document's URL (e.g. --config.url_field=url)"
+            )
+        try:  # read here, once: a bad line is found before the first pass, naming file:line
+            load_domain_list(cfg.clean.blocked_domains)
+        except OSError as e:
+            raise S.DataError(
+                _unreadable("clean.blocked_domains", e, cfg.clean.blocked_domains)
+            ) from None
+        except S.DataError as e:
+            raise S.DataError(f"clean.blocked_domains: {e}") from None
     # None without decontam_paths: no decontamination (and no eval-set counts in the report).
     deduper = Deduper(cfg.dedup, load_eval_texts(cfg) if decontam_paths(cfg) else None)
     # a SentencePiece .model, an HF tokenizer.json or an HF directory
@@ -534,7 +551,8 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
     counts = {"read_records": 0, "bytes_in": 0, "tokens": 0, "out": 0}
     pool = mp.get_context("spawn").Pool(cfg.workers) if cfg.workers > 1 else None
 
-    docs = S.iter_documents(inputs, text_field=cfg.text_field, txt_mode=cfg.txt_mode, log=log)
+    docs = S.iter_documents(inputs, text_field=cfg.text_field, txt_mode=cfg.txt_mode, log=log,
+                            url_field=cfg.url_field)  # fmt: skip
 
     def counted(it):  # documents read, counted here and not derived from the stage counters
         for d in it:
@@ -794,6 +812,11 @@ def format_report(r: dict) -> str:
     if stripped := clean.get("boilerplate_lines_stripped"):  # (report.json only, before)
         why = "navigation, cookie notices, separator lines; clean.strip_boilerplate_lines"
         lines += ["", f"Boilerplate lines stripped from kept documents: {stripped} ({why})"]
+    if (urls := clean.get("urls")) is not None:  # (clean.blocked_domains)
+        blocked = clean.get("removed", {}).get("blocked_domain", 0)
+        lines += ["", f"URLs checked against clean.blocked_domains: {urls.get('checked', 0)}, "
+                  f"{blocked} of them blocked; documents without a URL (not checked): "
+                  f"{urls.get('no_url', 0)}"]  # fmt: skip
     if langs := clean.get("languages"):  # (report.json only, before)
         counts = ", ".join(
             f"{k}: {v}" for k, v in sorted(langs.items(), key=lambda kv: (-kv[1], kv[0]))

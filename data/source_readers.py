@@ -45,6 +45,8 @@ class Document:
     text: str
     loc: str  # "path:line" (1-based line or record number; "path[i]": a JSON array's element i)
     key: tuple[int, int]  # (file index, record index): a total, deterministic order
+    # the record's ``url_field`` (iter_documents), None when not asked, absent or not a string
+    url: str | None = None
 
 
 def _check_text(text, loc: str, log: BadInputLog) -> bool:
@@ -239,12 +241,33 @@ _ARROW_FILE_MAGIC = b"ARROW1"  # how the IPC file format starts (and ends); a st
 ARROW_BATCH_ROWS = 1024  # rows made Python objects at a time: a file may be one large batch
 
 
-def open_arrow(path: str, field: str | None = None):
+def _record_url(obj, url_field: str) -> str | None:
+    """A JSON record's ``url_field`` when it is a non-empty string, else None (no URL: the
+    record is not bad input, its text is what training needs)."""
+    if not url_field or not isinstance(obj, dict):
+        return None
+    url = obj.get(url_field)
+    return url if isinstance(url, str) and url.strip() else None
+
+
+def _column_urls(batch, path: str, url_field: str) -> list:
+    """A parquet / Arrow batch's ``url_field`` values (None where null or the file has no such
+    column); a column that does not hold strings is the file's error, as the text column's is."""
+    if not url_field or url_field not in batch.schema.names:
+        return [None] * batch.num_rows
+    col = batch.column(batch.schema.get_field_index(url_field))
+    _text_type(col.type, path, url_field)
+    return [u if u and u.strip() else None for u in col.to_pylist()]
+
+
+def open_arrow(path: str, field: str | None = None, extra: str = ""):
     """A reader of the Arrow IPC file ``path``, memory-mapped (nothing is read into memory until
     a batch's values are used): the file format (Feather v2) when it opens as one, else the
     stream format (HF ``datasets``' .arrow files). With ``field``, the reader reads that column
     alone (``reader.schema`` is that one field): the others (images, token lists) may be most of
-    the file, and a compressed file's would be decompressed for nothing.
+    the file, and a compressed file's would be decompressed for nothing. ``extra``: a second
+    column read too when the file has it (the URL of ``iter_documents``' ``url_field``); the
+    batches' columns are then in the file's order.
 
     ``DataError`` naming the file when it is neither (pyarrow's errors do not name it), or has
     no column ``field``. A damaged file-format file gets the file format's own error: read as a
@@ -268,9 +291,11 @@ def open_arrow(path: str, field: str | None = None):
         raise DataError(f"{path}: not a readable Arrow file ({e})") from e
     if field is None:
         return whole
-    index = field_index(whole.schema, path, field)
+    index = [field_index(whole.schema, path, field)]
+    if extra and extra != field and extra in whole.schema.names:
+        index.append(whole.schema.get_field_index(extra))
     try:
-        return reader(ipc.IpcReadOptions(included_fields=[index]))
+        return reader(ipc.IpcReadOptions(included_fields=sorted(index)))
     except Exception as e:
         raise DataError(f"{path}: not a readable Arrow file ({e})") from e
 
@@ -334,45 +359,55 @@ def parquet_batches(path: str, pf, columns: list[str] | None = None):
     return valid_batches(path, batches, "parquet", rows=None)
 
 
-def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
-    """(record index, loc, text or None) of one file: the record index is what a document's key
-    (and a resumed position) counts, a jsonl file's line index (blank lines skipped, not
-    renumbered) or a JSON array's element index (loc ``path[index]``, 0-based as in
-    data/chat_records.py)."""
+def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog,
+               url_field: str = ""):  # fmt: skip
+    """(record index, loc, text or None, url or None) of one file: the record index is what a
+    document's key (and a resumed position) counts, a jsonl file's line index (blank lines
+    skipped, not renumbered) or a JSON array's element index (loc ``path[index]``, 0-based as in
+    data/chat_records.py). The URL is the record's ``url_field`` (jsonl, parquet, Arrow records;
+    plain text and text shards have none)."""
     fmt = file_format(path)
     if fmt == "jsonl" and holds_json_array(path):
         for i, obj in enumerate(read_json_array(path)):
             loc = f"{path}[{i}]"
-            yield i, loc, _record_text(obj, loc, field, log)
+            yield i, loc, _record_text(obj, loc, field, log), _record_url(obj, url_field)
     elif fmt == "jsonl":
         for i, raw in numbered_lines(path):
             if not raw.strip():  # blank separator lines are not records
                 continue
             loc = f"{path}:{i + 1}"
-            text = _parse_jsonl_line(raw, loc, field, log)
-            yield i, loc, text
+            ok, obj = _json_value(raw, loc, log)
+            text = _record_text(obj, loc, field, log) if ok else None
+            yield i, loc, text, (_record_url(obj, url_field) if ok else None)
     elif fmt == "parquet":
         pf = open_parquet(path)
         schema = pf.schema_arrow
         # A column that is not text is the file's error, before any row (it was each row's
         # "missing_field", a whole file of them counted as bad input), as an Arrow file's is.
         _text_type(schema.field(field_index(schema, path, field)).type, path, field)
+        extra = (
+            [url_field] if url_field and url_field != field and url_field in schema.names else []
+        )
         row = 0
-        for batch in parquet_batches(path, pf, [field]):
-            for text in batch.column(0).to_pylist():
+        for batch in parquet_batches(path, pf, [field, *extra]):
+            urls = _column_urls(batch, path, url_field)
+            for text, url in zip(batch.column(batch.schema.get_field_index(field)).to_pylist(),
+                                 urls):  # fmt: skip
                 loc = f"{path}:{row + 1}"
-                yield row, loc, (text if _check_text(text, loc, log) else None)
+                yield row, loc, (text if _check_text(text, loc, log) else None), url
                 row += 1
     elif fmt == "arrow":
-        reader = open_arrow(path, field)
+        reader = open_arrow(path, field, url_field)
+        text_col = reader.schema.get_field_index(field)
         # a column that is not text is the file's error, before any row (not each row's)
-        _text_type(reader.schema.field(0).type, path, field)
+        _text_type(reader.schema.field(text_col).type, path, field)
         row = 0
         for batch in arrow_batches(path, reader):
+            urls = _column_urls(batch, path, url_field)
             # (to_pylist gives str for dictionary-encoded and string_view values alike)
-            for text in batch.column(0).to_pylist():
+            for text, url in zip(batch.column(text_col).to_pylist(), urls):
                 loc = f"{path}:{row + 1}"
-                yield row, loc, (text if _check_text(text, loc, log) else None)
+                yield row, loc, (text if _check_text(text, loc, log) else None), url
                 row += 1
     elif fmt == "arrayrecord":
         if shard_meta(path).get("format") != "text":
@@ -382,11 +417,13 @@ def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog):
             for i in range(reader.num_records()):
                 loc = f"{path}:{i + 1}"
                 text = _decode(reader.read([i])[0], loc, log)
-                yield i, loc, (text if text is not None and _check_text(text, loc, log) else None)
+                ok = text is not None and _check_text(text, loc, log)
+                yield i, loc, (text if ok else None), None
         finally:
             reader.close()
     else:
-        yield from _iter_text_file(path, txt_mode, log)
+        for i, loc, text in _iter_text_file(path, txt_mode, log):
+            yield i, loc, text, None
 
 
 def _decode(raw: bytes, loc: str, log: BadInputLog) -> str | None:
@@ -469,13 +506,16 @@ def iter_documents(
     txt_mode: str = "file",
     log: BadInputLog | None = None,
     file_index_offset: int = 0,
+    url_field: str = "",
 ) -> Iterator[Document]:
     """Streams good documents in a deterministic order; bad records go to ``log``.
 
     Every record read is either yielded or counted in ``log`` (or raises when ``log.strict``).
+    ``url_field``: the records' field each ``Document.url`` is read from (a record without one
+    is a document without a URL, not bad input).
     """
     log = log if log is not None else BadInputLog()
     for fi, path in enumerate(expand_paths(patterns)):
-        for ri, loc, text in _iter_file(path, fi, text_field, txt_mode, log):
+        for ri, loc, text, url in _iter_file(path, fi, text_field, txt_mode, log, url_field):
             if text is not None:
-                yield Document(text=text, loc=loc, key=(fi + file_index_offset, ri))
+                yield Document(text=text, loc=loc, key=(fi + file_index_offset, ri), url=url)
