@@ -12,6 +12,8 @@
     python -m flaxlm.models.hf export LORA_RUN_DIR ADAPTER_DIR --adapter     # PEFT (models/peft.py)
     python -m flaxlm.models.hf export RUN_DIR HF_DIR --ema    # the run's EMA weights (train/ema.py)
     python -m flaxlm.models.hf import-adapter HF_DIR ADAPTER_DIR RUN_DIR
+    python -m flaxlm.models.hf extend-vocab SRC OUT --tokens '<tool_call>,</tool_call>' [--special]
+        # new tokens + grown embeddings, a new HF dir for init_from=hf:OUT (models/hf_extend.py)
 
 This module is the public API; the work is done in
   models/hf_arch.py     the supported families' tables (ARCHS, ARCH_FIXED, ARCH_FEATURES, ...),
@@ -23,6 +25,8 @@ This module is the public API; the work is done in
   models/hf_weights.py  tensor names and layouts, shard-by-shard loading, the export's shards;
   models/hf_tokenizer.py  tokenizers (tokenizer.json, SentencePiece) and chat templates;
   models/hf_sentencepiece.py  a SentencePiece model as a tokenizer.json (the export's);
+  models/hf_extend.py   `extend-vocab`: tokens added to a checkpoint's tokenizer, its
+                        embedding (and untied output) rows grown and initialised;
 and every name callers used from here is still importable from here.
 
 Export writes a temporary directory and renames it into place: an interrupted export leaves
@@ -396,6 +400,20 @@ def main(argv=None) -> None:
     imp_a.add_argument("hf_dir")
     imp_a.add_argument("adapter_dir")
     imp_a.add_argument("run_dir")
+    ext = sub.add_parser("extend-vocab", help="add tokens to an HF checkpoint's tokenizer and "
+                         "grow its embeddings -> a new HF directory")  # fmt: skip
+    ext.add_argument("src", help="HF checkpoint directory, or a flaxlm run (exported first)")
+    ext.add_argument("out", help="the new HF directory (init_from=hf:OUT)")
+    ext.add_argument("--tokens", default="", help="comma-separated tokens ('<a>, <b>': stripped)")
+    ext.add_argument("--tokens_file", default=None, help="one token per line, as written")
+    ext.add_argument("--special", action="store_true",
+                     help="as special tokens (a chat format's: <|im_start|>)")  # fmt: skip
+    ext.add_argument("--pad_to_multiple_of", type=int, default=0,
+                     help="round the grown vocab_size up to a multiple of this")  # fmt: skip
+    ext.add_argument("--init", default="mean", choices=("mean", "mean_noise"),
+                     help="new rows: the old rows' mean, or plus noise (Hewitt 2021)")  # fmt: skip
+    ext.add_argument("--seed", type=int, default=0, help="the noise of --init mean_noise")
+    ext.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     a = ap.parse_args(argv)
     from flaxlm.models import peft
     from flaxlm.train.checkpoint import CheckpointError
@@ -407,6 +425,14 @@ def main(argv=None) -> None:
         elif a.cmd == "import-adapter":
             peft.import_adapter_to_run(a.hf_dir, a.adapter_dir, a.run_dir)
             print(f"imported {a.hf_dir} + {a.adapter_dir} -> {a.run_dir}")
+        elif a.cmd == "extend-vocab":
+            from flaxlm.models import hf_extend
+
+            tokens = hf_extend.cli_tokens(a.tokens, a.tokens_file)
+            done = hf_extend.extend_vocab(a.src, a.out, tokens, special=a.special,
+                                          pad_to_multiple_of=a.pad_to_multiple_of, init=a.init,
+                                          seed=a.seed, overwrite=a.overwrite)  # fmt: skip
+            print(done.summary())
         elif a.adapter:
             peft.export_run_adapter(a.run_dir, a.hf_dir, a.step, a.dtype, a.overwrite, a.ema)
             print(f"exported the adapters of {a.run_dir} -> {a.hf_dir}")
