@@ -559,6 +559,20 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
             counts["read_records"] += 1
             yield d
 
+    def write(kept):  # the documents every stage kept, (document, text, language), in order
+        survivors = [t for _, t, _ in kept]
+        survivor_langs = [g for _, _, g in kept]
+        counts["out"] += len(survivors)
+        if text_out is not None:
+            for t, g in zip(survivors, survivor_langs):
+                text_out.write(t.encode("utf-8"), g)
+            for t, g in zip(survivors, survivor_langs) if training else ():
+                sample.add(t, g)
+        else:
+            t0 = time.time()
+            counts["tokens"] += _write_tokens(tok_out, tok, survivors, survivor_langs)
+            times["tokenize"] += time.time() - t0
+
     batches = _batches(counted(docs), cfg.batch_docs)
     group = max(1, cfg.workers) * 2  # batches in flight per pool round
     while True:
@@ -591,21 +605,15 @@ def run(inputs: list[str], out_dir: str, cfg: ml_collections.ConfigDict, *, chec
             times["dedup"] += time.time() - t0
             if quality is not None and kept:
                 t0 = time.time()
-                keep = quality.keep_batch([t for _, t, _ in kept], [d.loc for d, _, _ in kept])
-                kept = [doc for doc, k in zip(kept, keep) if k]
+                # (with percentile thresholds, held back until calibrated: released later)
+                kept = quality.push([(t, d.loc, (d, t, g)) for d, t, g in kept])
                 times["quality"] += time.time() - t0
-            survivors = [t for _, t, _ in kept]
-            survivor_langs = [g for _, _, g in kept]
-            counts["out"] += len(survivors)
-            if text_out is not None:
-                for t, g in zip(survivors, survivor_langs):
-                    text_out.write(t.encode("utf-8"), g)
-                for t, g in zip(survivors, survivor_langs) if training else ():
-                    sample.add(t, g)
-            else:
-                t0 = time.time()
-                counts["tokens"] += _write_tokens(tok_out, tok, survivors, survivor_langs)
-                times["tokenize"] += time.time() - t0
+            write(kept)
+    if quality is not None:  # what percentile calibration still holds
+        t0 = time.time()
+        kept = quality.flush()
+        times["quality"] += time.time() - t0
+        write(kept)
     if pool is not None:
         pool.close()
     shards = text_out.close() if text_out is not None else tok_out.close()
@@ -829,6 +837,18 @@ def format_report(r: dict) -> str:
         lines += ["", f"Perplexity under {q['model']} (first {q['max_tokens']} tokens) of the "
                   f"documents dedup kept: {dist}; {q['unscored']} too short to score "
                   "(quality.min_ppl / max_ppl drop below / above)"]  # fmt: skip
+        th = q.get("thresholds", {})
+        if n := th.get("calibrated_on"):
+            sides = [
+                f"{name} {th[name]:.4g} (p{th[pct]:g})"
+                for name, pct in (
+                    ("max_ppl", "max_ppl_percentile"),
+                    ("min_ppl", "min_ppl_percentile"),
+                )
+                if th[pct]
+            ]
+            lines.append(f"Thresholds from the percentiles of the first {n} documents scored: "
+                         + ", ".join(sides))  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

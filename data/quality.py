@@ -10,7 +10,12 @@ scores each document that survived cleaning and dedup by that model's perplexity
   * above `max_ppl` as "perplexity_high" (unlike the reference text), or
   * below `min_ppl` as "perplexity_low" (repeated or templated text a model predicts too well),
 
-strictly (a document at a threshold passes, as cleaning's thresholds). Both off by default
+strictly (a document at a threshold passes, as cleaning's thresholds). A threshold may be a
+percentile instead (`max_ppl_percentile=70`: CCNet's head and middle; `min_ppl_percentile`):
+the first `calibration_docs` documents scored are held back, the thresholds set to those
+percentiles of their perplexities, and then they and every later document are judged by them
+(`push` / `flush`), in one pass and in input order. The sample is the input's start, so a
+corpus sorted by source or date should be shuffled first, or given absolute thresholds. Both off by default
 with `model` unset; with a model and no threshold every document is scored and kept, and the
 report gives the perplexity distribution to choose thresholds from (percentiles from a
 log-spaced histogram: 50 bins a decade, so within about 5 % of the exact value, and mergeable).
@@ -47,6 +52,12 @@ def quality_config() -> ml_collections.ConfigDict:
     c.model = ""  # a flaxlm run directory or hf:DIR; "" = no perplexity filter
     c.max_ppl = 0.0  # perplexity above → "perplexity_high" (0 = no upper limit)
     c.min_ppl = 0.0  # perplexity below → "perplexity_low" (0 = no lower limit)
+    # Thresholds as percentiles instead (0 = off; not with max_ppl / min_ppl on the same side):
+    # above the max_ppl_percentile-th percentile of the first calibration_docs documents scored
+    # → "perplexity_high" (70: keep CCNet's head and middle), below min_ppl_percentile-th → low
+    c.max_ppl_percentile = 0.0
+    c.min_ppl_percentile = 0.0
+    c.calibration_docs = 2000  # documents scored (and held back) before those thresholds are set
     c.max_tokens = 512  # tokens of each document scored (its start; BOS included)
     c.batch_tokens = 16384  # tokens per forward pass
     # Devices to score on: "" one; "data=-1" every device, each scoring its share of a batch's
@@ -63,6 +74,24 @@ def check_config(c) -> None:
         value = c[key]
         if not (is_real(value) and math.isfinite(value) and value >= 0):
             raise ValueError(f"quality.{key}={value!r}: a perplexity >= 0 expected (0: no limit)")
+    for key in ("max_ppl_percentile", "min_ppl_percentile"):
+        value = c[key]
+        if not (is_real(value) and 0 <= value < 100):
+            raise ValueError(f"quality.{key}={value!r}: a percentile in [0, 100) expected (0: off)")
+    for absolute, pct in (("max_ppl", "max_ppl_percentile"), ("min_ppl", "min_ppl_percentile")):
+        if c[absolute] and c[pct]:
+            raise ValueError(f"quality.{absolute} and quality.{pct} are both set: one threshold "
+                             "a side, a perplexity or a percentile")  # fmt: skip
+    if c.max_ppl_percentile and c.min_ppl_percentile and (
+            c.min_ppl_percentile >= c.max_ppl_percentile):  # fmt: skip
+        raise ValueError(
+            f"quality.min_ppl_percentile={c.min_ppl_percentile} >= quality.max_ppl_percentile="
+            f"{c.max_ppl_percentile}: no document could pass"
+        )
+    if not (is_int(c.calibration_docs) and c.calibration_docs >= 1):
+        raise ValueError(
+            f"quality.calibration_docs={c.calibration_docs!r}: an integer >= 1 expected"
+        )
     if c.max_ppl and c.min_ppl and c.min_ppl >= c.max_ppl:
         raise ValueError(
             f"quality.min_ppl={c.min_ppl} >= quality.max_ppl={c.max_ppl}: no document could pass"
@@ -72,7 +101,7 @@ def check_config(c) -> None:
             raise ValueError(f"quality.{key}={c[key]!r}: an integer >= {least} expected")
     if c.mesh:
         _mesh(c)  # (a bad axis or size: named now, before the first pass)
-    if (c.max_ppl or c.min_ppl) and not c.model:
+    if (c.max_ppl or c.min_ppl or c.max_ppl_percentile or c.min_ppl_percentile) and not c.model:
         raise ValueError("quality.max_ppl / min_ppl are set but quality.model is empty")
     if c.model:
         path = c.model[len(HF_PREFIX) :] if c.model.startswith(HF_PREFIX) else c.model
@@ -158,6 +187,11 @@ class QualityFilter:
         self.removed: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
         self.hist = Histogram()
+        # The thresholds in force; with percentiles, None until calibrated (`push`)
+        self.max_ppl, self.min_ppl = cfg.max_ppl, cfg.min_ppl
+        self.calibrating = bool(cfg.max_ppl_percentile or cfg.min_ppl_percentile)
+        self.pending: list = []  # (text, loc, payload, ppl) held back while calibrating
+        self.calibrated_on = 0  # documents the percentiles were taken over
 
     def perplexities(self, texts: list[str]) -> np.ndarray:
         """Each text's perplexity over its first max_tokens tokens; nan for one too short."""
@@ -177,28 +211,69 @@ class QualityFilter:
             out[i] = math.exp(-s.logprob / s.n_tokens)
         return out
 
-    def keep_batch(self, texts: list[str], locs: list[str]) -> list[bool]:
-        """Which of `texts` pass; counts the others by reason."""
+    def _score(self, texts: list[str]) -> np.ndarray:
         ppl = self.perplexities(texts)
         scored = ~np.isnan(ppl)
         self.seen += len(texts)
         self.unscored += int((~scored).sum())
         self.hist.add(ppl[scored])
-        keep = []
-        for text, loc, p in zip(texts, locs, ppl):
-            reason = None
-            if not np.isnan(p):
-                if self.cfg.max_ppl and p > self.cfg.max_ppl:
-                    reason = "perplexity_high"
-                elif self.cfg.min_ppl and p < self.cfg.min_ppl:
-                    reason = "perplexity_low"
-            keep.append(reason is None)
-            if reason is not None:
-                self.removed[reason] = self.removed.get(reason, 0) + 1
-                ex = self.examples.setdefault(reason, [])
-                if len(ex) < MAX_EXAMPLES:
-                    ex.append(f"{loc}: ppl {p:.1f}: {text[:200]!r}")
-        return keep
+        return ppl
+
+    def _passes(self, text: str, loc: str, p: float) -> bool:
+        """Whether a document of perplexity `p` passes the thresholds in force; counts it
+        by reason when not."""
+        reason = None
+        if not np.isnan(p):
+            if self.max_ppl and p > self.max_ppl:
+                reason = "perplexity_high"
+            elif self.min_ppl and p < self.min_ppl:
+                reason = "perplexity_low"
+        if reason is not None:
+            self.removed[reason] = self.removed.get(reason, 0) + 1
+            ex = self.examples.setdefault(reason, [])
+            if len(ex) < MAX_EXAMPLES:
+                ex.append(f"{loc}: ppl {p:.1f}: {text[:200]!r}")
+        return reason is None
+
+    def keep_batch(self, texts: list[str], locs: list[str]) -> list[bool]:
+        """Which of `texts` pass; counts the others by reason. Thresholds given as perplexities
+        only (percentiles hold documents back until calibrated: `push`)."""
+        if self.calibrating:
+            raise RuntimeError("percentile thresholds: documents go through push() and flush()")
+        return [self._passes(t, loc, p) for t, loc, p in zip(texts, locs, self._score(texts))]
+
+    def push(self, items: list[tuple[str, str, object]]) -> list:
+        """The payloads of (text, loc, payload) `items` that pass, in order. With percentile
+        thresholds, documents are held back until ``calibration_docs`` have been scored, the
+        thresholds are set from those documents' perplexities (exact percentiles, numpy's
+        linear interpolation), and the held documents are judged and released, in order, with
+        the ones that completed the sample. ``flush`` releases what is still held at the end
+        (a corpus smaller than the sample: calibrated on all of it)."""
+        if not items:
+            return []
+        ppl = self._score([t for t, _, _ in items])
+        if not self.calibrating:
+            return [x for (t, loc, x), p in zip(items, ppl) if self._passes(t, loc, p)]
+        self.pending += [(t, loc, x, p) for (t, loc, x), p in zip(items, ppl)]
+        if sum(not np.isnan(p) for *_, p in self.pending) < self.cfg.calibration_docs:
+            return []
+        return self.flush()
+
+    def flush(self) -> list:
+        """Sets the percentile thresholds (when still calibrating) and releases the held
+        documents that pass."""
+        if not self.calibrating:
+            return []
+        scores = np.array([p for *_, p in self.pending if not np.isnan(p)])
+        self.calibrated_on = len(scores)
+        if len(scores):
+            if self.cfg.max_ppl_percentile:
+                self.max_ppl = float(np.percentile(scores, self.cfg.max_ppl_percentile))
+            if self.cfg.min_ppl_percentile:
+                self.min_ppl = float(np.percentile(scores, self.cfg.min_ppl_percentile))
+        self.calibrating = False
+        held, self.pending = self.pending, []
+        return [x for t, loc, x, p in held if self._passes(t, loc, p)]
 
     def report(self) -> dict:
         return {
@@ -210,4 +285,18 @@ class QualityFilter:
             "max_tokens": self.cfg.max_tokens,
             "unscored": self.unscored,
             "perplexity": self.hist.percentiles(),
+            # the thresholds applied (percentiles: set from the first `calibrated_on` scored)
+            "thresholds": {
+                "max_ppl": self.max_ppl or None,
+                "min_ppl": self.min_ppl or None,
+                **(
+                    {
+                        "calibrated_on": self.calibrated_on,
+                        "max_ppl_percentile": self.cfg.max_ppl_percentile or None,
+                        "min_ppl_percentile": self.cfg.min_ppl_percentile or None,
+                    }
+                    if self.calibrated_on
+                    else {}
+                ),
+            },
         }

@@ -152,6 +152,73 @@ def test_min_not_below_max_and_beam_are_refused(reference, tmp_path):
         beam.check_settings([str(src)], cfg)
 
 
+def _mixed_rows(n=9):
+    """Documents of spread-out perplexities: fluent ones, gibberish, and halves of each."""
+    rows = []
+    for i in range(n):
+        fluent, junk = " ".join(SENTENCES) + f" Entry {i}.", GIBBERISH + str(i)
+        rows.append([fluent, junk, fluent[: 40 + 7 * i] + " " + junk[: 30 + 5 * i]][i % 3])
+    return rows
+
+
+def test_percentile_thresholds_hold_documents_back_until_calibrated(reference):
+    run, ref = reference
+    rows = _mixed_rows(9)
+    ppl = quality.QualityFilter(_cfg(run), ref).perplexities(rows)
+    assert len(set(ppl.round(6))) == 9  # (distinct, so the percentiles cut where they say)
+    f = quality.QualityFilter(
+        _cfg(run, max_ppl_percentile=60.0, min_ppl_percentile=20.0, calibration_docs=5), ref
+    )
+    items = [(t, f"in:{i + 1}", i) for i, t in enumerate(rows)]
+    assert f.push(items[:3]) == []  # 3 scored < 5: held back
+    released = f.push(items[3:6])  # 6 scored: the thresholds come from these six
+    hi, lo = np.percentile(ppl[:6], 60), np.percentile(ppl[:6], 20)
+    assert (f.max_ppl, f.min_ppl) == pytest.approx((hi, lo), rel=1e-9)
+    assert released == [i for i in range(6) if lo <= ppl[i] <= hi]  # in order, held ones first
+    assert f.push(items[6:]) == [i for i in range(6, 9) if lo <= ppl[i] <= hi]  # judged at once
+    assert f.flush() == []
+    rep = f.report()
+    high, low = int((ppl > hi).sum()), int((ppl < lo).sum())
+    assert rep["removed"] == {"perplexity_high": high, "perplexity_low": low}
+    assert rep["thresholds"]["calibrated_on"] == 6 and rep["in"] == 9
+    with pytest.raises(RuntimeError, match="push"):
+        quality.QualityFilter(_cfg(run, max_ppl_percentile=50.0), ref).keep_batch(rows, rows)
+
+
+def test_preprocess_with_a_percentile_calibrates_on_a_small_corpus_at_the_end(reference, tmp_path):
+    """Fewer documents than calibration_docs: calibrated on all of them when the input ends,
+    and the kept ones written in input order."""
+    run, ref = reference
+    rows = _mixed_rows(9)
+    ppl = quality.QualityFilter(_cfg(run), ref).perplexities(rows)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    out = tmp_path / "out"
+    args = ["--config.do_clean=False", "--config.dedup.near=False", "--config.batch_docs=2",
+            f"--config.quality.model={run}", "--config.quality.max_ppl_percentile=50"]  # fmt: skip
+    report = preprocess.main(["--input", str(src), "--output", str(out), *args])
+    median = np.median(ppl)
+    assert report["documents_out"] == int((ppl <= median).sum()) == 5
+    from flaxlm.data import sources
+
+    kept = [d.text for d in sources.iter_documents(str(out / "text"))]
+    assert kept == [t for t, p in zip(rows, ppl) if p <= median]
+    md = (out / "report.md").read_text()
+    assert "Thresholds from the percentiles of the first 9 documents scored: max_ppl" in md
+    assert "(p50)" in md
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(max_ppl=50.0, max_ppl_percentile=70.0), "max_ppl_percentile are both set"),
+    (dict(max_ppl_percentile=100.0), r"max_ppl_percentile=100.0: a percentile in \[0, 100\)"),
+    (dict(max_ppl_percentile=30.0, min_ppl_percentile=30.0), "min_ppl_percentile=30.0 >= "),
+    (dict(max_ppl_percentile=30.0, calibration_docs=0), "calibration_docs=0: an integer >= 1"),
+])  # fmt: skip
+def test_bad_percentile_settings_are_refused(reference, kw, message):
+    with pytest.raises(ValueError, match=message):
+        quality.check_config(_cfg(reference[0], **kw))
+
+
 def test_an_hf_checkpoint_is_a_reference_too(reference, tmp_path):
     """The same model exported to HF scores the same (its tokenizer travels with it)."""
     from flaxlm.models import hf
