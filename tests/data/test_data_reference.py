@@ -313,9 +313,9 @@ def test_preprocess_accounting_counts_documents_read(tmp_path, monkeypatch):
     assert rep["documents_out"] + sum(rep["removed"].values()) == 13
 
     class Lossy(clean.Cleaner):  # a stage that loses a document without counting it
-        def __call__(self, text, loc=""):
-            out = super().__call__(text, loc)
-            return None if loc.endswith(":3") else out
+        def clean(self, text, loc="", url=None):
+            out = super().clean(text, loc, url)
+            return (None, None) if loc.endswith(":3") else out
 
     monkeypatch.setattr(preprocess, "Cleaner", Lossy)
     with pytest.raises(AssertionError, match="does not add up"):
