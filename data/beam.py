@@ -417,9 +417,9 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
     meta = P.token_meta(out_dir, tok) if tok is not None else {"format": "text"}  # (saves tok)
     # meta.json here, or (split_languages) checks that no earlier run's shards are here; each
     # language's set gets its meta.json from the worker that writes its shards
-    P.ShardSets(os.path.join(out_dir, sub), 1, meta, bool(cfg.split_languages)).close()
-    if cfg.split_languages and "tokenizer" in meta:
-        meta = {**meta, "tokenizer": "../" + meta["tokenizer"]}  # (one level further down)
+    sets = P.ShardSets(os.path.join(out_dir, sub), 1, meta, bool(cfg.split_languages))
+    sets.close()
+    meta = sets.set_meta  # (what each language's meta.json says: the same, or one level down)
     with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
         build(p, inputs, out_dir, cfg, num_shards, eval_texts, meta)
     with open(os.path.join(out_dir, "_stats.json")) as f:

@@ -288,10 +288,11 @@ class ShardSets:
         self.tokens: dict[str, int] = {}
         self._writers: dict[str, ShardWriter] = {}
         if not split:
-            self._meta = meta
+            self.set_meta = meta
             self._writers[""] = ShardWriter(root, per_shard, meta)
             return
-        self._meta = (
+        # each language's meta.json: its tokenizer path is one level further up
+        self.set_meta = (
             {**meta, "tokenizer": "../" + meta["tokenizer"]} if "tokenizer" in meta else meta
         )
         os.makedirs(root, exist_ok=True)
@@ -311,7 +312,7 @@ class ShardSets:
         w = self._writers.get(key)
         if w is None:
             w = self._writers[key] = ShardWriter(os.path.join(self.root, key), self.per_shard,
-                                                 self._meta)  # fmt: skip
+                                                 self.set_meta)  # fmt: skip
         w.write(record)
         lang = language or "und"
         self.documents[lang] = self.documents.get(lang, 0) + 1

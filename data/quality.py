@@ -15,10 +15,12 @@ percentile instead (`max_ppl_percentile=70`: CCNet's head and middle; `min_ppl_p
 the first `calibration_docs` documents scored are held back, the thresholds set to those
 percentiles of their perplexities, and then they and every later document are judged by them
 (`push` / `flush`), in one pass and in input order. The sample is the input's start, so a
-corpus sorted by source or date should be shuffled first, or given absolute thresholds. Both off by default
-with `model` unset; with a model and no threshold every document is scored and kept, and the
-report gives the perplexity distribution to choose thresholds from (percentiles from a
-log-spaced histogram: 50 bins a decade, so within about 5 % of the exact value, and mergeable).
+corpus sorted by source or date should be shuffled first, or given absolute thresholds.
+
+All off by default with `model` unset; with a model and no threshold every document is scored
+and kept, and the report gives the perplexity distribution to choose thresholds from
+(percentiles from a log-spaced histogram: 50 bins a decade, so within about 5 % of the exact
+value, and mergeable).
 
 A document of fewer than two tokens (BOS and one more) has no prediction to score: it is kept
 and counted as "unscored". The model runs on the default JAX device (a GPU when there is one),
