@@ -37,6 +37,24 @@ def test_host_of(url, host):
     assert host_of(url) == host
 
 
+def test_the_fast_path_reads_hosts_as_urlsplit_does():
+    """Plain http(s) URLs skip urlsplit (most of a crawl's): the same host either way."""
+    from urllib.parse import urlsplit
+
+    rng = np.random.default_rng(0)
+    letters = list(string.ascii_letters + string.digits + "-_")
+    for _ in range(2000):
+        labels = [
+            "".join(rng.choice(letters, rng.integers(1, 8))) for _ in range(rng.integers(1, 4))
+        ]
+        host = ".".join(labels) + rng.choice(["", "."])
+        scheme = rng.choice(["http://", "https://", "HTTP://", "//"])
+        port, rest = rng.choice(["", ":8080", ":"]), rng.choice(["", "/", "/a/b", "?q=1", "#x"])
+        url = scheme + host + port + rest
+        want = urlsplit(url).hostname
+        assert host_of(url) == (want.rstrip(".") if want else None), url
+
+
 @pytest.mark.parametrize("line, domain", [
     ("example.com\n", "example.com"),
     ("*.Example.com", "example.com"),
