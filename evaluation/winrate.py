@@ -197,6 +197,13 @@ def prompt_key(prompt) -> str:
 
 def read_completions(path: str) -> list[tuple[str, str]]:
     """(prompt, completion) of each line of a completion file; bad lines name file:line."""
+    return [(prompt, completion) for _, prompt, completion, _ in read_completion_lines(path)]
+
+
+def read_completion_lines(path: str) -> list[tuple[int, str | list, str, bool | None]]:
+    """(line number, prompt, completion, stopped) of each non-blank line of a completion file
+    (what evaluation/best_of_n.py reports its scores by); bad lines name file:line. `stopped`:
+    generate --json's field (False: cut at --max_new_tokens), None where a line has none."""
     from flaxlm.data.chat_records import FormatError, _messages, fields_config
 
     out = []
@@ -229,10 +236,40 @@ def read_completions(path: str) -> list[tuple[str, str]]:
                 except FormatError as e:
                     raise ValueError(f"{path}:{lineno}: prompt must be a string or a list of "
                                      f"{{role, content}} messages ({e})") from None  # fmt: skip
-            out.append((prompt, completion))
+            stopped = rec.get("stopped")
+            out.append((lineno, prompt, completion, stopped if isinstance(stopped, bool) else None))
     if not out:
         raise ValueError(f"{path}: no completions")
     return out
+
+
+def score_file(score: ScoreFn, path: str, prompts: Sequence,
+               completions: Sequence[str]) -> list[float]:  # fmt: skip
+    """`score` of a completion file's lines as floats; a response the scorer cannot take (the
+    chat template cannot render it) is a ValueError naming the file and the response's index."""
+    try:
+        out = [float(x) for x in score(prompts, completions)]
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if len(out) != len(completions):
+        raise ValueError(f"{path}: the scorer returned {len(out)} values for "
+                         f"{len(completions)} completions")  # fmt: skip
+    return out
+
+
+def reward_scorer_from_flag(run_dir: str, batch_size: int) -> ScoreFn:
+    """`load_reward_scorer` of a --reward_model flag's run: a directory that is not a run, not
+    a reward-model run, with no checkpoint or a missing tokenizer is one line naming the flag
+    (SystemExit), not a traceback."""
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        raise SystemExit(f"--reward_model {run_dir}: not a run directory")
+    from flaxlm.models.hf_tokenizer import HFError
+    from flaxlm.train.checkpoint import CheckpointError
+
+    try:
+        return load_reward_scorer(run_dir, batch_size=batch_size)
+    except (CheckpointError, HFError, OSError) as e:
+        raise SystemExit(f"--reward_model {run_dir}: {e}") from None
 
 
 def main(argv=None) -> dict:
@@ -256,23 +293,13 @@ def main(argv=None) -> dict:
     for i, ((pa, _), (pb, _)) in enumerate(zip(a, b), 1):
         if pa != pb:
             raise SystemExit(f"completion {i}: the prompts differ ({pa!r} vs {pb!r})")
-    if not os.path.isdir(os.path.join(args.reward_model, "checkpoints")):
-        raise SystemExit(f"--reward_model {args.reward_model}: not a run directory")
-    from flaxlm.models.hf_tokenizer import HFError
-    from flaxlm.train.checkpoint import CheckpointError
-
-    try:  # not a reward-model run, no checkpoint there, its tokenizer missing: one line
-        score = load_reward_scorer(args.reward_model, batch_size=args.batch)
-    except (CheckpointError, HFError, OSError) as e:
-        raise SystemExit(f"--reward_model {args.reward_model}: {e}") from None
+    score = reward_scorer_from_flag(args.reward_model, args.batch)
     prompts = [x[0] for x in a]
-    scores = []
-    for path, lines in ((args.a, a), (args.b, b)):
-        try:  # a response the chat template cannot render: one line naming file and index
-            scores.append([float(x) for x in score(prompts, [x[1] for x in lines])])
-        except ValueError as e:
-            raise SystemExit(f"{path}: {e}") from None
-    sa, sb = scores
+    try:  # a response the chat template cannot render: one line naming file and index
+        sa, sb = [score_file(score, path, prompts, [x[1] for x in lines])
+                  for path, lines in ((args.a, a), (args.b, b))]  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     res = win_rate_from_scores(sa, sb, tie_margin=args.tie_margin)
     groups = [prompt_key(x) for x in prompts]
     lo, hi = bootstrap_interval([x - y for x, y in zip(sa, sb)], args.tie_margin, groups=groups)

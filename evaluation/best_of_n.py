@@ -1,0 +1,367 @@
+"""Best-of-N selection: each prompt's best sample as SFT data, its best and worst as a DPO pair.
+
+The selection step of rejection-sampling fine-tuning (RAFT, expert iteration, Llama 2's
+rejection-sampling stage) and of iterative / self-rewarding DPO: sample K responses per prompt
+from the policy, score them with a reward model, keep the best to fine-tune on, or the best and
+the worst as a preference pair. Sampling (`flaxlm.generate --num_samples K --json`) and scoring
+(evaluation/winrate.py's reward-model scorer) exist; this module picks and writes:
+
+    python -m flaxlm.generate runs/sft --prompts_file p.txt --chat --json \\
+        --num_samples 8 --temperature 0.8 > samples.jsonl
+    python -m flaxlm.evaluation.best_of_n --reward_model runs/rm samples.jsonl \\
+        --sft_out best.jsonl --pairs_out pairs.jsonl --min_margin 0.5
+
+Input: one or more completion files (generate --json lines, or any jsonl of {"prompt",
+"completion"}), read and checked by winrate's reader (a bad line is an error naming file:line).
+Every line whose prompt is the same conversation is a sample of one prompt, whichever file it
+is in (several files: samples of several models or temperatures for the same prompts; a text
+prompt and the same lone user turn as a list of messages are one prompt). Prompts are kept in
+the order they first appear, samples in input order (files as given, then lines).
+
+Selection per prompt, among its usable samples (a blank completion is scored and counted in the
+mean, but is never written: SFT and DPO's readers refuse an empty assistant turn; a sample
+generate cut at --max_new_tokens, "stopped": false, may be a pair's rejected side but not the
+best, unless --keep_truncated: SFT on it would teach the end of turn after half an answer;
+"only_truncated" counts prompts that had no other):
+  best    the highest score; a tie goes to the first in input order, so a rerun writes the same
+  SFT     {"messages": prompt turns + the best as the assistant turn}, what SFT reads; skipped
+          ("below_min_reward") when the best scores below --min_reward
+  pair    {"prompt", "chosen": best, "rejected": worst, "margin": best − worst}, what DPO and
+          reward training read. The worst is the lowest-scoring sample whose text (less
+          surrounding whitespace) differs from the best's (the first of equals): identical
+          texts never make a pair. Skipped: "one_sample" (fewer than two usable samples),
+          "identical" (every sample says what the best says), "tie" (margin 0: no preference to
+          learn, whatever --min_margin), "below_min_margin".
+DPO ignores "margin"; reward training subtracts it (configs/reward.py loss.use_margin): it is
+in this reward model's units, so turn use_margin off, or rescale, to train another one on them.
+
+Printed: prompts, samples, the mean reward of every sample, the mean of each prompt's best, the
+best-of-N gain (mean over prompts of best − the prompt's mean: what picking the best bought;
+mean best − mean reward when every prompt has as many samples), what was written and what was
+skipped, by reason. --out also writes that and every line's score and every prompt's outcome.
+Outputs are written whole (a temporary file renamed into place: an interrupted run leaves no
+half file) and never over an input.
+
+From Python, any reward (`ScoreFn`, prompts and responses -> floats: a reward model, the
+built-in world's judge over your prompts' answers, a verifier) selects with `best_of_n`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from flaxlm.evaluation.cli_types import int_at_least
+from flaxlm.evaluation.winrate import (
+    ScoreFn,
+    prompt_key,
+    read_completion_lines,
+    reward_scorer_from_flag,
+    score_file,
+)
+
+SFT_SKIPS = ("no_usable_sample", "only_truncated", "below_min_reward")
+PAIR_SKIPS = ("no_usable_sample", "only_truncated", "one_sample", "identical", "tie",
+              "below_min_margin")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One line of a completion file: where it is, its prompt as given and as checked turns."""
+
+    path: str
+    line: int
+    prompt: str | list
+    turns: list[dict]
+    completion: str
+    stopped: bool | None = None  # generate --json's "stopped": False = cut at max_new_tokens
+
+    @property
+    def loc(self) -> str:
+        return f"{self.path}:{self.line}"
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.completion.strip())
+
+
+@dataclass
+class Selection:
+    """What `select` chose: the SFT records and pairs to write, the summary, and per line
+    ({"file", "line", "prompt" (index), "score"}) and per prompt (its outcome) details."""
+
+    sft: list[dict] = field(default_factory=list)
+    pairs: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    lines: list[dict] = field(default_factory=list)
+    prompts: list[dict] = field(default_factory=list)
+
+
+def read_samples(paths: Sequence[str]) -> list[Sample]:
+    """Every line of the completion files, in input order. A line winrate's reader refuses, or
+    whose prompt SFT/DPO's readers would refuse (a blank text or turn), is a ValueError naming
+    file:line; so is a file named twice (its samples would count twice)."""
+    from flaxlm.data.chat_records import FormatError, fields_config, prompt_messages
+
+    if not paths:
+        raise ValueError("no completion files")
+    fields, seen, out = fields_config(), {}, []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(f"{path}: named twice (as {seen[real]})")
+        seen[real] = path
+        for line, prompt, completion, stopped in read_completion_lines(path):
+            try:  # record=True checks: a written record must read back in SFT and DPO
+                turns = prompt_messages(prompt, fields)
+            except FormatError as e:
+                raise ValueError(f"{path}:{line}: unusable prompt ({e})") from None
+            out.append(Sample(path, line, prompt, turns, completion, stopped))
+    return out
+
+
+def score_samples(score: ScoreFn, samples: Sequence[Sample]) -> list[float]:
+    """`score` of every sample, one call per file (a response the scorer cannot take names its
+    file, as winrate's do); a non-finite score is a ValueError naming file:line (a NaN would
+    never be the best nor the worst, and would make every mean NaN)."""
+    by_file: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_file.setdefault(s.path, []).append(i)
+    scores = [0.0] * len(samples)
+    for path, idx in by_file.items():
+        got = score_file(score, path, [samples[i].prompt for i in idx],
+                         [samples[i].completion for i in idx])  # fmt: skip
+        for i, x in zip(idx, got, strict=True):
+            if not math.isfinite(x):
+                raise ValueError(f"{samples[i].loc}: score {x} is not finite")
+            scores[i] = x
+    return scores
+
+
+def _pair_prompt(s: Sample):
+    # a text prompt stays the text (one user turn to DPO's reader); messages are written checked
+    return s.prompt if isinstance(s.prompt, str) else s.turns
+
+
+def select(samples: Sequence[Sample], scores: Sequence[float], *, min_reward: float | None = None,
+           min_margin: float = 0.0, keep_truncated: bool = False) -> Selection:  # fmt: skip
+    """Each prompt's best (SFT) and (best, worst) pair (see the module docstring), with the
+    counts of what was skipped and why. `min_reward` None: every best is kept.
+    `keep_truncated`: a sample generate cut at max_new_tokens ("stopped": false) may be the
+    best too (by default it may only be a pair's rejected side)."""
+    if len(samples) != len(scores):
+        raise ValueError(f"select: {len(scores)} scores for {len(samples)} samples")
+    if not (min_margin >= 0 and math.isfinite(min_margin)):
+        raise ValueError(f"min_margin must be >= 0 and finite, got {min_margin}")
+    if min_reward is not None and not math.isfinite(min_reward):
+        raise ValueError(f"min_reward must be finite, got {min_reward}")
+    groups: dict[int, list[int]] = {}
+    sel = Selection()
+    index: dict[str, int] = {}  # prompt -> its index, in first-seen order
+    for i, s in enumerate(samples):  # lines in input order, each naming its prompt's index
+        g = index.setdefault(prompt_key(s.turns), len(index))
+        groups.setdefault(g, []).append(i)
+        sel.lines.append({"file": s.path, "line": s.line, "prompt": g, "score": scores[i]})
+    sft_skip, pair_skip = Counter(), Counter()
+    bests, gains = [], []
+    for members in groups.values():
+        mean = sum(scores[i] for i in members) / len(members)
+        info = {"prompt": samples[members[0]].prompt, "samples": len(members), "mean": mean}
+        sel.prompts.append(info)
+        usable = [i for i in members if samples[i].usable]
+        if not usable:
+            info["sft"] = info["pair"] = "no_usable_sample"
+            sft_skip["no_usable_sample"] += 1
+            pair_skip["no_usable_sample"] += 1
+            continue
+        # A sample cut at max_new_tokens is no answer to train on: SFT would learn the end of
+        # turn after half a sentence. It may still lose a pair (rambling to the limit is bad).
+        eligible = [i for i in usable if keep_truncated or samples[i].stopped is not False]
+        if not eligible:
+            info["sft"] = info["pair"] = "only_truncated"
+            sft_skip["only_truncated"] += 1
+            pair_skip["only_truncated"] += 1
+            continue
+        b = eligible[0]
+        for i in eligible[1:]:  # strictly greater: a tie stays with the first in input order
+            if scores[i] > scores[b]:
+                b = i
+        best = samples[b]
+        bests.append(scores[b])
+        gains.append(scores[b] - mean)
+        info.update(best=best.loc, best_score=scores[b])
+        if min_reward is not None and scores[b] < min_reward:
+            info["sft"] = "below_min_reward"
+            sft_skip["below_min_reward"] += 1
+        else:
+            info["sft"] = "written"
+            answer = {"role": "assistant", "content": best.completion}
+            sel.sft.append({"messages": [*best.turns, answer]})
+        text = best.completion.strip()
+        others = [i for i in usable if samples[i].completion.strip() != text]
+        if len(usable) < 2:
+            why = "one_sample"
+        elif not others:
+            why = "identical"
+        else:
+            w = others[0]
+            for i in others[1:]:  # strictly lower: the first of equally bad ones
+                if scores[i] < scores[w]:
+                    w = i
+            margin = scores[b] - scores[w]
+            info.update(worst=samples[w].loc, worst_score=scores[w], margin=margin)
+            why = "tie" if margin <= 0 else "below_min_margin" if margin < min_margin else ""
+            if not why:
+                why = "written"
+                sel.pairs.append({"prompt": _pair_prompt(best), "chosen": best.completion,
+                                  "rejected": samples[w].completion, "margin": margin})  # fmt: skip
+        info["pair"] = why
+        if why != "written":
+            pair_skip[why] += 1
+    n = len(samples)
+    sel.summary = {
+        "files": list(dict.fromkeys(s.path for s in samples)),
+        "prompts": len(groups),
+        "samples": n,
+        "blank_samples": sum(not s.usable for s in samples),
+        "truncated_samples": sum(s.stopped is False for s in samples),
+        "mean_reward": sum(scores) / n if n else None,
+        "mean_best_reward": sum(bests) / len(bests) if bests else None,
+        "best_of_n_gain": sum(gains) / len(gains) if gains else None,
+        "sft_written": len(sel.sft),
+        "sft_skipped": {k: sft_skip[k] for k in SFT_SKIPS},
+        "pairs_written": len(sel.pairs),
+        "pairs_skipped": {k: pair_skip[k] for k in PAIR_SKIPS},
+        "min_reward": min_reward,
+        "min_margin": min_margin,
+        "keep_truncated": keep_truncated,
+    }
+    return sel
+
+
+def best_of_n(score: ScoreFn, paths: Sequence[str], *, min_reward: float | None = None,
+              min_margin: float = 0.0, keep_truncated: bool = False) -> Selection:  # fmt: skip
+    """Reads the completion files, scores every line with `score` and selects (`select`)."""
+    samples = read_samples(paths)
+    return select(samples, score_samples(score, samples), min_reward=min_reward,
+                  min_margin=min_margin, keep_truncated=keep_truncated)  # fmt: skip
+
+
+def write_atomic(path: str, text: str) -> None:
+    """`text` at `path`, renamed into place whole: a kill or a full disk mid-write leaves the
+    previous file (or none), never half of one, and no temporary file behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       f".{os.path.basename(path)}.{os.getpid()}.tmp")  # fmt: skip
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:  # "x": never clobbers a file of that name
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
+
+
+def jsonl(records: Sequence[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def check_outputs(outputs: dict[str, str], inputs: Sequence[str]) -> None:
+    """Before anything is scored: no output is an input, a directory, or another output (the
+    last written would silently replace the first). SystemExit naming the flag."""
+    ins = {os.path.realpath(p): p for p in inputs}
+    taken: dict[str, str] = {}
+    for flag, path in outputs.items():
+        real = os.path.realpath(path)
+        if real in ins or any(os.path.exists(path) and os.path.exists(p)
+                              and os.path.samefile(path, p) for p in inputs):  # fmt: skip
+            raise SystemExit(f"{flag} {path}: is an input file; refusing to overwrite it")
+        if os.path.isdir(path):
+            raise SystemExit(f"{flag} {path}: is a directory")
+        if real in taken:
+            raise SystemExit(f"{flag} {path}: also given to {taken[real]}")
+        taken[real] = flag
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def summary_text(s: dict, sft_out: str = "", pairs_out: str = "") -> str:
+    """The printed summary: the best-of-N gain, then what was written and skipped."""
+    skipped = lambda d: ", ".join(f"{n} {k}" for k, n in d.items() if n) or "none"  # noqa: E731
+    gain = "n/a" if s["best_of_n_gain"] is None else f"{s['best_of_n_gain']:+.4f}"
+    lines = [f"best-of-N: {s['samples']} samples of {s['prompts']} prompts "
+             f"({s['blank_samples']} blank, {s['truncated_samples']} cut at max_new_tokens); "
+             f"mean reward {_fmt(s['mean_reward'])}, mean best "
+             f"{_fmt(s['mean_best_reward'])} (gain {gain} per prompt)"]  # fmt: skip
+    for what, out, key in (("SFT records", sft_out, "sft"), ("pairs", pairs_out, "pairs")):
+        dest = f" written to {out}" if out else " selected, not written"
+        lines.append(f"{what}: {s[key + '_written']}{dest}; skipped: "
+                     f"{skipped(s[key + '_skipped'])}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation.best_of_n",
+                                description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.add_argument("files", nargs="+", help="completion files (generate --json lines); lines "
+                   "with the same prompt are one prompt's samples, across files")  # fmt: skip
+    p.add_argument("--reward_model", required=True, help="reward-model run directory")
+    p.add_argument("--sft_out", default="", help="write each prompt's best as SFT records here")
+    p.add_argument("--pairs_out", default="", help="write (best, worst) DPO pairs here")
+    p.add_argument("--min_margin", type=float, default=0.0,
+                   help="skip pairs whose reward margin is below this (0 never pairs)")  # fmt: skip
+    p.add_argument("--min_reward", type=float, default=None,
+                   help="skip SFT records whose best reward is below this")  # fmt: skip
+    p.add_argument("--keep_truncated", action="store_true", help="let a sample cut at "
+                   "max_new_tokens (\"stopped\": false) be the best too; by default it may only "
+                   "be a pair's rejected side")  # fmt: skip
+    p.add_argument("--batch", "--batch_size", dest="batch", type=int_at_least(1), default=16,
+                   help="rows per reward-model call")  # fmt: skip
+    p.add_argument("--out", default="", help="also write the summary, per-line scores and "
+                   "per-prompt outcomes here (JSON)")  # fmt: skip
+    args = p.parse_args(argv)
+    if not (args.sft_out or args.pairs_out):
+        p.error("nothing to write: give --sft_out and/or --pairs_out")
+    if not (args.min_margin >= 0 and math.isfinite(args.min_margin)):
+        p.error(f"--min_margin must be >= 0 and finite, got {args.min_margin}")
+    if args.min_reward is not None and not math.isfinite(args.min_reward):
+        p.error(f"--min_reward must be finite, got {args.min_reward}")
+    outputs = {flag: path for flag, path in (("--sft_out", args.sft_out),
+               ("--pairs_out", args.pairs_out), ("--out", args.out)) if path}  # fmt: skip
+    check_outputs(outputs, args.files)
+    try:  # every line checked before the reward model loads
+        samples = read_samples(args.files)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    score = reward_scorer_from_flag(args.reward_model, args.batch)
+    try:
+        scores = score_samples(score, samples)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    sel = select(samples, scores, min_reward=args.min_reward, min_margin=args.min_margin,
+                 keep_truncated=args.keep_truncated)  # fmt: skip
+    res = {**sel.summary, "reward_model": args.reward_model, "sft_out": args.sft_out,
+           "pairs_out": args.pairs_out}  # fmt: skip
+    if args.sft_out:
+        write_atomic(args.sft_out, jsonl(sel.sft))
+    if args.pairs_out:
+        write_atomic(args.pairs_out, jsonl(sel.pairs))
+    if args.out:
+        out = {**res, "prompt_outcomes": sel.prompts, "scores": sel.lines}
+        write_atomic(args.out, json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    print(summary_text(res, args.sft_out, args.pairs_out))
+    return res
+
+
+if __name__ == "__main__":
+    main()
