@@ -1,15 +1,37 @@
 """Best-of-N selection: each prompt's best sample as SFT data, its best and worst as a DPO pair.
 
-The selection step of rejection-sampling fine-tuning (RAFT, expert iteration, Llama 2's
+The selection step of rejection-sampling fine-tuning (RAFT, expert iteration, STaR, Llama 2's
 rejection-sampling stage) and of iterative / self-rewarding DPO: sample K responses per prompt
-from the policy, score them with a reward model, keep the best to fine-tune on, or the best and
-the worst as a preference pair. Sampling (`flaxlm.generate --num_samples K --json`) and scoring
-(evaluation/winrate.py's reward-model scorer) exist; this module picks and writes:
+from the policy, score them with a reward model or a verifier, keep the best to fine-tune on,
+or the best and the worst as a preference pair. Sampling (`flaxlm.generate --num_samples K
+--json`) and scoring (evaluation/winrate.py's reward-model scorer, GRPO's reward functions)
+exist; this module picks and writes:
 
     python -m flaxlm.generate runs/sft --prompts_file p.txt --chat --json \\
         --num_samples 8 --temperature 0.8 > samples.jsonl
     python -m flaxlm.evaluation.best_of_n --reward_model runs/rm samples.jsonl \\
         --sft_out best.jsonl --pairs_out pairs.jsonl --min_margin 0.5
+
+or, on checkable tasks (math, code, anything with a reference answer or a rule), by verifiable
+rewards instead of a reward model:
+
+    python -m flaxlm.generate runs/sft --prompts_file rl_prompts.jsonl --chat --json \\
+        --num_samples 8 --temperature 0.8 > samples.jsonl
+    python -m flaxlm.evaluation.best_of_n --rewards exact_match,format:0.1 samples.jsonl \\
+        --sft_out best.jsonl --min_reward 1.0
+
+Scorers (exactly one): --reward_model RUN, a reward-model run (winrate's scorer: prompt +
+completion rendered with the chat template); or --rewards SPEC, GRPO's `grpo.rewards` syntax
+(alignment/grpo_rewards.py `parse_rewards`: "exact_match", "format", "judge", a registered name
+or "module:function", each with an optional ":weight"; "rm" is --reward_model's), each sample
+scored Σ weight·fn(meta, completion) (plus `prompt=`, its turns, for a function that takes it)
+by GRPO's own `call_reward_fns`, in float32 as its rollouts are. `meta` is the line's "meta"
+object: what generate --json copies from each record of a .jsonl --prompts_file of RL prompts
+({"prompt", "meta": {"answer": ...}}, the GRPO prompt format); a line without one is judged with
+{} (enough for "format"). A function that raises or returns no finite number is an error naming
+file:line (GRPO drops such a sample; here it would silently lose, or never win, its prompt) and,
+when the line has no "meta", saying so. A blank completion is not judged: it scores
+--empty_reward (default −1, GRPO's rollout.empty_reward), as GRPO scores an empty response.
 
 Input: one or more completion files (generate --json lines, or any jsonl of {"prompt",
 "completion"}), read and checked by winrate's reader (a bad line is an error naming file:line).
@@ -35,15 +57,16 @@ best, unless --keep_truncated: SFT on it would teach the end of turn after half 
 DPO ignores "margin"; reward training subtracts it (configs/reward.py loss.use_margin): it is
 in this reward model's units, so turn use_margin off, or rescale, to train another one on them.
 
-Printed: prompts, samples, the mean reward of every sample, the mean of each prompt's best, the
-best-of-N gain (mean over prompts of best − the prompt's mean: what picking the best bought;
-mean best − mean reward when every prompt has as many samples), what was written and what was
-skipped, by reason. --out also writes that and every line's score and every prompt's outcome.
-Outputs are written whole (a temporary file renamed into place: an interrupted run leaves no
-half file) and never over an input.
+Printed: the scorer, prompts, samples, the mean reward of every sample, the mean of each
+prompt's best, the best-of-N gain (mean over prompts of best − the prompt's mean: what picking
+the best bought; mean best − mean reward when every prompt has as many samples), what was
+written and what was skipped, by reason. --out also writes that and every line's score and
+every prompt's outcome. Outputs are written whole (a temporary file renamed into place: an
+interrupted run leaves no half file) and never over an input.
 
 From Python, any reward (`ScoreFn`, prompts and responses -> floats: a reward model, the
-built-in world's judge over your prompts' answers, a verifier) selects with `best_of_n`.
+built-in world's judge over your prompts' answers, a verifier) selects with `best_of_n`; so
+does a rewards spec or `parse_rewards`' list [(name, fn, weight)], judged with each line's meta.
 """
 
 from __future__ import annotations
@@ -53,17 +76,22 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from flaxlm.evaluation.cli_types import int_at_least
 from flaxlm.evaluation.winrate import (
     ScoreFn,
     prompt_key,
-    read_completion_lines,
+    read_completion_records,
     reward_scorer_from_flag,
     score_file,
 )
+
+Rewards = list[tuple[str, Callable | None, float]]  # grpo_rewards.parse_rewards' [(name, fn, w)]
+EMPTY_REWARD = -1.0  # a blank completion's score with --rewards: GRPO's rollout.empty_reward
 
 SFT_SKIPS = ("no_usable_sample", "only_truncated", "below_min_reward")
 PAIR_SKIPS = ("no_usable_sample", "only_truncated", "one_sample", "identical", "tie",
@@ -80,6 +108,7 @@ class Sample:
     turns: list[dict]
     completion: str
     stopped: bool | None = None  # generate --json's "stopped": False = cut at max_new_tokens
+    meta: dict | None = None  # the line's "meta" object (reward functions judge by it); None: none
 
     @property
     def loc(self) -> str:
@@ -104,9 +133,16 @@ class Selection:
 
 def read_samples(paths: Sequence[str]) -> list[Sample]:
     """Every line of the completion files, in input order. A line winrate's reader refuses, or
-    whose prompt SFT/DPO's readers would refuse (a blank text or turn), is a ValueError naming
-    file:line; so is a file named twice (its samples would count twice)."""
-    from flaxlm.data.chat_records import FormatError, fields_config, prompt_messages
+    whose prompt SFT/DPO's readers would refuse (a blank text or turn), or whose "meta" is not
+    a JSON object (null is none), is a ValueError naming file:line; so is a file named twice
+    (its samples would count twice)."""
+    from flaxlm.data.chat_records import (
+        FormatError,
+        fields_config,
+        has,
+        prompt_messages,
+        record_meta,
+    )
 
     if not paths:
         raise ValueError("no completion files")
@@ -116,12 +152,16 @@ def read_samples(paths: Sequence[str]) -> list[Sample]:
         if real in seen:
             raise ValueError(f"{path}: named twice (as {seen[real]})")
         seen[real] = path
-        for line, prompt, completion, stopped in read_completion_lines(path):
+        for line, prompt, completion, stopped, rec in read_completion_records(path):
             try:  # record=True checks: a written record must read back in SFT and DPO
                 turns = prompt_messages(prompt, fields)
             except FormatError as e:
                 raise ValueError(f"{path}:{line}: unusable prompt ({e})") from None
-            out.append(Sample(path, line, prompt, turns, completion, stopped))
+            try:
+                meta = record_meta(rec, fields) if has(rec, fields.meta) else None
+            except FormatError as e:
+                raise ValueError(f"{path}:{line}: {e}") from None
+            out.append(Sample(path, line, prompt, turns, completion, stopped, meta))
     return out
 
 
@@ -137,10 +177,62 @@ def score_samples(score: ScoreFn, samples: Sequence[Sample]) -> list[float]:
         got = score_file(score, path, [samples[i].prompt for i in idx],
                          [samples[i].completion for i in idx])  # fmt: skip
         for i, x in zip(idx, got, strict=True):
-            if not math.isfinite(x):
-                raise ValueError(f"{samples[i].loc}: score {x} is not finite")
             scores[i] = x
+    return _finite(samples, scores)
+
+
+def _finite(samples: Sequence[Sample], scores: list[float]) -> list[float]:
+    for s, x in zip(samples, scores, strict=True):
+        if not math.isfinite(x):
+            raise ValueError(f"{s.loc}: score {x} is not finite")
     return scores
+
+
+def reward_fn_scores(rewards: Rewards, samples: Sequence[Sample], *,
+                     empty_reward: float = EMPTY_REWARD) -> list[float]:  # fmt: skip
+    """Each sample's Σ weight·fn(meta, completion) over `rewards` (`parse_rewards`' list), as
+    GRPO's rollouts sum it (alignment/rl_rollout.py `call_reward_fns`: `prompt=` the sample's
+    turns for a function that takes it; float32). `meta`: the line's, {} where it has none. A
+    blank completion is not judged and scores `empty_reward`, as GRPO's empty response. A
+    function that raises or returns no finite number, or a non-finite sum, is a ValueError
+    naming the sample's file:line (and the missing "meta", where the line has none)."""
+    from flaxlm.alignment.rl_rollout import call_reward_fns
+
+    if not rewards:
+        raise ValueError("no reward functions")
+    if any(fn is None for _, fn, _ in rewards):
+        raise ValueError("'rm' names the reward model of GRPO's reward_from: score with a "
+                         "reward-model run (--reward_model) instead")  # fmt: skip
+    if not math.isfinite(empty_reward):
+        raise ValueError(f"empty_reward must be finite, got {empty_reward}")
+    judged = [s for s in samples if s.usable]
+    got, ok, errors = call_reward_fns(
+        [fn for _, fn, _ in rewards], [w for _, _, w in rewards],
+        [{} if s.meta is None else s.meta for s in judged], [s.completion for s in judged],
+        [s.turns for s in judged],
+    )  # fmt: skip
+    bad = [s for s, good in zip(judged, ok, strict=True) if not good]
+    if bad:  # (one error per failed sample, in sample order: the first is bad[0]'s)
+        why = errors[0] if errors else "no reward"
+        if bad[0].meta is None:
+            why += ('; the line has no "meta" (generate --json copies it from each record of a '
+                    '.jsonl --prompts_file of {"prompt", "meta"} records)')  # fmt: skip
+        raise ValueError(f"{bad[0].loc}: {why}")
+    # each float32 sum as the shortest decimal that is it (1.1, not 1.100000023841858): the
+    # same order, ties and thresholds, and margins and means without float32's digits
+    it = iter(float(str(x)) for x in np.asarray(got, np.float32))
+    return _finite(samples, [next(it) if s.usable else float(empty_reward) for s in samples])
+
+
+def _scores(score, samples: Sequence[Sample], empty_reward: float) -> list[float]:
+    """`best_of_n`'s scores: a ScoreFn's (`score_samples`), or a rewards spec's / list's."""
+    if isinstance(score, str):
+        from flaxlm.alignment.grpo_rewards import parse_rewards
+
+        score = parse_rewards(score, "rewards")
+    if isinstance(score, list):
+        return reward_fn_scores(score, samples, empty_reward=empty_reward)
+    return score_samples(score, samples)
 
 
 def _pair_prompt(s: Sample):
@@ -244,11 +336,15 @@ def select(samples: Sequence[Sample], scores: Sequence[float], *, min_reward: fl
     return sel
 
 
-def best_of_n(score: ScoreFn, paths: Sequence[str], *, min_reward: float | None = None,
-              min_margin: float = 0.0, keep_truncated: bool = False) -> Selection:  # fmt: skip
-    """Reads the completion files, scores every line with `score` and selects (`select`)."""
+def best_of_n(score: ScoreFn | str | Rewards, paths: Sequence[str], *,
+              min_reward: float | None = None, min_margin: float = 0.0,
+              keep_truncated: bool = False,
+              empty_reward: float = EMPTY_REWARD) -> Selection:  # fmt: skip
+    """Reads the completion files, scores every line with `score` and selects (`select`).
+    `score`: a ScoreFn, or reward functions judged by each line's meta (`reward_fn_scores`):
+    a `grpo.rewards`-style spec ("exact_match,format:0.1") or `parse_rewards`' list."""
     samples = read_samples(paths)
-    return select(samples, score_samples(score, samples), min_reward=min_reward,
+    return select(samples, _scores(score, samples, empty_reward), min_reward=min_reward,
                   min_margin=min_margin, keep_truncated=keep_truncated)  # fmt: skip
 
 
@@ -296,10 +392,12 @@ def _fmt(x) -> str:
 
 
 def summary_text(s: dict, sft_out: str = "", pairs_out: str = "") -> str:
-    """The printed summary: the best-of-N gain, then what was written and skipped."""
+    """The printed summary: the scorer (`s["scorer"]`, where given) and the best-of-N gain,
+    then what was written and skipped."""
     skipped = lambda d: ", ".join(f"{n} {k}" for k, n in d.items() if n) or "none"  # noqa: E731
     gain = "n/a" if s["best_of_n_gain"] is None else f"{s['best_of_n_gain']:+.4f}"
-    lines = [f"best-of-N: {s['samples']} samples of {s['prompts']} prompts "
+    by = f" scored by {s['scorer']}" if s.get("scorer") else ""
+    lines = [f"best-of-N{by}: {s['samples']} samples of {s['prompts']} prompts "
              f"({s['blank_samples']} blank, {s['truncated_samples']} cut at max_new_tokens); "
              f"mean reward {_fmt(s['mean_reward'])}, mean best "
              f"{_fmt(s['mean_best_reward'])} (gain {gain} per prompt)"]  # fmt: skip
@@ -315,7 +413,14 @@ def main(argv=None) -> dict:
                                 description=__doc__.split("\n\n")[0])  # fmt: skip
     p.add_argument("files", nargs="+", help="completion files (generate --json lines); lines "
                    "with the same prompt are one prompt's samples, across files")  # fmt: skip
-    p.add_argument("--reward_model", required=True, help="reward-model run directory")
+    scorer = p.add_mutually_exclusive_group(required=True)
+    scorer.add_argument("--reward_model", help="score with this reward-model run")
+    scorer.add_argument("--rewards", help="score with GRPO's reward functions, judged by each "
+                        "line's meta: grpo.rewards' syntax, e.g. exact_match,format:0.1 or "
+                        "my_rewards:numeric:0.5")  # fmt: skip
+    p.add_argument("--empty_reward", type=float, default=None, help="with --rewards: the score "
+                   f"of a blank completion, never judged (default {EMPTY_REWARD:g}, GRPO's "
+                   "rollout.empty_reward)")  # fmt: skip
     p.add_argument("--sft_out", default="", help="write each prompt's best as SFT records here")
     p.add_argument("--pairs_out", default="", help="write (best, worst) DPO pairs here")
     p.add_argument("--min_margin", type=float, default=0.0,
@@ -326,7 +431,7 @@ def main(argv=None) -> dict:
                    "max_new_tokens (\"stopped\": false) be the best too; by default it may only "
                    "be a pair's rejected side")  # fmt: skip
     p.add_argument("--batch", "--batch_size", dest="batch", type=int_at_least(1), default=16,
-                   help="rows per reward-model call")  # fmt: skip
+                   help="rows per reward-model call (--reward_model)")  # fmt: skip
     p.add_argument("--out", default="", help="also write the summary, per-line scores and "
                    "per-prompt outcomes here (JSON)")  # fmt: skip
     args = p.parse_args(argv)
@@ -336,6 +441,26 @@ def main(argv=None) -> dict:
         p.error(f"--min_margin must be >= 0 and finite, got {args.min_margin}")
     if args.min_reward is not None and not math.isfinite(args.min_reward):
         p.error(f"--min_reward must be finite, got {args.min_reward}")
+    rewards = None
+    if args.rewards is not None:
+        from flaxlm.alignment.grpo_rewards import REWARD_MODEL, parse_rewards
+
+        try:  # an unknown name, an unimportable function, a bad weight: a usage error
+            rewards = parse_rewards(args.rewards, "--rewards")
+        except ValueError as e:
+            p.error(str(e))
+        if any(fn is None for _, fn, _ in rewards):
+            p.error(f"--rewards: {REWARD_MODEL!r} is GRPO's reward model (reward_from); score "
+                    "with a reward-model run by --reward_model instead")  # fmt: skip
+        empty = EMPTY_REWARD if args.empty_reward is None else args.empty_reward
+        if not math.isfinite(empty):
+            p.error(f"--empty_reward must be finite, got {empty}")
+        spec = ",".join(f"{name}:{w:g}" for name, _, w in rewards)
+        about = {"scorer": f"rewards {spec}", "rewards": spec, "empty_reward": empty}
+    elif args.empty_reward is not None:
+        p.error("--empty_reward needs --rewards (a reward model scores blank completions)")
+    else:
+        about = {"scorer": f"reward model {args.reward_model}", "reward_model": args.reward_model}
     outputs = {flag: path for flag, path in (("--sft_out", args.sft_out),
                ("--pairs_out", args.pairs_out), ("--out", args.out)) if path}  # fmt: skip
     check_outputs(outputs, args.files)
@@ -343,15 +468,17 @@ def main(argv=None) -> dict:
         samples = read_samples(args.files)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
-    score = reward_scorer_from_flag(args.reward_model, args.batch)
     try:
-        scores = score_samples(score, samples)
+        if rewards is None:
+            score = reward_scorer_from_flag(args.reward_model, args.batch)
+            scores = score_samples(score, samples)
+        else:
+            scores = reward_fn_scores(rewards, samples, empty_reward=about["empty_reward"])
     except ValueError as e:
         raise SystemExit(str(e)) from None
     sel = select(samples, scores, min_reward=args.min_reward, min_margin=args.min_margin,
                  keep_truncated=args.keep_truncated)  # fmt: skip
-    res = {**sel.summary, "reward_model": args.reward_model, "sft_out": args.sft_out,
-           "pairs_out": args.pairs_out}  # fmt: skip
+    res = {**sel.summary, **about, "sft_out": args.sft_out, "pairs_out": args.pairs_out}
     if args.sft_out:
         write_atomic(args.sft_out, jsonl(sel.sft))
     if args.pairs_out:

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -202,8 +203,25 @@ def read_completions(path: str) -> list[tuple[str, str]]:
 
 def read_completion_lines(path: str) -> list[tuple[int, str | list, str, bool | None]]:
     """(line number, prompt, completion, stopped) of each non-blank line of a completion file
-    (what evaluation/best_of_n.py reports its scores by); bad lines name file:line. `stopped`:
+    (`read_completion_records` without the record); bad lines name file:line. `stopped`:
     generate --json's field (False: cut at --max_new_tokens), None where a line has none."""
+    return [r[:4] for r in read_completion_records(path)]
+
+
+class CompletionLine(NamedTuple):
+    """One line of a completion file, as `read_completion_records` checked it."""
+
+    line: int  # 1-based, counting blank lines
+    prompt: str | list
+    completion: str
+    stopped: bool | None  # generate --json's "stopped"; None where the line has none
+    record: dict  # the whole JSON object, e.g. for its "meta" (left unchecked here)
+
+
+def read_completion_records(path: str) -> list[CompletionLine]:
+    """Each non-blank line of a completion file (what evaluation/best_of_n.py reports its scores
+    by, and where it finds each sample's "meta"); bad lines name file:line. Only the prompt and
+    the completion are checked: fields a reader of the file uses besides them are its to check."""
     from flaxlm.data.chat_records import FormatError, _messages, fields_config
 
     out = []
@@ -237,7 +255,8 @@ def read_completion_lines(path: str) -> list[tuple[int, str | list, str, bool | 
                     raise ValueError(f"{path}:{lineno}: prompt must be a string or a list of "
                                      f"{{role, content}} messages ({e})") from None  # fmt: skip
             stopped = rec.get("stopped")
-            out.append((lineno, prompt, completion, stopped if isinstance(stopped, bool) else None))
+            stopped = stopped if isinstance(stopped, bool) else None
+            out.append(CompletionLine(lineno, prompt, completion, stopped, rec))
     if not out:
         raise ValueError(f"{path}: no completions")
     return out

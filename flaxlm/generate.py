@@ -23,8 +23,9 @@ post-processor adds none, SmolLM2's, gets none; models/hf_tokenizer.py); --no_bo
 Output: per prompt "### PROMPT" then the completion (stop token removed); with --json one JSON
 object per line, in prompt order: {"prompt" (the text; with --system the messages rendered,
 [{"role": "system", ...}, {"role": "user", ...}], so that evaluation/winrate.py scores the
-conversation answered), "completion", "n_tokens" (generated, the stop token
-included), "stopped" (ended at a stop token or --stop string rather than --max_new_tokens)};
+conversation answered; a record's messages likewise), "completion", "n_tokens" (generated,
+the stop token included), "stopped" (ended at a stop token or --stop string rather than
+--max_new_tokens), and a prompt record's "meta" (below)};
 with --num_samples K, K in a row per prompt (and "sample": k in 0..K-1). --stop STR (repeatable)
 ends a completion inside the decode loop once its text contains STR (models/stop_strings.py),
 and the completion is cut before it. Blank lines of --prompts_file are skipped. Prompts are
@@ -36,6 +37,17 @@ fold_in(fold_in(PRNGKey(--seed), i), k), from one prefill of the prompt
 --batch or the other prompts, and for K > 1 not on K (more samples keep the first ones). Stop
 tokens: with --chat the template's (flaxlm's `<|end|>` and EOS, or an HF tokenizer's eos ids);
 else the tokenizer's stop ids or its EOS.
+
+A --prompts_file named .jsonl or .json (compressed too: .jsonl.gz, .zst; or .parquet, .arrow)
+holds RL prompt records, what GRPO/PPO read (alignment/rl_common.py `load_prompts`), checked by
+the same data/chat_records.py functions: {"prompt": text or messages (or "messages"), "meta":
+{...}}. A text prompt is used as a line of a text file is; messages need --chat (trailing
+assistant turns, a chat reused as a prompt, are dropped, as the rollouts drop them; --system is
+put first unless the record has a system turn of its own, then it is an error); a record with
+"tools" is refused (not rendered here). With --json each line of a record's samples carries its
+"meta" unchanged (none when the record has none), for evaluation/best_of_n.py's verifiable
+rewards (--rewards exact_match judges by meta.answer). A bad record (malformed JSON, no prompt,
+a blank one, a non-object meta) is a usage error naming file:line.
 
 --draft DRAFT (a run or HF directory of a smaller model with the same tokenizer, e.g. a student
 distilled from MODEL) decodes speculatively (models/speculative.py): the draft proposes
@@ -54,11 +66,11 @@ samples do not depend on the mesh (up to float rounding); with several processes
 prints.
 
 Bad input fails before any generation with a message, not a traceback: sampling flags, --dtype,
-an unreadable --prompts_file (usage errors, exit 2); a missing model directory, checkpoint
-step or tokenizer, a reward-model run, --step with an HF directory, a prompt that encodes to no
-tokens (--no_bos with an empty prompt), a --chat template that fails on the prompts (its own
-raise_exception, e.g. "System role not supported"; an undefined value) (exit 1, the message
-naming the path, prompt or tokenizer).
+an unreadable --prompts_file or a bad record of one (usage errors, exit 2); a missing model
+directory, checkpoint step or tokenizer, a reward-model run, --step with an HF directory, a
+prompt that encodes to no tokens (--no_bos with an empty prompt), a --chat template that fails
+on the prompts (its own raise_exception, e.g. "System role not supported"; an undefined value)
+(exit 1, the message naming the path, prompt or tokenizer).
 """
 
 from __future__ import annotations
@@ -78,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("model", help="flaxlm run directory or HF checkpoint directory")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts_file", default="", help="one prompt per line ('-' = stdin)")
+    p.add_argument("--prompts_file", default="",
+                   help="one prompt per line ('-' = stdin); .jsonl / .json: RL prompt records "
+                   "{prompt, meta}, each --json line carrying its record's meta")  # fmt: skip
     p.add_argument("--tokenizer", default="", help="tokenizer file or directory (default: auto)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--ema", action="store_true",
@@ -235,15 +249,19 @@ def load(model_dir: str, tokenizer: str = "", step=None, dtype: str = "",
         raise SystemExit(str(e)) from None
 
 
-def chat_messages(text: str, system: str = "") -> list[dict]:
-    """The conversation --chat renders for a prompt: the --system turn, if any, then the user's."""
+def chat_messages(prompt: str | list[dict], system: str = "") -> list[dict]:
+    """The conversation --chat renders for a prompt (a text: the user's turn; or a record's
+    messages): the --system turn, if any, first."""
     head = [{"role": "system", "content": system}] if system else []
-    return head + [{"role": "user", "content": text}]
+    return head + ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
 
 
 def encode_prompts(tok, texts, chat: bool, system: str = "", bos: bool = True):
-    """(prompt ids per text, stop token ids)."""
+    """(prompt ids per prompt, stop token ids). A prompt is a text, or (with `chat`) a list of
+    messages."""
     if not chat:
+        if any(not isinstance(t, str) for t in texts):
+            raise ValueError("a prompt of messages needs the chat template (--chat)")
         stops = getattr(tok, "stop_ids", None) or ((tok.eos_id,) if tok.eos_id >= 0 else ())
         return [tok.encode(t, bos=bos and tok.bos_id >= 0) for t in texts], tuple(stops)
     from flaxlm.data.formats import generation_prompt
@@ -252,11 +270,17 @@ def encode_prompts(tok, texts, chat: bool, system: str = "", bos: bool = True):
     return [ids for ids, _ in rendered], rendered[0][1] if rendered else ()
 
 
-def json_prompt(text: str, chat: bool, system: str = ""):
-    """--json's "prompt": the text, or with --system the messages rendered (a list), so that a
-    reader of the file (evaluation/winrate.py, which takes a text as one user turn) has the
-    conversation that was answered, not one without its system turn."""
-    return chat_messages(text, system) if chat and system else text
+def json_prompt(text: str | list[dict], chat: bool, system: str = ""):
+    """--json's "prompt": the text, or with --system (or a record's messages) the messages
+    rendered (a list), so that a reader of the file (evaluation/winrate.py, which takes a text
+    as one user turn) has the conversation that was answered, not one without its system
+    turn."""
+    return chat_messages(text, system) if chat and (system or not isinstance(text, str)) else text
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt as the text output's "### " header shows it: a record's messages by the last."""
+    return prompt if isinstance(prompt, str) else str(prompt[-1].get("content") or "")
 
 
 def _check(p: argparse.ArgumentParser, args) -> None:
@@ -324,9 +348,14 @@ def _unescape(s: str) -> str:
         return s
 
 
-def _read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
-    """The non-blank lines of --prompts_file ('-' = stdin); an unreadable file is a usage
-    error naming it."""
+def _read_prompts(p: argparse.ArgumentParser, path: str, args) -> list[tuple]:
+    """(prompt, meta) of each prompt of --prompts_file: its non-blank lines ('-' = stdin),
+    meta None, or its RL prompt records (`_read_prompt_records`, by the file's name); an
+    unreadable file is a usage error naming it."""
+    from flaxlm.data.source_paths import file_format
+
+    if path != "-" and file_format(path) != "text":
+        return _read_prompt_records(p, path, args)
     try:
         if path == "-":
             lines = sys.stdin.readlines()
@@ -335,7 +364,60 @@ def _read_prompts(p: argparse.ArgumentParser, path: str) -> list[str]:
                 lines = f.readlines()
     except (OSError, UnicodeDecodeError) as e:
         p.error(f"--prompts_file {path}: cannot read it ({e})")
-    return [ln.rstrip("\n") for ln in lines if ln.strip()]
+    return [(ln.rstrip("\n"), None) for ln in lines if ln.strip()]
+
+
+def _read_prompt_records(p: argparse.ArgumentParser, path: str, args) -> list[tuple]:
+    """(prompt, meta) of each record of an RL prompt file, read and checked as `load_prompts`
+    (alignment/rl_common.py) reads one: the text, or the messages less trailing assistant
+    turns; the record's "meta" object as it is, None when it has none. A bad record, or one
+    these flags cannot render (messages without --chat, a system turn besides --system, tool
+    schemas), is a usage error naming file:line; so is a file that cannot be read."""
+    from flaxlm.data.chat_examples import prompt_turns
+    from flaxlm.data.chat_records import (
+        DataReport,
+        FormatError,
+        fields_config,
+        has,
+        prompt_messages,
+        read_records,
+        record_meta,
+        record_tools,
+    )
+    from flaxlm.data.source_errors import DataError
+
+    if not os.path.isfile(path):
+        p.error(f"--prompts_file {path}: cannot read it (no such file)")
+    fields, out = fields_config(), []
+    try:
+        for obj, loc in read_records(path, DataReport(strict=True)):
+            try:
+                if not isinstance(obj, dict):
+                    raise FormatError("bad_record", "record is not a JSON object")
+                key = fields.prompt if has(obj, fields.prompt) else fields.messages
+                turns = prompt_turns(prompt_messages(obj.get(key), fields))
+                meta = record_meta(obj, fields) if has(obj, fields.meta) else None
+                if not turns:
+                    raise FormatError("bad_messages", "the prompt has only assistant turns")
+                if record_tools(obj, fields):
+                    raise FormatError("bad_tools", "tool schemas are not rendered by generate")
+                if isinstance(obj[key], list) and not args.chat:
+                    raise FormatError("bad_messages", "a prompt of messages needs --chat")
+                if isinstance(obj[key], list) and args.system and turns[0]["role"] == "system":
+                    raise FormatError("bad_messages", "the prompt has a system turn of its own; "
+                                      "--system would be a second one")  # fmt: skip
+            except FormatError as e:
+                p.error(f"--prompts_file {loc}: {e.reason} ({e})")
+            out.append((obj[key] if isinstance(obj[key], str) else turns, meta))
+    except DataError as e:  # (strict: the first line that is no JSON, names file:line)
+        hint = ""
+        if "malformed_json" in str(e):
+            hint = ('; a .jsonl or .json prompts file holds {"prompt", "meta"} records: name a '
+                    "file of text prompts otherwise, e.g. .txt")  # fmt: skip
+        p.error(f"--prompts_file {e}{hint}")
+    except OSError as e:
+        p.error(f"--prompts_file {path}: cannot read it ({e})")
+    return out
 
 
 def _load_draft(args, tok, texts, mesh, rules):
@@ -348,7 +430,7 @@ def _load_draft(args, tok, texts, mesh, rules):
                                    mesh, rules)  # fmt: skip
     except SystemExit as e:  # `load` names the directory; say which flag gave it
         raise SystemExit(f"--draft {e.code}" if isinstance(e.code, str) else e.code) from None
-    probe = [*texts, "The quick brown fox, 1234."]
+    probe = [*map(prompt_text, texts), "The quick brown fox, 1234."]
     if dtok.vocab_size != tok.vocab_size or any(dtok.encode(t) != tok.encode(t) for t in probe):
         raise SystemExit(
             f"--draft {args.draft}: its tokenizer ({dtok.vocab_size} pieces) is not "
@@ -392,9 +474,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     _check(p, args)
     mesh, rules = setup_mesh(p, args)  # (first: connects the processes of a multi-host job)
-    texts = list(args.prompt)
+    given = [(t, None) for t in args.prompt]  # (prompt: text or messages, meta or None)
     if args.prompts_file:
-        texts += _read_prompts(p, args.prompts_file)
+        given += _read_prompts(p, args.prompts_file, args)
+    texts, metas = [t for t, _ in given], [m for _, m in given]
     if not texts:
         raise SystemExit("no prompts: pass --prompt TEXT or --prompts_file FILE")
 
@@ -460,10 +543,11 @@ def main(argv=None) -> None:
             if args.json:
                 rec = {"prompt": json_prompt(texts[i], args.chat, args.system),
                        "completion": completion, "n_tokens": len(ids),
-                       "stopped": stopped, **({"sample": k} if K > 1 else {})}  # fmt: skip
+                       "stopped": stopped, **({"sample": k} if K > 1 else {}),
+                       **({} if metas[i] is None else {"meta": metas[i]})}  # fmt: skip
                 print(json.dumps(rec, ensure_ascii=False), flush=True)
             else:
-                head = f"### {texts[i]}" + (f" (sample {k + 1}/{K})" if K > 1 else "")
+                head = f"### {prompt_text(texts[i])}" + (f" (sample {k + 1}/{K})" if K > 1 else "")
                 print(f"{head}\n{completion}\n", flush=True)
 
 

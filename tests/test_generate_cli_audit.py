@@ -161,6 +161,47 @@ def test_stop_strings_end_and_cut_the_completions(run, capsys):
     assert cut >= 1
 
 
+def test_prompt_records_carry_their_meta(run, tmp_path, capsys):
+    """A .jsonl --prompts_file of RL prompt records: each --json line carries its record's
+    meta unchanged (none for a record without one, or a null one); each record samples as the
+    same line of a text file does (the same ids, the same key), a record's messages being its
+    prompt (their trailing assistant turn, a reference answer, dropped)."""
+    run_dir, tok, _ = run
+    meta = {"answer": "Brel", "task": "mine", "ok": [1, 2.5, None, {"é": True}]}
+    conv = [{"role": "user", "content": TEXTS[1]}, {"role": "assistant", "content": "42"}]
+    recs = [{"prompt": TEXTS[0], "meta": meta}, {"prompt": TEXTS[1], "meta": None},
+            {"messages": conv, "meta": {"answer": 42}}]  # fmt: skip
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs) + "\n")
+    (tmp_path / "p.txt").write_text("\n".join([*TEXTS, TEXTS[1]]) + "\n")
+    flags = ["--chat", "--json", "--num_samples", "2", "--temperature", "1",
+             "--max_new_tokens", "6"]  # fmt: skip
+    read = lambda path: [json.loads(ln) for ln in _main(  # noqa: E731
+        [run_dir, "--prompts_file", str(path), *flags], capsys).splitlines()]  # fmt: skip
+    got, text = read(jsonl), read(tmp_path / "p.txt")
+    metas = [meta, None, {"answer": 42}]
+    assert [r.get("meta", "absent") for r in got] == [meta, meta, *["absent"] * 2, *metas[2:] * 2]
+    assert got[4]["prompt"] == got[5]["prompt"] == conv[:1]
+    plain = [{**r, "prompt": text[i]["prompt"]} for i, r in enumerate(got)]
+    assert [{k: v for k, v in r.items() if k != "meta"} for r in plain] == text
+    assert len({r["completion"] for r in got}) > 2  # (the samples differ)
+    # the lines are best_of_n's input: judged by their meta; the line without one is named
+    from flaxlm.evaluation import best_of_n as bon
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in got))
+    with pytest.raises(ValueError, match=rf'{samples}:3: reward exact_match .* no "meta"'):
+        bon.best_of_n("exact_match", [str(samples)])
+    samples.write_text("".join(json.dumps(r) + "\n" for r in got[:2] + got[4:]))
+    sel = bon.best_of_n("exact_match", [str(samples)])
+    assert (sel.summary["prompts"], sel.summary["samples"]) == (2, 4)
+    # --system goes first, before a record's messages as before a text prompt
+    system = {"role": "system", "content": SYSTEM}
+    assert cli.json_prompt(conv[:1], True, SYSTEM) == [system, conv[0]]
+    assert cli.encode_prompts(tok, [conv[:1]], True, SYSTEM) == cli.encode_prompts(
+        tok, [TEXTS[1]], True, SYSTEM)  # fmt: skip
+
+
 def test_plain_prompts_bos_and_stop_tokens(run):
     _, tok, _ = run
     ids, stops = cli.encode_prompts(tok, TEXTS, chat=False)

@@ -5,6 +5,7 @@ command-line run scores with a (random-weight) reward-model run."""
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -296,3 +297,110 @@ def test_command_line_with_a_reward_model_run(rm_run, tmp_path, capsys):  # noqa
     with pytest.raises(SystemExit, match="not a run directory"):
         bon.main([a, "--reward_model", str(tmp_path), "--sft_out", str(tmp_path / "x.jsonl")])
     assert not os.path.exists(tmp_path / "x.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifiable rewards (--rewards: GRPO's reward functions, judged by each line's meta)
+
+MY_REWARDS = '''
+def numeric(meta, response, prompt):
+    """1 when the response ends in the number meta["answer"] ends in; -2 when the prompt (its
+    turns, passed as GRPO passes them) has a system turn."""
+    if prompt[0]["role"] == "system":
+        return -2.0
+    last = lambda text: (text.replace(".", " ").split() or [""])[-1]  # noqa: E731
+    return float(last(response) == last(str(meta["answer"])))
+'''
+
+
+def _sample(prompt, completion, answer=None, **extra):
+    meta = {} if answer is None else {"meta": {"answer": answer, "source": "hand"}}
+    return {"prompt": prompt, "completion": completion, **meta, **extra}
+
+
+def test_rewards_exact_match_keeps_a_correct_answer(tmp_path, capsys):
+    """--rewards exact_match against each line's meta.answer: the best is the correct sample
+    wherever it is among the K; --min_reward 1.0 writes no record for a prompt with none; a
+    blank completion is not judged and scores --empty_reward; the summary names the scorer."""
+    rows = [("2+2?", "5", "4"), ("2+2?", "4", "4"), ("2+2?", " 4 ", "4"),  # correct, stripped
+            ("3*3?", "6", "9"), ("3*3?", "", "9"), ("3*3?", "8", "9"),  # none correct
+            ("1+0?", "", "1"), ("1+0?", "1", "1")]  # fmt: skip
+    path = _write(tmp_path / "s.jsonl", [_sample(p, c, a) for p, c, a in rows])
+    sft, pairs, out = (str(tmp_path / n) for n in ("sft.jsonl", "pairs.jsonl", "r.json"))
+    res = bon.main(["--rewards", "exact_match", path, "--sft_out", sft, "--pairs_out", pairs,
+                    "--min_reward", "1.0", "--out", out, "--empty_reward", "-3"])  # fmt: skip
+    assert "scored by rewards exact_match:1" in capsys.readouterr().out
+    best = [json.loads(line)["messages"] for line in open(sft)]
+    assert best == [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                    for q, a in (("2+2?", "4"), ("1+0?", "1"))]  # fmt: skip
+    saved = json.loads(open(out).read())
+    assert [x["score"] for x in saved["scores"]] == [0.0, 1.0, 1.0, 0.0, -3.0, 0.0, -3.0, 1.0]
+    assert saved["sft_skipped"]["below_min_reward"] == 1
+    assert (saved["scorer"], saved["rewards"], saved["empty_reward"]) == (
+        "rewards exact_match:1", "exact_match:1", -3.0)  # fmt: skip
+    assert "reward_model" not in saved
+    # 1+0?: the blank is no sample to pair with; 3*3?: every usable sample scores 0, a tie
+    assert [(p["chosen"], p["rejected"]) for p in map(json.loads, open(pairs))] == [("4", "5")]
+    assert res["pairs_skipped"]["one_sample"] == 1 and res["pairs_skipped"]["tie"] == 1
+
+
+def test_reward_weights_combine_as_grpo_sums_them(tmp_path, monkeypatch):
+    """exact_match,format:0.1,bon_rewards:numeric:0.5 (a user's function, given the prompt's
+    turns): each score is the hand-computed Σ weight·value; with the built-in world's format
+    ("The answer is X.") only some responses are well formed."""
+    (tmp_path / "bon_rewards.py").write_text(MY_REWARDS)  # (not GRPO tests' my_rewards)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "bon_rewards", None)  # so that it is gone afterwards,
+    del sys.modules["bon_rewards"]  # and imported from tmp_path now
+    sys_q = [*SYSTEM, {"role": "user", "content": "7-2?"}]
+    rows = [("7+2?", "The answer is 9.", "The answer is 9."),  # exact, format, numeric
+            ("7+2?", "9", "The answer is 9."),  # numeric only (not the answer's text)
+            ("7+2?", "The answer is 8.", "The answer is 9."),  # format only
+            ("5+5?", "10", "10"),  # exact, numeric
+            (sys_q, "The answer is 5.", "5"),  # format, numeric: -2 (a system turn)
+            ]  # fmt: skip
+    path = _write(tmp_path / "s.jsonl", [_sample(p, c, a) for p, c, a in rows])
+    want = [1 + 0.1 + 0.5, 0.5, 0.1, 1 + 0.5, 0.1 - 1.0]
+    sel = bon.best_of_n("exact_match,format:0.1,bon_rewards:numeric:0.5", [path])
+    assert [x["score"] for x in sel.lines] == pytest.approx(want, rel=1e-6)
+    assert [r["messages"][-1]["content"] for r in sel.sft] == ["The answer is 9.", "10",
+                                                               "The answer is 5."]  # fmt: skip
+    assert sel.pairs[0]["margin"] == pytest.approx(1.6 - 0.1, rel=1e-6)
+    # the parsed list selects the same; a weight of 0 drops a function's say
+    from flaxlm.alignment.grpo_rewards import parse_rewards
+
+    same = bon.best_of_n(parse_rewards("exact_match,format:0.1,bon_rewards:numeric:0.5"), [path])
+    assert same.lines == sel.lines
+    zero = bon.best_of_n("exact_match:0,format:2", [path])
+    assert [x["score"] for x in zero.lines] == [2.0, 0.0, 2.0, 0.0, 2.0]
+
+
+def test_rewards_without_meta_or_with_a_bad_one_name_the_line(tmp_path):
+    recs = [_sample("2+2?", "4", "4"), _sample("2+2?", "5")]  # line 2: no meta
+    path = _write(tmp_path / "s.jsonl", recs)
+    with pytest.raises(SystemExit) as e:
+        bon.main(["--rewards", "exact_match", path, "--sft_out", str(tmp_path / "o.jsonl")])
+    msg = str(e.value.code)
+    assert msg.startswith(f"{path}:2: reward exact_match raised KeyError") and "meta.answer" in msg
+    assert 'the line has no "meta"' in msg and ".jsonl --prompts_file" in msg
+    assert not os.path.exists(tmp_path / "o.jsonl")
+    # format needs no meta: the same file scores
+    assert bon.best_of_n("format", [path]).summary["samples"] == 2
+    bad = _write(tmp_path / "bad.jsonl", [recs[0], {**recs[0], "meta": "4"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: meta='4' is not a JSON object"):
+        bon.read_samples([bad])
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "one of the arguments --reward_model --rewards is required"),
+    (["--rewards", "exact_match", "--reward_model", "runs/rm"], "not allowed with argument"),
+    (["--rewards", "exact_match,rm:0.5"], "--rewards: 'rm' is GRPO's reward model"),
+    (["--rewards", "exact_matc"], "--rewards: unknown reward 'exact_matc'"),
+    (["--rewards", "format:x:y"], "--rewards: bad weight"),
+    (["--reward_model", "runs/rm", "--empty_reward", "0"], "--empty_reward needs --rewards"),
+])  # fmt: skip
+def test_exactly_one_scorer_is_a_usage_error_otherwise(flags, message, tmp_path, capsys):
+    path = _write(tmp_path / "s.jsonl", [_sample("p", "c", "c")])
+    with pytest.raises(SystemExit) as e:
+        bon.main([path, "--sft_out", str(tmp_path / "o.jsonl"), *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
