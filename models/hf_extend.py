@@ -239,37 +239,12 @@ def _varint(n: int) -> bytes:
 def _after_last_piece(proto: bytes) -> int:
     """The offset just past the last `pieces` field (1) of a SentencePiece ModelProto (0 when
     there is none): where new pieces go, after the others."""
-    i, n, end = 0, len(proto), 0
+    from flaxlm.models.hf_sentencepiece import field_spans
 
-    def varint():
-        nonlocal i
-        shift = value = 0
-        while True:
-            if i >= n:
-                raise ValueError("truncated varint")
-            b = proto[i]
-            i += 1
-            value |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                return value
-
-    while i < n:
-        key = varint()
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            varint()
-        elif wire == 2:
-            size = varint()  # (not `i += varint()`: that adds to `i` as it was before the call)
-            i += size
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire} (field {field})")
+    end = 0
+    for field, _, stop in field_spans(proto):
         if field == 1:
-            end = i
-    if i != n:
-        raise ValueError("truncated field")
+            end = stop
     return end
 
 

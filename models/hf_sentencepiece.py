@@ -40,15 +40,19 @@ UNIGRAM, BPE = 1, 2  # TrainerSpec.ModelType
 SPACE = "▁"
 
 
-def _fields(buf: bytes):
-    """(field number, value) of each field of a protobuf message: ints for varints, bytes for
-    length-delimited fields, raw 4/8 bytes for fixed-width ones."""
+def field_spans(buf: bytes):
+    """(field number, value, end offset) of each field of a protobuf message: ints for varints,
+    bytes for length-delimited fields, raw 4/8 bytes for fixed-width ones; the end offset is
+    just past the field (models/hf_extend.py inserts pieces there). A message cut short is a
+    ValueError (a slice past the end was silently shorter)."""
     i, n = 0, len(buf)
 
     def varint():
         nonlocal i
         shift = value = 0
         while True:
+            if i >= n:
+                raise ValueError("truncated varint")
             b = buf[i]
             i += 1
             value |= (b & 0x7F) << shift
@@ -60,17 +64,21 @@ def _fields(buf: bytes):
         key = varint()
         field, wire = key >> 3, key & 7
         if wire == 0:
-            yield field, varint()
-        elif wire == 2:
-            size = varint()
-            yield field, buf[i : i + size]
-            i += size
-        elif wire in (1, 5):
-            width = 8 if wire == 1 else 4
-            yield field, buf[i : i + width]
-            i += width
+            value = varint()
+        elif wire in (1, 2, 5):
+            size = varint() if wire == 2 else 8 if wire == 1 else 4
+            if i + size > n:
+                raise ValueError(f"truncated field {field}")
+            value, i = buf[i : i + size], i + size
         else:
             raise ValueError(f"unsupported protobuf wire type {wire} (field {field})")
+        yield field, value, i
+
+
+def _fields(buf: bytes):
+    """(field number, value) of each field of a protobuf message (``field_spans``)."""
+    for field, value, _ in field_spans(buf):
+        yield field, value
 
 
 def parse_model(proto: bytes) -> dict:
