@@ -71,8 +71,9 @@ from flaxlm.data.clean_text import (  # noqa: F401
 )
 from flaxlm.data.clean_url import host_of, load_domain_list
 from flaxlm.data.clean_wordlist import RESOURCES, WordList, load_word_list, toxic_hits  # noqa: F401
+from flaxlm.data.stage_counts import REMOVED_EXAMPLES, count_removed, stage_report
 
-MAX_EXAMPLES = 3  # removed-document examples kept per reason (first 200 characters each)
+MAX_EXAMPLES = REMOVED_EXAMPLES  # removed-document examples kept per reason (200 characters)
 _BULLETS = ("•", "●", "◦", "▪", "‣", "-", "*", "·", "–")
 _ELLIPSES = ("...", "…", "。。。")
 
@@ -253,10 +254,7 @@ class Cleaner:
         return text, stats.language
 
     def _remove(self, reason: str, example: str) -> None:
-        self.removed[reason] += 1
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < MAX_EXAMPLES:
-            ex.append(example)
+        count_removed(self.removed, self.examples, reason, example)
 
     def merge(self, other: Cleaner) -> None:
         self.seen += other.seen
@@ -270,10 +268,7 @@ class Cleaner:
 
     def report(self) -> dict:
         return {
-            "in": self.seen,
-            "out": self.seen - sum(self.removed.values()),
-            "removed": dict(self.removed),
-            "examples": self.examples,
+            **stage_report(self.seen, self.removed, self.examples),
             "pii_redacted": dict(self.pii),
             "boilerplate_lines_stripped": self.lines_stripped,
             "languages": dict(self.languages),

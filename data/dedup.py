@@ -52,6 +52,7 @@ import numpy as np
 
 from flaxlm.data.clean_text import _WORD_RE, remove_controls
 from flaxlm.data.source_readers import check_txt_mode
+from flaxlm.data.stage_counts import count_removed, stage_report
 
 logger = logging.getLogger("flaxlm")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier for polynomial combination
@@ -441,17 +442,11 @@ class Deduper:
         return self._exact.nbytes + self._bands.nbytes
 
     def _drop(self, reason: str, loc: str, text: str) -> None:
-        self.removed[reason] += 1
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < 3:
-            ex.append(f"{loc}: {text[:200]!r}")
+        count_removed(self.removed, self.examples, reason, f"{loc}: {text[:200]!r}")
 
     def report(self) -> dict:
         return {
-            "in": self.seen,
-            "out": self.seen - sum(self.removed.values()),
-            "removed": dict(self.removed),
-            "examples": self.examples,
+            **stage_report(self.seen, self.removed, self.examples),
             "flagged_contaminated": self.flagged,
             "lsh": {"bands": self.bands, "rows": self.rows, "threshold": self.cfg.threshold},
             **({"decontam": self.decontam.summary()} if self.decontam is not None else {}),

@@ -39,8 +39,8 @@ import ml_collections
 import numpy as np
 
 from flaxlm.config_values import is_int, is_real
+from flaxlm.data.stage_counts import count_removed, stage_report
 
-MAX_EXAMPLES = 3  # removed-document examples kept per reason (first 200 characters)
 # Perplexity histogram: log10(ppl) from 0 to 7 (1 to 10 million) in 50 bins a decade; beyond
 # either end counts in the end bins.
 _BINS_PER_DECADE, _DECADES = 50, 7
@@ -231,10 +231,8 @@ class QualityFilter:
             elif self.min_ppl and p < self.min_ppl:
                 reason = "perplexity_low"
         if reason is not None:
-            self.removed[reason] = self.removed.get(reason, 0) + 1
-            ex = self.examples.setdefault(reason, [])
-            if len(ex) < MAX_EXAMPLES:
-                ex.append(f"{loc}: ppl {p:.1f}: {text[:200]!r}")
+            example = f"{loc}: ppl {p:.1f}: {text[:200]!r}"
+            count_removed(self.removed, self.examples, reason, example)
         return reason is None
 
     def keep_batch(self, texts: list[str], locs: list[str]) -> list[bool]:
@@ -279,10 +277,7 @@ class QualityFilter:
 
     def report(self) -> dict:
         return {
-            "in": self.seen,
-            "out": self.seen - sum(self.removed.values()),
-            "removed": dict(self.removed),
-            "examples": self.examples,
+            **stage_report(self.seen, self.removed, self.examples),
             "model": self.cfg.model,
             "max_tokens": self.cfg.max_tokens,
             "unscored": self.unscored,
