@@ -272,7 +272,8 @@ def open_source(
             parts.append(ParquetSource(p, text_field, log))
         elif fmt == "arrow":
             parts.append(ArrowSource(p, text_field, log))
-        elif fmt in ("text", "jsonl"):  # compressed, or a JSON array: no line offsets; in memory
+        # compressed, a JSON array or WARC (extracted text): no record offsets; in memory
+        elif fmt in ("text", "jsonl", "warc"):
             docs = iter_documents(p, text_field=text_field, txt_mode=txt_mode, log=log)
             parts.append(ListSource([d.text for d in docs]))
         else:

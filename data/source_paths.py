@@ -143,7 +143,7 @@ def _glob_keeps(pattern: str, name: str) -> bool:
 # compressed (``_codec_suffix``; an unsupported codec is kept, so that reading it names the file).
 # Plain text is any name to ``file_format``, but a directory also holds text that is not data.
 _DATA_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".arrow", ".feather", ".array_record",
-                  ".txt", ".text")  # fmt: skip
+                  ".txt", ".text", ".warc", ".wet", ".wat")  # fmt: skip
 # The metadata HF `datasets` writes beside its .arrow shards (save_to_disk), not records.
 _HF_DATASET_META = ("dataset_info.json", "state.json", "dataset_dict.json")
 _WARNED_DIRS: set[str] = set()  # directories whose skipped files were logged (once a process)
@@ -153,7 +153,7 @@ def is_data_file(name: str) -> bool:
     """Whether a file a directory holds is data: not hidden or ``_``-prefixed (checksums, Spark's
     and Hadoop's ``_SUCCESS`` and ``_committed_*`` markers), not ``meta.json``, and named as a
     format the readers know (jsonl/json/ndjson, parquet, Arrow, ArrayRecord, .txt/.text,
-    compressed or not)."""
+    WARC/WET/WAT, compressed or not)."""
     if name.startswith((".", "_")) or name == META_FILE:
         return False
     low = name.lower()
@@ -244,13 +244,15 @@ def preprocess_corpus(path: str) -> str:
 
 
 def file_format(path: str) -> str:
-    """'jsonl' | 'text' | 'parquet' | 'arrow' | 'arrayrecord' from the file name (``x.jsonl.gz``
-    and ``x.jsonl.zst`` are jsonl: see ``open_bytes``). A "jsonl" file named .json may hold one
-    JSON array instead of lines: the readers tell by its first character (``holds_json_array`` in
-    data/source_readers.py). "arrow" is an Arrow IPC file, ``.arrow`` or ``.feather``: the stream
-    format HF ``datasets`` writes (``save_to_disk``, its cache) or the file format (Feather v2);
-    the readers tell which by its first bytes (``open_arrow``). Read as text, such a file was
-    trained on as binary garbage."""
+    """'jsonl' | 'text' | 'parquet' | 'arrow' | 'arrayrecord' | 'warc' from the file name
+    (``x.jsonl.gz`` and ``x.jsonl.zst`` are jsonl: see ``open_bytes``). A "jsonl" file named .json
+    may hold one JSON array instead of lines: the readers tell by its first character
+    (``holds_json_array`` in data/source_readers.py). "arrow" is an Arrow IPC file, ``.arrow`` or
+    ``.feather``: the stream format HF ``datasets`` writes (``save_to_disk``, its cache) or the
+    file format (Feather v2); the readers tell which by its first bytes (``open_arrow``). Read as
+    text, such a file was trained on as binary garbage. "warc" is a WARC file
+    (data/source_warc.py): ``.warc``, Common Crawl's ``.warc.wet`` text and ``.warc.wat``
+    metadata (whose records are all skipped)."""
     name = path.lower()
     name = name[: len(name) - len(_codec_suffix(name))]
     if name.endswith((".jsonl", ".json", ".ndjson")):
@@ -261,6 +263,8 @@ def file_format(path: str) -> str:
         return "arrow"
     if ".arrayrecord" in name or name.endswith(".array_record"):
         return "arrayrecord"
+    if name.endswith((".warc", ".wet", ".wat")):
+        return "warc"
     return "text"
 
 

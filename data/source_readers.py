@@ -1,10 +1,12 @@
-"""Streaming readers of raw and prepared text: jsonl, plain text, parquet, Arrow and ArrayRecord.
+"""Streaming readers of raw and prepared text: jsonl, plain text, parquet, Arrow, WARC and
+ArrayRecord.
 
 ``iter_documents`` streams documents in a fixed order (sorted files, then record order); the
 preprocess CLI and the Beam pipeline use it (the Beam pipeline reads one file with
 ``_iter_file``), so memory does not grow with the input. Every record read is either yielded
-or counted in the ``BadInputLog`` (data/source_errors.py). ``jsonl_record`` reads one jsonl
-line as this reader does, for the chat/preference records (data/chat_records.py).
+or counted in the ``BadInputLog`` (data/source_errors.py: bad input, or ``skipped`` when it is
+not a document). ``jsonl_record`` reads one jsonl line as this reader does, for the
+chat/preference records (data/chat_records.py).
 
 A .json file is JSON lines, or one JSON array of records (``holds_json_array``, from its first
 character): an array is read whole (``read_json_array``) and its elements are the records,
@@ -18,6 +20,12 @@ dictionary-encoded (``_text_type``). Parquet files go through the same checks (`
 ``parquet_batches``): a missing, repeated (``field_index``) or non-string column is one
 ``DataError`` for the file, and every batch is validated (``valid_batches``), so a damaged file
 or invalid UTF-8 is a ``DataError`` naming the file (and row), never a bare pyarrow error.
+
+WARC files (``.warc``, Common Crawl's ``.warc.gz`` and ``.warc.wet.gz``) are read record by
+record by data/source_warc.py: a WET conversion record's text, or the main text of an HTML
+response (data/html_text.py), is a document, loc ``path:<record number>``, its URL the record's
+WARC-Target-URI whatever ``url_field`` says; records that are not documents (requests,
+metadata, redirects, images) are counted in ``BadInputLog.skipped``, not yielded.
 
 ArrayRecord shards written by ``flaxlm.data.preprocess`` hold either UTF-8 text or int32 token ids
 (little-endian bytes); a ``meta.json`` beside the shards says which. Only text shards are read
@@ -38,6 +46,7 @@ from collections.abc import Iterator, Sequence
 from flaxlm.data.source_codecs import _codec_suffix, numbered_lines, open_bytes, read_all
 from flaxlm.data.source_errors import BadInputLog, DataError
 from flaxlm.data.source_paths import expand_paths, file_format, shard_meta
+from flaxlm.data.source_warc import iter_warc
 
 
 @dataclasses.dataclass
@@ -45,7 +54,8 @@ class Document:
     text: str
     loc: str  # "path:line" (1-based line or record number; "path[i]": a JSON array's element i)
     key: tuple[int, int]  # (file index, record index): a total, deterministic order
-    # the record's ``url_field`` (iter_documents), None when not asked, absent or not a string
+    # the record's ``url_field`` (iter_documents), None when not asked, absent or not a string;
+    # a WARC record's WARC-Target-URI
     url: str | None = None
 
 
@@ -365,7 +375,8 @@ def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog,
     document's key (and a resumed position) counts, a jsonl file's line index (blank lines
     skipped, not renumbered) or a JSON array's element index (loc ``path[index]``, 0-based as in
     data/chat_records.py). The URL is the record's ``url_field`` (jsonl, parquet, Arrow records;
-    plain text and text shards have none)."""
+    plain text and text shards have none), a WARC record's own (``iter_warc``: a WARC file's
+    record index counts the records it skips too, which are not yielded)."""
     fmt = file_format(path)
     if fmt == "jsonl" and holds_json_array(path):
         for i, obj in enumerate(read_json_array(path)):
@@ -409,6 +420,8 @@ def _iter_file(path: str, fi: int, field: str, txt_mode: str, log: BadInputLog,
                 loc = f"{path}:{row + 1}"
                 yield row, loc, (text if _check_text(text, loc, log) else None), url
                 row += 1
+    elif fmt == "warc":
+        yield from iter_warc(path, log)
     elif fmt == "arrayrecord":
         if shard_meta(path).get("format") != "text":
             raise DataError(f"{path}: holds token ids, not text; read it with the loader")
@@ -512,7 +525,7 @@ def iter_documents(
 
     Every record read is either yielded or counted in ``log`` (or raises when ``log.strict``).
     ``url_field``: the records' field each ``Document.url`` is read from (a record without one
-    is a document without a URL, not bad input).
+    is a document without a URL, not bad input); a WARC record's URL is its own, always read.
     """
     log = log if log is not None else BadInputLog()
     for fi, path in enumerate(expand_paths(patterns)):

@@ -1,4 +1,4 @@
-"""Readers for raw and prepared text: jsonl, plain text, parquet, Arrow and ArrayRecord.
+"""Readers for raw and prepared text: jsonl, plain text, parquet, Arrow, WARC and ArrayRecord.
 
 The front door: callers import ``from flaxlm.data import sources as S`` (the loader, preprocess,
 Beam, the chat records, the tests), and this module re-exports the names of the five modules
@@ -10,6 +10,8 @@ that hold the code (each imports only the ones listed before it):
     bytes), ``open_bytes`` (a decompressing reader).
   * data/source_paths.py — which files a pattern names: ``expand_paths``, ``is_data_file``,
     ``preprocess_corpus``, ``shard_set_dirs``, ``file_format``, ``shard_meta``, ``META_FILE``.
+  * (data/source_warc.py — WARC/WET records and their documents, with data/html_text.py's
+    HTML → main text: what ``_iter_file`` reads a WARC file with; not re-exported here.)
   * data/source_readers.py — streaming: ``iter_documents`` / ``Document``, the per-format
     readers (``_iter_file``; Arrow IPC files through ``open_arrow`` and ``arrow_batches``),
     ``jsonl_record`` and ``lone_surrogate``.
@@ -20,7 +22,9 @@ that hold the code (each imports only the ones listed before it):
 jsonl and plain text may be gzip (``.gz``) or zstd (``.zst``) compressed. Arrow means Arrow IPC
 files named .arrow or .feather: the stream format HF ``datasets`` writes (``save_to_disk``, its
 cache) or the file format (Feather v2), read one column at a time as parquet is. A directory that
-is a ``flaxlm.data.preprocess`` output reads as its corpus; any other as its data files.
+is a ``flaxlm.data.preprocess`` output reads as its corpus; any other as its data files. WARC
+files (.warc, .warc.gz, Common Crawl's .warc.wet.gz) give their WET text and HTML pages' main
+text, each with its URL.
 
 Two access patterns share one error policy:
 
