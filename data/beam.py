@@ -48,6 +48,7 @@ from flaxlm.data.dedup import (
     exact_key,
     lsh_params,
 )
+from flaxlm.data.quality_classifier import ScoreHistogram
 from flaxlm.data.tokenizer import Tokenizer, open_tokenizer, text_encoder
 
 MAX_EXAMPLES = 5
@@ -127,6 +128,8 @@ class _Clean(beam.DoFn):
 
     def finish_bundle(self):
         rep = self.cleaner.report()
+        if self.cleaner.scores is not None:  # (merge_stats adds numbers: bins, not percentiles)
+            rep["classifier"] = {"bins": self.cleaner.scores.sparse()}
         yield beam.pvalue.TaggedOutput("stats", GlobalWindows.windowed_value({"clean": rep}))
 
 
@@ -437,6 +440,9 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
     }
     clean = merge_stats(empty, st["clean"]) if "clean" in st else {**empty, "in": read["out"]}
     clean["out"] = clean["in"] - sum(clean["removed"].values())
+    if cfg.clean.classifier:  # its section from the bundles' merged bins (as the CLI's)
+        bins = ScoreHistogram.from_sparse(clean.get("classifier", {}).get("bins", {}))
+        clean["classifier"] = Cleaner(cfg.clean).classifier_section(bins)
     dedup_in = clean["in"] - sum(clean["removed"].values())
     dedup = merge_stats(
         {"removed": {}, "examples": {}, "flagged_contaminated": 0}, st.get("dedup", {})

@@ -31,6 +31,12 @@ A document whose URL (preprocess's ``url_field``) is under a domain of ``blocked
 dropped before anything else ("blocked_domain"; ``clean_url``: the domain blocklists RefinedWeb
 and FineWeb start with).
 
+A trained quality classifier (``clean.classifier``: a file ``python -m
+flaxlm.data.quality_classifier train`` wrote; DCLM's fastText filter) scores each document the
+heuristics keep, last, on the text they judged; one scoring below ``classifier_min_score`` is
+dropped ("classifier_low"; a score equal to it passes). Without a threshold every document is
+scored and kept, and the report gives the scores' percentiles to choose one from.
+
 Line cleaning (``strip_boilerplate``) removes web boilerplate lines by phrase ("This site uses
 cookies", "Subscribe to our newsletter", a line that is only "Read more"), never by a single word
 ("cookie", "javascript"), and prose-like phrases ("privacy policy") only on short lines.
@@ -44,6 +50,7 @@ scripts), ``clean_stats`` (``DocStats``), ``clean_wordlist`` (the word-list filt
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 
 import ml_collections
@@ -71,6 +78,7 @@ from flaxlm.data.clean_text import (  # noqa: F401
 )
 from flaxlm.data.clean_url import host_of, load_domain_list
 from flaxlm.data.clean_wordlist import RESOURCES, WordList, load_word_list, toxic_hits  # noqa: F401
+from flaxlm.data.quality_classifier import ScoreHistogram, classifier_report, load_classifier
 from flaxlm.data.stage_counts import REMOVED_EXAMPLES, count_removed, stage_report
 
 MAX_EXAMPLES = REMOVED_EXAMPLES  # removed-document examples kept per reason (200 characters)
@@ -119,6 +127,12 @@ def clean_config() -> ml_collections.ConfigDict:
     # Comma-separated domain blocklists (one domain a line, subdomains included: UT1's lists);
     # a document whose URL (preprocess's url_field) is on one → "blocked_domain" (clean_url)
     c.blocked_domains = ""
+    # A quality classifier (.npz from `python -m flaxlm.data.quality_classifier train`) scoring
+    # each document the filters above keep; "" = none. Scores below classifier_min_score →
+    # "classifier_low"; 0 = no threshold: every document scored and kept, and the report gives
+    # the score percentiles (p90 keeps about the top 10 %, DCLM's cut)
+    c.classifier = ""
+    c.classifier_min_score = 0.0
     return c
 
 
@@ -192,6 +206,8 @@ class Cleaner:
     lines_stripped: int = 0  # boilerplate / symbol-only lines removed from kept and dropped docs
     languages: Counter = dataclasses.field(default_factory=Counter)  # of the kept documents
     urls: Counter = dataclasses.field(default_factory=Counter)  # "checked" / "no_url"
+    # with clean.classifier: the scores of the documents it scored (kept or dropped)
+    scores: ScoreHistogram | None = None
 
     def __post_init__(self):
         # A misspelt script ("cyrilic") dropped every document of that script as "script".
@@ -216,6 +232,26 @@ class Cleaner:
         if not is_real(per_word) or per_word < 1:
             # (below 1, two rules' n-grams could round to one size)
             raise ValueError(f"clean.cjk_chars_per_word={per_word!r}: a number >= 1 expected")
+        self._check_classifier()
+        if self.cfg.classifier and self.scores is None:
+            self.scores = ScoreHistogram()
+
+    def _check_classifier(self) -> None:
+        """Refuses a classifier setting it cannot mean (the file itself is read, and checked,
+        at the first document that reaches it; preprocess.check_settings reads it first)."""
+        path, least = self.cfg.classifier, self.cfg.classifier_min_score
+        if not isinstance(path, str):
+            raise ValueError(f"clean.classifier={path!r}: a file path expected")
+        if not (is_real(least) and math.isfinite(least) and 0 <= least <= 1):
+            raise ValueError(
+                f"clean.classifier_min_score={least!r}: a score in [0, 1] expected (0: no "
+                "threshold, every document scored and kept)"
+            )
+        if least and not path:
+            raise ValueError(
+                f"clean.classifier_min_score={least} is set but clean.classifier is empty: "
+                "name the classifier file (python -m flaxlm.data.quality_classifier train)"
+            )
 
     def __call__(self, text: str, loc: str = "", url: str | None = None) -> str | None:
         return self.clean(text, loc, url)[0]
@@ -247,11 +283,26 @@ class Cleaner:
             shown = original if reason == "boilerplate" else text
             self._remove(reason, f"{loc}: {shown[:200]!r}" if loc else repr(shown[:200]))
             return None, None
+        if self.cfg.classifier and not self._classifier_keeps(stats, loc):
+            return None, None
         self.languages[stats.language] += 1
         if self.cfg.redact_pii:
             text, counts = redact_pii(text)
             self.pii.update(counts)
         return text, stats.language
+
+    def _classifier_keeps(self, stats: DocStats, loc: str) -> bool:
+        """Scores the text the filters judged (the words they split, when the classifier
+        lowercases as they do); counts and keeps an example of one below the threshold."""
+        clf = load_classifier(self.cfg.classifier)  # (cached: a stat per document)
+        words = stats.words if clf.lowercase else clf.words(stats.text)
+        score = clf.score_words(words)
+        self.scores.add([score])
+        if score >= self.cfg.classifier_min_score:
+            return True
+        shown = f"score {score:.4f}: {stats.text[:200]!r}"
+        self._remove("classifier_low", f"{loc}: {shown}" if loc else shown)
+        return False
 
     def _remove(self, reason: str, example: str) -> None:
         count_removed(self.removed, self.examples, reason, example)
@@ -263,6 +314,10 @@ class Cleaner:
         self.lines_stripped += other.lines_stripped
         self.languages.update(other.languages)
         self.urls.update(other.urls)
+        if other.scores is not None:
+            if self.scores is None:
+                self.scores = ScoreHistogram()
+            self.scores.merge(other.scores)
         for k, v in other.examples.items():
             self.examples.setdefault(k, []).extend(v[: MAX_EXAMPLES - len(self.examples[k])])
 
@@ -274,4 +329,12 @@ class Cleaner:
             "languages": dict(self.languages),
             # with blocked_domains: documents whose URL was checked / that had none
             **({"urls": dict(self.urls)} if self.cfg.blocked_domains else {}),
+            # with clean.classifier: which one, the threshold, the scores' percentiles
+            **({"classifier": self.classifier_section()} if self.cfg.classifier else {}),
         }
+
+    def classifier_section(self, scores: ScoreHistogram | None = None) -> dict:
+        """The report's "classifier" section, of ``scores`` (default: this cleaner's)."""
+        hist = scores if scores is not None else self.scores
+        hist = hist if hist is not None else ScoreHistogram()
+        return classifier_report(self.cfg.classifier, self.cfg.classifier_min_score, hist)

@@ -9,7 +9,9 @@ encoded as text).
 
 Inputs: jsonl, plain text (either may be .gz / .zst compressed), parquet, Arrow IPC files
 (.arrow / .feather: HF ``datasets``' save_to_disk and cache files) (data/sources.py); a .json
-file is JSON lines or one JSON array of records (read whole).
+file is JSON lines or one JSON array of records (read whole). WARC files (.warc, .warc.gz,
+Common Crawl's .warc.wet.gz; data/source_warc.py): WET text records and the main text of HTML
+pages, each with its URL (clean.blocked_domains needs no url_field for them).
 
 Output layout::
 
@@ -81,6 +83,7 @@ from flaxlm.data.clean_wordlist import load_word_list
 from flaxlm.data.dedup import Deduper, dedup_config
 from flaxlm.data.quality import QualityFilter, quality_config
 from flaxlm.data.quality import check_config as check_quality
+from flaxlm.data.quality_classifier import ClassifierError, load_classifier, report_lines
 from flaxlm.data.source_readers import check_txt_mode
 from flaxlm.data.tokenizer import Tokenizer, fixed_pieces, open_tokenizer, text_encoder, train
 
@@ -92,6 +95,7 @@ def preprocess_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.text_field = "text"  # jsonl/parquet/Arrow field holding the document
     # jsonl/parquet/Arrow field holding its URL ("url"; "" = none): clean.blocked_domains reads it
+    # (WARC/WET records always carry theirs, WARC-Target-URI: not needed for them)
     c.url_field = ""
     c.txt_mode = "file"  # plain text: one document per "file", "line" or "blank"-separated block
     c.strict = False  # True: the first bad record raises with file:line
@@ -487,10 +491,14 @@ def check_settings(
         except OSError as e:
             raise S.DataError(_unreadable("clean.toxic_lists", e, cfg.clean.toxic_lists)) from None
     if cfg.do_clean and cfg.clean.blocked_domains:
-        if not cfg.url_field:  # (every document would pass unchecked, "no_url")
+        # (every document would pass unchecked, "no_url"; a WARC file's records name their URL)
+        unnamed = [p for p in S.expand_paths(inputs) if S.file_format(p) != "warc"]
+        if not cfg.url_field and unnamed:
             raise S.DataError(
                 "clean.blocked_domains needs url_field: the records' field that holds each "
-                "document's URL (e.g. --config.url_field=url)"
+                f"document's URL (e.g. --config.url_field=url) in {unnamed[0]}"
+                + (f" and {len(unnamed) - 1} more input(s)" if len(unnamed) > 1 else "")
+                + " (WARC/WET files carry their own)"
             )
         try:  # read here, once: a bad line is found before the first pass, naming file:line
             load_domain_list(cfg.clean.blocked_domains)
@@ -500,6 +508,13 @@ def check_settings(
             ) from None
         except S.DataError as e:
             raise S.DataError(f"clean.blocked_domains: {e}") from None
+    if cfg.clean.classifier:  # read and checked here, once (cleaning uses the cached copy)
+        try:
+            load_classifier(cfg.clean.classifier)
+        except OSError as e:
+            raise S.DataError(_unreadable("clean.classifier", e, cfg.clean.classifier)) from None
+        except ClassifierError as e:
+            raise S.DataError(f"clean.classifier: {e}") from None
     # None without decontam_paths: no decontamination (and no eval-set counts in the report).
     deduper = Deduper(cfg.dedup, load_eval_texts(cfg) if decontam_paths(cfg) else None)
     # a SentencePiece .model, an HF tokenizer.json or an HF directory
@@ -821,11 +836,19 @@ def format_report(r: dict) -> str:
     if stripped := clean.get("boilerplate_lines_stripped"):  # (report.json only, before)
         why = "navigation, cookie notices, separator lines; clean.strip_boilerplate_lines"
         lines += ["", f"Boilerplate lines stripped from kept documents: {stripped} ({why})"]
+    read = next((s for s in r["stages"] if s["stage"] == "read"), {})
+    if skipped := read.get("skipped"):  # (WARC records that are not documents)
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1]))
+        lines += ["", f"Records read that are not documents (skipped, not bad input): {kinds} "
+                  "(data/source_warc.py SKIPS)"]  # fmt: skip
     if (urls := clean.get("urls")) is not None:  # (clean.blocked_domains)
         blocked = clean.get("removed", {}).get("blocked_domain", 0)
         lines += ["", f"URLs checked against clean.blocked_domains: {urls.get('checked', 0)}, "
                   f"{blocked} of them blocked; documents without a URL (not checked): "
                   f"{urls.get('no_url', 0)}"]  # fmt: skip
+    if section := clean.get("classifier"):  # (clean.classifier)
+        dropped = clean.get("removed", {}).get("classifier_low", 0)
+        lines += ["", *report_lines(section, dropped)]
     if langs := clean.get("languages"):  # (report.json only, before)
         counts = ", ".join(
             f"{k}: {v}" for k, v in sorted(langs.items(), key=lambda kv: (-kv[1], kv[0]))

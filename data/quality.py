@@ -137,21 +137,39 @@ def load_reference(source: str, mesh=None, rules=None):
 
 
 class Histogram:
-    """Counts of log10(perplexity) in fixed bins: percentiles without keeping every score."""
+    """Counts of log10(perplexity) in fixed bins: percentiles without keeping every score, and
+    mergeable across workers (the counts add).
+
+    The measure is a scale: values map to it (``_to_scale``) and bin middles back
+    (``_from_scale``), bins ``PER_UNIT`` a unit from ``LO`` to ``HI`` (values beyond either end
+    count in the end bins), percentiles rounded to ``DIGITS``; a subclass changes these to bin
+    another score (data/quality_classifier.py: a classifier's probabilities by their log-odds).
+    """
+
+    LO, HI, PER_UNIT, DIGITS = 0.0, float(_DECADES), _BINS_PER_DECADE, 2
 
     def __init__(self, counts=None):
-        n = _BINS_PER_DECADE * _DECADES
+        n = round((self.HI - self.LO) * self.PER_UNIT)
         self.counts = np.zeros(n, np.int64) if counts is None else np.asarray(counts, np.int64)
 
-    def add(self, ppl: np.ndarray) -> None:
-        idx = np.floor(np.log10(np.maximum(ppl, 1.0)) * _BINS_PER_DECADE).astype(np.int64)
+    @staticmethod
+    def _to_scale(values: np.ndarray) -> np.ndarray:
+        return np.log10(np.maximum(values, 1.0))
+
+    @staticmethod
+    def _from_scale(x: float) -> float:
+        return 10**x
+
+    def add(self, values) -> None:
+        scaled = self._to_scale(np.asarray(values, np.float64))
+        idx = np.floor((scaled - self.LO) * self.PER_UNIT).astype(np.int64)
         np.add.at(self.counts, np.clip(idx, 0, len(self.counts) - 1), 1)
 
     def merge(self, other: Histogram) -> None:
         self.counts += other.counts
 
     def percentiles(self, qs=PERCENTILES) -> dict[str, float]:
-        """{"p50": ...}: each the geometric middle of the bin the q-th percentile falls in."""
+        """{"p50": ...}: each the middle (on the scale) of the bin the q-th percentile falls in."""
         total = int(self.counts.sum())
         if not total:
             return {}
@@ -159,7 +177,8 @@ class Histogram:
         out = {}
         for q in qs:
             b = int(np.searchsorted(cum, q / 100 * total, side="left"))
-            out[f"p{q}"] = round(10 ** ((b + 0.5) / _BINS_PER_DECADE), 2)
+            middle = self.LO + (b + 0.5) / self.PER_UNIT
+            out[f"p{q}"] = round(float(self._from_scale(middle)), self.DIGITS)
         return out
 
 
