@@ -4,6 +4,14 @@ A reward function is `(meta, response_text) -> float` (alignment/grpo.py's docst
 `meta` holds and which extra arguments a function may ask for). `grpo.rewards` names them with
 optional weights ("exact_match,format:0.1"), by registry name (`register_reward`), as
 "module:function", or "rm" for the reward model of `reward_from`.
+
+Verifiable rewards beyond the built-in world: `math_verify` (alignment/verify_math.py: the
+response's last \\boxed{} / "#### X" / "The answer is X" against meta.answer, compared as
+exact rationals, tuples, lists or normalised LaTeX) and `code_tests` / `code_tests_partial`
+(alignment/verify_code.py: the response's program run against meta.tests or meta.test_cases in
+limited subprocesses, several samples at once). A function naming the meta fields it judges by
+in a `reference_keys` attribute (any one of them will do) has the prompts checked for them
+before training (`check_references`).
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import inspect
 import math
 from collections.abc import Callable
 
+from flaxlm.alignment.verify_code import code_tests, code_tests_partial
+from flaxlm.alignment.verify_math import math_verify
 from flaxlm.data.synthetic_judge import is_world_meta
 
 
@@ -28,6 +38,9 @@ def exact_match(meta: dict, response: str) -> float:
     if "answer" not in meta:
         raise KeyError("exact_match needs the prompt record's meta.answer (the reference)")
     return float(response.strip() == str(meta["answer"]).strip())
+
+
+exact_match.reference_keys = ("answer",)  # (`check_references`; the world's need none)
 
 
 def format_reward(meta: dict, response: str) -> float:
@@ -50,6 +63,9 @@ REWARDS: dict[str, Callable[[dict, str], float]] = {
     "exact_match": exact_match,
     "format": format_reward,
     "judge": judge_reward,
+    "math_verify": math_verify,
+    "code_tests": code_tests,
+    "code_tests_partial": code_tests_partial,
 }
 
 
@@ -174,23 +190,29 @@ def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Calla
 
 
 def check_references(rewards, prompts: list[dict], key: str) -> None:
-    """exact_match judges a prompt by its record's meta.answer: with none among the loaded
-    prompts (`data.train`), every sample failed after the reference had loaded and the first
-    rollout had run, in a traceback. A `DataError` naming the data says so before anything
-    loads; some prompts without one are warned about (their samples are invalid)."""
+    """exact_match and math_verify judge a prompt by its record's meta.answer, code_tests by its
+    meta.tests or meta.test_cases (a function's `reference_keys`: any one of them): with none
+    among the loaded prompts (`data.train`), every sample failed after the reference had loaded
+    and the first rollout had run, in a traceback. A `DataError` naming the data says so before
+    anything loads; some prompts without one are warned about (their samples are invalid). The
+    built-in world's questions need none for exact_match (the world's judge)."""
     import logging
 
     from flaxlm.data.source_errors import DataError
 
-    if not any(fn is exact_match for _, fn, _ in rewards):
-        return
-    missing = [p["loc"] for p in prompts
-               if not is_world_meta(p["meta"]) and "answer" not in p["meta"]]  # fmt: skip
-    if not missing:
-        return
-    why = (f"{len(missing)} of {len(prompts)} prompts (e.g. {missing[0]}) have no meta.answer, "
-           f"the reference {key}'s exact_match judges by (an \"answer\" outside the record's "
-           "\"meta\" object is not read)")  # fmt: skip
-    if len(missing) == len(prompts):
-        raise DataError(f"data.train: {why}")
-    logging.getLogger(__name__).warning("data.train: %s; their samples are invalid", why)
+    for name, fn, _ in rewards:
+        needs = getattr(fn, "reference_keys", None)
+        if not needs:
+            continue
+        missing = [p["loc"] for p in prompts
+                   if not (fn is exact_match and is_world_meta(p["meta"]))
+                   and not any(k in p["meta"] for k in needs)]  # fmt: skip
+        if not missing:
+            continue
+        what = " or ".join(f"meta.{k}" for k in needs)
+        why = (f"{len(missing)} of {len(prompts)} prompts (e.g. {missing[0]}) have no {what}, "
+               f"the reference {key}'s {name} judges by (an \"{needs[0]}\" outside the "
+               "record's \"meta\" object is not read)")  # fmt: skip
+        if len(missing) == len(prompts):
+            raise DataError(f"data.train: {why}")
+        logging.getLogger(__name__).warning("data.train: %s; their samples are invalid", why)

@@ -83,6 +83,7 @@ import math
 import os
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +242,27 @@ def reward_value(out) -> float | None:
         return None
 
 
+def concurrency(fn) -> int:
+    """How many samples a reward function judges at once: its `max_workers` attribute (an int;
+    alignment/verify_code.py's `code_tests` sets the CPU count: each call waits on a
+    subprocess, so threads overlap them), else 1 — a plain function is called one sample at a
+    time, in order, as always."""
+    n = getattr(fn, "max_workers", 1)
+    return n if is_int(n) and n > 1 else 1
+
+
+def _start_calls(fns, metas, texts, samples, kwargs) -> tuple[list, dict]:
+    """(pools, {i: {j: future}}): fn_i(meta_j, text_j, **kwargs(j, i)) started for every sample
+    j of `samples`, for each function i that judges several at once (`concurrency`)."""
+    pools, futures = [], {}
+    for i, fn in enumerate(fns):
+        if (n := min(concurrency(fn), len(samples))) > 1:
+            pools.append(ThreadPoolExecutor(max_workers=n))
+            futures[i] = {j: pools[-1].submit(fn, metas[j], texts[j], **kwargs(j, i))
+                          for j in samples}  # fmt: skip
+    return pools, futures
+
+
 def call_reward_fns(
     fns, weights, metas, texts, prompts=None, reasonings=None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -254,7 +276,12 @@ def call_reward_fns(
 
     Several processes (each holding the whole rollout): process p judges samples p, p + P, ...
     and the values are exchanged, so a costly reward (running code, a judge) is computed once
-    per sample, not once per process; the error messages are the process's own samples'."""
+    per sample, not once per process; the error messages are the process's own samples'.
+
+    A function with a `max_workers` attribute > 1 (`concurrency`) is called on this process's
+    samples from that many threads at once, started before the others run (so also on a
+    sample an earlier function has already failed); the rewards, the validity and the errors,
+    in sample order, are what one call at a time gives."""
     P, p = jax.process_count(), jax.process_index()
     rewards = np.zeros(len(texts), np.float64)
     valid = np.ones(len(texts), bool)
@@ -263,15 +290,21 @@ def call_reward_fns(
     takes_reasoning = [reasonings is not None and wants_arg(fn, "reasoning") for fn in fns]
     if prompts is None and any(takes_prompt):
         raise ValueError("call_reward_fns: a reward function takes `prompt` but none was given")
-    for j in range(p, len(texts), P):
+
+    def kwargs(j, i):
+        kw = {"prompt": prompts[j]} if takes_prompt[i] else {}
+        if takes_reasoning[i]:
+            kw["reasoning"] = reasonings[j]
+        return kw
+
+    mine = range(p, len(texts), P)
+    pools, futures = _start_calls(fns, metas, texts, mine, kwargs)
+    for j in mine:
         meta, text = metas[j], texts[j]
-        for fn, w, with_prompt, with_reasoning in zip(fns, weights, takes_prompt, takes_reasoning):
+        for i, (fn, w) in enumerate(zip(fns, weights)):
             name = getattr(fn, "__name__", repr(fn))
-            kw = {"prompt": prompts[j]} if with_prompt else {}
-            if with_reasoning:
-                kw["reasoning"] = reasonings[j]
-            try:
-                out = fn(meta, text, **kw)
+            try:  # (a future's result() raises what the call raised, with its traceback)
+                out = futures[i][j].result() if i in futures else fn(meta, text, **kwargs(j, i))
             except Exception as e:  # a user's function: any failure is that sample's
                 valid[j] = False
                 errors.append(f"reward {name} raised {type(e).__name__}: {e}{_raised_at(e)}")
@@ -287,6 +320,8 @@ def call_reward_fns(
                 errors.append(f"reward {name} returned {r}")
                 break
             rewards[j] += w * r
+    for pool in pools:
+        pool.shutdown()
     rewards = rewards.astype(np.float32)
     if P > 1:  # sample j from process j % P
         every = np.asarray(multihost_utils.process_allgather(np.stack([rewards, valid])))

@@ -22,13 +22,14 @@ rewards instead of a reward model:
 
 Scorers (exactly one): --reward_model RUN, a reward-model run (winrate's scorer: prompt +
 completion rendered with the chat template); or --rewards SPEC, GRPO's `grpo.rewards` syntax
-(alignment/grpo_rewards.py `parse_rewards`: "exact_match", "format", "judge", a registered name
-or "module:function", each with an optional ":weight"; "rm" is --reward_model's), each sample
-scored Σ weight·fn(meta, completion) (plus `prompt=`, its turns, for a function that takes it)
-by GRPO's own `call_reward_fns`, in float32 as its rollouts are. `meta` is the line's "meta"
-object: what generate --json copies from each record of a .jsonl --prompts_file of RL prompts
-({"prompt", "meta": {"answer": ...}}, the GRPO prompt format); a line without one is judged with
-{} (enough for "format"). A function that raises or returns no finite number is an error naming
+(alignment/grpo_rewards.py `parse_rewards`: "exact_match", "format", "judge", "math_verify",
+"code_tests", a registered name or "module:function", each with an optional ":weight"; "rm" is
+--reward_model's), each sample scored Σ weight·fn(meta, completion) (plus `prompt=`, its turns,
+for a function that takes it) by GRPO's own `call_reward_fns`, in float32 as its rollouts are
+(`code_tests` runs several samples at once). `meta` is the line's "meta" object: what
+generate --json copies from each record of a .jsonl --prompts_file of RL prompts ({"prompt",
+"meta": {"answer": ...}}, the GRPO prompt format); a line without one is judged with {} (enough
+for "format"). A function that raises or returns no finite number is an error naming
 file:line (GRPO drops such a sample; here it would silently lose, or never win, its prompt) and,
 when the line has no "meta", saying so. A blank completion is not judged: it scores
 --empty_reward (default −1, GRPO's rollout.empty_reward), as GRPO scores an empty response.

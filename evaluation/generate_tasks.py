@@ -7,6 +7,13 @@ Scoring (`TaskSpec.scoring`):
     regex        `answer_regex` extracts the answer from the response (the first group that
                  took part in the match, or the whole match; the first or last match per
                  `regex_select`), then exact match
+    math         alignment/verify_math.py, the verifier of GRPO's `math_verify` reward: the
+                 response's last \\boxed{} (else "#### X", else "The answer is X", else with
+                 `math_last_number` its last number) equals the gold answer (a bare answer, a
+                 GSM8K "... #### 42" solution or a MATH solution's \\boxed{}) as exact
+                 rationals, tuples, lists or normalised LaTeX (`math_rel_tol`: a relative
+                 tolerance); reported as `exact_match` (so pass@k) and `extracted` (an answer
+                 was found). `normalize` does not apply
     judge        the built-in world's rule-based judge, `judge(meta, response)`; also reports
                  `correct` (the judge's strict correctness), `well_formed` (exactly "The answer
                  is X.") and `unsafe` (an unsafe word), the rates an alignment stage moves
@@ -111,6 +118,12 @@ def extract_answer(text: str, pattern: str, select: str = "first") -> str | None
 
 def score_response(spec: TaskSpec, fields: dict, response: str) -> dict[str, float]:
     """Metrics of one response (already cut at the stop strings) to one example."""
+    if spec.scoring == "math":
+        from flaxlm.alignment.verify_math import verify
+
+        hit, got = verify(response, fields["answer"], rel_tol=spec.math_rel_tol,
+                          last_number=spec.math_last_number)  # fmt: skip
+        return {"exact_match": float(hit), "extracted": float(got is not None)}
     gold = normalize_answer(fields["answer"], spec.normalize)
     if spec.scoring == "exact_match":
         return {"exact_match": float(normalize_answer(response, spec.normalize) == gold)}

@@ -8,7 +8,11 @@ JSON spec file and no code. Three task types:
     multiple_choice  rows hold a context, choices and the answer; log-likelihood acc and acc_norm
     generation       rows hold a prompt and an answer; greedy generation (or `num_samples`
                      samples at `temperature`) scored by exact match, a regex-extracted answer,
-                     or the built-in world's judge
+                     the built-in world's judge, or math answer verification (`"scoring":
+                     "math"`: the last \\boxed{} / "#### X" / "The answer is X" of the response
+                     against the answer field — a bare answer, a GSM8K solution or a MATH
+                     solution — as GRPO's math_verify reward judges it, alignment/verify_math.py;
+                     set `stop`: the default "\\n\\n" ends a worked solution before its answer)
 
 A spec file is JSON (one spec or a list), file paths relative to the spec file:
 
@@ -57,7 +61,7 @@ import string
 from typing import Any
 
 TYPES = ("perplexity", "multiple_choice", "generation")
-SCORINGS = ("exact_match", "regex", "judge")
+SCORINGS = ("exact_match", "regex", "judge", "math")
 NORMALIZERS = ("none", "basic", "number")
 REQUIRED = {
     "perplexity": ("text",),
@@ -96,7 +100,9 @@ class TaskSpec:
     )  # paths in fewshot_file ({}=fields)
     fewshot_seed: int = 1234  # shots are drawn per example from (seed, task name, example index)
     fewshot_separator: str = "\n\n"  # between shots and before the evaluated prompt
-    scoring: str = "exact_match"  # generation: exact_match | regex | judge
+    scoring: str = "exact_match"  # generation: exact_match | regex | judge | math
+    math_rel_tol: float = 0.0  # math scoring: numbers within this relative tolerance are equal
+    math_last_number: bool = False  # math scoring: no boxed / #### / "answer is": last number
     answer_regex: str = ""  # regex scoring: the first group that took part in the match (or
     # the whole match, without groups) is the answer (tasks.match_answer)
     regex_select: str = "first"  # which match of answer_regex counts: first | last
@@ -130,6 +136,11 @@ class TaskSpec:
             raise ValueError(f"{where}: normalize={self.normalize!r}; expected {NORMALIZERS}")
         if self.scoring == "regex" and not self.answer_regex:
             raise ValueError(f"{where}: scoring='regex' needs answer_regex")
+        if not self.math_rel_tol >= 0:  # (NaN fails >= 0 too)
+            raise ValueError(f"{where}: math_rel_tol={self.math_rel_tol!r} must be >= 0")
+        if self.scoring != "math" and (self.math_rel_tol or self.math_last_number):
+            raise ValueError(f"{where}: math_rel_tol and math_last_number are for "
+                             f"scoring='math', not {self.scoring!r}")  # fmt: skip
         if self.regex_select not in ("first", "last"):
             raise ValueError(f"{where}: regex_select must be first|last")
         for pat in (self.answer_regex, self.gold_regex):

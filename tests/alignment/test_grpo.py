@@ -337,6 +337,7 @@ def test_an_empty_answer_after_the_reasoning_gets_empty_reward(runs, cache_dir, 
         called.append(response)
         return float(response.split()[-1] == "red")
 
+    last_word.max_workers = 4  # judged from threads, as code_tests is (rl_rollout.concurrency)
     src = grpo.build_task(c, make_mesh(dict(c.mesh)), None,
                           rewards=[("last_word", last_word, 1.0)]).train_batches  # fmt: skip
     kinds = [

@@ -1,0 +1,556 @@
+"""Math answer verification: a response's final answer against a reference, in pure Python.
+
+Used by GRPO's / online DPO's / best-of-N's `math_verify` reward (alignment/grpo_rewards.py) and
+by evaluation's `"scoring": "math"` generation tasks (evaluation/generate_tasks.py), so training
+rewards and evaluation agree on what "right" means. No sympy: answers are compared as exact
+rationals (`fractions.Fraction`) when both sides are numbers, element-wise when they are tuples,
+intervals or lists, and as normalised strings otherwise (so `\\sqrt{2}` equals `\\sqrt2` but not
+`1.41421356`, and `\\frac{\\pi}{2}` equals `\\pi/2` but not `\\frac{2\\pi}{4}`).
+
+Extraction (`extract_answer`), the first form present wins:
+  1. the last `\\boxed{...}` / `\\fbox{...}` (braces balanced, nested, escaped `\\{` skipped;
+     `\\boxed 5` too). A last box that never closes is no answer: the model's final answer is
+     unreadable, and falling back to an earlier box would reward an answer it took back;
+  2. GSM8K's `#### 42` (the last one, to the end of its line);
+  3. "The answer is X" / "Answer: X" (the last one; X ends at the line's end or at a "." that
+     ends a sentence, so "3.5" stays whole);
+  4. only with `last_number=True`: the last number in the text. Off by default, for the
+     rewards above all: a policy rewarded for its last number learns nothing about stating an
+     answer, and is paid for any derivation whose last step happens to print the right number
+     (or for ending on it by chance); the strict forms make the answer format part of what is
+     learnt, as R1-Zero's and Tülu 3's RLVR rewards do. Turn it on for base-model evaluation
+     with free-form answers (lm-eval's GSM8K "flexible-extract").
+
+The reference (`reference_answer`, from `meta["answer"]`) may be the answer itself ("3/4",
+"\\frac{3}{4}", 0.75), a GSM8K solution ("... #### 72"), a MATH solution holding a `\\boxed{}`,
+or a list of accepted answers (any one matches).
+
+Normalisation (both sides): `$`, `\\(` `\\)`, `\\left` / `\\right`, `\\!` `\\,` `\\;` spaces,
+`\\displaystyle`, `^\\circ` / `°`, `\\%` / `%`, currency signs and a trailing "." are dropped;
+`\\text{...}` / `\\mbox{...}` / `\\mathrm{...}` holding no digit are units and dropped (with a
+power: "\\text{cm}^2") when they follow something (a lone `\\text{Monday}` is the answer), and
+so are plain unit words after a number ("5 apples", "12 cm^2"; not "pi"); `\\dfrac` / `\\tfrac`
+are `\\frac`, `\\frac12` is `\\frac{1}{2}`, `\\sqrt2` is `\\sqrt{2}`; a leading single-variable
+assignment ("x = 5", "\\theta = 30", "y \\in [0, 1]") is dropped. Then:
+  numbers  integers, decimals (".5"), thousands separators ("1,000,000", "1{,}000", "1\\,000"),
+           scientific notation ("1.5e3", "1.5 \\times 10^{3}"), fractions ("\\frac{1}{2}",
+           "1/2", "-\\frac{1}{2}" = "\\frac{-1}{2}"), mixed numbers ("2\\frac{1}{2}", "2 1/2":
+           5/2, the MATH convention, not 2·(1/2)), and + - * / ^ over them ("3+4" is 7),
+           evaluated exactly: 0.5 == 1/2 == \\frac{1}{2}, 3.0 == 3, -0 == 0; "0.333" is not
+           1/3 unless `rel_tol` allows it (|a − b| <= rel_tol · max(|a|, |b|));
+  percent  the sign is dropped: "10\\%" == "10%" == "10", but "50%" != "0.5" — a percentage
+           and a fraction are different written answers, and accepting x, x/100 and 100x (as
+           some graders do) lets "0.5" match a reference of 50;
+  tuples   "(1, 2)", "[0, \\infty)": same brackets (an open and a closed interval differ), then
+           element-wise; "(5)" is 5;
+  lists    "2, 3", "x = 2, 3", "\\{2, 3\\}", "x = -1 \\text{ or } x = 3": compared as multisets (the
+           order of an equation's solutions is not part of the answer); "1,234" is one number;
+  text     the rest: whitespace removed, `^{2}` is `^2`, `(a)/(b)` of atoms is `a/b`, and
+           lower case when it holds no LaTeX command ("\\text{Monday}" == "monday").
+
+Nothing here raises on a model's text (a malformed `\\boxed{` is just wrong); a bad reference
+(not a string or number) is a TypeError naming it. Not handled: symbolic equivalence beyond the
+rules above ("\\frac{\\sqrt{2}}{2}" vs "\\frac{1}{\\sqrt{2}}"), `\\pm` expansion, inequalities
+against intervals, units conversion.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from fractions import Fraction
+
+MAX_ANSWER_CHARS = 1000  # a longer "final answer" is no answer (and bounds the work per sample)
+MAX_EXPONENT = 1000  # 10^1000 is fine; 9^(9^9) or 1e999999999 would hang Fraction arithmetic
+MAX_BITS = 20_000  # numerator or denominator larger than this: not a number we evaluate
+
+# --- extraction ------------------------------------------------------------------------------
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_GSM8K = re.compile(r"####[ \t]*([^\n]*)")
+_ANSWER_IS = re.compile(r"\banswer\b\**[ \t]*(?:is\b|[:=])[ \t]*:?([^\n]*)", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.(?:\s|$)")
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def braced(text: str, i: int) -> tuple[str, int] | None:
+    """(content, index after) of the brace group opening at text[i] == "{"; None when it never
+    closes. An escaped brace (`\\{`, `\\}`) and anything after a backslash does not count."""
+    depth, j = 0, i
+    while j < len(text):
+        c = text[j]
+        if c == "\\":
+            j += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j], j + 1
+        j += 1
+    return None
+
+
+def last_boxed(text: str) -> tuple[bool, str | None]:
+    """(whether any box is present, the content of the last top-level one). The content is None
+    when that box is malformed (it never closes, or is empty). A box inside a box is part of its
+    content ("\\boxed{\\boxed{2}}": "\\boxed{2}", unwrapped by normalisation)."""
+    seen, found, pos = False, None, 0
+    while m := _BOX.search(text, pos):
+        seen, j = True, m.end()
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            got = braced(text, j)
+            if got is None:  # unbalanced: look on past the command for a later, closed box
+                found, pos = None, m.end()
+                continue
+            found, pos = got
+        else:  # "\boxed 5": the token up to a space or "$"
+            tok = re.match(r"[^\s$]+", text[j:])
+            found, pos = (tok.group(0), j + tok.end()) if tok else (None, j)
+        found = found if found and found.strip() else None
+    return seen, found
+
+
+def _answer_is(text: str) -> str | None:
+    """X of the last "answer is X" / "Answer: X", cut at the end of its sentence."""
+    matches = list(_ANSWER_IS.finditer(text))
+    if not matches:
+        return None
+    x = matches[-1].group(1)
+    if end := _SENTENCE_END.search(x):
+        x = x[: end.start()]
+    x = x.strip().strip("*").strip()
+    return x or None
+
+
+def extract_answer(text: str, *, last_number: bool = False) -> str | None:
+    """The final answer a response states (the module docstring's order), or None."""
+    if not isinstance(text, str):
+        return None
+    seen, boxed = last_boxed(text)
+    if seen:
+        return boxed
+    if hashes := _GSM8K.findall(text):
+        return hashes[-1].strip() or None
+    if said := _answer_is(text):
+        return said
+    if last_number and (numbers := _NUMBER.findall(text)):
+        return numbers[-1]
+    return None
+
+
+def reference_answer(answer) -> list[str]:
+    """The accepted answers of a `meta["answer"]`: a number, an answer string, a GSM8K solution
+    ("... #### 72" → "72"), a MATH solution (its last `\\boxed{}`), or a list of those."""
+    if isinstance(answer, (list, tuple)) and answer:
+        return [a for x in answer for a in reference_answer(x)]
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float, Fraction)):
+        raise TypeError(f"meta.answer must be a string, a number or a non-empty list of them, "
+                        f"got {type(answer).__name__} {answer!r}")  # fmt: skip
+    if not isinstance(answer, str):
+        return [str(answer)]
+    seen, boxed = last_boxed(answer)
+    if seen and boxed is not None:
+        return [boxed]
+    if hashes := _GSM8K.findall(answer):
+        return [hashes[-1].strip()]
+    return [answer]
+
+
+# --- normalisation ---------------------------------------------------------------------------
+
+_UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": r"\times ", "\u22c5": r"\cdot ",
+            "\u00f7": "/", "\u221a": r"\sqrt", "\u03c0": r"\pi ", "\u221e": r"\infty ",
+            "\u00b0": "", "\u2009": " ", "\u00a0": " ", "\u202f": " "}  # fmt: skip
+# Spacing and invisible commands; `\,` `\!` between digits were thousands separators (below).
+_DROP = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?|\\displaystyle|\\limits"
+                   r"|\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|\\%|%")  # fmt: skip
+_SPACES = re.compile(r"\\[,;:! ]|\\q?quad(?![a-zA-Z])|~")
+_THOUSANDS_TEX = re.compile(r"(?<=\d)(?:\{,\}|\\,|\\!|\\ )(?=\d{3}(?!\d))")
+_TEXT_CMDS = ("text", "mbox", "mathrm", "textrm", "textnormal", "textit", "textbf", "mathbf",
+              "operatorname", "mathit", "boxed", "fbox")  # fmt: skip
+_TEXT_CMD = re.compile(r"\\(" + "|".join(_TEXT_CMDS) + r")(?![a-zA-Z])\s*(?=\{)")
+_ASSIGN = re.compile(r"^\s*(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+(?:_\{?\w+\}?)?)\s*"
+                     r"(?:=|\\in(?![a-zA-Z])|\\approx(?![a-zA-Z]))(?!=)")  # fmt: skip
+_MATH_WORDS = {"pi", "e", "i", "sqrt", "infty", "inf", "infinity", "frac", "and", "or"}
+# (one word, then words each after a space: no two ways to split a word, no backtracking blowup)
+_UNIT_WORD = r"[a-zA-Z]{2,}(?:\^\{?\d\}?)?"
+_UNIT_TAIL = re.compile(r"\s*" + _UNIT_WORD + r"(?:\s+" + _UNIT_WORD + r")*\.?")
+
+
+def _command_args(s: str, i: int, n: int) -> tuple[list[str], int] | None:
+    """The `n` arguments of a command whose name ends at s[i]: each a brace group, or one
+    character / one `\\name` ("\\frac12", "\\frac1{2}", "\\sqrt\\pi"); None when malformed."""
+    args = []
+    for _ in range(n):
+        while i < len(s) and s[i] == " ":
+            i += 1
+        if i >= len(s):
+            return None
+        if s[i] == "{":
+            got = braced(s, i)
+            if got is None:
+                return None
+            args.append(got[0])
+            i = got[1]
+        elif s[i] == "\\" and (m := re.match(r"\\[a-zA-Z]+", s[i:])):
+            args.append(m.group(0))
+            i += m.end()
+        elif s[i] in "}^_[":  # ("\sqrt[3]{x}" is left as it is)
+            return None
+        else:
+            args.append(s[i])
+            i += 1
+    return args, i
+
+
+def _rewrite_commands(s: str, name: str, n: int, fn) -> str:
+    """Every `\\name` with `n` arguments replaced by fn(*args) (inner ones first, so nested
+    fractions are rewritten too); a malformed one is left as it is."""
+    pat = re.compile(r"\\" + name + r"(?![a-zA-Z])")
+    out, pos = [], 0
+    while m := pat.search(s, pos):
+        got = _command_args(s, m.end(), n)
+        if got is None:
+            out.append(s[pos : m.end()])
+            pos = m.end()
+            continue
+        args, end = got
+        out.append(s[pos : m.start()] + fn(*(_rewrite_commands(a, name, n, fn) for a in args)))
+        pos = end
+    return "".join(out) + s[pos:]
+
+
+def _unwrap_text(s: str) -> str:
+    """`\\text{...}`-like groups: units (no digit, after something) dropped, the rest
+    unwrapped to their content; `\\boxed{x}` is x."""
+
+    def drop_units(t: str) -> str:
+        out, pos = [], 0
+        while m := _TEXT_CMD.search(t, pos):
+            got = braced(t, m.end())
+            if got is None:
+                break
+            content, end = got
+            # (a connective is no unit: "x = 1 \text{ or } x = 2")
+            wrapper = m.group(1) in ("boxed", "fbox") or content.strip() in ("or", "and")
+            unit = not wrapper and not re.search(r"\d", content)
+            power = re.match(r"\s*\^\s*(?:\{[^{}]*\}|\w)", t[end:])
+            keep = not unit or not t[: m.start()].strip(" .,")  # (a unit follows its number)
+            if not keep and power:  # "\text{cm}^2": the power is the unit's
+                end += power.end()
+            out.append(t[pos : m.start()] + (f" {content} " if keep else " "))
+            pos = end
+        return "".join(out) + t[pos:]
+
+    prev = None
+    while prev != s:  # nested: "\boxed{\text{5 cm}}"
+        prev, s = s, drop_units(s)
+    return s
+
+
+def clean(s: str) -> str:
+    """The textual normalisation (the module docstring), before any parsing."""
+    s = "".join(_UNICODE.get(c, c) for c in s if unicodedata.category(c) != "Sc" or c == "$")
+    s = s.replace("\\$", "").replace("$", "").strip()
+    s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()
+    s = _THOUSANDS_TEX.sub("", s)
+    s = _DROP.sub("", s)
+    s = _SPACES.sub(" ", s)
+    s = _unwrap_text(s)
+    s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
+    s = _rewrite_commands(s, "frac", 2, lambda a, b: r"\frac{" + a + "}{" + b + "}")
+    s = re.sub(r"\\sqrt\s*(?=[^\s{\[])", r"\\sqrt", s)  # "\sqrt 2" → "\sqrt2" (then braced)
+    s = _rewrite_commands(s, "sqrt", 1, lambda a: r"\sqrt{" + a + "}")
+    s = " ".join(s.split())
+    s = s.strip().rstrip(".,;!").strip()
+    if s.startswith("**") or s.endswith("**"):  # markdown bold around the answer
+        s = s.strip("*").strip()
+    return s
+
+
+def strip_assignment(s: str) -> str:
+    """The right side of a leading single variable's "=" (or `\\in`, `\\approx`): "x = 5" is
+    "5", "x = 3 + 2 = 5" is "5"; anything else as it is."""
+    m = _ASSIGN.match(s)
+    if not m:
+        return s
+    rest = s[m.end() :]
+    if "=" in rest and len(_split_top(rest)) == 1:  # (not "2, x = 3": a list, split first)
+        return rest.rsplit("=", 1)[-1].strip()
+    return rest.strip()
+
+
+# --- numbers ---------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)|([-+*/^()]))")
+_MIXED = re.compile(r"(-?)(\d+)\s*(?:\\frac\{(\d+)\}\{(\d+)\}|\s(\d+)\s*/\s*(\d+))")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def _decimal(text: str) -> Fraction | None:
+    """A decimal literal ("1.5", ".5", "2e-3") as an exact Fraction; None past MAX_EXPONENT."""
+    mant, _, exp = text.lower().partition("e")
+    whole, _, frac = mant.partition(".")
+    e = int(exp) if exp else 0
+    if abs(e) > MAX_EXPONENT:
+        return None
+    return Fraction(int(whole or "0") * 10 ** len(frac) + int(frac or "0"), 10 ** len(frac)) * (
+        Fraction(10) ** e
+    )
+
+
+def _too_big(x: Fraction) -> bool:
+    return x.numerator.bit_length() > MAX_BITS or x.denominator.bit_length() > MAX_BITS
+
+
+class _Parser:
+    """Recursive descent over + - * / ^ ( ) and decimal literals, exactly in Fractions. Any
+    other token, a division by zero, or a non-integer / too large exponent: not a number."""
+
+    def __init__(self, text: str):
+        self.toks, pos = [], 0
+        text = text.rstrip()
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m:
+                raise ValueError(text)
+            self.toks.append(m.group(1) and ("num", m.group(1)) or ("op", m.group(2)))
+            pos = m.end()
+        self.i = 0
+
+    def peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else (None, None)
+
+    def take(self):
+        tok = self.peek()
+        self.i += 1
+        return tok
+
+    def parse(self) -> Fraction:
+        x = self.expr()
+        if self.i != len(self.toks):
+            raise ValueError("trailing tokens")
+        return x
+
+    def expr(self) -> Fraction:
+        x = self.term()
+        while self.peek() in (("op", "+"), ("op", "-")):
+            op = self.take()[1]
+            x = x + self.term() if op == "+" else x - self.term()
+        return self._checked(x)
+
+    def term(self) -> Fraction:
+        x = self.unary()
+        while self.peek() in (("op", "*"), ("op", "/")):
+            op, y = self.take()[1], self.unary()
+            x = x * y if op == "*" else x / y  # (ZeroDivisionError: the caller's "no number")
+        return self._checked(x)
+
+    def unary(self) -> Fraction:
+        if self.peek() in (("op", "+"), ("op", "-")):
+            return -self.unary() if self.take()[1] == "-" else self.unary()
+        return self.power()
+
+    def power(self) -> Fraction:
+        x = self.atom()
+        if self.peek() == ("op", "^"):
+            self.take()
+            e = self.unary()
+            if e.denominator != 1 or abs(e) > MAX_EXPONENT:
+                raise ValueError("exponent")
+            if max(x.numerator.bit_length(), x.denominator.bit_length()) * abs(e) > MAX_BITS:
+                raise ValueError("too large")  # (checked before computing it)
+            x = x ** int(e)
+        return self._checked(x)
+
+    def atom(self) -> Fraction:
+        kind, val = self.take()
+        if kind == "num":
+            x = _decimal(val)
+            if x is None:
+                raise ValueError("exponent")
+            return x
+        if (kind, val) == ("op", "("):
+            x = self.expr()
+            if self.take() != ("op", ")"):
+                raise ValueError("unclosed")
+            return x
+        raise ValueError(f"unexpected {val!r}")
+
+    @staticmethod
+    def _checked(x: Fraction) -> Fraction:
+        if _too_big(x):
+            raise ValueError("too large")
+        return x
+
+
+def to_number(s: str) -> Fraction | None:
+    """The exact value of a cleaned scalar answer, or None when it is not a plain number
+    expression (a symbol, `\\sqrt`, `\\pi`, text)."""
+    s = s.strip()
+    if m := _MIXED.fullmatch(s):  # "2\frac{1}{2}", "2 1/2": 2 + 1/2 (the MATH convention)
+        a, b = int(m.group(3) or m.group(5)), int(m.group(4) or m.group(6))
+        if 0 <= a < b:
+            x = int(m.group(2)) + Fraction(a, b)
+            return -x if m.group(1) else x
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    if "," in s or not s:
+        return None
+    s = _rewrite_commands(s, "frac", 2, lambda a, b: f"({a})/({b})")
+    s = re.sub(r"\\(?:times|cdot)(?![a-zA-Z])", "*", s).replace("{", "(").replace("}", ")")
+    try:
+        return _Parser(s).parse()
+    except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+
+
+# --- structure and comparison ----------------------------------------------------------------
+
+_OPEN, _CLOSE = "([", ")]"
+
+
+def _matching(s: str, i: int) -> int:
+    """Index of the bracket closing the one at s[i] (any of ( [ { with any of ) ] }, so the
+    half-open "[0, 1)" closes), or -1."""
+    depth = 0
+    for j in range(i, len(s)):
+        if s[j] in "([{":
+            depth += 1
+        elif s[j] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return j
+    return -1
+
+
+def _split_top(s: str, seps: str = ",") -> list[str]:
+    """`s` split at the separators outside any brackets."""
+    parts, depth, start = [], 0, 0
+    for j, c in enumerate(s):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c in seps and depth == 0:
+            parts.append(s[start:j])
+            start = j + 1
+    return parts + [s[start:]]
+
+
+def parse(s: str):
+    """A cleaned answer as a value: ("num", Fraction), ("seq", brackets, [values]) for a tuple
+    or an interval, ("set", [values]) for a list of answers, or ("str", canonical text)."""
+    words = re.split(r"\s+(?:or|and)\s+", s.strip())
+    if len(words) > 1 and all(to_number(strip_assignment(w)) is not None for w in words):
+        return ("set", [parse(w) for w in words])  # "x = -1 \text{ or } x = 3": a list
+    s = strip_assignment(s.strip())
+    if s.startswith(r"\{") and s.endswith(r"\}"):
+        return ("set", [parse(p) for p in _split_top(s[2:-2]) if p.strip()])
+    if s and s[0] in _OPEN and _matching(s, 0) == len(s) - 1 and s[-1] in _CLOSE:
+        parts = _split_top(s[1:-1])
+        if len(parts) == 1:  # "(5)", "(A)": just that
+            return parse(parts[0])
+        return ("seq", s[0] + s[-1], [parse(p) for p in parts])
+    if _THOUSANDS.fullmatch(s):
+        return ("num", to_number(s))
+    parts = _split_top(s)
+    if len(parts) > 1:
+        return ("set", [parse(p) for p in parts if p.strip()])
+    if (x := to_number(s)) is not None:
+        return ("num", x)
+    if (x := _without_units(s)) is not None:
+        return ("num", x)
+    return ("str", canonical_text(s))
+
+
+def _without_units(s: str) -> Fraction | None:
+    """The number before trailing unit words ("5 apples", "12 cm^2"); None if there is none, or
+    if a word is a mathematical one ("2 pi" is not 2)."""
+    if len(s) > 200:
+        return None
+    m = re.match(r"(.*?\d)(" + _UNIT_TAIL.pattern + r")$", s)
+    if not m:
+        return None
+    words = re.findall(r"[a-zA-Z]+", m.group(2))
+    if any(w.lower() in _MATH_WORDS for w in words):
+        return None
+    return to_number(m.group(1))
+
+
+def canonical_text(s: str) -> str:
+    """A non-numeric answer as a comparable string (the module docstring's "text")."""
+    s = _rewrite_commands(s, "frac", 2, lambda a, b: f"({a})/({b})")
+    # Whitespace goes, but for a space between two digits: "1 2" is not "12".
+    s = re.sub(r"(?<=\d)\s+(?=\d)", "\0", s)
+    s = "".join(s.split()).replace("\0", " ")
+    s = re.sub(r"([\^_])\{(\w)\}", r"\1\2", s)
+    atom = r"-?(?:\d+(?:\.\d+)?|[a-zA-Z]|\\[a-zA-Z]+(?:\{[^{}]*\})?)"
+    s = re.sub(r"\((" + atom + r")\)", r"\1", s)  # "(\pi)/(2)" → "\pi/2"
+    return s if "\\" in s else s.lower()
+
+
+def _close(a: Fraction, b: Fraction, rel_tol: float) -> bool:
+    if a == b:
+        return True
+    return rel_tol > 0 and abs(a - b) <= Fraction(rel_tol) * max(abs(a), abs(b))
+
+
+def values_equal(a, b, rel_tol: float = 0.0) -> bool:
+    """Whether two `parse` values are the same answer (numbers within `rel_tol`)."""
+    if a[0] != b[0]:
+        return False
+    if a[0] == "num":
+        return _close(a[1], b[1], rel_tol)
+    if a[0] == "str":
+        return a[1] == b[1]
+    if a[0] == "seq":
+        same = a[1] == b[1] and len(a[2]) == len(b[2])
+        return same and all(values_equal(x, y, rel_tol) for x, y in zip(a[2], b[2]))
+    left = list(b[1])  # a multiset: each element of a matches a distinct element of b
+    for x in a[1]:
+        hit = next((j for j, y in enumerate(left) if values_equal(x, y, rel_tol)), None)
+        if hit is None:
+            return False
+        left.pop(hit)
+    return not left
+
+
+def answers_equal(pred: str, gold: str, *, rel_tol: float = 0.0) -> bool:
+    """Whether the answer `pred` equals the reference answer `gold` (both as written, e.g. the
+    content of a box); never raises on a model's text."""
+    if len(pred) > MAX_ANSWER_CHARS:
+        return False
+    try:
+        pred, gold = clean(pred), clean(gold)
+        return bool(pred and gold) and values_equal(parse(pred), parse(gold), rel_tol)
+    except RecursionError:  # absurdly nested brackets: no answer we can read
+        return False
+
+
+def verify(response: str, answer, *, rel_tol: float = 0.0,
+           last_number: bool = False) -> tuple[bool, str | None]:  # fmt: skip
+    """(correct, the extracted answer or None): the response's final answer against the
+    reference `answer` (`meta["answer"]`: see `reference_answer`)."""
+    golds = reference_answer(answer)
+    got = extract_answer(response, last_number=last_number)
+    if got is None:
+        return False, None
+    return any(answers_equal(got, g, rel_tol=rel_tol) for g in golds), got
+
+
+def math_verify(meta: dict, response: str) -> float:
+    """GRPO reward: 1.0 when the response's final answer (`extract_answer`: the last
+    `\\boxed{}`, else "#### X", else "The answer is X") equals `meta["answer"]` as this module
+    compares answers, else 0.0. A missing `meta["answer"]` is a KeyError naming it (the prompt
+    data's fault, checked before training by grpo_rewards.check_references)."""
+    if "answer" not in meta:
+        raise KeyError("math_verify needs the prompt record's meta.answer (the reference)")
+    return float(verify(response, meta["answer"])[0])
+
+
+math_verify.reference_keys = ("answer",)  # (grpo_rewards.check_references)

@@ -1,0 +1,227 @@
+"""Code execution rewards (alignment/verify_code.py): which program a response holds; passing,
+failing and partly passing programs against asserts and stdin/stdout cases; what stops a
+runaway program (wall timeout, memory, output size, forked children) and how fast; early
+exits that must not pass; missing tests named before training; and the rollouts calling a
+reward on many samples at once (`max_workers`). Short timeouts keep the file to a few
+seconds."""
+
+import os
+import time
+
+import pytest
+
+from flaxlm.alignment import verify_code as C
+from flaxlm.alignment.grpo_rewards import REWARDS, check_references, parse_rewards
+from flaxlm.alignment.rl_rollout import call_reward_fns
+
+# (nothing run under FAST should time out: a roomy timeout costs nothing and holds on a busy CI)
+FAST = C.Limits(timeout=3.0, memory_mb=256)
+ADD = "```python\ndef add(a, b):\n    return a + b\n```"
+SUB = "```python\ndef add(a, b):\n    return a - b\n```"
+MBPP = {"tests": ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(5, 0) == 5"]}
+SUM_IO = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+IO_CASES = {"test_cases": [{"input": "1 2\n", "output": "3\n"}, {"input": "2 2", "output": "4"},
+                           {"input": "0 0", "output": "1"}]}  # fmt: skip
+
+
+def py(code: str) -> str:
+    return f"Here it is:\n```python\n{code}\n```\n"
+
+
+# (response, the program extracted; None: none)
+PROGRAMS = [
+    ("```python\nx = 1\n```", "x = 1\n"),
+    ("draft:\n```python\nx = 1\n```\nfixed:\n```py\nx = 2\n```", "x = 2\n"),  # the last
+    ("```python\nx = 1\n```\noutput:\n```\n1\n```", "x = 1\n"),  # python before untagged
+    ("```\nx = 3\n```", "x = 3\n"),
+    ("```bash\nls\n```", None),  # fenced, but no python
+    ("x = 4\nprint(x)", "x = 4\nprint(x)"),  # no fence: the whole response
+    ("```python\nx = 5\n", "x = 5\n"),  # cut at the budget: to the end
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("response,program", PROGRAMS)
+def test_the_program_of_a_response(response, program):
+    assert C.extract_program(response) == program
+
+
+def test_a_response_without_a_fence_can_be_refused():
+    assert C.extract_program("x = 4", whole_without_fence=False) is None
+
+
+def test_asserts_pass_fail_and_give_partial_credit():
+    assert C.code_tests(MBPP, ADD) == 1.0
+    assert C.code_tests({"tests": ["assert add(1, 2) == 3", "assert add(1, 1) == 0"]}, ADD) == 0
+    # all-or-nothing by default; per top-level assert with code_tests_partial
+    one_wrong = {"tests": MBPP["tests"] + ["assert add(1, 1) == 3"]}
+    assert C.code_tests(one_wrong, ADD) == 0.0
+    assert C.code_tests_partial(one_wrong, ADD) == 0.75
+    assert C.code_tests_partial(MBPP, SUB) == pytest.approx(1 / 3)  # add(5, 0) == 5 holds
+    r = C.run_tests(ADD, one_wrong, limits=FAST)
+    assert (r.passed, r.total, r.status) == (0, 1, "failed") and "AssertionError" in r.detail
+
+
+def test_humaneval_style_tests_with_an_entry_point():
+    meta = {"tests": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+            "entry_point": "add"}  # fmt: skip
+    assert C.code_tests(meta, ADD) == 1.0 and C.code_tests(meta, SUB) == 0.0
+
+
+def test_stdin_stdout_cases_score_the_fraction_passed():
+    assert C.run_tests(SUM_IO, IO_CASES, limits=FAST).fraction == pytest.approx(2 / 3)
+    apps = {"test_cases": {"inputs": ["3\n", "5\n"], "outputs": ["6  \n\n", "10"]}}
+    doubled = py("import sys\nprint(int(input()) * 2)\nsys.exit()")  # exit() after printing
+    assert C.code_tests(apps, doubled) == 1.0  # trailing spaces and blank lines are no error
+    crash = py("print(int(input()) * 2)\nraise SystemExit(3)")  # right output, bad status
+    assert C.code_tests(apps, crash) == 0.0
+
+
+@pytest.mark.parametrize("program", [
+    "def add(a, b)\n    return a + b",  # syntax error
+    "import sys\nsys.exit(0)",  # exits before the tests run: exit status 0 is no pass
+    "import os\nos._exit(0)",
+    "raise RuntimeError('no')",
+])  # fmt: skip
+def test_programs_that_never_finish_the_tests_score_zero(program):
+    r = C.run_tests(py(program), MBPP, limits=FAST)
+    assert r.fraction == 0.0 and r.status == "error", r
+
+
+def test_no_program_scores_zero_and_the_main_guard_does_not_run_under_tests():
+    assert C.code_tests(MBPP, "I cannot do that.\n```bash\nrm -rf /\n```") == 0.0
+    demo = ADD.replace("```\n", "") + "\nif __name__ == '__main__':\n    print(add(*input()))\n```"
+    assert C.code_tests(MBPP, demo) == 1.0  # (run, input() would fail on no stdin)
+
+
+def test_an_infinite_loop_is_killed_at_the_timeout_meta_overrides():
+    t0 = time.perf_counter()
+    r = C.run_tests(py("while True:\n    pass"), {**MBPP, "timeout": 0.5})
+    elapsed = time.perf_counter() - t0
+    assert r.status == "timeout" and r.fraction == 0.0
+    assert 0.5 <= elapsed < 3.0, elapsed  # (the default timeout is 5 s)
+    with pytest.raises(ValueError, match="meta.timeout=0 must be a number of seconds > 0"):
+        C.code_tests({**MBPP, "timeout": 0}, ADD)
+
+
+def test_memory_bombs_are_stopped():
+    r = C.run_tests(py("x = bytearray(8 * 1024 ** 3)"), MBPP, limits=FAST)
+    assert r.status == "error" and "MemoryError" in r.detail
+    grow = py("a = []\nwhile True:\n    a.append(' ' * 10 ** 7)")
+    t0 = time.perf_counter()
+    r = C.run_tests(grow, MBPP, limits=C.Limits(timeout=4.0, memory_mb=96))
+    assert r.status == "error" and "MemoryError" in r.detail, r
+    assert time.perf_counter() - t0 < 4.0
+
+
+def test_an_output_bomb_is_capped():
+    r = C.run_tests(py("while True:\n    print('x' * 1000)"), IO_CASES, limits=FAST)
+    assert r.fraction == 0.0 and r.status == "error" and r.seconds < 3.0, r
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie: killed, not yet reaped by this container's init."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+@pytest.mark.parametrize("parent", ["def add(a, b):\n    return a + b", "while True:\n    pass"])
+def test_a_forked_child_does_not_outlive_the_run(tmp_path, parent):
+    """The child sleeps; the parent returns (passing the tests) or loops (timeout): either way
+    the process group is killed when the run ends."""
+    pid_file = tmp_path / "child.pid"
+    program = (f"import os, time\nchild = os.fork()\nif child == 0:\n"
+               f"    time.sleep(60)\n    os._exit(0)\n"
+               f"open({str(pid_file)!r}, 'w').write(str(child))\n{parent}")  # fmt: skip
+    passes = "def add" in parent
+    t0 = time.perf_counter()
+    r = C.run_tests(py(program), MBPP, limits=C.Limits(timeout=3.0 if passes else 0.5))
+    assert time.perf_counter() - t0 < 3.0
+    assert r.status == ("passed" if passes else "timeout"), r
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 2.0  # (SIGKILL is delivered when the child is next scheduled)
+    while not _dead(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _dead(pid)
+
+
+@pytest.mark.skipif(os.getuid() == 0, reason="RLIMIT_NPROC does not bind root")
+def test_a_fork_bomb_runs_out_of_processes():
+    bomb = py("import os\nkids = 0\nfor _ in range(200):\n    if os.fork() == 0:\n"
+              "        import time; time.sleep(5); os._exit(0)\n    kids += 1\n"
+              "def add(a, b):\n    return a + b")  # fmt: skip
+    r = C.run_tests(bomb, MBPP, limits=C.Limits(timeout=2.0, max_processes=8))
+    assert r.status == "error" and "BlockingIOError" in r.detail, r
+
+
+def test_the_environment_is_scrubbed_and_site_packages_are_out_of_reach():
+    probe = py("import os, sys\n"
+               "assert 'FLAXLM_RUN_TOKEN' not in os.environ and 'PYTHONPATH' not in os.environ\n"
+               "assert os.environ['HOME'] == os.getcwd()\n"
+               "try:\n    import numpy\nexcept ImportError:\n    pass\n"
+               "else:\n    raise AssertionError('site-packages reachable')\n"
+               "def add(a, b):\n    return a + b")  # fmt: skip
+    r = C.run_tests(probe, MBPP, limits=FAST)
+    assert r.status == "passed", r
+
+
+def test_missing_or_malformed_tests_are_errors_naming_the_field():
+    with pytest.raises(KeyError, match=r"code_tests needs the prompt record's meta.tests"):
+        C.code_tests({"answer": "3"}, ADD)
+    with pytest.raises(KeyError, match=r"meta.tests"):
+        C.code_tests({}, "no code")  # (also when the response holds no program)
+    with pytest.raises(ValueError, match=r"meta.test_cases: each case needs input and output"):
+        C.code_tests({"test_cases": [{"input": "1"}]}, SUM_IO)
+    with pytest.raises(ValueError, match=r"meta.tests must be Python code"):
+        C.code_tests({"tests": 3}, ADD)
+
+
+def test_prompts_without_tests_are_refused_before_training():
+    from flaxlm.data.source_errors import DataError
+
+    rewards = parse_rewards("code_tests,format:0.1")
+    assert rewards[0][1] is REWARDS["code_tests"]
+    check_references(rewards, [{"meta": MBPP, "loc": "p:1"}, {"meta": IO_CASES, "loc": "p:2"}],
+                     "grpo.rewards")  # fmt: skip
+    want = r"data.train: 1 of 1 prompts \(e.g. p:1\) have no meta.tests or meta.test_cases"
+    with pytest.raises(DataError, match=want):
+        check_references(rewards, [{"meta": {"answer": "1"}, "loc": "p:1"}], "online.rewards")
+
+
+def test_the_rollouts_run_a_batch_concurrently_with_per_sample_results():
+    """code_tests declares max_workers: call_reward_fns starts the batch's runs from threads;
+    rewards, validity and errors (in sample order) are those of one call at a time."""
+    assert C.code_tests.max_workers == (os.cpu_count() or 1)
+    metas = [MBPP, MBPP, {}, IO_CASES, MBPP, {"tests": 7}, MBPP, IO_CASES]
+    texts = [ADD, SUB, ADD, SUM_IO, "no code at all", ADD, py("while True: pass"), SUB]
+    metas[6] = {**MBPP, "timeout": 0.5}
+    got, valid, errors = call_reward_fns([C.code_tests], [2.0], metas, texts)
+    assert got.tolist() == pytest.approx([2, 0, 0, 4 / 3, 0, 0, 0, 0])
+    assert valid.tolist() == [True, True, False, True, True, False, True, True]
+    assert "KeyError" in errors[0] and "meta.tests must be" in errors[1]  # (sample order)
+
+
+def test_a_plain_reward_with_max_workers_overlaps_and_keeps_sample_order():
+    def slow(meta, response):
+        time.sleep(0.2)
+        if meta["i"] == 1:
+            raise ValueError("one")
+        return float(meta["i"])
+
+    slow.max_workers = 8
+    metas = [{"i": i} for i in range(8)]
+    t0 = time.perf_counter()
+    got, valid, errors = call_reward_fns([slow], [1.0], metas, [""] * 8)
+    assert time.perf_counter() - t0 < 1.2  # not 8 × 0.2 s
+    assert got.tolist() == [0, 0, 2, 3, 4, 5, 6, 7] and valid.sum() == 7
+    assert errors == [f"reward slow raised ValueError: one ({os.path.basename(__file__)}:"
+                      f"{slow.__code__.co_firstlineno + 3} in slow)"]  # fmt: skip
+
+
+def test_score_batch_outside_the_rollouts():
+    got = C.score_batch(C.code_tests, [MBPP] * 4, [ADD, SUB, ADD, SUB], max_workers=4)
+    assert got == [1.0, 0.0, 1.0, 0.0]

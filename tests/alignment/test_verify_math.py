@@ -1,0 +1,309 @@
+"""Math answer verification (alignment/verify_math.py): a table of equal and unequal answers
+(traps included), answer extraction from responses, references (GSM8K / MATH solutions), the
+registered `math_verify` reward through `parse_rewards` and the rollouts' `call_reward_fns`,
+the check that prompts carry meta.answer, and evaluation's `"scoring": "math"` through a
+stand-in decoder. Pure Python: no model, no world."""
+
+import random
+
+import pytest
+
+from flaxlm.alignment import verify_math as V
+from flaxlm.alignment.grpo_rewards import REWARDS, check_references, parse_rewards
+from flaxlm.alignment.rl_rollout import call_reward_fns
+
+# (answer as written, reference, equal): one case a line
+ANSWERS = [
+    # fractions, decimals, integers
+    ("\\frac{1}{2}", "0.5", True),
+    ("\\frac12", "1/2", True),
+    ("\\dfrac{3}{4}", "0.75", True),
+    ("\\tfrac34", "3/4", True),
+    ("1/2", "12", False),  # a slash is no digit separator
+    (".5", "0.5", True),
+    ("3.0", "3", True),
+    ("3.00", "3", True),
+    ("3.01", "3", False),
+    ("0.333", "1/3", False),  # not without a tolerance
+    ("0.3333333333", "\\frac{1}{3}", False),
+    ("-0", "0", True),
+    ("-0.0", "0", True),
+    ("-5", "5", False),
+    ("\u22125", "-5", True),  # a Unicode minus
+    ("-\\frac{1}{2}", "\\frac{-1}{2}", True),
+    ("\\frac{-1}{2}", "-1/2", True),
+    ("\\frac{1}{-2}", "-0.5", True),
+    ("\\frac{1}{0}", "0", False),  # no number: compared as text
+    ("2\\frac{1}{2}", "5/2", True),  # a mixed number (MATH's convention)
+    ("2 1/2", "2.5", True),
+    ("-1\\frac{1}{4}", "-1.25", True),
+    ("1 2", "12", False),  # two numbers are not one
+    # separators, notation, arithmetic
+    ("1,000,000", "1000000", True),
+    ("1{,}000", "1000", True),
+    ("1\\,000", "1000", True),
+    ("1,234", "1234", True),
+    ("1.5e3", "1500", True),
+    ("1.5 \\times 10^{3}", "1500", True),
+    ("2.5\\cdot10^{-2}", "0.025", True),
+    ("10^{3}", "1000", True),
+    ("2^{10}", "1024", True),
+    ("3+4", "7", True),
+    ("10^{999999}", "1", False),  # too large to evaluate: text, and unequal
+    ("9^{9^{9}}", "9", False),
+    ("1e999999999", "1", False),
+    # decorations
+    ("\\$5.00", "5", True),
+    ("$\\frac{1}{2}$", "1/2", True),
+    ("\\left( 1, 2 \\right)", "(1,2)", True),
+    ("30^\\circ", "30", True),
+    ("30^{\\circ}", "30", True),
+    ("90°", "90", True),
+    ("10\\%", "10", True),
+    ("10%", "10", True),
+    ("50%", "0.5", False),  # a percentage is not its fraction
+    ("5 \\text{cm}", "5", True),
+    ("5\\mbox{ cm}", "5", True),
+    ("12 \\text{ cm}^2", "12", True),
+    ("5 apples", "5", True),
+    ("2 pi", "2", False),  # pi is no unit
+    ("2\\pi", "2 \\pi", True),
+    ("\\boxed{2}", "2", True),
+    ("\\boxed{\\boxed{2}}", "2", True),
+    ("**7**", "7", True),
+    ("7.", "7", True),
+    # assignments, tuples, intervals, lists, sets
+    ("x = 5", "5", True),
+    ("x=5", "x = 5", True),
+    ("y = \\frac12", "0.5", True),
+    ("\\theta = 30^\\circ", "30", True),
+    ("x = 3 + 2 = 5", "5", True),
+    ("(1, 2)", "(1,2)", True),
+    ("(1, 2)", "(2, 1)", False),  # a tuple is ordered
+    ("(1,2)", "[1,2]", False),  # open and closed intervals differ
+    ("[0, \\infty)", "[0,\\infty)", True),
+    ("(0.5, 3)", "(\\frac{1}{2}, 3)", True),  # element-wise numbers
+    ("(1, 2, 3)", "(1, 2)", False),
+    ("(5)", "5", True),
+    ("(A)", "A", True),
+    ("x = 2, 3", "3, 2", True),  # the solutions, in any order
+    ("x=2, x=3", "2,3", True),
+    ("x = -1 \\text{ or } x = 3", "-1, 3", True),
+    ("2, 3", "2, 3, 3", False),  # a multiset
+    ("2, 3", "2", False),
+    ("\\{1,2\\}", "\\{2,1\\}", True),
+    ("x \\in [1, 2]", "[1,2]", True),
+    # symbols and text
+    ("\\sqrt{2}", "\\sqrt2", True),
+    ("\\sqrt 2", "\u221a2", True),
+    ("\\sqrt{2}", "1.41421356", False),  # symbol-level: no numeric evaluation
+    ("\\sqrt{4}", "2", False),
+    ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2", True),
+    ("\\frac{\\pi}{2}", "\\pi/2", True),
+    ("x^{2}", "x^2", True),
+    ("\\sqrt[3]{8}", "\\sqrt[3]{8}", True),
+    ("\\text{Monday}", "monday", True),
+    ("\\textbf{(C)}", "C", True),
+    ("Tuesday", "Monday", False),
+    ("10 \\text{ and } 12", "1012", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,equal", ANSWERS, ids=[f"{p}~{g}" for p, g, _ in ANSWERS])
+def test_answers_compare_as_the_table_says(pred, gold, equal):
+    assert V.answers_equal(pred, gold) is equal
+    assert V.answers_equal(gold, pred) is equal  # (symmetric)
+
+
+def test_the_table_is_large_and_has_both_kinds():
+    assert len(ANSWERS) >= 60
+    assert sum(e for _, _, e in ANSWERS) >= 20 and sum(not e for _, _, e in ANSWERS) >= 20
+
+
+def test_a_relative_tolerance_makes_close_numbers_equal_and_only_numbers():
+    assert V.answers_equal("0.333", "1/3", rel_tol=1e-3)
+    assert not V.answers_equal("0.33", "1/3", rel_tol=1e-3)
+    assert V.answers_equal("(0.333, 2)", "(1/3, 2)", rel_tol=1e-3)  # element-wise too
+    assert not V.answers_equal("\\sqrt{2}", "1.414", rel_tol=1e-2)  # a symbol stays one
+
+
+# (response, the answer extracted; None: no answer)
+EXTRACTIONS = [
+    ("so the answer is \\boxed{\\frac{3}{4}}.", "\\frac{3}{4}"),
+    ("\\boxed{1} at first, then \\boxed{4}", "4"),  # two boxes: the last
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # escaped braces inside
+    ("nested \\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{1}{\\sqrt{2}}"),
+    ("\\fbox{7}", "7"),
+    ("$\\boxed 5$", "5"),
+    ("\\boxed{3", None),  # unbalanced: no answer
+    ("\\boxed{2} then \\boxed{3", None),  # the final box is unreadable: not the earlier one
+    ("\\boxed{}", None),
+    ("\\boxed{3 and then \\boxed{4}", "4"),  # an unclosed box, a closed one later
+    ("#### 42", "42"),
+    ("She has 3 + 4 = 7.\n#### 7\n", "7"),
+    ("\\boxed{5}\n#### 6", "5"),  # a box comes first
+    ("The answer is $3.5$. So we are done", "$3.5$"),
+    ("The answer is: 12", "12"),
+    ("**Answer:** 7", "7"),
+    ("Final answer: x = 2", "x = 2"),
+    ("we get 5 and then 6", None),  # no stated answer (last_number is off)
+    ("", None),
+]
+
+
+@pytest.mark.parametrize("text,want", EXTRACTIONS)
+def test_the_final_answer_is_extracted(text, want):
+    assert V.extract_answer(text) == want
+
+
+def test_the_last_number_is_an_opt_in_fallback():
+    assert V.extract_answer("we get 5 and then 1,200.5") is None
+    assert V.extract_answer("we get 5 and then 1,200.5", last_number=True) == "1,200.5"
+    assert V.extract_answer("so 3/4 of them", last_number=True) == "3/4"
+    assert V.extract_answer("\\boxed{2} then 9", last_number=True) == "2"  # forms first
+    assert V.verify("... so she pays 18 dollars", "18", last_number=True) == (True, "18")
+    assert V.verify("... so she pays 18 dollars", "18") == (False, None)
+
+
+def test_references_may_be_solutions_numbers_or_lists():
+    gsm8k = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+    assert V.reference_answer(gsm8k) == ["72"]
+    assert V.reference_answer("so $\\boxed{\\frac{3}{4}}$.") == ["\\frac{3}{4}"]
+    assert V.reference_answer(0.75) == ["0.75"] and V.reference_answer(3) == ["3"]
+    assert V.verify("\\boxed{0.75}", ["3/4", "75%"]) == (True, "0.75")  # any one accepted
+    for bad in (None, True, {"a": 1}, []):
+        with pytest.raises(TypeError, match="meta.answer must be a string, a number"):
+            V.verify("\\boxed{1}", bad)
+
+
+GSM8K = [  # (GSM8K-style record, response, correct)
+    ({"answer": "48 / 2 = <<48/2=24>>24\n#### 72"}, "48 + 24 = 72 clips.\n#### 72", True),
+    ({"answer": "#### 1,000"}, "So the total is \\boxed{1000}.", True),
+    ({"answer": "#### 1000"}, "The answer is $1,000.", True),
+    ({"answer": "#### 18"}, "She makes 9 * 2 = $18 every day.\n#### 18 dollars", True),
+    ({"answer": "#### 18"}, "#### 19", False),
+    ({"answer": "#### -3"}, "The temperature drops to \\boxed{-3^\\circ}", True),
+    ({"answer": "#### 0.5"}, "\\boxed{\\frac{1}{2}}", True),
+    ({"answer": "#### 72"}, "I think it is 72", False),  # no stated answer
+]
+
+
+@pytest.mark.parametrize("meta,response,correct", GSM8K)
+def test_gsm8k_records(meta, response, correct):
+    assert V.math_verify(meta, response) == float(correct)
+
+
+def test_bad_model_output_never_raises():
+    rng = random.Random(0)
+    alphabet = list("0123456789{}()[]\\/^,.-+ =$%xe") + [
+        "\\frac",
+        "\\boxed",
+        "\\sqrt",
+        "\\text",
+        "\\left",
+        "####",
+        "answer is",
+        "10^",
+    ]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert V.math_verify({"answer": "1/2"}, text) in (0.0, 1.0)
+        V.verify(text, "\\frac{1}{2}", last_number=True, rel_tol=1e-3)
+    deep = "\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}"
+    assert V.math_verify({"answer": "1"}, deep) == 1.0
+    assert V.math_verify({"answer": "1"}, "\\boxed{" + "1" * 5000 + "}") == 0.0  # too long
+    assert V.math_verify({"answer": "1"}, None) == 0.0
+
+
+def test_the_registered_reward_through_parse_rewards():
+    rewards = parse_rewards("math_verify,format:0.1")
+    assert [(n, w) for n, _, w in rewards] == [("math_verify", 1.0), ("format", 0.1)]
+    assert rewards[0][1] is REWARDS["math_verify"]
+    metas = [{"answer": "#### 72"}, {"answer": "\\frac{1}{2}"}, {"answer": "3"}, {}]
+    texts = ["so \\boxed{72}", "The answer is 1/2.", "\\boxed{4}", "\\boxed{3}"]
+    got, valid, errors = call_reward_fns([fn for _, fn, _ in rewards],
+                                         [w for _, _, w in rewards], metas, texts)  # fmt: skip
+    # "The answer is 1/2." is also the world's well-formed sentence: + 0.1
+    assert got[:3].tolist() == pytest.approx([1.0, 1.1, 0.0])
+    assert valid.tolist() == [True, True, True, False]  # no meta.answer: the sample is invalid
+    assert len(errors) == 1 and "math_verify needs the prompt record's meta.answer" in errors[0]
+
+
+def test_prompts_without_meta_answer_are_refused_for_math_verify(caplog):
+    import logging
+
+    from flaxlm.data.source_errors import DataError
+
+    rewards = parse_rewards("math_verify")
+    none = [{"meta": {"solution": "4"}, "loc": f"p.jsonl:{i}"} for i in (1, 2)]
+    want = (
+        r"data.train: 2 of 2 prompts \(e.g. p.jsonl:1\) have no meta.answer, the reference "
+        r"grpo.rewards's math_verify judges by"
+    )
+    with pytest.raises(DataError, match=want):
+        check_references(rewards, none, "grpo.rewards")
+    with caplog.at_level(logging.WARNING):
+        check_references(rewards, none + [{"meta": {"answer": "4"}, "loc": "p.jsonl:3"}],
+                         "grpo.rewards")  # fmt: skip
+    assert "2 of 3 prompts (e.g. p.jsonl:1) have no meta.answer" in caplog.text
+
+
+# --- evaluation: "scoring": "math" ---------------------------------------------------------
+
+
+class ByteTok:
+    """A stand-in tokenizer: UTF-8 bytes, EOS 256, no BOS."""
+
+    bos_id, eos_id, vocab_size = -1, 256, 257
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", "replace")
+
+
+def test_math_scoring_in_evaluation_with_a_stand_in_decoder():
+    from flaxlm.evaluation import generate_tasks as G
+    from flaxlm.evaluation.tasks import Example, TaskSpec
+
+    spec = TaskSpec("gsm", "generation", "unused.jsonl", scoring="math", temperature=0.7,
+                    num_samples=2, stop=("\n\nQuestion:",))  # fmt: skip
+    examples = [Example({"prompt": "q1", "answer": "24 + 48 = 72\n#### 72"}, "f:1", 0),
+                Example({"prompt": "q2", "answer": "\\frac{1}{2}"}, "f:2", 1)]  # fmt: skip
+    prompts = [("q1", [1, 2]), ("q2", [3])]
+    tok = ByteTok()
+    responses = ["Step one.\n\nSo \\boxed{72}.\n\nQuestion: more", "I guess 72",  # q1
+                 "#### 0.50", "The answer is 1/3."]  # q2  # fmt: skip
+
+    def fake_sampler(prompt_ids, max_new_tokens, temperature=0.0):
+        return [tok.encode(r) + [tok.eos_id] for r in responses]
+
+    metrics, samples = G.generation(spec, examples, prompts, fake_sampler, tok,
+                                    max_prompt_len=100, stop_tokens=(tok.eos_id,))  # fmt: skip
+    assert [s["scores"]["exact_match"] for s in samples] == [0.5, 0.5]
+    assert [s["scores"]["pass@2"] for s in samples] == [1.0, 1.0]
+    assert samples[0]["scores"]["extracted"] == 0.5  # "I guess 72" states no answer
+    assert metrics["exact_match"] == 0.5 and metrics["extracted"] == 0.75
+    lenient = spec.replace(math_last_number=True, math_rel_tol=0.01)
+    assert G.score_response(lenient, examples[0].fields, "I guess 72")["exact_match"] == 1.0
+    assert G.score_response(lenient, {"answer": "0.3333"}, "\\boxed{1/3}")["exact_match"] == 1.0
+
+
+def test_math_spec_keys_are_checked_naming_the_key():
+    from flaxlm.evaluation.tasks import TaskSpec
+
+    spec = TaskSpec.from_dict({"name": "m", "type": "generation", "file": "x.jsonl",
+                               "scoring": "math", "math_rel_tol": 1e-6})  # fmt: skip
+    assert spec.math_rel_tol == 1e-6 and not spec.math_last_number
+    with pytest.raises(ValueError, match=r"spec\[0\]: task 'm': math_rel_tol and "
+                                         r"math_last_number are for scoring='math'"):  # fmt: skip
+        TaskSpec.from_dict({"name": "m", "type": "generation", "file": "x.jsonl",
+                            "math_last_number": True}, where="spec[0]")  # fmt: skip
+    with pytest.raises(ValueError, match=r"math_rel_tol=-1.0 must be >= 0"):
+        TaskSpec("m", "generation", "x.jsonl", scoring="math", math_rel_tol=-1.0)
+    with pytest.raises(ValueError, match=r"math_rel_tol='0.1' must be of type float"):
+        TaskSpec.from_dict({"name": "m", "type": "generation", "file": "x.jsonl",
+                            "scoring": "math", "math_rel_tol": "0.1"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"scoring='maths'; expected one of .*'math'"):
+        TaskSpec("m", "generation", "x.jsonl", scoring="maths")
