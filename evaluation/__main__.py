@@ -4,9 +4,11 @@
         --tasks mc_facts_heldout,gen_facts_heldout,ppl_heldout_text --out runs/pt/eval.json
 
 Tasks are names of the built-in world's tasks (with --world), registered names (a module of
---tasks_module registers them, evaluation/tasks.py `register`), or paths to JSON spec files
-(evaluation/tasks.py). The tokenizer is --tokenizer or the checkpoint's
-meta["tokenizer"]: a SentencePiece .model or an HF tokenizer.json (an imported HF checkpoint's).
+--tasks_module registers them, evaluation/tasks.py `register`), paths to JSON spec files
+(evaluation/tasks.py), or benchmark presets with their downloaded data, e.g. mmlu:~/data/mmlu
+(evaluation/benchmarks.py; `python -m flaxlm.evaluation.benchmarks list`). The tokenizer is
+--tokenizer or the checkpoint's meta["tokenizer"]: a SentencePiece .model or an HF
+tokenizer.json (an imported HF checkpoint's).
 Every task file and template is checked before the first task runs: every evaluated row is read
 and its prompt built with its shots (a placeholder a row lacks names file:line; too few shots,
 an empty choice, a generation budget that leaves no room for the prompt within the model's
@@ -23,6 +25,10 @@ DPO, ...) is prompted with the chat template, and a base model as each task says
 or imported HF one (meta task hf_import), or a run of any task on pretraining data (its
 config's data.kind text or markov, e.g. a configs/distill.py:text=True student), which never
 saw the chat template.
+
+Tasks whose specs name a `group` (the MMLU preset's subjects: evaluation/benchmarks.py) are
+also averaged into it, weighted by examples and unweighted (`<metric>_macro`): the table's
+"group" rows and the JSON's "groups" (harness.group_results).
 
 The JSON records what reproduces the run: the checkpoint, step, tokenizer and task files as
 absolute paths, each task file's sha256 and row count, --limit, --seed, --batch_tokens,
@@ -92,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--checkpoint", required=True, help="run directory (holds checkpoints/)")
-    p.add_argument("--tasks", required=True, help="comma-separated task names or spec .json")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated task names, spec .json files or PRESET:DATA_DIR "
+                        "(python -m flaxlm.evaluation.benchmarks list)")  # fmt: skip
     p.add_argument("--world", default="", help="built-in world directory (its manifest.json)")
     p.add_argument("--tasks_module", default="",
                    help="comma-separated modules to import first, which register tasks "
@@ -192,12 +200,17 @@ def format_table(results: dict) -> str:
 
 
 def file_record(path: str) -> dict:
-    """{"path" (absolute), "sha256", "rows" (non-blank lines)} of a task file."""
+    """{"path" (absolute), "sha256", "rows" (non-blank lines; a parquet file's rows)} of a task
+    file."""
     digest, rows = hashlib.sha256(), 0
     with open(path, "rb") as f:
         for line in f:
             digest.update(line)
             rows += bool(line.strip())
+    if path.endswith(".parquet"):  # (read already: the footer is sound)
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(path).metadata.num_rows
     return {"path": os.path.abspath(path), "sha256": digest.hexdigest(), "rows": rows}
 
 
@@ -266,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = _parser()
     args = p.parse_args(argv)
     mesh, rules = setup_mesh(p, args)  # (first: connects the processes of a multi-host job)
-    from flaxlm.evaluation.harness import Evaluator
+    from flaxlm.evaluation.harness import Evaluator, group_results
     from flaxlm.evaluation.tasks import resolve_tasks
     from flaxlm.models.hf_tokenizer import HFError, load_tokenizer, set_template_kwargs
     from flaxlm.train.checkpoint import CheckpointError, load_model, read_meta
@@ -349,8 +362,11 @@ def main(argv: list[str] | None = None) -> dict:
             if args.out:  # after each task: a later failure or kill keeps these
                 _write(partial, out)
     out["complete"] = True
+    groups = group_results(results)  # e.g. MMLU's subjects averaged into "mmlu"
+    if groups:
+        out["groups"] = groups
     if writer:
-        print(format_table(results))
+        print(format_table({**results, **groups}))
         if args.out:  # (an earlier OUT stands until this run has every result)
             _write(args.out, out)
             if os.path.exists(partial):

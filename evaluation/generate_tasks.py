@@ -14,6 +14,15 @@ Scoring (`TaskSpec.scoring`):
                  rationals, tuples, lists or normalised LaTeX (`math_rel_tol`: a relative
                  tolerance); reported as `exact_match` (so pass@k) and `extracted` (an answer
                  was found). `normalize` does not apply
+    code         alignment/verify_code.py runs the program against the row's meta "tests"
+                 (asserts; with "entry_point", HumanEval's check(entry_point)) or
+                 "test_cases" in limited subprocesses — NOT a sandbox (its docstring) — a
+                 task's programs `code_workers` at once from threads. The program is
+                 `code_prefix` rendered + the response as generated (plain mode: HumanEval's
+                 prompt + completion, indentation kept), else the response's last python
+                 block or the whole response (`extract_program`; chat mode puts the prefix
+                 before that). Reported as `pass` (1 when every test passes: pass@1, and
+                 pass@k with samples) and `extracted` (a program was found)
     judge        the built-in world's rule-based judge, `judge(meta, response)`; also reports
                  `correct` (the judge's strict correctness), `well_formed` (exactly "The answer
                  is X.") and `unsafe` (an unsafe word), the rates an alignment stage moves
@@ -24,9 +33,9 @@ every task): stop strings such as "\n\n" would otherwise cut the response inside
 reasoning. A response whose reasoning never ended scores as no answer; `reasoning_unfinished`
 reports how often (raise `max_new_tokens`), and each sample keeps its `reasoning`.
 
-With `num_samples` = k > 1 a 0/1 score (exact_match, correct) also gets pass@k, 1 if any of the
-k samples scores: Chen et al. (2021)'s unbiased estimator 1 - C(n-c, k) / C(n, k) with n = k
-samples drawn, which is exactly that (no n > k estimate is made).
+With `num_samples` = k > 1 a 0/1 score (exact_match, correct, pass) also gets pass@k, 1 if any
+of the k samples scores: Chen et al. (2021)'s unbiased estimator 1 - C(n-c, k) / C(n, k) with
+n = k samples drawn, which is exactly that (no n > k estimate is made).
 
 Prompts come from prompts.encode_prompt (zero- or k-shot, plain or chat). The model is reached
 through a `GenerateFn`, `(prompt_ids, max_new_tokens[, temperature]) -> new ids per prompt`
@@ -41,8 +50,10 @@ check the scoring path on its own.
 from __future__ import annotations
 
 import decimal
+import functools
 import inspect
 import logging
+import os
 import re
 import string
 import unicodedata
@@ -52,12 +63,13 @@ import jax
 import numpy as np
 
 from flaxlm.data.formats import split_reasoning
-from flaxlm.evaluation.prompts import prefix_ids
+from flaxlm.evaluation.prompts import prefix_ids, render
 from flaxlm.evaluation.tasks import Example, TaskSpec, match_answer
 
 log = logging.getLogger("flaxlm")
 
 GenerateFn = Callable[..., list[list[int]]]
+PASS_AT_K = ("correct", "exact_match", "pass")  # 0/1 scores that also get pass@k
 
 _PUNCT = re.escape(string.punctuation)
 
@@ -116,8 +128,26 @@ def extract_answer(text: str, pattern: str, select: str = "first") -> str | None
     return match_answer(matches[0] if select == "first" else matches[-1])
 
 
+def code_program(spec: TaskSpec, fields: dict, response: str) -> str | None:
+    """The program code scoring runs (module docstring), or None when there is none."""
+    from flaxlm.alignment.verify_code import extract_program
+
+    prefix = render(spec.code_prefix, fields, spec) if spec.code_prefix else ""
+    if prefix and not spec.chat:  # a completion of the prefix (lm-eval-harness's HumanEval)
+        return prefix + response
+    program = extract_program(response)
+    # (chat: the reply holds a whole program; the prefix first still gives it its imports)
+    return program if program is None or not prefix else f"{prefix}\n{program}"
+
+
 def score_response(spec: TaskSpec, fields: dict, response: str) -> dict[str, float]:
     """Metrics of one response (already cut at the stop strings) to one example."""
+    if spec.scoring == "code":
+        from flaxlm.alignment.verify_code import run_program
+
+        program = code_program(spec, fields, response)
+        passed = program is not None and run_program(program, fields["meta"]).status == "passed"
+        return {"pass": float(passed), "extracted": float(program is not None)}
     if spec.scoring == "math":
         from flaxlm.alignment.verify_math import verify
 
@@ -225,13 +255,17 @@ def _takes(fn, name: str) -> bool:
 
 
 def _response_text(new: list[int], tok, stops: Sequence[str], stop_tokens: Sequence[int],
-                   reasoning_end: str = "") -> tuple[str, str | None, bool]:  # fmt: skip
+                   reasoning_end: str = "", lead: Sequence[int] | None = None,
+                   ) -> tuple[str, str | None, bool]:  # fmt: skip
     """New token ids → (response, reasoning, unfinished): cut at a stop token, decoded; with
     `reasoning_end`, the reasoning is the text before its last occurrence and the response the
     text after it, leading whitespace dropped (no marker: the reasoning never ended —
     unfinished, the reasoning is all of it and the response ""); the response is then cut at a
-    stop string. Without
-    `reasoning_end` the reasoning is None."""
+    stop string and stripped. Without `reasoning_end` the reasoning is None.
+
+    `lead` (code scoring: the prompt's last ids): the response is decoded after them and keeps
+    its leading whitespace — a completion's first line is indented ("    return x"), and a
+    SentencePiece decode of the new ids alone drops the first piece's leading space."""
     for j, t in enumerate(new):
         # A model's vocabulary may be larger than its tokenizer's; an id past the tokenizer
         # (never seen in training, so only from an undertrained model) ends the response.
@@ -239,9 +273,32 @@ def _response_text(new: list[int], tok, stops: Sequence[str], stop_tokens: Seque
             new = new[:j]
             break
     text, reasoning, unfinished = tok.decode(new), None, False
+    if lead:
+        head, both = tok.decode(list(lead)), tok.decode(list(lead) + list(new))
+        text = both[len(head) :] if both.startswith(head) else text
     if reasoning_end:  # the answer's leading blank lines ("</think>\n\n") are no stop match
         reasoning, text, unfinished = split_reasoning(text, reasoning_end)
-    return truncate_at_stop(text, stops).strip(), reasoning, unfinished
+    text = truncate_at_stop(text, stops)
+    return (text.rstrip() if lead else text.strip()), reasoning, unfinished
+
+
+def _score_all(spec: TaskSpec, fields: list[dict], responses: list[str]) -> list[dict]:
+    """score_response of each (fields, response); code scoring runs the programs
+    `code_workers` at once from threads (each run is a subprocess: verify_code.score_batch)."""
+    if spec.scoring != "code":
+        return [score_response(spec, f, r) for f, r in zip(fields, responses)]
+    from flaxlm.alignment.verify_code import score_batch
+
+    fn = functools.partial(score_response, spec)
+    return score_batch(fn, fields, responses, max_workers=code_workers())
+
+
+def code_workers() -> int:
+    """Programs run at once by code scoring: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # (no sched_getaffinity: macOS)
+        return os.cpu_count() or 1
 
 
 def generation(
@@ -297,18 +354,24 @@ def generation(
     if len(outs) != len(ids) * k:
         raise ValueError(f"task {spec.name!r}: the decoder returned {len(outs)} responses for "
                          f"{len(ids)} prompts x {k} samples")  # fmt: skip
+    # Code: decoded after the prompt's last ids, so a completion keeps its indentation.
+    code = spec.scoring == "code"
+    splits = [[_response_text(new, tok, spec.stop, stop_tokens, spec.reasoning_end,
+                              lead=ids[i][-8:] if code else None)
+               for new in outs[i * k : (i + 1) * k]] for i in range(len(examples))]  # fmt: skip
+    scored = _score_all(spec, [ex.fields for ex in examples for _ in range(k)],
+                        [r for split in splits for r, _, _ in split])  # fmt: skip
     samples, sums = [], {}
     for i, (ex, (prompt, _)) in enumerate(zip(examples, prompts, strict=True)):
-        split = [_response_text(new, tok, spec.stop, stop_tokens, spec.reasoning_end)
-                 for new in outs[i * k : (i + 1) * k]]  # fmt: skip
+        split = splits[i]
         responses = [r for r, _, _ in split]
-        per = [score_response(spec, ex.fields, r) for r in responses]
+        per = scored[i * k : (i + 1) * k]
         if spec.reasoning_end:  # how often the budget ran out inside the reasoning
             for s, (_, _, unfinished) in zip(per, split):
                 s["reasoning_unfinished"] = float(unfinished)
         scores = {name: float(np.mean([s[name] for s in per])) for name in per[0]}
         if k > 1:
-            for name in ("correct", "exact_match"):
+            for name in PASS_AT_K:
                 if name in scores:
                     scores[f"pass@{k}"] = float(max(s[name] for s in per))
         for name, v in scores.items():

@@ -17,6 +17,7 @@ from flaxlm.evaluation.prompts import (
     chat_messages,
     check_prompts,
     choice_text,
+    continuation_text,
     encode_prompt,
     plain_prompt,
     select_shots,
@@ -69,6 +70,32 @@ def _fewshot_pool(spec: TaskSpec, examples: list[Example], limit: int | None) ->
     if not spec.fewshot_file and limit is None:
         return examples
     return read_examples(spec, fewshot=True)
+
+
+def group_results(results: dict) -> dict:
+    """Averages over the tasks of each group their specs name (`TaskSpec.group`), from
+    {task: Evaluator.run result}: {group: {"type": "group", "tasks", "n", "metrics"}}. A metric
+    every member reports is averaged weighted by the members' example counts (the micro
+    average: MMLU's "mmlu" as lm-eval-harness >= 0.4 reports it, weight_by_size), and also
+    unweighted as `<metric>_macro` (the mean over subjects, as the MMLU paper's tables)."""
+    members: dict[str, list[str]] = {}
+    for name, r in results.items():
+        for g in r.get("spec", {}).get("group", ()):
+            members.setdefault(g, []).append(name)
+    out = {}
+    for g, names in members.items():
+        rs = [results[n] for n in names]
+        common = set.intersection(*(set(r["metrics"]) for r in rs)) - {"n", "truncated"}
+        n = sum(r["n"] for r in rs)
+        metrics: dict[str, float] = {}
+        for m in sorted(common):
+            vals = [r["metrics"][m] for r in rs]
+            if not all(isinstance(v, float) for v in vals):
+                continue
+            metrics[m] = sum(v * r["n"] for v, r in zip(vals, rs)) / max(n, 1)
+            metrics[f"{m}_macro"] = float(np.mean(vals))
+        out[g] = {"type": "group", "tasks": names, "n": n, "metrics": metrics}
+    return out
 
 
 class _ContextOnce:
@@ -213,13 +240,20 @@ class Evaluator:
                 # plain mode: after the prompt text, joined by the spec's target_delimiter
                 chs = [choice_text(spec, ex.fields, i, "" if spec.chat else text)
                        for i in range(len(ex.fields["choices"]))]  # fmt: skip
+                pairs = [(text, c) for c in chs]
+                if spec.continuation_template:  # each choice completes the context; the
+                    # same continuation is scored after each (WinoGrande): its text stands in
+                    # for the choice (acc_norm's length: acc_norm == acc)
+                    pairs = [(text + c, continuation_text(spec, ex.fields, text + c))
+                             for c in chs]  # fmt: skip
+                    chs = [cont for _, cont in pairs]
                 if spec.chat:  # the reply's ids where the chat template puts them
                     chs = [c.strip() for c in chs]
                     reqs = self._chat_choices(spec, ex, pool, chs)
                 else:
                     try:
-                        reqs = [loglik.split_continuation(tok, text, c, bos=self.bos)
-                                for c in chs]  # fmt: skip
+                        reqs = [loglik.split_continuation(tok, ctx, c, bos=self.bos)
+                                for ctx, c in pairs]  # fmt: skip
                     except ValueError as e:
                         raise ValueError(f"{ex.source}: task {spec.name!r}: {e}") from None
                 for i, (ctx, cont) in enumerate(reqs):

@@ -1,14 +1,16 @@
 """Prompt construction for evaluation tasks: few-shot selection, templates, chat rendering.
 
 Shots are drawn per evaluated example from a `random.Random` seeded by (fewshot_seed, task name,
-example index), so a prompt depends only on the task spec and the example — not on batch order,
-`--limit` or other tasks. A shot is never the evaluated row itself (same file) nor any row whose
-prompt text equals the evaluated one (a duplicate in a separate train file).
+example index) (`fewshot_sampler` "first_n": the pool's first usable rows, in order), so a
+prompt depends only on the task spec and the example — not on batch order, `--limit` or other
+tasks. A shot is never the evaluated row itself (same file) nor any row whose prompt text equals
+the evaluated one (a duplicate in a separate train file).
 
 Plain mode (a base model):
     description + shot_1 + sep + ... + shot_k + sep + prompt
 where a shot is its prompt followed by its target (generation: `target_template`; multiple
-choice: its correct choice, after `target_delimiter` as every scored choice: `delimit`). Chat
+choice: its correct choice, after `target_delimiter` as every scored choice: `delimit`; with a
+`continuation_template`, the choice glued to the prompt and the continuation after it). Chat
 mode (an instruction-tuned model): shots become earlier user/assistant turns, rendered by the
 chat template of data/formats.py (token ids, BOS included), and the prompt ends where the
 assistant's reply starts.
@@ -21,6 +23,7 @@ documents (lm-eval-harness's prefix token); none if it has neither.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 
 from flaxlm.evaluation.tasks import LETTERS, Example, TaskSpec
@@ -77,10 +80,14 @@ def check_prompts(spec: TaskSpec, examples: list[Example], pool: list[Example]) 
             if spec.chat:
                 chat_messages(spec, ex, shots)
             context = "" if spec.chat else plain_prompt(spec, ex, shots)
+            if spec.code_prefix:
+                render(spec.code_prefix, ex.fields, spec)
             if spec.type != "multiple_choice":
                 continue
             for i in range(len(ex.fields["choices"])):
                 c = choice_text(spec, ex.fields, i, context)
+                if spec.continuation_template:  # the fixed text after the choice is scored
+                    c = continuation_text(spec, ex.fields, context + c)
                 # (whitespace alone too: in plain mode " " scored as the bare space piece,
                 # length 0 for acc_norm, and could win every metric)
                 if not c.strip():
@@ -109,17 +116,28 @@ def delimit(spec: TaskSpec, context: str, continuation: str) -> str:
 
 def choice_text(spec: TaskSpec, fields: dict, i: int, context: str = "") -> str:
     """The continuation scored for choice i; after `context` (the prompt text, plain mode)
-    with the spec's target_delimiter (`delimit`)."""
+    with the spec's target_delimiter (`delimit`). With a `continuation_template` the choice
+    completes the context instead: appended as is (WinoGrande's "... because the" + "trophy")."""
     text = render(
         spec.choice_template, fields, spec, choice=fields["choices"][i], letter=LETTERS[i], index=i
     )
-    return delimit(spec, context, text)
+    return text if spec.continuation_template else delimit(spec, context, text)
+
+
+def continuation_text(spec: TaskSpec, fields: dict, context: str) -> str:
+    """`continuation_template`'s text as scored after `context` (the prompt and a choice),
+    joined by the target_delimiter: lm-eval-harness's multiple-input continuation."""
+    return delimit(spec, context, render(spec.continuation_template, fields, spec))
 
 
 def target_text(spec: TaskSpec, fields: dict, context: str = "") -> str:
-    """What follows a shot's prompt (`context`): its correct choice or its answer."""
+    """What follows a shot's prompt (`context`): its correct choice (and the continuation after
+    it, with a `continuation_template`) or its answer."""
     if spec.type == "multiple_choice":
-        return choice_text(spec, fields, fields["answer"], context)
+        choice = choice_text(spec, fields, fields["answer"], context)
+        if spec.continuation_template:
+            return choice + continuation_text(spec, fields, context + choice)
+        return choice
     return render(spec.target_template, fields, spec)
 
 
@@ -147,9 +165,11 @@ def select_shots(
             return False
         return _question(spec, pool[i].fields) != question
 
-    # Draw a few more than k and filter: cheap for large pools, exact for small ones.
-    first = rng.sample(range(len(pool)), min(len(pool), k + 4))
-    picked = [i for i in first if ok(i)][:k]
+    if spec.fewshot_sampler == "first_n":  # the pool's first usable rows, in file order
+        picked = list(itertools.islice((i for i in range(len(pool)) if ok(i)), k))
+    else:  # draw a few more than k and filter: cheap for large pools, exact for small ones
+        first = rng.sample(range(len(pool)), min(len(pool), k + 4))
+        picked = [i for i in first if ok(i)][:k]
     if len(picked) < k:
         rest = [i for i in range(len(pool)) if ok(i) and i not in picked]
         rng.shuffle(rest)

@@ -14,7 +14,9 @@ JSON spec file and no code. Three task types:
                      solution — as GRPO's math_verify reward judges it, alignment/verify_math.py;
                      set `stop`: the default "\\n\\n" ends a worked solution before its answer)
 
-A spec file is JSON (one spec or a list), file paths relative to the spec file:
+A task file is jsonl or parquet (.parquet: the HF hub's split files; a row's source is then
+"file:N", its 1-based row number). A spec file is JSON (one spec or a list), file paths
+relative to the spec file:
 
     {"name": "gsm8k", "type": "generation", "file": "gsm8k/test.jsonl",
      "fields": {"prompt": "question", "answer": "answer"},
@@ -34,6 +36,19 @@ numbers; null, a list or an object is an error (pick a list element with a key p
 built-in world's tasks come from its manifest.json (`world_tasks`). Bad rows raise
 `TaskFileError` naming file:line; a bad spec value names the spec file and entry
 ("spec.json[1]: task 'x': ..."), and two tasks of one name are an error.
+
+Benchmark conventions a key path cannot express are named row preprocessors (`preprocess`, e.g.
+"hellaswag": its cleaned query and endings; PREPROCESSORS, built-ins in evaluation/benchmarks.py,
+which writes such specs for MMLU, ARC, GSM8K, HumanEval, ...): a function of the raw row that
+returns it with extra keys for `fields` to name, or None to leave the row out. Other keys:
+`fewshot_sampler` "first_n" takes the first usable rows of the few-shot file in file order
+(lm-eval-harness's sampler of that name: MMLU's dev questions in order) instead of a seeded
+draw; `group` names groups the task's metrics are averaged into (harness.group_results: MMLU's
+subjects into "mmlu"); `continuation_template` makes a multiple-choice task score one fixed
+continuation after each choice, the choice completing the context instead (lm-eval-harness's
+multiple-input tasks: WinoGrande's partial scoring); `"scoring": "code"` runs the response's
+program against meta's tests (alignment/verify_code.py; generate_tasks.py), `code_prefix`
+being a template put before it (HumanEval: the prompt the model completes).
 
 Multiple choice in plain mode scores each choice (`choice_template`) as a continuation of the
 prompt text, joined by `target_delimiter` (default " ", as lm-eval-harness): choices stored
@@ -58,10 +73,12 @@ import json
 import os
 import re
 import string
+from collections.abc import Callable, Iterator
 from typing import Any
 
 TYPES = ("perplexity", "multiple_choice", "generation")
-SCORINGS = ("exact_match", "regex", "judge", "math")
+SCORINGS = ("exact_match", "regex", "judge", "math", "code")
+SAMPLERS = ("random", "first_n")
 NORMALIZERS = ("none", "basic", "number")
 REQUIRED = {
     "perplexity": ("text",),
@@ -100,7 +117,14 @@ class TaskSpec:
     )  # paths in fewshot_file ({}=fields)
     fewshot_seed: int = 1234  # shots are drawn per example from (seed, task name, example index)
     fewshot_separator: str = "\n\n"  # between shots and before the evaluated prompt
-    scoring: str = "exact_match"  # generation: exact_match | regex | judge | math
+    fewshot_sampler: str = "random"  # random (seeded per example) | first_n (file order)
+    preprocess: str = ""  # a named row preprocessor (PREPROCESSORS) run on every raw row
+    group: tuple = ()  # groups whose averages include this task (harness.group_results)
+    continuation_template: str = ""  # multiple choice: score this text after each choice, the
+    # choice appended to the prompt as is (lm-eval-harness's multiple_inputs; WinoGrande)
+    scoring: str = "exact_match"  # generation: exact_match | regex | judge | math | code
+    code_prefix: str = ""  # code scoring: template put before the response's program
+    # (HumanEval "{prompt}": plain mode runs prompt + completion as lm-eval-harness does)
     math_rel_tol: float = 0.0  # math scoring: numbers within this relative tolerance are equal
     math_last_number: bool = False  # math scoring: no boxed / #### / "answer is": last number
     answer_regex: str = ""  # regex scoring: the first group that took part in the match (or
@@ -141,6 +165,17 @@ class TaskSpec:
         if self.scoring != "math" and (self.math_rel_tol or self.math_last_number):
             raise ValueError(f"{where}: math_rel_tol and math_last_number are for "
                              f"scoring='math', not {self.scoring!r}")  # fmt: skip
+        if self.fewshot_sampler not in SAMPLERS:
+            raise ValueError(f"{where}: fewshot_sampler={self.fewshot_sampler!r}; expected "
+                             f"one of {SAMPLERS}")  # fmt: skip
+        if self.preprocess:
+            preprocessor(self.preprocess, where)  # (an unknown name fails now, naming the known)
+        if self.code_prefix and self.scoring != "code":
+            raise ValueError(f"{where}: code_prefix is for scoring='code', not {self.scoring!r}")
+        if self.continuation_template and (self.type != "multiple_choice" or self.chat):
+            # Chat mode's reply is one choice: a continuation after it has no turn to live in.
+            raise ValueError(f"{where}: continuation_template is for plain-mode multiple choice "
+                             f"(type {self.type!r}, chat={self.chat}); use chat=False")  # fmt: skip
         if self.regex_select not in ("first", "last"):
             raise ValueError(f"{where}: regex_select must be first|last")
         for pat in (self.answer_regex, self.gold_regex):
@@ -185,6 +220,11 @@ class TaskSpec:
         if any(not isinstance(x, str) or not x for x in stops):
             raise ValueError(f"{where}: stop strings must be non-empty strings, got {stops!r}")
         object.__setattr__(self, "stop", stops)
+        groups = (self.group,) if isinstance(self.group, str) else tuple(self.group)
+        if any(not isinstance(g, str) or not g or g == self.name for g in groups):
+            raise ValueError(f"{where}: group must hold non-empty names other than the task's "
+                             f"own, got {groups!r}")  # fmt: skip
+        object.__setattr__(self, "group", groups)
 
     @property
     def prompt_template(self) -> str:
@@ -199,7 +239,7 @@ class TaskSpec:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["stop"] = list(self.stop)
+        d["stop"], d["group"] = list(self.stop), list(self.group)
         return d
 
     @classmethod
@@ -359,13 +399,19 @@ def _canonical(spec: TaskSpec, row: dict, fmap: dict, need_gold: bool) -> dict:
         out["answer"] = answer
         if need_gold and spec.scoring == "judge" and not isinstance(out.get("meta"), dict):
             raise ValueError("judge scoring needs a 'meta' object with the judge's fields")
+        meta = out.get("meta")
+        tests = isinstance(meta, dict) and bool({"tests", "test_cases"} & meta.keys())
+        if need_gold and spec.scoring == "code" and not tests:
+            raise ValueError("code scoring needs a 'meta' object with 'tests' (Python "
+                             "asserts) or 'test_cases' ([{input, output}])")  # fmt: skip
     return out
 
 
 def read_examples(
     spec: TaskSpec, *, fewshot: bool = False, limit: int | None = None
 ) -> list[Example]:
-    """Rows of the task file (or of its few-shot file) in canonical form.
+    """Rows of the task file (or of its few-shot file) in canonical form, after the spec's
+    row preprocessor (a row it returns None for is left out).
 
     Malformed JSON, a missing field or a bad value raises TaskFileError naming file:line.
     """
@@ -375,15 +421,35 @@ def read_examples(
         raise TaskFileError(f"{path}: no such file (task {spec.name!r})")
     if not os.path.isfile(path):  # a directory (e.g. "file": ".") would be an IsADirectoryError
         raise TaskFileError(f"{path}: not a file (task {spec.name!r})")
+    prep = preprocessor(spec.preprocess) if spec.preprocess else None
     out: list[Example] = []
+    rows = _parquet_rows(path, spec.name) if path.endswith(".parquet") else _jsonl_rows(path, spec)
+    for where, row in rows:
+        if limit is not None and len(out) >= limit:
+            break
+        if prep is not None:
+            row = _preprocessed(prep, spec, row, where)
+            if row is None:
+                continue
+        try:
+            fields = _canonical(spec, row, fmap, need_gold=not fewshot)
+        except (KeyError, ValueError) as e:
+            msg = e.args[0] if e.args else str(e)
+            raise TaskFileError(f"{where}: task {spec.name!r}: {msg}") from None
+        out.append(Example(fields, where, len(out)))
+    if not out:
+        raise TaskFileError(f"{path}: no examples (task {spec.name!r})")
+    return out
+
+
+def _jsonl_rows(path: str, spec: TaskSpec) -> Iterator[tuple[str, dict]]:
+    """("file:line", row) of a jsonl file, blank lines skipped."""
     try:
         f = open(path, "rb")
     except OSError as e:  # unreadable (permissions, a dangling mount): name the task too
         raise TaskFileError(f"{path}: cannot read (task {spec.name!r}): {e.strerror}") from None
     with f:
         for lineno, raw in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -395,15 +461,67 @@ def read_examples(
                 raise TaskFileError(f"{where}: invalid JSON (task {spec.name!r}): {e}") from None
             if not isinstance(row, dict):
                 raise TaskFileError(f"{where}: expected a JSON object (task {spec.name!r})")
-            try:
-                fields = _canonical(spec, row, fmap, need_gold=not fewshot)
-            except (KeyError, ValueError) as e:
-                msg = e.args[0] if e.args else str(e)
-                raise TaskFileError(f"{where}: task {spec.name!r}: {msg}") from None
-            out.append(Example(fields, where, len(out)))
-    if not out:
-        raise TaskFileError(f"{path}: no examples (task {spec.name!r})")
+            yield where, row
+
+
+def _parquet_rows(path: str, name: str) -> Iterator[tuple[str, dict]]:
+    """("file:N", row) of a parquet file (N: the 1-based row number), as Python values: lists,
+    dicts for structs (ARC's choices), ints for class labels. A file that is not readable
+    parquet is a TaskFileError naming it (data/source_readers.py checks each batch)."""
+    from flaxlm.data.source_errors import DataError
+    from flaxlm.data.source_readers import open_parquet, parquet_batches
+
+    n = 0
+    try:
+        pf = open_parquet(path)
+        for batch in parquet_batches(path, pf):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"{path}:{n}", row
+    except DataError as e:
+        raise TaskFileError(f"{e} (task {name!r})") from None
+
+
+def _preprocessed(prep: Callable, spec: TaskSpec, row: dict, where: str) -> dict | None:
+    """`prep(row)`; what it raises on a malformed row is a TaskFileError naming file:line."""
+    try:
+        out = prep(dict(row))  # (a copy: the preprocessor may add keys)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        why = f"{type(e).__name__}: {e.args[0] if e.args else e}"
+        raise TaskFileError(f"{where}: task {spec.name!r}: preprocess {spec.preprocess!r} "
+                            f"failed on this row ({why})") from None  # fmt: skip
+    if out is not None and not isinstance(out, dict):
+        raise TaskFileError(f"{where}: task {spec.name!r}: preprocess {spec.preprocess!r} "
+                            f"returned {type(out).__name__}, not a row (dict) or None")  # fmt: skip
     return out
+
+
+# --- row preprocessors ----------------------------------------------------------------------
+
+# name -> fn(row) -> the row with extra keys, or None to leave it out. The built-in ones
+# (evaluation/benchmarks.py) register when that module is imported, on first use of a name;
+# a --tasks_module plug-in registers its own with `register_preprocessor`.
+PREPROCESSORS: dict[str, Callable[[dict], dict | None]] = {}
+
+
+def register_preprocessor(name: str):
+    """Decorator registering `fn(row) -> row | None` as the row preprocessor `name`."""
+
+    def deco(fn):
+        PREPROCESSORS[name] = fn
+        return fn
+
+    return deco
+
+
+def preprocessor(name: str, where: str = "spec") -> Callable[[dict], dict | None]:
+    """The row preprocessor `name`; a ValueError naming the known ones when there is none."""
+    if name not in PREPROCESSORS:
+        import flaxlm.evaluation.benchmarks  # noqa: F401 (registers the built-in preprocessors)
+    if name not in PREPROCESSORS:
+        raise ValueError(f"{where}: preprocess={name!r} is not a row preprocessor; known: "
+                         f"{sorted(PREPROCESSORS)}")  # fmt: skip
+    return PREPROCESSORS[name]
 
 
 # --- registry and the built-in world --------------------------------------------------------
@@ -472,11 +590,25 @@ def world_tasks(world_dir: str) -> dict[str, TaskSpec]:
     return specs
 
 
+def _preset(name: str) -> list[TaskSpec] | None:
+    """The tasks of a benchmark preset named with its data directory ("mmlu:~/datasets/mmlu",
+    evaluation/benchmarks.py), or None when `name` is no such thing."""
+    head, sep, path = name.partition(":")
+    if not sep:
+        return None
+    from flaxlm.evaluation import benchmarks
+
+    if head not in benchmarks.PRESETS:
+        return None
+    return benchmarks.preset_specs(head, os.path.expanduser(path))
+
+
 def resolve_tasks(names: list[str], world_dir: str | None = None) -> list[TaskSpec]:
-    """Specs for task names: a path to a JSON spec file (all its tasks), a registered name, or a
-    task of the world at `world_dir`. An unknown name lists the known ones; two tasks of one name
-    are an error naming where each came from (results are keyed by task name: the second would
-    silently replace the first)."""
+    """Specs for task names: a path to a JSON spec file (all its tasks), a registered name, a
+    task of the world at `world_dir`, or a benchmark preset and its data directory
+    ("gsm8k:~/datasets/gsm8k": all its tasks). An unknown name lists the known ones; two tasks of
+    one name are an error naming where each came from (results are keyed by task name: the
+    second would silently replace the first)."""
     world = world_tasks(world_dir) if world_dir else {}
     out, origin = [], {}
     for name in names:
@@ -487,6 +619,8 @@ def resolve_tasks(names: list[str], world_dir: str | None = None) -> list[TaskSp
             specs, where = [_REGISTRY[name]], ["registered"]
         elif name in world:
             specs, where = [world[name]], [f"world {world_dir}"]
+        elif (preset := _preset(name)) is not None:
+            specs, where = preset, [f"preset {name}"] * len(preset)
         else:
             known = sorted(set(_REGISTRY) | set(world))
             hint = "" if world_dir else " (pass --world DIR for the built-in world's tasks)"
