@@ -156,10 +156,14 @@ class _Decontaminate(beam.DoFn):
     def process(self, doc):
         key, loc, text = doc
         if self.d.hits(text):
+            # named eval sets (benchmarks): the documents each matched, summed by merge_stats
+            found = self.d.found(loc, text)
+            sets = {"decontam_sets": found} if found else {}
             if self.cfg.decontam_mode == "drop":
-                yield _stats(_removed("contaminated", loc, text))
+                stats = _removed("contaminated", loc, text)
+                yield _stats({"dedup": {**stats["dedup"], **sets}})
                 return
-            yield _stats({"dedup": {"flagged_contaminated": 1}})
+            yield _stats({"dedup": {"flagged_contaminated": 1, **sets}})
         yield doc
 
 
@@ -305,7 +309,7 @@ def build(p, inputs: list[str], out_dir: str, cfg, num_shards: int, eval_texts=N
     Cleaner(cfg.clean)  # the same for the cleaning settings
     tok = open_tokenizer(cfg.tokenizer, "tokenizer") if cfg.tokenizer else None
     if eval_texts is None:  # cleaned like the training text (placeholders too)
-        eval_texts = P.load_eval_texts(cfg)
+        eval_texts = P.load_eval_sets(cfg) or []
     read = (
         p
         | "Files" >> beam.Create(list(enumerate(files)))
@@ -401,8 +405,8 @@ def check_settings(inputs: list[str], cfg):
     # Loaded once, here: the report's eval-set counts and their warnings (as the CLI's Deduper
     # gives them), and the pipeline's Decontaminate stage.
     eval_texts, decontam = [], None
-    if P.decontam_paths(cfg):
-        eval_texts = P.load_eval_texts(cfg)
+    if (sets := P.load_eval_sets(cfg)) is not None:  # (decontam_paths, decontam_benchmarks)
+        eval_texts = sets
         decontam = Decontaminator(eval_texts, cfg.dedup.decontam_ngram)
         decontam.warn()
     return tok, eval_texts, decontam
@@ -450,8 +454,9 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
     dedup = {"in": dedup_in, "out": st.get("out", 0), **dedup}
     bands, rows = lsh_params(cfg.dedup)
     dedup["lsh"] = {"bands": bands, "rows": rows, "threshold": cfg.dedup.threshold}
+    found = dedup.pop("decontam_sets", {})  # (named eval sets: the documents each matched)
     if decontam is not None:
-        dedup["decontam"] = decontam.summary()
+        dedup["decontam"] = decontam.summary(found)
     removed = {**read.get("counts", {}), **clean["removed"], **dedup["removed"]}
     shards = sorted(
         os.path.relpath(os.path.join(d, f), os.path.join(out_dir, sub))

@@ -23,7 +23,10 @@ group-by-key) keep exactly the same documents:
   report's ``decontam`` entry counts such eval texts, and a warning is logged when there are any.
   Words keep their attached punctuation ("paris," is not "paris"), as in the cleaning filters;
   n-grams run across line and paragraph breaks, but never across two eval items (a plain-text
-  eval file holds one per line: ``decontam_txt_mode``).
+  eval file holds one per line: ``decontam_txt_mode``). Eval texts may come in named sets
+  (``decontam_benchmarks``: one per benchmark, data/benchmark_texts.py, and "decontam_paths"
+  for the files): the report's ``decontam.sets`` then counts the documents each set matched
+  (dropped, or flagged and kept), with the location and a shared n-gram of a few.
 
 Both MinHash shingles and decontamination n-grams are made of ``match_words``: control and
 invisible characters removed (``clean_text.remove_controls``: zero-width and format characters,
@@ -52,7 +55,7 @@ import numpy as np
 
 from flaxlm.data.clean_text import _WORD_RE, remove_controls
 from flaxlm.data.source_readers import check_txt_mode
-from flaxlm.data.stage_counts import count_removed, stage_report
+from flaxlm.data.stage_counts import REMOVED_EXAMPLES, count_removed, stage_report
 
 logger = logging.getLogger("flaxlm")
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier for polynomial combination
@@ -71,6 +74,10 @@ def dedup_config() -> ml_collections.ConfigDict:
     c.method = "numpy"  # "numpy" (vectorised multiply-shift) or "datasketch"
     c.decontam_paths = ""  # comma-separated eval files (jsonl/txt/parquet) to decontaminate against
     c.decontam_field = "text"  # text field of jsonl/parquet eval files
+    # comma-separated PRESET:DIR (evaluation/benchmarks.py: mmlu:~/datasets/mmlu, gsm8k:DIR,
+    # humaneval:DIR, ...): each benchmark's evaluated examples are eval items, beside (or
+    # instead of) decontam_paths; the report counts the documents each matched
+    c.decontam_benchmarks = ""
     # Plain-text eval files: one item per "line" (an eval set's usual layout), per
     # "blank"-separated block, or the whole "file" as one item. Items are what the report counts
     # (and warns of when shorter than decontam_ngram); n-grams never run across two items.
@@ -146,6 +153,12 @@ def shingles(text: str, n: int) -> np.ndarray:
 
 
 def _hash_ngrams(words: list[str], n: int) -> np.ndarray:
+    return np.unique(_ngram_hashes(words, n))
+
+
+def _ngram_hashes(words: list[str], n: int) -> np.ndarray:
+    """The hash of each word n-gram, in text order (the k-th starts at word k); fewer than
+    ``n`` words give one hash of them all, none give none."""
     if not words:
         return np.zeros(0, np.uint64)
     h = np.array(_word_hashes(words), np.uint64)
@@ -154,7 +167,7 @@ def _hash_ngrams(words: list[str], n: int) -> np.ndarray:
     for k in range(1, min(n, len(h))):
         g = g * _MIX + h[k : k + m]
     with np.errstate(over="ignore"):
-        return np.unique(_mix64(g))
+        return _mix64(g)
 
 
 @functools.lru_cache(maxsize=32)
@@ -245,56 +258,140 @@ class Decontaminator:
 
     An eval text is a string, or a tuple of forms of one item (``preprocess.load_eval_texts``:
     with and without the lines line cleaning strips): the item's n-grams are those of all its
-    forms, and it is too short when none has one."""
+    forms, and it is too short when none has one.
 
-    def __init__(self, eval_texts, n: int = 13):
-        self.n = n
-        grams = [_item_ngrams(t, n) for t in eval_texts]
-        self.table = np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
-        self.eval_texts = len(grams)
-        self.too_short = sum(1 for g in grams if not len(g))  # fewer than n words: no n-gram
+    ``eval_texts`` is a list (one eval set), or {name: list} of named sets (a benchmark each,
+    ``preprocess.load_eval_sets``): then ``matches`` says which sets a text overlaps, and
+    ``summary`` gives each set's counts. One table of all the n-grams answers ``hits`` (every
+    document); each set's own table is searched only for a document that hits."""
 
-    def summary(self) -> dict:
-        """The report's ``decontam`` entry (its ``dedup`` stage; Beam's the same)."""
-        return {
+    def __init__(self, eval_texts, n: int = 13, ngram_key: str = "dedup.decontam_ngram",
+                 cleaned: bool = True):  # fmt: skip
+        # (what the warnings say: the setting to lower; whether the texts went through the
+        # cleaning preprocess gives documents, whose report.md counts the short ones)
+        self.n, self.ngram_key, self.cleaned = n, ngram_key, cleaned
+        self.named = isinstance(eval_texts, dict)
+        named = eval_texts if self.named else {"": eval_texts}
+        self.sets = {name: _EvalSet(items, n) for name, items in named.items()}
+        tables = [s.table for s in self.sets.values()]
+        self.table = tables[0] if len(tables) == 1 else np.unique(np.concatenate(
+            [np.zeros(0, np.uint64), *tables]))  # fmt: skip
+        self.eval_texts = sum(s.eval_texts for s in self.sets.values())
+        self.too_short = sum(s.too_short for s in self.sets.values())
+
+    def summary(self, found: dict | None = None) -> dict:
+        """The report's ``decontam`` entry (its ``dedup`` stage; Beam's the same). Named sets
+        add ``sets``: each one's counts, and from ``found`` (what ``add_found`` summed) the
+        documents it matched and a few examples."""
+        out = {
             "eval_texts": self.eval_texts,
             "ngrams": int(len(self.table)),
             "too_short": self.too_short,
             "ngram": self.n,
         }
+        if self.named:
+            found = found or {}
+            out["sets"] = {
+                name: {**s.summary(), "documents": found.get(name, {}).get("documents", 0),
+                       "examples": found.get(name, {}).get("examples", [])}
+                for name, s in self.sets.items()
+            }  # fmt: skip
+        return out
 
     def warn(self) -> None:
         """Logs eval texts shorter than ``n`` words as the caller cleaned them (they never
         match; the rule is kept), and an eval set that gives no n-gram at all (decontamination
-        then matches nothing)."""
-        if not self.eval_texts:
-            logger.warning("dedup.decontam_paths: no eval text (every record empty): "
-                           "decontamination matches nothing")  # fmt: skip
-        elif not len(self.table):
-            logger.warning(
-                "dedup.decontam_paths: the %d eval text(s) give no %d-word n-gram (each is "
-                "shorter than dedup.decontam_ngram=%d words after cleaning): decontamination "
-                "matches nothing; lower dedup.decontam_ngram to check them",
-                self.eval_texts, self.n, self.n,
-            )  # fmt: skip
-        elif self.too_short:
-            logger.warning(
-                "dedup.decontam_paths: %d of the %d eval text(s) are shorter than "
-                "dedup.decontam_ngram=%d words after cleaning (no n-gram) and can never match "
-                "(report.md counts them); lower dedup.decontam_ngram to check them",
-                self.too_short, self.eval_texts, self.n,
-            )  # fmt: skip
+        then matches nothing); each named set's on its own."""
+        if not self.named:
+            _warn_short("dedup.decontam_paths", self.eval_texts, len(self.table), self.too_short,
+                        self.n, self.ngram_key, self.cleaned)  # fmt: skip
+            return
+        for name, s in self.sets.items():
+            _warn_short(f"decontamination against {name}", s.eval_texts, len(s.table),
+                        s.too_short, self.n, self.ngram_key, self.cleaned)  # fmt: skip
 
     def hits(self, text: str) -> int:
         if not len(self.table):
             return 0
-        g = _ngrams_exact(text, self.n)
-        # A binary search per n-gram in the sorted table (np.unique made it): np.isin
-        # concatenated and sorted the whole eval table at every document, O(T log T) per
-        # document for T eval n-grams — quadratic when a large eval set meets a large corpus
-        # (16k documents against 1.6k eval items: 126 s, now 3 s). `g` is unique, as before.
-        at = np.minimum(np.searchsorted(self.table, g), len(self.table) - 1)
-        return int(np.count_nonzero(self.table[at] == g))
+        return int(np.count_nonzero(_in_sorted(self.table, _ngrams_exact(text, self.n))))
+
+    def matches(self, text: str) -> dict[str, str]:
+        """{set name ("" for an unnamed set): the first n-gram of ``text`` it holds, as
+        ``match_words`` spells it} for each set ``text`` shares an n-gram with."""
+        words = match_words(text)
+        if not len(self.table) or len(words) < self.n:
+            return {}
+        grams = _ngram_hashes(words, self.n)
+        out = {}
+        for name, s in self.sets.items():
+            hit = _in_sorted(s.table, grams) if len(s.table) else ()
+            if np.any(hit):
+                k = int(np.argmax(hit))
+                out[name] = " ".join(words[k : k + self.n])
+        return out
+
+    def found(self, loc: str, text: str) -> dict:
+        """What one matched document adds to the named sets' counts (``add_found``):
+        {set: {"documents": 1, "examples": ["loc: 'shared n-gram'"]}}; {} when unnamed."""
+        if not self.named:
+            return {}
+        return {name: {"documents": 1, "examples": [f"{loc}: {gram!r}"]}
+                for name, gram in self.matches(text).items()}  # fmt: skip
+
+
+def add_found(total: dict, found: dict) -> None:
+    """Adds ``Decontaminator.found``'s counts into ``total`` (examples capped as removed
+    documents' are: ``REMOVED_EXAMPLES`` per set)."""
+    for name, f in found.items():
+        t = total.setdefault(name, {"documents": 0, "examples": []})
+        t["documents"] += f["documents"]
+        t["examples"] += f["examples"][: max(0, REMOVED_EXAMPLES - len(t["examples"]))]
+
+
+class _EvalSet:
+    """One eval set's sorted table of distinct n-grams and its counts."""
+
+    def __init__(self, items, n: int):
+        grams = [_item_ngrams(t, n) for t in items]
+        self.table = np.unique(np.concatenate(grams)) if grams else np.zeros(0, np.uint64)
+        self.eval_texts = len(grams)
+        self.too_short = sum(1 for g in grams if not len(g))  # fewer than n words: no n-gram
+
+    def summary(self) -> dict:
+        return {"eval_texts": self.eval_texts, "ngrams": int(len(self.table)),
+                "too_short": self.too_short}  # fmt: skip
+
+
+def _in_sorted(table: np.ndarray, grams: np.ndarray) -> np.ndarray:
+    """Which of ``grams`` the sorted, non-empty ``table`` holds.
+
+    A binary search per n-gram in the sorted table (np.unique made it): np.isin concatenated
+    and sorted the whole eval table at every document, O(T log T) per document for T eval
+    n-grams — quadratic when a large eval set meets a large corpus (16k documents against 1.6k
+    eval items: 126 s, now 3 s)."""
+    at = np.minimum(np.searchsorted(table, grams), len(table) - 1)
+    return table[at] == grams
+
+
+def _warn_short(what: str, texts: int, ngrams: int, short: int, n: int, key: str,
+                cleaned: bool) -> None:  # fmt: skip
+    """``Decontaminator.warn``'s messages for one eval set, named by ``what``."""
+    after, report = (" after cleaning", "report.md") if cleaned else ("", "the report")
+    if not texts:
+        logger.warning("%s: no eval text (every record empty): decontamination matches nothing",
+                       what)  # fmt: skip
+    elif not ngrams:
+        logger.warning(
+            "%s: the %d eval text(s) give no %d-word n-gram (each is shorter than %s=%d words%s): "
+            "decontamination matches nothing; lower %s to check them",
+            what, texts, n, key, n, after, key,
+        )  # fmt: skip
+    elif short:
+        logger.warning(
+            "%s: %d of the %d eval text(s) are shorter than %s=%d words%s (no n-gram) and can "
+            "never match (%s counts them); lower %s to check them",
+            what, short, texts, key, n, after, report, key,
+        )  # fmt: skip
 
 
 def _item_ngrams(item, n: int) -> np.ndarray:
@@ -382,6 +479,7 @@ class Deduper:
         # None: no decontamination. A list, even an empty one (eval files of empty records),
         # decontaminates, and its summary and warnings say what the eval set gave.
         self.decontam = None
+        self.decontam_found: dict = {}  # named eval sets: documents each matched (add_found)
         if eval_texts is not None:
             self.decontam = Decontaminator(eval_texts, cfg.decontam_ngram)
             self.decontam.warn()
@@ -416,6 +514,7 @@ class Deduper:
             if reason is None and self.decontam is not None and self.decontam.hits(t):
                 if self.cfg.decontam_mode == "drop":
                     reason = "contaminated"
+                    add_found(self.decontam_found, self.decontam.found(locs[i], t))
                 else:
                     flagged.append(i)
             if reason is None:
@@ -435,6 +534,8 @@ class Deduper:
         # Counted once the near stage has run: "flagged" documents are the kept ones (a flagged
         # near-duplicate of an earlier document is dropped as that, and not counted here).
         self.flagged += sum(out[i] for i in flagged)
+        for i in (i for i in flagged if out[i]):  # (the sets' counts too)
+            add_found(self.decontam_found, self.decontam.found(locs[i], texts[i]))
         return out
 
     def table_bytes(self) -> int:
@@ -445,12 +546,14 @@ class Deduper:
         count_removed(self.removed, self.examples, reason, f"{loc}: {text[:200]!r}")
 
     def report(self) -> dict:
-        return {
+        out = {
             **stage_report(self.seen, self.removed, self.examples),
             "flagged_contaminated": self.flagged,
             "lsh": {"bands": self.bands, "rows": self.rows, "threshold": self.cfg.threshold},
-            **({"decontam": self.decontam.summary()} if self.decontam is not None else {}),
         }
+        if self.decontam is not None:
+            out["decontam"] = self.decontam.summary(self.decontam_found)
+        return out
 
 
 def lsh_params(cfg: ml_collections.ConfigDict) -> tuple[int, int]:

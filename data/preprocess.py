@@ -70,6 +70,7 @@ import numpy as np
 
 from flaxlm.data import preprocess_aside as aside_mod
 from flaxlm.data import sources as S
+from flaxlm.data.benchmark_texts import load_benchmarks
 from flaxlm.data.clean import (
     Cleaner,
     clean_config,
@@ -408,6 +409,30 @@ def load_eval_texts(cfg: ml_collections.ConfigDict) -> list[str | tuple[str, ...
             f"{first}: {sum(lost.values())} decontamination record(s) unreadable ({lost}); "
             "fix them or remove them from dedup.decontam_paths"
         )
+    return clean_eval_texts(cfg, texts)
+
+
+def load_eval_sets(cfg: ml_collections.ConfigDict) -> list | dict | None:
+    """What decontamination checks documents against: None when neither
+    ``dedup.decontam_paths`` nor ``dedup.decontam_benchmarks`` is set (no decontamination, no
+    report entry); ``load_eval_texts`` alone (a list: one set, the report as before) without
+    benchmarks; else {set: texts}, one set per benchmark (data/benchmark_texts.py) and
+    "decontam_paths" for the files, so the report counts the documents each set matched. The
+    benchmarks' texts are cleaned as the files' are (``clean_eval_texts``). A benchmark that
+    cannot be read is a ValueError naming ``dedup.decontam_benchmarks``."""
+    benches = load_benchmarks(cfg.dedup.get("decontam_benchmarks", ""),
+                              "dedup.decontam_benchmarks")  # fmt: skip
+    files = load_eval_texts(cfg) if decontam_paths(cfg) else None
+    if not benches:
+        return files
+    sets = {"decontam_paths": files} if files is not None else {}
+    return {**sets, **{name: clean_eval_texts(cfg, t) for name, t in benches.items()}}
+
+
+def clean_eval_texts(cfg: ml_collections.ConfigDict, texts: list[str]) -> list:
+    """Eval texts in the form training text has when it reaches dedup (``load_eval_texts``
+    says why): normalised, each with its boilerplate-stripped form, PII replaced by the
+    placeholders, as ``cfg``'s cleaning does to documents; as they are without cleaning."""
     if cfg.do_clean:
         texts = [normalize_text(t) for t in texts]
         if cfg.clean.strip_boilerplate_lines:
@@ -465,12 +490,13 @@ def check_settings(
 
     An input pattern that matches nothing, ``txt_mode``, ``shard_docs`` and ``batch_docs``, the
     cleaning and dedup settings (``Cleaner``, ``Deduper``) and the word lists, the
-    decontamination files, the tokenizer's path, a ``train_tokenizer_vocab`` too small to
-    train, a ``tokenizer_model_type`` SentencePiece has not: ``main`` calls this before
-    ``--overwrite`` sets the earlier output aside (a typo then lost it), ``run`` before it writes
-    anything (output written first made the corrected rerun refuse, "already holds a preprocess
-    run"; a misspelt model type failed after the whole clean/dedup pass). Every error but an
-    unmatched input (``FileNotFoundError``) is a ``ValueError`` naming the key.
+    decontamination files and benchmarks (each benchmark's files read), the tokenizer's path,
+    a ``train_tokenizer_vocab`` too small to train, a ``tokenizer_model_type`` SentencePiece
+    has not: ``main`` calls this before ``--overwrite`` sets the earlier output aside (a typo
+    then lost it), ``run`` before it writes anything (output written first made the corrected
+    rerun refuse, "already holds a preprocess run"; a misspelt model type failed after the
+    whole clean/dedup pass). Every error but an unmatched input (``FileNotFoundError``) is a
+    ``ValueError`` naming the key.
     """
     S.expand_paths(inputs)  # FileNotFoundError naming an unmatched pattern
     check_txt_mode(cfg.txt_mode)  # (found by the first plain-text file, after meta.json)
@@ -515,8 +541,9 @@ def check_settings(
             raise S.DataError(_unreadable("clean.classifier", e, cfg.clean.classifier)) from None
         except ClassifierError as e:
             raise S.DataError(f"clean.classifier: {e}") from None
-    # None without decontam_paths: no decontamination (and no eval-set counts in the report).
-    deduper = Deduper(cfg.dedup, load_eval_texts(cfg) if decontam_paths(cfg) else None)
+    # None without decontam_paths or decontam_benchmarks: no decontamination (and no eval-set
+    # counts in the report).
+    deduper = Deduper(cfg.dedup, load_eval_sets(cfg))
     # a SentencePiece .model, an HF tokenizer.json or an HF directory
     tok = open_tokenizer(cfg.tokenizer, "tokenizer") if cfg.tokenizer else None
     sample = cfg.tokenizer_sample_docs  # (0: an empty reservoir, found after the whole pass)
@@ -921,9 +948,19 @@ def _decontam_lines(dedup: dict) -> list[str]:
             f"decontamination: {dc['eval_texts']} eval text(s) → {dc['ngrams']} distinct "
             f"{n}-word n-grams" + (never if short else "")
         )
+        out += [_decontam_set_line(name, st, n) for name, st in dc.get("sets", {}).items()]
     if flagged := dedup.get("flagged_contaminated"):
         out.append(f"flagged as contaminated (decontam_mode=flag, kept): {flagged}")
     return ["", *out] if out else []
+
+
+def _decontam_set_line(name: str, st: dict, n: int) -> str:
+    """report.md's line for one named eval set (a benchmark): the documents it matched
+    (dropped, or flagged and kept) with an example, and its eval texts."""
+    short = f", {st['too_short']} shorter than {n} words" if st["too_short"] else ""
+    example = f" (e.g. {st['examples'][0]})" if st["examples"] else ""
+    return (f"- {name}: {st['documents']} document(s) matched{example}; {st['eval_texts']} "
+            f"eval text(s) → {st['ngrams']} n-grams{short}")  # fmt: skip
 
 
 def main(argv=None) -> dict:
