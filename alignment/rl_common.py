@@ -144,13 +144,7 @@ def load_prompts(spec: str, config, template, report: F.DataReport) -> list[dict
     out = []
     for obj, loc in common.iter_records(spec, d, report):
         try:
-            if not isinstance(obj, dict):
-                raise F.FormatError("bad_record", "record is not a JSON object")
-            # (a null prompt is none: a parquet row of a file that mixes both forms)
-            key = fields.prompt if F.has(obj, fields.prompt) else fields.messages
-            prompt = F.prompt_messages(obj.get(key), fields)
-            tools = F.record_tools(obj, fields)
-            meta = F.record_meta(obj, fields)
+            _, prompt, tools, meta = F.prompt_record(obj, fields)
             with F.naming_record(loc):
                 full, _ = F.render_prompt(prompt, template, 1 << 30, tools=tools)
                 if len(full) > max_len and d.overlength == "drop":

@@ -173,6 +173,18 @@ def prompt_messages(value, fields) -> list[dict]:
     return _messages(value, fields, "prompt", record=True)
 
 
+def prompt_record(obj, fields) -> tuple[str, list[dict], list | None, dict]:
+    """An RL prompt record read as the RL stages and `generate --prompts_file` read one:
+    (the field the prompt came from, its turns, the tool schemas or None, the meta object).
+    The prompt is `fields.prompt` (a text or messages) where the record has one, `fields.messages`
+    otherwise (a parquet file that mixes both gives each row both columns, one null)."""
+    if not isinstance(obj, dict):
+        raise FormatError("bad_record", "record is not a JSON object")
+    key = fields.prompt if has(obj, fields.prompt) else fields.messages
+    turns = prompt_messages(obj.get(key), fields)
+    return key, turns, record_tools(obj, fields), record_meta(obj, fields)
+
+
 def _completion_turns(value, fields) -> list[dict]:
     """A record's `completion` — a text (one assistant turn) or, TRL's conversational layout,
     messages — as checked turns; FormatError otherwise. A list holds what the model says:

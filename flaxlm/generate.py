@@ -379,10 +379,8 @@ def _read_prompt_records(p: argparse.ArgumentParser, path: str, args) -> list[tu
         FormatError,
         fields_config,
         has,
-        prompt_messages,
+        prompt_record,
         read_records,
-        record_meta,
-        record_tools,
     )
     from flaxlm.data.source_errors import DataError
 
@@ -392,14 +390,12 @@ def _read_prompt_records(p: argparse.ArgumentParser, path: str, args) -> list[tu
     try:
         for obj, loc in read_records(path, DataReport(strict=True)):
             try:
-                if not isinstance(obj, dict):
-                    raise FormatError("bad_record", "record is not a JSON object")
-                key = fields.prompt if has(obj, fields.prompt) else fields.messages
-                turns = prompt_turns(prompt_messages(obj.get(key), fields))
-                meta = record_meta(obj, fields) if has(obj, fields.meta) else None
+                key, prompt, tools, meta = prompt_record(obj, fields)
+                turns = prompt_turns(prompt)
+                meta = meta if has(obj, fields.meta) else None
                 if not turns:
                     raise FormatError("bad_messages", "the prompt has only assistant turns")
-                if record_tools(obj, fields):
+                if tools:
                     raise FormatError("bad_tools", "tool schemas are not rendered by generate")
                 if isinstance(obj[key], list) and not args.chat:
                     raise FormatError("bad_messages", "a prompt of messages needs --chat")
