@@ -301,29 +301,52 @@ class Examples:
 
 @dataclasses.dataclass
 class Side:
-    """The documents read for one label: their features and a digest of their text."""
+    """The documents read for one label: their features and a digest of their text.
+
+    ``seen`` counts every document the inputs held; the features are of all of them or, with
+    a ``max_docs`` sample, of the sampled ones in read order."""
 
     idx: list = dataclasses.field(default_factory=list)
     val: list = dataclasses.field(default_factory=list)
     sha: object = dataclasses.field(default_factory=hashlib.sha256)
     log: BadInputLog = dataclasses.field(default_factory=BadInputLog)
+    seen: int = 0
 
-    def add(self, text: str, buckets: int, ngrams: int, lowercase: bool) -> None:
-        data = text.encode("utf-8")
-        self.sha.update(len(data).to_bytes(8, "little") + data)  # (length: no ambiguous joins)
-        idx, val = doc_features(tokens(normalize_text(text), lowercase), buckets, ngrams)
-        self.idx.append(idx)
-        self.val.append(val.astype(np.float32))
+
+def _features(text: str, buckets: int, ngrams: int, lowercase: bool) -> tuple:
+    idx, val = doc_features(tokens(normalize_text(text), lowercase), buckets, ngrams)
+    return idx, val.astype(np.float32)
 
 
 def read_side(patterns, *, buckets: int, ngrams: int, lowercase: bool, field: str = "text",
-              txt_mode: str = "file", max_docs: int = 0) -> Side:  # fmt: skip
-    """The first ``max_docs`` documents (0: all) of ``patterns`` in read order, as features."""
+              txt_mode: str = "file", max_docs: int = 0, seed: tuple = (0,)) -> Side:  # fmt: skip
+    """The documents of ``patterns`` as features: all of them (``max_docs`` 0), or a uniform
+    random sample of ``max_docs`` of them drawn with ``seed``, kept in read order.
+
+    The sample is a reservoir (Vitter's algorithm R) over the whole stream, not its first
+    ``max_docs``: inputs are often sorted by source or date, and the head of the files would
+    train the classifier on one of them. Only documents the reservoir takes are featurised
+    (about ``max_docs`` × (1 + ln(n / max_docs)) of the n read)."""
     side = Side()
-    for d in iter_documents(patterns, text_field=field, txt_mode=txt_mode, log=side.log):
-        if max_docs and len(side.idx) >= max_docs:
-            break
-        side.add(d.text, buckets, ngrams, lowercase)
+    rng = np.random.default_rng(seed)
+    slots: list = []  # (read position, sha256 of the text, idx, val), a slot per kept document
+    for i, d in enumerate(iter_documents(patterns, text_field=field, txt_mode=txt_mode,
+                                         log=side.log)):  # fmt: skip
+        side.seen = i + 1
+        if not max_docs or i < max_docs:
+            slots.append(None)
+            j = i
+        else:
+            j = int(rng.integers(0, i + 1))
+            if j >= max_docs:
+                continue
+        data = d.text.encode("utf-8")
+        digest = hashlib.sha256(len(data).to_bytes(8, "little") + data).digest()
+        slots[j] = (i, digest, *_features(d.text, buckets, ngrams, lowercase))
+    for _, digest, idx, val in sorted(slots, key=lambda slot: slot[0]):
+        side.sha.update(digest)
+        side.idx.append(idx)
+        side.val.append(val)
     return side
 
 
@@ -446,8 +469,9 @@ def train_classifier(positive, negative, *, buckets: int = DEFAULT_BUCKETS, ngra
     t0 = time.time()
     feats = dict(buckets=buckets, ngrams=ngrams, lowercase=lowercase)
     read = dict(field=field, txt_mode=check_txt_mode(txt_mode, "--txt_mode"), max_docs=max_docs)
-    pos = read_side(positive, **feats, **read)
-    neg = read_side(negative, **feats, **read)
+    # each side's sample its own stream, apart from the held-out split's and training's
+    pos = read_side(positive, **feats, **read, seed=(s.seed, 2, 1))
+    neg = read_side(negative, **feats, **read, seed=(s.seed, 2, 0))
     for name, side, pats in (("--positive", pos, positive), ("--negative", neg, negative)):
         if not side.idx:
             raise ClassifierError(f"{name}: no documents read from {pats} ({side.log.to_dict()})")
@@ -481,8 +505,11 @@ def _side_record(patterns, side: Side, trained: np.ndarray) -> dict:
     return {
         "patterns": [patterns] if isinstance(patterns, str) else list(patterns),
         "documents": len(side.idx),
+        "read": side.seen,
         "trained_on": int(trained.sum()),
-        "sha256": side.sha.hexdigest(),  # of the documents' text, in read order
+        # over the sha256 of each document's text (its UTF-8 length, 8 bytes little-endian,
+        # then the bytes), in read order
+        "sha256": side.sha.hexdigest(),
         "skipped": side.log.to_dict()["counts"] if side.log.total else {},
     }
 
@@ -653,7 +680,12 @@ def main(argv=None) -> dict:
     t.add_argument("--negative", nargs="+", required=True, help="files, globs or directories")
     t.add_argument("--out", required=True, help="the classifier file (.npz) to write")
     t.add_argument("--metrics", help="also write the held-out metrics (json) here")
-    t.add_argument("--max_docs", type=int, default=0, help="per side, the first N read (0: all)")
+    t.add_argument(
+        "--max_docs",
+        type=int,
+        default=0,
+        help="per side, a seeded uniform sample of N documents (0: all)",
+    )
     t.add_argument("--epochs", type=int, default=FitSettings.epochs)
     t.add_argument("--lr", type=float, default=FitSettings.lr)
     t.add_argument("--l2", type=float, default=FitSettings.l2)

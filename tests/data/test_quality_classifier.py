@@ -372,3 +372,42 @@ def test_beam_reports_what_the_cli_reports(world, tmp_path):
     assert qc.ScoreHistogram.from_sparse(merged["bins"]).counts.tolist() == (
         halves[0].scores.counts.tolist()
     )
+
+
+def test_max_docs_is_a_seeded_uniform_sample_of_the_whole_stream(tmp_path):
+    n, k = 40, 10
+    texts = [f"document number{i} of the stream" for i in range(n)]
+    path = _jsonl(tmp_path / "d.jsonl", texts)
+    feats = dict(buckets=BUCKETS, ngrams=1, lowercase=True)
+    position = {qc._features(t, **feats)[0].tobytes(): i for i, t in enumerate(texts)}
+
+    def sample(seed):
+        side = qc.read_side(path, **feats, max_docs=k, seed=(seed,))
+        assert side.seen == n and len(side.idx) == len(side.val) == k
+        return [position[idx.tobytes()] for idx in side.idx]
+
+    first = sample(0)
+    assert first == sorted(first) and max(first) >= k  # read order, and not the head
+    assert sample(0) == first and sample(1) != first  # seeded
+    # the digest is over the sampled documents' digests, in read order
+    side = qc.read_side(path, **feats, max_docs=k, seed=(0,))
+    want = qc.hashlib.sha256()
+    for i in first:
+        data = texts[i].encode()
+        want.update(qc.hashlib.sha256(len(data).to_bytes(8, "little") + data).digest())
+    assert side.sha.hexdigest() == want.hexdigest()
+    # every position is taken with probability k / n: 400 samples, 100 expected each (sd 8.7)
+    counts = Counter(i for seed in range(400) for i in sample(seed))
+    assert set(counts) == set(range(n)) and max(abs(c - 100) for c in counts.values()) < 40
+    # max_docs 0 (or at least n): every document, in read order
+    for m in (0, n, n + 5):
+        side = qc.read_side(path, **feats, max_docs=m)
+        assert [position[idx.tobytes()] for idx in side.idx] == list(range(n))
+
+
+def test_the_file_records_how_many_documents_each_side_read(world):
+    clf, _ = qc.train_classifier(world["paths"]["pos"], world["paths"]["neg"], buckets=BUCKETS,
+                                 max_docs=100, fit_settings=qc.FitSettings(epochs=1))  # fmt: skip
+    for side in ("positive", "negative"):
+        rec = clf.config["training"][side]
+        assert rec["documents"] == 100 and rec["read"] == 300
