@@ -4,8 +4,10 @@ Used by GRPO's / online DPO's / best-of-N's `math_verify` reward (alignment/grpo
 by evaluation's `"scoring": "math"` generation tasks (evaluation/generate_tasks.py), so training
 rewards and evaluation agree on what "right" means. No sympy: answers are compared as exact
 rationals (`fractions.Fraction`) when both sides are numbers, element-wise when they are tuples,
-intervals or lists, and as normalised strings otherwise (so `\\sqrt{2}` equals `\\sqrt2` but not
-`1.41421356`, and `\\frac{\\pi}{2}` equals `\\pi/2` but not `\\frac{2\\pi}{4}`).
+intervals or lists, as normalised strings otherwise (so `\\sqrt{2}` equals `\\sqrt2`), and where
+those rules find two scalars unequal, by value when both are expressions of
+alignment/math_expr.py's language (so `\\frac{\\pi}{2}` equals `\\frac{2\\pi}{4}` and `2x+1`
+equals `1+2x`, but `\\sqrt{2}` does not equal `1.41421356`).
 
 Extraction (`extract_answer`), the first form present wins:
   1. the last `\\boxed{...}` / `\\fbox{...}` (braces balanced, nested, escaped `\\{` skipped;
@@ -37,7 +39,8 @@ assignment ("x = 5", "\\theta = 30", "y \\in [0, 1]") is dropped. Then:
            "1/2", "-\\frac{1}{2}" = "\\frac{-1}{2}"), mixed numbers ("2\\frac{1}{2}", "2 1/2":
            5/2, the MATH convention, not 2·(1/2)), and + - * / ^ over them ("3+4" is 7),
            evaluated exactly: 0.5 == 1/2 == \\frac{1}{2}, 3.0 == 3, -0 == 0; "0.333" is not
-           1/3 unless `rel_tol` allows it (|a − b| <= rel_tol · max(|a|, |b|));
+           1/3 unless `rel_tol` allows it (|a − b| <= rel_tol · max(|a|, |b|); for two numbers
+           only);
   percent  the sign is dropped: "10\\%" == "10%" == "10", but "50%" != "0.5" — a percentage
            and a fraction are different written answers, and accepting x, x/100 and 100x (as
            some graders do) lets "0.5" match a reference of 50;
@@ -46,12 +49,23 @@ assignment ("x = 5", "\\theta = 30", "y \\in [0, 1]") is dropped. Then:
   lists    "2, 3", "x = 2, 3", "\\{2, 3\\}", "x = -1 \\text{ or } x = 3": compared as multisets (the
            order of an equation's solutions is not part of the answer); "1,234" is one number;
   text     the rest: whitespace removed, `^{2}` is `^2`, `(a)/(b)` of atoms is `a/b`, and
-           lower case when it holds no LaTeX command ("\\text{Monday}" == "monday").
+           lower case when it holds no LaTeX command ("\\text{Monday}" == "monday");
+  values   two scalars (numbers or text, also as elements of tuples, intervals and lists) that
+           the rules above find unequal, both in the expression language of
+           alignment/math_expr.py (numbers, + - * / ^, implicit products, \\frac, \\sqrt,
+           \\sqrt[n], \\pi, e, \\sin \\cos \\tan \\ln \\log \\exp, single-letter variables;
+           its docstring has the details), are equal when they have the same variables and the
+           same value: closed forms evaluated in high-precision decimals, expressions at seeded
+           random points ("\\frac{\\sqrt{2}}{2}" == "\\frac{1}{\\sqrt{2}}", "\\sqrt{4}" == "2",
+           "x^2-1" == "(x-1)(x+1)"; "x^2" != "2x"). A decimal is not the irrational it
+           approximates ("1.41421356" != "\\sqrt{2}", whatever `rel_tol`), and text without a
+           LaTeX command is read in lower case, as the text rule reads it ("X+1" == "1+x").
 
 Nothing here raises on a model's text (a malformed `\\boxed{` is just wrong); a bad reference
-(not a string or number) is a TypeError naming it. Not handled: symbolic equivalence beyond the
-rules above ("\\frac{\\sqrt{2}}{2}" vs "\\frac{1}{\\sqrt{2}}"), `\\pm` expansion, inequalities
-against intervals, units conversion.
+(not a string or number) is a TypeError naming it. Not handled: equivalence outside
+math_expr's language (equations, `\\pm` expansion, complex numbers: i is a variable, inverse
+trigonometric functions, degrees: "\\sin 30^\\circ" is sin of 30 radians), identities that drop a
+variable ("x - x" vs "0"), inequalities against intervals, units conversion.
 """
 
 from __future__ import annotations
@@ -59,6 +73,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from fractions import Fraction
+
+from flaxlm.alignment import math_expr
 
 MAX_ANSWER_CHARS = 1000  # a longer "final answer" is no answer (and bounds the work per sample)
 MAX_EXPONENT = 1000  # 10^1000 is fine; 9^(9^9) or 1e999999999 would hang Fraction arithmetic
@@ -444,7 +460,8 @@ def _split_top(s: str, seps: str = ",") -> list[str]:
 
 def parse(s: str):
     """A cleaned answer as a value: ("num", Fraction), ("seq", brackets, [values]) for a tuple
-    or an interval, ("set", [values]) for a list of answers, or ("str", canonical text)."""
+    or an interval, ("set", [values]) for a list of answers, or ("str", canonical text, the
+    cleaned text itself)."""
     words = re.split(r"\s+(?:or|and)\s+", s.strip())
     if len(words) > 1 and all(to_number(strip_assignment(w)) is not None for w in words):
         return ("set", [parse(w) for w in words])  # "x = -1 \text{ or } x = 3": a list
@@ -465,7 +482,7 @@ def parse(s: str):
         return ("num", x)
     if (x := _without_units(s)) is not None:
         return ("num", x)
-    return ("str", canonical_text(s))
+    return ("str", canonical_text(s), s)
 
 
 def _without_units(s: str) -> Fraction | None:
@@ -500,14 +517,25 @@ def _close(a: Fraction, b: Fraction, rel_tol: float) -> bool:
     return rel_tol > 0 and abs(a - b) <= Fraction(rel_tol) * max(abs(a), abs(b))
 
 
+def _expression(v) -> str:
+    """A scalar `parse` value as math_expr reads it: a number as its exact fraction, text in
+    lower case where the text rule reads it so (no LaTeX command)."""
+    if v[0] == "num":
+        return f"({v[1].numerator})/({v[1].denominator})"
+    return v[2] if "\\" in v[2] else v[2].lower()
+
+
 def values_equal(a, b, rel_tol: float = 0.0) -> bool:
-    """Whether two `parse` values are the same answer (numbers within `rel_tol`)."""
+    """Whether two `parse` values are the same answer (numbers within `rel_tol`; scalars by
+    value when the rules find them unequal: the module docstring's "values")."""
+    if a[0] == b[0] == "num":
+        return _close(a[1], b[1], rel_tol)
+    if a[0] in ("num", "str") and b[0] in ("num", "str"):
+        if a[0] == b[0] == "str" and a[1] == b[1]:
+            return True
+        return math_expr.equivalent(_expression(a), _expression(b)) is True
     if a[0] != b[0]:
         return False
-    if a[0] == "num":
-        return _close(a[1], b[1], rel_tol)
-    if a[0] == "str":
-        return a[1] == b[1]
     if a[0] == "seq":
         same = a[1] == b[1] and len(a[2]) == len(b[2])
         return same and all(values_equal(x, y, rel_tol) for x, y in zip(a[2], b[2]))

@@ -1,13 +1,16 @@
 """Math answer verification (alignment/verify_math.py): a table of equal and unequal answers
-(traps included), answer extraction from responses, references (GSM8K / MATH solutions), the
-registered `math_verify` reward through `parse_rewards` and the rollouts' `call_reward_fns`,
-the check that prompts carry meta.answer, and evaluation's `"scoring": "math"` through a
-stand-in decoder. Pure Python: no model, no world."""
+(traps included), a table of answers equal or unequal by value (alignment/math_expr.py: closed
+forms, expressions at random points, inside tuples and lists), answer extraction from
+responses, references (GSM8K / MATH solutions), the registered `math_verify` reward through
+`parse_rewards` and the rollouts' `call_reward_fns`, the check that prompts carry meta.answer,
+and evaluation's `"scoring": "math"` through a stand-in decoder. Pure Python: no model, no
+world."""
 
 import random
 
 import pytest
 
+from flaxlm.alignment import math_expr as M
 from flaxlm.alignment import verify_math as V
 from flaxlm.alignment.grpo_rewards import REWARDS, check_references, parse_rewards
 from flaxlm.alignment.rl_rollout import call_reward_fns
@@ -96,8 +99,8 @@ ANSWERS = [
     # symbols and text
     ("\\sqrt{2}", "\\sqrt2", True),
     ("\\sqrt 2", "\u221a2", True),
-    ("\\sqrt{2}", "1.41421356", False),  # symbol-level: no numeric evaluation
-    ("\\sqrt{4}", "2", False),
+    ("\\sqrt{2}", "1.41421356", False),  # a decimal is not the irrational it approximates
+    ("\\sqrt{4}", "2", True),  # by value (math_expr: the table below)
     ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2", True),
     ("\\frac{\\pi}{2}", "\\pi/2", True),
     ("x^{2}", "x^2", True),
@@ -125,6 +128,185 @@ def test_a_relative_tolerance_makes_close_numbers_equal_and_only_numbers():
     assert not V.answers_equal("0.33", "1/3", rel_tol=1e-3)
     assert V.answers_equal("(0.333, 2)", "(1/3, 2)", rel_tol=1e-3)  # element-wise too
     assert not V.answers_equal("\\sqrt{2}", "1.414", rel_tol=1e-2)  # a symbol stays one
+
+
+# --- equivalence by value (alignment/math_expr.py) -----------------------------------------
+
+# (answer, reference, equal): pairs the string and number rules find unequal
+BY_VALUE = [
+    # closed forms
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True),
+    ("\\frac{2\\pi}{4}", "\\frac{\\pi}{2}", True),
+    ("\\frac{2\\pi}{4}", "\\pi/2", True),
+    ("2\\sqrt{3}", "\\sqrt{12}", True),
+    ("\\frac{3}{\\sqrt{3}}", "\\sqrt{3}", True),
+    ("\\sqrt{2}\\sqrt{8}", "4", True),
+    ("\\sqrt[3]{8}", "2", True),
+    ("\\sqrt[3]{-8}", "-2", True),  # a real odd root
+    ("\\sin\\frac{\\pi}{6}", "\\frac{1}{2}", True),
+    ("\\sin(\\pi/6)", "0.5", True),  # a decimal that is the exact value
+    ("\\cos(\\pi/2)", "0", True),  # rounding, not value, tells them apart
+    ("e^{\\ln 2}", "2", True),
+    ("\\log_2 8", "3", True),
+    ("\\log_{10} 1000", "3", True),
+    ("\\log 2 + \\log 3", "\\log 6", True),  # true in any base
+    ("\\binom{5}{2}", "10", True),
+    ("5!+1", "121", True),  # (a final "!" is punctuation to clean)
+    ("|-3|", "3", True),
+    ("2 pi", "2\\pi", True),  # "pi" spelt plainly
+    ("\\frac{\\pi}{3}", "\\frac{\\pi}{2}", False),
+    ("\\sqrt{2}", "1.41421356", False),  # a decimal approximation is a different answer
+    ("\\sqrt{2}", "1.4142135623730950488016887", False),  # however many digits it has
+    ("\\pi", "3.14159265358979323846264338327950288", False),
+    ("e", "2.718281828459045", False),
+    ("\\sqrt{3}", "\\sqrt{2}", False),
+    ("\\log 100", "2", False),  # \log's base is unknown
+    ("\\log 100", "2\\ln 10", False),
+    ("\\sin 30^\\circ", "\\frac{1}{2}", False),  # radians: not handled
+    ("1+10^{-80}", "1", False),  # below the first precision, not below the second
+    ("\\frac{1}{0}", "\\frac{2}{0}", False),  # no value
+    ("10^{999999}", "10^{999999}+1", False),
+    ("9^{9^{9}}", "9^{9^{9}}", True),  # (the text rule: same text)
+    # expressions with variables
+    ("2x+1", "1+2x", True),
+    ("x^2-1", "(x-1)(x+1)", True),
+    ("(x+1)^2", "x^2+2x+1", True),
+    ("\\frac{x^2-1}{x-1}", "x+1", True),
+    ("\\frac{1}{2}x", "\\frac{x}{2}", True),
+    ("0.5x", "\\frac{x}{2}", True),
+    ("2^{x+1}", "2\\cdot 2^x", True),
+    ("2\\sin x\\cos x", "\\sin 2x", True),
+    ("\\tan x", "\\frac{\\sin x}{\\cos x}", True),
+    ("\\ln x^2", "2\\ln x", True),  # equal where both are defined
+    ("a_1+a_2", "a_2 + a_1", True),
+    ("\\theta + 1", "1 + \\theta", True),
+    ("3xy", "3yx", True),
+    ("y = 2x + 3", "3 + 2x", True),  # (the assignment is dropped first)
+    ("X+1", "1+x", True),  # text without LaTeX is read in lower case, as the text rule does
+    ("x+1", "y+1", False),
+    ("x^2", "2x", False),  # they meet at 0 and 2: no random point is either
+    ("x^3", "x", False),  # ... at -1, 0, 1
+    ("x(x-1)(x-2)+x", "x", False),
+    ("x^2", "x^2+1", False),
+    ("\\sqrt{x^2}", "x", False),  # |x|: the negative points tell
+    ("x^y", "y^x", False),
+    ("x+y", "x+y+z", False),
+    ("x-x", "0", False),  # the variables must be the same
+    ("i^2", "-1", False),  # i is a variable
+    ("1/2x", "\\frac{x}{2}", False),  # ambiguous: no expression
+    ("1/2x", "\\frac{1}{2x}", False),
+    ("\\sin^{-1} x", "\\arcsin x", False),
+    ("dog", "god", False),  # words, not products of letters
+    ("2\\frac{1}{2}", "1", False),  # a mixed number (5/2), not 2·(1/2)
+    # inside tuples, intervals and lists, element by element
+    ("(\\frac{\\sqrt{2}}{2}, 2x)", "(\\frac{1}{\\sqrt{2}}, x+x)", True),
+    ("(\\sqrt{4}, 3)", "(2, 3)", True),
+    ("[\\frac{\\pi}{2}, \\pi)", "[\\frac{2\\pi}{4}, \\pi)", True),
+    ("[\\frac{\\pi}{2}, \\pi)", "(\\frac{2\\pi}{4}, \\pi)", False),  # the brackets still count
+    ("\\sqrt{2}, -\\sqrt{2}", "-\\frac{2}{\\sqrt{2}}, \\frac{2}{\\sqrt{2}}", True),
+    ("\\sqrt{2}, \\sqrt{2}", "\\sqrt{2}, \\frac{2}{\\sqrt{2}}, 1", False),  # still multisets
+]
+
+
+@pytest.mark.parametrize("pred,gold,equal", BY_VALUE, ids=[f"{p}~{g}" for p, g, _ in BY_VALUE])
+def test_answers_compare_by_value_as_the_table_says(pred, gold, equal):
+    assert V.answers_equal(pred, gold) is equal
+    assert V.answers_equal(gold, pred) is equal  # (symmetric: the points' seed is too)
+
+
+def test_value_equality_has_no_tolerance_but_its_own():
+    assert not V.answers_equal("\\sqrt{2}", "1.41421356", rel_tol=1e-3)  # rel_tol: numbers only
+    assert not V.answers_equal("\\frac{\\pi}{3}", "1.0471975512", rel_tol=1e-6)
+    assert V.answers_equal("\\frac{4}{\\sqrt{4}}", "2.0", rel_tol=1e-6)  # an exact value
+
+
+def test_no_random_point_passes_two_different_polynomials():
+    # p and q agree at small integers (where a careless identity test would look), never at the
+    # drawn points; every variable name draws its own points
+    for name in "abcdfghjkmnpqrstuvwxyz":
+        assert V.answers_equal(f"{name}^2", f"2{name}") is False
+        assert V.answers_equal(f"{name}^2", f"{name}*{name}") is True
+    x = "x(x-1)(x+1)(x-2)(x+2)"
+    assert M.equivalent(x + "+x", "x") is False
+    assert M.equivalent("x^2y", "xy^2") is False  # equal where x = y only
+
+
+def test_the_expression_language():
+    for text in (
+        "2x+1",
+        "\\frac{\\sqrt{2}}{2}",
+        "\\sqrt[3]{x}",
+        "\\sin^2 x",
+        "\\log_2(x)",
+        "e^{-x}",
+        "2^-1",
+        "|x-1|",
+        "\\binom{n}{2}",
+        "x_1 x_{2}",
+        "3!",
+        "\\alpha\\beta",
+    ):
+        assert M.parse_expr(text) is not None, text  # fmt: skip
+    for text in (
+        "1/2x",
+        "2\\frac{1}{2}",
+        "1 2",
+        "x 2",
+        "\\sin^{-1}x",
+        "Monday",
+        "x=1",
+        "x<1",
+        "\\pm 1",
+        "\\infty",
+        "\\arcsin x",
+        "(1",
+        "x^",
+        "",
+        "2x" * 200,
+    ):
+        assert M.parse_expr(text) is None, text  # fmt: skip
+    assert M.variables(M.parse_expr("x^2 + \\theta y_1")) == {"x", "\\theta", "y_1"}
+    assert M.variables(M.parse_expr("\\log x")) == {"x", M._LOG_BASE}  # the unknown base
+    assert M.variables(M.parse_expr("e^{\\pi}")) == set()  # constants
+    assert M.equivalent("x+1", "1+x") is True and M.equivalent("Monday", "x") is None
+    assert M.equivalent("x", "\\frac{2x}{2}") is True and M.equivalent("ab", "ba") is None
+
+
+def test_pathological_expressions_neither_raise_nor_hang():
+    import time
+
+    heavy = [
+        ("10^{10^{10}}", "10^{10^{10}}+1"),
+        ("e^{e^{e^{e^{e}}}}", "1"),
+        ("9!!!", "1"),
+        ("\\binom{1000}{500}", "\\binom{1000}{499}"),
+        ("\\sin(10^{100})", "0"),
+        ("0^{0}", "1"),
+        ("(-8)^{\\frac{1}{3}}", "-2"),  # a fractional power of a negative: undefined
+        ("\\sqrt{-1}", "i"),
+        ("\\frac{x}{x-x}", "x"),
+        ("(" * 300 + "x" + ")" * 300, "x"),
+        ("\\sqrt{" * 80 + "2" + "}" * 80, "1"),
+        ("+".join(["\\sin(\\ln(x^{3}))"] * 15), "x"),
+        ("1" * 900, "1" * 900 + "+x-x"),
+        ("x^{1000}", "x^{999}x"),
+    ]
+    for a, b in heavy:
+        start = time.perf_counter()
+        assert V.answers_equal(a, b) in (True, False)
+        assert time.perf_counter() - start < 5, (a, b)  # (loose: a loaded machine)
+    rng = random.Random(1)
+    alphabet = list("0123456789xyze+-*/^()[]{}|!_. ,=") + [
+        "\\frac", "\\sqrt", "\\sqrt[", "\\pi", "\\sin", "\\cos", "\\tan", "\\ln", "\\log",
+        "\\log_", "\\exp", "\\binom", "\\cdot", "\\theta", "\\lvert", "10^{", "^{-", "999",
+        "\\infty", "\\left(", "\\right)",
+    ]  # fmt: skip
+    for _ in range(600):
+        a = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        b = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        assert V.answers_equal(a, b) in (True, False)
+        assert M.equivalent(a, b) in (True, False, None)
+        assert V.answers_equal(a, a) in (True, False)
 
 
 # (response, the answer extracted; None: no answer)
