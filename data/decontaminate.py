@@ -21,12 +21,18 @@ reasoning), ``prompt``, ``completion``, ``chosen`` and ``rejected``, each a text
 
 The report (stdout; ``--report`` as JSON) gives per set the contaminated records, with the
 file:line and the shared n-gram of a few, and what each set gave (items, n-grams, items too short
-to have one). ``--out`` writes every record that overlaps no set, the bytes of its line as read
-(a jsonl of chats stays one; a last line without its newline gets one), in input order: line
-records only (jsonl, or plain text with ``--txt_mode line``; other inputs are checked without
-``--out``), written to a temporary file renamed into place once every input is read. Lines that
-are no record (malformed JSON, invalid UTF-8) are counted, not written. A file none of whose
-records holds text to check (a text field under another name) is an error naming it.
+to have one). A file none of whose records holds text to check (a text field under another name)
+is an error naming it.
+
+``--out`` writes every record that overlaps no set, in input order, to a temporary file renamed
+into place once every input is read:
+  * line records (jsonl, or plain text with ``--txt_mode line``): the bytes of each line as read
+    (a jsonl of chats stays one; a last line without its newline gets one). Lines that are no
+    record (malformed JSON, invalid UTF-8) are counted, not written;
+  * table records (parquet, Arrow: an HF ``datasets`` download or ``save_to_disk``) to an
+    ``--out`` named ``*.parquet``: the kept rows, every column as read, under the inputs' schema
+    (its metadata too: HF's ``features`` survive), which must be the same in every input.
+Other inputs (.json arrays, WARC, text files as documents) are checked without ``--out``.
 """
 
 from __future__ import annotations
@@ -42,7 +48,14 @@ from flaxlm.data.benchmark_texts import benchmark_texts, preset_names
 from flaxlm.data.chat_records import DataReport, fields_config, read_records
 from flaxlm.data.dedup import Decontaminator, add_found
 from flaxlm.data.source_codecs import _codec_suffix, numbered_lines
-from flaxlm.data.source_readers import check_txt_mode, holds_json_array
+from flaxlm.data.source_readers import (
+    arrow_batches,
+    check_txt_mode,
+    holds_json_array,
+    open_arrow,
+    open_parquet,
+    parquet_batches,
+)
 
 # (What training reads: chat_records' default field names, less `meta`, which it does not.)
 _FIELDS = fields_config()
@@ -206,14 +219,15 @@ def check(
     checker = Checker(load_against(against, eval_field), ngram)
     report = DataReport()
     tmp = out + ".tmp" if out else ""
-    sink = open(tmp, "wb") if out else None
+    sink = (_TableSink if _is_table_out(out) else _LineSink)(tmp) if out else None
     try:
         for path in paths:
             _check_file(path, field, txt_mode, checker, report, sink)
     except BaseException:
         if sink is not None:
             sink.close()
-            os.remove(tmp)
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
     if sink is not None:
         sink.close()
@@ -235,9 +249,14 @@ def _check_file(path, field, txt_mode, checker: Checker, report: DataReport, sin
     """Checks one file's records, writing the clean ones' bytes to ``sink``; a file with
     records but no text in any is an error naming it (its text field under another name)."""
     before, no_text = checker.records, checker.no_text
+    kept = []  # (a table's rows: whether each is clean, in row order)
     for loc, text, raw in iter_records(path, field, txt_mode, report):
-        if checker.clean(loc, text) and sink is not None:
+        clean = checker.clean(loc, text)
+        if isinstance(sink, _LineSink) and clean:
             sink.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        kept.append(clean)
+    if isinstance(sink, _TableSink):
+        sink.write_rows(path, kept)
     n = checker.records - before
     if n and checker.no_text - no_text == n:
         raise S.DataError(f"{path}: none of its {n} record(s) holds text to check (no "
@@ -255,17 +274,87 @@ def _check_options(inputs: list[str], out: str, ngram: int, txt_mode: str) -> li
         return paths
     if _codec_suffix(out.lower()):
         raise ValueError(f"--out {out}: written uncompressed; name it without {_codec_suffix(out)}")
+    schema, first = None, None
     for p in paths:
         if os.path.realpath(p) == os.path.realpath(out):
             raise ValueError(f"--out {out} is an input; write elsewhere")
         fmt = S.file_format(p)
+        if _is_table_out(out):
+            if fmt not in ("parquet", "arrow"):
+                raise ValueError(f"--out {out} writes table records (parquet, Arrow); {p} is "
+                                 f"{fmt}: write its clean records to a .jsonl")  # fmt: skip
+            this = _table(p)[0]
+            if schema is None:
+                schema, first = this, p
+            elif not this.equals(schema):  # (metadata too: one file's is written for all)
+                raise ValueError(f"--out {out}: {p}'s columns or their types differ from "
+                                 f"{first}'s ({this} vs {schema}); check them apart")  # fmt: skip
+            continue
         lines = (fmt == "jsonl" and not holds_json_array(p)) or (
             fmt == "text" and txt_mode == "line")  # fmt: skip
         if not lines:
             what = "a JSON array" if fmt == "jsonl" else f"{fmt} (--txt_mode {txt_mode})"
+            table = (
+                " (parquet or Arrow: name --out *.parquet)" if fmt in ("parquet", "arrow") else ""
+            )
             raise ValueError(f"--out copies line records (jsonl, or text with --txt_mode line) "
-                             f"byte for byte; {p} is {what}: check it without --out")  # fmt: skip
+                             f"byte for byte; {p} is {what}: check it without --out"
+                             f"{table}")  # fmt: skip
     return paths
+
+
+def _is_table_out(out: str) -> bool:
+    return out.lower().endswith(".parquet")
+
+
+def _table(path: str):
+    """(schema, its record batches) of a parquet or Arrow file, as read_records reads it."""
+    if S.file_format(path) == "parquet":
+        pf = open_parquet(path)
+        return pf.schema_arrow, parquet_batches(path, pf)
+    reader = open_arrow(path)
+    return reader.schema, arrow_batches(path, reader)
+
+
+class _LineSink:
+    """--out of line records: each kept line's bytes."""
+
+    def __init__(self, path: str):
+        self.f = open(path, "wb")
+
+    def write(self, raw: bytes) -> None:
+        self.f.write(raw)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _TableSink:
+    """--out *.parquet: each input's kept rows, read again batch by batch (a file may be far
+    larger than memory) and written under the first input's schema."""
+
+    def __init__(self, path: str):
+        self.path, self.writer = path, None
+
+    def write_rows(self, path: str, kept: list[bool]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema, batches = _table(path)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, schema)
+        start = 0
+        for batch in batches:
+            mask = kept[start : start + batch.num_rows]
+            start += batch.num_rows
+            if any(mask):
+                self.writer.write_batch(batch.filter(pa.array(mask, pa.bool_())))
+        if start != len(kept):  # (read_records yields every row: the two reads must agree)
+            raise S.DataError(f"{path}: {start} rows on the second read, {len(kept)} checked")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def format_report(r: dict) -> str:
@@ -298,7 +387,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="PRESET:DIR benchmarks and eval files, "
         "comma-separated (mmlu:~/datasets/mmlu,gsm8k:~/datasets/gsm8k,eval.jsonl)",
     )
-    ap.add_argument("--out", default="", help="write the clean line records here")
+    ap.add_argument(
+        "--out",
+        default="",
+        help="write the clean records here (line records; parquet/Arrow rows to *.parquet)",
+    )
     ap.add_argument("--report", default="", help="write the report here (JSON)")
     ap.add_argument("--ngram", type=int, default=13, help="shared n-gram length in words")
     ap.add_argument("--field", default="text", help="pretraining records' text field")

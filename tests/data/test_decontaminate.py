@@ -351,7 +351,7 @@ def test_cli_errors_name_the_option_and_directory(bench, tmp_path, against, says
 def test_cli_refuses_what_it_cannot_write_or_read(bench, tmp_path):
     _parquet(str(tmp_path / "c.parquet"), [{"text": "x"}])
     out = tmp_path / "clean.jsonl"
-    with pytest.raises(SystemExit, match="--out copies line records"):
+    with pytest.raises(SystemExit, match=r"--out copies line records.*name --out \*\.parquet"):
         _check(bench, [tmp_path / "c.parquet"], "--out", out)
     # records whose text is under another name: an error naming the file, and no --out left
     _jsonl(str(tmp_path / "a.jsonl"), [{"text": "fine"}])
@@ -359,3 +359,45 @@ def test_cli_refuses_what_it_cannot_write_or_read(bench, tmp_path):
     with pytest.raises(SystemExit, match=r"b\.jsonl: none of its 2 record\(s\).*--field"):
         _check(bench, [tmp_path / "a.jsonl", tmp_path / "b.jsonl"], "--out", out)
     assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.jsonl", "c.parquet"]
+
+
+def _arrow(path, table):
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)  # (several batches, as HF's files hold)
+
+
+def test_parquet_and_arrow_rows_written_to_a_parquet(bench, tmp_path):
+    """HF datasets' layouts: kept rows, every column and the schema's metadata (HF's
+    features) as read, across batches and files, in input order."""
+    texts = list(CORPUS.values())
+    rows = [{"body": t, "id": i, "tags": ["a", str(i)]} for i, t in enumerate(texts)]
+    meta = {b"huggingface": b'{"info": {"features": {}}}'}
+    table = pa.Table.from_pylist(rows).replace_schema_metadata(meta)
+    pq.write_table(table.slice(0, 3), tmp_path / "a.parquet", row_group_size=2)
+    _arrow(tmp_path / "b.arrow", table.slice(3))
+    out = tmp_path / "clean.parquet"
+    rep = _check(bench, [tmp_path / "a.parquet", tmp_path / "b.arrow"], "--field", "body",
+                 "--out", out)  # fmt: skip
+    got = pq.read_table(out)
+    keys = list(CORPUS)
+    assert got.to_pylist() == [r for k, r in zip(keys, rows) if k not in {"mmlu", "gsm8k"}]
+    assert got.schema.metadata == meta and got.schema.equals(table.schema)
+    assert rep["contaminated"] == 2 and rep["clean"] == len(rows) - 2
+    assert sorted(os.listdir(tmp_path)) == ["a.parquet", "b.arrow", "clean.parquet"]
+
+
+def test_table_out_refuses_mixed_inputs_before_writing(bench, tmp_path):
+    _parquet(str(tmp_path / "a.parquet"), [{"text": "one"}])
+    _parquet(str(tmp_path / "b.parquet"), [{"text": "two", "id": 1}])
+    _jsonl(str(tmp_path / "c.jsonl"), [{"text": "three"}])
+    out = tmp_path / "clean.parquet"
+    with pytest.raises(SystemExit, match=r"b\.parquet's columns or their types differ"):
+        _check(bench, [tmp_path / "a.parquet", tmp_path / "b.parquet"], "--out", out)
+    with pytest.raises(SystemExit, match=r"writes table records.*c\.jsonl is jsonl"):
+        _check(bench, [tmp_path / "a.parquet", tmp_path / "c.jsonl"], "--out", out)
+    # a file whose records hold no text: an error naming it, and no --out left
+    _parquet(str(tmp_path / "d.parquet"), [{"text": "fine"}])
+    pq.write_table(pa.table({"text": pa.array([None], pa.string())}), tmp_path / "e.parquet")
+    with pytest.raises(SystemExit, match=r"e\.parquet: none of its 1 record"):
+        _check(bench, [tmp_path / "d.parquet", tmp_path / "e.parquet"], "--out", out)
+    assert not any(n.startswith("clean") for n in os.listdir(tmp_path))
