@@ -2,6 +2,8 @@
 recursive-descent parser (no eval/exec) and `equivalent`, used by alignment/verify_math.py when
 two scalar answers are not equal by its own rules ("\\frac{\\sqrt{2}}{2}" vs "\\frac{1}{\\sqrt{2}}",
 "\\frac{2\\pi}{4}" vs "\\pi/2", "2x+1" vs "1+2x"). No sympy, no dependency: `decimal` arithmetic.
+verify_math's numbers are this parser's trees too, valued exactly (`rational_value`: Fractions
+over numbers, + - * / and integer powers), so numbers and expressions read alike.
 
 The language (text as verify_math.clean leaves it; anything else is no expression, not an error):
   numbers     "12", "1.5", ".5", scientific "1.5e3" / "2e-3" (a number, e, an integer: never e·3)
@@ -76,6 +78,7 @@ from decimal import (
     getcontext,
     localcontext,
 )
+from fractions import Fraction
 from functools import lru_cache
 
 MAX_EXPR_CHARS = 300
@@ -83,6 +86,7 @@ MAX_TOKENS = 200
 MAX_DIGITS = 120
 MAX_DEPTH = 60
 MAX_EXPONENT = 1000
+MAX_BITS = 20_000  # an exact value's numerator or denominator larger than this: none
 MAX_MAGNITUDE = 10_000
 MAX_FACTORIAL = 1000
 POINTS_POSITIVE, POINTS_TRIED, POINTS_MAX, POINTS_NEEDED = 8, 12, 24, 4
@@ -337,6 +341,43 @@ def variables(tree) -> frozenset[str]:
 
 def _digits(tree) -> int:
     return sum(n[2] for n in _walk(tree) if n[0] == "num")
+
+
+# --- exact values -----------------------------------------------------------------------------
+
+
+def rational_value(tree) -> Fraction | None:
+    """The exact value of a tree of numbers, + - * / (\\frac too) and integer powers: what
+    verify_math reads as a number ("3+4", "1.5 \\times 10^{3}", "\\frac{1}{2}"). None when it
+    holds anything else (a variable, \\pi, \\sqrt, a function), divides by zero, or an exponent
+    or a value passes MAX_EXPONENT / MAX_BITS (checked before a power is computed: 9^(9^9)
+    would hang Fraction arithmetic)."""
+    try:
+        return _rational(tree)
+    except (_Refused, ZeroDivisionError):
+        return None
+
+
+def _rational(node) -> Fraction:
+    kind = node[0]
+    if kind == "num":
+        x = Fraction(node[1])
+    elif kind == "neg":
+        x = -_rational(node[1])
+    elif kind in ("add", "sub", "mul", "div", "frac"):
+        x = _BINARY[kind](_rational(node[1]), _rational(node[2]))
+    elif kind == "pow":
+        x, e = _rational(node[1]), _rational(node[2])
+        if e.denominator != 1 or abs(e) > MAX_EXPONENT:
+            raise _Refused("exponent")
+        if max(x.numerator.bit_length(), x.denominator.bit_length()) * abs(e) > MAX_BITS:
+            raise _Refused("too large")
+        x = x ** int(e)
+    else:
+        raise _Refused("not rational")
+    if x.numerator.bit_length() > MAX_BITS or x.denominator.bit_length() > MAX_BITS:
+        raise _Refused("too large")
+    return x
 
 
 # --- evaluation --------------------------------------------------------------------------------

@@ -77,8 +77,6 @@ from fractions import Fraction
 from flaxlm.alignment import math_expr
 
 MAX_ANSWER_CHARS = 1000  # a longer "final answer" is no answer (and bounds the work per sample)
-MAX_EXPONENT = 1000  # 10^1000 is fine; 9^(9^9) or 1e999999999 would hang Fraction arithmetic
-MAX_BITS = 20_000  # numerator or denominator larger than this: not a number we evaluate
 
 # --- extraction ------------------------------------------------------------------------------
 
@@ -302,106 +300,8 @@ def strip_assignment(s: str) -> str:
 
 # --- numbers ---------------------------------------------------------------------------------
 
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)|([-+*/^()]))")
 _MIXED = re.compile(r"(-?)(\d+)\s*(?:\\frac\{(\d+)\}\{(\d+)\}|\s(\d+)\s*/\s*(\d+))")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-
-
-def _decimal(text: str) -> Fraction | None:
-    """A decimal literal ("1.5", ".5", "2e-3") as an exact Fraction; None past MAX_EXPONENT."""
-    mant, _, exp = text.lower().partition("e")
-    whole, _, frac = mant.partition(".")
-    e = int(exp) if exp else 0
-    if abs(e) > MAX_EXPONENT:
-        return None
-    return Fraction(int(whole or "0") * 10 ** len(frac) + int(frac or "0"), 10 ** len(frac)) * (
-        Fraction(10) ** e
-    )
-
-
-def _too_big(x: Fraction) -> bool:
-    return x.numerator.bit_length() > MAX_BITS or x.denominator.bit_length() > MAX_BITS
-
-
-class _Parser:
-    """Recursive descent over + - * / ^ ( ) and decimal literals, exactly in Fractions. Any
-    other token, a division by zero, or a non-integer / too large exponent: not a number."""
-
-    def __init__(self, text: str):
-        self.toks, pos = [], 0
-        text = text.rstrip()
-        while pos < len(text):
-            m = _TOKEN.match(text, pos)
-            if not m:
-                raise ValueError(text)
-            self.toks.append(m.group(1) and ("num", m.group(1)) or ("op", m.group(2)))
-            pos = m.end()
-        self.i = 0
-
-    def peek(self):
-        return self.toks[self.i] if self.i < len(self.toks) else (None, None)
-
-    def take(self):
-        tok = self.peek()
-        self.i += 1
-        return tok
-
-    def parse(self) -> Fraction:
-        x = self.expr()
-        if self.i != len(self.toks):
-            raise ValueError("trailing tokens")
-        return x
-
-    def expr(self) -> Fraction:
-        x = self.term()
-        while self.peek() in (("op", "+"), ("op", "-")):
-            op = self.take()[1]
-            x = x + self.term() if op == "+" else x - self.term()
-        return self._checked(x)
-
-    def term(self) -> Fraction:
-        x = self.unary()
-        while self.peek() in (("op", "*"), ("op", "/")):
-            op, y = self.take()[1], self.unary()
-            x = x * y if op == "*" else x / y  # (ZeroDivisionError: the caller's "no number")
-        return self._checked(x)
-
-    def unary(self) -> Fraction:
-        if self.peek() in (("op", "+"), ("op", "-")):
-            return -self.unary() if self.take()[1] == "-" else self.unary()
-        return self.power()
-
-    def power(self) -> Fraction:
-        x = self.atom()
-        if self.peek() == ("op", "^"):
-            self.take()
-            e = self.unary()
-            if e.denominator != 1 or abs(e) > MAX_EXPONENT:
-                raise ValueError("exponent")
-            if max(x.numerator.bit_length(), x.denominator.bit_length()) * abs(e) > MAX_BITS:
-                raise ValueError("too large")  # (checked before computing it)
-            x = x ** int(e)
-        return self._checked(x)
-
-    def atom(self) -> Fraction:
-        kind, val = self.take()
-        if kind == "num":
-            x = _decimal(val)
-            if x is None:
-                raise ValueError("exponent")
-            return x
-        if (kind, val) == ("op", "("):
-            x = self.expr()
-            if self.take() != ("op", ")"):
-                raise ValueError("unclosed")
-            return x
-        raise ValueError(f"unexpected {val!r}")
-
-    @staticmethod
-    def _checked(x: Fraction) -> Fraction:
-        if _too_big(x):
-            raise ValueError("too large")
-        return x
 
 
 def to_number(s: str) -> Fraction | None:
@@ -417,12 +317,8 @@ def to_number(s: str) -> Fraction | None:
         s = s.replace(",", "")
     if "," in s or not s:
         return None
-    s = _rewrite_commands(s, "frac", 2, lambda a, b: f"({a})/({b})")
-    s = re.sub(r"\\(?:times|cdot)(?![a-zA-Z])", "*", s).replace("{", "(").replace("}", ")")
-    try:
-        return _Parser(s).parse()
-    except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
-        return None
+    tree = math_expr.parse_expr(s)  # (one parser for numbers and expressions)
+    return None if tree is None else math_expr.rational_value(tree)
 
 
 # --- structure and comparison ----------------------------------------------------------------

@@ -7,6 +7,7 @@ and evaluation's `"scoring": "math"` through a stand-in decoder. Pure Python: no
 world."""
 
 import random
+from fractions import Fraction
 
 import pytest
 
@@ -270,6 +271,25 @@ def test_the_expression_language():
     assert M.variables(M.parse_expr("e^{\\pi}")) == set()  # constants
     assert M.equivalent("x+1", "1+x") is True and M.equivalent("Monday", "x") is None
     assert M.equivalent("x", "\\frac{2x}{2}") is True and M.equivalent("ab", "ba") is None
+
+
+def test_exact_values_are_the_number_rules():
+    """rational_value: what verify_math reads as a number, exactly (one parser for both)."""
+    F = Fraction
+    for text, want in (
+        ("1.5 \\times 10^{3}", F(1500)),
+        ("\\frac{1}{3}+\\frac{1}{6}", F(1, 2)),
+        ("2^{-2}", F(1, 4)),
+        ("-(3+4)*2", F(-14)),
+        ("0.1+0.2", F(3, 10)),  # exact: no binary floating point
+        ("2e-3", F(1, 500)),
+        ("(2)(3)", F(6)),
+    ):
+        assert M.rational_value(M.parse_expr(text)) == want, text
+        assert V.to_number(text) == want, text
+    for text in ("\\pi", "\\sqrt{4}", "x", "2^{1/2}", "1/0", "9^{9^{9}}", "2^{100000}", "3!"):
+        assert M.rational_value(M.parse_expr(text)) is None, text
+    assert M.rational_value(M.parse_expr("2^{1000}")) == 2**1000  # within MAX_BITS
 
 
 def test_pathological_expressions_neither_raise_nor_hang():
