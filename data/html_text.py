@@ -342,68 +342,43 @@ class _TreeBuilder(HTMLParser):
         return j  # (line and column, for getpos(): never read here, and ~5% of the time)
 
     def goahead(self, end):
-        """html.parser's loop as it runs with ``convert_charrefs=True`` (where text always runs
-        to the next "<" and character references are decoded in it), with plain start tags
-        (``_FAST_START``) and end tags (its own ``endtagfind``) handled inline; every other
-        construct goes to its methods. Under another html.parser, its own loop."""
+        """Text up to the next "<", plain start tags (``_FAST_START``), end tags (html.parser's
+        own ``endtagfind``), script/style content and the constructs html.parser's methods
+        parse whole (tags of other forms, comments, declarations, processing instructions)
+        are read here; at the first thing that is none of these (text running to the end of
+        what was fed, a construct cut short, a "<" that starts none) the rest goes to
+        html.parser's own loop, which handles those cases. Everything here gives the events
+        that loop gives (``convert_charrefs=True``: character references decoded in text).
+        Under another html.parser, its own loop from the start."""
         if not _FAST_LOOP:
             return HTMLParser.goahead(self, end)
         rawdata = self.rawdata
         i, n = 0, len(rawdata)
-        find, start_match = rawdata.find, _FAST_START.match
-        end_match, attrs_of = _stdlib_parser.endtagfind.match, _FAST_ATTR.findall
-        cdata_tags = self.CDATA_CONTENT_ELEMENTS
+        find, startswith = rawdata.find, rawdata.startswith
+        start_match, end_match = _FAST_START.match, _stdlib_parser.endtagfind.match
+        attrs_of, cdata_tags = _FAST_ATTR.findall, self.CDATA_CONTENT_ELEMENTS
         while i < n:
-            cdata = self.cdata_elem
-            if cdata is None:
+            if self.cdata_elem is None:
                 j = find("<", i)
-                if j < 0:
-                    # a character reference may be cut at the end of what was fed: kept back
-                    amppos = rawdata.rfind("&", max(i, n - 34))
-                    if amppos >= 0 and not _AMP_END.search(rawdata, amppos):
-                        break
-                    j = n
             else:
-                match = self.interesting.search(rawdata, i)
-                if not match:
-                    break
-                j = match.start()
+                m = self.interesting.search(rawdata, i)
+                j = m.start() if m else -1
+            if j < 0:
+                break  # (text to the end: a character reference may be cut; the loop below)
             if i < j:
                 text = rawdata[i:j]
-                self.handle_data(unescape(text) if cdata is None and "&" in text else text)
-            i = j
-            if i == n:
-                break
-            if cdata is None:
+                decode = self.cdata_elem is None and "&" in text
+                self.handle_data(unescape(text) if decode else text)
+                i = j
+            if self.cdata_elem is None:  # (parse_endtag ends a script or style's content)
                 if m := start_match(rawdata, i):
-                    tag = m[1].lower()
-                    self.lasttag = tag
-                    attrs = []
-                    if m[2]:
-                        # ("": no value, as a value is quoted or not empty)
-                        for name, value in attrs_of(m[2]):
-                            if not value:
-                                value = None
-                            elif value[0] == "'" or value[0] == '"':
-                                value = value[1:-1]
-                                if "&" in value:
-                                    value = unescape(value)
-                            elif "&" in value:
-                                value = unescape(value)
-                            attrs.append((name.lower(), value))
-                    if m[3]:
-                        self.handle_startendtag(tag, attrs)
-                    else:
-                        self.handle_starttag(tag, attrs)
-                        if tag in cdata_tags:
-                            self.set_cdata_mode(tag)
+                    self._fast_starttag(m, attrs_of, cdata_tags)
                     i = m.end()
                     continue
-                if rawdata.startswith("</", i) and (m := end_match(rawdata, i)):
+                if startswith("</", i) and (m := end_match(rawdata, i)):
                     self.handle_endtag(m[1].lower())
                     i = m.end()
                     continue
-            startswith = rawdata.startswith
             if _stdlib_parser.starttagopen.match(rawdata, i):
                 k = self.parse_starttag(i)
             elif startswith("</", i):
@@ -414,30 +389,40 @@ class _TreeBuilder(HTMLParser):
                 k = self.parse_pi(i)
             elif startswith("<!", i):
                 k = self.parse_html_declaration(i)
-            elif (i + 1) < n:
-                self.handle_data("<")
-                k = i + 1
             else:
-                break
+                k = -1
             if k < 0:
-                if not end:
-                    break
-                k = rawdata.find(">", i + 1)
-                if k < 0:
-                    k = rawdata.find("<", i + 1)
-                    if k < 0:
-                        k = i + 1
-                else:
-                    k += 1
-                if self.cdata_elem is None:
-                    self.handle_data(unescape(rawdata[i:k]))
-                else:
-                    self.handle_data(rawdata[i:k])
+                break
             i = k
-        if end and i < n and self.cdata_elem is None:
-            self.handle_data(unescape(rawdata[i:n]))
-            i = n
         self.rawdata = rawdata[i:]
+        if self.rawdata:
+            HTMLParser.goahead(self, end)
+        elif end:
+            HTMLParser.goahead(self, end)  # (nothing left: its end-of-input steps, if any)
+
+    def _fast_starttag(self, m, attrs_of, cdata_tags) -> None:
+        """The events of a ``_FAST_START`` match, as html.parser's ``parse_starttag`` gives
+        them for it (names lower-cased, quotes stripped, references decoded in values)."""
+        tag = m[1].lower()
+        self.lasttag = tag
+        attrs = []
+        if m[2]:
+            for name, value in attrs_of(m[2]):
+                if not value:  # ("": no value, as a value is quoted or not empty)
+                    value = None
+                elif value[0] == "'" or value[0] == '"':
+                    value = value[1:-1]
+                    if "&" in value:
+                        value = unescape(value)
+                elif "&" in value:
+                    value = unescape(value)
+                attrs.append((name.lower(), value))
+        if m[3]:
+            self.handle_startendtag(tag, attrs)
+        else:
+            self.handle_starttag(tag, attrs)
+            if tag in cdata_tags:
+                self.set_cdata_mode(tag)
 
 
 _NO_ATTRS: dict = {}
