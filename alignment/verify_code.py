@@ -2,8 +2,10 @@
 
 NOT A SECURITY SANDBOX. A program runs as the training job's own user, on its machine, with
 its network and its files: the limits below stop runaway programs (infinite loops, memory and
-output bombs, forks left behind), not a program written to do harm — a process that calls
-setsid() leaves the killed process group, a program can read any file the user can. For
+output bombs, forks left behind) and the guard refuses the usual accidents (writing or
+deleting files outside its directory, the network, shelling out), not a program written to do
+harm — a process that calls setsid() leaves the killed process group, the guard is a Python
+audit hook that native code never meets, a program can read any file the user can. For
 untrusted models or at scale, run the rewards inside a container or a dedicated sandbox
 service (nsjail, gVisor, Firecracker), e.g. behind a "module:function" reward of your own.
 
@@ -51,6 +53,54 @@ is killed with SIGKILL, so a forked child sleeping in the background does not ou
 is reaped by PID 1: in a container, run under an init such as `docker --init`, or such
 children stay zombies).
 
+The guard (against accidents, not adversaries: PEP 578 audit hooks, which only see what goes
+through the interpreter — a C extension, a ctypes call once allowed, an os.open with dir_fd
+relative to that descriptor, or a program that finds the hook's state with gc gets past it).
+Before the program's first line the harness installs a hook (sys.addaudithook: it cannot be
+removed, and forked children keep it) that raises PermissionError, naming the action, the
+reason and the Limits flag that allows it, e.g. `PermissionError: os.system(b'rm -rf ~') runs
+another program: refused by verify_code's guard (Limits.shell=True allows it)`. The program
+fails like any crash (0 for an assert script), unless it catches the error — then nothing
+happened either. Refused unless the flag allows it:
+  `writes_outside`  changing a file outside the run's directory: opening it to write, append,
+                    create or truncate (open / os.open flags), os.remove / unlink, rename /
+                    replace, mkdir, rmdir, shutil.rmtree, symlink / link (the new name; a hard
+                    link's target too), chmod, chown, utime, truncate, setxattr / removexattr,
+                    and sqlite3.connect (sqlite opens its files itself). A path is resolved with
+                    os.path.realpath against the cwd at the time (a dir_fd's directory via
+                    /proc), so `..`, a chdir and symlinks out of the directory do not escape;
+                    remove / rename act on a link itself, so removing a link that points out is
+                    fine. Reads stay allowed anywhere (imports need them), as do /dev/null and
+                    a new file (O_CREAT|O_EXCL) under /dev/shm, which this process may then
+                    remove again: multiprocessing's Value / Array keep their memory there. A
+                    descriptor already open is not checked again (os.ftruncate, fchmod), and
+                    bytecode caches outside go unwritten (importlib ignores the error).
+  `network`         socket connect, bind, sendto / sendmsg, and name lookups (getaddrinfo,
+                    gethostbyname*, gethostbyaddr, getnameinfo): no connection anywhere, not
+                    even DNS; creating a socket is fine (socketpair, asyncio's event loop).
+  `shell`           running another program: os.system, subprocess (os.popen), the exec*
+                    family, posix_spawn, spawn* (the exec in its forked child: status 127),
+                    pty.spawn; and os.kill / killpg of a process outside the run's own process
+                    group (kill(-1) would signal every process of the user, the trainer
+                    included). os.fork is allowed: multiprocessing (its default fork start
+                    method; spawn and forkserver exec, refused) is legitimate, RLIMIT_NPROC
+                    above stops fork bombs, and a child keeps the hook.
+  `ctypes`          loading a library (ctypes.CDLL(name)) or looking a function up in one
+                    (dlsym: CDLL(None).system, pythonapi), the usual way around the hook;
+                    `import ctypes` itself and its data types still work. `site_packages=True`
+                    allows it too (packages load their libraries through ctypes).
+All four default to refused; a Limits with all four allowed installs no hook. The harness reads
+the program and the tests before it installs the hook, and writes its result inside the run's
+directory, so its own work is never refused. Cost: the hook is a Python call on every
+audited event (each file opened, import, exec / compile, builtins.id call...), ~0.3 us each,
+and a realpath per write-like call, ~60 us. For ordinary MBPP-style programs it is within the
+noise: ten of them, run one at a time 60 times each, took a median 27.5 ms before the guard,
+27.6 ms with every flag allowed and 27.7 ms guarded; a first pass of 30 each, 21.2 / 22.9 /
+23.7 ms (a busy 2-CPU machine; the message of the commit adding the guard says how). The
+harness reaches the child precompiled: its longer source would cost each run ~1.5 ms more to
+compile. Worst cases: 10**6 id() calls 61 -> 352 ms, 2000 file writes in the cwd 456 -> 572
+ms, 10**5 exec() calls 960 -> 1099 ms.
+
 An assert script passes only if the harness reaches the end of the tests and says so with a
 per-run random token: exit status 0 alone would pay a program that calls sys.exit(0) or
 os._exit(0) before the tests run. The program is run with __name__ == "solution" under tests
@@ -65,6 +115,7 @@ call it on that many samples at once from threads; `score_batch` does the same f
 from __future__ import annotations
 
 import dataclasses
+import marshal
 import os
 import re
 import secrets
@@ -88,6 +139,11 @@ class Limits:
     output_bytes: int = 1 << 20  # the largest file the program may write, stdout included
     max_processes: int | None = 32  # processes / threads beyond the user's own; None: no limit
     site_packages: bool = False  # True: run without -S (the interpreter's installed packages)
+    # the guard (module docstring): what a program may do beyond its own directory
+    network: bool = False  # True: sockets may connect, bind, send to and look up addresses
+    writes_outside: bool = False  # True: files outside the run's directory may be changed
+    shell: bool = False  # True: other programs may run and processes outside the run be signalled
+    ctypes: bool = False  # True (or site_packages): ctypes may load libraries and functions
 
 
 DEFAULT_LIMITS = Limits()
@@ -135,10 +191,13 @@ def extract_program(response: str, *, whole_without_fence: bool = True) -> str |
 # Sets the limits on its own process, then runs the program (and the tests) by exec, so the
 # limits hold from the program's first line without a preexec_fn (unsafe in a threaded parent).
 # Plain argv and the builtin _ast, not json / ast: their imports would double the start time.
-# argv: mode (stdio | tests), partial (0 | 1), the tests' path, the result's path, NAME=limit...
+# argv: mode (stdio | tests), partial (0 | 1), the tests' path, the result's path, the guard
+# (the Limits flags it refuses, comma-separated; "" installs no hook), NAME=limit...
+# The guard's hook is installed after the harness has read the program and the tests and just
+# before the program runs; the result it writes at the end lies in the run's directory.
 _HARNESS = r"""
 import _ast, os, resource, sys
-mode, partial, tests_path, result_path, *limits = sys.argv[1:]
+mode, partial, tests_path, result_path, guard, *limits = sys.argv[1:]
 nonce = os.environ.pop("FLAXLM_RUN_TOKEN", "")
 for item in limits:
     name, value = item.split("=")
@@ -151,15 +210,159 @@ for item in limits:
         resource.setrlimit(what, (value, value))
     except (ValueError, OSError):
         pass
+
+
+def install_guard(deny):
+    P = os.path
+    root = P.realpath(os.getcwd())
+    prefix = root + "/"
+    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    NEW = os.O_CREAT | os.O_EXCL
+    made = set()  # files this process created under /dev/shm (multiprocessing's shared memory)
+    checks = {}
+
+    whys = {"writes_outside": "writes outside the run's directory", "network": "uses the network",
+            "shell": "runs another program",
+            "ctypes": "loads a C library or function through ctypes"}  # fmt: skip
+
+    def refuse(event, args, flag, why=None, shown=None):
+        why = why or whys[flag]
+        if shown is None:
+            shown = ", ".join(repr(a) for a in args if type(a).__name__ != "socket")
+        raise PermissionError(f"{event}({shown[:300]}) {why}: refused by verify_code's guard "
+                              f"(Limits.{flag}=True allows it)")
+
+    def outside(path, dir_fd=None, follow=True):
+        # None when `path` lies in the run's directory (or is /dev/null or a descriptor), else
+        # where it resolves to; `follow`: the last component too (open, chmod), not for what
+        # acts on a link itself (remove, rename).
+        if isinstance(path, int):  # an open descriptor: checked when it was opened
+            return None
+        try:
+            path = os.fsdecode(os.fspath(path))
+            if not P.isabs(path) and isinstance(dir_fd, int) and dir_fd >= 0:
+                path = P.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+            head, tail = P.split(path.rstrip("/") or "/")
+            if follow or tail in ("", ".", ".."):
+                path = P.realpath(path)
+            else:
+                path = P.join(P.realpath(head or "."), tail)
+        except (OSError, TypeError, ValueError):
+            return "?"
+        return None if path == root or path.startswith(prefix) or path == "/dev/null" else path
+
+    if "writes_outside" in deny:
+
+        def check_open(args):
+            path, m, flags = args
+            if not ((isinstance(flags, int) and flags & WRITE)
+                    or (isinstance(m, str) and any(c in m for c in "wax+"))):
+                return  # a read: anywhere
+            where = outside(path)
+            if where is None:
+                return
+            if where.startswith("/dev/shm/") and isinstance(flags, int) and flags & NEW == NEW:
+                made.add(where)  # a new file, never someone's
+                return
+            shown = f"{path!r}, {m!r}" if m is not None else f"{path!r}, flags={flags:#o}"
+            refuse("open", args, "writes_outside", shown=shown)
+
+        def check_remove(args):
+            where = outside(args[0], args[1], False)
+            if where is not None and where not in made:
+                refuse("os.remove", args, "writes_outside")
+            made.discard(where)
+
+        def paths(event, *spec):  # spec: (the path's index, its dir_fd's index or None, follow)
+            def check(args):
+                for i, d, follow in spec:
+                    if outside(args[i], None if d is None else args[d], follow) is not None:
+                        refuse(event, args, "writes_outside")
+            checks[event] = check
+
+        checks["open"], checks["os.remove"] = check_open, check_remove
+        paths("os.rename", (0, 2, False), (1, 3, False))
+        paths("os.rmdir", (0, 1, False))
+        paths("os.mkdir", (0, 2, False))
+        paths("shutil.rmtree", (0, 1, False))
+        paths("os.symlink", (1, 2, False))
+        paths("os.link", (0, 2, True), (1, 3, False))
+        paths("os.chmod", (0, 2, True))
+        paths("os.chown", (0, 3, True))
+        paths("os.utime", (0, 3, True))
+        paths("os.truncate", (0, None, True))
+        paths("os.setxattr", (0, None, True))
+        paths("os.removexattr", (0, None, True))
+
+        def check_sqlite(args):  # (sqlite opens its files itself: no "open" event)
+            db = args[0]
+            if isinstance(db, (str, bytes)):
+                db = os.fsdecode(db)
+                db = db[5:].split("?")[0] if db.startswith("file:") else db
+                if db in ("", ":memory:"):
+                    return
+            if outside(db) is not None:
+                refuse("sqlite3.connect", args, "writes_outside")
+
+        checks["sqlite3.connect"] = check_sqlite
+
+    def always(events, flag):
+        for event in events:
+            checks[event] = lambda args, e=event: refuse(e, args, flag)
+
+    if "network" in deny:
+        always(("socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+                "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
+                "socket.gethostbyaddr", "socket.getnameinfo", "socket.sethostname"),
+               "network")
+    if "shell" in deny:
+        always(("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn",
+                "pty.spawn", "os.startfile"), "shell")
+
+        def own(pid):  # in the run's process group (itself, its forks)
+            try:
+                return os.getpgid(pid) == os.getpgrp()
+            except ProcessLookupError:
+                return True  # (no such process: the kill fails by itself)
+            except OSError:
+                return False
+
+        def check_kill(args):
+            pid, sig = args
+            if not (sig == 0 or pid == 0 or (pid > 0 and own(pid)) or -pid == os.getpgrp()):
+                refuse("os.kill", args, "shell", "signals a process outside the run")
+
+        def check_killpg(args):
+            if not (args[1] == 0 or args[0] in (0, os.getpgrp())):
+                refuse("os.killpg", args, "shell", "signals a process outside the run")
+
+        checks["os.kill"], checks["os.killpg"] = check_kill, check_killpg
+    if "ctypes" in deny:
+        always(("ctypes.dlsym", "ctypes.dlsym/handle"), "ctypes")
+        checks["ctypes.dlopen"] = lambda args: (  # (None, the process itself: import ctypes)
+            None if args[0] is None else refuse("ctypes.dlopen", args, "ctypes"))
+
+    def hook(event, args, get=checks.get):
+        check = get(event)
+        if check is not None:
+            check(args)
+
+    sys.addaudithook(hook)
+
+
 sys.argv = ["solution.py"]
 with open("solution.py", encoding="utf-8") as f:
     code = compile(f.read(), "solution.py", "exec")
 if mode == "stdio":
+    if guard:
+        install_guard(guard.split(","))
     exec(code, {"__name__": "__main__", "__file__": "solution.py", "__builtins__": __builtins__})
     sys.exit(0)
 with open(tests_path, encoding="utf-8") as f:  # (read before the program could rewrite it)
     tests = compile(f.read(), "tests.py", "exec", _ast.PyCF_ONLY_AST)
 ns = {"__name__": "solution", "__file__": "solution.py", "__builtins__": __builtins__}
+if guard:
+    install_guard(guard.split(","))
 exec(code, ns)
 passed = asserts = 0
 ok = True
@@ -176,6 +379,11 @@ for node in tests.body:
 with open(result_path, "w") as f:
     f.write(f"{nonce} {passed:x} {asserts:x} {int(ok):x}")
 """
+
+# The harness compiled once, in this process: each run then skips compiling its source (~2 ms
+# of a ~25 ms run). Marshal, which the same interpreter loads; as hex, since argv holds no NUL.
+_HARNESS_HEX = marshal.dumps(compile(_HARNESS, "<verify_code harness>", "exec")).hex()
+_BOOT = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv.pop(1))))"
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -203,6 +411,13 @@ def _user_tasks() -> int | None:
                     pass
         _tasks_cache = (time.monotonic(), n)
         return n
+
+
+def _guard(limits: Limits) -> str:
+    """The harness's guard argument: the Limits flags whose actions the hook refuses."""
+    allowed = {"network": limits.network, "writes_outside": limits.writes_outside,
+               "shell": limits.shell, "ctypes": limits.ctypes or limits.site_packages}  # fmt: skip
+    return ",".join(name for name, ok in allowed.items() if not ok)
 
 
 def _rlimits(limits: Limits, timeout: float) -> list[str]:
@@ -253,7 +468,7 @@ def _run_once(tmp: str, args: list[str], token: str, limits: Limits, timeout: fl
     """One run of the harness in `tmp` with `args`: (exit status or None on timeout, stdout,
     stderr tail). The process group is killed after it, whatever happened."""
     flags = ["-I"] if limits.site_packages else ["-I", "-S"]
-    argv = [sys.executable, *flags, "-c", _HARNESS, *args]
+    argv = [sys.executable, *flags, "-c", _BOOT, _HARNESS_HEX, *args]
     env = {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
            "LC_ALL": "C.UTF-8", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "FLAXLM_RUN_TOKEN": token}  # fmt: skip
@@ -345,22 +560,22 @@ def run_program(program: str, meta: dict, *, limits: Limits = DEFAULT_LIMITS,
     with tempfile.TemporaryDirectory(prefix="flaxlm-code-", ignore_cleanup_errors=True) as tmp:
         with open(os.path.join(tmp, "solution.py"), "w", encoding="utf-8") as f:
             f.write(program)
-        rlimits = _rlimits(limits, timeout)
+        settings = [_guard(limits), *_rlimits(limits, timeout)]  # the guard, NAME=limit...
         if script is not None:
-            result = _run_asserts(tmp, rlimits, script, limits, timeout, partial)
+            result = _run_asserts(tmp, settings, script, limits, timeout, partial)
         else:
-            result = _run_cases(tmp, rlimits, cases, limits, timeout)
+            result = _run_cases(tmp, settings, cases, limits, timeout)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _run_asserts(tmp: str, rlimits: list[str], script: str, limits: Limits, timeout: float,
+def _run_asserts(tmp: str, settings: list[str], script: str, limits: Limits, timeout: float,
                  partial: bool) -> RunResult:  # fmt: skip
     tests, result = os.path.join(tmp, ".tests.py"), os.path.join(tmp, ".result")
     with open(tests, "w", encoding="utf-8") as f:
         f.write(script)
     token = secrets.token_hex(16)
-    args = ["tests", str(int(partial)), tests, result, *rlimits]
+    args = ["tests", str(int(partial)), tests, result, *settings]
     status, _, err = _run_once(tmp, args, token, limits, timeout, None)
     try:
         with open(result, encoding="utf-8") as f:
@@ -378,10 +593,10 @@ def _run_asserts(tmp: str, rlimits: list[str], script: str, limits: Limits, time
     return RunResult(passed, total, "passed" if passed == total else "failed", err.strip()[-500:])
 
 
-def _run_cases(tmp: str, rlimits: list[str], cases, limits: Limits, timeout: float) -> RunResult:
+def _run_cases(tmp: str, settings: list[str], cases, limits: Limits, timeout: float) -> RunResult:
     passed, status, detail = 0, "passed", ""
     for stdin, want in cases:
-        args = ["stdio", "0", "", "", *rlimits]
+        args = ["stdio", "0", "", "", *settings]
         code, stdout, err = _run_once(tmp, args, "", limits, timeout, stdin)
         if code == 0 and _outputs_equal(stdout, want):
             passed += 1

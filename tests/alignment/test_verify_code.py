@@ -1,11 +1,15 @@
 """Code execution rewards (alignment/verify_code.py): which program a response holds; passing,
 failing and partly passing programs against asserts and stdin/stdout cases; what stops a
-runaway program (wall timeout, memory, output size, forked children) and how fast; early
-exits that must not pass; missing tests named before training; and the rollouts calling a
-reward on many samples at once (`max_workers`). Short timeouts keep the file to a few
-seconds."""
+runaway program (wall timeout, memory, output size, forked children) and how fast; the guard
+against accidents (writes and removals outside the run's directory, the network, shelling
+out, ctypes; each allowed again by its Limits flag); early exits that must not pass; missing
+tests named before training; and the rollouts calling a reward on many samples at once
+(`max_workers`). Short timeouts keep the file to a few seconds."""
 
 import os
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -139,7 +143,9 @@ def test_a_forked_child_does_not_outlive_the_run(tmp_path, parent):
                f"open({str(pid_file)!r}, 'w').write(str(child))\n{parent}")  # fmt: skip
     passes = "def add" in parent
     t0 = time.perf_counter()
-    r = C.run_tests(py(program), MBPP, limits=C.Limits(timeout=3.0 if passes else 0.5))
+    # (writes_outside: the child's pid reaches the test through a file outside the run)
+    limits = C.Limits(timeout=3.0 if passes else 0.5, writes_outside=True)
+    r = C.run_tests(py(program), MBPP, limits=limits)
     assert time.perf_counter() - t0 < 3.0
     assert r.status == ("passed" if passes else "timeout"), r
     pid = int(pid_file.read_text())
@@ -167,6 +173,149 @@ def test_the_environment_is_scrubbed_and_site_packages_are_out_of_reach():
                "def add(a, b):\n    return a + b")  # fmt: skip
     r = C.run_tests(probe, MBPP, limits=FAST)
     assert r.status == "passed", r
+
+
+ADD_DEF = "\ndef add(a, b):\n    return a + b\n"
+
+
+def refused(r: C.RunResult, action: str, flag: str) -> bool:
+    """The run crashed on the guard's PermissionError naming `action` and `flag`."""
+    want = f"PermissionError: {action}"
+    return (r.status == "error" and r.fraction == 0.0 and want in r.detail
+            and f"(Limits.{flag}=True allows it)" in r.detail)  # fmt: skip
+
+
+def test_the_guard_lets_a_program_work_in_its_own_directory():
+    """Files in its cwd / TMPDIR (made, renamed, removed), /dev/null, reads anywhere, forks,
+    multiprocessing (its shared memory under /dev/shm), asyncio, ctypes' data types."""
+    program = ("import asyncio, ctypes, multiprocessing, os, shutil, tempfile\n"
+               "open('out.txt', 'w').write('1')\nos.makedirs('d/e')\n"
+               "os.rename('out.txt', 'd/e/out.txt')\nshutil.rmtree('d')\n"
+               "with tempfile.NamedTemporaryFile('w') as f:\n    f.write('x')\n"
+               "with tempfile.TemporaryDirectory() as d:\n    open(os.path.join(d, 'f'), 'w')\n"
+               "open(os.devnull, 'w').write('x')\nassert open(os.__file__).read(1)\n"
+               "v = multiprocessing.Value('i', 3)\n"
+               "with multiprocessing.Pool(2) as p:\n    assert p.map(abs, [-1, -2]) == [1, 2]\n"
+               "asyncio.run(asyncio.sleep(0))\nassert ctypes.c_int(2).value == 2\n"
+               "os.symlink('/', 'root')\nos.remove('root')\n" + ADD_DEF)  # fmt: skip
+    r = C.run_tests(py(program), MBPP, limits=FAST)
+    assert r.status == "passed", r
+
+
+@pytest.mark.parametrize("write", [
+    "open({out!r}, 'w').write('x')",
+    "open({out!r}, 'a')",
+    "os.close(os.open({out!r}, os.O_WRONLY | os.O_CREAT))",
+    "pathlib.Path({out!r}).write_text('x')",
+    "os.chdir(os.path.dirname({out!r}))\nopen('out.txt', 'w')",  # relative to a new cwd
+    "os.symlink(os.path.dirname({out!r}), 'link')\nopen('link/out.txt', 'w')",
+    "open('../' * 40 + {out!r}.lstrip('/'), 'w')",
+    "shutil.copy(__file__, {out!r})",
+    "sqlite3.connect({out!r}).execute('create table t (x)')",
+])  # fmt: skip
+def test_writing_outside_the_run_directory_is_refused(tmp_path, write):
+    out = tmp_path / "out.txt"  # (pytest's tmp_path: outside the run's directory)
+    program = "import os, pathlib, shutil, sqlite3\n" + write.format(out=str(out)) + ADD_DEF
+    r = C.run_tests(py(program), MBPP, limits=FAST)
+    assert refused(r, "", "writes_outside") and "writes outside the run's directory" in r.detail
+    assert not out.exists()
+    r = C.run_tests(py(program), MBPP, limits=C.Limits(timeout=3.0, writes_outside=True))
+    assert r.status == "passed" and out.exists(), r  # (allowed again by the flag)
+
+
+@pytest.mark.parametrize("change", [
+    "os.remove({victim!r})", "os.unlink({victim!r})", "os.rename({victim!r}, 'mine.txt')",
+    "os.replace('mine.txt', {victim!r})", "shutil.rmtree(os.path.dirname({victim!r}))",
+    "os.truncate({victim!r}, 0)", "os.chmod({victim!r}, 0o600)",
+    "os.rmdir('..')",  # (the parent, not a name in the run's directory; fails anyway)
+])  # fmt: skip
+def test_removing_or_changing_an_outside_file_is_refused(tmp_path, change):
+    victim = tmp_path / "keep" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    before = victim.stat().st_mode
+    program = ("import os, shutil\nopen('mine.txt', 'w').write('mine')\n"
+               + change.format(victim=str(victim)) + ADD_DEF)  # fmt: skip
+    r = C.run_tests(py(program), MBPP, limits=FAST)
+    assert refused(r, change.split("(")[0].replace("unlink", "remove").replace("replace",
+                   "rename"), "writes_outside"), r  # fmt: skip
+    assert victim.read_text() == "precious" and victim.stat().st_mode == before
+
+
+def test_writing_outside_is_refused_for_stdin_stdout_cases_too(tmp_path):
+    out = tmp_path / "out.txt"
+    program = py(f"open({str(out)!r}, 'w')\na, b = map(int, input().split())\nprint(a + b)")
+    r = C.run_tests(program, IO_CASES, limits=FAST)
+    assert r.fraction == 0.0 and "writes outside" in r.detail and not out.exists(), r
+
+
+def test_the_network_is_refused_connections_and_name_lookups():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        connect = f"import socket\nsocket.socket().connect(('127.0.0.1', {port}))" + ADD_DEF
+        r = C.run_tests(py(connect), MBPP, limits=FAST)
+        assert refused(r, "socket.connect(('127.0.0.1', ", "network"), r
+        with pytest.raises(BlockingIOError):
+            server.accept()  # (no connection came)
+        r = C.run_tests(py(connect), MBPP, limits=C.Limits(timeout=3.0, network=True))
+        assert r.status == "passed", r
+        server.setblocking(True)
+        server.settimeout(3.0)
+        server.accept()[0].close()  # (the allowed one reached it)
+    for lookup in ("socket.getaddrinfo('localhost', 80)", "socket.gethostbyname('localhost')"):
+        r = C.run_tests(py(f"import socket\n{lookup}" + ADD_DEF), MBPP, limits=FAST)
+        assert refused(r, lookup.split("(")[0] + "('localhost'", "network"), r
+    udp = "import socket\nsocket.socket(type=socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', 9))"
+    assert refused(C.run_tests(py(udp + ADD_DEF), MBPP, limits=FAST), "socket.sendto", "network")
+
+
+@pytest.mark.parametrize("shell", [
+    "os.system('touch {marker}')",
+    "subprocess.run(['touch', {marker!r}])",
+    "os.popen('touch {marker}').read()",
+    "os.execv('/bin/touch', ['touch', {marker!r}])",
+    "os.posix_spawn('/bin/touch', ['touch', {marker!r}], {{}})",
+])  # fmt: skip
+def test_shelling_out_is_refused(tmp_path, shell):
+    marker = tmp_path / "ran"
+    program = "import os, subprocess\n" + shell.format(marker=str(marker)) + ADD_DEF
+    r = C.run_tests(py(program), MBPP, limits=FAST)
+    event = {"os.popen": "subprocess.Popen", "subprocess.run": "subprocess.Popen",
+             "os.execv": "os.exec"}.get(shell.split("(")[0], shell.split("(")[0])  # fmt: skip
+    assert refused(r, event, "shell") and "runs another program" in r.detail, r
+    assert not marker.exists()
+    if shell.startswith("os.system"):  # allowed again by the flag
+        r = C.run_tests(py(program), MBPP, limits=C.Limits(timeout=3.0, shell=True))
+        assert r.status == "passed" and marker.exists(), r
+
+
+def test_signalling_a_process_outside_the_run_is_refused():
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        program = f"import os, signal\nos.kill({other.pid}, 0)\nos.kill({other.pid}, 15)"
+        r = C.run_tests(py(program + ADD_DEF), MBPP, limits=FAST)
+        assert refused(r, f"os.kill({other.pid}, 15)", "shell"), r  # (signal 0 only probes)
+        assert other.poll() is None
+        # every process of the user (SIGWINCH, ignored by default, in case the guard failed)
+        r = C.run_tests(py("import os\nos.kill(-1, 28)" + ADD_DEF), MBPP, limits=FAST)
+        assert refused(r, "os.kill(-1, 28)", "shell") and other.poll() is None, r
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_ctypes_cannot_load_libraries_unless_allowed():
+    for call in ("ctypes.CDLL('libc.so.6')", "ctypes.CDLL(None).getpid()",
+                 "ctypes.pythonapi.Py_GetVersion"):  # fmt: skip
+        r = C.run_tests(py(f"import ctypes\n{call}" + ADD_DEF), MBPP, limits=FAST)
+        assert refused(r, "ctypes.dl", "ctypes") and "through ctypes" in r.detail, r
+    load = py("import ctypes\nassert ctypes.CDLL(None).getpid() > 0" + ADD_DEF)
+    for limits in (C.Limits(timeout=3.0, ctypes=True), C.Limits(timeout=3.0, site_packages=True)):
+        r = C.run_tests(load, MBPP, limits=limits)
+        assert r.status == "passed", r
 
 
 def test_missing_or_malformed_tests_are_errors_naming_the_field():
