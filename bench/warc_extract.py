@@ -22,10 +22,10 @@ page's text is byte-identical under both. ``--profile`` prints the top of a cPro
 extraction pass. ``--tiny``: a few small pages, one run (the smoke test). Prints JSON.
 
 Measured (2-core dev machine, CPU, Python 3.11.7, 2026-12-07, best of 3, old and new module in
-the same run; bench/RESULTS.md, "WARC HTML extraction"): the default 120 pages (24.1 MB of
-WARC): reading 248 MB/s; extraction 2.20 MB/s (11.0 pages/s) before the fast tokenizer path,
-5.03 MB/s (25.1 pages/s) with it, 2.29x; 566 real HTML pages found on the machine (57.2 MB):
-2.95 -> 6.18 MB/s, 2.09x; texts byte-identical (``--check``).
+the same run, at c4195c9; bench/RESULTS.md, "WARC HTML extraction"): the default 120 pages
+(24.1 MB of WARC): reading 169 MB/s; extraction 2.15 MB/s (10.7 pages/s) before the fast
+tokenizer path, 4.26 MB/s (21.3 pages/s) with it, 1.98x; 566 real HTML pages found on the
+machine (57.2 MB): 2.50 -> 5.85 MB/s, 2.34x; texts byte-identical (``--check``).
 """
 
 from __future__ import annotations
