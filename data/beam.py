@@ -401,15 +401,12 @@ def check_settings(inputs: list[str], cfg):
     # What the CLI checks before it writes anything (else `run` wrote meta.json before a
     # worker met a misspelt txt_mode at the first file, and the corrected rerun found an
     # output folder already begun).
-    _, _, tok = P.check_settings(inputs, cfg)  # (the tokenizer it loads: cfg.tokenizer's)
-    # Loaded once, here: the report's eval-set counts and their warnings (as the CLI's Deduper
-    # gives them), and the pipeline's Decontaminate stage.
-    eval_texts, decontam = [], None
-    if (sets := P.load_eval_sets(cfg)) is not None:  # (decontam_paths, decontam_benchmarks)
-        eval_texts = sets
-        decontam = Decontaminator(eval_texts, cfg.dedup.decontam_ngram)
-        decontam.warn()
-    return tok, eval_texts, decontam
+    # (the tokenizer it loads: cfg.tokenizer's; its Deduper read the decontamination texts,
+    # decontam_paths and decontam_benchmarks, once, and warned as the CLI's does: they are the
+    # report's eval-set counts and what the pipeline's Decontaminate stage gets)
+    _, deduper, tok = P.check_settings(inputs, cfg)
+    decontam = deduper.decontam
+    return tok, (deduper.eval_texts if decontam is not None else []), decontam
 
 
 def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=(),

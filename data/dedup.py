@@ -479,6 +479,7 @@ class Deduper:
         # None: no decontamination. A list, even an empty one (eval files of empty records),
         # decontaminates, and its summary and warnings say what the eval set gave.
         self.decontam = None
+        self.eval_texts = eval_texts  # (as given: Beam ships them to its workers)
         self.decontam_found: dict = {}  # named eval sets: documents each matched (add_found)
         if eval_texts is not None:
             self.decontam = Decontaminator(eval_texts, cfg.decontam_ngram)

@@ -216,14 +216,17 @@ def test_a_bad_benchmark_is_refused_before_anything_is_written(bench, corpus, tm
     assert not out.exists()
 
 
-def test_beam_stage_counts_per_benchmark_as_the_cli(bench, corpus):
+def test_beam_stage_counts_per_benchmark_as_the_cli(bench, corpus, monkeypatch):
     """Beam's decontamination stage and report (no pipeline: its DoFn, stats merge and
-    summary) count what the streaming Deduper counts."""
+    summary) count what the streaming Deduper counts; the benchmarks are read once."""
     beam_mod = pytest.importorskip("flaxlm.data.beam")
     cfg = preprocess.preprocess_config()
     cfg.dedup.decontam_benchmarks = f"mmlu:{bench['mmlu']},gsm8k:{bench['gsm8k']}"
+    reads = []
+    load = preprocess.load_eval_sets
+    monkeypatch.setattr(preprocess, "load_eval_sets", lambda c: reads.append(1) or load(c))
     _, eval_texts, decontam = beam_mod.check_settings([corpus[0]], cfg)
-    assert set(eval_texts) == {"mmlu", "gsm8k"}
+    assert set(eval_texts) == {"mmlu", "gsm8k"} and len(reads) == 1
     fn = beam_mod._Decontaminate(cfg.dedup, eval_texts)
     fn.setup()
     stats, kept = {}, []
