@@ -46,6 +46,10 @@ assignment ("x = 5", "\\theta = 30", "y \\in [0, 1]") is dropped. Then:
            some graders do) lets "0.5" match a reference of 50;
   tuples   "(1, 2)", "[0, \\infty)": same brackets (an open and a closed interval differ), then
            element-wise; "(5)" is 5;
+  matrices "\\begin{pmatrix} 1 \\\\ -\\frac12 \\end{pmatrix}" (MATH's vectors and matrices; also
+           matrix, bmatrix, Bmatrix, smallmatrix: the same matrix in other brackets): the same
+           shape, then cell by cell; a tuple "(1, -1/2)" is not the column vector, and
+           vmatrix (a determinant) is text;
   lists    "2, 3", "x = 2, 3", "\\{2, 3\\}", "x = -1 \\text{ or } x = 3": compared as multisets (the
            order of an equation's solutions is not part of the answer); "1,234" is one number;
   text     the rest: whitespace removed, `^{2}` is `^2`, `(a)/(b)` of atoms is `a/b`, and
@@ -182,7 +186,9 @@ _UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": r"\times ", "\u22c5": r"\cdo
 # Spacing and invisible commands; `\,` `\!` between digits were thousands separators (below).
 _DROP = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?|\\displaystyle|\\limits"
                    r"|\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|\\%|%")  # fmt: skip
-_SPACES = re.compile(r"\\[,;:! ]|\\q?quad(?![a-zA-Z])|~")
+# (a matrix's row break `\\` is matched whole first and kept: its second backslash and the
+# space after it are no `\ `)
+_SPACES = re.compile(r"\\\\|\\[,;:! ]|\\q?quad(?![a-zA-Z])|~")
 _THOUSANDS_TEX = re.compile(r"(?<=\d)(?:\{,\}|\\,|\\!|\\ )(?=\d{3}(?!\d))")
 _TEXT_CMDS = ("text", "mbox", "mathrm", "textrm", "textnormal", "textit", "textbf", "mathbf",
               "operatorname", "mathit", "boxed", "fbox")  # fmt: skip
@@ -273,7 +279,7 @@ def clean(s: str) -> str:
     s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()
     s = _THOUSANDS_TEX.sub("", s)
     s = _DROP.sub("", s)
-    s = _SPACES.sub(" ", s)
+    s = _SPACES.sub(lambda m: m.group(0) if m.group(0) == "\\\\" else " ", s)
     s = _unwrap_text(s)
     s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
     s = _rewrite_commands(s, "frac", 2, lambda a, b: r"\frac{" + a + "}{" + b + "}")
@@ -356,12 +362,14 @@ def _split_top(s: str, seps: str = ",") -> list[str]:
 
 def parse(s: str):
     """A cleaned answer as a value: ("num", Fraction), ("seq", brackets, [values]) for a tuple
-    or an interval, ("set", [values]) for a list of answers, or ("str", canonical text, the
-    cleaned text itself)."""
+    or an interval, ("mat", [[values] per row]) for a matrix or vector, ("set", [values]) for a
+    list of answers, or ("str", canonical text, the cleaned text itself)."""
     words = re.split(r"\s+(?:or|and)\s+", s.strip())
     if len(words) > 1 and all(to_number(strip_assignment(w)) is not None for w in words):
         return ("set", [parse(w) for w in words])  # "x = -1 \text{ or } x = 3": a list
     s = strip_assignment(s.strip())
+    if (rows := _matrix_cells(s)) is not None:
+        return ("mat", [[parse(cell) for cell in row] for row in rows])
     if s.startswith(r"\{") and s.endswith(r"\}"):
         return ("set", [parse(p) for p in _split_top(s[2:-2]) if p.strip()])
     if s and s[0] in _OPEN and _matching(s, 0) == len(s) - 1 and s[-1] in _CLOSE:
@@ -379,6 +387,29 @@ def parse(s: str):
     if (x := _without_units(s)) is not None:
         return ("num", x)
     return ("str", canonical_text(s), s)
+
+
+# pmatrix, bmatrix, ... are one matrix in different brackets; vmatrix / Vmatrix are determinants
+# (a number, not a matrix), left to the text rule
+_MATRIX = re.compile(
+    r"\\begin\{(matrix|pmatrix|bmatrix|Bmatrix|smallmatrix)\}(.*)\\end\{\1\}", re.S
+)
+
+
+def _matrix_cells(s: str) -> list[list[str]] | None:
+    """The cells of a cleaned `\\begin{pmatrix} a & b \\\\ c & d \\end{pmatrix}`, row by row (a
+    trailing row break ends the last row); None when `s` is no such matrix, has a nested one,
+    an empty cell or rows of different lengths."""
+    m = _MATRIX.fullmatch(s)
+    if m is None or r"\begin" in m.group(2):
+        return None
+    rows = [row.split("&") for row in m.group(2).split("\\\\")]
+    if len(rows) > 1 and not "".join(rows[-1]).strip():
+        rows.pop()
+    cells = [[c.strip() for c in row] for row in rows]
+    if not all(cells) or len({len(row) for row in cells}) != 1 or not all(map(all, cells)):
+        return None
+    return cells
 
 
 def _without_units(s: str) -> Fraction | None:
@@ -435,6 +466,10 @@ def values_equal(a, b, rel_tol: float = 0.0) -> bool:
     if a[0] == "seq":
         same = a[1] == b[1] and len(a[2]) == len(b[2])
         return same and all(values_equal(x, y, rel_tol) for x, y in zip(a[2], b[2]))
+    if a[0] == "mat":
+        same = [len(row) for row in a[1]] == [len(row) for row in b[1]]
+        return same and all(values_equal(x, y, rel_tol)
+                            for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))  # fmt: skip
     left = list(b[1])  # a multiset: each element of a matches a distinct element of b
     for x in a[1]:
         hit = next((j for j, y in enumerate(left) if values_equal(x, y, rel_tol)), None)

@@ -97,6 +97,55 @@ ANSWERS = [
     ("2, 3", "2", False),
     ("\\{1,2\\}", "\\{2,1\\}", True),
     ("x \\in [1, 2]", "[1,2]", True),
+    # vectors and matrices (MATH's precalculus answers), cell by cell
+    ("\\begin{pmatrix}1\\\\-2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", True),
+    (
+        "\\begin{pmatrix} -\\frac{1}{2} \\\\ 0 \\end{pmatrix}",
+        "\\begin{pmatrix}-0.5\\\\0\\end{pmatrix}",
+        True,
+    ),
+    (
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}",
+        True,
+    ),
+    (
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}",
+        False,
+    ),
+    (
+        "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
+        "\\begin{pmatrix} 1 & 2 \\end{pmatrix}",
+        False,
+    ),  # shape
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 2)", False),  # a tuple is no vector
+    (
+        "\\begin{pmatrix} \\sqrt{2}/2 \\\\ 1 \\end{pmatrix}",
+        "\\begin{pmatrix}\\frac{1}{\\sqrt2}\\\\1\\end{pmatrix}",
+        True,
+    ),
+    (
+        "\\mathbf{v} = \\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
+        "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+        True,
+    ),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\\\ \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", True),
+    (
+        "\\begin{pmatrix} 1 & \\\\ 3 & 4 \\end{pmatrix}",
+        "\\begin{pmatrix}1&0\\\\3&4\\end{pmatrix}",
+        False,
+    ),
+    (
+        "\\begin{vmatrix} 1 & 2 \\\\ 3 & 4 \\end{vmatrix}",
+        "\\begin{vmatrix}1&2\\\\3&4\\end{vmatrix}",
+        True,
+    ),
+    (
+        "\\begin{vmatrix} 1 & 2 \\\\ 3 & 4 \\end{vmatrix}",
+        "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}",
+        False,
+    ),
     # symbols and text
     ("\\sqrt{2}", "\\sqrt2", True),
     ("\\sqrt 2", "\u221a2", True),
