@@ -52,6 +52,10 @@ assignment ("x = 5", "\\theta = 30", "y \\in [0, 1]") is dropped. Then:
            vmatrix (a determinant) is text;
   lists    "2, 3", "x = 2, 3", "\\{2, 3\\}", "x = -1 \\text{ or } x = 3": compared as multisets (the
            order of an equation's solutions is not part of the answer); "1,234" is one number;
+  ±        an answer with one `\\pm` (or "±") is the list of its two answers:
+           "\\frac{1 \\pm \\sqrt5}{2}" == "\\frac{1+\\sqrt5}{2}, \\frac{1-\\sqrt5}{2}",
+           "x = \\pm 3" == "3, -3" (and != "3"); with two or more, or with `\\mp`, the signs pair
+           up, and the answer is text;
   text     the rest: whitespace removed, `^{2}` is `^2`, `(a)/(b)` of atoms is `a/b`, and
            lower case when it holds no LaTeX command ("\\text{Monday}" == "monday");
   values   two scalars (numbers or text, also as elements of tuples, intervals and lists) that
@@ -67,7 +71,7 @@ assignment ("x = 5", "\\theta = 30", "y \\in [0, 1]") is dropped. Then:
 
 Nothing here raises on a model's text (a malformed `\\boxed{` is just wrong); a bad reference
 (not a string or number) is a TypeError naming it. Not handled: equivalence outside
-math_expr's language (equations, `\\pm` expansion, complex numbers: i is a variable, inverse
+math_expr's language (equations, complex numbers: i is a variable, inverse
 trigonometric functions, degrees: "\\sin 30^\\circ" is sin of 30 radians), identities that drop a
 variable ("x - x" vs "0"), inequalities against intervals, units conversion.
 """
@@ -181,8 +185,9 @@ def reference_answer(answer) -> list[str]:
 # --- normalisation ---------------------------------------------------------------------------
 
 _UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": r"\times ", "\u22c5": r"\cdot ",
-            "\u00f7": "/", "\u221a": r"\sqrt", "\u03c0": r"\pi ", "\u221e": r"\infty ",
-            "\u00b0": "", "\u2009": " ", "\u00a0": " ", "\u202f": " "}  # fmt: skip
+            "\u00b1": r"\pm ", "\u00f7": "/", "\u221a": r"\sqrt", "\u03c0": r"\pi ",
+            "\u221e": r"\infty ", "\u00b0": "", "\u2009": " ", "\u00a0": " ",
+            "\u202f": " "}  # fmt: skip
 # Spacing and invisible commands; `\,` `\!` between digits were thousands separators (below).
 _DROP = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?|\\displaystyle|\\limits"
                    r"|\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|\\%|%")  # fmt: skip
@@ -368,6 +373,8 @@ def parse(s: str):
     if len(words) > 1 and all(to_number(strip_assignment(w)) is not None for w in words):
         return ("set", [parse(w) for w in words])  # "x = -1 \text{ or } x = 3": a list
     s = strip_assignment(s.strip())
+    if len(_PM.findall(s)) == 1 and not _MP.search(s):  # both signs: a list of two answers
+        return ("set", [parse(_PM.sub(sign, s).strip()) for sign in "+-"])
     if (rows := _matrix_cells(s)) is not None:
         return ("mat", [[parse(cell) for cell in row] for row in rows])
     if s.startswith(r"\{") and s.endswith(r"\}"):
@@ -389,6 +396,7 @@ def parse(s: str):
     return ("str", canonical_text(s), s)
 
 
+_PM, _MP = re.compile(r"\\pm(?![a-zA-Z])"), re.compile(r"\\mp(?![a-zA-Z])")
 # pmatrix, bmatrix, ... are one matrix in different brackets; vmatrix / Vmatrix are determinants
 # (a number, not a matrix), left to the text rule
 _MATRIX = re.compile(

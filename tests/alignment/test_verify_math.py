@@ -97,6 +97,15 @@ ANSWERS = [
     ("2, 3", "2", False),
     ("\\{1,2\\}", "\\{2,1\\}", True),
     ("x \\in [1, 2]", "[1,2]", True),
+    # one ± is both answers
+    ("\\frac{1 \\pm \\sqrt5}{2}", "\\frac{1+\\sqrt5}{2}, \\frac{1-\\sqrt5}{2}", True),
+    ("x = \\pm 3", "3, -3", True),
+    ("\u00b13", "-3, 3", True),
+    ("\\pm 3", "3", False),  # one of the two is not the answer
+    ("2 \\pm 1", "1, 3", True),
+    ("\\pm \\frac{1}{2}", "0.5, -0.5", True),
+    ("\\sqrt{2} \\pm 1", "1 \\pm \\sqrt2", False),
+    ("x \\pmod{5}", "x \\pmod{5}", True),  # (a \pmod is no \pm)
     # vectors and matrices (MATH's precalculus answers), cell by cell
     ("\\begin{pmatrix}1\\\\-2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}", True),
     (
