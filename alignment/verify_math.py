@@ -56,8 +56,9 @@ assignment ("x = 5", "\\theta = 30", "y \\in [0, 1]") is dropped. Then:
            "\\frac{1 \\pm \\sqrt5}{2}" == "\\frac{1+\\sqrt5}{2}, \\frac{1-\\sqrt5}{2}",
            "x = \\pm 3" == "3, -3" (and != "3"); with two or more, or with `\\mp`, the signs pair
            up, and the answer is text;
-  text     the rest: whitespace removed, `^{2}` is `^2`, `(a)/(b)` of atoms is `a/b`, and
-           lower case when it holds no LaTeX command ("\\text{Monday}" == "monday");
+  text     the rest: whitespace removed, one spelling of a symbol (`\\le` is `\\leq`, `\\ne`
+           `\\neq`, `\\varnothing` `\\emptyset`, `\\lt` `<`), `^{2}` is `^2`, `(a)/(b)` of atoms
+           is `a/b`, and lower case when it holds no LaTeX command ("\\text{Monday}" == "monday");
   values   two scalars (numbers or text, also as elements of tuples, intervals and lists) that
            the rules above find unequal, both in the expression language of
            alignment/math_expr.py (numbers, + - * / ^, implicit products, \\frac, \\sqrt,
@@ -193,6 +194,10 @@ _DROP = re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])\.?|\\display
                    r"|\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|\\%|%")  # fmt: skip
 # (a matrix's row break `\\` is matched whole first and kept: its second backslash and the
 # space after it are no `\ `)
+# One command for each symbol LaTeX spells two ways ("x \\le 3" is "x \\leq 3")
+_ALIASES = {"le": r"\leq", "leqslant": r"\leq", "ge": r"\geq", "geqslant": r"\geq",
+            "ne": r"\neq", "lt": "<", "gt": ">", "varnothing": r"\emptyset"}  # fmt: skip
+_ALIAS = re.compile(r"\\(" + "|".join(_ALIASES) + r")(?![a-zA-Z])")
 _SPACES = re.compile(r"\\\\|\\[,;:! ]|\\q?quad(?![a-zA-Z])|~")
 _THOUSANDS_TEX = re.compile(r"(?<=\d)(?:\{,\}|\\,|\\!|\\ )(?=\d{3}(?!\d))")
 _TEXT_CMDS = ("text", "mbox", "mathrm", "textrm", "textnormal", "textit", "textbf", "mathbf",
@@ -284,6 +289,7 @@ def clean(s: str) -> str:
     s = re.sub(r"^\\[(\[]|\\[)\]]$", "", s).strip()
     s = _THOUSANDS_TEX.sub("", s)
     s = _DROP.sub("", s)
+    s = _ALIAS.sub(lambda m: _ALIASES[m.group(1)], s)
     s = _SPACES.sub(lambda m: m.group(0) if m.group(0) == "\\\\" else " ", s)
     s = _unwrap_text(s)
     s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)

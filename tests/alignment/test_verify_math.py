@@ -168,6 +168,12 @@ ANSWERS = [
     ("\\textbf{(C)}", "C", True),
     ("Tuesday", "Monday", False),
     ("10 \\text{ and } 12", "1012", False),
+    ("x \\le 3", "x \\leq 3", True),  # one spelling of a symbol
+    ("x \\geqslant 2", "x\\ge 2", True),
+    ("x \\ne 1", "x \\neq 1", True),
+    ("x \\lt 3", "x<3", True),
+    ("\\varnothing", "\\emptyset", True),
+    ("x \\le 3", "x \\ge 3", False),
 ]
 
 
