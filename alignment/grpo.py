@@ -111,7 +111,7 @@ import time
 import jax
 import numpy as np
 
-from flaxlm.alignment import common, rl_common, rl_eval
+from flaxlm.alignment import common, rl_common, rl_eval, verify_code
 from flaxlm.alignment.grpo_loss import (  # noqa: F401
     LOSS_AGGS,
     aggregate,
@@ -417,6 +417,10 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     if make_loss is None and config.grpo.loss_agg not in LOSS_AGGS:
         raise ValueError(f"grpo.loss_agg={config.grpo.loss_agg!r}; expected one of {LOSS_AGGS}")
     rewards = rewards if rewards is not None else parse_rewards(config[k].rewards, f"{k}.rewards")
+    # code rewards run their programs under the stage's code_limits (configs older than the key,
+    # or a section without it: the defaults)
+    limits = verify_code.limits_from_config(config[k].get("code_limits"), f"{k}.code_limits")
+    rewards = [(name, verify_code.with_limits(fn, limits), w) for name, fn, w in rewards]
     check_rewards(rewards, f"{k}.rewards", f"{k}.reasoning_end", config[k].get("reasoning_end", ""))
     reward_from = config.get("reward_from", "")  # (configs older than the key: none)
     if any(fn is None for _, fn, _ in rewards) != bool(reward_from):

@@ -107,6 +107,12 @@ os._exit(0) before the tests run. The program is run with __name__ == "solution"
 (its `if __name__ == "__main__":` demo, often reading input(), does not run) and as
 "__main__" for stdin/stdout cases (a script's main guard must run).
 
+Settings: a run's `Limits` come from the RL stage's `code_limits` section (`grpo.code_limits`,
+`online.code_limits`: every field above, e.g. `--config.grpo.code_limits.memory_mb=4096
+--config.grpo.code_limits.site_packages=True`); `limits_from_config` checks it, naming the key,
+and `with_limits` binds it to code_tests / code_tests_partial. A prompt's meta.timeout still
+wins over `timeout`. Best-of-N and evaluation's `"scoring": "code"` run with the defaults.
+
 Batches: a rollout scores many samples; each run is a subprocess that waits (no GIL held), so
 `code_tests.max_workers` (os.cpu_count()) tells the rollouts (rl_rollout.call_reward_fns) to
 call it on that many samples at once from threads; `score_batch` does the same for any list.
@@ -115,6 +121,7 @@ call it on that many samples at once from threads; `score_batch` does the same f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import marshal
 import os
 import re
@@ -128,6 +135,8 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+
+import ml_collections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -630,6 +639,63 @@ def code_tests_partial(meta: dict, response: str) -> float:
 for _fn in (code_tests, code_tests_partial):
     _fn.reference_keys = ("tests", "test_cases")  # (grpo_rewards.check_references)
     _fn.max_workers = os.cpu_count() or 1  # (rl_rollout.call_reward_fns: threads at once)
+
+
+# --- limits from a config ----------------------------------------------------------------------
+
+
+def code_limits_config() -> ml_collections.ConfigDict:
+    """The `code_limits` section of the RL stages (grpo / online): `Limits`' fields at their
+    defaults, for `--config.grpo.code_limits.memory_mb=4096`, `...network=True` and the like."""
+    return ml_collections.ConfigDict(dataclasses.asdict(DEFAULT_LIMITS))
+
+
+def limits_from_config(settings, key: str) -> Limits:
+    """The `Limits` a config's `code_limits` section (ConfigDict or dict; None: the defaults)
+    sets. A field Limits lacks, or a value of the wrong kind (flags are booleans; timeout a
+    positive number; the sizes positive integers, max_processes also None), is a ValueError
+    naming `key`.field."""
+    if settings is None:
+        return DEFAULT_LIMITS
+    if not hasattr(settings, "items"):
+        raise ValueError(f"{key} must be a dict of Limits fields, got {settings!r}")
+    fields = {f.name for f in dataclasses.fields(Limits)}
+    values = {}
+    for name, value in settings.items():
+        if name not in fields:
+            raise ValueError(f"{key}.{name}: no such limit; known: {sorted(fields)}")
+        default = getattr(DEFAULT_LIMITS, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "True or False"
+        elif name == "timeout":
+            ok, want = number and value > 0, "a positive number of seconds"
+        else:
+            ok = (number and value == int(value) and value > 0) or (
+                name == "max_processes" and value is None
+            )
+            want = "a positive integer" + (" or None" if name == "max_processes" else "")
+        if not ok:
+            raise ValueError(f"{key}.{name}={value!r}: expected {want}")
+        values[name] = (
+            value
+            if isinstance(default, bool) or name == "timeout"
+            else (None if value is None else int(value))
+        )
+    return dataclasses.replace(DEFAULT_LIMITS, **values)
+
+
+def with_limits(fn, limits: Limits):
+    """`code_tests` / `code_tests_partial` running their programs under `limits` (same name,
+    reference keys and workers); any other reward, or the default limits, `fn` itself."""
+    if limits == DEFAULT_LIMITS or fn not in (code_tests, code_tests_partial):
+        return fn
+    partial = fn is code_tests_partial
+
+    def reward(meta: dict, response: str) -> float:
+        return run_tests(response, meta, limits=limits, partial=partial).fraction
+
+    return functools.update_wrapper(reward, fn)
 
 
 def score_batch(fn, metas: Sequence[dict], responses: Sequence[str],

@@ -51,6 +51,7 @@ import ml_collections
 
 from flaxlm.alignment import common as align
 from flaxlm.alignment.rl_common import rl_run_config, rollout_config, size_rollout_rows
+from flaxlm.alignment.verify_code import code_limits_config
 from flaxlm.configs import common
 from flaxlm.models.lora import lora_config
 
@@ -97,6 +98,9 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     # a reasoning model's end-of-thinking marker (e.g. "</think>"): rewards judge the text after
     # it; a response without it gets rollout.empty_reward. "" = the whole response is judged
     c.reasoning_end = ""
+    # code_tests / code_tests_partial: each program's limits and what the guard allows
+    # (alignment/verify_code.py Limits: timeout, memory_mb, ..., network, writes_outside, shell)
+    c.code_limits = code_limits_config()
     return c
 
 

@@ -26,6 +26,7 @@ import ml_collections
 
 from flaxlm.alignment import common as align
 from flaxlm.alignment.rl_common import rl_run_config, rollout_config, size_rollout_rows
+from flaxlm.alignment.verify_code import code_limits_config
 from flaxlm.configs import common
 from flaxlm.configs.dpo import dpo_config
 from flaxlm.models.lora import lora_config
@@ -55,6 +56,7 @@ def online_config() -> ml_collections.ConfigDict:
     c.overlong_buffer = 0
     # a reasoning model's end-of-thinking marker: rewards judge the text after it
     c.reasoning_end = ""
+    c.code_limits = code_limits_config()  # as grpo.code_limits
     return c
 
 

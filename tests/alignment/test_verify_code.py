@@ -374,3 +374,81 @@ def test_a_plain_reward_with_max_workers_overlaps_and_keeps_sample_order():
 def test_score_batch_outside_the_rollouts():
     got = C.score_batch(C.code_tests, [MBPP] * 4, [ADD, SUB, ADD, SUB], max_workers=4)
     assert got == [1.0, 0.0, 1.0, 0.0]
+
+
+# --- limits from the config (grpo.code_limits / online.code_limits) ---------------------------
+
+
+def test_code_limits_from_the_config_and_bad_values_named():
+    from flaxlm.configs import grpo, online_dpo
+
+    section = grpo.get_config().grpo.code_limits
+    assert C.limits_from_config(section, "grpo.code_limits") == C.DEFAULT_LIMITS
+    assert C.limits_from_config(None, "grpo.code_limits") == C.DEFAULT_LIMITS  # older configs
+    assert online_dpo.get_config().online.code_limits.to_dict() == section.to_dict()
+    section.timeout, section.network, section.max_processes = 2, True, None
+    section.memory_mb = 2048
+    got = C.limits_from_config(section, "grpo.code_limits")
+    assert got == C.Limits(timeout=2, memory_mb=2048, network=True, max_processes=None)
+    got = C.limits_from_config({"memory_mb": 2048.0}, "online.code_limits")  # (a plain dict)
+    assert got.memory_mb == 2048 and isinstance(got.memory_mb, int)
+    for field, value, want in [
+        ("memory_mb", 0, "grpo.code_limits.memory_mb=0: expected a positive integer"),
+        ("output_bytes", 1.5, "output_bytes=1.5: expected a positive integer"),
+        ("max_processes", -1, "max_processes=-1: expected a positive integer or None"),
+        ("timeout", "5", "timeout='5': expected a positive number of seconds"),
+        ("memory_mb", True, "memory_mb=True: expected a positive integer"),
+        ("shell", 1, "shell=1: expected True or False"),
+        ("netwrok", True, r"grpo.code_limits.netwrok: no such limit; known: \['ctypes'"),
+    ]:
+        with pytest.raises(ValueError, match=want):
+            C.limits_from_config({field: value}, "grpo.code_limits")
+
+
+def test_with_limits_runs_the_code_rewards_under_them_and_leaves_others(tmp_path):
+    out = tmp_path / "out.txt"
+    response = py(f"open({str(out)!r}, 'w').write('x')" + ADD_DEF)
+    allowed = C.Limits(timeout=3.0, writes_outside=True)
+    assert C.code_tests(MBPP, response) == 0 and not out.exists()  # (the defaults: refused)
+    for fn in (C.code_tests, C.code_tests_partial):
+        bound = C.with_limits(fn, allowed)
+        assert bound.__name__ == fn.__name__ and bound.max_workers == fn.max_workers
+        assert bound.reference_keys == fn.reference_keys
+        assert bound(MBPP, response) == 1 and out.exists()
+        out.unlink()
+    assert C.with_limits(C.code_tests, C.DEFAULT_LIMITS) is C.code_tests
+    assert C.with_limits(REWARDS["exact_match"], allowed) is REWARDS["exact_match"]
+
+
+def test_the_grpo_task_binds_its_code_limits_before_loading_anything(tmp_path, monkeypatch):
+    """build_task reads grpo.code_limits where it parses grpo.rewards: a bad value is refused
+    naming the key before any checkpoint is read, and the rewards the task trains with run
+    their programs under the limits it sets."""
+    from flaxlm.alignment import grpo
+    from flaxlm.configs import grpo as grpo_config
+
+    config = grpo_config.get_config()
+    config.init_from = str(tmp_path / "no_sft_run")
+    config.grpo.rewards = "code_tests,format:0.1"
+    config.grpo.code_limits.memory_mb = 0
+    with pytest.raises(ValueError, match=r"grpo.code_limits.memory_mb=0: expected a positive"):
+        grpo.build_task(config, mesh=None)
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(rewards, *args):
+        seen.extend(rewards)
+        raise Stop
+
+    monkeypatch.setattr(grpo, "check_rewards", capture)
+    config.grpo.code_limits.memory_mb = 512
+    config.grpo.code_limits.writes_outside = True
+    with pytest.raises(Stop):
+        grpo.build_task(config, mesh=None)
+    (name, fn, weight), (other, _, _) = seen
+    assert (name, weight, other) == ("code_tests", 1.0, "format")
+    out = tmp_path / "out.txt"
+    assert fn(MBPP, py(f"open({str(out)!r}, 'w').write('x')" + ADD_DEF)) == 1 and out.exists()
