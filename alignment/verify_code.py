@@ -44,10 +44,14 @@ hidden). A small harness sets `resource` limits on itself before it runs the pro
 seconds (the timeout + 1), address space (`memory_mb`), the size of any file written
 (`output_bytes`, which caps the captured stdout and stderr: they go to files in the temporary
 directory, so a print loop cannot fill the trainer's memory), no core files, and the number
-of processes: `max_processes` more than the user ran when last counted (from /proc, at most a
-second ago). That count is per user and Linux's covers every thread and zombie of the user,
-so a program forking while many others run may be refused a process; `max_processes=None`
-turns the limit off, and it never binds root. Stdin is /dev/null for assert tests. The
+of processes, twice: the harness counts the forks of the run's whole process tree (an audit
+hook on os.fork / os.forkpty appending to one shared file) and fails the fork past
+`max_processes` of them with BlockingIOError (EAGAIN), as the kernel would — a budget per run,
+so it binds root too and counts forks that already exited; and RLIMIT_NPROC, `max_processes`
+more than the user ran when last counted (from /proc, at most a second ago), stops forks the
+hook cannot see (native code). That count is per user and Linux's covers every thread and
+zombie of the user, so a program forking while many others run may be refused a process, and
+it never binds root. `max_processes=None` turns both off. Stdin is /dev/null for assert tests. The
 program is a new session: at the wall timeout, and after it exits, its whole process group
 is killed with SIGKILL, so a forked child sleeping in the background does not outlive it (it
 is reaped by PID 1: in a container, run under an init such as `docker --init`, or such
@@ -89,7 +93,8 @@ happened either. Refused unless the flag allows it:
                     (dlsym: CDLL(None).system, pythonapi), the usual way around the hook;
                     `import ctypes` itself and its data types still work. `site_packages=True`
                     allows it too (packages load their libraries through ctypes).
-All four default to refused; a Limits with all four allowed installs no hook. The harness reads
+All four default to refused; a Limits with all four allowed installs no guard hook (the fork
+count above is a hook of its own, off with max_processes=None). The harness reads
 the program and the tests before it installs the hook, and writes its result inside the run's
 directory, so its own work is never refused. Cost: the hook is a Python call on every
 audited event (each file opened, import, exec / compile, builtins.id call...), ~0.3 us each,
@@ -146,7 +151,7 @@ class Limits:
     timeout: float = 5.0  # wall seconds per run (meta["timeout"] overrides); CPU: this + 1
     memory_mb: int = 1024  # address space (RLIMIT_AS)
     output_bytes: int = 1 << 20  # the largest file the program may write, stdout included
-    max_processes: int | None = 32  # processes / threads beyond the user's own; None: no limit
+    max_processes: int | None = 32  # forks per run (and processes beyond the user's); None: off
     site_packages: bool = False  # True: run without -S (the interpreter's installed packages)
     # the guard (module docstring): what a program may do beyond its own directory
     network: bool = False  # True: sockets may connect, bind, send to and look up addresses
@@ -208,8 +213,12 @@ _HARNESS = r"""
 import _ast, os, resource, sys
 mode, partial, tests_path, result_path, guard, *limits = sys.argv[1:]
 nonce = os.environ.pop("FLAXLM_RUN_TOKEN", "")
+forks = None
 for item in limits:
     name, value = item.split("=")
+    if name == "FORKS":
+        forks = int(value)
+        continue
     what, value = getattr(resource, name, None), int(value)
     if what is None:
         continue
@@ -359,6 +368,28 @@ def install_guard(deny):
     sys.addaudithook(hook)
 
 
+def count_forks(budget):
+    # Every fork of the run's process tree appends a byte to one file (O_APPEND: atomic, and
+    # the descriptor is inherited), so its size counts them all; past the budget a fork fails
+    # as the kernel's process limit makes it fail. For root too, whom RLIMIT_NPROC never binds.
+    fd = os.open(".forks", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def hook(event, args):
+        if event == "os.fork" or event == "os.forkpty":
+            try:
+                os.write(fd, b"x")
+                n = os.fstat(fd).st_size
+            except OSError:
+                n = budget + 1
+            if n > budget:
+                raise BlockingIOError(11, f"{event}: the run has made its {budget} processes "
+                                          "(Limits.max_processes)")
+
+    sys.addaudithook(hook)
+
+
+if forks is not None:
+    count_forks(forks)
 sys.argv = ["solution.py"]
 with open("solution.py", encoding="utf-8") as f:
     code = compile(f.read(), "solution.py", "exec")
@@ -430,11 +461,12 @@ def _guard(limits: Limits) -> str:
 
 
 def _rlimits(limits: Limits, timeout: float) -> list[str]:
-    """The harness's NAME=value limit arguments."""
+    """The harness's NAME=value limit arguments (FORKS: its own fork count, not a resource)."""
     tasks = _user_tasks() if limits.max_processes is not None else None
     nproc = {} if tasks is None else {"RLIMIT_NPROC": tasks + limits.max_processes}
+    forks = {} if limits.max_processes is None else {"FORKS": limits.max_processes}
     values = {"RLIMIT_CPU": int(timeout) + 1, "RLIMIT_AS": limits.memory_mb << 20,
-              "RLIMIT_FSIZE": limits.output_bytes, "RLIMIT_CORE": 0, **nproc}  # fmt: skip
+              "RLIMIT_FSIZE": limits.output_bytes, "RLIMIT_CORE": 0, **nproc, **forks}  # fmt: skip
     return [f"{k}={v}" for k, v in values.items()]
 
 

@@ -155,12 +155,47 @@ def test_a_forked_child_does_not_outlive_the_run(tmp_path, parent):
     assert _dead(pid)
 
 
-@pytest.mark.skipif(os.getuid() == 0, reason="RLIMIT_NPROC does not bind root")
 def test_a_fork_bomb_runs_out_of_processes():
+    """(root too: the harness counts the run's forks; RLIMIT_NPROC never binds root)"""
     bomb = py("import os\nkids = 0\nfor _ in range(200):\n    if os.fork() == 0:\n"
               "        import time; time.sleep(5); os._exit(0)\n    kids += 1\n"
               "def add(a, b):\n    return a + b")  # fmt: skip
     r = C.run_tests(bomb, MBPP, limits=C.Limits(timeout=2.0, max_processes=8))
+    assert r.status == "error" and "BlockingIOError" in r.detail, r
+
+
+DOUBLING_FORKS = """
+import os, time
+ROOT = os.getpid()
+for depth in range(6):  # every process forks: 2^6 - 1 = 63 forks wanted
+    try:
+        os.fork()
+    except BlockingIOError:
+        open(f"refused.{os.getpid()}.{depth}", "w").close()
+        break
+if os.getpid() != ROOT:
+    time.sleep(0.5)  # (alive: no pid, so no refusal file's name, is used twice)
+    os._exit(0)
+time.sleep(1.0)
+refused = [f for f in os.listdir(".") if f.startswith("refused.")]
+assert refused and os.path.getsize(".forks") == 9 + len(refused)  # 9 forks, and each refusal
+
+def add(a, b):
+    return a + b
+"""
+
+
+def test_the_fork_budget_counts_the_whole_process_tree_and_spares_a_small_pool():
+    """Children that fork spend the same budget (a tree of doubling forks stops at it), and a
+    program's multiprocessing pool within it runs."""
+    doubling = py(DOUBLING_FORKS)
+    r = C.run_tests(doubling, MBPP, limits=C.Limits(timeout=5.0, max_processes=9))
+    assert r.status == "passed", r  # 2^6 - 1 = 63 forks wanted: 9 made, each later one refused
+    pool = py("import multiprocessing as mp\nwith mp.Pool(4) as p:\n"
+              "    assert p.map(abs, [-1, -2, -3]) == [1, 2, 3]\n"
+              "def add(a, b):\n    return a + b")  # fmt: skip
+    assert C.run_tests(pool, MBPP, limits=C.Limits(timeout=5.0, max_processes=8)).status == "passed"
+    r = C.run_tests(pool, MBPP, limits=C.Limits(timeout=5.0, max_processes=3))
     assert r.status == "error" and "BlockingIOError" in r.detail, r
 
 
