@@ -93,8 +93,8 @@ happened either. Refused unless the flag allows it:
                     (dlsym: CDLL(None).system, pythonapi), the usual way around the hook;
                     `import ctypes` itself and its data types still work. `site_packages=True`
                     allows it too (packages load their libraries through ctypes).
-All four default to refused; a Limits with all four allowed installs no guard hook (the fork
-count above is a hook of its own, off with max_processes=None). The harness reads
+All four default to refused. The fork count above goes through the same hook, so a Limits with
+all four allowed and max_processes=None installs none. The harness reads
 the program and the tests before it installs the hook, and writes its result inside the run's
 directory, so its own work is never refused. Cost: the hook is a Python call on every
 audited event (each file opened, import, exec / compile, builtins.id call...), ~0.3 us each,
@@ -230,6 +230,9 @@ for item in limits:
         pass
 
 
+checks = {}  # audit event -> check(args): the guard's and the fork count's, one hook for all
+
+
 def install_guard(deny):
     P = os.path
     root = P.realpath(os.getcwd())
@@ -237,7 +240,6 @@ def install_guard(deny):
     WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     NEW = os.O_CREAT | os.O_EXCL
     made = set()  # files this process created under /dev/shm (multiprocessing's shared memory)
-    checks = {}
 
     whys = {"writes_outside": "writes outside the run's directory", "network": "uses the network",
             "shell": "runs another program",
@@ -360,13 +362,6 @@ def install_guard(deny):
         checks["ctypes.dlopen"] = lambda args: (  # (None, the process itself: import ctypes)
             None if args[0] is None else refuse("ctypes.dlopen", args, "ctypes"))
 
-    def hook(event, args, get=checks.get):
-        check = get(event)
-        if check is not None:
-            check(args)
-
-    sys.addaudithook(hook)
-
 
 def count_forks(budget):
     # Every fork of the run's process tree appends a byte to one file (O_APPEND: atomic, and
@@ -374,35 +369,47 @@ def count_forks(budget):
     # as the kernel's process limit makes it fail. For root too, whom RLIMIT_NPROC never binds.
     fd = os.open(".forks", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
-    def hook(event, args):
-        if event == "os.fork" or event == "os.forkpty":
-            try:
-                os.write(fd, b"x")
-                n = os.fstat(fd).st_size
-            except OSError:
-                n = budget + 1
-            if n > budget:
-                raise BlockingIOError(11, f"{event}: the run has made its {budget} processes "
-                                          "(Limits.max_processes)")
+    def check(args, event="os.fork"):
+        try:
+            os.write(fd, b"x")
+            n = os.fstat(fd).st_size
+        except OSError:
+            n = budget + 1
+        if n > budget:
+            raise BlockingIOError(11, f"{event}: the run has made its {budget} processes "
+                                      "(Limits.max_processes)")
 
-    sys.addaudithook(hook)
+    checks["os.fork"] = check
+    checks["os.forkpty"] = lambda args: check(args, "os.forkpty")
 
 
-if forks is not None:
-    count_forks(forks)
+def install_hook():
+    # (installed last, just before the program runs: the harness's own work is never checked)
+    if forks is not None:
+        count_forks(forks)
+    if guard:
+        install_guard(guard.split(","))
+
+    def hook(event, args, get=checks.get):
+        check = get(event)
+        if check is not None:
+            check(args)
+
+    if checks:
+        sys.addaudithook(hook)
+
+
 sys.argv = ["solution.py"]
 with open("solution.py", encoding="utf-8") as f:
     code = compile(f.read(), "solution.py", "exec")
 if mode == "stdio":
-    if guard:
-        install_guard(guard.split(","))
+    install_hook()
     exec(code, {"__name__": "__main__", "__file__": "solution.py", "__builtins__": __builtins__})
     sys.exit(0)
 with open(tests_path, encoding="utf-8") as f:  # (read before the program could rewrite it)
     tests = compile(f.read(), "tests.py", "exec", _ast.PyCF_ONLY_AST)
 ns = {"__name__": "solution", "__file__": "solution.py", "__builtins__": __builtins__}
-if guard:
-    install_guard(guard.split(","))
+install_hook()
 exec(code, ns)
 passed = asserts = 0
 ok = True
