@@ -93,8 +93,10 @@ happened either. Refused unless the flag allows it:
                     (dlsym: CDLL(None).system, pythonapi), the usual way around the hook;
                     `import ctypes` itself and its data types still work. `site_packages=True`
                     allows it too (packages load their libraries through ctypes).
-All four default to refused. The fork count above goes through the same hook, so a Limits with
-all four allowed and max_processes=None installs none. The harness reads
+All four default to refused. The fork count above goes through the same hook, as does one more
+check that no flag turns off: the program may lower the resource limits the harness set but not
+raise them (resource.setrlimit / prlimit: root could, undoing the timeout, memory, output and
+process limits; `RLIMIT_STACK`, which the harness leaves alone, stays free). The harness reads
 the program and the tests before it installs the hook, and writes its result inside the run's
 directory, so its own work is never refused. Cost: the hook is a Python call on every
 audited event (each file opened, import, exec / compile, builtins.id call...), ~0.3 us each,
@@ -214,6 +216,7 @@ import _ast, os, resource, sys
 mode, partial, tests_path, result_path, guard, *limits = sys.argv[1:]
 nonce = os.environ.pop("FLAXLM_RUN_TOKEN", "")
 forks = None
+fixed = {}  # resource -> the limit set here, which the program may lower but not raise
 for item in limits:
     name, value = item.split("=")
     if name == "FORKS":
@@ -226,6 +229,7 @@ for item in limits:
     value = value if hard == resource.RLIM_INFINITY else min(value, hard)
     try:
         resource.setrlimit(what, (value, value))
+        fixed[what] = value
     except (ValueError, OSError):
         pass
 
@@ -383,8 +387,24 @@ def count_forks(budget):
     checks["os.forkpty"] = lambda args: check(args, "os.forkpty")
 
 
+def keep_limits():
+    # Root may raise its own hard limits (CAP_SYS_RESOURCE): a program that does would undo
+    # the timeout, memory, output and process limits, so raising one of them is refused (for
+    # everyone: the kernel already refuses others a hard limit above its own).
+    def check(event, what, new):
+        cap = fixed.get(what)
+        if cap is not None and new is not None and any(
+                v == resource.RLIM_INFINITY or v > cap for v in new):
+            raise PermissionError(f"{event}({what}, {new}) raises a limit of the run "
+                                  f"(Limits: its maximum is {cap}); lowering it is allowed")
+
+    checks["resource.setrlimit"] = lambda args: check("resource.setrlimit", *args)
+    checks["resource.prlimit"] = lambda args: check("resource.prlimit", *args[1:])
+
+
 def install_hook():
     # (installed last, just before the program runs: the harness's own work is never checked)
+    keep_limits()
     if forks is not None:
         count_forks(forks)
     if guard:

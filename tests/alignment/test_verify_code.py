@@ -487,3 +487,24 @@ def test_the_grpo_task_binds_its_code_limits_before_loading_anything(tmp_path, m
     assert (name, weight, other) == ("code_tests", 1.0, "format")
     out = tmp_path / "out.txt"
     assert fn(MBPP, py(f"open({str(out)!r}, 'w').write('x')" + ADD_DEF)) == 1 and out.exists()
+
+
+@pytest.mark.parametrize("call,allowed", [
+    ("resource.setrlimit(resource.RLIMIT_AS, (-1, -1))", False),  # unlimited: root could
+    ("resource.setrlimit(resource.RLIMIT_CPU, (100, 100))", False),
+    ("resource.prlimit(0, resource.RLIMIT_FSIZE, (1 << 40, 1 << 40))", False),
+    ("resource.setrlimit(resource.RLIMIT_AS, (1 << 28, 1 << 28))", True),  # lowering
+    ("resource.setrlimit(resource.RLIMIT_STACK, (-1, -1))", True),  # (not one of the run's)
+    ("resource.prlimit(0, resource.RLIMIT_CPU)", True),  # a query
+])  # fmt: skip
+def test_the_run_limits_cannot_be_raised_by_the_program(call, allowed):
+    r = C.run_tests(py(f"import resource\n{call}" + ADD_DEF), MBPP, limits=FAST)
+    if allowed:
+        assert r.status == "passed", r
+    else:
+        assert r.status == "error" and "raises a limit of the run" in r.detail, r
+    # (with every guard flag allowed and no process limit, the check stays)
+    open_limits = C.Limits(timeout=3.0, network=True, writes_outside=True, shell=True,
+                           ctypes=True, max_processes=None)  # fmt: skip
+    assert C.run_tests(py(f"import resource\n{call}" + ADD_DEF), MBPP,
+                       limits=open_limits).status == r.status  # fmt: skip
