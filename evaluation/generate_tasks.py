@@ -36,6 +36,11 @@ reports how often (raise `max_new_tokens`), and each sample keeps its `reasoning
 With `num_samples` = k > 1 a 0/1 score (exact_match, correct, pass) also gets pass@k, 1 if any
 of the k samples scores: Chen et al. (2021)'s unbiased estimator 1 - C(n-c, k) / C(n, k) with
 n = k samples drawn, which is exactly that (no n > k estimate is made).
+Tasks that extract an answer (math, regex, exact_match) also get maj@k, self-consistency's
+majority vote (Wang et al. 2022; Minerva's maj1@k): the answer most of the k samples give wins
+— answers are grouped as the scoring compares them (math: `answers_equal`, so "0.5" and
+"\\frac12" are one vote; else the normalised strings), samples stating no answer do not vote, a
+tie goes to the answer given first — and maj@k is 1 when it is right.
 
 Prompts come from prompts.encode_prompt (zero- or k-shot, plain or chat). The model is reached
 through a `GenerateFn`, `(prompt_ids, max_new_tokens[, temperature]) -> new ids per prompt`
@@ -247,6 +252,47 @@ def make_generate_fn(
     return fn
 
 
+VOTED = ("math", "regex", "exact_match")  # scorings whose samples state an answer: maj@k
+
+
+def _vote(spec: TaskSpec, response: str) -> str | None:
+    """The answer a sample votes for in maj@k, as its scoring reads it; None: it gives none."""
+    if spec.scoring == "math":
+        from flaxlm.alignment.verify_math import extract_answer as math_answer
+
+        return math_answer(response, last_number=spec.math_last_number)
+    if spec.scoring == "regex":
+        got = extract_answer(response, spec.answer_regex, spec.regex_select)
+        return None if got is None else normalize_answer(got, spec.normalize)
+    return normalize_answer(response, spec.normalize) or None
+
+
+def majority(spec: TaskSpec, votes: Sequence[str | None], hits: Sequence[float]) -> float:
+    """maj@k of one example: `hits[i]` (0/1) of the first sample giving the answer most samples
+    give (`votes`, None for no answer; equal as the scoring compares answers; a tie goes to the
+    answer given first); 0 when no sample gives one."""
+    if spec.scoring == "math":
+        from flaxlm.alignment.verify_math import answers_equal
+
+        same = functools.partial(answers_equal, rel_tol=spec.math_rel_tol)
+    else:
+        same = str.__eq__
+    groups = []  # [votes, index of the first sample giving it]
+    for i, v in enumerate(votes):
+        if v is None:
+            continue
+        for g in groups:
+            if same(v, votes[g[1]]):
+                g[0] += 1
+                break
+        else:
+            groups.append([1, i])
+    if not groups:
+        return 0.0
+    _, first = max(groups, key=lambda g: (g[0], -g[1]))
+    return float(hits[first])
+
+
 def _takes(fn, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -374,6 +420,9 @@ def generation(
             for name in PASS_AT_K:
                 if name in scores:
                     scores[f"pass@{k}"] = float(max(s[name] for s in per))
+            if spec.scoring in VOTED:
+                votes = [_vote(spec, r) for r in responses]
+                scores[f"maj@{k}"] = majority(spec, votes, [s["exact_match"] for s in per])
         for name, v in scores.items():
             sums[name] = sums.get(name, 0.0) + v
         row = {"source": ex.source, "prompt": prompt, "response": responses[0],

@@ -549,11 +549,40 @@ def test_math_scoring_in_evaluation_with_a_stand_in_decoder():
                                     max_prompt_len=100, stop_tokens=(tok.eos_id,))  # fmt: skip
     assert [s["scores"]["exact_match"] for s in samples] == [0.5, 0.5]
     assert [s["scores"]["pass@2"] for s in samples] == [1.0, 1.0]
+    # maj@2: q1's one stated answer (72) wins; q2's 1-1 tie goes to the first given (0.50)
+    assert [s["scores"]["maj@2"] for s in samples] == [1.0, 1.0] and metrics["maj@2"] == 1.0
     assert samples[0]["scores"]["extracted"] == 0.5  # "I guess 72" states no answer
     assert metrics["exact_match"] == 0.5 and metrics["extracted"] == 0.75
     lenient = spec.replace(math_last_number=True, math_rel_tol=0.01)
     assert G.score_response(lenient, examples[0].fields, "I guess 72")["exact_match"] == 1.0
     assert G.score_response(lenient, {"answer": "0.3333"}, "\\boxed{1/3}")["exact_match"] == 1.0
+
+
+@pytest.mark.parametrize("boxed,gold,maj", [
+    (["5", "4", "4.0"], "5", 0.0),  # right once, but 4 = 4.0 is the majority (pass@3 is 1)
+    (["1/2", "3", "0.5"], "\\frac12", 1.0),  # 1/2 = 0.5: two votes
+    (["3", "5"], "5", 0.0),  # a tie: the answer given first
+    (["5", "3"], "5", 1.0),
+    ([None, None, "5"], "5", 1.0),  # no answer stated: no vote
+    ([None, None], "5", 0.0),
+    (["(1, 2)", "(1,2)", "(2, 1)"], "(1,2)", 1.0),
+])  # fmt: skip
+def test_maj_at_k_is_the_majority_answer_grouped_as_math_compares(boxed, gold, maj):
+    from flaxlm.evaluation import generate_tasks as G
+    from flaxlm.evaluation.tasks import Example, TaskSpec
+
+    k = len(boxed)
+    spec = TaskSpec("m", "generation", "unused.jsonl", scoring="math", temperature=1.0,
+                    num_samples=k)  # fmt: skip
+    tok = ByteTok()
+    texts = ["no idea" if b is None else f"so \\boxed{{{b}}}" for b in boxed]
+    fake = lambda ids, n, temperature=0.0: [tok.encode(t) for t in texts]
+    _, samples = G.generation(spec, [Example({"prompt": "q", "answer": gold}, "f:1", 0)],
+                              [("q", [1])], fake, tok, max_prompt_len=10)  # fmt: skip
+    scores = samples[0]["scores"]
+    assert scores[f"maj@{k}"] == maj
+    assert scores[f"pass@{k}"] == float(any(b is not None and V.answers_equal(b, gold)
+                                            for b in boxed))  # fmt: skip
 
 
 def test_math_spec_keys_are_checked_naming_the_key():

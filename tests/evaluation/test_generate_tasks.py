@@ -6,7 +6,7 @@ import pytest
 
 from flaxlm.evaluation import generate_tasks as G
 from flaxlm.evaluation.prompts import encode_prompt, select_shots
-from flaxlm.evaluation.tasks import TaskSpec, read_examples, world_tasks
+from flaxlm.evaluation.tasks import Example, TaskSpec, read_examples, world_tasks
 from flaxlm.evaluation.winrate import win_rate
 
 
@@ -344,3 +344,31 @@ def test_stop_strings_end_rows_in_the_decoder_with_the_same_responses(model, tok
     Evaluator(cfg, params, tok, generate_fn=stopping).run(spec.replace(reasoning_end="</think>"),
                                                          limit=2)  # fmt: skip
     assert given == {()}
+
+
+def test_maj_at_k_votes_with_the_normalised_or_extracted_answers():
+    """exact_match votes with the normalised response, regex with the extracted answer (as
+    `normalize` reads it); a sample without one does not vote."""
+
+    class Bytes:
+        bos_id, eos_id, vocab_size = -1, 256, 257
+
+        def encode(self, text):
+            return list(text.encode())
+
+        def decode(self, ids):
+            return bytes(ids).decode()
+
+    def run(spec, texts, gold="Paris"):
+        fake = lambda ids, n, temperature=0.0: [list(t.encode()) for t in texts]
+        ex = Example({"prompt": "q", "answer": gold, "meta": {}}, "f:1", 0)
+        return G.generation(spec, [ex], [("q", [1])], fake, Bytes(), max_prompt_len=10)[1][0]
+
+    em = TaskSpec("em", "generation", "f", temperature=1.0, num_samples=3)
+    assert run(em, ["paris.", "Lyon", "PARIS"])["scores"]["maj@3"] == 1.0
+    assert run(em, ["Paris", "Lyon", "lyon!"])["scores"]["maj@3"] == 0.0
+    rx = em.replace(scoring="regex", answer_regex=r"#### (\S+)", normalize="number")
+    got = run(rx, ["#### 1,000", "no answer", "#### 1000"], gold="1000")["scores"]
+    assert got == {"exact_match": 2 / 3, "extracted": 2 / 3, "pass@3": 1.0, "maj@3": 1.0}
+    got = run(rx, ["#### 7", "#### 1000", "#### 7.0"], gold="1000")["scores"]
+    assert got["maj@3"] == 0.0 and got["pass@3"] == 1.0  # (7 and 7.0: one number, two votes)
