@@ -50,6 +50,7 @@ assignment ("x = 5", "\\theta = 30", "y \\in [0, 1]") is dropped. Then:
            matrix, bmatrix, Bmatrix, smallmatrix: the same matrix in other brackets): the same
            shape, then cell by cell; a tuple "(1, -1/2)" is not the column vector, and
            vmatrix (a determinant) is text;
+  unions   "(-\\infty, 1) \\cup (2, \\infty)": its intervals (each as a tuple above), in any order;
   lists    "2, 3", "x = 2, 3", "\\{2, 3\\}", "x = -1 \\text{ or } x = 3": compared as multisets (the
            order of an equation's solutions is not part of the answer); "1,234" is one number;
   ±        an answer with one `\\pm` (or "±") is the list of its two answers:
@@ -371,16 +372,40 @@ def _split_top(s: str, seps: str = ",") -> list[str]:
     return parts + [s[start:]]
 
 
+_CUP = re.compile(r"\\cup(?![a-zA-Z])")
+
+
+def _split_union(s: str) -> list[str]:
+    """`s` split at the `\\cup`s outside any brackets; [s] when there is none, or a side is
+    empty."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        if s[i] in "([{":
+            depth += 1
+        elif s[i] in ")]}":
+            depth -= 1
+        elif depth == 0 and (m := _CUP.match(s, i)):
+            parts.append(s[start:i])
+            i = start = m.end()
+            continue
+        i += 1
+    parts.append(s[start:])
+    return parts if len(parts) > 1 and all(p.strip() for p in parts) else [s]
+
+
 def parse(s: str):
     """A cleaned answer as a value: ("num", Fraction), ("seq", brackets, [values]) for a tuple
     or an interval, ("mat", [[values] per row]) for a matrix or vector, ("set", [values]) for a
-    list of answers, or ("str", canonical text, the cleaned text itself)."""
+    list of answers, ("union", [values]) for intervals joined by \\cup (compared as a set too),
+    or ("str", canonical text, the cleaned text itself)."""
     words = re.split(r"\s+(?:or|and)\s+", s.strip())
     if len(words) > 1 and all(to_number(strip_assignment(w)) is not None for w in words):
         return ("set", [parse(w) for w in words])  # "x = -1 \text{ or } x = 3": a list
     s = strip_assignment(s.strip())
     if len(_PM.findall(s)) == 1 and not _MP.search(s):  # both signs: a list of two answers
         return ("set", [parse(_PM.sub(sign, s).strip()) for sign in "+-"])
+    if len(parts := _split_union(s)) > 1:  # intervals joined by \cup: in any order
+        return ("union", [parse(p) for p in parts])
     if (rows := _matrix_cells(s)) is not None:
         return ("mat", [[parse(cell) for cell in row] for row in rows])
     if s.startswith(r"\{") and s.endswith(r"\}"):

@@ -97,6 +97,14 @@ ANSWERS = [
     ("2, 3", "2", False),
     ("\\{1,2\\}", "\\{2,1\\}", True),
     ("x \\in [1, 2]", "[1,2]", True),
+    # unions of intervals, in any order, interval by interval
+    ("(-\\infty,1)\\cup(2,\\infty)", "(2, \\infty) \\cup (-\\infty, 1)", True),
+    ("(-\\infty, \\frac12) \\cup (3, \\infty)", "(-\\infty,0.5)\\cup(3,\\infty)", True),
+    ("(-\\infty,1)\\cup(2,\\infty)", "(-\\infty,1)\\cup[2,\\infty)", False),  # closed at 2
+    ("x \\in (-\\infty,1)\\cup(2,\\infty)", "(-\\infty,1)\\cup(2,\\infty)", True),
+    ("(1,2)\\cup(3,4)", "(1,2), (3,4)", False),  # a union is not a list of two tuples
+    ("(1,2)\\cup(3,4)", "(1,2)", False),
+    ("\\{1\\}\\cup[2,3]", "[2,3]\\cup\\{1\\}", True),
     # one ± is both answers
     ("\\frac{1 \\pm \\sqrt5}{2}", "\\frac{1+\\sqrt5}{2}, \\frac{1-\\sqrt5}{2}", True),
     ("x = \\pm 3", "3, -3", True),
