@@ -1,9 +1,9 @@
 """Math answer verification (alignment/verify_math.py): a table of equal and unequal answers
-(traps included), a table of answers equal or unequal by value (alignment/math_expr.py: closed
+(traps included; tuples, matrices, unions of intervals, ± answers, lists), a table of answers equal or unequal by value (alignment/math_expr.py: closed
 forms, expressions at random points, inside tuples and lists), answer extraction from
 responses, references (GSM8K / MATH solutions), the registered `math_verify` reward through
 `parse_rewards` and the rollouts' `call_reward_fns`, the check that prompts carry meta.answer,
-and evaluation's `"scoring": "math"` through a stand-in decoder. Pure Python: no model, no
+and evaluation's `"scoring": "math"` (pass@k, maj@k) through a stand-in decoder. Pure Python: no model, no
 world."""
 
 import random
