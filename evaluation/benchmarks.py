@@ -4,6 +4,8 @@
     python -m flaxlm.evaluation.benchmarks write mmlu,gsm8k,humaneval --data ~/datasets --out specs
     python -m flaxlm.evaluation --checkpoint runs/pt --tasks specs/mmlu.json,specs/gsm8k.json
     python -m flaxlm.evaluation --checkpoint runs/pt --tasks mmlu:~/datasets/mmlu   # no write
+    python -m flaxlm.evaluation.benchmarks prompts gsm8k --split train --data ~/datasets \\
+        --out gsm8k_train.jsonl      # RL prompt records for GRPO's data.train (math_verify)
 
 Each preset turns a downloaded dataset directory (`huggingface-cli download --repo-type dataset
 cais/mmlu --local-dir ~/datasets/mmlu`: the hub's parquet split files, `test-00000-of-00001.
@@ -60,6 +62,14 @@ GSM8K's number comparison is normalize="number" (thousands separators, currency,
 no sandbox (its docstring). Chat mode (an instruction-tuned model) asks the same questions as
 user turns; MATH's adds "put your final answer within \\boxed{}", WinoGrande has none.
 
+RL prompts (`prompts`, `prompt_records`): a generation preset's split (train by default) as
+the records GRPO, online DPO and best-of-N read, {"prompt", "meta"}: gsm8k, math and math500 ask
+the question and end with "Please reason step by step, and put your final answer within
+\\boxed{}." (MATH's chat-mode wording), meta.answer the gold for `math_verify`; humaneval and mbpp
+ask their chat-mode question, meta their tests for `code_tests`. meta.source is the row's
+file:line. Train on a train split and evaluate on the test split the presets read; with other
+data, `python -m flaxlm.data.decontaminate --against gsm8k:DIR,...` cleans it first.
+
 The benchmark-specific row transforms are named row preprocessors registered here
 (`tasks.register_preprocessor`), which a spec names with "preprocess".
 """
@@ -76,7 +86,8 @@ import re
 import sys
 from collections.abc import Callable
 
-from flaxlm.evaluation.tasks import TaskFileError, TaskSpec, register_preprocessor
+from flaxlm.evaluation.prompts import render
+from flaxlm.evaluation.tasks import TaskFileError, TaskSpec, read_examples, register_preprocessor
 
 log = logging.getLogger("flaxlm")
 
@@ -562,6 +573,72 @@ def write_specs(names: list[str], data: str, out: str,
     return paths
 
 
+# --- RL prompts ------------------------------------------------------------------------------
+
+# The instruction a math prompt ends with: the wording of MATH's chat-mode question, so a policy
+# trained on these prompts is asked what evaluation asks it, and answers in a \boxed{} that
+# math_verify reads.
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+RL_PRESETS = ("gsm8k", "math", "math500", "humaneval", "mbpp")  # the generation presets
+
+
+def _split_file(name: str, root: str, test_file: str, split: str) -> str:
+    """The file of `split` in the directory holding the preset's test file (a subject's, a
+    config's), else a BenchmarkDataError naming the directory and the files there."""
+    if split == "test":
+        return test_file
+    where = os.path.relpath(os.path.dirname(test_file), root)
+    return PRESETS[name].split(root, split, (where,))
+
+
+def prompt_records(name: str, root: str, split: str, limit: int | None = None) -> list[dict]:
+    """RL prompt records {"prompt", "meta"} (what GRPO / online DPO / best-of-N read) of a
+    generation preset's `split`: math presets (gsm8k, math, math500) ask the question and end
+    with BOXED_INSTRUCTION, meta.answer the gold (GSM8K's number, MATH's solution: its last
+    \\boxed{} is the reference) for the `math_verify` reward; code presets (humaneval, mbpp)
+    ask their chat-mode question, meta the tests (and entry_point) `code_tests` runs. Each
+    meta.source is the row's file:line. `limit`: the first rows of each task file."""
+    specs = preset_specs(name, root, num_fewshot=0)
+    if specs[0].type != "generation":
+        raise ValueError(f"{name} is multiple choice: it has no answer a reward verifies "
+                         f"(prompts come from {', '.join(RL_PRESETS)})")  # fmt: skip
+    records = []
+    for spec in specs:
+        spec = spec.replace(file=_split_file(name, root, spec.file, split), fewshot_file="")
+        for ex in read_examples(spec, limit=limit):
+            f = ex.fields
+            if spec.scoring == "code":
+                prompt, meta = render(spec.user_template, f, spec), dict(f["meta"])
+            else:
+                prompt, meta = f"{f['prompt']}\n{BOXED_INSTRUCTION}", {"answer": f["answer"]}
+            meta["source"] = ex.source
+            records.append({"prompt": prompt, "meta": meta})
+    return records
+
+
+def write_prompts(item: str, split: str, out: str, data: str = "",
+                  limit: int | None = None) -> int:  # fmt: skip
+    """`prompt_records` of "preset" (under `data`) or "preset:DIR" written to the jsonl `out`
+    (whole or not at all: a temporary file renamed); returns how many."""
+    name, _, root = item.partition(":")
+    if name not in PRESETS:
+        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(PRESETS))}")
+    if not root and not data:
+        raise ValueError(f"{name}: give --data DIR or {name}:DIR")
+    root = os.path.expanduser(root) if root else dataset_dir(name, os.path.expanduser(data))
+    records = prompt_records(name, os.path.abspath(root), split, limit)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return len(records)
+
+
 def _list() -> str:
     lines = []
     for p in PRESETS.values():
@@ -580,10 +657,32 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     w.add_argument("--data", default="", help="directory holding the datasets (DATA/mmlu, ...)")
     w.add_argument("--out", required=True, help="directory for the spec files")
     w.add_argument("--num_fewshot", type=int, default=None, help="shots (default: each preset's)")
+    r = sub.add_parser("prompts", help="write RL prompt records (GRPO's data.train) of a split")
+    r.add_argument("name", help=f"one of {', '.join(RL_PRESETS)}, as NAME or NAME:DATASET_DIR")
+    r.add_argument("--split", default="train", help="the split (default train)")
+    r.add_argument("--data", default="", help="directory holding the datasets (DATA/gsm8k, ...)")
+    r.add_argument("--out", required=True, help="the jsonl file to write")
+    r.add_argument("--limit", type=int, default=None, help="the first rows of each task file")
     args = p.parse_args(argv)
     if args.cmd == "list":
         print(_list())
         return {}
+    if args.cmd == "prompts":
+        try:
+            n = write_prompts(args.name, args.split, args.out, args.data, args.limit)
+        except (KeyError, ValueError) as e:
+            raise SystemExit(str(e.args[0]) if e.args else str(e)) from None
+        reward = (
+            "code_tests"
+            if args.name.partition(":")[0] in ("humaneval", "mbpp")
+            else ("math_verify")
+        )
+        print(f"[benchmarks] {n} prompts -> {args.out}", file=sys.stderr)
+        print(
+            f"python -m flaxlm.train.main --config configs/grpo.py --config.init_from=RUN "
+            f"--config.data.train={args.out} --config.grpo.rewards={reward}"
+        )
+        return {args.name: args.out}
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise SystemExit("--num_fewshot must be >= 0")

@@ -521,3 +521,85 @@ def test_a_bad_row_names_file_and_row(specs, tmp_path):
         read_examples(spec)
     with pytest.raises(ValueError, match=r"preprocess='nope' is not a row preprocessor; known: "):
         spec.replace(preprocess="nope")
+
+
+# --- RL prompt records ----------------------------------------------------------------------
+
+
+def _records(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_rl_prompts_of_math_presets_reward_the_gold_answer(data, tmp_path):
+    """A split's rows as GRPO prompt records: the question and the \\boxed{} instruction, the
+    gold in meta.answer; a response boxing the gold earns math_verify's 1, another 0; the
+    records read as GRPO reads prompts and pass its reference check."""
+    from flaxlm.alignment.grpo_rewards import REWARDS, check_references
+    from flaxlm.alignment.verify_math import last_boxed
+    from flaxlm.data.chat_records import fields_config, prompt_record
+
+    out = str(tmp_path / "gsm8k_train.jsonl")
+    assert B.main(["prompts", "gsm8k", "--data", data, "--out", out]) == {"gsm8k": out}
+    recs = _records(out)
+    assert len(recs) == len(GSM8K_TRAIN)
+    first = recs[0]
+    assert first["prompt"] == GSM8K_TRAIN[0]["question"] + "\n" + B.BOXED_INSTRUCTION
+    gold = GSM8K_TRAIN[0]["answer"].rsplit("####", 1)[1].strip()
+    assert first["meta"]["answer"] == gold and first["meta"]["source"].endswith(":1")
+    verify = REWARDS["math_verify"]
+    assert verify(first["meta"], f"So the total is \\boxed{{{gold}}}.") == 1.0
+    assert verify(first["meta"], "So the total is \\boxed{-1}.") == 0.0
+    fields = fields_config()
+    read = [prompt_record(r, fields) for r in recs]
+    assert read[0][1] == [{"role": "user", "content": first["prompt"]}]
+    check_references([("math_verify", verify, 1.0)],
+                     [{"meta": m, "loc": f"p:{i}"} for i, (_, _, _, m) in enumerate(read)],
+                     "grpo.rewards")  # fmt: skip
+
+    for split, rows in (("train", MATH_TRAIN), ("test", MATH_TEST)):  # MATH: the solution's box
+        out = str(tmp_path / f"math_{split}.jsonl")
+        recs = _records(out) if B.write_prompts(f"math:{data}/hendrycks_math", split, out) else []
+        assert [r["meta"]["answer"] for r in recs] == [r["solution"] for r in rows]
+        for r in recs:
+            boxed = last_boxed(r["meta"]["answer"])[1]
+            assert verify(r["meta"], f"\\boxed{{{boxed}}}") == 1.0
+    assert len(_records(out)) == len(MATH_TEST)
+    B.write_prompts("math500", "test", out, data=data, limit=1)
+    assert [r["meta"]["answer"] for r in _records(out)] == [MATH500[0]["solution"]]
+
+
+def test_rl_prompts_of_code_presets_pass_with_the_canonical_solutions(data, tmp_path):
+    """humaneval / mbpp records carry their tests: each canonical solution, answered in a
+    python block, earns code_tests' 1 (the tests run through verify_code), a wrong one 0."""
+    from flaxlm.alignment.verify_code import code_tests
+
+    out = str(tmp_path / "he.jsonl")
+    B.write_prompts("humaneval", "test", out, data=data)
+    for rec, row in zip(_records(out), HUMANEVAL_TEST, strict=True):
+        assert rec["prompt"].startswith("Complete the following Python function.")
+        assert rec["meta"]["entry_point"] == row["entry_point"]
+        solution = row["prompt"] + row["canonical_solution"]
+        assert code_tests(rec["meta"], f"```python\n{solution}```") == 1.0
+        assert code_tests(rec["meta"], f"```python\n{row['prompt']}    return None\n```") == 0.0
+    mbpp = tmp_path / "mbpp"  # (MBPP's train split: tasks 601-974; here the test rows)
+    for split in ("test", "train"):
+        _parquet(str(mbpp / "full" / HUB.format(split)), MBPP_TEST)
+    B.write_prompts(f"mbpp:{mbpp}", "train", out)
+    recs = _records(out)
+    assert len(recs) == len(MBPP_TEST) and recs[0]["meta"]["tests"] == MBPP_TEST[0]["test_list"]
+    assert "Your code should pass these tests" in recs[0]["prompt"]
+    for rec, row in zip(recs, MBPP_TEST, strict=True):
+        assert code_tests(rec["meta"], f"```python\n{row['code']}\n```") == 1.0
+        assert code_tests(rec["meta"], "```python\nx = 1\n```") == 0.0
+
+
+def test_rl_prompts_refuse_what_has_no_verifiable_answer_and_missing_splits(data, tmp_path):
+    out = str(tmp_path / "p.jsonl")
+    with pytest.raises(SystemExit, match="mmlu is multiple choice: it has no answer a reward"):
+        B.main(["prompts", "mmlu", "--data", data, "--out", out])
+    with pytest.raises(SystemExit, match=r"humaneval: no 'train' split under .*openai_humaneval"):
+        B.main(["prompts", "humaneval", "--data", data, "--out", out])
+    with pytest.raises(SystemExit, match="unknown benchmark 'gsm9k'"):
+        B.main(["prompts", "gsm9k", "--data", data, "--out", out])
+    assert not os.path.exists(out)  # (nothing half-written)
