@@ -550,18 +550,25 @@ def spec_dict(spec: TaskSpec, base: str) -> dict:
     return out
 
 
+def resolve_item(item: str, data: str) -> tuple[str, str]:
+    """(preset, its dataset directory) of "preset" (found under `data`: `dataset_dir`) or
+    "preset:DIR"; an unknown preset is a KeyError listing the known ones."""
+    name, _, root = item.partition(":")
+    if name not in PRESETS:
+        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(PRESETS))}")
+    if not root and not data:
+        raise ValueError(f"{name}: give --data DIR or {name}:DIR")
+    return name, (os.path.expanduser(root) if root else
+                  dataset_dir(name, os.path.expanduser(data)))  # fmt: skip
+
+
 def write_specs(names: list[str], data: str, out: str,
                 num_fewshot: int | None = None) -> dict[str, str]:  # fmt: skip
     """One spec file per preset, OUT/<name>.json, for names "preset" (its files under `data`)
     or "preset:DIR"; returns {name: path}. Every preset resolves before any file is written."""
     built = {}
     for item in names:
-        name, _, root = item.partition(":")
-        if name not in PRESETS:
-            raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(PRESETS))}")
-        if not root and not data:
-            raise ValueError(f"{name}: give --data DIR or {name}:DIR")
-        root = os.path.expanduser(root) if root else dataset_dir(name, os.path.expanduser(data))
+        name, root = resolve_item(item, data)
         built[name] = preset_specs(name, root, num_fewshot)
     os.makedirs(out, exist_ok=True)
     base, paths = os.path.abspath(out), {}
@@ -620,12 +627,7 @@ def write_prompts(item: str, split: str, out: str, data: str = "",
                   limit: int | None = None) -> int:  # fmt: skip
     """`prompt_records` of "preset" (under `data`) or "preset:DIR" written to the jsonl `out`
     (whole or not at all: a temporary file renamed); returns how many."""
-    name, _, root = item.partition(":")
-    if name not in PRESETS:
-        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(PRESETS))}")
-    if not root and not data:
-        raise ValueError(f"{name}: give --data DIR or {name}:DIR")
-    root = os.path.expanduser(root) if root else dataset_dir(name, os.path.expanduser(data))
+    name, root = resolve_item(item, data)
     records = prompt_records(name, os.path.abspath(root), split, limit)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp.{os.getpid()}"
