@@ -7,7 +7,8 @@ optional weights ("exact_match,format:0.1"), by registry name (`register_reward`
 
 Verifiable rewards beyond the built-in world: `math_verify` (alignment/verify_math.py: the
 response's last \\boxed{} / "#### X" / "The answer is X" against meta.answer, compared as
-exact rationals, tuples, lists or normalised LaTeX) and `code_tests` / `code_tests_partial`
+exact rationals, tuples, lists or normalised LaTeX; `boxed_format`, a format reward: a closed
+\\boxed{} answer at all) and `code_tests` / `code_tests_partial`
 (alignment/verify_code.py: the response's program run against meta.tests or meta.test_cases in
 limited subprocesses, several samples at once). A function naming the meta fields it judges by
 in a `reference_keys` attribute (any one of them will do) has the prompts checked for them
@@ -21,7 +22,7 @@ import math
 from collections.abc import Callable
 
 from flaxlm.alignment.verify_code import code_tests, code_tests_partial
-from flaxlm.alignment.verify_math import math_verify
+from flaxlm.alignment.verify_math import boxed_format, math_verify
 from flaxlm.data.synthetic_judge import is_world_meta
 
 
@@ -64,6 +65,7 @@ REWARDS: dict[str, Callable[[dict, str], float]] = {
     "format": format_reward,
     "judge": judge_reward,
     "math_verify": math_verify,
+    "boxed_format": boxed_format,
     "code_tests": code_tests,
     "code_tests_partial": code_tests_partial,
 }

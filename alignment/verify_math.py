@@ -552,3 +552,14 @@ def math_verify(meta: dict, response: str) -> float:
 
 
 math_verify.reference_keys = ("answer",)  # (grpo_rewards.check_references)
+
+
+def boxed_format(meta: dict, response: str) -> float:
+    """GRPO reward: 1.0 when the response states its final answer in a closed, non-empty
+    `\\boxed{}` (what math_verify reads first, and what the benchmark prompts ask for), else
+    0.0 — a format reward in the manner of R1-Zero's, to weight small beside math_verify
+    ("math_verify,boxed_format:0.1"): it pays for the form, whatever the answer. Needs no
+    meta."""
+    del meta
+    seen, boxed = last_boxed(response)
+    return float(seen and boxed is not None and bool(boxed.strip()))

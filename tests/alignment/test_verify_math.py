@@ -1,9 +1,10 @@
 """Math answer verification (alignment/verify_math.py): a table of equal and unequal answers
-(traps included; tuples, matrices, unions of intervals, ± answers, lists), a table of answers equal or unequal by value (alignment/math_expr.py: closed
-forms, expressions at random points, inside tuples and lists), answer extraction from
-responses, references (GSM8K / MATH solutions), the registered `math_verify` reward through
-`parse_rewards` and the rollouts' `call_reward_fns`, the check that prompts carry meta.answer,
-and evaluation's `"scoring": "math"` (pass@k, maj@k) through a stand-in decoder. Pure Python: no model, no
+(traps included; tuples, matrices, unions of intervals, ± answers, lists), a table of answers
+equal or unequal by value (alignment/math_expr.py: closed forms, expressions at random points,
+inside tuples and lists), answer extraction from responses, references (GSM8K / MATH
+solutions), the registered `math_verify` and `boxed_format` rewards through `parse_rewards` and
+the rollouts' `call_reward_fns`, the check that prompts carry meta.answer, and evaluation's
+`"scoring": "math"` (pass@k, maj@k) through a stand-in decoder. Pure Python: no model, no
 world."""
 
 import random
@@ -501,6 +502,17 @@ def test_the_registered_reward_through_parse_rewards():
     assert got[:3].tolist() == pytest.approx([1.0, 1.1, 0.0])
     assert valid.tolist() == [True, True, True, False]  # no meta.answer: the sample is invalid
     assert len(errors) == 1 and "math_verify needs the prompt record's meta.answer" in errors[0]
+
+
+def test_boxed_format_pays_for_a_closed_box_whatever_the_answer():
+    rewards = parse_rewards("math_verify,boxed_format:0.1")
+    assert rewards[1][1] is REWARDS["boxed_format"] is V.boxed_format
+    metas = [{"answer": "3"}] * 5
+    texts = ["so \\boxed{3}", "so \\boxed{4}", "The answer is 3.", "\\boxed{3", "\\boxed{ }"]
+    got, valid, _ = call_reward_fns([fn for _, fn, _ in rewards], [w for _, _, w in rewards],
+                                    metas, texts)  # fmt: skip
+    assert got.tolist() == pytest.approx([1.1, 0.1, 1.0, 0.0, 0.0]) and valid.all()
+    check_references(rewards, [{"meta": {"answer": "1"}, "loc": "p:1"}], "grpo.rewards")
 
 
 def test_prompts_without_meta_answer_are_refused_for_math_verify(caplog):
