@@ -45,14 +45,15 @@ seconds (the timeout + 1), address space (`memory_mb`), the size of any file wri
 (`output_bytes`, which caps the captured stdout and stderr: they go to files in the temporary
 directory, so a print loop cannot fill the trainer's memory), no core files, and the number
 of processes, twice: the harness counts the forks of the run's whole process tree (an audit
-hook on os.fork / os.forkpty appending to one shared file) and fails the fork past
-`max_processes` of them with BlockingIOError (EAGAIN), as the kernel would — a budget per run,
-so it binds root too and counts forks that already exited; and RLIMIT_NPROC, `max_processes`
-more than the user ran when last counted (from /proc, at most a second ago), stops forks the
-hook cannot see (native code). That count is per user and Linux's covers every thread and
-zombie of the user, so a program forking while many others run may be refused a process, and
-it never binds root. `max_processes=None` turns both off. Stdin is /dev/null for assert tests. The
-program is a new session: at the wall timeout, and after it exits, its whole process group
+hook on os.fork / os.forkpty, and on subprocess / spawn / os.system where `shell` allows them,
+appending to one shared file) and fails the fork past `max_processes` of them with
+BlockingIOError (EAGAIN), as the kernel would — a budget per run, so it binds root too and
+counts forks that already exited; and RLIMIT_NPROC, `max_processes` more than the user ran when
+last counted (from /proc, at most a second ago), stops forks the hook cannot see (native code).
+That count is per user and Linux's covers every thread and zombie of the user, so a program
+forking while many others run may be refused a process, and it never binds root.
+`max_processes=None` turns both off. Stdin is /dev/null for assert tests. The program is a new
+session: at the wall timeout, and after it exits, its whole process group
 is killed with SIGKILL, so a forked child sleeping in the background does not outlive it (it
 is reaped by PID 1: in a container, run under an init such as `docker --init`, or such
 children stay zombies).
@@ -373,7 +374,7 @@ def count_forks(budget):
     # as the kernel's process limit makes it fail. For root too, whom RLIMIT_NPROC never binds.
     fd = os.open(".forks", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
-    def check(args, event="os.fork"):
+    def check(args, event):
         try:
             os.write(fd, b"x")
             n = os.fstat(fd).st_size
@@ -383,8 +384,11 @@ def count_forks(budget):
             raise BlockingIOError(11, f"{event}: the run has made its {budget} processes "
                                       "(Limits.max_processes)")
 
-    checks["os.fork"] = check
-    checks["os.forkpty"] = lambda args: check(args, "os.forkpty")
+    # (with Limits.shell the programs it starts count too; without it the guard refuses them:
+    # install_guard's checks replace these)
+    for event in ("os.fork", "os.forkpty", "subprocess.Popen", "os.posix_spawn", "os.spawn",
+                  "os.system"):
+        checks[event] = lambda args, e=event: check(args, e)
 
 
 def keep_limits():

@@ -6,6 +6,7 @@ out, ctypes; each allowed again by its Limits flag); early exits that must not p
 tests named before training; and the rollouts calling a reward on many samples at once
 (`max_workers`). Short timeouts keep the file to a few seconds."""
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -197,6 +198,13 @@ def test_the_fork_budget_counts_the_whole_process_tree_and_spares_a_small_pool()
     assert C.run_tests(pool, MBPP, limits=C.Limits(timeout=5.0, max_processes=8)).status == "passed"
     r = C.run_tests(pool, MBPP, limits=C.Limits(timeout=5.0, max_processes=3))
     assert r.status == "error" and "BlockingIOError" in r.detail, r
+
+    # with shell allowed, the programs it starts spend the budget too
+    runs = py("import subprocess\nfor _ in range(5):\n    subprocess.run(['true'])" + ADD_DEF)
+    shell = C.Limits(timeout=5.0, shell=True, max_processes=8)
+    assert C.run_tests(runs, MBPP, limits=shell).status == "passed"
+    r = C.run_tests(runs, MBPP, limits=dataclasses.replace(shell, max_processes=3))
+    assert r.status == "error" and "subprocess.Popen: the run has made its 3" in r.detail, r
 
 
 def test_the_environment_is_scrubbed_and_site_packages_are_out_of_reach():
