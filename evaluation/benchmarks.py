@@ -437,14 +437,17 @@ def gsm8k(root: str, num_fewshot: int | None = None) -> list[TaskSpec]:
     )]  # fmt: skip
 
 
+# What MATH's chat-mode question ends with, and every math RL prompt (`prompt_records`): a policy
+# trained on those prompts is asked what evaluation asks it, and answers in a \boxed{} that
+# math_verify reads.
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 _MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                   "number_theory", "prealgebra", "precalculus")  # fmt: skip
 _MATH = dict(
     fields={"prompt": "problem", "answer": "solution"},
     template="Problem: {prompt}\nAnswer:",
     target_template=" {answer_raw}",
-    chat_template="{prompt}\nPlease reason step by step, and put your final answer within "
-    "\\boxed{{}}.",
+    chat_template="{prompt}\n" + BOXED_INSTRUCTION.replace("{}", "{{}}"),  # (format braces)
     scoring="math",
     stop=("Problem:",),
     max_new_tokens=512,
@@ -582,10 +585,6 @@ def write_specs(names: list[str], data: str, out: str,
 
 # --- RL prompts ------------------------------------------------------------------------------
 
-# The instruction a math prompt ends with: the wording of MATH's chat-mode question, so a policy
-# trained on these prompts is asked what evaluation asks it, and answers in a \boxed{} that
-# math_verify reads.
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 RL_PRESETS = ("gsm8k", "math", "math500", "humaneval", "mbpp")  # the generation presets
 
 
