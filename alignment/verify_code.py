@@ -740,11 +740,8 @@ def limits_from_config(settings, key: str) -> Limits:
             want = "a positive integer" + (" or None" if name == "max_processes" else "")
         if not ok:
             raise ValueError(f"{key}.{name}={value!r}: expected {want}")
-        values[name] = (
-            value
-            if isinstance(default, bool) or name == "timeout"
-            else (None if value is None else int(value))
-        )
+        # (an integer field given 2048.0 by a plain dict keeps its int type)
+        values[name] = int(value) if type(default) is int and value is not None else value
     return dataclasses.replace(DEFAULT_LIMITS, **values)
 
 
