@@ -376,20 +376,11 @@ _CUP = re.compile(r"\\cup(?![a-zA-Z])")
 
 
 def _split_union(s: str) -> list[str]:
-    """`s` split at the `\\cup`s outside any brackets; [s] when there is none, or a side is
-    empty."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        if s[i] in "([{":
-            depth += 1
-        elif s[i] in ")]}":
-            depth -= 1
-        elif depth == 0 and (m := _CUP.match(s, i)):
-            parts.append(s[start:i])
-            i = start = m.end()
-            continue
-        i += 1
-    parts.append(s[start:])
+    """`s` split at the `\\cup`s outside any brackets (`_split_top`, each `\\cup` made one
+    separator character); [s] when there is none, or a side is empty."""
+    if "\0" in s:
+        return [s]
+    parts = _split_top(_CUP.sub("\0", s), "\0")
     return parts if len(parts) > 1 and all(p.strip() for p in parts) else [s]
 
 
@@ -446,7 +437,7 @@ def _matrix_cells(s: str) -> list[list[str]] | None:
     if len(rows) > 1 and not "".join(rows[-1]).strip():
         rows.pop()
     cells = [[c.strip() for c in row] for row in rows]
-    if not all(cells) or len({len(row) for row in cells}) != 1 or not all(map(all, cells)):
+    if len({len(row) for row in cells}) != 1 or not all(map(all, cells)):
         return None
     return cells
 
