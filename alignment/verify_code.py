@@ -118,8 +118,10 @@ os._exit(0) before the tests run. The program is run with __name__ == "solution"
 Settings: a run's `Limits` come from the RL stage's `code_limits` section (`grpo.code_limits`,
 `online.code_limits`: every field above, e.g. `--config.grpo.code_limits.memory_mb=4096
 --config.grpo.code_limits.site_packages=True`); `limits_from_config` checks it, naming the key,
-and `with_limits` binds it to code_tests / code_tests_partial. A prompt's meta.timeout still
-wins over `timeout`. Best-of-N and evaluation's `"scoring": "code"` run with the defaults.
+and `with_limits` binds it to code_tests / code_tests_partial. Evaluation's `"scoring": "code"`
+tasks take them from the spec's `code_limits` object and the command line's `--code_limits
+timeout=20,memory_mb=4096` (over the spec's), best-of-N from its `--code_limits`
+(`parse_limits` reads that flag). A prompt's meta.timeout still wins over `timeout`.
 
 Batches: a rollout scores many samples; each run is a subprocess that waits (no GIL held), so
 `code_tests.max_workers` (os.cpu_count()) tells the rollouts (rl_rollout.call_reward_fns) to
@@ -565,8 +567,8 @@ def _run_once(tmp: str, args: list[str], token: str, limits: Limits, timeout: fl
 
 def _timeout(meta: dict, limits: Limits) -> float:
     t = meta.get("timeout", limits.timeout)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-        raise ValueError(f"meta.timeout={t!r} must be a number of seconds > 0")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        raise ValueError(f"meta.timeout={t!r} must be a finite number of seconds > 0")
     return float(t)
 
 
@@ -732,7 +734,7 @@ def limits_from_config(settings, key: str) -> Limits:
         if isinstance(default, bool):
             ok, want = isinstance(value, bool), "True or False"
         elif name == "timeout":
-            ok, want = number and value > 0, "a positive number of seconds"
+            ok, want = number and 0 < value < float("inf"), "a positive number of seconds"
         else:
             ok = (number and value == int(value) and value > 0) or (
                 name == "max_processes" and value is None
@@ -743,6 +745,37 @@ def limits_from_config(settings, key: str) -> Limits:
         # (an integer field given 2048.0 by a plain dict keeps its int type)
         values[name] = int(value) if type(default) is int and value is not None else value
     return dataclasses.replace(DEFAULT_LIMITS, **values)
+
+
+def parse_limits(text: str, flag: str = "--code_limits") -> dict:
+    """The `Limits` fields a command-line flag sets, "timeout=20,memory_mb=4096,network=true"
+    (true / false, none, numbers; blanks around the commas and the = are fine), as a dict to
+    lay over other settings. Each is checked as `limits_from_config` checks a config's: a
+    malformed item, an unknown field or a bad value is a ValueError naming `flag` (and the
+    field)."""
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, raw = (x.strip() for x in item.partition("="))
+        if not eq or not name or not raw:
+            raise ValueError(f"{flag}: {item!r} is not FIELD=VALUE (e.g. timeout=20)")
+        if name in values:
+            raise ValueError(f"{flag}: {name} is given twice")
+        word = raw.lower()
+        if word in ("true", "false", "none"):
+            values[name] = {"true": True, "false": False, "none": None}[word]
+            continue
+        try:
+            values[name] = int(raw)
+        except ValueError:
+            try:
+                values[name] = float(raw)
+            except ValueError:
+                raise ValueError(f"{flag}: {name}={raw!r} is not a number, true, false or "
+                                 "none") from None  # fmt: skip
+    if not values:
+        raise ValueError(f"{flag}: no limits given (e.g. timeout=20,memory_mb=4096)")
+    limits_from_config(values, flag)  # (the fields and their values, named as flag.field)
+    return values
 
 
 def with_limits(fn, limits: Limits):

@@ -19,7 +19,10 @@ results are in OUT.partial, rewritten after each task (removed at the end), so a
 failing part way keeps them and never replaces an earlier complete OUT. Should a task still fail
 when it runs, the command exits with a one-line message after writing OUT.partial with the
 finished tasks' results (and "failed": the task and the error). Both files record the tasks
-asked for (`tasks_requested`) and whether all of them ran (`complete`). --num_fewshot and
+asked for (`tasks_requested`) and whether all of them ran (`complete`). --code_limits
+(timeout=20,memory_mb=4096,...: alignment/verify_code.py's Limits) goes over the code_limits of
+every code-scored task (HumanEval, MBPP), the programs' time, memory and what they may touch;
+the results' specs record the limits each task ran with. --num_fewshot and
 --chat override every task's setting; by default a checkpoint of a post-training task (SFT,
 DPO, ...) is prompted with the chat template, and a base model as each task says: a pretrained
 or imported HF one (meta task hf_import), or a run of any task on pretraining data (its
@@ -65,6 +68,25 @@ def _temperature(text: str) -> float:
     if not t >= 0:  # (NaN fails >= 0 too)
         raise argparse.ArgumentTypeError(f"{t}: must be >= 0 (0 = greedy)")
     return t
+
+
+def _code_limits(text: str) -> dict:
+    from flaxlm.alignment.verify_code import parse_limits
+
+    try:
+        return parse_limits(text, "--code_limits")
+    except ValueError as e:  # (argparse puts "argument --code_limits: " first itself)
+        why = str(e).removeprefix("--code_limits: ").removeprefix("--code_limits.")
+        raise argparse.ArgumentTypeError(why) from None
+
+
+def _with_code_limits(specs, limits: dict, flag: str):
+    """`specs` with `limits` laid over each code-scored task's code_limits; no such task to
+    apply them to is an error naming the flag (they would silently change nothing)."""
+    if not any(s.scoring == "code" for s in specs if s.type == "generation"):
+        raise SystemExit(f'{flag}: none of the tasks scores code ("scoring": "code")')
+    return [s.replace(code_limits={**s.code_limits, **limits})
+            if s.type == "generation" and s.scoring == "code" else s for s in specs]  # fmt: skip
 
 
 def _replaced(specs, flags: str, only: str | None = None, **values):
@@ -134,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reasoning_end", default=None,
                    help='generation tasks: score the text after this end-of-thinking marker, '
                         'e.g. "</think>" (default: each task\'s reasoning_end)')  # fmt: skip
+    p.add_argument("--code_limits", type=_code_limits, default=None,
+                   help="code-scored tasks: verify_code's Limits for their programs, over "
+                        "each spec's code_limits, e.g. timeout=20,memory_mb=4096")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_tokens", type=_positive, default=8192, help="tokens per scoring batch")
     p.add_argument("--gen_batch_size", type=_positive, default=32,
@@ -311,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
         flags = " ".join(f"--{k} {v!r}" if k == "reasoning_end" else f"--{k} {v}"
                          for k, v in sampling.items())  # fmt: skip
         specs = _replaced(specs, flags, "generation", **sampling)
+    if args.code_limits is not None:
+        specs = _with_code_limits(specs, args.code_limits, "--code_limits")
     _check_tasks(specs, args.limit, meta)  # fails now, not after earlier tasks ran
 
     tok_path = os.path.abspath(tokenizer_path(args.tokenizer, meta, args.checkpoint))

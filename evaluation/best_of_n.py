@@ -24,12 +24,13 @@ Scorers (exactly one): --reward_model RUN, a reward-model run (winrate's scorer:
 completion rendered with the chat template); or --rewards SPEC, GRPO's `grpo.rewards` syntax
 (alignment/grpo_rewards.py `parse_rewards`: "exact_match", "format", "judge", "math_verify",
 "code_tests", a registered name or "module:function", each with an optional ":weight"; "rm" is
---reward_model's), each sample scored Σ weight·fn(meta, completion) (plus `prompt=`, its turns,
-for a function that takes it) by GRPO's own `call_reward_fns`, in float32 as its rollouts are
-(`code_tests` runs several samples at once). `meta` is the line's "meta" object: what
-generate --json copies from each record of a .jsonl --prompts_file of RL prompts ({"prompt",
-"meta": {"answer": ...}}, the GRPO prompt format); a line without one is judged with {} (enough
-for "format"). A function that raises or returns no finite number is an error naming
+--reward_model's; code_tests run their programs under --code_limits, e.g. timeout=20,
+alignment/verify_code.py's Limits), each sample scored Σ weight·fn(meta, completion) (plus
+`prompt=`, its turns, for a function that takes it) by GRPO's own `call_reward_fns`, in float32
+as its rollouts are (`code_tests` runs several samples at once). `meta` is the line's "meta"
+object: what generate --json copies from each record of a .jsonl --prompts_file of RL prompts
+({"prompt", "meta": {"answer": ...}}, the GRPO prompt format); a line without one is judged with
+{} (enough for "format"). A function that raises or returns no finite number is an error naming
 file:line (GRPO drops such a sample; here it would silently lose, or never win, its prompt) and,
 when the line has no "meta", saying so. A blank completion is not judged: it scores
 --empty_reward (default −1, GRPO's rollout.empty_reward), as GRPO scores an empty response.
@@ -409,6 +410,23 @@ def summary_text(s: dict, sft_out: str = "", pairs_out: str = "") -> str:
     return "\n".join(lines)
 
 
+def _with_code_limits(p: argparse.ArgumentParser, rewards: Rewards, text: str):
+    """(`rewards` with code_tests / code_tests_partial running under the Limits `text` sets,
+    those settings as a dict): --code_limits; a bad value, or no code reward to bind them to,
+    is a usage error."""
+    from flaxlm.alignment import verify_code
+
+    try:
+        settings = verify_code.parse_limits(text, "--code_limits")
+    except ValueError as e:
+        p.error(str(e))
+    code = (verify_code.code_tests, verify_code.code_tests_partial)
+    if not any(fn in code for _, fn, _ in rewards):
+        p.error("--code_limits: no code_tests or code_tests_partial among --rewards")
+    limits = verify_code.limits_from_config(settings, "--code_limits")
+    return [(name, verify_code.with_limits(fn, limits), w) for name, fn, w in rewards], settings
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m flaxlm.evaluation.best_of_n",
                                 description=__doc__.split("\n\n")[0])  # fmt: skip
@@ -422,6 +440,9 @@ def main(argv=None) -> dict:
     p.add_argument("--empty_reward", type=float, default=None, help="with --rewards: the score "
                    f"of a blank completion, never judged (default {EMPTY_REWARD:g}, GRPO's "
                    "rollout.empty_reward)")  # fmt: skip
+    p.add_argument("--code_limits", default=None, help="with --rewards code_tests(_partial): "
+                   "verify_code's Limits for the programs, e.g. timeout=20,memory_mb=4096 "
+                   "(default: its defaults, GRPO's grpo.code_limits)")  # fmt: skip
     p.add_argument("--sft_out", default="", help="write each prompt's best as SFT records here")
     p.add_argument("--pairs_out", default="", help="write (best, worst) DPO pairs here")
     p.add_argument("--min_margin", type=float, default=0.0,
@@ -453,13 +474,20 @@ def main(argv=None) -> dict:
         if any(fn is None for _, fn, _ in rewards):
             p.error(f"--rewards: {REWARD_MODEL!r} is GRPO's reward model (reward_from); score "
                     "with a reward-model run by --reward_model instead")  # fmt: skip
+        code_limits = None
+        if args.code_limits is not None:
+            rewards, code_limits = _with_code_limits(p, rewards, args.code_limits)
         empty = EMPTY_REWARD if args.empty_reward is None else args.empty_reward
         if not math.isfinite(empty):
             p.error(f"--empty_reward must be finite, got {empty}")
         spec = ",".join(f"{name}:{w:g}" for name, _, w in rewards)
         about = {"scorer": f"rewards {spec}", "rewards": spec, "empty_reward": empty}
+        if code_limits is not None:
+            about["code_limits"] = code_limits
     elif args.empty_reward is not None:
         p.error("--empty_reward needs --rewards (a reward model scores blank completions)")
+    elif args.code_limits is not None:
+        p.error("--code_limits needs --rewards with code_tests or code_tests_partial")
     else:
         about = {"scorer": f"reward model {args.reward_model}", "reward_model": args.reward_model}
     outputs = {flag: path for flag, path in (("--sft_out", args.sft_out),

@@ -17,7 +17,9 @@ Scoring (`TaskSpec.scoring`):
     code         alignment/verify_code.py runs the program against the row's meta "tests"
                  (asserts; with "entry_point", HumanEval's check(entry_point)) or
                  "test_cases" in limited subprocesses — NOT a sandbox (its docstring) — a
-                 task's programs `code_workers` at once from threads. The program is
+                 task's programs `code_workers` at once from threads, under the spec's
+                 `code_limits` (verify_code's Limits fields: timeout, memory_mb, ...,
+                 network; the CLI's --code_limits goes over them). The program is
                  `code_prefix` rendered + the response as generated (plain mode: HumanEval's
                  prompt + completion, indentation kept), else the response's last python
                  block or the whole response (`extract_program`; chat mode puts the prefix
@@ -151,7 +153,9 @@ def score_response(spec: TaskSpec, fields: dict, response: str) -> dict[str, flo
         from flaxlm.alignment.verify_code import run_program
 
         program = code_program(spec, fields, response)
-        passed = program is not None and run_program(program, fields["meta"]).status == "passed"
+        passed = program is not None and (
+            run_program(program, fields["meta"], limits=spec.limits).status == "passed"
+        )
         return {"pass": float(passed), "extracted": float(program is not None)}
     if spec.scoring == "math":
         from flaxlm.alignment.verify_math import verify

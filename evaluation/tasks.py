@@ -48,7 +48,9 @@ subjects into "mmlu"); `continuation_template` makes a multiple-choice task scor
 continuation after each choice, the choice completing the context instead (lm-eval-harness's
 multiple-input tasks: WinoGrande's partial scoring); `"scoring": "code"` runs the response's
 program against meta's tests (alignment/verify_code.py; generate_tasks.py), `code_prefix`
-being a template put before it (HumanEval: the prompt the model completes).
+being a template put before it (HumanEval: the prompt the model completes), under the limits
+`code_limits` sets (verify_code's Limits fields, e.g. {"timeout": 20}; the command line's
+--code_limits goes over them).
 
 Multiple choice in plain mode scores each choice (`choice_template`) as a continuation of the
 prompt text, joined by `target_delimiter` (default " ", as lm-eval-harness): choices stored
@@ -125,6 +127,9 @@ class TaskSpec:
     scoring: str = "exact_match"  # generation: exact_match | regex | judge | math | code
     code_prefix: str = ""  # code scoring: template put before the response's program
     # (HumanEval "{prompt}": plain mode runs prompt + completion as lm-eval-harness does)
+    code_limits: dict = dataclasses.field(default_factory=dict)  # code scoring: fields of
+    # alignment/verify_code.py's Limits over its defaults, e.g. {"timeout": 20, "memory_mb":
+    # 4096} (a row's meta "timeout" still wins for that row); `limits` gives the Limits
     math_rel_tol: float = 0.0  # math scoring: numbers within this relative tolerance are equal
     math_last_number: bool = False  # math scoring: no boxed / #### / "answer is": last number
     answer_regex: str = ""  # regex scoring: the first group that took part in the match (or
@@ -172,6 +177,11 @@ class TaskSpec:
             preprocessor(self.preprocess, where)  # (an unknown name fails now, naming the known)
         if self.code_prefix and self.scoring != "code":
             raise ValueError(f"{where}: code_prefix is for scoring='code', not {self.scoring!r}")
+        if self.code_limits:
+            if self.scoring != "code":
+                raise ValueError(f"{where}: code_limits is for scoring='code', not "
+                                 f"{self.scoring!r}")  # fmt: skip
+            _ = self.limits  # (an unknown field or a bad value fails now, named code_limits.FIELD)
         if self.continuation_template and (self.type != "multiple_choice" or self.chat):
             # Chat mode's reply is one choice: a continuation after it has no turn to live in.
             raise ValueError(f"{where}: continuation_template is for plain-mode multiple choice "
@@ -225,6 +235,13 @@ class TaskSpec:
             raise ValueError(f"{where}: group must hold non-empty names other than the task's "
                              f"own, got {groups!r}")  # fmt: skip
         object.__setattr__(self, "group", groups)
+
+    @property
+    def limits(self):
+        """The verify_code.Limits code scoring runs each program under (`code_limits`)."""
+        from flaxlm.alignment.verify_code import limits_from_config
+
+        return limits_from_config(self.code_limits, f"task {self.name!r}: code_limits")
 
     @property
     def prompt_template(self) -> str:

@@ -105,8 +105,9 @@ def test_an_infinite_loop_is_killed_at_the_timeout_meta_overrides():
     elapsed = time.perf_counter() - t0
     assert r.status == "timeout" and r.fraction == 0.0
     assert 0.5 <= elapsed < 3.0, elapsed  # (the default timeout is 5 s)
-    with pytest.raises(ValueError, match="meta.timeout=0 must be a number of seconds > 0"):
-        C.code_tests({**MBPP, "timeout": 0}, ADD)
+    for bad in (0, float("inf")):  # (inf: no CPU limit to set, int(inf) raised)
+        with pytest.raises(ValueError, match=f"meta.timeout={bad!r} must be a finite number"):
+            C.code_tests({**MBPP, "timeout": bad}, ADD)
 
 
 def test_memory_bombs_are_stopped():
@@ -443,9 +444,34 @@ def test_code_limits_from_the_config_and_bad_values_named():
         ("memory_mb", True, "memory_mb=True: expected a positive integer"),
         ("shell", 1, "shell=1: expected True or False"),
         ("netwrok", True, r"grpo.code_limits.netwrok: no such limit; known: \['ctypes'"),
+        ("timeout", float("inf"), "timeout=inf: expected a positive number of seconds"),
     ]:
         with pytest.raises(ValueError, match=want):
             C.limits_from_config({field: value}, "grpo.code_limits")
+
+
+def test_code_limits_flag_reads_values_and_names_what_is_wrong():
+    got = C.parse_limits(" timeout = 2.5, memory_mb=4096,network=TRUE, max_processes=none ,")
+    assert got == {"timeout": 2.5, "memory_mb": 4096, "network": True, "max_processes": None}
+    assert C.limits_from_config(got, "--code_limits") == C.Limits(
+        timeout=2.5, memory_mb=4096, network=True, max_processes=None)  # fmt: skip
+    assert C.parse_limits("shell=false,timeout=3") == {"shell": False, "timeout": 3}
+    for text, want in [
+        ("timeout", r"--code_limits: 'timeout' is not FIELD=VALUE"),
+        ("timeout=", r"'timeout=' is not FIELD=VALUE"),
+        ("=3", r"'=3' is not FIELD=VALUE"),
+        ("timeout=fast", r"--code_limits: timeout='fast' is not a number, true, false or none"),
+        ("timeout=1,timeout=2", "--code_limits: timeout is given twice"),
+        ("memory_mb=0", r"--code_limits.memory_mb=0: expected a positive integer"),
+        ("network=1", r"--code_limits.network=1: expected True or False"),
+        ("netwrok=true", r"--code_limits.netwrok: no such limit"),
+        ("timeout=nan", r"--code_limits.timeout=nan: expected a positive number"),
+        (" , ", r"--code_limits: no limits given"),
+    ]:
+        with pytest.raises(ValueError, match=want):
+            C.parse_limits(text)
+    with pytest.raises(ValueError, match=r"^--lim: 'x' is not FIELD=VALUE"):
+        C.parse_limits("x", "--lim")
 
 
 def test_with_limits_runs_the_code_rewards_under_them_and_leaves_others(tmp_path):

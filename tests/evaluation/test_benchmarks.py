@@ -459,6 +459,19 @@ def test_code_scoring_runs_the_programs(specs):
     assert G.score_response(he.replace(chat=True), fields, reply)["pass"] == 1.0
 
 
+def test_a_tasks_code_limits_are_what_its_programs_run_under(specs, tmp_path):
+    """code_limits (the spec's, or --code_limits laid over them) bind verify_code's Limits: a
+    solution that writes a file outside its run directory is refused by the default guard
+    (pass 0) and passes once writes_outside is allowed."""
+    he = specs["humaneval"][0]
+    fields = read_examples(he)[0].fields
+    out = tmp_path / "written.txt"
+    body = f"    open({str(out)!r}, 'w').write('x')\n" + HUMANEVAL_TEST[0]["canonical_solution"]
+    assert G.score_response(he, fields, body)["pass"] == 0.0 and not out.exists()
+    allowed = he.replace(code_limits={"writes_outside": True})
+    assert G.score_response(allowed, fields, body)["pass"] == 1.0 and out.read_text() == "x"
+
+
 def test_harness_takes_preset_and_dir(data):
     """--tasks mmlu:DIR resolves to the preset's tasks, as the written spec file does."""
     specs = resolve_tasks([f"gsm8k:{data}/gsm8k", f"mmlu:{data}/mmlu"])

@@ -398,9 +398,33 @@ def test_rewards_without_meta_or_with_a_bad_one_name_the_line(tmp_path):
     (["--rewards", "exact_matc"], "--rewards: unknown reward 'exact_matc'"),
     (["--rewards", "format:x:y"], "--rewards: bad weight"),
     (["--reward_model", "runs/rm", "--empty_reward", "0"], "--empty_reward needs --rewards"),
+    (["--reward_model", "runs/rm", "--code_limits", "timeout=9"], "--code_limits needs --rewards"),
+    (["--rewards", "exact_match", "--code_limits", "timeout=9"],
+     "--code_limits: no code_tests or code_tests_partial among --rewards"),
+    (["--rewards", "code_tests", "--code_limits", "timeout=0"],
+     "--code_limits.timeout=0: expected a positive number of seconds"),
 ])  # fmt: skip
 def test_exactly_one_scorer_is_a_usage_error_otherwise(flags, message, tmp_path, capsys):
     path = _write(tmp_path / "s.jsonl", [_sample("p", "c", "c")])
     with pytest.raises(SystemExit) as e:
         bon.main([path, "--sft_out", str(tmp_path / "o.jsonl"), *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_code_limits_bind_the_code_rewards(tmp_path):
+    """--code_limits: the code_tests programs run under those Limits (a solution that writes a
+    file outside its run directory scores 0 under the default guard, 1 with writes_outside);
+    the summary records them."""
+    out = tmp_path / "written.txt"
+    program = f"open({str(out)!r}, 'w').write('x')\ndef add(a, b):\n    return a + b\n"
+    solution = f"```python\n{program}```"
+    meta = {"tests": ["assert add(2, 3) == 5"]}
+    rows = [{"prompt": "add?", "completion": c, "meta": meta} for c in ("no code", solution)]
+    path = _write(tmp_path / "s.jsonl", rows)
+    sft = str(tmp_path / "sft.jsonl")
+    res = bon.main(["--rewards", "code_tests", path, "--sft_out", sft, "--min_reward", "1"])
+    assert res["sft_written"] == 0 and not out.exists()  # (refused: the program failed)
+    res = bon.main(["--rewards", "code_tests", path, "--sft_out", sft, "--min_reward", "1",
+                    "--code_limits", "writes_outside=true,timeout=10"])  # fmt: skip
+    assert res["sft_written"] == 1 and out.read_text() == "x"
+    assert res["code_limits"] == {"writes_outside": True, "timeout": 10}

@@ -105,6 +105,14 @@ def test_cli_errors(run_dir, world_dir, tok_path, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"num_samples > 1 needs temperature > 0 .*"
                                          r"\(--num_samples 3\)$"):  # fmt: skip
         main([*base, "--tasks", "gen_facts_train", "--num_samples", "3"])
+    # --code_limits: a bad value names the field; no code-scored task for it is an error too
+    # (it would change nothing). (What it binds: tests/evaluation/test_benchmarks.py.)
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--tasks", "gen_facts_train", "--code_limits", "memory_mb=0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--code_limits: memory_mb=0: expected a positive integer" in err
+    with pytest.raises(SystemExit, match=r"^--code_limits: none of the tasks scores code"):
+        main([*base, "--tasks", "gen_facts_train", "--code_limits", "timeout=20"])
     (tmp_path / "c.json").write_text(
         json.dumps(
             {
@@ -361,3 +369,15 @@ def test_tasks_a_plugin_module_registers_are_named_on_the_command_line(
     with pytest.raises(SystemExit, match=r"--tasks_module: cannot import './my_tasks.py' .*"
                                          r"name a module, not a file path"):  # fmt: skip
         main([*argv, "--tasks_module", "./my_tasks.py"])
+
+
+def test_code_limits_flag_goes_over_each_code_tasks_own():
+    from flaxlm.evaluation.__main__ import _code_limits, _with_code_limits
+    from flaxlm.evaluation.tasks import TaskSpec
+
+    code = TaskSpec("c", "generation", "c.jsonl", scoring="code",
+                    code_limits={"timeout": 20, "memory_mb": 2048})  # fmt: skip
+    other = TaskSpec("g", "generation", "g.jsonl")
+    got = _with_code_limits([code, other], _code_limits("memory_mb=4096,network=true"), "--x")
+    assert got[0].code_limits == {"timeout": 20, "memory_mb": 4096, "network": True}
+    assert got[0].limits.network and got[0].limits.timeout == 20 and got[1] is other

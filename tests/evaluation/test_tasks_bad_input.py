@@ -42,6 +42,31 @@ def test_spec_values_of_the_wrong_type_name_the_key(tmp_path, extra, match):
         load_spec_file(_spec_file(tmp_path, spec))
 
 
+def test_code_limits_are_checked_when_the_spec_is_read(tmp_path):
+    """A code task's code_limits (verify_code's Limits fields) fail on reading the spec, naming
+    the spec entry, the task and the field; on a task that runs no code they are an error."""
+    code = {"name": "t", "type": "generation", "file": "g.jsonl", "scoring": "code"}
+    for limits, match in [
+        (
+            {"memory_mb": 0},
+            r"spec\.json\[0\]: task 't': code_limits\.memory_mb=0: expected a "
+            "positive integer",
+        ),
+        ({"timeot": 5}, r"spec\.json\[0\]: task 't': code_limits\.timeot: no such limit"),
+        ({"network": "yes"}, r"code_limits\.network='yes': expected True or False"),
+        (5, r"spec\.json\[0\]: code_limits=5 must be of type dict"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            load_spec_file(_spec_file(tmp_path, {**code, "code_limits": limits}))
+    spec = load_spec_file(_spec_file(tmp_path, {**code, "code_limits": {"timeout": 20}}))[0]
+    assert spec.limits.timeout == 20 and spec.limits.memory_mb == 1024  # (the others: defaults)
+    assert spec.to_dict()["code_limits"] == {"timeout": 20}  # (what results record)
+    with pytest.raises(ValueError, match=r"task 't': code_limits is for scoring='code', not "
+                                         r"'exact_match'"):  # fmt: skip
+        load_spec_file(_spec_file(tmp_path, {**code, "scoring": "exact_match",
+                                             "code_limits": {"timeout": 20}}))  # fmt: skip
+
+
 def test_a_spec_list_of_non_objects_and_a_bad_manifest(tmp_path):
     with pytest.raises(ValueError, match=r"spec\.json\[0\]: a spec must be a JSON object"):
         load_spec_file(_spec_file(tmp_path, ["mc_facts"]))
