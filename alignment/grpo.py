@@ -474,10 +474,11 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
         config, mesh, rules, prompts, cfg=cfg, template=template, apply=apply, ref=ref,
         rewards=rewards, spec=spec, rm=rm,
     )  # fmt: skip
-    # (the eval judges the answer after grpo.reasoning_end, as the rollouts' rewards do)
+    # (the eval judges the answer after grpo.reasoning_end, as the rollouts' rewards do, and
+    # the RL prompt sets' answers by the rewards too: eval/rl_heldout/reward/math_verify, ...)
     eval_fn, data_report = rl_eval.policy_eval_and_report(
         config, cfg, template, prompts, held, report, mesh, rules, workdir,
-        reasoning_end=config[k].get("reasoning_end", ""),
+        reasoning_end=config[k].get("reasoning_end", ""), rewards=rewards,
     )  # fmt: skip
     if spec and eval_fn:
         plain_eval = eval_fn

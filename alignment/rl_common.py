@@ -16,7 +16,8 @@ resume (`FrozenSources`).
 
 Held-out evaluation (alignment/rl_eval.py: `make_policy_eval`, `heldout_sets`): greedy (and
 optionally sampled) answers to held-out prompts, scored by the built-in world's judge and by a
-reward model when one is given; never measured on trained questions.
+reward model when one is given, and the RL prompt sets' answers by the run's reward functions
+(GRPO, online DPO: `rl_eval.reward_metrics`); never measured on trained questions.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Held-out evaluation of the alignment tasks: greedy (and optionally sampled) answers to
-held-out prompts, scored by the built-in world's judge and by a reward model when one is given.
+held-out prompts, scored by the built-in world's judge and by a reward model when one is given,
+and — the RL prompt sets — by the run's own reward functions (`reward_metrics`: a verifier's
+held-out accuracy on math or code prompts, whose worked answers never match meta.answer exactly).
 
 The RL tasks hold out whole questions of their own prompt set (`rollout.heldout_prompts`,
 `split_prompts`: every paraphrase of a held-out question stays out of training), and any
@@ -23,6 +25,7 @@ from flaxlm.alignment.rl_common import (
     rollout_rows,
     stop_string_tuple,
 )
+from flaxlm.alignment.rl_rollout import call_reward_fns
 from flaxlm.data import formats as F
 from flaxlm.data.chat_batches import order_seed
 from flaxlm.data.formats import split_reasoning
@@ -90,12 +93,14 @@ def training_prompts(config, template):
 
 
 def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, rules, workdir,
-                           rm=None, reasoning_end=""):  # fmt: skip
+                           rm=None, reasoning_end="", rewards=None):  # fmt: skip
     """(eval_fn(policy params) or None, data report) of an RL run: the `eval_gen` sets plus the
     held-out RL prompts and as many training prompts (a fixed sample, for comparison); the
     report (prompts kept/dropped, eval sets) is also written to the workdir. `reasoning_end`:
     the run's end-of-thinking marker (`grpo.reasoning_end`), so answers are judged after it as
-    the rollouts judge them (`make_policy_eval`)."""
+    the rollouts judge them (`make_policy_eval`). `rewards`: the run's reward functions
+    [(name, fn, weight)] (GRPO's, online DPO's), which also judge the two RL prompt sets'
+    answers (`make_policy_eval`'s reward metrics)."""
     eval_report = F.DataReport(strict=config.data.strict)
     eval_fn = None
     if config.eval_every and (config.eval_gen.sets or held):
@@ -103,7 +108,9 @@ def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, r
         sets = heldout_sets(config, template, prompts, eval_report, extra)
         eval_fn = make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules, rm=rm,
                                    stop_strings=config.rollout.get("stop_strings", ()),
-                                   reasoning_end=reasoning_end)  # fmt: skip
+                                   reasoning_end=reasoning_end, rewards=rewards,
+                                   reward_sets=tuple(extra or ()),
+                                   empty_reward=config.rollout.empty_reward)  # fmt: skip
     data_report = {
         "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
         "eval": eval_report.to_dict(),
@@ -132,7 +139,8 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
         )
     seen = {question_key(p) for p in train_prompts}
     out = {name: [{"ids": p["ids"], "meta": p["meta"], "answer": str(p["meta"].get("answer", "")),
-                   "loc": p.get("loc", "")} for p in prompts[: gen.examples]]
+                   "loc": p.get("loc", ""), "messages": p.get("messages")}
+                  for p in prompts[: gen.examples]]
            for name, prompts in (extra or {}).items()}  # fmt: skip
     parts = [p for p in (q.strip() for q in gen.sets.split(",")) if p]
     taken = {name: f"the {name} prompts of rollout.heldout_prompts" for name in out}
@@ -197,8 +205,53 @@ def sets_eval(config, template, cfg, mesh, rules, report: F.DataReport):
     return make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
 
 
+def reward_metrics(rewards, examples, texts, reasoning_end="", empty_reward=-1.0,
+                   samples: int = 1, prefix: str = "") -> dict:  # fmt: skip
+    """The reward functions' verdicts on `texts`, `samples` consecutive ones per example (the
+    examples' meta, and their prompt turns for a function that takes `prompt`), judged as the
+    rollouts judge theirs (alignment/grpo.py `_judged`): each function once per answer — the
+    text after `reasoning_end` when one is given — through `call_reward_fns` (several at once
+    for code rewards, shared out over processes). An answer that is empty or a reasoning that
+    never ended is not judged: each function's value 0, the sum `empty_reward`. A function that
+    raises or gives no finite number leaves its answer out of that function's mean and of the
+    sum's, counted in "reward_invalid". {prefix + "reward": mean Σ weight·fn, prefix +
+    "reward/<name>": each function's mean, [prefix + "reward_invalid"], and with samples > 1
+    prefix + "pass@k/<name>" for a function whose values were all 0 or 1: the share of
+    examples with a sample that scored 1}."""
+    if not rewards:
+        return {}
+    n = len(texts)
+    owner = [examples[j // samples] for j in range(n)]
+    answers, reasonings = list(texts), None
+    no_answer = np.asarray([not t.strip() for t in texts], bool)
+    if reasoning_end:
+        split = [split_reasoning(t, reasoning_end) for t in texts]
+        reasonings, answers = [r for r, _, _ in split], [a for _, a, _ in split]
+        no_answer = np.asarray([unf or not a.strip() for _, a, unf in split], bool)
+    judged = np.flatnonzero(~no_answer)
+    pick = lambda xs: None if xs is None else [xs[j] for j in judged]  # noqa: E731
+    messages = [ex.get("messages") for ex in owner]
+    prompts = None if any(m is None for m in messages) else messages
+    total, valid, out = np.zeros(n), np.ones(n, bool), {}
+    for name, fn, w in rewards:
+        got, ok, _ = call_reward_fns([fn], [1.0], pick([ex["meta"] for ex in owner]),
+                                     pick(answers), pick(prompts), pick(reasonings))  # fmt: skip
+        vals, fine = np.zeros(n), np.ones(n, bool)
+        vals[judged], fine[judged] = got, ok
+        out[f"{prefix}reward/{name}"] = vals[fine].mean() if fine.any() else float("nan")
+        if samples > 1 and fine.all() and np.isin(vals, (0.0, 1.0)).all():
+            out[f"{prefix}pass@{samples}/{name}"] = vals.reshape(-1, samples).max(1).mean()
+        total, valid = total + w * vals, valid & fine
+    total = np.where(no_answer, empty_reward, total)
+    out[f"{prefix}reward"] = total[valid].mean() if valid.any() else float("nan")
+    if not valid.all():
+        out[f"{prefix}reward_invalid"] = 1.0 - valid.mean()
+    return out
+
+
 def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, stop_strings=(),
-                     reasoning_end=""):  # fmt: skip
+                     reasoning_end="", rewards=None, reward_sets=(),
+                     empty_reward=-1.0):  # fmt: skip
     """policy params -> {"<set>/accuracy", "/judge", "/stopped", "/response_len"
     [, "/rm_score"]} from greedy answers (one decoder call per `gen_cfg.batch` prompts), and
     with `gen_cfg.sample_temperature` > 0 also "<set>/sampled_accuracy": `gen_cfg.samples`
@@ -210,7 +263,16 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     `grpo.reasoning_end`): the answer after it is judged, as the rollouts' rewards judge it; a
     reasoning that never ended is no answer (accuracy and judge 0), and
     "<set>/reasoning_unfinished" (greedy) and "/sampled_reasoning_unfinished" count how often.
-    (Judged whole, "<think>…</think>42" was wrong here and right in rollout/accuracy.)"""
+    (Judged whole, "<think>…</think>42" was wrong here and right in rollout/accuracy.)
+
+    `rewards` ([(name, fn, weight)], the run's; the reward model's entry, fn None, is left out)
+    judge the answers to the sets named in `reward_sets` (the RL prompt sets, whose records
+    carry the meta the functions read) as the rollouts judge theirs (`reward_metrics`):
+    "<set>/reward" (Σ weight·fn) and "<set>/reward/<name>" of the greedy answers, and with
+    samples "/sampled_reward", "/sampled_reward/<name>" and, for a function whose values were
+    all 0 or 1 (a verifier: math_verify, exact_match, code_tests), "/sampled_pass@k/<name>".
+    Accuracy is exact match with the reference, which a worked solution never is: on math or
+    code prompts the verifier's "reward/<name>" is the held-out accuracy to watch."""
     from flaxlm.alignment import sft
     from flaxlm.models.stop_strings import StopStrings
 
@@ -227,6 +289,7 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     pad_id = max(template.tok.pad_id, 0)
     temp = float(gen_cfg.get("sample_temperature", 0.0))
     n_samples = int(gen_cfg.get("samples", 1))
+    judges = [(name, fn, w) for name, fn, w in (rewards or ()) if fn is not None]
 
     def judge(ex, text) -> tuple[float, float, bool]:
         """(correct, judge score, reasoning unfinished) of one response to example `ex`."""
@@ -237,9 +300,10 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
             return 0.0, 0.0, True
         return (*sft.score(ex["meta"], answer, ex["answer"]), False)
 
-    def run_set(policy, examples) -> dict:
+    def run_set(policy, examples, judged_by_rewards: bool) -> dict:
         acc, jud, stopped, lens, scores, sampled = [], [], [], [], [], []
         unfinished, sampled_unfinished = [], []
+        greedy_texts, sampled_texts = [], []  # (for the reward functions)
         bs = gen_cfg.batch
         for i in range(0, len(examples), bs):
             chunk = examples[i : i + bs]
@@ -258,6 +322,7 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
                 with use_mesh(mesh, rules):
                     s = fetch(score(rm[2], global_batch(rows, mesh)))
                 scores += list(s[: len(chunk)])
+            greedy_texts += texts[: len(chunk)]
             for ex, text in zip(chunk, texts):
                 ok, j, unf = judge(ex, text)
                 acc.append(ok)
@@ -278,6 +343,7 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
                 ))  # fmt: skip
                 texts, _ = decode_responses(template.tok, out.tokens, out.lengths,
                                             template.stop_tokens)  # fmt: skip
+                sampled_texts += texts[: len(part) * n_samples]
                 judged = [judge(ex, texts[r * n_samples + g])
                           for r, ex in enumerate(part) for g in range(n_samples)]  # fmt: skip
                 sampled += [ok for ok, _, _ in judged]
@@ -292,13 +358,20 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
             res["reasoning_unfinished"] = np.mean(unfinished)
             if sampled:
                 res["sampled_reasoning_unfinished"] = np.mean(sampled_unfinished)
+        if judged_by_rewards:
+            res.update(reward_metrics(judges, examples, greedy_texts, reasoning_end,
+                                      empty_reward))  # fmt: skip
+            if sampled_texts:
+                res.update(reward_metrics(judges, examples, sampled_texts, reasoning_end,
+                                          empty_reward, n_samples, "sampled_"))  # fmt: skip
         return {k: float(v) for k, v in res.items()}
 
     def eval_fn(policy) -> dict:
         out = {}
         for name, examples in sets.items():
             if examples:
-                out.update({f"{name}/{k}": v for k, v in run_set(policy, examples).items()})
+                got = run_set(policy, examples, bool(judges) and name in reward_sets)
+                out.update({f"{name}/{k}": v for k, v in got.items()})
         return out
 
     return eval_fn

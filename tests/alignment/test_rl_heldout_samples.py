@@ -116,3 +116,44 @@ def test_reasoning_end_scores_the_answer_after_the_reasoning(tmp_path, cache_dir
     assert out["held/sampled_accuracy"] == pytest.approx(0.5)
     assert out["held/reasoning_unfinished"] == pytest.approx(0.25)
     assert out["held/sampled_reasoning_unfinished"] == pytest.approx(0.25)
+
+
+def test_the_rl_prompt_sets_are_judged_by_the_runs_rewards(tmp_path, cache_dir, monkeypatch):
+    """GRPO's held-out accuracy is exact match with meta.answer, which a worked solution never
+    is; the RL prompt sets (rl_heldout, rl_train) are also judged by the run's own rewards, as
+    its rollouts are: reward/<name> per function (math_verify: the held-out math accuracy),
+    reward (Σ weight·fn; no answer: rollout.empty_reward), and with samples the sampled means
+    and pass@k of each 0/1 function. Other eval sets, whose records the rewards were never
+    checked against, are not."""
+    sft_dir, _ = H.fake_runs(str(tmp_path), cache_dir)
+    prompts = tmp_path / "math.jsonl"
+    prompts.write_text("".join(
+        json.dumps({"prompt": f"What is {i} plus {42 - i}?", "meta": {"answer": "42"}}) + "\n"
+        for i in range(16)))  # fmt: skip
+    c = H.tiny(grpo_config, cache_dir, init_from=sft_dir, **{
+        "data.train": str(prompts), "rollout.heldout_prompts": 4, "rollout.empty_reward": -1.0,
+        "grpo.rewards": "math_verify,boxed_format:0.1", "batch_size": 8, "rollout.batch": 8,
+        "grpo.group_size": 4, "seq_len": 64, "rollout.max_prompt_len": 40,
+        "rollout.max_new_tokens": 24, "eval_every": 1, "eval_gen.sets": str(prompts),
+        "eval_gen.examples": 4, "eval_gen.batch": 8, "eval_gen.max_new_tokens": 24,
+        "eval_gen.max_prompt_len": 40, "eval_gen.sample_temperature": 1.0, "eval_gen.samples": 4,
+    })  # fmt: skip
+    task = grpo.build_task(c, make_mesh(dict(c.mesh)), None)
+    t = task.train_batches.template
+    # right and boxed, wrong and boxed, no box, no answer at all: each prompt's greedy answer
+    # is one of them (4 held-out prompts), and its 4 samples are all four
+    kinds = ["so \\boxed{42}", "it is \\boxed{41}", "42", ""]
+    assert [t.tok.decode(t.tok.encode(k)) for k in kinds] == kinds
+    monkeypatch.setattr(rl_eval, "generate", _texts_generate(t.tok, t.stop_tokens[0], kinds))
+    out = task.eval_fn(task.train_batches.ref_params)
+    for name in ("rl_heldout", "rl_train"):
+        assert out[f"{name}/reward/math_verify"] == pytest.approx(0.25)
+        assert out[f"{name}/reward/boxed_format"] == pytest.approx(0.5)
+        assert out[f"{name}/reward"] == pytest.approx((1.1 + 0.1 + 0.0 - 1.0) / 4)
+        assert out[f"{name}/sampled_reward/math_verify"] == pytest.approx(0.25)
+        assert out[f"{name}/sampled_reward"] == pytest.approx((1.1 + 0.1 + 0.0 - 1.0) / 4)
+        assert out[f"{name}/sampled_pass@4/math_verify"] == 1.0  # every prompt: one right
+        assert out[f"{name}/accuracy"] == pytest.approx(0.25)  # (exact match: "42" alone)
+        assert f"{name}/reward_invalid" not in out
+    math = {k for k in out if k.startswith("math/")}  # eval_gen.sets: the same file, unjudged
+    assert math and not any("reward" in k for k in math)
