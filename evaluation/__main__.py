@@ -22,7 +22,9 @@ finished tasks' results (and "failed": the task and the error). Both files recor
 asked for (`tasks_requested`) and whether all of them ran (`complete`). --code_limits
 (timeout=20,memory_mb=4096,...: alignment/verify_code.py's Limits) goes over the code_limits of
 every code-scored task (HumanEval, MBPP), the programs' time, memory and what they may touch;
-the results' specs record the limits each task ran with. --num_fewshot and
+the results' specs record the limits each task ran with. --pass_at_k 1,10 reports pass@1 and
+pass@10 of every generation task, each estimated from all its --num_samples samples (n >= 10;
+Chen et al.'s unbiased estimator, as HumanEval reports them). --num_fewshot and
 --chat override every task's setting; by default a checkpoint of a post-training task (SFT,
 DPO, ...) is prompted with the chat template, and a base model as each task says: a pretrained
 or imported HF one (meta task hf_import), or a run of any task on pretraining data (its
@@ -68,6 +70,17 @@ def _temperature(text: str) -> float:
     if not t >= 0:  # (NaN fails >= 0 too)
         raise argparse.ArgumentTypeError(f"{t}: must be >= 0 (0 = greedy)")
     return t
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    """--pass_at_k's "1,10": positive integers."""
+    try:
+        ks = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected k values, e.g. 1,10") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected k values >= 1, e.g. 1,10")
+    return ks
 
 
 def _code_limits(text: str) -> dict:
@@ -150,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="generation tasks: samples per prompt (needs --temperature > 0)",
     )
+    p.add_argument("--pass_at_k", type=_ks, default=None,
+                   help="generation tasks: also pass@k for these k (e.g. 1,10), each "
+                        "estimated from all --num_samples samples (unbiased)")  # fmt: skip
     p.add_argument("--chat_template_kwargs", default="",
                    help='JSON object of chat-template variables, e.g. \'{"enable_thinking": '
                         'false}\' (default: what the run trained with)')  # fmt: skip
@@ -336,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
         flags = " ".join(f"--{k} {v!r}" if k == "reasoning_end" else f"--{k} {v}"
                          for k, v in sampling.items())  # fmt: skip
         specs = _replaced(specs, flags, "generation", **sampling)
+    if args.pass_at_k is not None:  # (after --num_samples: each k must be <= it)
+        flag = f"--pass_at_k {','.join(map(str, args.pass_at_k))}"
+        specs = _replaced(specs, flag, "generation", pass_at_k=args.pass_at_k)
     if args.code_limits is not None:
         specs = _with_code_limits(specs, args.code_limits, "--code_limits")
     _check_tasks(specs, args.limit, meta)  # fails now, not after earlier tasks ran

@@ -37,7 +37,9 @@ reports how often (raise `max_new_tokens`), and each sample keeps its `reasoning
 
 With `num_samples` = k > 1 a 0/1 score (exact_match, correct, pass) also gets pass@k, 1 if any
 of the k samples scores: Chen et al. (2021)'s unbiased estimator 1 - C(n-c, k) / C(n, k) with
-n = k samples drawn, which is exactly that (no n > k estimate is made).
+n = k samples drawn, which is exactly that. A spec's `pass_at_k` (the CLI's --pass_at_k) asks
+for smaller k too, each estimated from all n samples, c of them correct (`pass_at_k_estimate`:
+HumanEval's pass@1 and pass@10 of n = 20, far less noisy than drawing k alone).
 Tasks that extract an answer (math, regex, exact_match) also get maj@k, self-consistency's
 majority vote (Wang et al. 2022; Minerva's maj1@k): the answer most of the k samples give wins
 — answers are grouped as the scoring compares them (math: `answers_equal`, so "0.5" and
@@ -271,6 +273,18 @@ def _vote(spec: TaskSpec, response: str) -> str | None:
     return normalize_answer(response, spec.normalize) or None
 
 
+def pass_at_k_estimate(n: int, c: float, k: int) -> float:
+    """Chen et al. (2021)'s unbiased pass@k from n samples of which c are correct: the chance
+    that k drawn without replacement hold a correct one, 1 - C(n-c, k) / C(n, k), as the
+    product 1 - Π_{i=n-c+1}^{n} (1 - k/i) (no huge binomials)."""
+    c = int(round(c))
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@{k} of {c} correct in {n} samples")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
 def majority(spec: TaskSpec, votes: Sequence[str | None], hits: Sequence[float]) -> float:
     """maj@k of one example: `hits[i]` (0/1) of the first sample giving the answer most samples
     give (`votes`, None for no answer; equal as the scoring compares answers; a tie goes to the
@@ -420,13 +434,13 @@ def generation(
             for s, (_, _, unfinished) in zip(per, split):
                 s["reasoning_unfinished"] = float(unfinished)
         scores = {name: float(np.mean([s[name] for s in per])) for name in per[0]}
-        if k > 1:
-            for name in PASS_AT_K:
-                if name in scores:
-                    scores[f"pass@{k}"] = float(max(s[name] for s in per))
-            if spec.scoring in VOTED:
-                votes = [_vote(spec, r) for r in responses]
-                scores[f"maj@{k}"] = majority(spec, votes, [s["exact_match"] for s in per])
+        for name in (n for n in PASS_AT_K if n in scores):  # (a scoring has one of them)
+            hits = sum(s[name] for s in per)
+            for j in sorted({*spec.pass_at_k, *([k] if k > 1 else [])}):
+                scores[f"pass@{j}"] = pass_at_k_estimate(k, hits, j)
+        if k > 1 and spec.scoring in VOTED:
+            votes = [_vote(spec, r) for r in responses]
+            scores[f"maj@{k}"] = majority(spec, votes, [s["exact_match"] for s in per])
         for name, v in scores.items():
             sums[name] = sums.get(name, 0.0) + v
         row = {"source": ex.source, "prompt": prompt, "response": responses[0],

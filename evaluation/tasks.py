@@ -148,6 +148,8 @@ class TaskSpec:
     temperature: float = 0.0  # generation: 0 = greedy; > 0 samples at this temperature
     num_samples: int = 1  # generation: samples per prompt (temperature > 0); scores are their
     # mean, and a 0/1 score (correct, exact_match) also gets pass@k: any of the k samples
+    pass_at_k: tuple = ()  # generation: also pass@k for these k <= num_samples, Chen et al.'s
+    # unbiased estimate from the n = num_samples drawn (HumanEval's pass@1, @10 of n = 20)
     chat: bool = False  # render prompts with the chat template (an instruction-tuned model)
     max_len: int = 0  # perplexity window in tokens (0 = the model's max_seq_len)
     stride: int = 0  # perplexity: tokens between window starts (0 = max_len, no overlap)
@@ -200,6 +202,13 @@ class TaskSpec:
             raise ValueError(f"{where}: max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.num_samples > 1 and self.temperature == 0:
             raise ValueError(f"{where}: num_samples > 1 needs temperature > 0 (greedy repeats)")
+        ks = (self.pass_at_k,) if isinstance(self.pass_at_k, int) else tuple(self.pass_at_k)
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"{where}: pass_at_k must hold positive integers, got {ks!r}")
+        if ks and (self.type != "generation" or max(ks) > self.num_samples):
+            raise ValueError(f"{where}: pass_at_k={list(ks)} needs a generation task with "
+                             f"num_samples >= {max(ks)} (it has {self.num_samples})")  # fmt: skip
+        object.__setattr__(self, "pass_at_k", tuple(sorted(set(ks))))
         if self.num_fewshot < 0 or self.stride < 0 or self.max_len < 0:
             raise ValueError(f"{where}: num_fewshot, max_len and stride must be >= 0")
         if self.add_eos and self.type != "perplexity":
@@ -257,6 +266,7 @@ class TaskSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stop"], d["group"] = list(self.stop), list(self.group)
+        d["pass_at_k"] = list(self.pass_at_k)
         return d
 
     @classmethod
@@ -272,7 +282,7 @@ class TaskSpec:
         if missing:
             raise ValueError(f"{where}: spec is missing {missing}")
         for f in dataclasses.fields(cls):  # JSON values of the wrong type fail here, by key
-            if f.name in d and not _type_ok(d[f.name], _default(f)):
+            if f.name in d and not _type_ok(d[f.name], _default(f), _ITEMS.get(f.name, str)):
                 kind = type(_default(f)).__name__
                 raise ValueError(f"{where}: {f.name}={d[f.name]!r} must be of type {kind}")
         d = dict(d)
@@ -301,14 +311,20 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else ""
 
 
-def _type_ok(value, like) -> bool:
-    """Whether a JSON value can stand for a spec field whose default is `like`."""
+_ITEMS = {"pass_at_k": int}  # list fields whose items are not strings
+
+
+def _type_ok(value, like, items: type = str) -> bool:
+    """Whether a JSON value can stand for a spec field whose default is `like` (a list field:
+    of `items`)."""
     if isinstance(like, bool):
         return isinstance(value, bool)
     if isinstance(like, (int, float)) and not isinstance(value, bool):
         return isinstance(value, int) or (isinstance(like, float) and isinstance(value, float))
     if isinstance(like, tuple):
-        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(v, items) and not isinstance(v, bool) for v in value
+        )
     return isinstance(value, type(like))
 
 

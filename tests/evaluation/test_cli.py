@@ -105,6 +105,13 @@ def test_cli_errors(run_dir, world_dir, tok_path, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"num_samples > 1 needs temperature > 0 .*"
                                          r"\(--num_samples 3\)$"):  # fmt: skip
         main([*base, "--tasks", "gen_facts_train", "--num_samples", "3"])
+    for value, why in (("0", "'0': expected k values >= 1"), ("x", "'x': expected k values")):
+        with pytest.raises(SystemExit) as e:
+            main([*base, "--tasks", "gen_facts_train", "--pass_at_k", value])
+        assert e.value.code == 2 and f"--pass_at_k: {why}" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"num_samples >= 10 \(it has 2\) \(--pass_at_k 1,10\)$"):
+        main([*base, "--tasks", "gen_facts_train", "--temperature", "1", "--num_samples", "2",
+              "--pass_at_k", "1,10"])  # fmt: skip
     # --code_limits: a bad value names the field; no code-scored task for it is an error too
     # (it would change nothing). (What it binds: tests/evaluation/test_benchmarks.py.)
     with pytest.raises(SystemExit) as e:

@@ -183,6 +183,45 @@ def test_sampled_generation_averages_samples_and_reports_pass_at_k(world_dir, to
         spec.replace(temperature=0.0)
 
 
+def test_pass_at_k_estimates_every_k_from_all_the_samples(world_dir, tok):
+    """pass_at_k: Chen et al.'s unbiased estimate, against the share of k-subsets of the n
+    samples holding a correct one (enumerated); in a task, each k from all n samples."""
+    from itertools import combinations
+
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(combinations([1] * c + [0] * (n - c), k))
+                want = sum(any(s) for s in subsets) / len(subsets)
+                assert G.pass_at_k_estimate(n, c, k) == pytest.approx(want, abs=1e-12)
+    assert 0.0 < G.pass_at_k_estimate(200, 1, 10) == pytest.approx(10 / 200)  # (no overflow)
+    with pytest.raises(ValueError, match="pass@5 of 1 correct in 4 samples"):
+        G.pass_at_k_estimate(4, 1, 5)
+    spec = world_tasks(world_dir)["gen_facts_train"].replace(temperature=0.7, num_samples=4,
+                                                             pass_at_k=[2, 1, 2])  # fmt: skip
+    assert spec.pass_at_k == (1, 2)  # (sorted, once each)
+    examples = read_examples(spec, limit=2)
+    prompts = [encode_prompt(spec, ex, [], tok) for ex in examples]
+
+    def fake_sampler(prompt_ids, max_new_tokens, temperature=0.0):
+        # example 0: one right of 4; example 1: 3 right of 4
+        answers = [examples[0].fields["answer"]] + ["nobody"] * 3
+        answers += [examples[1].fields["answer"]] * 3 + ["nobody"]
+        return [tok.encode(f" The answer is {a}.") for a in answers]
+
+    metrics, samples = G.generation(spec, examples, prompts, fake_sampler, tok,
+                                    max_prompt_len=10_000)  # fmt: skip
+    first, second = (s["scores"] for s in samples)
+    assert (first["pass@1"], first["pass@2"], first["pass@4"]) == (0.25, 0.5, 1.0)
+    assert (second["pass@1"], second["pass@2"], second["pass@4"]) == (0.75, 1.0, 1.0)
+    assert metrics["pass@2"] == pytest.approx(0.75) and metrics["pass@1"] == metrics["correct"]
+    for bad, why in [((5,), r"pass_at_k=\[5\] needs a generation task with num_samples >= 5"),
+                     ((0,), "pass_at_k must hold positive integers"),
+                     ((True,), "pass_at_k must hold positive integers")]:  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            spec.replace(pass_at_k=bad)
+
+
 def test_win_rate_counts_ties_half():
     score = lambda prompts, responses: [float(len(r)) for r in responses]
     prompts = ["p1", "p2", "p3", "p4"]

@@ -32,6 +32,12 @@ def test_invalid_utf8_row_names_file_and_line(tmp_path):
         ({"num_fewshot": "2"}, r"spec\.json\[0\]: num_fewshot='2' must be of type int"),
         ({"stop": "\n\n"}, r"spec\.json\[0\]: stop='\\n\\n' must be of type tuple"),  # was 2 x "\n"
         ({"chat": "yes"}, r"spec\.json\[0\]: chat='yes' must be of type bool"),
+        ({"pass_at_k": ["1"]}, r"spec\.json\[0\]: pass_at_k=\['1'\] must be of type tuple"),
+        (
+            {"pass_at_k": [2]},
+            r"spec\.json\[0\]: task 't': pass_at_k=\[2\] needs a generation "
+            "task with num_samples >= 2",
+        ),
         ({"fields": {"context": 5}}, r"task 't': fields key paths must be strings"),
     ],
 )
