@@ -41,6 +41,9 @@ assignment ("x = 5", "\\theta = 30", "y \\in [0, 1]") is dropped. Then:
            evaluated exactly: 0.5 == 1/2 == \\frac{1}{2}, 3.0 == 3, -0 == 0; "0.333" is not
            1/3 unless `rel_tol` allows it (|a − b| <= rel_tol · max(|a|, |b|); for two numbers
            only);
+  repeats  a repeating decimal is its exact fraction: "0.\\overline{3}" == "\\frac13",
+           "0.1\\overline{6}" == "1/6", "2.\\overline{09}" == "23/11" (also `\\dot{3}`); a
+           truncation ("0.333") is not, unless `rel_tol` allows it;
   percent  the sign is dropped: "10\\%" == "10%" == "10", but "50%" != "0.5" — a percentage
            and a fraction are different written answers, and accepting x, x/100 and 100x (as
            some graders do) lets "0.5" match a reference of 50;
@@ -297,11 +300,29 @@ def clean(s: str) -> str:
     s = _rewrite_commands(s, "frac", 2, lambda a, b: r"\frac{" + a + "}{" + b + "}")
     s = re.sub(r"\\sqrt\s*(?=[^\s{\[])", r"\\sqrt", s)  # "\sqrt 2" → "\sqrt2" (then braced)
     s = _rewrite_commands(s, "sqrt", 1, lambda a: r"\sqrt{" + a + "}")
+    s = _REPEATING.sub(_repeating_fraction, s)
     s = " ".join(s.split())
     s = s.strip().rstrip(".,;!").strip()
     if s.startswith("**") or s.endswith("**"):  # markdown bold around the answer
         s = s.strip("*").strip()
     return s
+
+
+# A repeating decimal: digits, a point, digits, then the period under \overline (or a \dot
+# over one digit; the British dots over a longer period's first and last digits are not read).
+_REPEATING = re.compile(
+    r"(?<![\d.])(\d*)\.(\d*)\s*\\(?:overline|dot)\s*(?:\{\s*(\d+)\s*\}|(\d))(?![\d.])"
+)
+
+
+def _repeating_fraction(m: re.Match) -> str:
+    """`\\frac{p}{q}`, the exact value of a repeating decimal: 0.1\\overline{6} = 1/6 (the
+    integer part a, the digits n before the period, the period r: a + (nr - n) / (10^|n| ·
+    (10^|r| − 1)))."""
+    whole, head, period = m.group(1) or "0", m.group(2), m.group(3) or m.group(4)
+    q = 10 ** len(head) * (10 ** len(period) - 1)
+    x = int(whole) + Fraction(int(head + period) - int(head or "0"), q)
+    return rf"\frac{{{x.numerator}}}{{{x.denominator}}}"
 
 
 def strip_assignment(s: str) -> str:

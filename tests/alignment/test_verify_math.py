@@ -28,6 +28,19 @@ ANSWERS = [
     (".5", "0.5", True),
     ("3.0", "3", True),
     ("3.00", "3", True),
+    # repeating decimals: the exact fraction; a truncation is not it
+    ("0.\\overline{3}", "\\frac13", True),
+    ("0.1\\overline{6}", "1/6", True),
+    ("2.\\overline{09}", "\\frac{23}{11}", True),
+    ("1.2\\overline{34}", "611/495", True),
+    ("-.\\overline{142857}", "-1/7", True),
+    ("0.\\overline 6", "x = \\frac23", True),
+    ("0.\\dot{3}", "1/3", True),
+    ("0.\\overline{9}", "1", True),
+    ("0.\\overline{3}", "0.333", False),
+    ("0.\\overline{3}", "0.\\overline{33}", True),
+    ("0.\\overline{12}", "0.\\overline{21}", False),
+    ("\\overline{AB}", "AB", False),  # a segment, not a period
     ("3.01", "3", False),
     ("0.333", "1/3", False),  # not without a tolerance
     ("0.3333333333", "\\frac{1}{3}", False),
