@@ -26,6 +26,7 @@ from flaxlm.alignment.rl_common import (
     stop_string_tuple,
 )
 from flaxlm.alignment.rl_rollout import call_reward_fns
+from flaxlm.alignment.verify_math import majority_sample
 from flaxlm.data import formats as F
 from flaxlm.data.chat_batches import order_seed
 from flaxlm.data.formats import split_reasoning
@@ -217,7 +218,9 @@ def reward_metrics(rewards, examples, texts, reasoning_end="", empty_reward=-1.0
     sum's, counted in "reward_invalid". {prefix + "reward": mean Σ weight·fn, prefix +
     "reward/<name>": each function's mean, [prefix + "reward_invalid"], and with samples > 1
     prefix + "pass@k/<name>" for a function whose values were all 0 or 1: the share of
-    examples with a sample that scored 1}."""
+    examples with a sample that scored 1, and for such a function that names the answer a
+    sample gives (`fn.vote`, `fn.same_answer`: math_verify's) prefix + "maj@k/<name>", the share
+    whose majority answer (`verify_math.majority_sample`) is right}."""
     if not rewards:
         return {}
     n = len(texts)
@@ -241,6 +244,13 @@ def reward_metrics(rewards, examples, texts, reasoning_end="", empty_reward=-1.0
         out[f"{prefix}reward/{name}"] = vals[fine].mean() if fine.any() else float("nan")
         if samples > 1 and fine.all() and np.isin(vals, (0.0, 1.0)).all():
             out[f"{prefix}pass@{samples}/{name}"] = vals.reshape(-1, samples).max(1).mean()
+            if hasattr(fn, "vote"):  # an answer to vote on (math_verify): self-consistency
+                votes = [None if no_answer[j] else fn.vote(answers[j]) for j in range(n)]
+                firsts = [majority_sample(votes[e : e + samples], fn.same_answer)
+                          for e in range(0, n, samples)]  # fmt: skip
+                out[f"{prefix}maj@{samples}/{name}"] = np.mean(
+                    [0.0 if f is None else vals[e * samples + f] for e, f in enumerate(firsts)]
+                )
         total, valid = total + w * vals, valid & fine
     total = np.where(no_answer, empty_reward, total)
     out[f"{prefix}reward"] = total[valid].mean() if valid.any() else float("nan")
@@ -270,7 +280,8 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     carry the meta the functions read) as the rollouts judge theirs (`reward_metrics`):
     "<set>/reward" (Σ weight·fn) and "<set>/reward/<name>" of the greedy answers, and with
     samples "/sampled_reward", "/sampled_reward/<name>" and, for a function whose values were
-    all 0 or 1 (a verifier: math_verify, exact_match, code_tests), "/sampled_pass@k/<name>".
+    all 0 or 1 (a verifier: math_verify, exact_match, code_tests), "/sampled_pass@k/<name>"
+    (and math_verify's "/sampled_maj@k/<name>": the majority answer of the k samples).
     Accuracy is exact match with the reference, which a worked solution never is: on math or
     code prompts the verifier's "reward/<name>" is the held-out accuracy to watch."""
     from flaxlm.alignment import sft

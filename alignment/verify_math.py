@@ -564,6 +564,27 @@ def math_verify(meta: dict, response: str) -> float:
 
 
 math_verify.reference_keys = ("answer",)  # (grpo_rewards.check_references)
+# What a sample votes for in self-consistency's majority (maj@k: rl_eval.reward_metrics), and
+# when two votes are one answer: the answer math_verify judges, compared as it compares them.
+math_verify.vote, math_verify.same_answer = extract_answer, answers_equal
+
+
+def majority_sample(votes, same=answers_equal) -> int | None:
+    """The index of the first sample giving the answer most samples give (maj@k, Wang et al.
+    2022's self-consistency): `votes` are the samples' answers (None: it gives none and does not
+    vote), grouped by `same`; a tie goes to the answer given first; None when no sample gives
+    one. The majority is right when that sample is."""
+    groups = []  # [votes, index of the first sample giving it]
+    for i, v in enumerate(votes):
+        if v is None:
+            continue
+        for g in groups:
+            if same(v, votes[g[1]]):
+                g[0] += 1
+                break
+        else:
+            groups.append([1, i])
+    return max(groups, key=lambda g: (g[0], -g[1]))[1] if groups else None
 
 
 def boxed_format(meta: dict, response: str) -> float:

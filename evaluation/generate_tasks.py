@@ -289,26 +289,14 @@ def majority(spec: TaskSpec, votes: Sequence[str | None], hits: Sequence[float])
     """maj@k of one example: `hits[i]` (0/1) of the first sample giving the answer most samples
     give (`votes`, None for no answer; equal as the scoring compares answers; a tie goes to the
     answer given first); 0 when no sample gives one."""
-    if spec.scoring == "math":
-        from flaxlm.alignment.verify_math import answers_equal
+    from flaxlm.alignment.verify_math import answers_equal, majority_sample
 
+    if spec.scoring == "math":
         same = functools.partial(answers_equal, rel_tol=spec.math_rel_tol)
     else:
         same = str.__eq__
-    groups = []  # [votes, index of the first sample giving it]
-    for i, v in enumerate(votes):
-        if v is None:
-            continue
-        for g in groups:
-            if same(v, votes[g[1]]):
-                g[0] += 1
-                break
-        else:
-            groups.append([1, i])
-    if not groups:
-        return 0.0
-    _, first = max(groups, key=lambda g: (g[0], -g[1]))
-    return float(hits[first])
+    first = majority_sample(votes, same)
+    return 0.0 if first is None else float(hits[first])
 
 
 def _takes(fn, name: str) -> bool:

@@ -140,20 +140,24 @@ def test_the_rl_prompt_sets_are_judged_by_the_runs_rewards(tmp_path, cache_dir, 
     })  # fmt: skip
     task = grpo.build_task(c, make_mesh(dict(c.mesh)), None)
     t = task.train_batches.template
-    # right and boxed, wrong and boxed, no box, no answer at all: each prompt's greedy answer
-    # is one of them (4 held-out prompts), and its 4 samples are all four
-    kinds = ["so \\boxed{42}", "it is \\boxed{41}", "42", ""]
+    # wrong and boxed, right and boxed, wrong again, no answer at all: each prompt's greedy
+    # answer is one of them (4 held-out prompts), and its 4 samples are all four
+    kinds = ["so \\boxed{41}", "\\boxed{42}", "it is \\boxed{41}", ""]
     assert [t.tok.decode(t.tok.encode(k)) for k in kinds] == kinds
     monkeypatch.setattr(rl_eval, "generate", _texts_generate(t.tok, t.stop_tokens[0], kinds))
     out = task.eval_fn(task.train_batches.ref_params)
+    mean = (0.1 + 1.1 + 0.1 - 1.0) / 4  # Σ weight·fn; no answer: rollout.empty_reward
     for name in ("rl_heldout", "rl_train"):
         assert out[f"{name}/reward/math_verify"] == pytest.approx(0.25)
-        assert out[f"{name}/reward/boxed_format"] == pytest.approx(0.5)
-        assert out[f"{name}/reward"] == pytest.approx((1.1 + 0.1 + 0.0 - 1.0) / 4)
+        assert out[f"{name}/reward/boxed_format"] == pytest.approx(0.75)
+        assert out[f"{name}/reward"] == pytest.approx(mean)
         assert out[f"{name}/sampled_reward/math_verify"] == pytest.approx(0.25)
-        assert out[f"{name}/sampled_reward"] == pytest.approx((1.1 + 0.1 + 0.0 - 1.0) / 4)
+        assert out[f"{name}/sampled_reward"] == pytest.approx(mean)
         assert out[f"{name}/sampled_pass@4/math_verify"] == 1.0  # every prompt: one right
-        assert out[f"{name}/accuracy"] == pytest.approx(0.25)  # (exact match: "42" alone)
+        assert out[f"{name}/sampled_maj@4/math_verify"] == 0.0  # but most samples say 41
+        assert out[f"{name}/sampled_pass@4/boxed_format"] == 1.0
+        assert f"{name}/sampled_maj@4/boxed_format" not in out  # (it names no answer)
+        assert out[f"{name}/accuracy"] == 0.0  # (exact match: never a worked answer)
         assert f"{name}/reward_invalid" not in out
     math = {k for k in out if k.startswith("math/")}  # eval_gen.sets: the same file, unjudged
     assert math and not any("reward" in k for k in math)

@@ -635,3 +635,13 @@ def test_math_spec_keys_are_checked_naming_the_key():
                             "scoring": "math", "math_rel_tol": "0.1"})  # fmt: skip
     with pytest.raises(ValueError, match=r"scoring='maths'; expected one of .*'math'"):
         TaskSpec("m", "generation", "x.jsonl", scoring="maths")
+
+
+def test_the_majority_groups_answers_as_they_compare():
+    """majority_sample (maj@k in evaluation and in the RL held-out eval): votes grouped by
+    answers_equal, samples without an answer left out, a tie to the answer given first."""
+    assert V.majority_sample(["41", "0.5", "\\frac12", None]) == 1  # 0.5 = 1/2: two votes
+    assert V.majority_sample(["0.5", "41", "41", "\\frac12"]) == 0  # a tie: the first given
+    assert V.majority_sample(["41", "0.5", "1/2"], str.__eq__) == 0  # as strings: no majority
+    assert V.majority_sample([None, None]) is None and V.majority_sample([]) is None
+    assert REWARDS["math_verify"].vote("so \\boxed{42}.") == "42"
