@@ -479,6 +479,7 @@ def build_task(config, mesh, workdir: str | None = None, rewards=None, *,
     eval_fn, data_report = rl_eval.policy_eval_and_report(
         config, cfg, template, prompts, held, report, mesh, rules, workdir,
         reasoning_end=config[k].get("reasoning_end", ""), rewards=rewards,
+        empty_reward=config.rollout.empty_reward,
     )  # fmt: skip
     if spec and eval_fn:
         plain_eval = eval_fn

@@ -94,14 +94,16 @@ def training_prompts(config, template):
 
 
 def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, rules, workdir,
-                           rm=None, reasoning_end="", rewards=None):  # fmt: skip
+                           rm=None, reasoning_end="", rewards=None,
+                           empty_reward: float = -1.0):  # fmt: skip
     """(eval_fn(policy params) or None, data report) of an RL run: the `eval_gen` sets plus the
     held-out RL prompts and as many training prompts (a fixed sample, for comparison); the
     report (prompts kept/dropped, eval sets) is also written to the workdir. `reasoning_end`:
     the run's end-of-thinking marker (`grpo.reasoning_end`), so answers are judged after it as
     the rollouts judge them (`make_policy_eval`). `rewards`: the run's reward functions
     [(name, fn, weight)] (GRPO's, online DPO's), which also judge the two RL prompt sets'
-    answers (`make_policy_eval`'s reward metrics)."""
+    answers (`make_policy_eval`'s reward metrics; an empty one scores `empty_reward`, the
+    run's rollout.empty_reward)."""
     eval_report = F.DataReport(strict=config.data.strict)
     eval_fn = None
     if config.eval_every and (config.eval_gen.sets or held):
@@ -111,7 +113,7 @@ def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, r
                                    stop_strings=config.rollout.get("stop_strings", ()),
                                    reasoning_end=reasoning_end, rewards=rewards,
                                    reward_sets=tuple(extra or ()),
-                                   empty_reward=config.rollout.empty_reward)  # fmt: skip
+                                   empty_reward=empty_reward)  # fmt: skip
     data_report = {
         "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
         "eval": eval_report.to_dict(),
