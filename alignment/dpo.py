@@ -17,6 +17,22 @@ function and ε = `label_smoothing`, `preference_loss` computes (`loss_type`):
     simpo         −log σ(β·(π_c/|y_c| − π_r/|y_r|) − γ)                SimPO (Meng et al. 2024)
     orpo          −π_c/|y_c| − β·log σ(log odds_c − log odds_r)        ORPO (Hong et al. 2024)
 
+and, with a = π_c − ρ_c and b = π_r − ρ_r (so h = a − b), losses that also anchor each
+response's own likelihood ratio, not only their difference:
+
+    apo_zero      1 − σ(β·a) + σ(β·b)                                  APO-zero (D'Oosterlinck
+    apo_down      σ(β·a) + 1 − σ(β·h)                                  APO-down   et al. 2024)
+    nca           −log σ(β·a) − ½·log σ(−β·a) − ½·log σ(−β·b)          NCA (Chen et al. 2024)
+    sppo_hard     (a − 1/(2β))² + (b + 1/(2β))²                        SPPO, hard labels (Wu et
+                                                                       al. 2024; η = 1/β)
+
+APO-zero raises the chosen likelihood and lowers the rejected one (for chosen answers better
+than the model's own), APO-down lowers both, the rejected more (for chosen answers worse than
+the model's); the paper's forms have no "1 +", a constant that keeps each loss >= 0 (TRL's).
+NCA's pairwise loss keeps DPO's drift of both likelihoods down in check; SPPO with hard labels
+is IPO's square loss on each side's log ratio with targets ±1/(2β). A pair with the same
+answer on both sides (h = 0) still has a gradient under apo_down, nca and sppo_hard.
+
 Conventions (each checked against its paper in tests/alignment/test_losses_reference.py): h
 uses the sequence sums for every reference-based type — IPO included, as in the paper's eq. 17
 (TRL length-normalises IPO's log-probabilities instead); `hinge` is SLiC's calibration hinge
@@ -94,8 +110,10 @@ from flaxlm.train.losses import add_router_losses, router_coefs, token_logprobs
 from flaxlm.train.pretrain import model_fns
 from flaxlm.train.step import jit_eval_rows
 
-LOSS_TYPES = ("sigmoid", "conservative", "ipo", "hinge", "robust", "simpo", "orpo")
+LOSS_TYPES = ("sigmoid", "conservative", "ipo", "hinge", "robust", "simpo", "orpo", "apo_zero",
+              "apo_down", "nca", "sppo_hard")  # fmt: skip
 REFERENCE_FREE = ("simpo", "orpo")
+ANCHORED = ("apo_zero", "apo_down", "nca", "sppo_hard")  # not functions of h alone
 SMOOTHED = ("conservative", "robust")  # the types that read label_smoothing (ε)
 
 
@@ -188,8 +206,9 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
             losses = -ac - beta * jax.nn.log_sigmoid(log_odds)
         return losses, rew_c, rew_r
     rc, rr = f32(ref_chosen_logps), f32(ref_rejected_logps)
-    h = (pc - rc) - (pr - rr)
-    rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
+    a, b = pc - rc, pr - rr  # each side's log likelihood ratio
+    h = a - b
+    rew_c, rew_r = beta * a, beta * b
     if loss_type == "sigmoid":
         losses = -jax.nn.log_sigmoid(beta * h)
     elif loss_type == "conservative":
@@ -202,6 +221,15 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         losses = (
             -(1 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h)
         ) / (1 - 2 * eps)
+    elif loss_type == "apo_zero":
+        losses = 1.0 - jax.nn.sigmoid(beta * a) + jax.nn.sigmoid(beta * b)
+    elif loss_type == "apo_down":
+        losses = jax.nn.sigmoid(beta * a) + 1.0 - jax.nn.sigmoid(beta * h)
+    elif loss_type == "nca":
+        losses = (-jax.nn.log_sigmoid(beta * a) - 0.5 * jax.nn.log_sigmoid(-beta * a)
+                  - 0.5 * jax.nn.log_sigmoid(-beta * b))  # fmt: skip
+    elif loss_type == "sppo_hard":
+        losses = jnp.square(a - 0.5 / beta) + jnp.square(b + 0.5 / beta)
     else:
         raise ValueError(f"dpo.loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
     return losses, rew_c, rew_r

@@ -1,4 +1,5 @@
-"""DPO family (DPO, cDPO, IPO, SLiC hinge, robust DPO, SimPO, ORPO) from an SFT run.
+"""DPO family (DPO, cDPO, IPO, SLiC hinge, robust DPO, SimPO, ORPO, APO-zero / APO-down, NCA,
+SPPO) from an SFT run.
 
     python -m flaxlm.train.main --config configs/dpo.py:runlocal=True \
         --config.init_from=runs/sft --workdir runs/dpo [--config.dpo.loss_type=ipo]
@@ -37,13 +38,16 @@ _SIZES = {
 
 # Typical β per loss type (its meaning differs: see alignment/dpo.py); simpo also uses γ.
 _BETA = {"sigmoid": 0.1, "conservative": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1,
-         "simpo": 2.0, "orpo": 0.1}  # fmt: skip
+         "simpo": 2.0, "orpo": 0.1, "apo_zero": 0.1, "apo_down": 0.1, "nca": 0.1,
+         "sppo_hard": 0.1}  # fmt: skip
 
 
 def dpo_config(loss_type: str = "sigmoid") -> ml_collections.ConfigDict:
     """The `dpo` section."""
     c = ml_collections.ConfigDict()
-    c.loss_type = loss_type  # sigmoid | conservative | ipo | hinge | robust | simpo | orpo
+    # sigmoid | conservative | ipo | hinge | robust | simpo | orpo | apo_zero | apo_down | nca |
+    # sppo_hard (alignment/dpo.py)
+    c.loss_type = loss_type
     c.beta = common.lookup(_BETA, loss_type, "loss")  # β > 0 (ORPO: weight λ of the odds ratio)
     # flip rate ε, read by conservative / robust only (another type refuses ε ≠ 0)
     c.label_smoothing = 0.1 if loss_type in ("conservative", "robust") else 0.0

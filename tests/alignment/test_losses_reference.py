@@ -133,6 +133,18 @@ def _dpo_reference(params, batch, d):
         elif d.loss_type == "orpo":  # Hong et al. 2024: L_SFT + λ·L_OR
             odds = lambda a: math.exp(a) / (1 - math.exp(a))  # noqa: E731
             loss = -ac - beta * _logsig(math.log(odds(ac) / odds(ar)))
+        elif d.loss_type in dpo.ANCHORED:  # each side's own log ratio, r = β·(π − ρ)
+            sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+            a = pc - batch["ref_chosen_logps"][b]
+            r = pr - batch["ref_rejected_logps"][b]
+            if d.loss_type == "apo_zero":  # D'Oosterlinck et al. 2024, eq. 6 (+ 1)
+                loss = 1 - sig(beta * a) + sig(beta * r)
+            elif d.loss_type == "apo_down":  # ibid., eq. 7 (+ 1)
+                loss = sig(beta * a) + 1 - sig(beta * a - beta * r)
+            elif d.loss_type == "nca":  # Chen et al. 2024, the pairwise NCA loss
+                loss = -_logsig(beta * a) - 0.5 * _logsig(-beta * a) - 0.5 * _logsig(-beta * r)
+            else:  # SPPO (Wu et al. 2024): P(winner) = 1, P(loser) = 0, η = 1/β
+                loss = (a - 1 / beta * (1 - 0.5)) ** 2 + (r - 1 / beta * (0 - 0.5)) ** 2
         else:
             raise AssertionError(d.loss_type)
         loss += d.sft_coef * -ac  # RPO (Pang et al. 2024): per-token NLL of the chosen answer
@@ -155,6 +167,10 @@ DPO_CASES = [
     ("ipo", 1.0, 0.0, 0.0, 0.0), ("hinge", 0.2, 0.0, 0.0, 0.0), ("hinge", 3.0, 0.0, 0.0, 0.0),
     ("robust", 0.5, 0.1, 0.0, 0.0), ("simpo", 2.0, 0.0, 0.8, 0.0), ("simpo", 2.5, 0.0, 0.0, 0.3),
     ("orpo", 0.1, 0.0, 0.0, 0.0), ("orpo", 1.0, 0.0, 0.0, 0.0),
+    ("apo_zero", 0.1, 0.0, 0.0, 0.0), ("apo_zero", 0.5, 0.0, 0.0, 0.2),
+    ("apo_down", 0.1, 0.0, 0.0, 0.0), ("apo_down", 1.0, 0.0, 0.0, 0.0),
+    ("nca", 0.1, 0.0, 0.0, 0.0), ("nca", 0.7, 0.0, 0.0, 0.0),
+    ("sppo_hard", 0.1, 0.0, 0.0, 0.0), ("sppo_hard", 2.0, 0.0, 0.0, 0.0),
 ]  # fmt: skip
 
 

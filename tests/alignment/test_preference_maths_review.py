@@ -74,6 +74,20 @@ def _pref_ref(kind, pc, pr, rc, rr, lc, lr, beta, eps=0.0, gamma=0.0, alpha=0.0)
     elif kind == "robust":  # unbiased estimator of the clean loss under ε flips
         loss = ((1 - eps) * -_logsig(x) - eps * -_logsig(-x)) / (1 - 2 * eps)
         dh = (-(1 - eps) * beta * _sig(-x) - eps * beta * _sig(x)) / (1 - 2 * eps)
+    a, b = pc - rc, pr - rr  # (the anchored types read each side's log ratio)
+    ds = lambda z: _sig(z) * _sig(-z)  # noqa: E731  (σ')
+    if kind == "apo_zero":  # chosen up, rejected down
+        loss = 1 - _sig(beta * a) + _sig(beta * b)
+        gc, gr = -beta * ds(beta * a), beta * ds(beta * b)
+    elif kind == "apo_down":  # both down, the rejected more
+        loss = _sig(beta * a) + 1 - _sig(x)
+        gc, gr = beta * ds(beta * a) - beta * ds(x), beta * ds(x)
+    elif kind == "nca":
+        loss = -_logsig(beta * a) - 0.5 * _logsig(-beta * a) - 0.5 * _logsig(-beta * b)
+        gc, gr = -beta * _sig(-beta * a) + 0.5 * beta * _sig(beta * a), 0.5 * beta * _sig(beta * b)
+    elif kind == "sppo_hard":
+        loss = (a - 1 / (2 * beta)) ** 2 + (b + 1 / (2 * beta)) ** 2
+        gc, gr = 2 * (a - 1 / (2 * beta)), 2 * (b + 1 / (2 * beta))
     if kind in ("simpo", "orpo"):
         ac, ar = pc / lc, pr / lr
         if kind == "simpo":
@@ -89,7 +103,8 @@ def _pref_ref(kind, pc, pr, rc, rr, lc, lr, beta, eps=0.0, gamma=0.0, alpha=0.0)
             gr = beta * _sig(-v) / (-np.expm1(ar)) / lr
         rew_c, rew_r = beta * ac, beta * ar
     else:
-        gc, gr = dh, -dh
+        if kind not in dpo.ANCHORED:  # functions of h alone
+            gc, gr = dh, -dh
         rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
     loss = loss + alpha * (-pc / lc)  # RPO: + α · per-token NLL of the chosen answer
     gc = gc - alpha / lc
@@ -113,7 +128,11 @@ CASES = [("sigmoid", 0.1, 0.0, 0.0, 0.0), ("sigmoid", 1.0, 0.0, 0.0, 0.3),
          ("robust", 0.1, 0.1, 0.0, 0.0), ("robust", 0.5, 0.3, 0.0, 0.0),
          ("simpo", 2.0, 0.0, 1.0, 0.0), ("simpo", 2.5, 0.0, 0.0, 0.0),
          ("simpo", 2.0, 0.0, 0.5, 0.2), ("orpo", 0.1, 0.0, 0.0, 0.0),
-         ("orpo", 1.0, 0.0, 0.0, 0.0)]  # fmt: skip
+         ("orpo", 1.0, 0.0, 0.0, 0.0), ("apo_zero", 0.1, 0.0, 0.0, 0.0),
+         ("apo_zero", 1.0, 0.0, 0.0, 0.3), ("apo_down", 0.1, 0.0, 0.0, 0.0),
+         ("apo_down", 1.0, 0.0, 0.0, 0.0), ("nca", 0.1, 0.0, 0.0, 0.0),
+         ("nca", 1.0, 0.0, 0.0, 0.0), ("sppo_hard", 0.1, 0.0, 0.0, 0.0),
+         ("sppo_hard", 1.0, 0.0, 0.0, 0.0)]  # fmt: skip
 
 
 def test_reference_gradients_are_the_derivatives_of_the_reference_losses():
@@ -331,8 +350,10 @@ def test_step_loss_gradient_metrics_with_online_reference(kind, beta, eps, gamma
 def test_identical_chosen_and_rejected(kind):
     """The same response on both sides: h = 0, the rewards equal (margin 0, accuracy 0: a tie
     is no win), each paper's constant loss (log 2; IPO 1/(4β²); hinge 1; SimPO
-    −log σ(−γ); ORPO the NLL + λ·log 2), and a zero gradient w.r.t. the weights — except
-    ORPO's, which is its NLL term's alone."""
+    −log σ(−γ); ORPO the NLL + λ·log 2; APO-zero 1), and a zero gradient w.r.t. the weights —
+    except ORPO's, which is its NLL term's alone. The other anchored losses read each side's
+    log ratio a = π − ρ, not h alone: APO-down σ(βa) + ½, NCA −log σ(βa) − log σ(−βa), SPPO
+    2a² + 1/(2β²), each with a gradient (it moves the shared likelihood)."""
     rng = np.random.default_rng(5)
     batch = _pair_batch(rng, identical=True)
     params, ref_params = _params(rng, 14), _params(rng, 14, scale=0.8)
@@ -340,16 +361,23 @@ def test_identical_chosen_and_rejected(kind):
     d = _dpo_cfg(kind, beta, eps, gamma)
     fn = dpo.dpo_loss_fn(_table_apply, d, ref_apply=_table_apply)
     (loss, m), g = jax.value_and_grad(fn, has_aux=True)(params, batch, None, ref_params)
-    pc, lc = _np_seq_logps(params, *(batch[f"chosen_{k}"] for k in
-                                     ("tokens", "positions", "targets", "loss_mask")))  # fmt: skip
+    rows = [batch[f"chosen_{k}"] for k in ("tokens", "positions", "targets", "loss_mask")]
+    pc, lc = _np_seq_logps(params, *rows)
     real = batch["valid"] > 0
     nll = np.mean(-pc[real] / lc[real])
+    ref_c, _ = _np_seq_logps(ref_params, *rows)
+    a = (pc - ref_c)[real]
     want = {"sigmoid": math.log(2), "conservative": math.log(2), "robust": math.log(2),
             "ipo": 1 / (4 * beta**2), "hinge": 1.0, "simpo": -float(_logsig(-gamma)),
-            "orpo": nll + beta * math.log(2)}[kind]  # fmt: skip
+            "orpo": nll + beta * math.log(2), "apo_zero": 1.0,
+            "apo_down": np.mean(_sig(beta * a) + 0.5),
+            "nca": np.mean(-_logsig(beta * a) - _logsig(-beta * a)),
+            "sppo_hard": np.mean(2 * a**2 + 1 / (2 * beta**2))}[kind]  # fmt: skip
     np.testing.assert_allclose(float(loss), want, **TOL)
     assert float(m["rewards/margin"]) == 0.0 and float(m["rewards/accuracy"]) == 0.0
-    if kind != "orpo":
+    if kind in ("apo_down", "nca", "sppo_hard"):
+        assert max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(g)) > 1e-3
+    elif kind != "orpo":
         for leaf in jax.tree.leaves(g):
             np.testing.assert_allclose(np.asarray(leaf), 0.0, atol=1e-6)
     else:
