@@ -442,7 +442,7 @@ def main(argv=None) -> dict:
                    "rollout.empty_reward)")  # fmt: skip
     p.add_argument("--code_limits", default=None, help="with --rewards code_tests(_partial): "
                    "verify_code's Limits for the programs, e.g. timeout=20,memory_mb=4096 "
-                   "(default: its defaults, GRPO's grpo.code_limits)")  # fmt: skip
+                   "(default: Limits' defaults, as grpo.code_limits')")  # fmt: skip
     p.add_argument("--sft_out", default="", help="write each prompt's best as SFT records here")
     p.add_argument("--pairs_out", default="", help="write (best, worst) DPO pairs here")
     p.add_argument("--min_margin", type=float, default=0.0,
