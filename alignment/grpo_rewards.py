@@ -191,6 +191,18 @@ def parse_rewards(spec: str, key: str = "grpo.rewards") -> list[tuple[str, Calla
     return out
 
 
+def missing_references(fn, prompts: list[dict]) -> list[str]:
+    """The `loc` of each prompt whose meta holds none of the keys reward `fn` judges by (its
+    `reference_keys`; the built-in world's prompts need none for exact_match); [] for a
+    function that needs none."""
+    needs = getattr(fn, "reference_keys", None)
+    if not needs:
+        return []
+    return [p.get("loc", "") for p in prompts
+            if not (fn is exact_match and is_world_meta(p["meta"]))
+            and not any(k in p["meta"] for k in needs)]  # fmt: skip
+
+
 def check_references(rewards, prompts: list[dict], key: str) -> None:
     """exact_match and math_verify judge a prompt by its record's meta.answer, code_tests by its
     meta.tests or meta.test_cases (a function's `reference_keys`: any one of them): with none
@@ -203,14 +215,10 @@ def check_references(rewards, prompts: list[dict], key: str) -> None:
     from flaxlm.data.source_errors import DataError
 
     for name, fn, _ in rewards:
-        needs = getattr(fn, "reference_keys", None)
-        if not needs:
-            continue
-        missing = [p["loc"] for p in prompts
-                   if not (fn is exact_match and is_world_meta(p["meta"]))
-                   and not any(k in p["meta"] for k in needs)]  # fmt: skip
+        missing = missing_references(fn, prompts)
         if not missing:
             continue
+        needs = fn.reference_keys
         what = " or ".join(f"meta.{k}" for k in needs)
         why = (f"{len(missing)} of {len(prompts)} prompts (e.g. {missing[0]}) have no {what}, "
                f"the reference {key}'s {name} judges by (an \"{needs[0]}\" outside the "

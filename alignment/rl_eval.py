@@ -29,6 +29,7 @@ from flaxlm.alignment.rl_rollout import call_reward_fns
 from flaxlm.alignment.verify_math import majority_sample
 from flaxlm.data import formats as F
 from flaxlm.data.chat_batches import order_seed
+from flaxlm.data.chat_examples import prompt_turns
 from flaxlm.data.formats import split_reasoning
 from flaxlm.data.source_errors import DataError
 from flaxlm.data.synthetic_judge import is_world_meta
@@ -102,8 +103,9 @@ def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, r
     the run's end-of-thinking marker (`grpo.reasoning_end`), so answers are judged after it as
     the rollouts judge them (`make_policy_eval`). `rewards`: the run's reward functions
     [(name, fn, weight)] (GRPO's, online DPO's), which also judge the two RL prompt sets'
-    answers (`make_policy_eval`'s reward metrics; an empty one scores `empty_reward`, the
-    run's rollout.empty_reward)."""
+    answers, and those of every eval_gen set whose records carry what they judge by
+    (`reward_judged_sets`; `make_policy_eval`'s reward metrics; an empty answer scores
+    `empty_reward`, the run's rollout.empty_reward)."""
     eval_report = F.DataReport(strict=config.data.strict)
     eval_fn = None
     if config.eval_every and (config.eval_gen.sets or held):
@@ -112,7 +114,7 @@ def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, r
         eval_fn = make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules, rm=rm,
                                    stop_strings=config.rollout.get("stop_strings", ()),
                                    reasoning_end=reasoning_end, rewards=rewards,
-                                   reward_sets=tuple(extra or ()),
+                                   reward_sets=reward_judged_sets(rewards, sets, extra),
                                    empty_reward=empty_reward)  # fmt: skip
     data_report = {
         "prompts": {**report.to_dict(), "train_prompts": len(prompts), "heldout": len(held)},
@@ -120,6 +122,31 @@ def policy_eval_and_report(config, cfg, template, prompts, held, report, mesh, r
     }
     common.write_report(workdir, data_report)
     return eval_fn, data_report
+
+
+def reward_judged_sets(rewards, sets: dict, rl_sets=None) -> tuple[str, ...]:
+    """The eval sets the run's reward functions also judge: the RL prompt sets (`rl_sets`,
+    drawn from the prompts the rewards were checked against) and every eval_gen set whose
+    examples all carry what each function judges by (`grpo_rewards.missing_references`: a
+    prompt file of math problems with meta.answer, under math_verify). A set that does not is
+    named in the log, with the reward and an example that lacks its reference."""
+    from flaxlm.alignment.grpo_rewards import missing_references
+
+    judges = [(name, fn) for name, fn, _ in (rewards or ()) if fn is not None]
+    if not judges:
+        return ()
+    out = []
+    for set_name, examples in sets.items():
+        lacking = [(name, missing_references(fn, examples)) for name, fn in judges]
+        lacking = [(name, locs) for name, locs in lacking if locs]
+        if set_name in (rl_sets or ()) or not lacking:
+            out.append(set_name)
+        else:
+            name, locs = lacking[0]
+            common.log.info("eval %s: not judged by the rewards (%d examples, e.g. %s, lack "
+                            "the reference %s judges by)", set_name, len(locs), locs[0],
+                            name)  # fmt: skip
+    return tuple(out)
 
 
 def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=None) -> dict:
@@ -173,7 +200,7 @@ def heldout_sets(config, template, train_prompts, report: F.DataReport, extra=No
                 bad = ("bad_record", f"{type(e).__name__}: {e}")
             else:
                 ex = {"ids": np.asarray(ids, np.int32), "meta": meta, "answer": answer,
-                      "loc": loc}  # fmt: skip
+                      "loc": loc, "messages": prompt_turns(msgs)}  # fmt: skip
                 if question_key(ex) in seen:
                     bad = ("eval_dropped_trained_question", "asked in training")
             if bad:
@@ -278,8 +305,9 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     (Judged whole, "<think>…</think>42" was wrong here and right in rollout/accuracy.)
 
     `rewards` ([(name, fn, weight)], the run's; the reward model's entry, fn None, is left out)
-    judge the answers to the sets named in `reward_sets` (the RL prompt sets, whose records
-    carry the meta the functions read) as the rollouts judge theirs (`reward_metrics`):
+    judge the answers to the sets named in `reward_sets` (`reward_judged_sets`: the RL prompt
+    sets, and eval sets whose records carry the meta the functions read) as the rollouts judge
+    theirs (`reward_metrics`):
     "<set>/reward" (Σ weight·fn) and "<set>/reward/<name>" of the greedy answers, and with
     samples "/sampled_reward", "/sampled_reward/<name>" and, for a function whose values were
     all 0 or 1 (a verifier: math_verify, exact_match, code_tests), "/sampled_pass@k/<name>"

@@ -4,6 +4,7 @@ keys, and near temperature 0 they are the greedy answers."""
 
 import importlib.util
 import json
+import logging
 import os
 
 import numpy as np
@@ -118,27 +119,36 @@ def test_reasoning_end_scores_the_answer_after_the_reasoning(tmp_path, cache_dir
     assert out["held/sampled_reasoning_unfinished"] == pytest.approx(0.25)
 
 
-def test_the_rl_prompt_sets_are_judged_by_the_runs_rewards(tmp_path, cache_dir, monkeypatch):
+def test_the_rl_prompt_sets_are_judged_by_the_runs_rewards(tmp_path, cache_dir, monkeypatch,
+                                                           caplog):  # fmt: skip
     """GRPO's held-out accuracy is exact match with meta.answer, which a worked solution never
     is; the RL prompt sets (rl_heldout, rl_train) are also judged by the run's own rewards, as
     its rollouts are: reward/<name> per function (math_verify: the held-out math accuracy),
     reward (Σ weight·fn; no answer: rollout.empty_reward), and with samples the sampled means
-    and pass@k of each 0/1 function. Other eval sets, whose records the rewards were never
-    checked against, are not."""
+    and pass@k of each 0/1 function; so is an eval_gen set whose records carry the reference
+    (meta.answer), while one whose records lack it (chats: the answer is the last turn) is
+    not."""
     sft_dir, _ = H.fake_runs(str(tmp_path), cache_dir)
     prompts = tmp_path / "math.jsonl"
     prompts.write_text("".join(
         json.dumps({"prompt": f"What is {i} plus {42 - i}?", "meta": {"answer": "42"}}) + "\n"
         for i in range(16)))  # fmt: skip
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What is {i} plus {41 - i}?"},
+        {"role": "assistant", "content": "41"}]}) + "\n" for i in range(4)))  # fmt: skip
     c = H.tiny(grpo_config, cache_dir, init_from=sft_dir, **{
         "data.train": str(prompts), "rollout.heldout_prompts": 4, "rollout.empty_reward": -1.0,
         "grpo.rewards": "math_verify,boxed_format:0.1", "batch_size": 8, "rollout.batch": 8,
         "grpo.group_size": 4, "seq_len": 64, "rollout.max_prompt_len": 40,
-        "rollout.max_new_tokens": 24, "eval_every": 1, "eval_gen.sets": str(prompts),
+        "rollout.max_new_tokens": 24, "eval_every": 1, "eval_gen.sets": f"{prompts},{chats}",
         "eval_gen.examples": 4, "eval_gen.batch": 8, "eval_gen.max_new_tokens": 24,
         "eval_gen.max_prompt_len": 40, "eval_gen.sample_temperature": 1.0, "eval_gen.samples": 4,
     })  # fmt: skip
-    task = grpo.build_task(c, make_mesh(dict(c.mesh)), None)
+    with caplog.at_level(logging.INFO, logger="flaxlm"):
+        task = grpo.build_task(c, make_mesh(dict(c.mesh)), None)
+    assert f"eval chats: not judged by the rewards (4 examples, e.g. {chats}:1, lack the " \
+           "reference math_verify judges by)" in caplog.text  # fmt: skip
     t = task.train_batches.template
     # wrong and boxed, right and boxed, wrong again, no answer at all: each prompt's greedy
     # answer is one of them (4 held-out prompts), and its 4 samples are all four
@@ -147,7 +157,7 @@ def test_the_rl_prompt_sets_are_judged_by_the_runs_rewards(tmp_path, cache_dir, 
     monkeypatch.setattr(rl_eval, "generate", _texts_generate(t.tok, t.stop_tokens[0], kinds))
     out = task.eval_fn(task.train_batches.ref_params)
     mean = (0.1 + 1.1 + 0.1 - 1.0) / 4  # Σ weight·fn; no answer: rollout.empty_reward
-    for name in ("rl_heldout", "rl_train"):
+    for name in ("rl_heldout", "rl_train", "math"):  # (math: the held-out 4 of the file)
         assert out[f"{name}/reward/math_verify"] == pytest.approx(0.25)
         assert out[f"{name}/reward/boxed_format"] == pytest.approx(0.75)
         assert out[f"{name}/reward"] == pytest.approx(mean)
@@ -159,5 +169,6 @@ def test_the_rl_prompt_sets_are_judged_by_the_runs_rewards(tmp_path, cache_dir, 
         assert f"{name}/sampled_maj@4/boxed_format" not in out  # (it names no answer)
         assert out[f"{name}/accuracy"] == 0.0  # (exact match: never a worked answer)
         assert f"{name}/reward_invalid" not in out
-    math = {k for k in out if k.startswith("math/")}  # eval_gen.sets: the same file, unjudged
-    assert math and not any("reward" in k for k in math)
+    judged_by_chats = {k for k in out if k.startswith("chats/")}  # no meta.answer: not judged
+    assert judged_by_chats and not any("reward" in k for k in judged_by_chats)
+    assert out["chats/accuracy"] == 0.0  # (exact match with the last turn, "41": none is)
