@@ -3,6 +3,11 @@
     python -m flaxlm.data.beam --input 'raw/*.jsonl' --output out/ \\
         [--config.tokenizer=tok.model] [--runner DirectRunner | DataflowRunner | FlinkRunner ...]
 
+Without ``--runner`` the pipeline runs on Beam's in-process ``FnApiRunner``. Beam's own default,
+``DirectRunner``, first tries its Prism runner, which downloads a binary from GitHub on first use
+(on a machine without that access it fails and falls back to the same FnApiRunner); name it to
+get that behaviour.
+
 The same stage functions as ``flaxlm.data.preprocess`` (readers, ``Cleaner``, ``exact_key``,
 ``shingles``/``MinHasher``/``band_keys``, ``Decontaminator``, ``Tokenizer``) run inside Beam
 transforms; where the streaming CLI keeps a table, Beam groups by key instead:
@@ -26,9 +31,12 @@ is refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import zlib
 
@@ -409,9 +417,35 @@ def check_settings(inputs: list[str], cfg):
     return tok, (deduper.eval_texts if decontam is not None else []), decontam
 
 
+def pipeline_options(beam_args) -> PipelineOptions:
+    """``beam_args`` as Beam's options, with the in-process FnApiRunner unless they name a runner
+    (see the module docstring: Beam's DirectRunner reaches for a download first)."""
+    args = list(beam_args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
+        args.append("--runner=FnApiRunner")
+    return PipelineOptions(args)
+
+
+@contextlib.contextmanager
+def _private_tempdir():
+    """Python's temporary files go to a directory of this run's own, removed afterwards.
+
+    The portable runners' job server makes a ``beam-temp*`` directory in the temp dir when it
+    starts and removes it only when stopped, which a fallback from Prism never does: every
+    DirectRunner run left one behind (hundreds in /tmp after a few test runs)."""
+    saved = tempfile.tempdir
+    own = tempfile.mkdtemp(prefix="flaxlm-beam-")
+    tempfile.tempdir = own
+    try:
+        yield own
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(own, ignore_errors=True)
+
+
 def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=(),
         checked=None) -> dict:  # fmt: skip
-    """Runs the pipeline (DirectRunner unless ``beam_args`` say otherwise); returns the report.
+    """Runs the pipeline (in process unless ``beam_args`` name a runner); returns the report.
     ``checked``: what ``check_settings(inputs, cfg)`` returned (``main`` calls it first), else
     it is called here, before anything is written."""
     t0 = time.time()
@@ -424,7 +458,7 @@ def run(inputs: list[str], out_dir: str, cfg, *, num_shards: int = 8, beam_args=
     sets = P.ShardSets(os.path.join(out_dir, sub), 1, meta, bool(cfg.split_languages))
     sets.close()
     meta = sets.set_meta  # (what each language's meta.json says: the same, or one level down)
-    with beam.Pipeline(options=PipelineOptions(list(beam_args))) as p:
+    with _private_tempdir(), beam.Pipeline(options=pipeline_options(beam_args)) as p:
         build(p, inputs, out_dir, cfg, num_shards, eval_texts, meta)
     with open(os.path.join(out_dir, "_stats.json")) as f:
         st = json.load(f)

@@ -1,4 +1,5 @@
-"""The preprocess stages on Beam's DirectRunner keep exactly what the streaming CLI keeps."""
+"""The preprocess stages on Beam (its DirectRunner, and the in-process FnApiRunner the CLI
+defaults to) keep exactly what the streaming CLI keeps."""
 
 import json
 import string
@@ -133,7 +134,7 @@ def test_flagged_count_is_of_the_kept_documents_as_in_the_cli(tmp_path):
             "--config.dedup.decontam_ngram=5", "--config.do_clean=false"]  # fmt: skip
     args = ["--input", str(tmp_path / "in.jsonl"), *over]
     ref = preprocess.main([*args, "--output", str(tmp_path / "cli")])
-    got = beam_mod.main([*args, "--output", str(tmp_path / "beam"), "--runner=DirectRunner"])
+    got = beam_mod.main([*args, "--output", str(tmp_path / "beam")])
     for rep in (ref, got):
         dd = next(s for s in rep["stages"] if s["stage"] == "dedup")
         assert (rep["documents_out"], dd["flagged_contaminated"]) == (2, 1), rep
@@ -153,8 +154,7 @@ def test_every_shard_is_written_and_a_set_missing_some_is_refused(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": en_doc(rng)}) + "\n" for _ in range(2)))
     out = tmp_path / "beam"
-    beam_mod.main(["--input", str(src), "--output", str(out), "--num_shards=8",
-                   "--runner=DirectRunner"])  # fmt: skip
+    beam_mod.main(["--input", str(src), "--output", str(out), "--num_shards=8"])
     text = out / "text"
     names = sorted(os.listdir(text))
     assert names == ["meta.json"] + [f"shard-{i:05d}-of-00008.arrayrecord" for i in range(8)]
@@ -189,3 +189,29 @@ def test_every_shard_is_written_and_a_set_missing_some_is_refused(tmp_path):
     for i in (1, 2):
         (hf / f"model-{i:05d}-of-00002.jsonl").write_text('{"text": "x"}\n')
     assert len(sources.expand_paths(str(hf))) == 2
+
+
+@pytest.mark.parametrize("runner", [None, "DirectRunner"])
+def test_a_run_leaves_nothing_in_the_temp_dir_and_defaults_to_the_in_process_runner(
+    tmp_path, monkeypatch, runner
+):
+    """Every DirectRunner run left an empty beam-temp* directory in /tmp (the job server made for
+    Prism is never stopped when Prism cannot start): hundreds piled up. Without --runner the
+    CLI runs on the FnApiRunner (DirectRunner first tries to download Prism from GitHub)."""
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert beam_mod.pipeline_options([]).get_all_options()["runner"] == "FnApiRunner"
+    for named in (["--runner=DirectRunner"], ["--runner", "DataflowRunner"]):
+        got = beam_mod.pipeline_options(named).get_all_options()["runner"]
+        assert got == named[-1].split("=")[-1]
+    rng = np.random.default_rng(2)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": en_doc(rng)}) + "\n" for _ in range(3)))
+    args = ["--input", str(src), "--output", str(tmp_path / "beam")]
+    rep = beam_mod.main(args + ([f"--runner={runner}"] if runner else []))
+    assert rep["documents_in"] == 3
+    assert list(temp.iterdir()) == []
+    assert tempfile.tempdir == str(temp)  # (restored)
