@@ -44,6 +44,24 @@ def exact_match(meta: dict, response: str) -> float:
 exact_match.reference_keys = ("answer",)  # (`check_references`; the world's need none)
 
 
+def exact_match_vote(meta: dict, response: str) -> str | None:
+    """What a response votes for in self-consistency's majority (maj@k: rl_eval.reward_metrics),
+    as exact_match judges it: a world prompt's response by the one answer its "The answer is X"
+    spans state, normalised as the world compares them (None: no span, or two different
+    answers — neither is ever right by exact match; a span-less response's loose credit is not
+    1); your prompt's by its whole stripped text. Two responses with one vote are both right or
+    both wrong."""
+    from flaxlm.data.synthetic_judge import extract_answers, normalize
+
+    if is_world_meta(meta):
+        said = {normalize(meta, s) for s in extract_answers(response)}
+        return said.pop() if len(said) == 1 else None
+    return response.strip()
+
+
+exact_match.vote, exact_match.same_answer = exact_match_vote, str.__eq__
+
+
 def format_reward(meta: dict, response: str) -> float:
     """1 when the whole response is exactly one "The answer is X." sentence, else 0."""
     from flaxlm.data.synthetic_judge import is_well_formed

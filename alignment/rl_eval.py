@@ -12,6 +12,7 @@ calls; `policy_eval_and_report` puts it together for an RL run.
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import jax
@@ -235,6 +236,19 @@ def sets_eval(config, template, cfg, mesh, rules, report: F.DataReport):
     return make_policy_eval(cfg, template, sets, config.eval_gen, mesh, rules)
 
 
+def _vote_fn(vote):
+    """`vote` as a function of (meta, answer): a reward's vote may take the answer alone."""
+    try:
+        params = inspect.signature(vote).parameters.values()
+    except (TypeError, ValueError):  # (a builtin without a signature: called as given)
+        return vote
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]  # fmt: skip
+    if len(required) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return vote
+    return lambda meta, answer: vote(answer)
+
+
 def reward_metrics(rewards, examples, texts, reasoning_end="", empty_reward=-1.0,
                    samples: int = 1, prefix: str = "") -> dict:  # fmt: skip
     """The reward functions' verdicts on `texts`, `samples` consecutive ones per example (the
@@ -248,7 +262,8 @@ def reward_metrics(rewards, examples, texts, reasoning_end="", empty_reward=-1.0
     "reward/<name>": each function's mean, [prefix + "reward_invalid"], and with samples > 1
     prefix + "pass@k/<name>" for a function whose values were all 0 or 1: the share of
     examples with a sample that scored 1, and for such a function that names the answer a
-    sample gives (`fn.vote`, `fn.same_answer`: math_verify's) prefix + "maj@k/<name>", the share
+    sample gives (`fn.vote(meta, answer)` or `fn.vote(answer)`, None for no answer, and
+    `fn.same_answer(u, v)`: math_verify's and exact_match's) prefix + "maj@k/<name>", the share
     whose majority answer (`verify_math.majority_sample`) is right}."""
     if not rewards:
         return {}
@@ -273,8 +288,10 @@ def reward_metrics(rewards, examples, texts, reasoning_end="", empty_reward=-1.0
         out[f"{prefix}reward/{name}"] = vals[fine].mean() if fine.any() else float("nan")
         if samples > 1 and fine.all() and np.isin(vals, (0.0, 1.0)).all():
             out[f"{prefix}pass@{samples}/{name}"] = vals.reshape(-1, samples).max(1).mean()
-            if hasattr(fn, "vote"):  # an answer to vote on (math_verify): self-consistency
-                votes = [None if no_answer[j] else fn.vote(answers[j]) for j in range(n)]
+            if hasattr(fn, "vote"):  # an answer to vote on: self-consistency
+                vote = _vote_fn(fn.vote)
+                votes = [None if no_answer[j] else vote(owner[j]["meta"], answers[j])
+                         for j in range(n)]  # fmt: skip
                 firsts = [majority_sample(votes[e : e + samples], fn.same_answer)
                           for e in range(0, n, samples)]  # fmt: skip
                 out[f"{prefix}maj@{samples}/{name}"] = np.mean(

@@ -565,8 +565,10 @@ def math_verify(meta: dict, response: str) -> float:
 
 math_verify.reference_keys = ("answer",)  # (grpo_rewards.check_references)
 # What a sample votes for in self-consistency's majority (maj@k: rl_eval.reward_metrics), and
-# when two votes are one answer: the answer math_verify judges, compared as it compares them.
-math_verify.vote, math_verify.same_answer = extract_answer, answers_equal
+# when two votes are one answer: the answer math_verify judges, compared as it compares them
+# (`vote(meta, response)`; a reward's vote may also take the response alone).
+math_verify.vote = lambda meta, response: extract_answer(response)
+math_verify.same_answer = answers_equal
 
 
 def majority_sample(votes, same=answers_equal) -> int | None:

@@ -172,3 +172,41 @@ def test_the_rl_prompt_sets_are_judged_by_the_runs_rewards(tmp_path, cache_dir, 
     judged_by_chats = {k for k in out if k.startswith("chats/")}  # no meta.answer: not judged
     assert judged_by_chats and not any("reward" in k for k in judged_by_chats)
     assert out["chats/accuracy"] == 0.0  # (exact match with the last turn, "41": none is)
+
+
+def test_exact_match_votes_by_the_answer_it_judges():
+    """maj@k for exact_match (the demo's GRPO reward): a world prompt's samples vote by the one
+    answer their "The answer is X" spans state, normalised as the world compares them; your
+    prompt's by the whole stripped text. A reward's vote may take the answer alone."""
+    from flaxlm.alignment.grpo_rewards import exact_match
+    from flaxlm.data.synthetic_judge import WORLD_KEY, WORLD_MARK
+
+    world = {"task": "arithmetic", "op": "+", "a": 2, "b": 3, "answer": "5",
+             WORLD_KEY: WORLD_MARK}  # fmt: skip
+    assert exact_match.vote(world, "Well. The answer is 5.") == "5"
+    assert exact_match.vote(world, "The answer is 4. The answer is 5.") is None  # (never right)
+    assert exact_match.vote(world, "5") is None  # (no span: loose credit, not exact)
+    assert exact_match.vote({"answer": "x"}, " 7 \n") == "7"
+    # world: 5 (right) once, 4 twice in two forms, two answers once; yours: "a" (right) once,
+    # "b" twice with other spaces, and an empty answer (no vote)
+    texts = ["The answer is 5.", "the answer is 4 years old!", "The answer is 4.",
+             "The answer is 4. The answer is 5.", "a", " b", "b ", ""]  # fmt: skip
+    examples = [{"meta": world}, {"meta": {"answer": "a"}}]
+    judge = [("exact_match", exact_match, 1.0)]
+    out = rl_eval.reward_metrics(judge, examples, texts, samples=4, prefix="s/")
+    assert out["s/pass@4/exact_match"] == 1.0
+    assert out["s/maj@4/exact_match"] == 0.0  # both majorities wrong (raw strings: both right)
+    texts[1:3] = ["The answer is 5 !", "nothing"]  # world: 5 twice, in two forms
+    texts[6] = "a"  # yours: "a" twice
+    out = rl_eval.reward_metrics(judge, examples, texts, samples=4, prefix="s/")
+    assert out["s/maj@4/exact_match"] == 1.0
+    # a reward whose vote takes the answer alone (a user's, as math_verify's once did)
+
+    def first_word(meta, text):
+        return float(text.split()[0] == meta["answer"]) if text.split() else 0.0
+
+    first_word.vote = lambda text: text.split()[0] if text.split() else None
+    first_word.same_answer = str.__eq__
+    out = rl_eval.reward_metrics([("w", first_word, 1.0)], [{"meta": {"answer": "a"}}],
+                                 ["b c", "a", "b d", "a e"], samples=4)  # fmt: skip
+    assert out["maj@4/w"] == 0.0  # "b" and "a" tie at 2: the first given, "b", wins

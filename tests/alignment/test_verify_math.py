@@ -644,4 +644,4 @@ def test_the_majority_groups_answers_as_they_compare():
     assert V.majority_sample(["0.5", "41", "41", "\\frac12"]) == 0  # a tie: the first given
     assert V.majority_sample(["41", "0.5", "1/2"], str.__eq__) == 0  # as strings: no majority
     assert V.majority_sample([None, None]) is None and V.majority_sample([]) is None
-    assert REWARDS["math_verify"].vote("so \\boxed{42}.") == "42"
+    assert REWARDS["math_verify"].vote({}, "so \\boxed{42}.") == "42"
