@@ -37,6 +37,7 @@ setup(
         "tokenizers>=0.15.1",  # (Tokenizer.encode_special_tokens: HFTokenizer.text_only)
         "jinja2",  # HF checkpoints' chat templates (models/hf_tokenizer.py)
         "pyarrow",
+        "brotli>=1.2",  # WARC responses sent with Content-Encoding: br (data/source_warc.py)
         "threadpoolctl",
         "array-record>=0.5",  # ArrayRecord shards (data/preprocess.py, data/sources.py)
         # Distributed preprocess (data/beam.py); installs beside jax/numpy 2 (pulls protobuf 6).

@@ -16,7 +16,8 @@ document's: WARC files always carry one, so ``url_field`` is not needed for them
 * ``conversion`` records (WET): the block is UTF-8 text, taken as it is;
 * ``response`` records of an HTTP 200 whose payload is HTML (Content-Type text/html or
   application/xhtml+xml, or HTML by its first bytes when there is none): the payload is
-  de-chunked and gunzipped when its headers say so, decoded (``decode_html``) and its main text
+  de-chunked and its Content-Encoding undone (gzip, deflate, br, zstd) when its headers say
+  so, decoded (``decode_html``) and its main text
   extracted (data/html_text.py).
 
 The damage policy is the other readers' (data/source_errors.py). A file whose records cannot be
@@ -61,7 +62,8 @@ SKIPS = {
     "response_bad_http": "an HTTP response whose status line or headers do not parse",
     "response_not_200": "an HTTP status other than 200 (redirects, 404s, errors)",
     "response_not_html": "a payload that is not HTML (images, PDF, JSON, plain text...)",
-    "response_bad_encoding": "a Content-Encoding that is corrupt or not gzip/deflate (br)",
+    "response_bad_encoding": "a Content-Encoding that is corrupt or unknown (not gzip, deflate, "
+    "br or zstd; zstd without the zstandard package)",
     "too_large": f"a conversion record of more than {MAX_TEXT_BYTES >> 20} MB",
     "no_text": "a page or WET record with no text",
 }
@@ -331,23 +333,68 @@ def _dechunk(data: bytes) -> bytes:
 
 def _decompress(data: bytes, encoding: str) -> bytes | None:
     """A payload under its ``Content-Encoding`` decoded (at most ``MAX_HTML_BYTES``), None when it
-    cannot be. A crawler may store the payload decoded (Common Crawl renames the header
-    X-Crawler-Content-Encoding, others leave it): a gzip payload without gzip's magic is taken as
-    it is."""
-    if encoding in ("", "identity", "none"):
+    cannot be. Codings: gzip, deflate, br (brotli) and zstd (with the ``zstandard`` package,
+    which apache-beam installs), several in the order the server applied them ("gzip, br": br
+    undone first). A crawler may store the payload decoded (Common Crawl renames the header
+    X-Crawler-Content-Encoding, others leave it): a gzip payload without gzip's magic is taken
+    as it is. A payload cut short (a record truncated at the crawler's size limit) gives what it
+    holds. No coding expands past the limit (a small br or zstd payload can stand for
+    gigabytes)."""
+    for coding in reversed([c.strip() for c in encoding.split(",") if c.strip()]):
+        data = _undo_coding(data, coding)
+        if data is None:
+            return None
+    return data
+
+
+def _undo_coding(data: bytes, coding: str) -> bytes | None:
+    if coding in ("identity", "none"):
         return data
-    if encoding in ("gzip", "x-gzip") and not data.startswith(b"\x1f\x8b"):
+    if coding in ("gzip", "x-gzip") and not data.startswith(b"\x1f\x8b"):
         return data
-    if encoding not in ("gzip", "x-gzip", "deflate"):
+    if coding == "br":
+        return _unbrotli(data)
+    if coding == "zstd":
+        return _unzstd(data)
+    if coding not in ("gzip", "x-gzip", "deflate"):
         return None
     # gzip; deflate is zlib-wrapped by the standard, raw in some servers
-    for wbits in (47,) if encoding != "deflate" else (15, -15):  # (47: gzip or zlib header)
+    for wbits in (47,) if coding != "deflate" else (15, -15):  # (47: gzip or zlib header)
         try:
             d = zlib.decompressobj(wbits)
             return d.decompress(data, MAX_HTML_BYTES)  # (a payload cut short: what it holds)
         except zlib.error:
             continue
     return None
+
+
+def _unbrotli(data: bytes) -> bytes | None:
+    import brotli
+
+    try:
+        return brotli.Decompressor().process(data, output_buffer_limit=MAX_HTML_BYTES)
+    except brotli.error:  # (br has no magic bytes: a page stored decoded is known by its look)
+        return data if sniff_html(data) else None
+
+
+def _unzstd(data: bytes) -> bytes | None:
+    if not data.startswith(b"\x28\xb5\x2f\xfd"):  # (zstd's magic: a payload stored decoded)
+        return data
+    try:
+        import zstandard
+    except ImportError:  # (not a dependency of flaxlm's own: counted as a coding it cannot read)
+        return None
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data) as r:
+            out = bytearray()
+            while len(out) < MAX_HTML_BYTES:  # (read in pieces: a frame cut short ends early)
+                piece = r.read(MAX_HTML_BYTES - len(out))
+                if not piece:
+                    break
+                out += piece
+            return bytes(out)
+    except zstandard.ZstdError:
+        return None
 
 
 def sniff_html(payload: bytes) -> bool:

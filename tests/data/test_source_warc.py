@@ -6,11 +6,13 @@ record and byte; preprocess and Beam reading a crawl with its URLs for the domai
 import gzip
 import json
 import re
+import zlib
 
+import brotli
 import pytest
 
 from flaxlm.data import preprocess, sources
-from flaxlm.data.source_warc import decode_html, iter_records
+from flaxlm.data.source_warc import MAX_HTML_BYTES, _decompress, decode_html, iter_records
 
 
 def record(kind: str, block: bytes, url: str | None = None, *fields: str) -> bytes:
@@ -81,9 +83,9 @@ CRAWL = [
             "Content-Type: text/dns"), None, "response_not_http"),
     (record("response", b"garbage\r\n\r\n<p>x</p>", "http://garbage.example/"),
      None, "response_bad_http"),
-    (record("response", http(b"\x0b\x0b", "200 OK", "Content-Type: text/html",
+    (record("response", http(b"\xff\xff\xff\xff", "200 OK", "Content-Type: text/html",
                              "Content-Encoding: br"), "http://brotli.example/"),
-     None, "response_bad_encoding"),
+     None, "response_bad_encoding"),  # (a corrupt brotli stream)
 ]  # fmt: skip
 URLS = {
     3: "https://www.good.org/a", 8: "http://sub.blocked.example/page", 9: "http://latin.example/",
@@ -163,6 +165,42 @@ def test_zstd_and_directories(tmp_path):
     assert [d.text for d in docs] == ["Rivers\nThe river bends near the café.", "WET text"]
     assert log.skipped == {"warcinfo": 1, "request": 1}
     assert sources.is_data_file("x.warc.wat.gz") and sources.file_format("X.WARC.GZ") == "warc"
+
+
+def test_content_encodings_br_zstd_and_stacked(tmp_path):
+    """Servers send pages brotli- or zstd-encoded (Content-Encoding: br, zstd), one coding over
+    another ("gzip, br": br applied last, undone first); each page is read. A payload stored
+    decoded under its coding's header is taken as it is; a corrupt one is counted; none
+    expands past MAX_HTML_BYTES."""
+    zstandard = pytest.importorskip("zstandard")
+    page = b"<!DOCTYPE html><p>Encoded page text</p>"
+    cases = {
+        "br": brotli.compress(page),
+        "zstd": zstandard.ZstdCompressor().compress(page),
+        "gzip, br": brotli.compress(gzip.compress(page)),
+        "deflate,zstd": zstandard.ZstdCompressor().compress(zlib.compress(page)),
+        "identity": page,
+    }
+    for coding, body in cases.items():
+        assert _decompress(body, coding) == page, coding
+    assert _decompress(page, "br") == page  # stored decoded (no brotli stream, plainly HTML)
+    assert _decompress(page, "zstd") == page  # (no zstd magic)
+    assert _decompress(b"\xff\xff\xff\xff", "br") is None
+    assert _decompress(b"\x28\xb5\x2f\xfd" + b"\xff" * 16, "zstd") is None
+    assert _decompress(page, "compress") is None  # (a coding it does not know)
+    big = b"<p>" + b"a" * (3 * MAX_HTML_BYTES)
+    for coding, body in (("br", brotli.compress(big)),
+                         ("zstd", zstandard.ZstdCompressor().compress(big))):  # fmt: skip
+        assert len(body) < MAX_HTML_BYTES // 100  # (a small payload...)
+        got = _decompress(body, coding)
+        assert got == big[: len(got)] and MAX_HTML_BYTES <= len(got) < 2 * MAX_HTML_BYTES
+    half = brotli.compress(big)[:2000]  # cut short: what it holds
+    assert big.startswith(_decompress(half, "br")) and _decompress(half, "br")
+    recs = [record("response", http(body, "200 OK", "Content-Type: text/html",
+                                    f"Content-Encoding: {coding}"), f"http://e{k}.example/")
+            for k, (coding, body) in enumerate(cases.items())]  # fmt: skip
+    docs, log = read(write(tmp_path / "enc.warc.gz", recs))
+    assert [d.text for d in docs] == ["Encoded page text"] * len(cases) and not log.skipped
 
 
 def test_decode_html_charsets():
