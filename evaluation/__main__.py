@@ -24,7 +24,9 @@ asked for (`tasks_requested`) and whether all of them ran (`complete`). --code_l
 every code-scored task (HumanEval, MBPP), the programs' time, memory and what they may touch;
 the results' specs record the limits each task ran with. --pass_at_k 1,10 reports pass@1 and
 pass@10 of every generation task, each estimated from all its --num_samples samples (n >= 10;
-Chen et al.'s unbiased estimator, as HumanEval reports them). --num_fewshot and
+Chen et al.'s unbiased estimator, as HumanEval reports them); --maj_at_k 1,4,8 reports maj@1,
+maj@4 and maj@8 of every task that votes (scoring math, regex or exact_match: self-consistency's
+majority answer), each the exact mean over the k-subsets of its samples. --num_fewshot and
 --chat override every task's setting; by default a checkpoint of a post-training task (SFT,
 DPO, ...) is prompted with the chat template, and a base model as each task says: a pretrained
 or imported HF one (meta task hf_import), or a run of any task on pretraining data (its
@@ -73,7 +75,7 @@ def _temperature(text: str) -> float:
 
 
 def _ks(text: str) -> tuple[int, ...]:
-    """--pass_at_k's "1,10": positive integers."""
+    """--pass_at_k's "1,10" (--maj_at_k's): positive integers."""
     try:
         ks = tuple(int(k) for k in text.split(",") if k.strip())
     except ValueError:
@@ -102,11 +104,13 @@ def _with_code_limits(specs, limits: dict, flag: str):
             if s.type == "generation" and s.scoring == "code" else s for s in specs]  # fmt: skip
 
 
-def _replaced(specs, flags: str, only: str | None = None, **values):
-    """`specs` with `values` set (those of type `only`, when given); a spec the values make
-    invalid is a one-line error naming the flags that set them (`flags`: "--chat on")."""
+def _replaced(specs, flags: str, only: str | None = None, *, when=None, **values):
+    """`specs` with `values` set (those of type `only`, when given, and for which `when(spec)`
+    holds); a spec the values make invalid is a one-line error naming the flags that set them
+    (`flags`: "--chat on")."""
     try:
-        return [s.replace(**values) if only in (None, s.type) else s for s in specs]
+        return [s.replace(**values) if only in (None, s.type) and (when is None or when(s))
+                else s for s in specs]  # fmt: skip
     except ValueError as e:
         raise SystemExit(f"{e} ({flags})") from None
 
@@ -166,6 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pass_at_k", type=_ks, default=None,
                    help="generation tasks: also pass@k for these k (e.g. 1,10), each "
                         "estimated from all --num_samples samples (unbiased)")  # fmt: skip
+    p.add_argument("--maj_at_k", type=_ks, default=None,
+                   help="generation tasks that vote (scoring math, regex, exact_match): also "
+                        "maj@k for these k (e.g. 1,4,8), the exact mean over the k-subsets "
+                        "of all --num_samples samples")  # fmt: skip
     p.add_argument("--chat_template_kwargs", default="",
                    help='JSON object of chat-template variables, e.g. \'{"enable_thinking": '
                         'false}\' (default: what the run trained with)')  # fmt: skip
@@ -355,6 +363,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pass_at_k is not None:  # (after --num_samples: each k must be <= it)
         flag = f"--pass_at_k {','.join(map(str, args.pass_at_k))}"
         specs = _replaced(specs, flag, "generation", pass_at_k=args.pass_at_k)
+    if args.maj_at_k is not None:  # the tasks whose samples state an answer to vote for
+        from flaxlm.evaluation.tasks import VOTED
+
+        flag = f"--maj_at_k {','.join(map(str, args.maj_at_k))}"
+
+        def votes(spec) -> bool:
+            return spec.type == "generation" and spec.scoring in VOTED
+
+        if not any(votes(s) for s in specs):
+            raise SystemExit(f"{flag}: none of the tasks votes for an answer (a generation "
+                             f"task scored {' | '.join(VOTED)})")  # fmt: skip
+        specs = _replaced(specs, flag, when=votes, maj_at_k=args.maj_at_k)
     if args.code_limits is not None:
         specs = _with_code_limits(specs, args.code_limits, "--code_limits")
     _check_tasks(specs, args.limit, meta)  # fails now, not after earlier tasks ran

@@ -44,7 +44,16 @@ Tasks that extract an answer (math, regex, exact_match) also get maj@k, self-con
 majority vote (Wang et al. 2022; Minerva's maj1@k): the answer most of the k samples give wins
 — answers are grouped as the scoring compares them (math: `answers_equal`, so "0.5" and
 "\\frac12" are one vote; else the normalised strings), samples stating no answer do not vote, a
-tie goes to the answer given first — and maj@k is 1 when it is right.
+tie goes to the answer given first — and maj@k is 1 when it is right (0 when no sample states
+an answer). A spec's `maj_at_k` (the CLI's --maj_at_k) asks for smaller k too: the expected
+maj@k of a k-subset of the n samples drawn uniformly, the subset's samples in their order (so
+its ties go to the answer it gives first), computed exactly (`expected_majority`, polynomial in
+n) rather than from one draw of k — maj@1 is then the mean hit, maj@n the majority of all n.
+Should the comparison not split an example's answers into classes (math's `math_rel_tol`
+chaining 1.00 ~ 1.01 ~ 1.02 while 1.00 !~ 1.02), how a subset groups them depends on the
+subset (`vote_classes`): maj@k is then the mean over every k-subset when there are at most
+MAJ_ENUMERATE of them, else a Monte-Carlo estimate over MAJ_DRAWS subsets (seeded by the task,
+the example and k), and the metric "maj@k_estimated" is the share of examples estimated so.
 
 Prompts come from prompts.encode_prompt (zero- or k-shot, plain or chat). The model is reached
 through a `GenerateFn`, `(prompt_ids, max_new_tokens[, temperature]) -> new ids per prompt`
@@ -61,11 +70,14 @@ from __future__ import annotations
 import decimal
 import functools
 import inspect
+import itertools
 import logging
+import math
 import os
 import re
 import string
 import unicodedata
+import zlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -73,7 +85,7 @@ import numpy as np
 
 from flaxlm.data.formats import split_reasoning
 from flaxlm.evaluation.prompts import prefix_ids, render
-from flaxlm.evaluation.tasks import Example, TaskSpec, match_answer
+from flaxlm.evaluation.tasks import VOTED, Example, TaskSpec, match_answer
 
 log = logging.getLogger("flaxlm")
 
@@ -258,9 +270,6 @@ def make_generate_fn(
     return fn
 
 
-VOTED = ("math", "regex", "exact_match")  # scorings whose samples state an answer: maj@k
-
-
 def _vote(spec: TaskSpec, response: str) -> str | None:
     """The answer a sample votes for in maj@k, as its scoring reads it; None: it gives none."""
     if spec.scoring == "math":
@@ -285,18 +294,167 @@ def pass_at_k_estimate(n: int, c: float, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def _same(spec: TaskSpec) -> Callable[[str, str], bool]:
+    """When two votes are one answer, as the task's scoring compares answers."""
+    if spec.scoring == "math":
+        from flaxlm.alignment.verify_math import answers_equal
+
+        return functools.partial(answers_equal, rel_tol=spec.math_rel_tol)
+    return str.__eq__
+
+
 def majority(spec: TaskSpec, votes: Sequence[str | None], hits: Sequence[float]) -> float:
     """maj@k of one example: `hits[i]` (0/1) of the first sample giving the answer most samples
     give (`votes`, None for no answer; equal as the scoring compares answers; a tie goes to the
     answer given first); 0 when no sample gives one."""
-    from flaxlm.alignment.verify_math import answers_equal, majority_sample
+    from flaxlm.alignment.verify_math import majority_sample
 
-    if spec.scoring == "math":
-        same = functools.partial(answers_equal, rel_tol=spec.math_rel_tol)
-    else:
-        same = str.__eq__
-    first = majority_sample(votes, same)
+    first = majority_sample(votes, _same(spec))
     return 0.0 if first is None else float(hits[first])
+
+
+MAJ_ENUMERATE = 20_000  # maj@k without answer classes: the mean over every k-subset up to this
+MAJ_DRAWS = 2_000  # many, else a Monte-Carlo estimate over this many (seeded) k-subsets
+
+
+def vote_classes(votes: Sequence[str | None], same: Callable[[str, str], bool] = str.__eq__,
+                 ) -> list[int | None] | None:  # fmt: skip
+    """Each sample's answer class (None: it states no answer), as `majority_sample` groups the
+    votes (a vote `v` joins the first class whose first vote `u` has `same(v, u)`), or None
+    when a subset of the samples could group its votes otherwise — it may start a class with
+    another sample. The classes hold for every subset when, for each vote and each earlier
+    one, `same` holds exactly when they are in one class; not so with a relative tolerance
+    chaining 1.00 ~ 1.01 ~ 1.02 (`answers_equal` is not even symmetric for over-long
+    answers)."""
+    eq = _memo(same)
+    classes: list[int | None] = []
+    firsts: list[int] = []  # each class's first sample
+    for j, v in enumerate(votes):
+        if v is None:
+            classes.append(None)
+            continue
+        c = next((c for c, f in enumerate(firsts) if eq(v, votes[f])), len(firsts))
+        if c == len(firsts):
+            firsts.append(j)
+        if any(eq(v, votes[i]) != (classes[i] == c) for i in range(j) if votes[i] is not None):
+            return None
+        classes.append(c)
+    return classes
+
+
+def _memo(same: Callable[[str, str], bool]) -> Callable[[str, str], bool]:
+    """`same`, each pair of answers compared once (math's answers_equal parses both)."""
+    memo: dict[tuple[str, str], bool] = {}
+
+    def eq(v: str, u: str) -> bool:
+        if (v, u) not in memo:
+            memo[v, u] = bool(same(v, u))
+        return memo[v, u]
+
+    return eq
+
+
+def _binom_pmf(s: int, j: int, p: float) -> float:
+    """P(Binomial(s, p) = j)."""
+    if not 0 <= j <= s:
+        return 0.0
+    if p == 1.0:
+        return float(j == s)
+    if s <= 1000:  # (C(1000, 500) < 1e300: a float)
+        return math.comb(s, j) * p**j * (1.0 - p) ** (s - j)
+    logc = math.lgamma(s + 1) - math.lgamma(j + 1) - math.lgamma(s - j + 1)
+    return math.exp(logc + j * math.log(p) + (s - j) * math.log1p(-p))
+
+
+def expected_majority(classes: Sequence[int | None], hits: Sequence[float], k: int) -> float:
+    """maj@k of one example from its n samples: the mean over the C(n, k) k-subsets (each in
+    sample order) of the hit of the subset's majority answer (`majority_sample`: most votes,
+    a tie to the answer the subset gives first; 0 when no sample of it votes). `classes`:
+    each sample's answer class (`vote_classes`; None: no vote); `hits[i]`: sample i's 0/1 hit.
+
+    Exact (up to float rounding) and polynomial: the majority's first sample is i, of class a,
+    with t votes, when the subset holds i, none of a before i, t - 1 of a after i, and of every
+    other class b either fewer than t, or t all after i (then i is given first); each of
+    these counts is a choice within its class, so with the subset's size counted by x, the
+    number of such subsets is the coefficient of x^(k - t) in a product of one polynomial per
+    class (a class of fewer than t samples can never tie: its samples join those with no vote,
+    unconstrained). To keep numbers small every sample is weighted as if kept with chance
+    p = k/n (a subset of size k then weighs p^k (1-p)^(n-k), whatever it holds), and the
+    total is divided by P(Binomial(n, p) = k). At most about 2n^2 array operations on
+    |a| x (k - t + 1) arrays (for each class a with a hit, each t <= min(|a|, k) and each
+    other class of t samples or more, t + 1 of them), so O(n^3 k) flops; a few milliseconds
+    for n = 64, about 0.1 s for n = 256."""
+    n = len(classes)
+    if not 1 <= k <= n:
+        raise ValueError(f"maj@{k} of {n} samples")
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(classes):
+        if c is not None:
+            members.setdefault(c, []).append(i)
+    groups = [np.asarray(m) for m in members.values()]
+    p = k / n
+    q = 1.0 - p
+    pmf = functools.cache(lambda s, j: _binom_pmf(s, j, p))
+    total = 0.0
+    for a, first in enumerate(groups):  # i: each sample of class a, a row of the arrays
+        size = len(first)
+        hit = np.asarray([hits[i] for i in first], dtype=float)
+        if not hit.any():  # (a class without a hit adds nothing)
+            continue
+        for t in range(1, min(size, k) + 1):
+            deg = k - t  # the other samples of the subset
+            rivals = [g for b, g in enumerate(groups) if b != a and len(g) >= t]
+            free = n - size - sum(len(g) for g in rivals)  # no vote, or a class below t
+            poly = np.broadcast_to([pmf(free, d) for d in range(deg + 1)], (size, deg + 1))
+            for g in rivals:
+                nxt = np.zeros((size, deg + 1))
+                for d in range(min(t - 1, deg) + 1):  # fewer than t of class b
+                    nxt[:, d:] += pmf(len(g), d) * poly[:, : deg + 1 - d]
+                if t <= deg:  # t of b, all after i: the ones after i kept, the others not
+                    after = len(g) - np.searchsorted(g, first, side="right")
+                    tie = [pmf(m, t) * q ** (len(g) - m) for m in after]
+                    nxt[:, t:] += np.asarray(tie)[:, None] * poly[:, : deg + 1 - t]
+                poly = nxt
+            # i kept, the r samples of a before it not, t - 1 of the size - 1 - r after it
+            own = [p * q**r * pmf(size - 1 - r, t - 1) for r in range(size)]
+            total += float(np.sum(hit * np.asarray(own) * poly[:, deg]))
+    return min(1.0, total / pmf(n, k))
+
+
+def majority_at_k(spec: TaskSpec, votes: Sequence[str | None], hits: Sequence[float],
+                  ks: Sequence[int], seed: int = 0) -> dict[int, tuple[float, bool]]:  # fmt: skip
+    """{k: (maj@k, estimated)} of one example's n samples for each k in `ks` (module
+    docstring): k = n is `majority`, k = 1 the mean hit of the samples that vote, others
+    `expected_majority` — or, when the votes form no classes (`vote_classes`), the mean over
+    every k-subset (at most MAJ_ENUMERATE of them) or over MAJ_DRAWS drawn from `seed` and k
+    (estimated: True)."""
+    from flaxlm.alignment.verify_math import majority_sample
+
+    n, out = len(votes), {}
+    same = _memo(_same(spec))
+    classes = vote_classes(votes, same) if any(1 < k < n for k in ks) else None
+    for k in ks:
+        if k == n:
+            out[k] = (majority(spec, votes, hits), False)
+        elif k == 1:
+            out[k] = (sum(float(h) for v, h in zip(votes, hits) if v is not None) / n, False)
+        elif classes is not None:
+            out[k] = (expected_majority(classes, hits, k), False)
+        else:
+
+            def maj(subset):
+                first = majority_sample([votes[i] for i in subset], same)
+                return 0.0 if first is None else float(hits[subset[first]])
+
+            if math.comb(n, k) <= MAJ_ENUMERATE:
+                subsets = list(itertools.combinations(range(n), k))
+            else:
+                rng = np.random.default_rng([seed, k])
+                subsets = [tuple(sorted(rng.choice(n, k, replace=False)))
+                           for _ in range(MAJ_DRAWS)]  # fmt: skip
+            value = float(np.mean([maj(s) for s in subsets]))
+            out[k] = (value, math.comb(n, k) > MAJ_ENUMERATE)
+    return out
 
 
 def _takes(fn, name: str) -> bool:
@@ -426,9 +584,15 @@ def generation(
             hits = sum(s[name] for s in per)
             for j in sorted({*spec.pass_at_k, *([k] if k > 1 else [])}):
                 scores[f"pass@{j}"] = pass_at_k_estimate(k, hits, j)
-        if k > 1 and spec.scoring in VOTED:
+        maj_ks = sorted({*spec.maj_at_k, *([k] if k > 1 else [])})
+        if maj_ks and spec.scoring in VOTED:
             votes = [_vote(spec, r) for r in responses]
-            scores[f"maj@{k}"] = majority(spec, votes, [s["exact_match"] for s in per])
+            seed = zlib.crc32(f"{spec.name}\0{ex.source}".encode())  # (estimates only)
+            maj = majority_at_k(spec, votes, [s["exact_match"] for s in per], maj_ks, seed)
+            for j, (value, estimated) in maj.items():
+                scores[f"maj@{j}"] = value
+                if estimated:  # (metrics: the share of examples whose maj@j is estimated)
+                    scores[f"maj@{j}_estimated"] = 1.0
         for name, v in scores.items():
             sums[name] = sums.get(name, 0.0) + v
         row = {"source": ex.source, "prompt": prompt, "response": responses[0],

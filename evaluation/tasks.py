@@ -80,6 +80,7 @@ from typing import Any
 
 TYPES = ("perplexity", "multiple_choice", "generation")
 SCORINGS = ("exact_match", "regex", "judge", "math", "code")
+VOTED = ("math", "regex", "exact_match")  # scorings whose samples state an answer: maj@k
 SAMPLERS = ("random", "first_n")
 NORMALIZERS = ("none", "basic", "number")
 REQUIRED = {
@@ -150,6 +151,8 @@ class TaskSpec:
     # mean, and a 0/1 score (correct, exact_match) also gets pass@k: any of the k samples
     pass_at_k: tuple = ()  # generation: also pass@k for these k <= num_samples, Chen et al.'s
     # unbiased estimate from the n = num_samples drawn (HumanEval's pass@1, @10 of n = 20)
+    maj_at_k: tuple = ()  # generation scored math | regex | exact_match: also maj@k for these
+    # k <= num_samples, the majority vote's expected hit over the k-subsets of the n samples
     chat: bool = False  # render prompts with the chat template (an instruction-tuned model)
     max_len: int = 0  # perplexity window in tokens (0 = the model's max_seq_len)
     stride: int = 0  # perplexity: tokens between window starts (0 = max_len, no overlap)
@@ -202,13 +205,11 @@ class TaskSpec:
             raise ValueError(f"{where}: max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.num_samples > 1 and self.temperature == 0:
             raise ValueError(f"{where}: num_samples > 1 needs temperature > 0 (greedy repeats)")
-        ks = (self.pass_at_k,) if isinstance(self.pass_at_k, int) else tuple(self.pass_at_k)
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-            raise ValueError(f"{where}: pass_at_k must hold positive integers, got {ks!r}")
-        if ks and (self.type != "generation" or max(ks) > self.num_samples):
-            raise ValueError(f"{where}: pass_at_k={list(ks)} needs a generation task with "
-                             f"num_samples >= {max(ks)} (it has {self.num_samples})")  # fmt: skip
-        object.__setattr__(self, "pass_at_k", tuple(sorted(set(ks))))
+        for key in ("pass_at_k", "maj_at_k"):
+            object.__setattr__(self, key, self._ks(key, where))
+        if self.maj_at_k and self.scoring not in VOTED:  # (its samples state no answer)
+            raise ValueError(f"{where}: maj_at_k is for scorings whose samples state an answer "
+                             f"{VOTED}, not {self.scoring!r}")  # fmt: skip
         if self.num_fewshot < 0 or self.stride < 0 or self.max_len < 0:
             raise ValueError(f"{where}: num_fewshot, max_len and stride must be >= 0")
         if self.add_eos and self.type != "perplexity":
@@ -245,6 +246,18 @@ class TaskSpec:
                              f"own, got {groups!r}")  # fmt: skip
         object.__setattr__(self, "group", groups)
 
+    def _ks(self, key: str, where: str) -> tuple[int, ...]:
+        """pass_at_k or maj_at_k checked (k values <= num_samples of a generation task),
+        sorted, each once."""
+        value = getattr(self, key)
+        ks = (value,) if isinstance(value, int) else tuple(value)
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"{where}: {key} must hold positive integers, got {ks!r}")
+        if ks and (self.type != "generation" or max(ks) > self.num_samples):
+            raise ValueError(f"{where}: {key}={list(ks)} needs a generation task with "
+                             f"num_samples >= {max(ks)} (it has {self.num_samples})")  # fmt: skip
+        return tuple(sorted(set(ks)))
+
     @property
     def limits(self):
         """The verify_code.Limits code scoring runs each program under (`code_limits`)."""
@@ -266,7 +279,7 @@ class TaskSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["stop"], d["group"] = list(self.stop), list(self.group)
-        d["pass_at_k"] = list(self.pass_at_k)
+        d["pass_at_k"], d["maj_at_k"] = list(self.pass_at_k), list(self.maj_at_k)
         return d
 
     @classmethod
@@ -311,7 +324,7 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else ""
 
 
-_ITEMS = {"pass_at_k": int}  # list fields whose items are not strings
+_ITEMS = {"pass_at_k": int, "maj_at_k": int}  # list fields whose items are not strings
 
 
 def _type_ok(value, like, items: type = str) -> bool:
