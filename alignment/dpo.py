@@ -33,12 +33,67 @@ NCA's pairwise loss keeps DPO's drift of both likelihoods down in check; SPPO wi
 is IPO's square loss on each side's log ratio with targets ±1/(2β). A pair with the same
 answer on both sides (h = 0) still has a gradient under apo_down, nca and sppo_hard.
 
+Two more functions of h alone, with q = σ(β·h) the model's probability that the chosen answer
+wins (its pairwise preference) and τ = `discopop_tau`:
+
+    exo_pair      q·log(q/(1 − ε)) + (1 − q)·log((1 − q)/ε)            EXO, pairwise (Ji et al.
+                                                                       2024, eq. 16; 0 < ε < ½)
+    discopop      (1 − σ(β·h/τ))·(−log σ(β·h)) + σ(β·h/τ)·e^(−β·h)     DiscoPOP (Lu et al. 2024,
+                                                                       eq. 5: LRML)
+
+EXO minimises the reverse KL divergence KL(q ‖ p) from the model's preference (q, 1 − q) to the
+label's p = (1 − ε, ε), where cDPO's cross-entropy is the forward one, KL(p ‖ q) + a constant:
+mode-seeking instead of mean-covering. It is 0 exactly at β·h = log((1 − ε)/ε) (a finite
+target margin, 6.9 at ε = 1e-3) and needs ε > 0: at ε → 0 it is −log ε·σ(−β·h) plus a rest in
+[−log 2, −log(1 − ε)], its target margin goes to infinity and the loss with it (TRL silently
+uses ε = 1e-3 when given 0; here 0 is refused, and configs/dpo.py's loss=exo_pair sets 1e-3).
+Like APO's, its gradient vanishes for a pair the policy ranks far the wrong way (q → 0), not
+only far the right way. DiscoPOP (an
+LLM-discovered loss) blends DPO's logistic loss, where the policy prefers the rejected answer
+(β·h < 0), with the exponential loss, where it prefers the chosen one, the switch σ(β·h/τ) as
+sharp as τ is small; its loss at h = 0 is (log 2 + 1)/2 and it is not monotone there: its
+slope at h = 0 is β·((1 − log 2)/(4τ) − ¾), > 0 for τ < 0.1 (at τ = 0.05 a local minimum at
+β·h ≈ −0.12 and a bump at ≈ +0.08, between which its gradient lowers h).
+
+Two AOT losses (Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal
+Transport") compare distributions over the batch instead of pairs. With x_(1) <= ... <= x_(n)
+the values of x over the batch's n real pairs sorted (its empirical quantiles):
+
+    aot           (1/n)·Σ_i −log σ(β·(m_(i) − μ_(i))),  m = π_c − π_r,   AOT, paired data
+                                                      μ = ρ_c − ρ_r
+    aot_pair      (1/n)·Σ_i −log σ(β·(a_(i) − b_(i)))                  AOT, unpaired data
+
+Each asks for first-order stochastic dominance, relaxed by the logistic loss on the quantiles'
+differences (1-D optimal transport between the two sorted samples): `aot` that the policy's
+log ratio of chosen to rejected dominates the reference's, quantile by quantile; `aot_pair` that
+the chosen answers' implicit reward β·a dominates the rejected answers' β·b — each side sorted
+on its own, so the pairing is not used: it is the unpaired form, under TRL's (older) name
+`aot_pair` (TRL now calls it `aot_unpaired`). A single pair makes both −log σ(β·h), DPO's loss.
+Being batch-level:
+
+  * `preference_loss`'s losses[j] is the loss of the quantile slot that row j's m (aot) or a
+    (aot_pair) occupies among the real rows: the vector's mean over the real rows is the
+    batch's AOT loss, but an entry is not pair j's own loss (it depends on every pair of the
+    batch). Padding rows (`valid` = 0, which dpo_loss_fn passes) are left out of both sorts and
+    get 0; the implicit rewards are each pair's own, β·a and β·b, as for the other types.
+  * Gradient accumulation: each of the `opt.grad_accum` micro-batches (rows k, k + n, ... of the
+    batch, train/step.py) is sorted on its own, so the step's loss is the mean of the
+    micro-batches' AOT losses (weighted by their real pairs), not the whole batch's: quantiles
+    of B/n pairs, not B — noisier, and at B/n = 1 DPO's loss. Keep the micro-batch large.
+  * Devices and hosts: the sort is over the whole (global) batch of the jitted step, every
+    device's and process's rows together, as one device would sort it (TRL sorts each GPU's
+    share of the batch on its own).
+  * Held-out evaluation sorts the whole held-out set at once (`make_eval_fn` scores every pair,
+    then takes one `preference_loss`): its `loss` is the full set's AOT loss, not a mean over
+    batches.
+
 Conventions (each checked against its paper in tests/alignment/test_losses_reference.py): h
 uses the sequence sums for every reference-based type — IPO included, as in the paper's eq. 17
 (TRL length-normalises IPO's log-probabilities instead); `hinge` is SLiC's calibration hinge
 on the reference-normalised h with margin 1/β (RSO's form, TRL's "hinge"), not SLiC-HF's raw
-log-likelihood hinge; ε is read by conservative and robust only (TRL folds cDPO into its
-sigmoid loss; here it is `loss_type=conservative`), and ε ≠ 0 with another type is refused.
+log-likelihood hinge; ε is read by conservative, robust and exo_pair only (TRL reads it as
+cDPO's flip rate in its sigmoid and AOT losses; here cDPO is `loss_type=conservative`), and
+ε ≠ 0 with another type is refused.
 
 SimPO and ORPO are reference-free and length-normalised: they need each response's token count
 |y| (`chosen_lengths`, `rejected_lengths`), which the loss reads off the batch's loss mask; ORPO's
@@ -111,26 +166,33 @@ from flaxlm.train.pretrain import model_fns
 from flaxlm.train.step import jit_eval_rows
 
 LOSS_TYPES = ("sigmoid", "conservative", "ipo", "hinge", "robust", "simpo", "orpo", "apo_zero",
-              "apo_down", "nca", "sppo_hard")  # fmt: skip
+              "apo_down", "nca", "sppo_hard", "exo_pair", "discopop", "aot",
+              "aot_pair")  # fmt: skip
 REFERENCE_FREE = ("simpo", "orpo")
 ANCHORED = ("apo_zero", "apo_down", "nca", "sppo_hard")  # not functions of h alone
-SMOOTHED = ("conservative", "robust")  # the types that read label_smoothing (ε)
+SMOOTHED = ("conservative", "robust", "exo_pair")  # the types that read label_smoothing (ε)
+BATCHWISE = ("aot", "aot_pair")  # losses of the batch's sorted log ratios, not of each pair
+DISCOPOP_TAU = 0.05  # DiscoPOP's τ (the paper's; configs/dpo.py `dpo.discopop_tau`)
 
 
 def check_loss_settings(d, key: str = "dpo") -> None:
     """Raises on a bad loss setting of the DPO section `d`, naming the key: the loss type, and
-    ε of conservative / robust in [0, 0.5). cDPO's loss is smallest at βh = log((1 − ε)/ε):
-    at ε > 0.5 that is where the policy prefers the *rejected* answer, at 0.5 at h = 0 (it
-    pulls every pair back to the reference's preference), and robust DPO's divides by
-    1 − 2ε <= 0. ε ≠ 0 with any other type is refused too: it would be ignored (TRL's sigmoid
-    loss reads it as cDPO; here that is loss_type=conservative). build_task calls it before
-    any load or reference precompute (the loss, where robust was checked, is traced only
-    after them). β > 0 and finite for every type: at 0 IPO's target 1/(2β) divided by zero and
-    the others' losses are constants (nothing trains), below 0 they prefer the rejected
-    answers, at ∞ the rewards are ±∞ (losses 0, ∞ or NaN); the RPO weight `sft_coef` finite
-    and >= 0 (below 0 it raises the chosen answers' NLL); SimPO's target margin γ
-    (`simpo_gamma`, read by simpo only) finite and >= 0 (the paper's γ > 0, 0 its ablation;
-    below 0 it asks the chosen answer to lose by up to |γ|/β per token)."""
+    ε of conservative / robust in [0, 0.5), of exo_pair in (0, 0.5). cDPO's and EXO's losses
+    are smallest at βh = log((1 − ε)/ε): at ε > 0.5 that is where the policy prefers the
+    *rejected* answer, at 0.5 at h = 0 (it pulls every pair back to the reference's
+    preference), and robust DPO's divides by 1 − 2ε <= 0; EXO's has log ε in it (at ε = 0 its
+    target margin is infinite). ε ≠ 0 with any other type is refused too: it would be ignored
+    (TRL's sigmoid and AOT losses read it as cDPO; here that is loss_type=conservative).
+    build_task calls it before any load or reference precompute (the loss, where robust was
+    checked, is traced only after them). β > 0 and finite for every type: at 0 IPO's target
+    1/(2β) divided by zero and the others' losses are constants (nothing trains), below 0 they
+    prefer the rejected answers, at ∞ the rewards are ±∞ (losses 0, ∞ or NaN); the RPO weight
+    `sft_coef` finite and >= 0 (below 0 it raises the chosen answers' NLL); SimPO's target
+    margin γ (`simpo_gamma`, read by simpo only) finite and >= 0 (the paper's γ > 0, 0 its
+    ablation; below 0 it asks the chosen answer to lose by up to |γ|/β per token); DiscoPOP's τ
+    (`discopop_tau`, read by discopop only) > 0 and finite (at 0 the switch σ(βh/τ) divides by
+    zero, below 0 it is reversed — the exponential loss where the policy prefers the rejected
+    answer, e^(−βh) unbounded there — and at ∞ it is a constant ½)."""
     if d.loss_type not in LOSS_TYPES:
         raise ValueError(f"{key}.loss_type={d.loss_type!r}; expected one of {LOSS_TYPES}")
     if not (_positive(d.beta) and math.isfinite(d.beta)):
@@ -142,6 +204,13 @@ def check_loss_settings(d, key: str = "dpo") -> None:
     if not (is_real(coef) and 0 <= coef < math.inf):
         raise ValueError(f"{key}.sft_coef={coef!r} must be >= 0 and finite (0 = off)")
     eps = d.get("label_smoothing", 0.0)
+    if d.loss_type == "exo_pair" and not (is_real(eps) and 0.0 < eps < 0.5):
+        raise ValueError(
+            f"{key}.label_smoothing={eps}: {key}.loss_type=exo_pair needs 0 < ε < 0.5 (the "
+            "label distribution (1 − ε, ε) its KL divergence is to; 0 has log 0 in it and an "
+            "infinite target margin, >= 0.5 trains towards the rejected answers; EXO's usual "
+            "1e-3)"
+        )
     if d.loss_type in SMOOTHED and not (is_real(eps) and 0.0 <= eps < 0.5):
         raise ValueError(
             f"{key}.label_smoothing={eps}: {key}.loss_type={d.loss_type} needs 0 <= ε < 0.5 "
@@ -150,17 +219,37 @@ def check_loss_settings(d, key: str = "dpo") -> None:
     if d.loss_type not in SMOOTHED and eps != 0:
         raise ValueError(
             f"{key}.label_smoothing={eps}: {key}.loss_type={d.loss_type} does not read it (only "
-            f"{' and '.join(SMOOTHED)} do); for cDPO set {key}.loss_type=conservative"
+            f"{', '.join(SMOOTHED)} do); for cDPO set {key}.loss_type=conservative"
         )
     gamma = d.get("simpo_gamma", 0.0)
     if d.loss_type == "simpo" and not (is_real(gamma) and 0 <= gamma < math.inf):
         raise ValueError(
             f"{key}.simpo_gamma={gamma!r} must be >= 0 and finite (SimPO's target reward margin)"
         )
+    tau = d.get("discopop_tau", DISCOPOP_TAU)
+    if d.loss_type == "discopop" and not (_positive(tau) and math.isfinite(tau)):
+        raise ValueError(
+            f"{key}.discopop_tau={tau!r} must be > 0 and finite (DiscoPOP's temperature τ of the "
+            "switch σ(βh/τ) between its logistic and exponential losses; the paper's 0.05)"
+        )
 
 
 def _positive(x) -> bool:
     return is_real(x) and x > 0
+
+
+def _quantile_gaps(u, v, real):
+    """u_(r) − v_(r) for each row, r its u's rank among the real rows: u's and v's values over the
+    real rows, each sorted on its own, differenced slot by slot (the 1-D optimal transport
+    between the two samples), each slot's gap given to the row whose u holds that slot (0 on
+    padding rows, which neither sort sees). A sort of the whole array, under jit the global
+    batch: every device's rows."""
+    pad = (~real).astype(jnp.int32)  # the sorts' first key: the real rows first
+    by_u, by_v = jnp.lexsort((u, pad)), jnp.lexsort((v, pad))
+    gaps = u[by_u] - v[by_v]  # slot i: the i-th smallest real u against the i-th smallest v
+    rank_u = jnp.zeros_like(by_u).at[by_u].set(jnp.arange(u.shape[0], dtype=by_u.dtype))
+    # (padding: 0, not the gap of two garbage values, which could be ∞ − ∞ and its gradient NaN)
+    return jnp.where(real, gaps[rank_u], 0.0)
 
 
 def _log1mexp(a):
@@ -172,7 +261,8 @@ def _log1mexp(a):
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                     ref_rejected_logps, *, beta: float, loss_type: str,
                     label_smoothing: float = 0.0, chosen_lengths=None, rejected_lengths=None,
-                    simpo_gamma: float = 0.0):  # fmt: skip
+                    simpo_gamma: float = 0.0, discopop_tau: float = DISCOPOP_TAU,
+                    valid=None):  # fmt: skip
     """Per-pair losses of the DPO family (module docstring) and the implicit rewards.
 
     Args:
@@ -180,19 +270,31 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         tokens); the reference ones are ignored by the reference-free simpo / orpo.
       beta: the β of each formula (ORPO: the weight λ of its odds-ratio term).
       loss_type: one of LOSS_TYPES.
-      label_smoothing: ε of conservative / robust (the assumed label-flip rate, < 0.5).
+      label_smoothing: ε of conservative / robust (the assumed label-flip rate, < 0.5) and of
+        exo_pair (its label distribution (1 − ε, ε), 0 < ε < 0.5).
       chosen_lengths, rejected_lengths: (B,) response token counts (simpo, orpo).
       simpo_gamma: SimPO's target reward margin γ.
+      discopop_tau: DiscoPOP's temperature τ.
+      valid: (B,) > 0 for the real pairs (None: every row), read by the batch-level aot /
+        aot_pair alone: padding rows are left out of their sorts (and get loss 0); the other
+        types' losses are each pair's own, padding rows' included (the caller weighs them 0).
 
-    Returns: (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), float32.
+    Returns: (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), float32. aot /
+    aot_pair: losses[j] is the loss of the quantile slot of row j's rank (module docstring),
+    their mean over the real rows the batch's loss.
     """
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     pc, pr = f32(policy_chosen_logps), f32(policy_rejected_logps)
     eps = float(label_smoothing)
-    if loss_type in SMOOTHED and not 0.0 <= eps < 0.5:  # (check_loss_settings: the why)
-        raise ValueError(f"{loss_type} DPO needs 0 <= label_smoothing < 0.5, got {eps}")
+    if loss_type in SMOOTHED:  # (check_loss_settings: the why)
+        exo = loss_type == "exo_pair"  # (its KL has log ε: ε = 0 is refused too)
+        if not ((0.0 < eps < 0.5) if exo else (0.0 <= eps < 0.5)):
+            raise ValueError(f"{loss_type} DPO needs 0 {'<' if exo else '<='} label_smoothing "
+                             f"< 0.5, got {eps}")  # fmt: skip
     if isinstance(beta, numbers.Real) and not _positive(beta):  # (a traced β: the caller's)
         raise ValueError(f"{loss_type} DPO needs beta > 0, got {beta!r}")
+    if loss_type == "discopop" and not (_positive(discopop_tau) and math.isfinite(discopop_tau)):
+        raise ValueError(f"discopop DPO needs 0 < discopop_tau < inf, got {discopop_tau!r}")
     if loss_type in REFERENCE_FREE:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"loss_type={loss_type!r} needs chosen_lengths / rejected_lengths")
@@ -230,6 +332,24 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
                   - 0.5 * jax.nn.log_sigmoid(-beta * b))  # fmt: skip
     elif loss_type == "sppo_hard":
         losses = jnp.square(a - 0.5 / beta) + jnp.square(b + 0.5 / beta)
+    elif loss_type == "exo_pair":  # KL((q, 1 − q) ‖ (1 − ε, ε)), q = σ(βh)
+        x = beta * h
+        log_q, log_1mq = jax.nn.log_sigmoid(x), jax.nn.log_sigmoid(-x)
+        losses = (jnp.exp(log_q) * (log_q - math.log1p(-eps))
+                  + jnp.exp(log_1mq) * (log_1mq - math.log(eps)))  # fmt: skip
+    elif loss_type == "discopop":
+        x = beta * h
+        # σ(x/τ)·e^(−x) as exp(log σ(x/τ) − x): e^(−x) alone overflows at x < −88 (float32),
+        # where σ(x/τ) underflows to 0, and ∞·0 made the loss NaN
+        losses = (jax.nn.sigmoid(-x / discopop_tau) * -jax.nn.log_sigmoid(x)
+                  + jnp.exp(jax.nn.log_sigmoid(x / discopop_tau) - x))  # fmt: skip
+    elif loss_type in BATCHWISE:
+        # aot: the policy's log ratio of chosen to rejected against the reference's; aot_pair:
+        # the chosen answers' log ratios against the rejected answers', each sorted on its own
+        u, v = (pc - pr, rc - rr) if loss_type == "aot" else (a, b)
+        real = jnp.ones(u.shape, bool) if valid is None else f32(valid) > 0
+        delta = _quantile_gaps(u, v, real)
+        losses = jnp.where(real, -jax.nn.log_sigmoid(beta * delta), 0.0)
     else:
         raise ValueError(f"dpo.loss_type={loss_type!r}; expected one of {LOSS_TYPES}")
     return losses, rew_c, rew_r
@@ -282,14 +402,15 @@ def dpo_loss_fn(apply, d, router: tuple | None = None, ref_apply=None):
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
             (rc, rr), _ = pair_logps(ref_apply, jax.lax.stop_gradient(ref), batch)
+        w = batch["valid"]
         losses, rew_c, rew_r = preference_loss(
             pc, pr, rc, rr, beta=d.beta,
             loss_type=d.loss_type, label_smoothing=d.label_smoothing, chosen_lengths=lc,
             rejected_lengths=lr, simpo_gamma=d.simpo_gamma,
+            discopop_tau=d.get("discopop_tau", DISCOPOP_TAU), valid=w,
         )  # fmt: skip
         if d.sft_coef:  # RPO: + α·(per-token NLL of the chosen response)
             losses = losses + d.sft_coef * (-pc / jnp.maximum(lc, 1.0))
-        w = batch["valid"]
         n = jnp.maximum(jnp.sum(w), 1.0)
         mean = lambda x: jnp.sum(x * w) / n  # noqa: E731
         metrics = {
@@ -451,6 +572,7 @@ def make_eval_fn(config, mesh, apply, ref: RefLogps, heldout, pad_id, gen_eval, 
                 c["pc"], c["pr"], c["rc"], c["rr"], beta=d.beta, loss_type=d.loss_type,
                 label_smoothing=d.label_smoothing, chosen_lengths=c["lc"],
                 rejected_lengths=c["lr"], simpo_gamma=d.simpo_gamma,
+                discopop_tau=d.get("discopop_tau", DISCOPOP_TAU),
             ))  # fmt: skip
             if d.sft_coef:  # the training objective's RPO term too (dpo_loss_fn), and its parts
                 nll = -c["pc"] / np.maximum(c["lc"], 1.0)

@@ -1,5 +1,5 @@
 """DPO family (DPO, cDPO, IPO, SLiC hinge, robust DPO, SimPO, ORPO, APO-zero / APO-down, NCA,
-SPPO) from an SFT run.
+SPPO, EXO, DiscoPOP, AOT) from an SFT run.
 
     python -m flaxlm.train.main --config configs/dpo.py:runlocal=True \
         --config.init_from=runs/sft --workdir runs/dpo [--config.dpo.loss_type=ipo]
@@ -39,19 +39,27 @@ _SIZES = {
 # Typical β per loss type (its meaning differs: see alignment/dpo.py); simpo also uses γ.
 _BETA = {"sigmoid": 0.1, "conservative": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1,
          "simpo": 2.0, "orpo": 0.1, "apo_zero": 0.1, "apo_down": 0.1, "nca": 0.1,
-         "sppo_hard": 0.1}  # fmt: skip
+         "sppo_hard": 0.1, "exo_pair": 0.1, "discopop": 0.05, "aot": 0.1,
+         "aot_pair": 0.1}  # fmt: skip
+# Usual ε of the types that read it (another type refuses ε ≠ 0): cDPO / robust DPO's flip
+# rate, EXO's label distribution (1 − ε, ε) (TRL's 1e-3; EXO needs ε > 0).
+_EPS = {"conservative": 0.1, "robust": 0.1, "exo_pair": 1e-3}
 
 
 def dpo_config(loss_type: str = "sigmoid") -> ml_collections.ConfigDict:
     """The `dpo` section."""
     c = ml_collections.ConfigDict()
     # sigmoid | conservative | ipo | hinge | robust | simpo | orpo | apo_zero | apo_down | nca |
-    # sppo_hard (alignment/dpo.py)
+    # sppo_hard | exo_pair | discopop | aot | aot_pair (alignment/dpo.py)
     c.loss_type = loss_type
     c.beta = common.lookup(_BETA, loss_type, "loss")  # β > 0 (ORPO: weight λ of the odds ratio)
-    # flip rate ε, read by conservative / robust only (another type refuses ε ≠ 0)
-    c.label_smoothing = 0.1 if loss_type in ("conservative", "robust") else 0.0
+    # ε, read by conservative / robust (flip rate, 0 <= ε < 0.5) and exo_pair (its labels'
+    # (1 − ε, ε), 0 < ε < 0.5) only (another type refuses ε ≠ 0)
+    c.label_smoothing = _EPS.get(loss_type, 0.0)
     c.simpo_gamma = 1.0  # SimPO target reward margin γ >= 0 (read by simpo only)
+    # DiscoPOP's temperature τ > 0 of σ(βh/τ), its switch between the logistic and the
+    # exponential loss (read by discopop only; the paper's 0.05)
+    c.discopop_tau = 0.05
     c.sft_coef = 0.0  # α of an added per-token NLL of the chosen response (RPO); 0 = off
     c.ref_logps = "precompute"  # precompute (once, when the task is built) | online (in the step)
     c.ref_from = ""  # reference run, its params ("" = init_from; its EMA with init_from_ema)

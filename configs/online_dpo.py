@@ -79,9 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.online = online_config()
     c.loss = common.router_loss_keys()  # moe_aux, moe_z: a policy with experts (models/moe.py)
     d = dpo_config(a.loss)
-    c.dpo = ml_collections.ConfigDict(  # the loss keys of DPO's section (configs/dpo.py)
-        {k: d[k] for k in ("loss_type", "beta", "label_smoothing", "simpo_gamma", "sft_coef")}
-    )
+    # the loss keys of DPO's section (configs/dpo.py)
+    keys = ("loss_type", "beta", "label_smoothing", "simpo_gamma", "discopop_tau", "sft_coef")
+    c.dpo = ml_collections.ConfigDict({k: d[k] for k in keys})
     c.lora = lora_config(a.lora)  # LoRA adapters on the policy (models/lora.py); rank 0 = off
     # held-out evals, schedule, cadence (rl_common); adapters start at zero: a larger step
     rl_run_config(c, lr * (10 if a.lora else 1), a.runlocal)

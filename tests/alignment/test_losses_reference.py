@@ -103,8 +103,22 @@ def _dpo_batch(seed=0, B=5, T=12):
     return batch, _table_params(rng, T)
 
 
+def _aot_reference(u, v, real, beta):
+    """AOT (Melnyk et al. 2024): the real rows' u and v each sorted (their empirical quantiles),
+    −log σ(β·(u_(i) − v_(i))) per quantile slot i, given to the row whose u is the i-th smallest
+    (0 to the other rows). Plain Python over the rows."""
+    rows = [j for j in range(len(u)) if real[j]]
+    by_u = sorted(rows, key=lambda j: float(u[j]))
+    vs = sorted(float(v[j]) for j in rows)
+    out = [0.0] * len(u)
+    for i, j in enumerate(by_u):
+        out[j] = -_logsig(beta * (float(u[j]) - vs[i]))
+    return out
+
+
 def _dpo_reference(params, batch, d):
-    """Per-pair losses and implicit rewards from each paper's formula, token by token."""
+    """Per-pair losses and implicit rewards from each paper's formula, token by token (AOT's:
+    of the batch's quantiles, `_aot_reference`)."""
     seq, lens = {}, {}
     for s in ("chosen", "rejected"):
         lp = _token_logps(params, batch[f"{s}_tokens"], batch[f"{s}_positions"],
@@ -145,6 +159,15 @@ def _dpo_reference(params, batch, d):
                 loss = -_logsig(beta * a) - 0.5 * _logsig(-beta * a) - 0.5 * _logsig(-beta * r)
             else:  # SPPO (Wu et al. 2024): P(winner) = 1, P(loser) = 0, η = 1/β
                 loss = (a - 1 / beta * (1 - 0.5)) ** 2 + (r - 1 / beta * (0 - 0.5)) ** 2
+        elif d.loss_type == "exo_pair":  # Ji et al. 2024, eq. 16: KL(p_θ ‖ p_label), K = 2
+            q = 1 / (1 + math.exp(-beta * h))  # the model's probability that chosen wins
+            loss = q * math.log(q / (1 - eps)) + (1 - q) * math.log((1 - q) / eps)
+        elif d.loss_type == "discopop":  # Lu et al. 2024, eq. 5 (LRML), ρ = β·h
+            tau, rho = d.discopop_tau, beta * h
+            mix = 1 / (1 + math.exp(-rho / tau))
+            loss = (1 - mix) * -_logsig(rho) + mix * math.exp(-rho)
+        elif d.loss_type in ("aot", "aot_pair"):
+            loss = 0.0  # (the batch's, below)
         else:
             raise AssertionError(d.loss_type)
         loss += d.sft_coef * -ac  # RPO (Pang et al. 2024): per-token NLL of the chosen answer
@@ -152,13 +175,20 @@ def _dpo_reference(params, batch, d):
         losses.append(loss)
         rc.append(beta * ac if free else beta * (pc - batch["ref_chosen_logps"][b]))
         rr.append(beta * ar if free else beta * (pr - batch["ref_rejected_logps"][b]))
+    if d.loss_type in ("aot", "aot_pair"):  # chosen's log ratios against the rejected's
+        pc, pr = np.array(seq["chosen"]), np.array(seq["rejected"])
+        rfc, rfr = (batch[f"ref_{s}_logps"].astype(np.float64) for s in ("chosen", "rejected"))
+        # paired: the policy's chosen-to-rejected log ratio against the reference's
+        u, v = (pc - pr, rfc - rfr) if d.loss_type == "aot" else (pc - rfc, pr - rfr)
+        aot = _aot_reference(u, v, batch["valid"] > 0, beta)
+        losses = [x + y for x, y in zip(losses, aot)]  # (+ the RPO term already there)
     return np.array(losses), np.array(rc), np.array(rr), seq
 
 
-def _dpo_cfg(loss_type, beta, eps=0.0, gamma=0.0, sft_coef=0.0):
+def _dpo_cfg(loss_type, beta, eps=0.0, gamma=0.0, sft_coef=0.0, tau=0.05):
     return ml_collections.ConfigDict({"loss_type": loss_type, "beta": beta,
                                       "label_smoothing": eps, "simpo_gamma": gamma,
-                                      "sft_coef": sft_coef})  # fmt: skip
+                                      "sft_coef": sft_coef, "discopop_tau": tau})  # fmt: skip
 
 
 DPO_CASES = [
@@ -171,6 +201,10 @@ DPO_CASES = [
     ("apo_down", 0.1, 0.0, 0.0, 0.0), ("apo_down", 1.0, 0.0, 0.0, 0.0),
     ("nca", 0.1, 0.0, 0.0, 0.0), ("nca", 0.7, 0.0, 0.0, 0.0),
     ("sppo_hard", 0.1, 0.0, 0.0, 0.0), ("sppo_hard", 2.0, 0.0, 0.0, 0.0),
+    ("exo_pair", 0.1, 1e-3, 0.0, 0.0), ("exo_pair", 1.0, 0.2, 0.0, 0.3),
+    ("discopop", 0.05, 0.0, 0.0, 0.0), ("discopop", 1.0, 0.0, 0.0, 0.0),
+    ("aot", 0.1, 0.0, 0.0, 0.0), ("aot", 1.0, 0.0, 0.0, 0.3),
+    ("aot_pair", 0.1, 0.0, 0.0, 0.0), ("aot_pair", 2.0, 0.0, 0.0, 0.0),
 ]  # fmt: skip
 
 
@@ -193,9 +227,9 @@ def test_dpo_family_from_logits_equals_the_papers(loss_type, beta, eps, gamma, s
 @pytest.mark.parametrize("loss_type", dpo.LOSS_TYPES)
 def test_dpo_ignores_padding_rows_and_prompt_targets(loss_type):
     """Padding rows (valid = 0, garbage everywhere) change neither the loss, its gradient nor
-    any metric; nor do the prompt tokens' targets (loss mask 0)."""
+    any metric (AOT's sorts leave them out); nor do the prompt tokens' targets (loss mask 0)."""
     batch, params = _dpo_batch(1, B=4)
-    d = _dpo_cfg(loss_type, 0.5, 0.1 if loss_type in ("conservative", "robust") else 0.0, 0.5)
+    d = _dpo_cfg(loss_type, 0.5, 0.1 if loss_type in dpo.SMOOTHED else 0.0, 0.5)
     fn = dpo.dpo_loss_fn(_table_apply, d)
     # Jitted, the loss, metrics and gradient in one program per batch shape (eager, hundreds
     # of small programs).
@@ -221,6 +255,122 @@ def test_dpo_ignores_padding_rows_and_prompt_targets(loss_type):
         shuffled[f"{s}_targets"] = tgt
     np.testing.assert_allclose(float(value_and_grad(params, shuffled, None)[0][0]), float(loss),
                                **TOL)  # fmt: skip
+
+
+def _aot_fn(loss_type, beta=0.5, sft_coef=0.0):
+    return jax.jit(jax.value_and_grad(
+        dpo.dpo_loss_fn(_table_apply, _dpo_cfg(loss_type, beta, sft_coef=sft_coef)), has_aux=True
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_pair"])
+def test_aot_is_a_loss_of_the_batch_below_dpos(loss_type):
+    """AOT is a loss of the batch's distributions, not of its pairs: permuting the pairs leaves
+    it (and its gradient) unchanged, but which pairs share the batch changes it. The quantile
+    coupling (both sides sorted) is the optimal transport for the convex −log σ(β·(u − v)), so
+    on the same batch AOT is at most sigmoid DPO (its coupling is the batch's own pairing) —
+    equal where both sides already sort alike (a comonotone batch), below where they do not;
+    and a batch of one pair is DPO's loss."""
+    batch, params = _dpo_batch(3, B=6)
+    (loss, _), g = _aot_fn(loss_type)(params, batch, None)
+    (dpo_loss, _), _ = _aot_fn("sigmoid")(params, batch, None)
+    perm = np.array([4, 0, 5, 2, 1, 3])
+    (loss_p, _), g_p = _aot_fn(loss_type)(params, {k: v[perm] for k, v in batch.items()}, None)
+    np.testing.assert_allclose(float(loss_p), float(loss), **TOL)
+    for x, y in zip(jax.tree.leaves(g_p), jax.tree.leaves(g)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+    # ... below DPO here (the sides do not sort alike: strictly)
+    assert float(loss) < float(dpo_loss) - 1e-3
+    # one pair at a time: DPO's per-pair loss, so their mean is DPO's batch loss
+    single = [float(_aot_fn(loss_type)(params, {k: v[j : j + 1] for k, v in batch.items()},
+                                       None)[0][0]) for j in range(6)]  # fmt: skip
+    np.testing.assert_allclose(np.mean(single), float(dpo_loss), **TOL)
+    # ... but the batch is not the mean of its halves (DPO's is): its quantiles are the batch's
+    halves = [float(_aot_fn(loss_type)(params, {k: v[i : i + 3] for k, v in batch.items()},
+                                       None)[0][0]) for i in (0, 3)]  # fmt: skip
+    assert abs(np.mean(halves) - float(loss)) > 1e-3
+    dpo_halves = [float(_aot_fn("sigmoid")(params, {k: v[i : i + 3] for k, v in batch.items()},
+                                           None)[0][0]) for i in (0, 3)]  # fmt: skip
+    np.testing.assert_allclose(np.mean(dpo_halves), float(dpo_loss), **TOL)
+    # a comonotone batch (the rejected side's reference log-probabilities moved so that both
+    # sides sort alike, by a monotone map of the other side): AOT is DPO exactly
+    seq = _dpo_reference(params, batch, _dpo_cfg("sigmoid", 0.5))[3]
+    pc, pr = np.array(seq["chosen"]), np.array(seq["rejected"])
+    alike = dict(batch)
+    if loss_type == "aot_pair":  # b = a/2 − 1
+        b = (pc - batch["ref_chosen_logps"]) / 2 - 1
+        alike["ref_rejected_logps"] = (pr - b).astype(np.float32)
+    else:  # μ = ρ_c − ρ_r = m/2 − 1, m = π_c − π_r
+        mu = (pc - pr) / 2 - 1
+        alike["ref_rejected_logps"] = (batch["ref_chosen_logps"] - mu).astype(np.float32)
+    got, want = (float(_aot_fn(t)(params, alike, None)[0][0]) for t in (loss_type, "sigmoid"))
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def _aot_reference_of(params, batch, loss_type):
+    """The reference's per-row AOT losses (slot losses by rank) of a batch, β = 0.5."""
+    return _dpo_reference(params, batch, _dpo_cfg(loss_type, 0.5))[0]
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_pair"])
+def test_aot_sorts_the_global_batch_across_devices(loss_type):
+    """Under a data-sharded batch on 8 devices (2 pairs each, padding rows among them) the
+    jitted loss and gradient are the single device's: the sort is over the global batch, not
+    each device's rows — which would give another loss (checked: the mean of per-shard AOT
+    losses differs)."""
+    from flaxlm.models.sharding import logical_axis_rules, make_mesh, shard_batch, use_mesh
+
+    assert jax.device_count() == 8
+    batch, params = _dpo_batch(5, B=16)
+    batch["valid"][[3, 10, 11]] = 0.0  # padding rows, two on one device
+    fn = _aot_fn(loss_type, sft_coef=0.2)
+    (want, m_want), g_want = fn(params, batch, None)
+    mesh = make_mesh({"data": -1})
+    assert mesh.shape["data"] == 8
+    with use_mesh(mesh, logical_axis_rules("fsdp")):
+        sharded = shard_batch(batch, mesh)
+        assert len(sharded["valid"].sharding.device_set) == 8
+        (got, m_got), g_got = fn(params, sharded, None)
+    np.testing.assert_allclose(float(got), float(want), **TOL)
+    for k in m_want:
+        np.testing.assert_allclose(float(m_got[k]), float(m_want[k]), err_msg=k, **TOL)
+    for x, y in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL)
+    ref = _dpo_reference(params, batch, _dpo_cfg(loss_type, 0.5, sft_coef=0.2))[0]
+    real = batch["valid"] > 0
+    np.testing.assert_allclose(float(want), ref[real].mean(), **TOL)
+    shards = [{k: v[2 * i : 2 * i + 2] for k, v in batch.items()} for i in range(8)]
+    per_device = [_dpo_reference(params, b, _dpo_cfg(loss_type, 0.5, sft_coef=0.2))[0]
+                  for b in shards]  # fmt: skip
+    local = sum(x[b["valid"] > 0].sum() for x, b in zip(per_device, shards)) / real.sum()
+    assert abs(local - float(want)) > 1e-3
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_pair"])
+def test_aot_under_grad_accum_sorts_each_micro_batch(loss_type):
+    """opt.grad_accum = 2: the step's loss and gradient are the real-pair-weighted mean of the
+    two micro-batches' own AOT losses (rows 0, 2, 4, ... and 1, 3, 5, ...: train/step.py's
+    strided split), each sorted on its own — not the whole batch's AOT loss."""
+    from flaxlm.train.step import loss_and_grads
+
+    batch, params = _dpo_batch(6, B=8)
+    batch["valid"][5] = 0.0
+    fn = dpo.dpo_loss_fn(_table_apply, _dpo_cfg(loss_type, 0.5))
+    loss, _, g = jax.jit(lambda p, b: loss_and_grads(p, b, None, fn, grad_accum=2))(params, batch)
+    whole, _, _ = jax.jit(lambda p, b: loss_and_grads(p, b, None, fn))(params, batch)
+    micro = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
+    sums = [_aot_reference_of(params, mb, loss_type).sum() for mb in micro]
+    n = batch["valid"].sum()
+    np.testing.assert_allclose(float(loss), sum(sums) / n, **TOL)
+    np.testing.assert_allclose(float(whole), _aot_reference_of(params, batch, loss_type).sum() / n,
+                               **TOL)  # fmt: skip
+    assert abs(float(loss) - float(whole)) > 1e-3
+    # the gradient: the same weighted mean of the micro-batches' gradients
+    gs = [jax.grad(lambda p, mb=mb: fn(p, mb, None)[0])(params) for mb in micro]
+    ws = [mb["valid"].sum() for mb in micro]
+    for x, *parts in zip(jax.tree.leaves(g), *(jax.tree.leaves(gi) for gi in gs)):
+        want = sum(w * np.asarray(p) for w, p in zip(ws, parts)) / n
+        np.testing.assert_allclose(np.asarray(x), want, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,11 +912,14 @@ def _heldout_pairs(rng, n, T):
     return pairs
 
 
-@pytest.mark.parametrize("same_reference", [False, True])
-def test_dpo_heldout_eval_equals_the_reference(same_reference):
+@pytest.mark.parametrize("same_reference,loss_type", [(False, "sigmoid"), (True, "sigmoid"),
+                                                     (False, "aot_pair")])  # fmt: skip
+def test_dpo_heldout_eval_equals_the_reference(same_reference, loss_type):
     """make_eval_fn over 11 pairs in batches of 8 (the last one padded): the mean per-pair
     loss, accuracy with ties ½ (the reference itself as policy: every margin 0, accuracy ½),
-    the mean margin, the length-normalised log-probability accuracy, accuracy per pair kind."""
+    the mean margin, the length-normalised log-probability accuracy, accuracy per pair kind.
+    AOT's loss: of the whole held-out set's quantiles (all 11 pairs sorted at once, the padding
+    rows left out), not a mean over its batches."""
     from flaxlm.models.sharding import logical_axis_rules, make_mesh
 
     rng = np.random.default_rng(13)
@@ -775,7 +928,7 @@ def test_dpo_heldout_eval_equals_the_reference(same_reference):
     rules = logical_axis_rules("fsdp")
     # (the eval's log-probabilities in 2 micro-batches of 4 pairs, as grad_accum=2 trains)
     cfg = ml_collections.ConfigDict({"seq_len": T, "batch_size": 8, "sharding": "fsdp",
-                                     "dpo": _dpo_cfg("sigmoid", 0.5),
+                                     "dpo": _dpo_cfg(loss_type, 0.5),
                                      "opt": {"grad_accum": 2}})  # fmt: skip
     params = _table_params(rng, T)
     ref_params = params if same_reference else _table_params(rng, T)
@@ -788,16 +941,24 @@ def test_dpo_heldout_eval_equals_the_reference(same_reference):
         return float((lp * mask[1:]).sum()), float(mask[1:].sum())
 
     won, loss, margin, logp_won, by_kind = [], [], [], [], {"a": [], "b": []}
+    sides = []
     for pr in pairs:
         (pc, lc), (prj, lr) = seq(params, *pr["chosen"]), seq(params, *pr["rejected"])
         rc, rr = seq(ref_params, *pr["chosen"])[0], seq(ref_params, *pr["rejected"])[0]
         h = (pc - rc) - (prj - rr)
+        sides.append((pc - rc, prj - rr))
         loss.append(-_logsig(0.5 * h))
         w = 0.5 if same_reference else float(h > 0)  # a tie counts ½
         won.append(w)
         by_kind[pr["meta"]["pair"]].append(w)
         margin.append(0.5 * h)
         logp_won.append(pc / lc > prj / lr)
+    if loss_type == "aot_pair":
+        a, b = np.array(sides).T
+        loss = _aot_reference(a, b, [True] * len(a), 0.5)
+        # (each batch's own quantiles, 8 and 3 pairs, would give another loss)
+        per_batch = [_aot_reference(a[i : i + 8], b[i : i + 8], [True] * 8, 0.5) for i in (0, 8)]
+        assert abs(sum(map(sum, per_batch)) / len(a) - np.mean(loss)) > 1e-3
     np.testing.assert_allclose(out["loss"], np.mean(loss), **TOL)
     np.testing.assert_allclose(out["accuracy"], np.mean(won), **TOL)
     np.testing.assert_allclose(out["margin"], np.mean(margin), **TOL)

@@ -10,6 +10,9 @@ reference loss:
   RSO / SLiC calibration hinge on h, robust DPO (Chowdhury et al. 2024, eq. 10), SimPO (Meng et
   al. 2024, eq. 6, mean token log-probabilities and the margin γ outside β), ORPO (Hong et al.
   2024, NLL + λ·log-odds-ratio term on mean token log-probabilities) and the RPO NLL term;
+- and APO-zero / APO-down, NCA, SPPO (hard labels), pairwise EXO (Ji et al. 2024, eq. 16: the
+  reverse KL to the label distribution (1 − ε, ε)), DiscoPOP (Lu et al. 2024, eq. 5) and AOT
+  (Melnyk et al. 2024: the batch's quantiles, paired and unpaired);
 - KTO (Ethayarajh et al. 2024): λ_y − v(x, y) with the batch's detached reference point
   z0 = max(0, mean KL of the mismatched rows);
 - the reward model's Bradley–Terry loss with per-pair margins (Llama 2) and the centering term.
@@ -57,9 +60,28 @@ def _logsig(x):
 # DPO family: per-pair loss and its gradient (∂/∂π_c, ∂/∂π_r) in float64
 
 
-def _pref_ref(kind, pc, pr, rc, rr, lc, lr, beta, eps=0.0, gamma=0.0, alpha=0.0):
-    """(loss, ∂loss/∂π_c, ∂loss/∂π_r, reward_c, reward_r) per pair, from each paper."""
+def _aot_ref(u, v, real, beta):
+    """AOT over the real rows: u and v each sorted, slot i's loss −log σ(β·(u_(i) − v_(i)))
+    given to the row holding u_(i); (loss, ∂/∂u, ∂/∂v) per row: with ℓ' = −β·σ(−β·gap),
+    ∂/∂u_j = ℓ' at u_j's slot, ∂/∂v_j = −ℓ' at v_j's slot (the sort is locally a fixed
+    permutation). Padding rows: 0."""
+    real = np.asarray(real, bool)
+    idx = np.flatnonzero(real)
+    by_u, by_v = idx[np.argsort(u[idx], kind="stable")], idx[np.argsort(v[idx], kind="stable")]
+    gap = u[by_u] - v[by_v]
+    loss, du, dv = np.zeros(len(u)), np.zeros(len(u)), np.zeros(len(u))
+    loss[by_u] = -_logsig(beta * gap)
+    du[by_u] = -beta * _sig(-beta * gap)
+    dv[by_v] = beta * _sig(-beta * gap)
+    return loss, du, dv
+
+
+def _pref_ref(kind, pc, pr, rc, rr, lc, lr, beta, eps=0.0, gamma=0.0, alpha=0.0, tau=0.05,
+              valid=None):  # fmt: skip
+    """(loss, ∂loss/∂π_c, ∂loss/∂π_r, reward_c, reward_r) per pair, from each paper (AOT's per
+    row: its quantile slot's, of the whole batch of `valid` rows; its gradients of the sum)."""
     pc, pr, rc, rr, lc, lr = (np.asarray(a, np.float64) for a in (pc, pr, rc, rr, lc, lr))
+    valid = np.ones(len(pc)) if valid is None else np.asarray(valid)
     h = (pc - rc) - (pr - rr)
     x = beta * h
     if kind == "sigmoid":
@@ -74,6 +96,22 @@ def _pref_ref(kind, pc, pr, rc, rr, lc, lr, beta, eps=0.0, gamma=0.0, alpha=0.0)
     elif kind == "robust":  # unbiased estimator of the clean loss under ε flips
         loss = ((1 - eps) * -_logsig(x) - eps * -_logsig(-x)) / (1 - 2 * eps)
         dh = (-(1 - eps) * beta * _sig(-x) - eps * beta * _sig(x)) / (1 - 2 * eps)
+    elif kind == "exo_pair":  # KL((q, 1 − q) ‖ (1 − ε, ε)), q = σ(x)
+        q = _sig(x)
+        loss = q * (np.log(q) - np.log(1 - eps)) + (1 - q) * (np.log(1 - q) - np.log(eps))
+        # dKL/dq = log(q/(1 − q)) − log((1 − ε)/ε) = x − log((1 − ε)/ε); dq/dx = q(1 − q)
+        dh = beta * q * (1 - q) * (x - np.log((1 - eps) / eps))
+    elif kind == "discopop":  # (1 − σ(x/τ))·(−log σ(x)) + σ(x/τ)·e^(−x)
+        m = _sig(x / tau)
+        loss = (1 - m) * -_logsig(x) + m * np.exp(-x)
+        dm = m * (1 - m) / tau
+        dh = beta * (-dm * -_logsig(x) - (1 - m) * _sig(-x) + dm * np.exp(-x) - m * np.exp(-x))
+    elif kind in ("aot", "aot_pair"):
+        if kind == "aot":  # the policy's chosen-to-rejected log ratio against the reference's
+            loss, du, _ = _aot_ref(pc - pr, rc - rr, valid > 0, beta)
+            gc, gr = du, -du
+        else:  # the chosen log ratios' quantiles against the rejected ones'
+            loss, gc, gr = _aot_ref(pc - rc, pr - rr, valid > 0, beta)
     a, b = pc - rc, pr - rr  # (the anchored types read each side's log ratio)
     ds = lambda z: _sig(z) * _sig(-z)  # noqa: E731  (σ')
     if kind == "apo_zero":  # chosen up, rejected down
@@ -103,7 +141,7 @@ def _pref_ref(kind, pc, pr, rc, rr, lc, lr, beta, eps=0.0, gamma=0.0, alpha=0.0)
             gr = beta * _sig(-v) / (-np.expm1(ar)) / lr
         rew_c, rew_r = beta * ac, beta * ar
     else:
-        if kind not in dpo.ANCHORED:  # functions of h alone
+        if kind not in dpo.ANCHORED + dpo.BATCHWISE:  # functions of h alone
             gc, gr = dh, -dh
         rew_c, rew_r = beta * (pc - rc), beta * (pr - rr)
     loss = loss + alpha * (-pc / lc)  # RPO: + α · per-token NLL of the chosen answer
@@ -132,18 +170,39 @@ CASES = [("sigmoid", 0.1, 0.0, 0.0, 0.0), ("sigmoid", 1.0, 0.0, 0.0, 0.3),
          ("apo_zero", 1.0, 0.0, 0.0, 0.3), ("apo_down", 0.1, 0.0, 0.0, 0.0),
          ("apo_down", 1.0, 0.0, 0.0, 0.0), ("nca", 0.1, 0.0, 0.0, 0.0),
          ("nca", 1.0, 0.0, 0.0, 0.0), ("sppo_hard", 0.1, 0.0, 0.0, 0.0),
-         ("sppo_hard", 1.0, 0.0, 0.0, 0.0)]  # fmt: skip
+         ("sppo_hard", 1.0, 0.0, 0.0, 0.0), ("exo_pair", 0.1, 1e-3, 0.0, 0.0),
+         ("exo_pair", 0.5, 0.3, 0.0, 0.0), ("exo_pair", 1.0, 0.01, 0.0, 0.3),
+         ("discopop", 0.05, 0.0, 0.0, 0.0), ("discopop", 0.5, 0.0, 0.0, 0.0),
+         ("aot", 0.1, 0.0, 0.0, 0.0), ("aot", 1.0, 0.0, 0.0, 0.3),
+         ("aot_pair", 0.1, 0.0, 0.0, 0.0), ("aot_pair", 1.0, 0.0, 0.0, 0.0)]  # fmt: skip
 
 
 def test_reference_gradients_are_the_derivatives_of_the_reference_losses():
-    """The hand-derived gradients above are right: central differences of the float64 losses."""
+    """The hand-derived gradients above are right: central differences of the float64 losses
+    (AOT's, a loss of the whole batch: of its sum, one coordinate at a time, with a padding
+    row; DiscoPOP's also at τ = 0.5 and 3)."""
     pc, pr, rc, rr, lc, lr = (a.astype(np.float64) for a in _inputs(7))
-    for kind, beta, eps, gamma, alpha in CASES:
-        f = lambda c, r: _pref_ref(kind, c, r, rc, rr, lc, lr, beta, eps, gamma, alpha)[0]  # noqa: E731,B023
-        _, gc, gr, _, _ = _pref_ref(kind, pc, pr, rc, rr, lc, lr, beta, eps, gamma, alpha)
-        step = 1e-6
-        fd_c = (f(pc + step, pr) - f(pc - step, pr)) / (2 * step)
-        fd_r = (f(pc, pr + step) - f(pc, pr - step)) / (2 * step)
+    step = 1e-6
+    cases = [(*c, 0.05) for c in CASES] + [("discopop", 0.3, 0.0, 0.0, 0.0, 0.5),
+                                           ("discopop", 1.0, 0.0, 0.0, 0.0, 3.0)]  # fmt: skip
+    for kind, beta, eps, gamma, alpha, tau in cases:
+        kw = dict(beta=beta, eps=eps, gamma=gamma, alpha=alpha, tau=tau)
+        if kind in dpo.BATCHWISE:
+            valid = np.r_[np.ones(len(pc) - 1), 0.0]
+            f = lambda c, r: _pref_ref(kind, c, r, rc, rr, lc, lr, valid=valid, **kw)[0].sum()  # noqa: E731,B023
+            _, gc, gr, _, _ = _pref_ref(kind, pc, pr, rc, rr, lc, lr, valid=valid, **kw)
+            fd_c, fd_r = np.zeros(len(pc)), np.zeros(len(pc))
+            for j in range(len(pc)):
+                e = np.eye(len(pc))[j] * step
+                fd_c[j] = (f(pc + e, pr) - f(pc - e, pr)) / (2 * step)
+                fd_r[j] = (f(pc, pr + e) - f(pc, pr - e)) / (2 * step)
+            if alpha == 0:
+                assert gc[-1] == gr[-1] == 0.0  # (the padding row)
+        else:
+            f = lambda c, r: _pref_ref(kind, c, r, rc, rr, lc, lr, **kw)[0]  # noqa: E731,B023
+            _, gc, gr, _, _ = _pref_ref(kind, pc, pr, rc, rr, lc, lr, **kw)
+            fd_c = (f(pc + step, pr) - f(pc - step, pr)) / (2 * step)
+            fd_r = (f(pc, pr + step) - f(pc, pr - step)) / (2 * step)
         np.testing.assert_allclose(gc, fd_c, rtol=1e-5, atol=1e-7, err_msg=kind)
         np.testing.assert_allclose(gr, fd_r, rtol=1e-5, atol=1e-7, err_msg=kind)
 
@@ -208,7 +267,7 @@ def test_label_smoothing_zero_is_dpo_and_half_is_refused():
         return jax.value_and_grad(f)(pc)
 
     base = loss_and_grad("sigmoid", 0.0)
-    for kind in dpo.SMOOTHED:
+    for kind in ("conservative", "robust"):  # (exo_pair: test_exo_pair_needs_0_lt_eps_lt_half)
         got = loss_and_grad(kind, 0.0)
         np.testing.assert_allclose(got[0], base[0], **TOL)
         np.testing.assert_allclose(got[1], base[1], **TOL)
@@ -221,6 +280,82 @@ def test_label_smoothing_zero_is_dpo_and_half_is_refused():
     _, g, _, _, _ = _pref_ref("conservative", pc, pr, rc, rr, lc, lr, 0.3, 0.5)
     h = (pc - rc) - (pr - rr)
     assert np.all(np.sign(g) == np.sign(h)) and np.abs(g).max() > 0.05
+
+
+def test_exo_pair_needs_0_lt_eps_lt_half_and_its_small_eps_limit():
+    """EXO's KL to (1 − ε, ε) is 0 exactly at βh = log((1 − ε)/ε), its gradient 0 there, and
+    positive elsewhere: a finite target margin (6.9 at TRL's ε = 1e-3) that grows without bound
+    as ε → 0, the loss with it: it is −log ε·σ(−βh) and a rest, q·log q + (1 − q)·log(1 − q)
+    − q·log(1 − ε), in [−log 2, −log(1 − ε)] for every ε (so loss/(−log ε) → σ(−βh), a
+    sigmoid-shaped loss whose gradient vanishes for pairs far the wrong way). At ε = 0 it is
+    log 0: refused by preference_loss and check_loss_settings (naming the key), as ε >= 0.5
+    is (its target h <= 0); configs/dpo.py's loss=exo_pair sets 1e-3."""
+    from flaxlm.configs import dpo as dpo_config
+
+    pc, pr, rc, rr, _, _ = _inputs(4)
+    beta = 0.5
+    h = ((pc - rc) - (pr - rr)).astype(np.float64)
+    for eps in (0.3, 1e-3, 1e-12, 1e-300):
+
+        def f(c, eps=eps):
+            return dpo.preference_loss(c, pr, rc, rr, beta=beta, loss_type="exo_pair",
+                                       label_smoothing=eps)[0]  # fmt: skip
+
+        loss = np.asarray(f(pc), np.float64)
+        np.testing.assert_allclose(loss, _pref_ref("exo_pair", pc, pr, rc, rr, 1, 1, beta,
+                                                   eps)[0], rtol=2e-5, atol=1e-5)  # fmt: skip
+        bound = -np.log(eps) * _sig(-beta * h)
+        rest = loss - bound
+        assert np.all(rest <= -math.log1p(-eps) + 1e-4) and np.all(rest >= -math.log(2) - 1e-4)
+        assert np.all(loss > 0)
+        # at the target margin: loss 0, gradient 0
+        target = math.log((1 - eps) / eps) / beta
+        if target < 100:  # (float32: beyond, σ(βh) rounds to 1 before the target)
+            at = (rc + (pr - rr) + target).astype(np.float32)
+            np.testing.assert_allclose(f(at), 0.0, atol=2e-5)
+            np.testing.assert_allclose(jax.grad(lambda c, f=f: f(c).sum())(at), 0.0, atol=2e-4)
+    for eps in (0.0, 0.5, -1e-3):
+        with pytest.raises(ValueError, match=r"exo_pair DPO needs 0 < label_smoothing < 0.5"):
+            dpo.preference_loss(pc, pr, rc, rr, beta=beta, loss_type="exo_pair",
+                                label_smoothing=eps)  # fmt: skip
+    with pytest.raises(ValueError, match=r"dpo\.label_smoothing=0.0: dpo\.loss_type=exo_pair "
+                                         r"needs 0 < ε < 0.5"):  # fmt: skip
+        dpo.check_loss_settings(_dpo_cfg("exo_pair", label_smoothing=0.0))
+    d = dpo_config.get_config("loss=exo_pair").dpo
+    assert d.label_smoothing == 1e-3
+    dpo.check_loss_settings(d)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.5, 3.0])
+def test_discopop_tau_and_far_margins(tau):
+    """DiscoPOP at τ = discopop_tau: loss and gradient as the paper's eq. 5 (hand-derived
+    gradient) for any τ; at τ < 1 finite where e^(−βh) alone overflows float32 (βh < −88,
+    σ(βh/τ) underflowing to 0: ∞·0 would be NaN) — there it is DPO's logistic loss, −βh; τ → 0
+    makes the switch a step (logistic below h = 0, exponential above)."""
+    pc, pr, rc, rr, lc, lr = _inputs(5)
+    beta = 0.3
+    f = lambda c: dpo.preference_loss(c, pr, rc, rr, beta=beta, loss_type="discopop",  # noqa: E731
+                                      discopop_tau=tau)[0]  # fmt: skip
+    want, wgc, _, _, _ = _pref_ref("discopop", pc, pr, rc, rr, lc, lr, beta, tau=tau)
+    np.testing.assert_allclose(f(pc), want, **TOL)
+    np.testing.assert_allclose(jax.grad(lambda c: f(c).sum())(pc), wgc, **TOL)
+    if tau < 1:  # (τ > 1: σ(βh/τ)·e^(−βh) ~ e^(−βh(1 − 1/τ)) overflows: the formula's own)
+        far = (rc + (pr - rr) + np.array([-1e4, -500, -300] + [0] * 13)).astype(np.float32)
+        loss, g = f(far), jax.grad(lambda c: f(c).sum())(far)
+        assert np.all(np.isfinite(loss)) and np.all(np.isfinite(g))
+        np.testing.assert_allclose(loss[:3], -beta * np.array([-1e4, -500, -300]), rtol=1e-5)
+        np.testing.assert_allclose(g[:3], -beta, rtol=1e-5)
+    x = np.array([-2.0, -0.5, 0.5, 2.0], np.float32)
+    zero = np.zeros_like(x)
+    sharp = dpo.preference_loss(x, zero, zero, zero, beta=1.0, loss_type="discopop",
+                                discopop_tau=1e-4)[0]  # fmt: skip
+    np.testing.assert_allclose(sharp, np.where(x < 0, -_logsig(x), np.exp(-x)), rtol=1e-5)
+    # not monotone at h = 0: slope β·((1 − log 2)/(4τ) − ¾), > 0 for τ < 0.1
+    tie = (rc + (pr - rr)).astype(np.float32)
+    slope = beta * ((1 - math.log(2)) / (4 * tau) - 0.75)
+    np.testing.assert_allclose(jax.grad(lambda c: f(c).sum())(tie), slope, rtol=1e-4)
+    with pytest.raises(ValueError, match="discopop DPO needs 0 < discopop_tau"):
+        dpo.preference_loss(pc, pr, rc, rr, beta=beta, loss_type="discopop", discopop_tau=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,11 +403,12 @@ def _pair_batch(rng, B=6, T=14, identical=False):
     return batch
 
 
-def _dpo_cfg(loss_type, beta=0.2, label_smoothing=0.0, simpo_gamma=0.0, sft_coef=0.0):
+def _dpo_cfg(loss_type, beta=0.2, label_smoothing=0.0, simpo_gamma=0.0, sft_coef=0.0,
+             discopop_tau=0.05):  # fmt: skip
     return ml_collections.ConfigDict({"loss_type": loss_type, "beta": beta,
                                       "label_smoothing": label_smoothing,
-                                      "simpo_gamma": simpo_gamma,
-                                      "sft_coef": sft_coef})  # fmt: skip
+                                      "simpo_gamma": simpo_gamma, "sft_coef": sft_coef,
+                                      "discopop_tau": discopop_tau})  # fmt: skip
 
 
 def _ref_param_grad(params, batch, d, ref_params):
@@ -287,7 +423,8 @@ def _ref_param_grad(params, batch, d, ref_params):
     (pc, lc), (pr, lr) = lp["chosen"], lp["rejected"]
     loss, gc, gr, rew_c, rew_r = _pref_ref(d.loss_type, pc, pr, rl["chosen"], rl["rejected"],
                                            lc, lr, d.beta, d.label_smoothing, d.simpo_gamma,
-                                           d.sft_coef)  # fmt: skip
+                                           d.sft_coef, d.discopop_tau,
+                                           valid=batch["valid"])  # fmt: skip
     w = batch["valid"].astype(np.float64)
     n = w.sum()
     grads = {}
@@ -313,13 +450,15 @@ def _ref_param_grad(params, batch, d, ref_params):
     ("sigmoid", 0.5, 0.0, 0.0, 0.0), ("conservative", 0.5, 0.2, 0.0, 0.0),
     ("ipo", 0.5, 0.0, 0.0, 0.0), ("hinge", 0.5, 0.0, 0.0, 0.0), ("robust", 0.5, 0.2, 0.0, 0.0),
     ("simpo", 2.0, 0.0, 0.5, 0.0), ("orpo", 0.5, 0.0, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 0.0, 0.4),
+    ("exo_pair", 0.5, 0.05, 0.0, 0.0), ("discopop", 0.5, 0.0, 0.0, 0.0),
+    ("aot", 0.5, 0.0, 0.0, 0.0), ("aot_pair", 0.5, 0.0, 0.0, 0.2),
 ])  # fmt: skip
 def test_step_loss_gradient_metrics_with_online_reference(kind, beta, eps, gamma, alpha):
     """dpo_loss_fn with the reference scored in the step (`ref_apply`): the loss, its gradient
     w.r.t. the policy's weights (float64 chain rule through the paper's ∂L/∂π), no gradient
     into the reference's weights, and the logged metrics — over real pairs only (the padding
-    row's garbage changes nothing) with only the response tokens summed (lengths from the
-    mask: SimPO / ORPO's |y|)."""
+    row's garbage changes nothing, AOT's sorts leave it out) with only the response tokens
+    summed (lengths from the mask: SimPO / ORPO's |y|)."""
     rng = np.random.default_rng(11)
     batch = _pair_batch(rng)
     params, ref_params = _params(rng, 14), _params(rng, 14, scale=0.8)
@@ -350,10 +489,12 @@ def test_step_loss_gradient_metrics_with_online_reference(kind, beta, eps, gamma
 def test_identical_chosen_and_rejected(kind):
     """The same response on both sides: h = 0, the rewards equal (margin 0, accuracy 0: a tie
     is no win), each paper's constant loss (log 2; IPO 1/(4β²); hinge 1; SimPO
-    −log σ(−γ); ORPO the NLL + λ·log 2; APO-zero 1), and a zero gradient w.r.t. the weights —
-    except ORPO's, which is its NLL term's alone. The other anchored losses read each side's
-    log ratio a = π − ρ, not h alone: APO-down σ(βa) + ½, NCA −log σ(βa) − log σ(−βa), SPPO
-    2a² + 1/(2β²), each with a gradient (it moves the shared likelihood)."""
+    −log σ(−γ); ORPO the NLL + λ·log 2; APO-zero 1; EXO KL((½, ½) ‖ (1 − ε, ε)) =
+    −log 2 − ½·log(ε(1 − ε)); DiscoPOP (log 2 + 1)/2; both AOTs log 2: each side's quantiles
+    are the other's), and a zero gradient w.r.t. the weights — except ORPO's, which is its NLL
+    term's alone. The other anchored losses read each side's log ratio a = π − ρ, not h alone:
+    APO-down σ(βa) + ½, NCA −log σ(βa) − log σ(−βa), SPPO 2a² + 1/(2β²), each with a gradient
+    (it moves the shared likelihood)."""
     rng = np.random.default_rng(5)
     batch = _pair_batch(rng, identical=True)
     params, ref_params = _params(rng, 14), _params(rng, 14, scale=0.8)
@@ -372,7 +513,10 @@ def test_identical_chosen_and_rejected(kind):
             "orpo": nll + beta * math.log(2), "apo_zero": 1.0,
             "apo_down": np.mean(_sig(beta * a) + 0.5),
             "nca": np.mean(-_logsig(beta * a) - _logsig(-beta * a)),
-            "sppo_hard": np.mean(2 * a**2 + 1 / (2 * beta**2))}[kind]  # fmt: skip
+            "sppo_hard": np.mean(2 * a**2 + 1 / (2 * beta**2)),
+            "exo_pair": -math.log(2) - 0.5 * math.log(eps * (1 - eps)) if eps else None,
+            "discopop": (math.log(2) + 1) / 2, "aot": math.log(2),
+            "aot_pair": math.log(2)}[kind]  # fmt: skip
     np.testing.assert_allclose(float(loss), want, **TOL)
     assert float(m["rewards/margin"]) == 0.0 and float(m["rewards/accuracy"]) == 0.0
     if kind in ("apo_down", "nca", "sppo_hard"):
@@ -394,10 +538,12 @@ def test_identical_chosen_and_rejected(kind):
 # DPO config checks: a bad value names its key; a value the loss type would ignore is refused
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge", "simpo", "orpo"])
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge", "simpo", "orpo", "discopop", "aot",
+                                  "aot_pair"])  # fmt: skip
 def test_label_smoothing_on_a_type_that_ignores_it_is_refused(kind):
     """dpo.label_smoothing=0.1 with loss_type=sigmoid (TRL's spelling of cDPO) trained plain
-    DPO without a word; only conservative and robust read ε."""
+    DPO without a word; only conservative, robust and exo_pair read ε (TRL's AOT losses read it
+    as cDPO's flip rate; here they do not)."""
     with pytest.raises(ValueError, match=rf"dpo.label_smoothing=0.1.*dpo.loss_type={kind}"):
         dpo.check_loss_settings(_dpo_cfg(kind, label_smoothing=0.1))
     dpo.check_loss_settings(_dpo_cfg(kind, label_smoothing=0.0))  # the default: accepted
@@ -408,11 +554,16 @@ def test_label_smoothing_on_a_type_that_ignores_it_is_refused(kind):
     ("sft_coef", float("inf"), "sigmoid"), ("sft_coef", float("nan"), "orpo"),
     ("label_smoothing", float("nan"), "robust"), ("simpo_gamma", float("nan"), "simpo"),
     ("simpo_gamma", -0.5, "simpo"), ("simpo_gamma", float("inf"), "simpo"),
+    ("label_smoothing", 0.0, "exo_pair"), ("label_smoothing", 0.5, "exo_pair"),
+    ("label_smoothing", -1e-3, "exo_pair"), ("label_smoothing", float("nan"), "exo_pair"),
+    ("discopop_tau", 0.0, "discopop"), ("discopop_tau", -0.05, "discopop"),
+    ("discopop_tau", float("inf"), "discopop"), ("discopop_tau", float("nan"), "discopop"),
 ])  # fmt: skip
 def test_bad_dpo_numbers_name_their_key(key, bad, kind):
     """Each was accepted: NaN / inf losses from the first step (a negative SimPO γ asks for
-    rejected answers up to |γ|/β per token likelier than chosen ones). (A string is already
-    refused by ConfigDict's typed fields.)"""
+    rejected answers up to |γ|/β per token likelier than chosen ones; EXO at ε = 0 has log 0,
+    at 0.5 its target is h = 0; DiscoPOP's τ <= 0 flips or breaks its switch). (A string is
+    already refused by ConfigDict's typed fields.)"""
     cfg = _dpo_cfg(kind, label_smoothing=0.1 if kind in dpo.SMOOTHED else 0.0)
     cfg[key] = bad
     with pytest.raises(ValueError, match=rf"dpo\.{key}="):

@@ -172,6 +172,7 @@ def test_dpo_sweep_uses_each_losss_own_settings():
     assert {ov["dpo.loss_type"] for ov in runs if ov["dpo.label_smoothing"] > 0} == {
         "conservative",
         "robust",
+        "exo_pair",
     }
 
 
