@@ -31,7 +31,7 @@ majority answer), each the exact mean over the k-subsets of its samples. --num_f
 DPO, ...) is prompted with the chat template, and a base model as each task says: a pretrained
 or imported HF one (meta task hf_import), or a run of any task on pretraining data (its
 config's data.kind text or markov, e.g. a configs/distill.py:text=True student), which never
-saw the chat template.
+saw the chat template; a merged run (python -m flaxlm.train.merge) as any of its inputs was.
 
 Tasks whose specs name a `group` (the MMLU preset's subjects: evaluation/benchmarks.py) are
 also averaged into it, weighted by examples and unweighted (`<metric>_macro`): the table's
@@ -207,6 +207,8 @@ def trained_on_chats(meta: dict) -> bool:
     configs/distill.py:text=True student): that is a base model, whatever the task."""
     if meta.get("task", "pretrain") in NOT_CHAT_TUNED:
         return False
+    if meta.get("task") == "merge":  # (python -m flaxlm.train.merge: whether any input was)
+        return bool((meta.get("merge") or {}).get("trained_on_chats"))
     data = (meta.get("config") or {}).get("data") or {}
     return not (isinstance(data, dict) and data.get("kind") in PRETRAINING_DATA)
 
