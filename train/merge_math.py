@@ -11,6 +11,12 @@ never needs more than one group of tensors of each model at once.
     TIES              θ_base + λ τ_m, τ_m from the task vectors τ_t = θ_t − θ_base by trim,
                       elect sign, disjoint mean (Yadav et al. 2023; `ties` below)
     SLERP             spherical interpolation of two models' flattened tensors (`slerp`)
+
+TIES here trims and takes the majority sign per tensor (as mergekit does); the paper's
+reference code (prateeksha10/ties-merging) flattens each whole task vector into one row, so its
+top-k% threshold and its majority sign are over all the parameters at once, which would need a
+whole task vector of each input in memory. Its trim also keeps ⌊k·n⌋ + 1 entries (the
+(n − ⌊k·n⌋)-th smallest magnitude and above); here ⌊k·n⌋, at least 1 (`trim_count`).
 """
 
 from __future__ import annotations
