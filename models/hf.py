@@ -360,7 +360,9 @@ _CHAT_TASKS = ("sft", "dpo", "kto", "reward", "grpo", "ppo", "online_dpo", "dist
 def _warn_if_chat_untemplated(meta: dict, files: dict, tok_path: str) -> None:
     """A chat-trained run whose export carries no chat template (an HF base without one:
     flaxlm trained its text-header fallback) is served without its chat format: say so."""
-    if meta.get("task") not in _CHAT_TASKS:
+    # a merged run (python -m flaxlm.train.merge) is a chat run when any of its inputs was
+    merged_chats = meta.get("task") == "merge" and (meta.get("merge") or {}).get("trained_on_chats")
+    if meta.get("task") not in _CHAT_TASKS and not merged_chats:
         return
     if os.path.isdir(tok_path):
         config = files.get("tokenizer_config.json") or _json_object(

@@ -162,6 +162,16 @@ def test_a_chat_run_exported_without_a_chat_template_is_warned_about(hf_source, 
         hf.export_run(run, str(root / "out_bare"))
     assert "sft run's tokenizer has no chat template" in caplog.text
     caplog.clear()
+    for chats, warned in ((True, True), (False, False)):  # a merged run: as its inputs were
+        merged = {"task": "merge", "merge": {"trained_on_chats": chats}}
+        monkeypatch.setattr(checkpoint, "load_model",
+                            lambda *a, merged=merged, **kw: (*load_model(*a, **kw)[:2],
+                                              {**load_model(*a, **kw)[2], **merged}))  # fmt: skip
+        with caplog.at_level(logging.WARNING):
+            hf.export_run(run, str(root / f"out_merged_{chats}"))
+        assert ("merge run's tokenizer has no chat template" in caplog.text) == warned
+        caplog.clear()
+    monkeypatch.setattr(checkpoint, "load_model", load_model)
     with caplog.at_level(logging.WARNING):
         hf.export_run(str(root / "run_kwargs"), str(root / "out_chat"))  # has one: no warning
     assert "no chat template" not in caplog.text
