@@ -17,6 +17,9 @@ listed before it):
   * data/chat_batches.py — the batch iterators (`SFTBatches` packed first-fit,
     `PreferenceBatches`, `UnpairedBatches` with KTO's mismatched rows, `kl_partners`).
 
+Stepwise-labelled solutions (a process reward model's data: records, label positions, batches)
+are data/stepwise.py's, built on these modules and not re-exported here.
+
 The private helpers are re-exported too (tests use `_EpochOrder` and `_GlobalOrder`). A
 monkeypatch of `F.<name>` reaches callers that look the name up through this module (the
 alignment stages do); code inside the four modules calls its neighbours directly, so patch a

@@ -12,7 +12,9 @@ and age. The world provides, from one seed:
 - held-out splits: people whose facts appear *only* in the pretraining corpus (`heldout_facts`),
   held-out questions of the trained kinds (`sft_heldout`), plain text for perplexity;
 - a rule-based judge (`judge(meta, response)`, see `synthetic_judge`) and preference pairs it
-  orders; prompts for RL; evaluation task files (generation and multiple choice).
+  orders; prompts for RL; evaluation task files (generation and multiple choice);
+- stepwise-labelled running-sum chains for a process reward model (`prm_steps`,
+  `prm_steps_heldout`: synthetic_steps.py; made when asked for, not written to files).
 
     world = build_world("small", seed=0)          # in memory
     write_world("runs/demo/world", "demo", seed=0)  # files + manifest.json
@@ -25,6 +27,7 @@ Sizes come from a `WorldConfig`; PRESETS["demo"] fits the 2-core demo, PRESETS["
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -147,6 +150,25 @@ class World:
     @property
     def heldout_entities(self) -> list[Entity]:
         return [e for e in self.entities if e.split == "heldout"]
+
+    @functools.cached_property
+    def prm_steps(self) -> list[dict]:
+        """Stepwise-supervision records (data/synthetic_steps.py running-sum chains) for a
+        process reward model, `builtin:prm_steps`: made from the config and seed when asked
+        for, not written by `write_world` (the demo's files are as before)."""
+        return self._prm_chains[0]
+
+    @functools.cached_property
+    def prm_steps_heldout(self) -> list[dict]:
+        """Held-out chains, none the same as a `prm_steps` one (`builtin:prm_steps_heldout`)."""
+        return self._prm_chains[1]
+
+    @functools.cached_property
+    def _prm_chains(self) -> tuple[list[dict], list[dict]]:
+        from flaxlm.data.synthetic_steps import world_chains
+
+        c = self.config
+        return world_chains(c.max_operand, c.n_sft_train, c.n_sft_heldout, self.seed)
 
     def noise_ids(self, kind: str | None = None) -> set[str]:
         """Ids of noisy pretraining documents (of one noise kind, or all)."""

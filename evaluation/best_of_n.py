@@ -20,8 +20,19 @@ rewards instead of a reward model:
     python -m flaxlm.evaluation.best_of_n --rewards exact_match,format:0.1 samples.jsonl \\
         --sft_out best.jsonl --min_reward 1.0
 
+or by a process reward model (configs/prm.py), each completion's steps verified one by one
+(with the default separator a completion's non-blank lines are its steps):
+
+    python -m flaxlm.evaluation.best_of_n --prm runs/prm --prm_aggregate min samples.jsonl \\
+        --sft_out best.jsonl
+
 Scorers (exactly one): --reward_model RUN, a reward-model run (winrate's scorer: prompt +
-completion rendered with the chat template); or --rewards SPEC, GRPO's `grpo.rewards` syntax
+completion rendered with the chat template); --prm RUN, a process reward model run
+(alignment/prm.py; evaluation/prm_scorer.py): each completion is split into steps at the run's
+own `prm.step_separator` (its training meta; blank pieces are no steps), each step gets its
+probability of being right, and the sample scores their --prm_aggregate (min, the default:
+its worst step, Lightman et al.; prod, last or mean), in [0, 1], a blank completion 0; or
+--rewards SPEC, GRPO's `grpo.rewards` syntax
 (alignment/grpo_rewards.py `parse_rewards`: "exact_match", "format", "judge", "math_verify",
 "code_tests", a registered name or "module:function", each with an optional ":weight"; "rm" is
 --reward_model's; code_tests run their programs under --code_limits, e.g. timeout=20,
@@ -84,6 +95,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flaxlm.evaluation.cli_types import int_at_least
+from flaxlm.evaluation.prm_scorer import AGGREGATES, completion_scorer, prm_scorer_from_flag
 from flaxlm.evaluation.winrate import (
     ScoreFn,
     prompt_key,
@@ -434,9 +446,14 @@ def main(argv=None) -> dict:
                    "with the same prompt are one prompt's samples, across files")  # fmt: skip
     scorer = p.add_mutually_exclusive_group(required=True)
     scorer.add_argument("--reward_model", help="score with this reward-model run")
+    scorer.add_argument("--prm", help="score with this process-reward-model run: completions "
+                        "split into steps at its step separator, the step probabilities "
+                        "aggregated by --prm_aggregate")  # fmt: skip
     scorer.add_argument("--rewards", help="score with GRPO's reward functions, judged by each "
                         "line's meta: grpo.rewards' syntax, e.g. exact_match,format:0.1 or "
                         "my_rewards:numeric:0.5")  # fmt: skip
+    p.add_argument("--prm_aggregate", choices=AGGREGATES, default=None, help="with --prm: a "
+                   "sample's score from its step probabilities (default min)")  # fmt: skip
     p.add_argument("--empty_reward", type=float, default=None, help="with --rewards: the score "
                    f"of a blank completion, never judged (default {EMPTY_REWARD:g}, GRPO's "
                    "rollout.empty_reward)")  # fmt: skip
@@ -453,7 +470,7 @@ def main(argv=None) -> dict:
                    "max_new_tokens (\"stopped\": false) be the best too; by default it may only "
                    "be a pair's rejected side")  # fmt: skip
     p.add_argument("--batch", "--batch_size", dest="batch", type=int_at_least(1), default=16,
-                   help="rows per reward-model call (--reward_model)")  # fmt: skip
+                   help="rows per reward-model call (--reward_model, --prm)")  # fmt: skip
     p.add_argument("--out", default="", help="also write the summary, per-line scores and "
                    "per-prompt outcomes here (JSON)")  # fmt: skip
     args = p.parse_args(argv)
@@ -464,6 +481,8 @@ def main(argv=None) -> dict:
     if args.min_reward is not None and not math.isfinite(args.min_reward):
         p.error(f"--min_reward must be finite, got {args.min_reward}")
     rewards = None
+    if args.prm_aggregate is not None and args.prm is None:
+        p.error("--prm_aggregate needs --prm")
     if args.rewards is not None:
         from flaxlm.alignment.grpo_rewards import REWARD_MODEL, parse_rewards
 
@@ -488,6 +507,10 @@ def main(argv=None) -> dict:
         p.error("--empty_reward needs --rewards (a reward model scores blank completions)")
     elif args.code_limits is not None:
         p.error("--code_limits needs --rewards with code_tests or code_tests_partial")
+    elif args.prm is not None:
+        agg = args.prm_aggregate or "min"
+        about = {"scorer": f"process reward model {args.prm} ({agg} over steps)",
+                 "prm": args.prm, "prm_aggregate": agg}  # fmt: skip
     else:
         about = {"scorer": f"reward model {args.reward_model}", "reward_model": args.reward_model}
     outputs = {flag: path for flag, path in (("--sft_out", args.sft_out),
@@ -498,7 +521,11 @@ def main(argv=None) -> dict:
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from None
     try:
-        if rewards is None:
+        if args.prm is not None:
+            prm = prm_scorer_from_flag(args.prm, args.batch)
+            about["step_separator"] = prm.separator
+            scores = score_samples(completion_scorer(prm, about["prm_aggregate"]), samples)
+        elif rewards is None:
             score = reward_scorer_from_flag(args.reward_model, args.batch)
             scores = score_samples(score, samples)
         else:

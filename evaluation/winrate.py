@@ -155,6 +155,9 @@ def load_reward_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> Score
     meta = read_meta(run_dir)[1]
     if meta.get("head") != "scalar":
         raise CheckpointError(f"{run_dir}: not a reward-model run (head {meta.get('head')!r})")
+    if meta.get("prm"):  # its head was trained at step separators, not at an answer's end
+        raise CheckpointError(f"{run_dir}: a process reward model (scores steps, not whole "
+                              "answers): best_of_n --prm scores with it")  # fmt: skip
     cfg = ModelConfig.from_dict(meta["model_config"])
     if tok is None:  # rendered as the reward model was trained (its chat-template variables)
         tok = load_tokenizer(meta.get("tokenizer", ""), cfg.vocab_size)

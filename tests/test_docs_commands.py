@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from flaxlm.configs import distill, dpo, grpo, kto, online_dpo, ppo, pretrain, reward, sft
+from flaxlm.configs import distill, dpo, grpo, kto, online_dpo, ppo, pretrain, prm, reward, sft
 from flaxlm.data.preprocess import preprocess_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ PLACEHOLDERS = {"a.b"}  # README: "Any key can be overridden with `--config.a.b=
 
 
 def _configs():
-    stages = (pretrain, sft, reward, dpo, kto, distill, ppo, grpo, online_dpo)
+    stages = (pretrain, sft, reward, prm, dpo, kto, distill, ppo, grpo, online_dpo)
     return [m.get_config("") for m in stages] + [preprocess_config()]
 
 

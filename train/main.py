@@ -37,6 +37,7 @@ TASKS = {
     "pretrain": "flaxlm.train.pretrain",
     "sft": "flaxlm.alignment.sft",
     "reward": "flaxlm.alignment.reward",
+    "prm": "flaxlm.alignment.prm",
     "dpo": "flaxlm.alignment.dpo",
     "kto": "flaxlm.alignment.kto",
     "distill": "flaxlm.alignment.distill",

@@ -1,8 +1,9 @@
 """The supervised alignment stages resume bit for bit and do not depend on the mesh: SFT, DPO,
-KTO and the reward model, each interrupted by SIGTERM at step 3 (the loop saves and stops)
-and resumed, end with the uninterrupted run's whole TrainState (params, optimizer state, rng,
-guard) and per-step metrics; the same run over data=2 x fsdp=4 logs data=8's metrics up to
-float rounding. (GRPO, PPO, distillation and pretraining have their own resume tests.)"""
+KTO, the reward model and the process reward model, each interrupted by SIGTERM at step 3 (the
+loop saves and stops) and resumed, end with the uninterrupted run's whole TrainState (params,
+optimizer state, rng, guard) and per-step metrics; the same run over data=2 x fsdp=4 logs
+data=8's metrics up to float rounding. (GRPO, PPO, distillation and pretraining have their own
+resume tests.)"""
 
 import importlib
 import os
@@ -42,7 +43,7 @@ def _metrics(workdir):
     return out
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto", "reward", "prm"])
 def test_a_stage_resumes_bit_for_bit_and_another_mesh_logs_the_same(stage, runs, cache_dir,
                                                                     tmp_path):  # fmt: skip
     sft, _ = runs

@@ -48,6 +48,7 @@ VARIANTS = {
     "scaling": [None, "predict=True"],
     "sft": [None, "lora=8"],
     "reward": [None, "lora=8"],
+    "prm": [None, "lora=8"],
     "dpo": [None, "lora=8"]
     + [f"loss={t}" for t in ("conservative", "ipo", "simpo", "orpo", "exo_pair", "discopop")],
     "kto": [None, "lora=8"],

@@ -22,7 +22,7 @@ CONFIG_FILES = sorted(
     if not os.path.basename(f).startswith(("_", "common"))
 )
 # the ones with `variant=`
-TASK_CONFIGS = ["pretrain", "sft", "reward", "dpo", "kto", "distill", "ppo", "grpo"]
+TASK_CONFIGS = ["pretrain", "sft", "reward", "prm", "dpo", "kto", "distill", "ppo", "grpo"]
 # config_flags imports each config file with the deprecated load_module(): once per parse here
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
@@ -207,10 +207,10 @@ def test_every_stage_defaults_to_the_variant_pretraining_and_sft_default_to():
     ppo.py/online_dpo.py with init_from the run before) starts no stage with another variant's
     sizes: the preference and RL stages defaulted to mini while pretraining and SFT made tiny
     models, so every later stage warned 'pass :variant=tiny for its sizes'."""
-    from flaxlm.configs import distill, dpo, grpo, kto, online_dpo, ppo, pretrain, reward, sft
+    from flaxlm.configs import distill, dpo, grpo, kto, online_dpo, ppo, pretrain, prm, reward, sft
 
     shape = lambda m: (m.n_layers, m.d_model, m.n_heads)  # noqa: E731
     made = shape(pretrain.get_config("runlocal=True").model)
-    for stage in (sft, reward, distill, dpo, kto, grpo, ppo, online_dpo):
+    for stage in (sft, reward, prm, distill, dpo, kto, grpo, ppo, online_dpo):
         for arg in ("runlocal=True", ""):
             assert shape(stage.get_config(arg).model) == made, (stage.__name__, arg)

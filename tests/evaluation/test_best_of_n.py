@@ -392,7 +392,7 @@ def test_rewards_without_meta_or_with_a_bad_one_name_the_line(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ([], "one of the arguments --reward_model --rewards is required"),
+    ([], "one of the arguments --reward_model --prm --rewards is required"),
     (["--rewards", "exact_match", "--reward_model", "runs/rm"], "not allowed with argument"),
     (["--rewards", "exact_match,rm:0.5"], "--rewards: 'rm' is GRPO's reward model"),
     (["--rewards", "exact_matc"], "--rewards: unknown reward 'exact_matc'"),
