@@ -509,6 +509,48 @@ def supervised_task(
     )
 
 
+def scalar_head_task(name: str, config, mesh, workdir: str | None, *, what: str, new_report,
+                     load, batches, make_eval_fn, make_loss,
+                     extra_meta: dict | None = None):  # fmt: skip
+    """The loop.Task of a stage that trains a scalar head on the SFT model over fixed data (the
+    reward model on pairs, the PRM on stepwise records): the train and held-out sets read with
+    `load(spec, config, template, report)` into reports made by `new_report(strict)` (written as
+    data_report.json), the ScalarHeadModel (with LoRA when config.lora asks), `batches(train,
+    **kw)` the training batch source, `make_eval_fn(config, mesh, apply, heldout)` and
+    `make_loss(apply, router)`; `what` names the records when none is usable."""
+    from flaxlm.models.heads import scalar_model_fns
+    from flaxlm.train.losses import router_coefs
+
+    tok, cfg, template = resolve_source(config, mesh)
+    report = new_report(config.data.strict)
+    train = load(config.data.train, config, template, report)
+    if not train:
+        raise no_usable(config, what, report)
+    eval_report = new_report(config.data.strict)
+    heldout = load(config.data.eval, config, template, eval_report) if config.data.eval else []
+    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
+    write_report(workdir, data_report)
+
+    init_params, apply = scalar_model_fns(cfg)
+    spec = lora_lib.spec_from_config(config.lora)
+    if spec:
+        init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
+    train_batches = batches(
+        train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
+        pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        **train_source_check(config),
+    )  # fmt: skip
+    eval_fn = make_eval_fn(config, mesh, apply, heldout) if heldout and config.eval_every else None
+    router = router_coefs(config.loss, cfg.n_experts > 0)  # (None: a dense backbone)
+    # "scalar": no vocabulary projection in the FLOP count
+    return supervised_task(
+        name, "scalar", config, cfg, spec, tok, workdir, data_report,
+        init_params=init_params, loss_fn=make_loss(apply, router),
+        train_batches=train_batches, eval_fn=eval_fn, extra_meta=extra_meta,
+    )  # fmt: skip
+
+
 def load_policy(run_dir: str, step: int | None = None, ema: bool = False):
     """(ModelConfig, plain LM params (LoRA merged), meta) of a pretrain/SFT run, on one device
     (`ema`: its EMA weights)."""

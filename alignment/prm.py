@@ -42,11 +42,9 @@ import numpy as np
 from flaxlm.alignment import common
 from flaxlm.data import stepwise as SW
 from flaxlm.data.chat_examples import OVERLENGTH
-from flaxlm.models import lora as lora_lib
-from flaxlm.models.heads import scalar_model_fns
 from flaxlm.models.sharding import fetch, make_mesh, same_batch_count, shard_batch
 from flaxlm.train import loop
-from flaxlm.train.losses import add_router_losses, router_coefs, router_forward
+from flaxlm.train.losses import add_router_losses, router_forward
 from flaxlm.train.step import RATIOS, jit_eval_rows
 
 
@@ -180,39 +178,13 @@ def load_examples(spec: str, config, template, report: SW.StepReport) -> list[di
 
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
-    """The PRM Task; writes data_report.json into `workdir`."""
+    """The PRM Task; writes data_report.json into `workdir`. The meta's "prm" section is what a
+    scorer renders with (evaluation/prm_scorer.py): the label positions are the separator's."""
     check_settings(config)
-    tok, cfg, template = common.resolve_source(config, mesh)
-    report = SW.StepReport(strict=config.data.strict)
-    train = load_examples(config.data.train, config, template, report)
-    if not train:
-        raise common.no_usable(config, "stepwise examples", report)
-    eval_report = SW.StepReport(strict=config.data.strict)
-    heldout = (
-        load_examples(config.data.eval, config, template, eval_report) if config.data.eval else []
-    )
-    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
-    common.write_report(workdir, data_report)
-
-    init_params, apply = scalar_model_fns(cfg)
-    spec = lora_lib.spec_from_config(config.lora)
-    if spec:
-        init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
-    batches = SW.StepBatches(
-        train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
-        pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        **common.train_source_check(config),
-    )  # fmt: skip
-    eval_fn = make_eval_fn(config, mesh, apply, heldout) if heldout and config.eval_every else None
-    router = router_coefs(config.loss, cfg.n_experts > 0)  # (None: a dense backbone)
-    # "scalar": no vocabulary projection in the FLOP count. The meta's "prm" section is what a
-    # scorer renders with (evaluation/prm_scorer.py): the label positions are the separator's.
-    return common.supervised_task(
-        "prm", "scalar", config, cfg, spec, tok, workdir, data_report,
-        init_params=init_params, loss_fn=prm_loss_fn(apply, router),
-        train_batches=batches, eval_fn=eval_fn,
-        extra_meta={"prm": {"step_separator": config.prm.step_separator}},
+    return common.scalar_head_task(
+        "prm", config, mesh, workdir, what="stepwise examples", new_report=SW.StepReport,
+        load=load_examples, batches=SW.StepBatches, make_eval_fn=make_eval_fn,
+        make_loss=prm_loss_fn, extra_meta={"prm": {"step_separator": config.prm.step_separator}},
     )  # fmt: skip
 
 

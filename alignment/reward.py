@@ -30,11 +30,10 @@ import numpy as np
 from flaxlm.alignment import common
 from flaxlm.config_values import is_real
 from flaxlm.data import formats as F
-from flaxlm.models import lora as lora_lib
-from flaxlm.models.heads import scalar_model_fns, sequence_values
+from flaxlm.models.heads import sequence_values
 from flaxlm.models.sharding import fetch, make_mesh, same_batch_count, shard_batch
 from flaxlm.train import loop
-from flaxlm.train.losses import add_router_losses, router_coefs
+from flaxlm.train.losses import add_router_losses
 from flaxlm.train.step import jit_eval_rows
 
 
@@ -175,39 +174,15 @@ def load_pairs(spec: str, config, template, report: F.DataReport) -> list[dict]:
 
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
-    """The reward-model Task; writes data_report.json into `workdir`."""
+    """The reward-model Task; writes data_report.json into `workdir`. (tokens_in_batch counts
+    the chosen and the rejected tokens.)"""
     check_settings(config.loss)
-    tok, cfg, template = common.resolve_source(config, mesh)
-    report = F.DataReport(strict=config.data.strict)
-    train = load_pairs(config.data.train, config, template, report)
-    if not train:
-        raise common.no_usable(config, "pairs", report)
-    eval_report = F.DataReport(strict=config.data.strict)
-    heldout = (
-        load_pairs(config.data.eval, config, template, eval_report) if config.data.eval else []
-    )
-    data_report = {"train": report.to_dict(), "eval": eval_report.to_dict()}
-    common.write_report(workdir, data_report)
-
-    init_params, apply = scalar_model_fns(cfg)
-    spec = lora_lib.spec_from_config(config.lora)
-    if spec:
-        init_params, apply = lora_lib.with_lora(init_params, spec), lora_lib.lora_apply(apply, spec)
-    batches = F.PreferenceBatches(
-        train, seq_len=config.seq_len, batch=config.batch_size // jax.process_count(),
-        pad_id=tok.pad_id, seed=config.seed, shuffle=config.data.shuffle,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        **common.train_source_check(config),
-    )  # fmt: skip
-    eval_fn = make_eval_fn(config, mesh, apply, heldout) if heldout and config.eval_every else None
-    router = router_coefs(config.loss, cfg.n_experts > 0)  # (None: a dense backbone)
-    # "scalar": no vocabulary projection in the FLOP count (tokens_in_batch counts the chosen
-    # and the rejected tokens).
-    return common.supervised_task(
-        "reward", "scalar", config, cfg, spec, tok, workdir, data_report,
-        init_params=init_params,
-        loss_fn=reward_loss_fn(apply, config.loss.use_margin, config.loss.center_coef, router),
-        train_batches=batches, eval_fn=eval_fn,
+    loss = config.loss
+    return common.scalar_head_task(
+        "reward", config, mesh, workdir, what="pairs", new_report=F.DataReport, load=load_pairs,
+        batches=F.PreferenceBatches, make_eval_fn=make_eval_fn,
+        make_loss=lambda apply, router: reward_loss_fn(apply, loss.use_margin, loss.center_coef,
+                                                       router),
     )  # fmt: skip
 
 
