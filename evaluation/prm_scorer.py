@@ -26,7 +26,6 @@ a blank line) are no steps. A completion with no step (a blank one) scores 0, be
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -157,12 +156,6 @@ def completion_scorer(scorer: PRMScorer, how: str = "min") -> Callable:
 def prm_scorer_from_flag(run_dir: str, batch_size: int, flag: str = "--prm") -> PRMScorer:
     """`prm_scorer` of a CLI flag's run: a directory that is not a run, not a PRM run, with no
     checkpoint or a missing tokenizer is one line naming the flag (SystemExit)."""
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-        raise SystemExit(f"{flag} {run_dir}: not a run directory")
-    from flaxlm.models.hf_tokenizer import HFError
-    from flaxlm.train.checkpoint import CheckpointError
+    from flaxlm.evaluation.winrate import scorer_from_flag
 
-    try:
-        return prm_scorer(run_dir, batch_size=batch_size)
-    except (CheckpointError, HFError, OSError) as e:
-        raise SystemExit(f"{flag} {run_dir}: {e}") from None
+    return scorer_from_flag(prm_scorer, run_dir, batch_size, flag)

@@ -279,19 +279,24 @@ def score_file(score: ScoreFn, path: str, prompts: Sequence,
     return out
 
 
-def reward_scorer_from_flag(run_dir: str, batch_size: int) -> ScoreFn:
-    """`load_reward_scorer` of a --reward_model flag's run: a directory that is not a run, not
-    a reward-model run, with no checkpoint or a missing tokenizer is one line naming the flag
-    (SystemExit), not a traceback."""
+def scorer_from_flag(load, run_dir: str, batch_size: int, flag: str):
+    """`load(run_dir, batch_size=)` of a CLI flag's run: a directory that is not a run, not of
+    the kind `load` reads, with no checkpoint or a missing tokenizer is one line naming the
+    flag (SystemExit), not a traceback."""
     if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
-        raise SystemExit(f"--reward_model {run_dir}: not a run directory")
+        raise SystemExit(f"{flag} {run_dir}: not a run directory")
     from flaxlm.models.hf_tokenizer import HFError
     from flaxlm.train.checkpoint import CheckpointError
 
     try:
-        return load_reward_scorer(run_dir, batch_size=batch_size)
+        return load(run_dir, batch_size=batch_size)
     except (CheckpointError, HFError, OSError) as e:
-        raise SystemExit(f"--reward_model {run_dir}: {e}") from None
+        raise SystemExit(f"{flag} {run_dir}: {e}") from None
+
+
+def reward_scorer_from_flag(run_dir: str, batch_size: int) -> ScoreFn:
+    """`load_reward_scorer` of a --reward_model flag's run (`scorer_from_flag`)."""
+    return scorer_from_flag(load_reward_scorer, run_dir, batch_size, "--reward_model")
 
 
 def main(argv=None) -> dict:

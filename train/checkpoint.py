@@ -97,6 +97,7 @@ from flaxlm.train.checkpoint_read import _not_a_run as _not_a_run
 from flaxlm.train.checkpoint_read import _step_arg as _step_arg
 from flaxlm.train.checkpoint_read import _where_none as _where_none
 from flaxlm.train.checkpoint_read import check_ema_source as check_ema_source
+from flaxlm.train.checkpoint_read import lm_params_target as lm_params_target
 from flaxlm.train.checkpoint_read import load_model as load_model
 from flaxlm.train.checkpoint_read import load_params as load_params
 from flaxlm.train.checkpoint_read import located_tokenizer as located_tokenizer

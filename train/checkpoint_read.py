@@ -342,6 +342,31 @@ def _check_mesh_fits(run_dir: str, boxed, shardings, mesh) -> None:
                         "flaxlm.generate: --mesh, --sharding)")  # fmt: skip
 
 
+def lm_params_target(cfg, mesh=None, rules=None, label: str = ""):
+    """ShapeDtypeStructs of a language model's params (`cfg`, a ModelConfig) with their
+    shardings: one device, or `mesh`'s per the logical `rules` (a mesh the params cannot be
+    split over is an error naming `label`) — what load_model restores into."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from flaxlm.models.transformer import Transformer
+    from flaxlm.train.state import unbox
+
+    boxed = jax.eval_shape(
+        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
+        jax.random.PRNGKey(0),
+    )
+    if mesh is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: dev, unbox(boxed))
+    else:
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+        _check_mesh_fits(label, boxed, shardings, mesh)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unbox(boxed), shardings
+    )
+
+
 def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema: bool = False):
     """(ModelConfig, params, meta) of a run's checkpoint — for notebooks, eval and generation.
 
@@ -351,13 +376,9 @@ def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema
     refused. `ema`: the run's EMA weights instead (`load_params`). A Hugging Face directory or
     a run's checkpoints/ directory is refused (CheckpointError) with what to read it with.
     """
-    import flax.linen as nn
-    import jax.numpy as jnp
 
     from flaxlm.models.config import ModelConfig
-    from flaxlm.models.transformer import Transformer
     from flaxlm.train import checkpoint  # imports this module
-    from flaxlm.train.state import unbox
 
     step = _step_arg(step, "load_model")  # (named here: read_meta's error would name read_meta)
     step, meta = checkpoint.read_meta(run_dir, step)  # the facade's: tests patch it there
@@ -369,19 +390,7 @@ def load_model(run_dir: str, step: int | None = None, mesh=None, rules=None, ema
     if meta.get("head") == "scalar":
         raise CheckpointError(f"{run_dir}: a reward-model run (scalar head), not a language model")
     cfg = ModelConfig.from_dict(meta["model_config"])
-    boxed = jax.eval_shape(
-        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
-        jax.random.PRNGKey(0),
-    )
-    if mesh is None:
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: dev, unbox(boxed))
-    else:
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        _check_mesh_fits(run_dir, boxed, shardings, mesh)
-    target = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), unbox(boxed), shardings
-    )
+    target = lm_params_target(cfg, mesh, rules, run_dir)
     from flaxlm.alignment.common import load_lm_params  # LoRA / PPO trees (it imports us)
 
     return cfg, load_lm_params(run_dir, target, step, ema=ema), meta

@@ -81,26 +81,11 @@ STEP = 0  # the merged run's one checkpoint step (an import's too): not a point 
 def model_target(src: Source, mesh=None, rules=None):
     """ShapeDtypeStructs (with shardings: one device, or `mesh`'s per the logical `rules`) of
     the params of `src`'s model config, as load_model builds them."""
-    import flax.linen as nn
-
     from flaxlm.models.config import ModelConfig
-    from flaxlm.models.transformer import Transformer
-    from flaxlm.train.checkpoint_read import _check_mesh_fits
-    from flaxlm.train.state import unbox
+    from flaxlm.train.checkpoint_read import lm_params_target
 
-    cfg = ModelConfig.from_dict(src.meta["model_config"])
-    boxed = jax.eval_shape(
-        lambda r: Transformer(cfg).init(r, jnp.zeros((1, 4), jnp.int32))["params"],
-        jax.random.PRNGKey(0),
-    )
-    if mesh is None:
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: dev, unbox(boxed))
-    else:
-        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        _check_mesh_fits(src.label, boxed, shardings, mesh)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        unbox(boxed), shardings)  # fmt: skip
+    return lm_params_target(ModelConfig.from_dict(src.meta["model_config"]), mesh, rules,
+                            src.label)  # fmt: skip
 
 
 def chunks(target, max_bytes: int) -> list[list[tuple]]:
