@@ -122,28 +122,14 @@ class PRMScorer:
 def prm_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> PRMScorer:
     """The `PRMScorer` of a PRM run, on one device; `tok` defaults to the run's own tokenizer
     (its checkpoint meta), the separator is the one it trained with."""
-    from flaxlm.alignment.rl_common import load_scalar_params
-    from flaxlm.models.config import ModelConfig
-    from flaxlm.models.heads import scalar_model_fns
-    from flaxlm.models.hf_tokenizer import load_tokenizer, set_template_kwargs
+    from flaxlm.evaluation.winrate import load_scalar_run
     from flaxlm.train.checkpoint import CheckpointError, read_meta
-    from flaxlm.train.state import unbox
 
     meta = read_meta(run_dir)[1]
     if meta.get("head") != "scalar" or not isinstance(meta.get("prm"), dict):
         raise CheckpointError(f"{run_dir}: not a process-reward-model run (configs/prm.py; "
                               f"head {meta.get('head')!r})")  # fmt: skip
-    cfg = ModelConfig.from_dict(meta["model_config"])
-    if tok is None:  # rendered as the PRM was trained (its chat-template variables)
-        tok = load_tokenizer(meta.get("tokenizer", ""), cfg.vocab_size)
-        set_template_kwargs(tok, None, meta.get("chat_template_kwargs"))
-    init, _ = scalar_model_fns(cfg)
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
-        unbox(jax.eval_shape(init, jax.random.PRNGKey(0))),
-    )
-    params = load_scalar_params(run_dir, target)
+    cfg, params, tok = load_scalar_run(run_dir, meta, tok)
     return PRMScorer(cfg, params, tok, meta["prm"]["step_separator"], batch_size=batch_size)
 
 

@@ -142,24 +142,18 @@ def reward_model_scorer(cfg, params, tok, *, batch_size: int = 16) -> ScoreFn:
     return score
 
 
-def load_reward_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> ScoreFn:
-    """`reward_model_scorer` of a reward-model run (alignment/reward.py), on one device; `tok`
-    defaults to the run's own tokenizer (its checkpoint meta)."""
+def load_scalar_run(run_dir: str, meta: dict, tok=None):
+    """(ModelConfig, params, tokenizer) of a scalar-head run (a reward model or a PRM) whose
+    checkpoint `meta` the caller has checked, on one device; `tok` defaults to the run's own
+    tokenizer with its chat-template variables, so texts render as the run trained on them."""
     from flaxlm.alignment.rl_common import load_scalar_params
     from flaxlm.models.config import ModelConfig
     from flaxlm.models.heads import scalar_model_fns
     from flaxlm.models.hf_tokenizer import load_tokenizer, set_template_kwargs
-    from flaxlm.train.checkpoint import CheckpointError, read_meta
     from flaxlm.train.state import unbox
 
-    meta = read_meta(run_dir)[1]
-    if meta.get("head") != "scalar":
-        raise CheckpointError(f"{run_dir}: not a reward-model run (head {meta.get('head')!r})")
-    if meta.get("prm"):  # its head was trained at step separators, not at an answer's end
-        raise CheckpointError(f"{run_dir}: a process reward model (scores steps, not whole "
-                              "answers): best_of_n --prm scores with it")  # fmt: skip
     cfg = ModelConfig.from_dict(meta["model_config"])
-    if tok is None:  # rendered as the reward model was trained (its chat-template variables)
+    if tok is None:
         tok = load_tokenizer(meta.get("tokenizer", ""), cfg.vocab_size)
         set_template_kwargs(tok, None, meta.get("chat_template_kwargs"))
     init, _ = scalar_model_fns(cfg)
@@ -168,7 +162,22 @@ def load_reward_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> Score
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
         unbox(jax.eval_shape(init, jax.random.PRNGKey(0))),
     )
-    return reward_model_scorer(cfg, load_scalar_params(run_dir, target), tok, batch_size=batch_size)
+    return cfg, load_scalar_params(run_dir, target), tok
+
+
+def load_reward_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> ScoreFn:
+    """`reward_model_scorer` of a reward-model run (alignment/reward.py), on one device; `tok`
+    defaults to the run's own tokenizer (its checkpoint meta)."""
+    from flaxlm.train.checkpoint import CheckpointError, read_meta
+
+    meta = read_meta(run_dir)[1]
+    if meta.get("head") != "scalar":
+        raise CheckpointError(f"{run_dir}: not a reward-model run (head {meta.get('head')!r})")
+    if meta.get("prm"):  # its head was trained at step separators, not at an answer's end
+        raise CheckpointError(f"{run_dir}: a process reward model (scores steps, not whole "
+                              "answers): best_of_n --prm scores with it")  # fmt: skip
+    cfg, params, tok = load_scalar_run(run_dir, meta, tok)
+    return reward_model_scorer(cfg, params, tok, batch_size=batch_size)
 
 
 def bootstrap_interval(
