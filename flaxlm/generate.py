@@ -110,6 +110,25 @@ def _parser() -> argparse.ArgumentParser:
         help="drop tokens below min_p x the top token's probability (0 = off)",
     )
     p.add_argument(
+        "--repetition_penalty",
+        type=float,
+        default=1.0,
+        help="> 0; 1 = off: a token already in the prompt or the completion has its "
+        "logit divided by this where positive, multiplied where negative (HF's)",
+    )
+    p.add_argument(
+        "--frequency_penalty",
+        type=float,
+        default=0.0,
+        help="subtracted from a token's logit per time the completion holds it (OpenAI's; 0 = off)",
+    )
+    p.add_argument(
+        "--presence_penalty",
+        type=float,
+        default=0.0,
+        help="subtracted from a token's logit once the completion holds it (OpenAI's; 0 = off)",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -286,6 +305,7 @@ def prompt_text(prompt: str | list[dict]) -> str:
 def _check(p: argparse.ArgumentParser, args) -> None:
     """Bad sampling flags fail here, before a checkpoint is loaded; so does a flag that would
     be ignored (a draft's flags without --draft, kernel choices with it)."""
+    inf = float("inf")
     draft_flags_bad = [
         (args.ngram is not None and args.draft != "ngram", "--ngram needs --draft ngram"),
         (args.draft_tokens is not None and not args.draft, "--draft_tokens needs --draft"),
@@ -299,6 +319,14 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         (args.top_k < 0, "--top_k must be >= 0"),
         (not 0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
         (not 0 <= args.min_p < 1, "--min_p must be in [0, 1)"),
+        (not 0 < args.repetition_penalty < inf, "--repetition_penalty must be > 0 and finite"),
+        (not -inf < args.frequency_penalty < inf, "--frequency_penalty must be finite"),
+        (not -inf < args.presence_penalty < inf, "--presence_penalty must be finite"),
+        (
+            bool(args.draft) and penalized(args),
+            "--repetition_penalty/--frequency_penalty/--presence_penalty do not apply with "
+            "--draft (speculative decoding samples the model's own distribution)",
+        ),
         (args.batch < 1, "--batch must be >= 1"),
         (args.num_samples < 1, "--num_samples must be >= 1"),
         (
@@ -338,6 +366,12 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             mlp_variant_options(args.decode_mlp)
         except ValueError as e:
             p.error(f"--decode_mlp: {e}")
+
+
+def penalized(args) -> bool:
+    """Whether the flags ask for any repetition, frequency or presence penalty."""
+    return (args.repetition_penalty != 1 or args.frequency_penalty != 0
+            or args.presence_penalty != 0)  # fmt: skip
 
 
 def _unescape(s: str) -> str:
@@ -522,7 +556,9 @@ def main(argv=None) -> None:
                 num_samples=K, decode_attention=args.decode_attention,
                 decode_gemm=args.decode_gemm, decode_mlp=args.decode_mlp,
                 decode_norm=args.decode_norm, window_cache=not args.full_cache,
-                stop_strings=stop_strings, **sampler,
+                stop_strings=stop_strings, repetition_penalty=args.repetition_penalty,
+                frequency_penalty=args.frequency_penalty,
+                presence_penalty=args.presence_penalty, **sampler,
             )  # fmt: skip
         else:
             out = _speculate(cfg, params, draft, args, [prompts[i] for i in chunk_full],

@@ -82,10 +82,11 @@ warns (warnings.warn); callers that must stay within it cut prompts first (the e
 harness and SFT/RL's generation evals keep the last tokens).
 
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
-min_p>0?, any stop tokens? (their count rounded up to a power of two >= 4), mesh, rules, fused?,
-check_every, decode_attention, decode_mlp, window_cache, num_samples, stop strings? (their count
-rounded up to a power of two and their states to 8)). Temperature, top_p, min_p, the stop-token
-ids, the stop strings' tables, pad id and the RNG are traced: changing them does not recompile.
+min_p>0?, any penalty?, any stop tokens? (their count rounded up to a power of two >= 4), mesh,
+rules, fused?, check_every, decode_attention, decode_mlp, window_cache, num_samples, stop
+strings? (their count rounded up to a power of two and their states to 8)). Temperature, top_p,
+min_p, the penalties, the stop-token ids, the stop strings' tables, pad id and the RNG are
+traced: changing them does not recompile.
 Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
 copies of row 0 and cut back), params stay in their training shardings.
 
@@ -139,11 +140,13 @@ from flaxlm.models.decode_options import (  # noqa: F401  (re-exported)
     DECODE_GEMMS,
     DECODE_NORMS,
     NO_DOT_MERGER,
+    check_penalties,
     check_sampler_options,
     check_weight_options,
     checked_cache_dtype,
     checked_stop_strings,
     compiler_options,
+    penalty_values,
     resolve_decode_attention,
     resolve_decode_gemm,
     resolve_decode_norm,
@@ -195,6 +198,9 @@ def generate(
     quantize: str = "none",
     decode_gemm: str = "auto",
     decode_norm: str = "auto",
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -211,6 +217,15 @@ def generate(
       top_k: keep only the k most likely tokens (0 = off). top_p: nucleus mass (1 = off).
         min_p: drop tokens less likely than min_p times the most likely one (0 = off); applied
         in HF's order, temperature → top-k → top-p → min-p.
+      repetition_penalty: r > 0 (1 = off): each token already in the row's prompt or output
+        has its logit divided by r where positive, multiplied by r where negative (HF's
+        `repetition_penalty`). frequency_penalty f, presence_penalty p (0 = off): each token's
+        logit minus f times the number of times the row generated it, minus p if it did
+        (OpenAI's; the prompt does not count). Applied to the logits before temperature and
+        the filters, greedy decoding included, in vLLM's order (`sampling.penalized_logits`);
+        the values are traced (one program for any values), but a call with any penalty runs
+        another program, which keeps two (B, V) arrays per call. The logprobs stay the
+        unmodified model's.
       stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths):
         a sequence, a set, a numpy or jax array, or one id (`stop_token_ids`).
       stop_strings: `models.stop_strings.StopStrings.build(tokenizer, ["\\n\\n", ...])`: a row
@@ -354,6 +369,9 @@ def _program(
     quantize,
     decode_gemm,
     decode_norm,
+    repetition_penalty=1.0,
+    frequency_penalty=0.0,
+    presence_penalty=0.0,
     params=None,
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, output rows asked for
@@ -364,6 +382,7 @@ def _program(
     stop_tokens = stop_token_ids(stop_tokens)
     check_sampler_options(max_new_tokens, temperature, check_every, top_k, top_p, min_p,
                           num_samples)  # fmt: skip
+    penalize = check_penalties(repetition_penalty, frequency_penalty, presence_penalty)
     cache_dtype = checked_cache_dtype(cache_dtype, cfg)
     decode_attention = resolve_decode_attention(decode_attention, mesh)
     prequantized = quant.is_quantized(params)  # int8 kernels from quant.quantize_params
@@ -415,8 +434,12 @@ def _program(
         quantize,
         decode_gemm,
         decode_norm,
+        penalize,
     )
     rest = traced_options(temperature, top_p, min_p, stop_tokens, pad_id)
-    if stop_strings is not None:
-        rest = (*rest, checked_stop_strings(stop_strings, cfg).arrays())
+    if stop_strings is not None or penalize:
+        strings = None if stop_strings is None else checked_stop_strings(stop_strings, cfg)
+        rest = (*rest, None if strings is None else strings.arrays())
+    if penalize:
+        rest = (*rest, penalty_values(repetition_penalty, frequency_penalty, presence_penalty))
     return fn, tokens, lengths, rest, B * G, loop_rows

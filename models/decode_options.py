@@ -147,6 +147,26 @@ def check_sampler_options(max_new_tokens, temperature, check_every, top_k, top_p
         raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
 
 
+def check_penalties(repetition_penalty, frequency_penalty, presence_penalty) -> bool:
+    """Whether a call applies penalties (the program's static choice); a ValueError naming
+    `generate`'s argument for a repetition penalty that is not finite and > 0, or a frequency
+    or presence penalty that is not finite. (Negative frequency and presence penalties are
+    allowed: they favour repeating, as OpenAI's API lets them.)"""
+    if not 0 < repetition_penalty < float("inf"):
+        raise ValueError(f"generate: repetition_penalty must be finite and > 0 (1 = off), got "
+                         f"{repetition_penalty}")  # fmt: skip
+    for name, value in (("frequency_penalty", frequency_penalty),
+                        ("presence_penalty", presence_penalty)):  # fmt: skip
+        if not -float("inf") < value < float("inf"):
+            raise ValueError(f"generate: {name} must be finite (0 = off), got {value}")
+    return repetition_penalty != 1 or frequency_penalty != 0 or presence_penalty != 0
+
+
+def penalty_values(repetition_penalty, frequency_penalty, presence_penalty):
+    """The penalties as the program takes them: one float32 array (r, f, p), traced."""
+    return jnp.asarray([repetition_penalty, frequency_penalty, presence_penalty], jnp.float32)
+
+
 def check_weight_options(cfg: ModelConfig, decode_mlp: str, quantize: str, decode_norm: str,
                          prequantized: bool) -> None:  # fmt: skip
     """A ValueError naming `generate`'s argument for a `decode_mlp`, `quantize` or `decode_norm`

@@ -27,7 +27,13 @@ from flaxlm.models.attention_cache import WHOLE_SLOTS
 from flaxlm.models.config import ModelConfig
 from flaxlm.models.decode_attention import BLOCK_K
 from flaxlm.models.decode_options import compiler_options
-from flaxlm.models.sampling import sample_logits, step_key
+from flaxlm.models.sampling import (
+    count_tokens,
+    penalized_logits,
+    sample_logits,
+    step_key,
+    token_presence,
+)
 from flaxlm.models.sharding import unboxed
 from flaxlm.models.transformer import (
     Transformer,
@@ -127,8 +133,13 @@ def _decode_fn(
     quantize: str = "none",
     gemm: str = "xla",
     norm: str = "xla",
+    penalize: bool = False,
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
+
+    `penalize`: the program applies repetition, frequency and presence penalties (their values
+    traced, `sampling.penalized_logits`), keeping per row which token ids its prompt holds
+    and how often it generated each, two (B, V) arrays in the loop's carry.
 
     `samples` > 1: the prefill runs once per prompt row and its cache, lengths and last
     logits are repeated `samples` times (row b·samples + g is sample g of prompt b), cut to
@@ -151,7 +162,7 @@ def _decode_fn(
                         decode_mlp=mlp, decode_norm=norm)  # fmt: skip
 
     def run(params, tokens_BP, lengths_B, rng, temperature, top_p, min_p, stop_ids, pad_id,
-            strings=None):  # fmt: skip
+            strings=None, penalties=None):  # fmt: skip
         variables = {"params": _decode_params(cfg, params, fused, quantize, norm, mlp)}
         B, P = tokens_BP.shape
         sample = functools.partial(
@@ -180,14 +191,27 @@ def _decode_fn(
                                    prefill=True)  # fmt: skip
         h_last = jnp.take_along_axis(h_BPD, (lengths_B - 1)[:, None, None], axis=1)  # (B,1,D)
         logits = model.apply(variables, h_last, method="logits")[:, 0]
+        # Penalties: (the prompt's token ids, how often each row generated each id), or ().
+        seen = token_presence(tokens_BP, lengths_B, logits.shape[-1]) if penalize else None
         if samples > 1:  # the prompts' prefill is shared by their samples: repeat its results
             lengths_B, logits = (repeat_rows(x, samples, rows) for x in (lengths_B, logits))
+            seen = None if seen is None else repeat_rows(seen, samples, rows)
             B = rows
             cache = {k: v if k == "index" else jax.tree.map(
                 lambda x: repeat_rows(x, samples, rows), v) for k, v in cache.items()}  # fmt: skip
         cache = _constrain_cache(cache, sharded)
+        pen_state = (seen, jnp.zeros(seen.shape, jnp.int32)) if penalize else ()
 
-        tok, lp = sample(logits, step_key(rng, 0), temperature)
+        def choose(logits, key, pen_state, active):
+            """(token, logprob, the penalty state with the token counted) of one step."""
+            if not penalize:
+                return *sample(logits, key, temperature), ()
+            seen, counts = pen_state
+            x = penalized_logits(logits, seen | (counts > 0), counts, penalties)
+            tok, lp = sample(logits, key, temperature, choose_from=x)
+            return tok, lp, (seen, count_tokens(counts, tok, active))
+
+        tok, lp, pen_state = choose(logits, step_key(rng, 0), pen_state, jnp.ones((B,), bool))
         out_tok = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
         out_lp = jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp)
         done = jnp.isin(tok, stop_ids)
@@ -204,10 +228,10 @@ def _decode_fn(
             return (i < max_new) & ~jnp.all(done)
 
         def body(carry):
-            i, cache, tok, done, n_gen, out_tok, out_lp, text_state = carry
+            i, cache, tok, done, n_gen, out_tok, out_lp, text_state, pen_state = carry
             pos = (lengths_B + i - 1)[:, None]  # token i-1 sits at position len + i - 1
             logits, cache = model.apply(variables, tok[:, None], pos, cache=cache)
-            new, lp = sample(logits[:, 0], step_key(rng, i), temperature)
+            new, lp, pen_state = choose(logits[:, 0], step_key(rng, i), pen_state, ~done)
             new = jnp.where(done, pad_id, new)
             lp = jnp.where(done, 0.0, lp)
             at = (jnp.zeros_like(i), i)  # (one integer type under jax_enable_x64 too)
@@ -218,21 +242,23 @@ def _decode_fn(
             if strings is not None:
                 text_state = stop_text.advance(table, text_state, new)
                 done = done | stop_text.found_any(text_state, found)
-            return i + 1, cache, new, done, n_gen, out_tok, out_lp, text_state
+            return i + 1, cache, new, done, n_gen, out_tok, out_lp, text_state, pen_state
 
         def guarded(carry):  # a step of a block that may run past max_new: then a no-op
             # (its cache write lands in a clamped slot, but nothing reads the cache after).
             i, cache, tok, done, *rest = carry
             stepped = body((i, cache, tok, done | (i >= max_new), *rest))
-            past = i >= max_new  # keep done, n_gen, the outputs and text states as they were
-            kept = (jnp.where(past, a, b) for a, b in zip(carry[3:], stepped[3:]))
+            past = i >= max_new  # keep done, n_gen, the outputs, text and penalty states
+            keep = lambda a, b: jnp.where(past, a, b)  # noqa: E731
+            kept = (jax.tree.map(keep, a, b) for a, b in zip(carry[3:], stepped[3:]))
             return (i + 1, stepped[1], stepped[2], *kept)
 
         def block(carry):  # a counted inner loop: compiled once, no condition read back
             carry, _ = jax.lax.scan(lambda c, _: (guarded(c), None), carry, length=check_every)
             return carry
 
-        carry = (jnp.ones((), jnp.int32), cache, tok, done, n_gen, out_tok, out_lp, text_state)
+        carry = (jnp.ones((), jnp.int32), cache, tok, done, n_gen, out_tok, out_lp, text_state,
+                 pen_state)  # fmt: skip
         if early_exit:
             loop_body = body if check_every == 1 else block
             carry = jax.lax.while_loop(cond, loop_body, carry)

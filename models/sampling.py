@@ -1,5 +1,6 @@
-"""Token samplers for decoding: temperature, top-k, top-p (nucleus) and min-p filtering in HF's
-order, and the keys that make a sample reproducible.
+"""Token samplers for decoding: repetition, frequency and presence penalties, temperature, top-k,
+top-p (nucleus) and min-p filtering in HF's order, and the keys that make a sample
+reproducible.
 
 `sample_logits` draws one token per row and returns it with the *unmodified* model's logprob
 (temperature 1, no filtering) — what PPO/GRPO compare with their own scores (models/decode.py
@@ -14,6 +15,40 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def penalized_logits(logits_BV, seen_BV, counts_BV, penalties):
+    """float32 logits with the repetition, frequency and presence penalties applied, in vLLM's
+    order (and with HF's and OpenAI's definitions):
+
+    * repetition (HF's `repetition_penalty`, CTRL's): the logit of every token in `seen_BV`
+      (the row's prompt or generated so far) is divided by r where positive, multiplied by r
+      where negative — less likely either way for r > 1;
+    * frequency and presence (OpenAI's, over the *generated* tokens only): minus f times the
+      number of times the row generated the token (`counts_BV`), minus p once it has.
+
+    `penalties`: (r, f, p) float32 scalars, traced (1, 0, 0 change nothing). Applied to the
+    model's logits before temperature and the filters, as HF's logits processors run before
+    its warpers."""
+    r, f, p = penalties[0], penalties[1], penalties[2]
+    x = logits_BV.astype(jnp.float32)
+    x = jnp.where(seen_BV, jnp.where(x > 0, x / r, x * r), x)
+    return x - f * counts_BV.astype(jnp.float32) - p * (counts_BV > 0).astype(jnp.float32)
+
+
+def token_presence(tokens_BP, lengths_B, vocab_size: int):
+    """(B, V) bool: whether each token id occurs among each row's first `lengths_B` tokens (its
+    prompt, right-padded to P)."""
+    valid = jnp.arange(tokens_BP.shape[1])[None, :] < lengths_B[:, None]
+    empty = jnp.zeros((vocab_size,), jnp.bool_)
+    return jax.vmap(lambda t, m: empty.at[t].max(m))(tokens_BP, valid)
+
+
+def count_tokens(counts_BV, tokens_B, active_B):
+    """`counts_BV` plus one at each row's token where `active_B` (a one-hot sum: elementwise
+    over (B, V), so rows split over devices stay where they are)."""
+    hit = (jnp.arange(counts_BV.shape[1])[None, :] == tokens_B[:, None]) & active_B[:, None]
+    return counts_BV + hit.astype(counts_BV.dtype)
 
 
 def filter_logits(logits_BV, temperature, *, top_k: int = 0, top_p=1.0, use_top_p: bool = False,
@@ -103,23 +138,27 @@ def sample_logits(
     use_top_p: bool | None = None,
     min_p=0.0,
     use_min_p: bool | None = None,
+    choose_from=None,
 ):
     """Samples one token per row; returns (tokens (B,) int32, model logprobs (B,) float32).
 
     `key` is one key, or one key per row (see `is_key_batch`).
 
     `greedy` (static) takes the argmax. The logprob is the unmodified model's (temperature 1, no
-    filtering) at the chosen token — see the module docstring.
+    filtering) at the chosen token — see the module docstring. `choose_from`: other (B, V)
+    logits to pick the token from (the penalized ones, `penalized_logits`); the logprob is
+    still `logits_BV`'s.
     """
     logits = logits_BV.astype(jnp.float32)
+    choice = logits if choose_from is None else choose_from.astype(jnp.float32)
     if greedy:
-        tok = jnp.argmax(logits, axis=-1)
+        tok = jnp.argmax(choice, axis=-1)
     else:
         if use_top_p is None:
             use_top_p = float(top_p) < 1.0
         if use_min_p is None:
             use_min_p = float(min_p) > 0.0
-        x = filter_logits(logits, temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p,
+        x = filter_logits(choice, temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p,
                           min_p=min_p, use_min_p=use_min_p)  # fmt: skip
         if is_key_batch(key):  # one key per row: each row's noise from its own key
             tok = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, x)

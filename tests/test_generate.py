@@ -27,6 +27,11 @@ from flaxlm import generate as cli
         (["--stop", ""], "--stop needs a non-empty string"),
         (["--draft", "ngram", "--decode_norm", "fold"], "--decode_mlp/--decode_norm do not apply"),
         (["--decode_mlp", "pallas:32"], "--decode_mlp: decode_mlp='pallas:32'"),
+        (["--repetition_penalty", "0"], "--repetition_penalty must be > 0 and finite"),
+        (["--repetition_penalty", "nan"], "--repetition_penalty must be > 0 and finite"),
+        (["--frequency_penalty", "inf"], "--frequency_penalty must be finite"),
+        (["--presence_penalty", "nan"], "--presence_penalty must be finite"),
+        (["--draft", "ngram", "--presence_penalty", "1"], "do not apply with --draft"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags, message, tmp_path, capsys):

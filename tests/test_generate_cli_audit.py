@@ -112,6 +112,7 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
                 "n_tokens": int(n), "stopped": stopped, "sample": k}  # fmt: skip
         assert rec == want
     assert {r["stopped"] for r in recs} == {True, False}  # both endings are exercised
+    plain = [r["completion"] for r in recs]
     # Text output: the same completions under "### prompt (sample k/K)" headers.
     text = _main(args, capsys)
     want = "".join(
@@ -136,6 +137,18 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
     )  # fmt: skip
     got = [json.loads(ln)["n_tokens"] for ln in lines]
     assert got == np.asarray(out.lengths).tolist()
+    # the penalties reach the decoder: a direct call's completions with them, not without
+    pen = {"repetition_penalty": 1.8, "frequency_penalty": 0.5, "presence_penalty": 0.5}
+    flags = [x for k, v in pen.items() for x in (f"--{k}", str(v))]
+    penalized = [json.loads(ln) for ln in _main(args + ["--json", *flags], capsys).splitlines()]
+    out = generate(
+        CFG, merged, [ids[i] for i, _ in jobs], max_new_tokens=8, rng=keys, temperature=1.0,
+        stop_tokens=(end, tok.eos_id), pad_id=0, **pen,
+    )  # fmt: skip
+    for rec, row, n in zip(penalized, np.asarray(out.tokens), np.asarray(out.lengths)):
+        gen = [int(t) for t in row[:n]]
+        assert rec["completion"] == tok.decode(gen[:-1] if rec["stopped"] else gen)
+    assert [r["completion"] for r in penalized] != plain
 
 
 def test_stop_strings_end_and_cut_the_completions(run, capsys):
