@@ -114,6 +114,10 @@ def rl_run_config(c: ml_collections.ConfigDict, lr: float, runlocal: bool) -> No
     c.eval_gen.max_prompt_len = c.rollout.get_ref("max_prompt_len").identity()
     c.eval_gen.sample_temperature = 1.0  # also report the accuracy of samples (0: off)
     c.eval_gen.samples = 1  # ...this many per prompt
+    # pass@k and maj@k of the held-out reward sets at these k < samples too ("1,4,16"), each
+    # estimated from all the samples: does RL narrow what the policy can reach (pass@k at large
+    # k falling while pass@1 rises)?
+    c.eval_gen.at_k = ""
     c.rollout.heldout_prompts = 0 if runlocal else 200  # evaluated as eval/rl_heldout/...
     c.opt.lr = lr
     c.opt.schedule = "constant"

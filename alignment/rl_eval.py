@@ -27,13 +27,13 @@ from flaxlm.alignment.rl_common import (
     stop_string_tuple,
 )
 from flaxlm.alignment.rl_rollout import call_reward_fns
-from flaxlm.alignment.verify_math import majority_sample
 from flaxlm.data import formats as F
 from flaxlm.data.chat_batches import order_seed
 from flaxlm.data.chat_examples import prompt_turns
 from flaxlm.data.formats import split_reasoning
 from flaxlm.data.source_errors import DataError
 from flaxlm.data.synthetic_judge import is_world_meta
+from flaxlm.evaluation.generate_tasks import pass_at_k_estimate, votes_majority_at_k
 from flaxlm.models.decode import generate, prompt_keys
 from flaxlm.models.sharding import fetch, global_batch, use_mesh
 
@@ -250,7 +250,7 @@ def _vote_fn(vote):
 
 
 def reward_metrics(rewards, examples, texts, reasoning_end="", empty_reward=-1.0,
-                   samples: int = 1, prefix: str = "") -> dict:  # fmt: skip
+                   samples: int = 1, prefix: str = "", ks=()) -> dict:  # fmt: skip
     """The reward functions' verdicts on `texts`, `samples` consecutive ones per example (the
     examples' meta, and their prompt turns for a function that takes `prompt`), judged as the
     rollouts judge theirs (alignment/grpo.py `_judged`): each function once per answer — the
@@ -264,7 +264,12 @@ def reward_metrics(rewards, examples, texts, reasoning_end="", empty_reward=-1.0
     examples with a sample that scored 1, and for such a function that names the answer a
     sample gives (`fn.vote(meta, answer)` or `fn.vote(answer)`, None for no answer, and
     `fn.same_answer(u, v)`: math_verify's and exact_match's) prefix + "maj@k/<name>", the share
-    whose majority answer (`verify_math.majority_sample`) is right}."""
+    whose majority answer (`verify_math.majority_sample`) is right}. `ks`: smaller k to report
+    too (`eval_gen.at_k`), each from all `samples` samples of an example: pass@j by Chen et al.'s
+    unbiased estimator and maj@j as the expected majority of a uniformly drawn j-subset
+    (evaluation/generate_tasks.py `pass_at_k_estimate`, `votes_majority_at_k`, as the
+    evaluation CLI's --pass_at_k / --maj_at_k; "maj@j_estimated/<name>": the share of examples
+    whose answers form no classes, their maj@j estimated from drawn subsets)."""
     if not rewards:
         return {}
     n = len(texts)
@@ -287,22 +292,45 @@ def reward_metrics(rewards, examples, texts, reasoning_end="", empty_reward=-1.0
         vals[judged], fine[judged] = got, ok
         out[f"{prefix}reward/{name}"] = vals[fine].mean() if fine.any() else float("nan")
         if samples > 1 and fine.all() and np.isin(vals, (0.0, 1.0)).all():
-            out[f"{prefix}pass@{samples}/{name}"] = vals.reshape(-1, samples).max(1).mean()
+            hits, at = vals.reshape(-1, samples), sorted({*ks, samples})
+            for j in at:  # (j = samples: 1 when any sample hits)
+                out[f"{prefix}pass@{j}/{name}"] = np.mean(
+                    [pass_at_k_estimate(samples, c, j) for c in hits.sum(1)])  # fmt: skip
             if hasattr(fn, "vote"):  # an answer to vote on: self-consistency
                 vote = _vote_fn(fn.vote)
                 votes = [None if no_answer[j] else vote(owner[j]["meta"], answers[j])
                          for j in range(n)]  # fmt: skip
-                firsts = [majority_sample(votes[e : e + samples], fn.same_answer)
-                          for e in range(0, n, samples)]  # fmt: skip
-                out[f"{prefix}maj@{samples}/{name}"] = np.mean(
-                    [0.0 if f is None else vals[e * samples + f] for e, f in enumerate(firsts)]
-                )
+                maj = [votes_majority_at_k(fn.same_answer, votes[e * samples : (e + 1) * samples],
+                                           hits[e], at, seed=e)
+                       for e in range(len(hits))]  # fmt: skip
+                for j in at:
+                    out[f"{prefix}maj@{j}/{name}"] = np.mean([m[j][0] for m in maj])
+                    if estimated := np.mean([m[j][1] for m in maj]):
+                        out[f"{prefix}maj@{j}_estimated/{name}"] = estimated
         total, valid = total + w * vals, valid & fine
     total = np.where(no_answer, empty_reward, total)
     out[f"{prefix}reward"] = total[valid].mean() if valid.any() else float("nan")
     if not valid.all():
         out[f"{prefix}reward_invalid"] = 1.0 - valid.mean()
     return out
+
+
+def smaller_ks(text, samples: int) -> tuple[int, ...]:
+    """`eval_gen.at_k` ("1,4": the k < eval_gen.samples to report pass@k and maj@k at, besides
+    k = samples) as sorted ints; a ValueError naming the key for a value that is not an int
+    in [1, samples], or any value when no samples are drawn (`samples` 0)."""
+    parts = [p.strip() for p in str(text or "").split(",") if p.strip()]
+    if parts and samples < 2:
+        raise ValueError(f"eval_gen.at_k={text!r} needs eval_gen.samples > 1 and "
+                         "eval_gen.sample_temperature > 0")  # fmt: skip
+    try:
+        ks = sorted({int(p) for p in parts})
+    except ValueError:
+        raise ValueError(f"eval_gen.at_k={text!r}: want comma-separated ints, e.g. '1,4'") from None
+    if any(not 1 <= k <= samples for k in ks):
+        raise ValueError(f"eval_gen.at_k={text!r}: each k must be in [1, eval_gen.samples="
+                         f"{samples}]")  # fmt: skip
+    return tuple(ks)
 
 
 def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, stop_strings=(),
@@ -328,7 +356,8 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     "<set>/reward" (Σ weight·fn) and "<set>/reward/<name>" of the greedy answers, and with
     samples "/sampled_reward", "/sampled_reward/<name>" and, for a function whose values were
     all 0 or 1 (a verifier: math_verify, exact_match, code_tests), "/sampled_pass@k/<name>"
-    (and math_verify's "/sampled_maj@k/<name>": the majority answer of the k samples).
+    (and math_verify's "/sampled_maj@k/<name>": the majority answer of the k samples), and
+    the same at each smaller k of `gen_cfg.at_k` ("1,4"; `reward_metrics`' `ks`).
     Accuracy is exact match with the reference, which a worked solution never is: on math or
     code prompts the verifier's "reward/<name>" is the held-out accuracy to watch."""
     from flaxlm.alignment import sft
@@ -347,6 +376,7 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
     pad_id = max(template.tok.pad_id, 0)
     temp = float(gen_cfg.get("sample_temperature", 0.0))
     n_samples = int(gen_cfg.get("samples", 1))
+    at_k = smaller_ks(gen_cfg.get("at_k", ""), n_samples if temp > 0 else 0)
     judges = [(name, fn, w) for name, fn, w in (rewards or ()) if fn is not None]
 
     def judge(ex, text) -> tuple[float, float, bool]:
@@ -421,7 +451,7 @@ def make_policy_eval(cfg, template, sets: dict, gen_cfg, mesh, rules, rm=None, s
                                       empty_reward))  # fmt: skip
             if sampled_texts:
                 res.update(reward_metrics(judges, examples, sampled_texts, reasoning_end,
-                                          empty_reward, n_samples, "sampled_"))  # fmt: skip
+                                          empty_reward, n_samples, "sampled_", at_k))  # fmt: skip
         return {k: float(v) for k, v in res.items()}
 
     def eval_fn(policy) -> dict:

@@ -424,18 +424,29 @@ def expected_majority(classes: Sequence[int | None], hits: Sequence[float], k: i
 def majority_at_k(spec: TaskSpec, votes: Sequence[str | None], hits: Sequence[float],
                   ks: Sequence[int], seed: int = 0) -> dict[int, tuple[float, bool]]:  # fmt: skip
     """{k: (maj@k, estimated)} of one example's n samples for each k in `ks` (module
-    docstring): k = n is `majority`, k = 1 the mean hit of the samples that vote, others
-    `expected_majority` — or, when the votes form no classes (`vote_classes`), the mean over
-    every k-subset (at most MAJ_ENUMERATE of them) or over MAJ_DRAWS drawn from `seed` and k
-    (estimated: True)."""
+    docstring), its answers compared as the spec's scoring compares them
+    (`votes_majority_at_k`)."""
+    return votes_majority_at_k(_same(spec), votes, hits, ks, seed)
+
+
+def votes_majority_at_k(same: Callable[[str, str], bool], votes: Sequence[str | None],
+                        hits: Sequence[float], ks: Sequence[int],
+                        seed: int = 0) -> dict[int, tuple[float, bool]]:  # fmt: skip
+    """{k: (maj@k, estimated)} of one example's n samples for each k in `ks`, two votes one
+    answer when `same` says so (the RL held-out evals pass their reward's `same_answer`):
+    k = n is the majority of all n (`majority`), k = 1 the mean hit of the samples that vote,
+    others `expected_majority` — or, when the votes form no classes (`vote_classes`), the mean
+    over every k-subset (at most MAJ_ENUMERATE of them) or over MAJ_DRAWS drawn from `seed`
+    and k (estimated: True)."""
     from flaxlm.alignment.verify_math import majority_sample
 
     n, out = len(votes), {}
-    same = _memo(_same(spec))
+    same = _memo(same)
     classes = vote_classes(votes, same) if any(1 < k < n for k in ks) else None
     for k in ks:
         if k == n:
-            out[k] = (majority(spec, votes, hits), False)
+            first = majority_sample(votes, same)
+            out[k] = (0.0 if first is None else float(hits[first]), False)
         elif k == 1:
             out[k] = (sum(float(h) for v, h in zip(votes, hits) if v is not None) / n, False)
         elif classes is not None:

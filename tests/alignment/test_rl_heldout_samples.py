@@ -144,6 +144,7 @@ def test_the_rl_prompt_sets_are_judged_by_the_runs_rewards(tmp_path, cache_dir, 
         "rollout.max_new_tokens": 24, "eval_every": 1, "eval_gen.sets": f"{prompts},{chats}",
         "eval_gen.examples": 4, "eval_gen.batch": 8, "eval_gen.max_new_tokens": 24,
         "eval_gen.max_prompt_len": 40, "eval_gen.sample_temperature": 1.0, "eval_gen.samples": 4,
+        "eval_gen.at_k": "2,1",
     })  # fmt: skip
     with caplog.at_level(logging.INFO, logger="flaxlm"):
         task = grpo.build_task(c, make_mesh(dict(c.mesh)), None)
@@ -167,6 +168,12 @@ def test_the_rl_prompt_sets_are_judged_by_the_runs_rewards(tmp_path, cache_dir, 
         assert out[f"{name}/sampled_maj@4/math_verify"] == 0.0  # but most samples say 41
         assert out[f"{name}/sampled_pass@4/boxed_format"] == 1.0
         assert f"{name}/sampled_maj@4/boxed_format" not in out  # (it names no answer)
+        # eval_gen.at_k: of 2 samples of 4 with one right, 1 - C(3, 2)/C(4, 2) hold it; of
+        # the 6 pairs (41, 42, 41, none), 2 vote 42 first: (42, 41) and (42, none)
+        assert out[f"{name}/sampled_pass@2/math_verify"] == pytest.approx(0.5)
+        assert out[f"{name}/sampled_pass@1/math_verify"] == pytest.approx(0.25)
+        assert out[f"{name}/sampled_maj@2/math_verify"] == pytest.approx(1 / 3)
+        assert out[f"{name}/sampled_maj@1/math_verify"] == pytest.approx(0.25)
         assert out[f"{name}/accuracy"] == 0.0  # (exact match: never a worked answer)
         assert f"{name}/reward_invalid" not in out
     judged_by_chats = {k for k in out if k.startswith("chats/")}  # no meta.answer: not judged
@@ -210,3 +217,46 @@ def test_exact_match_votes_by_the_answer_it_judges():
     out = rl_eval.reward_metrics([("w", first_word, 1.0)], [{"meta": {"answer": "a"}}],
                                  ["b c", "a", "b d", "a e"], samples=4)  # fmt: skip
     assert out["maj@4/w"] == 0.0  # "b" and "a" tie at 2: the first given, "b", wins
+
+
+def test_smaller_k_metrics_equal_the_mean_over_every_subset():
+    """reward_metrics' `ks` (eval_gen.at_k): pass@j and maj@j of each example equal the mean,
+    over every j-subset of its samples in their order, of "a sample hits" and of "the
+    subset's majority answer (first given on a tie) hits"."""
+    import itertools
+
+    from flaxlm.alignment.grpo_rewards import exact_match
+    from flaxlm.alignment.verify_math import majority_sample
+
+    rng = np.random.default_rng(0)
+    n, answers = 7, ["a", "b", "c"]
+    examples = [{"meta": {"answer": "a"}} for _ in range(5)]
+    texts = [str(rng.choice([*answers, ""], p=[0.35, 0.3, 0.2, 0.15])) for _ in range(5 * n)]
+    out = rl_eval.reward_metrics([("em", exact_match, 1.0)], examples, texts, samples=n,
+                                 ks=(1, 2, 3, 5))  # fmt: skip
+    for j in (1, 2, 3, 5, n):
+        passes, majs = [], []
+        for e in range(5):
+            got = texts[e * n : (e + 1) * n]
+            for sub in itertools.combinations(range(n), j):
+                passes.append(any(got[i] == "a" for i in sub))
+                votes = [got[i] or None for i in sub]
+                first = majority_sample(votes, str.__eq__)
+                majs.append(first is not None and votes[first] == "a")
+        # (each example has C(n, j) subsets: the mean over all is the mean of the means)
+        assert out[f"pass@{j}/em"] == pytest.approx(np.mean(passes)), j
+        assert out[f"maj@{j}/em"] == pytest.approx(np.mean(majs)), j
+    assert not any("estimated" in k for k in out)
+
+
+@pytest.mark.parametrize("text,samples,message", [
+    ("1,x", 4, "comma-separated ints"),
+    ("0", 4, r"in \[1, eval_gen.samples=4\]"),
+    ("8", 4, r"in \[1, eval_gen.samples=4\]"),
+    ("2", 0, "needs eval_gen.samples > 1"),
+])  # fmt: skip
+def test_bad_at_k_values_name_the_key(text, samples, message):
+    with pytest.raises(ValueError, match=message):
+        rl_eval.smaller_ks(text, samples)
+    assert rl_eval.smaller_ks(" 2, 1,2 ", 4) == (1, 2)
+    assert rl_eval.smaller_ks("", 0) == ()
