@@ -167,6 +167,21 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="generation tasks: samples per prompt (needs --temperature > 0)",
     )
+    p.add_argument("--top_p", type=float, default=None,
+                   help="generation tasks: nucleus mass in (0, 1] (with --temperature > 0; "
+                   "default: each task's)")  # fmt: skip
+    p.add_argument(
+        "--top_k",
+        type=_at_least_0,
+        default=None,
+        help="generation tasks: sample among the k most likely tokens (0 = off)",
+    )
+    p.add_argument(
+        "--min_p",
+        type=float,
+        default=None,
+        help="generation tasks: drop tokens below min_p x the top one's probability",
+    )
     p.add_argument("--pass_at_k", type=_ks, default=None,
                    help="generation tasks: also pass@k for these k (e.g. 1,10), each "
                         "estimated from all --num_samples samples (unbiased)")  # fmt: skip
@@ -356,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     if chat is not None:  # e.g. on for a task whose chat-mode user turn would hide its choices
         specs = _replaced(specs, f"--chat {args.chat}", chat=chat)
     given = (("temperature", args.temperature), ("num_samples", args.num_samples),
+             ("top_p", args.top_p), ("top_k", args.top_k), ("min_p", args.min_p),
              ("reasoning_end", args.reasoning_end))  # fmt: skip
     sampling = {k: v for k, v in given if v is not None}
     if sampling:  # e.g. --num_samples 4 over a greedy task's temperature 0

@@ -60,7 +60,8 @@ through a `GenerateFn`, `(prompt_ids, max_new_tokens[, temperature]) -> new ids 
 (temperature is passed only by sampled tasks, so a greedy stand-in needs two arguments; one
 that also takes `num_samples` gets a sampled task's prompts once with num_samples=k and
 returns k responses per prompt, else it gets each prompt k times; one that takes
-`stop_strings` ends responses at the task's stop strings itself);
+`stop_strings` ends responses at the task's stop strings itself; a task's `top_p`, `top_k`
+and `min_p`, when set, are passed by name, and a function that does not take one is an error);
 `make_generate_fn` builds one over `flaxlm.models.decode.generate`, and tests pass a fake to
 check the scoring path on its own.
 """
@@ -222,7 +223,8 @@ def make_generate_fn(
 
     def fn(
         prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-        stop_strings: Sequence[str] = (), num_samples: int = 1,
+        stop_strings: Sequence[str] = (), num_samples: int = 1, top_p: float = 1.0,
+        top_k: int = 0, min_p: float = 0.0,
     ) -> list[list[int]]:  # fmt: skip
         stops = None
         if stop_strings:
@@ -253,6 +255,9 @@ def make_generate_fn(
                 max_new_tokens=max_new_tokens,
                 rng=prompt_keys(jax.random.PRNGKey(seed), ids),
                 temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                min_p=min_p,
                 stop_tokens=tuple(stop_tokens),
                 pad_id=pad_id,
                 stop_strings=stops,
@@ -563,6 +568,11 @@ def generation(
     extra = {}
     if spec.stop and not spec.reasoning_end and _takes(generate_fn, "stop_strings"):
         extra["stop_strings"] = tuple(spec.stop)
+    for name, value in spec.sampler.items():  # top_p, top_k, min_p: never dropped silently
+        if not _takes(generate_fn, name):
+            raise ValueError(f"task {spec.name!r}: {name}={value!r}, and its generate function "
+                             f"takes no {name!r} argument")  # fmt: skip
+        extra[name] = value
     if spec.temperature > 0 and k > 1 and _takes(generate_fn, "num_samples"):
         # k samples of each prompt, one prefill per prompt (the decoder repeats its cache)
         outs = generate_fn(ids, spec.max_new_tokens, temperature=spec.temperature,

@@ -147,6 +147,12 @@ class TaskSpec:
     reasoning_end: str = ""
     max_new_tokens: int = 64  # generation budget per example
     temperature: float = 0.0  # generation: 0 = greedy; > 0 samples at this temperature
+    # generation with temperature > 0: nucleus mass (1 = off), top-k (0 = off), min-p (0 = off),
+    # in HF's order after the temperature (models/sampling.py) — e.g. DeepSeek-R1's evals'
+    # temperature 0.6, top_p 0.95; Codex's pass@k at top_p 0.95
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
     num_samples: int = 1  # generation: samples per prompt (temperature > 0); scores are their
     # mean, and a 0/1 score (correct, exact_match) also gets pass@k: any of the k samples
     pass_at_k: tuple = ()  # generation: also pass@k for these k <= num_samples, Chen et al.'s
@@ -159,6 +165,24 @@ class TaskSpec:
     add_eos: bool = False  # perplexity: also score EOS after each text, as pretraining frames
     # documents (BOS + text + EOS; its eval loss includes EOS); False = lm-eval-harness's
     # convention, EOS not scored
+
+    def _check_sampler(self, where: str) -> None:
+        """top_p in (0, 1], top_k an int >= 0, min_p in [0, 1), and only with sampling: under
+        greedy decoding they would change nothing, silently."""
+        if not (0 < self.top_p <= 1 and 0 <= self.min_p < 1):  # (NaN fails both)
+            raise ValueError(f"{where}: need 0 < top_p <= 1 and 0 <= min_p < 1, got "
+                             f"top_p={self.top_p!r}, min_p={self.min_p!r}")  # fmt: skip
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"{where}: top_k={self.top_k!r} must be an int >= 0 (0 = off)")
+        if self.sampler and self.temperature == 0:
+            raise ValueError(f"{where}: {', '.join(self.sampler)} filter samples: they need "
+                             "temperature > 0 (greedy decoding takes the argmax)")  # fmt: skip
+
+    @property
+    def sampler(self) -> dict:
+        """The sampling filters this task sets ({} when none): `generate`'s keywords."""
+        given = {"top_p": (self.top_p, 1.0), "top_k": (self.top_k, 0), "min_p": (self.min_p, 0.0)}
+        return {k: v for k, (v, off) in given.items() if v != off}
 
     def __post_init__(self):
         where = f"task {self.name!r}"
@@ -205,6 +229,7 @@ class TaskSpec:
             raise ValueError(f"{where}: max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.num_samples > 1 and self.temperature == 0:
             raise ValueError(f"{where}: num_samples > 1 needs temperature > 0 (greedy repeats)")
+        self._check_sampler(where)
         for key in ("pass_at_k", "maj_at_k"):
             object.__setattr__(self, key, self._ks(key, where))
         if self.maj_at_k and self.scoring not in VOTED:  # (its samples state no answer)

@@ -64,6 +64,14 @@ def test_cli_sampling_is_seeded(run_dir, world_dir, tok_path):
     assert one["gen_batch_size"] == 1 and responses(one["tasks"]) == responses(a)
     with pytest.raises(SystemExit, match="needs temperature > 0"):
         main(argv[:-4] + ["--num_samples", "2"])
+    # --top_k 1 reaches the sampler: every sample is the most likely token, the greedy answer
+    k1 = main(argv + ["--top_k", "1"])["tasks"]["gen_facts_train"]
+    assert k1["spec"]["top_k"] == 1 and all(len(set(s["responses"])) == 1 for s in k1["samples"])
+    greedy = main(argv[:-4])["tasks"]["gen_facts_train"]["samples"]
+    assert [s["responses"][0] for s in k1["samples"]] == [s["response"] for s in greedy]
+    with pytest.raises(SystemExit, match=r"top_p filter samples: they need temperature > 0 .*"
+                                         r"\(--top_p 0.9\)$"):  # fmt: skip
+        main(argv[:-4] + ["--top_p", "0.9"])
     # --reasoning_end reaches every generation task: this model never writes the marker, so
     # every response is an unfinished reasoning, scored as no answer
     r = main(argv[:-4] + ["--reasoning_end", "</think>"])["tasks"]["gen_facts_train"]

@@ -52,3 +52,53 @@ def test_make_generate_fn_samples_each_prompt_k_times_whatever_its_batch(model, 
     assert eight([prompts[1], prompts[0]], 8, temperature=1.0, num_samples=k)[k:] != got[:k]
     with pytest.raises(ValueError, match="num_samples=2"):
         eight(prompts, 8, num_samples=2)  # greedy samples would all be the same
+
+
+def test_a_tasks_sampling_filters_reach_the_decoder(model, tok, world_dir):
+    """A task's top_p / top_k / min_p are passed to the generate function by name (and only
+    when set); `make_generate_fn` decodes with them, as a direct `generate` call does; a
+    function that cannot take one is an error, not a silently unfiltered run; under greedy
+    decoding they are refused."""
+    import jax
+
+    from flaxlm.models.decode import generate, prompt_keys
+
+    base = world_tasks(world_dir)["gen_facts_train"].replace(temperature=1.0, num_samples=2)
+    spec = base.replace(top_p=0.5, top_k=3)
+    assert spec.sampler == {"top_p": 0.5, "top_k": 3} and base.sampler == {}
+    examples = read_examples(spec, limit=2)
+    prompts = [encode_prompt(spec, ex, [], tok) for ex in examples]
+    seen = []
+
+    def fake(prompt_ids, max_new_tokens, temperature=0.0, num_samples=1, top_p=1.0, top_k=0,
+             min_p=0.0):  # fmt: skip
+        seen.append(dict(top_p=top_p, top_k=top_k, min_p=min_p))
+        return [tok.encode(" x")] * (len(prompt_ids) * num_samples)
+
+    G.generation(spec, examples, prompts, fake, tok, max_prompt_len=10_000)
+    G.generation(base, examples, prompts, fake, tok, max_prompt_len=10_000)
+    assert seen == [dict(top_p=0.5, top_k=3, min_p=0.0), dict(top_p=1.0, top_k=0, min_p=0.0)]
+
+    def no_filters(prompt_ids, max_new_tokens, temperature=0.0, num_samples=1):
+        return [tok.encode(" x")] * (len(prompt_ids) * num_samples)
+
+    with pytest.raises(ValueError, match="top_p=0.5, and its generate function takes no 'top_p'"):
+        G.generation(spec, examples, prompts, no_filters, tok, max_prompt_len=10_000)
+    # the real decoder: the filters change the samples as a direct call with them does
+    cfg, params = model
+    fn = G.make_generate_fn(cfg, params, batch_size=4, stop_tokens=(tok.eos_id,),
+                            pad_id=tok.pad_id, seed=5)  # fmt: skip
+    ids = [p for _, p in prompts]
+    got = fn(ids, 8, temperature=1.0, num_samples=2, top_k=2)
+    out = generate(cfg, params, ids, max_new_tokens=8, rng=prompt_keys(jax.random.PRNGKey(5),
+                   range(2)), temperature=1.0, top_k=2, stop_tokens=(tok.eos_id,),
+                   pad_id=tok.pad_id, num_samples=2)  # fmt: skip
+    want = [[int(t) for t in row[:n]] for row, n in zip(out.tokens, out.lengths)]
+    assert got == want and got != fn(ids, 8, temperature=1.0, num_samples=2)
+    for bad, why in ((dict(top_p=0.0), "0 < top_p <= 1"), (dict(min_p=1.0), "min_p < 1"),
+                     (dict(top_k=-1), "top_k=-1 must be an int >= 0"),
+                     (dict(top_k=1.5), "top_k=1.5 must be an int")):  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            base.replace(**bad)
+    with pytest.raises(ValueError, match="top_p filter samples: they need temperature > 0"):
+        base.replace(temperature=0.0, num_samples=1, top_p=0.9)
