@@ -26,7 +26,8 @@ One iteration (alignment/rl_rollout.py `RolloutSource`, driven by the loop's `be
      over the group's valid samples (population std, ε = 1e-4; TRL divides by the unbiased
      std), so a group of equal rewards gets A = 0, not 0/0 (`scale_by_std=False`: just
      r_i − mean_g r, Dr. GRPO; `baseline="loo"`: the mean of the other samples' rewards, RLOO
-     with `scale_by_std=False`), the same for every token of i;
+     with `scale_by_std=False`; `std_scope="batch"`: divided by the std over the whole
+     rollout's valid samples, REINFORCE++-baseline), the same for every token of i;
   4. score (one jitted call): log π_old and log π_ref per token, at the rollout temperature
      like every logprob here (below);
   5. train: `rollout.epochs` passes in minibatches through the shared step, with the loss
@@ -114,6 +115,7 @@ import numpy as np
 from flaxlm.alignment import common, rl_common, rl_eval, verify_code
 from flaxlm.alignment.grpo_loss import (  # noqa: F401
     LOSS_AGGS,
+    STD_SCOPES,
     aggregate,
     group_advantages,
     grpo_loss,
@@ -226,6 +228,8 @@ class GRPOSource(RolloutSource):
             )
         if g.get("baseline", "mean") not in ("mean", "loo"):
             raise ValueError(f"{k}.baseline={g.baseline!r}; expected mean | loo")
+        if g.get("std_scope", "group") not in STD_SCOPES:
+            raise ValueError(f"{k}.std_scope={g.std_scope!r}; expected one of {STD_SCOPES}")
         if g.get("importance", "token") not in ("token", "sequence"):
             raise ValueError(f"{k}.importance={g.importance!r}; expected token | sequence")
         if not g.get("clip_high", 0.0) >= 0:
@@ -338,6 +342,7 @@ class GRPOSource(RolloutSource):
             valid.reshape(-1, G),
             scale_by_std=g.scale_by_std,
             baseline=g.get("baseline", "mean"),  # (configs older than the key: the mean)
+            std_scope=g.get("std_scope", "group"),
         ).reshape(-1)
         rows = s["rows"]
         ref_params = params["base"] if self.spec else self.ref_params

@@ -14,9 +14,11 @@ import numpy as np
 from flaxlm.alignment.rl_rollout import entropy, kl_penalty, passthrough_stats, tempered
 from flaxlm.train.losses import add_router_losses, masked_mean, router_forward, token_logprobs
 
+STD_SCOPES = ("group", "batch")  # grpo.std_scope: `group_advantages`'
+
 
 def group_advantages(rewards, valid=None, *, scale_by_std: bool = True, eps: float = 1e-4,
-                     baseline: str = "mean"):  # fmt: skip
+                     baseline: str = "mean", std_scope: str = "group"):  # fmt: skip
     """Group-normalised advantages of (P, G) rewards (G samples of each of P prompts).
 
     A_i = (r_i − mean_g) / (std_g + ε) over the group's valid samples (population std); with
@@ -24,9 +26,15 @@ def group_advantages(rewards, valid=None, *, scale_by_std: bool = True, eps: flo
     `baseline="loo"` subtracts the mean of the group's *other* valid rewards instead (RLOO,
     Ahmadian et al. 2024): r_i − (Σ_{j≠i} r_j)/(n − 1) = n/(n − 1)·(r_i − mean_g) for n valid
     samples (0 when n < 2), unbiased because the baseline does not depend on sample i.
+    `std_scope="batch"` divides by the std of every valid sample's baselined reward in the
+    whole batch instead of its group's (REINFORCE++-baseline, Hu et al. 2025: a group whose
+    rewards barely differ is not blown up to unit scale, and every group's advantages share
+    one scale).
     """
     if baseline not in ("mean", "loo"):
         raise ValueError(f"grpo.baseline={baseline!r}; expected mean | loo")
+    if std_scope not in STD_SCOPES:
+        raise ValueError(f"grpo.std_scope={std_scope!r}; expected one of {STD_SCOPES}")
     r = np.asarray(rewards, np.float64)
     v = np.ones_like(r, bool) if valid is None else np.asarray(valid, bool)
     n = np.maximum(v.sum(1, keepdims=True), 1)
@@ -35,7 +43,10 @@ def group_advantages(rewards, valid=None, *, scale_by_std: bool = True, eps: flo
     adv = r - mean
     if baseline == "loo":
         adv = np.where(n > 1, adv * n / np.maximum(n - 1, 1), 0.0)
-    if scale_by_std:
+    if scale_by_std and std_scope == "batch":
+        spread = adv[v]  # (the baselined rewards of every valid sample: their mean is ~0)
+        adv = adv / ((spread.std() if spread.size else 0.0) + eps)
+    elif scale_by_std:
         adv = adv / (std + eps)
     return np.where(v, adv, 0.0).astype(np.float32)
 

@@ -77,6 +77,9 @@ def grpo_config(group: int) -> ml_collections.ConfigDict:
     # mean: the group's mean reward | loo: the mean of the *other* samples' (RLOO with
     # scale_by_std=False)
     c.baseline = "mean"
+    # group: divide by each group's std | batch: by the std of the whole rollout's baselined
+    # rewards (REINFORCE++-baseline; with scale_by_std)
+    c.std_scope = "group"
     c.clip = 0.2  # ε > 0 of the clipped ratio: [1 − ε, 1 + ε]
     c.clip_high = 0.0  # upper ε when > 0: [1 − clip, 1 + clip_high] (DAPO's clip-higher, 0.28)
     # token: per-token ratio π/π_old (GRPO) | sequence: each response's length-normalised ratio

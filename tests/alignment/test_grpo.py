@@ -53,6 +53,16 @@ def test_group_advantages_equal_the_formula():
     assert np.all(one_valid == 0)  # no other sample: no baseline, no signal
     with pytest.raises(ValueError, match="grpo.baseline='median'"):
         grpo.group_advantages(r, valid, baseline="median")
+    # REINFORCE++-baseline: the group mean subtracted, then one std over the whole batch's
+    # valid baselined rewards (population std), so groups keep their relative scales
+    batch = grpo.group_advantages(r, valid, eps=1e-4, std_scope="batch")
+    centred = [float(x) - float(np.mean(r[g][valid[g]])) for g in range(3)
+               for x, ok in zip(r[g], valid[g]) if ok]  # fmt: skip
+    std = math.sqrt(sum(c * c for c in centred) / len(centred))  # (their mean is 0)
+    np.testing.assert_allclose(batch, np.where(valid, plain, 0.0) / (std + 1e-4), **TOL)
+    assert abs(batch[0, 0]) < abs(adv[0, 0])  # group 0's small spread is not blown up
+    with pytest.raises(ValueError, match="grpo.std_scope='global'"):
+        grpo.group_advantages(r, valid, std_scope="global")
 
 
 @pytest.mark.parametrize("agg", ["seq", "token"])
