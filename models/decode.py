@@ -222,10 +222,12 @@ def generate(
         `repetition_penalty`). frequency_penalty f, presence_penalty p (0 = off): each token's
         logit minus f times the number of times the row generated it, minus p if it did
         (OpenAI's; the prompt does not count). Applied to the logits before temperature and
-        the filters, greedy decoding included, in vLLM's order (`sampling.penalized_logits`);
-        the values are traced (one program for any values), but a call with any penalty runs
-        another program, which keeps two (B, V) arrays per call. The logprobs stay the
-        unmodified model's.
+        the filters, greedy decoding included, in vLLM's order (`sampling.penalized_logits`),
+        except that the stop tokens are never penalized (unlike HF and vLLM: a chat prompt
+        holds the end-of-turn token, and a repetition penalty on it kept the tiny demo model's
+        answers from ending). The values are traced (one program for any values), but a call
+        with any penalty runs another program, which keeps two (B, V) arrays per call. The
+        logprobs stay the unmodified model's.
       stop_tokens: ids that end a row (the stop token is kept and counted in mask/lengths):
         a sequence, a set, a numpy or jax array, or one id (`stop_token_ids`).
       stop_strings: `models.stop_strings.StopStrings.build(tokenizer, ["\\n\\n", ...])`: a row

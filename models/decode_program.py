@@ -201,6 +201,9 @@ def _decode_fn(
                 lambda x: repeat_rows(x, samples, rows), v) for k, v in cache.items()}  # fmt: skip
         cache = _constrain_cache(cache, sharded)
         pen_state = (seen, jnp.zeros(seen.shape, jnp.int32)) if penalize else ()
+        # The stop tokens are never penalized: a chat prompt holds the end-of-turn token, and
+        # penalizing it kept rows from ending (generate's docstring).
+        exempt = jnp.isin(jnp.arange(logits.shape[-1]), stop_ids) if penalize else None
 
         def choose(logits, key, pen_state, active):
             """(token, logprob, the penalty state with the token counted) of one step."""
@@ -208,6 +211,7 @@ def _decode_fn(
                 return *sample(logits, key, temperature), ()
             seen, counts = pen_state
             x = penalized_logits(logits, seen | (counts > 0), counts, penalties)
+            x = jnp.where(exempt[None, :], logits.astype(x.dtype), x)
             tok, lp = sample(logits, key, temperature, choose_from=x)
             return tok, lp, (seen, count_tokens(counts, tok, active))
 

@@ -137,8 +137,10 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
     )  # fmt: skip
     got = [json.loads(ln)["n_tokens"] for ln in lines]
     assert got == np.asarray(out.lengths).tolist()
-    # the penalties reach the decoder: a direct call's completions with them, not without
-    pen = {"repetition_penalty": 1.8, "frequency_penalty": 0.5, "presence_penalty": 0.5}
+    # the penalties reach the decoder: a direct call's completions with them, not without (a
+    # presence penalty of -1000 repeats a row's first token to the end: this random model's
+    # logits are too small for positive penalties to move its samples)
+    pen = {"repetition_penalty": 1.8, "frequency_penalty": 0.5, "presence_penalty": -1000.0}
     flags = [x for k, v in pen.items() for x in (f"--{k}", str(v))]
     penalized = [json.loads(ln) for ln in _main(args + ["--json", *flags], capsys).splitlines()]
     out = generate(
@@ -148,6 +150,7 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
     for rec, row, n in zip(penalized, np.asarray(out.tokens), np.asarray(out.lengths)):
         gen = [int(t) for t in row[:n]]
         assert rec["completion"] == tok.decode(gen[:-1] if rec["stopped"] else gen)
+        assert gen[1:] == [gen[0]] * (n - 1)  # (stop tokens are never penalized: none ends)
     assert [r["completion"] for r in penalized] != plain
 
 

@@ -38,10 +38,11 @@ def _penalized(x, seen, counts, r, f, p):
     return x - f * counts - p * (counts > 0)
 
 
-def _reference(cfg, params, prompts, n, r, f, p, temperature=0.0, rng=None):
+def _reference(cfg, params, prompts, n, r, f, p, temperature=0.0, rng=None, exempt=()):
     """(tokens (B, n), model logprobs (B, n)): full forwards over prompt + generated tokens,
     the next token picked from the penalized last logits — by argmax, or with `rng` by
-    `sample_logits` with generate's per-step keys."""
+    `sample_logits` with generate's per-step keys; the ids in `exempt` (the stop tokens) keep
+    their logits. Rows run on past a stop token (the caller compares up to it)."""
     B, V = len(prompts), cfg.vocab_size
     seqs = [list(q) for q in prompts]
     seen = np.zeros((B, V), bool)
@@ -56,6 +57,7 @@ def _reference(cfg, params, prompts, n, r, f, p, temperature=0.0, rng=None):
         logits = np.asarray(_logits_fn(cfg)(params, grid), np.float32)
         last = np.stack([logits[b, len(s) - 1] for b, s in enumerate(seqs)])
         x = _penalized(last, seen | (counts > 0), counts, r, f, p).astype(np.float32)
+        x[:, list(exempt)] = last[:, list(exempt)]
         if temperature == 0:
             tok = x.argmax(-1)
         else:
@@ -130,7 +132,7 @@ def test_shared_prefill_samples_count_their_own_tokens(model):
     assert len({tuple(r) for r in np.asarray(shared.tokens)[:G].tolist()}) > 1
 
 
-def test_a_sharded_mesh_and_stop_tokens_decode_alike(model):
+def test_a_sharded_mesh_decodes_alike(model):
     cfg, params = model
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})  # logits split over the vocab too
     kw = dict(max_new_tokens=N, rng=jax.random.PRNGKey(1), temperature=0.0,
@@ -138,13 +140,30 @@ def test_a_sharded_mesh_and_stop_tokens_decode_alike(model):
     one = generate(cfg, params, PROMPTS, **kw)
     eight = generate(cfg, params, PROMPTS, mesh=mesh, rules=logical_axis_rules("fsdp_tp"), **kw)
     np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(eight.tokens))
-    # a stop token: rows end at it (kept), as without penalties
-    stop = int(np.asarray(one.tokens)[1, 4])
-    stopped = generate(cfg, params, PROMPTS, stop_tokens=[stop], **kw)
-    row = np.asarray(stopped.tokens)[1]
-    first = list(row).index(stop)
-    np.testing.assert_array_equal(row[: first + 1], np.asarray(one.tokens)[1, : first + 1])
-    assert int(stopped.lengths[1]) == first + 1
+
+
+def test_stop_tokens_are_never_penalized(model):
+    """A stop token in the prompt (a chat template's end-of-turn) keeps its logit: rows end
+    where a reference that exempts it from the penalties ends them — under a repetition
+    penalty of 1e4, which puts a penalized prompt token out of reach (the reference that
+    penalizes it too goes on otherwise)."""
+    cfg, params = model
+    r, f, n = 1e4, 0.5, 12
+    for stop in sorted({t for q in PROMPTS for t in q}):  # a prompt token the exemption ends at
+        ref, _ = _reference(cfg, params, PROMPTS, n, r, f, 0.0, exempt=[stop])
+        if (ref == stop).any():
+            break
+    else:
+        pytest.fail("no prompt token ends a row: pick other prompts")
+    penalized, _ = _reference(cfg, params, PROMPTS, n, r, f, 0.0)
+    assert not (penalized == stop).any()
+    out = generate(cfg, params, PROMPTS, max_new_tokens=n, rng=jax.random.PRNGKey(1),
+                   temperature=0.0, stop_tokens=[stop], repetition_penalty=r,
+                   frequency_penalty=f)  # fmt: skip
+    for b in range(len(PROMPTS)):
+        row, got = ref[b].tolist(), int(out.lengths[b])
+        assert got == (row.index(stop) + 1 if stop in row else n)
+        np.testing.assert_array_equal(np.asarray(out.tokens)[b, :got], ref[b, :got])
 
 
 @pytest.mark.parametrize(
