@@ -20,7 +20,9 @@ Large checkpoints load shard by shard (model.safetensors.index.json; a model.saf
 it wins, as in transformers): each tensor is read from the memory-mapped file, converted and
 placed on device (in its shards when a mesh is given) before the next is read, so the host
 never holds a second copy of the model. Missing, unexpected, duplicated or misshapen tensors
-and unreadable files raise HFError naming the file and the tensor. Export fetches one param
+and unreadable files raise HFError naming the file and the tensor. A partial read (`only`: the
+params of a group of tensors, as `python -m flaxlm.train.merge` reads its inputs) reads just
+those tensors' data and checks the others from the shards' headers. Export fetches one param
 at a time while writing each shard (at most max_shard_bytes, with an index when there are
 several).
 
@@ -272,17 +274,25 @@ def _placements(cfg: ModelConfig, mesh, rules, where: str = ""):
     return lambda path: _get(shardings, path)
 
 
-def read_params(path: str, cfg: ModelConfig, arch: str | None, mesh=None, rules=None) -> dict:
+def read_params(path: str, cfg: ModelConfig, arch: str | None, mesh=None, rules=None, *,
+                only: set[tuple] | None = None, place=None) -> dict:  # fmt: skip
     """`cfg`'s params from the safetensors of the HF directory `path` (whose config.json says
     model_type `arch`), read shard by shard; `mesh`, `rules`: each tensor placed in its shards.
-    Returns the unrolled layer layout."""
+    Returns the unrolled layer layout.
+
+    `only`: the param paths to read (tuples of keys), for a reader that must never hold a
+    whole model (train/merge_inputs.py reads a group of tensors at a time); every other
+    tensor is still checked (name, dtype, shape, none missing) from the shards' headers, its
+    data left unread; an empty set reads nothing and checks everything. `place`: path ->
+    sharding (None: the default device), instead of `mesh` and `rules`."""
     from safetensors import safe_open
 
     prefix = MULTIMODAL[arch][1] if arch in MULTIMODAL else ""
     names = _tensor_names(path)
     _check_layer_count(names, cfg, path)
     fused = bool(cfg.n_experts) and _has_fused_experts(names)
-    plan, place = _plan(cfg, arch, fused), _placements(cfg, mesh, rules, path)
+    plan = _plan(cfg, arch, fused)
+    place = place or _placements(cfg, mesh, rules, path)
     params, seen = {}, set()
     stacks = {}  # our expert kernel -> [host buffer (E, ...), rows filled], until complete
     for fname in _shard_files(path):
@@ -317,14 +327,20 @@ def read_params(path: str, cfg: ModelConfig, arch: str | None, mesh=None, rules=
                                       "num_local_experts)")  # fmt: skip
                     raise HFError(f"{full}: unexpected tensor {name} for {cfg_summary(cfg)}")
                 ours, shape, to_ours, _ = plan[name]
-                w = _tensor(f, stored, full)
-                if tuple(w.shape) != shape:
+                skip = only is not None and not _wanted(ours, only)
+                w = None if skip else _tensor(f, stored, full)
+                got = _stored_shape(f, stored, full) if skip else tuple(w.shape)
+                if got != shape:
                     raise HFError(
-                        f"{full}: tensor {name} has shape {tuple(w.shape)}, expected {shape} "
-                        "from config.json"
+                        f"{full}: tensor {name} has shape {got}, expected {shape} from config.json"
                     )
+                if skip:  # (checked, not read)
+                    seen.add(name)
+                    continue
                 if isinstance(ours, list):  # a fused HF weight: several of ours
                     for p, part in zip(ours, to_ours(w)):
+                        if only is not None and p not in only:
+                            continue
                         part = np.asarray(part).astype(cfg.weight_dtype)
                         _set(params, p, jax.device_put(part, place(p)))
                 elif isinstance(ours, _Row):  # one expert's: placed when all E are read
@@ -356,16 +372,40 @@ def read_params(path: str, cfg: ModelConfig, arch: str | None, mesh=None, rules=
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
-def _tensor(f, name: str, full: str) -> np.ndarray:
-    try:
-        dtype = f.get_slice(name).get_dtype()
-    except Exception:  # (read below: `get_tensor` names what is wrong with the file)
-        dtype = None
+def _wanted(ours, only: set[tuple]) -> bool:
+    """Whether a `_plan` target (a path, a fused weight's paths, an expert's `_Row`) holds a
+    param of `only`."""
+    if isinstance(ours, list):
+        return any(p in only for p in ours)
+    return (ours.path if isinstance(ours, _Row) else ours) in only
+
+
+def _check_dtype(dtype: str | None, name: str, full: str) -> None:
     if dtype is not None and dtype not in FLOAT_DTYPES:
         hint = ("an FP8-quantized checkpoint: dequantize it to bfloat16 first" if "F8" in dtype
                 else "a quantized checkpoint? flaxlm reads float weights only")  # fmt: skip
         raise HFError(f"{full}: tensor {name} is stored as {dtype}, not as a float "
                       f"({'/'.join(FLOAT_DTYPES)}): {hint}")  # fmt: skip
+
+
+def _stored_shape(f, name: str, full: str) -> tuple:
+    """A tensor's shape from its shard's header, its dtype checked as `_tensor` checks it: a
+    tensor a partial read (`read_params(only=...)`) skips is checked without reading it."""
+    try:
+        header = f.get_slice(name)
+        dtype, shape = header.get_dtype(), tuple(header.get_shape())
+    except Exception:  # (`_tensor` names what is wrong with the file)
+        return tuple(_tensor(f, name, full).shape)
+    _check_dtype(dtype, name, full)
+    return shape
+
+
+def _tensor(f, name: str, full: str) -> np.ndarray:
+    try:
+        dtype = f.get_slice(name).get_dtype()
+    except Exception:  # (read below: `get_tensor` names what is wrong with the file)
+        dtype = None
+    _check_dtype(dtype, name, full)
     try:
         return f.get_tensor(name)
     except Exception as e:  # a truncated or corrupt file

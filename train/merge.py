@@ -7,11 +7,16 @@
     python -m flaxlm.train.merge runs/sft_a runs/sft_b runs/sft_c --method ties --base runs/pt \\
         --density 0.2 --out runs/ties
     python -m flaxlm.train.merge runs/sft_a runs/sft_b --method slerp --t 0.3 --out runs/slerp
+    python -m flaxlm.train.merge hf:~/Llama-3.2-1B-Instruct hf:~/my-llama-ft \\
+        --method task_arithmetic --base hf:~/Llama-3.2-1B --out runs/ta_hf
 
-Inputs are `RUN[@STEP]` (a run directory; its latest step without @STEP); `--last N` takes each
-RUN's N newest steps (checkpoint averaging: LAWA, Sanyal et al. 2023; the average of the last
-checkpoints of an annealing phase, as Llama 3 did); `--ema` reads every input's EMA weights
-(train/ema.py; an input without one is an error; `--base` is always read as its params).
+Inputs are `RUN[@STEP]` (a run directory; its latest step without @STEP) or `hf:DIR` (a Hugging
+Face checkpoint directory, as `init_from=hf:DIR` names one: read as its import, `python -m
+flaxlm.models.hf import`, would be, without writing one), and so is `--base`; runs and HF
+checkpoints mix when they are the same model. `--last N` takes each RUN's N newest steps
+(checkpoint averaging: LAWA, Sanyal et al. 2023; the average of the last checkpoints of an
+annealing phase, as Llama 3 did); `--ema` reads every input's EMA weights (train/ema.py; an
+input without one, an HF checkpoint too, is an error; `--base` is always read as its params).
 Methods (the formulas: train/merge_math.py):
     mean              (default) Σ w_i θ_i; `--weights w1,w2,...` (>= 0) are normalised to sum
                       to 1 (`--weights 2,1` is 2/3, 1/3), equal weights by default
@@ -22,19 +27,25 @@ Methods (the formulas: train/merge_math.py):
     slerp             two inputs, spherical interpolation per tensor at `--t` (default 0.5),
                       linear where the two are nearly colinear (merge_math.SLERP_COLINEAR)
 Every input (and the base) must be the same model: the same model config but for the
-execution-only keys (train/checkpoint_compat.py), the same saved tensor shapes and the same
-tokenizer (its vocabulary file byte for byte); a difference is an error naming the run and the
-key, tensor or file. A LoRA run is read with its adapters merged into its base weights (as
-every reader does, models/lora.py `merge`), a PPO run as its policy; a reward model (scalar
-head) is refused.
+execution-only keys (train/checkpoint_compat.py; an HF checkpoint's is the one flaxlm derives
+from its config.json, models/hf_config.py), the same saved tensor shapes and the same tokenizer
+(its vocabulary file byte for byte: a run's tokenizer.model or tokenizer.json against the one
+an HF directory's tokenizer is read from, models/hf_tokenizer.py `tokenizer_file`); a
+difference is an error naming the input and the key, tensor or file. A LoRA run is read with
+its adapters merged into its base weights (as every reader does, models/lora.py `merge`), a PPO
+run as its policy; a reward model (scalar head) is refused; an hf:DIR that is missing, is not
+an HF checkpoint or is of an architecture flaxlm does not build is an error naming it.
 
 Output: `--out DIR`, a run directory as `python -m flaxlm.models.hf import` writes one: one
 checkpoint, step 0, whose state holds the merged params only (no optimizer state), the data
 item empty, and a meta with the model config (the first input's), task "merge", the tokenizer
-copied into DIR (the first input's, with its chat-template files), the first input's
-chat-template variables, and `merge` (also written to DIR/merge.json and printed): the inputs
-with their steps, the method and its parameters, the flaxlm version and commit, and whether
-the inputs were tuned on chats (evaluation's --chat auto follows it). Everything that reads a
+copied into DIR (the first input's, with its chat-template files; an HF input's tokenizer files
+as its import copies them, its config.json's stop ids included), the first input's
+chat-template variables, the HF architecture when the inputs that name one agree (export's
+default), and `merge` (also written to DIR/merge.json and printed): the inputs with their steps
+(an HF input: "hf:DIR", step null), the method and its parameters, the flaxlm version and
+commit, and whether the inputs were tuned on chats (evaluation's --chat auto follows it; an HF
+input counts as its import does: not). Everything that reads a
 run reads it unchanged: `load_params`/`load_model`, `init_from=DIR` (any stage),
 `python -m flaxlm.evaluation --checkpoint DIR`, `python -m flaxlm.generate DIR`,
 `python -m flaxlm.models.hf export DIR`. It is not a training run to resume: its meta's task
@@ -43,7 +54,10 @@ checkpoint); start from it with init_from. DIR must not exist or be empty; the r
 into a temporary sibling directory renamed into place, so a failure leaves nothing.
 
 Memory: the tensors are read in groups of at most `--chunk_mb` MB (float32; a larger tensor
-alone), each input's group on its own (`load_params`' partial read): mean and task arithmetic
+alone), each input's group on its own (`load_params`' partial read; an HF input's tensors of the
+group from its memory-mapped safetensors shards, the rest of its tensors checked from the
+headers unread, models/hf_weights.py `read_params(only=...)`; a fused HF weight, Phi-3's
+qkv_proj, is read whole by each group that holds a part of it): mean and task arithmetic
 hold a float32 running sum of the group, one input's group and (task arithmetic) the base's;
 SLERP two groups; TIES needs every task vector of a tensor at once, so it holds all N inputs'
 groups (N + 1 groups in float32). The merged params (in the params' dtype) build up to one
@@ -116,8 +130,8 @@ def _check_args(method, sources, base, weights, scale, density, t) -> list[float
         raise MergeError(f"--method {method} takes no {', '.join(extra)} (it takes "
                          f"{', '.join(sorted(takes))})")  # fmt: skip
     if method in ("task_arithmetic", "ties") and base is None:
-        raise MergeError(f"--method {method} needs --base RUN[@STEP], the model the inputs were "
-                         "fine-tuned from")  # fmt: skip
+        raise MergeError(f"--method {method} needs --base RUN[@STEP] (or hf:DIR), the model the "
+                         "inputs were fine-tuned from")  # fmt: skip
     if method == "slerp" and n != 2:
         raise MergeError(f"--method slerp merges exactly two checkpoints; got {n}")
     if n < (2 if method == "mean" else 1):
@@ -252,7 +266,7 @@ def merge(inputs: list[str], out: str, method: str = "mean", *, last: int | None
           ema: bool = False, base: str | None = None, weights: list[float] | None = None,
           scale: float | None = None, density: float | None = None, t: float | None = None,
           chunk_mb: float = 1024, mesh=None, rules=None) -> dict:  # fmt: skip
-    """Merges the checkpoints `inputs` (RUN[@STEP]) by `method` into the new run `out`
+    """Merges the checkpoints `inputs` (RUN[@STEP], hf:DIR) by `method` into the new run `out`
     (module docstring); returns the record written to its meta and merge.json."""
     from flaxlm import __version__
     from flaxlm.evaluation.__main__ import trained_on_chats
@@ -271,7 +285,7 @@ def merge(inputs: list[str], out: str, method: str = "mean", *, last: int | None
     sources = merge_inputs.resolve(list(inputs), last, ema)
     base_src = None
     if base is not None:
-        base_src = merge_inputs.source(*merge_inputs.parse(base), ema=False)
+        base_src = merge_inputs.argument(base, ema=False)
     weights = _check_args(method, sources, base_src, weights, scale, density, t)
     target = model_target(sources[0], mesh, rules)
     everyone = sources + ([base_src] if base_src else [])
@@ -331,14 +345,15 @@ def _parser() -> argparse.ArgumentParser:
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))  # fmt: skip
-    p.add_argument("inputs", nargs="+", metavar="RUN[@STEP]",
-                   help="run directories (their latest step, or STEP)")  # fmt: skip
+    p.add_argument("inputs", nargs="+", metavar="RUN[@STEP]|hf:DIR",
+                   help="run directories (their latest step, or STEP), HF checkpoint "
+                   "directories")  # fmt: skip
     p.add_argument("--out", required=True, help="the merged run's directory (new or empty)")
     p.add_argument("--method", default="mean", choices=METHODS)
     p.add_argument("--last", type=int, default=None,
                    help="each RUN's N newest steps (checkpoint averaging)")  # fmt: skip
     p.add_argument("--ema", action="store_true", help="the inputs' EMA weights (not --base's)")
-    p.add_argument("--base", default=None, metavar="RUN[@STEP]",
+    p.add_argument("--base", default=None, metavar="RUN[@STEP]|hf:DIR",
                    help="task_arithmetic, ties: the model the inputs were tuned from")  # fmt: skip
     p.add_argument("--weights", type=_floats, default=None,
                    help="w1,w2,...: mean (normalised), task_arithmetic (per task)")  # fmt: skip
@@ -359,6 +374,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sharding", default="fsdp", choices=("dp", "fsdp", "fsdp_tp"),
                    help="logical-rules preset for --mesh")  # fmt: skip
     return p
+
+
+def _named(entry: dict) -> str:
+    """An input as the record names it: RUN@STEP, or hf:DIR (which has no step)."""
+    return entry["run"] if entry["step"] is None else f"{entry['run']}@{entry['step']}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -386,9 +406,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{os.path.abspath(a.out)}")  # fmt: skip
     for i in record["inputs"]:
         weight = f"  weight {i['weight']:.6g}" if "weight" in i else ""
-        print(f"  {i['run']}@{i['step']}{' (EMA)' if i['ema'] else ''}{weight}")
+        print(f"  {_named(i)}{' (EMA)' if i['ema'] else ''}{weight}")
     if record["base"]:
-        print(f"  base {record['base']['run']}@{record['base']['step']}")
+        print(f"  base {_named(record['base'])}")
     sys.stdout.flush()
     return record
 

@@ -1,15 +1,21 @@
 """The checkpoints `python -m flaxlm.train.merge` reads: which, whether they can be merged, and
 their params one group of tensors at a time.
 
-`resolve` turns `RUN[@STEP]` arguments (and `--last N`) into `Source`s, each one step of one
-run with its meta; `check_compatible` refuses, naming the run and the key, tensor or file,
-inputs that are not the same model (model config but its execution-only keys, the saved
-tensors' shapes) or not the same tokenizer (the vocabulary file's bytes), and kinds of run the
-merge does not take (a reward model); `read` gives a group of an input's language-model
-tensors: a plain run's params, a LoRA run's base with its adapters merged in, a PPO run's
-policy (its critic left out), each as alignment/common.py `load_lm_params` reads them, but for
-a subset of the tensors (`load_params`' partial read), so that no whole model of an input is
-ever in memory.
+`resolve` turns `RUN[@STEP]` and `hf:DIR` arguments (and `--last N`) into `Source`s, each one
+step of one run with its meta, or one Hugging Face checkpoint directory with the meta its
+import (`python -m flaxlm.models.hf import`) would write: the model config flaxlm derives from
+its config.json, its tokenizer (the directory's tokenizer files), its architecture; the same
+spelling `init_from=hf:DIR` uses. `check_compatible` refuses, naming the input and the key,
+tensor or file, inputs that are not the same model (model config but its execution-only keys,
+the saved tensors' shapes) or not the same tokenizer (the vocabulary file's bytes: a run's
+tokenizer.model against an HF directory's tokenizer.model, tokenizer.json against
+tokenizer.json), and kinds of run the merge does not take (a reward model); `read` gives a
+group of an input's language-model tensors: a plain run's params, a LoRA run's base with its
+adapters merged in, a PPO run's policy (its critic left out), each as alignment/common.py
+`load_lm_params` reads them, an HF checkpoint's from its safetensors shards, but for a subset
+of the tensors (`load_params`' partial read; hf_weights `read_params(only=...)`, which reads
+only those tensors' data from the memory-mapped shards), so that no whole model of an input
+is ever in memory.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import jax
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train.checkpoint_compat import EXECUTION_ONLY_MODEL_KEYS, _normal_model_config
 
+HF_PREFIX = "hf:"  # an HF checkpoint directory, as init_from=hf:DIR names one
+
 
 class MergeError(ValueError):
     """Inputs or arguments that cannot be merged; the message names the run, key or file."""
@@ -31,14 +39,15 @@ class MergeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    run: str  # absolute run directory
-    step: int
+    run: str  # absolute run directory (an HF input: its checkpoint directory)
+    step: int | None  # None for an HF input (one set of weights)
     ema: bool  # its EMA weights rather than its params
     meta: dict
+    hf: bool = False  # an HF checkpoint directory (`hf_source`), not a flaxlm run
 
     @property
     def label(self) -> str:
-        return f"{self.run}@{self.step}"
+        return f"{HF_PREFIX}{self.run}" if self.hf else f"{self.run}@{self.step}"
 
     @property
     def lora(self):
@@ -52,7 +61,10 @@ class Source:
         return self.meta.get("head") == "policy_value"
 
     def record(self) -> dict:
-        """What the merged run's meta says of this input."""
+        """What the merged run's meta says of this input (an HF input's run: "hf:DIR")."""
+        if self.hf:
+            return {"run": self.label, "step": None, "ema": False, "task": self.meta["task"],
+                    "read": "hf safetensors"}  # fmt: skip
         kind = "ppo policy" if self.policy else "lm"
         return {"run": self.run, "step": self.step, "ema": self.ema,
                 "task": self.meta.get("task"), "read": kind + (" (LoRA merged)" if self.lora
@@ -74,6 +86,10 @@ def source(text: str, step: int | None, ema: bool) -> Source:
     try:
         step, meta = ckpt_lib.read_meta(run, step)
     except ckpt_lib.CheckpointError as e:
+        if _looks_hf(run):  # (read_meta's hint names load_pretrained and import, not hf:)
+            raise MergeError(f"{text}: a Hugging Face checkpoint directory (config.json, "
+                             f"*.safetensors), not a flaxlm run: give it as "
+                             f"{HF_PREFIX}{text}") from None  # fmt: skip
         raise MergeError(f"{text}: {e}") from None
     src = Source(run, step, ema, meta)
     if meta.get("head") == "scalar":
@@ -92,15 +108,64 @@ def source(text: str, step: int | None, ema: bool) -> Source:
     return src
 
 
+def _looks_hf(path: str) -> bool:
+    """Whether `path` is laid out as an HF checkpoint directory (config.json and safetensors)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        f.endswith((".safetensors", ".safetensors.index.json")) for f in os.listdir(path)
+    )
+
+
+def hf_source(text: str, ema: bool) -> Source:
+    """The Source of `text` = "hf:DIR": the meta `python -m flaxlm.models.hf import` would
+    write for DIR (model config from config.json, tokenizer, architecture), so that the checks
+    and the merged run's meta treat it as its import; no tensor read. A missing directory, one
+    that is not an HF checkpoint (no config.json, no safetensors), an architecture flaxlm does
+    not build, a tokenizer that does not fit the model, or `ema`: a MergeError naming `text`."""
+    from flaxlm.models import hf_weights
+    from flaxlm.models.hf import load_config, load_hf_json, load_tokenizer, text_config
+    from flaxlm.models.hf_tokenizer import HFError, tokenizer_file
+
+    path = os.path.abspath(os.path.expanduser(text[len(HF_PREFIX) :]))
+    if ema:
+        raise MergeError(f"{text}: --ema, but an HF checkpoint holds no EMA of the weights; "
+                         "leave --ema out, or merge it as --base")  # fmt: skip
+    if not os.path.isdir(path):
+        raise MergeError(f"{text}: no such directory ({path})")
+    try:
+        cfg = load_config(path)  # (an unsupported model_type: an HFError naming config.json)
+        hf_weights._shard_files(path)  # weights there (their tensors: `_check_shapes`)
+        tok = tokenizer_file(path)
+        if tok:  # the merged run may copy it: one that does not fit fails here, as on import
+            load_tokenizer(tok, cfg.vocab_size)
+        arch = text_config(load_hf_json(path))["model_type"]
+    except HFError as e:
+        raise MergeError(f"{text}: {e}") from None
+    # task "hf_import": what merging its import would record (evaluation's --chat auto, ...)
+    meta = {"model_config": cfg.to_dict(), "task": "hf_import", "head": "lm", "lora": {},
+            "hf_source": path, "hf_arch": arch, "tokenizer": path if tok else ""}  # fmt: skip
+    return Source(path, None, False, meta, hf=True)
+
+
+def argument(text: str, ema: bool) -> Source:
+    """The Source of one RUN[@STEP] or hf:DIR argument (an input, or --base)."""
+    if text.startswith(HF_PREFIX):
+        return hf_source(text, ema)
+    return source(*parse(text), ema)
+
+
 def resolve(args: list[str], last: int | None, ema: bool) -> list[Source]:
-    """The Sources of the RUN[@STEP] arguments: with `last`, each RUN's `last` newest steps
-    (newest first); a RUN@STEP and `last` together is an error, as is an input given twice."""
+    """The Sources of the RUN[@STEP] and hf:DIR arguments: with `last`, each RUN's `last`
+    newest steps (newest first); a RUN@STEP or an hf:DIR with `last` is an error, as is an input
+    given twice."""
     out = []
     for text in args:
-        run, step = parse(text)
         if last is None:
-            out.append(source(run, step, ema))
+            out.append(argument(text, ema))
             continue
+        if text.startswith(HF_PREFIX):
+            raise MergeError(f"{text}: --last {last} takes a run's newest steps; an HF checkpoint "
+                             "has one set of weights (merge HF inputs without --last)")  # fmt: skip
+        run, step = parse(text)
         if step is not None:
             raise MergeError(f"{text}: --last {last} takes a run's newest steps; give RUN, not "
                              "RUN@STEP")  # fmt: skip
@@ -109,11 +174,11 @@ def resolve(args: list[str], last: int | None, ema: bool) -> list[Source]:
             raise MergeError(f"{run}: --last {last}, but it has {len(steps)} checkpoint step(s): "
                              f"{sorted(steps) or 'none'}")  # fmt: skip
         out += [source(run, s, ema) for s in steps[:last]]
-    seen: dict[tuple, str] = {}
+    seen: set[str] = set()
     for s in out:
-        if (s.run, s.step) in seen:
+        if s.label in seen:
             raise MergeError(f"{s.label} is given twice; weigh an input with --weights instead")
-        seen[(s.run, s.step)] = s.label
+        seen.add(s.label)
     return out
 
 
@@ -168,6 +233,9 @@ def check_compatible(sources: list[Source], target) -> None:
 def _check_shapes(src: Source, target) -> None:
     """The saved language-model tensors of `src` against `target`'s shapes (tree metadata: no
     array read); unknown metadata is left to the read to report."""
+    if src.hf:
+        _read_hf(src, set(), target)  # every tensor checked from the headers; none read
+        return
     tree = ckpt_lib._saved_tree(os.path.join(src.run, "checkpoints", str(src.step)))
     params = tree.get("params") if isinstance(tree, dict) else None
     if not isinstance(params, dict):
@@ -207,12 +275,34 @@ def nest(items) -> dict:
     return out
 
 
+def _read_hf(src: Source, only: set[tuple], target) -> dict[tuple, jax.Array]:
+    """{path: array} of the params `only` of the HF input `src`, read from its safetensors
+    shards (the others checked from the headers), in `target`'s dtypes and shardings; an
+    unreadable or mismatched tensor is a MergeError naming the input and the tensor."""
+    from flaxlm.models.config import ModelConfig
+    from flaxlm.models.hf import load_hf_json
+    from flaxlm.models.hf_tokenizer import HFError
+    from flaxlm.models.hf_weights import read_params
+
+    want = flat(target)
+    cfg = ModelConfig.from_dict(src.meta["model_config"])
+    try:  # (its model_type, not text_config's: a multimodal checkpoint's text-model prefix)
+        arch = load_hf_json(src.run).get("model_type")
+        got = read_params(src.run, cfg, arch, only=only, place=lambda p: want[p].sharding)
+    except HFError as e:
+        raise MergeError(f"{src.label}: {e}") from None
+    return {p: x if x.dtype == want[p].dtype else x.astype(want[p].dtype)
+            for p, x in flat(got).items()}  # fmt: skip
+
+
 def read(src: Source, sub, full) -> dict[tuple, jax.Array]:
     """{path: array} of `src`'s language-model tensors for the subtree `sub` of the model's
     target `full` (ShapeDtypeStructs with shardings), in the target's dtype and shardings."""
     from flaxlm.alignment.common import replicated_like
     from flaxlm.models import lora as lora_lib
 
+    if src.hf:
+        return _read_hf(src, set(flat(sub)), full)
     tree, spec = sub, src.lora
     if spec is not None:  # the adapters of the kernels of `sub` (none: its base alone)
         keep = set(flat(sub))
