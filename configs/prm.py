@@ -17,6 +17,13 @@ skips the held-out eval):
 
     --config.data.train=steps.jsonl --config.data.eval=steps_heldout.jsonl
 
+Labels may be soft (probabilities in [0, 1], Math-Shepherd's rollout estimates; the built-in
+`builtin:prm_steps_soft` / `builtin:prm_steps_soft_heldout` are the same chains labelled so):
+`prm.label_threshold` is where a label, or a predicted probability, counts as a right step for
+the accuracy metrics (the loss takes the labels as they are). `prm.train_on="last"` trains on
+each solution's final step alone — an outcome reward model on the same data, the baseline for
+the PRM; its held-out metrics are still over every labelled step (alignment/prm.py).
+
 Overlength (`data.overlength`): truncate_left keeps the prompt and the leading steps that fit
 (the later steps' labels dropped, counted as `steps_cut` in data_report.json); the prompt is
 cut from the left only when not even the first step fits. drop: drop what does not fit.
@@ -58,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Joins the steps into the assistant's answer, after every step; each step's label is read
     # at its separator's last token. best_of_n --prm splits completions at it (the run's own)
     c.prm.step_separator = "\n"
+    # a step is right when its label (or the predicted probability) is >= this; in (0, 1)
+    c.prm.label_threshold = 0.5
+    c.prm.train_on = "all"  # "all" labelled steps (a PRM) | "last": each final one (an ORM)
     c.loss = common.router_loss_keys()  # moe_aux, moe_z: a backbone with experts (models/moe.py)
     c.lora = lora_config(a.lora)  # LoRA adapters (models/lora.py); rank 0 = off
     c.lora.train_extra = "^head/"  # the scalar head is new: it always trains

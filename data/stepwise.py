@@ -7,14 +7,19 @@ Records (jsonl, .json arrays, parquet, Arrow: data/chat_records.py `read_records
     {"prompt": "Add 3, 2 and 4.", "steps": ["3 + 2 = 5", "5 + 4 = 9"], "labels": [true, true]}
 
 `prompt` is a text (one user turn) or messages (not ending with an assistant turn), `steps` a
-non-empty list of non-blank texts, `labels` one per step, each true/false or 1/0. TRL's
+non-empty list of non-blank texts, `labels` one per step, each true/false, 1/0, or a probability
+in [0, 1] (a soft label: Math-Shepherd's "soft estimation", the fraction of rollouts from that
+step that reach the right answer; 1.0 and 0.0 are the hard labels). Whether a soft label counts
+as a right step is the trainer's threshold (alignment/prm.py, `prm.label_threshold`). TRL's
 stepwise-supervision layout, `completions` for `steps`, is read alike (a record with both is
 "ambiguous_record"). Field names: `data.fields.steps` / `data.fields.labels` (`step_fields`).
 Bad input, each a report reason with file:line: "no_steps" (absent or []), "bad_steps" (not a
 list of texts), "empty_step", "separator_in_step" (a step holding the separator would be split
 in two when a completion is scored), "label_count" (len(labels) != len(steps)), "bad_label"
-(not a bool nor 0/1: 0.5 or "good" could be any convention; not a list), "missing_field" (no
-`labels`, no prompt), and the prompt's own reasons (data/chat_records.py).
+(not a list; an element that is not a bool, 0/1 or a number in [0, 1]: "good", 2, -0.1, NaN —
+an integer other than 0/1 could be a rating on any scale, so it is not read as one), naming the
+field and the index, "missing_field" (no `labels`, no prompt), and the prompt's own reasons
+(data/chat_records.py).
 
 Rendering (`render_steps`): the prompt turns, then one assistant turn whose content is every
 step followed by the separator (`prm.step_separator`, "\\n" by default: "s0\\ns1\\ns2\\n", TRL's
@@ -43,8 +48,11 @@ not fit whole. Cut steps and cut prompts are counted in the report (`StepReport`
 
 Batches (`StepBatches`, one example per row, right-padded): `tokens`, `positions`,
 `segment_ids` (B, T) — the rendered ids themselves, no shift: the value at a label's position
-is read from the hidden state of that very token — `step_labels` and `step_mask` (B, T) float32
-(1 at each labelled position), `valid` (B,) (0: a padding row of a last partial batch).
+is read from the hidden state of that very token — `step_labels` (B, T) float32 (the labels, soft
+ones as they are), `step_mask` (B, T) float32 (1 at each labelled position), `final_step` (B, T)
+float32 (1 at the label position of the solution's final step, when truncation kept it: what an
+outcome-only run, `prm.train_on="last"`, trains on — a kept last step of a cut solution is not
+the outcome), `valid` (B,) (0: a padding row of a last partial batch).
 """
 
 from __future__ import annotations
@@ -75,16 +83,18 @@ def step_fields():
     """`fields_config()` plus the stepwise fields (the PRM config's `data.fields`)."""
     c = fields_config()
     c.steps = "steps"  # list of step texts (TRL's `completions` read alike)
-    c.labels = "labels"  # one label per step: true/false or 1/0 (1 = the step is right)
+    c.labels = "labels"  # one per step: true/false, 1/0 or a probability in [0, 1] (1 = right)
     return c
 
 
 class StepReport(DataReport):
-    """A DataReport that also counts steps: labelled (kept), positive, and cut by truncation."""
+    """A DataReport that also counts steps: labelled (kept), positive (labelled at least the
+    threshold `render_stepwise` was given), soft (labelled strictly between 0 and 1: a file
+    meant to hold soft labels that holds none shows here), and cut by truncation."""
 
     def __init__(self, strict: bool = False):
         super().__init__(strict)
-        self.steps = self.positive = self.steps_cut = 0
+        self.steps = self.positive = self.soft = self.steps_cut = 0
         self.steps_cut_examples: list[str] = []
 
     def cut_steps(self, loc: str, cut: int, total: int) -> None:
@@ -95,7 +105,7 @@ class StepReport(DataReport):
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "steps": self.steps, "positive_steps": self.positive,
-                "steps_cut": self.steps_cut,
+                "soft_steps": self.soft, "steps_cut": self.steps_cut,
                 "steps_cut_examples": self.steps_cut_examples}  # fmt: skip
 
 
@@ -106,8 +116,19 @@ def check_separator(separator, key: str = "prm.step_separator") -> str:
     return separator
 
 
-def step_parts(obj, fields, separator: str) -> tuple[list[dict], list[str], list[int]]:
-    """(prompt turns, steps, labels 0/1) of a stepwise record; FormatError (module docstring)."""
+def label_value(y) -> float | None:
+    """A step label as a float in [0, 1]: a bool, the integers 0/1, or a finite number in [0, 1]
+    (a soft label); None for anything else (NaN fails both comparisons)."""
+    if isinstance(y, bool) or (type(y) is int and y in (0, 1)):
+        return float(y)
+    if isinstance(y, float) and 0.0 <= y <= 1.0:
+        return float(y)
+    return None
+
+
+def step_parts(obj, fields, separator: str) -> tuple[list[dict], list[str], list[float]]:
+    """(prompt turns, steps, labels in [0, 1]) of a stepwise record; FormatError (module
+    docstring)."""
     if not isinstance(obj, dict):
         raise FormatError("bad_record", "record is not a JSON object")
     names = [k for k in (fields.steps, *STEP_ALIASES) if has(obj, k)]
@@ -137,14 +158,16 @@ def step_parts(obj, fields, separator: str) -> tuple[list[dict], list[str], list
         raise FormatError("bad_label", f"{fields.labels} is not a list (one label per step)")
     if len(labels) != len(steps):
         raise FormatError("label_count", f"{len(labels)} {fields.labels} for {len(steps)} steps")
-    for i, y in enumerate(labels):
-        if not (isinstance(y, bool) or (type(y) is int and y in (0, 1))):
-            raise FormatError("bad_label", f"{fields.labels}[{i}]={y!r} is not true/false or 1/0")
+    values = [label_value(y) for y in labels]
+    for i, (y, v) in enumerate(zip(labels, values)):
+        if v is None:
+            raise FormatError("bad_label", f"{fields.labels}[{i}]={y!r} is not true/false, 1/0 "
+                              "or a probability in [0, 1]")  # fmt: skip
     prompt = prompt_messages(obj.get(fields.prompt), fields)
     if prompt[-1]["role"] == "assistant":
         raise FormatError("bad_messages", "the prompt ends with an assistant turn: the steps "
                           "are the assistant's answer to it")  # fmt: skip
-    return prompt, list(steps), [int(y) for y in labels]
+    return prompt, list(steps), values
 
 
 class Rendered(NamedTuple):
@@ -233,9 +256,12 @@ def fit_steps(r: Rendered, seq_len: int, overlength: str):
 
 def render_stepwise(records: Iterable[tuple[dict, str]], template: ChatTemplate, seq_len: int,
                     *, separator: str = "\n", fields=None, overlength: str = "truncate_left",
-                    report: StepReport | None = None) -> list[dict]:  # fmt: skip
-    """Rendered examples {"ids", "pos", "labels", "meta", "loc"}, each fitting a row of
-    `seq_len` tokens; bad records are counted in `report` (module docstring)."""
+                    report: StepReport | None = None,
+                    threshold: float = 0.5) -> list[dict]:  # fmt: skip
+    """Rendered examples {"ids", "pos", "labels" (float32), "final" (the last label is the
+    solution's final step: no step cut), "meta", "loc"}, each fitting a row of `seq_len` tokens;
+    bad records are counted in `report` (module docstring), a step as positive when its label
+    is at least `threshold` (the trainer's `prm.label_threshold`)."""
     if overlength not in OVERLENGTH:
         raise ValueError(f"data.overlength={overlength!r}; expected one of {OVERLENGTH}")
     check_separator(separator)
@@ -260,13 +286,15 @@ def render_stepwise(records: Iterable[tuple[dict, str]], template: ChatTemplate,
             report.truncated += 1
         if cut:
             report.cut_steps(loc, cut, len(steps))
-        kept = np.asarray(labels[: len(pos)], np.int8)
+        kept = np.asarray(labels[: len(pos)], np.float32)
         report.used += 1
         report.tokens += len(ids)
         report.loss_tokens += len(pos)
         report.steps += len(pos)
-        report.positive += int(kept.sum())
-        out.append({"ids": ids, "pos": pos, "labels": kept, "meta": meta, "loc": loc})
+        report.positive += int(np.sum(kept >= np.float32(threshold)))
+        report.soft += int(np.sum((kept > 0) & (kept < 1)))
+        out.append({"ids": ids, "pos": pos, "labels": kept, "final": not cut, "meta": meta,
+                    "loc": loc})  # fmt: skip
     return out
 
 
@@ -284,6 +312,7 @@ class StepBatches(_Batches):
             "segment_ids": np.zeros((b, t), np.int32),
             "step_labels": np.zeros((b, t), np.float32),
             "step_mask": np.zeros((b, t), np.float32),
+            "final_step": np.zeros((b, t), np.float32),
             "valid": np.zeros(b, np.float32),
         }
         return {**out, "index": np.full(b, -1, np.int32)} if self.with_index else out
@@ -301,6 +330,7 @@ class StepBatches(_Batches):
             out["positions"][r, :n] = np.arange(n)
             out["step_labels"][r, ex["pos"]] = ex["labels"]
             out["step_mask"][r, ex["pos"]] = 1.0
+            out["final_step"][r, ex["pos"][-1]] = float(ex["final"])
             out["valid"][r], index[r] = 1.0, i
             self.order.advance()
             r += 1

@@ -14,7 +14,8 @@ and age. The world provides, from one seed:
 - a rule-based judge (`judge(meta, response)`, see `synthetic_judge`) and preference pairs it
   orders; prompts for RL; evaluation task files (generation and multiple choice);
 - stepwise-labelled running-sum chains for a process reward model (`prm_steps`,
-  `prm_steps_heldout`: synthetic_steps.py; made when asked for, not written to files).
+  `prm_steps_heldout`, and soft-labelled as Math-Shepherd's rollouts would, `prm_steps_soft`,
+  `prm_steps_soft_heldout`: synthetic_steps.py; made when asked for, not written to files).
 
     world = build_world("small", seed=0)          # in memory
     write_world("runs/demo/world", "demo", seed=0)  # files + manifest.json
@@ -162,6 +163,24 @@ class World:
     def prm_steps_heldout(self) -> list[dict]:
         """Held-out chains, none the same as a `prm_steps` one (`builtin:prm_steps_heldout`)."""
         return self._prm_chains[1]
+
+    @functools.cached_property
+    def prm_steps_soft(self) -> list[dict]:
+        """The `prm_steps` chains with simulated rollout-fraction labels (synthetic_steps.py
+        `soft_records`), `builtin:prm_steps_soft`."""
+        return self._prm_soft_chains[0]
+
+    @functools.cached_property
+    def prm_steps_soft_heldout(self) -> list[dict]:
+        """The `prm_steps_heldout` chains soft-labelled (`builtin:prm_steps_soft_heldout`)."""
+        return self._prm_soft_chains[1]
+
+    @functools.cached_property
+    def _prm_soft_chains(self) -> tuple[list[dict], list[dict]]:
+        from flaxlm.data.synthetic_steps import soft_records
+
+        return tuple(soft_records(recs, seed=self.seed * 7919 + 101 + i)
+                     for i, recs in enumerate(self._prm_chains))  # fmt: skip
 
     @functools.cached_property
     def _prm_chains(self) -> tuple[list[dict], list[dict]]:

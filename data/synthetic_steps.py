@@ -20,10 +20,20 @@ step on its own therefore finds the first error but not the later ones: a verifi
 see that an earlier step went wrong. With p_error <= 0.5 the commoner label at every step
 position is 1, so the step position alone predicts no better than the majority label.
 
+Soft labels (`soft_records`): the same records labelled as Math-Shepherd labels steps without a
+human, by "soft estimation" — from each step a completer finishes the chain N times and the
+label is the fraction of rollouts reaching the right answer. Simulated here: a rollout slips on
+each step still to go with probability `p_slip`, so from a right step i of n it succeeds with
+probability (1 − p_slip)^(n − 1 − i) and the label is a Binomial(N, that) draw over N (a right
+final step is 1.0); from a wrong step no rollout reaches the answer (0.0; a second slip undoing
+the first is not simulated). Early right steps thus get noisy labels below 1, now and then
+below 0.5 — the estimate's noise a soft-label PRM has to live with.
+
 Splits (`split_of`): a list of numbers is held out or not by a hash of it, so held-out chains
 add lists no training chain adds. Records are drawn independently (a small world repeats
 some). `chain_records(n, seed=...)` is deterministic per seed; the built-in world exposes
-`prm_steps` / `prm_steps_heldout` (`builtin:prm_steps`, data/synthetic.py: `world_chains`).
+`prm_steps` / `prm_steps_heldout` (`builtin:prm_steps`, data/synthetic.py: `world_chains`) and
+the same chains soft-labelled, `prm_steps_soft` / `prm_steps_soft_heldout`.
 """
 
 from __future__ import annotations
@@ -108,6 +118,31 @@ def chain_records(n: int, *, seed: int = 0, split: str | None = None, max_operan
         if split in (None, split_of(rec["meta"]["terms"])):
             out.append(rec)
     return out
+
+
+def rollout_labels(record: dict, rng: random.Random, *, rollouts: int = 8,
+                   p_slip: float = 0.1) -> list[float]:  # fmt: skip
+    """The simulated soft estimate of each step of a `chain_record` (module docstring): the
+    fraction of `rollouts` completions from it that reach the right answer."""
+    n, bad = len(record["steps"]), record["meta"]["first_error"]
+    out = []
+    for i in range(n):
+        if 0 <= bad <= i:  # the running total is already wrong
+            out.append(0.0)
+            continue
+        p = (1.0 - p_slip) ** (n - 1 - i)
+        out.append(sum(rng.random() < p for _ in range(rollouts)) / rollouts)
+    return out
+
+
+def soft_records(records: list[dict], *, seed: int, rollouts: int = 8,
+                 p_slip: float = 0.1) -> list[dict]:  # fmt: skip
+    """`records` (chain records) with their labels replaced by `rollout_labels`; the meta
+    records how (`rollouts`, `p_slip`). Deterministic per seed."""
+    rng = random.Random(seed)
+    return [{**r, "labels": rollout_labels(r, rng, rollouts=rollouts, p_slip=p_slip),
+             "meta": {**r["meta"], "rollouts": rollouts, "p_slip": p_slip}}
+            for r in records]  # fmt: skip
 
 
 def world_chains(max_operand: int, n_train: int, n_heldout: int, seed: int):

@@ -74,10 +74,17 @@ def test_labels_sit_on_the_separators_and_truncation_drops_cut_steps(template):
     assert np.array_equal(b["tokens"][0, : len(ids)], ids) and b["valid"].tolist() == [1, 0]
     assert np.flatnonzero(b["step_mask"][0]).tolist() == pos.tolist()
     assert b["step_labels"][0, pos].tolist() == [1, 1, 0] and not b["step_mask"][1].any()
+    # the final step (prm.train_on="last"): the last label position, kept whole
+    assert ex["final"] and np.flatnonzero(b["final_step"][0]).tolist() == [pos[-1]]
+    assert not b["final_step"][1].any()
 
     # Room for two steps: the third is cut with its label; the rest is the full render's prefix.
     (cut,), report = _render(template, [RECORD], seq_len=int(pos[1]) + 1)
     assert cut["pos"].tolist() == pos[:2].tolist() and cut["labels"].tolist() == [1, 1]
+    # ... its last kept step is not the solution's outcome: no final step to train "last" on
+    b = next(iter(SW.StepBatches([cut], seq_len=64, batch=1, pad_id=0, shuffle=False,
+                                 num_epochs=1)))  # fmt: skip
+    assert not cut["final"] and b["step_mask"].sum() == 2 and not b["final_step"].any()
     assert np.array_equal(cut["ids"], ids[: pos[1] + 1])
     assert (report.steps_cut, report.truncated, report.steps) == (1, 1, 2)
     assert report.to_dict()["steps_cut_examples"] == [
@@ -325,7 +332,9 @@ def test_each_aggregation_scores_and_picks_as_computed_by_hand(tmp_path, monkeyp
 BAD = [
     ({"prompt": "q", "steps": ["a", "b"], "labels": [1]}, "label_count"),
     ({"prompt": "q", "steps": ["a"], "labels": [1, 0]}, "label_count"),
-    ({"prompt": "q", "steps": ["a"], "labels": [0.5]}, "bad_label"),
+    ({"prompt": "q", "steps": ["a"], "labels": [1.5]}, "bad_label"),
+    ({"prompt": "q", "steps": ["a"], "labels": [-0.25]}, "bad_label"),
+    ({"prompt": "q", "steps": ["a"], "labels": [float("nan")]}, "bad_label"),
     ({"prompt": "q", "steps": ["a"], "labels": ["1"]}, "bad_label"),
     ({"prompt": "q", "steps": ["a"], "labels": [2]}, "bad_label"),
     ({"prompt": "q", "steps": ["a", "  "], "labels": [1, 1]}, "empty_step"),
