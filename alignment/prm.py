@@ -278,7 +278,9 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         load=load_examples, batches=SW.StepBatches, make_eval_fn=make_eval_fn,
         make_loss=lambda apply, router: prm_loss_fn(
             apply, router, train_on=config.prm.train_on, threshold=config.prm.label_threshold),
-        extra_meta={"prm": {"step_separator": config.prm.step_separator}},
+        # train_on: an outcome-trained run ("last") is best read at the last step
+        extra_meta={"prm": {"step_separator": config.prm.step_separator,
+                            "train_on": config.prm.train_on}},
     )  # fmt: skip
 
 

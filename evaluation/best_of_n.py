@@ -31,7 +31,8 @@ completion rendered with the chat template); --prm RUN, a process reward model r
 (alignment/prm.py; evaluation/prm_scorer.py): each completion is split into steps at the run's
 own `prm.step_separator` (its training meta; blank pieces are no steps), each step gets its
 probability of being right, and the sample scores their --prm_aggregate (min, the default:
-its worst step, Lightman et al.; prod, last or mean), in [0, 1], a blank completion 0; or
+its worst step, Lightman et al.; prod, last or mean; a run trained on final steps only,
+`prm.train_on="last"`, defaults to last), in [0, 1], a blank completion 0; or
 --rewards SPEC, GRPO's `grpo.rewards` syntax
 (alignment/grpo_rewards.py `parse_rewards`: "exact_match", "format", "judge", "math_verify",
 "code_tests", a registered name or "module:function", each with an optional ":weight"; "rm" is
@@ -95,7 +96,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flaxlm.evaluation.cli_types import int_at_least
-from flaxlm.evaluation.prm_scorer import AGGREGATES, completion_scorer, prm_scorer_from_flag
+from flaxlm.evaluation.prm_scorer import (
+    AGGREGATES,
+    completion_scorer,
+    default_aggregate,
+    prm_scorer_from_flag,
+)
 from flaxlm.evaluation.winrate import (
     ScoreFn,
     prompt_key,
@@ -453,7 +459,8 @@ def main(argv=None) -> dict:
                         "line's meta: grpo.rewards' syntax, e.g. exact_match,format:0.1 or "
                         "my_rewards:numeric:0.5")  # fmt: skip
     p.add_argument("--prm_aggregate", choices=AGGREGATES, default=None, help="with --prm: a "
-                   "sample's score from its step probabilities (default min)")  # fmt: skip
+                   "sample's score from its step probabilities (default min; last for a run "
+                   "trained with prm.train_on=last)")  # fmt: skip
     p.add_argument("--empty_reward", type=float, default=None, help="with --rewards: the score "
                    f"of a blank completion, never judged (default {EMPTY_REWARD:g}, GRPO's "
                    "rollout.empty_reward)")  # fmt: skip
@@ -507,10 +514,8 @@ def main(argv=None) -> dict:
         p.error("--empty_reward needs --rewards (a reward model scores blank completions)")
     elif args.code_limits is not None:
         p.error("--code_limits needs --rewards with code_tests or code_tests_partial")
-    elif args.prm is not None:
-        agg = args.prm_aggregate or "min"
-        about = {"scorer": f"process reward model {args.prm} ({agg} over steps)",
-                 "prm": args.prm, "prm_aggregate": agg}  # fmt: skip
+    elif args.prm is not None:  # (the aggregate's default is the run's: set once it loads)
+        about = {"prm": args.prm}
     else:
         about = {"scorer": f"reward model {args.reward_model}", "reward_model": args.reward_model}
     outputs = {flag: path for flag, path in (("--sft_out", args.sft_out),
@@ -523,7 +528,13 @@ def main(argv=None) -> dict:
     try:
         if args.prm is not None:
             prm = prm_scorer_from_flag(args.prm, args.batch)
-            about["step_separator"] = prm.separator
+            agg = args.prm_aggregate or default_aggregate(prm)
+            about = {
+                "scorer": f"process reward model {args.prm} ({agg} over steps)",
+                "prm": args.prm,
+                "prm_aggregate": agg,
+                "step_separator": prm.separator,
+            }
             scores = score_samples(completion_scorer(prm, about["prm_aggregate"]), samples)
         elif rewards is None:
             score = reward_scorer_from_flag(args.reward_model, args.batch)

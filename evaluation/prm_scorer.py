@@ -55,12 +55,14 @@ class PRMScorer:
     docstring); `separator` is the run's `prm.step_separator`. Rows are right-padded to a
     power of two, `batch_size` per call."""
 
-    def __init__(self, cfg, params, tok, separator: str, *, batch_size: int = 16):
+    def __init__(self, cfg, params, tok, separator: str, *, batch_size: int = 16,
+                 train_on: str = "all"):  # fmt: skip
         from flaxlm.data.formats import training_template
         from flaxlm.models.heads import scalar_model_fns
 
         self.cfg, self.params, self.tok = cfg, params, tok
         self.separator, self.batch_size = separator, batch_size
+        self.train_on = train_on  # the run's prm.train_on: which steps its head learned
         self.template = training_template(tok)  # the template the PRM was trained with
         _, apply = scalar_model_fns(cfg)
         self._fn = jax.jit(lambda p, t, s: apply(p, t, None, s))
@@ -130,7 +132,22 @@ def prm_scorer(run_dir: str, tok=None, *, batch_size: int = 16) -> PRMScorer:
         raise CheckpointError(f"{run_dir}: not a process-reward-model run (configs/prm.py; "
                               f"head {meta.get('head')!r})")  # fmt: skip
     cfg, params, tok = load_scalar_run(run_dir, meta, tok)
-    return PRMScorer(cfg, params, tok, meta["prm"]["step_separator"], batch_size=batch_size)
+    return PRMScorer(
+        cfg,
+        params,
+        tok,
+        meta["prm"]["step_separator"],
+        batch_size=batch_size,
+        train_on=meta["prm"].get("train_on", "all"),
+    )  # (runs before the key: all)
+
+
+def default_aggregate(scorer: PRMScorer) -> str:
+    """How a solution's step scores combine when the caller does not say: "min" (its weakest
+    step) for a PRM trained on every step, "last" for one trained on final steps only
+    (`prm.train_on="last"`: an outcome model, whose earlier steps' scores were never
+    trained)."""
+    return "last" if scorer.train_on == "last" else "min"
 
 
 def completion_scorer(scorer: PRMScorer, how: str = "min") -> Callable:

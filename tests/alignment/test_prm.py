@@ -248,7 +248,8 @@ def test_a_tiny_prm_learns_which_steps_are_right(trained):
     report = json.load(open(os.path.join(workdir, "data_report.json")))
     assert report["eval"]["used"] == 200 and report["train"]["steps"] > 2000
     _, meta = read_meta(workdir)
-    assert meta["head"] == "scalar" and meta["prm"] == {"step_separator": "\n"}
+    assert meta["head"] == "scalar" and meta["prm"] == {"step_separator": "\n", "train_on": "all"}
+    assert PS.prm_scorer(workdir).train_on == "all"
 
 
 def test_scorer_probabilities_are_causal_and_best_of_n_picks_the_right_solution(
@@ -290,8 +291,8 @@ def test_scorer_probabilities_are_causal_and_best_of_n_picks_the_right_solution(
 class _HandSet(PS.PRMScorer):
     """A PRM whose step probabilities are set by hand: step text -> probability."""
 
-    def __init__(self, table):
-        self.separator, self.table = "\n", table
+    def __init__(self, table, train_on="all"):
+        self.separator, self.table, self.train_on = "\n", table, train_on
 
     def __call__(self, prompts, step_lists):
         return [[self.table[s] for s in steps] for steps in step_lists]
@@ -320,6 +321,16 @@ def test_each_aggregation_scores_and_picks_as_computed_by_hand(tmp_path, monkeyp
         np.testing.assert_allclose(scores, [a, b, 0.0], rtol=1e-12, err_msg=how)
         best = json.loads(open(out).read())["messages"][1]["content"]
         assert best == samples[0 if a > b else 1]["completion"], how  # mean picks A, others B
+    # A run trained on final steps only (prm.train_on=last) is read at the last step unless
+    # the flag says otherwise
+    monkeypatch.setattr(bon, "prm_scorer_from_flag",
+                        lambda run, batch: _HandSet(table, train_on="last"))  # fmt: skip
+    res = bon.main([path, "--prm", "runs/x", "--sft_out", out, "--out", full])
+    assert res["prm_aggregate"] == "last" and "(last over steps)" in res["scorer"]
+    res = bon.main(
+        [path, "--prm", "runs/x", "--prm_aggregate", "min", "--sft_out", out, "--out", full]
+    )
+    assert res["prm_aggregate"] == "min"
     assert PS.aggregate([], "min") == 0.0
     with pytest.raises(ValueError, match="aggregate='max'"):
         PS.aggregate([0.5], "max")
