@@ -155,6 +155,13 @@ def trainer_config(total_steps: int, batch_size: int, seq_len: int) -> ml_collec
     # True: start from init_from's EMA weights (a run trained with ema.decay > 0; train/ema.py)
     # instead of its params; DPO/PPO/GRPO/online DPO's reference is then that EMA too
     c.init_from_ema = False
+    # A run whose whole training state at RUN@STEP (or RUN's latest) starts this run: params,
+    # optimizer, step, EMA, data position — then this run's own schedule, total_steps and data
+    # (a WSD cooldown, an annealing mixture; train/branch.py). "" = no branch
+    c.branch_from = ""
+    # continue: the source's place in its data (the same data) | restart: this run's data
+    # from its beginning (another mixture)
+    c.branch_data = "continue"
     # The `model.` keys this run gave (`--config.model.X=...`, recorded by train/main.py, and
     # `override`): with init_from they apply over the source's even when equal to the variant's
     # default; () = none or unknown (`model_keys_set` also diffs against the variant)

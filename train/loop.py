@@ -9,7 +9,8 @@ What the loop does, so tasks never do it again:
     latest params, or with `init_from_ema` its EMA weights: `init_from_ema` below; a model
     config that differs from the source's where that changes what its weights compute is
     refused, naming the keys, and the keys that may differ are logged and recorded in
-    events.jsonl, `init_from_model_changed`);
+    events.jsonl, `init_from_model_changed`), or branches from `config.branch_from` (another
+    run's whole state at a step, resumed under this run's schedule and data: train/branch.py);
   * dispatches step N before reading step N−1's metrics and fetches metrics only every
     `log_every` steps, so the host never stalls the device; `jax_transfer_guard` is set to
     "disallow" around the step so an accidental host↔device copy is an error;
@@ -63,9 +64,9 @@ from flaxlm.models.sharding import (
     unused_mesh_axes,
     use_mesh,
 )
+from flaxlm.train import branch, stopping
 from flaxlm.train import checkpoint as ckpt_lib
 from flaxlm.train import ema as ema_lib
-from flaxlm.train import stopping
 
 # The loop's parts in their own modules, re-exported here (tests and callers use loop.<name>).
 from flaxlm.train.loop_guard import _log_and_guard, _rollback, _RollbackLimit  # noqa: F401
@@ -180,7 +181,9 @@ def _init_or_resume(config, task, ckpt, tx, mesh, rules):
         # A checkpoint of another task or model config is refused, naming the keys.
         expect = {"task": task.name, **task.model_meta}
         latest, state, data_state, saved = ckpt.restore_latest(target, expect_meta=expect)
-        if data_state and hasattr(task.train_batches, "set_state"):
+        # (a branch with branch_data="restart": its own data from the start, at the branch point)
+        restart = branch.restarts_data(os.path.dirname(ckpt.directory), latest)
+        if data_state and hasattr(task.train_batches, "set_state") and not restart:
             task.train_batches.set_state(data_state)
         log.info("resumed from %s/%d", ckpt.directory, latest)
         _report_code_change(saved, latest)
@@ -215,7 +218,10 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
     """Trains `task` for `config.total_steps` steps in `workdir`. Returns (state, summary)."""
     check_cadence(config)  # before anything is built or compiled
     check_guard(config.guard)  # (every trainer's loop: pretraining and each alignment stage)
+    branch.check(config)
     os.makedirs(workdir, exist_ok=True)
+    # A branch's first start: the source's step put in place before the checkpointer looks.
+    branched = branch.seed_workdir(config, workdir)
     mesh = mesh or make_mesh(dict(config.mesh))
     rules = logical_axis_rules(config.sharding)
     for axis in unused_mesh_axes(mesh, rules):
@@ -229,6 +235,8 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
     ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_ckpts, async_save=config.async_ckpt,
                                  on_corrupt=config.get("ckpt_on_corrupt", "fallback"))  # fmt: skip
     meta = {"task": task.name, "config": config.to_dict(), **task.model_meta}
+    if (origin := branch.record(workdir)) is not None:  # every checkpoint says where it began
+        meta["branch"] = origin
 
     writer = None
     preempt = stopping.Preemption(config.get(stopping.TIME_LIMIT, 0.0))
@@ -256,6 +264,11 @@ def run(config, workdir: str, task: Task, mesh=None) -> tuple[Any, dict]:
                 jitted = step_fn
                 step_fn = lambda s, b: jitted(s, b, task.frozen)  # noqa: E731
             writer = MetricWriter(workdir, resume_step=start if resumed else None)
+            if branched:
+                src, data = branched["from"], branched["data"]
+                writer.event("branched", f"started from {src}@{start} (its whole training "
+                             f"state; data: {data})", step=start, source=src,
+                             data=data)  # fmt: skip
             if changes and resumed:
                 writer.event("config_changed", f"resumed from checkpoint {start} with "
                              f"{len(changes)} config key(s) changed", step=start,
