@@ -56,8 +56,8 @@ def test_a_cooldown_branch_continues_the_sources_state_under_its_own_schedule(tm
     # the branch's own schedule over its steps 5-8: WSD decaying over the last 4
     schedule = make_optimizer(c.opt, 8)[1]
     lrs = {r["step"]: r["lr"] for r in read_metrics(out) if "lr" in r}
-    np.testing.assert_allclose([lrs[s] for s in range(5, 9)],
-                               [float(schedule(s - 1)) for s in range(5, 9)], rtol=1e-6)  # fmt: skip
+    want = [float(schedule(s - 1)) for s in range(5, 9)]
+    np.testing.assert_allclose([lrs[s] for s in range(5, 9)], want, rtol=1e-6)
     assert lrs[8] < lrs[5]
     rec = {"from": os.path.abspath(stable), "step": 4, "data": "continue"}
     assert branch.record(out) == rec and read_meta(out)[1]["branch"] == rec
