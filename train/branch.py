@@ -17,8 +17,8 @@ decay started that way restarts Adam's moments and the schedule.
 How: on the branch's first start, `seed_workdir` puts the source's checkpoint of that step into
 WORKDIR/checkpoints (files hard-linked where the file system allows, else copied: orbax never
 rewrites a committed step's files, so the source is never touched), copies the source's
-metrics.jsonl lines up to the step (the branch's curves then start at step 0) and writes
-WORKDIR/branch.json. The loop then resumes from it as from its own checkpoint, with the resume's
+metrics.jsonl lines up to the step (the branch's curves then start at step 0; its TensorBoard
+events are not copied: they begin at the branch point) and writes WORKDIR/branch.json. The loop then resumes from it as from its own checkpoint, with the resume's
 checks: another model or task is refused, an optimizer whose state does not fit is refused
 naming the `opt.` keys, and the keys this run changes (schedule, data, total_steps) are logged
 and recorded as a `config_changed` event, with a `branched` event before it. Later starts of the
