@@ -26,7 +26,12 @@ object per line, in prompt order: {"prompt" (the text; with --system the message
 conversation answered; a record's messages likewise), "completion", "n_tokens" (generated,
 the stop token included), "stopped" (ended at a stop token or --stop string rather than
 --max_new_tokens), and a prompt record's "meta" (below)};
-with --num_samples K, K in a row per prompt (and "sample": k in 0..K-1). --stop STR (repeatable)
+with --num_samples K, K in a row per prompt (and "sample": k in 0..K-1). --top_logprobs K (with
+--json) adds "tokens": per generated token (the stop token included) {"id", "token" (its text
+in mid-text, " Paris"), "logprob", "top": the K most likely tokens at its position, [{"id",
+"token", "logprob"}, ...] most likely first} — the model's distribution at temperature 1,
+whatever the sampler drew from (models/decode.py, "Logprobs"), for calibration and
+token-level analysis. --stop STR (repeatable)
 ends a completion inside the decode loop once its text contains STR (models/stop_strings.py),
 and the completion is cut before it. Blank lines of --prompts_file are skipped. Prompts are
 not truncated: one that with --max_new_tokens runs past the model's max_seq_len generates
@@ -154,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
                         'false}\' (default: what the run trained with)')  # fmt: skip
     p.add_argument("--no_bos", action="store_true", help="do not prepend BOS (plain prompts)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    p.add_argument("--top_logprobs", type=int, default=0,
+                   help="with --json: each record's \"tokens\", every generated token's id, "
+                   "text and logprob with the K most likely tokens at its position (the "
+                   "model's distribution at temperature 1); 0 = off")  # fmt: skip
     p.add_argument("--decode_attention", default="auto",
                    help="decode-step attention: one Pallas kernel per layer "
                    "(models/decode_attention.py; for GPUs, slow elsewhere; pallas:BK:W:S sets "
@@ -348,6 +357,13 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             "--draft (speculative decoding runs its own programs, XLA's attention and gemms)",
         ),
         (args.ngram < 1, "--ngram must be >= 1"),
+        (args.top_logprobs < 0, "--top_logprobs must be >= 0"),
+        (args.top_logprobs > 0 and not args.json, "--top_logprobs needs --json"),
+        (
+            args.top_logprobs > 0 and bool(args.draft),
+            "--top_logprobs does not apply with --draft (speculative decoding reports no "
+            "alternatives)",
+        ),
     ]
     for is_bad, msg in bad:
         if is_bad:
@@ -366,6 +382,27 @@ def _check(p: argparse.ArgumentParser, args) -> None:
             mlp_variant_options(args.decode_mlp)
         except ValueError as e:
             p.error(f"--decode_mlp: {e}")
+
+
+def token_records(out, text_of) -> list[list[dict]]:
+    """--top_logprobs' "tokens" of each output row: per generated token (the stop token
+    included, as n_tokens counts it; tokens past a --stop string too, which the completion
+    cuts) {"id", "token" (its text in mid-text: `stop_strings.token_text`), "logprob", "top":
+    the K most likely at its position as [{"id", "token", "logprob"}, ...], most likely
+    first}. Logprobs are the model's at temperature 1, written as the shortest decimals that
+    read back as the same float32."""
+    import jax
+    import numpy as np
+
+    toks, lps, n_gen, top_ids, top_lps = jax.device_get(
+        (out.tokens, out.logprobs, out.lengths, out.top_ids, out.top_logprobs))  # fmt: skip
+
+    def entry(i, lp) -> dict:
+        return {"id": int(i), "token": text_of(int(i)), "logprob": float(str(np.float32(lp)))}
+
+    return [[{**entry(row[j], lp[j]), "top": [entry(a, b) for a, b in zip(ids[j], tlp[j])]}
+             for j in range(int(n))]
+            for row, lp, n, ids, tlp in zip(toks, lps, n_gen, top_ids, top_lps)]  # fmt: skip
 
 
 def penalized(args) -> bool:
@@ -516,8 +553,8 @@ def main(argv=None) -> None:
 
     from flaxlm.models import quant
     from flaxlm.models.decode import generate, prompt_keys
-    from flaxlm.models.decode_options import check_weight_options
-    from flaxlm.models.stop_strings import StopStrings
+    from flaxlm.models.decode_options import check_weight_options, checked_top_logprobs
+    from flaxlm.models.stop_strings import StopStrings, token_text
 
     cfg, params, tok = load(args.model, args.tokenizer, args.step, args.dtype,
                             args.chat_template_kwargs, args.ema, mesh, rules)  # fmt: skip
@@ -528,6 +565,10 @@ def main(argv=None) -> None:
                                  quant.is_quantized(params))  # fmt: skip
         except ValueError as e:
             raise SystemExit(f"{args.model}: {e}") from None
+    try:  # (more than the model's vocabulary: one line, not generate's traceback)
+        checked_top_logprobs(args.top_logprobs, cfg.vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"--top_logprobs: {args.model}: {e}") from None
     writer = is_writer()  # (several processes: each decodes every batch; process 0 prints)
     try:
         prompts, stops = encode_prompts(tok, texts, args.chat, args.system, not args.no_bos)
@@ -542,6 +583,7 @@ def main(argv=None) -> None:
     strings = [_unescape(s) for s in args.stop]
     stop_strings = StopStrings.build(tok, strings, cfg.vocab_size) if strings else None
     K = args.num_samples
+    text_of = token_text(tok) if args.top_logprobs else None
     for start in range(0, len(prompts), args.batch):
         chunk = list(range(start, min(start + args.batch, len(prompts))))
         # Fill the last batch up to the batch size (one compiled program for every chunk).
@@ -558,14 +600,16 @@ def main(argv=None) -> None:
                 decode_norm=args.decode_norm, window_cache=not args.full_cache,
                 stop_strings=stop_strings, repetition_penalty=args.repetition_penalty,
                 frequency_penalty=args.frequency_penalty,
-                presence_penalty=args.presence_penalty, **sampler,
+                presence_penalty=args.presence_penalty, top_logprobs=args.top_logprobs,
+                **sampler,
             )  # fmt: skip
         else:
             out = _speculate(cfg, params, draft, args, [prompts[i] for i in chunk_full],
                              prompt_keys(rng, chunk_full), K, sampler, writer)  # fmt: skip
         toks, lengths = jax.device_get((out.tokens, out.lengths))
+        per_token = token_records(out, text_of) if text_of else None
         jobs = [(i, k) for i in chunk for k in range(K)]  # rows i·K + k of this call
-        for (i, k), row, n in zip(jobs, toks, lengths) if writer else ():
+        for r, ((i, k), row, n) in enumerate(zip(jobs, toks, lengths) if writer else ()):
             ids = [int(t) for t in np.asarray(row)[: int(n)]]
             stopped = bool(ids) and ids[-1] in stops
             completion = tok.decode(ids[:-1] if stopped else ids)
@@ -576,7 +620,8 @@ def main(argv=None) -> None:
                 rec = {"prompt": json_prompt(texts[i], args.chat, args.system),
                        "completion": completion, "n_tokens": len(ids),
                        "stopped": stopped, **({"sample": k} if K > 1 else {}),
-                       **({} if metas[i] is None else {"meta": metas[i]})}  # fmt: skip
+                       **({} if metas[i] is None else {"meta": metas[i]}),
+                       **({} if per_token is None else {"tokens": per_token[r]})}  # fmt: skip
                 print(json.dumps(rec, ensure_ascii=False), flush=True)
             else:
                 head = f"### {prompt_text(texts[i])}" + (f" (sample {k + 1}/{K})" if K > 1 else "")

@@ -3,7 +3,8 @@ models/sampling.py).
 
     out = generate(cfg, params, [[1, 5, 9], [1, 7]], max_new_tokens=32, rng=key, temperature=0.7)
     out.tokens (B, N) int32 · out.logprobs (B, N) float32 · out.mask (B, N) float32
-    out.lengths (B,) int32
+    out.lengths (B,) int32 · with top_logprobs=K: out.top_ids (B, N, K) int32,
+    out.top_logprobs (B, N, K) float32
 
 How a batch of prompts of different lengths is laid out (B rows, prompt bucket P, N new tokens):
   * prompts are right-padded to P (the longest prompt rounded up to a power of two, so a handful
@@ -52,7 +53,11 @@ Logprobs: `logprobs[b, i]` is log softmax(model logits)[token] of the *unmodifie
 temperature 1 — no temperature, top-k or top-p applied — i.e. exactly what a plain forward
 computes for that token, whatever sampler picked the token (PPO/GRPO score their tokens at the
 rollout temperature themselves, and compare these with their own temperature-1 scores as a check
-of the decoder: alignment/rl_rollout.py).
+of the decoder: alignment/rl_rollout.py). `top_logprobs=K` also returns, at each generated
+position, the K most likely tokens of that same distribution and their logprobs, most likely
+first (OpenAI's and vLLM's `top_logprobs`): what the model considered, for calibration and
+token-level analysis — so a token the sampler or a penalty ruled out can be listed, and a
+sampled token may be missing from its position's list (its own logprob is in `logprobs`).
 
 Sampling noise: with one key, step i of row b draws from `fold_in(rng, i)` at row index b, so a
 prompt's sample is fixed by (rng, its row index, its prompt) and does not depend on the other
@@ -84,9 +89,9 @@ harness and SFT/RL's generation evals keep the last tokens).
 Compilation: one program per (cfg, batch, prompt bucket, max_new_tokens, greedy?, top_k, top_p<1?,
 min_p>0?, any penalty?, any stop tokens? (their count rounded up to a power of two >= 4), mesh,
 rules, fused?, check_every, decode_attention, decode_mlp, window_cache, num_samples, stop
-strings? (their count rounded up to a power of two and their states to 8)). Temperature, top_p,
-min_p, the penalties, the stop-token ids, the stop strings' tables, pad id and the RNG are
-traced: changing them does not recompile.
+strings? (their count rounded up to a power of two and their states to 8), top_logprobs K (0:
+the program without them)). Temperature, top_p, min_p, the penalties, the stop-token ids, the
+stop strings' tables, pad id and the RNG are traced: changing them does not recompile.
 Under a mesh the batch is split over data×fsdp (a batch that does not divide is padded with
 copies of row 0 and cut back), params stay in their training shardings.
 
@@ -145,6 +150,7 @@ from flaxlm.models.decode_options import (  # noqa: F401  (re-exported)
     check_weight_options,
     checked_cache_dtype,
     checked_stop_strings,
+    checked_top_logprobs,
     compiler_options,
     penalty_values,
     resolve_decode_attention,
@@ -201,6 +207,7 @@ def generate(
     repetition_penalty: float = 1.0,
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
+    top_logprobs: int = 0,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
@@ -310,8 +317,18 @@ def generate(
         either value: fused projections concatenate their scales too, "auto" keeps XLA's
         gemms for them as for "int8", and decode_norm="fold" is refused (a norm scale per
         input row cannot be folded into a kernel quantized per output channel as it is).
+      top_logprobs: K >= 0 (0, the default: off, the program and output as without it). K > 0:
+        the output's `top_ids` and `top_logprobs` (B, N, K) hold each generated position's K
+        most likely tokens and their logprobs under the unmodified model at temperature 1 —
+        the distribution `logprobs` is read from, not the filtered or penalized one the token
+        was drawn from — most likely first (ties: the lower id first); pad_id and 0 where
+        `mask` is 0. Greedy without penalties: `tokens == top_ids[..., 0]`. K is a static key
+        (one program per K); the loop keeps the two (B, N, K) arrays and a top-K of the
+        vocabulary per token. An int <= cfg.vocab_size. (`speculative_generate` has no such
+        option.)
 
-    Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1).
+    Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1;
+    `top_ids`, `top_logprobs` None unless `top_logprobs` > 0).
     """
     options = {k: v for k, v in locals().items() if k not in ("cfg", "params", "prompts", "rng")}
     fn, tokens, lengths, rest, B, rows = _program(cfg, prompts, params=params, **options)
@@ -374,6 +391,7 @@ def _program(
     repetition_penalty=1.0,
     frequency_penalty=0.0,
     presence_penalty=0.0,
+    top_logprobs=0,
     params=None,
 ):
     """(jitted program, tokens, lengths, the traced scalars after rng, output rows asked for
@@ -385,6 +403,7 @@ def _program(
     check_sampler_options(max_new_tokens, temperature, check_every, top_k, top_p, min_p,
                           num_samples)  # fmt: skip
     penalize = check_penalties(repetition_penalty, frequency_penalty, presence_penalty)
+    top_logprobs = checked_top_logprobs(top_logprobs, cfg.vocab_size)
     cache_dtype = checked_cache_dtype(cache_dtype, cfg)
     decode_attention = resolve_decode_attention(decode_attention, mesh)
     prequantized = quant.is_quantized(params)  # int8 kernels from quant.quantize_params
@@ -437,6 +456,7 @@ def _program(
         decode_gemm,
         decode_norm,
         penalize,
+        top_logprobs,
     )
     rest = traced_options(temperature, top_p, min_p, stop_tokens, pad_id)
     if stop_strings is not None or penalize:

@@ -147,6 +147,16 @@ def check_sampler_options(max_new_tokens, temperature, check_every, top_k, top_p
         raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
 
 
+def checked_top_logprobs(top_logprobs, vocab_size: int) -> int:
+    """`top_logprobs` K as the program's static int; a ValueError naming it unless an int with
+    0 <= K <= vocab_size (a bool is no count)."""
+    k = top_logprobs
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= vocab_size:
+        raise ValueError(f"generate: top_logprobs must be an int in [0, vocab_size="
+                         f"{vocab_size}] (0 = off), got {top_logprobs!r}")  # fmt: skip
+    return int(k)
+
+
 def check_penalties(repetition_penalty, frequency_penalty, presence_penalty) -> bool:
     """Whether a call applies penalties (the program's static choice); a ValueError naming
     `generate`'s argument for a repetition penalty that is not finite and > 0, or a frequency

@@ -33,6 +33,7 @@ from flaxlm.models.sampling import (
     sample_logits,
     step_key,
     token_presence,
+    top_tokens,
 )
 from flaxlm.models.sharding import unboxed
 from flaxlm.models.transformer import (
@@ -46,12 +47,22 @@ from flaxlm.models.transformer import (
 
 
 class GenerateOutput(NamedTuple):
-    """What `generate` returns (a pytree of device arrays; rows are the prompts' order)."""
+    """What `generate` returns (a pytree of device arrays; rows are the prompts' order).
+
+    The last two fields are None unless `generate(..., top_logprobs=K)` asked for them (K > 0):
+    optional, so that code that builds the tuple from the first four (tests' stand-ins for
+    `generate`) or reads them (the RL rollouts, evaluation) is unchanged, and no (B, N, K)
+    array is held unless asked for. A None is an empty pytree node (`jax.tree.map` keeps it).
+    models/speculative.py returns its own `SpeculativeOutput`, without them."""
 
     tokens: jax.Array  # (B, N) int32 generated ids; pad_id after the stop token / end
     logprobs: jax.Array  # (B, N) float32 log p_model(token) at temperature 1; 0 where mask == 0
     mask: jax.Array  # (B, N) float32 1 for generated tokens, including the stop token
     lengths: jax.Array  # (B,) int32 number of generated tokens (= mask.sum(-1))
+    # (B, N, K) int32: the K most likely ids of the distribution `logprobs` is read from, most
+    # likely first; pad_id where mask == 0
+    top_ids: jax.Array | None = None
+    top_logprobs: jax.Array | None = None  # (B, N, K) float32 their logprobs; 0 where mask == 0
 
 
 def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none",
@@ -134,8 +145,14 @@ def _decode_fn(
     gemm: str = "xla",
     norm: str = "xla",
     penalize: bool = False,
+    top_logprobs: int = 0,
 ):
     """The jitted prefill + decode loop for one model config and sampler kind.
+
+    `top_logprobs` K > 0: the output also holds each generated position's K most likely
+    tokens and their logprobs (`GenerateOutput.top_ids`, `.top_logprobs`; `write_top`),
+    kept in two (B, N, K) arrays of the loop's carry. With 0 the carry holds an empty tuple in
+    their place: the program is the one without the option.
 
     `penalize`: the program applies repetition, frequency and presence penalties (their values
     traced, `sampling.penalized_logits`), keeping per row which token ids its prompt holds
@@ -218,6 +235,7 @@ def _decode_fn(
         tok, lp, pen_state = choose(logits, step_key(rng, 0), pen_state, jnp.ones((B,), bool))
         out_tok = jnp.full((B, max_new), pad_id, jnp.int32).at[:, 0].set(tok)
         out_lp = jnp.zeros((B, max_new), jnp.float32).at[:, 0].set(lp)
+        top = write_top(empty_top(B, max_new, top_logprobs, pad_id), logits, 0, pad_id)
         done = jnp.isin(tok, stop_ids)
         if strings is None:  # (B, 0): no stop strings, nothing to track
             text_state = jnp.zeros((B, 0), jnp.int32)
@@ -232,7 +250,7 @@ def _decode_fn(
             return (i < max_new) & ~jnp.all(done)
 
         def body(carry):
-            i, cache, tok, done, n_gen, out_tok, out_lp, text_state, pen_state = carry
+            i, cache, tok, done, n_gen, out_tok, out_lp, text_state, pen_state, top = carry
             pos = (lengths_B + i - 1)[:, None]  # token i-1 sits at position len + i - 1
             logits, cache = model.apply(variables, tok[:, None], pos, cache=cache)
             new, lp, pen_state = choose(logits[:, 0], step_key(rng, i), pen_state, ~done)
@@ -241,12 +259,14 @@ def _decode_fn(
             at = (jnp.zeros_like(i), i)  # (one integer type under jax_enable_x64 too)
             out_tok = jax.lax.dynamic_update_slice(out_tok, new[:, None], at)
             out_lp = jax.lax.dynamic_update_slice(out_lp, lp[:, None], at)
+            if top:  # (off: nothing traced, not even the slice)
+                top = write_top(top, logits[:, 0], i, pad_id, done)
             n_gen = n_gen + (~done).astype(jnp.int32)
             done = done | jnp.isin(new, stop_ids)
             if strings is not None:
                 text_state = stop_text.advance(table, text_state, new)
                 done = done | stop_text.found_any(text_state, found)
-            return i + 1, cache, new, done, n_gen, out_tok, out_lp, text_state, pen_state
+            return i + 1, cache, new, done, n_gen, out_tok, out_lp, text_state, pen_state, top
 
         def guarded(carry):  # a step of a block that may run past max_new: then a no-op
             # (its cache write lands in a clamped slot, but nothing reads the cache after).
@@ -262,7 +282,7 @@ def _decode_fn(
             return carry
 
         carry = (jnp.ones((), jnp.int32), cache, tok, done, n_gen, out_tok, out_lp, text_state,
-                 pen_state)  # fmt: skip
+                 pen_state, top)  # fmt: skip
         if early_exit:
             loop_body = body if check_every == 1 else block
             carry = jax.lax.while_loop(cond, loop_body, carry)
@@ -271,9 +291,33 @@ def _decode_fn(
             carry, _ = jax.lax.scan(step, carry, length=max_new - 1)
         n_gen, out_tok, out_lp = carry[4:7]
         mask = (jnp.arange(max_new)[None, :] < n_gen[:, None]).astype(jnp.float32)
-        return GenerateOutput(out_tok, out_lp, mask, n_gen)
+        return GenerateOutput(out_tok, out_lp, mask, n_gen, *carry[9])  # (top: () when off)
 
     return jax.jit(run, compiler_options=compiler_options(gemm, fused))
+
+
+def empty_top(B: int, N: int, k: int, pad_id):
+    """The (top ids (B, N, k) int32, top logprobs (B, N, k) float32) outputs before any step:
+    pad_id and 0, what rows past their end keep. k == 0 (off): (), so that the loop's carry
+    and the output hold nothing more."""
+    if not k:
+        return ()
+    return jnp.full((B, N, k), pad_id, jnp.int32), jnp.zeros((B, N, k), jnp.float32)
+
+
+def write_top(top, logits_BV, i, pad_id, done_B=None):
+    """`top` (`empty_top`'s outputs) with step i's `sampling.top_tokens` of the step's
+    unmodified logits written in column i; pad_id and 0 for rows already `done_B`, as
+    `tokens` and `logprobs` are filled. () (off) stays ()."""
+    if not top:
+        return ()
+    ids, lp = top_tokens(logits_BV, top[0].shape[-1])
+    if done_B is not None:
+        ids = jnp.where(done_B[:, None], pad_id, ids)
+        lp = jnp.where(done_B[:, None], 0.0, lp)
+    at = (jnp.zeros_like(i), i, jnp.zeros_like(i))  # (one integer type under jax_enable_x64)
+    return (jax.lax.dynamic_update_slice(top[0], ids[:, None], at),
+            jax.lax.dynamic_update_slice(top[1], lp[:, None], at))  # fmt: skip
 
 
 def repeat_rows(x, samples: int, rows: int):

@@ -4,7 +4,8 @@ reproducible.
 
 `sample_logits` draws one token per row and returns it with the *unmodified* model's logprob
 (temperature 1, no filtering) — what PPO/GRPO compare with their own scores (models/decode.py
-explains why). Keys: one key for the batch (step i of row b draws from `fold_in(key, i)` at
+explains why); `top_tokens`, the k most likely tokens of that same distribution.
+Keys: one key for the batch (step i of row b draws from `fold_in(key, i)` at
 row b), or one key per row (`prompt_keys`: each prompt's samples follow its own key, whatever
 its row or batch mates). `generate` (models/decode.py) calls these inside its compiled loop;
 they work on any (B, V) logits.
@@ -167,3 +168,13 @@ def sample_logits(
     logp = jax.nn.log_softmax(logits, axis=-1)
     tok = tok.astype(jnp.int32)
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+def top_tokens(logits_BV, k: int):
+    """(ids (B, k) int32, logprobs (B, k) float32): the k most likely tokens of each row and
+    their logprobs, descending (ties: the lower id first), in the distribution `sample_logits`
+    reports a logprob from — the unmodified model's at temperature 1, whatever the sampler or
+    the penalties chose from: what the model considered, not what the sampler allowed
+    (OpenAI's and vLLM's `top_logprobs`). `k` static, 1 <= k <= V."""
+    logp, ids = jax.lax.top_k(jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1), k)
+    return ids.astype(jnp.int32), logp

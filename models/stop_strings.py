@@ -27,6 +27,7 @@ tokenizers whose decode is the concatenation of those texts (SentencePiece; byte
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -86,8 +87,33 @@ def token_texts(tok, vocab_size: int) -> tuple[list[str], list[str]]:
         n = min(vocab_size, tok.vocab_size)
         first = tok.decode_batch([[i] for i in range(n)]) + [""] * (vocab_size - n)
         joined = tok.decode_batch([anchor + [i] for i in range(n)]) + [head] * (vocab_size - n)
-    mid = [j[len(head) :] if j.startswith(head) else f for j, f in zip(joined, first)]
+    mid = [_mid_text(j, f, head) for j, f in zip(joined, first)]
     return mid, first
+
+
+def _mid_text(joined: str, first: str, head: str) -> str:
+    """A token's mid-text text from `decode(anchor + [t])`, `decode([t])` and `decode(anchor)`:
+    what it adds after the anchor, or its text alone where the anchor's text changed."""
+    return joined[len(head) :] if joined.startswith(head) else first
+
+
+def token_text(tok):
+    """id -> its text in mid-text, as `token_texts` spells it (" Paris", where a decode of the
+    id alone drops SentencePiece's leading space), one id at a time and remembered: for
+    showing the few ids a generation produced or considered (flaxlm/generate.py's
+    --top_logprobs) without decoding the whole vocabulary. An id the tokenizer refuses reads
+    as ""."""
+    anchor = tok.encode("a")[-1:]
+    head = tok.decode(anchor)
+
+    @functools.cache
+    def text(i: int) -> str:
+        try:
+            return _mid_text(tok.decode(anchor + [i]), tok.decode([i]), head)
+        except Exception:  # (as `token_texts`: a tokenizer that refuses ids past its vocab)
+            return ""
+
+    return text
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -5,6 +5,7 @@ prompt, `num_samples=K`), and a LoRA run's weights merged in float64 numpy.
 
 * --chat --system --num_samples K --json: every record (prompt, sample, completion, n_tokens,
   stopped) equals the direct call's tokens; the text output prints the same completions;
+  --top_logprobs adds each generated token with the direct call's logprobs and top lists;
 * plain prompts: BOS unless --no_bos, EOS stops (not `<|end|>`); a run's tokenizer named
   relative to the run directory is found there;
 * bad flags and paths fail before generating, with a message naming the flag, file or prompt
@@ -22,7 +23,8 @@ import pytest
 from flaxlm import generate as cli
 from flaxlm.models import lora as L
 from flaxlm.models.config import get_variant
-from flaxlm.models.decode import generate
+from flaxlm.models.decode import generate, prompt_keys
+from flaxlm.models.stop_strings import token_texts
 from flaxlm.train.checkpoint import Checkpointer
 from flaxlm.train.pretrain import model_fns
 from flaxlm.train.state import unbox
@@ -152,6 +154,43 @@ def test_chat_samples_equal_a_direct_generate_call(run, capsys):
         assert rec["completion"] == tok.decode(gen[:-1] if rec["stopped"] else gen)
         assert gen[1:] == [gen[0]] * (n - 1)  # (stop tokens are never penalized: none ends)
     assert [r["completion"] for r in penalized] != plain
+
+
+def test_top_logprobs_list_a_direct_calls_alternatives(run, capsys):
+    """--json --top_logprobs 3: a record's "tokens" are its generated ids, the stop token
+    included, each with its text in mid-text (`stop_strings.token_texts`) and the logprob and
+    top-3 list of a direct `generate(..., num_samples=K, top_logprobs=3)` call with the CLI's
+    keys; the rest of the record is the record without the flag. (The arguments of
+    test_chat_samples_equal_a_direct_generate_call: its program, compiled once.)"""
+    run_dir, tok, merged = run
+    end, K, seed = tok.special_ids()["<|end|>"], 3, 3
+    args = [run_dir, "--chat", "--system", SYSTEM, "--prompt", TEXTS[0], "--prompt", TEXTS[1],
+            "--num_samples", str(K), "--temperature", "1", "--seed", str(seed),
+            "--max_new_tokens", "8", "--batch", "3", "--json"]  # fmt: skip
+    plain = [json.loads(ln) for ln in _main(args, capsys).splitlines()]
+    recs = [json.loads(ln) for ln in _main(args + ["--top_logprobs", "3"], capsys).splitlines()]
+    assert [{k: v for k, v in r.items() if k != "tokens"} for r in recs] == plain
+    ids, stops = cli.encode_prompts(tok, TEXTS, True, SYSTEM)
+    out = generate(CFG, merged, ids, max_new_tokens=8, rng=prompt_keys(jax.random.PRNGKey(seed),
+                   [0, 1]), temperature=1.0, stop_tokens=stops, pad_id=max(tok.pad_id, 0),
+                   num_samples=K, top_logprobs=3)  # fmt: skip
+    toks, lps, top_ids, top_lps = (np.asarray(x) for x in (out.tokens, out.logprobs, out.top_ids,
+                                                           out.top_logprobs))  # fmt: skip
+    texts = token_texts(tok, CFG.vocab_size)[0]
+    for r, rec in enumerate(recs):
+        n, tokens = rec["n_tokens"], rec["tokens"]
+        assert len(tokens) == n and [t["id"] for t in tokens] == toks[r, :n].tolist()
+        assert rec["stopped"] == (tokens[-1]["id"] in (end, tok.eos_id))
+        np.testing.assert_allclose([t["logprob"] for t in tokens], lps[r, :n], atol=1e-5)
+        for j, t in enumerate(tokens):
+            assert [e["id"] for e in t["top"]] == top_ids[r, j].tolist()
+            got = [e["logprob"] for e in t["top"]]
+            np.testing.assert_allclose(got, top_lps[r, j], atol=1e-5)
+            assert got == sorted(got, reverse=True)
+            assert all(e["token"] == texts[e["id"]] for e in [t, *t["top"]])
+            listed = [e["logprob"] for e in t["top"] if e["id"] == t["id"]]
+            assert listed in ([], [pytest.approx(t["logprob"], abs=1e-6)])
+    assert {r["stopped"] for r in recs} == {True, False}  # the stop token is listed too
 
 
 def test_stop_strings_end_and_cut_the_completions(run, capsys):
@@ -303,6 +342,15 @@ BAD = {
                    "{run}: generate: decode_mlp='pallas_t' streams a dense model's float gate|up "
                    "(not with quantize or experts): use 'pallas'"),
     "ngram": ("run", [*HI, "--draft", "ngram", "--ngram", "0"], 2, "--ngram must be >= 1"),
+    # --top_logprobs: JSON only, not speculative, at most the model's vocabulary
+    "top_logprobs_text": ("run", [*HI, "--top_logprobs", "2"], 2, "--top_logprobs needs --json"),
+    "top_logprobs_negative": ("run", [*HI, "--json", "--top_logprobs", "-1"], 2,
+                              "--top_logprobs must be >= 0"),
+    "top_logprobs_draft": ("run", [*HI, "--json", "--top_logprobs", "2", "--draft", "ngram"], 2,
+                           "--top_logprobs does not apply with --draft"),
+    "top_logprobs_vocab": ("run", [*HI, "--json", "--top_logprobs", "513"], None,
+                           "--top_logprobs: {run}: generate: top_logprobs must be an int in "
+                           "[0, vocab_size=512]"),
     "empty_prompt": ("run", ["--prompt", "hi", "--prompt", "", "--no_bos", "--batch", "1"],
                      "prompt 1 ('') encodes to no tokens (--no_bos)", None),
     # the chat template's own errors (they were tracebacks): one line naming the tokenizer
