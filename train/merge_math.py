@@ -3,28 +3,44 @@
 Each function takes float32 arrays of one parameter tensor (one per model) and returns the
 merged tensor in float32; train/merge.py reads the tensors, casts the result back to the
 parameter dtype and writes the run. Every formula works on a tensor alone, so that the merge
-never needs more than one group of tensors of each model at once.
+never needs more than one group of tensors of each model at once; the two statistics that TIES
+takes over a whole task vector (`--ties_scope global`) are gathered a tensor at a time in
+passes of their own (`KthMagnitude`, `sign_mass`) and handed back in as scalars.
 
     mean              Σ_i w_i θ_i, the weights normalised to sum to 1 (model soups, Wortsman
                       et al. 2022; checkpoint averaging, LAWA, Sanyal et al. 2023)
     task arithmetic   θ_base + λ Σ_t w_t (θ_t − θ_base)                 (Ilharco et al. 2023)
     TIES              θ_base + λ τ_m, τ_m from the task vectors τ_t = θ_t − θ_base by trim,
                       elect sign, disjoint mean (Yadav et al. 2023; `ties` below)
+    DARE              each τ_t's entries dropped with probability 1 − p, the kept ones scaled
+                      by 1/p (Yu et al. 2024; `dare`), then summed as task arithmetic
+                      (dare_linear) or elected and merged as TIES without its trim (dare_ties)
     SLERP             spherical interpolation of two models' flattened tensors (`slerp`)
 
-TIES here trims and takes the majority sign per tensor (as mergekit does); the paper's
+TIES by default trims and takes the majority sign per tensor (as mergekit does); the paper's
 reference code (prateeksha10/ties-merging) flattens each whole task vector into one row, so its
-top-k% threshold and its majority sign are over all the parameters at once, which would need a
-whole task vector of each input in memory. Its trim also keeps ⌊k·n⌋ + 1 entries (the
-(n − ⌊k·n⌋)-th smallest magnitude and above); here ⌊k·n⌋, at least 1 (`trim_count`).
+top-k% threshold and its majority sign are over all the parameters at once: `--ties_scope
+global` computes both exactly, without a whole task vector in memory (`KthMagnitude`,
+`sign_mass`). Its trim also keeps ⌊k·n⌋ + 1 entries (the (n − ⌊k·n⌋)-th smallest magnitude and
+above); here ⌊k·n⌋, at least 1 (`trim_count`), in both scopes.
+
+DARE's drop mask is drawn by JAX, not numpy, so that it is drawn where the tensor lives (each
+device its shard, under a mesh) rather than on the host: `jax.random.bernoulli` with a
+threefry2x32 key made of (seed, the input's index, crc32 of the tensor's path) (`dare_key`),
+under `jax.threefry_partitionable(True)` whatever the process's setting (the flag changes the
+bits drawn). A tensor's mask is thus a function of those three alone: not of the `--chunk_mb`
+grouping, the mesh or the order the tensors are read in; and dare_linear and dare_ties with one
+seed drop the same entries. It may change with JAX's threefry implementation (not with numpy's).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # SLERP falls back to linear interpolation where the two tensors' directions are this close to
 # colinear (|cos Ω| above it: Ω within 1.8° of 0 or 180°), where sin Ω → 0 makes the
@@ -55,20 +71,125 @@ def trim(tau, density: float):
     return _trim(tau, threshold)
 
 
+def trim_at(tau, threshold: float | None):
+    """TIES' trim at a threshold found over the whole task vector (`KthMagnitude`): the
+    entries with |τ| >= `threshold` kept; None (density 1) keeps them all."""
+    return tau if threshold is None else _trim(tau, jnp.float32(threshold))
+
+
+# --- the exact k-th largest magnitude over a whole task vector, a tensor at a time -------------
+# A float32 >= 0 orders as its bit pattern read as an unsigned integer (NaN above +inf, as a sort
+# puts it), so the m-th largest |τ| is found digit by digit of that pattern (radix selection):
+# a first pass counts the |τ| by their top 16 bits and finds the bin that holds the m-th largest
+# (and its rank within the bin), a second counts the low 16 bits of the entries in that bin
+# alone. Two histograms of 2^16 counts per input, whatever the model's size; exact: the value is
+# one of the |τ| themselves, found by counting, no rounding anywhere.
+RADIX_BITS = 16
+BINS = 1 << RADIX_BITS
+
+
+def _magnitude_bits(tau):
+    return jax.lax.bitcast_convert_type(jnp.abs(tau).astype(jnp.float32), jnp.uint32).ravel()
+
+
 @jax.jit
-def _elect_and_merge(trimmed, scale, base):
-    """TIES steps 2 and 3 over trimmed task vectors stacked on axis 0."""
+def _high_counts(tau):
+    return jnp.bincount((_magnitude_bits(tau) >> RADIX_BITS).astype(jnp.int32), length=BINS)
+
+
+@jax.jit
+def _low_counts(tau, high):
+    bits = _magnitude_bits(tau)
+    # the entries of other high bins go to an extra bin, dropped
+    low = jnp.where(bits >> RADIX_BITS == high, bits & (BINS - 1), BINS).astype(jnp.int32)
+    return jnp.bincount(low, length=BINS + 1)[:BINS]
+
+
+def select_bin(counts: np.ndarray, rank: int) -> tuple[int, int]:
+    """(the bin holding the `rank`-th largest (1 = the largest) of the values counted in
+    `counts`, that value's rank among the bin's own values)."""
+    from_top = np.cumsum(counts[::-1])
+    j = int(np.searchsorted(from_top, rank))  # the first bin from the top reaching `rank`
+    if j == len(counts):
+        raise ValueError(f"rank {rank} of {int(from_top[-1])} values")
+    above = int(from_top[j] - counts[::-1][j])
+    return len(counts) - 1 - j, rank - above
+
+
+class KthMagnitude:
+    """The exact `m`-th largest |x| over a stream of float32 tensors read twice (radix
+    selection on the bit patterns, above): `add` each tensor of the stream, `end_pass`, then
+    the same tensors again (in any order and grouping) and `end_pass`; `value` is then the
+    float32 threshold that keeps at least m entries (all of those tied with it)."""
+
+    PASSES = 2
+
+    def __init__(self, m: int):
+        self.rank, self.high, self.value = m, None, None
+        self.counts = np.zeros(BINS, np.int64)  # (int32 per tensor, int64 over the model)
+
+    def add(self, tau) -> None:
+        got = _high_counts(tau) if self.high is None else _low_counts(tau, jnp.uint32(self.high))
+        self.counts += np.asarray(jax.device_get(got), np.int64)
+
+    def end_pass(self) -> None:
+        found, self.rank = select_bin(self.counts, self.rank)
+        self.counts = np.zeros(BINS, np.int64)
+        if self.high is None:
+            self.high = found
+        else:
+            bits = np.array([(self.high << RADIX_BITS) | found], np.uint32)
+            self.value = float(bits.view(np.float32)[0])
+
+
+# --- TIES' sign election and disjoint merge -----------------------------------------------------
+@jax.jit
+def _elect(trimmed):
+    """γ = sgn(Σ_t τ̂_t) per entry (the paper's elected sign, before zeros are resolved)."""
+    return jnp.sign(jnp.sum(trimmed, axis=0))
+
+
+@jax.jit
+def _sign_mass(trimmed):
+    # counted in int32 (exact), not summed in float32 (inexact past 2^24 entries)
+    return jnp.sum(_elect(trimmed).astype(jnp.int32))
+
+
+def sign_mass(trimmed) -> int:
+    """Σ γ over the entries of one tensor's trimmed task vectors (stacked on axis 0): the
+    majority sign an entry whose Σ_t τ̂_t is exactly 0 takes is the sign of this, summed over
+    the tensor (`--ties_scope tensor`) or over every tensor (global)."""
+    return int(_sign_mass(trimmed))
+
+
+@jax.jit
+def _disjoint_mean(trimmed, majority):
+    """TIES steps 2 and 3 over trimmed task vectors stacked on axis 0: the merged τ_m."""
     # Elect: the sign of each entry's total mass Σ_t τ̂_t (the paper's γ = sgn(Σ_t τ̂_t)); an
-    # entry whose sum is exactly 0 takes the tensor's majority sign (the reference code's
-    # resolve_zero_signs "majority": the sign of Σ γ over the tensor).
-    sign = jnp.sign(jnp.sum(trimmed, axis=0))
-    sign = jnp.where(sign == 0, jnp.sign(jnp.sum(sign)), sign)
+    # entry whose sum is exactly 0 takes the majority sign (the reference code's
+    # resolve_zero_signs "majority": the sign of Σ γ, over the tensor or the whole vector).
+    sign = _elect(trimmed)
+    sign = jnp.where(sign == 0, majority, sign)
     # Disjoint merge: the mean over the tasks whose trimmed value agrees with the elected sign
     # (trimmed-away zeros agree with neither); 0 where none does.
     agree = jnp.where(sign > 0, trimmed > 0, trimmed < 0)
     count = jnp.sum(agree, axis=0)
     total = jnp.sum(jnp.where(agree, trimmed, 0.0), axis=0)
-    return base + scale * (total / jnp.maximum(count, 1))
+    return total / jnp.maximum(count, 1)
+
+
+def elect_and_merge(base, trimmed: list, scale: float, majority: int | None = None):
+    """TIES steps 2 and 3: `base` plus `scale` times the disjoint mean of the `trimmed` task
+    vectors (trimmed by TIES, or DARE's dropped and rescaled ones) under the elected signs;
+    `majority`: the sign of the whole vector's Σ γ (None: this tensor's, `sign_mass`)."""
+    trimmed = jnp.stack(trimmed)
+    if majority is None:
+        majority = sign_mass(trimmed)
+    merged = _disjoint_mean(trimmed, jnp.float32(np.sign(majority)))
+    # θ_base + λ·τ_m op by op, outside the jit: within one fusion XLA's CPU code makes it a
+    # fused multiply-add for some shapes and shardings and not others (a mesh gave other bits
+    # than one device); apart, each op rounds to float32 on every backend, as merge.py's sums.
+    return base + scale * merged
 
 
 def ties(base, taus, density: float, scale: float):
@@ -76,7 +197,34 @@ def ties(base, taus, density: float, scale: float):
     vector of the task vectors `taus` (τ_t = θ_t − θ_base, float32), each trimmed to its
     top-`density` entries by magnitude (per tensor), signs elected by total mass, and the
     agreeing values averaged (Yadav et al. 2023, Algorithm 1)."""
-    return _elect_and_merge(jnp.stack([trim(t, density) for t in taus]), scale, base)
+    return elect_and_merge(base, [trim(t, density) for t in taus], scale)
+
+
+# --- DARE ---------------------------------------------------------------------------------------
+def dare_key(seed: int, index: int, path: tuple[str, ...]):
+    """The key of input `index`'s mask of the tensor at `path` (module docstring): a threefry
+    key (whatever jax_default_prng_impl says) of `seed`, folded with the index and crc32 of
+    the path "a/b/kernel" (a collision, ~n²/2^33 over n tensors, only repeats a mask)."""
+    key = jax.random.key(seed, impl="threefry2x32")
+    key = jax.random.fold_in(key, index)
+    return jax.random.fold_in(key, np.uint32(zlib.crc32("/".join(path).encode())))
+
+
+@jax.jit
+def _dare(tau, key, density, rescale):
+    keep = jax.random.bernoulli(key, density, tau.shape)
+    return jnp.where(keep, tau * rescale, 0.0)
+
+
+def dare(tau, key, density: float):
+    """DARE (drop and rescale) of one task vector tensor: each entry kept with probability
+    `density` (p), independently, and the kept ones scaled by 1/p (times float32(1/p)), so
+    that E[result] = τ; density 1 gives `tau` itself."""
+    # Kept entries are τ · float32(1/p), not τ / p: compiled for a mesh's shards, this division
+    # (fused with the draw) came out 1 ulp off one device's in ~1 % of entries on XLA's CPU
+    # backend; a multiplication by a given float32 rounds the same way everywhere.
+    with jax.threefry_partitionable(True):  # (the mask's bits depend on this flag: pin it)
+        return _dare(tau, key, jnp.float32(density), jnp.float32(1.0 / density))
 
 
 @jax.jit

@@ -303,7 +303,8 @@ def test_merging_under_a_mesh_gives_the_one_device_params(runs, mean_run, tmp_pa
     args = [*fts, "--method", "ties", "--base", pt, "--density", "0.3"]
     sharded, _ = _merge(tmp_path, *args, *mesh, name="ties_mesh")
     one, _ = _merge(tmp_path, *args, name="ties_one")
-    _assert_close(_params(sharded), _params(one))
+    for a, b in zip(jax.tree.leaves(_params(sharded)), jax.tree.leaves(_params(one))):
+        np.testing.assert_array_equal(a, b)  # (merge_math.elect_and_merge: no fused mul-add)
 
 
 # ------------------------------------------------------------------------------------------
