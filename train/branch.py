@@ -18,11 +18,12 @@ How: on the branch's first start, `seed_workdir` puts the source's checkpoint of
 WORKDIR/checkpoints (files hard-linked where the file system allows, else copied: orbax never
 rewrites a committed step's files, so the source is never touched), copies the source's
 metrics.jsonl lines up to the step (the branch's curves then start at step 0; its TensorBoard
-events are not copied: they begin at the branch point) and writes WORKDIR/branch.json. The loop then resumes from it as from its own checkpoint, with the resume's
-checks: another model or task is refused, an optimizer whose state does not fit is refused
-naming the `opt.` keys, and the keys this run changes (schedule, data, total_steps) are logged
-and recorded as a `config_changed` event, with a `branched` event before it. Later starts of the
-branch resume from its own checkpoints like any run.
+events are not copied: they begin at the branch point) and writes WORKDIR/branch.json. The loop
+then resumes from it as from its own checkpoint, with the resume's checks: another model or task
+is refused, an optimizer whose state does not fit is refused naming the `opt.` keys, and the
+keys this run changes (schedule, data, total_steps) are logged and recorded as a
+`config_changed` event, with a `branched` event before it. Later starts of the branch resume
+from its own checkpoints like any run.
 
 Data: "continue" (the default) restores the source's data state — the same batches the source
 would have drawn next, for a branch on the same data (a cooldown); "restart" leaves it out at
