@@ -3,8 +3,8 @@ models/sampling.py).
 
     out = generate(cfg, params, [[1, 5, 9], [1, 7]], max_new_tokens=32, rng=key, temperature=0.7)
     out.tokens (B, N) int32 · out.logprobs (B, N) float32 · out.mask (B, N) float32
-    out.lengths (B,) int32 · with top_logprobs=K: out.top_ids (B, N, K) int32,
-    out.top_logprobs (B, N, K) float32
+    out.lengths (B,) int32 · with top_logprobs=K (a TopGenerateOutput): out.top_ids (B, N, K)
+    int32, out.top_logprobs (B, N, K) float32
 
 How a batch of prompts of different lengths is laid out (B rows, prompt bucket P, N new tokens):
   * prompts are right-padded to P (the longest prompt rounded up to a power of two, so a handful
@@ -161,6 +161,7 @@ from flaxlm.models.decode_options import (  # noqa: F401  (re-exported)
 )
 from flaxlm.models.decode_program import (  # noqa: F401  (re-exported)
     GenerateOutput,
+    TopGenerateOutput,
     _constrain_cache,
     _decode_fn,
     _decode_params,
@@ -208,7 +209,7 @@ def generate(
     frequency_penalty: float = 0.0,
     presence_penalty: float = 0.0,
     top_logprobs: int = 0,
-) -> GenerateOutput:
+) -> GenerateOutput | TopGenerateOutput:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
     Args:
@@ -318,7 +319,8 @@ def generate(
         gemms for them as for "int8", and decode_norm="fold" is refused (a norm scale per
         input row cannot be folded into a kernel quantized per output channel as it is).
       top_logprobs: K >= 0 (0, the default: off, the program and output as without it). K > 0:
-        the output's `top_ids` and `top_logprobs` (B, N, K) hold each generated position's K
+        a `TopGenerateOutput`, whose `top_ids` and `top_logprobs` (B, N, K) hold each
+        generated position's K
         most likely tokens and their logprobs under the unmodified model at temperature 1 —
         the distribution `logprobs` is read from, not the filtered or penalized one the token
         was drawn from — most likely first (ties: the lower id first); pad_id and 0 where
@@ -327,8 +329,9 @@ def generate(
         vocabulary per token. An int <= cfg.vocab_size. (`speculative_generate` has no such
         option.)
 
-    Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1;
-    `top_ids`, `top_logprobs` None unless `top_logprobs` > 0).
+    Returns: GenerateOutput (see its fields; logprobs are the unmodified model's, at T=1), or
+    with `top_logprobs` > 0 a TopGenerateOutput (the same four fields, `top_ids` and
+    `top_logprobs`).
     """
     options = {k: v for k, v in locals().items() if k not in ("cfg", "params", "prompts", "rng")}
     fn, tokens, lengths, rest, B, rows = _program(cfg, prompts, params=params, **options)

@@ -48,21 +48,29 @@ from flaxlm.models.transformer import (
 
 class GenerateOutput(NamedTuple):
     """What `generate` returns (a pytree of device arrays; rows are the prompts' order).
-
-    The last two fields are None unless `generate(..., top_logprobs=K)` asked for them (K > 0):
-    optional, so that code that builds the tuple from the first four (tests' stand-ins for
-    `generate`) or reads them (the RL rollouts, evaluation) is unchanged, and no (B, N, K)
-    array is held unless asked for. A None is an empty pytree node (`jax.tree.map` keeps it).
-    models/speculative.py returns its own `SpeculativeOutput`, without them."""
+    With `top_logprobs=K` > 0 it returns a `TopGenerateOutput` instead: these four fields and
+    two more. Two types, not two optional fields: code unpacks these four (`toks, logp, mask,
+    n = out`) or saves every field, and a K = 0 call must give it what it always did.
+    models/speculative.py returns its own `SpeculativeOutput`."""
 
     tokens: jax.Array  # (B, N) int32 generated ids; pad_id after the stop token / end
     logprobs: jax.Array  # (B, N) float32 log p_model(token) at temperature 1; 0 where mask == 0
     mask: jax.Array  # (B, N) float32 1 for generated tokens, including the stop token
     lengths: jax.Array  # (B,) int32 number of generated tokens (= mask.sum(-1))
+
+
+class TopGenerateOutput(NamedTuple):
+    """`GenerateOutput`'s fields and each generated position's K most likely tokens
+    (`generate(..., top_logprobs=K)`, K > 0)."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
     # (B, N, K) int32: the K most likely ids of the distribution `logprobs` is read from, most
     # likely first; pad_id where mask == 0
-    top_ids: jax.Array | None = None
-    top_logprobs: jax.Array | None = None  # (B, N, K) float32 their logprobs; 0 where mask == 0
+    top_ids: jax.Array
+    top_logprobs: jax.Array  # (B, N, K) float32 their logprobs; 0 where mask == 0
 
 
 def _decode_params(cfg: ModelConfig, params, fused: bool, quantize: str = "none",
@@ -291,7 +299,9 @@ def _decode_fn(
             carry, _ = jax.lax.scan(step, carry, length=max_new - 1)
         n_gen, out_tok, out_lp = carry[4:7]
         mask = (jnp.arange(max_new)[None, :] < n_gen[:, None]).astype(jnp.float32)
-        return GenerateOutput(out_tok, out_lp, mask, n_gen, *carry[9])  # (top: () when off)
+        if top_logprobs:
+            return TopGenerateOutput(out_tok, out_lp, mask, n_gen, *carry[9])
+        return GenerateOutput(out_tok, out_lp, mask, n_gen)
 
     return jax.jit(run, compiler_options=compiler_options(gemm, fused))
 
