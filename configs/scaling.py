@@ -18,7 +18,15 @@ checkpoint at the last step, one more checkpoint halfway (interrupted runs resum
 
 arg keys: width (d_model), steps (optimizer steps), predict (the big model), runlocal (a few
 steps only: smoke tests; the sweep's budgets become `RUNLOCAL_STEPS`), heldout (a jsonl of
-held-out documents; "" = the built-in 100).
+held-out documents; "" = the built-in 100), cooldowns (below).
+
+cooldowns=True: every run (the target too) follows a WSD schedule whose last `COOLDOWN_FRAC` of
+the steps decay, and the sweep trains one run per width, of the longest budget; each shorter
+budget is a branch of it (train/branch.py) at the step where that budget's decay begins, so it
+trains only its own decay. Per width that is 1200 + 120 + 180 = 1500 optimizer steps instead of
+600 + 900 + 1200 = 2700 (Hägele et al. 2024: one WSD run and its cooldowns give the loss at every
+length). bench/RESULTS.md ("WSD cooldowns branched from one run") compares such cooldowns with
+cosine runs of each length.
 
 Why these numbers (measured on 2 shared CPU cores, 2026-11-28; runs/scaling/report/report.md):
   * width 32 sat ~9% above the power law of the wider models (cause not isolated: a 32-wide tied
@@ -34,6 +42,8 @@ Why these numbers (measured on 2 shared CPU cores, 2026-11-28; runs/scaling/repo
 """
 
 from __future__ import annotations
+
+import math
 
 import ml_collections
 
@@ -51,10 +61,18 @@ LR_EXPONENT = 1.0  # lr ∝ width^-LR_EXPONENT (Adam: hidden updates scale like 
 HEAD_DIM = 16
 BATCH, SEQ_LEN = 4, 128
 VOCAB = 512  # built-in tokenizer size: a 2048 table would dwarf the smallest models' blocks
+COOLDOWN_FRAC = 0.2  # cooldowns=True: the share of each run's steps in its final (WSD) decay
 
 
 def _parse(arg: str | None) -> ml_collections.ConfigDict:
-    return common.parse_arg(arg, width=64, steps=900, predict=False, runlocal=False, heldout="")
+    return common.parse_arg(arg, width=64, steps=900, predict=False, runlocal=False, heldout="",
+                            cooldowns=False)  # fmt: skip
+
+
+def decay_start(steps: int) -> int:
+    """The step at which a `steps`-long WSD run of this config starts its decay (the updates
+    after it are below the peak lr; train/optim.make_schedule): where a cooldown branches."""
+    return steps - max(int(steps * COOLDOWN_FRAC), 1)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -93,6 +111,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.router_loss_keys(c.loss)  # moe_aux, moe_z: models with experts (models/moe.py)
 
     c.opt.lr = LR_BASE * (64.0 / d.to_float()) ** LR_EXPONENT  # follows model.d_model
+    if a.cooldowns:  # constant lr after warmup, then a linear decay over the last 20%
+        c.opt.schedule = "wsd"
+        c.opt.wsd_decay_frac = COOLDOWN_FRAC
     total = c.get_ref("total_steps")
     c.opt.warmup_steps = total // 10  # follows total_steps
     c.eval_every = total.identity()  # one held-out evaluation, at the last step
@@ -107,8 +128,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def sweep(add, arg=None):
     """Every width in WIDTHS at every budget in STEPS (the fitted runs; RUNLOCAL_STEPS with
-    runlocal=True, since the sweep sets total_steps itself)."""
-    budgets = RUNLOCAL_STEPS if _parse(arg).runlocal else STEPS
+    runlocal=True, since the sweep sets total_steps itself). cooldowns=True: per width, the
+    longest budget's run, checkpointed at every other budget's decay start, and those budgets
+    as branches of it."""
+    a = _parse(arg)
+    budgets = sorted(RUNLOCAL_STEPS if a.runlocal else STEPS)
     for width in WIDTHS:
-        for steps in budgets:
-            add(**{"model.d_model": width, "total_steps": steps})
+        if not a.cooldowns:
+            for steps in budgets:
+                add(**{"model.d_model": width, "total_steps": steps})
+            continue
+        longest, shorter = budgets[-1], budgets[:-1]
+        # checkpoints at every branch point, kept (the branches may start after the run ends)
+        every = math.gcd(longest, *(decay_start(s) for s in shorter))
+        source = add(**{"model.d_model": width, "total_steps": longest, "ckpt_every": every,
+                        "keep_ckpts": 0})  # fmt: skip
+        for steps in shorter:
+            add(**{"model.d_model": width, "total_steps": steps,
+                   "branch_from": source.at(decay_start(steps))})  # fmt: skip

@@ -200,7 +200,7 @@ def _train(root: str, step: str, config_arg: str, runs, parallel: int, gpus=()) 
         status = sweep_lib.run_local(config_arg, runs, parallel=parallel, cache_dir=cache,
                                      gpus=ids, gpus_per_run=per_run)  # fmt: skip
     _record(root, step, m.result, trained=len(todo), of=len(runs))
-    failed = [n for n, s in status.items() if s in ("failed", "busy")]
+    failed = [n for n, s in status.items() if s in ("failed", "busy", "blocked")]
     if failed:
         raise RuntimeError(f"{step}: runs failed: {failed}; see their train.log")
     print(f"[workflow] {step}: {m.result}", flush=True)

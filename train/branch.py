@@ -108,7 +108,10 @@ def seed_workdir(config, workdir: str) -> dict | None:
     have = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
     rec = record(workdir)
     if rec is not None:  # branched before: it resumes from its own steps
-        if (rec["from"], rec["step"]) != (source, step if step is not None else rec["step"]):
+        # The same source by its absolute path, or by its path relative to the branch: a study
+        # moved whole (a sweep's branches, trained on a cluster, resumed at home) resumes.
+        same = source == rec["from"] or rec.get("from_rel") == _relative(source, workdir)
+        if not same or rec["step"] != (step if step is not None else rec["step"]):
             raise ValueError(f"branch_from={spec!r}, but {workdir} was branched from "
                              f"{rec['from']}@{rec['step']} ({BRANCH_FILE}): branch into a new "
                              "workdir")  # fmt: skip
@@ -120,7 +123,8 @@ def seed_workdir(config, workdir: str) -> dict | None:
         step, _ = ckpt_lib.read_meta(source, step)
     except ckpt_lib.CheckpointError as e:
         raise ValueError(f"branch_from={spec!r}: {e}") from None
-    rec = {"from": source, "step": int(step), "data": config.get("branch_data", "continue")}
+    rec = {"from": source, "from_rel": _relative(source, workdir), "step": int(step),
+           "data": config.get("branch_data", "continue")}  # fmt: skip
     if jax.process_index() == 0:  # (one shared file system: one process writes)
         _seed(source, int(step), workdir, rec)
     if jax.process_count() > 1:
@@ -129,6 +133,10 @@ def seed_workdir(config, workdir: str) -> dict | None:
         multihost_utils.sync_global_devices("flaxlm_branch_seeded")
     log.info("branched from %s@%d (data: %s)", source, step, rec["data"])
     return rec
+
+
+def _relative(source: str, workdir: str) -> str:
+    return os.path.relpath(source, os.path.abspath(workdir))
 
 
 def _seed(source: str, step: int, workdir: str, rec: dict) -> None:

@@ -24,6 +24,10 @@ trainer sets itself: `sweep_plan.exit_with_sweep`): when the sweep is interrupte
 SIGTERM, even SIGKILL) each running trainer saves a checkpoint and stops. After the runs,
 `ROOT/runs.csv` and `ROOT/runs.json` hold the run table (train/sweep_table).
 Cluster launch files are written by train/sweep_launch and never executed here.
+
+A run of the sweep may branch from another (`branch_from=handle.at(STEP)`, train/sweep_plan.py):
+a local sweep starts it once the source's checkpoint STEP exists, and reports it `blocked` when
+nothing left to run could write it (its source failed, or is not among `--only`'s runs).
 """
 
 from __future__ import annotations
@@ -85,6 +89,19 @@ def _logged_step(run_dir: str) -> int:
 def is_done(run: Run) -> bool:
     return os.path.exists(os.path.join(run.workdir, "DONE")) or final_checkpoint(
         run.workdir, run.total_steps
+    )
+
+
+def branch_ready(run: Run) -> bool:
+    """Whether a run can start now: a branch of another run of the sweep (sweep_plan's
+    `branch_from=handle.at(STEP)`) once that run's checkpoint STEP exists (orbax renames a step
+    into place when it is complete) or once it was seeded (it resumes from its own steps)."""
+    if run.branch_of is None:
+        return True
+    source, step = run.branch_of
+    seeded = os.path.join(run.workdir, "branch.json")  # train/branch.BRANCH_FILE (it imports jax)
+    return os.path.exists(seeded) or os.path.isdir(
+        os.path.join(os.path.dirname(run.workdir), source, "checkpoints", str(step))
     )
 
 
@@ -169,9 +186,10 @@ def run_local(
     gpus_per_run: int = 1,
 ) -> dict[str, str]:
     """Trains the runs that are not finished, `parallel` at a time; returns name -> status
-    (done | skipped | failed | busy | interrupted). With `gpus`, each trainer sees only its
-    own `gpus_per_run` of them (CUDA_VISIBLE_DEVICES; train/sweep_devices.py), and at most as
-    many run at once as there are such slices."""
+    (done | skipped | failed | busy | blocked | interrupted). A branch waits for its source's
+    checkpoint (`branch_ready`); one whose source never writes it is blocked. With `gpus`, each
+    trainer sees only its own `gpus_per_run` of them (CUDA_VISIBLE_DEVICES;
+    train/sweep_devices.py), and at most as many run at once as there are such slices."""
     slots = GPUSlots(gpus, gpus_per_run) if gpus else None
     if slots is not None and parallel > slots.size:
         _say(f"--parallel {parallel}: {slots.size} at once ({len(gpus)} GPUs, {gpus_per_run} each)")
@@ -201,7 +219,11 @@ def run_local(
     try:
         while (pending or active) and stop["signal"] is None:
             while pending and len(active) < parallel and stop["signal"] is None:
-                r = pending.pop(0)
+                ready = [r for r in pending if branch_ready(r)]
+                if not ready:
+                    break  # branches whose sources have not reached their step yet
+                r = ready[0]
+                pending.remove(r)
                 if not _wait_for_stale(r, stale_timeout):
                     status[r.name] = "busy"
                     _say(f"{r.name}: another trainer still runs in it; not started")
@@ -211,6 +233,14 @@ def run_local(
                 active[r.name] = (_start(config_arg, r, own_env), r, time.monotonic(), own)
                 on = f" on GPU {','.join(own)}" if own else ""
                 _say(f"start {r.name} ({len(status) + len(active)}/{len(runs)}){on}")
+            if pending and not active and not any(branch_ready(r) for r in pending):
+                for r in pending:  # nothing runs that could still write their sources' steps
+                    status[r.name] = "blocked"
+                    source, step = r.branch_of
+                    why = status.get(source, "not in this sweep's runs (--only)")
+                    _say(f"BLOCKED {r.name}: it branches from {source} at step {step}, which "
+                         f"has no checkpoint there ({source}: {why})")  # fmt: skip
+                pending = []
             time.sleep(0.2)
             for name, (proc, r, t0, own) in list(active.items()):
                 if proc.poll() is not None:
@@ -384,7 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.launch != "local":
         from flaxlm.train import sweep_launch
 
-        for path in sweep_launch.write_launch_files(args.launch, args.config, runs, root, args):
+        try:
+            paths = sweep_launch.write_launch_files(args.launch, args.config, runs, root, args)
+        except ValueError as e:  # a branch that a SLURM array cannot order after its source
+            _parser().error(str(e))
+        for path in paths:
             if args.launch == "print":
                 with open(path) as f:
                     print(f"# ---- {path}\n{f.read()}")
@@ -412,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"  no row for {m['name']}: {m['why']}")
         if mixed := sweep_table.code_warning(rows):
             _say(f"  WARNING: {mixed}")
-    return 1 if any(s in ("failed", "busy") for s in status.values()) else 0
+    return 1 if any(s in ("failed", "busy", "blocked") for s in status.values()) else 0
 
 
 if __name__ == "__main__":

@@ -168,6 +168,23 @@ def host_script(config_arg: str, runs: Sequence, host: int, n_hosts: int, *,
     return "\n".join(lines) + "\n"
 
 
+def _check_no_branch_waits(todo: Sequence) -> None:
+    """The pod and host scripts train their runs one after another, a source (added first)
+    before its branches; a SLURM array's tasks start in any order and one cannot wait for
+    another's checkpoint. A branch whose source is in the same array is refused, naming the two
+    launches that work."""
+    names = {r.name: r.index for r in todo}
+    waiting = [r for r in todo if r.branch_of is not None and r.branch_of[0] in names]
+    if waiting:
+        later = ",".join(str(r.index) for r in waiting)
+        first = ",".join(str(r.index) for r in todo if r not in waiting)
+        raise ValueError(
+            f"slurm: runs {later} branch from runs of the same array, whose tasks cannot wait "
+            f"for each other; launch --only {first} first, then --only {later} once those "
+            "finished (or --launch pod / multihost, which train the runs in order)"
+        )
+
+
 def write_launch_files(kind: str, config_arg: str, runs: Sequence, root: str, args) -> list[str]:
     """Writes the launch files of `kind` (slurm | pod | multihost | print = all) for the runs
     that are not finished; returns their paths."""
@@ -180,6 +197,7 @@ def write_launch_files(kind: str, config_arg: str, runs: Sequence, root: str, ar
     if not todo:
         return []
     if kind in ("slurm", "print"):
+        _check_no_branch_waits(todo)
         files["slurm_array.sh"] = slurm_script(
             config_arg, todo, root, python=args.python, nodes=args.nodes,
             gpus_per_node=args.gpus_per_node, parallel=args.parallel, extra=args.slurm_extra,

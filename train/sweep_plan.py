@@ -1,6 +1,20 @@
 """Sweep planning: a config's `sweep(add, arg)` expanded into named runs with their overrides,
 sizes (N, D, FLOPs) and trainer commands, and the ROOT/sweep.json index (train/sweep.py runs them);
 and the trainer's side of a local sweep (`exit_with_sweep`: it ends with the sweep).
+
+A run may branch from another run of the same sweep (train/branch.py): `add()` returns a handle,
+and a later run's `branch_from=handle.at(STEP)` starts it from that run's training state at STEP
+(WSD cooldowns of one long run; configs/scaling.py:cooldowns=True):
+
+    def sweep(add, arg=None):
+        long = add(**{"total_steps": 1200, "opt.schedule": "wsd", "ckpt_every": 240,
+                      "keep_ckpts": 0})
+        add(**{"total_steps": 600, "opt.schedule": "wsd", "branch_from": long.at(480)})
+
+The branch's override is recorded as `<source run name>@STEP` (relative to the sweep's root, so
+a moved sweep is the same sweep) and reaches its trainer as the source's directory@STEP. The
+source must save that step and keep it (`ckpt_every` dividing it, `keep_ckpts=0`): checked here,
+before anything trains. A local sweep starts a branch once the source's checkpoint exists.
 """
 
 from __future__ import annotations
@@ -37,6 +51,8 @@ class Run:
     workdir: str
     total_steps: int | None = None
     info: dict = dataclasses.field(default_factory=dict)  # sizes from the effective config
+    # A run branched from another run of the sweep: (the source's run name, the step)
+    branch_of: tuple[str, int] | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -271,11 +287,36 @@ def set_dotted(config, key: str, value, *, from_string: bool = False):
         raise OverrideError(f"override {key}={value!r}: {e}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class BranchPoint:
+    """`handle.at(step)`: run number `source` (in add() order) of one sweep, at its checkpoint
+    `step`; the value of a later run's `branch_from`."""
+
+    source: int
+    step: int
+    sweep_id: int  # which expansion made it: a handle of another sweep() call is refused
+
+
+class AddedRun:
+    """What sweep()'s add() returns: a handle on that run for later runs to branch from."""
+
+    def __init__(self, index: int, sweep_id: int):
+        self.index, self._sweep_id = index, sweep_id
+
+    def at(self, step: int) -> BranchPoint:
+        """This run's training state at checkpoint `step` (a later run's `branch_from`)."""
+        if isinstance(step, bool) or not isinstance(plain(step), int) or plain(step) < 1:
+            raise ValueError(f"sweep(): run {self.index}.at({step!r}): expected a step >= 1")
+        return BranchPoint(self.index, plain(step), self._sweep_id)
+
+
 def expand(module, arg: str | None) -> list[dict]:
-    """The override dicts of `module.sweep(add, arg)`, in the order they were added."""
+    """The override dicts of `module.sweep(add, arg)`, in the order they were added (a
+    `branch_from` given as `handle.at(step)` stays a BranchPoint: `resolve_branches`)."""
     if not hasattr(module, "sweep"):
         raise ValueError(f"{module.__file__} defines no sweep(add, arg): not a sweep config")
     where, out = module.__file__, []
+    sweep_id = id(out)
     shape = 'sweep() must be `def sweep(add, arg=None)` calling `add(**{"key": value})`'
 
     def add(*args, **kw):
@@ -286,7 +327,18 @@ def expand(module, arg: str | None) -> list[dict]:
             if v is None:  # the trainer's --config.k=None is a string; run_info crashed on it
                 raise ValueError(f"{where}: sweep() added {k}=None; a sweep value cannot be "
                                  "None (leave the key out to keep the config's value)")  # fmt: skip
-        out.append({k: plain(v) for k, v in kw.items()})
+            if isinstance(v, BranchPoint) and k != "branch_from":
+                raise ValueError(f"{where}: sweep() run {len(out)} gave {k}=<run {v.source}>"
+                                 f".at({v.step}); a run handle's .at() is a branch_from "
+                                 "value")  # fmt: skip
+            if isinstance(v, BranchPoint) and v.sweep_id != sweep_id:
+                raise ValueError(f"{where}: sweep() run {len(out)}'s branch_from is a handle "
+                                 "of another sweep() call")  # fmt: skip
+            if isinstance(v, AddedRun):
+                raise ValueError(f"{where}: sweep() run {len(out)} gave {k}=<run {v.index}>; "
+                                 f"branch from a step of it: {k}=handle.at(STEP)")  # fmt: skip
+        out.append({k: v if isinstance(v, BranchPoint) else plain(v) for k, v in kw.items()})
+        return AddedRun(len(out) - 1, sweep_id)
 
     try:  # `def sweep(add):` and the like: a traceback naming no file
         inspect.signature(module.sweep).bind(add, arg)
@@ -300,6 +352,50 @@ def expand(module, arg: str | None) -> list[dict]:
     if not out:
         raise ValueError(f"{module.__file__}: sweep() added no runs")
     return out
+
+
+def resolve_branches(sweeps: Sequence[dict], root: str, legacy: dict | None = None
+                     ) -> tuple[list[dict], list[str], list[tuple[str, int] | None]]:  # fmt: skip
+    """(overrides, names, branch_of) of the expanded runs: a BranchPoint `branch_from` becomes
+    `<source name>@<step>` (names are computed in add() order, so a source, added before its
+    branches, is named first)."""
+    legacy = _legacy_dirs(root) if legacy is None else legacy
+    out, names, branch_of = [], [], []
+    for ov in sweeps:
+        point = ov.get("branch_from")
+        if isinstance(point, BranchPoint):
+            source = names[point.source]
+            ov = {**ov, "branch_from": f"{source}@{point.step}"}
+            branch_of.append((source, point.step))
+        else:
+            branch_of.append(None)
+        out.append(ov)
+        names.append(resolve_name(root, ov, legacy))
+    return out, names, branch_of
+
+
+def check_branch_sources(runs: Sequence[Run], configs: Sequence) -> None:
+    """Each in-sweep branch point is a checkpoint its source writes and keeps: a step within
+    its `total_steps`, a multiple of its `ckpt_every` (or its last step), `keep_ckpts=0` (it
+    would delete the step before the branch starts). An error names both runs and the key."""
+    by_name = {r.name: (r, c) for r, c in zip(runs, configs)}
+    for r in runs:
+        if r.branch_of is None:
+            continue
+        source, step = r.branch_of
+        src, config = by_name[source]
+        where = f"run {r.index} ({r.name}) branches from run {src.index} ({source}) at step {step}"
+        total = int(config.total_steps)
+        if step > total:
+            raise ValueError(f"{where}, but that run trains {total} steps (total_steps)")
+        every, keep = int(config.ckpt_every), int(config.keep_ckpts)
+        if step != total and (every <= 0 or step % every):
+            raise ValueError(f"{where}, but that run saves checkpoints every {every} steps "
+                             f"(ckpt_every): give it a ckpt_every that divides {step}")  # fmt: skip
+        if keep != 0:
+            raise ValueError(f"{where}, but that run keeps only its newest {keep} "
+                             "checkpoints (keep_ckpts) and may delete it first: give it "
+                             "keep_ckpts=0")  # fmt: skip
 
 
 def run_info(config) -> dict:
@@ -355,10 +451,13 @@ def plan(
             f"--config.{swept[0]} is varied by {module.__file__}'s sweep(); a command-line "
             "override would give every run the same value (edit sweep() instead)"
         )
-    runs, seen, names = [], {}, {}
-    legacy = _legacy_dirs(root)
+    runs, configs, seen, names = [], [], {}, {}
+    sweeps, all_names, branch_of = resolve_branches(sweeps, root)
+    # A branch's source is planned too (its checkpoint settings are checked), listed only when
+    # asked for.
+    sources = {branch_of[j][0] for j in (only or ()) if 0 <= j < len(sweeps) and branch_of[j]}
     for i, ov in enumerate(sweeps):
-        if only is not None and i not in only:
+        if only is not None and i not in only and all_names[i] not in sources:
             continue
         config = module.get_config(arg)
         for k, v in ov.items():
@@ -368,7 +467,7 @@ def plan(
         overrides = {**ov, **{k: config_value(config, k) for k in base}}
         # Names come from the sweep alone (the CLI extras apply to all), not from the run's
         # position: adding a budget keeps the other runs' directories.
-        name = resolve_name(root, ov, legacy)
+        name = all_names[i]
         # Two runs that build the same config would train the same model twice.
         fingerprint = json.dumps(config.to_dict(), sort_keys=True, default=repr)
         if fingerprint in seen:
@@ -383,10 +482,12 @@ def plan(
             raise ValueError(f"run {i} ({name}): total_steps={config.total_steps!r} must be >= 1 "
                              f"(set by {where}); a run of no steps trains nothing")  # fmt: skip
         info = run_info(config)
-        runs.append(
-            Run(i, name, overrides, os.path.join(root, name), info.get("total_steps"), info)
-        )
+        runs.append(Run(i, name, overrides, os.path.join(root, name), info.get("total_steps"),
+                        info, branch_of[i]))  # fmt: skip
+        configs.append(config)
+    check_branch_sources(runs, configs)
     if only is not None:
+        runs = [r for r in runs if r.index in only]
         missing = sorted(set(only) - {r.index for r in runs})
         if missing:
             raise IndexError(f"--only {missing}: the sweep has runs 0..{len(sweeps) - 1}")
@@ -404,7 +505,11 @@ def train_command(config_arg: str, run: Run, python: str = "") -> list[str]:
     """argv of the trainer for one run."""
     cmd = [python or sys.executable, "-m", "flaxlm.train.main", "--config", config_arg]
     cmd += ["--workdir", run.workdir]
-    cmd += [f"--config.{k}={format_value(v)}" for k, v in run.overrides.items()]
+    for k, v in run.overrides.items():
+        if k == "branch_from" and run.branch_of is not None:
+            # recorded relative to the sweep's root; the trainer gets the source's directory
+            v = os.path.join(os.path.dirname(run.workdir), v)
+        cmd.append(f"--config.{k}={format_value(v)}")
     return cmd
 
 
@@ -446,8 +551,7 @@ def sweep_names(config_arg: str, root: str) -> set[str]:
     """Directory names of every run the sweep of `config_arg` has now (all indices; no config
     is built)."""
     module, arg = load_config_module(config_arg)
-    legacy = _legacy_dirs(root)
-    return {resolve_name(root, ov, legacy) for ov in expand(module, arg)}
+    return set(resolve_branches(expand(module, arg), root)[1])
 
 
 def read_index(path: str) -> dict:

@@ -259,3 +259,33 @@ def test_a_diverged_run_stops_the_fit_naming_it_or_is_left_out(tmp_path):
     assert f"left out of the fit (--drop_nonfinite): {bad.name}" in md
     table = open(os.path.join(root, "runs.csv")).read()
     assert bad.name in table  # the run table keeps every run
+
+
+def test_scaling_cooldowns_branch_each_shorter_budget_where_its_decay_begins(tmp_path):
+    from flaxlm.train.optim import make_schedule
+
+    config = os.path.join(os.path.dirname(scaling_config.__file__), "scaling.py")
+    runs = sweep.plan(config + ":cooldowns=True", str(tmp_path))
+    budgets = sorted(scaling_config.STEPS)
+    assert len(runs) == len(scaling_config.WIDTHS) * len(budgets)
+    sources = [r for r in runs if r.branch_of is None]
+    assert [r.total_steps for r in sources] == [budgets[-1]] * len(scaling_config.WIDTHS)
+
+    def schedule(width, steps):
+        c = scaling_config.get_config(f"cooldowns=True,width={width},steps={steps}")
+        assert c.opt.schedule == "wsd"
+        return c.opt.lr, make_schedule(c.opt, steps)
+
+    for r in (r for r in runs if r.branch_of is not None):
+        source = next(s for s in sources if s.name == r.branch_of[0])
+        width, start = r.overrides["model.d_model"], r.branch_of[1]
+        assert source.overrides["model.d_model"] == width
+        assert start == scaling_config.decay_start(r.total_steps) and start % source.overrides[
+            "ckpt_every"] == 0 and source.overrides["keep_ckpts"] == 0  # fmt: skip
+        lr, own = schedule(width, r.total_steps)
+        # the branch's first own update is its decay's first; the one before it at the peak
+        assert float(own(start)) < lr and float(own(start - 1)) == pytest.approx(lr)
+        # ... as every update the source made up to the branch point
+        assert float(schedule(width, source.total_steps)[1](start - 1)) == pytest.approx(lr)
+        assert r.info["tokens"] == r.total_steps * 512  # D counts the source's steps too
+    assert scaling_config.get_config("predict=True,cooldowns=True").opt.schedule == "wsd"

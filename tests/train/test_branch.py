@@ -59,7 +59,8 @@ def test_a_cooldown_branch_continues_the_sources_state_under_its_own_schedule(tm
     want = [float(schedule(s - 1)) for s in range(5, 9)]
     np.testing.assert_allclose([lrs[s] for s in range(5, 9)], want, rtol=1e-6)
     assert lrs[8] < lrs[5]
-    rec = {"from": os.path.abspath(stable), "step": 4, "data": "continue"}
+    rec = {"from": os.path.abspath(stable), "from_rel": os.path.relpath(stable, out), "step": 4,
+           "data": "continue"}  # fmt: skip
     assert branch.record(out) == rec and read_meta(out)[1]["branch"] == rec
     events = [json.loads(x) for x in open(os.path.join(out, "events.jsonl"))]
     assert [e for e in events if e["event"] == "branched"][0]["source"] == rec["from"]
