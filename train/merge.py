@@ -39,13 +39,16 @@ Methods (the formulas: train/merge_math.py):
                       linear where the two are nearly colinear (merge_math.SLERP_COLINEAR)
 Every input (and the base) must be the same model: the same model config but for the
 execution-only keys (train/checkpoint_compat.py; an HF checkpoint's is the one flaxlm derives
-from its config.json, models/hf_config.py), the same saved tensor shapes and the same tokenizer
-(its vocabulary file byte for byte: a run's tokenizer.model or tokenizer.json against the one
-an HF directory's tokenizer is read from, models/hf_tokenizer.py `tokenizer_file`); a
-difference is an error naming the input and the key, tensor or file. A LoRA run is read with
-its adapters merged into its base weights (as every reader does, models/lora.py `merge`), a PPO
-run as its policy; a reward model (scalar head) is refused; an hf:DIR that is missing, is not
-an HF checkpoint or is of an architecture flaxlm does not build is an error naming it.
+from its config.json, models/hf_config.py) and `param_dtype` (a float32 fine-tune merges with
+the bfloat16 or float16 HF checkpoint it started from: inputs of different dtypes are all read
+in float32, and the result is stored in the first input's), the same saved tensor shapes and the
+same tokenizer (its vocabulary file byte for byte: a run's tokenizer.model or tokenizer.json
+against the one an HF directory's tokenizer is read from, models/hf_tokenizer.py
+`tokenizer_file`); a difference is an error naming the input and the key, tensor or file. A LoRA
+run is read with its adapters merged into its base weights (as every reader does, models/lora.py
+`merge`), a PPO run as its policy; a reward model (scalar head) is refused; an hf:DIR that is
+missing, is not an HF checkpoint or is of an architecture flaxlm does not build is an error
+naming it.
 A flag the method does not take (`--seed` but for dare_*, `--ties_scope` but for ties and
 dare_ties, ...), a missing `--base`, or a value out of range (`--density` outside (0, 1], a
 `--seed` outside [0, 2^32)) is an error naming the flag, before any tensor is read.
@@ -509,10 +512,13 @@ def merge(inputs: list[str], out: str, method: str = "mean", *, last: int | None
     target = model_target(sources[0], mesh, rules)
     everyone = sources + ([base_src] if base_src else [])
     merge_inputs.check_compatible(everyone, target)
+    reads = merge_inputs.read_target(everyone, target)  # float32 where the inputs' dtypes differ
     chunk_bytes = int(chunk_mb * 2**20)
-    thresholds, majority = _whole_vector_stats(recipe, sources, base_src, target, chunk_bytes)
-    params, linear = combine(recipe, sources, base_src, target, chunk_bytes, thresholds,
+    thresholds, majority = _whole_vector_stats(recipe, sources, base_src, reads, chunk_bytes)
+    params, linear = combine(recipe, sources, base_src, reads, chunk_bytes, thresholds,
                              majority)  # fmt: skip
+    if reads is not target:  # the first input's param_dtype, as its model config says
+        params = jax.tree.map(lambda x, s: x.astype(s.dtype), params, target)
     record = {
         "method": method,
         "inputs": _input_records(recipe, sources, thresholds),

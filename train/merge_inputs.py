@@ -2,20 +2,20 @@
 their params one group of tensors at a time.
 
 `resolve` turns `RUN[@STEP]` and `hf:DIR` arguments (and `--last N`) into `Source`s, each one
-step of one run with its meta, or one Hugging Face checkpoint directory with the meta its
-import (`python -m flaxlm.models.hf import`) would write: the model config flaxlm derives from
-its config.json, its tokenizer (the directory's tokenizer files), its architecture; the same
+step of one run with its meta, or one Hugging Face checkpoint directory with the meta its import
+(`python -m flaxlm.models.hf import`) would write: the model config flaxlm derives from its
+config.json, its tokenizer (the directory's tokenizer files), its architecture; the same
 spelling `init_from=hf:DIR` uses. `check_compatible` refuses, naming the input and the key,
-tensor or file, inputs that are not the same model (model config but its execution-only keys,
-the saved tensors' shapes) or not the same tokenizer (the vocabulary file's bytes: a run's
-tokenizer.model against an HF directory's tokenizer.model, tokenizer.json against
-tokenizer.json), and kinds of run the merge does not take (a reward model); `read` gives a
-group of an input's language-model tensors: a plain run's params, a LoRA run's base with its
-adapters merged in, a PPO run's policy (its critic left out), each as alignment/common.py
-`load_lm_params` reads them, an HF checkpoint's from its safetensors shards, but for a subset
-of the tensors (`load_params`' partial read; hf_weights `read_params(only=...)`, which reads
-only those tensors' data from the memory-mapped shards), so that no whole model of an input
-is ever in memory.
+tensor or file, inputs that are not the same model (model config but its execution-only keys and
+the storage dtype `param_dtype`, the saved tensors' shapes) or not the same tokenizer (the
+vocabulary file's bytes: a run's tokenizer.model against an HF directory's tokenizer.model,
+tokenizer.json against tokenizer.json), and kinds of run the merge does not take (a reward
+model); `read` gives a group of an input's language-model tensors: a plain run's params, a LoRA
+run's base with its adapters merged in, a PPO run's policy (its critic left out), each as
+alignment/common.py `load_lm_params` reads them, an HF checkpoint's from its safetensors shards,
+but for a subset of the tensors (`load_params`' partial read; hf_weights
+`read_params(only=...)`, which reads only those tensors' data from the memory-mapped shards), so
+that no whole model of an input is ever in memory.
 """
 
 from __future__ import annotations
@@ -182,9 +182,35 @@ def resolve(args: list[str], last: int | None, ema: bool) -> list[Source]:
     return out
 
 
+# Model config keys merged inputs may differ in: how a model runs, and the dtype its weights are
+# stored in (a float32 fine-tune of a bfloat16 or float16 HF checkpoint merged with it as --base;
+# `read_target` then reads every input in float32).
+MERGE_NEUTRAL_KEYS = EXECUTION_ONLY_MODEL_KEYS | {"param_dtype"}
+
+
 def _model(meta: dict) -> dict:
     cfg = json.loads(json.dumps(_normal_model_config(meta["model_config"])))
-    return {k: v for k, v in cfg.items() if k not in EXECUTION_ONLY_MODEL_KEYS}
+    return {k: v for k, v in cfg.items() if k not in MERGE_NEUTRAL_KEYS}
+
+
+def param_dtype(src: Source) -> str:
+    return str(src.meta["model_config"].get("param_dtype", "float32"))
+
+
+def read_target(sources: list[Source], target):
+    """The tree the inputs' tensors are read into: `target` (the first input's dtypes) when
+    every input stores its params in that dtype, else `target` with its floating leaves in
+    float32, so that no input is rounded to a narrower dtype before the (float32) merge; the
+    result is cast to the first input's dtype at the end, as always."""
+    if len({param_dtype(s) for s in sources}) == 1:
+        return target
+
+    def widen(s):
+        if not jax.numpy.issubdtype(s.dtype, jax.numpy.floating):
+            return s
+        return jax.ShapeDtypeStruct(s.shape, jax.numpy.float32, sharding=s.sharding)
+
+    return jax.tree.map(widen, target)
 
 
 def tokenizer_digest(src: Source) -> tuple[str, str | None]:
@@ -217,7 +243,8 @@ def check_compatible(sources: list[Source], target) -> None:
                             for k in diff)  # fmt: skip
             raise MergeError(
                 f"{src.label} is another model than {first.label}:{lines}\nOnly the execution "
-                f"keys ({', '.join(sorted(EXECUTION_ONLY_MODEL_KEYS))}) may differ."
+                f"keys ({', '.join(sorted(EXECUTION_ONLY_MODEL_KEYS))}) and param_dtype may "
+                "differ."
             )
         tok, digest = tokenizer_digest(src)
         if digest != want_hash:

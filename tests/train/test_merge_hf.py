@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -273,3 +274,34 @@ def test_a_missing_or_unsupported_hf_input_is_refused_by_name(models, tmp_path):
         with pytest.raises(SystemExit, match=message):
             _merge(tmp_path, *argv)
     assert not os.listdir(tmp_path)
+
+
+def test_a_float32_run_merges_with_the_bfloat16_hf_checkpoint_it_started_from(models, tmp_path):
+    """param_dtype may differ: every input is read in float32 (a float32 run is never rounded to
+    the bfloat16 of an input before it), the result stored in the first input's dtype."""
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    p = models["params"]
+    base16 = jax.tree.map(lambda x: np.asarray(x, bf16), p["base"])
+    hf16 = str(tmp_path / "base16")
+    hf.save_pretrained(CFG, base16, hf16, dtype="bfloat16", extra_config={"eos_token_id": [258]})
+    write_hf_tokenizer(hf16, TEMPLATE, {"eos_token": "<|im_end|>"}, specials=SPECIALS)
+    assert hf.load_config(hf16).param_dtype == "bfloat16"
+    run32 = models["run"]  # float32 params, the same model
+    assert ckpt_lib.read_meta(run32)[1]["model_config"]["param_dtype"] == "float32"
+    want = {k: (v.astype(np.float32) + _flat(p["run"])[k]) / 2 for k, v in _flat(base16).items()}
+
+    out, _ = _merge(tmp_path, run32, f"hf:{hf16}", name="run_first")  # float32 result
+    got = ckpt_lib.load_model(out)[1]
+    assert {x.dtype for x in jax.tree.leaves(got)} == {np.dtype(np.float32)}
+    _assert_close(got, want)
+    out, _ = _merge(tmp_path, f"hf:{hf16}", run32, name="hf_first")  # bfloat16 result
+    got = _flat(_params(out))
+    assert ckpt_lib.read_meta(out)[1]["model_config"]["param_dtype"] == "bfloat16"
+    for k, v in want.items():  # the float32 mean rounded once, to bfloat16
+        np.testing.assert_array_equal(got[k], v.astype(bf16).astype(np.float32), err_msg=k)
+    # task arithmetic on the bfloat16 base gives the run back (its task vector, scale 1)
+    out, _ = _merge(tmp_path, run32, "--method", "task_arithmetic", "--base", f"hf:{hf16}",
+                    "--scale", "1", name="ta")  # fmt: skip
+    _assert_close(_params(out), p["run"], rtol=1e-6, atol=1e-6)
