@@ -56,6 +56,26 @@ def _table_lines(rows: Sequence[dict], target: dict | None, tasks: Sequence[str]
     return lines
 
 
+def _branch_lines(rows: Sequence[dict]) -> list[str]:
+    """What the sweep's branches saved (configs/scaling.py:cooldowns=True): a branch trains only
+    its steps after its branch point (`branch_from=RUN@STEP`), the ones before are its
+    source's. Nothing when no run is a branch."""
+    listed = trained = branches = 0
+    for r in rows:
+        ov = r.get("overrides") or {}
+        ov = json.loads(ov) if isinstance(ov, str) else ov
+        steps = int(r.get("total_steps") or r["step"])
+        start = str(ov.get("branch_from") or "").rpartition("@")[2]
+        listed += steps
+        trained += steps - (int(start) if start.isdigit() else 0)
+        branches += start.isdigit()
+    if not branches:
+        return []
+    return [f"{branches} of the {len(rows)} runs are branches of another run (`branch_from`): "
+            f"the sweep trained {trained} optimizer steps, against {listed} for the same runs "
+            f"trained separately ({100 * trained / listed:.0f}%).", ""]  # fmt: skip
+
+
 def _law_lines(report: dict) -> list[str]:
     fit, ci = report["parametric"], report.get("parametric_intervals", {})
     lines = [
@@ -197,7 +217,8 @@ def write_markdown(
               *_table_lines(rows, target, tasks), "",
               "N non-emb excludes the (tied) embedding table; C=6ND uses it; FLOPs (exact) is "
               "flops_per_token × D (6·N_matmul + 12·L·d·T, attention non-causal, DESIGN.md).",
-              "", "## Time and machine load", *_timing_lines(root), "", "## Plots"]  # fmt: skip
+              "", *_branch_lines(rows), "## Time and machine load", *_timing_lines(root), "",
+              "## Plots"]  # fmt: skip
     for name, path in report.get("plots", {}).items():
         lines.append(f"- {name}: ![{name}]({os.path.relpath(path, out_dir)})")
     path = os.path.join(out_dir, "report.md")

@@ -289,3 +289,19 @@ def test_scaling_cooldowns_branch_each_shorter_budget_where_its_decay_begins(tmp
         assert float(schedule(width, source.total_steps)[1](start - 1)) == pytest.approx(lr)
         assert r.info["tokens"] == r.total_steps * 512  # D counts the source's steps too
     assert scaling_config.get_config("predict=True,cooldowns=True").opt.schedule == "wsd"
+
+
+def test_report_counts_the_steps_a_branched_sweep_saved():
+    from flaxlm.evaluation.scaling_workflow_report import _branch_lines
+
+    source = {"overrides": {"total_steps": 1200}, "total_steps": 1200, "step": 1200}
+    rows = [source] + [
+        {"overrides": json.dumps({"branch_from": f"run-a@{at}", "total_steps": n}),
+         "total_steps": n, "step": n}  # (runs.csv holds the overrides as JSON text)
+        for at, n in ((480, 600), (720, 900))
+    ]  # fmt: skip
+    assert _branch_lines(rows)[0] == (
+        "2 of the 3 runs are branches of another run (`branch_from`): the sweep trained 1500 "
+        "optimizer steps, against 2700 for the same runs trained separately (56%)."
+    )
+    assert _branch_lines([source]) == []
