@@ -63,6 +63,9 @@ def opt_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 100  # linear warmup from 0 to lr
     c.final_lr_frac = 0.1  # cosine/linear/wsd end at lr·final_lr_frac
     c.wsd_decay_frac = 0.2  # wsd: fraction of steps spent in the final decay
+    # wsd: the decay's shape from lr to lr·final_lr_frac: linear | sqrt (1 − √x, Hägele et al.
+    # 2024's better cooldown) | cosine (half a cosine)
+    c.wsd_decay_shape = "linear"
     c.b1 = 0.9  # first-moment decay (adamw, lion, muon's AdamW), in [0, 1); sgd: its momentum
     c.b2 = 0.95  # second-moment decay (adamw, lion, muon's AdamW), in [0, 1)
     c.eps = 1e-8  # adamw / muon's AdamW epsilon, > 0
@@ -104,6 +107,8 @@ def _check(cfg, total_steps) -> None:
     need("final_lr_frac", lambda x: is_real(x) and 0 <= x <= 1, "a number in [0, 1]")
     if cfg.schedule == "wsd":
         need("wsd_decay_frac", lambda x: is_real(x) and 0 < x <= 1, "a number in (0, 1]")
+        if "wsd_decay_shape" in cfg:  # (a config saved before the key: linear)
+            need("wsd_decay_shape", lambda x: x in WSD_SHAPES, "one of " + " | ".join(WSD_SHAPES))
     need("grad_accum", lambda x: is_int(x) and x >= 1, "an integer >= 1")
     # The optimizer's own keys, where its update reads them: b2 = 1 made AdamW's bias correction
     # 0/0 (NaN params after the first update), eps = 0 NaN wherever a gradient is exactly 0 (an
@@ -126,6 +131,24 @@ def _check(cfg, total_steps) -> None:
         )  # fmt: skip
 
 
+WSD_SHAPES = ("linear", "sqrt", "cosine")  # opt.wsd_decay_shape
+
+
+def _wsd_decay(shape: str, lr: float, final: float, decay: int) -> optax.Schedule:
+    """The WSD decay from `lr` (count 0) to `final` (count `decay`, held after), shaped by
+    `shape`: x = count/decay falls linearly, as 1 − √x (the cooldown Hägele et al. 2024 found to
+    match cosine), or as half a cosine."""
+    if shape == "linear":
+        return optax.linear_schedule(lr, final, decay)
+
+    def schedule(count):
+        x = jnp.clip(count / decay, 0.0, 1.0)
+        left = 1.0 - jnp.sqrt(x) if shape == "sqrt" else 0.5 * (1.0 + jnp.cos(jnp.pi * x))
+        return final + (lr - final) * left
+
+    return schedule
+
+
 def make_schedule(cfg, total_steps: int) -> optax.Schedule:
     _check(cfg, total_steps)
     lr, warmup = cfg.lr, min(cfg.warmup_steps, max(total_steps - 1, 0))
@@ -143,8 +166,10 @@ def make_schedule(cfg, total_steps: int) -> optax.Schedule:
         # them (the warmup's peak at the latest) at lr
         decay = min(max(int(total_steps * cfg.wsd_decay_frac), 1), span)
         after = optax.join_schedules(
-            [optax.constant_schedule(lr), optax.linear_schedule(lr, final, decay)], [span - decay]
-        )
+            [optax.constant_schedule(lr), _wsd_decay(cfg.get("wsd_decay_shape", "linear"), lr,
+                                                     final, decay)],
+            [span - decay],
+        )  # fmt: skip
     elif cfg.schedule == "constant":
         after = optax.constant_schedule(lr)
     else:

@@ -89,13 +89,15 @@ def test_a_non_finite_update_from_a_finite_gradient_is_skipped():
                                   before["w"]["kernel"])  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["cosine", "linear", "wsd"])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "wsd", "wsd:sqrt", "wsd:cosine"])
 @pytest.mark.parametrize("total, warmup", [(9, 0), (20, 0), (7, 3), (100, 10), (2, 0)])
 def test_every_decay_reaches_the_final_lr_on_the_last_update(kind, total, warmup):
     """Update t uses schedule(t), t < total: the decay used to reach lr·final_lr_frac only at
     schedule(total), and a one-update wsd window (total=9) never decayed."""
     lr, frac = 2.0, 0.1
-    s = make_schedule(_opt(lr=lr, schedule=kind, warmup_steps=warmup, final_lr_frac=frac), total)
+    kind, _, shape = kind.partition(":")
+    s = make_schedule(_opt(lr=lr, schedule=kind, warmup_steps=warmup, final_lr_frac=frac,
+                           wsd_decay_shape=shape or "linear"), total)  # fmt: skip
     lrs = [float(s(t)) for t in range(total + 2)]
     w = min(warmup, total - 1)
     assert lrs[w] == pytest.approx(lr, rel=1e-6)  # warmup unchanged: it peaks on update w
@@ -105,6 +107,22 @@ def test_every_decay_reaches_the_final_lr_on_the_last_update(kind, total, warmup
     if kind == "wsd":  # the last int(total·wsd_decay_frac) updates (at least 1) are below lr
         below = sum(x < lr for x in lrs[w:total])
         assert below == max(int(total * 0.2), 1)
+
+
+@pytest.mark.parametrize("shape", ["linear", "sqrt", "cosine"])
+def test_wsd_decay_shapes_follow_their_formulas(shape):
+    """Updates 80..99 of a 100-update WSD run (warmup 10, decay 20%): lr·(f + (1 − f)·g(x)),
+    x = (t − 79)/20, g = 1 − x, 1 − √x or (1 + cos πx)/2 (Hägele et al. 2024's cooldowns)."""
+    lr, f = 3.0, 0.1
+    s = make_schedule(_opt(lr=lr, schedule="wsd", warmup_steps=10, final_lr_frac=f,
+                           wsd_decay_shape=shape), 100)  # fmt: skip
+    x = (np.arange(79, 100) - 79) / 20
+    g = {"linear": 1 - x, "sqrt": 1 - np.sqrt(x), "cosine": (1 + np.cos(np.pi * x)) / 2}[shape]
+    np.testing.assert_allclose([float(s(t)) for t in range(79, 100)], lr * (f + (1 - f) * g),
+                               rtol=1e-6)  # fmt: skip
+    assert [float(s(t)) for t in range(10, 80)] == pytest.approx([lr] * 70)
+    with pytest.raises(ValueError, match=r"opt.wsd_decay_shape='sqr' must be one of linear \| "):
+        make_schedule(_opt(schedule="wsd", wsd_decay_shape="sqr"), 100)
 
 
 def test_the_one_update_left_after_warmup_is_at_the_peak():
