@@ -62,17 +62,20 @@ HEAD_DIM = 16
 BATCH, SEQ_LEN = 4, 128
 VOCAB = 512  # built-in tokenizer size: a 2048 table would dwarf the smallest models' blocks
 COOLDOWN_FRAC = 0.2  # cooldowns=True: the share of each run's steps in its final (WSD) decay
+COOLDOWN_SHAPE = "linear"  # cooldowns=True: the decay's shape (opt.wsd_decay_shape)
 
 
 def _parse(arg: str | None) -> ml_collections.ConfigDict:
     return common.parse_arg(arg, width=64, steps=900, predict=False, runlocal=False, heldout="",
-                            cooldowns=False)  # fmt: skip
+                            cooldowns=False, cooldown_frac=COOLDOWN_FRAC,
+                            cooldown_shape=COOLDOWN_SHAPE)  # fmt: skip
 
 
-def decay_start(steps: int) -> int:
-    """The step at which a `steps`-long WSD run of this config starts its decay (the updates
-    after it are below the peak lr; train/optim.make_schedule): where a cooldown branches."""
-    return steps - max(int(steps * COOLDOWN_FRAC), 1)
+def decay_start(steps: int, frac: float = COOLDOWN_FRAC) -> int:
+    """The step at which a `steps`-long WSD run whose last `frac` decays starts its decay (the
+    updates after it are below the peak lr; train/optim.make_schedule): where a cooldown
+    branches."""
+    return steps - max(int(steps * frac), 1)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -111,9 +114,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.router_loss_keys(c.loss)  # moe_aux, moe_z: models with experts (models/moe.py)
 
     c.opt.lr = LR_BASE * (64.0 / d.to_float()) ** LR_EXPONENT  # follows model.d_model
-    if a.cooldowns:  # constant lr after warmup, then a linear decay over the last 20%
+    if a.cooldowns:  # constant lr after warmup, then the decay over the last cooldown_frac
         c.opt.schedule = "wsd"
-        c.opt.wsd_decay_frac = COOLDOWN_FRAC
+        c.opt.wsd_decay_frac = a.cooldown_frac
+        c.opt.wsd_decay_shape = a.cooldown_shape
     total = c.get_ref("total_steps")
     c.opt.warmup_steps = total // 10  # follows total_steps
     c.eval_every = total.identity()  # one held-out evaluation, at the last step
@@ -140,9 +144,9 @@ def sweep(add, arg=None):
             continue
         longest, shorter = budgets[-1], budgets[:-1]
         # checkpoints at every branch point, kept (the branches may start after the run ends)
-        every = math.gcd(longest, *(decay_start(s) for s in shorter))
+        every = math.gcd(longest, *(decay_start(s, a.cooldown_frac) for s in shorter))
         source = add(**{"model.d_model": width, "total_steps": longest, "ckpt_every": every,
                         "keep_ckpts": 0})  # fmt: skip
         for steps in shorter:
             add(**{"model.d_model": width, "total_steps": steps,
-                   "branch_from": source.at(decay_start(steps))})  # fmt: skip
+                   "branch_from": source.at(decay_start(steps, a.cooldown_frac))})  # fmt: skip

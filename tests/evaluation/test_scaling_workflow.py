@@ -261,18 +261,23 @@ def test_a_diverged_run_stops_the_fit_naming_it_or_is_left_out(tmp_path):
     assert bad.name in table  # the run table keeps every run
 
 
-def test_scaling_cooldowns_branch_each_shorter_budget_where_its_decay_begins(tmp_path):
+@pytest.mark.parametrize(
+    "args, starts", [("", (480, 720)), (",cooldown_frac=0.5,cooldown_shape=sqrt", (300, 450))]
+)
+def test_scaling_cooldowns_branch_each_shorter_budget_where_its_decay_begins(tmp_path, args,
+                                                                            starts):  # fmt: skip
     from flaxlm.train.optim import make_schedule
 
     config = os.path.join(os.path.dirname(scaling_config.__file__), "scaling.py")
-    runs = sweep.plan(config + ":cooldowns=True", str(tmp_path))
+    runs = sweep.plan(config + ":cooldowns=True" + args, str(tmp_path))
+    assert sorted({r.branch_of[1] for r in runs if r.branch_of}) == list(starts)
     budgets = sorted(scaling_config.STEPS)
     assert len(runs) == len(scaling_config.WIDTHS) * len(budgets)
     sources = [r for r in runs if r.branch_of is None]
     assert [r.total_steps for r in sources] == [budgets[-1]] * len(scaling_config.WIDTHS)
 
     def schedule(width, steps):
-        c = scaling_config.get_config(f"cooldowns=True,width={width},steps={steps}")
+        c = scaling_config.get_config(f"cooldowns=True,width={width},steps={steps}{args}")
         assert c.opt.schedule == "wsd"
         return c.opt.lr, make_schedule(c.opt, steps)
 
@@ -280,7 +285,7 @@ def test_scaling_cooldowns_branch_each_shorter_budget_where_its_decay_begins(tmp
         source = next(s for s in sources if s.name == r.branch_of[0])
         width, start = r.overrides["model.d_model"], r.branch_of[1]
         assert source.overrides["model.d_model"] == width
-        assert start == scaling_config.decay_start(r.total_steps) and start % source.overrides[
+        assert start in starts and start % source.overrides[
             "ckpt_every"] == 0 and source.overrides["keep_ckpts"] == 0  # fmt: skip
         lr, own = schedule(width, r.total_steps)
         # the branch's first own update is its decay's first; the one before it at the peak
