@@ -262,7 +262,7 @@ def test_a_diverged_run_stops_the_fit_naming_it_or_is_left_out(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, starts", [("", (480, 720)), (",cooldown_frac=0.5,cooldown_shape=sqrt", (300, 450))]
+    "args, starts", [("", (300, 450)), (",cooldown_frac=0.2,cooldown_shape=linear", (480, 720))]
 )
 def test_scaling_cooldowns_branch_each_shorter_budget_where_its_decay_begins(tmp_path, args,
                                                                             starts):  # fmt: skip
