@@ -43,12 +43,31 @@ def _timing_lines(root: str) -> list[str]:
     return lines
 
 
+# Overrides that say how a run was trained, not which (N, D) point it is: left out of its label
+_BOOKKEEPING = ("ckpt_every", "keep_ckpts", "branch_from")
+
+
+def _overrides(row: dict) -> dict:
+    ov = row.get("overrides") or {}
+    return json.loads(ov) if isinstance(ov, str) else ov
+
+
+def run_label(row: dict) -> str:
+    """A run as the table names it: its sweep overrides but the bookkeeping ones (a branch's
+    directory name holds its source's whole name, hashed), "branched at STEP" for a branch;
+    the run's name where it has no overrides (the target)."""
+    ov = _overrides(row)
+    label = ",".join(f"{k}={v}" for k, v in sorted(ov.items()) if k not in _BOOKKEEPING)
+    start = str(ov.get("branch_from") or "").rpartition("@")[2]
+    return (label or row["name"]) + (f" (branched at {start})" if start.isdigit() else "")
+
+
 def _table_lines(rows: Sequence[dict], target: dict | None, tasks: Sequence[str]) -> list[str]:
     head = "| run | N non-emb | N total | D tokens | C=6ND | FLOPs (exact) | train loss | held-out"
     head += "".join(f" | {t} acc" for t in tasks) + " |"
     lines = [head, "|" + "---|" * (8 + len(tasks))]
     for r in list(rows) + ([target] if target else []):
-        cells = [r["name"], _fmt(r["n_params_nonembed"], ".4g"), _fmt(r["n_params"], ".4g"),
+        cells = [run_label(r), _fmt(r["n_params_nonembed"], ".4g"), _fmt(r["n_params"], ".4g"),
                  _fmt(r["tokens"], ".3g"), _fmt(r["c_6nd"], ".3g"), _fmt(r["flops"], ".3g"),
                  _fmt(r["final_loss"], ".4f"), _fmt(r["heldout_loss"], ".4f")]  # fmt: skip
         cells += [_fmt(r.get(f"task/{t}/acc"), ".3f") for t in tasks]
@@ -62,8 +81,7 @@ def _branch_lines(rows: Sequence[dict]) -> list[str]:
     source's. Nothing when no run is a branch."""
     listed = trained = branches = 0
     for r in rows:
-        ov = r.get("overrides") or {}
-        ov = json.loads(ov) if isinstance(ov, str) else ov
+        ov = _overrides(r)
         steps = int(r.get("total_steps") or r["step"])
         start = str(ov.get("branch_from") or "").rpartition("@")[2]
         listed += steps

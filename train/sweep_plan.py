@@ -294,7 +294,9 @@ class BranchPoint:
 
     source: int
     step: int
-    sweep_id: int  # which expansion made it: a handle of another sweep() call is refused
+    # which expansion made it (a handle of another sweep() call is refused); no part of the
+    # value, so two expansions of one sweep compare (and print) alike
+    sweep_id: int = dataclasses.field(compare=False, repr=False)
 
 
 class AddedRun:

@@ -310,3 +310,21 @@ def test_report_counts_the_steps_a_branched_sweep_saved():
         "optimizer steps, against 2700 for the same runs trained separately (56%)."
     )
     assert _branch_lines([source]) == []
+    from flaxlm.evaluation.scaling_workflow_report import run_label
+
+    assert run_label({**rows[1], "name": "run-branch_from=...-07db6239"}) == (
+        "total_steps=600 (branched at 480)"
+    )
+    assert run_label({"name": "target", "overrides": {}}) == "target"
+
+
+def test_a_branched_sweep_spelled_two_ways_is_one_study():
+    """Equal config args (the defaults written out) are one study, branch points and all: a
+    run handle's identity is no part of a branch_from value (it made every re-run of such a
+    study with the other spelling a refusal)."""
+    from flaxlm.train.sweep_plan import _same_config_arg
+
+    config = os.path.join(os.path.dirname(scaling_config.__file__), "scaling.py")
+    same = f"{config}:cooldowns=True,cooldown_frac=0.5,cooldown_shape=sqrt"
+    assert _same_config_arg(f"{config}:cooldowns=True", same)
+    assert not _same_config_arg(f"{config}:cooldowns=True,cooldown_frac=0.2", same)
