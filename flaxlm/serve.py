@@ -50,21 +50,33 @@ What differs from OpenAI (and vLLM):
   * A prompt whose tokens plus max_tokens exceed the model's max_seq_len is a 400 naming both
     numbers; nothing is truncated.
 
-Serving: one model in one process. ThreadingHTTPServer accepts connections concurrently, but
-requests run on the devices one at a time, under one lock (GET /health and /v1/models answer
-meanwhile). A request's prompts and its n samples decode as one batched `generate` call;
-batching across requests is future work.
+Serving: one model in one process. ThreadingHTTPServer accepts connections concurrently; the
+devices run one call at a time, under one lock (GET /health and /v1/models answer meanwhile).
+Requests that decode (completions with max_tokens >= 1, chat) are queued, and one worker thread
+(flaxlm/serve_batch.py) runs concurrent ones as one batched `generate` call when they agree on
+every value generate takes once per call: temperature, top_k, top_p, min_p, the penalties, n,
+the stop tokens and strings, and the top-logprobs K bucket (`_batch_key`). Prompts, seeds and
+max_tokens may differ: the batch decodes to the largest max_tokens bucket and each request's
+rows are cut to its own (finish_reason "length" as if alone), and each prompt samples from its
+own request's keys (above, seed), so a request draws the tokens it draws alone, up to the
+float rounding of another program ("Compilation", the last sentence). A batch starts with the
+oldest request, takes the compatible ones queued behind it while their rows (prompts x n) fit
+--max_batch_rows (64; a bigger request runs alone), and waits --batch_wait_ms (5; 0: not at
+all) for more before it runs; requests arriving while a batch runs join the next. An exception
+in a batch is a 500 for each of its requests; the worker serves on. Not batched: prompt
+scoring (echo with logprobs; `max_tokens: 0` decodes nothing), one forward under the lock.
 
 Compilation: decode programs are compiled per shape, so a request's shape is rounded up to a
 few buckets, and a stream of requests of varying sizes reuses a handful of programs: the
-prompts to a power of two (rows past the request's repeat its last prompt and are dropped),
-max_tokens to a power of two (the output is cut back to the max_tokens asked, finish_reason
-"length"; the steps dropped may run past max_seq_len, where RoPE extrapolates, but the tokens
-kept never attend to them), the top-logprobs K to a power of two; prompt lengths are bucketed
-by `generate` itself (powers of two from 8). Prompt scoring (echo with logprobs) runs one jitted
-forward per (rows, length, K) bucket. The first request of each bucket logs "compiling ..." and
-its time to stderr. Greedy tokens can differ from another
-bucket's in a near tie (models/decode.py, "Sampling noise": up to float rounding).
+prompts to a power of two (rows past the batch's repeat its last prompt and are dropped),
+max_tokens (a batch's largest) to a power of two (the output is cut back to the max_tokens
+asked, finish_reason "length"; the steps dropped may run past max_seq_len, where RoPE
+extrapolates, but the tokens kept never attend to them), the top-logprobs K to a power of
+two; prompt lengths are bucketed by `generate` itself (powers of two from 8). Prompt scoring
+(echo with logprobs) runs one jitted forward per (rows, length, K) bucket. The first request
+of each bucket logs "compiling ..." and its time to stderr. Greedy and seeded tokens can
+differ from another bucket's (or batch's) in a near tie (models/decode.py, "Sampling noise":
+up to float rounding).
 
 Requests are served by `handle(state, method, path, body)` -> (status, JSON object), which the
 HTTP handler wraps (testable without sockets). A bad request is a 400 (malformed JSON with its
@@ -103,6 +115,7 @@ from flaxlm.serve_api import (
     parse_completion,
     parse_json,
 )
+from flaxlm.serve_batch import Batcher
 
 MAX_BODY = 64 << 20  # bytes of a request body
 SCORE_TOKENS = 8192  # about how many tokens one scoring forward holds (rows x length)
@@ -121,7 +134,9 @@ def _log(msg: str) -> None:
 class ServeState:
     """The model a server serves and what it remembers between requests: the program shapes
     run so far (`programs`: key -> seconds of its first call, compile included) and the stop
-    strings' tables. `lock` serialises the device work."""
+    strings' tables. `lock` serialises the device work; `tok_lock` the tokenizer's (request
+    threads encode and decode text concurrently). `batcher` queues the decode requests and
+    runs compatible ones as one `generate` call (module docstring, "Serving")."""
 
     cfg: Any
     params: Any
@@ -133,7 +148,10 @@ class ServeState:
     cache_dtype: str | None = None
     quantize: str = "none"
     log: Any = _log
+    max_batch_rows: int = 64
+    batch_wait_ms: float = 5.0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    tok_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     programs: dict = dataclasses.field(default_factory=dict)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -143,6 +161,9 @@ class ServeState:
         self.max_logprobs = min(self.max_logprobs, self.cfg.vocab_size)
         self.text_of = token_text(self.tok)
         self._stops: collections.OrderedDict = collections.OrderedDict()
+        self.batcher = Batcher(functools.partial(_decode_batch, self), self.lock,
+                               self.max_batch_rows, self.batch_wait_ms / 1000,
+                               log=lambda msg: self.log(msg))  # fmt: skip
 
 
 # --- the device work ------------------------------------------------------------------------
@@ -198,19 +219,63 @@ class Row:
     top: list
 
 
+@dataclasses.dataclass(eq=False)
+class _Work:
+    """One request's decode, as it waits in the batcher's queue: its prompts (token ids),
+    sampling, max_tokens, stop ids and stop-string tables, and seed."""
+
+    prompts: list
+    s: Sampling
+    max_tokens: int
+    stops: tuple
+    strings: Any
+    seed: int
+
+
+def _top_k(state: ServeState, logprobs: int | None) -> int:
+    """The top-logprobs K a decode program computes: `logprobs` up to a power of two."""
+    return min(_pow2(logprobs), state.cfg.vocab_size) if logprobs else 0
+
+
+def _batch_key(state: ServeState, s: Sampling, stops: tuple) -> tuple:
+    """What requests must share to decode in one `generate` call: every value generate takes
+    once per call (temperature, top_k/p, min_p, penalties, n, stop tokens and strings) and the
+    top-logprobs K the program computes. The per-row values may differ: prompts, seeds
+    (each request's own keys) and max_tokens (the batch runs to the largest bucket, each
+    request cut to its own)."""
+    per_call = dataclasses.replace(s, max_tokens=None, seed=None, logprobs=None)
+    return per_call, tuple(stops), _top_k(state, s.logprobs)
+
+
 def _decode(state: ServeState, prompts: list, s: Sampling, max_tokens: int, stops, seed: int):
-    """The rows (prompt-major, s.n per prompt) of one `generate` call over the bucketed batch
-    (module docstring, "Compilation")."""
+    """The rows (prompt-major, s.n per prompt) of a request's prompts, decoded by the batcher
+    in one `generate` call with the compatible requests queued beside it (blocks until then).
+    The stop-string tables are built here, on the request's thread, under the tokenizer lock."""
+    with state.tok_lock:
+        strings = _stop_strings(state, s.stop)
+    work = _Work(prompts, s, max_tokens, tuple(stops), strings, seed)
+    return state.batcher.submit(_batch_key(state, s, work.stops), len(prompts) * s.n, work)
+
+
+def _decode_batch(state: ServeState, works: list) -> list:
+    """Per request of `works` (equal `_batch_key`s), its rows: one `generate` call over all
+    their prompts, bucketed (module docstring, "Compilation"). Each prompt samples from its
+    own request's keys, prompt_keys(seed_key(seed), its index in the request), wherever it
+    sits in the batch; each request's rows are cut to its own max_tokens and K."""
     import jax
+    import numpy as np
 
-    from flaxlm.models.decode import prompt_bucket
+    from flaxlm.models.decode import prompt_bucket, prompt_keys
 
-    B, G, cfg = len(prompts), s.n, state.cfg
+    s, stops, strings = works[0].s, works[0].stops, works[0].strings
+    prompts = [p for w in works for p in w.prompts]
+    B, G = len(prompts), s.n
     idx = list(range(B)) + [B - 1] * (_pow2(B) - B)  # (the rows past B are dropped)
+    keys = jax.numpy.concatenate([prompt_keys(seed_key(w.seed), range(len(w.prompts)))
+                                  for w in works])[np.asarray(idx)]  # fmt: skip
     longest = max(len(p) for p in prompts)
-    N = _pow2(max_tokens)  # (steps past max_tokens, and past max_seq_len, are dropped)
-    K = min(_pow2(s.logprobs), cfg.vocab_size) if s.logprobs else 0
-    strings = _stop_strings(state, s.stop)
+    N = _pow2(max(w.max_tokens for w in works))  # (steps past a max_tokens are dropped)
+    K = _top_k(state, s.logprobs)
     penalized = (s.repetition_penalty != 1 or s.frequency_penalty != 0
                  or s.presence_penalty != 0)  # fmt: skip
     key = ("decode", ("rows", len(idx)), ("prompt_bucket", prompt_bucket(longest)),
@@ -223,29 +288,33 @@ def _decode(state: ServeState, prompts: list, s: Sampling, max_tokens: int, stop
     def call():
         with warnings.catch_warnings():  # (past max_seq_len only where the output is dropped)
             warnings.filterwarnings("ignore", "generate: prompt .* past the model's max_seq_len")
-            out = _generate(state, [prompts[i] for i in idx], s, N, seed_key(seed), idx, stops,
-                            strings, G, K)  # fmt: skip
+            out = _generate(state, [prompts[i] for i in idx], s, N, keys, stops, strings, G, K)
         tops = (out.top_ids, out.top_logprobs) if K else ()
         return jax.device_get((out.tokens, out.logprobs, out.lengths, *tops))
 
     toks, lps, lengths, *tops = _timed(state, key, call)
-    rows = []
-    for r in range(B * G):
-        n = min(int(lengths[r]), max_tokens)
-        top = [[]] * n
-        if K:
-            top = [list(zip(tops[0][r, j, : s.logprobs].tolist(), tops[1][r, j, : s.logprobs]))
-                   for j in range(n)]  # fmt: skip
-        rows.append(Row([int(t) for t in toks[r, :n]], list(lps[r, :n]), top))
-    return rows
+    out, start = [], 0
+    for w in works:
+        rows = []
+        for r in range(start, start + len(w.prompts) * G):
+            n = min(int(lengths[r]), w.max_tokens)
+            top = [[]] * n
+            if K:
+                k = w.s.logprobs
+                top = [list(zip(tops[0][r, j, :k].tolist(), tops[1][r, j, :k]))
+                       for j in range(n)]  # fmt: skip
+            rows.append(Row([int(t) for t in toks[r, :n]], list(lps[r, :n]), top))
+        out.append(rows)
+        start += len(w.prompts) * G
+    return out
 
 
-def _generate(state: ServeState, prompts, s: Sampling, N: int, key, idx, stops, strings, G, K):
-    """`generate` over the bucketed batch: prompt i's samples from fold_in(key, idx[i])."""
-    from flaxlm.models.decode import generate, prompt_keys
+def _generate(state: ServeState, prompts, s: Sampling, N: int, keys, stops, strings, G, K):
+    """`generate` over the bucketed batch, each prompt's samples from its key in `keys`."""
+    from flaxlm.models.decode import generate
 
     return generate(
-        state.cfg, state.params, prompts, max_new_tokens=N, rng=prompt_keys(key, idx),
+        state.cfg, state.params, prompts, max_new_tokens=N, rng=keys,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
         stop_tokens=stops, pad_id=0, mesh=state.mesh, rules=state.rules,
         cache_dtype=state.cache_dtype, quantize=state.quantize, num_samples=G,
@@ -369,12 +438,15 @@ def _usage(prompts: list, rows: list) -> dict:
 
 
 def complete(state: ServeState, req: CompletionRequest) -> dict:
-    """The /v1/completions response of a checked request (module docstring)."""
+    """The /v1/completions response of a checked request (module docstring): its decode
+    queued for a batch, its scoring (echo with logprobs) under the device lock, its text
+    under the tokenizer lock."""
     from flaxlm.generate import encode_prompts
 
     tok, s = state.tok, req.sampling
     strs = [p for p in req.prompts if isinstance(p, str)]
-    encoded, stops = encode_prompts(tok, strs, chat=False)
+    with state.tok_lock:
+        encoded, stops = encode_prompts(tok, strs, chat=False)
     it = iter(encoded)
     prompts = [next(it) if isinstance(p, str) else p for p in req.prompts]
     for i, ids in enumerate(prompts):
@@ -386,7 +458,20 @@ def complete(state: ServeState, req: CompletionRequest) -> dict:
         rows = _decode(state, prompts, s, s.max_tokens, stops, seed)
     else:  # echo: a scoring call, nothing decoded
         rows = [Row([], [], []) for _ in range(len(prompts) * s.n)]
-    scored = _score(state, prompts, s.logprobs) if req.echo and s.logprobs is not None else None
+    scored = None
+    if req.echo and s.logprobs is not None:  # (not batched: one forward per call)
+        with state.lock:
+            scored = _score(state, prompts, s.logprobs)
+    with state.tok_lock:
+        choices = _completion_choices(state, req, prompts, rows, stops, scored)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": state.model_name, "choices": choices,
+            "usage": _usage(prompts, rows)}  # fmt: skip
+
+
+def _completion_choices(state: ServeState, req, prompts, rows, stops, scored) -> list:
+    """The choices of a /v1/completions response: rows' text, echo and logprobs."""
+    tok, s = state.tok, req.sampling
     choices = []
     for r, row in enumerate(rows):
         i = r // s.n
@@ -403,18 +488,18 @@ def complete(state: ServeState, req: CompletionRequest) -> dict:
                 lp = {k: echoed[k] + v for k, v in lp.items()}
         text = head + text
         choices.append({"index": r, "text": text, "logprobs": lp, "finish_reason": reason})
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-            "created": int(time.time()), "model": state.model_name, "choices": choices,
-            "usage": _usage(prompts, rows)}  # fmt: skip
+    return choices
 
 
 def chat(state: ServeState, req: ChatRequest) -> dict:
-    """The /v1/chat/completions response of a checked request (module docstring)."""
+    """The /v1/chat/completions response of a checked request (module docstring): its decode
+    queued for a batch, its text under the tokenizer lock."""
     from flaxlm.generate import encode_prompts
 
     s = req.sampling
     try:
-        prompts, stops = encode_prompts(state.tok, [req.messages], chat=True)
+        with state.tok_lock:
+            prompts, stops = encode_prompts(state.tok, [req.messages], chat=True)
     except ValueError as e:  # the template's own error, or no chat template at all
         name = getattr(state.tok, "name", "the tokenizer")
         raise ApiError(f"messages: the chat template of {name} cannot render them: {e}",
@@ -428,11 +513,12 @@ def chat(state: ServeState, req: ChatRequest) -> dict:
     _check_context(state, prompts, max_tokens, "messages")
     rows = _decode(state, prompts, s, max_tokens, stops, _seed(s))
     choices = []
-    for g, row in enumerate(rows):
-        text, reason = _finish(state, row, stops, s.stop)
-        lp = chat_logprobs(_entries(state, row)) if s.logprobs is not None else None
-        choices.append({"index": g, "message": {"role": "assistant", "content": text},
-                        "logprobs": lp, "finish_reason": reason})  # fmt: skip
+    with state.tok_lock:
+        for g, row in enumerate(rows):
+            text, reason = _finish(state, row, stops, s.stop)
+            lp = chat_logprobs(_entries(state, row)) if s.logprobs is not None else None
+            choices.append({"index": g, "message": {"role": "assistant", "content": text},
+                            "logprobs": lp, "finish_reason": reason})  # fmt: skip
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
             "created": int(time.time()), "model": state.model_name, "choices": choices,
             "usage": _usage(prompts, rows)}  # fmt: skip
@@ -441,15 +527,13 @@ def chat(state: ServeState, req: ChatRequest) -> dict:
 def _completions(state: ServeState, body: bytes) -> dict:
     vocab = state.cfg.vocab_size
     req = parse_completion(parse_json(body), state.model_name, vocab, state.max_logprobs)
-    with state.lock:
-        return complete(state, req)
+    return complete(state, req)  # (complete takes the locks it needs: the batcher decodes)
 
 
 def _chat(state: ServeState, body: bytes) -> dict:
     vocab = state.cfg.vocab_size
     req = parse_chat(parse_json(body), state.model_name, vocab, state.max_logprobs)
-    with state.lock:
-        return chat(state, req)
+    return chat(state, req)
 
 
 def _models(state: ServeState, body: bytes) -> dict:
@@ -514,7 +598,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client left; the batch ran
+            self.close_connection = True
 
     def _read_and_handle(self, method: str) -> tuple[int, dict, bool]:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -547,9 +634,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer("PATCH")
 
 
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer whose `server_close` also stops the state's batch worker (queued
+    requests fail; a later request, e.g. through `handle`, starts a new worker)."""
+
+    def server_close(self):
+        super().server_close()
+        self.state.batcher.stop()
+
+
 def make_server(state: ServeState, host: str = "127.0.0.1", port: int = 8000):
     """A ThreadingHTTPServer serving `state` (port 0: a free port, `server.server_address`)."""
-    server = ThreadingHTTPServer((host, port), _Handler)
+    server = _Server((host, port), _Handler)
     server.daemon_threads = True
     server.state = state
     return server
@@ -586,6 +682,11 @@ def _parser() -> argparse.ArgumentParser:
                    "(flaxlm/cli_mesh.py; default: one device)")  # fmt: skip
     p.add_argument("--sharding", default="fsdp", choices=("dp", "fsdp", "fsdp_tp"),
                    help="logical-rules preset for --mesh")  # fmt: skip
+    p.add_argument("--max_batch_rows", type=int, default=64,
+                   help="the most rows (prompts x n) one batched decode call holds")  # fmt: skip
+    p.add_argument("--batch_wait_ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests before it runs (0: no "
+                   "wait; requests arriving during a batch join the next one anyway)")  # fmt: skip
     return p
 
 
@@ -611,7 +712,9 @@ def load_state(args) -> ServeState:
         raise SystemExit(f"{args.model}: {e}") from None
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     return ServeState(cfg, params, tok, name, max_logprobs=args.max_logprobs, mesh=mesh,
-                      rules=rules, cache_dtype=cache_dtype, quantize=args.quantize)  # fmt: skip
+                      rules=rules, cache_dtype=cache_dtype, quantize=args.quantize,
+                      max_batch_rows=args.max_batch_rows,
+                      batch_wait_ms=args.batch_wait_ms)  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -621,6 +724,8 @@ def main(argv=None) -> None:
         p.error("--max_logprobs must be >= 0")
     if not 0 <= args.port < 65536:
         p.error("--port must be in [0, 65535]")
+    if args.max_batch_rows < 1 or args.batch_wait_ms < 0:
+        p.error("--max_batch_rows must be >= 1 and --batch_wait_ms >= 0")
     state = load_state(args)
     try:
         server = make_server(state, args.host, args.port)

@@ -11,7 +11,11 @@ forward's log_softmax and `LoglikScorer`.
 * bad requests get OpenAI's error object naming the field, a server error a 500, and the server
   answers the next request; requests go through a real socket, several at once; a request
   waits for the device lock while /health answers; a model on a 2-device mesh answers as on
-  one device.
+  one device;
+* batching: concurrent requests with the same sampling values and different prompts, seeds,
+  max_tokens and logprobs K run as one generate call, each answered as when served alone;
+  other sampling values are not merged; --max_batch_rows splits a burst; an exception in a
+  batch is a 500 for each of its requests, and the next request is served.
 """
 
 import json
@@ -329,7 +333,7 @@ def test_a_request_through_a_socket(state):
         want = _ok(state, "/v1/completions", {"prompt": TEXTS[0], "max_tokens": 3,
                                               "temperature": 0})  # fmt: skip
         assert body["choices"][0]["text"] == want["choices"][0]["text"]
-        # requests that arrive together are served one at a time, each its own answer
+        # requests that arrive together (batched or not) each get their own answer
         answers = [None] * 4
 
         def ask(k):
@@ -379,3 +383,153 @@ def test_requests_wait_for_the_device_lock_and_health_does_not(state):
         assert serve.handle(state, "GET", "/health")[0] == 200
     t.join(timeout=60)
     assert done == [200]
+
+
+# --- batching concurrent requests (flaxlm/serve_batch.py) --------------------------------------
+
+
+def _count_generate(monkeypatch, fail: str = ""):
+    """Wraps serve._generate: the list it returns gets each call's (padded) prompt count; with
+    `fail`, every call raises a RuntimeError of that message instead."""
+    calls, real = [], serve._generate
+
+    def counted(state, prompts, *a, **k):
+        calls.append(len(prompts))
+        if fail:
+            raise RuntimeError(fail)
+        return real(state, prompts, *a, **k)
+
+    monkeypatch.setattr(serve, "_generate", counted)
+    return calls
+
+
+def _together(state, reqs, path="/v1/completions"):
+    """(status, body) of each request of `reqs`, sent from threads while the device lock is
+    held, each queued before the next is sent (the queue in their order), the lock released
+    once all of them are: they reach the worker together."""
+    out = [None] * len(reqs)
+
+    def ask(k):
+        out[k] = _post(state, path, reqs[k])
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(reqs))]
+    with state.lock:
+        for k, t in enumerate(threads):
+            t.start()
+            for _ in range(2000):
+                if state.batcher.queued() == k + 1:
+                    break
+                threading.Event().wait(0.01)
+            assert state.batcher.queued() == k + 1
+    for t in threads:
+        t.join(timeout=120)
+    return out
+
+
+def _same_answer(got, want):
+    """Two completions responses alike: text, finish_reason, tokens exactly, logprobs to float
+    rounding (another program computed them)."""
+    assert got["usage"] == want["usage"]
+    assert len(got["choices"]) == len(want["choices"])
+    for a, b in zip(got["choices"], want["choices"]):
+        assert (a["index"], a["text"], a["finish_reason"]) == (
+            b["index"], b["text"], b["finish_reason"])  # fmt: skip
+        assert a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+        np.testing.assert_allclose(a["logprobs"]["token_logprobs"],
+                                   b["logprobs"]["token_logprobs"], atol=1e-5)  # fmt: skip
+        assert [list(x) for x in a["logprobs"]["top_logprobs"]] == [
+            list(x) for x in b["logprobs"]["top_logprobs"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_concurrent_requests_decode_as_one_call_each_answer_as_alone(state, monkeypatch,
+                                                                     temperature):  # fmt: skip
+    prompts = [TEXTS[0], [TEXTS[1], TEXTS[2]], "the city of", "Brel"]
+    reqs = [{"prompt": p, "max_tokens": m, "temperature": temperature, "n": 2, "seed": 11 + k,
+             "logprobs": lp} for k, (p, m, lp) in enumerate(zip(prompts, [3, 6, 9, 14],
+                                                                 [3, 4, 3, 4]))]  # fmt: skip
+    calls = _count_generate(monkeypatch)
+    alone = [_ok(state, "/v1/completions", r) for r in reqs]
+    assert calls == [1, 2, 1, 1]
+    calls.clear()
+    got = _together(state, reqs)
+    assert calls == [8]  # one call: 5 prompts, padded to 8 rows (x n = 2 samples each)
+    for (status, body), want, req in zip(got, alone, reqs):
+        assert status == 200, body
+        _same_answer(body, want)
+        for c in body["choices"]:  # each cut to its own max_tokens (the batch ran 16 steps)
+            assert len(c["logprobs"]["tokens"]) <= req["max_tokens"]
+    assert any(c["finish_reason"] == "length" and len(c["logprobs"]["tokens"]) == 3
+               for c in got[0][1]["choices"])  # fmt: skip
+    if temperature:  # the seeds matter: another seed draws another sample
+        again = _together(state, [{**reqs[3], "seed": 99}, reqs[3]])
+        _same_answer(again[1][1], got[3][1])
+        assert again[0][1]["choices"] != got[3][1]["choices"]
+
+
+def test_requests_with_other_sampling_values_are_not_merged(state, monkeypatch):
+    calls = _count_generate(monkeypatch)
+    reqs = [{"prompt": TEXTS[0], "max_tokens": 4, "temperature": t, "seed": 3}
+            for t in (0.0, 0.7, 0.0)]  # fmt: skip
+    got = _together(state, reqs)
+    assert [g[0] for g in got] == [200] * 3
+    assert calls == [2, 1]  # the two greedy ones together, the oldest's batch first
+    assert got[0][1]["choices"][0]["text"] == got[2][1]["choices"][0]["text"]
+
+
+def test_the_row_cap_splits_a_burst(state, monkeypatch):
+    calls = _count_generate(monkeypatch)
+    monkeypatch.setattr(state.batcher, "max_rows", 4)
+    reqs = [{"prompt": TEXTS[k % 3], "max_tokens": 2, "temperature": 0} for k in range(5)]
+    reqs.append({**reqs[0], "prompt": [TEXTS[0]] * 3})  # 3 rows: fits beside the 5th
+    reqs.append({**reqs[0], "prompt": [TEXTS[1]] * 5})  # 5 rows: more than the cap, alone
+    got = _together(state, reqs)
+    assert all(status == 200 for status, _ in got)
+    assert [len(b["choices"]) for _, b in got] == [1] * 5 + [3, 5]
+    # [the first 4], [the 5th and the 3-prompt one], [the 5-prompt one, padded to 8 rows]
+    assert calls == [4, 4, 8]
+    want = _ok(state, "/v1/completions", reqs[5])
+    assert [c["text"] for c in got[5][1]["choices"]] == [c["text"] for c in want["choices"]]
+
+
+def test_an_exception_in_a_batch_fails_each_request_and_the_next_succeeds(state, monkeypatch):
+    calls = _count_generate(monkeypatch, fail="device on fire")
+    reqs = [{"prompt": TEXTS[k], "max_tokens": 3, "temperature": 0} for k in range(3)]
+    got = _together(state, reqs)
+    assert calls == [4]
+    for status, body in got:
+        assert status == 500 and "RuntimeError: device on fire" in body["error"]["message"]
+        assert body["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    assert _ok(state, "/v1/completions", reqs[0])["choices"][0]["finish_reason"]
+
+
+def test_a_client_that_leaves_does_not_break_the_worker(state):
+    import socket
+
+    server = serve.make_server(state, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    body = json.dumps({"prompt": TEXTS[0], "max_tokens": 3, "temperature": 0}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Content-Type: application/json\r\n\r\n").encode()  # fmt: skip
+    try:
+        with state.lock:  # the request queues, its client hangs up before the answer
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(head + body)
+                for _ in range(2000):
+                    if state.batcher.queued() == 1:
+                        break
+                    threading.Event().wait(0.01)
+                assert state.batcher.queued() == 1
+        data = json.dumps({"prompt": TEXTS[1], "max_tokens": 3, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=data)
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and json.loads(r.read())["choices"][0]["text"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert state.batcher._thread is None  # server_close stopped the worker
+    assert _ok(state, "/v1/completions", {"prompt": "a", "max_tokens": 1})["choices"]  # restarts
