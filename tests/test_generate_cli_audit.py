@@ -41,6 +41,23 @@ def _save(path, params, meta):
     ck.close()
 
 
+def ending_params(tok, rng, cfg=CFG) -> dict:
+    """Random weights of `cfg` (numpy, drawn from `rng`) whose `<|end|>` logit is raised: every
+    embedding shares a direction c and lm_head's `<|end|>` column is 0.7·c, so that greedy and
+    sampled answers end, at varied lengths (also tests/test_serve.py's run)."""
+    abstract = unbox(jax.eval_shape(model_fns(cfg)[0], jax.random.PRNGKey(0)))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, s: np.ones(s.shape, s.dtype) if p[-1].key == "scale"
+        else (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
+        abstract,
+    )  # fmt: skip
+    c = rng.standard_normal(cfg.d_model)
+    c /= np.linalg.norm(c)
+    params["embed"]["embedding"] = (params["embed"]["embedding"] + c).astype(np.float32)
+    params["lm_head"]["kernel"][:, tok.special_ids()["<|end|>"]] = 0.7 * c
+    return params
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, chat_tokenizer):
     """(run dir, tokenizer, float64-merged params): a LoRA SFT-like run whose `<|end|>` logit
@@ -48,16 +65,7 @@ def run(tmp_path_factory, chat_tokenizer):
     that samples stop at varied lengths."""
     tok_path, tok = chat_tokenizer
     rng = np.random.default_rng(0)
-    abstract = unbox(jax.eval_shape(model_fns(CFG)[0], jax.random.PRNGKey(0)))
-    base = jax.tree_util.tree_map_with_path(
-        lambda p, s: np.ones(s.shape, s.dtype) if p[-1].key == "scale"
-        else (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
-        abstract,
-    )  # fmt: skip
-    c = rng.standard_normal(CFG.d_model)
-    c /= np.linalg.norm(c)
-    base["embed"]["embedding"] = (base["embed"]["embedding"] + c).astype(np.float32)
-    base["lm_head"]["kernel"][:, tok.special_ids()["<|end|>"]] = 0.7 * c
+    base = ending_params(tok, rng)
     lora = jax.tree.map(
         lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype),
         L.abstract_adapters(base, SPEC),

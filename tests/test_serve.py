@@ -36,8 +36,7 @@ from flaxlm.models.config import get_variant
 from flaxlm.models.decode import generate, prompt_keys
 from flaxlm.models.transformer import forward
 from flaxlm.train.checkpoint import Checkpointer
-from flaxlm.train.pretrain import model_fns
-from flaxlm.train.state import unbox
+from tests.test_generate_cli_audit import ending_params
 
 CFG = get_variant("tiny", vocab_size=512, n_layers=1, max_seq_len=64)
 TEXTS = ["where does Kavo live", "the city", "say yes or no a number in Brel the city of 42"]
@@ -49,17 +48,7 @@ def run(tmp_path_factory, chat_tokenizer):
     """(run dir, tokenizer): random weights whose `<|end|>` logit is raised (every embedding
     shares a direction c; lm_head's `<|end|>` column is 0.7·c) so chat answers end."""
     tok_path, tok = chat_tokenizer
-    rng = np.random.default_rng(0)
-    abstract = unbox(jax.eval_shape(model_fns(CFG)[0], jax.random.PRNGKey(0)))
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, s: np.ones(s.shape, s.dtype) if p[-1].key == "scale"
-        else (0.05 * rng.standard_normal(s.shape)).astype(s.dtype),
-        abstract,
-    )  # fmt: skip
-    c = rng.standard_normal(CFG.d_model)
-    c /= np.linalg.norm(c)
-    params["embed"]["embedding"] = (params["embed"]["embedding"] + c).astype(np.float32)
-    params["lm_head"]["kernel"][:, tok.special_ids()["<|end|>"]] = 0.7 * c
+    params = ending_params(tok, np.random.default_rng(0), CFG)
     root = tmp_path_factory.mktemp("serve") / "tiny-sft"
     root.mkdir()
     shutil.copy(tok_path, root / "tokenizer.model")
